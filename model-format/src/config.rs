@@ -1,0 +1,384 @@
+//! `config.json`: the model's architecture and shapes, in Hugging Face's field names.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{CONFIG_FILE, read_json};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid JSON in {path}: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: unsupported architecture {found:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)")]
+    UnsupportedArchitecture { path: PathBuf, found: String },
+    #[error("{path}: invalid value for `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+/// The Llama family the engine implements. They differ only in details the model definition
+/// switches on (Qwen2's q/k/v bias, Mistral's sliding window), not in structure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Architecture {
+    /// The `architectures[0]` string Hugging Face uses.
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+
+    /// The `model_type` string Hugging Face uses.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+
+    fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" | "llama" => Some(Architecture::Llama),
+            "MistralForCausalLM" | "mistral" => Some(Architecture::Mistral),
+            "Qwen2ForCausalLM" | "qwen2" => Some(Architecture::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// A token id or a list of them (`eos_token_id` is either in Hugging Face configs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// `rope_scaling` as Hugging Face writes it. Only `llama3` (and no scaling) are implemented;
+/// other types are rejected at load so a model never runs with silently wrong positions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<u64>,
+}
+
+/// `config.json` of a Llama-family model, with Hugging Face's field names.
+///
+/// Unknown fields are ignored so Hub configs load; [`ModelConfig::load`] validates what the
+/// engine relies on, and the accessors give derived values (head_dim, kv heads, architecture).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub architectures: Vec<String>,
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<TokenIds>,
+    /// Llama's switch for biases on q/k/v/o (Qwen2 always has q/k/v biases and no o bias).
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// The dtype the weights are stored in (`bfloat16`, `float16`, `float32`).
+    #[serde(default, alias = "dtype", skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_position_embeddings() -> usize {
+    2048
+}
+fn default_hidden_act() -> String {
+    "silu".to_string()
+}
+
+impl ModelConfig {
+    /// Reads `DIR/config.json` and checks it describes a model the engine can run.
+    pub fn load(model_dir: &Path) -> Result<Self, ConfigError> {
+        let path = model_dir.join(CONFIG_FILE);
+        let config: ModelConfig = read_json(&path)?;
+        config.validate(&path)?;
+        Ok(config)
+    }
+
+    /// Checks shapes and options; `path` only names the file in errors.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        };
+        if self.try_architecture().is_none() {
+            return Err(ConfigError::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                found: self
+                    .architectures
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| self.model_type.clone()),
+            });
+        }
+        for (key, value) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be positive".into()));
+            }
+        }
+        let kv_heads = self.num_kv_heads();
+        if kv_heads == 0 || self.num_attention_heads % kv_heads != 0 {
+            return Err(invalid(
+                "num_key_value_heads",
+                format!(
+                    "{kv_heads} does not divide num_attention_heads {}",
+                    self.num_attention_heads
+                ),
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(invalid(
+                "head_dim",
+                "absent, and hidden_size is not a multiple of num_attention_heads".into(),
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(invalid("head_dim", "rotary embeddings need an even head_dim".into()));
+        }
+        if self.hidden_act != "silu" {
+            return Err(invalid("hidden_act", format!("{:?} is not supported (silu only)", self.hidden_act)));
+        }
+        if let Some(scaling) = &self.rope_scaling {
+            match scaling.rope_type.as_str() {
+                "default" => {}
+                "llama3" => {
+                    if scaling.factor.is_none()
+                        || scaling.low_freq_factor.is_none()
+                        || scaling.high_freq_factor.is_none()
+                        || scaling.original_max_position_embeddings.is_none()
+                    {
+                        return Err(invalid(
+                            "rope_scaling",
+                            "llama3 scaling needs factor, low_freq_factor, high_freq_factor and original_max_position_embeddings".into(),
+                        ));
+                    }
+                }
+                other => {
+                    return Err(invalid(
+                        "rope_scaling",
+                        format!("rope type {other:?} is not supported (llama3 only)"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn try_architecture(&self) -> Option<Architecture> {
+        self.architectures
+            .first()
+            .and_then(|name| Architecture::from_hf(name))
+            .or_else(|| Architecture::from_hf(&self.model_type))
+    }
+
+    /// The architecture; valid after [`ModelConfig::validate`].
+    pub fn architecture(&self) -> Architecture {
+        self.try_architecture()
+            .expect("ModelConfig::validate rejects unknown architectures")
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Whether q/k/v projections carry a bias (Qwen2 always; Llama when `attention_bias`).
+    pub fn qkv_bias(&self) -> bool {
+        self.architecture() == Architecture::Qwen2 || self.attention_bias
+    }
+
+    /// Whether the output projection carries a bias (Llama with `attention_bias` only).
+    pub fn o_bias(&self) -> bool {
+        self.architecture() != Architecture::Qwen2 && self.attention_bias
+    }
+
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+
+    /// Number of parameters the named tensors hold (tied embeddings counted once).
+    pub fn parameter_count(&self) -> u64 {
+        crate::tensor_names::expected_tensors(self)
+            .iter()
+            .map(|(_, shape)| shape.iter().map(|&d| d as u64).product::<u64>())
+            .sum()
+    }
+
+    /// A config of the given shapes with the other fields at Llama defaults.
+    #[allow(clippy::too_many_arguments)]
+    pub fn llama(
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        num_key_value_heads: usize,
+        vocab_size: usize,
+    ) -> Self {
+        ModelConfig {
+            architectures: vec![Architecture::Llama.hf_class().to_string()],
+            model_type: Architecture::Llama.model_type().to_string(),
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads: Some(num_key_value_heads),
+            head_dim: Some(hidden_size / num_attention_heads),
+            vocab_size,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 2048,
+            tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_id: None,
+            attention_bias: false,
+            hidden_act: default_hidden_act(),
+            sliding_window: None,
+            torch_dtype: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2_json() -> &'static str {
+        r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","hidden_size":576,
+            "intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
+            "num_key_value_heads":3,"vocab_size":49152,"rms_norm_eps":1e-5,"rope_theta":100000.0,
+            "max_position_embeddings":8192,"tie_word_embeddings":true,"bos_token_id":1,
+            "eos_token_id":2,"torch_dtype":"bfloat16","unknown_field":42}"#
+    }
+
+    #[test]
+    fn parses_hub_config_and_derives_shapes() {
+        let config: ModelConfig = serde_json::from_str(smollm2_json()).unwrap();
+        config.validate(Path::new("config.json")).unwrap();
+        assert_eq!(config.architecture(), Architecture::Llama);
+        assert_eq!(config.head_dim(), 64);
+        assert_eq!(config.num_kv_heads(), 3);
+        assert_eq!(config.eos_token_ids(), vec![2]);
+        assert!(!config.qkv_bias());
+        // SmolLM2-135M has 134.5M parameters with tied embeddings.
+        assert_eq!(config.parameter_count(), 134_515_008);
+    }
+
+    #[test]
+    fn rejects_unknown_architecture_and_bad_shapes() {
+        let mut config: ModelConfig = serde_json::from_str(smollm2_json()).unwrap();
+        config.architectures = vec!["GPT2LMHeadModel".into()];
+        config.model_type = "gpt2".into();
+        let err = config.validate(Path::new("config.json")).unwrap_err();
+        assert!(err.to_string().contains("GPT2LMHeadModel"), "{err}");
+
+        let mut config: ModelConfig = serde_json::from_str(smollm2_json()).unwrap();
+        config.num_key_value_heads = Some(4);
+        let err = config.validate(Path::new("config.json")).unwrap_err();
+        assert!(err.to_string().contains("num_key_value_heads"), "{err}");
+    }
+
+    #[test]
+    fn llama3_rope_scaling_needs_all_its_fields() {
+        let mut config: ModelConfig = serde_json::from_str(smollm2_json()).unwrap();
+        config.rope_scaling = Some(RopeScaling {
+            rope_type: "llama3".into(),
+            factor: Some(8.0),
+            low_freq_factor: None,
+            high_freq_factor: Some(4.0),
+            original_max_position_embeddings: Some(8192),
+        });
+        assert!(config.validate(Path::new("c")).is_err());
+        config.rope_scaling.as_mut().unwrap().low_freq_factor = Some(1.0);
+        config.validate(Path::new("c")).unwrap();
+        config.rope_scaling.as_mut().unwrap().rope_type = "yarn".into();
+        assert!(config.validate(Path::new("c")).is_err());
+    }
+
+    #[test]
+    fn eos_may_be_a_list() {
+        let json = smollm2_json().replace("\"eos_token_id\":2", "\"eos_token_id\":[2,7]");
+        let config: ModelConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(config.eos_token_ids(), vec![2, 7]);
+    }
+}

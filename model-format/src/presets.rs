@@ -1,0 +1,84 @@
+//! Named model shapes for random-weight models (`model-prep random --preset NAME`).
+//!
+//! Real shapes matter for benchmarks (bytes moved, FLOPs) and `tiny` keeps tests fast while
+//! still exercising GQA (heads > kv heads) and several layers.
+
+use crate::{ModelConfig, RopeScaling, TokenIds};
+
+/// Preset names, in the order `--help` lists them.
+pub const PRESET_NAMES: &[&str] = &["tiny", "smollm2-135m", "tinyllama-1.1b", "llama-3.1-8b"];
+
+/// The config of a preset, or `None` for an unknown name.
+pub fn preset(name: &str) -> Option<ModelConfig> {
+    let config = match name {
+        "tiny" => {
+            // vocab_size is filled in by the caller from the tokenizer it ships with.
+            let mut c = ModelConfig::llama(64, 192, 2, 4, 2, 0);
+            c.rms_norm_eps = 1e-5;
+            c.rope_theta = 10_000.0;
+            c.max_position_embeddings = 1024;
+            c.tie_word_embeddings = false;
+            c
+        }
+        "smollm2-135m" => {
+            let mut c = ModelConfig::llama(576, 1536, 30, 9, 3, 49152);
+            c.rms_norm_eps = 1e-5;
+            c.rope_theta = 100_000.0;
+            c.max_position_embeddings = 8192;
+            c.tie_word_embeddings = true;
+            c.bos_token_id = Some(TokenIds::One(1));
+            c.eos_token_id = Some(TokenIds::One(2));
+            c
+        }
+        "tinyllama-1.1b" => {
+            let mut c = ModelConfig::llama(2048, 5632, 22, 32, 4, 32000);
+            c.rms_norm_eps = 1e-5;
+            c.rope_theta = 10_000.0;
+            c.max_position_embeddings = 2048;
+            c.bos_token_id = Some(TokenIds::One(1));
+            c.eos_token_id = Some(TokenIds::One(2));
+            c
+        }
+        "llama-3.1-8b" => {
+            let mut c = ModelConfig::llama(4096, 14336, 32, 32, 8, 128256);
+            c.rms_norm_eps = 1e-5;
+            c.rope_theta = 500_000.0;
+            c.max_position_embeddings = 131072;
+            c.rope_scaling = Some(RopeScaling {
+                rope_type: "llama3".into(),
+                factor: Some(8.0),
+                low_freq_factor: Some(1.0),
+                high_freq_factor: Some(4.0),
+                original_max_position_embeddings: Some(8192),
+            });
+            c.bos_token_id = Some(TokenIds::One(128000));
+            c.eos_token_id = Some(TokenIds::Many(vec![128001, 128008, 128009]));
+            c
+        }
+        _ => return None,
+    };
+    Some(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_named_preset_exists_and_validates() {
+        for name in PRESET_NAMES {
+            let mut config = preset(name).unwrap();
+            if config.vocab_size == 0 {
+                config.vocab_size = 256;
+            }
+            config.validate(std::path::Path::new(name)).unwrap();
+        }
+        assert!(preset("gpt-5").is_none());
+    }
+
+    #[test]
+    fn llama_8b_has_eight_billion_parameters() {
+        let params = preset("llama-3.1-8b").unwrap().parameter_count();
+        assert_eq!(params, 8_030_261_248);
+    }
+}

@@ -1,0 +1,8 @@
+//! `model-prep`: builds model directories (see the `tandem-model` crate for their schema).
+//!
+//! Every command writes into a [`output::StagedDir`] beside the destination and renames it
+//! into place only when complete, so a failed or interrupted run never leaves a directory
+//! that looks valid.
+
+pub mod output;
+pub mod safetensors_writer;
