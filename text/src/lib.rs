@@ -1,14 +1,8 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! Text handling shared by the api-server and the workers: the tokenizer with the model's
+//! special tokens, Hugging Face-compatible chat templates, and incremental detokenization
+//! with stop strings.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod chat_template;
+pub mod detokenizer;
+pub mod stop;
+pub mod tokenizer;

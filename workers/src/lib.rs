@@ -1,14 +1,17 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! tandem's worker: the inference engine and the roles a worker plays.
+//!
+//! - [`model`]: the Llama-family model, written once against [`backend::Backend`].
+//! - [`backend`]: the operations a device implements (CPU now, CUDA later).
+//! - [`kv_cache`]: the paged, block-major KV cache and its block pool.
+//! - [`scheduler`]: continuous batching and chunked prefill under a token budget.
+//! - [`sampler`]: turns logits into tokens (greedy, temperature, top-k/p, penalties, seeds).
+//! - [`engine`]: the step loop that ties them together.
+//! - [`generate`]: `worker generate`, one local generation without the bus.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod backend;
+pub mod engine;
+pub mod generate;
+pub mod kv_cache;
+pub mod model;
+pub mod sampler;
+pub mod scheduler;
