@@ -18,7 +18,9 @@ pub enum ConfigError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("{path}: unsupported architecture {found:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)")]
+    #[error(
+        "{path}: unsupported architecture {found:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
+    )]
     UnsupportedArchitecture { path: PathBuf, found: String },
     #[error("{path}: invalid value for `{key}`: {reason}")]
     Invalid {
@@ -209,10 +211,16 @@ impl ModelConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(invalid("head_dim", "rotary embeddings need an even head_dim".into()));
+            return Err(invalid(
+                "head_dim",
+                "rotary embeddings need an even head_dim".into(),
+            ));
         }
         if self.hidden_act != "silu" {
-            return Err(invalid("hidden_act", format!("{:?} is not supported (silu only)", self.hidden_act)));
+            return Err(invalid(
+                "hidden_act",
+                format!("{:?} is not supported (silu only)", self.hidden_act),
+            ));
         }
         if let Some(scaling) = &self.rope_scaling {
             match scaling.rope_type.as_str() {
@@ -273,7 +281,10 @@ impl ModelConfig {
     }
 
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     /// Number of parameters the named tensors hold (tied embeddings counted once).

@@ -5,4 +5,5 @@
 //! that looks valid.
 
 pub mod output;
+pub mod progress;
 pub mod safetensors_writer;

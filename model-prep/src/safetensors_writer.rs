@@ -58,7 +58,9 @@ impl DType {
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         let mut out = Vec::with_capacity(values.len() * self.size_bytes());
         match self {
-            DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
             DType::F16 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
@@ -172,11 +174,14 @@ impl SafetensorsWriter {
 
     /// Writes the next tensor's little-endian bytes; `name` must be the next declared one.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<(), WriteError> {
-        let spec = self.specs.get(self.next).ok_or_else(|| WriteError::OutOfOrder {
-            name: name.to_string(),
-            expected: "nothing (all declared tensors written)".into(),
-            got: name.to_string(),
-        })?;
+        let spec = self
+            .specs
+            .get(self.next)
+            .ok_or_else(|| WriteError::OutOfOrder {
+                name: name.to_string(),
+                expected: "nothing (all declared tensors written)".into(),
+                got: name.to_string(),
+            })?;
         if spec.name != name {
             return Err(WriteError::OutOfOrder {
                 name: name.to_string(),
@@ -191,10 +196,12 @@ impl SafetensorsWriter {
                 got: bytes.len(),
             });
         }
-        self.file.write_all(bytes).map_err(|source| WriteError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        self.file
+            .write_all(bytes)
+            .map_err(|source| WriteError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         self.next += 1;
         Ok(())
     }
@@ -225,8 +232,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.safetensors");
         let specs = vec![
-            TensorSpec { name: "b".into(), dtype: DType::F32, shape: vec![2, 3] },
-            TensorSpec { name: "a".into(), dtype: DType::BF16, shape: vec![3] },
+            TensorSpec {
+                name: "b".into(),
+                dtype: DType::F32,
+                shape: vec![2, 3],
+            },
+            TensorSpec {
+                name: "a".into(),
+                dtype: DType::BF16,
+                shape: vec![3],
+            },
         ];
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
@@ -235,7 +250,9 @@ mod tests {
         writer.write_tensor("b", &DType::F32.encode(&b)).unwrap();
         let err = writer.write_tensor("b", &[0; 6]).unwrap_err();
         assert!(err.to_string().contains("expected to write a"), "{err}");
-        writer.write_tensor("a", &DType::BF16.encode(&[1.0, -2.0, 3.5])).unwrap();
+        writer
+            .write_tensor("a", &DType::BF16.encode(&[1.0, -2.0, 3.5]))
+            .unwrap();
         writer.finish().unwrap();
 
         let bytes = std::fs::read(&path).unwrap();
@@ -252,8 +269,15 @@ mod tests {
     fn incomplete_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
-        let specs = vec![TensorSpec { name: "x".into(), dtype: DType::F16, shape: vec![4] }];
+        let specs = vec![TensorSpec {
+            name: "x".into(),
+            dtype: DType::F16,
+            shape: vec![4],
+        }];
         let writer = SafetensorsWriter::create(&path, specs, &BTreeMap::new()).unwrap();
-        assert!(matches!(writer.finish(), Err(WriteError::Incomplete { missing: 1, .. })));
+        assert!(matches!(
+            writer.finish(),
+            Err(WriteError::Incomplete { missing: 1, .. })
+        ));
     }
 }

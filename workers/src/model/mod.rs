@@ -1,1 +1,5 @@
-//! (in progress)
+//! The Llama-family model, written once against [`crate::backend::Backend`].
+
+pub mod batch;
+
+pub use batch::{ForwardBatch, SequenceSlice};
