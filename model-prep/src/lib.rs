@@ -7,3 +7,4 @@
 pub mod output;
 pub mod progress;
 pub mod safetensors_writer;
+pub mod gguf_tokenizer;
