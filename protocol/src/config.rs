@@ -1,0 +1,452 @@
+//! The deployment config (`tandem serve -c CONFIG.yaml`).
+//!
+//! It accepts the keys of TensorRT-LLM's `disagg_config.yaml` (`hostname`, `port`, `model`,
+//! `backend`, `context_servers` / `generation_servers` with `num_instances`, `urls`,
+//! `tensor_parallel_size`, `kv_cache_config`, `cache_transceiver_config` with `backend`,
+//! `max_tokens_in_buffer`, `kv_transfer_timeout_ms`) so its users can bring their file, and adds
+//! tandem's own (`nats`, `router`, per-group `device`, scheduler limits). Keys that neither
+//! knows are collected in `ignored` so the launcher can log them, rather than failing on a
+//! TensorRT-LLM option that has no meaning here. [`DeploymentConfig::validate`] checks values
+//! and names the offending key.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {source}")]
+    Yaml {
+        path: String,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+/// How the api-server picks a worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterPolicy {
+    RoundRobin,
+    /// Fewest running + queued sequences, from heartbeats.
+    #[default]
+    LeastLoaded,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouterConfig {
+    pub policy: RouterPolicy,
+    /// Prompts shorter than this are prefilled by the decode worker itself (no transfer).
+    pub max_local_prefill_length: usize,
+    /// A worker whose heartbeat is older than this is considered gone.
+    pub worker_timeout_ms: u64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            policy: RouterPolicy::default(),
+            max_local_prefill_length: 0,
+            worker_timeout_ms: 3_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NatsConfig {
+    /// `nats://host:port` of an existing server; absent, the launcher starts its own
+    /// `nats-server` on a free port.
+    pub url: Option<String>,
+}
+
+/// TensorRT-LLM's `cache_transceiver_config`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CacheTransceiverConfig {
+    /// `UCX` or `DEFAULT` (= UCX); TensorRT-LLM's `NIXL` and `MPI` are refused.
+    pub backend: Option<String>,
+    /// Cap on tokens whose KV a context worker keeps pinned waiting to be pulled.
+    pub max_tokens_in_buffer: Option<usize>,
+    /// Pinned KV blocks not pulled within this time are freed.
+    pub kv_transfer_timeout_ms: Option<u64>,
+}
+
+/// TensorRT-LLM's `kv_cache_config` plus tandem's block settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvCacheConfig {
+    /// Fraction of free device memory for the KV cache (GPU workers).
+    pub free_gpu_memory_fraction: Option<f64>,
+    /// KV capacity in tokens (overrides the fraction).
+    pub max_tokens: Option<usize>,
+    /// Tokens per KV block.
+    pub block_size: Option<usize>,
+}
+
+/// `context_servers` / `generation_servers`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServerGroupConfig {
+    pub num_instances: Option<usize>,
+    /// TensorRT-LLM's static list of server addresses. tandem workers are found through NATS
+    /// heartbeats, so these only fix the instance count when `num_instances` is absent
+    /// (a group with neither has one instance; `num_instances: 0` for context servers means
+    /// decode workers prefill locally).
+    pub urls: Vec<String>,
+    /// Device of each instance: one entry for all (`cpu`, `cuda:0`) or one per instance.
+    pub device: DeviceSpec,
+    pub tensor_parallel_size: Option<usize>,
+    pub pipeline_parallel_size: Option<usize>,
+    /// TensorRT-LLM's `max_batch_size`: running sequences at most.
+    pub max_batch_size: Option<usize>,
+    /// TensorRT-LLM's `max_num_tokens`: tokens per forward step at most.
+    pub max_num_tokens: Option<usize>,
+    pub kv_cache_config: KvCacheConfig,
+    pub cache_transceiver_config: Option<CacheTransceiverConfig>,
+    #[serde(flatten)]
+    pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
+}
+
+/// One device for every instance, or a list with one per instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceSpec {
+    All(String),
+    PerInstance(Vec<String>),
+}
+
+impl Default for DeviceSpec {
+    fn default() -> Self {
+        DeviceSpec::All("cpu".into())
+    }
+}
+
+impl ServerGroupConfig {
+    /// Instances to start: `num_instances`, else the number of `urls`, else 1.
+    pub fn instances(&self) -> usize {
+        self.num_instances.unwrap_or(if self.urls.is_empty() {
+            1
+        } else {
+            self.urls.len()
+        })
+    }
+
+    /// Device of instance `i`.
+    pub fn device_of(&self, i: usize) -> &str {
+        match &self.device {
+            DeviceSpec::All(device) => device,
+            DeviceSpec::PerInstance(devices) => devices.get(i).map_or("cpu", String::as_str),
+        }
+    }
+
+    fn validate(&self, group: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            key: format!("{group}.{key}"),
+            reason,
+        };
+        for (key, value) in [
+            ("tensor_parallel_size", self.tensor_parallel_size),
+            ("pipeline_parallel_size", self.pipeline_parallel_size),
+        ] {
+            if let Some(n) = value
+                && n != 1
+            {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{n} is not supported (tandem runs one device per worker; use more instances)"
+                    ),
+                ));
+            }
+        }
+        if let DeviceSpec::PerInstance(devices) = &self.device
+            && devices.len() != self.instances()
+        {
+            return Err(invalid(
+                "device",
+                format!(
+                    "{} devices listed for {} instances",
+                    devices.len(),
+                    self.instances()
+                ),
+            ));
+        }
+        let devices: Vec<&str> = match &self.device {
+            DeviceSpec::All(device) => vec![device],
+            DeviceSpec::PerInstance(devices) => devices.iter().map(String::as_str).collect(),
+        };
+        for device in devices {
+            if !is_valid_device(device) {
+                return Err(invalid(
+                    "device",
+                    format!("{device:?} is not a device (use `cpu` or `cuda:N`)"),
+                ));
+            }
+        }
+        if let Some(fraction) = self.kv_cache_config.free_gpu_memory_fraction
+            && !(fraction > 0.0 && fraction <= 1.0)
+        {
+            return Err(invalid(
+                "kv_cache_config.free_gpu_memory_fraction",
+                format!("{fraction} is not in (0, 1]"),
+            ));
+        }
+        if self.kv_cache_config.block_size == Some(0) {
+            return Err(invalid(
+                "kv_cache_config.block_size",
+                "must be positive".into(),
+            ));
+        }
+        if let Some(transceiver) = &self.cache_transceiver_config {
+            validate_transceiver(transceiver, &format!("{group}.cache_transceiver_config"))?;
+        }
+        Ok(())
+    }
+}
+
+fn is_valid_device(device: &str) -> bool {
+    device == "cpu"
+        || device
+            .strip_prefix("cuda:")
+            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+}
+
+fn validate_transceiver(config: &CacheTransceiverConfig, key: &str) -> Result<(), ConfigError> {
+    if let Some(backend) = &config.backend
+        && !matches!(backend.to_ascii_uppercase().as_str(), "UCX" | "DEFAULT")
+    {
+        return Err(ConfigError::Invalid {
+            key: format!("{key}.backend"),
+            reason: format!("{backend:?} is not supported (UCX or DEFAULT)"),
+        });
+    }
+    if config.max_tokens_in_buffer == Some(0) {
+        return Err(ConfigError::Invalid {
+            key: format!("{key}.max_tokens_in_buffer"),
+            reason: "must be positive".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The whole deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeploymentConfig {
+    /// Address the api-server binds.
+    pub hostname: String,
+    pub port: u16,
+    /// Model directory (as prepared by `model-prep`); absent, the embedded default model.
+    pub model: Option<String>,
+    /// Name served in `/v1/models` and expected in requests; defaults to the directory name.
+    pub served_model_name: Option<String>,
+    /// TensorRT-LLM's runtime backend (`pytorch`, ...): accepted and ignored.
+    pub backend: Option<String>,
+    pub context_servers: ServerGroupConfig,
+    pub generation_servers: ServerGroupConfig,
+    /// Applies to both groups unless a group sets its own.
+    pub cache_transceiver_config: CacheTransceiverConfig,
+    pub nats: NatsConfig,
+    pub router: RouterConfig,
+    #[serde(flatten)]
+    pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
+}
+
+impl Default for DeploymentConfig {
+    /// One context and one decode worker on the CPU, serving on localhost:8000.
+    fn default() -> Self {
+        DeploymentConfig {
+            hostname: "127.0.0.1".into(),
+            port: 8000,
+            model: None,
+            served_model_name: None,
+            backend: None,
+            context_servers: ServerGroupConfig::default(),
+            generation_servers: ServerGroupConfig::default(),
+            cache_transceiver_config: CacheTransceiverConfig::default(),
+            nats: NatsConfig::default(),
+            router: RouterConfig::default(),
+            ignored: BTreeMap::new(),
+        }
+    }
+}
+
+impl DeploymentConfig {
+    /// Reads and validates a YAML config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: DeploymentConfig =
+            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Yaml {
+                path: origin.to_string(),
+                source,
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.context_servers.validate("context_servers")?;
+        self.generation_servers.validate("generation_servers")?;
+        validate_transceiver(&self.cache_transceiver_config, "cache_transceiver_config")?;
+        if self.generation_servers.instances() == 0 {
+            return Err(ConfigError::Invalid {
+                key: "generation_servers.num_instances".into(),
+                reason: "at least one generation (decode) worker is needed".into(),
+            });
+        }
+        if let Some(url) = &self.nats.url
+            && !(url.starts_with("nats://") || url.starts_with("tls://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "nats.url".into(),
+                reason: format!("{url:?} is not a nats:// or tls:// URL"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The transceiver settings of a group: its own, else the top-level ones.
+    pub fn transceiver_for<'a>(
+        &'a self,
+        group: &'a ServerGroupConfig,
+    ) -> &'a CacheTransceiverConfig {
+        group
+            .cache_transceiver_config
+            .as_ref()
+            .unwrap_or(&self.cache_transceiver_config)
+    }
+
+    /// Keys accepted but without effect, `group.key` style, for a startup warning.
+    pub fn ignored_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.ignored.keys().cloned().collect();
+        for (group, config) in [
+            ("context_servers", &self.context_servers),
+            ("generation_servers", &self.generation_servers),
+        ] {
+            keys.extend(config.ignored.keys().map(|k| format!("{group}.{k}")));
+        }
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example from TensorRT-LLM's disaggregated serving docs, as its users write it.
+    const TRTLLM_CONFIG: &str = r#"
+hostname: localhost
+port: 8000
+model: TinyLlama/TinyLlama-1.1B-Chat-v1.0
+backend: "pytorch"
+disable_overlap_scheduler: True
+context_servers:
+  num_instances: 1
+  tensor_parallel_size: 1
+  pipeline_parallel_size: 1
+  kv_cache_config:
+    free_gpu_memory_fraction: 0.2
+  cache_transceiver_config:
+    backend: "UCX"
+    max_tokens_in_buffer: 2048
+  urls:
+      - "localhost:8001"
+generation_servers:
+  num_instances: 1
+  tensor_parallel_size: 1
+  cache_transceiver_config:
+    backend: "UCX"
+  urls:
+      - "localhost:8002"
+"#;
+
+    #[test]
+    fn accepts_a_tensorrt_llm_disagg_config() {
+        let config = DeploymentConfig::parse(TRTLLM_CONFIG, "disagg.yaml").unwrap();
+        assert_eq!(config.port, 8000);
+        assert_eq!(config.context_servers.instances(), 1);
+        assert_eq!(config.generation_servers.instances(), 1);
+        assert_eq!(
+            config
+                .transceiver_for(&config.context_servers)
+                .max_tokens_in_buffer,
+            Some(2048)
+        );
+        assert_eq!(config.context_servers.device_of(0), "cpu");
+        assert_eq!(
+            config.ignored_keys(),
+            vec!["disable_overlap_scheduler".to_string()]
+        );
+    }
+
+    #[test]
+    fn ours_add_nats_router_and_devices() {
+        let yaml = r#"
+model: /models/llama
+nats: { url: "nats://10.0.0.5:4222" }
+router: { policy: round_robin, max_local_prefill_length: 64 }
+context_servers: { num_instances: 2, device: [ "cuda:0", "cuda:1" ] }
+generation_servers: { num_instances: 1, device: "cuda:2" }
+"#;
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        assert_eq!(config.router.policy, RouterPolicy::RoundRobin);
+        assert_eq!(config.context_servers.device_of(1), "cuda:1");
+        assert_eq!(config.generation_servers.device_of(0), "cuda:2");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (
+                "context_servers: { tensor_parallel_size: 2 }",
+                "context_servers.tensor_parallel_size",
+            ),
+            (
+                "generation_servers: { num_instances: 0 }",
+                "generation_servers.num_instances",
+            ),
+            (
+                "generation_servers: { num_instances: 2, device: [cpu] }",
+                "generation_servers.device",
+            ),
+            (
+                "context_servers: { device: gpu0 }",
+                "context_servers.device",
+            ),
+            (
+                "cache_transceiver_config: { backend: NIXL }",
+                "cache_transceiver_config.backend",
+            ),
+            ("nats: { url: \"localhost:4222\" }", "nats.url"),
+        ];
+        for (yaml, key) in cases {
+            let err = DeploymentConfig::parse(yaml, "c.yaml").unwrap_err();
+            assert!(err.to_string().contains(key), "{yaml}: {err}");
+        }
+        let err = DeploymentConfig::parse("port: [1", "c.yaml").unwrap_err();
+        assert!(err.to_string().contains("c.yaml"), "{err}");
+    }
+
+    #[test]
+    fn empty_config_is_the_default_deployment() {
+        let config = DeploymentConfig::parse("{}", "c.yaml").unwrap();
+        assert_eq!(config, DeploymentConfig::default());
+    }
+}

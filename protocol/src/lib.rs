@@ -1,0 +1,15 @@
+//! The wire contract between tandem's api-server and its workers.
+//!
+//! - [`subjects`]: NATS subject names and queue groups.
+//! - [`messages`]: the versioned JSON messages sent on them.
+//! - [`config`]: the deployment config file (YAML), which accepts TensorRT-LLM's
+//!   `disagg_config.yaml` keys and adds tandem's own.
+//!
+//! Both sides depend on this crate and never on each other; it has no heavy dependencies.
+//! docs/protocol.md and docs/configuration.md describe the same contract for operators.
+
+pub mod config;
+pub mod messages;
+pub mod subjects;
+
+pub use messages::PROTOCOL_VERSION;

@@ -1,0 +1,274 @@
+//! Versioned JSON messages on the bus.
+//!
+//! Every message is wrapped in an [`Envelope`] carrying `v`, the protocol version. A receiver
+//! refuses a version it does not speak with [`DecodeError::Version`] instead of guessing, so a
+//! mixed deployment fails loudly. Field additions that old readers can ignore keep the version;
+//! anything else bumps it.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is not valid JSON for {kind}: {source}")]
+    Json {
+        kind: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("{kind} has protocol version {found}, this build speaks {PROTOCOL_VERSION}")]
+    Version { kind: &'static str, found: u32 },
+}
+
+/// `{"v": 1, ...message fields}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub v: u32,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+/// Serializes `message` in the current protocol version.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    serde_json::to_vec(&Envelope {
+        v: PROTOCOL_VERSION,
+        body: message,
+    })
+    .expect("protocol messages contain only JSON-representable values")
+}
+
+/// Parses a message, checking its version first so a newer peer's message is reported as a
+/// version mismatch rather than as a missing field.
+pub fn decode<T: DeserializeOwned>(kind: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        v: u32,
+    }
+    let version: VersionOnly =
+        serde_json::from_slice(bytes).map_err(|source| DecodeError::Json { kind, source })?;
+    if version.v != PROTOCOL_VERSION {
+        return Err(DecodeError::Version {
+            kind,
+            found: version.v,
+        });
+    }
+    let envelope: Envelope<T> =
+        serde_json::from_slice(bytes).map_err(|source| DecodeError::Json { kind, source })?;
+    Ok(envelope.body)
+}
+
+/// What a worker process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerRole {
+    /// Prefill only: answers with a KV handle.
+    Context,
+    /// Generation from a pulled KV cache (or a local prefill of short prompts).
+    Decode,
+    /// Prefill and decode in one process (aggregated serving).
+    Both,
+}
+
+impl WorkerRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerRole::Context => "context",
+            WorkerRole::Decode => "decode",
+            WorkerRole::Both => "both",
+        }
+    }
+}
+
+/// Sampling settings of one request, already validated by the api-server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingSpec {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 means no top-k limit.
+    pub top_k: u32,
+    /// Same seed + same prompt => same tokens, on any worker, in any batch.
+    pub seed: Option<u64>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub repetition_penalty: f32,
+    /// Number of alternatives to report per token, when logprobs are asked for.
+    pub logprobs: Option<u32>,
+}
+
+impl Default for SamplingSpec {
+    fn default() -> Self {
+        SamplingSpec {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logprobs: None,
+        }
+    }
+}
+
+/// When to stop.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StopSpec {
+    /// New tokens at most.
+    pub max_tokens: u32,
+    /// Extra stop token ids, on top of the model's end-of-sequence ids.
+    #[serde(default)]
+    pub token_ids: Vec<u32>,
+    /// Stop strings (OpenAI semantics: the text ends before the match).
+    #[serde(default)]
+    pub strings: Vec<String>,
+    /// Keep generating past the model's end-of-sequence ids (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+/// A generation job: prompt in, tokens out on `stream_subject`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateJob {
+    pub request_id: String,
+    pub prompt_ids: Vec<u32>,
+    pub sampling: SamplingSpec,
+    pub stop: StopSpec,
+    /// Where the worker publishes [`StreamMessage`]s; the api-server subscribes before
+    /// publishing the job.
+    pub stream_subject: String,
+    /// The worker drops the job if it has not started by then (unix ms), because the client
+    /// has been answered with an error already.
+    #[serde(default)]
+    pub deadline_unix_ms: Option<u64>,
+}
+
+/// Ask every worker to stop a request (client gone, or timed out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub request_id: String,
+}
+
+/// One generated token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenEvent {
+    pub id: u32,
+    /// Text this token completes, after stop-string handling (may be empty while a multi-byte
+    /// character or a possible stop string is pending).
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprob: Option<f32>,
+    /// `(token id, logprob)` alternatives, best first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Why a generation ended (OpenAI's `finish_reason`, plus the ways a request can fail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+    Cancelled,
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// What a worker publishes on a request's stream subject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamMessage {
+    /// The job was taken (the api-server's no-worker timeout stops here).
+    Accepted { worker_id: String },
+    /// One or more new tokens, in order.
+    Tokens { tokens: Vec<TokenEvent> },
+    /// The last message of a successful or cancelled request.
+    Finished { reason: FinishReason, usage: Usage },
+    /// The request failed on the worker; `message` is safe to show to the client.
+    Error { message: String },
+}
+
+/// Liveness and load of one worker, published every heartbeat interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub worker_id: String,
+    pub role: WorkerRole,
+    /// Served model name.
+    pub model: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Sequences being generated or prefilled.
+    pub running: u32,
+    /// Jobs accepted but not yet running.
+    pub queued: u32,
+    pub free_kv_blocks: u32,
+    pub total_kv_blocks: u32,
+    /// The worker finishes what it has and takes nothing new.
+    pub draining: bool,
+    /// How long receivers should wait for the next heartbeat before dropping the worker.
+    pub interval_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_with_their_version() {
+        let job = GenerateJob {
+            request_id: "r1".into(),
+            prompt_ids: vec![1, 2, 3],
+            sampling: SamplingSpec {
+                temperature: 0.0,
+                seed: Some(7),
+                ..SamplingSpec::default()
+            },
+            stop: StopSpec {
+                max_tokens: 16,
+                strings: vec!["\n\n".into()],
+                ..StopSpec::default()
+            },
+            stream_subject: "tandem.m.stream.r1".into(),
+            deadline_unix_ms: None,
+        };
+        let bytes = encode(&job);
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(text.starts_with("{\"v\":1,"), "{text}");
+        assert_eq!(decode::<GenerateJob>("generate job", &bytes).unwrap(), job);
+
+        let msg = StreamMessage::Finished {
+            reason: FinishReason::Length,
+            usage: Usage {
+                prompt_tokens: 3,
+                completion_tokens: 16,
+            },
+        };
+        let json = String::from_utf8(encode(&msg)).unwrap();
+        assert!(json.contains("\"type\":\"finished\"") && json.contains("\"reason\":\"length\""));
+        assert_eq!(
+            decode::<StreamMessage>("stream", json.as_bytes()).unwrap(),
+            msg
+        );
+    }
+
+    #[test]
+    fn other_versions_and_garbage_are_refused_clearly() {
+        let err = decode::<CancelRequest>("cancel", br#"{"v":2,"request_id":"x"}"#).unwrap_err();
+        assert!(err.to_string().contains("protocol version 2"), "{err}");
+        let err = decode::<CancelRequest>("cancel", b"not json").unwrap_err();
+        assert!(
+            err.to_string().contains("not valid JSON for cancel"),
+            "{err}"
+        );
+        let err = decode::<CancelRequest>("cancel", br#"{"v":1}"#).unwrap_err();
+        assert!(err.to_string().contains("request_id"), "{err}");
+    }
+}
