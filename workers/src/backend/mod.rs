@@ -1,1 +1,214 @@
-//! (in progress)
+//! The operations a device implements, and the host-side description of one forward pass.
+//!
+//! The model ([`crate::model`]) is written once against [`Backend`]; a backend owns its memory
+//! (weights, activations, the paged KV cache) behind associated types, so a GPU backend keeps
+//! everything on the device and the model never sees a device pointer. Every op works on the
+//! flattened tokens of a whole [`crate::model::ForwardBatch`] (rows = tokens), so prefill chunks
+//! and decode steps of many sequences run as one launch per op.
+//!
+//! Contract shared by all backends:
+//! - Activations are row-major `[tokens, features]` f32 (a GPU backend may keep them in another
+//!   type, as long as results match the CPU within the parity tolerance).
+//! - Weights are `[out, in]` (PyTorch's `nn.Linear`), uploaded once, possibly as several tensors
+//!   concatenated along the output dimension (fused q/k/v, fused gate/up).
+//! - Batch invariance: an op's result for one row must not depend on the other rows of the
+//!   batch (its reduction order is fixed per row), so a request gives the same tokens alone and
+//!   batched. The CPU backend guarantees it bitwise; tests check it.
+
+pub mod cpu;
+mod plan;
+
+pub use plan::{BatchPlan, PlanSequence};
+
+use crate::kv_cache::KvLayout;
+
+/// Element type of a tensor read from a weight file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        })
+    }
+}
+
+/// A tensor in host memory (typically a view into a memory-mapped weight file), little-endian.
+#[derive(Debug, Clone, Copy)]
+pub struct HostTensor<'a> {
+    pub dtype: DType,
+    /// `[len]` for vectors (norm weights, biases), `[out, in]` for matrices.
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+impl HostTensor<'_> {
+    pub fn elems(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Head geometry of the attention ops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies `q·k` (`head_dim^-0.5` for the Llama family).
+    pub scale: f32,
+}
+
+impl AttentionShape {
+    /// Width of a fused q/k/v row: `[q heads | k heads | v heads] * head_dim`.
+    pub fn qkv_width(&self) -> usize {
+        (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{op}: shape mismatch: {detail}")]
+    Shape { op: &'static str, detail: String },
+    #[error("{op}: {dtype} is not supported here")]
+    UnsupportedDType { op: &'static str, dtype: DType },
+    #[error("KV block {block} is out of range (the cache has {num_blocks} blocks)")]
+    BlockOutOfRange { block: u32, num_blocks: usize },
+    #[error("KV cache of {num_blocks} blocks of {block_bytes} bytes does not fit in memory")]
+    KvCacheTooLarge {
+        num_blocks: usize,
+        block_bytes: usize,
+    },
+}
+
+/// A device: memory for weights, activations and the KV cache, and the ops of the forward pass.
+///
+/// Ops take the batch description produced by [`Backend::prepare_batch`] (positions, rotary
+/// tables, slot mapping, block tables), uploaded once per forward.
+pub trait Backend: Send + Sync {
+    /// Activations, `[rows, cols]`.
+    type Tensor: Send + Sync;
+    /// A weight matrix `[out, in]` or vector `[len]`, in whatever format the backend computes
+    /// from fastest.
+    type Weight: Send + Sync;
+    /// Storage for a number of KV blocks of one [`KvLayout`].
+    type KvCache: Send + Sync;
+    /// One forward's metadata, on the device.
+    type Batch: Send + Sync;
+
+    /// Human-readable description (device, threads, formats) for logs and benchmarks.
+    fn describe(&self) -> String;
+
+    /// Uploads `parts` concatenated along dimension 0 (all parts have the same dtype and the
+    /// same trailing dimensions).
+    fn upload_weight(&self, parts: &[HostTensor<'_>]) -> Result<Self::Weight, BackendError>;
+
+    /// Allocates a zeroed cache of `num_blocks` blocks of `layout`.
+    fn alloc_kv_cache(
+        &self,
+        layout: &KvLayout,
+        num_blocks: usize,
+    ) -> Result<Self::KvCache, BackendError>;
+    fn kv_cache_layout(&self, kv: &Self::KvCache) -> KvLayout;
+    fn kv_cache_blocks(&self, kv: &Self::KvCache) -> usize;
+    /// Copies one block's bytes (`layout.block_bytes()` of them) out of the cache.
+    fn read_kv_block(
+        &self,
+        kv: &Self::KvCache,
+        block: u32,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError>;
+    /// Overwrites one block with `src` (`layout.block_bytes()` bytes in the layout's dtype).
+    fn write_kv_block(
+        &self,
+        kv: &mut Self::KvCache,
+        block: u32,
+        src: &[u8],
+    ) -> Result<(), BackendError>;
+
+    fn prepare_batch(&self, plan: &BatchPlan) -> Result<Self::Batch, BackendError>;
+
+    /// Rows of `table` (`[vocab, hidden]`) for the batch's tokens: `[tokens, hidden]`.
+    fn embedding(
+        &self,
+        table: &Self::Weight,
+        batch: &Self::Batch,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// `x / sqrt(mean(x^2) + eps) * weight`, per row.
+    fn rms_norm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// `residual += x`, then returns `rms_norm(residual)`: the residual connection fused with
+    /// the next norm (one pass over the rows instead of two).
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// `x @ weight^T + bias`: `[rows, in] x [out, in] -> [rows, out]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// On fused q/k/v rows (`[tokens, qkv_width]`): applies the rotary embedding to q (in
+    /// place) and k, and writes the rotated k and v of every token into `layer` of its KV slot.
+    fn rope_and_cache_write(
+        &self,
+        qkv: &mut Self::Tensor,
+        batch: &Self::Batch,
+        shape: &AttentionShape,
+        kv: &mut Self::KvCache,
+        layer: usize,
+    ) -> Result<(), BackendError>;
+
+    /// Attention of every new token's q heads (read from the fused rows) over its sequence's
+    /// cached and new keys of `layer`: causal within the new tokens, full over the cached ones,
+    /// grouped-query. Returns `[tokens, num_heads * head_dim]`.
+    fn paged_attention(
+        &self,
+        qkv: &Self::Tensor,
+        batch: &Self::Batch,
+        shape: &AttentionShape,
+        kv: &Self::KvCache,
+        layer: usize,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// `silu(gate) * up` on fused rows `[gate | up]`: `[rows, 2f] -> [rows, f]`.
+    fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
+
+    /// The batch's logits rows ([`BatchPlan::logits_rows`]) of `x`, in order.
+    fn gather_logits_rows(
+        &self,
+        x: &Self::Tensor,
+        batch: &Self::Batch,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// Copies a tensor to the host: one `Vec` per row.
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<Vec<f32>>, BackendError>;
+}

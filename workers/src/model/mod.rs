@@ -1,5 +1,316 @@
-//! The Llama-family model, written once against [`crate::backend::Backend`].
+//! The Llama-family model (Llama 2/3 with llama3 rope scaling, Mistral, Qwen2 with q/k/v bias,
+//! tied embeddings), written once against [`crate::backend::Backend`].
+//!
+//! - [`batch`]: the input of one forward (flattened tokens of several sequences).
+//! - [`weights`]: the memory-mapped safetensors and their checks.
+//! - [`rope`]: rotary frequencies as Hugging Face computes them.
+//!
+//! The forward pass serves prefill chunks and decode steps together: K/V of the new tokens are
+//! written into the paged cache before attention reads it, and only the rows that want logits
+//! go through the final norm and the (large) lm_head.
+//!
+//! Weights are fused at load where one matrix product can replace several: q/k/v into one
+//! `[q + 2 kv, hidden]` matrix, gate/up into one `[2 ffn, hidden]`; for a single decode token
+//! that halves the number of passes (and of thread hand-offs) per layer.
 
 pub mod batch;
+pub mod rope;
+pub mod weights;
+
+use std::path::Path;
+
+use tandem_model::{ConfigError, ModelConfig, tensor_names};
 
 pub use batch::{ForwardBatch, SequenceSlice};
+pub use weights::WeightsError;
+
+use crate::backend::{AttentionShape, Backend, BackendError, BatchPlan, DType};
+use crate::kv_cache::{KvDType, KvLayout};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("loading weights: {0}")]
+    Weights(#[from] WeightsError),
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    #[error("KV cache layout {found:?} does not match the model's {expected:?}")]
+    KvLayout { expected: KvLayout, found: KvLayout },
+}
+
+/// Load-time choices.
+#[derive(Debug, Clone, Default)]
+pub struct ModelOptions {
+    /// KV cache element type; `None` follows the weights: f32 for f32 models (parity with a
+    /// float32 reference), bf16 for bf16 models, f16 for f16 models.
+    pub kv_dtype: Option<KvDType>,
+}
+
+struct Layer<B: Backend> {
+    input_norm: B::Weight,
+    qkv: B::Weight,
+    qkv_bias: Option<B::Weight>,
+    o_proj: B::Weight,
+    o_bias: Option<B::Weight>,
+    post_attention_norm: B::Weight,
+    gate_up: B::Weight,
+    down: B::Weight,
+}
+
+/// A loaded model on backend `B`.
+pub struct Model<B: Backend> {
+    config: ModelConfig,
+    backend: B,
+    embed: B::Weight,
+    /// `None` when embeddings are tied: the lm_head is `embed`.
+    lm_head: Option<B::Weight>,
+    final_norm: B::Weight,
+    layers: Vec<Layer<B>>,
+    inv_freq: Vec<f32>,
+    shape: AttentionShape,
+    eps: f32,
+    weight_dtype: DType,
+    kv_dtype: KvDType,
+}
+
+impl<B: Backend> std::fmt::Debug for Model<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("architecture", &self.config.architecture())
+            .field("layers", &self.layers.len())
+            .field("weight_dtype", &self.weight_dtype)
+            .field("kv_dtype", &self.kv_dtype)
+            .field("backend", &self.backend.describe())
+            .finish()
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Reads `config.json` and the safetensors of `model_dir`, checks them, and uploads the
+    /// weights to `backend`.
+    pub fn load(model_dir: &Path, backend: B, options: &ModelOptions) -> Result<Self, ModelError> {
+        let config = ModelConfig::load(model_dir)?;
+        let files = weights::WeightFiles::open(model_dir)?;
+        let tensors = files.tensors(&config)?;
+        let get = |name: &str| {
+            tensors
+                .get(name)
+                .expect("WeightFiles::tensors checked every expected tensor is present")
+                .host()
+        };
+        let embed_entry = get(tensor_names::EMBED_TOKENS);
+        let weight_dtype = embed_entry.dtype;
+        let embed = backend.upload_weight(&[embed_entry])?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(backend.upload_weight(&[get(tensor_names::LM_HEAD)])?)
+        };
+        let final_norm = backend.upload_weight(&[get(tensor_names::FINAL_NORM)])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let n = tensor_names::layer(i);
+            layers.push(Layer {
+                input_norm: backend.upload_weight(&[get(&n.input_norm)])?,
+                qkv: backend.upload_weight(&[get(&n.q_proj), get(&n.k_proj), get(&n.v_proj)])?,
+                qkv_bias: if config.qkv_bias() {
+                    Some(backend.upload_weight(&[
+                        get(&n.q_bias),
+                        get(&n.k_bias),
+                        get(&n.v_bias),
+                    ])?)
+                } else {
+                    None
+                },
+                o_proj: backend.upload_weight(&[get(&n.o_proj)])?,
+                o_bias: if config.o_bias() {
+                    Some(backend.upload_weight(&[get(&n.o_bias)])?)
+                } else {
+                    None
+                },
+                post_attention_norm: backend.upload_weight(&[get(&n.post_attention_norm)])?,
+                gate_up: backend.upload_weight(&[get(&n.gate_proj), get(&n.up_proj)])?,
+                down: backend.upload_weight(&[get(&n.down_proj)])?,
+            });
+        }
+        let kv_dtype = options.kv_dtype.unwrap_or(match weight_dtype {
+            DType::F32 => KvDType::F32,
+            DType::Bf16 => KvDType::Bf16,
+            DType::F16 => KvDType::F16,
+        });
+        let shape = AttentionShape {
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.num_kv_heads(),
+            head_dim: config.head_dim(),
+            scale: (config.head_dim() as f32).powf(-0.5),
+        };
+        Ok(Model {
+            inv_freq: rope::inv_freq(&config),
+            eps: config.rms_norm_eps as f32,
+            config,
+            backend,
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            shape,
+            weight_dtype,
+            kv_dtype,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The dtype of the weight files (of the embedding table).
+    pub fn weight_dtype(&self) -> DType {
+        self.weight_dtype
+    }
+
+    /// The layout of this model's KV blocks of `block_size` tokens.
+    pub fn kv_layout(&self, block_size: usize) -> KvLayout {
+        KvLayout {
+            num_layers: self.config.num_hidden_layers,
+            num_kv_heads: self.shape.num_kv_heads,
+            head_dim: self.shape.head_dim,
+            block_size,
+            dtype: self.kv_dtype,
+        }
+    }
+
+    /// Allocates a zeroed KV cache of `num_blocks` blocks of `block_size` tokens.
+    pub fn alloc_kv_cache(
+        &self,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<B::KvCache, ModelError> {
+        Ok(self
+            .backend
+            .alloc_kv_cache(&self.kv_layout(block_size), num_blocks)?)
+    }
+
+    /// Runs one forward over `batch`, writing the new tokens' K/V into `kv`, and returns one
+    /// logits row (`vocab_size` floats) per sequence with `wants_logits`, in batch order.
+    pub fn forward(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let layout = self.backend.kv_cache_layout(kv);
+        let expected = self.kv_layout(layout.block_size);
+        if layout != expected {
+            return Err(ModelError::KvLayout {
+                expected,
+                found: layout,
+            });
+        }
+        self.check_batch(batch, layout.block_size, self.backend.kv_cache_blocks(kv))?;
+        if batch.tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let b = &self.backend;
+        let plan = BatchPlan::new(batch, layout.block_size, &self.inv_freq);
+        let meta = b.prepare_batch(&plan)?;
+        let mut residual = b.embedding(&self.embed, &meta)?;
+        let mut mlp_out: Option<B::Tensor> = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = match &mlp_out {
+                None => b.rms_norm(&residual, &layer.input_norm, self.eps)?,
+                Some(m) => b.add_rms_norm(&mut residual, m, &layer.input_norm, self.eps)?,
+            };
+            let mut qkv = b.linear(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
+            b.rope_and_cache_write(&mut qkv, &meta, &self.shape, kv, i)?;
+            let attn = b.paged_attention(&qkv, &meta, &self.shape, kv, i)?;
+            let o = b.linear(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
+            let h = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, self.eps)?;
+            let gate_up = b.linear(&h, &layer.gate_up, None)?;
+            let act = b.silu_mul(&gate_up)?;
+            mlp_out = Some(b.linear(&act, &layer.down, None)?);
+        }
+        if plan.logits_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Only the rows that want logits: the last residual add, final norm and lm_head.
+        let mut last = b.gather_logits_rows(&residual, &meta)?;
+        let h = match &mlp_out {
+            Some(m) => {
+                let m = b.gather_logits_rows(m, &meta)?;
+                b.add_rms_norm(&mut last, &m, &self.final_norm, self.eps)?
+            }
+            None => b.rms_norm(&last, &self.final_norm, self.eps)?,
+        };
+        let logits = b.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
+        Ok(b.to_host(&logits)?)
+    }
+
+    /// Rejects batches the ops would index out of bounds with.
+    fn check_batch(
+        &self,
+        batch: &ForwardBatch,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<(), ModelError> {
+        let bad = |s: String| Err(ModelError::InvalidBatch(s));
+        if block_size == 0 {
+            return bad("block size 0".into());
+        }
+        let mut next = 0;
+        for (s, seq) in batch.sequences.iter().enumerate() {
+            if seq.token_start != next || seq.token_count == 0 {
+                return bad(format!(
+                    "sequence {s}: tokens {}..+{} do not follow the previous sequence (at {next}) or are empty",
+                    seq.token_start, seq.token_count
+                ));
+            }
+            next += seq.token_count;
+            let context = seq.context_len();
+            if context > self.config.max_position_embeddings {
+                tracing::debug!(
+                    sequence = s,
+                    context,
+                    "context longer than max_position_embeddings"
+                );
+            }
+            let needed = context.div_ceil(block_size);
+            if seq.block_table.len() < needed {
+                return bad(format!(
+                    "sequence {s}: {} blocks for {context} tokens (needs {needed})",
+                    seq.block_table.len()
+                ));
+            }
+            if let Some(&block) = seq.block_table[..needed]
+                .iter()
+                .find(|&&b| b as usize >= num_blocks)
+            {
+                return bad(format!(
+                    "sequence {s}: block {block} outside the cache's {num_blocks}"
+                ));
+            }
+        }
+        if next != batch.tokens.len() {
+            return bad(format!(
+                "sequences cover {next} tokens of {}",
+                batch.tokens.len()
+            ));
+        }
+        if let Some(&t) = batch
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return bad(format!(
+                "token {t} outside the vocabulary of {}",
+                self.config.vocab_size
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,528 @@
+//! The CPU backend: f32 activations, weights kept in their file dtype (f32, bf16 or f16) and
+//! widened to f32 as they are read, rayon threads, AVX2+FMA kernels with portable twins.
+//!
+//! - [`simd`]: dot products with one fixed arithmetic (the root of batch invariance).
+//! - [`matmul`]: `linear`, GEMV and GEMM in one kernel family.
+//! - [`norm`]: RMSNorm, residual-add + RMSNorm, SiLU-and-multiply.
+//! - [`attention`]: rope fused with the KV-cache write, paged attention.
+//! - [`kv`]: the paged KV cache in host memory.
+//!
+//! All ops run inside the backend's own thread pool, so the threads a worker uses are the ones
+//! it was configured with, not rayon's global pool shared with everything else in the process.
+
+pub mod attention;
+pub mod kv;
+pub mod matmul;
+pub mod norm;
+pub mod simd;
+
+use half::{bf16, f16};
+
+pub use kv::CpuKvCache;
+
+use super::{AttentionShape, Backend, BackendError, BatchPlan, DType, HostTensor};
+use crate::kv_cache::KvLayout;
+
+/// Settings of [`CpuBackend`].
+#[derive(Debug, Clone, Default)]
+pub struct CpuOptions {
+    /// Worker threads; 0 means one per available core.
+    pub threads: usize,
+    /// Widen bf16/f16 weight matrices to f32 at load. Off by default: it doubles memory and the
+    /// bytes decode reads per token, and prefill already widens blocks into a scratch
+    /// ([`matmul`]); kept for measuring (`cpu_bench --widen-weights`).
+    pub widen_weights: bool,
+}
+
+/// Activations: row-major `[rows, cols]` f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuTensor {
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        assert_eq!(data.len(), rows * cols, "CpuTensor data is not rows x cols");
+        CpuTensor { rows, cols, data }
+    }
+
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// Weight elements by dtype.
+#[derive(Debug, Clone)]
+pub enum WeightData {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+/// A weight matrix `[rows, cols]` (`[out, in]`), or a vector (`rows == 1`, always f32).
+#[derive(Debug, Clone)]
+pub struct CpuWeight {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: WeightData,
+}
+
+impl CpuWeight {
+    fn as_vector(&self, op: &'static str, len: usize) -> Result<&[f32], BackendError> {
+        match &self.data {
+            WeightData::F32(v) if v.len() == len => Ok(v),
+            WeightData::F32(v) => Err(BackendError::Shape {
+                op,
+                detail: format!("vector of {} for {len} columns", v.len()),
+            }),
+            WeightData::Bf16(_) => Err(BackendError::UnsupportedDType {
+                op,
+                dtype: DType::Bf16,
+            }),
+            WeightData::F16(_) => Err(BackendError::UnsupportedDType {
+                op,
+                dtype: DType::F16,
+            }),
+        }
+    }
+}
+
+/// A forward's metadata on the CPU: the plan plus each token's sequence.
+#[derive(Debug, Clone)]
+pub struct CpuBatch {
+    pub plan: BatchPlan,
+    pub seq_of_token: Vec<u32>,
+}
+
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+    widen_weights: bool,
+}
+
+impl std::fmt::Debug for CpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl CpuBackend {
+    pub fn new(options: &CpuOptions) -> Result<Self, BackendError> {
+        let threads = if options.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            options.threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("tandem-cpu-{i}"))
+            .build()
+            .map_err(|e| BackendError::Shape {
+                op: "thread pool",
+                detail: e.to_string(),
+            })?;
+        Ok(CpuBackend {
+            pool,
+            threads,
+            widen_weights: options.widen_weights,
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+fn shape_err(op: &'static str, detail: String) -> BackendError {
+    BackendError::Shape { op, detail }
+}
+
+fn parse_elems<T>(bytes: &[u8], size: usize, f: impl Fn(&[u8]) -> T) -> Vec<T> {
+    bytes.chunks_exact(size).map(f).collect()
+}
+
+fn parse_f32(t: &HostTensor<'_>) -> Vec<f32> {
+    match t.dtype {
+        DType::F32 => parse_elems(t.bytes, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        DType::Bf16 => parse_elems(t.bytes, 2, |b| {
+            bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+        }),
+        DType::F16 => parse_elems(t.bytes, 2, |b| {
+            f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+        }),
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type KvCache = CpuKvCache;
+    type Batch = CpuBatch;
+
+    fn describe(&self) -> String {
+        format!(
+            "cpu ({} threads, {}{})",
+            self.threads,
+            if simd::has_avx2() {
+                "avx2+fma"
+            } else {
+                "portable kernels"
+            },
+            if self.widen_weights {
+                ", weights widened to f32"
+            } else {
+                ""
+            }
+        )
+    }
+
+    fn upload_weight(&self, parts: &[HostTensor<'_>]) -> Result<CpuWeight, BackendError> {
+        let first = parts
+            .first()
+            .ok_or_else(|| shape_err("upload_weight", "no tensors".into()))?;
+        let (mut rows, cols) = match first.shape {
+            [n] => (0, *n), // vectors: `cols` is only checked for matrices
+            [_, c] => (0, *c),
+            other => {
+                return Err(shape_err(
+                    "upload_weight",
+                    format!("{}-d tensor {other:?}", other.len()),
+                ));
+            }
+        };
+        for p in parts {
+            if p.dtype != first.dtype || p.shape.len() != first.shape.len() {
+                return Err(shape_err(
+                    "upload_weight",
+                    "parts differ in dtype or rank".into(),
+                ));
+            }
+            if p.bytes.len() != p.elems() * p.dtype.size_bytes() {
+                return Err(shape_err(
+                    "upload_weight",
+                    format!(
+                        "{} bytes for shape {:?} of {}",
+                        p.bytes.len(),
+                        p.shape,
+                        p.dtype
+                    ),
+                ));
+            }
+            match p.shape {
+                [_] => {}
+                [r, c] if *c == cols => rows += r,
+                other => {
+                    return Err(shape_err(
+                        "upload_weight",
+                        format!("part {other:?} has not {cols} columns"),
+                    ));
+                }
+            }
+        }
+        if first.shape.len() == 1 {
+            // Vectors (norm weights, biases) are small: f32, concatenated.
+            let data: Vec<f32> = parts.iter().flat_map(parse_f32).collect();
+            return Ok(CpuWeight {
+                rows: 1,
+                cols: data.len(),
+                data: WeightData::F32(data),
+            });
+        }
+        let data = match first.dtype {
+            _ if self.widen_weights => WeightData::F32(parts.iter().flat_map(parse_f32).collect()),
+            DType::F32 => WeightData::F32(parts.iter().flat_map(parse_f32).collect()),
+            DType::Bf16 => WeightData::Bf16(
+                parts
+                    .iter()
+                    .flat_map(|p| {
+                        parse_elems(p.bytes, 2, |b| {
+                            bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))
+                        })
+                    })
+                    .collect(),
+            ),
+            DType::F16 => WeightData::F16(
+                parts
+                    .iter()
+                    .flat_map(|p| {
+                        parse_elems(p.bytes, 2, |b| {
+                            f16::from_bits(u16::from_le_bytes([b[0], b[1]]))
+                        })
+                    })
+                    .collect(),
+            ),
+        };
+        Ok(CpuWeight { rows, cols, data })
+    }
+
+    fn alloc_kv_cache(
+        &self,
+        layout: &KvLayout,
+        num_blocks: usize,
+    ) -> Result<CpuKvCache, BackendError> {
+        CpuKvCache::new(*layout, num_blocks)
+    }
+
+    fn kv_cache_layout(&self, kv: &CpuKvCache) -> KvLayout {
+        kv.layout()
+    }
+
+    fn kv_cache_blocks(&self, kv: &CpuKvCache) -> usize {
+        kv.num_blocks()
+    }
+
+    fn read_kv_block(
+        &self,
+        kv: &CpuKvCache,
+        block: u32,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        kv.read_block(block, dst)
+    }
+
+    fn write_kv_block(
+        &self,
+        kv: &mut CpuKvCache,
+        block: u32,
+        src: &[u8],
+    ) -> Result<(), BackendError> {
+        kv.write_block(block, src)
+    }
+
+    fn prepare_batch(&self, plan: &BatchPlan) -> Result<CpuBatch, BackendError> {
+        let mut seq_of_token = vec![0u32; plan.num_tokens()];
+        for (s, seq) in plan.sequences.iter().enumerate() {
+            let end = seq.token_start + seq.token_count;
+            if end > seq_of_token.len() {
+                return Err(shape_err(
+                    "prepare_batch",
+                    format!("sequence {s} ends at token {end} of {}", seq_of_token.len()),
+                ));
+            }
+            seq_of_token[seq.token_start..end].fill(s as u32);
+        }
+        Ok(CpuBatch {
+            plan: plan.clone(),
+            seq_of_token,
+        })
+    }
+
+    fn embedding(&self, table: &CpuWeight, batch: &CpuBatch) -> Result<CpuTensor, BackendError> {
+        let cols = table.cols;
+        let mut out = vec![0f32; batch.plan.num_tokens() * cols];
+        for (row, &token) in out.chunks_mut(cols).zip(&batch.plan.tokens) {
+            let t = token as usize;
+            if t >= table.rows {
+                return Err(shape_err(
+                    "embedding",
+                    format!("token {token} outside a vocabulary of {}", table.rows),
+                ));
+            }
+            let range = t * cols..(t + 1) * cols;
+            match &table.data {
+                WeightData::F32(w) => row.copy_from_slice(&w[range]),
+                WeightData::Bf16(w) => row
+                    .iter_mut()
+                    .zip(&w[range])
+                    .for_each(|(o, v)| *o = v.to_f32()),
+                WeightData::F16(w) => row
+                    .iter_mut()
+                    .zip(&w[range])
+                    .for_each(|(o, v)| *o = v.to_f32()),
+            }
+        }
+        Ok(CpuTensor::new(batch.plan.num_tokens(), cols, out))
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuWeight,
+        eps: f32,
+    ) -> Result<CpuTensor, BackendError> {
+        let w = weight.as_vector("rms_norm", x.cols)?;
+        let mut out = vec![0f32; x.data.len()];
+        self.pool
+            .install(|| norm::rms_norm(&x.data, w, eps, &mut out));
+        Ok(CpuTensor::new(x.rows, x.cols, out))
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        x: &CpuTensor,
+        weight: &CpuWeight,
+        eps: f32,
+    ) -> Result<CpuTensor, BackendError> {
+        if residual.rows != x.rows || residual.cols != x.cols {
+            return Err(shape_err(
+                "add_rms_norm",
+                format!(
+                    "residual {}x{} and x {}x{}",
+                    residual.rows, residual.cols, x.rows, x.cols
+                ),
+            ));
+        }
+        let w = weight.as_vector("add_rms_norm", x.cols)?;
+        let mut out = vec![0f32; x.data.len()];
+        self.pool
+            .install(|| norm::add_rms_norm(&mut residual.data, &x.data, w, eps, &mut out));
+        Ok(CpuTensor::new(x.rows, x.cols, out))
+    }
+
+    fn linear(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuWeight,
+        bias: Option<&CpuWeight>,
+    ) -> Result<CpuTensor, BackendError> {
+        if x.cols != weight.cols {
+            return Err(shape_err(
+                "linear",
+                format!(
+                    "x has {} columns, weight is {}x{}",
+                    x.cols, weight.rows, weight.cols
+                ),
+            ));
+        }
+        let bias = bias
+            .map(|b| b.as_vector("linear bias", weight.rows))
+            .transpose()?;
+        let (rows, k, n) = (x.rows, x.cols, weight.rows);
+        let mut out = vec![0f32; rows * n];
+        self.pool.install(|| match &weight.data {
+            WeightData::F32(w) => matmul::linear(&x.data, rows, k, w, n, bias, &mut out),
+            WeightData::Bf16(w) => matmul::linear(&x.data, rows, k, w, n, bias, &mut out),
+            WeightData::F16(w) => matmul::linear(&x.data, rows, k, w, n, bias, &mut out),
+        });
+        Ok(CpuTensor::new(rows, n, out))
+    }
+
+    fn rope_and_cache_write(
+        &self,
+        qkv: &mut CpuTensor,
+        batch: &CpuBatch,
+        shape: &AttentionShape,
+        kv: &mut CpuKvCache,
+        layer: usize,
+    ) -> Result<(), BackendError> {
+        check_attention(qkv, batch, shape, kv, layer)?;
+        attention::rope_and_cache_write(&mut qkv.data, &batch.plan, shape, kv, layer);
+        Ok(())
+    }
+
+    fn paged_attention(
+        &self,
+        qkv: &CpuTensor,
+        batch: &CpuBatch,
+        shape: &AttentionShape,
+        kv: &CpuKvCache,
+        layer: usize,
+    ) -> Result<CpuTensor, BackendError> {
+        check_attention(qkv, batch, shape, kv, layer)?;
+        let out = self.pool.install(|| {
+            attention::paged_attention(
+                &qkv.data,
+                &batch.plan,
+                &batch.seq_of_token,
+                shape,
+                kv,
+                layer,
+            )
+        });
+        Ok(CpuTensor::new(
+            qkv.rows,
+            shape.num_heads * shape.head_dim,
+            out,
+        ))
+    }
+
+    fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor, BackendError> {
+        if gate_up.cols % 2 != 0 {
+            return Err(shape_err("silu_mul", format!("odd width {}", gate_up.cols)));
+        }
+        let f = gate_up.cols / 2;
+        let mut out = vec![0f32; gate_up.rows * f];
+        self.pool
+            .install(|| norm::silu_mul(&gate_up.data, f, &mut out));
+        Ok(CpuTensor::new(gate_up.rows, f, out))
+    }
+
+    fn gather_logits_rows(
+        &self,
+        x: &CpuTensor,
+        batch: &CpuBatch,
+    ) -> Result<CpuTensor, BackendError> {
+        let rows = &batch.plan.logits_rows;
+        let mut out = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            if r as usize >= x.rows {
+                return Err(shape_err(
+                    "gather_logits_rows",
+                    format!("row {r} of {}", x.rows),
+                ));
+            }
+            out.extend_from_slice(x.row(r as usize));
+        }
+        Ok(CpuTensor::new(rows.len(), x.cols, out))
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Result<Vec<Vec<f32>>, BackendError> {
+        Ok(x.data.chunks(x.cols.max(1)).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// Checks the shapes every attention op relies on, so a bad call is an error and not a panic
+/// (or a read of another sequence's blocks).
+fn check_attention(
+    qkv: &CpuTensor,
+    batch: &CpuBatch,
+    shape: &AttentionShape,
+    kv: &CpuKvCache,
+    layer: usize,
+) -> Result<(), BackendError> {
+    let layout = kv.layout();
+    let plan = &batch.plan;
+    if qkv.cols != shape.qkv_width() || qkv.rows != plan.num_tokens() {
+        return Err(shape_err(
+            "attention",
+            format!(
+                "qkv is {}x{}, expected {}x{}",
+                qkv.rows,
+                qkv.cols,
+                plan.num_tokens(),
+                shape.qkv_width()
+            ),
+        ));
+    }
+    if layout.num_kv_heads != shape.num_kv_heads
+        || layout.head_dim != shape.head_dim
+        || layer >= layout.num_layers
+        || layout.block_size != plan.block_size
+        || plan.rope_half * 2 != shape.head_dim
+        || shape.num_kv_heads == 0
+        || shape.num_heads % shape.num_kv_heads != 0
+    {
+        return Err(shape_err(
+            "attention",
+            format!(
+                "cache layout {layout:?} does not fit {shape:?}, layer {layer}, block size {}",
+                plan.block_size
+            ),
+        ));
+    }
+    for &block in &plan.block_tables {
+        if block as usize >= kv.num_blocks() {
+            return Err(BackendError::BlockOutOfRange {
+                block,
+                num_blocks: kv.num_blocks(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

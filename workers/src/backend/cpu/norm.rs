@@ -1,0 +1,187 @@
+//! Row-wise ops: RMSNorm, residual-add fused with RMSNorm, SiLU-and-multiply.
+//!
+//! Each row's arithmetic is independent of the others (the sum of squares is a
+//! [`super::simd::dot`] with its fixed order), and rows are split across threads only when
+//! there are enough of them to pay for it.
+
+use rayon::prelude::*;
+
+use super::simd::dot;
+
+/// Rows from which row-wise ops run in parallel.
+const PARALLEL_MIN_ROWS: usize = 16;
+
+fn for_rows<F>(out: &mut [f32], cols: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    if out.len() / cols.max(1) >= PARALLEL_MIN_ROWS {
+        out.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, row)| f(r, row));
+    } else {
+        out.chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, row)| f(r, row));
+    }
+}
+
+/// One row: `out = (x * 1/sqrt(mean(x^2) + eps)) * weight`, in Hugging Face's order.
+#[inline]
+fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean = dot(x, x) / x.len() as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = (v * inv) * w;
+    }
+}
+
+/// RMSNorm of every row of `x` (`[rows, weight.len()]`) into `out`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let cols = weight.len();
+    assert_eq!(x.len(), out.len(), "rms_norm: x and out differ in size");
+    assert_eq!(x.len() % cols, 0, "rms_norm: x is not [rows, cols]");
+    for_rows(out, cols, |r, row| {
+        rms_norm_row(&x[r * cols..(r + 1) * cols], weight, eps, row)
+    });
+}
+
+/// `residual += x`, then `out = rms_norm(residual)`, row by row in one pass.
+pub fn add_rms_norm(residual: &mut [f32], x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let cols = weight.len();
+    assert_eq!(
+        residual.len(),
+        x.len(),
+        "add_rms_norm: residual and x differ"
+    );
+    assert_eq!(
+        residual.len(),
+        out.len(),
+        "add_rms_norm: residual and out differ"
+    );
+    let work = |(res, (x, out)): (&mut [f32], (&[f32], &mut [f32]))| {
+        for (r, &v) in res.iter_mut().zip(x) {
+            *r += v;
+        }
+        rms_norm_row(res, weight, eps, out);
+    };
+    let rows = residual.len() / cols.max(1);
+    let it = residual
+        .chunks_mut(cols)
+        .zip(x.chunks(cols).zip(out.chunks_mut(cols)));
+    if rows >= PARALLEL_MIN_ROWS {
+        residual
+            .par_chunks_mut(cols)
+            .zip(x.par_chunks(cols).zip(out.par_chunks_mut(cols)))
+            .for_each(work);
+    } else {
+        it.for_each(work);
+    }
+}
+
+/// `silu(x) = x / (1 + exp(-x))`, as PyTorch computes it.
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `out[r] = silu(gate_up[r][..f]) * gate_up[r][f..]` with `f = out cols`.
+pub fn silu_mul(gate_up: &[f32], f: usize, out: &mut [f32]) {
+    assert_eq!(
+        gate_up.len(),
+        2 * out.len(),
+        "silu_mul: gate_up is not [rows, 2f]"
+    );
+    for_rows(out, f, |r, row| {
+        let gu = &gate_up[r * 2 * f..(r + 1) * 2 * f];
+        let (gate, up) = gu.split_at(f);
+        for ((o, &g), &u) in row.iter_mut().zip(gate).zip(up) {
+            *o = silu(g) * u;
+        }
+    });
+}
+
+/// The slow twin of [`rms_norm`]: f64 throughout.
+pub fn rms_norm_slow(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let cols = weight.len();
+    x.chunks(cols)
+        .flat_map(|row| {
+            let mean = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / cols as f64;
+            let inv = 1.0 / (mean + eps as f64).sqrt();
+            row.iter()
+                .zip(weight)
+                .map(move |(&v, &w)| (v as f64 * inv * w as f64) as f32)
+        })
+        .collect()
+}
+
+/// The slow twin of [`silu_mul`]: f64 throughout.
+pub fn silu_mul_slow(gate_up: &[f32], f: usize) -> Vec<f32> {
+    gate_up
+        .chunks(2 * f)
+        .flat_map(|row| {
+            let (gate, up) = row.split_at(f);
+            gate.iter().zip(up).map(|(&g, &u)| {
+                let g = g as f64;
+                (g / (1.0 + (-g).exp()) * u as f64) as f32
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "[{i}] {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_slow_twin() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for rows in [1, 3, 40] {
+            let x = random(&mut rng, rows * 72);
+            let w = random(&mut rng, 72);
+            let mut out = vec![0f32; x.len()];
+            rms_norm(&x, &w, 1e-5, &mut out);
+            close(&out, &rms_norm_slow(&x, &w, 1e-5), 1e-5);
+        }
+    }
+
+    #[test]
+    fn add_rms_norm_equals_add_then_norm() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        for rows in [1, 20] {
+            let mut residual = random(&mut rng, rows * 64);
+            let x = random(&mut rng, rows * 64);
+            let w = random(&mut rng, 64);
+            let summed: Vec<f32> = residual.iter().zip(&x).map(|(a, b)| a + b).collect();
+            let mut out = vec![0f32; x.len()];
+            add_rms_norm(&mut residual, &x, &w, 1e-6, &mut out);
+            assert_eq!(residual, summed);
+            let mut expected = vec![0f32; x.len()];
+            rms_norm(&summed, &w, 1e-6, &mut expected);
+            assert_eq!(out, expected);
+            close(&out, &rms_norm_slow(&summed, &w, 1e-6), 1e-5);
+        }
+    }
+
+    #[test]
+    fn silu_mul_matches_slow_twin() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let gu = random(&mut rng, 5 * 2 * 24);
+        let mut out = vec![0f32; 5 * 24];
+        silu_mul(&gu, 24, &mut out);
+        close(&out, &silu_mul_slow(&gu, 24), 1e-6);
+    }
+}

@@ -1,0 +1,129 @@
+//! [`BatchPlan`]: a [`ForwardBatch`] flattened into the arrays the ops index by token, built on
+//! the host once per forward and uploaded by [`super::Backend::prepare_batch`].
+//!
+//! The arrays follow vLLM's paged-attention inputs (slot mapping, flattened block tables,
+//! per-sequence start and lengths) so a GPU kernel needs no other metadata.
+
+use crate::model::ForwardBatch;
+
+/// One sequence of a [`BatchPlan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanSequence {
+    /// First row of this sequence's new tokens.
+    pub token_start: usize,
+    pub token_count: usize,
+    /// Tokens already cached before this step.
+    pub cached_len: usize,
+    /// This sequence's block table is `block_tables[block_table_start..][..num_blocks]`.
+    pub block_table_start: usize,
+    pub num_blocks: usize,
+}
+
+impl PlanSequence {
+    pub fn context_len(&self) -> usize {
+        self.cached_len + self.token_count
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchPlan {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// Per token, its KV slot: `block * block_size + offset_in_block`.
+    pub slot_mapping: Vec<u64>,
+    pub sequences: Vec<PlanSequence>,
+    pub block_tables: Vec<u32>,
+    pub block_size: usize,
+    /// Rows (token indices) whose logits the forward returns: each wanting sequence's last.
+    pub logits_rows: Vec<u32>,
+    /// `cos(position * inv_freq[i])`, `[tokens, rope_half]`.
+    pub rope_cos: Vec<f32>,
+    /// `sin(position * inv_freq[i])`, `[tokens, rope_half]`.
+    pub rope_sin: Vec<f32>,
+    /// `head_dim / 2`.
+    pub rope_half: usize,
+}
+
+impl BatchPlan {
+    /// Flattens `batch`; `inv_freq` has `head_dim / 2` rotary frequencies. The batch must be
+    /// valid (see [`crate::model::Model::forward`], which checks it first).
+    pub fn new(batch: &ForwardBatch, block_size: usize, inv_freq: &[f32]) -> Self {
+        let tokens = batch.tokens.clone();
+        let positions = batch.positions();
+        let rope_half = inv_freq.len();
+        let mut slot_mapping = Vec::with_capacity(tokens.len());
+        let mut sequences = Vec::with_capacity(batch.sequences.len());
+        let mut block_tables = Vec::new();
+        let mut logits_rows = Vec::new();
+        for seq in &batch.sequences {
+            for pos in seq.cached_len..seq.context_len() {
+                let block = seq.block_table[pos / block_size] as u64;
+                slot_mapping.push(block * block_size as u64 + (pos % block_size) as u64);
+            }
+            let num_blocks = seq.context_len().div_ceil(block_size);
+            sequences.push(PlanSequence {
+                token_start: seq.token_start,
+                token_count: seq.token_count,
+                cached_len: seq.cached_len,
+                block_table_start: block_tables.len(),
+                num_blocks,
+            });
+            block_tables.extend_from_slice(&seq.block_table[..num_blocks]);
+            if seq.wants_logits {
+                logits_rows.push((seq.token_start + seq.token_count - 1) as u32);
+            }
+        }
+        let mut rope_cos = Vec::with_capacity(tokens.len() * rope_half);
+        let mut rope_sin = Vec::with_capacity(tokens.len() * rope_half);
+        for &pos in &positions {
+            // As Hugging Face computes it: the angle in f32 (position * inv_freq), then cos/sin.
+            for &f in inv_freq {
+                let angle = pos as f32 * f;
+                rope_cos.push(angle.cos());
+                rope_sin.push(angle.sin());
+            }
+        }
+        BatchPlan {
+            tokens,
+            positions,
+            slot_mapping,
+            sequences,
+            block_tables,
+            block_size,
+            logits_rows,
+            rope_cos,
+            rope_sin,
+            rope_half,
+        }
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Block table of sequence `seq`.
+    pub fn block_table(&self, seq: &PlanSequence) -> &[u32] {
+        &self.block_tables[seq.block_table_start..seq.block_table_start + seq.num_blocks]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flattens_slots_tables_and_logits_rows() {
+        let mut batch = ForwardBatch::default();
+        batch.push(&[5, 6, 7], 2, vec![9, 4], true); // positions 2..5, block 4 holds 4
+        batch.push(&[8], 0, vec![3, 99], false); // extra table entries are ignored
+        let plan = BatchPlan::new(&batch, 4, &[1.0, 0.5]);
+        assert_eq!(plan.positions, vec![2, 3, 4, 0]);
+        assert_eq!(plan.slot_mapping, vec![9 * 4 + 2, 9 * 4 + 3, 4 * 4, 3 * 4]);
+        assert_eq!(plan.block_tables, vec![9, 4, 3]);
+        assert_eq!(plan.sequences[1].block_table_start, 2);
+        assert_eq!(plan.logits_rows, vec![2]);
+        assert_eq!(plan.rope_cos.len(), 8);
+        assert_eq!(plan.rope_cos[2], (3.0f32 * 1.0).cos());
+        assert_eq!(plan.rope_sin[3], (3.0f32 * 0.5).sin());
+    }
+}

@@ -1,0 +1,209 @@
+//! Reading a model directory's `*.safetensors`: memory-mapped, one file or a sharded index,
+//! every tensor checked against the names and shapes the config implies
+//! ([`tandem_model::tensor_names::expected_tensors`]) before anything is uploaded, so a
+//! mismatched checkpoint fails at load with the tensor's name instead of computing garbage.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use tandem_model::{ModelConfig, SAFETENSORS_INDEX_FILE, WEIGHTS_FILE, tensor_names};
+
+use crate::backend::{DType, HostTensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid safetensors: {source}")]
+    Format {
+        path: PathBuf,
+        source: safetensors::SafeTensorError,
+    },
+    #[error("{path}: invalid index: {reason}")]
+    Index { path: PathBuf, reason: String },
+    #[error("no weights in {dir}: expected {WEIGHTS_FILE} or {SAFETENSORS_INDEX_FILE}")]
+    NoWeights { dir: PathBuf },
+    #[error("tensor {name} is missing (the config expects it with shape {shape:?})")]
+    Missing { name: String, shape: Vec<usize> },
+    #[error("tensor {name} has shape {found:?}, the config implies {expected:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("tensor {name} has dtype {dtype}; supported: F32, F16, BF16")]
+    DType { name: String, dtype: String },
+    #[error("tensor {name} is not part of a {arch} model of this config (check config.json)")]
+    Unexpected { name: String, arch: &'static str },
+}
+
+/// One tensor, borrowed from a memory-mapped file.
+#[derive(Debug, Clone)]
+pub struct TensorEntry<'a> {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+impl TensorEntry<'_> {
+    pub fn host(&self) -> HostTensor<'_> {
+        HostTensor {
+            dtype: self.dtype,
+            shape: &self.shape,
+            bytes: self.bytes,
+        }
+    }
+}
+
+/// The memory-mapped weight files of a model directory.
+pub struct WeightFiles {
+    files: Vec<(PathBuf, Mmap)>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
+    move |source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl WeightFiles {
+    /// Maps `model.safetensors`, or every shard named by `model.safetensors.index.json`.
+    pub fn open(model_dir: &Path) -> Result<Self, WeightsError> {
+        let index_path = model_dir.join(SAFETENSORS_INDEX_FILE);
+        let single = model_dir.join(WEIGHTS_FILE);
+        let paths = if index_path.exists() {
+            shard_paths(model_dir, &index_path)?
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(WeightsError::NoWeights {
+                dir: model_dir.to_path_buf(),
+            });
+        };
+        let mut files = Vec::with_capacity(paths.len());
+        for path in paths {
+            let file = File::open(&path).map_err(io_err(&path))?;
+            // SAFETY: the model directory is not modified while a worker runs; a concurrent
+            // writer could change the mapped bytes, which the format checks below would not see.
+            let map = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
+            files.push((path, map));
+        }
+        Ok(WeightFiles { files })
+    }
+
+    /// All tensors of all files, checked against `config`.
+    pub fn tensors(
+        &self,
+        config: &ModelConfig,
+    ) -> Result<HashMap<String, TensorEntry<'_>>, WeightsError> {
+        let mut found = HashMap::new();
+        for (path, map) in &self.files {
+            let st = SafeTensors::deserialize(map).map_err(|source| WeightsError::Format {
+                path: path.clone(),
+                source,
+            })?;
+            for (name, view) in st.iter() {
+                let dtype = match view.dtype() {
+                    Dtype::F32 => DType::F32,
+                    Dtype::F16 => DType::F16,
+                    Dtype::BF16 => DType::Bf16,
+                    other => {
+                        return Err(WeightsError::DType {
+                            name: name.to_string(),
+                            dtype: format!("{other:?}"),
+                        });
+                    }
+                };
+                found.insert(
+                    name.to_string(),
+                    TensorEntry {
+                        dtype,
+                        shape: view.shape().to_vec(),
+                        bytes: view.data(),
+                    },
+                );
+            }
+        }
+        check(config, &mut found)?;
+        Ok(found)
+    }
+}
+
+/// The distinct shard files of an index, in a stable order.
+fn shard_paths(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>, WeightsError> {
+    let text = std::fs::read_to_string(index_path).map_err(io_err(index_path))?;
+    let bad = |reason: String| WeightsError::Index {
+        path: index_path.to_path_buf(),
+        reason,
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut shards = BTreeMap::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("{tensor}: file name is not a string")))?;
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(bad(format!(
+                "{tensor}: shard {file:?} is outside the directory"
+            )));
+        }
+        shards.insert(file.to_string(), ());
+    }
+    Ok(shards.into_keys().map(|f| dir.join(f)).collect())
+}
+
+/// Every expected tensor present with its shape; nothing unexpected except what Hugging Face
+/// itself ignores (a tied model's `lm_head.weight`, rotary caches).
+fn check(
+    config: &ModelConfig,
+    found: &mut HashMap<String, TensorEntry<'_>>,
+) -> Result<(), WeightsError> {
+    let expected = tensor_names::expected_tensors(config);
+    for (name, shape) in &expected {
+        let entry = found.get(name).ok_or_else(|| WeightsError::Missing {
+            name: name.clone(),
+            shape: shape.clone(),
+        })?;
+        if &entry.shape != shape {
+            return Err(WeightsError::Shape {
+                name: name.clone(),
+                expected: shape.clone(),
+                found: entry.shape.clone(),
+            });
+        }
+    }
+    let expected_names: std::collections::HashSet<&str> =
+        expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut ignored = Vec::new();
+    for name in found.keys() {
+        if expected_names.contains(name.as_str()) {
+            continue;
+        }
+        if (name == tensor_names::LM_HEAD && config.tie_word_embeddings)
+            || name.ends_with("rotary_emb.inv_freq")
+        {
+            ignored.push(name.clone());
+            continue;
+        }
+        return Err(WeightsError::Unexpected {
+            name: name.clone(),
+            arch: config.architecture().hf_class(),
+        });
+    }
+    for name in ignored {
+        tracing::debug!(tensor = %name, "ignoring tensor the model does not use");
+        found.remove(&name);
+    }
+    Ok(())
+}

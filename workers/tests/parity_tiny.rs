@@ -1,0 +1,62 @@
+//! Logit and greedy parity of the CPU model with Hugging Face transformers (float32) on tiny
+//! random models committed with their reference outputs: Llama, Llama with llama3 rope scaling,
+//! and Qwen2 (q/k/v bias, tied embeddings). Regenerate with
+//! `scripts/fixtures/parity_reference.py tiny`.
+
+mod parity_support;
+
+use parity_support::*;
+
+const MAX_REL_L2: f64 = 1e-4;
+
+fn check_model(name: &str) {
+    let dir = fixture_dir(name);
+    let reference = read_reference(&dir);
+    let model = load_cpu(&dir);
+    for (prompt, expected) in reference.prompts.iter().zip(&reference.logits) {
+        let mut session = Session::new(&model, prompt.ids.len());
+        let whole = session.feed(&prompt.ids);
+        let err = rel_l2(&whole, expected);
+        eprintln!("{name}/{}: rel L2 {err:e}", prompt.name);
+        assert!(
+            err < MAX_REL_L2,
+            "{name}/{}: relative L2 {err:e}",
+            prompt.name
+        );
+        assert_eq!(argmax(&whole), prompt.top_ids[0], "{name}/{}", prompt.name);
+
+        // Chunked prefill (the later chunks read the earlier ones from the cache) computes
+        // every token exactly as one chunk does.
+        let mut chunked = Session::new(&model, prompt.ids.len());
+        let logits = chunked.prefill_chunked(&prompt.ids, &[5, 17, 30]);
+        assert_eq!(
+            logits, whole,
+            "{name}/{}: chunked prefill differs",
+            prompt.name
+        );
+
+        if !prompt.greedy.is_empty() {
+            let tokens = greedy(&model, &prompt.ids, prompt.greedy.len());
+            assert_eq!(
+                tokens, prompt.greedy,
+                "{name}/{}: greedy continuation",
+                prompt.name
+            );
+        }
+    }
+}
+
+#[test]
+fn tiny_llama_matches_transformers() {
+    check_model("tiny-llama");
+}
+
+#[test]
+fn tiny_llama3_rope_scaling_matches_transformers() {
+    check_model("tiny-llama3-rope");
+}
+
+#[test]
+fn tiny_qwen2_with_qkv_bias_matches_transformers() {
+    check_model("tiny-qwen2");
+}
