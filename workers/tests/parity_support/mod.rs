@@ -24,6 +24,9 @@ pub struct Prompt {
 #[derive(Debug, Deserialize)]
 pub struct Reference {
     pub vocab_size: usize,
+    /// Ids transformers' `generate(min_new_tokens=N)` masked while producing `greedy`.
+    #[serde(default)]
+    pub eos_suppressed_in_greedy: Vec<u32>,
     pub prompts: Vec<Prompt>,
     /// Full last-position logits per prompt, filled from `logits.f32`.
     #[serde(skip)]
@@ -131,12 +134,21 @@ impl<'m> Session<'m> {
     }
 }
 
-/// Greedy generation: prefill, then one decode step at a time.
-pub fn greedy(model: &Model<CpuBackend>, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
+/// Greedy generation: prefill, then one decode step at a time; the `suppressed` ids are never
+/// picked (as `min_new_tokens` does for end-of-sequence ids).
+pub fn greedy(
+    model: &Model<CpuBackend>,
+    prompt: &[u32],
+    new_tokens: usize,
+    suppressed: &[u32],
+) -> Vec<u32> {
     let mut session = Session::new(model, prompt.len() + new_tokens);
     let mut logits = session.feed(prompt);
     let mut out = Vec::with_capacity(new_tokens);
     for _ in 0..new_tokens {
+        for &id in suppressed {
+            logits[id as usize] = f32::NEG_INFINITY;
+        }
         let next = argmax(&logits);
         out.push(next);
         if out.len() < new_tokens {
