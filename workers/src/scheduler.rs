@@ -1,1 +1,883 @@
-//! (in progress)
+//! Continuous batching: which tokens of which sequences go into the next forward pass, and
+//! which KV blocks they write to.
+//!
+//! The scheduler owns the [`BlockPool`] and every sequence's block table, and knows each
+//! sequence only by two counts: `num_tokens` (prompt plus generated tokens) and
+//! `num_computed` (tokens whose K/V are in the cache). Whatever is between them is computed
+//! next — a prompt chunk, a single decode token, or, after a preemption, the whole prompt and
+//! the generated tokens again. It knows nothing about the model, sampling or stop conditions;
+//! the engine tells it when a token was appended and when a sequence is done.
+//!
+//! # Policy of one step ([`Scheduler::schedule`])
+//! Under a token budget (`max_num_batched_tokens`) and a cap on admitted sequences
+//! (`max_num_seqs`):
+//! 1. **Decode first.** Every running sequence with exactly one token to compute gets it,
+//!    oldest admission first, so generation latency does not depend on prefill traffic.
+//!    ([`SchedulerConfig::validate`] requires `max_num_batched_tokens >= max_num_seqs`, so
+//!    all decodes always fit.)
+//! 2. **Then running prefills** (admitted, prompt not fully computed), oldest first, each a
+//!    chunk of `min(remaining, budget left)` tokens, shrunk to the blocks that are free.
+//! 3. **Then admission** of waiting sequences in strict FIFO order: the head of the queue is
+//!    admitted only when the pool has the blocks for its first chunk; if it cannot be, nothing
+//!    behind it is either (no overtaking, so a long prompt is never starved by short ones).
+//!    Nothing is admitted in a step that had to preempt, so memory pressure is not made worse.
+//!
+//! Blocks are reserved step by step: a sequence holds blocks for its computed tokens plus the
+//! chunk scheduled now, and its block table grows as it does.
+//!
+//! # Preemption
+//! When a decode needs a new block and none is free, the **most recently admitted** running
+//! sequence not yet scheduled in this step is preempted — possibly the one asking. When a
+//! running prefill cannot get even one token's block, it preempts the most recently admitted
+//! unscheduled sequence newer than itself, or else waits for blocks (the sequences that were
+//! scheduled make progress and eventually free or preempt). A preempted sequence loses its
+//! blocks and goes back to the waiting queue in arrival order (ahead of everything that
+//! arrived after it), keeping `num_tokens`: on re-admission its prompt *and* its generated
+//! tokens are recomputed, and the last chunk yields the logits for the next token, so the
+//! output is the same as without preemption (recompute, not swap).
+//!
+//! Preempting the newest first means the oldest sequence always makes progress, and since a
+//! sequence may never exceed [`Scheduler::max_context_len`] tokens (capped by the pool's
+//! capacity), the oldest one always fits once everything newer is preempted.
+//!
+//! # Leaving
+//! [`Scheduler::finish`] (finished or cancelled, from any state) frees the sequence's blocks at
+//! once. [`Scheduler::pin`] takes a sequence out of scheduling but keeps its blocks allocated:
+//! the context worker of a disaggregated deployment keeps a prefilled sequence's KV until the
+//! decode worker has pulled it, then calls [`Scheduler::release_pinned`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use thiserror::Error;
+
+use crate::kv_cache::block_pool::{BlockId, BlockPool, BlockPoolError};
+
+/// The scheduler's name for a sequence; the engine uses its request id.
+pub type SeqId = u64;
+
+/// Limits of the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Tokens (decode tokens plus prefill chunk tokens) in one forward pass.
+    pub max_num_batched_tokens: usize,
+    /// Sequences admitted (holding blocks and scheduled) at once.
+    pub max_num_seqs: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the KV cache.
+    pub num_blocks: usize,
+    /// The model's context length; the effective limit is also capped by the cache size.
+    pub max_model_len: usize,
+}
+
+impl SchedulerConfig {
+    pub fn validate(&self) -> Result<(), SchedulerError> {
+        let invalid = |msg: String| Err(SchedulerError::InvalidConfig(msg));
+        if self.block_size == 0 {
+            return invalid("block_size must be at least 1".into());
+        }
+        if self.num_blocks == 0 {
+            return invalid("num_blocks must be at least 1".into());
+        }
+        if self.max_num_seqs == 0 {
+            return invalid("max_num_seqs must be at least 1".into());
+        }
+        if self.max_num_batched_tokens < self.max_num_seqs {
+            return invalid(format!(
+                "max_num_batched_tokens ({}) must be at least max_num_seqs ({}) so that every \
+                 running sequence can decode in every step",
+                self.max_num_batched_tokens, self.max_num_seqs
+            ));
+        }
+        if self.max_model_len < 2 {
+            return invalid("max_model_len must be at least 2".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SchedulerError {
+    #[error("invalid scheduler configuration: {0}")]
+    InvalidConfig(String),
+    #[error("sequence {0} is already scheduled")]
+    DuplicateSequence(SeqId),
+    #[error("sequence {0} is not known to the scheduler")]
+    UnknownSequence(SeqId),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error(
+        "the prompt has {prompt_tokens} tokens but the context limit is {max_context_len} \
+         (the prompt must leave room for at least one generated token)"
+    )]
+    PromptTooLong {
+        prompt_tokens: usize,
+        max_context_len: usize,
+    },
+    #[error("sequence {id} reached the context limit of {max_context_len} tokens")]
+    ContextFull { id: SeqId, max_context_len: usize },
+    #[error(
+        "sequence {0} still has tokens to compute; only a fully computed sequence can take a new token"
+    )]
+    NotComputed(SeqId),
+    #[error(transparent)]
+    Pool(#[from] BlockPoolError),
+}
+
+/// Where a sequence stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqStatus {
+    /// In the queue, holding no blocks (never admitted, or preempted).
+    Waiting,
+    /// Admitted: holds blocks, scheduled every step until done.
+    Running,
+    /// Out of scheduling, blocks kept until [`Scheduler::release_pinned`].
+    Pinned,
+}
+
+#[derive(Debug)]
+struct Sequence {
+    num_tokens: usize,
+    num_computed: usize,
+    blocks: Vec<BlockId>,
+    /// Arrival order; the waiting queue is kept sorted by it.
+    arrival: u64,
+    status: SeqStatus,
+    num_preemptions: u32,
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub id: SeqId,
+    /// Tokens already in the cache; this step computes positions
+    /// `cached_len .. cached_len + token_count`.
+    pub cached_len: usize,
+    pub token_count: usize,
+    /// The sequence's blocks, covering at least `cached_len + token_count` tokens.
+    pub block_table: Vec<BlockId>,
+    /// The chunk ends at the sequence's last known token, so its logits give the next token.
+    pub wants_logits: bool,
+}
+
+/// The decision of one step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchedulerStep {
+    /// Decodes first, then prefill chunks; the forward batch follows this order.
+    pub scheduled: Vec<ScheduledSeq>,
+    /// Sequences that lost their blocks in this step and went back to the queue.
+    pub preempted: Vec<SeqId>,
+}
+
+impl SchedulerStep {
+    pub fn num_tokens(&self) -> usize {
+        self.scheduled.iter().map(|s| s.token_count).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.scheduled.is_empty()
+    }
+}
+
+/// Continuous-batching scheduler; see the module doc for the policy.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    pool: BlockPool,
+    seqs: HashMap<SeqId, Sequence>,
+    /// Sorted by arrival.
+    waiting: VecDeque<SeqId>,
+    /// In admission order, oldest first: preemption takes from the back.
+    running: Vec<SeqId>,
+    next_arrival: u64,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Result<Self, SchedulerError> {
+        config.validate()?;
+        Ok(Self {
+            pool: BlockPool::new(config.num_blocks),
+            config,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_arrival: 0,
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Most tokens (prompt plus generated) a sequence may hold: the model's context length,
+    /// capped by what the whole cache can hold so that a lone sequence always fits.
+    pub fn max_context_len(&self) -> usize {
+        self.config
+            .max_model_len
+            .min(self.config.num_blocks * self.config.block_size)
+    }
+
+    /// Free blocks in the pool (pinned blocks are not free).
+    pub fn free_blocks(&self) -> usize {
+        self.pool.num_free()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.pool.num_blocks()
+    }
+
+    /// Queues a sequence whose prompt has `prompt_tokens` tokens.
+    pub fn add(&mut self, id: SeqId, prompt_tokens: usize) -> Result<(), SchedulerError> {
+        if self.seqs.contains_key(&id) {
+            return Err(SchedulerError::DuplicateSequence(id));
+        }
+        if prompt_tokens == 0 {
+            return Err(SchedulerError::EmptyPrompt);
+        }
+        let max_context_len = self.max_context_len();
+        if prompt_tokens >= max_context_len {
+            return Err(SchedulerError::PromptTooLong {
+                prompt_tokens,
+                max_context_len,
+            });
+        }
+        self.seqs.insert(
+            id,
+            Sequence {
+                num_tokens: prompt_tokens,
+                num_computed: 0,
+                blocks: Vec::new(),
+                arrival: self.next_arrival,
+                status: SeqStatus::Waiting,
+                num_preemptions: 0,
+            },
+        );
+        self.next_arrival += 1;
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    /// Records a token sampled for `id` (its K/V are computed in a later step). Fails when the
+    /// sequence would exceed [`Self::max_context_len`]; the engine ends it before that.
+    pub fn append_token(&mut self, id: SeqId) -> Result<(), SchedulerError> {
+        let max_context_len = self.max_context_len();
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(SchedulerError::UnknownSequence(id))?;
+        if seq.num_computed != seq.num_tokens {
+            return Err(SchedulerError::NotComputed(id));
+        }
+        if seq.num_tokens >= max_context_len {
+            return Err(SchedulerError::ContextFull {
+                id,
+                max_context_len,
+            });
+        }
+        seq.num_tokens += 1;
+        Ok(())
+    }
+
+    /// Removes a sequence in any state (finished, cancelled, failed) and frees its blocks.
+    pub fn finish(&mut self, id: SeqId) -> Result<(), SchedulerError> {
+        let seq = self
+            .seqs
+            .remove(&id)
+            .ok_or(SchedulerError::UnknownSequence(id))?;
+        match seq.status {
+            SeqStatus::Waiting => self.waiting.retain(|&w| w != id),
+            SeqStatus::Running => self.running.retain(|&r| r != id),
+            SeqStatus::Pinned => {}
+        }
+        self.pool.free_all(&seq.blocks)?;
+        Ok(())
+    }
+
+    /// Takes a running sequence out of scheduling but keeps its blocks allocated (a context
+    /// worker holding a prefilled sequence's KV for transfer). Returns its block table.
+    pub fn pin(&mut self, id: SeqId) -> Result<Vec<BlockId>, SchedulerError> {
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(SchedulerError::UnknownSequence(id))?;
+        if seq.status == SeqStatus::Running {
+            self.running.retain(|&r| r != id);
+        } else if seq.status == SeqStatus::Waiting {
+            self.waiting.retain(|&w| w != id);
+        }
+        seq.status = SeqStatus::Pinned;
+        Ok(seq.blocks.clone())
+    }
+
+    /// Frees the blocks of a pinned sequence and forgets it. Same as [`Self::finish`]; named
+    /// for the release message of a KV transfer.
+    pub fn release_pinned(&mut self, id: SeqId) -> Result<(), SchedulerError> {
+        self.finish(id)
+    }
+
+    pub fn status(&self, id: SeqId) -> Option<SeqStatus> {
+        self.seqs.get(&id).map(|s| s.status)
+    }
+
+    /// How often `id` has been preempted.
+    pub fn num_preemptions(&self, id: SeqId) -> Option<u32> {
+        self.seqs.get(&id).map(|s| s.num_preemptions)
+    }
+
+    /// Tokens whose K/V are in the cache for `id`.
+    pub fn num_computed(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).map(|s| s.num_computed)
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Whether any sequence waits or runs (pinned ones need no steps).
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Decides the next step and reserves its blocks; `num_computed` of every scheduled
+    /// sequence advances by its chunk, on the assumption that the engine runs the forward (if
+    /// the forward fails, the engine must [`Self::finish`] the scheduled sequences).
+    pub fn schedule(&mut self) -> SchedulerStep {
+        let mut step = SchedulerStep::default();
+        let mut budget = self.config.max_num_batched_tokens;
+        let mut scheduled: HashSet<SeqId> = HashSet::new();
+
+        // 1. Decodes, oldest admission first.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            if self.remaining(id) != 1 {
+                i += 1;
+                continue;
+            }
+            let target = self.seqs[&id].num_computed + 1;
+            let mut self_preempted = false;
+            while !self.try_grow(id, target) {
+                // All scheduled sequences sit before `i`, so the newest unscheduled is the last.
+                let victim = *self.running.last().expect("the running list holds `id`");
+                self.preempt(victim);
+                step.preempted.push(victim);
+                if victim == id {
+                    self_preempted = true;
+                    break;
+                }
+            }
+            if self_preempted {
+                break;
+            }
+            step.scheduled.push(self.take_chunk(id, 1));
+            scheduled.insert(id);
+            budget -= 1;
+            i += 1;
+        }
+
+        // 2. Running prefills (prompt or recompute not finished), oldest first.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            if scheduled.contains(&id) {
+                i += 1;
+                continue;
+            }
+            let seq = &self.seqs[&id];
+            let reachable = (seq.blocks.len() + self.pool.num_free()) * self.config.block_size;
+            let fit = reachable.saturating_sub(seq.num_computed);
+            if fit == 0 {
+                let victim = self.running[i + 1..]
+                    .iter()
+                    .rev()
+                    .find(|v| !scheduled.contains(v))
+                    .copied();
+                match victim {
+                    Some(victim) => {
+                        self.preempt(victim);
+                        step.preempted.push(victim);
+                    }
+                    // Nothing newer to take from: wait for scheduled sequences to free blocks.
+                    None => i += 1,
+                }
+                continue;
+            }
+            let chunk = self.remaining(id).min(budget).min(fit);
+            let target = self.seqs[&id].num_computed + chunk;
+            let grown = self.try_grow(id, target);
+            debug_assert!(grown, "chunk was sized to the free blocks");
+            step.scheduled.push(self.take_chunk(id, chunk));
+            scheduled.insert(id);
+            budget -= chunk;
+            i += 1;
+        }
+
+        // 3. Admission, strict FIFO, never in a step that had to preempt.
+        if step.preempted.is_empty() {
+            while let Some(&id) = self.waiting.front() {
+                if budget == 0 || self.running.len() >= self.config.max_num_seqs {
+                    break;
+                }
+                let chunk = self.remaining(id).min(budget);
+                if !self.try_grow(id, chunk) {
+                    break;
+                }
+                self.waiting.pop_front();
+                self.running.push(id);
+                if let Some(seq) = self.seqs.get_mut(&id) {
+                    seq.status = SeqStatus::Running;
+                }
+                step.scheduled.push(self.take_chunk(id, chunk));
+                budget -= chunk;
+            }
+        }
+        step
+    }
+
+    fn remaining(&self, id: SeqId) -> usize {
+        let seq = &self.seqs[&id];
+        seq.num_tokens - seq.num_computed
+    }
+
+    /// Grows `id`'s block table to hold `tokens` tokens; false (and nothing taken) when the
+    /// pool has too few free blocks.
+    fn try_grow(&mut self, id: SeqId, tokens: usize) -> bool {
+        let seq = self.seqs.get_mut(&id).expect("scheduled ids are known");
+        let needed = tokens.div_ceil(self.config.block_size);
+        if needed <= seq.blocks.len() {
+            return true;
+        }
+        match self.pool.allocate_n(needed - seq.blocks.len()) {
+            Ok(new) => {
+                seq.blocks.extend(new);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn take_chunk(&mut self, id: SeqId, token_count: usize) -> ScheduledSeq {
+        let seq = self.seqs.get_mut(&id).expect("scheduled ids are known");
+        let cached_len = seq.num_computed;
+        seq.num_computed += token_count;
+        ScheduledSeq {
+            id,
+            cached_len,
+            token_count,
+            block_table: seq.blocks.clone(),
+            wants_logits: seq.num_computed == seq.num_tokens,
+        }
+    }
+
+    fn preempt(&mut self, id: SeqId) {
+        let seq = self.seqs.get_mut(&id).expect("running ids are known");
+        let blocks = std::mem::take(&mut seq.blocks);
+        seq.num_computed = 0;
+        seq.status = SeqStatus::Waiting;
+        seq.num_preemptions += 1;
+        let arrival = seq.arrival;
+        self.running.retain(|&r| r != id);
+        let at = self
+            .waiting
+            .partition_point(|w| self.seqs[w].arrival < arrival);
+        self.waiting.insert(at, id);
+        // These blocks were allocated by this pool and held only by this sequence.
+        let freed = self.pool.free_all(&blocks);
+        debug_assert!(
+            freed.is_ok(),
+            "preempted blocks must be allocated: {freed:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(budget: usize, seqs: usize, block_size: usize, blocks: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_num_batched_tokens: budget,
+            max_num_seqs: seqs,
+            block_size,
+            num_blocks: blocks,
+            max_model_len: 4096,
+        }
+    }
+
+    /// Runs a step and plays the engine: every sequence that got logits samples a token.
+    fn step_and_append(s: &mut Scheduler) -> SchedulerStep {
+        let step = s.schedule();
+        for item in &step.scheduled {
+            if item.wants_logits {
+                s.append_token(item.id).unwrap();
+            }
+        }
+        step
+    }
+
+    #[test]
+    fn rejects_bad_configs_and_prompts() {
+        assert!(
+            Scheduler::new(config(2, 4, 16, 8)).is_err(),
+            "budget < max_num_seqs"
+        );
+        assert!(Scheduler::new(config(8, 4, 0, 8)).is_err());
+        let mut s = Scheduler::new(config(64, 4, 4, 8)).unwrap();
+        assert_eq!(
+            s.max_context_len(),
+            32,
+            "capped by the cache: 8 blocks of 4"
+        );
+        assert_eq!(s.add(1, 0), Err(SchedulerError::EmptyPrompt));
+        assert_eq!(
+            s.add(1, 32),
+            Err(SchedulerError::PromptTooLong {
+                prompt_tokens: 32,
+                max_context_len: 32
+            })
+        );
+        s.add(1, 31).unwrap();
+        assert_eq!(s.add(1, 3), Err(SchedulerError::DuplicateSequence(1)));
+    }
+
+    #[test]
+    fn chunks_a_long_prompt_and_asks_logits_only_at_its_end() {
+        let mut s = Scheduler::new(config(8, 4, 4, 16)).unwrap();
+        s.add(7, 20).unwrap();
+        let mut chunks = vec![];
+        loop {
+            let step = step_and_append(&mut s);
+            let item = &step.scheduled[0];
+            chunks.push((item.cached_len, item.token_count, item.wants_logits));
+            assert!(item.block_table.len() * 4 >= item.cached_len + item.token_count);
+            if item.wants_logits {
+                break;
+            }
+        }
+        assert_eq!(chunks, vec![(0, 8, false), (8, 8, false), (16, 4, true)]);
+        let step = step_and_append(&mut s);
+        assert_eq!(
+            (step.scheduled[0].cached_len, step.scheduled[0].token_count),
+            (20, 1)
+        );
+        assert_eq!(
+            step.scheduled[0].block_table.len(),
+            6,
+            "grew by one block at token 21"
+        );
+    }
+
+    #[test]
+    fn decodes_first_then_prefill_fills_the_budget() {
+        let mut s = Scheduler::new(config(6, 4, 4, 64)).unwrap();
+        s.add(1, 3).unwrap();
+        s.add(2, 3).unwrap();
+        step_and_append(&mut s); // both prompts in one step (3 + 3 = 6)
+        s.add(3, 10).unwrap();
+        let step = step_and_append(&mut s);
+        let order: Vec<_> = step
+            .scheduled
+            .iter()
+            .map(|x| (x.id, x.token_count))
+            .collect();
+        assert_eq!(order, vec![(1, 1), (2, 1), (3, 4)]);
+        assert_eq!(step.num_tokens(), 6);
+    }
+
+    #[test]
+    fn budget_and_seq_cap_are_respected() {
+        let mut s = Scheduler::new(config(10, 3, 4, 64)).unwrap();
+        for id in 0..6 {
+            s.add(id, 7).unwrap();
+        }
+        for _ in 0..30 {
+            let step = step_and_append(&mut s);
+            assert!(step.num_tokens() <= 10);
+            assert!(s.num_running() <= 3);
+            let ids: HashSet<_> = step.scheduled.iter().map(|x| x.id).collect();
+            assert_eq!(
+                ids.len(),
+                step.scheduled.len(),
+                "a sequence twice in one step"
+            );
+        }
+    }
+
+    #[test]
+    fn admission_is_fifo_and_a_blocked_head_is_not_overtaken() {
+        // 6 blocks of 4: the first request takes 5 blocks, the second (needs 3) must wait, and
+        // the third (needs 1, would fit) must not overtake it.
+        let mut s = Scheduler::new(config(64, 8, 4, 6)).unwrap();
+        s.add(1, 20).unwrap();
+        s.add(2, 12).unwrap();
+        s.add(3, 2).unwrap();
+        let step = step_and_append(&mut s);
+        let ids: Vec<_> = step.scheduled.iter().map(|x| x.id).collect();
+        assert_eq!(ids, vec![1]);
+        assert_eq!(s.num_waiting(), 2);
+        s.finish(1).unwrap();
+        let step = step_and_append(&mut s);
+        let ids: Vec<_> = step.scheduled.iter().map(|x| x.id).collect();
+        assert_eq!(ids, vec![2, 3], "admitted in arrival order");
+    }
+
+    #[test]
+    fn preempts_the_newest_and_resumes_it_with_its_generated_tokens() {
+        // 4 blocks of 2 tokens; two sequences of 3-token prompts each take 2 blocks. The first
+        // decode that crosses a block boundary finds the pool empty and preempts the newer.
+        let mut s = Scheduler::new(config(16, 4, 2, 4)).unwrap();
+        s.add(1, 3).unwrap();
+        s.add(2, 3).unwrap();
+        step_and_append(&mut s); // prefill both: 4 tokens each now known, 3 computed
+        assert_eq!(s.free_blocks(), 0);
+        let step = step_and_append(&mut s); // both decode position 3 within their 2nd block
+        assert!(step.preempted.is_empty());
+        // Now each has 5 tokens known, 4 computed: position 4 needs a third block.
+        let step = step_and_append(&mut s);
+        assert_eq!(step.preempted, vec![2]);
+        assert_eq!(step.scheduled.len(), 1);
+        assert_eq!(step.scheduled[0].id, 1);
+        assert_eq!(s.status(2), Some(SeqStatus::Waiting));
+        assert_eq!(s.num_preemptions(2), Some(1));
+        assert_eq!(s.num_computed(2), Some(0));
+        // Let 1 finish; 2 is re-admitted and recomputes prompt plus its 2 generated tokens.
+        s.finish(1).unwrap();
+        let step = step_and_append(&mut s);
+        assert_eq!(step.scheduled.len(), 1);
+        let item = &step.scheduled[0];
+        assert_eq!((item.id, item.cached_len, item.token_count), (2, 0, 5));
+        assert!(
+            item.wants_logits,
+            "recompute ends with the logits of the next token"
+        );
+        s.finish(2).unwrap();
+        assert_eq!(s.free_blocks(), 4);
+    }
+
+    #[test]
+    fn a_decode_that_is_the_newest_preempts_itself() {
+        // 6 blocks of 2. Sequence 1 (prompt 9) takes 5 blocks over two chunks; sequence 2
+        // (prompt 2) takes the last one. Then 2 needs a second block while 1 does not: 2 is
+        // the most recently admitted, so it preempts itself and 1 keeps running.
+        let mut s = Scheduler::new(config(6, 4, 2, 6)).unwrap();
+        s.add(1, 9).unwrap();
+        s.add(2, 2).unwrap();
+        let step = step_and_append(&mut s);
+        assert_eq!(
+            step.scheduled.iter().map(|x| x.id).collect::<Vec<_>>(),
+            vec![1]
+        );
+        let step = step_and_append(&mut s);
+        assert_eq!(
+            step.scheduled.iter().map(|x| x.id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(s.free_blocks(), 0);
+        let step = step_and_append(&mut s);
+        assert_eq!(step.preempted, vec![2]);
+        assert_eq!(
+            step.scheduled.iter().map(|x| x.id).collect::<Vec<_>>(),
+            vec![1]
+        );
+        assert_eq!(s.free_blocks(), 1);
+        // 2 (3 tokens now: needs 2 blocks) waits until 1 is gone.
+        let step = step_and_append(&mut s);
+        assert_eq!(
+            step.scheduled.iter().map(|x| x.id).collect::<Vec<_>>(),
+            vec![1]
+        );
+        s.finish(1).unwrap();
+        let step = step_and_append(&mut s);
+        let item = &step.scheduled[0];
+        assert_eq!((item.id, item.cached_len, item.token_count), (2, 0, 3));
+    }
+
+    #[test]
+    fn a_decode_preempts_a_newer_partial_prefill() {
+        // 4 blocks of 2, budget 4. 1 (prompt 7) and 2 (prompt 3) both start prefilling and
+        // take turns; 2 then decodes into a full pool and preempts 3, newer and mid-prefill.
+        let mut s = Scheduler::new(config(4, 4, 2, 4)).unwrap();
+        s.add(1, 7).unwrap();
+        s.add(2, 3).unwrap();
+        let step = step_and_append(&mut s); // 1: 4 tokens (2 blocks)
+        assert_eq!(step.scheduled.len(), 1);
+        s.finish(1).unwrap();
+        s.add(3, 7).unwrap();
+        let step = step_and_append(&mut s); // 2 admitted: 3 tokens (2 blocks); 3: 1 token
+        assert_eq!(
+            step.scheduled.iter().map(|x| x.id).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        // 2 decodes (needs no block: 4th token in 2nd block); 3 has 1 computed, 1 block,
+        // 1 free block: its chunk shrinks to fit (3 tokens up to 4 computed).
+        let step = step_and_append(&mut s);
+        let chunks: Vec<_> = step
+            .scheduled
+            .iter()
+            .map(|x| (x.id, x.token_count))
+            .collect();
+        assert_eq!(chunks, vec![(2, 1), (3, 3)]);
+        assert_eq!(s.free_blocks(), 0);
+        // 2 needs a 3rd block for its 5th token: newest is 3, which is preempted.
+        let step = step_and_append(&mut s);
+        assert_eq!(step.preempted, vec![3]);
+        assert_eq!(
+            step.scheduled.iter().map(|x| x.id).collect::<Vec<_>>(),
+            vec![2]
+        );
+        s.finish(2).unwrap();
+        assert_eq!(s.free_blocks(), 4);
+        let step = step_and_append(&mut s);
+        assert_eq!((step.scheduled[0].id, step.scheduled[0].cached_len), (3, 0));
+    }
+
+    #[test]
+    fn finish_frees_blocks_in_every_state() {
+        let mut s = Scheduler::new(config(4, 4, 2, 16)).unwrap();
+        s.add(1, 10).unwrap(); // mid-prefill after one step
+        s.add(2, 2).unwrap(); // waiting
+        step_and_append(&mut s);
+        assert_eq!(s.status(1), Some(SeqStatus::Running));
+        assert_eq!(s.status(2), Some(SeqStatus::Waiting));
+        s.finish(1).unwrap();
+        s.finish(2).unwrap();
+        assert_eq!(s.free_blocks(), 16);
+        assert!(!s.has_work());
+        assert_eq!(s.finish(1), Err(SchedulerError::UnknownSequence(1)));
+    }
+
+    #[test]
+    fn pinned_sequences_keep_blocks_until_released() {
+        let mut s = Scheduler::new(config(16, 4, 4, 8)).unwrap();
+        s.add(1, 9).unwrap();
+        let step = step_and_append(&mut s);
+        assert!(step.scheduled[0].wants_logits);
+        let blocks = s.pin(1).unwrap();
+        assert_eq!(blocks.len(), 3);
+        assert_eq!(s.free_blocks(), 5);
+        assert!(!s.has_work());
+        assert!(s.schedule().is_empty());
+        s.release_pinned(1).unwrap();
+        assert_eq!(s.free_blocks(), 8);
+    }
+
+    #[test]
+    fn enforces_the_context_limit() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_model_len: 6,
+            ..config(16, 4, 4, 8)
+        })
+        .unwrap();
+        s.add(1, 4).unwrap();
+        step_and_append(&mut s); // 5 tokens
+        step_and_append(&mut s); // 6 tokens
+        s.schedule();
+        assert_eq!(
+            s.append_token(1),
+            Err(SchedulerError::ContextFull {
+                id: 1,
+                max_context_len: 6
+            })
+        );
+    }
+
+    /// Tiny deterministic generator so the simulation needs no RNG crate.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// A random workload under memory pressure: arrivals, cancellations, finishes. Checks
+    /// the invariants every step and that every block comes back.
+    #[test]
+    fn random_workload_keeps_invariants_and_returns_every_block() {
+        for seed in 0..20u64 {
+            let mut rng = Lcg(seed);
+            let cfg = config(12, 5, 4, 14);
+            let mut s = Scheduler::new(cfg).unwrap();
+            // Per sequence: tokens still to generate before it finishes.
+            let mut to_generate: HashMap<SeqId, usize> = HashMap::new();
+            // Per sequence: generated count, to check that recompute never loses tokens.
+            let mut generated: HashMap<SeqId, usize> = HashMap::new();
+            let mut next_id = 0;
+            let mut preemptions = 0;
+            for _ in 0..400 {
+                if next_id < 40 && rng.next(3) == 0 {
+                    let prompt = 1 + rng.next(30) as usize;
+                    s.add(next_id, prompt).unwrap();
+                    to_generate.insert(next_id, 1 + rng.next(20) as usize);
+                    generated.insert(next_id, 0);
+                    next_id += 1;
+                }
+                if rng.next(25) == 0 && !to_generate.is_empty() {
+                    let ids: Vec<_> = to_generate.keys().copied().collect();
+                    let id = ids[rng.next(ids.len() as u64) as usize];
+                    s.finish(id).unwrap();
+                    to_generate.remove(&id);
+                }
+                let step = s.schedule();
+                preemptions += step.preempted.len();
+                assert!(step.num_tokens() <= cfg.max_num_batched_tokens);
+                assert!(s.num_running() <= cfg.max_num_seqs);
+                let mut held: HashSet<BlockId> = HashSet::new();
+                for item in &step.scheduled {
+                    assert!(item.token_count > 0);
+                    assert!(item.block_table.len() * 4 >= item.cached_len + item.token_count);
+                    for b in &item.block_table {
+                        assert!(held.insert(*b), "block {b} shared by two sequences");
+                    }
+                }
+                for item in &step.scheduled {
+                    if !item.wants_logits {
+                        continue;
+                    }
+                    let left = to_generate.get_mut(&item.id).unwrap();
+                    *left -= 1;
+                    *generated.get_mut(&item.id).unwrap() += 1;
+                    if *left == 0 || s.append_token(item.id).is_err() {
+                        s.finish(item.id).unwrap();
+                        to_generate.remove(&item.id);
+                    }
+                }
+                let held_total: usize = s.seqs.values().map(|q| q.blocks.len()).sum();
+                assert_eq!(
+                    held_total + s.free_blocks(),
+                    cfg.num_blocks,
+                    "blocks leaked"
+                );
+            }
+            // Drain.
+            let mut guard = 0;
+            while s.has_work() {
+                let step = s.schedule();
+                for item in &step.scheduled {
+                    if item.wants_logits {
+                        let left = to_generate.get_mut(&item.id).unwrap();
+                        *left -= 1;
+                        if *left == 0 || s.append_token(item.id).is_err() {
+                            s.finish(item.id).unwrap();
+                            to_generate.remove(&item.id);
+                        }
+                    }
+                }
+                guard += 1;
+                assert!(guard < 10_000, "no progress (seed {seed})");
+            }
+            assert!(to_generate.is_empty());
+            assert_eq!(s.free_blocks(), cfg.num_blocks, "seed {seed}");
+            if seed == 0 {
+                assert!(preemptions > 0, "the workload must exercise preemption");
+            }
+        }
+    }
+}
