@@ -19,6 +19,7 @@ pub mod simd;
 use half::{bf16, f16};
 
 pub use kv::CpuKvCache;
+pub use matmul::PackedWeight;
 
 use super::{AttentionShape, Backend, BackendError, BatchPlan, DType, HostTensor};
 use crate::kv_cache::KvLayout;
@@ -53,15 +54,17 @@ impl CpuTensor {
     }
 }
 
-/// Weight elements by dtype.
+/// Weight elements: vectors in f32, matrices packed into panels ([`matmul::PackedWeight`]) in
+/// their file dtype (or f32 with [`CpuOptions::widen_weights`]).
 #[derive(Debug, Clone)]
 pub enum WeightData {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
-    F16(Vec<f16>),
+    Vector(Vec<f32>),
+    F32(PackedWeight<f32>),
+    Bf16(PackedWeight<bf16>),
+    F16(PackedWeight<f16>),
 }
 
-/// A weight matrix `[rows, cols]` (`[out, in]`), or a vector (`rows == 1`, always f32).
+/// A weight matrix `[rows, cols]` (`[out, in]`), or a vector (`rows == 1`).
 #[derive(Debug, Clone)]
 pub struct CpuWeight {
     pub rows: usize,
@@ -72,18 +75,13 @@ pub struct CpuWeight {
 impl CpuWeight {
     fn as_vector(&self, op: &'static str, len: usize) -> Result<&[f32], BackendError> {
         match &self.data {
-            WeightData::F32(v) if v.len() == len => Ok(v),
-            WeightData::F32(v) => Err(BackendError::Shape {
+            WeightData::Vector(v) if v.len() == len => Ok(v),
+            _ => Err(BackendError::Shape {
                 op,
-                detail: format!("vector of {} for {len} columns", v.len()),
-            }),
-            WeightData::Bf16(_) => Err(BackendError::UnsupportedDType {
-                op,
-                dtype: DType::Bf16,
-            }),
-            WeightData::F16(_) => Err(BackendError::UnsupportedDType {
-                op,
-                dtype: DType::F16,
+                detail: format!(
+                    "a {}x{} weight where a vector of {len} is needed",
+                    self.rows, self.cols
+                ),
             }),
         }
     }
@@ -227,32 +225,40 @@ impl Backend for CpuBackend {
             return Ok(CpuWeight {
                 rows: 1,
                 cols: data.len(),
-                data: WeightData::F32(data),
+                data: WeightData::Vector(data),
             });
         }
         let data = match first.dtype {
-            _ if self.widen_weights => WeightData::F32(parts.iter().flat_map(parse_f32).collect()),
-            DType::F32 => WeightData::F32(parts.iter().flat_map(parse_f32).collect()),
-            DType::Bf16 => WeightData::Bf16(
-                parts
+            _ if self.widen_weights => {
+                let w: Vec<f32> = parts.iter().flat_map(parse_f32).collect();
+                WeightData::F32(PackedWeight::pack(&w, rows, cols))
+            }
+            DType::F32 => {
+                let w: Vec<f32> = parts.iter().flat_map(parse_f32).collect();
+                WeightData::F32(PackedWeight::pack(&w, rows, cols))
+            }
+            DType::Bf16 => {
+                let w: Vec<bf16> = parts
                     .iter()
                     .flat_map(|p| {
                         parse_elems(p.bytes, 2, |b| {
                             bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))
                         })
                     })
-                    .collect(),
-            ),
-            DType::F16 => WeightData::F16(
-                parts
+                    .collect();
+                WeightData::Bf16(PackedWeight::pack(&w, rows, cols))
+            }
+            DType::F16 => {
+                let w: Vec<f16> = parts
                     .iter()
                     .flat_map(|p| {
                         parse_elems(p.bytes, 2, |b| {
                             f16::from_bits(u16::from_le_bytes([b[0], b[1]]))
                         })
                     })
-                    .collect(),
-            ),
+                    .collect();
+                WeightData::F16(PackedWeight::pack(&w, rows, cols))
+            }
         };
         Ok(CpuWeight { rows, cols, data })
     }
@@ -320,17 +326,13 @@ impl Backend for CpuBackend {
                     format!("token {token} outside a vocabulary of {}", table.rows),
                 ));
             }
-            let range = t * cols..(t + 1) * cols;
             match &table.data {
-                WeightData::F32(w) => row.copy_from_slice(&w[range]),
-                WeightData::Bf16(w) => row
-                    .iter_mut()
-                    .zip(&w[range])
-                    .for_each(|(o, v)| *o = v.to_f32()),
-                WeightData::F16(w) => row
-                    .iter_mut()
-                    .zip(&w[range])
-                    .for_each(|(o, v)| *o = v.to_f32()),
+                WeightData::Vector(_) => {
+                    return Err(shape_err("embedding", "the table is a vector".into()));
+                }
+                WeightData::F32(w) => w.row_f32(t, row),
+                WeightData::Bf16(w) => w.row_f32(t, row),
+                WeightData::F16(w) => w.row_f32(t, row),
             }
         }
         Ok(CpuTensor::new(batch.plan.num_tokens(), cols, out))
@@ -390,13 +392,14 @@ impl Backend for CpuBackend {
         let bias = bias
             .map(|b| b.as_vector("linear bias", weight.rows))
             .transpose()?;
-        let (rows, k, n) = (x.rows, x.cols, weight.rows);
+        let (rows, n) = (x.rows, weight.rows);
         let mut out = vec![0f32; rows * n];
         self.pool.install(|| match &weight.data {
-            WeightData::F32(w) => matmul::linear(&x.data, rows, k, w, n, bias, &mut out),
-            WeightData::Bf16(w) => matmul::linear(&x.data, rows, k, w, n, bias, &mut out),
-            WeightData::F16(w) => matmul::linear(&x.data, rows, k, w, n, bias, &mut out),
-        });
+            WeightData::Vector(_) => Err(shape_err("linear", "the weight is a vector".into())),
+            WeightData::F32(w) => Ok(matmul::linear(&x.data, rows, w, bias, &mut out)),
+            WeightData::Bf16(w) => Ok(matmul::linear(&x.data, rows, w, bias, &mut out)),
+            WeightData::F16(w) => Ok(matmul::linear(&x.data, rows, w, bias, &mut out)),
+        })?;
         Ok(CpuTensor::new(rows, n, out))
     }
 

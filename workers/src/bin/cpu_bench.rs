@@ -1,0 +1,240 @@
+//! CPU speed of the model: prefill of one prompt (tokens/s) and greedy-free decode at batch 1
+//! (tokens/s), and a comparison of the `linear` kernel with the `gemm` crate on the model's
+//! shapes.
+//!
+//! ```text
+//! cargo run --release -p tandem-workers --bin cpu_bench -- model --model DIR [--threads 2]
+//!     [--prompt-tokens 512] [--decode-tokens 64] [--widen-weights] [--json]
+//! cargo run --release -p tandem-workers --bin cpu_bench -- matmul [--threads 2] [--rows 512]
+//! ```
+//!
+//! What the measurements decided (SmolLM2-135M, 2 cores, AVX2; numbers in docs/benchmarks.md):
+//! - bf16 weights are kept in bf16 and widened in registers (decode) or per 16-row block into a
+//!   scratch (prefill). Widening whole matrices at load (`--widen-weights`) makes decode slower
+//!   (twice the bytes per token) and prefill no faster.
+//! - The `gemm` crate is not used for `linear` even though it is faster on large prefill GEMMs:
+//!   its blocking depends on the matrix sizes, which would make a sequence's logits depend on
+//!   the batch it runs in (see `backend::cpu::matmul`).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tandem_workers::backend::Backend;
+use tandem_workers::backend::cpu::{CpuBackend, CpuOptions, matmul};
+use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
+
+#[derive(Parser)]
+#[command(about = "CPU speed of the tandem model and its kernels")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prefill and decode speed of a model directory.
+    Model {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        decode_tokens: usize,
+        /// Timed prefill runs (the best is reported).
+        #[arg(long, default_value_t = 2)]
+        prefill_runs: usize,
+        /// Widen bf16/f16 weights to f32 at load.
+        #[arg(long)]
+        widen_weights: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// `linear` against the `gemm` crate on SmolLM2's projection shapes, f32.
+    Matmul {
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 512)]
+        rows: usize,
+    },
+}
+
+const BLOCK_SIZE: usize = 16;
+
+fn main() -> Result<()> {
+    match Args::parse().command {
+        Command::Model {
+            model,
+            threads,
+            prompt_tokens,
+            decode_tokens,
+            prefill_runs,
+            widen_weights,
+            json,
+        } => bench_model(
+            &model,
+            threads,
+            prompt_tokens,
+            decode_tokens,
+            prefill_runs,
+            widen_weights,
+            json,
+        ),
+        Command::Matmul { threads, rows } => bench_matmul(threads, rows),
+    }
+}
+
+fn bench_model(
+    dir: &std::path::Path,
+    threads: usize,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    prefill_runs: usize,
+    widen_weights: bool,
+    json: bool,
+) -> Result<()> {
+    let backend = CpuBackend::new(&CpuOptions {
+        threads,
+        widen_weights,
+    })?;
+    let started = Instant::now();
+    let model = Model::load(dir, backend, &ModelOptions::default())
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let load_s = started.elapsed().as_secs_f64();
+    let vocab = model.config().vocab_size as u32;
+    // A fixed pseudo-random prompt (the speed does not depend on the ids).
+    let prompt: Vec<u32> = (0..prompt_tokens as u64)
+        .map(|i| ((i * 2_654_435_761 + 12_345) % vocab as u64) as u32)
+        .collect();
+    let blocks = (prompt_tokens + decode_tokens).div_ceil(BLOCK_SIZE);
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut kv = model.alloc_kv_cache(BLOCK_SIZE, blocks)?;
+
+    let mut prefill_s = f64::INFINITY;
+    let mut logits = Vec::new();
+    for _ in 0..prefill_runs.max(1) {
+        let mut batch = ForwardBatch::default();
+        batch.push(&prompt, 0, table.clone(), true);
+        let t = Instant::now();
+        logits = model.forward(&batch, &mut kv)?;
+        prefill_s = prefill_s.min(t.elapsed().as_secs_f64());
+    }
+    let mut next = argmax(&logits[0]);
+    let t = Instant::now();
+    for i in 0..decode_tokens {
+        let mut batch = ForwardBatch::default();
+        batch.push(&[next], prompt_tokens + i, table.clone(), true);
+        let logits = model.forward(&batch, &mut kv)?;
+        next = argmax(&logits[0]);
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    let prefill_tps = prompt_tokens as f64 / prefill_s;
+    let decode_tps = decode_tokens as f64 / decode_s;
+    let backend = model.backend().describe();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": dir.display().to_string(),
+                "weights": model.weight_dtype().to_string(),
+                "backend": backend,
+                "threads": threads,
+                "load_s": load_s,
+                "prompt_tokens": prompt_tokens,
+                "prefill_tokens_per_s": prefill_tps,
+                "decode_tokens": decode_tokens,
+                "decode_tokens_per_s": decode_tps,
+            })
+        );
+    } else {
+        println!(
+            "{} ({} weights, {backend}): load {load_s:.2} s, prefill {prompt_tokens} tokens {prefill_tps:.1} tok/s, decode {decode_tokens} tokens {decode_tps:.1} tok/s",
+            dir.display(),
+            model.weight_dtype(),
+        );
+    }
+    Ok(())
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn bench_matmul(threads: usize, rows: usize) -> Result<()> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    // (name, out, in) of SmolLM2-135M's projections.
+    let shapes = [
+        ("qkv", 960, 576),
+        ("o", 576, 576),
+        ("gate_up", 3072, 576),
+        ("down", 576, 1536),
+    ];
+    for (name, n, k) in shapes {
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i % 89) as f32 - 44.0) / 89.0)
+            .collect();
+        let w_bf16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let packed = matmul::PackedWeight::pack(&w, n, k);
+        let packed_bf16 = matmul::PackedWeight::pack(&w_bf16, n, k);
+        let mut out = vec![0f32; rows * n];
+        let flop = 2.0 * (rows * n * k) as f64;
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            let t = Instant::now();
+            let reps = 5;
+            for _ in 0..reps {
+                f();
+            }
+            t.elapsed().as_secs_f64() / reps as f64
+        };
+        let ours = time(&mut || pool.install(|| matmul::linear(&x, rows, &packed, None, &mut out)));
+        let ours_bf16 =
+            time(&mut || pool.install(|| matmul::linear(&x, rows, &packed_bf16, None, &mut out)));
+        let theirs = time(&mut || unsafe {
+            // out[rows, n] = x[rows, k] @ w^T, w^T is [k, n] with row stride 1, col stride k.
+            gemm::gemm(
+                rows,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            )
+        });
+        println!(
+            "{name:8} [{rows}x{k}] x [{n}x{k}]^T: linear f32 {:.1} GFLOP/s, linear bf16 {:.1} GFLOP/s, gemm f32 {:.1} GFLOP/s",
+            flop / ours / 1e9,
+            flop / ours_bf16 / 1e9,
+            flop / theirs / 1e9
+        );
+    }
+    Ok(())
+}
