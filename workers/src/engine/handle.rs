@@ -1,0 +1,246 @@
+//! The engine on a dedicated thread, reached through a channel.
+//!
+//! The CPU forward pass is long, blocking work: it must not run on an async executor. The
+//! engine thread owns the [`Engine`] and everything in it; callers hold a cloneable
+//! [`EngineHandle`] that sends commands (add, cancel, release KV) and get each request's
+//! events through that request's own [`EventSink`]. No lock on the hot path: the step loop
+//! drains the command channel between steps.
+//!
+//! A request's stream carries its cancellation: when a sink reports that its receiver is gone,
+//! the engine cancels the request at the next step. When every handle is dropped, the thread
+//! cancels what is left, delivers the `Finished` events and exits.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::thread::JoinHandle;
+
+use super::{
+    Engine, EngineError, EngineEvent, EventKind, FinishReason, GenerationRequest, RequestId,
+    StepModel, Usage,
+};
+
+/// Where a request's events go. Implemented for std channel senders; an async caller can
+/// implement it over a tokio unbounded sender (whose `send` does not block).
+pub trait EventSink: Send + 'static {
+    /// Delivers an event; false when nobody listens any more (the request is then cancelled).
+    fn send(&mut self, event: EngineEvent) -> bool;
+}
+
+impl EventSink for Sender<EngineEvent> {
+    fn send(&mut self, event: EngineEvent) -> bool {
+        Sender::send(self, event).is_ok()
+    }
+}
+
+enum Command {
+    Add {
+        id: RequestId,
+        request: GenerationRequest,
+        sink: Box<dyn EventSink>,
+    },
+    Cancel(RequestId),
+    ReleaseKv(RequestId),
+}
+
+/// A cloneable handle to an engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: Sender<Command>,
+    next_id: Arc<AtomicU64>,
+    free_blocks: Arc<AtomicUsize>,
+    active: Arc<AtomicUsize>,
+}
+
+/// The events of one request, in order; the last is `Finished`.
+pub struct RequestStream {
+    id: RequestId,
+    events: Receiver<EngineEvent>,
+}
+
+impl RequestStream {
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// The next event; `None` after `Finished` (or if the engine thread died).
+    pub fn recv(&self) -> Option<EngineEvent> {
+        self.events.recv().ok()
+    }
+}
+
+impl Iterator for RequestStream {
+    type Item = EngineEvent;
+
+    fn next(&mut self) -> Option<EngineEvent> {
+        self.recv()
+    }
+}
+
+impl EngineHandle {
+    /// Moves `engine` onto a new thread named `name` and returns a handle to it with the
+    /// thread's join handle (the thread ends when every handle is dropped).
+    pub fn spawn<M: StepModel + 'static>(
+        engine: Engine<M>,
+        name: &str,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
+        let (commands, rx) = mpsc::channel();
+        let handle = Self {
+            commands,
+            next_id: engine.id_source(),
+            free_blocks: Arc::new(AtomicUsize::new(engine.free_blocks())),
+            active: Arc::new(AtomicUsize::new(0)),
+        };
+        let free_blocks = Arc::clone(&handle.free_blocks);
+        let active = Arc::clone(&handle.active);
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || run(engine, rx, &free_blocks, &active))?;
+        Ok((handle, thread))
+    }
+
+    /// Queues a request; its events arrive on the returned stream. A request the engine
+    /// refuses gets a single `Finished` event with the reason.
+    pub fn submit(&self, request: GenerationRequest) -> Result<RequestStream, EngineError> {
+        let (tx, events) = mpsc::channel();
+        let id = self.submit_with_sink(request, tx)?;
+        Ok(RequestStream { id, events })
+    }
+
+    /// Queues a request whose events go to `sink`.
+    pub fn submit_with_sink(
+        &self,
+        request: GenerationRequest,
+        sink: impl EventSink,
+    ) -> Result<RequestId, EngineError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.commands
+            .send(Command::Add {
+                id,
+                request,
+                sink: Box::new(sink),
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(id)
+    }
+
+    /// Cancels a request at the engine's next step (a no-op for one that already ended).
+    pub fn cancel(&self, id: RequestId) -> Result<(), EngineError> {
+        self.commands
+            .send(Command::Cancel(id))
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    /// Frees the KV blocks a prefill-only request retained.
+    pub fn release_kv(&self, id: RequestId) -> Result<(), EngineError> {
+        self.commands
+            .send(Command::ReleaseKv(id))
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    /// Free KV blocks after the engine's last step (for heartbeats and metrics).
+    pub fn free_blocks(&self) -> usize {
+        self.free_blocks.load(Ordering::Relaxed)
+    }
+
+    /// Requests queued or running after the engine's last step.
+    pub fn active_requests(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// The engine thread's loop.
+fn run<M: StepModel>(
+    mut engine: Engine<M>,
+    commands: Receiver<Command>,
+    free_blocks: &AtomicUsize,
+    active: &AtomicUsize,
+) {
+    let mut sinks: HashMap<RequestId, Box<dyn EventSink>> = HashMap::new();
+    let mut connected = true;
+    loop {
+        if !engine.has_work() {
+            if !connected {
+                break;
+            }
+            // Idle: block until a caller has something.
+            match commands.recv() {
+                Ok(command) => apply(&mut engine, &mut sinks, command),
+                Err(_) => break,
+            }
+        }
+        loop {
+            match commands.try_recv() {
+                Ok(command) => apply(&mut engine, &mut sinks, command),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    if connected {
+                        connected = false;
+                        for &id in sinks.keys() {
+                            engine.cancel(id);
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        for event in engine.step() {
+            let id = event.request_id;
+            let finished = event.is_finished();
+            let Some(sink) = sinks.get_mut(&id) else {
+                continue;
+            };
+            let delivered = sink.send(event);
+            if finished {
+                sinks.remove(&id);
+            } else if !delivered {
+                engine.cancel(id);
+            }
+        }
+        free_blocks.store(engine.free_blocks(), Ordering::Relaxed);
+        active.store(engine.num_active(), Ordering::Relaxed);
+    }
+}
+
+fn apply<M: StepModel>(
+    engine: &mut Engine<M>,
+    sinks: &mut HashMap<RequestId, Box<dyn EventSink>>,
+    command: Command,
+) {
+    match command {
+        Command::Add {
+            id,
+            request,
+            mut sink,
+        } => {
+            let prompt_tokens = request.prompt_ids.len();
+            match engine.add_request_with_id(id, request) {
+                Ok(()) => {
+                    sinks.insert(id, sink);
+                }
+                Err(e) => {
+                    sink.send(EngineEvent {
+                        request_id: id,
+                        kind: EventKind::Finished {
+                            reason: FinishReason::Error(e.to_string()),
+                            usage: Usage {
+                                prompt_tokens,
+                                completion_tokens: 0,
+                            },
+                            retained_kv: None,
+                        },
+                    });
+                }
+            }
+        }
+        Command::Cancel(id) => {
+            engine.cancel(id);
+        }
+        Command::ReleaseKv(id) => {
+            if let Err(e) = engine.release_kv(id) {
+                tracing::warn!("release of KV for request {id}: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! The step loop: owns the model and its KV cache, the scheduler (and through it the block
+//! pool) and every request's state, and turns scheduler decisions into forward passes and
+//! forward passes into tokens and events.
+//!
+//! - [`request`]: requests in, events out.
+//! - [`runner`]: the model and its KV cache behind [`StepModel`].
+//! - [`text`]: incremental text and stop strings, behind [`TextDecoder`].
+//! - [`handle`]: the engine on its own thread, reached through a channel.
+//!
+//! One [`Engine::step`]: apply pending cancellations, ask the scheduler for a step, build the
+//! [`ForwardBatch`] (decodes and prefill chunks together), run it, sample one token for every
+//! sequence whose chunk reached its last known token, check stop conditions, emit events, and
+//! free the blocks of every request that ended. Every way out of a request (finished, stopped,
+//! cancelled, failed) goes through [`Engine::end`], which frees its blocks; so once all
+//! requests have ended, [`Engine::free_blocks`] is back at its starting value.
+//!
+//! Sampling is per request and reproducible: a token depends on the request's seed, its
+//! position and its logits, and the model computes a sequence's logits bitwise the same
+//! whatever else is in the batch; so a request gives the same tokens alone or batched, and
+//! after a preemption (its prompt and generated tokens are recomputed, not resampled).
+
+pub mod handle;
+pub mod request;
+pub mod runner;
+pub mod text;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use thiserror::Error;
+
+pub use handle::{EngineHandle, EventSink, RequestStream};
+pub use request::{
+    EngineEvent, EventKind, FinishReason, GenerationRequest, RequestId, RetainedKv, Usage,
+};
+pub use runner::{ModelRunner, StepModel};
+pub use text::{TextDecoder, TextStep, TextStream};
+
+use crate::model::ForwardBatch;
+use crate::sampler::{Sampler, SamplingError};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerError, SeqStatus};
+
+/// Sizes of the engine's batches and cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the KV cache (the runner must have been built with as many).
+    pub num_blocks: usize,
+    /// Tokens in one forward: decode tokens plus prefill chunks.
+    pub max_num_batched_tokens: usize,
+    /// Requests scheduled at once.
+    pub max_num_seqs: usize,
+    /// Context limit; `None` is the model's `max_position_embeddings`. Also capped by the
+    /// cache size.
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_blocks: 1024,
+            max_num_batched_tokens: 512,
+            max_num_seqs: 64,
+            max_model_len: None,
+        }
+    }
+}
+
+/// Why a request was refused, or the engine could not be built.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("invalid engine configuration: {0}")]
+    Config(#[from] SchedulerError),
+    #[error("prompt token {token} is outside the model's vocabulary of {vocab_size}")]
+    TokenOutOfRange { token: u32, vocab_size: usize },
+    #[error("max_tokens must be at least 1")]
+    ZeroMaxTokens,
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error("stop strings need an engine with a tokenizer")]
+    StopStringsNeedTokenizer,
+    #[error("text decoding: {0}")]
+    Text(String),
+    #[error("request {0} is not known to the engine")]
+    UnknownRequest(RequestId),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// One request's state beside its scheduler entry.
+struct Sequence {
+    prompt_len: usize,
+    /// Prompt then generated tokens; the scheduler computes K/V from this list, so a
+    /// preempted sequence recomputes exactly what it had.
+    tokens: Vec<u32>,
+    sampler: Sampler,
+    max_tokens: usize,
+    stop_token_ids: Vec<u32>,
+    text: Option<Box<dyn TextStream>>,
+    prefill_only: bool,
+}
+
+impl Sequence {
+    fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.tokens.len() - self.prompt_len,
+        }
+    }
+}
+
+/// The engine of one worker. Single-threaded by design: [`handle::EngineHandle`] runs it on a
+/// dedicated thread and feeds it commands.
+pub struct Engine<M: StepModel> {
+    model: M,
+    scheduler: Scheduler,
+    text: Option<Arc<dyn TextDecoder>>,
+    seqs: HashMap<RequestId, Sequence>,
+    pending_cancel: Vec<RequestId>,
+    /// Shared with handles so they can name a request before the engine sees it.
+    next_id: Arc<AtomicU64>,
+    eos_token_ids: Vec<u32>,
+    vocab_size: usize,
+    /// Preemptions since start (a metric: a high rate means the cache is too small).
+    num_preemptions: u64,
+}
+
+impl<M: StepModel> Engine<M> {
+    /// `model` must own a KV cache of `config.num_blocks` blocks of `config.block_size`
+    /// tokens. Without `text`, events carry no text and stop strings are refused.
+    pub fn new(
+        model: M,
+        config: EngineConfig,
+        text: Option<Arc<dyn TextDecoder>>,
+    ) -> Result<Self, EngineError> {
+        let max_model_len = config
+            .max_model_len
+            .unwrap_or(model.max_model_len())
+            .min(model.max_model_len());
+        let scheduler = Scheduler::new(SchedulerConfig {
+            max_num_batched_tokens: config.max_num_batched_tokens,
+            max_num_seqs: config.max_num_seqs,
+            block_size: config.block_size,
+            num_blocks: config.num_blocks,
+            max_model_len,
+        })?;
+        Ok(Self {
+            eos_token_ids: model.eos_token_ids(),
+            vocab_size: model.vocab_size(),
+            model,
+            scheduler,
+            text,
+            seqs: HashMap::new(),
+            pending_cancel: Vec::new(),
+            next_id: Arc::new(AtomicU64::new(1)),
+            num_preemptions: 0,
+        })
+    }
+
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// Most tokens (prompt plus generated) a request may reach.
+    pub fn max_context_len(&self) -> usize {
+        self.scheduler.max_context_len()
+    }
+
+    /// Free KV blocks (blocks retained for a transfer are not free).
+    pub fn free_blocks(&self) -> usize {
+        self.scheduler.free_blocks()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.scheduler.total_blocks()
+    }
+
+    /// Requests queued or running (not counting retained prefill-only ones).
+    pub fn num_active(&self) -> usize {
+        self.scheduler.num_waiting() + self.scheduler.num_running()
+    }
+
+    /// Preemptions since the engine started.
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.scheduler.num_waiting()
+    }
+
+    /// Whether [`Self::step`] has anything to do.
+    pub fn has_work(&self) -> bool {
+        self.scheduler.has_work() || !self.pending_cancel.is_empty()
+    }
+
+    /// Validates and queues a request.
+    pub fn add_request(&mut self, request: GenerationRequest) -> Result<RequestId, EngineError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.add_request_with_id(id, request)?;
+        Ok(id)
+    }
+
+    /// The id counter, for handles that name requests before sending them here.
+    pub(crate) fn id_source(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.next_id)
+    }
+
+    pub(crate) fn add_request_with_id(
+        &mut self,
+        id: RequestId,
+        request: GenerationRequest,
+    ) -> Result<(), EngineError> {
+        if let Some(&token) = request
+            .prompt_ids
+            .iter()
+            .find(|&&t| t as usize >= self.vocab_size)
+        {
+            return Err(EngineError::TokenOutOfRange {
+                token,
+                vocab_size: self.vocab_size,
+            });
+        }
+        if request.max_tokens == 0 {
+            return Err(EngineError::ZeroMaxTokens);
+        }
+        let sampler = Sampler::new(request.sampling)?;
+        let text = match &self.text {
+            Some(decoder) => Some(
+                decoder
+                    .start(&request.prompt_ids, &request.stop_strings)
+                    .map_err(EngineError::Text)?,
+            ),
+            None if !request.stop_strings.is_empty() => {
+                return Err(EngineError::StopStringsNeedTokenizer);
+            }
+            None => None,
+        };
+        let mut stop_token_ids = request.stop_token_ids;
+        if !request.ignore_eos {
+            stop_token_ids.extend(&self.eos_token_ids);
+        }
+        self.scheduler.add(id, request.prompt_ids.len())?;
+        self.seqs.insert(
+            id,
+            Sequence {
+                prompt_len: request.prompt_ids.len(),
+                tokens: request.prompt_ids,
+                sampler,
+                max_tokens: request.max_tokens,
+                stop_token_ids,
+                text,
+                prefill_only: request.prefill_only,
+            },
+        );
+        Ok(())
+    }
+
+    /// Ends a request at the start of the next step (its blocks are freed there). False when
+    /// the request is not active (already ended, or retained after a prefill).
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        let active = self.seqs.contains_key(&id)
+            && self.scheduler.status(id) != Some(SeqStatus::Pinned)
+            && !self.pending_cancel.contains(&id);
+        if active {
+            self.pending_cancel.push(id);
+        }
+        active
+    }
+
+    /// Frees the blocks a prefill-only request retained.
+    pub fn release_kv(&mut self, id: RequestId) -> Result<(), EngineError> {
+        if self.scheduler.status(id) != Some(SeqStatus::Pinned) {
+            return Err(EngineError::UnknownRequest(id));
+        }
+        self.scheduler.release_pinned(id)?;
+        Ok(())
+    }
+
+    /// Runs one step; returns the events of every request it touched.
+    pub fn step(&mut self) -> Vec<EngineEvent> {
+        let mut events = Vec::new();
+        for id in std::mem::take(&mut self.pending_cancel) {
+            self.end(id, FinishReason::Cancelled, &mut events);
+        }
+        let decision = self.scheduler.schedule();
+        self.num_preemptions += decision.preempted.len() as u64;
+        if !decision.preempted.is_empty() {
+            tracing::debug!(preempted = ?decision.preempted, "KV cache full: preempted for recompute");
+        }
+        if decision.is_empty() {
+            return events;
+        }
+        let mut batch = ForwardBatch::default();
+        for item in &decision.scheduled {
+            let seq = &self.seqs[&item.id];
+            let new_tokens = &seq.tokens[item.cached_len..item.cached_len + item.token_count];
+            batch.push(
+                new_tokens,
+                item.cached_len,
+                item.block_table.clone(),
+                item.wants_logits,
+            );
+        }
+        let rows = match self.model.forward(&batch) {
+            Ok(rows) if rows.len() == batch.logits_rows() => rows,
+            Ok(rows) => {
+                let message = format!(
+                    "the model returned {} logits rows for {} sequences",
+                    rows.len(),
+                    batch.logits_rows()
+                );
+                self.fail_all(&decision.scheduled, &message, &mut events);
+                return events;
+            }
+            Err(e) => {
+                tracing::error!("forward pass failed: {e}");
+                let message = format!("forward pass failed: {e}");
+                self.fail_all(&decision.scheduled, &message, &mut events);
+                return events;
+            }
+        };
+        let wanting = decision.scheduled.iter().filter(|s| s.wants_logits);
+        for (item, mut logits) in wanting.zip(rows) {
+            self.on_logits(item.id, &mut logits, &mut events);
+        }
+        events
+    }
+
+    fn fail_all(
+        &mut self,
+        scheduled: &[crate::scheduler::ScheduledSeq],
+        message: &str,
+        events: &mut Vec<EngineEvent>,
+    ) {
+        for item in scheduled {
+            self.end(item.id, FinishReason::Error(message.to_owned()), events);
+        }
+    }
+
+    /// Samples the next token of `id` and applies the stop conditions.
+    fn on_logits(&mut self, id: RequestId, logits: &mut [f32], events: &mut Vec<EngineEvent>) {
+        let max_context_len = self.scheduler.max_context_len();
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let sampled = match seq
+            .sampler
+            .sample(logits, &seq.tokens, &seq.tokens[seq.prompt_len..])
+        {
+            Ok(sampled) => sampled,
+            Err(e) => {
+                self.end(id, FinishReason::Error(format!("sampling: {e}")), events);
+                return;
+            }
+        };
+        seq.tokens.push(sampled.id);
+        let mut reason = None;
+        let mut text_delta = String::new();
+        let stop_token = seq.stop_token_ids.contains(&sampled.id);
+        if stop_token {
+            // The stop token's own text (an EOS marker) is not part of the output.
+            reason = Some(FinishReason::Stop);
+        } else if let Some(text) = seq.text.as_mut() {
+            match text.push(sampled.id) {
+                Ok(step) => {
+                    text_delta = step.delta;
+                    if step.stopped {
+                        reason = Some(FinishReason::Stop);
+                    }
+                }
+                Err(e) => reason = Some(FinishReason::Error(format!("detokenizing: {e}"))),
+            }
+        }
+        if reason.is_none()
+            && (seq.generated().len() >= seq.max_tokens
+                || seq.prefill_only
+                || seq.tokens.len() >= max_context_len)
+        {
+            reason = Some(FinishReason::Length);
+        }
+        // Text held back for a possible stop string is final once nothing else can follow
+        // (unless a stop string matched: then it is the stop string, never emitted).
+        if (stop_token || reason == Some(FinishReason::Length))
+            && let Some(text) = seq.text.as_mut()
+        {
+            text_delta.push_str(&text.flush());
+        }
+        events.push(EngineEvent {
+            request_id: id,
+            kind: EventKind::Token {
+                id: sampled.id,
+                text_delta,
+                logprob: sampled.logprob,
+                top_logprobs: sampled.top_logprobs,
+            },
+        });
+        match reason {
+            Some(reason) => self.end(id, reason, events),
+            None => {
+                if let Err(e) = self.scheduler.append_token(id) {
+                    self.end(id, FinishReason::Error(e.to_string()), events);
+                }
+            }
+        }
+    }
+
+    /// The one way out of a request: frees (or, for a finished prefill-only request, retains)
+    /// its blocks and emits its `Finished` event.
+    fn end(&mut self, id: RequestId, reason: FinishReason, events: &mut Vec<EngineEvent>) {
+        let Some(seq) = self.seqs.remove(&id) else {
+            return;
+        };
+        let retain = seq.prefill_only && reason == FinishReason::Length;
+        let retained_kv = if retain {
+            match self.scheduler.pin(id) {
+                Ok(block_table) => Some(RetainedKv {
+                    block_table,
+                    num_tokens: seq.prompt_len,
+                }),
+                Err(e) => {
+                    tracing::error!("retaining KV of request {id}: {e}");
+                    None
+                }
+            }
+        } else {
+            if let Err(e) = self.scheduler.finish(id) {
+                tracing::error!("freeing blocks of request {id}: {e}");
+            }
+            None
+        };
+        events.push(EngineEvent {
+            request_id: id,
+            kind: EventKind::Finished {
+                reason,
+                usage: seq.usage(),
+                retained_kv,
+            },
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,105 @@
+//! What goes into the engine (a validated generation request) and what comes out of it
+//! (per-request token and completion events).
+
+use crate::kv_cache::block_pool::BlockId;
+use crate::sampler::SamplingParams;
+
+/// Identifies a request inside one engine (and its stream of events).
+pub type RequestId = u64;
+
+/// A generation request in the engine's own terms: token ids and concrete limits. The edge
+/// (api-server, `worker generate`) tokenizes, applies chat templates and fills defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub prompt_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Most tokens to generate (the stop token, when one ends the request, counts).
+    pub max_tokens: usize,
+    /// Tokens that end generation. The model's EOS ids are added unless `ignore_eos`.
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// Strings that end generation; the text stops before the match. Needs an engine built
+    /// with a tokenizer.
+    pub stop_strings: Vec<String>,
+    /// Stop after the first generated token and keep the prompt's KV blocks allocated (see
+    /// [`EventKind::Finished::retained_kv`]) until [`super::Engine::release_kv`]: the context
+    /// worker's half of a disaggregated request.
+    pub prefill_only: bool,
+}
+
+impl GenerationRequest {
+    /// A greedy request for `max_tokens` tokens with no stop strings.
+    pub fn greedy(prompt_ids: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt_ids,
+            sampling: SamplingParams::greedy(),
+            max_tokens,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            stop_strings: Vec::new(),
+            prefill_only: false,
+        }
+    }
+}
+
+/// Why a request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens`, or the context limit.
+    Length,
+    /// Cancelled by the caller (or its event receiver went away).
+    Cancelled,
+    /// The request could not continue; the message is fit for the client.
+    Error(String),
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// KV blocks a prefill-only request left allocated for a transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedKv {
+    pub block_table: Vec<BlockId>,
+    /// Tokens whose K/V the blocks hold (the prompt).
+    pub num_tokens: usize,
+}
+
+/// One thing that happened to a request in a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineEvent {
+    pub request_id: RequestId,
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    /// A generated token. `text_delta` is the text that became final with it: possibly empty
+    /// (an incomplete UTF-8 sequence, or text held back while it may start a stop string),
+    /// possibly text of earlier tokens.
+    Token {
+        id: u32,
+        text_delta: String,
+        logprob: f32,
+        top_logprobs: Vec<(u32, f32)>,
+    },
+    /// The last event of a request.
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        /// Set for a `prefill_only` request that produced its first token: its blocks stay
+        /// allocated until released.
+        retained_kv: Option<RetainedKv>,
+    },
+}
+
+impl EngineEvent {
+    pub fn is_finished(&self) -> bool {
+        matches!(self.kind, EventKind::Finished { .. })
+    }
+}

@@ -1,0 +1,520 @@
+//! Engine logic against a fake model whose "KV cache" stores the tokens themselves: the
+//! logits of a sequence are a hash of the context read back through its block table, so a
+//! wrong block table, a lost token or a bad recompute after preemption changes the output.
+//! (The real model is exercised by `tests/engine_*.rs`.)
+
+use super::*;
+use crate::model::ModelError;
+use crate::sampler::SamplingParams;
+
+const VOCAB: usize = 32;
+const EOS: u32 = 0;
+
+struct FakeModel {
+    block_size: usize,
+    /// `slots[block][offset]`: the token written there.
+    slots: Vec<Vec<Option<u32>>>,
+    fail_next: bool,
+    max_model_len: usize,
+}
+
+impl FakeModel {
+    fn new(block_size: usize, num_blocks: usize) -> Self {
+        Self {
+            block_size,
+            slots: vec![vec![None; block_size]; num_blocks],
+            fail_next: false,
+            max_model_len: 1 << 20,
+        }
+    }
+}
+
+impl StepModel for FakeModel {
+    fn vocab_size(&self) -> usize {
+        VOCAB
+    }
+
+    fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    fn eos_token_ids(&self) -> Vec<u32> {
+        vec![EOS]
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
+        if std::mem::take(&mut self.fail_next) {
+            return Err(ModelError::InvalidBatch("injected failure".into()));
+        }
+        let mut rows = Vec::new();
+        for seq in &batch.sequences {
+            let new = &batch.tokens[seq.token_start..seq.token_start + seq.token_count];
+            for (i, &t) in new.iter().enumerate() {
+                let pos = seq.cached_len + i;
+                let block = seq.block_table[pos / self.block_size] as usize;
+                self.slots[block][pos % self.block_size] = Some(t);
+            }
+            if !seq.wants_logits {
+                continue;
+            }
+            let mut h: u64 = 0xcbf29ce484222325;
+            for pos in 0..seq.context_len() {
+                let block = seq.block_table[pos / self.block_size] as usize;
+                let t = self.slots[block][pos % self.block_size]
+                    .ok_or_else(|| ModelError::InvalidBatch(format!("position {pos} unwritten")))?;
+                h = (h ^ t as u64).wrapping_mul(0x100000001b3);
+            }
+            rows.push(
+                (0..VOCAB as u64)
+                    .map(|v| {
+                        let x = (h ^ v.wrapping_mul(0x9E3779B97F4A7C15))
+                            .wrapping_mul(0xff51afd7ed558ccd);
+                        // Keep EOS unlikely so sequences run to max_tokens mostly.
+                        let bias = if v == EOS as u64 { -3.0 } else { 0.0 };
+                        (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 + bias
+                    })
+                    .collect(),
+            );
+        }
+        Ok(rows)
+    }
+}
+
+fn engine(budget: usize, num_blocks: usize) -> Engine<FakeModel> {
+    let config = EngineConfig {
+        block_size: 4,
+        num_blocks,
+        max_num_batched_tokens: budget,
+        max_num_seqs: budget.min(8),
+        max_model_len: None,
+    };
+    Engine::new(FakeModel::new(4, num_blocks), config, None).unwrap()
+}
+
+fn prompt(len: usize, salt: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 1 + (i * 7 + salt * 13) % 31)
+        .collect()
+}
+
+fn sampled(seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_p: 0.9,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    }
+}
+
+/// Runs until idle; per request: generated tokens and finish reason.
+fn run(e: &mut Engine<FakeModel>) -> HashMap<RequestId, (Vec<u32>, FinishReason)> {
+    let mut out: HashMap<RequestId, (Vec<u32>, FinishReason)> = HashMap::new();
+    let mut steps = 0;
+    while e.has_work() {
+        for ev in e.step() {
+            let entry = out
+                .entry(ev.request_id)
+                .or_insert_with(|| (vec![], FinishReason::Cancelled));
+            match ev.kind {
+                EventKind::Token { id, .. } => entry.0.push(id),
+                EventKind::Finished { reason, .. } => entry.1 = reason,
+            }
+        }
+        steps += 1;
+        assert!(steps < 100_000, "engine made no progress");
+    }
+    out
+}
+
+fn request(prompt_ids: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> GenerationRequest {
+    GenerationRequest {
+        sampling,
+        ..GenerationRequest::greedy(prompt_ids, max_tokens)
+    }
+}
+
+#[test]
+fn same_tokens_alone_batched_and_under_preemption() {
+    for params in [SamplingParams::greedy(), sampled(1234)] {
+        let mut alone = engine(64, 64);
+        let id = alone
+            .add_request(request(prompt(13, 0), 20, params.clone()))
+            .unwrap();
+        let reference = run(&mut alone).remove(&id).unwrap();
+
+        // Batched with 7 others, small budget (chunked prefill mixes with decodes), and a
+        // cache so small that sequences get preempted and recomputed.
+        for num_blocks in [64, 14] {
+            let mut e = engine(6, num_blocks);
+            let mut ids = vec![];
+            for (k, len) in [5usize, 30, 1, 17, 9, 2, 22].iter().enumerate() {
+                ids.push(
+                    e.add_request(request(prompt(*len, k as u32 + 1), 15, sampled(k as u64)))
+                        .unwrap(),
+                );
+            }
+            let id = e
+                .add_request(request(prompt(13, 0), 20, params.clone()))
+                .unwrap();
+            let out = run(&mut e);
+            assert_eq!(out[&id], reference, "{num_blocks} blocks, {params:?}");
+            if num_blocks == 14 {
+                assert!(
+                    e.num_preemptions() > 0,
+                    "the small cache must force preemptions"
+                );
+            }
+            assert_eq!(e.free_blocks(), num_blocks, "blocks leaked");
+        }
+    }
+}
+
+#[test]
+fn stop_token_max_tokens_and_context_limit_end_requests() {
+    let mut e = engine(64, 64);
+    // Greedy never picks EOS with its bias; make EOS a stop token through the request instead
+    // by stopping on whatever greedy picks first.
+    let probe = e
+        .add_request(request(prompt(5, 3), 1, SamplingParams::greedy()))
+        .unwrap();
+    let first = run(&mut e)[&probe].0[0];
+    let stop = e
+        .add_request(GenerationRequest {
+            stop_token_ids: vec![first],
+            ..request(prompt(5, 3), 10, SamplingParams::greedy())
+        })
+        .unwrap();
+    let out = run(&mut e);
+    assert_eq!(out[&stop], (vec![first], FinishReason::Stop));
+
+    let length = e
+        .add_request(request(prompt(5, 3), 4, SamplingParams::greedy()))
+        .unwrap();
+    let out = run(&mut e);
+    assert_eq!(out[&length].0.len(), 4);
+    assert_eq!(out[&length].1, FinishReason::Length);
+
+    let mut small = Engine::new(
+        FakeModel {
+            max_model_len: 9,
+            ..FakeModel::new(4, 64)
+        },
+        EngineConfig {
+            block_size: 4,
+            num_blocks: 64,
+            ..EngineConfig::default()
+        },
+        None,
+    )
+    .unwrap();
+    let ctx = small
+        .add_request(request(prompt(5, 3), 100, SamplingParams::greedy()))
+        .unwrap();
+    let out = run(&mut small);
+    assert_eq!(
+        out[&ctx].0.len(),
+        4,
+        "5 prompt + 4 generated = context limit 9"
+    );
+    assert_eq!(out[&ctx].1, FinishReason::Length);
+    assert_eq!(small.free_blocks(), 64);
+    assert_eq!(e.free_blocks(), 64);
+}
+
+#[test]
+fn cancellation_mid_prefill_and_mid_decode_frees_blocks() {
+    let mut e = engine(4, 32);
+    let prefill = e
+        .add_request(request(prompt(30, 1), 5, SamplingParams::greedy()))
+        .unwrap();
+    let decode = e
+        .add_request(request(prompt(2, 2), 50, SamplingParams::greedy()))
+        .unwrap();
+    let waiting = e
+        .add_request(request(prompt(3, 3), 5, SamplingParams::greedy()))
+        .unwrap();
+    e.step(); // 4 tokens of the long prompt
+    assert!(e.free_blocks() < 32);
+    assert!(e.cancel(prefill));
+    assert!(!e.cancel(prefill), "a second cancel is a no-op");
+    let events = e.step();
+    assert!(events.iter().any(|ev| ev.request_id == prefill
+        && matches!(&ev.kind, EventKind::Finished { reason: FinishReason::Cancelled, usage, .. } if usage.completion_tokens == 0)));
+    let mut decoded = 0;
+    for _ in 0..4 {
+        decoded += e
+            .step()
+            .iter()
+            .filter(|ev| ev.request_id == decode && !ev.is_finished())
+            .count();
+    }
+    assert!(decoded > 0, "it was decoding");
+    assert!(e.cancel(decode));
+    assert!(e.cancel(waiting));
+    let out = run(&mut e);
+    assert_eq!(out[&decode].1, FinishReason::Cancelled);
+    assert_eq!(e.free_blocks(), 32);
+    assert!(!e.cancel(decode), "ended requests cannot be cancelled");
+}
+
+#[test]
+fn prefill_only_requests_retain_blocks_until_released() {
+    let mut e = engine(64, 16);
+    let id = e
+        .add_request(GenerationRequest {
+            prefill_only: true,
+            ..request(prompt(9, 4), 100, SamplingParams::greedy())
+        })
+        .unwrap();
+    let mut finished = None;
+    while e.has_work() {
+        for ev in e.step() {
+            if let EventKind::Finished {
+                reason,
+                retained_kv,
+                usage,
+            } = ev.kind
+            {
+                finished = Some((reason, retained_kv, usage));
+            }
+        }
+    }
+    let (reason, retained, usage) = finished.unwrap();
+    assert_eq!(reason, FinishReason::Length);
+    assert_eq!(usage.completion_tokens, 1);
+    let retained = retained.expect("prefill-only keeps its KV");
+    assert_eq!(retained.num_tokens, 9);
+    assert_eq!(retained.block_table.len(), 3);
+    assert_eq!(e.free_blocks(), 13);
+    assert!(!e.cancel(id), "a retained request is not active");
+    e.release_kv(id).unwrap();
+    assert_eq!(e.free_blocks(), 16);
+    assert!(e.release_kv(id).is_err(), "released twice");
+}
+
+#[test]
+fn a_failed_forward_ends_the_scheduled_requests_with_an_error() {
+    let mut e = engine(64, 16);
+    let a = e
+        .add_request(request(prompt(5, 1), 5, SamplingParams::greedy()))
+        .unwrap();
+    e.model.fail_next = true;
+    let events = e.step();
+    assert!(events.iter().any(|ev| ev.request_id == a
+        && matches!(&ev.kind, EventKind::Finished { reason: FinishReason::Error(m), .. } if m.contains("injected"))));
+    assert_eq!(e.free_blocks(), 16);
+    assert!(!e.has_work());
+}
+
+#[test]
+fn bad_requests_are_refused_without_taking_blocks() {
+    let mut e = engine(64, 4);
+    assert!(matches!(
+        e.add_request(request(vec![1, 99], 5, SamplingParams::greedy())),
+        Err(EngineError::TokenOutOfRange { token: 99, .. })
+    ));
+    assert!(matches!(
+        e.add_request(request(vec![1], 0, SamplingParams::greedy())),
+        Err(EngineError::ZeroMaxTokens)
+    ));
+    assert!(matches!(
+        e.add_request(GenerationRequest {
+            stop_strings: vec!["x".into()],
+            ..request(vec![1], 3, SamplingParams::greedy())
+        }),
+        Err(EngineError::StopStringsNeedTokenizer)
+    ));
+    assert!(matches!(
+        e.add_request(request(vec![1; 16], 3, SamplingParams::greedy())),
+        Err(EngineError::Config(SchedulerError::PromptTooLong { .. }))
+    ));
+    assert!(matches!(
+        e.add_request(request(
+            vec![1],
+            3,
+            SamplingParams {
+                top_p: 0.0,
+                ..SamplingParams::default()
+            }
+        )),
+        Err(EngineError::Sampling(_))
+    ));
+    assert!(!e.has_work());
+    assert_eq!(e.free_blocks(), 4);
+}
+
+/// Text double: token `t` is the letter `'a' + t % 26`; stop strings held back while a
+/// suffix of the text could start one.
+struct Letters;
+struct LetterStream {
+    held: String,
+    stops: Vec<String>,
+}
+
+impl TextDecoder for Letters {
+    fn start(&self, _: &[u32], stop_strings: &[String]) -> Result<Box<dyn TextStream>, String> {
+        Ok(Box::new(LetterStream {
+            held: String::new(),
+            stops: stop_strings.to_vec(),
+        }))
+    }
+}
+
+impl TextStream for LetterStream {
+    fn push(&mut self, token: u32) -> Result<TextStep, String> {
+        self.held.push((b'a' + (token % 26) as u8) as char);
+        for stop in &self.stops {
+            if let Some(at) = self.held.find(stop.as_str()) {
+                let delta = self.held[..at].to_owned();
+                self.held.clear();
+                return Ok(TextStep {
+                    delta,
+                    stopped: true,
+                });
+            }
+        }
+        let keep = (1..=self.held.len())
+            .rev()
+            .find(|&n| {
+                self.stops
+                    .iter()
+                    .any(|s| s.starts_with(&self.held[self.held.len() - n..]))
+            })
+            .unwrap_or(0);
+        let delta = self.held[..self.held.len() - keep].to_owned();
+        self.held.drain(..self.held.len() - keep);
+        Ok(TextStep {
+            delta,
+            stopped: false,
+        })
+    }
+
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+fn text_of(events: &[EngineEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|ev| match &ev.kind {
+            EventKind::Token { text_delta, .. } => Some(text_delta.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn stop_strings_cut_the_text_and_held_text_is_flushed_at_the_end() {
+    let config = EngineConfig {
+        block_size: 4,
+        num_blocks: 16,
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(FakeModel::new(4, 16), config, Some(Arc::new(Letters))).unwrap();
+    let free = e
+        .add_request(request(prompt(4, 1), 8, SamplingParams::greedy()))
+        .unwrap();
+    let mut events = vec![];
+    while e.has_work() {
+        events.extend(e.step());
+    }
+    let full = text_of(&events);
+    assert_eq!(full.len(), 8);
+    assert!(events.iter().all(|ev| ev.request_id == free));
+
+    // Stop at the 3-letter string starting at the 4th letter: the text is the first 3
+    // letters, and the stop string is not emitted.
+    let stop = full[3..6].to_owned();
+    let _ = e
+        .add_request(GenerationRequest {
+            stop_strings: vec![stop.clone(), "zzzzzz".into()],
+            ..request(prompt(4, 1), 8, SamplingParams::greedy())
+        })
+        .unwrap();
+    let mut events = vec![];
+    while e.has_work() {
+        events.extend(e.step());
+    }
+    assert_eq!(text_of(&events), full[..full.find(&stop).unwrap()]);
+    assert!(matches!(
+        events.last().unwrap().kind,
+        EventKind::Finished {
+            reason: FinishReason::Stop,
+            ..
+        }
+    ));
+
+    // A stop string that never completes: its held-back prefix comes out at the end.
+    let last = &full[7..8];
+    let _ = e
+        .add_request(GenerationRequest {
+            stop_strings: vec![format!("{last}#")],
+            ..request(prompt(4, 1), 8, SamplingParams::greedy())
+        })
+        .unwrap();
+    let mut events = vec![];
+    while e.has_work() {
+        events.extend(e.step());
+    }
+    assert_eq!(text_of(&events), full);
+    assert_eq!(e.free_blocks(), 16);
+}
+
+#[test]
+fn handle_streams_events_and_dropping_a_stream_cancels_it() {
+    let e = engine(8, 64);
+    let (handle, thread) = EngineHandle::spawn(e, "engine-test").unwrap();
+    let stream = handle.submit(request(prompt(6, 1), 5, sampled(7))).unwrap();
+    let events: Vec<_> = stream.collect();
+    assert_eq!(events.len(), 6);
+    assert!(matches!(
+        events.last().unwrap().kind,
+        EventKind::Finished {
+            reason: FinishReason::Length,
+            usage: Usage {
+                prompt_tokens: 6,
+                completion_tokens: 5
+            },
+            ..
+        }
+    ));
+
+    let refused = handle
+        .submit(request(vec![], 5, SamplingParams::greedy()))
+        .unwrap();
+    let events: Vec<_> = refused.collect();
+    assert!(
+        matches!(&events[..], [EngineEvent { kind: EventKind::Finished { reason: FinishReason::Error(m), .. }, .. }] if m.contains("empty"))
+    );
+
+    let long = handle
+        .submit(request(prompt(6, 2), 10_000, SamplingParams::greedy()))
+        .unwrap();
+    assert!(long.recv().is_some());
+    drop(long);
+    let explicit = handle
+        .submit(request(prompt(6, 3), 10_000, SamplingParams::greedy()))
+        .unwrap();
+    assert!(explicit.recv().is_some());
+    handle.cancel(explicit.id()).unwrap();
+    let rest: Vec<_> = explicit.collect();
+    assert!(matches!(
+        rest.last().unwrap().kind,
+        EventKind::Finished {
+            reason: FinishReason::Cancelled,
+            ..
+        }
+    ));
+    // The dropped stream is cancelled at the next step; wait until the engine is idle.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while handle.active_requests() > 0 || handle.free_blocks() != 64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dropped stream was not cancelled"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(handle);
+    thread.join().unwrap();
+}
