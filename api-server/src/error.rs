@@ -1,0 +1,242 @@
+//! The api-server's one error type and the two places it is shown to clients: as an HTTP
+//! response ([`actix_web::ResponseError`]) and as an SSE error event in the middle of a stream
+//! ([`ApiError::sse_event`]).
+//!
+//! What a client sees is [`ApiError::public_body`]: OpenAI's `{"error": {message, type, param,
+//! code}}`. Operator details (bus errors, tokenizer internals) are logged when the error is
+//! shown and never put in the body.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use bytes::Bytes;
+
+use crate::openai::{ErrorBody, ErrorResponse};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON, or a field has the wrong type.
+    #[error("invalid JSON body: {0}")]
+    InvalidJson(String),
+    /// A well-formed request with a value we cannot serve.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    #[error("the model `{model}` does not exist")]
+    ModelNotFound { model: String },
+    #[error("no live worker is serving this model")]
+    NoLiveWorker,
+    #[error("worker {worker_id} did not accept the request within {timeout_ms} ms")]
+    NotAccepted { worker_id: String, timeout_ms: u64 },
+    #[error("no token within {timeout_ms} ms of the request being accepted")]
+    FirstTokenTimeout { timeout_ms: u64 },
+    #[error("the token stream stalled for {timeout_ms} ms")]
+    Stalled { timeout_ms: u64 },
+    #[error("request exceeded its time limit of {timeout_ms} ms")]
+    RequestTimeout { timeout_ms: u64 },
+    /// The worker reported a failure; its message is meant for clients.
+    #[error("worker error: {message}")]
+    Worker { message: String },
+    #[error("the worker serving this request was cancelled or went away: {detail}")]
+    WorkerGone { detail: String },
+    #[error("message bus error while {action}: {detail}")]
+    Bus {
+        action: &'static str,
+        detail: String,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: &str) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param.to_string()),
+            code: None,
+        }
+    }
+
+    pub fn bus(action: &'static str, detail: impl std::fmt::Display) -> Self {
+        ApiError::Bus {
+            action,
+            detail: detail.to_string(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::NoLiveWorker | ApiError::NotAccepted { .. } | ApiError::Bus { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::FirstTokenTimeout { .. }
+            | ApiError::Stalled { .. }
+            | ApiError::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::WorkerGone { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::Worker { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Short label for the `outcome` of the requests metric.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => "invalid_request",
+            ApiError::ModelNotFound { .. } => "model_not_found",
+            ApiError::NoLiveWorker | ApiError::NotAccepted { .. } => "unavailable",
+            ApiError::FirstTokenTimeout { .. }
+            | ApiError::Stalled { .. }
+            | ApiError::RequestTimeout { .. } => "timeout",
+            ApiError::Worker { .. } | ApiError::WorkerGone { .. } => "worker_error",
+            ApiError::Bus { .. } | ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// What the client is told. Internal variants get a generic message; the details are
+    /// logged by [`ApiError::log`].
+    pub fn public_body(&self) -> ErrorResponse {
+        let (kind, param, code, message) = match self {
+            ApiError::InvalidJson(_) => ("invalid_request_error", None, None, self.to_string()),
+            ApiError::InvalidRequest {
+                message,
+                param,
+                code,
+            } => (
+                "invalid_request_error",
+                param.clone(),
+                *code,
+                message.clone(),
+            ),
+            ApiError::ModelNotFound { .. } => (
+                "invalid_request_error",
+                Some("model".to_string()),
+                Some("model_not_found"),
+                self.to_string(),
+            ),
+            ApiError::NoLiveWorker => (
+                "server_error",
+                None,
+                Some("no_live_worker"),
+                "No live worker is serving this model; try again when one has joined.".to_string(),
+            ),
+            ApiError::NotAccepted { timeout_ms, .. } => (
+                "server_error",
+                None,
+                Some("worker_unavailable"),
+                format!("No worker accepted the request within {timeout_ms} ms; try again later."),
+            ),
+            ApiError::FirstTokenTimeout { .. }
+            | ApiError::Stalled { .. }
+            | ApiError::RequestTimeout { .. } => {
+                ("server_error", None, Some("timeout"), self.to_string())
+            }
+            ApiError::Worker { message } => {
+                ("server_error", None, Some("worker_error"), message.clone())
+            }
+            ApiError::WorkerGone { .. } => (
+                "server_error",
+                None,
+                Some("worker_error"),
+                "The worker serving this request stopped before finishing it.".to_string(),
+            ),
+            ApiError::Bus { .. } => (
+                "server_error",
+                None,
+                Some("service_unavailable"),
+                "The server cannot reach its workers right now.".to_string(),
+            ),
+            ApiError::Internal(_) => (
+                "server_error",
+                None,
+                None,
+                "The server had an internal error.".to_string(),
+            ),
+        };
+        ErrorResponse {
+            error: ErrorBody {
+                message,
+                kind,
+                param,
+                code,
+            },
+        }
+    }
+
+    /// Logs the full error for the operator: server-side failures as errors, client mistakes
+    /// at debug level so a misbehaving client cannot flood the log.
+    pub fn log(&self) {
+        if self.status().is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, "request refused");
+        }
+    }
+
+    /// The SSE event sent when the stream has already started (status 200 is on the wire):
+    /// `data: {"error": {...}}`, as vLLM does; the stream then ends with `data: [DONE]`.
+    pub fn sse_event(&self) -> Bytes {
+        self.log();
+        let json = serde_json::to_string(&self.public_body())
+            .expect("error bodies contain only strings and nulls");
+        Bytes::from(format!("data: {json}\n\n"))
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        self.log();
+        HttpResponse::build(self.status()).json(self.public_body())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn invalid_request_body_has_openai_shape() {
+        let err = ApiError::invalid("temperature must be in [0, 2], got 3", "temperature");
+        assert_eq!(err.status_code(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            serde_json::to_value(err.public_body()).unwrap(),
+            json!({"error": {"message": "temperature must be in [0, 2], got 3",
+                             "type": "invalid_request_error", "param": "temperature", "code": null}})
+        );
+    }
+
+    #[test]
+    fn operator_details_stay_out_of_the_body() {
+        let err = ApiError::bus("publishing the job", "connection refused to 10.0.0.5:4222");
+        assert_eq!(err.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = serde_json::to_string(&err.public_body()).unwrap();
+        assert!(!body.contains("10.0.0.5"), "{body}");
+        let body =
+            serde_json::to_string(&ApiError::Internal("secret path /x".into()).public_body())
+                .unwrap();
+        assert!(!body.contains("/x"), "{body}");
+    }
+
+    #[test]
+    fn statuses_follow_the_failure() {
+        assert_eq!(ApiError::NoLiveWorker.status_code(), 503);
+        assert_eq!(ApiError::Stalled { timeout_ms: 1 }.status_code(), 504);
+        assert_eq!(
+            ApiError::ModelNotFound { model: "x".into() }.status_code(),
+            404
+        );
+        let event = ApiError::Stalled { timeout_ms: 5 }.sse_event();
+        let text = std::str::from_utf8(&event).unwrap();
+        assert!(
+            text.starts_with("data: {\"error\":") && text.ends_with("\n\n"),
+            "{text}"
+        );
+    }
+}

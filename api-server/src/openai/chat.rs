@@ -1,0 +1,285 @@
+//! `/v1/chat/completions`: the request, the response (`chat.completion`) and the stream chunk
+//! (`chat.completion.chunk`).
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{FinishReason, StopField, StreamOptions, Usage};
+
+/// The request as clients send it. Numbers are wide and signed so that an out-of-range value is
+/// reported by validation with the field's name, rather than as a JSON type error.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Deprecated by OpenAI in favour of `max_completion_tokens`; both are accepted.
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub stop: Option<StopField>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<i64>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    /// vLLM's extensions, handy for benchmarks.
+    pub top_k: Option<i64>,
+    pub repetition_penalty: Option<f64>,
+    pub ignore_eos: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: Option<MessageContent>,
+    pub name: Option<String>,
+}
+
+/// `content`: a string, or a list of typed parts of which only `text` parts are served.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// A non-streamed answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: Option<String>,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AssistantMessage {
+    pub role: &'static str,
+    pub content: String,
+    pub refusal: Option<String>,
+}
+
+/// `logprobs` of a chat choice or chunk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<TokenLogprob>,
+    pub refusal: Option<Vec<TokenLogprob>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// One `chat.completion.chunk` of a stream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: Option<String>,
+    pub choices: Vec<ChunkChoice>,
+    /// Absent unless `stream_options.include_usage`; then `null` on every chunk but the last,
+    /// which has `choices: []` and the usage (OpenAI's documented behaviour).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChunkChoice {
+    pub index: u32,
+    pub delta: Delta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn request_accepts_string_and_part_contents() {
+        let request: ChatCompletionRequest = serde_json::from_value(json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]}
+            ],
+            "stop": "\n",
+            "stream_options": {"include_usage": true},
+            "unknown_field": 1
+        }))
+        .unwrap();
+        let messages = request.messages.unwrap();
+        assert_eq!(
+            messages[0].content,
+            Some(MessageContent::Text("Be brief.".into()))
+        );
+        assert_eq!(
+            messages[1].content,
+            Some(MessageContent::Parts(vec![ContentPart {
+                kind: "text".into(),
+                text: Some("Hi".into())
+            }]))
+        );
+        assert_eq!(request.stop, Some(StopField::One("\n".into())));
+    }
+
+    /// OpenAI's documented `chat.completion` object, field for field.
+    #[test]
+    fn completion_has_openai_shape() {
+        let completion = ChatCompletion {
+            id: "chatcmpl-123".into(),
+            object: "chat.completion",
+            created: 1677652288,
+            model: "m".into(),
+            system_fingerprint: None,
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: "Hello there.".into(),
+                    refusal: None,
+                },
+                logprobs: None,
+                finish_reason: FinishReason::Stop,
+            }],
+            usage: Usage::new(9, 12),
+        };
+        assert_eq!(
+            serde_json::to_value(&completion).unwrap(),
+            json!({
+                "id": "chatcmpl-123",
+                "object": "chat.completion",
+                "created": 1677652288,
+                "model": "m",
+                "system_fingerprint": null,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello there.", "refusal": null},
+                    "logprobs": null,
+                    "finish_reason": "stop"
+                }],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+            })
+        );
+    }
+
+    /// OpenAI's documented chunks: the first with the role, usage `null` while
+    /// `include_usage` is on, and logprobs in the `content` list form.
+    #[test]
+    fn chunks_have_openai_shape() {
+        let first = ChatCompletionChunk {
+            id: "chatcmpl-123".into(),
+            object: "chat.completion.chunk",
+            created: 1694268190,
+            model: "m".into(),
+            system_fingerprint: None,
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta: Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                },
+                logprobs: None,
+                finish_reason: None,
+            }],
+            usage: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&first).unwrap(),
+            json!({"id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1694268190,
+                   "model": "m", "system_fingerprint": null,
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                "logprobs": null, "finish_reason": null}]})
+        );
+        let with_logprobs = ChatCompletionChunk {
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta: Delta {
+                    role: None,
+                    content: Some("Hi".into()),
+                },
+                logprobs: Some(ChatLogprobs {
+                    content: vec![TokenLogprob {
+                        token: "Hi".into(),
+                        logprob: -0.5,
+                        bytes: Some(vec![72, 105]),
+                        top_logprobs: vec![TopLogprob {
+                            token: "Hi".into(),
+                            logprob: -0.5,
+                            bytes: Some(vec![72, 105]),
+                        }],
+                    }],
+                    refusal: None,
+                }),
+                finish_reason: None,
+            }],
+            usage: Some(None),
+            ..first.clone()
+        };
+        assert_eq!(
+            serde_json::to_value(&with_logprobs).unwrap(),
+            json!({"id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1694268190,
+                   "model": "m", "system_fingerprint": null,
+                   "choices": [{"index": 0, "delta": {"content": "Hi"},
+                                "logprobs": {"content": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+                                    "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}]}],
+                                    "refusal": null},
+                                "finish_reason": null}],
+                   "usage": null})
+        );
+        let usage = ChatCompletionChunk {
+            choices: vec![],
+            usage: Some(Some(Usage::new(3, 4))),
+            ..first
+        };
+        assert_eq!(
+            serde_json::to_value(&usage).unwrap(),
+            json!({"id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1694268190,
+                   "model": "m", "system_fingerprint": null, "choices": [],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+        );
+    }
+}

@@ -1,0 +1,136 @@
+//! `POST /v1/completions` (text completions), streamed or not. Streamed chunks are
+//! `text_completion` objects, as OpenAI sends them.
+
+use std::sync::Arc;
+
+use actix_web::{HttpResponse, post, web};
+use bytes::Bytes;
+use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
+
+use super::logprobs::CompletionLogprobsBuilder;
+use super::{finish_reason, sse_response, start_generation};
+use crate::error::ApiError;
+use crate::openai::{
+    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, FinishReason, Usage,
+};
+use crate::prompt::PromptCodec;
+use crate::state::{AppState, unix_now_s};
+use crate::streaming::{ChunkFormat, GenEvent, RequestRecord, sse_data};
+use crate::validation::validate_completion;
+
+#[post("/v1/completions")]
+pub async fn completions(
+    state: web::Data<AppState>,
+    body: web::Json<CompletionRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let mut record = RequestRecord::new(state.metrics.clone(), "completions");
+    let valid = validate_completion(&body, &state.limits).inspect_err(|err| record.fail(err))?;
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let mut generation = start_generation(&state, &valid, record, id.clone()).await?;
+    let mut chunks = CompletionChunks {
+        id,
+        created: unix_now_s(),
+        model: state.limits.served_model_name.clone(),
+        include_usage: valid.include_usage,
+        logprobs: valid.logprobs.is_some(),
+        offsets: CompletionLogprobsBuilder::default(),
+        codec: Arc::clone(&state.codec),
+    };
+    if valid.stream {
+        return Ok(sse_response(generation, chunks));
+    }
+    let mut text = String::new();
+    let mut logprobs = CompletionLogprobs::default();
+    loop {
+        match generation.next().await {
+            Some(Ok(GenEvent::Tokens(tokens))) => {
+                text.extend(tokens.iter().map(|t| t.text.as_str()));
+                chunks
+                    .offsets
+                    .append(chunks.codec.as_ref(), &tokens, &mut logprobs);
+            }
+            Some(Ok(GenEvent::Finished { reason, usage })) => {
+                let choice = CompletionChoice {
+                    text,
+                    index: 0,
+                    logprobs: chunks.logprobs.then_some(logprobs),
+                    finish_reason: Some(finish_reason(reason)),
+                };
+                let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
+                return Ok(HttpResponse::Ok().json(chunks.object(vec![choice], Some(Some(usage)))));
+            }
+            Some(Err(err)) => return Err(err),
+            None => {
+                return Err(ApiError::Internal(
+                    "token stream ended without Finished".into(),
+                ));
+            }
+        }
+    }
+}
+
+pub struct CompletionChunks {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub include_usage: bool,
+    pub logprobs: bool,
+    offsets: CompletionLogprobsBuilder,
+    codec: Arc<dyn PromptCodec>,
+}
+
+impl CompletionChunks {
+    fn object(&self, choices: Vec<CompletionChoice>, usage: Option<Option<Usage>>) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: None,
+            choices,
+            usage,
+        }
+    }
+
+    fn chunk(
+        &self,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish: Option<FinishReason>,
+    ) -> Bytes {
+        let choice = CompletionChoice {
+            text,
+            index: 0,
+            logprobs,
+            finish_reason: finish,
+        };
+        sse_data(&self.object(vec![choice], self.include_usage.then_some(None)))
+    }
+}
+
+impl ChunkFormat for CompletionChunks {
+    fn opening(&mut self) -> Vec<Bytes> {
+        Vec::new()
+    }
+
+    fn tokens(&mut self, tokens: &[TokenEvent]) -> Option<Bytes> {
+        let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+        let mut logprobs = CompletionLogprobs::default();
+        self.offsets
+            .append(self.codec.as_ref(), tokens, &mut logprobs);
+        if text.is_empty() && logprobs.tokens.is_empty() {
+            return None;
+        }
+        let logprobs = self.logprobs.then_some(logprobs);
+        Some(self.chunk(text, logprobs, None))
+    }
+
+    fn finished(&mut self, reason: WireFinish, usage: WireUsage) -> Vec<Bytes> {
+        let mut chunks = vec![self.chunk(String::new(), None, Some(finish_reason(reason)))];
+        if self.include_usage {
+            let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
+            chunks.push(sse_data(&self.object(Vec::new(), Some(Some(usage)))));
+        }
+        chunks
+    }
+}

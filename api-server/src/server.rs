@@ -1,0 +1,143 @@
+//! Start-up: read the model's limits, connect to NATS, follow heartbeats, serve HTTP.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{App, HttpServer, web};
+use futures::StreamExt;
+use tandem_model::ModelConfig;
+use tandem_protocol::messages::{Heartbeat, decode};
+use tandem_protocol::subjects::Subjects;
+
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::prompt::PromptCodec;
+use crate::router::WorkerRegistry;
+use crate::state::{AppState, unix_now_s};
+use crate::streaming::{Bus, Timeouts};
+use crate::validation::ModelLimits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot read the model's config.json in {dir}: {detail}")]
+    Model { dir: String, detail: String },
+    #[error("cannot connect to NATS at {url}: {detail}")]
+    Nats { url: String, detail: String },
+    #[error("cannot subscribe to heartbeats: {0}")]
+    Subscribe(String),
+    #[error("cannot serve HTTP on {address}: {source}")]
+    Bind { address: String, source: io::Error },
+    #[error("HTTP server failed: {0}")]
+    Http(io::Error),
+}
+
+/// The model's limits from its config.json.
+pub fn model_limits(config: &ServerConfig) -> Result<ModelLimits, StartError> {
+    let model = ModelConfig::load(&config.model).map_err(|err| StartError::Model {
+        dir: config.model.display().to_string(),
+        detail: err.to_string(),
+    })?;
+    Ok(ModelLimits {
+        served_model_name: config.served_name(),
+        max_model_len: u32::try_from(model.max_position_embeddings).unwrap_or(u32::MAX),
+        vocab_size: u32::try_from(model.vocab_size).unwrap_or(u32::MAX),
+    })
+}
+
+/// Follows every worker's heartbeats into `registry`, and expires silent workers on a timer
+/// (a quarter of the timeout, so a dead worker is dropped at most 1.25 timeouts after its
+/// last heartbeat).
+async fn follow_heartbeats(
+    mut subscriber: async_nats::Subscriber,
+    registry: Arc<WorkerRegistry>,
+    worker_timeout: Duration,
+    served_model_name: String,
+) {
+    let mut expiry = tokio::time::interval((worker_timeout / 4).max(Duration::from_millis(50)));
+    loop {
+        tokio::select! {
+            message = subscriber.next() => {
+                let Some(message) = message else {
+                    tracing::error!("heartbeat subscription closed; no worker can be discovered");
+                    return;
+                };
+                match decode::<Heartbeat>("heartbeat", &message.payload) {
+                    Ok(heartbeat) if heartbeat.model != served_model_name => {
+                        tracing::warn!(worker_id = %heartbeat.worker_id, model = %heartbeat.model,
+                            "ignoring heartbeat for another model name on this model's subject");
+                    }
+                    Ok(heartbeat) => registry.observe(heartbeat, Instant::now()),
+                    Err(err) => tracing::warn!(subject = %message.subject, %err, "ignoring bad heartbeat"),
+                }
+            }
+            _ = expiry.tick() => {
+                registry.expire(Instant::now());
+            }
+        }
+    }
+}
+
+/// Runs the server until it is stopped (SIGINT / SIGTERM, handled by actix: in-flight requests
+/// get a grace period).
+pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<(), StartError> {
+    let limits = model_limits(&config)?;
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("api-server {}", limits.served_model_name))
+        .connection_timeout(Duration::from_secs(5))
+        .connect(config.nats.as_str())
+        .await
+        .map_err(|err| StartError::Nats {
+            url: config.nats.clone(),
+            detail: err.to_string(),
+        })?;
+    let subjects = Subjects::new(&limits.served_model_name);
+    let metrics = Metrics::new();
+    let worker_timeout = Duration::from_millis(config.worker_timeout_ms);
+    let registry = Arc::new(WorkerRegistry::new(
+        config.router_policy.into(),
+        worker_timeout,
+        metrics.clone(),
+    ));
+    let heartbeats = client
+        .subscribe(subjects.heartbeat_all())
+        .await
+        .map_err(|err| StartError::Subscribe(err.to_string()))?;
+    tokio::spawn(follow_heartbeats(
+        heartbeats,
+        Arc::clone(&registry),
+        worker_timeout,
+        limits.served_model_name.clone(),
+    ));
+    let state = web::Data::new(AppState {
+        limits,
+        codec,
+        bus: Bus { client, subjects },
+        registry,
+        metrics,
+        timeouts: Timeouts {
+            accept: Duration::from_millis(config.accept_timeout_ms),
+            first_token: Duration::from_millis(config.first_token_timeout_ms),
+            stall: Duration::from_millis(config.stall_timeout_ms),
+            request: Duration::from_millis(config.request_timeout_ms),
+        },
+        started_unix_s: unix_now_s(),
+    });
+    let address = format!("{}:{}", config.host, config.port);
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .configure(crate::routes::configure)
+    });
+    if config.http_workers > 0 {
+        server = server.workers(config.http_workers);
+    }
+    let server = server.bind(&address).map_err(|source| StartError::Bind {
+        address: address.clone(),
+        source,
+    })?;
+    for bound in server.addrs() {
+        tracing::info!("api-server listening on http://{bound}");
+    }
+    server.run().await.map_err(StartError::Http)
+}

@@ -1,0 +1,36 @@
+//! What every route shares.
+
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
+use crate::prompt::PromptCodec;
+use crate::router::WorkerRegistry;
+use crate::streaming::{Bus, Dispatch, Timeouts};
+use crate::validation::ModelLimits;
+
+pub struct AppState {
+    pub limits: ModelLimits,
+    pub codec: Arc<dyn PromptCodec>,
+    pub bus: Bus,
+    pub registry: Arc<WorkerRegistry>,
+    pub metrics: Metrics,
+    pub timeouts: Timeouts,
+    /// Unix seconds of the server's start, shown as the model's `created`.
+    pub started_unix_s: u64,
+}
+
+impl AppState {
+    pub fn dispatch(&self) -> Dispatch<'_> {
+        Dispatch {
+            bus: &self.bus,
+            registry: &self.registry,
+            timeouts: self.timeouts,
+        }
+    }
+}
+
+pub fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

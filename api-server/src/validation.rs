@@ -1,0 +1,709 @@
+//! Loose OpenAI requests in, validated requests with concrete values out.
+//!
+//! Every check that needs only the request (ranges, `n`, stop list, model name) happens here,
+//! once; [`ValidRequest::into_job_parts`] adds the one that needs the tokenized prompt (context
+//! length). Defaults follow OpenAI and vLLM: chat requests without a token limit may fill the
+//! context, text completions default to 16 tokens, a missing `model` means the served one.
+
+use tandem_protocol::messages::{SamplingSpec, StopSpec};
+
+use crate::error::ApiError;
+use crate::openai::{
+    ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, PromptField, StopField,
+};
+
+/// OpenAI's limits.
+pub const MAX_STOP_SEQUENCES: usize = 4;
+pub const MAX_TOP_LOGPROBS: i64 = 20;
+/// OpenAI's default `max_tokens` for `/v1/completions`.
+pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
+
+/// What validation needs to know about the served model.
+#[derive(Debug, Clone)]
+pub struct ModelLimits {
+    pub served_model_name: String,
+    /// Prompt plus completion tokens at most (`max_position_embeddings`).
+    pub max_model_len: u32,
+    pub vocab_size: u32,
+}
+
+/// A chat role we serve. `developer` (OpenAI's newer name for system) maps to system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: Role,
+    pub content: String,
+}
+
+/// The prompt before tokenization.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    /// Goes through the model's chat template.
+    Chat(Vec<Turn>),
+    /// Tokenized as is (with the tokenizer's own special-token handling).
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogprobsFormat {
+    /// `choices[].logprobs.content[]` objects.
+    Chat,
+    /// Parallel lists (`tokens`, `token_logprobs`, ...).
+    Completion,
+}
+
+/// A request with every value decided except what depends on the prompt's length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub prompt: PromptInput,
+    /// `None`: up to the end of the context.
+    pub max_tokens: Option<u32>,
+    pub sampling: SamplingSpec,
+    pub stop_strings: Vec<String>,
+    pub ignore_eos: bool,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Alternatives per token when logprobs were asked for (0 = only the chosen token's).
+    pub logprobs: Option<u32>,
+    pub logprobs_format: LogprobsFormat,
+}
+
+impl ValidRequest {
+    /// The job's stop settings once the prompt has `prompt_len` tokens, checking that prompt and
+    /// completion fit the context.
+    pub fn stop_spec(&self, prompt_len: usize, limits: &ModelLimits) -> Result<StopSpec, ApiError> {
+        let context = limits.max_model_len as usize;
+        let param = match self.prompt {
+            PromptInput::Chat(_) => "messages",
+            _ => "prompt",
+        };
+        if prompt_len == 0 {
+            return Err(ApiError::invalid("the prompt is empty", param));
+        }
+        let too_long = |requested: usize| ApiError::InvalidRequest {
+            message: format!(
+                "This model's maximum context length is {context} tokens. However, you requested \
+                 {} tokens ({prompt_len} in the {param}, {requested} in the completion). Please \
+                 reduce the length of the {param} or completion.",
+                prompt_len + requested
+            ),
+            param: Some(param.to_string()),
+            code: Some("context_length_exceeded"),
+        };
+        let max_tokens = match self.max_tokens {
+            Some(n) if prompt_len + n as usize > context => return Err(too_long(n as usize)),
+            Some(n) => n,
+            None if prompt_len >= context => return Err(too_long(1)),
+            None => (context - prompt_len) as u32,
+        };
+        Ok(StopSpec {
+            max_tokens,
+            token_ids: Vec::new(),
+            strings: self.stop_strings.clone(),
+            ignore_eos: self.ignore_eos,
+        })
+    }
+}
+
+/// The fields chat and text completions share, borrowed from either request.
+struct CommonFields<'a> {
+    model: &'a Option<String>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    n: Option<i64>,
+    stop: &'a Option<StopField>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    seed: Option<i64>,
+    top_k: Option<i64>,
+    repetition_penalty: Option<f64>,
+    stream: Option<bool>,
+    include_usage: Option<bool>,
+    has_stream_options: bool,
+}
+
+struct CommonValues {
+    sampling: SamplingSpec,
+    stop_strings: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn check_model(model: &Option<String>, limits: &ModelLimits) -> Result<(), ApiError> {
+    match model {
+        Some(name) if name != &limits.served_model_name => Err(ApiError::ModelNotFound {
+            model: name.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn in_range(value: f64, low: f64, high: f64, low_open: bool, param: &str) -> Result<f32, ApiError> {
+    let above_low = if low_open { value > low } else { value >= low };
+    if value.is_finite() && above_low && value <= high {
+        Ok(value as f32)
+    } else {
+        let open = if low_open { "(" } else { "[" };
+        Err(ApiError::invalid(
+            format!("{param} must be in {open}{low}, {high}], got {value}"),
+            param,
+        ))
+    }
+}
+
+fn validate_common(
+    fields: CommonFields<'_>,
+    limits: &ModelLimits,
+) -> Result<CommonValues, ApiError> {
+    check_model(fields.model, limits)?;
+    if let Some(n) = fields.n
+        && n != 1
+    {
+        return Err(ApiError::invalid(
+            format!("n must be 1 (one choice per request is served), got {n}"),
+            "n",
+        ));
+    }
+    let mut sampling = SamplingSpec::default();
+    if let Some(t) = fields.temperature {
+        sampling.temperature = in_range(t, 0.0, 2.0, false, "temperature")?;
+    }
+    if let Some(p) = fields.top_p {
+        sampling.top_p = in_range(p, 0.0, 1.0, true, "top_p")?;
+    }
+    if let Some(p) = fields.presence_penalty {
+        sampling.presence_penalty = in_range(p, -2.0, 2.0, false, "presence_penalty")?;
+    }
+    if let Some(p) = fields.frequency_penalty {
+        sampling.frequency_penalty = in_range(p, -2.0, 2.0, false, "frequency_penalty")?;
+    }
+    if let Some(p) = fields.repetition_penalty {
+        sampling.repetition_penalty = in_range(p, 0.0, 10.0, true, "repetition_penalty")?;
+    }
+    if let Some(k) = fields.top_k {
+        // vLLM's convention: -1 (or 0) disables top-k.
+        sampling.top_k = match k {
+            -1 | 0 => 0,
+            k if k > 0 && k <= u32::MAX as i64 => k as u32,
+            k => {
+                return Err(ApiError::invalid(
+                    format!("top_k must be -1 or positive, got {k}"),
+                    "top_k",
+                ));
+            }
+        };
+    }
+    // OpenAI's seed is any integer; the bit pattern is the worker's seed.
+    sampling.seed = fields.seed.map(|s| s as u64);
+
+    let stop_strings = match fields.stop {
+        None => Vec::new(),
+        Some(StopField::One(s)) => vec![s.clone()],
+        Some(StopField::Many(list)) => list.clone(),
+    };
+    if stop_strings.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::invalid(
+            format!(
+                "stop has {} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
+                stop_strings.len()
+            ),
+            "stop",
+        ));
+    }
+    if stop_strings.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop sequences must not be empty",
+            "stop",
+        ));
+    }
+
+    let stream = fields.stream.unwrap_or(false);
+    if fields.has_stream_options && !stream {
+        return Err(ApiError::invalid(
+            "stream_options is only allowed when stream is true",
+            "stream_options",
+        ));
+    }
+    Ok(CommonValues {
+        sampling,
+        stop_strings,
+        stream,
+        include_usage: fields.include_usage.unwrap_or(false),
+    })
+}
+
+fn token_limit(value: i64, param: &str) -> Result<u32, ApiError> {
+    if value >= 1 && value <= u32::MAX as i64 {
+        Ok(value as u32)
+    } else {
+        Err(ApiError::invalid(
+            format!("{param} must be at least 1, got {value}"),
+            param,
+        ))
+    }
+}
+
+fn top_logprobs(value: i64, param: &str) -> Result<u32, ApiError> {
+    if (0..=MAX_TOP_LOGPROBS).contains(&value) {
+        Ok(value as u32)
+    } else {
+        Err(ApiError::invalid(
+            format!("{param} must be in [0, {MAX_TOP_LOGPROBS}], got {value}"),
+            param,
+        ))
+    }
+}
+
+fn validate_message(index: usize, message: &ChatMessage) -> Result<Turn, ApiError> {
+    let param = format!("messages[{index}]");
+    let role = match message.role.as_str() {
+        "system" | "developer" => Role::System,
+        "user" => Role::User,
+        "assistant" => Role::Assistant,
+        other => {
+            return Err(ApiError::invalid(
+                format!("role {other:?} is not supported (system, user or assistant)"),
+                &format!("{param}.role"),
+            ));
+        }
+    };
+    let content = match &message.content {
+        Some(MessageContent::Text(text)) => text.clone(),
+        Some(MessageContent::Parts(parts)) => {
+            let mut text = String::new();
+            for (i, part) in parts.iter().enumerate() {
+                match (part.kind.as_str(), &part.text) {
+                    ("text", Some(t)) => text.push_str(t),
+                    ("text", None) => {
+                        return Err(ApiError::invalid(
+                            "a text content part needs `text`",
+                            &format!("{param}.content[{i}].text"),
+                        ));
+                    }
+                    (other, _) => {
+                        return Err(ApiError::invalid(
+                            format!("content part type {other:?} is not supported (only text)"),
+                            &format!("{param}.content[{i}].type"),
+                        ));
+                    }
+                }
+            }
+            text
+        }
+        // An assistant turn may carry only tool calls, which this server does not serve.
+        None if role == Role::Assistant => String::new(),
+        None => {
+            return Err(ApiError::invalid(
+                format!("a {} message needs content", role.as_str()),
+                &format!("{param}.content"),
+            ));
+        }
+    };
+    Ok(Turn { role, content })
+}
+
+pub fn validate_chat(
+    request: &ChatCompletionRequest,
+    limits: &ModelLimits,
+) -> Result<ValidRequest, ApiError> {
+    let common = validate_common(
+        CommonFields {
+            model: &request.model,
+            temperature: request.temperature,
+            top_p: request.top_p,
+            n: request.n,
+            stop: &request.stop,
+            presence_penalty: request.presence_penalty,
+            frequency_penalty: request.frequency_penalty,
+            seed: request.seed,
+            top_k: request.top_k,
+            repetition_penalty: request.repetition_penalty,
+            stream: request.stream,
+            include_usage: request
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage),
+            has_stream_options: request.stream_options.is_some(),
+        },
+        limits,
+    )?;
+    let messages = request
+        .messages
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid("messages is required", "messages"))?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages must not be empty", "messages"));
+    }
+    let turns = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| validate_message(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    // max_completion_tokens is OpenAI's current name; when both are sent it wins.
+    let max_tokens = match (request.max_completion_tokens, request.max_tokens) {
+        (Some(n), _) => Some(token_limit(n, "max_completion_tokens")?),
+        (None, Some(n)) => Some(token_limit(n, "max_tokens")?),
+        (None, None) => None,
+    };
+    let logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
+        (true, top) => Some(
+            top.map(|n| top_logprobs(n, "top_logprobs"))
+                .transpose()?
+                .unwrap_or(0),
+        ),
+        (false, Some(n)) if n > 0 => {
+            return Err(ApiError::invalid(
+                "top_logprobs requires logprobs to be true",
+                "top_logprobs",
+            ));
+        }
+        (false, _) => None,
+    };
+    let mut sampling = common.sampling;
+    sampling.logprobs = logprobs;
+    Ok(ValidRequest {
+        prompt: PromptInput::Chat(turns),
+        max_tokens,
+        sampling,
+        stop_strings: common.stop_strings,
+        ignore_eos: request.ignore_eos.unwrap_or(false),
+        stream: common.stream,
+        include_usage: common.include_usage,
+        logprobs,
+        logprobs_format: LogprobsFormat::Chat,
+    })
+}
+
+fn token_ids(ids: &[i64], limits: &ModelLimits) -> Result<Vec<u32>, ApiError> {
+    ids.iter()
+        .map(|&id| {
+            if id >= 0 && id < limits.vocab_size as i64 {
+                Ok(id as u32)
+            } else {
+                Err(ApiError::invalid(
+                    format!(
+                        "token id {id} is outside the vocabulary (0..{})",
+                        limits.vocab_size
+                    ),
+                    "prompt",
+                ))
+            }
+        })
+        .collect()
+}
+
+pub fn validate_completion(
+    request: &CompletionRequest,
+    limits: &ModelLimits,
+) -> Result<ValidRequest, ApiError> {
+    let common = validate_common(
+        CommonFields {
+            model: &request.model,
+            temperature: request.temperature,
+            top_p: request.top_p,
+            n: request.n,
+            stop: &request.stop,
+            presence_penalty: request.presence_penalty,
+            frequency_penalty: request.frequency_penalty,
+            seed: request.seed,
+            top_k: request.top_k,
+            repetition_penalty: request.repetition_penalty,
+            stream: request.stream,
+            include_usage: request
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage),
+            has_stream_options: request.stream_options.is_some(),
+        },
+        limits,
+    )?;
+    if request.echo == Some(true) {
+        return Err(ApiError::invalid("echo is not supported", "echo"));
+    }
+    if request.suffix.is_some() {
+        return Err(ApiError::invalid("suffix is not supported", "suffix"));
+    }
+    if let Some(best_of) = request.best_of
+        && best_of != 1
+    {
+        return Err(ApiError::invalid(
+            format!("best_of must be 1, got {best_of}"),
+            "best_of",
+        ));
+    }
+    let batch_error = || {
+        ApiError::invalid(
+            "batched prompts are not supported; send one prompt per request",
+            "prompt",
+        )
+    };
+    let prompt = match &request.prompt {
+        None => return Err(ApiError::invalid("prompt is required", "prompt")),
+        Some(PromptField::Text(text)) => PromptInput::Text(text.clone()),
+        Some(PromptField::Tokens(ids)) => PromptInput::Tokens(token_ids(ids, limits)?),
+        Some(PromptField::Texts(texts)) => match texts.as_slice() {
+            [text] => PromptInput::Text(text.clone()),
+            _ => return Err(batch_error()),
+        },
+        Some(PromptField::TokenBatches(batches)) => match batches.as_slice() {
+            [ids] => PromptInput::Tokens(token_ids(ids, limits)?),
+            _ => return Err(batch_error()),
+        },
+    };
+    let max_tokens = match request.max_tokens {
+        Some(n) => token_limit(n, "max_tokens")?,
+        None => DEFAULT_COMPLETION_MAX_TOKENS,
+    };
+    let logprobs = request
+        .logprobs
+        .map(|n| top_logprobs(n, "logprobs"))
+        .transpose()?;
+    let mut sampling = common.sampling;
+    sampling.logprobs = logprobs;
+    Ok(ValidRequest {
+        prompt,
+        max_tokens: Some(max_tokens),
+        sampling,
+        stop_strings: common.stop_strings,
+        ignore_eos: request.ignore_eos.unwrap_or(false),
+        stream: common.stream,
+        include_usage: common.include_usage,
+        logprobs,
+        logprobs_format: LogprobsFormat::Completion,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn limits() -> ModelLimits {
+        ModelLimits {
+            served_model_name: "smol".into(),
+            max_model_len: 100,
+            vocab_size: 1000,
+        }
+    }
+
+    fn chat(body: Value) -> Result<ValidRequest, ApiError> {
+        let request: ChatCompletionRequest = serde_json::from_value(body).unwrap();
+        validate_chat(&request, &limits())
+    }
+
+    fn completion(body: Value) -> Result<ValidRequest, ApiError> {
+        let request: CompletionRequest = serde_json::from_value(body).unwrap();
+        validate_completion(&request, &limits())
+    }
+
+    fn param_of(result: Result<ValidRequest, ApiError>) -> String {
+        match result {
+            Err(ApiError::InvalidRequest { param, .. }) => param.unwrap_or_default(),
+            other => panic!("expected an invalid request error, got {other:?}"),
+        }
+    }
+
+    fn user(text: &str) -> Value {
+        json!([{"role": "user", "content": text}])
+    }
+
+    #[test]
+    fn chat_defaults_and_values() {
+        let valid = chat(json!({"messages": [
+            {"role": "developer", "content": "sys"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": null}
+        ]}))
+        .unwrap();
+        assert_eq!(
+            valid.prompt,
+            PromptInput::Chat(vec![
+                Turn {
+                    role: Role::System,
+                    content: "sys".into()
+                },
+                Turn {
+                    role: Role::User,
+                    content: "ab".into()
+                },
+                Turn {
+                    role: Role::Assistant,
+                    content: String::new()
+                },
+            ])
+        );
+        assert_eq!(valid.max_tokens, None);
+        assert_eq!(valid.sampling, SamplingSpec::default());
+        assert!(!valid.stream && !valid.include_usage && valid.logprobs.is_none());
+
+        let valid = chat(
+            json!({"model": "smol", "messages": user("x"), "max_tokens": 5,
+            "max_completion_tokens": 7, "temperature": 0, "top_p": 0.5, "seed": -1,
+            "stop": ["a", "b"], "presence_penalty": -2, "frequency_penalty": 2,
+            "logprobs": true, "top_logprobs": 20, "stream": true,
+            "stream_options": {"include_usage": true}}),
+        )
+        .unwrap();
+        assert_eq!(valid.max_tokens, Some(7), "max_completion_tokens wins");
+        assert_eq!(valid.sampling.temperature, 0.0);
+        assert_eq!(valid.sampling.top_p, 0.5);
+        assert_eq!(valid.sampling.seed, Some(u64::MAX));
+        assert_eq!(valid.sampling.logprobs, Some(20));
+        assert_eq!(valid.stop_strings, vec!["a", "b"]);
+        assert!(valid.stream && valid.include_usage);
+    }
+
+    #[test]
+    fn chat_out_of_range_values_name_their_field() {
+        let cases = [
+            (json!({"messages": []}), "messages"),
+            (json!({}), "messages"),
+            (
+                json!({"messages": user("x"), "temperature": 2.5}),
+                "temperature",
+            ),
+            (
+                json!({"messages": user("x"), "temperature": -0.1}),
+                "temperature",
+            ),
+            (json!({"messages": user("x"), "top_p": 0}), "top_p"),
+            (json!({"messages": user("x"), "top_p": 1.01}), "top_p"),
+            (json!({"messages": user("x"), "n": 2}), "n"),
+            (
+                json!({"messages": user("x"), "stop": ["a", "b", "c", "d", "e"]}),
+                "stop",
+            ),
+            (json!({"messages": user("x"), "stop": ""}), "stop"),
+            (
+                json!({"messages": user("x"), "logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
+            (
+                json!({"messages": user("x"), "top_logprobs": 2}),
+                "top_logprobs",
+            ),
+            (
+                json!({"messages": user("x"), "presence_penalty": 2.1}),
+                "presence_penalty",
+            ),
+            (
+                json!({"messages": user("x"), "frequency_penalty": -3}),
+                "frequency_penalty",
+            ),
+            (
+                json!({"messages": user("x"), "max_tokens": 0}),
+                "max_tokens",
+            ),
+            (
+                json!({"messages": user("x"), "max_completion_tokens": -5}),
+                "max_completion_tokens",
+            ),
+            (
+                json!({"messages": user("x"), "stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
+            (
+                json!({"messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"messages": [{"role": "user"}]}),
+                "messages[0].content",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+                "messages[0].content[0].type",
+            ),
+        ];
+        for (body, param) in cases {
+            assert_eq!(param_of(chat(body.clone())), param, "{body}");
+        }
+    }
+
+    #[test]
+    fn a_model_other_than_the_served_one_is_not_found() {
+        let err = chat(json!({"model": "gpt-4", "messages": user("x")})).unwrap_err();
+        assert!(
+            matches!(err, ApiError::ModelNotFound { ref model } if model == "gpt-4"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn completion_prompts_and_defaults() {
+        let valid = completion(json!({"prompt": "hi"})).unwrap();
+        assert_eq!(valid.prompt, PromptInput::Text("hi".into()));
+        assert_eq!(valid.max_tokens, Some(DEFAULT_COMPLETION_MAX_TOKENS));
+        assert_eq!(
+            completion(json!({"prompt": [1, 2]})).unwrap().prompt,
+            PromptInput::Tokens(vec![1, 2])
+        );
+        assert_eq!(
+            completion(json!({"prompt": [[3]]})).unwrap().prompt,
+            PromptInput::Tokens(vec![3])
+        );
+        assert_eq!(
+            completion(json!({"prompt": ["x"], "logprobs": 3}))
+                .unwrap()
+                .logprobs,
+            Some(3)
+        );
+        for (body, param) in [
+            (json!({"prompt": [1, 1000]}), "prompt"),
+            (json!({"prompt": [-1]}), "prompt"),
+            (json!({"prompt": ["a", "b"]}), "prompt"),
+            (json!({}), "prompt"),
+            (json!({"prompt": "x", "echo": true}), "echo"),
+            (json!({"prompt": "x", "best_of": 2}), "best_of"),
+            (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
+        ] {
+            assert_eq!(param_of(completion(body.clone())), param, "{body}");
+        }
+    }
+
+    #[test]
+    fn context_length_bounds_the_completion() {
+        let valid = chat(json!({"messages": user("x")})).unwrap();
+        assert_eq!(
+            valid.stop_spec(30, &limits()).unwrap().max_tokens,
+            70,
+            "fills the context"
+        );
+        assert!(valid.stop_spec(100, &limits()).is_err());
+        let valid = chat(json!({"messages": user("x"), "max_tokens": 50, "stop": "\n"})).unwrap();
+        let stop = valid.stop_spec(50, &limits()).unwrap();
+        assert_eq!(
+            (stop.max_tokens, stop.strings.clone()),
+            (50, vec!["\n".to_string()])
+        );
+        match valid.stop_spec(51, &limits()) {
+            Err(ApiError::InvalidRequest { code, message, .. }) => {
+                assert_eq!(code, Some("context_length_exceeded"));
+                assert!(
+                    message.contains("maximum context length is 100"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(valid.stop_spec(0, &limits()).is_err(), "empty prompt");
+    }
+}
