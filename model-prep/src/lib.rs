@@ -8,3 +8,7 @@ pub mod output;
 pub mod progress;
 pub mod safetensors_writer;
 pub mod gguf_tokenizer;
+pub mod default_model;
+pub mod fetch;
+pub mod inspect;
+pub mod random;

@@ -1,1 +1,266 @@
-fn main() {}
+//! The `model-prep` command line: parses arguments, runs one command of the `model_prep`
+//! library, prints a summary on stdout and errors as one line on stderr.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::builder::{BoolishValueParser, PossibleValuesParser};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use model_prep::default_model;
+use model_prep::fetch::{self, FetchOptions};
+use model_prep::inspect::{self, human_bytes, human_count};
+use model_prep::random::{self, RandomOptions};
+use model_prep::safetensors_writer::DType;
+use tandem_model::presets::PRESET_NAMES;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "model-prep",
+    version,
+    about = "Prepares model directories for tandem workers",
+    long_about = "Prepares model directories for tandem workers.\n\n\
+        A model directory is Hugging Face shaped: config.json, model.safetensors (or an index and \
+        shards), tokenizer.json, tokenizer_config.json (chat template, special tokens) and \
+        generation_config.json. Every command writes into a hidden temporary directory next to \
+        the destination and renames it into place only when complete, so a failed run never \
+        leaves a directory that looks valid.\n\n\
+        Logs go to stderr (RUST_LOG=debug for more); progress bars show when stderr is a terminal.",
+    after_help = "Examples:\n  \
+        model-prep default -o models/smollm2\n  \
+        model-prep import-gguf SmolLM2-135M-Instruct.Q4_1.gguf -o models/smollm2 --dtype f32\n  \
+        model-prep fetch HuggingFaceTB/SmolLM2-135M-Instruct -o models/smollm2-hub\n  \
+        model-prep random --preset llama-3.1-8b -o models/llama8b-random\n  \
+        model-prep inspect models/smollm2"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Fetch(FetchArgs),
+    Random(RandomArgs),
+    Inspect(InspectArgs),
+}
+
+/// The dtype weights are written in.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    /// bfloat16: half the size of f32, what GPUs run.
+    Bf16,
+    /// float16.
+    F16,
+    /// float32: keeps dequantized values exactly (parity tests against float32 references).
+    F32,
+}
+
+impl From<DtypeArg> for DType {
+    fn from(arg: DtypeArg) -> DType {
+        match arg {
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::F32 => DType::F32,
+        }
+    }
+}
+
+/// Download a model from the Hugging Face Hub.
+///
+/// Fetches config.json, tokenizer.json, tokenizer_config.json, generation_config.json and
+/// the safetensors weights (model.safetensors, or model.safetensors.index.json and its shards)
+/// of a Hub model repository, checks that they form a model tandem can run (Llama, Mistral or
+/// Qwen2 architecture), and writes them to DIR.
+///
+/// Files go through the standard Hugging Face cache (HF_HUB_CACHE, or HF_HOME/hub, default
+/// ~/.cache/huggingface/hub), so nothing is downloaded twice. HF_TOKEN (or the token saved by
+/// `huggingface-cli login`) is used for private and gated repositories; HF_ENDPOINT selects
+/// another Hub. When the Hub cannot be reached, files already in the cache are used; with
+/// HF_HUB_OFFLINE=1 the network is never touched.
+///
+/// Example: model-prep fetch HuggingFaceTB/SmolLM2-135M-Instruct -o models/smollm2-hub
+#[derive(Debug, Args)]
+struct FetchArgs {
+    /// Repository id, owner/name (e.g. HuggingFaceTB/SmolLM2-135M-Instruct).
+    repo_id: String,
+    /// Output directory (must be absent or empty unless --force).
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// Branch, tag or commit to download.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Replace the output directory if it is not empty.
+    #[arg(long)]
+    force: bool,
+    /// Use only the local Hugging Face cache; never contact the Hub.
+    #[arg(long, env = "HF_HUB_OFFLINE", value_parser = BoolishValueParser::new())]
+    offline: bool,
+    /// Seconds to wait for a connection to the Hub before treating it as unreachable.
+    #[arg(
+        long,
+        env = "TANDEM_HUB_CONNECT_TIMEOUT",
+        default_value_t = 10.0,
+        value_name = "SECONDS"
+    )]
+    connect_timeout: f64,
+}
+
+/// Write a model with random weights of a real model's shapes.
+///
+/// For tests and benchmarks without downloads: the weights are drawn like Hugging Face
+/// initialises a Llama (normal with std 0.02 for linear and embedding weights, ones for norm
+/// weights), deterministically: the same preset, seed and dtype give byte-identical files,
+/// whatever the number of cores. The directory also gets config.json,
+/// generation_config.json and a working byte-level BPE tokenizer with exactly the preset's
+/// vocabulary size and ChatML special tokens (<|endoftext|>=0, <|im_start|>=1 (bos),
+/// <|im_end|>=2 (eos)) and chat template.
+///
+/// Presets: tiny (2 layers, hidden 64, vocab 512; for tests), smollm2-135m, tinyllama-1.1b,
+/// llama-3.1-8b (16 GB in bf16, streamed to disk one tensor at a time).
+///
+/// Example: model-prep random --preset smollm2-135m --seed 1 -o models/smollm2-random
+#[derive(Debug, Args)]
+struct RandomArgs {
+    /// Model shapes to use.
+    #[arg(long, value_parser = PossibleValuesParser::new(PRESET_NAMES))]
+    preset: String,
+    /// Output directory (must be absent or empty unless --force).
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// Random seed: the same seed gives the same weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Dtype of the weights.
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DtypeArg,
+    /// Replace the output directory if it is not empty.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Describe a model directory and check that it is complete.
+///
+/// Prints the architecture, parameter count, dtype (from the safetensors headers), layers,
+/// hidden size, attention and KV heads, head dim, FFN size, vocabulary, rope theta and
+/// scaling, tied embeddings, the tensors present against those the architecture expects
+/// (missing, extra and misshapen ones listed), a tokenizer summary (vocabulary size, bos/eos
+/// tokens, chat template) and the files with their sizes. Reads only headers, so it is
+/// instant even for large models.
+///
+/// Exits with status 1 when the directory is not a model or is incomplete (missing or
+/// misshapen tensors, truncated weight files, no usable tokenizer), after printing the report.
+///
+/// Example: model-prep inspect models/smollm2 --json
+#[derive(Debug, Args)]
+struct InspectArgs {
+    /// The model directory.
+    dir: PathBuf,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,model_prep=info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line: the error and its causes, outermost first.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Fetch(args) => run_fetch(args),
+        Command::Random(args) => run_random(args),
+        Command::Inspect(args) => run_inspect(args),
+    }
+}
+
+fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
+    if !(args.connect_timeout.is_finite() && args.connect_timeout > 0.0) {
+        bail!("--connect-timeout must be a positive number of seconds");
+    }
+    let options = FetchOptions {
+        repo_id: args.repo_id.clone(),
+        revision: Some(args.revision.clone()),
+        force: args.force,
+        offline: args.offline,
+        connect_timeout: Duration::from_secs_f64(args.connect_timeout),
+    };
+    let summary = fetch::fetch(&options, &args.output)?;
+    let bytes: u64 = summary.files.iter().map(|(_, b)| b).sum();
+    println!(
+        "fetched {}@{} into {}: {} files, {}, {} parameters ({}){}",
+        args.repo_id,
+        args.revision,
+        summary.directory.display(),
+        summary.files.len(),
+        human_bytes(bytes),
+        human_count(summary.config.parameter_count()),
+        summary.config.architecture().hf_class(),
+        if summary.from_cache_only {
+            " [from the local cache]"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+fn run_random(args: RandomArgs) -> anyhow::Result<()> {
+    let options = RandomOptions {
+        preset: args.preset.clone(),
+        seed: args.seed,
+        dtype: args.dtype.into(),
+        force: args.force,
+    };
+    let started = Instant::now();
+    let summary = random::generate(&options, &args.output)?;
+    println!(
+        "wrote random {} (seed {}, {}) to {}: {} parameters, {} tensors, {} in {:.1} s",
+        args.preset,
+        args.seed,
+        default_model::dtype_flag(options.dtype),
+        summary.directory.display(),
+        human_count(summary.parameters),
+        summary.tensors,
+        human_bytes(summary.weight_bytes),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let report = inspect::inspect(&args.dir)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("serializing the report")?
+        );
+    } else {
+        print!("{report}");
+    }
+    if !report.problems.is_empty() {
+        bail!(
+            "{} is incomplete: {}",
+            args.dir.display(),
+            report.problems.join("; ")
+        );
+    }
+    Ok(())
+}

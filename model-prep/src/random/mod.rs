@@ -1,0 +1,233 @@
+//! `model-prep random`: a model directory with random weights of a preset's real shapes.
+//!
+//! Tests and GPU benchmarks need models of real sizes without downloading them. The output is
+//! a complete model directory (config, generation config, tokenizer, safetensors) that the
+//! workers load like any other; the same preset, seed and dtype always give byte-identical
+//! files (see [`weights`] for how that survives parallelism).
+//!
+//! Memory stays at about two tensors: one thread generates tensor i+1 while another writes
+//! tensor i, so an 8B model (16 GB in bf16) streams through without being held.
+
+pub mod tokenizer;
+pub mod weights;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use tandem_model::presets::{PRESET_NAMES, preset};
+use tandem_model::tensor_names::expected_tensors;
+use tandem_model::{
+    CONFIG_FILE, ConfigError, GENERATION_CONFIG_FILE, GenerationConfig, ModelConfig,
+    TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TokenIds, WEIGHTS_FILE, write_json,
+};
+
+use crate::output::{OutputError, StagedDir};
+use crate::progress;
+use crate::safetensors_writer::{DType, SafetensorsWriter, TensorSpec, WriteError};
+
+/// Vocabulary of the `tiny` preset (whose shapes leave it open): big enough for merges that
+/// make text a few characters per token, small enough that its embedding is negligible.
+pub const TINY_VOCAB_SIZE: usize = 512;
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct RandomOptions {
+    pub preset: String,
+    pub seed: u64,
+    pub dtype: DType,
+    /// Replace a non-empty output directory.
+    pub force: bool,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct RandomSummary {
+    pub directory: PathBuf,
+    pub config: ModelConfig,
+    pub tensors: usize,
+    pub parameters: u64,
+    pub weight_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RandomError {
+    #[error("unknown preset {name:?} (known presets: {})", PRESET_NAMES.join(", "))]
+    UnknownPreset { name: String },
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("tokenizer for preset {preset}: {source}")]
+    Tokenizer {
+        preset: String,
+        source: tokenizer::TokenizerError,
+    },
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("the weight writer thread panicked")]
+    WriterPanicked,
+}
+
+/// The config a preset's random model gets: the preset's shapes, the vocabulary size and
+/// special-token ids of the synthetic tokenizer, and the dtype.
+pub fn preset_config(name: &str, dtype: DType) -> Result<ModelConfig, RandomError> {
+    let mut config = preset(name).ok_or_else(|| RandomError::UnknownPreset {
+        name: name.to_string(),
+    })?;
+    if config.vocab_size == 0 {
+        config.vocab_size = TINY_VOCAB_SIZE;
+    }
+    // The synthetic tokenizer has its own special tokens; the config must name those, not the
+    // original model's (Llama 3's bos 128000 would be an ordinary merge here).
+    config.bos_token_id = Some(TokenIds::One(tokenizer::BOS_ID));
+    config.eos_token_id = Some(TokenIds::One(tokenizer::EOS_ID));
+    config.torch_dtype = Some(dtype.torch_name().to_string());
+    config.validate(Path::new(CONFIG_FILE))?;
+    Ok(config)
+}
+
+/// Writes a random model into `out` (atomically: nothing appears there unless complete).
+pub fn generate(options: &RandomOptions, out: &Path) -> Result<RandomSummary, RandomError> {
+    let config = preset_config(&options.preset, options.dtype)?;
+    let staged = StagedDir::new(out, options.force)?;
+    let dir = staged.path();
+
+    let tokenizer = tokenizer::build(config.vocab_size, config.max_position_embeddings as u64)
+        .map_err(|source| RandomError::Tokenizer {
+            preset: options.preset.clone(),
+            source,
+        })?;
+    std::fs::write(dir.join(TOKENIZER_FILE), &tokenizer.tokenizer_json).map_err(|source| {
+        WriteError::Io {
+            path: dir.join(TOKENIZER_FILE),
+            source,
+        }
+    })?;
+    write_json(
+        &dir.join(TOKENIZER_CONFIG_FILE),
+        &tokenizer.tokenizer_config,
+    )?;
+    write_json(&dir.join(CONFIG_FILE), &config)?;
+    let generation = GenerationConfig {
+        bos_token_id: Some(TokenIds::One(tokenizer::BOS_ID)),
+        eos_token_id: Some(TokenIds::One(tokenizer::EOS_ID)),
+        pad_token_id: Some(tokenizer::END_OF_TEXT_ID),
+        ..GenerationConfig::default()
+    };
+    write_json(&dir.join(GENERATION_CONFIG_FILE), &generation)?;
+
+    let (tensors, weight_bytes) = write_weights(&config, options, &dir.join(WEIGHTS_FILE))?;
+    let directory = staged.commit()?;
+    Ok(RandomSummary {
+        directory,
+        parameters: config.parameter_count(),
+        config,
+        tensors,
+        weight_bytes,
+    })
+}
+
+/// Generates and writes every tensor; returns (tensor count, bytes of tensor data).
+fn write_weights(
+    config: &ModelConfig,
+    options: &RandomOptions,
+    path: &Path,
+) -> Result<(usize, u64), RandomError> {
+    let specs: Vec<TensorSpec> = expected_tensors(config)
+        .into_iter()
+        .map(|(name, shape)| TensorSpec {
+            name,
+            dtype: options.dtype,
+            shape,
+        })
+        .collect();
+    let total_bytes: u64 = specs.iter().map(|s| s.byte_len() as u64).sum();
+    let mut metadata = BTreeMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    metadata.insert("tandem.random.preset".to_string(), options.preset.clone());
+    metadata.insert("tandem.random.seed".to_string(), options.seed.to_string());
+    let mut writer = SafetensorsWriter::create(path, specs.clone(), &metadata)?;
+
+    let bar = progress::bytes_bar(total_bytes, "random weights");
+    // Capacity 1: at most one finished tensor waits while the next is generated.
+    let (sender, receiver) = mpsc::sync_channel::<(String, Vec<u8>)>(1);
+    let written = std::thread::scope(|scope| {
+        let writer_bar = bar.clone();
+        let writer_thread = scope.spawn(move || -> Result<(), WriteError> {
+            for (name, bytes) in receiver {
+                writer.write_tensor(&name, &bytes)?;
+                writer_bar.inc(bytes.len() as u64);
+            }
+            writer.finish()
+        });
+        for spec in &specs {
+            let elements = spec.shape.iter().product();
+            let init = weights::Init::for_tensor(&spec.name);
+            let bytes = weights::tensor_bytes(options.seed, &spec.name, init, spec.dtype, elements);
+            if sender.send((spec.name.clone(), bytes)).is_err() {
+                // The writer stopped early; its error is reported below.
+                break;
+            }
+        }
+        drop(sender);
+        writer_thread.join()
+    });
+    bar.finish_and_clear();
+    written.map_err(|_| RandomError::WriterPanicked)??;
+    Ok((specs.len(), total_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_model_is_complete_and_loads() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("tiny");
+        let options = RandomOptions {
+            preset: "tiny".into(),
+            seed: 0,
+            dtype: DType::F32,
+            force: false,
+        };
+        let summary = generate(&options, &out).unwrap();
+        let config = ModelConfig::load(&out).unwrap();
+        assert_eq!(config.vocab_size, TINY_VOCAB_SIZE);
+        assert_eq!(config.torch_dtype.as_deref(), Some("float32"));
+        assert_eq!(summary.parameters, config.parameter_count());
+
+        let bytes = std::fs::read(out.join(WEIGHTS_FILE)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let expected = expected_tensors(&config);
+        assert_eq!(st.len(), expected.len());
+        for (name, shape) in &expected {
+            let tensor = st.tensor(name).unwrap();
+            assert_eq!(tensor.shape(), shape.as_slice(), "{name}");
+            assert_eq!(tensor.dtype(), safetensors::Dtype::F32);
+        }
+        let norm = st.tensor("model.norm.weight").unwrap();
+        assert!(norm.data().chunks(4).all(|b| b == 1f32.to_le_bytes()));
+
+        let tokenizer = tokenizers::Tokenizer::from_file(out.join(TOKENIZER_FILE)).unwrap();
+        assert_eq!(tokenizer.get_vocab_size(true), config.vocab_size);
+        let files: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+        assert_eq!(files.len(), 1, "no staging directory left behind");
+    }
+
+    #[test]
+    fn unknown_preset_names_the_known_ones() {
+        let err = preset_config("gpt-5", DType::BF16).unwrap_err();
+        assert!(err.to_string().contains("smollm2-135m"), "{err}");
+    }
+
+    #[test]
+    fn every_preset_config_has_the_tokenizer_ids() {
+        for name in PRESET_NAMES {
+            let config = preset_config(name, DType::BF16).unwrap();
+            assert_eq!(config.eos_token_ids(), vec![tokenizer::EOS_ID]);
+            assert!(config.vocab_size >= tokenizer::MIN_VOCAB_SIZE);
+        }
+    }
+}
