@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use super::kv::{CpuKvCache, KvData};
-use super::simd::{Elem, axpy, dot};
+use super::simd::Elem;
 use crate::backend::{AttentionShape, BatchPlan};
 use crate::kv_cache::KvLayout;
 
@@ -110,6 +110,7 @@ fn attention_typed<E: Elem>(
     let group = shape.num_heads / shape.num_kv_heads;
     let width = shape.qkv_width();
     let tokens = plan.num_tokens();
+    let avx = super::simd::has_avx2();
     let mut out = vec![0f32; tokens * shape.num_heads * d];
     // One task per (token, kv head): its output is `group` consecutive heads of the row.
     out.par_chunks_mut(group * d)
@@ -117,36 +118,163 @@ fn attention_typed<E: Elem>(
         .for_each(|(item, out)| {
             let (t, g) = (item / shape.num_kv_heads, item % shape.num_kv_heads);
             let seq = &plan.sequences[seq_of_token[t] as usize];
-            let context = seq.cached_len + (t - seq.token_start) + 1;
-            let table = plan.block_table(seq);
-            let mut scores = vec![0f32; context];
-            for (hh, out) in out.chunks_mut(d).enumerate() {
-                let h = g * group + hh;
-                let q = &qkv[t * width + h * d..][..d];
-                for (j, score) in scores.iter_mut().enumerate() {
-                    let block = table[j / layout.block_size] as usize;
-                    let k_start = block * layout.block_elems()
-                        + layout.offset(layer, 0, j % layout.block_size)
-                        + g * d;
-                    *score = dot(q, &cache[k_start..k_start + d]) * shape.scale;
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                out.fill(0.0);
-                for (j, &s) in scores.iter().enumerate() {
-                    let block = table[j / layout.block_size] as usize;
-                    let v_start = block * layout.block_elems()
-                        + layout.offset(layer, 1, j % layout.block_size)
-                        + g * d;
-                    axpy(out, s / sum, &cache[v_start..v_start + d]);
-                }
+            let task = Task {
+                q: &qkv[t * width + g * group * d..][..group * d],
+                group,
+                head_dim: d,
+                scale: shape.scale,
+                context: seq.cached_len + (t - seq.token_start) + 1,
+                table: plan.block_table(seq),
+                layout,
+                k_offset: layout.offset(layer, 0, 0) + g * d,
+                v_offset: layout.offset(layer, 1, 0) + g * d,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if avx {
+                // SAFETY: features checked.
+                unsafe { attend_avx2(&task, cache, out) };
+                return;
             }
+            let _ = avx;
+            attend::<E, false>(&task, cache, out);
         });
     out
+}
+
+/// One (token, kv head) of paged attention.
+struct Task<'a> {
+    /// The group's query heads, `[group][head_dim]`.
+    q: &'a [f32],
+    group: usize,
+    head_dim: usize,
+    scale: f32,
+    /// Keys to attend to: positions `0..context` of the sequence.
+    context: usize,
+    table: &'a [u32],
+    layout: KvLayout,
+    /// Offset inside a block of this layer's K (and V) of token 0, kv head g.
+    k_offset: usize,
+    v_offset: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<E: Elem>(task: &Task<'_>, cache: &[E], out: &mut [f32]) {
+    attend::<E, true>(task, cache, out)
+}
+
+/// Scores of every query head of the group against each key, block by block; softmax as
+/// Hugging Face computes it; values accumulated in position order. `AVX` selects intrinsics
+/// (only instantiated inside [`attend_avx2`]) or the portable twins of identical arithmetic.
+#[inline(always)]
+fn attend<E: Elem, const AVX: bool>(task: &Task<'_>, cache: &[E], out: &mut [f32]) {
+    let (d, group, context) = (task.head_dim, task.group, task.context);
+    let layout = &task.layout;
+    let stride = layout.token_stride();
+    let mut scores = vec![0f32; group * context];
+    let mut j = 0;
+    for &block in task.table {
+        if j >= context {
+            break;
+        }
+        let n_in = layout.block_size.min(context - j);
+        let base = block as usize * layout.block_elems() + task.k_offset;
+        let keys = &cache[base..base + (n_in - 1) * stride + d];
+        for tok in 0..n_in {
+            let key = &keys[tok * stride..tok * stride + d];
+            for hh in 0..group {
+                let q = &task.q[hh * d..(hh + 1) * d];
+                scores[hh * context + j + tok] = dot_k::<E, AVX>(q, key) * task.scale;
+            }
+        }
+        j += n_in;
+    }
+    for hh in 0..group {
+        let s = &mut scores[hh * context..(hh + 1) * context];
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in s.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        for v in s.iter_mut() {
+            *v /= sum;
+        }
+    }
+    out.fill(0.0);
+    let mut j = 0;
+    for &block in task.table {
+        if j >= context {
+            break;
+        }
+        let n_in = layout.block_size.min(context - j);
+        let base = block as usize * layout.block_elems() + task.v_offset;
+        let values = &cache[base..base + (n_in - 1) * stride + d];
+        for tok in 0..n_in {
+            let value = &values[tok * stride..tok * stride + d];
+            for (hh, out) in out.chunks_mut(d).enumerate() {
+                axpy_k::<E, AVX>(out, scores[hh * context + j + tok], value);
+            }
+        }
+        j += n_in;
+    }
+}
+
+/// [`super::simd::dot`]'s arithmetic, inlinable into the AVX2 attention body.
+#[inline(always)]
+fn dot_k<E: Elem, const AVX: bool>(x: &[f32], w: &[E]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        use std::arch::x86_64::*;
+        let k8 = x.len() / 8 * 8;
+        // SAFETY: only instantiated with AVX inside `attend_avx2`; reads stay within k8.
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            let mut c = 0;
+            while c < k8 {
+                acc = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(x.as_ptr().add(c)),
+                    E::load8(w.as_ptr().add(c)),
+                    acc,
+                );
+                c += 8;
+            }
+            let mut r = super::simd::hsum_avx(acc);
+            for i in k8..x.len() {
+                r = x[i].mul_add(w[i].to_f32(), r);
+            }
+            return r;
+        }
+    }
+    super::simd::dot_portable(x, w)
+}
+
+/// `out += a * v` (fused), inlinable into the AVX2 attention body.
+#[inline(always)]
+fn axpy_k<E: Elem, const AVX: bool>(out: &mut [f32], a: f32, v: &[E]) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        use std::arch::x86_64::*;
+        let n8 = out.len() / 8 * 8;
+        // SAFETY: only instantiated with AVX inside `attend_avx2`; c + 8 <= n8 <= both lengths.
+        unsafe {
+            let av = _mm256_set1_ps(a);
+            let mut c = 0;
+            while c < n8 {
+                let o = _mm256_loadu_ps(out.as_ptr().add(c));
+                let r = _mm256_fmadd_ps(av, E::load8(v.as_ptr().add(c)), o);
+                _mm256_storeu_ps(out.as_mut_ptr().add(c), r);
+                c += 8;
+            }
+        }
+        for i in n8..out.len() {
+            out[i] = a.mul_add(v[i].to_f32(), out[i]);
+        }
+        return;
+    }
+    for (o, v) in out.iter_mut().zip(v) {
+        *o = a.mul_add(v.to_f32(), *o);
+    }
 }
 
 /// The slow twin of rope + paged attention for one sequence with no cached tokens: dense

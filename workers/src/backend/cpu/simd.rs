@@ -93,14 +93,14 @@ impl Elem for f16 {
 }
 
 #[inline(always)]
-fn hsum_lanes(a: [f32; 8]) -> f32 {
+pub(crate) fn hsum_lanes(a: [f32; 8]) -> f32 {
     let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
     (s[0] + s[2]) + (s[1] + s[3])
 }
 
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn hsum_avx(v: __m256) -> f32 {
+pub(crate) unsafe fn hsum_avx(v: __m256) -> f32 {
     // Same order as `hsum_lanes`: [l0+l4, l1+l5, l2+l6, l3+l7], then [s0+s2, s1+s3], then sum.
     unsafe {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
