@@ -12,3 +12,5 @@ pub mod default_model;
 pub mod fetch;
 pub mod inspect;
 pub mod random;
+pub mod gguf;
+pub mod import;

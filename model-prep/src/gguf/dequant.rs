@@ -1,0 +1,252 @@
+//! Dequantization of ggml tensor data to f32.
+//!
+//! Block layouts follow ggml (`ggml-common.h`); the arithmetic follows ggml's reference
+//! `dequantize_row_*` and gguf-py's `quants.py` operation for operation (same products, same
+//! order, no fused multiply-add), so results are bit-identical to `gguf.quants.dequantize`,
+//! which the fixture tests check. Large tensors are split over rayon's thread pool in runs of
+//! whole blocks.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::types::GgmlType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DequantError {
+    #[error(
+        "tensor {tensor:?} has type {ggml_type}, which cannot be converted (supported: {supported})",
+        supported = GgmlType::supported_names()
+    )]
+    Unsupported { tensor: String, ggml_type: GgmlType },
+    #[error("tensor {tensor:?}: {len} bytes of {ggml_type} data is not a whole number of blocks")]
+    PartialBlock {
+        tensor: String,
+        ggml_type: GgmlType,
+        len: usize,
+    },
+}
+
+/// Elements handed to one rayon task: big enough to amortize scheduling, small enough to
+/// spread a single large tensor over all cores.
+const ELEMENTS_PER_TASK: usize = 1 << 16;
+
+/// Converts the data of tensor `tensor` (named only for errors) of type `ggml_type` to f32.
+pub fn dequantize(
+    tensor: &str,
+    ggml_type: GgmlType,
+    data: &[u8],
+) -> Result<Vec<f32>, DequantError> {
+    let unsupported = || DequantError::Unsupported {
+        tensor: tensor.to_string(),
+        ggml_type,
+    };
+    if !ggml_type.is_supported() {
+        return Err(unsupported());
+    }
+    let (block_elems, block_bytes) = ggml_type.block_layout().ok_or_else(unsupported)?;
+    let (block_elems, block_bytes) = (block_elems as usize, block_bytes as usize);
+    if data.len() % block_bytes != 0 {
+        return Err(DequantError::PartialBlock {
+            tensor: tensor.to_string(),
+            ggml_type,
+            len: data.len(),
+        });
+    }
+    let mut out = vec![0f32; data.len() / block_bytes * block_elems];
+    match ggml_type {
+        GgmlType::F32 => blocks::<4, 1>(data, &mut out, |b, y| y[0] = f32::from_le_bytes(*b)),
+        GgmlType::F16 => blocks::<2, 1>(data, &mut out, |b, y| y[0] = half(b)),
+        GgmlType::BF16 => blocks::<2, 1>(data, &mut out, |b, y| {
+            y[0] = f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16)
+        }),
+        GgmlType::Q8_0 => blocks::<34, 32>(data, &mut out, q8_0),
+        GgmlType::Q4_0 => blocks::<18, 32>(data, &mut out, q4_0),
+        GgmlType::Q4_1 => blocks::<20, 32>(data, &mut out, q4_1),
+        GgmlType::Q4_K => blocks::<144, 256>(data, &mut out, q4_k),
+        GgmlType::Q6_K => blocks::<210, 256>(data, &mut out, q6_k),
+        _ => return Err(unsupported()),
+    }
+    Ok(out)
+}
+
+/// Applies `f` to every (block, output) pair, in parallel runs of blocks.
+fn blocks<const BYTES: usize, const ELEMS: usize>(
+    data: &[u8],
+    out: &mut [f32],
+    f: impl Fn(&[u8; BYTES], &mut [f32; ELEMS]) + Sync,
+) {
+    let (data, _) = data.as_chunks::<BYTES>();
+    let (out, _) = out.as_chunks_mut::<ELEMS>();
+    let blocks_per_task = (ELEMENTS_PER_TASK / ELEMS).max(1);
+    data.par_chunks(blocks_per_task)
+        .zip(out.par_chunks_mut(blocks_per_task))
+        .for_each(|(data, out)| {
+            for (block, y) in data.iter().zip(out.iter_mut()) {
+                f(block, y);
+            }
+        });
+}
+
+fn half(bytes: &[u8; 2]) -> f32 {
+    f16::from_le_bytes(*bytes).to_f32()
+}
+
+fn half_at(block: &[u8], at: usize) -> f32 {
+    half(&[block[at], block[at + 1]])
+}
+
+/// `d: f16, qs: [i8; 32]`; `y = q * d`.
+fn q8_0(block: &[u8; 34], y: &mut [f32; 32]) {
+    let d = half_at(block, 0);
+    for (y, &q) in y.iter_mut().zip(&block[2..]) {
+        *y = f32::from(q as i8) * d;
+    }
+}
+
+/// `d: f16, qs: [u8; 16]`; low nibbles are elements 0..16, high nibbles 16..32;
+/// `y = d * (q - 8)`.
+fn q4_0(block: &[u8; 18], y: &mut [f32; 32]) {
+    let d = half_at(block, 0);
+    for (i, &q) in block[2..].iter().enumerate() {
+        y[i] = d * f32::from((q & 0x0f) as i8 - 8);
+        y[i + 16] = d * f32::from((q >> 4) as i8 - 8);
+    }
+}
+
+/// `d: f16, m: f16, qs: [u8; 16]` (nibbles as Q4_0); `y = d * q + m`.
+fn q4_1(block: &[u8; 20], y: &mut [f32; 32]) {
+    let d = half_at(block, 0);
+    let m = half_at(block, 2);
+    for (i, &q) in block[4..].iter().enumerate() {
+        y[i] = d * f32::from(q & 0x0f) + m;
+        y[i + 16] = d * f32::from(q >> 4) + m;
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K block, packed in 12 bytes
+/// (ggml's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, scales: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        (
+            (scales[j + 4] & 0x0f) | ((scales[j - 4] >> 6) << 4),
+            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+        )
+    }
+}
+
+/// `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`: eight sub-blocks of 32, each with a
+/// 6-bit scale and min; 32 bytes of `qs` hold two sub-blocks (low nibbles, then high);
+/// `y = (d * scale) * q - (dmin * min)`.
+fn q4_k(block: &[u8; 144], y: &mut [f32; 256]) {
+    let d = half_at(block, 0);
+    let dmin = half_at(block, 2);
+    let scales = &block[4..16];
+    let qs = &block[16..];
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, scales);
+        let dl = d * f32::from(sc);
+        let ml = dmin * f32::from(m);
+        let shift = 4 * (j % 2);
+        let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+        for (l, &q) in bytes.iter().enumerate() {
+            y[32 * j + l] = dl * f32::from((q >> shift) & 0x0f) - ml;
+        }
+    }
+}
+
+/// `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`: two halves of 128 elements; in
+/// half `h`, element `r` takes its low 4 bits from nibble `r / 64` of `ql[64h + r % 64]` and
+/// its high 2 bits from bits `2 (r / 32)` of `qh[32h + r % 32]`; 16 groups of 16 share a
+/// scale; `y = (d * scale) * (q - 32)`.
+fn q6_k(block: &[u8; 210], y: &mut [f32; 256]) {
+    let ql = &block[..128];
+    let qh = &block[128..192];
+    let scales = &block[192..208];
+    let d = half_at(block, 208);
+    for (i, y) in y.iter_mut().enumerate() {
+        let (h, r) = (i / 128, i % 128);
+        let low = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 0x0f;
+        let high = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 0x03;
+        let q = (low | (high << 4)) as i8 - 32;
+        let dl = d * f32::from(scales[i / 16] as i8);
+        *y = dl * f32::from(q);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f16_bytes(v: f32) -> [u8; 2] {
+        f16::from_f32(v).to_le_bytes()
+    }
+
+    #[test]
+    fn q8_0_and_q4_blocks() {
+        let mut b = vec![];
+        b.extend(f16_bytes(0.5));
+        b.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        let y = dequantize("t", GgmlType::Q8_0, &b).unwrap();
+        assert_eq!(y[0], -8.0);
+        assert_eq!(y[31], 7.5);
+
+        let mut b = vec![];
+        b.extend(f16_bytes(2.0));
+        b.extend([0x1f; 16]);
+        let y = dequantize("t", GgmlType::Q4_0, &b).unwrap();
+        assert_eq!((y[0], y[16]), (14.0, -14.0));
+
+        let mut b = vec![];
+        b.extend(f16_bytes(0.5));
+        b.extend(f16_bytes(-1.0));
+        b.extend([0x30; 16]);
+        let y = dequantize("t", GgmlType::Q4_1, &b).unwrap();
+        assert_eq!((y[0], y[16]), (-1.0, 0.5));
+    }
+
+    #[test]
+    fn q4_k_scale_packing() {
+        // Sub-block 5 takes its scale from byte 9's low nibble and byte 1's top bits.
+        let mut scales = [0u8; 12];
+        scales[9] = 0x2a;
+        scales[1] = 0b1100_0000;
+        scales[5] = 0b0100_0000;
+        assert_eq!(scale_min_k4(5, &scales), (0x3a, 0x12));
+        assert_eq!(scale_min_k4(1, &scales), (0, 0));
+    }
+
+    #[test]
+    fn q6_k_element_positions() {
+        let mut b = [0u8; 210];
+        b[128 + 32 + 5] = 0b11 << 4; // half 1, element 128 + 64 + 5: high bits 3
+        b[64 + 5] = 0x70; // half 1, element 128 + 64 + 5: low nibble 7 (high nibble of byte 69)
+        b[192..208].fill(1);
+        b[208..210].copy_from_slice(&f16_bytes(1.0));
+        let y = dequantize("t", GgmlType::Q6_K, &b).unwrap();
+        assert_eq!(y[128 + 64 + 5], f32::from(0x37u8) - 32.0);
+        assert_eq!(y[0], -32.0);
+    }
+
+    #[test]
+    fn unsupported_type_and_partial_block_are_named() {
+        let err = dequantize("blk.0.attn_q.weight", GgmlType(6), &[0; 22]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("blk.0.attn_q.weight") && msg.contains("Q5_0"),
+            "{msg}"
+        );
+        let err = dequantize("x", GgmlType::Q8_0, &[0; 35]).unwrap_err();
+        assert!(err.to_string().contains("whole number of blocks"), "{err}");
+    }
+
+    #[test]
+    fn parallel_runs_cover_every_block() {
+        // More blocks than one task holds, so several tasks run.
+        let n = ELEMENTS_PER_TASK * 3 + 5;
+        let data: Vec<u8> = (0..n).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let y = dequantize("t", GgmlType::F32, &data).unwrap();
+        assert!(y.iter().enumerate().all(|(i, &v)| v == i as f32));
+    }
+}
