@@ -1,1 +1,588 @@
-//! (in progress)
+//! Turns one sequence's logits into its next token: greedy, temperature, top-k, top-p, min-p,
+//! repetition / presence / frequency penalties, per-request seeds, log-probabilities.
+//!
+//! Pure logic, no backend: the engine hands each sequence's row of logits (f32, one per
+//! vocabulary entry) to that sequence's [`Sampler`].
+//!
+//! # Order of operations
+//! 1. Reject NaN / `+inf` logits ([`SamplingError::NonFiniteLogits`]): they mean the forward
+//!    pass broke, and a token drawn from them would be silent garbage. `-inf` is allowed (it
+//!    masks a token) but at least one logit must be finite.
+//! 2. Penalties, in place (see [`penalties`]): repetition (HF, prompt + generated), then
+//!    presence and frequency (OpenAI, generated only).
+//! 3. Log-probabilities: the log-softmax of the penalised logits at temperature 1, before any
+//!    truncation. This is what OpenAI reports (its logprobs do not move with `temperature` or
+//!    `top_p`) and vLLM's "processed" mode minus temperature; it keeps every reported value
+//!    finite and meaningful even for greedy requests, where a temperature-0 distribution would
+//!    be degenerate.
+//! 4. Choice: greedy (`temperature == 0`: argmax, ties to the lowest id) or, in Hugging Face's
+//!    order, temperature, top-k, top-p (over the top-k mass), min-p, then one draw.
+//!
+//! # Reproducibility
+//! Every token costs exactly one uniform draw, whatever filters ran, and the draw for the
+//! `n`-th generated token comes from ChaCha12 stream `n` of the request's seed (`n` is
+//! `generated.len()`). So a token depends only on (seed, position, logits): not on the batch it
+//! was computed in, nor on which worker sampled the previous tokens. A decode worker continuing
+//! a request prefilled elsewhere just needs the seed ([`Sampler::seed`], drawn from OS entropy
+//! when the request had none). Ties are always broken by the lowest id and candidate sets are
+//! walked in a fixed order, so no step depends on an unstable sort.
+//!
+//! # Cost
+//! O(V) per token plus: top-k uses `select_nth_unstable` (O(V)) and sorts only the k kept;
+//! top-p sorts a growing prefix (64, 256, …) until it holds the requested mass, so a peaked
+//! distribution never pays for a full vocabulary sort.
+
+mod logprobs;
+mod params;
+mod penalties;
+
+pub use params::SamplingParams;
+
+use rand_chacha::ChaCha12Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+
+/// Why a token could not be sampled.
+#[derive(Debug, thiserror::Error)]
+pub enum SamplingError {
+    #[error("invalid sampling parameter `{name}`: {reason}")]
+    InvalidParam { name: &'static str, reason: String },
+    #[error(
+        "logits contain {count} NaN or +inf values (first at token {first_token}): the forward pass produced invalid values"
+    )]
+    NonFiniteLogits { count: usize, first_token: u32 },
+    #[error("no token can be sampled: the logits are empty or all -inf")]
+    NoCandidates,
+    #[error("token id {token} in the history is outside the vocabulary of {vocab_size} logits")]
+    TokenOutOfRange { token: u32, vocab_size: usize },
+}
+
+/// One sampled token with its log-probability and, when requested, the best alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub id: u32,
+    /// Log-probability of `id` under the penalised, untruncated, temperature-1 distribution.
+    pub logprob: f32,
+    /// The `SamplingParams::logprobs` best tokens with their log-probabilities, best first
+    /// (ties to the lowest id); empty when not requested.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// The sampling state of one sequence: its parameters and its random stream.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    seed: u64,
+    rng: ChaCha12Rng,
+    /// Reused for penalty counting, so a step allocates nothing for it.
+    scratch: Vec<u32>,
+}
+
+impl Sampler {
+    /// Validates `params` and seeds the stream (from OS entropy when `params.seed` is `None`).
+    pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
+        params.validate()?;
+        let seed = params.seed.unwrap_or_else(|| rand::rng().next_u64());
+        Ok(Self {
+            params,
+            seed,
+            rng: ChaCha12Rng::seed_from_u64(seed),
+            scratch: Vec::new(),
+        })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The seed in use: the request's, or the one drawn for it. Pass it along with the request
+    /// to continue the same stream on another worker.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Samples the next token. `logits` is this sequence's row (one value per vocabulary entry)
+    /// and is modified in place (penalties applied). `previous_tokens` is prompt + generated
+    /// (for the repetition penalty); `generated` is what this request produced so far (for
+    /// presence/frequency penalties, and its length picks the random stream).
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        previous_tokens: &[u32],
+        generated: &[u32],
+    ) -> Result<SampledToken, SamplingError> {
+        check_finite(logits)?;
+        if self.params.has_penalties() {
+            penalties::apply(
+                &self.params,
+                logits,
+                previous_tokens,
+                generated,
+                &mut self.scratch,
+            )?;
+        }
+        let max_logit = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max_logit == f32::NEG_INFINITY {
+            return Err(SamplingError::NoCandidates);
+        }
+        let log_normalizer = logprobs::log_normalizer(logits, max_logit);
+        // Drawn even when greedy, so the stream never depends on the path taken.
+        let u = self.uniform(generated.len() as u64);
+        let id = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            sample_truncated(&self.params, logits, max_logit, u)
+        };
+        let top_logprobs = match self.params.logprobs {
+            Some(n) => logprobs::top_n(logits, n as usize, log_normalizer),
+            None => Vec::new(),
+        };
+        Ok(SampledToken {
+            id,
+            logprob: logprobs::logprob(logits[id as usize], log_normalizer),
+            top_logprobs,
+        })
+    }
+
+    /// The uniform in `[0, 1)` for generated position `step`: the first 53 bits of ChaCha12
+    /// stream `step`, so it does not depend on how many draws came before.
+    fn uniform(&mut self, step: u64) -> f64 {
+        self.rng.set_stream(step);
+        self.rng.set_word_pos(0);
+        (self.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+fn check_finite(logits: &[f32]) -> Result<(), SamplingError> {
+    let is_bad = |l: &f32| l.is_nan() || *l == f32::INFINITY;
+    match logits.iter().position(is_bad) {
+        None => Ok(()),
+        Some(first) => Err(SamplingError::NonFiniteLogits {
+            count: logits.iter().filter(|l| is_bad(l)).count(),
+            first_token: first as u32,
+        }),
+    }
+}
+
+/// Index of the largest logit, the lowest index among equals. Logits are NaN-free here.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (id, &logit) in logits.iter().enumerate() {
+        if logit > logits[best] {
+            best = id;
+        }
+    }
+    best as u32
+}
+
+/// Temperature, then top-k, top-p, min-p, then one draw with `u`. `max_logit` is finite.
+fn sample_truncated(params: &SamplingParams, logits: &[f32], max_logit: f32, u: f64) -> u32 {
+    let temperature = params.temperature;
+    // Divide rather than multiply by 1/T: for a tiny T, 1/T is +inf and 0 * inf is NaN, while
+    // 0 / T is 0 (the top token keeps weight 1) and negative / T is -inf (weight 0).
+    let weight = |id: u32| ((logits[id as usize] - max_logit) / temperature).exp();
+    let vocab_size = logits.len();
+    let top_k = params
+        .top_k
+        .map_or(vocab_size, |k| k as usize)
+        .min(vocab_size);
+    if top_k == vocab_size && params.top_p >= 1.0 && params.min_p <= 0.0 {
+        let weights: Vec<f32> = (0..vocab_size as u32).map(weight).collect();
+        return draw(u, weights.iter().enumerate().map(|(id, &w)| (id as u32, w)));
+    }
+
+    let rank = |a: &u32, b: &u32| logprobs::rank(logits, *a, *b);
+    let mut ids: Vec<u32> = (0..vocab_size as u32)
+        .filter(|&id| logits[id as usize] > f32::NEG_INFINITY)
+        .collect();
+    if top_k < ids.len() {
+        ids.select_nth_unstable_by(top_k - 1, rank);
+        ids.truncate(top_k);
+        // select_nth leaves them in no particular order; sort the k kept (k is small when
+        // top-k is used for speed) so the draw walks a fixed order.
+        ids.sort_unstable_by(rank);
+    }
+    if params.top_p < 1.0 {
+        let kept_mass: f64 = ids.iter().map(|&id| f64::from(weight(id))).sum();
+        let threshold = f64::from(params.top_p) * kept_mass;
+        let kept = smallest_prefix_reaching(&mut ids, threshold, rank, |id| f64::from(weight(id)));
+        ids.truncate(kept);
+    }
+    if params.min_p > 0.0 {
+        // The top token has weight exp(0) = 1, so min_p is the threshold itself.
+        ids.retain(|&id| weight(id) >= params.min_p);
+    }
+    draw(u, ids.iter().map(|&id| (id, weight(id))))
+}
+
+/// Sorts a prefix of `ids` by `rank` and returns the length of the smallest one whose weight
+/// reaches `threshold`. Grows the sorted prefix geometrically (select_nth then sort), so a
+/// peaked distribution sorts a few dozen tokens, not the vocabulary.
+fn smallest_prefix_reaching(
+    ids: &mut [u32],
+    threshold: f64,
+    rank: impl Fn(&u32, &u32) -> std::cmp::Ordering + Copy,
+    weight: impl Fn(u32) -> f64,
+) -> usize {
+    let mut sorted = 64.min(ids.len());
+    loop {
+        if sorted < ids.len() {
+            ids.select_nth_unstable_by(sorted - 1, rank);
+        }
+        ids[..sorted].sort_unstable_by(rank);
+        let mut mass = 0.0;
+        for (i, &id) in ids[..sorted].iter().enumerate() {
+            mass += weight(id);
+            if mass >= threshold {
+                return i + 1;
+            }
+        }
+        if sorted == ids.len() {
+            // Rounding kept the total just under the threshold: keep everything.
+            return sorted;
+        }
+        sorted = (sorted * 4).min(ids.len());
+    }
+}
+
+/// Walks `weighted` in order and returns the token where the cumulative weight passes
+/// `u * total`.
+fn draw(u: f64, weighted: impl Iterator<Item = (u32, f32)> + Clone) -> u32 {
+    let total: f64 = weighted.clone().map(|(_, w)| f64::from(w)).sum();
+    let target = u * total;
+    let mut cumulative = 0.0;
+    let mut last_positive = None;
+    for (id, w) in weighted {
+        if w > 0.0 {
+            cumulative += f64::from(w);
+            last_positive = Some(id);
+            if target < cumulative {
+                return id;
+            }
+        }
+    }
+    last_positive.expect("the top-ranked token is always a candidate, with weight exp(0) = 1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(params: SamplingParams) -> Sampler {
+        Sampler::new(params).expect("test parameters are valid")
+    }
+
+    fn seeded(temperature: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            seed: Some(seed),
+            ..Default::default()
+        }
+    }
+
+    /// A deterministic, irregular logit row of `n` entries.
+    fn logits_row(n: usize, salt: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| {
+                let x = i
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(salt.wrapping_mul(40_503))
+                    >> 8;
+                (x % 10_000) as f32 / 1_000.0 - 5.0
+            })
+            .collect()
+    }
+
+    fn sample_once(s: &mut Sampler, logits: &[f32], generated: &[u32]) -> SampledToken {
+        s.sample(&mut logits.to_vec(), generated, generated)
+            .expect("logits are valid")
+    }
+
+    #[test]
+    fn greedy_picks_argmax_with_ties_to_lowest_id() {
+        let mut s = sampler(SamplingParams::greedy());
+        assert_eq!(sample_once(&mut s, &[0.1, 2.0, -1.0, 1.9], &[]).id, 1);
+        assert_eq!(sample_once(&mut s, &[0.1, 3.0, 3.0, 3.0], &[]).id, 1);
+        assert_eq!(
+            sample_once(&mut s, &[f32::NEG_INFINITY, -7.0, -9.0], &[]).id,
+            1
+        );
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_stream_depends_only_on_position() {
+        let rows: Vec<Vec<f32>> = (0..32).map(|i| logits_row(1000, i)).collect();
+        let run = |seed: u64| {
+            let mut s = sampler(seeded(1.0, seed));
+            let mut generated = Vec::new();
+            for row in &rows {
+                let t = sample_once(&mut s, row, &generated);
+                generated.push(t.id);
+            }
+            generated
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(
+            run(7),
+            run(8),
+            "different seeds should differ over 32 draws"
+        );
+
+        // A fresh sampler (another worker) continuing at position 5 draws what the first would.
+        let first = run(7);
+        let mut other = sampler(seeded(1.0, 7));
+        let t = sample_once(&mut other, &rows[5], &first[..5]);
+        assert_eq!(t.id, first[5]);
+    }
+
+    #[test]
+    fn unseeded_sampler_reports_a_seed_that_reproduces_it() {
+        let row = logits_row(500, 3);
+        let mut a = sampler(SamplingParams::default());
+        let mut b = sampler(seeded(1.0, a.seed()));
+        let mut generated = Vec::new();
+        for _ in 0..16 {
+            let ta = sample_once(&mut a, &row, &generated);
+            assert_eq!(ta, sample_once(&mut b, &row, &generated));
+            generated.push(ta.id);
+        }
+    }
+
+    #[test]
+    fn tiny_temperature_is_greedy() {
+        for salt in 0..20 {
+            let mut row = logits_row(5000, salt);
+            // Make the maximum unique: tied maxima are (correctly) sampled uniformly.
+            let greedy = argmax(&row);
+            row[greedy as usize] += 0.01;
+            for t in [1e-6f32, 1e-30, f32::MIN_POSITIVE / 4.0] {
+                let mut s = sampler(seeded(t, u64::from(salt)));
+                assert_eq!(sample_once(&mut s, &row, &[]).id, greedy, "T={t}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        for salt in 0..20 {
+            let row = logits_row(5000, salt);
+            let mut params = seeded(1.5, u64::from(salt));
+            params.top_k = Some(1);
+            let mut s = sampler(params);
+            assert_eq!(sample_once(&mut s, &row, &[]).id, argmax(&row));
+        }
+    }
+
+    #[test]
+    fn top_k_only_draws_from_the_k_best() {
+        let row = logits_row(3000, 1);
+        let mut ranked: Vec<u32> = (0..row.len() as u32).collect();
+        ranked.sort_by(|a, b| logprobs::rank(&row, *a, *b));
+        let allowed = &ranked[..5];
+        let mut params = seeded(5.0, 1);
+        params.top_k = Some(5);
+        let mut s = sampler(params);
+        let mut seen = std::collections::BTreeSet::new();
+        for step in 0..400u32 {
+            let generated = vec![0; step as usize];
+            let id = sample_once(&mut s, &row, &generated).id;
+            assert!(allowed.contains(&id), "{id} is not in the top 5");
+            seen.insert(id);
+        }
+        assert_eq!(
+            seen.len(),
+            5,
+            "a high temperature should reach all 5: {seen:?}"
+        );
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // Probabilities 0.5, 0.3, 0.15, 0.05 (ids scrambled).
+        let probs = [0.15f32, 0.5, 0.05, 0.3];
+        let row: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        let reached = |top_p: f32| {
+            let mut params = seeded(1.0, 11);
+            params.top_p = top_p;
+            let mut s = sampler(params);
+            let mut seen = std::collections::BTreeSet::new();
+            for step in 0..300 {
+                seen.insert(sample_once(&mut s, &row, &vec![0; step]).id);
+            }
+            seen.into_iter().collect::<Vec<_>>()
+        };
+        assert_eq!(reached(0.4), vec![1]);
+        assert_eq!(reached(0.5), vec![1]);
+        assert_eq!(reached(0.7), vec![1, 3]);
+        assert_eq!(reached(0.9), vec![0, 1, 3]);
+        assert_eq!(reached(1.0), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn top_p_on_a_large_flat_vocabulary_grows_the_sorted_prefix() {
+        // 10_000 equal logits: top_p = 0.5 must keep exactly the 5_000 lowest ids.
+        let row = vec![0.0f32; 10_000];
+        let mut ids: Vec<u32> = (0..10_000).collect();
+        let rank = |a: &u32, b: &u32| logprobs::rank(&row, *a, *b);
+        let kept = smallest_prefix_reaching(&mut ids, 5_000.0, rank, |_| 1.0);
+        assert_eq!(kept, 5_000);
+        let mut kept_ids = ids[..kept].to_vec();
+        kept_ids.sort_unstable();
+        assert_eq!(kept_ids, (0..5_000).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_the_fraction_of_the_top() {
+        let probs = [0.5f32, 0.3, 0.15, 0.05];
+        let row: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        let mut params = seeded(1.0, 5);
+        params.min_p = 0.25; // keeps p >= 0.125
+        let mut s = sampler(params);
+        for step in 0..300 {
+            let id = sample_once(&mut s, &row, &vec![0; step]).id;
+            assert!(id <= 2, "token {id} is below min_p");
+        }
+    }
+
+    #[test]
+    fn penalties_change_the_argmax() {
+        let row = [2.0f32, 1.8, 0.5, 1.0];
+        let mut params = SamplingParams::greedy();
+        params.repetition_penalty = 1.5; // 2.0 / 1.5 = 1.33 < 1.8
+        let mut s = sampler(params);
+        assert_eq!(sample_once(&mut s, &row, &[]).id, 0);
+        assert_eq!(s.sample(&mut row.to_vec(), &[0], &[]).unwrap().id, 1);
+
+        let mut params = SamplingParams::greedy();
+        params.frequency_penalty = 0.15;
+        let mut s = sampler(params);
+        // Token 0 generated twice: 2.0 - 0.3 = 1.7 < 1.8. Only in the prompt: no effect.
+        assert_eq!(s.sample(&mut row.to_vec(), &[0, 0], &[]).unwrap().id, 0);
+        assert_eq!(s.sample(&mut row.to_vec(), &[0, 0], &[0, 0]).unwrap().id, 1);
+
+        let mut params = SamplingParams::greedy();
+        params.presence_penalty = 0.3;
+        let mut s = sampler(params);
+        assert_eq!(s.sample(&mut row.to_vec(), &[0], &[0]).unwrap().id, 1);
+    }
+
+    #[test]
+    fn empirical_distribution_matches_softmax() {
+        let row = [1.0f32, 0.0, 2.0, -1.0, 0.5, 1.5];
+        let temperature = 0.8f32;
+        let weights: Vec<f64> = row
+            .iter()
+            .map(|&l| (f64::from(l) / f64::from(temperature)).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let expected: Vec<f64> = weights.iter().map(|w| w / total).collect();
+
+        let draws = 40_000usize;
+        let mut counts = [0usize; 6];
+        let mut s = sampler(seeded(temperature, 1234));
+        let generated: Vec<u32> = vec![0; draws];
+        for step in 0..draws {
+            counts[sample_once(&mut s, &row, &generated[..step]).id as usize] += 1;
+        }
+        for (id, (&c, &p)) in counts.iter().zip(&expected).enumerate() {
+            let observed = c as f64 / draws as f64;
+            // 5 standard deviations of a binomial proportion: fails by chance ~1e-6.
+            let tolerance = 5.0 * (p * (1.0 - p) / draws as f64).sqrt();
+            assert!(
+                (observed - p).abs() < tolerance,
+                "token {id}: observed {observed:.4}, softmax {p:.4}, tolerance {tolerance:.4}"
+            );
+        }
+    }
+
+    #[test]
+    fn logprobs_are_normalised_and_ignore_temperature_and_truncation() {
+        let row = logits_row(200, 9);
+        let mut params = seeded(0.7, 3);
+        params.top_k = Some(3);
+        params.top_p = 0.9;
+        params.logprobs = Some(200);
+        let mut s = sampler(params);
+        let t = sample_once(&mut s, &row, &[]);
+        let total: f64 = t
+            .top_logprobs
+            .iter()
+            .map(|(_, lp)| f64::from(*lp).exp())
+            .sum();
+        assert!(
+            (total - 1.0).abs() < 1e-5,
+            "full-vocabulary probabilities sum to {total}"
+        );
+        assert!(t.top_logprobs.windows(2).all(|w| w[0].1 >= w[1].1));
+        let reported = t.top_logprobs.iter().find(|(id, _)| *id == t.id).unwrap().1;
+        assert_eq!(t.logprob, reported);
+
+        // Greedy with the same logits reports the same values.
+        let mut greedy = SamplingParams::greedy();
+        greedy.logprobs = Some(5);
+        let g = sample_once(&mut sampler(greedy), &row, &[]);
+        assert_eq!(g.top_logprobs[..], t.top_logprobs[..5]);
+        assert_eq!(g.id, t.top_logprobs[0].0);
+        assert!(
+            sample_once(&mut sampler(SamplingParams::greedy()), &row, &[])
+                .top_logprobs
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn logprobs_reflect_penalties() {
+        let row = [1.0f32, 1.0];
+        let mut params = SamplingParams::greedy();
+        params.presence_penalty = 1.0;
+        params.logprobs = Some(2);
+        let t = sampler(params)
+            .sample(&mut row.to_vec(), &[0], &[0])
+            .unwrap();
+        assert_eq!(t.id, 1);
+        let expected = -(1.0f64 + (-1.0f64).exp()).ln() as f32;
+        assert!((t.logprob - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn nan_and_inf_logits_are_errors_and_neg_inf_masks() {
+        let mut s = sampler(seeded(1.0, 0));
+        let err = s
+            .sample(&mut [0.0, f32::NAN, f32::INFINITY], &[], &[])
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SamplingError::NonFiniteLogits {
+                count: 2,
+                first_token: 1
+            }
+        ));
+        let err = s.sample(&mut [f32::NEG_INFINITY; 3], &[], &[]).unwrap_err();
+        assert!(matches!(err, SamplingError::NoCandidates));
+        assert!(matches!(
+            s.sample(&mut [], &[], &[]),
+            Err(SamplingError::NoCandidates)
+        ));
+        for step in 0..100 {
+            let t = s
+                .sample(
+                    &mut [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, 0.0],
+                    &[],
+                    &vec![0; step],
+                )
+                .unwrap();
+            assert!(t.id == 1 || t.id == 3);
+        }
+    }
+
+    #[test]
+    fn invalid_params_are_refused_at_construction() {
+        let params = SamplingParams {
+            top_p: 1.5,
+            ..Default::default()
+        };
+        assert!(matches!(
+            Sampler::new(params),
+            Err(SamplingError::InvalidParam { name: "top_p", .. })
+        ));
+    }
+}
