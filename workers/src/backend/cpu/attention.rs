@@ -180,11 +180,12 @@ fn attend<E: Elem, const AVX: bool>(task: &Task<'_>, cache: &[E], out: &mut [f32
         let n_in = layout.block_size.min(context - j);
         let base = block as usize * layout.block_elems() + task.k_offset;
         let keys = &cache[base..base + (n_in - 1) * stride + d];
-        for tok in 0..n_in {
-            let key = &keys[tok * stride..tok * stride + d];
-            for hh in 0..group {
-                let q = &task.q[hh * d..(hh + 1) * d];
-                scores[hh * context + j + tok] = dot_k::<E, AVX>(q, key) * task.scale;
+        for hh in 0..group {
+            let q = &task.q[hh * d..(hh + 1) * d];
+            let row = &mut scores[hh * context + j..hh * context + j + n_in];
+            dots_k::<E, AVX>(q, keys, stride, row);
+            for s in row.iter_mut() {
+                *s *= task.scale;
             }
         }
         j += n_in;
@@ -201,22 +202,113 @@ fn attend<E: Elem, const AVX: bool>(task: &Task<'_>, cache: &[E], out: &mut [f32
             *v /= sum;
         }
     }
+    // Values: one head and up to 64 dimensions at a time, so the accumulators stay in
+    // registers across all positions (each element still sums positions in order).
+    for (hh, out) in out.chunks_mut(d).enumerate() {
+        let probs = &scores[hh * context..(hh + 1) * context];
+        let mut c0 = 0;
+        while c0 < d {
+            let width = 64.min(d - c0);
+            weighted_sum_k::<E, AVX>(task, cache, probs, c0, &mut out[c0..c0 + width]);
+            c0 += width;
+        }
+    }
+}
+
+/// `out[c] = sum_j probs[j] * V_j[c0 + c]` over the task's positions, fused, in order of `j`.
+#[inline(always)]
+fn weighted_sum_k<E: Elem, const AVX: bool>(
+    task: &Task<'_>,
+    cache: &[E],
+    probs: &[f32],
+    c0: usize,
+    out: &mut [f32],
+) {
+    let layout = &task.layout;
+    let stride = layout.token_stride();
+    #[cfg(target_arch = "x86_64")]
+    if AVX && out.len() == 64 {
+        use std::arch::x86_64::*;
+        // SAFETY: only instantiated with AVX inside `attend_avx2`; every read is checked by
+        // the slice below, which covers the 64 values of each position.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut j = 0;
+            for &block in task.table {
+                if j >= task.context {
+                    break;
+                }
+                let n_in = layout.block_size.min(task.context - j);
+                let base = block as usize * layout.block_elems() + task.v_offset + c0;
+                let values = &cache[base..base + (n_in - 1) * stride + 64];
+                for tok in 0..n_in {
+                    let p = _mm256_set1_ps(probs[j + tok]);
+                    let v = values.as_ptr().add(tok * stride);
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(p, E::load8(v.add(i * 8)), *acc);
+                    }
+                }
+                j += n_in;
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), *acc);
+            }
+        }
+        return;
+    }
     out.fill(0.0);
     let mut j = 0;
     for &block in task.table {
-        if j >= context {
+        if j >= task.context {
             break;
         }
-        let n_in = layout.block_size.min(context - j);
-        let base = block as usize * layout.block_elems() + task.v_offset;
-        let values = &cache[base..base + (n_in - 1) * stride + d];
+        let n_in = layout.block_size.min(task.context - j);
+        let base = block as usize * layout.block_elems() + task.v_offset + c0;
         for tok in 0..n_in {
-            let value = &values[tok * stride..tok * stride + d];
-            for (hh, out) in out.chunks_mut(d).enumerate() {
-                axpy_k::<E, AVX>(out, scores[hh * context + j + tok], value);
-            }
+            let value = &cache[base + tok * stride..base + tok * stride + out.len()];
+            axpy_k::<E, AVX>(out, probs[j + tok], value);
         }
         j += n_in;
+    }
+}
+
+/// `row[t] = dot(q, key t)` for the keys `stride` apart in `keys`, four keys at a time
+/// (independent FMA chains); each has [`super::simd::dot`]'s arithmetic.
+#[inline(always)]
+fn dots_k<E: Elem, const AVX: bool>(q: &[f32], keys: &[E], stride: usize, row: &mut [f32]) {
+    let d = q.len();
+    #[cfg(target_arch = "x86_64")]
+    if AVX && d % 8 == 0 {
+        use std::arch::x86_64::*;
+        let n = row.len();
+        let mut t = 0;
+        // SAFETY: only instantiated with AVX inside `attend_avx2`; key t spans
+        // keys[t * stride..t * stride + d], inside the slice for t < n.
+        unsafe {
+            while t + 4 <= n {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut c = 0;
+                while c < d {
+                    let qv = _mm256_loadu_ps(q.as_ptr().add(c));
+                    for (u, acc) in acc.iter_mut().enumerate() {
+                        let k = E::load8(keys.as_ptr().add((t + u) * stride + c));
+                        *acc = _mm256_fmadd_ps(qv, k, *acc);
+                    }
+                    c += 8;
+                }
+                for (u, acc) in acc.iter().enumerate() {
+                    row[t + u] = super::simd::hsum_avx(*acc);
+                }
+                t += 4;
+            }
+        }
+        for (u, r) in row.iter_mut().enumerate().skip(t) {
+            *r = dot_k::<E, AVX>(q, &keys[u * stride..u * stride + d]);
+        }
+        return;
+    }
+    for (u, r) in row.iter_mut().enumerate() {
+        *r = dot_k::<E, AVX>(q, &keys[u * stride..u * stride + d]);
     }
 }
 
