@@ -1,1 +1,235 @@
-//! (in progress)
+//! The model's tokenizer (`tokenizer.json`) together with the special tokens and stop ids that
+//! `tokenizer_config.json`, `generation_config.json` and `config.json` define.
+//!
+//! # Special tokens and chat templates
+//! A chat template already writes the BOS text (e.g. `<|begin_of_text|>` or `<s>`) into the
+//! prompt. Encoding that text *with* special tokens would add a second BOS through the
+//! tokenizer's post-processor. Like Hugging Face's `apply_chat_template(tokenize=True)`, encode
+//! templated prompts with `add_special_tokens = false` ([`TextTokenizer::encode_templated`]);
+//! plain-completion prompts use `add_special_tokens = true` ([`TextTokenizer::encode`]), which
+//! is what `tokenizer(text)` does in transformers.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tandem_model::{
+    CONFIG_FILE, ConfigError, GENERATION_CONFIG_FILE, GenerationConfig, TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE, TokenIds, TokenizerConfig, read_json,
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("cannot load {path}: {source}")]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{path}: special token `{field}` = {token:?} is not in the tokenizer's vocabulary")]
+    UnknownSpecialToken {
+        path: PathBuf,
+        field: &'static str,
+        token: String,
+    },
+    #[error("cannot encode text: {0}")]
+    Encode(#[source] BoxError),
+    #[error("cannot decode token ids: {0}")]
+    Decode(#[source] BoxError),
+}
+
+/// A special token's text and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecialToken {
+    pub text: String,
+    pub id: u32,
+}
+
+/// `config.json` read only for its end-of-sequence ids, so the text crate does not depend on
+/// the architecture being one the engine supports.
+#[derive(Deserialize)]
+struct ConfigEos {
+    #[serde(default)]
+    eos_token_id: Option<TokenIds>,
+}
+
+/// The tokenizer of one model directory.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    config: TokenizerConfig,
+    bos: Option<SpecialToken>,
+    eos: Option<SpecialToken>,
+    stop_token_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("stop_token_ids", &self.stop_token_ids)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json` (required), `tokenizer_config.json`, `generation_config.json` and
+    /// `config.json` (each optional: Hub repositories do not always ship them) from `model_dir`.
+    pub fn load(model_dir: &Path) -> Result<Self, TokenizerError> {
+        let tokenizer_path = model_dir.join(TOKENIZER_FILE);
+        let inner = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|source| {
+            TokenizerError::Load {
+                path: tokenizer_path,
+                source,
+            }
+        })?;
+        let config: TokenizerConfig =
+            read_optional(&model_dir.join(TOKENIZER_CONFIG_FILE))?.unwrap_or_default();
+        let generation: GenerationConfig =
+            read_optional(&model_dir.join(GENERATION_CONFIG_FILE))?.unwrap_or_default();
+        let model_eos =
+            read_optional::<ConfigEos>(&model_dir.join(CONFIG_FILE))?.and_then(|c| c.eos_token_id);
+        Self::from_parts(
+            inner,
+            config,
+            generation.eos_token_id.as_ref(),
+            model_eos.as_ref(),
+            &model_dir.join(TOKENIZER_CONFIG_FILE),
+        )
+    }
+
+    /// Builds from already-loaded parts; `config_path` is only used in error messages.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        config: TokenizerConfig,
+        generation_eos: Option<&TokenIds>,
+        model_eos: Option<&TokenIds>,
+        config_path: &Path,
+    ) -> Result<Self, TokenizerError> {
+        let special = |field: &'static str, entry: Option<&tandem_model::AddedTokenEntry>| {
+            entry
+                .map(|entry| {
+                    let text = entry.content().to_string();
+                    match inner.token_to_id(&text) {
+                        Some(id) => Ok(SpecialToken { text, id }),
+                        None => Err(TokenizerError::UnknownSpecialToken {
+                            path: config_path.to_path_buf(),
+                            field,
+                            token: text,
+                        }),
+                    }
+                })
+                .transpose()
+        };
+        let bos = special("bos_token", config.bos_token.as_ref())?;
+        let eos = special("eos_token", config.eos_token.as_ref())?;
+        let mut stop_token_ids: Vec<u32> = generation_eos
+            .into_iter()
+            .chain(model_eos)
+            .flat_map(TokenIds::to_vec)
+            .chain(eos.as_ref().map(|t| t.id))
+            .collect();
+        stop_token_ids.sort_unstable();
+        stop_token_ids.dedup();
+        Ok(Self {
+            inner,
+            config,
+            bos,
+            eos,
+            stop_token_ids,
+        })
+    }
+
+    /// Encodes a plain prompt the way `tokenizer(text)` does in transformers: the
+    /// post-processor adds the special tokens the model expects (e.g. BOS for Llama).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_with(text, true)
+    }
+
+    /// Encodes a prompt produced by the chat template, which already contains its special
+    /// tokens as text: no BOS is added (`add_special_tokens=False`, as transformers'
+    /// `apply_chat_template(tokenize=True)` does).
+    pub fn encode_templated(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_with(text, false)
+    }
+
+    pub fn encode_with(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(TokenizerError::Encode)?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text. `skip_special_tokens` drops added special tokens (the default for
+    /// completions returned to clients, as in vLLM and TGI).
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(TokenizerError::Decode)
+    }
+
+    pub fn bos_token(&self) -> Option<&SpecialToken> {
+        self.bos.as_ref()
+    }
+
+    pub fn eos_token(&self) -> Option<&SpecialToken> {
+        self.eos.as_ref()
+    }
+
+    /// Ids that end generation: `generation_config.json`'s `eos_token_id` ∪ `config.json`'s ∪
+    /// the tokenizer's `eos_token`, sorted and without duplicates (Llama 3 Instruct, for one,
+    /// ends turns with `<|eot_id|>`, listed only in generation_config).
+    pub fn stop_token_ids(&self) -> &[u32] {
+        &self.stop_token_ids
+    }
+
+    pub fn is_stop_token(&self, id: u32) -> bool {
+        self.stop_token_ids.binary_search(&id).is_ok()
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The vocabulary entry of `id` (byte-level BPE entries are in their `Ġ`-mapped form).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The default chat template from `tokenizer_config.json`, if any.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.config.default_chat_template()
+    }
+
+    pub fn config(&self) -> &TokenizerConfig {
+        &self.config
+    }
+
+    /// The wrapped `tokenizers` tokenizer (the detokenizer decodes windows through it).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+/// Reads a JSON file that may be absent; any other failure is an error naming the file.
+fn read_optional<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, TokenizerError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(read_json(path)?))
+}
