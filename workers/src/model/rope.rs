@@ -38,7 +38,8 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f32> {
             } else {
                 f
             };
-            let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+            // HF: `~(wavelen < high) * ~(wavelen > low)`; the same for the finite wavelengths here.
+            let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
             if is_medium {
                 let smooth = (old_context / wavelen - low_freq_factor)
                     / (high_freq_factor - low_freq_factor);

@@ -278,7 +278,7 @@ fn weighted_sum_k<E: Elem, const AVX: bool>(
 fn dots_k<E: Elem, const AVX: bool>(q: &[f32], keys: &[E], stride: usize, row: &mut [f32]) {
     let d = q.len();
     #[cfg(target_arch = "x86_64")]
-    if AVX && d % 8 == 0 {
+    if AVX && d.is_multiple_of(8) {
         use std::arch::x86_64::*;
         let n = row.len();
         let mut t = 0;

@@ -400,9 +400,18 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; rows * n];
         self.pool.install(|| match &weight.data {
             WeightData::Vector(_) => Err(shape_err("linear", "the weight is a vector".into())),
-            WeightData::F32(w) => Ok(matmul::linear(&x.data, rows, w, bias, &mut out)),
-            WeightData::Bf16(w) => Ok(matmul::linear(&x.data, rows, w, bias, &mut out)),
-            WeightData::F16(w) => Ok(matmul::linear(&x.data, rows, w, bias, &mut out)),
+            WeightData::F32(w) => {
+                matmul::linear(&x.data, rows, w, bias, &mut out);
+                Ok(())
+            }
+            WeightData::Bf16(w) => {
+                matmul::linear(&x.data, rows, w, bias, &mut out);
+                Ok(())
+            }
+            WeightData::F16(w) => {
+                matmul::linear(&x.data, rows, w, bias, &mut out);
+                Ok(())
+            }
         })?;
         Ok(CpuTensor::new(rows, n, out))
     }
@@ -447,7 +456,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor, BackendError> {
-        if gate_up.cols % 2 != 0 {
+        if !gate_up.cols.is_multiple_of(2) {
             return Err(shape_err("silu_mul", format!("odd width {}", gate_up.cols)));
         }
         let f = gate_up.cols / 2;
@@ -510,7 +519,7 @@ fn check_attention(
         || layout.block_size != plan.block_size
         || plan.rope_half * 2 != shape.head_dim
         || shape.num_kv_heads == 0
-        || shape.num_heads % shape.num_kv_heads != 0
+        || !shape.num_heads.is_multiple_of(shape.num_kv_heads)
     {
         return Err(shape_err(
             "attention",
