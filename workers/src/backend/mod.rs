@@ -114,6 +114,13 @@ pub trait Backend: Send + Sync {
     /// Human-readable description (device, threads, formats) for logs and benchmarks.
     fn describe(&self) -> String;
 
+    /// Runs `f` (a whole forward) in the backend's execution context: the CPU backend runs it on
+    /// one of its own threads so that the ops inside do not hand work across threads at every
+    /// call. Others run it in place.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     /// Uploads `parts` concatenated along dimension 0 (all parts have the same dtype and the
     /// same trailing dimensions).
     fn upload_weight(&self, parts: &[HostTensor<'_>]) -> Result<Self::Weight, BackendError>;

@@ -204,6 +204,14 @@ impl<B: Backend> Model<B> {
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.backend.run(|| self.forward_on_device(batch, kv))
+    }
+
+    fn forward_on_device(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let layout = self.backend.kv_cache_layout(kv);
         let expected = self.kv_layout(layout.block_size);
         if layout != expected {

@@ -112,15 +112,19 @@ fn attention_typed<E: Elem>(
     let tokens = plan.num_tokens();
     let avx = super::simd::has_avx2();
     let mut out = vec![0f32; tokens * shape.num_heads * d];
-    // One task per (token, kv head): its output is `group` consecutive heads of the row.
-    out.par_chunks_mut(group * d)
+    // One task per (token, query head): a decode step still has num_heads tasks to spread
+    // over the threads. (Grouping a kv head's query heads would read each key once instead of
+    // `group` times, but from L1/L2 that is cheaper than idle threads.)
+    out.par_chunks_mut(d)
         .enumerate()
+        .with_min_len(4)
         .for_each(|(item, out)| {
-            let (t, g) = (item / shape.num_kv_heads, item % shape.num_kv_heads);
+            let (t, h) = (item / shape.num_heads, item % shape.num_heads);
+            let g = h / group;
             let seq = &plan.sequences[seq_of_token[t] as usize];
             let task = Task {
-                q: &qkv[t * width + g * group * d..][..group * d],
-                group,
+                q: &qkv[t * width + h * d..][..d],
+                group: 1,
                 head_dim: d,
                 scale: shape.scale,
                 context: seq.cached_len + (t - seq.token_start) + 1,
@@ -141,7 +145,7 @@ fn attention_typed<E: Elem>(
     out
 }
 
-/// One (token, kv head) of paged attention.
+/// Paged attention of `group` query heads of one token that share one kv head.
 struct Task<'a> {
     /// The group's query heads, `[group][head_dim]`.
     q: &'a [f32],

@@ -186,6 +186,10 @@ impl Backend for CpuBackend {
         )
     }
 
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     fn upload_weight(&self, parts: &[HostTensor<'_>]) -> Result<CpuWeight, BackendError> {
         let first = parts
             .first()
