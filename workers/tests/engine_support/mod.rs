@@ -1,0 +1,104 @@
+//! Shared helpers of the engine and `worker generate` tests: the prepared model directories
+//! and an engine on the real model and CPU backend.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::PathBuf;
+
+use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
+use tandem_workers::engine::{
+    Engine, EngineConfig, EngineEvent, EventKind, FinishReason, ModelRunner, RequestId,
+};
+use tandem_workers::model::{Model, ModelOptions};
+
+/// A model directory prepared by `scripts/test-models` under `$TANDEM_TEST_MODELS` (default
+/// `<workspace>/target/test-models`). Panics with the command that makes it when missing:
+/// these tests must not pass by skipping.
+pub fn test_model(name: &str) -> PathBuf {
+    let root = std::env::var_os("TANDEM_TEST_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-models"));
+    let dir = root.join(name);
+    if !dir.join("config.json").is_file() {
+        let command = match name {
+            "tiny" => format!(
+                "model-prep random --preset tiny --seed 0 --dtype f32 -o {}",
+                dir.display()
+            ),
+            "smollm2-bf16" => format!("model-prep default --dtype bf16 -o {}", dir.display()),
+            "smollm2-f32" => format!("model-prep default --dtype f32 -o {}", dir.display()),
+            _ => "scripts/test-models".to_owned(),
+        };
+        panic!(
+            "test model {} is missing: run scripts/test-models (or `{command}`)",
+            dir.display()
+        );
+    }
+    dir
+}
+
+pub type CpuEngine = Engine<ModelRunner<CpuBackend>>;
+
+/// An engine on `model_dir` with the given config, on 2 CPU threads, without text.
+pub fn cpu_engine(model_dir: &std::path::Path, config: EngineConfig) -> CpuEngine {
+    let backend = CpuBackend::new(&CpuOptions {
+        threads: 2,
+        ..Default::default()
+    })
+    .expect("cpu backend");
+    let model = Model::load(model_dir, backend, &ModelOptions::default())
+        .unwrap_or_else(|e| panic!("loading {}: {e}", model_dir.display()));
+    let runner = ModelRunner::new(model, config.block_size, config.num_blocks).expect("kv cache");
+    Engine::new(runner, config, None).expect("engine")
+}
+
+/// What one request produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub reason: Option<FinishReason>,
+}
+
+/// Records events per request.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    pub outcomes: std::collections::HashMap<RequestId, Outcome>,
+}
+
+impl Recorder {
+    pub fn record(&mut self, events: Vec<EngineEvent>) {
+        for ev in events {
+            let out = self.outcomes.entry(ev.request_id).or_insert(Outcome {
+                tokens: vec![],
+                text: String::new(),
+                reason: None,
+            });
+            match ev.kind {
+                EventKind::Token { id, text_delta, .. } => {
+                    assert!(out.reason.is_none(), "token after Finished");
+                    out.tokens.push(id);
+                    out.text.push_str(&text_delta);
+                }
+                EventKind::Finished { reason, .. } => {
+                    assert!(out.reason.is_none(), "Finished twice");
+                    out.reason = Some(reason);
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, id: RequestId) -> &Outcome {
+        &self.outcomes[&id]
+    }
+}
+
+/// Steps `engine` until it has no work, recording every event.
+pub fn run_to_idle(engine: &mut CpuEngine, recorder: &mut Recorder) -> usize {
+    let mut steps = 0;
+    while engine.has_work() {
+        recorder.record(engine.step());
+        steps += 1;
+        assert!(steps < 100_000, "engine made no progress");
+    }
+    steps
+}
