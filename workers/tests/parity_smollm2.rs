@@ -5,30 +5,14 @@
 
 mod parity_support;
 
-use std::path::PathBuf;
-
 use parity_support::*;
 
 const MAX_REL_L2: f64 = 1e-4;
 
-fn model_dir() -> PathBuf {
-    let root = std::env::var_os("TANDEM_TEST_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-models"));
-    let dir = root.join("smollm2-f32");
-    assert!(
-        dir.join("config.json").exists(),
-        "{} is missing: run scripts/test-models (model-prep default --dtype f32 -o {})",
-        dir.display(),
-        dir.display()
-    );
-    dir
-}
-
 #[test]
 fn smollm2_f32_logits_and_greedy_tokens_match_transformers() {
     let reference = read_reference(&fixture_dir("smollm2"));
-    let model = load_cpu(&model_dir());
+    let model = load_cpu(&test_model_dir("smollm2-f32"));
     for (prompt, expected) in reference.prompts.iter().zip(&reference.logits) {
         let mut session = Session::new(&model, prompt.ids.len());
         let whole = session.feed(&prompt.ids);

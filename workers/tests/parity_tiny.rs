@@ -1,7 +1,10 @@
 //! Logit and greedy parity of the CPU model with Hugging Face transformers (float32) on tiny
 //! random models committed with their reference outputs: Llama, Llama with llama3 rope scaling,
-//! and Qwen2 (q/k/v bias, tied embeddings). Regenerate with
-//! `scripts/fixtures/parity_reference.py tiny`.
+//! and Qwen2 (q/k/v bias, tied embeddings); regenerate with
+//! `scripts/fixtures/parity_reference.py tiny`. And our own `model-prep random --preset tiny
+//! --seed 0` model (`$TANDEM_TEST_MODELS/tiny`), whose reference is committed; regenerate it
+//! with `scripts/fixtures/parity_reference.py dir --model target/test-models/tiny --name
+//! model-prep-tiny` if model-prep's random weights change.
 
 mod parity_support;
 
@@ -10,9 +13,12 @@ use parity_support::*;
 const MAX_REL_L2: f64 = 1e-4;
 
 fn check_model(name: &str) {
-    let dir = fixture_dir(name);
-    let reference = read_reference(&dir);
-    let model = load_cpu(&dir);
+    check_model_at(&fixture_dir(name), &fixture_dir(name), name);
+}
+
+fn check_model_at(model_dir: &std::path::Path, reference_dir: &std::path::Path, name: &str) {
+    let reference = read_reference(reference_dir);
+    let model = load_cpu(model_dir);
     for (prompt, expected) in reference.prompts.iter().zip(&reference.logits) {
         let mut session = Session::new(&model, prompt.ids.len());
         let whole = session.feed(&prompt.ids);
@@ -63,4 +69,13 @@ fn tiny_llama3_rope_scaling_matches_transformers() {
 #[test]
 fn tiny_qwen2_with_qkv_bias_matches_transformers() {
     check_model("tiny-qwen2");
+}
+
+#[test]
+fn model_prep_random_tiny_matches_transformers() {
+    check_model_at(
+        &test_model_dir("tiny"),
+        &fixture_dir("model-prep-tiny"),
+        "model-prep-tiny",
+    );
 }
