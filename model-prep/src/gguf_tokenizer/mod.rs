@@ -10,8 +10,13 @@
 //!
 //! Where transformers and llama.cpp disagree we follow transformers, with two exceptions, both
 //! documented where they are decided: a SentencePiece vocabulary with `add_space_prefix = false`
-//! gets no prefix space ([`sentencepiece::pre_tokenizer`]), and no token is invented past the
-//! vocabulary ([`special_tokens::added_tokens`]).
+//! gets no prefix space (`sentencepiece::pre_tokenizer`), and no token is invented past the
+//! vocabulary (`special_tokens::added_tokens`).
+//!
+//! Not covered: transformers' architecture-specific SentencePiece builders (Gemma respells
+//! space tokens and orders merges by position; Phi-3 prepends with a normalizer). They are chosen
+//! by `general.architecture`, which a [`GgufVocab`] does not carry; such files get the generic
+//! Llama build. Unigram (`"t5"`) and WordPiece (`"bert"`) vocabularies are refused.
 
 mod byte_level;
 mod sentencepiece;
@@ -54,7 +59,9 @@ pub struct TokenizerFiles {
     /// The serialized `tokenizer.json`.
     pub tokenizer_json: String,
     pub tokenizer_config: TokenizerConfig,
-    /// The ids that end generation, for `generation_config.json`'s `eos_token_id`.
+    /// The ids that end generation, for `generation_config.json`'s `eos_token_id`: the EOS id
+    /// first, then EOT and the vocabulary's other end-of-turn markers (see
+    /// `special_tokens::end_of_generation_ids` for why one EOS is not enough).
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
 }

@@ -154,11 +154,14 @@ const END_OF_GENERATION_TEXTS: &[&str] = &[
     "<|eot_id|>",
     "<|im_end|>",
     "<|end|>",
+    "<|return|>",
+    "<|call|>",
     "<end_of_turn>",
     "<|endoftext|>",
     "<|eom_id|>",
-    "<|end_of_text|>",
     "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
     "<end_of_utterance>",
 ];
 
