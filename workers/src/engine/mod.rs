@@ -35,7 +35,7 @@ pub use request::{
     EngineEvent, EventKind, FinishReason, GenerationRequest, RequestId, RetainedKv, Usage,
 };
 pub use runner::{ModelRunner, StepModel};
-pub use text::{TextDecoder, TextStep, TextStream};
+pub use text::{TextDecoder, TextStep, TextStream, TokenizerText};
 
 use crate::model::ForwardBatch;
 use crate::sampler::{Sampler, SamplingError};
