@@ -63,7 +63,9 @@ const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\
 /// The table is transformers' (`integrations/gguf/gguf_tokenizer_mapping.py`), which uses the
 /// regexes of the models' own `tokenizer.json` files. `gpt2`, `smollm` and `default` keep GPT-2's
 /// built-in split, as transformers does. For `smollm` llama.cpp also splits digits one by one;
-/// SmolLM's vocabulary has no merge involving a digit, so both give the same ids.
+/// SmolLM's vocabulary has no merge involving a digit, so both give the same ids. For `default`
+/// llama.cpp uses other regexes (punctuation runs and digits split apart), so on such text its
+/// ids differ from transformers' and ours.
 const PRE_TOKENIZERS: &[(&str, Option<&str>)] = &[
     ("default", None),
     ("gpt2", None),

@@ -81,6 +81,10 @@ pub(super) fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(Stri
 /// its non-legacy Llama behaviour) and ignores `add_space_prefix = false`. We follow it when the
 /// flag is true, but honour false ("never"), as llama.cpp and the SentencePiece model itself do:
 /// ignoring it would change the first token of every input of a model trained without the prefix.
+///
+/// With the prefix, llama.cpp differs from transformers (and so from us) in two places: it adds
+/// `▁` even when the text already starts with a space, and it adds one after every special token
+/// too, not just at the start of the text.
 pub(super) fn pre_tokenizer(add_space_prefix: bool) -> Value {
     json!({
         "type": "Metaspace",
