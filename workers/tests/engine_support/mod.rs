@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
 use tandem_workers::engine::{
     Engine, EngineConfig, EngineEvent, EventKind, FinishReason, ModelRunner, RequestId,
+    TokenizerText,
 };
 use tandem_workers::model::{Model, ModelOptions};
 
@@ -40,6 +41,15 @@ pub type CpuEngine = Engine<ModelRunner<CpuBackend>>;
 
 /// An engine on `model_dir` with the given config, on 2 CPU threads, without text.
 pub fn cpu_engine(model_dir: &std::path::Path, config: EngineConfig) -> CpuEngine {
+    build_engine(model_dir, config, false)
+}
+
+/// An engine with the model's tokenizer: text deltas and stop strings.
+pub fn cpu_engine_with_text(model_dir: &std::path::Path, config: EngineConfig) -> CpuEngine {
+    build_engine(model_dir, config, true)
+}
+
+fn build_engine(model_dir: &std::path::Path, config: EngineConfig, with_text: bool) -> CpuEngine {
     let backend = CpuBackend::new(&CpuOptions {
         threads: 2,
         ..Default::default()
@@ -48,7 +58,13 @@ pub fn cpu_engine(model_dir: &std::path::Path, config: EngineConfig) -> CpuEngin
     let model = Model::load(model_dir, backend, &ModelOptions::default())
         .unwrap_or_else(|e| panic!("loading {}: {e}", model_dir.display()));
     let runner = ModelRunner::new(model, config.block_size, config.num_blocks).expect("kv cache");
-    Engine::new(runner, config, None).expect("engine")
+    let text: Option<std::sync::Arc<dyn tandem_workers::engine::TextDecoder>> =
+        with_text.then(|| {
+            let tokenizer = tandem_text::tokenizer::TextTokenizer::load(model_dir)
+                .unwrap_or_else(|e| panic!("tokenizer of {}: {e}", model_dir.display()));
+            std::sync::Arc::new(TokenizerText::new(std::sync::Arc::new(tokenizer))) as _
+        });
+    Engine::new(runner, config, text).expect("engine")
 }
 
 /// What one request produced.
