@@ -6,3 +6,6 @@ pub mod chat_template;
 pub mod detokenizer;
 pub mod stop;
 pub mod tokenizer;
+
+#[cfg(test)]
+mod test_tokenizers;
