@@ -66,7 +66,7 @@ pub(crate) fn byte_level_bpe() -> TextTokenizer {
 }
 
 /// SentencePiece-style BPE as Llama 2's tokenizer.json spells it: normalizer prepends `▁` and
-/// maps spaces to `▁`, byte fallback to `<0xNN>`, decoder replace + byte fallback + fuse +
+/// maps spaces to `▁`, post-processor adds `<s>`, byte fallback to `<0xNN>`, decoder replace + byte fallback + fuse +
 /// strip one leading space. Trained on the ASCII and accented lines only, so CJK and emoji go
 /// through byte fallback.
 pub(crate) fn sentencepiece_bpe() -> TextTokenizer {
@@ -112,6 +112,21 @@ pub(crate) fn sentencepiece_bpe() -> TextTokenizer {
         {"type": "Fuse"},
         {"type": "Strip", "content": " ", "start": 1, "stop": 0}
     ]});
+    // Llama's post-processor: `<s>` before every encoded sequence with special tokens.
+    let bos_id = json["added_tokens"]
+        .as_array()
+        .and_then(|tokens| tokens.iter().find(|t| t["content"] == "<s>"))
+        .map(|t| t["id"].clone())
+        .expect("<s> is an added token");
+    json["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            {"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}
+        ],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [bos_id], "tokens": ["<s>"]}}
+    });
     let inner: Tokenizer = json
         .to_string()
         .parse()

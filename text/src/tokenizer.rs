@@ -233,3 +233,126 @@ fn read_optional<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
     }
     Ok(Some(read_json(path)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_tokenizers::{byte_level_bpe, sentencepiece_bpe};
+
+    #[test]
+    fn templated_prompts_get_no_second_bos() {
+        let tokenizer = sentencepiece_bpe();
+        let bos = tokenizer.bos_token().expect("has a BOS").clone();
+        assert_eq!(bos.text, "<s>");
+        let plain = tokenizer.encode("Hello world").unwrap();
+        assert_eq!(
+            plain[0], bos.id,
+            "plain prompts get the post-processor's BOS"
+        );
+        assert_eq!(plain.iter().filter(|&&id| id == bos.id).count(), 1);
+
+        // A chat template wrote `<s>` as text: it must become exactly one BOS id.
+        let templated = tokenizer
+            .encode_templated("<s>[INST] Hello world [/INST]")
+            .unwrap();
+        assert_eq!(templated[0], bos.id);
+        assert_eq!(templated.iter().filter(|&&id| id == bos.id).count(), 1);
+        assert_eq!(
+            tokenizer.decode(&templated, true).unwrap(),
+            "[INST] Hello world [/INST]"
+        );
+    }
+
+    #[test]
+    fn stop_ids_are_the_union_of_all_sources() {
+        let base = byte_level_bpe();
+        let eos = base.token_to_id("<|im_end|>").unwrap();
+        let config = TokenizerConfig {
+            eos_token: Some(tandem_model::AddedTokenEntry::Text("<|im_end|>".into())),
+            ..Default::default()
+        };
+        let tokenizer = TextTokenizer::from_parts(
+            base.inner().clone(),
+            config,
+            Some(&TokenIds::Many(vec![7, eos, 5])),
+            Some(&TokenIds::One(5)),
+            Path::new("x"),
+        )
+        .unwrap();
+        let mut expected = vec![5, 7, eos];
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(tokenizer.stop_token_ids(), &expected[..]);
+        assert!(tokenizer.is_stop_token(7) && tokenizer.is_stop_token(eos));
+        assert!(!tokenizer.is_stop_token(6));
+        assert_eq!(tokenizer.eos_token().unwrap().id, eos);
+    }
+
+    #[test]
+    fn unknown_special_token_names_file_and_field() {
+        let base = byte_level_bpe();
+        let config = TokenizerConfig {
+            bos_token: Some(tandem_model::AddedTokenEntry::Text("<nope>".into())),
+            ..Default::default()
+        };
+        let err = TextTokenizer::from_parts(
+            base.inner().clone(),
+            config,
+            None,
+            None,
+            Path::new("/m/tokenizer_config.json"),
+        )
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("/m/tokenizer_config.json")
+                && message.contains("bos_token")
+                && message.contains("<nope>"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn load_reads_every_file_of_a_model_directory() {
+        let dir = std::env::temp_dir().join(format!("tandem-text-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = byte_level_bpe();
+        base.inner().save(dir.join(TOKENIZER_FILE), false).unwrap();
+        let template = "{% for m in messages %}{{ m.content }}{% endfor %}";
+        std::fs::write(
+            dir.join(TOKENIZER_CONFIG_FILE),
+            serde_json::json!({"chat_template": template, "bos_token": "<|im_start|>",
+                "eos_token": {"content": "<|im_end|>", "special": true}})
+            .to_string(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(GENERATION_CONFIG_FILE),
+            r#"{"eos_token_id": [0, 2]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(CONFIG_FILE),
+            r#"{"eos_token_id": 1, "model_type": "anything"}"#,
+        )
+        .unwrap();
+
+        let tokenizer = TextTokenizer::load(&dir).unwrap();
+        assert_eq!(tokenizer.chat_template(), Some(template));
+        assert_eq!(tokenizer.bos_token().unwrap().text, "<|im_start|>");
+        assert_eq!(tokenizer.stop_token_ids(), &[0, 1, 2]);
+        assert_eq!(tokenizer.vocab_size(), base.vocab_size());
+        assert_eq!(tokenizer.id_to_token(2).as_deref(), Some("<|im_end|>"));
+        let ids = tokenizer.encode("Zürich 🚀").unwrap();
+        assert_eq!(tokenizer.decode(&ids, false).unwrap(), "Zürich 🚀");
+
+        // Broken JSON names its file; a missing tokenizer.json names its path.
+        std::fs::write(dir.join(GENERATION_CONFIG_FILE), "{").unwrap();
+        let err = TextTokenizer::load(&dir).unwrap_err().to_string();
+        assert!(err.contains(GENERATION_CONFIG_FILE), "{err}");
+        std::fs::remove_file(dir.join(TOKENIZER_FILE)).unwrap();
+        let err = TextTokenizer::load(&dir).unwrap_err().to_string();
+        assert!(err.contains(TOKENIZER_FILE), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
