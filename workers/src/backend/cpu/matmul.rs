@@ -28,7 +28,7 @@ use super::simd::Elem;
 /// Output columns per panel.
 pub const PANEL: usize = 16;
 /// Rows per task when a batch is split along rows as well as columns.
-const ROW_BLOCK: usize = 96;
+const ROW_BLOCK: usize = 192;
 /// Row count from which panels are widened into an f32 scratch first.
 const WIDEN_MIN_ROWS: usize = 8;
 
@@ -135,9 +135,7 @@ fn task_body<E: Elem>(
     if r1 - r0 >= WIDEN_MIN_ROWS {
         let mut scratch = vec![0f32; k * PANEL];
         for p in p0..p1 {
-            for (s, v) in scratch.iter_mut().zip(w.panel(p)) {
-                *s = v.to_f32();
-            }
+            widen(w.panel(p), &mut scratch);
             let mut i = r0;
             while i < r1 {
                 let mr = 6.min(r1 - i);
@@ -181,6 +179,36 @@ fn task_body<E: Elem>(
             p += np;
         }
         i += mr;
+    }
+}
+
+/// `dst = src` as f32 (exact), vectorised when AVX2 is available.
+fn widen<E: Elem>(src: &[E], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx2() {
+        // SAFETY: features checked.
+        unsafe { widen_avx2(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen_avx2<E: Elem>(src: &[E], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n8 = src.len() / 8 * 8;
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: i + 8 <= n8 <= both lengths.
+        unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i), E::load8(src.as_ptr().add(i))) };
+        i += 8;
+    }
+    for (d, s) in dst[n8..].iter_mut().zip(&src[n8..]) {
+        *d = s.to_f32();
     }
 }
 
