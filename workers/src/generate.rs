@@ -240,20 +240,14 @@ mod tests {
         assert_eq!(c.num_blocks, 3);
         let c = engine_config(100, 5000, 2048);
         assert_eq!(c.num_blocks * c.block_size, 2048);
-        assert!(c.validate_for_scheduler());
-    }
-
-    impl EngineConfig {
-        fn validate_for_scheduler(&self) -> bool {
-            crate::scheduler::Scheduler::new(crate::scheduler::SchedulerConfig {
-                max_num_batched_tokens: self.max_num_batched_tokens,
-                max_num_seqs: self.max_num_seqs,
-                block_size: self.block_size,
-                num_blocks: self.num_blocks,
-                max_model_len: self.max_model_len.unwrap_or(usize::MAX),
-            })
-            .is_ok()
-        }
+        let scheduler = crate::scheduler::Scheduler::new(crate::scheduler::SchedulerConfig {
+            max_num_batched_tokens: c.max_num_batched_tokens,
+            max_num_seqs: c.max_num_seqs,
+            block_size: c.block_size,
+            num_blocks: c.num_blocks,
+            max_model_len: 2048,
+        });
+        assert!(scheduler.is_ok_and(|s| s.max_context_len() == 2048));
     }
 
     #[test]
