@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use tandem_text::detokenizer::IncrementalDetokenizer;
 use tandem_text::stop::{StopMatcher, StopOutcome};
 use tandem_text::tokenizer::TextTokenizer;
 
@@ -40,8 +41,8 @@ pub trait TextDecoder: Send + Sync {
     ) -> Result<Box<dyn TextStream>, String>;
 }
 
-/// The [`TextDecoder`] of a model's tokenizer: incremental detokenization (special tokens
-/// skipped) followed by tandem-text's streaming [`StopMatcher`].
+/// The [`TextDecoder`] of a model's tokenizer: tandem-text's [`IncrementalDetokenizer`]
+/// (special tokens skipped) followed by its streaming [`StopMatcher`].
 #[derive(Debug, Clone)]
 pub struct TokenizerText {
     tokenizer: Arc<TextTokenizer>,
@@ -53,67 +54,35 @@ impl TokenizerText {
     }
 }
 
-/// Prompt tokens given to the detokenizer as context: enough for tokenizers whose decoding
-/// of a token depends on its neighbours (SentencePiece's leading space), few enough to keep
-/// every decode call short.
-const CONTEXT_TOKENS: usize = 6;
-
 impl TextDecoder for TokenizerText {
     fn start(
         &self,
         prompt_ids: &[u32],
         stop_strings: &[String],
     ) -> Result<Box<dyn TextStream>, String> {
-        let context = &prompt_ids[prompt_ids.len().saturating_sub(CONTEXT_TOKENS)..];
         Ok(Box::new(TokenizerStream {
             tokenizer: Arc::clone(&self.tokenizer),
-            ids: context.to_vec(),
-            prefix_offset: 0,
-            read_offset: context.len(),
+            // The prompt's tail is context, so a first token's leading space survives.
+            detokenizer: IncrementalDetokenizer::with_context(prompt_ids, true),
             stop: StopMatcher::new(stop_strings.iter().cloned()),
         }))
     }
 }
 
-/// Decodes windows of ids and releases only the text that a window of more ids would not
-/// change (the prefix/read offsets of Hugging Face's text-generation-inference): a token that
-/// ends in the middle of a UTF-8 character produces no text until the character completes.
+/// tandem-text's incremental detokenizer (never a broken character, special tokens skipped)
+/// feeding its stop matcher.
 struct TokenizerStream {
     tokenizer: Arc<TextTokenizer>,
-    ids: Vec<u32>,
-    /// Start of the window decoded for context.
-    prefix_offset: usize,
-    /// End of the ids whose text has been released.
-    read_offset: usize,
+    detokenizer: IncrementalDetokenizer,
     stop: StopMatcher,
-}
-
-impl TokenizerStream {
-    fn decode(&self, ids: &[u32]) -> Result<String, String> {
-        self.tokenizer.decode(ids, true).map_err(|e| e.to_string())
-    }
-
-    /// Text of the ids after `read_offset`, when it is complete.
-    fn next_text(&mut self, at_end: bool) -> Result<String, String> {
-        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = self.decode(&self.ids[self.prefix_offset..])?;
-        let complete = at_end || !full.ends_with('\u{FFFD}');
-        match full.get(prefix.len()..) {
-            Some(new) if complete && full.len() > prefix.len() && full.starts_with(&prefix) => {
-                let new = new.to_owned();
-                self.prefix_offset = self.read_offset;
-                self.read_offset = self.ids.len();
-                Ok(new)
-            }
-            _ => Ok(String::new()),
-        }
-    }
 }
 
 impl TextStream for TokenizerStream {
     fn push(&mut self, token: u32) -> Result<TextStep, String> {
-        self.ids.push(token);
-        let delta = self.next_text(false)?;
+        let delta = self
+            .detokenizer
+            .step(&self.tokenizer, token)
+            .map_err(|e| e.to_string())?;
         Ok(match self.stop.push(&delta) {
             StopOutcome::Continue { text } => TextStep {
                 delta: text,
@@ -127,8 +96,13 @@ impl TextStream for TokenizerStream {
     }
 
     fn flush(&mut self) -> String {
-        // Bytes of an incomplete character come out as U+FFFD rather than vanish.
-        let rest = self.next_text(true).unwrap_or_default();
+        let rest = match self.detokenizer.finish(&self.tokenizer) {
+            Ok(rest) => rest,
+            Err(e) => {
+                tracing::warn!("detokenizing the end of a sequence: {e}");
+                String::new()
+            }
+        };
         match self.stop.push(&rest) {
             StopOutcome::Continue { mut text } => {
                 text.push_str(&self.stop.finish());
