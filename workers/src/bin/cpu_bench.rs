@@ -8,13 +8,15 @@
 //! cargo run --release -p tandem-workers --bin cpu_bench -- matmul [--threads 2] [--rows 512]
 //! ```
 //!
-//! What the measurements decided (SmolLM2-135M, 2 cores, AVX2; numbers in docs/benchmarks.md):
-//! - bf16 weights are kept in bf16 and widened in registers (decode) or per 16-row block into a
-//!   scratch (prefill). Widening whole matrices at load (`--widen-weights`) makes decode slower
-//!   (twice the bytes per token) and prefill no faster.
-//! - The `gemm` crate is not used for `linear` even though it is faster on large prefill GEMMs:
-//!   its blocking depends on the matrix sizes, which would make a sequence's logits depend on
-//!   the batch it runs in (see `backend::cpu::matmul`).
+//! What the measurements decided (SmolLM2-135M, 2 shared cores of an AMD EPYC with AVX2; the
+//! machine was busy with other builds, so numbers moved by +-30% between runs):
+//! - bf16 weights stay bf16 and are widened in registers (decode) or per panel into a scratch
+//!   (prefill). Widening whole matrices at load (`--widen-weights`) gave decode 23-27 tok/s
+//!   instead of 36-38 (twice the bytes per token) and prefill 186 tok/s instead of 196-210.
+//! - `linear` is our own kernel, not the `gemm` crate: on the model's prefill shapes (512 rows)
+//!   it ran at 51-113 GFLOP/s against gemm's 54-117, close enough, and gemm's blocking depends
+//!   on the matrix sizes, which would make a sequence's logits depend on the batch it runs in
+//!   (see `backend::cpu::matmul`).
 
 use std::path::PathBuf;
 use std::time::Instant;
