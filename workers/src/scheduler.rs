@@ -383,7 +383,8 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
-            if scheduled.contains(&id) {
+            // Nothing to compute: its last token awaits the engine's append_token or finish.
+            if scheduled.contains(&id) || self.remaining(id) == 0 {
                 i += 1;
                 continue;
             }
