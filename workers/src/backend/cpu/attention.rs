@@ -206,13 +206,14 @@ fn attend<E: Elem, const AVX: bool>(task: &Task<'_>, cache: &[E], out: &mut [f32
             *v /= sum;
         }
     }
-    // Values: one head and up to 64 dimensions at a time, so the accumulators stay in
-    // registers across all positions (each element still sums positions in order).
+    // Values: one head and up to 32 dimensions at a time, so the accumulators stay in
+    // registers across all positions (each element still sums positions in order). With 64
+    // (8 accumulators) the compiler spilled one, and the loop waited on memory every position.
     for (hh, out) in out.chunks_mut(d).enumerate() {
         let probs = &scores[hh * context..(hh + 1) * context];
         let mut c0 = 0;
         while c0 < d {
-            let width = 64.min(d - c0);
+            let width = 32.min(d - c0);
             weighted_sum_k::<E, AVX>(task, cache, probs, c0, &mut out[c0..c0 + width]);
             c0 += width;
         }
@@ -231,12 +232,12 @@ fn weighted_sum_k<E: Elem, const AVX: bool>(
     let layout = &task.layout;
     let stride = layout.token_stride();
     #[cfg(target_arch = "x86_64")]
-    if AVX && out.len() == 64 {
+    if AVX && out.len() == 32 {
         use std::arch::x86_64::*;
         // SAFETY: only instantiated with AVX inside `attend_avx2`; every read is checked by
-        // the slice below, which covers the 64 values of each position.
+        // the slice below, which covers the 32 values of each position.
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut acc = [_mm256_setzero_ps(); 4];
             let mut j = 0;
             for &block in task.table {
                 if j >= task.context {
@@ -244,7 +245,7 @@ fn weighted_sum_k<E: Elem, const AVX: bool>(
                 }
                 let n_in = layout.block_size.min(task.context - j);
                 let base = block as usize * layout.block_elems() + task.v_offset + c0;
-                let values = &cache[base..base + (n_in - 1) * stride + 64];
+                let values = &cache[base..base + (n_in - 1) * stride + 32];
                 for tok in 0..n_in {
                     let p = _mm256_set1_ps(probs[j + tok]);
                     let v = values.as_ptr().add(tok * stride);
