@@ -207,3 +207,113 @@ fn check(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    fn config() -> ModelConfig {
+        ModelConfig::llama(8, 16, 1, 2, 1, 10)
+    }
+
+    /// A scratch directory unique to this test.
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("tandem-weights-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Writes `tensors` (f32 zeros of the given shapes) into `dir/file`.
+    fn write(dir: &Path, file: &str, tensors: &[(String, Vec<usize>)]) {
+        let data: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, shape)| vec![0u8; shape.iter().product::<usize>() * 4])
+            .collect();
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .zip(&data)
+            .map(|((name, shape), bytes)| {
+                (
+                    name.clone(),
+                    TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(file)).unwrap();
+    }
+
+    #[test]
+    fn loads_a_sharded_checkpoint_through_its_index() {
+        let dir = scratch("sharded");
+        let expected = tensor_names::expected_tensors(&config());
+        let (a, b) = expected.split_at(expected.len() / 2);
+        write(&dir, "model-00001-of-00002.safetensors", a);
+        write(&dir, "model-00002-of-00002.safetensors", b);
+        let map: serde_json::Map<String, serde_json::Value> = a
+            .iter()
+            .map(|(n, _)| (n.clone(), "model-00001-of-00002.safetensors".into()))
+            .chain(
+                b.iter()
+                    .map(|(n, _)| (n.clone(), "model-00002-of-00002.safetensors".into())),
+            )
+            .collect();
+        std::fs::write(
+            dir.join(SAFETENSORS_INDEX_FILE),
+            serde_json::json!({ "metadata": {}, "weight_map": map }).to_string(),
+        )
+        .unwrap();
+        let files = WeightFiles::open(&dir).unwrap();
+        let tensors = files.tensors(&config()).unwrap();
+        assert_eq!(tensors.len(), expected.len());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn names_the_missing_misshapen_or_unexpected_tensor() {
+        let dir = scratch("checks");
+        let mut tensors = tensor_names::expected_tensors(&config());
+        let dropped = tensors.remove(3);
+        write(&dir, WEIGHTS_FILE, &tensors);
+        let err = WeightFiles::open(&dir)
+            .unwrap()
+            .tensors(&config())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, WeightsError::Missing { name, .. } if *name == dropped.0),
+            "{err}"
+        );
+
+        tensors.insert(3, (dropped.0.clone(), vec![1, 1]));
+        write(&dir, WEIGHTS_FILE, &tensors);
+        let err = WeightFiles::open(&dir)
+            .unwrap()
+            .tensors(&config())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, WeightsError::Shape { name, .. } if *name == dropped.0),
+            "{err}"
+        );
+
+        tensors[3].1 = dropped.1.clone();
+        tensors.push(("model.layers.0.self_attn.q_proj.bias".into(), vec![8]));
+        write(&dir, WEIGHTS_FILE, &tensors);
+        let err = WeightFiles::open(&dir)
+            .unwrap()
+            .tensors(&config())
+            .err()
+            .unwrap();
+        assert!(matches!(&err, WeightsError::Unexpected { .. }), "{err}");
+
+        std::fs::remove_file(dir.join(WEIGHTS_FILE)).unwrap();
+        assert!(matches!(
+            WeightFiles::open(&dir),
+            Err(WeightsError::NoWeights { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

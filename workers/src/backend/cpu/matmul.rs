@@ -408,6 +408,12 @@ mod tests {
             let mut out_b = vec![0f32; rows * n];
             pool.install(|| linear(&x, rows, &packed, None, &mut out_b));
             close(&out_b, &linear_slow(&x, rows, k, &wb, n, None), 1e-5);
+
+            let wh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let packed = PackedWeight::pack(&wh, n, k);
+            let mut out_h = vec![0f32; rows * n];
+            pool.install(|| linear(&x, rows, &packed, None, &mut out_h));
+            close(&out_h, &linear_slow(&x, rows, k, &wh, n, None), 1e-5);
         }
     }
 
