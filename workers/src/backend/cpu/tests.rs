@@ -123,17 +123,19 @@ fn paged_attention_matches_dense_reference_chunked_and_batched() {
 }
 
 #[test]
-fn bf16_cache_stays_close_to_reference() {
+fn half_precision_caches_stay_close_to_reference() {
     let backend = CpuBackend::new(&CpuOptions::default()).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let qkv = random_rows(&mut rng, 9);
-    let mut kv = CpuKvCache::new(layout(KvDType::Bf16), 3).unwrap();
-    let mut batch = ForwardBatch::default();
-    batch.push(&[0; 9], 0, vec![2, 0, 1], true);
-    let out = attend(&backend, &mut kv, &batch, &qkv);
     let expected = reference(&qkv, 9);
-    for (i, (a, b)) in out.data.iter().zip(&expected).enumerate() {
-        assert!((a - b).abs() < 2e-2, "[{i}] {a} vs {b}");
+    for (dtype, tol) in [(KvDType::Bf16, 2e-2), (KvDType::F16, 3e-3)] {
+        let mut kv = CpuKvCache::new(layout(dtype), 3).unwrap();
+        let mut batch = ForwardBatch::default();
+        batch.push(&[0; 9], 0, vec![2, 0, 1], true);
+        let out = attend(&backend, &mut kv, &batch, &qkv);
+        for (i, (a, b)) in out.data.iter().zip(&expected).enumerate() {
+            assert!((a - b).abs() < tol, "{dtype:?} [{i}] {a} vs {b}");
+        }
     }
 }
 
