@@ -195,7 +195,7 @@ impl ModelConfig {
             }
         }
         let kv_heads = self.num_kv_heads();
-        if kv_heads == 0 || self.num_attention_heads % kv_heads != 0 {
+        if kv_heads == 0 || !self.num_attention_heads.is_multiple_of(kv_heads) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -204,13 +204,13 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(invalid(
                 "head_dim",
                 "absent, and hidden_size is not a multiple of num_attention_heads".into(),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(invalid(
                 "head_dim",
                 "rotary embeddings need an even head_dim".into(),
