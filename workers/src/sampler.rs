@@ -32,6 +32,7 @@
 //! top-p sorts a growing prefix (64, 256, …) until it holds the requested mass, so a peaked
 //! distribution never pays for a full vocabulary sort.
 
+mod fast_exp;
 mod logprobs;
 mod params;
 mod penalties;
@@ -174,80 +175,159 @@ fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Top-k at or below this uses one pass with a small sorted buffer instead of
+/// `select_nth_unstable` over the whole vocabulary.
+const SMALL_TOP_K: usize = 128;
+
+/// A candidate token: its (penalised) logit and id.
+type Candidate = (f32, u32);
+
+/// Higher logit first, equal logits by lower id (as [`logprobs::rank`]).
+fn rank_candidates(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
 /// Temperature, then top-k, top-p, min-p, then one draw with `u`. `max_logit` is finite.
 fn sample_truncated(params: &SamplingParams, logits: &[f32], max_logit: f32, u: f64) -> u32 {
     let temperature = params.temperature;
     // Divide rather than multiply by 1/T: for a tiny T, 1/T is +inf and 0 * inf is NaN, while
     // 0 / T is 0 (the top token keeps weight 1) and negative / T is -inf (weight 0).
-    let weight = |id: u32| ((logits[id as usize] - max_logit) / temperature).exp();
+    let weight = |logit: f32| fast_exp::exp((logit - max_logit) / temperature);
     let vocab_size = logits.len();
     let top_k = params
         .top_k
         .map_or(vocab_size, |k| k as usize)
         .min(vocab_size);
     if top_k == vocab_size && params.top_p >= 1.0 && params.min_p <= 0.0 {
-        let weights: Vec<f32> = (0..vocab_size as u32).map(weight).collect();
-        return draw(u, weights.iter().enumerate().map(|(id, &w)| (id as u32, w)));
+        let mut weights = vec![0f32; vocab_size];
+        fast_exp::exp_into(logits, &mut weights, max_logit, temperature);
+        let total = fast_exp::sum(&weights);
+        let weighted = weights.iter().enumerate().map(|(id, &w)| (id as u32, w));
+        return draw(u, total, weighted);
     }
 
-    let rank = |a: &u32, b: &u32| logprobs::rank(logits, *a, *b);
-    let mut ids: Vec<u32> = (0..vocab_size as u32)
-        .filter(|&id| logits[id as usize] > f32::NEG_INFINITY)
-        .collect();
-    if top_k < ids.len() {
-        ids.select_nth_unstable_by(top_k - 1, rank);
-        ids.truncate(top_k);
-        // select_nth leaves them in no particular order; sort the k kept (k is small when
-        // top-k is used for speed) so the draw walks a fixed order.
-        ids.sort_unstable_by(rank);
-    }
+    // Candidates with a finite logit; sorted by rank when top-k ran.
+    let (mut candidates, sorted) = if top_k <= SMALL_TOP_K {
+        (top_candidates(logits, top_k), true)
+    } else {
+        let mut all: Vec<Candidate> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l > f32::NEG_INFINITY)
+            .map(|(id, &l)| (l, id as u32))
+            .collect();
+        if top_k < all.len() {
+            all.select_nth_unstable_by(top_k - 1, rank_candidates);
+            all.truncate(top_k);
+            all.sort_unstable_by(rank_candidates);
+            (all, true)
+        } else {
+            (all, false)
+        }
+    };
     if params.top_p < 1.0 {
-        let kept_mass: f64 = ids.iter().map(|&id| f64::from(weight(id))).sum();
-        let threshold = f64::from(params.top_p) * kept_mass;
-        let kept = smallest_prefix_reaching(&mut ids, threshold, rank, |id| f64::from(weight(id)));
-        ids.truncate(kept);
+        // Without top-k the candidates are every finite logit: the vectorized sum over the
+        // row is the same mass (-inf contributes 0).
+        let kept_mass = if sorted {
+            sum_weights(&candidates, weight)
+        } else {
+            fast_exp::sum_exp(logits, max_logit, temperature)
+        };
+        // A prefix whose mass equals top_p up to rounding counts as reaching it: at an exact
+        // boundary Hugging Face keeps the smaller set, and f32 weights should not flip that.
+        let threshold = f64::from(params.top_p) * kept_mass * (1.0 - 1e-6);
+        let kept = smallest_prefix_reaching(&mut candidates, sorted, threshold, weight);
+        candidates.truncate(kept);
     }
     if params.min_p > 0.0 {
-        // The top token has weight exp(0) = 1, so min_p is the threshold itself.
-        ids.retain(|&id| weight(id) >= params.min_p);
+        // The top token has weight exp(0) = 1, so the rule `weight >= min_p` is, in logit
+        // space, `logit >= max + T ln(min_p)`: a comparison instead of an exp per token.
+        let min_logit = max_logit + temperature * params.min_p.ln();
+        candidates.retain(|&(logit, _)| logit >= min_logit);
     }
-    draw(u, ids.iter().map(|&id| (id, weight(id))))
+    let total = sum_weights(&candidates, weight);
+    draw(u, total, candidates.iter().map(|&(l, id)| (id, weight(l))))
 }
 
-/// Sorts a prefix of `ids` by `rank` and returns the length of the smallest one whose weight
-/// reaches `threshold`. Grows the sorted prefix geometrically (select_nth then sort), so a
-/// peaked distribution sorts a few dozen tokens, not the vocabulary.
-fn smallest_prefix_reaching(
-    ids: &mut [u32],
-    threshold: f64,
-    rank: impl Fn(&u32, &u32) -> std::cmp::Ordering + Copy,
-    weight: impl Fn(u32) -> f64,
-) -> usize {
-    let mut sorted = 64.min(ids.len());
-    loop {
-        if sorted < ids.len() {
-            ids.select_nth_unstable_by(sorted - 1, rank);
+/// The `k` best-ranked finite logits, sorted, in one pass over the vocabulary: a token is
+/// compared with the current k-th best and only inserted when it beats it.
+fn top_candidates(logits: &[f32], k: usize) -> Vec<Candidate> {
+    let mut best: Vec<Candidate> = Vec::with_capacity(k + 1);
+    for (id, &logit) in logits.iter().enumerate() {
+        let candidate = (logit, id as u32);
+        if logit == f32::NEG_INFINITY
+            || (best.len() == k
+                && rank_candidates(&candidate, &best[k - 1]) != std::cmp::Ordering::Less)
+        {
+            continue;
         }
-        ids[..sorted].sort_unstable_by(rank);
-        let mut mass = 0.0;
-        for (i, &id) in ids[..sorted].iter().enumerate() {
-            mass += weight(id);
+        let at =
+            best.partition_point(|b| rank_candidates(b, &candidate) == std::cmp::Ordering::Less);
+        best.insert(at, candidate);
+        best.truncate(k);
+    }
+    best
+}
+
+/// Sum of the candidates' weights in eight lanes (vectorizable, deterministic).
+fn sum_weights(candidates: &[Candidate], weight: impl Fn(f32) -> f32) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = candidates.chunks_exact(8);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|c| f64::from(weight(c.0)))
+        .sum();
+    for chunk in chunks {
+        for (lane, c) in lanes.iter_mut().zip(chunk) {
+            *lane += f64::from(weight(c.0));
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// Length of the smallest best-ranked prefix whose weight reaches `threshold`, sorting
+/// `candidates` only as far as needed: the sorted prefix grows 64, 256, 1024, … by selecting
+/// the next best among the rest, so a peaked distribution sorts a few dozen tokens, not the
+/// vocabulary.
+fn smallest_prefix_reaching(
+    candidates: &mut [Candidate],
+    already_sorted: bool,
+    threshold: f64,
+    weight: impl Fn(f32) -> f32,
+) -> usize {
+    let len = candidates.len();
+    let mut counted = 0;
+    let mut mass = 0.0;
+    let mut size = if already_sorted { len } else { 64.min(len) };
+    loop {
+        if !already_sorted {
+            // The first `counted` are the best, in order; find and sort the next ones.
+            let rest = &mut candidates[counted..];
+            let wanted = size - counted;
+            if wanted < rest.len() {
+                rest.select_nth_unstable_by(wanted - 1, rank_candidates);
+            }
+            rest[..wanted].sort_unstable_by(rank_candidates);
+        }
+        for (i, candidate) in candidates.iter().enumerate().take(size).skip(counted) {
+            mass += f64::from(weight(candidate.0));
             if mass >= threshold {
                 return i + 1;
             }
         }
-        if sorted == ids.len() {
+        if size == len {
             // Rounding kept the total just under the threshold: keep everything.
-            return sorted;
+            return len;
         }
-        sorted = (sorted * 4).min(ids.len());
+        counted = size;
+        size = (size * 4).min(len);
     }
 }
 
 /// Walks `weighted` in order and returns the token where the cumulative weight passes
 /// `u * total`.
-fn draw(u: f64, weighted: impl Iterator<Item = (u32, f32)> + Clone) -> u32 {
-    let total: f64 = weighted.clone().map(|(_, w)| f64::from(w)).sum();
+fn draw(u: f64, total: f64, weighted: impl Iterator<Item = (u32, f32)>) -> u32 {
     let target = u * total;
     let mut cumulative = 0.0;
     let mut last_positive = None;
@@ -260,6 +340,7 @@ fn draw(u: f64, weighted: impl Iterator<Item = (u32, f32)> + Clone) -> u32 {
             }
         }
     }
+    // Only reached when rounding left the walk's sum just under `u * total`.
     last_positive.expect("the top-ranked token is always a candidate, with weight exp(0) = 1")
 }
 
@@ -420,12 +501,10 @@ mod tests {
     #[test]
     fn top_p_on_a_large_flat_vocabulary_grows_the_sorted_prefix() {
         // 10_000 equal logits: top_p = 0.5 must keep exactly the 5_000 lowest ids.
-        let row = vec![0.0f32; 10_000];
-        let mut ids: Vec<u32> = (0..10_000).collect();
-        let rank = |a: &u32, b: &u32| logprobs::rank(&row, *a, *b);
-        let kept = smallest_prefix_reaching(&mut ids, 5_000.0, rank, |_| 1.0);
+        let mut candidates: Vec<Candidate> = (0..10_000).rev().map(|id| (0.0, id)).collect();
+        let kept = smallest_prefix_reaching(&mut candidates, false, 5_000.0, |_| 1.0);
         assert_eq!(kept, 5_000);
-        let mut kept_ids = ids[..kept].to_vec();
+        let mut kept_ids: Vec<u32> = candidates[..kept].iter().map(|c| c.1).collect();
         kept_ids.sort_unstable();
         assert_eq!(kept_ids, (0..5_000).collect::<Vec<u32>>());
     }

@@ -4,15 +4,13 @@
 use std::cmp::Ordering;
 
 /// `log(sum(exp(logits)))`, computed around the maximum so it neither overflows nor underflows.
-/// `-inf` when every logit is `-inf`. Accumulates in f64 so the value does not depend on how
-/// large the vocabulary is.
+/// `-inf` when every logit is `-inf`. Accumulates in f64 lanes so small terms of a large
+/// vocabulary are not lost.
 pub(super) fn log_normalizer(logits: &[f32], max_logit: f32) -> f64 {
     if max_logit == f32::NEG_INFINITY {
         return f64::NEG_INFINITY;
     }
-    let max = f64::from(max_logit);
-    let sum: f64 = logits.iter().map(|&l| (f64::from(l) - max).exp()).sum();
-    max + sum.ln()
+    f64::from(max_logit) + super::fast_exp::sum_exp(logits, max_logit, 1.0).ln()
 }
 
 /// Ranks tokens by logit, higher first, equal logits by lower id: the one order used for
