@@ -101,6 +101,23 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: Option<u64>,
 }
 
+/// transformers 5's `rope_parameters`: the base and the scaling in one object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<u64>,
+}
+
 /// `config.json` of a Llama-family model, with Hugging Face's field names.
 ///
 /// Unknown fields are ignored so Hub configs load; [`ModelConfig::load`] validates what the
@@ -139,6 +156,11 @@ pub struct ModelConfig {
     pub hidden_act: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
+    /// transformers >= 5 writes `rope_theta` and the scaling inside this object instead of
+    /// the top-level keys; [`ModelConfig::load`] folds it into `rope_theta`/`rope_scaling` so
+    /// such a config never runs with a silently wrong rotary base.
+    #[serde(default, skip_serializing)]
+    pub rope_parameters: Option<RopeParameters>,
     /// The dtype the weights are stored in (`bfloat16`, `float16`, `float32`).
     #[serde(default, alias = "dtype", skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
@@ -161,9 +183,30 @@ impl ModelConfig {
     /// Reads `DIR/config.json` and checks it describes a model the engine can run.
     pub fn load(model_dir: &Path) -> Result<Self, ConfigError> {
         let path = model_dir.join(CONFIG_FILE);
-        let config: ModelConfig = read_json(&path)?;
+        let mut config: ModelConfig = read_json(&path)?;
+        config.fold_rope_parameters();
         config.validate(&path)?;
         Ok(config)
+    }
+
+    /// Moves transformers 5's `rope_parameters` into `rope_theta` / `rope_scaling`.
+    pub fn fold_rope_parameters(&mut self) {
+        let Some(params) = self.rope_parameters.take() else {
+            return;
+        };
+        if let Some(theta) = params.rope_theta {
+            self.rope_theta = theta;
+        }
+        let rope_type = params.rope_type.unwrap_or_else(|| "default".into());
+        if rope_type != "default" {
+            self.rope_scaling = Some(RopeScaling {
+                rope_type,
+                factor: params.factor,
+                low_freq_factor: params.low_freq_factor,
+                high_freq_factor: params.high_freq_factor,
+                original_max_position_embeddings: params.original_max_position_embeddings,
+            });
+        }
     }
 
     /// Checks shapes and options; `path` only names the file in errors.
@@ -325,6 +368,7 @@ impl ModelConfig {
             attention_bias: false,
             hidden_act: default_hidden_act(),
             sliding_window: None,
+            rope_parameters: None,
             torch_dtype: None,
         }
     }
@@ -384,6 +428,25 @@ mod tests {
         config.validate(Path::new("c")).unwrap();
         config.rope_scaling.as_mut().unwrap().rope_type = "yarn".into();
         assert!(config.validate(Path::new("c")).is_err());
+    }
+
+    #[test]
+    fn transformers5_rope_parameters_are_folded_in() {
+        let dir = std::env::temp_dir().join(format!("tandem-rope-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = smollm2_json().replace(
+            "\"rope_theta\":100000.0,",
+            r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0,
+               "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192},"#,
+        );
+        std::fs::write(dir.join(CONFIG_FILE), json).unwrap();
+        let config = ModelConfig::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(config.rope_theta, 500000.0);
+        let scaling = config.rope_scaling.unwrap();
+        assert_eq!(scaling.rope_type, "llama3");
+        assert_eq!(scaling.factor, Some(8.0));
+        assert!(config.rope_parameters.is_none());
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod presets;
 pub mod tensor_names;
 mod tokenizer_config;
 
-pub use config::{Architecture, ConfigError, ModelConfig, RopeScaling, TokenIds};
+pub use config::{Architecture, ConfigError, ModelConfig, RopeParameters, RopeScaling, TokenIds};
 pub use files::{
     CONFIG_FILE, GENERATION_CONFIG_FILE, SAFETENSORS_INDEX_FILE, TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE, WEIGHTS_FILE, read_json, write_json,

@@ -228,6 +228,7 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
         attention_bias: architecture == Architecture::Llama && has("blk.0.attn_q.bias"),
         hidden_act: "silu".into(),
         sliding_window: None,
+        rope_parameters: None,
         torch_dtype: None,
     };
     if architecture == Architecture::Qwen2 {
