@@ -111,7 +111,6 @@ impl Sampler {
         previous_tokens: &[u32],
         generated: &[u32],
     ) -> Result<SampledToken, SamplingError> {
-        check_finite(logits)?;
         if self.params.has_penalties() {
             penalties::apply(
                 &self.params,
@@ -121,7 +120,9 @@ impl Sampler {
                 &mut self.scratch,
             )?;
         }
-        let max_logit = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // After the penalties: they keep finite values finite and NaN / +inf as they are, so
+        // one pass both validates and finds the maximum.
+        let max_logit = max_finite(logits)?;
         if max_logit == f32::NEG_INFINITY {
             return Err(SamplingError::NoCandidates);
         }
@@ -129,7 +130,7 @@ impl Sampler {
         // Drawn even when greedy, so the stream never depends on the path taken.
         let u = self.uniform(generated.len() as u64);
         let id = if self.params.is_greedy() {
-            argmax(logits)
+            argmax(logits, max_logit)
         } else {
             sample_truncated(&self.params, logits, max_logit, u)
         };
@@ -164,15 +165,39 @@ fn check_finite(logits: &[f32]) -> Result<(), SamplingError> {
     }
 }
 
-/// Index of the largest logit, the lowest index among equals. Logits are NaN-free here.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (id, &logit) in logits.iter().enumerate() {
-        if logit > logits[best] {
-            best = id;
+/// The largest logit, or [`SamplingError::NonFiniteLogits`]. Eight independent lanes with
+/// plain comparisons, so the loop vectorizes (`f32::max` and early exits do not).
+fn max_finite(logits: &[f32]) -> Result<f32, SamplingError> {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut bad = [false; 8];
+    let chunks = logits.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for ((lane, flag), &v) in lanes.iter_mut().zip(&mut bad).zip(chunk) {
+            *flag |= v.is_nan() || v == f32::INFINITY;
+            *lane = if v > *lane { v } else { *lane };
         }
     }
-    best as u32
+    let mut max = f32::NEG_INFINITY;
+    let mut any_bad = bad.iter().any(|&b| b);
+    for &v in lanes.iter().chain(tail) {
+        any_bad |= v.is_nan() || v == f32::INFINITY;
+        if v > max {
+            max = v;
+        }
+    }
+    if any_bad {
+        check_finite(logits)?;
+    }
+    Ok(max)
+}
+
+/// Index of the largest logit, the lowest index among equals. `max` is that largest value.
+fn argmax(logits: &[f32], max: f32) -> u32 {
+    logits
+        .iter()
+        .position(|&l| l == max)
+        .expect("max was taken over these logits") as u32
 }
 
 /// Top-k at or below this uses one pass with a small sorted buffer instead of
@@ -433,7 +458,7 @@ mod tests {
         for salt in 0..20 {
             let mut row = logits_row(5000, salt);
             // Make the maximum unique: tied maxima are (correctly) sampled uniformly.
-            let greedy = argmax(&row);
+            let greedy = argmax(&row, row.iter().copied().fold(f32::MIN, f32::max));
             row[greedy as usize] += 0.01;
             for t in [1e-6f32, 1e-30, f32::MIN_POSITIVE / 4.0] {
                 let mut s = sampler(seeded(t, u64::from(salt)));
@@ -449,7 +474,10 @@ mod tests {
             let mut params = seeded(1.5, u64::from(salt));
             params.top_k = Some(1);
             let mut s = sampler(params);
-            assert_eq!(sample_once(&mut s, &row, &[]).id, argmax(&row));
+            assert_eq!(
+                sample_once(&mut s, &row, &[]).id,
+                argmax(&row, row.iter().copied().fold(f32::MIN, f32::max))
+            );
         }
     }
 
