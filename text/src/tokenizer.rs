@@ -19,6 +19,9 @@ use tandem_model::{
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Where newer transformers versions save the chat template, beside tokenizer_config.json.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error("cannot load {path}: {source}")]
@@ -61,6 +64,8 @@ struct ConfigEos {
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     config: TokenizerConfig,
+    /// `chat_template.jinja`, where newer transformers versions save the template.
+    chat_template_file: Option<String>,
     bos: Option<SpecialToken>,
     eos: Option<SpecialToken>,
     stop_token_ids: Vec<u32>,
@@ -94,13 +99,23 @@ impl TextTokenizer {
             read_optional(&model_dir.join(GENERATION_CONFIG_FILE))?.unwrap_or_default();
         let model_eos =
             read_optional::<ConfigEos>(&model_dir.join(CONFIG_FILE))?.and_then(|c| c.eos_token_id);
-        Self::from_parts(
+        let mut tokenizer = Self::from_parts(
             inner,
             config,
             generation.eos_token_id.as_ref(),
             model_eos.as_ref(),
             &model_dir.join(TOKENIZER_CONFIG_FILE),
-        )
+        )?;
+        let template_path = model_dir.join(CHAT_TEMPLATE_FILE);
+        if template_path.exists() {
+            let source =
+                std::fs::read_to_string(&template_path).map_err(|source| TokenizerError::Load {
+                    path: template_path,
+                    source: Box::new(source),
+                })?;
+            tokenizer.chat_template_file = Some(source);
+        }
+        Ok(tokenizer)
     }
 
     /// Builds from already-loaded parts; `config_path` is only used in error messages.
@@ -139,6 +154,7 @@ impl TextTokenizer {
         Ok(Self {
             inner,
             config,
+            chat_template_file: None,
             bos,
             eos,
             stop_token_ids,
@@ -211,9 +227,13 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
-    /// The default chat template from `tokenizer_config.json`, if any.
+    /// The model's chat template: `chat_template.jinja` when the directory has one (as
+    /// transformers, which saves templates there since 4.43, gives it precedence), otherwise
+    /// the default template of `tokenizer_config.json`.
     pub fn chat_template(&self) -> Option<&str> {
-        self.config.default_chat_template()
+        self.chat_template_file
+            .as_deref()
+            .or_else(|| self.config.default_chat_template())
     }
 
     pub fn config(&self) -> &TokenizerConfig {
@@ -345,6 +365,11 @@ mod tests {
         assert_eq!(tokenizer.id_to_token(2).as_deref(), Some("<|im_end|>"));
         let ids = tokenizer.encode("Zürich 🚀").unwrap();
         assert_eq!(tokenizer.decode(&ids, false).unwrap(), "Zürich 🚀");
+
+        // chat_template.jinja takes precedence over tokenizer_config.json's template.
+        std::fs::write(dir.join(CHAT_TEMPLATE_FILE), "{{ 'from file' }}").unwrap();
+        let tokenizer = TextTokenizer::load(&dir).unwrap();
+        assert_eq!(tokenizer.chat_template(), Some("{{ 'from file' }}"));
 
         // Broken JSON names its file; a missing tokenizer.json names its path.
         std::fs::write(dir.join(GENERATION_CONFIG_FILE), "{").unwrap();
