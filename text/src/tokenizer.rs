@@ -223,6 +223,26 @@ impl TextTokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The bytes token `id` stands for, as OpenAI's logprobs `bytes` report them: a
+    /// byte-fallback `<0xNN>` is that byte, a byte-level BPE piece is its bytes (possibly part
+    /// of a character), a SentencePiece piece has `▁` as a space (kept even at the start,
+    /// where a decode would strip it). `None` for an unknown id.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let piece = self.inner.id_to_token(id)?;
+        if let Some(byte) = byte_fallback_value(&piece) {
+            return Some(vec![byte]);
+        }
+        if piece.contains('▁') {
+            return Some(piece.replace('▁', " ").into_bytes());
+        }
+        let text = self.inner.decode(&[id], false).ok()?;
+        if !text.contains(char::REPLACEMENT_CHARACTER) {
+            return Some(text.into_bytes());
+        }
+        // Byte-level BPE: every character of the piece stands for one byte.
+        piece.chars().map(byte_level_byte).collect()
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -244,6 +264,27 @@ impl TextTokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+}
+
+/// `<0xNN>` → `NN`.
+fn byte_fallback_value(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// Inverse of GPT-2's `bytes_to_unicode`: printable bytes stand for themselves, the other 68
+/// are mapped, in order, to U+0100 onwards.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u8| matches!(b, 33..=126 | 161..=172 | 174..=255);
+    let code = u32::from(c);
+    if let Ok(byte) = u8::try_from(code) {
+        return printable(byte).then_some(byte);
+    }
+    let index = code.checked_sub(256)? as usize;
+    (0..=255u8).filter(|&b| !printable(b)).nth(index)
 }
 
 /// Reads a JSON file that may be absent; any other failure is an error naming the file.
@@ -281,6 +322,28 @@ mod tests {
             tokenizer.decode(&templated, true).unwrap(),
             "[INST] Hello world [/INST]"
         );
+    }
+
+    #[test]
+    fn token_bytes_spell_the_text() {
+        let text = "Hello wörld 🚀 你好";
+        let byte_level = byte_level_bpe();
+        let ids = byte_level.encode_with(text, false).unwrap();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| byte_level.token_bytes(id).unwrap())
+            .collect();
+        assert_eq!(bytes, text.as_bytes());
+
+        let sentencepiece = sentencepiece_bpe();
+        let ids = sentencepiece.encode_with(text, false).unwrap();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| sentencepiece.token_bytes(id).unwrap())
+            .collect();
+        // The normalizer's prepended `▁` is a space here.
+        assert_eq!(bytes, format!(" {text}").as_bytes());
+        assert_eq!(byte_level.token_bytes(u32::MAX), None);
     }
 
     #[test]

@@ -79,6 +79,11 @@ fn check_streaming(tokenizer: &TextTokenizer) {
     let prompt = tokenizer.encode_templated("Answer:").expect("encodes");
     for text in TEXTS {
         let ids = tokenizer.encode_templated(text).expect("encodes");
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| tokenizer.token_bytes(id).expect("known id"))
+            .collect();
+        assert_eq!(bytes, text.as_bytes(), "token bytes spell {text:?}");
         for context in [&[][..], &prompt[..]] {
             let all: Vec<u32> = context.iter().chain(&ids).copied().collect();
             let full = tokenizer.decode(&all, true).unwrap();
