@@ -196,6 +196,10 @@ impl ChatTemplate {
                 context.insert(name.into(), token.clone().into());
             }
         }
+        // transformers always passes these two, as None when absent: templates test
+        // `tools is not none`, which is true for an undefined value.
+        context.insert("tools".into(), serde_json::Value::Null);
+        context.insert("documents".into(), serde_json::Value::Null);
         context.extend(options.variables.clone());
         context.insert("messages".into(), serde_json::Value::Array(messages));
         context.insert(
