@@ -10,7 +10,11 @@ use super::SamplingError;
 /// Neutral values disable a stage: `temperature == 0` is greedy (every other knob but the
 /// penalties and `logprobs` is then ignored), `top_k: None`, `top_p == 1`, `min_p == 0`,
 /// `repetition_penalty == 1`, `presence_penalty == frequency_penalty == 0`.
+///
+/// Missing fields deserialize to their [`Default`] (OpenAI's defaults), so a message that
+/// names only what it changes stays short.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SamplingParams {
     /// Softmax temperature; `0` selects greedy decoding (argmax, ties to the lowest id).
     pub temperature: f32,
@@ -120,6 +124,20 @@ impl SamplingParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_fields_take_defaults() {
+        let params: SamplingParams =
+            serde_json::from_str(r#"{"temperature": 0.5, "seed": 7}"#).expect("valid JSON");
+        assert_eq!(
+            params,
+            SamplingParams {
+                temperature: 0.5,
+                seed: Some(7),
+                ..Default::default()
+            }
+        );
+    }
 
     #[test]
     fn defaults_validate_and_bad_values_name_the_field() {
