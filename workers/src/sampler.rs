@@ -231,39 +231,64 @@ fn sample_truncated(params: &SamplingParams, logits: &[f32], max_logit: f32, u: 
         return draw(u, total, weighted);
     }
 
-    // Candidates with a finite logit; sorted by rank when top-k ran.
-    let (mut candidates, sorted) = if top_k <= SMALL_TOP_K {
-        (top_candidates(logits, top_k), true)
-    } else {
-        let mut all: Vec<Candidate> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| **l > f32::NEG_INFINITY)
-            .map(|(id, &l)| (l, id as u32))
-            .collect();
-        if top_k < all.len() {
-            all.select_nth_unstable_by(top_k - 1, rank_candidates);
-            all.truncate(top_k);
-            all.sort_unstable_by(rank_candidates);
-            (all, true)
-        } else {
-            (all, false)
+    // Top-p alone: a language model's nucleus is usually a handful of tokens, so first try
+    // the best NUCLEUS_HEAD found in one pass; only when they do not hold the mass is the
+    // vocabulary partially sorted. Both paths walk the same ranking with the same threshold,
+    // so they keep the same set.
+    let nucleus_head = (params.top_p < 1.0 && top_k == vocab_size)
+        .then(|| {
+            let threshold = nucleus_threshold(
+                params.top_p,
+                fast_exp::sum_exp(logits, max_logit, temperature),
+            );
+            let mut head = top_candidates(logits, NUCLEUS_HEAD.min(vocab_size));
+            let mut mass = 0.0;
+            let kept = head.iter().position(|c| {
+                mass += f64::from(weight(c.0));
+                mass >= threshold
+            })?;
+            head.truncate(kept + 1);
+            Some(head)
+        })
+        .flatten();
+
+    let mut candidates = match nucleus_head {
+        Some(head) => head,
+        None => {
+            // Candidates with a finite logit; sorted by rank when top-k ran.
+            let (mut candidates, sorted) = if top_k <= SMALL_TOP_K {
+                (top_candidates(logits, top_k), true)
+            } else {
+                let mut all: Vec<Candidate> = logits
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| **l > f32::NEG_INFINITY)
+                    .map(|(id, &l)| (l, id as u32))
+                    .collect();
+                if top_k < all.len() {
+                    all.select_nth_unstable_by(top_k - 1, rank_candidates);
+                    all.truncate(top_k);
+                    all.sort_unstable_by(rank_candidates);
+                    (all, true)
+                } else {
+                    (all, false)
+                }
+            };
+            if params.top_p < 1.0 {
+                // Without top-k the candidates are every finite logit: the vectorized sum over the
+                // row is the same mass (-inf contributes 0).
+                let kept_mass = if sorted {
+                    sum_weights(&candidates, weight)
+                } else {
+                    fast_exp::sum_exp(logits, max_logit, temperature)
+                };
+                let threshold = nucleus_threshold(params.top_p, kept_mass);
+                let kept = smallest_prefix_reaching(&mut candidates, sorted, threshold, weight);
+                candidates.truncate(kept);
+            }
+            candidates
         }
     };
-    if params.top_p < 1.0 {
-        // Without top-k the candidates are every finite logit: the vectorized sum over the
-        // row is the same mass (-inf contributes 0).
-        let kept_mass = if sorted {
-            sum_weights(&candidates, weight)
-        } else {
-            fast_exp::sum_exp(logits, max_logit, temperature)
-        };
-        // A prefix whose mass equals top_p up to rounding counts as reaching it: at an exact
-        // boundary Hugging Face keeps the smaller set, and f32 weights should not flip that.
-        let threshold = f64::from(params.top_p) * kept_mass * (1.0 - 1e-6);
-        let kept = smallest_prefix_reaching(&mut candidates, sorted, threshold, weight);
-        candidates.truncate(kept);
-    }
     if params.min_p > 0.0 {
         // The top token has weight exp(0) = 1, so the rule `weight >= min_p` is, in logit
         // space, `logit >= max + T ln(min_p)`: a comparison instead of an exp per token.
@@ -272,6 +297,16 @@ fn sample_truncated(params: &SamplingParams, logits: &[f32], max_logit: f32, u: 
     }
     let total = sum_weights(&candidates, weight);
     draw(u, total, candidates.iter().map(|&(l, id)| (id, weight(l))))
+}
+
+/// How many best tokens the top-p fast path looks at before sorting more of the vocabulary.
+const NUCLEUS_HEAD: usize = 64;
+
+/// The mass a top-p prefix must reach. A prefix whose mass equals `top_p` up to rounding
+/// counts as reaching it: at an exact boundary Hugging Face keeps the smaller set, and f32
+/// weights should not flip that.
+fn nucleus_threshold(top_p: f32, kept_mass: f64) -> f64 {
+    f64::from(top_p) * kept_mass * (1.0 - 1e-6)
 }
 
 /// The `k` best-ranked finite logits, sorted, in one pass over the vocabulary: a token is
@@ -535,6 +570,47 @@ mod tests {
         let mut kept_ids: Vec<u32> = candidates[..kept].iter().map(|c| c.1).collect();
         kept_ids.sort_unstable();
         assert_eq!(kept_ids, (0..5_000).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn top_p_matches_a_full_sort_reference() {
+        // Small nuclei (the one-pass head) and large ones (partial sorts) alike.
+        for (temperature, top_p) in [(0.3f32, 0.8f32), (1.0, 0.5), (3.0, 0.9), (3.0, 0.3)] {
+            let row = logits_row(3000, 17);
+            let mut ranked: Vec<u32> = (0..row.len() as u32).collect();
+            ranked.sort_by(|a, b| logprobs::rank(&row, *a, *b));
+            let weights: Vec<f64> = ranked
+                .iter()
+                .map(|&id| ((f64::from(row[id as usize]) - 4.999) / f64::from(temperature)).exp())
+                .collect();
+            let total: f64 = weights.iter().sum();
+            let mut mass = 0.0;
+            let size = 1 + weights
+                .iter()
+                .position(|w| {
+                    mass += w;
+                    mass >= f64::from(top_p) * total
+                })
+                .unwrap();
+            let nucleus: std::collections::BTreeSet<u32> = ranked[..size].iter().copied().collect();
+
+            let mut params = seeded(temperature, 99);
+            params.top_p = top_p;
+            let mut s = sampler(params);
+            for step in 0..300 {
+                let id = sample_once(&mut s, &row, &vec![0; step]).id;
+                assert!(
+                    nucleus.contains(&id),
+                    "T={temperature} top_p={top_p}: {id} is outside the {size}-token nucleus"
+                );
+            }
+            if temperature == 3.0 && top_p == 0.9 {
+                assert!(
+                    size > NUCLEUS_HEAD,
+                    "this case should need more than the head"
+                );
+            }
+        }
     }
 
     #[test]
