@@ -313,18 +313,21 @@ fn nucleus_threshold(top_p: f32, kept_mass: f64) -> f64 {
 /// compared with the current k-th best and only inserted when it beats it.
 fn top_candidates(logits: &[f32], k: usize) -> Vec<Candidate> {
     let mut best: Vec<Candidate> = Vec::with_capacity(k + 1);
+    // Ids arrive in increasing order, so once the buffer is full a token beats the k-th
+    // best exactly when its logit is strictly greater: one float comparison per token.
+    let mut floor = f32::NEG_INFINITY;
     for (id, &logit) in logits.iter().enumerate() {
-        let candidate = (logit, id as u32);
-        if logit == f32::NEG_INFINITY
-            || (best.len() == k
-                && rank_candidates(&candidate, &best[k - 1]) != std::cmp::Ordering::Less)
-        {
+        if logit <= floor {
             continue;
         }
+        let candidate = (logit, id as u32);
         let at =
             best.partition_point(|b| rank_candidates(b, &candidate) == std::cmp::Ordering::Less);
         best.insert(at, candidate);
-        best.truncate(k);
+        if best.len() >= k {
+            best.truncate(k);
+            floor = best[k - 1].0;
+        }
     }
     best
 }

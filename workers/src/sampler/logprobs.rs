@@ -28,13 +28,20 @@ pub(super) fn top_n(logits: &[f32], n: usize, log_normalizer: f64) -> Vec<(u32, 
     let n = n.min(logits.len());
     let mut best: Vec<u32> = Vec::with_capacity(n + 1);
     if n > 0 {
-        for id in 0..logits.len() as u32 {
-            if best.len() == n && rank(logits, id, best[n - 1]) != Ordering::Less {
+        // Ids arrive in increasing order: once full, a token enters only with a logit
+        // strictly above the n-th best's.
+        let mut floor = None;
+        for (id, &logit) in logits.iter().enumerate() {
+            if floor.is_some_and(|floor| logit <= floor) {
                 continue;
             }
+            let id = id as u32;
             let at = best.partition_point(|&b| rank(logits, b, id) == Ordering::Less);
             best.insert(at, id);
-            best.truncate(n);
+            if best.len() >= n {
+                best.truncate(n);
+                floor = Some(logits[best[n - 1] as usize]);
+            }
         }
     }
     best.into_iter()
