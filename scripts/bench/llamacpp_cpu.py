@@ -28,7 +28,8 @@ def main():
         n_ctx=a.prompt_tokens + a.decode_tokens + 16,
         n_threads=a.threads,
         n_threads_batch=a.threads,
-        n_batch=a.prompt_tokens,
+        # scores has n_batch rows when logits_all is off; keep room for every position.
+        n_batch=a.prompt_tokens + a.decode_tokens + 16,
         verbose=False,
     )
     vocab = llm.n_vocab()
