@@ -130,6 +130,12 @@ impl Metrics {
                 .register(collector)
                 .expect("each metric is registered once, under a distinct name");
         }
+        // Families without a sample are left out of the exposition; create the known label
+        // sets so dashboards see every family from the start.
+        for endpoint in ["chat", "completions"] {
+            metrics.time_to_first_token.with_label_values(&[endpoint]);
+            metrics.inter_token_latency.with_label_values(&[endpoint]);
+        }
         for role in ["context", "decode", "both"] {
             metrics.live_workers.with_label_values(&[role]).set(0);
         }
