@@ -45,7 +45,7 @@ pub fn dequantize(
     }
     let (block_elems, block_bytes) = ggml_type.block_layout().ok_or_else(unsupported)?;
     let (block_elems, block_bytes) = (block_elems as usize, block_bytes as usize);
-    if data.len() % block_bytes != 0 {
+    if !data.len().is_multiple_of(block_bytes) {
         return Err(DequantError::PartialBlock {
             tensor: tensor.to_string(),
             ggml_type,

@@ -186,7 +186,11 @@ pub fn unpermute_rows(
         rows,
         heads,
     };
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || values.len() % rows != 0 {
+    if heads == 0
+        || !rows.is_multiple_of(heads)
+        || !(rows / heads).is_multiple_of(2)
+        || !values.len().is_multiple_of(rows)
+    {
         return Err(error());
     }
     let head_dim = rows / heads;

@@ -362,7 +362,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed, GgufProblem> {
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
         let row = dims.first().copied().unwrap_or(1);
-        if row % block_elems != 0 {
+        if !row.is_multiple_of(block_elems) {
             return Err(bad(format!(
                 "its rows have {row} elements, not a multiple of the {ggml_type} block size {block_elems}"
             )));
@@ -370,7 +370,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed, GgufProblem> {
         let n_bytes = (n_elements / block_elems)
             .checked_mul(block_bytes)
             .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
-        if relative_offset % alignment != 0 {
+        if !relative_offset.is_multiple_of(alignment) {
             return Err(bad(format!(
                 "data offset {relative_offset} is not a multiple of the alignment {alignment}"
             )));
@@ -625,7 +625,7 @@ pub(crate) mod tests {
                     out.extend(d.to_le_bytes());
                 }
                 // No padding after the last tensor, so every shorter prefix is truncated.
-                while data.len() % 32 != 0 {
+                while !data.len().is_multiple_of(32) {
                     data.push(0);
                 }
                 let offset = data.len() as u64;
@@ -633,7 +633,7 @@ pub(crate) mod tests {
                 out.extend(offset.to_le_bytes());
                 data.extend(bytes);
             }
-            while out.len() % 32 != 0 {
+            while !out.len().is_multiple_of(32) {
                 out.push(0);
             }
             out.extend(data);
