@@ -6,6 +6,9 @@
 
 use std::sync::Arc;
 
+use tandem_text::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, RenderOptions};
+use tandem_text::tokenizer::TextTokenizer;
+
 use crate::error::ApiError;
 use crate::validation::{PromptInput, Turn};
 
@@ -59,136 +62,63 @@ pub async fn tokenize(
     }
 }
 
-/// Loads the model directory's tokenizer and chat template.
+/// Loads the model directory's tokenizer and chat template (tandem-text).
 pub fn load_codec(model_dir: &std::path::Path) -> Result<Box<dyn PromptCodec>, PromptError> {
-    Ok(Box::new(interim::InterimCodec::load(model_dir)?))
+    let tokenizer =
+        TextTokenizer::load(model_dir).map_err(|e| PromptError::Tokenizer(e.to_string()))?;
+    // A model without a template still serves /v1/completions; chat requests are refused.
+    let template = match ChatTemplate::from_tokenizer(&tokenizer) {
+        Ok(template) => Some(template),
+        Err(ChatTemplateError::Missing) => None,
+        Err(err) => return Err(PromptError::Tokenizer(err.to_string())),
+    };
+    Ok(Box::new(TextCodec {
+        tokenizer,
+        template,
+    }))
 }
 
-/// INTERIM, to be replaced by tandem-text's tokenizer and chat template as soon as that crate
-/// has them (it was empty when the api-server was written): `tokenizers` for tokenizer.json and
-/// minijinja for the `chat_template` of tokenizer_config.json (or chat_template.jinja), with
-/// the variables Hugging Face passes (`messages`, `add_generation_prompt`, `bos_token`,
-/// `eos_token`, `raise_exception`).
-mod interim {
-    use std::path::Path;
+/// [`PromptCodec`] over tandem-text: the same tokenizer and template code the workers use.
+struct TextCodec {
+    tokenizer: TextTokenizer,
+    template: Option<ChatTemplate>,
+}
 
-    use serde_json::Value;
-
-    use super::{PromptCodec, PromptError};
-    use crate::validation::Turn;
-
-    pub struct InterimCodec {
-        tokenizer: tokenizers::Tokenizer,
-        template: Option<minijinja::Environment<'static>>,
-        bos_token: String,
-        eos_token: String,
-    }
-
-    fn special_token(config: &Value, key: &str) -> String {
-        match &config[key] {
-            Value::String(token) => token.clone(),
-            Value::Object(added) => added
-                .get("content")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-            _ => String::new(),
-        }
-    }
-
-    impl InterimCodec {
-        pub fn load(dir: &Path) -> Result<Self, PromptError> {
-            let tokenizer =
-                tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
-                    PromptError::Tokenizer(format!("{}: {e}", dir.join("tokenizer.json").display()))
-                })?;
-            let config: Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-                .ok()
-                .and_then(|text| serde_json::from_str(&text).ok())
-                .unwrap_or(Value::Null);
-            let source = match &config["chat_template"] {
-                Value::String(template) => Some(template.clone()),
-                Value::Array(named) => named
-                    .iter()
-                    .find(|t| t["name"] == "default")
-                    .and_then(|t| t["template"].as_str())
-                    .map(str::to_string),
-                _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
-            };
-            let template = match source {
-                Some(source) => {
-                    let mut env = minijinja::Environment::new();
-                    env.set_unknown_method_callback(
-                        minijinja_contrib::pycompat::unknown_method_callback,
-                    );
-                    env.add_function(
-                        "raise_exception",
-                        |message: String| -> Result<String, minijinja::Error> {
-                            Err(minijinja::Error::new(
-                                minijinja::ErrorKind::InvalidOperation,
-                                message,
-                            ))
-                        },
-                    );
-                    env.add_template_owned("chat", source).map_err(|e| {
-                        PromptError::Tokenizer(format!("chat template does not parse: {e}"))
-                    })?;
-                    Some(env)
-                }
-                None => None,
-            };
-            Ok(InterimCodec {
-                tokenizer,
-                template,
-                bos_token: special_token(&config, "bos_token"),
-                eos_token: special_token(&config, "eos_token"),
-            })
-        }
-
-        fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, PromptError> {
-            self.tokenizer
-                .encode(text, add_special_tokens)
-                .map(|encoding| encoding.get_ids().to_vec())
-                .map_err(|e| PromptError::Tokenizer(e.to_string()))
-        }
-    }
-
-    impl PromptCodec for InterimCodec {
-        fn encode_chat(&self, turns: &[Turn]) -> Result<Vec<u32>, PromptError> {
-            let env = self.template.as_ref().ok_or_else(|| {
-                PromptError::Template("this model has no chat template; use /v1/completions".into())
+impl PromptCodec for TextCodec {
+    fn encode_chat(&self, turns: &[Turn]) -> Result<Vec<u32>, PromptError> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            PromptError::Template("this model has no chat template; use /v1/completions".into())
+        })?;
+        let messages: Vec<ChatMessage> = turns
+            .iter()
+            .map(|t| ChatMessage::new(t.role.as_str(), t.content.as_str()))
+            .collect();
+        let options = RenderOptions {
+            add_generation_prompt: true,
+            ..RenderOptions::default()
+        };
+        let text = template
+            .render(&messages, &options)
+            .map_err(|err| match err {
+                ChatTemplateError::Raised { message } => PromptError::Template(message),
+                ChatTemplateError::InvalidMessage { .. } => PromptError::Template(err.to_string()),
+                other => PromptError::Tokenizer(other.to_string()),
             })?;
-            let messages: Vec<minijinja::Value> = turns
-                .iter()
-                .map(|t| {
-                    minijinja::Value::from_pairs([
-                        ("role", minijinja::Value::from(t.role.as_str())),
-                        ("content", minijinja::Value::from(t.content.as_str())),
-                    ])
-                })
-                .collect();
-            let template = env
-                .get_template("chat")
-                .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
-            let text = template
-                .render(minijinja::context! {
-                    messages => messages,
-                    add_generation_prompt => true,
-                    bos_token => self.bos_token.as_str(),
-                    eos_token => self.eos_token.as_str(),
-                })
-                .map_err(|e| {
-                    PromptError::Template(format!("the chat template refused the messages: {e}"))
-                })?;
-            self.encode(&text, false)
-        }
+        self.tokenizer
+            .encode_templated(&text)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))
+    }
 
-        fn encode_text(&self, text: &str) -> Result<Vec<u32>, PromptError> {
-            self.encode(text, true)
-        }
+    fn encode_text(&self, text: &str) -> Result<Vec<u32>, PromptError> {
+        self.tokenizer
+            .encode(text)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))
+    }
 
-        fn token_text(&self, id: u32) -> String {
-            self.tokenizer.decode(&[id], false).unwrap_or_default()
-        }
+    fn token_text(&self, id: u32) -> String {
+        self.tokenizer
+            .token_bytes(id)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
     }
 }

@@ -287,10 +287,11 @@ fn validate_message(index: usize, message: &ChatMessage) -> Result<Turn, ApiErro
     let content = match &message.content {
         Some(MessageContent::Text(text)) => text.clone(),
         Some(MessageContent::Parts(parts)) => {
-            let mut text = String::new();
+            // Text parts are joined with newlines, as vLLM does.
+            let mut texts = Vec::with_capacity(parts.len());
             for (i, part) in parts.iter().enumerate() {
                 match (part.kind.as_str(), &part.text) {
-                    ("text", Some(t)) => text.push_str(t),
+                    ("text", Some(t)) => texts.push(t.as_str()),
                     ("text", None) => {
                         return Err(ApiError::invalid(
                             "a text content part needs `text`",
@@ -305,7 +306,7 @@ fn validate_message(index: usize, message: &ChatMessage) -> Result<Turn, ApiErro
                     }
                 }
             }
-            text
+            texts.join("\n")
         }
         // An assistant turn may carry only tool calls, which this server does not serve.
         None if role == Role::Assistant => String::new(),
@@ -542,7 +543,7 @@ mod tests {
                 },
                 Turn {
                     role: Role::User,
-                    content: "ab".into()
+                    content: "a\nb".into()
                 },
                 Turn {
                     role: Role::Assistant,
