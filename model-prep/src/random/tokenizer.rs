@@ -139,6 +139,10 @@ pub fn build(
     })
 }
 
+/// A string to consider: (its weight, its bytes, index in `order` of its last byte, the
+/// weight of the string without that byte).
+type Candidate = (u128, Vec<u8>, usize, u128);
+
 /// The `count` most likely merged tokens (as the bytes they stand for), most likely first.
 ///
 /// A string's weight is the product of its characters' weights, Zipf-like by their rank in
@@ -156,7 +160,7 @@ fn merged_tokens(count: usize) -> Vec<Vec<u8>> {
     }
     let weight = |index: usize| index as u128 + 2;
     // (weight of the string, the string, index in `order` of its last char, weight of `left`)
-    let mut heap: BinaryHeap<Reverse<(u128, Vec<u8>, usize, u128)>> = order
+    let mut heap: BinaryHeap<Reverse<Candidate>> = order
         .iter()
         .enumerate()
         .map(|(i, &c)| Reverse((weight(i) * weight(0), vec![c, order[0]], 0, weight(i))))
