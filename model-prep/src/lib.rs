@@ -4,13 +4,13 @@
 //! into place only when complete, so a failed or interrupted run never leaves a directory
 //! that looks valid.
 
-pub mod output;
-pub mod progress;
-pub mod safetensors_writer;
-pub mod gguf_tokenizer;
 pub mod default_model;
 pub mod fetch;
-pub mod inspect;
-pub mod random;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod import;
+pub mod inspect;
+pub mod output;
+pub mod progress;
+pub mod random;
+pub mod safetensors_writer;

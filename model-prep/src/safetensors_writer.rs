@@ -152,7 +152,7 @@ impl SafetensorsWriter {
         }
         let mut header_bytes = serde_json::to_vec(&header).expect("JSON map serializes");
         // The data section starts 8-byte aligned, padded with spaces as the format allows.
-        while header_bytes.len() % 8 != 0 {
+        while !header_bytes.len().is_multiple_of(8) {
             header_bytes.push(b' ');
         }
         let mut file = BufWriter::with_capacity(8 << 20, File::create(path).map_err(io)?);
