@@ -1,0 +1,49 @@
+//! Serves one registered region filled with the test pattern, for the two-process tests and the
+//! pull benchmark: prints the region's handle line on stdout, then progresses its worker until
+//! stdin is closed. Transports come from the environment (`UCX_TLS`).
+//!
+//! Usage: `tandem-ucx-peer <bytes> <seed>`
+
+use anyhow::{Context as _, bail};
+use tandem_ucx::{Context, MemoryRegion, RegionHandle, Worker, pattern};
+use tokio::io::AsyncReadExt;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [bytes, seed] = &args[..] else {
+        bail!("usage: tandem-ucx-peer <bytes> <seed>");
+    };
+    let bytes: usize = bytes.parse().context("bytes")?;
+    let seed: u64 = seed.parse().context("seed")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    runtime.block_on(serve(bytes, seed))
+}
+
+async fn serve(bytes: usize, seed: u64) -> anyhow::Result<()> {
+    let context = Context::new().context("creating the UCX context")?;
+    let worker = Worker::new(&context).context("creating the UCX worker")?;
+    let mut buffer = vec![0u8; bytes];
+    pattern::fill(&mut buffer, seed, 0);
+    let region = MemoryRegion::from_vec(&context, buffer).context("registering the region")?;
+    let handle = RegionHandle {
+        worker_address: worker.address()?,
+        region_address: region.address(),
+        region_length: region.len(),
+        rkey: region.pack_rkey()?,
+    };
+    println!("{}", handle.to_line());
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    let wait_for_eof = async {
+        while stdin.read(&mut sink).await? > 0 {}
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        result = worker.progress_loop() => { result?; }
+        result = wait_for_eof => result?,
+    }
+    Ok(())
+}
