@@ -6,33 +6,72 @@
 
 pub mod bus_peer;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
 
+/// A port nothing listens on, never the same twice in this process: tests run in parallel
+/// threads, and a port released by one test's probe could otherwise be handed to another
+/// test's server before the first one binds it (one server then fails to start, and a
+/// readiness probe may even connect to the wrong process).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("the OS hands out a free port")
-        .port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("the OS hands out a free port")
+            .port();
+        if HANDED_OUT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(port)
+        {
+            return port;
+        }
+    }
 }
 
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before listening on {port}: {status}");
+/// Spawns a server on a free port and waits until it listens. A port can still be taken
+/// between the probe and the server's bind (by another process, or as the ephemeral port
+/// of an outgoing connection), so a server that exits before listening is started again on
+/// another port, up to three times.
+fn spawn_listening(what: &str, mut command: impl FnMut(u16) -> Command) -> (Child, u16) {
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        let port = free_port();
+        let mut child = command(port)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{what} starts: {e}"));
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                failures.push(format!("exited before listening on {port}: {status}"));
+                break;
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // The listener is the child's only if the child is still alive.
+                if let Ok(None) = child.try_wait() {
+                    return (child, port);
+                }
+                continue;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("{what} did not listen on {port} within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{what} did not listen on {port} within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
+    panic!(
+        "{what} failed to start three times: {}",
+        failures.join("; ")
+    );
 }
 
 /// A child process killed (and reaped) on drop.
@@ -56,14 +95,14 @@ impl NatsServer {
             std::path::Path::new(NATS_SERVER).exists(),
             "{NATS_SERVER} is missing: sudo apt-get install nats-server"
         );
-        let port = free_port();
-        let mut child = Command::new(NATS_SERVER)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        wait_for_port(port, "nats-server", &mut child);
+        let (child, port) = spawn_listening("nats-server", |port| {
+            let mut command = Command::new(NATS_SERVER);
+            command
+                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            command
+        });
         NatsServer {
             url: format!("nats://127.0.0.1:{port}"),
             _process: Process(child),
@@ -98,40 +137,40 @@ impl ApiServer {
     /// Starts the binary with short timeouts (so failure paths are quick to test), plus
     /// `extra` flags, and waits until it serves HTTP.
     pub fn start(nats: &NatsServer, extra: &[&str]) -> Self {
-        let port = free_port();
         let model = test_model_dir();
-        let mut args: Vec<String> = [
-            "--model",
-            model.to_str().expect("test paths are UTF-8"),
-            "--served-model-name",
-            SERVED_NAME,
-            "--port",
-            &port.to_string(),
-            "--nats",
-            &nats.url,
-            "--accept-timeout-ms",
-            "500",
-            "--first-token-timeout-ms",
-            "1500",
-            "--stall-timeout-ms",
-            "700",
-            "--worker-timeout-ms",
-            "1000",
-            "--http-workers",
-            "2",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_api-server"))
-            .args(&args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("api-server starts");
-        wait_for_port(port, "api-server", &mut child);
+        let (child, port) = spawn_listening("api-server", |port| {
+            let mut args: Vec<String> = [
+                "--model",
+                model.to_str().expect("test paths are UTF-8"),
+                "--served-model-name",
+                SERVED_NAME,
+                "--port",
+                &port.to_string(),
+                "--nats",
+                &nats.url,
+                "--accept-timeout-ms",
+                "500",
+                "--first-token-timeout-ms",
+                "1500",
+                "--stall-timeout-ms",
+                "700",
+                "--worker-timeout-ms",
+                "1000",
+                "--http-workers",
+                "2",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let mut command = Command::new(env!("CARGO_BIN_EXE_api-server"));
+            command
+                .args(&args)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            command
+        });
         ApiServer {
             port,
             _process: Process(child),
