@@ -67,14 +67,9 @@ impl From<PolicyArg> for RouterPolicy {
 impl ServerConfig {
     /// The served name: the flag, else the model directory's last component.
     pub fn served_name(&self) -> String {
-        self.served_model_name.clone().unwrap_or_else(|| {
-            self.model
-                .canonicalize()
-                .unwrap_or_else(|_| self.model.clone())
-                .file_name()
-                .map(|name| name.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".to_string())
-        })
+        self.served_model_name
+            .clone()
+            .unwrap_or_else(|| tandem_protocol::subjects::default_served_name(&self.model))
     }
 }
 

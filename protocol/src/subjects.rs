@@ -33,6 +33,18 @@ pub fn subject_token(name: &str) -> String {
     if token.is_empty() { "_".into() } else { token }
 }
 
+/// The served model name used when none is given: the model directory's last path component
+/// (after resolving `.` and links), so an api-server and workers started on the same directory
+/// agree without a flag.
+pub fn default_served_name(model_dir: &std::path::Path) -> String {
+    model_dir
+        .canonicalize()
+        .unwrap_or_else(|_| model_dir.to_owned())
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".to_string())
+}
+
 /// The subjects of one served model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subjects {

@@ -5,21 +5,19 @@
 //! engine thread the bus roles use, so its output is the reference the disaggregated path
 //! must reproduce token for token.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
 use serde::Serialize;
-use tandem_model::{CONFIG_FILE, TOKENIZER_FILE};
 use thiserror::Error;
 
-use crate::backend::BackendError;
-use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::engine::{
     Engine, EngineConfig, EngineError, EngineHandle, EventKind, FinishReason, GenerationRequest,
     ModelRunner, TextDecoder,
 };
-use crate::model::{Model, ModelError, ModelOptions};
+use crate::model::ModelError;
+use crate::model_dir::{ModelDirError, ModelText, check_model_dir, load_model};
 use crate::sampler::SamplingParams;
 
 /// Options of `worker generate`.
@@ -80,14 +78,10 @@ pub struct GenerateOutput {
 
 #[derive(Debug, Error)]
 pub enum GenerateError {
-    #[error("unsupported device `{0}`: this worker supports: cpu")]
-    UnsupportedDevice(String),
-    #[error("model directory {}: {reason}", path.display())]
-    ModelDir { path: PathBuf, reason: String },
+    #[error(transparent)]
+    ModelDir(#[from] ModelDirError),
     #[error("loading the model from {}: {source}", path.display())]
     Model { path: PathBuf, source: ModelError },
-    #[error("starting the CPU backend: {0}")]
-    Backend(#[from] BackendError),
     #[error("{0}")]
     Text(String),
     #[error(transparent)]
@@ -103,28 +97,15 @@ pub fn generate(
     args: &GenerateArgs,
     mut on_text: impl FnMut(&str),
 ) -> Result<GenerateOutput, GenerateError> {
-    if args.device != "cpu" {
-        return Err(GenerateError::UnsupportedDevice(args.device.clone()));
-    }
     check_model_dir(&args.model)?;
-    let text = text::ModelText::load(&args.model).map_err(GenerateError::Text)?;
+    let text = ModelText::load(&args.model)?;
     let prompt_ids = if args.chat || args.system.is_some() {
         text.chat_prompt_ids(args.system.as_deref(), &args.prompt)
     } else {
         text.prompt_ids(&args.prompt)
     }
     .map_err(GenerateError::Text)?;
-
-    let backend = CpuBackend::new(&CpuOptions {
-        threads: args.threads,
-        ..Default::default()
-    })?;
-    let model = Model::load(&args.model, backend, &ModelOptions::default()).map_err(|source| {
-        GenerateError::Model {
-            path: args.model.clone(),
-            source,
-        }
-    })?;
+    let model = load_model(&args.model, &args.device, args.threads)?;
     let config = engine_config(
         prompt_ids.len(),
         args.max_tokens,
@@ -202,34 +183,6 @@ fn engine_config(prompt_len: usize, max_tokens: usize, max_model_len: usize) -> 
     }
 }
 
-/// A clear error for the usual mistakes (wrong path, a GGUF file instead of a directory)
-/// before the loaders' more technical ones.
-fn check_model_dir(path: &Path) -> Result<(), GenerateError> {
-    let fail = |reason: String| {
-        Err(GenerateError::ModelDir {
-            path: path.to_owned(),
-            reason,
-        })
-    };
-    if !path.exists() {
-        return fail("does not exist (make one with `model-prep default -o DIR`)".into());
-    }
-    if !path.is_dir() {
-        return fail(
-            "is not a directory (a GGUF file must first be imported: `model-prep import-gguf FILE -o DIR`)"
-                .into(),
-        );
-    }
-    for file in [CONFIG_FILE, TOKENIZER_FILE] {
-        if !path.join(file).is_file() {
-            return fail(format!(
-                "has no {file}: not a model directory (make one with `model-prep default -o DIR`)"
-            ));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,85 +201,5 @@ mod tests {
             max_model_len: 2048,
         });
         assert!(scheduler.is_ok_and(|s| s.max_context_len() == 2048));
-    }
-
-    #[test]
-    fn bad_model_dirs_get_a_clear_error() {
-        let missing = Path::new("/nonexistent/tandem-model");
-        let err = check_model_dir(missing).unwrap_err().to_string();
-        assert!(err.contains("does not exist"), "{err}");
-        let file = std::env::temp_dir().join(format!("tandem-gen-test-{}", std::process::id()));
-        std::fs::write(&file, b"GGUF").unwrap();
-        let err = check_model_dir(&file).unwrap_err().to_string();
-        assert!(err.contains("import-gguf"), "{err}");
-        std::fs::remove_file(&file).unwrap();
-        let err = check_model_dir(&std::env::temp_dir())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("config.json"), "{err}");
-    }
-}
-
-/// The model's text side: tokenizer, chat template, and a [`TextDecoder`] for the engine.
-mod text {
-    use std::path::Path;
-    use std::sync::Arc;
-
-    use tandem_text::chat_template::{ChatMessage, ChatTemplate, RenderOptions};
-    use tandem_text::tokenizer::TextTokenizer;
-
-    use crate::engine::{TextDecoder, TokenizerText};
-
-    pub struct ModelText {
-        tokenizer: Arc<TextTokenizer>,
-    }
-
-    impl ModelText {
-        pub fn load(model_dir: &Path) -> Result<Self, String> {
-            let tokenizer = TextTokenizer::load(model_dir).map_err(|e| e.to_string())?;
-            Ok(Self {
-                tokenizer: Arc::new(tokenizer),
-            })
-        }
-
-        /// A plain prompt, with the special tokens the tokenizer adds (BOS for Llama).
-        pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>, String> {
-            self.tokenizer.encode(prompt).map_err(|e| e.to_string())
-        }
-
-        /// The prompt as one user message (after an optional system message) through the
-        /// model's chat template, ending with the assistant's generation prompt.
-        pub fn chat_prompt_ids(
-            &self,
-            system: Option<&str>,
-            prompt: &str,
-        ) -> Result<Vec<u32>, String> {
-            let template = ChatTemplate::from_tokenizer(&self.tokenizer)
-                .map_err(|e| format!("chat template: {e}"))?;
-            let mut messages = Vec::new();
-            if let Some(system) = system {
-                messages.push(ChatMessage::new("system", system));
-            }
-            messages.push(ChatMessage::new("user", prompt));
-            let options = RenderOptions {
-                add_generation_prompt: true,
-                ..RenderOptions::default()
-            };
-            let text = template
-                .render(&messages, &options)
-                .map_err(|e| format!("chat template: {e}"))?;
-            self.tokenizer
-                .encode_templated(&text)
-                .map_err(|e| e.to_string())
-        }
-
-        /// Ids that end generation (EOS of the tokenizer, config and generation config).
-        pub fn stop_token_ids(&self) -> Vec<u32> {
-            self.tokenizer.stop_token_ids().to_vec()
-        }
-
-        pub fn decoder(&self) -> Arc<dyn TextDecoder> {
-            Arc::new(TokenizerText::new(Arc::clone(&self.tokenizer)))
-        }
     }
 }

@@ -6,12 +6,16 @@
 //! - [`scheduler`]: continuous batching and chunked prefill under a token budget.
 //! - [`sampler`]: turns logits into tokens (greedy, temperature, top-k/p, penalties, seeds).
 //! - [`engine`]: the step loop that ties them together.
+//! - [`model_dir`]: opening a model directory (checks, text side, weights on a device).
 //! - [`generate`]: `worker generate`, one local generation without the bus.
+//! - [`serve`]: the worker on the bus (`worker --role both --nats URL`).
 
 pub mod backend;
 pub mod engine;
 pub mod generate;
 pub mod kv_cache;
 pub mod model;
+pub mod model_dir;
 pub mod sampler;
 pub mod scheduler;
+pub mod serve;

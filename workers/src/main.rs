@@ -1,6 +1,5 @@
-//! The `worker` binary. Today: `worker generate`, one local generation without the bus.
-//! The bus roles (`worker --role context|decode|both --nats URL`) join as more subcommands
-//! or top-level flags of [`Cli`].
+//! The `worker` binary: `worker --role both --model DIR --nats URL` serves on the bus;
+//! `worker generate` runs one local generation without it.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -8,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tandem_workers::generate::{self, GenerateArgs};
+use tandem_workers::serve::{self, ServeArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -15,11 +15,23 @@ use tandem_workers::generate::{self, GenerateArgs};
     version,
     about = "tandem's inference worker",
     long_about = "tandem's inference worker: runs a Llama-family model (model directory made by \
-                  `model-prep`) with a paged KV cache and continuous batching."
+                  `model-prep`) with a paged KV cache and continuous batching.\n\n\
+                  With --role, it joins a deployment over NATS: takes generation jobs (queue \
+                  group and its own direct subject), streams tokens to each request's stream \
+                  subject, honours cancellation, and publishes heartbeats. SIGTERM or Ctrl-C \
+                  drains it: in-flight requests finish, no new ones are taken; a second signal \
+                  stops at once. The `generate` subcommand runs one prompt locally instead.",
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
+        worker --role both --model models/smollm2 --nats nats://127.0.0.1:4222\n  \
+        worker --role both --model models/smollm2 --nats nats://10.0.0.2:4222 --served-model-name smollm2 --kv-cache-tokens 32768\n  \
+        worker generate --model models/smollm2 --chat --prompt 'What is the capital of France?'"
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -33,16 +45,25 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A serving worker says what it does (info); `generate` prints only its output.
+    let default_filter = if cli.command.is_some() {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person; a launcher or log collector reads plain lines.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => run_generate(&args),
+        Some(Command::Generate(args)) => run_generate(&args),
+        None => serve::run(&cli.serve).map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -51,6 +51,7 @@ pub struct EngineHandle {
     next_id: Arc<AtomicU64>,
     free_blocks: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
+    waiting: Arc<AtomicUsize>,
 }
 
 /// The events of one request, in order; the last is `Finished`.
@@ -91,12 +92,16 @@ impl EngineHandle {
             next_id: engine.id_source(),
             free_blocks: Arc::new(AtomicUsize::new(engine.free_blocks())),
             active: Arc::new(AtomicUsize::new(0)),
+            waiting: Arc::new(AtomicUsize::new(0)),
         };
-        let free_blocks = Arc::clone(&handle.free_blocks);
-        let active = Arc::clone(&handle.active);
+        let counters = Counters {
+            free_blocks: Arc::clone(&handle.free_blocks),
+            active: Arc::clone(&handle.active),
+            waiting: Arc::clone(&handle.waiting),
+        };
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || run(engine, rx, &free_blocks, &active))?;
+            .spawn(move || run(engine, rx, &counters))?;
         Ok((handle, thread))
     }
 
@@ -148,15 +153,22 @@ impl EngineHandle {
     pub fn active_requests(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
+
+    /// Requests queued and not yet scheduled after the engine's last step.
+    pub fn waiting_requests(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// What the engine thread publishes after each step for callers to read without a lock.
+struct Counters {
+    free_blocks: Arc<AtomicUsize>,
+    active: Arc<AtomicUsize>,
+    waiting: Arc<AtomicUsize>,
 }
 
 /// The engine thread's loop.
-fn run<M: StepModel>(
-    mut engine: Engine<M>,
-    commands: Receiver<Command>,
-    free_blocks: &AtomicUsize,
-    active: &AtomicUsize,
-) {
+fn run<M: StepModel>(mut engine: Engine<M>, commands: Receiver<Command>, counters: &Counters) {
     let mut sinks: HashMap<RequestId, Box<dyn EventSink>> = HashMap::new();
     let mut connected = true;
     loop {
@@ -198,8 +210,15 @@ fn run<M: StepModel>(
                 engine.cancel(id);
             }
         }
-        free_blocks.store(engine.free_blocks(), Ordering::Relaxed);
-        active.store(engine.num_active(), Ordering::Relaxed);
+        counters
+            .free_blocks
+            .store(engine.free_blocks(), Ordering::Relaxed);
+        counters
+            .active
+            .store(engine.num_active(), Ordering::Relaxed);
+        counters
+            .waiting
+            .store(engine.num_waiting(), Ordering::Relaxed);
     }
 }
 

@@ -1,0 +1,120 @@
+//! A bus job in the engine's terms.
+//!
+//! The api-server validated every value before publishing (docs/protocol.md), so this is a
+//! plain mapping; the engine still refuses what it cannot run (a prompt longer than its cache,
+//! a token outside the vocabulary) with a `Finished` error the client sees.
+
+use tandem_protocol::messages::{GenerateJob, SamplingSpec};
+
+use crate::engine::GenerationRequest;
+use crate::sampler::SamplingParams;
+
+/// The engine request for `job`. `model_stop_ids` are the tokenizer's end-of-sequence ids
+/// (the ones `worker generate` stops on); they are left out when the job sets `ignore_eos`.
+pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> GenerationRequest {
+    let mut stop_token_ids = if job.stop.ignore_eos {
+        Vec::new()
+    } else {
+        model_stop_ids.to_vec()
+    };
+    for &id in &job.stop.token_ids {
+        if !stop_token_ids.contains(&id) {
+            stop_token_ids.push(id);
+        }
+    }
+    GenerationRequest {
+        prompt_ids: job.prompt_ids.clone(),
+        sampling: sampling_params(&job.sampling),
+        max_tokens: job.stop.max_tokens as usize,
+        stop_token_ids,
+        ignore_eos: job.stop.ignore_eos,
+        stop_strings: job.stop.strings.clone(),
+        prefill_only: false,
+    }
+}
+
+fn sampling_params(spec: &SamplingSpec) -> SamplingParams {
+    SamplingParams {
+        temperature: spec.temperature,
+        top_k: (spec.top_k > 0).then_some(spec.top_k),
+        top_p: spec.top_p,
+        seed: spec.seed,
+        repetition_penalty: spec.repetition_penalty,
+        presence_penalty: spec.presence_penalty,
+        frequency_penalty: spec.frequency_penalty,
+        logprobs: spec.logprobs,
+        ..SamplingParams::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tandem_protocol::messages::StopSpec;
+
+    use super::*;
+
+    fn job(stop: StopSpec, sampling: SamplingSpec) -> GenerateJob {
+        GenerateJob {
+            request_id: "r".into(),
+            prompt_ids: vec![1, 2, 3],
+            sampling,
+            stop,
+            stream_subject: "s".into(),
+            deadline_unix_ms: None,
+        }
+    }
+
+    #[test]
+    fn stop_ids_are_the_models_plus_the_jobs_unless_eos_is_ignored() {
+        let stop = StopSpec {
+            max_tokens: 7,
+            token_ids: vec![9, 2],
+            strings: vec!["\n".into()],
+            ignore_eos: false,
+        };
+        let request = generation_request(&job(stop.clone(), SamplingSpec::default()), &[2, 0]);
+        assert_eq!(request.stop_token_ids, vec![2, 0, 9]);
+        assert_eq!(request.max_tokens, 7);
+        assert_eq!(request.stop_strings, vec!["\n".to_string()]);
+        assert!(!request.prefill_only);
+        let ignoring = StopSpec {
+            ignore_eos: true,
+            ..stop
+        };
+        let request = generation_request(&job(ignoring, SamplingSpec::default()), &[2, 0]);
+        assert_eq!(request.stop_token_ids, vec![9, 2]);
+        assert!(request.ignore_eos);
+    }
+
+    #[test]
+    fn sampling_maps_field_by_field_with_zero_top_k_off() {
+        let spec = SamplingSpec {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 0,
+            seed: Some(5),
+            presence_penalty: 0.5,
+            frequency_penalty: -0.5,
+            repetition_penalty: 1.1,
+            logprobs: Some(3),
+        };
+        let params = sampling_params(&spec);
+        assert_eq!(params.top_k, None);
+        assert_eq!(
+            (params.temperature, params.top_p, params.seed),
+            (0.7, 0.9, Some(5))
+        );
+        assert_eq!(
+            (
+                params.presence_penalty,
+                params.frequency_penalty,
+                params.repetition_penalty
+            ),
+            (0.5, -0.5, 1.1)
+        );
+        assert_eq!(params.logprobs, Some(3));
+        assert!(params.validate().is_ok());
+        let with_k = sampling_params(&SamplingSpec { top_k: 40, ..spec });
+        assert_eq!(with_k.top_k, Some(40));
+    }
+}

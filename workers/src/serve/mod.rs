@@ -1,0 +1,213 @@
+//! The worker on the bus: `worker --role both --model DIR --nats URL`.
+//!
+//! Loads the model like `worker generate` (same tokenizer, detokenizer and stop handling), runs
+//! the engine on its own thread with a KV cache sized by `--kv-cache-tokens`, and serves jobs
+//! from NATS as docs/protocol.md describes:
+//!
+//! - [`job`]: a bus job in the engine's terms.
+//! - [`stream`]: engine events into the stream messages the api-server reads.
+//! - [`bus`]: the subscriptions, heartbeats, cancellation and the drain on SIGTERM.
+
+pub mod bus;
+pub mod job;
+pub mod stream;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, ValueEnum};
+use tandem_protocol::messages::WorkerRole;
+use thiserror::Error;
+
+use crate::engine::{Engine, EngineConfig, EngineError, EngineHandle, ModelRunner};
+use crate::model::ModelError;
+use crate::model_dir::{ModelDirError, ModelText, check_model_dir, load_model};
+
+/// The role flag. Context and decode workers (disaggregated serving) are the next step; until
+/// then a deployment runs `both` workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// Prefill and decode in one process (aggregated serving).
+    Both,
+    /// Prefill only, answering with a KV handle (not available yet).
+    Context,
+    /// Decode from a pulled KV cache (not available yet).
+    Decode,
+}
+
+impl RoleArg {
+    pub fn wire(self) -> WorkerRole {
+        match self {
+            RoleArg::Both => WorkerRole::Both,
+            RoleArg::Context => WorkerRole::Context,
+            RoleArg::Decode => WorkerRole::Decode,
+        }
+    }
+}
+
+/// Options of a worker serving on the bus.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// What this worker does: `both` prefills and decodes its own requests.
+    #[arg(long, value_enum, value_name = "ROLE")]
+    pub role: Option<RoleArg>,
+    /// Model directory (made by `model-prep`).
+    #[arg(long, env = "TANDEM_MODEL", value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// NATS server to join.
+    #[arg(
+        long,
+        env = "TANDEM_NATS",
+        default_value = "nats://127.0.0.1:4222",
+        value_name = "URL"
+    )]
+    pub nats: String,
+    /// Device to run on. Supported: cpu.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
+    /// Name the model is served under; must equal the api-server's (default for both: the
+    /// model directory's name).
+    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME", value_name = "NAME")]
+    pub served_model_name: Option<String>,
+    /// This worker's id on the bus (default: role, host name and process id).
+    #[arg(long, value_name = "ID")]
+    pub worker_id: Option<String>,
+    /// CPU threads for the model; 0 uses every core.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub threads: usize,
+    /// KV cache capacity in tokens, over all sequences.
+    #[arg(long, default_value_t = 16384, value_name = "N")]
+    pub kv_cache_tokens: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub block_size: usize,
+    /// Sequences in one batch at most.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_num_seqs: usize,
+    /// Tokens in one forward pass at most (decode tokens plus prefill chunks).
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_num_batched_tokens: usize,
+    /// Interval between heartbeats; keep it well under the api-server's --worker-timeout-ms.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub heartbeat_ms: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("--role is required (both, context or decode)")]
+    MissingRole,
+    #[error("--model is required (a model directory made by `model-prep`)")]
+    MissingModel,
+    #[error(
+        "--role {0} is not available yet: this build serves aggregated workers only (--role both)"
+    )]
+    RoleNotAvailable(&'static str),
+    #[error(transparent)]
+    ModelDir(#[from] ModelDirError),
+    #[error("loading the model from {}: {source}", path.display())]
+    Model { path: PathBuf, source: ModelError },
+    #[error("invalid engine settings: {0}")]
+    Engine(#[from] EngineError),
+    #[error("--kv-cache-tokens {tokens} is less than one block of {block_size} tokens")]
+    CacheTooSmall { tokens: usize, block_size: usize },
+    #[error("starting the engine thread: {0}")]
+    Thread(std::io::Error),
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
+}
+
+/// Loads the model, starts the engine and serves on the bus until SIGTERM/SIGINT and the
+/// drain that follows.
+pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
+    let role = args.role.ok_or(ServeError::MissingRole)?;
+    if role != RoleArg::Both {
+        return Err(ServeError::RoleNotAvailable(match role {
+            RoleArg::Context => "context",
+            _ => "decode",
+        }));
+    }
+    let model_dir = args.model.clone().ok_or(ServeError::MissingModel)?;
+    if args.kv_cache_tokens < args.block_size {
+        return Err(ServeError::CacheTooSmall {
+            tokens: args.kv_cache_tokens,
+            block_size: args.block_size,
+        });
+    }
+    check_model_dir(&model_dir)?;
+    let served_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| tandem_protocol::subjects::default_served_name(&model_dir));
+    let worker_id = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| default_worker_id(role));
+
+    let started = std::time::Instant::now();
+    let text = ModelText::load(&model_dir)?;
+    let model = load_model(&model_dir, &args.device, args.threads)?;
+    let max_model_len = model.config().max_position_embeddings;
+    let config = EngineConfig {
+        block_size: args.block_size,
+        num_blocks: args.kv_cache_tokens / args.block_size,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_num_seqs: args.max_num_seqs,
+        max_model_len: Some(max_model_len),
+    };
+    let runner =
+        ModelRunner::new(model, config.block_size, config.num_blocks).map_err(|source| {
+            ServeError::Model {
+                path: model_dir.clone(),
+                source,
+            }
+        })?;
+    let engine = Engine::new(runner, config, Some(text.decoder()))?;
+    let total_blocks = engine.total_blocks();
+    let (handle, thread) = EngineHandle::spawn(engine, "engine").map_err(ServeError::Thread)?;
+    tracing::info!(
+        model = %model_dir.display(),
+        served_name,
+        worker_id,
+        device = args.device,
+        kv_blocks = total_blocks,
+        block_size = args.block_size,
+        "model loaded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let settings = bus::BusSettings {
+        nats_url: args.nats.clone(),
+        served_name,
+        worker_id,
+        role: role.wire(),
+        device: args.device.clone(),
+        total_kv_blocks: total_blocks,
+        heartbeat: std::time::Duration::from_millis(args.heartbeat_ms.max(50)),
+        model_stop_ids: Arc::from(text.stop_token_ids()),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Thread)?;
+    runtime.block_on(bus::serve(settings, handle))?;
+    // Every handle is gone: the engine thread has ended its requests and exits.
+    if thread.join().is_err() {
+        tracing::error!("the engine thread panicked");
+    }
+    Ok(())
+}
+
+/// `both-myhost-12345`: unique per process on a host, readable in logs and metrics.
+fn default_worker_id(role: RoleArg) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    format!(
+        "{}-{}-{}",
+        role.wire().as_str(),
+        tandem_protocol::subjects::subject_token(&host),
+        std::process::id()
+    )
+}

@@ -1,0 +1,166 @@
+//! A request's engine events, turned into the stream messages the api-server reads.
+//!
+//! The engine thread hands events to a tokio channel (its `send` never blocks the step loop);
+//! one task per request takes whatever has arrived, packs consecutive tokens into one
+//! `tokens` message (fewer, larger NATS messages when the bus is slower than the engine),
+//! and ends the stream with exactly one `finished` or `error`.
+
+use tandem_protocol::messages::{self, StreamMessage, TokenEvent, Usage as WireUsage};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::engine::{EngineEvent, EventKind, EventSink, FinishReason};
+
+impl EventSink for UnboundedSender<EngineEvent> {
+    fn send(&mut self, event: EngineEvent) -> bool {
+        UnboundedSender::send(self, event).is_ok()
+    }
+}
+
+/// Converts a run of events (in order) into stream messages: the tokens among them in one
+/// `tokens` message, then the end if one of them is the `Finished` event. `with_logprobs`
+/// says whether the job asked for log-probabilities (otherwise none are sent).
+pub fn stream_messages(events: Vec<EngineEvent>, with_logprobs: bool) -> Vec<StreamMessage> {
+    let mut out = Vec::new();
+    let mut tokens = Vec::new();
+    for event in events {
+        match event.kind {
+            EventKind::Token {
+                id,
+                text_delta,
+                logprob,
+                top_logprobs,
+            } => tokens.push(TokenEvent {
+                id,
+                text: text_delta,
+                logprob: with_logprobs.then_some(logprob),
+                top_logprobs: if with_logprobs {
+                    top_logprobs
+                } else {
+                    Vec::new()
+                },
+            }),
+            EventKind::Finished { reason, usage, .. } => {
+                if !tokens.is_empty() {
+                    out.push(StreamMessage::Tokens {
+                        tokens: std::mem::take(&mut tokens),
+                    });
+                }
+                let usage = WireUsage {
+                    prompt_tokens: usage.prompt_tokens as u32,
+                    completion_tokens: usage.completion_tokens as u32,
+                };
+                out.push(match reason {
+                    FinishReason::Stop => StreamMessage::Finished {
+                        reason: messages::FinishReason::Stop,
+                        usage,
+                    },
+                    FinishReason::Length => StreamMessage::Finished {
+                        reason: messages::FinishReason::Length,
+                        usage,
+                    },
+                    FinishReason::Cancelled => StreamMessage::Finished {
+                        reason: messages::FinishReason::Cancelled,
+                        usage,
+                    },
+                    FinishReason::Error(message) => StreamMessage::Error { message },
+                });
+                return out;
+            }
+        }
+    }
+    if !tokens.is_empty() {
+        out.push(StreamMessage::Tokens { tokens });
+    }
+    out
+}
+
+/// Whether `message` ends a stream.
+pub fn is_last(message: &StreamMessage) -> bool {
+    matches!(
+        message,
+        StreamMessage::Finished { .. } | StreamMessage::Error { .. }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Usage;
+
+    fn token(id: u32, text: &str) -> EngineEvent {
+        EngineEvent {
+            request_id: 1,
+            kind: EventKind::Token {
+                id,
+                text_delta: text.into(),
+                logprob: -0.5,
+                top_logprobs: vec![(id, -0.5), (7, -1.5)],
+            },
+        }
+    }
+
+    fn finished(reason: FinishReason) -> EngineEvent {
+        EngineEvent {
+            request_id: 1,
+            kind: EventKind::Finished {
+                reason,
+                usage: Usage {
+                    prompt_tokens: 4,
+                    completion_tokens: 2,
+                },
+                retained_kv: None,
+            },
+        }
+    }
+
+    #[test]
+    fn tokens_are_packed_and_the_end_comes_last() {
+        let messages = stream_messages(
+            vec![
+                token(5, "He"),
+                token(6, "llo"),
+                finished(FinishReason::Length),
+            ],
+            false,
+        );
+        assert_eq!(messages.len(), 2);
+        let StreamMessage::Tokens { tokens } = &messages[0] else {
+            panic!("{messages:?}")
+        };
+        assert_eq!(tokens.len(), 2);
+        assert_eq!((tokens[0].id, tokens[0].text.as_str()), (5, "He"));
+        assert_eq!(tokens[1].logprob, None);
+        assert!(tokens[1].top_logprobs.is_empty());
+        assert_eq!(
+            messages[1],
+            StreamMessage::Finished {
+                reason: messages::FinishReason::Length,
+                usage: WireUsage {
+                    prompt_tokens: 4,
+                    completion_tokens: 2
+                }
+            }
+        );
+        assert!(is_last(&messages[1]) && !is_last(&messages[0]));
+    }
+
+    #[test]
+    fn logprobs_only_when_asked_and_errors_end_the_stream() {
+        let messages = stream_messages(vec![token(5, "a")], true);
+        let StreamMessage::Tokens { tokens } = &messages[0] else {
+            panic!("{messages:?}")
+        };
+        assert_eq!(tokens[0].logprob, Some(-0.5));
+        assert_eq!(tokens[0].top_logprobs, vec![(5, -0.5), (7, -1.5)]);
+        let messages = stream_messages(
+            vec![finished(FinishReason::Error("too long".into()))],
+            false,
+        );
+        assert_eq!(
+            messages,
+            vec![StreamMessage::Error {
+                message: "too long".into()
+            }]
+        );
+    }
+}
