@@ -1,0 +1,155 @@
+//! The official `openai` Python client against `tandem serve` on the default model (SmolLM2,
+//! prepared by scripts/test-models), unchanged: streaming and non-streamed chat, usage,
+//! logprobs, /v1/completions, and the typed errors it raises for bad input
+//! (tests/python/openai_conformance.py). Then SIGTERM to `tandem` leaves no process behind.
+//!
+//! Needs Python 3 with the `openai` package importable: scripts/test installs it into
+//! `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use support::{Http, Proc, bin, free_port, model_dir};
+
+fn python() -> Command {
+    let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut command = Command::new(python);
+    if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
+        command.env("PYTHONPATH", path);
+    }
+    command
+}
+
+fn check_openai_importable() {
+    let output = python()
+        .args(["-c", "import openai; print(openai.__version__)"])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "the `openai` Python package is not importable: run scripts/test (it installs it into \
+         target/pylib and sets TANDEM_TEST_PYTHONPATH): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Pids of `root`'s descendants, from /proc.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc is readable").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ..."; comm may contain spaces, so split after the last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parents.iter().filter(|(_, p)| *p == parent).map(|(c, _)| *c));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next().map(str::to_owned));
+            state.as_deref() != Some("Z")
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn openai_client_works_unchanged_against_tandem_serve() {
+    check_openai_importable();
+    let port = free_port();
+    let mut command = Command::new(bin("tandem"));
+    command
+        .arg("serve")
+        .arg("--model")
+        .arg(model_dir("smollm2-bf16"))
+        .args(["--port", &port.to_string()]);
+    let mut tandem = Proc::spawn("tandem", command);
+    let http = Http::new(&format!("http://127.0.0.1:{port}"));
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = tandem.try_wait() {
+            panic!("tandem serve exited ({status}):\n{}", tandem.output());
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && http.get("/health").status == 200
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "tandem serve was not healthy within 120 s:\n{}",
+            tandem.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_conformance.py");
+    let output = python()
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{port}/v1"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "openai conformance checks failed:\n{}\n{}\n--- tandem ---\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        tandem.output()
+    );
+
+    // The example client too.
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/openai_client.py");
+    let output = python()
+        .arg(&example)
+        .args(["--base-url", &format!("http://127.0.0.1:{port}/v1")])
+        .args(["--max-tokens", "16", "What is the capital of France?"])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("Paris"),
+        "examples/openai_client.py: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let children = descendants(tandem.pid());
+    assert!(
+        children.len() >= 3,
+        "tandem runs nats-server, a worker and the api-server: {children:?}"
+    );
+    tandem.signal(libc::SIGTERM);
+    let status = tandem.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "tandem exits cleanly on SIGTERM: {status}");
+    let start = std::time::Instant::now();
+    while children.iter().any(|&pid| alive(pid)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "processes left behind after tandem exited: {:?}",
+            children.iter().filter(|&&pid| alive(pid)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
