@@ -243,6 +243,7 @@ mod tests {
             total_kv_blocks: 20,
             draining: false,
             interval_ms: 500,
+            kv_transfer: None,
         }
     }
 

@@ -273,6 +273,7 @@ impl Generation {
             stop: job.stop,
             stream_subject,
             deadline_unix_ms: Some(deadline_unix_ms),
+            kv: None,
         };
         let mut cancel = CancelGuard::new(dispatch.bus.clone(), request_id.clone());
         if let Err(err) = dispatch
@@ -386,7 +387,10 @@ impl Generation {
                 None => self.receive().await?,
             };
             match message {
-                StreamMessage::Accepted { .. } => continue,
+                // Disaggregation messages: routed by the next change of this file.
+                StreamMessage::Accepted { .. }
+                | StreamMessage::KvReady { .. }
+                | StreamMessage::KvPulled { .. } => continue,
                 StreamMessage::Tokens { tokens } => {
                     self.first_token_seen = true;
                     return Ok(GenEvent::Tokens(tokens));

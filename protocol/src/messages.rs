@@ -142,6 +142,65 @@ pub struct GenerateJob {
     /// has been answered with an error already.
     #[serde(default)]
     pub deadline_unix_ms: Option<u64>,
+    /// Set on a decode job of a disaggregated request: the prompt's KV cache is on a context
+    /// worker (pull it, then continue after `kv.first_token`). Absent: prefill locally. On a
+    /// prefill job (`tandem.{model}.prefill…`) it is always absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv: Option<KvHandle>,
+}
+
+/// Where a prefilled prompt's KV cache lies and how to read it: the context worker's answer to
+/// a prefill job, carried by the decode job to the decode worker, which pulls the blocks over
+/// UCX and then publishes a [`KvRelease`] to `tandem.{model}.kv.release.{worker_id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvHandle {
+    /// The context worker holding the blocks (release subject, logs).
+    pub worker_id: String,
+    /// Transfer backend: `ucx` (the only one on the bus; tests use an in-process one).
+    pub backend: String,
+    /// The context worker's packed UCP worker address, hex.
+    pub address: String,
+    /// Packed remote key of the registered KV cache memory, hex.
+    pub rkey: String,
+    /// The prompt's blocks in sequence order: block `i` holds tokens `i*block_size ..`.
+    pub blocks: Vec<KvRegion>,
+    pub layout: KvLayoutSpec,
+    /// Prompt tokens whose K/V the blocks hold.
+    pub num_tokens: u32,
+    /// The token the context worker sampled after the prompt.
+    pub first_token: TokenEvent,
+    /// The sampling seed the context worker used (so the decode worker's draws continue the
+    /// same stream: same seed, same output, aggregated or not).
+    pub seed: u64,
+    /// The context worker frees the blocks at this time (unix ms) if no release came.
+    pub expires_unix_ms: u64,
+}
+
+/// One contiguous remote region (one KV block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvRegion {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// The KV cache layout both sides must share for a transfer to be meaningful; a decode worker
+/// refuses a handle whose layout differs from its own (never reads garbage).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvLayoutSpec {
+    pub num_layers: u32,
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    pub block_size: u32,
+    /// `f32`, `bf16` or `f16`.
+    pub dtype: String,
+    /// Bytes of one block (all layers, K and V).
+    pub block_bytes: u64,
+}
+
+/// The decode worker has the blocks (or gave up on them): the context worker may free them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvRelease {
+    pub request_id: String,
 }
 
 /// Ask every worker to stop a request (client gone, or timed out).
@@ -194,6 +253,19 @@ pub enum StreamMessage {
     Finished { reason: FinishReason, usage: Usage },
     /// The request failed on the worker; `message` is safe to show to the client.
     Error { message: String },
+    /// From a context worker: the prompt is prefilled and its KV cache is held for a decode
+    /// worker (the last message of a prefill job that continues).
+    KvReady { handle: KvHandle },
+    /// From a decode worker: how the prompt's KV cache arrived, before the first token.
+    /// `bytes`/`micros` are 0 and `fallback` says why when the pull failed and the decode
+    /// worker prefilled the prompt itself.
+    KvPulled {
+        worker_id: String,
+        bytes: u64,
+        micros: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fallback: Option<String>,
+    },
 }
 
 /// Liveness and load of one worker, published every heartbeat interval.
@@ -215,6 +287,22 @@ pub struct Heartbeat {
     pub draining: bool,
     /// How long receivers should wait for the next heartbeat before dropping the worker.
     pub interval_ms: u64,
+    /// Context workers: KV transfer state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_transfer: Option<KvTransferStats>,
+}
+
+/// A context worker's transfer bookkeeping, for /metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvTransferStats {
+    /// Blocks held for decode workers (pinned, not yet released).
+    pub pinned_blocks: u32,
+    /// Prompt tokens those blocks hold (capped by `max_tokens_in_buffer`).
+    pub pinned_tokens: u32,
+    /// Handles whose blocks were freed because no release came in time, since start.
+    pub expirations: u64,
+    /// Handles released by decode workers, since start.
+    pub releases: u64,
 }
 
 #[cfg(test)]
@@ -238,6 +326,7 @@ mod tests {
             },
             stream_subject: "tandem.m.stream.r1".into(),
             deadline_unix_ms: None,
+            kv: None,
         };
         let bytes = encode(&job);
         let text = std::str::from_utf8(&bytes).unwrap();

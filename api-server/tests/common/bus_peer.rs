@@ -112,6 +112,7 @@ impl ScriptedBusPeer {
                     total_kv_blocks: 128,
                     draining: false,
                     interval_ms: 100,
+                    kv_transfer: None,
                 };
                 let _ = heartbeat_client
                     .publish(heartbeat_subject.clone(), encode(&heartbeat).into())

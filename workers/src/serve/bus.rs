@@ -322,6 +322,7 @@ impl Worker {
             total_kv_blocks: self.settings.total_kv_blocks as u32,
             draining,
             interval_ms: self.settings.heartbeat.as_millis() as u64,
+            kv_transfer: None,
         };
         let subject = self
             .subjects

@@ -61,6 +61,7 @@ mod tests {
             stop,
             stream_subject: "s".into(),
             deadline_unix_ms: None,
+            kv: None,
         }
     }
 
