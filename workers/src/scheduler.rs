@@ -120,6 +120,8 @@ pub enum SchedulerError {
         "sequence {0} still has tokens to compute; only a fully computed sequence can take a new token"
     )]
     NotComputed(SeqId),
+    #[error("no room to admit sequence {0}: every sequence slot is taken")]
+    NoRoom(SeqId),
     #[error(transparent)]
     Pool(#[from] BlockPoolError),
 }
@@ -226,11 +228,8 @@ impl Scheduler {
         self.pool.num_blocks()
     }
 
-    /// Queues a sequence whose prompt has `prompt_tokens` tokens.
-    pub fn add(&mut self, id: SeqId, prompt_tokens: usize) -> Result<(), SchedulerError> {
-        if self.seqs.contains_key(&id) {
-            return Err(SchedulerError::DuplicateSequence(id));
-        }
+    /// Checks a prompt length against the limits (empty, too long for the context).
+    pub fn check_prompt(&self, prompt_tokens: usize) -> Result<(), SchedulerError> {
         if prompt_tokens == 0 {
             return Err(SchedulerError::EmptyPrompt);
         }
@@ -241,6 +240,62 @@ impl Scheduler {
                 max_context_len,
             });
         }
+        Ok(())
+    }
+
+    /// Whether a sequence whose `prompt_tokens` K/V arrive computed (an imported prefill) can
+    /// be admitted now: a free sequence slot, and the prompt's blocks free.
+    pub fn can_add_computed(&self, prompt_tokens: usize) -> bool {
+        self.running.len() < self.config.max_num_seqs
+            && self.pool.num_free() >= prompt_tokens.div_ceil(self.config.block_size)
+    }
+
+    /// Admits a sequence whose prompt K/V are already computed elsewhere, straight into the
+    /// running set with the prompt's blocks allocated (the caller writes them). Its first
+    /// generated token is appended next ([`Self::append_token`]) and decoded in the next step.
+    /// Fails when [`Self::can_add_computed`] is false.
+    pub fn add_computed(
+        &mut self,
+        id: SeqId,
+        prompt_tokens: usize,
+    ) -> Result<Vec<BlockId>, SchedulerError> {
+        if self.seqs.contains_key(&id) {
+            return Err(SchedulerError::DuplicateSequence(id));
+        }
+        self.check_prompt(prompt_tokens)?;
+        if self.running.len() >= self.config.max_num_seqs {
+            return Err(SchedulerError::NoRoom(id));
+        }
+        let blocks = self
+            .pool
+            .allocate_n(prompt_tokens.div_ceil(self.config.block_size))?;
+        self.seqs.insert(
+            id,
+            Sequence {
+                num_tokens: prompt_tokens,
+                num_computed: prompt_tokens,
+                blocks: blocks.clone(),
+                arrival: self.next_arrival,
+                status: SeqStatus::Running,
+                num_preemptions: 0,
+            },
+        );
+        self.next_arrival += 1;
+        self.running.push(id);
+        Ok(blocks)
+    }
+
+    /// The block table of `id`.
+    pub fn blocks(&self, id: SeqId) -> Option<Vec<BlockId>> {
+        self.seqs.get(&id).map(|s| s.blocks.clone())
+    }
+
+    /// Queues a sequence whose prompt has `prompt_tokens` tokens.
+    pub fn add(&mut self, id: SeqId, prompt_tokens: usize) -> Result<(), SchedulerError> {
+        if self.seqs.contains_key(&id) {
+            return Err(SchedulerError::DuplicateSequence(id));
+        }
+        self.check_prompt(prompt_tokens)?;
         self.seqs.insert(
             id,
             Sequence {
@@ -424,7 +479,8 @@ impl Scheduler {
                     break;
                 }
                 let chunk = self.remaining(id).min(budget);
-                if !self.try_grow(id, chunk) {
+                let target = self.seqs[&id].num_computed + chunk;
+                if !self.try_grow(id, target) {
                     break;
                 }
                 self.waiting.pop_front();

@@ -17,8 +17,8 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 
 use super::{
-    Engine, EngineError, EngineEvent, EventKind, FinishReason, GenerationRequest, RequestId,
-    StepModel, Usage,
+    Engine, EngineError, EngineEvent, EventKind, FinishReason, GenerationRequest, ImportedPrefill,
+    RequestId, StepModel, Usage,
 };
 
 /// Where a request's events go. Implemented for std channel senders; an async caller can
@@ -40,8 +40,18 @@ enum Command {
         request: GenerationRequest,
         sink: Box<dyn EventSink>,
     },
+    Import {
+        id: RequestId,
+        request: GenerationRequest,
+        prefill: ImportedPrefill,
+        sink: Box<dyn EventSink>,
+    },
     Cancel(RequestId),
     ReleaseKv(RequestId),
+    TakeKv {
+        id: RequestId,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, EngineError>>,
+    },
 }
 
 /// A cloneable handle to an engine thread.
@@ -128,6 +138,36 @@ impl EngineHandle {
             })
             .map_err(|_| EngineError::Stopped)?;
         Ok(id)
+    }
+
+    /// Queues a request whose prompt was prefilled elsewhere ([`Engine::import_request`]); its
+    /// events, starting with the imported first token, go to `sink`.
+    pub fn import_with_sink(
+        &self,
+        request: GenerationRequest,
+        prefill: ImportedPrefill,
+        sink: impl EventSink,
+    ) -> Result<RequestId, EngineError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.commands
+            .send(Command::Import {
+                id,
+                request,
+                prefill,
+                sink: Box::new(sink),
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(id)
+    }
+
+    /// Copies out the K/V a prefill-only request retained and frees its blocks
+    /// ([`Engine::take_retained_kv`]); answered between two steps.
+    pub async fn take_retained_kv(&self, id: RequestId) -> Result<Vec<u8>, EngineError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::TakeKv { id, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// Cancels a request at the engine's next step (a no-op for one that already ended).
@@ -252,6 +292,36 @@ fn apply<M: StepModel>(
                     });
                 }
             }
+        }
+        Command::Import {
+            id,
+            request,
+            prefill,
+            mut sink,
+        } => {
+            let prompt_tokens = request.prompt_ids.len();
+            match engine.import_with_id(id, request, prefill) {
+                Ok(()) => {
+                    sinks.insert(id, sink);
+                }
+                Err(e) => {
+                    sink.send(EngineEvent {
+                        request_id: id,
+                        kind: EventKind::Finished {
+                            reason: FinishReason::Error(e.to_string()),
+                            usage: Usage {
+                                prompt_tokens,
+                                completion_tokens: 0,
+                            },
+                            retained_kv: None,
+                        },
+                    });
+                }
+            }
+        }
+        Command::TakeKv { id, reply } => {
+            // The caller may have given up waiting; the blocks are freed either way.
+            let _ = reply.send(engine.take_retained_kv(id));
         }
         Command::Cancel(id) => {
             engine.cancel(id);

@@ -24,7 +24,7 @@ pub mod request;
 pub mod runner;
 pub mod text;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,7 +38,7 @@ pub use runner::{ModelRunner, StepModel};
 pub use text::{TextDecoder, TextStep, TextStream, TokenizerText};
 
 use crate::model::ForwardBatch;
-use crate::sampler::{Sampler, SamplingError};
+use crate::sampler::{SampledToken, Sampler, SamplingError};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerError, SeqStatus};
 
 /// Sizes of the engine's batches and cache.
@@ -88,6 +88,28 @@ pub enum EngineError {
     UnknownRequest(RequestId),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("imported KV cache does not fit the request: {0}")]
+    ImportMismatch(String),
+    #[error("model: {0}")]
+    Model(#[from] crate::model::ModelError),
+}
+
+/// A prompt prefilled elsewhere (a context worker): its K/V, block after block in this
+/// engine's layout, and the token sampled after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportedPrefill {
+    /// `blocks_for(num_tokens)` blocks of the layout's block bytes, back to back.
+    pub kv: Vec<u8>,
+    pub num_tokens: usize,
+    pub first_token: SampledToken,
+}
+
+/// An imported prefill waiting for room (a free sequence slot and its blocks).
+struct PendingImport {
+    id: RequestId,
+    seq: Sequence,
+    kv: Vec<u8>,
+    first_token: SampledToken,
 }
 
 /// One request's state beside its scheduler entry.
@@ -123,6 +145,8 @@ pub struct Engine<M: StepModel> {
     scheduler: Scheduler,
     text: Option<Arc<dyn TextDecoder>>,
     seqs: HashMap<RequestId, Sequence>,
+    /// Imported prefills, admitted in arrival order at the start of a step.
+    pending_imports: VecDeque<PendingImport>,
     pending_cancel: Vec<RequestId>,
     /// Shared with handles so they can name a request before the engine sees it.
     next_id: Arc<AtomicU64>,
@@ -158,6 +182,7 @@ impl<M: StepModel> Engine<M> {
             scheduler,
             text,
             seqs: HashMap::new(),
+            pending_imports: VecDeque::new(),
             pending_cancel: Vec::new(),
             next_id: Arc::new(AtomicU64::new(1)),
             num_preemptions: 0,
@@ -184,7 +209,7 @@ impl<M: StepModel> Engine<M> {
 
     /// Requests queued or running (not counting retained prefill-only ones).
     pub fn num_active(&self) -> usize {
-        self.scheduler.num_waiting() + self.scheduler.num_running()
+        self.scheduler.num_waiting() + self.scheduler.num_running() + self.pending_imports.len()
     }
 
     /// Preemptions since the engine started.
@@ -193,12 +218,23 @@ impl<M: StepModel> Engine<M> {
     }
 
     pub fn num_waiting(&self) -> usize {
-        self.scheduler.num_waiting()
+        self.scheduler.num_waiting() + self.pending_imports.len()
     }
 
-    /// Whether [`Self::step`] has anything to do.
+    /// The KV cache's block layout.
+    pub fn kv_layout(&self) -> crate::kv_cache::KvLayout {
+        self.model.kv_layout()
+    }
+
+    /// Whether [`Self::step`] has anything to do. An import that cannot be admitted yet is not
+    /// work by itself: room comes only from steps of running sequences (or a release).
     pub fn has_work(&self) -> bool {
-        self.scheduler.has_work() || !self.pending_cancel.is_empty()
+        self.scheduler.has_work()
+            || !self.pending_cancel.is_empty()
+            || self
+                .pending_imports
+                .front()
+                .is_some_and(|p| self.scheduler.can_add_computed(p.seq.prompt_len))
     }
 
     /// Validates and queues a request.
@@ -218,6 +254,68 @@ impl<M: StepModel> Engine<M> {
         id: RequestId,
         request: GenerationRequest,
     ) -> Result<(), EngineError> {
+        let seq = self.new_sequence(request)?;
+        self.scheduler.add(id, seq.prompt_len)?;
+        self.seqs.insert(id, seq);
+        Ok(())
+    }
+
+    /// Queues a request whose prompt was prefilled elsewhere: once a sequence slot and the
+    /// prompt's blocks are free, its K/V are written into the cache and it continues from
+    /// `prefill.first_token` (which is emitted as its first token, through the same stop and
+    /// text handling as a sampled one). `request.sampling.seed` must be the seed the prefill
+    /// sampled with, so later draws continue the same stream.
+    pub fn import_request(
+        &mut self,
+        request: GenerationRequest,
+        prefill: ImportedPrefill,
+    ) -> Result<RequestId, EngineError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.import_with_id(id, request, prefill)?;
+        Ok(id)
+    }
+
+    pub(crate) fn import_with_id(
+        &mut self,
+        id: RequestId,
+        request: GenerationRequest,
+        prefill: ImportedPrefill,
+    ) -> Result<(), EngineError> {
+        let layout = self.model.kv_layout();
+        if prefill.num_tokens != request.prompt_ids.len() {
+            return Err(EngineError::ImportMismatch(format!(
+                "K/V of {} tokens for a prompt of {}",
+                prefill.num_tokens,
+                request.prompt_ids.len()
+            )));
+        }
+        let expected = layout.blocks_for(prefill.num_tokens) * layout.block_bytes();
+        if prefill.kv.len() != expected {
+            return Err(EngineError::ImportMismatch(format!(
+                "{} bytes of K/V for {} tokens, expected {expected}",
+                prefill.kv.len(),
+                prefill.num_tokens
+            )));
+        }
+        if prefill.first_token.id as usize >= self.vocab_size {
+            return Err(EngineError::TokenOutOfRange {
+                token: prefill.first_token.id,
+                vocab_size: self.vocab_size,
+            });
+        }
+        let seq = self.new_sequence(request)?;
+        self.scheduler.check_prompt(seq.prompt_len)?;
+        self.pending_imports.push_back(PendingImport {
+            id,
+            seq,
+            kv: prefill.kv,
+            first_token: prefill.first_token,
+        });
+        Ok(())
+    }
+
+    /// Validates a request and builds its state.
+    fn new_sequence(&self, request: GenerationRequest) -> Result<Sequence, EngineError> {
         if let Some(&token) = request
             .prompt_ids
             .iter()
@@ -247,26 +345,71 @@ impl<M: StepModel> Engine<M> {
         if !request.ignore_eos {
             stop_token_ids.extend(&self.eos_token_ids);
         }
-        self.scheduler.add(id, request.prompt_ids.len())?;
-        self.seqs.insert(
-            id,
-            Sequence {
-                prompt_len: request.prompt_ids.len(),
-                tokens: request.prompt_ids,
-                sampler,
-                max_tokens: request.max_tokens,
-                stop_token_ids,
-                text,
-                prefill_only: request.prefill_only,
-            },
-        );
-        Ok(())
+        Ok(Sequence {
+            prompt_len: request.prompt_ids.len(),
+            tokens: request.prompt_ids,
+            sampler,
+            max_tokens: request.max_tokens,
+            stop_token_ids,
+            text,
+            prefill_only: request.prefill_only,
+        })
+    }
+
+    /// Admits queued imports while there is room, in arrival order: allocates their blocks,
+    /// writes their K/V and takes their first token.
+    fn admit_imports(&mut self, events: &mut Vec<EngineEvent>) {
+        while let Some(front) = self.pending_imports.front() {
+            if !self.scheduler.can_add_computed(front.seq.prompt_len) {
+                break;
+            }
+            let Some(import) = self.pending_imports.pop_front() else {
+                break;
+            };
+            let id = import.id;
+            let blocks = match self.scheduler.add_computed(id, import.seq.prompt_len) {
+                Ok(blocks) => blocks,
+                Err(e) => {
+                    events.push(finished_without_tokens(
+                        id,
+                        &import.seq,
+                        FinishReason::Error(format!("importing the KV cache: {e}")),
+                    ));
+                    continue;
+                }
+            };
+            self.seqs.insert(id, import.seq);
+            if let Err(e) = self.model.write_kv_blocks(&blocks, &import.kv) {
+                self.end(
+                    id,
+                    FinishReason::Error(format!("writing the imported KV cache: {e}")),
+                    events,
+                );
+                continue;
+            }
+            self.accept_token(id, import.first_token, events);
+        }
+    }
+
+    /// Copies the K/V of a request retained after a prefill-only run (block after block) and
+    /// frees its blocks: the context worker's hand-over to a transfer.
+    pub fn take_retained_kv(&mut self, id: RequestId) -> Result<Vec<u8>, EngineError> {
+        if self.scheduler.status(id) != Some(SeqStatus::Pinned) {
+            return Err(EngineError::UnknownRequest(id));
+        }
+        let blocks = self.scheduler.blocks(id).unwrap_or_default();
+        let mut kv = vec![0u8; blocks.len() * self.model.kv_layout().block_bytes()];
+        let read = self.model.read_kv_blocks(&blocks, &mut kv);
+        self.scheduler.release_pinned(id)?;
+        read?;
+        Ok(kv)
     }
 
     /// Ends a request at the start of the next step (its blocks are freed there). False when
     /// the request is not active (already ended, or retained after a prefill).
     pub fn cancel(&mut self, id: RequestId) -> bool {
-        let active = self.seqs.contains_key(&id)
+        let active = (self.seqs.contains_key(&id)
+            || self.pending_imports.iter().any(|p| p.id == id))
             && self.scheduler.status(id) != Some(SeqStatus::Pinned)
             && !self.pending_cancel.contains(&id);
         if active {
@@ -288,8 +431,21 @@ impl<M: StepModel> Engine<M> {
     pub fn step(&mut self) -> Vec<EngineEvent> {
         let mut events = Vec::new();
         for id in std::mem::take(&mut self.pending_cancel) {
-            self.end(id, FinishReason::Cancelled, &mut events);
+            if let Some(at) = self.pending_imports.iter().position(|p| p.id == id) {
+                let import = self
+                    .pending_imports
+                    .remove(at)
+                    .expect("position is in range");
+                events.push(finished_without_tokens(
+                    id,
+                    &import.seq,
+                    FinishReason::Cancelled,
+                ));
+            } else {
+                self.end(id, FinishReason::Cancelled, &mut events);
+            }
         }
+        self.admit_imports(&mut events);
         let decision = self.scheduler.schedule();
         self.num_preemptions += decision.preempted.len() as u64;
         if !decision.preempted.is_empty() {
@@ -347,7 +503,6 @@ impl<M: StepModel> Engine<M> {
 
     /// Samples the next token of `id` and applies the stop conditions.
     fn on_logits(&mut self, id: RequestId, logits: &mut [f32], events: &mut Vec<EngineEvent>) {
-        let max_context_len = self.scheduler.max_context_len();
         let Some(seq) = self.seqs.get_mut(&id) else {
             return;
         };
@@ -360,6 +515,21 @@ impl<M: StepModel> Engine<M> {
                 self.end(id, FinishReason::Error(format!("sampling: {e}")), events);
                 return;
             }
+        };
+        self.accept_token(id, sampled, events);
+    }
+
+    /// Appends a token (sampled here, or imported with a prefill) to `id` and applies the stop
+    /// conditions: the token's event, and the request's end when it is the last.
+    fn accept_token(
+        &mut self,
+        id: RequestId,
+        sampled: SampledToken,
+        events: &mut Vec<EngineEvent>,
+    ) {
+        let max_context_len = self.scheduler.max_context_len();
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
         };
         seq.tokens.push(sampled.id);
         let mut reason = None;
@@ -444,6 +614,21 @@ impl<M: StepModel> Engine<M> {
                 retained_kv,
             },
         });
+    }
+}
+
+/// The `Finished` event of a request that never reached the scheduler's sequences.
+fn finished_without_tokens(id: RequestId, seq: &Sequence, reason: FinishReason) -> EngineEvent {
+    EngineEvent {
+        request_id: id,
+        kind: EventKind::Finished {
+            reason,
+            usage: Usage {
+                prompt_tokens: seq.prompt_len,
+                completion_tokens: 0,
+            },
+            retained_kv: None,
+        },
     }
 }
 

@@ -4,6 +4,8 @@
 //! the scheduling logic of the engine be tested against a small deterministic fake.
 
 use crate::backend::Backend;
+use crate::kv_cache::KvLayout;
+use crate::kv_cache::block_pool::BlockId;
 use crate::model::{ForwardBatch, Model, ModelError};
 
 /// A model with its KV cache, as the engine drives it.
@@ -17,6 +19,13 @@ pub trait StepModel: Send {
     /// Runs `batch`, writing the new tokens' K/V into the cache; one logits row per sequence
     /// with `wants_logits`, in batch order.
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// The cache's block layout (the contract of a KV transfer).
+    fn kv_layout(&self) -> KvLayout;
+    /// Copies `blocks` out of the cache, back to back, into `dst` (`blocks.len()` times the
+    /// layout's block bytes).
+    fn read_kv_blocks(&self, blocks: &[BlockId], dst: &mut [u8]) -> Result<(), ModelError>;
+    /// Overwrites `blocks` with `src`, laid out as [`Self::read_kv_blocks`] produces it.
+    fn write_kv_blocks(&mut self, blocks: &[BlockId], src: &[u8]) -> Result<(), ModelError>;
 }
 
 /// A loaded model and a KV cache of `num_blocks` blocks of `block_size` tokens.
@@ -55,4 +64,38 @@ where
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
         self.model.forward(batch, &mut self.kv)
     }
+
+    fn kv_layout(&self) -> KvLayout {
+        self.model.backend().kv_cache_layout(&self.kv)
+    }
+
+    fn read_kv_blocks(&self, blocks: &[BlockId], dst: &mut [u8]) -> Result<(), ModelError> {
+        let block_bytes = self.kv_layout().block_bytes();
+        check_len(blocks, block_bytes, dst.len())?;
+        for (&block, chunk) in blocks.iter().zip(dst.chunks_exact_mut(block_bytes)) {
+            self.model.backend().read_kv_block(&self.kv, block, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn write_kv_blocks(&mut self, blocks: &[BlockId], src: &[u8]) -> Result<(), ModelError> {
+        let block_bytes = self.kv_layout().block_bytes();
+        check_len(blocks, block_bytes, src.len())?;
+        for (&block, chunk) in blocks.iter().zip(src.chunks_exact(block_bytes)) {
+            self.model
+                .backend()
+                .write_kv_block(&mut self.kv, block, chunk)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_len(blocks: &[BlockId], block_bytes: usize, len: usize) -> Result<(), ModelError> {
+    if blocks.len() * block_bytes != len {
+        return Err(ModelError::InvalidBatch(format!(
+            "{len} bytes for {} KV blocks of {block_bytes} bytes",
+            blocks.len()
+        )));
+    }
+    Ok(())
 }

@@ -42,6 +42,48 @@ impl StepModel for FakeModel {
         vec![EOS]
     }
 
+    fn kv_layout(&self) -> crate::kv_cache::KvLayout {
+        // One u32 token id per slot, stored in the K half of a one-element head.
+        crate::kv_cache::KvLayout {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 1,
+            block_size: self.block_size,
+            dtype: crate::kv_cache::KvDType::F32,
+        }
+    }
+
+    fn read_kv_blocks(
+        &self,
+        blocks: &[crate::kv_cache::block_pool::BlockId],
+        dst: &mut [u8],
+    ) -> Result<(), ModelError> {
+        let block_bytes = self.kv_layout().block_bytes();
+        for (&block, chunk) in blocks.iter().zip(dst.chunks_exact_mut(block_bytes)) {
+            chunk.fill(0);
+            for (slot, token) in self.slots[block as usize].iter().enumerate() {
+                let value = token.map_or(u32::MAX, |t| t);
+                chunk[slot * 4..slot * 4 + 4].copy_from_slice(&value.to_le_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    fn write_kv_blocks(
+        &mut self,
+        blocks: &[crate::kv_cache::block_pool::BlockId],
+        src: &[u8],
+    ) -> Result<(), ModelError> {
+        let block_bytes = self.kv_layout().block_bytes();
+        for (&block, chunk) in blocks.iter().zip(src.chunks_exact(block_bytes)) {
+            for slot in 0..self.block_size {
+                let value = u32::from_le_bytes(chunk[slot * 4..slot * 4 + 4].try_into().unwrap());
+                self.slots[block as usize][slot] = (value != u32::MAX).then_some(value);
+            }
+        }
+        Ok(())
+    }
+
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
         if std::mem::take(&mut self.fail_next) {
             return Err(ModelError::InvalidBatch("injected failure".into()));
@@ -106,24 +148,35 @@ fn sampled(seed: u64) -> SamplingParams {
     }
 }
 
+type Outcomes = HashMap<RequestId, (Vec<u32>, FinishReason)>;
+
+/// Adds a step's events to per-request tokens and finish reasons.
+fn absorb(out: &mut Outcomes, events: Vec<EngineEvent>) {
+    for ev in events {
+        let entry = out
+            .entry(ev.request_id)
+            .or_insert_with(|| (vec![], FinishReason::Cancelled));
+        match ev.kind {
+            EventKind::Token { id, .. } => entry.0.push(id),
+            EventKind::Finished { reason, .. } => entry.1 = reason,
+        }
+    }
+}
+
 /// Runs until idle; per request: generated tokens and finish reason.
-fn run(e: &mut Engine<FakeModel>) -> HashMap<RequestId, (Vec<u32>, FinishReason)> {
-    let mut out: HashMap<RequestId, (Vec<u32>, FinishReason)> = HashMap::new();
+fn run(e: &mut Engine<FakeModel>) -> Outcomes {
+    let mut out = Outcomes::new();
+    run_into(e, &mut out);
+    out
+}
+
+fn run_into(e: &mut Engine<FakeModel>, out: &mut Outcomes) {
     let mut steps = 0;
     while e.has_work() {
-        for ev in e.step() {
-            let entry = out
-                .entry(ev.request_id)
-                .or_insert_with(|| (vec![], FinishReason::Cancelled));
-            match ev.kind {
-                EventKind::Token { id, .. } => entry.0.push(id),
-                EventKind::Finished { reason, .. } => entry.1 = reason,
-            }
-        }
+        absorb(out, e.step());
         steps += 1;
         assert!(steps < 100_000, "engine made no progress");
     }
-    out
 }
 
 fn request(prompt_ids: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> GenerationRequest {
@@ -290,6 +343,137 @@ fn prefill_only_requests_retain_blocks_until_released() {
     e.release_kv(id).unwrap();
     assert_eq!(e.free_blocks(), 16);
     assert!(e.release_kv(id).is_err(), "released twice");
+}
+
+/// Runs a prefill-only request on `e` and returns its first token and retained K/V.
+fn prefill_and_take(e: &mut Engine<FakeModel>, req: GenerationRequest) -> (SampledToken, Vec<u8>) {
+    let id = e
+        .add_request(GenerationRequest {
+            prefill_only: true,
+            ..req
+        })
+        .unwrap();
+    let mut first = None;
+    while e.has_work() {
+        for ev in e.step() {
+            if let EventKind::Token {
+                id,
+                logprob,
+                top_logprobs,
+                ..
+            } = ev.kind
+            {
+                first = Some(SampledToken {
+                    id,
+                    logprob,
+                    top_logprobs,
+                });
+            }
+        }
+    }
+    let kv = e.take_retained_kv(id).unwrap();
+    (first.unwrap(), kv)
+}
+
+#[test]
+fn imported_prefills_continue_exactly_like_local_ones() {
+    for sampling in [SamplingParams::greedy(), sampled(77)] {
+        let req = |salt| request(prompt(21, salt), 12, sampling.clone());
+        // Reference: one engine, whole requests.
+        let mut local = engine(64, 64);
+        let ids: Vec<_> = (0..3).map(|s| local.add_request(req(s)).unwrap()).collect();
+        let expected = run(&mut local);
+
+        // Context engine prefills; decode engine imports, with other traffic running.
+        let mut context = engine(64, 64);
+        let mut decode = engine(64, 64);
+        let other = decode.add_request(req(9)).unwrap();
+        let mut got = Outcomes::new();
+        let mut imported = Vec::new();
+        for s in 0..3 {
+            let (first, kv) = prefill_and_take(&mut context, req(s));
+            let id = decode
+                .import_request(
+                    req(s),
+                    ImportedPrefill {
+                        kv,
+                        num_tokens: 21,
+                        first_token: first,
+                    },
+                )
+                .unwrap();
+            imported.push(id);
+            absorb(&mut got, decode.step());
+        }
+        assert_eq!(context.free_blocks(), 64, "the context engine kept nothing");
+        run_into(&mut decode, &mut got);
+        for (i, id) in imported.iter().enumerate() {
+            assert_eq!(got[id], expected[&ids[i]], "request {i}, {sampling:?}");
+        }
+        assert!(got.contains_key(&other));
+        assert_eq!(decode.free_blocks(), 64);
+    }
+}
+
+#[test]
+fn imports_wait_for_room_and_bad_imports_are_refused() {
+    let mut context = engine(64, 64);
+    let (first, kv) = prefill_and_take(
+        &mut context,
+        request(prompt(7, 1), 4, SamplingParams::greedy()),
+    );
+    // 5 blocks of 4 tokens: a running request of 15 + 4 tokens takes 4 of them at once, so the
+    // 2-block import waits until it ends.
+    let mut decode = engine(64, 5);
+    let busy = decode
+        .add_request(request(prompt(15, 2), 4, SamplingParams::greedy()))
+        .unwrap();
+    let mut got = Outcomes::new();
+    absorb(&mut got, decode.step());
+    absorb(&mut got, decode.step());
+    let id = decode
+        .import_request(
+            request(prompt(7, 1), 4, SamplingParams::greedy()),
+            ImportedPrefill {
+                kv: kv.clone(),
+                num_tokens: 7,
+                first_token: first.clone(),
+            },
+        )
+        .unwrap();
+    absorb(&mut got, decode.step());
+    assert!(!got.contains_key(&id), "no room yet: {got:?}");
+    run_into(&mut decode, &mut got);
+    assert_eq!(got[&id].0.len(), 4, "{got:?}");
+    assert_eq!(got[&id].0[0], first.id);
+    assert_eq!(got[&busy].0.len(), 4);
+    assert_eq!(decode.free_blocks(), 5);
+
+    let wrong_len = decode.import_request(
+        request(prompt(6, 1), 4, SamplingParams::greedy()),
+        ImportedPrefill {
+            kv: kv.clone(),
+            num_tokens: 7,
+            first_token: first.clone(),
+        },
+    );
+    assert!(
+        matches!(wrong_len, Err(EngineError::ImportMismatch(_))),
+        "{wrong_len:?}"
+    );
+    let short = decode.import_request(
+        request(prompt(7, 1), 4, SamplingParams::greedy()),
+        ImportedPrefill {
+            kv: kv[1..].to_vec(),
+            num_tokens: 7,
+            first_token: first,
+        },
+    );
+    assert!(
+        matches!(short, Err(EngineError::ImportMismatch(_))),
+        "{short:?}"
+    );
+    assert_eq!(decode.free_blocks(), 5);
 }
 
 #[test]
