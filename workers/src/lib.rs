@@ -8,7 +8,8 @@
 //! - [`engine`]: the step loop that ties them together.
 //! - [`model_dir`]: opening a model directory (checks, text side, weights on a device).
 //! - [`generate`]: `worker generate`, one local generation without the bus.
-//! - [`serve`]: the worker on the bus (`worker --role both --nats URL`).
+//! - [`serve`]: the worker on the bus (`worker --role both|context|decode --nats URL`).
+//! - [`transfer`]: moving a prefilled prompt's K/V between workers (UCX; in-process for tests).
 
 pub mod backend;
 pub mod engine;
@@ -19,3 +20,4 @@ pub mod model_dir;
 pub mod sampler;
 pub mod scheduler;
 pub mod serve;
+pub mod transfer;

@@ -6,6 +6,12 @@
 //! find it) and handed to the engine thread; a task per request forwards its events to the
 //! request's stream subject.
 //!
+//! Roles: a `both` or `decode` worker takes generation jobs; one that carries a KV handle is
+//! pulled from its context worker over the [`KvTransport`] and imported (a failed pull falls
+//! back to a local prefill with the same seed, so the output is the same), then generated
+//! like any other. A `context` worker takes prefill jobs instead ([`super::context`]), and also
+//! listens for releases of its exports and expires them.
+//!
 //! Drain on SIGTERM/SIGINT: the queue-group subscription is dropped at once and a heartbeat
 //! with `draining: true` goes out, so api-servers stop routing here; jobs already routed to the
 //! direct subject (published before the api-server saw that heartbeat) are still taken. Once
@@ -19,16 +25,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::{Client, Subscriber};
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    self, CancelRequest, GenerateJob, Heartbeat, StreamMessage, WorkerRole,
+    self, CancelRequest, GenerateJob, Heartbeat, KvHandle, KvRelease, StreamMessage, TokenEvent,
+    Usage as WireUsage, WorkerRole,
 };
-use tandem_protocol::subjects::{DECODE_QUEUE_GROUP, Subjects};
+use tandem_protocol::subjects::{CONTEXT_QUEUE_GROUP, DECODE_QUEUE_GROUP, Subjects};
 use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
+use super::context::{HandleSource, StagingBuffer, kv_handle, layout_spec};
 use super::job::generation_request;
 use super::stream::{is_last, stream_messages};
-use crate::engine::{EngineEvent, EngineHandle, RequestId};
+use crate::engine::{
+    EngineError, EngineEvent, EngineHandle, EventKind, ImportedPrefill, RequestId,
+};
+use crate::kv_cache::KvLayout;
+use crate::sampler::SampledToken;
+use crate::transfer::{KvTransport, RemoteKv, from_hex};
 
 #[derive(Debug, Error)]
 pub enum BusError {
@@ -41,7 +54,7 @@ pub enum BusError {
 }
 
 /// Who this worker is on the bus.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BusSettings {
     pub nats_url: String,
     pub served_name: String,
@@ -52,6 +65,13 @@ pub struct BusSettings {
     pub heartbeat: Duration,
     /// The tokenizer's end-of-sequence ids, added to every job's stop ids.
     pub model_stop_ids: Arc<[u32]>,
+    /// The engine's KV cache layout (what handles must match).
+    pub layout: KvLayout,
+    pub transport: Arc<dyn KvTransport>,
+    /// Context role: prompt tokens held for decode workers at most.
+    pub max_tokens_in_buffer: usize,
+    /// Context role: exports not released by then are freed.
+    pub kv_transfer_timeout: Duration,
 }
 
 /// Bus request id -> engine request id, for the requests in flight.
@@ -79,18 +99,36 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
         subject: subject.to_owned(),
         detail: e.to_string(),
     };
-    let queue_subject = subjects.generate();
+    let context = settings.role == WorkerRole::Context;
+    let (queue_subject, queue_group, direct_subject) = if context {
+        (
+            subjects.prefill(),
+            CONTEXT_QUEUE_GROUP,
+            subjects.prefill_direct(&settings.worker_id),
+        )
+    } else {
+        (
+            subjects.generate(),
+            DECODE_QUEUE_GROUP,
+            subjects.generate_direct(&settings.worker_id),
+        )
+    };
     let mut queue_jobs = Some(
         client
-            .queue_subscribe(queue_subject.clone(), DECODE_QUEUE_GROUP.to_owned())
+            .queue_subscribe(queue_subject.clone(), queue_group.to_owned())
             .await
             .map_err(|e| subscribe_error(&queue_subject, &e))?,
     );
-    let direct_subject = subjects.generate_direct(&settings.worker_id);
     let mut direct_jobs = client
         .subscribe(direct_subject.clone())
         .await
         .map_err(|e| subscribe_error(&direct_subject, &e))?;
+    // Releases are only for context workers; others never receive any on their subject.
+    let release_subject = subjects.kv_release(&settings.worker_id);
+    let mut releases = client
+        .subscribe(release_subject.clone())
+        .await
+        .map_err(|e| subscribe_error(&release_subject, &e))?;
     let cancel_subject = subjects.cancel();
     let mut cancels = client
         .subscribe(cancel_subject.clone())
@@ -99,13 +137,19 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
     let mut sigterm = signal(SignalKind::terminate()).map_err(BusError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(BusError::Signal)?;
 
-    let worker = Worker {
+    let worker = Arc::new(Worker {
         client: client.clone(),
         subjects: subjects.clone(),
         settings: settings.clone(),
         engine,
         in_flight: Arc::new(Mutex::new(HashMap::new())),
-    };
+        staging: Mutex::new(StagingBuffer::new(
+            settings.max_tokens_in_buffer,
+            settings.kv_transfer_timeout,
+        )),
+        backlog: Mutex::new(std::collections::VecDeque::new()),
+        pulling: Mutex::new(HashMap::new()),
+    });
     worker.publish_heartbeat(false).await;
     tracing::info!(
         worker_id = settings.worker_id,
@@ -116,16 +160,20 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
 
     let mut heartbeat = tokio::time::interval(settings.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(Duration::from_millis(50));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_started: Option<Instant> = None;
     loop {
         tokio::select! {
             Some(message) = next_job(&mut queue_jobs) => worker.take_job(&message.payload).await,
             Some(message) = direct_jobs.next() => worker.take_job(&message.payload).await,
-            Some(message) = cancels.next() => worker.cancel(&message.payload),
+            Some(message) = cancels.next() => worker.cancel(&message.payload).await,
+            Some(message) = releases.next() => worker.release(&message.payload).await,
+            _ = sweep.tick(), if context => worker.sweep().await,
             _ = heartbeat.tick() => {
                 worker.publish_heartbeat(drain_started.is_some()).await;
                 if let Some(since) = drain_started {
-                    let in_flight = lock(&worker.in_flight).len();
+                    let in_flight = worker.in_flight_count();
                     if in_flight == 0 && since.elapsed() >= settings.heartbeat {
                         break;
                     }
@@ -139,7 +187,7 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
                     break;
                 }
                 tracing::info!(
-                    in_flight = lock(&worker.in_flight).len(),
+                    in_flight = worker.in_flight_count(),
                     "termination signal: draining (finishing in-flight requests, taking no new ones)"
                 );
                 drain_started = Some(Instant::now());
@@ -153,6 +201,7 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
     // Leave: nobody routes here any more; the last heartbeat says so.
     unsubscribe(direct_jobs).await;
     unsubscribe(cancels).await;
+    unsubscribe(releases).await;
     worker.wait_for_streams(Duration::from_secs(5)).await;
     if let Err(e) = client.flush().await {
         tracing::warn!("flushing the NATS connection: {e}");
@@ -197,6 +246,16 @@ struct Worker {
     settings: BusSettings,
     engine: EngineHandle,
     in_flight: InFlight,
+    /// Context role: exports held for decode workers.
+    staging: Mutex<StagingBuffer>,
+    /// Context role: accepted prefill jobs waiting for room in the staging buffer.
+    backlog: Mutex<std::collections::VecDeque<GenerateJob>>,
+    /// Decode side: requests whose KV is being pulled, with whether they were cancelled.
+    pulling: Mutex<HashMap<String, bool>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Worker {
@@ -210,9 +269,17 @@ impl Worker {
         }
     }
 
-    /// Acknowledges, registers and queues one job; its events are forwarded by a task of its
-    /// own.
-    async fn take_job(&self, payload: &[u8]) {
+    /// Requests in flight (engine, pull, staged exports, backlog): the drain waits for none.
+    fn in_flight_count(&self) -> usize {
+        lock(&self.in_flight).len()
+            + locked(&self.pulling).len()
+            + locked(&self.backlog).len()
+            + usize::from(!locked(&self.staging).is_empty())
+    }
+
+    /// Acknowledges one job and starts it by role: a prefill (context), a pull and import
+    /// (a job with a KV handle), or a local generation.
+    async fn take_job(self: &Arc<Self>, payload: &[u8]) {
         let job: GenerateJob = match messages::decode("generate job", payload) {
             Ok(job) => job,
             Err(e) => {
@@ -221,37 +288,73 @@ impl Worker {
                 return;
             }
         };
-        let stream_subject = job.stream_subject.clone();
         self.publish(
-            stream_subject.clone(),
+            job.stream_subject.clone(),
             &StreamMessage::Accepted {
                 worker_id: self.settings.worker_id.clone(),
             },
         )
         .await;
-        if job
-            .deadline_unix_ms
-            .is_some_and(|deadline| unix_ms() > deadline)
-        {
-            tracing::warn!(
-                request_id = job.request_id,
-                "dropping a job whose deadline passed before it started (the client was answered)"
-            );
-            self.publish(
-                stream_subject,
-                &StreamMessage::Error {
-                    message: "the request's deadline passed before a worker started it".into(),
-                },
-            )
-            .await;
+        if self.past_deadline(&job).await {
             return;
         }
-        let request = generation_request(&job, &self.settings.model_stop_ids);
+        if self.settings.role == WorkerRole::Context {
+            let admitted = locked(&self.staging).try_reserve(job.prompt_ids.len());
+            if admitted {
+                self.start_prefill(job).await;
+            } else {
+                tracing::debug!(
+                    request_id = job.request_id,
+                    "staging buffer full: the prefill waits for releases"
+                );
+                locked(&self.backlog).push_back(job);
+            }
+        } else if let Some(handle) = job.kv.clone() {
+            self.start_pull(job, handle);
+        } else {
+            let request = generation_request(&job, &self.settings.model_stop_ids);
+            self.start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
+                .await;
+        }
+    }
+
+    /// Drops a job whose deadline passed before it started (its client has been answered).
+    async fn past_deadline(&self, job: &GenerateJob) -> bool {
+        if job
+            .deadline_unix_ms
+            .is_none_or(|deadline| unix_ms() <= deadline)
+        {
+            return false;
+        }
+        tracing::warn!(
+            request_id = job.request_id,
+            "dropping a job whose deadline passed before it started (the client was answered)"
+        );
+        self.publish(
+            job.stream_subject.clone(),
+            &StreamMessage::Error {
+                message: "the request's deadline passed before a worker started it".into(),
+            },
+        )
+        .await;
+        true
+    }
+
+    /// Registers a request and hands it to the engine with `submit`; a task forwards its
+    /// events to the stream subject.
+    async fn start_request(
+        &self,
+        job: &GenerateJob,
+        submit: impl FnOnce(
+            &EngineHandle,
+            mpsc::UnboundedSender<EngineEvent>,
+        ) -> Result<RequestId, EngineError>,
+    ) {
         let with_logprobs = job.sampling.logprobs.is_some();
         let (sink, events) = mpsc::unbounded_channel::<EngineEvent>();
         // Registered before the engine can emit anything, so a cancel always finds it.
         let mut in_flight = lock(&self.in_flight);
-        match self.engine.submit_with_sink(request, sink) {
+        match submit(&self.engine, sink) {
             Ok(engine_id) => {
                 in_flight.insert(job.request_id.clone(), engine_id);
                 drop(in_flight);
@@ -263,8 +366,8 @@ impl Worker {
                 );
                 tokio::spawn(forward(
                     self.client.clone(),
-                    stream_subject,
-                    job.request_id,
+                    job.stream_subject.clone(),
+                    job.request_id.clone(),
                     events,
                     with_logprobs,
                     Arc::clone(&self.in_flight),
@@ -273,7 +376,7 @@ impl Worker {
             Err(e) => {
                 drop(in_flight);
                 self.publish(
-                    stream_subject,
+                    job.stream_subject.clone(),
                     &StreamMessage::Error {
                         message: format!("the worker cannot take the request: {e}"),
                     },
@@ -283,7 +386,350 @@ impl Worker {
         }
     }
 
-    fn cancel(&self, payload: &[u8]) {
+    /// Context role: runs the prompt as a prefill-only request with a fixed seed; a task
+    /// exports its K/V and answers `kv_ready` (or the whole answer, if it ends at once).
+    async fn start_prefill(self: &Arc<Self>, job: GenerateJob) {
+        let prompt_tokens = job.prompt_ids.len();
+        let mut request = generation_request(&job, &self.settings.model_stop_ids);
+        if job.stop.max_tokens <= 1 {
+            // Nothing is left for a decode worker: answer here.
+            locked(&self.staging).unreserve(prompt_tokens);
+            self.start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
+                .await;
+            return;
+        }
+        let seed = request.sampling.seed.unwrap_or_else(rand::random);
+        request.sampling.seed = Some(seed);
+        request.prefill_only = true;
+        let (sink, events) = mpsc::unbounded_channel::<EngineEvent>();
+        let mut in_flight = lock(&self.in_flight);
+        match self.engine.submit_with_sink(request, sink) {
+            Ok(engine_id) => {
+                in_flight.insert(job.request_id.clone(), engine_id);
+                drop(in_flight);
+                tracing::debug!(request_id = job.request_id, prompt_tokens, "prefill queued");
+                let worker = Arc::clone(self);
+                tokio::spawn(
+                    async move { worker.finish_prefill(job, engine_id, seed, events).await },
+                );
+            }
+            Err(e) => {
+                drop(in_flight);
+                locked(&self.staging).unreserve(prompt_tokens);
+                self.publish(
+                    job.stream_subject.clone(),
+                    &StreamMessage::Error {
+                        message: format!("the context worker cannot take the request: {e}"),
+                    },
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Context role: waits for the prefill's first token and end, then exports and answers.
+    async fn finish_prefill(
+        self: Arc<Self>,
+        job: GenerateJob,
+        engine_id: RequestId,
+        seed: u64,
+        mut events: mpsc::UnboundedReceiver<EngineEvent>,
+    ) {
+        let prompt_tokens = job.prompt_ids.len();
+        let mut seen = Vec::new();
+        let mut outcome = None;
+        while let Some(event) = events.recv().await {
+            let finished = event.is_finished();
+            seen.push(event);
+            if finished {
+                outcome = seen.last().cloned();
+                break;
+            }
+        }
+        let messages = match outcome.map(|e| e.kind) {
+            Some(EventKind::Finished {
+                retained_kv: Some(retained),
+                ..
+            }) => {
+                let first = seen.iter().find_map(|e| match &e.kind {
+                    EventKind::Token {
+                        id,
+                        text_delta,
+                        logprob,
+                        top_logprobs,
+                    } => Some(TokenEvent {
+                        id: *id,
+                        text: text_delta.clone(),
+                        logprob: Some(*logprob),
+                        top_logprobs: top_logprobs.clone(),
+                    }),
+                    _ => None,
+                });
+                match (first, self.export(engine_id).await) {
+                    (Some(first), Ok(exported)) => {
+                        let expires =
+                            unix_ms() + self.settings.kv_transfer_timeout.as_millis() as u64;
+                        let handle = kv_handle(
+                            &HandleSource {
+                                worker_id: &self.settings.worker_id,
+                                backend: self.settings.transport.backend(),
+                                layout: &self.settings.layout,
+                            },
+                            &exported,
+                            retained.num_tokens,
+                            first,
+                            seed,
+                            expires,
+                        );
+                        locked(&self.staging).stage(
+                            job.request_id.clone(),
+                            exported,
+                            prompt_tokens,
+                            retained.block_table.len(),
+                        );
+                        tracing::debug!(
+                            request_id = job.request_id,
+                            blocks = handle.blocks.len(),
+                            "prefill done, KV exported"
+                        );
+                        vec![StreamMessage::KvReady { handle }]
+                    }
+                    (first, exported) => {
+                        locked(&self.staging).unreserve(prompt_tokens);
+                        let detail = match (first, exported) {
+                            (_, Err(e)) => e,
+                            _ => "the prefill produced no token".into(),
+                        };
+                        tracing::error!(request_id = job.request_id, "KV export failed: {detail}");
+                        vec![StreamMessage::Error {
+                            message: format!(
+                                "the context worker could not export the KV cache: {detail}"
+                            ),
+                        }]
+                    }
+                }
+            }
+            Some(_) => {
+                // Ended at its first token (or failed, or was cancelled): the answer is here.
+                locked(&self.staging).unreserve(prompt_tokens);
+                stream_messages(seen, job.sampling.logprobs.is_some())
+            }
+            None => {
+                locked(&self.staging).unreserve(prompt_tokens);
+                vec![StreamMessage::Error {
+                    message: "the worker's engine stopped unexpectedly".into(),
+                }]
+            }
+        };
+        for message in &messages {
+            self.publish(job.stream_subject.clone(), message).await;
+        }
+        lock(&self.in_flight).remove(&job.request_id);
+    }
+
+    async fn export(&self, engine_id: RequestId) -> Result<crate::transfer::Exported, String> {
+        let kv = self
+            .engine
+            .take_retained_kv(engine_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.settings
+            .transport
+            .export(kv)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Context role: expires exports nobody released and starts waiting prefills that fit.
+    async fn sweep(self: &Arc<Self>) {
+        let expired = locked(&self.staging).expire(Instant::now());
+        for request_id in expired {
+            tracing::warn!(
+                request_id,
+                "KV export expired before a decode worker released it"
+            );
+        }
+        loop {
+            let next = {
+                let mut backlog = locked(&self.backlog);
+                let fits = backlog
+                    .front()
+                    .is_some_and(|job| locked(&self.staging).try_reserve(job.prompt_ids.len()));
+                if fits { backlog.pop_front() } else { None }
+            };
+            let Some(job) = next else {
+                break;
+            };
+            if self.past_deadline(&job).await {
+                locked(&self.staging).unreserve(job.prompt_ids.len());
+                continue;
+            }
+            self.start_prefill(job).await;
+        }
+    }
+
+    /// Context role: a decode worker has the K/V of a request.
+    async fn release(self: &Arc<Self>, payload: &[u8]) {
+        match messages::decode::<KvRelease>("kv release", payload) {
+            Ok(release) => {
+                if locked(&self.staging).release(&release.request_id) {
+                    tracing::debug!(request_id = release.request_id, "KV released");
+                }
+                self.sweep().await;
+            }
+            Err(e) => tracing::warn!("ignoring a malformed KV release: {e}"),
+        }
+    }
+
+    /// Decode side: pulls a handle's K/V and imports it; on a failed pull, prefills locally
+    /// with the handle's seed (same tokens). Releases the context worker's export either way.
+    fn start_pull(self: &Arc<Self>, job: GenerateJob, handle: KvHandle) {
+        let own = layout_spec(&self.settings.layout);
+        locked(&self.pulling).insert(job.request_id.clone(), false);
+        let worker = Arc::clone(self);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = if handle.layout != own {
+                Err(Err(format!(
+                    "KV layout mismatch: context worker {} has {:?}, decode worker {} has {:?} \
+                     (both must serve the same model with the same block size and KV dtype)",
+                    handle.worker_id, handle.layout, worker.settings.worker_id, own
+                )))
+            } else {
+                worker.pull(&handle).await.map_err(Ok)
+            };
+            let micros = started.elapsed().as_micros() as u64;
+            worker.publish_release(&handle, &job.request_id).await;
+            let cancelled = locked(&worker.pulling)
+                .remove(&job.request_id)
+                .unwrap_or(false);
+            let stream = job.stream_subject.clone();
+            if cancelled {
+                worker
+                    .publish(
+                        stream,
+                        &StreamMessage::Finished {
+                            reason: messages::FinishReason::Cancelled,
+                            usage: WireUsage {
+                                prompt_tokens: job.prompt_ids.len() as u32,
+                                completion_tokens: 0,
+                            },
+                        },
+                    )
+                    .await;
+                return;
+            }
+            let mut request = generation_request(&job, &worker.settings.model_stop_ids);
+            request.sampling.seed = Some(handle.seed);
+            match result {
+                Ok(kv) => {
+                    tracing::debug!(
+                        request_id = job.request_id,
+                        bytes = kv.len(),
+                        micros,
+                        "KV pulled"
+                    );
+                    worker
+                        .publish(
+                            stream,
+                            &StreamMessage::KvPulled {
+                                worker_id: worker.settings.worker_id.clone(),
+                                bytes: kv.len() as u64,
+                                micros,
+                                fallback: None,
+                            },
+                        )
+                        .await;
+                    let prefill = ImportedPrefill {
+                        kv,
+                        num_tokens: handle.num_tokens as usize,
+                        first_token: SampledToken {
+                            id: handle.first_token.id,
+                            logprob: handle.first_token.logprob.unwrap_or(0.0),
+                            top_logprobs: handle.first_token.top_logprobs.clone(),
+                        },
+                    };
+                    worker
+                        .start_request(&job, |engine, sink| {
+                            engine.import_with_sink(request, prefill, sink)
+                        })
+                        .await;
+                }
+                Err(Err(mismatch)) => {
+                    tracing::error!(request_id = job.request_id, "{mismatch}");
+                    worker
+                        .publish(stream, &StreamMessage::Error { message: mismatch })
+                        .await;
+                }
+                Err(Ok(e)) => {
+                    tracing::warn!(
+                        request_id = job.request_id,
+                        context_worker = handle.worker_id,
+                        "KV pull failed, prefilling locally: {e}"
+                    );
+                    worker
+                        .publish(
+                            stream,
+                            &StreamMessage::KvPulled {
+                                worker_id: worker.settings.worker_id.clone(),
+                                bytes: 0,
+                                micros: 0,
+                                fallback: Some(e.to_string()),
+                            },
+                        )
+                        .await;
+                    worker
+                        .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
+                        .await;
+                }
+            }
+        });
+    }
+
+    async fn pull(&self, handle: &KvHandle) -> Result<Vec<u8>, crate::transfer::TransferError> {
+        use crate::transfer::TransferError;
+        if handle.backend != self.settings.transport.backend() {
+            return Err(TransferError::InvalidHandle(format!(
+                "the handle is for transport `{}`, this worker uses `{}`",
+                handle.backend,
+                self.settings.transport.backend()
+            )));
+        }
+        let remote = RemoteKv {
+            address: from_hex(&handle.address)?,
+            rkey: from_hex(&handle.rkey)?,
+            regions: handle.blocks.iter().map(|r| (r.addr, r.len)).collect(),
+        };
+        let left = handle.expires_unix_ms.saturating_sub(unix_ms());
+        let timeout = Duration::from_millis(left.clamp(100, 30_000));
+        let kv = self.settings.transport.pull(remote, timeout).await?;
+        let expected = handle.blocks.len() as u64 * handle.layout.block_bytes;
+        if kv.len() as u64 != expected {
+            return Err(TransferError::InvalidHandle(format!(
+                "pulled {} bytes, expected {expected}",
+                kv.len()
+            )));
+        }
+        Ok(kv)
+    }
+
+    async fn publish_release(&self, handle: &KvHandle, request_id: &str) {
+        let release = KvRelease {
+            request_id: request_id.to_owned(),
+        };
+        if let Err(e) = self
+            .client
+            .publish(
+                self.subjects.kv_release(&handle.worker_id),
+                messages::encode(&release).into(),
+            )
+            .await
+        {
+            tracing::warn!(request_id, "publishing a KV release: {e}");
+        }
+    }
+
+    async fn cancel(self: &Arc<Self>, payload: &[u8]) {
         let cancel: CancelRequest = match messages::decode("cancel", payload) {
             Ok(cancel) => cancel,
             Err(e) => {
@@ -291,14 +737,28 @@ impl Worker {
                 return;
             }
         };
-        let engine_id = lock(&self.in_flight).get(&cancel.request_id).copied();
+        let id = cancel.request_id;
+        let engine_id = lock(&self.in_flight).get(&id).copied();
         if let Some(engine_id) = engine_id {
-            tracing::debug!(
-                request_id = cancel.request_id,
-                "cancelled by the api-server"
-            );
+            tracing::debug!(request_id = id, "cancelled by the api-server");
             // An engine that has stopped has nothing left to cancel.
             let _ = self.engine.cancel(engine_id);
+        }
+        if let Some(cancelled) = locked(&self.pulling).get_mut(&id) {
+            *cancelled = true;
+        }
+        let waiting = {
+            let mut backlog = locked(&self.backlog);
+            let before = backlog.len();
+            backlog.retain(|job| job.request_id != id);
+            before != backlog.len()
+        };
+        if waiting {
+            tracing::debug!(request_id = id, "cancelled while waiting for staging room");
+        }
+        // An export nobody will pull any more.
+        if locked(&self.staging).release(&id) {
+            self.sweep().await;
         }
     }
 
@@ -322,7 +782,8 @@ impl Worker {
             total_kv_blocks: self.settings.total_kv_blocks as u32,
             draining,
             interval_ms: self.settings.heartbeat.as_millis() as u64,
-            kv_transfer: None,
+            kv_transfer: (self.settings.role == WorkerRole::Context)
+                .then(|| locked(&self.staging).stats()),
         };
         let subject = self
             .subjects

@@ -5,10 +5,12 @@
 //! from NATS as docs/protocol.md describes:
 //!
 //! - [`job`]: a bus job in the engine's terms.
+//! - [`context`]: the context role's exports (KV handles, staging budget, expiry).
 //! - [`stream`]: engine events into the stream messages the api-server reads.
 //! - [`bus`]: the subscriptions, heartbeats, cancellation and the drain on SIGTERM.
 
 pub mod bus;
+pub mod context;
 pub mod job;
 pub mod stream;
 
@@ -23,15 +25,15 @@ use crate::engine::{Engine, EngineConfig, EngineError, EngineHandle, ModelRunner
 use crate::model::ModelError;
 use crate::model_dir::{ModelDirError, ModelText, check_model_dir, load_model};
 
-/// The role flag. Context and decode workers (disaggregated serving) are the next step; until
-/// then a deployment runs `both` workers.
+/// The role flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RoleArg {
     /// Prefill and decode in one process (aggregated serving).
     Both,
-    /// Prefill only, answering with a KV handle (not available yet).
+    /// Prefill only: answers prefill jobs with a KV handle for a decode worker.
     Context,
-    /// Decode from a pulled KV cache (not available yet).
+    /// Generation, pulling each prompt's KV cache from a context worker (or prefilling
+    /// locally when there is none, or the pull fails).
     Decode,
 }
 
@@ -90,6 +92,13 @@ pub struct ServeArgs {
     /// Interval between heartbeats; keep it well under the api-server's --worker-timeout-ms.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub heartbeat_ms: u64,
+    /// Context role: prompt tokens whose K/V may wait for decode workers at once; prefill
+    /// jobs beyond it wait for releases (TensorRT-LLM's cache_transceiver max_tokens_in_buffer).
+    #[arg(long, default_value_t = 65536, value_name = "N")]
+    pub max_tokens_in_buffer: usize,
+    /// Context role: K/V not released by a decode worker within this time is freed.
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    pub kv_transfer_timeout_ms: u64,
 }
 
 #[derive(Debug, Error)]
@@ -98,10 +107,8 @@ pub enum ServeError {
     MissingRole,
     #[error("--model is required (a model directory made by `model-prep`)")]
     MissingModel,
-    #[error(
-        "--role {0} is not available yet: this build serves aggregated workers only (--role both)"
-    )]
-    RoleNotAvailable(&'static str),
+    #[error("starting the KV transport: {0}")]
+    Transport(crate::transfer::TransferError),
     #[error(transparent)]
     ModelDir(#[from] ModelDirError),
     #[error("loading the model from {}: {source}", path.display())]
@@ -120,12 +127,6 @@ pub enum ServeError {
 /// drain that follows.
 pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let role = args.role.ok_or(ServeError::MissingRole)?;
-    if role != RoleArg::Both {
-        return Err(ServeError::RoleNotAvailable(match role {
-            RoleArg::Context => "context",
-            _ => "decode",
-        }));
-    }
     let model_dir = args.model.clone().ok_or(ServeError::MissingModel)?;
     if args.kv_cache_tokens < args.block_size {
         return Err(ServeError::CacheTooSmall {
@@ -162,6 +163,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
             }
         })?;
     let engine = Engine::new(runner, config, Some(text.decoder()))?;
+    let layout = engine.kv_layout();
     let total_blocks = engine.total_blocks();
     let (handle, thread) = EngineHandle::spawn(engine, "engine").map_err(ServeError::Thread)?;
     tracing::info!(
@@ -184,6 +186,10 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         total_kv_blocks: total_blocks,
         heartbeat: std::time::Duration::from_millis(args.heartbeat_ms.max(50)),
         model_stop_ids: Arc::from(text.stop_token_ids()),
+        layout,
+        transport: crate::transfer::default_transport().map_err(ServeError::Transport)?,
+        max_tokens_in_buffer: args.max_tokens_in_buffer,
+        kv_transfer_timeout: std::time::Duration::from_millis(args.kv_transfer_timeout_ms),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,0 +1,146 @@
+//! Moving a prefilled prompt's K/V from a context worker to a decode worker.
+//!
+//! One interface, [`KvTransport`], with two implementations: [`ucx`] (between processes and
+//! hosts, over the system's libucp) and [`in_process`] (a registry in this process, for tests
+//! of everything around the transfer). The unit of transfer is one request's K/V as the engine
+//! hands it over ([`crate::engine::Engine::take_retained_kv`]): its blocks back to back in one
+//! host buffer. The context worker *exports* that buffer (registers it for remote reads and
+//! describes it in the KV handle, one region per block); the decode worker *pulls* the regions
+//! into a buffer of its own and imports it into its engine.
+//!
+//! Why a staged host buffer rather than reads straight from the cache: the engine's blocks are
+//! free again the moment the copy is taken (the context worker's cache is not held hostage by
+//! slow or dead decode workers; `max_tokens_in_buffer` bounds the staging memory instead), the
+//! engine's memory is never touched by another thread, and a GPU cache stages the same way.
+
+pub mod in_process;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use thiserror::Error;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+#[derive(Debug, Error)]
+pub enum TransferError {
+    /// The source is gone, unreachable or too slow: the decode worker prefills locally.
+    #[error("KV source unavailable: {0}")]
+    Unavailable(String),
+    /// The handle does not describe something this transport can read.
+    #[error("invalid KV handle: {0}")]
+    InvalidHandle(String),
+    #[error("KV transport failed: {0}")]
+    Backend(String),
+}
+
+/// A buffer registered for remote reads; dropping it unregisters and frees it.
+pub struct Exported {
+    /// The exporting endpoint's address, as the transport understands it.
+    pub address: Vec<u8>,
+    /// The key a reader needs for this buffer.
+    pub rkey: Vec<u8>,
+    /// The buffer's address in the exporter's address space.
+    pub addr: u64,
+    pub len: u64,
+    /// Keeps the registration (and the memory) alive.
+    pub keepalive: Box<dyn Send + Sync>,
+}
+
+/// What a puller needs: where to connect and which regions to read, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteKv {
+    pub address: Vec<u8>,
+    pub rkey: Vec<u8>,
+    /// `(address, length)` of each region, concatenated in this order into the result.
+    pub regions: Vec<(u64, u64)>,
+}
+
+impl RemoteKv {
+    pub fn total_len(&self) -> u64 {
+        self.regions.iter().map(|&(_, len)| len).sum()
+    }
+
+    /// Adjacent regions merged, so a request's blocks exported back to back are one read.
+    pub fn coalesced(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &(addr, len) in &self.regions {
+            match out.last_mut() {
+                Some((start, run)) if *start + *run == addr => *run += len,
+                _ => out.push((addr, len)),
+            }
+        }
+        out
+    }
+}
+
+/// Exports K/V buffers on one side and pulls them on the other.
+pub trait KvTransport: Send + Sync + 'static {
+    /// The backend name carried in KV handles (`ucx`, `in-process`).
+    fn backend(&self) -> &'static str;
+    /// Registers `kv` for remote reads.
+    fn export(&self, kv: Vec<u8>) -> BoxFuture<Result<Exported, TransferError>>;
+    /// Reads `remote`'s regions into one buffer, failing with
+    /// [`TransferError::Unavailable`] after `timeout` rather than waiting on a dead peer.
+    fn pull(
+        &self,
+        remote: RemoteKv,
+        timeout: Duration,
+    ) -> BoxFuture<Result<Vec<u8>, TransferError>>;
+}
+
+/// The transport a worker process uses on the bus.
+pub fn default_transport() -> Result<std::sync::Arc<dyn KvTransport>, TransferError> {
+    Ok(std::sync::Arc::new(in_process::InProcessTransport))
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
+    out
+}
+
+pub fn from_hex(text: &str) -> Result<Vec<u8>, TransferError> {
+    if !text.len().is_multiple_of(2) {
+        return Err(TransferError::InvalidHandle(
+            "hex field of odd length".into(),
+        ));
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&text[i..i + 2], 16)
+                .map_err(|_| TransferError::InvalidHandle(format!("bad hex at {i}")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_rejects_garbage() {
+        let bytes = [0u8, 1, 0xab, 0xff, 0x10];
+        assert_eq!(to_hex(&bytes), "0001abff10");
+        assert_eq!(from_hex(&to_hex(&bytes)).unwrap(), bytes);
+        assert!(from_hex("abc").is_err());
+        assert!(from_hex("zz").is_err());
+    }
+
+    #[test]
+    fn adjacent_regions_coalesce() {
+        let remote = RemoteKv {
+            address: vec![],
+            rkey: vec![],
+            regions: vec![(100, 10), (110, 10), (130, 5), (135, 5), (200, 1)],
+        };
+        assert_eq!(remote.coalesced(), vec![(100, 20), (130, 10), (200, 1)]);
+        assert_eq!(remote.total_len(), 31);
+    }
+}
