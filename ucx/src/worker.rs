@@ -187,7 +187,8 @@ impl WorkerInner {
         // AsyncFd is dropped before that (Drop below). AsyncFd<RawFd> deregisters it but never
         // closes it: UCX owns it.
         let async_fd =
-            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(UcxError::EventFd)?;
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+                .map_err(|e| UcxError::EventFd(e.into_parts().1))?;
         Ok(self.event_fd.get_or_init(|| async_fd))
     }
 

@@ -14,6 +14,7 @@
 //! engine's memory is never touched by another thread, and a GPU cache stages the same way.
 
 pub mod in_process;
+pub mod ucx;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -90,9 +91,9 @@ pub trait KvTransport: Send + Sync + 'static {
     ) -> BoxFuture<Result<Vec<u8>, TransferError>>;
 }
 
-/// The transport a worker process uses on the bus.
+/// The transport a worker process uses on the bus: UCX.
 pub fn default_transport() -> Result<std::sync::Arc<dyn KvTransport>, TransferError> {
-    Ok(std::sync::Arc::new(in_process::InProcessTransport))
+    Ok(std::sync::Arc::new(ucx::UcxTransport::start()?))
 }
 
 pub fn to_hex(bytes: &[u8]) -> String {
