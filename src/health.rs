@@ -1,0 +1,163 @@
+//! Readiness probe: `GET /health` on the api-server, with a minimal HTTP/1.1 client (one
+//! request per connection, `Connection: close`), which is all a local probe needs.
+//!
+//! The api-server answers 200 once at least one live worker takes generation jobs, with the
+//! live counts in the body (`{"workers": {"accepting_generate": N, ...}}`); the launcher waits
+//! until every worker it started is counted.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// What one probe saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// Nothing answered (not listening yet, or the request failed).
+    Unreachable(String),
+    /// An HTTP answer.
+    Answered {
+        status: u16,
+        /// Live workers taking generation jobs, when the body says.
+        accepting_generate: Option<u64>,
+        body: String,
+    },
+}
+
+impl Probe {
+    /// Ready when healthy and counting at least `workers` generation workers.
+    pub fn ready(&self, workers: usize) -> bool {
+        match self {
+            Probe::Answered {
+                status: 200,
+                accepting_generate,
+                ..
+            } => accepting_generate.is_some_and(|n| n >= workers as u64),
+            _ => false,
+        }
+    }
+}
+
+/// `GET http://host:port/health`, bounded by `timeout`.
+pub async fn probe(host: &str, port: u16, timeout: Duration) -> Probe {
+    match tokio::time::timeout(timeout, get(host, port, "/health")).await {
+        Err(_) => Probe::Unreachable(format!("no answer within {timeout:?}")),
+        Ok(Err(e)) => Probe::Unreachable(e.to_string()),
+        Ok(Ok((status, body))) => {
+            let accepting_generate = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["workers"]["accepting_generate"].as_u64());
+            Probe::Answered {
+                status,
+                accepting_generate,
+                body,
+            }
+        }
+    }
+}
+
+async fn get(host: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect((host, port)).await?;
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    parse_response(&response)
+}
+
+/// Status and body of a whole `Connection: close` response (chunked bodies decoded).
+fn parse_response(response: &[u8]) -> std::io::Result<(u16, String)> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let text = String::from_utf8_lossy(response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("incomplete HTTP response"))?;
+    let status = head
+        .lines()
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| bad("no HTTP status line"))?;
+    let chunked = head.lines().any(|line| {
+        let line = line.to_ascii_lowercase();
+        line.starts_with("transfer-encoding:") && line.contains("chunked")
+    });
+    let body = if chunked {
+        decode_chunked(body).ok_or_else(|| bad("malformed chunked body"))?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn decode_chunked(mut rest: &str) -> Option<String> {
+    let mut body = String::new();
+    loop {
+        let (size_line, after) = rest.split_once("\r\n")?;
+        let size_hex = size_line.split(';').next()?.trim();
+        let size = usize::from_str_radix(size_hex, 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(parse_response(plain).unwrap(), (200, "{}".to_string()));
+        let chunked =
+            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).unwrap(), (503, "abcde".to_string()));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+
+    #[test]
+    fn ready_needs_every_worker() {
+        let answer = |status, n| Probe::Answered {
+            status,
+            accepting_generate: n,
+            body: String::new(),
+        };
+        assert!(answer(200, Some(2)).ready(2));
+        assert!(!answer(200, Some(1)).ready(2));
+        assert!(!answer(503, Some(0)).ready(1));
+        assert!(!answer(200, None).ready(1));
+        assert!(!Probe::Unreachable("refused".into()).ready(0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn probes_a_real_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let n = socket.read(&mut request).await.unwrap();
+            assert!(request[..n].starts_with(b"GET /health HTTP/1.1\r\n"));
+            let body = r#"{"status":"ok","workers":{"accepting_generate":3}}"#;
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            socket.write_all(response.as_bytes()).await.unwrap();
+        });
+        let probe = probe("127.0.0.1", port, Duration::from_secs(5)).await;
+        server.await.unwrap();
+        assert!(probe.ready(3), "{probe:?}");
+        assert!(!probe.ready(4));
+    }
+}

@@ -1,0 +1,118 @@
+//! `tandem serve`: the launcher. It turns a deployment config into processes (a nats-server
+//! unless one is given, the workers, the api-server), waits until they serve, supervises them
+//! and stops them all on Ctrl-C / SIGTERM.
+//!
+//! Modules: `cli` (flags and help), `model` (which model directory, the default model),
+//! `plan` (config → processes and their arguments), `binaries` (finding the programs),
+//! `child` (spawning, output, signals), `nats` (our own nats-server), `health` (readiness
+//! probe), `supervisor` (start-up, supervision, shutdown).
+
+mod binaries;
+mod child;
+mod cli;
+mod health;
+mod model;
+mod nats;
+mod plan;
+mod supervisor;
+
+use std::net::TcpListener;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tandem_protocol::config::DeploymentConfig;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command, ServeArgs};
+use crate::plan::Overrides;
+use crate::supervisor::{Programs, Signals, Timing};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    // Single-threaded on purpose: children are spawned from the main thread, which their
+    // PR_SET_PDEATHSIG is tied to (see `child`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tandem: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Command::Serve(args) = cli.command;
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Taken over first, so a Ctrl-C during model preparation or start-up is handled too.
+    let mut signals = Signals::install().context("installing the signal handlers")?;
+    let config = match &args.config {
+        Some(path) => Some(DeploymentConfig::load(path)?),
+        None => None,
+    };
+    let model = model::resolve(
+        args.model.as_deref(),
+        config.as_ref().and_then(|c| c.model.as_deref()),
+    )
+    .await?;
+    let overrides = Overrides {
+        host: args.host.clone(),
+        port: args.port,
+        served_model_name: args.served_model_name.clone(),
+        nats: args.nats.clone(),
+    };
+    if let Some(url) = &overrides.nats
+        && !(url.starts_with("nats://") || url.starts_with("tls://"))
+    {
+        anyhow::bail!("--nats {url:?} is not a nats:// or tls:// URL");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let plan = plan::plan(config.as_ref(), model, &overrides, cores);
+    for warning in &plan.warnings {
+        tracing::warn!("{warning}");
+    }
+
+    let programs = Programs {
+        worker: binaries::workspace_binary("worker")?,
+        api_server: binaries::workspace_binary("api-server")?,
+        nats_server: match plan.external_nats {
+            Some(_) => None,
+            None => Some(binaries::nats_server()?),
+        },
+    };
+    // A taken port is found here rather than as an api-server failing after the workers load.
+    TcpListener::bind((plan.host.as_str(), plan.port)).with_context(|| {
+        format!(
+            "cannot listen on {}:{} (choose another with --port or the config's `port`)",
+            plan.host, plan.port
+        )
+    })?;
+    tracing::info!(
+        "starting {} as `{}` with {} worker(s)",
+        plan.model.display(),
+        plan.served_name,
+        plan.workers.len()
+    );
+    let timing = Timing {
+        ready_timeout: Duration::from_secs(args.ready_timeout_s),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+    };
+    supervisor::run(&plan, &programs, timing, &mut signals).await
+}

@@ -1,0 +1,130 @@
+//! Which model directory to serve: `--model`, else the config's `model`, else the embedded
+//! default model (SmolLM2-135M-Instruct), prepared once into the cache by model-prep's library
+//! (idempotent: a prepared directory is used as is, without looking for the wheel).
+//!
+//! Every directory is inspected before any process starts, so a wrong path is one clear
+//! error instead of a worker and an api-server failing side by side.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use model_prep::default_model::{self, DefaultOptions, DefaultOutcome};
+use model_prep::import::{ImportOptions, import_gguf};
+use model_prep::safetensors_writer::DType;
+
+/// Directory name of the default model under `<cache>/models/`; also its served name.
+pub const DEFAULT_MODEL_NAME: &str = "SmolLM2-135M-Instruct";
+
+/// The model to serve; `None` for both means the default model.
+pub async fn resolve(flag: Option<&Path>, config: Option<&str>) -> anyhow::Result<PathBuf> {
+    let dir = match (flag, config) {
+        (Some(dir), _) => dir.to_path_buf(),
+        (None, Some(dir)) => PathBuf::from(dir),
+        (None, None) => tokio::task::spawn_blocking(prepare_default_model)
+            .await
+            .context("the default-model preparation panicked")??,
+    };
+    check(&dir)?;
+    Ok(dir)
+}
+
+/// Fails with the reason when `dir` is not a model directory a worker can load.
+fn check(dir: &Path) -> anyhow::Result<()> {
+    let report = model_prep::inspect::inspect(dir)
+        .with_context(|| format!("model directory {}", dir.display()))?;
+    if !report.problems.is_empty() {
+        bail!(
+            "model directory {} is not usable: {} (prepare one with `model-prep`)",
+            dir.display(),
+            report.problems.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// `<cache>/models/SmolLM2-135M-Instruct`, importing it on first use (bf16, as
+/// `model-prep default` does). The cache is `TANDEM_CACHE_DIR`, else `$XDG_CACHE_HOME/tandem`
+/// or `~/.cache/tandem`; `TANDEM_SMOLLM2_WHEEL` and `TANDEM_PYTHON` are model-prep's.
+fn prepare_default_model() -> anyhow::Result<PathBuf> {
+    let cache_dir = match std::env::var_os("TANDEM_CACHE_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => default_model::default_cache_dir()?,
+    };
+    let out = cache_dir.join("models").join(DEFAULT_MODEL_NAME);
+    let options = DefaultOptions {
+        dtype: DType::BF16,
+        wheel: std::env::var_os("TANDEM_SMOLLM2_WHEEL")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from),
+        cache_dir,
+        python: std::env::var("TANDEM_PYTHON").unwrap_or_else(|_| "python3".into()),
+        force: false,
+    };
+    tracing::info!(
+        "no model given (--model or the config's `model`): using the default model, {DEFAULT_MODEL_NAME}, in {}",
+        out.display()
+    );
+    let started = Instant::now();
+    let outcome = default_model::prepare_default(&options, &out, |gguf, dir, dtype| {
+        tracing::info!(
+            "importing {} (first run only; later runs reuse it)",
+            gguf.display()
+        );
+        import_gguf(
+            gguf,
+            dir,
+            &ImportOptions {
+                dtype,
+                force: false,
+            },
+        )
+        .map(|summary| format!("{} tensors", summary.tensor_count))
+    })
+    .with_context(|| {
+        format!(
+            "cannot prepare the default model {DEFAULT_MODEL_NAME} in {} (or pass --model DIR)",
+            out.display()
+        )
+    })?;
+    match outcome {
+        DefaultOutcome::UpToDate { directory } => {
+            tracing::debug!("{} is up to date", directory.display());
+            Ok(directory)
+        }
+        DefaultOutcome::Imported {
+            directory, details, ..
+        } => {
+            tracing::info!(
+                "prepared {} ({details}) in {:.1} s",
+                directory.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(directory)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_flag_wins_and_a_missing_directory_is_named() {
+        let err = resolve(Some(Path::new("/no/such/model")), Some("/other"))
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("/no/such/model"), "{text}");
+        assert!(!text.contains("/other"), "{text}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_directory_without_config_is_refused() {
+        let dir = std::env::temp_dir();
+        let err = resolve(None, Some(dir.to_str().unwrap()))
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("config.json"), "{err:#}");
+    }
+}

@@ -1,0 +1,409 @@
+//! What to start: the deployment config plus the command-line overrides, turned into the
+//! exact processes and arguments (`worker` per instance, one `api-server`) before anything
+//! runs. Pure, so the mapping from config keys to processes is tested without processes.
+//!
+//! The worker roles come from [`group_role`], the one place that knows which groups can run
+//! today (aggregated `both` workers only, until context/decode workers exist).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use tandem_protocol::config::{DeploymentConfig, RouterPolicy, ServerGroupConfig};
+
+/// The two worker groups of a deployment config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// `context_servers`: prefill.
+    Context,
+    /// `generation_servers`: decode.
+    Generation,
+}
+
+/// `worker --role` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Both,
+    #[expect(
+        dead_code,
+        reason = "started once `group_role` maps context_servers to it"
+    )]
+    Context,
+    #[expect(
+        dead_code,
+        reason = "started once `group_role` maps generation_servers to it"
+    )]
+    Decode,
+}
+
+impl Role {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Role::Both => "both",
+            Role::Context => "context",
+            Role::Decode => "decode",
+        }
+    }
+}
+
+/// The role the workers of `group` run, or `None` when the group is not started.
+///
+/// Workers cannot yet hand a prefilled KV cache to another worker, so every generation worker
+/// prefills its own requests (`both`) and context workers are not started. When disaggregation
+/// lands this becomes: context → `Context`; generation → `Decode`, or `Both` when there are no
+/// context workers.
+pub fn group_role(group: Group, _context_instances: usize) -> Option<Role> {
+    match group {
+        Group::Context => None,
+        Group::Generation => Some(Role::Both),
+    }
+}
+
+/// One `worker` process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerSpec {
+    /// Launcher-side name (`worker-0`), the prefix of its output lines.
+    pub name: String,
+    pub role: Role,
+    pub device: String,
+    /// Flags beyond role, model, NATS, device and name (scheduler and cache limits).
+    pub extra_args: Vec<String>,
+}
+
+/// Everything `tandem serve` starts, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub model: PathBuf,
+    pub served_name: String,
+    /// Address the api-server binds.
+    pub host: String,
+    pub port: u16,
+    /// An existing NATS server; `None` starts one.
+    pub external_nats: Option<String>,
+    pub workers: Vec<WorkerSpec>,
+    pub router_policy: RouterPolicy,
+    pub worker_timeout_ms: u64,
+    /// Things the operator should know (keys without effect, groups not started).
+    pub warnings: Vec<String>,
+}
+
+/// Command-line values that override the config.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub served_model_name: Option<String>,
+    pub nats: Option<String>,
+}
+
+/// Builds the plan. `config` is `None` when no file was given: then one `both` worker on the
+/// CPU. `model` is already resolved (flag, config or default model). `cores` sizes the CPU
+/// workers' thread pools.
+pub fn plan(
+    config: Option<&DeploymentConfig>,
+    model: PathBuf,
+    overrides: &Overrides,
+    cores: usize,
+) -> Plan {
+    let defaults = DeploymentConfig::default();
+    let given = config.is_some();
+    let config = config.unwrap_or(&defaults);
+    let mut warnings = Vec::new();
+    for key in config.ignored_keys() {
+        warnings.push(format!("config key `{key}` is not used by tandem; ignored"));
+    }
+
+    let context_instances = if given {
+        config.context_servers.instances()
+    } else {
+        0
+    };
+    let mut workers = Vec::new();
+    for (group, key, group_config, instances) in [
+        (
+            Group::Context,
+            "context_servers",
+            &config.context_servers,
+            context_instances,
+        ),
+        (
+            Group::Generation,
+            "generation_servers",
+            &config.generation_servers,
+            config.generation_servers.instances(),
+        ),
+    ] {
+        if instances == 0 {
+            continue;
+        }
+        let Some(role) = group_role(group, context_instances) else {
+            warnings.push(format!(
+                "{key}: {instances} context worker(s) configured, but context (prefill-only) \
+                 workers are not supported yet; starting none. Generation workers prefill \
+                 their own requests (role `both`)"
+            ));
+            continue;
+        };
+        if group_config
+            .kv_cache_config
+            .free_gpu_memory_fraction
+            .is_some()
+        {
+            warnings.push(format!(
+                "{key}.kv_cache_config.free_gpu_memory_fraction is not used yet: workers size \
+                 their KV cache from kv_cache_config.max_tokens (worker default 16384 tokens)"
+            ));
+        }
+        for i in 0..instances {
+            workers.push(WorkerSpec {
+                name: format!("worker-{}", workers.len()),
+                role,
+                device: group_config.device_of(i).to_string(),
+                extra_args: group_args(group_config),
+            });
+        }
+    }
+
+    // CPU workers on one host share its cores rather than each taking all of them.
+    let cpu_workers = workers.iter().filter(|w| w.device == "cpu").count();
+    if cpu_workers > 1 {
+        let threads = (cores / cpu_workers).max(1);
+        for worker in workers.iter_mut().filter(|w| w.device == "cpu") {
+            worker
+                .extra_args
+                .extend(["--threads".into(), threads.to_string()]);
+        }
+    }
+    // Heartbeats well inside the api-server's timeout, so one late beat never drops a worker.
+    let heartbeat_ms = (config.router.worker_timeout_ms / 3).clamp(50, 1000);
+    for worker in &mut workers {
+        worker
+            .extra_args
+            .extend(["--heartbeat-ms".into(), heartbeat_ms.to_string()]);
+    }
+
+    let served_name = overrides
+        .served_model_name
+        .clone()
+        .or_else(|| config.served_model_name.clone())
+        .unwrap_or_else(|| tandem_protocol::subjects::default_served_name(&model));
+    Plan {
+        model,
+        served_name,
+        host: overrides
+            .host
+            .clone()
+            .unwrap_or_else(|| config.hostname.clone()),
+        port: overrides.port.unwrap_or(config.port),
+        external_nats: overrides.nats.clone().or_else(|| config.nats.url.clone()),
+        workers,
+        router_policy: config.router.policy,
+        worker_timeout_ms: config.router.worker_timeout_ms,
+        warnings,
+    }
+}
+
+/// Worker flags for a group's scheduler and KV cache keys.
+fn group_args(group: &ServerGroupConfig) -> Vec<String> {
+    let mut args = Vec::new();
+    for (flag, value) in [
+        ("--kv-cache-tokens", group.kv_cache_config.max_tokens),
+        ("--block-size", group.kv_cache_config.block_size),
+        ("--max-num-seqs", group.max_batch_size),
+        ("--max-num-batched-tokens", group.max_num_tokens),
+    ] {
+        if let Some(value) = value {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    args
+}
+
+impl Plan {
+    /// `worker` arguments for one instance.
+    pub fn worker_args(&self, worker: &WorkerSpec, nats_url: &str) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--role".into(), worker.role.flag().into()];
+        args.push("--model".into());
+        args.push(self.model.clone().into());
+        for (flag, value) in [
+            ("--nats", nats_url),
+            ("--device", &worker.device),
+            ("--served-model-name", &self.served_name),
+        ] {
+            args.extend([flag.into(), value.into()]);
+        }
+        args.extend(worker.extra_args.iter().map(OsString::from));
+        args
+    }
+
+    /// `api-server` arguments.
+    pub fn api_server_args(&self, nats_url: &str) -> Vec<OsString> {
+        let policy = match self.router_policy {
+            RouterPolicy::RoundRobin => "round-robin",
+            RouterPolicy::LeastLoaded => "least-loaded",
+        };
+        let mut args: Vec<OsString> = vec!["--model".into(), self.model.clone().into()];
+        for (flag, value) in [
+            ("--served-model-name", self.served_name.clone()),
+            ("--host", self.host.clone()),
+            ("--port", self.port.to_string()),
+            ("--nats", nats_url.to_string()),
+            ("--router-policy", policy.to_string()),
+            ("--worker-timeout-ms", self.worker_timeout_ms.to_string()),
+        ] {
+            args.extend([flag.into(), value.into()]);
+        }
+        args
+    }
+
+    /// Where a client on this host reaches the api-server (a wildcard bind address is
+    /// reached through loopback).
+    pub fn client_host(&self) -> &str {
+        match self.host.as_str() {
+            "0.0.0.0" | "" => "127.0.0.1",
+            "::" | "[::]" => "::1",
+            host => host,
+        }
+    }
+
+    /// The OpenAI base URL, for the ready line.
+    pub fn base_url(&self) -> String {
+        let host = self.client_host();
+        if host.contains(':') {
+            format!("http://[{host}]:{}/v1", self.port)
+        } else {
+            format!("http://{host}:{}/v1", self.port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_of(plan: &Plan, worker: usize) -> Vec<String> {
+        plan.worker_args(&plan.workers[worker], "nats://n:1")
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn no_config_is_one_both_worker_on_cpu() {
+        let plan = plan(None, "/m/smol".into(), &Overrides::default(), 8);
+        assert_eq!(plan.workers.len(), 1);
+        assert_eq!(plan.workers[0].role, Role::Both);
+        assert_eq!(plan.workers[0].device, "cpu");
+        assert_eq!(plan.served_name, "smol");
+        assert_eq!(plan.port, 8000);
+        assert_eq!(plan.external_nats, None);
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        let args = args_of(&plan, 0);
+        assert_eq!(
+            args[..10],
+            [
+                "--role",
+                "both",
+                "--model",
+                "/m/smol",
+                "--nats",
+                "nats://n:1",
+                "--device",
+                "cpu",
+                "--served-model-name",
+                "smol"
+            ]
+        );
+        // One CPU worker takes every core (the worker's own default).
+        assert!(!args.contains(&"--threads".to_string()), "{args:?}");
+    }
+
+    #[test]
+    fn context_servers_are_warned_about_and_not_started() {
+        let config = DeploymentConfig::parse(
+            "context_servers: { num_instances: 2 }\ngeneration_servers: { num_instances: 1 }",
+            "c.yaml",
+        )
+        .unwrap();
+        let plan = plan(Some(&config), "/m/x".into(), &Overrides::default(), 4);
+        assert_eq!(plan.workers.len(), 1);
+        assert_eq!(plan.workers[0].role, Role::Both);
+        assert!(
+            plan.warnings
+                .iter()
+                .any(|w| w.contains("context") && w.contains("not supported yet")),
+            "{:?}",
+            plan.warnings
+        );
+    }
+
+    #[test]
+    fn generation_group_keys_become_worker_flags() {
+        let yaml = r#"
+served_model_name: llama
+router: { policy: round_robin, worker_timeout_ms: 1500 }
+context_servers: { num_instances: 0 }
+generation_servers:
+  num_instances: 3
+  device: ["cpu", "cpu", "cuda:1"]
+  max_batch_size: 8
+  max_num_tokens: 256
+  kv_cache_config: { max_tokens: 4096, block_size: 32 }
+"#;
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let plan = plan(Some(&config), "/m/x".into(), &Overrides::default(), 8);
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        let names: Vec<&str> = plan.workers.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["worker-0", "worker-1", "worker-2"]);
+        assert_eq!(plan.workers[2].device, "cuda:1");
+        let args = args_of(&plan, 0).join(" ");
+        for expected in [
+            "--served-model-name llama",
+            "--kv-cache-tokens 4096",
+            "--block-size 32",
+            "--max-num-seqs 8",
+            "--max-num-batched-tokens 256",
+            // Two CPU workers split 8 cores.
+            "--threads 4",
+            "--heartbeat-ms 500",
+        ] {
+            assert!(args.contains(expected), "{expected}: {args}");
+        }
+        assert!(!args_of(&plan, 2).join(" ").contains("--threads"));
+        let api: Vec<String> = plan
+            .api_server_args("nats://n:1")
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let api = api.join(" ");
+        assert!(api.contains("--router-policy round-robin"), "{api}");
+        assert!(api.contains("--worker-timeout-ms 1500"), "{api}");
+    }
+
+    #[test]
+    fn flags_override_the_config() {
+        let yaml =
+            "hostname: 0.0.0.0\nport: 9000\nserved_model_name: a\nnats: { url: \"nats://x:1\" }";
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let overrides = Overrides {
+            port: Some(9100),
+            served_model_name: Some("b".into()),
+            nats: Some("nats://y:2".into()),
+            ..Overrides::default()
+        };
+        let plan = plan(Some(&config), "/m/x".into(), &overrides, 2);
+        assert_eq!(plan.port, 9100);
+        assert_eq!(plan.served_name, "b");
+        assert_eq!(plan.external_nats.as_deref(), Some("nats://y:2"));
+        assert_eq!(plan.base_url(), "http://127.0.0.1:9100/v1");
+    }
+
+    #[test]
+    fn unused_keys_are_reported() {
+        let yaml = "disable_overlap_scheduler: true\ngeneration_servers: { kv_cache_config: { free_gpu_memory_fraction: 0.5 } }";
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let plan = plan(Some(&config), "/m/x".into(), &Overrides::default(), 2);
+        let warnings = plan.warnings.join("\n");
+        assert!(warnings.contains("disable_overlap_scheduler"), "{warnings}");
+        assert!(warnings.contains("free_gpu_memory_fraction"), "{warnings}");
+    }
+}

@@ -1,0 +1,357 @@
+//! Runs a [`Plan`]: starts NATS (unless external), the workers and the api-server, waits until
+//! the api-server counts every worker, supervises, and on Ctrl-C / SIGTERM or a fatal exit
+//! stops everything in order, leaving no process behind.
+//!
+//! Policy:
+//! - During start-up any child exit is fatal (the deployment would not be what was asked).
+//! - Afterwards a worker exit is reported and tolerated: the api-server drops a worker whose
+//!   heartbeats stop and routes around it. The api-server's or our nats-server's exit is fatal.
+//! - Stopping: SIGTERM to workers and api-server together (workers finish in-flight requests
+//!   while the api-server still streams them out), SIGKILL after the grace period or on a
+//!   second signal, then the nats-server last, since the others need it to drain.
+//!
+//! All of this runs on the main thread (single-threaded runtime), which children's
+//! `PR_SET_PDEATHSIG` requires (see `child`).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use crate::child::{Child, Echo, describe};
+use crate::health::{self, Probe};
+use crate::nats;
+use crate::plan::Plan;
+
+/// The programs to start.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    pub worker: PathBuf,
+    pub api_server: PathBuf,
+    /// `None` when NATS is external.
+    pub nats_server: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub ready_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// How often children and /health are looked at.
+const TICK: Duration = Duration::from_millis(100);
+/// A second stop signal this soon after the first is the same request delivered twice.
+const DUPLICATE_SIGNAL_WINDOW: Duration = Duration::from_secs(1);
+/// How long the nats-server gets to stop before SIGKILL.
+const NATS_GRACE: Duration = Duration::from_secs(5);
+
+/// SIGINT and SIGTERM, taken over from their default action for the launcher's lifetime.
+pub struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    pub fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+}
+
+struct Worker {
+    child: Child,
+    /// Its exit has been logged.
+    reported: bool,
+}
+
+/// The running processes.
+#[derive(Default)]
+struct Deployment {
+    nats: Option<Child>,
+    workers: Vec<Worker>,
+    api_server: Option<Child>,
+    /// "No worker left" has been logged.
+    no_worker_warned: bool,
+}
+
+/// Serves until a signal (`Ok`) or a failure (`Err`); everything is stopped either way.
+pub async fn run(
+    plan: &Plan,
+    programs: &Programs,
+    timing: Timing,
+    signals: &mut Signals,
+) -> anyhow::Result<()> {
+    let mut deployment = Deployment::default();
+    let outcome = start_and_supervise(plan, programs, timing, signals, &mut deployment).await;
+    if let Err(e) = &outcome {
+        tracing::error!("{e:#}");
+    }
+    deployment.stop(timing.shutdown_grace, signals).await;
+    outcome
+}
+
+async fn start_and_supervise(
+    plan: &Plan,
+    programs: &Programs,
+    timing: Timing,
+    signals: &mut Signals,
+    deployment: &mut Deployment,
+) -> anyhow::Result<()> {
+    let nats_url = match (&plan.external_nats, &programs.nats_server) {
+        (Some(url), _) => {
+            tracing::info!("using the NATS server at {url}");
+            url.clone()
+        }
+        (None, Some(program)) => {
+            let (child, url) = nats::start(program).await?;
+            deployment.nats = Some(child);
+            url
+        }
+        (None, None) => bail!("no NATS URL and no nats-server to start"),
+    };
+
+    for spec in &plan.workers {
+        let child = Child::spawn(
+            &spec.name,
+            &programs.worker,
+            &plan.worker_args(spec, &nats_url),
+            Echo::All,
+        )?;
+        tracing::info!(
+            "started {} (pid {}): role {} on {}",
+            spec.name,
+            child.pid(),
+            spec.role.flag(),
+            spec.device
+        );
+        deployment.workers.push(Worker {
+            child,
+            reported: false,
+        });
+    }
+    let api_server = Child::spawn(
+        "api-server",
+        &programs.api_server,
+        &plan.api_server_args(&nats_url),
+        Echo::All,
+    )?;
+    tracing::info!(
+        "started api-server (pid {}) on {}:{}",
+        api_server.pid(),
+        plan.host,
+        plan.port
+    );
+    deployment.api_server = Some(api_server);
+
+    let expected = plan.workers.len();
+    let deadline = Instant::now() + timing.ready_timeout;
+    loop {
+        tokio::select! {
+            name = signals.next() => {
+                tracing::info!("{name} received during start-up: stopping");
+                return Ok(());
+            }
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        if let Some((name, status)) = deployment.first_exit().await {
+            bail!(
+                "{name} exited during start-up ({}); stopping the deployment",
+                describe(status)
+            );
+        }
+        let probe = health::probe(plan.client_host(), plan.port, Duration::from_secs(2)).await;
+        if probe.ready(expected) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let seen = match probe {
+                Probe::Unreachable(reason) => format!("no answer from /health ({reason})"),
+                Probe::Answered { status, body, .. } => format!("/health said {status}: {body}"),
+            };
+            bail!(
+                "the deployment was not ready within {} s ({expected} worker(s) expected; {seen}); \
+                 stopping it (raise --ready-timeout-s for a slow model load)",
+                timing.ready_timeout.as_secs()
+            );
+        }
+    }
+    {
+        use std::io::Write as _;
+        let plural = if expected == 1 { "" } else { "s" };
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(
+            stdout,
+            "tandem: serving {} at {} ({expected} worker{plural})",
+            plan.served_name,
+            plan.base_url()
+        );
+        let _ = stdout.flush();
+    }
+
+    loop {
+        tokio::select! {
+            name = signals.next() => {
+                tracing::info!("{name} received: stopping the deployment");
+                return Ok(());
+            }
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        for worker in &mut deployment.workers {
+            if !worker.reported
+                && let Some(status) = worker.child.poll_exit()
+            {
+                worker.child.flush_output().await;
+                worker.reported = true;
+                tracing::error!(
+                    "{} exited ({}); the api-server routes requests to the other workers",
+                    worker.child.name,
+                    describe(status)
+                );
+            }
+        }
+        if !deployment.no_worker_warned && deployment.workers.iter().all(|w| w.reported) {
+            deployment.no_worker_warned = true;
+            tracing::warn!(
+                "no worker of this launcher is left; requests fail with 503 until a worker \
+                 joins over NATS at {nats_url}"
+            );
+        }
+        if let Some(api_server) = &mut deployment.api_server
+            && let Some(status) = api_server.poll_exit()
+        {
+            api_server.flush_output().await;
+            bail!(
+                "the api-server exited ({}); stopping the deployment",
+                describe(status)
+            );
+        }
+        if let Some(nats) = &mut deployment.nats
+            && let Some(status) = nats.poll_exit()
+        {
+            nats.flush_output().await;
+            bail!(
+                "the nats-server exited ({}); stopping the deployment. Its last lines:\n{}",
+                describe(status),
+                nats.tail()
+            );
+        }
+    }
+}
+
+impl Deployment {
+    /// The first child found to have exited, by name.
+    async fn first_exit(&mut self) -> Option<(String, std::process::ExitStatus)> {
+        let children = self
+            .nats
+            .iter_mut()
+            .chain(self.workers.iter_mut().map(|w| &mut w.child))
+            .chain(self.api_server.iter_mut());
+        for child in children {
+            if let Some(status) = child.poll_exit() {
+                // Its last words come before the error that names it.
+                child.flush_output().await;
+                let name = if child.name == "nats" {
+                    format!("nats-server (last lines:\n{}\n)", child.tail())
+                } else {
+                    child.name.clone()
+                };
+                return Some((name, status));
+            }
+        }
+        None
+    }
+
+    /// Stops every child, in order, and reaps them all.
+    async fn stop(&mut self, grace: Duration, signals: &mut Signals) {
+        let mut services: Vec<&mut Child> = self
+            .workers
+            .iter_mut()
+            .map(|w| &mut w.child)
+            .chain(self.api_server.iter_mut())
+            .collect();
+        for child in services.iter_mut() {
+            child.signal(libc::SIGTERM);
+        }
+        let running = services
+            .iter_mut()
+            .filter_map(|c| c.running().then_some(()))
+            .count();
+        if running > 0 {
+            tracing::info!(
+                "stopping {running} process(es): workers finish their in-flight requests \
+                 (up to {} s; Ctrl-C again to stop them at once)",
+                grace.as_secs()
+            );
+        }
+        stop_all(&mut services, grace, signals).await;
+        if let Some(nats) = &mut self.nats {
+            nats.signal(libc::SIGTERM);
+            stop_all(&mut [nats], NATS_GRACE, signals).await;
+        }
+        let all = self
+            .workers
+            .iter_mut()
+            .map(|w| &mut w.child)
+            .chain(self.api_server.iter_mut())
+            .chain(self.nats.iter_mut());
+        for child in all {
+            child.flush_output().await;
+            if let Some(status) = child.poll_exit() {
+                tracing::debug!("{} stopped ({})", child.name, describe(status));
+            }
+        }
+    }
+}
+
+/// Waits until every child has exited, SIGKILLing them after `grace` or on a signal, and
+/// reaps them.
+async fn stop_all(children: &mut [&mut Child], grace: Duration, signals: &mut Signals) {
+    let started = Instant::now();
+    let deadline = started + grace;
+    while children.iter_mut().any(|c| c.running()) {
+        if Instant::now() >= deadline {
+            let names: Vec<String> = children
+                .iter_mut()
+                .filter_map(|c| c.running().then(|| c.name.clone()))
+                .collect();
+            tracing::warn!(
+                "still running after {} s, killing: {}",
+                grace.as_secs(),
+                names.join(", ")
+            );
+            break;
+        }
+        tokio::select! {
+            name = signals.next() => {
+                // One stop request often arrives twice at once (a wrapper such as `timeout`
+                // forwarding the signal it also got, a terminal signalling a whole process
+                // group): only a later one means "now".
+                if started.elapsed() < DUPLICATE_SIGNAL_WINDOW {
+                    tracing::debug!("{name} received again right away: taken as the same request");
+                    continue;
+                }
+                tracing::warn!("{name} received again: killing what is still running");
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    for child in children.iter_mut() {
+        child.signal(libc::SIGKILL);
+    }
+    // SIGKILL cannot be ignored; this only waits for the kernel to deliver it.
+    while children.iter_mut().any(|c| c.running()) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

