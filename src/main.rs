@@ -84,7 +84,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--nats {url:?} is not a nats:// or tls:// URL");
     }
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let plan = plan::plan(config.as_ref(), model, &overrides, cores);
+    let plan = plan::plan(
+        config.as_ref(),
+        model.dir,
+        model.default_served_name,
+        &overrides,
+        cores,
+    );
     for warning in &plan.warnings {
         tracing::warn!("{warning}");
     }

@@ -16,17 +16,35 @@ use model_prep::safetensors_writer::DType;
 /// Directory name of the default model under `<cache>/models/`; also its served name.
 pub const DEFAULT_MODEL_NAME: &str = "SmolLM2-135M-Instruct";
 
+/// The model to serve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    pub dir: PathBuf,
+    /// The default model's own name, served unless the flag or config names one (its
+    /// directory name could be anything a cache symlink points at).
+    pub default_served_name: Option<&'static str>,
+}
+
 /// The model to serve; `None` for both means the default model.
-pub async fn resolve(flag: Option<&Path>, config: Option<&str>) -> anyhow::Result<PathBuf> {
-    let dir = match (flag, config) {
-        (Some(dir), _) => dir.to_path_buf(),
-        (None, Some(dir)) => PathBuf::from(dir),
-        (None, None) => tokio::task::spawn_blocking(prepare_default_model)
-            .await
-            .context("the default-model preparation panicked")??,
+pub async fn resolve(flag: Option<&Path>, config: Option<&str>) -> anyhow::Result<Model> {
+    let model = match (flag, config) {
+        (Some(dir), _) => Model {
+            dir: dir.to_path_buf(),
+            default_served_name: None,
+        },
+        (None, Some(dir)) => Model {
+            dir: PathBuf::from(dir),
+            default_served_name: None,
+        },
+        (None, None) => Model {
+            dir: tokio::task::spawn_blocking(prepare_default_model)
+                .await
+                .context("the default-model preparation panicked")??,
+            default_served_name: Some(DEFAULT_MODEL_NAME),
+        },
     };
-    check(&dir)?;
-    Ok(dir)
+    check(&model.dir)?;
+    Ok(model)
 }
 
 /// Fails with the reason when `dir` is not a model directory a worker can load.

@@ -96,11 +96,13 @@ pub struct Overrides {
 }
 
 /// Builds the plan. `config` is `None` when no file was given: then one `both` worker on the
-/// CPU. `model` is already resolved (flag, config or default model). `cores` sizes the CPU
-/// workers' thread pools.
+/// CPU. `model` is already resolved (flag, config or default model); `model_name` is the
+/// served name used when neither the flag nor the config names one (else the directory's
+/// name). `cores` sizes the CPU workers' thread pools.
 pub fn plan(
     config: Option<&DeploymentConfig>,
     model: PathBuf,
+    model_name: Option<&str>,
     overrides: &Overrides,
     cores: usize,
 ) -> Plan {
@@ -185,6 +187,7 @@ pub fn plan(
         .served_model_name
         .clone()
         .or_else(|| config.served_model_name.clone())
+        .or_else(|| model_name.map(str::to_string))
         .unwrap_or_else(|| tandem_protocol::subjects::default_served_name(&model));
     Plan {
         model,
@@ -289,7 +292,7 @@ mod tests {
 
     #[test]
     fn no_config_is_one_both_worker_on_cpu() {
-        let plan = plan(None, "/m/smol".into(), &Overrides::default(), 8);
+        let plan = plan(None, "/m/smol".into(), None, &Overrides::default(), 8);
         assert_eq!(plan.workers.len(), 1);
         assert_eq!(plan.workers[0].role, Role::Both);
         assert_eq!(plan.workers[0].device, "cpu");
@@ -318,13 +321,28 @@ mod tests {
     }
 
     #[test]
+    fn the_default_models_name_yields_to_the_flag_and_config() {
+        let name = |config: Option<&DeploymentConfig>, flag: Option<&str>| {
+            let overrides = Overrides {
+                served_model_name: flag.map(str::to_string),
+                ..Overrides::default()
+            };
+            plan(config, "/cache/link".into(), Some("Default"), &overrides, 1).served_name
+        };
+        assert_eq!(name(None, None), "Default");
+        assert_eq!(name(None, Some("flag")), "flag");
+        let config = DeploymentConfig::parse("served_model_name: cfg", "c.yaml").unwrap();
+        assert_eq!(name(Some(&config), None), "cfg");
+    }
+
+    #[test]
     fn context_servers_are_warned_about_and_not_started() {
         let config = DeploymentConfig::parse(
             "context_servers: { num_instances: 2 }\ngeneration_servers: { num_instances: 1 }",
             "c.yaml",
         )
         .unwrap();
-        let plan = plan(Some(&config), "/m/x".into(), &Overrides::default(), 4);
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 4);
         assert_eq!(plan.workers.len(), 1);
         assert_eq!(plan.workers[0].role, Role::Both);
         assert!(
@@ -350,7 +368,7 @@ generation_servers:
   kv_cache_config: { max_tokens: 4096, block_size: 32 }
 "#;
         let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
-        let plan = plan(Some(&config), "/m/x".into(), &Overrides::default(), 8);
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 8);
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
         let names: Vec<&str> = plan.workers.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(names, ["worker-0", "worker-1", "worker-2"]);
@@ -390,7 +408,7 @@ generation_servers:
             nats: Some("nats://y:2".into()),
             ..Overrides::default()
         };
-        let plan = plan(Some(&config), "/m/x".into(), &overrides, 2);
+        let plan = plan(Some(&config), "/m/x".into(), None, &overrides, 2);
         assert_eq!(plan.port, 9100);
         assert_eq!(plan.served_name, "b");
         assert_eq!(plan.external_nats.as_deref(), Some("nats://y:2"));
@@ -401,7 +419,7 @@ generation_servers:
     fn unused_keys_are_reported() {
         let yaml = "disable_overlap_scheduler: true\ngeneration_servers: { kv_cache_config: { free_gpu_memory_fraction: 0.5 } }";
         let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
-        let plan = plan(Some(&config), "/m/x".into(), &Overrides::default(), 2);
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 2);
         let warnings = plan.warnings.join("\n");
         assert!(warnings.contains("disable_overlap_scheduler"), "{warnings}");
         assert!(warnings.contains("free_gpu_memory_fraction"), "{warnings}");

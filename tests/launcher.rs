@@ -270,6 +270,59 @@ fn an_unobtainable_default_model_is_a_clear_error() {
     let _ = std::fs::remove_dir_all(cache);
 }
 
+/// With no model named, the default model is served from the cache, as prepared before,
+/// under its own name, without looking for the wheel or Python.
+#[test]
+fn the_default_model_is_reused_from_the_cache() {
+    let cache = scratch_dir("default");
+    std::fs::create_dir_all(cache.join("models")).expect("the temp dir is writable");
+    // `model-prep default` output (scripts/test-models), with its source marker.
+    let prepared = model_dir("smollm2-bf16");
+    assert!(
+        prepared.join("tandem-source.json").is_file(),
+        "{} has no tandem-source.json: rerun scripts/test-models",
+        prepared.display()
+    );
+    std::os::unix::fs::symlink(&prepared, cache.join("models/SmolLM2-135M-Instruct"))
+        .expect("the temp dir is writable");
+    let port = free_port();
+    let mut command = tandem();
+    command
+        .args(["serve", "--port", &port.to_string()])
+        .env("TANDEM_CACHE_DIR", &cache)
+        .env("TANDEM_PYTHON", "/nonexistent/python3")
+        .env_remove("TANDEM_SMOLLM2_WHEEL");
+    let mut launcher = Proc::spawn("tandem", command);
+    launcher.wait_for_line(READY_LINE, READY);
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(
+        launcher.output().contains(&format!(
+            "{READY_LINE} SmolLM2-135M-Instruct at {base}/v1 (1 worker)"
+        )),
+        "{}",
+        launcher.output()
+    );
+    let reply = Http::new(&base).post(
+        "/v1/chat/completions",
+        &json!({
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 16,
+            "temperature": 0,
+        }),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let answer = reply.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(answer.contains("Paris"), "{answer}");
+    launcher.signal(libc::SIGTERM);
+    let status = launcher.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status}:\n{}", launcher.output());
+    let _ = std::fs::remove_dir_all(cache);
+}
+
 #[test]
 fn serves_and_leaves_no_process_behind_on_sigterm() {
     let (mut launcher, base) = serve(&["--served-model-name", "tiny-e2e"]);
