@@ -38,7 +38,7 @@ fn check_openai_importable() {
 
 /// Pids of `root`'s descendants, from /proc.
 fn descendants(root: u32) -> Vec<u32> {
-    let mut parents = Vec::new();
+    let mut parents: Vec<(u32, u32)> = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc is readable").flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
