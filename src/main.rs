@@ -61,8 +61,6 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    // Taken over first, so a Ctrl-C during model preparation or start-up is handled too.
-    let mut signals = Signals::install().context("installing the signal handlers")?;
     let config = match &args.config {
         Some(path) => Some(DeploymentConfig::load(path)?),
         None => None,
@@ -72,6 +70,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.as_ref().and_then(|c| c.model.as_deref()),
     )
     .await?;
+    // Taken over only now: until here nothing runs that needs stopping, and a Ctrl-C during a
+    // long default-model download should simply end the launcher (default action).
+    let mut signals = Signals::install().context("installing the signal handlers")?;
     let overrides = Overrides {
         host: args.host.clone(),
         port: args.port,

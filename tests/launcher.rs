@@ -15,7 +15,7 @@ use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{Http, Nats, Proc, bin, free_port, model_dir};
+use support::{Http, Nats, Proc, bin, collect_stream, free_port, model_dir};
 
 /// Generous for 2 shared cores; a healthy tiny deployment is ready in about a second.
 const READY: Duration = Duration::from_secs(120);
@@ -365,6 +365,53 @@ fn serves_and_leaves_no_process_behind_on_sigterm() {
     assert_all_gone(&children, Duration::from_secs(5));
 }
 
+/// SIGTERM while a stream is in flight: the worker drains it and the api-server streams it
+/// out to the end (NATS stays up until both have stopped), then the launcher exits 0.
+#[test]
+fn sigterm_lets_an_in_flight_stream_finish() {
+    const TOKENS: u64 = 48;
+    let port = free_port();
+    let mut command = tandem();
+    command
+        .arg("serve")
+        .arg("--model")
+        .arg(model_dir("smollm2-bf16"))
+        .args(["--port", &port.to_string(), "--served-model-name", "drain"]);
+    let mut launcher = Proc::spawn("tandem", command);
+    launcher.wait_for_line(READY_LINE, READY);
+    let http = Http::new(&format!("http://127.0.0.1:{port}"));
+    let request = json!({
+        "model": "drain",
+        "prompt": "Count slowly:",
+        "max_tokens": TOKENS,
+        "temperature": 0,
+        "ignore_eos": true,
+        "stream": true,
+    });
+    let mut signalled = false;
+    let (status, events) = http.post_stream("/v1/completions", &request, |event| {
+        if !signalled && event["choices"][0]["text"].is_string() {
+            signalled = true;
+            launcher.signal(libc::SIGTERM);
+        }
+    });
+    assert!(signalled, "no token came: {events:?}");
+    assert_eq!(status, 200);
+    let streamed = collect_stream(&events);
+    assert_eq!(
+        streamed.finish_reason.as_deref(),
+        Some("length"),
+        "{events:?}"
+    );
+    let status = launcher.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status}:\n{}", launcher.output());
+    assert!(
+        launcher.output().contains("SIGTERM received"),
+        "the signal must have come during the stream:\n{}",
+        launcher.output()
+    );
+}
+
 #[test]
 fn an_external_nats_from_the_config_and_a_killed_worker() {
     let nats = Nats::start();
@@ -437,6 +484,50 @@ fn an_external_nats_from_the_config_and_a_killed_worker() {
     let status = launcher.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "{status}:\n{}", launcher.output());
     assert_all_gone(&children, Duration::from_secs(5));
+}
+
+/// The test's own nats-server serving `url` (found by its port among our children).
+fn nats_pid(url: &str) -> u32 {
+    let port = url.rsplit(':').next().expect("nats://host:port");
+    children_of(std::process::id())
+        .into_iter()
+        .find(|&pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args.windows(2)
+                .any(|w| w[0] == b"-p" && w[1] == port.as_bytes())
+        })
+        .unwrap_or_else(|| panic!("no nats-server child serves {url}"))
+}
+
+/// A deployment that never gets ready (its NATS server is frozen, so nobody completes the
+/// NATS handshake) is stopped at --ready-timeout-s with an error saying what was missing.
+#[test]
+fn not_ready_in_time_stops_everything() {
+    let nats = Nats::start();
+    let frozen = nats_pid(&nats.url);
+    // SAFETY: kill(2) on our own nats-server child, resumed below.
+    assert_eq!(unsafe { libc::kill(frozen as libc::pid_t, libc::SIGSTOP) }, 0);
+    let mut command = tandem();
+    command
+        .args(["serve", "--ready-timeout-s", "2", "--nats", &nats.url])
+        .args(["--port", &free_port().to_string(), "--model"])
+        .arg(model_dir("tiny"));
+    let mut launcher = Proc::spawn("tandem", command);
+    let status = launcher.wait_exit(Duration::from_secs(60));
+    // SAFETY: as above.
+    unsafe { libc::kill(frozen as libc::pid_t, libc::SIGCONT) };
+    let out = output_with(&launcher, ERROR_LINE);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("the deployment was not ready within 2 s (1 worker(s) expected;"),
+        "{out}"
+    );
+    let pids: Vec<u32> = ["worker-0", "api-server"]
+        .iter()
+        .map(|name| pid_of(&launcher, name))
+        .collect();
+    assert_all_gone(&pids, Duration::from_secs(5));
 }
 
 #[test]
