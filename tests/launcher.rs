@@ -507,7 +507,10 @@ fn not_ready_in_time_stops_everything() {
     let nats = Nats::start();
     let frozen = nats_pid(&nats.url);
     // SAFETY: kill(2) on our own nats-server child, resumed below.
-    assert_eq!(unsafe { libc::kill(frozen as libc::pid_t, libc::SIGSTOP) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(frozen as libc::pid_t, libc::SIGSTOP) },
+        0
+    );
     let mut command = tandem();
     command
         .args(["serve", "--ready-timeout-s", "2", "--nats", &nats.url])
