@@ -8,7 +8,9 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use tandem_protocol::config::{DeploymentConfig, RouterPolicy, ServerGroupConfig};
+use tandem_protocol::config::{
+    CacheTransceiverConfig, DeploymentConfig, RouterPolicy, ServerGroupConfig,
+};
 
 /// The two worker groups of a deployment config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,9 +25,12 @@ pub enum Group {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Both,
-    #[expect(
-        dead_code,
-        reason = "started once `group_role` maps context_servers to it"
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "started once `group_role` maps context_servers to it"
+        )
     )]
     Context,
     #[expect(
@@ -160,7 +165,7 @@ pub fn plan(
                 name: format!("worker-{}", workers.len()),
                 role,
                 device: group_config.device_of(i).to_string(),
-                extra_args: group_args(group_config),
+                extra_args: group_args(role, group_config, config.transceiver_for(group_config)),
             });
         }
     }
@@ -205,15 +210,37 @@ pub fn plan(
     }
 }
 
-/// Worker flags for a group's scheduler and KV cache keys.
-fn group_args(group: &ServerGroupConfig) -> Vec<String> {
+/// Worker flags for a group's scheduler, KV cache and (context workers) KV transfer keys.
+fn group_args(
+    role: Role,
+    group: &ServerGroupConfig,
+    transceiver: &CacheTransceiverConfig,
+) -> Vec<String> {
     let mut args = Vec::new();
-    for (flag, value) in [
-        ("--kv-cache-tokens", group.kv_cache_config.max_tokens),
-        ("--block-size", group.kv_cache_config.block_size),
-        ("--max-num-seqs", group.max_batch_size),
-        ("--max-num-batched-tokens", group.max_num_tokens),
-    ] {
+    let to_u64 = |n: Option<usize>| n.map(|n| n as u64);
+    let mut flags = vec![
+        (
+            "--kv-cache-tokens",
+            to_u64(group.kv_cache_config.max_tokens),
+        ),
+        ("--block-size", to_u64(group.kv_cache_config.block_size)),
+        ("--max-num-seqs", to_u64(group.max_batch_size)),
+        ("--max-num-batched-tokens", to_u64(group.max_num_tokens)),
+    ];
+    // Only a context worker holds K/V for others to pull.
+    if role == Role::Context {
+        flags.extend([
+            (
+                "--max-tokens-in-buffer",
+                to_u64(transceiver.max_tokens_in_buffer),
+            ),
+            (
+                "--kv-transfer-timeout-ms",
+                transceiver.kv_transfer_timeout_ms,
+            ),
+        ]);
+    }
+    for (flag, value) in flags {
         if let Some(value) = value {
             args.extend([flag.to_string(), value.to_string()]);
         }
@@ -395,6 +422,26 @@ generation_servers:
         let api = api.join(" ");
         assert!(api.contains("--router-policy round-robin"), "{api}");
         assert!(api.contains("--worker-timeout-ms 1500"), "{api}");
+    }
+
+    #[test]
+    fn context_workers_get_the_transfer_settings() {
+        let yaml = r#"
+cache_transceiver_config: { max_tokens_in_buffer: 4096, kv_transfer_timeout_ms: 9000 }
+context_servers: { cache_transceiver_config: { max_tokens_in_buffer: 2048 } }
+"#;
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let own = config.transceiver_for(&config.context_servers);
+        let args = group_args(Role::Context, &config.context_servers, own).join(" ");
+        // A group's own transceiver block replaces the top-level one as a whole.
+        assert_eq!(args, "--max-tokens-in-buffer 2048");
+        let top = config.transceiver_for(&config.generation_servers);
+        let args = group_args(Role::Context, &config.generation_servers, top).join(" ");
+        assert_eq!(
+            args,
+            "--max-tokens-in-buffer 4096 --kv-transfer-timeout-ms 9000"
+        );
+        assert!(group_args(Role::Both, &config.generation_servers, top).is_empty());
     }
 
     #[test]
