@@ -212,7 +212,10 @@ fn spawn_listening(name: &str, mut command: impl FnMut(u16) -> Command) -> (Proc
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    panic!("{name} failed to start three times: {}", failures.join("; "));
+    panic!(
+        "{name} failed to start three times: {}",
+        failures.join("; ")
+    );
 }
 
 pub fn nats_server_path() -> PathBuf {
@@ -247,9 +250,20 @@ pub const SERVED_NAME: &str = "e2e-model";
 
 /// `worker --role both` on the CPU, joined to `nats`; returns once it has joined.
 pub fn start_worker(nats: &Nats, model: &Path, worker_id: &str, extra: &[&str]) -> Proc {
+    start_worker_as(nats, model, "both", worker_id, extra)
+}
+
+/// `worker --role ROLE` on the CPU, joined to `nats`; returns once it has joined.
+pub fn start_worker_as(
+    nats: &Nats,
+    model: &Path,
+    role: &str,
+    worker_id: &str,
+    extra: &[&str],
+) -> Proc {
     let mut command = Command::new(bin("worker"));
     command
-        .args(["--role", "both", "--model"])
+        .args(["--role", role, "--model"])
         .arg(model)
         .args([
             "--nats",
@@ -279,6 +293,10 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub fn start(nats: &Nats, model: &Path) -> Self {
+        Self::start_with(nats, model, &[])
+    }
+
+    pub fn start_with(nats: &Nats, model: &Path, extra: &[&str]) -> Self {
         let (proc, port) = spawn_listening("api-server", |port| {
             let mut command = Command::new(bin("api-server"));
             command
@@ -294,6 +312,7 @@ impl ApiServer {
                     "--worker-timeout-ms",
                     "1500",
                 ])
+                .args(extra)
                 .env("RUST_LOG", "warn");
             command
         });
@@ -408,15 +427,20 @@ impl Http {
 
     /// Polls `/health` until it is 200 and reports `both` live workers.
     pub fn wait_for_workers(&self, both: u64, limit: Duration) {
+        self.wait_for_role("both", both, limit);
+    }
+
+    /// Polls `/health` until it is 200 and reports `count` live workers of `role`.
+    pub fn wait_for_role(&self, role: &str, count: u64, limit: Duration) {
         let start = Instant::now();
         loop {
             let reply = self.get("/health");
-            if reply.status == 200 && reply.json()["workers"]["both"] == both {
+            if reply.status == 200 && reply.json()["workers"][role] == count {
                 return;
             }
             assert!(
                 start.elapsed() < limit,
-                "/health did not show {both} live workers within {limit:?}: {} {}",
+                "/health did not show {count} live {role} workers within {limit:?}: {} {}",
                 reply.status,
                 reply.body
             );
@@ -452,10 +476,43 @@ pub fn collect_stream(events: &[Value]) -> Streamed {
             if let Some(reason) = choice["finish_reason"].as_str() {
                 out.finish_reason = Some(reason.to_owned());
             }
-            for entry in choice["logprobs"]["content"].as_array().into_iter().flatten() {
-                out.tokens.push(entry["token"].as_str().unwrap_or("").to_owned());
+            for entry in choice["logprobs"]["content"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                out.tokens
+                    .push(entry["token"].as_str().unwrap_or("").to_owned());
             }
         }
     }
     out
+}
+
+/// The value of the first Prometheus sample of `name` whose labels contain `labels` (a
+/// fragment such as `"ctx"`; empty matches any) in a /metrics body.
+pub fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l),
+                None => (series, ""),
+            };
+            (series_name == name && series_labels.contains(labels))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+}
+
+/// Writes `text` to a fresh file under the target directory and returns its path.
+pub fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/e2e-tmp")
+        .join(format!("{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("temp file");
+    path
 }

@@ -1,0 +1,326 @@
+//! Disaggregated serving end to end (issue 5): context and decode CPU workers, the KV cache
+//! pulled over UCX, behind the api-server.
+//!
+//! - `tandem serve -c` with 2 context + 1 decode workers: 32 concurrent requests of mixed
+//!   prompt lengths, greedy and seeded, each equal to `worker generate`; /metrics shows the
+//!   bytes UCX moved.
+//! - Faults, each bounded in time: a decode worker killed mid-stream (the client gets an error,
+//!   the context worker's exports are freed); a client that disconnects before its first token
+//!   (its prefill stops, so a later request is not held up behind it).
+//!   (Context workers killed before the pull and transfers that never come are covered at the
+//!   bus level in workers/tests/bus_disaggregated.rs.)
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{ApiServer, Http, Nats, Proc, bin, collect_stream, free_port, metric, model_dir};
+
+const MODEL: &str = "smollm2-bf16";
+
+/// Prompt `i`: lengths from a few tokens to a few hundred.
+fn prompt(i: usize) -> String {
+    let base = [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "Explain photosynthesis to a child.",
+        "List three uses of copper.",
+    ][i % 4];
+    let context =
+        "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(i % 5 * 6);
+    format!("{context}{base} ({i})")
+}
+
+fn seed(i: usize) -> Option<u64> {
+    (i % 2 == 1).then_some(100 + i as u64)
+}
+
+fn reference(i: usize, max_tokens: u32) -> Value {
+    let mut command = Command::new(bin("worker"));
+    command
+        .arg("generate")
+        .arg("--model")
+        .arg(model_dir(MODEL))
+        .args(["--chat", "--json", "--threads", "1", "--prompt", &prompt(i)])
+        .args(["--max-tokens", &max_tokens.to_string()]);
+    if let Some(seed) = seed(i) {
+        command.args(["--temperature", "0.8", "--seed", &seed.to_string()]);
+    }
+    let output = command.output().expect("worker generate runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+fn chat(i: usize, max_tokens: u32) -> Value {
+    let mut request = json!({
+        "messages": [{"role": "user", "content": prompt(i)}],
+        "max_tokens": max_tokens,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    match seed(i) {
+        Some(seed) => {
+            request["temperature"] = json!(0.8);
+            request["seed"] = json!(seed);
+        }
+        None => request["temperature"] = json!(0),
+    }
+    request
+}
+
+#[test]
+fn tandem_serve_with_two_context_and_one_decode_worker_equals_worker_generate() {
+    const REQUESTS: usize = 32;
+    const MAX_TOKENS: u32 = 12;
+    let port = free_port();
+    let config = support::temp_file(
+        "disagg.yaml",
+        &format!(
+            "hostname: 127.0.0.1\nport: {port}\nmodel: {}\nserved_model_name: disagg\n\
+             context_servers:\n  num_instances: 2\n  max_num_tokens: 512\n\
+             generation_servers:\n  num_instances: 1\n  max_batch_size: 32\n\
+             router:\n  policy: round_robin\n",
+            model_dir(MODEL).display()
+        ),
+    );
+    let mut command = Command::new(bin("tandem"));
+    command.arg("serve").arg("-c").arg(&config);
+    let mut tandem = Proc::spawn("tandem", command);
+    let http = Http::new(&format!("http://127.0.0.1:{port}"));
+    let start = Instant::now();
+    while !(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        && http.get("/health").json()["workers"]["context"] == 2)
+    {
+        assert!(
+            tandem.try_wait().is_none(),
+            "tandem exited:\n{}",
+            tandem.output()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "not ready:\n{}",
+            tandem.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    http.wait_for_role("decode", 1, Duration::from_secs(30));
+
+    // The references, two at a time, while nothing else runs.
+    let references: Vec<Value> = std::thread::scope(|scope| {
+        (0..REQUESTS)
+            .collect::<Vec<_>>()
+            .chunks(2)
+            .flat_map(|pair| {
+                let handles: Vec<_> = pair
+                    .iter()
+                    .map(|&i| scope.spawn(move || reference(i, MAX_TOKENS)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    });
+
+    let results: Vec<(support::Streamed, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..REQUESTS)
+            .map(|i| {
+                let http = &http;
+                scope.spawn(move || {
+                    let mut usage = Value::Null;
+                    let (status, events) =
+                        http.post_stream("/v1/chat/completions", &chat(i, MAX_TOKENS), |e| {
+                            if !e["usage"].is_null() {
+                                usage = e["usage"].clone();
+                            }
+                        });
+                    assert_eq!(status, 200, "request {i}");
+                    (collect_stream(&events), usage)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, ((streamed, usage), reference)) in results.iter().zip(&references).enumerate() {
+        assert_eq!(
+            streamed.text,
+            reference["text"],
+            "request {i}: {}",
+            prompt(i)
+        );
+        assert_eq!(
+            usage["completion_tokens"],
+            reference["output_ids"].as_array().unwrap().len(),
+            "request {i}"
+        );
+        assert_eq!(
+            usage["prompt_tokens"],
+            reference["prompt_ids"].as_array().unwrap().len(),
+            "request {i}"
+        );
+    }
+
+    let metrics = http.get("/metrics").body;
+    let bytes = metric(&metrics, "tandem_kv_transfer_bytes_total", "").unwrap_or(0.0);
+    let disaggregated = metric(&metrics, "tandem_requests_disaggregated_total", "").unwrap_or(0.0);
+    assert!(
+        disaggregated >= REQUESTS as f64 && bytes > 0.0,
+        "every request went through a context worker and UCX moved bytes: {disaggregated} requests, {bytes} bytes\n{metrics}"
+    );
+    // bf16 SmolLM2 moves 368640 bytes per 16-token block: at least one block per request.
+    assert!(bytes >= (REQUESTS * 368_640) as f64, "{bytes}");
+
+    tandem.signal(libc::SIGTERM);
+    assert!(tandem.wait_exit(Duration::from_secs(60)).success());
+}
+
+/// A hand-started disaggregated deployment: one context and one decode worker.
+struct Deployment {
+    _nats: Nats,
+    api: ApiServer,
+    context: Proc,
+    decode: Proc,
+}
+
+fn deployment(context_extra: &[&str]) -> Deployment {
+    let nats = Nats::start();
+    let api = ApiServer::start(&nats, &model_dir(MODEL));
+    let context =
+        support::start_worker_as(&nats, &model_dir(MODEL), "context", "ctx", context_extra);
+    let decode = support::start_worker_as(&nats, &model_dir(MODEL), "decode", "dec", &[]);
+    let http = api.client();
+    http.wait_for_role("context", 1, Duration::from_secs(30));
+    http.wait_for_role("decode", 1, Duration::from_secs(30));
+    Deployment {
+        _nats: nats,
+        api,
+        context,
+        decode,
+    }
+}
+
+#[test]
+fn a_decode_worker_killed_mid_stream_fails_its_request_quickly_and_frees_the_export() {
+    let mut d = deployment(&[]);
+    let http = d.api.client();
+    let request = json!({
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 400, "temperature": 0, "ignore_eos": true, "stream": true,
+    });
+    let mut tokens = 0;
+    let mut killed_at = None;
+    let decode = &mut d.decode;
+    let (status, events) = http.post_stream("/v1/chat/completions", &request, |event| {
+        if event["choices"][0]["delta"]["content"].is_string() {
+            tokens += 1;
+            if tokens == 5 {
+                decode.signal(libc::SIGKILL);
+                killed_at = Some(Instant::now());
+            }
+        }
+    });
+    assert_eq!(status, 200);
+    let killed_at = killed_at.expect("the stream started");
+    let error = events.iter().find(|e| e.get("error").is_some());
+    assert!(
+        error.is_some(),
+        "the client sees an error event: {events:?}"
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(10),
+        "the error came {:?} after the kill",
+        killed_at.elapsed()
+    );
+    // The context worker holds nothing for it (released after the pull, or expired).
+    let start = Instant::now();
+    loop {
+        let metrics = http.get("/metrics").body;
+        let pinned = metric(&metrics, "tandem_kv_pinned_blocks", "\"ctx\"");
+        let free = metric(&metrics, "tandem_worker_free_kv_blocks", "\"ctx\"");
+        let total = metric(&metrics, "tandem_worker_total_kv_blocks", "\"ctx\"");
+        if pinned == Some(0.0) && free.is_some() && free == total {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "context KV not freed:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        d.context.try_wait().is_none(),
+        "the context worker is unaffected"
+    );
+}
+
+#[test]
+fn a_client_gone_before_its_first_token_stops_its_prefill() {
+    // Small prefill chunks make a long prompt's prefill take many steps.
+    let d = deployment(&["--max-num-batched-tokens", "64", "--max-num-seqs", "8"]);
+    let http = d.api.client();
+    let long_prompt = "Describe the history of the printing press in detail. ".repeat(150);
+    let long = json!({
+        "messages": [{"role": "user", "content": long_prompt}],
+        "max_tokens": 4, "temperature": 0, "stream": true,
+    });
+    // How long the long prefill takes when nobody leaves.
+    let start = Instant::now();
+    let (status, _) = http.post_stream("/v1/chat/completions", &long, |_| {});
+    assert_eq!(status, 200);
+    let full_prefill = start.elapsed();
+
+    // The same request, abandoned after 200 ms (before its first token).
+    let base = d.api.base.trim_start_matches("http://").to_owned();
+    let mut socket = std::net::TcpStream::connect(&base).unwrap();
+    let body = long.to_string();
+    use std::io::Write;
+    write!(
+        socket,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {base}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(socket);
+
+    // A short request right after is not held up behind the abandoned prefill.
+    let start = Instant::now();
+    let reply = http.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+    );
+    let short = start.elapsed();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        short < full_prefill.mul_f32(0.7),
+        "the short request took {short:?}; the long prefill takes {full_prefill:?}"
+    );
+    assert!(
+        d.context.count_lines("cancelled by the api-server") >= 1,
+        "the context worker saw the cancel:\n{}",
+        d.context.output()
+    );
+    // And its blocks are free again.
+    let start = Instant::now();
+    loop {
+        let metrics = http.get("/metrics").body;
+        let free = metric(&metrics, "tandem_worker_free_kv_blocks", "\"ctx\"");
+        let total = metric(&metrics, "tandem_worker_total_kv_blocks", "\"ctx\"");
+        let running = metric(&metrics, "tandem_worker_running", "\"ctx\"");
+        if free.is_some() && free == total && running == Some(0.0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "context KV not freed:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
