@@ -25,13 +25,6 @@ pub enum Group {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Both,
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "started once `group_role` maps context_servers to it"
-        )
-    )]
     Context,
     #[expect(
         dead_code,
