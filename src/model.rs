@@ -49,8 +49,19 @@ pub async fn resolve(flag: Option<&Path>, config: Option<&str>) -> anyhow::Resul
 
 /// Fails with the reason when `dir` is not a model directory a worker can load.
 fn check(dir: &Path) -> anyhow::Result<()> {
-    let report = model_prep::inspect::inspect(dir)
-        .with_context(|| format!("model directory {}", dir.display()))?;
+    let report = model_prep::inspect::inspect(dir).with_context(|| {
+        let hint = if looks_like_hub_id(dir) {
+            format!(
+                " ({} looks like a Hugging Face repo id: download it with `model-prep fetch {} \
+                 -o DIR` and serve DIR)",
+                dir.display(),
+                dir.display()
+            )
+        } else {
+            String::new()
+        };
+        format!("model directory {}{hint}", dir.display())
+    })?;
     if !report.problems.is_empty() {
         bail!(
             "model directory {} is not usable: {} (prepare one with `model-prep`)",
@@ -59,6 +70,14 @@ fn check(dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `org/name` that is not a directory here: what TensorRT-LLM configs put in `model`.
+fn looks_like_hub_id(path: &Path) -> bool {
+    let text = path.to_string_lossy();
+    !path.exists()
+        && !text.starts_with(['/', '.', '~'])
+        && text.split('/').filter(|part| !part.is_empty()).count() == 2
 }
 
 /// `<cache>/models/SmolLM2-135M-Instruct`, importing it on first use (bf16, as
@@ -135,6 +154,20 @@ mod tests {
         let text = format!("{err:#}");
         assert!(text.contains("/no/such/model"), "{text}");
         assert!(!text.contains("/other"), "{text}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_hub_id_gets_a_fetch_hint() {
+        let err = resolve(None, Some("TinyLlama/TinyLlama-1.1B-Chat-v1.0"))
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("model-prep fetch TinyLlama/TinyLlama-1.1B-Chat-v1.0 -o DIR"),
+            "{text}"
+        );
+        assert!(!looks_like_hub_id(Path::new("/abs/path")));
+        assert!(!looks_like_hub_id(Path::new("models")));
     }
 
     #[tokio::test(flavor = "current_thread")]
