@@ -37,11 +37,13 @@ What starts, in order:
   2. NATS: --nats or the config's `nats.url` if given; else a nats-server on a free port of
      127.0.0.1 (TANDEM_NATS_SERVER, else PATH, else /usr/sbin; Debian: `sudo apt-get install -y
      nats-server`).
-  3. Workers: `generation_servers.num_instances` `worker` processes (default 1), each on the
-     config's `device` for it (`cpu` or `cuda:N`), with the group's `max_batch_size`,
-     `max_num_tokens` and `kv_cache_config.max_tokens` / `block_size`. Until disaggregated
-     serving lands, each worker prefills and decodes its own requests (`--role both`), and
-     `context_servers` are not started (a warning says so). Without a config: one worker on
+  3. Workers: `context_servers.num_instances` context workers (`worker --role context`,
+     prefill, named context-0, ...) and `generation_servers.num_instances` decode workers
+     (`--role decode`, decode-0, ...), each on the config's `device` for it (`cpu` or
+     `cuda:N`), with the group's `max_batch_size`, `max_num_tokens`,
+     `kv_cache_config.max_tokens` / `block_size` and (context) `cache_transceiver_config`.
+     With `context_servers: { num_instances: 0 }`, the generation workers prefill and decode
+     their own requests (`--role both`, worker-0, ...). Without a config: one `both` worker on
      the CPU.
   4. The api-server on `hostname`:`port` (default 127.0.0.1:8000), with `router.policy` and
      `router.worker_timeout_ms`.
@@ -49,6 +51,7 @@ What starts, in order:
 
 Ready when GET /health answers 200 counting every worker: then one line on stdout,
   tandem: serving NAME at http://127.0.0.1:8000/v1 (1 worker)
+  tandem: serving NAME at http://127.0.0.1:8000/v1 (2 context + 1 decode workers)
 Children's output is re-emitted with a `[worker-0] `, `[api-server] ` prefix (nats-server's only
 when it warns or fails). A worker that exits later is reported and the api-server routes around
 it; if the api-server or the launcher's nats-server exits, everything stops with a non-zero
@@ -85,7 +88,8 @@ A config file:
   model: /models/smollm2
   served_model_name: smollm2
   port: 8000
-  generation_servers: { num_instances: 2, device: [\"cpu\", \"cpu\"], max_batch_size: 32 }
+  context_servers: { num_instances: 1, device: \"cuda:0\" }
+  generation_servers: { num_instances: 2, device: [\"cuda:1\", \"cuda:2\"], max_batch_size: 32 }
   router: { policy: least_loaded, worker_timeout_ms: 3000 }";
 
 /// `tandem serve`.

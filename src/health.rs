@@ -2,8 +2,8 @@
 //! request per connection, `Connection: close`), which is all a local probe needs.
 //!
 //! The api-server answers 200 once at least one live worker takes generation jobs, with the
-//! live counts in the body (`{"workers": {"accepting_generate": N, ...}}`); the launcher waits
-//! until every worker it started is counted.
+//! live counts in the body (`{"workers": {"context": N, "accepting_generate": M, ...}}`); the
+//! launcher waits until every worker it started is counted.
 
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ pub enum Probe {
     /// An HTTP answer.
     Answered {
         status: u16,
+        /// Live context workers, when the body says.
+        context: Option<u64>,
         /// Live workers taking generation jobs, when the body says.
         accepting_generate: Option<u64>,
         body: String,
@@ -25,14 +27,19 @@ pub enum Probe {
 }
 
 impl Probe {
-    /// Ready when healthy and counting at least `workers` generation workers.
-    pub fn ready(&self, workers: usize) -> bool {
+    /// Ready when healthy and counting at least `context` context workers and `generation`
+    /// workers taking generation jobs.
+    pub fn ready(&self, context: usize, generation: usize) -> bool {
         match self {
             Probe::Answered {
                 status: 200,
+                context: live_context,
                 accepting_generate,
                 ..
-            } => accepting_generate.is_some_and(|n| n >= workers as u64),
+            } => {
+                accepting_generate.is_some_and(|n| n >= generation as u64)
+                    && (context == 0 || live_context.is_some_and(|n| n >= context as u64))
+            }
             _ => false,
         }
     }
@@ -44,12 +51,12 @@ pub async fn probe(host: &str, port: u16, timeout: Duration) -> Probe {
         Err(_) => Probe::Unreachable(format!("no answer within {timeout:?}")),
         Ok(Err(e)) => Probe::Unreachable(e.to_string()),
         Ok(Ok((status, body))) => {
-            let accepting_generate = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["workers"]["accepting_generate"].as_u64());
+            let json = serde_json::from_str::<serde_json::Value>(&body).ok();
+            let count = |key: &str| json.as_ref().and_then(|v| v["workers"][key].as_u64());
             Probe::Answered {
                 status,
-                accepting_generate,
+                context: count("context"),
+                accepting_generate: count("accepting_generate"),
                 body,
             }
         }
@@ -127,16 +134,20 @@ mod tests {
 
     #[test]
     fn ready_needs_every_worker() {
-        let answer = |status, n| Probe::Answered {
+        let answer = |status, context, generate| Probe::Answered {
             status,
-            accepting_generate: n,
+            context,
+            accepting_generate: generate,
             body: String::new(),
         };
-        assert!(answer(200, Some(2)).ready(2));
-        assert!(!answer(200, Some(1)).ready(2));
-        assert!(!answer(503, Some(0)).ready(1));
-        assert!(!answer(200, None).ready(1));
-        assert!(!Probe::Unreachable("refused".into()).ready(0));
+        assert!(answer(200, Some(0), Some(2)).ready(0, 2));
+        assert!(!answer(200, Some(0), Some(1)).ready(0, 2));
+        assert!(!answer(503, Some(0), Some(0)).ready(0, 1));
+        assert!(!answer(200, None, None).ready(0, 1));
+        assert!(answer(200, Some(2), Some(1)).ready(2, 1));
+        assert!(!answer(200, Some(1), Some(1)).ready(2, 1));
+        assert!(!answer(200, None, Some(1)).ready(2, 1));
+        assert!(!Probe::Unreachable("refused".into()).ready(0, 0));
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -148,7 +159,7 @@ mod tests {
             let mut request = [0u8; 1024];
             let n = socket.read(&mut request).await.unwrap();
             assert!(request[..n].starts_with(b"GET /health HTTP/1.1\r\n"));
-            let body = r#"{"status":"ok","workers":{"accepting_generate":3}}"#;
+            let body = r#"{"status":"ok","workers":{"context":1,"accepting_generate":3}}"#;
             let response = format!(
                 "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
                 body.len()
@@ -157,7 +168,8 @@ mod tests {
         });
         let probe = probe("127.0.0.1", port, Duration::from_secs(5)).await;
         server.await.unwrap();
-        assert!(probe.ready(3), "{probe:?}");
-        assert!(!probe.ready(4));
+        assert!(probe.ready(1, 3), "{probe:?}");
+        assert!(!probe.ready(1, 4));
+        assert!(!probe.ready(2, 3));
     }
 }

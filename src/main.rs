@@ -112,10 +112,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )
     })?;
     tracing::info!(
-        "starting {} as `{}` with {} worker(s)",
+        "starting {} as `{}` with {}",
         plan.model.display(),
         plan.served_name,
-        plan.workers.len()
+        plan.describe_workers()
     );
     let timing = Timing {
         ready_timeout: Duration::from_secs(args.ready_timeout_s),

@@ -2,8 +2,9 @@
 //! exact processes and arguments (`worker` per instance, one `api-server`) before anything
 //! runs. Pure, so the mapping from config keys to processes is tested without processes.
 //!
-//! The worker roles come from [`group_role`], the one place that knows which groups can run
-//! today (aggregated `both` workers only, until context/decode workers exist).
+//! The worker roles come from [`group_role`], the one place that maps config groups to
+//! `worker --role` values (context → `context`; generation → `decode`, or `both` when there
+//! are no context workers).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -26,14 +27,19 @@ pub enum Group {
 pub enum Role {
     Both,
     Context,
-    #[expect(
-        dead_code,
-        reason = "started once `group_role` maps generation_servers to it"
-    )]
     Decode,
 }
 
 impl Role {
+    /// The launcher-side name of instance `i` (`worker-0` for aggregated workers).
+    fn instance_name(self, i: usize) -> String {
+        match self {
+            Role::Both => format!("worker-{i}"),
+            Role::Context => format!("context-{i}"),
+            Role::Decode => format!("decode-{i}"),
+        }
+    }
+
     pub fn flag(self) -> &'static str {
         match self {
             Role::Both => "both",
@@ -43,16 +49,16 @@ impl Role {
     }
 }
 
-/// The role the workers of `group` run, or `None` when the group is not started.
+/// The role the workers of `group` run.
 ///
-/// Workers cannot yet hand a prefilled KV cache to another worker, so every generation worker
-/// prefills its own requests (`both`) and context workers are not started. When disaggregation
-/// lands this becomes: context → `Context`; generation → `Decode`, or `Both` when there are no
-/// context workers.
-pub fn group_role(group: Group, _context_instances: usize) -> Option<Role> {
+/// Context workers prefill and hand the KV cache over; generation workers then decode
+/// (`decode` workers also prefill locally when no context worker takes a job, or a pull
+/// fails). With no context workers, generation workers do both in one process.
+pub fn group_role(group: Group, context_instances: usize) -> Role {
     match group {
-        Group::Context => None,
-        Group::Generation => Some(Role::Both),
+        Group::Context => Role::Context,
+        Group::Generation if context_instances == 0 => Role::Both,
+        Group::Generation => Role::Decode,
     }
 }
 
@@ -135,14 +141,7 @@ pub fn plan(
         if instances == 0 {
             continue;
         }
-        let Some(role) = group_role(group, context_instances) else {
-            warnings.push(format!(
-                "{key}: {instances} context worker(s) configured, but context (prefill-only) \
-                 workers are not supported yet; starting none. Generation workers prefill \
-                 their own requests (role `both`)"
-            ));
-            continue;
-        };
+        let role = group_role(group, context_instances);
         if group_config
             .kv_cache_config
             .free_gpu_memory_fraction
@@ -155,7 +154,7 @@ pub fn plan(
         }
         for i in 0..instances {
             workers.push(WorkerSpec {
-                name: format!("worker-{}", workers.len()),
+                name: role.instance_name(i),
                 role,
                 device: group_config.device_of(i).to_string(),
                 extra_args: group_args(role, group_config, config.transceiver_for(group_config)),
@@ -278,6 +277,30 @@ impl Plan {
         args
     }
 
+    /// Workers to wait for: (context, generation) — generation being `both` or `decode`.
+    pub fn expected_workers(&self) -> (usize, usize) {
+        let context = self
+            .workers
+            .iter()
+            .filter(|w| w.role == Role::Context)
+            .count();
+        (context, self.workers.len() - context)
+    }
+
+    /// `1 worker`, `2 workers`, `2 context + 1 decode workers`.
+    pub fn describe_workers(&self) -> String {
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        match self.expected_workers() {
+            (0, n) => format!("{n} worker{}", plural(n)),
+            (context, decode) => {
+                format!(
+                    "{context} context + {decode} decode worker{}",
+                    plural(context + decode)
+                )
+            }
+        }
+    }
+
     /// Where a client on this host reaches the api-server (a wildcard bind address is
     /// reached through loopback).
     pub fn client_host(&self) -> &str {
@@ -356,22 +379,34 @@ mod tests {
     }
 
     #[test]
-    fn context_servers_are_warned_about_and_not_started() {
+    fn context_servers_make_the_generation_workers_decode() {
         let config = DeploymentConfig::parse(
-            "context_servers: { num_instances: 2 }\ngeneration_servers: { num_instances: 1 }",
+            "context_servers: { num_instances: 2, device: cuda:0 }\ngeneration_servers: { num_instances: 1 }",
             "c.yaml",
         )
         .unwrap();
         let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 4);
-        assert_eq!(plan.workers.len(), 1);
-        assert_eq!(plan.workers[0].role, Role::Both);
-        assert!(
-            plan.warnings
-                .iter()
-                .any(|w| w.contains("context") && w.contains("not supported yet")),
-            "{:?}",
-            plan.warnings
+        let workers: Vec<(&str, Role, &str)> = plan
+            .workers
+            .iter()
+            .map(|w| (w.name.as_str(), w.role, w.device.as_str()))
+            .collect();
+        assert_eq!(
+            workers,
+            [
+                ("context-0", Role::Context, "cuda:0"),
+                ("context-1", Role::Context, "cuda:0"),
+                ("decode-0", Role::Decode, "cpu"),
+            ]
         );
+        assert_eq!(plan.expected_workers(), (2, 1));
+        assert!(args_of(&plan, 0).join(" ").starts_with("--role context"));
+        assert!(args_of(&plan, 2).join(" ").starts_with("--role decode"));
+        // The empty config is TensorRT-LLM's default: one context and one decode worker.
+        let config = DeploymentConfig::parse("{}", "c.yaml").unwrap();
+        let plan = super::plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 4);
+        let roles: Vec<Role> = plan.workers.iter().map(|w| w.role).collect();
+        assert_eq!(roles, [Role::Context, Role::Decode]);
     }
 
     #[test]

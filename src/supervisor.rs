@@ -22,7 +22,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::child::{Child, Echo, describe};
 use crate::health::{self, Probe};
 use crate::nats;
-use crate::plan::Plan;
+use crate::plan::{Plan, Role};
 
 /// The programs to start.
 #[derive(Debug, Clone)]
@@ -71,6 +71,8 @@ impl Signals {
 
 struct Worker {
     child: Child,
+    /// Takes generation jobs (`both` or `decode`), as opposed to prefill only.
+    generates: bool,
     /// Its exit has been logged.
     reported: bool,
 }
@@ -81,7 +83,7 @@ struct Deployment {
     nats: Option<Child>,
     workers: Vec<Worker>,
     api_server: Option<Child>,
-    /// "No worker left" has been logged.
+    /// "No generation worker left" has been logged.
     no_worker_warned: bool,
 }
 
@@ -137,6 +139,7 @@ async fn start_and_supervise(
         );
         deployment.workers.push(Worker {
             child,
+            generates: spec.role != Role::Context,
             reported: false,
         });
     }
@@ -154,7 +157,7 @@ async fn start_and_supervise(
     );
     deployment.api_server = Some(api_server);
 
-    let expected = plan.workers.len();
+    let (context, generation) = plan.expected_workers();
     let deadline = Instant::now() + timing.ready_timeout;
     loop {
         tokio::select! {
@@ -171,7 +174,7 @@ async fn start_and_supervise(
             );
         }
         let probe = health::probe(plan.client_host(), plan.port, Duration::from_secs(2)).await;
-        if probe.ready(expected) {
+        if probe.ready(context, generation) {
             break;
         }
         if Instant::now() >= deadline {
@@ -180,21 +183,22 @@ async fn start_and_supervise(
                 Probe::Answered { status, body, .. } => format!("/health said {status}: {body}"),
             };
             bail!(
-                "the deployment was not ready within {} s ({expected} worker(s) expected; {seen}); \
-                 stopping it (raise --ready-timeout-s for a slow model load)",
-                timing.ready_timeout.as_secs()
+                "the deployment was not ready within {} s ({} expected; {seen}); stopping it \
+                 (raise --ready-timeout-s for a slow model load)",
+                timing.ready_timeout.as_secs(),
+                plan.describe_workers()
             );
         }
     }
     {
         use std::io::Write as _;
-        let plural = if expected == 1 { "" } else { "s" };
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(
             stdout,
-            "tandem: serving {} at {} ({expected} worker{plural})",
+            "tandem: serving {} at {} ({})",
             plan.served_name,
-            plan.base_url()
+            plan.base_url(),
+            plan.describe_workers()
         );
         let _ = stdout.flush();
     }
@@ -214,17 +218,22 @@ async fn start_and_supervise(
                 worker.child.flush_output().await;
                 worker.reported = true;
                 tracing::error!(
-                    "{} exited ({}); the api-server routes requests to the other workers",
+                    "{} exited ({}); the api-server routes requests around it",
                     worker.child.name,
                     describe(status)
                 );
             }
         }
-        if !deployment.no_worker_warned && deployment.workers.iter().all(|w| w.reported) {
+        if !deployment.no_worker_warned
+            && deployment
+                .workers
+                .iter()
+                .all(|w| w.reported || !w.generates)
+        {
             deployment.no_worker_warned = true;
             tracing::warn!(
-                "no worker of this launcher is left; requests fail with 503 until a worker \
-                 joins over NATS at {nats_url}"
+                "no generation worker of this launcher is left; requests fail with 503 until \
+                 one joins over NATS at {nats_url}"
             );
         }
         if let Some(api_server) = &mut deployment.api_server

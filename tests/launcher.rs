@@ -365,6 +365,55 @@ fn serves_and_leaves_no_process_behind_on_sigterm() {
     assert_all_gone(&children, Duration::from_secs(5));
 }
 
+/// An empty config is TensorRT-LLM's default deployment: one context and one decode worker,
+/// both counted before the launcher says it serves.
+#[test]
+fn an_empty_config_starts_one_context_and_one_decode_worker() {
+    let port = free_port();
+    let config = write_config("disagg", "{}\n");
+    let mut command = tandem();
+    command
+        .args(["serve", "--port", &port.to_string(), "--model"])
+        .arg(model_dir("tiny"))
+        .arg("-c")
+        .arg(&config);
+    let mut launcher = Proc::spawn("tandem", command);
+    launcher.wait_for_line(READY_LINE, READY);
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(
+        launcher.output().contains(&format!(
+            "{READY_LINE} tiny at {base}/v1 (1 context + 1 decode workers)"
+        )),
+        "{}",
+        launcher.output()
+    );
+    let http = Http::new(&base);
+    let health = http.get("/health").json();
+    assert_eq!(health["workers"]["context"], 1, "{health}");
+    assert_eq!(health["workers"]["decode"], 1, "{health}");
+    let children = children_of(launcher.pid());
+    assert_eq!(
+        children.len(),
+        4,
+        "nats, 2 workers, api-server: {children:?}"
+    );
+    for (name, role) in [("context-0", "context"), ("decode-0", "decode")] {
+        let pid = pid_of(&launcher, name);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(cmdline.contains(&format!("--role {role} ")), "{cmdline}");
+    }
+    let reply = http.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    launcher.signal(libc::SIGTERM);
+    let status = launcher.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status}:\n{}", launcher.output());
+    assert_all_gone(&children, Duration::from_secs(5));
+}
+
 /// SIGTERM while a stream is in flight: the worker drains it and the api-server streams it
 /// out to the end (NATS stays up until both have stopped), then the launcher exits 0.
 #[test]
@@ -523,7 +572,7 @@ fn not_ready_in_time_stops_everything() {
     let out = output_with(&launcher, ERROR_LINE);
     assert!(!status.success(), "{out}");
     assert!(
-        out.contains("the deployment was not ready within 2 s (1 worker(s) expected;"),
+        out.contains("the deployment was not ready within 2 s (1 worker expected;"),
         "{out}"
     );
     let pids: Vec<u32> = ["worker-0", "api-server"]
