@@ -108,7 +108,7 @@ fn concurrent_request(i: usize) -> Value {
         "stream": true,
         "logprobs": true,
     });
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         request["temperature"] = json!(0);
     } else {
         request["temperature"] = json!(0.9);
