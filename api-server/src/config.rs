@@ -43,6 +43,11 @@ pub struct ServerConfig {
     pub worker_timeout_ms: u64,
     #[arg(long, env = "TANDEM_ROUTER_POLICY", value_enum, default_value_t = PolicyArg::LeastLoaded)]
     pub router_policy: PolicyArg,
+    /// Prompts with fewer tokens are prefilled by the generation worker itself, with no KV
+    /// transfer; longer ones go to a context worker when one is live. 0 (the default)
+    /// disaggregates every request it can. The config's `router.max_local_prefill_length`.
+    #[arg(long, env = "TANDEM_MAX_LOCAL_PREFILL_LENGTH", default_value_t = 0)]
+    pub max_local_prefill_length: usize,
     /// HTTP worker threads (actix); 0 = one per core.
     #[arg(long, env = "TANDEM_HTTP_WORKERS", default_value_t = 0)]
     pub http_workers: usize,
@@ -88,11 +93,21 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(config.port, 8000);
+        assert_eq!(config.max_local_prefill_length, 0);
         assert_eq!(config.served_name(), "smollm2");
         assert_eq!(
             RouterPolicy::from(config.router_policy),
             RouterPolicy::RoundRobin
         );
         assert!(ServerConfig::try_parse_from(["api-server"]).is_err());
+        let config = ServerConfig::try_parse_from([
+            "api-server",
+            "--model",
+            "m",
+            "--max-local-prefill-length",
+            "64",
+        ])
+        .unwrap();
+        assert_eq!(config.max_local_prefill_length, 64);
     }
 }

@@ -7,9 +7,11 @@
 //! with default features off it has no protobuf dependency.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::router::FallbackReason;
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -25,6 +27,20 @@ pub struct Metrics {
     pub worker_free_kv_blocks: IntGaugeVec,
     pub worker_total_kv_blocks: IntGaugeVec,
     pub live_workers: IntGaugeVec,
+    /// KV cache bytes decode workers pulled from context workers (`kv_pulled.bytes`).
+    pub kv_transfer_bytes: IntCounter,
+    /// Duration of each successful pull (`kv_pulled.micros`).
+    pub kv_transfer_seconds: Histogram,
+    /// `reason`: [`FallbackReason::label`].
+    pub kv_transfer_fallbacks: IntCounterVec,
+    /// Requests whose prefill ran on a context worker.
+    pub requests_disaggregated: IntCounter,
+    /// Per context worker (`worker_id`), from heartbeats' `kv_transfer`.
+    pub kv_pinned_blocks: IntGaugeVec,
+    pub kv_pinned_tokens: IntGaugeVec,
+    /// Cumulative counts mirrored from heartbeats (see `router::mirror_counter`).
+    pub kv_expirations: IntCounterVec,
+    pub kv_releases: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -99,6 +115,56 @@ impl Metrics {
             &["role"],
         )
         .expect("metric options are static and valid");
+        let kv_transfer_bytes = IntCounter::new(
+            "tandem_kv_transfer_bytes_total",
+            "KV cache bytes decode workers pulled from context workers",
+        )
+        .expect("metric options are static and valid");
+        let kv_transfer_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "tandem_kv_transfer_seconds",
+                "Time a decode worker took to pull one request's KV cache",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("metric options are static and valid");
+        let kv_transfer_fallbacks = IntCounterVec::new(
+            Opts::new(
+                "tandem_kv_transfer_fallbacks_total",
+                "Requests meant for disaggregation that a generation worker prefilled itself, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("metric options are static and valid");
+        let requests_disaggregated = IntCounter::new(
+            "tandem_requests_disaggregated_total",
+            "Requests whose prompt a context worker prefilled",
+        )
+        .expect("metric options are static and valid");
+        let context_gauge = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["worker_id"])
+                .expect("metric options are static and valid")
+        };
+        let kv_pinned_blocks = context_gauge(
+            "tandem_kv_pinned_blocks",
+            "KV blocks a context worker holds for decode workers (last heartbeat)",
+        );
+        let kv_pinned_tokens = context_gauge(
+            "tandem_kv_pinned_tokens",
+            "Prompt tokens whose KV cache a context worker holds for decode workers (last heartbeat)",
+        );
+        let context_counter = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["worker_id"])
+                .expect("metric options are static and valid")
+        };
+        let kv_expirations = context_counter(
+            "tandem_kv_expirations_total",
+            "KV exports a context worker freed because no release came in time (since its start)",
+        );
+        let kv_releases = context_counter(
+            "tandem_kv_releases_total",
+            "KV exports decode workers released on a context worker (since its start)",
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -111,6 +177,14 @@ impl Metrics {
             worker_free_kv_blocks,
             worker_total_kv_blocks,
             live_workers,
+            kv_transfer_bytes,
+            kv_transfer_seconds,
+            kv_transfer_fallbacks,
+            requests_disaggregated,
+            kv_pinned_blocks,
+            kv_pinned_tokens,
+            kv_expirations,
+            kv_releases,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
@@ -123,6 +197,14 @@ impl Metrics {
             Box::new(metrics.worker_free_kv_blocks.clone()),
             Box::new(metrics.worker_total_kv_blocks.clone()),
             Box::new(metrics.live_workers.clone()),
+            Box::new(metrics.kv_transfer_bytes.clone()),
+            Box::new(metrics.kv_transfer_seconds.clone()),
+            Box::new(metrics.kv_transfer_fallbacks.clone()),
+            Box::new(metrics.requests_disaggregated.clone()),
+            Box::new(metrics.kv_pinned_blocks.clone()),
+            Box::new(metrics.kv_pinned_tokens.clone()),
+            Box::new(metrics.kv_expirations.clone()),
+            Box::new(metrics.kv_releases.clone()),
         ];
         for collector in collectors {
             metrics
@@ -138,6 +220,11 @@ impl Metrics {
         }
         for role in ["context", "decode", "both"] {
             metrics.live_workers.with_label_values(&[role]).set(0);
+        }
+        for reason in FallbackReason::ALL {
+            metrics
+                .kv_transfer_fallbacks
+                .with_label_values(&[reason.label()]);
         }
         metrics
     }
@@ -179,6 +266,10 @@ mod tests {
             "tandem_time_to_first_token_seconds_bucket",
             "tandem_prompt_tokens_total 0",
             "tandem_live_workers{role=\"both\"} 0",
+            "tandem_kv_transfer_bytes_total 0",
+            "tandem_kv_transfer_seconds_count 0",
+            "tandem_kv_transfer_fallbacks_total{reason=\"context_timeout\"} 0",
+            "tandem_requests_disaggregated_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -1,9 +1,16 @@
-//! The worker registry and the choice of a worker for each request.
+//! The worker registry and the choice of workers for each request.
 //!
 //! Workers are discovered from their heartbeats (`tandem.{model}.heartbeat.{role}.{id}`), never
 //! from a static list: a worker is live while its last heartbeat is younger than
 //! `worker_timeout_ms`, and dropped after that. A job is published to the chosen worker's
 //! direct subject, so the api-server knows who has it (for the `Accepted` timeout and metrics).
+//!
+//! Each request gets a [`Route`]: a generation worker (`decode` or `both`) always, and a context
+//! worker for its prefill when disaggregation pays off ([`WorkerRegistry::route`]): at least
+//! one live context worker and a prompt of at least `max_local_prefill_length` tokens. Both
+//! pools are chosen with the same policy, each with its own round-robin cursor (one shared
+//! cursor would advance twice per disaggregated request, and with two context workers always
+//! land on the same one).
 //!
 //! The registry is a map behind a `std::sync::Mutex`: every critical section is a few map
 //! operations over at most a few dozen workers and never spans an `.await`, which is cheaper
@@ -17,10 +24,31 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use prometheus::IntCounterVec;
 use tandem_protocol::config::RouterPolicy;
 use tandem_protocol::messages::{Heartbeat, WorkerRole};
 
 use crate::metrics::Metrics;
+
+/// How the registry routes.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterSettings {
+    pub policy: RouterPolicy,
+    /// A worker whose last heartbeat is older than this is gone.
+    pub worker_timeout: Duration,
+    /// Prompts with fewer tokens are prefilled by the generation worker itself (no transfer);
+    /// 0 disaggregates every request a context worker can take.
+    pub max_local_prefill_length: usize,
+}
+
+/// The two kinds of jobs a worker can be chosen for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pool {
+    /// Generation jobs (`generate` subjects): `decode` and `both` workers.
+    Generate = 0,
+    /// Prefill jobs (`prefill` subjects): `context` workers.
+    Context = 1,
+}
 
 struct WorkerEntry {
     heartbeat: Heartbeat,
@@ -35,18 +63,21 @@ impl WorkerEntry {
             + self.assigned_since_heartbeat as u64
     }
 
-    /// Takes generation jobs (the `generate` subjects).
-    fn generates(&self) -> bool {
-        matches!(self.heartbeat.role, WorkerRole::Both | WorkerRole::Decode)
-            && !self.heartbeat.draining
+    /// Takes new jobs of `pool`.
+    fn takes(&self, pool: Pool) -> bool {
+        let role_fits = match pool {
+            Pool::Generate => matches!(self.heartbeat.role, WorkerRole::Both | WorkerRole::Decode),
+            Pool::Context => self.heartbeat.role == WorkerRole::Context,
+        };
+        role_fits && !self.heartbeat.draining
     }
 }
 
 #[derive(Default)]
 struct Inner {
     workers: HashMap<String, WorkerEntry>,
-    /// Round-robin position (also breaks least-loaded ties).
-    cursor: usize,
+    /// Round-robin position per [`Pool`] (also breaks least-loaded ties).
+    cursors: [usize; 2],
 }
 
 /// Live workers per role, for /health.
@@ -57,21 +88,98 @@ pub struct LiveCounts {
     pub both: u32,
     /// Live, not draining, and taking generation jobs.
     pub accepting_generate: u32,
+    /// Live, not draining context workers: requests are disaggregated while this is above 0.
+    pub accepting_prefill: u32,
+}
+
+/// Where a request's prompt is prefilled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prefill {
+    /// On this context worker, which then hands the KV cache to the generation worker.
+    Remote { context_id: String },
+    /// By the generation worker itself.
+    Local(LocalPrefill),
+}
+
+/// Why a request is prefilled by its generation worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalPrefill {
+    /// Shorter than `max_local_prefill_length`: a transfer would cost more than it saves.
+    ShortPrompt,
+    /// No live, non-draining context worker.
+    NoContextWorker,
+}
+
+/// The workers chosen for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The `decode` or `both` worker that generates the tokens.
+    pub generate_id: String,
+    pub generate_role: WorkerRole,
+    pub prefill: Prefill,
+}
+
+/// Why a request meant for a context worker was prefilled by a generation worker after all
+/// (the `reason` label of `tandem_kv_transfer_fallbacks_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackReason {
+    /// A decode worker but no live context worker (only counted where prefills are expected
+    /// elsewhere, see [`Route::counts_as_fallback`]).
+    NoContextWorker,
+    /// The context worker did not accept the prefill job within the accept timeout.
+    ContextTimeout,
+    /// The context worker's heartbeats stopped before it handed the KV cache over.
+    ContextGone,
+    /// The context worker answered with an error (or a failed end) before any token.
+    ContextError,
+    /// The decode worker could not pull the KV cache and prefilled itself (its `kv_pulled`
+    /// carried a fallback).
+    PullFailed,
+}
+
+impl FallbackReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            FallbackReason::NoContextWorker => "no_context_worker",
+            FallbackReason::ContextTimeout => "context_timeout",
+            FallbackReason::ContextGone => "context_gone",
+            FallbackReason::ContextError => "context_error",
+            FallbackReason::PullFailed => "pull_failed",
+        }
+    }
+
+    pub const ALL: [FallbackReason; 5] = [
+        FallbackReason::NoContextWorker,
+        FallbackReason::ContextTimeout,
+        FallbackReason::ContextGone,
+        FallbackReason::ContextError,
+        FallbackReason::PullFailed,
+    ];
+}
+
+impl Route {
+    /// A local prefill for want of a context worker is a fallback only when the generation
+    /// worker is a `decode` worker, i.e. in a deployment built for disaggregation; `both`
+    /// workers prefill locally by design, and counting every aggregated request as a
+    /// fallback would drown the real ones.
+    pub fn counts_as_fallback(&self) -> Option<FallbackReason> {
+        (self.prefill == Prefill::Local(LocalPrefill::NoContextWorker)
+            && self.generate_role == WorkerRole::Decode)
+            .then_some(FallbackReason::NoContextWorker)
+    }
 }
 
 pub struct WorkerRegistry {
     inner: Mutex<Inner>,
-    policy: RouterPolicy,
-    worker_timeout: Duration,
+    settings: RouterSettings,
     metrics: Metrics,
 }
 
 impl WorkerRegistry {
-    pub fn new(policy: RouterPolicy, worker_timeout: Duration, metrics: Metrics) -> Self {
+    pub fn new(settings: RouterSettings, metrics: Metrics) -> Self {
         WorkerRegistry {
             inner: Mutex::new(Inner::default()),
-            policy,
-            worker_timeout,
+            settings,
             metrics,
         }
     }
@@ -103,6 +211,19 @@ impl WorkerRegistry {
             .worker_total_kv_blocks
             .with_label_values(&labels)
             .set(heartbeat.total_kv_blocks as i64);
+        if let Some(stats) = heartbeat.kv_transfer {
+            let worker = [heartbeat.worker_id.as_str()];
+            self.metrics
+                .kv_pinned_blocks
+                .with_label_values(&worker)
+                .set(stats.pinned_blocks as i64);
+            self.metrics
+                .kv_pinned_tokens
+                .with_label_values(&worker)
+                .set(stats.pinned_tokens as i64);
+            mirror_counter(&self.metrics.kv_expirations, &worker, stats.expirations);
+            mirror_counter(&self.metrics.kv_releases, &worker, stats.releases);
+        }
         let mut inner = self.lock();
         if !inner.workers.contains_key(&heartbeat.worker_id) {
             tracing::info!(worker_id = %heartbeat.worker_id, role = heartbeat.role.as_str(),
@@ -122,7 +243,7 @@ impl WorkerRegistry {
     /// Drops workers whose heartbeat is older than the timeout; returns their ids.
     pub fn expire(&self, now: Instant) -> Vec<String> {
         let mut inner = self.lock();
-        let timeout = self.worker_timeout;
+        let timeout = self.settings.worker_timeout;
         let gone: Vec<String> = inner
             .workers
             .iter()
@@ -141,6 +262,16 @@ impl WorkerRegistry {
                 ] {
                     // Absent label sets are fine: the worker may never have reported them.
                     let _ = gauge.remove_label_values(&labels);
+                }
+                let worker = [id.as_str()];
+                for gauge in [
+                    &self.metrics.kv_pinned_blocks,
+                    &self.metrics.kv_pinned_tokens,
+                ] {
+                    let _ = gauge.remove_label_values(&worker);
+                }
+                for counter in [&self.metrics.kv_expirations, &self.metrics.kv_releases] {
+                    let _ = counter.remove_label_values(&worker);
                 }
             }
         }
@@ -166,15 +297,40 @@ impl WorkerRegistry {
             .set(counts.both as i64);
     }
 
+    /// Chooses the workers of a request whose prompt has `prompt_tokens` tokens and counts
+    /// the jobs against them; `None` when no live worker takes generation jobs.
+    pub fn route(&self, prompt_tokens: usize, now: Instant) -> Option<Route> {
+        let mut inner = self.lock();
+        let generate_id = self.pick_locked(&mut inner, Pool::Generate, now)?;
+        let generate_role = inner.workers[&generate_id].heartbeat.role;
+        let prefill = if prompt_tokens < self.settings.max_local_prefill_length {
+            Prefill::Local(LocalPrefill::ShortPrompt)
+        } else {
+            match self.pick_locked(&mut inner, Pool::Context, now) {
+                Some(context_id) => Prefill::Remote { context_id },
+                None => Prefill::Local(LocalPrefill::NoContextWorker),
+            }
+        };
+        Some(Route {
+            generate_id,
+            generate_role,
+            prefill,
+        })
+    }
+
     /// Chooses a live worker for a generation job and counts the job against it; `None` when
     /// no live worker takes generation jobs.
-    pub fn pick(&self, now: Instant) -> Option<String> {
+    pub fn pick_generate(&self, now: Instant) -> Option<String> {
         let mut inner = self.lock();
-        let timeout = self.worker_timeout;
+        self.pick_locked(&mut inner, Pool::Generate, now)
+    }
+
+    fn pick_locked(&self, inner: &mut Inner, pool: Pool, now: Instant) -> Option<String> {
+        let timeout = self.settings.worker_timeout;
         let mut candidates: Vec<&String> = inner
             .workers
             .iter()
-            .filter(|(_, w)| w.generates() && now.saturating_duration_since(w.last_seen) <= timeout)
+            .filter(|(_, w)| w.takes(pool) && now.saturating_duration_since(w.last_seen) <= timeout)
             .map(|(id, _)| id)
             .collect();
         if candidates.is_empty() {
@@ -182,16 +338,17 @@ impl WorkerRegistry {
         }
         // HashMap order is arbitrary; a stable order makes round-robin and ties fair.
         candidates.sort();
-        let start = inner.cursor % candidates.len();
+        let cursor = inner.cursors[pool as usize];
+        let start = cursor % candidates.len();
         let rotated = candidates[start..].iter().chain(&candidates[..start]);
-        let chosen = match self.policy {
+        let chosen = match self.settings.policy {
             RouterPolicy::RoundRobin => candidates[start].clone(),
             RouterPolicy::LeastLoaded => rotated
                 .min_by_key(|id| inner.workers[id.as_str()].load())
                 .map(|id| (*id).clone())
                 .expect("candidates is not empty"),
         };
-        inner.cursor = inner.cursor.wrapping_add(1);
+        inner.cursors[pool as usize] = cursor.wrapping_add(1);
         if let Some(entry) = inner.workers.get_mut(&chosen) {
             entry.assigned_since_heartbeat += 1;
         }
@@ -200,14 +357,26 @@ impl WorkerRegistry {
 
     /// Whether `worker_id` has a recent heartbeat (a request it holds can still finish).
     pub fn is_live(&self, worker_id: &str, now: Instant) -> bool {
-        self.lock()
-            .workers
-            .get(worker_id)
-            .is_some_and(|w| now.saturating_duration_since(w.last_seen) <= self.worker_timeout)
+        self.lock().workers.get(worker_id).is_some_and(|w| {
+            now.saturating_duration_since(w.last_seen) <= self.settings.worker_timeout
+        })
     }
 
     pub fn live_counts(&self) -> LiveCounts {
         counts_of(&self.lock())
+    }
+}
+
+/// Makes the counter at `labels` equal to `value`, a cumulative count a worker reports; a
+/// smaller value means the worker restarted under the same id, so the series starts over
+/// (which Prometheus' `rate` reads as a counter reset).
+fn mirror_counter(counter: &IntCounterVec, labels: &[&str], value: u64) {
+    let current = counter.with_label_values(labels).get();
+    if value >= current {
+        counter.with_label_values(labels).inc_by(value - current);
+    } else {
+        let _ = counter.remove_label_values(labels);
+        counter.with_label_values(labels).inc_by(value);
     }
 }
 
@@ -220,8 +389,11 @@ fn counts_of(inner: &Inner) -> LiveCounts {
             WorkerRole::Decode => counts.decode += 1,
             WorkerRole::Both => counts.both += 1,
         }
-        if worker.generates() {
+        if worker.takes(Pool::Generate) {
             counts.accepting_generate += 1;
+        }
+        if worker.takes(Pool::Context) {
+            counts.accepting_prefill += 1;
         }
     }
     counts
@@ -230,6 +402,7 @@ fn counts_of(inner: &Inner) -> LiveCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_protocol::messages::KvTransferStats;
 
     fn heartbeat(id: &str, role: WorkerRole, running: u32, queued: u32) -> Heartbeat {
         Heartbeat {
@@ -247,27 +420,49 @@ mod tests {
         }
     }
 
+    fn settings(policy: RouterPolicy, max_local_prefill_length: usize) -> RouterSettings {
+        RouterSettings {
+            policy,
+            worker_timeout: Duration::from_millis(1000),
+            max_local_prefill_length,
+        }
+    }
+
     fn registry(policy: RouterPolicy) -> WorkerRegistry {
-        WorkerRegistry::new(policy, Duration::from_millis(1000), Metrics::new())
+        WorkerRegistry::new(settings(policy, 0), Metrics::new())
+    }
+
+    fn context_of(route: &Route) -> Option<&str> {
+        match &route.prefill {
+            Prefill::Remote { context_id } => Some(context_id),
+            Prefill::Local(_) => None,
+        }
     }
 
     #[test]
     fn no_worker_no_pick_and_context_workers_do_not_generate() {
         let now = Instant::now();
         let registry = registry(RouterPolicy::LeastLoaded);
-        assert_eq!(registry.pick(now), None);
+        assert_eq!(registry.pick_generate(now), None);
         registry.observe(heartbeat("c", WorkerRole::Context, 0, 0), now);
-        assert_eq!(registry.pick(now), None);
+        assert_eq!(registry.pick_generate(now), None);
+        assert_eq!(
+            registry.route(10, now),
+            None,
+            "a context worker alone serves nothing"
+        );
         let mut draining = heartbeat("d", WorkerRole::Both, 0, 0);
         draining.draining = true;
         registry.observe(draining, now);
         assert_eq!(
-            registry.pick(now),
+            registry.pick_generate(now),
             None,
             "draining workers take nothing new"
         );
-        assert_eq!(registry.live_counts().both, 1);
-        assert_eq!(registry.live_counts().accepting_generate, 0);
+        let counts = registry.live_counts();
+        assert_eq!((counts.both, counts.context), (1, 1));
+        assert_eq!(counts.accepting_generate, 0);
+        assert_eq!(counts.accepting_prefill, 1);
     }
 
     #[test]
@@ -276,13 +471,15 @@ mod tests {
         let registry = registry(RouterPolicy::LeastLoaded);
         registry.observe(heartbeat("a", WorkerRole::Both, 3, 0), now);
         registry.observe(heartbeat("b", WorkerRole::Decode, 0, 0), now);
-        let picks: Vec<String> = (0..5).map(|_| registry.pick(now).unwrap()).collect();
+        let picks: Vec<String> = (0..5)
+            .map(|_| registry.pick_generate(now).unwrap())
+            .collect();
         // b gets three jobs to catch up with a's load, then they alternate.
         assert_eq!(picks.iter().filter(|p| *p == "b").count(), 4, "{picks:?}");
         assert_eq!(&picks[..3], ["b", "b", "b"]);
         // A fresh heartbeat replaces the local estimate.
         registry.observe(heartbeat("b", WorkerRole::Decode, 9, 0), now);
-        assert_eq!(registry.pick(now).unwrap(), "a");
+        assert_eq!(registry.pick_generate(now).unwrap(), "a");
     }
 
     #[test]
@@ -292,19 +489,134 @@ mod tests {
         for id in ["x", "y", "z"] {
             registry.observe(heartbeat(id, WorkerRole::Both, 0, 0), now);
         }
-        let picks: Vec<String> = (0..6).map(|_| registry.pick(now).unwrap()).collect();
+        let picks: Vec<String> = (0..6)
+            .map(|_| registry.pick_generate(now).unwrap())
+            .collect();
         assert_eq!(picks, ["x", "y", "z", "x", "y", "z"]);
+    }
+
+    #[test]
+    fn disaggregated_routes_pick_both_pools_each_in_turn() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::RoundRobin);
+        registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), now);
+        for id in ["ctx-a", "ctx-b"] {
+            registry.observe(heartbeat(id, WorkerRole::Context, 0, 0), now);
+        }
+        let routes: Vec<Route> = (0..4).map(|_| registry.route(5, now).unwrap()).collect();
+        let contexts: Vec<&str> = routes.iter().filter_map(context_of).collect();
+        assert_eq!(contexts, ["ctx-a", "ctx-b", "ctx-a", "ctx-b"]);
+        assert!(routes.iter().all(|r| r.generate_id == "dec"));
+        assert!(routes.iter().all(|r| r.counts_as_fallback().is_none()));
+    }
+
+    #[test]
+    fn least_loaded_context_workers_follow_their_load() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), now);
+        registry.observe(heartbeat("busy", WorkerRole::Context, 2, 1), now);
+        registry.observe(heartbeat("idle", WorkerRole::Context, 0, 0), now);
+        let contexts: Vec<String> = (0..4)
+            .map(|_| {
+                context_of(&registry.route(5, now).unwrap())
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        // idle catches up with busy's load of 3, then they alternate.
+        assert_eq!(&contexts[..3], ["idle", "idle", "idle"], "{contexts:?}");
+        let mut draining = heartbeat("idle", WorkerRole::Context, 0, 0);
+        draining.draining = true;
+        registry.observe(draining, now);
+        assert_eq!(context_of(&registry.route(5, now).unwrap()), Some("busy"));
+    }
+
+    #[test]
+    fn short_prompts_and_missing_context_workers_prefill_locally() {
+        let now = Instant::now();
+        let registry = WorkerRegistry::new(settings(RouterPolicy::LeastLoaded, 8), Metrics::new());
+        registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), now);
+        let route = registry.route(100, now).unwrap();
+        assert_eq!(route.prefill, Prefill::Local(LocalPrefill::NoContextWorker));
+        assert_eq!(
+            route.counts_as_fallback(),
+            Some(FallbackReason::NoContextWorker)
+        );
+        registry.observe(heartbeat("ctx", WorkerRole::Context, 0, 0), now);
+        let route = registry.route(7, now).unwrap();
+        assert_eq!(route.prefill, Prefill::Local(LocalPrefill::ShortPrompt));
+        assert_eq!(route.counts_as_fallback(), None);
+        assert_eq!(context_of(&registry.route(8, now).unwrap()), Some("ctx"));
+        // A stale context worker is not picked, even before expiry.
+        let later = now + Duration::from_millis(1500);
+        registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), later);
+        assert_eq!(
+            registry.route(100, later).unwrap().prefill,
+            Prefill::Local(LocalPrefill::NoContextWorker)
+        );
+    }
+
+    #[test]
+    fn aggregated_workers_prefilling_locally_is_no_fallback() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        registry.observe(heartbeat("agg", WorkerRole::Both, 0, 0), now);
+        let route = registry.route(100, now).unwrap();
+        assert_eq!(route.prefill, Prefill::Local(LocalPrefill::NoContextWorker));
+        assert_eq!(route.counts_as_fallback(), None);
+    }
+
+    #[test]
+    fn context_heartbeats_feed_the_transfer_metrics() {
+        let start = Instant::now();
+        let metrics = Metrics::new();
+        let registry = WorkerRegistry::new(settings(RouterPolicy::LeastLoaded, 0), metrics.clone());
+        let mut beat = heartbeat("ctx", WorkerRole::Context, 0, 0);
+        beat.kv_transfer = Some(KvTransferStats {
+            pinned_blocks: 3,
+            pinned_tokens: 40,
+            expirations: 2,
+            releases: 5,
+        });
+        registry.observe(beat.clone(), start);
+        beat.kv_transfer = Some(KvTransferStats {
+            pinned_blocks: 1,
+            pinned_tokens: 16,
+            expirations: 4,
+            releases: 9,
+        });
+        registry.observe(beat.clone(), start);
+        let text = metrics.render();
+        for line in [
+            "tandem_kv_pinned_blocks{worker_id=\"ctx\"} 1",
+            "tandem_kv_pinned_tokens{worker_id=\"ctx\"} 16",
+            "tandem_kv_expirations_total{worker_id=\"ctx\"} 4",
+            "tandem_kv_releases_total{worker_id=\"ctx\"} 9",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // The same id restarted: its counts start over.
+        beat.kv_transfer = Some(KvTransferStats {
+            expirations: 1,
+            ..KvTransferStats::default()
+        });
+        registry.observe(beat, start);
+        assert!(
+            metrics
+                .render()
+                .contains("tandem_kv_expirations_total{worker_id=\"ctx\"} 1")
+        );
+        registry.expire(start + Duration::from_millis(1500));
+        let text = metrics.render();
+        assert!(!text.contains("worker_id=\"ctx\""), "{text}");
     }
 
     #[test]
     fn silent_workers_expire() {
         let start = Instant::now();
         let metrics = Metrics::new();
-        let registry = WorkerRegistry::new(
-            RouterPolicy::LeastLoaded,
-            Duration::from_millis(1000),
-            metrics.clone(),
-        );
+        let registry = WorkerRegistry::new(settings(RouterPolicy::LeastLoaded, 0), metrics.clone());
         registry.observe(heartbeat("a", WorkerRole::Both, 0, 0), start);
         assert!(
             metrics
@@ -314,7 +626,7 @@ mod tests {
         let later = start + Duration::from_millis(1500);
         assert!(!registry.is_live("a", later));
         assert_eq!(
-            registry.pick(later),
+            registry.pick_generate(later),
             None,
             "a stale worker is not picked even before expiry"
         );

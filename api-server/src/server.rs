@@ -13,7 +13,7 @@ use tandem_protocol::subjects::Subjects;
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::prompt::PromptCodec;
-use crate::router::WorkerRegistry;
+use crate::router::{RouterSettings, WorkerRegistry};
 use crate::state::{AppState, unix_now_s};
 use crate::streaming::{Bus, Timeouts};
 use crate::validation::ModelLimits;
@@ -95,8 +95,11 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
     let metrics = Metrics::new();
     let worker_timeout = Duration::from_millis(config.worker_timeout_ms);
     let registry = Arc::new(WorkerRegistry::new(
-        config.router_policy.into(),
-        worker_timeout,
+        RouterSettings {
+            policy: config.router_policy.into(),
+            worker_timeout,
+            max_local_prefill_length: config.max_local_prefill_length,
+        },
         metrics.clone(),
     ));
     let heartbeats = client

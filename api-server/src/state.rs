@@ -24,6 +24,7 @@ impl AppState {
         Dispatch {
             bus: &self.bus,
             registry: &self.registry,
+            metrics: &self.metrics,
             timeouts: self.timeouts,
         }
     }

@@ -1,16 +1,27 @@
-//! One generation over the bus: dispatch, the token stream, timeouts, cancellation.
+//! One generation over the bus: dispatch, the token stream, timeouts, cancellation, and the
+//! hand-over of a disaggregated request from its context worker to its generation worker.
 //!
 //! [`Generation::start`] subscribes to the request's stream subject *before* publishing the job
 //! (a worker can answer at once, and NATS does not keep messages for late subscribers), sends
-//! the job to the chosen worker's direct subject and waits for `Accepted`; no live worker or no
-//! `Accepted` in time is an error before any byte of the response is written, so the client
-//! gets a proper 503. [`Generation::next`] then yields the worker's tokens, turning silence into
-//! timeout errors and a vanished worker into an error, never a hang.
+//! the first job to the chosen worker's direct subject and waits for `Accepted`; no live worker
+//! or no `Accepted` in time is an error before any byte of the response is written, so the
+//! client gets a proper 503. [`Generation::next`] then yields the worker's tokens, turning
+//! silence into timeout errors and a vanished worker into an error, never a hang.
+//!
+//! A disaggregated request ([`Prefill::Remote`]) starts in [`Phase::Prefill`]: the job goes to a
+//! context worker's `prefill` subject. Its `kv_ready` makes [`Generation::next`] send the same
+//! job with the KV handle to the generation worker ([`Phase::Generate`]); a context worker that
+//! answers the whole request itself (it ended at its first token) is streamed as any worker.
+//! A context worker that does not accept in time, stops heartbeating, or fails before any
+//! token is replaced once by a local prefill on the generation worker
+//! ([`Generation::fall_back`]); the client only notices the delay. docs/protocol.md has the
+//! rules.
 //!
 //! Cancellation travels with the stream: [`Generation`] owns a [`CancelGuard`] that publishes a
 //! `CancelRequest` when the generation is dropped before the worker finished — when the client
 //! disconnects (actix drops the response body stream or the handler future) or when a timeout
-//! ends the request here.
+//! ends the request here. The cancel goes to every worker, so it stops the request in either
+//! phase.
 //!
 //! Text is the worker's: `TokenEvent.text` is produced by the worker's incremental detokenizer
 //! after stop-string handling (docs/protocol.md, "Who detokenizes"), so the api-server only
@@ -23,14 +34,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::Client;
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    CancelRequest, FinishReason, GenerateJob, SamplingSpec, StopSpec, StreamMessage, TokenEvent,
-    Usage, decode, encode,
+    CancelRequest, FinishReason, GenerateJob, KvHandle, SamplingSpec, StopSpec, StreamMessage,
+    TokenEvent, Usage, decode, encode,
 };
 use tandem_protocol::subjects::Subjects;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::router::WorkerRegistry;
+use crate::router::{FallbackReason, Prefill, WorkerRegistry};
 
 /// How long each phase of a request may take.
 #[derive(Debug, Clone, Copy)]
@@ -205,6 +216,7 @@ pub enum GenEvent {
 pub struct Dispatch<'a> {
     pub bus: &'a Bus,
     pub registry: &'a Arc<WorkerRegistry>,
+    pub metrics: &'a Metrics,
     pub timeouts: Timeouts,
 }
 
@@ -215,16 +227,59 @@ pub struct JobSpec {
     pub stop: StopSpec,
 }
 
+/// Which worker has the request now, doing what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// A context worker prefills the prompt; `generate_id` is to take the decode job when the
+    /// KV cache is ready.
+    Prefill {
+        context_id: String,
+        generate_id: String,
+    },
+    /// A generation worker (`decode` or `both`) produces the tokens: after a hand-over, or
+    /// after prefilling the prompt itself.
+    Generate { worker_id: String },
+}
+
+impl Phase {
+    fn worker_id(&self) -> &str {
+        match self {
+            Phase::Prefill { context_id, .. } => context_id,
+            Phase::Generate { worker_id } => worker_id,
+        }
+    }
+
+    fn set_worker_id(&mut self, id: String) {
+        match self {
+            Phase::Prefill { context_id, .. } => *context_id = id,
+            Phase::Generate { worker_id } => *worker_id = id,
+        }
+    }
+}
+
+/// Suffix of the request id of a local-prefill retry (see [`Generation::fall_back`]).
+const LOCAL_RETRY_SUFFIX: &str = "-local";
+
 pub struct Generation {
+    /// The client's request id (the response's `id`).
     request_id: String,
-    worker_id: String,
+    /// The job in flight (a fallback changes its id and stream subject); a hand-over sends it
+    /// again with the KV handle.
+    job: GenerateJob,
+    phase: Phase,
     subscriber: async_nats::Subscriber,
     /// Messages read while waiting for `Accepted` that belong to the stream proper.
     pending: VecDeque<StreamMessage>,
     cancel: CancelGuard,
+    bus: Bus,
     registry: Arc<WorkerRegistry>,
+    metrics: Metrics,
     timeouts: Timeouts,
     deadline: Instant,
+    /// The first token is due by then: set when the first worker accepts, and not moved by
+    /// a hand-over (prefill, transfer and first token share the budget); a fallback to a
+    /// local prefill starts it again.
+    first_token_by: Instant,
     record: RequestRecord,
     first_token_seen: bool,
     done: bool,
@@ -235,8 +290,16 @@ fn unix_ms(at: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `instant` as unix milliseconds.
+fn unix_ms_at(instant: Instant) -> u64 {
+    unix_ms(SystemTime::now() + instant.saturating_duration_since(Instant::now()))
+}
+
 impl Generation {
-    /// Picks a worker, sends it the job and waits for `Accepted`.
+    /// Routes the request, sends its first job (a prefill job to a context worker, or the
+    /// whole job to a generation worker) and waits for `Accepted`. A context worker that does
+    /// not accept in time is replaced by a local prefill on the generation worker here, so
+    /// the client never sees it.
     pub async fn start(
         dispatch: Dispatch<'_>,
         request_id: String,
@@ -249,9 +312,21 @@ impl Generation {
             record.fail(&err);
             err
         };
-        let Some(worker_id) = dispatch.registry.pick(Instant::now()) else {
+        let Some(route) = dispatch
+            .registry
+            .route(job.prompt_ids.len(), Instant::now())
+        else {
             return Err(fail(ApiError::NoLiveWorker, record));
         };
+        if let Some(reason) = route.counts_as_fallback() {
+            tracing::warn!(%request_id, worker_id = %route.generate_id,
+                "no live context worker: the decode worker prefills the prompt itself");
+            dispatch
+                .metrics
+                .kv_transfer_fallbacks
+                .with_label_values(&[reason.label()])
+                .inc();
+        }
         let subjects = &dispatch.bus.subjects;
         let stream_subject = subjects.stream(&request_id);
         let subscriber = match dispatch.bus.client.subscribe(stream_subject.clone()).await {
@@ -264,45 +339,79 @@ impl Generation {
             }
         };
         let elapsed = record.arrival().elapsed();
-        // By then the client has had an error (no Accepted, or no first token).
-        let deadline_unix_ms = unix_ms(SystemTime::now() + timeouts.accept + timeouts.first_token);
         let message = GenerateJob {
             request_id: request_id.clone(),
             prompt_ids: job.prompt_ids,
             sampling: job.sampling,
             stop: job.stop,
             stream_subject,
-            deadline_unix_ms: Some(deadline_unix_ms),
+            // By then the client has had an error (no Accepted, or no first token).
+            deadline_unix_ms: Some(unix_ms(
+                SystemTime::now() + timeouts.accept + timeouts.first_token,
+            )),
             kv: None,
+        };
+        let (phase, subject) = match route.prefill {
+            Prefill::Remote { context_id } => (
+                Phase::Prefill {
+                    generate_id: route.generate_id,
+                    context_id: context_id.clone(),
+                },
+                subjects.prefill_direct(&context_id),
+            ),
+            Prefill::Local(_) => (
+                Phase::Generate {
+                    worker_id: route.generate_id.clone(),
+                },
+                subjects.generate_direct(&route.generate_id),
+            ),
         };
         let mut cancel = CancelGuard::new(dispatch.bus.clone(), request_id.clone());
         if let Err(err) = dispatch
             .bus
             .client
-            .publish(
-                subjects.generate_direct(&worker_id),
-                encode(&message).into(),
-            )
+            .publish(subject, encode(&message).into())
             .await
         {
             cancel.disarm();
             return Err(fail(ApiError::bus("publishing the job", err), record));
         }
-        tracing::debug!(%request_id, %worker_id, "job published");
+        tracing::debug!(%request_id, ?phase, "job published");
+        let now = Instant::now();
         let mut generation = Generation {
             request_id,
-            worker_id,
+            job: message,
+            phase,
             subscriber,
             pending: VecDeque::new(),
             cancel,
+            bus: dispatch.bus.clone(),
             registry: Arc::clone(dispatch.registry),
+            metrics: dispatch.metrics.clone(),
             timeouts,
-            deadline: Instant::now() + timeouts.request.saturating_sub(elapsed),
+            deadline: now + timeouts.request.saturating_sub(elapsed),
+            first_token_by: now + timeouts.accept + timeouts.first_token,
             record,
             first_token_seen: false,
             done: false,
         };
-        match generation.await_accepted().await {
+        let accepted = match generation.await_accepted().await {
+            Err(ApiError::NotAccepted { worker_id, .. })
+                if matches!(generation.phase, Phase::Prefill { .. }) =>
+            {
+                let detail = format!(
+                    "context worker {worker_id} did not accept within {} ms",
+                    timeouts.accept.as_millis()
+                );
+                generation
+                    .fall_back(FallbackReason::ContextTimeout, &detail)
+                    .await
+            }
+            other => {
+                other.map(|()| generation.first_token_by = Instant::now() + timeouts.first_token)
+            }
+        };
+        match accepted {
             Ok(()) => Ok(generation),
             Err(err) => {
                 // Dropping `generation` counts the failure and publishes a cancel, in case the
@@ -313,10 +422,12 @@ impl Generation {
         }
     }
 
+    /// The client's request id.
     pub fn request_id(&self) -> &str {
         &self.request_id
     }
 
+    /// Waits for the current phase's worker to accept the job just published.
     async fn await_accepted(&mut self) -> Result<(), ApiError> {
         let accept_by = Instant::now() + self.timeouts.accept;
         loop {
@@ -324,7 +435,7 @@ impl Generation {
             let message = match tokio::time::timeout(remaining, self.subscriber.next()).await {
                 Err(_) => {
                     return Err(ApiError::NotAccepted {
-                        worker_id: self.worker_id.clone(),
+                        worker_id: self.phase.worker_id().to_owned(),
                         timeout_ms: self.timeouts.accept.as_millis() as u64,
                     });
                 }
@@ -335,10 +446,10 @@ impl Generation {
             };
             match decode::<StreamMessage>("stream message", &message.payload) {
                 Ok(StreamMessage::Accepted { worker_id }) => {
-                    if worker_id != self.worker_id {
-                        tracing::warn!(request_id = %self.request_id, expected = %self.worker_id,
+                    if worker_id != self.phase.worker_id() {
+                        tracing::warn!(request_id = %self.request_id, expected = %self.phase.worker_id(),
                             %worker_id, "job accepted by another worker than the one it was sent to");
-                        self.worker_id = worker_id;
+                        self.phase.set_worker_id(worker_id);
                     }
                     return Ok(());
                 }
@@ -351,6 +462,134 @@ impl Generation {
                 Err(err) => {
                     tracing::warn!(request_id = %self.request_id, %err, "ignoring undecodable stream message")
                 }
+            }
+        }
+    }
+
+    /// Gives up on the context worker and has the generation worker prefill the prompt
+    /// itself. At most once per request: afterwards the phase is [`Phase::Generate`].
+    ///
+    /// The retry runs under a new request id (`{id}-local`) and stream subject, and the
+    /// context worker's job is cancelled under the old one: the cancel goes to every worker,
+    /// so under one id it could stop the retry too, and a context worker that was only late
+    /// could otherwise still put its `kv_ready` or tokens on the stream being read.
+    async fn fall_back(&mut self, reason: FallbackReason, detail: &str) -> Result<(), ApiError> {
+        let Phase::Prefill {
+            context_id,
+            generate_id,
+        } = self.phase.clone()
+        else {
+            return Err(ApiError::Internal(format!(
+                "fallback ({}) requested for {} outside its prefill phase",
+                reason.label(),
+                self.request_id
+            )));
+        };
+        tracing::warn!(request_id = %self.request_id, %context_id, reason = reason.label(),
+            "context worker failed ({detail}): the generation worker prefills the prompt itself");
+        self.metrics
+            .kv_transfer_fallbacks
+            .with_label_values(&[reason.label()])
+            .inc();
+        self.cancel.fire();
+        let job_id = format!("{}{LOCAL_RETRY_SUFFIX}", self.request_id);
+        let subjects = &self.bus.subjects;
+        let stream_subject = subjects.stream(&job_id);
+        self.subscriber = self
+            .bus
+            .client
+            .subscribe(stream_subject.clone())
+            .await
+            .map_err(|err| ApiError::bus("subscribing to the token stream", err))?;
+        self.pending.clear();
+        self.cancel = CancelGuard::new(self.bus.clone(), job_id.clone());
+        let worker_id = self.live_generate_worker(generate_id)?;
+        let job = GenerateJob {
+            request_id: job_id,
+            stream_subject,
+            deadline_unix_ms: Some(unix_ms(
+                SystemTime::now() + self.timeouts.accept + self.timeouts.first_token,
+            )),
+            kv: None,
+            ..self.job.clone()
+        };
+        self.bus
+            .client
+            .publish(subjects.generate_direct(&worker_id), encode(&job).into())
+            .await
+            .map_err(|err| ApiError::bus("publishing the job", err))?;
+        self.job = job;
+        self.phase = Phase::Generate { worker_id };
+        self.await_accepted().await?;
+        self.first_token_by = Instant::now() + self.timeouts.first_token;
+        Ok(())
+    }
+
+    /// Sends the decode job with the context worker's KV handle.
+    async fn hand_over(&mut self, handle: KvHandle) -> Result<(), ApiError> {
+        let Phase::Prefill {
+            context_id,
+            generate_id,
+        } = self.phase.clone()
+        else {
+            tracing::warn!(request_id = %self.request_id, "ignoring a kv_ready outside the prefill phase");
+            return Ok(());
+        };
+        self.metrics.requests_disaggregated.inc();
+        let worker_id = self.live_generate_worker(generate_id)?;
+        tracing::debug!(request_id = %self.request_id, %context_id, %worker_id,
+            blocks = handle.blocks.len(), "KV ready: decode job sent");
+        let job = GenerateJob {
+            // The decode worker starts it before the first token is due, or not at all.
+            deadline_unix_ms: Some(unix_ms_at(self.first_token_by)),
+            kv: Some(handle),
+            ..self.job.clone()
+        };
+        self.bus
+            .client
+            .publish(
+                self.bus.subjects.generate_direct(&worker_id),
+                encode(&job).into(),
+            )
+            .await
+            .map_err(|err| ApiError::bus("publishing the decode job", err))?;
+        self.phase = Phase::Generate { worker_id };
+        self.await_accepted().await
+    }
+
+    /// `chosen` while it is live, else another generation worker (the chosen one may have
+    /// gone while the context worker prefilled).
+    fn live_generate_worker(&self, chosen: String) -> Result<String, ApiError> {
+        let now = Instant::now();
+        if self.registry.is_live(&chosen, now) {
+            return Ok(chosen);
+        }
+        let other = self
+            .registry
+            .pick_generate(now)
+            .ok_or(ApiError::NoLiveWorker)?;
+        tracing::warn!(request_id = %self.request_id, gone = %chosen, %other,
+            "the chosen generation worker left; using another");
+        Ok(other)
+    }
+
+    /// Accounts a decode worker's report of its KV pull.
+    fn observe_pull(&self, worker_id: &str, bytes: u64, micros: u64, fallback: Option<String>) {
+        match fallback {
+            None => {
+                self.metrics.kv_transfer_bytes.inc_by(bytes);
+                self.metrics
+                    .kv_transfer_seconds
+                    .observe(micros as f64 / 1e6);
+                tracing::debug!(request_id = %self.request_id, %worker_id, bytes, micros, "KV pulled");
+            }
+            Some(reason) => {
+                self.metrics
+                    .kv_transfer_fallbacks
+                    .with_label_values(&[FallbackReason::PullFailed.label()])
+                    .inc();
+                tracing::warn!(request_id = %self.request_id, %worker_id,
+                    "KV pull failed, the decode worker prefills itself: {reason}");
             }
         }
     }
@@ -380,24 +619,69 @@ impl Generation {
         Some(result)
     }
 
+    /// Whether a failure now is the context worker's to be replaced by a local prefill: in
+    /// the prefill phase, before the client has any token.
+    fn context_failure_recoverable(&self) -> bool {
+        matches!(self.phase, Phase::Prefill { .. }) && !self.first_token_seen
+    }
+
     async fn next_inner(&mut self) -> Result<GenEvent, ApiError> {
         loop {
             let message = match self.pending.pop_front() {
                 Some(message) => message,
-                None => self.receive().await?,
+                None => match self.receive().await {
+                    Err(ApiError::WorkerGone { detail }) if self.context_failure_recoverable() => {
+                        self.fall_back(FallbackReason::ContextGone, &detail).await?;
+                        continue;
+                    }
+                    other => other?,
+                },
             };
             match message {
-                // Disaggregation messages: routed by the next change of this file.
-                StreamMessage::Accepted { .. }
-                | StreamMessage::KvReady { .. }
-                | StreamMessage::KvPulled { .. } => continue,
+                StreamMessage::Accepted { .. } => continue,
+                StreamMessage::KvReady { handle } => {
+                    self.hand_over(handle).await?;
+                    continue;
+                }
+                StreamMessage::KvPulled {
+                    worker_id,
+                    bytes,
+                    micros,
+                    fallback,
+                } => {
+                    self.observe_pull(&worker_id, bytes, micros, fallback);
+                    continue;
+                }
                 StreamMessage::Tokens { tokens } => {
                     self.first_token_seen = true;
                     return Ok(GenEvent::Tokens(tokens));
                 }
+                // See docs/protocol.md ("Fallbacks"): any failed end of the context worker's
+                // job before a token is retried once as a local prefill; if the request
+                // itself is at fault, the generation worker fails it the same way and its
+                // error is the one the client gets.
+                StreamMessage::Finished {
+                    reason: reason @ (FinishReason::Cancelled | FinishReason::Error),
+                    ..
+                } if self.context_failure_recoverable() => {
+                    let detail = format!("it ended the prefill with {reason:?}");
+                    self.fall_back(FallbackReason::ContextError, &detail)
+                        .await?;
+                    continue;
+                }
+                StreamMessage::Error { message } if self.context_failure_recoverable() => {
+                    self.fall_back(FallbackReason::ContextError, &message)
+                        .await?;
+                    continue;
+                }
                 StreamMessage::Finished { reason, usage } => {
                     return match reason {
                         FinishReason::Stop | FinishReason::Length => {
+                            if matches!(self.phase, Phase::Prefill { .. }) {
+                                // The context worker answered it all (it ended at its
+                                // first token).
+                                self.metrics.requests_disaggregated.inc();
+                            }
                             Ok(GenEvent::Finished { reason, usage })
                         }
                         FinishReason::Cancelled => {
@@ -423,19 +707,22 @@ impl Generation {
     }
 
     /// Waits for the next stream message, bounded by the phase's timeout and the request's
-    /// deadline, checking the worker's liveness meanwhile.
+    /// deadline, checking the current worker's liveness meanwhile.
     async fn receive(&mut self) -> Result<StreamMessage, ApiError> {
-        let (phase_timeout, phase_error): (Duration, fn(u64) -> ApiError) = if self.first_token_seen
-        {
-            (self.timeouts.stall, |timeout_ms| ApiError::Stalled {
-                timeout_ms,
-            })
-        } else {
-            (self.timeouts.first_token, |timeout_ms| {
-                ApiError::FirstTokenTimeout { timeout_ms }
-            })
-        };
-        let phase_end = Instant::now() + phase_timeout;
+        let (phase_end, phase_timeout, phase_error): (Instant, Duration, fn(u64) -> ApiError) =
+            if self.first_token_seen {
+                (
+                    Instant::now() + self.timeouts.stall,
+                    self.timeouts.stall,
+                    |timeout_ms| ApiError::Stalled { timeout_ms },
+                )
+            } else {
+                (
+                    self.first_token_by,
+                    self.timeouts.first_token,
+                    |timeout_ms| ApiError::FirstTokenTimeout { timeout_ms },
+                )
+            };
         loop {
             let now = Instant::now();
             if now >= self.deadline {
@@ -446,9 +733,10 @@ impl Generation {
             if now >= phase_end {
                 return Err(phase_error(phase_timeout.as_millis() as u64));
             }
-            if !self.registry.is_live(&self.worker_id, now) {
+            let worker_id = self.phase.worker_id();
+            if !self.registry.is_live(worker_id, now) {
                 return Err(ApiError::WorkerGone {
-                    detail: format!("worker {} stopped sending heartbeats", self.worker_id),
+                    detail: format!("worker {worker_id} stopped sending heartbeats"),
                 });
             }
             let wait = LIVENESS_CHECK.min(phase_end - now).min(self.deadline - now);
