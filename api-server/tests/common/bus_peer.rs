@@ -1,32 +1,62 @@
 //! A scripted bus peer: it speaks the worker side of the protocol (heartbeats, `Accepted`,
-//! `Tokens`, `Finished`) with canned answers, using the protocol crate. It is NOT a worker and
-//! generates nothing; it exists to test the api-server's own protocol handling (SSE framing,
-//! usage, timeouts, cancellation) before and apart from the real engine.
+//! `Tokens`, `Finished`, and for disaggregation `KvReady` / `KvPulled`) with canned answers,
+//! using the protocol crate. It is NOT a worker and generates nothing; it exists to test the
+//! api-server's own protocol handling (SSE framing, usage, timeouts, cancellation, routing and
+//! the prefill → decode hand-over) before and apart from the real engine.
 //!
-//! The script is chosen by the job's `max_tokens`, so each test picks a behaviour through the
-//! HTTP request alone.
+//! A peer plays one worker of one role ([`ScriptedBusPeer::start_as`]): a `both` or `decode`
+//! peer answers generation jobs, a `context` peer answers prefill jobs with a fake KV handle
+//! ([`fake_handle`]) that a decode peer checks it received unchanged. The script is chosen by
+//! the job's `max_tokens`, so each test picks a behaviour through the HTTP request alone.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    CancelRequest, FinishReason, GenerateJob, Heartbeat, StreamMessage, TokenEvent, Usage,
-    WorkerRole, decode, encode,
+    CancelRequest, FinishReason, GenerateJob, Heartbeat, KvHandle, KvLayoutSpec, KvRegion,
+    KvTransferStats, StreamMessage, TokenEvent, Usage, WorkerRole, decode, encode,
 };
 use tandem_protocol::subjects::Subjects;
 
 /// `max_tokens` of a job whose answer is: `Accepted`, then the tokens of [`SCRIPTED_TEXT`] in two
-/// messages, then `Finished(stop)`.
+/// messages, then `Finished(stop)`. A context peer answers `Accepted` + `KvReady` (so does it
+/// for every script not listed below).
 pub const SCRIPT_ANSWER: u32 = 10;
-/// Never answers (not even `Accepted`).
+/// Never answers (not even `Accepted`); a context peer neither.
 pub const SCRIPT_SILENT: u32 = 11;
 /// `Accepted`, one token, then silence.
 pub const SCRIPT_STALL: u32 = 12;
-/// `Accepted`, then one token every 50 ms until cancelled.
+/// `Accepted`, then one token every 50 ms until cancelled. A context peer: `Accepted`, then
+/// nothing (a prefill that takes long).
 pub const SCRIPT_ENDLESS: u32 = 13;
-/// `Accepted`, then an `Error` message.
+/// `Accepted`, then an `Error` message (a context peer too: the request itself is bad).
 pub const SCRIPT_ERROR: u32 = 14;
+/// The context peer never answers; a generation peer answers as [`SCRIPT_ANSWER`].
+pub const SCRIPT_CONTEXT_SILENT: u32 = 20;
+/// The context peer accepts, then stops heartbeating and answers nothing more (it died); a
+/// generation peer answers as [`SCRIPT_ANSWER`].
+pub const SCRIPT_CONTEXT_VANISHES: u32 = 21;
+/// The context peer answers the whole request: `Accepted`, the first token, `Finished(stop)`
+/// (a request that ends at its first token).
+pub const SCRIPT_CONTEXT_ANSWERS: u32 = 22;
+/// The context peer fails with [`CONTEXT_ERROR`]; a generation peer answers as
+/// [`SCRIPT_ANSWER`].
+pub const SCRIPT_CONTEXT_ERROR: u32 = 23;
+/// The context peer answers `KvReady`; a decode peer reports a failed pull (`kv_pulled` with a
+/// fallback), then answers as [`SCRIPT_ANSWER`].
+pub const SCRIPT_PULL_FAILS: u32 = 24;
+
+/// What a context peer says for [`SCRIPT_CONTEXT_ERROR`].
+pub const CONTEXT_ERROR: &str = "the context worker could not export the KV cache: scripted";
+
+/// Bytes of one fake KV block; a decode peer reports `blocks × this` as pulled.
+pub const FAKE_BLOCK_BYTES: u64 = 4096;
+/// Tokens per fake KV block.
+pub const FAKE_BLOCK_TOKENS: u32 = 16;
+/// Micros a decode peer reports for a pull.
+pub const FAKE_PULL_MICROS: u64 = 2500;
 
 /// The scripted tokens: (id, text, logprob, alternatives). The second token's text is empty, as
 /// a worker sends while a multi-byte character or a possible stop string is pending.
@@ -57,38 +87,95 @@ pub const SCRIPTED_TEXT: &str = "Hello wörld";
 
 pub const PEER_ID: &str = "scripted-peer";
 
+/// The KV handle a context peer `context_id` answers `job` with: a pure function of both, so a
+/// decode peer can recompute it and check the api-server passed it on unchanged.
+pub fn fake_handle(context_id: &str, job: &GenerateJob) -> KvHandle {
+    let num_tokens = job.prompt_ids.len() as u32;
+    let blocks = num_tokens.div_ceil(FAKE_BLOCK_TOKENS) as u64;
+    KvHandle {
+        worker_id: context_id.into(),
+        backend: "scripted".into(),
+        address: job.request_id.bytes().map(|b| format!("{b:02x}")).collect(),
+        rkey: "c0ffee".into(),
+        blocks: (0..blocks)
+            .map(|i| KvRegion {
+                addr: 0x1000_0000 + i * FAKE_BLOCK_BYTES,
+                len: FAKE_BLOCK_BYTES,
+            })
+            .collect(),
+        layout: KvLayoutSpec {
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 16,
+            block_size: FAKE_BLOCK_TOKENS,
+            dtype: "f32".into(),
+            block_bytes: FAKE_BLOCK_BYTES,
+        },
+        num_tokens,
+        first_token: scripted_tokens()[0].clone(),
+        seed: job.sampling.seed.unwrap_or(4242),
+        expires_unix_ms: 4_102_444_800_000,
+    }
+}
+
 /// What the peer saw.
 #[derive(Default)]
 pub struct Observed {
+    /// Prefill jobs for a context peer, generation jobs otherwise.
     pub jobs: Vec<GenerateJob>,
     pub cancels: Vec<String>,
 }
 
 pub struct ScriptedBusPeer {
+    pub id: String,
     pub observed: Arc<Mutex<Observed>>,
+    heartbeating: Arc<AtomicBool>,
+    /// Runs the peer's tasks; dropping the peer ends them (its heartbeats stop).
     runtime: tokio::runtime::Runtime,
 }
 
+/// Everything an answering task needs.
+#[derive(Clone)]
+struct Answerer {
+    client: async_nats::Client,
+    id: String,
+    observed: Arc<Mutex<Observed>>,
+    heartbeating: Arc<AtomicBool>,
+}
+
 impl ScriptedBusPeer {
-    /// Connects, starts heartbeating as a `both` worker of `model` and answers jobs sent to
-    /// its direct subject.
+    /// Connects, starts heartbeating as the `both` worker [`PEER_ID`] of `model` and answers
+    /// jobs sent to its direct subject.
     pub fn start(nats_url: &str, model: &str) -> Self {
+        Self::start_as(nats_url, model, WorkerRole::Both, PEER_ID, None)
+    }
+
+    /// A peer playing worker `id` of `role`; a context peer's heartbeats carry `kv_transfer`.
+    pub fn start_as(
+        nats_url: &str,
+        model: &str,
+        role: WorkerRole,
+        id: &str,
+        kv_transfer: Option<KvTransferStats>,
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("test runtime");
         let observed = Arc::new(Mutex::new(Observed::default()));
+        let heartbeating = Arc::new(AtomicBool::new(true));
         let subjects = Subjects::new(model);
         let client = runtime
             .block_on(async_nats::connect(nats_url))
             .expect("the scripted peer connects to NATS");
+        let job_subject = match role {
+            WorkerRole::Context => subjects.prefill_direct(id),
+            WorkerRole::Decode | WorkerRole::Both => subjects.generate_direct(id),
+        };
         // Subscriptions are made before start() returns, so no job or cancel is missed.
         let (jobs, cancels) = runtime.block_on(async {
-            let jobs = client
-                .subscribe(subjects.generate_direct(PEER_ID))
-                .await
-                .expect("subscribe jobs");
+            let jobs = client.subscribe(job_subject).await.expect("subscribe jobs");
             let cancels = client
                 .subscribe(subjects.cancel())
                 .await
@@ -97,13 +184,15 @@ impl ScriptedBusPeer {
             (jobs, cancels)
         });
         let heartbeat_client = client.clone();
-        let heartbeat_subject = subjects.heartbeat(WorkerRole::Both, PEER_ID);
+        let heartbeat_subject = subjects.heartbeat(role, id);
         let model_name = model.to_string();
+        let worker_id = id.to_string();
+        let beating = Arc::clone(&heartbeating);
         runtime.spawn(async move {
-            loop {
+            while beating.load(Ordering::SeqCst) {
                 let heartbeat = Heartbeat {
-                    worker_id: PEER_ID.into(),
-                    role: WorkerRole::Both,
+                    worker_id: worker_id.clone(),
+                    role,
                     model: model_name.clone(),
                     device: "cpu".into(),
                     running: 0,
@@ -112,7 +201,7 @@ impl ScriptedBusPeer {
                     total_kv_blocks: 128,
                     draining: false,
                     interval_ms: 100,
-                    kv_transfer: None,
+                    kv_transfer,
                 };
                 let _ = heartbeat_client
                     .publish(heartbeat_subject.clone(), encode(&heartbeat).into())
@@ -133,21 +222,36 @@ impl ScriptedBusPeer {
                 }
             }
         });
-        let job_log = Arc::clone(&observed);
+        let answerer = Answerer {
+            client,
+            id: id.to_string(),
+            observed: Arc::clone(&observed),
+            heartbeating: Arc::clone(&heartbeating),
+        };
         runtime.spawn(async move {
             let mut jobs = jobs;
             while let Some(message) = jobs.next().await {
                 let job: GenerateJob = decode("generate job", &message.payload)
                     .expect("the api-server sends valid jobs");
-                job_log
+                answerer
+                    .observed
                     .lock()
                     .expect("observed lock")
                     .jobs
                     .push(job.clone());
-                tokio::spawn(answer(client.clone(), job, Arc::clone(&job_log)));
+                let answerer = answerer.clone();
+                match role {
+                    WorkerRole::Context => tokio::spawn(answerer.prefill(job)),
+                    WorkerRole::Decode | WorkerRole::Both => tokio::spawn(answerer.generate(job)),
+                };
             }
         });
-        ScriptedBusPeer { observed, runtime }
+        ScriptedBusPeer {
+            id: id.to_string(),
+            observed,
+            heartbeating,
+            runtime,
+        }
     }
 
     pub fn cancels(&self) -> Vec<String> {
@@ -156,6 +260,11 @@ impl ScriptedBusPeer {
 
     pub fn jobs(&self) -> Vec<GenerateJob> {
         self.observed.lock().expect("observed lock").jobs.clone()
+    }
+
+    /// Whether the peer still heartbeats (a vanishing script stops it).
+    pub fn heartbeating(&self) -> bool {
+        self.heartbeating.load(Ordering::SeqCst)
     }
 
     /// Waits up to `timeout` for a cancel of `request_id`.
@@ -171,74 +280,188 @@ impl ScriptedBusPeer {
     }
 }
 
-async fn answer(client: async_nats::Client, job: GenerateJob, observed: Arc<Mutex<Observed>>) {
-    let send = |message: StreamMessage| {
-        let client = client.clone();
-        let subject = job.stream_subject.clone();
-        async move {
-            client
-                .publish(subject, encode(&message).into())
-                .await
-                .expect("publish stream message")
+impl Answerer {
+    async fn send(&self, job: &GenerateJob, message: StreamMessage) {
+        self.client
+            .publish(job.stream_subject.clone(), encode(&message).into())
+            .await
+            .expect("publish stream message")
+    }
+
+    fn accepted(&self) -> StreamMessage {
+        StreamMessage::Accepted {
+            worker_id: self.id.clone(),
         }
-    };
-    let accepted = || StreamMessage::Accepted {
-        worker_id: PEER_ID.into(),
-    };
-    let prompt_tokens = job.prompt_ids.len() as u32;
-    match job.stop.max_tokens {
-        SCRIPT_SILENT => {}
-        SCRIPT_STALL => {
-            send(accepted()).await;
-            send(StreamMessage::Tokens {
-                tokens: scripted_tokens()[..1].to_vec(),
-            })
-            .await;
-        }
-        SCRIPT_ERROR => {
-            send(accepted()).await;
-            send(StreamMessage::Error {
-                message: "scripted failure".into(),
-            })
-            .await;
-        }
-        SCRIPT_ENDLESS => {
-            send(accepted()).await;
-            loop {
-                let cancelled = observed
-                    .lock()
-                    .expect("observed lock")
-                    .cancels
-                    .contains(&job.request_id);
-                if cancelled {
-                    break;
-                }
-                send(StreamMessage::Tokens {
-                    tokens: scripted_tokens()[..1].to_vec(),
-                })
+    }
+
+    fn cancelled(&self, request_id: &str) -> bool {
+        self.observed
+            .lock()
+            .expect("observed lock")
+            .cancels
+            .iter()
+            .any(|id| id == request_id)
+    }
+
+    /// A context worker's answer to a prefill job.
+    async fn prefill(self, job: GenerateJob) {
+        match job.stop.max_tokens {
+            SCRIPT_SILENT | SCRIPT_CONTEXT_SILENT => {}
+            SCRIPT_ENDLESS => self.send(&job, self.accepted()).await,
+            SCRIPT_CONTEXT_VANISHES => {
+                self.heartbeating.store(false, Ordering::SeqCst);
+                self.send(&job, self.accepted()).await;
+            }
+            SCRIPT_ERROR => {
+                self.send(&job, self.accepted()).await;
+                self.send(
+                    &job,
+                    StreamMessage::Error {
+                        message: "scripted failure".into(),
+                    },
+                )
                 .await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            SCRIPT_CONTEXT_ERROR => {
+                self.send(&job, self.accepted()).await;
+                self.send(
+                    &job,
+                    StreamMessage::Error {
+                        message: CONTEXT_ERROR.into(),
+                    },
+                )
+                .await;
+            }
+            SCRIPT_CONTEXT_ANSWERS => {
+                self.send(&job, self.accepted()).await;
+                self.send(
+                    &job,
+                    StreamMessage::Tokens {
+                        tokens: scripted_tokens()[..1].to_vec(),
+                    },
+                )
+                .await;
+                self.send(
+                    &job,
+                    StreamMessage::Finished {
+                        reason: FinishReason::Stop,
+                        usage: Usage {
+                            prompt_tokens: job.prompt_ids.len() as u32,
+                            completion_tokens: 1,
+                        },
+                    },
+                )
+                .await;
+            }
+            _ => {
+                self.send(&job, self.accepted()).await;
+                let handle = fake_handle(&self.id, &job);
+                self.send(&job, StreamMessage::KvReady { handle }).await;
             }
         }
-        _ => {
-            let tokens = scripted_tokens();
-            send(accepted()).await;
-            send(StreamMessage::Tokens {
-                tokens: tokens[..2].to_vec(),
-            })
-            .await;
-            send(StreamMessage::Tokens {
-                tokens: tokens[2..].to_vec(),
-            })
-            .await;
-            send(StreamMessage::Finished {
-                reason: FinishReason::Stop,
-                usage: Usage {
-                    prompt_tokens,
-                    completion_tokens: tokens.len() as u32,
-                },
-            })
-            .await;
+    }
+
+    /// A generation (decode or both) worker's answer.
+    async fn generate(self, job: GenerateJob) {
+        if let Some(handle) = &job.kv {
+            let mut plain = job.clone();
+            plain.kv = None;
+            if *handle != fake_handle(&handle.worker_id, &plain) {
+                self.send(&job, self.accepted()).await;
+                self.send(
+                    &job,
+                    StreamMessage::Error {
+                        message: format!("the KV handle changed in transit: {handle:?}"),
+                    },
+                )
+                .await;
+                return;
+            }
+        }
+        let prompt_tokens = job.prompt_ids.len() as u32;
+        match job.stop.max_tokens {
+            SCRIPT_SILENT => {}
+            SCRIPT_STALL => {
+                self.send(&job, self.accepted()).await;
+                self.send(
+                    &job,
+                    StreamMessage::Tokens {
+                        tokens: scripted_tokens()[..1].to_vec(),
+                    },
+                )
+                .await;
+            }
+            SCRIPT_ERROR => {
+                self.send(&job, self.accepted()).await;
+                self.send(
+                    &job,
+                    StreamMessage::Error {
+                        message: "scripted failure".into(),
+                    },
+                )
+                .await;
+            }
+            SCRIPT_ENDLESS => {
+                self.send(&job, self.accepted()).await;
+                while !self.cancelled(&job.request_id) {
+                    self.send(
+                        &job,
+                        StreamMessage::Tokens {
+                            tokens: scripted_tokens()[..1].to_vec(),
+                        },
+                    )
+                    .await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            script => {
+                let tokens = scripted_tokens();
+                self.send(&job, self.accepted()).await;
+                if let Some(handle) = &job.kv {
+                    let pulled = if script == SCRIPT_PULL_FAILS {
+                        StreamMessage::KvPulled {
+                            worker_id: self.id.clone(),
+                            bytes: 0,
+                            micros: 0,
+                            fallback: Some("scripted pull failure".into()),
+                        }
+                    } else {
+                        StreamMessage::KvPulled {
+                            worker_id: self.id.clone(),
+                            bytes: handle.blocks.len() as u64 * FAKE_BLOCK_BYTES,
+                            micros: FAKE_PULL_MICROS,
+                            fallback: None,
+                        }
+                    };
+                    self.send(&job, pulled).await;
+                }
+                // The first token first, as a decode worker streams the handle's token.
+                self.send(
+                    &job,
+                    StreamMessage::Tokens {
+                        tokens: tokens[..2].to_vec(),
+                    },
+                )
+                .await;
+                self.send(
+                    &job,
+                    StreamMessage::Tokens {
+                        tokens: tokens[2..].to_vec(),
+                    },
+                )
+                .await;
+                self.send(
+                    &job,
+                    StreamMessage::Finished {
+                        reason: FinishReason::Stop,
+                        usage: Usage {
+                            prompt_tokens,
+                            completion_tokens: tokens.len() as u32,
+                        },
+                    },
+                )
+                .await;
+            }
         }
     }
 }

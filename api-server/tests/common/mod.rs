@@ -135,37 +135,42 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Starts the binary with short timeouts (so failure paths are quick to test), plus
-    /// `extra` flags, and waits until it serves HTTP.
+    /// `extra` flags (a flag given there replaces the default of the same name), and waits
+    /// until it serves HTTP.
     pub fn start(nats: &NatsServer, extra: &[&str]) -> Self {
         let model = test_model_dir();
         let (child, port) = spawn_listening("api-server", |port| {
-            let mut args: Vec<String> = [
-                "--model",
-                model.to_str().expect("test paths are UTF-8"),
-                "--served-model-name",
-                SERVED_NAME,
-                "--port",
-                &port.to_string(),
-                "--nats",
-                &nats.url,
-                "--accept-timeout-ms",
-                "500",
-                "--first-token-timeout-ms",
-                "1500",
-                "--stall-timeout-ms",
-                "700",
-                "--worker-timeout-ms",
-                "1000",
-                "--http-workers",
-                "2",
+            let mut flags: Vec<(String, String)> = [
+                ("--model", model.to_str().expect("test paths are UTF-8")),
+                ("--served-model-name", SERVED_NAME),
+                ("--port", &port.to_string()),
+                ("--nats", &nats.url),
+                ("--accept-timeout-ms", "500"),
+                ("--first-token-timeout-ms", "1500"),
+                ("--stall-timeout-ms", "700"),
+                ("--worker-timeout-ms", "1000"),
+                ("--http-workers", "2"),
             ]
             .iter()
-            .map(|s| s.to_string())
+            .map(|(flag, value)| (flag.to_string(), value.to_string()))
             .collect();
-            args.extend(extra.iter().map(|s| s.to_string()));
+            let mut rest = Vec::new();
+            let mut extra = extra.iter();
+            while let Some(arg) = extra.next() {
+                match flags.iter_mut().find(|(flag, _)| flag == arg) {
+                    Some((_, value)) => {
+                        *value = extra
+                            .next()
+                            .unwrap_or_else(|| panic!("{arg} needs a value"))
+                            .to_string();
+                    }
+                    None => rest.push(arg.to_string()),
+                }
+            }
             let mut command = Command::new(env!("CARGO_BIN_EXE_api-server"));
             command
-                .args(&args)
+                .args(flags.into_iter().flat_map(|(flag, value)| [flag, value]))
+                .args(rest)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit());

@@ -1,0 +1,394 @@
+//! Disaggregated routing (issue 5) against scripted bus peers (`common/bus_peer.rs`): context
+//! peers answer prefill jobs with a fake KV handle, a decode peer checks it got that handle
+//! unchanged and streams tokens. Covers the prefill → decode hand-over, local prefills (no
+//! context worker, short prompts), the fallbacks (silent, vanished or failing context worker),
+//! a context worker answering the request itself, round robin over context workers, the
+//! metrics and /health. Every wait is bounded.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::bus_peer::{
+    CONTEXT_ERROR, FAKE_BLOCK_BYTES, FAKE_BLOCK_TOKENS, SCRIPT_ANSWER, SCRIPT_CONTEXT_ANSWERS,
+    SCRIPT_CONTEXT_ERROR, SCRIPT_CONTEXT_SILENT, SCRIPT_CONTEXT_VANISHES, SCRIPT_ENDLESS,
+    SCRIPT_ERROR, SCRIPT_PULL_FAILS, SCRIPTED_TEXT, ScriptedBusPeer, fake_handle,
+};
+use common::{ApiServer, NatsServer, SERVED_NAME};
+use serde_json::{Value, json};
+use tandem_protocol::messages::{GenerateJob, KvTransferStats, WorkerRole};
+
+const DECODE_ID: &str = "dec";
+
+struct Deployment {
+    _nats: NatsServer,
+    contexts: Vec<ScriptedBusPeer>,
+    decode: ScriptedBusPeer,
+    server: ApiServer,
+}
+
+impl Deployment {
+    fn context(&self, id: &str) -> &ScriptedBusPeer {
+        self.contexts
+            .iter()
+            .find(|peer| peer.id == id)
+            .expect("a context peer of that id")
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        metric(&self.server.get("/metrics").body, series)
+    }
+}
+
+/// A decode peer, context peers `context_ids` (their heartbeats carrying `kv_transfer`) and
+/// the api-server with `extra` flags, once /health shows every peer.
+fn deploy_with(
+    context_ids: &[&str],
+    kv_transfer: Option<KvTransferStats>,
+    extra: &[&str],
+) -> Deployment {
+    let nats = NatsServer::start();
+    let decode =
+        ScriptedBusPeer::start_as(&nats.url, SERVED_NAME, WorkerRole::Decode, DECODE_ID, None);
+    let contexts: Vec<ScriptedBusPeer> = context_ids
+        .iter()
+        .map(|id| {
+            ScriptedBusPeer::start_as(&nats.url, SERVED_NAME, WorkerRole::Context, id, kv_transfer)
+        })
+        .collect();
+    let server = ApiServer::start(&nats, extra);
+    let start = Instant::now();
+    loop {
+        let health = server.get("/health");
+        if health.status == 200
+            && health.json()["workers"]["accepting_prefill"] == context_ids.len()
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the peers' heartbeats never reached /health: {}",
+            health.body
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Deployment {
+        _nats: nats,
+        contexts,
+        decode,
+        server,
+    }
+}
+
+fn deploy(context_ids: &[&str], extra: &[&str]) -> Deployment {
+    deploy_with(context_ids, None, extra)
+}
+
+/// The value of the sample `series` (name and labels exactly as rendered).
+fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().expect("a number"))
+        })
+        .unwrap_or_else(|| panic!("{series} missing from\n{body}"))
+}
+
+fn fallbacks(reason: &str) -> String {
+    format!("tandem_kv_transfer_fallbacks_total{{reason=\"{reason}\"}}")
+}
+
+fn streamed_chat(max_tokens: u32) -> Value {
+    json!({"model": SERVED_NAME, "messages": [{"role": "user", "content": "Hi"}],
+           "max_tokens": max_tokens, "stream": true, "stream_options": {"include_usage": true}})
+}
+
+/// A streamed response: (the chunks' id, concatenated text, finish reason, usage).
+fn read_stream(server: &ApiServer, body: &Value) -> (String, String, Value, Value) {
+    let stream = server.open_stream("/v1/chat/completions", body);
+    assert_eq!(stream.status, 200);
+    let events = stream.collect();
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(
+        chunks.iter().all(|c| c.get("error").is_none()),
+        "{events:?}"
+    );
+    let text = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str())
+        .collect();
+    let finish = chunks
+        .iter()
+        .find_map(|c| {
+            c["choices"]
+                .get(0)
+                .map(|choice| choice["finish_reason"].clone())
+                .filter(|r| !r.is_null())
+        })
+        .unwrap_or(Value::Null);
+    let usage = chunks.last().unwrap()["usage"].clone();
+    (
+        chunks[0]["id"].as_str().unwrap().to_string(),
+        text,
+        finish,
+        usage,
+    )
+}
+
+/// `job` as its context worker got it: no handle, and the deadline (set per dispatch) aside.
+fn comparable(job: &GenerateJob) -> GenerateJob {
+    GenerateJob {
+        kv: None,
+        deadline_unix_ms: None,
+        ..job.clone()
+    }
+}
+
+#[test]
+fn a_request_is_prefilled_on_the_context_worker_and_decoded_from_its_handle() {
+    let d = deploy(&["ctx-a"], &[]);
+    let (id, text, finish, usage) = read_stream(&d.server, &streamed_chat(SCRIPT_ANSWER));
+    assert_eq!(text, SCRIPTED_TEXT);
+    assert_eq!(finish, "stop");
+    assert_eq!(usage["completion_tokens"], 3);
+
+    let prefill_jobs = d.context("ctx-a").jobs();
+    let decode_jobs = d.decode.jobs();
+    assert_eq!((prefill_jobs.len(), decode_jobs.len()), (1, 1));
+    let prefill = &prefill_jobs[0];
+    assert_eq!(prefill.request_id, id);
+    assert_eq!(prefill.kv, None, "a prefill job carries no handle");
+    // The decode job is the same job plus the context worker's handle, unchanged.
+    assert_eq!(
+        decode_jobs[0].kv.as_ref(),
+        Some(&fake_handle("ctx-a", prefill))
+    );
+    assert_eq!(comparable(&decode_jobs[0]), comparable(prefill));
+    assert_eq!(usage["prompt_tokens"], prefill.prompt_ids.len());
+
+    // Not streamed: a 40-token prompt is 3 fake blocks.
+    let response = d.server.post_json(
+        "/v1/completions",
+        &json!({"prompt": (1..=40).collect::<Vec<u32>>(), "max_tokens": SCRIPT_ANSWER}),
+    );
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.json()["choices"][0]["text"], SCRIPTED_TEXT);
+    assert_eq!(d.decode.jobs()[1].kv.as_ref().unwrap().blocks.len(), 3);
+
+    let first_blocks = prefill
+        .prompt_ids
+        .len()
+        .div_ceil(FAKE_BLOCK_TOKENS as usize) as u64;
+    let bytes = (first_blocks + 3) * FAKE_BLOCK_BYTES;
+    let metrics = d.server.get("/metrics").body;
+    assert_eq!(
+        metric(&metrics, "tandem_kv_transfer_bytes_total"),
+        bytes as f64
+    );
+    assert_eq!(metric(&metrics, "tandem_kv_transfer_seconds_count"), 2.0);
+    assert!((metric(&metrics, "tandem_kv_transfer_seconds_sum") - 0.005).abs() < 1e-9);
+    assert_eq!(metric(&metrics, "tandem_requests_disaggregated_total"), 2.0);
+    for reason in [
+        "no_context_worker",
+        "context_timeout",
+        "context_gone",
+        "pull_failed",
+    ] {
+        assert_eq!(metric(&metrics, &fallbacks(reason)), 0.0, "{reason}");
+    }
+}
+
+#[test]
+fn without_a_context_worker_the_decode_worker_prefills_itself() {
+    let d = deploy(&[], &[]);
+    let health = d.server.get("/health").json();
+    assert_eq!(health["workers"]["context"], 0);
+    assert_eq!(health["workers"]["decode"], 1);
+    let (_, text, _, _) = read_stream(&d.server, &streamed_chat(SCRIPT_ANSWER));
+    assert_eq!(text, SCRIPTED_TEXT);
+    let jobs = d.decode.jobs();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].kv, None);
+    assert_eq!(d.metric(&fallbacks("no_context_worker")), 1.0);
+    assert_eq!(d.metric("tandem_requests_disaggregated_total"), 0.0);
+}
+
+#[test]
+fn prompts_shorter_than_max_local_prefill_length_are_prefilled_locally() {
+    let d = deploy(&["ctx-a"], &["--max-local-prefill-length", "4"]);
+    let complete = |prompt: Vec<u32>| {
+        let response = d.server.post_json(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": SCRIPT_ANSWER}),
+        );
+        assert_eq!(response.status, 200, "{}", response.body);
+        assert_eq!(response.json()["choices"][0]["text"], SCRIPTED_TEXT);
+    };
+    complete(vec![1, 2, 3]);
+    assert!(d.context("ctx-a").jobs().is_empty());
+    assert_eq!(d.decode.jobs()[0].kv, None);
+    assert_eq!(d.metric(&fallbacks("no_context_worker")), 0.0);
+
+    complete(vec![1, 2, 3, 4]);
+    assert_eq!(d.context("ctx-a").jobs().len(), 1);
+    assert!(d.decode.jobs()[1].kv.is_some());
+    assert_eq!(d.metric("tandem_requests_disaggregated_total"), 1.0);
+}
+
+#[test]
+fn a_context_worker_that_never_accepts_is_replaced_by_a_local_prefill() {
+    let d = deploy(&["ctx-a"], &[]);
+    let start = Instant::now();
+    let (id, text, finish, _) = read_stream(&d.server, &streamed_chat(SCRIPT_CONTEXT_SILENT));
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(text, SCRIPTED_TEXT);
+    assert_eq!(finish, "stop");
+    let decode_job = &d.decode.jobs()[0];
+    assert_eq!(decode_job.kv, None);
+    assert_eq!(decode_job.request_id, format!("{id}-local"));
+    // The late prefill is cancelled (under the original id, which the retry does not use).
+    assert!(
+        d.context("ctx-a")
+            .wait_for_cancel(&id, Duration::from_secs(2)),
+        "no cancel for the abandoned prefill"
+    );
+    assert!(!d.decode.cancels().contains(&decode_job.request_id));
+    assert_eq!(d.metric(&fallbacks("context_timeout")), 1.0);
+}
+
+#[test]
+fn a_context_worker_that_vanishes_before_its_handle_is_replaced_by_a_local_prefill() {
+    // The first-token budget must outlast the worker timeout (1 s) for the fallback to win.
+    let d = deploy(&["ctx-a"], &["--first-token-timeout-ms", "5000"]);
+    let start = Instant::now();
+    let (_, text, finish, _) = read_stream(&d.server, &streamed_chat(SCRIPT_CONTEXT_VANISHES));
+    let elapsed = start.elapsed();
+    assert!(!d.context("ctx-a").heartbeating());
+    assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "fell back before the heartbeat could be missed: {elapsed:?}"
+    );
+    assert_eq!(text, SCRIPTED_TEXT);
+    assert_eq!(finish, "stop");
+    assert_eq!(d.decode.jobs()[0].kv, None);
+    assert_eq!(d.metric(&fallbacks("context_gone")), 1.0);
+}
+
+#[test]
+fn a_context_worker_that_ends_the_request_itself_is_streamed_to_the_client() {
+    let d = deploy(&["ctx-a"], &[]);
+    let (_, text, finish, usage) = read_stream(&d.server, &streamed_chat(SCRIPT_CONTEXT_ANSWERS));
+    assert_eq!(text, "Hel");
+    assert_eq!(finish, "stop");
+    assert_eq!(usage["completion_tokens"], 1);
+    assert!(d.decode.jobs().is_empty(), "nothing is left to decode");
+    assert_eq!(d.metric("tandem_requests_disaggregated_total"), 1.0);
+}
+
+#[test]
+fn round_robin_alternates_context_workers() {
+    let d = deploy(&["ctx-a", "ctx-b"], &["--router-policy", "round-robin"]);
+    for _ in 0..4 {
+        let (_, text, _, _) = read_stream(&d.server, &streamed_chat(SCRIPT_ANSWER));
+        assert_eq!(text, SCRIPTED_TEXT);
+    }
+    let order: Vec<String> = d
+        .decode
+        .jobs()
+        .iter()
+        .map(|job| job.kv.as_ref().expect("a handle").worker_id.clone())
+        .collect();
+    assert_eq!(order.len(), 4);
+    assert_ne!(order[0], order[1], "{order:?}");
+    assert_eq!((&order[0], &order[1]), (&order[2], &order[3]), "{order:?}");
+    assert_eq!(d.context("ctx-a").jobs().len(), 2);
+    assert_eq!(d.context("ctx-b").jobs().len(), 2);
+}
+
+#[test]
+fn context_failures_fall_back_and_request_failures_reach_the_client() {
+    let d = deploy(&["ctx-a"], &[]);
+    // The context worker's own failure: the decode worker prefills and answers.
+    let (_, text, _, _) = read_stream(&d.server, &streamed_chat(SCRIPT_CONTEXT_ERROR));
+    assert_eq!(text, SCRIPTED_TEXT);
+    assert!(!text.contains(CONTEXT_ERROR));
+    assert_eq!(d.metric(&fallbacks("context_error")), 1.0);
+
+    // A failure of the request itself: the decode worker fails it too, and the client gets
+    // that error as with aggregated serving.
+    let response = d.server.post_json(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": SCRIPT_ERROR}),
+    );
+    assert_eq!(response.status, 500, "{}", response.body);
+    assert_eq!(response.json()["error"]["message"], "scripted failure");
+    let jobs = d.decode.jobs();
+    assert_eq!(jobs.len(), 2);
+    assert!(
+        jobs[1].request_id.ends_with("-local") && jobs[1].kv.is_none(),
+        "{:?}",
+        jobs[1]
+    );
+    assert_eq!(d.metric(&fallbacks("context_error")), 2.0);
+}
+
+#[test]
+fn failed_pulls_and_context_heartbeats_show_in_metrics_and_health() {
+    let stats = KvTransferStats {
+        pinned_blocks: 3,
+        pinned_tokens: 40,
+        expirations: 2,
+        releases: 7,
+    };
+    let d = deploy_with(&["ctx-a"], Some(stats), &[]);
+    let (_, text, _, _) = read_stream(&d.server, &streamed_chat(SCRIPT_PULL_FAILS));
+    assert_eq!(text, SCRIPTED_TEXT);
+    let metrics = d.server.get("/metrics").body;
+    assert_eq!(metric(&metrics, &fallbacks("pull_failed")), 1.0);
+    assert_eq!(metric(&metrics, "tandem_kv_transfer_bytes_total"), 0.0);
+    assert_eq!(metric(&metrics, "tandem_kv_transfer_seconds_count"), 0.0);
+    for (series, value) in [
+        ("tandem_kv_pinned_blocks{worker_id=\"ctx-a\"}", 3.0),
+        ("tandem_kv_pinned_tokens{worker_id=\"ctx-a\"}", 40.0),
+        ("tandem_kv_expirations_total{worker_id=\"ctx-a\"}", 2.0),
+        ("tandem_kv_releases_total{worker_id=\"ctx-a\"}", 7.0),
+        ("tandem_live_workers{role=\"context\"}", 1.0),
+    ] {
+        assert_eq!(metric(&metrics, series), value, "{series}");
+    }
+    let health = d.server.get("/health").json();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["workers"]["context"], 1);
+    assert_eq!(health["workers"]["accepting_prefill"], 1);
+    assert_eq!(health["workers"]["accepting_generate"], 1);
+}
+
+#[test]
+fn a_client_gone_during_the_prefill_cancels_it_on_the_context_worker() {
+    let d = deploy(&["ctx-a"], &[]);
+    let stream = d
+        .server
+        .open_stream("/v1/chat/completions", &streamed_chat(SCRIPT_ENDLESS));
+    assert_eq!(stream.status, 200);
+    let request_id = d.context("ctx-a").jobs()[0].request_id.clone();
+    drop(stream);
+    assert!(
+        d.context("ctx-a")
+            .wait_for_cancel(&request_id, Duration::from_secs(3)),
+        "disconnect did not cancel the prefill"
+    );
+    assert!(d.decode.jobs().is_empty());
+}
