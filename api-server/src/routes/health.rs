@@ -1,5 +1,8 @@
 //! `GET /health`: ready (200) only while at least one live worker takes generation jobs, so a
-//! load balancer or the launcher never sends traffic that could only fail with 503.
+//! load balancer or the launcher never sends traffic that could only fail with 503. Context
+//! workers are counted (`context`, `accepting_prefill`) but never make it ready on their own:
+//! a disaggregated request needs a generation worker, while a generation worker alone can
+//! serve every request (local prefill).
 
 use actix_web::{HttpResponse, get, web};
 use serde_json::json;
