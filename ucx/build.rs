@@ -16,7 +16,10 @@ fn main() {
     };
     let ucx = probe(false);
     let mut build = cc::Build::new();
-    build.file("csrc/shim.c").warnings(true).extra_warnings(true);
+    build
+        .file("csrc/shim.c")
+        .warnings(true)
+        .extra_warnings(true);
     for include in &ucx.include_paths {
         build.include(include);
     }

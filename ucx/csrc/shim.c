@@ -20,6 +20,7 @@ const int tandem_ucs_ok = UCS_OK;
 const int tandem_ucs_inprogress = UCS_INPROGRESS;
 const int tandem_ucs_err_busy = UCS_ERR_BUSY;
 const int tandem_ucs_err_canceled = UCS_ERR_CANCELED;
+const int tandem_ucs_err_unreachable = UCS_ERR_UNREACHABLE;
 
 const char *tandem_ucs_status_string(int status) {
     return ucs_status_string((ucs_status_t)status);
@@ -90,16 +91,19 @@ static void tandem_ep_error_cb(void *arg, ucp_ep_h ep, ucs_status_t status) {
     *(int *)arg = (int)status;
 }
 
-/* Endpoint to a peer's packed worker address, with peer error handling so a dead peer completes
- * outstanding requests with an error instead of hanging them. */
-int tandem_ep_create(ucp_worker_h worker, const void *address, int *error_slot,
-                     ucp_ep_h *ep_out) {
+/* Endpoint to a peer's packed worker address. With peer_error_handling, UCX completes outstanding
+ * requests with an error when the peer dies (instead of leaving them pending) and calls the error
+ * callback; UCX 1.13's shared-memory transports cannot do that, and ucp_ep_create then fails with
+ * UCS_ERR_UNREACHABLE. Without it, the callback is still installed but never called. */
+int tandem_ep_create(ucp_worker_h worker, const void *address, int peer_error_handling,
+                     int *error_slot, ucp_ep_h *ep_out) {
     ucp_ep_params_t params;
     memset(&params, 0, sizeof(params));
     params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                         UCP_EP_PARAM_FIELD_ERR_HANDLER;
     params.address = (const ucp_address_t *)address;
-    params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    params.err_mode =
+        peer_error_handling ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
     params.err_handler.cb = tandem_ep_error_cb;
     params.err_handler.arg = error_slot;
     return ucp_ep_create(worker, &params, ep_out);

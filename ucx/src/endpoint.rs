@@ -1,19 +1,29 @@
 //! Endpoints to peers, created from a peer's packed worker address, and a per-peer cache.
 //!
-//! Endpoints use `UCP_ERR_HANDLING_MODE_PEER`: when the peer dies, UCX completes the endpoint's
-//! outstanding requests with an error (and records the failure here) instead of leaving them
-//! pending forever. A failed or aborted endpoint is closed and never reused; the cache replaces it.
+//! Endpoints use `UCP_ERR_HANDLING_MODE_PEER` where the transports allow it: when the peer dies,
+//! UCX completes the endpoint's outstanding requests with an error (and records the failure here)
+//! instead of leaving them pending forever. UCX 1.13's shared-memory transports (sysv, posix)
+//! have no peer failure detection, so with `UCX_TLS=shm` an endpoint in that mode cannot be
+//! created; [`Endpoint::connect`] then falls back to `UCP_ERR_HANDLING_MODE_NONE`, and a dead peer
+//! is noticed only by the deadline of [`Endpoint::get_all`]. (With every transport enabled, UCX
+//! picks tcp for a peer-mode endpoint even on one host; `UCX_TLS=shm` trades the early failure
+//! report for shared-memory bandwidth: see docs/benchmarks.md.) A failed or aborted endpoint is
+//! closed and never reused; the cache replaces it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::c_int;
 use std::ptr::NonNull;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Result, UcxError, check, status_error};
 use crate::ffi;
 use crate::worker::Worker;
+
+/// How long, after an abort, dropping the endpoint's unfinished gets may progress the worker
+/// waiting for UCX to cancel them, all of them together.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long closing an endpoint may progress the worker before giving up on the close request.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,7 +45,10 @@ pub(crate) struct EndpointInner {
     error_slot_in_use: Cell<bool>,
     /// Why the endpoint was closed by us, for the errors of later calls.
     closed_reason: RefCell<Option<String>>,
+    /// Set by the first [`Endpoint::abort`]: until when dropped gets wait for their cancellation.
+    abort_deadline: Cell<Option<Instant>>,
     peer_address: Vec<u8>,
+    peer_error_handling: bool,
     pub(crate) worker: Worker,
 }
 
@@ -50,21 +63,43 @@ impl Endpoint {
             });
         }
         let error_slot = NonNull::from(Box::leak(Box::new(ffi::ok())));
-        let mut handle = std::ptr::null_mut();
-        // SAFETY: worker alive; the address bytes outlive the call (UCX copies what it needs);
-        // error_slot stays valid until the endpoint is closed (see Drop).
-        let status = unsafe {
-            ffi::tandem_ep_create(
-                worker.inner.handle,
-                peer_address.as_ptr().cast(),
-                error_slot.as_ptr(),
-                &mut handle,
-            )
+        let create = |peer_error_handling: bool| {
+            let mut handle = std::ptr::null_mut();
+            // SAFETY: worker alive; the address bytes outlive the call (UCX copies what it
+            // needs); error_slot stays valid until the endpoint is closed (see Drop).
+            let status = unsafe {
+                ffi::tandem_ep_create(
+                    worker.inner.handle,
+                    peer_address.as_ptr().cast(),
+                    c_int::from(peer_error_handling),
+                    error_slot.as_ptr(),
+                    &mut handle,
+                )
+            };
+            (status, handle)
         };
+        let mut peer_error_handling = worker.inner.peer_error_handling.get() != Some(false);
+        let (mut status, mut handle) = create(peer_error_handling);
+        if peer_error_handling && status == ffi::err_unreachable() {
+            // No transport to this peer can report peer failures (shared memory in UCX 1.13).
+            let (fallback_status, fallback_handle) = create(false);
+            if fallback_status == ffi::ok() {
+                tracing::warn!(
+                    "UCX transports to this peer cannot detect peer failure (UCX_TLS=shm?); \
+                     a dead peer is noticed only by transfer deadlines"
+                );
+                worker.inner.peer_error_handling.set(Some(false));
+                peer_error_handling = false;
+            }
+            (status, handle) = (fallback_status, fallback_handle);
+        }
         if let Err(err) = check("ucp_ep_create", status) {
             // SAFETY: no endpoint was created, so UCX holds no pointer to the slot.
             drop(unsafe { Box::from_raw(error_slot.as_ptr()) });
             return Err(err);
+        }
+        if peer_error_handling {
+            worker.inner.peer_error_handling.set(Some(true));
         }
         Ok(Self {
             inner: Rc::new(EndpointInner {
@@ -72,7 +107,9 @@ impl Endpoint {
                 error_slot,
                 error_slot_in_use: Cell::new(true),
                 closed_reason: RefCell::new(None),
+                abort_deadline: Cell::new(None),
                 peer_address: peer_address.to_vec(),
+                peer_error_handling,
                 worker: worker.clone(),
             }),
         })
@@ -81,6 +118,12 @@ impl Endpoint {
     /// The packed worker address this endpoint was created from.
     pub fn peer_address(&self) -> &[u8] {
         &self.inner.peer_address
+    }
+
+    /// Whether UCX reports this peer's death (`UCP_ERR_HANDLING_MODE_PEER`); when false, only
+    /// deadlines notice it (see the module doc).
+    pub fn detects_peer_failure(&self) -> bool {
+        self.inner.peer_error_handling
     }
 
     /// The worker this endpoint belongs to.
@@ -97,7 +140,23 @@ impl Endpoint {
     /// UCX stops touching their buffers. UCX cannot cancel a single RMA request, so this is how an
     /// abandoned transfer is stopped. Later calls fail with [`UcxError::EndpointClosed`].
     pub fn abort(&self, reason: &str) {
+        if self.inner.abort_deadline.get().is_none() {
+            self.inner
+                .abort_deadline
+                .set(Some(Instant::now() + ABORT_TIMEOUT));
+        }
         self.inner.close(true, reason);
+    }
+
+    /// How long a get dropped after [`Endpoint::abort`] may still wait for UCX to cancel it. One
+    /// deadline for all of them, so abandoning many gets waits at most [`ABORT_TIMEOUT`] in all.
+    pub(crate) fn abort_wait_left(&self) -> Duration {
+        self.inner
+            .abort_deadline
+            .get()
+            .map_or(ABORT_TIMEOUT, |deadline| {
+                deadline.saturating_duration_since(Instant::now())
+            })
     }
 
     pub(crate) fn live_handle(&self) -> Result<ffi::EpHandle> {
@@ -153,7 +212,10 @@ impl EndpointInner {
             unsafe { ffi::tandem_request_free(request) };
             if !done {
                 // UCX may still call the error callback: keep the slot alive for good.
-                tracing::warn!(force, "UCX endpoint close did not complete within {CLOSE_TIMEOUT:?}");
+                tracing::warn!(
+                    force,
+                    "UCX endpoint close did not complete within {CLOSE_TIMEOUT:?}"
+                );
                 self.error_slot_in_use.set(true);
                 return;
             }

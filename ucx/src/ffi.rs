@@ -22,6 +22,7 @@ unsafe extern "C" {
     pub static tandem_ucs_inprogress: c_int;
     pub static tandem_ucs_err_busy: c_int;
     pub static tandem_ucs_err_canceled: c_int;
+    pub static tandem_ucs_err_unreachable: c_int;
 
     pub fn tandem_ucs_status_string(status: c_int) -> *const c_char;
 
@@ -48,6 +49,7 @@ unsafe extern "C" {
     pub fn tandem_ep_create(
         worker: WorkerHandle,
         address: *const c_void,
+        peer_error_handling: c_int,
         error_slot: *mut c_int,
         ep_out: *mut EpHandle,
     ) -> c_int;
@@ -70,8 +72,11 @@ unsafe extern "C" {
         length_out: *mut usize,
     ) -> c_int;
     pub fn tandem_rkey_buffer_release(buffer: *mut c_void);
-    pub fn tandem_rkey_unpack(ep: EpHandle, buffer: *const c_void, rkey_out: *mut RkeyHandle)
-    -> c_int;
+    pub fn tandem_rkey_unpack(
+        ep: EpHandle,
+        buffer: *const c_void,
+        rkey_out: *mut RkeyHandle,
+    ) -> c_int;
     pub fn tandem_rkey_destroy(rkey: RkeyHandle);
 
     pub fn tandem_get(
@@ -106,6 +111,12 @@ pub fn err_busy() -> c_int {
 pub fn err_canceled() -> c_int {
     // SAFETY: an immutable `const int` defined in the shim.
     unsafe { tandem_ucs_err_canceled }
+}
+
+/// `UCS_ERR_UNREACHABLE`.
+pub fn err_unreachable() -> c_int {
+    // SAFETY: an immutable `const int` defined in the shim.
+    unsafe { tandem_ucs_err_unreachable }
 }
 
 /// UCX's own text for a status (`ucs_status_string`).

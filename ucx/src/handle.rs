@@ -35,7 +35,8 @@ impl RegionHandle {
             return Err(invalid(format!("expected 4 fields, got {}", fields.len())));
         };
         Ok(Self {
-            worker_address: unhex(address).ok_or_else(|| invalid("bad worker address hex".into()))?,
+            worker_address: unhex(address)
+                .ok_or_else(|| invalid("bad worker address hex".into()))?,
             region_address: region_address
                 .parse()
                 .map_err(|e| invalid(format!("region address: {e}")))?,

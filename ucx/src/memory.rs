@@ -85,7 +85,12 @@ impl MemoryRegion {
         let mut length = 0usize;
         // SAFETY: context and memh alive; out pointers valid.
         check("ucp_rkey_pack", unsafe {
-            ffi::tandem_rkey_pack(self.context.inner.handle, self.memh, &mut buffer, &mut length)
+            ffi::tandem_rkey_pack(
+                self.context.inner.handle,
+                self.memh,
+                &mut buffer,
+                &mut length,
+            )
         })?;
         // SAFETY: UCX returned `length` bytes at `buffer`; released right after the copy.
         let packed = unsafe { std::slice::from_raw_parts(buffer.cast::<u8>(), length) }.to_vec();

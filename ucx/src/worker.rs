@@ -10,11 +10,13 @@
 //! emulates it with active messages that the *target* worker must progress) when
 //! `ucp_worker_progress` is called. [`Worker::progress_loop`] drives it without spinning a core:
 //! it progresses until idle, arms the worker (`ucp_worker_arm`) and sleeps on the worker's event
-//! file descriptor (`ucp_worker_get_efd`) through `tokio::io::unix::AsyncFd`. A short tick bounds
-//! the sleep in case a transport completes work without signalling the descriptor. After every
-//! progress round the wakers of pending transfers are woken so they can check their requests.
+//! file descriptor (`ucp_worker_get_efd`) through `tokio::io::unix::AsyncFd`. While requests of
+//! this worker are outstanding a short tick bounds the sleep, in case a transport completes work
+//! without signalling the descriptor; an idle worker sleeps until the descriptor fires or a new
+//! request is issued, so idle workers cost no CPU. After every progress round the wakers of
+//! pending transfers are woken so they can check their requests.
 
-use std::cell::{OnceCell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::convert::Infallible;
 use std::future::Future;
 use std::os::fd::RawFd;
@@ -24,12 +26,14 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
 use crate::context::Context;
 use crate::error::{Result, UcxError, check, status_error};
 use crate::ffi;
 
-/// Longest sleep on the event descriptor before progressing anyway.
+/// Longest sleep on the event descriptor before progressing anyway, while requests are
+/// outstanding.
 const EVENT_WAIT_TICK: Duration = Duration::from_millis(5);
 
 /// Progress calls in a row, while they keep finding work, before yielding to other tasks.
@@ -48,6 +52,14 @@ pub(crate) struct WorkerInner {
     event_fd: OnceCell<AsyncFd<RawFd>>,
     /// Tasks waiting for a request of this worker to complete; woken after each progress round.
     waiters: RefCell<Vec<Waker>>,
+    /// Requests issued on this worker and not yet completed or abandoned.
+    outstanding: Cell<usize>,
+    /// Wakes an idle progress loop when a request is issued (it then ticks until they finish).
+    request_issued: Notify,
+    /// Whether endpoints of this worker can use UCX's peer error handling: unknown until the
+    /// first connect, false once a peer was reachable only without it (see
+    /// [`crate::Endpoint::connect`]), which spares later connects the failing attempt.
+    pub(crate) peer_error_handling: Cell<Option<bool>>,
     /// Keeps the context alive until after `ucp_worker_destroy` (fields drop after `drop`).
     _context: Context,
 }
@@ -65,6 +77,9 @@ impl Worker {
                 handle,
                 event_fd: OnceCell::new(),
                 waiters: RefCell::new(Vec::new()),
+                outstanding: Cell::new(0),
+                request_issued: Notify::new(),
+                peer_error_handling: Cell::new(None),
                 _context: context.clone(),
             }),
         })
@@ -120,10 +135,14 @@ impl Worker {
                 continue;
             }
             check("ucp_worker_arm", armed)?;
-            match tokio::time::timeout(EVENT_WAIT_TICK, event_fd.readable()).await {
-                Ok(Ok(mut guard)) => guard.clear_ready(),
-                Ok(Err(err)) => return Err(UcxError::EventFd(err)),
-                Err(_tick) => {}
+            let busy = self.inner.outstanding.get() > 0;
+            tokio::select! {
+                readable = event_fd.readable() => match readable {
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(err) => return Err(UcxError::EventFd(err)),
+                },
+                () = tokio::time::sleep(EVENT_WAIT_TICK), if busy => {}
+                () = self.inner.request_issued.notified(), if !busy => {}
             }
         }
     }
@@ -154,9 +173,27 @@ impl Worker {
         }
     }
 
+    /// Counts a request issued on this worker until [`Worker::request_finished`]; wakes an idle
+    /// progress loop so it drives the request.
+    pub(crate) fn request_started(&self) {
+        self.inner.outstanding.set(self.inner.outstanding.get() + 1);
+        self.inner.request_issued.notify_one();
+    }
+
+    /// The request counted by [`Worker::request_started`] completed or was abandoned.
+    pub(crate) fn request_finished(&self) {
+        self.inner
+            .outstanding
+            .set(self.inner.outstanding.get().saturating_sub(1));
+    }
+
     /// Progresses synchronously until `done` holds or `timeout` passes; for `Drop` paths, which
     /// cannot await. Returns whether `done` held.
-    pub(crate) fn progress_blocking(&self, timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    pub(crate) fn progress_blocking(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if done() {
