@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::bus_peer::{
     CONTEXT_ERROR, FAKE_BLOCK_BYTES, FAKE_BLOCK_TOKENS, SCRIPT_ANSWER, SCRIPT_CONTEXT_ANSWERS,
-    SCRIPT_CONTEXT_ERROR, SCRIPT_CONTEXT_SILENT, SCRIPT_CONTEXT_VANISHES, SCRIPT_ENDLESS,
-    SCRIPT_ERROR, SCRIPT_PULL_FAILS, SCRIPTED_TEXT, ScriptedBusPeer, fake_handle,
+    SCRIPT_CONTEXT_ERROR, SCRIPT_CONTEXT_SILENT, SCRIPT_CONTEXT_VANISHES, SCRIPT_DECODE_SILENT,
+    SCRIPT_DECODE_VANISHES, SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_PULL_FAILS, SCRIPTED_TEXT,
+    ScriptedBusPeer, fake_handle,
 };
 use common::{ApiServer, NatsServer, SERVED_NAME};
 use serde_json::{Value, json};
@@ -391,4 +392,73 @@ fn a_client_gone_during_the_prefill_cancels_it_on_the_context_worker() {
         "disconnect did not cancel the prefill"
     );
     assert!(d.decode.jobs().is_empty());
+}
+
+/// The SSE events of a streamed chat whose generation fails after the headers: the error
+/// event's `code`.
+fn streamed_error_code(server: &ApiServer, max_tokens: u32) -> String {
+    let stream = server.open_stream("/v1/chat/completions", &streamed_chat(max_tokens));
+    assert_eq!(stream.status, 200);
+    let events = stream.collect();
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    error["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error event: {events:?}"))
+        .to_string()
+}
+
+#[test]
+fn a_decode_worker_that_does_not_take_the_handle_fails_the_request_quickly() {
+    let d = deploy(&["ctx-a"], &[]);
+    let start = Instant::now();
+    // Streamed, the status went out with the context worker's `accepted`.
+    assert_eq!(
+        streamed_error_code(&d.server, SCRIPT_DECODE_SILENT),
+        "worker_unavailable"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let request_id = d.context("ctx-a").jobs()[0].request_id.clone();
+    assert!(
+        d.decode
+            .wait_for_cancel(&request_id, Duration::from_secs(2)),
+        "the late decode job is not cancelled"
+    );
+    // Not streamed: 503.
+    let response = d.server.post_json(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": SCRIPT_DECODE_SILENT}),
+    );
+    assert_eq!(response.status, 503, "{}", response.body);
+    assert_eq!(response.json()["error"]["code"], "worker_unavailable");
+}
+
+#[test]
+fn a_decode_worker_that_dies_mid_stream_ends_the_request_with_an_error() {
+    // A stall timeout longer than the worker timeout: the lost heartbeat is what ends it.
+    let d = deploy(&["ctx-a"], &["--stall-timeout-ms", "5000"]);
+    let start = Instant::now();
+    assert_eq!(
+        streamed_error_code(&d.server, SCRIPT_DECODE_VANISHES),
+        "worker_error"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(!d.decode.heartbeating());
+    let metrics = d.server.get("/metrics").body;
+    assert_eq!(metric(&metrics, "tandem_requests_disaggregated_total"), 1.0);
+    for reason in ["context_timeout", "context_gone", "context_error"] {
+        assert_eq!(metric(&metrics, &fallbacks(reason)), 0.0, "{reason}");
+    }
 }

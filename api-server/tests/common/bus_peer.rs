@@ -47,6 +47,11 @@ pub const SCRIPT_CONTEXT_ERROR: u32 = 23;
 /// The context peer answers `KvReady`; a decode peer reports a failed pull (`kv_pulled` with a
 /// fallback), then answers as [`SCRIPT_ANSWER`].
 pub const SCRIPT_PULL_FAILS: u32 = 24;
+/// The context peer answers `KvReady`; the decode peer never answers the decode job.
+pub const SCRIPT_DECODE_SILENT: u32 = 25;
+/// The context peer answers `KvReady`; the decode peer accepts, reports the pull, sends the
+/// first token, then stops heartbeating and answers nothing more (it died mid-stream).
+pub const SCRIPT_DECODE_VANISHES: u32 = 26;
 
 /// What a context peer says for [`SCRIPT_CONTEXT_ERROR`].
 pub const CONTEXT_ERROR: &str = "the context worker could not export the KV cache: scripted";
@@ -380,7 +385,18 @@ impl Answerer {
         }
         let prompt_tokens = job.prompt_ids.len() as u32;
         match job.stop.max_tokens {
-            SCRIPT_SILENT => {}
+            SCRIPT_SILENT | SCRIPT_DECODE_SILENT => {}
+            SCRIPT_DECODE_VANISHES => {
+                self.send(&job, self.accepted()).await;
+                self.heartbeating.store(false, Ordering::SeqCst);
+                self.send(
+                    &job,
+                    StreamMessage::Tokens {
+                        tokens: scripted_tokens()[..1].to_vec(),
+                    },
+                )
+                .await;
+            }
             SCRIPT_STALL => {
                 self.send(&job, self.accepted()).await;
                 self.send(
