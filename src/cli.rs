@@ -43,8 +43,8 @@ What starts, in order:
      `cuda:N`), with the group's `max_batch_size`, `max_num_tokens`,
      `kv_cache_config.max_tokens` / `block_size` and (context) `cache_transceiver_config`.
      With `context_servers: { num_instances: 0 }`, the generation workers prefill and decode
-     their own requests (`--role both`, worker-0, ...). Without a config: one `both` worker on
-     the CPU.
+     their own requests (`--role both`, worker-0, ...). Without a config: one context and one
+     decode worker on the CPU.
   4. The api-server on `hostname`:`port` (default 127.0.0.1:8000), with `router.policy` and
      `router.worker_timeout_ms`.
 `worker` and `api-server` are taken from the directory of this `tandem` executable, else PATH.
@@ -96,7 +96,7 @@ A config file:
 #[derive(Debug, Args)]
 #[command(long_about = SERVE_LONG_ABOUT, after_long_help = SERVE_EXAMPLES)]
 pub struct ServeArgs {
-    /// Deployment config (YAML); without one: the default model, one CPU worker, port 8000.
+    /// Deployment config (YAML); without one: the default model, one context and one decode CPU worker, port 8000.
     #[arg(short, long, env = "TANDEM_CONFIG", value_name = "CONFIG.yaml")]
     pub config: Option<PathBuf>,
     /// Model directory made by `model-prep` (overrides the config's `model`).

@@ -86,6 +86,8 @@ pub struct Plan {
     pub workers: Vec<WorkerSpec>,
     pub router_policy: RouterPolicy,
     pub worker_timeout_ms: u64,
+    /// Prompts shorter than this are prefilled by the decode worker itself.
+    pub max_local_prefill_length: usize,
     /// Things the operator should know (keys without effect, groups not started).
     pub warnings: Vec<String>,
 }
@@ -99,8 +101,8 @@ pub struct Overrides {
     pub nats: Option<String>,
 }
 
-/// Builds the plan. `config` is `None` when no file was given: then one `both` worker on the
-/// CPU. `model` is already resolved (flag, config or default model); `model_name` is the
+/// Builds the plan. `config` is `None` when no file was given: then the defaults of the config
+/// schema, one context and one decode worker on the CPU (disaggregated, as DESIGN.md fixes). `model` is already resolved (flag, config or default model); `model_name` is the
 /// served name used when neither the flag nor the config names one (else the directory's
 /// name). `cores` sizes the CPU workers' thread pools.
 pub fn plan(
@@ -111,18 +113,13 @@ pub fn plan(
     cores: usize,
 ) -> Plan {
     let defaults = DeploymentConfig::default();
-    let given = config.is_some();
     let config = config.unwrap_or(&defaults);
     let mut warnings = Vec::new();
     for key in config.ignored_keys() {
         warnings.push(format!("config key `{key}` is not used by tandem; ignored"));
     }
 
-    let context_instances = if given {
-        config.context_servers.instances()
-    } else {
-        0
-    };
+    let context_instances = config.context_servers.instances();
     let mut workers = Vec::new();
     for (group, key, group_config, instances) in [
         (
@@ -198,6 +195,7 @@ pub fn plan(
         workers,
         router_policy: config.router.policy,
         worker_timeout_ms: config.router.worker_timeout_ms,
+        max_local_prefill_length: config.router.max_local_prefill_length,
         warnings,
     }
 }
@@ -271,6 +269,10 @@ impl Plan {
             ("--nats", nats_url.to_string()),
             ("--router-policy", policy.to_string()),
             ("--worker-timeout-ms", self.worker_timeout_ms.to_string()),
+            (
+                "--max-local-prefill-length",
+                self.max_local_prefill_length.to_string(),
+            ),
         ] {
             args.extend([flag.into(), value.into()]);
         }
@@ -334,21 +336,28 @@ mod tests {
     }
 
     #[test]
-    fn no_config_is_one_both_worker_on_cpu() {
+    fn no_config_is_one_context_and_one_decode_worker_on_cpu() {
         let plan = plan(None, "/m/smol".into(), None, &Overrides::default(), 8);
-        assert_eq!(plan.workers.len(), 1);
-        assert_eq!(plan.workers[0].role, Role::Both);
-        assert_eq!(plan.workers[0].device, "cpu");
+        let roles: Vec<_> = plan
+            .workers
+            .iter()
+            .map(|w| (w.name.as_str(), w.role))
+            .collect();
+        assert_eq!(
+            roles,
+            [("context-0", Role::Context), ("decode-0", Role::Decode)]
+        );
+        assert!(plan.workers.iter().all(|w| w.device == "cpu"));
         assert_eq!(plan.served_name, "smol");
         assert_eq!(plan.port, 8000);
         assert_eq!(plan.external_nats, None);
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
-        let args = args_of(&plan, 0);
+        let args = args_of(&plan, 1);
         assert_eq!(
             args[..10],
             [
                 "--role",
-                "both",
+                "decode",
                 "--model",
                 "/m/smol",
                 "--nats",
@@ -359,8 +368,20 @@ mod tests {
                 "smol"
             ]
         );
-        // One CPU worker takes every core (the worker's own default).
-        assert!(!args.contains(&"--threads".to_string()), "{args:?}");
+        // The two CPU workers share the host's cores.
+        let threads = args
+            .iter()
+            .position(|a| a == "--threads")
+            .map(|i| &args[i + 1]);
+        assert_eq!(threads.map(String::as_str), Some("4"), "{args:?}");
+        assert_eq!(plan.describe_workers(), "1 context + 1 decode workers");
+        let api: Vec<String> = plan
+            .api_server_args("nats://n:1")
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let at = api.iter().position(|a| a == "--max-local-prefill-length");
+        assert_eq!(at.map(|i| api[i + 1].as_str()), Some("0"), "{api:?}");
     }
 
     #[test]

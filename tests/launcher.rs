@@ -297,7 +297,7 @@ fn the_default_model_is_reused_from_the_cache() {
     let base = format!("http://127.0.0.1:{port}");
     assert!(
         launcher.output().contains(&format!(
-            "{READY_LINE} SmolLM2-135M-Instruct at {base}/v1 (1 worker)"
+            "{READY_LINE} SmolLM2-135M-Instruct at {base}/v1 (1 context + 1 decode workers)"
         )),
         "{}",
         launcher.output()
@@ -329,7 +329,9 @@ fn serves_and_leaves_no_process_behind_on_sigterm() {
     assert!(
         launcher
             .output()
-            .contains(&format!("{READY_LINE} tiny-e2e at {base}/v1 (1 worker)")),
+            .contains(&format!(
+                "{READY_LINE} tiny-e2e at {base}/v1 (1 context + 1 decode workers)"
+            )),
         "{}",
         launcher.output()
     );
@@ -349,13 +351,14 @@ fn serves_and_leaves_no_process_behind_on_sigterm() {
         reply.body
     );
 
-    // nats-server, the worker and the api-server, all the launcher's own children.
+    // nats-server, the context and decode workers and the api-server, all the launcher's own
+    // children.
     let children = children_of(launcher.pid());
     let mut names: Vec<String> = children.iter().map(|&pid| comm(pid)).collect();
     names.sort();
     assert_eq!(
         names,
-        ["api-server", "nats-server", "worker"],
+        ["api-server", "nats-server", "worker", "worker"],
         "{children:?}"
     );
 
@@ -572,10 +575,10 @@ fn not_ready_in_time_stops_everything() {
     let out = output_with(&launcher, ERROR_LINE);
     assert!(!status.success(), "{out}");
     assert!(
-        out.contains("the deployment was not ready within 2 s (1 worker expected;"),
+        out.contains("the deployment was not ready within 2 s (1 context + 1 decode workers expected;"),
         "{out}"
     );
-    let pids: Vec<u32> = ["worker-0", "api-server"]
+    let pids: Vec<u32> = ["context-0", "decode-0", "api-server"]
         .iter()
         .map(|name| pid_of(&launcher, name))
         .collect();
@@ -586,7 +589,7 @@ fn not_ready_in_time_stops_everything() {
 fn the_api_server_dying_stops_everything() {
     let (mut launcher, _base) = serve(&[]);
     let children = children_of(launcher.pid());
-    assert_eq!(children.len(), 3, "{children:?}");
+    assert_eq!(children.len(), 4, "{children:?}");
     let api_server = pid_of(&launcher, "api-server");
     // SAFETY: kill(2) on a pid the launcher reported as its running child.
     assert_eq!(
@@ -636,7 +639,7 @@ fn a_worker_failing_at_start_up_stops_everything() {
 fn killing_the_launcher_takes_its_children_along() {
     let (launcher, _base) = serve(&[]);
     let children = children_of(launcher.pid());
-    assert_eq!(children.len(), 3, "{children:?}");
+    assert_eq!(children.len(), 4, "{children:?}");
     // SIGKILL: the launcher gets no chance to clean up; the kernel's parent-death signal does.
     launcher.signal(libc::SIGKILL);
     assert_all_gone(&children, Duration::from_secs(20));
