@@ -145,6 +145,35 @@ int tandem_mem_map(ucp_context_h context, void *address, size_t length, ucp_mem_
     return ucp_mem_map(context, &params, memh_out);
 }
 
+/* Let UCX allocate and register `length` bytes (UCP_MEM_MAP_ALLOCATE). Over shared memory UCX
+ * then places them in a sysv/posix segment that a peer maps when it unpacks the rkey, so the
+ * peer's gets become plain copies from that mapping instead of the active-message emulation that
+ * user memory gets in UCX 1.13 (its cma transport is not used for ucp_get_nbx). */
+int tandem_mem_alloc(ucp_context_h context, size_t length, ucp_mem_h *memh_out,
+                     void **address_out) {
+    ucp_mem_map_params_t params;
+    memset(&params, 0, sizeof(params));
+    params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                        UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+    params.address = NULL;
+    params.length = length;
+    params.flags = UCP_MEM_MAP_ALLOCATE;
+    ucs_status_t status = ucp_mem_map(context, &params, memh_out);
+    if (status != UCS_OK) {
+        return status;
+    }
+    ucp_mem_attr_t attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+    status = ucp_mem_query(*memh_out, &attr);
+    if (status != UCS_OK || attr.length < length) {
+        ucp_mem_unmap(context, *memh_out);
+        return status != UCS_OK ? status : UCS_ERR_NO_MEMORY;
+    }
+    *address_out = attr.address;
+    return UCS_OK;
+}
+
 int tandem_mem_unmap(ucp_context_h context, ucp_mem_h memh) { return ucp_mem_unmap(context, memh); }
 
 int tandem_rkey_pack(ucp_context_h context, ucp_mem_h memh, void **buffer_out,

@@ -64,6 +64,12 @@ unsafe extern "C" {
         length: usize,
         memh_out: *mut MemHandle,
     ) -> c_int;
+    pub fn tandem_mem_alloc(
+        context: ContextHandle,
+        length: usize,
+        memh_out: *mut MemHandle,
+        address_out: *mut *mut c_void,
+    ) -> c_int;
     pub fn tandem_mem_unmap(context: ContextHandle, memh: MemHandle) -> c_int;
     pub fn tandem_rkey_pack(
         context: ContextHandle,

@@ -19,9 +19,17 @@ pub struct MemoryRegion {
     memh: ffi::MemHandle,
     address: *mut u8,
     length: usize,
-    /// Present when the region owns its memory ([`MemoryRegion::from_vec`]); dropped after the
-    /// unmap in `Drop`.
-    owned: Option<Box<[u8]>>,
+    /// Who owns the bytes; a `Vec` backing is dropped after the unmap in `Drop`.
+    backing: Backing,
+}
+
+enum Backing {
+    /// The caller's memory ([`MemoryRegion::register`]).
+    Caller,
+    /// Taken over from a `Vec` ([`MemoryRegion::from_vec`]).
+    Vec(#[allow(dead_code)] Box<[u8]>),
+    /// Allocated by UCX ([`MemoryRegion::allocate`]), freed by the unmap.
+    Ucx,
 }
 
 impl MemoryRegion {
@@ -31,12 +39,7 @@ impl MemoryRegion {
     /// The memory must stay allocated until this region is dropped; peers holding the packed
     /// rkey may read it at any time until then.
     pub unsafe fn register(context: &Context, address: *mut u8, length: usize) -> Result<Self> {
-        if length == 0 {
-            return Err(UcxError::Invalid {
-                what: "memory region",
-                reason: "zero length".into(),
-            });
-        }
+        check_length(length)?;
         let mut memh = std::ptr::null_mut();
         // SAFETY: context alive; the caller guarantees the memory range.
         check("ucp_mem_map", unsafe {
@@ -47,7 +50,7 @@ impl MemoryRegion {
             memh,
             address,
             length,
-            owned: None,
+            backing: Backing::Caller,
         })
     }
 
@@ -55,10 +58,36 @@ impl MemoryRegion {
     pub fn from_vec(context: &Context, bytes: Vec<u8>) -> Result<Self> {
         let mut owned = bytes.into_boxed_slice();
         let (address, length) = (owned.as_mut_ptr(), owned.len());
-        // SAFETY: the boxed slice never moves and is freed only after the unmap (field `owned`).
+        // SAFETY: the boxed slice never moves and is freed only after the unmap (`backing`).
         let mut region = unsafe { Self::register(context, address, length)? };
-        region.owned = Some(owned);
+        region.backing = Backing::Vec(owned);
         Ok(region)
+    }
+
+    /// `length` zeroed bytes allocated and registered by UCX (`UCP_MEM_MAP_ALLOCATE`); fill them
+    /// through [`MemoryRegion::bytes_mut`]. The staging buffer to prefer for exports: over shared
+    /// memory UCX 1.13 places it in a segment the peer maps, and the peer's gets are plain copies
+    /// (several times the bandwidth of registered user memory, which UCX reads through
+    /// active-message emulation; see docs/benchmarks.md).
+    pub fn allocate(context: &Context, length: usize) -> Result<Self> {
+        check_length(length)?;
+        let mut memh = std::ptr::null_mut();
+        let mut address = std::ptr::null_mut();
+        // SAFETY: context alive; out pointers valid.
+        check("ucp_mem_map(ALLOCATE)", unsafe {
+            ffi::tandem_mem_alloc(context.inner.handle, length, &mut memh, &mut address)
+        })?;
+        let address = address.cast::<u8>();
+        // SAFETY: UCX allocated at least `length` writable bytes at `address`, ours until the
+        // unmap; zeroed so no uninitialised byte is ever exposed through `bytes`.
+        unsafe { std::ptr::write_bytes(address, 0, length) };
+        Ok(Self {
+            context: context.clone(),
+            memh,
+            address,
+            length,
+            backing: Backing::Ucx,
+        })
     }
 
     /// Address of the first byte, as peers pass it to a get.
@@ -74,9 +103,28 @@ impl MemoryRegion {
         self.length == 0
     }
 
-    /// The owned bytes, for regions made with [`MemoryRegion::from_vec`].
+    /// The bytes of a region this crate owns ([`MemoryRegion::from_vec`],
+    /// [`MemoryRegion::allocate`]); `None` for caller memory.
     pub fn owned_bytes(&self) -> Option<&[u8]> {
-        self.owned.as_deref()
+        match self.backing {
+            Backing::Caller => None,
+            // SAFETY: `length` initialised bytes owned by this region, alive while it is.
+            Backing::Vec(_) | Backing::Ucx => {
+                Some(unsafe { std::slice::from_raw_parts(self.address, self.length) })
+            }
+        }
+    }
+
+    /// Mutable access to an owned region's bytes, to fill a staging buffer. Peers may read the
+    /// region concurrently once its rkey is out: fill it before publishing the rkey.
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match self.backing {
+            Backing::Caller => None,
+            // SAFETY: as in `owned_bytes`, and `&mut self` makes the access exclusive here.
+            Backing::Vec(_) | Backing::Ucx => {
+                Some(unsafe { std::slice::from_raw_parts_mut(self.address, self.length) })
+            }
+        }
     }
 
     /// The packed remote key a peer needs (with [`Self::address`] and [`Self::len`]) to read it.
@@ -98,6 +146,16 @@ impl MemoryRegion {
         unsafe { ffi::tandem_rkey_buffer_release(buffer) };
         Ok(packed)
     }
+}
+
+fn check_length(length: usize) -> Result<()> {
+    if length == 0 {
+        return Err(UcxError::Invalid {
+            what: "memory region",
+            reason: "zero length".into(),
+        });
+    }
+    Ok(())
 }
 
 impl Drop for MemoryRegion {

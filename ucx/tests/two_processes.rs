@@ -18,9 +18,9 @@ const PULL_TIMEOUT: Duration = Duration::from_secs(20);
 const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(3);
 const ABORT_SLACK: Duration = Duration::from_secs(4);
 
-fn pull_from_peer_then_peer_dies(tls: &str) {
+fn pull_from_peer_then_peer_dies(tls: &str, allocation: &str) {
     let seed = 0x5eed_0000 + tls.len() as u64;
-    let mut peer = Peer::spawn(tls, REGION_BYTES, seed);
+    let mut peer = Peer::spawn(tls, REGION_BYTES, seed, allocation);
     let handle = peer.handle.clone();
     run_local(async {
         let context = Context::with_config(&[("TLS", tls)]).expect("ucp_init");
@@ -86,16 +86,26 @@ fn pull_from_peer_then_peer_dies(tls: &str) {
 
 #[test]
 fn pull_from_another_process_over_shm() {
-    pull_from_peer_then_peer_dies("shm");
+    pull_from_peer_then_peer_dies("shm", "vec");
 }
 
 #[test]
 fn pull_from_another_process_over_tcp() {
-    pull_from_peer_then_peer_dies("tcp");
+    pull_from_peer_then_peer_dies("tcp", "vec");
+}
+
+#[test]
+fn pull_ucx_allocated_memory_from_another_process_over_shm() {
+    pull_from_peer_then_peer_dies("shm", "ucx");
+}
+
+#[test]
+fn pull_ucx_allocated_memory_from_another_process_over_tcp() {
+    pull_from_peer_then_peer_dies("tcp", "ucx");
 }
 
 #[test]
 fn peer_exits_cleanly_when_told() {
-    let peer = Peer::spawn("shm", 4096, 1);
+    let peer = Peer::spawn("shm", 4096, 1, "vec");
     assert!(peer.finish(), "tandem-ucx-peer exited with an error");
 }

@@ -29,9 +29,10 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn spawn(tls: &str, bytes: usize, seed: u64) -> Peer {
+    /// `allocation`: `vec` (registered user memory) or `ucx` (allocated by UCX).
+    pub fn spawn(tls: &str, bytes: usize, seed: u64, allocation: &str) -> Peer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tandem-ucx-peer"))
-            .args([bytes.to_string(), seed.to_string()])
+            .args([bytes.to_string(), seed.to_string(), allocation.to_string()])
             .env("UCX_TLS", tls)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -49,11 +50,19 @@ impl Peer {
                 rkey: Vec::new(),
             },
         };
-        // The peer prints its handle line, or exits (EOF) on failure: this read ends either way.
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("reading the peer's handle line");
+        // The peer prints its handle line (among UCX's own log lines), or exits (EOF) on failure:
+        // this loop ends either way.
+        let mut lines = BufReader::new(stdout).lines();
+        let line = loop {
+            match lines.next() {
+                Some(Ok(line)) => match line.strip_prefix("HANDLE ") {
+                    Some(handle) => break handle.to_string(),
+                    None => eprintln!("peer: {line}"),
+                },
+                Some(Err(e)) => panic!("reading the peer's stdout: {e}"),
+                None => panic!("the peer (UCX_TLS={tls}) exited without printing its handle"),
+            }
+        };
         peer.handle = RegionHandle::parse_line(&line)
             .unwrap_or_else(|e| panic!("peer (UCX_TLS={tls}) printed {line:?}: {e}"));
         assert_eq!(peer.handle.region_length, bytes);
