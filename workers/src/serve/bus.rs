@@ -203,8 +203,12 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
     unsubscribe(cancels).await;
     unsubscribe(releases).await;
     worker.wait_for_streams(Duration::from_secs(5)).await;
-    if let Err(e) = client.flush().await {
-        tracing::warn!("flushing the NATS connection: {e}");
+    match tokio::time::timeout(PUBLISH_TIMEOUT, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("flushing the NATS connection: {e}"),
+        Err(_) => {
+            tracing::warn!("flushing the NATS connection: no answer within {PUBLISH_TIMEOUT:?}")
+        }
     }
     tracing::info!(worker_id = settings.worker_id, "left the deployment");
     Ok(())
@@ -228,8 +232,10 @@ async fn termination(
 }
 
 async fn unsubscribe(mut subscriber: Subscriber) {
-    if let Err(e) = subscriber.unsubscribe().await {
-        tracing::warn!("unsubscribing: {e}");
+    match tokio::time::timeout(PUBLISH_TIMEOUT, subscriber.unsubscribe()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("unsubscribing: {e}"),
+        Err(_) => tracing::warn!("unsubscribing: NATS did not answer within {PUBLISH_TIMEOUT:?}"),
     }
 }
 
@@ -254,19 +260,41 @@ struct Worker {
     pulling: Mutex<HashMap<String, bool>>,
 }
 
+/// How long one publish may wait. async-nats buffers publishes while it reconnects and makes
+/// callers wait once that buffer is full; a worker cut off from NATS must still notice signals
+/// and finish its drain, so no publish waits longer than this.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Publishes `payload` on `subject`, giving up (with a warning) after [`PUBLISH_TIMEOUT`].
+async fn publish_bounded(client: &Client, subject: String, payload: Vec<u8>, what: &str) {
+    match tokio::time::timeout(
+        PUBLISH_TIMEOUT,
+        client.publish(subject.clone(), payload.into()),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(subject, "publishing {what}: {e}"),
+        Err(_) => tracing::warn!(
+            subject,
+            "publishing {what}: NATS did not take it within {PUBLISH_TIMEOUT:?}"
+        ),
+    }
+}
+
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Worker {
     async fn publish(&self, subject: String, message: &StreamMessage) {
-        if let Err(e) = self
-            .client
-            .publish(subject.clone(), messages::encode(message).into())
-            .await
-        {
-            tracing::warn!(subject, "publishing a stream message: {e}");
-        }
+        publish_bounded(
+            &self.client,
+            subject,
+            messages::encode(message),
+            "a stream message",
+        )
+        .await;
     }
 
     /// Requests in flight (engine, pull, staged exports, backlog): the drain waits for none.
@@ -717,16 +745,13 @@ impl Worker {
         let release = KvRelease {
             request_id: request_id.to_owned(),
         };
-        if let Err(e) = self
-            .client
-            .publish(
-                self.subjects.kv_release(&handle.worker_id),
-                messages::encode(&release).into(),
-            )
-            .await
-        {
-            tracing::warn!(request_id, "publishing a KV release: {e}");
-        }
+        publish_bounded(
+            &self.client,
+            self.subjects.kv_release(&handle.worker_id),
+            messages::encode(&release),
+            "a KV release",
+        )
+        .await;
     }
 
     async fn cancel(self: &Arc<Self>, payload: &[u8]) {
@@ -788,13 +813,13 @@ impl Worker {
         let subject = self
             .subjects
             .heartbeat(self.settings.role, &self.settings.worker_id);
-        if let Err(e) = self
-            .client
-            .publish(subject, messages::encode(&heartbeat).into())
-            .await
-        {
-            tracing::warn!("publishing a heartbeat: {e}");
-        }
+        publish_bounded(
+            &self.client,
+            subject,
+            messages::encode(&heartbeat),
+            "a heartbeat",
+        )
+        .await;
     }
 
     /// Waits (bounded) until the forwarding tasks have published their last messages.
@@ -824,12 +849,13 @@ async fn forward(
         }
         for message in stream_messages(batch, with_logprobs) {
             ended |= is_last(&message);
-            if let Err(e) = client
-                .publish(subject.clone(), messages::encode(&message).into())
-                .await
-            {
-                tracing::warn!(request_id, "publishing tokens: {e}");
-            }
+            publish_bounded(
+                &client,
+                subject.clone(),
+                messages::encode(&message),
+                "tokens",
+            )
+            .await;
         }
         if ended {
             break;
@@ -840,9 +866,7 @@ async fn forward(
         let message = StreamMessage::Error {
             message: "the worker's engine stopped unexpectedly".into(),
         };
-        let _ = client
-            .publish(subject, messages::encode(&message).into())
-            .await;
+        publish_bounded(&client, subject, messages::encode(&message), "an error").await;
     }
     lock(&in_flight).remove(&request_id);
 }
