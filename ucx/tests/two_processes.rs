@@ -47,6 +47,13 @@ fn pull_from_peer_then_peer_dies(tls: &str, allocation: &str) {
         assert_pattern(&pulled, seed);
         assert_eq!(endpoints.len(), 1);
 
+        // One get of the whole region: over shm with user memory the peer answers in many
+        // FIFO-sized messages, and must keep progressing when the FIFO frees up.
+        let pulled = pull_region(&again, &handle, REGION_BYTES, PULL_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("single-get pull over {tls}: {e}"));
+        assert_pattern(&pulled, seed);
+
         // The peer dies without closing anything: the pull must end with an error, not hang.
         // Over tcp UCX's peer error handling reports the death; over shm (no peer failure
         // detection in UCX 1.13) the pull's deadline ends it.

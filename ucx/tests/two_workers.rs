@@ -94,6 +94,7 @@ fn two_workers(tls: &str) {
             .expect("pull on the new endpoint");
         assert_pattern(&pulled, seed);
         assert_eq!(endpoints.len(), 1);
+        assert_eq!(client.outstanding_requests(), 0);
     });
 }
 
