@@ -131,6 +131,13 @@ int tandem_ep_close(ucp_ep_h ep, int force, void **request_out) {
     return tandem_status_ptr(ucp_ep_close_nbx(ep, &param), request_out);
 }
 
+/* Flush: completes once every operation issued on the endpoint so far has completed remotely. */
+int tandem_ep_flush(ucp_ep_h ep, void **request_out) {
+    ucp_request_param_t param;
+    memset(&param, 0, sizeof(param));
+    return tandem_status_ptr(ucp_ep_flush_nbx(ep, &param), request_out);
+}
+
 int tandem_request_check_status(void *request) { return ucp_request_check_status(request); }
 
 void tandem_request_free(void *request) { ucp_request_free(request); }

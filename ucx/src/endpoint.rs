@@ -159,6 +159,31 @@ impl Endpoint {
             })
     }
 
+    /// `ucp_ep_flush_nbx`: resolves once every operation issued on this endpoint so far has
+    /// completed at the peer. Gets need no flush (their futures resolve when the data has
+    /// landed); this is for callers that want a round trip to a live peer, e.g. before telling it
+    /// to release memory. Somebody must progress the worker meanwhile. Dropping the future early
+    /// leaves the flush to finish inside UCX (it touches no caller memory).
+    pub async fn flush(&self) -> Result<()> {
+        let ep = self.live_handle()?;
+        let mut request = std::ptr::null_mut();
+        // SAFETY: live endpoint of this worker; out pointer valid.
+        let status = unsafe { ffi::tandem_ep_flush(ep, &mut request) };
+        if status == ffi::ok() {
+            return Ok(());
+        }
+        if status != ffi::in_progress() {
+            return Err(status_error("ucp_ep_flush_nbx", status));
+        }
+        let pending = PendingRequest::new(self.worker(), request);
+        let status = std::future::poll_fn(|cx| pending.poll_status(cx)).await;
+        if status == ffi::ok() {
+            Ok(())
+        } else {
+            Err(status_error("ucp_ep_flush_nbx", status))
+        }
+    }
+
     pub(crate) fn live_handle(&self) -> Result<ffi::EpHandle> {
         self.inner.live_handle()
     }
@@ -234,6 +259,54 @@ impl Drop for EndpointInner {
             // holds the pointer.
             drop(unsafe { Box::from_raw(self.error_slot.as_ptr()) });
         }
+    }
+}
+
+/// A UCX request that writes no caller memory (flush), freed when dropped: UCX releases a
+/// request freed before completion once it completes.
+struct PendingRequest {
+    worker: Worker,
+    request: Cell<ffi::RequestHandle>,
+}
+
+impl PendingRequest {
+    fn new(worker: &Worker, request: ffi::RequestHandle) -> Self {
+        worker.request_started();
+        Self {
+            worker: worker.clone(),
+            request: Cell::new(request),
+        }
+    }
+
+    /// The request's status once it is no longer in progress.
+    fn poll_status(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<c_int> {
+        let request = self.request.get();
+        if request.is_null() {
+            return std::task::Poll::Ready(ffi::err_canceled());
+        }
+        // SAFETY: the request is alive until freed in `release`.
+        let status = unsafe { ffi::tandem_request_check_status(request) };
+        if status == ffi::in_progress() {
+            self.worker.register_waiter(cx.waker());
+            return std::task::Poll::Pending;
+        }
+        self.release();
+        std::task::Poll::Ready(status)
+    }
+
+    fn release(&self) {
+        let request = self.request.replace(std::ptr::null_mut());
+        if !request.is_null() {
+            // SAFETY: a request returned by UCX, freed once (swapped out).
+            unsafe { ffi::tandem_request_free(request) };
+            self.worker.request_finished();
+        }
+    }
+}
+
+impl Drop for PendingRequest {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -55,6 +55,7 @@ unsafe extern "C" {
     ) -> c_int;
     pub fn tandem_ep_close(ep: EpHandle, force: c_int, request_out: *mut RequestHandle) -> c_int;
 
+    pub fn tandem_ep_flush(ep: EpHandle, request_out: *mut RequestHandle) -> c_int;
     pub fn tandem_request_check_status(request: RequestHandle) -> c_int;
     pub fn tandem_request_free(request: RequestHandle);
 

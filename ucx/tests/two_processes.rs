@@ -46,6 +46,7 @@ fn pull_from_peer_then_peer_dies(tls: &str, allocation: &str) {
             .unwrap_or_else(|e| panic!("second pull over {tls}: {e}"));
         assert_pattern(&pulled, seed);
         assert_eq!(endpoints.len(), 1);
+        again.flush().await.expect("flush to a live peer");
 
         // One get of the whole region: over shm with user memory the peer answers in many
         // FIFO-sized messages, and must keep progressing when the FIFO frees up.
