@@ -167,8 +167,17 @@ fn run(
         while let Some(command) = commands.recv().await {
             match command {
                 Command::Export { kv, reply } => {
-                    let exported = MemoryRegion::from_vec(&context, kv)
-                        .and_then(|region| Ok((region.pack_rkey()?, region)))
+                    // Memory UCX allocates (a shared segment) rather than the registered Vec:
+                    // over shm a reader then maps it and copies on its own, where registered
+                    // user memory is served by messages this process must handle (15-25x
+                    // slower here, docs/benchmarks.md).
+                    let exported = MemoryRegion::allocate(&context, kv.len())
+                        .and_then(|mut region| {
+                            if let Some(bytes) = region.bytes_mut() {
+                                bytes.copy_from_slice(&kv);
+                            }
+                            Ok((region.pack_rkey()?, region))
+                        })
                         .map_err(|e| backend_error("registering the KV buffer", e))
                         .map(|(rkey, region)| {
                             let id = next_id;
