@@ -6,10 +6,16 @@ use std::path::PathBuf;
 use tandem_protocol::config::DeploymentConfig;
 
 fn load(name: &str) -> DeploymentConfig {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/configs").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/configs")
+        .join(name);
     let config = DeploymentConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
     config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert!(config.ignored_keys().is_empty(), "{name}: {:?}", config.ignored_keys());
+    assert!(
+        config.ignored_keys().is_empty(),
+        "{name}: {:?}",
+        config.ignored_keys()
+    );
     config
 }
 

@@ -327,11 +327,9 @@ fn the_default_model_is_reused_from_the_cache() {
 fn serves_and_leaves_no_process_behind_on_sigterm() {
     let (mut launcher, base) = serve(&["--served-model-name", "tiny-e2e"]);
     assert!(
-        launcher
-            .output()
-            .contains(&format!(
-                "{READY_LINE} tiny-e2e at {base}/v1 (1 context + 1 decode workers)"
-            )),
+        launcher.output().contains(&format!(
+            "{READY_LINE} tiny-e2e at {base}/v1 (1 context + 1 decode workers)"
+        )),
         "{}",
         launcher.output()
     );
@@ -575,7 +573,9 @@ fn not_ready_in_time_stops_everything() {
     let out = output_with(&launcher, ERROR_LINE);
     assert!(!status.success(), "{out}");
     assert!(
-        out.contains("the deployment was not ready within 2 s (1 context + 1 decode workers expected;"),
+        out.contains(
+            "the deployment was not ready within 2 s (1 context + 1 decode workers expected;"
+        ),
         "{out}"
     );
     let pids: Vec<u32> = ["context-0", "decode-0", "api-server"]

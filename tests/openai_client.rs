@@ -39,8 +39,15 @@ fn check_openai_importable() {
 /// Pids of `root`'s descendants, from /proc.
 fn descendants(root: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc is readable").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+    for entry in std::fs::read_dir("/proc")
+        .expect("/proc is readable")
+        .flatten()
+    {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
@@ -58,7 +65,12 @@ fn descendants(root: u32) -> Vec<u32> {
     let mut i = 0;
     while i < found.len() {
         let parent = found[i];
-        found.extend(parents.iter().filter(|(_, p)| *p == parent).map(|(c, _)| *c));
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
         i += 1;
     }
     found.remove(0);
@@ -106,7 +118,8 @@ fn openai_client_works_unchanged_against_tandem_serve() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_conformance.py");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_conformance.py");
     let output = python()
         .arg(&script)
         .arg(format!("http://127.0.0.1:{port}/v1"))
@@ -142,13 +155,19 @@ fn openai_client_works_unchanged_against_tandem_serve() {
     );
     tandem.signal(libc::SIGTERM);
     let status = tandem.wait_exit(Duration::from_secs(60));
-    assert!(status.success(), "tandem exits cleanly on SIGTERM: {status}");
+    assert!(
+        status.success(),
+        "tandem exits cleanly on SIGTERM: {status}"
+    );
     let start = std::time::Instant::now();
     while children.iter().any(|&pid| alive(pid)) {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "processes left behind after tandem exited: {:?}",
-            children.iter().filter(|&&pid| alive(pid)).collect::<Vec<_>>()
+            children
+                .iter()
+                .filter(|&&pid| alive(pid))
+                .collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -135,9 +135,7 @@ fn concurrent_streams_each_get_the_tokens_they_get_alone() {
     };
     let alone: Vec<Streamed> = (0..REQUESTS).map(run).collect();
     let together: Vec<Streamed> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..REQUESTS)
-            .map(|i| scope.spawn(move || run(i)))
-            .collect();
+        let handles: Vec<_> = (0..REQUESTS).map(|i| scope.spawn(move || run(i))).collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("a request thread panicked"))
@@ -148,7 +146,10 @@ fn concurrent_streams_each_get_the_tokens_they_get_alone() {
             !alone.tokens.is_empty() && alone.finish_reason.is_some(),
             "request {i}: {alone:?}"
         );
-        assert_eq!(alone, together, "request {i} differs when batched with others");
+        assert_eq!(
+            alone, together,
+            "request {i} differs when batched with others"
+        );
     }
 }
 
@@ -199,7 +200,10 @@ fn hand_started_workers_join_take_traffic_and_drain_on_sigterm() {
             .collect();
         let start = Instant::now();
         while started.load(std::sync::atomic::Ordering::SeqCst) < REQUESTS {
-            assert!(start.elapsed() < Duration::from_secs(120), "streams did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "streams did not start"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(
@@ -215,10 +219,17 @@ fn hand_started_workers_join_take_traffic_and_drain_on_sigterm() {
             .collect()
     });
     for (i, result) in results.iter().enumerate() {
-        assert_eq!(result.finish_reason.as_deref(), Some("length"), "request {i}");
+        assert_eq!(
+            result.finish_reason.as_deref(),
+            Some("length"),
+            "request {i}"
+        );
     }
     let status = first.wait_exit(Duration::from_secs(30));
-    assert!(status.success(), "the drained worker exits cleanly: {status}");
+    assert!(
+        status.success(),
+        "the drained worker exits cleanly: {status}"
+    );
     assert!(first.output().contains("left the deployment"));
 
     // It has left: the api-server routes everything to the other one.
@@ -256,9 +267,8 @@ fn a_killed_worker_fails_its_requests_quickly_and_traffic_moves_on() {
                     });
                     let mut events = Vec::new();
                     let start = Instant::now();
-                    let (_, all) = http.post_stream("/v1/chat/completions", &request, |e| {
-                        events.push(e.clone())
-                    });
+                    let (_, all) = http
+                        .post_stream("/v1/chat/completions", &request, |e| events.push(e.clone()));
                     let elapsed = start.elapsed();
                     let error = all.iter().find(|e| e.get("error").is_some()).cloned();
                     let mut streamed = collect_stream(

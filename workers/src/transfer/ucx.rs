@@ -265,7 +265,9 @@ mod tests {
     async fn exports_and_pulls_through_ucx_in_one_process() {
         let exporter = UcxTransport::start().expect("UCX starts (libucx installed)");
         let puller = UcxTransport::start().expect("a second UCX worker starts");
-        let data: Vec<u8> = (0..(3 << 20) as u32).map(|i| ((i * 31) >> 3) as u8).collect();
+        let data: Vec<u8> = (0..(3 << 20) as u32)
+            .map(|i| ((i * 31) >> 3) as u8)
+            .collect();
         let exported = exporter.export(data.clone()).await.unwrap();
         let block = 64 * 1024;
         let remote = RemoteKv {
