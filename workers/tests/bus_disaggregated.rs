@@ -392,3 +392,58 @@ fn handles_serialize_with_their_layout() {
     assert_eq!(json["layout"]["block_bytes"], 368640);
     assert_eq!(serde_json::from_value::<KvHandle>(json).unwrap(), handle);
 }
+
+#[tokio::test]
+async fn a_layout_mismatch_is_an_error_never_garbage() {
+    let (_nats, url) = start_nats();
+    let _context = start_worker(&url, "context", "ctx", &[]);
+    // Same model, other block size: the handle's layout differs from the decode worker's.
+    let _decode = start_worker(&url, "decode", "dec", &["--block-size", "32"]);
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let subjects = Subjects::new(SERVED);
+    let expected = reference("Hi", 4, None);
+    let mut job = job("mismatch", prompt_ids(&expected), 4, None);
+    let mut stream = client.subscribe(job.stream_subject.clone()).await.unwrap();
+    client
+        .publish(
+            subjects.prefill_direct("ctx"),
+            messages::encode(&job).into(),
+        )
+        .await
+        .unwrap();
+    let prefill = read_until(&mut stream, |m| matches!(m, StreamMessage::KvReady { .. })).await;
+    let Some(StreamMessage::KvReady { handle }) = prefill.last().cloned() else {
+        unreachable!()
+    };
+    job.kv = Some(handle);
+    client
+        .publish(
+            subjects.generate_direct("dec"),
+            messages::encode(&job).into(),
+        )
+        .await
+        .unwrap();
+    let decode = read_until(&mut stream, |m| {
+        matches!(
+            m,
+            StreamMessage::Finished { .. } | StreamMessage::Error { .. }
+        )
+    })
+    .await;
+    assert!(
+        !decode
+            .iter()
+            .any(|m| matches!(m, StreamMessage::Tokens { .. })),
+        "no token from a mismatched cache: {decode:?}"
+    );
+    match decode.last() {
+        Some(StreamMessage::Error { message }) => {
+            assert!(message.contains("KV layout mismatch"), "{message}");
+            assert!(
+                message.contains("block_size: 16") && message.contains("block_size: 32"),
+                "{message}"
+            );
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
