@@ -12,6 +12,10 @@
 //! like any other. A `context` worker takes prefill jobs instead ([`super::context`]), and also
 //! listens for releases of its exports and expires them.
 //!
+//! Here: the loop, job intake, local requests, cancellation, heartbeats. [`prefill`]: the
+//! context role's prefills, exports, releases and expiry. [`pull`]: the decode side's pull and
+//! import of a handle.
+//!
 //! Drain on SIGTERM/SIGINT: the queue-group subscription is dropped at once and a heartbeat
 //! with `draining: true` goes out, so api-servers stop routing here; jobs already routed to the
 //! direct subject (published before the api-server saw that heartbeat) are still taken. Once
@@ -25,23 +29,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::{Client, Subscriber};
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    self, CancelRequest, GenerateJob, Heartbeat, KvHandle, KvRelease, StreamMessage, TokenEvent,
-    Usage as WireUsage, WorkerRole,
+    self, CancelRequest, GenerateJob, Heartbeat, StreamMessage, WorkerRole,
 };
 use tandem_protocol::subjects::{CONTEXT_QUEUE_GROUP, DECODE_QUEUE_GROUP, Subjects};
 use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use super::context::{HandleSource, StagingBuffer, kv_handle, layout_spec};
+mod prefill;
+mod pull;
+
+use super::context::StagingBuffer;
 use super::job::generation_request;
 use super::stream::{is_last, stream_messages};
-use crate::engine::{
-    EngineError, EngineEvent, EngineHandle, EventKind, ImportedPrefill, RequestId,
-};
+use crate::engine::{EngineError, EngineEvent, EngineHandle, RequestId};
 use crate::kv_cache::KvLayout;
-use crate::sampler::SampledToken;
-use crate::transfer::{KvTransport, RemoteKv, from_hex};
+use crate::transfer::KvTransport;
 
 #[derive(Debug, Error)]
 pub enum BusError {
@@ -412,346 +415,6 @@ impl Worker {
                 .await;
             }
         }
-    }
-
-    /// Context role: runs the prompt as a prefill-only request with a fixed seed; a task
-    /// exports its K/V and answers `kv_ready` (or the whole answer, if it ends at once).
-    async fn start_prefill(self: &Arc<Self>, job: GenerateJob) {
-        let prompt_tokens = job.prompt_ids.len();
-        let mut request = generation_request(&job, &self.settings.model_stop_ids);
-        if job.stop.max_tokens <= 1 {
-            // Nothing is left for a decode worker: answer here.
-            locked(&self.staging).unreserve(prompt_tokens);
-            self.start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
-                .await;
-            return;
-        }
-        let seed = request.sampling.seed.unwrap_or_else(rand::random);
-        request.sampling.seed = Some(seed);
-        request.prefill_only = true;
-        let (sink, events) = mpsc::unbounded_channel::<EngineEvent>();
-        let mut in_flight = lock(&self.in_flight);
-        match self.engine.submit_with_sink(request, sink) {
-            Ok(engine_id) => {
-                in_flight.insert(job.request_id.clone(), engine_id);
-                drop(in_flight);
-                tracing::debug!(request_id = job.request_id, prompt_tokens, "prefill queued");
-                let worker = Arc::clone(self);
-                tokio::spawn(
-                    async move { worker.finish_prefill(job, engine_id, seed, events).await },
-                );
-            }
-            Err(e) => {
-                drop(in_flight);
-                locked(&self.staging).unreserve(prompt_tokens);
-                self.publish(
-                    job.stream_subject.clone(),
-                    &StreamMessage::Error {
-                        message: format!("the context worker cannot take the request: {e}"),
-                    },
-                )
-                .await;
-            }
-        }
-    }
-
-    /// Context role: waits for the prefill's first token and end, then exports and answers.
-    async fn finish_prefill(
-        self: Arc<Self>,
-        job: GenerateJob,
-        engine_id: RequestId,
-        seed: u64,
-        mut events: mpsc::UnboundedReceiver<EngineEvent>,
-    ) {
-        let prompt_tokens = job.prompt_ids.len();
-        let mut seen = Vec::new();
-        let mut outcome = None;
-        while let Some(event) = events.recv().await {
-            let finished = event.is_finished();
-            seen.push(event);
-            if finished {
-                outcome = seen.last().cloned();
-                break;
-            }
-        }
-        let messages = match outcome.map(|e| e.kind) {
-            Some(EventKind::Finished {
-                retained_kv: Some(retained),
-                ..
-            }) => {
-                let first = seen.iter().find_map(|e| match &e.kind {
-                    EventKind::Token {
-                        id,
-                        text_delta,
-                        logprob,
-                        top_logprobs,
-                    } => Some(TokenEvent {
-                        id: *id,
-                        text: text_delta.clone(),
-                        logprob: Some(*logprob),
-                        top_logprobs: top_logprobs.clone(),
-                    }),
-                    _ => None,
-                });
-                match (first, self.export(engine_id).await) {
-                    (Some(first), Ok(exported)) => {
-                        let expires =
-                            unix_ms() + self.settings.kv_transfer_timeout.as_millis() as u64;
-                        let handle = kv_handle(
-                            &HandleSource {
-                                worker_id: &self.settings.worker_id,
-                                backend: self.settings.transport.backend(),
-                                layout: &self.settings.layout,
-                            },
-                            &exported,
-                            retained.num_tokens,
-                            first,
-                            seed,
-                            expires,
-                        );
-                        locked(&self.staging).stage(
-                            job.request_id.clone(),
-                            exported,
-                            prompt_tokens,
-                            retained.block_table.len(),
-                        );
-                        tracing::debug!(
-                            request_id = job.request_id,
-                            blocks = handle.blocks.len(),
-                            "prefill done, KV exported"
-                        );
-                        vec![StreamMessage::KvReady { handle }]
-                    }
-                    (first, exported) => {
-                        locked(&self.staging).unreserve(prompt_tokens);
-                        let detail = match (first, exported) {
-                            (_, Err(e)) => e,
-                            _ => "the prefill produced no token".into(),
-                        };
-                        tracing::error!(request_id = job.request_id, "KV export failed: {detail}");
-                        vec![StreamMessage::Error {
-                            message: format!(
-                                "the context worker could not export the KV cache: {detail}"
-                            ),
-                        }]
-                    }
-                }
-            }
-            Some(_) => {
-                // Ended at its first token (or failed, or was cancelled): the answer is here.
-                locked(&self.staging).unreserve(prompt_tokens);
-                stream_messages(seen, job.sampling.logprobs.is_some())
-            }
-            None => {
-                locked(&self.staging).unreserve(prompt_tokens);
-                vec![StreamMessage::Error {
-                    message: "the worker's engine stopped unexpectedly".into(),
-                }]
-            }
-        };
-        for message in &messages {
-            self.publish(job.stream_subject.clone(), message).await;
-        }
-        lock(&self.in_flight).remove(&job.request_id);
-    }
-
-    async fn export(&self, engine_id: RequestId) -> Result<crate::transfer::Exported, String> {
-        let kv = self
-            .engine
-            .take_retained_kv(engine_id)
-            .await
-            .map_err(|e| e.to_string())?;
-        self.settings
-            .transport
-            .export(kv)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    /// Context role: expires exports nobody released and starts waiting prefills that fit.
-    async fn sweep(self: &Arc<Self>) {
-        let expired = locked(&self.staging).expire(Instant::now());
-        for request_id in expired {
-            tracing::warn!(
-                request_id,
-                "KV export expired before a decode worker released it"
-            );
-        }
-        loop {
-            let next = {
-                let mut backlog = locked(&self.backlog);
-                let fits = backlog
-                    .front()
-                    .is_some_and(|job| locked(&self.staging).try_reserve(job.prompt_ids.len()));
-                if fits { backlog.pop_front() } else { None }
-            };
-            let Some(job) = next else {
-                break;
-            };
-            if self.past_deadline(&job).await {
-                locked(&self.staging).unreserve(job.prompt_ids.len());
-                continue;
-            }
-            self.start_prefill(job).await;
-        }
-    }
-
-    /// Context role: a decode worker has the K/V of a request.
-    async fn release(self: &Arc<Self>, payload: &[u8]) {
-        match messages::decode::<KvRelease>("kv release", payload) {
-            Ok(release) => {
-                if locked(&self.staging).release(&release.request_id) {
-                    tracing::debug!(request_id = release.request_id, "KV released");
-                }
-                self.sweep().await;
-            }
-            Err(e) => tracing::warn!("ignoring a malformed KV release: {e}"),
-        }
-    }
-
-    /// Decode side: pulls a handle's K/V and imports it; on a failed pull, prefills locally
-    /// with the handle's seed (same tokens). Releases the context worker's export either way.
-    fn start_pull(self: &Arc<Self>, job: GenerateJob, handle: KvHandle) {
-        let own = layout_spec(&self.settings.layout);
-        locked(&self.pulling).insert(job.request_id.clone(), false);
-        let worker = Arc::clone(self);
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let result = if handle.layout != own {
-                Err(Err(format!(
-                    "KV layout mismatch: context worker {} has {:?}, decode worker {} has {:?} \
-                     (both must serve the same model with the same block size and KV dtype)",
-                    handle.worker_id, handle.layout, worker.settings.worker_id, own
-                )))
-            } else {
-                worker.pull(&handle).await.map_err(Ok)
-            };
-            let micros = started.elapsed().as_micros() as u64;
-            worker.publish_release(&handle, &job.request_id).await;
-            let cancelled = locked(&worker.pulling)
-                .remove(&job.request_id)
-                .unwrap_or(false);
-            let stream = job.stream_subject.clone();
-            if cancelled {
-                worker
-                    .publish(
-                        stream,
-                        &StreamMessage::Finished {
-                            reason: messages::FinishReason::Cancelled,
-                            usage: WireUsage {
-                                prompt_tokens: job.prompt_ids.len() as u32,
-                                completion_tokens: 0,
-                            },
-                        },
-                    )
-                    .await;
-                return;
-            }
-            let mut request = generation_request(&job, &worker.settings.model_stop_ids);
-            request.sampling.seed = Some(handle.seed);
-            match result {
-                Ok(kv) => {
-                    tracing::debug!(
-                        request_id = job.request_id,
-                        bytes = kv.len(),
-                        micros,
-                        "KV pulled"
-                    );
-                    worker
-                        .publish(
-                            stream,
-                            &StreamMessage::KvPulled {
-                                worker_id: worker.settings.worker_id.clone(),
-                                bytes: kv.len() as u64,
-                                micros,
-                                fallback: None,
-                            },
-                        )
-                        .await;
-                    let prefill = ImportedPrefill {
-                        kv,
-                        num_tokens: handle.num_tokens as usize,
-                        first_token: SampledToken {
-                            id: handle.first_token.id,
-                            logprob: handle.first_token.logprob.unwrap_or(0.0),
-                            top_logprobs: handle.first_token.top_logprobs.clone(),
-                        },
-                    };
-                    worker
-                        .start_request(&job, |engine, sink| {
-                            engine.import_with_sink(request, prefill, sink)
-                        })
-                        .await;
-                }
-                Err(Err(mismatch)) => {
-                    tracing::error!(request_id = job.request_id, "{mismatch}");
-                    worker
-                        .publish(stream, &StreamMessage::Error { message: mismatch })
-                        .await;
-                }
-                Err(Ok(e)) => {
-                    tracing::warn!(
-                        request_id = job.request_id,
-                        context_worker = handle.worker_id,
-                        "KV pull failed, prefilling locally: {e}"
-                    );
-                    worker
-                        .publish(
-                            stream,
-                            &StreamMessage::KvPulled {
-                                worker_id: worker.settings.worker_id.clone(),
-                                bytes: 0,
-                                micros: 0,
-                                fallback: Some(e.to_string()),
-                            },
-                        )
-                        .await;
-                    worker
-                        .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
-                        .await;
-                }
-            }
-        });
-    }
-
-    async fn pull(&self, handle: &KvHandle) -> Result<Vec<u8>, crate::transfer::TransferError> {
-        use crate::transfer::TransferError;
-        if handle.backend != self.settings.transport.backend() {
-            return Err(TransferError::InvalidHandle(format!(
-                "the handle is for transport `{}`, this worker uses `{}`",
-                handle.backend,
-                self.settings.transport.backend()
-            )));
-        }
-        let remote = RemoteKv {
-            address: from_hex(&handle.address)?,
-            rkey: from_hex(&handle.rkey)?,
-            regions: handle.blocks.iter().map(|r| (r.addr, r.len)).collect(),
-        };
-        let left = handle.expires_unix_ms.saturating_sub(unix_ms());
-        let timeout = Duration::from_millis(left.clamp(100, 30_000));
-        let kv = self.settings.transport.pull(remote, timeout).await?;
-        let expected = handle.blocks.len() as u64 * handle.layout.block_bytes;
-        if kv.len() as u64 != expected {
-            return Err(TransferError::InvalidHandle(format!(
-                "pulled {} bytes, expected {expected}",
-                kv.len()
-            )));
-        }
-        Ok(kv)
-    }
-
-    async fn publish_release(&self, handle: &KvHandle, request_id: &str) {
-        let release = KvRelease {
-            request_id: request_id.to_owned(),
-        };
-        publish_bounded(
-            &self.client,
-            self.subjects.kv_release(&handle.worker_id),
-            messages::encode(&release),
-            "a KV release",
-        )
-        .await;
     }
 
     async fn cancel(self: &Arc<Self>, payload: &[u8]) {
