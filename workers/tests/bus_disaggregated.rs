@@ -188,50 +188,78 @@ async fn read_until(
     }
 }
 
-/// Runs one disaggregated request; returns (token ids, text, KvPulled message).
-async fn disaggregated(
+/// Publishes `job` as a prefill job to the context worker `ctx` and returns its handle.
+async fn prefill(
     client: &async_nats::Client,
-    mut job: GenerateJob,
-    kill_context_after_prefill: Option<&mut Proc>,
-) -> (Vec<u32>, String, StreamMessage) {
-    let subjects = Subjects::new(SERVED);
-    let mut stream = client.subscribe(job.stream_subject.clone()).await.unwrap();
+    stream: &mut async_nats::Subscriber,
+    job: &GenerateJob,
+) -> KvHandle {
     client
         .publish(
-            subjects.prefill_direct("ctx"),
-            messages::encode(&job).into(),
+            Subjects::new(SERVED).prefill_direct("ctx"),
+            messages::encode(job).into(),
         )
         .await
         .unwrap();
-    let prefill = read_until(&mut stream, |m| {
+    let prefill = read_until(stream, |m| {
         matches!(
             m,
             StreamMessage::KvReady { .. } | StreamMessage::Error { .. }
         )
     })
     .await;
-    let Some(StreamMessage::KvReady { handle }) = prefill.last().cloned() else {
-        panic!("no kv_ready: {prefill:?}");
-    };
-    if let Some(context) = kill_context_after_prefill {
-        let _ = context.child.kill();
-        let _ = context.child.wait();
+    match prefill.last().cloned() {
+        Some(StreamMessage::KvReady { handle }) => handle,
+        _ => panic!("no kv_ready: {prefill:?}"),
     }
-    job.kv = Some(handle);
+}
+
+/// Publishes `job` (with its handle) as a decode job to `dec` and returns its messages up
+/// to the last one.
+async fn decode(
+    client: &async_nats::Client,
+    stream: &mut async_nats::Subscriber,
+    job: &GenerateJob,
+) -> Vec<StreamMessage> {
     client
         .publish(
-            subjects.generate_direct("dec"),
-            messages::encode(&job).into(),
+            Subjects::new(SERVED).generate_direct("dec"),
+            messages::encode(job).into(),
         )
         .await
         .unwrap();
-    let decode = read_until(&mut stream, |m| {
+    read_until(stream, |m| {
         matches!(
             m,
             StreamMessage::Finished { .. } | StreamMessage::Error { .. }
         )
     })
-    .await;
+    .await
+}
+
+/// The next heartbeat of any worker (within 5 s).
+async fn next_heartbeat(heartbeats: &mut async_nats::Subscriber) -> Heartbeat {
+    let message = tokio::time::timeout(Duration::from_secs(5), heartbeats.next())
+        .await
+        .expect("a heartbeat within 5 s")
+        .expect("the subscription is open");
+    messages::decode("heartbeat", &message.payload).unwrap()
+}
+
+/// Runs one disaggregated request; returns (token ids, text, KvPulled message).
+async fn disaggregated(
+    client: &async_nats::Client,
+    mut job: GenerateJob,
+    kill_context_after_prefill: Option<&mut Proc>,
+) -> (Vec<u32>, String, StreamMessage) {
+    let mut stream = client.subscribe(job.stream_subject.clone()).await.unwrap();
+    let handle = prefill(client, &mut stream, &job).await;
+    if let Some(context) = kill_context_after_prefill {
+        let _ = context.child.kill();
+        let _ = context.child.wait();
+    }
+    job.kv = Some(handle);
+    let decode = decode(client, &mut stream, &job).await;
     let mut ids = Vec::new();
     let mut text = String::new();
     let mut pulled = None;
@@ -312,11 +340,7 @@ async fn context_and_decode_workers_reproduce_worker_generate_over_ucx() {
             start.elapsed() < Duration::from_secs(10),
             "blocks were not all freed"
         );
-        let message = tokio::time::timeout(Duration::from_secs(5), heartbeats.next())
-            .await
-            .unwrap()
-            .unwrap();
-        let beat: Heartbeat = messages::decode("heartbeat", &message.payload).unwrap();
+        let beat = next_heartbeat(&mut heartbeats).await;
         let pinned = beat.kv_transfer.map_or(0, |s| s.pinned_blocks);
         if beat.free_kv_blocks == beat.total_kv_blocks && pinned == 0 && beat.running == 0 {
             settled.insert(beat.worker_id);
@@ -330,14 +354,7 @@ async fn context_and_decode_workers_reproduce_worker_generate_over_ucx() {
         .subscribe(orphan.stream_subject.clone())
         .await
         .unwrap();
-    client
-        .publish(
-            subjects.prefill_direct("ctx"),
-            messages::encode(&orphan).into(),
-        )
-        .await
-        .unwrap();
-    read_until(&mut stream, |m| matches!(m, StreamMessage::KvReady { .. })).await;
+    prefill(&client, &mut stream, &orphan).await;
     let start = Instant::now();
     let (mut saw_pinned, mut expired) = (false, false);
     while !expired {
@@ -345,11 +362,7 @@ async fn context_and_decode_workers_reproduce_worker_generate_over_ucx() {
             start.elapsed() < Duration::from_secs(10),
             "the export did not expire"
         );
-        let message = tokio::time::timeout(Duration::from_secs(5), heartbeats.next())
-            .await
-            .unwrap()
-            .unwrap();
-        let beat: Heartbeat = messages::decode("heartbeat", &message.payload).unwrap();
+        let beat = next_heartbeat(&mut heartbeats).await;
         if let Some(stats) = beat.kv_transfer {
             saw_pinned |= stats.pinned_blocks > 0;
             expired = stats.expirations >= 1 && stats.pinned_blocks == 0;
@@ -400,36 +413,11 @@ async fn a_layout_mismatch_is_an_error_never_garbage() {
     // Same model, other block size: the handle's layout differs from the decode worker's.
     let _decode = start_worker(&url, "decode", "dec", &["--block-size", "32"]);
     let client = async_nats::connect(url.as_str()).await.unwrap();
-    let subjects = Subjects::new(SERVED);
     let expected = reference("Hi", 4, None);
     let mut job = job("mismatch", prompt_ids(&expected), 4, None);
     let mut stream = client.subscribe(job.stream_subject.clone()).await.unwrap();
-    client
-        .publish(
-            subjects.prefill_direct("ctx"),
-            messages::encode(&job).into(),
-        )
-        .await
-        .unwrap();
-    let prefill = read_until(&mut stream, |m| matches!(m, StreamMessage::KvReady { .. })).await;
-    let Some(StreamMessage::KvReady { handle }) = prefill.last().cloned() else {
-        unreachable!()
-    };
-    job.kv = Some(handle);
-    client
-        .publish(
-            subjects.generate_direct("dec"),
-            messages::encode(&job).into(),
-        )
-        .await
-        .unwrap();
-    let decode = read_until(&mut stream, |m| {
-        matches!(
-            m,
-            StreamMessage::Finished { .. } | StreamMessage::Error { .. }
-        )
-    })
-    .await;
+    job.kv = Some(prefill(&client, &mut stream, &job).await);
+    let decode = decode(&client, &mut stream, &job).await;
     assert!(
         !decode
             .iter()

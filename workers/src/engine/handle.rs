@@ -17,8 +17,8 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 
 use super::{
-    Engine, EngineError, EngineEvent, EventKind, FinishReason, GenerationRequest, ImportedPrefill,
-    RequestId, StepModel, Usage,
+    Engine, EngineError, EngineEvent, FinishReason, GenerationRequest, ImportedPrefill, RequestId,
+    StepModel, finished_without_tokens,
 };
 
 /// Where a request's events go. Implemented for std channel senders; an async caller can
@@ -268,56 +268,20 @@ fn apply<M: StepModel>(
     command: Command,
 ) {
     match command {
-        Command::Add {
-            id,
-            request,
-            mut sink,
-        } => {
+        Command::Add { id, request, sink } => {
             let prompt_tokens = request.prompt_ids.len();
-            match engine.add_request_with_id(id, request) {
-                Ok(()) => {
-                    sinks.insert(id, sink);
-                }
-                Err(e) => {
-                    sink.send(EngineEvent {
-                        request_id: id,
-                        kind: EventKind::Finished {
-                            reason: FinishReason::Error(e.to_string()),
-                            usage: Usage {
-                                prompt_tokens,
-                                completion_tokens: 0,
-                            },
-                            retained_kv: None,
-                        },
-                    });
-                }
-            }
+            let added = engine.add_request_with_id(id, request);
+            register(sinks, id, sink, prompt_tokens, added);
         }
         Command::Import {
             id,
             request,
             prefill,
-            mut sink,
+            sink,
         } => {
             let prompt_tokens = request.prompt_ids.len();
-            match engine.import_with_id(id, request, prefill) {
-                Ok(()) => {
-                    sinks.insert(id, sink);
-                }
-                Err(e) => {
-                    sink.send(EngineEvent {
-                        request_id: id,
-                        kind: EventKind::Finished {
-                            reason: FinishReason::Error(e.to_string()),
-                            usage: Usage {
-                                prompt_tokens,
-                                completion_tokens: 0,
-                            },
-                            retained_kv: None,
-                        },
-                    });
-                }
-            }
+            let imported = engine.import_with_id(id, request, prefill);
+            register(sinks, id, sink, prompt_tokens, imported);
         }
         Command::TakeKv { id, reply } => {
             // The caller may have given up waiting; the blocks are freed either way.
@@ -330,6 +294,29 @@ fn apply<M: StepModel>(
             if let Err(e) = engine.release_kv(id) {
                 tracing::warn!("release of KV for request {id}: {e}");
             }
+        }
+    }
+}
+
+/// Keeps the sink of a request the engine took; a refused one gets its single `Finished`
+/// event with the reason.
+fn register(
+    sinks: &mut HashMap<RequestId, Box<dyn EventSink>>,
+    id: RequestId,
+    mut sink: Box<dyn EventSink>,
+    prompt_tokens: usize,
+    taken: Result<(), EngineError>,
+) {
+    match taken {
+        Ok(()) => {
+            sinks.insert(id, sink);
+        }
+        Err(e) => {
+            sink.send(finished_without_tokens(
+                id,
+                prompt_tokens,
+                FinishReason::Error(e.to_string()),
+            ));
         }
     }
 }

@@ -372,7 +372,7 @@ impl<M: StepModel> Engine<M> {
                 Err(e) => {
                     events.push(finished_without_tokens(
                         id,
-                        &import.seq,
+                        import.seq.prompt_len,
                         FinishReason::Error(format!("importing the KV cache: {e}")),
                     ));
                     continue;
@@ -438,7 +438,7 @@ impl<M: StepModel> Engine<M> {
                     .expect("position is in range");
                 events.push(finished_without_tokens(
                     id,
-                    &import.seq,
+                    import.seq.prompt_len,
                     FinishReason::Cancelled,
                 ));
             } else {
@@ -617,14 +617,19 @@ impl<M: StepModel> Engine<M> {
     }
 }
 
-/// The `Finished` event of a request that never reached the scheduler's sequences.
-fn finished_without_tokens(id: RequestId, seq: &Sequence, reason: FinishReason) -> EngineEvent {
+/// The `Finished` event of a request that ended before producing a token (refused, or
+/// cancelled before it was admitted).
+pub(crate) fn finished_without_tokens(
+    id: RequestId,
+    prompt_tokens: usize,
+    reason: FinishReason,
+) -> EngineEvent {
     EngineEvent {
         request_id: id,
         kind: EventKind::Finished {
             reason,
             usage: Usage {
-                prompt_tokens: seq.prompt_len,
+                prompt_tokens,
                 completion_tokens: 0,
             },
             retained_kv: None,

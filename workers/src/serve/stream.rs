@@ -29,16 +29,13 @@ pub fn stream_messages(events: Vec<EngineEvent>, with_logprobs: bool) -> Vec<Str
                 text_delta,
                 logprob,
                 top_logprobs,
-            } => tokens.push(TokenEvent {
+            } => tokens.push(token_event(
                 id,
-                text: text_delta,
-                logprob: with_logprobs.then_some(logprob),
-                top_logprobs: if with_logprobs {
-                    top_logprobs
-                } else {
-                    Vec::new()
-                },
-            }),
+                text_delta,
+                logprob,
+                top_logprobs,
+                with_logprobs,
+            )),
             EventKind::Finished { reason, usage, .. } => {
                 if !tokens.is_empty() {
                     out.push(StreamMessage::Tokens {
@@ -72,6 +69,26 @@ pub fn stream_messages(events: Vec<EngineEvent>, with_logprobs: bool) -> Vec<Str
         out.push(StreamMessage::Tokens { tokens });
     }
     out
+}
+
+/// The wire form of a generated token; log-probabilities only when `with_logprobs`.
+pub fn token_event(
+    id: u32,
+    text: String,
+    logprob: f32,
+    top_logprobs: Vec<(u32, f32)>,
+    with_logprobs: bool,
+) -> TokenEvent {
+    TokenEvent {
+        id,
+        text,
+        logprob: with_logprobs.then_some(logprob),
+        top_logprobs: if with_logprobs {
+            top_logprobs
+        } else {
+            Vec::new()
+        },
+    }
 }
 
 /// Whether `message` ends a stream.

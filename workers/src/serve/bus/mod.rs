@@ -80,11 +80,6 @@ pub struct BusSettings {
 /// Bus request id -> engine request id, for the requests in flight.
 type InFlight = Arc<Mutex<HashMap<String, RequestId>>>;
 
-fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashMap<String, RequestId>> {
-    // A panicking forwarder cannot leave the map half-updated: every access is one call.
-    in_flight.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Serves until a termination signal and the drain that follows. Consumes the engine handle:
 /// when this returns, the engine thread ends.
 pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), BusError> {
@@ -302,7 +297,7 @@ impl Worker {
 
     /// Requests in flight (engine, pull, staged exports, backlog): the drain waits for none.
     fn in_flight_count(&self) -> usize {
-        lock(&self.in_flight).len()
+        locked(&self.in_flight).len()
             + locked(&self.pulling).len()
             + locked(&self.backlog).len()
             + usize::from(!locked(&self.staging).is_empty())
@@ -384,7 +379,7 @@ impl Worker {
         let with_logprobs = job.sampling.logprobs.is_some();
         let (sink, events) = mpsc::unbounded_channel::<EngineEvent>();
         // Registered before the engine can emit anything, so a cancel always finds it.
-        let mut in_flight = lock(&self.in_flight);
+        let mut in_flight = locked(&self.in_flight);
         match submit(&self.engine, sink) {
             Ok(engine_id) => {
                 in_flight.insert(job.request_id.clone(), engine_id);
@@ -426,7 +421,7 @@ impl Worker {
             }
         };
         let id = cancel.request_id;
-        let engine_id = lock(&self.in_flight).get(&id).copied();
+        let engine_id = locked(&self.in_flight).get(&id).copied();
         if let Some(engine_id) = engine_id {
             tracing::debug!(request_id = id, "cancelled by the api-server");
             // An engine that has stopped has nothing left to cancel.
@@ -451,7 +446,7 @@ impl Worker {
     }
 
     fn cancel_all(&self) {
-        for &engine_id in lock(&self.in_flight).values() {
+        for &engine_id in locked(&self.in_flight).values() {
             let _ = self.engine.cancel(engine_id);
         }
     }
@@ -488,7 +483,7 @@ impl Worker {
     /// Waits (bounded) until the forwarding tasks have published their last messages.
     async fn wait_for_streams(&self, limit: Duration) {
         let start = Instant::now();
-        while !lock(&self.in_flight).is_empty() && start.elapsed() < limit {
+        while !locked(&self.in_flight).is_empty() && start.elapsed() < limit {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -531,5 +526,5 @@ async fn forward(
         };
         publish_bounded(&client, subject, messages::encode(&message), "an error").await;
     }
-    lock(&in_flight).remove(&request_id);
+    locked(&in_flight).remove(&request_id);
 }

@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tandem_protocol::messages::{self, GenerateJob, KvRelease, StreamMessage, TokenEvent};
+use tandem_protocol::messages::{self, GenerateJob, KvRelease, StreamMessage};
 use tokio::sync::mpsc;
 
-use super::{Worker, lock, locked, unix_ms};
+use super::{Worker, locked, unix_ms};
 use crate::engine::{EngineEvent, EventKind, RequestId};
 use crate::serve::context::{HandleSource, kv_handle};
 use crate::serve::job::generation_request;
-use crate::serve::stream::stream_messages;
+use crate::serve::stream::{stream_messages, token_event};
 
 impl Worker {
     /// Context role: runs the prompt as a prefill-only request with a fixed seed; a task
@@ -31,7 +31,7 @@ impl Worker {
         request.sampling.seed = Some(seed);
         request.prefill_only = true;
         let (sink, events) = mpsc::unbounded_channel::<EngineEvent>();
-        let mut in_flight = lock(&self.in_flight);
+        let mut in_flight = locked(&self.in_flight);
         match self.engine.submit_with_sink(request, sink) {
             Ok(engine_id) => {
                 in_flight.insert(job.request_id.clone(), engine_id);
@@ -66,33 +66,35 @@ impl Worker {
     ) {
         let prompt_tokens = job.prompt_ids.len();
         let mut seen = Vec::new();
-        let mut outcome = None;
         while let Some(event) = events.recv().await {
             let finished = event.is_finished();
             seen.push(event);
             if finished {
-                outcome = seen.last().cloned();
                 break;
             }
         }
-        let messages = match outcome.map(|e| e.kind) {
+        let messages = match seen.last().map(|e| &e.kind) {
             Some(EventKind::Finished {
                 retained_kv: Some(retained),
                 ..
             }) => {
+                let blocks = retained.block_table.len();
+                let num_tokens = retained.num_tokens;
+                // The first token goes to the decode worker whole: it reports its logprobs.
                 let first = seen.iter().find_map(|e| match &e.kind {
                     EventKind::Token {
                         id,
                         text_delta,
                         logprob,
                         top_logprobs,
-                    } => Some(TokenEvent {
-                        id: *id,
-                        text: text_delta.clone(),
-                        logprob: Some(*logprob),
-                        top_logprobs: top_logprobs.clone(),
-                    }),
-                    _ => None,
+                    } => Some(token_event(
+                        *id,
+                        text_delta.clone(),
+                        *logprob,
+                        top_logprobs.clone(),
+                        true,
+                    )),
+                    EventKind::Finished { .. } => None,
                 });
                 match (first, self.export(engine_id).await) {
                     (Some(first), Ok(exported)) => {
@@ -105,7 +107,7 @@ impl Worker {
                                 layout: &self.settings.layout,
                             },
                             &exported,
-                            retained.num_tokens,
+                            num_tokens,
                             first,
                             seed,
                             expires,
@@ -114,7 +116,7 @@ impl Worker {
                             job.request_id.clone(),
                             exported,
                             prompt_tokens,
-                            retained.block_table.len(),
+                            blocks,
                         );
                         tracing::debug!(
                             request_id = job.request_id,
@@ -153,7 +155,7 @@ impl Worker {
         for message in &messages {
             self.publish(job.stream_subject.clone(), message).await;
         }
-        lock(&self.in_flight).remove(&job.request_id);
+        locked(&self.in_flight).remove(&job.request_id);
     }
 
     pub(super) async fn export(
