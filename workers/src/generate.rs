@@ -6,18 +6,14 @@
 //! must reproduce token for token.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Args;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::engine::{
-    Engine, EngineConfig, EngineError, EngineHandle, EventKind, FinishReason, GenerationRequest,
-    ModelRunner, TextDecoder,
-};
-use crate::model::ModelError;
-use crate::model_dir::{ModelDirError, ModelText, check_model_dir, load_model};
+use crate::device::{DeviceError, StartedEngine, load_model};
+use crate::engine::{EngineConfig, EngineError, EventKind, FinishReason, GenerationRequest};
+use crate::model_dir::{ModelDirError, ModelText, check_model_dir};
 use crate::sampler::SamplingParams;
 
 /// Options of `worker generate`.
@@ -58,7 +54,7 @@ pub struct GenerateArgs {
     /// instead of the text.
     #[arg(long)]
     pub json: bool,
-    /// Device to run on. Supported: cpu.
+    /// Device to run on: `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: String,
     /// CPU threads; 0 uses every core.
@@ -80,14 +76,12 @@ pub struct GenerateOutput {
 pub enum GenerateError {
     #[error(transparent)]
     ModelDir(#[from] ModelDirError),
-    #[error("loading the model from {}: {source}", path.display())]
-    Model { path: PathBuf, source: ModelError },
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("{0}")]
     Text(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("starting the engine thread: {0}")]
-    Thread(std::io::Error),
     #[error("generation failed: {0}")]
     Failed(String),
 }
@@ -105,22 +99,14 @@ pub fn generate(
         text.prompt_ids(&args.prompt)
     }
     .map_err(GenerateError::Text)?;
-    let model = load_model(&args.model, &args.device, args.threads)?;
+    let model = load_model(&args.model, args.device.parse()?, args.threads)?;
     let config = engine_config(
         prompt_ids.len(),
         args.max_tokens,
         model.config().max_position_embeddings,
     );
-    let runner =
-        ModelRunner::new(model, config.block_size, config.num_blocks).map_err(|source| {
-            GenerateError::Model {
-                path: args.model.clone(),
-                source,
-            }
-        })?;
-    let decoder: Arc<dyn TextDecoder> = text.decoder();
-    let engine = Engine::new(runner, config, Some(decoder))?;
-    let (handle, thread) = EngineHandle::spawn(engine, "engine").map_err(GenerateError::Thread)?;
+    let StartedEngine { handle, thread, .. } =
+        model.spawn_engine(&args.model, config, Some(text.decoder()))?;
 
     let request = GenerationRequest {
         prompt_ids: prompt_ids.clone(),

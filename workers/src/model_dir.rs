@@ -1,5 +1,6 @@
 //! A model directory as every worker mode opens it: checked up front for the usual mistakes,
-//! then the text side (tokenizer, chat template, stop ids) and the model on the CPU backend.
+//! then the text side (tokenizer, chat template, stop ids); the weights go onto a device
+//! through [`crate::device`].
 //!
 //! `worker generate` and the bus roles load through here, so both run the same tokenizer,
 //! detokenizer and stop handling over the same weights — the reason their outputs agree.
@@ -12,10 +13,8 @@ use tandem_text::chat_template::{ChatMessage, ChatTemplate, RenderOptions};
 use tandem_text::tokenizer::TextTokenizer;
 use thiserror::Error;
 
-use crate::backend::BackendError;
-use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::engine::{TextDecoder, TokenizerText};
-use crate::model::{Model, ModelError, ModelOptions};
+use crate::model::ModelError;
 
 #[derive(Debug, Error)]
 pub enum ModelDirError {
@@ -25,10 +24,6 @@ pub enum ModelDirError {
     Tokenizer { path: PathBuf, reason: String },
     #[error("loading the model from {}: {source}", path.display())]
     Model { path: PathBuf, source: ModelError },
-    #[error("starting the CPU backend: {0}")]
-    Backend(#[from] BackendError),
-    #[error("unsupported device `{0}`: this worker supports: cpu")]
-    UnsupportedDevice(String),
 }
 
 /// A clear error for the usual mistakes (wrong path, a GGUF file instead of a directory)
@@ -57,25 +52,6 @@ pub fn check_model_dir(path: &Path) -> Result<(), ModelDirError> {
         }
     }
     Ok(())
-}
-
-/// Loads the weights onto the device named by `device` (today only `cpu`).
-pub fn load_model(
-    dir: &Path,
-    device: &str,
-    threads: usize,
-) -> Result<Model<CpuBackend>, ModelDirError> {
-    if device != "cpu" {
-        return Err(ModelDirError::UnsupportedDevice(device.to_owned()));
-    }
-    let backend = CpuBackend::new(&CpuOptions {
-        threads,
-        ..Default::default()
-    })?;
-    Model::load(dir, backend, &ModelOptions::default()).map_err(|source| ModelDirError::Model {
-        path: dir.to_owned(),
-        source,
-    })
 }
 
 /// The model's text side: tokenizer, chat template, and a [`TextDecoder`] for the engine.
@@ -149,14 +125,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("config.json"), "{err}");
-    }
-
-    #[test]
-    fn only_the_cpu_device_is_known() {
-        let err = load_model(Path::new("/nonexistent"), "cuda:0", 1)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.contains("unsupported device `cuda:0`"), "{err}");
     }
 }

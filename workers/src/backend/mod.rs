@@ -16,6 +16,7 @@
 //!   batched. The CPU backend guarantees it bitwise; tests check it.
 
 pub mod cpu;
+pub mod cuda;
 mod plan;
 
 pub use plan::{BatchPlan, PlanSequence};
@@ -89,6 +90,8 @@ pub enum BackendError {
     UnsupportedDType { op: &'static str, dtype: DType },
     #[error("KV block {block} is out of range (the cache has {num_blocks} blocks)")]
     BlockOutOfRange { block: u32, num_blocks: usize },
+    #[error("{op}: {detail}")]
+    Device { op: &'static str, detail: String },
     #[error("KV cache of {num_blocks} blocks of {block_bytes} bytes does not fit in memory")]
     KvCacheTooLarge {
         num_blocks: usize,

@@ -204,6 +204,20 @@ impl<B: Backend> Model<B> {
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.backend
+            .run(|| match self.forward_on_device(batch, kv)? {
+                Some(logits) => Ok(self.backend.to_host(&logits)?),
+                None => Ok(Vec::new()),
+            })
+    }
+
+    /// [`Self::forward`] that leaves the logits (`[sequences wanting logits, vocab]`) in the
+    /// backend's memory, for sampling on the device; `None` when no sequence wants logits.
+    pub fn forward_logits(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+    ) -> Result<Option<B::Tensor>, ModelError> {
         self.backend.run(|| self.forward_on_device(batch, kv))
     }
 
@@ -211,7 +225,7 @@ impl<B: Backend> Model<B> {
         &self,
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+    ) -> Result<Option<B::Tensor>, ModelError> {
         let layout = self.backend.kv_cache_layout(kv);
         let expected = self.kv_layout(layout.block_size);
         if layout != expected {
@@ -222,7 +236,7 @@ impl<B: Backend> Model<B> {
         }
         self.check_batch(batch, layout.block_size, self.backend.kv_cache_blocks(kv))?;
         if batch.tokens.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let b = &self.backend;
         let plan = BatchPlan::new(batch, layout.block_size, &self.inv_freq);
@@ -244,7 +258,7 @@ impl<B: Backend> Model<B> {
             mlp_out = Some(b.linear(&act, &layer.down, None)?);
         }
         if plan.logits_rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         // Only the rows that want logits: the last residual add, final norm and lm_head.
         let mut last = b.gather_logits_rows(&residual, &meta)?;
@@ -256,7 +270,7 @@ impl<B: Backend> Model<B> {
             None => b.rms_norm(&last, &self.final_norm, self.eps)?,
         };
         let logits = b.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
-        Ok(b.to_host(&logits)?)
+        Ok(Some(logits))
     }
 
     /// Rejects batches the ops would index out of bounds with.

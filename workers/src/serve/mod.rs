@@ -21,9 +21,12 @@ use clap::{Args, ValueEnum};
 use tandem_protocol::messages::WorkerRole;
 use thiserror::Error;
 
-use crate::engine::{Engine, EngineConfig, EngineError, EngineHandle, ModelRunner};
-use crate::model::ModelError;
-use crate::model_dir::{ModelDirError, ModelText, check_model_dir, load_model};
+use crate::device::{Device, DeviceError, KvBudget, StartedEngine, load_model};
+use crate::engine::{EngineConfig, EngineError};
+use crate::model_dir::{ModelDirError, ModelText, check_model_dir};
+
+/// KV capacity of a CPU worker without --kv-cache-tokens.
+const DEFAULT_CPU_KV_TOKENS: usize = 16384;
 
 /// The role flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -64,7 +67,8 @@ pub struct ServeArgs {
         value_name = "URL"
     )]
     pub nats: String,
-    /// Device to run on. Supported: cpu.
+    /// Device to run on: `cpu`, or `cuda:N` (the N-th NVIDIA GPU; needs the NVIDIA driver,
+    /// libnvrtc and libcublas, loaded at start).
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: String,
     /// Name the model is served under; must equal the api-server's (default for both: the
@@ -77,9 +81,14 @@ pub struct ServeArgs {
     /// CPU threads for the model; 0 uses every core.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
-    /// KV cache capacity in tokens, over all sequences.
-    #[arg(long, default_value_t = 16384, value_name = "N")]
-    pub kv_cache_tokens: usize,
+    /// KV cache capacity in tokens, over all sequences. Default: 16384 on the CPU; on a GPU,
+    /// what --gpu-memory-fraction of the memory left after loading the model holds.
+    #[arg(long, value_name = "N")]
+    pub kv_cache_tokens: Option<usize>,
+    /// GPU only, without --kv-cache-tokens: the fraction of the device memory free after
+    /// loading the model that the KV cache takes (the rest is for activations), in (0, 1].
+    #[arg(long, default_value_t = 0.9, value_name = "F")]
+    pub gpu_memory_fraction: f64,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16, value_name = "N")]
     pub block_size: usize,
@@ -111,10 +120,12 @@ pub enum ServeError {
     Transport(crate::transfer::TransferError),
     #[error(transparent)]
     ModelDir(#[from] ModelDirError),
-    #[error("loading the model from {}: {source}", path.display())]
-    Model { path: PathBuf, source: ModelError },
     #[error("invalid engine settings: {0}")]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("--gpu-memory-fraction {0} is not in (0, 1]")]
+    GpuMemoryFraction(f64),
     #[error("--kv-cache-tokens {tokens} is less than one block of {block_size} tokens")]
     CacheTooSmall { tokens: usize, block_size: usize },
     #[error("starting the engine thread: {0}")]
@@ -128,11 +139,15 @@ pub enum ServeError {
 pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let role = args.role.ok_or(ServeError::MissingRole)?;
     let model_dir = args.model.clone().ok_or(ServeError::MissingModel)?;
-    if args.kv_cache_tokens < args.block_size {
+    let device: Device = args.device.parse()?;
+    if let Some(tokens) = args.kv_cache_tokens.filter(|&t| t < args.block_size) {
         return Err(ServeError::CacheTooSmall {
-            tokens: args.kv_cache_tokens,
+            tokens,
             block_size: args.block_size,
         });
+    }
+    if !(args.gpu_memory_fraction > 0.0 && args.gpu_memory_fraction <= 1.0) {
+        return Err(ServeError::GpuMemoryFraction(args.gpu_memory_fraction));
     }
     check_model_dir(&model_dir)?;
     let served_name = args
@@ -146,31 +161,33 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
 
     let started = std::time::Instant::now();
     let text = ModelText::load(&model_dir)?;
-    let model = load_model(&model_dir, &args.device, args.threads)?;
+    let model = load_model(&model_dir, device, args.threads)?;
     let max_model_len = model.config().max_position_embeddings;
+    let budget = KvBudget {
+        tokens: args.kv_cache_tokens,
+        cpu_default_tokens: DEFAULT_CPU_KV_TOKENS,
+        gpu_memory_fraction: args.gpu_memory_fraction,
+    };
     let config = EngineConfig {
         block_size: args.block_size,
-        num_blocks: args.kv_cache_tokens / args.block_size,
+        num_blocks: model.kv_blocks(args.block_size, budget)?,
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_num_seqs: args.max_num_seqs,
         max_model_len: Some(max_model_len),
     };
-    let runner =
-        ModelRunner::new(model, config.block_size, config.num_blocks).map_err(|source| {
-            ServeError::Model {
-                path: model_dir.clone(),
-                source,
-            }
-        })?;
-    let engine = Engine::new(runner, config, Some(text.decoder()))?;
-    let layout = engine.kv_layout();
-    let total_blocks = engine.total_blocks();
-    let (handle, thread) = EngineHandle::spawn(engine, "engine").map_err(ServeError::Thread)?;
+    let backend = model.describe();
+    let StartedEngine {
+        handle,
+        thread,
+        layout,
+        total_blocks,
+    } = model.spawn_engine(&model_dir, config, Some(text.decoder()))?;
     tracing::info!(
         model = %model_dir.display(),
         served_name,
         worker_id,
         device = args.device,
+        backend,
         kv_blocks = total_blocks,
         block_size = args.block_size,
         "model loaded in {:.1} s",

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Runs on the device machine (see ../shared/device/README.md and docs/benchmarks.md): checks the
+# CUDA backend against the CPU backend and times it, with the binaries carried in .kit/bin.
+#
+#   scripts/device/gpu_run.sh check           # correctness: random tiny + smollm2-135m shapes
+#   scripts/device/gpu_run.sh smollm2 GGUF    # real SmolLM2 weights: check + greedy cpu vs cuda
+#   scripts/device/gpu_run.sh bench PRESET    # gpu_bench bench + the torch run, one preset
+#
+# Output goes to stdout and, when $OUT is set, to $OUT/<stage>.log and JSON files.
+set -euo pipefail
+stage=${1:?usage: gpu_run.sh check|smollm2 GGUF|bench PRESET}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+models=${TANDEM_DEVICE_MODELS:-/tmp/tandem-models}
+out=${OUT:-/tmp/tandem-out}
+mkdir -p "$models" "$out"
+export PATH="$root/.kit/bin:$PATH"
+
+# Unpacks gzipped binaries carried as NAME.gz.
+for gz in "$root"/.kit/bin/*.gz; do
+  [ -e "$gz" ] || continue
+  gunzip -kf "$gz"
+  chmod +x "${gz%.gz}"
+done
+
+random_model() { # preset
+  local dir="$models/$1"
+  [ -f "$dir/config.json" ] || model-prep random --preset "$1" -o "$dir" --seed 0 >&2
+  echo "$dir"
+}
+
+case "$stage" in
+  check)
+    nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv
+    for preset in tiny smollm2-135m; do
+      dir=$(random_model "$preset")
+      echo "== check $preset"
+      gpu_bench check --model "$dir" --min-top1 0 2>&1 | tee "$out/check-$preset.log"
+    done
+    ;;
+  smollm2)
+    gguf=${2:?the SmolLM2 GGUF path}
+    dir="$models/smollm2"
+    [ -f "$dir/config.json" ] || model-prep import-gguf "$gguf" -o "$dir" --dtype bf16 >&2
+    echo "== check smollm2 (real weights)"
+    gpu_bench check --model "$dir" 2>&1 | tee "$out/check-smollm2.log"
+    for prompt in "What is the capital of France?" "Write a haiku about the sea."; do
+      worker generate --model "$dir" --chat --prompt "$prompt" --max-tokens 32 --json --device cpu >"$out/cpu.json"
+      worker generate --model "$dir" --chat --prompt "$prompt" --max-tokens 32 --json --device cuda:0 >"$out/cuda.json"
+      echo "prompt: $prompt"
+      echo "  cpu:  $(cat "$out/cpu.json")"
+      echo "  cuda: $(cat "$out/cuda.json")"
+      if python3 -c 'import json,sys; a=json.load(open(sys.argv[1])); b=json.load(open(sys.argv[2])); sys.exit(a["output_ids"]!=b["output_ids"])' "$out/cpu.json" "$out/cuda.json"; then
+        echo "  greedy tokens identical"
+      else
+        echo "  GREEDY TOKENS DIFFER"
+      fi
+    done
+    ;;
+  bench)
+    preset=${2:?preset}
+    dir=$(random_model "$preset")
+    shift 2
+    echo "== gpu_bench $preset"
+    gpu_bench bench --model "$dir" --json "$out/bench-$preset.json" "$@" 2>&1 | tee "$out/bench-$preset.log"
+    if [ "${TANDEM_SKIP_TORCH:-0}" != 1 ]; then
+      echo "== torch $preset"
+      python3 "$root/scripts/device/torch_bench.py" --model "$dir" --json "$out/torch-$preset.json" \
+        ${TORCH_ARGS:-} 2>&1 | tee "$out/torch-$preset.log" | tail -12
+    fi
+    ;;
+  *)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,166 @@
+// Rotary embedding fused with the KV-cache write, and paged attention over the block-major cache.
+//
+// Cache layout (workers/src/kv_cache/layout.rs): block-major, one block = block_size tokens of
+// all layers, K and V: element (block, layer, kv, token_in_block, kv_head, d) is at
+//   block * block_elems + layer * layer_stride + kv * kv_stride + token_in_block * token_stride
+//   + kv_head * head_dim + d
+// with kv_stride = block_size * token_stride and layer_stride = 2 * kv_stride.
+
+// Rotates q (in place) and k of each token's fused [q | k | v] row (rotate-half convention,
+// cos/sin per token precomputed on the host as Hugging Face does), then stores the token's
+// rotated k and its v into `layer` of the token's cache slot. One block per token.
+extern "C" __global__ void rope_cache_write(
+    float* __restrict__ qkv, const float* __restrict__ cos_table, const float* __restrict__ sin_table,
+    const u32* __restrict__ slot_mapping, bf16* __restrict__ cache, int num_heads, int num_kv_heads,
+    int head_dim, int block_size, long long block_elems, long long layer_offset) {
+    const long long t = blockIdx.x;
+    const int half = head_dim / 2;
+    const int width = (num_heads + 2 * num_kv_heads) * head_dim;
+    const int token_stride = num_kv_heads * head_dim;
+    const long long kv_stride = (long long)block_size * token_stride;
+    float* row = qkv + t * width;
+    const float* cs = cos_table + t * half;
+    const float* sn = sin_table + t * half;
+    const u32 slot = slot_mapping[t];
+    bf16* k_dst = cache + (long long)(slot / block_size) * block_elems + layer_offset +
+                  (long long)(slot % block_size) * token_stride;
+    bf16* v_dst = k_dst + kv_stride;
+    const int pairs = (num_heads + num_kv_heads) * half;
+    for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
+        const int head = j / half, i = j % half;
+        float* x = row + head * head_dim;
+        const float a = x[i], b = x[i + half];
+        const float ra = a * cs[i] - b * sn[i];
+        const float rb = b * cs[i] + a * sn[i];
+        x[i] = ra;
+        x[i + half] = rb;
+        if (head >= num_heads) {
+            const int kh = head - num_heads;
+            k_dst[kh * head_dim + i] = f32_to_bf16(ra);
+            k_dst[kh * head_dim + i + half] = f32_to_bf16(rb);
+        }
+    }
+    const float* v = row + (num_heads + num_kv_heads) * head_dim;
+    for (int j = threadIdx.x; j < token_stride; j += blockDim.x) v_dst[j] = f32_to_bf16(v[j]);
+}
+
+#define ATTN_WARPS 4
+
+// Attention of one new token's q head over keys [split * split_len, ...) of its sequence (keys
+// 0..=position: the cache already holds this step's keys, so causality is the position bound).
+// Grid (tokens, heads, splits), ATTN_WARPS warps; each warp walks every ATTN_WARPS-th key with
+// an online softmax, lanes holding D/32 dimensions; warps are merged in shared memory. With one
+// split the normalized output goes to `out` (bf16, the o-projection's input); with several,
+// the unnormalized sum and its (max, denominator) go to the partial buffers for
+// `attention_combine`.
+template <int D>
+__device__ __forceinline__ void attend(
+    const float* __restrict__ qkv, const bf16* __restrict__ cache, const u32* __restrict__ positions,
+    const u32* __restrict__ token_seq, const u32* __restrict__ seq_block_start,
+    const u32* __restrict__ block_tables, bf16* __restrict__ out, float* __restrict__ partial_acc,
+    float* __restrict__ partial_ml, int num_heads, int num_kv_heads, int block_size,
+    long long block_elems, long long layer_offset, float scale, int split_len) {
+    constexpr int E = D / 32;
+    const int t = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int kvh = h / (num_heads / num_kv_heads);
+    const int width = (num_heads + 2 * num_kv_heads) * D;
+    const int token_stride = num_kv_heads * D;
+    const long long kv_stride = (long long)block_size * token_stride;
+    const int n_keys = (int)positions[t] + 1;
+    const int k_begin = split * split_len;
+    const int k_end = min(n_keys, k_begin + split_len);
+    const u32* table = block_tables + seq_block_start[token_seq[t]];
+
+    float q[E], acc[E];
+    const float* qp = qkv + (long long)t * width + h * D + lane * E;
+#pragma unroll
+    for (int e = 0; e < E; ++e) { q[e] = qp[e] * scale; acc[e] = 0.0f; }
+    float m = NEG_INF, l = 0.0f;
+    for (int j = k_begin + warp; j < k_end; j += ATTN_WARPS) {
+        const u32 blk = table[j / block_size];
+        const bf16* kp = cache + (long long)blk * block_elems + layer_offset +
+                         (long long)(j % block_size) * token_stride + kvh * D + lane * E;
+        const bf16* vp = kp + kv_stride;
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) dot += q[e] * bf16_to_f32(kp[e]);
+        dot = warp_sum(dot);
+        const float m_new = fmaxf(m, dot);
+        const float corr = expf(m - m_new);
+        const float p = expf(dot - m_new);
+        l = l * corr + p;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] = acc[e] * corr + p * bf16_to_f32(vp[e]);
+        m = m_new;
+    }
+
+    __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
+    __shared__ float s_acc[ATTN_WARPS][D];
+    if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
+#pragma unroll
+    for (int e = 0; e < E; ++e) s_acc[warp][lane * E + e] = acc[e];
+    __syncthreads();
+    float m_all = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < ATTN_WARPS; ++w) m_all = fmaxf(m_all, s_m[w]);
+    float l_all = 0.0f, weight[ATTN_WARPS];
+#pragma unroll
+    for (int w = 0; w < ATTN_WARPS; ++w) {
+        weight[w] = s_l[w] > 0.0f ? expf(s_m[w] - m_all) : 0.0f;
+        l_all += s_l[w] * weight[w];
+    }
+    const long long th = (long long)t * num_heads + h;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; ++w) sum += s_acc[w][d] * weight[w];
+        if (splits == 1) {
+            out[th * D + d] = f32_to_bf16(sum / l_all);
+        } else {
+            partial_acc[(th * splits + split) * D + d] = sum;
+        }
+    }
+    if (splits > 1 && threadIdx.x == 0) {
+        partial_ml[(th * splits + split) * 2] = m_all;
+        partial_ml[(th * splits + split) * 2 + 1] = l_all;
+    }
+}
+
+#define ATTENTION_KERNEL(D)                                                                       \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) paged_attention_d##D(           \
+        const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \
+        const u32* __restrict__ positions, const u32* __restrict__ token_seq,                     \
+        const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,            \
+        bf16* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,  \
+        int num_heads, int num_kv_heads, int block_size, long long block_elems,                   \
+        long long layer_offset, float scale, int split_len) {                                     \
+        attend<D>(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,           \
+                  partial_acc, partial_ml, num_heads, num_kv_heads, block_size, block_elems,      \
+                  layer_offset, scale, split_len);                                                \
+    }
+
+ATTENTION_KERNEL(64)
+ATTENTION_KERNEL(128)
+
+// Merges the splits of `paged_attention_d*`: grid (tokens, heads), one thread per dimension.
+extern "C" __global__ void attention_combine(const float* __restrict__ partial_acc,
+                                             const float* __restrict__ partial_ml,
+                                             bf16* __restrict__ out, int head_dim, int splits) {
+    const long long th = (long long)blockIdx.x * gridDim.y + blockIdx.y;
+    const float* ml = partial_ml + th * splits * 2;
+    float m_all = NEG_INF;
+    for (int s = 0; s < splits; ++s) m_all = fmaxf(m_all, ml[2 * s]);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float sum = 0.0f, l_all = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float l = ml[2 * s + 1];
+            if (l > 0.0f) {
+                const float w = expf(ml[2 * s] - m_all);
+                l_all += l * w;
+                sum += partial_acc[(th * splits + s) * head_dim + d] * w;
+            }
+        }
+        out[th * head_dim + d] = f32_to_bf16(sum / l_all);
+    }
+}

@@ -1,0 +1,103 @@
+// Row-wise and element-wise ops of the forward pass. Activations between ops are f32
+// (residual stream, projections' outputs); inputs of matrix products are bf16.
+
+// out[t, :] = table[tokens[t], :]   (one block per token)
+extern "C" __global__ void embedding(const bf16* __restrict__ table, const u32* __restrict__ tokens,
+                                     float* __restrict__ out, int hidden) {
+    const long long t = blockIdx.x;
+    const bf16* row = table + (long long)tokens[t] * hidden;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[t * hidden + c] = bf16_to_f32(row[c]);
+}
+
+// out = x / sqrt(mean(x^2) + eps) * weight, per row (one block per row).
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
+                                    bf16* __restrict__ out, int cols, float eps) {
+    const long long r = blockIdx.x;
+    const float* row = x + r * cols;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += row[c] * row[c];
+    const float inv = rsqrtf(block_sum(ss) / cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        out[r * cols + c] = f32_to_bf16(row[c] * inv * weight[c]);
+}
+
+// residual += x, then out = rms_norm(residual) (one block per row).
+extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const float* __restrict__ x,
+                                        const float* __restrict__ weight, bf16* __restrict__ out,
+                                        int cols, float eps) {
+    const long long r = blockIdx.x;
+    float* row = residual + r * cols;
+    const float* add = x + r * cols;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float v = row[c] + add[c];
+        row[c] = v;
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss) / cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        out[r * cols + c] = f32_to_bf16(row[c] * inv * weight[c]);
+}
+
+// out[r, i] = silu(gate_up[r, i]) * gate_up[r, f + i]
+extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, bf16* __restrict__ out,
+                                    int f, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / f, c = i % f;
+        const float g = gate_up[r * 2 * f + c];
+        const float u = gate_up[r * 2 * f + f + c];
+        out[i] = f32_to_bf16(g / (1.0f + expf(-g)) * u);
+    }
+}
+
+// y[r, c] += bias[c]
+extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restrict__ bias, int cols,
+                                    long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] += bias[i % cols];
+}
+
+// out[i, :] = x[rows[i], :]  (one block per output row)
+extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* __restrict__ rows,
+                                       float* __restrict__ out, int cols) {
+    const long long i = blockIdx.x;
+    const float* src = x + (long long)rows[i] * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
+}
+
+// Greedy sampling on the device: index of each row's largest logit (lowest index on ties),
+// one block per row.
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __restrict__ out,
+                                       int cols) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const float* row = logits + (long long)blockIdx.x * cols;
+    float v = NEG_INF;
+    int idx = 0x7fffffff;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        if (row[c] > v) { v = row[c]; idx = c; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { best_v[warp] = v; best_i[warp] = idx; }
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = blockDim.x >> 5;
+        v = lane < warps ? best_v[lane] : NEG_INF;
+        idx = lane < warps ? best_i[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
+        }
+        if (lane == 0) out[blockIdx.x] = (u32)idx;
+    }
+}

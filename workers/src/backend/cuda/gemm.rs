@@ -1,0 +1,93 @@
+//! The projections through cuBLAS: `y[rows, out] = x[rows, in] · W[out, in]ᵀ` with bf16 operands,
+//! f32 accumulation and an f32 result (the residual stream and the rotary/softmax inputs stay
+//! f32; only matrix operands are bf16).
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{CudaBlas, result as blas, sys};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+
+use crate::backend::BackendError;
+
+/// The cuBLAS handle, bound to the backend's stream.
+pub struct Blas {
+    handle: Mutex<Handle>,
+    stream: Arc<CudaStream>,
+}
+
+struct Handle(CudaBlas);
+
+// SAFETY: a cuBLAS handle may be used from any thread as long as calls are not concurrent;
+// the mutex serializes them.
+unsafe impl Send for Handle {}
+
+impl Blas {
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self, BackendError> {
+        let handle = CudaBlas::new(stream.clone()).map_err(|e| BackendError::Device {
+            op: "cublas init",
+            detail: e.to_string(),
+        })?;
+        Ok(Blas {
+            handle: Mutex::new(Handle(handle)),
+            stream,
+        })
+    }
+
+    /// `y = x · wᵀ`; `x` is `[rows, k]` bf16, `w` is `[n, k]` bf16, `y` is `[rows, n]` f32.
+    pub fn linear_bf16_f32(
+        &self,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        if x.len() < rows * k || w.len() < n * k || y.len() < rows * n {
+            return Err(BackendError::Shape {
+                op: "linear",
+                detail: format!("buffers too small for [{rows}x{k}]·[{n}x{k}]ᵀ"),
+            });
+        }
+        let guard = self
+            .handle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (xp, _sx) = x.device_ptr(&self.stream);
+        let (wp, _sw) = w.device_ptr(&self.stream);
+        let (yp, _sy) = y.device_ptr_mut(&self.stream);
+        // Column-major view: yᵀ[n, rows] = W[n, k] · xᵀ[k, rows], where the row-major W is a
+        // column-major [k, n] matrix (transposed by op A) and the row-major x a column-major
+        // [k, rows] one.
+        // SAFETY: pointers are live device buffers of at least the sizes checked above, on the
+        // handle's stream.
+        unsafe {
+            blas::gemm_ex(
+                *guard.0.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                rows as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                wp as *const _,
+                sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                xp as *const _,
+                sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                (&beta as *const f32).cast(),
+                yp as *mut _,
+                sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| BackendError::Device {
+            op: "linear (cublasGemmEx)",
+            detail: e.to_string(),
+        })
+    }
+}

@@ -1,0 +1,205 @@
+//! The CUDA kernels: `.cu` sources in `workers/kernels/`, compiled by NVRTC at start-up for the
+//! device's own architecture (`sm_90` on Hopper, so the driver has no PTX to JIT) and cached as
+//! cubin files, so a restart loads them in milliseconds.
+//!
+//! The sources are compiled as one program: `common.cuh` (bf16 conversions, reductions)
+//! followed by every kernel file. They use no CUDA toolkit header, so NVRTC needs no include
+//! path and the machine needs no toolkit, only the driver and `libnvrtc`.
+
+use std::ffi::CString;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
+
+const SOURCES: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../../../kernels/common.cuh")),
+    (
+        "elementwise.cu",
+        include_str!("../../../kernels/elementwise.cu"),
+    ),
+    (
+        "attention.cu",
+        include_str!("../../../kernels/attention.cu"),
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("NVRTC failed to compile the kernels for {arch}: {reason}\n{log}")]
+    Compile {
+        arch: String,
+        reason: String,
+        log: String,
+    },
+    #[error("loading the compiled kernels: {0}")]
+    Load(String),
+    #[error("kernel `{0}` is missing from the compiled module")]
+    Missing(&'static str),
+}
+
+/// Every kernel the backend launches.
+pub struct Kernels {
+    pub embedding: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub add_rms_norm: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub add_bias: CudaFunction,
+    pub gather_rows: CudaFunction,
+    pub argmax_rows: CudaFunction,
+    pub rope_cache_write: CudaFunction,
+    pub paged_attention_d64: CudaFunction,
+    pub paged_attention_d128: CudaFunction,
+    pub attention_combine: CudaFunction,
+    /// Where the cubin came from, for the start-up log.
+    pub origin: String,
+}
+
+impl Kernels {
+    /// Compiles (or loads from the cache) the kernels for `ctx`'s device.
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, KernelError> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| KernelError::Load(e.to_string()))?;
+        let arch = format!("sm_{major}{minor}");
+        let source: String = SOURCES
+            .iter()
+            .map(|(name, text)| format!("// ---- {name}\n{text}\n"))
+            .collect();
+        let options = vec![
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".to_owned(),
+            "-default-device".to_owned(),
+        ];
+        let cache_path = cache_file(&source, &options);
+        let (cubin, origin) = match cache_path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+            Some(bytes) => (bytes, format!("cached {}", cache_path_display(&cache_path))),
+            None => {
+                let started = std::time::Instant::now();
+                let bytes = compile(&source, &options, &arch)?;
+                if let Some(path) = &cache_path {
+                    store(path, &bytes);
+                }
+                (
+                    bytes,
+                    format!(
+                        "compiled for {arch} in {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    ),
+                )
+            }
+        };
+        let module = ctx
+            .load_module(Ptx::from_binary(cubin))
+            .map_err(|e| KernelError::Load(e.to_string()))?;
+        let f = |name: &'static str| function(&module, name);
+        Ok(Kernels {
+            embedding: f("embedding")?,
+            rms_norm: f("rms_norm")?,
+            add_rms_norm: f("add_rms_norm")?,
+            silu_mul: f("silu_mul")?,
+            add_bias: f("add_bias")?,
+            gather_rows: f("gather_rows")?,
+            argmax_rows: f("argmax_rows")?,
+            rope_cache_write: f("rope_cache_write")?,
+            paged_attention_d64: f("paged_attention_d64")?,
+            paged_attention_d128: f("paged_attention_d128")?,
+            attention_combine: f("attention_combine")?,
+            origin,
+        })
+    }
+}
+
+fn function(module: &Arc<CudaModule>, name: &'static str) -> Result<CudaFunction, KernelError> {
+    module
+        .load_function(name)
+        .map_err(|_| KernelError::Missing(name))
+}
+
+/// NVRTC: source -> cubin for `arch`.
+fn compile(source: &str, options: &[String], arch: &str) -> Result<Vec<u8>, KernelError> {
+    let fail = |reason: String, log: String| KernelError::Compile {
+        arch: arch.to_owned(),
+        reason,
+        log,
+    };
+    let src = CString::new(source).map_err(|e| fail(e.to_string(), String::new()))?;
+    let name = c"tandem_kernels.cu";
+    let prog =
+        nvrtc::create_program(&src, Some(name)).map_err(|e| fail(e.to_string(), String::new()))?;
+    // SAFETY: `prog` was created above and is destroyed once, at the end of this function;
+    // `src` and `name` outlive it.
+    unsafe {
+        let compiled = nvrtc::compile_program(prog, options);
+        let log = nvrtc::get_program_log(prog)
+            .map(|chars| {
+                let bytes: Vec<u8> = chars.iter().map(|&c| c as u8).collect();
+                String::from_utf8_lossy(&bytes)
+                    .trim_end_matches('\0')
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        let result = match compiled {
+            Err(e) => Err(fail(e.to_string(), log)),
+            Ok(()) => {
+                let mut size = 0usize;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(|e| fail(e.to_string(), log.clone()))?;
+                let mut cubin = vec![0u8; size];
+                nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+                    .result()
+                    .map_err(|e| fail(e.to_string(), log.clone()))?;
+                if !log.trim().is_empty() {
+                    tracing::debug!(log, "NVRTC messages");
+                }
+                Ok(cubin)
+            }
+        };
+        let _ = nvrtc::destroy_program(prog);
+        result
+    }
+}
+
+/// `<cache>/kernels/<hash of sources, options and NVRTC version>.cubin`, where `<cache>` is
+/// `TANDEM_CACHE_DIR`, else `$XDG_CACHE_HOME/tandem`, else `~/.cache/tandem`. `None` (compile
+/// every time) when there is no home directory.
+fn cache_file(source: &str, options: &[String]) -> Option<PathBuf> {
+    let dir = std::env::var_os("TANDEM_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("tandem")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tandem")))?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters.
+    let _ = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
+    let mut hasher = std::hash::DefaultHasher::new();
+    source.hash(&mut hasher);
+    options.hash(&mut hasher);
+    (major, minor).hash(&mut hasher);
+    Some(
+        dir.join("kernels")
+            .join(format!("{:016x}.cubin", hasher.finish())),
+    )
+}
+
+fn cache_path_display(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// Writes the cubin through a temporary file and a rename, so a concurrent reader never sees
+/// half a file. A cache that cannot be written only costs a recompile next time.
+fn store(path: &PathBuf, bytes: &[u8]) {
+    let Some(dir) = path.parent() else { return };
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), "cannot cache the compiled kernels: {e}");
+        let _ = std::fs::remove_file(&tmp);
+    }
+}

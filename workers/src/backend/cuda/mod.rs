@@ -1,0 +1,679 @@
+//! The CUDA backend: cuBLAS for the projections (bf16 operands, f32 accumulation and output),
+//! NVRTC-compiled kernels ([`kernels`]) for everything else, the paged KV cache in device memory.
+//!
+//! Libraries (`libcuda`, `libnvrtc`, `libcublas`) are loaded at run time (cudarc's
+//! `dynamic-loading`), so the same binary runs on machines without a GPU; [`CudaBackend::new`]
+//! fails there with an error that says which library is missing.
+//!
+//! Number formats, chosen for the memory-bound decode step: weight matrices in bf16 (whatever
+//! the file holds; f32/f16 files are converted at upload), norm weights and biases in f32, the
+//! KV cache in bf16. Activations between ops are f32 (the residual stream, projection outputs,
+//! attention scores); the inputs of a matrix product (normalized rows, attention output,
+//! `silu(gate) * up`) are written in bf16 by the op that produces them, which is what cuBLAS'
+//! bf16 path reads.
+//!
+//! One stream per backend: ops are queued asynchronously and only [`Backend::to_host`] and the KV
+//! block copies wait for the device.
+//!
+//! Batch invariance holds for every kernel here (each row's reduction order is fixed), but not
+//! necessarily for cuBLAS, which may pick a different algorithm for a different row count: a
+//! request's logits can differ in the last bits between batch sizes on the GPU.
+
+mod gemm;
+pub mod kernels;
+mod tensor;
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use crate::backend::{AttentionShape, Backend, BackendError, BatchPlan, DType, HostTensor};
+use crate::kv_cache::{KvDType, KvLayout};
+
+pub use tensor::{CudaBatch, CudaKvCache, CudaTensor, CudaWeight};
+
+use gemm::Blas;
+use kernels::Kernels;
+use tensor::DeviceData;
+
+/// Which device.
+#[derive(Debug, Clone, Default)]
+pub struct CudaOptions {
+    pub ordinal: usize,
+}
+
+/// A device, its stream, cuBLAS handle and kernels.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: Blas,
+    kernels: Kernels,
+    name: String,
+    multiprocessors: usize,
+}
+
+macro_rules! dev {
+    ($op:literal, $e:expr) => {
+        $e.map_err(|e| BackendError::Device {
+            op: $op,
+            detail: e.to_string(),
+        })
+    };
+}
+
+/// Whether the CUDA driver library can be loaded (a GPU machine), without touching a device.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+impl CudaBackend {
+    pub fn new(options: &CudaOptions) -> Result<Self, BackendError> {
+        let missing = |lib: &str| BackendError::Device {
+            op: "cuda init",
+            detail: format!(
+                "{lib} cannot be loaded: no NVIDIA driver/CUDA libraries on this machine (or not on \
+                 LD_LIBRARY_PATH); use --device cpu"
+            ),
+        };
+        if !driver_present() {
+            return Err(missing("libcuda.so"));
+        }
+        // SAFETY: only tries to dlopen the libraries.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(missing("libnvrtc.so"));
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(missing("libcublas.so"));
+        }
+        let count = dev!("cuda init", CudaContext::device_count())?;
+        if options.ordinal >= count.max(0) as usize {
+            return Err(BackendError::Device {
+                op: "cuda init",
+                detail: format!(
+                    "cuda:{} does not exist: this machine has {count} CUDA device(s)",
+                    options.ordinal
+                ),
+            });
+        }
+        let ctx = dev!("cuda init", CudaContext::new(options.ordinal))?;
+        let stream = dev!("cuda init", ctx.new_stream())?;
+        let blas = Blas::new(stream.clone())?;
+        let kernels = Kernels::load(&ctx).map_err(|e| BackendError::Device {
+            op: "kernels",
+            detail: e.to_string(),
+        })?;
+        let name = dev!("cuda init", ctx.name())?;
+        let multiprocessors = dev!(
+            "cuda init",
+            ctx.attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+            )
+        )? as usize;
+        tracing::info!(device = %name, ordinal = options.ordinal, kernels = %kernels.origin, "CUDA backend ready");
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            kernels,
+            name,
+            multiprocessors,
+        })
+    }
+
+    /// `(free, total)` device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize), BackendError> {
+        dev!("memory info", self.ctx.mem_get_info())
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Waits for every queued op.
+    pub fn synchronize(&self) -> Result<(), BackendError> {
+        dev!("synchronize", self.stream.synchronize())
+    }
+
+    /// Greedy sampling on the device: the index of each row's largest value.
+    pub fn argmax_rows(&self, logits: &CudaTensor) -> Result<Vec<u32>, BackendError> {
+        let x = logits.as_f32("argmax_rows")?;
+        let mut out = self.alloc_u32(logits.rows)?;
+        let cols = logits.cols as i32;
+        let mut b = self.stream.launch_builder(&self.kernels.argmax_rows);
+        b.arg(x).arg(&mut out).arg(&cols);
+        self.launch(b, rows_config(logits.rows, 1024), "argmax_rows")?;
+        dev!("argmax_rows", self.stream.clone_dtoh(&out))
+    }
+
+    /// Copies KV block `src` over block `dst` on the device (prefix reuse, benchmarks).
+    pub fn copy_kv_block(
+        &self,
+        kv: &mut CudaKvCache,
+        src: u32,
+        dst: u32,
+    ) -> Result<(), BackendError> {
+        let bytes = kv.layout.block_bytes();
+        kv.block_range(src, bytes)?;
+        kv.block_range(dst, bytes)?;
+        let from = kv.block_address(&self.stream, src);
+        let to = kv.block_address(&self.stream, dst);
+        // SAFETY: both ranges are inside the cache's allocation (checked above) and distinct
+        // or identical blocks (a copy onto itself is a no-op for the copy engine).
+        dev!("copy KV block", unsafe {
+            cudarc::driver::result::memcpy_dtod_async(to, from, bytes, self.stream.cu_stream())
+        })
+    }
+
+    fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>, BackendError> {
+        // SAFETY: every caller's kernel writes all `n` elements before anything reads them.
+        dev!("alloc", unsafe { self.stream.alloc::<f32>(n.max(1)) })
+    }
+
+    fn alloc_bf16(&self, n: usize) -> Result<CudaSlice<u16>, BackendError> {
+        // SAFETY: as in `alloc_f32`.
+        dev!("alloc", unsafe { self.stream.alloc::<u16>(n.max(1)) })
+    }
+
+    fn alloc_u32(&self, n: usize) -> Result<CudaSlice<u32>, BackendError> {
+        // SAFETY: as in `alloc_f32`.
+        dev!("alloc", unsafe { self.stream.alloc::<u32>(n.max(1)) })
+    }
+
+    fn launch(
+        &self,
+        mut builder: cudarc::driver::LaunchArgs<'_>,
+        cfg: LaunchConfig,
+        op: &'static str,
+    ) -> Result<(), BackendError> {
+        // SAFETY: each caller passes the argument list its kernel's signature declares, with
+        // buffers of the sizes the kernel indexes (checked by the caller against the shapes).
+        unsafe { builder.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| BackendError::Device {
+                op,
+                detail: e.to_string(),
+            })
+    }
+
+    fn check_vector<'w>(
+        op: &'static str,
+        weight: &'w CudaWeight,
+        len: usize,
+    ) -> Result<&'w CudaSlice<f32>, BackendError> {
+        match weight {
+            CudaWeight::Vector { data, len: l } if *l == len => Ok(data),
+            other => Err(BackendError::Shape {
+                op,
+                detail: format!("expected a vector of {len}, got {}", other.describe()),
+            }),
+        }
+    }
+}
+
+/// One block per row, `threads` threads (a multiple of 32).
+fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A grid-stride loop over `total` elements.
+fn elementwise_config(total: usize) -> LaunchConfig {
+    let threads = 256u32;
+    let blocks = total.div_ceil(threads as usize).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads for a row-wise op over `cols` columns: enough to cover a row in a few passes.
+fn row_threads(cols: usize) -> u32 {
+    (cols.div_ceil(4).next_multiple_of(32)).clamp(32, 1024) as u32
+}
+
+fn shape_err(op: &'static str, detail: String) -> BackendError {
+    BackendError::Shape { op, detail }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+    type KvCache = CudaKvCache;
+    type Batch = CudaBatch;
+
+    fn describe(&self) -> String {
+        format!(
+            "cuda:{} ({}, {} SMs; bf16 weights and KV, f32 activations; kernels {})",
+            self.ctx.ordinal(),
+            self.name,
+            self.multiprocessors,
+            self.kernels.origin
+        )
+    }
+
+    fn upload_weight(&self, parts: &[HostTensor<'_>]) -> Result<CudaWeight, BackendError> {
+        tensor::upload_weight(&self.stream, parts)
+    }
+
+    fn alloc_kv_cache(
+        &self,
+        layout: &KvLayout,
+        num_blocks: usize,
+    ) -> Result<CudaKvCache, BackendError> {
+        if layout.dtype != KvDType::Bf16 {
+            return Err(BackendError::UnsupportedDType {
+                op: "CUDA KV cache",
+                dtype: match layout.dtype {
+                    KvDType::F32 => DType::F32,
+                    KvDType::F16 => DType::F16,
+                    KvDType::Bf16 => DType::Bf16,
+                },
+            });
+        }
+        let elems =
+            layout
+                .block_elems()
+                .checked_mul(num_blocks)
+                .ok_or(BackendError::KvCacheTooLarge {
+                    num_blocks,
+                    block_bytes: layout.block_bytes(),
+                })?;
+        let data = self.stream.alloc_zeros::<u16>(elems.max(1)).map_err(|_| {
+            BackendError::KvCacheTooLarge {
+                num_blocks,
+                block_bytes: layout.block_bytes(),
+            }
+        })?;
+        Ok(CudaKvCache {
+            layout: *layout,
+            num_blocks,
+            data,
+        })
+    }
+
+    fn kv_cache_layout(&self, kv: &CudaKvCache) -> KvLayout {
+        kv.layout
+    }
+
+    fn kv_cache_blocks(&self, kv: &CudaKvCache) -> usize {
+        kv.num_blocks
+    }
+
+    fn read_kv_block(
+        &self,
+        kv: &CudaKvCache,
+        block: u32,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        let range = kv.block_range(block, dst.len())?;
+        let mut host = vec![0u16; range.len()];
+        dev!(
+            "read KV block",
+            self.stream.memcpy_dtoh(&kv.data.slice(range), &mut host)
+        )?;
+        for (d, v) in dst.chunks_exact_mut(2).zip(&host) {
+            d.copy_from_slice(&v.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    fn write_kv_block(
+        &self,
+        kv: &mut CudaKvCache,
+        block: u32,
+        src: &[u8],
+    ) -> Result<(), BackendError> {
+        let range = kv.block_range(block, src.len())?;
+        let host: Vec<u16> = src
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        dev!(
+            "write KV block",
+            self.stream
+                .memcpy_htod(&host, &mut kv.data.slice_mut(range))
+        )?;
+        // The host vector is dropped when this returns: wait for the copy to read it.
+        self.synchronize()
+    }
+
+    fn prepare_batch(&self, plan: &BatchPlan) -> Result<CudaBatch, BackendError> {
+        CudaBatch::upload(&self.stream, plan)
+    }
+
+    fn embedding(&self, table: &CudaWeight, batch: &CudaBatch) -> Result<CudaTensor, BackendError> {
+        let CudaWeight::Matrix {
+            data,
+            rows: _,
+            cols,
+        } = table
+        else {
+            return Err(shape_err("embedding", "the table is not a matrix".into()));
+        };
+        let hidden = *cols;
+        let mut out = self.alloc_f32(batch.num_tokens * hidden)?;
+        let h = hidden as i32;
+        let mut b = self.stream.launch_builder(&self.kernels.embedding);
+        b.arg(data).arg(batch.tokens()).arg(&mut out).arg(&h);
+        self.launch(b, rows_config(batch.num_tokens, 256), "embedding")?;
+        Ok(CudaTensor::from_f32(batch.num_tokens, hidden, out))
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor, BackendError> {
+        let w = Self::check_vector("rms_norm", weight, x.cols)?;
+        let xs = x.as_f32("rms_norm")?;
+        let mut out = self.alloc_bf16(x.rows * x.cols)?;
+        let cols = x.cols as i32;
+        let mut b = self.stream.launch_builder(&self.kernels.rms_norm);
+        b.arg(xs).arg(w).arg(&mut out).arg(&cols).arg(&eps);
+        self.launch(b, rows_config(x.rows, row_threads(x.cols)), "rms_norm")?;
+        Ok(CudaTensor::from_bf16(x.rows, x.cols, out))
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CudaTensor,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor, BackendError> {
+        if (residual.rows, residual.cols) != (x.rows, x.cols) {
+            return Err(shape_err(
+                "add_rms_norm",
+                format!(
+                    "residual {}x{} vs x {}x{}",
+                    residual.rows, residual.cols, x.rows, x.cols
+                ),
+            ));
+        }
+        let w = Self::check_vector("add_rms_norm", weight, x.cols)?;
+        let xs = x.as_f32("add_rms_norm")?;
+        let (rows, cols_n) = (residual.rows, residual.cols);
+        let res = residual.as_f32_mut("add_rms_norm")?;
+        let mut out = self.alloc_bf16(rows * cols_n)?;
+        let cols = cols_n as i32;
+        let mut b = self.stream.launch_builder(&self.kernels.add_rms_norm);
+        b.arg(res).arg(xs).arg(w).arg(&mut out).arg(&cols).arg(&eps);
+        self.launch(b, rows_config(rows, row_threads(cols_n)), "add_rms_norm")?;
+        Ok(CudaTensor::from_bf16(rows, cols_n, out))
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor, BackendError> {
+        let CudaWeight::Matrix {
+            data: w,
+            rows: out_features,
+            cols: in_features,
+        } = weight
+        else {
+            return Err(shape_err("linear", "the weight is not a matrix".into()));
+        };
+        if x.cols != *in_features {
+            return Err(shape_err(
+                "linear",
+                format!(
+                    "x has {} columns, the weight is {out_features}x{in_features}",
+                    x.cols
+                ),
+            ));
+        }
+        let DeviceData::Bf16(xs) = &x.data else {
+            return Err(shape_err(
+                "linear",
+                "the input must be bf16 (written by a norm, attention or silu_mul)".into(),
+            ));
+        };
+        let mut out = self.alloc_f32(x.rows * out_features)?;
+        self.blas
+            .linear_bf16_f32(xs, w, &mut out, x.rows, *in_features, *out_features)?;
+        if let Some(bias) = bias {
+            let bv = Self::check_vector("linear bias", bias, *out_features)?;
+            let total = (x.rows * out_features) as i64;
+            let cols = *out_features as i32;
+            let mut b = self.stream.launch_builder(&self.kernels.add_bias);
+            b.arg(&mut out).arg(bv).arg(&cols).arg(&total);
+            self.launch(b, elementwise_config(total as usize), "add_bias")?;
+        }
+        Ok(CudaTensor::from_f32(x.rows, *out_features, out))
+    }
+
+    fn rope_and_cache_write(
+        &self,
+        qkv: &mut CudaTensor,
+        batch: &CudaBatch,
+        shape: &AttentionShape,
+        kv: &mut CudaKvCache,
+        layer: usize,
+    ) -> Result<(), BackendError> {
+        check_attention(qkv, batch, shape, kv, layer)?;
+        let layout = kv.layout;
+        let rows = qkv.rows;
+        let q = qkv.as_f32_mut("rope_and_cache_write")?;
+        let (heads, kv_heads, dim, bs) = (
+            shape.num_heads as i32,
+            shape.num_kv_heads as i32,
+            shape.head_dim as i32,
+            layout.block_size as i32,
+        );
+        let block_elems = layout.block_elems() as i64;
+        let layer_offset = layout.offset(layer, 0, 0) as i64;
+        let pairs = (shape.num_heads + shape.num_kv_heads) * shape.head_dim / 2;
+        let mut b = self.stream.launch_builder(&self.kernels.rope_cache_write);
+        b.arg(q)
+            .arg(batch.rope_cos())
+            .arg(batch.rope_sin())
+            .arg(batch.slot_mapping())
+            .arg(&mut kv.data)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&dim)
+            .arg(&bs)
+            .arg(&block_elems)
+            .arg(&layer_offset);
+        self.launch(
+            b,
+            rows_config(rows, (pairs.next_multiple_of(32) as u32).clamp(32, 512)),
+            "rope_cache_write",
+        )
+    }
+
+    fn paged_attention(
+        &self,
+        qkv: &CudaTensor,
+        batch: &CudaBatch,
+        shape: &AttentionShape,
+        kv: &CudaKvCache,
+        layer: usize,
+    ) -> Result<CudaTensor, BackendError> {
+        check_attention(qkv, batch, shape, kv, layer)?;
+        let kernel = match shape.head_dim {
+            64 => &self.kernels.paged_attention_d64,
+            128 => &self.kernels.paged_attention_d128,
+            d => {
+                return Err(shape_err(
+                    "paged_attention",
+                    format!("head_dim {d} (the CUDA kernels cover 64 and 128)"),
+                ));
+            }
+        };
+        let layout = kv.layout;
+        let tokens = qkv.rows;
+        let q = qkv.as_f32("paged_attention")?;
+        let width = shape.num_heads * shape.head_dim;
+        let mut out = self.alloc_bf16(tokens * width)?;
+        // Split long contexts over several blocks when the batch alone would leave most of the
+        // multiprocessors idle (decode of a few sequences).
+        let blocks = tokens * shape.num_heads;
+        let target = 2 * self.multiprocessors;
+        let splits = if blocks >= target || batch.max_context <= 256 {
+            1
+        } else {
+            target
+                .div_ceil(blocks)
+                .min(batch.max_context.div_ceil(128))
+                .clamp(1, 64)
+        };
+        let split_len = batch.max_context.div_ceil(splits) as i32;
+        let partial_acc = self.alloc_f32(if splits > 1 {
+            blocks * splits * shape.head_dim
+        } else {
+            1
+        })?;
+        let partial_ml = self.alloc_f32(if splits > 1 { blocks * splits * 2 } else { 1 })?;
+        let (heads, kv_heads, bs) = (
+            shape.num_heads as i32,
+            shape.num_kv_heads as i32,
+            layout.block_size as i32,
+        );
+        let block_elems = layout.block_elems() as i64;
+        let layer_offset = layout.offset(layer, 0, 0) as i64;
+        let mut b = self.stream.launch_builder(kernel);
+        b.arg(q)
+            .arg(&kv.data)
+            .arg(batch.positions())
+            .arg(batch.token_seq())
+            .arg(batch.seq_block_start())
+            .arg(batch.block_tables())
+            .arg(&mut out)
+            .arg(&partial_acc)
+            .arg(&partial_ml)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&bs)
+            .arg(&block_elems)
+            .arg(&layer_offset)
+            .arg(&shape.scale)
+            .arg(&split_len);
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, shape.num_heads as u32, splits as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(b, cfg, "paged_attention")?;
+        if splits > 1 {
+            let (dim, s) = (shape.head_dim as i32, splits as i32);
+            let mut b = self.stream.launch_builder(&self.kernels.attention_combine);
+            b.arg(&partial_acc)
+                .arg(&partial_ml)
+                .arg(&mut out)
+                .arg(&dim)
+                .arg(&s);
+            let cfg = LaunchConfig {
+                grid_dim: (tokens as u32, shape.num_heads as u32, 1),
+                block_dim: (shape.head_dim as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(b, cfg, "attention_combine")?;
+        }
+        Ok(CudaTensor::from_bf16(tokens, width, out))
+    }
+
+    fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor, BackendError> {
+        if !gate_up.cols.is_multiple_of(2) {
+            return Err(shape_err(
+                "silu_mul",
+                format!("{} columns is not [gate | up]", gate_up.cols),
+            ));
+        }
+        let f = gate_up.cols / 2;
+        let x = gate_up.as_f32("silu_mul")?;
+        let total = gate_up.rows * f;
+        let mut out = self.alloc_bf16(total)?;
+        let (fi, t) = (f as i32, total as i64);
+        let mut b = self.stream.launch_builder(&self.kernels.silu_mul);
+        b.arg(x).arg(&mut out).arg(&fi).arg(&t);
+        self.launch(b, elementwise_config(total), "silu_mul")?;
+        Ok(CudaTensor::from_bf16(gate_up.rows, f, out))
+    }
+
+    fn gather_logits_rows(
+        &self,
+        x: &CudaTensor,
+        batch: &CudaBatch,
+    ) -> Result<CudaTensor, BackendError> {
+        if x.rows != batch.num_tokens {
+            return Err(shape_err(
+                "gather_logits_rows",
+                format!("{} rows for {} tokens", x.rows, batch.num_tokens),
+            ));
+        }
+        let xs = x.as_f32("gather_logits_rows")?;
+        let n = batch.num_logits;
+        let mut out = self.alloc_f32(n * x.cols)?;
+        let cols = x.cols as i32;
+        let mut b = self.stream.launch_builder(&self.kernels.gather_rows);
+        b.arg(xs).arg(batch.logits_rows()).arg(&mut out).arg(&cols);
+        self.launch(b, rows_config(n, 256), "gather_rows")?;
+        Ok(CudaTensor::from_f32(n, x.cols, out))
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<Vec<f32>>, BackendError> {
+        let flat: Vec<f32> = match &x.data {
+            DeviceData::F32(d) => dev!("to_host", self.stream.clone_dtoh(d))?,
+            DeviceData::Bf16(d) => dev!("to_host", self.stream.clone_dtoh(d))?
+                .into_iter()
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect(),
+        };
+        Ok(flat
+            .chunks(x.cols.max(1))
+            .take(x.rows)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+}
+
+fn check_attention(
+    qkv: &CudaTensor,
+    batch: &CudaBatch,
+    shape: &AttentionShape,
+    kv: &CudaKvCache,
+    layer: usize,
+) -> Result<(), BackendError> {
+    let layout = kv.layout;
+    if qkv.cols != shape.qkv_width() || qkv.rows != batch.num_tokens {
+        return Err(shape_err(
+            "attention",
+            format!(
+                "qkv is {}x{}, expected {}x{}",
+                qkv.rows,
+                qkv.cols,
+                batch.num_tokens,
+                shape.qkv_width()
+            ),
+        ));
+    }
+    if layout.num_kv_heads != shape.num_kv_heads
+        || layout.head_dim != shape.head_dim
+        || layer >= layout.num_layers
+        || layout.block_size != batch.block_size
+        || batch.rope_half * 2 != shape.head_dim
+        || shape.num_kv_heads == 0
+        || !shape.num_heads.is_multiple_of(shape.num_kv_heads)
+    {
+        return Err(shape_err(
+            "attention",
+            format!("cache layout {layout:?} does not fit {shape:?}, layer {layer}"),
+        ));
+    }
+    Ok(())
+}

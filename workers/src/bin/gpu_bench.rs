@@ -1,0 +1,591 @@
+//! GPU correctness check and benchmark of the CUDA backend (run it on a machine with an NVIDIA
+//! GPU; see docs/benchmarks.md for the commands and results).
+//!
+//! `gpu_bench check --model DIR`: the same prompts through the CPU backend (f32 arithmetic) and
+//! the CUDA backend: last-position logits (relative L2), 32 teacher-forced decode steps
+//! (relative L2 and top-1 agreement), free-running greedy tokens, a batched forward against the
+//! sequences alone, a prefill split in two chunks against one. Exits non-zero past the limits.
+//!
+//! `gpu_bench bench --model DIR`: measures the two ceilings on this device (device-to-device
+//! copy bandwidth, cuBLAS bf16 GEMM rate), then decode step time at several batch sizes over a
+//! fixed context and prefill throughput at several prompt lengths, each with its floor
+//! (bytes that must move / copy bandwidth, FLOPs / GEMM rate) and the ratio to it.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tandem_model::ModelConfig;
+use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
+use tandem_workers::backend::cuda::{CudaBackend, CudaOptions};
+use tandem_workers::backend::{Backend, DType, HostTensor};
+use tandem_workers::kv_cache::KvDType;
+use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
+
+#[derive(Parser)]
+#[command(about = "Check the CUDA backend against the CPU backend, and time it")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compare CUDA and CPU outputs on one model directory.
+    Check {
+        #[arg(long)]
+        model: PathBuf,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        ordinal: usize,
+        /// Teacher-forced / greedy decode steps.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        /// Prompt lengths (random token ids).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![7, 100, 300])]
+        prompts: Vec<usize>,
+        /// CPU threads for the reference.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Fail when the mean relative L2 of the logits exceeds this.
+        #[arg(long, default_value_t = 1e-2)]
+        max_rel_l2: f64,
+        /// Fail when teacher-forced top-1 agreement is below this.
+        #[arg(long, default_value_t = 0.99)]
+        min_top1: f64,
+    },
+    /// Time decode steps and prefills against the device's ceilings.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        ordinal: usize,
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 8, 32, 128])]
+        batches: Vec<usize>,
+        /// Context (cached tokens) of every decoding sequence.
+        #[arg(long, default_value_t = 1024)]
+        context: usize,
+        #[arg(long, value_delimiter = ',', default_values_t = vec![512, 2048, 8192])]
+        prefill: Vec<usize>,
+        /// Timed repetitions (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Write the table as JSON here too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Check {
+            model,
+            ordinal,
+            steps,
+            prompts,
+            threads,
+            max_rel_l2,
+            min_top1,
+        } => check(
+            &model, ordinal, steps, &prompts, threads, max_rel_l2, min_top1,
+        ),
+        Command::Bench {
+            model,
+            ordinal,
+            batches,
+            context,
+            prefill,
+            iters,
+            json,
+        } => bench(&model, ordinal, &batches, context, &prefill, iters, json),
+    }
+}
+
+const BLOCK: usize = 16;
+
+/// A model, its cache, and a bump allocator of blocks for sequences.
+struct Runner<B: Backend> {
+    model: Model<B>,
+    kv: B::KvCache,
+    next_block: u32,
+}
+
+impl<B: Backend> Runner<B> {
+    fn new(model: Model<B>, blocks: usize) -> Result<Self> {
+        let kv = model.alloc_kv_cache(BLOCK, blocks)?;
+        Ok(Runner {
+            model,
+            kv,
+            next_block: 0,
+        })
+    }
+
+    fn blocks(&mut self, tokens: usize) -> Vec<u32> {
+        let n = tokens.div_ceil(BLOCK) as u32;
+        let table = (self.next_block..self.next_block + n).collect();
+        self.next_block += n;
+        table
+    }
+
+    /// One forward of several sequences: (tokens, cached_len, block table) each.
+    fn forward(&mut self, seqs: &[(&[u32], usize, &[u32])]) -> Result<Vec<Vec<f32>>> {
+        let mut batch = ForwardBatch::default();
+        for (tokens, cached, table) in seqs {
+            batch.push(tokens, *cached, table.to_vec(), true);
+        }
+        Ok(self.model.forward(&batch, &mut self.kv)?)
+    }
+}
+
+fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &r) in a.iter().zip(reference) {
+        num += (x as f64 - r as f64).powi(2);
+        den += (r as f64).powi(2);
+    }
+    if a.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn random_tokens(rng: &mut ChaCha8Rng, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
+}
+
+fn check(
+    dir: &std::path::Path,
+    ordinal: usize,
+    steps: usize,
+    prompt_lens: &[usize],
+    threads: usize,
+    max_rel_l2: f64,
+    min_top1: f64,
+) -> Result<()> {
+    let config = ModelConfig::load(dir)?;
+    // The CPU reference keeps a bf16 cache too, as the GPU does: the comparison is then of
+    // the arithmetic, not of the cache's number format.
+    let options = ModelOptions {
+        kv_dtype: Some(KvDType::Bf16),
+    };
+    let cpu = Model::load(
+        dir,
+        CpuBackend::new(&CpuOptions {
+            threads,
+            ..Default::default()
+        })?,
+        &options,
+    )?;
+    let gpu = Model::load(dir, CudaBackend::new(&CudaOptions { ordinal })?, &options)?;
+    println!(
+        "model {} ({} layers)",
+        dir.display(),
+        config.num_hidden_layers
+    );
+    println!("cpu: {}", cpu.backend().describe());
+    println!("gpu: {}", gpu.backend().describe());
+    let total: usize = prompt_lens
+        .iter()
+        .map(|l| l + 2 * steps + BLOCK)
+        .sum::<usize>()
+        * 3;
+    let blocks = total.div_ceil(BLOCK) + 8;
+    let mut cpu = Runner::new(cpu, blocks)?;
+    let mut gpu = Runner::new(gpu, blocks)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut failures = Vec::new();
+    let (mut agree, mut positions, mut l2_sum, mut l2_n) = (0usize, 0usize, 0.0f64, 0usize);
+    let mut prompts = Vec::new();
+    println!(
+        "{:>7} {:>12} {:>12} {:>12} {:>10} {:>14}",
+        "prompt", "prefill_l2", "decode_l2", "max_l2", "top1", "greedy_same"
+    );
+    for &len in prompt_lens {
+        let prompt = random_tokens(&mut rng, len, config.vocab_size);
+        prompts.push(prompt.clone());
+        let ctable = cpu.blocks(len + steps + 1);
+        let gtable = gpu.blocks(len + steps + 1);
+        let c = cpu.forward(&[(&prompt, 0, &ctable)])?;
+        let g = gpu.forward(&[(&prompt, 0, &gtable)])?;
+        let prefill_l2 = rel_l2(&g[0], &c[0]);
+        // Teacher forcing: both consume the CPU's greedy tokens.
+        let (mut next, mut step_l2, mut max_l2, mut top1) = (argmax(&c[0]), 0.0, prefill_l2, 0);
+        let mut cpu_greedy = vec![next];
+        for s in 0..steps {
+            let pos = len + s;
+            let c = cpu.forward(&[(&[next], pos, &ctable)])?;
+            let g = gpu.forward(&[(&[next], pos, &gtable)])?;
+            let l2 = rel_l2(&g[0], &c[0]);
+            step_l2 += l2;
+            max_l2 = max_l2.max(l2);
+            top1 += usize::from(argmax(&g[0]) == argmax(&c[0]));
+            next = argmax(&c[0]);
+            cpu_greedy.push(next);
+        }
+        // Free-running greedy on the GPU from the same prompt.
+        let gtable2 = gpu.blocks(len + steps + 1);
+        let g = gpu.forward(&[(&prompt, 0, &gtable2)])?;
+        let mut gnext = argmax(&g[0]);
+        let mut same = usize::from(gnext == cpu_greedy[0]);
+        let mut diverged = gnext != cpu_greedy[0];
+        for s in 0..steps {
+            let g = gpu.forward(&[(&[gnext], len + s, &gtable2)])?;
+            gnext = argmax(&g[0]);
+            if !diverged && gnext == cpu_greedy[s + 1] {
+                same += 1;
+            } else {
+                diverged = true;
+            }
+        }
+        let decode_l2 = step_l2 / steps.max(1) as f64;
+        agree += top1;
+        positions += steps;
+        l2_sum += prefill_l2 + step_l2;
+        l2_n += 1 + steps;
+        println!(
+            "{len:>7} {prefill_l2:>12.2e} {decode_l2:>12.2e} {max_l2:>12.2e} {:>10} {:>14}",
+            format!("{top1}/{steps}"),
+            format!("{same}/{}", steps + 1)
+        );
+    }
+    // Batched and chunked on the GPU against the sequences alone on the GPU.
+    let tables: Vec<Vec<u32>> = prompts.iter().map(|p| gpu.blocks(p.len() + 1)).collect();
+    let seqs: Vec<(&[u32], usize, &[u32])> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, t)| (p.as_slice(), 0, t.as_slice()))
+        .collect();
+    let batched = gpu.forward(&seqs)?;
+    let mut batch_l2 = 0.0f64;
+    let mut chunk_l2 = 0.0f64;
+    for (i, p) in prompts.iter().enumerate() {
+        let t = gpu.blocks(p.len() + 1);
+        let alone = gpu.forward(&[(p, 0, &t)])?;
+        batch_l2 = batch_l2.max(rel_l2(&batched[i], &alone[0]));
+        let split = p.len() / 2;
+        if split > 0 {
+            let t2 = gpu.blocks(p.len() + 1);
+            let first = gpu.forward(&[(&p[..split], 0, &t2)])?;
+            drop(first);
+            let second = gpu.forward(&[(&p[split..], split, &t2)])?;
+            chunk_l2 = chunk_l2.max(rel_l2(&second[0], &alone[0]));
+        }
+    }
+    let mean_l2 = l2_sum / l2_n.max(1) as f64;
+    let top1_rate = agree as f64 / positions.max(1) as f64;
+    println!("mean relative L2 (prefill + decode): {mean_l2:.3e} (limit {max_rel_l2:.0e})");
+    println!(
+        "teacher-forced top-1 agreement: {agree}/{positions} = {top1_rate:.4} (limit {min_top1})"
+    );
+    println!("batched vs alone (GPU), max relative L2: {batch_l2:.3e}");
+    println!("two chunks vs one prefill (GPU), max relative L2: {chunk_l2:.3e}");
+    if mean_l2.is_nan() || mean_l2 > max_rel_l2 {
+        failures.push(format!("mean relative L2 {mean_l2:.3e} > {max_rel_l2:.0e}"));
+    }
+    if top1_rate < min_top1 {
+        failures.push(format!("top-1 agreement {top1_rate:.4} < {min_top1}"));
+    }
+    if !(batch_l2 < 1e-2 && chunk_l2 < 1e-2) {
+        failures.push(format!(
+            "batched {batch_l2:.3e} / chunked {chunk_l2:.3e} differ from the sequences alone"
+        ));
+    }
+    if failures.is_empty() {
+        println!("CHECK PASSED");
+        Ok(())
+    } else {
+        bail!("CHECK FAILED: {}", failures.join("; "))
+    }
+}
+
+/// Bytes of the weight matrices one decode step reads (every layer's projections and the
+/// lm_head; the embedding lookup reads a few rows only), in bf16.
+fn matrix_params(c: &ModelConfig) -> (usize, usize) {
+    let (h, hd) = (c.hidden_size, c.head_dim());
+    let q = c.num_attention_heads * hd;
+    let kv = c.num_kv_heads() * hd;
+    let layer = h * (q + 2 * kv) + q * h + 3 * h * c.intermediate_size;
+    let lm_head = c.vocab_size * h;
+    (c.num_hidden_layers * layer, lm_head)
+}
+
+struct Ceilings {
+    copy_bytes_per_s: f64,
+    gemm_flops_per_s: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Copy bandwidth (bytes read + written per second, 1 GiB device-to-device) and the bf16 GEMM
+/// rate of the backend's own `linear` path (8192 x 8192 x 8192), timed with device events.
+fn ceilings(gpu: &CudaBackend) -> Result<Ceilings> {
+    let stream = gpu.stream();
+    let ctx = gpu.context();
+    let n = 1usize << 28; // 2^28 f32 = 1 GiB
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let host: Vec<f32> = (0..1 << 20).map(|_| rng.random::<f32>()).collect();
+    let mut src = stream.alloc_zeros::<f32>(n)?;
+    for chunk in 0..(n >> 20) {
+        stream.memcpy_htod(&host, &mut src.slice_mut(chunk << 20..(chunk + 1) << 20))?;
+    }
+    let mut dst = stream.alloc_zeros::<f32>(n)?;
+    let mut times = Vec::new();
+    for _ in 0..12 {
+        let start = ctx.new_event(None)?;
+        let end = ctx.new_event(None)?;
+        start.record(stream)?;
+        stream.memcpy_dtod(&src, &mut dst)?;
+        end.record(stream)?;
+        end.synchronize()?;
+        times.push(start.elapsed_ms(&end)? as f64 / 1e3);
+    }
+    let copy = 2.0 * 4.0 * n as f64 / median(times[2..].to_vec());
+    drop((src, dst));
+
+    let dim = 8192usize;
+    let mut values = Vec::with_capacity(dim * dim * 2);
+    for _ in 0..dim * dim {
+        values.extend_from_slice(&half::bf16::from_f32(rng.random::<f32>() - 0.5).to_le_bytes());
+    }
+    let shape = [dim, dim];
+    let t = HostTensor {
+        dtype: DType::Bf16,
+        shape: &shape,
+        bytes: &values,
+    };
+    let w = gpu.upload_weight(&[t])?;
+    let ones: Vec<u8> = (0..dim).flat_map(|_| 1.0f32.to_le_bytes()).collect();
+    let norm = gpu.upload_weight(&[HostTensor {
+        dtype: DType::F32,
+        shape: &[dim],
+        bytes: &ones,
+    }])?;
+    // A bf16 activation [dim, dim] as the backend makes one: the norm of an f32 tensor.
+    let xw = gpu.upload_weight(&[t])?;
+    let plan_tokens: Vec<u32> = (0..dim as u32).map(|i| i % dim as u32).collect();
+    let mut batch = ForwardBatch::default();
+    batch.push(&plan_tokens, 0, vec![0; dim.div_ceil(BLOCK)], false);
+    let inv_freq = vec![1.0f32; 64];
+    let plan = tandem_workers::backend::BatchPlan::new(&batch, BLOCK, &inv_freq);
+    let meta = gpu.prepare_batch(&plan)?;
+    let x32 = gpu.embedding(&xw, &meta)?;
+    let x = gpu.rms_norm(&x32, &norm, 1e-5)?;
+    let mut times = Vec::new();
+    for _ in 0..12 {
+        let start = ctx.new_event(None)?;
+        let end = ctx.new_event(None)?;
+        start.record(stream)?;
+        let y = gpu.linear(&x, &w, None)?;
+        end.record(stream)?;
+        end.synchronize()?;
+        drop(y);
+        times.push(start.elapsed_ms(&end)? as f64 / 1e3);
+    }
+    let gemm = 2.0 * (dim as f64).powi(3) / median(times[2..].to_vec());
+    Ok(Ceilings {
+        copy_bytes_per_s: copy,
+        gemm_flops_per_s: gemm,
+    })
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    workload: String,
+    tokens: usize,
+    median_ms: f64,
+    /// Decode: the step with logits copied to the host (the engine's path today).
+    median_ms_host_logits: Option<f64>,
+    tokens_per_s: f64,
+    floor_ms: f64,
+    floor_kind: &'static str,
+    ratio: f64,
+}
+
+fn bench(
+    dir: &std::path::Path,
+    ordinal: usize,
+    batches: &[usize],
+    context: usize,
+    prefill: &[usize],
+    iters: usize,
+    json: Option<PathBuf>,
+) -> Result<()> {
+    let config = ModelConfig::load(dir)?;
+    let backend = CudaBackend::new(&CudaOptions { ordinal })?;
+    let ceil = ceilings(&backend)?;
+    println!(
+        "ceilings: copy {:.2} TB/s (read + write), cuBLAS bf16 GEMM {:.0} TFLOP/s",
+        ceil.copy_bytes_per_s / 1e12,
+        ceil.gemm_flops_per_s / 1e12
+    );
+    let options = ModelOptions {
+        kv_dtype: Some(KvDType::Bf16),
+    };
+    let model = Model::load(dir, backend, &options).context("loading the model")?;
+    let layout = model.kv_layout(BLOCK);
+    let (layer_params, lm_head) = matrix_params(&config);
+    let weight_bytes = 2.0 * (layer_params + lm_head) as f64;
+    let max_batch = batches.iter().copied().max().unwrap_or(1);
+    let max_prefill = prefill.iter().copied().max().unwrap_or(0);
+    let per_seq = (context + 1).div_ceil(BLOCK);
+    let blocks = (max_batch * per_seq).max(max_prefill.div_ceil(BLOCK)) + 1;
+    let mut kv = model.alloc_kv_cache(BLOCK, blocks)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut rows = Vec::new();
+
+    // Fill one sequence's context with real K/V, then copy its blocks to every sequence.
+    let prompt = random_tokens(&mut rng, context, config.vocab_size);
+    let base: Vec<u32> = (0..per_seq as u32).collect();
+    for chunk in (0..context).step_by(2048) {
+        let end = (chunk + 2048).min(context);
+        let mut b = ForwardBatch::default();
+        b.push(&prompt[chunk..end], chunk, base.clone(), false);
+        model.forward(&b, &mut kv)?;
+    }
+    for s in 1..max_batch {
+        for (i, &src) in base.iter().enumerate() {
+            model
+                .backend()
+                .copy_kv_block(&mut kv, src, (s * per_seq + i) as u32)?;
+        }
+    }
+    model.backend().synchronize()?;
+
+    for &batch_size in batches {
+        let tables: Vec<Vec<u32>> = (0..batch_size)
+            .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+            .collect();
+        let step = |kv: &mut _, host_logits: bool| -> Result<f64> {
+            let tokens = random_tokens(
+                &mut ChaCha8Rng::seed_from_u64(9),
+                batch_size,
+                config.vocab_size,
+            );
+            let mut b = ForwardBatch::default();
+            for (s, t) in tables.iter().enumerate() {
+                b.push(&tokens[s..s + 1], context, t.clone(), true);
+            }
+            let started = Instant::now();
+            if host_logits {
+                let logits = model.forward(&b, kv)?;
+                std::hint::black_box(logits);
+            } else if let Some(logits) = model.forward_logits(&b, kv)? {
+                std::hint::black_box(model.backend().argmax_rows(&logits)?);
+            }
+            Ok(started.elapsed().as_secs_f64())
+        };
+        for _ in 0..3 {
+            step(&mut kv, false)?;
+        }
+        let device: Vec<f64> = (0..iters)
+            .map(|_| step(&mut kv, false))
+            .collect::<Result<_>>()?;
+        let host: Vec<f64> = (0..iters.min(10))
+            .map(|_| step(&mut kv, true))
+            .collect::<Result<_>>()?;
+        let t = median(device);
+        let kv_bytes =
+            (batch_size * (context + 1) * layout.num_layers * 2 * layout.token_stride() * 2) as f64;
+        let bytes_floor = (weight_bytes + kv_bytes) / ceil.copy_bytes_per_s;
+        let flops_floor =
+            2.0 * (layer_params + lm_head) as f64 * batch_size as f64 / ceil.gemm_flops_per_s;
+        let (floor, kind) = if bytes_floor >= flops_floor {
+            (bytes_floor, "bytes")
+        } else {
+            (flops_floor, "flops")
+        };
+        rows.push(Row {
+            workload: format!("decode batch {batch_size}, context {context}"),
+            tokens: batch_size,
+            median_ms: t * 1e3,
+            median_ms_host_logits: Some(median(host) * 1e3),
+            tokens_per_s: batch_size as f64 / t,
+            floor_ms: floor * 1e3,
+            floor_kind: kind,
+            ratio: t / floor,
+        });
+    }
+
+    for &len in prefill {
+        let prompt = random_tokens(&mut rng, len, config.vocab_size);
+        let table: Vec<u32> = (0..len.div_ceil(BLOCK) as u32).collect();
+        let run = |kv: &mut _| -> Result<f64> {
+            let mut b = ForwardBatch::default();
+            b.push(&prompt, 0, table.clone(), true);
+            let started = Instant::now();
+            let logits = model.forward_logits(&b, kv)?.context("no logits")?;
+            std::hint::black_box(model.backend().argmax_rows(&logits)?);
+            Ok(started.elapsed().as_secs_f64())
+        };
+        run(&mut kv)?;
+        let n = (iters / 4).max(3);
+        let t = median((0..n).map(|_| run(&mut kv)).collect::<Result<_>>()?);
+        let attn_flops = 4.0 * (len as f64) * (len as f64 + 1.0) / 2.0
+            * (config.num_attention_heads * config.head_dim()) as f64
+            * config.num_hidden_layers as f64;
+        let flops = 2.0 * layer_params as f64 * len as f64 + 2.0 * lm_head as f64 + attn_flops;
+        let floor = flops / ceil.gemm_flops_per_s;
+        rows.push(Row {
+            workload: format!("prefill {len} tokens"),
+            tokens: len,
+            median_ms: t * 1e3,
+            median_ms_host_logits: None,
+            tokens_per_s: len as f64 / t,
+            floor_ms: floor * 1e3,
+            floor_kind: "flops",
+            ratio: t / floor,
+        });
+    }
+
+    println!("model {} — {}", dir.display(), model.backend().describe());
+    println!(
+        "{:<34} {:>10} {:>12} {:>12} {:>10} {:>7} {:>8}",
+        "workload", "ms", "ms(host lg)", "tok/s", "floor ms", "kind", "ratio"
+    );
+    for r in &rows {
+        println!(
+            "{:<34} {:>10.3} {:>12} {:>12.0} {:>10.3} {:>7} {:>8.2}",
+            r.workload,
+            r.median_ms,
+            r.median_ms_host_logits
+                .map(|v| format!("{v:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            r.tokens_per_s,
+            r.floor_ms,
+            r.floor_kind,
+            r.ratio
+        );
+    }
+    if let Some(path) = json {
+        let doc = serde_json::json!({
+            "model": dir.display().to_string(),
+            "device": model.backend().describe(),
+            "copy_bytes_per_s": ceil.copy_bytes_per_s,
+            "gemm_flops_per_s": ceil.gemm_flops_per_s,
+            "rows": rows,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! The device a worker computes on (`--device cpu|cuda:N`): loading the model onto it, sizing
+//! the KV cache for it, and starting the engine whichever backend it is.
+//!
+//! The engine is generic over the backend; this is the one place that turns the run-time
+//! `--device` choice into a concrete type, so `worker generate` and the bus roles share it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tandem_model::ModelConfig;
+use thiserror::Error;
+
+use crate::backend::cpu::{CpuBackend, CpuOptions};
+use crate::backend::cuda::{CudaBackend, CudaOptions};
+use crate::backend::{Backend, BackendError};
+use crate::engine::{Engine, EngineConfig, EngineError, EngineHandle, ModelRunner, TextDecoder};
+use crate::kv_cache::{KvDType, KvLayout};
+use crate::model::{Model, ModelError, ModelOptions};
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// A CUDA device by ordinal (`cuda:0`; plain `cuda` is `cuda:0`).
+    Cuda(usize),
+}
+
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("unknown device `{0}`: expected `cpu`, `cuda` or `cuda:N`")]
+    Unknown(String),
+    #[error("starting the {device} backend: {source}")]
+    Backend {
+        device: Device,
+        source: BackendError,
+    },
+    #[error("loading the model from {}: {source}", path.display())]
+    Model {
+        path: std::path::PathBuf,
+        source: ModelError,
+    },
+    #[error(
+        "the KV cache gets no block: {free_mib} MiB of device memory free after loading the \
+         model, --gpu-memory-fraction {fraction} of it is less than one block of {block_mib:.1} MiB"
+    )]
+    NoKvMemory {
+        free_mib: usize,
+        fraction: f64,
+        block_mib: f64,
+    },
+    #[error("invalid engine settings: {0}")]
+    Engine(#[from] EngineError),
+    #[error("starting the engine thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl std::str::FromStr for Device {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, DeviceError> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| DeviceError::Unknown(s.to_owned())),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// A model on one of the backends.
+pub enum LoadedModel {
+    Cpu(Box<Model<CpuBackend>>),
+    Cuda(Box<Model<CudaBackend>>),
+}
+
+/// Loads the weights of `dir` onto `device` (`threads` matters for the CPU only).
+pub fn load_model(dir: &Path, device: Device, threads: usize) -> Result<LoadedModel, DeviceError> {
+    let backend_err = |source| DeviceError::Backend { device, source };
+    let model_err = |source| DeviceError::Model {
+        path: dir.to_owned(),
+        source,
+    };
+    match device {
+        Device::Cpu => {
+            let backend = CpuBackend::new(&CpuOptions {
+                threads,
+                ..Default::default()
+            })
+            .map_err(backend_err)?;
+            Model::load(dir, backend, &ModelOptions::default())
+                .map(|m| LoadedModel::Cpu(Box::new(m)))
+                .map_err(model_err)
+        }
+        Device::Cuda(ordinal) => {
+            let backend = CudaBackend::new(&CudaOptions { ordinal }).map_err(backend_err)?;
+            // The GPU computes from bf16 weights and keeps a bf16 cache whatever the files hold.
+            let options = ModelOptions {
+                kv_dtype: Some(KvDType::Bf16),
+            };
+            Model::load(dir, backend, &options)
+                .map(|m| LoadedModel::Cuda(Box::new(m)))
+                .map_err(model_err)
+        }
+    }
+}
+
+/// A running engine thread and what the bus needs to know about it.
+pub struct StartedEngine {
+    pub handle: EngineHandle,
+    pub thread: JoinHandle<()>,
+    pub layout: KvLayout,
+    pub total_blocks: usize,
+}
+
+/// How many KV blocks to allocate.
+#[derive(Debug, Clone, Copy)]
+pub struct KvBudget {
+    /// A fixed capacity in tokens; `None` sizes it from the device.
+    pub tokens: Option<usize>,
+    /// CPU capacity in tokens when `tokens` is `None`.
+    pub cpu_default_tokens: usize,
+    /// On a GPU, with `tokens` `None`: this fraction of the memory free after loading the model.
+    pub gpu_memory_fraction: f64,
+}
+
+impl LoadedModel {
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            LoadedModel::Cpu(m) => m.config(),
+            LoadedModel::Cuda(m) => m.config(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            LoadedModel::Cpu(m) => m.backend().describe(),
+            LoadedModel::Cuda(m) => m.backend().describe(),
+        }
+    }
+
+    /// Blocks of `block_size` tokens that `budget` allows.
+    pub fn kv_blocks(&self, block_size: usize, budget: KvBudget) -> Result<usize, DeviceError> {
+        if let Some(tokens) = budget.tokens {
+            return Ok(tokens / block_size);
+        }
+        match self {
+            LoadedModel::Cpu(_) => Ok(budget.cpu_default_tokens / block_size),
+            LoadedModel::Cuda(m) => {
+                let (free, _total) =
+                    m.backend()
+                        .memory_info()
+                        .map_err(|source| DeviceError::Backend {
+                            device: Device::Cuda(m.backend().context().ordinal()),
+                            source,
+                        })?;
+                let block_bytes = m.kv_layout(block_size).block_bytes();
+                let blocks = (free as f64 * budget.gpu_memory_fraction) as usize / block_bytes;
+                if blocks == 0 {
+                    return Err(DeviceError::NoKvMemory {
+                        free_mib: free >> 20,
+                        fraction: budget.gpu_memory_fraction,
+                        block_mib: block_bytes as f64 / (1 << 20) as f64,
+                    });
+                }
+                Ok(blocks)
+            }
+        }
+    }
+
+    /// Allocates the KV cache, builds the engine and starts its thread.
+    pub fn spawn_engine(
+        self,
+        dir: &Path,
+        config: EngineConfig,
+        decoder: Option<Arc<dyn TextDecoder>>,
+    ) -> Result<StartedEngine, DeviceError> {
+        match self {
+            LoadedModel::Cpu(m) => spawn(*m, dir, config, decoder),
+            LoadedModel::Cuda(m) => spawn(*m, dir, config, decoder),
+        }
+    }
+}
+
+fn spawn<B: Backend + 'static>(
+    model: Model<B>,
+    dir: &Path,
+    config: EngineConfig,
+    decoder: Option<Arc<dyn TextDecoder>>,
+) -> Result<StartedEngine, DeviceError>
+where
+    B::KvCache: Send,
+{
+    let runner =
+        ModelRunner::new(model, config.block_size, config.num_blocks).map_err(|source| {
+            DeviceError::Model {
+                path: dir.to_owned(),
+                source,
+            }
+        })?;
+    let engine = Engine::new(runner, config, decoder)?;
+    let layout = engine.kv_layout();
+    let total_blocks = engine.total_blocks();
+    let (handle, thread) = EngineHandle::spawn(engine, "engine").map_err(DeviceError::Thread)?;
+    Ok(StartedEngine {
+        handle,
+        thread,
+        layout,
+        total_blocks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print() {
+        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+        assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+        assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU", ""] {
+            let err = bad.parse::<Device>().unwrap_err().to_string();
+            assert!(err.contains("expected `cpu`, `cuda` or `cuda:N`"), "{err}");
+        }
+    }
+
+    #[test]
+    fn cuda_without_a_gpu_is_a_clear_error() {
+        if crate::backend::cuda::driver_present() {
+            return; // a GPU machine: covered by the GPU tests instead
+        }
+        let err = load_model(Path::new("/nonexistent"), Device::Cuda(0), 1)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("libcuda.so cannot be loaded"), "{err}");
+        assert!(err.contains("--device cpu"), "{err}");
+    }
+}
