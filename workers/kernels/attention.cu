@@ -45,13 +45,17 @@ extern "C" __global__ void rope_cache_write(
 }
 
 #define ATTN_WARPS 4
+// Query heads of one KV head handled by one block (grouped-query attention): the block reads
+// each key and value once for all of them instead of once per query head.
+#define ATTN_GMAX 8
 
-// Attention of one new token's q head over keys [split * split_len, ...) of its sequence (keys
-// 0..=position: the cache already holds this step's keys, so causality is the position bound).
-// Grid (tokens, heads, splits), ATTN_WARPS warps; each warp walks every ATTN_WARPS-th key with
-// an online softmax, lanes holding D/32 dimensions; warps are merged in shared memory. With one
-// split the normalized output goes to `out` (bf16, the o-projection's input); with several,
-// the unnormalized sum and its (max, denominator) go to the partial buffers for
+// Decode attention: the new tokens' q heads over keys [split * split_len, ...) of their
+// sequence (keys 0..=position: the cache already holds this step's keys, so causality is the
+// position bound). Grid (tokens, kv_heads * head chunks, splits), ATTN_WARPS warps; a block
+// takes up to ATTN_GMAX query heads sharing one KV head. Each warp walks every ATTN_WARPS-th key
+// with an online softmax per head, lanes holding D/32 dimensions; warps are merged in shared
+// memory. With one split the normalized output goes to `out` (bf16, the o-projection's input);
+// with several, the unnormalized sum and its (max, denominator) go to the partial buffers for
 // `attention_combine`.
 template <int D>
 __device__ __forceinline__ void attend(
@@ -60,10 +64,15 @@ __device__ __forceinline__ void attend(
     const u32* __restrict__ block_tables, bf16* __restrict__ out, float* __restrict__ partial_acc,
     float* __restrict__ partial_ml, int num_heads, int num_kv_heads, int block_size,
     long long block_elems, long long layer_offset, float scale, int split_len) {
-    constexpr int E = D / 32;
-    const int t = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    // Dimensions per lane; head dims that are not a multiple of 32 leave the last lanes short.
+    constexpr int E = (D + 31) / 32;
+    const int t = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int kvh = h / (num_heads / num_kv_heads);
+    const int group = num_heads / num_kv_heads;
+    const int chunks = (group + ATTN_GMAX - 1) / ATTN_GMAX;
+    const int kvh = blockIdx.y / chunks;
+    const int h0 = kvh * group + (blockIdx.y % chunks) * ATTN_GMAX;
+    const int nh = min(ATTN_GMAX, kvh * group + group - h0);
     const int width = (num_heads + 2 * num_kv_heads) * D;
     const int token_stride = num_kv_heads * D;
     const long long kv_stride = (long long)block_size * token_stride;
@@ -71,59 +80,87 @@ __device__ __forceinline__ void attend(
     const int k_begin = split * split_len;
     const int k_end = min(n_keys, k_begin + split_len);
     const u32* table = block_tables + seq_block_start[token_seq[t]];
+    const bool lane_on = lane * E < D;
 
-    float q[E], acc[E];
-    const float* qp = qkv + (long long)t * width + h * D + lane * E;
+    float q[ATTN_GMAX][E], acc[ATTN_GMAX][E], m[ATTN_GMAX], l[ATTN_GMAX];
 #pragma unroll
-    for (int e = 0; e < E; ++e) { q[e] = qp[e] * scale; acc[e] = 0.0f; }
-    float m = NEG_INF, l = 0.0f;
+    for (int g = 0; g < ATTN_GMAX; ++g) {
+        const float* qp = qkv + (long long)t * width + (h0 + g) * D + lane * E;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            q[g][e] = (g < nh && lane * E + e < D) ? qp[e] * scale : 0.0f;
+            acc[g][e] = 0.0f;
+        }
+        m[g] = NEG_INF;
+        l[g] = 0.0f;
+    }
     for (int j = k_begin + warp; j < k_end; j += ATTN_WARPS) {
         const u32 blk = table[j / block_size];
         const bf16* kp = cache + (long long)blk * block_elems + layer_offset +
                          (long long)(j % block_size) * token_stride + kvh * D + lane * E;
         const bf16* vp = kp + kv_stride;
-        float dot = 0.0f;
+        float kf[E], vf[E];
 #pragma unroll
-        for (int e = 0; e < E; ++e) dot += q[e] * bf16_to_f32(kp[e]);
-        dot = warp_sum(dot);
-        const float m_new = fmaxf(m, dot);
-        const float corr = expf(m - m_new);
-        const float p = expf(dot - m_new);
-        l = l * corr + p;
+        for (int e = 0; e < E; ++e) {
+            const bool on = lane * E + e < D;
+            kf[e] = on ? bf16_to_f32(kp[e]) : 0.0f;
+            vf[e] = on ? bf16_to_f32(vp[e]) : 0.0f;
+        }
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] = acc[e] * corr + p * bf16_to_f32(vp[e]);
-        m = m_new;
+        for (int g = 0; g < ATTN_GMAX; ++g) {
+            if (g < nh) {
+                float dot = 0.0f;
+#pragma unroll
+                for (int e = 0; e < E; ++e) dot += q[g][e] * kf[e];
+                dot = warp_sum(dot);
+                const float m_new = fmaxf(m[g], dot);
+                const float corr = expf(m[g] - m_new);
+                const float p = expf(dot - m_new);
+                l[g] = l[g] * corr + p;
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc[g][e] = acc[g][e] * corr + p * vf[e];
+                m[g] = m_new;
+            }
+        }
     }
 
-    __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
-    __shared__ float s_acc[ATTN_WARPS][D];
-    if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
+    __shared__ float s_m[ATTN_WARPS][ATTN_GMAX], s_l[ATTN_WARPS][ATTN_GMAX];
+    __shared__ float s_acc[ATTN_WARPS][ATTN_GMAX][D];
 #pragma unroll
-    for (int e = 0; e < E; ++e) s_acc[warp][lane * E + e] = acc[e];
-    __syncthreads();
-    float m_all = NEG_INF;
+    for (int g = 0; g < ATTN_GMAX; ++g) {
+        if (lane == 0) {
+            s_m[warp][g] = m[g];
+            s_l[warp][g] = l[g];
+        }
+        if (lane_on) {
 #pragma unroll
-    for (int w = 0; w < ATTN_WARPS; ++w) m_all = fmaxf(m_all, s_m[w]);
-    float l_all = 0.0f, weight[ATTN_WARPS];
-#pragma unroll
-    for (int w = 0; w < ATTN_WARPS; ++w) {
-        weight[w] = s_l[w] > 0.0f ? expf(s_m[w] - m_all) : 0.0f;
-        l_all += s_l[w] * weight[w];
+            for (int e = 0; e < E; ++e)
+                if (lane * E + e < D) s_acc[warp][g][lane * E + e] = acc[g][e];
+        }
     }
-    const long long th = (long long)t * num_heads + h;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float sum = 0.0f;
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x) {
+        const int g = idx / D, d = idx % D;
+        float m_all = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < ATTN_WARPS; ++w) sum += s_acc[w][d] * weight[w];
+        for (int w = 0; w < ATTN_WARPS; ++w) m_all = fmaxf(m_all, s_m[w][g]);
+        float l_all = 0.0f, sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            const float wt = s_l[w][g] > 0.0f ? expf(s_m[w][g] - m_all) : 0.0f;
+            l_all += s_l[w][g] * wt;
+            sum += s_acc[w][g][d] * wt;
+        }
+        const long long th = (long long)t * num_heads + h0 + g;
         if (splits == 1) {
             out[th * D + d] = f32_to_bf16(sum / l_all);
         } else {
             partial_acc[(th * splits + split) * D + d] = sum;
+            if (d == 0) {
+                partial_ml[(th * splits + split) * 2] = m_all;
+                partial_ml[(th * splits + split) * 2 + 1] = l_all;
+            }
         }
-    }
-    if (splits > 1 && threadIdx.x == 0) {
-        partial_ml[(th * splits + split) * 2] = m_all;
-        partial_ml[(th * splits + split) * 2 + 1] = l_all;
     }
 }
 
@@ -140,8 +177,13 @@ __device__ __forceinline__ void attend(
                   layer_offset, scale, split_len);                                                \
     }
 
+ATTENTION_KERNEL(16)
+ATTENTION_KERNEL(32)
 ATTENTION_KERNEL(64)
+ATTENTION_KERNEL(80)
+ATTENTION_KERNEL(96)
 ATTENTION_KERNEL(128)
+ATTENTION_KERNEL(256)
 
 // Merges the splits of `paged_attention_d*`: grid (tokens, heads), one thread per dimension.
 extern "C" __global__ void attention_combine(const float* __restrict__ partial_acc,

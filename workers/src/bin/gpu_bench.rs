@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use cudarc::driver::sys::CUevent_flags;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tandem_model::ModelConfig;
@@ -204,7 +205,7 @@ fn check(
     println!("gpu: {}", gpu.backend().describe());
     let total: usize = prompt_lens
         .iter()
-        .map(|l| l + 2 * steps + BLOCK)
+        .map(|l| 2 * (l + steps + 2 * BLOCK))
         .sum::<usize>()
         * 3;
     let blocks = total.div_ceil(BLOCK) + 8;
@@ -352,8 +353,8 @@ fn ceilings(gpu: &CudaBackend) -> Result<Ceilings> {
     let mut dst = stream.alloc_zeros::<f32>(n)?;
     let mut times = Vec::new();
     for _ in 0..12 {
-        let start = ctx.new_event(None)?;
-        let end = ctx.new_event(None)?;
+        let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         start.record(stream)?;
         stream.memcpy_dtod(&src, &mut dst)?;
         end.record(stream)?;
@@ -393,8 +394,8 @@ fn ceilings(gpu: &CudaBackend) -> Result<Ceilings> {
     let x = gpu.rms_norm(&x32, &norm, 1e-5)?;
     let mut times = Vec::new();
     for _ in 0..12 {
-        let start = ctx.new_event(None)?;
-        let end = ctx.new_event(None)?;
+        let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         start.record(stream)?;
         let y = gpu.linear(&x, &w, None)?;
         end.record(stream)?;
@@ -416,6 +417,8 @@ struct Row {
     median_ms: f64,
     /// Decode: the step with logits copied to the host (the engine's path today).
     median_ms_host_logits: Option<f64>,
+    /// Host time to queue the forward (before waiting for the device).
+    median_ms_enqueue: f64,
     tokens_per_s: f64,
     floor_ms: f64,
     floor_kind: &'static str,
@@ -476,7 +479,7 @@ fn bench(
         let tables: Vec<Vec<u32>> = (0..batch_size)
             .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
             .collect();
-        let step = |kv: &mut _, host_logits: bool| -> Result<f64> {
+        let step = |kv: &mut _, host_logits: bool| -> Result<(f64, f64)> {
             let tokens = random_tokens(
                 &mut ChaCha8Rng::seed_from_u64(9),
                 batch_size,
@@ -487,24 +490,27 @@ fn bench(
                 b.push(&tokens[s..s + 1], context, t.clone(), true);
             }
             let started = Instant::now();
+            let mut queued = 0.0;
             if host_logits {
                 let logits = model.forward(&b, kv)?;
                 std::hint::black_box(logits);
             } else if let Some(logits) = model.forward_logits(&b, kv)? {
+                queued = started.elapsed().as_secs_f64();
                 std::hint::black_box(model.backend().argmax_rows(&logits)?);
             }
-            Ok(started.elapsed().as_secs_f64())
+            Ok((started.elapsed().as_secs_f64(), queued))
         };
         for _ in 0..3 {
             step(&mut kv, false)?;
         }
-        let device: Vec<f64> = (0..iters)
+        let device: Vec<(f64, f64)> = (0..iters)
             .map(|_| step(&mut kv, false))
             .collect::<Result<_>>()?;
         let host: Vec<f64> = (0..iters.min(10))
-            .map(|_| step(&mut kv, true))
+            .map(|_| step(&mut kv, true).map(|(t, _)| t))
             .collect::<Result<_>>()?;
-        let t = median(device);
+        let enqueue = median(device.iter().map(|d| d.1).collect());
+        let t = median(device.iter().map(|d| d.0).collect());
         let kv_bytes =
             (batch_size * (context + 1) * layout.num_layers * 2 * layout.token_stride() * 2) as f64;
         let bytes_floor = (weight_bytes + kv_bytes) / ceil.copy_bytes_per_s;
@@ -520,6 +526,7 @@ fn bench(
             tokens: batch_size,
             median_ms: t * 1e3,
             median_ms_host_logits: Some(median(host) * 1e3),
+            median_ms_enqueue: enqueue * 1e3,
             tokens_per_s: batch_size as f64 / t,
             floor_ms: floor * 1e3,
             floor_kind: kind,
@@ -530,17 +537,20 @@ fn bench(
     for &len in prefill {
         let prompt = random_tokens(&mut rng, len, config.vocab_size);
         let table: Vec<u32> = (0..len.div_ceil(BLOCK) as u32).collect();
-        let run = |kv: &mut _| -> Result<f64> {
+        let run = |kv: &mut _| -> Result<(f64, f64)> {
             let mut b = ForwardBatch::default();
             b.push(&prompt, 0, table.clone(), true);
             let started = Instant::now();
             let logits = model.forward_logits(&b, kv)?.context("no logits")?;
+            let queued = started.elapsed().as_secs_f64();
             std::hint::black_box(model.backend().argmax_rows(&logits)?);
-            Ok(started.elapsed().as_secs_f64())
+            Ok((started.elapsed().as_secs_f64(), queued))
         };
         run(&mut kv)?;
         let n = (iters / 4).max(3);
-        let t = median((0..n).map(|_| run(&mut kv)).collect::<Result<_>>()?);
+        let runs: Vec<(f64, f64)> = (0..n).map(|_| run(&mut kv)).collect::<Result<_>>()?;
+        let t = median(runs.iter().map(|r| r.0).collect());
+        let enqueue = median(runs.iter().map(|r| r.1).collect());
         let attn_flops = 4.0 * (len as f64) * (len as f64 + 1.0) / 2.0
             * (config.num_attention_heads * config.head_dim()) as f64
             * config.num_hidden_layers as f64;
@@ -551,6 +561,7 @@ fn bench(
             tokens: len,
             median_ms: t * 1e3,
             median_ms_host_logits: None,
+            median_ms_enqueue: enqueue * 1e3,
             tokens_per_s: len as f64 / t,
             floor_ms: floor * 1e3,
             floor_kind: "flops",
@@ -560,17 +571,18 @@ fn bench(
 
     println!("model {} — {}", dir.display(), model.backend().describe());
     println!(
-        "{:<34} {:>10} {:>12} {:>12} {:>10} {:>7} {:>8}",
-        "workload", "ms", "ms(host lg)", "tok/s", "floor ms", "kind", "ratio"
+        "{:<34} {:>10} {:>12} {:>10} {:>12} {:>10} {:>7} {:>8}",
+        "workload", "ms", "ms(host lg)", "queue ms", "tok/s", "floor ms", "kind", "ratio"
     );
     for r in &rows {
         println!(
-            "{:<34} {:>10.3} {:>12} {:>12.0} {:>10.3} {:>7} {:>8.2}",
+            "{:<34} {:>10.3} {:>12} {:>10.3} {:>12.0} {:>10.3} {:>7} {:>8.2}",
             r.workload,
             r.median_ms,
             r.median_ms_host_logits
                 .map(|v| format!("{v:.3}"))
                 .unwrap_or_else(|| "-".into()),
+            r.median_ms_enqueue,
             r.tokens_per_s,
             r.floor_ms,
             r.floor_kind,

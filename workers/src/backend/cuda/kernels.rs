@@ -24,6 +24,32 @@ const SOURCES: &[(&str, &str)] = &[
         "attention.cu",
         include_str!("../../../kernels/attention.cu"),
     ),
+    ("gemv.cu", include_str!("../../../kernels/gemv.cu")),
+    ("flash.cu", include_str!("../../../kernels/flash.cu")),
+];
+
+/// Head dimensions `attention.cu` instantiates `paged_attention_d*` for.
+const ATTENTION_HEAD_DIMS: &[(usize, &str)] = &[
+    (16, "paged_attention_d16"),
+    (32, "paged_attention_d32"),
+    (64, "paged_attention_d64"),
+    (80, "paged_attention_d80"),
+    (96, "paged_attention_d96"),
+    (128, "paged_attention_d128"),
+    (256, "paged_attention_d256"),
+];
+
+/// Rows up to which projections use `gemv.cu` instead of cuBLAS.
+pub const GEMV_MAX_ROWS: usize = 8;
+const GEMV_NAMES: [&str; GEMV_MAX_ROWS] = [
+    "gemv_bf16_m1",
+    "gemv_bf16_m2",
+    "gemv_bf16_m3",
+    "gemv_bf16_m4",
+    "gemv_bf16_m5",
+    "gemv_bf16_m6",
+    "gemv_bf16_m7",
+    "gemv_bf16_m8",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -50,9 +76,13 @@ pub struct Kernels {
     pub gather_rows: CudaFunction,
     pub argmax_rows: CudaFunction,
     pub rope_cache_write: CudaFunction,
-    pub paged_attention_d64: CudaFunction,
-    pub paged_attention_d128: CudaFunction,
+    /// Paged attention by head dimension.
+    pub paged_attention: Vec<(usize, CudaFunction)>,
     pub attention_combine: CudaFunction,
+    /// Prefill attention on the tensor cores, by head dimension.
+    pub flash_prefill: Vec<(usize, CudaFunction)>,
+    /// `gemv_bf16_m{M}` for M = 1..=GEMV_MAX_ROWS (index M - 1).
+    pub gemv: Vec<CudaFunction>,
     /// Where the cubin came from, for the start-up log.
     pub origin: String,
 }
@@ -64,15 +94,7 @@ impl Kernels {
             .compute_capability()
             .map_err(|e| KernelError::Load(e.to_string()))?;
         let arch = format!("sm_{major}{minor}");
-        let source: String = SOURCES
-            .iter()
-            .map(|(name, text)| format!("// ---- {name}\n{text}\n"))
-            .collect();
-        let options = vec![
-            format!("--gpu-architecture={arch}"),
-            "--std=c++17".to_owned(),
-            "-default-device".to_owned(),
-        ];
+        let (source, options) = program(&arch);
         let cache_path = cache_file(&source, &options);
         let (cubin, origin) = match cache_path.as_ref().and_then(|p| std::fs::read(p).ok()) {
             Some(bytes) => (bytes, format!("cached {}", cache_path_display(&cache_path))),
@@ -104,12 +126,42 @@ impl Kernels {
             gather_rows: f("gather_rows")?,
             argmax_rows: f("argmax_rows")?,
             rope_cache_write: f("rope_cache_write")?,
-            paged_attention_d64: f("paged_attention_d64")?,
-            paged_attention_d128: f("paged_attention_d128")?,
+            paged_attention: ATTENTION_HEAD_DIMS
+                .iter()
+                .map(|&(d, name)| Ok((d, f(name)?)))
+                .collect::<Result<_, KernelError>>()?,
             attention_combine: f("attention_combine")?,
+            flash_prefill: vec![
+                (64, f("flash_prefill_d64")?),
+                (128, f("flash_prefill_d128")?),
+            ],
+            gemv: GEMV_NAMES
+                .iter()
+                .map(|&name| f(name))
+                .collect::<Result<_, KernelError>>()?,
             origin,
         })
     }
+}
+
+/// The program NVRTC compiles for `arch`: every source file, and the options.
+fn program(arch: &str) -> (String, Vec<String>) {
+    let source: String = SOURCES
+        .iter()
+        .map(|(name, text)| format!("// ---- {name}\n{text}\n"))
+        .collect();
+    let options = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_owned(),
+        "-default-device".to_owned(),
+    ];
+    (source, options)
+}
+
+/// Compiles the kernels for `arch` (e.g. `sm_90`) without a device: only `libnvrtc` is needed.
+pub fn compile_for(arch: &str) -> Result<Vec<u8>, KernelError> {
+    let (source, options) = program(arch);
+    compile(&source, &options, arch)
 }
 
 fn function(module: &Arc<CudaModule>, name: &'static str) -> Result<CudaFunction, KernelError> {
@@ -201,5 +253,21 @@ fn store(path: &PathBuf, bytes: &[u8]) {
     if let Err(e) = written {
         tracing::warn!(path = %path.display(), "cannot cache the compiled kernels: {e}");
         let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The `.cu` files compile for Hopper. Runs wherever `libnvrtc` loads (a GPU machine, or
+    /// here with the `nvidia-cuda-nvrtc` wheel's library on LD_LIBRARY_PATH); skipped elsewhere.
+    #[test]
+    fn kernels_compile_for_sm90() {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipped: libnvrtc not found");
+            return;
+        }
+        let cubin = super::compile_for("sm_90").unwrap_or_else(|e| panic!("{e}"));
+        assert!(cubin.starts_with(b"\x7fELF"), "a cubin is an ELF file");
     }
 }

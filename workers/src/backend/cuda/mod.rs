@@ -98,6 +98,11 @@ impl CudaBackend {
             });
         }
         let ctx = dev!("cuda init", CudaContext::new(options.ordinal))?;
+        // Everything runs on one stream, in order, so cudarc's per-buffer event tracking
+        // (for buffers shared between streams) would only add an event record and wait per
+        // kernel argument.
+        // SAFETY: no buffer of this backend is used from another stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = dev!("cuda init", ctx.new_stream())?;
         let blas = Blas::new(stream.clone())?;
         let kernels = Kernels::load(&ctx).map_err(|e| BackendError::Device {
@@ -201,6 +206,54 @@ impl CudaBackend {
             })
     }
 
+    /// Attention of a batch with prefill chunks, on the tensor cores (`flash.cu`).
+    fn flash_prefill(
+        &self,
+        kernel: &cudarc::driver::CudaFunction,
+        qkv: &CudaTensor,
+        batch: &CudaBatch,
+        shape: &AttentionShape,
+        kv: &CudaKvCache,
+        layer: usize,
+    ) -> Result<CudaTensor, BackendError> {
+        let layout = kv.layout;
+        let q = qkv.as_f32("flash_prefill")?;
+        let width = shape.num_heads * shape.head_dim;
+        let mut out = self.alloc_bf16(qkv.rows * width)?;
+        let (heads, kv_heads, bs) = (
+            shape.num_heads as i32,
+            shape.num_kv_heads as i32,
+            layout.block_size as i32,
+        );
+        let block_elems = layout.block_elems() as i64;
+        let layer_offset = layout.offset(layer, 0, 0) as i64;
+        let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
+        let mut b = self.stream.launch_builder(kernel);
+        b.arg(q)
+            .arg(&kv.data)
+            .arg(batch.positions())
+            .arg(batch.seq_token_start())
+            .arg(batch.seq_token_count())
+            .arg(batch.seq_block_start())
+            .arg(batch.block_tables())
+            .arg(batch.tile_seq())
+            .arg(batch.tile_row())
+            .arg(&mut out)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&bs)
+            .arg(&block_elems)
+            .arg(&layer_offset)
+            .arg(&scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: (batch.num_tiles as u32, shape.num_heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(b, cfg, "flash_prefill")?;
+        Ok(CudaTensor::from_bf16(qkv.rows, width, out))
+    }
+
     fn check_vector<'w>(
         op: &'static str,
         weight: &'w CudaWeight,
@@ -215,6 +268,9 @@ impl CudaBackend {
         }
     }
 }
+
+/// Query heads per block of the decode attention kernel (`ATTN_GMAX` in attention.cu).
+const ATTN_GMAX: usize = 8;
 
 /// One block per row, `threads` threads (a multiple of 32).
 fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
@@ -443,8 +499,21 @@ impl Backend for CudaBackend {
             ));
         };
         let mut out = self.alloc_f32(x.rows * out_features)?;
-        self.blas
-            .linear_bf16_f32(xs, w, &mut out, x.rows, *in_features, *out_features)?;
+        if (1..=kernels::GEMV_MAX_ROWS).contains(&x.rows) && in_features.is_multiple_of(8) {
+            // A decode step: reading the weights is the whole cost.
+            let (n, k) = (*out_features as i32, *in_features as i32);
+            let mut b = self.stream.launch_builder(&self.kernels.gemv[x.rows - 1]);
+            b.arg(xs).arg(w).arg(&mut out).arg(&n).arg(&k);
+            let cfg = LaunchConfig {
+                grid_dim: (out_features.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(b, cfg, "gemv")?;
+        } else {
+            self.blas
+                .linear_bf16_f32(xs, w, &mut out, x.rows, *in_features, *out_features)?;
+        }
         if let Some(bias) = bias {
             let bv = Self::check_vector("linear bias", bias, *out_features)?;
             let total = (x.rows * out_features) as i64;
@@ -505,24 +574,45 @@ impl Backend for CudaBackend {
         layer: usize,
     ) -> Result<CudaTensor, BackendError> {
         check_attention(qkv, batch, shape, kv, layer)?;
-        let kernel = match shape.head_dim {
-            64 => &self.kernels.paged_attention_d64,
-            128 => &self.kernels.paged_attention_d128,
-            d => {
-                return Err(shape_err(
-                    "paged_attention",
-                    format!("head_dim {d} (the CUDA kernels cover 64 and 128)"),
-                ));
-            }
+        if batch.num_tokens > batch.num_seqs
+            && let Some((_, flash)) = self
+                .kernels
+                .flash_prefill
+                .iter()
+                .find(|(d, _)| *d == shape.head_dim)
+        {
+            return self.flash_prefill(flash, qkv, batch, shape, kv, layer);
+        }
+        let Some((_, kernel)) = self
+            .kernels
+            .paged_attention
+            .iter()
+            .find(|(d, _)| *d == shape.head_dim)
+        else {
+            let dims: Vec<usize> = self
+                .kernels
+                .paged_attention
+                .iter()
+                .map(|(d, _)| *d)
+                .collect();
+            return Err(shape_err(
+                "paged_attention",
+                format!(
+                    "head_dim {} (the CUDA kernels cover {dims:?})",
+                    shape.head_dim
+                ),
+            ));
         };
         let layout = kv.layout;
         let tokens = qkv.rows;
         let q = qkv.as_f32("paged_attention")?;
         let width = shape.num_heads * shape.head_dim;
         let mut out = self.alloc_bf16(tokens * width)?;
-        // Split long contexts over several blocks when the batch alone would leave most of the
-        // multiprocessors idle (decode of a few sequences).
-        let blocks = tokens * shape.num_heads;
+        // One block per token, KV head and chunk of ATTN_GMAX query heads; long contexts are split
+        // over several blocks when the batch alone would leave most multiprocessors idle.
+        let group = shape.num_heads / shape.num_kv_heads;
+        let head_blocks = shape.num_kv_heads * group.div_ceil(ATTN_GMAX);
+        let blocks = tokens * head_blocks;
         let target = 2 * self.multiprocessors;
         let splits = if blocks >= target || batch.max_context <= 256 {
             1
@@ -533,12 +623,17 @@ impl Backend for CudaBackend {
                 .clamp(1, 64)
         };
         let split_len = batch.max_context.div_ceil(splits) as i32;
+        let heads_total = tokens * shape.num_heads;
         let partial_acc = self.alloc_f32(if splits > 1 {
-            blocks * splits * shape.head_dim
+            heads_total * splits * shape.head_dim
         } else {
             1
         })?;
-        let partial_ml = self.alloc_f32(if splits > 1 { blocks * splits * 2 } else { 1 })?;
+        let partial_ml = self.alloc_f32(if splits > 1 {
+            heads_total * splits * 2
+        } else {
+            1
+        })?;
         let (heads, kv_heads, bs) = (
             shape.num_heads as i32,
             shape.num_kv_heads as i32,
@@ -564,7 +659,7 @@ impl Backend for CudaBackend {
             .arg(&shape.scale)
             .arg(&split_len);
         let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, shape.num_heads as u32, splits as u32),
+            grid_dim: (tokens as u32, head_blocks as u32, splits as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };

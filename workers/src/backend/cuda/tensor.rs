@@ -220,6 +220,9 @@ impl CudaKvCache {
     }
 }
 
+/// Query rows per block of the prefill attention kernel (`FA_ROWS` in flash.cu).
+pub(super) const FLASH_ROWS: usize = 64;
+
 /// One forward's metadata on the device: the integer arrays of the [`BatchPlan`] packed in one
 /// buffer and the rotary tables in another (two copies per forward instead of nine). Kernels get
 /// the raw addresses of the sub-arrays, which stay valid as long as this value lives.
@@ -227,6 +230,9 @@ pub struct CudaBatch {
     _ints: CudaSlice<u32>,
     _floats: CudaSlice<f32>,
     pub(super) num_tokens: usize,
+    pub(super) num_seqs: usize,
+    /// Tiles of [`FLASH_ROWS`] query rows of one sequence (the prefill attention's blocks).
+    pub(super) num_tiles: usize,
     pub(super) num_logits: usize,
     /// The longest context (cached + new tokens) of the batch's sequences.
     pub(super) max_context: usize,
@@ -239,6 +245,10 @@ pub struct CudaBatch {
     block_tables: u64,
     slot_mapping: u64,
     logits_rows: u64,
+    seq_token_start: u64,
+    seq_token_count: u64,
+    tile_seq: u64,
+    tile_row: u64,
     rope_cos: u64,
     rope_sin: u64,
 }
@@ -265,7 +275,24 @@ impl CudaBatch {
                 })
             })
             .collect::<Result<Vec<u32>, _>>()?;
-        let arrays: [&[u32]; 7] = [
+        let seq_token_start: Vec<u32> = plan
+            .sequences
+            .iter()
+            .map(|s| s.token_start as u32)
+            .collect();
+        let seq_token_count: Vec<u32> = plan
+            .sequences
+            .iter()
+            .map(|s| s.token_count as u32)
+            .collect();
+        let (mut tile_seq, mut tile_row) = (Vec::new(), Vec::new());
+        for (i, seq) in plan.sequences.iter().enumerate() {
+            for row in (0..seq.token_count).step_by(FLASH_ROWS) {
+                tile_seq.push(i as u32);
+                tile_row.push(row as u32);
+            }
+        }
+        let arrays: [&[u32]; 11] = [
             &plan.tokens,
             &plan.positions,
             &token_seq,
@@ -273,9 +300,13 @@ impl CudaBatch {
             &plan.block_tables,
             &slots,
             &plan.logits_rows,
+            &seq_token_start,
+            &seq_token_count,
+            &tile_seq,
+            &tile_row,
         ];
         let mut ints = Vec::with_capacity(arrays.iter().map(|a| a.len()).sum());
-        let mut int_offsets = [0usize; 7];
+        let mut int_offsets = [0usize; 11];
         for (i, a) in arrays.iter().enumerate() {
             int_offsets[i] = ints.len();
             ints.extend_from_slice(a);
@@ -309,6 +340,8 @@ impl CudaBatch {
         // before it returned, so they may be dropped here.
         Ok(CudaBatch {
             num_tokens: n,
+            num_seqs: plan.sequences.len(),
+            num_tiles: tile_seq.len(),
             num_logits: plan.logits_rows.len(),
             max_context,
             block_size: plan.block_size,
@@ -320,6 +353,10 @@ impl CudaBatch {
             block_tables: at(4),
             slot_mapping: at(5),
             logits_rows: at(6),
+            seq_token_start: at(7),
+            seq_token_count: at(8),
+            tile_seq: at(9),
+            tile_row: at(10),
             rope_cos: fbase,
             rope_sin: fbase + 4 * floats_len as u64,
             _ints: ints_dev,
@@ -347,6 +384,18 @@ impl CudaBatch {
     }
     pub(super) fn logits_rows(&self) -> &u64 {
         &self.logits_rows
+    }
+    pub(super) fn seq_token_start(&self) -> &u64 {
+        &self.seq_token_start
+    }
+    pub(super) fn seq_token_count(&self) -> &u64 {
+        &self.seq_token_count
+    }
+    pub(super) fn tile_seq(&self) -> &u64 {
+        &self.tile_seq
+    }
+    pub(super) fn tile_row(&self) -> &u64 {
+        &self.tile_row
     }
     pub(super) fn rope_cos(&self) -> &u64 {
         &self.rope_cos

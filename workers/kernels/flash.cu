@@ -1,0 +1,206 @@
+// Prefill attention on the tensor cores (flash-attention style): one block = 64 query rows of
+// one sequence and one head, 4 warps of 16 rows; keys and values stream through shared memory
+// in tiles of 64 read from the paged cache, scores and the online softmax stay in registers.
+// Causal: query row r (position p) sees keys 0..=p of its sequence; the cache already holds the
+// chunk's own keys (rope_cache_write runs first), so chunked prefill reads earlier chunks there.
+//
+// Matrix products are mma.sync m16n8k16 (bf16 in, f32 accumulate): S = Q Kᵀ with Q (scaled by
+// softmax_scale * log2 e) in registers, then O += P V with P converted to bf16 in registers.
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): g = lane / 4, c = lane % 4;
+//   A 16x16 row-major: a0 = (g, 2c..2c+1), a1 = (g+8, 2c..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..)
+//   B 16x8 (k x n):    b0 = (k 2c..2c+1, n g), b1 = (k 2c+8..2c+9, n g)
+//   C 16x8 f32:        c0 = (g, 2c), c1 = (g, 2c+1), c2 = (g+8, 2c), c3 = (g+8, 2c+1)
+
+#define FA_ROWS 64
+#define FA_KEYS 64
+#define FA_WARPS 4
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int D>
+__device__ __forceinline__ void flash_prefill(
+    const float* __restrict__ qkv, const bf16* __restrict__ cache, const u32* __restrict__ positions,
+    const u32* __restrict__ seq_token_start, const u32* __restrict__ seq_token_count,
+    const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,
+    const u32* __restrict__ tile_seq, const u32* __restrict__ tile_row, bf16* __restrict__ out,
+    int num_heads, int num_kv_heads, int block_size, long long block_elems, long long layer_offset,
+    float scale_log2) {
+    constexpr int KC = D / 16;  // 16-wide chunks of the head dimension
+    constexpr int DT = D / 8;   // 8-wide output tiles
+    constexpr int STRIDE = D + 8;  // padded shared-memory row (halves): no bank conflicts
+    __shared__ __align__(16) bf16 k_s[FA_KEYS * STRIDE];
+    __shared__ __align__(16) bf16 v_s[FA_KEYS * STRIDE];
+
+    const int seq = tile_seq[blockIdx.x];
+    const int r0 = tile_row[blockIdx.x];
+    const int h = blockIdx.y;
+    const int kvh = h / (num_heads / num_kv_heads);
+    const int t_start = seq_token_start[seq];
+    const int count = seq_token_count[seq];
+    const int cached = (int)positions[t_start];
+    const int rows_valid = min(FA_ROWS, count - r0);
+    const int n_keys = cached + r0 + rows_valid;  // keys the tile's last row sees
+    const u32* table = block_tables + seq_block_start[seq];
+    const int width = (num_heads + 2 * num_kv_heads) * D;
+    const int token_stride = num_kv_heads * D;
+    const long long kv_stride = (long long)block_size * token_stride;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    // This thread's two query rows (within the tile), clamped to a valid row for loads.
+    const int ra = warp * 16 + g, rb = ra + 8;
+    const int la = min(ra, rows_valid - 1), lb = min(rb, rows_valid - 1);
+    const int pos_a = cached + r0 + la, pos_b = cached + r0 + lb;
+
+    u32 qa[KC][4];
+    {
+        const float* qra = qkv + (long long)(t_start + r0 + la) * width + h * D;
+        const float* qrb = qkv + (long long)(t_start + r0 + lb) * width + h * D;
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) {
+            const int d0 = kc * 16 + 2 * c;
+            qa[kc][0] = pack_bf16(qra[d0] * scale_log2, qra[d0 + 1] * scale_log2);
+            qa[kc][1] = pack_bf16(qrb[d0] * scale_log2, qrb[d0 + 1] * scale_log2);
+            qa[kc][2] = pack_bf16(qra[d0 + 8] * scale_log2, qra[d0 + 9] * scale_log2);
+            qa[kc][3] = pack_bf16(qrb[d0 + 8] * scale_log2, qrb[d0 + 9] * scale_log2);
+        }
+    }
+    float o[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.0f, l_b = 0.0f;
+
+    for (int kt = 0; kt < n_keys; kt += FA_KEYS) {
+        __syncthreads();  // the previous tile is consumed
+        for (int idx = threadIdx.x; idx < FA_KEYS * (D / 8); idx += FA_WARPS * 32) {
+            const int row = idx / (D / 8), c8 = idx % (D / 8);
+            const int key = kt + row;
+            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (key < n_keys) {
+                const bf16* src = cache + (long long)table[key / block_size] * block_elems +
+                                  layer_offset + (long long)(key % block_size) * token_stride +
+                                  kvh * D + c8 * 8;
+                kv4 = *reinterpret_cast<const uint4*>(src);
+                vv4 = *reinterpret_cast<const uint4*>(src + kv_stride);
+            }
+            *reinterpret_cast<uint4*>(&k_s[row * STRIDE + c8 * 8]) = kv4;
+            *reinterpret_cast<uint4*>(&v_s[row * STRIDE + c8 * 8]) = vv4;
+        }
+        __syncthreads();
+
+        float s[FA_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            const bf16* krow = &k_s[(nt * 8 + g) * STRIDE];
+#pragma unroll
+            for (int kc = 0; kc < KC; ++kc) {
+                const u32 b0 = *reinterpret_cast<const u32*>(&krow[kc * 16 + 2 * c]);
+                const u32 b1 = *reinterpret_cast<const u32*>(&krow[kc * 16 + 8 + 2 * c]);
+                mma_bf16(s[nt], qa[kc], b0, b1);
+            }
+        }
+        // Causal mask, then the online softmax over this tile (each row's 4 threads together).
+        float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; ++nt) {
+            const int key = kt + nt * 8 + 2 * c;
+            if (key > pos_a) s[nt][0] = NEG_INF;
+            if (key + 1 > pos_a) s[nt][1] = NEG_INF;
+            if (key > pos_b) s[nt][2] = NEG_INF;
+            if (key + 1 > pos_b) s[nt][3] = NEG_INF;
+            mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
+            mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
+        }
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+        const float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
+        const float corr_a = exp2f(m_a - new_a), corr_b = exp2f(m_b - new_b);
+        m_a = new_a;
+        m_b = new_b;
+        float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - m_a);
+            s[nt][1] = exp2f(s[nt][1] - m_a);
+            s[nt][2] = exp2f(s[nt][2] - m_b);
+            s[nt][3] = exp2f(s[nt][3] - m_b);
+            sum_a += s[nt][0] + s[nt][1];
+            sum_b += s[nt][2] + s[nt][3];
+        }
+        l_a = l_a * corr_a + sum_a;
+        l_b = l_b * corr_b + sum_b;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            o[dt][0] *= corr_a;
+            o[dt][1] *= corr_a;
+            o[dt][2] *= corr_b;
+            o[dt][3] *= corr_b;
+        }
+        // O += P V, 16 keys at a time.
+#pragma unroll
+        for (int kc2 = 0; kc2 < FA_KEYS / 16; ++kc2) {
+            u32 pa[4];
+            pa[0] = pack_bf16(s[2 * kc2][0], s[2 * kc2][1]);
+            pa[1] = pack_bf16(s[2 * kc2][2], s[2 * kc2][3]);
+            pa[2] = pack_bf16(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]);
+            pa[3] = pack_bf16(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3]);
+            const bf16* v0 = &v_s[(kc2 * 16 + 2 * c) * STRIDE];
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                const int d = dt * 8 + g;
+                const u32 b0 = (u32)v0[d] | ((u32)v0[STRIDE + d] << 16);
+                const u32 b1 = (u32)v0[8 * STRIDE + d] | ((u32)v0[9 * STRIDE + d] << 16);
+                mma_bf16(o[dt], pa, b0, b1);
+            }
+        }
+    }
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const int out_width = num_heads * D;
+    if (ra < rows_valid) {
+        bf16* dst = out + (long long)(t_start + r0 + ra) * out_width + h * D;
+        const float inv = 1.0f / l_a;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+            *reinterpret_cast<u32*>(&dst[dt * 8 + 2 * c]) = pack_bf16(o[dt][0] * inv, o[dt][1] * inv);
+    }
+    if (rb < rows_valid) {
+        bf16* dst = out + (long long)(t_start + r0 + rb) * out_width + h * D;
+        const float inv = 1.0f / l_b;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+            *reinterpret_cast<u32*>(&dst[dt * 8 + 2 * c]) = pack_bf16(o[dt][2] * inv, o[dt][3] * inv);
+    }
+}
+
+#define FLASH_KERNEL(D)                                                                           \
+    extern "C" __global__ void __launch_bounds__(FA_WARPS * 32) flash_prefill_d##D(               \
+        const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \
+        const u32* __restrict__ positions, const u32* __restrict__ seq_token_start,               \
+        const u32* __restrict__ seq_token_count, const u32* __restrict__ seq_block_start,         \
+        const u32* __restrict__ block_tables, const u32* __restrict__ tile_seq,                   \
+        const u32* __restrict__ tile_row, bf16* __restrict__ out, int num_heads,                  \
+        int num_kv_heads, int block_size, long long block_elems, long long layer_offset,          \
+        float scale_log2) {                                                                       \
+        flash_prefill<D>(qkv, cache, positions, seq_token_start, seq_token_count,                 \
+                         seq_block_start, block_tables, tile_seq, tile_row, out, num_heads,       \
+                         num_kv_heads, block_size, block_elems, layer_offset, scale_log2);        \
+    }
+
+FLASH_KERNEL(64)
+FLASH_KERNEL(128)
