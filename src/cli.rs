@@ -80,6 +80,11 @@ Examples:
   # Join an existing NATS server instead of starting one
   tandem serve -c deploy.yaml --nats nats://10.0.0.5:4222
 
+  # Several hosts, one config (examples/configs/multi-host.yaml), one NATS server:
+  tandem serve -c multi-host.yaml --only api-server   # the front host
+  tandem serve -c multi-host.yaml --only context      # each prefill host
+  tandem serve -c multi-host.yaml --only generation   # each decode host
+
   # Then:
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{\"model\": \"SmolLM2-135M-Instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'
@@ -106,7 +111,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "P")]
     pub port: Option<u16>,
     /// Address the api-server binds (overrides the config's `hostname`; default 127.0.0.1).
-    #[arg(long, value_name = "H")]
+    #[arg(long, env = "TANDEM_HOST", value_name = "H")]
     pub host: Option<String>,
     /// Name in /v1/models and in requests (overrides `served_model_name`; default: the model
     /// directory's name).
@@ -116,6 +121,12 @@ pub struct ServeArgs {
     /// starts its own nats-server.
     #[arg(long, value_name = "URL")]
     pub nats: Option<String>,
+    /// Start only these parts of the deployment, comma-separated: `context` (the context
+    /// workers), `generation` (the generation workers), `workers` (both), `api-server`. For
+    /// several hosts: each runs its share of one config and they meet on the NATS server
+    /// given by --nats or `nats.url` (required with --only). Default: everything.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "PARTS")]
+    pub only: Vec<crate::plan::Part>,
     /// Seconds to wait for every worker to be live behind the api-server.
     #[arg(
         long,
@@ -163,5 +174,22 @@ mod tests {
         assert_eq!(args.port, Some(9000));
         assert_eq!(args.nats.as_deref(), Some("nats://h:1"));
         assert_eq!(args.shutdown_grace_s, 30);
+    }
+
+    /// `ServeArgs` alone, whatever other subcommands exist.
+    #[derive(Debug, Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn only_takes_a_comma_separated_list() {
+        let serve = Serve::try_parse_from(["serve", "--only", "api-server,context"]).unwrap();
+        assert_eq!(
+            serve.args.only,
+            [crate::plan::Part::ApiServer, crate::plan::Part::Context]
+        );
+        assert!(Serve::try_parse_from(["serve", "--only", "nats"]).is_err());
     }
 }

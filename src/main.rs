@@ -78,6 +78,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         port: args.port,
         served_model_name: args.served_model_name.clone(),
         nats: args.nats.clone(),
+        parts: plan::Parts::only(&args.only),
     };
     if let Some(url) = &overrides.nats
         && !(url.starts_with("nats://") || url.starts_with("tls://"))
@@ -91,7 +92,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model.default_served_name,
         &overrides,
         cores,
-    );
+    )?;
     for warning in &plan.warnings {
         tracing::warn!("{warning}");
     }
@@ -105,12 +106,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     };
     // A taken port is found here rather than as an api-server failing after the workers load.
-    TcpListener::bind((plan.host.as_str(), plan.port)).with_context(|| {
-        format!(
-            "cannot listen on {}:{} (choose another with --port or the config's `port`)",
-            plan.host, plan.port
-        )
-    })?;
+    if plan.api_server {
+        TcpListener::bind((plan.host.as_str(), plan.port)).with_context(|| {
+            format!(
+                "cannot listen on {}:{} (choose another with --port or the config's `port`)",
+                plan.host, plan.port
+            )
+        })?;
+    }
     tracing::info!(
         "starting {} as `{}` with {}",
         plan.model.display(),

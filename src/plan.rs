@@ -5,9 +5,16 @@
 //! The worker roles come from [`group_role`], the one place that maps config groups to
 //! `worker --role` values (context → `context`; generation → `decode`, or `both` when there
 //! are no context workers).
+//!
+//! A deployment over several hosts runs one launcher per host, each starting its share
+//! ([`Parts`], `tandem serve --only`): the roles still follow the whole config, so a host
+//! starting only the generation group of a config with context workers starts `decode`
+//! workers.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+
+use anyhow::bail;
 
 use tandem_protocol::config::{
     CacheTransceiverConfig, DeploymentConfig, RouterPolicy, ServerGroupConfig,
@@ -62,6 +69,74 @@ pub fn group_role(group: Group, context_instances: usize) -> Role {
     }
 }
 
+/// A part of a deployment that one launcher can start (`tandem serve --only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// The context workers (`context_servers`).
+    Context,
+    /// The generation workers (`generation_servers`).
+    Generation,
+    /// Both worker groups.
+    Workers,
+    /// The api-server.
+    ApiServer,
+}
+
+/// What this launcher starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    pub context: bool,
+    pub generation: bool,
+    pub api_server: bool,
+}
+
+impl Default for Parts {
+    /// Everything: the whole deployment on this host.
+    fn default() -> Self {
+        Parts {
+            context: true,
+            generation: true,
+            api_server: true,
+        }
+    }
+}
+
+impl Parts {
+    /// The parts named by `--only`; none named means everything.
+    pub fn only(parts: &[Part]) -> Parts {
+        if parts.is_empty() {
+            return Parts::default();
+        }
+        let has = |part: Part| {
+            parts.contains(&part) || (part != Part::ApiServer && parts.contains(&Part::Workers))
+        };
+        Parts {
+            context: has(Part::Context),
+            generation: has(Part::Generation),
+            api_server: has(Part::ApiServer),
+        }
+    }
+
+    fn everything(self) -> bool {
+        self == Parts::default()
+    }
+
+    /// `context,api-server`, as `--only` spells it.
+    fn describe(self) -> String {
+        let mut names = Vec::new();
+        for (on, name) in [
+            (self.context, "context"),
+            (self.generation, "generation"),
+            (self.api_server, "api-server"),
+        ] {
+            if on {
+                names.push(name);
+            }
+        }
+        names.join(",")
+    }
+}
+
 /// One `worker` process.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerSpec {
@@ -84,6 +159,9 @@ pub struct Plan {
     /// An existing NATS server; `None` starts one.
     pub external_nats: Option<String>,
     pub workers: Vec<WorkerSpec>,
+    /// Whether this launcher starts the api-server (not when `--only` leaves it to another
+    /// host).
+    pub api_server: bool,
     pub router_policy: RouterPolicy,
     pub worker_timeout_ms: u64,
     /// Prompts shorter than this are prefilled by the decode worker itself.
@@ -99,19 +177,24 @@ pub struct Overrides {
     pub port: Option<u16>,
     pub served_model_name: Option<String>,
     pub nats: Option<String>,
+    /// What this launcher starts (`--only`).
+    pub parts: Parts,
 }
 
 /// Builds the plan. `config` is `None` when no file was given: then the defaults of the config
 /// schema, one context and one decode worker on the CPU (disaggregated, as DESIGN.md fixes). `model` is already resolved (flag, config or default model); `model_name` is the
 /// served name used when neither the flag nor the config names one (else the directory's
 /// name). `cores` sizes the CPU workers' thread pools.
+///
+/// Fails when `overrides.parts` is part of a deployment with no NATS server to share with
+/// the other hosts, or starts nothing.
 pub fn plan(
     config: Option<&DeploymentConfig>,
     model: PathBuf,
     model_name: Option<&str>,
     overrides: &Overrides,
     cores: usize,
-) -> Plan {
+) -> anyhow::Result<Plan> {
     let defaults = DeploymentConfig::default();
     let config = config.unwrap_or(&defaults);
     let mut warnings = Vec::new();
@@ -121,34 +204,25 @@ pub fn plan(
 
     let context_instances = config.context_servers.instances();
     let mut workers = Vec::new();
-    for (group, key, group_config, instances) in [
+    let parts = overrides.parts;
+    for (group, started, group_config, instances) in [
         (
             Group::Context,
-            "context_servers",
+            parts.context,
             &config.context_servers,
             context_instances,
         ),
         (
             Group::Generation,
-            "generation_servers",
+            parts.generation,
             &config.generation_servers,
             config.generation_servers.instances(),
         ),
     ] {
-        if instances == 0 {
+        if instances == 0 || !started {
             continue;
         }
         let role = group_role(group, context_instances);
-        if group_config
-            .kv_cache_config
-            .free_gpu_memory_fraction
-            .is_some()
-        {
-            warnings.push(format!(
-                "{key}.kv_cache_config.free_gpu_memory_fraction is not used yet: workers size \
-                 their KV cache from kv_cache_config.max_tokens (worker default 16384 tokens)"
-            ));
-        }
         for i in 0..instances {
             workers.push(WorkerSpec {
                 name: role.instance_name(i),
@@ -177,13 +251,30 @@ pub fn plan(
             .extend(["--heartbeat-ms".into(), heartbeat_ms.to_string()]);
     }
 
+    let external_nats = overrides.nats.clone().or_else(|| config.nats.url.clone());
+    if !parts.everything() {
+        let only = parts.describe();
+        if external_nats.is_none() {
+            bail!(
+                "--only {only} starts part of a deployment, whose other parts run elsewhere: \
+                 give the NATS server they share with --nats URL or the config's nats.url"
+            );
+        }
+        if workers.is_empty() && !parts.api_server {
+            bail!(
+                "--only {only} starts nothing: the config has no instances in that group \
+                 (context_servers / generation_servers num_instances)"
+            );
+        }
+    }
+
     let served_name = overrides
         .served_model_name
         .clone()
         .or_else(|| config.served_model_name.clone())
         .or_else(|| model_name.map(str::to_string))
         .unwrap_or_else(|| tandem_protocol::subjects::default_served_name(&model));
-    Plan {
+    Ok(Plan {
         model,
         served_name,
         host: overrides
@@ -191,13 +282,14 @@ pub fn plan(
             .clone()
             .unwrap_or_else(|| config.hostname.clone()),
         port: overrides.port.unwrap_or(config.port),
-        external_nats: overrides.nats.clone().or_else(|| config.nats.url.clone()),
+        external_nats,
         workers,
+        api_server: parts.api_server,
         router_policy: config.router.policy,
         worker_timeout_ms: config.router.worker_timeout_ms,
         max_local_prefill_length: config.router.max_local_prefill_length,
         warnings,
-    }
+    })
 }
 
 /// Worker flags for a group's scheduler, KV cache and (context workers) KV transfer keys.
@@ -217,6 +309,10 @@ fn group_args(
         ("--max-num-seqs", to_u64(group.max_batch_size)),
         ("--max-num-batched-tokens", to_u64(group.max_num_tokens)),
     ];
+    // A float, unlike the others; the worker uses it on a GPU only.
+    if let Some(fraction) = group.kv_cache_config.free_gpu_memory_fraction {
+        args.extend(["--gpu-memory-fraction".to_string(), fraction.to_string()]);
+    }
     // Only a context worker holds K/V for others to pull.
     if role == Role::Context {
         flags.extend([
@@ -289,10 +385,11 @@ impl Plan {
         (context, self.workers.len() - context)
     }
 
-    /// `1 worker`, `2 workers`, `2 context + 1 decode workers`.
+    /// `1 worker`, `2 workers`, `2 context + 1 decode workers`, `no workers`.
     pub fn describe_workers(&self) -> String {
         let plural = |n: usize| if n == 1 { "" } else { "s" };
         match self.expected_workers() {
+            (0, 0) => "no workers".to_string(),
             (0, n) => format!("{n} worker{}", plural(n)),
             (context, decode) => {
                 format!(
@@ -337,7 +434,7 @@ mod tests {
 
     #[test]
     fn no_config_is_one_context_and_one_decode_worker_on_cpu() {
-        let plan = plan(None, "/m/smol".into(), None, &Overrides::default(), 8);
+        let plan = plan(None, "/m/smol".into(), None, &Overrides::default(), 8).unwrap();
         let roles: Vec<_> = plan
             .workers
             .iter()
@@ -391,7 +488,9 @@ mod tests {
                 served_model_name: flag.map(str::to_string),
                 ..Overrides::default()
             };
-            plan(config, "/cache/link".into(), Some("Default"), &overrides, 1).served_name
+            plan(config, "/cache/link".into(), Some("Default"), &overrides, 1)
+                .unwrap()
+                .served_name
         };
         assert_eq!(name(None, None), "Default");
         assert_eq!(name(None, Some("flag")), "flag");
@@ -406,7 +505,7 @@ mod tests {
             "c.yaml",
         )
         .unwrap();
-        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 4);
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 4).unwrap();
         let workers: Vec<(&str, Role, &str)> = plan
             .workers
             .iter()
@@ -425,7 +524,8 @@ mod tests {
         assert!(args_of(&plan, 2).join(" ").starts_with("--role decode"));
         // The empty config is TensorRT-LLM's default: one context and one decode worker.
         let config = DeploymentConfig::parse("{}", "c.yaml").unwrap();
-        let plan = super::plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 4);
+        let plan =
+            super::plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 4).unwrap();
         let roles: Vec<Role> = plan.workers.iter().map(|w| w.role).collect();
         assert_eq!(roles, [Role::Context, Role::Decode]);
     }
@@ -444,7 +544,7 @@ generation_servers:
   kv_cache_config: { max_tokens: 4096, block_size: 32 }
 "#;
         let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
-        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 8);
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 8).unwrap();
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
         let names: Vec<&str> = plan.workers.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(names, ["worker-0", "worker-1", "worker-2"]);
@@ -504,7 +604,7 @@ context_servers: { cache_transceiver_config: { max_tokens_in_buffer: 2048 } }
             nats: Some("nats://y:2".into()),
             ..Overrides::default()
         };
-        let plan = plan(Some(&config), "/m/x".into(), None, &overrides, 2);
+        let plan = plan(Some(&config), "/m/x".into(), None, &overrides, 2).unwrap();
         assert_eq!(plan.port, 9100);
         assert_eq!(plan.served_name, "b");
         assert_eq!(plan.external_nats.as_deref(), Some("nats://y:2"));
@@ -513,11 +613,142 @@ context_servers: { cache_transceiver_config: { max_tokens_in_buffer: 2048 } }
 
     #[test]
     fn unused_keys_are_reported() {
-        let yaml = "disable_overlap_scheduler: true\ngeneration_servers: { kv_cache_config: { free_gpu_memory_fraction: 0.5 } }";
+        let yaml = "disable_overlap_scheduler: true";
         let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
-        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 2);
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 2).unwrap();
         let warnings = plan.warnings.join("\n");
         assert!(warnings.contains("disable_overlap_scheduler"), "{warnings}");
-        assert!(warnings.contains("free_gpu_memory_fraction"), "{warnings}");
+    }
+
+    #[test]
+    fn the_gpu_memory_fraction_goes_to_the_groups_workers() {
+        let yaml = r#"
+context_servers: { device: "cuda:0", kv_cache_config: { free_gpu_memory_fraction: 0.3 } }
+generation_servers: { device: "cuda:0", kv_cache_config: { free_gpu_memory_fraction: 0.55 } }
+"#;
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 2).unwrap();
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        assert!(
+            args_of(&plan, 0)
+                .join(" ")
+                .contains("--gpu-memory-fraction 0.3")
+        );
+        assert!(
+            args_of(&plan, 1)
+                .join(" ")
+                .contains("--gpu-memory-fraction 0.55")
+        );
+    }
+
+    fn only(parts: &[Part], nats: Option<&str>) -> Overrides {
+        Overrides {
+            parts: Parts::only(parts),
+            nats: nats.map(str::to_string),
+            ..Overrides::default()
+        }
+    }
+
+    #[test]
+    fn only_starts_this_hosts_share() {
+        let yaml =
+            "context_servers: { num_instances: 2 }\ngeneration_servers: { num_instances: 3 }";
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let names = |parts: &[Part]| {
+            let plan = plan(
+                Some(&config),
+                "/m/x".into(),
+                None,
+                &only(parts, Some("nats://n:1")),
+                4,
+            )
+            .unwrap();
+            let names: Vec<String> = plan.workers.iter().map(|w| w.name.clone()).collect();
+            (names.join(" "), plan.api_server)
+        };
+        // The roles follow the whole config: generation workers decode, since context
+        // workers exist (on another host).
+        assert_eq!(
+            names(&[Part::Generation]),
+            ("decode-0 decode-1 decode-2".into(), false)
+        );
+        assert_eq!(
+            names(&[Part::Context]),
+            ("context-0 context-1".into(), false)
+        );
+        assert_eq!(
+            names(&[Part::Workers]),
+            (
+                "context-0 context-1 decode-0 decode-1 decode-2".into(),
+                false
+            )
+        );
+        assert_eq!(names(&[Part::ApiServer]), (String::new(), true));
+        assert_eq!(
+            names(&[Part::ApiServer, Part::Context]),
+            ("context-0 context-1".into(), true)
+        );
+        // Nothing named: everything.
+        assert!(names(&[]).1);
+        assert_eq!(names(&[]).0.split(' ').count(), 5);
+        let plan = super::plan(
+            Some(&config),
+            "/m/x".into(),
+            None,
+            &only(&[Part::ApiServer], Some("nats://n:1")),
+            4,
+        )
+        .unwrap();
+        assert_eq!(plan.describe_workers(), "no workers");
+        // Three CPU decode workers on this host share its cores among themselves.
+        let plan = super::plan(
+            Some(&config),
+            "/m/x".into(),
+            None,
+            &only(&[Part::Generation], Some("nats://n:1")),
+            6,
+        )
+        .unwrap();
+        assert!(args_of(&plan, 0).join(" ").contains("--threads 2"));
+    }
+
+    #[test]
+    fn only_needs_a_shared_nats_and_something_to_start() {
+        let err = plan(None, "/m/x".into(), None, &only(&[Part::Context], None), 4).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--only context starts part of a deployment"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("nats.url"), "{err}");
+        // The config's nats.url is as good as --nats.
+        let config = DeploymentConfig::parse(
+            "nats: { url: \"nats://h:4222\" }\ncontext_servers: { num_instances: 0 }",
+            "c.yaml",
+        )
+        .unwrap();
+        let err = plan(
+            Some(&config),
+            "/m/x".into(),
+            None,
+            &only(&[Part::Context], None),
+            4,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("--only context starts nothing"),
+            "{err}"
+        );
+        let plan = super::plan(
+            Some(&config),
+            "/m/x".into(),
+            None,
+            &only(&[Part::Workers], None),
+            4,
+        )
+        .unwrap();
+        assert_eq!(plan.external_nats.as_deref(), Some("nats://h:4222"));
+        assert_eq!(plan.workers.len(), 1);
+        assert_eq!(plan.workers[0].role, Role::Both);
     }
 }

@@ -9,6 +9,11 @@
 //! - Stopping: SIGTERM to workers and api-server together (workers finish in-flight requests
 //!   while the api-server still streams them out), SIGKILL after the grace period or on a
 //!   second signal, then the nats-server last, since the others need it to drain.
+//! - Part of a deployment (`--only`, one host of several): without an api-server here there
+//!   is no /health to wait for, so the workers count as started once spawned (a worker failing
+//!   to load is reported like any later exit) and the launcher ends, with an error, when none
+//!   of its workers is left. An api-server alone is ready once it answers /health at all: its
+//!   workers join from other hosts, whenever they come.
 //!
 //! All of this runs on the main thread (single-threaded runtime), which children's
 //! `PR_SET_PDEATHSIG` requires (see `child`).
@@ -143,6 +148,9 @@ async fn start_and_supervise(
             reported: false,
         });
     }
+    if !plan.api_server {
+        return supervise_workers_only(plan, &nats_url, signals, deployment).await;
+    }
     let api_server = Child::spawn(
         "api-server",
         &programs.api_server,
@@ -158,6 +166,7 @@ async fn start_and_supervise(
     deployment.api_server = Some(api_server);
 
     let (context, generation) = plan.expected_workers();
+    let alone = plan.workers.is_empty();
     let deadline = Instant::now() + timing.ready_timeout;
     loop {
         tokio::select! {
@@ -174,7 +183,7 @@ async fn start_and_supervise(
             );
         }
         let probe = health::probe(plan.client_host(), plan.port, Duration::from_secs(2)).await;
-        if probe.ready(context, generation) {
+        if probe.ready(context, generation) || (alone && matches!(probe, Probe::Answered { .. })) {
             break;
         }
         if Instant::now() >= deadline {
@@ -190,17 +199,19 @@ async fn start_and_supervise(
             );
         }
     }
-    {
-        use std::io::Write as _;
-        let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(
-            stdout,
+    if alone {
+        say(&format!(
+            "tandem: serving {} at {} (api-server only; workers join over NATS at {nats_url})",
+            plan.served_name,
+            plan.base_url(),
+        ));
+    } else {
+        say(&format!(
             "tandem: serving {} at {} ({})",
             plan.served_name,
             plan.base_url(),
             plan.describe_workers()
-        );
-        let _ = stdout.flush();
+        ));
     }
 
     loop {
@@ -224,7 +235,8 @@ async fn start_and_supervise(
                 );
             }
         }
-        if !deployment.no_worker_warned
+        if !alone
+            && !deployment.no_worker_warned
             && deployment
                 .workers
                 .iter()
@@ -254,6 +266,50 @@ async fn start_and_supervise(
                 describe(status),
                 nats.tail()
             );
+        }
+    }
+}
+
+/// One line on stdout, at once (scripts and tests wait for it).
+fn say(line: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
+}
+
+/// Supervises workers started without an api-server on this host: until a signal, or until
+/// every one of them has exited (an error: this host no longer serves).
+async fn supervise_workers_only(
+    plan: &Plan,
+    nats_url: &str,
+    signals: &mut Signals,
+    deployment: &mut Deployment,
+) -> anyhow::Result<()> {
+    say(&format!(
+        "tandem: started {} of {} joining NATS at {nats_url} (no api-server on this host)",
+        plan.describe_workers(),
+        plan.served_name,
+    ));
+    loop {
+        tokio::select! {
+            name = signals.next() => {
+                tracing::info!("{name} received: stopping the workers");
+                return Ok(());
+            }
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        for worker in &mut deployment.workers {
+            if !worker.reported
+                && let Some(status) = worker.child.poll_exit()
+            {
+                worker.child.flush_output().await;
+                worker.reported = true;
+                tracing::error!("{} exited ({})", worker.child.name, describe(status));
+            }
+        }
+        if deployment.workers.iter().all(|w| w.reported) {
+            bail!("every worker of this launcher has exited; stopping");
         }
     }
 }

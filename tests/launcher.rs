@@ -644,3 +644,117 @@ fn killing_the_launcher_takes_its_children_along() {
     launcher.signal(libc::SIGKILL);
     assert_all_gone(&children, Duration::from_secs(20));
 }
+
+#[test]
+fn one_config_split_over_two_launchers_with_only() {
+    // Two "hosts" on one machine: one launcher starts the workers, the other the api-server;
+    // they meet on a shared NATS server, as examples/configs/multi-host.yaml describes.
+    let nats = Nats::start();
+    let port = free_port();
+    let config = write_config(
+        "split",
+        &format!(
+            "model: {model}\nport: {port}\nserved_model_name: split\nnats: {{ url: \"{url}\" }}\n\
+             router: {{ worker_timeout_ms: 1500 }}\n\
+             context_servers: {{ num_instances: 1 }}\n\
+             generation_servers: {{ num_instances: 1 }}\n",
+            model = model_dir("tiny").display(),
+            url = nats.url,
+        ),
+    );
+    let mut command = tandem();
+    command
+        .args([
+            "serve",
+            "--only",
+            "workers",
+            "--shutdown-grace-s",
+            "20",
+            "-c",
+        ])
+        .arg(&config);
+    let mut workers = Proc::spawn("tandem-workers", command);
+    workers.wait_for_line("tandem: started", READY);
+    assert!(
+        workers.output().contains(&format!(
+            "tandem: started 1 context + 1 decode workers of split joining NATS at {} \
+             (no api-server on this host)",
+            nats.url
+        )),
+        "{}",
+        workers.output()
+    );
+    let mut names: Vec<String> = children_of(workers.pid())
+        .iter()
+        .map(|&p| comm(p))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["worker", "worker"], "only the workers here");
+
+    let mut command = tandem();
+    command
+        .args(["serve", "--only", "api-server", "-c"])
+        .arg(&config);
+    let mut front = Proc::spawn("tandem-front", command);
+    front.wait_for_line(READY_LINE, READY);
+    assert!(
+        front.output().contains(&format!(
+            "{READY_LINE} split at http://127.0.0.1:{port}/v1 (api-server only; workers join \
+             over NATS at {})",
+            nats.url
+        )),
+        "{}",
+        front.output()
+    );
+    let front_children = children_of(front.pid());
+    assert_eq!(
+        front_children.iter().map(|&p| comm(p)).collect::<Vec<_>>(),
+        ["api-server"]
+    );
+    let http = Http::new(&format!("http://127.0.0.1:{port}"));
+    http.wait_for_role("context", 1, READY);
+    http.wait_for_role("accepting_generate", 1, READY);
+    let reply = http.post(
+        "/v1/completions",
+        &json!({"model": "split", "prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+
+    // A workers-only launcher whose workers are all gone has nothing left to do: it fails,
+    // so that whatever runs it (compose, Kubernetes, systemd) can restart it.
+    let worker_pids: Vec<u32> = ["context-0", "decode-0"]
+        .iter()
+        .map(|name| pid_of(&workers, name))
+        .collect();
+    for &pid in &worker_pids {
+        // SAFETY: kill(2) on a pid the launcher reported as its running child.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    }
+    let status = workers.wait_exit(Duration::from_secs(30));
+    let out = output_with(&workers, ERROR_LINE);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("every worker of this launcher has exited"),
+        "{out}"
+    );
+    assert!(front.try_wait().is_none(), "the front host serves on");
+
+    front.signal(libc::SIGTERM);
+    let status = front.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status}:\n{}", front.output());
+    assert_all_gone(&front_children, Duration::from_secs(5));
+}
+
+#[test]
+fn only_without_a_shared_nats_is_refused() {
+    let mut command = tandem();
+    command
+        .args(["serve", "--only", "context", "--model"])
+        .arg(model_dir("tiny"));
+    let (status, out) = run_to_failure(command);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("--only context starts part of a deployment"),
+        "{out}"
+    );
+}
