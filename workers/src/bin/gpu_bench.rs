@@ -410,6 +410,96 @@ fn ceilings(gpu: &CudaBackend) -> Result<Ceilings> {
     })
 }
 
+/// A `[rows, k]` bf16 activation made the way the forward makes one (embedding + norm).
+fn activation(
+    gpu: &CudaBackend,
+    rows: usize,
+    k: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<<CudaBackend as Backend>::Tensor> {
+    let values: Vec<u8> = (0..rows * k)
+        .flat_map(|_| half::bf16::from_f32(rng.random::<f32>() - 0.5).to_le_bytes())
+        .collect();
+    let shape = [rows, k];
+    let table = gpu.upload_weight(&[HostTensor {
+        dtype: DType::Bf16,
+        shape: &shape,
+        bytes: &values,
+    }])?;
+    let ones: Vec<u8> = (0..k).flat_map(|_| 1.0f32.to_le_bytes()).collect();
+    let norm = gpu.upload_weight(&[HostTensor {
+        dtype: DType::F32,
+        shape: &[k],
+        bytes: &ones,
+    }])?;
+    let tokens: Vec<u32> = (0..rows as u32).collect();
+    let mut batch = ForwardBatch::default();
+    batch.push(&tokens, 0, vec![0; rows.div_ceil(BLOCK)], false);
+    let plan = tandem_workers::backend::BatchPlan::new(&batch, BLOCK, &[1.0f32; 2]);
+    let meta = gpu.prepare_batch(&plan)?;
+    let x = gpu.embedding(&table, &meta)?;
+    Ok(gpu.rms_norm(&x, &norm, 1e-5)?)
+}
+
+/// Each projection shape of the model at 1, 2, 4 and 8 rows, through the GEMV kernel and through
+/// cuBLAS: weight bytes read per second (the decode step's cost).
+fn projections(gpu: &CudaBackend, c: &ModelConfig, iters: usize) -> Result<()> {
+    let hd = c.head_dim();
+    let q = c.num_attention_heads * hd;
+    let kv = c.num_kv_heads() * hd;
+    let h = c.hidden_size;
+    let shapes = [
+        ("qkv", h, q + 2 * kv),
+        ("o", q, h),
+        ("gate_up", h, 2 * c.intermediate_size),
+        ("down", c.intermediate_size, h),
+        ("lm_head", h, c.vocab_size),
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let ctx = gpu.context();
+    let stream = gpu.stream();
+    println!("projections: weight GB/s (ms) by rows, GEMV kernel | cuBLAS");
+    for (name, k, n) in shapes {
+        let values: Vec<u8> = (0..n * k)
+            .flat_map(|_| half::bf16::from_f32(rng.random::<f32>() - 0.5).to_le_bytes())
+            .collect();
+        let shape = [n, k];
+        let w = gpu.upload_weight(&[HostTensor {
+            dtype: DType::Bf16,
+            shape: &shape,
+            bytes: &values,
+        }])?;
+        let mut line = format!("  {name:<8} {k:>6}x{n:<7}");
+        for rows in [1usize, 2, 4, 8] {
+            let x = activation(gpu, rows, k, &mut rng)?;
+            for gemv in [true, false] {
+                gpu.set_gemv_max_rows(if gemv { 8 } else { 0 });
+                let mut times = Vec::new();
+                for _ in 0..iters.max(5) + 2 {
+                    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+                    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+                    start.record(stream)?;
+                    let y = gpu.linear(&x, &w, None)?;
+                    end.record(stream)?;
+                    end.synchronize()?;
+                    drop(y);
+                    times.push(start.elapsed_ms(&end)? as f64 / 1e3);
+                }
+                let t = median(times[2..].to_vec());
+                line += &format!(
+                    " {}{:>5.0}({:.3})",
+                    if gemv { "m" } else { "|" },
+                    (2 * n * k) as f64 / t / 1e9,
+                    t * 1e3
+                );
+            }
+        }
+        println!("{line}");
+    }
+    gpu.set_gemv_max_rows(4);
+    Ok(())
+}
+
 #[derive(serde::Serialize)]
 struct Row {
     workload: String,
@@ -569,6 +659,7 @@ fn bench(
         });
     }
 
+    projections(model.backend(), &config, iters)?;
     println!("model {} — {}", dir.display(), model.backend().describe());
     println!(
         "{:<34} {:>10} {:>12} {:>10} {:>12} {:>10} {:>7} {:>8}",

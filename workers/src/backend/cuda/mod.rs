@@ -50,7 +50,12 @@ pub struct CudaBackend {
     kernels: Kernels,
     name: String,
     multiprocessors: usize,
+    /// Projections of at most this many rows use the GEMV kernel instead of cuBLAS.
+    gemv_max_rows: std::sync::atomic::AtomicUsize,
 }
+
+/// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
+const DEFAULT_GEMV_MAX_ROWS: usize = 4;
 
 macro_rules! dev {
     ($op:literal, $e:expr) => {
@@ -124,7 +129,17 @@ impl CudaBackend {
             kernels,
             name,
             multiprocessors,
+            gemv_max_rows: std::sync::atomic::AtomicUsize::new(DEFAULT_GEMV_MAX_ROWS),
         })
+    }
+
+    /// Projections of up to `rows` rows (at most [`kernels::GEMV_MAX_ROWS`]) use the GEMV kernel,
+    /// larger ones cuBLAS; 0 sends every projection to cuBLAS. For benchmarks.
+    pub fn set_gemv_max_rows(&self, rows: usize) {
+        self.gemv_max_rows.store(
+            rows.min(kernels::GEMV_MAX_ROWS),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// `(free, total)` device memory in bytes.
@@ -499,7 +514,10 @@ impl Backend for CudaBackend {
             ));
         };
         let mut out = self.alloc_f32(x.rows * out_features)?;
-        if (1..=kernels::GEMV_MAX_ROWS).contains(&x.rows) && in_features.is_multiple_of(8) {
+        let gemv_rows = self
+            .gemv_max_rows
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if (1..=gemv_rows).contains(&x.rows) && in_features.is_multiple_of(8) {
             // A decode step: reading the weights is the whole cost.
             let (n, k) = (*out_features as i32, *in_features as i32);
             let mut b = self.stream.launch_builder(&self.kernels.gemv[x.rows - 1]);
