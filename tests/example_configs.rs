@@ -1,9 +1,9 @@
-//! Every config under examples/configs/ parses and validates, and its worker counts are what
-//! its comments promise.
+//! Every config under examples/configs/ parses and validates, and its worker counts and
+//! devices are what its comments promise.
 
 use std::path::PathBuf;
 
-use tandem_protocol::config::DeploymentConfig;
+use tandem_protocol::config::{DeploymentConfig, ServerGroupConfig};
 
 fn load(name: &str) -> DeploymentConfig {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -19,6 +19,21 @@ fn load(name: &str) -> DeploymentConfig {
     config
 }
 
+/// The device of every instance of a group.
+fn devices(group: &ServerGroupConfig) -> Vec<String> {
+    (0..group.instances())
+        .map(|i| group.device_of(i).to_string())
+        .collect()
+}
+
+/// The group's KV share of free GPU memory (the worker's default, 0.9, when unset).
+fn fraction(group: &ServerGroupConfig) -> f64 {
+    group
+        .kv_cache_config
+        .free_gpu_memory_fraction
+        .unwrap_or(0.9)
+}
+
 #[test]
 fn example_configs_parse_and_validate() {
     let disaggregated = load("cpu-disaggregated.yaml");
@@ -27,6 +42,53 @@ fn example_configs_parse_and_validate() {
     let aggregated = load("cpu-aggregated.yaml");
     assert_eq!(aggregated.context_servers.instances(), 0);
     assert_eq!(aggregated.generation_servers.instances(), 2);
+
+    // One GPU: context and decode share cuda:0, their KV shares adding up to well under 1
+    // (both may size their cache from the same free memory).
+    let one_gpu = load("gpu-1.yaml");
+    assert_eq!(devices(&one_gpu.context_servers), ["cuda:0"]);
+    assert_eq!(devices(&one_gpu.generation_servers), ["cuda:0"]);
+    let shares = fraction(&one_gpu.context_servers) + fraction(&one_gpu.generation_servers);
+    assert!(shares <= 0.85, "gpu-1.yaml: KV shares add up to {shares}");
+
+    // Two GPUs: one each.
+    let two_gpus = load("gpu-2.yaml");
+    assert_eq!(devices(&two_gpus.context_servers), ["cuda:0"]);
+    assert_eq!(devices(&two_gpus.generation_servers), ["cuda:1"]);
+    assert!(fraction(&two_gpus.context_servers) <= 0.95);
+    assert!(fraction(&two_gpus.generation_servers) <= 0.95);
+
+    // Several hosts: a shared NATS server, the API on every interface, one worker per GPU on
+    // each host, a model path every host can mount, a name for the subjects.
+    let hosts = load("multi-host.yaml");
+    let nats = hosts
+        .nats
+        .url
+        .as_deref()
+        .expect("multi-host.yaml names its NATS server");
+    assert!(
+        nats.starts_with("nats://") && !nats.contains("127.0.0.1"),
+        "{nats}"
+    );
+    assert_eq!(hosts.hostname, "0.0.0.0");
+    assert!(hosts.model.as_deref().is_some_and(|m| m.starts_with('/')));
+    assert!(hosts.served_model_name.is_some());
+    for group in [&hosts.context_servers, &hosts.generation_servers] {
+        let devices = devices(group);
+        assert_eq!(devices, ["cuda:0", "cuda:1"]);
+    }
+    // Its comments show the `--only` commands each host runs.
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/configs/multi-host.yaml"),
+    )
+    .unwrap();
+    for part in ["api-server", "context", "generation"] {
+        assert!(
+            text.contains(&format!("tandem serve -c multi-host.yaml --only {part}")),
+            "{part}"
+        );
+    }
+
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/configs");
     for entry in std::fs::read_dir(dir).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
