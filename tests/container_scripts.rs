@@ -990,3 +990,182 @@ fn configs_the_container_files_name_exist() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Commands shown in the docs and comments
+
+/// Logical lines of commands shown in `text`: fenced code blocks of Markdown, indented comment
+/// lines elsewhere (`#   ...`), or every line (`all`); `\` continuations joined, trailing `# notes`
+/// dropped.
+fn shown_commands(text: &str, markdown: bool, all: bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut in_code = false;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        let shown = if markdown {
+            if trimmed.starts_with("```") {
+                in_code = !in_code;
+                continue;
+            }
+            in_code.then_some(trimmed)
+        } else if all {
+            Some(trimmed)
+        } else {
+            // Commands in comments are indented (`#   tandem serve ...`); prose is not.
+            trimmed
+                .strip_prefix('#')
+                .filter(|c| c.starts_with("  "))
+                .map(str::trim)
+        };
+        if let Some(shown) = shown {
+            lines.push(shown.to_string());
+        }
+    }
+    let mut joined = Vec::new();
+    let mut current = String::new();
+    for line in lines {
+        let line = match line.find(" #") {
+            Some(at) => line[..at].trim_end().to_string(),
+            None => line,
+        };
+        if let Some(head) = line.strip_suffix('\\') {
+            current.push_str(head);
+            current.push(' ');
+        } else {
+            current.push_str(&line);
+            joined.push(std::mem::take(&mut current));
+        }
+    }
+    joined
+}
+
+/// Invocations of our programs (and of run.sh / build.sh) in one shown line: at its start, or
+/// after `--`, `&&`, `||`, `;`, `|`, or environment assignments.
+fn shown_invocations(origin: &str, line: &str) -> Vec<Invocation> {
+    let words: Vec<String> = line
+        .split_whitespace()
+        .map(|w| w.trim_matches('`').to_string())
+        .collect();
+    let mut found = Vec::new();
+    let mut command_position = true;
+    for (i, word) in words.iter().enumerate() {
+        let separator = ["--", "&&", "||", ";", "|"].contains(&word.as_str());
+        let assignment = command_position && word.contains('=') && !word.starts_with('-');
+        let script = word.ends_with("container/run.sh") || word.ends_with("container/build.sh");
+        if command_position && !assignment && (program(word).is_some() || script) {
+            let end = words[i + 1..]
+                .iter()
+                .position(|w| ["&&", "||", ";", "|"].contains(&w.as_str()))
+                .map_or(words.len(), |n| i + 1 + n);
+            let mut argv = words[i..end].to_vec();
+            if !script {
+                argv[0] = program(word).unwrap().to_string();
+            }
+            found.push(Invocation {
+                origin: origin.to_string(),
+                argv: argv.clone(),
+            });
+            if script {
+                // What runs inside the container (after `--`) is checked on its own.
+                if let Some(dash) = argv.iter().position(|w| w == "--") {
+                    found.extend(shown_invocations(origin, &argv[dash + 1..].join(" ")));
+                }
+            }
+            break;
+        }
+        command_position = separator || assignment || (command_position && word == "$");
+    }
+    found
+}
+
+#[test]
+fn commands_in_the_docs_and_comments_are_accepted() {
+    let mut sources: Vec<(String, String, bool, bool)> = Vec::new();
+    let read = |path: &str| std::fs::read_to_string(repo().join(path)).unwrap();
+    sources.push((
+        "container/README.md".into(),
+        read("container/README.md"),
+        true,
+        false,
+    ));
+    for file in [
+        "container/Dockerfile",
+        "container/run.sh",
+        "container/build.sh",
+    ] {
+        sources.push((file.into(), read(file), false, false));
+    }
+    for file in [
+        "container/compose/compose.yaml",
+        "container/k8s/kustomization.yaml",
+    ] {
+        sources.push((file.into(), read(file), false, false));
+    }
+    for entry in std::fs::read_dir(repo().join("examples/configs")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = format!(
+            "examples/configs/{}",
+            path.file_name().unwrap().to_string_lossy()
+        );
+        sources.push((name, std::fs::read_to_string(&path).unwrap(), false, false));
+    }
+    // The scripts' own --help examples.
+    for script in ["run.sh", "build.sh"] {
+        let help = Script::new(script, &["--help"]).run();
+        let help = String::from_utf8_lossy(&help.stdout).into_owned();
+        let examples = help
+            .split_once("Examples:")
+            .map(|(_, examples)| examples.to_string())
+            .unwrap_or_else(|| panic!("{script} --help has no Examples:\n{help}"));
+        sources.push((format!("container/{script} --help"), examples, false, true));
+    }
+
+    let existing = scratch("docs-dir");
+    let mut seen = BTreeSet::new();
+    let mut checked = 0;
+    for (origin, text, markdown, all) in &sources {
+        for line in shown_commands(text, *markdown, *all) {
+            for invocation in shown_invocations(origin, &line) {
+                let (first, args) = invocation.argv.split_first().unwrap();
+                seen.insert(first.rsplit('/').next().unwrap().to_string());
+                let output = if first.ends_with(".sh") {
+                    // Directories in the examples (~/models) need not exist here.
+                    let mut args: Vec<String> = args.to_vec();
+                    for i in 1..args.len() {
+                        if ["--models", "--workspace", "--hf-cache"].contains(&args[i - 1].as_str())
+                        {
+                            args[i] = existing.display().to_string();
+                        }
+                    }
+                    let script = first.rsplit('/').next().unwrap();
+                    let mut all_args: Vec<&str> = vec!["--dry-run"];
+                    all_args.extend(args.iter().map(String::as_str));
+                    Script::new(script, &all_args).env("HF_TOKEN", "x").run()
+                } else if first == "nats-server" {
+                    continue;
+                } else {
+                    Command::new(bin(first))
+                        .args(args)
+                        .arg("--help")
+                        .env_clear()
+                        .output()
+                        .unwrap()
+                };
+                assert!(
+                    output.status.success(),
+                    "{}: `{line}` is refused:\n{}",
+                    invocation.origin,
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                checked += 1;
+            }
+        }
+    }
+    for expected in ["tandem", "model-prep", "run.sh", "build.sh"] {
+        assert!(
+            seen.contains(expected),
+            "no {expected} command found: {seen:?}"
+        );
+    }
+    assert!(checked >= 20, "only {checked} commands found");
+}
