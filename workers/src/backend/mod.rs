@@ -99,6 +99,14 @@ pub enum BackendError {
     },
 }
 
+/// The ops of one forward pass, queued over a batch's device metadata and the cache; returns
+/// the logits ([`Backend::run_forward`]).
+pub type ForwardLayers<'a, B> = dyn FnMut(
+        &<B as Backend>::Batch,
+        &mut <B as Backend>::KvCache,
+    ) -> Result<Option<<B as Backend>::Tensor>, BackendError>
+    + 'a;
+
 /// A device: memory for weights, activations and the KV cache, and the ops of the forward pass.
 ///
 /// Ops take the batch description produced by [`Backend::prepare_batch`] (positions, rotary
@@ -152,6 +160,22 @@ pub trait Backend: Send + Sync {
     ) -> Result<(), BackendError>;
 
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<Self::Batch, BackendError>;
+
+    /// Runs one forward: `layers` queues every op of the pass over the batch's device
+    /// metadata and returns the logits. The default uploads `plan` and calls it; the CUDA
+    /// backend replays a captured graph of it for decode steps.
+    fn run_forward(
+        &self,
+        plan: &BatchPlan,
+        kv: &mut Self::KvCache,
+        layers: &mut ForwardLayers<'_, Self>,
+    ) -> Result<Option<Self::Tensor>, BackendError>
+    where
+        Self: Sized,
+    {
+        let meta = self.prepare_batch(plan)?;
+        layers(&meta, kv)
+    }
 
     /// Rows of `table` (`[vocab, hidden]`) for the batch's tokens: `[tokens, hidden]`.
     fn embedding(

@@ -290,6 +290,39 @@ fn check(
             chunk_l2 = chunk_l2.max(rel_l2(&second[0], &alone[0]));
         }
     }
+    // Decode steps of a batch of all prompts, replayed from CUDA graphs vs run eagerly.
+    let mut graph_runs = Vec::new();
+    for graphs in [false, true] {
+        gpu.model.backend().set_cuda_graphs(graphs);
+        let tables: Vec<Vec<u32>> = prompts.iter().map(|p| gpu.blocks(p.len() + 8)).collect();
+        for (p, t) in prompts.iter().zip(&tables) {
+            gpu.forward(&[(p, 0, t)])?;
+        }
+        let mut steps_out = Vec::new();
+        for step in 0..6u32 {
+            let toks: Vec<[u32; 1]> = (0..prompts.len() as u32).map(|i| [1 + step + i]).collect();
+            let seqs: Vec<(&[u32], usize, &[u32])> = prompts
+                .iter()
+                .zip(&tables)
+                .zip(&toks)
+                .map(|((p, t), tok)| (tok.as_slice(), p.len() + step as usize, t.as_slice()))
+                .collect();
+            steps_out.push(gpu.forward(&seqs)?);
+        }
+        graph_runs.push(steps_out);
+    }
+    let mut graph_l2 = 0.0f64;
+    for (eager, replay) in graph_runs[0].iter().zip(&graph_runs[1]) {
+        for (e, r) in eager.iter().zip(replay) {
+            graph_l2 = graph_l2.max(rel_l2(r, e));
+        }
+    }
+    println!("decode steps replayed from CUDA graphs vs eager, max relative L2: {graph_l2:.3e}");
+    if graph_l2.is_nan() || graph_l2 >= 1e-5 {
+        failures.push(format!(
+            "CUDA graph replay differs from eager: {graph_l2:.3e}"
+        ));
+    }
     let mean_l2 = l2_sum / l2_n.max(1) as f64;
     let top1_rate = agree as f64 / positions.max(1) as f64;
     println!("mean relative L2 (prefill + decode): {mean_l2:.3e} (limit {max_rel_l2:.0e})");
@@ -509,6 +542,8 @@ struct Row {
     median_ms_host_logits: Option<f64>,
     /// Host time to queue the forward (before waiting for the device).
     median_ms_enqueue: f64,
+    /// Decode: the step without CUDA graphs.
+    median_ms_eager: Option<f64>,
     tokens_per_s: f64,
     floor_ms: f64,
     floor_kind: &'static str,
@@ -590,6 +625,14 @@ fn bench(
             }
             Ok((started.elapsed().as_secs_f64(), queued))
         };
+        model.backend().set_cuda_graphs(false);
+        for _ in 0..2 {
+            step(&mut kv, false)?;
+        }
+        let eager: Vec<(f64, f64)> = (0..iters)
+            .map(|_| step(&mut kv, false))
+            .collect::<Result<_>>()?;
+        model.backend().set_cuda_graphs(true);
         for _ in 0..3 {
             step(&mut kv, false)?;
         }
@@ -600,6 +643,7 @@ fn bench(
             .map(|_| step(&mut kv, true).map(|(t, _)| t))
             .collect::<Result<_>>()?;
         let enqueue = median(device.iter().map(|d| d.1).collect());
+        let eager_ms = median(eager.iter().map(|d| d.0).collect()) * 1e3;
         let t = median(device.iter().map(|d| d.0).collect());
         let kv_bytes =
             (batch_size * (context + 1) * layout.num_layers * 2 * layout.token_stride() * 2) as f64;
@@ -617,6 +661,7 @@ fn bench(
             median_ms: t * 1e3,
             median_ms_host_logits: Some(median(host) * 1e3),
             median_ms_enqueue: enqueue * 1e3,
+            median_ms_eager: Some(eager_ms),
             tokens_per_s: batch_size as f64 / t,
             floor_ms: floor * 1e3,
             floor_kind: kind,
@@ -652,6 +697,7 @@ fn bench(
             median_ms: t * 1e3,
             median_ms_host_logits: None,
             median_ms_enqueue: enqueue * 1e3,
+            median_ms_eager: None,
             tokens_per_s: len as f64 / t,
             floor_ms: floor * 1e3,
             floor_kind: "flops",
@@ -662,14 +708,25 @@ fn bench(
     projections(model.backend(), &config, iters)?;
     println!("model {} — {}", dir.display(), model.backend().describe());
     println!(
-        "{:<34} {:>10} {:>12} {:>10} {:>12} {:>10} {:>7} {:>8}",
-        "workload", "ms", "ms(host lg)", "queue ms", "tok/s", "floor ms", "kind", "ratio"
+        "{:<34} {:>9} {:>10} {:>12} {:>9} {:>10} {:>9} {:>6} {:>6}",
+        "workload",
+        "ms",
+        "no graph",
+        "host logits",
+        "queue ms",
+        "tok/s",
+        "floor ms",
+        "kind",
+        "ratio"
     );
     for r in &rows {
         println!(
-            "{:<34} {:>10.3} {:>12} {:>10.3} {:>12.0} {:>10.3} {:>7} {:>8.2}",
+            "{:<34} {:>9.3} {:>10} {:>12} {:>9.3} {:>10.0} {:>9.3} {:>6} {:>6.2}",
             r.workload,
             r.median_ms,
+            r.median_ms_eager
+                .map(|v| format!("{v:.3}"))
+                .unwrap_or_else(|| "-".into()),
             r.median_ms_host_logits
                 .map(|v| format!("{v:.3}"))
                 .unwrap_or_else(|| "-".into()),

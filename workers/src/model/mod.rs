@@ -240,8 +240,24 @@ impl<B: Backend> Model<B> {
         }
         let b = &self.backend;
         let plan = BatchPlan::new(batch, layout.block_size, &self.inv_freq);
-        let meta = b.prepare_batch(&plan)?;
-        let mut residual = b.embedding(&self.embed, &meta)?;
+        if plan.logits_rows.is_empty() {
+            // Nothing to return, but the K/V of the tokens must still be written.
+            b.run_forward(&plan, kv, &mut |meta, kv| self.layers(&plan, meta, kv))?;
+            return Ok(None);
+        }
+        Ok(b.run_forward(&plan, kv, &mut |meta, kv| self.layers(&plan, meta, kv))?)
+    }
+
+    /// The ops of one forward over `meta` (the device copy of `plan`): every layer, then the
+    /// final norm and lm_head for the rows that want logits.
+    fn layers(
+        &self,
+        plan: &BatchPlan,
+        meta: &B::Batch,
+        kv: &mut B::KvCache,
+    ) -> Result<Option<B::Tensor>, BackendError> {
+        let b = &self.backend;
+        let mut residual = b.embedding(&self.embed, meta)?;
         let mut mlp_out: Option<B::Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = match &mlp_out {
@@ -249,8 +265,8 @@ impl<B: Backend> Model<B> {
                 Some(m) => b.add_rms_norm(&mut residual, m, &layer.input_norm, self.eps)?,
             };
             let mut qkv = b.linear(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
-            b.rope_and_cache_write(&mut qkv, &meta, &self.shape, kv, i)?;
-            let attn = b.paged_attention(&qkv, &meta, &self.shape, kv, i)?;
+            b.rope_and_cache_write(&mut qkv, meta, &self.shape, kv, i)?;
+            let attn = b.paged_attention(&qkv, meta, &self.shape, kv, i)?;
             let o = b.linear(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
             let h = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, self.eps)?;
             let gate_up = b.linear(&h, &layer.gate_up, None)?;
@@ -261,10 +277,10 @@ impl<B: Backend> Model<B> {
             return Ok(None);
         }
         // Only the rows that want logits: the last residual add, final norm and lm_head.
-        let mut last = b.gather_logits_rows(&residual, &meta)?;
+        let mut last = b.gather_logits_rows(&residual, meta)?;
         let h = match &mlp_out {
             Some(m) => {
-                let m = b.gather_logits_rows(m, &meta)?;
+                let m = b.gather_logits_rows(m, meta)?;
                 b.add_rms_norm(&mut last, &m, &self.final_norm, self.eps)?
             }
             None => b.rms_norm(&last, &self.final_norm, self.eps)?,

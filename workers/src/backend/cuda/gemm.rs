@@ -13,7 +13,12 @@ use crate::backend::BackendError;
 pub struct Blas {
     handle: Mutex<Handle>,
     stream: Arc<CudaStream>,
+    /// cuBLAS' workspace, given explicitly so that no allocation happens while a CUDA graph
+    /// is being captured.
+    _workspace: CudaSlice<u8>,
 }
+
+const WORKSPACE_BYTES: usize = 32 << 20;
 
 struct Handle(CudaBlas);
 
@@ -27,9 +32,25 @@ impl Blas {
             op: "cublas init",
             detail: e.to_string(),
         })?;
+        let err = |detail: String| BackendError::Device {
+            op: "cublas init",
+            detail,
+        };
+        let workspace = stream
+            .alloc_zeros::<u8>(WORKSPACE_BYTES)
+            .map_err(|e| err(e.to_string()))?;
+        let ptr = {
+            let (p, _sync) = workspace.device_ptr(&stream);
+            p
+        };
+        // SAFETY: the workspace lives as long as the handle (both in this struct).
+        unsafe { sys::cublasSetWorkspace_v2(*handle.handle(), ptr as *mut _, WORKSPACE_BYTES) }
+            .result()
+            .map_err(|e| err(e.to_string()))?;
         Ok(Blas {
             handle: Mutex::new(Handle(handle)),
             stream,
+            _workspace: workspace,
         })
     }
 

@@ -19,7 +19,19 @@
 //! necessarily for cuBLAS, which may pick a different algorithm for a different row count: a
 //! request's logits can differ in the last bits between batch sizes on the GPU.
 
+/// Turns a driver/cuBLAS result into the backend's, naming the op.
+macro_rules! dev {
+    ($op:literal, $e:expr) => {
+        $e.map_err(|e| crate::backend::BackendError::Device {
+            op: $op,
+            detail: e.to_string(),
+        })
+    };
+}
+
+mod batch;
 mod gemm;
+mod graph;
 pub mod kernels;
 mod tensor;
 
@@ -27,10 +39,13 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
-use crate::backend::{AttentionShape, Backend, BackendError, BatchPlan, DType, HostTensor};
+use crate::backend::{
+    AttentionShape, Backend, BackendError, BatchPlan, DType, ForwardLayers, HostTensor,
+};
 use crate::kv_cache::{KvDType, KvLayout};
 
-pub use tensor::{CudaBatch, CudaKvCache, CudaTensor, CudaWeight};
+pub use batch::CudaBatch;
+pub use tensor::{CudaKvCache, CudaTensor, CudaWeight};
 
 use gemm::Blas;
 use kernels::Kernels;
@@ -52,19 +67,11 @@ pub struct CudaBackend {
     multiprocessors: usize,
     /// Projections of at most this many rows use the GEMV kernel instead of cuBLAS.
     gemv_max_rows: std::sync::atomic::AtomicUsize,
+    graphs: graph::DecodeGraphs,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
 const DEFAULT_GEMV_MAX_ROWS: usize = 4;
-
-macro_rules! dev {
-    ($op:literal, $e:expr) => {
-        $e.map_err(|e| BackendError::Device {
-            op: $op,
-            detail: e.to_string(),
-        })
-    };
-}
 
 /// Whether the CUDA driver library can be loaded (a GPU machine), without touching a device.
 pub fn driver_present() -> bool {
@@ -115,6 +122,8 @@ impl CudaBackend {
             detail: e.to_string(),
         })?;
         let name = dev!("cuda init", ctx.name())?;
+        let graphs = graph::DecodeGraphs::default();
+        graphs.set_enabled(std::env::var("TANDEM_CUDA_GRAPHS").map_or(true, |v| v != "0"));
         let multiprocessors = dev!(
             "cuda init",
             ctx.attribute(
@@ -130,6 +139,7 @@ impl CudaBackend {
             name,
             multiprocessors,
             gemv_max_rows: std::sync::atomic::AtomicUsize::new(DEFAULT_GEMV_MAX_ROWS),
+            graphs,
         })
     }
 
@@ -140,6 +150,12 @@ impl CudaBackend {
             rows.min(kernels::GEMV_MAX_ROWS),
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+
+    /// Whether decode steps replay CUDA graphs (on by default; `TANDEM_CUDA_GRAPHS=0` turns them
+    /// off at start). For benchmarks and debugging.
+    pub fn set_cuda_graphs(&self, enabled: bool) {
+        self.graphs.set_enabled(enabled);
     }
 
     /// `(free, total)` device memory in bytes.
@@ -420,6 +436,21 @@ impl Backend for CudaBackend {
 
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<CudaBatch, BackendError> {
         CudaBatch::upload(&self.stream, plan)
+    }
+
+    fn run_forward(
+        &self,
+        plan: &BatchPlan,
+        kv: &mut CudaKvCache,
+        layers: &mut ForwardLayers<'_, CudaBackend>,
+    ) -> Result<Option<CudaTensor>, BackendError> {
+        match self.graphs.key(plan, kv, self) {
+            Some(key) => self.run_graph(key, plan, kv, layers),
+            None => {
+                let meta = self.prepare_batch(plan)?;
+                layers(&meta, kv)
+            }
+        }
     }
 
     fn embedding(&self, table: &CudaWeight, batch: &CudaBatch) -> Result<CudaTensor, BackendError> {

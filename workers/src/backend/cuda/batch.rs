@@ -1,0 +1,309 @@
+//! One forward's metadata on the device: the integer arrays of the [`BatchPlan`] packed in one
+//! buffer and the rotary tables in another (two copies per forward instead of eleven). Kernels
+//! get the raw addresses of the sub-arrays, which stay valid as long as the [`CudaBatch`] lives.
+//!
+//! A decode step replayed from a CUDA graph reads its metadata from fixed addresses: such a
+//! batch is allocated once per graph shape ([`GraphShape`]) and refilled before each replay,
+//! padded to the shape with dummy sequences that write into the cache's scratch block.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+
+use crate::backend::{BackendError, BatchPlan};
+
+/// Query rows per block of the prefill attention kernel (`FA_ROWS` in flash.cu).
+pub(super) const FLASH_ROWS: usize = 64;
+
+/// The fixed shape of a graph-replayed decode step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct GraphShape {
+    /// Sequences, real and dummy.
+    pub batch: usize,
+    /// Block-table entries per sequence (the context bucket / block size).
+    pub blocks_per_seq: usize,
+    /// Context the attention kernel's split is sized for.
+    pub context: usize,
+    /// The cache block dummies write into (never handed to a sequence).
+    pub scratch_block: u32,
+}
+
+/// Host-side packing of a plan (padded to `shape` when given).
+struct Packed {
+    ints: Vec<u32>,
+    offsets: [usize; 11],
+    floats: Vec<f32>,
+    rope_len: usize,
+    num_tokens: usize,
+    num_seqs: usize,
+    num_tiles: usize,
+    num_logits: usize,
+    max_context: usize,
+}
+
+fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendError> {
+    let slot_of = |s: u64| {
+        u32::try_from(s).map_err(|_| BackendError::Shape {
+            op: "prepare_batch",
+            detail: format!("KV slot {s} does not fit the kernels' 32-bit slot index"),
+        })
+    };
+    let half = plan.rope_half;
+    let mut tokens = plan.tokens.clone();
+    let mut positions = plan.positions.clone();
+    let mut token_seq = Vec::with_capacity(tokens.len());
+    for (s, seq) in plan.sequences.iter().enumerate() {
+        token_seq.extend(std::iter::repeat_n(s as u32, seq.token_count));
+    }
+    let mut slots = plan
+        .slot_mapping
+        .iter()
+        .map(|&s| slot_of(s))
+        .collect::<Result<Vec<u32>, _>>()?;
+    let mut seq_block_start: Vec<u32> = plan
+        .sequences
+        .iter()
+        .map(|s| s.block_table_start as u32)
+        .collect();
+    let mut block_tables = plan.block_tables.clone();
+    let mut logits_rows = plan.logits_rows.clone();
+    let mut seq_token_start: Vec<u32> = plan
+        .sequences
+        .iter()
+        .map(|s| s.token_start as u32)
+        .collect();
+    let mut seq_token_count: Vec<u32> = plan
+        .sequences
+        .iter()
+        .map(|s| s.token_count as u32)
+        .collect();
+    let (mut tile_seq, mut tile_row) = (Vec::new(), Vec::new());
+    for (i, seq) in plan.sequences.iter().enumerate() {
+        for row in (0..seq.token_count).step_by(FLASH_ROWS) {
+            tile_seq.push(i as u32);
+            tile_row.push(row as u32);
+        }
+    }
+    let mut cos = plan.rope_cos.clone();
+    let mut sin = plan.rope_sin.clone();
+    let mut max_context = plan
+        .sequences
+        .iter()
+        .map(|s| s.context_len())
+        .max()
+        .unwrap_or(0);
+    if let Some(shape) = shape {
+        // One token per sequence (a decode step): pad every array to `shape.batch` sequences
+        // and every block table to `shape.blocks_per_seq` entries.
+        let real = plan.sequences.len();
+        let bps = shape.blocks_per_seq;
+        block_tables = Vec::with_capacity(shape.batch * bps);
+        for seq in &plan.sequences {
+            let table = plan.block_table(seq);
+            block_tables.extend_from_slice(table);
+            block_tables.extend(std::iter::repeat_n(shape.scratch_block, bps - table.len()));
+        }
+        block_tables.extend(std::iter::repeat_n(
+            shape.scratch_block,
+            (shape.batch - real) * bps,
+        ));
+        let scratch_slot = slot_of(shape.scratch_block as u64 * plan.block_size as u64)?;
+        for s in real..shape.batch {
+            tokens.push(0);
+            positions.push(0);
+            token_seq.push(s as u32);
+            slots.push(scratch_slot);
+            logits_rows.push(s as u32);
+            seq_token_start.push(s as u32);
+            seq_token_count.push(1);
+            tile_seq.push(s as u32);
+            tile_row.push(0);
+            cos.extend(std::iter::repeat_n(1.0, half));
+            sin.extend(std::iter::repeat_n(0.0, half));
+        }
+        seq_block_start = (0..shape.batch).map(|s| (s * bps) as u32).collect();
+        max_context = shape.context;
+    }
+    let arrays: [&[u32]; 11] = [
+        &tokens,
+        &positions,
+        &token_seq,
+        &seq_block_start,
+        &block_tables,
+        &slots,
+        &logits_rows,
+        &seq_token_start,
+        &seq_token_count,
+        &tile_seq,
+        &tile_row,
+    ];
+    let mut ints = Vec::with_capacity(arrays.iter().map(|a| a.len()).sum::<usize>() + 1);
+    let mut offsets = [0usize; 11];
+    for (i, a) in arrays.iter().enumerate() {
+        offsets[i] = ints.len();
+        ints.extend_from_slice(a);
+    }
+    // Never an empty buffer (a zero-length allocation is an error for the driver).
+    ints.push(0);
+    let rope_len = cos.len();
+    let mut floats = cos;
+    floats.extend_from_slice(&sin);
+    floats.push(0.0);
+    Ok(Packed {
+        num_tokens: tokens.len(),
+        num_seqs: seq_token_count.len(),
+        num_tiles: tile_seq.len(),
+        num_logits: logits_rows.len(),
+        max_context,
+        ints,
+        offsets,
+        floats,
+        rope_len,
+    })
+}
+
+pub struct CudaBatch {
+    ints: CudaSlice<u32>,
+    floats: CudaSlice<f32>,
+    pub(super) num_tokens: usize,
+    pub(super) num_seqs: usize,
+    /// Tiles of [`FLASH_ROWS`] query rows of one sequence (the prefill attention's blocks).
+    pub(super) num_tiles: usize,
+    pub(super) num_logits: usize,
+    /// The longest context (cached + new tokens) of the batch's sequences; for a graph
+    /// shape, the context its attention split is sized for.
+    pub(super) max_context: usize,
+    pub(super) block_size: usize,
+    pub(super) rope_half: usize,
+    /// Device addresses of the sub-arrays, in `pack`'s order, then cos and sin.
+    addr: [u64; 13],
+}
+
+fn upload_err(e: cudarc::driver::DriverError) -> BackendError {
+    BackendError::Device {
+        op: "prepare_batch",
+        detail: e.to_string(),
+    }
+}
+
+impl CudaBatch {
+    /// Uploads `plan` into new buffers.
+    pub(super) fn upload(stream: &Arc<CudaStream>, plan: &BatchPlan) -> Result<Self, BackendError> {
+        let packed = pack(plan, None)?;
+        let ints = stream.clone_htod(&packed.ints).map_err(upload_err)?;
+        let floats = stream.clone_htod(&packed.floats).map_err(upload_err)?;
+        // The host vectors were copied from pageable memory before `clone_htod` returned.
+        Ok(Self::new(stream, plan, &packed, ints, floats))
+    }
+
+    /// Buffers for decode steps of `shape`, filled with `plan` (see [`Self::refill`]).
+    pub(super) fn for_graph(
+        stream: &Arc<CudaStream>,
+        plan: &BatchPlan,
+        shape: &GraphShape,
+    ) -> Result<Self, BackendError> {
+        let packed = pack(plan, Some(shape))?;
+        let ints = stream.clone_htod(&packed.ints).map_err(upload_err)?;
+        let floats = stream.clone_htod(&packed.floats).map_err(upload_err)?;
+        Ok(Self::new(stream, plan, &packed, ints, floats))
+    }
+
+    /// Writes `plan` (a decode step that fits `shape`, the shape this batch was made for) into
+    /// the same device buffers, so a captured graph reads it.
+    pub(super) fn refill(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        plan: &BatchPlan,
+        shape: &GraphShape,
+    ) -> Result<(), BackendError> {
+        let packed = pack(plan, Some(shape))?;
+        if packed.ints.len() != self.ints.len() || packed.floats.len() != self.floats.len() {
+            return Err(BackendError::Shape {
+                op: "prepare_batch",
+                detail: "a decode step does not fit its graph's metadata buffers".into(),
+            });
+        }
+        stream
+            .memcpy_htod(&packed.ints, &mut self.ints)
+            .map_err(upload_err)?;
+        stream
+            .memcpy_htod(&packed.floats, &mut self.floats)
+            .map_err(upload_err)?;
+        Ok(())
+    }
+
+    fn new(
+        stream: &Arc<CudaStream>,
+        plan: &BatchPlan,
+        packed: &Packed,
+        ints: CudaSlice<u32>,
+        floats: CudaSlice<f32>,
+    ) -> Self {
+        let ibase = {
+            let (p, _sync) = ints.device_ptr(stream);
+            p
+        };
+        let fbase = {
+            let (p, _sync) = floats.device_ptr(stream);
+            p
+        };
+        let mut addr = [0u64; 13];
+        for (i, off) in packed.offsets.iter().enumerate() {
+            addr[i] = ibase + 4 * *off as u64;
+        }
+        addr[11] = fbase;
+        addr[12] = fbase + 4 * packed.rope_len as u64;
+        CudaBatch {
+            ints,
+            floats,
+            num_tokens: packed.num_tokens,
+            num_seqs: packed.num_seqs,
+            num_tiles: packed.num_tiles,
+            num_logits: packed.num_logits,
+            max_context: packed.max_context,
+            block_size: plan.block_size,
+            rope_half: plan.rope_half,
+            addr,
+        }
+    }
+
+    pub(super) fn tokens(&self) -> &u64 {
+        &self.addr[0]
+    }
+    pub(super) fn positions(&self) -> &u64 {
+        &self.addr[1]
+    }
+    pub(super) fn token_seq(&self) -> &u64 {
+        &self.addr[2]
+    }
+    pub(super) fn seq_block_start(&self) -> &u64 {
+        &self.addr[3]
+    }
+    pub(super) fn block_tables(&self) -> &u64 {
+        &self.addr[4]
+    }
+    pub(super) fn slot_mapping(&self) -> &u64 {
+        &self.addr[5]
+    }
+    pub(super) fn logits_rows(&self) -> &u64 {
+        &self.addr[6]
+    }
+    pub(super) fn seq_token_start(&self) -> &u64 {
+        &self.addr[7]
+    }
+    pub(super) fn seq_token_count(&self) -> &u64 {
+        &self.addr[8]
+    }
+    pub(super) fn tile_seq(&self) -> &u64 {
+        &self.addr[9]
+    }
+    pub(super) fn tile_row(&self) -> &u64 {
+        &self.addr[10]
+    }
+    pub(super) fn rope_cos(&self) -> &u64 {
+        &self.addr[11]
+    }
+    pub(super) fn rope_sin(&self) -> &u64 {
+        &self.addr[12]
+    }
+}

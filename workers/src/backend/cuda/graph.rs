@@ -1,0 +1,206 @@
+//! CUDA graphs for decode steps. A decode step of a small batch is a few hundred short kernels
+//! whose launch gaps add up to a large share of the step; replaying a captured graph launches
+//! them all at once.
+//!
+//! A graph is captured per [`GraphShape`]: the batch rounded up to one of [`GRAPH_BATCHES`]
+//! (dummy sequences fill the rest and write into the cache's scratch block), and the context
+//! rounded up to a power of two (which fixes the attention kernel's split). Its metadata lives in
+//! buffers of fixed address, refilled before each replay; activations are allocated inside the
+//! graph (freed inside it too), and the logits are copied to a buffer of the slot before the
+//! graph ends. The first step of a shape runs eagerly (learning the output size), the second
+//! captures, later ones replay.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice};
+
+use super::CudaBackend;
+use super::batch::{CudaBatch, GraphShape};
+use super::tensor::{CudaKvCache, CudaTensor, DeviceData};
+use crate::backend::{BackendError, BatchPlan, ForwardLayers};
+
+/// Batch sizes graphs are captured for; a decode step of more sequences than the last runs
+/// eagerly.
+const GRAPH_BATCHES: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128];
+/// Graphs kept at most (each holds the activations of its shape while it runs).
+const MAX_GRAPHS: usize = 64;
+/// Smallest context bucket.
+const MIN_CONTEXT: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct GraphKey {
+    shape: GraphShape,
+    /// The cache the graph reads and writes (its address is baked into the kernels).
+    kv_address: u64,
+}
+
+struct GraphSlot {
+    meta: CudaBatch,
+    graph: Option<CudaGraph>,
+    /// Logits of every (real and dummy) sequence, `[batch, cols]`.
+    out: Option<(CudaSlice<f32>, usize)>,
+}
+
+/// Captured decode graphs of one backend.
+#[derive(Default)]
+pub(super) struct DecodeGraphs {
+    slots: Mutex<HashMap<GraphKey, GraphSlot>>,
+    disabled: std::sync::atomic::AtomicBool,
+}
+
+// SAFETY: graphs and buffers are only touched under the mutex, by the thread running the
+// forward; CUDA objects may be used from any thread with the context bound.
+unsafe impl Send for GraphSlot {}
+
+impl DecodeGraphs {
+    pub(super) fn set_enabled(&self, enabled: bool) {
+        self.disabled
+            .store(!enabled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The graph shape of `plan` if it is a decode step graphs cover.
+    pub(super) fn key(
+        &self,
+        plan: &BatchPlan,
+        kv: &CudaKvCache,
+        backend: &CudaBackend,
+    ) -> Option<GraphKey> {
+        if self.disabled.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let seqs = &plan.sequences;
+        if seqs.is_empty()
+            || plan.logits_rows.len() != seqs.len()
+            || seqs.iter().any(|s| s.token_count != 1)
+        {
+            return None;
+        }
+        let batch = *GRAPH_BATCHES.iter().find(|&&b| b >= seqs.len())?;
+        let context = seqs
+            .iter()
+            .map(|s| s.context_len())
+            .max()?
+            .next_power_of_two()
+            .max(MIN_CONTEXT);
+        Some(GraphKey {
+            shape: GraphShape {
+                batch,
+                blocks_per_seq: context.div_ceil(plan.block_size),
+                context,
+                scratch_block: kv.scratch_block(),
+            },
+            kv_address: kv.block_address(backend.stream(), 0),
+        })
+    }
+}
+
+impl CudaBackend {
+    /// Runs the decode step `plan` through the graph of `key` (eagerly the first time,
+    /// capturing the second, replaying after).
+    pub(super) fn run_graph(
+        &self,
+        key: GraphKey,
+        plan: &BatchPlan,
+        kv: &mut CudaKvCache,
+        layers: &mut ForwardLayers<'_, CudaBackend>,
+    ) -> Result<Option<CudaTensor>, BackendError> {
+        let mut slots = self
+            .graphs
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !slots.contains_key(&key) {
+            if slots.len() >= MAX_GRAPHS {
+                drop(slots);
+                let meta = CudaBatch::upload(&self.stream, plan)?;
+                return layers(&meta, kv);
+            }
+            let meta = CudaBatch::for_graph(&self.stream, plan, &key.shape)?;
+            slots.insert(
+                key,
+                GraphSlot {
+                    meta,
+                    graph: None,
+                    out: None,
+                },
+            );
+        }
+        let slot = slots.get_mut(&key).expect("inserted above");
+        slot.meta.refill(&self.stream, plan, &key.shape)?;
+        let real_rows = plan.sequences.len();
+
+        if slot.out.is_none() {
+            // First step of this shape: run it eagerly on the slot's buffers, keep the output
+            // size for the capture.
+            let Some(logits) = layers(&slot.meta, kv)? else {
+                return Ok(None);
+            };
+            let cols = logits.cols;
+            let buffer = dev!(
+                "graph output",
+                self.stream.alloc_zeros::<f32>(logits.rows * cols)
+            )?;
+            slot.out = Some((buffer, cols));
+            return self.first_rows(&logits, real_rows).map(Some);
+        }
+        let cols = slot.out.as_ref().map(|o| o.1).unwrap_or_default();
+        if slot.graph.is_none() {
+            dev!(
+                "graph capture",
+                self.stream
+                    .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            )?;
+            let captured = layers(&slot.meta, kv).and_then(|logits| match logits {
+                Some(t) => {
+                    let DeviceData::F32(src) = &t.data else {
+                        return Err(BackendError::Device {
+                            op: "graph capture",
+                            detail: "logits are not f32".into(),
+                        });
+                    };
+                    let (out_buf, _) = slot.out.as_mut().expect("checked above");
+                    dev!("graph capture", self.stream.memcpy_dtod(src, out_buf))
+                }
+                None => Err(BackendError::Device {
+                    op: "graph capture",
+                    detail: "the step returned no logits".into(),
+                }),
+            });
+            // End the capture whatever happened, so the stream is usable again.
+            let graph = dev!(
+                "graph capture",
+                self.stream.end_capture(CUgraphInstantiate_flags(0))
+            );
+            captured?;
+            let graph = graph?.ok_or_else(|| BackendError::Device {
+                op: "graph capture",
+                detail: "nothing was captured".into(),
+            })?;
+            slot.graph = Some(graph);
+        }
+        let graph = slot.graph.as_ref().expect("captured above");
+        dev!("graph launch", graph.launch())?;
+        let (out, _) = slot.out.as_ref().expect("checked above");
+        let mut result = self.alloc_f32(real_rows * cols)?;
+        dev!(
+            "graph output",
+            self.stream
+                .memcpy_dtod(&out.slice(0..real_rows * cols), &mut result)
+        )?;
+        Ok(Some(CudaTensor::from_f32(real_rows, cols, result)))
+    }
+
+    /// The first `rows` rows of `t` (f32) in a new tensor.
+    fn first_rows(&self, t: &CudaTensor, rows: usize) -> Result<CudaTensor, BackendError> {
+        let src = t.as_f32("graph output")?;
+        let mut result = self.alloc_f32(rows * t.cols)?;
+        dev!(
+            "graph output",
+            self.stream
+                .memcpy_dtod(&src.slice(0..rows * t.cols), &mut result)
+        )?;
+        Ok(CudaTensor::from_f32(rows, t.cols, result))
+    }
+}

@@ -1,0 +1,154 @@
+//! The CUDA backend against the CPU backend on the same model (the `tiny` random model of
+//! `scripts/test-models`). Needs an NVIDIA GPU: without the CUDA driver every test here says
+//! so and passes without running (CI has no GPU); on the device machine they run (see
+//! docs/benchmarks.md, "GPU").
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use tandem_workers::backend::Backend;
+use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
+use tandem_workers::backend::cuda::{CudaBackend, CudaOptions, driver_present};
+use tandem_workers::kv_cache::KvDType;
+use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
+
+fn model_dir() -> PathBuf {
+    let root = std::env::var_os("TANDEM_TEST_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-models"));
+    let dir = root.join("tiny");
+    assert!(
+        dir.join("config.json").exists(),
+        "{} is missing: run scripts/test-models",
+        dir.display()
+    );
+    dir
+}
+
+fn no_gpu() -> bool {
+    if driver_present() {
+        return false;
+    }
+    eprintln!("skipped: no CUDA driver on this machine");
+    true
+}
+
+fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(reference)
+        .map(|(&x, &r)| (x as f64 - r as f64).powi(2))
+        .sum();
+    let den: f64 = reference.iter().map(|&r| (r as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
+}
+
+/// Greedy decoding of `prompt` for `steps` tokens; logits of every step.
+fn greedy<B: Backend>(model: &Model<B>, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let mut kv = model.alloc_kv_cache(16, 64).unwrap();
+    let table: Vec<u32> = (0..64).collect();
+    let mut batch = ForwardBatch::default();
+    batch.push(prompt, 0, table.clone(), true);
+    let mut out = model.forward(&batch, &mut kv).unwrap();
+    let mut all = vec![out.remove(0)];
+    for s in 0..steps {
+        let next = argmax(all.last().unwrap()) as u32;
+        let mut batch = ForwardBatch::default();
+        batch.push(&[next], prompt.len() + s, table.clone(), true);
+        all.push(model.forward(&batch, &mut kv).unwrap().remove(0));
+    }
+    all
+}
+
+#[test]
+fn cuda_logits_and_greedy_tokens_match_the_cpu() {
+    if no_gpu() {
+        return;
+    }
+    let dir = model_dir();
+    let options = ModelOptions {
+        kv_dtype: Some(KvDType::Bf16),
+    };
+    let cpu = Model::load(
+        &dir,
+        CpuBackend::new(&CpuOptions::default()).unwrap(),
+        &options,
+    )
+    .unwrap();
+    let gpu = Model::load(
+        &dir,
+        CudaBackend::new(&CudaOptions::default()).unwrap(),
+        &options,
+    )
+    .unwrap();
+    for prompt in [
+        vec![1u32, 5, 9],
+        (0..150).map(|i| (i * 7 + 3) % 200).collect(),
+    ] {
+        let c = greedy(&cpu, &prompt, 24);
+        let g = greedy(&gpu, &prompt, 24);
+        for (step, (gl, cl)) in g.iter().zip(&c).enumerate() {
+            let l2 = rel_l2(gl, cl);
+            assert!(
+                l2 < 1e-2,
+                "prompt of {}, step {step}: relative L2 {l2:.3e}",
+                prompt.len()
+            );
+            assert_eq!(
+                argmax(gl),
+                argmax(cl),
+                "prompt of {}, step {step}",
+                prompt.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn worker_generate_on_cuda_equals_cpu() {
+    if no_gpu() {
+        return;
+    }
+    let worker = std::env::var_os("TANDEM_WORKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_worker")));
+    let run = |device: &str| {
+        let out = Command::new(&worker)
+            .args(["generate", "--model"])
+            .arg(model_dir())
+            .args([
+                "--prompt",
+                "the sea and the sky",
+                "--max-tokens",
+                "24",
+                "--json",
+            ])
+            .args(["--device", device])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{device}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["output_ids"].clone()
+    };
+    assert_eq!(run("cuda:0"), run("cpu"));
+}
+
+#[test]
+fn a_missing_device_is_a_clear_error() {
+    if no_gpu() {
+        return;
+    }
+    let err = CudaBackend::new(&CudaOptions { ordinal: 99 })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("cuda:99 does not exist"), "{err}");
+}
