@@ -49,8 +49,8 @@ extern "C" __global__ void rope_cache_write(
 // each key and value once for all of them instead of once per query head.
 #define ATTN_GMAX 8
 
-// Decode attention: the new tokens' q heads over keys [split * split_len, ...) of their
-// sequence (keys 0..=position: the cache already holds this step's keys, so causality is the
+// Decode attention: the new tokens' q heads over their split's share of the keys of their
+// sequence (each token's keys divided evenly among the grid's splits) (keys 0..=position: the cache already holds this step's keys, so causality is the
 // position bound). Grid (tokens, kv_heads * head chunks, splits), ATTN_WARPS warps; a block
 // takes up to ATTN_GMAX query heads sharing one KV head. Each warp walks every ATTN_WARPS-th key
 // with an online softmax per head, lanes holding D/32 dimensions; warps are merged in shared
@@ -63,7 +63,7 @@ __device__ __forceinline__ void attend(
     const u32* __restrict__ token_seq, const u32* __restrict__ seq_block_start,
     const u32* __restrict__ block_tables, bf16* __restrict__ out, float* __restrict__ partial_acc,
     float* __restrict__ partial_ml, int num_heads, int num_kv_heads, int block_size,
-    long long block_elems, long long layer_offset, float scale, int split_len) {
+    long long block_elems, long long layer_offset, float scale) {
     // Dimensions per lane; head dims that are not a multiple of 32 leave the last lanes short.
     constexpr int E = (D + 31) / 32;
     const int t = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
@@ -77,6 +77,7 @@ __device__ __forceinline__ void attend(
     const int token_stride = num_kv_heads * D;
     const long long kv_stride = (long long)block_size * token_stride;
     const int n_keys = (int)positions[t] + 1;
+    const int split_len = (n_keys + splits - 1) / splits;
     const int k_begin = split * split_len;
     const int k_end = min(n_keys, k_begin + split_len);
     const u32* table = block_tables + seq_block_start[token_seq[t]];
@@ -171,10 +172,10 @@ __device__ __forceinline__ void attend(
         const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,            \
         bf16* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,  \
         int num_heads, int num_kv_heads, int block_size, long long block_elems,                   \
-        long long layer_offset, float scale, int split_len) {                                     \
+        long long layer_offset, float scale) {                                                    \
         attend<D>(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,           \
                   partial_acc, partial_ml, num_heads, num_kv_heads, block_size, block_elems,      \
-                  layer_offset, scale, split_len);                                                \
+                  layer_offset, scale);                                                           \
     }
 
 ATTENTION_KERNEL(16)

@@ -47,18 +47,16 @@ fn argmax(v: &[f32]) -> usize {
     (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
 }
 
-/// Greedy decoding of `prompt` for `steps` tokens; logits of every step.
-fn greedy<B: Backend>(model: &Model<B>, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+/// Logits of `prompt` and then of each of `forced` fed one at a time (teacher forcing).
+fn logits_along<B: Backend>(model: &Model<B>, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
     let mut kv = model.alloc_kv_cache(16, 64).unwrap();
     let table: Vec<u32> = (0..64).collect();
     let mut batch = ForwardBatch::default();
     batch.push(prompt, 0, table.clone(), true);
-    let mut out = model.forward(&batch, &mut kv).unwrap();
-    let mut all = vec![out.remove(0)];
-    for s in 0..steps {
-        let next = argmax(all.last().unwrap()) as u32;
+    let mut all = model.forward(&batch, &mut kv).unwrap();
+    for (s, &token) in forced.iter().enumerate() {
         let mut batch = ForwardBatch::default();
-        batch.push(&[next], prompt.len() + s, table.clone(), true);
+        batch.push(&[token], prompt.len() + s, table.clone(), true);
         all.push(model.forward(&batch, &mut kv).unwrap().remove(0));
     }
     all
@@ -89,8 +87,15 @@ fn cuda_logits_and_greedy_tokens_match_the_cpu() {
         vec![1u32, 5, 9],
         (0..150).map(|i| (i * 7 + 3) % 200).collect(),
     ] {
-        let c = greedy(&cpu, &prompt, 24);
-        let g = greedy(&gpu, &prompt, 24);
+        // The CPU's greedy continuation, then both models along it (decode steps replay CUDA
+        // graphs on the GPU after the first two).
+        let mut greedy = Vec::new();
+        let mut c = logits_along(&cpu, &prompt, &[]);
+        for _ in 0..24 {
+            greedy.push(argmax(c.last().unwrap()) as u32);
+            c = logits_along(&cpu, &prompt, &greedy);
+        }
+        let g = logits_along(&gpu, &prompt, &greedy[..24]);
         for (step, (gl, cl)) in g.iter().zip(&c).enumerate() {
             let l2 = rel_l2(gl, cl);
             assert!(
@@ -98,11 +103,16 @@ fn cuda_logits_and_greedy_tokens_match_the_cpu() {
                 "prompt of {}, step {step}: relative L2 {l2:.3e}",
                 prompt.len()
             );
-            assert_eq!(
-                argmax(gl),
-                argmax(cl),
-                "prompt of {}, step {step}",
-                prompt.len()
+            // The GPU's pick must be the CPU's, or tie with it within bf16 noise (random
+            // weights give near-ties): its CPU logit at most 1% of the logits' RMS below.
+            let (pick, best) = (argmax(gl), argmax(cl));
+            let rms = (cl.iter().map(|x| x * x).sum::<f32>() / cl.len() as f32).sqrt();
+            assert!(
+                cl[pick] >= cl[best] - 0.01 * rms,
+                "prompt of {}, step {step}: GPU picks {pick} ({}), CPU {best} ({})",
+                prompt.len(),
+                cl[pick],
+                cl[best]
             );
         }
     }

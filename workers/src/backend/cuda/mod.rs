@@ -671,7 +671,6 @@ impl Backend for CudaBackend {
                 .min(batch.max_context.div_ceil(128))
                 .clamp(1, 64)
         };
-        let split_len = batch.max_context.div_ceil(splits) as i32;
         let heads_total = tokens * shape.num_heads;
         let partial_acc = self.alloc_f32(if splits > 1 {
             heads_total * splits * shape.head_dim
@@ -705,8 +704,7 @@ impl Backend for CudaBackend {
             .arg(&bs)
             .arg(&block_elems)
             .arg(&layer_offset)
-            .arg(&shape.scale)
-            .arg(&split_len);
+            .arg(&shape.scale);
         let cfg = LaunchConfig {
             grid_dim: (tokens as u32, head_blocks as u32, splits as u32),
             block_dim: (128, 1, 1),
