@@ -5,7 +5,9 @@
 // the copy bandwidth on these shapes.
 
 #define GEMV_WARPS 8
+#ifndef GEMV_UNROLL
 #define GEMV_UNROLL 4
+#endif
 
 __device__ __forceinline__ void bf16x8_to_f32(const uint4 v, float* f) {
     const u32 w[4] = {v.x, v.y, v.z, v.w};

@@ -150,11 +150,15 @@ fn program(arch: &str) -> (String, Vec<String>) {
         .iter()
         .map(|(name, text)| format!("// ---- {name}\n{text}\n"))
         .collect();
-    let options = vec![
+    let mut options = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".to_owned(),
         "-default-device".to_owned(),
     ];
+    // Tuning experiments: extra `-D NAME=VALUE` options (e.g. GEMV_UNROLL=8), space-separated.
+    if let Ok(defines) = std::env::var("TANDEM_KERNEL_DEFINES") {
+        options.extend(defines.split_whitespace().map(|d| format!("-D{d}")));
+    }
     (source, options)
 }
 
