@@ -14,7 +14,8 @@ use clap::{Args, Parser, Subcommand};
 over NATS, behind an OpenAI-compatible HTTP API.\n\n`tandem serve` starts a whole deployment on this \
 host: a nats-server (or connects to yours), the workers and the api-server, and supervises them \
 until Ctrl-C or SIGTERM.",
-    after_help = "Run `tandem serve --help` for the deployment options and examples."
+    after_help = "Run `tandem serve --help` for the deployment options and examples, `tandem bench \
+--help` for the load generator."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -24,6 +25,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Serve(ServeArgs),
+    /// Load-test an OpenAI-compatible server: latency percentiles, throughput, goodput, JSON
+    /// and a PNG chart.
+    Bench(tandem::bench::BenchArgs),
 }
 
 const SERVE_LONG_ABOUT: &str = "\
@@ -169,7 +173,9 @@ mod tests {
             "nats://h:1",
         ])
         .unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("`serve` parses as the serve command");
+        };
         assert_eq!(args.config, Some(PathBuf::from("d.yaml")));
         assert_eq!(args.port, Some(9000));
         assert_eq!(args.nats.as_deref(), Some("nats://h:1"));

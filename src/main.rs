@@ -31,6 +31,19 @@ use crate::supervisor::{Programs, Signals, Timing};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        // The load generator is a client: no runtime, no logging set-up of the launcher.
+        Command::Bench(args) => {
+            return match tandem::bench::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tandem bench: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -50,7 +63,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Command::Serve(args) = cli.command;
     match runtime.block_on(serve(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,144 @@
+//! The prompts a benchmark sends: synthetic ones of a given length, or a file.
+
+use std::path::Path;
+
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use serde_json::Value;
+
+/// Common English words: synthetic prompts are random sequences of them, so that a BPE
+/// tokenizer sees about one token per word (the server's `usage` reports the real count).
+const WORDS: &[&str] = &[
+    "the", "of", "and", "to", "in", "is", "was", "that", "for", "on", "with", "as", "by", "at",
+    "from", "his", "her", "they", "which", "or", "this", "had", "not", "are", "but", "one", "all",
+    "were", "when", "there", "can", "more", "time", "about", "many", "then", "them", "would",
+    "write", "like", "these", "long", "make", "thing", "see", "two", "look", "day", "could",
+    "come", "number", "sound", "most", "people", "water", "over", "know", "than", "call", "first",
+    "who", "may", "down", "side", "been", "now", "find", "any", "new", "work", "part", "take",
+    "get", "place", "made", "live", "where", "after", "back", "little", "only", "round", "man",
+    "year", "came", "show", "every", "good", "give", "our", "under", "name", "very", "through",
+    "just", "form", "great", "think", "say", "help", "low", "line", "turn", "cause", "much",
+    "mean", "before", "move", "right", "boy", "old", "too", "same", "tell", "does", "set", "three",
+    "want", "air", "well", "also", "play", "small", "end", "put", "home", "read", "hand", "port",
+    "large", "spell", "add", "even", "land", "here", "must", "big", "high", "such", "follow",
+    "act", "why", "ask", "men", "change", "went", "light", "kind", "off", "need", "house",
+    "picture", "try", "again", "animal", "point", "mother", "world", "near", "build", "self",
+    "earth", "father", "head", "stand", "own", "page", "should", "country", "found", "answer",
+    "school", "grow", "study", "still", "learn", "plant", "cover", "food", "sun", "four",
+    "between", "state", "keep", "eye", "never", "last", "let", "thought", "city", "tree", "cross",
+    "farm", "hard", "start", "might", "story", "saw", "far", "sea", "draw", "left", "late", "run",
+    "while", "press", "close", "night", "real", "life", "few", "north", "open", "seem", "together",
+    "next", "white",
+];
+
+/// `count` prompts of `words` words each, reproducible from `seed`.
+pub fn synthetic(count: usize, words: usize, seed: u64) -> Vec<String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..count)
+        .map(|_| {
+            let mut prompt = String::new();
+            for i in 0..words.max(1) {
+                if i > 0 {
+                    prompt.push(' ');
+                }
+                prompt.push_str(WORDS[(rng.next_u32() as usize) % WORDS.len()]);
+            }
+            prompt
+        })
+        .collect()
+}
+
+/// Prompts from a JSON file: a list of strings, a list of `{"prompt": ...}` objects, or
+/// ShareGPT-style `{"conversations": [{"from"|"role": ..., "value"|"content": ...}, ...]}`
+/// records (the first turn is the prompt).
+pub fn from_file(path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let items = value
+        .as_array()
+        .ok_or_else(|| format!("{}: expected a JSON list of prompts", path.display()))?;
+    let prompts: Vec<String> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            prompt_of(item)
+                .ok_or_else(|| format!("{}: entry {i} has no prompt text", path.display()))
+        })
+        .collect::<Result<_, _>>()?;
+    if prompts.is_empty() {
+        return Err(format!("{}: no prompts", path.display()));
+    }
+    Ok(prompts)
+}
+
+fn prompt_of(item: &Value) -> Option<String> {
+    if let Some(s) = item.as_str() {
+        return Some(s.to_owned());
+    }
+    if let Some(s) = item["prompt"].as_str() {
+        return Some(s.to_owned());
+    }
+    let first = item["conversations"].get(0)?;
+    first["value"]
+        .as_str()
+        .or_else(|| first["content"].as_str())
+        .map(str::to_owned)
+}
+
+/// Exponential gaps between arrivals of a Poisson process of `rate` requests per second.
+pub fn poisson_gaps(count: usize, rate: f64, seed: u64) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..count)
+        .map(|_| {
+            // Uniform in (0, 1]: never ln(0).
+            let u = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+            -u.ln() / rate
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_prompts_have_the_length_and_repeat_with_the_seed() {
+        let a = synthetic(3, 50, 1);
+        assert_eq!(a.len(), 3);
+        assert!(a.iter().all(|p| p.split(' ').count() == 50));
+        assert_eq!(a, synthetic(3, 50, 1));
+        assert_ne!(a, synthetic(3, 50, 2));
+    }
+
+    #[test]
+    fn prompt_files_in_three_shapes() {
+        let dir = std::env::temp_dir().join(format!("tandem-bench-prompts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("p.json");
+        std::fs::write(
+            &file,
+            r#"["plain", {"prompt": "object"}, {"conversations": [{"from": "human", "value": "sharegpt"}, {"from": "gpt", "value": "x"}]}]"#,
+        )
+        .unwrap();
+        assert_eq!(from_file(&file).unwrap(), ["plain", "object", "sharegpt"]);
+        std::fs::write(&file, r#"[{"nothing": 1}]"#).unwrap();
+        assert!(
+            from_file(&file)
+                .unwrap_err()
+                .contains("entry 0 has no prompt")
+        );
+        std::fs::write(&file, "[]").unwrap();
+        assert!(from_file(&file).unwrap_err().contains("no prompts"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn poisson_gaps_average_one_over_the_rate() {
+        let gaps = poisson_gaps(20_000, 4.0, 7);
+        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        assert!((mean - 0.25).abs() < 0.01, "mean gap {mean}");
+        assert!(gaps.iter().all(|&g| g > 0.0));
+        assert_eq!(gaps[..5], poisson_gaps(5, 4.0, 7)[..]);
+    }
+}
