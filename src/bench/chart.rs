@@ -46,16 +46,19 @@ pub fn draw(path: &Path, title: &str, levels: &[Summary]) -> Result<(), String> 
         ("ITL p99", RGBColor(255, 187, 120), |s| s.itl_ms.p99),
         ("E2E p50", RGBColor(44, 160, 44), |s| s.e2e_ms.p50),
     ];
-    let throughput: [Series; 3] = [
+    let tokens: [Series; 2] = [
         ("output tokens/s", RGBColor(148, 103, 189), |s| {
             s.output_token_throughput
         }),
+        ("all tokens/s", RGBColor(188, 189, 34), |s| {
+            s.total_token_throughput
+        }),
+    ];
+    let requests: [Series; 2] = [
         ("requests/s", RGBColor(140, 86, 75), |s| {
             s.request_throughput
         }),
-        ("goodput (requests/s)", RGBColor(227, 119, 194), |s| {
-            s.goodput
-        }),
+        ("goodput", RGBColor(227, 119, 194), |s| s.goodput),
     ];
     let panel = Panel {
         levels,
