@@ -1,0 +1,140 @@
+//! `tandem bench` against a live `tandem serve` (tiny model): two concurrency levels and a
+//! Poisson level give consistent JSON and a PNG; a server that is not there is an error, not a
+//! hang.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Proc, bin, free_port, model_dir};
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(bin("tandem"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("tandem bench runs")
+}
+
+#[test]
+fn bench_measures_a_live_server() {
+    bin("worker");
+    bin("api-server");
+    let port = free_port();
+    let mut serve = Command::new(bin("tandem"));
+    serve
+        .args(["serve", "--model"])
+        .arg(model_dir("tiny"))
+        .args(["--port", &port.to_string()]);
+    let mut server = Proc::spawn("tandem", serve);
+    server.wait_for_line("tandem: serving", Duration::from_secs(120));
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let dir = std::env::temp_dir().join(format!("tandem-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("bench.json");
+    let png = dir.join("bench.png");
+
+    let out = bench(&[
+        "--url",
+        &url,
+        "--concurrency",
+        "1,4",
+        "--num-prompts",
+        "6",
+        "--input-len",
+        "24",
+        "--output-len",
+        "8",
+        "--goodput",
+        "ttft:60000,itl:60000",
+        "--output-json",
+        json.to_str().unwrap(),
+        "--output-png",
+        png.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("c=1") && stdout.contains("c=4"), "{stdout}");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc["model"], "tiny");
+    let levels = doc["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for (level, concurrency) in levels.iter().zip([1, 4]) {
+        assert_eq!(level["concurrency"], concurrency);
+        assert_eq!(level["completed"], 6, "{level}");
+        assert_eq!(level["failed"], 0, "{level}");
+        // ignore_eos: every request generates exactly --output-len tokens.
+        assert_eq!(level["output_tokens"], 6 * 8, "{level}");
+        assert!(
+            level["prompt_tokens"].as_u64().unwrap() >= 6 * 24,
+            "{level}"
+        );
+        let ms = |key: &str, q: &str| level[key][q].as_f64().unwrap();
+        assert!(ms("ttft_ms", "p50") > 0.0);
+        assert!(ms("ttft_ms", "p50") <= ms("e2e_ms", "p50"));
+        assert!(ms("ttft_ms", "p99") <= ms("e2e_ms", "p99") + 1e-9);
+        assert!(ms("itl_ms", "p50") <= ms("itl_ms", "p99"));
+        assert!(ms("e2e_ms", "p99") <= level["duration_s"].as_f64().unwrap() * 1e3);
+        // Generous limits: every completed request is good.
+        assert_eq!(level["goodput"], level["request_throughput"]);
+        assert!(level["output_token_throughput"].as_f64().unwrap() > 0.0);
+    }
+    let image = std::fs::read(&png).unwrap();
+    assert!(image.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    assert!(
+        image.len() > 10_000,
+        "a chart with text and lines, not an empty image"
+    );
+
+    // Poisson arrivals: the level is the rate; an impossible limit gives zero goodput.
+    let out = bench(&[
+        "--url",
+        &url,
+        "--request-rate",
+        "20",
+        "--num-prompts",
+        "4",
+        "--output-len",
+        "4",
+        "--goodput",
+        "ttft:0.001",
+        "--output-json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let level = &doc["levels"][0];
+    assert_eq!(level["request_rate"], 20.0);
+    assert_eq!(level["completed"], 4);
+    assert_eq!(level["goodput"], 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn no_server_is_an_error_not_a_hang() {
+    let port = free_port();
+    let started = Instant::now();
+    let out = bench(&[
+        "--url",
+        &format!("http://127.0.0.1:{port}/v1"),
+        "--num-prompts",
+        "2",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tandem bench: error"), "{stderr}");
+    assert!(stderr.contains("/models"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let out = bench(&["--concurrency", "0"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--concurrency must be at least 1"));
+}
