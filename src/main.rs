@@ -23,7 +23,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 use tandem_protocol::config::DeploymentConfig;
-use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command, ServeArgs};
 use crate::plan::Overrides;
@@ -38,19 +37,13 @@ fn main() -> ExitCode {
             return match tandem::bench::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("tandem bench: error: {e:#}");
+                    eprintln!("tandem bench: error: {}", tandem_cli::error_report(&e));
                     ExitCode::FAILURE
                 }
             };
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    tandem_cli::init_logging("info");
     // Single-threaded on purpose: children are spawned from the main thread, which their
     // PR_SET_PDEATHSIG is tied to (see `child`).
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -66,7 +59,7 @@ fn main() -> ExitCode {
     match runtime.block_on(serve(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tandem: error: {e:#}");
+            eprintln!("tandem: error: {}", tandem_cli::error_report(&e));
             ExitCode::FAILURE
         }
     }

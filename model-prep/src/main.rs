@@ -1,7 +1,6 @@
 //! The `model-prep` command line: parses arguments, runs one command of the `model_prep`
 //! library, prints a summary on stdout and errors as one line on stderr.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -226,20 +225,13 @@ struct InspectArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,model_prep=info")),
-        )
-        .init();
+    tandem_cli::init_logging("warn,model_prep=info");
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line: the error and its causes, outermost first.
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", tandem_cli::error_report(&error));
             ExitCode::FAILURE
         }
     }

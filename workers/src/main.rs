@@ -52,15 +52,7 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only for a person; a launcher or log collector reads plain lines.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    tandem_cli::init_logging(default_filter);
     let result = match cli.command {
         Some(Command::Generate(args)) => run_generate(&args),
         None => serve::run(&cli.serve).map_err(anyhow::Error::from),
@@ -68,7 +60,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", tandem_cli::error_report(&e));
             ExitCode::FAILURE
         }
     }

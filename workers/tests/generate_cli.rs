@@ -241,14 +241,35 @@ fn bad_model_dir_and_bad_device_fail_clearly() {
         "--prompt",
         "hi",
         "--device",
-        "cuda:0",
+        "tpu:0",
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("cuda:0") && err.contains("supports: cpu"),
+        err.contains("unknown device `tpu:0`") && err.contains("cuda:N"),
         "{err}"
     );
+
+    // Without a driver, asking for a GPU says so once and names the way out.
+    if !tandem_workers::backend::cuda::driver_present() {
+        let out = worker(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--device",
+            "cuda:0",
+        ]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("cuda:0")
+                && err.contains("use --device cpu")
+                && err.matches("cannot be loaded").count() == 1,
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -81,11 +81,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    tandem_cli::init_logging("warn");
     match Cli::parse().command {
         Command::Check {
             model,
