@@ -147,6 +147,9 @@ impl Panel<'_> {
     {
         chart
             .configure_mesh()
+            .x_labels(5)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .light_line_style(WHITE)
             .x_desc(self.x_desc)
             .y_desc(y_desc)
             .label_style(("sans-serif", 14))
