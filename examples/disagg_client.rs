@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("disagg_client: error: {e:#}");
+            eprintln!("disagg_client: error: {}", tandem_cli::error_report(&e));
             ExitCode::FAILURE
         }
     }

@@ -102,7 +102,7 @@ pub async fn run(
     let mut deployment = Deployment::default();
     let outcome = start_and_supervise(plan, programs, timing, signals, &mut deployment).await;
     if let Err(e) = &outcome {
-        tracing::error!("{e:#}");
+        tracing::error!("{}", tandem_cli::error_report(e));
     }
     deployment.stop(timing.shutdown_grace, signals).await;
     outcome
