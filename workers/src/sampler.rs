@@ -32,6 +32,7 @@
 //! top-p sorts a growing prefix (64, 256, …) until it holds the requested mass, so a peaked
 //! distribution never pays for a full vocabulary sort.
 
+pub mod device;
 mod fast_exp;
 mod logprobs;
 mod params;

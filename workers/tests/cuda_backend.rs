@@ -162,3 +162,106 @@ fn a_missing_device_is_a_clear_error() {
         .unwrap_or_default();
     assert!(err.contains("cuda:99 does not exist"), "{err}");
 }
+
+/// Rows of a Llama-3 sized vocabulary: smooth random logits, a peaked one, one with many equal
+/// values at the candidate boundary, one with fewer finite values than candidates.
+fn sampling_rows(vocab: usize) -> Vec<Vec<f32>> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut rows = Vec::new();
+    for scale in [1.0f32, 3.0, 8.0] {
+        rows.push(
+            (0..vocab)
+                .map(|_| rng.random::<f32>() * scale * 4.0 - 2.0)
+                .collect(),
+        );
+    }
+    let mut peaked: Vec<f32> = (0..vocab).map(|_| rng.random::<f32>()).collect();
+    peaked[777] = 30.0;
+    peaked[vocab - 1] = 29.5;
+    rows.push(peaked);
+    // 428 equal logits where the 64th best falls: the lowest ids among them are kept.
+    let mut ties: Vec<f32> = (0..vocab)
+        .map(|i| if i % 300 == 0 { 1.5 } else { 0.25 })
+        .collect();
+    ties[10] = 4.0;
+    rows.push(ties);
+    let mut sparse = vec![f32::NEG_INFINITY; vocab];
+    for i in [3usize, 99, 5000, vocab - 2] {
+        sparse[i] = i as f32 * 1e-4;
+    }
+    rows.push(sparse);
+    rows
+}
+
+#[test]
+fn sampling_summaries_on_the_device_equal_the_host_reference() {
+    use tandem_workers::sampler::device::{RowRequest, summarize_row};
+    if no_gpu() {
+        return;
+    }
+    let backend = CudaBackend::new(&CudaOptions { ordinal: 0 }).unwrap();
+    let vocab = 128_256;
+    let rows = sampling_rows(vocab);
+    let mut all_rows = Vec::new();
+    let mut requests = Vec::new();
+    for row in &rows {
+        for (k, (temperature, candidates)) in
+            [(0.0, false), (1.0, false), (0.7, true), (1e-3, true)]
+                .iter()
+                .enumerate()
+        {
+            all_rows.push(row.clone());
+            requests.push(RowRequest {
+                temperature: *temperature,
+                uniform: (k as f64 * 0.29 + 0.13) % 1.0,
+                candidates: *candidates,
+            });
+        }
+    }
+    let logits = backend.upload_rows(&all_rows).unwrap();
+    let got = backend.summarize_rows(&logits, &requests).unwrap();
+    for (i, ((row, request), got)) in all_rows.iter().zip(&requests).zip(&got).enumerate() {
+        let want = summarize_row(row, request);
+        let what = format!("row {i} ({request:?})");
+        assert_eq!(got.non_finite, 0, "{what}");
+        assert_eq!(
+            (got.max_logit, got.argmax),
+            (want.max_logit, want.argmax),
+            "{what}"
+        );
+        assert!((got.sum_exp / want.sum_exp - 1.0).abs() < 1e-5, "{what}");
+        assert!(
+            (got.sum_exp_temperature / want.sum_exp_temperature - 1.0).abs() < 1e-5,
+            "{what}"
+        );
+        assert_eq!(got.drawn, want.drawn, "{what}");
+        assert_eq!(got.drawn_logit, want.drawn_logit, "{what}");
+        match (&got.candidates, &want.candidates) {
+            (Some(g), Some(w)) => assert_eq!(g, w, "{what}"),
+            (None, None) => {}
+            other => panic!("{what}: candidates {other:?}"),
+        }
+    }
+
+    // More equal values at the boundary than the device collects: the host takes the row.
+    let overflow: Vec<f32> = (0..vocab)
+        .map(|i| if i % 3 == 0 { 1.5 } else { 0.25 })
+        .collect();
+    let logits = backend.upload_rows(&[overflow]).unwrap();
+    let request = RowRequest {
+        temperature: 1.0,
+        uniform: 0.5,
+        candidates: true,
+    };
+    let got = backend.summarize_rows(&logits, &[request]).unwrap();
+    assert_eq!(got[0].candidates, None);
+
+    // NaN rows are reported, not summarised.
+    let mut bad = rows[0].clone();
+    bad[5] = f32::NAN;
+    bad[6] = f32::INFINITY;
+    let logits = backend.upload_rows(&[bad]).unwrap();
+    let got = backend.summarize_rows(&logits, &[request]).unwrap();
+    assert_eq!(got[0].non_finite, 2);
+}

@@ -22,6 +22,7 @@ mod plan;
 pub use plan::{BatchPlan, PlanSequence};
 
 use crate::kv_cache::KvLayout;
+use crate::sampler::device::{RowRequest, RowSummary};
 
 /// Element type of a tensor read from a weight file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,4 +246,33 @@ pub trait Backend: Send + Sync {
 
     /// Copies a tensor to the host: one `Vec` per row.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<Vec<f32>>, BackendError>;
+
+    /// Copies rows `rows` (ascending) of a tensor to the host.
+    fn rows_to_host(
+        &self,
+        x: &Self::Tensor,
+        rows: &[usize],
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        let mut all = self.to_host(x)?;
+        Ok(rows.iter().map(|&r| std::mem::take(&mut all[r])).collect())
+    }
+
+    /// Whether [`Backend::summarize_rows`] is implemented. The CPU's logits are host memory
+    /// already, so it samples from the rows themselves.
+    fn summarizes_rows(&self) -> bool {
+        false
+    }
+
+    /// Sampling summaries of the logits rows `logits` (one per request, in row order) so the
+    /// rows need not be copied to the host ([`crate::sampler::device`]).
+    fn summarize_rows(
+        &self,
+        _logits: &Self::Tensor,
+        _requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, BackendError> {
+        Err(BackendError::Device {
+            op: "summarize_rows",
+            detail: format!("the {} backend samples from host rows", self.describe()),
+        })
+    }
 }

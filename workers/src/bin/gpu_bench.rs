@@ -25,6 +25,7 @@ use tandem_workers::backend::cuda::{CudaBackend, CudaOptions};
 use tandem_workers::backend::{Backend, DType, HostTensor};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
+use tandem_workers::sampler::device::RowRequest;
 
 #[derive(Parser)]
 #[command(about = "Check the CUDA backend against the CPU backend, and time it")]
@@ -531,13 +532,28 @@ fn projections(gpu: &CudaBackend, c: &ModelConfig, iters: usize) -> Result<()> {
     Ok(())
 }
 
+/// What a benchmarked decode step does with its logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepMode {
+    /// Greedy on the device (`argmax_rows`).
+    DeviceGreedy,
+    /// Every row copied to the host.
+    HostLogits,
+    /// Top-p summaries on the device.
+    DeviceSampling,
+}
+
 #[derive(serde::Serialize)]
 struct Row {
     workload: String,
     tokens: usize,
     median_ms: f64,
-    /// Decode: the step with logits copied to the host (the engine's path today).
+    /// Decode: the step with logits copied to the host (the engine's path on the CPU, and on
+    /// the GPU for requests the device summary does not decide).
     median_ms_host_logits: Option<f64>,
+    /// Decode: the step with top-p sampling summarised on the device (`sample.cu`), the
+    /// engine's path on the GPU.
+    median_ms_device_sampling: Option<f64>,
     /// Host time to queue the forward (before waiting for the device).
     median_ms_enqueue: f64,
     /// Decode: the step without CUDA graphs.
@@ -602,7 +618,14 @@ fn bench(
         let tables: Vec<Vec<u32>> = (0..batch_size)
             .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
             .collect();
-        let step = |kv: &mut _, host_logits: bool| -> Result<(f64, f64)> {
+        let sampling_requests: Vec<RowRequest> = (0..batch_size)
+            .map(|s| RowRequest {
+                temperature: 0.8,
+                uniform: (s as f64 + 0.5) / batch_size as f64,
+                candidates: true,
+            })
+            .collect();
+        let step = |kv: &mut _, mode: StepMode| -> Result<(f64, f64)> {
             let tokens = random_tokens(
                 &mut ChaCha8Rng::seed_from_u64(9),
                 batch_size,
@@ -614,31 +637,39 @@ fn bench(
             }
             let started = Instant::now();
             let mut queued = 0.0;
-            if host_logits {
+            if mode == StepMode::HostLogits {
                 let logits = model.forward(&b, kv)?;
                 std::hint::black_box(logits);
             } else if let Some(logits) = model.forward_logits(&b, kv)? {
                 queued = started.elapsed().as_secs_f64();
-                std::hint::black_box(model.backend().argmax_rows(&logits)?);
+                if mode == StepMode::DeviceSampling {
+                    let backend = model.backend();
+                    std::hint::black_box(backend.summarize_rows(&logits, &sampling_requests)?);
+                } else {
+                    std::hint::black_box(model.backend().argmax_rows(&logits)?);
+                }
             }
             Ok((started.elapsed().as_secs_f64(), queued))
         };
         model.backend().set_cuda_graphs(false);
         for _ in 0..2 {
-            step(&mut kv, false)?;
+            step(&mut kv, StepMode::DeviceGreedy)?;
         }
         let eager: Vec<(f64, f64)> = (0..iters)
-            .map(|_| step(&mut kv, false))
+            .map(|_| step(&mut kv, StepMode::DeviceGreedy))
             .collect::<Result<_>>()?;
         model.backend().set_cuda_graphs(true);
         for _ in 0..3 {
-            step(&mut kv, false)?;
+            step(&mut kv, StepMode::DeviceGreedy)?;
         }
         let device: Vec<(f64, f64)> = (0..iters)
-            .map(|_| step(&mut kv, false))
+            .map(|_| step(&mut kv, StepMode::DeviceGreedy))
             .collect::<Result<_>>()?;
         let host: Vec<f64> = (0..iters.min(10))
-            .map(|_| step(&mut kv, true).map(|(t, _)| t))
+            .map(|_| step(&mut kv, StepMode::HostLogits).map(|(t, _)| t))
+            .collect::<Result<_>>()?;
+        let sampled: Vec<f64> = (0..iters)
+            .map(|_| step(&mut kv, StepMode::DeviceSampling).map(|(t, _)| t))
             .collect::<Result<_>>()?;
         let enqueue = median(device.iter().map(|d| d.1).collect());
         let eager_ms = median(eager.iter().map(|d| d.0).collect()) * 1e3;
@@ -658,6 +689,7 @@ fn bench(
             tokens: batch_size,
             median_ms: t * 1e3,
             median_ms_host_logits: Some(median(host) * 1e3),
+            median_ms_device_sampling: Some(median(sampled) * 1e3),
             median_ms_enqueue: enqueue * 1e3,
             median_ms_eager: Some(eager_ms),
             tokens_per_s: batch_size as f64 / t,
@@ -694,6 +726,7 @@ fn bench(
             tokens: len,
             median_ms: t * 1e3,
             median_ms_host_logits: None,
+            median_ms_device_sampling: None,
             median_ms_enqueue: enqueue * 1e3,
             median_ms_eager: None,
             tokens_per_s: len as f64 / t,
@@ -706,11 +739,12 @@ fn bench(
     projections(model.backend(), &config, iters)?;
     println!("model {} — {}", dir.display(), model.backend().describe());
     println!(
-        "{:<34} {:>9} {:>10} {:>12} {:>9} {:>10} {:>9} {:>6} {:>6}",
+        "{:<34} {:>9} {:>10} {:>12} {:>11} {:>9} {:>10} {:>9} {:>6} {:>6}",
         "workload",
         "ms",
         "no graph",
         "host logits",
+        "dev sample",
         "queue ms",
         "tok/s",
         "floor ms",
@@ -719,13 +753,16 @@ fn bench(
     );
     for r in &rows {
         println!(
-            "{:<34} {:>9.3} {:>10} {:>12} {:>9.3} {:>10.0} {:>9.3} {:>6} {:>6.2}",
+            "{:<34} {:>9.3} {:>10} {:>12} {:>11} {:>9.3} {:>10.0} {:>9.3} {:>6} {:>6.2}",
             r.workload,
             r.median_ms,
             r.median_ms_eager
                 .map(|v| format!("{v:.3}"))
                 .unwrap_or_else(|| "-".into()),
             r.median_ms_host_logits
+                .map(|v| format!("{v:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            r.median_ms_device_sampling
                 .map(|v| format!("{v:.3}"))
                 .unwrap_or_else(|| "-".into()),
             r.median_ms_enqueue,

@@ -38,6 +38,7 @@ pub use runner::{ModelRunner, StepModel};
 pub use text::{TextDecoder, TextStep, TextStream, TokenizerText};
 
 use crate::model::ForwardBatch;
+use crate::sampler::device::RowRequest;
 use crate::sampler::{SampledToken, Sampler, SamplingError};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerError, SeqStatus};
 
@@ -465,6 +466,10 @@ impl<M: StepModel> Engine<M> {
                 item.wants_logits,
             );
         }
+        if self.model.samples_on_device() {
+            self.forward_and_sample_on_device(&batch, &decision.scheduled, &mut events);
+            return events;
+        }
         let rows = match self.model.forward(&batch) {
             Ok(rows) if rows.len() == batch.logits_rows() => rows,
             Ok(rows) => {
@@ -488,6 +493,102 @@ impl<M: StepModel> Engine<M> {
             self.on_logits(item.id, &mut logits, &mut events);
         }
         events
+    }
+
+    /// The forward pass with sampling on the device: each request whose token the device's
+    /// summary decides skips the copy of its logits row; the others (penalties, wide nuclei,
+    /// invalid logits) get their row and the host sampler, with the same random draw.
+    fn forward_and_sample_on_device(
+        &mut self,
+        batch: &ForwardBatch,
+        scheduled: &[crate::scheduler::ScheduledSeq],
+        events: &mut Vec<EngineEvent>,
+    ) {
+        let wanting: Vec<RequestId> = scheduled
+            .iter()
+            .filter(|s| s.wants_logits)
+            .map(|s| s.id)
+            .collect();
+        // Requests that need their full row still get a summary row (the cheapest kind).
+        let placeholder = RowRequest {
+            temperature: 0.0,
+            uniform: 0.0,
+            candidates: false,
+        };
+        let requests: Vec<Option<RowRequest>> = wanting
+            .iter()
+            .map(|id| {
+                let seq = self.seqs.get_mut(id)?;
+                let step = seq.generated().len() as u64;
+                seq.sampler.device_request(step, self.vocab_size)
+            })
+            .collect();
+        let summary_requests: Vec<RowRequest> =
+            requests.iter().map(|r| r.unwrap_or(placeholder)).collect();
+        let summaries = match self.model.forward_summarized(batch, &summary_requests) {
+            Ok(summaries) if summaries.len() == wanting.len() => summaries,
+            Ok(summaries) => {
+                let message = format!(
+                    "the model returned {} sampling summaries for {} sequences",
+                    summaries.len(),
+                    wanting.len()
+                );
+                self.fail_all(scheduled, &message, events);
+                return;
+            }
+            Err(e) => {
+                tracing::error!("forward pass failed: {e}");
+                let message = format!("forward pass failed: {e}");
+                self.fail_all(scheduled, &message, events);
+                return;
+            }
+        };
+        let sampled: Vec<Option<SampledToken>> = wanting
+            .iter()
+            .zip(&requests)
+            .zip(&summaries)
+            .map(|((id, request), summary)| {
+                let seq = self.seqs.get(id)?;
+                seq.sampler
+                    .sample_from_summary(request.as_ref()?, summary, self.vocab_size)
+            })
+            .collect();
+        let on_host: Vec<usize> = (0..wanting.len())
+            .filter(|&i| sampled[i].is_none())
+            .collect();
+        let host_rows = if on_host.is_empty() {
+            Vec::new()
+        } else {
+            let message = match self.model.last_logits_rows(&on_host) {
+                Ok(rows) if rows.len() == on_host.len() => Ok(rows),
+                Ok(rows) => Err(format!(
+                    "the model returned {} logits rows for {} sequences",
+                    rows.len(),
+                    on_host.len()
+                )),
+                Err(e) => Err(format!("copying logits rows for host sampling failed: {e}")),
+            };
+            match message {
+                Ok(rows) => rows,
+                Err(message) => {
+                    tracing::error!("{message}");
+                    self.fail_all(scheduled, &message, events);
+                    return;
+                }
+            }
+        };
+        let mut host_rows = host_rows.into_iter();
+        for (id, token) in wanting.into_iter().zip(sampled) {
+            match token {
+                Some(token) => self.accept_token(id, token, events),
+                None => {
+                    let mut row = host_rows
+                        .next()
+                        .expect("one host row per unsampled request");
+                    self.on_logits(id, &mut row, events);
+                }
+            }
+        }
     }
 
     fn fail_all(

@@ -7,6 +7,7 @@ use crate::backend::Backend;
 use crate::kv_cache::KvLayout;
 use crate::kv_cache::block_pool::BlockId;
 use crate::model::{ForwardBatch, Model, ModelError};
+use crate::sampler::device::{RowRequest, RowSummary};
 
 /// A model with its KV cache, as the engine drives it.
 pub trait StepModel: Send {
@@ -19,6 +20,29 @@ pub trait StepModel: Send {
     /// Runs `batch`, writing the new tokens' K/V into the cache; one logits row per sequence
     /// with `wants_logits`, in batch order.
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Whether [`StepModel::forward_summarized`] samples on the device.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+    /// Runs `batch` like [`StepModel::forward`] but returns a sampling summary per logits row
+    /// ([`crate::sampler::device`]) instead of the row; the rows stay available to
+    /// [`StepModel::last_logits_rows`] until the next forward.
+    fn forward_summarized(
+        &mut self,
+        _batch: &ForwardBatch,
+        _requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, ModelError> {
+        Err(ModelError::InvalidBatch(
+            "this model samples from host rows".into(),
+        ))
+    }
+    /// Rows `rows` (ascending indices among the logits rows) of the last
+    /// [`StepModel::forward_summarized`], for requests its summaries do not decide.
+    fn last_logits_rows(&mut self, _rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError> {
+        Err(ModelError::InvalidBatch(
+            "no logits kept from a summarized forward".into(),
+        ))
+    }
     /// The cache's block layout (the contract of a KV transfer).
     fn kv_layout(&self) -> KvLayout;
     /// Copies `blocks` out of the cache, back to back, into `dst` (`blocks.len()` times the
@@ -32,12 +56,18 @@ pub trait StepModel: Send {
 pub struct ModelRunner<B: Backend> {
     model: Model<B>,
     kv: B::KvCache,
+    /// The logits of the last summarized forward, for rows sampled on the host after all.
+    last_logits: Option<B::Tensor>,
 }
 
 impl<B: Backend> ModelRunner<B> {
     pub fn new(model: Model<B>, block_size: usize, num_blocks: usize) -> Result<Self, ModelError> {
         let kv = model.alloc_kv_cache(block_size, num_blocks)?;
-        Ok(Self { model, kv })
+        Ok(Self {
+            model,
+            kv,
+            last_logits: None,
+        })
     }
 
     pub fn model(&self) -> &Model<B> {
@@ -48,6 +78,7 @@ impl<B: Backend> ModelRunner<B> {
 impl<B: Backend> StepModel for ModelRunner<B>
 where
     B::KvCache: Send,
+    B::Tensor: Send,
 {
     fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
@@ -63,6 +94,33 @@ where
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
         self.model.forward(batch, &mut self.kv)
+    }
+
+    fn samples_on_device(&self) -> bool {
+        self.model.backend().summarizes_rows()
+    }
+
+    fn forward_summarized(
+        &mut self,
+        batch: &ForwardBatch,
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, ModelError> {
+        self.last_logits = None;
+        let Some(logits) = self.model.forward_logits(batch, &mut self.kv)? else {
+            return Ok(Vec::new());
+        };
+        let backend = self.model.backend();
+        let summaries = backend.run(|| backend.summarize_rows(&logits, requests))?;
+        self.last_logits = Some(logits);
+        Ok(summaries)
+    }
+
+    fn last_logits_rows(&mut self, rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let logits = self.last_logits.as_ref().ok_or_else(|| {
+            ModelError::InvalidBatch("no logits kept from a summarized forward".into())
+        })?;
+        let backend = self.model.backend();
+        Ok(backend.run(|| backend.rows_to_host(logits, rows))?)
     }
 
     fn kv_layout(&self) -> KvLayout {

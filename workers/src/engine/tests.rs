@@ -647,7 +647,10 @@ fn stop_strings_cut_the_text_and_held_text_is_flushed_at_the_end() {
 
 #[test]
 fn handle_streams_events_and_dropping_a_stream_cancels_it() {
-    let e = engine(8, 64);
+    // A cache large enough that the open-ended requests below cannot reach its end (and
+    // finish with `Length`) before the cancellation arrives, however slow the test thread.
+    const BLOCKS: usize = 1 << 14;
+    let e = engine(8, BLOCKS);
     let (handle, thread) = EngineHandle::spawn(e, "engine-test").unwrap();
     let stream = handle.submit(request(prompt(6, 1), 5, sampled(7))).unwrap();
     let events: Vec<_> = stream.collect();
@@ -692,7 +695,7 @@ fn handle_streams_events_and_dropping_a_stream_cancels_it() {
     ));
     // The dropped stream is cancelled at the next step; wait until the engine is idle.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while handle.active_requests() > 0 || handle.free_blocks() != 64 {
+    while handle.active_requests() > 0 || handle.free_blocks() != BLOCKS {
         assert!(
             std::time::Instant::now() < deadline,
             "dropped stream was not cancelled"
@@ -701,4 +704,125 @@ fn handle_streams_events_and_dropping_a_stream_cancels_it() {
     }
     drop(handle);
     thread.join().unwrap();
+}
+
+/// The fake model, sampling "on the device": summaries made on the host by the reference
+/// summariser, with the rows kept for the requests the summaries do not decide.
+struct SummarizingModel {
+    inner: FakeModel,
+    last_rows: Vec<Vec<f32>>,
+    rows_fetched: usize,
+}
+
+impl StepModel for SummarizingModel {
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn max_model_len(&self) -> usize {
+        self.inner.max_model_len()
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.inner.eos_token_ids()
+    }
+    fn forward(&mut self, _batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
+        panic!("a model that samples on the device is never asked for host rows")
+    }
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+    fn forward_summarized(
+        &mut self,
+        batch: &ForwardBatch,
+        requests: &[RowRequest],
+    ) -> Result<Vec<crate::sampler::device::RowSummary>, ModelError> {
+        self.last_rows = self.inner.forward(batch)?;
+        Ok(self
+            .last_rows
+            .iter()
+            .zip(requests)
+            .map(|(row, request)| crate::sampler::device::summarize_row(row, request))
+            .collect())
+    }
+    fn last_logits_rows(&mut self, rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.rows_fetched += rows.len();
+        Ok(rows.iter().map(|&r| self.last_rows[r].clone()).collect())
+    }
+    fn kv_layout(&self) -> crate::kv_cache::KvLayout {
+        self.inner.kv_layout()
+    }
+    fn read_kv_blocks(
+        &self,
+        blocks: &[crate::kv_cache::block_pool::BlockId],
+        dst: &mut [u8],
+    ) -> Result<(), ModelError> {
+        self.inner.read_kv_blocks(blocks, dst)
+    }
+    fn write_kv_blocks(
+        &mut self,
+        blocks: &[crate::kv_cache::block_pool::BlockId],
+        src: &[u8],
+    ) -> Result<(), ModelError> {
+        self.inner.write_kv_blocks(blocks, src)
+    }
+}
+
+/// Sampling from device summaries gives every request the tokens host sampling gives, in a
+/// batch mixing greedy, seeded, truncated and penalised requests (the last on host rows).
+#[test]
+fn sampling_on_the_device_matches_sampling_on_the_host() {
+    let params = [
+        SamplingParams::greedy(),
+        sampled(7),
+        SamplingParams {
+            temperature: 1.0,
+            seed: Some(3),
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 0.7,
+            top_k: Some(5),
+            seed: Some(9),
+            logprobs: Some(2),
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            repetition_penalty: 1.3,
+            seed: Some(11),
+            ..SamplingParams::default()
+        },
+    ];
+    let config = EngineConfig {
+        block_size: 4,
+        num_blocks: 64,
+        max_num_batched_tokens: 16,
+        max_num_seqs: 8,
+        max_model_len: None,
+    };
+    let mut host = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
+    let device_model = SummarizingModel {
+        inner: FakeModel::new(4, 64),
+        last_rows: Vec::new(),
+        rows_fetched: 0,
+    };
+    let mut device = Engine::new(device_model, config, None).unwrap();
+    let mut host_ids = Vec::new();
+    let mut device_ids = Vec::new();
+    for (k, p) in params.iter().enumerate() {
+        let req = || request(prompt(3 + 4 * k, k as u32), 12, p.clone());
+        host_ids.push(host.add_request(req()).unwrap());
+        device_ids.push(device.add_request(req()).unwrap());
+    }
+    let host_out = run(&mut host);
+    let mut device_out = Outcomes::new();
+    let mut steps = 0;
+    while device.has_work() {
+        absorb(&mut device_out, device.step());
+        steps += 1;
+        assert!(steps < 10_000, "engine made no progress");
+    }
+    for (h, d) in host_ids.iter().zip(&device_ids) {
+        assert_eq!(host_out[h], device_out[d]);
+    }
+    // Only the penalised request sampled from host rows: one row per token.
+    assert_eq!(device.model.rows_fetched, 12);
 }

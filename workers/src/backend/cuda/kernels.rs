@@ -26,6 +26,7 @@ const SOURCES: &[(&str, &str)] = &[
     ),
     ("gemv.cu", include_str!("../../../kernels/gemv.cu")),
     ("flash.cu", include_str!("../../../kernels/flash.cu")),
+    ("sample.cu", include_str!("../../../kernels/sample.cu")),
 ];
 
 /// Head dimensions `attention.cu` instantiates `paged_attention_d*` for.
@@ -75,6 +76,8 @@ pub struct Kernels {
     pub add_bias: CudaFunction,
     pub gather_rows: CudaFunction,
     pub argmax_rows: CudaFunction,
+    /// Per-row sampling summaries (`sample.cu`).
+    pub sample_rows: CudaFunction,
     pub rope_cache_write: CudaFunction,
     /// Paged attention by head dimension.
     pub paged_attention: Vec<(usize, CudaFunction)>,
@@ -125,6 +128,7 @@ impl Kernels {
             add_bias: f("add_bias")?,
             gather_rows: f("gather_rows")?,
             argmax_rows: f("argmax_rows")?,
+            sample_rows: f("sample_rows")?,
             rope_cache_write: f("rope_cache_write")?,
             paged_attention: ATTENTION_HEAD_DIMS
                 .iter()

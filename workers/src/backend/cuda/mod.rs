@@ -33,6 +33,7 @@ mod batch;
 mod gemm;
 mod graph;
 pub mod kernels;
+mod sample;
 mod tensor;
 
 use std::sync::Arc;
@@ -47,6 +48,7 @@ use crate::kv_cache::{KvDType, KvLayout};
 pub use batch::CudaBatch;
 pub use tensor::{CudaKvCache, CudaTensor, CudaWeight};
 
+use crate::sampler::device::{RowRequest, RowSummary};
 use gemm::Blas;
 use kernels::Kernels;
 use tensor::DeviceData;
@@ -185,6 +187,18 @@ impl CudaBackend {
         b.arg(x).arg(&mut out).arg(&cols);
         self.launch(b, rows_config(logits.rows, 1024), "argmax_rows")?;
         dev!("argmax_rows", self.stream.clone_dtoh(&out))
+    }
+
+    /// Uploads rows of equal length as an f32 tensor (tests and benchmarks of the kernels
+    /// that read logits).
+    pub fn upload_rows(&self, rows: &[Vec<f32>]) -> Result<CudaTensor, BackendError> {
+        let cols = rows.first().map_or(0, Vec::len);
+        if rows.iter().any(|r| r.len() != cols) {
+            return Err(shape_err("upload_rows", "rows of different lengths".into()));
+        }
+        let flat: Vec<f32> = rows.concat();
+        let data = dev!("upload_rows", self.stream.clone_htod(&flat))?;
+        Ok(CudaTensor::from_f32(rows.len(), cols, data))
     }
 
     /// Copies KV block `src` over block `dst` on the device (prefix reuse, benchmarks).
@@ -766,6 +780,34 @@ impl Backend for CudaBackend {
         b.arg(xs).arg(batch.logits_rows()).arg(&mut out).arg(&cols);
         self.launch(b, rows_config(n, 256), "gather_rows")?;
         Ok(CudaTensor::from_f32(n, x.cols, out))
+    }
+
+    fn rows_to_host(&self, x: &CudaTensor, rows: &[usize]) -> Result<Vec<Vec<f32>>, BackendError> {
+        let data = x.as_f32("rows_to_host")?;
+        rows.iter()
+            .map(|&r| {
+                if r >= x.rows {
+                    return Err(shape_err("rows_to_host", format!("row {r} of {}", x.rows)));
+                }
+                dev!(
+                    "rows_to_host",
+                    self.stream
+                        .clone_dtoh(&data.slice(r * x.cols..(r + 1) * x.cols))
+                )
+            })
+            .collect()
+    }
+
+    fn summarizes_rows(&self) -> bool {
+        true
+    }
+
+    fn summarize_rows(
+        &self,
+        logits: &CudaTensor,
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, BackendError> {
+        sample::summarize_rows(self, logits, requests)
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<Vec<f32>>, BackendError> {
