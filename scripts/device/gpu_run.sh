@@ -5,10 +5,13 @@
 #   scripts/device/gpu_run.sh check           # correctness: random tiny + smollm2-135m shapes
 #   scripts/device/gpu_run.sh smollm2 GGUF    # real SmolLM2 weights: check + greedy cpu vs cuda
 #   scripts/device/gpu_run.sh bench PRESET    # gpu_bench bench + the torch run, one preset
+#   scripts/device/gpu_run.sh tests           # the GPU tests (workers/tests/cuda_backend.rs),
+#                                             # built with `cargo test --release --no-run` and
+#                                             # carried as .kit/bin/cuda_backend_test
 #
 # Output goes to stdout and, when $OUT is set, to $OUT/<stage>.log and JSON files.
 set -euo pipefail
-stage=${1:?usage: gpu_run.sh check|smollm2 GGUF|bench PRESET}
+stage=${1:?usage: gpu_run.sh check|smollm2 GGUF|bench PRESET|tests}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 models=${TANDEM_DEVICE_MODELS:-/tmp/tandem-models}
 out=${OUT:-/tmp/tandem-out}
@@ -54,7 +57,22 @@ case "$stage" in
       else
         echo "  GREEDY TOKENS DIFFER"
       fi
+      # Seeded sampling: the same uniforms on both; CUDA picks from the device's summaries.
+      sampling=(--temperature 0.8 --top-p 0.9 --seed 7)
+      worker generate --model "$dir" --chat --prompt "$prompt" --max-tokens 32 --json --device cpu "${sampling[@]}" >"$out/cpu-sampled.json"
+      worker generate --model "$dir" --chat --prompt "$prompt" --max-tokens 32 --json --device cuda:0 "${sampling[@]}" >"$out/cuda-sampled.json"
+      echo "  sampled cpu:  $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["text"])' "$out/cpu-sampled.json")"
+      echo "  sampled cuda: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["text"])' "$out/cuda-sampled.json")"
+      TANDEM_DEVICE_SAMPLING=0 worker generate --model "$dir" --chat --prompt "$prompt" --max-tokens 32 --json --device cuda:0 "${sampling[@]}" >"$out/cuda-host-sampled.json"
+      same_prefix() { python3 -c 'import json,sys; a=json.load(open(sys.argv[1]))["output_ids"]; b=json.load(open(sys.argv[2]))["output_ids"]; n=next((i for i,(x,y) in enumerate(zip(a,b)) if x!=y), min(len(a),len(b))); print(f"{n} of {len(a)}")' "$1" "$2"; }
+      echo "  sampled tokens equal, cpu vs cuda: $(same_prefix "$out/cpu-sampled.json" "$out/cuda-sampled.json")"
+      echo "  sampled tokens equal, cuda device sampling vs cuda host sampling: $(same_prefix "$out/cuda-host-sampled.json" "$out/cuda-sampled.json")"
     done
+    ;;
+  tests)
+    random_model tiny >/dev/null
+    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
+      cuda_backend_test --test-threads 1 2>&1 | tee "$out/tests.log"
     ;;
   bench)
     preset=${2:?preset}

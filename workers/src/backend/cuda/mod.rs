@@ -70,6 +70,9 @@ pub struct CudaBackend {
     /// Projections of at most this many rows use the GEMV kernel instead of cuBLAS.
     gemv_max_rows: std::sync::atomic::AtomicUsize,
     graphs: graph::DecodeGraphs,
+    /// Whether the engine samples from device summaries (`TANDEM_DEVICE_SAMPLING=0` turns it
+    /// off, copying every logits row to the host: to compare the two paths on one device).
+    device_sampling: bool,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -142,6 +145,7 @@ impl CudaBackend {
             multiprocessors,
             gemv_max_rows: std::sync::atomic::AtomicUsize::new(DEFAULT_GEMV_MAX_ROWS),
             graphs,
+            device_sampling: std::env::var("TANDEM_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
         })
     }
 
@@ -799,7 +803,7 @@ impl Backend for CudaBackend {
     }
 
     fn summarizes_rows(&self) -> bool {
-        true
+        self.device_sampling
     }
 
     fn summarize_rows(
