@@ -47,3 +47,29 @@ __device__ __forceinline__ float block_sum(float v) {
     float total = lane < warps ? partial[lane] : 0.0f;
     return warp_sum(total);
 }
+
+// Largest value and the lowest index holding it, over a warp (indices of -inf-only lanes are
+// INT_MAX so any real index wins the tie).
+__device__ __forceinline__ void warp_argmax(float& v, int& idx) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
+    }
+}
+
+// The same over the whole block (blockDim.x a multiple of 32); every thread gets the result.
+__device__ __forceinline__ void block_argmax(float& v, int& idx) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    warp_argmax(v, idx);
+    __syncthreads();
+    if (lane == 0) { best_v[warp] = v; best_i[warp] = idx; }
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    v = lane < warps ? best_v[lane] : NEG_INF;
+    idx = lane < warps ? best_i[lane] : 0x7fffffff;
+    warp_argmax(v, idx);
+}

@@ -71,33 +71,12 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* _
 // one block per row.
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __restrict__ out,
                                        int cols) {
-    __shared__ float best_v[32];
-    __shared__ int best_i[32];
     const float* row = logits + (long long)blockIdx.x * cols;
     float v = NEG_INF;
     int idx = 0x7fffffff;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         if (row[c] > v) { v = row[c]; idx = c; }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) { best_v[warp] = v; best_i[warp] = idx; }
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = blockDim.x >> 5;
-        v = lane < warps ? best_v[lane] : NEG_INF;
-        idx = lane < warps ? best_i[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-            if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
-        }
-        if (lane == 0) out[blockIdx.x] = (u32)idx;
-    }
+    block_argmax(v, idx);
+    if (threadIdx.x == 0) out[blockIdx.x] = (u32)idx;
 }

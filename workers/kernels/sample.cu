@@ -64,8 +64,6 @@ sample_rows(const float* __restrict__ logits, int cols, const float* __restrict_
             const double* __restrict__ uniform, const u32* __restrict__ want_candidates,
             float* __restrict__ out_f32, u32* __restrict__ out_u32, double* __restrict__ out_f64,
             float* __restrict__ cand_logit, u32* __restrict__ cand_id) {
-    __shared__ float best_v[32];
-    __shared__ int best_i[32];
     __shared__ u32 bad_count;
     __shared__ float row_max;
     __shared__ int row_argmax;
@@ -73,7 +71,6 @@ sample_rows(const float* __restrict__ logits, int cols, const float* __restrict_
     __shared__ u32 last_positive;
     const long long r = blockIdx.x;
     const float* row = logits + r * cols;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (threadIdx.x == 0) {
         bad_count = 0;
         drawn = 0xffffffffu;
@@ -95,28 +92,10 @@ sample_rows(const float* __restrict__ logits, int cols, const float* __restrict_
         }
     }
     if (bad) atomicAdd(&bad_count, bad);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
-    }
-    if (lane == 0) { best_v[warp] = v; best_i[warp] = idx; }
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = blockDim.x >> 5;
-        v = lane < warps ? best_v[lane] : NEG_INF;
-        idx = lane < warps ? best_i[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-            if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
-        }
-        if (lane == 0) {
-            row_max = v;
-            row_argmax = idx == 0x7fffffff ? 0 : idx;
-        }
+    block_argmax(v, idx);
+    if (threadIdx.x == 0) {
+        row_max = v;
+        row_argmax = idx == 0x7fffffff ? 0 : idx;
     }
     __syncthreads();
     const float max = row_max;
