@@ -220,10 +220,7 @@ fn sample_truncated(params: &SamplingParams, logits: &[f32], max_logit: f32, u: 
     // 0 / T is 0 (the top token keeps weight 1) and negative / T is -inf (weight 0).
     let weight = |logit: f32| fast_exp::exp((logit - max_logit) / temperature);
     let vocab_size = logits.len();
-    let top_k = params
-        .top_k
-        .map_or(vocab_size, |k| k as usize)
-        .min(vocab_size);
+    let top_k = params.top_k_of(vocab_size);
     if top_k == vocab_size && params.top_p >= 1.0 && params.min_p <= 0.0 {
         let mut weights = vec![0f32; vocab_size];
         fast_exp::exp_into(logits, &mut weights, max_logit, temperature);

@@ -12,7 +12,7 @@
 
 use super::{
     Candidate, NUCLEUS_HEAD, SampledToken, Sampler, draw, fast_exp, logprobs, nucleus_threshold,
-    rank_candidates, sum_weights,
+    rank_candidates, smallest_prefix_reaching, sum_weights,
 };
 
 /// How many best-ranked logits a device summary carries (`SAMPLE_CANDIDATES` in sample.cu).
@@ -63,10 +63,7 @@ impl Sampler {
             return None;
         }
         let greedy = params.is_greedy();
-        let top_k = params
-            .top_k
-            .map_or(vocab_size, |k| k as usize)
-            .min(vocab_size);
+        let top_k = params.top_k_of(vocab_size);
         let untruncated = top_k == vocab_size && params.top_p >= 1.0 && params.min_p <= 0.0;
         if !greedy && !untruncated {
             let fits = if top_k < vocab_size {
@@ -146,23 +143,13 @@ fn truncated_draw(
     let temperature = params.temperature;
     let max_logit = summary.max_logit;
     let weight = |logit: f32| fast_exp::exp((logit - max_logit) / temperature);
-    let top_k = params
-        .top_k
-        .map_or(vocab_size, |k| k as usize)
-        .min(vocab_size);
+    let top_k = params.top_k_of(vocab_size);
     let mut kept: Vec<Candidate> = if top_k < vocab_size {
         // Fewer candidates than k only when fewer logits are finite: then all of them.
         let mut kept = candidates[..top_k.min(candidates.len())].to_vec();
         if params.top_p < 1.0 {
             let threshold = nucleus_threshold(params.top_p, sum_weights(&kept, weight));
-            let mut mass = 0.0;
-            let len = kept
-                .iter()
-                .position(|c| {
-                    mass += f64::from(weight(c.0));
-                    mass >= threshold
-                })
-                .map_or(kept.len(), |i| i + 1);
+            let len = smallest_prefix_reaching(&mut kept, true, threshold, weight);
             kept.truncate(len);
         }
         kept

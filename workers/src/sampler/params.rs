@@ -70,6 +70,13 @@ impl SamplingParams {
         self.temperature == 0.0
     }
 
+    /// The number of tokens top-k keeps from a vocabulary of `vocab_size` (all when unset).
+    pub fn top_k_of(&self, vocab_size: usize) -> usize {
+        self.top_k
+            .map_or(vocab_size, |k| k as usize)
+            .min(vocab_size)
+    }
+
     /// Whether any of the three penalties changes the logits.
     pub fn has_penalties(&self) -> bool {
         self.repetition_penalty != 1.0

@@ -30,13 +30,9 @@ pub(super) fn summarize_rows(
     let temperature: Vec<f32> = requests.iter().map(|r| r.temperature).collect();
     let uniform: Vec<f64> = requests.iter().map(|r| r.uniform).collect();
     let want: Vec<u32> = requests.iter().map(|r| u32::from(r.candidates)).collect();
-    let upload = |e: cudarc::driver::DriverError| BackendError::Device {
-        op: "summarize_rows upload",
-        detail: e.to_string(),
-    };
-    let temperature = stream.clone_htod(&temperature).map_err(upload)?;
-    let uniform = stream.clone_htod(&uniform).map_err(upload)?;
-    let want = stream.clone_htod(&want).map_err(upload)?;
+    let temperature = dev!("summarize_rows upload", stream.clone_htod(&temperature))?;
+    let uniform = dev!("summarize_rows upload", stream.clone_htod(&uniform))?;
+    let want = dev!("summarize_rows upload", stream.clone_htod(&want))?;
     let mut out_f32 = backend.alloc_f32(rows * 2)?;
     let mut out_u32 = backend.alloc_u32(rows * 4)?;
     // SAFETY: the kernel writes both values of every row before they are read.
