@@ -38,10 +38,15 @@ pub async fn start(program: &Path) -> anyhow::Result<(Child, String)> {
                 ));
                 break;
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
+            // Ready once it greets clients: a starting nats-server can accept and reset
+            // connections.
+            let addr = ([127, 0, 0, 1], port).into();
+            let greeted = tokio::task::spawn_blocking(move || {
+                tandem_protocol::nats_ready::greets(addr, Duration::from_secs(2))
+            })
+            .await
+            .unwrap_or(false);
+            if greeted {
                 let url = format!("nats://127.0.0.1:{port}");
                 tracing::info!("started nats-server (pid {}) at {url}", child.pid());
                 return Ok((child, url));

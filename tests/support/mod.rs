@@ -188,9 +188,13 @@ impl Drop for Proc {
     }
 }
 
-/// Starts a server on a free port and waits until it listens, retrying on another port if
-/// the port was taken between the probe and the server's bind.
-fn spawn_listening(name: &str, mut command: impl FnMut(u16) -> Command) -> (Proc, u16) {
+/// Starts a server on a free port and waits until `ready(port)` says it serves, retrying on
+/// another port if the port was taken between the probe and the server's bind.
+fn spawn_listening(
+    name: &str,
+    mut command: impl FnMut(u16) -> Command,
+    ready: impl Fn(u16) -> bool,
+) -> (Proc, u16) {
     let mut failures = Vec::new();
     for _ in 0..3 {
         let port = free_port();
@@ -201,7 +205,7 @@ fn spawn_listening(name: &str, mut command: impl FnMut(u16) -> Command) -> (Proc
                 failures.push(format!("exited before listening on {port}: {status}"));
                 break;
             }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() && proc.try_wait().is_none() {
+            if ready(port) && proc.try_wait().is_none() {
                 return (proc, port);
             }
             assert!(
@@ -227,6 +231,16 @@ pub fn nats_server_path() -> PathBuf {
     panic!("nats-server is missing: sudo apt-get install -y nats-server (or scripts/install-deps)")
 }
 
+/// A socket that accepts is all an HTTP server needs to be ready.
+fn accepts(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// nats-server can accept and reset connections while it starts: ready once it greets.
+fn nats_greets(port: u16) -> bool {
+    tandem_protocol::nats_ready::greets(([127, 0, 0, 1], port).into(), Duration::from_secs(2))
+}
+
 pub struct Nats {
     pub url: String,
     _proc: Proc,
@@ -234,11 +248,15 @@ pub struct Nats {
 
 impl Nats {
     pub fn start() -> Self {
-        let (proc, port) = spawn_listening("nats", |port| {
-            let mut command = Command::new(nats_server_path());
-            command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
-            command
-        });
+        let (proc, port) = spawn_listening(
+            "nats",
+            |port| {
+                let mut command = Command::new(nats_server_path());
+                command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+                command
+            },
+            nats_greets,
+        );
         Nats {
             url: format!("nats://127.0.0.1:{port}"),
             _proc: proc,
@@ -297,25 +315,29 @@ impl ApiServer {
     }
 
     pub fn start_with(nats: &Nats, model: &Path, extra: &[&str]) -> Self {
-        let (proc, port) = spawn_listening("api-server", |port| {
-            let mut command = Command::new(bin("api-server"));
-            command
-                .arg("--model")
-                .arg(model)
-                .args([
-                    "--served-model-name",
-                    SERVED_NAME,
-                    "--port",
-                    &port.to_string(),
-                    "--nats",
-                    &nats.url,
-                    "--worker-timeout-ms",
-                    "1500",
-                ])
-                .args(extra)
-                .env("RUST_LOG", "warn");
-            command
-        });
+        let (proc, port) = spawn_listening(
+            "api-server",
+            |port| {
+                let mut command = Command::new(bin("api-server"));
+                command
+                    .arg("--model")
+                    .arg(model)
+                    .args([
+                        "--served-model-name",
+                        SERVED_NAME,
+                        "--port",
+                        &port.to_string(),
+                        "--nats",
+                        &nats.url,
+                        "--worker-timeout-ms",
+                        "1500",
+                    ])
+                    .args(extra)
+                    .env("RUST_LOG", "warn");
+                command
+            },
+            accepts,
+        );
         ApiServer {
             base: format!("http://127.0.0.1:{port}"),
             proc,

@@ -172,7 +172,8 @@ __device__ __forceinline__ void attend(
         const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,            \
         bf16* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,  \
         int num_heads, int num_kv_heads, int block_size, long long block_elems,                   \
-        long long layer_offset, float scale) {                                                    \
+        long long layer_offset, float scale, const char* prefetch, long long prefetch_bytes) {    \
+        prefetch_l2(prefetch, prefetch_bytes);                                                    \
         attend<D>(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,           \
                   partial_acc, partial_ml, num_heads, num_kv_heads, block_size, block_elems,      \
                   layer_offset, scale);                                                           \

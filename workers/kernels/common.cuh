@@ -73,3 +73,16 @@ __device__ __forceinline__ void block_argmax(float& v, int& idx) {
     idx = lane < warps ? best_i[lane] : 0x7fffffff;
     warp_argmax(v, idx);
 }
+
+// Asks L2 to load [ptr, ptr + bytes): the weights of the projection that comes next, so that the
+// memory bandwidth a short latency-bound kernel (norm, attention, SiLU) leaves idle is spent
+// reading ahead. The 128-byte lines are spread over every thread of the grid; nothing waits for
+// them and nothing depends on them (a hint: the projection reads the same bytes either way).
+__device__ __forceinline__ void prefetch_l2(const char* ptr, long long bytes) {
+    if (bytes <= 0) return;
+    const long long block =
+        ((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    const long long threads = (long long)gridDim.x * gridDim.y * gridDim.z * blockDim.x;
+    for (long long off = (block * blockDim.x + threadIdx.x) * 128; off < bytes; off += threads * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr + off));
+}

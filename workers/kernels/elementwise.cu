@@ -9,10 +9,17 @@ extern "C" __global__ void embedding(const bf16* __restrict__ table, const u32* 
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[t * hidden + c] = bf16_to_f32(row[c]);
 }
 
+// The norms and silu_mul take a prefetch range (`prefetch_l2`): the weights of the projection
+// that reads their output. The row kernels may get more blocks than rows for it; those only
+// prefetch.
+
 // out = x / sqrt(mean(x^2) + eps) * weight, per row (one block per row).
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
-                                    bf16* __restrict__ out, int cols, float eps) {
+                                    bf16* __restrict__ out, int rows, int cols, float eps,
+                                    const char* prefetch, long long prefetch_bytes) {
+    prefetch_l2(prefetch, prefetch_bytes);
     const long long r = blockIdx.x;
+    if (r >= rows) return;
     const float* row = x + r * cols;
     float ss = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += row[c] * row[c];
@@ -24,8 +31,11 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 // residual += x, then out = rms_norm(residual) (one block per row).
 extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const float* __restrict__ x,
                                         const float* __restrict__ weight, bf16* __restrict__ out,
-                                        int cols, float eps) {
+                                        int rows, int cols, float eps, const char* prefetch,
+                                        long long prefetch_bytes) {
+    prefetch_l2(prefetch, prefetch_bytes);
     const long long r = blockIdx.x;
+    if (r >= rows) return;
     float* row = residual + r * cols;
     const float* add = x + r * cols;
     float ss = 0.0f;
@@ -41,7 +51,9 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const floa
 
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, f + i]
 extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, bf16* __restrict__ out,
-                                    int f, long long total) {
+                                    int f, long long total, const char* prefetch,
+                                    long long prefetch_bytes) {
+    prefetch_l2(prefetch, prefetch_bytes);
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         const long long r = i / f, c = i % f;

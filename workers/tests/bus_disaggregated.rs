@@ -101,7 +101,11 @@ fn start_nats() -> (Proc, String) {
     command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
     let proc = Proc::spawn("nats", command);
     let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    // Ready once it greets: a starting nats-server can accept and reset connections.
+    while !tandem_protocol::nats_ready::greets(
+        ([127, 0, 0, 1], port).into(),
+        Duration::from_secs(2),
+    ) {
         assert!(start.elapsed() < Duration::from_secs(10), "nats-server");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -37,11 +37,15 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// Spawns a server on a free port and waits until it listens. A port can still be taken
-/// between the probe and the server's bind (by another process, or as the ephemeral port
-/// of an outgoing connection), so a server that exits before listening is started again on
-/// another port, up to three times.
-fn spawn_listening(what: &str, mut command: impl FnMut(u16) -> Command) -> (Child, u16) {
+/// Spawns a server on a free port and waits until `ready(port)` says it serves. A port can
+/// still be taken between the probe and the server's bind (by another process, or as the
+/// ephemeral port of an outgoing connection), so a server that exits before listening is
+/// started again on another port, up to three times.
+fn spawn_listening(
+    what: &str,
+    mut command: impl FnMut(u16) -> Command,
+    ready: impl Fn(u16) -> bool,
+) -> (Child, u16) {
     let mut failures = Vec::new();
     for _ in 0..3 {
         let port = free_port();
@@ -54,7 +58,7 @@ fn spawn_listening(what: &str, mut command: impl FnMut(u16) -> Command) -> (Chil
                 failures.push(format!("exited before listening on {port}: {status}"));
                 break;
             }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if ready(port) {
                 // The listener is the child's only if the child is still alive.
                 if let Ok(None) = child.try_wait() {
                     return (child, port);
@@ -84,6 +88,16 @@ impl Drop for Process {
     }
 }
 
+/// A socket that accepts is all an HTTP server needs to be ready.
+fn accepts(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// nats-server can accept and reset connections while it starts: ready once it greets.
+fn nats_greets(port: u16) -> bool {
+    tandem_protocol::nats_ready::greets(([127, 0, 0, 1], port).into(), Duration::from_secs(2))
+}
+
 pub struct NatsServer {
     pub url: String,
     _process: Process,
@@ -95,14 +109,18 @@ impl NatsServer {
             std::path::Path::new(NATS_SERVER).exists(),
             "{NATS_SERVER} is missing: sudo apt-get install nats-server"
         );
-        let (child, port) = spawn_listening("nats-server", |port| {
-            let mut command = Command::new(NATS_SERVER);
-            command
-                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            command
-        });
+        let (child, port) = spawn_listening(
+            "nats-server",
+            |port| {
+                let mut command = Command::new(NATS_SERVER);
+                command
+                    .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                command
+            },
+            nats_greets,
+        );
         NatsServer {
             url: format!("nats://127.0.0.1:{port}"),
             _process: Process(child),
@@ -139,43 +157,47 @@ impl ApiServer {
     /// until it serves HTTP.
     pub fn start(nats: &NatsServer, extra: &[&str]) -> Self {
         let model = test_model_dir();
-        let (child, port) = spawn_listening("api-server", |port| {
-            let mut flags: Vec<(String, String)> = [
-                ("--model", model.to_str().expect("test paths are UTF-8")),
-                ("--served-model-name", SERVED_NAME),
-                ("--port", &port.to_string()),
-                ("--nats", &nats.url),
-                ("--accept-timeout-ms", "500"),
-                ("--first-token-timeout-ms", "1500"),
-                ("--stall-timeout-ms", "700"),
-                ("--worker-timeout-ms", "1000"),
-                ("--http-workers", "2"),
-            ]
-            .iter()
-            .map(|(flag, value)| (flag.to_string(), value.to_string()))
-            .collect();
-            let mut rest = Vec::new();
-            let mut extra = extra.iter();
-            while let Some(arg) = extra.next() {
-                match flags.iter_mut().find(|(flag, _)| flag == arg) {
-                    Some((_, value)) => {
-                        *value = extra
-                            .next()
-                            .unwrap_or_else(|| panic!("{arg} needs a value"))
-                            .to_string();
+        let (child, port) = spawn_listening(
+            "api-server",
+            |port| {
+                let mut flags: Vec<(String, String)> = [
+                    ("--model", model.to_str().expect("test paths are UTF-8")),
+                    ("--served-model-name", SERVED_NAME),
+                    ("--port", &port.to_string()),
+                    ("--nats", &nats.url),
+                    ("--accept-timeout-ms", "500"),
+                    ("--first-token-timeout-ms", "1500"),
+                    ("--stall-timeout-ms", "700"),
+                    ("--worker-timeout-ms", "1000"),
+                    ("--http-workers", "2"),
+                ]
+                .iter()
+                .map(|(flag, value)| (flag.to_string(), value.to_string()))
+                .collect();
+                let mut rest = Vec::new();
+                let mut extra = extra.iter();
+                while let Some(arg) = extra.next() {
+                    match flags.iter_mut().find(|(flag, _)| flag == arg) {
+                        Some((_, value)) => {
+                            *value = extra
+                                .next()
+                                .unwrap_or_else(|| panic!("{arg} needs a value"))
+                                .to_string();
+                        }
+                        None => rest.push(arg.to_string()),
                     }
-                    None => rest.push(arg.to_string()),
                 }
-            }
-            let mut command = Command::new(env!("CARGO_BIN_EXE_api-server"));
-            command
-                .args(flags.into_iter().flat_map(|(flag, value)| [flag, value]))
-                .args(rest)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit());
-            command
-        });
+                let mut command = Command::new(env!("CARGO_BIN_EXE_api-server"));
+                command
+                    .args(flags.into_iter().flat_map(|(flag, value)| [flag, value]))
+                    .args(rest)
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit());
+                command
+            },
+            accepts,
+        );
         ApiServer {
             port,
             _process: Process(child),

@@ -203,6 +203,13 @@ pub trait Backend: Send + Sync {
         eps: f32,
     ) -> Result<Self::Tensor, BackendError>;
 
+    /// A hint that the next [`Self::linear`] reads `weight`: a backend whose ops in between
+    /// (norms, attention, SiLU) leave memory bandwidth idle may start loading it. The default
+    /// ignores it.
+    fn prefetch_weight(&self, weight: &Self::Weight) {
+        let _ = weight;
+    }
+
     /// `x @ weight^T + bias`: `[rows, in] x [out, in] -> [rows, out]`.
     fn linear(
         &self,

@@ -259,17 +259,23 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let mut residual = b.embedding(&self.embed, meta)?;
         let mut mlp_out: Option<B::Tensor> = None;
+        // Each projection's weight is announced before the ops that compute its input
+        // (`prefetch_weight`), so a backend can read it while those run.
         for (i, layer) in self.layers.iter().enumerate() {
+            b.prefetch_weight(&layer.qkv);
             let h = match &mlp_out {
                 None => b.rms_norm(&residual, &layer.input_norm, self.eps)?,
                 Some(m) => b.add_rms_norm(&mut residual, m, &layer.input_norm, self.eps)?,
             };
             let mut qkv = b.linear(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
             b.rope_and_cache_write(&mut qkv, meta, &self.shape, kv, i)?;
+            b.prefetch_weight(&layer.o_proj);
             let attn = b.paged_attention(&qkv, meta, &self.shape, kv, i)?;
             let o = b.linear(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
+            b.prefetch_weight(&layer.gate_up);
             let h = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, self.eps)?;
             let gate_up = b.linear(&h, &layer.gate_up, None)?;
+            b.prefetch_weight(&layer.down);
             let act = b.silu_mul(&gate_up)?;
             mlp_out = Some(b.linear(&act, &layer.down, None)?);
         }
@@ -277,15 +283,18 @@ impl<B: Backend> Model<B> {
             return Ok(None);
         }
         // Only the rows that want logits: the last residual add, final norm and lm_head.
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut last = b.gather_logits_rows(&residual, meta)?;
-        let h = match &mlp_out {
-            Some(m) => {
-                let m = b.gather_logits_rows(m, meta)?;
-                b.add_rms_norm(&mut last, &m, &self.final_norm, self.eps)?
-            }
+        let m = mlp_out
+            .as_ref()
+            .map(|m| b.gather_logits_rows(m, meta))
+            .transpose()?;
+        b.prefetch_weight(lm_head);
+        let h = match &m {
+            Some(m) => b.add_rms_norm(&mut last, m, &self.final_norm, self.eps)?,
             None => b.rms_norm(&last, &self.final_norm, self.eps)?,
         };
-        let logits = b.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
+        let logits = b.linear(&h, lm_head, None)?;
         Ok(Some(logits))
     }
 

@@ -33,6 +33,7 @@ mod batch;
 mod gemm;
 mod graph;
 pub mod kernels;
+mod prefetch;
 mod sample;
 mod tensor;
 
@@ -51,6 +52,7 @@ pub use tensor::{CudaKvCache, CudaTensor, CudaWeight};
 use crate::sampler::device::{RowRequest, RowSummary};
 use gemm::Blas;
 use kernels::Kernels;
+use prefetch::{Prefetch, PrefetchArgs};
 use tensor::DeviceData;
 
 /// Which device.
@@ -70,6 +72,11 @@ pub struct CudaBackend {
     /// Projections of at most this many rows use the GEMV kernel instead of cuBLAS.
     gemv_max_rows: std::sync::atomic::AtomicUsize,
     graphs: graph::DecodeGraphs,
+    /// Fewest keys per split of a decode attention split over the context, when set by
+    /// `TANDEM_ATTN_SPLIT_KEYS` (for tuning); see [`Self::attn_split_keys`].
+    attn_split_keys: Option<usize>,
+    /// The next projection's weight, read into L2 by the ops before it ([`prefetch`]).
+    prefetch: Prefetch,
     /// Whether the engine samples from device summaries (`TANDEM_DEVICE_SAMPLING=0` turns it
     /// off, copying every logits row to the host: to compare the two paths on one device).
     device_sampling: bool,
@@ -77,6 +84,10 @@ pub struct CudaBackend {
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
 const DEFAULT_GEMV_MAX_ROWS: usize = 4;
+
+/// K/V bytes of one KV head a decode attention split reads at least: see
+/// `CudaBackend::attn_split_keys`.
+const ATTN_SPLIT_BYTES: usize = 16 << 10;
 
 /// Whether the CUDA driver library can be loaded (a GPU machine), without touching a device.
 pub fn driver_present() -> bool {
@@ -135,7 +146,20 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
             )
         )? as usize;
-        tracing::info!(device = %name, ordinal = options.ordinal, kernels = %kernels.origin, "CUDA backend ready");
+        let l2_bytes = dev!(
+            "cuda init",
+            ctx.attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE
+            )
+        )? as usize;
+        let prefetch = Prefetch::new(l2_bytes);
+        tracing::info!(
+            device = %name,
+            ordinal = options.ordinal,
+            kernels = %kernels.origin,
+            l2_prefetch_mib = prefetch.max_bytes() >> 20,
+            "CUDA backend ready"
+        );
         Ok(CudaBackend {
             ctx,
             stream,
@@ -145,6 +169,11 @@ impl CudaBackend {
             multiprocessors,
             gemv_max_rows: std::sync::atomic::AtomicUsize::new(DEFAULT_GEMV_MAX_ROWS),
             graphs,
+            attn_split_keys: std::env::var("TANDEM_ATTN_SPLIT_KEYS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&k| k > 0),
+            prefetch,
             device_sampling: std::env::var("TANDEM_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
         })
     }
@@ -237,6 +266,36 @@ impl CudaBackend {
     fn alloc_u32(&self, n: usize) -> Result<CudaSlice<u32>, BackendError> {
         // SAFETY: as in `alloc_f32`.
         dev!("alloc", unsafe { self.stream.alloc::<u32>(n.max(1)) })
+    }
+
+    /// Fewest keys per split when a decode attention is split over the context to fill the
+    /// device: each warp walks its share one key after another, so shorter splits mean shorter
+    /// dependent chains, but more partial results to merge. 16 KiB of K/V per split (32 keys of
+    /// head_dim 128, 64 of head_dim 64) was the best measured on an H100 at batch 1, context
+    /// 1024: Llama-3.1-8B 6.45 ms with 128 keys, 6.30 with 64, 6.14-6.21 with 32, no better
+    /// with 16; SmolLM2-135M 1.27 ms with 128 keys, 1.20-1.23 with 64, 1.34 with 32.
+    fn attn_split_keys(&self, head_dim: usize) -> usize {
+        self.attn_split_keys
+            .unwrap_or((ATTN_SPLIT_BYTES / (4 * head_dim)).max(16))
+    }
+
+    /// The pending weight prefetch for an op whose output has `rows` rows: taken only when
+    /// those rows go to the GEMV kernel (a decode step), which is bandwidth-bound.
+    fn take_prefetch(&self, rows: usize) -> PrefetchArgs {
+        let gemv_rows = self
+            .gemv_max_rows
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.prefetch.take(rows <= gemv_rows)
+    }
+
+    /// Blocks of a one-block-per-row kernel: one per row, and at least one per multiprocessor
+    /// when it prefetches, so that the prefetch is spread over the whole device.
+    fn row_blocks(&self, rows: usize, prefetch: PrefetchArgs) -> usize {
+        if prefetch.is_some() {
+            rows.max(self.multiprocessors)
+        } else {
+            rows
+        }
     }
 
     fn launch(
@@ -498,10 +557,19 @@ impl Backend for CudaBackend {
         let w = Self::check_vector("rms_norm", weight, x.cols)?;
         let xs = x.as_f32("rms_norm")?;
         let mut out = self.alloc_bf16(x.rows * x.cols)?;
-        let cols = x.cols as i32;
+        let (rows, cols) = (x.rows as i32, x.cols as i32);
+        let pf = self.take_prefetch(x.rows);
         let mut b = self.stream.launch_builder(&self.kernels.rms_norm);
-        b.arg(xs).arg(w).arg(&mut out).arg(&cols).arg(&eps);
-        self.launch(b, rows_config(x.rows, row_threads(x.cols)), "rms_norm")?;
+        b.arg(xs)
+            .arg(w)
+            .arg(&mut out)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&eps)
+            .arg(&pf.ptr)
+            .arg(&pf.bytes);
+        let cfg = rows_config(self.row_blocks(x.rows, pf), row_threads(x.cols));
+        self.launch(b, cfg, "rms_norm")?;
         Ok(CudaTensor::from_bf16(x.rows, x.cols, out))
     }
 
@@ -526,11 +594,25 @@ impl Backend for CudaBackend {
         let (rows, cols_n) = (residual.rows, residual.cols);
         let res = residual.as_f32_mut("add_rms_norm")?;
         let mut out = self.alloc_bf16(rows * cols_n)?;
-        let cols = cols_n as i32;
+        let (rows_i, cols) = (rows as i32, cols_n as i32);
+        let pf = self.take_prefetch(rows);
         let mut b = self.stream.launch_builder(&self.kernels.add_rms_norm);
-        b.arg(res).arg(xs).arg(w).arg(&mut out).arg(&cols).arg(&eps);
-        self.launch(b, rows_config(rows, row_threads(cols_n)), "add_rms_norm")?;
+        b.arg(res)
+            .arg(xs)
+            .arg(w)
+            .arg(&mut out)
+            .arg(&rows_i)
+            .arg(&cols)
+            .arg(&eps)
+            .arg(&pf.ptr)
+            .arg(&pf.bytes);
+        let cfg = rows_config(self.row_blocks(rows, pf), row_threads(cols_n));
+        self.launch(b, cfg, "add_rms_norm")?;
         Ok(CudaTensor::from_bf16(rows, cols_n, out))
+    }
+
+    fn prefetch_weight(&self, weight: &CudaWeight) {
+        self.prefetch.announce(&self.stream, weight);
     }
 
     fn linear(
@@ -562,6 +644,8 @@ impl Backend for CudaBackend {
                 "the input must be bf16 (written by a norm, attention or silu_mul)".into(),
             ));
         };
+        // The hint was for this projection (or one the ops before it did not take).
+        self.prefetch.clear();
         let mut out = self.alloc_f32(x.rows * out_features)?;
         let gemv_rows = self
             .gemv_max_rows
@@ -686,7 +770,11 @@ impl Backend for CudaBackend {
         } else {
             target
                 .div_ceil(blocks)
-                .min(batch.max_context.div_ceil(128))
+                .min(
+                    batch
+                        .max_context
+                        .div_ceil(self.attn_split_keys(shape.head_dim)),
+                )
                 .clamp(1, 64)
         };
         let heads_total = tokens * shape.num_heads;
@@ -707,6 +795,7 @@ impl Backend for CudaBackend {
         );
         let block_elems = layout.block_elems() as i64;
         let layer_offset = layout.offset(layer, 0, 0) as i64;
+        let pf = self.take_prefetch(tokens);
         let mut b = self.stream.launch_builder(kernel);
         b.arg(q)
             .arg(&kv.data)
@@ -722,7 +811,9 @@ impl Backend for CudaBackend {
             .arg(&bs)
             .arg(&block_elems)
             .arg(&layer_offset)
-            .arg(&shape.scale);
+            .arg(&shape.scale)
+            .arg(&pf.ptr)
+            .arg(&pf.bytes);
         let cfg = LaunchConfig {
             grid_dim: (tokens as u32, head_blocks as u32, splits as u32),
             block_dim: (128, 1, 1),
@@ -759,8 +850,14 @@ impl Backend for CudaBackend {
         let total = gate_up.rows * f;
         let mut out = self.alloc_bf16(total)?;
         let (fi, t) = (f as i32, total as i64);
+        let pf = self.take_prefetch(gate_up.rows);
         let mut b = self.stream.launch_builder(&self.kernels.silu_mul);
-        b.arg(x).arg(&mut out).arg(&fi).arg(&t);
+        b.arg(x)
+            .arg(&mut out)
+            .arg(&fi)
+            .arg(&t)
+            .arg(&pf.ptr)
+            .arg(&pf.bytes);
         self.launch(b, elementwise_config(total), "silu_mul")?;
         Ok(CudaTensor::from_bf16(gate_up.rows, f, out))
     }
