@@ -265,3 +265,76 @@ fn sampling_summaries_on_the_device_equal_the_host_reference() {
     let got = backend.summarize_rows(&logits, &[request]).unwrap();
     assert_eq!(got[0].non_finite, 2);
 }
+
+/// The batched KV block copies (pinned staging, in chunks when a request is larger than the
+/// staging buffer) move the same bytes as one-block copies, in the order asked for, and a
+/// prompt's K/V written into another cache reproduces its logits.
+#[test]
+fn kv_blocks_round_trip_through_pinned_staging() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = CudaBackend::new(&CudaOptions::default()).unwrap();
+    let options = ModelOptions {
+        kv_dtype: Some(KvDType::Bf16),
+    };
+    let model = Model::load(&model_dir(), gpu, &options).unwrap();
+    let layout = model.kv_layout(16);
+    let block_bytes = layout.block_bytes();
+    // Enough blocks that one request spans several 64 MiB staging chunks.
+    let num_blocks = ((160usize << 20) / block_bytes).max(8);
+    let mut kv = model.alloc_kv_cache(16, num_blocks).unwrap();
+    let backend = model.backend();
+    let blocks: Vec<u32> = (0..num_blocks as u32).rev().collect();
+    let bytes: Vec<u8> = (0..blocks.len() * block_bytes)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    backend.write_kv_blocks(&mut kv, &blocks, &bytes).unwrap();
+    let mut back = vec![0u8; bytes.len()];
+    backend.read_kv_blocks(&kv, &blocks, &mut back).unwrap();
+    assert!(back == bytes, "batched write then read changed the bytes");
+    // One-block reads see each block where the batched write put it.
+    let mut one = vec![0u8; block_bytes];
+    for (i, &b) in blocks.iter().enumerate().step_by(97) {
+        backend.read_kv_block(&kv, b, &mut one).unwrap();
+        assert!(
+            one == bytes[i * block_bytes..(i + 1) * block_bytes],
+            "block {b} differs"
+        );
+    }
+    // A wrong length or a block outside the cache is refused.
+    assert!(
+        backend
+            .read_kv_blocks(&kv, &blocks[..2], &mut back[..block_bytes])
+            .is_err()
+    );
+    assert!(
+        backend
+            .write_kv_blocks(&mut kv, &[num_blocks as u32], &bytes[..block_bytes])
+            .is_err()
+    );
+
+    // A prompt prefilled in one cache, its blocks copied into another cache's other blocks:
+    // the next step's logits are the same.
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 200).collect();
+    let mut source = model.alloc_kv_cache(16, 8).unwrap();
+    let mut batch = ForwardBatch::default();
+    batch.push(&prompt, 0, vec![0, 1, 2], false);
+    model.forward(&batch, &mut source).unwrap();
+    let mut staged = vec![0u8; 3 * block_bytes];
+    backend
+        .read_kv_blocks(&source, &[0, 1, 2], &mut staged)
+        .unwrap();
+    let mut dest = model.alloc_kv_cache(16, 8).unwrap();
+    backend
+        .write_kv_blocks(&mut dest, &[5, 3, 6], &staged)
+        .unwrap();
+    let next = |kv: &mut _, table: Vec<u32>| {
+        let mut b = ForwardBatch::default();
+        b.push(&[17], prompt.len(), table, true);
+        model.forward(&b, kv).unwrap().remove(0)
+    };
+    let expected = next(&mut source, vec![0, 1, 2, 7]);
+    let got = next(&mut dest, vec![5, 3, 6, 7]);
+    assert_eq!(got, expected, "logits after the copied K/V differ");
+}

@@ -160,6 +160,36 @@ pub trait Backend: Send + Sync {
         src: &[u8],
     ) -> Result<(), BackendError>;
 
+    /// Copies `blocks`, in order, out of the cache into `dst` (`blocks.len()` blocks back to
+    /// back): a prompt's K/V handed to a transfer. The default copies block after block; a
+    /// device backend queues all the copies and waits once.
+    fn read_kv_blocks(
+        &self,
+        kv: &Self::KvCache,
+        blocks: &[u32],
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        let block_bytes = self.kv_cache_layout(kv).block_bytes();
+        for (&block, chunk) in blocks.iter().zip(dst.chunks_exact_mut(block_bytes)) {
+            self.read_kv_block(kv, block, chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Overwrites `blocks` with `src`, laid out as [`Self::read_kv_blocks`] writes it.
+    fn write_kv_blocks(
+        &self,
+        kv: &mut Self::KvCache,
+        blocks: &[u32],
+        src: &[u8],
+    ) -> Result<(), BackendError> {
+        let block_bytes = self.kv_cache_layout(kv).block_bytes();
+        for (&block, chunk) in blocks.iter().zip(src.chunks_exact(block_bytes)) {
+            self.write_kv_block(kv, block, chunk)?;
+        }
+        Ok(())
+    }
+
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<Self::Batch, BackendError>;
 
     /// Runs one forward: `layers` queues every op of the pass over the batch's device

@@ -21,7 +21,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tandem_model::ModelConfig;
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
-use tandem_workers::backend::cuda::{CudaBackend, CudaOptions};
+use tandem_workers::backend::cuda::{CudaBackend, CudaKvCache, CudaOptions};
 use tandem_workers::backend::{Backend, DType, HostTensor};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
@@ -473,6 +473,54 @@ fn activation(
     Ok(gpu.rms_norm(&x, &norm, 1e-5)?)
 }
 
+/// A prompt's KV blocks to the host and back (what a context worker hands to the transfer
+/// and a decode worker writes from it), one block per call as before pinned staging, and
+/// through the backend's batched copies.
+fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usize) -> Result<()> {
+    let block_bytes = gpu.kv_cache_layout(kv).block_bytes();
+    let mut host = vec![0u8; blocks.len() * block_bytes];
+    let reps = iters.clamp(3, 10);
+    let total = (blocks.len() * block_bytes) as f64;
+    let rate = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        let times: Vec<f64> = (0..reps)
+            .map(|_| {
+                let started = Instant::now();
+                f().map(|_| started.elapsed().as_secs_f64())
+            })
+            .collect::<Result<_>>()?;
+        Ok(total / median(times) / 1e9)
+    };
+    let read_each = rate(&mut || {
+        for (&b, chunk) in blocks.iter().zip(host.chunks_exact_mut(block_bytes)) {
+            gpu.read_kv_block(kv, b, chunk)?;
+        }
+        Ok(())
+    })?;
+    let read_batched = rate(&mut || Ok(gpu.read_kv_blocks(kv, blocks, &mut host)?))?;
+    let snapshot = host.clone();
+    let write_each = rate(&mut || {
+        for (&b, chunk) in blocks.iter().zip(snapshot.chunks_exact(block_bytes)) {
+            gpu.write_kv_block(kv, b, chunk)?;
+        }
+        Ok(())
+    })?;
+    let write_batched = rate(&mut || Ok(gpu.write_kv_blocks(kv, blocks, &snapshot)?))?;
+    gpu.read_kv_blocks(kv, blocks, &mut host)?;
+    anyhow::ensure!(
+        host == snapshot,
+        "KV blocks changed on their way to the host and back"
+    );
+    println!(
+        "KV blocks to/from host ({} blocks of {:.2} MB): device->host {read_each:.1} GB/s one \
+         block per call, {read_batched:.1} GB/s batched through pinned staging; host->device \
+         {write_each:.1} / {write_batched:.1} GB/s",
+        blocks.len(),
+        block_bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
 /// Each projection shape of the model at 1, 2, 4 and 8 rows, through the GEMV kernel and through
 /// cuBLAS: weight bytes read per second (the decode step's cost).
 fn projections(gpu: &CudaBackend, c: &ModelConfig, iters: usize) -> Result<()> {
@@ -737,6 +785,7 @@ fn bench(
     }
 
     projections(model.backend(), &config, iters)?;
+    kv_copies(model.backend(), &mut kv, &base, iters)?;
     println!("model {} — {}", dir.display(), model.backend().describe());
     println!(
         "{:<34} {:>9} {:>10} {:>12} {:>11} {:>9} {:>10} {:>9} {:>6} {:>6}",

@@ -130,21 +130,16 @@ where
     fn read_kv_blocks(&self, blocks: &[BlockId], dst: &mut [u8]) -> Result<(), ModelError> {
         let block_bytes = self.kv_layout().block_bytes();
         check_len(blocks, block_bytes, dst.len())?;
-        for (&block, chunk) in blocks.iter().zip(dst.chunks_exact_mut(block_bytes)) {
-            self.model.backend().read_kv_block(&self.kv, block, chunk)?;
-        }
-        Ok(())
+        Ok(self.model.backend().read_kv_blocks(&self.kv, blocks, dst)?)
     }
 
     fn write_kv_blocks(&mut self, blocks: &[BlockId], src: &[u8]) -> Result<(), ModelError> {
         let block_bytes = self.kv_layout().block_bytes();
         check_len(blocks, block_bytes, src.len())?;
-        for (&block, chunk) in blocks.iter().zip(src.chunks_exact(block_bytes)) {
-            self.model
-                .backend()
-                .write_kv_block(&mut self.kv, block, chunk)?;
-        }
-        Ok(())
+        Ok(self
+            .model
+            .backend()
+            .write_kv_blocks(&mut self.kv, blocks, src)?)
     }
 }
 

@@ -35,6 +35,7 @@ mod graph;
 pub mod kernels;
 mod prefetch;
 mod sample;
+mod staging;
 mod tensor;
 
 use std::sync::Arc;
@@ -75,6 +76,8 @@ pub struct CudaBackend {
     /// Fewest keys per split of a decode attention split over the context, when set by
     /// `TANDEM_ATTN_SPLIT_KEYS` (for tuning); see [`Self::attn_split_keys`].
     attn_split_keys: Option<usize>,
+    /// Pinned host memory for KV blocks on their way to or from a transfer.
+    kv_staging: staging::KvStaging,
     /// The next projection's weight, read into L2 by the ops before it ([`prefetch`]).
     prefetch: Prefetch,
     /// Whether the engine samples from device summaries (`TANDEM_DEVICE_SAMPLING=0` turns it
@@ -174,6 +177,7 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .filter(|&k| k > 0),
             prefetch,
+            kv_staging: staging::KvStaging::default(),
             device_sampling: std::env::var("TANDEM_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
         })
     }
@@ -509,6 +513,26 @@ impl Backend for CudaBackend {
         )?;
         // The host vector is dropped when this returns: wait for the copy to read it.
         self.synchronize()
+    }
+
+    fn read_kv_blocks(
+        &self,
+        kv: &CudaKvCache,
+        blocks: &[u32],
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        self.kv_staging
+            .read_blocks(&self.ctx, &self.stream, kv, blocks, dst)
+    }
+
+    fn write_kv_blocks(
+        &self,
+        kv: &mut CudaKvCache,
+        blocks: &[u32],
+        src: &[u8],
+    ) -> Result<(), BackendError> {
+        self.kv_staging
+            .write_blocks(&self.ctx, &self.stream, kv, blocks, src)
     }
 
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<CudaBatch, BackendError> {

@@ -1,0 +1,149 @@
+//! KV blocks between the device cache and host memory, through a reusable page-locked
+//! (pinned) staging buffer.
+//!
+//! The context worker hands a prompt's K/V to the transfer and the decode worker writes a
+//! pulled one into its cache, each a few hundred blocks of up to a few MB. A copy to or from
+//! pageable memory goes through the driver's own bounce buffers and waits at every call; the
+//! copy engine reads and writes pinned memory directly. So the blocks of a chunk are queued as
+//! one asynchronous copy each into (or out of) the pinned buffer, waited for once, and moved to
+//! (or from) the caller's bytes with one host copy.
+//!
+//! The cache holds bf16 as `u16`; its bytes are the little-endian bytes the KV layout
+//! describes, so the staging copies are byte copies (CUDA hosts are little-endian).
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaStream, PinnedHostSlice};
+
+use super::tensor::CudaKvCache;
+use crate::backend::BackendError;
+
+/// Bytes of the staging buffer (a larger request is copied in chunks of this size).
+const STAGING_BYTES: usize = 64 << 20;
+
+/// The pinned buffer, allocated at the first copy and kept.
+#[derive(Default)]
+pub(super) struct KvStaging {
+    buffer: Mutex<Option<PinnedHostSlice<u8>>>,
+}
+
+#[cfg(target_endian = "big")]
+compile_error!("the KV staging copies assume a little-endian host");
+
+impl KvStaging {
+    /// Copies `blocks` out of `kv` into `dst`, block after block.
+    pub fn read_blocks(
+        &self,
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        kv: &CudaKvCache,
+        blocks: &[u32],
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        let block_bytes = kv.layout().block_bytes();
+        check_len("read KV blocks", blocks, block_bytes, dst.len())?;
+        for &block in blocks {
+            kv.block_range(block, block_bytes)?;
+        }
+        let mut guard = self.lock();
+        let staging = Self::buffer(&mut guard, ctx, block_bytes)?;
+        let per_chunk = staging.len() / block_bytes;
+        for (chunk_blocks, chunk_dst) in blocks
+            .chunks(per_chunk)
+            .zip(dst.chunks_mut(per_chunk * block_bytes))
+        {
+            let pinned = dev!("read KV blocks", staging.as_mut_slice())?;
+            for (i, &block) in chunk_blocks.iter().enumerate() {
+                let from = kv.block_address(stream, block);
+                let into = &mut pinned[i * block_bytes..(i + 1) * block_bytes];
+                // SAFETY: `from` is a whole block inside the cache (checked above) and `into`
+                // is as long; the stream is synchronized before `pinned` is read or reused.
+                dev!("read KV blocks", unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(into, from, stream.cu_stream())
+                })?;
+            }
+            dev!("read KV blocks", stream.synchronize())?;
+            chunk_dst.copy_from_slice(&pinned[..chunk_dst.len()]);
+        }
+        Ok(())
+    }
+
+    /// Overwrites `blocks` of `kv` with `src`, laid out as [`Self::read_blocks`] writes it.
+    pub fn write_blocks(
+        &self,
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        kv: &mut CudaKvCache,
+        blocks: &[u32],
+        src: &[u8],
+    ) -> Result<(), BackendError> {
+        let block_bytes = kv.layout().block_bytes();
+        check_len("write KV blocks", blocks, block_bytes, src.len())?;
+        for &block in blocks {
+            kv.block_range(block, block_bytes)?;
+        }
+        let mut guard = self.lock();
+        let staging = Self::buffer(&mut guard, ctx, block_bytes)?;
+        let per_chunk = staging.len() / block_bytes;
+        for (chunk_blocks, chunk_src) in blocks
+            .chunks(per_chunk)
+            .zip(src.chunks(per_chunk * block_bytes))
+        {
+            let pinned = dev!("write KV blocks", staging.as_mut_slice())?;
+            pinned[..chunk_src.len()].copy_from_slice(chunk_src);
+            for (i, &block) in chunk_blocks.iter().enumerate() {
+                let to = kv.block_address(stream, block);
+                let from = &pinned[i * block_bytes..(i + 1) * block_bytes];
+                // SAFETY: `to` is a whole block inside the cache (checked above) and `from` is
+                // as long; the stream is synchronized before `pinned` is written again.
+                dev!("write KV blocks", unsafe {
+                    cudarc::driver::result::memcpy_htod_async(to, from, stream.cu_stream())
+                })?;
+            }
+            dev!("write KV blocks", stream.synchronize())?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<PinnedHostSlice<u8>>> {
+        self.buffer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The staging buffer, (re)allocated to hold at least one block.
+    fn buffer<'a>(
+        slot: &'a mut Option<PinnedHostSlice<u8>>,
+        ctx: &Arc<CudaContext>,
+        block_bytes: usize,
+    ) -> Result<&'a mut PinnedHostSlice<u8>, BackendError> {
+        let wanted = STAGING_BYTES.max(block_bytes);
+        if slot.as_ref().is_none_or(|b| b.len() < block_bytes) {
+            *slot = None;
+            // SAFETY: the memory is written by the copies (or the caller's bytes) before it
+            // is read. Flags 0: cached host memory, which the CPU reads back at full speed
+            // (cudarc's default, write-combined, is slow to read).
+            let buffer = dev!("pinned staging buffer", unsafe {
+                ctx.alloc_pinned_with_flags::<u8>(wanted, 0)
+            })?;
+            *slot = Some(buffer);
+        }
+        Ok(slot.as_mut().expect("allocated above"))
+    }
+}
+
+fn check_len(
+    op: &'static str,
+    blocks: &[u32],
+    block_bytes: usize,
+    len: usize,
+) -> Result<(), BackendError> {
+    if blocks.len() * block_bytes != len {
+        return Err(BackendError::Shape {
+            op,
+            detail: format!(
+                "{len} bytes for {} blocks of {block_bytes} bytes",
+                blocks.len()
+            ),
+        });
+    }
+    Ok(())
+}
