@@ -9,18 +9,9 @@
 set -euo pipefail
 preset=${1:?usage: decode_sweep.sh PRESET SETTING...}
 shift
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-out=${OUT:-/tmp/tandem-out}
-models=${TANDEM_DEVICE_MODELS:-/tmp/tandem-models}
-mkdir -p "$out" "$models"
-export PATH="$root/.kit/bin:$PATH"
-for gz in "$root"/.kit/bin/*.gz; do
-  [ -e "$gz" ] || continue
-  gunzip -kf "$gz"
-  chmod +x "${gz%.gz}"
-done
-dir="$models/$preset"
-[ -f "$dir/config.json" ] || model-prep random --preset "$preset" -o "$dir" --seed 0 >&2
+# shellcheck source=scripts/device/kit-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
+dir=$(random_model "$preset")
 read -r -a args <<<"${GPU_BENCH_ARGS:---batches 1,8 --prefill 512 --iters 30}"
 summary=$out/sweep-$preset.txt
 : >"$summary"

@@ -12,24 +12,8 @@
 # Output goes to stdout and, when $OUT is set, to $OUT/<stage>.log and JSON files.
 set -euo pipefail
 stage=${1:?usage: gpu_run.sh check|smollm2 GGUF|bench PRESET|tests}
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-models=${TANDEM_DEVICE_MODELS:-/tmp/tandem-models}
-out=${OUT:-/tmp/tandem-out}
-mkdir -p "$models" "$out"
-export PATH="$root/.kit/bin:$PATH"
-
-# Unpacks gzipped binaries carried as NAME.gz.
-for gz in "$root"/.kit/bin/*.gz; do
-  [ -e "$gz" ] || continue
-  gunzip -kf "$gz"
-  chmod +x "${gz%.gz}"
-done
-
-random_model() { # preset
-  local dir="$models/$1"
-  [ -f "$dir/config.json" ] || model-prep random --preset "$1" -o "$dir" --seed 0 >&2
-  echo "$dir"
-}
+# shellcheck source=scripts/device/kit-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
 
 case "$stage" in
   check)

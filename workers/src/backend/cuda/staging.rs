@@ -40,11 +40,7 @@ impl KvStaging {
         blocks: &[u32],
         dst: &mut [u8],
     ) -> Result<(), BackendError> {
-        let block_bytes = kv.layout().block_bytes();
-        check_len("read KV blocks", blocks, block_bytes, dst.len())?;
-        for &block in blocks {
-            kv.block_range(block, block_bytes)?;
-        }
+        let block_bytes = check("read KV blocks", kv, blocks, dst.len())?;
         let mut guard = self.lock();
         let staging = Self::buffer(&mut guard, ctx, block_bytes)?;
         let per_chunk = staging.len() / block_bytes;
@@ -77,11 +73,7 @@ impl KvStaging {
         blocks: &[u32],
         src: &[u8],
     ) -> Result<(), BackendError> {
-        let block_bytes = kv.layout().block_bytes();
-        check_len("write KV blocks", blocks, block_bytes, src.len())?;
-        for &block in blocks {
-            kv.block_range(block, block_bytes)?;
-        }
+        let block_bytes = check("write KV blocks", kv, blocks, src.len())?;
         let mut guard = self.lock();
         let staging = Self::buffer(&mut guard, ctx, block_bytes)?;
         let per_chunk = staging.len() / block_bytes;
@@ -130,12 +122,15 @@ impl KvStaging {
     }
 }
 
-fn check_len(
+/// Checks that `len` bytes are `blocks` whole blocks of `kv` and that every block is in the
+/// cache; returns the block size.
+fn check(
     op: &'static str,
+    kv: &CudaKvCache,
     blocks: &[u32],
-    block_bytes: usize,
     len: usize,
-) -> Result<(), BackendError> {
+) -> Result<usize, BackendError> {
+    let block_bytes = kv.layout().block_bytes();
     if blocks.len() * block_bytes != len {
         return Err(BackendError::Shape {
             op,
@@ -145,5 +140,8 @@ fn check_len(
             ),
         });
     }
-    Ok(())
+    for &block in blocks {
+        kv.block_range(block, block_bytes)?;
+    }
+    Ok(block_bytes)
 }

@@ -1,0 +1,20 @@
+# Sourced by the scripts in scripts/device/ on the device machine: where models and output go,
+# the carried binaries (.kit/bin/NAME.gz, unpacked here) on PATH, and `random_model PRESET`,
+# which makes (once) and prints the directory of a random-weight model of PRESET's shapes.
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+models=${TANDEM_DEVICE_MODELS:-/tmp/tandem-models}
+out=${OUT:-/tmp/tandem-out}
+mkdir -p "$models" "$out"
+export PATH="$root/.kit/bin:$PATH"
+
+for gz in "$root"/.kit/bin/*.gz; do
+  [ -e "$gz" ] || continue
+  gunzip -kf "$gz"
+  chmod +x "${gz%.gz}"
+done
+
+random_model() { # preset
+  local dir="$models/$1"
+  [ -f "$dir/config.json" ] || model-prep random --preset "$1" -o "$dir" --seed 0 >&2
+  echo "$dir"
+}
