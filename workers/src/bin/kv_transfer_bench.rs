@@ -10,6 +10,11 @@
 //! block, so no two regions are adjacent: one get per block, as a read straight out of a paged
 //! cache would be). Run it under `UCX_TLS=shm` and `UCX_TLS=tcp` to compare transports; the
 //! child inherits the environment.
+//!
+//! Before the pulls it times the context worker's side for the same requests: the K/V copied
+//! out of a cache into a fresh `Vec` and exported from there (a second copy, into UCX's
+//! memory), against the copy going straight into memory the transport reserved (what the
+//! context worker does).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -82,6 +87,50 @@ fn export(bytes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The exporter's cost per request for each layout: copy out of a (stand-in) cache into a
+/// fresh `Vec` then `export` it, against `reserve` and one copy into the reserved memory.
+fn export_costs(
+    runtime: &tokio::runtime::Runtime,
+    transport: &UcxTransport,
+    tokens: usize,
+    iters: usize,
+) -> anyhow::Result<()> {
+    println!(
+        "| layout | request MiB | via Vec + export ms | straight into reserve ms |\n|---|---|---|---|"
+    );
+    for layout in &LAYOUTS {
+        let bytes = block_bytes(layout, 16) * tokens.div_ceil(16);
+        let cache: Vec<u8> = (0..bytes).map(|i| (i * 131 % 251) as u8).collect();
+        let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+            f()?;
+            let start = Instant::now();
+            for _ in 0..iters {
+                f()?;
+            }
+            Ok(start.elapsed().as_secs_f64() * 1e3 / iters as f64)
+        };
+        let via_vec = time(&mut || {
+            let mut kv = vec![0u8; bytes];
+            kv.copy_from_slice(&cache);
+            let exported = runtime.block_on(transport.export(kv))?;
+            drop(exported);
+            Ok(())
+        })?;
+        let reserved = time(&mut || {
+            let mut buffer = runtime.block_on(transport.reserve(bytes))?;
+            buffer.bytes_mut().copy_from_slice(&cache);
+            drop(buffer.finish());
+            Ok(())
+        })?;
+        println!(
+            "| {} | {:.1} | {via_vec:.2} | {reserved:.2} |",
+            layout.name,
+            bytes as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
@@ -106,6 +155,7 @@ fn main() -> anyhow::Result<()> {
         "UCX_TLS={} prompt={tokens} tokens iters={iters}",
         std::env::var("UCX_TLS").unwrap_or_else(|_| "(default)".into())
     );
+    export_costs(&runtime, &puller, tokens, iters)?;
     println!(
         "| layout | block tokens | block bytes | request MiB | gets | mean ms | GB/s |\n|---|---|---|---|---|---|---|"
     );

@@ -50,8 +50,22 @@ enum Command {
     ReleaseKv(RequestId),
     TakeKv {
         id: RequestId,
-        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, EngineError>>,
+        dst: Box<dyn KvDestination>,
+        reply: tokio::sync::oneshot::Sender<(Box<dyn KvDestination>, Result<(), EngineError>)>,
     },
+}
+
+/// Memory a retained prompt's K/V is copied into on the engine's thread
+/// ([`EngineHandle::take_retained_kv_into`]). The command owns it while the copy runs, so a
+/// caller that stops waiting cannot free it under the copy; it comes back afterwards.
+pub trait KvDestination: std::any::Any + Send {
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+impl KvDestination for Vec<u8> {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
 }
 
 /// A cloneable handle to an engine thread.
@@ -160,14 +174,28 @@ impl EngineHandle {
         Ok(id)
     }
 
-    /// Copies out the K/V a prefill-only request retained and frees its blocks
-    /// ([`Engine::take_retained_kv`]); answered between two steps.
-    pub async fn take_retained_kv(&self, id: RequestId) -> Result<Vec<u8>, EngineError> {
+    /// Copies the K/V a prefill-only request retained into `dst` (exactly its blocks' bytes)
+    /// and frees its blocks ([`Engine::take_retained_kv_into`]); answered between two steps.
+    /// Returns `dst` filled.
+    pub async fn take_retained_kv_into<D: KvDestination>(
+        &self,
+        id: RequestId,
+        dst: D,
+    ) -> Result<D, EngineError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.commands
-            .send(Command::TakeKv { id, reply })
+            .send(Command::TakeKv {
+                id,
+                dst: Box::new(dst),
+                reply,
+            })
             .map_err(|_| EngineError::Stopped)?;
-        answer.await.map_err(|_| EngineError::Stopped)?
+        let (dst, result) = answer.await.map_err(|_| EngineError::Stopped)?;
+        result?;
+        let dst: Box<dyn std::any::Any> = dst;
+        Ok(*dst
+            .downcast::<D>()
+            .expect("the engine hands back the destination it was given"))
     }
 
     /// Cancels a request at the engine's next step (a no-op for one that already ended).
@@ -283,9 +311,10 @@ fn apply<M: StepModel>(
             let imported = engine.import_with_id(id, request, prefill);
             register(sinks, id, sink, prompt_tokens, imported);
         }
-        Command::TakeKv { id, reply } => {
+        Command::TakeKv { id, mut dst, reply } => {
             // The caller may have given up waiting; the blocks are freed either way.
-            let _ = reply.send(engine.take_retained_kv(id));
+            let result = engine.take_retained_kv_into(id, dst.bytes_mut());
+            let _ = reply.send((dst, result));
         }
         Command::Cancel(id) => {
             engine.cancel(id);

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use thiserror::Error;
 
-pub use handle::{EngineHandle, EventSink, RequestStream};
+pub use handle::{EngineHandle, EventSink, KvDestination, RequestStream};
 pub use request::{
     EngineEvent, EventKind, FinishReason, GenerationRequest, RequestId, RetainedKv, Usage,
 };
@@ -395,15 +395,26 @@ impl<M: StepModel> Engine<M> {
     /// Copies the K/V of a request retained after a prefill-only run (block after block) and
     /// frees its blocks: the context worker's hand-over to a transfer.
     pub fn take_retained_kv(&mut self, id: RequestId) -> Result<Vec<u8>, EngineError> {
+        let blocks = self.scheduler.blocks(id).map_or(0, |b| b.len());
+        let mut kv = vec![0u8; blocks * self.model.kv_layout().block_bytes()];
+        self.take_retained_kv_into(id, &mut kv)?;
+        Ok(kv)
+    }
+
+    /// [`Self::take_retained_kv`] into `dst` (the transfer's own memory, so the K/V is copied
+    /// once), which must hold exactly the request's blocks. The blocks are freed either way.
+    pub fn take_retained_kv_into(
+        &mut self,
+        id: RequestId,
+        dst: &mut [u8],
+    ) -> Result<(), EngineError> {
         if self.scheduler.status(id) != Some(SeqStatus::Pinned) {
             return Err(EngineError::UnknownRequest(id));
         }
         let blocks = self.scheduler.blocks(id).unwrap_or_default();
-        let mut kv = vec![0u8; blocks.len() * self.model.kv_layout().block_bytes()];
-        let read = self.model.read_kv_blocks(&blocks, &mut kv);
+        let read = self.model.read_kv_blocks(&blocks, dst);
         self.scheduler.release_pinned(id)?;
-        read?;
-        Ok(kv)
+        Ok(read?)
     }
 
     /// Ends a request at the start of the next step (its blocks are freed there). False when

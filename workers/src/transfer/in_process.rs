@@ -4,31 +4,44 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use super::{BoxFuture, Exported, KvTransport, RemoteKv, TransferError};
+use super::{BoxFuture, ExportBuffer, Exported, KvTransport, RemoteKv, TransferError};
 
-type Registry = Mutex<HashMap<u64, Arc<Vec<u8>>>>;
+/// Exported buffers by key: address and length of memory owned by the key's [`Registration`].
+type Registry = Mutex<HashMap<u64, (usize, usize)>>;
 
 fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+fn locked() -> std::sync::MutexGuard<'static, HashMap<u64, (usize, usize)>> {
+    registry().lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The in-process transport (stateless: the registry is per process).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct InProcessTransport;
 
-/// Removes the buffer from the registry when the export is dropped.
-struct Registration(u64);
+/// Owns an export's memory: removes it from the registry, then frees it, when the export is
+/// dropped (a pull copies under the registry's lock, so never from freed memory).
+struct Registration {
+    key: u64,
+    memory: *mut [u8],
+}
+
+// SAFETY: the memory is plain bytes owned by this registration.
+unsafe impl Send for Registration {}
+unsafe impl Sync for Registration {}
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        registry()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.0);
+        locked().remove(&self.key);
+        // SAFETY: made by `Box::into_raw` in `reserve`, freed once, here, after no pull can
+        // reach it any more.
+        drop(unsafe { Box::from_raw(self.memory) });
     }
 }
 
@@ -37,26 +50,25 @@ impl KvTransport for InProcessTransport {
         "in-process"
     }
 
-    fn export(&self, kv: Vec<u8>) -> BoxFuture<Result<Exported, TransferError>> {
+    fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let key = NEXT.fetch_add(1, Ordering::Relaxed);
-        let kv = Arc::new(kv);
+        let memory = Box::into_raw(vec![0u8; len].into_boxed_slice());
+        let bytes = memory.cast::<u8>();
         // The buffer's real address: regions name bytes of it, as with UCX.
-        let addr = kv.as_ptr() as u64;
-        let len = kv.len() as u64;
-        registry()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, kv);
-        Box::pin(async move {
-            Ok(Exported {
-                address: b"in-process".to_vec(),
-                rkey: key.to_le_bytes().to_vec(),
-                addr,
-                len,
-                keepalive: Box::new(Registration(key)),
-            })
-        })
+        let addr = bytes as usize;
+        locked().insert(key, (addr, len));
+        let exported = Exported {
+            address: b"in-process".to_vec(),
+            rkey: key.to_le_bytes().to_vec(),
+            addr: addr as u64,
+            len: len as u64,
+            keepalive: Box::new(Registration { key, memory }),
+        };
+        // SAFETY: `len` bytes owned by the registration in `exported`; the key that lets a
+        // pull read them is only known from the export's description.
+        let buffer = unsafe { ExportBuffer::new(bytes, len, exported) };
+        Box::pin(async move { Ok(buffer) })
     }
 
     fn pull(
@@ -70,15 +82,14 @@ impl KvTransport for InProcessTransport {
                     TransferError::InvalidHandle("in-process rkey is 8 bytes".into())
                 })?;
             let key = u64::from_le_bytes(key);
-            let buffer = registry()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&key)
-                .cloned()
-                .ok_or_else(|| {
-                    TransferError::Unavailable(format!("in-process export {key} was released"))
-                })?;
-            let base = buffer.as_ptr() as u64;
+            let registry = locked();
+            let &(base, size) = registry.get(&key).ok_or_else(|| {
+                TransferError::Unavailable(format!("in-process export {key} was released"))
+            })?;
+            // SAFETY: registered memory stays allocated while its key is in the registry,
+            // which is locked until the copy is done.
+            let buffer = unsafe { std::slice::from_raw_parts(base as *const u8, size) };
+            let base = base as u64;
             let mut out = Vec::with_capacity(remote.total_len() as usize);
             for (addr, len) in remote.coalesced() {
                 let start = addr
@@ -135,5 +146,29 @@ mod tests {
             transport.pull(remote, Duration::from_secs(1)).await,
             Err(TransferError::Unavailable(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_reserved_export_reads_as_its_owner_filled_it() {
+        let transport = InProcessTransport;
+        let mut buffer = transport.reserve(3000).await.unwrap();
+        for (i, b) in buffer.bytes_mut().iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        let exported = buffer.finish();
+        let remote = RemoteKv {
+            address: exported.address.clone(),
+            rkey: exported.rkey.clone(),
+            regions: vec![(exported.addr + 1000, 1000), (exported.addr, 1000)],
+        };
+        let pulled = transport
+            .pull(remote, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let expected: Vec<u8> = (1000..2000)
+            .chain(0..1000)
+            .map(|i: usize| (i % 251) as u8)
+            .collect();
+        assert_eq!(pulled, expected);
     }
 }

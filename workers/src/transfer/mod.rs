@@ -3,10 +3,12 @@
 //! One interface, [`KvTransport`], with two implementations: [`ucx`] (between processes and
 //! hosts, over the system's libucp) and [`in_process`] (a registry in this process, for tests
 //! of everything around the transfer). The unit of transfer is one request's K/V as the engine
-//! hands it over ([`crate::engine::Engine::take_retained_kv`]): its blocks back to back in one
-//! host buffer. The context worker *exports* that buffer (registers it for remote reads and
-//! describes it in the KV handle, one region per block); the decode worker *pulls* the regions
-//! into a buffer of its own and imports it into its engine.
+//! hands it over ([`crate::engine::Engine::take_retained_kv_into`]): its blocks back to back in
+//! one host buffer. The context worker *reserves* an export of that size (memory the transport
+//! allocates and registers for remote reads), has the engine copy the blocks straight into it
+//! (a GPU worker through its pinned staging buffer) and describes it in the KV handle, one
+//! region per block; the decode worker *pulls* the regions into a buffer of its own and imports
+//! it into its engine.
 //!
 //! Why a staged host buffer rather than reads straight from the cache: the engine's blocks are
 //! free again the moment the copy is taken (the context worker's cache is not held hostage by
@@ -49,6 +51,49 @@ pub struct Exported {
     pub keepalive: Box<dyn Send + Sync>,
 }
 
+/// An export whose memory is allocated and registered but not yet filled: the caller writes
+/// the K/V into [`ExportBuffer::bytes_mut`], then [`ExportBuffer::finish`] gives the
+/// [`Exported`] whose description goes into the KV handle. No peer can read it before then: the
+/// handle is what tells one where it is.
+pub struct ExportBuffer {
+    bytes: *mut u8,
+    len: usize,
+    exported: Exported,
+}
+
+// SAFETY: `bytes` points at `len` bytes owned by the export (kept alive by
+// `exported.keepalive`, on whichever thread), reached only through `&mut self`.
+unsafe impl Send for ExportBuffer {}
+
+impl ExportBuffer {
+    /// # Safety
+    /// `bytes` must point at `len` writable bytes that stay valid while `exported` (its
+    /// keepalive) lives, and that nothing else touches until the handle is published.
+    pub unsafe fn new(bytes: *mut u8, len: usize, exported: Exported) -> Self {
+        Self {
+            bytes,
+            len,
+            exported,
+        }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: see `new`.
+        unsafe { std::slice::from_raw_parts_mut(self.bytes, self.len) }
+    }
+
+    /// The filled export, ready to be described in a handle.
+    pub fn finish(self) -> Exported {
+        self.exported
+    }
+}
+
+impl crate::engine::KvDestination for ExportBuffer {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        ExportBuffer::bytes_mut(self)
+    }
+}
+
 /// What a puller needs: where to connect and which regions to read, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteKv {
@@ -80,8 +125,17 @@ impl RemoteKv {
 pub trait KvTransport: Send + Sync + 'static {
     /// The backend name carried in KV handles (`ucx`, `in-process`).
     fn backend(&self) -> &'static str;
-    /// Registers `kv` for remote reads.
-    fn export(&self, kv: Vec<u8>) -> BoxFuture<Result<Exported, TransferError>>;
+    /// Allocates and registers `len` bytes for remote reads, for the caller to fill.
+    fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>>;
+    /// Exports a copy of `kv` (reserve, copy, finish).
+    fn export(&self, kv: Vec<u8>) -> BoxFuture<Result<Exported, TransferError>> {
+        let reserved = self.reserve(kv.len());
+        Box::pin(async move {
+            let mut buffer = reserved.await?;
+            buffer.bytes_mut().copy_from_slice(&kv);
+            Ok(buffer.finish())
+        })
+    }
     /// Reads `remote`'s regions into one buffer, failing with
     /// [`TransferError::Unavailable`] after `timeout` rather than waiting on a dead peer.
     fn pull(

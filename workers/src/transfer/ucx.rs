@@ -16,12 +16,12 @@ use std::time::Duration;
 use tandem_ucx::{Context, EndpointCache, GetOp, MemoryRegion, RemoteKey, UcxError, Worker};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{BoxFuture, Exported, KvTransport, RemoteKv, TransferError};
+use super::{BoxFuture, ExportBuffer, Exported, KvTransport, RemoteKv, TransferError};
 
 enum Command {
-    Export {
-        kv: Vec<u8>,
-        reply: oneshot::Sender<Result<Exported, TransferError>>,
+    Reserve {
+        len: usize,
+        reply: oneshot::Sender<Result<ExportBuffer, TransferError>>,
     },
     Unexport(u64),
     Pull {
@@ -81,9 +81,9 @@ impl KvTransport for UcxTransport {
         "ucx"
     }
 
-    fn export(&self, kv: Vec<u8>) -> BoxFuture<Result<Exported, TransferError>> {
+    fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>> {
         let (reply, answer) = oneshot::channel();
-        let sent = self.send(Command::Export { kv, reply });
+        let sent = self.send(Command::Reserve { len, reply });
         Box::pin(async move {
             sent?;
             answer.await.map_err(|_| {
@@ -166,20 +166,22 @@ fn run(
         let mut next_id = 1u64;
         while let Some(command) = commands.recv().await {
             match command {
-                Command::Export { kv, reply } => {
-                    // Memory UCX allocates (a shared segment) rather than the registered Vec:
-                    // over shm a reader then maps it and copies on its own, where registered
-                    // user memory is served by messages this process must handle (15-25x
-                    // slower here, docs/benchmarks.md).
-                    let exported = MemoryRegion::allocate(&context, kv.len())
+                Command::Reserve { len, reply } => {
+                    // Memory UCX allocates (a shared segment) rather than registered caller
+                    // memory: over shm a reader then maps it and copies on its own, where
+                    // registered user memory is served by messages this process must handle
+                    // (15-25x slower here, docs/benchmarks.md).
+                    let reserved = MemoryRegion::allocate(&context, len)
                         .and_then(|mut region| {
-                            if let Some(bytes) = region.bytes_mut() {
-                                bytes.copy_from_slice(&kv);
-                            }
-                            Ok((region.pack_rkey()?, region))
+                            let rkey = region.pack_rkey()?;
+                            let bytes = region
+                                .bytes_mut()
+                                .expect("UCX-allocated memory is owned")
+                                .as_mut_ptr();
+                            Ok((rkey, bytes, region))
                         })
                         .map_err(|e| backend_error("registering the KV buffer", e))
-                        .map(|(rkey, region)| {
+                        .map(|(rkey, bytes, region)| {
                             let id = next_id;
                             next_id += 1;
                             let exported = Exported {
@@ -193,9 +195,12 @@ fn run(
                                 }),
                             };
                             exports.insert(id, region);
-                            exported
+                            // SAFETY: the region's `len` bytes live in `exports` until the
+                            // guard in `exported` is dropped; only the buffer's owner writes
+                            // them before the handle goes out.
+                            unsafe { ExportBuffer::new(bytes, len, exported) }
                         });
-                    let _ = reply.send(exported);
+                    let _ = reply.send(reserved);
                 }
                 Command::Unexport(id) => {
                     exports.remove(&id);

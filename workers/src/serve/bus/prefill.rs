@@ -96,7 +96,7 @@ impl Worker {
                     )),
                     EventKind::Finished { .. } => None,
                 });
-                match (first, self.export(engine_id).await) {
+                match (first, self.export(engine_id, blocks).await) {
                     (Some(first), Ok(exported)) => {
                         let expires =
                             unix_ms() + self.settings.kv_transfer_timeout.as_millis() as u64;
@@ -158,20 +158,27 @@ impl Worker {
         locked(&self.in_flight).remove(&job.request_id);
     }
 
+    /// Exports the `blocks` retained by `engine_id`: reserves the transport's memory for
+    /// them and has the engine copy them straight in (its blocks are freed either way).
     pub(super) async fn export(
         &self,
         engine_id: RequestId,
+        blocks: usize,
     ) -> Result<crate::transfer::Exported, String> {
-        let kv = self
+        let len = blocks * self.settings.layout.block_bytes();
+        let buffer = match self.settings.transport.reserve(len).await {
+            Ok(buffer) => buffer,
+            Err(e) => {
+                let _ = self.engine.release_kv(engine_id);
+                return Err(e.to_string());
+            }
+        };
+        let buffer = self
             .engine
-            .take_retained_kv(engine_id)
+            .take_retained_kv_into(engine_id, buffer)
             .await
             .map_err(|e| e.to_string())?;
-        self.settings
-            .transport
-            .export(kv)
-            .await
-            .map_err(|e| e.to_string())
+        Ok(buffer.finish())
     }
 
     /// Context role: expires exports nobody released and starts waiting prefills that fit.
