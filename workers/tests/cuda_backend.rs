@@ -338,3 +338,48 @@ fn kv_blocks_round_trip_through_pinned_staging() {
     let got = next(&mut dest, vec![5, 3, 6, 7]);
     assert_eq!(got, expected, "logits after the copied K/V differ");
 }
+
+#[test]
+fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = CudaBackend::new(&CudaOptions::default()).unwrap();
+    let options = ModelOptions {
+        kv_dtype: Some(KvDType::Bf16),
+    };
+    let model = Model::load(&model_dir(), gpu, &options).unwrap();
+    let block_bytes = model.kv_layout(16).block_bytes();
+    let num_blocks = 24;
+    let mut kv = model.alloc_kv_cache(16, num_blocks).unwrap();
+    let backend = model.backend();
+    let blocks: Vec<u32> = (0..num_blocks as u32).step_by(2).rev().collect();
+    let bytes: Vec<u8> = (0..blocks.len() * block_bytes)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    backend.write_kv_blocks(&mut kv, &blocks, &bytes).unwrap();
+
+    // A region pinned in place (the export pool's role), with the transfer's slice at an
+    // offset inside it; kept for the rest of the process, as the pool is.
+    let region: &'static mut [u8] =
+        Box::leak(vec![0u8; (blocks.len() + 3) * block_bytes].into_boxed_slice());
+    let range = tandem_workers::backend::HostRange {
+        ptr: region.as_mut_ptr(),
+        len: region.len(),
+    };
+    // SAFETY: leaked above, so mapped until the process exits.
+    assert!(unsafe { backend.pin_host_memory(range) }.unwrap());
+    let slice = &mut region[block_bytes + 100..block_bytes + 100 + bytes.len()];
+    backend.read_kv_blocks(&kv, &blocks, slice).unwrap();
+    assert!(
+        *slice == bytes[..],
+        "direct read from pinned memory differs"
+    );
+
+    // Written back from pinned memory into other blocks: a staged read sees the same bytes.
+    let others: Vec<u32> = (1..num_blocks as u32).step_by(2).collect();
+    backend.write_kv_blocks(&mut kv, &others, slice).unwrap();
+    let mut staged = vec![0u8; bytes.len()];
+    backend.read_kv_blocks(&kv, &others, &mut staged).unwrap();
+    assert!(staged == bytes, "direct write from pinned memory differs");
+}

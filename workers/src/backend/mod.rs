@@ -21,6 +21,18 @@ mod plan;
 
 pub use plan::{BatchPlan, PlanSequence};
 
+/// A range of host memory that stays mapped as long as the process runs (the KV transport's
+/// export pool): what [`Backend::pin_host_memory`] pins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostRange {
+    pub ptr: *mut u8,
+    pub len: usize,
+}
+
+// SAFETY: an address range, not access to it; whoever dereferences it says why that is sound.
+unsafe impl Send for HostRange {}
+unsafe impl Sync for HostRange {}
+
 use crate::kv_cache::KvLayout;
 use crate::sampler::device::{RowRequest, RowSummary};
 
@@ -159,6 +171,17 @@ pub trait Backend: Send + Sync {
         block: u32,
         src: &[u8],
     ) -> Result<(), BackendError>;
+
+    /// Pins `range` for the device's copy engine, so that [`Self::read_kv_blocks`] and
+    /// [`Self::write_kv_blocks`] on bytes inside it copy straight to or from the device
+    /// instead of through a staging buffer. False where there is nothing to pin (host
+    /// backends).
+    ///
+    /// # Safety
+    /// `range` must stay mapped for as long as this backend lives.
+    unsafe fn pin_host_memory(&self, _range: HostRange) -> Result<bool, BackendError> {
+        Ok(false)
+    }
 
     /// Copies `blocks`, in order, out of the cache into `dst` (`blocks.len()` blocks back to
     /// back): a prompt's K/V handed to a transfer. The default copies block after block; a

@@ -26,6 +26,8 @@ use tandem_workers::backend::{Backend, DType, HostTensor};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 use tandem_workers::sampler::device::RowRequest;
+use tandem_workers::transfer::KvTransport;
+use tandem_workers::transfer::ucx::UcxTransport;
 
 #[derive(Parser)]
 #[command(about = "Check the CUDA backend against the CPU backend, and time it")]
@@ -517,6 +519,39 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
          {write_each:.1} / {write_batched:.1} GB/s",
         blocks.len(),
         block_bytes as f64 / 1e6
+    );
+
+    // A context worker's export: memory reserved in the UCX transport, the blocks copied in.
+    // Without a pool each export maps a region of its own (copied through the staging
+    // buffer); with the pool pinned, the copy engine writes the slice directly.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let export = |transport: &UcxTransport| -> Result<f64> {
+        rate(&mut || {
+            let mut buffer = runtime.block_on(transport.reserve(total as usize))?;
+            gpu.read_kv_blocks(kv, blocks, buffer.bytes_mut())?;
+            drop(buffer.finish());
+            Ok(())
+        })
+    };
+    let own_regions = export(&UcxTransport::start()?)?;
+    let pooled = UcxTransport::start_with_pool(total as usize)?;
+    let pool = pooled.export_pool().context("the transport kept no pool")?;
+    // SAFETY: the transport keeps its pool mapped until the process exits.
+    let pinned = unsafe { gpu.pin_host_memory(pool) }?;
+    anyhow::ensure!(pinned, "the CUDA backend did not pin the export pool");
+    let pool_rate = export(&pooled)?;
+    let mut check = runtime.block_on(pooled.reserve(total as usize))?;
+    gpu.read_kv_blocks(kv, blocks, check.bytes_mut())?;
+    anyhow::ensure!(
+        check.bytes_mut() == snapshot.as_slice(),
+        "the pinned export differs from the staged copy"
+    );
+    println!(
+        "KV export ({:.1} MB): {own_regions:.1} GB/s into a UCX region of its own through the \
+         staging buffer, {pool_rate:.1} GB/s straight into the pinned export pool",
+        total / 1e6
     );
     Ok(())
 }

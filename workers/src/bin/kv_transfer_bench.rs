@@ -13,8 +13,8 @@
 //!
 //! Before the pulls it times the context worker's side for the same requests: the K/V copied
 //! out of a cache into a fresh `Vec` and exported from there (a second copy, into UCX's
-//! memory), against the copy going straight into memory the transport reserved (what the
-//! context worker does).
+//! memory), against the copy going straight into memory the transport reserved, in a region
+//! mapped for the export or in a slice of the export pool (what the context worker does).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -88,7 +88,8 @@ fn export(bytes: usize) -> anyhow::Result<()> {
 }
 
 /// The exporter's cost per request for each layout: copy out of a (stand-in) cache into a
-/// fresh `Vec` then `export` it, against `reserve` and one copy into the reserved memory.
+/// fresh `Vec` then `export` it, against `reserve` and one copy into the reserved memory (a
+/// region of its own, or a slice of the export pool).
 fn export_costs(
     runtime: &tokio::runtime::Runtime,
     transport: &UcxTransport,
@@ -96,10 +97,11 @@ fn export_costs(
     iters: usize,
 ) -> anyhow::Result<()> {
     println!(
-        "| layout | request MiB | via Vec + export ms | straight into reserve ms |\n|---|---|---|---|"
+        "| layout | request MiB | via Vec + export ms | reserved region ms | pool slice ms |\n|---|---|---|---|---|"
     );
     for layout in &LAYOUTS {
         let bytes = block_bytes(layout, 16) * tokens.div_ceil(16);
+        let pooled = UcxTransport::start_with_pool(bytes).context("starting UCX with a pool")?;
         let cache: Vec<u8> = (0..bytes).map(|i| (i * 131 % 251) as u8).collect();
         let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
             f()?;
@@ -116,14 +118,18 @@ fn export_costs(
             drop(exported);
             Ok(())
         })?;
-        let reserved = time(&mut || {
-            let mut buffer = runtime.block_on(transport.reserve(bytes))?;
-            buffer.bytes_mut().copy_from_slice(&cache);
-            drop(buffer.finish());
-            Ok(())
-        })?;
+        let reserved_in = |transport: &UcxTransport| {
+            time(&mut || {
+                let mut buffer = runtime.block_on(transport.reserve(bytes))?;
+                buffer.bytes_mut().copy_from_slice(&cache);
+                drop(buffer.finish());
+                Ok(())
+            })
+        };
+        let reserved = reserved_in(transport)?;
+        let slice = reserved_in(&pooled)?;
         println!(
-            "| {} | {:.1} | {via_vec:.2} | {reserved:.2} |",
+            "| {} | {:.1} | {via_vec:.2} | {reserved:.2} | {slice:.2} |",
             layout.name,
             bytes as f64 / (1 << 20) as f64
         );

@@ -48,6 +48,10 @@ enum Command {
     },
     Cancel(RequestId),
     ReleaseKv(RequestId),
+    PinHostMemory {
+        range: crate::backend::HostRange,
+        reply: tokio::sync::oneshot::Sender<Result<bool, EngineError>>,
+    },
     TakeKv {
         id: RequestId,
         dst: Box<dyn KvDestination>,
@@ -198,6 +202,22 @@ impl EngineHandle {
             .expect("the engine hands back the destination it was given"))
     }
 
+    /// Pins `range` for the device ([`Engine::pin_host_memory`]); answered between two
+    /// steps. False where there is nothing to pin.
+    ///
+    /// # Safety
+    /// `range` must stay mapped for as long as the engine thread runs.
+    pub async unsafe fn pin_host_memory(
+        &self,
+        range: crate::backend::HostRange,
+    ) -> Result<bool, EngineError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::PinHostMemory { range, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
     /// Cancels a request at the engine's next step (a no-op for one that already ended).
     pub fn cancel(&self, id: RequestId) -> Result<(), EngineError> {
         self.commands
@@ -310,6 +330,10 @@ fn apply<M: StepModel>(
             let prompt_tokens = request.prompt_ids.len();
             let imported = engine.import_with_id(id, request, prefill);
             register(sinks, id, sink, prompt_tokens, imported);
+        }
+        Command::PinHostMemory { range, reply } => {
+            // SAFETY: the promise of `EngineHandle::pin_host_memory`'s caller.
+            let _ = reply.send(unsafe { engine.pin_host_memory(range) });
         }
         Command::TakeKv { id, mut dst, reply } => {
             // The caller may have given up waiting; the blocks are freed either way.

@@ -401,6 +401,19 @@ impl<M: StepModel> Engine<M> {
         Ok(kv)
     }
 
+    /// Pins `range` for the device ([`StepModel::pin_host_memory`]): K/V copied into or out
+    /// of it then skips the backend's staging buffer. False where there is nothing to pin.
+    ///
+    /// # Safety
+    /// `range` must stay mapped for as long as the engine lives.
+    pub unsafe fn pin_host_memory(
+        &mut self,
+        range: crate::backend::HostRange,
+    ) -> Result<bool, EngineError> {
+        // SAFETY: the caller's promise, passed on.
+        Ok(unsafe { self.model.pin_host_memory(range) }?)
+    }
+
     /// [`Self::take_retained_kv`] into `dst` (the transfer's own memory, so the K/V is copied
     /// once), which must hold exactly the request's blocks. The blocks are freed either way.
     pub fn take_retained_kv_into(

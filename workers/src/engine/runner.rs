@@ -3,7 +3,7 @@
 //! [`ModelRunner`] pairs a [`Model`] with the KV cache it writes; the [`StepModel`] trait lets
 //! the scheduling logic of the engine be tested against a small deterministic fake.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, HostRange};
 use crate::kv_cache::KvLayout;
 use crate::kv_cache::block_pool::BlockId;
 use crate::model::{ForwardBatch, Model, ModelError};
@@ -45,6 +45,13 @@ pub trait StepModel: Send {
     }
     /// The cache's block layout (the contract of a KV transfer).
     fn kv_layout(&self) -> KvLayout;
+    /// [`Backend::pin_host_memory`]: false where nothing is pinned.
+    ///
+    /// # Safety
+    /// `range` must stay mapped for as long as the model lives.
+    unsafe fn pin_host_memory(&mut self, _range: HostRange) -> Result<bool, ModelError> {
+        Ok(false)
+    }
     /// Copies `blocks` out of the cache, back to back, into `dst` (`blocks.len()` times the
     /// layout's block bytes).
     fn read_kv_blocks(&self, blocks: &[BlockId], dst: &mut [u8]) -> Result<(), ModelError>;
@@ -125,6 +132,11 @@ where
 
     fn kv_layout(&self) -> KvLayout {
         self.model.backend().kv_cache_layout(&self.kv)
+    }
+
+    unsafe fn pin_host_memory(&mut self, range: HostRange) -> Result<bool, ModelError> {
+        // SAFETY: the caller's promise, passed on.
+        Ok(unsafe { self.model.backend().pin_host_memory(range) }?)
     }
 
     fn read_kv_blocks(&self, blocks: &[BlockId], dst: &mut [u8]) -> Result<(), ModelError> {

@@ -11,6 +11,12 @@
 //! [`StagingBuffer`] is the bookkeeping of those exports: it bounds them by
 //! `max_tokens_in_buffer` (jobs wait for room instead of growing it), frees them on release
 //! and expiry, and counts both for heartbeats.
+//!
+//! An expired export is not unregistered at once: it lingers for [`EXPIRED_EXPORT_GRACE`]
+//! outside the budget. A decode worker bounds its pull by the handle's expiry, but a pull
+//! started just before it (its deadline is at least 100 ms, and hosts' clocks differ) may
+//! still be reading; the export pool hands freed memory to the next export, and such a pull
+//! must not read another request's K/V.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -79,8 +85,11 @@ pub fn kv_handle(
     }
 }
 
+/// How long an expired export stays registered before its memory is reused.
+pub const EXPIRED_EXPORT_GRACE: Duration = Duration::from_secs(5);
+
 struct Staged {
-    _exported: Exported,
+    exported: Exported,
     tokens: usize,
     blocks: usize,
     expires: Instant,
@@ -95,6 +104,8 @@ pub struct StagingBuffer {
     tokens: usize,
     expirations: u64,
     releases: u64,
+    /// Expired exports and when they may be unregistered.
+    lingering: Vec<(Instant, Exported)>,
 }
 
 impl StagingBuffer {
@@ -106,6 +117,7 @@ impl StagingBuffer {
             tokens: 0,
             expirations: 0,
             releases: 0,
+            lingering: Vec::new(),
         }
     }
 
@@ -133,7 +145,7 @@ impl StagingBuffer {
     /// Records the export of a reserved prefill.
     pub fn stage(&mut self, request_id: String, exported: Exported, tokens: usize, blocks: usize) {
         let staged = Staged {
-            _exported: exported,
+            exported,
             tokens,
             blocks,
             expires: Instant::now() + self.timeout,
@@ -156,8 +168,10 @@ impl StagingBuffer {
         }
     }
 
-    /// Frees the exports whose time is up; returns their request ids.
+    /// Ends the exports whose time is up (they linger for [`EXPIRED_EXPORT_GRACE`], outside
+    /// the budget) and unregisters those whose grace is over; returns the newly expired ids.
     pub fn expire(&mut self, now: Instant) -> Vec<String> {
+        self.lingering.retain(|(until, _)| *until > now);
         let expired: Vec<String> = self
             .staged
             .iter()
@@ -168,6 +182,8 @@ impl StagingBuffer {
             if let Some(staged) = self.staged.remove(id) {
                 self.unreserve(staged.tokens);
                 self.expirations += 1;
+                self.lingering
+                    .push((now + EXPIRED_EXPORT_GRACE, staged.exported));
             }
         }
         expired
@@ -199,6 +215,46 @@ mod tests {
             len: 3 * 128,
             keepalive: Box::new(()),
         }
+    }
+
+    /// Sets its flag when dropped (the export's memory given back).
+    struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn an_expired_export_stays_registered_for_the_grace_period_outside_the_budget() {
+        let timeout = Duration::from_millis(50);
+        let mut buffer = StagingBuffer::new(100, timeout);
+        let (released, expired) = (Default::default(), Default::default());
+        let flagged = |flag: &std::sync::Arc<std::sync::atomic::AtomicBool>| Exported {
+            keepalive: Box::new(DropFlag(flag.clone())),
+            ..exported()
+        };
+        let is_set = |flag: &std::sync::Arc<std::sync::atomic::AtomicBool>| {
+            flag.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        assert!(buffer.try_reserve(50) && buffer.try_reserve(50));
+        buffer.stage("released".into(), flagged(&released), 50, 4);
+        buffer.stage("expired".into(), flagged(&expired), 50, 4);
+        assert!(buffer.release("released"));
+        assert!(is_set(&released), "a release unregisters at once");
+        let at = Instant::now() + timeout * 2;
+        assert_eq!(buffer.expire(at), vec!["expired".to_string()]);
+        assert!(
+            !is_set(&expired),
+            "still registered during the grace period"
+        );
+        assert!(buffer.try_reserve(100), "but no longer in the budget");
+        assert!(buffer.is_empty());
+        buffer.expire(at + EXPIRED_EXPORT_GRACE / 2);
+        assert!(!is_set(&expired));
+        buffer.expire(at + EXPIRED_EXPORT_GRACE);
+        assert!(is_set(&expired), "unregistered once the grace is over");
     }
 
     #[test]

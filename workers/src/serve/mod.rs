@@ -108,6 +108,33 @@ pub struct ServeArgs {
     /// Context role: K/V not released by a decode worker within this time is freed.
     #[arg(long, default_value_t = 30_000, value_name = "MS")]
     pub kv_transfer_timeout_ms: u64,
+    /// Context role: MiB of host memory mapped once for exports (registered with UCX and, on
+    /// a GPU, pinned for the copy engine); an export that finds no room maps its own region.
+    /// Default: what --max-tokens-in-buffer tokens take, at most 1024 MiB. 0: no pool.
+    #[arg(long, value_name = "MIB")]
+    pub kv_export_pool_mb: Option<usize>,
+}
+
+/// Default ceiling of the export pool.
+const DEFAULT_EXPORT_POOL_MAX_BYTES: usize = 1 << 30;
+
+/// Bytes of the context role's export pool: the flag's, or what `max_tokens_in_buffer`
+/// tokens take (whole blocks) up to [`DEFAULT_EXPORT_POOL_MAX_BYTES`]. Other roles export
+/// nothing.
+fn export_pool_bytes(
+    role: RoleArg,
+    flag_mib: Option<usize>,
+    max_tokens_in_buffer: usize,
+    layout: &crate::kv_cache::KvLayout,
+) -> usize {
+    if role != RoleArg::Context {
+        return 0;
+    }
+    match flag_mib {
+        Some(mib) => mib << 20,
+        None => (max_tokens_in_buffer.div_ceil(layout.block_size) * layout.block_bytes())
+            .min(DEFAULT_EXPORT_POOL_MAX_BYTES),
+    }
 }
 
 #[derive(Debug, Error)]
@@ -194,6 +221,32 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         started.elapsed().as_secs_f64()
     );
 
+    let pool_bytes = export_pool_bytes(
+        role,
+        args.kv_export_pool_mb,
+        args.max_tokens_in_buffer,
+        &layout,
+    );
+    let transport =
+        crate::transfer::default_transport(pool_bytes).map_err(ServeError::Transport)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Thread)?;
+    if let Some(pool) = transport.export_pool() {
+        // SAFETY: the transport keeps its pool mapped until the process exits.
+        match runtime.block_on(unsafe { handle.pin_host_memory(pool) }) {
+            Ok(true) => tracing::info!(
+                mib = pool.len >> 20,
+                "KV export pool pinned: the device copies exports straight into it"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "pinning the KV export pool failed ({e}); exports are copied through the \
+                 backend's staging buffer instead"
+            ),
+        }
+    }
     let settings = bus::BusSettings {
         nats_url: args.nats.clone(),
         served_name,
@@ -204,14 +257,10 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         heartbeat: std::time::Duration::from_millis(args.heartbeat_ms.max(50)),
         model_stop_ids: Arc::from(text.stop_token_ids()),
         layout,
-        transport: crate::transfer::default_transport().map_err(ServeError::Transport)?,
+        transport,
         max_tokens_in_buffer: args.max_tokens_in_buffer,
         kv_transfer_timeout: std::time::Duration::from_millis(args.kv_transfer_timeout_ms),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(ServeError::Thread)?;
     runtime.block_on(bus::serve(settings, handle))?;
     // Every handle is gone: the engine thread has ended its requests and exits.
     if thread.join().is_err() {
@@ -233,4 +282,42 @@ fn default_worker_id(role: RoleArg) -> String {
         tandem_protocol::subjects::subject_token(&host),
         std::process::id()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv_cache::{KvDType, KvLayout};
+
+    #[test]
+    fn the_export_pool_holds_the_token_budget_up_to_a_ceiling_and_only_for_context_workers() {
+        // SmolLM2-135M: 368,640 bytes per 16-token block.
+        let smollm2 = KvLayout {
+            num_layers: 30,
+            num_kv_heads: 3,
+            head_dim: 64,
+            block_size: 16,
+            dtype: KvDType::Bf16,
+        };
+        assert_eq!(
+            export_pool_bytes(RoleArg::Context, None, 1000, &smollm2),
+            63 * 368_640,
+            "1000 tokens are 63 whole blocks"
+        );
+        assert_eq!(
+            export_pool_bytes(RoleArg::Context, None, 65536, &smollm2),
+            DEFAULT_EXPORT_POOL_MAX_BYTES
+        );
+        assert_eq!(
+            export_pool_bytes(RoleArg::Context, Some(64), 65536, &smollm2),
+            64 << 20
+        );
+        assert_eq!(
+            export_pool_bytes(RoleArg::Context, Some(0), 65536, &smollm2),
+            0
+        );
+        for role in [RoleArg::Both, RoleArg::Decode] {
+            assert_eq!(export_pool_bytes(role, Some(64), 65536, &smollm2), 0);
+        }
+    }
 }

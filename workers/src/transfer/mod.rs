@@ -16,6 +16,7 @@
 //! engine's memory is never touched by another thread, and a GPU cache stages the same way.
 
 pub mod in_process;
+pub mod pool;
 pub mod ucx;
 
 use std::future::Future;
@@ -143,11 +144,23 @@ pub trait KvTransport: Send + Sync + 'static {
         remote: RemoteKv,
         timeout: Duration,
     ) -> BoxFuture<Result<Vec<u8>, TransferError>>;
+    /// The long-lived region [`Self::reserve`] hands out slices of, if it keeps one: the
+    /// memory a device backend pins once so its copies land in exports directly.
+    fn export_pool(&self) -> Option<HostRange> {
+        None
+    }
 }
 
-/// The transport a worker process uses on the bus: UCX.
-pub fn default_transport() -> Result<std::sync::Arc<dyn KvTransport>, TransferError> {
-    Ok(std::sync::Arc::new(ucx::UcxTransport::start()?))
+pub use crate::backend::HostRange;
+
+/// The transport a worker process uses on the bus: UCX, with an export pool of `pool_bytes`
+/// (0: none; every export maps its own region).
+pub fn default_transport(
+    pool_bytes: usize,
+) -> Result<std::sync::Arc<dyn KvTransport>, TransferError> {
+    Ok(std::sync::Arc::new(ucx::UcxTransport::start_with_pool(
+        pool_bytes,
+    )?))
 }
 
 pub fn to_hex(bytes: &[u8]) -> String {

@@ -9,6 +9,9 @@
 //! The progress loop runs all the time, not only during pulls: over tcp UCX emulates RMA with
 //! messages that the *exporting* side must progress, so a context worker serves its exports
 //! from this loop.
+//!
+//! Exports are slices of one region mapped at start (the export pool, [`super::pool`]) when
+//! the worker asked for one and the slice fits; otherwise each maps a region of its own.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,7 +19,8 @@ use std::time::Duration;
 use tandem_ucx::{Context, EndpointCache, GetOp, MemoryRegion, RemoteKey, UcxError, Worker};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{BoxFuture, ExportBuffer, Exported, KvTransport, RemoteKv, TransferError};
+use super::pool::SlicePool;
+use super::{BoxFuture, ExportBuffer, Exported, HostRange, KvTransport, RemoteKv, TransferError};
 
 enum Command {
     Reserve {
@@ -34,6 +38,23 @@ enum Command {
 /// The UCX transport of this process (cheap to share: a channel to the `ucx` thread).
 pub struct UcxTransport {
     commands: mpsc::UnboundedSender<Command>,
+    pool: Option<HostRange>,
+}
+
+/// Where an export's bytes live.
+enum ExportMemory {
+    /// A region of its own, unmapped when the export ends.
+    Own(MemoryRegion),
+    /// A slice of the export pool, handed back when the export ends.
+    Pooled { offset: usize, len: usize },
+}
+
+/// The export pool: one region, registered once, and its free slices.
+struct ExportPool {
+    region: MemoryRegion,
+    rkey: Vec<u8>,
+    base: *mut u8,
+    slices: SlicePool,
 }
 
 /// Unregisters (and frees) an export when the context worker lets go of it.
@@ -51,17 +72,23 @@ impl Drop for ExportGuard {
 
 impl UcxTransport {
     /// Starts the `ucx` thread: UCX context and worker (reading UCX's own environment, e.g.
-    /// `UCX_TLS`), and the progress loop.
+    /// `UCX_TLS`), and the progress loop. No export pool.
     pub fn start() -> Result<Self, TransferError> {
+        Self::start_with_pool(0)
+    }
+
+    /// [`Self::start`] with an export pool of `pool_bytes` (0: none), mapped and registered
+    /// now. The pool lives as long as the process: the `ucx` thread never ends.
+    pub fn start_with_pool(pool_bytes: usize) -> Result<Self, TransferError> {
         let (commands, receiver) = mpsc::unbounded_channel();
         let (ready, started) = std::sync::mpsc::channel();
         let loop_commands = commands.clone();
         std::thread::Builder::new()
             .name("ucx".into())
-            .spawn(move || run(receiver, loop_commands, ready))
+            .spawn(move || run(receiver, loop_commands, pool_bytes, ready))
             .map_err(|e| TransferError::Backend(format!("starting the UCX thread: {e}")))?;
         match started.recv() {
-            Ok(Ok(())) => Ok(Self { commands }),
+            Ok(Ok(pool)) => Ok(Self { commands, pool }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(TransferError::Backend(
                 "the UCX thread stopped while starting".into(),
@@ -110,6 +137,10 @@ impl KvTransport for UcxTransport {
             })?
         })
     }
+
+    fn export_pool(&self) -> Option<HostRange> {
+        self.pool
+    }
 }
 
 fn backend_error(what: &str, e: UcxError) -> TransferError {
@@ -120,7 +151,8 @@ fn backend_error(what: &str, e: UcxError) -> TransferError {
 fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     own_sender: mpsc::UnboundedSender<Command>,
-    ready: std::sync::mpsc::Sender<Result<(), TransferError>>,
+    pool_bytes: usize,
+    ready: std::sync::mpsc::Sender<Result<Option<HostRange>, TransferError>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -144,11 +176,18 @@ fn run(
                 let address = worker
                     .address()
                     .map_err(|e| backend_error("ucp_worker_get_address", e))?;
-                Ok((context, worker, address))
+                let pool = (pool_bytes > 0)
+                    .then(|| ExportPool::map(&context, pool_bytes))
+                    .transpose()?;
+                Ok((context, worker, address, pool))
             });
-        let (context, worker, address) = match started {
+        let (context, worker, address, mut pool) = match started {
             Ok(parts) => {
-                let _ = ready.send(Ok(()));
+                let range = parts.3.as_ref().map(|p| HostRange {
+                    ptr: p.base,
+                    len: p.slices.len(),
+                });
+                let _ = ready.send(Ok(range));
                 parts
             }
             Err(e) => {
@@ -162,49 +201,43 @@ fn run(
             tracing::error!("UCX progress loop stopped: {e}");
         });
         let endpoints = std::rc::Rc::new(EndpointCache::new(&worker));
-        let mut exports: HashMap<u64, MemoryRegion> = HashMap::new();
+        let mut exports: HashMap<u64, ExportMemory> = HashMap::new();
         let mut next_id = 1u64;
         while let Some(command) = commands.recv().await {
             match command {
                 Command::Reserve { len, reply } => {
-                    // Memory UCX allocates (a shared segment) rather than registered caller
-                    // memory: over shm a reader then maps it and copies on its own, where
-                    // registered user memory is served by messages this process must handle
-                    // (15-25x slower here, docs/benchmarks.md).
-                    let reserved = MemoryRegion::allocate(&context, len)
-                        .and_then(|mut region| {
-                            let rkey = region.pack_rkey()?;
-                            let bytes = region
-                                .bytes_mut()
-                                .expect("UCX-allocated memory is owned")
-                                .as_mut_ptr();
-                            Ok((rkey, bytes, region))
-                        })
-                        .map_err(|e| backend_error("registering the KV buffer", e))
-                        .map(|(rkey, bytes, region)| {
+                    let reserved =
+                        reserve(&context, pool.as_mut(), len).map(|(memory, rkey, bytes)| {
                             let id = next_id;
                             next_id += 1;
                             let exported = Exported {
                                 address: address.clone(),
                                 rkey,
-                                addr: region.address(),
-                                len: region.len() as u64,
+                                addr: bytes as u64,
+                                len: len as u64,
                                 keepalive: Box::new(ExportGuard {
                                     id,
                                     commands: own_sender.clone(),
                                 }),
                             };
-                            exports.insert(id, region);
-                            // SAFETY: the region's `len` bytes live in `exports` until the
-                            // guard in `exported` is dropped; only the buffer's owner writes
-                            // them before the handle goes out.
+                            exports.insert(id, memory);
+                            // SAFETY: the `len` bytes (a region of their own or a slice of the
+                            // pool) stay mapped and handed to this export until the guard in
+                            // `exported` is dropped; only the buffer's owner writes them before
+                            // the handle goes out.
                             unsafe { ExportBuffer::new(bytes, len, exported) }
                         });
                     let _ = reply.send(reserved);
                 }
-                Command::Unexport(id) => {
-                    exports.remove(&id);
-                }
+                Command::Unexport(id) => match exports.remove(&id) {
+                    Some(ExportMemory::Pooled { offset, len }) => {
+                        if let Some(pool) = pool.as_mut() {
+                            pool.slices.give_back(offset, len);
+                        }
+                    }
+                    Some(ExportMemory::Own(region)) => drop(region),
+                    None => {}
+                },
                 Command::Pull {
                     remote,
                     timeout,
@@ -223,6 +256,70 @@ fn run(
             }
         }
     });
+}
+
+impl ExportPool {
+    fn map(context: &Context, len: usize) -> Result<Self, TransferError> {
+        let mut region = MemoryRegion::allocate(context, len)
+            .map_err(|e| backend_error(&format!("mapping a {len}-byte KV export pool"), e))?;
+        let rkey = region
+            .pack_rkey()
+            .map_err(|e| backend_error("packing the export pool's key", e))?;
+        let base = region
+            .bytes_mut()
+            .expect("UCX-allocated memory is owned")
+            .as_mut_ptr();
+        let slices = SlicePool::new(region.len());
+        tracing::info!(
+            bytes = slices.len(),
+            "KV export pool mapped (UCX-allocated, registered once)"
+        );
+        Ok(Self {
+            region,
+            rkey,
+            base,
+            slices,
+        })
+    }
+}
+
+/// The memory of a new export of `len` bytes: a slice of the pool when one is free, else a
+/// region of its own. Returns it with its packed key and its first byte.
+fn reserve(
+    context: &Context,
+    pool: Option<&mut ExportPool>,
+    len: usize,
+) -> Result<(ExportMemory, Vec<u8>, *mut u8), TransferError> {
+    if let Some(pool) = pool {
+        if let Some(offset) = pool.slices.take(len) {
+            debug_assert!(offset + len <= pool.region.len());
+            // SAFETY: `offset + len` is inside the pool's region (the slice pool's bound).
+            let bytes = unsafe { pool.base.add(offset) };
+            return Ok((
+                ExportMemory::Pooled { offset, len },
+                pool.rkey.clone(),
+                bytes,
+            ));
+        }
+        tracing::debug!(
+            len,
+            free = pool.slices.free_bytes(),
+            "KV export pool has no free slice this long; mapping a region for this export"
+        );
+    }
+    // Memory UCX allocates (a shared segment) rather than registered caller memory: over shm
+    // a reader then maps it and copies on its own, where registered user memory is served by
+    // messages this process must handle (15-25x slower here, docs/benchmarks.md).
+    let mut region = MemoryRegion::allocate(context, len)
+        .map_err(|e| backend_error("registering the KV buffer", e))?;
+    let rkey = region
+        .pack_rkey()
+        .map_err(|e| backend_error("packing the KV buffer's key", e))?;
+    let bytes = region
+        .bytes_mut()
+        .expect("UCX-allocated memory is owned")
+        .as_mut_ptr();
+    Ok((ExportMemory::Own(region), rkey, bytes))
 }
 
 /// Reads the coalesced regions of `remote` into one buffer, all gets in flight at once.
@@ -304,5 +401,44 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(pulled, vec![7u8; 4096]);
+    }
+
+    #[tokio::test]
+    async fn exports_are_pool_slices_while_they_fit_and_own_regions_after() {
+        let exporter = UcxTransport::start_with_pool(1 << 20).expect("UCX starts");
+        let puller = UcxTransport::start().expect("a second UCX worker starts");
+        let pool = exporter.export_pool().expect("a pool was asked for");
+        assert_eq!(pool.len, 1 << 20);
+        assert!(puller.export_pool().is_none());
+        let in_pool = |e: &Exported| {
+            let start = pool.ptr as u64;
+            e.addr >= start && e.addr + e.len <= start + pool.len as u64
+        };
+        let read = |e: &Exported| {
+            puller.pull(
+                RemoteKv {
+                    address: e.address.clone(),
+                    rkey: e.rkey.clone(),
+                    regions: vec![(e.addr, e.len)],
+                },
+                Duration::from_secs(10),
+            )
+        };
+        let a = exporter.export(vec![1u8; 600 << 10]).await.unwrap();
+        let b = exporter.export(vec![2u8; 300 << 10]).await.unwrap();
+        // 600 KiB + 300 KiB taken: 124 KiB left, too little for this one.
+        let c = exporter.export(vec![3u8; 200 << 10]).await.unwrap();
+        assert!(in_pool(&a) && in_pool(&b), "the first two fit the pool");
+        assert!(!in_pool(&c), "the third maps a region of its own");
+        assert_eq!(read(&a).await.unwrap(), vec![1u8; 600 << 10]);
+        assert_eq!(read(&b).await.unwrap(), vec![2u8; 300 << 10]);
+        assert_eq!(read(&c).await.unwrap(), vec![3u8; 200 << 10]);
+        // A released slice is handed out again.
+        let a_addr = a.addr;
+        drop(a);
+        let d = exporter.export(vec![4u8; 500 << 10]).await.unwrap();
+        assert_eq!(d.addr, a_addr, "the freed slice is reused");
+        assert_eq!(read(&d).await.unwrap(), vec![4u8; 500 << 10]);
+        assert_eq!(read(&b).await.unwrap(), vec![2u8; 300 << 10], "b untouched");
     }
 }

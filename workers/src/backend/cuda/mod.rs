@@ -515,6 +515,15 @@ impl Backend for CudaBackend {
         self.synchronize()
     }
 
+    unsafe fn pin_host_memory(
+        &self,
+        range: crate::backend::HostRange,
+    ) -> Result<bool, BackendError> {
+        // SAFETY: the caller keeps the range mapped as long as this backend lives.
+        unsafe { self.kv_staging.pin(&self.ctx, range) }?;
+        Ok(true)
+    }
+
     fn read_kv_blocks(
         &self,
         kv: &CudaKvCache,
