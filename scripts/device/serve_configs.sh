@@ -2,25 +2,18 @@
 # Runs on the device machine: `tandem serve` with the GPU example configs, on SmolLM2-135M
 # shapes with random weights (no network there), one greedy request or two, the GPU memory each
 # worker took and the KV transfer counters; for gpu-1 also the same config split over two
-# launchers with `--only` and one nats-server. Binaries and debs come in target/device-kit
-# (stripped, gzipped release builds of tandem, worker, api-server, model-prep; .kit/debs):
+# launchers with `--only` and one nats-server. Binaries come in .kit/bin (stripped, gzipped
+# release builds of tandem, worker, api-server, model-prep; see ../shared/device/README.md):
 #
-#   K=target/device-kit; mkdir -p $K/bin $K/debs; cp .kit/debs/*.deb $K/debs/
-#   for b in tandem api-server worker model-prep; do strip -o $K/bin/$b target/release/$b; gzip -f $K/bin/$b; done
-#   # then, with target/device-kit carried:
+#   for b in tandem api-server worker model-prep; do strip -o .kit/bin/$b target/release/$b; gzip -f .kit/bin/$b; done
+#   # then, with .kit carried: source .kit/env.sh;
 #   scripts/device/serve_configs.sh gpu-1     # nvidia-h100-x1
 #   scripts/device/serve_configs.sh gpu-2     # nvidia-h200-x2
 set -uo pipefail
 config=${1:?usage: serve_configs.sh gpu-1|gpu-2}
-K=target/device-kit
-mkdir -p /tmp/kit
-for f in "$K"/debs/*.deb; do dpkg -x "$f" /tmp/kit; done
-for gz in "$K"/bin/*.gz; do gunzip -kf "$gz"; chmod +x "${gz%.gz}"; done
-export PATH="$PWD/$K/bin:/tmp/kit/usr/sbin:/tmp/kit/usr/bin:$PATH"
-export LD_LIBRARY_PATH="/tmp/kit/usr/lib/x86_64-linux-gnu:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+# shellcheck source=scripts/device/kit-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
 export RUST_LOG=info
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv
 model-prep random --preset smollm2-135m -o /tmp/m --seed 0 >/dev/null 2>&1 || { echo "model-prep failed"; exit 1; }
 
@@ -58,7 +51,7 @@ fi
 kill -TERM "$pid"
 wait "$pid"
 echo "launcher exit: $?"
-grep -E "model loaded|ERROR|WARN" "$out/$config.log" | cut -c1-400
+grep -E "model loaded|export pool|ERROR|WARN" "$out/$config.log" | cut -c1-400
 
 if [ "$config" = gpu-1 ]; then
   echo "== the same config over two launchers (--only), one nats-server"

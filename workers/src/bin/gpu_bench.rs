@@ -12,7 +12,7 @@
 //! (bytes that must move / copy bandwidth, FLOPs / GEMM rate) and the ratio to it.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -26,7 +26,7 @@ use tandem_workers::backend::{Backend, DType, HostTensor};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 use tandem_workers::sampler::device::RowRequest;
-use tandem_workers::transfer::KvTransport;
+use tandem_workers::transfer::{KvTransport, RemoteKv};
 use tandem_workers::transfer::ucx::UcxTransport;
 
 #[derive(Parser)]
@@ -537,7 +537,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     };
     let own_regions = export(&UcxTransport::start()?)?;
     let pooled = UcxTransport::start_with_pool(total as usize)?;
-    let pool = pooled.export_pool().context("the transport kept no pool")?;
+    let pool = pooled.pool().context("the transport kept no pool")?;
     // SAFETY: the transport keeps its pool mapped until the process exits.
     let pinned = unsafe { gpu.pin_host_memory(pool) }?;
     anyhow::ensure!(pinned, "the CUDA backend did not pin the export pool");
@@ -550,7 +550,40 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     );
     println!(
         "KV export ({:.1} MB): {own_regions:.1} GB/s into a UCX region of its own through the \
-         staging buffer, {pool_rate:.1} GB/s straight into the pinned export pool",
+         staging buffer, {pool_rate:.1} GB/s straight into the pinned pool",
+        total / 1e6
+    );
+
+    // A decode worker's import of that export: pulled over UCX (shared memory on this host),
+    // then written into the cache: from a fresh Vec through the staging buffer, or from a
+    // slice of the puller's pinned pool.
+    let exported = check.finish();
+    let remote = RemoteKv {
+        address: exported.address.clone(),
+        rkey: exported.rkey.clone(),
+        regions: vec![(exported.addr, exported.len)],
+    };
+    let mut import = |puller: &UcxTransport| -> Result<f64> {
+        rate(&mut || {
+            let pulled = runtime.block_on(puller.pull(remote.clone(), Duration::from_secs(30)))?;
+            gpu.write_kv_blocks(kv, blocks, &pulled)?;
+            Ok(())
+        })
+    };
+    let into_vec = import(&UcxTransport::start()?)?;
+    let pool_puller = UcxTransport::start_with_pool(total as usize)?;
+    let pool = pool_puller.pool().context("the transport kept no pool")?;
+    // SAFETY: the transport keeps its pool mapped until the process exits.
+    anyhow::ensure!(unsafe { gpu.pin_host_memory(pool) }?);
+    let into_pool = import(&pool_puller)?;
+    gpu.read_kv_blocks(kv, blocks, &mut host)?;
+    anyhow::ensure!(
+        host == snapshot,
+        "the K/V imported from the pinned pool differs"
+    );
+    println!(
+        "KV import ({:.1} MB, UCX pull + write into the cache): {into_vec:.1} GB/s through a \
+         Vec and the staging buffer, {into_pool:.1} GB/s through the pinned pool",
         total / 1e6
     );
     Ok(())

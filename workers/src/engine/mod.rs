@@ -95,12 +95,25 @@ pub enum EngineError {
     Model(#[from] crate::model::ModelError),
 }
 
+/// The bytes of an imported prefill's K/V: a `Vec`, or memory a transport lent (a slice of
+/// its pool, pinned on a GPU worker), given back when the engine drops it after writing it
+/// into the cache.
+pub trait KvSource: Send + std::fmt::Debug {
+    fn bytes(&self) -> &[u8];
+}
+
+impl KvSource for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
 /// A prompt prefilled elsewhere (a context worker): its K/V, block after block in this
 /// engine's layout, and the token sampled after it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct ImportedPrefill {
     /// `blocks_for(num_tokens)` blocks of the layout's block bytes, back to back.
-    pub kv: Vec<u8>,
+    pub kv: Box<dyn KvSource>,
     pub num_tokens: usize,
     pub first_token: SampledToken,
 }
@@ -109,7 +122,7 @@ pub struct ImportedPrefill {
 struct PendingImport {
     id: RequestId,
     seq: Sequence,
-    kv: Vec<u8>,
+    kv: Box<dyn KvSource>,
     first_token: SampledToken,
 }
 
@@ -291,10 +304,10 @@ impl<M: StepModel> Engine<M> {
             )));
         }
         let expected = layout.blocks_for(prefill.num_tokens) * layout.block_bytes();
-        if prefill.kv.len() != expected {
+        if prefill.kv.bytes().len() != expected {
             return Err(EngineError::ImportMismatch(format!(
                 "{} bytes of K/V for {} tokens, expected {expected}",
-                prefill.kv.len(),
+                prefill.kv.bytes().len(),
                 prefill.num_tokens
             )));
         }
@@ -380,7 +393,7 @@ impl<M: StepModel> Engine<M> {
                 }
             };
             self.seqs.insert(id, import.seq);
-            if let Err(e) = self.model.write_kv_blocks(&blocks, &import.kv) {
+            if let Err(e) = self.model.write_kv_blocks(&blocks, import.kv.bytes()) {
                 self.end(
                     id,
                     FinishReason::Error(format!("writing the imported KV cache: {e}")),

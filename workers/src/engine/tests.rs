@@ -396,7 +396,7 @@ fn imported_prefills_continue_exactly_like_local_ones() {
                 .import_request(
                     req(s),
                     ImportedPrefill {
-                        kv,
+                        kv: Box::new(kv),
                         num_tokens: 21,
                         first_token: first,
                     },
@@ -435,7 +435,7 @@ fn imports_wait_for_room_and_bad_imports_are_refused() {
         .import_request(
             request(prompt(7, 1), 4, SamplingParams::greedy()),
             ImportedPrefill {
-                kv: kv.clone(),
+                kv: Box::new(kv.clone()),
                 num_tokens: 7,
                 first_token: first.clone(),
             },
@@ -452,7 +452,7 @@ fn imports_wait_for_room_and_bad_imports_are_refused() {
     let wrong_len = decode.import_request(
         request(prompt(6, 1), 4, SamplingParams::greedy()),
         ImportedPrefill {
-            kv: kv.clone(),
+            kv: Box::new(kv.clone()),
             num_tokens: 7,
             first_token: first.clone(),
         },
@@ -464,7 +464,7 @@ fn imports_wait_for_room_and_bad_imports_are_refused() {
     let short = decode.import_request(
         request(prompt(7, 1), 4, SamplingParams::greedy()),
         ImportedPrefill {
-            kv: kv[1..].to_vec(),
+            kv: Box::new(kv[1..].to_vec()),
             num_tokens: 7,
             first_token: first,
         },

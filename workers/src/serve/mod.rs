@@ -108,32 +108,32 @@ pub struct ServeArgs {
     /// Context role: K/V not released by a decode worker within this time is freed.
     #[arg(long, default_value_t = 30_000, value_name = "MS")]
     pub kv_transfer_timeout_ms: u64,
-    /// Context role: MiB of host memory mapped once for exports (registered with UCX and, on
-    /// a GPU, pinned for the copy engine); an export that finds no room maps its own region.
+    /// Context and decode roles: MiB of host memory mapped once for KV transfers (registered
+    /// with UCX and, on a GPU, pinned for the copy engine): exports on a context worker, pull
+    /// destinations on a decode worker. A transfer that finds no room uses memory of its own.
     /// Default: what --max-tokens-in-buffer tokens take, at most 1024 MiB. 0: no pool.
     #[arg(long, value_name = "MIB")]
-    pub kv_export_pool_mb: Option<usize>,
+    pub kv_transfer_pool_mb: Option<usize>,
 }
 
-/// Default ceiling of the export pool.
-const DEFAULT_EXPORT_POOL_MAX_BYTES: usize = 1 << 30;
+/// Default ceiling of the transfer pool.
+const DEFAULT_TRANSFER_POOL_MAX_BYTES: usize = 1 << 30;
 
-/// Bytes of the context role's export pool: the flag's, or what `max_tokens_in_buffer`
-/// tokens take (whole blocks) up to [`DEFAULT_EXPORT_POOL_MAX_BYTES`]. Other roles export
-/// nothing.
-fn export_pool_bytes(
+/// Bytes of the transfer pool: the flag's, or what `max_tokens_in_buffer` tokens take (whole
+/// blocks) up to [`DEFAULT_TRANSFER_POOL_MAX_BYTES`]. A `both` worker transfers nothing.
+fn transfer_pool_bytes(
     role: RoleArg,
     flag_mib: Option<usize>,
     max_tokens_in_buffer: usize,
     layout: &crate::kv_cache::KvLayout,
 ) -> usize {
-    if role != RoleArg::Context {
+    if role == RoleArg::Both {
         return 0;
     }
     match flag_mib {
         Some(mib) => mib << 20,
         None => (max_tokens_in_buffer.div_ceil(layout.block_size) * layout.block_bytes())
-            .min(DEFAULT_EXPORT_POOL_MAX_BYTES),
+            .min(DEFAULT_TRANSFER_POOL_MAX_BYTES),
     }
 }
 
@@ -221,9 +221,9 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         started.elapsed().as_secs_f64()
     );
 
-    let pool_bytes = export_pool_bytes(
+    let pool_bytes = transfer_pool_bytes(
         role,
-        args.kv_export_pool_mb,
+        args.kv_transfer_pool_mb,
         args.max_tokens_in_buffer,
         &layout,
     );
@@ -233,16 +233,16 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         .enable_all()
         .build()
         .map_err(ServeError::Thread)?;
-    if let Some(pool) = transport.export_pool() {
+    if let Some(pool) = transport.pool() {
         // SAFETY: the transport keeps its pool mapped until the process exits.
         match runtime.block_on(unsafe { handle.pin_host_memory(pool) }) {
             Ok(true) => tracing::info!(
                 mib = pool.len >> 20,
-                "KV export pool pinned: the device copies exports straight into it"
+                "KV transfer pool pinned: the device copies straight to and from it"
             ),
             Ok(false) => {}
             Err(e) => tracing::warn!(
-                "pinning the KV export pool failed ({e}); exports are copied through the \
+                "pinning the KV transfer pool failed ({e}); transfers are copied through the \
                  backend's staging buffer instead"
             ),
         }
@@ -290,7 +290,7 @@ mod tests {
     use crate::kv_cache::{KvDType, KvLayout};
 
     #[test]
-    fn the_export_pool_holds_the_token_budget_up_to_a_ceiling_and_only_for_context_workers() {
+    fn the_transfer_pool_holds_the_token_budget_up_to_a_ceiling_on_context_and_decode_workers() {
         // SmolLM2-135M: 368,640 bytes per 16-token block.
         let smollm2 = KvLayout {
             num_layers: 30,
@@ -300,24 +300,29 @@ mod tests {
             dtype: KvDType::Bf16,
         };
         assert_eq!(
-            export_pool_bytes(RoleArg::Context, None, 1000, &smollm2),
+            transfer_pool_bytes(RoleArg::Context, None, 1000, &smollm2),
             63 * 368_640,
             "1000 tokens are 63 whole blocks"
         );
         assert_eq!(
-            export_pool_bytes(RoleArg::Context, None, 65536, &smollm2),
-            DEFAULT_EXPORT_POOL_MAX_BYTES
+            transfer_pool_bytes(RoleArg::Context, None, 65536, &smollm2),
+            DEFAULT_TRANSFER_POOL_MAX_BYTES
         );
         assert_eq!(
-            export_pool_bytes(RoleArg::Context, Some(64), 65536, &smollm2),
+            transfer_pool_bytes(RoleArg::Context, Some(64), 65536, &smollm2),
             64 << 20
         );
         assert_eq!(
-            export_pool_bytes(RoleArg::Context, Some(0), 65536, &smollm2),
+            transfer_pool_bytes(RoleArg::Context, Some(0), 65536, &smollm2),
             0
         );
-        for role in [RoleArg::Both, RoleArg::Decode] {
-            assert_eq!(export_pool_bytes(role, Some(64), 65536, &smollm2), 0);
-        }
+        assert_eq!(
+            transfer_pool_bytes(RoleArg::Decode, None, 1000, &smollm2),
+            63 * 368_640
+        );
+        assert_eq!(
+            transfer_pool_bytes(RoleArg::Both, Some(64), 65536, &smollm2),
+            0
+        );
     }
 }

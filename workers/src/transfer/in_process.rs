@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use super::{BoxFuture, ExportBuffer, Exported, KvTransport, RemoteKv, TransferError};
+use super::{BoxFuture, ExportBuffer, Exported, KvTransport, PulledKv, RemoteKv, TransferError};
 
 /// Exported buffers by key: address and length of memory owned by the key's [`Registration`].
 type Registry = Mutex<HashMap<u64, (usize, usize)>>;
@@ -75,7 +75,7 @@ impl KvTransport for InProcessTransport {
         &self,
         remote: RemoteKv,
         _timeout: Duration,
-    ) -> BoxFuture<Result<Vec<u8>, TransferError>> {
+    ) -> BoxFuture<Result<PulledKv, TransferError>> {
         Box::pin(async move {
             let key: [u8; 8] =
                 remote.rkey.as_slice().try_into().map_err(|_| {
@@ -102,7 +102,7 @@ impl KvTransport for InProcessTransport {
                 };
                 out.extend_from_slice(&buffer[start as usize..(start + len) as usize]);
             }
-            Ok(out)
+            Ok(out.into())
         })
     }
 }
@@ -131,7 +131,7 @@ mod tests {
             .pull(remote.clone(), Duration::from_secs(1))
             .await
             .unwrap();
-        assert_eq!(pulled, data);
+        assert_eq!(*pulled, *data);
 
         let outside = RemoteKv {
             regions: vec![(exported.addr + 4000, 200)],
@@ -169,6 +169,6 @@ mod tests {
             .chain(0..1000)
             .map(|i: usize| (i % 251) as u8)
             .collect();
-        assert_eq!(pulled, expected);
+        assert_eq!(*pulled, *expected);
     }
 }

@@ -137,17 +137,92 @@ pub trait KvTransport: Send + Sync + 'static {
             Ok(buffer.finish())
         })
     }
-    /// Reads `remote`'s regions into one buffer, failing with
-    /// [`TransferError::Unavailable`] after `timeout` rather than waiting on a dead peer.
+    /// Reads `remote`'s regions into one buffer (a slice of the pool when there is room),
+    /// failing with [`TransferError::Unavailable`] after `timeout` rather than waiting on a
+    /// dead peer.
     fn pull(
         &self,
         remote: RemoteKv,
         timeout: Duration,
-    ) -> BoxFuture<Result<Vec<u8>, TransferError>>;
-    /// The long-lived region [`Self::reserve`] hands out slices of, if it keeps one: the
-    /// memory a device backend pins once so its copies land in exports directly.
-    fn export_pool(&self) -> Option<HostRange> {
+    ) -> BoxFuture<Result<PulledKv, TransferError>>;
+    /// The long-lived region exports and pulls take slices of, if the transport keeps one:
+    /// the memory a device backend pins once so its copies go straight to and from it.
+    fn pool(&self) -> Option<HostRange> {
         None
+    }
+}
+
+/// K/V read by [`KvTransport::pull`]: in a `Vec`, or in a slice of the transport's pool
+/// (its pages faulted once, and pinned on a GPU worker), handed back when this is dropped.
+pub struct PulledKv {
+    bytes: *mut u8,
+    len: usize,
+    lent: bool,
+    /// What keeps the bytes: the `Vec` (its heap buffer does not move with it), or the guard
+    /// that hands the pool slice back when dropped.
+    _owner: Box<dyn Send + Sync>,
+}
+
+// SAFETY: `bytes` points at `len` bytes kept by `_owner`, reached only through this value.
+unsafe impl Send for PulledKv {}
+unsafe impl Sync for PulledKv {}
+
+impl PulledKv {
+    /// # Safety
+    /// `bytes` must point at `len` bytes that nothing else touches and that stay valid until
+    /// `guard` is dropped.
+    pub unsafe fn lent(bytes: *mut u8, len: usize, guard: Box<dyn Send + Sync>) -> Self {
+        Self {
+            bytes,
+            len,
+            lent: true,
+            _owner: guard,
+        }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: see the type's `Send` note and `lent`.
+        unsafe { std::slice::from_raw_parts_mut(self.bytes, self.len) }
+    }
+
+    /// Whether the bytes are a slice of the transport's pool.
+    pub fn is_lent(&self) -> bool {
+        self.lent
+    }
+}
+
+impl From<Vec<u8>> for PulledKv {
+    fn from(mut bytes: Vec<u8>) -> Self {
+        Self {
+            bytes: bytes.as_mut_ptr(),
+            len: bytes.len(),
+            lent: false,
+            _owner: Box::new(bytes),
+        }
+    }
+}
+
+impl std::ops::Deref for PulledKv {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: see the type's `Send` note.
+        unsafe { std::slice::from_raw_parts(self.bytes, self.len) }
+    }
+}
+
+impl std::fmt::Debug for PulledKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PulledKv")
+            .field("len", &self.len)
+            .field("lent", &self.is_lent())
+            .finish()
+    }
+}
+
+impl crate::engine::KvSource for PulledKv {
+    fn bytes(&self) -> &[u8] {
+        self
     }
 }
 

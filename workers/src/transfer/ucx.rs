@@ -10,8 +10,9 @@
 //! messages that the *exporting* side must progress, so a context worker serves its exports
 //! from this loop.
 //!
-//! Exports are slices of one region mapped at start (the export pool, [`super::pool`]) when
-//! the worker asked for one and the slice fits; otherwise each maps a region of its own.
+//! Exports and pull destinations are slices of one region mapped at start (the pool,
+//! [`super::pool`]) when the worker asked for one and the slice fits; otherwise an export maps
+//! a region of its own and a pull reads into a `Vec`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,7 +21,9 @@ use tandem_ucx::{Context, EndpointCache, GetOp, MemoryRegion, RemoteKey, UcxErro
 use tokio::sync::{mpsc, oneshot};
 
 use super::pool::SlicePool;
-use super::{BoxFuture, ExportBuffer, Exported, HostRange, KvTransport, RemoteKv, TransferError};
+use super::{
+    BoxFuture, ExportBuffer, Exported, HostRange, KvTransport, PulledKv, RemoteKv, TransferError,
+};
 
 enum Command {
     Reserve {
@@ -31,7 +34,12 @@ enum Command {
     Pull {
         remote: RemoteKv,
         timeout: Duration,
-        reply: oneshot::Sender<Result<Vec<u8>, TransferError>>,
+        reply: oneshot::Sender<Result<PulledKv, TransferError>>,
+    },
+    /// A pulled slice of the pool is no longer needed.
+    GiveBack {
+        offset: usize,
+        len: usize,
     },
 }
 
@@ -49,8 +57,8 @@ enum ExportMemory {
     Pooled { offset: usize, len: usize },
 }
 
-/// The export pool: one region, registered once, and its free slices.
-struct ExportPool {
+/// The pool: one region, registered once, and its free slices.
+struct KvPool {
     region: MemoryRegion,
     rkey: Vec<u8>,
     base: *mut u8,
@@ -70,6 +78,22 @@ impl Drop for ExportGuard {
     }
 }
 
+/// Hands a pulled slice back to the pool when its bytes are no longer needed.
+struct LentSlice {
+    offset: usize,
+    len: usize,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Drop for LentSlice {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::GiveBack {
+            offset: self.offset,
+            len: self.len,
+        });
+    }
+}
+
 impl UcxTransport {
     /// Starts the `ucx` thread: UCX context and worker (reading UCX's own environment, e.g.
     /// `UCX_TLS`), and the progress loop. No export pool.
@@ -77,8 +101,8 @@ impl UcxTransport {
         Self::start_with_pool(0)
     }
 
-    /// [`Self::start`] with an export pool of `pool_bytes` (0: none), mapped and registered
-    /// now. The pool lives as long as the process: the `ucx` thread never ends.
+    /// [`Self::start`] with a pool of `pool_bytes` (0: none) for exports and pulls, mapped
+    /// and registered now. The pool lives as long as the process: the `ucx` thread never ends.
     pub fn start_with_pool(pool_bytes: usize) -> Result<Self, TransferError> {
         let (commands, receiver) = mpsc::unbounded_channel();
         let (ready, started) = std::sync::mpsc::channel();
@@ -123,7 +147,7 @@ impl KvTransport for UcxTransport {
         &self,
         remote: RemoteKv,
         timeout: Duration,
-    ) -> BoxFuture<Result<Vec<u8>, TransferError>> {
+    ) -> BoxFuture<Result<PulledKv, TransferError>> {
         let (reply, answer) = oneshot::channel();
         let sent = self.send(Command::Pull {
             remote,
@@ -138,7 +162,7 @@ impl KvTransport for UcxTransport {
         })
     }
 
-    fn export_pool(&self) -> Option<HostRange> {
+    fn pool(&self) -> Option<HostRange> {
         self.pool
     }
 }
@@ -177,7 +201,7 @@ fn run(
                     .address()
                     .map_err(|e| backend_error("ucp_worker_get_address", e))?;
                 let pool = (pool_bytes > 0)
-                    .then(|| ExportPool::map(&context, pool_bytes))
+                    .then(|| KvPool::map(&context, pool_bytes))
                     .transpose()?;
                 Ok((context, worker, address, pool))
             });
@@ -238,14 +262,24 @@ fn run(
                     Some(ExportMemory::Own(region)) => drop(region),
                     None => {}
                 },
+                Command::GiveBack { offset, len } => {
+                    if let Some(pool) = pool.as_mut() {
+                        pool.slices.give_back(offset, len);
+                    }
+                }
                 Command::Pull {
                     remote,
                     timeout,
                     reply,
                 } => {
                     let endpoints = std::rc::Rc::clone(&endpoints);
+                    let len = remote.total_len() as usize;
+                    let lent = pool
+                        .as_mut()
+                        .and_then(|pool| pool.lend(len, own_sender.clone()));
                     tokio::task::spawn_local(async move {
-                        let result = pull(&endpoints, &remote, timeout).await;
+                        let into = lent.unwrap_or_else(|| vec![0u8; len].into());
+                        let result = pull(&endpoints, &remote, timeout, into).await;
                         if result.is_err() {
                             // A failed endpoint is not reused; the next pull reconnects.
                             endpoints.remove(&remote.address);
@@ -258,13 +292,13 @@ fn run(
     });
 }
 
-impl ExportPool {
+impl KvPool {
     fn map(context: &Context, len: usize) -> Result<Self, TransferError> {
         let mut region = MemoryRegion::allocate(context, len)
-            .map_err(|e| backend_error(&format!("mapping a {len}-byte KV export pool"), e))?;
+            .map_err(|e| backend_error(&format!("mapping a {len}-byte KV transfer pool"), e))?;
         let rkey = region
             .pack_rkey()
-            .map_err(|e| backend_error("packing the export pool's key", e))?;
+            .map_err(|e| backend_error("packing the KV pool's key", e))?;
         let base = region
             .bytes_mut()
             .expect("UCX-allocated memory is owned")
@@ -272,7 +306,7 @@ impl ExportPool {
         let slices = SlicePool::new(region.len());
         tracing::info!(
             bytes = slices.len(),
-            "KV export pool mapped (UCX-allocated, registered once)"
+            "KV transfer pool mapped (UCX-allocated, registered once)"
         );
         Ok(Self {
             region,
@@ -283,11 +317,28 @@ impl ExportPool {
     }
 }
 
+impl KvPool {
+    /// A slice of `len` bytes for a pull to read into, handed back (through `commands`)
+    /// when the returned bytes are dropped; None when the pool has no room.
+    fn lend(&mut self, len: usize, commands: mpsc::UnboundedSender<Command>) -> Option<PulledKv> {
+        let offset = self.slices.take(len)?;
+        let guard = LentSlice {
+            offset,
+            len,
+            commands,
+        };
+        // SAFETY: `offset + len` is inside the region (the slice pool's bound), which stays
+        // mapped for the process's life; the slice is this value's alone until the guard
+        // hands it back.
+        Some(unsafe { PulledKv::lent(self.base.add(offset), len, Box::new(guard)) })
+    }
+}
+
 /// The memory of a new export of `len` bytes: a slice of the pool when one is free, else a
 /// region of its own. Returns it with its packed key and its first byte.
 fn reserve(
     context: &Context,
-    pool: Option<&mut ExportPool>,
+    pool: Option<&mut KvPool>,
     len: usize,
 ) -> Result<(ExportMemory, Vec<u8>, *mut u8), TransferError> {
     if let Some(pool) = pool {
@@ -304,7 +355,7 @@ fn reserve(
         tracing::debug!(
             len,
             free = pool.slices.free_bytes(),
-            "KV export pool has no free slice this long; mapping a region for this export"
+            "KV transfer pool has no free slice this long; mapping a region for this export"
         );
     }
     // Memory UCX allocates (a shared segment) rather than registered caller memory: over shm
@@ -322,27 +373,28 @@ fn reserve(
     Ok((ExportMemory::Own(region), rkey, bytes))
 }
 
-/// Reads the coalesced regions of `remote` into one buffer, all gets in flight at once.
+/// Reads the coalesced regions of `remote` into `into` (their total length), all gets in
+/// flight at once.
 async fn pull(
     endpoints: &EndpointCache,
     remote: &RemoteKv,
     timeout: Duration,
-) -> Result<Vec<u8>, TransferError> {
+    mut into: PulledKv,
+) -> Result<PulledKv, TransferError> {
     let regions = remote.coalesced();
     let (Some(start), Some(end)) = (
         regions.iter().map(|&(addr, _)| addr).min(),
         regions.iter().map(|&(addr, len)| addr + len).max(),
     ) else {
-        return Ok(Vec::new());
+        return Ok(into);
     };
     let endpoint = endpoints
         .get(&remote.address)
         .map_err(|e| TransferError::Unavailable(format!("connecting to the KV source: {e}")))?;
     let rkey = RemoteKey::unpack(&endpoint, &remote.rkey, start, (end - start) as usize)
         .map_err(|e| TransferError::InvalidHandle(format!("remote key: {e}")))?;
-    let mut buffer = vec![0u8; remote.total_len() as usize];
     let mut ops = Vec::with_capacity(regions.len());
-    let mut rest = buffer.as_mut_slice();
+    let mut rest = into.bytes_mut();
     for &(addr, len) in &regions {
         let (local, tail) = rest.split_at_mut(len as usize);
         rest = tail;
@@ -353,10 +405,10 @@ async fn pull(
         });
     }
     // SAFETY: the future is awaited to completion right here (never leaked); the buffers are
-    // disjoint slices of `buffer`, borrowed by the ops until then.
+    // disjoint slices of `into`, borrowed by the ops until then.
     let result = unsafe { endpoint.get_all(ops, timeout) }.await;
     result.map_err(|e| TransferError::Unavailable(format!("reading the KV cache: {e}")))?;
-    Ok(buffer)
+    Ok(into)
 }
 
 #[cfg(test)]
@@ -383,7 +435,7 @@ mod tests {
             .pull(remote.clone(), Duration::from_secs(10))
             .await
             .unwrap();
-        assert!(pulled == data, "pulled bytes differ");
+        assert!(*pulled == *data, "pulled bytes differ");
         // Released: a later pull of the same regions finds nothing registered. Over shm the
         // memory may still be mapped, so only check that the export can be dropped and a new
         // one is independent.
@@ -400,16 +452,16 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(pulled, vec![7u8; 4096]);
+        assert_eq!(*pulled, [7u8; 4096]);
     }
 
     #[tokio::test]
     async fn exports_are_pool_slices_while_they_fit_and_own_regions_after() {
         let exporter = UcxTransport::start_with_pool(1 << 20).expect("UCX starts");
         let puller = UcxTransport::start().expect("a second UCX worker starts");
-        let pool = exporter.export_pool().expect("a pool was asked for");
+        let pool = exporter.pool().expect("a pool was asked for");
         assert_eq!(pool.len, 1 << 20);
-        assert!(puller.export_pool().is_none());
+        assert!(puller.pool().is_none());
         let in_pool = |e: &Exported| {
             let start = pool.ptr as u64;
             e.addr >= start && e.addr + e.len <= start + pool.len as u64
@@ -430,15 +482,48 @@ mod tests {
         let c = exporter.export(vec![3u8; 200 << 10]).await.unwrap();
         assert!(in_pool(&a) && in_pool(&b), "the first two fit the pool");
         assert!(!in_pool(&c), "the third maps a region of its own");
-        assert_eq!(read(&a).await.unwrap(), vec![1u8; 600 << 10]);
-        assert_eq!(read(&b).await.unwrap(), vec![2u8; 300 << 10]);
-        assert_eq!(read(&c).await.unwrap(), vec![3u8; 200 << 10]);
+        assert_eq!(read(&a).await.unwrap().to_vec(), vec![1u8; 600 << 10]);
+        assert_eq!(read(&b).await.unwrap().to_vec(), vec![2u8; 300 << 10]);
+        assert_eq!(read(&c).await.unwrap().to_vec(), vec![3u8; 200 << 10]);
         // A released slice is handed out again.
         let a_addr = a.addr;
         drop(a);
         let d = exporter.export(vec![4u8; 500 << 10]).await.unwrap();
         assert_eq!(d.addr, a_addr, "the freed slice is reused");
-        assert_eq!(read(&d).await.unwrap(), vec![4u8; 500 << 10]);
-        assert_eq!(read(&b).await.unwrap(), vec![2u8; 300 << 10], "b untouched");
+        assert_eq!(read(&d).await.unwrap().to_vec(), vec![4u8; 500 << 10]);
+        assert_eq!(
+            read(&b).await.unwrap().to_vec(),
+            vec![2u8; 300 << 10],
+            "b untouched"
+        );
+    }
+
+    #[tokio::test]
+    async fn pulls_read_into_pool_slices_while_they_fit_and_into_vecs_after() {
+        let exporter = UcxTransport::start().expect("UCX starts");
+        let puller = UcxTransport::start_with_pool(1 << 20).expect("a second UCX worker starts");
+        let data: Vec<u8> = (0..600u32 << 10).map(|i| ((i * 13) >> 2) as u8).collect();
+        let exported = exporter.export(data.clone()).await.unwrap();
+        let remote = RemoteKv {
+            address: exported.address.clone(),
+            rkey: exported.rkey.clone(),
+            regions: vec![(exported.addr, exported.len)],
+        };
+        let pull = || puller.pull(remote.clone(), Duration::from_secs(10));
+        let first = pull().await.unwrap();
+        assert!(first.is_lent(), "the first pull reads into the pool");
+        let second = pull().await.unwrap();
+        assert!(!second.is_lent(), "no room left for a second: a Vec");
+        assert!(*first == *data && *second == *data);
+        let first_at = first.as_ptr();
+        drop(first);
+        let third = pull().await.unwrap();
+        assert!(third.is_lent());
+        assert_eq!(
+            third.as_ptr(),
+            first_at,
+            "the slice given back is lent again"
+        );
+        assert!(*third == *data);
     }
 }

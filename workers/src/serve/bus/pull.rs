@@ -77,7 +77,7 @@ impl Worker {
                         )
                         .await;
                     let prefill = ImportedPrefill {
-                        kv,
+                        kv: Box::new(kv),
                         num_tokens: handle.num_tokens as usize,
                         first_token: SampledToken {
                             id: handle.first_token.id,
@@ -125,7 +125,7 @@ impl Worker {
     pub(super) async fn pull(
         &self,
         handle: &KvHandle,
-    ) -> Result<Vec<u8>, crate::transfer::TransferError> {
+    ) -> Result<crate::transfer::PulledKv, crate::transfer::TransferError> {
         use crate::transfer::TransferError;
         if handle.backend != self.settings.transport.backend() {
             return Err(TransferError::InvalidHandle(format!(
