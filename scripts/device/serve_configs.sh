@@ -51,7 +51,7 @@ fi
 kill -TERM "$pid"
 wait "$pid"
 echo "launcher exit: $?"
-grep -E "model loaded|export pool|ERROR|WARN" "$out/$config.log" | cut -c1-400
+grep -E "model loaded|transfer pool|ERROR|WARN" "$out/$config.log" | cut -c1-400
 
 if [ "$config" = gpu-1 ]; then
   echo "== the same config over two launchers (--only), one nats-server"
@@ -66,7 +66,7 @@ if [ "$config" = gpu-1 ]; then
   wait_line "$out/workers.log" "tandem: started" 60 && grep "tandem: started" "$out/workers.log"
   wait_line "$out/front.log" "tandem: serving" 60 && grep "tandem: serving" "$out/front.log"
   for _ in $(seq 1 150); do
-    curl -sS -m 2 http://127.0.0.1:8200/health | grep -q '"context":1' && break
+    curl -sS -m 2 http://127.0.0.1:8200/health | grep -q '"context":1,"decode":1' && break
     sleep 1
   done
   curl -sS http://127.0.0.1:8200/health

@@ -8,8 +8,9 @@
 //! context worker does, and pulls it: once as tandem pulls (the blocks are one contiguous
 //! staged buffer, so adjacent regions coalesce into one get), once block by block (every other
 //! block, so no two regions are adjacent: one get per block, as a read straight out of a paged
-//! cache would be). Run it under `UCX_TLS=shm` and `UCX_TLS=tcp` to compare transports; the
-//! child inherits the environment.
+//! cache would be), each into a fresh `Vec` and into a slice of a pool (as a decode worker
+//! with `--kv-transfer-pool-mb` pulls). Run it under `UCX_TLS=shm` and `UCX_TLS=tcp` to
+//! compare transports; the child inherits the environment.
 //!
 //! Before the pulls it times the context worker's side for the same requests: the K/V copied
 //! out of a cache into a fresh `Vec` and exported from there (a second copy, into UCX's
@@ -162,8 +163,15 @@ fn main() -> anyhow::Result<()> {
         std::env::var("UCX_TLS").unwrap_or_else(|_| "(default)".into())
     );
     export_costs(&runtime, &puller, tokens, iters)?;
+    // A decode worker's puller: into a fresh Vec per pull, or into a slice of its pool.
+    let largest = LAYOUTS
+        .iter()
+        .map(|l| block_bytes(l, 64) * tokens.div_ceil(64))
+        .max()
+        .unwrap_or(0);
+    let pool_puller = UcxTransport::start_with_pool(largest).context("starting UCX with a pool")?;
     println!(
-        "| layout | block tokens | block bytes | request MiB | gets | mean ms | GB/s |\n|---|---|---|---|---|---|---|"
+        "| layout | block tokens | block bytes | request MiB | gets | Vec ms | Vec GB/s | pool ms | pool GB/s |\n|---|---|---|---|---|---|---|---|---|"
     );
     for layout in &LAYOUTS {
         for block_tokens in [16usize, 64] {
@@ -193,22 +201,29 @@ fn main() -> anyhow::Result<()> {
                         .collect(),
                 };
                 let gets = remote.coalesced().len();
-                // Warm-up: connection and registration caches.
-                runtime.block_on(puller.pull(remote.clone(), Duration::from_secs(30)))?;
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let pulled =
-                        runtime.block_on(puller.pull(remote.clone(), Duration::from_secs(30)))?;
-                    assert_eq!(pulled.len(), blocks * block);
-                }
-                let seconds = start.elapsed().as_secs_f64() / iters as f64;
+                let mean_seconds = |puller: &UcxTransport, lent: bool| -> anyhow::Result<f64> {
+                    // Warm-up: connection and registration caches.
+                    runtime.block_on(puller.pull(remote.clone(), Duration::from_secs(30)))?;
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let pulled = runtime
+                            .block_on(puller.pull(remote.clone(), Duration::from_secs(30)))?;
+                        assert_eq!(pulled.len(), blocks * block);
+                        assert_eq!(pulled.is_lent(), lent);
+                    }
+                    Ok(start.elapsed().as_secs_f64() / iters as f64)
+                };
+                let into_vec = mean_seconds(&puller, false)?;
+                let into_pool = mean_seconds(&pool_puller, true)?;
                 let bytes = (blocks * block) as f64;
                 println!(
-                    "| {} | {block_tokens} | {block} | {:.1} | {gets} ({label}) | {:.2} | {:.2} |",
+                    "| {} | {block_tokens} | {block} | {:.1} | {gets} ({label}) | {:.2} | {:.2} | {:.2} | {:.2} |",
                     layout.name,
                     bytes / (1 << 20) as f64,
-                    seconds * 1e3,
-                    bytes / seconds / 1e9
+                    into_vec * 1e3,
+                    bytes / into_vec / 1e9,
+                    into_pool * 1e3,
+                    bytes / into_pool / 1e9
                 );
             }
             drop(child.stdin.take());
