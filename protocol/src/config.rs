@@ -78,6 +78,9 @@ pub struct CacheTransceiverConfig {
     pub max_tokens_in_buffer: Option<usize>,
     /// Pinned KV blocks not pulled within this time are freed.
     pub kv_transfer_timeout_ms: Option<u64>,
+    /// (tandem) MiB of host memory each context and decode worker maps once for transfers
+    /// (registered with UCX, pinned on a GPU); 0: none.
+    pub transfer_pool_mb: Option<usize>,
 }
 
 /// TensorRT-LLM's `kv_cache_config` plus tandem's block settings.

@@ -266,6 +266,15 @@ fn sampling_summaries_on_the_device_equal_the_host_reference() {
     assert_eq!(got[0].non_finite, 2);
 }
 
+/// The tiny model on the GPU with a bf16 KV cache (the layout of real transfers).
+fn tiny_bf16_kv_on_the_gpu() -> Model<CudaBackend> {
+    let gpu = CudaBackend::new(&CudaOptions::default()).unwrap();
+    let options = ModelOptions {
+        kv_dtype: Some(KvDType::Bf16),
+    };
+    Model::load(&model_dir(), gpu, &options).unwrap()
+}
+
 /// The batched KV block copies (pinned staging, in chunks when a request is larger than the
 /// staging buffer) move the same bytes as one-block copies, in the order asked for, and a
 /// prompt's K/V written into another cache reproduces its logits.
@@ -274,11 +283,7 @@ fn kv_blocks_round_trip_through_pinned_staging() {
     if no_gpu() {
         return;
     }
-    let gpu = CudaBackend::new(&CudaOptions::default()).unwrap();
-    let options = ModelOptions {
-        kv_dtype: Some(KvDType::Bf16),
-    };
-    let model = Model::load(&model_dir(), gpu, &options).unwrap();
+    let model = tiny_bf16_kv_on_the_gpu();
     let layout = model.kv_layout(16);
     let block_bytes = layout.block_bytes();
     // Enough blocks that one request spans several 64 MiB staging chunks.
@@ -339,16 +344,14 @@ fn kv_blocks_round_trip_through_pinned_staging() {
     assert_eq!(got, expected, "logits after the copied K/V differ");
 }
 
+/// Host memory pinned in place (the transfer pool's role) is copied to and from directly,
+/// and the bytes are those of the staged path.
 #[test]
 fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
     if no_gpu() {
         return;
     }
-    let gpu = CudaBackend::new(&CudaOptions::default()).unwrap();
-    let options = ModelOptions {
-        kv_dtype: Some(KvDType::Bf16),
-    };
-    let model = Model::load(&model_dir(), gpu, &options).unwrap();
+    let model = tiny_bf16_kv_on_the_gpu();
     let block_bytes = model.kv_layout(16).block_bytes();
     let num_blocks = 24;
     let mut kv = model.alloc_kv_cache(16, num_blocks).unwrap();

@@ -26,8 +26,8 @@ use tandem_workers::backend::{Backend, DType, HostTensor};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 use tandem_workers::sampler::device::RowRequest;
-use tandem_workers::transfer::{KvTransport, RemoteKv};
 use tandem_workers::transfer::ucx::UcxTransport;
+use tandem_workers::transfer::{KvTransport, RemoteKv};
 
 #[derive(Parser)]
 #[command(about = "Check the CUDA backend against the CPU backend, and time it")]

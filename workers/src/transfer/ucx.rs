@@ -292,17 +292,30 @@ fn run(
     });
 }
 
+/// `len` bytes UCX allocates and registers, with their packed key and first byte.
+///
+/// Memory UCX allocates (a shared segment) rather than registered caller memory: over shm a
+/// reader then maps it and copies on its own, where registered user memory is served by
+/// messages this process must handle (15-25x slower here, docs/benchmarks.md).
+fn map_region(
+    context: &Context,
+    len: usize,
+) -> Result<(MemoryRegion, Vec<u8>, *mut u8), TransferError> {
+    let mut region = MemoryRegion::allocate(context, len)
+        .map_err(|e| backend_error(&format!("mapping {len} bytes for KV transfers"), e))?;
+    let rkey = region
+        .pack_rkey()
+        .map_err(|e| backend_error("packing a KV region's key", e))?;
+    let base = region
+        .bytes_mut()
+        .expect("UCX-allocated memory is owned")
+        .as_mut_ptr();
+    Ok((region, rkey, base))
+}
+
 impl KvPool {
     fn map(context: &Context, len: usize) -> Result<Self, TransferError> {
-        let mut region = MemoryRegion::allocate(context, len)
-            .map_err(|e| backend_error(&format!("mapping a {len}-byte KV transfer pool"), e))?;
-        let rkey = region
-            .pack_rkey()
-            .map_err(|e| backend_error("packing the KV pool's key", e))?;
-        let base = region
-            .bytes_mut()
-            .expect("UCX-allocated memory is owned")
-            .as_mut_ptr();
+        let (region, rkey, base) = map_region(context, len)?;
         let slices = SlicePool::new(region.len());
         tracing::info!(
             bytes = slices.len(),
@@ -358,18 +371,7 @@ fn reserve(
             "KV transfer pool has no free slice this long; mapping a region for this export"
         );
     }
-    // Memory UCX allocates (a shared segment) rather than registered caller memory: over shm
-    // a reader then maps it and copies on its own, where registered user memory is served by
-    // messages this process must handle (15-25x slower here, docs/benchmarks.md).
-    let mut region = MemoryRegion::allocate(context, len)
-        .map_err(|e| backend_error("registering the KV buffer", e))?;
-    let rkey = region
-        .pack_rkey()
-        .map_err(|e| backend_error("packing the KV buffer's key", e))?;
-    let bytes = region
-        .bytes_mut()
-        .expect("UCX-allocated memory is owned")
-        .as_mut_ptr();
+    let (region, rkey, bytes) = map_region(context, len)?;
     Ok((ExportMemory::Own(region), rkey, bytes))
 }
 
