@@ -6,9 +6,10 @@
 //! hands it over ([`crate::engine::Engine::take_retained_kv_into`]): its blocks back to back in
 //! one host buffer. The context worker *reserves* an export of that size (memory the transport
 //! allocates and registers for remote reads), has the engine copy the blocks straight into it
-//! (a GPU worker through its pinned staging buffer) and describes it in the KV handle, one
-//! region per block; the decode worker *pulls* the regions into a buffer of its own and imports
-//! it into its engine.
+//! and describes it in the KV handle, one region per block; the decode worker *pulls* the
+//! regions into a buffer of its own and imports it into its engine. Both buffers are slices of
+//! the transport's pool when it keeps one ([`pool`]; registered once, and pinned once by a GPU
+//! worker, whose copy engine then reads and writes them directly).
 //!
 //! Why a staged host buffer rather than reads straight from the cache: the engine's blocks are
 //! free again the moment the copy is taken (the context worker's cache is not held hostage by
