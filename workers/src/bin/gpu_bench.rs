@@ -554,36 +554,39 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
         total / 1e6
     );
 
-    // A decode worker's import of that export: pulled over UCX (shared memory on this host),
-    // then written into the cache: from a fresh Vec through the staging buffer, or from a
-    // slice of the puller's pinned pool.
+    // A decode worker's import of that export: pulled over UCX (both transports in this
+    // process, so tcp loopback unless UCX_TLS says otherwise), then written into the cache,
+    // from a fresh Vec through the staging buffer or from a slice of the puller's pinned
+    // pool. The pull and the write are timed apart: the write is what the pool changes.
     let exported = check.finish();
     let remote = RemoteKv {
         address: exported.address.clone(),
         rkey: exported.rkey.clone(),
         regions: vec![(exported.addr, exported.len)],
     };
-    let mut import = |puller: &UcxTransport| -> Result<f64> {
-        rate(&mut || {
-            let pulled = runtime.block_on(puller.pull(remote.clone(), Duration::from_secs(30)))?;
-            gpu.write_kv_blocks(kv, blocks, &pulled)?;
-            Ok(())
-        })
-    };
-    let into_vec = import(&UcxTransport::start()?)?;
     let pool_puller = UcxTransport::start_with_pool(total as usize)?;
     let pool = pool_puller.pool().context("the transport kept no pool")?;
     // SAFETY: the transport keeps its pool mapped until the process exits.
     anyhow::ensure!(unsafe { gpu.pin_host_memory(pool) }?);
-    let into_pool = import(&pool_puller)?;
+    let mut import = |puller: &UcxTransport, lent: bool| -> Result<(f64, f64)> {
+        let pull = || runtime.block_on(puller.pull(remote.clone(), Duration::from_secs(30)));
+        let pull_rate = rate(&mut || pull().map(drop).map_err(Into::into))?;
+        let pulled = pull()?;
+        anyhow::ensure!(pulled.is_lent() == lent, "pulled into the wrong memory");
+        let write_rate = rate(&mut || Ok(gpu.write_kv_blocks(kv, blocks, &pulled)?))?;
+        Ok((pull_rate, write_rate))
+    };
+    let (vec_pull, vec_write) = import(&UcxTransport::start()?, false)?;
+    let (pool_pull, pool_write) = import(&pool_puller, true)?;
     gpu.read_kv_blocks(kv, blocks, &mut host)?;
     anyhow::ensure!(
         host == snapshot,
         "the K/V imported from the pinned pool differs"
     );
     println!(
-        "KV import ({:.1} MB, UCX pull + write into the cache): {into_vec:.1} GB/s through a \
-         Vec and the staging buffer, {into_pool:.1} GB/s through the pinned pool",
+        "KV import ({:.1} MB): UCX pull {vec_pull:.1} GB/s into a Vec, {pool_pull:.1} GB/s into \
+         the pool; write into the cache {vec_write:.1} GB/s from the Vec through the staging \
+         buffer, {pool_write:.1} GB/s straight from the pinned pool",
         total / 1e6
     );
     Ok(())
