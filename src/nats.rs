@@ -42,7 +42,7 @@ pub async fn start(program: &Path) -> anyhow::Result<(Child, String)> {
             // connections.
             let addr = ([127, 0, 0, 1], port).into();
             let greeted = tokio::task::spawn_blocking(move || {
-                tandem_protocol::nats_ready::greets(addr, Duration::from_secs(2))
+                tandem_protocol::ready::nats_greets(addr, Duration::from_secs(2))
             })
             .await
             .unwrap_or(false);

@@ -4,14 +4,14 @@
 //! - [`messages`]: the versioned JSON messages sent on them.
 //! - [`config`]: the deployment config file (YAML), which accepts TensorRT-LLM's
 //!   `disagg_config.yaml` keys and adds tandem's own.
-//! - [`nats_ready`]: whether a NATS server greets clients yet.
+//! - [`ready`]: whether a NATS or HTTP server just started serves clients yet.
 //!
 //! Both sides depend on this crate and never on each other; it has no heavy dependencies.
 //! docs/protocol.md and docs/configuration.md describe the same contract for operators.
 
 pub mod config;
 pub mod messages;
-pub mod nats_ready;
+pub mod ready;
 pub mod subjects;
 
 pub use messages::PROTOCOL_VERSION;

@@ -102,7 +102,7 @@ fn start_nats() -> (Proc, String) {
     let proc = Proc::spawn("nats", command);
     let start = Instant::now();
     // Ready once it greets: a starting nats-server can accept and reset connections.
-    while !tandem_protocol::nats_ready::greets(
+    while !tandem_protocol::ready::nats_greets(
         ([127, 0, 0, 1], port).into(),
         Duration::from_secs(2),
     ) {

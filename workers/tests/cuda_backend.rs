@@ -362,7 +362,7 @@ fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
         .collect();
     backend.write_kv_blocks(&mut kv, &blocks, &bytes).unwrap();
 
-    // A region pinned in place (the export pool's role), with the transfer's slice at an
+    // A region pinned in place (the transfer pool's role), with the transfer's slice at an
     // offset inside it; kept for the rest of the process, as the pool is.
     let region: &'static mut [u8] =
         Box::leak(vec![0u8; (blocks.len() + 3) * block_bytes].into_boxed_slice());

@@ -88,27 +88,16 @@ impl Drop for Process {
     }
 }
 
-/// Ready once it answers HTTP. A bare TCP accept is not enough: the probe can connect to
-/// itself (an ephemeral source port equal to a port nobody listens on yet), or reach the
-/// listener before the server's workers run, and a request sent then was reset (seen once in
-/// CI-like runs of the disaggregation tests).
+/// Ready once it answers HTTP (`tandem_protocol::ready`): a bare TCP accept can come from a
+/// listener that is not the server's yet, or before its workers run (a request then gets a
+/// reset, seen once in the disaggregation tests).
 fn answers_http(port: u16) -> bool {
-    let address = ([127, 0, 0, 1], port).into();
-    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    if stream.write_all(request).is_err() {
-        return false;
-    }
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("HTTP/1.1 ")
+    tandem_protocol::ready::http_answers(([127, 0, 0, 1], port).into(), Duration::from_secs(2))
 }
 
 /// nats-server can accept and reset connections while it starts: ready once it greets.
 fn nats_greets(port: u16) -> bool {
-    tandem_protocol::nats_ready::greets(([127, 0, 0, 1], port).into(), Duration::from_secs(2))
+    tandem_protocol::ready::nats_greets(([127, 0, 0, 1], port).into(), Duration::from_secs(2))
 }
 
 pub struct NatsServer {

@@ -21,8 +21,11 @@ mod plan;
 
 pub use plan::{BatchPlan, PlanSequence};
 
+use crate::kv_cache::KvLayout;
+use crate::sampler::device::{RowRequest, RowSummary};
+
 /// A range of host memory that stays mapped as long as the process runs (the KV transport's
-/// export pool): what [`Backend::pin_host_memory`] pins.
+/// transfer pool): what [`Backend::pin_host_memory`] pins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostRange {
     pub ptr: *mut u8,
@@ -32,9 +35,6 @@ pub struct HostRange {
 // SAFETY: an address range, not access to it; whoever dereferences it says why that is sound.
 unsafe impl Send for HostRange {}
 unsafe impl Sync for HostRange {}
-
-use crate::kv_cache::KvLayout;
-use crate::sampler::device::{RowRequest, RowSummary};
 
 /// Element type of a tensor read from a weight file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

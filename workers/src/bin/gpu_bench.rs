@@ -540,7 +540,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     let pool = pooled.pool().context("the transport kept no pool")?;
     // SAFETY: the transport keeps its pool mapped until the process exits.
     let pinned = unsafe { gpu.pin_host_memory(pool) }?;
-    anyhow::ensure!(pinned, "the CUDA backend did not pin the export pool");
+    anyhow::ensure!(pinned, "the CUDA backend did not pin the transfer pool");
     let pool_rate = export(&pooled)?;
     let mut check = runtime.block_on(pooled.reserve(total as usize))?;
     gpu.read_kv_blocks(kv, blocks, check.bytes_mut())?;

@@ -15,7 +15,7 @@
 //! Before the pulls it times the context worker's side for the same requests: the K/V copied
 //! out of a cache into a fresh `Vec` and exported from there (a second copy, into UCX's
 //! memory), against the copy going straight into memory the transport reserved, in a region
-//! mapped for the export or in a slice of the export pool (what the context worker does).
+//! mapped for the export or in a slice of the transfer pool (what the context worker does).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -90,7 +90,7 @@ fn export(bytes: usize) -> anyhow::Result<()> {
 
 /// The exporter's cost per request for each layout: copy out of a (stand-in) cache into a
 /// fresh `Vec` then `export` it, against `reserve` and one copy into the reserved memory (a
-/// region of its own, or a slice of the export pool).
+/// region of its own, or a slice of the transfer pool).
 fn export_costs(
     runtime: &tokio::runtime::Runtime,
     transport: &UcxTransport,

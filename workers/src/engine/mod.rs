@@ -405,13 +405,32 @@ impl<M: StepModel> Engine<M> {
         }
     }
 
-    /// Copies the K/V of a request retained after a prefill-only run (block after block) and
-    /// frees its blocks: the context worker's hand-over to a transfer.
-    pub fn take_retained_kv(&mut self, id: RequestId) -> Result<Vec<u8>, EngineError> {
+    /// Copies the K/V of a request retained after a prefill-only run (block after block) into
+    /// a new `Vec` and frees its blocks (the tests' form of [`Self::take_retained_kv_into`]).
+    #[cfg(test)]
+    pub(crate) fn take_retained_kv(&mut self, id: RequestId) -> Result<Vec<u8>, EngineError> {
         let blocks = self.scheduler.blocks(id).map_or(0, |b| b.len());
         let mut kv = vec![0u8; blocks * self.model.kv_layout().block_bytes()];
         self.take_retained_kv_into(id, &mut kv)?;
         Ok(kv)
+    }
+
+    /// Copies the K/V of a request retained after a prefill-only run (block after block) into
+    /// `dst` (the transfer's own memory, so the K/V is copied once), which must hold exactly
+    /// the request's blocks, and frees its blocks, either way: the context worker's hand-over
+    /// to a transfer.
+    pub fn take_retained_kv_into(
+        &mut self,
+        id: RequestId,
+        dst: &mut [u8],
+    ) -> Result<(), EngineError> {
+        if self.scheduler.status(id) != Some(SeqStatus::Pinned) {
+            return Err(EngineError::UnknownRequest(id));
+        }
+        let blocks = self.scheduler.blocks(id).unwrap_or_default();
+        let read = self.model.read_kv_blocks(&blocks, dst);
+        self.scheduler.release_pinned(id)?;
+        Ok(read?)
     }
 
     /// Pins `range` for the device ([`StepModel::pin_host_memory`]): K/V copied into or out
@@ -425,22 +444,6 @@ impl<M: StepModel> Engine<M> {
     ) -> Result<bool, EngineError> {
         // SAFETY: the caller's promise, passed on.
         Ok(unsafe { self.model.pin_host_memory(range) }?)
-    }
-
-    /// [`Self::take_retained_kv`] into `dst` (the transfer's own memory, so the K/V is copied
-    /// once), which must hold exactly the request's blocks. The blocks are freed either way.
-    pub fn take_retained_kv_into(
-        &mut self,
-        id: RequestId,
-        dst: &mut [u8],
-    ) -> Result<(), EngineError> {
-        if self.scheduler.status(id) != Some(SeqStatus::Pinned) {
-            return Err(EngineError::UnknownRequest(id));
-        }
-        let blocks = self.scheduler.blocks(id).unwrap_or_default();
-        let read = self.model.read_kv_blocks(&blocks, dst);
-        self.scheduler.release_pinned(id)?;
-        Ok(read?)
     }
 
     /// Ends a request at the start of the next step (its blocks are freed there). False when

@@ -15,7 +15,7 @@
 //! An expired export is not unregistered at once: it lingers for [`EXPIRED_EXPORT_GRACE`]
 //! outside the budget. A decode worker bounds its pull by the handle's expiry, but a pull
 //! started just before it (its deadline is at least 100 ms, and hosts' clocks differ) may
-//! still be reading; the export pool hands freed memory to the next export, and such a pull
+//! still be reading; the transfer pool hands freed memory to the next export, and such a pull
 //! must not read another request's K/V.
 
 use std::collections::HashMap;

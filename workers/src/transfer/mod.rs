@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+pub use crate::backend::HostRange;
+
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 #[derive(Debug, Error)]
@@ -227,10 +229,8 @@ impl crate::engine::KvSource for PulledKv {
     }
 }
 
-pub use crate::backend::HostRange;
-
-/// The transport a worker process uses on the bus: UCX, with an export pool of `pool_bytes`
-/// (0: none; every export maps its own region).
+/// The transport a worker process uses on the bus: UCX, with a transfer pool of `pool_bytes`
+/// (0: none; every export then maps its own region and every pull reads into a `Vec`).
 pub fn default_transport(
     pool_bytes: usize,
 ) -> Result<std::sync::Arc<dyn KvTransport>, TransferError> {

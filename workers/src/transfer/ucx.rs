@@ -36,7 +36,7 @@ enum Command {
         timeout: Duration,
         reply: oneshot::Sender<Result<PulledKv, TransferError>>,
     },
-    /// A pulled slice of the pool is no longer needed.
+    /// A slice of the pool is free again (its export ended, or its pulled bytes were used).
     GiveBack {
         offset: usize,
         len: usize,
@@ -49,13 +49,8 @@ pub struct UcxTransport {
     pool: Option<HostRange>,
 }
 
-/// Where an export's bytes live.
-enum ExportMemory {
-    /// A region of its own, unmapped when the export ends.
-    Own(MemoryRegion),
-    /// A slice of the export pool, handed back when the export ends.
-    Pooled { offset: usize, len: usize },
-}
+/// What keeps an export's memory: dropping it hands the memory back.
+type Keepalive = Box<dyn Send + Sync>;
 
 /// The pool: one region, registered once, and its free slices.
 struct KvPool {
@@ -65,7 +60,7 @@ struct KvPool {
     slices: SlicePool,
 }
 
-/// Unregisters (and frees) an export when the context worker lets go of it.
+/// Unregisters (and frees) an export's own region when the context worker lets go of it.
 struct ExportGuard {
     id: u64,
     commands: mpsc::UnboundedSender<Command>,
@@ -78,7 +73,7 @@ impl Drop for ExportGuard {
     }
 }
 
-/// Hands a pulled slice back to the pool when its bytes are no longer needed.
+/// Hands a slice back to the pool when dropped: what keeps a pooled export, or pulled bytes.
 struct LentSlice {
     offset: usize,
     len: usize,
@@ -96,7 +91,7 @@ impl Drop for LentSlice {
 
 impl UcxTransport {
     /// Starts the `ucx` thread: UCX context and worker (reading UCX's own environment, e.g.
-    /// `UCX_TLS`), and the progress loop. No export pool.
+    /// `UCX_TLS`), and the progress loop. No pool.
     pub fn start() -> Result<Self, TransferError> {
         Self::start_with_pool(0)
     }
@@ -225,43 +220,26 @@ fn run(
             tracing::error!("UCX progress loop stopped: {e}");
         });
         let endpoints = std::rc::Rc::new(EndpointCache::new(&worker));
-        let mut exports: HashMap<u64, ExportMemory> = HashMap::new();
+        // Exports that mapped a region of their own, by id.
+        let mut exports: HashMap<u64, MemoryRegion> = HashMap::new();
         let mut next_id = 1u64;
         while let Some(command) = commands.recv().await {
             match command {
                 Command::Reserve { len, reply } => {
-                    let reserved =
-                        reserve(&context, pool.as_mut(), len).map(|(memory, rkey, bytes)| {
-                            let id = next_id;
-                            next_id += 1;
-                            let exported = Exported {
-                                address: address.clone(),
-                                rkey,
-                                addr: bytes as u64,
-                                len: len as u64,
-                                keepalive: Box::new(ExportGuard {
-                                    id,
-                                    commands: own_sender.clone(),
-                                }),
-                            };
-                            exports.insert(id, memory);
-                            // SAFETY: the `len` bytes (a region of their own or a slice of the
-                            // pool) stay mapped and handed to this export until the guard in
-                            // `exported` is dropped; only the buffer's owner writes them before
-                            // the handle goes out.
-                            unsafe { ExportBuffer::new(bytes, len, exported) }
-                        });
+                    let reserved = reserve(
+                        &context,
+                        &address,
+                        pool.as_mut(),
+                        &mut exports,
+                        &mut next_id,
+                        len,
+                        &own_sender,
+                    );
                     let _ = reply.send(reserved);
                 }
-                Command::Unexport(id) => match exports.remove(&id) {
-                    Some(ExportMemory::Pooled { offset, len }) => {
-                        if let Some(pool) = pool.as_mut() {
-                            pool.slices.give_back(offset, len);
-                        }
-                    }
-                    Some(ExportMemory::Own(region)) => drop(region),
-                    None => {}
-                },
+                Command::Unexport(id) => {
+                    exports.remove(&id);
+                }
                 Command::GiveBack { offset, len } => {
                     if let Some(pool) = pool.as_mut() {
                         pool.slices.give_back(offset, len);
@@ -274,9 +252,7 @@ fn run(
                 } => {
                     let endpoints = std::rc::Rc::clone(&endpoints);
                     let len = remote.total_len() as usize;
-                    let lent = pool
-                        .as_mut()
-                        .and_then(|pool| pool.lend(len, own_sender.clone()));
+                    let lent = pool.as_mut().and_then(|pool| pool.lend(len, &own_sender));
                     tokio::task::spawn_local(async move {
                         let into = lent.unwrap_or_else(|| vec![0u8; len].into());
                         let result = pull(&endpoints, &remote, timeout, into).await;
@@ -331,48 +307,83 @@ impl KvPool {
 }
 
 impl KvPool {
-    /// A slice of `len` bytes for a pull to read into, handed back (through `commands`)
-    /// when the returned bytes are dropped; None when the pool has no room.
-    fn lend(&mut self, len: usize, commands: mpsc::UnboundedSender<Command>) -> Option<PulledKv> {
+    /// A free slice of `len` bytes: its first byte and the guard that hands it back (through
+    /// `commands`) when dropped; None when no free range is that long.
+    fn take(
+        &mut self,
+        len: usize,
+        commands: &mpsc::UnboundedSender<Command>,
+    ) -> Option<(*mut u8, LentSlice)> {
         let offset = self.slices.take(len)?;
+        debug_assert!(offset + len <= self.region.len());
+        // SAFETY: `offset + len` is inside the region (the slice pool's bound).
+        let bytes = unsafe { self.base.add(offset) };
         let guard = LentSlice {
             offset,
             len,
-            commands,
+            commands: commands.clone(),
         };
-        // SAFETY: `offset + len` is inside the region (the slice pool's bound), which stays
-        // mapped for the process's life; the slice is this value's alone until the guard
-        // hands it back.
-        Some(unsafe { PulledKv::lent(self.base.add(offset), len, Box::new(guard)) })
+        Some((bytes, guard))
+    }
+
+    /// A slice of `len` bytes for a pull to read into, handed back when the returned bytes
+    /// are dropped; None when the pool has no room.
+    fn lend(&mut self, len: usize, commands: &mpsc::UnboundedSender<Command>) -> Option<PulledKv> {
+        let (bytes, guard) = self.take(len, commands)?;
+        // SAFETY: the region stays mapped for the process's life; the slice is this value's
+        // alone until the guard hands it back.
+        Some(unsafe { PulledKv::lent(bytes, len, Box::new(guard)) })
     }
 }
 
-/// The memory of a new export of `len` bytes: a slice of the pool when one is free, else a
-/// region of its own. Returns it with its packed key and its first byte.
+/// A new export of `len` bytes by the UCX worker at `address`: a slice of the pool when one
+/// is free, else a region of its own (kept in `exports` under a new id). Its keepalive is the
+/// guard that hands the slice back or unmaps the region.
 fn reserve(
     context: &Context,
+    address: &[u8],
     pool: Option<&mut KvPool>,
+    exports: &mut HashMap<u64, MemoryRegion>,
+    next_id: &mut u64,
     len: usize,
-) -> Result<(ExportMemory, Vec<u8>, *mut u8), TransferError> {
-    if let Some(pool) = pool {
-        if let Some(offset) = pool.slices.take(len) {
-            debug_assert!(offset + len <= pool.region.len());
-            // SAFETY: `offset + len` is inside the pool's region (the slice pool's bound).
-            let bytes = unsafe { pool.base.add(offset) };
-            return Ok((
-                ExportMemory::Pooled { offset, len },
-                pool.rkey.clone(),
-                bytes,
-            ));
+    commands: &mpsc::UnboundedSender<Command>,
+) -> Result<ExportBuffer, TransferError> {
+    let pooled = pool.and_then(|pool| match pool.take(len, commands) {
+        Some((bytes, guard)) => Some((pool.rkey.clone(), bytes, Box::new(guard) as Keepalive)),
+        None => {
+            tracing::debug!(
+                len,
+                free = pool.slices.free_bytes(),
+                "KV transfer pool has no free slice this long; mapping a region for this export"
+            );
+            None
         }
-        tracing::debug!(
-            len,
-            free = pool.slices.free_bytes(),
-            "KV transfer pool has no free slice this long; mapping a region for this export"
-        );
-    }
-    let (region, rkey, bytes) = map_region(context, len)?;
-    Ok((ExportMemory::Own(region), rkey, bytes))
+    });
+    let (rkey, bytes, keepalive) = match pooled {
+        Some(slice) => slice,
+        None => {
+            let (region, rkey, bytes) = map_region(context, len)?;
+            let id = *next_id;
+            *next_id += 1;
+            exports.insert(id, region);
+            let guard = ExportGuard {
+                id,
+                commands: commands.clone(),
+            };
+            (rkey, bytes, Box::new(guard) as Keepalive)
+        }
+    };
+    let exported = Exported {
+        address: address.to_vec(),
+        rkey,
+        addr: bytes as u64,
+        len: len as u64,
+        keepalive,
+    };
+    // SAFETY: the `len` bytes (a slice of the pool or a region of their own) stay mapped and
+    // handed to this export until its keepalive is dropped; only the buffer's owner writes
+    // them before the handle goes out.
+    Ok(unsafe { ExportBuffer::new(bytes, len, exported) })
 }
 
 /// Reads the coalesced regions of `remote` into `into` (their total length), all gets in
