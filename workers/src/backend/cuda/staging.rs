@@ -95,8 +95,7 @@ impl KvStaging {
             .any(|r| r.start <= start && end <= r.start + r.len)
     }
 
-    /// Copies `blocks` out of `kv` into `dst`, block after block: straight into `dst` when
-    /// it is pinned, else through the staging buffer a chunk at a time.
+    /// Copies `blocks` out of `kv` into `dst`, block after block.
     pub fn read_blocks(
         &self,
         ctx: &Arc<CudaContext>,
@@ -107,8 +106,14 @@ impl KvStaging {
     ) -> Result<(), BackendError> {
         let block_bytes = check("read KV blocks", kv, blocks, dst.len())?;
         if self.is_pinned(dst) {
-            // SAFETY: `dst` is page-locked; the stream is synchronized before returning.
-            unsafe { queue_reads(stream, kv, blocks, dst, block_bytes) }?;
+            for (&block, into) in blocks.iter().zip(dst.chunks_exact_mut(block_bytes)) {
+                let from = kv.block_address(stream, block);
+                // SAFETY: `from` is a whole block inside the cache (checked above) and `into`
+                // is as long, page-locked; the stream is synchronized before returning.
+                dev!("read KV blocks", unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(into, from, stream.cu_stream())
+                })?;
+            }
             return dev!("read KV blocks", stream.synchronize());
         }
         let mut guard = lock(&self.buffer);
@@ -118,18 +123,23 @@ impl KvStaging {
             .chunks(per_chunk)
             .zip(dst.chunks_mut(per_chunk * block_bytes))
         {
-            let pinned = &mut dev!("read KV blocks", staging.as_mut_slice())?[..chunk_dst.len()];
-            // SAFETY: the staging buffer is page-locked; the stream is synchronized before it
-            // is read or reused.
-            unsafe { queue_reads(stream, kv, chunk_blocks, pinned, block_bytes) }?;
+            let pinned = dev!("read KV blocks", staging.as_mut_slice())?;
+            for (i, &block) in chunk_blocks.iter().enumerate() {
+                let from = kv.block_address(stream, block);
+                let into = &mut pinned[i * block_bytes..(i + 1) * block_bytes];
+                // SAFETY: `from` is a whole block inside the cache (checked above) and `into`
+                // is as long; the stream is synchronized before `pinned` is read or reused.
+                dev!("read KV blocks", unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(into, from, stream.cu_stream())
+                })?;
+            }
             dev!("read KV blocks", stream.synchronize())?;
-            chunk_dst.copy_from_slice(pinned);
+            chunk_dst.copy_from_slice(&pinned[..chunk_dst.len()]);
         }
         Ok(())
     }
 
-    /// Overwrites `blocks` of `kv` with `src`, laid out as [`Self::read_blocks`] writes it:
-    /// straight from `src` when it is pinned, else through the staging buffer.
+    /// Overwrites `blocks` of `kv` with `src`, laid out as [`Self::read_blocks`] writes it.
     pub fn write_blocks(
         &self,
         ctx: &Arc<CudaContext>,
@@ -140,8 +150,14 @@ impl KvStaging {
     ) -> Result<(), BackendError> {
         let block_bytes = check("write KV blocks", kv, blocks, src.len())?;
         if self.is_pinned(src) {
-            // SAFETY: `src` is page-locked; the stream is synchronized before returning.
-            unsafe { queue_writes(stream, kv, blocks, src, block_bytes) }?;
+            for (&block, from) in blocks.iter().zip(src.chunks_exact(block_bytes)) {
+                let to = kv.block_address(stream, block);
+                // SAFETY: `to` is a whole block inside the cache (checked above) and `from` is
+                // as long, page-locked; the stream is synchronized before returning.
+                dev!("write KV blocks", unsafe {
+                    cudarc::driver::result::memcpy_htod_async(to, from, stream.cu_stream())
+                })?;
+            }
             return dev!("write KV blocks", stream.synchronize());
         }
         let mut guard = lock(&self.buffer);
@@ -151,11 +167,17 @@ impl KvStaging {
             .chunks(per_chunk)
             .zip(src.chunks(per_chunk * block_bytes))
         {
-            let pinned = &mut dev!("write KV blocks", staging.as_mut_slice())?[..chunk_src.len()];
-            pinned.copy_from_slice(chunk_src);
-            // SAFETY: the staging buffer is page-locked; the stream is synchronized before it
-            // is written again.
-            unsafe { queue_writes(stream, kv, chunk_blocks, pinned, block_bytes) }?;
+            let pinned = dev!("write KV blocks", staging.as_mut_slice())?;
+            pinned[..chunk_src.len()].copy_from_slice(chunk_src);
+            for (i, &block) in chunk_blocks.iter().enumerate() {
+                let to = kv.block_address(stream, block);
+                let from = &pinned[i * block_bytes..(i + 1) * block_bytes];
+                // SAFETY: `to` is a whole block inside the cache (checked above) and `from` is
+                // as long; the stream is synchronized before `pinned` is written again.
+                dev!("write KV blocks", unsafe {
+                    cudarc::driver::result::memcpy_htod_async(to, from, stream.cu_stream())
+                })?;
+            }
             dev!("write KV blocks", stream.synchronize())?;
         }
         Ok(())
@@ -180,53 +202,6 @@ impl KvStaging {
         }
         Ok(slot.as_mut().expect("allocated above"))
     }
-}
-
-/// Queues one asynchronous device-to-host copy per block of `blocks` (checked to be in the
-/// cache) into consecutive `block_bytes` of `dst`.
-///
-/// # Safety
-/// `dst` must be page-locked (so the copy is asynchronous) and neither read nor freed before
-/// the stream is synchronized.
-unsafe fn queue_reads(
-    stream: &CudaStream,
-    kv: &CudaKvCache,
-    blocks: &[u32],
-    dst: &mut [u8],
-    block_bytes: usize,
-) -> Result<(), BackendError> {
-    for (&block, into) in blocks.iter().zip(dst.chunks_exact_mut(block_bytes)) {
-        let from = kv.block_address(stream, block);
-        // SAFETY: `from` is a whole block inside the cache and `into` as long; the caller
-        // keeps `into` until the stream is synchronized.
-        dev!("read KV blocks", unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(into, from, stream.cu_stream())
-        })?;
-    }
-    Ok(())
-}
-
-/// Queues one asynchronous host-to-device copy per block of `blocks` (checked to be in the
-/// cache) from consecutive `block_bytes` of `src`.
-///
-/// # Safety
-/// `src` must be page-locked and neither written nor freed before the stream is synchronized.
-unsafe fn queue_writes(
-    stream: &CudaStream,
-    kv: &CudaKvCache,
-    blocks: &[u32],
-    src: &[u8],
-    block_bytes: usize,
-) -> Result<(), BackendError> {
-    for (&block, from) in blocks.iter().zip(src.chunks_exact(block_bytes)) {
-        let to = kv.block_address(stream, block);
-        // SAFETY: `to` is a whole block inside the cache and `from` as long; the caller keeps
-        // `from` until the stream is synchronized.
-        dev!("write KV blocks", unsafe {
-            cudarc::driver::result::memcpy_htod_async(to, from, stream.cu_stream())
-        })?;
-    }
-    Ok(())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
