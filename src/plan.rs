@@ -313,12 +313,16 @@ fn group_args(
     if let Some(fraction) = group.kv_cache_config.free_gpu_memory_fraction {
         args.extend(["--gpu-memory-fraction".to_string(), fraction.to_string()]);
     }
-    // Context and decode workers move K/V through their transfer pool.
+    // Context and decode workers move K/V through their transfer pools (host memory for
+    // UCX, device memory for CUDA IPC on GPU workers).
     if role != Role::Both {
-        flags.push((
-            "--kv-transfer-pool-mb",
-            to_u64(transceiver.transfer_pool_mb),
-        ));
+        flags.extend([
+            (
+                "--kv-transfer-pool-mb",
+                to_u64(transceiver.transfer_pool_mb),
+            ),
+            ("--cuda-ipc-pool-mb", to_u64(transceiver.cuda_ipc_pool_mb)),
+        ]);
     }
     // Only a context worker holds K/V for others to pull.
     if role == Role::Context {
@@ -601,16 +605,20 @@ context_servers: { cache_transceiver_config: { max_tokens_in_buffer: 2048 } }
     }
 
     #[test]
-    fn context_and_decode_workers_get_the_transfer_pool_size() {
-        let yaml = "cache_transceiver_config: { transfer_pool_mb: 256, max_tokens_in_buffer: 64 }";
+    fn context_and_decode_workers_get_the_transfer_pool_sizes() {
+        let yaml = "cache_transceiver_config: { transfer_pool_mb: 256, cuda_ipc_pool_mb: 512, \
+                    max_tokens_in_buffer: 64 }";
         let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
         let transceiver = config.transceiver_for(&config.generation_servers);
         let args = |role| group_args(role, &config.generation_servers, transceiver).join(" ");
         assert_eq!(
             args(Role::Context),
-            "--kv-transfer-pool-mb 256 --max-tokens-in-buffer 64"
+            "--kv-transfer-pool-mb 256 --cuda-ipc-pool-mb 512 --max-tokens-in-buffer 64"
         );
-        assert_eq!(args(Role::Decode), "--kv-transfer-pool-mb 256");
+        assert_eq!(
+            args(Role::Decode),
+            "--kv-transfer-pool-mb 256 --cuda-ipc-pool-mb 512"
+        );
         assert_eq!(args(Role::Both), "");
     }
 

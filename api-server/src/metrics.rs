@@ -31,6 +31,9 @@ pub struct Metrics {
     pub kv_transfer_bytes: IntCounter,
     /// Duration of each successful pull (`kv_pulled.micros`).
     pub kv_transfer_seconds: Histogram,
+    /// Successful pulls by `transport` (`ucx`: through host memory; `cuda-ipc`: device to
+    /// device between GPUs of one host).
+    pub kv_transfers: IntCounterVec,
     /// `reason`: [`FallbackReason::label`].
     pub kv_transfer_fallbacks: IntCounterVec,
     /// Requests whose prefill ran on a context worker.
@@ -128,6 +131,14 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("metric options are static and valid");
+        let kv_transfers = IntCounterVec::new(
+            Opts::new(
+                "tandem_kv_transfers_total",
+                "KV caches decode workers pulled from context workers, by transport (ucx, cuda-ipc)",
+            ),
+            &["transport"],
+        )
+        .expect("metric options are static and valid");
         let kv_transfer_fallbacks = IntCounterVec::new(
             Opts::new(
                 "tandem_kv_transfer_fallbacks_total",
@@ -179,6 +190,7 @@ impl Metrics {
             live_workers,
             kv_transfer_bytes,
             kv_transfer_seconds,
+            kv_transfers,
             kv_transfer_fallbacks,
             requests_disaggregated,
             kv_pinned_blocks,
@@ -199,6 +211,7 @@ impl Metrics {
             Box::new(metrics.live_workers.clone()),
             Box::new(metrics.kv_transfer_bytes.clone()),
             Box::new(metrics.kv_transfer_seconds.clone()),
+            Box::new(metrics.kv_transfers.clone()),
             Box::new(metrics.kv_transfer_fallbacks.clone()),
             Box::new(metrics.requests_disaggregated.clone()),
             Box::new(metrics.kv_pinned_blocks.clone()),
@@ -220,6 +233,9 @@ impl Metrics {
         }
         for role in ["context", "decode", "both"] {
             metrics.live_workers.with_label_values(&[role]).set(0);
+        }
+        for transport in ["ucx", "cuda-ipc"] {
+            metrics.kv_transfers.with_label_values(&[transport]);
         }
         for reason in FallbackReason::ALL {
             metrics
@@ -268,6 +284,7 @@ mod tests {
             "tandem_live_workers{role=\"both\"} 0",
             "tandem_kv_transfer_bytes_total 0",
             "tandem_kv_transfer_seconds_count 0",
+            "tandem_kv_transfers_total{transport=\"cuda-ipc\"} 0",
             "tandem_kv_transfer_fallbacks_total{reason=\"context_timeout\"} 0",
             "tandem_requests_disaggregated_total 0",
         ] {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::IntCounterVec;
 use tandem_protocol::config::RouterPolicy;
-use tandem_protocol::messages::{Heartbeat, WorkerRole};
+use tandem_protocol::messages::{Heartbeat, KvPeer, WorkerRole};
 
 use crate::metrics::Metrics;
 
@@ -116,6 +116,8 @@ pub struct Route {
     /// The `decode` or `both` worker that generates the tokens.
     pub generate_id: String,
     pub generate_role: WorkerRole,
+    /// How that worker reads K/V (its last heartbeat's), for the context worker's export.
+    pub generate_kv_peer: Option<KvPeer>,
     pub prefill: Prefill,
 }
 
@@ -303,6 +305,7 @@ impl WorkerRegistry {
         let mut inner = self.lock();
         let generate_id = self.pick_locked(&mut inner, Pool::Generate, now)?;
         let generate_role = inner.workers[&generate_id].heartbeat.role;
+        let generate_kv_peer = inner.workers[&generate_id].heartbeat.kv_peer.clone();
         let prefill = if prompt_tokens < self.settings.max_local_prefill_length {
             Prefill::Local(LocalPrefill::ShortPrompt)
         } else {
@@ -314,6 +317,7 @@ impl WorkerRegistry {
         Some(Route {
             generate_id,
             generate_role,
+            generate_kv_peer,
             prefill,
         })
     }
@@ -417,6 +421,7 @@ mod tests {
             draining: false,
             interval_ms: 500,
             kv_transfer: None,
+            kv_peer: None,
         }
     }
 
@@ -508,6 +513,40 @@ mod tests {
         assert_eq!(contexts, ["ctx-a", "ctx-b", "ctx-a", "ctx-b"]);
         assert!(routes.iter().all(|r| r.generate_id == "dec"));
         assert!(routes.iter().all(|r| r.counts_as_fallback().is_none()));
+    }
+
+    #[test]
+    fn a_route_carries_how_its_generation_worker_reads_kv() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::RoundRobin);
+        let peer = KvPeer {
+            host_id: "boot-1".into(),
+            cuda_ipc: true,
+        };
+        registry.observe(
+            Heartbeat {
+                kv_peer: Some(peer.clone()),
+                ..heartbeat("dec", WorkerRole::Decode, 0, 0)
+            },
+            now,
+        );
+        registry.observe(heartbeat("ctx", WorkerRole::Context, 0, 0), now);
+        let route = registry.route(5, now).unwrap();
+        assert_eq!(context_of(&route), Some("ctx"));
+        assert_eq!(route.generate_kv_peer, Some(peer));
+        // A later heartbeat that withdraws CUDA IPC (its reads failed) is what routes see.
+        registry.observe(
+            Heartbeat {
+                kv_peer: Some(KvPeer {
+                    host_id: "boot-1".into(),
+                    cuda_ipc: false,
+                }),
+                ..heartbeat("dec", WorkerRole::Decode, 0, 0)
+            },
+            now,
+        );
+        let route = registry.route(5, now).unwrap();
+        assert_eq!(route.generate_kv_peer.map(|p| p.cuda_ipc), Some(false));
     }
 
     #[test]

@@ -350,6 +350,11 @@ impl Generation {
                 SystemTime::now() + timeouts.accept + timeouts.first_token,
             )),
             kv: None,
+            // The context worker exports where the chosen generation worker reads fastest.
+            kv_reader: match route.prefill {
+                Prefill::Remote { .. } => route.generate_kv_peer.clone(),
+                Prefill::Local(_) => None,
+            },
         };
         let (phase, subject) = match route.prefill {
             Prefill::Remote { context_id } => (
@@ -511,6 +516,7 @@ impl Generation {
                 SystemTime::now() + self.timeouts.accept + self.timeouts.first_token,
             )),
             kv: None,
+            kv_reader: None,
             ..self.job.clone()
         };
         self.bus
@@ -543,6 +549,7 @@ impl Generation {
             // The decode worker starts it before the first token is due, or not at all.
             deadline_unix_ms: Some(unix_ms_at(self.first_token_by)),
             kv: Some(handle),
+            kv_reader: None,
             ..self.job.clone()
         };
         self.bus
@@ -574,14 +581,28 @@ impl Generation {
     }
 
     /// Accounts a decode worker's report of its KV pull.
-    fn observe_pull(&self, worker_id: &str, bytes: u64, micros: u64, fallback: Option<String>) {
+    fn observe_pull(
+        &self,
+        worker_id: &str,
+        bytes: u64,
+        micros: u64,
+        fallback: Option<String>,
+        transport: Option<String>,
+    ) {
         match fallback {
             None => {
                 self.metrics.kv_transfer_bytes.inc_by(bytes);
                 self.metrics
                     .kv_transfer_seconds
                     .observe(micros as f64 / 1e6);
-                tracing::debug!(request_id = %self.request_id, %worker_id, bytes, micros, "KV pulled");
+                // A worker of an older build does not say; it could only pull over UCX.
+                let transport = transport.as_deref().unwrap_or("ucx");
+                self.metrics
+                    .kv_transfers
+                    .with_label_values(&[transport])
+                    .inc();
+                tracing::debug!(request_id = %self.request_id, %worker_id, bytes, micros,
+                    transport, "KV pulled");
             }
             Some(reason) => {
                 self.metrics
@@ -648,8 +669,9 @@ impl Generation {
                     bytes,
                     micros,
                     fallback,
+                    transport,
                 } => {
-                    self.observe_pull(&worker_id, bytes, micros, fallback);
+                    self.observe_pull(&worker_id, bytes, micros, fallback, transport);
                     continue;
                 }
                 StreamMessage::Tokens { tokens } => {

@@ -13,7 +13,7 @@ use common::bus_peer::{
     CONTEXT_ERROR, FAKE_BLOCK_BYTES, FAKE_BLOCK_TOKENS, SCRIPT_ANSWER, SCRIPT_CONTEXT_ANSWERS,
     SCRIPT_CONTEXT_ERROR, SCRIPT_CONTEXT_SILENT, SCRIPT_CONTEXT_VANISHES, SCRIPT_DECODE_SILENT,
     SCRIPT_DECODE_VANISHES, SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_PULL_FAILS, SCRIPTED_TEXT,
-    ScriptedBusPeer, fake_handle,
+    SCRIPTED_TRANSPORT, ScriptedBusPeer, fake_handle, scripted_kv_peer,
 };
 use common::{ApiServer, NatsServer, SERVED_NAME};
 use serde_json::{Value, json};
@@ -144,10 +144,12 @@ fn read_stream(server: &ApiServer, body: &Value) -> (String, String, Value, Valu
     )
 }
 
-/// `job` as its context worker got it: no handle, and the deadline (set per dispatch) aside.
+/// `job` as its context worker got it: no handle, no reader, and the deadline (set per
+/// dispatch) aside.
 fn comparable(job: &GenerateJob) -> GenerateJob {
     GenerateJob {
         kv: None,
+        kv_reader: None,
         deadline_unix_ms: None,
         ..job.clone()
     }
@@ -167,6 +169,12 @@ fn a_request_is_prefilled_on_the_context_worker_and_decoded_from_its_handle() {
     let prefill = &prefill_jobs[0];
     assert_eq!(prefill.request_id, id);
     assert_eq!(prefill.kv, None, "a prefill job carries no handle");
+    assert_eq!(
+        prefill.kv_reader,
+        Some(scripted_kv_peer(DECODE_ID)),
+        "a prefill job says how the chosen decode worker reads K/V"
+    );
+    assert_eq!(decode_jobs[0].kv_reader, None, "only prefill jobs carry it");
     // The decode job is the same job plus the context worker's handle, unchanged.
     assert_eq!(
         decode_jobs[0].kv.as_ref(),
@@ -197,6 +205,14 @@ fn a_request_is_prefilled_on_the_context_worker_and_decoded_from_its_handle() {
     assert_eq!(metric(&metrics, "tandem_kv_transfer_seconds_count"), 2.0);
     assert!((metric(&metrics, "tandem_kv_transfer_seconds_sum") - 0.005).abs() < 1e-9);
     assert_eq!(metric(&metrics, "tandem_requests_disaggregated_total"), 2.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("tandem_kv_transfers_total{{transport=\"{SCRIPTED_TRANSPORT}\"}}")
+        ),
+        2.0,
+        "pulls are counted by the transport the decode worker reports"
+    );
     for reason in [
         "no_context_worker",
         "context_timeout",

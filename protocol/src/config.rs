@@ -81,6 +81,9 @@ pub struct CacheTransceiverConfig {
     /// (tandem) MiB of host memory each context and decode worker maps once for transfers
     /// (registered with UCX, pinned on a GPU); 0: none.
     pub transfer_pool_mb: Option<usize>,
+    /// (tandem) MiB of device memory each GPU context and decode worker sets aside for CUDA
+    /// IPC transfers with GPU workers of the same host (device to device, no UCX); 0: none.
+    pub cuda_ipc_pool_mb: Option<usize>,
 }
 
 /// TensorRT-LLM's `kv_cache_config` plus tandem's block settings.

@@ -147,6 +147,22 @@ pub struct GenerateJob {
     /// prefill job (`tandem.{model}.prefill…`) it is always absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv: Option<KvHandle>,
+    /// Set on a prefill job by the api-server: how the generation worker chosen for the
+    /// request can read K/V (its heartbeat's `kv_peer`), so the context worker exports where
+    /// that reader reads fastest (CUDA IPC for a GPU of the same host, else host memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_reader: Option<KvPeer>,
+}
+
+/// How a worker can move K/V besides UCX through host memory, advertised in its heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvPeer {
+    /// The machine the worker runs on (Linux's boot id): CUDA IPC works between processes of
+    /// one host only.
+    pub host_id: String,
+    /// The worker reads CUDA IPC exports straight into its GPU (a GPU worker with a CUDA IPC
+    /// pool whose reads have not failed).
+    pub cuda_ipc: bool,
 }
 
 /// Where a prefilled prompt's KV cache lies and how to read it: the context worker's answer to
@@ -174,6 +190,25 @@ pub struct KvHandle {
     pub seed: u64,
     /// The context worker frees the blocks at this time (unix ms) if no release came.
     pub expires_unix_ms: u64,
+    /// Set when `backend` is `cuda-ipc`: the device memory the blocks lie in. `address` and
+    /// `rkey` are then empty and each block's `addr` is an offset into that allocation.
+    /// (Boxed: absent on most handles, and a handle travels inside `StreamMessage`.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_ipc: Option<Box<CudaIpcSource>>,
+}
+
+/// A context worker's GPU memory that other processes of its host can map (CUDA IPC): the
+/// decode worker opens `mem_handle` and copies the blocks device to device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CudaIpcSource {
+    /// The exporter's [`KvPeer::host_id`]; a reader on another host must not open the handle.
+    pub host_id: String,
+    /// The exporter's GPU (its UUID, `GPU-…`), for logs.
+    pub device: String,
+    /// `cuIpcGetMemHandle` of the allocation, hex (64 bytes).
+    pub mem_handle: String,
+    /// Bytes of that allocation (regions are checked against it).
+    pub alloc_bytes: u64,
 }
 
 /// One contiguous remote region (one KV block).
@@ -265,6 +300,9 @@ pub enum StreamMessage {
         micros: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fallback: Option<String>,
+        /// The transfer backend that moved the K/V (`ucx`, `cuda-ipc`); absent on a fallback.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transport: Option<String>,
     },
 }
 
@@ -290,6 +328,9 @@ pub struct Heartbeat {
     /// Context workers: KV transfer state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_transfer: Option<KvTransferStats>,
+    /// Context and decode workers: where and how the worker moves K/V (absent: UCX only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_peer: Option<KvPeer>,
 }
 
 /// A context worker's transfer bookkeeping, for /metrics.
@@ -327,6 +368,10 @@ mod tests {
             stream_subject: "tandem.m.stream.r1".into(),
             deadline_unix_ms: None,
             kv: None,
+            kv_reader: Some(KvPeer {
+                host_id: "b7e3".into(),
+                cuda_ipc: true,
+            }),
         };
         let bytes = encode(&job);
         let text = std::str::from_utf8(&bytes).unwrap();
@@ -346,6 +391,63 @@ mod tests {
             decode::<StreamMessage>("stream", json.as_bytes()).unwrap(),
             msg
         );
+    }
+
+    #[test]
+    fn messages_of_builds_without_the_cuda_ipc_fields_still_decode() {
+        // A job, heartbeat and handle as a build before CUDA IPC wrote them.
+        let job = br#"{"v":1,"request_id":"r","prompt_ids":[1],"sampling":{"temperature":0.0,
+            "top_p":1.0,"top_k":0,"seed":null,"presence_penalty":0.0,"frequency_penalty":0.0,
+            "repetition_penalty":1.0,"logprobs":null},"stop":{"max_tokens":4},
+            "stream_subject":"s"}"#;
+        let job: GenerateJob = decode("generate job", job).unwrap();
+        assert_eq!(job.kv_reader, None);
+        let heartbeat = br#"{"v":1,"worker_id":"w","role":"decode","model":"m","device":"cpu",
+            "running":0,"queued":0,"free_kv_blocks":1,"total_kv_blocks":1,"draining":false,
+            "interval_ms":1000}"#;
+        let heartbeat: Heartbeat = decode("heartbeat", heartbeat).unwrap();
+        assert_eq!(heartbeat.kv_peer, None);
+        let pulled = br#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3}"#;
+        assert!(matches!(
+            decode::<StreamMessage>("stream", pulled).unwrap(),
+            StreamMessage::KvPulled {
+                transport: None,
+                ..
+            }
+        ));
+        // And a handle with the new field reads back whole.
+        let handle = KvHandle {
+            worker_id: "ctx".into(),
+            backend: "cuda-ipc".into(),
+            address: String::new(),
+            rkey: String::new(),
+            blocks: vec![KvRegion { addr: 0, len: 64 }],
+            layout: KvLayoutSpec {
+                num_layers: 1,
+                num_kv_heads: 1,
+                head_dim: 8,
+                block_size: 2,
+                dtype: "bf16".into(),
+                block_bytes: 64,
+            },
+            num_tokens: 2,
+            first_token: TokenEvent {
+                id: 1,
+                text: String::new(),
+                logprob: None,
+                top_logprobs: vec![],
+            },
+            seed: 3,
+            expires_unix_ms: 4,
+            cuda_ipc: Some(Box::new(CudaIpcSource {
+                host_id: "b7e3".into(),
+                device: "GPU-0".into(),
+                mem_handle: "00".repeat(64),
+                alloc_bytes: 1 << 20,
+            })),
+        };
+        let bytes = encode(&handle);
+        assert_eq!(decode::<KvHandle>("handle", &bytes).unwrap(), handle);
     }
 
     #[test]

@@ -151,6 +151,14 @@ impl LoadedModel {
         }
     }
 
+    /// The KV cache layout for blocks of `block_size` tokens.
+    pub fn kv_layout(&self, block_size: usize) -> KvLayout {
+        match self {
+            LoadedModel::Cpu(m) => m.kv_layout(block_size),
+            LoadedModel::Cuda(m) => m.kv_layout(block_size),
+        }
+    }
+
     /// Blocks of `block_size` tokens that `budget` allows.
     pub fn kv_blocks(&self, block_size: usize, budget: KvBudget) -> Result<usize, DeviceError> {
         if let Some(tokens) = budget.tokens {

@@ -7,17 +7,22 @@
 //! the bytes it pulled; a context worker killed after answering (before the pull) makes the
 //! decode worker prefill locally with the same result; an export nobody pulls expires and is
 //! freed (context heartbeats go back to zero pinned blocks).
+//!
+//! On a GPU machine, the same with two GPU workers of one host: the K/V moves device to
+//! device over CUDA IPC (and through host memory over UCX when the reader cannot read CUDA
+//! IPC), with the tokens of `worker generate` on the GPU. Without a CUDA driver that test
+//! says so and passes without running (CI has no GPU).
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    self, GenerateJob, Heartbeat, KvHandle, SamplingSpec, StopSpec, StreamMessage,
+    self, GenerateJob, Heartbeat, KvHandle, KvPeer, SamplingSpec, StopSpec, StreamMessage,
 };
 use tandem_protocol::subjects::Subjects;
 
@@ -34,6 +39,14 @@ fn model_dir() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// The `worker` binary: this build's, or `TANDEM_WORKER_BIN` (a test binary carried to the
+/// device machine runs the worker carried beside it).
+fn worker_bin() -> PathBuf {
+    std::env::var_os("TANDEM_WORKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_worker")))
 }
 
 fn free_port() -> u16 {
@@ -97,7 +110,10 @@ impl Drop for Proc {
 
 fn start_nats() -> (Proc, String) {
     let port = free_port();
-    let mut command = Command::new("/usr/sbin/nats-server");
+    // Debian's path; the device machine unpacks it elsewhere and says so.
+    let nats_server =
+        std::env::var("TANDEM_NATS_SERVER").unwrap_or_else(|_| "/usr/sbin/nats-server".into());
+    let mut command = Command::new(nats_server);
     command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
     let proc = Proc::spawn("nats", command);
     let start = Instant::now();
@@ -113,10 +129,14 @@ fn start_nats() -> (Proc, String) {
 }
 
 fn start_worker(nats: &str, role: &str, id: &str, extra: &[&str]) -> Proc {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
+    start_worker_on(&model_dir(), nats, role, id, extra)
+}
+
+fn start_worker_on(model: &Path, nats: &str, role: &str, id: &str, extra: &[&str]) -> Proc {
+    let mut command = Command::new(worker_bin());
     command
         .args(["--role", role, "--model"])
-        .arg(model_dir())
+        .arg(model)
         .args([
             "--nats",
             nats,
@@ -138,11 +158,23 @@ fn start_worker(nats: &str, role: &str, id: &str, extra: &[&str]) -> Proc {
 
 /// `worker generate --chat --json` for `prompt`.
 fn reference(prompt: &str, max_tokens: u32, seed: Option<u64>) -> serde_json::Value {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
+    reference_on(&model_dir(), "cpu", prompt, max_tokens, seed)
+}
+
+/// [`reference`] for the model in `model`, on `device`.
+fn reference_on(
+    model: &Path,
+    device: &str,
+    prompt: &str,
+    max_tokens: u32,
+    seed: Option<u64>,
+) -> serde_json::Value {
+    let mut command = Command::new(worker_bin());
     command
         .arg("generate")
         .arg("--model")
-        .arg(model_dir())
+        .arg(model)
+        .args(["--device", device])
         .args(["--chat", "--json", "--prompt", prompt])
         .args(["--max-tokens", &max_tokens.to_string()]);
     if let Some(seed) = seed {
@@ -169,6 +201,7 @@ fn job(request_id: &str, prompt_ids: Vec<u32>, max_tokens: u32, seed: Option<u64
         stream_subject: Subjects::new(SERVED).stream(request_id),
         deadline_unix_ms: None,
         kv: None,
+        kv_reader: None,
     }
 }
 
@@ -438,4 +471,200 @@ async fn a_layout_mismatch_is_an_error_never_garbage() {
         }
         other => panic!("expected an error, got {other:?}"),
     }
+}
+
+/// The model of the GPU test: `TANDEM_GPU_TEST_MODEL`, else the `tiny` test model.
+fn gpu_model_dir() -> PathBuf {
+    let dir = std::env::var_os("TANDEM_GPU_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| model_dir().with_file_name("tiny"));
+    assert!(
+        dir.join("config.json").is_file(),
+        "{} is missing: run scripts/test-models or set TANDEM_GPU_TEST_MODEL",
+        dir.display()
+    );
+    dir
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// The `kv_peer` of worker `id`'s next heartbeat that has one.
+async fn kv_peer_of(heartbeats: &mut async_nats::Subscriber, id: &str) -> KvPeer {
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no heartbeat of {id}"
+        );
+        let beat = next_heartbeat(heartbeats).await;
+        if beat.worker_id == id {
+            return beat
+                .kv_peer
+                .expect("context and decode workers advertise kv_peer");
+        }
+    }
+}
+
+/// One disaggregated request through the bus with `reader` on its prefill job, sent to the
+/// decode worker `decode_id`; returns the handle's backend, the tokens and the KvPulled.
+async fn disaggregated_via(
+    client: &async_nats::Client,
+    mut job: GenerateJob,
+    reader: Option<KvPeer>,
+    decode_id: &str,
+) -> (String, Vec<u32>, StreamMessage) {
+    job.kv_reader = reader;
+    let mut stream = client.subscribe(job.stream_subject.clone()).await.unwrap();
+    let handle = prefill(client, &mut stream, &job).await;
+    let backend = handle.backend.clone();
+    job.kv_reader = None;
+    job.kv = Some(handle);
+    client
+        .publish(
+            Subjects::new(SERVED).generate_direct(decode_id),
+            messages::encode(&job).into(),
+        )
+        .await
+        .unwrap();
+    let messages = read_until(&mut stream, |m| {
+        matches!(
+            m,
+            StreamMessage::Finished { .. } | StreamMessage::Error { .. }
+        )
+    })
+    .await;
+    let mut ids = Vec::new();
+    let mut pulled = None;
+    for message in messages {
+        match message {
+            StreamMessage::Tokens { tokens } => ids.extend(tokens.iter().map(|t| t.id)),
+            StreamMessage::KvPulled { .. } => pulled = Some(message),
+            StreamMessage::Error { message } => panic!("decode failed: {message}"),
+            _ => {}
+        }
+    }
+    (
+        backend,
+        ids,
+        pulled.expect("the decode worker reports the pull"),
+    )
+}
+
+#[tokio::test]
+async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
+    if !tandem_workers::backend::cuda::driver_present() {
+        eprintln!("skipped: no CUDA driver on this machine");
+        return;
+    }
+    let model = gpu_model_dir();
+    // Both on cuda:0 unless told otherwise (`cuda:1` on a machine with two GPUs).
+    let decode_device =
+        std::env::var("TANDEM_TEST_DECODE_DEVICE").unwrap_or_else(|_| "cuda:0".into());
+    let (_nats, url) = start_nats();
+    let gpu = |device: &str| {
+        vec![
+            "--device".to_string(),
+            device.to_string(),
+            "--kv-cache-tokens".into(),
+            "16384".into(),
+        ]
+    };
+    let context_args = gpu("cuda:0");
+    let decode_args = gpu(&decode_device);
+    let mut no_ipc_args = gpu(&decode_device);
+    no_ipc_args.extend(["--cuda-ipc-pool-mb".into(), "0".into()]);
+    let _context = start_worker_on(&model, &url, "context", "ctx", &strs(&context_args));
+    let decode = start_worker_on(&model, &url, "decode", "dec", &strs(&decode_args));
+    let _no_ipc = start_worker_on(&model, &url, "decode", "dec-no-ipc", &strs(&no_ipc_args));
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let subjects = Subjects::new(SERVED);
+    let mut heartbeats = client.subscribe(subjects.heartbeat_all()).await.unwrap();
+    let reader = kv_peer_of(&mut heartbeats, "dec").await;
+    assert!(
+        reader.cuda_ipc,
+        "a GPU decode worker with a pool reads CUDA IPC"
+    );
+    assert!(
+        !kv_peer_of(&mut heartbeats, "dec-no-ipc").await.cuda_ipc,
+        "--cuda-ipc-pool-mb 0 turns it off"
+    );
+
+    let prompt = "Once upon a time there was a small village by the sea where every morning \
+                  the fishermen went out before dawn and came back with the tide";
+    let cases = [(prompt, None), (prompt, Some(5u64)), ("Hi", None)];
+    for (i, (prompt, seed)) in cases.iter().enumerate() {
+        let expected = reference_on(&model, "cuda:0", prompt, 16, *seed);
+        let job = || job(&format!("g{i}"), prompt_ids(&expected), 16, *seed);
+        for (label, reader, decode_id, backend) in [
+            ("cuda-ipc", Some(reader.clone()), "dec", "cuda-ipc"),
+            // No reader said (or one that cannot read CUDA IPC): host memory over UCX.
+            ("ucx", None, "dec", "ucx"),
+            (
+                "ucx to a worker without CUDA IPC",
+                None,
+                "dec-no-ipc",
+                "ucx",
+            ),
+        ] {
+            let (exported, ids, pulled) =
+                disaggregated_via(&client, job(), reader, decode_id).await;
+            assert_eq!(exported, backend, "{label}: the export's transport");
+            assert_eq!(
+                ids,
+                output_ids(&expected),
+                "{label}: {prompt} seed {seed:?}"
+            );
+            let StreamMessage::KvPulled {
+                bytes,
+                micros,
+                fallback,
+                transport,
+                ..
+            } = pulled
+            else {
+                unreachable!()
+            };
+            assert!(fallback.is_none(), "{label}: {fallback:?}");
+            assert_eq!(transport.as_deref(), Some(backend), "{label}");
+            eprintln!(
+                "{label}: {bytes} bytes pulled in {micros} us ({} prompt tokens)",
+                prompt_ids(&expected).len()
+            );
+        }
+        // A CUDA IPC export handed to a decode worker without CUDA IPC: it cannot read it, so
+        // it prefills locally (same tokens) instead of reading garbage.
+        let (exported, ids, pulled) =
+            disaggregated_via(&client, job(), Some(reader.clone()), "dec-no-ipc").await;
+        assert_eq!(exported, "cuda-ipc");
+        assert_eq!(
+            ids,
+            output_ids(&expected),
+            "local prefill after an unreadable handle"
+        );
+        let StreamMessage::KvPulled { fallback, .. } = pulled else {
+            unreachable!()
+        };
+        let fallback = fallback.expect("the pull falls back");
+        assert!(fallback.contains("no CUDA IPC pool"), "{fallback}");
+    }
+
+    // Every block is free again on every worker, nothing is pinned, and the reader still
+    // advertises CUDA IPC (none of its reads failed).
+    let mut settled = std::collections::HashSet::new();
+    let start = Instant::now();
+    while settled.len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "blocks were not all freed"
+        );
+        let beat = next_heartbeat(&mut heartbeats).await;
+        let pinned = beat.kv_transfer.map_or(0, |s| s.pinned_blocks);
+        if beat.free_kv_blocks == beat.total_kv_blocks && pinned == 0 && beat.running == 0 {
+            settled.insert(beat.worker_id);
+        }
+    }
+    assert!(kv_peer_of(&mut heartbeats, "dec").await.cuda_ipc);
+    drop(decode);
 }

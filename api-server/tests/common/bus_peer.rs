@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    CancelRequest, FinishReason, GenerateJob, Heartbeat, KvHandle, KvLayoutSpec, KvRegion,
+    CancelRequest, FinishReason, GenerateJob, Heartbeat, KvHandle, KvLayoutSpec, KvPeer, KvRegion,
     KvTransferStats, StreamMessage, TokenEvent, Usage, WorkerRole, decode, encode,
 };
 use tandem_protocol::subjects::Subjects;
@@ -120,8 +120,21 @@ pub fn fake_handle(context_id: &str, job: &GenerateJob) -> KvHandle {
         first_token: scripted_tokens()[0].clone(),
         seed: job.sampling.seed.unwrap_or(4242),
         expires_unix_ms: 4_102_444_800_000,
+        cuda_ipc: None,
     }
 }
+
+/// What a scripted decode peer's heartbeats say of its K/V reads (context peers say nothing):
+/// the api-server must hand it to the context worker with each prefill job.
+pub fn scripted_kv_peer(worker_id: &str) -> KvPeer {
+    KvPeer {
+        host_id: format!("host-of-{worker_id}"),
+        cuda_ipc: true,
+    }
+}
+
+/// The transport a scripted decode peer reports in `kv_pulled`.
+pub const SCRIPTED_TRANSPORT: &str = "scripted";
 
 /// What the peer saw.
 #[derive(Default)]
@@ -207,6 +220,7 @@ impl ScriptedBusPeer {
                     draining: false,
                     interval_ms: 100,
                     kv_transfer,
+                    kv_peer: (role == WorkerRole::Decode).then(|| scripted_kv_peer(&worker_id)),
                 };
                 let _ = heartbeat_client
                     .publish(heartbeat_subject.clone(), encode(&heartbeat).into())
@@ -440,6 +454,7 @@ impl Answerer {
                             bytes: 0,
                             micros: 0,
                             fallback: Some("scripted pull failure".into()),
+                            transport: None,
                         }
                     } else {
                         StreamMessage::KvPulled {
@@ -447,6 +462,7 @@ impl Answerer {
                             bytes: handle.blocks.len() as u64 * FAKE_BLOCK_BYTES,
                             micros: FAKE_PULL_MICROS,
                             fallback: None,
+                            transport: Some(SCRIPTED_TRANSPORT.into()),
                         }
                     };
                     self.send(&job, pulled).await;

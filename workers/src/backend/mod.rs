@@ -36,6 +36,57 @@ pub struct HostRange {
 unsafe impl Send for HostRange {}
 unsafe impl Sync for HostRange {}
 
+/// Device memory in the backend's context (a transfer pool's slice, or another process's
+/// allocation mapped by CUDA IPC): where K/V moves without leaving the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceRange {
+    /// The device address (`CUdeviceptr`).
+    pub ptr: u64,
+    pub len: usize,
+}
+
+/// K/V bytes of a transfer, read by [`Backend::write_kv_blocks`] or
+/// [`Backend::write_kv_blocks_from_device`].
+#[derive(Debug, Clone, Copy)]
+pub enum KvBytes<'a> {
+    Host(&'a [u8]),
+    Device(DeviceRange),
+}
+
+/// Memory a transfer's K/V is written into, by [`Backend::read_kv_blocks`] or
+/// [`Backend::read_kv_blocks_to_device`].
+#[derive(Debug)]
+pub enum KvBytesMut<'a> {
+    Host(&'a mut [u8]),
+    Device(DeviceRange),
+}
+
+impl KvBytes<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            KvBytes::Host(bytes) => bytes.len(),
+            KvBytes::Device(range) => range.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl KvBytesMut<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            KvBytesMut::Host(bytes) => bytes.len(),
+            KvBytesMut::Device(range) => range.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Element type of a tensor read from a weight file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
@@ -211,6 +262,34 @@ pub trait Backend: Send + Sync {
             self.write_kv_block(kv, block, chunk)?;
         }
         Ok(())
+    }
+
+    /// [`Self::read_kv_blocks`] into device memory of this backend's device (a CUDA IPC
+    /// export): device-to-device copies. Host backends have no device memory.
+    fn read_kv_blocks_to_device(
+        &self,
+        _kv: &Self::KvCache,
+        _blocks: &[u32],
+        _dst: DeviceRange,
+    ) -> Result<(), BackendError> {
+        Err(BackendError::Device {
+            op: "read KV blocks to device memory",
+            detail: format!("the {} backend has no device memory", self.describe()),
+        })
+    }
+
+    /// [`Self::write_kv_blocks`] from device memory of this backend's device (a CUDA IPC
+    /// pull's destination).
+    fn write_kv_blocks_from_device(
+        &self,
+        _kv: &mut Self::KvCache,
+        _blocks: &[u32],
+        _src: DeviceRange,
+    ) -> Result<(), BackendError> {
+        Err(BackendError::Device {
+            op: "write KV blocks from device memory",
+            detail: format!("the {} backend has no device memory", self.describe()),
+        })
     }
 
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<Self::Batch, BackendError>;

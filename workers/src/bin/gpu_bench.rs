@@ -530,7 +530,8 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     let export = |transport: &UcxTransport| -> Result<f64> {
         rate(&mut || {
             let mut buffer = runtime.block_on(transport.reserve(total as usize))?;
-            gpu.read_kv_blocks(kv, blocks, buffer.bytes_mut())?;
+            let bytes = buffer.host_bytes_mut().context("UCX exports host memory")?;
+            gpu.read_kv_blocks(kv, blocks, bytes)?;
             drop(buffer.finish());
             Ok(())
         })
@@ -543,9 +544,10 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     anyhow::ensure!(pinned, "the CUDA backend did not pin the transfer pool");
     let pool_rate = export(&pooled)?;
     let mut check = runtime.block_on(pooled.reserve(total as usize))?;
-    gpu.read_kv_blocks(kv, blocks, check.bytes_mut())?;
+    let check_bytes = check.host_bytes_mut().context("UCX exports host memory")?;
+    gpu.read_kv_blocks(kv, blocks, check_bytes)?;
     anyhow::ensure!(
-        check.bytes_mut() == snapshot.as_slice(),
+        *check_bytes == *snapshot.as_slice(),
         "the pinned export differs from the staged copy"
     );
     println!(
@@ -563,6 +565,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
         address: exported.address.clone(),
         rkey: exported.rkey.clone(),
         regions: vec![(exported.addr, exported.len)],
+        cuda_ipc: None,
     };
     let pool_puller = UcxTransport::start_with_pool(total as usize)?;
     let pool = pool_puller.pool().context("the transport kept no pool")?;
@@ -573,7 +576,8 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
         let pull_rate = rate(&mut || pull().map(drop).map_err(Into::into))?;
         let pulled = pull()?;
         anyhow::ensure!(pulled.is_lent() == lent, "pulled into the wrong memory");
-        let write_rate = rate(&mut || Ok(gpu.write_kv_blocks(kv, blocks, &pulled)?))?;
+        let bytes = pulled.host().context("UCX pulls into host memory")?;
+        let write_rate = rate(&mut || Ok(gpu.write_kv_blocks(kv, blocks, bytes)?))?;
         Ok((pull_rate, write_rate))
     };
     let (vec_pull, vec_write) = import(&UcxTransport::start()?, false)?;

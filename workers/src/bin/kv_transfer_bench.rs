@@ -122,7 +122,10 @@ fn export_costs(
         let reserved_in = |transport: &UcxTransport| {
             time(&mut || {
                 let mut buffer = runtime.block_on(transport.reserve(bytes))?;
-                buffer.bytes_mut().copy_from_slice(&cache);
+                buffer
+                    .host_bytes_mut()
+                    .context("UCX exports host memory")?
+                    .copy_from_slice(&cache);
                 drop(buffer.finish());
                 Ok(())
             })
@@ -199,6 +202,7 @@ fn main() -> anyhow::Result<()> {
                     regions: (0..blocks as u64)
                         .map(|i| (base + i * stride * block as u64, block as u64))
                         .collect(),
+                    cuda_ipc: None,
                 };
                 let gets = remote.coalesced().len();
                 let mean_seconds = |puller: &UcxTransport, lent: bool| -> anyhow::Result<f64> {

@@ -60,15 +60,16 @@ enum Command {
 }
 
 /// Memory a retained prompt's K/V is copied into on the engine's thread
-/// ([`EngineHandle::take_retained_kv_into`]). The command owns it while the copy runs, so a
-/// caller that stops waiting cannot free it under the copy; it comes back afterwards.
+/// ([`EngineHandle::take_retained_kv_into`]), host or device. The command owns it while the
+/// copy runs, so a caller that stops waiting cannot free it under the copy; it comes back
+/// afterwards.
 pub trait KvDestination: std::any::Any + Send {
-    fn bytes_mut(&mut self) -> &mut [u8];
+    fn bytes_mut(&mut self) -> crate::backend::KvBytesMut<'_>;
 }
 
 impl KvDestination for Vec<u8> {
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self
+    fn bytes_mut(&mut self) -> crate::backend::KvBytesMut<'_> {
+        crate::backend::KvBytesMut::Host(self)
     }
 }
 

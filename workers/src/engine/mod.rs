@@ -37,6 +37,7 @@ pub use request::{
 pub use runner::{ModelRunner, StepModel};
 pub use text::{TextDecoder, TextStep, TextStream, TokenizerText};
 
+use crate::backend::{KvBytes, KvBytesMut};
 use crate::model::ForwardBatch;
 use crate::sampler::device::RowRequest;
 use crate::sampler::{SampledToken, Sampler, SamplingError};
@@ -96,15 +97,15 @@ pub enum EngineError {
 }
 
 /// The bytes of an imported prefill's K/V: a `Vec`, or memory a transport lent (a slice of
-/// its pool, pinned on a GPU worker), given back when the engine drops it after writing it
-/// into the cache.
+/// its pool: host memory, pinned on a GPU worker, or device memory after a CUDA IPC pull),
+/// given back when the engine drops it after writing it into the cache.
 pub trait KvSource: Send + std::fmt::Debug {
-    fn bytes(&self) -> &[u8];
+    fn bytes(&self) -> KvBytes<'_>;
 }
 
 impl KvSource for Vec<u8> {
-    fn bytes(&self) -> &[u8] {
-        self
+    fn bytes(&self) -> KvBytes<'_> {
+        KvBytes::Host(self)
     }
 }
 
@@ -393,7 +394,11 @@ impl<M: StepModel> Engine<M> {
                 }
             };
             self.seqs.insert(id, import.seq);
-            if let Err(e) = self.model.write_kv_blocks(&blocks, import.kv.bytes()) {
+            let written = match import.kv.bytes() {
+                KvBytes::Host(bytes) => self.model.write_kv_blocks(&blocks, bytes),
+                KvBytes::Device(range) => self.model.write_kv_blocks_from_device(&blocks, range),
+            };
+            if let Err(e) = written {
                 self.end(
                     id,
                     FinishReason::Error(format!("writing the imported KV cache: {e}")),
@@ -411,24 +416,27 @@ impl<M: StepModel> Engine<M> {
     pub(crate) fn take_retained_kv(&mut self, id: RequestId) -> Result<Vec<u8>, EngineError> {
         let blocks = self.scheduler.blocks(id).map_or(0, |b| b.len());
         let mut kv = vec![0u8; blocks * self.model.kv_layout().block_bytes()];
-        self.take_retained_kv_into(id, &mut kv)?;
+        self.take_retained_kv_into(id, KvBytesMut::Host(&mut kv))?;
         Ok(kv)
     }
 
     /// Copies the K/V of a request retained after a prefill-only run (block after block) into
-    /// `dst` (the transfer's own memory, so the K/V is copied once), which must hold exactly
-    /// the request's blocks, and frees its blocks, either way: the context worker's hand-over
-    /// to a transfer.
+    /// `dst` (the transfer's own memory, host or device, so the K/V is copied once), which
+    /// must hold exactly the request's blocks, and frees its blocks, either way: the context
+    /// worker's hand-over to a transfer.
     pub fn take_retained_kv_into(
         &mut self,
         id: RequestId,
-        dst: &mut [u8],
+        dst: KvBytesMut<'_>,
     ) -> Result<(), EngineError> {
         if self.scheduler.status(id) != Some(SeqStatus::Pinned) {
             return Err(EngineError::UnknownRequest(id));
         }
         let blocks = self.scheduler.blocks(id).unwrap_or_default();
-        let read = self.model.read_kv_blocks(&blocks, dst);
+        let read = match dst {
+            KvBytesMut::Host(bytes) => self.model.read_kv_blocks(&blocks, bytes),
+            KvBytesMut::Device(range) => self.model.read_kv_blocks_to_device(&blocks, range),
+        };
         self.scheduler.release_pinned(id)?;
         Ok(read?)
     }

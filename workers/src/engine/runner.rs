@@ -3,7 +3,7 @@
 //! [`ModelRunner`] pairs a [`Model`] with the KV cache it writes; the [`StepModel`] trait lets
 //! the scheduling logic of the engine be tested against a small deterministic fake.
 
-use crate::backend::{Backend, HostRange};
+use crate::backend::{Backend, DeviceRange, HostRange};
 use crate::kv_cache::KvLayout;
 use crate::kv_cache::block_pool::BlockId;
 use crate::model::{ForwardBatch, Model, ModelError};
@@ -57,6 +57,27 @@ pub trait StepModel: Send {
     fn read_kv_blocks(&self, blocks: &[BlockId], dst: &mut [u8]) -> Result<(), ModelError>;
     /// Overwrites `blocks` with `src`, laid out as [`Self::read_kv_blocks`] produces it.
     fn write_kv_blocks(&mut self, blocks: &[BlockId], src: &[u8]) -> Result<(), ModelError>;
+    /// [`Self::read_kv_blocks`] into device memory ([`Backend::read_kv_blocks_to_device`]).
+    fn read_kv_blocks_to_device(
+        &self,
+        _blocks: &[BlockId],
+        _dst: DeviceRange,
+    ) -> Result<(), ModelError> {
+        Err(ModelError::InvalidBatch(
+            "this model's KV cache is not in device memory".into(),
+        ))
+    }
+    /// [`Self::write_kv_blocks`] from device memory
+    /// ([`Backend::write_kv_blocks_from_device`]).
+    fn write_kv_blocks_from_device(
+        &mut self,
+        _blocks: &[BlockId],
+        _src: DeviceRange,
+    ) -> Result<(), ModelError> {
+        Err(ModelError::InvalidBatch(
+            "this model's KV cache is not in device memory".into(),
+        ))
+    }
 }
 
 /// A loaded model and a KV cache of `num_blocks` blocks of `block_size` tokens.
@@ -152,6 +173,30 @@ where
             .model
             .backend()
             .write_kv_blocks(&mut self.kv, blocks, src)?)
+    }
+
+    fn read_kv_blocks_to_device(
+        &self,
+        blocks: &[BlockId],
+        dst: DeviceRange,
+    ) -> Result<(), ModelError> {
+        check_len(blocks, self.kv_layout().block_bytes(), dst.len)?;
+        Ok(self
+            .model
+            .backend()
+            .read_kv_blocks_to_device(&self.kv, blocks, dst)?)
+    }
+
+    fn write_kv_blocks_from_device(
+        &mut self,
+        blocks: &[BlockId],
+        src: DeviceRange,
+    ) -> Result<(), ModelError> {
+        check_len(blocks, self.kv_layout().block_bytes(), src.len)?;
+        Ok(self
+            .model
+            .backend()
+            .write_kv_blocks_from_device(&mut self.kv, blocks, src)?)
     }
 }
 

@@ -21,7 +21,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use tandem_protocol::messages::{KvHandle, KvLayoutSpec, KvRegion, KvTransferStats, TokenEvent};
+use tandem_protocol::messages::{
+    KvHandle, KvLayoutSpec, KvPeer, KvRegion, KvTransferStats, TokenEvent,
+};
 
 use crate::kv_cache::{KvDType, KvLayout};
 use crate::transfer::{Exported, to_hex};
@@ -41,6 +43,14 @@ pub fn layout_spec(layout: &KvLayout) -> KvLayoutSpec {
         .into(),
         block_bytes: layout.block_bytes() as u64,
     }
+}
+
+/// Whether a prefill's K/V is exported into device memory for CUDA IPC rather than into host
+/// memory for UCX: only for a reader that reads CUDA IPC on this worker's host, when this
+/// worker has a CUDA IPC pool. Any other reader (another host, a CPU worker, an api-server
+/// that did not say) gets a host export, which every decode worker can pull.
+pub fn exports_on_device(reader: Option<&KvPeer>, host_id: &str, has_cuda_ipc: bool) -> bool {
+    has_cuda_ipc && reader.is_some_and(|r| r.cuda_ipc && r.host_id == host_id)
 }
 
 /// Who exports: the worker, its transport and its cache layout.
@@ -82,6 +92,7 @@ pub fn kv_handle(
         first_token,
         seed,
         expires_unix_ms,
+        cuda_ipc: exported.cuda_ipc.clone().map(Box::new),
     }
 }
 
@@ -213,6 +224,7 @@ mod tests {
             rkey: vec![2],
             addr: 4096,
             len: 3 * 128,
+            cuda_ipc: None,
             keepalive: Box::new(()),
         }
     }
@@ -281,6 +293,31 @@ mod tests {
         // An oversized prompt passes when nothing else is staged.
         assert!(buffer.try_reserve(500));
         assert!(!buffer.try_reserve(1));
+    }
+
+    #[test]
+    fn only_a_cuda_ipc_reader_on_this_host_gets_a_device_export() {
+        let reader = |host: &str, cuda_ipc| KvPeer {
+            host_id: host.into(),
+            cuda_ipc,
+        };
+        assert!(exports_on_device(Some(&reader("h1", true)), "h1", true));
+        assert!(
+            !exports_on_device(Some(&reader("h2", true)), "h1", true),
+            "another host"
+        );
+        assert!(
+            !exports_on_device(Some(&reader("h1", false)), "h1", true),
+            "a reader without CUDA IPC (a CPU worker, or one whose IPC reads failed)"
+        );
+        assert!(
+            !exports_on_device(Some(&reader("h1", true)), "h1", false),
+            "no CUDA IPC pool here"
+        );
+        assert!(
+            !exports_on_device(None, "h1", true),
+            "the api-server did not say who reads"
+        );
     }
 
     #[test]

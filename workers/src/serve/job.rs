@@ -62,6 +62,7 @@ mod tests {
             stream_subject: "s".into(),
             deadline_unix_ms: None,
             kv: None,
+            kv_reader: None,
         }
     }
 

@@ -114,6 +114,12 @@ pub struct ServeArgs {
     /// Default: what --max-tokens-in-buffer tokens take, at most 1024 MiB. 0: no pool.
     #[arg(long, value_name = "MIB")]
     pub kv_transfer_pool_mb: Option<usize>,
+    /// GPU context and decode workers: MiB of device memory set aside (before the KV cache is
+    /// sized) for CUDA IPC transfers with GPU workers of the same host, which copy K/V device
+    /// to device instead of through host memory and UCX. Default: what --max-tokens-in-buffer
+    /// tokens take, at most 1024 MiB. 0: no CUDA IPC (every transfer goes through UCX).
+    #[arg(long, value_name = "MIB")]
+    pub cuda_ipc_pool_mb: Option<usize>,
 }
 
 /// Default ceiling of the transfer pool.
@@ -189,6 +195,21 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let started = std::time::Instant::now();
     let text = ModelText::load(&model_dir)?;
     let model = load_model(&model_dir, device, args.threads)?;
+    let host_id = crate::transfer::host_id();
+    // Before the KV cache takes its share of the free device memory.
+    let cuda_ipc = match device {
+        Device::Cuda(ordinal) => start_cuda_ipc(
+            ordinal,
+            transfer_pool_bytes(
+                role,
+                args.cuda_ipc_pool_mb,
+                args.max_tokens_in_buffer,
+                &model.kv_layout(args.block_size),
+            ),
+            &host_id,
+        ),
+        Device::Cpu => None,
+    };
     let max_model_len = model.config().max_position_embeddings;
     let budget = KvBudget {
         tokens: args.kv_cache_tokens,
@@ -258,6 +279,8 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         model_stop_ids: Arc::from(text.stop_token_ids()),
         layout,
         transport,
+        cuda_ipc,
+        host_id,
         max_tokens_in_buffer: args.max_tokens_in_buffer,
         kv_transfer_timeout: std::time::Duration::from_millis(args.kv_transfer_timeout_ms),
     };
@@ -267,6 +290,25 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         tracing::error!("the engine thread panicked");
     }
     Ok(())
+}
+
+/// The CUDA IPC transport of a GPU worker with a pool of `pool_bytes` (none for 0). A worker
+/// whose pool cannot be set up still serves, through UCX only, and says why.
+fn start_cuda_ipc(
+    ordinal: usize,
+    pool_bytes: usize,
+    host_id: &str,
+) -> Option<Arc<dyn crate::transfer::KvTransport>> {
+    if pool_bytes == 0 {
+        return None;
+    }
+    match crate::transfer::cuda_ipc::CudaIpcTransport::start(ordinal, pool_bytes, host_id.into()) {
+        Ok(transport) => Some(Arc::new(transport)),
+        Err(e) => {
+            tracing::warn!("no CUDA IPC transfers ({e}); K/V moves through host memory (UCX) only");
+            None
+        }
+    }
 }
 
 /// `both-myhost-12345`: unique per process on a host, readable in logs and metrics.

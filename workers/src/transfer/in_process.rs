@@ -63,6 +63,7 @@ impl KvTransport for InProcessTransport {
             rkey: key.to_le_bytes().to_vec(),
             addr: addr as u64,
             len: len as u64,
+            cuda_ipc: None,
             keepalive: Box::new(Registration { key, memory }),
         };
         // SAFETY: `len` bytes owned by the registration in `exported`; the key that lets a
@@ -126,12 +127,13 @@ mod tests {
             address: exported.address.clone(),
             rkey: exported.rkey.clone(),
             regions: block_regions(&exported, 1024),
+            cuda_ipc: None,
         };
         let pulled = transport
             .pull(remote.clone(), Duration::from_secs(1))
             .await
             .unwrap();
-        assert_eq!(*pulled, *data);
+        assert_eq!(pulled.host(), Some(&data[..]));
 
         let outside = RemoteKv {
             regions: vec![(exported.addr + 4000, 200)],
@@ -152,7 +154,7 @@ mod tests {
     async fn a_reserved_export_reads_as_its_owner_filled_it() {
         let transport = InProcessTransport;
         let mut buffer = transport.reserve(3000).await.unwrap();
-        for (i, b) in buffer.bytes_mut().iter_mut().enumerate() {
+        for (i, b) in buffer.host_bytes_mut().unwrap().iter_mut().enumerate() {
             *b = (i % 251) as u8;
         }
         let exported = buffer.finish();
@@ -160,6 +162,7 @@ mod tests {
             address: exported.address.clone(),
             rkey: exported.rkey.clone(),
             regions: vec![(exported.addr + 1000, 1000), (exported.addr, 1000)],
+            cuda_ipc: None,
         };
         let pulled = transport
             .pull(remote, Duration::from_secs(1))
@@ -169,6 +172,6 @@ mod tests {
             .chain(0..1000)
             .map(|i: usize| (i % 251) as u8)
             .collect();
-        assert_eq!(*pulled, *expected);
+        assert_eq!(pulled.host(), Some(&expected[..]));
     }
 }

@@ -1,8 +1,10 @@
 //! Moving a prefilled prompt's K/V from a context worker to a decode worker.
 //!
-//! One interface, [`KvTransport`], with two implementations: [`ucx`] (between processes and
-//! hosts, over the system's libucp) and [`in_process`] (a registry in this process, for tests
-//! of everything around the transfer). The unit of transfer is one request's K/V as the engine
+//! One interface, [`KvTransport`], with three implementations: [`ucx`] (between processes and
+//! hosts, through host memory, over the system's libucp), [`cuda_ipc`] (between GPUs of one
+//! host, device to device) and [`in_process`] (a registry in this process, for tests of
+//! everything around the transfer). Exports and pulls are host or device memory
+//! ([`KvBytes`]); the engine copies its blocks into either. The unit of transfer is one request's K/V as the engine
 //! hands it over ([`crate::engine::Engine::take_retained_kv_into`]): its blocks back to back in
 //! one host buffer. The context worker *reserves* an export of that size (memory the transport
 //! allocates and registers for remote reads), has the engine copy the blocks straight into it
@@ -16,6 +18,7 @@
 //! slow or dead decode workers; `max_tokens_in_buffer` bounds the staging memory instead), the
 //! engine's memory is never touched by another thread, and a GPU cache stages the same way.
 
+pub mod cuda_ipc;
 pub mod in_process;
 pub mod pool;
 pub mod ucx;
@@ -26,7 +29,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use crate::backend::HostRange;
+pub use crate::backend::{DeviceRange, HostRange, KvBytes, KvBytesMut};
+pub use tandem_protocol::messages::CudaIpcSource;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -44,29 +48,47 @@ pub enum TransferError {
 
 /// A buffer registered for remote reads; dropping it unregisters and frees it.
 pub struct Exported {
-    /// The exporting endpoint's address, as the transport understands it.
+    /// The exporting endpoint's address, as the transport understands it (empty for CUDA IPC).
     pub address: Vec<u8>,
-    /// The key a reader needs for this buffer.
+    /// The key a reader needs for this buffer (empty for CUDA IPC).
     pub rkey: Vec<u8>,
-    /// The buffer's address in the exporter's address space.
+    /// The buffer's address in the exporter's address space; for CUDA IPC, its offset in the
+    /// allocation `cuda_ipc` describes.
     pub addr: u64,
     pub len: u64,
+    /// Set by the CUDA IPC transport: the device allocation a reader maps.
+    pub cuda_ipc: Option<CudaIpcSource>,
     /// Keeps the registration (and the memory) alive.
     pub keepalive: Box<dyn Send + Sync>,
 }
 
+/// Where a transfer's bytes lie: host memory (UCX, in-process) or device memory (CUDA IPC).
+#[derive(Debug, Clone, Copy)]
+enum Memory {
+    Host { ptr: *mut u8, len: usize },
+    Device(DeviceRange),
+}
+
+impl Memory {
+    fn len(&self) -> usize {
+        match *self {
+            Memory::Host { len, .. } => len,
+            Memory::Device(range) => range.len,
+        }
+    }
+}
+
 /// An export whose memory is allocated and registered but not yet filled: the caller writes
-/// the K/V into [`ExportBuffer::bytes_mut`], then [`ExportBuffer::finish`] gives the
-/// [`Exported`] whose description goes into the KV handle. No peer can read it before then: the
-/// handle is what tells one where it is.
+/// the K/V into [`ExportBuffer::bytes_mut`] (host or device memory), then
+/// [`ExportBuffer::finish`] gives the [`Exported`] whose description goes into the KV handle.
+/// No peer can read it before then: the handle is what tells one where it is.
 pub struct ExportBuffer {
-    bytes: *mut u8,
-    len: usize,
+    memory: Memory,
     exported: Exported,
 }
 
-// SAFETY: `bytes` points at `len` bytes owned by the export (kept alive by
-// `exported.keepalive`, on whichever thread), reached only through `&mut self`.
+// SAFETY: the memory is owned by the export (kept alive by `exported.keepalive`, on
+// whichever thread), reached only through `&mut self`.
 unsafe impl Send for ExportBuffer {}
 
 impl ExportBuffer {
@@ -75,15 +97,46 @@ impl ExportBuffer {
     /// keepalive) lives, and that nothing else touches until the handle is published.
     pub unsafe fn new(bytes: *mut u8, len: usize, exported: Exported) -> Self {
         Self {
-            bytes,
-            len,
+            memory: Memory::Host { ptr: bytes, len },
             exported,
         }
     }
 
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: see `new`.
-        unsafe { std::slice::from_raw_parts_mut(self.bytes, self.len) }
+    /// # Safety
+    /// `range` must be device memory that stays allocated while `exported` (its keepalive)
+    /// lives, and that nothing else touches until the handle is published.
+    pub unsafe fn on_device(range: DeviceRange, exported: Exported) -> Self {
+        Self {
+            memory: Memory::Device(range),
+            exported,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.memory.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Where to write the K/V.
+    pub fn bytes_mut(&mut self) -> KvBytesMut<'_> {
+        match self.memory {
+            // SAFETY: see `new`.
+            Memory::Host { ptr, len } => {
+                KvBytesMut::Host(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+            }
+            Memory::Device(range) => KvBytesMut::Device(range),
+        }
+    }
+
+    /// The host bytes to write, or None for device memory.
+    pub fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match self.bytes_mut() {
+            KvBytesMut::Host(bytes) => Some(bytes),
+            KvBytesMut::Device(_) => None,
+        }
     }
 
     /// The filled export, ready to be described in a handle.
@@ -93,7 +146,7 @@ impl ExportBuffer {
 }
 
 impl crate::engine::KvDestination for ExportBuffer {
-    fn bytes_mut(&mut self) -> &mut [u8] {
+    fn bytes_mut(&mut self) -> KvBytesMut<'_> {
         ExportBuffer::bytes_mut(self)
     }
 }
@@ -103,8 +156,11 @@ impl crate::engine::KvDestination for ExportBuffer {
 pub struct RemoteKv {
     pub address: Vec<u8>,
     pub rkey: Vec<u8>,
-    /// `(address, length)` of each region, concatenated in this order into the result.
+    /// `(address, length)` of each region, concatenated in this order into the result (for
+    /// CUDA IPC, offsets into the allocation `cuda_ipc` describes).
     pub regions: Vec<(u64, u64)>,
+    /// The exporter's device allocation, for a CUDA IPC pull.
+    pub cuda_ipc: Option<CudaIpcSource>,
 }
 
 impl RemoteKv {
@@ -131,12 +187,15 @@ pub trait KvTransport: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
     /// Allocates and registers `len` bytes for remote reads, for the caller to fill.
     fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>>;
-    /// Exports a copy of `kv` (reserve, copy, finish).
+    /// Exports a copy of `kv` (reserve, copy, finish); transports of host memory only.
     fn export(&self, kv: Vec<u8>) -> BoxFuture<Result<Exported, TransferError>> {
         let reserved = self.reserve(kv.len());
         Box::pin(async move {
             let mut buffer = reserved.await?;
-            buffer.bytes_mut().copy_from_slice(&kv);
+            let bytes = buffer.host_bytes_mut().ok_or_else(|| {
+                TransferError::Backend("this transport exports device memory".into())
+            })?;
+            bytes.copy_from_slice(&kv);
             Ok(buffer.finish())
         })
     }
@@ -155,18 +214,18 @@ pub trait KvTransport: Send + Sync + 'static {
     }
 }
 
-/// K/V read by [`KvTransport::pull`]: in a `Vec`, or in a slice of the transport's pool
-/// (its pages faulted once, and pinned on a GPU worker), handed back when this is dropped.
+/// K/V read by [`KvTransport::pull`]: in a `Vec`, in a slice of the transport's host pool
+/// (its pages faulted once, and pinned on a GPU worker), or in device memory (a CUDA IPC
+/// pull), handed back when this is dropped.
 pub struct PulledKv {
-    bytes: *mut u8,
-    len: usize,
+    memory: Memory,
     lent: bool,
     /// What keeps the bytes: the `Vec` (its heap buffer does not move with it), or the guard
-    /// that hands the pool slice back when dropped.
+    /// that hands the pool slice back (or frees the device memory) when dropped.
     _owner: Box<dyn Send + Sync>,
 }
 
-// SAFETY: `bytes` points at `len` bytes kept by `_owner`, reached only through this value.
+// SAFETY: the memory is kept by `_owner` and reached only through this value.
 unsafe impl Send for PulledKv {}
 unsafe impl Sync for PulledKv {}
 
@@ -176,16 +235,57 @@ impl PulledKv {
     /// `guard` is dropped.
     pub unsafe fn lent(bytes: *mut u8, len: usize, guard: Box<dyn Send + Sync>) -> Self {
         Self {
-            bytes,
-            len,
+            memory: Memory::Host { ptr: bytes, len },
             lent: true,
             _owner: guard,
         }
     }
 
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: see the type's `Send` note and `lent`.
-        unsafe { std::slice::from_raw_parts_mut(self.bytes, self.len) }
+    /// # Safety
+    /// `range` must be device memory that nothing else touches and that stays allocated
+    /// until `guard` is dropped.
+    pub unsafe fn on_device(range: DeviceRange, lent: bool, guard: Box<dyn Send + Sync>) -> Self {
+        Self {
+            memory: Memory::Device(range),
+            lent,
+            _owner: guard,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.memory.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Host or device memory.
+    pub fn bytes(&self) -> KvBytes<'_> {
+        match self.memory {
+            // SAFETY: see the type's `Send` note and `lent`.
+            Memory::Host { ptr, len } => {
+                KvBytes::Host(unsafe { std::slice::from_raw_parts(ptr, len) })
+            }
+            Memory::Device(range) => KvBytes::Device(range),
+        }
+    }
+
+    /// The bytes, when they are in host memory.
+    pub fn host(&self) -> Option<&[u8]> {
+        match self.bytes() {
+            KvBytes::Host(bytes) => Some(bytes),
+            KvBytes::Device(_) => None,
+        }
+    }
+
+    /// The host bytes to write (a pull filling them), None for device memory.
+    pub fn host_mut(&mut self) -> Option<&mut [u8]> {
+        match self.memory {
+            // SAFETY: see the type's `Send` note and `lent`.
+            Memory::Host { ptr, len } => Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) }),
+            Memory::Device(_) => None,
+        }
     }
 
     /// Whether the bytes are a slice of the transport's pool.
@@ -197,35 +297,29 @@ impl PulledKv {
 impl From<Vec<u8>> for PulledKv {
     fn from(mut bytes: Vec<u8>) -> Self {
         Self {
-            bytes: bytes.as_mut_ptr(),
-            len: bytes.len(),
+            memory: Memory::Host {
+                ptr: bytes.as_mut_ptr(),
+                len: bytes.len(),
+            },
             lent: false,
             _owner: Box::new(bytes),
         }
     }
 }
 
-impl std::ops::Deref for PulledKv {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        // SAFETY: see the type's `Send` note.
-        unsafe { std::slice::from_raw_parts(self.bytes, self.len) }
-    }
-}
-
 impl std::fmt::Debug for PulledKv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PulledKv")
-            .field("len", &self.len)
+            .field("len", &self.len())
+            .field("device", &matches!(self.memory, Memory::Device(_)))
             .field("lent", &self.is_lent())
             .finish()
     }
 }
 
 impl crate::engine::KvSource for PulledKv {
-    fn bytes(&self) -> &[u8] {
-        self
+    fn bytes(&self) -> KvBytes<'_> {
+        PulledKv::bytes(self)
     }
 }
 
@@ -237,6 +331,20 @@ pub fn default_transport(
     Ok(std::sync::Arc::new(ucx::UcxTransport::start_with_pool(
         pool_bytes,
     )?))
+}
+
+/// This machine's identity for CUDA IPC (processes of one host only): Linux's boot id, which
+/// containers on the host share, else the host name.
+pub fn host_id() -> String {
+    [
+        "/proc/sys/kernel/random/boot_id",
+        "/proc/sys/kernel/hostname",
+    ]
+    .iter()
+    .filter_map(|path| std::fs::read_to_string(path).ok())
+    .map(|text| text.trim().to_owned())
+    .find(|id| !id.is_empty())
+    .unwrap_or_else(|| "unknown-host".into())
 }
 
 pub fn to_hex(bytes: &[u8]) -> String {
@@ -283,6 +391,7 @@ mod tests {
             address: vec![],
             rkey: vec![],
             regions: vec![(100, 10), (110, 10), (130, 5), (135, 5), (200, 1)],
+            cuda_ipc: None,
         };
         assert_eq!(remote.coalesced(), vec![(100, 20), (130, 10), (200, 1)]);
         assert_eq!(remote.total_len(), 31);

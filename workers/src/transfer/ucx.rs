@@ -378,6 +378,7 @@ fn reserve(
         rkey,
         addr: bytes as u64,
         len: len as u64,
+        cuda_ipc: None,
         keepalive,
     };
     // SAFETY: the `len` bytes (a slice of the pool or a region of their own) stay mapped and
@@ -407,7 +408,9 @@ async fn pull(
     let rkey = RemoteKey::unpack(&endpoint, &remote.rkey, start, (end - start) as usize)
         .map_err(|e| TransferError::InvalidHandle(format!("remote key: {e}")))?;
     let mut ops = Vec::with_capacity(regions.len());
-    let mut rest = into.bytes_mut();
+    let mut rest = into
+        .host_mut()
+        .expect("UCX pulls read into host memory (a pool slice or a Vec)");
     for &(addr, len) in &regions {
         let (local, tail) = rest.split_at_mut(len as usize);
         rest = tail;
@@ -443,12 +446,13 @@ mod tests {
             regions: (0..exported.len / block)
                 .map(|i| (exported.addr + i * block, block))
                 .collect(),
+            cuda_ipc: None,
         };
         let pulled = puller
             .pull(remote.clone(), Duration::from_secs(10))
             .await
             .unwrap();
-        assert!(*pulled == *data, "pulled bytes differ");
+        assert!(pulled.host() == Some(&data[..]), "pulled bytes differ");
         // Released: a later pull of the same regions finds nothing registered. Over shm the
         // memory may still be mapped, so only check that the export can be dropped and a new
         // one is independent.
@@ -460,12 +464,13 @@ mod tests {
                     address: again.address.clone(),
                     rkey: again.rkey.clone(),
                     regions: vec![(again.addr, 4096)],
+                    cuda_ipc: None,
                 },
                 Duration::from_secs(10),
             )
             .await
             .unwrap();
-        assert_eq!(*pulled, [7u8; 4096]);
+        assert_eq!(pulled.host(), Some(&[7u8; 4096][..]));
     }
 
     #[tokio::test]
@@ -485,6 +490,7 @@ mod tests {
                     address: e.address.clone(),
                     rkey: e.rkey.clone(),
                     regions: vec![(e.addr, e.len)],
+                    cuda_ipc: None,
                 },
                 Duration::from_secs(10),
             )
@@ -495,17 +501,29 @@ mod tests {
         let c = exporter.export(vec![3u8; 200 << 10]).await.unwrap();
         assert!(in_pool(&a) && in_pool(&b), "the first two fit the pool");
         assert!(!in_pool(&c), "the third maps a region of its own");
-        assert_eq!(read(&a).await.unwrap().to_vec(), vec![1u8; 600 << 10]);
-        assert_eq!(read(&b).await.unwrap().to_vec(), vec![2u8; 300 << 10]);
-        assert_eq!(read(&c).await.unwrap().to_vec(), vec![3u8; 200 << 10]);
+        assert_eq!(
+            read(&a).await.unwrap().host().unwrap().to_vec(),
+            vec![1u8; 600 << 10]
+        );
+        assert_eq!(
+            read(&b).await.unwrap().host().unwrap().to_vec(),
+            vec![2u8; 300 << 10]
+        );
+        assert_eq!(
+            read(&c).await.unwrap().host().unwrap().to_vec(),
+            vec![3u8; 200 << 10]
+        );
         // A released slice is handed out again.
         let a_addr = a.addr;
         drop(a);
         let d = exporter.export(vec![4u8; 500 << 10]).await.unwrap();
         assert_eq!(d.addr, a_addr, "the freed slice is reused");
-        assert_eq!(read(&d).await.unwrap().to_vec(), vec![4u8; 500 << 10]);
         assert_eq!(
-            read(&b).await.unwrap().to_vec(),
+            read(&d).await.unwrap().host().unwrap().to_vec(),
+            vec![4u8; 500 << 10]
+        );
+        assert_eq!(
+            read(&b).await.unwrap().host().unwrap().to_vec(),
             vec![2u8; 300 << 10],
             "b untouched"
         );
@@ -521,22 +539,23 @@ mod tests {
             address: exported.address.clone(),
             rkey: exported.rkey.clone(),
             regions: vec![(exported.addr, exported.len)],
+            cuda_ipc: None,
         };
         let pull = || puller.pull(remote.clone(), Duration::from_secs(10));
         let first = pull().await.unwrap();
         assert!(first.is_lent(), "the first pull reads into the pool");
         let second = pull().await.unwrap();
         assert!(!second.is_lent(), "no room left for a second: a Vec");
-        assert!(*first == *data && *second == *data);
-        let first_at = first.as_ptr();
+        assert!(first.host() == Some(&data[..]) && second.host() == Some(&data[..]));
+        let first_at = first.host().unwrap().as_ptr();
         drop(first);
         let third = pull().await.unwrap();
         assert!(third.is_lent());
         assert_eq!(
-            third.as_ptr(),
+            third.host().unwrap().as_ptr(),
             first_at,
             "the slice given back is lent again"
         );
-        assert!(*third == *data);
+        assert!(third.host() == Some(&data[..]));
     }
 }

@@ -544,6 +544,24 @@ impl Backend for CudaBackend {
             .write_blocks(&self.ctx, &self.stream, kv, blocks, src)
     }
 
+    fn read_kv_blocks_to_device(
+        &self,
+        kv: &CudaKvCache,
+        blocks: &[u32],
+        dst: crate::backend::DeviceRange,
+    ) -> Result<(), BackendError> {
+        staging::copy_blocks_on_device(&self.stream, kv, blocks, dst, staging::Direction::Out)
+    }
+
+    fn write_kv_blocks_from_device(
+        &self,
+        kv: &mut CudaKvCache,
+        blocks: &[u32],
+        src: crate::backend::DeviceRange,
+    ) -> Result<(), BackendError> {
+        staging::copy_blocks_on_device(&self.stream, kv, blocks, src, staging::Direction::In)
+    }
+
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<CudaBatch, BackendError> {
         CudaBatch::upload(&self.stream, plan)
     }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::{Client, Subscriber};
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    self, CancelRequest, GenerateJob, Heartbeat, StreamMessage, WorkerRole,
+    self, CancelRequest, GenerateJob, Heartbeat, KvPeer, StreamMessage, WorkerRole,
 };
 use tandem_protocol::subjects::{CONTEXT_QUEUE_GROUP, DECODE_QUEUE_GROUP, Subjects};
 use thiserror::Error;
@@ -70,7 +70,13 @@ pub struct BusSettings {
     pub model_stop_ids: Arc<[u32]>,
     /// The engine's KV cache layout (what handles must match).
     pub layout: KvLayout,
+    /// Host-memory transfers (UCX): every context and decode worker has one.
     pub transport: Arc<dyn KvTransport>,
+    /// Device-to-device transfers with GPU workers of this host (a GPU context or decode
+    /// worker with a CUDA IPC pool).
+    pub cuda_ipc: Option<Arc<dyn KvTransport>>,
+    /// This machine ([`crate::transfer::host_id`]): CUDA IPC only between workers of one host.
+    pub host_id: String,
     /// Context role: prompt tokens held for decode workers at most.
     pub max_tokens_in_buffer: usize,
     /// Context role: exports not released by then are freed.
@@ -147,6 +153,7 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
         )),
         backlog: Mutex::new(std::collections::VecDeque::new()),
         pulling: Mutex::new(HashMap::new()),
+        cuda_ipc_reads: std::sync::atomic::AtomicBool::new(settings.cuda_ipc.is_some()),
     });
     worker.publish_heartbeat(false).await;
     tracing::info!(
@@ -256,6 +263,9 @@ struct Worker {
     backlog: Mutex<std::collections::VecDeque<GenerateJob>>,
     /// Decode side: requests whose KV is being pulled, with whether they were cancelled.
     pulling: Mutex<HashMap<String, bool>>,
+    /// Decode side: this worker advertises CUDA IPC reads (it has a pool, and no read of a
+    /// CUDA IPC export has failed).
+    cuda_ipc_reads: std::sync::atomic::AtomicBool,
 }
 
 /// How long one publish may wait. async-nats buffers publishes while it reconnects and makes
@@ -467,6 +477,12 @@ impl Worker {
             interval_ms: self.settings.heartbeat.as_millis() as u64,
             kv_transfer: (self.settings.role == WorkerRole::Context)
                 .then(|| locked(&self.staging).stats()),
+            kv_peer: (self.settings.role != WorkerRole::Both).then(|| KvPeer {
+                host_id: self.settings.host_id.clone(),
+                cuda_ipc: self
+                    .cuda_ipc_reads
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            }),
         };
         let subject = self
             .subjects

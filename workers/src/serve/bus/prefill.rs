@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tandem_protocol::messages::{self, GenerateJob, KvRelease, StreamMessage};
+use tandem_protocol::messages::{self, GenerateJob, KvPeer, KvRelease, StreamMessage};
 use tokio::sync::mpsc;
 
 use super::{Worker, locked, unix_ms};
 use crate::engine::{EngineEvent, EventKind, RequestId};
-use crate::serve::context::{HandleSource, kv_handle};
+use crate::serve::context::{HandleSource, exports_on_device, kv_handle};
 use crate::serve::job::generation_request;
 use crate::serve::stream::{stream_messages, token_event};
 
@@ -96,14 +96,15 @@ impl Worker {
                     )),
                     EventKind::Finished { .. } => None,
                 });
-                match (first, self.export(engine_id, blocks).await) {
-                    (Some(first), Ok(exported)) => {
+                let exported = self.export(engine_id, blocks, job.kv_reader.as_ref()).await;
+                match (first, exported) {
+                    (Some(first), Ok((exported, backend))) => {
                         let expires =
                             unix_ms() + self.settings.kv_transfer_timeout.as_millis() as u64;
                         let handle = kv_handle(
                             &HandleSource {
                                 worker_id: &self.settings.worker_id,
-                                backend: self.settings.transport.backend(),
+                                backend,
                                 layout: &self.settings.layout,
                             },
                             &exported,
@@ -121,6 +122,7 @@ impl Worker {
                         tracing::debug!(
                             request_id = job.request_id,
                             blocks = handle.blocks.len(),
+                            backend,
                             "prefill done, KV exported"
                         );
                         vec![StreamMessage::KvReady { handle }]
@@ -158,27 +160,45 @@ impl Worker {
         locked(&self.in_flight).remove(&job.request_id);
     }
 
-    /// Exports the `blocks` retained by `engine_id`: reserves the transport's memory for
-    /// them and has the engine copy them straight in (its blocks are freed either way).
+    /// Exports the `blocks` retained by `engine_id`: reserves memory of the transport that
+    /// suits `reader` (device memory for a CUDA IPC reader on this host, else host memory for
+    /// UCX) and has the engine copy the blocks straight in (its blocks are freed either way).
+    /// Returns the export and the name of the transport that holds it.
     pub(super) async fn export(
         &self,
         engine_id: RequestId,
         blocks: usize,
-    ) -> Result<crate::transfer::Exported, String> {
+        reader: Option<&KvPeer>,
+    ) -> Result<(crate::transfer::Exported, &'static str), String> {
         let len = blocks * self.settings.layout.block_bytes();
-        let buffer = match self.settings.transport.reserve(len).await {
-            Ok(buffer) => buffer,
-            Err(e) => {
-                let _ = self.engine.release_kv(engine_id);
-                return Err(e.to_string());
+        let on_device = self
+            .settings
+            .cuda_ipc
+            .as_ref()
+            .filter(|_| exports_on_device(reader, &self.settings.host_id, true));
+        let mut reserved = None;
+        if let Some(device) = on_device {
+            match device.reserve(len).await {
+                Ok(buffer) => reserved = Some((buffer, device.backend())),
+                Err(e) => tracing::warn!("{e}: exporting through host memory (UCX) instead"),
             }
+        }
+        let (buffer, backend) = match reserved {
+            Some(reserved) => reserved,
+            None => match self.settings.transport.reserve(len).await {
+                Ok(buffer) => (buffer, self.settings.transport.backend()),
+                Err(e) => {
+                    let _ = self.engine.release_kv(engine_id);
+                    return Err(e.to_string());
+                }
+            },
         };
         let buffer = self
             .engine
             .take_retained_kv_into(engine_id, buffer)
             .await
             .map_err(|e| e.to_string())?;
-        Ok(buffer.finish())
+        Ok((buffer.finish(), backend))
     }
 
     /// Context role: expires exports nobody released and starts waiting prefills that fit.

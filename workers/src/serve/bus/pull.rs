@@ -14,7 +14,7 @@ use crate::engine::ImportedPrefill;
 use crate::sampler::SampledToken;
 use crate::serve::context::layout_spec;
 use crate::serve::job::generation_request;
-use crate::transfer::{RemoteKv, from_hex};
+use crate::transfer::{RemoteKv, cuda_ipc, from_hex};
 
 impl Worker {
     /// Decode side: pulls a handle's K/V and imports it; on a failed pull, prefills locally
@@ -63,6 +63,7 @@ impl Worker {
                         request_id = job.request_id,
                         bytes = kv.len(),
                         micros,
+                        backend = handle.backend,
                         "KV pulled"
                     );
                     worker
@@ -73,6 +74,7 @@ impl Worker {
                                 bytes: kv.len() as u64,
                                 micros,
                                 fallback: None,
+                                transport: Some(handle.backend.clone()),
                             },
                         )
                         .await;
@@ -111,6 +113,7 @@ impl Worker {
                                 bytes: 0,
                                 micros: 0,
                                 fallback: Some(e.to_string()),
+                                transport: None,
                             },
                         )
                         .await;
@@ -127,21 +130,47 @@ impl Worker {
         handle: &KvHandle,
     ) -> Result<crate::transfer::PulledKv, crate::transfer::TransferError> {
         use crate::transfer::TransferError;
-        if handle.backend != self.settings.transport.backend() {
-            return Err(TransferError::InvalidHandle(format!(
-                "the handle is for transport `{}`, this worker uses `{}`",
-                handle.backend,
-                self.settings.transport.backend()
-            )));
-        }
         let remote = RemoteKv {
             address: from_hex(&handle.address)?,
             rkey: from_hex(&handle.rkey)?,
             regions: handle.blocks.iter().map(|r| (r.addr, r.len)).collect(),
+            cuda_ipc: handle.cuda_ipc.as_deref().cloned(),
         };
         let left = handle.expires_unix_ms.saturating_sub(unix_ms());
-        let timeout = Duration::from_millis(left.clamp(100, 30_000));
-        let kv = self.settings.transport.pull(remote, timeout).await?;
+        let host = &self.settings.transport;
+        let kv = if handle.backend == host.backend() {
+            let timeout = Duration::from_millis(left.clamp(100, 30_000));
+            host.pull(remote, timeout).await?
+        } else if handle.backend == cuda_ipc::BACKEND {
+            let Some(device) = &self.settings.cuda_ipc else {
+                return Err(TransferError::InvalidHandle(
+                    "the K/V was exported to GPU memory for CUDA IPC, and this worker has no                      CUDA IPC pool (a CPU worker, or --cuda-ipc-pool-mb 0)"
+                        .into(),
+                ));
+            };
+            // One host, one clock: past its expiry the export's memory may hold another
+            // request's K/V soon (the grace period bounds a pull started before it, not after).
+            if left == 0 {
+                return Err(TransferError::Unavailable(
+                    "the KV export expired before the pull".into(),
+                ));
+            }
+            device
+                .pull(remote, Duration::from_millis(left))
+                .await
+                .inspect_err(|e| self.cuda_ipc_read_failed(e))?
+        } else {
+            return Err(TransferError::InvalidHandle(format!(
+                "the handle is for transport `{}`, this worker reads `{}`{}",
+                handle.backend,
+                host.backend(),
+                if self.settings.cuda_ipc.is_some() {
+                    " and `cuda-ipc`"
+                } else {
+                    ""
+                }
+            )));
+        };
         let expected = handle.blocks.len() as u64 * handle.layout.block_bytes;
         if kv.len() as u64 != expected {
             return Err(TransferError::InvalidHandle(format!(
@@ -150,6 +179,20 @@ impl Worker {
             )));
         }
         Ok(kv)
+    }
+
+    /// A CUDA IPC read failed (no peer access between the GPUs, or processes that cannot share
+    /// GPU memory): stop advertising CUDA IPC, so context workers export for this worker
+    /// through host memory once the next heartbeat is out.
+    fn cuda_ipc_read_failed(&self, error: &crate::transfer::TransferError) {
+        let was = self
+            .cuda_ipc_reads
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        if was {
+            tracing::error!(
+                "reading a context worker's GPU memory over CUDA IPC failed ({error}); this                  worker now asks for host-memory (UCX) transfers. Same-host GPU transfers need                  peer access between the GPUs and a shared IPC namespace (docker --ipc=host)."
+            );
+        }
     }
 
     pub(super) async fn publish_release(&self, handle: &KvHandle, request_id: &str) {

@@ -1,0 +1,497 @@
+//! The [`KvTransport`] between GPUs of one host: CUDA IPC, device to device.
+//!
+//! The UCX path moves a prompt's K/V device → pinned host memory → (UCX, shared memory) → host
+//! memory → device: two trips over PCIe and one through the host's memory, tens of
+//! milliseconds for a long prompt of an 8B model. When the context and the decode worker run
+//! on GPUs of the same host, the K/V need not leave device memory at all:
+//!
+//! - Each GPU context or decode worker allocates one *device pool* at start (plain
+//!   `cuMemAlloc`: memory from the stream-ordered allocator cannot be shared) and takes its
+//!   IPC handle once (`cuIpcGetMemHandle`).
+//! - A context worker's export is a slice of that pool: the engine copies the prompt's blocks
+//!   into it device to device and frees them, exactly as it does into a host export. The KV
+//!   handle carries the pool's IPC handle, the host's id and each block's offset.
+//! - A decode worker on the same host maps the exporter's pool (`cuIpcOpenMemHandle`, once
+//!   per exporter, closed when unused for [`IDLE_MAPPING_CLOSE`]) and copies the blocks into a
+//!   slice of its own pool (across GPUs, the copy goes over NVLink or PCIe peer to peer), then
+//!   releases the export; its engine writes the slice into its cache, device to device again.
+//!
+//! The pull copies into the decode worker's own memory rather than straight into its cache
+//! because the import may wait for free blocks longer than the exporter keeps the export: the
+//! transfer must be over before the release, as with UCX.
+//!
+//! Whether a transfer takes this path is decided per request: the api-server tells the
+//! context worker which generation worker will read (its heartbeat's `kv_peer`), and the
+//! context worker exports into device memory only for a GPU reader on its host. A reader that
+//! cannot map the handle after all (no peer access between the two GPUs, processes in
+//! different IPC namespaces) fails the pull: the decode worker prefills locally and stops
+//! advertising CUDA IPC.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::sys::{self, CUdeviceptr};
+use cudarc::driver::{CudaContext, CudaStream};
+
+use super::pool::SlicePool;
+use super::{
+    BoxFuture, CudaIpcSource, DeviceRange, ExportBuffer, Exported, KvTransport, PulledKv, RemoteKv,
+    TransferError, from_hex, to_hex,
+};
+
+/// The backend name in KV handles.
+pub const BACKEND: &str = "cuda-ipc";
+
+/// A peer's pool mapped into this process is closed after this long without a pull: a
+/// context worker that left must not keep its memory alive through our mapping.
+pub const IDLE_MAPPING_CLOSE: Duration = Duration::from_secs(60);
+
+/// Bytes of a CUDA IPC memory handle.
+const HANDLE_BYTES: usize = 64;
+
+type HandleBytes = [u8; HANDLE_BYTES];
+
+/// The CUDA IPC transport of one GPU worker (cheap to share).
+pub struct CudaIpcTransport {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    ctx: Arc<CudaContext>,
+    /// Pulls copy on this stream, one at a time (each is well under a millisecond of copy
+    /// work; serializing them keeps one stream's synchronize meaning one pull).
+    stream: Mutex<Arc<CudaStream>>,
+    pool: DevicePool,
+    host_id: String,
+    device_uuid: String,
+    /// Exporters' pools mapped into this process, by IPC handle, with their last use.
+    peers: Mutex<HashMap<HandleBytes, (Arc<PeerMapping>, Instant)>>,
+}
+
+/// This worker's device memory for transfers: one allocation, its IPC handle, its slices.
+struct DevicePool {
+    ctx: Arc<CudaContext>,
+    base: CUdeviceptr,
+    len: usize,
+    handle: HandleBytes,
+    slices: Mutex<SlicePool>,
+}
+
+impl Drop for DevicePool {
+    fn drop(&mut self) {
+        lock(local_pools()).remove(&self.handle);
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by `malloc_sync` in `DevicePool::new`, freed once; every slice
+            // guard holds the `Shared` that owns this pool, so no slice outlives it.
+            if let Err(e) = unsafe { cudarc::driver::result::free_sync(self.base) } {
+                tracing::debug!("freeing the CUDA IPC pool: {e}");
+            }
+        }
+    }
+}
+
+/// Pools allocated by this process, by IPC handle: CUDA refuses to open a process's own
+/// handle, so a pull of a local export (tests, or two transports in one process) uses the
+/// pool's address directly.
+fn local_pools() -> &'static Mutex<HashMap<HandleBytes, CUdeviceptr>> {
+    static POOLS: OnceLock<Mutex<HashMap<HandleBytes, CUdeviceptr>>> = OnceLock::new();
+    POOLS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Another process's pool, mapped into this one; unmapped when the last user drops it.
+struct PeerMapping {
+    ctx: Arc<CudaContext>,
+    base: CUdeviceptr,
+    /// A pool of this process (nothing to unmap).
+    local: bool,
+}
+
+impl Drop for PeerMapping {
+    fn drop(&mut self) {
+        if self.local || self.ctx.bind_to_thread().is_err() {
+            return;
+        }
+        // SAFETY: opened by `cuIpcOpenMemHandle` in `Shared::map_peer`, closed once, after
+        // the last pull that copied from it (each holds an `Arc` of this mapping).
+        let status = unsafe { sys::cuIpcCloseMemHandle(self.base) };
+        if status != sys::CUresult::CUDA_SUCCESS {
+            tracing::debug!("cuIpcCloseMemHandle: {status:?}");
+        }
+    }
+}
+
+/// Hands a slice of the pool back when dropped: the keepalive of an export, or of pulled K/V.
+struct PoolSlice {
+    shared: Arc<Shared>,
+    offset: usize,
+    len: usize,
+}
+
+impl Drop for PoolSlice {
+    fn drop(&mut self) {
+        lock(&self.shared.pool.slices).give_back(self.offset, self.len);
+    }
+}
+
+/// Device memory of a pull that found no room in the pool; freed when dropped.
+struct OwnAllocation {
+    ctx: Arc<CudaContext>,
+    ptr: CUdeviceptr,
+}
+
+impl Drop for OwnAllocation {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by `malloc_sync` in `Shared::destination`, freed once, after
+            // the engine wrote the pulled K/V into its cache (this guard lives as long as the
+            // `PulledKv`).
+            if let Err(e) = unsafe { cudarc::driver::result::free_sync(self.ptr) } {
+                tracing::debug!("freeing a CUDA IPC pull buffer: {e}");
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn cuda_error(what: &str, e: impl std::fmt::Display) -> TransferError {
+    TransferError::Backend(format!("{what}: {e}"))
+}
+
+/// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as nvidia-smi prints it.
+fn uuid_string(uuid: &sys::CUuuid) -> String {
+    let hex: String = uuid
+        .bytes
+        .iter()
+        .map(|&b| format!("{:02x}", b as u8))
+        .collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+impl CudaIpcTransport {
+    /// Allocates a device pool of `pool_bytes` on `cuda:{ordinal}` and takes its IPC handle.
+    /// `host_id` identifies this machine ([`super::host_id`]).
+    pub fn start(
+        ordinal: usize,
+        pool_bytes: usize,
+        host_id: String,
+    ) -> Result<Self, TransferError> {
+        if pool_bytes == 0 {
+            return Err(TransferError::Backend("a CUDA IPC pool of 0 bytes".into()));
+        }
+        if !crate::backend::cuda::driver_present() {
+            return Err(TransferError::Backend(
+                "CUDA IPC needs the NVIDIA driver (libcuda.so), which cannot be loaded here".into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_error("CUDA context", e))?;
+        ctx.bind_to_thread()
+            .map_err(|e| cuda_error("CUDA context", e))?;
+        let device_uuid = ctx
+            .uuid()
+            .map(|u| uuid_string(&u))
+            .map_err(|e| cuda_error("reading the GPU's UUID", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| cuda_error("CUDA IPC stream", e))?;
+        // SAFETY: a plain allocation; nothing reads a slice before an export or a pull has
+        // written it.
+        let base = unsafe { cudarc::driver::result::malloc_sync(pool_bytes) }.map_err(|e| {
+            cuda_error(
+                &format!(
+                    "allocating {} MiB of device memory for the CUDA IPC pool",
+                    pool_bytes >> 20
+                ),
+                e,
+            )
+        })?;
+        let mut raw = sys::CUipcMemHandle_st {
+            reserved: [0; HANDLE_BYTES],
+        };
+        // SAFETY: `base` is the start of a `cuMemAlloc` allocation of this context.
+        let status = unsafe { sys::cuIpcGetMemHandle(&mut raw, base) };
+        let pool = DevicePool {
+            ctx: Arc::clone(&ctx),
+            base,
+            len: pool_bytes,
+            handle: raw.reserved.map(|b| b as u8),
+            slices: Mutex::new(SlicePool::new(pool_bytes)),
+        };
+        status
+            .result()
+            .map_err(|e| cuda_error("cuIpcGetMemHandle on the CUDA IPC pool", e))?;
+        lock(local_pools()).insert(pool.handle, base);
+        tracing::info!(
+            mib = pool_bytes >> 20,
+            device = %device_uuid,
+            "CUDA IPC pool allocated: K/V moves device to device between GPU workers of this host"
+        );
+        Ok(Self {
+            shared: Arc::new(Shared {
+                ctx,
+                stream: Mutex::new(stream),
+                pool,
+                host_id,
+                device_uuid,
+                peers: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The device pool's bytes.
+    pub fn pool_bytes(&self) -> usize {
+        self.shared.pool.len
+    }
+
+    /// This GPU's UUID.
+    pub fn device_uuid(&self) -> &str {
+        &self.shared.device_uuid
+    }
+
+    /// Bytes of the pool not lent to an export or a pull.
+    pub fn free_bytes(&self) -> usize {
+        lock(&self.shared.pool.slices).free_bytes()
+    }
+}
+
+impl Shared {
+    fn source(&self) -> CudaIpcSource {
+        CudaIpcSource {
+            host_id: self.host_id.clone(),
+            device: self.device_uuid.clone(),
+            mem_handle: to_hex(&self.pool.handle),
+            alloc_bytes: self.pool.len as u64,
+        }
+    }
+
+    /// A free slice of `len` bytes of the pool and its guard.
+    fn take(self: &Arc<Self>, len: usize) -> Option<(DeviceRange, PoolSlice)> {
+        let offset = lock(&self.pool.slices).take(len)?;
+        let range = DeviceRange {
+            ptr: self.pool.base + offset as u64,
+            len,
+        };
+        let guard = PoolSlice {
+            shared: Arc::clone(self),
+            offset,
+            len,
+        };
+        Some((range, guard))
+    }
+
+    /// The exporter's pool mapped into this process (opened once, reused while in use).
+    fn map_peer(&self, handle: HandleBytes) -> Result<Arc<PeerMapping>, TransferError> {
+        let mut peers = lock(&self.peers);
+        let now = Instant::now();
+        // Close mappings nobody used for a while (an in-flight pull keeps its own `Arc`).
+        peers.retain(|_, (_, used)| now.duration_since(*used) < IDLE_MAPPING_CLOSE);
+        if let Some((mapping, used)) = peers.get_mut(&handle) {
+            *used = now;
+            return Ok(Arc::clone(mapping));
+        }
+        let mapping = match lock(local_pools()).get(&handle) {
+            Some(&base) => PeerMapping {
+                ctx: Arc::clone(&self.ctx),
+                base,
+                local: true,
+            },
+            None => {
+                let raw = sys::CUipcMemHandle_st {
+                    reserved: handle.map(|b| b as _),
+                };
+                let mut base: CUdeviceptr = 0;
+                // SAFETY: `raw` is a handle from a KV handle of this host; the driver checks
+                // it. Lazy peer access lets a pool on another GPU be mapped.
+                let status = unsafe {
+                    sys::cuIpcOpenMemHandle_v2(
+                        &mut base,
+                        raw,
+                        sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+                    )
+                };
+                status.result().map_err(|e| {
+                    TransferError::Unavailable(format!(
+                        "mapping the context worker's GPU memory (cuIpcOpenMemHandle): {e}"
+                    ))
+                })?;
+                PeerMapping {
+                    ctx: Arc::clone(&self.ctx),
+                    base,
+                    local: false,
+                }
+            }
+        };
+        let mapping = Arc::new(mapping);
+        peers.insert(handle, (Arc::clone(&mapping), now));
+        Ok(mapping)
+    }
+
+    /// Device memory for a pull of `len` bytes: a pool slice, or an allocation of its own.
+    fn destination(
+        self: &Arc<Self>,
+        len: usize,
+    ) -> Result<(DeviceRange, bool, Box<dyn Send + Sync>), TransferError> {
+        if let Some((range, guard)) = self.take(len) {
+            return Ok((range, true, Box::new(guard)));
+        }
+        tracing::debug!(
+            len,
+            free = lock(&self.pool.slices).free_bytes(),
+            "CUDA IPC pool has no free slice this long; allocating device memory for this pull"
+        );
+        // SAFETY: written by the pull's copies before anything reads it.
+        let ptr = unsafe { cudarc::driver::result::malloc_sync(len.max(1)) }.map_err(|e| {
+            TransferError::Unavailable(format!("allocating {len} bytes of device memory: {e}"))
+        })?;
+        let guard = OwnAllocation {
+            ctx: Arc::clone(&self.ctx),
+            ptr,
+        };
+        Ok((DeviceRange { ptr, len }, false, Box::new(guard)))
+    }
+
+    /// Copies `remote`'s regions out of the exporter's pool into device memory of ours.
+    fn pull_blocking(self: &Arc<Self>, remote: &RemoteKv) -> Result<PulledKv, TransferError> {
+        let source = remote.cuda_ipc.as_ref().ok_or_else(|| {
+            TransferError::InvalidHandle("a CUDA IPC handle without its allocation".into())
+        })?;
+        if source.host_id != self.host_id {
+            return Err(TransferError::InvalidHandle(format!(
+                "the K/V is in GPU memory of another host (host id {}, this one is {})",
+                source.host_id, self.host_id
+            )));
+        }
+        let handle: HandleBytes = from_hex(&source.mem_handle)?
+            .try_into()
+            .map_err(|_| TransferError::InvalidHandle("a CUDA IPC handle is 64 bytes".into()))?;
+        let regions = remote.coalesced();
+        if let Some(&(addr, len)) = regions.iter().find(|&&(addr, len)| {
+            addr.checked_add(len)
+                .is_none_or(|end| end > source.alloc_bytes)
+        }) {
+            return Err(TransferError::InvalidHandle(format!(
+                "region {addr}+{len} is outside the exported allocation of {} bytes",
+                source.alloc_bytes
+            )));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("CUDA context", e))?;
+        let peer = self.map_peer(handle)?;
+        let len = remote.total_len() as usize;
+        let (into, lent, guard) = self.destination(len)?;
+        let stream = lock(&self.stream);
+        let mut at = into.ptr;
+        for &(addr, region_len) in &regions {
+            // SAFETY: the source lies inside the mapped allocation (checked above against its
+            // size) and the destination inside `into` (the regions add up to its length); the
+            // stream is synchronized before either is released.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    at,
+                    peer.base + addr,
+                    region_len as usize,
+                    stream.cu_stream(),
+                )
+            }
+            .map_err(|e| {
+                TransferError::Unavailable(format!("copying the K/V between GPUs: {e}"))
+            })?;
+            at += region_len;
+        }
+        stream.synchronize().map_err(|e| {
+            TransferError::Unavailable(format!("copying the K/V between GPUs: {e}"))
+        })?;
+        // SAFETY: `into` is device memory kept by `guard` and written completely above.
+        Ok(unsafe { PulledKv::on_device(into, lent, guard) })
+    }
+}
+
+impl KvTransport for CudaIpcTransport {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    /// A slice of the device pool, for the engine to copy the blocks into; an error (the
+    /// caller exports through host memory instead) when the pool has no room.
+    fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>> {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            let Some((range, guard)) = shared.take(len) else {
+                return Err(TransferError::Unavailable(format!(
+                    "the CUDA IPC pool has no free slice of {len} bytes ({} of {} free)",
+                    lock(&shared.pool.slices).free_bytes(),
+                    shared.pool.len
+                )));
+            };
+            let exported = Exported {
+                address: Vec::new(),
+                rkey: Vec::new(),
+                addr: range.ptr - shared.pool.base,
+                len: len as u64,
+                cuda_ipc: Some(shared.source()),
+                keepalive: Box::new(guard),
+            };
+            // SAFETY: the slice is this export's until its keepalive hands it back.
+            Ok(unsafe { ExportBuffer::on_device(range, exported) })
+        })
+    }
+
+    /// Copies the exporter's blocks into device memory of this worker. A device-to-device
+    /// copy cannot wait on a dead peer (the mapping keeps the memory), so `timeout` is not
+    /// needed; the caller checks the handle's expiry before pulling.
+    fn pull(
+        &self,
+        remote: RemoteKv,
+        _timeout: Duration,
+    ) -> BoxFuture<Result<PulledKv, TransferError>> {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || shared.pull_blocking(&remote))
+                .await
+                .map_err(|e| TransferError::Backend(format!("the CUDA IPC copy task: {e}")))?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_read_like_nvidia_smi() {
+        let uuid = sys::CUuuid {
+            bytes: [
+                0x5c, 0x1e, 0x2a, 0x0b, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa,
+                0xbb, 0xcc,
+            ]
+            .map(|b: u8| b as _),
+        };
+        assert_eq!(
+            uuid_string(&uuid),
+            "GPU-5c1e2a0b-1122-3344-5566-778899aabbcc"
+        );
+    }
+
+    #[test]
+    fn without_a_driver_the_transport_says_so() {
+        if crate::backend::cuda::driver_present() {
+            return; // a GPU machine: the GPU tests start it for real
+        }
+        let err = CudaIpcTransport::start(0, 1 << 20, "host".into())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("libcuda.so"), "{err}");
+    }
+}
