@@ -31,7 +31,7 @@ ask() { # port prompt
 }
 counters() { # port
   curl -sS "http://127.0.0.1:$1/metrics" |
-    grep -E "^tandem_(requests_disaggregated_total|kv_transfer_bytes_total|kv_transfer_fallbacks_total|worker_total_kv_blocks)"
+    grep -E "^tandem_(requests_disaggregated_total|kv_transfer_bytes_total|kv_transfers_total|kv_transfer_fallbacks_total|worker_total_kv_blocks)"
 }
 
 echo "== tandem serve -c examples/configs/$config.yaml"
@@ -51,7 +51,7 @@ fi
 kill -TERM "$pid"
 wait "$pid"
 echo "launcher exit: $?"
-grep -E "model loaded|transfer pool|ERROR|WARN" "$out/$config.log" | cut -c1-400
+grep -E "model loaded|transfer pool|CUDA IPC|ERROR|WARN" "$out/$config.log" | cut -c1-400
 
 if [ "$config" = gpu-1 ]; then
   echo "== the same config over two launchers (--only), one nats-server"

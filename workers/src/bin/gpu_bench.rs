@@ -26,8 +26,9 @@ use tandem_workers::backend::{Backend, DType, HostTensor};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 use tandem_workers::sampler::device::RowRequest;
+use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
 use tandem_workers::transfer::ucx::UcxTransport;
-use tandem_workers::transfer::{KvTransport, RemoteKv};
+use tandem_workers::transfer::{Exported, KvBytes, KvBytesMut, KvTransport, RemoteKv, host_id};
 
 #[derive(Parser)]
 #[command(about = "Check the CUDA backend against the CPU backend, and time it")]
@@ -591,6 +592,52 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
         "KV import ({:.1} MB): UCX pull {vec_pull:.1} GB/s into a Vec, {pool_pull:.1} GB/s into \
          the pool; write into the cache {vec_write:.1} GB/s from the Vec through the staging \
          buffer, {pool_write:.1} GB/s straight from the pinned pool",
+        total / 1e6
+    );
+
+    // Between GPU workers of one host: CUDA IPC. The export copies the blocks into a slice of
+    // the exporter's device pool, the pull copies the regions out of that pool into a slice of
+    // the puller's (in one process the pool is reached at its own address instead of through
+    // cuIpcOpenMemHandle: the same device-to-device copy), the import copies them into the
+    // cache. Each is one pass over the bytes, read and written in device memory.
+    let ordinal = gpu.context().ordinal();
+    let exporter = CudaIpcTransport::start(ordinal, total as usize, host_id())?;
+    let puller = CudaIpcTransport::start(ordinal, total as usize, host_id())?;
+    let export_ipc = || -> Result<Exported> {
+        let mut buffer = runtime.block_on(exporter.reserve(total as usize))?;
+        let KvBytesMut::Device(range) = buffer.bytes_mut() else {
+            bail!("a CUDA IPC export is device memory");
+        };
+        gpu.read_kv_blocks_to_device(kv, blocks, range)?;
+        Ok(buffer.finish())
+    };
+    let ipc_export = rate(&mut || export_ipc().map(drop))?;
+    let exported = export_ipc()?;
+    let remote = RemoteKv {
+        address: Vec::new(),
+        rkey: Vec::new(),
+        regions: (0..blocks.len() as u64)
+            .map(|i| (exported.addr + i * block_bytes as u64, block_bytes as u64))
+            .collect(),
+        cuda_ipc: exported.cuda_ipc.clone(),
+    };
+    let pull = || runtime.block_on(puller.pull(remote.clone(), Duration::from_secs(30)));
+    let ipc_pull = rate(&mut || pull().map(drop).map_err(Into::into))?;
+    let pulled = pull()?;
+    let KvBytes::Device(range) = pulled.bytes() else {
+        bail!("a CUDA IPC pull is device memory");
+    };
+    let ipc_write = rate(&mut || Ok(gpu.write_kv_blocks_from_device(kv, blocks, range)?))?;
+    gpu.read_kv_blocks(kv, blocks, &mut host)?;
+    anyhow::ensure!(
+        host == snapshot,
+        "the K/V that went through CUDA IPC pools differs"
+    );
+    println!(
+        "KV over CUDA IPC ({:.1} MB, device to device): export into the device pool \
+         {ipc_export:.1} GB/s, pull into the reader's pool {ipc_pull:.1} GB/s, write into the \
+         cache {ipc_write:.1} GB/s (bytes moved once per step; the copy ceiling counts read + \
+         write)",
         total / 1e6
     );
     Ok(())

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs on the device machine: the KV transfer between GPU workers (CUDA IPC, and UCX through
+# host memory) checked with real worker processes, and the GPU tests. Binaries come in
+# .kit/bin (see ../shared/device/README.md), the test binaries built here with
+#   cargo test --release -p tandem-workers --test bus_disaggregated --test cuda_backend --no-run
+# and carried as .kit/bin/{bus_disaggregated,cuda_backend}_test.
+#
+#   scripts/device/gpu_transfer.sh tests      # GPU tests + the two-process CUDA IPC test
+#
+# Output goes to stdout and to $OUT/<stage>.log.
+set -uo pipefail
+stage=${1:?usage: gpu_transfer.sh tests}
+# shellcheck source=scripts/device/kit-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
+
+case "$stage" in
+  tests)
+    nvidia-smi --query-gpu=index,name,uuid,memory.total --format=csv
+    random_model tiny >/dev/null
+    smollm2=$(random_model smollm2-135m)
+    echo "== GPU tests (workers/tests/cuda_backend.rs)"
+    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
+      cuda_backend_test --test-threads 1 2>&1 | tee "$out/cuda-tests.log" | grep -E "^test |test result"
+    echo "== two GPU worker processes, KV over CUDA IPC and UCX (workers/tests/bus_disaggregated.rs)"
+    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
+      TANDEM_NATS_SERVER=$(command -v nats-server) TANDEM_GPU_TEST_MODEL=$smollm2 \
+      bus_disaggregated_test gpu_workers --nocapture --test-threads 1 >"$out/ipc-test.log" 2>&1
+    echo "exit: $?"
+    grep -E "bytes pulled|^test |test result|panicked|CUDA IPC pool|cuda_ipc|ERROR" "$out/ipc-test.log" | cut -c1-300
+    ;;
+  *)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
