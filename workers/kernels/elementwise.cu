@@ -92,3 +92,21 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __
     block_argmax(v, idx);
     if (threadIdx.x == 0) out[blockIdx.x] = (u32)idx;
 }
+
+// K/V blocks between the paged cache and a transfer's device memory (a CUDA IPC export or
+// pull), all blocks in one launch instead of one copy per block: `blocks[i]` of the cache is
+// the i-th block of `range`. `to_range` != 0 copies cache -> range, else range -> cache.
+// Both bases are 16-byte aligned and a block is `block_vecs` 16-byte words.
+extern "C" __global__ void copy_kv_blocks(uint4* __restrict__ cache, uint4* __restrict__ range,
+                                          const u32* __restrict__ blocks, int num_blocks,
+                                          long long block_vecs, int to_range) {
+    for (int i = blockIdx.y; i < num_blocks; i += gridDim.y) {
+        uint4* cached = cache + (long long)blocks[i] * block_vecs;
+        uint4* other = range + (long long)i * block_vecs;
+        for (long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x; v < block_vecs;
+             v += (long long)gridDim.x * blockDim.x) {
+            if (to_range) other[v] = cached[v];
+            else cached[v] = other[v];
+        }
+    }
+}

@@ -386,3 +386,102 @@ fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
     backend.read_kv_blocks(&kv, &others, &mut staged).unwrap();
     assert!(staged == bytes, "direct write from pinned memory differs");
 }
+
+/// A prompt's blocks through two CUDA IPC pools, never leaving device memory: copied out of
+/// the cache into an export (one kernel), pulled into the reader's pool, written into other
+/// blocks; the bytes arrive unchanged. Handles of another host or outside the allocation are
+/// refused, and a full pool says so (the worker then exports through host memory).
+#[test]
+fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
+    use tandem_workers::backend::{KvBytes, KvBytesMut};
+    use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
+    use tandem_workers::transfer::{KvTransport, RemoteKv, TransferError};
+
+    if no_gpu() {
+        return;
+    }
+    let model = tiny_bf16_kv_on_the_gpu();
+    let block_bytes = model.kv_layout(16).block_bytes();
+    let num_blocks = 24;
+    let mut kv = model.alloc_kv_cache(16, num_blocks).unwrap();
+    let backend = model.backend();
+    let blocks: Vec<u32> = (0..num_blocks as u32).step_by(2).rev().collect();
+    let bytes: Vec<u8> = (0..blocks.len() * block_bytes)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    backend.write_kv_blocks(&mut kv, &blocks, &bytes).unwrap();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let len = bytes.len();
+    // Room for one export after a first slice, so the export sits at an offset.
+    let exporter = CudaIpcTransport::start(0, 2 * len + 4096, "this-host".into()).unwrap();
+    let first = runtime.block_on(exporter.reserve(4096)).unwrap();
+    let mut export = runtime.block_on(exporter.reserve(len)).unwrap();
+    let KvBytesMut::Device(range) = export.bytes_mut() else {
+        panic!("a CUDA IPC export is device memory");
+    };
+    backend
+        .read_kv_blocks_to_device(&kv, &blocks, range)
+        .unwrap();
+    let exported = export.finish();
+    assert!(exported.addr >= 4096, "the export is a slice at an offset");
+    let source = exported
+        .cuda_ipc
+        .clone()
+        .expect("the export describes its allocation");
+    assert_eq!(source.alloc_bytes as usize, 2 * len + 4096);
+    assert!(
+        matches!(
+            runtime.block_on(exporter.reserve(len + 8192)),
+            Err(TransferError::Unavailable(_))
+        ),
+        "a full pool refuses the export"
+    );
+
+    let puller = CudaIpcTransport::start(0, len, "this-host".into()).unwrap();
+    let remote = RemoteKv {
+        address: Vec::new(),
+        rkey: Vec::new(),
+        regions: (0..blocks.len() as u64)
+            .map(|i| (exported.addr + i * block_bytes as u64, block_bytes as u64))
+            .collect(),
+        cuda_ipc: Some(source.clone()),
+    };
+    let pull = |remote: RemoteKv| {
+        runtime.block_on(puller.pull(remote, std::time::Duration::from_secs(10)))
+    };
+    let pulled = pull(remote.clone()).unwrap();
+    assert!(pulled.is_lent(), "the pull reads into the reader's pool");
+    let KvBytes::Device(range) = pulled.bytes() else {
+        panic!("a CUDA IPC pull is device memory");
+    };
+    let others: Vec<u32> = (1..num_blocks as u32).step_by(2).collect();
+    backend
+        .write_kv_blocks_from_device(&mut kv, &others, range)
+        .unwrap();
+    let mut back = vec![0u8; len];
+    backend.read_kv_blocks(&kv, &others, &mut back).unwrap();
+    assert!(
+        back == bytes,
+        "the K/V changed on its way through the pools"
+    );
+    // The pool is lent out: a second pull gets device memory of its own, same bytes.
+    let second = pull(remote.clone()).unwrap();
+    assert!(!second.is_lent());
+    drop((pulled, second, first));
+
+    let mut elsewhere = remote.clone();
+    elsewhere.cuda_ipc = Some(tandem_workers::transfer::CudaIpcSource {
+        host_id: "another-host".into(),
+        ..source.clone()
+    });
+    let err = pull(elsewhere).unwrap_err().to_string();
+    assert!(err.contains("another host"), "{err}");
+    let mut outside = remote;
+    outside.regions = vec![(source.alloc_bytes - 16, 32)];
+    let err = pull(outside).unwrap_err().to_string();
+    assert!(err.contains("outside the exported allocation"), "{err}");
+}

@@ -75,6 +75,8 @@ pub struct Kernels {
     pub silu_mul: CudaFunction,
     pub add_bias: CudaFunction,
     pub gather_rows: CudaFunction,
+    /// K/V blocks between the cache and a transfer's device memory, in one launch.
+    pub copy_kv_blocks: CudaFunction,
     pub argmax_rows: CudaFunction,
     /// Per-row sampling summaries (`sample.cu`).
     pub sample_rows: CudaFunction,
@@ -127,6 +129,7 @@ impl Kernels {
             silu_mul: f("silu_mul")?,
             add_bias: f("add_bias")?,
             gather_rows: f("gather_rows")?,
+            copy_kv_blocks: f("copy_kv_blocks")?,
             argmax_rows: f("argmax_rows")?,
             sample_rows: f("sample_rows")?,
             rope_cache_write: f("rope_cache_write")?,

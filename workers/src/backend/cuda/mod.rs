@@ -366,6 +366,61 @@ impl CudaBackend {
         Ok(CudaTensor::from_bf16(qkv.rows, width, out))
     }
 
+    /// Copies `blocks` between `kv` and device memory `range` (the blocks back to back) in
+    /// one launch of `copy_kv_blocks`, and waits: the range is a transfer's (a CUDA IPC
+    /// export or pull), handed on or back to its pool as soon as this returns. One copy per
+    /// block instead costs a few microseconds each (SmolLM2's 0.37 MB blocks moved at 80 GB/s
+    /// that way on an H100).
+    fn copy_kv_blocks_on_device(
+        &self,
+        kv: &CudaKvCache,
+        blocks: &[u32],
+        range: crate::backend::DeviceRange,
+        to_range: bool,
+    ) -> Result<(), BackendError> {
+        let op = if to_range {
+            "read KV blocks to device memory"
+        } else {
+            "write KV blocks from device memory"
+        };
+        let block_bytes = staging::check(op, kv, blocks, range.len)?;
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        if !block_bytes.is_multiple_of(16) || !range.ptr.is_multiple_of(16) {
+            return Err(shape_err(
+                op,
+                format!(
+                    "{block_bytes}-byte blocks at {:#x} are not 16-byte aligned",
+                    range.ptr
+                ),
+            ));
+        }
+        let table = dev!("copy KV blocks", self.stream.clone_htod(blocks))?;
+        let cache = kv.block_address(&self.stream, 0);
+        let (count, vecs, to) = (
+            blocks.len() as i32,
+            (block_bytes / 16) as i64,
+            i32::from(to_range),
+        );
+        let mut b = self.stream.launch_builder(&self.kernels.copy_kv_blocks);
+        b.arg(&cache)
+            .arg(&range.ptr)
+            .arg(&table)
+            .arg(&count)
+            .arg(&vecs)
+            .arg(&to);
+        // Enough blocks to keep every SM's memory pipes busy; each walks its share of a block.
+        let per_block = (block_bytes / 16).div_ceil(256).clamp(1, 64) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (per_block, blocks.len().min(65_535) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(b, cfg, op)?;
+        dev!("copy KV blocks", self.stream.synchronize())
+    }
+
     fn check_vector<'w>(
         op: &'static str,
         weight: &'w CudaWeight,
@@ -550,7 +605,7 @@ impl Backend for CudaBackend {
         blocks: &[u32],
         dst: crate::backend::DeviceRange,
     ) -> Result<(), BackendError> {
-        staging::copy_blocks_on_device(&self.stream, kv, blocks, dst, staging::Direction::Out)
+        self.copy_kv_blocks_on_device(kv, blocks, dst, true)
     }
 
     fn write_kv_blocks_from_device(
@@ -559,7 +614,7 @@ impl Backend for CudaBackend {
         blocks: &[u32],
         src: crate::backend::DeviceRange,
     ) -> Result<(), BackendError> {
-        staging::copy_blocks_on_device(&self.stream, kv, blocks, src, staging::Direction::In)
+        self.copy_kv_blocks_on_device(kv, blocks, src, false)
     }
 
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<CudaBatch, BackendError> {

@@ -13,10 +13,6 @@
 //! `cuMemHostRegister`) once. Copies into or out of a pinned range go straight between the
 //! cache and those bytes, with no staging buffer and no host copy.
 //!
-//! Between GPUs of one host the K/V never leaves device memory: [`copy_blocks_on_device`]
-//! copies blocks into (or out of) a CUDA IPC transfer's device range, one device-to-device
-//! copy per block.
-//!
 //! The cache holds bf16 as `u16`; its bytes are the little-endian bytes the KV layout
 //! describes, so the staging copies are byte copies (CUDA hosts are little-endian).
 
@@ -25,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaStream, PinnedHostSlice};
 
 use super::tensor::CudaKvCache;
-use crate::backend::{BackendError, DeviceRange, HostRange};
+use crate::backend::{BackendError, HostRange};
 
 /// Bytes of the staging buffer (a larger request is copied in chunks of this size).
 const STAGING_BYTES: usize = 64 << 20;
@@ -208,61 +204,13 @@ impl KvStaging {
     }
 }
 
-/// Which way [`copy_blocks_on_device`] copies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Direction {
-    /// Cache blocks into the range (a CUDA IPC export).
-    Out,
-    /// The range into cache blocks (a CUDA IPC pull imported).
-    In,
-}
-
-/// Copies `blocks` between `kv` and device memory `range` (the blocks back to back), one
-/// device-to-device copy per block, and waits: the range is a transfer's, handed on (or back
-/// to its pool) as soon as this returns.
-pub(super) fn copy_blocks_on_device(
-    stream: &Arc<CudaStream>,
-    kv: &CudaKvCache,
-    blocks: &[u32],
-    range: DeviceRange,
-    direction: Direction,
-) -> Result<(), BackendError> {
-    let op = match direction {
-        Direction::Out => "read KV blocks to device memory",
-        Direction::In => "write KV blocks from device memory",
-    };
-    let block_bytes = check(op, kv, blocks, range.len)?;
-    for (i, &block) in blocks.iter().enumerate() {
-        let cached = kv.block_address(stream, block);
-        let other = range.ptr + (i * block_bytes) as u64;
-        let (to, from) = match direction {
-            Direction::Out => (other, cached),
-            Direction::In => (cached, other),
-        };
-        // SAFETY: `cached` is a whole block inside the cache (checked above) and `other` a
-        // block-sized piece of `range`, device memory of this context that the caller keeps
-        // until this returns; the stream is synchronized before then.
-        unsafe {
-            cudarc::driver::result::memcpy_dtod_async(to, from, block_bytes, stream.cu_stream())
-        }
-        .map_err(|e| BackendError::Device {
-            op,
-            detail: e.to_string(),
-        })?;
-    }
-    stream.synchronize().map_err(|e| BackendError::Device {
-        op,
-        detail: e.to_string(),
-    })
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Checks that `len` bytes are `blocks` whole blocks of `kv` and that every block is in the
 /// cache; returns the block size.
-fn check(
+pub(super) fn check(
     op: &'static str,
     kv: &CudaKvCache,
     blocks: &[u32],

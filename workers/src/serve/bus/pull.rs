@@ -144,7 +144,8 @@ impl Worker {
         } else if handle.backend == cuda_ipc::BACKEND {
             let Some(device) = &self.settings.cuda_ipc else {
                 return Err(TransferError::InvalidHandle(
-                    "the K/V was exported to GPU memory for CUDA IPC, and this worker has no                      CUDA IPC pool (a CPU worker, or --cuda-ipc-pool-mb 0)"
+                    "the K/V was exported to GPU memory for CUDA IPC, and this worker has no \
+                     CUDA IPC pool (a CPU worker, or --cuda-ipc-pool-mb 0)"
                         .into(),
                 ));
             };
@@ -190,7 +191,9 @@ impl Worker {
             .swap(false, std::sync::atomic::Ordering::Relaxed);
         if was {
             tracing::error!(
-                "reading a context worker's GPU memory over CUDA IPC failed ({error}); this                  worker now asks for host-memory (UCX) transfers. Same-host GPU transfers need                  peer access between the GPUs and a shared IPC namespace (docker --ipc=host)."
+                "reading a context worker's GPU memory over CUDA IPC failed ({error}); this \
+                 worker now asks for host-memory (UCX) transfers. Same-host GPU transfers need \
+                 peer access between the GPUs and a shared IPC namespace (docker --ipc=host)."
             );
         }
     }
