@@ -6,6 +6,8 @@
 //
 // Matrix products are mma.sync m16n8k16 (bf16 in, f32 accumulate): S = Q Kᵀ with Q (scaled by
 // softmax_scale * log2 e) in registers, then O += P V with P converted to bf16 in registers.
+// K and V fragments come out of shared memory by ldmatrix (V transposed on the way), four
+// 8x8 matrices, i.e. two mma B operands, per instruction.
 // Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): g = lane / 4, c = lane % 4;
 //   A 16x16 row-major: a0 = (g, 2c..2c+1), a1 = (g+8, 2c..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..)
 //   B 16x8 (k x n):    b0 = (k 2c..2c+1, n g), b1 = (k 2c+8..2c+9, n g)
@@ -17,6 +19,23 @@
 
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
+// Four 8x8 b16 matrices out of shared memory, one row address per lane (lanes 8i..8i+7 give
+// matrix i's rows); lane t receives, of matrix i, row t/4, columns 2(t%4) and 2(t%4)+1 (.trans:
+// rows 2(t%4) and 2(t%4)+1 of column t/4), the layout of an mma B fragment half.
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const bf16* row) {
+    const u32 addr = (u32)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const bf16* row) {
+    const u32 addr = (u32)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
 }
 
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
@@ -41,8 +60,11 @@ __device__ __forceinline__ void flash_prefill(
     __shared__ __align__(16) bf16 k_s[FA_KEYS * STRIDE];
     __shared__ __align__(16) bf16 v_s[FA_KEYS * STRIDE];
 
-    const int seq = tile_seq[blockIdx.x];
-    const int r0 = tile_row[blockIdx.x];
+    // Causal tiles later in a sequence see more keys: start those first, so the short ones
+    // fill the tail of the grid instead of a long one running alone at the end.
+    const int tile = gridDim.x - 1 - blockIdx.x;
+    const int seq = tile_seq[tile];
+    const int r0 = tile_row[tile];
     const int h = blockIdx.y;
     const int kvh = h / (num_heads / num_kv_heads);
     const int t_start = seq_token_start[seq];
@@ -57,6 +79,8 @@ __device__ __forceinline__ void flash_prefill(
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
+    // ldmatrix: this lane's row address is row `lr` of matrix `lm`.
+    const int lm = lane >> 3, lr = lane & 7;
     // This thread's two query rows (within the tile), clamped to a valid row for loads.
     const int ra = warp * 16 + g, rb = ra + 8;
     const int la = min(ra, rows_valid - 1), lb = min(rb, rows_valid - 1);
@@ -102,23 +126,29 @@ __device__ __forceinline__ void flash_prefill(
 #pragma unroll
         for (int nt = 0; nt < FA_KEYS / 8; ++nt) {
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            const bf16* krow = &k_s[(nt * 8 + g) * STRIDE];
+            // Matrices: (keys nt*8.., d kc*16 + 0 / 8), then the same for kc + 1.
+            const bf16* krow = &k_s[(nt * 8 + lr) * STRIDE + (lm & 1) * 8 + (lm >> 1) * 16];
 #pragma unroll
-            for (int kc = 0; kc < KC; ++kc) {
-                const u32 b0 = *reinterpret_cast<const u32*>(&krow[kc * 16 + 2 * c]);
-                const u32 b1 = *reinterpret_cast<const u32*>(&krow[kc * 16 + 8 + 2 * c]);
-                mma_bf16(s[nt], qa[kc], b0, b1);
+            for (int kc = 0; kc < KC; kc += 2) {
+                u32 b[4];
+                ldmatrix_x4(b, krow + kc * 16);
+                mma_bf16(s[nt], qa[kc], b[0], b[1]);
+                mma_bf16(s[nt], qa[kc + 1], b[2], b[3]);
             }
         }
-        // Causal mask, then the online softmax over this tile (each row's 4 threads together).
+        // Causal mask (only tiles reaching past the tile's first row), then the online softmax
+        // over this tile (each row's 4 threads together).
         float mx_a = NEG_INF, mx_b = NEG_INF;
+        const bool masked = kt + FA_KEYS - 1 > cached + r0;
 #pragma unroll
         for (int nt = 0; nt < FA_KEYS / 8; ++nt) {
-            const int key = kt + nt * 8 + 2 * c;
-            if (key > pos_a) s[nt][0] = NEG_INF;
-            if (key + 1 > pos_a) s[nt][1] = NEG_INF;
-            if (key > pos_b) s[nt][2] = NEG_INF;
-            if (key + 1 > pos_b) s[nt][3] = NEG_INF;
+            if (masked) {
+                const int key = kt + nt * 8 + 2 * c;
+                if (key > pos_a) s[nt][0] = NEG_INF;
+                if (key + 1 > pos_a) s[nt][1] = NEG_INF;
+                if (key > pos_b) s[nt][2] = NEG_INF;
+                if (key + 1 > pos_b) s[nt][3] = NEG_INF;
+            }
             mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
             mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
         }
@@ -157,13 +187,14 @@ __device__ __forceinline__ void flash_prefill(
             pa[1] = pack_bf16(s[2 * kc2][2], s[2 * kc2][3]);
             pa[2] = pack_bf16(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]);
             pa[3] = pack_bf16(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3]);
-            const bf16* v0 = &v_s[(kc2 * 16 + 2 * c) * STRIDE];
+            // Transposed matrices: (keys kc2*16 + 0 / 8.., d dt*8..), then the same for dt + 1.
+            const bf16* vrow = &v_s[(kc2 * 16 + (lm & 1) * 8 + lr) * STRIDE + (lm >> 1) * 8];
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                const int d = dt * 8 + g;
-                const u32 b0 = (u32)v0[d] | ((u32)v0[STRIDE + d] << 16);
-                const u32 b1 = (u32)v0[8 * STRIDE + d] | ((u32)v0[9 * STRIDE + d] << 16);
-                mma_bf16(o[dt], pa, b0, b1);
+            for (int dt = 0; dt < DT; dt += 2) {
+                u32 b[4];
+                ldmatrix_x4_trans(b, vrow + dt * 8);
+                mma_bf16(o[dt], pa, b[0], b[1]);
+                mma_bf16(o[dt + 1], pa, b[2], b[3]);
             }
         }
     }
