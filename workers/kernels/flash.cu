@@ -1,6 +1,7 @@
 // Prefill attention on the tensor cores (flash-attention style): one block = 64 query rows of
 // one sequence and one head, 4 warps of 16 rows; keys and values stream through shared memory
-// in tiles of 64 read from the paged cache, scores and the online softmax stay in registers.
+// in tiles of 64 read from the paged cache (double-buffered: cp.async copies the next tile
+// while the tensor cores work on this one), scores and the online softmax stay in registers.
 // Causal: query row r (position p) sees keys 0..=p of its sequence; the cache already holds the
 // chunk's own keys (rope_cache_write runs first), so chunked prefill reads earlier chunks there.
 //
@@ -38,6 +39,21 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const bf16* row) {
                  : "r"(addr));
 }
 
+// 16 bytes global -> shared without passing through registers; `src_bytes` 0 fills zeros.
+__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, int src_bytes) {
+    const u32 addr = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src),
+                 "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most `N` of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -57,8 +73,12 @@ __device__ __forceinline__ void flash_prefill(
     constexpr int KC = D / 16;  // 16-wide chunks of the head dimension
     constexpr int DT = D / 8;   // 8-wide output tiles
     constexpr int STRIDE = D + 8;  // padded shared-memory row (halves): no bank conflicts
-    __shared__ __align__(16) bf16 k_s[FA_KEYS * STRIDE];
-    __shared__ __align__(16) bf16 v_s[FA_KEYS * STRIDE];
+    constexpr int TILE = FA_KEYS * STRIDE;
+    // Two K tiles then two V tiles (dynamic shared memory, flash_smem_bytes(D)): the next
+    // tile is copied in (cp.async) while this one is computed on.
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16* const k_tiles = reinterpret_cast<bf16*>(fa_smem);
+    bf16* const v_tiles = k_tiles + 2 * TILE;
 
     // Causal tiles later in a sequence see more keys: start those first, so the short ones
     // fill the tail of the grid instead of a long one running alone at the end.
@@ -104,23 +124,38 @@ __device__ __forceinline__ void flash_prefill(
     for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
     float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.0f, l_b = 0.0f;
 
-    for (int kt = 0; kt < n_keys; kt += FA_KEYS) {
-        __syncthreads();  // the previous tile is consumed
+    // Queues the copy of keys kt..kt+63 (zeros past n_keys) into tile buffer `buf`.
+    auto load_tile = [&](int buf, int kt) {
         for (int idx = threadIdx.x; idx < FA_KEYS * (D / 8); idx += FA_WARPS * 32) {
             const int row = idx / (D / 8), c8 = idx % (D / 8);
             const int key = kt + row;
-            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            const bf16* k_src = cache;
+            int bytes = 0;
             if (key < n_keys) {
-                const bf16* src = cache + (long long)table[key / block_size] * block_elems +
-                                  layer_offset + (long long)(key % block_size) * token_stride +
-                                  kvh * D + c8 * 8;
-                kv4 = *reinterpret_cast<const uint4*>(src);
-                vv4 = *reinterpret_cast<const uint4*>(src + kv_stride);
+                k_src = cache + (long long)table[key / block_size] * block_elems + layer_offset +
+                        (long long)(key % block_size) * token_stride + kvh * D + c8 * 8;
+                bytes = 16;
             }
-            *reinterpret_cast<uint4*>(&k_s[row * STRIDE + c8 * 8]) = kv4;
-            *reinterpret_cast<uint4*>(&v_s[row * STRIDE + c8 * 8]) = vv4;
+            cp_async16(&k_tiles[buf * TILE + row * STRIDE + c8 * 8], k_src, bytes);
+            cp_async16(&v_tiles[buf * TILE + row * STRIDE + c8 * 8],
+                       bytes ? k_src + kv_stride : cache, bytes);
         }
-        __syncthreads();
+        cp_async_commit();
+    };
+
+    load_tile(0, 0);
+    int buf = 0;
+    for (int kt = 0; kt < n_keys; kt += FA_KEYS, buf ^= 1) {
+        // The other buffer was released by the barrier that ended the last iteration.
+        if (kt + FA_KEYS < n_keys) {
+            load_tile(buf ^ 1, kt + FA_KEYS);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // every thread's part of this tile has landed
+        const bf16* const k_s = k_tiles + buf * TILE;
+        const bf16* const v_s = v_tiles + buf * TILE;
 
         float s[FA_KEYS / 8][4];
 #pragma unroll
@@ -197,6 +232,7 @@ __device__ __forceinline__ void flash_prefill(
                 mma_bf16(o[dt + 1], pa, b[2], b[3]);
             }
         }
+        __syncthreads();  // this tile is consumed: the next iteration may refill its buffer
     }
     l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
     l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);

@@ -40,6 +40,12 @@ const ATTENTION_HEAD_DIMS: &[(usize, &str)] = &[
     (256, "paged_attention_d256"),
 ];
 
+/// Dynamic shared memory of `flash_prefill_d{head_dim}`: two K and two V tiles of 64 keys,
+/// rows padded by 8 halves (`flash.cu`).
+pub fn flash_smem_bytes(head_dim: usize) -> usize {
+    2 * 2 * 64 * (head_dim + 8) * 2
+}
+
 /// Rows up to which projections use `gemv.cu` instead of cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 8;
 const GEMV_NAMES: [&str; GEMV_MAX_ROWS] = [
@@ -138,10 +144,20 @@ impl Kernels {
                 .map(|&(d, name)| Ok((d, f(name)?)))
                 .collect::<Result<_, KernelError>>()?,
             attention_combine: f("attention_combine")?,
-            flash_prefill: vec![
-                (64, f("flash_prefill_d64")?),
-                (128, f("flash_prefill_d128")?),
-            ],
+            flash_prefill: [(64, "flash_prefill_d64"), (128, "flash_prefill_d128")]
+                .into_iter()
+                .map(|(d, name)| {
+                    let kernel = f(name)?;
+                    // Above the 48 KiB a block gets without asking (d128: 68 KiB).
+                    kernel
+                        .set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            flash_smem_bytes(d) as i32,
+                        )
+                        .map_err(|e| KernelError::Load(format!("{name}: {e}")))?;
+                    Ok((d, kernel))
+                })
+                .collect::<Result<_, KernelError>>()?,
             gemv: GEMV_NAMES
                 .iter()
                 .map(|&name| f(name))

@@ -360,7 +360,7 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid_dim: (batch.num_tiles as u32, shape.num_heads as u32, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: kernels::flash_smem_bytes(shape.head_dim) as u32,
         };
         self.launch(b, cfg, "flash_prefill")?;
         Ok(CudaTensor::from_bf16(qkv.rows, width, out))
