@@ -283,6 +283,24 @@ async fn next_heartbeat(heartbeats: &mut async_nats::Subscriber) -> Heartbeat {
     messages::decode("heartbeat", &message.payload).unwrap()
 }
 
+/// Waits (10 s at most) until `workers` workers have each sent a heartbeat with every KV block
+/// free, nothing pinned for a decode worker and nothing running.
+async fn wait_until_every_block_is_free(heartbeats: &mut async_nats::Subscriber, workers: usize) {
+    let mut settled = std::collections::HashSet::new();
+    let start = Instant::now();
+    while settled.len() < workers {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "blocks were not all freed"
+        );
+        let beat = next_heartbeat(heartbeats).await;
+        let pinned = beat.kv_transfer.map_or(0, |s| s.pinned_blocks);
+        if beat.free_kv_blocks == beat.total_kv_blocks && pinned == 0 && beat.running == 0 {
+            settled.insert(beat.worker_id);
+        }
+    }
+}
+
 /// Runs one disaggregated request; returns (token ids, text, KvPulled message).
 async fn disaggregated(
     client: &async_nats::Client,
@@ -370,19 +388,7 @@ async fn context_and_decode_workers_reproduce_worker_generate_over_ucx() {
     // Every KV block is free again on both workers, and nothing is pinned.
     let subjects = Subjects::new(SERVED);
     let mut heartbeats = client.subscribe(subjects.heartbeat_all()).await.unwrap();
-    let mut settled = std::collections::HashSet::new();
-    let start = Instant::now();
-    while settled.len() < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "blocks were not all freed"
-        );
-        let beat = next_heartbeat(&mut heartbeats).await;
-        let pinned = beat.kv_transfer.map_or(0, |s| s.pinned_blocks);
-        if beat.free_kv_blocks == beat.total_kv_blocks && pinned == 0 && beat.running == 0 {
-            settled.insert(beat.worker_id);
-        }
-    }
+    wait_until_every_block_is_free(&mut heartbeats, 2).await;
 
     // An export nobody pulls expires: heartbeats show it pinned, then freed.
     let expected = reference("Hi", 8, None);
@@ -660,19 +666,7 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
 
     // Every block is free again on every worker, nothing is pinned, and the reader still
     // advertises CUDA IPC (none of its reads failed).
-    let mut settled = std::collections::HashSet::new();
-    let start = Instant::now();
-    while settled.len() < 3 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "blocks were not all freed"
-        );
-        let beat = next_heartbeat(&mut heartbeats).await;
-        let pinned = beat.kv_transfer.map_or(0, |s| s.pinned_blocks);
-        if beat.free_kv_blocks == beat.total_kv_blocks && pinned == 0 && beat.running == 0 {
-            settled.insert(beat.worker_id);
-        }
-    }
+    wait_until_every_block_is_free(&mut heartbeats, 3).await;
     assert!(kv_peer_of(&mut heartbeats, "dec").await.cuda_ipc);
     drop(decode);
 }

@@ -344,6 +344,38 @@ fn kv_blocks_round_trip_through_pinned_staging() {
     assert_eq!(got, expected, "logits after the copied K/V differ");
 }
 
+/// A cache of 24 blocks of 16 tokens whose even blocks, in reverse order (`blocks`), hold
+/// `bytes`, and whose odd blocks (`others`) are free to be written.
+struct Filled {
+    kv: tandem_workers::backend::cuda::CudaKvCache,
+    block_bytes: usize,
+    blocks: Vec<u32>,
+    others: Vec<u32>,
+    bytes: Vec<u8>,
+}
+
+fn filled_cache(model: &Model<CudaBackend>) -> Filled {
+    let block_bytes = model.kv_layout(16).block_bytes();
+    let num_blocks = 24;
+    let mut kv = model.alloc_kv_cache(16, num_blocks).unwrap();
+    let blocks: Vec<u32> = (0..num_blocks as u32).step_by(2).rev().collect();
+    let others: Vec<u32> = (1..num_blocks as u32).step_by(2).collect();
+    let bytes: Vec<u8> = (0..blocks.len() * block_bytes)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    model
+        .backend()
+        .write_kv_blocks(&mut kv, &blocks, &bytes)
+        .unwrap();
+    Filled {
+        kv,
+        block_bytes,
+        blocks,
+        others,
+        bytes,
+    }
+}
+
 /// Host memory pinned in place (the transfer pool's role) is copied to and from directly,
 /// and the bytes are those of the staged path.
 #[test]
@@ -352,15 +384,14 @@ fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
         return;
     }
     let model = tiny_bf16_kv_on_the_gpu();
-    let block_bytes = model.kv_layout(16).block_bytes();
-    let num_blocks = 24;
-    let mut kv = model.alloc_kv_cache(16, num_blocks).unwrap();
     let backend = model.backend();
-    let blocks: Vec<u32> = (0..num_blocks as u32).step_by(2).rev().collect();
-    let bytes: Vec<u8> = (0..blocks.len() * block_bytes)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
-        .collect();
-    backend.write_kv_blocks(&mut kv, &blocks, &bytes).unwrap();
+    let Filled {
+        mut kv,
+        block_bytes,
+        blocks,
+        others,
+        bytes,
+    } = filled_cache(&model);
 
     // A region pinned in place (the transfer pool's role), with the transfer's slice at an
     // offset inside it; kept for the rest of the process, as the pool is.
@@ -380,7 +411,6 @@ fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
     );
 
     // Written back from pinned memory into other blocks: a staged read sees the same bytes.
-    let others: Vec<u32> = (1..num_blocks as u32).step_by(2).collect();
     backend.write_kv_blocks(&mut kv, &others, slice).unwrap();
     let mut staged = vec![0u8; bytes.len()];
     backend.read_kv_blocks(&kv, &others, &mut staged).unwrap();
@@ -401,15 +431,14 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         return;
     }
     let model = tiny_bf16_kv_on_the_gpu();
-    let block_bytes = model.kv_layout(16).block_bytes();
-    let num_blocks = 24;
-    let mut kv = model.alloc_kv_cache(16, num_blocks).unwrap();
     let backend = model.backend();
-    let blocks: Vec<u32> = (0..num_blocks as u32).step_by(2).rev().collect();
-    let bytes: Vec<u8> = (0..blocks.len() * block_bytes)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    backend.write_kv_blocks(&mut kv, &blocks, &bytes).unwrap();
+    let Filled {
+        mut kv,
+        block_bytes,
+        blocks,
+        others,
+        bytes,
+    } = filled_cache(&model);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -458,7 +487,6 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     let KvBytes::Device(range) = pulled.bytes() else {
         panic!("a CUDA IPC pull is device memory");
     };
-    let others: Vec<u32> = (1..num_blocks as u32).step_by(2).collect();
     backend
         .write_kv_blocks_from_device(&mut kv, &others, range)
         .unwrap();
