@@ -247,21 +247,6 @@ impl CudaIpcTransport {
             }),
         })
     }
-
-    /// The device pool's bytes.
-    pub fn pool_bytes(&self) -> usize {
-        self.shared.pool.len
-    }
-
-    /// This GPU's UUID.
-    pub fn device_uuid(&self) -> &str {
-        &self.shared.device_uuid
-    }
-
-    /// Bytes of the pool not lent to an export or a pull.
-    pub fn free_bytes(&self) -> usize {
-        lock(&self.shared.pool.slices).free_bytes()
-    }
 }
 
 impl Shared {

@@ -76,6 +76,38 @@ impl Memory {
             Memory::Device(range) => range.len,
         }
     }
+
+    /// The memory as the backend reads it. Sound because every owner ([`ExportBuffer`],
+    /// [`PulledKv`]) is built by an `unsafe` constructor whose caller promises the bytes stay
+    /// valid, and untouched by others, while the owner lives.
+    fn bytes(&self) -> KvBytes<'_> {
+        match *self {
+            // SAFETY: see above.
+            Memory::Host { ptr, len } => {
+                KvBytes::Host(unsafe { std::slice::from_raw_parts(ptr, len) })
+            }
+            Memory::Device(range) => KvBytes::Device(range),
+        }
+    }
+
+    /// [`Self::bytes`], to write.
+    fn bytes_mut(&mut self) -> KvBytesMut<'_> {
+        match *self {
+            // SAFETY: see `bytes`; `&mut self` makes this the only view.
+            Memory::Host { ptr, len } => {
+                KvBytesMut::Host(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+            }
+            Memory::Device(range) => KvBytesMut::Device(range),
+        }
+    }
+
+    /// The host bytes to write, None for device memory.
+    fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match self.bytes_mut() {
+            KvBytesMut::Host(bytes) => Some(bytes),
+            KvBytesMut::Device(_) => None,
+        }
+    }
 }
 
 /// An export whose memory is allocated and registered but not yet filled: the caller writes
@@ -122,21 +154,12 @@ impl ExportBuffer {
 
     /// Where to write the K/V.
     pub fn bytes_mut(&mut self) -> KvBytesMut<'_> {
-        match self.memory {
-            // SAFETY: see `new`.
-            Memory::Host { ptr, len } => {
-                KvBytesMut::Host(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
-            }
-            Memory::Device(range) => KvBytesMut::Device(range),
-        }
+        self.memory.bytes_mut()
     }
 
     /// The host bytes to write, or None for device memory.
     pub fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
-        match self.bytes_mut() {
-            KvBytesMut::Host(bytes) => Some(bytes),
-            KvBytesMut::Device(_) => None,
-        }
+        self.memory.host_bytes_mut()
     }
 
     /// The filled export, ready to be described in a handle.
@@ -262,13 +285,7 @@ impl PulledKv {
 
     /// Host or device memory.
     pub fn bytes(&self) -> KvBytes<'_> {
-        match self.memory {
-            // SAFETY: see the type's `Send` note and `lent`.
-            Memory::Host { ptr, len } => {
-                KvBytes::Host(unsafe { std::slice::from_raw_parts(ptr, len) })
-            }
-            Memory::Device(range) => KvBytes::Device(range),
-        }
+        self.memory.bytes()
     }
 
     /// The bytes, when they are in host memory.
@@ -280,12 +297,8 @@ impl PulledKv {
     }
 
     /// The host bytes to write (a pull filling them), None for device memory.
-    pub fn host_mut(&mut self) -> Option<&mut [u8]> {
-        match self.memory {
-            // SAFETY: see the type's `Send` note and `lent`.
-            Memory::Host { ptr, len } => Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) }),
-            Memory::Device(_) => None,
-        }
+    pub fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        self.memory.host_bytes_mut()
     }
 
     /// Whether the bytes are a slice of the transport's pool.

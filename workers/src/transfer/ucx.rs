@@ -409,7 +409,7 @@ async fn pull(
         .map_err(|e| TransferError::InvalidHandle(format!("remote key: {e}")))?;
     let mut ops = Vec::with_capacity(regions.len());
     let mut rest = into
-        .host_mut()
+        .host_bytes_mut()
         .expect("UCX pulls read into host memory (a pool slice or a Vec)");
     for &(addr, len) in &regions {
         let (local, tail) = rest.split_at_mut(len as usize);
