@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tandem::bench::workload;
-use tandem::openai::{Client, Endpoint, Request};
+use tandem::openai_client::{Client, Endpoint, Request};
 use tandem_protocol::config::DeploymentConfig;
 
 #[derive(Parser)]

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::openai::Reply;
+use crate::openai_client::Reply;
 
 /// Mean and percentiles of one latency, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]

@@ -7,7 +7,7 @@
 //! - [`workload`]: synthetic prompts, prompt files, Poisson arrival gaps.
 //! - [`metrics`]: percentiles, goodput limits, one level's summary.
 //! - [`chart`]: the PNG.
-//! - the HTTP side is [`crate::openai`].
+//! - the HTTP side is [`crate::openai_client`].
 
 pub mod chart;
 pub mod metrics;
@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::openai::{Client, Endpoint, Reply, Request};
+use crate::openai_client::{Client, Endpoint, Reply, Request};
 use metrics::{Slo, Summary};
 
 const BENCH_LONG_ABOUT: &str = "\
