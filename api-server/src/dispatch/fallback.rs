@@ -3,10 +3,10 @@
 //! `tandem_kv_transfer_fallbacks_total{reason}`.
 //!
 //! A failure of the context worker is replaced while the request is in its prefill phase and
-//! the client has no token yet ([`Generation::fall_back_on`] for the api-server's own
-//! findings: no `accepted` in time, heartbeats lost; [`Generation::context_failure`] for what
-//! the context worker answers: `error`, or `finished` with `cancelled`/`error`). Each ends in
-//! [`Generation::fall_back`], at most once per request: afterwards the request is in its
+//! the client has no token yet (`Generation::fall_back_on` for the api-server's own findings:
+//! no `accepted` in time, heartbeats lost; `Generation::context_failure` for what the context
+//! worker answers: `error`, or `finished` with `cancelled`/`error`). Each ends in
+//! `Generation::fall_back`, at most once per request: afterwards the request is in its
 //! generate phase, where failures go to the client. A request the router already sent to a
 //! `decode` worker for want of a context worker is counted too ([`FallbackReason::of_route`]),
 //! and the decode worker's failed pull is counted where `kv_pulled` is read (the hand-over).
@@ -14,8 +14,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use tandem_protocol::messages::WorkerRole;
-use tandem_protocol::messages::{FinishReason, GenerateJob, StreamMessage};
+use tandem_protocol::messages::{FinishReason, GenerateJob, StreamMessage, WorkerRole};
 
 use super::cancel::CancelGuard;
 use super::handover::Phase;

@@ -1,5 +1,5 @@
 //! The prefill → decode hand-over of a disaggregated request: which worker has the request
-//! ([`Phase`]), the decode job sent on the context worker's `kv_ready`, and the decode
+//! (`Phase`), the decode job sent on the context worker's `kv_ready`, and the decode
 //! worker's report of its KV pull (`kv_pulled`, the one place its `transport` and `fallback`
 //! are read).
 //!
