@@ -179,9 +179,7 @@ impl ApiError {
     /// `data: {"error": {...}}`, as vLLM does; the stream then ends with `data: [DONE]`.
     pub fn sse_event(&self) -> Bytes {
         self.log();
-        let json = serde_json::to_string(&self.public_body())
-            .expect("error bodies contain only strings and nulls");
-        Bytes::from(format!("data: {json}\n\n"))
+        crate::sse::sse_data(&self.public_body())
     }
 }
 

@@ -1,13 +1,20 @@
 //! tandem's OpenAI-compatible HTTP front end.
 //!
-//! A request goes: [`routes`] (HTTP, JSON) → [`validation`] (loose [`openai`] types to concrete
-//! values) → [`prompt`] (chat template, tokens, via tandem-text) → [`router`] (which generation
-//! worker, and which context worker prefills when the request is disaggregated) →
-//! [`streaming`] (the jobs on NATS, the prefill → decode hand-over and its fallbacks, the token
-//! stream back, timeouts, cancellation) → the route's response or SSE chunks. [`error`] is the one error type and its two client-facing forms.
+//! A request goes: [`routes`] (HTTP, JSON; one file per endpoint) → [`validation`] (loose
+//! [`openai`] types to concrete values) → [`prompt`] (chat template, tokens, via tandem-text)
+//! → [`router`] (which generation worker, and which context worker prefills when the request
+//! is disaggregated) → [`dispatch`] (the jobs on NATS, the prefill → decode hand-over and its
+//! fallbacks, the token stream back, timeouts, cancellation, the request's metrics) → the
+//! route's JSON response, or SSE chunks through [`sse`].
+//!
+//! Beside the request path: [`error`] is the one error type and the one place that maps it to
+//! an HTTP/OpenAI error body and to an SSE error event; [`metrics`] derives the Prometheus
+//! series from the events the router and the dispatch report; [`server`] starts everything and
+//! follows heartbeats; [`state`] is what the routes share; [`config`] the command line.
 //! The bus contract itself is the `tandem-protocol` crate; see docs/protocol.md.
 
 pub mod config;
+pub mod dispatch;
 pub mod error;
 pub mod metrics;
 pub mod openai;
@@ -15,6 +22,6 @@ pub mod prompt;
 pub mod router;
 pub mod routes;
 pub mod server;
+pub mod sse;
 pub mod state;
-pub mod streaming;
 pub mod validation;

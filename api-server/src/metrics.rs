@@ -1,49 +1,129 @@
 //! Prometheus metrics of the api-server, on one explicit [`prometheus::Registry`] (no global
 //! state, so tests can build several servers in one process).
 //!
+//! The rest of the server reports what happened as an [`Event`] (the router: heartbeats,
+//! workers leaving, the live counts; the dispatch: tokens, fallbacks, pulls, the end of each
+//! request) and [`Metrics::record`] is the one place that derives series from events. The
+//! metric names, labels and their fixed label sets are all defined here.
+//!
 //! The `prometheus` crate (TiKV's) was picked over `metrics` + `metrics-exporter-prometheus`
 //! because it keeps metrics as plain values on a registry we own and renders the text format
 //! itself, with no global recorder to install and no exporter thread or listener of its own;
 //! with default features off it has no protobuf dependency.
 
+use std::time::Duration;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use tandem_protocol::messages::{Heartbeat, Usage, WorkerRole};
 
-use crate::router::FallbackReason;
+use crate::dispatch::fallback::FallbackReason;
+use crate::router::LiveCounts;
+
+/// The HTTP endpoint a request came in on (the `endpoint` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Completions,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 2] = [Endpoint::Chat, Endpoint::Completions];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::Completions => "completions",
+        }
+    }
+}
+
+/// The `transport` labels of `tandem_kv_transfers_total`, created at start.
+const TRANSPORTS: [&str; 2] = ["ucx", "cuda-ipc"];
+
+/// When a batch of a request's tokens arrived, relative to what came before it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TokenTiming {
+    /// The request's first tokens, this long after the request arrived.
+    First { since_arrival: Duration },
+    /// Later tokens, this long after the previous batch.
+    Next { since_previous: Duration },
+}
+
+/// Something that happened that the metrics count.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// A worker's heartbeat: its load and, from a context worker, its KV exports.
+    Heartbeat(&'a Heartbeat),
+    /// A worker's heartbeats stopped and the registry dropped it: its series go with it.
+    WorkerLeft {
+        worker_id: &'a str,
+        role: WorkerRole,
+    },
+    /// The live workers per role, after a heartbeat or a worker leaving.
+    LiveWorkers(LiveCounts),
+    /// `count` tokens (at least one) of one request arrived at once (a worker publishes what
+    /// it produced since its last publish).
+    Tokens {
+        endpoint: Endpoint,
+        count: usize,
+        timing: TokenTiming,
+    },
+    /// A request finished; `usage` as its worker counted it.
+    Finished { usage: Usage },
+    /// A request ended, once per request: `outcome` is `success`, `client_disconnected` or an
+    /// [`ApiError::outcome`](crate::error::ApiError::outcome).
+    RequestEnded {
+        endpoint: Endpoint,
+        outcome: &'static str,
+    },
+    /// A context worker prefilled a request's prompt.
+    Disaggregated,
+    /// A decode worker pulled a request's KV cache.
+    KvPulled {
+        bytes: u64,
+        micros: u64,
+        transport: &'a str,
+    },
+    /// A request meant for a context worker was prefilled by its generation worker.
+    Fallback(FallbackReason),
+}
 
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// `endpoint` (chat, completions) × `outcome` (success, invalid_request, unavailable, ...).
-    pub requests: IntCounterVec,
-    pub time_to_first_token: HistogramVec,
-    pub inter_token_latency: HistogramVec,
-    pub prompt_tokens: IntCounter,
-    pub completion_tokens: IntCounter,
-    pub worker_queue_depth: IntGaugeVec,
-    pub worker_running: IntGaugeVec,
-    pub worker_free_kv_blocks: IntGaugeVec,
-    pub worker_total_kv_blocks: IntGaugeVec,
-    pub live_workers: IntGaugeVec,
+    /// `endpoint` × `outcome` (success, invalid_request, unavailable, ...).
+    requests: IntCounterVec,
+    time_to_first_token: HistogramVec,
+    inter_token_latency: HistogramVec,
+    prompt_tokens: IntCounter,
+    completion_tokens: IntCounter,
+    worker_queue_depth: IntGaugeVec,
+    worker_running: IntGaugeVec,
+    worker_free_kv_blocks: IntGaugeVec,
+    worker_total_kv_blocks: IntGaugeVec,
+    live_workers: IntGaugeVec,
     /// KV cache bytes decode workers pulled from context workers (`kv_pulled.bytes`).
-    pub kv_transfer_bytes: IntCounter,
+    kv_transfer_bytes: IntCounter,
     /// Duration of each successful pull (`kv_pulled.micros`).
-    pub kv_transfer_seconds: Histogram,
+    kv_transfer_seconds: Histogram,
     /// Successful pulls by `transport` (`ucx`: through host memory; `cuda-ipc`: device to
     /// device between GPUs of one host).
-    pub kv_transfers: IntCounterVec,
+    kv_transfers: IntCounterVec,
     /// `reason`: [`FallbackReason::label`].
-    pub kv_transfer_fallbacks: IntCounterVec,
+    kv_transfer_fallbacks: IntCounterVec,
     /// Requests whose prefill ran on a context worker.
-    pub requests_disaggregated: IntCounter,
+    requests_disaggregated: IntCounter,
     /// Per context worker (`worker_id`), from heartbeats' `kv_transfer`.
-    pub kv_pinned_blocks: IntGaugeVec,
-    pub kv_pinned_tokens: IntGaugeVec,
-    /// Cumulative counts mirrored from heartbeats (see `router::mirror_counter`).
-    pub kv_expirations: IntCounterVec,
-    pub kv_releases: IntCounterVec,
+    kv_pinned_blocks: IntGaugeVec,
+    kv_pinned_tokens: IntGaugeVec,
+    /// Cumulative counts a worker reports in its heartbeats (see [`mirror_counter`]).
+    kv_expirations: IntCounterVec,
+    kv_releases: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -227,14 +307,18 @@ impl Metrics {
         }
         // Families without a sample are left out of the exposition; create the known label
         // sets so dashboards see every family from the start.
-        for endpoint in ["chat", "completions"] {
-            metrics.time_to_first_token.with_label_values(&[endpoint]);
-            metrics.inter_token_latency.with_label_values(&[endpoint]);
+        for endpoint in Endpoint::ALL {
+            metrics
+                .time_to_first_token
+                .with_label_values(&[endpoint.label()]);
+            metrics
+                .inter_token_latency
+                .with_label_values(&[endpoint.label()]);
         }
         for role in ["context", "decode", "both"] {
             metrics.live_workers.with_label_values(&[role]).set(0);
         }
-        for transport in ["ucx", "cuda-ipc"] {
+        for transport in TRANSPORTS {
             metrics.kv_transfers.with_label_values(&[transport]);
         }
         for reason in FallbackReason::ALL {
@@ -245,6 +329,124 @@ impl Metrics {
         metrics
     }
 
+    /// Derives the series `event` changes.
+    pub fn record(&self, event: Event<'_>) {
+        match event {
+            Event::Heartbeat(heartbeat) => self.heartbeat(heartbeat),
+            Event::WorkerLeft { worker_id, role } => self.worker_left(worker_id, role),
+            Event::LiveWorkers(counts) => {
+                for (role, count) in [
+                    ("context", counts.context),
+                    ("decode", counts.decode),
+                    ("both", counts.both),
+                ] {
+                    self.live_workers
+                        .with_label_values(&[role])
+                        .set(count as i64);
+                }
+            }
+            Event::Tokens {
+                endpoint,
+                count,
+                timing,
+            } => self.tokens(endpoint, count, timing),
+            Event::Finished { usage } => {
+                self.prompt_tokens.inc_by(usage.prompt_tokens as u64);
+                self.completion_tokens
+                    .inc_by(usage.completion_tokens as u64);
+            }
+            Event::RequestEnded { endpoint, outcome } => self
+                .requests
+                .with_label_values(&[endpoint.label(), outcome])
+                .inc(),
+            Event::Disaggregated => self.requests_disaggregated.inc(),
+            Event::KvPulled {
+                bytes,
+                micros,
+                transport,
+            } => {
+                self.kv_transfer_bytes.inc_by(bytes);
+                self.kv_transfer_seconds.observe(micros as f64 / 1e6);
+                self.kv_transfers.with_label_values(&[transport]).inc();
+            }
+            Event::Fallback(reason) => self
+                .kv_transfer_fallbacks
+                .with_label_values(&[reason.label()])
+                .inc(),
+        }
+    }
+
+    fn heartbeat(&self, heartbeat: &Heartbeat) {
+        let labels = [heartbeat.worker_id.as_str(), heartbeat.role.as_str()];
+        self.worker_queue_depth
+            .with_label_values(&labels)
+            .set(heartbeat.queued as i64);
+        self.worker_running
+            .with_label_values(&labels)
+            .set(heartbeat.running as i64);
+        self.worker_free_kv_blocks
+            .with_label_values(&labels)
+            .set(heartbeat.free_kv_blocks as i64);
+        self.worker_total_kv_blocks
+            .with_label_values(&labels)
+            .set(heartbeat.total_kv_blocks as i64);
+        if let Some(stats) = heartbeat.kv_transfer {
+            let worker = [heartbeat.worker_id.as_str()];
+            self.kv_pinned_blocks
+                .with_label_values(&worker)
+                .set(stats.pinned_blocks as i64);
+            self.kv_pinned_tokens
+                .with_label_values(&worker)
+                .set(stats.pinned_tokens as i64);
+            mirror_counter(&self.kv_expirations, &worker, stats.expirations);
+            mirror_counter(&self.kv_releases, &worker, stats.releases);
+        }
+    }
+
+    fn worker_left(&self, worker_id: &str, role: WorkerRole) {
+        // Absent label sets are fine: the worker may never have reported them.
+        let labels = [worker_id, role.as_str()];
+        for gauge in [
+            &self.worker_queue_depth,
+            &self.worker_running,
+            &self.worker_free_kv_blocks,
+            &self.worker_total_kv_blocks,
+        ] {
+            let _ = gauge.remove_label_values(&labels);
+        }
+        let worker = [worker_id];
+        for gauge in [&self.kv_pinned_blocks, &self.kv_pinned_tokens] {
+            let _ = gauge.remove_label_values(&worker);
+        }
+        for counter in [&self.kv_expirations, &self.kv_releases] {
+            let _ = counter.remove_label_values(&worker);
+        }
+    }
+
+    /// The inter-token histogram gets one sample per token: a batch's tokens are spread evenly
+    /// over the time since the previous batch, and the first batch's tokens after the first
+    /// count as arriving with it.
+    fn tokens(&self, endpoint: Endpoint, count: usize, timing: TokenTiming) {
+        let labels = [endpoint.label()];
+        let inter_token = self.inter_token_latency.with_label_values(&labels);
+        match timing {
+            TokenTiming::First { since_arrival } => {
+                self.time_to_first_token
+                    .with_label_values(&labels)
+                    .observe(since_arrival.as_secs_f64());
+                for _ in 1..count {
+                    inter_token.observe(0.0);
+                }
+            }
+            TokenTiming::Next { since_previous } => {
+                let gap = since_previous.as_secs_f64() / count as f64;
+                for _ in 0..count {
+                    inter_token.observe(gap);
+                }
+            }
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -252,6 +454,19 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buffer)
             .expect("encoding metrics into memory cannot fail");
         String::from_utf8(buffer).expect("the text encoder writes UTF-8")
+    }
+}
+
+/// Makes the counter at `labels` equal to `value`, a cumulative count a worker reports; a
+/// smaller value means the worker restarted under the same id, so the series starts over
+/// (which Prometheus' `rate` reads as a counter reset).
+fn mirror_counter(counter: &IntCounterVec, labels: &[&str], value: u64) {
+    let current = counter.with_label_values(labels).get();
+    if value >= current {
+        counter.with_label_values(labels).inc_by(value - current);
+    } else {
+        let _ = counter.remove_label_values(labels);
+        counter.with_label_values(labels).inc_by(value);
     }
 }
 
@@ -290,5 +505,107 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn request_events_derive_their_series() {
+        let metrics = Metrics::new();
+        metrics.record(Event::Tokens {
+            endpoint: Endpoint::Completions,
+            count: 3,
+            timing: TokenTiming::First {
+                since_arrival: Duration::from_millis(250),
+            },
+        });
+        metrics.record(Event::Tokens {
+            endpoint: Endpoint::Completions,
+            count: 2,
+            timing: TokenTiming::Next {
+                since_previous: Duration::from_millis(100),
+            },
+        });
+        metrics.record(Event::Finished {
+            usage: Usage {
+                prompt_tokens: 7,
+                completion_tokens: 5,
+            },
+        });
+        metrics.record(Event::RequestEnded {
+            endpoint: Endpoint::Completions,
+            outcome: "success",
+        });
+        metrics.record(Event::Disaggregated);
+        metrics.record(Event::KvPulled {
+            bytes: 4096,
+            micros: 1500,
+            transport: "cuda-ipc",
+        });
+        metrics.record(Event::Fallback(FallbackReason::PullFailed));
+        let text = metrics.render();
+        for line in [
+            "tandem_time_to_first_token_seconds_sum{endpoint=\"completions\"} 0.25",
+            "tandem_time_to_first_token_seconds_count{endpoint=\"completions\"} 1",
+            // Two zeros for the first batch's later tokens, then 0.05 s for each of the next two.
+            "tandem_inter_token_latency_seconds_sum{endpoint=\"completions\"} 0.1",
+            "tandem_inter_token_latency_seconds_count{endpoint=\"completions\"} 4",
+            "tandem_prompt_tokens_total 7",
+            "tandem_completion_tokens_total 5",
+            "tandem_requests_total{endpoint=\"completions\",outcome=\"success\"} 1",
+            "tandem_requests_disaggregated_total 1",
+            "tandem_kv_transfer_bytes_total 4096",
+            "tandem_kv_transfer_seconds_sum 0.0015",
+            "tandem_kv_transfers_total{transport=\"cuda-ipc\"} 1",
+            "tandem_kv_transfers_total{transport=\"ucx\"} 0",
+            "tandem_kv_transfer_fallbacks_total{reason=\"pull_failed\"} 1",
+            "tandem_kv_transfer_fallbacks_total{reason=\"context_error\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_worker_leaving_takes_its_series_along() {
+        let metrics = Metrics::new();
+        let heartbeat = Heartbeat {
+            worker_id: "w".into(),
+            role: WorkerRole::Decode,
+            model: "m".into(),
+            device: "cpu".into(),
+            running: 2,
+            queued: 1,
+            free_kv_blocks: 10,
+            total_kv_blocks: 20,
+            draining: false,
+            interval_ms: 500,
+            kv_transfer: None,
+            kv_peer: None,
+        };
+        metrics.record(Event::Heartbeat(&heartbeat));
+        metrics.record(Event::LiveWorkers(LiveCounts {
+            decode: 1,
+            accepting_generate: 1,
+            ..LiveCounts::default()
+        }));
+        let text = metrics.render();
+        for line in [
+            "tandem_worker_running{role=\"decode\",worker_id=\"w\"} 2",
+            "tandem_worker_queue_depth{role=\"decode\",worker_id=\"w\"} 1",
+            "tandem_worker_total_kv_blocks{role=\"decode\",worker_id=\"w\"} 20",
+            "tandem_live_workers{role=\"decode\"} 1",
+            "tandem_live_workers{role=\"context\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        metrics.record(Event::WorkerLeft {
+            worker_id: "w",
+            role: WorkerRole::Decode,
+        });
+        metrics.record(Event::LiveWorkers(LiveCounts::default()));
+        let text = metrics.render();
+        assert!(!text.contains("worker_id=\"w\""), "{text}");
+        assert!(
+            text.contains("tandem_live_workers{role=\"decode\"} 0"),
+            "{text}"
+        );
     }
 }

@@ -19,16 +19,18 @@
 //! Least-loaded counts, besides the running and queued sequences of the last heartbeat, the jobs
 //! this api-server sent since that heartbeat: a burst of requests between two heartbeats is
 //! spread over the workers instead of all going to the one that looked idle.
+//!
+//! The registry reports what it sees to the metrics as events (each heartbeat, each worker that
+//! left, the live counts per role); [`crate::metrics`] derives the series from them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use prometheus::IntCounterVec;
 use tandem_protocol::config::RouterPolicy;
 use tandem_protocol::messages::{Heartbeat, KvPeer, WorkerRole};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Event, Metrics};
 
 /// How the registry routes.
 #[derive(Debug, Clone, Copy)]
@@ -80,7 +82,7 @@ struct Inner {
     cursors: [usize; 2],
 }
 
-/// Live workers per role, for /health.
+/// Live workers per role, for /health and the `tandem_live_workers` gauge.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LiveCounts {
     pub context: u32,
@@ -121,56 +123,6 @@ pub struct Route {
     pub prefill: Prefill,
 }
 
-/// Why a request meant for a context worker was prefilled by a generation worker after all
-/// (the `reason` label of `tandem_kv_transfer_fallbacks_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FallbackReason {
-    /// A decode worker but no live context worker (only counted where prefills are expected
-    /// elsewhere, see [`Route::counts_as_fallback`]).
-    NoContextWorker,
-    /// The context worker did not accept the prefill job within the accept timeout.
-    ContextTimeout,
-    /// The context worker's heartbeats stopped before it handed the KV cache over.
-    ContextGone,
-    /// The context worker answered with an error (or a failed end) before any token.
-    ContextError,
-    /// The decode worker could not pull the KV cache and prefilled itself (its `kv_pulled`
-    /// carried a fallback).
-    PullFailed,
-}
-
-impl FallbackReason {
-    pub fn label(self) -> &'static str {
-        match self {
-            FallbackReason::NoContextWorker => "no_context_worker",
-            FallbackReason::ContextTimeout => "context_timeout",
-            FallbackReason::ContextGone => "context_gone",
-            FallbackReason::ContextError => "context_error",
-            FallbackReason::PullFailed => "pull_failed",
-        }
-    }
-
-    pub const ALL: [FallbackReason; 5] = [
-        FallbackReason::NoContextWorker,
-        FallbackReason::ContextTimeout,
-        FallbackReason::ContextGone,
-        FallbackReason::ContextError,
-        FallbackReason::PullFailed,
-    ];
-}
-
-impl Route {
-    /// A local prefill for want of a context worker is a fallback only when the generation
-    /// worker is a `decode` worker, i.e. in a deployment built for disaggregation; `both`
-    /// workers prefill locally by design, and counting every aggregated request as a
-    /// fallback would drown the real ones.
-    pub fn counts_as_fallback(&self) -> Option<FallbackReason> {
-        (self.prefill == Prefill::Local(LocalPrefill::NoContextWorker)
-            && self.generate_role == WorkerRole::Decode)
-            .then_some(FallbackReason::NoContextWorker)
-    }
-}
-
 pub struct WorkerRegistry {
     inner: Mutex<Inner>,
     settings: RouterSettings,
@@ -196,36 +148,7 @@ impl WorkerRegistry {
 
     /// Records a heartbeat.
     pub fn observe(&self, heartbeat: Heartbeat, now: Instant) {
-        let labels = [heartbeat.worker_id.as_str(), heartbeat.role.as_str()];
-        self.metrics
-            .worker_queue_depth
-            .with_label_values(&labels)
-            .set(heartbeat.queued as i64);
-        self.metrics
-            .worker_running
-            .with_label_values(&labels)
-            .set(heartbeat.running as i64);
-        self.metrics
-            .worker_free_kv_blocks
-            .with_label_values(&labels)
-            .set(heartbeat.free_kv_blocks as i64);
-        self.metrics
-            .worker_total_kv_blocks
-            .with_label_values(&labels)
-            .set(heartbeat.total_kv_blocks as i64);
-        if let Some(stats) = heartbeat.kv_transfer {
-            let worker = [heartbeat.worker_id.as_str()];
-            self.metrics
-                .kv_pinned_blocks
-                .with_label_values(&worker)
-                .set(stats.pinned_blocks as i64);
-            self.metrics
-                .kv_pinned_tokens
-                .with_label_values(&worker)
-                .set(stats.pinned_tokens as i64);
-            mirror_counter(&self.metrics.kv_expirations, &worker, stats.expirations);
-            mirror_counter(&self.metrics.kv_releases, &worker, stats.releases);
-        }
+        self.metrics.record(Event::Heartbeat(&heartbeat));
         let mut inner = self.lock();
         if !inner.workers.contains_key(&heartbeat.worker_id) {
             tracing::info!(worker_id = %heartbeat.worker_id, role = heartbeat.role.as_str(),
@@ -239,7 +162,7 @@ impl WorkerRegistry {
                 assigned_since_heartbeat: 0,
             },
         );
-        self.update_live_gauges(&inner);
+        self.metrics.record(Event::LiveWorkers(counts_of(&inner)));
     }
 
     /// Drops workers whose heartbeat is older than the timeout; returns their ids.
@@ -255,48 +178,16 @@ impl WorkerRegistry {
         for id in &gone {
             if let Some(entry) = inner.workers.remove(id) {
                 tracing::warn!(worker_id = %id, "worker left (no heartbeat within {} ms)", timeout.as_millis());
-                let labels = [id.as_str(), entry.heartbeat.role.as_str()];
-                for gauge in [
-                    &self.metrics.worker_queue_depth,
-                    &self.metrics.worker_running,
-                    &self.metrics.worker_free_kv_blocks,
-                    &self.metrics.worker_total_kv_blocks,
-                ] {
-                    // Absent label sets are fine: the worker may never have reported them.
-                    let _ = gauge.remove_label_values(&labels);
-                }
-                let worker = [id.as_str()];
-                for gauge in [
-                    &self.metrics.kv_pinned_blocks,
-                    &self.metrics.kv_pinned_tokens,
-                ] {
-                    let _ = gauge.remove_label_values(&worker);
-                }
-                for counter in [&self.metrics.kv_expirations, &self.metrics.kv_releases] {
-                    let _ = counter.remove_label_values(&worker);
-                }
+                self.metrics.record(Event::WorkerLeft {
+                    worker_id: id,
+                    role: entry.heartbeat.role,
+                });
             }
         }
         if !gone.is_empty() {
-            self.update_live_gauges(&inner);
+            self.metrics.record(Event::LiveWorkers(counts_of(&inner)));
         }
         gone
-    }
-
-    fn update_live_gauges(&self, inner: &Inner) {
-        let counts = counts_of(inner);
-        self.metrics
-            .live_workers
-            .with_label_values(&["context"])
-            .set(counts.context as i64);
-        self.metrics
-            .live_workers
-            .with_label_values(&["decode"])
-            .set(counts.decode as i64);
-        self.metrics
-            .live_workers
-            .with_label_values(&["both"])
-            .set(counts.both as i64);
     }
 
     /// Chooses the workers of a request whose prompt has `prompt_tokens` tokens and counts
@@ -371,19 +262,6 @@ impl WorkerRegistry {
     }
 }
 
-/// Makes the counter at `labels` equal to `value`, a cumulative count a worker reports; a
-/// smaller value means the worker restarted under the same id, so the series starts over
-/// (which Prometheus' `rate` reads as a counter reset).
-fn mirror_counter(counter: &IntCounterVec, labels: &[&str], value: u64) {
-    let current = counter.with_label_values(labels).get();
-    if value >= current {
-        counter.with_label_values(labels).inc_by(value - current);
-    } else {
-        let _ = counter.remove_label_values(labels);
-        counter.with_label_values(labels).inc_by(value);
-    }
-}
-
 /// Counts entries as they are (expiry runs on its own timer, every fraction of the timeout).
 fn counts_of(inner: &Inner) -> LiveCounts {
     let mut counts = LiveCounts::default();
@@ -406,6 +284,7 @@ fn counts_of(inner: &Inner) -> LiveCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dispatch::fallback::FallbackReason;
     use tandem_protocol::messages::KvTransferStats;
 
     fn heartbeat(id: &str, role: WorkerRole, running: u32, queued: u32) -> Heartbeat {
@@ -512,7 +391,7 @@ mod tests {
         let contexts: Vec<&str> = routes.iter().filter_map(context_of).collect();
         assert_eq!(contexts, ["ctx-a", "ctx-b", "ctx-a", "ctx-b"]);
         assert!(routes.iter().all(|r| r.generate_id == "dec"));
-        assert!(routes.iter().all(|r| r.counts_as_fallback().is_none()));
+        assert!(routes.iter().all(|r| FallbackReason::of_route(r).is_none()));
     }
 
     #[test]
@@ -579,13 +458,13 @@ mod tests {
         let route = registry.route(100, now).unwrap();
         assert_eq!(route.prefill, Prefill::Local(LocalPrefill::NoContextWorker));
         assert_eq!(
-            route.counts_as_fallback(),
+            FallbackReason::of_route(&route),
             Some(FallbackReason::NoContextWorker)
         );
         registry.observe(heartbeat("ctx", WorkerRole::Context, 0, 0), now);
         let route = registry.route(7, now).unwrap();
         assert_eq!(route.prefill, Prefill::Local(LocalPrefill::ShortPrompt));
-        assert_eq!(route.counts_as_fallback(), None);
+        assert_eq!(FallbackReason::of_route(&route), None);
         assert_eq!(context_of(&registry.route(8, now).unwrap()), Some("ctx"));
         // A stale context worker is not picked, even before expiry.
         let later = now + Duration::from_millis(1500);
@@ -603,7 +482,7 @@ mod tests {
         registry.observe(heartbeat("agg", WorkerRole::Both, 0, 0), now);
         let route = registry.route(100, now).unwrap();
         assert_eq!(route.prefill, Prefill::Local(LocalPrefill::NoContextWorker));
-        assert_eq!(route.counts_as_fallback(), None);
+        assert_eq!(FallbackReason::of_route(&route), None);
     }
 
     #[test]

@@ -11,11 +11,11 @@ use tandem_protocol::messages::{Heartbeat, decode};
 use tandem_protocol::subjects::Subjects;
 
 use crate::config::ServerConfig;
+use crate::dispatch::{Bus, Timeouts};
 use crate::metrics::Metrics;
 use crate::prompt::PromptCodec;
 use crate::router::{RouterSettings, WorkerRegistry};
 use crate::state::{AppState, unix_now_s};
-use crate::streaming::{Bus, Timeouts};
 use crate::validation::ModelLimits;
 
 #[derive(Debug, thiserror::Error)]

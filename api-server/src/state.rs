@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use crate::dispatch::{Bus, Dispatch, Timeouts};
 use crate::metrics::Metrics;
 use crate::prompt::PromptCodec;
 use crate::router::WorkerRegistry;
-use crate::streaming::{Bus, Dispatch, Timeouts};
 use crate::validation::ModelLimits;
 
 pub struct AppState {

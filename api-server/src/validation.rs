@@ -1,7 +1,7 @@
 //! Loose OpenAI requests in, validated requests with concrete values out.
 //!
 //! Every check that needs only the request (ranges, `n`, stop list, model name) happens here,
-//! once; [`ValidRequest::into_job_parts`] adds the one that needs the tokenized prompt (context
+//! once; [`ValidRequest::stop_spec`] adds the one that needs the tokenized prompt (context
 //! length). Defaults follow OpenAI and vLLM: chat requests without a token limit may fill the
 //! context, text completions default to 16 tokens, a missing `model` means the served one.
 

@@ -7,15 +7,17 @@ use bytes::Bytes;
 use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
 
 use super::logprobs::chat_entry;
-use super::{finish_reason, sse_response, start_generation};
+use super::{finish_reason, start_generation};
+use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
+use crate::metrics::Endpoint;
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     ChatLogprobs, ChunkChoice, Delta, Usage,
 };
 use crate::prompt::PromptCodec;
+use crate::sse::{ChunkFormat, sse_data, sse_response};
 use crate::state::{AppState, unix_now_s};
-use crate::streaming::{ChunkFormat, GenEvent, RequestRecord, sse_data};
 use crate::validation::validate_chat;
 
 #[post("/v1/chat/completions")]
@@ -23,10 +25,10 @@ pub async fn chat_completions(
     state: web::Data<AppState>,
     body: web::Json<ChatCompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut record = RequestRecord::new(state.metrics.clone(), "chat");
+    let mut record = RequestRecord::new(state.metrics.clone(), Endpoint::Chat);
     let valid = validate_chat(&body, &state.limits).inspect_err(|err| record.fail(err))?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let mut generation = start_generation(&state, &valid, record, id.clone()).await?;
+    let generation = start_generation(&state, &valid, record, id.clone()).await?;
     let chunks = ChatChunks {
         id,
         created: unix_now_s(),
@@ -38,49 +40,11 @@ pub async fn chat_completions(
     if valid.stream {
         return Ok(sse_response(generation, chunks));
     }
-    let mut content = String::new();
-    let mut logprobs = ChatLogprobs::default();
-    loop {
-        match generation.next().await {
-            Some(Ok(GenEvent::Tokens(tokens))) => {
-                for token in &tokens {
-                    content.push_str(&token.text);
-                    logprobs
-                        .content
-                        .extend(chat_entry(chunks.codec.as_ref(), token));
-                }
-            }
-            Some(Ok(GenEvent::Finished { reason, usage })) => {
-                return Ok(HttpResponse::Ok().json(ChatCompletion {
-                    id: chunks.id,
-                    object: "chat.completion",
-                    created: chunks.created,
-                    model: chunks.model,
-                    system_fingerprint: None,
-                    choices: vec![ChatChoice {
-                        index: 0,
-                        message: AssistantMessage {
-                            role: "assistant",
-                            content,
-                            refusal: None,
-                        },
-                        logprobs: chunks.logprobs.then_some(logprobs),
-                        finish_reason: finish_reason(reason),
-                    }],
-                    usage: Usage::new(usage.prompt_tokens, usage.completion_tokens),
-                }));
-            }
-            Some(Err(err)) => return Err(err),
-            None => {
-                return Err(ApiError::Internal(
-                    "token stream ended without Finished".into(),
-                ));
-            }
-        }
-    }
+    let completed = generation.collect().await?;
+    Ok(HttpResponse::Ok().json(chunks.completion(completed)))
 }
 
-/// The chunks of one streamed chat completion.
+/// The chunks of one streamed chat completion, or the whole completion of one that is not.
 pub struct ChatChunks {
     pub id: String,
     pub created: u64,
@@ -91,6 +55,40 @@ pub struct ChatChunks {
 }
 
 impl ChatChunks {
+    /// The `chat.completion` object of a generation that is not streamed.
+    fn completion(self, completed: Completed) -> ChatCompletion {
+        let content = completed.text();
+        let logprobs = ChatLogprobs {
+            content: completed
+                .tokens
+                .iter()
+                .filter_map(|t| chat_entry(self.codec.as_ref(), t))
+                .collect(),
+            refusal: None,
+        };
+        ChatCompletion {
+            id: self.id,
+            object: "chat.completion",
+            created: self.created,
+            model: self.model,
+            system_fingerprint: None,
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content,
+                    refusal: None,
+                },
+                logprobs: self.logprobs.then_some(logprobs),
+                finish_reason: finish_reason(completed.reason),
+            }],
+            usage: Usage::new(
+                completed.usage.prompt_tokens,
+                completed.usage.completion_tokens,
+            ),
+        }
+    }
+
     fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {
         ChatCompletionChunk {
             id: self.id.clone(),

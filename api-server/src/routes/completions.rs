@@ -8,14 +8,16 @@ use bytes::Bytes;
 use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
 
 use super::logprobs::CompletionLogprobsBuilder;
-use super::{finish_reason, sse_response, start_generation};
+use super::{finish_reason, start_generation};
+use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
+use crate::metrics::Endpoint;
 use crate::openai::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, FinishReason, Usage,
 };
 use crate::prompt::PromptCodec;
+use crate::sse::{ChunkFormat, sse_data, sse_response};
 use crate::state::{AppState, unix_now_s};
-use crate::streaming::{ChunkFormat, GenEvent, RequestRecord, sse_data};
 use crate::validation::validate_completion;
 
 #[post("/v1/completions")]
@@ -23,11 +25,11 @@ pub async fn completions(
     state: web::Data<AppState>,
     body: web::Json<CompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut record = RequestRecord::new(state.metrics.clone(), "completions");
+    let mut record = RequestRecord::new(state.metrics.clone(), Endpoint::Completions);
     let valid = validate_completion(&body, &state.limits).inspect_err(|err| record.fail(err))?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
-    let mut generation = start_generation(&state, &valid, record, id.clone()).await?;
-    let mut chunks = CompletionChunks {
+    let generation = start_generation(&state, &valid, record, id.clone()).await?;
+    let chunks = CompletionChunks {
         id,
         created: unix_now_s(),
         model: state.limits.served_model_name.clone(),
@@ -39,36 +41,11 @@ pub async fn completions(
     if valid.stream {
         return Ok(sse_response(generation, chunks));
     }
-    let mut text = String::new();
-    let mut logprobs = CompletionLogprobs::default();
-    loop {
-        match generation.next().await {
-            Some(Ok(GenEvent::Tokens(tokens))) => {
-                text.extend(tokens.iter().map(|t| t.text.as_str()));
-                chunks
-                    .offsets
-                    .append(chunks.codec.as_ref(), &tokens, &mut logprobs);
-            }
-            Some(Ok(GenEvent::Finished { reason, usage })) => {
-                let choice = CompletionChoice {
-                    text,
-                    index: 0,
-                    logprobs: chunks.logprobs.then_some(logprobs),
-                    finish_reason: Some(finish_reason(reason)),
-                };
-                let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
-                return Ok(HttpResponse::Ok().json(chunks.object(vec![choice], Some(Some(usage)))));
-            }
-            Some(Err(err)) => return Err(err),
-            None => {
-                return Err(ApiError::Internal(
-                    "token stream ended without Finished".into(),
-                ));
-            }
-        }
-    }
+    let completed = generation.collect().await?;
+    Ok(HttpResponse::Ok().json(chunks.completion(completed)))
 }
 
+/// The chunks of one streamed text completion, or the whole completion of one that is not.
 pub struct CompletionChunks {
     pub id: String,
     pub created: u64,
@@ -80,6 +57,24 @@ pub struct CompletionChunks {
 }
 
 impl CompletionChunks {
+    /// The `text_completion` object of a generation that is not streamed.
+    fn completion(mut self, completed: Completed) -> Completion {
+        let mut logprobs = CompletionLogprobs::default();
+        self.offsets
+            .append(self.codec.as_ref(), &completed.tokens, &mut logprobs);
+        let choice = CompletionChoice {
+            text: completed.text(),
+            index: 0,
+            logprobs: self.logprobs.then_some(logprobs),
+            finish_reason: Some(finish_reason(completed.reason)),
+        };
+        let usage = Usage::new(
+            completed.usage.prompt_tokens,
+            completed.usage.completion_tokens,
+        );
+        self.object(vec![choice], Some(Some(usage)))
+    }
+
     fn object(&self, choices: Vec<CompletionChoice>, usage: Option<Option<Usage>>) -> Completion {
         Completion {
             id: self.id.clone(),

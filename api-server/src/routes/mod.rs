@@ -1,5 +1,6 @@
-//! HTTP routes, one file per endpoint, and the JSON body configuration that turns malformed
-//! bodies into OpenAI error responses.
+//! HTTP routes, one file per endpoint, the JSON body configuration that turns malformed
+//! bodies into OpenAI error responses, and what the generation endpoints share: tokenizing and
+//! dispatching a validated request, and the OpenAI finish reason.
 
 pub mod chat;
 pub mod completions;
@@ -10,9 +11,15 @@ pub mod models;
 mod logprobs;
 
 use actix_web::web;
+use tandem_protocol::messages::FinishReason as WireFinish;
 
+use crate::dispatch::{Generation, JobSpec, RequestRecord};
 use crate::error::ApiError;
+use crate::metrics::Endpoint;
+use crate::openai::FinishReason;
+use crate::prompt::tokenize;
 use crate::state::AppState;
+use crate::validation::ValidRequest;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -23,18 +30,15 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .limit(MAX_BODY_BYTES)
         .error_handler(|err, req| {
             let endpoint = if req.path().ends_with("/chat/completions") {
-                "chat"
+                Endpoint::Chat
             } else {
-                "completions"
+                Endpoint::Completions
             };
+            let err = ApiError::InvalidJson(err.to_string());
             if let Some(state) = req.app_data::<web::Data<AppState>>() {
-                state
-                    .metrics
-                    .requests
-                    .with_label_values(&[endpoint, "invalid_request"])
-                    .inc();
+                RequestRecord::new(state.metrics.clone(), endpoint).fail(&err);
             }
-            ApiError::InvalidJson(err.to_string()).into()
+            err.into()
         });
     config
         .app_data(json)
@@ -44,14 +48,6 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(health::health)
         .service(metrics::metrics);
 }
-
-use actix_web::HttpResponse;
-use tandem_protocol::messages::FinishReason as WireFinish;
-
-use crate::openai::FinishReason;
-use crate::prompt::tokenize;
-use crate::streaming::{ChunkFormat, Generation, JobSpec, RequestRecord, sse_body};
-use crate::validation::ValidRequest;
 
 /// Tokenizes a validated request, checks it against the context and dispatches it.
 pub(crate) async fn start_generation(
@@ -72,14 +68,6 @@ pub(crate) async fn start_generation(
     .await;
     let job = prepared.inspect_err(|err| record.fail(err))?;
     Generation::start(state.dispatch(), request_id, job, record).await
-}
-
-/// A `text/event-stream` response.
-pub(crate) fn sse_response<F: ChunkFormat>(generation: Generation, format: F) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header(("Cache-Control", "no-cache"))
-        .streaming(sse_body(generation, format))
 }
 
 /// Only `Stop` and `Length` reach a response; the others end a generation with an error.

@@ -1,0 +1,134 @@
+//! The prefill → decode hand-over of a disaggregated request: which worker has the request
+//! (`Phase`), the decode job sent on the context worker's `kv_ready`, and the decode
+//! worker's report of its KV pull (`kv_pulled`, the one place its `transport` and `fallback`
+//! are read).
+//!
+//! The decode job is the same job, with the same request id and stream subject, plus the KV
+//! handle; it keeps the first-token budget the prefill started (prefill, transfer and first
+//! token share it). The api-server never releases KV blocks itself: the decode worker does
+//! after its pull. docs/protocol.md ("A request, step by step") has the rules.
+
+use std::time::Instant;
+
+use tandem_protocol::messages::{GenerateJob, KvHandle};
+
+use super::fallback::FallbackReason;
+use super::{Generation, unix_ms_at};
+use crate::error::ApiError;
+use crate::metrics::Event;
+
+/// Which worker has the request now, doing what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// A context worker prefills the prompt; `generate_id` is to take the decode job when the
+    /// KV cache is ready.
+    Prefill {
+        context_id: String,
+        generate_id: String,
+    },
+    /// A generation worker (`decode` or `both`) produces the tokens: after a hand-over, or
+    /// after prefilling the prompt itself.
+    Generate { worker_id: String },
+}
+
+impl Phase {
+    /// The worker whose answer and heartbeats the request waits on.
+    pub(super) fn worker_id(&self) -> &str {
+        match self {
+            Phase::Prefill { context_id, .. } => context_id,
+            Phase::Generate { worker_id } => worker_id,
+        }
+    }
+
+    pub(super) fn set_worker_id(&mut self, id: String) {
+        match self {
+            Phase::Prefill { context_id, .. } => *context_id = id,
+            Phase::Generate { worker_id } => *worker_id = id,
+        }
+    }
+
+    pub(super) fn is_prefill(&self) -> bool {
+        matches!(self, Phase::Prefill { .. })
+    }
+}
+
+impl Generation {
+    /// Sends the decode job with the context worker's KV handle.
+    pub(super) async fn hand_over(&mut self, handle: KvHandle) -> Result<(), ApiError> {
+        let Phase::Prefill {
+            context_id,
+            generate_id,
+        } = self.phase.clone()
+        else {
+            tracing::warn!(request_id = %self.request_id, "ignoring a kv_ready outside the prefill phase");
+            return Ok(());
+        };
+        self.metrics.record(Event::Disaggregated);
+        let worker_id = self.live_generate_worker(generate_id)?;
+        tracing::debug!(request_id = %self.request_id, %context_id, %worker_id,
+            blocks = handle.blocks.len(), "KV ready: decode job sent");
+        let job = GenerateJob {
+            // The decode worker starts it before the first token is due, or not at all.
+            deadline_unix_ms: Some(unix_ms_at(self.first_token_by)),
+            kv: Some(handle),
+            kv_reader: None,
+            ..self.job.clone()
+        };
+        self.bus
+            .publish_job(
+                self.bus.subjects.generate_direct(&worker_id),
+                &job,
+                "publishing the decode job",
+            )
+            .await?;
+        self.phase = Phase::Generate { worker_id };
+        self.await_accepted().await
+    }
+
+    /// `chosen` while it is live, else another generation worker (the chosen one may have
+    /// gone while the context worker prefilled).
+    pub(super) fn live_generate_worker(&self, chosen: String) -> Result<String, ApiError> {
+        let now = Instant::now();
+        if self.registry.is_live(&chosen, now) {
+            return Ok(chosen);
+        }
+        let other = self
+            .registry
+            .pick_generate(now)
+            .ok_or(ApiError::NoLiveWorker)?;
+        tracing::warn!(request_id = %self.request_id, gone = %chosen, %other,
+            "the chosen generation worker left; using another");
+        Ok(other)
+    }
+
+    /// Accounts a decode worker's report of its KV pull (`kv_pulled`): the transfer, or the
+    /// failed pull after which the decode worker prefilled the prompt itself.
+    pub(super) fn kv_pulled(
+        &self,
+        worker_id: &str,
+        bytes: u64,
+        micros: u64,
+        fallback: Option<String>,
+        transport: Option<String>,
+    ) {
+        match fallback {
+            None => {
+                // A worker of an older build does not say; it could only pull over UCX.
+                let transport = transport.as_deref().unwrap_or("ucx");
+                self.metrics.record(Event::KvPulled {
+                    bytes,
+                    micros,
+                    transport,
+                });
+                tracing::debug!(request_id = %self.request_id, %worker_id, bytes, micros,
+                    transport, "KV pulled");
+            }
+            Some(reason) => {
+                self.metrics
+                    .record(Event::Fallback(FallbackReason::PullFailed));
+                tracing::warn!(request_id = %self.request_id, %worker_id,
+                    "KV pull failed, the decode worker prefills itself: {reason}");
+            }
+        }
+    }
+}

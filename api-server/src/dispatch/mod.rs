@@ -1,0 +1,469 @@
+//! Dispatch: one request's generation over the bus, as a route drives it.
+//!
+//! [`Generation::start`] routes the request, subscribes to its stream subject *before*
+//! publishing the job (a worker can answer at once, and NATS does not keep messages for late
+//! subscribers), sends the first job to the chosen worker's direct subject and waits for
+//! `Accepted`; no live worker or no `Accepted` in time is an error before any byte of the
+//! response is written, so the client gets a proper 503. [`Generation::next`] then yields the
+//! worker's tokens, turning silence into timeout errors and a vanished worker into an error,
+//! never a hang; [`Generation::collect`] gathers them all for a response that is not streamed.
+//!
+//! The rest of a request's life is in the files named for it:
+//! - [`handover`]: a disaggregated request starts in the prefill phase on a context worker;
+//!   its `kv_ready` sends the decode job to the generation worker.
+//! - [`fallback`]: when the context worker fails, it is replaced once by a local prefill on
+//!   the generation worker; the client only notices the delay.
+//! - [`cancel`]: a generation dropped before its worker finished (the client went away, or a
+//!   timeout ended it here) cancels the request on the bus.
+//! - [`record`]: the request's metrics (token timing, usage, outcome).
+//! - [`bus`]: the connection and subjects, subscribing to a stream and publishing a job.
+//!
+//! The SSE form of a generation is [`crate::sse`]; docs/protocol.md has the bus rules.
+//!
+//! Text is the worker's: `TokenEvent.text` is produced by the worker's incremental detokenizer
+//! after stop-string handling (docs/protocol.md, "Who detokenizes"), so the api-server only
+//! concatenates it and never re-decodes tokens.
+
+pub mod bus;
+pub mod cancel;
+pub mod fallback;
+pub mod handover;
+pub mod record;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use tandem_protocol::messages::{
+    FinishReason, GenerateJob, SamplingSpec, StopSpec, StreamMessage, TokenEvent, Usage, decode,
+};
+
+pub use bus::Bus;
+pub use record::RequestRecord;
+
+use crate::error::ApiError;
+use crate::metrics::{Event, Metrics};
+use crate::router::{Prefill, WorkerRegistry};
+use cancel::CancelGuard;
+use handover::Phase;
+
+/// How long each phase of a request may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From publishing the job to the worker's `Accepted`.
+    pub accept: Duration,
+    /// From `Accepted` to the first token.
+    pub first_token: Duration,
+    /// Between two stream messages once tokens flow.
+    pub stall: Duration,
+    /// From arrival to the last token.
+    pub request: Duration,
+}
+
+/// How often a waiting request re-checks that its worker is still alive.
+const LIVENESS_CHECK: Duration = Duration::from_millis(500);
+
+/// What a generation yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    Tokens(Vec<TokenEvent>),
+    /// The last event: `reason` is `Stop` or `Length`.
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
+}
+
+/// A whole generation, for a response that is not streamed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completed {
+    /// Every token, in order.
+    pub tokens: Vec<TokenEvent>,
+    /// `Stop` or `Length`.
+    pub reason: FinishReason,
+    pub usage: Usage,
+}
+
+impl Completed {
+    /// The generated text (the tokens' texts, concatenated).
+    pub fn text(&self) -> String {
+        self.tokens.iter().map(|t| t.text.as_str()).collect()
+    }
+}
+
+/// Everything needed to dispatch one request.
+pub struct Dispatch<'a> {
+    pub bus: &'a Bus,
+    pub registry: &'a Arc<WorkerRegistry>,
+    pub metrics: &'a Metrics,
+    pub timeouts: Timeouts,
+}
+
+/// A request's job as validation and tokenization produced it.
+pub struct JobSpec {
+    pub prompt_ids: Vec<u32>,
+    pub sampling: SamplingSpec,
+    pub stop: StopSpec,
+}
+
+/// One request on the bus, from its first job to its last token.
+pub struct Generation {
+    /// The client's request id (the response's `id`).
+    request_id: String,
+    /// The job in flight (a fallback changes its id and stream subject); a hand-over sends it
+    /// again with the KV handle.
+    job: GenerateJob,
+    phase: Phase,
+    subscriber: async_nats::Subscriber,
+    /// Messages read while waiting for `Accepted` that belong to the stream proper.
+    pending: VecDeque<StreamMessage>,
+    cancel: CancelGuard,
+    bus: Bus,
+    registry: Arc<WorkerRegistry>,
+    metrics: Metrics,
+    timeouts: Timeouts,
+    deadline: Instant,
+    /// The first token is due by then: set when the first worker accepts, and not moved by
+    /// a hand-over (prefill, transfer and first token share the budget); a fallback to a
+    /// local prefill starts it again.
+    first_token_by: Instant,
+    record: RequestRecord,
+    first_token_seen: bool,
+    done: bool,
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `instant` as unix milliseconds.
+fn unix_ms_at(instant: Instant) -> u64 {
+    unix_ms(SystemTime::now() + instant.saturating_duration_since(Instant::now()))
+}
+
+impl Generation {
+    /// Routes the request, sends its first job (a prefill job to a context worker, or the
+    /// whole job to a generation worker) and waits for `Accepted`. A context worker that does
+    /// not accept in time is replaced by a local prefill on the generation worker here, so
+    /// the client never sees it.
+    pub async fn start(
+        dispatch: Dispatch<'_>,
+        request_id: String,
+        job: JobSpec,
+        record: RequestRecord,
+    ) -> Result<Generation, ApiError> {
+        let timeouts = dispatch.timeouts;
+        // `record` counts the failure as it drops.
+        let fail = |err: ApiError, mut record: RequestRecord| {
+            record.fail(&err);
+            err
+        };
+        let Some(route) = dispatch
+            .registry
+            .route(job.prompt_ids.len(), Instant::now())
+        else {
+            return Err(fail(ApiError::NoLiveWorker, record));
+        };
+        fallback::record_route(dispatch.metrics, &request_id, &route);
+        let bus = dispatch.bus;
+        let (stream_subject, subscriber) = match bus.subscribe_stream(&request_id).await {
+            Ok(subscribed) => subscribed,
+            Err(err) => return Err(fail(err, record)),
+        };
+        let elapsed = record.arrival().elapsed();
+        let message = GenerateJob {
+            request_id: request_id.clone(),
+            prompt_ids: job.prompt_ids,
+            sampling: job.sampling,
+            stop: job.stop,
+            stream_subject,
+            // By then the client has had an error (no Accepted, or no first token).
+            deadline_unix_ms: Some(unix_ms(
+                SystemTime::now() + timeouts.accept + timeouts.first_token,
+            )),
+            kv: None,
+            // The context worker exports where the chosen generation worker reads fastest.
+            kv_reader: match route.prefill {
+                Prefill::Remote { .. } => route.generate_kv_peer.clone(),
+                Prefill::Local(_) => None,
+            },
+        };
+        let (phase, subject) = match route.prefill {
+            Prefill::Remote { context_id } => (
+                Phase::Prefill {
+                    generate_id: route.generate_id,
+                    context_id: context_id.clone(),
+                },
+                bus.subjects.prefill_direct(&context_id),
+            ),
+            Prefill::Local(_) => (
+                Phase::Generate {
+                    worker_id: route.generate_id.clone(),
+                },
+                bus.subjects.generate_direct(&route.generate_id),
+            ),
+        };
+        let mut cancel = CancelGuard::new(bus.clone(), request_id.clone());
+        if let Err(err) = bus
+            .publish_job(subject, &message, "publishing the job")
+            .await
+        {
+            cancel.disarm();
+            return Err(fail(err, record));
+        }
+        tracing::debug!(%request_id, ?phase, "job published");
+        let now = Instant::now();
+        let mut generation = Generation {
+            request_id,
+            job: message,
+            phase,
+            subscriber,
+            pending: VecDeque::new(),
+            cancel,
+            bus: bus.clone(),
+            registry: Arc::clone(dispatch.registry),
+            metrics: dispatch.metrics.clone(),
+            timeouts,
+            deadline: now + timeouts.request.saturating_sub(elapsed),
+            first_token_by: now + timeouts.accept + timeouts.first_token,
+            record,
+            first_token_seen: false,
+            done: false,
+        };
+        let accepted = match generation.await_accepted().await {
+            Ok(()) => {
+                generation.first_token_by = Instant::now() + timeouts.first_token;
+                Ok(())
+            }
+            Err(err) => generation.fall_back_on(err).await,
+        };
+        match accepted {
+            Ok(()) => Ok(generation),
+            Err(err) => {
+                // Dropping `generation` counts the failure and publishes a cancel, in case the
+                // job is only late and would otherwise run for nobody.
+                generation.record.fail(&err);
+                Err(err)
+            }
+        }
+    }
+
+    /// The client's request id.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// Waits for the current phase's worker to accept the job just published.
+    async fn await_accepted(&mut self) -> Result<(), ApiError> {
+        let accept_by = Instant::now() + self.timeouts.accept;
+        loop {
+            let remaining = accept_by.saturating_duration_since(Instant::now());
+            let message = match tokio::time::timeout(remaining, self.subscriber.next()).await {
+                Err(_) => {
+                    return Err(ApiError::NotAccepted {
+                        worker_id: self.phase.worker_id().to_owned(),
+                        timeout_ms: self.timeouts.accept.as_millis() as u64,
+                    });
+                }
+                Ok(None) => {
+                    return Err(ApiError::bus("waiting for Accepted", "subscription closed"));
+                }
+                Ok(Some(message)) => message,
+            };
+            match decode::<StreamMessage>("stream message", &message.payload) {
+                Ok(StreamMessage::Accepted { worker_id }) => {
+                    if worker_id != self.phase.worker_id() {
+                        tracing::warn!(request_id = %self.request_id, expected = %self.phase.worker_id(),
+                            %worker_id, "job accepted by another worker than the one it was sent to");
+                        self.phase.set_worker_id(worker_id);
+                    }
+                    return Ok(());
+                }
+                // A worker that answers without `Accepted` (an immediate error, or tokens) has
+                // the job all the same.
+                Ok(other) => {
+                    self.pending.push_back(other);
+                    return Ok(());
+                }
+                Err(err) => {
+                    tracing::warn!(request_id = %self.request_id, %err, "ignoring undecodable stream message")
+                }
+            }
+        }
+    }
+
+    /// The next event; `None` after the last one (or after an error).
+    pub async fn next(&mut self) -> Option<Result<GenEvent, ApiError>> {
+        if self.done {
+            return None;
+        }
+        let result = self.next_inner().await;
+        match &result {
+            Ok(GenEvent::Tokens(tokens)) => self.record.tokens(tokens.len(), Instant::now()),
+            Ok(GenEvent::Finished { usage, .. }) => {
+                self.done = true;
+                self.cancel.disarm();
+                self.record.succeed(*usage);
+            }
+            Err(err) => {
+                self.done = true;
+                self.record.fail(err);
+                // Timeouts and bus failures leave the worker running: stop it. After a worker
+                // error the cancel is harmless.
+                self.cancel.fire();
+            }
+        }
+        Some(result)
+    }
+
+    /// Every event up to the last, gathered.
+    pub async fn collect(mut self) -> Result<Completed, ApiError> {
+        let mut collected = Vec::new();
+        loop {
+            match self.next().await {
+                Some(Ok(GenEvent::Tokens(tokens))) => collected.extend(tokens),
+                Some(Ok(GenEvent::Finished { reason, usage })) => {
+                    return Ok(Completed {
+                        tokens: collected,
+                        reason,
+                        usage,
+                    });
+                }
+                Some(Err(err)) => return Err(err),
+                None => {
+                    return Err(ApiError::Internal(
+                        "token stream ended without Finished".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn next_inner(&mut self) -> Result<GenEvent, ApiError> {
+        loop {
+            let message = match self.pending.pop_front() {
+                Some(message) => message,
+                None => match self.receive().await {
+                    Ok(message) => message,
+                    Err(err) => {
+                        self.fall_back_on(err).await?;
+                        continue;
+                    }
+                },
+            };
+            if let Some(detail) = self.context_failure(&message) {
+                self.fall_back(fallback::FallbackReason::ContextError, &detail)
+                    .await?;
+                continue;
+            }
+            match message {
+                StreamMessage::Accepted { .. } => continue,
+                StreamMessage::KvReady { handle } => {
+                    self.hand_over(handle).await?;
+                    continue;
+                }
+                StreamMessage::KvPulled {
+                    worker_id,
+                    bytes,
+                    micros,
+                    fallback,
+                    transport,
+                } => {
+                    self.kv_pulled(&worker_id, bytes, micros, fallback, transport);
+                    continue;
+                }
+                StreamMessage::Tokens { tokens } => {
+                    self.first_token_seen = true;
+                    return Ok(GenEvent::Tokens(tokens));
+                }
+                StreamMessage::Finished { reason, usage } => {
+                    return match reason {
+                        FinishReason::Stop | FinishReason::Length => {
+                            if self.phase.is_prefill() {
+                                // The context worker answered it all (it ended at its
+                                // first token).
+                                self.metrics.record(Event::Disaggregated);
+                            }
+                            Ok(GenEvent::Finished { reason, usage })
+                        }
+                        FinishReason::Cancelled => {
+                            self.cancel.disarm();
+                            Err(ApiError::WorkerGone {
+                                detail: "the worker cancelled the request".into(),
+                            })
+                        }
+                        FinishReason::Error => {
+                            self.cancel.disarm();
+                            Err(ApiError::Worker {
+                                message: "the worker failed to finish the request".into(),
+                            })
+                        }
+                    };
+                }
+                StreamMessage::Error { message } => {
+                    self.cancel.disarm();
+                    return Err(ApiError::Worker { message });
+                }
+            }
+        }
+    }
+
+    /// Waits for the next stream message, bounded by the phase's timeout and the request's
+    /// deadline, checking the current worker's liveness meanwhile.
+    async fn receive(&mut self) -> Result<StreamMessage, ApiError> {
+        let (phase_end, phase_timeout, phase_error): (Instant, Duration, fn(u64) -> ApiError) =
+            if self.first_token_seen {
+                (
+                    Instant::now() + self.timeouts.stall,
+                    self.timeouts.stall,
+                    |timeout_ms| ApiError::Stalled { timeout_ms },
+                )
+            } else {
+                (
+                    self.first_token_by,
+                    self.timeouts.first_token,
+                    |timeout_ms| ApiError::FirstTokenTimeout { timeout_ms },
+                )
+            };
+        loop {
+            let now = Instant::now();
+            if now >= self.deadline {
+                return Err(ApiError::RequestTimeout {
+                    timeout_ms: self.timeouts.request.as_millis() as u64,
+                });
+            }
+            if now >= phase_end {
+                return Err(phase_error(phase_timeout.as_millis() as u64));
+            }
+            let worker_id = self.phase.worker_id();
+            if !self.registry.is_live(worker_id, now) {
+                return Err(ApiError::WorkerGone {
+                    detail: format!("worker {worker_id} stopped sending heartbeats"),
+                });
+            }
+            let wait = LIVENESS_CHECK.min(phase_end - now).min(self.deadline - now);
+            match tokio::time::timeout(wait, self.subscriber.next()).await {
+                Err(_) => continue,
+                Ok(None) => {
+                    return Err(ApiError::bus(
+                        "reading the token stream",
+                        "subscription closed",
+                    ));
+                }
+                Ok(Some(message)) => {
+                    match decode::<StreamMessage>("stream message", &message.payload) {
+                        Ok(message) => return Ok(message),
+                        Err(err) => {
+                            return Err(ApiError::Internal(format!(
+                                "undecodable message on the stream of {}: {err}",
+                                self.request_id
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
