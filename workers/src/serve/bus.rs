@@ -2,11 +2,11 @@
 //! serve loop and the drain on SIGTERM.
 //!
 //! One task owns the subscriptions: the role's jobs (its queue group, plus this worker's direct
-//! subject), cancellations, the role's own inbox ([`Role::Inbox`]: a context worker's KV
-//! releases and expiry sweeps), the heartbeat timer and the termination signals. A job is
-//! acknowledged (`accepted`) and checked against its deadline by the shared [`Worker`] before
-//! its role starts it ([`Role::start`]); a cancel reaches the engine request, if there is one,
-//! and then the role ([`Role::cancel`]).
+//! subject), cancellations, the role's own inbox (a context worker's KV releases and expiry
+//! sweeps), the heartbeat timer and the termination signals. A job is acknowledged
+//! (`accepted`) and checked against its deadline by the shared `Worker` (`worker.rs`) before
+//! its role starts it (`Role::start`, `roles/`); a cancel reaches the engine request, if there
+//! is one, and then the role (`Role::cancel`).
 //!
 //! Drain on SIGTERM/SIGINT: the queue-group subscription is dropped at once and a heartbeat
 //! with `draining: true` goes out, so api-servers stop routing here; jobs already routed to the
