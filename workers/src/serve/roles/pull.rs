@@ -30,7 +30,7 @@ use crate::transfer::{KvTransport, PulledKv, RemoteKv, TransferError, cuda_ipc, 
 
 /// Set once to cancel a pull; clones share it.
 #[derive(Clone, Default)]
-pub(super) struct CancelToken(Arc<AtomicBool>);
+struct CancelToken(Arc<AtomicBool>);
 
 impl CancelToken {
     pub fn cancel(&self) {
