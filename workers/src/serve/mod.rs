@@ -4,15 +4,20 @@
 //! the engine on its own thread with a KV cache sized by `--kv-cache-tokens`, and serves jobs
 //! from NATS as docs/protocol.md describes:
 //!
+//! - [`bus`]: the connection, the serve loop (subscriptions, heartbeat timer, signals) and the
+//!   drain on SIGTERM.
+//! - `worker`: what every role shares: the bus client and subjects, the engine handle, the
+//!   requests in flight, acknowledgement, cancellation in the engine, heartbeats.
+//! - `roles`: what each role does with its jobs: `generation` (`both` and `decode`, with
+//!   `pull` for disaggregated requests) and `context` (prefill, `export`, `export_ledger`).
 //! - [`job`]: a bus job in the engine's terms.
-//! - [`context`]: the context role's exports (KV handles, staging budget, expiry).
 //! - [`stream`]: engine events into the stream messages the api-server reads.
-//! - [`bus`]: the subscriptions, heartbeats, cancellation and the drain on SIGTERM.
 
 pub mod bus;
-pub mod context;
 pub mod job;
+mod roles;
 pub mod stream;
+mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -285,6 +290,8 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         kv_transfer_timeout: std::time::Duration::from_millis(args.kv_transfer_timeout_ms),
     };
     runtime.block_on(bus::serve(settings, handle))?;
+    // Tasks still pending (a request cut short by a second signal) hold engine handles.
+    drop(runtime);
     // Every handle is gone: the engine thread has ended its requests and exits.
     if thread.join().is_err() {
         tracing::error!("the engine thread panicked");

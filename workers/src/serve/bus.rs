@@ -1,0 +1,256 @@
+//! The worker's side of the bus (docs/protocol.md, "Worker obligations"): the connection, the
+//! serve loop and the drain on SIGTERM.
+//!
+//! One task owns the subscriptions: the role's jobs (its queue group, plus this worker's direct
+//! subject), cancellations, the role's own inbox (a context worker's KV releases and expiry
+//! sweeps), the heartbeat timer and the termination signals. A job is acknowledged
+//! (`accepted`) and checked against its deadline by the shared `Worker` (`worker.rs`) before
+//! its role starts it (`Role::start`, `roles/`); a cancel reaches the engine request, if there
+//! is one, and then the role (`Role::cancel`).
+//!
+//! Drain on SIGTERM/SIGINT: the queue-group subscription is dropped at once and a heartbeat
+//! with `draining: true` goes out, so api-servers stop routing here; jobs already routed to the
+//! direct subject (published before the api-server saw that heartbeat) are still taken. Once
+//! nothing is in flight (no engine request, and nothing the role holds: a pull, a prefill
+//! waiting for room, an export not yet released) and one heartbeat interval has passed, the
+//! worker unsubscribes, flushes and returns. A second signal stops at once, cancelling what is
+//! left.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, Subscriber};
+use futures::StreamExt;
+use tandem_protocol::messages::{self, CancelRequest, WorkerRole};
+use tandem_protocol::subjects::Subjects;
+use thiserror::Error;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::roles::{ContextRole, GenerationRole, Role};
+use super::worker::{Identity, InFlight, PUBLISH_TIMEOUT, Worker};
+use crate::engine::EngineHandle;
+use crate::kv_cache::KvLayout;
+use crate::transfer::KvTransport;
+
+#[derive(Debug, Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {detail} (is nats-server running there?)")]
+    Connect { url: String, detail: String },
+    #[error("subscribing to {subject}: {detail}")]
+    Subscribe { subject: String, detail: String },
+    #[error("installing the signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Who this worker is on the bus, and what its role needs.
+#[derive(Clone)]
+pub struct BusSettings {
+    pub nats_url: String,
+    pub served_name: String,
+    pub worker_id: String,
+    pub role: WorkerRole,
+    pub device: String,
+    pub total_kv_blocks: usize,
+    pub heartbeat: Duration,
+    /// The tokenizer's end-of-sequence ids, added to every job's stop ids.
+    pub model_stop_ids: Arc<[u32]>,
+    /// The engine's KV cache layout (what handles must match).
+    pub layout: KvLayout,
+    /// Host-memory transfers (UCX): every context and decode worker has one.
+    pub transport: Arc<dyn KvTransport>,
+    /// Device-to-device transfers with GPU workers of this host (a GPU context or decode
+    /// worker with a CUDA IPC pool).
+    pub cuda_ipc: Option<Arc<dyn KvTransport>>,
+    /// This machine ([`crate::transfer::host_id`]): CUDA IPC only between workers of one host.
+    pub host_id: String,
+    /// Context role: prompt tokens held for decode workers at most.
+    pub max_tokens_in_buffer: usize,
+    /// Context role: exports not released by then are freed.
+    pub kv_transfer_timeout: Duration,
+}
+
+/// Serves until a termination signal and the drain that follows. Consumes the engine handle:
+/// when this returns, the engine thread ends.
+pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), BusError> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("tandem worker {}", settings.worker_id))
+        .connection_timeout(Duration::from_secs(5))
+        .connect(settings.nats_url.as_str())
+        .await
+        .map_err(|e| BusError::Connect {
+            url: settings.nats_url.clone(),
+            detail: e.to_string(),
+        })?;
+    let worker = Arc::new(Worker {
+        client,
+        subjects: Subjects::new(&settings.served_name),
+        identity: Identity {
+            worker_id: settings.worker_id.clone(),
+            served_name: settings.served_name.clone(),
+            role: settings.role,
+            device: settings.device.clone(),
+            total_kv_blocks: settings.total_kv_blocks,
+            heartbeat: settings.heartbeat,
+        },
+        engine,
+        model_stop_ids: Arc::clone(&settings.model_stop_ids),
+        in_flight: InFlight::default(),
+    });
+    match settings.role {
+        WorkerRole::Context => {
+            let role = ContextRole::new(Arc::clone(&worker), &settings);
+            serve_role(&settings, worker, Arc::new(role)).await
+        }
+        WorkerRole::Both | WorkerRole::Decode => {
+            let role = GenerationRole::new(Arc::clone(&worker), &settings);
+            serve_role(&settings, worker, Arc::new(role)).await
+        }
+    }
+}
+
+/// The serve loop of a worker in role `R`.
+async fn serve_role<R: Role>(
+    settings: &BusSettings,
+    worker: Arc<Worker>,
+    role: Arc<R>,
+) -> Result<(), BusError> {
+    let client = &worker.client;
+    let jobs = role.job_subjects();
+    let mut queue_jobs = Some(
+        client
+            .queue_subscribe(jobs.queue.clone(), jobs.queue_group.to_owned())
+            .await
+            .map_err(|e| subscribe_error(&jobs.queue, &e))?,
+    );
+    let mut direct_jobs = subscribe(client, jobs.direct).await?;
+    let mut cancels = subscribe(client, worker.subjects.cancel()).await?;
+    let mut inbox = role.open_inbox().await?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(BusError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(BusError::Signal)?;
+
+    publish_heartbeat(&worker, &*role, false).await;
+    tracing::info!(
+        worker_id = settings.worker_id,
+        nats = settings.nats_url,
+        subject = jobs.queue,
+        "joined the deployment"
+    );
+
+    let mut heartbeat = tokio::time::interval(settings.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_started: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            Some(message) = next_job(&mut queue_jobs) => take_job(&worker, &role, &message.payload).await,
+            Some(message) = direct_jobs.next() => take_job(&worker, &role, &message.payload).await,
+            Some(message) = cancels.next() => cancel(&worker, &role, &message.payload).await,
+            input = R::next_input(&mut inbox) => role.handle_input(input).await,
+            _ = heartbeat.tick() => {
+                publish_heartbeat(&worker, &*role, drain_started.is_some()).await;
+                if let Some(since) = drain_started {
+                    let in_flight = worker.in_flight.len() + role.held();
+                    if in_flight == 0 && since.elapsed() >= settings.heartbeat {
+                        break;
+                    }
+                    tracing::info!(in_flight, "draining");
+                }
+            }
+            _ = termination(&mut sigterm, &mut sigint) => {
+                if drain_started.is_some() {
+                    tracing::warn!("second termination signal: cancelling what is left and stopping now");
+                    worker.cancel_all();
+                    break;
+                }
+                tracing::info!(
+                    in_flight = worker.in_flight.len() + role.held(),
+                    "termination signal: draining (finishing in-flight requests, taking no new ones)"
+                );
+                drain_started = Some(Instant::now());
+                if let Some(subscriber) = queue_jobs.take() {
+                    unsubscribe(subscriber).await;
+                }
+                publish_heartbeat(&worker, &*role, true).await;
+            }
+        }
+    }
+    // Leave: nobody routes here any more; the last heartbeat says so.
+    unsubscribe(direct_jobs).await;
+    unsubscribe(cancels).await;
+    R::close_inbox(inbox).await;
+    worker.wait_for_streams(Duration::from_secs(5)).await;
+    match tokio::time::timeout(PUBLISH_TIMEOUT, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("flushing the NATS connection: {e}"),
+        Err(_) => {
+            tracing::warn!("flushing the NATS connection: no answer within {PUBLISH_TIMEOUT:?}")
+        }
+    }
+    tracing::info!(worker_id = settings.worker_id, "left the deployment");
+    Ok(())
+}
+
+/// Acknowledges one job and, unless its deadline has passed, has the role start it.
+async fn take_job<R: Role>(worker: &Worker, role: &Arc<R>, payload: &[u8]) {
+    if let Some(job) = worker.accept(payload).await {
+        role.start(job).await;
+    }
+}
+
+/// Cancels a request wherever it is: in the engine, then in the role (a pull, a prefill
+/// waiting for room, an export).
+async fn cancel<R: Role>(worker: &Worker, role: &Arc<R>, payload: &[u8]) {
+    match messages::decode::<CancelRequest>("cancel", payload) {
+        Ok(cancel) => {
+            worker.cancel(&cancel.request_id);
+            role.cancel(&cancel.request_id).await;
+        }
+        Err(e) => tracing::warn!("ignoring a malformed cancel: {e}"),
+    }
+}
+
+async fn publish_heartbeat<R: Role>(worker: &Worker, role: &R, draining: bool) {
+    worker
+        .publish_heartbeat(draining, role.kv_transfer(), role.kv_peer())
+        .await;
+}
+
+/// Subscribes to `subject`.
+pub(super) async fn subscribe(client: &Client, subject: String) -> Result<Subscriber, BusError> {
+    client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| subscribe_error(&subject, &e))
+}
+
+fn subscribe_error(subject: &str, e: &dyn std::fmt::Display) -> BusError {
+    BusError::Subscribe {
+        subject: subject.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// Unsubscribes, bounded by [`PUBLISH_TIMEOUT`].
+pub(super) async fn unsubscribe(mut subscriber: Subscriber) {
+    match tokio::time::timeout(PUBLISH_TIMEOUT, subscriber.unsubscribe()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("unsubscribing: {e}"),
+        Err(_) => tracing::warn!("unsubscribing: NATS did not answer within {PUBLISH_TIMEOUT:?}"),
+    }
+}
+
+async fn next_job(subscriber: &mut Option<Subscriber>) -> Option<async_nats::Message> {
+    match subscriber {
+        Some(subscriber) => subscriber.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn termination(
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) {
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+}

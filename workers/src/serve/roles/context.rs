@@ -1,0 +1,357 @@
+//! The context role: the context worker's half of a disaggregated request (docs/protocol.md).
+//!
+//! It takes prefill jobs (queue group `context`, and its direct subject). A job reserves its
+//! prompt's tokens in the [`ExportLedger`]'s budget, or waits in the backlog until releases
+//! and expiries make room. It then runs as a prefill-only engine request with a fixed seed
+//! (drawn here when the client gave none, and sent along so the decode worker continues the
+//! same random stream). When its first token is out, the engine copies the prompt's K/V into
+//! an export ([`super::export`]; its blocks are free again at once), the ledger holds the
+//! export, and the worker answers `kv_ready` with the handle. A request that ends at its first
+//! token (a stop token or stop string, or `max_tokens` 1) is answered here in full instead.
+//!
+//! Its own inbox: decode workers' releases (`kv.release.{worker_id}`), and a sweep every 50 ms
+//! that expires exports nobody released and starts waiting prefills that fit.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::Subscriber;
+use futures::StreamExt;
+use tandem_protocol::messages::{
+    self, GenerateJob, KvPeer, KvRelease, KvTransferStats, StreamMessage,
+};
+use tandem_protocol::subjects::CONTEXT_QUEUE_GROUP;
+use tokio::sync::mpsc;
+use tokio::time::{Interval, MissedTickBehavior};
+
+use super::export::{Exporter, HandleSource, kv_handle};
+use super::export_ledger::ExportLedger;
+use super::{JobSubjects, Role};
+use crate::engine::{EngineEvent, EventKind, RequestId};
+use crate::serve::bus::{self, BusError, BusSettings};
+use crate::serve::job::generation_request;
+use crate::serve::stream::{stream_messages, token_event};
+use crate::serve::worker::{Worker, locked, unix_ms};
+
+/// How often exports are checked for expiry.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+
+pub(in crate::serve) struct ContextRole {
+    worker: Arc<Worker>,
+    exporter: Exporter,
+    /// Exports held for decode workers, and the budget prefills reserve from.
+    ledger: Mutex<ExportLedger>,
+    /// Acknowledged prefill jobs waiting for room in the ledger's budget.
+    backlog: Mutex<VecDeque<GenerateJob>>,
+}
+
+/// The context role's own subscription and timer.
+pub(in crate::serve) struct ContextInbox {
+    releases: Subscriber,
+    sweep: Interval,
+}
+
+pub(in crate::serve) enum ContextInput {
+    /// A decode worker has the K/V of a request (or gave up on it).
+    Release(async_nats::Message),
+    Sweep,
+}
+
+impl ContextRole {
+    pub fn new(worker: Arc<Worker>, settings: &BusSettings) -> Self {
+        Self {
+            worker,
+            exporter: Exporter::new(settings),
+            ledger: Mutex::new(ExportLedger::new(
+                settings.max_tokens_in_buffer,
+                settings.kv_transfer_timeout,
+            )),
+            backlog: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Runs the prompt as a prefill-only request with a fixed seed; a task exports its K/V
+    /// and answers `kv_ready` (or the whole answer, if it ends at once). The job's tokens are
+    /// reserved in the ledger.
+    async fn start_prefill(self: &Arc<Self>, job: GenerateJob) {
+        let prompt_tokens = job.prompt_ids.len();
+        let mut request = generation_request(&job, &self.worker.model_stop_ids);
+        if job.stop.max_tokens <= 1 {
+            // Nothing is left for a decode worker: answer here.
+            locked(&self.ledger).unreserve(prompt_tokens);
+            self.worker
+                .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
+                .await;
+            return;
+        }
+        let seed = request.sampling.seed.unwrap_or_else(rand::random);
+        request.sampling.seed = Some(seed);
+        request.prefill_only = true;
+        let submitted = self.worker.submit(&job.request_id, |engine, sink| {
+            engine.submit_with_sink(request, sink)
+        });
+        match submitted {
+            Ok((engine_id, events)) => {
+                tracing::debug!(request_id = job.request_id, prompt_tokens, "prefill queued");
+                let role = Arc::clone(self);
+                tokio::spawn(
+                    async move { role.finish_prefill(job, engine_id, seed, events).await },
+                );
+            }
+            Err(e) => {
+                locked(&self.ledger).unreserve(prompt_tokens);
+                self.worker
+                    .publish(
+                        job.stream_subject.clone(),
+                        &StreamMessage::Error {
+                            message: format!("the context worker cannot take the request: {e}"),
+                        },
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// Waits for the prefill's first token and end, then exports and answers.
+    async fn finish_prefill(
+        self: Arc<Self>,
+        job: GenerateJob,
+        engine_id: RequestId,
+        seed: u64,
+        mut events: mpsc::UnboundedReceiver<EngineEvent>,
+    ) {
+        let prompt_tokens = job.prompt_ids.len();
+        let mut seen = Vec::new();
+        while let Some(event) = events.recv().await {
+            let finished = event.is_finished();
+            seen.push(event);
+            if finished {
+                break;
+            }
+        }
+        let messages = match seen.last().map(|e| &e.kind) {
+            Some(EventKind::Finished {
+                retained_kv: Some(retained),
+                ..
+            }) => {
+                let blocks = retained.block_table.len();
+                let num_tokens = retained.num_tokens;
+                // The first token goes to the decode worker whole: it reports its logprobs.
+                let first = seen.iter().find_map(|e| match &e.kind {
+                    EventKind::Token {
+                        id,
+                        text_delta,
+                        logprob,
+                        top_logprobs,
+                    } => Some(token_event(
+                        *id,
+                        text_delta.clone(),
+                        *logprob,
+                        top_logprobs.clone(),
+                        true,
+                    )),
+                    EventKind::Finished { .. } => None,
+                });
+                let exported = self
+                    .exporter
+                    .export(
+                        &self.worker.engine,
+                        engine_id,
+                        blocks,
+                        job.kv_reader.as_ref(),
+                    )
+                    .await;
+                match (first, exported) {
+                    (Some(first), Ok((exported, backend))) => {
+                        let timeout = locked(&self.ledger).timeout();
+                        let expires = unix_ms() + timeout.as_millis() as u64;
+                        let handle = kv_handle(
+                            &HandleSource {
+                                worker_id: &self.worker.identity.worker_id,
+                                backend,
+                                layout: &self.exporter.layout,
+                            },
+                            &exported,
+                            num_tokens,
+                            first,
+                            seed,
+                            expires,
+                        );
+                        locked(&self.ledger).hold(
+                            job.request_id.clone(),
+                            exported,
+                            prompt_tokens,
+                            blocks,
+                        );
+                        tracing::debug!(
+                            request_id = job.request_id,
+                            blocks = handle.blocks.len(),
+                            backend,
+                            "prefill done, KV exported"
+                        );
+                        vec![StreamMessage::KvReady { handle }]
+                    }
+                    (first, exported) => {
+                        locked(&self.ledger).unreserve(prompt_tokens);
+                        let detail = match (first, exported) {
+                            (_, Err(e)) => e,
+                            _ => "the prefill produced no token".into(),
+                        };
+                        tracing::error!(request_id = job.request_id, "KV export failed: {detail}");
+                        vec![StreamMessage::Error {
+                            message: format!(
+                                "the context worker could not export the KV cache: {detail}"
+                            ),
+                        }]
+                    }
+                }
+            }
+            Some(_) => {
+                // Ended at its first token (or failed, or was cancelled): the answer is here.
+                locked(&self.ledger).unreserve(prompt_tokens);
+                stream_messages(seen, job.sampling.logprobs.is_some())
+            }
+            None => {
+                locked(&self.ledger).unreserve(prompt_tokens);
+                vec![StreamMessage::Error {
+                    message: "the worker's engine stopped unexpectedly".into(),
+                }]
+            }
+        };
+        for message in &messages {
+            self.worker
+                .publish(job.stream_subject.clone(), message)
+                .await;
+        }
+        self.worker.in_flight.remove(&job.request_id);
+    }
+
+    /// Expires exports nobody released and starts waiting prefills that fit.
+    async fn sweep(self: &Arc<Self>) {
+        let expired = locked(&self.ledger).expire(Instant::now());
+        for request_id in expired {
+            tracing::warn!(
+                request_id,
+                "KV export expired before a decode worker released it"
+            );
+        }
+        loop {
+            let next = {
+                let mut backlog = locked(&self.backlog);
+                let fits = backlog
+                    .front()
+                    .is_some_and(|job| locked(&self.ledger).try_reserve(job.prompt_ids.len()));
+                if fits { backlog.pop_front() } else { None }
+            };
+            let Some(job) = next else {
+                break;
+            };
+            if self.worker.past_deadline(&job).await {
+                locked(&self.ledger).unreserve(job.prompt_ids.len());
+                continue;
+            }
+            self.start_prefill(job).await;
+        }
+    }
+
+    /// A decode worker has the K/V of a request.
+    async fn release(self: &Arc<Self>, payload: &[u8]) {
+        match messages::decode::<KvRelease>("kv release", payload) {
+            Ok(release) => {
+                if locked(&self.ledger).release(&release.request_id) {
+                    tracing::debug!(request_id = release.request_id, "KV released");
+                }
+                self.sweep().await;
+            }
+            Err(e) => tracing::warn!("ignoring a malformed KV release: {e}"),
+        }
+    }
+}
+
+impl Role for ContextRole {
+    type Inbox = ContextInbox;
+    type Input = ContextInput;
+
+    fn job_subjects(&self) -> JobSubjects {
+        let subjects = &self.worker.subjects;
+        JobSubjects {
+            queue: subjects.prefill(),
+            queue_group: CONTEXT_QUEUE_GROUP,
+            direct: subjects.prefill_direct(&self.worker.identity.worker_id),
+        }
+    }
+
+    async fn open_inbox(&self) -> Result<ContextInbox, BusError> {
+        let releases = bus::subscribe(
+            &self.worker.client,
+            self.worker
+                .subjects
+                .kv_release(&self.worker.identity.worker_id),
+        )
+        .await?;
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Ok(ContextInbox { releases, sweep })
+    }
+
+    async fn next_input(inbox: &mut ContextInbox) -> ContextInput {
+        tokio::select! {
+            Some(message) = inbox.releases.next() => ContextInput::Release(message),
+            _ = inbox.sweep.tick() => ContextInput::Sweep,
+        }
+    }
+
+    async fn handle_input(self: &Arc<Self>, input: ContextInput) {
+        match input {
+            ContextInput::Release(message) => self.release(&message.payload).await,
+            ContextInput::Sweep => self.sweep().await,
+        }
+    }
+
+    async fn close_inbox(inbox: ContextInbox) {
+        bus::unsubscribe(inbox.releases).await;
+    }
+
+    /// Reserves the prompt's tokens and prefills, or queues the job until there is room.
+    async fn start(self: &Arc<Self>, job: GenerateJob) {
+        let admitted = locked(&self.ledger).try_reserve(job.prompt_ids.len());
+        if admitted {
+            self.start_prefill(job).await;
+        } else {
+            tracing::debug!(
+                request_id = job.request_id,
+                "export budget full: the prefill waits for releases"
+            );
+            locked(&self.backlog).push_back(job);
+        }
+    }
+
+    async fn cancel(self: &Arc<Self>, request_id: &str) {
+        let waiting = {
+            let mut backlog = locked(&self.backlog);
+            let before = backlog.len();
+            backlog.retain(|job| job.request_id != request_id);
+            before != backlog.len()
+        };
+        if waiting {
+            tracing::debug!(request_id, "cancelled while waiting for export budget");
+        }
+        // An export nobody will pull any more.
+        if locked(&self.ledger).release(request_id) {
+            self.sweep().await;
+        }
+    }
+
+    fn held(&self) -> usize {
+        locked(&self.backlog).len() + usize::from(!locked(&self.ledger).is_empty())
+    }
+
+    fn kv_transfer(&self) -> Option<KvTransferStats> {
+        Some(locked(&self.ledger).stats())
+    }
+
+    fn kv_peer(&self) -> Option<KvPeer> {
+        Some(self.exporter.kv_peer())
+    }
+}

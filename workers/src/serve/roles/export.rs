@@ -1,0 +1,228 @@
+//! A prefill's K/V leaving the context worker: which transport holds the export (device memory
+//! for a CUDA IPC reader on this host, else host memory for UCX), the engine's copy into it,
+//! and the [`KvHandle`] that tells the decode worker where to read.
+
+use std::sync::Arc;
+
+use tandem_protocol::messages::{KvHandle, KvLayoutSpec, KvPeer, KvRegion, TokenEvent};
+
+use crate::engine::{EngineHandle, RequestId};
+use crate::kv_cache::{KvDType, KvLayout};
+use crate::serve::bus::BusSettings;
+use crate::transfer::{Exported, KvTransport, to_hex};
+
+/// The layout as the wire contract spells it.
+pub fn layout_spec(layout: &KvLayout) -> KvLayoutSpec {
+    KvLayoutSpec {
+        num_layers: layout.num_layers as u32,
+        num_kv_heads: layout.num_kv_heads as u32,
+        head_dim: layout.head_dim as u32,
+        block_size: layout.block_size as u32,
+        dtype: match layout.dtype {
+            KvDType::F32 => "f32",
+            KvDType::Bf16 => "bf16",
+            KvDType::F16 => "f16",
+        }
+        .into(),
+        block_bytes: layout.block_bytes() as u64,
+    }
+}
+
+/// Whether a prefill's K/V is exported into device memory for CUDA IPC rather than into host
+/// memory for UCX: only for a reader that reads CUDA IPC on this worker's host, when this
+/// worker has a CUDA IPC pool. Any other reader (another host, a CPU worker, an api-server
+/// that did not say) gets a host export, which every decode worker can pull.
+pub fn exports_on_device(reader: Option<&KvPeer>, host_id: &str, has_cuda_ipc: bool) -> bool {
+    has_cuda_ipc && reader.is_some_and(|r| r.cuda_ipc && r.host_id == host_id)
+}
+
+/// Who exports: the worker, its transport and its cache layout.
+pub struct HandleSource<'a> {
+    pub worker_id: &'a str,
+    pub backend: &'a str,
+    pub layout: &'a KvLayout,
+}
+
+/// The handle of an exported request: one region per block of the exported buffer.
+pub fn kv_handle(
+    source: &HandleSource<'_>,
+    exported: &Exported,
+    num_tokens: usize,
+    first_token: TokenEvent,
+    seed: u64,
+    expires_unix_ms: u64,
+) -> KvHandle {
+    let HandleSource {
+        worker_id,
+        backend,
+        layout,
+    } = *source;
+    let block_bytes = layout.block_bytes() as u64;
+    let blocks = (0..exported.len / block_bytes)
+        .map(|i| KvRegion {
+            addr: exported.addr + i * block_bytes,
+            len: block_bytes,
+        })
+        .collect();
+    KvHandle {
+        worker_id: worker_id.to_owned(),
+        backend: backend.to_owned(),
+        address: to_hex(&exported.address),
+        rkey: to_hex(&exported.rkey),
+        blocks,
+        layout: layout_spec(layout),
+        num_tokens: num_tokens as u32,
+        first_token,
+        seed,
+        expires_unix_ms,
+        cuda_ipc: exported.cuda_ipc.clone().map(Box::new),
+    }
+}
+
+/// A context worker's transports and what chooses between them.
+pub(super) struct Exporter {
+    /// The engine's KV cache layout.
+    pub layout: KvLayout,
+    /// Host-memory exports (UCX), for any reader.
+    transport: Arc<dyn KvTransport>,
+    /// Device-memory exports (CUDA IPC), for GPU readers of this host.
+    cuda_ipc: Option<Arc<dyn KvTransport>>,
+    host_id: String,
+}
+
+impl Exporter {
+    pub fn new(settings: &BusSettings) -> Self {
+        Self {
+            layout: settings.layout,
+            transport: Arc::clone(&settings.transport),
+            cuda_ipc: settings.cuda_ipc.clone(),
+            host_id: settings.host_id.clone(),
+        }
+    }
+
+    /// How this worker exchanges K/V, for its heartbeat.
+    pub fn kv_peer(&self) -> KvPeer {
+        KvPeer {
+            host_id: self.host_id.clone(),
+            cuda_ipc: self.cuda_ipc.is_some(),
+        }
+    }
+
+    /// Exports the `blocks` retained by `engine_id`: reserves memory of the transport that
+    /// suits `reader` (device memory for a CUDA IPC reader on this host, else host memory for
+    /// UCX) and has the engine copy the blocks straight in (its blocks are freed either way).
+    /// Returns the export and the name of the transport that holds it.
+    pub async fn export(
+        &self,
+        engine: &EngineHandle,
+        engine_id: RequestId,
+        blocks: usize,
+        reader: Option<&KvPeer>,
+    ) -> Result<(Exported, &'static str), String> {
+        let len = blocks * self.layout.block_bytes();
+        let on_device = self
+            .cuda_ipc
+            .as_ref()
+            .filter(|_| exports_on_device(reader, &self.host_id, true));
+        let mut reserved = None;
+        if let Some(device) = on_device {
+            match device.reserve(len).await {
+                Ok(buffer) => reserved = Some((buffer, device.backend())),
+                Err(e) => tracing::warn!("{e}: exporting through host memory (UCX) instead"),
+            }
+        }
+        let (buffer, backend) = match reserved {
+            Some(reserved) => reserved,
+            None => match self.transport.reserve(len).await {
+                Ok(buffer) => (buffer, self.transport.backend()),
+                Err(e) => {
+                    let _ = engine.release_kv(engine_id);
+                    return Err(e.to_string());
+                }
+            },
+        };
+        let buffer = engine
+            .take_retained_kv_into(engine_id, buffer)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((buffer.finish(), backend))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exported() -> Exported {
+        Exported {
+            address: vec![1],
+            rkey: vec![2],
+            addr: 4096,
+            len: 3 * 128,
+            cuda_ipc: None,
+            keepalive: Box::new(()),
+        }
+    }
+
+    #[test]
+    fn only_a_cuda_ipc_reader_on_this_host_gets_a_device_export() {
+        let reader = |host: &str, cuda_ipc| KvPeer {
+            host_id: host.into(),
+            cuda_ipc,
+        };
+        assert!(exports_on_device(Some(&reader("h1", true)), "h1", true));
+        assert!(
+            !exports_on_device(Some(&reader("h2", true)), "h1", true),
+            "another host"
+        );
+        assert!(
+            !exports_on_device(Some(&reader("h1", false)), "h1", true),
+            "a reader without CUDA IPC (a CPU worker, or one whose IPC reads failed)"
+        );
+        assert!(
+            !exports_on_device(Some(&reader("h1", true)), "h1", false),
+            "no CUDA IPC pool here"
+        );
+        assert!(
+            !exports_on_device(None, "h1", true),
+            "the api-server did not say who reads"
+        );
+    }
+
+    #[test]
+    fn handles_list_one_region_per_block() {
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 2,
+            dtype: KvDType::F32,
+        };
+        assert_eq!(layout.block_bytes(), 128);
+        let first = TokenEvent {
+            id: 5,
+            text: String::new(),
+            logprob: None,
+            top_logprobs: vec![],
+        };
+        let source = HandleSource {
+            worker_id: "ctx",
+            backend: "ucx",
+            layout: &layout,
+        };
+        let handle = kv_handle(&source, &exported(), 5, first, 9, 123);
+        assert_eq!(handle.blocks.len(), 3);
+        assert_eq!(
+            handle.blocks[2],
+            KvRegion {
+                addr: 4096 + 256,
+                len: 128
+            }
+        );
+        assert_eq!(handle.layout.dtype, "f32");
+        assert_eq!(
+            (handle.address.as_str(), handle.rkey.as_str()),
+            ("01", "02")
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! The context worker's ledger of exports: the K/V it holds for decode workers.
+//!
+//! [`ExportLedger`] bounds the exports by a token budget (`max_tokens_in_buffer`: a prefill
+//! reserves its prompt's tokens before it starts, and jobs wait for room instead of growing
+//! it), holds each export until the decode worker's release or until it expires
+//! (`kv_transfer_timeout_ms`), whichever comes first, and counts both for heartbeats. The
+//! memory itself belongs to the transport; the ledger keeps each [`Exported`] alive.
+//!
+//! An expired export is not unregistered at once: it lingers for [`EXPIRED_EXPORT_GRACE`]
+//! outside the budget. A decode worker bounds its pull by the handle's expiry, but a pull
+//! started just before it (its deadline is at least 100 ms, and hosts' clocks differ) may
+//! still be reading; the transfer pool hands freed memory to the next export, and such a pull
+//! must not read another request's K/V.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tandem_protocol::messages::KvTransferStats;
+
+use crate::transfer::Exported;
+
+/// How long an expired export stays registered before its memory is reused.
+pub const EXPIRED_EXPORT_GRACE: Duration = Duration::from_secs(5);
+
+/// An export held for its decode worker.
+struct HeldExport {
+    exported: Exported,
+    tokens: usize,
+    blocks: usize,
+    expires: Instant,
+}
+
+/// Exports waiting for their decode worker, bounded by a token budget.
+pub struct ExportLedger {
+    max_tokens: usize,
+    timeout: Duration,
+    held: HashMap<String, HeldExport>,
+    /// Tokens of held exports plus prefills admitted but not yet exported.
+    tokens: usize,
+    expirations: u64,
+    releases: u64,
+    /// Expired exports and when they may be unregistered.
+    lingering: Vec<(Instant, Exported)>,
+}
+
+impl ExportLedger {
+    pub fn new(max_tokens: usize, timeout: Duration) -> Self {
+        Self {
+            max_tokens,
+            timeout,
+            held: HashMap::new(),
+            tokens: 0,
+            expirations: 0,
+            releases: 0,
+            lingering: Vec::new(),
+        }
+    }
+
+    /// How long an export is held without a release.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Reserves room for a prompt of `tokens` before its prefill starts; false when the
+    /// budget is spent (the job waits). A prompt larger than the whole budget is let through
+    /// when nothing else is held, so it cannot wait forever.
+    pub fn try_reserve(&mut self, tokens: usize) -> bool {
+        if self.tokens + tokens <= self.max_tokens || self.tokens == 0 {
+            self.tokens += tokens;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Gives back a reservation whose prefill did not end in an export.
+    pub fn unreserve(&mut self, tokens: usize) {
+        self.tokens = self.tokens.saturating_sub(tokens);
+    }
+
+    /// Records the export of a reserved prefill; it expires [`Self::timeout`] from now.
+    pub fn hold(&mut self, request_id: String, exported: Exported, tokens: usize, blocks: usize) {
+        let held = HeldExport {
+            exported,
+            tokens,
+            blocks,
+            expires: Instant::now() + self.timeout,
+        };
+        if let Some(old) = self.held.insert(request_id, held) {
+            self.unreserve(old.tokens);
+        }
+    }
+
+    /// The decode worker has the K/V (or gave up on it): free it. False if unknown (already
+    /// expired or released).
+    pub fn release(&mut self, request_id: &str) -> bool {
+        match self.held.remove(request_id) {
+            Some(held) => {
+                self.unreserve(held.tokens);
+                self.releases += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends the exports whose time is up (they linger for [`EXPIRED_EXPORT_GRACE`], outside
+    /// the budget) and unregisters those whose grace is over; returns the newly expired ids.
+    pub fn expire(&mut self, now: Instant) -> Vec<String> {
+        self.lingering.retain(|(until, _)| *until > now);
+        let expired: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.expires <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            if let Some(held) = self.held.remove(id) {
+                self.unreserve(held.tokens);
+                self.expirations += 1;
+                self.lingering
+                    .push((now + EXPIRED_EXPORT_GRACE, held.exported));
+            }
+        }
+        expired
+    }
+
+    /// Whether no export is held (lingering ones aside).
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    pub fn stats(&self) -> KvTransferStats {
+        KvTransferStats {
+            pinned_blocks: self.held.values().map(|held| held.blocks as u32).sum(),
+            pinned_tokens: self.held.values().map(|held| held.tokens as u32).sum(),
+            expirations: self.expirations,
+            releases: self.releases,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exported() -> Exported {
+        Exported {
+            address: vec![1],
+            rkey: vec![2],
+            addr: 4096,
+            len: 3 * 128,
+            cuda_ipc: None,
+            keepalive: Box::new(()),
+        }
+    }
+
+    /// Sets its flag when dropped (the export's memory given back).
+    struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn an_expired_export_stays_registered_for_the_grace_period_outside_the_budget() {
+        let timeout = Duration::from_millis(50);
+        let mut ledger = ExportLedger::new(100, timeout);
+        let (released, expired) = (Default::default(), Default::default());
+        let flagged = |flag: &std::sync::Arc<std::sync::atomic::AtomicBool>| Exported {
+            keepalive: Box::new(DropFlag(flag.clone())),
+            ..exported()
+        };
+        let is_set = |flag: &std::sync::Arc<std::sync::atomic::AtomicBool>| {
+            flag.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        assert!(ledger.try_reserve(50) && ledger.try_reserve(50));
+        ledger.hold("released".into(), flagged(&released), 50, 4);
+        ledger.hold("expired".into(), flagged(&expired), 50, 4);
+        assert!(ledger.release("released"));
+        assert!(is_set(&released), "a release unregisters at once");
+        let at = Instant::now() + timeout * 2;
+        assert_eq!(ledger.expire(at), vec!["expired".to_string()]);
+        assert!(
+            !is_set(&expired),
+            "still registered during the grace period"
+        );
+        assert!(ledger.try_reserve(100), "but no longer in the budget");
+        assert!(ledger.is_empty());
+        ledger.expire(at + EXPIRED_EXPORT_GRACE / 2);
+        assert!(!is_set(&expired));
+        ledger.expire(at + EXPIRED_EXPORT_GRACE);
+        assert!(is_set(&expired), "unregistered once the grace is over");
+    }
+
+    #[test]
+    fn the_budget_bounds_reservations_and_release_or_expiry_frees_them() {
+        let mut ledger = ExportLedger::new(100, Duration::from_millis(50));
+        assert!(ledger.try_reserve(60));
+        assert!(!ledger.try_reserve(50), "60 + 50 > 100");
+        assert!(ledger.try_reserve(40));
+        ledger.hold("a".into(), exported(), 60, 3);
+        ledger.hold("b".into(), exported(), 40, 2);
+        assert_eq!(ledger.stats().pinned_blocks, 5);
+        assert!(ledger.release("a"));
+        assert!(!ledger.release("a"), "released twice");
+        assert!(ledger.try_reserve(50));
+        ledger.unreserve(50);
+        let later = Instant::now() + Duration::from_millis(60);
+        assert_eq!(ledger.expire(later), vec!["b".to_string()]);
+        let stats = ledger.stats();
+        assert_eq!(
+            (stats.releases, stats.expirations, stats.pinned_tokens),
+            (1, 1, 0)
+        );
+        assert!(ledger.is_empty());
+        // An oversized prompt passes when nothing else is held.
+        assert!(ledger.try_reserve(500));
+        assert!(!ledger.try_reserve(1));
+    }
+}

@@ -1,0 +1,75 @@
+//! The roles a worker serves on the bus, one type each, over the shared
+//! [`Worker`](super::worker::Worker):
+//!
+//! - [`GenerationRole`] (`generation.rs`): `both` and `decode` workers. They take generation
+//!   jobs, prefill and generate locally, and pull a disaggregated request's K/V first
+//!   ([`pull`]: the pull, its cancellation token, and the local prefill a failed pull falls
+//!   back to).
+//! - [`ContextRole`] (`context.rs`): context workers. They take prefill jobs, export the K/V
+//!   ([`export`]: the copy out of the engine and the handle that describes it) and hold the
+//!   exports until released or expired ([`export_ledger`]).
+//!
+//! The serve loop (`super::bus`) owns the subscriptions and drives a role through [`Role`];
+//! each role's state is shared with the tasks it spawns for its requests.
+
+mod context;
+mod export;
+mod export_ledger;
+mod generation;
+mod pull;
+
+use std::sync::Arc;
+
+use tandem_protocol::messages::{GenerateJob, KvPeer, KvTransferStats};
+
+pub(super) use context::ContextRole;
+pub(super) use generation::GenerationRole;
+
+use super::bus::BusError;
+
+/// Where a role's jobs arrive: a subject in a queue group (one worker of the group gets each
+/// job), and this worker's own subject (jobs routed to it by name).
+pub(super) struct JobSubjects {
+    pub queue: String,
+    pub queue_group: &'static str,
+    pub direct: String,
+}
+
+/// What a role adds to the shared [`Worker`](super::worker::Worker): which jobs it takes and how it starts them, what
+/// it holds outside the engine, its own subscriptions and timers, and its heartbeat fields.
+pub(super) trait Role: Send + Sync + 'static {
+    /// The role's subscriptions and timers besides its jobs and cancels, owned by the serve
+    /// loop (which unsubscribes them when it leaves).
+    type Inbox;
+    /// What the inbox delivers.
+    type Input;
+
+    /// The subjects of this role's jobs.
+    fn job_subjects(&self) -> JobSubjects;
+
+    async fn open_inbox(&self) -> Result<Self::Inbox, BusError>;
+
+    /// The inbox's next input. Cancel-safe: the serve loop selects on it.
+    async fn next_input(inbox: &mut Self::Inbox) -> Self::Input;
+
+    async fn handle_input(self: &Arc<Self>, input: Self::Input);
+
+    async fn close_inbox(inbox: Self::Inbox);
+
+    /// Starts a job the worker has acknowledged and whose deadline has not passed.
+    async fn start(self: &Arc<Self>, job: GenerateJob);
+
+    /// Stops whatever the role holds of `request_id` (its engine request, if any, is cancelled
+    /// by the worker).
+    async fn cancel(self: &Arc<Self>, request_id: &str);
+
+    /// Work the role holds outside the engine's requests (pulls, prefills waiting for room,
+    /// exports not yet released): the drain waits until there is none.
+    fn held(&self) -> usize;
+
+    /// The heartbeat's `kv_transfer` (a context worker's exports).
+    fn kv_transfer(&self) -> Option<KvTransferStats>;
+
+    /// The heartbeat's `kv_peer` (how this worker reads and writes K/V transfers).
+    fn kv_peer(&self) -> Option<KvPeer>;
+}

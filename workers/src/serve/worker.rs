@@ -1,0 +1,322 @@
+//! What every role of a worker shares: its NATS client and subjects, who it is on the bus, the
+//! engine handle, and the requests it has handed to the engine.
+//!
+//! [`Worker`] acknowledges jobs (`accepted` before anything else, then the deadline check),
+//! registers each engine request under its bus id before the engine can emit anything (so a
+//! cancel always finds it), forwards its events to the request's stream subject from a task of
+//! its own, and publishes heartbeats. What a role does with a job is in [`super::roles`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::Client;
+use tandem_protocol::messages::{
+    self, GenerateJob, Heartbeat, KvPeer, KvTransferStats, StreamMessage, WorkerRole,
+};
+use tandem_protocol::subjects::Subjects;
+use tokio::sync::mpsc;
+
+use super::stream::{is_last, stream_messages};
+use crate::engine::{EngineError, EngineEvent, EngineHandle, RequestId};
+
+/// How long one publish may wait. async-nats buffers publishes while it reconnects and makes
+/// callers wait once that buffer is full; a worker cut off from NATS must still notice signals
+/// and finish its drain, so no publish waits longer than this.
+pub(super) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who a worker is on the bus: its heartbeat's fixed fields.
+pub(super) struct Identity {
+    pub worker_id: String,
+    pub served_name: String,
+    pub role: WorkerRole,
+    pub device: String,
+    pub total_kv_blocks: usize,
+    /// Interval between heartbeats.
+    pub heartbeat: Duration,
+}
+
+/// The shared part of a worker, whatever its role.
+pub(super) struct Worker {
+    pub client: Client,
+    pub subjects: Subjects,
+    pub identity: Identity,
+    pub engine: EngineHandle,
+    /// The tokenizer's end-of-sequence ids, added to every job's stop ids.
+    pub model_stop_ids: Arc<[u32]>,
+    pub in_flight: InFlight,
+}
+
+/// The requests this worker has handed to its engine: bus request id -> engine request id.
+/// An entry lives from the submission until the request's last stream message is out.
+#[derive(Clone, Default)]
+pub(super) struct InFlight(Arc<Mutex<HashMap<String, RequestId>>>);
+
+impl InFlight {
+    /// The map, locked; callers hold it across a submission so the entry exists before the
+    /// engine's first event.
+    pub fn lock(&self) -> MutexGuard<'_, HashMap<String, RequestId>> {
+        locked(&self.0)
+    }
+
+    pub fn remove(&self, request_id: &str) {
+        self.lock().remove(request_id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+impl Worker {
+    /// Publishes a stream message, bounded by [`PUBLISH_TIMEOUT`].
+    pub async fn publish(&self, subject: String, message: &StreamMessage) {
+        publish_bounded(
+            &self.client,
+            subject,
+            messages::encode(message),
+            "a stream message",
+        )
+        .await;
+    }
+
+    /// Decodes a job and acknowledges it (`accepted`); `None` for a malformed job or one whose
+    /// deadline passed before it started. The job is the role's to start.
+    pub async fn accept(&self, payload: &[u8]) -> Option<GenerateJob> {
+        let job: GenerateJob = match messages::decode("generate job", payload) {
+            Ok(job) => job,
+            Err(e) => {
+                // Without a parsed job there is no stream subject to answer on.
+                tracing::warn!("dropping a malformed job: {e}");
+                return None;
+            }
+        };
+        self.publish(
+            job.stream_subject.clone(),
+            &StreamMessage::Accepted {
+                worker_id: self.identity.worker_id.clone(),
+            },
+        )
+        .await;
+        if self.past_deadline(&job).await {
+            return None;
+        }
+        Some(job)
+    }
+
+    /// Drops a job whose deadline passed before it started (its client has been answered).
+    pub async fn past_deadline(&self, job: &GenerateJob) -> bool {
+        if job
+            .deadline_unix_ms
+            .is_none_or(|deadline| unix_ms() <= deadline)
+        {
+            return false;
+        }
+        tracing::warn!(
+            request_id = job.request_id,
+            "dropping a job whose deadline passed before it started (the client was answered)"
+        );
+        self.publish(
+            job.stream_subject.clone(),
+            &StreamMessage::Error {
+                message: "the request's deadline passed before a worker started it".into(),
+            },
+        )
+        .await;
+        true
+    }
+
+    /// Hands a request to the engine with `submit`, registered under `request_id` before the
+    /// engine can emit anything; returns its engine id and its events.
+    pub fn submit(
+        &self,
+        request_id: &str,
+        submit: impl FnOnce(
+            &EngineHandle,
+            mpsc::UnboundedSender<EngineEvent>,
+        ) -> Result<RequestId, EngineError>,
+    ) -> Result<(RequestId, mpsc::UnboundedReceiver<EngineEvent>), EngineError> {
+        let (sink, events) = mpsc::unbounded_channel::<EngineEvent>();
+        let mut in_flight = self.in_flight.lock();
+        let engine_id = submit(&self.engine, sink)?;
+        in_flight.insert(request_id.to_owned(), engine_id);
+        Ok((engine_id, events))
+    }
+
+    /// Starts a request that streams to its client from here: submitted with `submit`, its
+    /// events forwarded to the stream subject by a task of its own.
+    pub async fn start_request(
+        &self,
+        job: &GenerateJob,
+        submit: impl FnOnce(
+            &EngineHandle,
+            mpsc::UnboundedSender<EngineEvent>,
+        ) -> Result<RequestId, EngineError>,
+    ) {
+        match self.submit(&job.request_id, submit) {
+            Ok((engine_id, events)) => {
+                tracing::debug!(
+                    request_id = job.request_id,
+                    engine_id,
+                    prompt_tokens = job.prompt_ids.len(),
+                    "job queued"
+                );
+                tokio::spawn(forward(
+                    self.client.clone(),
+                    job.stream_subject.clone(),
+                    job.request_id.clone(),
+                    events,
+                    job.sampling.logprobs.is_some(),
+                    self.in_flight.clone(),
+                ));
+            }
+            Err(e) => {
+                self.publish(
+                    job.stream_subject.clone(),
+                    &StreamMessage::Error {
+                        message: format!("the worker cannot take the request: {e}"),
+                    },
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Cancels the engine request of `request_id`, if it has one.
+    pub fn cancel(&self, request_id: &str) {
+        let engine_id = self.in_flight.lock().get(request_id).copied();
+        if let Some(engine_id) = engine_id {
+            tracing::debug!(request_id, "cancelled by the api-server");
+            // An engine that has stopped has nothing left to cancel.
+            let _ = self.engine.cancel(engine_id);
+        }
+    }
+
+    /// Cancels every engine request (a second termination signal).
+    pub fn cancel_all(&self) {
+        for &engine_id in self.in_flight.lock().values() {
+            let _ = self.engine.cancel(engine_id);
+        }
+    }
+
+    /// Publishes a heartbeat: the engine's load, and the role's `kv_transfer` and `kv_peer`.
+    pub async fn publish_heartbeat(
+        &self,
+        draining: bool,
+        kv_transfer: Option<KvTransferStats>,
+        kv_peer: Option<KvPeer>,
+    ) {
+        let active = self.engine.active_requests();
+        let queued = self.engine.waiting_requests().min(active);
+        let identity = &self.identity;
+        let heartbeat = Heartbeat {
+            worker_id: identity.worker_id.clone(),
+            role: identity.role,
+            model: identity.served_name.clone(),
+            device: identity.device.clone(),
+            running: (active - queued) as u32,
+            queued: queued as u32,
+            free_kv_blocks: self.engine.free_blocks() as u32,
+            total_kv_blocks: identity.total_kv_blocks as u32,
+            draining,
+            interval_ms: identity.heartbeat.as_millis() as u64,
+            kv_transfer,
+            kv_peer,
+        };
+        let subject = self.subjects.heartbeat(identity.role, &identity.worker_id);
+        publish_bounded(
+            &self.client,
+            subject,
+            messages::encode(&heartbeat),
+            "a heartbeat",
+        )
+        .await;
+    }
+
+    /// Waits (bounded) until the engine requests have published their last messages.
+    pub async fn wait_for_streams(&self, limit: Duration) {
+        let start = Instant::now();
+        while !self.in_flight.is_empty() && start.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Forwards one request's events to its stream subject until its last message, then forgets
+/// the request.
+async fn forward(
+    client: Client,
+    subject: String,
+    request_id: String,
+    mut events: mpsc::UnboundedReceiver<EngineEvent>,
+    with_logprobs: bool,
+    in_flight: InFlight,
+) {
+    let mut ended = false;
+    while let Some(first) = events.recv().await {
+        let mut batch = vec![first];
+        while let Ok(event) = events.try_recv() {
+            batch.push(event);
+        }
+        for message in stream_messages(batch, with_logprobs) {
+            ended |= is_last(&message);
+            publish_bounded(
+                &client,
+                subject.clone(),
+                messages::encode(&message),
+                "tokens",
+            )
+            .await;
+        }
+        if ended {
+            break;
+        }
+    }
+    if !ended {
+        // The engine thread went away without a last event (it panicked).
+        let message = StreamMessage::Error {
+            message: "the worker's engine stopped unexpectedly".into(),
+        };
+        publish_bounded(&client, subject, messages::encode(&message), "an error").await;
+    }
+    in_flight.remove(&request_id);
+}
+
+/// Publishes `payload` on `subject`, giving up (with a warning) after [`PUBLISH_TIMEOUT`].
+pub(super) async fn publish_bounded(
+    client: &Client,
+    subject: String,
+    payload: Vec<u8>,
+    what: &str,
+) {
+    match tokio::time::timeout(
+        PUBLISH_TIMEOUT,
+        client.publish(subject.clone(), payload.into()),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(subject, "publishing {what}: {e}"),
+        Err(_) => tracing::warn!(
+            subject,
+            "publishing {what}: NATS did not take it within {PUBLISH_TIMEOUT:?}"
+        ),
+    }
+}
+
+pub(super) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Locks `mutex`, also after a panic elsewhere (the data is plain bookkeeping, valid between
+/// any two statements).
+pub(super) fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
