@@ -95,21 +95,19 @@ pub struct WorkerArgs {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Args)]
 #[command(next_help_heading = "GPU")]
 pub struct GpuArgs {
-    /// Replay decode steps as CUDA graphs, one launch per step instead of one per kernel
-    /// (default: true; TANDEM_CUDA_GRAPHS=0 turns them off).
+    /// Replay decode steps as CUDA graphs (default: true, unless TANDEM_CUDA_GRAPHS=0).
     #[arg(long, value_name = "BOOL")]
     pub cuda_graphs: Option<bool>,
-    /// Sample on the device from per-row summaries, copying only those to the host; false
-    /// copies every logits row and samples on the host, to compare the two paths (default:
-    /// true; TANDEM_DEVICE_SAMPLING=0 turns it off).
+    /// Sample from per-row summaries computed on the device; false copies every logits row to
+    /// the host, to compare the two paths (default: true, unless TANDEM_DEVICE_SAMPLING=0).
     #[arg(long, value_name = "BOOL")]
     pub device_sampling: Option<bool>,
-    /// Fewest keys per split when decode attention is split over the context, for tuning
-    /// (default: 16 KiB of one KV head's K/V; TANDEM_ATTN_SPLIT_KEYS).
+    /// Fewest keys per split of a decode attention split over the context, for tuning
+    /// (default: TANDEM_ATTN_SPLIT_KEYS, else 16 KiB of one KV head's K/V).
     #[arg(long, value_name = "N", value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub attn_split_keys: Option<usize>,
-    /// MiB of the next projection's weight read into L2 by the ops before it; 0 turns the
-    /// prefetch off (default: a sixth of the device's L2; TANDEM_L2_PREFETCH_MB).
+    /// MiB of the next projection's weight read into L2 ahead of it; 0: none (default:
+    /// TANDEM_L2_PREFETCH_MB, else a sixth of the device's L2).
     #[arg(long, value_name = "MIB")]
     pub l2_prefetch_mb: Option<usize>,
 }
