@@ -299,7 +299,7 @@ mod tests {
     }
 
     #[test]
-    fn the_defaults_are_clap_s() {
+    fn default_is_what_clap_parses_from_no_flags() {
         let mut parsed = parse(&[]);
         // The flags that read the environment: whatever it holds here is not a default.
         parsed.model = None;
