@@ -2,6 +2,10 @@
 //! exact processes and arguments (`worker` per instance, one `api-server`) before anything
 //! runs. Pure, so the mapping from config keys to processes is tested without processes.
 //!
+//! The children's arguments are the structs their binaries parse ([`WorkerArgs`],
+//! [`ApiServerArgs`], in the `tandem-cli` crate), filled here and rendered by their `to_args`:
+//! a flag renamed there is renamed here.
+//!
 //! The worker roles come from [`group_role`], the one place that maps config groups to
 //! `worker --role` values (context → `context`; generation → `decode`, or `both` when there
 //! are no context workers).
@@ -11,14 +15,15 @@
 //! starting only the generation group of a config with context workers starts `decode`
 //! workers.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::bail;
 
+use tandem_cli::args::{ApiServerArgs, WorkerArgs};
 use tandem_protocol::config::{
     CacheTransceiverConfig, DeploymentConfig, RouterPolicy, ServerGroupConfig,
 };
+use tandem_protocol::messages::WorkerRole;
 
 /// The two worker groups of a deployment config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,30 +34,12 @@ pub enum Group {
     Generation,
 }
 
-/// `worker --role` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Both,
-    Context,
-    Decode,
-}
-
-impl Role {
-    /// The launcher-side name of instance `i` (`worker-0` for aggregated workers).
-    fn instance_name(self, i: usize) -> String {
-        match self {
-            Role::Both => format!("worker-{i}"),
-            Role::Context => format!("context-{i}"),
-            Role::Decode => format!("decode-{i}"),
-        }
-    }
-
-    pub fn flag(self) -> &'static str {
-        match self {
-            Role::Both => "both",
-            Role::Context => "context",
-            Role::Decode => "decode",
-        }
+/// The launcher-side name of instance `i` of a role (`worker-0` for aggregated workers).
+fn instance_name(role: WorkerRole, i: usize) -> String {
+    match role {
+        WorkerRole::Both => format!("worker-{i}"),
+        WorkerRole::Context => format!("context-{i}"),
+        WorkerRole::Decode => format!("decode-{i}"),
     }
 }
 
@@ -61,11 +48,11 @@ impl Role {
 /// Context workers prefill and hand the KV cache over; generation workers then decode
 /// (`decode` workers also prefill locally when no context worker takes a job, or a pull
 /// fails). With no context workers, generation workers do both in one process.
-pub fn group_role(group: Group, context_instances: usize) -> Role {
+pub fn group_role(group: Group, context_instances: usize) -> WorkerRole {
     match group {
-        Group::Context => Role::Context,
-        Group::Generation if context_instances == 0 => Role::Both,
-        Group::Generation => Role::Decode,
+        Group::Context => WorkerRole::Context,
+        Group::Generation if context_instances == 0 => WorkerRole::Both,
+        Group::Generation => WorkerRole::Decode,
     }
 }
 
@@ -142,10 +129,21 @@ impl Parts {
 pub struct WorkerSpec {
     /// Launcher-side name (`worker-0`), the prefix of its output lines.
     pub name: String,
-    pub role: Role,
-    pub device: String,
-    /// Flags beyond role, model, NATS, device and name (scheduler and cache limits).
-    pub extra_args: Vec<String>,
+    /// Its flags, all but `--nats`: the NATS URL is known once NATS runs
+    /// ([`Plan::worker_args`]).
+    pub args: WorkerArgs,
+}
+
+impl WorkerSpec {
+    pub fn role(&self) -> WorkerRole {
+        self.args
+            .role
+            .expect("the plan gives every worker its role")
+    }
+
+    pub fn device(&self) -> &str {
+        &self.args.device
+    }
 }
 
 /// Everything `tandem serve` starts, resolved.
@@ -202,6 +200,13 @@ pub fn plan(
         warnings.push(format!("config key `{key}` is not used by tandem; ignored"));
     }
 
+    let served_name = overrides
+        .served_model_name
+        .clone()
+        .or_else(|| config.served_model_name.clone())
+        .or_else(|| model_name.map(str::to_string))
+        .unwrap_or_else(|| tandem_protocol::subjects::default_served_name(&model));
+
     let context_instances = config.context_servers.instances();
     let mut workers = Vec::new();
     let parts = overrides.parts;
@@ -223,32 +228,32 @@ pub fn plan(
             continue;
         }
         let role = group_role(group, context_instances);
+        let args = group_args(role, group_config, config.transceiver_for(group_config));
         for i in 0..instances {
             workers.push(WorkerSpec {
-                name: role.instance_name(i),
-                role,
-                device: group_config.device_of(i).to_string(),
-                extra_args: group_args(role, group_config, config.transceiver_for(group_config)),
+                name: instance_name(role, i),
+                args: WorkerArgs {
+                    model: Some(model.clone()),
+                    served_model_name: Some(served_name.clone()),
+                    device: group_config.device_of(i).to_string(),
+                    ..args.clone()
+                },
             });
         }
     }
 
     // CPU workers on one host share its cores rather than each taking all of them.
-    let cpu_workers = workers.iter().filter(|w| w.device == "cpu").count();
+    let cpu_workers = workers.iter().filter(|w| w.device() == "cpu").count();
     if cpu_workers > 1 {
         let threads = (cores / cpu_workers).max(1);
-        for worker in workers.iter_mut().filter(|w| w.device == "cpu") {
-            worker
-                .extra_args
-                .extend(["--threads".into(), threads.to_string()]);
+        for worker in workers.iter_mut().filter(|w| w.device() == "cpu") {
+            worker.args.threads = threads;
         }
     }
     // Heartbeats well inside the api-server's timeout, so one late beat never drops a worker.
     let heartbeat_ms = (config.router.worker_timeout_ms / 3).clamp(50, 1000);
     for worker in &mut workers {
-        worker
-            .extra_args
-            .extend(["--heartbeat-ms".into(), heartbeat_ms.to_string()]);
+        worker.args.heartbeat_ms = heartbeat_ms;
     }
 
     let external_nats = overrides.nats.clone().or_else(|| config.nats.url.clone());
@@ -268,12 +273,6 @@ pub fn plan(
         }
     }
 
-    let served_name = overrides
-        .served_model_name
-        .clone()
-        .or_else(|| config.served_model_name.clone())
-        .or_else(|| model_name.map(str::to_string))
-        .unwrap_or_else(|| tandem_protocol::subjects::default_served_name(&model));
     Ok(Plan {
         model,
         served_name,
@@ -292,98 +291,72 @@ pub fn plan(
     })
 }
 
-/// Worker flags for a group's scheduler, KV cache and (context workers) KV transfer keys.
+/// The flags of a group's workers: their role, and the group's scheduler, KV cache, GPU and
+/// (context and decode workers) KV transfer keys; the rest at the worker's defaults.
 fn group_args(
-    role: Role,
+    role: WorkerRole,
     group: &ServerGroupConfig,
     transceiver: &CacheTransceiverConfig,
-) -> Vec<String> {
-    let mut args = Vec::new();
-    let to_u64 = |n: Option<usize>| n.map(|n| n as u64);
-    let mut flags = vec![
-        (
-            "--kv-cache-tokens",
-            to_u64(group.kv_cache_config.max_tokens),
-        ),
-        ("--block-size", to_u64(group.kv_cache_config.block_size)),
-        ("--max-num-seqs", to_u64(group.max_batch_size)),
-        ("--max-num-batched-tokens", to_u64(group.max_num_tokens)),
-    ];
-    // A float, unlike the others; the worker uses it on a GPU only.
-    if let Some(fraction) = group.kv_cache_config.free_gpu_memory_fraction {
-        args.extend(["--gpu-memory-fraction".to_string(), fraction.to_string()]);
-    }
+) -> WorkerArgs {
+    let defaults = WorkerArgs::default();
+    let mut args = WorkerArgs {
+        role: Some(role),
+        kv_cache_tokens: group.kv_cache_config.max_tokens,
+        block_size: group
+            .kv_cache_config
+            .block_size
+            .unwrap_or(defaults.block_size),
+        max_num_seqs: group.max_batch_size.unwrap_or(defaults.max_num_seqs),
+        max_num_batched_tokens: group
+            .max_num_tokens
+            .unwrap_or(defaults.max_num_batched_tokens),
+        // The worker uses it on a GPU only.
+        gpu_memory_fraction: group
+            .kv_cache_config
+            .free_gpu_memory_fraction
+            .unwrap_or(defaults.gpu_memory_fraction),
+        ..defaults
+    };
+    args.gpu.cuda_graphs = group.cuda_graphs;
     // Context and decode workers move K/V through their transfer pools (host memory for
     // UCX, device memory for CUDA IPC on GPU workers).
-    if role != Role::Both {
-        flags.extend([
-            (
-                "--kv-transfer-pool-mb",
-                to_u64(transceiver.transfer_pool_mb),
-            ),
-            ("--cuda-ipc-pool-mb", to_u64(transceiver.cuda_ipc_pool_mb)),
-        ]);
+    if role != WorkerRole::Both {
+        args.kv_transfer_pool_mb = transceiver.transfer_pool_mb;
+        args.cuda_ipc_pool_mb = transceiver.cuda_ipc_pool_mb;
     }
     // Only a context worker holds K/V for others to pull.
-    if role == Role::Context {
-        flags.extend([
-            (
-                "--max-tokens-in-buffer",
-                to_u64(transceiver.max_tokens_in_buffer),
-            ),
-            (
-                "--kv-transfer-timeout-ms",
-                transceiver.kv_transfer_timeout_ms,
-            ),
-        ]);
-    }
-    for (flag, value) in flags {
-        if let Some(value) = value {
-            args.extend([flag.to_string(), value.to_string()]);
+    if role == WorkerRole::Context {
+        if let Some(tokens) = transceiver.max_tokens_in_buffer {
+            args.max_tokens_in_buffer = tokens;
+        }
+        if let Some(ms) = transceiver.kv_transfer_timeout_ms {
+            args.kv_transfer_timeout_ms = ms;
         }
     }
     args
 }
 
 impl Plan {
-    /// `worker` arguments for one instance.
-    pub fn worker_args(&self, worker: &WorkerSpec, nats_url: &str) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec!["--role".into(), worker.role.flag().into()];
-        args.push("--model".into());
-        args.push(self.model.clone().into());
-        for (flag, value) in [
-            ("--nats", nats_url),
-            ("--device", &worker.device),
-            ("--served-model-name", &self.served_name),
-        ] {
-            args.extend([flag.into(), value.into()]);
+    /// `worker` arguments for one instance, joining NATS at `nats_url`.
+    pub fn worker_args(&self, worker: &WorkerSpec, nats_url: &str) -> WorkerArgs {
+        WorkerArgs {
+            nats: nats_url.to_string(),
+            ..worker.args.clone()
         }
-        args.extend(worker.extra_args.iter().map(OsString::from));
-        args
     }
 
-    /// `api-server` arguments.
-    pub fn api_server_args(&self, nats_url: &str) -> Vec<OsString> {
-        let policy = match self.router_policy {
-            RouterPolicy::RoundRobin => "round-robin",
-            RouterPolicy::LeastLoaded => "least-loaded",
-        };
-        let mut args: Vec<OsString> = vec!["--model".into(), self.model.clone().into()];
-        for (flag, value) in [
-            ("--served-model-name", self.served_name.clone()),
-            ("--host", self.host.clone()),
-            ("--port", self.port.to_string()),
-            ("--nats", nats_url.to_string()),
-            ("--router-policy", policy.to_string()),
-            ("--worker-timeout-ms", self.worker_timeout_ms.to_string()),
-            (
-                "--max-local-prefill-length",
-                self.max_local_prefill_length.to_string(),
-            ),
-        ] {
-            args.extend([flag.into(), value.into()]);
+    /// `api-server` arguments, joining NATS at `nats_url`.
+    pub fn api_server_args(&self, nats_url: &str) -> ApiServerArgs {
+        ApiServerArgs {
+            served_model_name: Some(self.served_name.clone()),
+            host: self.host.clone(),
+            port: self.port,
+            nats: nats_url.to_string(),
+            router_policy: self.router_policy,
+            worker_timeout_ms: self.worker_timeout_ms,
+            max_local_prefill_length: self.max_local_prefill_length,
+            ..ApiServerArgs::new(self.model.clone())
         }
-        args
     }
 
     /// Workers to wait for: (context, generation) — generation being `both` or `decode`.
@@ -391,7 +364,7 @@ impl Plan {
         let context = self
             .workers
             .iter()
-            .filter(|w| w.role == Role::Context)
+            .filter(|w| w.role() == WorkerRole::Context)
             .count();
         (context, self.workers.len() - context)
     }
@@ -438,6 +411,7 @@ mod tests {
 
     fn args_of(plan: &Plan, worker: usize) -> Vec<String> {
         plan.worker_args(&plan.workers[worker], "nats://n:1")
+            .to_args()
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect()
@@ -449,13 +423,16 @@ mod tests {
         let roles: Vec<_> = plan
             .workers
             .iter()
-            .map(|w| (w.name.as_str(), w.role))
+            .map(|w| (w.name.as_str(), w.role()))
             .collect();
         assert_eq!(
             roles,
-            [("context-0", Role::Context), ("decode-0", Role::Decode)]
+            [
+                ("context-0", WorkerRole::Context),
+                ("decode-0", WorkerRole::Decode)
+            ]
         );
-        assert!(plan.workers.iter().all(|w| w.device == "cpu"));
+        assert!(plan.workers.iter().all(|w| w.device() == "cpu"));
         assert_eq!(plan.served_name, "smol");
         assert_eq!(plan.port, 8000);
         assert_eq!(plan.external_nats, None);
@@ -485,6 +462,7 @@ mod tests {
         assert_eq!(plan.describe_workers(), "1 context + 1 decode workers");
         let api: Vec<String> = plan
             .api_server_args("nats://n:1")
+            .to_args()
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -517,17 +495,17 @@ mod tests {
         )
         .unwrap();
         let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 4).unwrap();
-        let workers: Vec<(&str, Role, &str)> = plan
+        let workers: Vec<(&str, WorkerRole, &str)> = plan
             .workers
             .iter()
-            .map(|w| (w.name.as_str(), w.role, w.device.as_str()))
+            .map(|w| (w.name.as_str(), w.role(), w.device()))
             .collect();
         assert_eq!(
             workers,
             [
-                ("context-0", Role::Context, "cuda:0"),
-                ("context-1", Role::Context, "cuda:0"),
-                ("decode-0", Role::Decode, "cpu"),
+                ("context-0", WorkerRole::Context, "cuda:0"),
+                ("context-1", WorkerRole::Context, "cuda:0"),
+                ("decode-0", WorkerRole::Decode, "cpu"),
             ]
         );
         assert_eq!(plan.expected_workers(), (2, 1));
@@ -537,8 +515,8 @@ mod tests {
         let config = DeploymentConfig::parse("{}", "c.yaml").unwrap();
         let plan =
             super::plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 4).unwrap();
-        let roles: Vec<Role> = plan.workers.iter().map(|w| w.role).collect();
-        assert_eq!(roles, [Role::Context, Role::Decode]);
+        let roles: Vec<WorkerRole> = plan.workers.iter().map(|w| w.role()).collect();
+        assert_eq!(roles, [WorkerRole::Context, WorkerRole::Decode]);
     }
 
     #[test]
@@ -559,7 +537,7 @@ generation_servers:
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
         let names: Vec<&str> = plan.workers.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(names, ["worker-0", "worker-1", "worker-2"]);
-        assert_eq!(plan.workers[2].device, "cuda:1");
+        assert_eq!(plan.workers[2].device(), "cuda:1");
         let args = args_of(&plan, 0).join(" ");
         for expected in [
             "--served-model-name llama",
@@ -573,9 +551,11 @@ generation_servers:
         ] {
             assert!(args.contains(expected), "{expected}: {args}");
         }
-        assert!(!args_of(&plan, 2).join(" ").contains("--threads"));
+        // The GPU worker keeps the worker's default thread count.
+        assert_eq!(plan.workers[2].args.threads, WorkerArgs::default().threads);
         let api: Vec<String> = plan
             .api_server_args("nats://n:1")
+            .to_args()
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -592,16 +572,33 @@ context_servers: { cache_transceiver_config: { max_tokens_in_buffer: 2048 } }
 "#;
         let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
         let own = config.transceiver_for(&config.context_servers);
-        let args = group_args(Role::Context, &config.context_servers, own).join(" ");
+        let role = |role| WorkerArgs {
+            role: Some(role),
+            ..WorkerArgs::default()
+        };
+        let args = group_args(WorkerRole::Context, &config.context_servers, own);
         // A group's own transceiver block replaces the top-level one as a whole.
-        assert_eq!(args, "--max-tokens-in-buffer 2048");
-        let top = config.transceiver_for(&config.generation_servers);
-        let args = group_args(Role::Context, &config.generation_servers, top).join(" ");
         assert_eq!(
             args,
-            "--max-tokens-in-buffer 4096 --kv-transfer-timeout-ms 9000"
+            WorkerArgs {
+                max_tokens_in_buffer: 2048,
+                ..role(WorkerRole::Context)
+            }
         );
-        assert!(group_args(Role::Both, &config.generation_servers, top).is_empty());
+        let top = config.transceiver_for(&config.generation_servers);
+        let args = group_args(WorkerRole::Context, &config.generation_servers, top);
+        assert_eq!(
+            args,
+            WorkerArgs {
+                max_tokens_in_buffer: 4096,
+                kv_transfer_timeout_ms: 9000,
+                ..role(WorkerRole::Context)
+            }
+        );
+        assert_eq!(
+            group_args(WorkerRole::Both, &config.generation_servers, top),
+            role(WorkerRole::Both)
+        );
     }
 
     #[test]
@@ -610,16 +607,28 @@ context_servers: { cache_transceiver_config: { max_tokens_in_buffer: 2048 } }
                     max_tokens_in_buffer: 64 }";
         let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
         let transceiver = config.transceiver_for(&config.generation_servers);
-        let args = |role| group_args(role, &config.generation_servers, transceiver).join(" ");
+        let args = |role| group_args(role, &config.generation_servers, transceiver);
+        let pools = |role| WorkerArgs {
+            role: Some(role),
+            kv_transfer_pool_mb: Some(256),
+            cuda_ipc_pool_mb: Some(512),
+            ..WorkerArgs::default()
+        };
         assert_eq!(
-            args(Role::Context),
-            "--kv-transfer-pool-mb 256 --cuda-ipc-pool-mb 512 --max-tokens-in-buffer 64"
+            args(WorkerRole::Context),
+            WorkerArgs {
+                max_tokens_in_buffer: 64,
+                ..pools(WorkerRole::Context)
+            }
         );
+        assert_eq!(args(WorkerRole::Decode), pools(WorkerRole::Decode));
         assert_eq!(
-            args(Role::Decode),
-            "--kv-transfer-pool-mb 256 --cuda-ipc-pool-mb 512"
+            args(WorkerRole::Both),
+            WorkerArgs {
+                role: Some(WorkerRole::Both),
+                ..WorkerArgs::default()
+            }
         );
-        assert_eq!(args(Role::Both), "");
     }
 
     #[test]
@@ -668,6 +677,67 @@ generation_servers: { device: "cuda:0", kv_cache_config: { free_gpu_memory_fract
                 .join(" ")
                 .contains("--gpu-memory-fraction 0.55")
         );
+    }
+
+    #[test]
+    fn the_cuda_graphs_key_goes_to_the_groups_workers() {
+        let yaml = r#"
+context_servers: { device: "cuda:0", cuda_graphs: false }
+generation_servers: { device: "cuda:1" }
+"#;
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 2).unwrap();
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        assert_eq!(plan.workers[0].args.gpu.cuda_graphs, Some(false));
+        assert!(args_of(&plan, 0).join(" ").ends_with("--cuda-graphs false"));
+        // Absent: no flag, so the worker's default (or TANDEM_CUDA_GRAPHS) applies.
+        assert_eq!(plan.workers[1].args.gpu.cuda_graphs, None);
+        assert!(!args_of(&plan, 1).join(" ").contains("--cuda-graphs"));
+    }
+
+    #[test]
+    fn the_launchers_arguments_parse_back_in_the_binaries() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Worker {
+            #[command(flatten)]
+            args: WorkerArgs,
+        }
+        #[derive(Parser)]
+        struct ApiServer {
+            #[command(flatten)]
+            args: ApiServerArgs,
+        }
+        let yaml = r#"
+router: { policy: round_robin, worker_timeout_ms: 1500, max_local_prefill_length: 16 }
+cache_transceiver_config: { max_tokens_in_buffer: 4096, transfer_pool_mb: 64 }
+context_servers: { num_instances: 2, device: ["cuda:0", "cuda:1"], cuda_graphs: false }
+generation_servers:
+  num_instances: 2
+  max_batch_size: 8
+  kv_cache_config: { max_tokens: 4096, block_size: 32, free_gpu_memory_fraction: 0.5 }
+"#;
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 8).unwrap();
+        for worker in &plan.workers {
+            let args = plan.worker_args(worker, "nats://n:1");
+            let argv = std::iter::once("worker".into()).chain(args.to_args());
+            let parsed = Worker::try_parse_from(argv).unwrap().args;
+            assert_eq!(parsed, args, "{}", worker.name);
+        }
+        let args = plan.api_server_args("nats://n:1");
+        let argv = std::iter::once("api-server".into()).chain(args.to_args());
+        let parsed = ApiServer::try_parse_from(argv).unwrap().args;
+        // The timeouts the launcher leaves out come from the environment, if it sets them.
+        let parsed = ApiServerArgs {
+            request_timeout_ms: args.request_timeout_ms,
+            accept_timeout_ms: args.accept_timeout_ms,
+            first_token_timeout_ms: args.first_token_timeout_ms,
+            stall_timeout_ms: args.stall_timeout_ms,
+            http_workers: args.http_workers,
+            ..parsed
+        };
+        assert_eq!(parsed, args);
     }
 
     fn only(parts: &[Part], nats: Option<&str>) -> Overrides {
@@ -778,6 +848,6 @@ generation_servers: { device: "cuda:0", kv_cache_config: { free_gpu_memory_fract
         .unwrap();
         assert_eq!(plan.external_nats.as_deref(), Some("nats://h:4222"));
         assert_eq!(plan.workers.len(), 1);
-        assert_eq!(plan.workers[0].role, Role::Both);
+        assert_eq!(plan.workers[0].role(), WorkerRole::Both);
     }
 }

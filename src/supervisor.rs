@@ -27,7 +27,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::child::{Child, Echo, describe};
 use crate::health::{self, Probe};
 use crate::nats;
-use crate::plan::{Plan, Role};
+use crate::plan::Plan;
 
 /// The programs to start.
 #[derive(Debug, Clone)]
@@ -132,19 +132,19 @@ async fn start_and_supervise(
         let child = Child::spawn(
             &spec.name,
             &programs.worker,
-            &plan.worker_args(spec, &nats_url),
+            &plan.worker_args(spec, &nats_url).to_args(),
             Echo::All,
         )?;
         tracing::info!(
             "started {} (pid {}): role {} on {}",
             spec.name,
             child.pid(),
-            spec.role.flag(),
-            spec.device
+            spec.role(),
+            spec.device()
         );
         deployment.workers.push(Worker {
             child,
-            generates: spec.role != Role::Context,
+            generates: spec.role().generates(),
             reported: false,
         });
     }
@@ -154,7 +154,7 @@ async fn start_and_supervise(
     let api_server = Child::spawn(
         "api-server",
         &programs.api_server,
-        &plan.api_server_args(&nats_url),
+        &plan.api_server_args(&nats_url).to_args(),
         Echo::All,
     )?;
     tracing::info!(

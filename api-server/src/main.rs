@@ -4,13 +4,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use api_server::config::ServerConfig;
+use api_server::config::{Cli, ServerConfig};
 use clap::Parser;
 
 #[actix_web::main]
 async fn main() -> ExitCode {
     tandem_cli::init_logging("info");
-    let config = ServerConfig::parse();
+    let config = Cli::parse().config;
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

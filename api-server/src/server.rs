@@ -96,7 +96,7 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
     let worker_timeout = Duration::from_millis(config.worker_timeout_ms);
     let registry = Arc::new(WorkerRegistry::new(
         RouterSettings {
-            policy: config.router_policy.into(),
+            policy: config.router_policy,
             worker_timeout,
             max_local_prefill_length: config.max_local_prefill_length,
         },

@@ -1,7 +1,14 @@
-//! What every tandem binary does the same way at its edge: set up logging and report a fatal
-//! error on one line.
+//! What every tandem binary does the same way at its edge: parse its command line, set up
+//! logging and report a fatal error on one line.
 //!
-//! Kept out of the library crates on purpose: they return typed errors and never print.
+//! - [`args`]: the flags of `worker` and `api-server`, which the binaries parse and the
+//!   launcher (`tandem serve`) fills and renders into their argument lists.
+//!
+//! Kept out of the library crates on purpose: they return typed errors and never print. Light
+//! on purpose too (clap, the protocol crate, tracing-subscriber): the launcher depends on it
+//! without pulling in the workers' CUDA and UCX or the api-server's HTTP stack.
+
+pub mod args;
 
 use std::error::Error;
 use std::io::IsTerminal;

@@ -40,6 +40,11 @@ pub enum RouterPolicy {
     LeastLoaded,
 }
 
+impl RouterPolicy {
+    /// Every policy, in declaration order.
+    pub const ALL: [RouterPolicy; 2] = [RouterPolicy::RoundRobin, RouterPolicy::LeastLoaded];
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RouterConfig {
@@ -118,6 +123,9 @@ pub struct ServerGroupConfig {
     pub max_num_tokens: Option<usize>,
     pub kv_cache_config: KvCacheConfig,
     pub cache_transceiver_config: Option<CacheTransceiverConfig>,
+    /// (tandem) GPU workers: replay decode steps as CUDA graphs (absent: the worker's default,
+    /// on unless `TANDEM_CUDA_GRAPHS=0`).
+    pub cuda_graphs: Option<bool>,
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
 }
@@ -415,6 +423,22 @@ generation_servers: { num_instances: 1, device: "cuda:2" }
         assert_eq!(config.router.policy, RouterPolicy::RoundRobin);
         assert_eq!(config.context_servers.device_of(1), "cuda:1");
         assert_eq!(config.generation_servers.device_of(0), "cuda:2");
+    }
+
+    #[test]
+    fn cuda_graphs_is_a_group_key() {
+        let yaml = "generation_servers: { device: \"cuda:0\", cuda_graphs: false }";
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        assert_eq!(config.generation_servers.cuda_graphs, Some(false));
+        assert_eq!(config.context_servers.cuda_graphs, None);
+        assert!(
+            config.ignored_keys().is_empty(),
+            "{:?}",
+            config.ignored_keys()
+        );
+        let err = DeploymentConfig::parse("context_servers: { cuda_graphs: sometimes }", "c.yaml")
+            .unwrap_err();
+        assert!(err.to_string().contains("c.yaml"), "{err}");
     }
 
     #[test]

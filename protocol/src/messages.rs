@@ -71,12 +71,45 @@ pub enum WorkerRole {
 }
 
 impl WorkerRole {
+    /// Every role, in declaration order.
+    pub const ALL: [WorkerRole; 3] = [WorkerRole::Context, WorkerRole::Decode, WorkerRole::Both];
+
+    /// The role's name on the wire, in subjects and as `worker --role`.
     pub fn as_str(self) -> &'static str {
         match self {
             WorkerRole::Context => "context",
             WorkerRole::Decode => "decode",
             WorkerRole::Both => "both",
         }
+    }
+
+    /// Whether workers of this role take generation jobs (`decode` and `both`; `context`
+    /// workers only prefill).
+    pub fn generates(self) -> bool {
+        self != WorkerRole::Context
+    }
+}
+
+impl std::fmt::Display for WorkerRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not a [`WorkerRole`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown worker role `{0}`: expected context, decode or both")]
+pub struct UnknownWorkerRole(pub String);
+
+impl std::str::FromStr for WorkerRole {
+    type Err = UnknownWorkerRole;
+
+    /// The names [`WorkerRole::as_str`] gives (those of the wire format).
+    fn from_str(s: &str) -> Result<Self, UnknownWorkerRole> {
+        WorkerRole::ALL
+            .into_iter()
+            .find(|role| role.as_str() == s)
+            .ok_or_else(|| UnknownWorkerRole(s.to_owned()))
     }
 }
 
@@ -349,6 +382,26 @@ pub struct KvTransferStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_roles_are_named_as_on_the_wire() {
+        for role in WorkerRole::ALL {
+            let json = serde_json::to_string(&role).unwrap();
+            assert_eq!(json, format!("\"{role}\""));
+            assert_eq!(role.as_str().parse::<WorkerRole>(), Ok(role));
+        }
+        assert_eq!(
+            serde_json::to_string(&WorkerRole::ALL).unwrap(),
+            r#"["context","decode","both"]"#
+        );
+        let err = "prefill".parse::<WorkerRole>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown worker role `prefill`: expected context, decode or both"
+        );
+        assert!(!WorkerRole::Context.generates());
+        assert!(WorkerRole::Decode.generates() && WorkerRole::Both.generates());
+    }
 
     #[test]
     fn messages_round_trip_with_their_version() {

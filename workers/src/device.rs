@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use tandem_cli::args::GpuArgs;
 use tandem_model::ModelConfig;
 use thiserror::Error;
 
@@ -86,8 +87,14 @@ pub enum LoadedModel {
     Cuda(Box<Model<CudaBackend>>),
 }
 
-/// Loads the weights of `dir` onto `device` (`threads` matters for the CPU only).
-pub fn load_model(dir: &Path, device: Device, threads: usize) -> Result<LoadedModel, DeviceError> {
+/// Loads the weights of `dir` onto `device` (`threads` matters for the CPU only, `gpu` for a GPU
+/// only).
+pub fn load_model(
+    dir: &Path,
+    device: Device,
+    threads: usize,
+    gpu: &GpuArgs,
+) -> Result<LoadedModel, DeviceError> {
     let backend_err = |source| DeviceError::Backend { device, source };
     let model_err = |source| DeviceError::Model {
         path: dir.to_owned(),
@@ -105,7 +112,7 @@ pub fn load_model(dir: &Path, device: Device, threads: usize) -> Result<LoadedMo
                 .map_err(model_err)
         }
         Device::Cuda(ordinal) => {
-            let backend = CudaBackend::new(&CudaOptions { ordinal }).map_err(backend_err)?;
+            let backend = CudaBackend::new(&cuda_options(ordinal, gpu)).map_err(backend_err)?;
             // The GPU computes from bf16 weights and keeps a bf16 cache whatever the files hold.
             let options = ModelOptions {
                 kv_dtype: Some(KvDType::Bf16),
@@ -114,6 +121,25 @@ pub fn load_model(dir: &Path, device: Device, threads: usize) -> Result<LoadedMo
                 .map(|m| LoadedModel::Cuda(Box::new(m)))
                 .map_err(model_err)
         }
+    }
+}
+
+/// The settings of `cuda:{ordinal}`: a GPU flag that is given wins over its environment
+/// variable, which wins over the default.
+pub fn cuda_options(ordinal: usize, gpu: &GpuArgs) -> CudaOptions {
+    let GpuArgs {
+        cuda_graphs,
+        device_sampling,
+        attn_split_keys,
+        l2_prefetch_mb,
+    } = *gpu;
+    let from_env = CudaOptions::from_env(ordinal);
+    CudaOptions {
+        cuda_graphs: cuda_graphs.unwrap_or(from_env.cuda_graphs),
+        device_sampling: device_sampling.unwrap_or(from_env.device_sampling),
+        attn_split_keys: attn_split_keys.or(from_env.attn_split_keys),
+        l2_prefetch_mb: l2_prefetch_mb.or(from_env.l2_prefetch_mb),
+        ..from_env
     }
 }
 
@@ -251,11 +277,46 @@ mod tests {
         if crate::backend::cuda::driver_present() {
             return; // a GPU machine: covered by the GPU tests instead
         }
-        let err = load_model(Path::new("/nonexistent"), Device::Cuda(0), 1)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = load_model(
+            Path::new("/nonexistent"),
+            Device::Cuda(0),
+            1,
+            &GpuArgs::default(),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         assert!(err.contains("libcuda.so cannot be loaded"), "{err}");
         assert!(err.contains("--device cpu"), "{err}");
+    }
+
+    #[test]
+    fn gpu_flags_win_over_the_environment() {
+        let flags = GpuArgs {
+            cuda_graphs: Some(false),
+            device_sampling: Some(false),
+            attn_split_keys: Some(7),
+            l2_prefetch_mb: Some(3),
+        };
+        let options = cuda_options(1, &flags);
+        assert_eq!(
+            (
+                options.ordinal,
+                options.cuda_graphs,
+                options.device_sampling,
+                options.attn_split_keys,
+                options.l2_prefetch_mb
+            ),
+            (1, false, false, Some(7), Some(3))
+        );
+        // The settings without a flag come from the environment, as without flags at all.
+        assert_eq!(
+            options.kernel_defines,
+            CudaOptions::from_env(1).kernel_defines
+        );
+        assert_eq!(
+            cuda_options(1, &GpuArgs::default()),
+            CudaOptions::from_env(1)
+        );
     }
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use serde::Serialize;
+use tandem_cli::args::GpuArgs;
 use thiserror::Error;
 
 use crate::device::{DeviceError, StartedEngine, load_model};
@@ -60,6 +61,8 @@ pub struct GenerateArgs {
     /// CPU threads; 0 uses every core.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
 }
 
 /// What `--json` prints.
@@ -99,7 +102,7 @@ pub fn generate(
         text.prompt_ids(&args.prompt)
     }
     .map_err(GenerateError::Text)?;
-    let model = load_model(&args.model, args.device.parse()?, args.threads)?;
+    let model = load_model(&args.model, args.device.parse()?, args.threads, &args.gpu)?;
     let config = engine_config(
         prompt_ids.len(),
         args.max_tokens,

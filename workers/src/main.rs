@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tandem_workers::generate::{self, GenerateArgs};
-use tandem_workers::serve::{self, ServeArgs};
+use tandem_workers::serve::{self, WorkerArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,7 +31,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    serve: ServeArgs,
+    serve: WorkerArgs,
 }
 
 #[derive(Debug, Subcommand)]

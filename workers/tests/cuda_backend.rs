@@ -79,7 +79,7 @@ fn cuda_logits_and_greedy_tokens_match_the_cpu() {
     .unwrap();
     let gpu = Model::load(
         &dir,
-        CudaBackend::new(&CudaOptions::default()).unwrap(),
+        CudaBackend::new(&CudaOptions::from_env(0)).unwrap(),
         &options,
     )
     .unwrap();
@@ -156,7 +156,7 @@ fn a_missing_device_is_a_clear_error() {
     if no_gpu() {
         return;
     }
-    let err = CudaBackend::new(&CudaOptions { ordinal: 99 })
+    let err = CudaBackend::new(&CudaOptions::from_env(99))
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
@@ -200,7 +200,7 @@ fn sampling_summaries_on_the_device_equal_the_host_reference() {
     if no_gpu() {
         return;
     }
-    let backend = CudaBackend::new(&CudaOptions { ordinal: 0 }).unwrap();
+    let backend = CudaBackend::new(&CudaOptions::from_env(0)).unwrap();
     let vocab = 128_256;
     let rows = sampling_rows(vocab);
     let mut all_rows = Vec::new();
@@ -268,7 +268,7 @@ fn sampling_summaries_on_the_device_equal_the_host_reference() {
 
 /// The tiny model on the GPU with a bf16 KV cache (the layout of real transfers).
 fn tiny_bf16_kv_on_the_gpu() -> Model<CudaBackend> {
-    let gpu = CudaBackend::new(&CudaOptions::default()).unwrap();
+    let gpu = CudaBackend::new(&CudaOptions::from_env(0)).unwrap();
     let options = ModelOptions {
         kv_dtype: Some(KvDType::Bf16),
     };

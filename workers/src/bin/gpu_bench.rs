@@ -195,7 +195,11 @@ fn check(
         })?,
         &options,
     )?;
-    let gpu = Model::load(dir, CudaBackend::new(&CudaOptions { ordinal })?, &options)?;
+    let gpu = Model::load(
+        dir,
+        CudaBackend::new(&CudaOptions::from_env(ordinal))?,
+        &options,
+    )?;
     println!(
         "model {} ({} layers)",
         dir.display(),
@@ -744,7 +748,7 @@ fn bench(
     json: Option<PathBuf>,
 ) -> Result<()> {
     let config = ModelConfig::load(dir)?;
-    let backend = CudaBackend::new(&CudaOptions { ordinal })?;
+    let backend = CudaBackend::new(&CudaOptions::from_env(ordinal))?;
     let ceil = ceilings(&backend)?;
     println!(
         "ceilings: copy {:.2} TB/s (read + write), cuBLAS bf16 GEMM {:.0} TFLOP/s",

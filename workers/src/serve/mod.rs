@@ -19,10 +19,8 @@ mod roles;
 pub mod stream;
 mod worker;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Args, ValueEnum};
 use tandem_protocol::messages::WorkerRole;
 use thiserror::Error;
 
@@ -30,102 +28,11 @@ use crate::device::{Device, DeviceError, KvBudget, StartedEngine, load_model};
 use crate::engine::{EngineConfig, EngineError};
 use crate::model_dir::{ModelDirError, ModelText, check_model_dir};
 
+/// The flags of a worker serving on the bus (defined with the launcher's side of them).
+pub use tandem_cli::args::WorkerArgs;
+
 /// KV capacity of a CPU worker without --kv-cache-tokens.
 const DEFAULT_CPU_KV_TOKENS: usize = 16384;
-
-/// The role flag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RoleArg {
-    /// Prefill and decode in one process (aggregated serving).
-    Both,
-    /// Prefill only: answers prefill jobs with a KV handle for a decode worker.
-    Context,
-    /// Generation, pulling each prompt's KV cache from a context worker (or prefilling
-    /// locally when there is none, or the pull fails).
-    Decode,
-}
-
-impl RoleArg {
-    pub fn wire(self) -> WorkerRole {
-        match self {
-            RoleArg::Both => WorkerRole::Both,
-            RoleArg::Context => WorkerRole::Context,
-            RoleArg::Decode => WorkerRole::Decode,
-        }
-    }
-}
-
-/// Options of a worker serving on the bus.
-#[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
-    /// What this worker does: `both` prefills and decodes its own requests.
-    #[arg(long, value_enum, value_name = "ROLE")]
-    pub role: Option<RoleArg>,
-    /// Model directory (made by `model-prep`).
-    #[arg(long, env = "TANDEM_MODEL", value_name = "DIR")]
-    pub model: Option<PathBuf>,
-    /// NATS server to join.
-    #[arg(
-        long,
-        env = "TANDEM_NATS",
-        default_value = "nats://127.0.0.1:4222",
-        value_name = "URL"
-    )]
-    pub nats: String,
-    /// Device to run on: `cpu`, or `cuda:N` (the N-th NVIDIA GPU; needs the NVIDIA driver,
-    /// libnvrtc and libcublas, loaded at start).
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    pub device: String,
-    /// Name the model is served under; must equal the api-server's (default for both: the
-    /// model directory's name).
-    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME", value_name = "NAME")]
-    pub served_model_name: Option<String>,
-    /// This worker's id on the bus (default: role, host name and process id).
-    #[arg(long, value_name = "ID")]
-    pub worker_id: Option<String>,
-    /// CPU threads for the model; 0 uses every core.
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub threads: usize,
-    /// KV cache capacity in tokens, over all sequences. Default: 16384 on the CPU; on a GPU,
-    /// what --gpu-memory-fraction of the memory left after loading the model holds.
-    #[arg(long, value_name = "N")]
-    pub kv_cache_tokens: Option<usize>,
-    /// GPU only, without --kv-cache-tokens: the fraction of the device memory free after
-    /// loading the model that the KV cache takes (the rest is for activations), in (0, 1].
-    #[arg(long, default_value_t = 0.9, value_name = "F")]
-    pub gpu_memory_fraction: f64,
-    /// Tokens per KV block.
-    #[arg(long, default_value_t = 16, value_name = "N")]
-    pub block_size: usize,
-    /// Sequences in one batch at most.
-    #[arg(long, default_value_t = 64, value_name = "N")]
-    pub max_num_seqs: usize,
-    /// Tokens in one forward pass at most (decode tokens plus prefill chunks).
-    #[arg(long, default_value_t = 512, value_name = "N")]
-    pub max_num_batched_tokens: usize,
-    /// Interval between heartbeats; keep it well under the api-server's --worker-timeout-ms.
-    #[arg(long, default_value_t = 1000, value_name = "MS")]
-    pub heartbeat_ms: u64,
-    /// Context role: prompt tokens whose K/V may wait for decode workers at once; prefill
-    /// jobs beyond it wait for releases (TensorRT-LLM's cache_transceiver max_tokens_in_buffer).
-    #[arg(long, default_value_t = 65536, value_name = "N")]
-    pub max_tokens_in_buffer: usize,
-    /// Context role: K/V not released by a decode worker within this time is freed.
-    #[arg(long, default_value_t = 30_000, value_name = "MS")]
-    pub kv_transfer_timeout_ms: u64,
-    /// Context and decode roles: MiB of host memory mapped once for KV transfers (registered
-    /// with UCX and, on a GPU, pinned for the copy engine): exports on a context worker, pull
-    /// destinations on a decode worker. A transfer that finds no room uses memory of its own.
-    /// Default: what --max-tokens-in-buffer tokens take, at most 1024 MiB. 0: no pool.
-    #[arg(long, value_name = "MIB")]
-    pub kv_transfer_pool_mb: Option<usize>,
-    /// GPU context and decode workers: MiB of device memory set aside (before the KV cache is
-    /// sized) for CUDA IPC transfers with GPU workers of the same host, which copy K/V device
-    /// to device instead of through host memory and UCX. Default: what --max-tokens-in-buffer
-    /// tokens take, at most 1024 MiB. 0: no CUDA IPC (every transfer goes through UCX).
-    #[arg(long, value_name = "MIB")]
-    pub cuda_ipc_pool_mb: Option<usize>,
-}
 
 /// Default ceiling of the transfer pool.
 const DEFAULT_TRANSFER_POOL_MAX_BYTES: usize = 1 << 30;
@@ -133,12 +40,12 @@ const DEFAULT_TRANSFER_POOL_MAX_BYTES: usize = 1 << 30;
 /// Bytes of the transfer pool: the flag's, or what `max_tokens_in_buffer` tokens take (whole
 /// blocks) up to [`DEFAULT_TRANSFER_POOL_MAX_BYTES`]. A `both` worker transfers nothing.
 fn transfer_pool_bytes(
-    role: RoleArg,
+    role: WorkerRole,
     flag_mib: Option<usize>,
     max_tokens_in_buffer: usize,
     layout: &crate::kv_cache::KvLayout,
 ) -> usize {
-    if role == RoleArg::Both {
+    if role == WorkerRole::Both {
         return 0;
     }
     match flag_mib {
@@ -174,7 +81,7 @@ pub enum ServeError {
 
 /// Loads the model, starts the engine and serves on the bus until SIGTERM/SIGINT and the
 /// drain that follows.
-pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
+pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
     let role = args.role.ok_or(ServeError::MissingRole)?;
     let model_dir = args.model.clone().ok_or(ServeError::MissingModel)?;
     let device: Device = args.device.parse()?;
@@ -199,7 +106,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
 
     let started = std::time::Instant::now();
     let text = ModelText::load(&model_dir)?;
-    let model = load_model(&model_dir, device, args.threads)?;
+    let model = load_model(&model_dir, device, args.threads, &args.gpu)?;
     let host_id = crate::transfer::host_id();
     // Before the KV cache takes its share of the free device memory.
     let cuda_ipc = match device {
@@ -277,7 +184,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         nats_url: args.nats.clone(),
         served_name,
         worker_id,
-        role: role.wire(),
+        role,
         device: args.device.clone(),
         total_kv_blocks: total_blocks,
         heartbeat: std::time::Duration::from_millis(args.heartbeat_ms.max(50)),
@@ -319,7 +226,7 @@ fn start_cuda_ipc(
 }
 
 /// `both-myhost-12345`: unique per process on a host, readable in logs and metrics.
-fn default_worker_id(role: RoleArg) -> String {
+fn default_worker_id(role: WorkerRole) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()
@@ -327,7 +234,7 @@ fn default_worker_id(role: RoleArg) -> String {
         .unwrap_or_else(|| "host".into());
     format!(
         "{}-{}-{}",
-        role.wire().as_str(),
+        role.as_str(),
         tandem_protocol::subjects::subject_token(&host),
         std::process::id()
     )
@@ -349,28 +256,28 @@ mod tests {
             dtype: KvDType::Bf16,
         };
         assert_eq!(
-            transfer_pool_bytes(RoleArg::Context, None, 1000, &smollm2),
+            transfer_pool_bytes(WorkerRole::Context, None, 1000, &smollm2),
             63 * 368_640,
             "1000 tokens are 63 whole blocks"
         );
         assert_eq!(
-            transfer_pool_bytes(RoleArg::Context, None, 65536, &smollm2),
+            transfer_pool_bytes(WorkerRole::Context, None, 65536, &smollm2),
             DEFAULT_TRANSFER_POOL_MAX_BYTES
         );
         assert_eq!(
-            transfer_pool_bytes(RoleArg::Context, Some(64), 65536, &smollm2),
+            transfer_pool_bytes(WorkerRole::Context, Some(64), 65536, &smollm2),
             64 << 20
         );
         assert_eq!(
-            transfer_pool_bytes(RoleArg::Context, Some(0), 65536, &smollm2),
+            transfer_pool_bytes(WorkerRole::Context, Some(0), 65536, &smollm2),
             0
         );
         assert_eq!(
-            transfer_pool_bytes(RoleArg::Decode, None, 1000, &smollm2),
+            transfer_pool_bytes(WorkerRole::Decode, None, 1000, &smollm2),
             63 * 368_640
         );
         assert_eq!(
-            transfer_pool_bytes(RoleArg::Both, Some(64), 65536, &smollm2),
+            transfer_pool_bytes(WorkerRole::Both, Some(64), 65536, &smollm2),
             0
         );
     }

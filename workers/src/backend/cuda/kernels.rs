@@ -8,7 +8,7 @@
 
 use std::ffi::CString;
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
@@ -99,14 +99,19 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// Compiles (or loads from the cache) the kernels for `ctx`'s device.
-    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, KernelError> {
+    /// Compiles (or loads from the cache under `cache_dir`) the kernels for `ctx`'s device,
+    /// with the extra `-D` definitions `defines` (see [`CudaOptions`](super::CudaOptions)).
+    pub fn load(
+        ctx: &Arc<CudaContext>,
+        defines: &[String],
+        cache_dir: Option<&Path>,
+    ) -> Result<Self, KernelError> {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| KernelError::Load(e.to_string()))?;
         let arch = format!("sm_{major}{minor}");
-        let (source, options) = program(&arch);
-        let cache_path = cache_file(&source, &options);
+        let (source, options) = program(&arch, defines);
+        let cache_path = cache_dir.map(|dir| cache_file(dir, &source, &options));
         let (cubin, origin) = match cache_path.as_ref().and_then(|p| std::fs::read(p).ok()) {
             Some(bytes) => (bytes, format!("cached {}", cache_path_display(&cache_path))),
             None => {
@@ -167,8 +172,9 @@ impl Kernels {
     }
 }
 
-/// The program NVRTC compiles for `arch`: every source file, and the options.
-fn program(arch: &str) -> (String, Vec<String>) {
+/// The program NVRTC compiles for `arch`: every source file, and the options (with a `-D` for
+/// each of `defines`).
+fn program(arch: &str, defines: &[String]) -> (String, Vec<String>) {
     let source: String = SOURCES
         .iter()
         .map(|(name, text)| format!("// ---- {name}\n{text}\n"))
@@ -178,16 +184,15 @@ fn program(arch: &str) -> (String, Vec<String>) {
         "--std=c++17".to_owned(),
         "-default-device".to_owned(),
     ];
-    // Tuning experiments: extra `-D NAME=VALUE` options (e.g. GEMV_UNROLL=8), space-separated.
-    if let Ok(defines) = std::env::var("TANDEM_KERNEL_DEFINES") {
-        options.extend(defines.split_whitespace().map(|d| format!("-D{d}")));
-    }
+    // Tuning experiments: extra `-D NAME=VALUE` options (e.g. GEMV_UNROLL=8).
+    options.extend(defines.iter().map(|d| format!("-D{d}")));
     (source, options)
 }
 
-/// Compiles the kernels for `arch` (e.g. `sm_90`) without a device: only `libnvrtc` is needed.
-pub fn compile_for(arch: &str) -> Result<Vec<u8>, KernelError> {
-    let (source, options) = program(arch);
+/// Compiles the kernels for `arch` (e.g. `sm_90`) with the extra `-D` definitions `defines`,
+/// without a device: only `libnvrtc` is needed.
+pub fn compile_for(arch: &str, defines: &[String]) -> Result<Vec<u8>, KernelError> {
+    let (source, options) = program(arch, defines);
     compile(&source, &options, arch)
 }
 
@@ -242,14 +247,8 @@ fn compile(source: &str, options: &[String], arch: &str) -> Result<Vec<u8>, Kern
     }
 }
 
-/// `<cache>/kernels/<hash of sources, options and NVRTC version>.cubin`, where `<cache>` is
-/// `TANDEM_CACHE_DIR`, else `$XDG_CACHE_HOME/tandem`, else `~/.cache/tandem`. `None` (compile
-/// every time) when there is no home directory.
-fn cache_file(source: &str, options: &[String]) -> Option<PathBuf> {
-    let dir = std::env::var_os("TANDEM_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("tandem")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tandem")))?;
+/// `<cache_dir>/kernels/<hash of sources, options and NVRTC version>.cubin`.
+fn cache_file(cache_dir: &Path, source: &str, options: &[String]) -> PathBuf {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: plain out-parameters.
     let _ = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
@@ -257,10 +256,9 @@ fn cache_file(source: &str, options: &[String]) -> Option<PathBuf> {
     source.hash(&mut hasher);
     options.hash(&mut hasher);
     (major, minor).hash(&mut hasher);
-    Some(
-        dir.join("kernels")
-            .join(format!("{:016x}.cubin", hasher.finish())),
-    )
+    cache_dir
+        .join("kernels")
+        .join(format!("{:016x}.cubin", hasher.finish()))
 }
 
 fn cache_path_display(path: &Option<PathBuf>) -> String {
@@ -294,7 +292,8 @@ mod tests {
             eprintln!("skipped: libnvrtc not found");
             return;
         }
-        let cubin = super::compile_for("sm_90").unwrap_or_else(|e| panic!("{e}"));
+        let defines = super::super::CudaOptions::from_env(0).kernel_defines;
+        let cubin = super::compile_for("sm_90", &defines).unwrap_or_else(|e| panic!("{e}"));
         assert!(cubin.starts_with(b"\x7fELF"), "a cubin is an ELF file");
     }
 }

@@ -33,6 +33,7 @@ mod batch;
 mod gemm;
 mod graph;
 pub mod kernels;
+mod options;
 mod prefetch;
 mod sample;
 mod staging;
@@ -48,6 +49,7 @@ use crate::backend::{
 use crate::kv_cache::{KvDType, KvLayout};
 
 pub use batch::CudaBatch;
+pub use options::CudaOptions;
 pub use tensor::{CudaKvCache, CudaTensor, CudaWeight};
 
 use crate::sampler::device::{RowRequest, RowSummary};
@@ -55,12 +57,6 @@ use gemm::Blas;
 use kernels::Kernels;
 use prefetch::{Prefetch, PrefetchArgs};
 use tensor::DeviceData;
-
-/// Which device.
-#[derive(Debug, Clone, Default)]
-pub struct CudaOptions {
-    pub ordinal: usize,
-}
 
 /// A device, its stream, cuBLAS handle and kernels.
 pub struct CudaBackend {
@@ -73,15 +69,15 @@ pub struct CudaBackend {
     /// Projections of at most this many rows use the GEMV kernel instead of cuBLAS.
     gemv_max_rows: std::sync::atomic::AtomicUsize,
     graphs: graph::DecodeGraphs,
-    /// Fewest keys per split of a decode attention split over the context, when set by
-    /// `TANDEM_ATTN_SPLIT_KEYS` (for tuning); see [`Self::attn_split_keys`].
+    /// Fewest keys per split of a decode attention split over the context, when set
+    /// ([`CudaOptions::attn_split_keys`], for tuning); see [`Self::attn_split_keys`].
     attn_split_keys: Option<usize>,
     /// Pinned host memory for KV blocks on their way to or from a transfer.
     kv_staging: staging::KvStaging,
     /// The next projection's weight, read into L2 by the ops before it ([`prefetch`]).
     prefetch: Prefetch,
-    /// Whether the engine samples from device summaries (`TANDEM_DEVICE_SAMPLING=0` turns it
-    /// off, copying every logits row to the host: to compare the two paths on one device).
+    /// Whether the engine samples from device summaries ([`CudaOptions::device_sampling`]; off
+    /// copies every logits row to the host: to compare the two paths on one device).
     device_sampling: bool,
 }
 
@@ -136,13 +132,14 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = dev!("cuda init", ctx.new_stream())?;
         let blas = Blas::new(stream.clone())?;
-        let kernels = Kernels::load(&ctx).map_err(|e| BackendError::Device {
-            op: "kernels",
-            detail: e.to_string(),
-        })?;
+        let kernels = Kernels::load(&ctx, &options.kernel_defines, options.cache_dir.as_deref())
+            .map_err(|e| BackendError::Device {
+                op: "kernels",
+                detail: e.to_string(),
+            })?;
         let name = dev!("cuda init", ctx.name())?;
         let graphs = graph::DecodeGraphs::default();
-        graphs.set_enabled(std::env::var("TANDEM_CUDA_GRAPHS").map_or(true, |v| v != "0"));
+        graphs.set_enabled(options.cuda_graphs);
         let multiprocessors = dev!(
             "cuda init",
             ctx.attribute(
@@ -155,7 +152,7 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE
             )
         )? as usize;
-        let prefetch = Prefetch::new(l2_bytes);
+        let prefetch = Prefetch::new(l2_bytes, options.l2_prefetch_mb);
         tracing::info!(
             device = %name,
             ordinal = options.ordinal,
@@ -172,13 +169,10 @@ impl CudaBackend {
             multiprocessors,
             gemv_max_rows: std::sync::atomic::AtomicUsize::new(DEFAULT_GEMV_MAX_ROWS),
             graphs,
-            attn_split_keys: std::env::var("TANDEM_ATTN_SPLIT_KEYS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&k| k > 0),
+            attn_split_keys: options.attn_split_keys,
             prefetch,
             kv_staging: staging::KvStaging::default(),
-            device_sampling: std::env::var("TANDEM_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
+            device_sampling: options.device_sampling,
         })
     }
 
@@ -191,8 +185,8 @@ impl CudaBackend {
         );
     }
 
-    /// Whether decode steps replay CUDA graphs (on by default; `TANDEM_CUDA_GRAPHS=0` turns them
-    /// off at start). For benchmarks and debugging.
+    /// Whether decode steps replay CUDA graphs (at start: [`CudaOptions::cuda_graphs`]). For
+    /// benchmarks and debugging.
     pub fn set_cuda_graphs(&self, enabled: bool) {
         self.graphs.set_enabled(enabled);
     }

@@ -36,15 +36,16 @@ impl PrefetchArgs {
 }
 
 impl Prefetch {
-    /// Reads ahead at most `TANDEM_L2_PREFETCH_MB` MiB of each weight when set, else a sixth
-    /// of the device's `l2_bytes`: about what the memory reads in the idle time of the ops in
-    /// between. Measured on an H100 (50 MB of L2; Llama-3.1-8B decode at batch 1): no
+    /// Reads ahead at most `max_mib` MiB of each weight when set
+    /// ([`CudaOptions::l2_prefetch_mb`](super::CudaOptions::l2_prefetch_mb); 0: none), else a
+    /// sixth of the device's `l2_bytes`: about what the memory reads in the idle time of the
+    /// ops in between. Measured on an H100 (50 MB of L2; Llama-3.1-8B decode at batch 1): no
     /// prefetch 6.32 ms, 4 MiB 6.20, 8 MiB 6.14-6.21, 12 MiB 6.24, 16 MiB 6.32, 32 MiB 6.44
     /// (more is worse: the prefetched lines start to evict each other and the projection's).
-    pub fn new(l2_bytes: usize) -> Self {
-        let max_bytes = match std::env::var("TANDEM_L2_PREFETCH_MB") {
-            Ok(mb) => mb.trim().parse::<usize>().unwrap_or(0) << 20,
-            Err(_) => l2_bytes / 6,
+    pub fn new(l2_bytes: usize, max_mib: Option<usize>) -> Self {
+        let max_bytes = match max_mib {
+            Some(mib) => mib << 20,
+            None => l2_bytes / 6,
         };
         Prefetch {
             max_bytes,

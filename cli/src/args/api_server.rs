@@ -1,0 +1,281 @@
+//! `api-server --model DIR --nats URL [--port P] ...`. Every flag also reads an environment
+//! variable, so containers can configure the server without building argument lists.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::Args;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use tandem_protocol::config::RouterPolicy;
+
+use super::Argv;
+
+const DEFAULT_HOST: &str = "127.0.0.1";
+const DEFAULT_PORT: u16 = 8000;
+const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
+const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 600_000;
+const DEFAULT_ACCEPT_TIMEOUT_MS: u64 = 2_000;
+const DEFAULT_FIRST_TOKEN_TIMEOUT_MS: u64 = 120_000;
+const DEFAULT_STALL_TIMEOUT_MS: u64 = 30_000;
+const DEFAULT_WORKER_TIMEOUT_MS: u64 = 3_000;
+const DEFAULT_MAX_LOCAL_PREFILL_LENGTH: usize = 0;
+const DEFAULT_HTTP_WORKERS: usize = 0;
+
+/// The api-server's settings.
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct ApiServerArgs {
+    /// Model directory (config.json, tokenizer.json, tokenizer_config.json).
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: PathBuf,
+    /// Name served in /v1/models and expected in requests; defaults to the directory name.
+    /// It also names the NATS subjects, so workers must be started with the same name.
+    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    #[arg(long, env = "TANDEM_HOST", default_value = DEFAULT_HOST)]
+    pub host: String,
+    #[arg(long, env = "TANDEM_PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    #[arg(long, env = "TANDEM_NATS", default_value = DEFAULT_NATS)]
+    pub nats: String,
+    /// Longest a request may take from arrival to its last token.
+    #[arg(long, env = "TANDEM_REQUEST_TIMEOUT_MS", default_value_t = DEFAULT_REQUEST_TIMEOUT_MS)]
+    pub request_timeout_ms: u64,
+    /// A worker must answer a job with `Accepted` within this time, else the client gets 503.
+    #[arg(long, env = "TANDEM_ACCEPT_TIMEOUT_MS", default_value_t = DEFAULT_ACCEPT_TIMEOUT_MS)]
+    pub accept_timeout_ms: u64,
+    /// Longest wait from `Accepted` to the first token (queueing plus prefill).
+    #[arg(
+        long,
+        env = "TANDEM_FIRST_TOKEN_TIMEOUT_MS",
+        default_value_t = DEFAULT_FIRST_TOKEN_TIMEOUT_MS
+    )]
+    pub first_token_timeout_ms: u64,
+    /// Longest silence between two stream messages once tokens flow.
+    #[arg(long, env = "TANDEM_STALL_TIMEOUT_MS", default_value_t = DEFAULT_STALL_TIMEOUT_MS)]
+    pub stall_timeout_ms: u64,
+    /// A worker whose last heartbeat is older than this is considered gone.
+    #[arg(long, env = "TANDEM_WORKER_TIMEOUT_MS", default_value_t = DEFAULT_WORKER_TIMEOUT_MS)]
+    pub worker_timeout_ms: u64,
+    #[arg(
+        long,
+        env = "TANDEM_ROUTER_POLICY",
+        default_value = router_policy_name(RouterPolicy::default()),
+        value_parser = router_policy_parser()
+    )]
+    pub router_policy: RouterPolicy,
+    /// Prompts with fewer tokens are prefilled by the generation worker itself, with no KV
+    /// transfer; longer ones go to a context worker when one is live. 0 (the default)
+    /// disaggregates every request it can. The config's `router.max_local_prefill_length`.
+    #[arg(
+        long,
+        env = "TANDEM_MAX_LOCAL_PREFILL_LENGTH",
+        default_value_t = DEFAULT_MAX_LOCAL_PREFILL_LENGTH
+    )]
+    pub max_local_prefill_length: usize,
+    /// HTTP worker threads (actix); 0 = one per core.
+    #[arg(long, env = "TANDEM_HTTP_WORKERS", default_value_t = DEFAULT_HTTP_WORKERS)]
+    pub http_workers: usize,
+}
+
+impl ApiServerArgs {
+    /// The defaults, serving the model in `model`: what `api-server --model DIR` runs with
+    /// when no environment variable sets anything.
+    pub fn new(model: PathBuf) -> Self {
+        ApiServerArgs {
+            model,
+            served_model_name: None,
+            host: DEFAULT_HOST.into(),
+            port: DEFAULT_PORT,
+            nats: DEFAULT_NATS.into(),
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            accept_timeout_ms: DEFAULT_ACCEPT_TIMEOUT_MS,
+            first_token_timeout_ms: DEFAULT_FIRST_TOKEN_TIMEOUT_MS,
+            stall_timeout_ms: DEFAULT_STALL_TIMEOUT_MS,
+            worker_timeout_ms: DEFAULT_WORKER_TIMEOUT_MS,
+            router_policy: RouterPolicy::default(),
+            max_local_prefill_length: DEFAULT_MAX_LOCAL_PREFILL_LENGTH,
+            http_workers: DEFAULT_HTTP_WORKERS,
+        }
+    }
+
+    /// The served name: the flag, else the model directory's last component.
+    pub fn served_name(&self) -> String {
+        self.served_model_name
+            .clone()
+            .unwrap_or_else(|| tandem_protocol::subjects::default_served_name(&self.model))
+    }
+
+    /// The arguments that make `api-server` parse back to `self`.
+    ///
+    /// The settings a deployment config sets (model, name, address, NATS, routing) are always
+    /// given. The timeouts a config has no key for and `--http-workers` are given only when
+    /// they differ from their defaults: left at them, their environment variables reach an
+    /// api-server started by `tandem serve` as they reach one started by hand.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut argv = Argv::default();
+        argv.push("--model", &self.model);
+        argv.push_some("--served-model-name", self.served_model_name.as_ref());
+        argv.push("--host", &self.host);
+        argv.push_display("--port", self.port);
+        argv.push("--nats", &self.nats);
+        for (flag, value, default) in [
+            (
+                "--request-timeout-ms",
+                self.request_timeout_ms,
+                DEFAULT_REQUEST_TIMEOUT_MS,
+            ),
+            (
+                "--accept-timeout-ms",
+                self.accept_timeout_ms,
+                DEFAULT_ACCEPT_TIMEOUT_MS,
+            ),
+            (
+                "--first-token-timeout-ms",
+                self.first_token_timeout_ms,
+                DEFAULT_FIRST_TOKEN_TIMEOUT_MS,
+            ),
+            (
+                "--stall-timeout-ms",
+                self.stall_timeout_ms,
+                DEFAULT_STALL_TIMEOUT_MS,
+            ),
+        ] {
+            if value != default {
+                argv.push_display(flag, value);
+            }
+        }
+        argv.push_display("--worker-timeout-ms", self.worker_timeout_ms);
+        argv.push("--router-policy", router_policy_name(self.router_policy));
+        argv.push_display("--max-local-prefill-length", self.max_local_prefill_length);
+        if self.http_workers != DEFAULT_HTTP_WORKERS {
+            argv.push_display("--http-workers", self.http_workers);
+        }
+        argv.0
+    }
+}
+
+/// `--router-policy`'s name of a policy (the config file spells them with `_`).
+fn router_policy_name(policy: RouterPolicy) -> &'static str {
+    match policy {
+        RouterPolicy::RoundRobin => "round-robin",
+        RouterPolicy::LeastLoaded => "least-loaded",
+    }
+}
+
+fn router_policy_parser() -> impl TypedValueParser<Value = RouterPolicy> {
+    PossibleValuesParser::new(RouterPolicy::ALL.map(router_policy_name)).map(|name| {
+        RouterPolicy::ALL
+            .into_iter()
+            .find(|&policy| router_policy_name(policy) == name)
+            .expect("the possible values are the policies' names")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Debug, Parser)]
+    struct ApiServer {
+        #[command(flatten)]
+        args: ApiServerArgs,
+    }
+
+    fn parse(argv: &[OsString]) -> ApiServerArgs {
+        let argv = std::iter::once(OsString::from("api-server")).chain(argv.iter().cloned());
+        ApiServer::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .args
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        ApiServer::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_set_round_trips() {
+        let args = ApiServerArgs {
+            model: "/models/smol lm".into(),
+            served_model_name: Some("smol".into()),
+            host: "0.0.0.0".into(),
+            port: 9100,
+            nats: "nats://10.0.0.5:4222".into(),
+            request_timeout_ms: 1,
+            accept_timeout_ms: 2,
+            first_token_timeout_ms: 3,
+            stall_timeout_ms: 4,
+            worker_timeout_ms: 1500,
+            router_policy: RouterPolicy::RoundRobin,
+            max_local_prefill_length: 64,
+            http_workers: 3,
+        };
+        assert_eq!(parse(&args.to_args()), args);
+        for router_policy in RouterPolicy::ALL {
+            let args = ApiServerArgs {
+                router_policy,
+                ..args.clone()
+            };
+            assert_eq!(parse(&args.to_args()), args);
+        }
+    }
+
+    #[test]
+    fn a_launcher_filled_api_server_round_trips() {
+        // As `tandem serve` fills it for the default deployment.
+        let args = ApiServerArgs {
+            served_model_name: Some("smol".into()),
+            nats: "nats://127.0.0.1:40123".into(),
+            ..ApiServerArgs::new("/m/smol".into())
+        };
+        let argv = args.to_args();
+        let text: Vec<&str> = argv.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            text.join(" "),
+            "--model /m/smol --served-model-name smol --host 127.0.0.1 --port 8000 \
+             --nats nats://127.0.0.1:40123 --worker-timeout-ms 3000 \
+             --router-policy least-loaded --max-local-prefill-length 0"
+        );
+        // The timeouts left out: parsed back, they are their defaults (or the environment's).
+        let mut parsed = parse(&argv);
+        for (value, default) in [
+            (&mut parsed.request_timeout_ms, args.request_timeout_ms),
+            (&mut parsed.accept_timeout_ms, args.accept_timeout_ms),
+            (
+                &mut parsed.first_token_timeout_ms,
+                args.first_token_timeout_ms,
+            ),
+            (&mut parsed.stall_timeout_ms, args.stall_timeout_ms),
+        ] {
+            *value = default;
+        }
+        parsed.http_workers = args.http_workers;
+        assert_eq!(parsed, args);
+    }
+
+    #[test]
+    fn router_policies_parse_by_their_flag_names() {
+        let args = ApiServer::try_parse_from([
+            "api-server",
+            "--model",
+            "/models/smollm2",
+            "--router-policy",
+            "round-robin",
+        ])
+        .unwrap()
+        .args;
+        assert_eq!(args.router_policy, RouterPolicy::RoundRobin);
+        assert_eq!(args.served_name(), "smollm2");
+        assert!(
+            ApiServer::try_parse_from([
+                "api-server",
+                "--model",
+                "m",
+                "--router-policy",
+                "round_robin"
+            ])
+            .is_err()
+        );
+    }
+}

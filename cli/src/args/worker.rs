@@ -1,0 +1,326 @@
+//! `worker` serving on the bus: `worker --role ROLE --model DIR --nats URL ...`.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::Args;
+use clap::builder::{PossibleValue, PossibleValuesParser, RangedU64ValueParser, TypedValueParser};
+use tandem_protocol::messages::WorkerRole;
+
+use super::Argv;
+
+const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
+const DEFAULT_DEVICE: &str = "cpu";
+const DEFAULT_THREADS: usize = 0;
+const DEFAULT_GPU_MEMORY_FRACTION: f64 = 0.9;
+const DEFAULT_BLOCK_SIZE: usize = 16;
+const DEFAULT_MAX_NUM_SEQS: usize = 64;
+const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 512;
+const DEFAULT_HEARTBEAT_MS: u64 = 1000;
+const DEFAULT_MAX_TOKENS_IN_BUFFER: usize = 65536;
+const DEFAULT_KV_TRANSFER_TIMEOUT_MS: u64 = 30_000;
+
+/// Options of a worker serving on the bus. [`Default`] is what the binary parses from no flags
+/// and no environment variables.
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct WorkerArgs {
+    /// What this worker does: `both` prefills and decodes its own requests.
+    #[arg(long, value_name = "ROLE", value_parser = role_parser())]
+    pub role: Option<WorkerRole>,
+    /// Model directory (made by `model-prep`).
+    #[arg(long, env = "TANDEM_MODEL", value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// NATS server to join.
+    #[arg(long, env = "TANDEM_NATS", default_value = DEFAULT_NATS, value_name = "URL")]
+    pub nats: String,
+    /// Device to run on: `cpu`, or `cuda:N` (the N-th NVIDIA GPU; needs the NVIDIA driver,
+    /// libnvrtc and libcublas, loaded at start).
+    #[arg(long, default_value = DEFAULT_DEVICE, value_name = "DEVICE")]
+    pub device: String,
+    /// Name the model is served under; must equal the api-server's (default for both: the
+    /// model directory's name).
+    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME", value_name = "NAME")]
+    pub served_model_name: Option<String>,
+    /// This worker's id on the bus (default: role, host name and process id).
+    #[arg(long, value_name = "ID")]
+    pub worker_id: Option<String>,
+    /// CPU threads for the model; 0 uses every core.
+    #[arg(long, default_value_t = DEFAULT_THREADS, value_name = "N")]
+    pub threads: usize,
+    /// KV cache capacity in tokens, over all sequences. Default: 16384 on the CPU; on a GPU,
+    /// what --gpu-memory-fraction of the memory left after loading the model holds.
+    #[arg(long, value_name = "N")]
+    pub kv_cache_tokens: Option<usize>,
+    /// GPU only, without --kv-cache-tokens: the fraction of the device memory free after
+    /// loading the model that the KV cache takes (the rest is for activations), in (0, 1].
+    #[arg(long, default_value_t = DEFAULT_GPU_MEMORY_FRACTION, value_name = "F")]
+    pub gpu_memory_fraction: f64,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE, value_name = "N")]
+    pub block_size: usize,
+    /// Sequences in one batch at most.
+    #[arg(long, default_value_t = DEFAULT_MAX_NUM_SEQS, value_name = "N")]
+    pub max_num_seqs: usize,
+    /// Tokens in one forward pass at most (decode tokens plus prefill chunks).
+    #[arg(long, default_value_t = DEFAULT_MAX_NUM_BATCHED_TOKENS, value_name = "N")]
+    pub max_num_batched_tokens: usize,
+    /// Interval between heartbeats; keep it well under the api-server's --worker-timeout-ms.
+    #[arg(long, default_value_t = DEFAULT_HEARTBEAT_MS, value_name = "MS")]
+    pub heartbeat_ms: u64,
+    /// Context role: prompt tokens whose K/V may wait for decode workers at once; prefill
+    /// jobs beyond it wait for releases (TensorRT-LLM's cache_transceiver max_tokens_in_buffer).
+    #[arg(long, default_value_t = DEFAULT_MAX_TOKENS_IN_BUFFER, value_name = "N")]
+    pub max_tokens_in_buffer: usize,
+    /// Context role: K/V not released by a decode worker within this time is freed.
+    #[arg(long, default_value_t = DEFAULT_KV_TRANSFER_TIMEOUT_MS, value_name = "MS")]
+    pub kv_transfer_timeout_ms: u64,
+    /// Context and decode roles: MiB of host memory mapped once for KV transfers (registered
+    /// with UCX and, on a GPU, pinned for the copy engine): exports on a context worker, pull
+    /// destinations on a decode worker. A transfer that finds no room uses memory of its own.
+    /// Default: what --max-tokens-in-buffer tokens take, at most 1024 MiB. 0: no pool.
+    #[arg(long, value_name = "MIB")]
+    pub kv_transfer_pool_mb: Option<usize>,
+    /// GPU context and decode workers: MiB of device memory set aside (before the KV cache is
+    /// sized) for CUDA IPC transfers with GPU workers of the same host, which copy K/V device
+    /// to device instead of through host memory and UCX. Default: what --max-tokens-in-buffer
+    /// tokens take, at most 1024 MiB. 0: no CUDA IPC (every transfer goes through UCX).
+    #[arg(long, value_name = "MIB")]
+    pub cuda_ipc_pool_mb: Option<usize>,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+}
+
+/// GPU settings of a worker on a `cuda:N` device (the CPU backend ignores them). A flag left
+/// out takes its environment variable, else the default; docs/configuration.md lists both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Args)]
+#[command(next_help_heading = "GPU")]
+pub struct GpuArgs {
+    /// Replay decode steps as CUDA graphs (default: true, unless TANDEM_CUDA_GRAPHS=0).
+    #[arg(long, value_name = "BOOL")]
+    pub cuda_graphs: Option<bool>,
+    /// Sample from per-row summaries computed on the device; false copies every logits row to
+    /// the host, to compare the two paths (default: true, unless TANDEM_DEVICE_SAMPLING=0).
+    #[arg(long, value_name = "BOOL")]
+    pub device_sampling: Option<bool>,
+    /// Fewest keys per split of a decode attention split over the context, for tuning
+    /// (default: TANDEM_ATTN_SPLIT_KEYS, else 16 KiB of one KV head's K/V).
+    #[arg(long, value_name = "N", value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub attn_split_keys: Option<usize>,
+    /// MiB of the next projection's weight read into L2 ahead of it; 0: none (default:
+    /// TANDEM_L2_PREFETCH_MB, else a sixth of the device's L2).
+    #[arg(long, value_name = "MIB")]
+    pub l2_prefetch_mb: Option<usize>,
+}
+
+impl Default for WorkerArgs {
+    fn default() -> Self {
+        WorkerArgs {
+            role: None,
+            model: None,
+            nats: DEFAULT_NATS.into(),
+            device: DEFAULT_DEVICE.into(),
+            served_model_name: None,
+            worker_id: None,
+            threads: DEFAULT_THREADS,
+            kv_cache_tokens: None,
+            gpu_memory_fraction: DEFAULT_GPU_MEMORY_FRACTION,
+            block_size: DEFAULT_BLOCK_SIZE,
+            max_num_seqs: DEFAULT_MAX_NUM_SEQS,
+            max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            max_tokens_in_buffer: DEFAULT_MAX_TOKENS_IN_BUFFER,
+            kv_transfer_timeout_ms: DEFAULT_KV_TRANSFER_TIMEOUT_MS,
+            kv_transfer_pool_mb: None,
+            cuda_ipc_pool_mb: None,
+            gpu: GpuArgs::default(),
+        }
+    }
+}
+
+impl WorkerArgs {
+    /// The arguments that make `worker` parse back to `self`: every flag, but those of unset
+    /// options. The environment variables of the flags that have one (`TANDEM_MODEL`,
+    /// `TANDEM_NATS`, `TANDEM_SERVED_MODEL_NAME`) then have no say, but the GPU settings'
+    /// (read by the worker, not by clap) still apply to those left unset.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut argv = Argv::default();
+        argv.push_some("--role", self.role);
+        if let Some(model) = &self.model {
+            argv.push("--model", model);
+        }
+        argv.push("--nats", &self.nats);
+        argv.push("--device", &self.device);
+        argv.push_some("--served-model-name", self.served_model_name.as_ref());
+        argv.push_some("--worker-id", self.worker_id.as_ref());
+        argv.push_display("--threads", self.threads);
+        argv.push_some("--kv-cache-tokens", self.kv_cache_tokens);
+        argv.push_display("--gpu-memory-fraction", self.gpu_memory_fraction);
+        argv.push_display("--block-size", self.block_size);
+        argv.push_display("--max-num-seqs", self.max_num_seqs);
+        argv.push_display("--max-num-batched-tokens", self.max_num_batched_tokens);
+        argv.push_display("--heartbeat-ms", self.heartbeat_ms);
+        argv.push_display("--max-tokens-in-buffer", self.max_tokens_in_buffer);
+        argv.push_display("--kv-transfer-timeout-ms", self.kv_transfer_timeout_ms);
+        argv.push_some("--kv-transfer-pool-mb", self.kv_transfer_pool_mb);
+        argv.push_some("--cuda-ipc-pool-mb", self.cuda_ipc_pool_mb);
+        let GpuArgs {
+            cuda_graphs,
+            device_sampling,
+            attn_split_keys,
+            l2_prefetch_mb,
+        } = self.gpu;
+        argv.push_some("--cuda-graphs", cuda_graphs);
+        argv.push_some("--device-sampling", device_sampling);
+        argv.push_some("--attn-split-keys", attn_split_keys);
+        argv.push_some("--l2-prefetch-mb", l2_prefetch_mb);
+        argv.0
+    }
+}
+
+/// `--role`: the wire names of [`WorkerRole`], each with its help, in the order `--help`
+/// lists them.
+fn role_parser() -> impl TypedValueParser<Value = WorkerRole> {
+    let values = [WorkerRole::Both, WorkerRole::Context, WorkerRole::Decode]
+        .map(|role| PossibleValue::new(role.as_str()).help(role_help(role)));
+    PossibleValuesParser::new(values).map(|name| {
+        name.parse::<WorkerRole>()
+            .expect("the possible values are the roles' names")
+    })
+}
+
+fn role_help(role: WorkerRole) -> &'static str {
+    match role {
+        WorkerRole::Both => "Prefill and decode in one process (aggregated serving)",
+        WorkerRole::Context => {
+            "Prefill only: answers prefill jobs with a KV handle for a decode worker"
+        }
+        WorkerRole::Decode => {
+            "Generation, pulling each prompt's KV cache from a context worker (or prefilling \
+             locally when there is none, or the pull fails)"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Debug, Parser)]
+    struct Worker {
+        #[command(flatten)]
+        args: WorkerArgs,
+    }
+
+    fn parse(argv: &[OsString]) -> WorkerArgs {
+        let argv = std::iter::once(OsString::from("worker")).chain(argv.iter().cloned());
+        Worker::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .args
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Worker::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_set_round_trips() {
+        let args = WorkerArgs {
+            role: Some(WorkerRole::Context),
+            model: Some("/models/smol lm".into()),
+            nats: "nats://10.0.0.2:4222".into(),
+            device: "cuda:1".into(),
+            served_model_name: Some("smol".into()),
+            worker_id: Some("context-a".into()),
+            threads: 3,
+            kv_cache_tokens: Some(4096),
+            gpu_memory_fraction: 0.55,
+            block_size: 32,
+            max_num_seqs: 8,
+            max_num_batched_tokens: 256,
+            heartbeat_ms: 333,
+            max_tokens_in_buffer: 2048,
+            kv_transfer_timeout_ms: 9000,
+            kv_transfer_pool_mb: Some(0),
+            cuda_ipc_pool_mb: Some(512),
+            gpu: GpuArgs {
+                cuda_graphs: Some(false),
+                device_sampling: Some(true),
+                attn_split_keys: Some(32),
+                l2_prefetch_mb: Some(0),
+            },
+        };
+        // No field is at its default, so a flag that does not parse back shows.
+        let defaults = WorkerArgs::default();
+        assert_ne!(args.threads, defaults.threads);
+        assert_ne!(args.nats, defaults.nats);
+        assert_eq!(parse(&args.to_args()), args);
+        for role in WorkerRole::ALL {
+            let args = WorkerArgs {
+                role: Some(role),
+                ..args.clone()
+            };
+            assert_eq!(parse(&args.to_args()), args);
+        }
+    }
+
+    #[test]
+    fn a_launcher_filled_worker_round_trips() {
+        // As `tandem serve` fills a decode worker of the default deployment.
+        let args = WorkerArgs {
+            role: Some(WorkerRole::Decode),
+            model: Some("/m/smol".into()),
+            nats: "nats://127.0.0.1:40123".into(),
+            served_model_name: Some("smol".into()),
+            threads: 4,
+            heartbeat_ms: 1000,
+            ..WorkerArgs::default()
+        };
+        let argv = args.to_args();
+        let text: Vec<&str> = argv.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            text[..10],
+            [
+                "--role",
+                "decode",
+                "--model",
+                "/m/smol",
+                "--nats",
+                "nats://127.0.0.1:40123",
+                "--device",
+                "cpu",
+                "--served-model-name",
+                "smol"
+            ]
+        );
+        assert!(!text.contains(&"--cuda-graphs"), "{text:?}");
+        assert_eq!(parse(&argv), args);
+    }
+
+    #[test]
+    fn default_is_what_clap_parses_from_no_flags() {
+        let mut parsed = parse(&[]);
+        // The flags that read the environment: whatever it holds here is not a default.
+        parsed.model = None;
+        parsed.served_model_name = None;
+        parsed.nats = DEFAULT_NATS.into();
+        assert_eq!(parsed, WorkerArgs::default());
+    }
+
+    #[test]
+    fn roles_parse_by_their_wire_names_only() {
+        for role in WorkerRole::ALL {
+            let args = parse(&["--role".into(), role.as_str().into()]);
+            assert_eq!(args.role, Some(role));
+        }
+        let err = Worker::try_parse_from(["worker", "--role", "prefill"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("[possible values: both, context, decode]"),
+            "{err}"
+        );
+        assert!(Worker::try_parse_from(["worker", "--attn-split-keys", "0"]).is_err());
+        assert!(Worker::try_parse_from(["worker", "--cuda-graphs", "0"]).is_err());
+    }
+}

@@ -1,0 +1,163 @@
+//! The settings of a CUDA backend ([`CudaOptions`]), and the one place that reads their
+//! environment variables ([`CudaOptions::from_env`]).
+//!
+//! A worker fills them from the environment and then from its GPU flags (a flag wins; see
+//! `crate::device::cuda_options`); benchmarks and tests take the environment alone, so a sweep
+//! such as `TANDEM_L2_PREFETCH_MB=8 gpu_bench bench ...` sets them without flags.
+//! docs/configuration.md lists each variable.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Settings of one CUDA backend. [`Default`] is device 0 with every setting at its default and
+/// no kernel cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// Which device (`cuda:N`).
+    pub ordinal: usize,
+    /// Decode steps replay CUDA graphs (`TANDEM_CUDA_GRAPHS=0` turns them off).
+    pub cuda_graphs: bool,
+    /// The engine samples from per-row summaries computed on the device; off, every logits row
+    /// is copied to the host (`TANDEM_DEVICE_SAMPLING=0`: to compare the two paths).
+    pub device_sampling: bool,
+    /// Fewest keys per split of a decode attention split over the context; `None` derives it
+    /// from the head dimension (`TANDEM_ATTN_SPLIT_KEYS`, for tuning).
+    pub attn_split_keys: Option<usize>,
+    /// MiB of the next projection's weight read into L2 ahead of it; `None`: a sixth of the
+    /// device's L2; 0: no prefetch (`TANDEM_L2_PREFETCH_MB`).
+    pub l2_prefetch_mb: Option<usize>,
+    /// Extra NVRTC `-D NAME=VALUE` definitions for the kernels, e.g. `GEMV_UNROLL=8`
+    /// (`TANDEM_KERNEL_DEFINES`, space-separated: tuning experiments).
+    pub kernel_defines: Vec<String>,
+    /// Where compiled kernels are cached (`<dir>/kernels/<hash>.cubin`); `None` compiles them at
+    /// every start. From the environment: `TANDEM_CACHE_DIR`, else `$XDG_CACHE_HOME/tandem`,
+    /// else `~/.cache/tandem`.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            ordinal: 0,
+            cuda_graphs: true,
+            device_sampling: true,
+            attn_split_keys: None,
+            l2_prefetch_mb: None,
+            kernel_defines: Vec::new(),
+            cache_dir: None,
+        }
+    }
+}
+
+impl CudaOptions {
+    /// Device `ordinal` with the defaults and whatever the environment variables set.
+    pub fn from_env(ordinal: usize) -> Self {
+        Self::from_vars(ordinal, |name| std::env::var_os(name))
+    }
+
+    /// [`Self::from_env`] with the variables looked up by `var`.
+    fn from_vars(ordinal: usize, var: impl Fn(&str) -> Option<OsString>) -> Self {
+        let text = |name: &str| var(name).and_then(|v| v.into_string().ok());
+        // Any value but `0` leaves a switch on.
+        let switch = |name: &str| var(name).is_none_or(|v| v != "0");
+        CudaOptions {
+            ordinal,
+            cuda_graphs: switch("TANDEM_CUDA_GRAPHS"),
+            device_sampling: switch("TANDEM_DEVICE_SAMPLING"),
+            attn_split_keys: text("TANDEM_ATTN_SPLIT_KEYS")
+                .and_then(|v| v.parse().ok())
+                .filter(|&keys| keys > 0),
+            // Set but not a number: no prefetch.
+            l2_prefetch_mb: text("TANDEM_L2_PREFETCH_MB")
+                .map(|mb| mb.trim().parse::<usize>().unwrap_or(0)),
+            kernel_defines: text("TANDEM_KERNEL_DEFINES")
+                .map(|defines| defines.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default(),
+            cache_dir: var("TANDEM_CACHE_DIR")
+                .map(PathBuf::from)
+                .or_else(|| var("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("tandem")))
+                .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache/tandem"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(vars: &[(&str, &str)]) -> CudaOptions {
+        CudaOptions::from_vars(2, |name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| OsString::from(v))
+        })
+    }
+
+    #[test]
+    fn no_variables_are_the_defaults() {
+        assert_eq!(
+            options(&[]),
+            CudaOptions {
+                ordinal: 2,
+                ..CudaOptions::default()
+            }
+        );
+    }
+
+    #[test]
+    fn each_variable_sets_its_option() {
+        let set = options(&[
+            ("TANDEM_CUDA_GRAPHS", "0"),
+            ("TANDEM_DEVICE_SAMPLING", "0"),
+            ("TANDEM_ATTN_SPLIT_KEYS", "32"),
+            ("TANDEM_L2_PREFETCH_MB", " 8 "),
+            ("TANDEM_KERNEL_DEFINES", "GEMV_UNROLL=8  ATTN_KEYS=2"),
+            ("TANDEM_CACHE_DIR", "/c"),
+            ("HOME", "/home/u"),
+        ]);
+        assert_eq!(
+            set,
+            CudaOptions {
+                ordinal: 2,
+                cuda_graphs: false,
+                device_sampling: false,
+                attn_split_keys: Some(32),
+                l2_prefetch_mb: Some(8),
+                kernel_defines: vec!["GEMV_UNROLL=8".into(), "ATTN_KEYS=2".into()],
+                cache_dir: Some("/c".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn odd_values_mean_what_they_always_have() {
+        // Switches: only `0` turns off.
+        let on = options(&[
+            ("TANDEM_CUDA_GRAPHS", "false"),
+            ("TANDEM_DEVICE_SAMPLING", "1"),
+        ]);
+        assert!(on.cuda_graphs && on.device_sampling);
+        // A split of 0 keys or no number: derived from the head dimension.
+        assert_eq!(
+            options(&[("TANDEM_ATTN_SPLIT_KEYS", "0")]).attn_split_keys,
+            None
+        );
+        assert_eq!(
+            options(&[("TANDEM_ATTN_SPLIT_KEYS", "x")]).attn_split_keys,
+            None
+        );
+        // A prefetch size that is no number turns prefetching off.
+        assert_eq!(
+            options(&[("TANDEM_L2_PREFETCH_MB", "x")]).l2_prefetch_mb,
+            Some(0)
+        );
+        // The kernel cache: TANDEM_CACHE_DIR, else XDG_CACHE_HOME, else HOME.
+        let cache = |vars: &[(&str, &str)]| options(vars).cache_dir;
+        assert_eq!(
+            cache(&[("XDG_CACHE_HOME", "/x"), ("HOME", "/h")]),
+            Some("/x/tandem".into())
+        );
+        assert_eq!(cache(&[("HOME", "/h")]), Some("/h/.cache/tandem".into()));
+        assert_eq!(cache(&[]), None);
+    }
+}
