@@ -34,8 +34,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::Client;
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    CancelRequest, FinishReason, GenerateJob, KvHandle, SamplingSpec, StopSpec, StreamMessage,
-    TokenEvent, Usage, decode, encode,
+    CancelRequest, FinishReason, GenerateJob, KvHandle, PullOutcome, SamplingSpec, StopSpec,
+    StreamMessage, TokenEvent, Usage, decode, encode,
 };
 use tandem_protocol::subjects::Subjects;
 
@@ -581,22 +581,14 @@ impl Generation {
     }
 
     /// Accounts a decode worker's report of its KV pull.
-    fn observe_pull(
-        &self,
-        worker_id: &str,
-        bytes: u64,
-        micros: u64,
-        fallback: Option<String>,
-        transport: Option<String>,
-    ) {
-        match fallback {
-            None => {
+    fn observe_pull(&self, worker_id: &str, bytes: u64, micros: u64, outcome: PullOutcome) {
+        match outcome {
+            PullOutcome::Pulled { transport } => {
                 self.metrics.kv_transfer_bytes.inc_by(bytes);
                 self.metrics
                     .kv_transfer_seconds
                     .observe(micros as f64 / 1e6);
-                // A worker of an older build does not say; it could only pull over UCX.
-                let transport = transport.as_deref().unwrap_or("ucx");
+                let transport = transport.as_str();
                 self.metrics
                     .kv_transfers
                     .with_label_values(&[transport])
@@ -604,7 +596,7 @@ impl Generation {
                 tracing::debug!(request_id = %self.request_id, %worker_id, bytes, micros,
                     transport, "KV pulled");
             }
-            Some(reason) => {
+            PullOutcome::Fallback { reason } => {
                 self.metrics
                     .kv_transfer_fallbacks
                     .with_label_values(&[FallbackReason::PullFailed.label()])
@@ -668,10 +660,9 @@ impl Generation {
                     worker_id,
                     bytes,
                     micros,
-                    fallback,
-                    transport,
+                    outcome,
                 } => {
-                    self.observe_pull(&worker_id, bytes, micros, fallback, transport);
+                    self.observe_pull(&worker_id, bytes, micros, outcome);
                     continue;
                 }
                 StreamMessage::Tokens { tokens } => {

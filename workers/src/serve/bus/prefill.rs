@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tandem_protocol::messages::{self, GenerateJob, KvPeer, KvRelease, StreamMessage};
+use tandem_protocol::messages::{
+    self, GenerateJob, KvPeer, KvRelease, KvTransportKind, StreamMessage,
+};
 use tokio::sync::mpsc;
 
 use super::{Worker, locked, unix_ms};
@@ -104,7 +106,7 @@ impl Worker {
                         let handle = kv_handle(
                             &HandleSource {
                                 worker_id: &self.settings.worker_id,
-                                backend,
+                                backend: &backend,
                                 layout: &self.settings.layout,
                             },
                             &exported,
@@ -122,7 +124,7 @@ impl Worker {
                         tracing::debug!(
                             request_id = job.request_id,
                             blocks = handle.blocks.len(),
-                            backend,
+                            %backend,
                             "prefill done, KV exported"
                         );
                         vec![StreamMessage::KvReady { handle }]
@@ -169,7 +171,7 @@ impl Worker {
         engine_id: RequestId,
         blocks: usize,
         reader: Option<&KvPeer>,
-    ) -> Result<(crate::transfer::Exported, &'static str), String> {
+    ) -> Result<(crate::transfer::Exported, KvTransportKind), String> {
         let len = blocks * self.settings.layout.block_bytes();
         let on_device = self
             .settings

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_protocol::messages::{
-    self, GenerateJob, KvHandle, KvRelease, StreamMessage, Usage as WireUsage,
+    self, GenerateJob, KvHandle, KvRelease, KvTransportKind, PullOutcome, StreamMessage,
+    Usage as WireUsage,
 };
 
 use super::{Worker, locked, publish_bounded, unix_ms};
@@ -14,7 +15,7 @@ use crate::engine::ImportedPrefill;
 use crate::sampler::SampledToken;
 use crate::serve::context::layout_spec;
 use crate::serve::job::generation_request;
-use crate::transfer::{RemoteKv, cuda_ipc, from_hex};
+use crate::transfer::RemoteKv;
 
 impl Worker {
     /// Decode side: pulls a handle's K/V and imports it; on a failed pull, prefills locally
@@ -63,7 +64,7 @@ impl Worker {
                         request_id = job.request_id,
                         bytes = kv.len(),
                         micros,
-                        backend = handle.backend,
+                        backend = %handle.backend,
                         "KV pulled"
                     );
                     worker
@@ -73,8 +74,9 @@ impl Worker {
                                 worker_id: worker.settings.worker_id.clone(),
                                 bytes: kv.len() as u64,
                                 micros,
-                                fallback: None,
-                                transport: Some(handle.backend.clone()),
+                                outcome: PullOutcome::Pulled {
+                                    transport: handle.backend.clone(),
+                                },
                             },
                         )
                         .await;
@@ -112,8 +114,9 @@ impl Worker {
                                 worker_id: worker.settings.worker_id.clone(),
                                 bytes: 0,
                                 micros: 0,
-                                fallback: Some(e.to_string()),
-                                transport: None,
+                                outcome: PullOutcome::Fallback {
+                                    reason: e.to_string(),
+                                },
                             },
                         )
                         .await;
@@ -130,18 +133,13 @@ impl Worker {
         handle: &KvHandle,
     ) -> Result<crate::transfer::PulledKv, crate::transfer::TransferError> {
         use crate::transfer::TransferError;
-        let remote = RemoteKv {
-            address: from_hex(&handle.address)?,
-            rkey: from_hex(&handle.rkey)?,
-            regions: handle.blocks.iter().map(|r| (r.addr, r.len)).collect(),
-            cuda_ipc: handle.cuda_ipc.as_deref().cloned(),
-        };
+        let remote = RemoteKv::from_handle(handle)?;
         let left = handle.expires_unix_ms.saturating_sub(unix_ms());
         let host = &self.settings.transport;
         let kv = if handle.backend == host.backend() {
             let timeout = Duration::from_millis(left.clamp(100, 30_000));
             host.pull(remote, timeout).await?
-        } else if handle.backend == cuda_ipc::BACKEND {
+        } else if handle.backend == KvTransportKind::CudaIpc {
             let Some(device) = &self.settings.cuda_ipc else {
                 return Err(TransferError::InvalidHandle(
                     "the K/V was exported to GPU memory for CUDA IPC, and this worker has no \
