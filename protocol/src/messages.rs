@@ -205,8 +205,8 @@ pub struct KvPeer {
 pub struct KvHandle {
     /// The context worker holding the blocks (release subject, logs).
     pub worker_id: String,
-    /// Transfer backend: `ucx` (the only one on the bus; tests use an in-process one).
-    pub backend: String,
+    /// The transport that exported the blocks (`ucx`, `cuda-ipc`; tests use `in-process`).
+    pub backend: KvTransportKind,
     /// The context worker's packed UCP worker address, hex.
     pub address: String,
     /// Packed remote key of the registered KV cache memory, hex.
@@ -259,10 +259,96 @@ pub struct KvLayoutSpec {
     pub num_kv_heads: u32,
     pub head_dim: u32,
     pub block_size: u32,
-    /// `f32`, `bf16` or `f16`.
-    pub dtype: String,
+    pub dtype: KvDTypeSpec,
     /// Bytes of one block (all layers, K and V).
     pub block_bytes: u64,
+}
+
+/// A string enum of the wire: serialized as its name, and an unknown name (from a newer peer)
+/// read as `Other` rather than refused, so the reader decides what it cannot handle (a decode
+/// worker answers a handle of an unknown transport by prefilling locally). `Debug` prints the
+/// name as a string, as error messages showed it when the field was a `String`.
+macro_rules! wire_names {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(from = "String", into = "String")]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)*
+            /// A name this build does not know.
+            Other(String),
+        }
+
+        impl $name {
+            /// The name on the wire.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $($name::$variant => $text,)*
+                    $name::Other(name) => name,
+                }
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(name: &str) -> Self {
+                match name {
+                    $($text => $name::$variant,)*
+                    other => $name::Other(other.to_owned()),
+                }
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(name: String) -> Self {
+                match $name::from(name.as_str()) {
+                    $name::Other(_) => $name::Other(name),
+                    known => known,
+                }
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                match value {
+                    $name::Other(name) => name,
+                    known => known.as_str().to_owned(),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                std::fmt::Debug::fmt(self.as_str(), f)
+            }
+        }
+    };
+}
+
+wire_names! {
+    /// The transport that moves a prompt's K/V (`KvHandle::backend`, `kv_pulled.transport`).
+    KvTransportKind {
+        /// Host memory, over UCX (between processes and hosts).
+        Ucx = "ucx",
+        /// GPU memory of one host, device to device ([`KvHandle::cuda_ipc`]).
+        CudaIpc = "cuda-ipc",
+        /// A registry inside one process (tests).
+        InProcess = "in-process",
+    }
+}
+
+wire_names! {
+    /// The element type of a KV cache ([`KvLayoutSpec::dtype`]).
+    KvDTypeSpec {
+        F32 = "f32",
+        Bf16 = "bf16",
+        F16 = "f16",
+    }
 }
 
 /// The decode worker has the blocks (or gave up on them): the context worker may free them.
@@ -325,18 +411,63 @@ pub enum StreamMessage {
     /// worker (the last message of a prefill job that continues).
     KvReady { handle: KvHandle },
     /// From a decode worker: how the prompt's KV cache arrived, before the first token.
-    /// `bytes`/`micros` are 0 and `fallback` says why when the pull failed and the decode
-    /// worker prefilled the prompt itself.
+    /// `bytes`/`micros` are 0 when the pull failed and the decode worker prefilled the prompt
+    /// itself ([`PullOutcome::Fallback`]).
     KvPulled {
         worker_id: String,
         bytes: u64,
         micros: u64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fallback: Option<String>,
-        /// The transfer backend that moved the K/V (`ucx`, `cuda-ipc`); absent on a fallback.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        transport: Option<String>,
+        /// On the wire: `transport` after a pull, `fallback` after a failed one.
+        #[serde(flatten)]
+        outcome: PullOutcome,
     },
+}
+
+/// How a decode worker got a prompt's K/V (the `transport` / `fallback` fields of `kv_pulled`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PullOutcomeFields", into = "PullOutcomeFields")]
+pub enum PullOutcome {
+    /// Pulled over `transport`. A build that did not name the transport (the field is absent)
+    /// could only pull over UCX.
+    Pulled { transport: KvTransportKind },
+    /// The pull failed (`reason`, for logs) and the decode worker prefilled the prompt itself.
+    Fallback { reason: String },
+}
+
+/// [`PullOutcome`] as the wire spells it: two optional fields, `fallback` winning when a
+/// message carries both.
+#[derive(Serialize, Deserialize)]
+struct PullOutcomeFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fallback: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    transport: Option<KvTransportKind>,
+}
+
+impl From<PullOutcomeFields> for PullOutcome {
+    fn from(fields: PullOutcomeFields) -> Self {
+        match fields.fallback {
+            Some(reason) => PullOutcome::Fallback { reason },
+            None => PullOutcome::Pulled {
+                transport: fields.transport.unwrap_or(KvTransportKind::Ucx),
+            },
+        }
+    }
+}
+
+impl From<PullOutcome> for PullOutcomeFields {
+    fn from(outcome: PullOutcome) -> Self {
+        match outcome {
+            PullOutcome::Pulled { transport } => PullOutcomeFields {
+                fallback: None,
+                transport: Some(transport),
+            },
+            PullOutcome::Fallback { reason } => PullOutcomeFields {
+                fallback: Some(reason),
+                transport: None,
+            },
+        }
+    }
 }
 
 /// Liveness and load of one worker, published every heartbeat interval.
@@ -460,11 +591,14 @@ mod tests {
             "interval_ms":1000}"#;
         let heartbeat: Heartbeat = decode("heartbeat", heartbeat).unwrap();
         assert_eq!(heartbeat.kv_peer, None);
+        // A pull report without `transport`: such a build could only pull over UCX.
         let pulled = br#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3}"#;
         assert!(matches!(
             decode::<StreamMessage>("stream", pulled).unwrap(),
             StreamMessage::KvPulled {
-                transport: None,
+                outcome: PullOutcome::Pulled {
+                    transport: KvTransportKind::Ucx
+                },
                 ..
             }
         ));
@@ -501,6 +635,113 @@ mod tests {
         };
         let bytes = encode(&handle);
         assert_eq!(decode::<KvHandle>("handle", &bytes).unwrap(), handle);
+    }
+
+    #[test]
+    fn transports_are_their_wire_names() {
+        for (kind, name) in [
+            (KvTransportKind::Ucx, "ucx"),
+            (KvTransportKind::CudaIpc, "cuda-ipc"),
+            (KvTransportKind::InProcess, "in-process"),
+            (KvTransportKind::Other("rdma".into()), "rdma"),
+        ] {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{name}\""));
+            assert_eq!(
+                serde_json::from_str::<KvTransportKind>(&json).unwrap(),
+                kind
+            );
+            assert_eq!(kind.to_string(), name);
+            assert_eq!(KvTransportKind::from(name), kind);
+        }
+    }
+
+    #[test]
+    fn kv_dtypes_are_their_wire_names() {
+        for (dtype, name) in [
+            (KvDTypeSpec::F32, "f32"),
+            (KvDTypeSpec::Bf16, "bf16"),
+            (KvDTypeSpec::F16, "f16"),
+            (KvDTypeSpec::Other("fp8".into()), "fp8"),
+        ] {
+            let json = serde_json::to_string(&dtype).unwrap();
+            assert_eq!(json, format!("\"{name}\""));
+            assert_eq!(serde_json::from_str::<KvDTypeSpec>(&json).unwrap(), dtype);
+            // Error messages print a layout with `{:?}`: the dtype reads as the string it is.
+            assert_eq!(format!("{dtype:?}"), format!("\"{name}\""));
+        }
+    }
+
+    fn handle_json(backend: &str, dtype: &str) -> serde_json::Value {
+        serde_json::json!({
+            "worker_id": "ctx", "backend": backend, "address": "00ff", "rkey": "10",
+            "blocks": [{"addr": 4096, "len": 128}],
+            "layout": {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "block_size": 16,
+                       "dtype": dtype, "block_bytes": 368640},
+            "num_tokens": 5, "first_token": {"id": 7, "text": "a"}, "seed": 1,
+            "expires_unix_ms": 10
+        })
+    }
+
+    #[test]
+    fn handles_keep_their_backend_and_dtype_on_the_wire() {
+        let json = handle_json("cuda-ipc", "bf16");
+        let handle: KvHandle = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(handle.backend, KvTransportKind::CudaIpc);
+        assert_eq!(handle.layout.dtype, KvDTypeSpec::Bf16);
+        assert_eq!(serde_json::to_value(&handle).unwrap(), json);
+        // A newer peer's transport or dtype still reads, for the decode worker to refuse
+        // (a local prefill, or a layout mismatch), and goes out again unchanged.
+        let json = handle_json("rdma", "fp8");
+        let handle: KvHandle = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(handle.backend, KvTransportKind::Other("rdma".into()));
+        assert_eq!(handle.layout.dtype, KvDTypeSpec::Other("fp8".into()));
+        assert_eq!(serde_json::to_value(&handle).unwrap(), json);
+    }
+
+    #[test]
+    fn pull_reports_name_the_transport_or_the_fallback() {
+        let pulled = |outcome| StreamMessage::KvPulled {
+            worker_id: "w".into(),
+            bytes: 8,
+            micros: 3,
+            outcome,
+        };
+        let cases = [
+            (
+                pulled(PullOutcome::Pulled {
+                    transport: KvTransportKind::CudaIpc,
+                }),
+                r#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3,"transport":"cuda-ipc"}"#,
+            ),
+            (
+                pulled(PullOutcome::Fallback {
+                    reason: "KV source unavailable: gone".into(),
+                }),
+                r#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3,"fallback":"KV source unavailable: gone"}"#,
+            ),
+        ];
+        for (message, json) in cases {
+            assert_eq!(String::from_utf8(encode(&message)).unwrap(), json);
+            assert_eq!(
+                decode::<StreamMessage>("stream", json.as_bytes()).unwrap(),
+                message
+            );
+        }
+        // A report naming both is a fallback, as readers have always taken it.
+        let both = br#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":0,"micros":0,
+            "fallback":"why","transport":"ucx"}"#;
+        assert_eq!(
+            decode::<StreamMessage>("stream", both).unwrap(),
+            StreamMessage::KvPulled {
+                worker_id: "w".into(),
+                bytes: 0,
+                micros: 0,
+                outcome: PullOutcome::Fallback {
+                    reason: "why".into()
+                },
+            }
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, KvBlockIo};
 use crate::engine::{Engine, EngineConfig, EngineError, EngineHandle, ModelRunner, TextDecoder};
 use crate::kv_cache::{KvDType, KvLayout};
 use crate::model::{Model, ModelError, ModelOptions};
@@ -228,15 +228,12 @@ impl LoadedModel {
     }
 }
 
-fn spawn<B: Backend + 'static>(
+fn spawn<B: KvBlockIo + 'static>(
     model: Model<B>,
     dir: &Path,
     config: EngineConfig,
     decoder: Option<Arc<dyn TextDecoder>>,
-) -> Result<StartedEngine, DeviceError>
-where
-    B::KvCache: Send,
-{
+) -> Result<StartedEngine, DeviceError> {
     let runner =
         ModelRunner::new(model, config.block_size, config.num_blocks).map_err(|source| {
             DeviceError::Model {

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    self, GenerateJob, Heartbeat, KvHandle, KvPeer, SamplingSpec, StopSpec, StreamMessage,
+    self, GenerateJob, Heartbeat, KvHandle, KvPeer, PullOutcome, SamplingSpec, StopSpec,
+    StreamMessage,
 };
 use tandem_protocol::subjects::Subjects;
 
@@ -373,13 +374,10 @@ async fn context_and_decode_workers_reproduce_worker_generate_over_ucx() {
         .await;
         assert_eq!(ids, output_ids(&expected), "{prompt}");
         assert_eq!(text, expected["text"], "{prompt}");
-        let StreamMessage::KvPulled {
-            bytes, fallback, ..
-        } = pulled
-        else {
+        let StreamMessage::KvPulled { bytes, outcome, .. } = pulled else {
             unreachable!()
         };
-        assert!(fallback.is_none(), "{fallback:?}");
+        assert!(matches!(outcome, PullOutcome::Pulled { .. }), "{outcome:?}");
         // bf16 SmolLM2: 30 layers x K,V x 3 heads x 64 dims x 2 bytes per token, whole blocks.
         let blocks = prompt_ids(&expected).len().div_ceil(16) as u64;
         assert_eq!(bytes, blocks * 16 * 30 * 2 * 3 * 64 * 2);
@@ -426,10 +424,13 @@ async fn context_and_decode_workers_reproduce_worker_generate_over_ucx() {
     )
     .await;
     assert_eq!(ids, output_ids(&expected));
-    let StreamMessage::KvPulled { fallback, .. } = pulled else {
+    let StreamMessage::KvPulled { outcome, .. } = pulled else {
         unreachable!()
     };
-    assert!(fallback.is_some(), "the pull from a dead worker fails over");
+    assert!(
+        matches!(outcome, PullOutcome::Fallback { .. }),
+        "the pull from a dead worker fails over"
+    );
 }
 
 #[test]
@@ -524,7 +525,7 @@ async fn disaggregated_via(
     job.kv_reader = reader;
     let mut stream = client.subscribe(job.stream_subject.clone()).await.unwrap();
     let handle = prefill(client, &mut stream, &job).await;
-    let backend = handle.backend.clone();
+    let backend = handle.backend.to_string();
     job.kv_reader = None;
     job.kv = Some(handle);
     client
@@ -633,15 +634,16 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
             let StreamMessage::KvPulled {
                 bytes,
                 micros,
-                fallback,
-                transport,
+                outcome,
                 ..
             } = pulled
             else {
                 unreachable!()
             };
-            assert!(fallback.is_none(), "{label}: {fallback:?}");
-            assert_eq!(transport.as_deref(), Some(backend), "{label}");
+            let PullOutcome::Pulled { transport } = &outcome else {
+                panic!("{label}: {outcome:?}")
+            };
+            assert_eq!(transport.as_str(), backend, "{label}");
             eprintln!(
                 "{label}: {bytes} bytes pulled in {micros} us ({} prompt tokens)",
                 prompt_ids(&expected).len()
@@ -657,10 +659,12 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
             output_ids(&expected),
             "local prefill after an unreadable handle"
         );
-        let StreamMessage::KvPulled { fallback, .. } = pulled else {
+        let StreamMessage::KvPulled { outcome, .. } = pulled else {
             unreachable!()
         };
-        let fallback = fallback.expect("the pull falls back");
+        let PullOutcome::Fallback { reason: fallback } = outcome else {
+            panic!("the pull falls back")
+        };
         assert!(fallback.contains("no CUDA IPC pool"), "{fallback}");
     }
 

@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use tandem_workers::backend::Backend;
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
 use tandem_workers::backend::cuda::{CudaBackend, CudaOptions, driver_present};
+use tandem_workers::backend::{Backend, DeviceSampler, KvBlockIo, KvBytes, KvBytesMut};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 
@@ -294,9 +294,13 @@ fn kv_blocks_round_trip_through_pinned_staging() {
     let bytes: Vec<u8> = (0..blocks.len() * block_bytes)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    backend.write_kv_blocks(&mut kv, &blocks, &bytes).unwrap();
+    backend
+        .write_kv_blocks(&mut kv, &blocks, KvBytes::Host(&bytes))
+        .unwrap();
     let mut back = vec![0u8; bytes.len()];
-    backend.read_kv_blocks(&kv, &blocks, &mut back).unwrap();
+    backend
+        .read_kv_blocks(&kv, &blocks, KvBytesMut::Host(&mut back))
+        .unwrap();
     assert!(back == bytes, "batched write then read changed the bytes");
     // One-block reads see each block where the batched write put it.
     let mut one = vec![0u8; block_bytes];
@@ -310,12 +314,20 @@ fn kv_blocks_round_trip_through_pinned_staging() {
     // A wrong length or a block outside the cache is refused.
     assert!(
         backend
-            .read_kv_blocks(&kv, &blocks[..2], &mut back[..block_bytes])
+            .read_kv_blocks(
+                &kv,
+                &blocks[..2],
+                KvBytesMut::Host(&mut back[..block_bytes])
+            )
             .is_err()
     );
     assert!(
         backend
-            .write_kv_blocks(&mut kv, &[num_blocks as u32], &bytes[..block_bytes])
+            .write_kv_blocks(
+                &mut kv,
+                &[num_blocks as u32],
+                KvBytes::Host(&bytes[..block_bytes])
+            )
             .is_err()
     );
 
@@ -328,11 +340,11 @@ fn kv_blocks_round_trip_through_pinned_staging() {
     model.forward(&batch, &mut source).unwrap();
     let mut staged = vec![0u8; 3 * block_bytes];
     backend
-        .read_kv_blocks(&source, &[0, 1, 2], &mut staged)
+        .read_kv_blocks(&source, &[0, 1, 2], KvBytesMut::Host(&mut staged))
         .unwrap();
     let mut dest = model.alloc_kv_cache(16, 8).unwrap();
     backend
-        .write_kv_blocks(&mut dest, &[5, 3, 6], &staged)
+        .write_kv_blocks(&mut dest, &[5, 3, 6], KvBytes::Host(&staged))
         .unwrap();
     let next = |kv: &mut _, table: Vec<u32>| {
         let mut b = ForwardBatch::default();
@@ -365,7 +377,7 @@ fn filled_cache(model: &Model<CudaBackend>) -> Filled {
         .collect();
     model
         .backend()
-        .write_kv_blocks(&mut kv, &blocks, &bytes)
+        .write_kv_blocks(&mut kv, &blocks, KvBytes::Host(&bytes))
         .unwrap();
     Filled {
         kv,
@@ -404,16 +416,22 @@ fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
     // SAFETY: leaked above, so mapped until the process exits.
     assert!(unsafe { backend.pin_host_memory(range) }.unwrap());
     let slice = &mut region[block_bytes + 100..block_bytes + 100 + bytes.len()];
-    backend.read_kv_blocks(&kv, &blocks, slice).unwrap();
+    backend
+        .read_kv_blocks(&kv, &blocks, KvBytesMut::Host(&mut *slice))
+        .unwrap();
     assert!(
         *slice == bytes[..],
         "direct read from pinned memory differs"
     );
 
     // Written back from pinned memory into other blocks: a staged read sees the same bytes.
-    backend.write_kv_blocks(&mut kv, &others, slice).unwrap();
+    backend
+        .write_kv_blocks(&mut kv, &others, KvBytes::Host(slice))
+        .unwrap();
     let mut staged = vec![0u8; bytes.len()];
-    backend.read_kv_blocks(&kv, &others, &mut staged).unwrap();
+    backend
+        .read_kv_blocks(&kv, &others, KvBytesMut::Host(&mut staged))
+        .unwrap();
     assert!(staged == bytes, "direct write from pinned memory differs");
 }
 
@@ -423,9 +441,8 @@ fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
 /// refused, and a full pool says so (the worker then exports through host memory).
 #[test]
 fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
-    use tandem_workers::backend::{KvBytes, KvBytesMut};
     use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
-    use tandem_workers::transfer::{KvTransport, RemoteKv, TransferError};
+    use tandem_workers::transfer::{KvTransport, RemoteKv, RemoteMemory, TransferError};
 
     if no_gpu() {
         return;
@@ -453,14 +470,13 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         panic!("a CUDA IPC export is device memory");
     };
     backend
-        .read_kv_blocks_to_device(&kv, &blocks, range)
+        .read_kv_blocks(&kv, &blocks, KvBytesMut::Device(range))
         .unwrap();
     let exported = export.finish();
     assert!(exported.addr >= 4096, "the export is a slice at an offset");
-    let source = exported
-        .cuda_ipc
-        .clone()
-        .expect("the export describes its allocation");
+    let RemoteMemory::CudaIpc(source) = exported.memory.clone() else {
+        panic!("the export describes its allocation");
+    };
     assert_eq!(source.alloc_bytes as usize, 2 * len + 4096);
     assert!(
         matches!(
@@ -472,12 +488,10 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
 
     let puller = CudaIpcTransport::start(0, len, "this-host".into()).unwrap();
     let remote = RemoteKv {
-        address: Vec::new(),
-        rkey: Vec::new(),
+        memory: RemoteMemory::CudaIpc(source.clone()),
         regions: (0..blocks.len() as u64)
             .map(|i| (exported.addr + i * block_bytes as u64, block_bytes as u64))
             .collect(),
-        cuda_ipc: Some(source.clone()),
     };
     let pull = |remote: RemoteKv| {
         runtime.block_on(puller.pull(remote, std::time::Duration::from_secs(10)))
@@ -488,10 +502,12 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         panic!("a CUDA IPC pull is device memory");
     };
     backend
-        .write_kv_blocks_from_device(&mut kv, &others, range)
+        .write_kv_blocks(&mut kv, &others, KvBytes::Device(range))
         .unwrap();
     let mut back = vec![0u8; len];
-    backend.read_kv_blocks(&kv, &others, &mut back).unwrap();
+    backend
+        .read_kv_blocks(&kv, &others, KvBytesMut::Host(&mut back))
+        .unwrap();
     assert!(
         back == bytes,
         "the K/V changed on its way through the pools"
@@ -502,7 +518,7 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     drop((pulled, second, first));
 
     let mut elsewhere = remote.clone();
-    elsewhere.cuda_ipc = Some(tandem_workers::transfer::CudaIpcSource {
+    elsewhere.memory = RemoteMemory::CudaIpc(tandem_workers::transfer::CudaIpcSource {
         host_id: "another-host".into(),
         ..source.clone()
     });

@@ -5,7 +5,7 @@
 mod parity_support;
 
 use parity_support::*;
-use tandem_workers::backend::Backend;
+use tandem_workers::backend::{Backend, KvBlockIo, KvBytes, KvBytesMut};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, ModelOptions};
 
@@ -37,8 +37,10 @@ fn check(kv_dtype: KvDType) {
         .zip(&target_table)
         .take(layout.blocks_for(prompt.len()))
     {
-        b.read_kv_block(&source, from, &mut bytes).unwrap();
-        b.write_kv_block(&mut target, to, &bytes).unwrap();
+        b.read_kv_blocks(&source, &[from], KvBytesMut::Host(&mut bytes))
+            .unwrap();
+        b.write_kv_blocks(&mut target, &[to], KvBytes::Host(&bytes))
+            .unwrap();
     }
 
     let step = |kv: &mut _, table: &Vec<u32>| {

@@ -1,7 +1,7 @@
 //! The prefill → decode hand-over of a disaggregated request: which worker has the request
 //! (`Phase`), the decode job sent on the context worker's `kv_ready`, and the decode
-//! worker's report of its KV pull (`kv_pulled`, the one place its `transport` and `fallback`
-//! are read).
+//! worker's report of its KV pull (`kv_pulled`, the one place its outcome, a transport or a
+//! fallback, is read).
 //!
 //! The decode job is the same job, with the same request id and stream subject, plus the KV
 //! handle; it keeps the first-token budget the prefill started (prefill, transfer and first
@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use tandem_protocol::messages::{GenerateJob, KvHandle};
+use tandem_protocol::messages::{GenerateJob, KvHandle, PullOutcome};
 
 use super::fallback::FallbackReason;
 use super::{Generation, unix_ms_at};
@@ -103,18 +103,10 @@ impl Generation {
 
     /// Accounts a decode worker's report of its KV pull (`kv_pulled`): the transfer, or the
     /// failed pull after which the decode worker prefilled the prompt itself.
-    pub(super) fn kv_pulled(
-        &self,
-        worker_id: &str,
-        bytes: u64,
-        micros: u64,
-        fallback: Option<String>,
-        transport: Option<String>,
-    ) {
-        match fallback {
-            None => {
-                // A worker of an older build does not say; it could only pull over UCX.
-                let transport = transport.as_deref().unwrap_or("ucx");
+    pub(super) fn kv_pulled(&self, worker_id: &str, bytes: u64, micros: u64, outcome: PullOutcome) {
+        match outcome {
+            PullOutcome::Pulled { transport } => {
+                let transport = transport.as_str();
                 self.metrics.record(Event::KvPulled {
                     bytes,
                     micros,
@@ -123,7 +115,7 @@ impl Generation {
                 tracing::debug!(request_id = %self.request_id, %worker_id, bytes, micros,
                     transport, "KV pulled");
             }
-            Some(reason) => {
+            PullOutcome::Fallback { reason } => {
                 self.metrics
                     .record(Event::Fallback(FallbackReason::PullFailed));
                 tracing::warn!(request_id = %self.request_id, %worker_id,

@@ -368,10 +368,9 @@ impl Generation {
                     worker_id,
                     bytes,
                     micros,
-                    fallback,
-                    transport,
+                    outcome,
                 } => {
-                    self.kv_pulled(&worker_id, bytes, micros, fallback, transport);
+                    self.kv_pulled(&worker_id, bytes, micros, outcome);
                     continue;
                 }
                 StreamMessage::Tokens { tokens } => {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tandem_protocol::messages::{
     CancelRequest, FinishReason, GenerateJob, Heartbeat, KvHandle, KvLayoutSpec, KvPeer, KvRegion,
-    KvTransferStats, StreamMessage, TokenEvent, Usage, WorkerRole, decode, encode,
+    KvTransferStats, PullOutcome, StreamMessage, TokenEvent, Usage, WorkerRole, decode, encode,
 };
 use tandem_protocol::subjects::Subjects;
 
@@ -453,16 +453,18 @@ impl Answerer {
                             worker_id: self.id.clone(),
                             bytes: 0,
                             micros: 0,
-                            fallback: Some("scripted pull failure".into()),
-                            transport: None,
+                            outcome: PullOutcome::Fallback {
+                                reason: "scripted pull failure".into(),
+                            },
                         }
                     } else {
                         StreamMessage::KvPulled {
                             worker_id: self.id.clone(),
                             bytes: handle.blocks.len() as u64 * FAKE_BLOCK_BYTES,
                             micros: FAKE_PULL_MICROS,
-                            fallback: None,
-                            transport: Some(SCRIPTED_TRANSPORT.into()),
+                            outcome: PullOutcome::Pulled {
+                                transport: SCRIPTED_TRANSPORT.into(),
+                            },
                         }
                     };
                     self.send(&job, pulled).await;

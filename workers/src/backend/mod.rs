@@ -17,75 +17,14 @@
 
 pub mod cpu;
 pub mod cuda;
+mod kv_io;
 mod plan;
 
+pub use kv_io::{DeviceRange, HostRange, KvBlockIo, KvBuffer, KvBytes, KvBytesMut};
 pub use plan::{BatchPlan, PlanSequence};
 
 use crate::kv_cache::KvLayout;
 use crate::sampler::device::{RowRequest, RowSummary};
-
-/// A range of host memory that stays mapped as long as the process runs (the KV transport's
-/// transfer pool): what [`Backend::pin_host_memory`] pins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HostRange {
-    pub ptr: *mut u8,
-    pub len: usize,
-}
-
-// SAFETY: an address range, not access to it; whoever dereferences it says why that is sound.
-unsafe impl Send for HostRange {}
-unsafe impl Sync for HostRange {}
-
-/// Device memory in the backend's context (a transfer pool's slice, or another process's
-/// allocation mapped by CUDA IPC): where K/V moves without leaving the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceRange {
-    /// The device address (`CUdeviceptr`).
-    pub ptr: u64,
-    pub len: usize,
-}
-
-/// K/V bytes of a transfer, read by [`Backend::write_kv_blocks`] or
-/// [`Backend::write_kv_blocks_from_device`].
-#[derive(Debug, Clone, Copy)]
-pub enum KvBytes<'a> {
-    Host(&'a [u8]),
-    Device(DeviceRange),
-}
-
-/// Memory a transfer's K/V is written into, by [`Backend::read_kv_blocks`] or
-/// [`Backend::read_kv_blocks_to_device`].
-#[derive(Debug)]
-pub enum KvBytesMut<'a> {
-    Host(&'a mut [u8]),
-    Device(DeviceRange),
-}
-
-impl KvBytes<'_> {
-    pub fn len(&self) -> usize {
-        match self {
-            KvBytes::Host(bytes) => bytes.len(),
-            KvBytes::Device(range) => range.len,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl KvBytesMut<'_> {
-    pub fn len(&self) -> usize {
-        match self {
-            KvBytesMut::Host(bytes) => bytes.len(),
-            KvBytesMut::Device(range) => range.len,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// Element type of a tensor read from a weight file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,7 +113,9 @@ pub type ForwardLayers<'a, B> = dyn FnMut(
 /// A device: memory for weights, activations and the KV cache, and the ops of the forward pass.
 ///
 /// Ops take the batch description produced by [`Backend::prepare_batch`] (positions, rotary
-/// tables, slot mapping, block tables), uploaded once per forward.
+/// tables, slot mapping, block tables), uploaded once per forward. Copies of KV blocks to and
+/// from a transfer are [`KvBlockIo`]; sampling on the device is the optional
+/// [`DeviceSampler`].
 pub trait Backend: Send + Sync {
     /// Activations, `[rows, cols]`.
     type Tensor: Send + Sync;
@@ -208,89 +149,6 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::KvCache, BackendError>;
     fn kv_cache_layout(&self, kv: &Self::KvCache) -> KvLayout;
     fn kv_cache_blocks(&self, kv: &Self::KvCache) -> usize;
-    /// Copies one block's bytes (`layout.block_bytes()` of them) out of the cache.
-    fn read_kv_block(
-        &self,
-        kv: &Self::KvCache,
-        block: u32,
-        dst: &mut [u8],
-    ) -> Result<(), BackendError>;
-    /// Overwrites one block with `src` (`layout.block_bytes()` bytes in the layout's dtype).
-    fn write_kv_block(
-        &self,
-        kv: &mut Self::KvCache,
-        block: u32,
-        src: &[u8],
-    ) -> Result<(), BackendError>;
-
-    /// Pins `range` for the device's copy engine, so that [`Self::read_kv_blocks`] and
-    /// [`Self::write_kv_blocks`] on bytes inside it copy straight to or from the device
-    /// instead of through a staging buffer. False where there is nothing to pin (host
-    /// backends).
-    ///
-    /// # Safety
-    /// `range` must stay mapped for as long as this backend lives.
-    unsafe fn pin_host_memory(&self, _range: HostRange) -> Result<bool, BackendError> {
-        Ok(false)
-    }
-
-    /// Copies `blocks`, in order, out of the cache into `dst` (`blocks.len()` blocks back to
-    /// back): a prompt's K/V handed to a transfer. The default copies block after block; a
-    /// device backend queues all the copies and waits once.
-    fn read_kv_blocks(
-        &self,
-        kv: &Self::KvCache,
-        blocks: &[u32],
-        dst: &mut [u8],
-    ) -> Result<(), BackendError> {
-        let block_bytes = self.kv_cache_layout(kv).block_bytes();
-        for (&block, chunk) in blocks.iter().zip(dst.chunks_exact_mut(block_bytes)) {
-            self.read_kv_block(kv, block, chunk)?;
-        }
-        Ok(())
-    }
-
-    /// Overwrites `blocks` with `src`, laid out as [`Self::read_kv_blocks`] writes it.
-    fn write_kv_blocks(
-        &self,
-        kv: &mut Self::KvCache,
-        blocks: &[u32],
-        src: &[u8],
-    ) -> Result<(), BackendError> {
-        let block_bytes = self.kv_cache_layout(kv).block_bytes();
-        for (&block, chunk) in blocks.iter().zip(src.chunks_exact(block_bytes)) {
-            self.write_kv_block(kv, block, chunk)?;
-        }
-        Ok(())
-    }
-
-    /// [`Self::read_kv_blocks`] into device memory of this backend's device (a CUDA IPC
-    /// export): device-to-device copies. Host backends have no device memory.
-    fn read_kv_blocks_to_device(
-        &self,
-        _kv: &Self::KvCache,
-        _blocks: &[u32],
-        _dst: DeviceRange,
-    ) -> Result<(), BackendError> {
-        Err(BackendError::Device {
-            op: "read KV blocks to device memory",
-            detail: format!("the {} backend has no device memory", self.describe()),
-        })
-    }
-
-    /// [`Self::write_kv_blocks`] from device memory of this backend's device (a CUDA IPC
-    /// pull's destination).
-    fn write_kv_blocks_from_device(
-        &self,
-        _kv: &mut Self::KvCache,
-        _blocks: &[u32],
-        _src: DeviceRange,
-    ) -> Result<(), BackendError> {
-        Err(BackendError::Device {
-            op: "write KV blocks from device memory",
-            detail: format!("the {} backend has no device memory", self.describe()),
-        })
-    }
 
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<Self::Batch, BackendError>;
 
@@ -396,22 +254,22 @@ pub trait Backend: Send + Sync {
         Ok(rows.iter().map(|&r| std::mem::take(&mut all[r])).collect())
     }
 
-    /// Whether [`Backend::summarize_rows`] is implemented. The CPU's logits are host memory
-    /// already, so it samples from the rows themselves.
-    fn summarizes_rows(&self) -> bool {
-        false
+    /// The backend's sampler on the device, where it has one (and it is on); without one,
+    /// logits rows are copied to the host and sampled there (the CPU's logits are host memory
+    /// already).
+    fn device_sampler(&self) -> Option<&dyn DeviceSampler<Self::Tensor>> {
+        None
     }
+}
 
-    /// Sampling summaries of the logits rows `logits` (one per request, in row order) so the
-    /// rows need not be copied to the host ([`crate::sampler::device`]).
+/// Sampling summaries of logits rows computed where the rows are, so they need not be copied
+/// to the host ([`crate::sampler::device`]): a capability some backends have
+/// ([`Backend::device_sampler`]).
+pub trait DeviceSampler<T>: Send + Sync {
+    /// One summary per row of `logits`, in row order, as `requests` (one per row) ask.
     fn summarize_rows(
         &self,
-        _logits: &Self::Tensor,
-        _requests: &[RowRequest],
-    ) -> Result<Vec<RowSummary>, BackendError> {
-        Err(BackendError::Device {
-            op: "summarize_rows",
-            detail: format!("the {} backend samples from host rows", self.describe()),
-        })
-    }
+        logits: &T,
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, BackendError>;
 }

@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use tandem_model::ModelConfig;
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
 use tandem_workers::backend::cuda::{CudaBackend, CudaKvCache, CudaOptions};
-use tandem_workers::backend::{Backend, DType, HostTensor};
+use tandem_workers::backend::{Backend, DType, DeviceSampler, HostTensor, KvBlockIo};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 use tandem_workers::sampler::device::RowRequest;
@@ -504,7 +504,8 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
         }
         Ok(())
     })?;
-    let read_batched = rate(&mut || Ok(gpu.read_kv_blocks(kv, blocks, &mut host)?))?;
+    let read_batched =
+        rate(&mut || Ok(gpu.read_kv_blocks(kv, blocks, KvBytesMut::Host(&mut host))?))?;
     let snapshot = host.clone();
     let write_each = rate(&mut || {
         for (&b, chunk) in blocks.iter().zip(snapshot.chunks_exact(block_bytes)) {
@@ -512,8 +513,9 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
         }
         Ok(())
     })?;
-    let write_batched = rate(&mut || Ok(gpu.write_kv_blocks(kv, blocks, &snapshot)?))?;
-    gpu.read_kv_blocks(kv, blocks, &mut host)?;
+    let write_batched =
+        rate(&mut || Ok(gpu.write_kv_blocks(kv, blocks, KvBytes::Host(&snapshot))?))?;
+    gpu.read_kv_blocks(kv, blocks, KvBytesMut::Host(&mut host))?;
     anyhow::ensure!(
         host == snapshot,
         "KV blocks changed on their way to the host and back"
@@ -536,7 +538,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
         rate(&mut || {
             let mut buffer = runtime.block_on(transport.reserve(total as usize))?;
             let bytes = buffer.host_bytes_mut().context("UCX exports host memory")?;
-            gpu.read_kv_blocks(kv, blocks, bytes)?;
+            gpu.read_kv_blocks(kv, blocks, KvBytesMut::Host(bytes))?;
             drop(buffer.finish());
             Ok(())
         })
@@ -550,7 +552,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     let pool_rate = export(&pooled)?;
     let mut check = runtime.block_on(pooled.reserve(total as usize))?;
     let check_bytes = check.host_bytes_mut().context("UCX exports host memory")?;
-    gpu.read_kv_blocks(kv, blocks, check_bytes)?;
+    gpu.read_kv_blocks(kv, blocks, KvBytesMut::Host(&mut *check_bytes))?;
     anyhow::ensure!(
         *check_bytes == *snapshot.as_slice(),
         "the pinned export differs from the staged copy"
@@ -567,10 +569,8 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     // pool. The pull and the write are timed apart: the write is what the pool changes.
     let exported = check.finish();
     let remote = RemoteKv {
-        address: exported.address.clone(),
-        rkey: exported.rkey.clone(),
+        memory: exported.memory.clone(),
         regions: vec![(exported.addr, exported.len)],
-        cuda_ipc: None,
     };
     let pool_puller = UcxTransport::start_with_pool(total as usize)?;
     let pool = pool_puller.pool().context("the transport kept no pool")?;
@@ -582,12 +582,13 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
         let pulled = pull()?;
         anyhow::ensure!(pulled.is_lent() == lent, "pulled into the wrong memory");
         let bytes = pulled.host().context("UCX pulls into host memory")?;
-        let write_rate = rate(&mut || Ok(gpu.write_kv_blocks(kv, blocks, bytes)?))?;
+        let write_rate =
+            rate(&mut || Ok(gpu.write_kv_blocks(kv, blocks, KvBytes::Host(bytes))?))?;
         Ok((pull_rate, write_rate))
     };
     let (vec_pull, vec_write) = import(&UcxTransport::start()?, false)?;
     let (pool_pull, pool_write) = import(&pool_puller, true)?;
-    gpu.read_kv_blocks(kv, blocks, &mut host)?;
+    gpu.read_kv_blocks(kv, blocks, KvBytesMut::Host(&mut host))?;
     anyhow::ensure!(
         host == snapshot,
         "the K/V imported from the pinned pool differs"
@@ -612,18 +613,16 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
         let KvBytesMut::Device(range) = buffer.bytes_mut() else {
             bail!("a CUDA IPC export is device memory");
         };
-        gpu.read_kv_blocks_to_device(kv, blocks, range)?;
+        gpu.read_kv_blocks(kv, blocks, KvBytesMut::Device(range))?;
         Ok(buffer.finish())
     };
     let ipc_export = rate(&mut || export_ipc().map(drop))?;
     let exported = export_ipc()?;
     let remote = RemoteKv {
-        address: Vec::new(),
-        rkey: Vec::new(),
+        memory: exported.memory.clone(),
         regions: (0..blocks.len() as u64)
             .map(|i| (exported.addr + i * block_bytes as u64, block_bytes as u64))
             .collect(),
-        cuda_ipc: exported.cuda_ipc.clone(),
     };
     let pull = || runtime.block_on(puller.pull(remote.clone(), Duration::from_secs(30)));
     let ipc_pull = rate(&mut || pull().map(drop).map_err(Into::into))?;
@@ -631,8 +630,8 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     let KvBytes::Device(range) = pulled.bytes() else {
         bail!("a CUDA IPC pull is device memory");
     };
-    let ipc_write = rate(&mut || Ok(gpu.write_kv_blocks_from_device(kv, blocks, range)?))?;
-    gpu.read_kv_blocks(kv, blocks, &mut host)?;
+    let ipc_write = rate(&mut || Ok(gpu.write_kv_blocks(kv, blocks, KvBytes::Device(range))?))?;
+    gpu.read_kv_blocks(kv, blocks, KvBytesMut::Host(&mut host))?;
     anyhow::ensure!(
         host == snapshot,
         "the K/V that went through CUDA IPC pools differs"

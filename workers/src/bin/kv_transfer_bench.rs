@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tandem_workers::transfer::ucx::UcxTransport;
-use tandem_workers::transfer::{KvTransport, RemoteKv, from_hex, to_hex};
+use tandem_workers::transfer::{KvTransport, RemoteKv, RemoteMemory, from_hex, to_hex};
 
 struct Layout {
     name: &'static str,
@@ -74,10 +74,13 @@ fn export(bytes: usize) -> anyhow::Result<()> {
     let exported = runtime
         .block_on(transport.export(data))
         .context("exporting")?;
+    let RemoteMemory::Registered { address, rkey } = &exported.memory else {
+        bail!("a UCX export is registered host memory");
+    };
     println!(
         "{} {} {} {}",
-        to_hex(&exported.address),
-        to_hex(&exported.rkey),
+        to_hex(address),
+        to_hex(rkey),
         exported.addr,
         exported.len
     );
@@ -197,12 +200,13 @@ fn main() -> anyhow::Result<()> {
             let base: u64 = fields[2].parse()?;
             for (label, stride) in [("coalesced", 1u64), ("per block", 2)] {
                 let remote = RemoteKv {
-                    address: address.clone(),
-                    rkey: rkey.clone(),
+                    memory: RemoteMemory::Registered {
+                        address: address.clone(),
+                        rkey: rkey.clone(),
+                    },
                     regions: (0..blocks as u64)
                         .map(|i| (base + i * stride * block as u64, block as u64))
                         .collect(),
-                    cuda_ipc: None,
                 };
                 let gets = remote.coalesced().len();
                 let mean_seconds = |puller: &UcxTransport, lent: bool| -> anyhow::Result<f64> {

@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 
+use crate::backend::{HostRange, KvBuffer};
+
 use super::{
     Engine, EngineError, EngineEvent, FinishReason, GenerationRequest, ImportedPrefill, RequestId,
     StepModel, finished_without_tokens,
@@ -49,28 +51,14 @@ enum Command {
     Cancel(RequestId),
     ReleaseKv(RequestId),
     PinHostMemory {
-        range: crate::backend::HostRange,
+        range: HostRange,
         reply: tokio::sync::oneshot::Sender<Result<bool, EngineError>>,
     },
     TakeKv {
         id: RequestId,
-        dst: Box<dyn KvDestination>,
-        reply: tokio::sync::oneshot::Sender<(Box<dyn KvDestination>, Result<(), EngineError>)>,
+        dst: Box<dyn KvBuffer>,
+        reply: tokio::sync::oneshot::Sender<(Box<dyn KvBuffer>, Result<(), EngineError>)>,
     },
-}
-
-/// Memory a retained prompt's K/V is copied into on the engine's thread
-/// ([`EngineHandle::take_retained_kv_into`]), host or device. The command owns it while the
-/// copy runs, so a caller that stops waiting cannot free it under the copy; it comes back
-/// afterwards.
-pub trait KvDestination: std::any::Any + Send {
-    fn bytes_mut(&mut self) -> crate::backend::KvBytesMut<'_>;
-}
-
-impl KvDestination for Vec<u8> {
-    fn bytes_mut(&mut self) -> crate::backend::KvBytesMut<'_> {
-        crate::backend::KvBytesMut::Host(self)
-    }
 }
 
 /// A cloneable handle to an engine thread.
@@ -181,8 +169,9 @@ impl EngineHandle {
 
     /// Copies the K/V a prefill-only request retained into `dst` (exactly its blocks' bytes)
     /// and frees its blocks ([`Engine::take_retained_kv_into`]); answered between two steps.
-    /// Returns `dst` filled.
-    pub async fn take_retained_kv_into<D: KvDestination>(
+    /// The command owns `dst` while the copy runs, so a caller that stops waiting cannot free
+    /// it under the copy. Returns `dst` filled.
+    pub async fn take_retained_kv_into<D: KvBuffer>(
         &self,
         id: RequestId,
         dst: D,
@@ -208,10 +197,7 @@ impl EngineHandle {
     ///
     /// # Safety
     /// `range` must stay mapped for as long as the engine thread runs.
-    pub async unsafe fn pin_host_memory(
-        &self,
-        range: crate::backend::HostRange,
-    ) -> Result<bool, EngineError> {
+    pub async unsafe fn pin_host_memory(&self, range: HostRange) -> Result<bool, EngineError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.commands
             .send(Command::PinHostMemory { range, reply })

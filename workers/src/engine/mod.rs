@@ -30,14 +30,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use thiserror::Error;
 
-pub use handle::{EngineHandle, EventSink, KvDestination, RequestStream};
+pub use handle::{EngineHandle, EventSink, RequestStream};
 pub use request::{
     EngineEvent, EventKind, FinishReason, GenerationRequest, RequestId, RetainedKv, Usage,
 };
-pub use runner::{ModelRunner, StepModel};
+pub use runner::{DeviceSampling, ModelRunner, StepModel};
 pub use text::{TextDecoder, TextStep, TextStream, TokenizerText};
 
-use crate::backend::{KvBytes, KvBytesMut};
+use crate::backend::{HostRange, KvBuffer, KvBytesMut};
 use crate::model::ForwardBatch;
 use crate::sampler::device::RowRequest;
 use crate::sampler::{SampledToken, Sampler, SamplingError};
@@ -96,25 +96,15 @@ pub enum EngineError {
     Model(#[from] crate::model::ModelError),
 }
 
-/// The bytes of an imported prefill's K/V: a `Vec`, or memory a transport lent (a slice of
-/// its pool: host memory, pinned on a GPU worker, or device memory after a CUDA IPC pull),
-/// given back when the engine drops it after writing it into the cache.
-pub trait KvSource: Send + std::fmt::Debug {
-    fn bytes(&self) -> KvBytes<'_>;
-}
-
-impl KvSource for Vec<u8> {
-    fn bytes(&self) -> KvBytes<'_> {
-        KvBytes::Host(self)
-    }
-}
-
 /// A prompt prefilled elsewhere (a context worker): its K/V, block after block in this
 /// engine's layout, and the token sampled after it.
 #[derive(Debug)]
 pub struct ImportedPrefill {
-    /// `blocks_for(num_tokens)` blocks of the layout's block bytes, back to back.
-    pub kv: Box<dyn KvSource>,
+    /// `blocks_for(num_tokens)` blocks of the layout's block bytes, back to back: a `Vec`,
+    /// or memory a transport lent (a slice of its pool: host memory, pinned on a GPU worker,
+    /// or device memory after a CUDA IPC pull), given back when the engine drops it after
+    /// writing it into the cache.
+    pub kv: Box<dyn KvBuffer>,
     pub num_tokens: usize,
     pub first_token: SampledToken,
 }
@@ -123,7 +113,7 @@ pub struct ImportedPrefill {
 struct PendingImport {
     id: RequestId,
     seq: Sequence,
-    kv: Box<dyn KvSource>,
+    kv: Box<dyn KvBuffer>,
     first_token: SampledToken,
 }
 
@@ -394,11 +384,7 @@ impl<M: StepModel> Engine<M> {
                 }
             };
             self.seqs.insert(id, import.seq);
-            let written = match import.kv.bytes() {
-                KvBytes::Host(bytes) => self.model.write_kv_blocks(&blocks, bytes),
-                KvBytes::Device(range) => self.model.write_kv_blocks_from_device(&blocks, range),
-            };
-            if let Err(e) = written {
+            if let Err(e) = self.model.write_kv_blocks(&blocks, import.kv.bytes()) {
                 self.end(
                     id,
                     FinishReason::Error(format!("writing the imported KV cache: {e}")),
@@ -433,10 +419,7 @@ impl<M: StepModel> Engine<M> {
             return Err(EngineError::UnknownRequest(id));
         }
         let blocks = self.scheduler.blocks(id).unwrap_or_default();
-        let read = match dst {
-            KvBytesMut::Host(bytes) => self.model.read_kv_blocks(&blocks, bytes),
-            KvBytesMut::Device(range) => self.model.read_kv_blocks_to_device(&blocks, range),
-        };
+        let read = self.model.read_kv_blocks(&blocks, dst);
         self.scheduler.release_pinned(id)?;
         Ok(read?)
     }
@@ -446,10 +429,7 @@ impl<M: StepModel> Engine<M> {
     ///
     /// # Safety
     /// `range` must stay mapped for as long as the engine lives.
-    pub unsafe fn pin_host_memory(
-        &mut self,
-        range: crate::backend::HostRange,
-    ) -> Result<bool, EngineError> {
+    pub unsafe fn pin_host_memory(&mut self, range: HostRange) -> Result<bool, EngineError> {
         // SAFETY: the caller's promise, passed on.
         Ok(unsafe { self.model.pin_host_memory(range) }?)
     }
@@ -514,7 +494,7 @@ impl<M: StepModel> Engine<M> {
                 item.wants_logits,
             );
         }
-        if self.model.samples_on_device() {
+        if self.model.device_sampling().is_some() {
             self.forward_and_sample_on_device(&batch, &decision.scheduled, &mut events);
             return events;
         }
@@ -573,7 +553,12 @@ impl<M: StepModel> Engine<M> {
             .collect();
         let summary_requests: Vec<RowRequest> =
             requests.iter().map(|r| r.unwrap_or(placeholder)).collect();
-        let summaries = match self.model.forward_summarized(batch, &summary_requests) {
+        let summaries = match self
+            .model
+            .device_sampling()
+            .expect("step() samples on the device only for a model that can")
+            .forward_summarized(batch, &summary_requests)
+        {
             Ok(summaries) if summaries.len() == wanting.len() => summaries,
             Ok(summaries) => {
                 let message = format!(
@@ -607,7 +592,12 @@ impl<M: StepModel> Engine<M> {
         let host_rows = if on_host.is_empty() {
             Vec::new()
         } else {
-            let message = match self.model.last_logits_rows(&on_host) {
+            let rows = self
+                .model
+                .device_sampling()
+                .expect("step() samples on the device only for a model that can")
+                .last_logits_rows(&on_host);
+            let message = match rows {
                 Ok(rows) if rows.len() == on_host.len() => Ok(rows),
                 Ok(rows) => Err(format!(
                     "the model returned {} logits rows for {} sequences",

@@ -3,7 +3,7 @@
 //! [`ModelRunner`] pairs a [`Model`] with the KV cache it writes; the [`StepModel`] trait lets
 //! the scheduling logic of the engine be tested against a small deterministic fake.
 
-use crate::backend::{Backend, DeviceRange, HostRange};
+use crate::backend::{Backend, HostRange, KvBlockIo, KvBytes, KvBytesMut};
 use crate::kv_cache::KvLayout;
 use crate::kv_cache::block_pool::BlockId;
 use crate::model::{ForwardBatch, Model, ModelError};
@@ -20,64 +20,42 @@ pub trait StepModel: Send {
     /// Runs `batch`, writing the new tokens' K/V into the cache; one logits row per sequence
     /// with `wants_logits`, in batch order.
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError>;
-    /// Whether [`StepModel::forward_summarized`] samples on the device.
-    fn samples_on_device(&self) -> bool {
-        false
-    }
-    /// Runs `batch` like [`StepModel::forward`] but returns a sampling summary per logits row
-    /// ([`crate::sampler::device`]) instead of the row; the rows stay available to
-    /// [`StepModel::last_logits_rows`] until the next forward.
-    fn forward_summarized(
-        &mut self,
-        _batch: &ForwardBatch,
-        _requests: &[RowRequest],
-    ) -> Result<Vec<RowSummary>, ModelError> {
-        Err(ModelError::InvalidBatch(
-            "this model samples from host rows".into(),
-        ))
-    }
-    /// Rows `rows` (ascending indices among the logits rows) of the last
-    /// [`StepModel::forward_summarized`], for requests its summaries do not decide.
-    fn last_logits_rows(&mut self, _rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError> {
-        Err(ModelError::InvalidBatch(
-            "no logits kept from a summarized forward".into(),
-        ))
+    /// Sampling on the device, where the model's backend can ([`DeviceSampling`]); `None`:
+    /// the engine samples from the rows [`Self::forward`] returns.
+    fn device_sampling(&mut self) -> Option<&mut dyn DeviceSampling> {
+        None
     }
     /// The cache's block layout (the contract of a KV transfer).
     fn kv_layout(&self) -> KvLayout;
-    /// [`Backend::pin_host_memory`]: false where nothing is pinned.
+    /// [`KvBlockIo::pin_host_memory`]: false where nothing is pinned.
     ///
     /// # Safety
     /// `range` must stay mapped for as long as the model lives.
-    unsafe fn pin_host_memory(&mut self, _range: HostRange) -> Result<bool, ModelError> {
+    unsafe fn pin_host_memory(&mut self, range: HostRange) -> Result<bool, ModelError> {
+        let _ = range;
         Ok(false)
     }
     /// Copies `blocks` out of the cache, back to back, into `dst` (`blocks.len()` times the
-    /// layout's block bytes).
-    fn read_kv_blocks(&self, blocks: &[BlockId], dst: &mut [u8]) -> Result<(), ModelError>;
+    /// layout's block bytes, host or device memory).
+    fn read_kv_blocks(&self, blocks: &[BlockId], dst: KvBytesMut<'_>) -> Result<(), ModelError>;
     /// Overwrites `blocks` with `src`, laid out as [`Self::read_kv_blocks`] produces it.
-    fn write_kv_blocks(&mut self, blocks: &[BlockId], src: &[u8]) -> Result<(), ModelError>;
-    /// [`Self::read_kv_blocks`] into device memory ([`Backend::read_kv_blocks_to_device`]).
-    fn read_kv_blocks_to_device(
-        &self,
-        _blocks: &[BlockId],
-        _dst: DeviceRange,
-    ) -> Result<(), ModelError> {
-        Err(ModelError::InvalidBatch(
-            "this model's KV cache is not in device memory".into(),
-        ))
-    }
-    /// [`Self::write_kv_blocks`] from device memory
-    /// ([`Backend::write_kv_blocks_from_device`]).
-    fn write_kv_blocks_from_device(
+    fn write_kv_blocks(&mut self, blocks: &[BlockId], src: KvBytes<'_>) -> Result<(), ModelError>;
+}
+
+/// A forward pass whose tokens are sampled on the device: a sampling summary per logits row
+/// ([`crate::sampler::device`]) instead of the row.
+pub trait DeviceSampling {
+    /// Runs `batch` like [`StepModel::forward`] and summarizes each logits row as `requests`
+    /// (one per row) ask; the rows stay available to [`Self::last_logits_rows`] until the
+    /// next forward.
+    fn forward_summarized(
         &mut self,
-        _blocks: &[BlockId],
-        _src: DeviceRange,
-    ) -> Result<(), ModelError> {
-        Err(ModelError::InvalidBatch(
-            "this model's KV cache is not in device memory".into(),
-        ))
-    }
+        batch: &ForwardBatch,
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, ModelError>;
+    /// Rows `rows` (ascending indices among the logits rows) of the last
+    /// [`Self::forward_summarized`], for requests its summaries do not decide.
+    fn last_logits_rows(&mut self, rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError>;
 }
 
 /// A loaded model and a KV cache of `num_blocks` blocks of `block_size` tokens.
@@ -101,13 +79,21 @@ impl<B: Backend> ModelRunner<B> {
     pub fn model(&self) -> &Model<B> {
         &self.model
     }
+
+    /// Refuses a transfer whose bytes are not exactly `blocks` whole blocks.
+    fn check_len(&self, blocks: &[BlockId], len: usize) -> Result<(), ModelError> {
+        let block_bytes = self.model.backend().kv_cache_layout(&self.kv).block_bytes();
+        if blocks.len() * block_bytes != len {
+            return Err(ModelError::InvalidBatch(format!(
+                "{len} bytes for {} KV blocks of {block_bytes} bytes",
+                blocks.len()
+            )));
+        }
+        Ok(())
+    }
 }
 
-impl<B: Backend> StepModel for ModelRunner<B>
-where
-    B::KvCache: Send,
-    B::Tensor: Send,
-{
+impl<B: KvBlockIo> StepModel for ModelRunner<B> {
     fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
     }
@@ -124,31 +110,12 @@ where
         self.model.forward(batch, &mut self.kv)
     }
 
-    fn samples_on_device(&self) -> bool {
-        self.model.backend().summarizes_rows()
-    }
-
-    fn forward_summarized(
-        &mut self,
-        batch: &ForwardBatch,
-        requests: &[RowRequest],
-    ) -> Result<Vec<RowSummary>, ModelError> {
-        self.last_logits = None;
-        let Some(logits) = self.model.forward_logits(batch, &mut self.kv)? else {
-            return Ok(Vec::new());
-        };
-        let backend = self.model.backend();
-        let summaries = backend.run(|| backend.summarize_rows(&logits, requests))?;
-        self.last_logits = Some(logits);
-        Ok(summaries)
-    }
-
-    fn last_logits_rows(&mut self, rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let logits = self.last_logits.as_ref().ok_or_else(|| {
-            ModelError::InvalidBatch("no logits kept from a summarized forward".into())
-        })?;
-        let backend = self.model.backend();
-        Ok(backend.run(|| backend.rows_to_host(logits, rows))?)
+    fn device_sampling(&mut self) -> Option<&mut dyn DeviceSampling> {
+        if self.model.backend().device_sampler().is_some() {
+            Some(self)
+        } else {
+            None
+        }
     }
 
     fn kv_layout(&self) -> KvLayout {
@@ -160,52 +127,47 @@ where
         Ok(unsafe { self.model.backend().pin_host_memory(range) }?)
     }
 
-    fn read_kv_blocks(&self, blocks: &[BlockId], dst: &mut [u8]) -> Result<(), ModelError> {
-        let block_bytes = self.kv_layout().block_bytes();
-        check_len(blocks, block_bytes, dst.len())?;
+    fn read_kv_blocks(&self, blocks: &[BlockId], dst: KvBytesMut<'_>) -> Result<(), ModelError> {
+        self.check_len(blocks, dst.len())?;
         Ok(self.model.backend().read_kv_blocks(&self.kv, blocks, dst)?)
     }
 
-    fn write_kv_blocks(&mut self, blocks: &[BlockId], src: &[u8]) -> Result<(), ModelError> {
-        let block_bytes = self.kv_layout().block_bytes();
-        check_len(blocks, block_bytes, src.len())?;
+    fn write_kv_blocks(&mut self, blocks: &[BlockId], src: KvBytes<'_>) -> Result<(), ModelError> {
+        self.check_len(blocks, src.len())?;
         Ok(self
             .model
             .backend()
             .write_kv_blocks(&mut self.kv, blocks, src)?)
     }
-
-    fn read_kv_blocks_to_device(
-        &self,
-        blocks: &[BlockId],
-        dst: DeviceRange,
-    ) -> Result<(), ModelError> {
-        check_len(blocks, self.kv_layout().block_bytes(), dst.len)?;
-        Ok(self
-            .model
-            .backend()
-            .read_kv_blocks_to_device(&self.kv, blocks, dst)?)
-    }
-
-    fn write_kv_blocks_from_device(
-        &mut self,
-        blocks: &[BlockId],
-        src: DeviceRange,
-    ) -> Result<(), ModelError> {
-        check_len(blocks, self.kv_layout().block_bytes(), src.len)?;
-        Ok(self
-            .model
-            .backend()
-            .write_kv_blocks_from_device(&mut self.kv, blocks, src)?)
-    }
 }
 
-fn check_len(blocks: &[BlockId], block_bytes: usize, len: usize) -> Result<(), ModelError> {
-    if blocks.len() * block_bytes != len {
-        return Err(ModelError::InvalidBatch(format!(
-            "{len} bytes for {} KV blocks of {block_bytes} bytes",
-            blocks.len()
-        )));
+impl<B: Backend> DeviceSampling for ModelRunner<B> {
+    fn forward_summarized(
+        &mut self,
+        batch: &ForwardBatch,
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, ModelError> {
+        self.last_logits = None;
+        let backend = self.model.backend();
+        let sampler = backend.device_sampler().ok_or_else(|| {
+            ModelError::InvalidBatch(format!(
+                "the {} backend samples from host rows",
+                backend.describe()
+            ))
+        })?;
+        let Some(logits) = self.model.forward_logits(batch, &mut self.kv)? else {
+            return Ok(Vec::new());
+        };
+        let summaries = backend.run(|| sampler.summarize_rows(&logits, requests))?;
+        self.last_logits = Some(logits);
+        Ok(summaries)
     }
-    Ok(())
+
+    fn last_logits_rows(&mut self, rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let logits = self.last_logits.as_ref().ok_or_else(|| {
+            ModelError::InvalidBatch("no logits kept from a summarized forward".into())
+        })?;
+        let backend = self.model.backend();
+        Ok(backend.run(|| backend.rows_to_host(logits, rows))?)
+    }
 }

@@ -56,8 +56,11 @@ impl StepModel for FakeModel {
     fn read_kv_blocks(
         &self,
         blocks: &[crate::kv_cache::block_pool::BlockId],
-        dst: &mut [u8],
+        dst: KvBytesMut<'_>,
     ) -> Result<(), ModelError> {
+        let KvBytesMut::Host(dst) = dst else {
+            return Err(ModelError::InvalidBatch("no device memory here".into()));
+        };
         let block_bytes = self.kv_layout().block_bytes();
         for (&block, chunk) in blocks.iter().zip(dst.chunks_exact_mut(block_bytes)) {
             chunk.fill(0);
@@ -72,8 +75,11 @@ impl StepModel for FakeModel {
     fn write_kv_blocks(
         &mut self,
         blocks: &[crate::kv_cache::block_pool::BlockId],
-        src: &[u8],
+        src: crate::backend::KvBytes<'_>,
     ) -> Result<(), ModelError> {
+        let crate::backend::KvBytes::Host(src) = src else {
+            return Err(ModelError::InvalidBatch("no device memory here".into()));
+        };
         let block_bytes = self.kv_layout().block_bytes();
         for (&block, chunk) in blocks.iter().zip(src.chunks_exact(block_bytes)) {
             for slot in 0..self.block_size {
@@ -727,9 +733,29 @@ impl StepModel for SummarizingModel {
     fn forward(&mut self, _batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
         panic!("a model that samples on the device is never asked for host rows")
     }
-    fn samples_on_device(&self) -> bool {
-        true
+    fn device_sampling(&mut self) -> Option<&mut dyn DeviceSampling> {
+        Some(self)
     }
+    fn kv_layout(&self) -> crate::kv_cache::KvLayout {
+        self.inner.kv_layout()
+    }
+    fn read_kv_blocks(
+        &self,
+        blocks: &[crate::kv_cache::block_pool::BlockId],
+        dst: KvBytesMut<'_>,
+    ) -> Result<(), ModelError> {
+        self.inner.read_kv_blocks(blocks, dst)
+    }
+    fn write_kv_blocks(
+        &mut self,
+        blocks: &[crate::kv_cache::block_pool::BlockId],
+        src: crate::backend::KvBytes<'_>,
+    ) -> Result<(), ModelError> {
+        self.inner.write_kv_blocks(blocks, src)
+    }
+}
+
+impl DeviceSampling for SummarizingModel {
     fn forward_summarized(
         &mut self,
         batch: &ForwardBatch,
@@ -746,23 +772,6 @@ impl StepModel for SummarizingModel {
     fn last_logits_rows(&mut self, rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError> {
         self.rows_fetched += rows.len();
         Ok(rows.iter().map(|&r| self.last_rows[r].clone()).collect())
-    }
-    fn kv_layout(&self) -> crate::kv_cache::KvLayout {
-        self.inner.kv_layout()
-    }
-    fn read_kv_blocks(
-        &self,
-        blocks: &[crate::kv_cache::block_pool::BlockId],
-        dst: &mut [u8],
-    ) -> Result<(), ModelError> {
-        self.inner.read_kv_blocks(blocks, dst)
-    }
-    fn write_kv_blocks(
-        &mut self,
-        blocks: &[crate::kv_cache::block_pool::BlockId],
-        src: &[u8],
-    ) -> Result<(), ModelError> {
-        self.inner.write_kv_blocks(blocks, src)
     }
 }
 

@@ -2,9 +2,9 @@
 //!
 //! A batch of 128 rows of a 128k vocabulary is 64 MiB of f32 logits; copying that to the host
 //! and walking it there cost more than the decode step on a GPU. A backend that can summarise
-//! rows (`workers/kernels/sample.cu`) reports per row: the maximum and its lowest index, the two
-//! softmax normalisers, the full-vocabulary draw for the row's uniform, and the
-//! [`DEVICE_CANDIDATES`] best-ranked logits. From those, [`Sampler::sample_from_summary`] picks
+//! rows ([`crate::backend::DeviceSampler`], `workers/kernels/sample.cu`) reports per row: the
+//! maximum and its lowest index, the two softmax normalisers, the full-vocabulary draw for the
+//! row's uniform, and the [`DEVICE_CANDIDATES`] best-ranked logits. From those, [`Sampler::sample_from_summary`] picks
 //! the same token [`Sampler::sample`] would pick from the full row (same uniform, same ranking,
 //! same walk), up to the order in which the device adds up f32 weights. When a request needs
 //! more than a summary holds (penalties, a top-k above the candidates, a nucleus wider than

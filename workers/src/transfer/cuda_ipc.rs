@@ -36,12 +36,9 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use super::pool::SlicePool;
 use super::{
-    BoxFuture, CudaIpcSource, DeviceRange, ExportBuffer, Exported, KvTransport, PulledKv, RemoteKv,
-    TransferError, from_hex, to_hex,
+    BoxFuture, CudaIpcSource, DeviceRange, ExportBuffer, Exported, KvTransport, KvTransportKind,
+    PulledKv, RemoteKv, RemoteMemory, TransferError, from_hex, to_hex,
 };
-
-/// The backend name in KV handles.
-pub const BACKEND: &str = "cuda-ipc";
 
 /// A peer's pool mapped into this process is closed after this long without a pull: a
 /// context worker that left must not keep its memory alive through our mapping.
@@ -347,9 +344,11 @@ impl Shared {
 
     /// Copies `remote`'s regions out of the exporter's pool into device memory of ours.
     fn pull_blocking(self: &Arc<Self>, remote: &RemoteKv) -> Result<PulledKv, TransferError> {
-        let source = remote.cuda_ipc.as_ref().ok_or_else(|| {
-            TransferError::InvalidHandle("a CUDA IPC handle without its allocation".into())
-        })?;
+        let RemoteMemory::CudaIpc(source) = &remote.memory else {
+            return Err(TransferError::InvalidHandle(
+                "a CUDA IPC handle without its allocation".into(),
+            ));
+        };
         if source.host_id != self.host_id {
             return Err(TransferError::InvalidHandle(format!(
                 "the K/V is in GPU memory of another host (host id {}, this one is {})",
@@ -403,8 +402,8 @@ impl Shared {
 }
 
 impl KvTransport for CudaIpcTransport {
-    fn backend(&self) -> &'static str {
-        BACKEND
+    fn backend(&self) -> KvTransportKind {
+        KvTransportKind::CudaIpc
     }
 
     /// A slice of the device pool, for the engine to copy the blocks into; an error (the
@@ -420,11 +419,9 @@ impl KvTransport for CudaIpcTransport {
                 )));
             };
             let exported = Exported {
-                address: Vec::new(),
-                rkey: Vec::new(),
+                memory: RemoteMemory::CudaIpc(shared.source()),
                 addr: range.ptr - shared.pool.base,
                 len: len as u64,
-                cuda_ipc: Some(shared.source()),
                 keepalive: Box::new(guard),
             };
             // SAFETY: the slice is this export's until its keepalive hands it back.

@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use super::{BoxFuture, ExportBuffer, Exported, KvTransport, PulledKv, RemoteKv, TransferError};
+use super::{
+    BoxFuture, ExportBuffer, Exported, KvTransport, KvTransportKind, PulledKv, RemoteKv,
+    RemoteMemory, TransferError,
+};
 
 /// Exported buffers by key: address and length of memory owned by the key's [`Registration`].
 type Registry = Mutex<HashMap<u64, (usize, usize)>>;
@@ -46,8 +49,8 @@ impl Drop for Registration {
 }
 
 impl KvTransport for InProcessTransport {
-    fn backend(&self) -> &'static str {
-        "in-process"
+    fn backend(&self) -> KvTransportKind {
+        KvTransportKind::InProcess
     }
 
     fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>> {
@@ -59,11 +62,12 @@ impl KvTransport for InProcessTransport {
         let addr = bytes as usize;
         locked().insert(key, (addr, len));
         let exported = Exported {
-            address: b"in-process".to_vec(),
-            rkey: key.to_le_bytes().to_vec(),
+            memory: RemoteMemory::Registered {
+                address: b"in-process".to_vec(),
+                rkey: key.to_le_bytes().to_vec(),
+            },
             addr: addr as u64,
             len: len as u64,
-            cuda_ipc: None,
             keepalive: Box::new(Registration { key, memory }),
         };
         // SAFETY: `len` bytes owned by the registration in `exported`; the key that lets a
@@ -78,10 +82,15 @@ impl KvTransport for InProcessTransport {
         _timeout: Duration,
     ) -> BoxFuture<Result<PulledKv, TransferError>> {
         Box::pin(async move {
-            let key: [u8; 8] =
-                remote.rkey.as_slice().try_into().map_err(|_| {
-                    TransferError::InvalidHandle("in-process rkey is 8 bytes".into())
-                })?;
+            let RemoteMemory::Registered { rkey, .. } = &remote.memory else {
+                return Err(TransferError::InvalidHandle(
+                    "the in-process transport reads its own registry, not device memory".into(),
+                ));
+            };
+            let key: [u8; 8] = rkey
+                .as_slice()
+                .try_into()
+                .map_err(|_| TransferError::InvalidHandle("in-process rkey is 8 bytes".into()))?;
             let key = u64::from_le_bytes(key);
             let registry = locked();
             let &(base, size) = registry.get(&key).ok_or_else(|| {
@@ -124,10 +133,8 @@ mod tests {
         let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
         let exported = transport.export(data.clone()).await.unwrap();
         let remote = RemoteKv {
-            address: exported.address.clone(),
-            rkey: exported.rkey.clone(),
+            memory: exported.memory.clone(),
             regions: block_regions(&exported, 1024),
-            cuda_ipc: None,
         };
         let pulled = transport
             .pull(remote.clone(), Duration::from_secs(1))
@@ -159,10 +166,8 @@ mod tests {
         }
         let exported = buffer.finish();
         let remote = RemoteKv {
-            address: exported.address.clone(),
-            rkey: exported.rkey.clone(),
+            memory: exported.memory.clone(),
             regions: vec![(exported.addr + 1000, 1000), (exported.addr, 1000)],
-            cuda_ipc: None,
         };
         let pulled = transport
             .pull(remote, Duration::from_secs(1))

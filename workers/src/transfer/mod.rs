@@ -29,8 +29,9 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use crate::backend::{DeviceRange, HostRange, KvBytes, KvBytesMut};
-pub use tandem_protocol::messages::CudaIpcSource;
+pub use crate::backend::{DeviceRange, HostRange, KvBuffer, KvBytes, KvBytesMut};
+use tandem_protocol::messages::KvHandle;
+pub use tandem_protocol::messages::{CudaIpcSource, KvTransportKind};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -46,18 +47,25 @@ pub enum TransferError {
     Backend(String),
 }
 
+/// How a reader reaches an exporter's memory (the KV handle's `address` and `rkey`, or its
+/// `cuda_ipc`), besides which regions of it to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteMemory {
+    /// Host memory registered for remote reads: the exporting endpoint's address and the key
+    /// of the registration, as the transport packs them (UCX; the in-process registry).
+    /// Region addresses are addresses in the exporter's address space.
+    Registered { address: Vec<u8>, rkey: Vec<u8> },
+    /// A device allocation that processes of the exporter's host map (CUDA IPC). Region
+    /// addresses are offsets into it.
+    CudaIpc(CudaIpcSource),
+}
+
 /// A buffer registered for remote reads; dropping it unregisters and frees it.
 pub struct Exported {
-    /// The exporting endpoint's address, as the transport understands it (empty for CUDA IPC).
-    pub address: Vec<u8>,
-    /// The key a reader needs for this buffer (empty for CUDA IPC).
-    pub rkey: Vec<u8>,
-    /// The buffer's address in the exporter's address space; for CUDA IPC, its offset in the
-    /// allocation `cuda_ipc` describes.
+    pub memory: RemoteMemory,
+    /// Where the buffer starts, as the reader addresses `memory`.
     pub addr: u64,
     pub len: u64,
-    /// Set by the CUDA IPC transport: the device allocation a reader maps.
-    pub cuda_ipc: Option<CudaIpcSource>,
     /// Keeps the registration (and the memory) alive.
     pub keepalive: Box<dyn Send + Sync>,
 }
@@ -65,14 +73,14 @@ pub struct Exported {
 /// Where a transfer's bytes lie: host memory (UCX, in-process) or device memory (CUDA IPC).
 #[derive(Debug, Clone, Copy)]
 enum Memory {
-    Host { ptr: *mut u8, len: usize },
+    Host(HostRange),
     Device(DeviceRange),
 }
 
 impl Memory {
     fn len(&self) -> usize {
         match *self {
-            Memory::Host { len, .. } => len,
+            Memory::Host(range) => range.len,
             Memory::Device(range) => range.len,
         }
     }
@@ -83,8 +91,8 @@ impl Memory {
     fn bytes(&self) -> KvBytes<'_> {
         match *self {
             // SAFETY: see above.
-            Memory::Host { ptr, len } => {
-                KvBytes::Host(unsafe { std::slice::from_raw_parts(ptr, len) })
+            Memory::Host(range) => {
+                KvBytes::Host(unsafe { std::slice::from_raw_parts(range.ptr, range.len) })
             }
             Memory::Device(range) => KvBytes::Device(range),
         }
@@ -94,8 +102,8 @@ impl Memory {
     fn bytes_mut(&mut self) -> KvBytesMut<'_> {
         match *self {
             // SAFETY: see `bytes`; `&mut self` makes this the only view.
-            Memory::Host { ptr, len } => {
-                KvBytesMut::Host(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+            Memory::Host(range) => {
+                KvBytesMut::Host(unsafe { std::slice::from_raw_parts_mut(range.ptr, range.len) })
             }
             Memory::Device(range) => KvBytesMut::Device(range),
         }
@@ -129,7 +137,7 @@ impl ExportBuffer {
     /// keepalive) lives, and that nothing else touches until the handle is published.
     pub unsafe fn new(bytes: *mut u8, len: usize, exported: Exported) -> Self {
         Self {
-            memory: Memory::Host { ptr: bytes, len },
+            memory: Memory::Host(HostRange { ptr: bytes, len }),
             exported,
         }
     }
@@ -152,6 +160,11 @@ impl ExportBuffer {
         self.len() == 0
     }
 
+    /// The K/V written so far.
+    pub fn bytes(&self) -> KvBytes<'_> {
+        self.memory.bytes()
+    }
+
     /// Where to write the K/V.
     pub fn bytes_mut(&mut self) -> KvBytesMut<'_> {
         self.memory.bytes_mut()
@@ -168,25 +181,56 @@ impl ExportBuffer {
     }
 }
 
-impl crate::engine::KvDestination for ExportBuffer {
+impl KvBuffer for ExportBuffer {
+    fn bytes(&self) -> KvBytes<'_> {
+        ExportBuffer::bytes(self)
+    }
+
     fn bytes_mut(&mut self) -> KvBytesMut<'_> {
         ExportBuffer::bytes_mut(self)
+    }
+}
+
+impl std::fmt::Debug for ExportBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportBuffer")
+            .field("len", &self.len())
+            .field("memory", &self.exported.memory)
+            .finish()
     }
 }
 
 /// What a puller needs: where to connect and which regions to read, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteKv {
-    pub address: Vec<u8>,
-    pub rkey: Vec<u8>,
-    /// `(address, length)` of each region, concatenated in this order into the result (for
-    /// CUDA IPC, offsets into the allocation `cuda_ipc` describes).
+    pub memory: RemoteMemory,
+    /// `(address, length)` of each region, as `memory` addresses them, concatenated in this
+    /// order into the result.
     pub regions: Vec<(u64, u64)>,
-    /// The exporter's device allocation, for a CUDA IPC pull.
-    pub cuda_ipc: Option<CudaIpcSource>,
 }
 
 impl RemoteKv {
+    /// What `handle` says to read: its blocks, in `cuda_ipc`'s allocation for a CUDA IPC
+    /// handle, else in the memory its `address` and `rkey` (hex) name.
+    pub fn from_handle(handle: &KvHandle) -> Result<Self, TransferError> {
+        let memory = match (&handle.backend, &handle.cuda_ipc) {
+            (KvTransportKind::CudaIpc, Some(source)) => RemoteMemory::CudaIpc((**source).clone()),
+            (KvTransportKind::CudaIpc, None) => {
+                return Err(TransferError::InvalidHandle(
+                    "a CUDA IPC handle without its allocation".into(),
+                ));
+            }
+            _ => RemoteMemory::Registered {
+                address: from_hex(&handle.address)?,
+                rkey: from_hex(&handle.rkey)?,
+            },
+        };
+        Ok(Self {
+            memory,
+            regions: handle.blocks.iter().map(|r| (r.addr, r.len)).collect(),
+        })
+    }
+
     pub fn total_len(&self) -> u64 {
         self.regions.iter().map(|&(_, len)| len).sum()
     }
@@ -206,8 +250,8 @@ impl RemoteKv {
 
 /// Exports K/V buffers on one side and pulls them on the other.
 pub trait KvTransport: Send + Sync + 'static {
-    /// The backend name carried in KV handles (`ucx`, `in-process`).
-    fn backend(&self) -> &'static str;
+    /// The transport named in KV handles.
+    fn backend(&self) -> KvTransportKind;
     /// Allocates and registers `len` bytes for remote reads, for the caller to fill.
     fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>>;
     /// Exports a copy of `kv` (reserve, copy, finish); transports of host memory only.
@@ -258,7 +302,7 @@ impl PulledKv {
     /// `guard` is dropped.
     pub unsafe fn lent(bytes: *mut u8, len: usize, guard: Box<dyn Send + Sync>) -> Self {
         Self {
-            memory: Memory::Host { ptr: bytes, len },
+            memory: Memory::Host(HostRange { ptr: bytes, len }),
             lent: true,
             _owner: guard,
         }
@@ -310,10 +354,10 @@ impl PulledKv {
 impl From<Vec<u8>> for PulledKv {
     fn from(mut bytes: Vec<u8>) -> Self {
         Self {
-            memory: Memory::Host {
+            memory: Memory::Host(HostRange {
                 ptr: bytes.as_mut_ptr(),
                 len: bytes.len(),
-            },
+            }),
             lent: false,
             _owner: Box::new(bytes),
         }
@@ -330,9 +374,13 @@ impl std::fmt::Debug for PulledKv {
     }
 }
 
-impl crate::engine::KvSource for PulledKv {
+impl KvBuffer for PulledKv {
     fn bytes(&self) -> KvBytes<'_> {
         PulledKv::bytes(self)
+    }
+
+    fn bytes_mut(&mut self) -> KvBytesMut<'_> {
+        self.memory.bytes_mut()
     }
 }
 
@@ -401,12 +449,52 @@ mod tests {
     #[test]
     fn adjacent_regions_coalesce() {
         let remote = RemoteKv {
-            address: vec![],
-            rkey: vec![],
+            memory: RemoteMemory::Registered {
+                address: vec![],
+                rkey: vec![],
+            },
             regions: vec![(100, 10), (110, 10), (130, 5), (135, 5), (200, 1)],
-            cuda_ipc: None,
         };
         assert_eq!(remote.coalesced(), vec![(100, 20), (130, 10), (200, 1)]);
         assert_eq!(remote.total_len(), 31);
+    }
+
+    fn handle(backend: KvTransportKind, cuda_ipc: Option<CudaIpcSource>) -> KvHandle {
+        serde_json::from_value(serde_json::json!({
+            "worker_id": "ctx", "backend": backend, "address": "00ff", "rkey": "10",
+            "blocks": [{"addr": 4096, "len": 128}, {"addr": 4224, "len": 128}],
+            "layout": {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8, "block_size": 4,
+                       "dtype": "f32", "block_bytes": 128},
+            "num_tokens": 5, "first_token": {"id": 7, "text": "a"}, "seed": 1,
+            "expires_unix_ms": 10, "cuda_ipc": cuda_ipc
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_handle_names_the_memory_its_transport_reads() {
+        let registered = RemoteMemory::Registered {
+            address: vec![0x00, 0xff],
+            rkey: vec![0x10],
+        };
+        // UCX, and a transport this build does not know (refused later, by the puller).
+        for backend in [KvTransportKind::Ucx, KvTransportKind::Other("rdma".into())] {
+            let remote = RemoteKv::from_handle(&handle(backend, None)).unwrap();
+            assert_eq!(remote.memory, registered);
+            assert_eq!(remote.regions, vec![(4096, 128), (4224, 128)]);
+        }
+        let source = CudaIpcSource {
+            host_id: "h".into(),
+            device: "GPU-0".into(),
+            mem_handle: "00".repeat(64),
+            alloc_bytes: 1 << 20,
+        };
+        let remote =
+            RemoteKv::from_handle(&handle(KvTransportKind::CudaIpc, Some(source.clone()))).unwrap();
+        assert_eq!(remote.memory, RemoteMemory::CudaIpc(source));
+        assert!(matches!(
+            RemoteKv::from_handle(&handle(KvTransportKind::CudaIpc, None)),
+            Err(TransferError::InvalidHandle(_))
+        ));
     }
 }

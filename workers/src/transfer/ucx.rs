@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::pool::SlicePool;
 use super::{
-    BoxFuture, ExportBuffer, Exported, HostRange, KvTransport, PulledKv, RemoteKv, TransferError,
+    BoxFuture, ExportBuffer, Exported, HostRange, KvTransport, KvTransportKind, PulledKv, RemoteKv,
+    RemoteMemory, TransferError,
 };
 
 enum Command {
@@ -123,8 +124,8 @@ impl UcxTransport {
 }
 
 impl KvTransport for UcxTransport {
-    fn backend(&self) -> &'static str {
-        "ucx"
+    fn backend(&self) -> KvTransportKind {
+        KvTransportKind::Ucx
     }
 
     fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>> {
@@ -256,9 +257,11 @@ fn run(
                     tokio::task::spawn_local(async move {
                         let into = lent.unwrap_or_else(|| vec![0u8; len].into());
                         let result = pull(&endpoints, &remote, timeout, into).await;
-                        if result.is_err() {
+                        if let (Err(_), RemoteMemory::Registered { address, .. }) =
+                            (&result, &remote.memory)
+                        {
                             // A failed endpoint is not reused; the next pull reconnects.
-                            endpoints.remove(&remote.address);
+                            endpoints.remove(address);
                         }
                         let _ = reply.send(result);
                     });
@@ -374,11 +377,12 @@ fn reserve(
         }
     };
     let exported = Exported {
-        address: address.to_vec(),
-        rkey,
+        memory: RemoteMemory::Registered {
+            address: address.to_vec(),
+            rkey,
+        },
         addr: bytes as u64,
         len: len as u64,
-        cuda_ipc: None,
         keepalive,
     };
     // SAFETY: the `len` bytes (a slice of the pool or a region of their own) stay mapped and
@@ -395,6 +399,11 @@ async fn pull(
     timeout: Duration,
     mut into: PulledKv,
 ) -> Result<PulledKv, TransferError> {
+    let RemoteMemory::Registered { address, rkey } = &remote.memory else {
+        return Err(TransferError::InvalidHandle(
+            "UCX reads registered host memory, not a CUDA IPC allocation".into(),
+        ));
+    };
     let regions = remote.coalesced();
     let (Some(start), Some(end)) = (
         regions.iter().map(|&(addr, _)| addr).min(),
@@ -403,9 +412,9 @@ async fn pull(
         return Ok(into);
     };
     let endpoint = endpoints
-        .get(&remote.address)
+        .get(address)
         .map_err(|e| TransferError::Unavailable(format!("connecting to the KV source: {e}")))?;
-    let rkey = RemoteKey::unpack(&endpoint, &remote.rkey, start, (end - start) as usize)
+    let rkey = RemoteKey::unpack(&endpoint, rkey, start, (end - start) as usize)
         .map_err(|e| TransferError::InvalidHandle(format!("remote key: {e}")))?;
     let mut ops = Vec::with_capacity(regions.len());
     let mut rest = into
@@ -441,12 +450,10 @@ mod tests {
         let exported = exporter.export(data.clone()).await.unwrap();
         let block = 64 * 1024;
         let remote = RemoteKv {
-            address: exported.address.clone(),
-            rkey: exported.rkey.clone(),
+            memory: exported.memory.clone(),
             regions: (0..exported.len / block)
                 .map(|i| (exported.addr + i * block, block))
                 .collect(),
-            cuda_ipc: None,
         };
         let pulled = puller
             .pull(remote.clone(), Duration::from_secs(10))
@@ -461,10 +468,8 @@ mod tests {
         let pulled = puller
             .pull(
                 RemoteKv {
-                    address: again.address.clone(),
-                    rkey: again.rkey.clone(),
+                    memory: again.memory.clone(),
                     regions: vec![(again.addr, 4096)],
-                    cuda_ipc: None,
                 },
                 Duration::from_secs(10),
             )
@@ -487,10 +492,8 @@ mod tests {
         let read = |e: &Exported| {
             puller.pull(
                 RemoteKv {
-                    address: e.address.clone(),
-                    rkey: e.rkey.clone(),
+                    memory: e.memory.clone(),
                     regions: vec![(e.addr, e.len)],
-                    cuda_ipc: None,
                 },
                 Duration::from_secs(10),
             )
@@ -536,10 +539,8 @@ mod tests {
         let data: Vec<u8> = (0..600u32 << 10).map(|i| ((i * 13) >> 2) as u8).collect();
         let exported = exporter.export(data.clone()).await.unwrap();
         let remote = RemoteKv {
-            address: exported.address.clone(),
-            rkey: exported.rkey.clone(),
+            memory: exported.memory.clone(),
             regions: vec![(exported.addr, exported.len)],
-            cuda_ipc: None,
         };
         let pull = || puller.pull(remote.clone(), Duration::from_secs(10));
         let first = pull().await.unwrap();

@@ -7,7 +7,8 @@
 
 use half::{bf16, f16};
 
-use crate::backend::BackendError;
+use super::CpuBackend;
+use crate::backend::{Backend, BackendError, KvBlockIo, KvBytes, KvBytesMut};
 use crate::kv_cache::{KvDType, KvLayout};
 
 /// Storage of the cache, by element type.
@@ -149,6 +150,51 @@ impl CpuKvCache {
     }
 }
 
+/// Block after block; the cache is host memory, so there is nothing to pin, and memory of a
+/// device is refused.
+impl KvBlockIo for CpuBackend {
+    fn read_kv_blocks(
+        &self,
+        kv: &CpuKvCache,
+        blocks: &[u32],
+        dst: KvBytesMut<'_>,
+    ) -> Result<(), BackendError> {
+        let KvBytesMut::Host(dst) = dst else {
+            return Err(self.no_device_memory("read KV blocks to device memory"));
+        };
+        let block_bytes = kv.layout.block_bytes();
+        for (&block, chunk) in blocks.iter().zip(dst.chunks_exact_mut(block_bytes)) {
+            kv.read_block(block, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn write_kv_blocks(
+        &self,
+        kv: &mut CpuKvCache,
+        blocks: &[u32],
+        src: KvBytes<'_>,
+    ) -> Result<(), BackendError> {
+        let KvBytes::Host(src) = src else {
+            return Err(self.no_device_memory("write KV blocks from device memory"));
+        };
+        let block_bytes = kv.layout.block_bytes();
+        for (&block, chunk) in blocks.iter().zip(src.chunks_exact(block_bytes)) {
+            kv.write_block(block, chunk)?;
+        }
+        Ok(())
+    }
+}
+
+impl CpuBackend {
+    fn no_device_memory(&self, op: &'static str) -> BackendError {
+        BackendError::Device {
+            op,
+            detail: format!("the {} backend has no device memory", self.describe()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +221,53 @@ mod tests {
             Err(BackendError::BlockOutOfRange { block: 4, .. })
         ));
         assert!(kv.write_block(0, &bytes[1..]).is_err());
+    }
+
+    #[test]
+    fn the_backend_copies_blocks_in_order_and_refuses_device_memory() {
+        let backend = CpuBackend::new(&Default::default()).unwrap();
+        let layout = KvLayout {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 2,
+            block_size: 2,
+            dtype: KvDType::F32,
+        };
+        let mut kv = backend.alloc_kv_cache(&layout, 4).unwrap();
+        let bytes: Vec<u8> = (0..2 * layout.block_bytes()).map(|i| i as u8).collect();
+        backend
+            .write_kv_blocks(&mut kv, &[3, 1], KvBytes::Host(&bytes))
+            .unwrap();
+        let mut back = vec![0u8; bytes.len()];
+        backend
+            .read_kv_blocks(&kv, &[3, 1], KvBytesMut::Host(&mut back))
+            .unwrap();
+        assert_eq!(back, bytes);
+        backend
+            .read_kv_blocks(&kv, &[1, 3], KvBytesMut::Host(&mut back))
+            .unwrap();
+        assert_eq!(back[..layout.block_bytes()], bytes[layout.block_bytes()..]);
+
+        let device = crate::backend::DeviceRange {
+            ptr: 0x1000,
+            len: bytes.len(),
+        };
+        let err = backend
+            .read_kv_blocks(&kv, &[3, 1], KvBytesMut::Device(device))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has no device memory"), "{err}");
+        let err = backend
+            .write_kv_blocks(&mut kv, &[3, 1], KvBytes::Device(device))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has no device memory"), "{err}");
+        let range = crate::backend::HostRange {
+            ptr: back.as_mut_ptr(),
+            len: back.len(),
+        };
+        // SAFETY: the CPU backend pins nothing, so keeps no reference to the range.
+        let pinned = unsafe { backend.pin_host_memory(range) }.unwrap();
+        assert!(!pinned, "a host backend has nothing to pin");
     }
 }

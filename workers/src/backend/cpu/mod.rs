@@ -287,24 +287,6 @@ impl Backend for CpuBackend {
         kv.num_blocks()
     }
 
-    fn read_kv_block(
-        &self,
-        kv: &CpuKvCache,
-        block: u32,
-        dst: &mut [u8],
-    ) -> Result<(), BackendError> {
-        kv.read_block(block, dst)
-    }
-
-    fn write_kv_block(
-        &self,
-        kv: &mut CpuKvCache,
-        block: u32,
-        src: &[u8],
-    ) -> Result<(), BackendError> {
-        kv.write_block(block, src)
-    }
-
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<CpuBatch, BackendError> {
         let mut seq_of_token = vec![0u32; plan.num_tokens()];
         for (s, seq) in plan.sequences.iter().enumerate() {

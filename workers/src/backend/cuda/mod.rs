@@ -44,7 +44,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 use crate::backend::{
-    AttentionShape, Backend, BackendError, BatchPlan, DType, ForwardLayers, HostTensor,
+    AttentionShape, Backend, BackendError, BatchPlan, DType, DeviceRange, DeviceSampler,
+    ForwardLayers, HostRange, HostTensor, KvBlockIo, KvBytes, KvBytesMut,
 };
 use crate::kv_cache::{KvDType, KvLayout};
 
@@ -360,6 +361,47 @@ impl CudaBackend {
         Ok(CudaTensor::from_bf16(qkv.rows, width, out))
     }
 
+    /// Copies one block's bytes out of the cache, one synchronous copy through pageable
+    /// memory: what the batched copies ([`KvBlockIo`]) are measured and tested against.
+    pub fn read_kv_block(
+        &self,
+        kv: &CudaKvCache,
+        block: u32,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        let range = kv.block_range(block, dst.len())?;
+        let mut host = vec![0u16; range.len()];
+        dev!(
+            "read KV block",
+            self.stream.memcpy_dtoh(&kv.data.slice(range), &mut host)
+        )?;
+        for (d, v) in dst.chunks_exact_mut(2).zip(&host) {
+            d.copy_from_slice(&v.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Overwrites one block with `src`, as [`Self::read_kv_block`] reads it.
+    pub fn write_kv_block(
+        &self,
+        kv: &mut CudaKvCache,
+        block: u32,
+        src: &[u8],
+    ) -> Result<(), BackendError> {
+        let range = kv.block_range(block, src.len())?;
+        let host: Vec<u16> = src
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        dev!(
+            "write KV block",
+            self.stream
+                .memcpy_htod(&host, &mut kv.data.slice_mut(range))
+        )?;
+        // The host vector is dropped when this returns: wait for the copy to read it.
+        self.synchronize()
+    }
+
     /// Copies `blocks` between `kv` and device memory `range` (the blocks back to back) in
     /// one launch of `copy_kv_blocks`, and waits: the range is a transfer's (a CUDA IPC
     /// export or pull), handed on or back to its pool as soon as this returns. One copy per
@@ -369,7 +411,7 @@ impl CudaBackend {
         &self,
         kv: &CudaKvCache,
         blocks: &[u32],
-        range: crate::backend::DeviceRange,
+        range: DeviceRange,
         to_range: bool,
     ) -> Result<(), BackendError> {
         let op = if to_range {
@@ -524,91 +566,6 @@ impl Backend for CudaBackend {
 
     fn kv_cache_blocks(&self, kv: &CudaKvCache) -> usize {
         kv.num_blocks
-    }
-
-    fn read_kv_block(
-        &self,
-        kv: &CudaKvCache,
-        block: u32,
-        dst: &mut [u8],
-    ) -> Result<(), BackendError> {
-        let range = kv.block_range(block, dst.len())?;
-        let mut host = vec![0u16; range.len()];
-        dev!(
-            "read KV block",
-            self.stream.memcpy_dtoh(&kv.data.slice(range), &mut host)
-        )?;
-        for (d, v) in dst.chunks_exact_mut(2).zip(&host) {
-            d.copy_from_slice(&v.to_le_bytes());
-        }
-        Ok(())
-    }
-
-    fn write_kv_block(
-        &self,
-        kv: &mut CudaKvCache,
-        block: u32,
-        src: &[u8],
-    ) -> Result<(), BackendError> {
-        let range = kv.block_range(block, src.len())?;
-        let host: Vec<u16> = src
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .collect();
-        dev!(
-            "write KV block",
-            self.stream
-                .memcpy_htod(&host, &mut kv.data.slice_mut(range))
-        )?;
-        // The host vector is dropped when this returns: wait for the copy to read it.
-        self.synchronize()
-    }
-
-    unsafe fn pin_host_memory(
-        &self,
-        range: crate::backend::HostRange,
-    ) -> Result<bool, BackendError> {
-        // SAFETY: the caller keeps the range mapped as long as this backend lives.
-        unsafe { self.kv_staging.pin(&self.ctx, range) }?;
-        Ok(true)
-    }
-
-    fn read_kv_blocks(
-        &self,
-        kv: &CudaKvCache,
-        blocks: &[u32],
-        dst: &mut [u8],
-    ) -> Result<(), BackendError> {
-        self.kv_staging
-            .read_blocks(&self.ctx, &self.stream, kv, blocks, dst)
-    }
-
-    fn write_kv_blocks(
-        &self,
-        kv: &mut CudaKvCache,
-        blocks: &[u32],
-        src: &[u8],
-    ) -> Result<(), BackendError> {
-        self.kv_staging
-            .write_blocks(&self.ctx, &self.stream, kv, blocks, src)
-    }
-
-    fn read_kv_blocks_to_device(
-        &self,
-        kv: &CudaKvCache,
-        blocks: &[u32],
-        dst: crate::backend::DeviceRange,
-    ) -> Result<(), BackendError> {
-        self.copy_kv_blocks_on_device(kv, blocks, dst, true)
-    }
-
-    fn write_kv_blocks_from_device(
-        &self,
-        kv: &mut CudaKvCache,
-        blocks: &[u32],
-        src: crate::backend::DeviceRange,
-    ) -> Result<(), BackendError> {
-        self.copy_kv_blocks_on_device(kv, blocks, src, false)
     }
 
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<CudaBatch, BackendError> {
@@ -999,16 +956,12 @@ impl Backend for CudaBackend {
             .collect()
     }
 
-    fn summarizes_rows(&self) -> bool {
-        self.device_sampling
-    }
-
-    fn summarize_rows(
-        &self,
-        logits: &CudaTensor,
-        requests: &[RowRequest],
-    ) -> Result<Vec<RowSummary>, BackendError> {
-        sample::summarize_rows(self, logits, requests)
+    fn device_sampler(&self) -> Option<&dyn DeviceSampler<CudaTensor>> {
+        if self.device_sampling {
+            Some(self)
+        } else {
+            None
+        }
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<Vec<f32>>, BackendError> {
@@ -1024,6 +977,56 @@ impl Backend for CudaBackend {
             .take(x.rows)
             .map(<[f32]>::to_vec)
             .collect())
+    }
+}
+
+impl DeviceSampler<CudaTensor> for CudaBackend {
+    fn summarize_rows(
+        &self,
+        logits: &CudaTensor,
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, BackendError> {
+        sample::summarize_rows(self, logits, requests)
+    }
+}
+
+/// Host memory through the pinned staging buffer, or straight for a range pinned by
+/// [`KvBlockIo::pin_host_memory`] (`staging.rs`); device memory in one `copy_kv_blocks` launch.
+impl KvBlockIo for CudaBackend {
+    unsafe fn pin_host_memory(&self, range: HostRange) -> Result<bool, BackendError> {
+        // SAFETY: the caller keeps the range mapped as long as this backend lives.
+        unsafe { self.kv_staging.pin(&self.ctx, range) }?;
+        Ok(true)
+    }
+
+    fn read_kv_blocks(
+        &self,
+        kv: &CudaKvCache,
+        blocks: &[u32],
+        dst: KvBytesMut<'_>,
+    ) -> Result<(), BackendError> {
+        match dst {
+            KvBytesMut::Host(bytes) => {
+                self.kv_staging
+                    .read_blocks(&self.ctx, &self.stream, kv, blocks, bytes)
+            }
+            KvBytesMut::Device(range) => self.copy_kv_blocks_on_device(kv, blocks, range, true),
+        }
+    }
+
+    fn write_kv_blocks(
+        &self,
+        kv: &mut CudaKvCache,
+        blocks: &[u32],
+        src: KvBytes<'_>,
+    ) -> Result<(), BackendError> {
+        match src {
+            KvBytes::Host(bytes) => {
+                self.kv_staging
+                    .write_blocks(&self.ctx, &self.stream, kv, blocks, bytes)
+            }
+            KvBytes::Device(range) => self.copy_kv_blocks_on_device(kv, blocks, range, false),
+        }
     }
 }
 

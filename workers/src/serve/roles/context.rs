@@ -169,7 +169,7 @@ impl ContextRole {
                         let handle = kv_handle(
                             &HandleSource {
                                 worker_id: &self.worker.identity.worker_id,
-                                backend,
+                                backend: &backend,
                                 layout: &self.exporter.layout,
                             },
                             &exported,
@@ -187,7 +187,7 @@ impl ContextRole {
                         tracing::debug!(
                             request_id = job.request_id,
                             blocks = handle.blocks.len(),
-                            backend,
+                            %backend,
                             "prefill done, KV exported"
                         );
                         vec![StreamMessage::KvReady { handle }]

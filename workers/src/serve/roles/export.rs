@@ -4,12 +4,14 @@
 
 use std::sync::Arc;
 
-use tandem_protocol::messages::{KvHandle, KvLayoutSpec, KvPeer, KvRegion, TokenEvent};
+use tandem_protocol::messages::{
+    KvDTypeSpec, KvHandle, KvLayoutSpec, KvPeer, KvRegion, KvTransportKind, TokenEvent,
+};
 
 use crate::engine::{EngineHandle, RequestId};
 use crate::kv_cache::{KvDType, KvLayout};
 use crate::serve::bus::BusSettings;
-use crate::transfer::{Exported, KvTransport, to_hex};
+use crate::transfer::{Exported, KvTransport, RemoteMemory, to_hex};
 
 /// The layout as the wire contract spells it.
 pub fn layout_spec(layout: &KvLayout) -> KvLayoutSpec {
@@ -19,11 +21,10 @@ pub fn layout_spec(layout: &KvLayout) -> KvLayoutSpec {
         head_dim: layout.head_dim as u32,
         block_size: layout.block_size as u32,
         dtype: match layout.dtype {
-            KvDType::F32 => "f32",
-            KvDType::Bf16 => "bf16",
-            KvDType::F16 => "f16",
-        }
-        .into(),
+            KvDType::F32 => KvDTypeSpec::F32,
+            KvDType::Bf16 => KvDTypeSpec::Bf16,
+            KvDType::F16 => KvDTypeSpec::F16,
+        },
         block_bytes: layout.block_bytes() as u64,
     }
 }
@@ -39,7 +40,7 @@ pub fn exports_on_device(reader: Option<&KvPeer>, host_id: &str, has_cuda_ipc: b
 /// Who exports: the worker, its transport and its cache layout.
 pub struct HandleSource<'a> {
     pub worker_id: &'a str,
-    pub backend: &'a str,
+    pub backend: &'a KvTransportKind,
     pub layout: &'a KvLayout,
 }
 
@@ -64,18 +65,24 @@ pub fn kv_handle(
             len: block_bytes,
         })
         .collect();
+    let (address, rkey, cuda_ipc) = match &exported.memory {
+        RemoteMemory::Registered { address, rkey } => (to_hex(address), to_hex(rkey), None),
+        RemoteMemory::CudaIpc(source) => {
+            (String::new(), String::new(), Some(Box::new(source.clone())))
+        }
+    };
     KvHandle {
         worker_id: worker_id.to_owned(),
-        backend: backend.to_owned(),
-        address: to_hex(&exported.address),
-        rkey: to_hex(&exported.rkey),
+        backend: backend.clone(),
+        address,
+        rkey,
         blocks,
         layout: layout_spec(layout),
         num_tokens: num_tokens as u32,
         first_token,
         seed,
         expires_unix_ms,
-        cuda_ipc: exported.cuda_ipc.clone().map(Box::new),
+        cuda_ipc,
     }
 }
 
@@ -118,7 +125,7 @@ impl Exporter {
         engine_id: RequestId,
         blocks: usize,
         reader: Option<&KvPeer>,
-    ) -> Result<(Exported, &'static str), String> {
+    ) -> Result<(Exported, KvTransportKind), String> {
         let len = blocks * self.layout.block_bytes();
         let on_device = self
             .cuda_ipc
@@ -155,11 +162,12 @@ mod tests {
 
     fn exported() -> Exported {
         Exported {
-            address: vec![1],
-            rkey: vec![2],
+            memory: RemoteMemory::Registered {
+                address: vec![1],
+                rkey: vec![2],
+            },
             addr: 4096,
             len: 3 * 128,
-            cuda_ipc: None,
             keepalive: Box::new(()),
         }
     }
@@ -207,7 +215,7 @@ mod tests {
         };
         let source = HandleSource {
             worker_id: "ctx",
-            backend: "ucx",
+            backend: &KvTransportKind::Ucx,
             layout: &layout,
         };
         let handle = kv_handle(&source, &exported(), 5, first, 9, 123);
@@ -219,7 +227,7 @@ mod tests {
                 len: 128
             }
         );
-        assert_eq!(handle.layout.dtype, "f32");
+        assert_eq!(handle.layout.dtype, KvDTypeSpec::F32);
         assert_eq!(
             (handle.address.as_str(), handle.rkey.as_str()),
             ("01", "02")

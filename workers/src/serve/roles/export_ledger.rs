@@ -146,11 +146,12 @@ mod tests {
 
     fn exported() -> Exported {
         Exported {
-            address: vec![1],
-            rkey: vec![2],
+            memory: crate::transfer::RemoteMemory::Registered {
+                address: vec![1],
+                rkey: vec![2],
+            },
             addr: 4096,
             len: 3 * 128,
-            cuda_ipc: None,
             keepalive: Box::new(()),
         }
     }

@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_protocol::messages::{
-    self, GenerateJob, KvHandle, KvPeer, KvRelease, StreamMessage, Usage as WireUsage,
+    self, GenerateJob, KvHandle, KvPeer, KvRelease, KvTransportKind, PullOutcome, StreamMessage,
+    Usage as WireUsage,
 };
 
 use super::export::layout_spec;
@@ -26,7 +27,7 @@ use crate::sampler::SampledToken;
 use crate::serve::bus::BusSettings;
 use crate::serve::job::generation_request;
 use crate::serve::worker::{Worker, locked, publish_bounded, unix_ms};
-use crate::transfer::{KvTransport, PulledKv, RemoteKv, TransferError, cuda_ipc, from_hex};
+use crate::transfer::{KvTransport, PulledKv, RemoteKv, TransferError};
 
 /// Set once to cancel a pull; clones share it.
 #[derive(Clone, Default)]
@@ -179,7 +180,7 @@ impl KvPuller {
                     request_id = job.request_id,
                     bytes = kv.len(),
                     micros,
-                    backend = handle.backend,
+                    backend = %handle.backend,
                     "KV pulled"
                 );
                 worker
@@ -189,8 +190,9 @@ impl KvPuller {
                             worker_id: worker.identity.worker_id.clone(),
                             bytes: kv.len() as u64,
                             micros,
-                            fallback: None,
-                            transport: Some(handle.backend.clone()),
+                            outcome: PullOutcome::Pulled {
+                                transport: handle.backend.clone(),
+                            },
                         },
                     )
                     .await;
@@ -228,8 +230,9 @@ impl KvPuller {
                             worker_id: worker.identity.worker_id.clone(),
                             bytes: 0,
                             micros: 0,
-                            fallback: Some(e.to_string()),
-                            transport: None,
+                            outcome: PullOutcome::Fallback {
+                                reason: e.to_string(),
+                            },
                         },
                     )
                     .await;
@@ -246,18 +249,13 @@ impl KvPuller {
 
     /// Reads the handle's blocks over the transport it names, bounded by its expiry.
     async fn pull(&self, handle: &KvHandle) -> Result<PulledKv, TransferError> {
-        let remote = RemoteKv {
-            address: from_hex(&handle.address)?,
-            rkey: from_hex(&handle.rkey)?,
-            regions: handle.blocks.iter().map(|r| (r.addr, r.len)).collect(),
-            cuda_ipc: handle.cuda_ipc.as_deref().cloned(),
-        };
+        let remote = RemoteKv::from_handle(handle)?;
         let left = handle.expires_unix_ms.saturating_sub(unix_ms());
         let host = &self.transport;
         let kv = if handle.backend == host.backend() {
             let timeout = Duration::from_millis(left.clamp(100, 30_000));
             host.pull(remote, timeout).await?
-        } else if handle.backend == cuda_ipc::BACKEND {
+        } else if handle.backend == KvTransportKind::CudaIpc {
             let Some(device) = &self.cuda_ipc else {
                 return Err(TransferError::InvalidHandle(
                     "the K/V was exported to GPU memory for CUDA IPC, and this worker has no \
