@@ -7,7 +7,7 @@
 //!
 //! - [`paths`]: the workspace's binaries ([`bin`]), the test models ([`model_dir`]),
 //!   nats-server ([`nats_server_path`]), scratch files ([`temp_dir`], [`temp_file`]).
-//! - [`ports`]: [`free_port`].
+//! - [`ports`]: free ports ([`free_port`]).
 //! - [`process`]: [`Proc`], a child with its output captured; the process-tree queries
 //!   ([`children_of`], [`descendants`], [`assert_all_gone`]) that "no process left behind"
 //!   checks need.
