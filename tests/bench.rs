@@ -2,13 +2,11 @@
 //! Poisson level give consistent JSON and a PNG; a server that is not there is an error, not a
 //! hang.
 
-mod support;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Proc, bin, free_port, model_dir};
+use tandem_test_kit::{Proc, bin, free_port, model_dir, temp_dir};
 
 fn bench(args: &[&str]) -> std::process::Output {
     Command::new(bin("tandem"))
@@ -31,8 +29,7 @@ fn bench_measures_a_live_server() {
     let mut server = Proc::spawn("tandem", serve);
     server.wait_for_line("tandem: serving", Duration::from_secs(120));
     let url = format!("http://127.0.0.1:{port}/v1");
-    let dir = std::env::temp_dir().join(format!("tandem-bench-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("bench");
     let json = dir.join("bench.json");
     let png = dir.join("bench.png");
 

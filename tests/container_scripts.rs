@@ -13,29 +13,15 @@
 //! Needs bash and the workspace binaries (`cargo build --workspace --bins`); nats-server for
 //! its flags (scripts/install-deps).
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_yaml_ng::Value;
-use support::{bin, free_port, nats_server_path};
+use tandem_test_kit::{bin, nats_server_path, temp_dir};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A fresh, empty directory under target/.
-fn scratch(name: &str) -> PathBuf {
-    let dir = repo().join("target/e2e-tmp").join(format!(
-        "container-{name}-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("target/ is writable");
-    dir
 }
 
 /// How a script is run: arguments and environment, starting from a clean environment so that
@@ -50,7 +36,7 @@ impl Script {
         command.args(args).env_clear();
         command.env("PATH", std::env::var_os("PATH").unwrap_or_default());
         // A home without a Hugging Face cache unless a test makes one.
-        command.env("HOME", scratch("home"));
+        command.env("HOME", temp_dir("home"));
         Script { command }
     }
 
@@ -200,8 +186,8 @@ fn run_sh_interactive_shell_on_gpus() {
 
 #[test]
 fn run_sh_mounts_models_and_the_hugging_face_cache() {
-    let models = scratch("models");
-    let home = scratch("hf-home");
+    let models = temp_dir("models");
+    let home = temp_dir("hf-home");
     let hf = home.join(".cache/huggingface");
     std::fs::create_dir_all(&hf).unwrap();
     let got = Script::new(
@@ -229,7 +215,7 @@ fn run_sh_mounts_models_and_the_hugging_face_cache() {
         "{got:?}"
     );
     // HF_HOME wins over ~/.cache/huggingface; --no-hf-cache mounts none; --hf-cache names one.
-    let other = scratch("hf-other");
+    let other = temp_dir("hf-other");
     let got = Script::new("run.sh", &["--dry-run", "--no-workspace"])
         .env("HOME", &home)
         .env("HF_HOME", &other)
@@ -381,7 +367,7 @@ fn run_sh_refuses_bad_options_with_a_message() {
 
 #[test]
 fn run_sh_runs_what_its_dry_run_prints() {
-    let dir = scratch("fake-run");
+    let dir = temp_dir("fake-run");
     let docker = fake_docker(&dir);
     let args = [
         "-it",
@@ -535,7 +521,7 @@ fn build_sh_refuses_bad_options_and_runs_what_it_prints() {
     assert!(help.status.success());
     assert!(String::from_utf8_lossy(&help.stdout).contains("Usage: container/build.sh"));
 
-    let dir = scratch("fake-build");
+    let dir = temp_dir("fake-build");
     let docker = fake_docker(&dir);
     let args = [
         "--docker",
@@ -1120,7 +1106,7 @@ fn commands_in_the_docs_and_comments_are_accepted() {
         sources.push((format!("container/{script} --help"), examples, false, true));
     }
 
-    let existing = scratch("docs-dir");
+    let existing = temp_dir("docs-dir");
     let mut seen = BTreeSet::new();
     let mut checked = 0;
     for (origin, text, markdown, all) in &sources {

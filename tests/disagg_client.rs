@@ -2,20 +2,15 @@
 //! context and one decode worker): every prompt of examples/prompts.json gets an answer, on
 //! both endpoints, streamed and not.
 
-mod support;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{Proc, bin, free_port, model_dir, temp_file};
+use tandem_test_kit::{Proc, bin, free_port, model_dir, profile_dir, temp_file};
 
 /// `target/<profile>/examples/disagg_client` (cargo test builds the examples).
 fn client() -> PathBuf {
-    let path = bin("tandem")
-        .parent()
-        .expect("target/<profile>")
-        .join("examples/disagg_client");
+    let path = profile_dir().join("examples/disagg_client");
     assert!(
         path.is_file(),
         "{} is missing: `cargo test` builds it (or `cargo build --examples`)",

@@ -16,7 +16,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{ApiServer, Http, Nats, Proc, bin, collect_stream, free_port, metric, model_dir};
+use support::{collect_stream, start_api_server};
+use tandem_test_kit::prometheus::metric;
+use tandem_test_kit::{ApiServer, Http, Nats, Proc, bin, free_port, model_dir, temp_file};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -79,7 +81,7 @@ fn tandem_serve_with_two_context_and_one_decode_worker_equals_worker_generate() 
     const REQUESTS: usize = 32;
     const MAX_TOKENS: u32 = 12;
     let port = free_port();
-    let config = support::temp_file(
+    let config = temp_file(
         "disagg.yaml",
         &format!(
             "hostname: 127.0.0.1\nport: {port}\nmodel: {}\nserved_model_name: disagg\n\
@@ -191,11 +193,11 @@ struct Deployment {
 
 fn deployment(context_extra: &[&str]) -> Deployment {
     let nats = Nats::start();
-    let api = ApiServer::start(&nats, &model_dir(MODEL));
+    let api = start_api_server(&nats, &model_dir(MODEL));
     let context =
         support::start_worker_as(&nats, &model_dir(MODEL), "context", "ctx", context_extra);
     let decode = support::start_worker_as(&nats, &model_dir(MODEL), "decode", "dec", &[]);
-    let http = api.client();
+    let http = &api.http;
     http.wait_for_role("context", 1, Duration::from_secs(30));
     http.wait_for_role("decode", 1, Duration::from_secs(30));
     Deployment {
@@ -209,7 +211,7 @@ fn deployment(context_extra: &[&str]) -> Deployment {
 #[test]
 fn a_decode_worker_killed_mid_stream_fails_its_request_quickly_and_frees_the_export() {
     let mut d = deployment(&[]);
-    let http = d.api.client();
+    let http = &d.api.http;
     let request = json!({
         "messages": [{"role": "user", "content": "Tell me a very long story."}],
         "max_tokens": 400, "temperature": 0, "ignore_eos": true, "stream": true,
@@ -264,7 +266,7 @@ fn a_decode_worker_killed_mid_stream_fails_its_request_quickly_and_frees_the_exp
 fn a_client_gone_before_its_first_token_stops_its_prefill() {
     // Small prefill chunks make a long prompt's prefill take many steps.
     let d = deployment(&["--max-num-batched-tokens", "64", "--max-num-seqs", "8"]);
-    let http = d.api.client();
+    let http = &d.api.http;
     let long_prompt = "Describe the history of the printing press in detail. ".repeat(150);
     let long = json!({
         "messages": [{"role": "user", "content": long_prompt}],
@@ -277,7 +279,7 @@ fn a_client_gone_before_its_first_token_stops_its_prefill() {
     let full_prefill = start.elapsed();
 
     // The same request, abandoned after 200 ms (before its first token).
-    let base = d.api.base.trim_start_matches("http://").to_owned();
+    let base = d.api.http.base.trim_start_matches("http://").to_owned();
     let mut socket = std::net::TcpStream::connect(&base).unwrap();
     let body = long.to_string();
     use std::io::Write;

@@ -15,7 +15,10 @@ use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{Http, Nats, Proc, bin, collect_stream, free_port, model_dir};
+use support::collect_stream;
+use tandem_test_kit::{
+    Http, Nats, Proc, assert_all_gone, bin, children_of, comm, free_port, model_dir, temp_dir,
+};
 
 /// Generous for 2 shared cores; a healthy tiny deployment is ready in about a second.
 const READY: Duration = Duration::from_secs(120);
@@ -48,88 +51,10 @@ fn output_with(proc: &Proc, needle: &str) -> String {
     proc.output()
 }
 
-/// A fresh directory under the system temp dir.
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tandem-launcher-{name}-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("the temp dir is writable");
-    dir
-}
-
 fn write_config(name: &str, yaml: &str) -> PathBuf {
-    let path = scratch_dir(name).join("deploy.yaml");
+    let path = temp_dir(name).join("deploy.yaml");
     std::fs::write(&path, yaml).expect("the temp dir is writable");
     path
-}
-
-/// Parent pid and state of a process, from /proc; `None` once it is gone.
-fn stat(pid: u32) -> Option<(u32, char)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid ...`; comm may contain spaces and parentheses.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some((ppid, state))
-}
-
-/// Running (not exited, not a zombie).
-fn running(pid: u32) -> bool {
-    stat(pid).is_some_and(|(_, state)| state != 'Z')
-}
-
-fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
-
-/// The running children of `parent`.
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc is readable") {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some((ppid, state)) = stat(pid)
-            && ppid == parent
-            && state != 'Z'
-        {
-            children.push(pid);
-        }
-    }
-    children
-}
-
-/// Waits until none of `pids` runs; panics with the survivors after `limit`.
-fn assert_all_gone(pids: &[u32], limit: Duration) {
-    let start = Instant::now();
-    loop {
-        let alive: Vec<String> = pids
-            .iter()
-            .filter(|&&pid| running(pid))
-            .map(|&pid| format!("{pid} ({})", comm(pid)))
-            .collect();
-        if alive.is_empty() {
-            return;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "processes left behind after {limit:?}: {}",
-            alive.join(", ")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The pid the launcher logged for child `name` (`started worker-1 (pid 1234)`).
@@ -254,7 +179,7 @@ fn a_missing_nats_server_says_how_to_install_it() {
 
 #[test]
 fn an_unobtainable_default_model_is_a_clear_error() {
-    let cache = scratch_dir("cache");
+    let cache = temp_dir("cache");
     let (status, out) = run_to_failure({
         let mut c = tandem();
         c.args(["serve", "--port", &free_port().to_string()])
@@ -274,7 +199,7 @@ fn an_unobtainable_default_model_is_a_clear_error() {
 /// under its own name, without looking for the wheel or Python.
 #[test]
 fn the_default_model_is_reused_from_the_cache() {
-    let cache = scratch_dir("default");
+    let cache = temp_dir("default");
     std::fs::create_dir_all(cache.join("models")).expect("the temp dir is writable");
     // `model-prep default` output (scripts/test-models), with its source marker.
     let prepared = model_dir("smollm2-bf16");
@@ -536,26 +461,12 @@ fn an_external_nats_from_the_config_and_a_killed_worker() {
     assert_all_gone(&children, Duration::from_secs(5));
 }
 
-/// The test's own nats-server serving `url` (found by its port among our children).
-fn nats_pid(url: &str) -> u32 {
-    let port = url.rsplit(':').next().expect("nats://host:port");
-    children_of(std::process::id())
-        .into_iter()
-        .find(|&pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            args.windows(2)
-                .any(|w| w[0] == b"-p" && w[1] == port.as_bytes())
-        })
-        .unwrap_or_else(|| panic!("no nats-server child serves {url}"))
-}
-
 /// A deployment that never gets ready (its NATS server is frozen, so nobody completes the
 /// NATS handshake) is stopped at --ready-timeout-s with an error saying what was missing.
 #[test]
 fn not_ready_in_time_stops_everything() {
     let nats = Nats::start();
-    let frozen = nats_pid(&nats.url);
+    let frozen = nats.pid();
     // SAFETY: kill(2) on our own nats-server child, resumed below.
     assert_eq!(
         unsafe { libc::kill(frozen as libc::pid_t, libc::SIGSTOP) },

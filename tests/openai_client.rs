@@ -6,13 +6,11 @@
 //! Needs Python 3 with the `openai` package importable: scripts/test installs it into
 //! `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
 
-mod support;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{Http, Proc, bin, free_port, model_dir};
+use tandem_test_kit::{Http, Proc, assert_all_gone, bin, descendants, free_port, model_dir};
 
 fn python() -> Command {
     let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -34,58 +32,6 @@ fn check_openai_importable() {
          target/pylib and sets TANDEM_TEST_PYTHONPATH): {}",
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-/// Pids of `root`'s descendants, from /proc.
-fn descendants(root: u32) -> Vec<u32> {
-    let mut parents: Vec<(u32, u32)> = Vec::new();
-    for entry in std::fs::read_dir("/proc")
-        .expect("/proc is readable")
-        .flatten()
-    {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ..."; comm may contain spaces, so split after the last ')'.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-            parents.push((pid, ppid));
-        }
-    }
-    let mut found = vec![root];
-    let mut i = 0;
-    while i < found.len() {
-        let parent = found[i];
-        found.extend(
-            parents
-                .iter()
-                .filter(|(_, p)| *p == parent)
-                .map(|(c, _)| *c),
-        );
-        i += 1;
-    }
-    found.remove(0);
-    found
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().next().map(str::to_owned));
-            state.as_deref() != Some("Z")
-        })
-        .unwrap_or(false)
 }
 
 #[test]
@@ -159,16 +105,5 @@ fn openai_client_works_unchanged_against_tandem_serve() {
         status.success(),
         "tandem exits cleanly on SIGTERM: {status}"
     );
-    let start = std::time::Instant::now();
-    while children.iter().any(|&pid| alive(pid)) {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "processes left behind after tandem exited: {:?}",
-            children
-                .iter()
-                .filter(|&&pid| alive(pid))
-                .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert_all_gone(&children, Duration::from_secs(5));
 }

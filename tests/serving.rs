@@ -12,7 +12,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{ApiServer, Nats, SERVED_NAME, Streamed, bin, collect_stream, model_dir};
+use support::{SERVED_NAME, Streamed, collect_stream, start_api_server};
+use tandem_test_kit::{Nats, bin, model_dir};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -37,8 +38,8 @@ fn worker_generate(args: &[&str]) -> Value {
 fn temperature_zero_output_equals_worker_generate() {
     let nats = Nats::start();
     let _worker = support::start_worker(&nats, &model_dir(MODEL), "w0", &[]);
-    let api = ApiServer::start(&nats, &model_dir(MODEL));
-    let http = api.client();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    let http = &api.http;
     http.wait_for_workers(1, Duration::from_secs(30));
 
     for prompt in [
@@ -123,8 +124,8 @@ fn concurrent_streams_each_get_the_tokens_they_get_alone() {
     const REQUESTS: usize = 64;
     let nats = Nats::start();
     let _worker = support::start_worker(&nats, &model_dir(MODEL), "w0", &[]);
-    let api = ApiServer::start(&nats, &model_dir(MODEL));
-    let http = api.client();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    let http = &api.http;
     http.wait_for_workers(1, Duration::from_secs(30));
 
     let run = |i: usize| -> Streamed {
@@ -156,8 +157,8 @@ fn concurrent_streams_each_get_the_tokens_they_get_alone() {
 #[test]
 fn hand_started_workers_join_take_traffic_and_drain_on_sigterm() {
     let nats = Nats::start();
-    let api = ApiServer::start(&nats, &model_dir(MODEL));
-    let http = api.client();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    let http = &api.http;
     let mut first = support::start_worker(&nats, &model_dir(MODEL), "hand-a", &[]);
     let second = support::start_worker(&nats, &model_dir(MODEL), "hand-b", &[]);
     http.wait_for_workers(2, Duration::from_secs(30));
@@ -246,8 +247,8 @@ fn hand_started_workers_join_take_traffic_and_drain_on_sigterm() {
 #[test]
 fn a_killed_worker_fails_its_requests_quickly_and_traffic_moves_on() {
     let nats = Nats::start();
-    let api = ApiServer::start(&nats, &model_dir(MODEL));
-    let http = api.client();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    let http = &api.http;
     let mut doomed = support::start_worker(&nats, &model_dir(MODEL), "doomed", &[]);
     let survivor = support::start_worker(&nats, &model_dir(MODEL), "survivor", &[]);
     http.wait_for_workers(2, Duration::from_secs(30));

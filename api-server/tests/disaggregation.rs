@@ -15,14 +15,16 @@ use common::bus_peer::{
     SCRIPT_DECODE_VANISHES, SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_PULL_FAILS, SCRIPTED_TEXT,
     SCRIPTED_TRANSPORT, ScriptedBusPeer, fake_handle, scripted_kv_peer,
 };
-use common::{ApiServer, NatsServer, SERVED_NAME};
+use common::{SERVED_NAME, start_api_server};
 use serde_json::{Value, json};
 use tandem_protocol::messages::{GenerateJob, KvTransferStats, WorkerRole};
+use tandem_test_kit::prometheus::sample;
+use tandem_test_kit::{ApiServer, Nats};
 
 const DECODE_ID: &str = "dec";
 
 struct Deployment {
-    _nats: NatsServer,
+    _nats: Nats,
     contexts: Vec<ScriptedBusPeer>,
     decode: ScriptedBusPeer,
     server: ApiServer,
@@ -37,7 +39,7 @@ impl Deployment {
     }
 
     fn metric(&self, series: &str) -> f64 {
-        metric(&self.server.get("/metrics").body, series)
+        metric(&self.server.http.get("/metrics").body, series)
     }
 }
 
@@ -48,7 +50,7 @@ fn deploy_with(
     kv_transfer: Option<KvTransferStats>,
     extra: &[&str],
 ) -> Deployment {
-    let nats = NatsServer::start();
+    let nats = Nats::start();
     let decode =
         ScriptedBusPeer::start_as(&nats.url, SERVED_NAME, WorkerRole::Decode, DECODE_ID, None);
     let contexts: Vec<ScriptedBusPeer> = context_ids
@@ -57,10 +59,10 @@ fn deploy_with(
             ScriptedBusPeer::start_as(&nats.url, SERVED_NAME, WorkerRole::Context, id, kv_transfer)
         })
         .collect();
-    let server = ApiServer::start(&nats, extra);
+    let server = start_api_server(&nats, extra);
     let start = Instant::now();
     loop {
-        let health = server.get("/health");
+        let health = server.http.get("/health");
         if health.status == 200
             && health.json()["workers"]["accepting_prefill"] == context_ids.len()
         {
@@ -87,12 +89,7 @@ fn deploy(context_ids: &[&str], extra: &[&str]) -> Deployment {
 
 /// The value of the sample `series` (name and labels exactly as rendered).
 fn metric(body: &str, series: &str) -> f64 {
-    body.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().expect("a number"))
-        })
-        .unwrap_or_else(|| panic!("{series} missing from\n{body}"))
+    sample(body, series).unwrap_or_else(|| panic!("{series} missing from\n{body}"))
 }
 
 fn fallbacks(reason: &str) -> String {
@@ -106,8 +103,8 @@ fn streamed_chat(max_tokens: u32) -> Value {
 
 /// A streamed response: (the chunks' id, concatenated text, finish reason, usage).
 fn read_stream(server: &ApiServer, body: &Value) -> (String, String, Value, Value) {
-    let stream = server.open_stream("/v1/chat/completions", body);
-    assert_eq!(stream.status, 200);
+    let stream = server.http.open_stream("/v1/chat/completions", body);
+    assert_eq!(stream.status(), 200);
     let events = stream.collect();
     assert_eq!(
         events.last().map(String::as_str),
@@ -184,7 +181,7 @@ fn a_request_is_prefilled_on_the_context_worker_and_decoded_from_its_handle() {
     assert_eq!(usage["prompt_tokens"], prefill.prompt_ids.len());
 
     // Not streamed: a 40-token prompt is 3 fake blocks.
-    let response = d.server.post_json(
+    let response = d.server.http.post(
         "/v1/completions",
         &json!({"prompt": (1..=40).collect::<Vec<u32>>(), "max_tokens": SCRIPT_ANSWER}),
     );
@@ -197,7 +194,7 @@ fn a_request_is_prefilled_on_the_context_worker_and_decoded_from_its_handle() {
         .len()
         .div_ceil(FAKE_BLOCK_TOKENS as usize) as u64;
     let bytes = (first_blocks + 3) * FAKE_BLOCK_BYTES;
-    let metrics = d.server.get("/metrics").body;
+    let metrics = d.server.http.get("/metrics").body;
     assert_eq!(
         metric(&metrics, "tandem_kv_transfer_bytes_total"),
         bytes as f64
@@ -226,7 +223,7 @@ fn a_request_is_prefilled_on_the_context_worker_and_decoded_from_its_handle() {
 #[test]
 fn without_a_context_worker_the_decode_worker_prefills_itself() {
     let d = deploy(&[], &[]);
-    let health = d.server.get("/health").json();
+    let health = d.server.http.get("/health").json();
     assert_eq!(health["workers"]["context"], 0);
     assert_eq!(health["workers"]["decode"], 1);
     let (_, text, _, _) = read_stream(&d.server, &streamed_chat(SCRIPT_ANSWER));
@@ -242,7 +239,7 @@ fn without_a_context_worker_the_decode_worker_prefills_itself() {
 fn prompts_shorter_than_max_local_prefill_length_are_prefilled_locally() {
     let d = deploy(&["ctx-a"], &["--max-local-prefill-length", "4"]);
     let complete = |prompt: Vec<u32>| {
-        let response = d.server.post_json(
+        let response = d.server.http.post(
             "/v1/completions",
             &json!({"prompt": prompt, "max_tokens": SCRIPT_ANSWER}),
         );
@@ -346,7 +343,7 @@ fn context_failures_fall_back_and_request_failures_reach_the_client() {
 
     // A failure of the request itself: the decode worker fails it too, and the client gets
     // that error as with aggregated serving.
-    let response = d.server.post_json(
+    let response = d.server.http.post(
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": SCRIPT_ERROR}),
     );
@@ -373,7 +370,7 @@ fn failed_pulls_and_context_heartbeats_show_in_metrics_and_health() {
     let d = deploy_with(&["ctx-a"], Some(stats), &[]);
     let (_, text, _, _) = read_stream(&d.server, &streamed_chat(SCRIPT_PULL_FAILS));
     assert_eq!(text, SCRIPTED_TEXT);
-    let metrics = d.server.get("/metrics").body;
+    let metrics = d.server.http.get("/metrics").body;
     assert_eq!(metric(&metrics, &fallbacks("pull_failed")), 1.0);
     assert_eq!(metric(&metrics, "tandem_kv_transfer_bytes_total"), 0.0);
     assert_eq!(metric(&metrics, "tandem_kv_transfer_seconds_count"), 0.0);
@@ -386,7 +383,7 @@ fn failed_pulls_and_context_heartbeats_show_in_metrics_and_health() {
     ] {
         assert_eq!(metric(&metrics, series), value, "{series}");
     }
-    let health = d.server.get("/health").json();
+    let health = d.server.http.get("/health").json();
     assert_eq!(health["status"], "ok");
     assert_eq!(health["workers"]["context"], 1);
     assert_eq!(health["workers"]["accepting_prefill"], 1);
@@ -398,8 +395,9 @@ fn a_client_gone_during_the_prefill_cancels_it_on_the_context_worker() {
     let d = deploy(&["ctx-a"], &[]);
     let stream = d
         .server
+        .http
         .open_stream("/v1/chat/completions", &streamed_chat(SCRIPT_ENDLESS));
-    assert_eq!(stream.status, 200);
+    assert_eq!(stream.status(), 200);
     let request_id = d.context("ctx-a").jobs()[0].request_id.clone();
     drop(stream);
     assert!(
@@ -413,8 +411,10 @@ fn a_client_gone_during_the_prefill_cancels_it_on_the_context_worker() {
 /// The SSE events of a streamed chat whose generation fails after the headers: the error
 /// event's `code`.
 fn streamed_error_code(server: &ApiServer, max_tokens: u32) -> String {
-    let stream = server.open_stream("/v1/chat/completions", &streamed_chat(max_tokens));
-    assert_eq!(stream.status, 200);
+    let stream = server
+        .http
+        .open_stream("/v1/chat/completions", &streamed_chat(max_tokens));
+    assert_eq!(stream.status(), 200);
     let events = stream.collect();
     assert_eq!(
         events.last().map(String::as_str),
@@ -449,7 +449,7 @@ fn a_decode_worker_that_does_not_take_the_handle_fails_the_request_quickly() {
         "the late decode job is not cancelled"
     );
     // Not streamed: 503.
-    let response = d.server.post_json(
+    let response = d.server.http.post(
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": SCRIPT_DECODE_SILENT}),
     );
@@ -472,7 +472,7 @@ fn a_decode_worker_that_dies_mid_stream_ends_the_request_with_an_error() {
         start.elapsed()
     );
     assert!(!d.decode.heartbeating());
-    let metrics = d.server.get("/metrics").body;
+    let metrics = d.server.http.get("/metrics").body;
     assert_eq!(metric(&metrics, "tandem_requests_disaggregated_total"), 1.0);
     for reason in ["context_timeout", "context_gone", "context_error"] {
         assert_eq!(metric(&metrics, &fallbacks(reason)), 0.0, "{reason}");

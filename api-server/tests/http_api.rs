@@ -5,8 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ApiServer, NatsServer, SERVED_NAME};
+use common::{SERVED_NAME, start_api_server};
 use serde_json::json;
+use tandem_test_kit::Nats;
 
 fn assert_openai_error(body: &serde_json::Value, kind: &str) {
     let error = &body["error"];
@@ -23,9 +24,9 @@ fn assert_openai_error(body: &serde_json::Value, kind: &str) {
 
 #[test]
 fn health_is_503_with_a_reason_while_no_worker_is_known() {
-    let nats = NatsServer::start();
-    let server = ApiServer::start(&nats, &[]);
-    let response = server.get("/health");
+    let nats = Nats::start();
+    let server = start_api_server(&nats, &[]);
+    let response = server.http.get("/health");
     assert_eq!(response.status, 503, "{}", response.body);
     let body = response.json();
     assert_eq!(body["status"], "unavailable");
@@ -37,8 +38,8 @@ fn health_is_503_with_a_reason_while_no_worker_is_known() {
 
 #[test]
 fn requests_without_workers_get_503_quickly() {
-    let nats = NatsServer::start();
-    let server = ApiServer::start(&nats, &[]);
+    let nats = Nats::start();
+    let server = start_api_server(&nats, &[]);
     for (path, body) in [
         (
             "/v1/chat/completions",
@@ -51,7 +52,7 @@ fn requests_without_workers_get_503_quickly() {
         ("/v1/completions", json!({"prompt": "Hi", "max_tokens": 4})),
     ] {
         let start = Instant::now();
-        let response = server.post_json(path, &body);
+        let response = server.http.post(path, &body);
         assert!(
             start.elapsed() < Duration::from_secs(2),
             "{path} took {:?}",
@@ -66,8 +67,8 @@ fn requests_without_workers_get_503_quickly() {
 
 #[test]
 fn malformed_json_and_wrong_types_get_400_with_an_openai_body() {
-    let nats = NatsServer::start();
-    let server = ApiServer::start(&nats, &[]);
+    let nats = Nats::start();
+    let server = start_api_server(&nats, &[]);
     for (path, body) in [
         (
             "/v1/chat/completions",
@@ -81,7 +82,7 @@ fn malformed_json_and_wrong_types_get_400_with_an_openai_body() {
         ),
         ("/v1/completions", "{\"prompt\": {\"a\": 1}}"),
     ] {
-        let response = server.post(path, body);
+        let response = server.http.post_text(path, body);
         assert_eq!(response.status, 400, "{body}: {}", response.body);
         assert!(
             response
@@ -95,9 +96,9 @@ fn malformed_json_and_wrong_types_get_400_with_an_openai_body() {
 
 #[test]
 fn invalid_requests_get_400_naming_the_field() {
-    let nats = NatsServer::start();
-    let server = ApiServer::start(&nats, &[]);
-    let response = server.post_json(
+    let nats = Nats::start();
+    let server = start_api_server(&nats, &[]);
+    let response = server.http.post(
         "/v1/chat/completions",
         &json!({"model": SERVED_NAME, "messages": []}),
     );
@@ -106,14 +107,14 @@ fn invalid_requests_get_400_naming_the_field() {
     assert_openai_error(&body, "invalid_request_error");
     assert_eq!(body["error"]["param"], "messages");
 
-    let response = server.post_json(
+    let response = server.http.post(
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 3}),
     );
     assert_eq!(response.status, 400);
     assert_eq!(response.json()["error"]["param"], "temperature");
 
-    let response = server.post_json(
+    let response = server.http.post(
         "/v1/chat/completions",
         &json!({"model": "other", "messages": [{"role": "user", "content": "Hi"}]}),
     );
@@ -121,7 +122,7 @@ fn invalid_requests_get_400_naming_the_field() {
     assert_eq!(response.json()["error"]["code"], "model_not_found");
 
     // The tiny test model's context is 1024 tokens.
-    let response = server.post_json(
+    let response = server.http.post(
         "/v1/completions",
         &json!({"prompt": [1, 2, 3], "max_tokens": 1022}),
     );
@@ -131,9 +132,9 @@ fn invalid_requests_get_400_naming_the_field() {
 
 #[test]
 fn models_lists_the_served_name() {
-    let nats = NatsServer::start();
-    let server = ApiServer::start(&nats, &[]);
-    let response = server.get("/v1/models");
+    let nats = Nats::start();
+    let server = start_api_server(&nats, &[]);
+    let response = server.http.get("/v1/models");
     assert_eq!(response.status, 200);
     let body = response.json();
     assert_eq!(body["object"], "list");
@@ -147,14 +148,14 @@ fn models_lists_the_served_name() {
 /// numeric value, and every family has HELP and TYPE lines.
 #[test]
 fn metrics_parse_as_prometheus_text() {
-    let nats = NatsServer::start();
-    let server = ApiServer::start(&nats, &[]);
+    let nats = Nats::start();
+    let server = start_api_server(&nats, &[]);
     // One failed request so the request counter has a sample.
-    server.post_json(
+    server.http.post(
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "Hi"}]}),
     );
-    let response = server.get("/metrics");
+    let response = server.http.get("/metrics");
     assert_eq!(response.status, 200);
     assert!(
         response

@@ -10,16 +10,17 @@ use common::bus_peer::{
     PEER_ID, SCRIPT_ANSWER, SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_SILENT, SCRIPT_STALL,
     SCRIPTED_TEXT, ScriptedBusPeer,
 };
-use common::{ApiServer, NatsServer, SERVED_NAME};
+use common::{SERVED_NAME, start_api_server};
 use serde_json::{Value, json};
+use tandem_test_kit::{ApiServer, Nats};
 
 /// A server with the peer registered (its first heartbeat seen).
-fn setup() -> (NatsServer, ScriptedBusPeer, ApiServer) {
-    let nats = NatsServer::start();
+fn setup() -> (Nats, ScriptedBusPeer, ApiServer) {
+    let nats = Nats::start();
     let peer = ScriptedBusPeer::start(&nats.url, SERVED_NAME);
-    let server = ApiServer::start(&nats, &[]);
+    let server = start_api_server(&nats, &[]);
     let start = Instant::now();
-    while server.get("/health").status != 200 {
+    while server.http.get("/health").status != 200 {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "the peer's heartbeats never made /health ready"
@@ -41,10 +42,10 @@ fn chat(max_tokens: u32, extra: Value) -> Value {
 #[test]
 fn health_reports_the_live_worker() {
     let (_nats, _peer, server) = setup();
-    let body = server.get("/health").json();
+    let body = server.http.get("/health").json();
     assert_eq!(body["status"], "ok");
     assert_eq!(body["workers"]["both"], 1);
-    let metrics = server.get("/metrics").body;
+    let metrics = server.http.get("/metrics").body;
     assert!(
         metrics.contains("tandem_live_workers{role=\"both\"} 1"),
         "{metrics}"
@@ -60,22 +61,22 @@ fn health_reports_the_live_worker() {
 #[test]
 fn streamed_chat_has_openai_framing_usage_and_done() {
     let (_nats, peer, server) = setup();
-    let stream = server.open_stream(
+    let stream = server.http.open_stream(
         "/v1/chat/completions",
         &chat(
             SCRIPT_ANSWER,
             json!({"stream": true, "stream_options": {"include_usage": true}}),
         ),
     );
-    assert_eq!(stream.status, 200);
+    assert_eq!(stream.status(), 200);
     assert!(
         stream
-            .headers
+            .headers()
             .iter()
             .any(|(n, v)| n.eq_ignore_ascii_case("content-type")
                 && v.starts_with("text/event-stream")),
         "{:?}",
-        stream.headers
+        stream.headers()
     );
     let events = stream.collect();
     assert_eq!(
@@ -129,6 +130,7 @@ fn streamed_chat_has_openai_framing_usage_and_done() {
 fn streamed_chat_without_include_usage_has_no_usage_field() {
     let (_nats, _peer, server) = setup();
     let events = server
+        .http
         .open_stream(
             "/v1/chat/completions",
             &chat(SCRIPT_ANSWER, json!({"stream": true})),
@@ -145,7 +147,7 @@ fn streamed_chat_without_include_usage_has_no_usage_field() {
 #[test]
 fn non_streamed_chat_and_completion_carry_text_usage_and_logprobs() {
     let (_nats, peer, server) = setup();
-    let response = server.post_json(
+    let response = server.http.post(
         "/v1/chat/completions",
         &chat(SCRIPT_ANSWER, json!({"logprobs": true, "top_logprobs": 2})),
     );
@@ -164,7 +166,7 @@ fn non_streamed_chat_and_completion_carry_text_usage_and_logprobs() {
     assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
     assert_eq!(peer.jobs()[0].sampling.logprobs, Some(2));
 
-    let response = server.post_json(
+    let response = server.http.post(
         "/v1/completions",
         &json!({"prompt": [5, 6, 7], "max_tokens": SCRIPT_ANSWER, "logprobs": 1}),
     );
@@ -188,7 +190,7 @@ fn non_streamed_chat_and_completion_carry_text_usage_and_logprobs() {
 fn streamed_completion_chunks_are_text_completions() {
     let (_nats, _peer, server) = setup();
     let events = server
-        .open_stream(
+        .http.open_stream(
             "/v1/completions",
             &json!({"prompt": [1, 2], "max_tokens": SCRIPT_ANSWER, "stream": true, "stream_options": {"include_usage": true}}),
         )
@@ -211,7 +213,7 @@ fn streamed_completion_chunks_are_text_completions() {
 fn no_accepted_in_time_is_503_and_cancels_the_job() {
     let (_nats, peer, server) = setup();
     let start = Instant::now();
-    let response = server.post_json(
+    let response = server.http.post(
         "/v1/chat/completions",
         &chat(SCRIPT_SILENT, json!({"stream": true})),
     );
@@ -234,6 +236,7 @@ fn a_stalled_stream_ends_with_an_sse_error_and_a_cancel() {
     let (_nats, peer, server) = setup();
     let start = Instant::now();
     let events = server
+        .http
         .open_stream(
             "/v1/chat/completions",
             &chat(SCRIPT_STALL, json!({"stream": true})),
@@ -258,7 +261,9 @@ fn a_stalled_stream_ends_with_an_sse_error_and_a_cancel() {
     assert!(peer.wait_for_cancel(&job.request_id, Duration::from_secs(2)));
 
     // Not streamed, the same stall is an HTTP 504.
-    let response = server.post_json("/v1/chat/completions", &chat(SCRIPT_STALL, json!({})));
+    let response = server
+        .http
+        .post("/v1/chat/completions", &chat(SCRIPT_STALL, json!({})));
     assert_eq!(response.status, 504, "{}", response.body);
     assert_eq!(response.json()["error"]["code"], "timeout");
 }
@@ -266,10 +271,13 @@ fn a_stalled_stream_ends_with_an_sse_error_and_a_cancel() {
 #[test]
 fn a_worker_error_reaches_the_client() {
     let (_nats, _peer, server) = setup();
-    let response = server.post_json("/v1/chat/completions", &chat(SCRIPT_ERROR, json!({})));
+    let response = server
+        .http
+        .post("/v1/chat/completions", &chat(SCRIPT_ERROR, json!({})));
     assert_eq!(response.status, 500, "{}", response.body);
     assert_eq!(response.json()["error"]["message"], "scripted failure");
     let events = server
+        .http
         .open_stream(
             "/v1/chat/completions",
             &chat(SCRIPT_ERROR, json!({"stream": true})),
@@ -284,11 +292,11 @@ fn a_worker_error_reaches_the_client() {
 #[test]
 fn a_client_that_disconnects_cancels_its_request() {
     let (_nats, peer, server) = setup();
-    let mut stream = server.open_stream(
+    let mut stream = server.http.open_stream(
         "/v1/chat/completions",
         &chat(SCRIPT_ENDLESS, json!({"stream": true})),
     );
-    assert_eq!(stream.status, 200);
+    assert_eq!(stream.status(), 200);
     // Role chunk, then at least one content chunk: the generation is running.
     stream.next_data().expect("role chunk");
     stream.next_data().expect("a content chunk");
@@ -299,7 +307,7 @@ fn a_client_that_disconnects_cancels_its_request() {
         peer.wait_for_cancel(&request_id, Duration::from_secs(3)),
         "disconnect did not publish a cancel"
     );
-    let metrics = server.get("/metrics").body;
+    let metrics = server.http.get("/metrics").body;
     assert!(
         metrics
             .contains("tandem_requests_total{endpoint=\"chat\",outcome=\"client_disconnected\"} 1"),

@@ -13,11 +13,8 @@
 //! IPC), with the tokens of `worker generate` on the GPU. Without a CUDA driver that test
 //! says so and passes without running (CI has no GPU).
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -26,107 +23,12 @@ use tandem_protocol::messages::{
     StreamMessage,
 };
 use tandem_protocol::subjects::Subjects;
+use tandem_test_kit::{Nats, Proc, WorkerSpec, bin};
 
 const SERVED: &str = "disagg-test";
 
 fn model_dir() -> PathBuf {
-    let root = std::env::var_os("TANDEM_TEST_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-models"));
-    let dir = root.join("smollm2-bf16");
-    assert!(
-        dir.join("config.json").is_file(),
-        "{} is missing: run scripts/test-models",
-        dir.display()
-    );
-    dir
-}
-
-/// The `worker` binary: this build's, or `TANDEM_WORKER_BIN` (a test binary carried to the
-/// device machine runs the worker carried beside it).
-fn worker_bin() -> PathBuf {
-    std::env::var_os("TANDEM_WORKER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_worker")))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port()
-}
-
-/// A child killed on drop, its stderr lines collected.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut command: Command) -> Self {
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&lines);
-        let name = name.to_owned();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[{name}] {line}");
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Proc { child, lines }
-    }
-
-    fn wait_for(&mut self, needle: &str) {
-        let start = Instant::now();
-        while !self
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-        {
-            assert!(
-                self.child.try_wait().unwrap().is_none(),
-                "process exited before printing `{needle}`"
-            );
-            assert!(start.elapsed() < Duration::from_secs(120), "no `{needle}`");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_nats() -> (Proc, String) {
-    let port = free_port();
-    // Debian's path; the device machine unpacks it elsewhere and says so.
-    let nats_server =
-        std::env::var("TANDEM_NATS_SERVER").unwrap_or_else(|_| "/usr/sbin/nats-server".into());
-    let mut command = Command::new(nats_server);
-    command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
-    let proc = Proc::spawn("nats", command);
-    let start = Instant::now();
-    // Ready once it greets: a starting nats-server can accept and reset connections.
-    while !tandem_protocol::ready::nats_greets(
-        ([127, 0, 0, 1], port).into(),
-        Duration::from_secs(2),
-    ) {
-        assert!(start.elapsed() < Duration::from_secs(10), "nats-server");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (proc, format!("nats://127.0.0.1:{port}"))
+    tandem_test_kit::model_dir("smollm2-bf16")
 }
 
 fn start_worker(nats: &str, role: &str, id: &str, extra: &[&str]) -> Proc {
@@ -134,27 +36,15 @@ fn start_worker(nats: &str, role: &str, id: &str, extra: &[&str]) -> Proc {
 }
 
 fn start_worker_on(model: &Path, nats: &str, role: &str, id: &str, extra: &[&str]) -> Proc {
-    let mut command = Command::new(worker_bin());
-    command
-        .args(["--role", role, "--model"])
-        .arg(model)
-        .args([
-            "--nats",
-            nats,
-            "--served-model-name",
-            SERVED,
-            "--worker-id",
-            id,
-            "--threads",
-            "1",
-            "--heartbeat-ms",
-            "200",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "info,tandem_workers=debug");
-    let mut proc = Proc::spawn(id, command);
-    proc.wait_for("joined the deployment");
-    proc
+    let spec = WorkerSpec {
+        role,
+        worker_id: id,
+        served_model_name: SERVED,
+        threads: 1,
+        heartbeat_ms: 200,
+        extra,
+    };
+    tandem_test_kit::start_worker(nats, model, &spec)
 }
 
 /// `worker generate --chat --json` for `prompt`.
@@ -170,7 +60,7 @@ fn reference_on(
     max_tokens: u32,
     seed: Option<u64>,
 ) -> serde_json::Value {
-    let mut command = Command::new(worker_bin());
+    let mut command = Command::new(bin("worker"));
     command
         .arg("generate")
         .arg("--model")
@@ -311,8 +201,7 @@ async fn disaggregated(
     let mut stream = client.subscribe(job.stream_subject.clone()).await.unwrap();
     let handle = prefill(client, &mut stream, &job).await;
     if let Some(context) = kill_context_after_prefill {
-        let _ = context.child.kill();
-        let _ = context.child.wait();
+        context.kill();
     }
     job.kv = Some(handle);
     let decode = decode(client, &mut stream, &job).await;
@@ -349,14 +238,10 @@ fn output_ids(reference: &serde_json::Value) -> Vec<u32> {
 
 #[tokio::test]
 async fn context_and_decode_workers_reproduce_worker_generate_over_ucx() {
-    let (_nats, url) = start_nats();
-    let mut context = start_worker(
-        &url,
-        "context",
-        "ctx",
-        &["--kv-transfer-timeout-ms", "1500"],
-    );
-    let _decode = start_worker(&url, "decode", "dec", &[]);
+    let nats = Nats::start();
+    let url = &nats.url;
+    let mut context = start_worker(url, "context", "ctx", &["--kv-transfer-timeout-ms", "1500"]);
+    let _decode = start_worker(url, "decode", "dec", &[]);
     let client = async_nats::connect(url.as_str()).await.unwrap();
 
     let cases = [
@@ -452,10 +337,11 @@ fn handles_serialize_with_their_layout() {
 
 #[tokio::test]
 async fn a_layout_mismatch_is_an_error_never_garbage() {
-    let (_nats, url) = start_nats();
-    let _context = start_worker(&url, "context", "ctx", &[]);
+    let nats = Nats::start();
+    let url = &nats.url;
+    let _context = start_worker(url, "context", "ctx", &[]);
     // Same model, other block size: the handle's layout differs from the decode worker's.
-    let _decode = start_worker(&url, "decode", "dec", &["--block-size", "32"]);
+    let _decode = start_worker(url, "decode", "dec", &["--block-size", "32"]);
     let client = async_nats::connect(url.as_str()).await.unwrap();
     let expected = reference("Hi", 4, None);
     let mut job = job("mismatch", prompt_ids(&expected), 4, None);
@@ -484,7 +370,7 @@ async fn a_layout_mismatch_is_an_error_never_garbage() {
 fn gpu_model_dir() -> PathBuf {
     let dir = std::env::var_os("TANDEM_GPU_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| model_dir().with_file_name("tiny"));
+        .unwrap_or_else(|| tandem_test_kit::model_dir("tiny"));
     assert!(
         dir.join("config.json").is_file(),
         "{} is missing: run scripts/test-models or set TANDEM_GPU_TEST_MODEL",
@@ -569,7 +455,8 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
     // Both on cuda:0 unless told otherwise (`cuda:1` on a machine with two GPUs).
     let decode_device =
         std::env::var("TANDEM_TEST_DECODE_DEVICE").unwrap_or_else(|_| "cuda:0".into());
-    let (_nats, url) = start_nats();
+    let nats = Nats::start();
+    let url = &nats.url;
     let gpu = |device: &str| {
         vec![
             "--device".to_string(),
@@ -582,9 +469,9 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
     let decode_args = gpu(&decode_device);
     let mut no_ipc_args = gpu(&decode_device);
     no_ipc_args.extend(["--cuda-ipc-pool-mb".into(), "0".into()]);
-    let _context = start_worker_on(&model, &url, "context", "ctx", &strs(&context_args));
-    let decode = start_worker_on(&model, &url, "decode", "dec", &strs(&decode_args));
-    let _no_ipc = start_worker_on(&model, &url, "decode", "dec-no-ipc", &strs(&no_ipc_args));
+    let _context = start_worker_on(&model, url, "context", "ctx", &strs(&context_args));
+    let decode = start_worker_on(&model, url, "decode", "dec", &strs(&decode_args));
+    let _no_ipc = start_worker_on(&model, url, "decode", "dec-no-ipc", &strs(&no_ipc_args));
     let client = async_nats::connect(url.as_str()).await.unwrap();
     let subjects = Subjects::new(SERVED);
     let mut heartbeats = client.subscribe(subjects.heartbeat_all()).await.unwrap();

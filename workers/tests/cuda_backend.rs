@@ -13,16 +13,7 @@ use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 
 fn model_dir() -> PathBuf {
-    let root = std::env::var_os("TANDEM_TEST_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-models"));
-    let dir = root.join("tiny");
-    assert!(
-        dir.join("config.json").exists(),
-        "{} is missing: run scripts/test-models",
-        dir.display()
-    );
-    dir
+    tandem_test_kit::model_dir("tiny")
 }
 
 fn no_gpu() -> bool {
@@ -123,9 +114,8 @@ fn worker_generate_on_cuda_equals_cpu() {
     if no_gpu() {
         return;
     }
-    let worker = std::env::var_os("TANDEM_WORKER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_worker")));
+    // This build's, or TANDEM_WORKER_BIN's on the device machine.
+    let worker = tandem_test_kit::bin("worker");
     let run = |device: &str| {
         let out = Command::new(&worker)
             .args(["generate", "--model"])

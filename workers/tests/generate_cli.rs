@@ -8,7 +8,7 @@ use engine_support::test_model;
 use serde_json::Value;
 
 fn worker(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_worker"))
+    Command::new(tandem_test_kit::bin("worker"))
         .args(args)
         .env_remove("TANDEM_MODEL")
         .output()

@@ -43,7 +43,7 @@ fn chat_greedy_matches_transformers_on_smollm2_f32() {
         ("chat_haiku", "Write a haiku about the sea."),
     ] {
         let want = reference.prompts.iter().find(|p| p.name == name).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        let out = Command::new(tandem_test_kit::bin("worker"))
             .args([
                 "generate",
                 "--model",

@@ -15,26 +15,7 @@ use tandem_workers::model::{Model, ModelOptions};
 /// `<workspace>/target/test-models`). Panics with the command that makes it when missing:
 /// these tests must not pass by skipping.
 pub fn test_model(name: &str) -> PathBuf {
-    let root = std::env::var_os("TANDEM_TEST_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-models"));
-    let dir = root.join(name);
-    if !dir.join("config.json").is_file() {
-        let command = match name {
-            "tiny" => format!(
-                "model-prep random --preset tiny --seed 0 --dtype f32 -o {}",
-                dir.display()
-            ),
-            "smollm2-bf16" => format!("model-prep default --dtype bf16 -o {}", dir.display()),
-            "smollm2-f32" => format!("model-prep default --dtype f32 -o {}", dir.display()),
-            _ => "scripts/test-models".to_owned(),
-        };
-        panic!(
-            "test model {} is missing: run scripts/test-models (or `{command}`)",
-            dir.display()
-        );
-    }
-    dir
+    tandem_test_kit::model_dir(name)
 }
 
 pub type CpuEngine = Engine<ModelRunner<CpuBackend>>;

@@ -42,16 +42,7 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 /// `$TANDEM_TEST_MODELS/<name>` (default `<workspace>/target/test-models/<name>`), which
 /// `scripts/test-models` prepares; panics with that instruction when it is missing.
 pub fn test_model_dir(name: &str) -> PathBuf {
-    let root = std::env::var_os("TANDEM_TEST_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-models"));
-    let dir = root.join(name);
-    assert!(
-        dir.join("config.json").exists(),
-        "{} is missing: run scripts/test-models to prepare the test models",
-        dir.display()
-    );
-    dir
+    tandem_test_kit::model_dir(name)
 }
 
 pub fn read_reference(dir: &Path) -> Reference {

@@ -1,0 +1,47 @@
+//! What tandem's integration tests share: the root package's end-to-end tests (`tests/`), the
+//! api-server's tests against scripted bus peers (`api-server/tests/`) and the workers' bus
+//! tests (`workers/tests/bus_disaggregated.rs`) all start real processes — nats-server,
+//! `worker`, `api-server`, `tandem` — and talk HTTP to them. This crate is the one place that
+//! does it; each test crate keeps only what is its own (its deployment defaults, scripted
+//! peers, assertions).
+//!
+//! - [`paths`]: the workspace's binaries ([`bin`]), the test models ([`model_dir`]),
+//!   nats-server ([`nats_server_path`]), scratch files ([`temp_dir`], [`temp_file`]).
+//! - [`ports`]: free ports ([`free_port`]).
+//! - [`process`]: [`Proc`], a child with its output captured; the process-tree queries
+//!   ([`children_of`], [`descendants`], [`assert_all_gone`]) that "no process left behind"
+//!   checks need.
+//! - [`servers`]: [`Nats`], [`start_worker`] ([`WorkerSpec`]), [`ApiServer`].
+//! - [`http`]: [`Http`], a small HTTP/1.1 client over a plain socket: whole responses, or SSE
+//!   events read one by one as they arrive ([`SseStream`]).
+//! - [`prometheus`]: samples of a `/metrics` body.
+//!
+//! # Guarantees
+//!
+//! - Every process the kit starts is killed (SIGKILL) and reaped when its handle ([`Proc`],
+//!   [`Nats`], [`ApiServer`]) is dropped, also when a test panics (the handle is dropped while
+//!   unwinding). Only a test binary that is itself killed outright leaves its children behind.
+//!   Grandchildren (a `tandem` launcher's workers) are the launcher's to stop.
+//! - A port from [`free_port`] had no listener when it was picked, and is never handed out twice
+//!   in one test binary (tests run in parallel threads). Another process can still take it
+//!   before the server binds it, so the servers the kit starts on a free port are started
+//!   again on another one if they exit before listening (three tries).
+//! - A server is handed to the test only once it serves: nats-server once it sends its `INFO`
+//!   greeting, the api-server once it answers HTTP ([`tandem_protocol::ready`]), a worker once
+//!   it logs that it joined the deployment. A process that exits first, or a wait that runs out,
+//!   fails the test with the process's output.
+//! - Missing prerequisites (a binary not built, a test model not prepared, nats-server not
+//!   installed) fail the test with the command that provides them; nothing is skipped.
+
+pub mod http;
+pub mod paths;
+pub mod ports;
+pub mod process;
+pub mod prometheus;
+pub mod servers;
+
+pub use http::{Http, Response, SseStream};
+pub use paths::{bin, model_dir, nats_server_path, profile_dir, temp_dir, temp_file};
+pub use ports::free_port;
+pub use process::{Proc, assert_all_gone, children_of, comm, descendants, is_running};
+pub use servers::{ApiServer, Nats, WorkerSpec, start_worker};

@@ -1,0 +1,55 @@
+//! Samples of a Prometheus text body (`/metrics`): `name{labels} value` lines, `#` lines
+//! being comments.
+
+/// The samples of `body` as (series, value): the series is the name and labels exactly as
+/// rendered, the value as written.
+fn samples(body: &str) -> impl Iterator<Item = (&str, &str)> {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+}
+
+/// The value of the first sample named `name` whose labels contain `labels` (a fragment such
+/// as `"ctx"`; empty matches any).
+pub fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
+    samples(body).find_map(|(series, value)| {
+        let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+        (series_name == name && series_labels.contains(labels))
+            .then(|| value.parse().ok())
+            .flatten()
+    })
+}
+
+/// The value of the sample whose series (name and labels) is exactly `series`, e.g.
+/// `tandem_kv_transfer_fallbacks_total{reason="context_gone"}`. Panics on a value that is not
+/// a number.
+pub fn sample(body: &str, series: &str) -> Option<f64> {
+    samples(body).find_map(|(name, value)| {
+        (name == series).then(|| {
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{series} has a value that is not a number: {value}"))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &str = "# HELP x things\n# TYPE x counter\nx{worker_id=\"ctx\",role=\"context\"} 3\n\
+                        x{worker_id=\"dec\",role=\"decode\"} 4\ny 1.5\n";
+
+    #[test]
+    fn samples_by_label_fragment_or_exact_series() {
+        assert_eq!(metric(BODY, "x", "\"dec\""), Some(4.0));
+        assert_eq!(metric(BODY, "x", ""), Some(3.0));
+        assert_eq!(metric(BODY, "y", ""), Some(1.5));
+        assert_eq!(metric(BODY, "z", ""), None);
+        assert_eq!(
+            sample(BODY, "x{worker_id=\"dec\",role=\"decode\"}"),
+            Some(4.0)
+        );
+        assert_eq!(sample(BODY, "x"), None);
+    }
+}
