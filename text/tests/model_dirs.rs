@@ -2,31 +2,14 @@
 //! `$TANDEM_TEST_MODELS` (default `<workspace>/target/test-models`): SmolLM2 imported from its
 //! GGUF by model-prep, and the tiny random model.
 
-use std::path::PathBuf;
-
 use serde::Deserialize;
+use tandem_test_kit::model_dir;
 use tandem_text::chat_template::{ChatMessage, ChatTemplate, RenderOptions};
 use tandem_text::detokenizer::IncrementalDetokenizer;
 use tandem_text::tokenizer::TextTokenizer;
 
-fn model_dir(name: &str, command: &str) -> PathBuf {
-    let root = std::env::var_os("TANDEM_TEST_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-models"));
-    let dir = root.join(name);
-    assert!(
-        dir.join("tokenizer.json").is_file(),
-        "{} is missing: run `scripts/test-models` (or `{command}`)",
-        dir.display()
-    );
-    dir
-}
-
 fn smollm2() -> TextTokenizer {
-    let dir = model_dir(
-        "smollm2-bf16",
-        "model-prep default -o target/test-models/smollm2-bf16",
-    );
+    let dir = model_dir("smollm2-bf16");
     TextTokenizer::load(&dir).expect("SmolLM2's tokenizer loads")
 }
 
@@ -110,10 +93,7 @@ fn smollm2_streaming_detokenization_equals_full_decode() {
 
 #[test]
 fn tiny_model_tokenizer_and_template() {
-    let dir = model_dir(
-        "tiny",
-        "model-prep random --preset tiny --seed 0 --dtype f32 -o target/test-models/tiny",
-    );
+    let dir = model_dir("tiny");
     let tokenizer = TextTokenizer::load(&dir).expect("tiny tokenizer loads");
     let template = ChatTemplate::from_tokenizer(&tokenizer).expect("tiny has a chat template");
     let prompt = template
