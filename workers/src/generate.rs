@@ -1,7 +1,7 @@
 //! `worker generate`: one local generation without the bus.
 //!
 //! Loads the model directory (weights, tokenizer, chat template), tokenizes the prompt —
-//! through the chat template with `--chat` — and runs it through the same [`Engine`] and
+//! through the chat template with `--chat` — and runs it through the same [`Engine`](crate::engine::Engine) and
 //! engine thread the bus roles use, so its output is the reference the disaggregated path
 //! must reproduce token for token.
 

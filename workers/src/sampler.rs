@@ -8,7 +8,7 @@
 //! 1. Reject NaN / `+inf` logits ([`SamplingError::NonFiniteLogits`]): they mean the forward
 //!    pass broke, and a token drawn from them would be silent garbage. `-inf` is allowed (it
 //!    masks a token) but at least one logit must be finite.
-//! 2. Penalties, in place (see [`penalties`]): repetition (HF, prompt + generated), then
+//! 2. Penalties, in place (see `sampler/penalties.rs`): repetition (HF, prompt + generated), then
 //!    presence and frequency (OpenAI, generated only).
 //! 3. Log-probabilities: the log-softmax of the penalised logits at temperature 1, before any
 //!    truncation. This is what OpenAI reports (its logprobs do not move with `temperature` or

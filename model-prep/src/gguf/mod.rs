@@ -8,7 +8,7 @@
 //! - [`dequant`] turns tensor data of the supported types into f32, bit-exactly as ggml does.
 //! - [`names`] maps GGUF tensor names to Hugging Face names and undoes llama.cpp's Q/K row
 //!   permutation.
-//! - [`config`] builds `config.json` from the metadata, [`vocab`] the tokenizer vocabulary.
+//! - [`config`] builds `config.json` from the metadata, [`vocab`](mod@vocab) the tokenizer vocabulary.
 
 pub mod config;
 pub mod dequant;

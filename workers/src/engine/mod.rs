@@ -11,7 +11,7 @@
 //! [`ForwardBatch`] (decodes and prefill chunks together), run it, sample one token for every
 //! sequence whose chunk reached its last known token, check stop conditions, emit events, and
 //! free the blocks of every request that ended. Every way out of a request (finished, stopped,
-//! cancelled, failed) goes through [`Engine::end`], which frees its blocks; so once all
+//! cancelled, failed) goes through `Engine::end`, which frees its blocks; so once all
 //! requests have ended, [`Engine::free_blocks`] is back at its starting value.
 //!
 //! Sampling is per request and reproducible: a token depends on the request's seed, its
