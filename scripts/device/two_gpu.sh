@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Runs on a two-GPU device machine (nvidia-h200-x2): the runs of issue 19 that need two GPUs of
+# one host. Binaries come in .kit/bin (stripped, gzipped release builds of tandem, worker,
+# api-server, model-prep, and the test binary bus_disaggregated_test; see
+# ../shared/device/README.md and scripts/device/gpu_transfer.sh):
+#
+#   scripts/device/two_gpu.sh ipc        # CUDA IPC from cuda:0 to cuda:1: the GPU test with the
+#                                        # decode worker on cuda:1, a plain peer-to-peer copy
+#                                        # (torch) and the hand-over of 2k- and 8k-token
+#                                        # Llama-3.1-8B prompts through `tandem serve`
+#   scripts/device/two_gpu.sh goodput disaggregated|aggregated
+#                                        # Llama-3.1-8B shapes, 1 context + 1 decode worker or 2
+#                                        # aggregated workers (one GPU each): `tandem bench` at
+#                                        # Poisson rates on ISL 4096 / OSL 256 and ISL 512 /
+#                                        # OSL 1024, goodput at TTFT <= 1 s and ITL <= 50 ms
+#
+# Prompt lengths are in words for `tandem bench`; on the random Llama-3.1-8B tokenizer a word is
+# about 1.66 tokens (the bench reports the real token counts). Output: stdout and $OUT.
+set -uo pipefail
+stage=${1:?usage: two_gpu.sh ipc | goodput disaggregated|aggregated}
+# shellcheck source=scripts/device/kit-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
+
+llama=$(random_model llama-3.1-8b)
+port=8300
+
+wait_line() { # file needle seconds
+  for _ in $(seq 1 $(($3 * 5))); do
+    grep -q "$2" "$1" && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
+serve() { # config log: starts `tandem serve` in the background, sets $serve_pid
+  tandem serve -c "$1" --model "$llama" --port $port --ready-timeout-s 300 >"$2" 2>&1 &
+  serve_pid=$!
+  if ! wait_line "$2" "tandem: serving" 300; then
+    echo "NOT READY"
+    tail -40 "$2"
+    return 1
+  fi
+  grep "tandem: serving" "$2"
+}
+
+stop() { # log
+  kill -TERM "$serve_pid"
+  wait "$serve_pid"
+  echo "launcher exit: $?"
+  grep -E "ERROR|panicked" "$1" | head -5 | cut -c1-300
+}
+
+# The configs: gpu-2.yaml's deployment (context on cuda:0, decode on cuda:1), with CUDA IPC
+# pools large enough for an 8k-token prompt of Llama-3.1-8B (1 GiB of K/V), and its aggregated
+# counterpart (a `both` worker on each GPU, 128 sequences, prefill chunks of 2048 tokens).
+cat >/tmp/disaggregated.yaml <<'EOF'
+hostname: 127.0.0.1
+context_servers:
+  num_instances: 1
+  device: "cuda:0"
+  max_num_tokens: 4096
+  kv_cache_config:
+    free_gpu_memory_fraction: 0.9
+  cache_transceiver_config:
+    max_tokens_in_buffer: 65536
+    cuda_ipc_pool_mb: 2048
+generation_servers:
+  num_instances: 1
+  device: "cuda:1"
+  max_batch_size: 128
+  kv_cache_config:
+    free_gpu_memory_fraction: 0.9
+  cache_transceiver_config:
+    cuda_ipc_pool_mb: 2048
+router:
+  policy: least_loaded
+  max_local_prefill_length: 32
+EOF
+cat >/tmp/aggregated.yaml <<'EOF'
+hostname: 127.0.0.1
+context_servers:
+  num_instances: 0
+generation_servers:
+  num_instances: 2
+  device: ["cuda:0", "cuda:1"]
+  max_batch_size: 128
+  max_num_tokens: 2048
+  kv_cache_config:
+    free_gpu_memory_fraction: 0.9
+router:
+  policy: least_loaded
+EOF
+
+case "$stage" in
+  ipc)
+    nvidia-smi --query-gpu=index,name,memory.total --format=csv
+    nvidia-smi topo -m
+    smollm2=$(random_model smollm2-135m)
+    echo "== the GPU test, decode worker on cuda:1 (workers/tests/bus_disaggregated.rs)"
+    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
+      TANDEM_NATS_SERVER=$(command -v nats-server) TANDEM_GPU_TEST_MODEL=$smollm2 \
+      TANDEM_TEST_DECODE_DEVICE=cuda:1 \
+      bus_disaggregated_test gpu_workers --nocapture --test-threads 1 >"$out/ipc-test.log" 2>&1
+    echo "exit: $?"
+    grep -E "bytes pulled|^test |test result|panicked|CUDA IPC pool|ERROR" "$out/ipc-test.log" | cut -c1-300
+
+    echo "== plain peer-to-peer copy cuda:0 -> cuda:1 (torch, copy_ between devices)"
+    python3 - <<'EOF' 2>&1 | tee "$out/p2p.log"
+import time, torch
+print("peer access 0->1:", torch.cuda.can_device_access_peer(0, 1))
+for tokens in (2048, 8192):
+    n = tokens * 131072  # Llama-3.1-8B K/V per token in bf16: 32 layers x 8 heads x 128 x 2 x 2 B
+    a = torch.empty(n, dtype=torch.uint8, device="cuda:0")
+    b = torch.empty(n, dtype=torch.uint8, device="cuda:1")
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize(0); torch.cuda.synchronize(1)
+    k = 20
+    t = time.perf_counter()
+    for _ in range(k):
+        b.copy_(a)
+    torch.cuda.synchronize(0); torch.cuda.synchronize(1)
+    dt = (time.perf_counter() - t) / k
+    print(f"p2p {tokens} tokens: {n} bytes in {dt * 1e6:.0f} us = {n / dt / 1e9:.1f} GB/s")
+EOF
+
+    echo "== hand-over of 2k- and 8k-token prompts, Llama-3.1-8B shapes (context cuda:0, decode cuda:1)"
+    export RUST_LOG="info,tandem_workers::serve::roles::pull=debug"
+    if serve /tmp/disaggregated.yaml "$out/serve-ipc.log"; then
+      for words in 1233 4935; do
+        tandem bench --url "http://127.0.0.1:$port/v1" --endpoint completions --concurrency 1 \
+          --num-prompts 4 --input-len $words --output-len 8 2>&1 | tail -4
+      done
+      grep "KV pulled" "$out/serve-ipc.log" | sed -E 's/.*(bytes=[0-9]+) (micros=[0-9]+).*(backend=[a-z-]+).*/\1 \2 \3/' |
+        awk '{split($1,b,"="); split($2,m,"="); printf "%s %s %s tokens=%d GB/s=%.1f\n", $1, $2, $3, b[2]/131072, b[2]/m[2]/1e3}'
+      curl -sS "http://127.0.0.1:$port/metrics" | grep -E "^tandem_(kv_transfers_total|kv_transfer_fallbacks_total)"
+      stop "$out/serve-ipc.log"
+    fi
+    ;;
+  goodput)
+    deployment=${2:?disaggregated or aggregated}
+    nvidia-smi --query-gpu=index,name --format=csv,noheader
+    if serve "/tmp/$deployment.yaml" "$out/serve-$deployment.log"; then
+      bench() { # name words output_len rates
+        echo "== $deployment, $1: --input-len $2 words, --output-len $3, rates $4"
+        tandem bench --url "http://127.0.0.1:$port/v1" --endpoint completions \
+          --request-rate "$4" --num-prompts "${NUM_PROMPTS:-40}" --input-len "$2" --output-len "$3" \
+          --goodput ttft:1000,itl:50 --timeout-s 120 \
+          --output-json "$out/goodput-$deployment-$1.json" 2>&1 | tee "$out/goodput-$deployment-$1.log" |
+          grep -vE "^\s*$" | tail -14
+      }
+      bench prefill-heavy 2467 256 "${PREFILL_RATES:-1,2,4,6,8}"
+      bench decode-heavy 308 1024 "${DECODE_RATES:-1,2,4,8}"
+      curl -sS "http://127.0.0.1:$port/metrics" |
+        grep -E "^tandem_(kv_transfers_total|kv_transfer_fallbacks_total|requests_disaggregated_total)"
+      stop "$out/serve-$deployment.log"
+    fi
+    ;;
+  *)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
