@@ -76,7 +76,7 @@ router:
   policy: least_loaded
   max_local_prefill_length: 32
 EOF
-cat >/tmp/aggregated.yaml <<'EOF'
+cat >/tmp/aggregated.yaml <<EOF
 hostname: 127.0.0.1
 context_servers:
   num_instances: 0
@@ -84,7 +84,7 @@ generation_servers:
   num_instances: 2
   device: ["cuda:0", "cuda:1"]
   max_batch_size: 128
-  max_num_tokens: 2048
+  max_num_tokens: ${AGGREGATED_MAX_NUM_TOKENS:-2048}
   kv_cache_config:
     free_gpu_memory_fraction: 0.9
 router:
