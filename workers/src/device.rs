@@ -201,7 +201,9 @@ impl LoadedModel {
                             source,
                         })?;
                 let block_bytes = m.kv_layout(block_size).block_bytes();
-                let blocks = (free as f64 * budget.gpu_memory_fraction) as usize / block_bytes;
+                // Less the scratch block the CUDA backend allocates with the cache.
+                let blocks = ((free as f64 * budget.gpu_memory_fraction) as usize / block_bytes)
+                    .saturating_sub(1);
                 if blocks == 0 {
                     return Err(DeviceError::NoKvMemory {
                         free_mib: free >> 20,

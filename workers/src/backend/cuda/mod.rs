@@ -539,14 +539,14 @@ impl Backend for CudaBackend {
                 },
             });
         }
-        let elems =
-            layout
-                .block_elems()
-                .checked_mul(num_blocks)
-                .ok_or(BackendError::KvCacheTooLarge {
-                    num_blocks,
-                    block_bytes: layout.block_bytes(),
-                })?;
+        // One block more than asked for: the scratch block CUDA-graph dummies write into
+        // (`CudaKvCache::scratch_block`), which must lie inside the allocation.
+        let elems = layout.block_elems().checked_mul(num_blocks + 1).ok_or(
+            BackendError::KvCacheTooLarge {
+                num_blocks,
+                block_bytes: layout.block_bytes(),
+            },
+        )?;
         let data = self.stream.alloc_zeros::<u16>(elems.max(1)).map_err(|_| {
             BackendError::KvCacheTooLarge {
                 num_blocks,

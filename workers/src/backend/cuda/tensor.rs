@@ -175,9 +175,11 @@ fn extend_bf16_bits(out: &mut Vec<u16>, t: &HostTensor<'_>) {
     }
 }
 
-/// The paged KV cache: `num_blocks` blocks of `layout` (bf16) in one device allocation.
+/// The paged KV cache: `num_blocks` blocks of `layout` (bf16) in one device allocation, plus
+/// the scratch block after them ([`Self::scratch_block`]).
 pub struct CudaKvCache {
     pub(super) layout: KvLayout,
+    /// Blocks handed to sequences (the scratch block not counted).
     pub(super) num_blocks: usize,
     pub(super) data: CudaSlice<u16>,
 }
@@ -219,8 +221,49 @@ impl CudaKvCache {
         self.layout
     }
 
-    /// The block after the last usable one, never handed out: dummy sequences write there.
+    /// The block after the last usable one, never handed out: the dummy sequences that pad a
+    /// CUDA-graph decode step write their K/V there. It is allocated with the cache
+    /// (`alloc_kv_cache` allocates `num_blocks + 1` blocks); before, it was one block past the
+    /// allocation, and the dummies' writes corrupted whatever the driver had put after the
+    /// cache (graph metadata among it: `CUDA_ERROR_ILLEGAL_ADDRESS` in paged attention).
     pub(super) fn scratch_block(&self) -> u32 {
         self.num_blocks as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{CudaBackend, CudaOptions, driver_present};
+    use crate::backend::Backend;
+    use crate::kv_cache::{KvDType, KvLayout};
+
+    /// The dummies of a padded graph step write the scratch block: it must be memory of the
+    /// cache, never one of the blocks handed to sequences.
+    #[test]
+    fn the_scratch_block_lies_inside_the_cache_allocation() {
+        if !driver_present() {
+            eprintln!("skipped: no CUDA driver on this machine");
+            return;
+        }
+        let backend = CudaBackend::new(&CudaOptions::from_env(0)).unwrap();
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 64,
+            block_size: 16,
+            dtype: KvDType::Bf16,
+        };
+        let kv = backend.alloc_kv_cache(&layout, 3).unwrap();
+        assert_eq!(backend.kv_cache_blocks(&kv), 3);
+        let scratch = kv.scratch_block() as usize;
+        assert!(
+            scratch >= 3,
+            "the scratch block {scratch} is handed to sequences"
+        );
+        assert!(
+            (scratch + 1) * layout.block_elems() <= kv.data.len(),
+            "the scratch block {scratch} ends past the cache's {} elements",
+            kv.data.len()
+        );
     }
 }
