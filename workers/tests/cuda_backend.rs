@@ -519,3 +519,84 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     let err = pull(outside).unwrap_err().to_string();
     assert!(err.contains("outside the exported allocation"), "{err}");
 }
+
+/// Greedy tokens of `prompts` through one CUDA engine that runs up to `max_seqs` of them at
+/// once, in the order of `prompts`.
+fn cuda_engine_greedy(prompts: &[Vec<u32>], max_seqs: usize, new_tokens: usize) -> Vec<Vec<u32>> {
+    use tandem_workers::engine::{Engine, EngineConfig, EventKind, GenerationRequest, ModelRunner};
+    let gpu = CudaBackend::new(&CudaOptions::from_env(0)).unwrap();
+    let model = Model::load(&model_dir(), gpu, &ModelOptions::default()).unwrap();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + new_tokens;
+    let config = EngineConfig {
+        block_size: 16,
+        num_blocks: max_seqs * longest.div_ceil(16),
+        max_num_batched_tokens: 8192,
+        max_num_seqs: max_seqs,
+        max_model_len: None,
+    };
+    let runner = ModelRunner::new(model, config.block_size, config.num_blocks).unwrap();
+    let mut engine = Engine::new(runner, config, None).unwrap();
+    let mut tokens = vec![Vec::new(); prompts.len()];
+    let mut ids = std::collections::HashMap::new();
+    let mut run = |engine: &mut Engine<_>, ids: &mut std::collections::HashMap<_, usize>| {
+        while engine.has_work() {
+            for ev in engine.step() {
+                match ev.kind {
+                    EventKind::Token { id, .. } => tokens[ids[&ev.request_id]].push(id),
+                    EventKind::Finished { reason, .. } => assert_eq!(
+                        reason,
+                        tandem_workers::engine::FinishReason::Length,
+                        "request {} ended early",
+                        ids[&ev.request_id]
+                    ),
+                }
+            }
+        }
+    };
+    for chunk in (0..prompts.len()).collect::<Vec<_>>().chunks(max_seqs) {
+        for &i in chunk {
+            let request = GenerationRequest {
+                // Random weights: EOS may come early; the comparison wants every token.
+                ignore_eos: true,
+                ..GenerationRequest::greedy(prompts[i].clone(), new_tokens)
+            };
+            ids.insert(engine.add_request(request).unwrap(), i);
+        }
+        run(&mut engine, &mut ids);
+    }
+    tokens
+}
+
+/// Batches past the largest CUDA-graph size and up to 512 sequences: every request's greedy
+/// tokens equal those of the same request run alone (issue 15; 256 sequences once faulted).
+#[test]
+fn batches_of_256_and_512_sequences_give_each_request_its_tokens_alone() {
+    if no_gpu() {
+        return;
+    }
+    const NEW_TOKENS: usize = 6;
+    let prompts: Vec<Vec<u32>> = (0..512)
+        .map(|s: usize| {
+            let len = 1 + (s * 37) % 45;
+            (0..len)
+                .map(|i| ((i * 31 + s * 97 + 5) % 512) as u32)
+                .collect()
+        })
+        .collect();
+    let alone = cuda_engine_greedy(&prompts, 1, NEW_TOKENS);
+    for batch in [256, 512] {
+        let batched = cuda_engine_greedy(&prompts, batch, NEW_TOKENS);
+        let differing: Vec<usize> = (0..prompts.len())
+            .filter(|&i| batched[i] != alone[i])
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "batch {batch}: {} of {} requests differ from their run alone, first {:?}: {:?} vs {:?}",
+            differing.len(),
+            prompts.len(),
+            differing.first(),
+            differing.first().map(|&i| &batched[i]),
+            differing.first().map(|&i| &alone[i]),
+        );
+    }
+}

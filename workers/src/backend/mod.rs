@@ -95,11 +95,23 @@ pub enum BackendError {
     BlockOutOfRange { block: u32, num_blocks: usize },
     #[error("{op}: {detail}")]
     Device { op: &'static str, detail: String },
+    /// The device is in an error state that no later call recovers from (a "sticky" CUDA
+    /// error such as an illegal address): every later op fails too, so the worker must stop
+    /// serving and restart.
+    #[error("{op}: {detail} (the device is unusable until the worker restarts)")]
+    DeviceLost { op: &'static str, detail: String },
     #[error("KV cache of {num_blocks} blocks of {block_bytes} bytes does not fit in memory")]
     KvCacheTooLarge {
         num_blocks: usize,
         block_bytes: usize,
     },
+}
+
+impl BackendError {
+    /// Whether the device is lost for good ([`BackendError::DeviceLost`]).
+    pub fn is_device_lost(&self) -> bool {
+        matches!(self, BackendError::DeviceLost { .. })
+    }
 }
 
 /// The ops of one forward pass, queued over a batch's device metadata and the cache; returns

@@ -11,9 +11,9 @@
 //! cancels what is left, delivers the `Finished` events and exits.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use crate::backend::{HostRange, KvBuffer};
@@ -69,6 +69,7 @@ pub struct EngineHandle {
     free_blocks: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
+    device_lost: Arc<OnceLock<String>>,
 }
 
 /// The events of one request, in order; the last is `Finished`.
@@ -110,11 +111,13 @@ impl EngineHandle {
             free_blocks: Arc::new(AtomicUsize::new(engine.free_blocks())),
             active: Arc::new(AtomicUsize::new(0)),
             waiting: Arc::new(AtomicUsize::new(0)),
+            device_lost: Arc::new(OnceLock::new()),
         };
         let counters = Counters {
             free_blocks: Arc::clone(&handle.free_blocks),
             active: Arc::clone(&handle.active),
             waiting: Arc::clone(&handle.waiting),
+            device_lost: Arc::clone(&handle.device_lost),
         };
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
@@ -233,6 +236,12 @@ impl EngineHandle {
     pub fn waiting_requests(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
     }
+
+    /// Why the engine's device failed for good, once it has ([`Engine::device_lost`]): every
+    /// request has ended and new ones are refused, so the worker should leave and restart.
+    pub fn device_lost(&self) -> Option<&str> {
+        self.device_lost.get().map(String::as_str)
+    }
 }
 
 /// What the engine thread publishes after each step for callers to read without a lock.
@@ -240,6 +249,7 @@ struct Counters {
     free_blocks: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
+    device_lost: Arc<OnceLock<String>>,
 }
 
 /// The engine thread's loop.
@@ -294,6 +304,11 @@ fn run<M: StepModel>(mut engine: Engine<M>, commands: Receiver<Command>, counter
         counters
             .waiting
             .store(engine.num_waiting(), Ordering::Relaxed);
+        if let Some(reason) = engine.device_lost()
+            && counters.device_lost.get().is_none()
+        {
+            let _ = counters.device_lost.set(reason.to_owned());
+        }
     }
 }
 

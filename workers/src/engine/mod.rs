@@ -94,6 +94,9 @@ pub enum EngineError {
     ImportMismatch(String),
     #[error("model: {0}")]
     Model(#[from] crate::model::ModelError),
+    /// The engine's device failed for good ([`Engine::device_lost`]); it takes nothing more.
+    #[error("this worker's device failed and it is restarting: {0}")]
+    DeviceLost(String),
 }
 
 /// A prompt prefilled elsewhere (a context worker): its K/V, block after block in this
@@ -159,6 +162,9 @@ pub struct Engine<M: StepModel> {
     vocab_size: usize,
     /// Preemptions since start (a metric: a high rate means the cache is too small).
     num_preemptions: u64,
+    /// Why the device is unusable, once a step found it so: every request has been ended and
+    /// new ones are refused (the worker leaves the deployment and restarts).
+    device_lost: Option<String>,
 }
 
 impl<M: StepModel> Engine<M> {
@@ -191,6 +197,7 @@ impl<M: StepModel> Engine<M> {
             pending_cancel: Vec::new(),
             next_id: Arc::new(AtomicU64::new(1)),
             num_preemptions: 0,
+            device_lost: None,
         })
     }
 
@@ -215,6 +222,12 @@ impl<M: StepModel> Engine<M> {
     /// Requests queued or running (not counting retained prefill-only ones).
     pub fn num_active(&self) -> usize {
         self.scheduler.num_waiting() + self.scheduler.num_running() + self.pending_imports.len()
+    }
+
+    /// Why the device failed for good, if it did: the engine has ended every request and
+    /// refuses new ones.
+    pub fn device_lost(&self) -> Option<&str> {
+        self.device_lost.as_deref()
     }
 
     /// Preemptions since the engine started.
@@ -259,6 +272,7 @@ impl<M: StepModel> Engine<M> {
         id: RequestId,
         request: GenerationRequest,
     ) -> Result<(), EngineError> {
+        self.check_device()?;
         let seq = self.new_sequence(request)?;
         self.scheduler.add(id, seq.prompt_len)?;
         self.seqs.insert(id, seq);
@@ -286,6 +300,7 @@ impl<M: StepModel> Engine<M> {
         request: GenerationRequest,
         prefill: ImportedPrefill,
     ) -> Result<(), EngineError> {
+        self.check_device()?;
         let layout = self.model.kv_layout();
         if prefill.num_tokens != request.prompt_ids.len() {
             return Err(EngineError::ImportMismatch(format!(
@@ -317,6 +332,14 @@ impl<M: StepModel> Engine<M> {
             first_token: prefill.first_token,
         });
         Ok(())
+    }
+
+    /// Refuses work once the device is lost.
+    fn check_device(&self) -> Result<(), EngineError> {
+        match &self.device_lost {
+            Some(reason) => Err(EngineError::DeviceLost(reason.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Validates a request and builds its state.
@@ -510,9 +533,7 @@ impl<M: StepModel> Engine<M> {
                 return events;
             }
             Err(e) => {
-                tracing::error!("forward pass failed: {e}");
-                let message = format!("forward pass failed: {e}");
-                self.fail_all(&decision.scheduled, &message, &mut events);
+                self.forward_failed(&decision.scheduled, &e, &mut events);
                 return events;
             }
         };
@@ -570,9 +591,7 @@ impl<M: StepModel> Engine<M> {
                 return;
             }
             Err(e) => {
-                tracing::error!("forward pass failed: {e}");
-                let message = format!("forward pass failed: {e}");
-                self.fail_all(scheduled, &message, events);
+                self.forward_failed(scheduled, &e, events);
                 return;
             }
         };
@@ -604,6 +623,11 @@ impl<M: StepModel> Engine<M> {
                     rows.len(),
                     on_host.len()
                 )),
+                Err(e) if e.is_device_lost() => {
+                    let message = format!("copying logits rows for host sampling failed: {e}");
+                    self.lose_device(message, events);
+                    return;
+                }
                 Err(e) => Err(format!("copying logits rows for host sampling failed: {e}")),
             };
             match message {
@@ -627,6 +651,47 @@ impl<M: StepModel> Engine<M> {
                 }
             }
         }
+    }
+
+    /// A failed forward pass ends the requests of its step; one that lost the device ends
+    /// every request ([`Self::lose_device`]).
+    fn forward_failed(
+        &mut self,
+        scheduled: &[crate::scheduler::ScheduledSeq],
+        error: &crate::model::ModelError,
+        events: &mut Vec<EngineEvent>,
+    ) {
+        let message = format!("forward pass failed: {error}");
+        if error.is_device_lost() {
+            self.lose_device(message, events);
+        } else {
+            tracing::error!("{message}");
+            self.fail_all(scheduled, &message, events);
+        }
+    }
+
+    /// The device is unusable: every request, running or queued, ends with `message` (their
+    /// clients hear it now rather than when their turn comes to fail), and the engine takes
+    /// nothing more.
+    fn lose_device(&mut self, message: String, events: &mut Vec<EngineEvent>) {
+        let mut ids: Vec<RequestId> = self.seqs.keys().copied().collect();
+        ids.sort_unstable();
+        tracing::error!(
+            requests = ids.len() + self.pending_imports.len(),
+            "{message}; ending every request, taking no more"
+        );
+        for id in ids {
+            self.end(id, FinishReason::Error(message.clone()), events);
+        }
+        for import in std::mem::take(&mut self.pending_imports) {
+            events.push(finished_without_tokens(
+                import.id,
+                import.seq.prompt_len,
+                FinishReason::Error(message.clone()),
+            ));
+        }
+        self.pending_cancel.clear();
+        self.device_lost = Some(message);
     }
 
     fn fail_all(

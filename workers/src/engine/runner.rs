@@ -64,6 +64,50 @@ pub struct ModelRunner<B: Backend> {
     kv: B::KvCache,
     /// The logits of the last summarized forward, for rows sampled on the host after all.
     last_logits: Option<B::Tensor>,
+    /// A fault test's device failure ([`LOSE_DEVICE_VAR`]).
+    injected_loss: InjectedDeviceLoss,
+}
+
+/// Fault tests set this to N: the N+1th forward pass and every later one fail as a lost device
+/// would (`BackendError::DeviceLost`), on any backend. What a sticky CUDA error does to a
+/// worker (it leaves the deployment and exits; the launcher restarts it) is tested with real
+/// processes on machines without a GPU this way. Unset in production.
+pub const LOSE_DEVICE_VAR: &str = "TANDEM_TEST_LOSE_DEVICE_AFTER";
+
+/// Counts forward passes against [`LOSE_DEVICE_VAR`].
+#[derive(Debug, Default)]
+struct InjectedDeviceLoss {
+    after: Option<u64>,
+    forwards: u64,
+}
+
+impl InjectedDeviceLoss {
+    fn from_env() -> Self {
+        let after = std::env::var(LOSE_DEVICE_VAR)
+            .ok()
+            .and_then(|v| v.trim().parse().ok());
+        if let Some(n) = after {
+            tracing::warn!("{LOSE_DEVICE_VAR}={n}: the device will fail after {n} forward passes");
+        }
+        Self { after, forwards: 0 }
+    }
+
+    /// Counts a forward pass; the injected failure once past the limit.
+    fn check(&mut self) -> Result<(), ModelError> {
+        let Some(after) = self.after else {
+            return Ok(());
+        };
+        self.forwards += 1;
+        if self.forwards <= after {
+            return Ok(());
+        }
+        Err(ModelError::Backend(
+            crate::backend::BackendError::DeviceLost {
+                op: "forward",
+                detail: format!("injected by {LOSE_DEVICE_VAR}={after}"),
+            },
+        ))
+    }
 }
 
 impl<B: Backend> ModelRunner<B> {
@@ -73,6 +117,7 @@ impl<B: Backend> ModelRunner<B> {
             model,
             kv,
             last_logits: None,
+            injected_loss: InjectedDeviceLoss::from_env(),
         })
     }
 
@@ -107,6 +152,7 @@ impl<B: KvBlockIo> StepModel for ModelRunner<B> {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.injected_loss.check()?;
         self.model.forward(batch, &mut self.kv)
     }
 
@@ -148,6 +194,7 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
         requests: &[RowRequest],
     ) -> Result<Vec<RowSummary>, ModelError> {
         self.last_logits = None;
+        self.injected_loss.check()?;
         let backend = self.model.backend();
         let sampler = backend.device_sampler().ok_or_else(|| {
             ModelError::InvalidBatch(format!(

@@ -15,6 +15,8 @@ struct FakeModel {
     /// `slots[block][offset]`: the token written there.
     slots: Vec<Vec<Option<u32>>>,
     fail_next: bool,
+    /// The next forward fails as a lost device would.
+    lose_device_next: bool,
     max_model_len: usize,
 }
 
@@ -24,6 +26,7 @@ impl FakeModel {
             block_size,
             slots: vec![vec![None; block_size]; num_blocks],
             fail_next: false,
+            lose_device_next: false,
             max_model_len: 1 << 20,
         }
     }
@@ -93,6 +96,14 @@ impl StepModel for FakeModel {
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
         if std::mem::take(&mut self.fail_next) {
             return Err(ModelError::InvalidBatch("injected failure".into()));
+        }
+        if std::mem::take(&mut self.lose_device_next) {
+            return Err(ModelError::Backend(
+                crate::backend::BackendError::DeviceLost {
+                    op: "forward",
+                    detail: "injected loss".into(),
+                },
+            ));
         }
         let mut rows = Vec::new();
         for seq in &batch.sequences {
@@ -494,6 +505,40 @@ fn a_failed_forward_ends_the_scheduled_requests_with_an_error() {
         && matches!(&ev.kind, EventKind::Finished { reason: FinishReason::Error(m), .. } if m.contains("injected"))));
     assert_eq!(e.free_blocks(), 16);
     assert!(!e.has_work());
+}
+
+/// A lost device ends every request, scheduled or still queued, frees their blocks, and
+/// makes the engine refuse new ones (plain failures end only the step's requests, above).
+#[test]
+fn a_lost_device_ends_every_request_and_refuses_new_ones() {
+    let mut e = engine(8, 16);
+    let running = e
+        .add_request(request(prompt(5, 1), 5, SamplingParams::greedy()))
+        .unwrap();
+    let first = e.step();
+    assert!(first.iter().all(|ev| !ev.is_finished()));
+    // A prompt longer than the step's token budget still waits behind the running request.
+    let queued = e
+        .add_request(request(prompt(30, 2), 5, SamplingParams::greedy()))
+        .unwrap();
+    e.model.lose_device_next = true;
+    let events = e.step();
+    for id in [running, queued] {
+        assert!(
+            events.iter().any(|ev| ev.request_id == id
+                && matches!(&ev.kind, EventKind::Finished { reason: FinishReason::Error(m), .. }
+                    if m.contains("injected loss") && m.contains("until the worker restarts"))),
+            "request {id} did not end with the device error: {events:?}"
+        );
+    }
+    assert_eq!(e.free_blocks(), 16);
+    assert!(!e.has_work());
+    assert!(e.device_lost().is_some_and(|m| m.contains("injected loss")));
+    let refused = e.add_request(request(prompt(3, 3), 2, SamplingParams::greedy()));
+    assert!(
+        matches!(refused, Err(EngineError::DeviceLost(_))),
+        "{refused:?}"
+    );
 }
 
 #[test]

@@ -41,6 +41,13 @@ pub enum ModelError {
     KvLayout { expected: KvLayout, found: KvLayout },
 }
 
+impl ModelError {
+    /// Whether the backend lost its device ([`BackendError::is_device_lost`]).
+    pub fn is_device_lost(&self) -> bool {
+        matches!(self, ModelError::Backend(e) if e.is_device_lost())
+    }
+}
+
 /// Load-time choices.
 #[derive(Debug, Clone, Default)]
 pub struct ModelOptions {

@@ -15,6 +15,11 @@
 //! waiting for room, an export not yet released) and one heartbeat interval has passed, the
 //! worker unsubscribes, flushes and returns. A second signal stops at once, cancelling what is
 //! left.
+//!
+//! A lost device (a sticky CUDA error, [`crate::engine::Engine::device_lost`]): the engine has
+//! ended every request with the error; at the next heartbeat tick the worker says it is
+//! draining, leaves like a drain's end, and `serve` returns [`BusError::DeviceLost`], so the
+//! process exits with an error and its supervisor starts a fresh one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +45,10 @@ pub enum BusError {
     Subscribe { subject: String, detail: String },
     #[error("installing the signal handler: {0}")]
     Signal(std::io::Error),
+    /// The engine's device failed for good: the worker left the deployment and exits, so
+    /// that its supervisor (the `tandem` launcher, systemd, Kubernetes) starts a fresh one.
+    #[error("left the deployment because the device failed: {0}")]
+    DeviceLost(String),
 }
 
 /// Who this worker is on the bus, and what its role needs.
@@ -139,6 +148,7 @@ async fn serve_role<R: Role>(
     let mut heartbeat = tokio::time::interval(settings.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_started: Option<Instant> = None;
+    let mut device_lost: Option<String> = None;
     loop {
         tokio::select! {
             Some(message) = next_job(&mut queue_jobs) => take_job(&worker, &role, &message.payload).await,
@@ -146,6 +156,17 @@ async fn serve_role<R: Role>(
             Some(message) = cancels.next() => cancel(&worker, &role, &message.payload).await,
             input = R::next_input(&mut inbox) => role.handle_input(input).await,
             _ = heartbeat.tick() => {
+                if let Some(reason) = worker.engine.device_lost() {
+                    // Every request has already ended with the error; leave at once so that
+                    // api-servers stop routing here, and exit for a restart.
+                    tracing::error!(reason, "the device failed: leaving the deployment to restart");
+                    device_lost = Some(reason.to_owned());
+                    if let Some(subscriber) = queue_jobs.take() {
+                        unsubscribe(subscriber).await;
+                    }
+                    publish_heartbeat(&worker, &*role, true).await;
+                    break;
+                }
                 publish_heartbeat(&worker, &*role, drain_started.is_some()).await;
                 if let Some(since) = drain_started {
                     let in_flight = worker.in_flight.len() + role.held();
@@ -186,7 +207,10 @@ async fn serve_role<R: Role>(
         }
     }
     tracing::info!(worker_id = settings.worker_id, "left the deployment");
-    Ok(())
+    match device_lost {
+        Some(reason) => Err(BusError::DeviceLost(reason)),
+        None => Ok(()),
+    }
 }
 
 /// Acknowledges one job and, unless its deadline has passed, has the role start it.

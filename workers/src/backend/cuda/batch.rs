@@ -180,10 +180,7 @@ pub struct CudaBatch {
 }
 
 fn upload_err(e: cudarc::driver::DriverError) -> BackendError {
-    BackendError::Device {
-        op: "prepare_batch",
-        detail: e.to_string(),
-    }
+    super::device_error("prepare_batch", &e)
 }
 
 impl CudaBatch {

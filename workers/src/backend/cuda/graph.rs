@@ -21,11 +21,16 @@ use super::batch::{CudaBatch, GraphShape};
 use super::tensor::{CudaKvCache, CudaTensor, DeviceData};
 use crate::backend::{BackendError, BatchPlan, ForwardLayers};
 
-/// Batch sizes graphs are captured for; a decode step of more sequences than the last runs
-/// eagerly.
-const GRAPH_BATCHES: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128];
-/// Graphs kept at most (each holds the activations of its shape while it runs).
-const MAX_GRAPHS: usize = 64;
+/// Batch sizes graphs are captured for (a step is padded to the next one: past 128, by at most
+/// a quarter of its sequences); a decode step of more sequences than the last runs eagerly.
+const GRAPH_BATCHES: &[usize] = &[
+    1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512,
+];
+/// Graphs kept at most: 19 batch sizes times the context buckets a workload reaches. Each
+/// holds its metadata buffers (at most batch x context / block_size block-table entries); its
+/// activations are graph allocations, whose memory the driver shares between graphs launched
+/// on one stream.
+const MAX_GRAPHS: usize = 128;
 /// Smallest context bucket.
 const MIN_CONTEXT: usize = 256;
 

@@ -22,11 +22,49 @@
 /// Turns a driver/cuBLAS result into the backend's, naming the op.
 macro_rules! dev {
     ($op:literal, $e:expr) => {
-        $e.map_err(|e| crate::backend::BackendError::Device {
-            op: $op,
-            detail: e.to_string(),
-        })
+        $e.map_err(|e| crate::backend::cuda::device_error($op, &e))
     };
+}
+
+/// An error of a CUDA library call as a [`BackendError`]: `DeviceLost` for the driver's
+/// sticky errors ([`DeviceFault::is_sticky`]), `Device` for the rest.
+pub(crate) fn device_error(op: &'static str, e: &dyn DeviceFault) -> BackendError {
+    let detail = e.to_string();
+    if e.is_sticky() {
+        BackendError::DeviceLost { op, detail }
+    } else {
+        BackendError::Device { op, detail }
+    }
+}
+
+/// An error of the CUDA driver or a CUDA library.
+pub(crate) trait DeviceFault: std::fmt::Display {
+    /// Whether the error leaves the CUDA context unusable: after one of these every call of
+    /// the process fails with it (the CUDA programming guide's "sticky" errors), so only a
+    /// new process recovers.
+    fn is_sticky(&self) -> bool {
+        false
+    }
+}
+
+impl DeviceFault for cudarc::driver::DriverError {
+    fn is_sticky(&self) -> bool {
+        use cudarc::driver::sys::CUresult::*;
+        matches!(
+            self.0,
+            CUDA_ERROR_ILLEGAL_ADDRESS
+                | CUDA_ERROR_LAUNCH_FAILED
+                | CUDA_ERROR_LAUNCH_TIMEOUT
+                | CUDA_ERROR_HARDWARE_STACK_ERROR
+                | CUDA_ERROR_ILLEGAL_INSTRUCTION
+                | CUDA_ERROR_MISALIGNED_ADDRESS
+                | CUDA_ERROR_INVALID_ADDRESS_SPACE
+                | CUDA_ERROR_INVALID_PC
+                | CUDA_ERROR_ASSERT
+                | CUDA_ERROR_ECC_UNCORRECTABLE
+                | CUDA_ERROR_CONTEXT_IS_DESTROYED
+        )
+    }
 }
 
 mod batch;
@@ -307,10 +345,7 @@ impl CudaBackend {
         // buffers of the sizes the kernel indexes (checked by the caller against the shapes).
         unsafe { builder.launch(cfg) }
             .map(|_| ())
-            .map_err(|e| BackendError::Device {
-                op,
-                detail: e.to_string(),
-            })
+            .map_err(|e| device_error(op, &e))
     }
 
     /// Attention of a batch with prefill chunks, on the tensor cores (`flash.cu`).
@@ -1064,4 +1099,41 @@ fn check_attention(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use cudarc::driver::DriverError;
+    use cudarc::driver::sys::CUresult;
+
+    use super::{DeviceFault, device_error};
+
+    /// (`DriverError`'s text needs the driver, so the classification is checked on the codes
+    /// and the conversion on a stand-in.)
+    #[test]
+    fn sticky_driver_errors_lose_the_device_and_others_do_not() {
+        assert!(DriverError(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS).is_sticky());
+        assert!(DriverError(CUresult::CUDA_ERROR_LAUNCH_FAILED).is_sticky());
+        assert!(!DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY).is_sticky());
+        assert!(!DriverError(CUresult::CUDA_ERROR_INVALID_VALUE).is_sticky());
+
+        struct Fault(bool);
+        impl std::fmt::Display for Fault {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("boom")
+            }
+        }
+        impl DeviceFault for Fault {
+            fn is_sticky(&self) -> bool {
+                self.0
+            }
+        }
+        let lost = device_error("op", &Fault(true));
+        assert!(lost.is_device_lost(), "{lost}");
+        assert!(
+            lost.to_string().contains("until the worker restarts"),
+            "{lost}"
+        );
+        assert!(!device_error("op", &Fault(false)).is_device_lost());
+    }
 }
