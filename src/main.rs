@@ -14,6 +14,7 @@ mod health;
 mod model;
 mod nats;
 mod plan;
+mod restart;
 mod supervisor;
 
 use std::net::TcpListener;

@@ -4,8 +4,11 @@
 //!
 //! Policy:
 //! - During start-up any child exit is fatal (the deployment would not be what was asked).
-//! - Afterwards a worker exit is reported and tolerated: the api-server drops a worker whose
-//!   heartbeats stop and routes around it. The api-server's or our nats-server's exit is fatal.
+//! - Afterwards a worker exit is reported and the worker started again ([`crate::restart`]:
+//!   after a doubling delay, given up after a run of exits right after starting); meanwhile
+//!   the api-server drops it once its heartbeats stop (or at once, when it left saying so, as
+//!   a worker whose GPU failed does) and routes around it. The api-server's or our
+//!   nats-server's exit is fatal.
 //! - Stopping: SIGTERM to workers and api-server together (workers finish in-flight requests
 //!   while the api-server still streams them out), SIGKILL after the grace period or on a
 //!   second signal, then the nats-server last, since the others need it to drain.
@@ -28,6 +31,7 @@ use crate::child::{Child, Echo, describe};
 use crate::health::{self, Probe};
 use crate::nats;
 use crate::plan::Plan;
+use crate::restart::{AfterExit, RestartPolicy, Restarts};
 
 /// The programs to start.
 #[derive(Debug, Clone)]
@@ -78,8 +82,85 @@ struct Worker {
     child: Child,
     /// Takes generation jobs (`both` or `decode`), as opposed to prefill only.
     generates: bool,
-    /// Its exit has been logged.
-    reported: bool,
+    /// Its command line, to start it again.
+    args: Vec<std::ffi::OsString>,
+    /// When the current process started.
+    started: Instant,
+    /// Exited; to be started again at this time.
+    restart_at: Option<Instant>,
+    /// Exited and given up: it keeps failing right after starting.
+    given_up: bool,
+    restarts: Restarts,
+}
+
+impl Worker {
+    /// Running, or about to be started again.
+    fn in_service(&self) -> bool {
+        !self.given_up
+    }
+
+    /// Looks at the process: an exit is logged and a restart scheduled (or the worker given
+    /// up); a scheduled restart that is due is done.
+    async fn supervise(&mut self, program: &std::path::Path, policy: &RestartPolicy) {
+        if self.given_up {
+            return;
+        }
+        if let Some(at) = self.restart_at {
+            if Instant::now() >= at {
+                self.restart(program, policy);
+            }
+            return;
+        }
+        let Some(status) = self.child.poll_exit() else {
+            return;
+        };
+        self.child.flush_output().await;
+        self.on_exit(&describe(status), policy);
+    }
+
+    fn on_exit(&mut self, how: &str, policy: &RestartPolicy) {
+        let ran = self.started.elapsed();
+        let name = &self.child.name;
+        match self.restarts.on_exit(ran, policy) {
+            AfterExit::RestartIn(delay) => {
+                tracing::error!(
+                    "{name} exited ({how}) after {:.1} s; the api-server routes requests around                      it; starting it again in {} s (restart {})",
+                    ran.as_secs_f64(),
+                    delay.as_secs(),
+                    self.restarts.total
+                );
+                self.restart_at = Some(Instant::now() + delay);
+            }
+            AfterExit::GiveUp { quick_exits } => {
+                tracing::error!(
+                    "{name} exited ({how}) after {:.1} s, {quick_exits} times in a row within                      {} s of starting: not starting it again (its output above says why)",
+                    ran.as_secs_f64(),
+                    policy.healthy_after.as_secs()
+                );
+                self.given_up = true;
+            }
+        }
+    }
+
+    fn restart(&mut self, program: &std::path::Path, policy: &RestartPolicy) {
+        self.restart_at = None;
+        self.started = Instant::now();
+        match Child::spawn(&self.child.name, program, &self.args, Echo::All) {
+            Ok(child) => {
+                tracing::info!(
+                    "started {} again (pid {}; restart {})",
+                    child.name,
+                    child.pid(),
+                    self.restarts.total
+                );
+                self.child = child;
+            }
+            Err(e) => {
+                let how = format!("could not start: {e:#}");
+                self.on_exit(&how, policy);
+            }
+        }
+    }
 }
 
 /// The running processes.
@@ -129,12 +210,8 @@ async fn start_and_supervise(
     };
 
     for spec in &plan.workers {
-        let child = Child::spawn(
-            &spec.name,
-            &programs.worker,
-            &plan.worker_args(spec, &nats_url).to_args(),
-            Echo::All,
-        )?;
+        let args = plan.worker_args(spec, &nats_url).to_args();
+        let child = Child::spawn(&spec.name, &programs.worker, &args, Echo::All)?;
         tracing::info!(
             "started {} (pid {}): role {} on {}",
             spec.name,
@@ -145,11 +222,15 @@ async fn start_and_supervise(
         deployment.workers.push(Worker {
             child,
             generates: spec.role().generates(),
-            reported: false,
+            args,
+            started: Instant::now(),
+            restart_at: None,
+            given_up: false,
+            restarts: Restarts::default(),
         });
     }
     if !plan.api_server {
-        return supervise_workers_only(plan, &nats_url, signals, deployment).await;
+        return supervise_workers_only(plan, programs, &nats_url, signals, deployment).await;
     }
     let api_server = Child::spawn(
         "api-server",
@@ -223,24 +304,14 @@ async fn start_and_supervise(
             _ = tokio::time::sleep(TICK) => {}
         }
         for worker in &mut deployment.workers {
-            if !worker.reported
-                && let Some(status) = worker.child.poll_exit()
-            {
-                worker.child.flush_output().await;
-                worker.reported = true;
-                tracing::error!(
-                    "{} exited ({}); the api-server routes requests around it",
-                    worker.child.name,
-                    describe(status)
-                );
-            }
+            worker.supervise(&programs.worker, &RestartPolicy::STANDARD).await;
         }
         if !alone
             && !deployment.no_worker_warned
             && deployment
                 .workers
                 .iter()
-                .all(|w| w.reported || !w.generates)
+                .all(|w| !w.in_service() || !w.generates)
         {
             deployment.no_worker_warned = true;
             tracing::warn!(
@@ -282,6 +353,7 @@ fn say(line: &str) {
 /// every one of them has exited (an error: this host no longer serves).
 async fn supervise_workers_only(
     plan: &Plan,
+    programs: &Programs,
     nats_url: &str,
     signals: &mut Signals,
     deployment: &mut Deployment,
@@ -300,16 +372,10 @@ async fn supervise_workers_only(
             _ = tokio::time::sleep(TICK) => {}
         }
         for worker in &mut deployment.workers {
-            if !worker.reported
-                && let Some(status) = worker.child.poll_exit()
-            {
-                worker.child.flush_output().await;
-                worker.reported = true;
-                tracing::error!("{} exited ({})", worker.child.name, describe(status));
-            }
+            worker.supervise(&programs.worker, &RestartPolicy::STANDARD).await;
         }
-        if deployment.workers.iter().all(|w| w.reported) {
-            bail!("every worker of this launcher has exited; stopping");
+        if deployment.workers.iter().all(|w| !w.in_service()) {
+            bail!("every worker of this launcher has exited and was given up; stopping");
         }
     }
 }

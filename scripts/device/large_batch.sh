@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs on a one-GPU device machine: one aggregated worker with a large max_batch_size on
+# Llama-3.1-8B shapes, all requests at once through HTTP (`tandem bench --concurrency`), the
+# run that once faulted at 256 sequences (issue 15). Binaries come in .kit/bin.
+#
+#   scripts/device/large_batch.sh       # MAX_BATCH (512), LEVELS (128,256,512), N (1024),
+#                                       # ISL_WORDS (77, about 128 tokens), OSL (128), MAX_NUM_TOKENS (8192)
+set -uo pipefail
+# shellcheck source=scripts/device/kit-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
+model=$(random_model "${MODEL:-llama-3.1-8b}")
+cat >/tmp/large-batch.yaml <<EOC
+hostname: 127.0.0.1
+context_servers:
+  num_instances: 0
+generation_servers:
+  num_instances: 1
+  device: "cuda:0"
+  max_batch_size: ${MAX_BATCH:-512}
+  max_num_tokens: ${MAX_NUM_TOKENS:-8192}
+EOC
+tandem serve -c /tmp/large-batch.yaml --model "$model" --port 8410 --ready-timeout-s 400 \
+  >"$out/large-batch-serve.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 400); do
+  grep -q "tandem: serving" "$out/large-batch-serve.log" && break
+  sleep 1
+done
+tandem bench --url http://127.0.0.1:8410/v1 --endpoint completions \
+  --concurrency "${LEVELS:-128,256,512}" --num-prompts "${N:-1024}" \
+  --input-len "${ISL_WORDS:-77}" --output-len "${OSL:-128}" --timeout-s 500 \
+  --output-json "$out/large-batch.json" 2>&1 | grep -v "error: stream" | tail -6
+echo "worker errors: $(grep -c 'worker.*ERROR' "$out/large-batch-serve.log")"
+grep -m3 "worker.*ERROR" "$out/large-batch-serve.log" | cut -c1-300
+kill -TERM "$pid"
+wait "$pid"
