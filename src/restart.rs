@@ -106,9 +106,14 @@ mod tests {
         );
         // Five more quick exits are tolerated again, and the delay is capped.
         for _ in 0..5 {
-            assert!(matches!(r.on_exit(SHORT, &policy), AfterExit::RestartIn(d) if d <= policy.max_delay));
+            assert!(
+                matches!(r.on_exit(SHORT, &policy), AfterExit::RestartIn(d) if d <= policy.max_delay)
+            );
         }
-        assert!(matches!(r.on_exit(SHORT, &policy), AfterExit::GiveUp { .. }));
+        assert!(matches!(
+            r.on_exit(SHORT, &policy),
+            AfterExit::GiveUp { .. }
+        ));
         assert_eq!(r.total, 10);
     }
 }

@@ -124,7 +124,8 @@ impl Worker {
         match self.restarts.on_exit(ran, policy) {
             AfterExit::RestartIn(delay) => {
                 tracing::error!(
-                    "{name} exited ({how}) after {:.1} s; the api-server routes requests around                      it; starting it again in {} s (restart {})",
+                    "{name} exited ({how}) after {:.1} s; the api-server routes requests around \
+                     it; starting it again in {} s (restart {})",
                     ran.as_secs_f64(),
                     delay.as_secs(),
                     self.restarts.total
@@ -133,7 +134,8 @@ impl Worker {
             }
             AfterExit::GiveUp { quick_exits } => {
                 tracing::error!(
-                    "{name} exited ({how}) after {:.1} s, {quick_exits} times in a row within                      {} s of starting: not starting it again (its output above says why)",
+                    "{name} exited ({how}) after {:.1} s, {quick_exits} times in a row within \
+                     {} s of starting: not starting it again (its output above says why)",
                     ran.as_secs_f64(),
                     policy.healthy_after.as_secs()
                 );
@@ -304,7 +306,9 @@ async fn start_and_supervise(
             _ = tokio::time::sleep(TICK) => {}
         }
         for worker in &mut deployment.workers {
-            worker.supervise(&programs.worker, &RestartPolicy::STANDARD).await;
+            worker
+                .supervise(&programs.worker, &RestartPolicy::STANDARD)
+                .await;
         }
         if !alone
             && !deployment.no_worker_warned
@@ -372,7 +376,9 @@ async fn supervise_workers_only(
             _ = tokio::time::sleep(TICK) => {}
         }
         for worker in &mut deployment.workers {
-            worker.supervise(&programs.worker, &RestartPolicy::STANDARD).await;
+            worker
+                .supervise(&programs.worker, &RestartPolicy::STANDARD)
+                .await;
         }
         if deployment.workers.iter().all(|w| !w.in_service()) {
             bail!("every worker of this launcher has exited and was given up; stopping");

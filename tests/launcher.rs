@@ -2,8 +2,9 @@
 //! starts (help, bad config, missing model, missing nats-server, default model not
 //! obtainable), a deployment that serves the tiny model and leaves no process behind when it
 //! stops (SIGTERM, the api-server dying, a worker failing at start-up, the launcher killed),
-//! an external NATS server from the config, and a killed worker reported while the rest
-//! serves on.
+//! an external NATS server from the config, a killed worker reported while the rest serves
+//! on and started again, and a worker whose device fails leaving, restarting and serving
+//! again.
 //!
 //! Needs `$TANDEM_TEST_MODELS/tiny` (scripts/test-models) and the workspace binaries
 //! (`cargo build --workspace --bins`; `cargo test --workspace` builds them).
@@ -432,7 +433,8 @@ fn an_external_nats_from_the_config_and_a_killed_worker() {
         "no own nats-server"
     );
 
-    // A worker killed outright is reported; the api-server drops it and serves on.
+    // A worker killed outright is reported; the api-server drops it and serves on, and the
+    // launcher starts it again a second later.
     let worker_1 = pid_of(&launcher, "worker-1");
     // SAFETY: kill(2) on a pid the launcher reported as its running child.
     assert_eq!(
@@ -444,7 +446,6 @@ fn an_external_nats_from_the_config_and_a_killed_worker() {
         Duration::from_secs(10),
     );
     let http = Http::new(&base);
-    http.wait_for_workers(1, Duration::from_secs(20));
     let reply = http.post(
         "/v1/completions",
         &json!({"model": "ext", "prompt": "Hi", "max_tokens": 2}),
@@ -454,7 +455,95 @@ fn an_external_nats_from_the_config_and_a_killed_worker() {
         launcher.try_wait().is_none(),
         "a worker's death is not fatal"
     );
+    launcher.wait_for_line("started worker-1 again (pid ", Duration::from_secs(10));
+    assert!(
+        launcher
+            .output()
+            .contains("starting it again in 1 s (restart 1)"),
+        "{}",
+        launcher.output()
+    );
+    http.wait_for_workers(2, READY);
 
+    let children = children_of(launcher.pid());
+    launcher.signal(libc::SIGINT);
+    let status = launcher.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status}:\n{}", launcher.output());
+    assert_all_gone(&children, Duration::from_secs(5));
+}
+
+/// A worker whose device fails for good (a sticky CUDA error; injected here on the CPU
+/// backend by `TANDEM_TEST_LOSE_DEVICE_AFTER`) ends its requests with the error at once,
+/// leaves the deployment and exits; the launcher starts it again and the deployment serves.
+#[test]
+fn a_worker_whose_device_fails_leaves_restarts_and_serves_again() {
+    let port = free_port();
+    let config = write_config(
+        "device-lost",
+        &format!(
+            "model: {model}\nport: {port}\nserved_model_name: lost\n\
+             context_servers: {{ num_instances: 0 }}\n\
+             generation_servers: {{ num_instances: 1, device: cpu }}\n",
+            model = model_dir("tiny").display(),
+        ),
+    );
+    let mut command = tandem();
+    // Every worker process fails at its 4th forward pass.
+    command
+        .env("TANDEM_TEST_LOSE_DEVICE_AFTER", "3")
+        .args(["serve", "--shutdown-grace-s", "20", "-c"])
+        .arg(&config);
+    let mut launcher = Proc::spawn("tandem", command);
+    launcher.wait_for_line(READY_LINE, READY);
+    let http = Http::new(&format!("http://127.0.0.1:{port}"));
+    let first_pid = pid_of(&launcher, "worker-0");
+
+    // Prefill and two decode steps pass; the third decode step loses the device.
+    let started = Instant::now();
+    let reply = http.post(
+        "/v1/completions",
+        &json!({"model": "lost", "prompt": "Hi", "max_tokens": 10, "ignore_eos": true}),
+    );
+    assert_ne!(reply.status, 200, "{}", reply.body);
+    assert!(
+        reply
+            .body
+            .contains("the device is unusable until the worker restarts"),
+        "{} {}",
+        reply.status,
+        reply.body
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the client waited {:?}",
+        started.elapsed()
+    );
+    launcher.wait_for_line(
+        "the device failed: leaving the deployment",
+        Duration::from_secs(10),
+    );
+    launcher.wait_for_line("worker-0 exited (exit code 1)", Duration::from_secs(10));
+    launcher.wait_for_line("started worker-0 again (pid ", Duration::from_secs(10));
+    assert!(
+        !tandem_test_kit::is_running(first_pid),
+        "the worker that lost its device is gone"
+    );
+
+    // The fresh worker joins and serves (a request of two forward passes).
+    http.wait_for_workers(1, READY);
+    let reply = http.post(
+        "/v1/completions",
+        &json!({"model": "lost", "prompt": "Hi", "max_tokens": 2, "ignore_eos": true}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.json()["usage"]["completion_tokens"],
+        2,
+        "{}",
+        reply.body
+    );
+
+    let children = children_of(launcher.pid());
     launcher.signal(libc::SIGINT);
     let status = launcher.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "{status}:\n{}", launcher.output());
