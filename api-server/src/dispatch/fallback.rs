@@ -173,15 +173,9 @@ impl Generation {
             kv_reader: None,
             ..self.job.clone()
         };
-        self.bus
-            .publish_job(
-                self.bus.subjects.generate_direct(&worker_id),
-                &job,
-                "publishing the job",
-            )
+        self.publish_generate_job(worker_id, &job, "publishing the job")
             .await?;
         self.job = job;
-        self.phase = Phase::Generate { worker_id };
         self.await_accepted().await?;
         self.first_token_by = Instant::now() + self.timeouts.first_token;
         Ok(())

@@ -74,15 +74,24 @@ impl Generation {
             kv_reader: None,
             ..self.job.clone()
         };
+        self.publish_generate_job(worker_id, &job, "publishing the decode job")
+            .await?;
+        self.await_accepted().await
+    }
+
+    /// Publishes `job` to generation worker `worker_id`: the generate phase of a hand-over or
+    /// a fallback begins (the caller then awaits its `accepted`).
+    pub(super) async fn publish_generate_job(
+        &mut self,
+        worker_id: String,
+        job: &GenerateJob,
+        what: &'static str,
+    ) -> Result<(), ApiError> {
         self.bus
-            .publish_job(
-                self.bus.subjects.generate_direct(&worker_id),
-                &job,
-                "publishing the decode job",
-            )
+            .publish_job(self.bus.subjects.generate_direct(&worker_id), job, what)
             .await?;
         self.phase = Phase::Generate { worker_id };
-        self.await_accepted().await
+        Ok(())
     }
 
     /// `chosen` while it is live, else another generation worker (the chosen one may have

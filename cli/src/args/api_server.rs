@@ -173,25 +173,16 @@ fn router_policy_parser() -> impl TypedValueParser<Value = RouterPolicy> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing;
     use super::*;
-    use clap::{CommandFactory, Parser};
-
-    #[derive(Debug, Parser)]
-    struct ApiServer {
-        #[command(flatten)]
-        args: ApiServerArgs,
-    }
 
     fn parse(argv: &[OsString]) -> ApiServerArgs {
-        let argv = std::iter::once(OsString::from("api-server")).chain(argv.iter().cloned());
-        ApiServer::try_parse_from(argv)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .args
+        testing::parse("api-server", argv)
     }
 
     #[test]
     fn the_command_line_is_consistent() {
-        ApiServer::command().debug_assert();
+        testing::assert_consistent::<ApiServerArgs>("api-server");
     }
 
     #[test]
@@ -256,25 +247,23 @@ mod tests {
 
     #[test]
     fn router_policies_parse_by_their_flag_names() {
-        let args = ApiServer::try_parse_from([
+        let args: ApiServerArgs = testing::try_parse(
             "api-server",
-            "--model",
-            "/models/smollm2",
-            "--router-policy",
-            "round-robin",
-        ])
-        .unwrap()
-        .args;
+            &[
+                "--model",
+                "/models/smollm2",
+                "--router-policy",
+                "round-robin",
+            ],
+        )
+        .unwrap();
         assert_eq!(args.router_policy, RouterPolicy::RoundRobin);
         assert_eq!(args.served_name(), "smollm2");
         assert!(
-            ApiServer::try_parse_from([
+            testing::try_parse::<ApiServerArgs>(
                 "api-server",
-                "--model",
-                "m",
-                "--router-policy",
-                "round_robin"
-            ])
+                &["--model", "m", "--router-policy", "round_robin"],
+            )
             .is_err()
         );
     }

@@ -39,3 +39,38 @@ impl Argv {
         }
     }
 }
+
+/// The round-trip tests' side of clap: a struct's flags parsed as its program's command line.
+#[cfg(test)]
+mod testing {
+    use std::ffi::OsString;
+
+    use clap::{Args, Command, FromArgMatches};
+
+    fn command<A: Args>(program: &'static str) -> Command {
+        A::augment_args(Command::new(program))
+    }
+
+    /// Parses `argv` (without the program name) into `A`.
+    pub(super) fn try_parse<A: Args + FromArgMatches>(
+        program: &'static str,
+        argv: &[&str],
+    ) -> Result<A, clap::Error> {
+        let argv = std::iter::once(program).chain(argv.iter().copied());
+        A::from_arg_matches(&command::<A>(program).try_get_matches_from(argv)?)
+    }
+
+    /// Parses `argv` (without the program name) into `A`, panicking with clap's message.
+    pub(super) fn parse<A: Args + FromArgMatches>(program: &'static str, argv: &[OsString]) -> A {
+        let argv = std::iter::once(OsString::from(program)).chain(argv.iter().cloned());
+        let matches = command::<A>(program)
+            .try_get_matches_from(argv)
+            .unwrap_or_else(|e| panic!("{e}"));
+        A::from_arg_matches(&matches).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// clap's own checks of `A`'s flags (duplicates, conflicting names, bad defaults).
+    pub(super) fn assert_consistent<A: Args>(program: &'static str) {
+        command::<A>(program).debug_assert();
+    }
+}

@@ -203,25 +203,16 @@ fn role_help(role: WorkerRole) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing;
     use super::*;
-    use clap::{CommandFactory, Parser};
-
-    #[derive(Debug, Parser)]
-    struct Worker {
-        #[command(flatten)]
-        args: WorkerArgs,
-    }
 
     fn parse(argv: &[OsString]) -> WorkerArgs {
-        let argv = std::iter::once(OsString::from("worker")).chain(argv.iter().cloned());
-        Worker::try_parse_from(argv)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .args
+        testing::parse("worker", argv)
     }
 
     #[test]
     fn the_command_line_is_consistent() {
-        Worker::command().debug_assert();
+        testing::assert_consistent::<WorkerArgs>("worker");
     }
 
     #[test]
@@ -314,13 +305,14 @@ mod tests {
             let args = parse(&["--role".into(), role.as_str().into()]);
             assert_eq!(args.role, Some(role));
         }
-        let err = Worker::try_parse_from(["worker", "--role", "prefill"]).unwrap_err();
+        let try_parse = |argv: &[&str]| testing::try_parse::<WorkerArgs>("worker", argv);
+        let err = try_parse(&["--role", "prefill"]).unwrap_err();
         assert!(
             err.to_string()
                 .contains("[possible values: both, context, decode]"),
             "{err}"
         );
-        assert!(Worker::try_parse_from(["worker", "--attn-split-keys", "0"]).is_err());
-        assert!(Worker::try_parse_from(["worker", "--cuda-graphs", "0"]).is_err());
+        assert!(try_parse(&["--attn-split-keys", "0"]).is_err());
+        assert!(try_parse(&["--cuda-graphs", "0"]).is_err());
     }
 }

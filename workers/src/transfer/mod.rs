@@ -70,6 +70,23 @@ pub struct Exported {
     pub keepalive: Box<dyn Send + Sync>,
 }
 
+#[cfg(test)]
+impl Exported {
+    /// A host export of 384 bytes at 4096 that keeps nothing alive (unit tests of what holds
+    /// exports).
+    pub(crate) fn fixture() -> Self {
+        Exported {
+            memory: RemoteMemory::Registered {
+                address: vec![1],
+                rkey: vec![2],
+            },
+            addr: 4096,
+            len: 3 * 128,
+            keepalive: Box::new(()),
+        }
+    }
+}
+
 /// Where a transfer's bytes lie: host memory (UCX, in-process) or device memory (CUDA IPC).
 #[derive(Debug, Clone, Copy)]
 enum Memory {

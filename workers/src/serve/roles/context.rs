@@ -170,7 +170,7 @@ impl ContextRole {
                             &HandleSource {
                                 worker_id: &self.worker.identity.worker_id,
                                 backend: &backend,
-                                layout: &self.exporter.layout,
+                                layout: &self.exporter.kv.layout,
                             },
                             &exported,
                             num_tokens,

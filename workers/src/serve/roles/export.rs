@@ -2,16 +2,15 @@
 //! for a CUDA IPC reader on this host, else host memory for UCX), the engine's copy into it,
 //! and the [`KvHandle`] that tells the decode worker where to read.
 
-use std::sync::Arc;
-
 use tandem_protocol::messages::{
     KvDTypeSpec, KvHandle, KvLayoutSpec, KvPeer, KvRegion, KvTransportKind, TokenEvent,
 };
 
+use super::KvTransports;
 use crate::engine::{EngineHandle, RequestId};
 use crate::kv_cache::{KvDType, KvLayout};
 use crate::serve::bus::BusSettings;
-use crate::transfer::{Exported, KvTransport, RemoteMemory, to_hex};
+use crate::transfer::{Exported, RemoteMemory, to_hex};
 
 /// The layout as the wire contract spells it.
 pub fn layout_spec(layout: &KvLayout) -> KvLayoutSpec {
@@ -88,30 +87,23 @@ pub fn kv_handle(
 
 /// A context worker's transports and what chooses between them.
 pub(super) struct Exporter {
-    /// The engine's KV cache layout.
-    pub layout: KvLayout,
-    /// Host-memory exports (UCX), for any reader.
-    transport: Arc<dyn KvTransport>,
-    /// Device-memory exports (CUDA IPC), for GPU readers of this host.
-    cuda_ipc: Option<Arc<dyn KvTransport>>,
-    host_id: String,
+    /// Host-memory exports (UCX) for any reader; device-memory exports (CUDA IPC) for GPU
+    /// readers of this host.
+    pub kv: KvTransports,
 }
 
 impl Exporter {
     pub fn new(settings: &BusSettings) -> Self {
         Self {
-            layout: settings.layout,
-            transport: Arc::clone(&settings.transport),
-            cuda_ipc: settings.cuda_ipc.clone(),
-            host_id: settings.host_id.clone(),
+            kv: KvTransports::new(settings),
         }
     }
 
     /// How this worker exchanges K/V, for its heartbeat.
     pub fn kv_peer(&self) -> KvPeer {
         KvPeer {
-            host_id: self.host_id.clone(),
-            cuda_ipc: self.cuda_ipc.is_some(),
+            host_id: self.kv.host_id.clone(),
+            cuda_ipc: self.kv.cuda_ipc.is_some(),
         }
     }
 
@@ -126,11 +118,12 @@ impl Exporter {
         blocks: usize,
         reader: Option<&KvPeer>,
     ) -> Result<(Exported, KvTransportKind), String> {
-        let len = blocks * self.layout.block_bytes();
+        let len = blocks * self.kv.layout.block_bytes();
         let on_device = self
+            .kv
             .cuda_ipc
             .as_ref()
-            .filter(|_| exports_on_device(reader, &self.host_id, true));
+            .filter(|_| exports_on_device(reader, &self.kv.host_id, true));
         let mut reserved = None;
         if let Some(device) = on_device {
             match device.reserve(len).await {
@@ -140,8 +133,8 @@ impl Exporter {
         }
         let (buffer, backend) = match reserved {
             Some(reserved) => reserved,
-            None => match self.transport.reserve(len).await {
-                Ok(buffer) => (buffer, self.transport.backend()),
+            None => match self.kv.host.reserve(len).await {
+                Ok(buffer) => (buffer, self.kv.host.backend()),
                 Err(e) => {
                     let _ = engine.release_kv(engine_id);
                     return Err(e.to_string());
@@ -159,18 +152,6 @@ impl Exporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn exported() -> Exported {
-        Exported {
-            memory: RemoteMemory::Registered {
-                address: vec![1],
-                rkey: vec![2],
-            },
-            addr: 4096,
-            len: 3 * 128,
-            keepalive: Box::new(()),
-        }
-    }
 
     #[test]
     fn only_a_cuda_ipc_reader_on_this_host_gets_a_device_export() {
@@ -218,7 +199,7 @@ mod tests {
             backend: &KvTransportKind::Ucx,
             layout: &layout,
         };
-        let handle = kv_handle(&source, &exported(), 5, first, 9, 123);
+        let handle = kv_handle(&source, &Exported::fixture(), 5, first, 9, 123);
         assert_eq!(handle.blocks.len(), 3);
         assert_eq!(
             handle.blocks[2],

@@ -144,18 +144,6 @@ impl ExportLedger {
 mod tests {
     use super::*;
 
-    fn exported() -> Exported {
-        Exported {
-            memory: crate::transfer::RemoteMemory::Registered {
-                address: vec![1],
-                rkey: vec![2],
-            },
-            addr: 4096,
-            len: 3 * 128,
-            keepalive: Box::new(()),
-        }
-    }
-
     /// Sets its flag when dropped (the export's memory given back).
     struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
@@ -172,7 +160,7 @@ mod tests {
         let (released, expired) = (Default::default(), Default::default());
         let flagged = |flag: &std::sync::Arc<std::sync::atomic::AtomicBool>| Exported {
             keepalive: Box::new(DropFlag(flag.clone())),
-            ..exported()
+            ..Exported::fixture()
         };
         let is_set = |flag: &std::sync::Arc<std::sync::atomic::AtomicBool>| {
             flag.load(std::sync::atomic::Ordering::SeqCst)
@@ -202,8 +190,8 @@ mod tests {
         assert!(ledger.try_reserve(60));
         assert!(!ledger.try_reserve(50), "60 + 50 > 100");
         assert!(ledger.try_reserve(40));
-        ledger.hold("a".into(), exported(), 60, 3);
-        ledger.hold("b".into(), exported(), 40, 2);
+        ledger.hold("a".into(), Exported::fixture(), 60, 3);
+        ledger.hold("b".into(), Exported::fixture(), 40, 2);
         assert_eq!(ledger.stats().pinned_blocks, 5);
         assert!(ledger.release("a"));
         assert!(!ledger.release("a"), "released twice");

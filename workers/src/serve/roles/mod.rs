@@ -25,7 +25,32 @@ use tandem_protocol::messages::{GenerateJob, KvPeer, KvTransferStats};
 pub(super) use context::ContextRole;
 pub(super) use generation::GenerationRole;
 
-use super::bus::BusError;
+use super::bus::{BusError, BusSettings};
+use crate::kv_cache::KvLayout;
+use crate::transfer::KvTransport;
+
+/// This worker's ways of moving K/V, shared by its exporter or its puller.
+pub(super) struct KvTransports {
+    /// The engine's KV cache layout.
+    pub layout: KvLayout,
+    /// Host-memory transfers (UCX), with any peer.
+    pub host: Arc<dyn KvTransport>,
+    /// Device-to-device transfers (CUDA IPC), with GPU workers of this host.
+    pub cuda_ipc: Option<Arc<dyn KvTransport>>,
+    /// This machine ([`crate::transfer::host_id`]): CUDA IPC only within it.
+    pub host_id: String,
+}
+
+impl KvTransports {
+    pub fn new(settings: &BusSettings) -> Self {
+        Self {
+            layout: settings.layout,
+            host: Arc::clone(&settings.transport),
+            cuda_ipc: settings.cuda_ipc.clone(),
+            host_id: settings.host_id.clone(),
+        }
+    }
+}
 
 /// Where a role's jobs arrive: a subject in a queue group (one worker of the group gets each
 /// job), and this worker's own subject (jobs routed to it by name).

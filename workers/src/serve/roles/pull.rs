@@ -20,14 +20,14 @@ use tandem_protocol::messages::{
     Usage as WireUsage,
 };
 
+use super::KvTransports;
 use super::export::layout_spec;
 use crate::engine::ImportedPrefill;
-use crate::kv_cache::KvLayout;
 use crate::sampler::SampledToken;
 use crate::serve::bus::BusSettings;
 use crate::serve::job::generation_request;
 use crate::serve::worker::{Worker, locked, publish_bounded, unix_ms};
-use crate::transfer::{KvTransport, PulledKv, RemoteKv, TransferError};
+use crate::transfer::{PulledKv, RemoteKv, TransferError};
 
 /// Set once to cancel a pull; clones share it.
 #[derive(Clone, Default)]
@@ -45,13 +45,9 @@ impl CancelToken {
 
 /// Pulls handles' K/V into this worker's engine, and knows the pulls in progress.
 pub(in crate::serve) struct KvPuller {
-    /// The engine's KV cache layout: a handle must match it.
-    layout: KvLayout,
-    /// Host-memory transfers (UCX).
-    transport: Arc<dyn KvTransport>,
-    /// Device-to-device transfers from GPU context workers of this host.
-    cuda_ipc: Option<Arc<dyn KvTransport>>,
-    host_id: String,
+    /// Host-memory transfers (UCX); device-to-device ones from GPU context workers of this
+    /// host. A handle must match the layout.
+    kv: KvTransports,
     /// Whether this worker advertises CUDA IPC reads: it has a pool, and no read of a CUDA IPC
     /// export has failed.
     cuda_ipc_reads: AtomicBool,
@@ -85,10 +81,7 @@ impl Drop for Registration {
 impl KvPuller {
     pub fn new(settings: &BusSettings) -> Self {
         Self {
-            layout: settings.layout,
-            transport: Arc::clone(&settings.transport),
-            cuda_ipc: settings.cuda_ipc.clone(),
-            host_id: settings.host_id.clone(),
+            kv: KvTransports::new(settings),
             cuda_ipc_reads: AtomicBool::new(settings.cuda_ipc.is_some()),
             in_progress: Mutex::new(HashMap::new()),
         }
@@ -128,7 +121,7 @@ impl KvPuller {
     /// How this worker reads K/V, for its heartbeat.
     pub fn kv_peer(&self) -> KvPeer {
         KvPeer {
-            host_id: self.host_id.clone(),
+            host_id: self.kv.host_id.clone(),
             cuda_ipc: self.cuda_ipc_reads.load(Ordering::Relaxed),
         }
     }
@@ -141,7 +134,7 @@ impl KvPuller {
         registration: Registration,
     ) {
         let started = Instant::now();
-        let own = layout_spec(&self.layout);
+        let own = layout_spec(&self.kv.layout);
         let pull = if handle.layout != own {
             Pull::LayoutMismatch(format!(
                 "KV layout mismatch: context worker {} has {:?}, decode worker {} has {:?} \
@@ -251,12 +244,12 @@ impl KvPuller {
     async fn pull(&self, handle: &KvHandle) -> Result<PulledKv, TransferError> {
         let remote = RemoteKv::from_handle(handle)?;
         let left = handle.expires_unix_ms.saturating_sub(unix_ms());
-        let host = &self.transport;
+        let host = &self.kv.host;
         let kv = if handle.backend == host.backend() {
             let timeout = Duration::from_millis(left.clamp(100, 30_000));
             host.pull(remote, timeout).await?
         } else if handle.backend == KvTransportKind::CudaIpc {
-            let Some(device) = &self.cuda_ipc else {
+            let Some(device) = &self.kv.cuda_ipc else {
                 return Err(TransferError::InvalidHandle(
                     "the K/V was exported to GPU memory for CUDA IPC, and this worker has no \
                      CUDA IPC pool (a CPU worker, or --cuda-ipc-pool-mb 0)"
@@ -279,7 +272,7 @@ impl KvPuller {
                 "the handle is for transport `{}`, this worker reads `{}`{}",
                 handle.backend,
                 host.backend(),
-                if self.cuda_ipc.is_some() {
+                if self.kv.cuda_ipc.is_some() {
                     " and `cuda-ipc`"
                 } else {
                     ""
