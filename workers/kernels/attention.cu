@@ -165,6 +165,157 @@ __device__ __forceinline__ void attend(
     }
 }
 
+// Query heads per block of the vectorized kernels below (`ATTN_VEC_HEADS` in cuda/kernels.rs):
+// four keeps their q and accumulators in registers at a good occupancy; Llama's group is 4.
+#define ATTN_VEC_GMAX 4
+
+// The decode attention of `attend` for head dims that are 8 x a power of two (64, 128, 256):
+// instead of a warp per key (a warp-wide shuffle reduction per key and head, 2-byte loads),
+// D/8 lanes share a key, each loading its 8 dims of K and of V as one 16-byte load, so a warp
+// reads 32/(D/8) keys per step and reduces each dot product in log2(D/8) shuffles. Every lane
+// group keeps its own online softmax; the groups of all warps are merged in shared memory.
+// Same grid, arguments and outputs as `attend`, with ATTN_VEC_GMAX query heads per block.
+template <int D>
+__device__ __forceinline__ void attend_vec(
+    const float* __restrict__ qkv, const bf16* __restrict__ cache, const u32* __restrict__ positions,
+    const u32* __restrict__ token_seq, const u32* __restrict__ seq_block_start,
+    const u32* __restrict__ block_tables, bf16* __restrict__ out, float* __restrict__ partial_acc,
+    float* __restrict__ partial_ml, int num_heads, int num_kv_heads, int block_size,
+    long long block_elems, long long layer_offset, float scale) {
+    constexpr int LPK = D / 8;        // lanes per key
+    constexpr int KPW = 32 / LPK;     // keys per warp step
+    constexpr int G = ATTN_VEC_GMAX;
+    constexpr int STATES = ATTN_WARPS * KPW;
+    const int t = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane / LPK, part = lane % LPK;
+    const int group = num_heads / num_kv_heads;
+    const int chunks = (group + G - 1) / G;
+    const int kvh = blockIdx.y / chunks;
+    const int h0 = kvh * group + (blockIdx.y % chunks) * G;
+    const int nh = min(G, kvh * group + group - h0);
+    const int width = (num_heads + 2 * num_kv_heads) * D;
+    const int token_stride = num_kv_heads * D;
+    const long long kv_stride = (long long)block_size * token_stride;
+    const int n_keys = (int)positions[t] + 1;
+    const int split_len = (n_keys + splits - 1) / splits;
+    const int k_begin = split * split_len;
+    const int k_end = min(n_keys, k_begin + split_len);
+    const u32* table = block_tables + seq_block_start[token_seq[t]];
+
+    float q[G][8], acc[G][8], m[G], l[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const float4* qp =
+            reinterpret_cast<const float4*>(qkv + (long long)t * width + (h0 + g) * D + part * 8);
+        const float4 a = g < nh ? qp[0] : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float4 b = g < nh ? qp[1] : make_float4(0.f, 0.f, 0.f, 0.f);
+        q[g][0] = a.x * scale, q[g][1] = a.y * scale, q[g][2] = a.z * scale, q[g][3] = a.w * scale;
+        q[g][4] = b.x * scale, q[g][5] = b.y * scale, q[g][6] = b.z * scale, q[g][7] = b.w * scale;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = 0.0f;
+        m[g] = NEG_INF;
+        l[g] = 0.0f;
+    }
+#pragma unroll 2
+    for (int j0 = k_begin + warp * KPW; j0 < k_end; j0 += ATTN_WARPS * KPW) {
+        const int j = j0 + sub;
+        const bool valid = j < k_end;
+        uint4 kraw = make_uint4(0, 0, 0, 0), vraw = make_uint4(0, 0, 0, 0);
+        if (valid) {
+            const u32 blk = table[j / block_size];
+            const bf16* kp = cache + (long long)blk * block_elems + layer_offset +
+                             (long long)(j % block_size) * token_stride + kvh * D + part * 8;
+            kraw = *reinterpret_cast<const uint4*>(kp);
+            vraw = *reinterpret_cast<const uint4*>(kp + kv_stride);
+        }
+        float kf[8], vf[8];
+        const u32 kw[4] = {kraw.x, kraw.y, kraw.z, kraw.w};
+        const u32 vw[4] = {vraw.x, vraw.y, vraw.z, vraw.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            kf[2 * i] = __uint_as_float(kw[i] << 16);
+            kf[2 * i + 1] = __uint_as_float(kw[i] & 0xffff0000u);
+            vf[2 * i] = __uint_as_float(vw[i] << 16);
+            vf[2 * i + 1] = __uint_as_float(vw[i] & 0xffff0000u);
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            if (g < nh) {
+                float dot = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) dot += q[g][e] * kf[e];
+#pragma unroll
+                for (int o = LPK / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                if (valid) {
+                    const float m_new = fmaxf(m[g], dot);
+                    const float corr = expf(m[g] - m_new);
+                    const float p = expf(dot - m_new);
+                    l[g] = l[g] * corr + p;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[g][e] = acc[g][e] * corr + p * vf[e];
+                    m[g] = m_new;
+                }
+            }
+        }
+    }
+
+    __shared__ float s_m[STATES][G], s_l[STATES][G];
+    __shared__ float s_acc[STATES][G][D];
+    const int st = warp * KPW + sub;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        if (part == 0) {
+            s_m[st][g] = m[g];
+            s_l[st][g] = l[g];
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s_acc[st][g][part * 8 + e] = acc[g][e];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x) {
+        const int g = idx / D, d = idx % D;
+        float m_all = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < STATES; ++w) m_all = fmaxf(m_all, s_m[w][g]);
+        float l_all = 0.0f, sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < STATES; ++w) {
+            const float wt = s_l[w][g] > 0.0f ? expf(s_m[w][g] - m_all) : 0.0f;
+            l_all += s_l[w][g] * wt;
+            sum += s_acc[w][g][d] * wt;
+        }
+        const long long th = (long long)t * num_heads + h0 + g;
+        if (splits == 1) {
+            out[th * D + d] = f32_to_bf16(sum / l_all);
+        } else {
+            partial_acc[(th * splits + split) * D + d] = sum;
+            if (d == 0) {
+                partial_ml[(th * splits + split) * 2] = m_all;
+                partial_ml[(th * splits + split) * 2 + 1] = l_all;
+            }
+        }
+    }
+}
+
+#define ATTENTION_VEC_KERNEL(D)                                                                   \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) paged_attention_vec_d##D(       \
+        const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \
+        const u32* __restrict__ positions, const u32* __restrict__ token_seq,                     \
+        const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,            \
+        bf16* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,  \
+        int num_heads, int num_kv_heads, int block_size, long long block_elems,                   \
+        long long layer_offset, float scale, const char* prefetch, long long prefetch_bytes) {    \
+        prefetch_l2(prefetch, prefetch_bytes);                                                    \
+        attend_vec<D>(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,       \
+                      partial_acc, partial_ml, num_heads, num_kv_heads, block_size, block_elems,  \
+                      layer_offset, scale);                                                       \
+    }
+
+ATTENTION_VEC_KERNEL(64)
+ATTENTION_VEC_KERNEL(128)
+ATTENTION_VEC_KERNEL(256)
+
 #define ATTENTION_KERNEL(D)                                                                       \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) paged_attention_d##D(           \
         const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \

@@ -58,7 +58,17 @@ fn cuda_logits_and_greedy_tokens_match_the_cpu() {
     if no_gpu() {
         return;
     }
-    let dir = model_dir();
+    // The tiny model (head dim 16: the warp-per-key decode attention) and, where the device
+    // script names one, a model of head dim 64 or 128 (the vectorized kernel).
+    let extra = std::env::var_os("TANDEM_GPU_TEST_MODEL").map(PathBuf::from);
+    for dir in std::iter::once(model_dir()).chain(extra) {
+        eprintln!("model {}", dir.display());
+        cuda_matches_cpu_on(&dir);
+    }
+}
+
+fn cuda_matches_cpu_on(dir: &std::path::Path) {
+    let dir = dir.to_path_buf();
     let options = ModelOptions {
         kv_dtype: Some(KvDType::Bf16),
     };

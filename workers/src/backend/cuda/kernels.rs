@@ -40,6 +40,17 @@ const ATTENTION_HEAD_DIMS: &[(usize, &str)] = &[
     (256, "paged_attention_d256"),
 ];
 
+/// Head dimensions of the vectorized decode attention `paged_attention_vec_d*` (a lane group
+/// of D/8 lanes per key), preferred over `paged_attention_d*` where it exists.
+const VEC_ATTENTION_HEAD_DIMS: &[(usize, &str)] = &[
+    (64, "paged_attention_vec_d64"),
+    (128, "paged_attention_vec_d128"),
+    (256, "paged_attention_vec_d256"),
+];
+
+/// Query heads per block of `paged_attention_vec_d*` (`ATTN_VEC_GMAX` in attention.cu).
+pub const ATTN_VEC_HEADS: usize = 4;
+
 /// Dynamic shared memory of `flash_prefill_d{head_dim}`: two K and two V tiles of 64 keys,
 /// rows padded by 8 halves (`flash.cu`).
 pub fn flash_smem_bytes(head_dim: usize) -> usize {
@@ -89,6 +100,8 @@ pub struct Kernels {
     pub rope_cache_write: CudaFunction,
     /// Paged attention by head dimension.
     pub paged_attention: Vec<(usize, CudaFunction)>,
+    /// The vectorized decode attention, for the head dimensions it covers.
+    pub paged_attention_vec: Vec<(usize, CudaFunction)>,
     pub attention_combine: CudaFunction,
     /// Prefill attention on the tensor cores, by head dimension.
     pub flash_prefill: Vec<(usize, CudaFunction)>,
@@ -145,6 +158,10 @@ impl Kernels {
             sample_rows: f("sample_rows")?,
             rope_cache_write: f("rope_cache_write")?,
             paged_attention: ATTENTION_HEAD_DIMS
+                .iter()
+                .map(|&(d, name)| Ok((d, f(name)?)))
+                .collect::<Result<_, KernelError>>()?,
+            paged_attention_vec: VEC_ATTENTION_HEAD_DIMS
                 .iter()
                 .map(|&(d, name)| Ok((d, f(name)?)))
                 .collect::<Result<_, KernelError>>()?,

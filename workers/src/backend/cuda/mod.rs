@@ -118,6 +118,9 @@ pub struct CudaBackend {
     /// Whether the engine samples from device summaries ([`CudaOptions::device_sampling`]; off
     /// copies every logits row to the host: to compare the two paths on one device).
     device_sampling: bool,
+    /// Decode attention through `paged_attention_vec_d*` where the head dim has one
+    /// ([`CudaOptions::vec_attention`]).
+    vec_attention: bool,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -212,6 +215,7 @@ impl CudaBackend {
             prefetch,
             kv_staging: staging::KvStaging::default(),
             device_sampling: options.device_sampling,
+            vec_attention: options.vec_attention,
         })
     }
 
@@ -826,11 +830,24 @@ impl Backend for CudaBackend {
         {
             return self.flash_prefill(flash, qkv, batch, shape, kv, layer);
         }
-        let Some((_, kernel)) = self
-            .kernels
-            .paged_attention
-            .iter()
-            .find(|(d, _)| *d == shape.head_dim)
+        let vec_kernel = self
+            .vec_attention
+            .then(|| {
+                self.kernels
+                    .paged_attention_vec
+                    .iter()
+                    .find(|(d, _)| *d == shape.head_dim)
+            })
+            .flatten();
+        let Some(((_, kernel), heads_per_block)) = vec_kernel
+            .map(|k| (k, kernels::ATTN_VEC_HEADS))
+            .or_else(|| {
+                self.kernels
+                    .paged_attention
+                    .iter()
+                    .find(|(d, _)| *d == shape.head_dim)
+                    .map(|k| (k, ATTN_GMAX))
+            })
         else {
             let dims: Vec<usize> = self
                 .kernels
@@ -851,10 +868,11 @@ impl Backend for CudaBackend {
         let q = qkv.as_f32("paged_attention")?;
         let width = shape.num_heads * shape.head_dim;
         let mut out = self.alloc_bf16(tokens * width)?;
-        // One block per token, KV head and chunk of ATTN_GMAX query heads; long contexts are split
-        // over several blocks when the batch alone would leave most multiprocessors idle.
+        // One block per token, KV head and chunk of `heads_per_block` query heads; long contexts
+        // are split over several blocks when the batch alone would leave most multiprocessors
+        // idle.
         let group = shape.num_heads / shape.num_kv_heads;
-        let head_blocks = shape.num_kv_heads * group.div_ceil(ATTN_GMAX);
+        let head_blocks = shape.num_kv_heads * group.div_ceil(heads_per_block);
         let blocks = tokens * head_blocks;
         let target = 2 * self.multiprocessors;
         let splits = if blocks >= target || batch.max_context <= 256 {

@@ -20,6 +20,10 @@ pub struct CudaOptions {
     /// The engine samples from per-row summaries computed on the device; off, every logits row
     /// is copied to the host (`TANDEM_DEVICE_SAMPLING=0`: to compare the two paths).
     pub device_sampling: bool,
+    /// Decode attention of head dims 64, 128 and 256 runs the vectorized kernel (a lane group
+    /// per key, 16-byte loads); off, the warp-per-key kernel every head dim has
+    /// (`TANDEM_ATTN_VEC=0`: to compare the two).
+    pub vec_attention: bool,
     /// Fewest keys per split of a decode attention split over the context; `None` derives it
     /// from the head dimension (`TANDEM_ATTN_SPLIT_KEYS`, for tuning).
     pub attn_split_keys: Option<usize>,
@@ -41,6 +45,7 @@ impl Default for CudaOptions {
             ordinal: 0,
             cuda_graphs: true,
             device_sampling: true,
+            vec_attention: true,
             attn_split_keys: None,
             l2_prefetch_mb: None,
             kernel_defines: Vec::new(),
@@ -64,6 +69,7 @@ impl CudaOptions {
             ordinal,
             cuda_graphs: switch("TANDEM_CUDA_GRAPHS"),
             device_sampling: switch("TANDEM_DEVICE_SAMPLING"),
+            vec_attention: switch("TANDEM_ATTN_VEC"),
             attn_split_keys: text("TANDEM_ATTN_SPLIT_KEYS")
                 .and_then(|v| v.parse().ok())
                 .filter(|&keys| keys > 0),
@@ -109,6 +115,7 @@ mod tests {
         let set = options(&[
             ("TANDEM_CUDA_GRAPHS", "0"),
             ("TANDEM_DEVICE_SAMPLING", "0"),
+            ("TANDEM_ATTN_VEC", "0"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
             ("TANDEM_L2_PREFETCH_MB", " 8 "),
             ("TANDEM_KERNEL_DEFINES", "GEMV_UNROLL=8  ATTN_KEYS=2"),
@@ -121,6 +128,7 @@ mod tests {
                 ordinal: 2,
                 cuda_graphs: false,
                 device_sampling: false,
+                vec_attention: false,
                 attn_split_keys: Some(32),
                 l2_prefetch_mb: Some(8),
                 kernel_defines: vec!["GEMV_UNROLL=8".into(), "ATTN_KEYS=2".into()],
