@@ -148,6 +148,16 @@ pub struct ServeArgs {
         default_value_t = 30
     )]
     pub shutdown_grace_s: u64,
+    /// A worker that exits is started again (after 1 s, doubling to 30 s while it keeps
+    /// exiting within a minute of starting); after this many such quick exits in a row it is
+    /// left stopped. 0: never start an exited worker again.
+    #[arg(
+        long,
+        env = "TANDEM_WORKER_RESTARTS",
+        value_name = "N",
+        default_value_t = 5
+    )]
+    pub worker_restarts: u32,
 }
 
 #[cfg(test)]

@@ -129,6 +129,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let timing = Timing {
         ready_timeout: Duration::from_secs(args.ready_timeout_s),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        restarts: restart::RestartPolicy {
+            max_quick_exits: args.worker_restarts,
+            ..restart::RestartPolicy::STANDARD
+        },
     };
     supervisor::run(&plan, &programs, timing, &mut signals).await
 }

@@ -14,7 +14,8 @@ pub struct RestartPolicy {
     pub max_delay: Duration,
     /// A worker that ran this long was healthy: its exit starts the count afresh.
     pub healthy_after: Duration,
-    /// Quick exits in a row (each before `healthy_after`) after which it is given up.
+    /// Quick exits in a row (each before `healthy_after`) after which it is given up; 0: no
+    /// restarts at all.
     pub max_quick_exits: u32,
 }
 
@@ -35,6 +36,8 @@ pub enum AfterExit {
     RestartIn(Duration),
     /// It keeps failing right after starting: leave it stopped.
     GiveUp { quick_exits: u32 },
+    /// Restarts are off (`max_quick_exits` 0).
+    RestartsOff,
 }
 
 /// One worker's restart history.
@@ -49,6 +52,9 @@ pub struct Restarts {
 impl Restarts {
     /// The worker exited after running for `ran`.
     pub fn on_exit(&mut self, ran: Duration, policy: &RestartPolicy) -> AfterExit {
+        if policy.max_quick_exits == 0 {
+            return AfterExit::RestartsOff;
+        }
         if ran >= policy.healthy_after {
             self.quick_exits = 0;
             self.next_delay = None;
@@ -115,5 +121,17 @@ mod tests {
             AfterExit::GiveUp { .. }
         ));
         assert_eq!(r.total, 10);
+    }
+
+    #[test]
+    fn zero_quick_exits_turns_restarts_off() {
+        let policy = RestartPolicy {
+            max_quick_exits: 0,
+            ..RestartPolicy::STANDARD
+        };
+        let mut r = Restarts::default();
+        assert_eq!(r.on_exit(LONG, &policy), AfterExit::RestartsOff);
+        assert_eq!(r.on_exit(SHORT, &policy), AfterExit::RestartsOff);
+        assert_eq!(r.total, 0);
     }
 }

@@ -46,6 +46,8 @@ pub struct Programs {
 pub struct Timing {
     pub ready_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// When exited workers are started again.
+    pub restarts: RestartPolicy,
 }
 
 /// How often children and /health are looked at.
@@ -131,6 +133,14 @@ impl Worker {
                     self.restarts.total
                 );
                 self.restart_at = Some(Instant::now() + delay);
+            }
+            AfterExit::RestartsOff => {
+                tracing::error!(
+                    "{name} exited ({how}) after {:.1} s; not starting it again \
+                     (--worker-restarts 0)",
+                    ran.as_secs_f64()
+                );
+                self.given_up = true;
             }
             AfterExit::GiveUp { quick_exits } => {
                 tracing::error!(
@@ -232,7 +242,8 @@ async fn start_and_supervise(
         });
     }
     if !plan.api_server {
-        return supervise_workers_only(plan, programs, &nats_url, signals, deployment).await;
+        return supervise_workers_only(plan, programs, timing, &nats_url, signals, deployment)
+            .await;
     }
     let api_server = Child::spawn(
         "api-server",
@@ -306,9 +317,7 @@ async fn start_and_supervise(
             _ = tokio::time::sleep(TICK) => {}
         }
         for worker in &mut deployment.workers {
-            worker
-                .supervise(&programs.worker, &RestartPolicy::STANDARD)
-                .await;
+            worker.supervise(&programs.worker, &timing.restarts).await;
         }
         if !alone
             && !deployment.no_worker_warned
@@ -358,6 +367,7 @@ fn say(line: &str) {
 async fn supervise_workers_only(
     plan: &Plan,
     programs: &Programs,
+    timing: Timing,
     nats_url: &str,
     signals: &mut Signals,
     deployment: &mut Deployment,
@@ -376,9 +386,7 @@ async fn supervise_workers_only(
             _ = tokio::time::sleep(TICK) => {}
         }
         for worker in &mut deployment.workers {
-            worker
-                .supervise(&programs.worker, &RestartPolicy::STANDARD)
-                .await;
+            worker.supervise(&programs.worker, &timing.restarts).await;
         }
         if deployment.workers.iter().all(|w| !w.in_service()) {
             bail!("every worker of this launcher has exited and was given up; stopping");

@@ -720,8 +720,45 @@ fn one_config_split_over_two_launchers_with_only() {
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
 
-    // A workers-only launcher whose workers are all gone has nothing left to do: it fails,
-    // so that whatever runs it (compose, Kubernetes, systemd) can restart it.
+    // Killed workers are started again, and the front host serves through them.
+    let worker_pids: Vec<u32> = ["context-0", "decode-0"]
+        .iter()
+        .map(|name| pid_of(&workers, name))
+        .collect();
+    for &pid in &worker_pids {
+        // SAFETY: kill(2) on a pid the launcher reported as its running child.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    }
+    for name in ["context-0", "decode-0"] {
+        workers.wait_for_line(
+            &format!("started {name} again (pid "),
+            Duration::from_secs(15),
+        );
+    }
+    // The killed workers' last heartbeats expire (worker_timeout_ms 1500) while the new
+    // ones join.
+    std::thread::sleep(Duration::from_secs(2));
+    http.wait_for_role("context", 1, READY);
+    http.wait_for_role("accepting_generate", 1, READY);
+    let reply = http.post(
+        "/v1/completions",
+        &json!({"model": "split", "prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let workers_children = children_of(workers.pid());
+    workers.signal(libc::SIGTERM);
+    let status = workers.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status}:\n{}", workers.output());
+    assert_all_gone(&workers_children, Duration::from_secs(5));
+
+    // A workers-only launcher (restarts off) whose workers are all gone has nothing left to
+    // do: it fails, so that whatever runs it (compose, Kubernetes, systemd) can restart it.
+    let mut command = tandem();
+    command
+        .args(["serve", "--worker-restarts", "0", "--only", "workers", "-c"])
+        .arg(&config);
+    let mut workers = Proc::spawn("tandem-workers", command);
+    workers.wait_for_line("tandem: started", READY);
     let worker_pids: Vec<u32> = ["context-0", "decode-0"]
         .iter()
         .map(|name| pid_of(&workers, name))
@@ -734,7 +771,7 @@ fn one_config_split_over_two_launchers_with_only() {
     let out = output_with(&workers, ERROR_LINE);
     assert!(!status.success(), "{out}");
     assert!(
-        out.contains("every worker of this launcher has exited"),
+        out.contains("every worker of this launcher has exited and was given up"),
         "{out}"
     );
     assert!(front.try_wait().is_none(), "the front host serves on");
