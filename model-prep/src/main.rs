@@ -180,7 +180,8 @@ struct FetchArgs {
 /// <|im_end|>=2 (eos)) and chat template.
 ///
 /// Presets: tiny (2 layers, hidden 64, vocab 512; for tests), smollm2-135m, tinyllama-1.1b,
-/// llama-3.1-8b (16 GB in bf16, streamed to disk one tensor at a time).
+/// llama-3.1-8b (16 GB in bf16, streamed to disk one tensor at a time), llama-d128-2l (two
+/// Llama-3.1-8B layers with a 32k vocabulary: GPU checks of head-dim-128 kernels).
 ///
 /// Example: model-prep random --preset smollm2-135m --seed 1 -o models/smollm2-random
 #[derive(Debug, Args)]

@@ -6,7 +6,13 @@
 use crate::{ModelConfig, RopeScaling, TokenIds};
 
 /// Preset names, in the order `--help` lists them.
-pub const PRESET_NAMES: &[&str] = &["tiny", "smollm2-135m", "tinyllama-1.1b", "llama-3.1-8b"];
+pub const PRESET_NAMES: &[&str] = &[
+    "tiny",
+    "smollm2-135m",
+    "tinyllama-1.1b",
+    "llama-3.1-8b",
+    "llama-d128-2l",
+];
 
 /// The config of a preset, or `None` for an unknown name.
 pub fn preset(name: &str) -> Option<ModelConfig> {
@@ -53,6 +59,18 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
             });
             c.bos_token_id = Some(TokenIds::One(128000));
             c.eos_token_id = Some(TokenIds::Many(vec![128001, 128008, 128009]));
+            c
+        }
+        "llama-d128-2l" => {
+            // Two layers of Llama-3.1-8B (head dim 128, four query heads per KV head) with a
+            // 32k vocabulary: small enough for the CPU reference of `gpu_bench check`, so the
+            // head-dim-128 kernels are checked against it.
+            let mut c = ModelConfig::llama(4096, 14336, 2, 32, 8, 32000);
+            c.rms_norm_eps = 1e-5;
+            c.rope_theta = 500_000.0;
+            c.max_position_embeddings = 8192;
+            c.bos_token_id = Some(TokenIds::One(1));
+            c.eos_token_id = Some(TokenIds::One(2));
             c
         }
         _ => return None,
