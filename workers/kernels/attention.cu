@@ -168,6 +168,10 @@ __device__ __forceinline__ void attend(
 // Query heads per block of the vectorized kernels below (`ATTN_VEC_HEADS` in cuda/kernels.rs):
 // four keeps their q and accumulators in registers at a good occupancy; Llama's group is 4.
 #define ATTN_VEC_GMAX 4
+// Keys each lane group loads per step of `attend_vec` (tuning: TANDEM_KERNEL_DEFINES).
+#ifndef ATTN_VEC_UNROLL
+#define ATTN_VEC_UNROLL 4
+#endif
 
 // The decode attention of `attend` for head dims that are 8 x a power of two (64, 128, 256):
 // instead of a warp per key (a warp-wide shuffle reduction per key and head, 2-byte loads),
@@ -217,45 +221,80 @@ __device__ __forceinline__ void attend_vec(
         m[g] = NEG_INF;
         l[g] = 0.0f;
     }
-#pragma unroll 2
-    for (int j0 = k_begin + warp * KPW; j0 < k_end; j0 += ATTN_WARPS * KPW) {
-        const int j = j0 + sub;
-        const bool valid = j < k_end;
-        uint4 kraw = make_uint4(0, 0, 0, 0), vraw = make_uint4(0, 0, 0, 0);
-        if (valid) {
-            const u32 blk = table[j / block_size];
-            const bf16* kp = cache + (long long)blk * block_elems + layer_offset +
-                             (long long)(j % block_size) * token_stride + kvh * D + part * 8;
-            kraw = *reinterpret_cast<const uint4*>(kp);
-            vraw = *reinterpret_cast<const uint4*>(kp + kv_stride);
-        }
-        float kf[8], vf[8];
-        const u32 kw[4] = {kraw.x, kraw.y, kraw.z, kraw.w};
-        const u32 vw[4] = {vraw.x, vraw.y, vraw.z, vraw.w};
+    // U keys per lane group per step, all loads issued before any arithmetic: the memory
+    // system has U times as many requests in flight, and the softmax rescales once per step.
+    constexpr int U = ATTN_VEC_UNROLL;
+    constexpr int STRIDE = ATTN_WARPS * KPW;
+    for (int j0 = k_begin + warp * KPW; j0 < k_end; j0 += U * STRIDE) {
+        uint4 kraw[U], vraw[U];
+        bool ok[U];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            kf[2 * i] = __uint_as_float(kw[i] << 16);
-            kf[2 * i + 1] = __uint_as_float(kw[i] & 0xffff0000u);
-            vf[2 * i] = __uint_as_float(vw[i] << 16);
-            vf[2 * i + 1] = __uint_as_float(vw[i] & 0xffff0000u);
+        for (int u = 0; u < U; ++u) {
+            const int j = j0 + sub + u * STRIDE;
+            ok[u] = j < k_end;
+            kraw[u] = make_uint4(0, 0, 0, 0);
+            vraw[u] = make_uint4(0, 0, 0, 0);
+            if (ok[u]) {
+                const u32 blk = table[j / block_size];
+                const bf16* kp = cache + (long long)blk * block_elems + layer_offset +
+                                 (long long)(j % block_size) * token_stride + kvh * D + part * 8;
+                kraw[u] = *reinterpret_cast<const uint4*>(kp);
+                vraw[u] = *reinterpret_cast<const uint4*>(kp + kv_stride);
+            }
         }
+        float dot[G][U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u32 kw[4] = {kraw[u].x, kraw[u].y, kraw[u].z, kraw[u].w};
+            float kf[8];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                kf[2 * i] = __uint_as_float(kw[i] << 16);
+                kf[2 * i + 1] = __uint_as_float(kw[i] & 0xffff0000u);
+            }
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                float d = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) d += q[g][e] * kf[e];
+                dot[g][u] = d;
+            }
+        }
+        // Sum each key's dot product over its lane group: G x U independent chains.
+#pragma unroll
+        for (int o = LPK / 2; o > 0; o >>= 1) {
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+#pragma unroll
+                for (int u = 0; u < U; ++u) dot[g][u] += __shfl_xor_sync(0xffffffffu, dot[g][u], o);
+            }
+        }
+        if (!ok[0]) continue;  // keys ascend with u: none of this step's are this group's
 #pragma unroll
         for (int g = 0; g < G; ++g) {
             if (g < nh) {
-                float dot = 0.0f;
+                float m_new = m[g];
 #pragma unroll
-                for (int e = 0; e < 8; ++e) dot += q[g][e] * kf[e];
+                for (int u = 0; u < U; ++u)
+                    if (ok[u]) m_new = fmaxf(m_new, dot[g][u]);
+                const float corr = expf(m[g] - m_new);
+                l[g] *= corr;
 #pragma unroll
-                for (int o = LPK / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                if (valid) {
-                    const float m_new = fmaxf(m[g], dot);
-                    const float corr = expf(m[g] - m_new);
-                    const float p = expf(dot - m_new);
-                    l[g] = l[g] * corr + p;
+                for (int e = 0; e < 8; ++e) acc[g][e] *= corr;
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[g][e] = acc[g][e] * corr + p * vf[e];
-                    m[g] = m_new;
+                for (int u = 0; u < U; ++u) {
+                    if (ok[u]) {
+                        const float p = expf(dot[g][u] - m_new);
+                        l[g] += p;
+                        const u32 vw[4] = {vraw[u].x, vraw[u].y, vraw[u].z, vraw[u].w};
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            acc[g][2 * i] += p * __uint_as_float(vw[i] << 16);
+                            acc[g][2 * i + 1] += p * __uint_as_float(vw[i] & 0xffff0000u);
+                        }
+                    }
                 }
+                m[g] = m_new;
             }
         }
     }
