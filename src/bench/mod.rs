@@ -31,7 +31,7 @@ Measure an OpenAI-compatible server under load: tandem's (`tandem serve`) or any
 Each level sends --num-prompts streaming requests, either at a fixed number in flight
 (--concurrency 1,4,16 runs three levels in turn) or arriving as a Poisson process
 (--request-rate 2,8: requests per second, each level capped at --concurrency in flight if
-given). Prompts are synthetic (--input-len words drawn from common English words, about one
+given), or all at once (--offline: maximum throughput). Prompts are synthetic (--input-len words drawn from common English words, about one
 token each; the server's usage counts are reported) or come from --prompts FILE (a JSON list of
 strings, of {\"prompt\": ...} objects, or ShareGPT records). Every request asks for
 --output-len tokens with `ignore_eos` (servers that do not know the field stop at their end of
@@ -52,7 +52,10 @@ Examples:
 
   # another server, Poisson arrivals, prompts from a file, an SLO for goodput
   tandem bench --url http://gpu-host:8000/v1 --api-key $KEY --request-rate 1,4 \\
-      --prompts prompts.json --goodput ttft:500,itl:50";
+      --prompts prompts.json --goodput ttft:500,itl:50
+
+  # maximum throughput: 1024 requests of ~128/128 tokens, all at once
+  tandem bench --offline --num-prompts 1024 --input-len 77 --output-len 128";
 
 /// `tandem bench` flags.
 #[derive(Debug, clap::Args)]
@@ -80,6 +83,10 @@ pub struct BenchArgs {
     /// Poisson arrivals, requests per second; a list runs one level per value.
     #[arg(long, value_delimiter = ',', value_name = "R,...")]
     pub request_rate: Vec<f64>,
+    /// All --num-prompts requests at once, one level: the server's maximum throughput, as
+    /// offline benchmarks (TensorRT-LLM's, vLLM's) measure it.
+    #[arg(long, conflicts_with_all = ["concurrency", "request_rate"])]
+    pub offline: bool,
     /// Words per synthetic prompt.
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub input_len: usize,
@@ -124,6 +131,12 @@ struct Level {
 }
 
 fn levels(args: &BenchArgs) -> anyhow::Result<Vec<Level>> {
+    if args.offline {
+        return Ok(vec![Level {
+            concurrency: args.num_prompts.max(1),
+            rate: None,
+        }]);
+    }
     if args.concurrency.contains(&0) {
         bail!("--concurrency must be at least 1");
     }
@@ -441,5 +454,16 @@ mod tests {
         assert!(err.to_string().contains("at least 1"));
         let err = levels(&parse(&["--request-rate", "1", "--concurrency", "2,3"])).unwrap_err();
         assert!(err.to_string().contains("at most one"));
+    }
+
+    #[test]
+    fn offline_is_every_request_at_once() {
+        let l = levels(&parse(&["--offline", "--num-prompts", "1024"])).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!((l[0].concurrency, l[0].rate), (1024, None));
+        for other in [["--concurrency", "4"], ["--request-rate", "2"]] {
+            let argv = ["bench", "--offline", other[0], other[1]];
+            assert!(Wrap::try_parse_from(argv).is_err(), "{argv:?}");
+        }
     }
 }

@@ -176,7 +176,7 @@ fn extend_bf16_bits(out: &mut Vec<u16>, t: &HostTensor<'_>) {
 }
 
 /// The paged KV cache: `num_blocks` blocks of `layout` (bf16) in one device allocation, plus
-/// the scratch block after them ([`Self::scratch_block`]).
+/// the scratch block after them (`scratch_block`).
 pub struct CudaKvCache {
     pub(super) layout: KvLayout,
     /// Blocks handed to sequences (the scratch block not counted).
