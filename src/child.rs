@@ -61,9 +61,21 @@ impl Child {
         args: &[OsString],
         echo: Echo,
     ) -> anyhow::Result<Child> {
+        Self::spawn_with_env(name, program, args, &[], echo)
+    }
+
+    /// [`Self::spawn`] with `env` added to the launcher's environment.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[OsString],
+        env: &[(String, String)],
+        echo: Echo,
+    ) -> anyhow::Result<Child> {
         let mut command = std::process::Command::new(program);
         command
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

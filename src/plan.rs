@@ -34,6 +34,16 @@ pub enum Group {
     Generation,
 }
 
+impl Group {
+    /// The group's key in the deployment config.
+    fn config_key(self) -> &'static str {
+        match self {
+            Group::Context => "context_servers",
+            Group::Generation => "generation_servers",
+        }
+    }
+}
+
 /// The launcher-side name of instance `i` of a role (`worker-0` for aggregated workers).
 fn instance_name(role: WorkerRole, i: usize) -> String {
     match role {
@@ -132,6 +142,9 @@ pub struct WorkerSpec {
     /// Its flags, all but `--nats`: the NATS URL is known once NATS runs
     /// ([`Plan::worker_args`]).
     pub args: WorkerArgs,
+    /// Environment variables of its process beyond the launcher's own (the group's
+    /// `mps_sm_percent` as `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`).
+    pub env: Vec<(String, String)>,
 }
 
 impl WorkerSpec {
@@ -145,6 +158,9 @@ impl WorkerSpec {
         &self.args.device
     }
 }
+
+/// The CUDA MPS client's share of the SMs, in percent (a group's `mps_sm_percent`).
+pub const MPS_PERCENT_VAR: &str = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE";
 
 /// Everything `tandem serve` starts, resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -230,14 +246,28 @@ pub fn plan(
         let role = group_role(group, context_instances);
         let args = group_args(role, group_config, config.transceiver_for(group_config));
         for i in 0..instances {
+            let device = group_config.device_of(i).to_string();
+            let mut env = Vec::new();
+            if let Some(percent) = group_config.mps_sm_percent {
+                if device == "cpu" {
+                    warnings.push(format!(
+                        "`{}.mps_sm_percent` has no effect on the CPU worker {}",
+                        group.config_key(),
+                        instance_name(role, i)
+                    ));
+                } else {
+                    env.push((MPS_PERCENT_VAR.to_string(), percent.to_string()));
+                }
+            }
             workers.push(WorkerSpec {
                 name: instance_name(role, i),
                 args: WorkerArgs {
                     model: Some(model.clone()),
                     served_model_name: Some(served_name.clone()),
-                    device: group_config.device_of(i).to_string(),
+                    device,
                     ..args.clone()
                 },
+                env,
             });
         }
     }
@@ -676,6 +706,24 @@ generation_servers: { device: "cuda:0", kv_cache_config: { free_gpu_memory_fract
             args_of(&plan, 1)
                 .join(" ")
                 .contains("--gpu-memory-fraction 0.55")
+        );
+    }
+
+    #[test]
+    fn mps_sm_percent_goes_to_the_groups_gpu_workers_environment() {
+        let yaml = r#"
+context_servers: { device: "cuda:0", mps_sm_percent: 60 }
+generation_servers: { num_instances: 2, device: ["cuda:0", "cpu"], mps_sm_percent: 40 }
+"#;
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 2).unwrap();
+        let env = |i: usize| plan.workers[i].env.clone();
+        assert_eq!(env(0), [(MPS_PERCENT_VAR.to_string(), "60".to_string())]);
+        assert_eq!(env(1), [(MPS_PERCENT_VAR.to_string(), "40".to_string())]);
+        assert!(env(2).is_empty(), "a CPU worker gets no MPS share");
+        assert_eq!(
+            plan.warnings,
+            ["`generation_servers.mps_sm_percent` has no effect on the CPU worker decode-1"]
         );
     }
 

@@ -84,8 +84,9 @@ struct Worker {
     child: Child,
     /// Takes generation jobs (`both` or `decode`), as opposed to prefill only.
     generates: bool,
-    /// Its command line, to start it again.
+    /// Its command line and extra environment, to start it again.
     args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
     /// When the current process started.
     started: Instant,
     /// Exited; to be started again at this time.
@@ -157,7 +158,7 @@ impl Worker {
     fn restart(&mut self, program: &std::path::Path, policy: &RestartPolicy) {
         self.restart_at = None;
         self.started = Instant::now();
-        match Child::spawn(&self.child.name, program, &self.args, Echo::All) {
+        match Child::spawn_with_env(&self.child.name, program, &self.args, &self.env, Echo::All) {
             Ok(child) => {
                 tracing::info!(
                     "started {} again (pid {}; restart {})",
@@ -223,9 +224,16 @@ async fn start_and_supervise(
 
     for spec in &plan.workers {
         let args = plan.worker_args(spec, &nats_url).to_args();
-        let child = Child::spawn(&spec.name, &programs.worker, &args, Echo::All)?;
+        let child =
+            Child::spawn_with_env(&spec.name, &programs.worker, &args, &spec.env, Echo::All)?;
+        let share = spec
+            .env
+            .iter()
+            .find(|(k, _)| k == crate::plan::MPS_PERCENT_VAR)
+            .map(|(_, v)| format!(" (MPS client, {v}% of the SMs)"))
+            .unwrap_or_default();
         tracing::info!(
-            "started {} (pid {}): role {} on {}",
+            "started {} (pid {}): role {} on {}{share}",
             spec.name,
             child.pid(),
             spec.role(),
@@ -235,6 +243,7 @@ async fn start_and_supervise(
             child,
             generates: spec.role().generates(),
             args,
+            env: spec.env.clone(),
             started: Instant::now(),
             restart_at: None,
             given_up: false,

@@ -126,6 +126,11 @@ pub struct ServerGroupConfig {
     /// (tandem) GPU workers: replay decode steps as CUDA graphs (absent: the worker's default,
     /// on unless `TANDEM_CUDA_GRAPHS=0`).
     pub cuda_graphs: Option<bool>,
+    /// (tandem) GPU workers of this group run as MPS clients limited to this percentage of
+    /// the GPU's SMs (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`), so that a context and a decode
+    /// worker on one GPU cannot take each other's: it needs an MPS control daemon on the host
+    /// (`nvidia-cuda-mps-control -d`), and does nothing without one.
+    pub mps_sm_percent: Option<u32>,
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
 }
@@ -212,6 +217,14 @@ impl ServerGroupConfig {
             return Err(invalid(
                 "kv_cache_config.free_gpu_memory_fraction",
                 format!("{fraction} is not in (0, 1]"),
+            ));
+        }
+        if let Some(percent) = self.mps_sm_percent
+            && !(1..=100).contains(&percent)
+        {
+            return Err(invalid(
+                "mps_sm_percent",
+                format!("{percent} is not a percentage of the SMs (1 to 100)"),
             ));
         }
         if self.kv_cache_config.block_size == Some(0) {
@@ -439,6 +452,23 @@ generation_servers: { num_instances: 1, device: "cuda:2" }
         let err = DeploymentConfig::parse("context_servers: { cuda_graphs: sometimes }", "c.yaml")
             .unwrap_err();
         assert!(err.to_string().contains("c.yaml"), "{err}");
+    }
+
+    #[test]
+    fn mps_sm_percent_is_a_group_key_of_1_to_100() {
+        let yaml = "context_servers: { device: \"cuda:0\", mps_sm_percent: 60 }";
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        assert_eq!(config.context_servers.mps_sm_percent, Some(60));
+        assert_eq!(config.generation_servers.mps_sm_percent, None);
+        for bad in ["0", "101"] {
+            let yaml = format!("generation_servers: {{ mps_sm_percent: {bad} }}");
+            let err = DeploymentConfig::parse(&yaml, "c.yaml").unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("generation_servers.mps_sm_percent"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
