@@ -50,6 +50,9 @@ fn example_configs_parse_and_validate() {
     assert_eq!(devices(&one_gpu.generation_servers), ["cuda:0"]);
     let shares = fraction(&one_gpu.context_servers) + fraction(&one_gpu.generation_servers);
     assert!(shares <= 0.85, "gpu-1.yaml: KV shares add up to {shares}");
+    // Under MPS the context worker is capped, so prefills cannot crowd out decode steps.
+    assert_eq!(one_gpu.context_servers.mps_sm_percent, Some(80));
+    assert_eq!(one_gpu.generation_servers.mps_sm_percent, None);
 
     // Two GPUs: one each.
     let two_gpus = load("gpu-2.yaml");
