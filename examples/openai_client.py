@@ -7,10 +7,12 @@
     python examples/openai_client.py --no-stream --max-tokens 64 "Write a haiku about the sea."
 
 The model name is optional for tandem (it serves one model); it is read from /v1/models here
-so the same script works against any OpenAI-compatible server.
+so the same script works against any OpenAI-compatible server. A deployment with API keys
+(`api_keys` in its config, or TANDEM_API_KEY) wants one: `export OPENAI_API_KEY=...` first.
 """
 
 import argparse
+import os
 import sys
 
 import openai
@@ -27,8 +29,9 @@ def main() -> int:
     parser.add_argument("--no-stream", action="store_true", help="one response instead of a stream")
     args = parser.parse_args()
 
-    # tandem does not check API keys; the client insists on having one.
-    client = openai.OpenAI(base_url=args.base_url, api_key="unused", max_retries=0)
+    # A deployment without keys serves anyone; the client insists on having one all the same.
+    api_key = os.environ.get("OPENAI_API_KEY", "unused")
+    client = openai.OpenAI(base_url=args.base_url, api_key=api_key, max_retries=0)
     model = client.models.list().data[0].id
     messages = []
     if args.system:

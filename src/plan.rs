@@ -180,6 +180,11 @@ pub struct Plan {
     pub worker_timeout_ms: u64,
     /// Prompts shorter than this are prefilled by the decode worker itself.
     pub max_local_prefill_length: usize,
+    /// The api-server's API keys (config `api_keys`), passed in its environment.
+    pub api_keys: Vec<tandem_cli::args::ApiKey>,
+    /// The config's `api_key_file`, passed as `--api-key-file`.
+    pub api_key_file: Option<PathBuf>,
+    pub metrics_require_key: bool,
     /// Things the operator should know (keys without effect, groups not started).
     pub warnings: Vec<String>,
 }
@@ -317,6 +322,15 @@ pub fn plan(
         router_policy: config.router.policy,
         worker_timeout_ms: config.router.worker_timeout_ms,
         max_local_prefill_length: config.router.max_local_prefill_length,
+        api_keys: config
+            .api_keys
+            .0
+            .iter()
+            .map(|k| tandem_cli::args::ApiKey::parse(k))
+            .collect::<Result<_, _>>()
+            .map_err(|reason| anyhow::anyhow!("config key `api_keys`: {reason}"))?,
+        api_key_file: config.api_key_file.as_ref().map(PathBuf::from),
+        metrics_require_key: config.metrics_require_key,
         warnings,
     })
 }
@@ -385,6 +399,9 @@ impl Plan {
             router_policy: self.router_policy,
             worker_timeout_ms: self.worker_timeout_ms,
             max_local_prefill_length: self.max_local_prefill_length,
+            api_keys: self.api_keys.clone(),
+            api_key_file: self.api_key_file.clone(),
+            metrics_require_key: self.metrics_require_key,
             ..ApiServerArgs::new(self.model.clone())
         }
     }

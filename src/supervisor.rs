@@ -254,10 +254,14 @@ async fn start_and_supervise(
         return supervise_workers_only(plan, programs, timing, &nats_url, signals, deployment)
             .await;
     }
-    let api_server = Child::spawn(
+    // API keys go in the environment, never in argv (visible to every local user).
+    let api_args = plan.api_server_args(&nats_url);
+    let api_env: Vec<(String, String)> = api_args.api_keys_env().into_iter().collect();
+    let api_server = Child::spawn_with_env(
         "api-server",
         &programs.api_server,
-        &plan.api_server_args(&nats_url).to_args(),
+        &api_args.to_args(),
+        &api_env,
         Echo::All,
     )?;
     tracing::info!(

@@ -48,6 +48,9 @@ pub enum ApiError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+    /// No `Authorization: Bearer <key>` with a configured key ([`crate::auth`]).
+    #[error("missing or invalid API key")]
+    Unauthorized,
 }
 
 impl ApiError {
@@ -78,6 +81,7 @@ impl ApiError {
             | ApiError::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::WorkerGone { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Worker { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -92,6 +96,7 @@ impl ApiError {
             | ApiError::RequestTimeout { .. } => "timeout",
             ApiError::Worker { .. } | ApiError::WorkerGone { .. } => "worker_error",
             ApiError::Bus { .. } | ApiError::Internal(_) => "internal_error",
+            ApiError::Unauthorized => "unauthorized",
         }
     }
 
@@ -154,6 +159,12 @@ impl ApiError {
                 None,
                 "The server had an internal error.".to_string(),
             ),
+            ApiError::Unauthorized => (
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+                "Missing or invalid API key: send it as `Authorization: Bearer <key>`.".to_string(),
+            ),
         };
         ErrorResponse {
             error: ErrorBody {
@@ -190,7 +201,11 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         self.log();
-        HttpResponse::build(self.status()).json(self.public_body())
+        let mut response = HttpResponse::build(self.status());
+        if matches!(self, ApiError::Unauthorized) {
+            response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        response.json(self.public_body())
     }
 }
 

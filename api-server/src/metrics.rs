@@ -91,6 +91,8 @@ pub enum Event<'a> {
     },
     /// A request meant for a context worker was prefilled by its generation worker.
     Fallback(FallbackReason),
+    /// A request was refused for want of a valid API key.
+    Unauthorized,
 }
 
 #[derive(Clone)]
@@ -118,6 +120,8 @@ pub struct Metrics {
     kv_transfer_fallbacks: IntCounterVec,
     /// Requests whose prefill ran on a context worker.
     requests_disaggregated: IntCounter,
+    /// Requests refused without a valid API key.
+    unauthorized: IntCounter,
     /// Per context worker (`worker_id`), from heartbeats' `kv_transfer`.
     kv_pinned_blocks: IntGaugeVec,
     kv_pinned_tokens: IntGaugeVec,
@@ -232,6 +236,11 @@ impl Metrics {
             "Requests whose prompt a context worker prefilled",
         )
         .expect("metric options are static and valid");
+        let unauthorized = IntCounter::new(
+            "tandem_unauthorized_requests_total",
+            "Requests refused with 401 for want of a valid API key",
+        )
+        .expect("metric options are static and valid");
         let context_gauge = |name: &str, help: &str| {
             IntGaugeVec::new(Opts::new(name, help), &["worker_id"])
                 .expect("metric options are static and valid")
@@ -273,6 +282,7 @@ impl Metrics {
             kv_transfers,
             kv_transfer_fallbacks,
             requests_disaggregated,
+            unauthorized,
             kv_pinned_blocks,
             kv_pinned_tokens,
             kv_expirations,
@@ -294,6 +304,7 @@ impl Metrics {
             Box::new(metrics.kv_transfers.clone()),
             Box::new(metrics.kv_transfer_fallbacks.clone()),
             Box::new(metrics.requests_disaggregated.clone()),
+            Box::new(metrics.unauthorized.clone()),
             Box::new(metrics.kv_pinned_blocks.clone()),
             Box::new(metrics.kv_pinned_tokens.clone()),
             Box::new(metrics.kv_expirations.clone()),
@@ -360,6 +371,7 @@ impl Metrics {
                 .with_label_values(&[endpoint.label(), outcome])
                 .inc(),
             Event::Disaggregated => self.requests_disaggregated.inc(),
+            Event::Unauthorized => self.unauthorized.inc(),
             Event::KvPulled {
                 bytes,
                 micros,

@@ -10,6 +10,7 @@ use tandem_model::ModelConfig;
 use tandem_protocol::messages::{Heartbeat, decode};
 use tandem_protocol::subjects::Subjects;
 
+use crate::auth::ApiKeys;
 use crate::config::ServerConfig;
 use crate::dispatch::{Bus, Timeouts};
 use crate::metrics::Metrics;
@@ -30,6 +31,8 @@ pub enum StartError {
     Bind { address: String, source: io::Error },
     #[error("HTTP server failed: {0}")]
     Http(io::Error),
+    #[error(transparent)]
+    ApiKeys(#[from] crate::auth::KeyFileError),
 }
 
 /// The model's limits from its config.json.
@@ -82,6 +85,15 @@ async fn follow_heartbeats(
 /// get a grace period).
 pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<(), StartError> {
     let limits = model_limits(&config)?;
+    let api_keys = ApiKeys::from_config(&config)?.map(web::Data::new);
+    match &api_keys {
+        Some(keys) => tracing::info!(
+            keys = keys.len(),
+            metrics_require_key = config.metrics_require_key,
+            "API keys required on /v1"
+        ),
+        None => tracing::warn!("no API key configured: anyone who reaches this port is served"),
+    }
     let client = async_nats::ConnectOptions::new()
         .name(format!("api-server {}", limits.served_model_name))
         .connection_timeout(Duration::from_secs(5))
@@ -128,8 +140,11 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
     });
     let address = format!("{}:{}", config.host, config.port);
     let mut server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
+        let mut app = App::new().app_data(state.clone());
+        if let Some(keys) = &api_keys {
+            app = app.app_data(keys.clone());
+        }
+        app.wrap(actix_web::middleware::from_fn(crate::auth::require_key))
             .configure(crate::routes::configure)
     });
     if config.http_workers > 0 {

@@ -284,8 +284,25 @@ pub struct DeploymentConfig {
     pub cache_transceiver_config: CacheTransceiverConfig,
     pub nats: NatsConfig,
     pub router: RouterConfig,
+    /// (tandem) API keys the api-server requires on /v1 (`Authorization: Bearer <key>`).
+    pub api_keys: ApiKeyList,
+    /// (tandem) A file of API keys, one per line, read by the api-server.
+    pub api_key_file: Option<String>,
+    /// (tandem) With keys, /metrics requires one too.
+    pub metrics_require_key: bool,
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
+}
+
+/// The config's API keys. `Debug` shows how many, never the keys.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ApiKeyList(pub Vec<String>);
+
+impl std::fmt::Debug for ApiKeyList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeyList({} redacted)", self.0.len())
+    }
 }
 
 impl Default for DeploymentConfig {
@@ -302,6 +319,9 @@ impl Default for DeploymentConfig {
             cache_transceiver_config: CacheTransceiverConfig::default(),
             nats: NatsConfig::default(),
             router: RouterConfig::default(),
+            api_keys: ApiKeyList::default(),
+            api_key_file: None,
+            metrics_require_key: false,
             ignored: BTreeMap::new(),
         }
     }
@@ -337,6 +357,14 @@ impl DeploymentConfig {
                 key: "generation_servers.num_instances".into(),
                 reason: "at least one generation (decode) worker is needed".into(),
             });
+        }
+        for (i, key) in self.api_keys.0.iter().enumerate() {
+            if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c == ',') {
+                return Err(ConfigError::Invalid {
+                    key: format!("api_keys[{i}]"),
+                    reason: "an API key must be non-empty, without whitespace or commas".into(),
+                });
+            }
         }
         if let Some(url) = &self.nats.url
             && !(url.starts_with("nats://") || url.starts_with("tls://"))

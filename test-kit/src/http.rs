@@ -22,6 +22,8 @@ pub struct Http {
     address: String,
     /// How long a read may wait for the server's next bytes.
     read_timeout: Duration,
+    /// An API key sent as `Authorization: Bearer`.
+    bearer: Option<String>,
 }
 
 /// A whole response.
@@ -64,7 +66,14 @@ impl Http {
             base: base.trim_end_matches('/').to_owned(),
             address,
             read_timeout: Duration::from_secs(300),
+            bearer: None,
         }
+    }
+
+    /// The same client sending `Authorization: Bearer <key>` with every request.
+    pub fn with_bearer(mut self, key: &str) -> Self {
+        self.bearer = Some(key.to_owned());
+        self
     }
 
     /// The same client with reads that wait up to `timeout`.
@@ -150,9 +159,14 @@ impl Http {
         stream
             .set_read_timeout(Some(self.read_timeout))
             .expect("a socket takes a read timeout");
+        let authorization = self
+            .bearer
+            .as_ref()
+            .map(|key| format!("Authorization: Bearer {key}\r\n"))
+            .unwrap_or_default();
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
+             {authorization}Content-Length: {}\r\nConnection: close\r\n\r\n",
             self.address,
             body.len()
         );

@@ -75,6 +75,57 @@ pub struct ApiServerArgs {
     /// HTTP worker threads (actix); 0 = one per core.
     #[arg(long, env = "TANDEM_HTTP_WORKERS", default_value_t = DEFAULT_HTTP_WORKERS)]
     pub http_workers: usize,
+    /// An API key (repeat for several; TANDEM_API_KEY takes them comma-separated). With any
+    /// key set, every /v1 request must carry `Authorization: Bearer KEY`, else 401. Prefer
+    /// the environment or --api-key-file: a command line is visible to every local user.
+    #[arg(
+        long = "api-key",
+        env = "TANDEM_API_KEY",
+        value_name = "KEY",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_parser = ApiKey::parse
+    )]
+    pub api_keys: Vec<ApiKey>,
+    /// A file of API keys, one per line (blank lines and `#` comments skipped).
+    #[arg(long, env = "TANDEM_API_KEY_FILE", value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// With keys set, /metrics requires one too (it is open by default, like /health).
+    #[arg(long, env = "TANDEM_METRICS_REQUIRE_KEY")]
+    pub metrics_require_key: bool,
+}
+
+/// An API key. Its `Debug` shows no part of it, so a logged config never leaks one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// A key as given: not empty, no whitespace and no comma (the separator of
+    /// `TANDEM_API_KEY`).
+    pub fn parse(text: &str) -> Result<ApiKey, String> {
+        if text.is_empty() {
+            return Err("an API key cannot be empty".into());
+        }
+        if text.chars().any(|c| c.is_whitespace() || c == ',') {
+            return Err("an API key cannot contain whitespace or commas".into());
+        }
+        Ok(ApiKey(text.to_string()))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    /// The key itself, for the one place that must pass it on (a child's environment).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
 }
 
 impl ApiServerArgs {
@@ -95,6 +146,9 @@ impl ApiServerArgs {
             router_policy: RouterPolicy::default(),
             max_local_prefill_length: DEFAULT_MAX_LOCAL_PREFILL_LENGTH,
             http_workers: DEFAULT_HTTP_WORKERS,
+            api_keys: Vec::new(),
+            api_key_file: None,
+            metrics_require_key: false,
         }
     }
 
@@ -111,6 +165,9 @@ impl ApiServerArgs {
     /// given. The timeouts a config has no key for and `--http-workers` are given only when
     /// they differ from their defaults: left at them, their environment variables reach an
     /// api-server started by `tandem serve` as they reach one started by hand.
+    ///
+    /// API keys are never rendered (argv is visible to every local user): the launcher passes
+    /// them in the child's environment ([`Self::api_keys_env`]).
     pub fn to_args(&self) -> Vec<OsString> {
         let mut argv = Argv::default();
         argv.push("--model", &self.model);
@@ -150,7 +207,23 @@ impl ApiServerArgs {
         if self.http_workers != DEFAULT_HTTP_WORKERS {
             argv.push_display("--http-workers", self.http_workers);
         }
+        argv.push_some(
+            "--api-key-file",
+            self.api_key_file.as_ref().map(|p| p.display()),
+        );
+        if self.metrics_require_key {
+            argv.0.push("--metrics-require-key".into());
+        }
         argv.0
+    }
+
+    /// The environment that gives a child api-server `self`'s API keys: `TANDEM_API_KEY`,
+    /// comma-separated; none when there are none.
+    pub fn api_keys_env(&self) -> Option<(String, String)> {
+        (!self.api_keys.is_empty()).then(|| {
+            let keys: Vec<&str> = self.api_keys.iter().map(ApiKey::expose).collect();
+            ("TANDEM_API_KEY".to_string(), keys.join(","))
+        })
     }
 }
 
@@ -201,6 +274,9 @@ mod tests {
             router_policy: RouterPolicy::RoundRobin,
             max_local_prefill_length: 64,
             http_workers: 3,
+            api_keys: Vec::new(),
+            api_key_file: Some("/run/secrets/keys".into()),
+            metrics_require_key: true,
         };
         assert_eq!(parse(&args.to_args()), args);
         for router_policy in RouterPolicy::ALL {
@@ -243,6 +319,52 @@ mod tests {
         }
         parsed.http_workers = args.http_workers;
         assert_eq!(parsed, args);
+    }
+
+    #[test]
+    fn api_keys_never_reach_the_command_line_and_never_show() {
+        let args = ApiServerArgs {
+            api_keys: vec![
+                ApiKey::parse("sk-one").unwrap(),
+                ApiKey::parse("sk-two").unwrap(),
+            ],
+            ..ApiServerArgs::new("/m".into())
+        };
+        let argv = args.to_args();
+        assert!(
+            !argv.iter().any(|a| a.to_string_lossy().contains("sk-")),
+            "{argv:?}"
+        );
+        assert!(!format!("{args:?}").contains("sk-"), "{args:?}");
+        assert_eq!(
+            args.api_keys_env(),
+            Some(("TANDEM_API_KEY".to_string(), "sk-one,sk-two".to_string()))
+        );
+        assert_eq!(ApiServerArgs::new("/m".into()).api_keys_env(), None);
+        // As the flag (repeated or comma-separated) they parse; empty or spaced ones do not.
+        let parsed: ApiServerArgs = testing::try_parse(
+            "api-server",
+            &[
+                "--model",
+                "m",
+                "--api-key",
+                "sk-one",
+                "--api-key",
+                "sk-two,sk-3",
+            ],
+        )
+        .unwrap();
+        assert_eq!(parsed.api_keys.len(), 3);
+        for bad in ["", "sk one"] {
+            assert!(
+                testing::try_parse::<ApiServerArgs>(
+                    "api-server",
+                    &["--model", "m", "--api-key", bad]
+                )
+                .is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

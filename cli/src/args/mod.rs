@@ -13,7 +13,7 @@ mod worker;
 use std::ffi::{OsStr, OsString};
 use std::fmt::Display;
 
-pub use api_server::ApiServerArgs;
+pub use api_server::{ApiKey, ApiServerArgs};
 pub use worker::{GpuArgs, WorkerArgs};
 
 /// An argument list, built flag by flag.

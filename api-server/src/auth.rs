@@ -1,0 +1,215 @@
+//! API keys: with any configured (`--api-key`, `TANDEM_API_KEY`, `--api-key-file`), every
+//! `/v1` request must send `Authorization: Bearer <key>`; anything else gets 401 with an
+//! OpenAI-shaped error body before a route runs. `/health` stays open for probes, `/metrics`
+//! too unless `--metrics-require-key`. Keys are compared in constant time and never logged.
+
+use std::path::Path;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::AUTHORIZATION;
+use actix_web::middleware::Next;
+use actix_web::web;
+use subtle::ConstantTimeEq;
+use tandem_cli::args::ApiKey;
+
+use crate::config::ServerConfig;
+use crate::error::ApiError;
+use crate::metrics::Event;
+use crate::state::AppState;
+
+/// The keys a request may present, and which paths need one.
+pub struct ApiKeys {
+    keys: Vec<ApiKey>,
+    metrics_require_key: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read the API key file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the API key file {path}, line {line}: {reason}")]
+    Invalid {
+        path: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("the API key file {path} holds no key")]
+    Empty { path: String },
+}
+
+impl ApiKeys {
+    /// The configured keys; `None` when there are none (every request is served).
+    pub fn from_config(config: &ServerConfig) -> Result<Option<ApiKeys>, KeyFileError> {
+        let mut keys = config.api_keys.clone();
+        if let Some(path) = &config.api_key_file {
+            keys.extend(read_key_file(path)?);
+        }
+        Ok((!keys.is_empty()).then_some(ApiKeys {
+            keys,
+            metrics_require_key: config.metrics_require_key,
+        }))
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Whether `path` needs a key.
+    fn guards(&self, path: &str) -> bool {
+        path == "/v1"
+            || path.starts_with("/v1/")
+            || (self.metrics_require_key && path == "/metrics")
+    }
+
+    /// Whether `authorization` (the header's value) is `Bearer <one of the keys>`. Every key
+    /// is compared, each in constant time, so the time taken says nothing about which one
+    /// came close.
+    fn admits(&self, authorization: Option<&[u8]>) -> bool {
+        let Some(token) = authorization.and_then(bearer_token) else {
+            return false;
+        };
+        self.keys
+            .iter()
+            .fold(subtle::Choice::from(0), |found, key| {
+                found | key.as_bytes().ct_eq(token)
+            })
+            .into()
+    }
+}
+
+/// The token of `Bearer <token>` (the scheme in any case, as RFC 7235 allows).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| rest.trim_ascii())
+}
+
+fn read_key_file(path: &Path) -> Result<Vec<ApiKey>, KeyFileError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        keys.push(ApiKey::parse(line).map_err(|reason| KeyFileError::Invalid {
+            path: shown.clone(),
+            line: i + 1,
+            reason,
+        })?);
+    }
+    if keys.is_empty() {
+        return Err(KeyFileError::Empty { path: shown });
+    }
+    Ok(keys)
+}
+
+/// The middleware: a guarded path without a valid key ends here with 401.
+pub async fn require_key(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    if let Some(keys) = request.app_data::<web::Data<ApiKeys>>()
+        && keys.guards(request.path())
+    {
+        let header = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+        if !keys.admits(header) {
+            if let Some(state) = request.app_data::<web::Data<AppState>>() {
+                state.metrics.record(Event::Unauthorized);
+            }
+            tracing::info!(path = request.path(), peer = ?request.peer_addr(),
+                key_sent = header.is_some(), "refused: no valid API key");
+            return Err(ApiError::Unauthorized.into());
+        }
+    }
+    next.call(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(list: &[&str], metrics_require_key: bool) -> ApiKeys {
+        ApiKeys {
+            keys: list.iter().map(|k| ApiKey::parse(k).unwrap()).collect(),
+            metrics_require_key,
+        }
+    }
+
+    #[test]
+    fn only_a_bearer_of_a_configured_key_is_admitted() {
+        let k = keys(&["sk-a", "sk-bb"], false);
+        assert!(k.admits(Some(b"Bearer sk-a")));
+        assert!(k.admits(Some(b"bearer sk-bb")));
+        assert!(k.admits(Some(b"BEARER  sk-bb ")));
+        for refused in [
+            &b"Bearer sk-b"[..],
+            b"Bearer sk-a2",
+            b"Bearer ",
+            b"Basic sk-a",
+            b"sk-a",
+            b"",
+        ] {
+            assert!(
+                !k.admits(Some(refused)),
+                "{:?}",
+                String::from_utf8_lossy(refused)
+            );
+        }
+        assert!(!k.admits(None));
+    }
+
+    #[test]
+    fn v1_is_guarded_health_never_metrics_by_option() {
+        let open_metrics = keys(&["k"], false);
+        assert!(open_metrics.guards("/v1/chat/completions"));
+        assert!(open_metrics.guards("/v1/models"));
+        assert!(open_metrics.guards("/v1"));
+        assert!(!open_metrics.guards("/health"));
+        assert!(!open_metrics.guards("/metrics"));
+        assert!(!open_metrics.guards("/v10"));
+        assert!(keys(&["k"], true).guards("/metrics"));
+    }
+
+    #[test]
+    fn key_files_skip_comments_and_refuse_bad_lines() {
+        let dir = std::env::temp_dir().join(format!("tandem-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good");
+        std::fs::write(&good, "# team a\nsk-a\n\n  sk-b  \n").unwrap();
+        let read: Vec<String> = read_key_file(&good)
+            .unwrap()
+            .iter()
+            .map(|k| k.expose().to_string())
+            .collect();
+        assert_eq!(read, ["sk-a", "sk-b"]);
+        let bad = dir.join("bad");
+        std::fs::write(&bad, "sk-a\nsk b\n").unwrap();
+        let err = read_key_file(&bad).unwrap_err().to_string();
+        assert!(err.contains("line 2") && !err.contains("sk b"), "{err}");
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "# nothing yet\n").unwrap();
+        assert!(matches!(
+            read_key_file(&empty),
+            Err(KeyFileError::Empty { .. })
+        ));
+        assert!(matches!(
+            read_key_file(&dir.join("missing")),
+            Err(KeyFileError::Read { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
