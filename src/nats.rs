@@ -1,66 +1,139 @@
 //! The launcher's own nats-server, when the deployment names no NATS server: bound to
 //! 127.0.0.1 on a free port, ready once it accepts connections. Its log stays quiet unless it
 //! warns or fails.
+//!
+//! It requires a fresh random token, so that another local user cannot join the bus (read
+//! prompts and tokens, inject or cancel). The token reaches nats-server in a config file only
+//! the launcher's user can read (removed once the server is up) and the children in their
+//! environment (`TANDEM_NATS_TOKEN`), never on a command line, which every local user can
+//! read.
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 use crate::child::{Child, Echo, describe};
 
 /// How long a nats-server may take to listen.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Starts nats-server and returns it with its URL. Retries on another port if the free port
-/// was taken between the probe and the server's bind.
-pub async fn start(program: &Path) -> anyhow::Result<(Child, String)> {
+/// The launcher's nats-server: the process, its URL and the token clients must present.
+pub struct OwnNats {
+    pub child: Child,
+    pub url: String,
+    pub token: String,
+}
+
+/// A fresh token: 32 hex digits from the kernel's random source.
+fn random_token() -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the NATS token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes nats-server's config (listen address, token) into a new directory only this user
+/// can enter; returns the directory (the caller removes it) and the file.
+fn write_config(port: u16, token: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let dir = std::env::temp_dir().join(format!("tandem-nats-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join("nats.conf");
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&file)
+        .with_context(|| format!("creating {}", file.display()))?;
+    use std::io::Write as _;
+    writeln!(
+        out,
+        "listen: \"127.0.0.1:{port}\"\nauthorization {{\n  token: \"{token}\"\n}}"
+    )
+    .with_context(|| format!("writing {}", file.display()))?;
+    Ok((dir, file))
+}
+
+/// Starts nats-server, requiring a fresh token, and returns it with its URL and token.
+/// Retries on another port if the free port was taken between the probe and the server's
+/// bind.
+pub async fn start(program: &Path) -> anyhow::Result<OwnNats> {
     let mut failures = Vec::new();
+    let token = random_token()?;
     for _ in 0..3 {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let args = [
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string().into(),
-        ];
-        let mut child = Child::spawn("nats", program, &args, Echo::NatsProblems)?;
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.poll_exit() {
-                child.flush_output().await;
-                failures.push(format!(
-                    "{} exited ({}) before listening on port {port}:\n{}",
-                    program.display(),
-                    describe(status),
-                    child.tail()
-                ));
-                break;
+        let (dir, config) = write_config(port, &token)?;
+        let args = ["-c".into(), config.into_os_string()];
+        let spawned = Child::spawn("nats", program, &args, Echo::NatsProblems);
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
             }
-            // Ready once it greets clients: a starting nats-server can accept and reset
-            // connections.
-            let addr = ([127, 0, 0, 1], port).into();
-            let greeted = tokio::task::spawn_blocking(move || {
-                tandem_protocol::ready::nats_greets(addr, Duration::from_secs(2))
-            })
-            .await
-            .unwrap_or(false);
-            if greeted {
-                let url = format!("nats://127.0.0.1:{port}");
-                tracing::info!("started nats-server (pid {}) at {url}", child.pid());
-                return Ok((child, url));
-            }
-            if started.elapsed() > LISTEN_TIMEOUT {
-                child.signal(libc::SIGKILL);
-                bail!(
-                    "{} did not listen on port {port} within {LISTEN_TIMEOUT:?}:\n{}",
-                    program.display(),
-                    child.tail()
+        };
+        let outcome = wait_until_listening(&mut child, program, port).await;
+        // Read at start-up: the token need not stay on disk.
+        let _ = std::fs::remove_dir_all(&dir);
+        match outcome? {
+            Some(url) => {
+                tracing::info!(
+                    "started nats-server (pid {}) at {url}, clients need its token",
+                    child.pid()
                 );
+                return Ok(OwnNats { child, url, token });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            None => failures.push(format!(
+                "{} exited before listening on port {port}:\n{}",
+                program.display(),
+                child.tail()
+            )),
         }
     }
     bail!("nats-server failed to start: {}", failures.join("\n"))
+}
+
+/// Waits until nats-server greets on `port`: `Some(url)`, or `None` when it exited first
+/// (another process took the port); an error when it neither exits nor listens in time.
+async fn wait_until_listening(
+    child: &mut Child,
+    program: &Path,
+    port: u16,
+) -> anyhow::Result<Option<String>> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.poll_exit() {
+            child.flush_output().await;
+            tracing::debug!("nats-server exited ({}) before listening", describe(status));
+            return Ok(None);
+        }
+        // Ready once it greets clients: a starting nats-server can accept and reset
+        // connections.
+        let addr = ([127, 0, 0, 1], port).into();
+        let greeted = tokio::task::spawn_blocking(move || {
+            tandem_protocol::ready::nats_greets(addr, Duration::from_secs(2))
+        })
+        .await
+        .unwrap_or(false);
+        if greeted {
+            return Ok(Some(format!("nats://127.0.0.1:{port}")));
+        }
+        if started.elapsed() > LISTEN_TIMEOUT {
+            child.signal(libc::SIGKILL);
+            bail!(
+                "{} did not listen on port {port} within {LISTEN_TIMEOUT:?}:\n{}",
+                program.display(),
+                child.tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

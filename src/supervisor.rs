@@ -209,23 +209,26 @@ async fn start_and_supervise(
     signals: &mut Signals,
     deployment: &mut Deployment,
 ) -> anyhow::Result<()> {
+    // The environment every child gets on top of the launcher's: our own nats-server's token.
+    let mut bus_env: Vec<(String, String)> = Vec::new();
     let nats_url = match (&plan.external_nats, &programs.nats_server) {
         (Some(url), _) => {
             tracing::info!("using the NATS server at {url}");
             url.clone()
         }
         (None, Some(program)) => {
-            let (child, url) = nats::start(program).await?;
-            deployment.nats = Some(child);
-            url
+            let own = nats::start(program).await?;
+            deployment.nats = Some(own.child);
+            bus_env.push((tandem_cli::args::NATS_TOKEN_VAR.to_string(), own.token));
+            own.url
         }
         (None, None) => bail!("no NATS URL and no nats-server to start"),
     };
 
     for spec in &plan.workers {
         let args = plan.worker_args(spec, &nats_url).to_args();
-        let child =
-            Child::spawn_with_env(&spec.name, &programs.worker, &args, &spec.env, Echo::All)?;
+        let env: Vec<(String, String)> = spec.env.iter().chain(&bus_env).cloned().collect();
+        let child = Child::spawn_with_env(&spec.name, &programs.worker, &args, &env, Echo::All)?;
         let share = spec
             .env
             .iter()
@@ -243,7 +246,7 @@ async fn start_and_supervise(
             child,
             generates: spec.role().generates(),
             args,
-            env: spec.env.clone(),
+            env,
             started: Instant::now(),
             restart_at: None,
             given_up: false,
@@ -256,7 +259,11 @@ async fn start_and_supervise(
     }
     // API keys go in the environment, never in argv (visible to every local user).
     let api_args = plan.api_server_args(&nats_url);
-    let api_env: Vec<(String, String)> = api_args.api_keys_env().into_iter().collect();
+    let api_env: Vec<(String, String)> = api_args
+        .api_keys_env()
+        .into_iter()
+        .chain(bus_env.iter().cloned())
+        .collect();
     let api_server = Child::spawn_with_env(
         "api-server",
         &programs.api_server,

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::collect_stream;
 use tandem_test_kit::{
-    Http, Nats, Proc, assert_all_gone, bin, children_of, comm, free_port, model_dir, temp_dir,
+    Http, Nats, Proc, assert_all_gone, bin, children_of, comm, descendants, free_port, model_dir,
+    temp_dir,
 };
 
 /// Generous for 2 shared cores; a healthy tiny deployment is ready in about a second.
@@ -794,4 +795,86 @@ fn only_without_a_shared_nats_is_refused() {
         out.contains("--only context starts part of a deployment"),
         "{out}"
     );
+}
+
+/// One NATS protocol exchange on a fresh connection: the server's INFO line, then what it
+/// answers to `CONNECT <connect>` and a PING (`+PONG` when admitted, `-ERR ...` when not).
+fn nats_exchange(port: u16, connect: &str) -> (String, String) {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("nats-server listens");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut info = String::new();
+    reader.read_line(&mut info).unwrap();
+    (&stream)
+        .write_all(format!("CONNECT {connect}\r\nPING\r\n").as_bytes())
+        .unwrap();
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap();
+    (info, answer)
+}
+
+/// The launcher's own nats-server wants a fresh random token: a local client without it is
+/// refused, the deployment's processes (which have it in their environment) serve, and the
+/// token is on no command line.
+#[test]
+fn the_launchers_nats_server_admits_only_holders_of_its_token() {
+    let (mut launcher, base) = serve(&[]);
+    let output = launcher.output();
+    let line = output
+        .lines()
+        .find(|l| l.contains("started nats-server"))
+        .unwrap_or_else(|| panic!("no nats-server line:\n{output}"));
+    assert!(line.contains("clients need its token"), "{line}");
+    let port: u16 = line
+        .rsplit("nats://127.0.0.1:")
+        .next()
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line}"));
+
+    let (info, refused) = nats_exchange(port, r#"{"verbose":false}"#);
+    assert!(info.contains(r#""auth_required":true"#), "{info}");
+    assert!(refused.contains("Authorization Violation"), "{refused}");
+    let (_, wrong) = nats_exchange(port, r#"{"verbose":false,"auth_token":"guess"}"#);
+    assert!(wrong.contains("Authorization Violation"), "{wrong}");
+
+    // The children hold it in their environment (readable by the same user only).
+    let children = descendants(launcher.pid());
+    let token = children
+        .iter()
+        .find_map(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            String::from_utf8_lossy(&environ)
+                .split('\0')
+                .find_map(|kv| kv.strip_prefix("TANDEM_NATS_TOKEN=").map(str::to_string))
+        })
+        .expect("a child has TANDEM_NATS_TOKEN");
+    assert_eq!(token.len(), 32, "{token}");
+    let (_, admitted) = nats_exchange(
+        port,
+        &format!(r#"{{"verbose":false,"auth_token":"{token}"}}"#),
+    );
+    assert!(admitted.starts_with("PONG"), "{admitted}");
+    for pid in children.iter().copied().chain([launcher.pid()]) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        assert!(
+            !cmdline.contains(&token),
+            "pid {pid} shows the token: {cmdline}"
+        );
+    }
+    assert!(
+        !launcher.output().contains(&token),
+        "a log line shows the token"
+    );
+
+    // And the deployment serves.
+    let reply = Http::new(&base).post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    launcher.signal(libc::SIGTERM);
+    assert!(launcher.wait_exit(Duration::from_secs(60)).success());
 }

@@ -94,8 +94,14 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
         ),
         None => tracing::warn!("no API key configured: anyone who reaches this port is served"),
     }
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("api-server {}", limits.served_model_name))
+    let client = config
+        .nats_auth
+        .connect_options(format!("api-server {}", limits.served_model_name))
+        .await
+        .map_err(|err| StartError::Nats {
+            url: config.nats.clone(),
+            detail: err.to_string(),
+        })?
         .connection_timeout(Duration::from_secs(5))
         .connect(config.nats.as_str())
         .await

@@ -93,6 +93,8 @@ pub struct ApiServerArgs {
     /// With keys set, /metrics requires one too (it is open by default, like /health).
     #[arg(long, env = "TANDEM_METRICS_REQUIRE_KEY")]
     pub metrics_require_key: bool,
+    #[command(flatten)]
+    pub nats_auth: super::NatsAuthArgs,
 }
 
 /// An API key. Its `Debug` shows no part of it, so a logged config never leaks one.
@@ -149,6 +151,7 @@ impl ApiServerArgs {
             api_keys: Vec::new(),
             api_key_file: None,
             metrics_require_key: false,
+            nats_auth: super::NatsAuthArgs::default(),
         }
     }
 
@@ -214,6 +217,7 @@ impl ApiServerArgs {
         if self.metrics_require_key {
             argv.0.push("--metrics-require-key".into());
         }
+        self.nats_auth.push_args(&mut argv);
         argv.0
     }
 
@@ -277,6 +281,12 @@ mod tests {
             api_keys: Vec::new(),
             api_key_file: Some("/run/secrets/keys".into()),
             metrics_require_key: true,
+            nats_auth: super::super::NatsAuthArgs {
+                nats_user: Some("front".into()),
+                nats_tls_ca: Some("/etc/nats/ca.pem".into()),
+                nats_tls_required: true,
+                ..Default::default()
+            },
         };
         assert_eq!(parse(&args.to_args()), args);
         for router_policy in RouterPolicy::ALL {

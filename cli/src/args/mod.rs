@@ -8,12 +8,14 @@
 //! - [`ApiServerArgs`]: `api-server --model DIR ...`.
 
 mod api_server;
+mod nats_auth;
 mod worker;
 
 use std::ffi::{OsStr, OsString};
 use std::fmt::Display;
 
 pub use api_server::{ApiKey, ApiServerArgs};
+pub use nats_auth::{NatsAuthArgs, NatsAuthError, TOKEN_VAR as NATS_TOKEN_VAR};
 pub use worker::{GpuArgs, WorkerArgs};
 
 /// An argument list, built flag by flag.

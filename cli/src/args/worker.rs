@@ -88,6 +88,8 @@ pub struct WorkerArgs {
     pub cuda_ipc_pool_mb: Option<usize>,
     #[command(flatten)]
     pub gpu: GpuArgs,
+    #[command(flatten)]
+    pub nats_auth: super::NatsAuthArgs,
 }
 
 /// GPU settings of a worker on a `cuda:N` device (the CPU backend ignores them). A flag left
@@ -133,6 +135,7 @@ impl Default for WorkerArgs {
             kv_transfer_pool_mb: None,
             cuda_ipc_pool_mb: None,
             gpu: GpuArgs::default(),
+            nats_auth: super::NatsAuthArgs::default(),
         }
     }
 }
@@ -173,6 +176,7 @@ impl WorkerArgs {
         argv.push_some("--device-sampling", device_sampling);
         argv.push_some("--attn-split-keys", attn_split_keys);
         argv.push_some("--l2-prefetch-mb", l2_prefetch_mb);
+        self.nats_auth.push_args(&mut argv);
         argv.0
     }
 }
@@ -240,6 +244,17 @@ mod tests {
                 device_sampling: Some(true),
                 attn_split_keys: Some(32),
                 l2_prefetch_mb: Some(0),
+            },
+            nats_auth: super::super::NatsAuthArgs {
+                nats_creds: Some("/run/secrets/w.creds".into()),
+                nats_nkey_file: Some("/run/secrets/seed".into()),
+                nats_user: Some("worker".into()),
+                nats_password_file: Some("/run/secrets/pw".into()),
+                nats_token_file: Some("/run/secrets/token".into()),
+                nats_tls_ca: Some("/etc/nats/ca.pem".into()),
+                nats_tls_cert: Some("/etc/nats/w.pem".into()),
+                nats_tls_key: Some("/etc/nats/w.key".into()),
+                nats_tls_required: true,
             },
         };
         // No field is at its default, so a flag that does not parse back shows.

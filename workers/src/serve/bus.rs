@@ -55,6 +55,8 @@ pub enum BusError {
 #[derive(Clone)]
 pub struct BusSettings {
     pub nats_url: String,
+    /// Credentials and TLS for the connection.
+    pub nats_auth: tandem_cli::args::NatsAuthArgs,
     pub served_name: String,
     pub worker_id: String,
     pub role: WorkerRole,
@@ -81,8 +83,14 @@ pub struct BusSettings {
 /// Serves until a termination signal and the drain that follows. Consumes the engine handle:
 /// when this returns, the engine thread ends.
 pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), BusError> {
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("tandem worker {}", settings.worker_id))
+    let client = settings
+        .nats_auth
+        .connect_options(format!("tandem worker {}", settings.worker_id))
+        .await
+        .map_err(|e| BusError::Connect {
+            url: settings.nats_url.clone(),
+            detail: e.to_string(),
+        })?
         .connection_timeout(Duration::from_secs(5))
         .connect(settings.nats_url.as_str())
         .await

@@ -182,6 +182,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
     }
     let settings = bus::BusSettings {
         nats_url: args.nats.clone(),
+        nats_auth: args.nats_auth.clone(),
         served_name,
         worker_id,
         role,
