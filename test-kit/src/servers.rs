@@ -93,6 +93,28 @@ impl Nats {
         }
     }
 
+    /// A nats-server whose config file (written into `dir`) adds `config` (e.g. an
+    /// `authorization { ... }` block) to its listen address.
+    pub fn start_with_config(dir: &Path, config: &str) -> Self {
+        let (proc, port) = spawn_listening(
+            "nats",
+            |port| {
+                let file = dir.join(format!("nats-{port}.conf"));
+                std::fs::write(&file, format!("listen: \"127.0.0.1:{port}\"\n{config}\n"))
+                    .expect("the test's directory is writable");
+                let mut command = Command::new(nats_server_path());
+                command.arg("-c").arg(&file);
+                command
+            },
+            nats_greets,
+        );
+        Nats {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            proc,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }

@@ -1,0 +1,101 @@
+//! A deployment against an external nats-server that wants a user and password (issue 16):
+//! `tandem serve` with the credentials in its environment serves, the password is on no
+//! command line and in no log line; without the password, or with a wrong one, the deployment
+//! does not start, and says why.
+//!
+//! Needs `$TANDEM_TEST_MODELS/tiny`, nats-server and the workspace binaries.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use tandem_test_kit::{Http, Nats, Proc, bin, descendants, free_port, model_dir, temp_dir};
+
+const PASSWORD: &str = "pw-s3cret-5a1e";
+
+fn launcher(config: &std::path::Path, password: Option<&str>) -> Proc {
+    bin("worker");
+    bin("api-server");
+    let mut command = Command::new(bin("tandem"));
+    command
+        .env("RUST_LOG", "info")
+        .env("TANDEM_NATS_USER", "svc")
+        .args([
+            "serve",
+            "--ready-timeout-s",
+            "60",
+            "--shutdown-grace-s",
+            "20",
+            "-c",
+        ])
+        .arg(config);
+    if let Some(password) = password {
+        command.env("TANDEM_NATS_PASSWORD", password);
+    }
+    Proc::spawn("tandem", command)
+}
+
+#[test]
+fn an_external_nats_with_user_and_password() {
+    let dir = temp_dir("nats-user-password");
+    let nats = Nats::start_with_config(
+        &dir,
+        &format!("authorization {{ users: [ {{ user: \"svc\", password: \"{PASSWORD}\" }} ] }}"),
+    );
+    let port = free_port();
+    let config = dir.join("deploy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model: {model}\nport: {port}\nserved_model_name: authed\nnats: {{ url: \"{url}\" }}\n\
+             context_servers: {{ num_instances: 0 }}\n\
+             generation_servers: {{ num_instances: 1, device: cpu }}\n",
+            model = model_dir("tiny").display(),
+            url = nats.url,
+        ),
+    )
+    .unwrap();
+
+    let mut serving = launcher(&config, Some(PASSWORD));
+    serving.wait_for_line("tandem: serving", Duration::from_secs(120));
+    let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
+        "/v1/completions",
+        &json!({"model": "authed", "prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let mut processes = descendants(serving.pid());
+    processes.push(serving.pid());
+    for pid in processes {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        assert!(
+            !cmdline.contains(PASSWORD),
+            "pid {pid} shows the password: {cmdline}"
+        );
+    }
+    serving.signal(libc::SIGTERM);
+    assert!(serving.wait_exit(Duration::from_secs(60)).success());
+    assert!(
+        !serving.output().contains(PASSWORD),
+        "a log line shows the password"
+    );
+
+    // Without the password, or with a wrong one, nothing connects: the deployment stops,
+    // saying why.
+    let mut missing = launcher(&config, None);
+    assert!(!missing.wait_exit(Duration::from_secs(90)).success());
+    let out = missing.output();
+    assert!(
+        out.contains("needs a password") && out.contains("TANDEM_NATS_PASSWORD"),
+        "{out}"
+    );
+    let mut wrong = launcher(&config, Some("pw-wrong"));
+    assert!(!wrong.wait_exit(Duration::from_secs(90)).success());
+    let out = wrong.output();
+    assert!(
+        out.contains("cannot connect to NATS") && out.to_lowercase().contains("authorization"),
+        "{out}"
+    );
+    drop(nats);
+}
