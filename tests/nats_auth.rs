@@ -99,3 +99,96 @@ fn an_external_nats_with_user_and_password() {
     );
     drop(nats);
 }
+
+/// A CA, and a certificate it signs for 127.0.0.1 and localhost, as PEM files in `dir`:
+/// (CA certificate, server certificate, server key).
+fn test_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca, &ca_key)
+        .unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, server.pem()).unwrap();
+    std::fs::write(&paths.2, server_key.serialize_pem()).unwrap();
+    paths
+}
+
+/// A deployment against an external nats-server that speaks only TLS, with a CA made here:
+/// given the CA (`TANDEM_NATS_TLS_CA` in the launcher's environment, which its children
+/// inherit) it serves; without it, nothing connects and the deployment stops.
+#[test]
+fn an_external_nats_over_tls_with_a_test_ca() {
+    let dir = temp_dir("nats-tls");
+    let (ca, cert, key) = test_ca(&dir);
+    let nats = Nats::start_with_config(
+        &dir,
+        &format!(
+            "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let port = free_port();
+    let config = dir.join("deploy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model: {model}\nport: {port}\nserved_model_name: tls\nnats: {{ url: \"{url}\" }}\n\
+             context_servers: {{ num_instances: 0 }}\n\
+             generation_servers: {{ num_instances: 1, device: cpu }}\n",
+            model = model_dir("tiny").display(),
+            url = nats.url,
+        ),
+    )
+    .unwrap();
+    let serve = |ca: Option<&std::path::Path>| {
+        bin("worker");
+        bin("api-server");
+        let mut command = Command::new(bin("tandem"));
+        command
+            .env("RUST_LOG", "info")
+            .args([
+                "serve",
+                "--ready-timeout-s",
+                "60",
+                "--shutdown-grace-s",
+                "20",
+                "-c",
+            ])
+            .arg(&config);
+        if let Some(ca) = ca {
+            command.env("TANDEM_NATS_TLS_CA", ca);
+        }
+        Proc::spawn("tandem", command)
+    };
+
+    let mut serving = serve(Some(&ca));
+    serving.wait_for_line("tandem: serving", Duration::from_secs(120));
+    let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
+        "/v1/completions",
+        &json!({"model": "tls", "prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    serving.signal(libc::SIGTERM);
+    assert!(serving.wait_exit(Duration::from_secs(60)).success());
+
+    let mut refused = serve(None);
+    assert!(!refused.wait_exit(Duration::from_secs(90)).success());
+    assert!(
+        refused.output().contains("cannot connect to NATS"),
+        "{}",
+        refused.output()
+    );
+    drop(nats);
+}

@@ -155,6 +155,9 @@ impl NatsAuthArgs {
         &self,
         name: String,
     ) -> Result<async_nats::ConnectOptions, NatsAuthError> {
+        // Two rustls crypto providers are compiled in (async-nats brings aws-lc-rs, the Hub
+        // client ring); without one named, rustls panics at the first TLS connection.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let env = |name: &str| std::env::var(name).ok();
         let options = match self.credential(&env)? {
             None => async_nats::ConnectOptions::new(),
