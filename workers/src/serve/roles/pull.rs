@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_protocol::messages::{
-    self, GenerateJob, KvHandle, KvPeer, KvRelease, KvTransportKind, PullOutcome, StreamMessage,
-    Usage as WireUsage,
+    self, GenerateJob, KvHandle, KvLayoutSpec, KvPeer, KvRelease, KvTransportKind, PullOutcome,
+    StreamMessage, Usage as WireUsage,
 };
 
 use super::KvTransports;
@@ -141,6 +141,8 @@ impl KvPuller {
                  (both must serve the same model with the same block size and KV dtype)",
                 handle.worker_id, handle.layout, worker.identity.worker_id, own
             ))
+        } else if let Err(reason) = check_handle(&handle, &own, job.prompt_ids.len()) {
+            Pull::Failed(TransferError::InvalidHandle(reason))
         } else {
             match self.pull(&handle).await {
                 Ok(kv) => Pull::Pulled(kv),
@@ -304,6 +306,77 @@ impl KvPuller {
     }
 }
 
+/// Longest `address` or `rkey` a handle may carry, in hex digits (UCX's packed worker
+/// addresses and remote keys are a few hundred bytes).
+const MAX_HANDLE_HEX: usize = 16 * 1024;
+/// Hex digits of a CUDA IPC memory handle (`CUipcMemHandle`: 64 bytes).
+const CUDA_IPC_HANDLE_HEX: usize = 128;
+
+/// Checks everything a handle from the bus claims before anything is allocated or read: its
+/// token count is the job's prompt, its regions are one whole block each and as many as the
+/// tokens need, its addressing fields are bounded, and a CUDA IPC handle's regions lie inside
+/// the allocation it announces. A handle that fails is a failed pull (a local prefill), never
+/// a read of memory it did not describe. (The layout is compared before.)
+fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> Result<(), String> {
+    let tokens = handle.num_tokens as usize;
+    if tokens == 0 || tokens != prompt_tokens {
+        return Err(format!(
+            "the handle holds K/V of {tokens} tokens for a prompt of {prompt_tokens}"
+        ));
+    }
+    let blocks = tokens.div_ceil(own.block_size.max(1) as usize);
+    if handle.blocks.len() != blocks {
+        return Err(format!(
+            "{} regions for {tokens} tokens in blocks of {} (expected {blocks})",
+            handle.blocks.len(),
+            own.block_size
+        ));
+    }
+    if let Some(bad) = handle
+        .blocks
+        .iter()
+        .find(|r| r.len != own.block_bytes || r.addr.checked_add(r.len).is_none())
+    {
+        return Err(format!(
+            "a region of {} bytes at {:#x} (blocks are {} bytes)",
+            bad.len, bad.addr, own.block_bytes
+        ));
+    }
+    if handle.address.len() > MAX_HANDLE_HEX || handle.rkey.len() > MAX_HANDLE_HEX {
+        return Err("the handle's address or remote key is too long".into());
+    }
+    match (&handle.backend, &handle.cuda_ipc) {
+        (KvTransportKind::CudaIpc, Some(source)) => {
+            if source.mem_handle.len() != CUDA_IPC_HANDLE_HEX {
+                return Err(format!(
+                    "a CUDA IPC memory handle of {} hex digits (expected {CUDA_IPC_HANDLE_HEX})",
+                    source.mem_handle.len()
+                ));
+            }
+            if let Some(outside) = handle
+                .blocks
+                .iter()
+                .find(|r| r.addr + r.len > source.alloc_bytes)
+            {
+                return Err(format!(
+                    "a region at offset {:#x} ends past the exported {} bytes",
+                    outside.addr, source.alloc_bytes
+                ));
+            }
+        }
+        (KvTransportKind::CudaIpc, None) => {
+            return Err("a CUDA IPC handle without its allocation".into());
+        }
+        (_, Some(_)) => return Err("a host-memory handle that names GPU memory".into()),
+        (_, None) => {
+            if handle.address.is_empty() || handle.rkey.is_empty() {
+                return Err("a host-memory handle without an address or remote key".into());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Tells the context worker that exported `handle` to free it.
 async fn publish_release(worker: &Worker, handle: &KvHandle, request_id: &str) {
     let release = KvRelease {
@@ -321,6 +394,84 @@ async fn publish_release(worker: &Worker, handle: &KvHandle, request_id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A handle as a context worker makes it: 5 tokens in 3 blocks of 2 tokens (128 bytes),
+    /// exported to host memory.
+    fn valid_handle() -> (KvHandle, KvLayoutSpec) {
+        use crate::kv_cache::{KvDType, KvLayout};
+        use tandem_protocol::messages::TokenEvent;
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 2,
+            dtype: KvDType::F32,
+        };
+        let source = super::super::export::HandleSource {
+            worker_id: "ctx",
+            backend: &KvTransportKind::Ucx,
+            layout: &layout,
+        };
+        let first = TokenEvent {
+            id: 5,
+            text: String::new(),
+            logprob: None,
+            top_logprobs: vec![],
+        };
+        let exported = crate::transfer::Exported::fixture();
+        let handle = super::super::export::kv_handle(&source, &exported, 5, first, 1, u64::MAX);
+        (handle, layout_spec(&layout))
+    }
+
+    #[test]
+    fn a_handle_is_checked_whole_before_anything_is_read() {
+        let (good, own) = valid_handle();
+        assert_eq!(check_handle(&good, &own, 5), Ok(()));
+        let refused = |mutate: &dyn Fn(&mut KvHandle), prompt: usize, needle: &str| {
+            let mut handle = good.clone();
+            mutate(&mut handle);
+            let err = check_handle(&handle, &own, prompt).unwrap_err();
+            assert!(err.contains(needle), "{err} (wanted {needle:?})");
+        };
+        refused(&|_| {}, 6, "for a prompt of 6");
+        refused(&|h| h.num_tokens = 0, 0, "0 tokens");
+        refused(&|h| h.blocks.truncate(2), 5, "2 regions");
+        refused(&|h| h.blocks[1].len = 4096, 5, "a region of 4096 bytes");
+        refused(&|h| h.blocks[2].addr = u64::MAX - 10, 5, "a region of");
+        refused(&|h| h.rkey = "ab".repeat(MAX_HANDLE_HEX), 5, "too long");
+        refused(&|h| h.address.clear(), 5, "without an address");
+        let gpu = |h: &mut KvHandle, alloc_bytes: u64, hex: usize| {
+            h.backend = KvTransportKind::CudaIpc;
+            h.cuda_ipc = Some(Box::new(tandem_protocol::messages::CudaIpcSource {
+                host_id: "h".into(),
+                device: "GPU-0".into(),
+                mem_handle: "0".repeat(hex),
+                alloc_bytes,
+            }));
+        };
+        let mut on_gpu = good.clone();
+        gpu(&mut on_gpu, 1 << 20, CUDA_IPC_HANDLE_HEX);
+        assert_eq!(check_handle(&on_gpu, &own, 5), Ok(()));
+        refused(
+            &|h| gpu(h, 4096, CUDA_IPC_HANDLE_HEX),
+            5,
+            "ends past the exported 4096 bytes",
+        );
+        refused(&|h| gpu(h, 1 << 20, 12), 5, "12 hex digits");
+        refused(
+            &|h| h.backend = KvTransportKind::CudaIpc,
+            5,
+            "without its allocation",
+        );
+        refused(
+            &|h| {
+                gpu(h, 1 << 20, CUDA_IPC_HANDLE_HEX);
+                h.backend = KvTransportKind::Ucx;
+            },
+            5,
+            "names GPU memory",
+        );
+    }
 
     #[test]
     fn a_cancel_token_is_shared_by_its_clones() {
