@@ -6,11 +6,16 @@
 //!
 //! Needs `$TANDEM_TEST_MODELS/tiny` and the workspace binaries.
 
+mod support;
+
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use tandem_test_kit::{Http, Proc, bin, descendants, free_port, model_dir, temp_dir};
+use support::tandem;
+use tandem_test_kit::{
+    Http, Proc, assert_no_command_line_shows, descendants, free_port, model_dir, temp_dir,
+};
 
 const KEY: &str = "sk-tandem-test-4f1c9a";
 const OTHER_KEY: &str = "sk-team-b-77d0";
@@ -50,13 +55,6 @@ except openai.AuthenticationError as e:
     );
 }
 
-/// Everything a process was started with: its `/proc/PID/cmdline`, NULs as spaces.
-fn cmdline(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', " "))
-        .unwrap_or_default()
-}
-
 #[test]
 fn api_keys_guard_v1_and_never_show() {
     let port = free_port();
@@ -76,11 +74,8 @@ fn api_keys_guard_v1_and_never_show() {
         ),
     )
     .unwrap();
-    let mut command = Command::new(bin("tandem"));
-    bin("worker");
-    bin("api-server");
+    let mut command = tandem();
     command
-        .env("RUST_LOG", "info")
         .args(["serve", "--shutdown-grace-s", "20", "-c"])
         .arg(&config);
     let mut launcher = Proc::spawn("tandem", command);
@@ -154,10 +149,7 @@ fn api_keys_guard_v1_and_never_show() {
         processes.len() >= 4,
         "launcher, nats, worker, api-server: {processes:?}"
     );
-    for pid in processes {
-        let line = cmdline(pid);
-        assert!(!line.contains(KEY), "pid {pid} shows the key: {line}");
-    }
+    assert_no_command_line_shows(launcher.pid(), KEY);
     launcher.signal(libc::SIGTERM);
     let status = launcher.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "{status}");

@@ -16,25 +16,16 @@ use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::collect_stream;
+use support::{collect_stream, tandem};
 use tandem_test_kit::{
-    Http, Nats, Proc, assert_all_gone, bin, children_of, comm, descendants, free_port, model_dir,
-    temp_dir,
+    Http, Nats, Proc, assert_all_gone, assert_no_command_line_shows, bin, children_of, comm,
+    descendants, free_port, model_dir, temp_dir,
 };
 
 /// Generous for 2 shared cores; a healthy tiny deployment is ready in about a second.
 const READY: Duration = Duration::from_secs(120);
 const READY_LINE: &str = "tandem: serving";
 const ERROR_LINE: &str = "tandem: error:";
-
-fn tandem() -> Command {
-    let mut command = Command::new(bin("tandem"));
-    // The launcher finds `worker` and `api-server` beside itself; make sure they are built.
-    bin("worker");
-    bin("api-server");
-    command.env("RUST_LOG", "info");
-    command
-}
 
 /// Runs `tandem ARGS`, which must fail within 60 s: exit status and output.
 fn run_to_failure(command: Command) -> (ExitStatus, String) {
@@ -72,6 +63,15 @@ fn pid_of(launcher: &Proc, name: &str) -> u32 {
     digits
         .parse()
         .unwrap_or_else(|_| panic!("no pid in `{line}`"))
+}
+
+/// Ctrl-C to `launcher`: it must exit successfully and take every child of its along.
+fn stop_cleanly(launcher: &mut Proc) {
+    let children = children_of(launcher.pid());
+    launcher.signal(libc::SIGINT);
+    let status = launcher.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status}:\n{}", launcher.output());
+    assert_all_gone(&children, Duration::from_secs(5));
 }
 
 /// `tandem serve` on the tiny model, ready; returns it and its base URL.
@@ -466,11 +466,7 @@ fn an_external_nats_from_the_config_and_a_killed_worker() {
     );
     http.wait_for_workers(2, READY);
 
-    let children = children_of(launcher.pid());
-    launcher.signal(libc::SIGINT);
-    let status = launcher.wait_exit(Duration::from_secs(60));
-    assert!(status.success(), "{status}:\n{}", launcher.output());
-    assert_all_gone(&children, Duration::from_secs(5));
+    stop_cleanly(&mut launcher);
 }
 
 /// A worker whose device fails for good (a sticky CUDA error; injected here on the CPU
@@ -544,11 +540,7 @@ fn a_worker_whose_device_fails_leaves_restarts_and_serves_again() {
         reply.body
     );
 
-    let children = children_of(launcher.pid());
-    launcher.signal(libc::SIGINT);
-    let status = launcher.wait_exit(Duration::from_secs(60));
-    assert!(status.success(), "{status}:\n{}", launcher.output());
-    assert_all_gone(&children, Duration::from_secs(5));
+    stop_cleanly(&mut launcher);
 }
 
 /// A deployment that never gets ready (its NATS server is frozen, so nobody completes the
@@ -858,15 +850,7 @@ fn the_launchers_nats_server_admits_only_holders_of_its_token() {
         &format!(r#"{{"verbose":false,"auth_token":"{token}"}}"#),
     );
     assert!(admitted.starts_with("PONG"), "{admitted}");
-    for pid in children.iter().copied().chain([launcher.pid()]) {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        assert!(
-            !cmdline.contains(&token),
-            "pid {pid} shows the token: {cmdline}"
-        );
-    }
+    assert_no_command_line_shows(launcher.pid(), &token);
     assert!(
         !launcher.output().contains(&token),
         "a log line shows the token"

@@ -1,25 +1,46 @@
-//! A deployment against an external nats-server that wants a user and password (issue 16):
+//! Deployments against external nats-servers (issue 16). One wants a user and password:
 //! `tandem serve` with the credentials in its environment serves, the password is on no
 //! command line and in no log line; without the password, or with a wrong one, the deployment
-//! does not start, and says why.
+//! does not start, and says why. One speaks only TLS, with a CA made in the test.
 //!
 //! Needs `$TANDEM_TEST_MODELS/tiny`, nats-server and the workspace binaries.
 
-use std::process::Command;
+mod support;
+
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
-use tandem_test_kit::{Http, Nats, Proc, bin, descendants, free_port, model_dir, temp_dir};
+use support::tandem;
+use tandem_test_kit::{
+    Http, Nats, Proc, assert_no_command_line_shows, free_port, model_dir, temp_dir,
+};
 
 const PASSWORD: &str = "pw-s3cret-5a1e";
 
-fn launcher(config: &std::path::Path, password: Option<&str>) -> Proc {
-    bin("worker");
-    bin("api-server");
-    let mut command = Command::new(bin("tandem"));
+/// A deployment config in `dir`: one CPU worker of the tiny model served as `name` on a free
+/// port, joining the NATS server at `nats_url`; returns the file and the port.
+fn deploy_config(dir: &Path, name: &str, nats_url: &str) -> (PathBuf, u16) {
+    let port = free_port();
+    let config = dir.join("deploy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model: {model}\nport: {port}\nserved_model_name: {name}\nnats: {{ url: \"{nats_url}\" }}\n\
+             context_servers: {{ num_instances: 0 }}\n\
+             generation_servers: {{ num_instances: 1, device: cpu }}\n",
+            model = model_dir("tiny").display(),
+        ),
+    )
+    .unwrap();
+    (config, port)
+}
+
+/// `tandem serve -c config` with `env` added to its environment (which its children inherit).
+fn launcher(config: &Path, env: &[(&str, &str)]) -> Proc {
+    let mut command = tandem();
     command
-        .env("RUST_LOG", "info")
-        .env("TANDEM_NATS_USER", "svc")
+        .envs(env.iter().copied())
         .args([
             "serve",
             "--ready-timeout-s",
@@ -29,9 +50,6 @@ fn launcher(config: &std::path::Path, password: Option<&str>) -> Proc {
             "-c",
         ])
         .arg(config);
-    if let Some(password) = password {
-        command.env("TANDEM_NATS_PASSWORD", password);
-    }
     Proc::spawn("tandem", command)
 }
 
@@ -42,38 +60,22 @@ fn an_external_nats_with_user_and_password() {
         &dir,
         &format!("authorization {{ users: [ {{ user: \"svc\", password: \"{PASSWORD}\" }} ] }}"),
     );
-    let port = free_port();
-    let config = dir.join("deploy.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "model: {model}\nport: {port}\nserved_model_name: authed\nnats: {{ url: \"{url}\" }}\n\
-             context_servers: {{ num_instances: 0 }}\n\
-             generation_servers: {{ num_instances: 1, device: cpu }}\n",
-            model = model_dir("tiny").display(),
-            url = nats.url,
-        ),
-    )
-    .unwrap();
+    let (config, port) = deploy_config(&dir, "authed", &nats.url);
 
-    let mut serving = launcher(&config, Some(PASSWORD));
+    let mut serving = launcher(
+        &config,
+        &[
+            ("TANDEM_NATS_USER", "svc"),
+            ("TANDEM_NATS_PASSWORD", PASSWORD),
+        ],
+    );
     serving.wait_for_line("tandem: serving", Duration::from_secs(120));
     let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
         "/v1/completions",
         &json!({"model": "authed", "prompt": "Hi", "max_tokens": 2}),
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let mut processes = descendants(serving.pid());
-    processes.push(serving.pid());
-    for pid in processes {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        assert!(
-            !cmdline.contains(PASSWORD),
-            "pid {pid} shows the password: {cmdline}"
-        );
-    }
+    assert_no_command_line_shows(serving.pid(), PASSWORD);
     serving.signal(libc::SIGTERM);
     assert!(serving.wait_exit(Duration::from_secs(60)).success());
     assert!(
@@ -83,14 +85,20 @@ fn an_external_nats_with_user_and_password() {
 
     // Without the password, or with a wrong one, nothing connects: the deployment stops,
     // saying why.
-    let mut missing = launcher(&config, None);
+    let mut missing = launcher(&config, &[("TANDEM_NATS_USER", "svc")]);
     assert!(!missing.wait_exit(Duration::from_secs(90)).success());
     let out = missing.output();
     assert!(
         out.contains("needs a password") && out.contains("TANDEM_NATS_PASSWORD"),
         "{out}"
     );
-    let mut wrong = launcher(&config, Some("pw-wrong"));
+    let mut wrong = launcher(
+        &config,
+        &[
+            ("TANDEM_NATS_USER", "svc"),
+            ("TANDEM_NATS_PASSWORD", "pw-wrong"),
+        ],
+    );
     assert!(!wrong.wait_exit(Duration::from_secs(90)).success());
     let out = wrong.output();
     assert!(
@@ -102,7 +110,7 @@ fn an_external_nats_with_user_and_password() {
 
 /// A CA, and a certificate it signs for 127.0.0.1 and localhost, as PEM files in `dir`:
 /// (CA certificate, server certificate, server key).
-fn test_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -139,41 +147,10 @@ fn an_external_nats_over_tls_with_a_test_ca() {
             key.display()
         ),
     );
-    let port = free_port();
-    let config = dir.join("deploy.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "model: {model}\nport: {port}\nserved_model_name: tls\nnats: {{ url: \"{url}\" }}\n\
-             context_servers: {{ num_instances: 0 }}\n\
-             generation_servers: {{ num_instances: 1, device: cpu }}\n",
-            model = model_dir("tiny").display(),
-            url = nats.url,
-        ),
-    )
-    .unwrap();
-    let serve = |ca: Option<&std::path::Path>| {
-        bin("worker");
-        bin("api-server");
-        let mut command = Command::new(bin("tandem"));
-        command
-            .env("RUST_LOG", "info")
-            .args([
-                "serve",
-                "--ready-timeout-s",
-                "60",
-                "--shutdown-grace-s",
-                "20",
-                "-c",
-            ])
-            .arg(&config);
-        if let Some(ca) = ca {
-            command.env("TANDEM_NATS_TLS_CA", ca);
-        }
-        Proc::spawn("tandem", command)
-    };
+    let (config, port) = deploy_config(&dir, "tls", &nats.url);
 
-    let mut serving = serve(Some(&ca));
+    let ca = ca.to_str().expect("a UTF-8 temp path");
+    let mut serving = launcher(&config, &[("TANDEM_NATS_TLS_CA", ca)]);
     serving.wait_for_line("tandem: serving", Duration::from_secs(120));
     let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
         "/v1/completions",
@@ -183,7 +160,7 @@ fn an_external_nats_over_tls_with_a_test_ca() {
     serving.signal(libc::SIGTERM);
     assert!(serving.wait_exit(Duration::from_secs(60)).success());
 
-    let mut refused = serve(None);
+    let mut refused = launcher(&config, &[]);
     assert!(!refused.wait_exit(Duration::from_secs(90)).success());
     assert!(
         refused.output().contains("cannot connect to NATS"),

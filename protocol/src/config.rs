@@ -284,7 +284,8 @@ pub struct DeploymentConfig {
     pub cache_transceiver_config: CacheTransceiverConfig,
     pub nats: NatsConfig,
     pub router: RouterConfig,
-    /// (tandem) API keys the api-server requires on /v1 (`Authorization: Bearer <key>`).
+    /// (tandem) API keys the api-server requires on /v1 (`Authorization: Bearer <key>`);
+    /// the launcher checks each (`tandem_cli::args::ApiKey::parse`).
     pub api_keys: ApiKeyList,
     /// (tandem) A file of API keys, one per line, read by the api-server.
     pub api_key_file: Option<String>,
@@ -357,14 +358,6 @@ impl DeploymentConfig {
                 key: "generation_servers.num_instances".into(),
                 reason: "at least one generation (decode) worker is needed".into(),
             });
-        }
-        for (i, key) in self.api_keys.0.iter().enumerate() {
-            if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c == ',') {
-                return Err(ConfigError::Invalid {
-                    key: format!("api_keys[{i}]"),
-                    reason: "an API key must be non-empty, without whitespace or commas".into(),
-                });
-            }
         }
         if let Some(url) = &self.nats.url
             && !(url.starts_with("nats://") || url.starts_with("tls://"))

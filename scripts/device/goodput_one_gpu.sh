@@ -24,13 +24,8 @@ generation_servers:
   max_batch_size: ${MAX_BATCH:-256}
   max_num_tokens: ${MAX_NUM_TOKENS:-2048}
 EOC
-tandem serve -c /tmp/goodput-one.yaml --model "$model" --port 8420 --ready-timeout-s 400 \
-  >"$out/goodput-one-$words-$osl-serve.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 400); do
-  grep -q "tandem: serving" "$out/goodput-one-$words-$osl-serve.log" && break
-  sleep 1
-done
+serve_and_wait /tmp/goodput-one.yaml "$model" 8420 "$out/goodput-one-$words-$osl-serve.log"
+pid=$served_pid
 tandem bench --url http://127.0.0.1:8420/v1 --endpoint completions --request-rate "${RATES:-2,4,6,8}" \
   --num-prompts "${NUM_PROMPTS:-64}" --input-len "$words" --output-len "$osl" \
   --goodput ttft:1000,itl:50 --timeout-s 300 \

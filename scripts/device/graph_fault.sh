@@ -37,13 +37,8 @@ else
 fi
 chmod +x "$bin"/*
 
-"$bin/tandem" serve -c /tmp/graph-fault.yaml --model "$model" --port 8400 --ready-timeout-s 400 \
-  >"$out/graph-fault-serve.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 400); do
-  grep -q "tandem: serving" "$out/graph-fault-serve.log" && break
-  sleep 1
-done
+serve_and_wait /tmp/graph-fault.yaml "$model" 8400 "$out/graph-fault-serve.log" "$bin/tandem"
+pid=$served_pid
 tandem bench --url http://127.0.0.1:8400/v1 --endpoint completions --request-rate "${RATE:-1}" \
   --num-prompts "${N:-6}" --input-len "${WORDS:-2467}" --output-len "${OUTPUT_LEN:-64}" \
   --timeout-s 300 2>&1 | grep -v "error: stream" | tail -4

@@ -18,3 +18,16 @@ random_model() { # preset
   [ -f "$dir/config.json" ] || model-prep random --preset "$1" -o "$dir" --seed 0 >&2
   echo "$dir"
 }
+
+serve_and_wait() { # config model port log [tandem program]: `tandem serve` in the background,
+  # its pid in `served_pid`; returns once it prints "tandem: serving" (or fails after 400 s)
+  "${5:-tandem}" serve -c "$1" --model "$2" --port "$3" --ready-timeout-s 400 >"$4" 2>&1 &
+  # shellcheck disable=SC2034 # read by the scripts that source this file
+  served_pid=$!
+  for _ in $(seq 1 400); do
+    grep -q "tandem: serving" "$4" && return 0
+    sleep 1
+  done
+  echo "not serving after 400 s: $4" >&2
+  return 1
+}

@@ -19,13 +19,8 @@ generation_servers:
   max_batch_size: ${MAX_BATCH:-512}
   max_num_tokens: ${MAX_NUM_TOKENS:-8192}
 EOC
-tandem serve -c /tmp/large-batch.yaml --model "$model" --port 8410 --ready-timeout-s 400 \
-  >"$out/large-batch-serve.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 400); do
-  grep -q "tandem: serving" "$out/large-batch-serve.log" && break
-  sleep 1
-done
+serve_and_wait /tmp/large-batch.yaml "$model" 8410 "$out/large-batch-serve.log"
+pid=$served_pid
 tandem bench --url http://127.0.0.1:8410/v1 --endpoint completions \
   --concurrency "${LEVELS:-128,256,512}" --num-prompts "${N:-1024}" \
   --input-len "${ISL_WORDS:-77}" --output-len "${OSL:-128}" --timeout-s 500 \

@@ -44,12 +44,8 @@ cache_transceiver_config:
   cuda_ipc_pool_mb: 4096
 EOC
   log="$out/mps-$ctx-$dec-$words-$osl-serve.log"
-  tandem serve -c /tmp/mps-one.yaml --model "$model" --port 8430 --ready-timeout-s 400 >"$log" 2>&1 &
-  pid=$!
-  for _ in $(seq 1 400); do
-    grep -q "tandem: serving" "$log" && break
-    sleep 1
-  done
+  serve_and_wait /tmp/mps-one.yaml "$model" 8430 "$log"
+  pid=$served_pid
   echo "== context SMs: $ctx%, decode SMs: $dec% (MPS)"
   grep -o "started .*MPS client.*" "$log" | head -2
   tandem bench --url http://127.0.0.1:8430/v1 --endpoint completions --request-rate "${RATES:-4,6,8,10}" \

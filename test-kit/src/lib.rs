@@ -43,5 +43,8 @@ pub mod servers;
 pub use http::{Http, Response, SseStream};
 pub use paths::{bin, model_dir, nats_server_path, profile_dir, temp_dir, temp_file};
 pub use ports::free_port;
-pub use process::{Proc, assert_all_gone, children_of, comm, descendants, is_running};
+pub use process::{
+    Proc, assert_all_gone, assert_no_command_line_shows, children_of, cmdline, comm, descendants,
+    is_running,
+};
 pub use servers::{ApiServer, Nats, WorkerSpec, start_worker};

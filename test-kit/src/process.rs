@@ -162,6 +162,22 @@ pub fn comm(pid: u32) -> String {
         .to_owned()
 }
 
+/// What `pid` was started with (`/proc/PID/cmdline`, NULs as spaces); empty once it is gone.
+pub fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Panics when `secret` is on the command line of `root` or of any process below it (a
+/// command line is visible to every local user in `ps`).
+pub fn assert_no_command_line_shows(root: u32, secret: &str) {
+    for pid in descendants(root).into_iter().chain([root]) {
+        let line = cmdline(pid);
+        assert!(!line.contains(secret), "pid {pid} shows a secret: {line}");
+    }
+}
+
 /// Every running process as (pid, parent pid).
 fn running_processes() -> Vec<(u32, u32)> {
     std::fs::read_dir("/proc")

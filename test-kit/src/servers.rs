@@ -77,37 +77,29 @@ pub struct Nats {
 
 impl Nats {
     pub fn start() -> Self {
-        let (proc, port) = spawn_listening(
-            "nats",
-            |port| {
-                let mut command = Command::new(nats_server_path());
-                command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
-                command
-            },
-            nats_greets,
-        );
-        Nats {
-            url: format!("nats://127.0.0.1:{port}"),
-            port,
-            proc,
-        }
+        Self::start_with(|port| {
+            let mut command = Command::new(nats_server_path());
+            command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+            command
+        })
     }
 
     /// A nats-server whose config file (written into `dir`) adds `config` (e.g. an
     /// `authorization { ... }` block) to its listen address.
     pub fn start_with_config(dir: &Path, config: &str) -> Self {
-        let (proc, port) = spawn_listening(
-            "nats",
-            |port| {
-                let file = dir.join(format!("nats-{port}.conf"));
-                std::fs::write(&file, format!("listen: \"127.0.0.1:{port}\"\n{config}\n"))
-                    .expect("the test's directory is writable");
-                let mut command = Command::new(nats_server_path());
-                command.arg("-c").arg(&file);
-                command
-            },
-            nats_greets,
-        );
+        Self::start_with(|port| {
+            let file = dir.join(format!("nats-{port}.conf"));
+            std::fs::write(&file, format!("listen: \"127.0.0.1:{port}\"\n{config}\n"))
+                .expect("the test's directory is writable");
+            let mut command = Command::new(nats_server_path());
+            command.arg("-c").arg(&file);
+            command
+        })
+    }
+
+    /// The nats-server `command(port)` starts, once it greets on 127.0.0.1.
+    fn start_with(command: impl Fn(u16) -> Command) -> Self {
+        let (proc, port) = spawn_listening("nats", command, nats_greets);
         Nats {
             url: format!("nats://127.0.0.1:{port}"),
             port,

@@ -5,11 +5,22 @@
 #![allow(dead_code)] // each test file uses a different part
 
 use std::path::Path;
+use std::process::Command;
 
 use serde_json::Value;
-use tandem_test_kit::{ApiServer, Nats, Proc, WorkerSpec};
+use tandem_test_kit::{ApiServer, Nats, Proc, WorkerSpec, bin};
 
 pub const SERVED_NAME: &str = "e2e-model";
+
+/// The `tandem` launcher, logging at info. It finds `worker` and `api-server` beside itself:
+/// this makes sure they are built.
+pub fn tandem() -> Command {
+    let mut command = Command::new(bin("tandem"));
+    bin("worker");
+    bin("api-server");
+    command.env("RUST_LOG", "info");
+    command
+}
 
 /// `worker --role both` on the CPU, joined to `nats`; returns once it has joined.
 pub fn start_worker(nats: &Nats, model: &Path, worker_id: &str, extra: &[&str]) -> Proc {

@@ -515,6 +515,16 @@ impl CudaBackend {
 const ATTN_GMAX: usize = 8;
 
 /// One block per row, `threads` threads (a multiple of 32).
+/// The kernel of `list` (kernels by head dimension) for `head_dim`.
+fn kernel_for(
+    list: &[(usize, cudarc::driver::CudaFunction)],
+    head_dim: usize,
+) -> Option<&cudarc::driver::CudaFunction> {
+    list.iter()
+        .find(|(d, _)| *d == head_dim)
+        .map(|(_, kernel)| kernel)
+}
+
 fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows.max(1) as u32, 1, 1),
@@ -822,33 +832,17 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor, BackendError> {
         check_attention(qkv, batch, shape, kv, layer)?;
         if batch.num_tokens > batch.num_seqs
-            && let Some((_, flash)) = self
-                .kernels
-                .flash_prefill
-                .iter()
-                .find(|(d, _)| *d == shape.head_dim)
+            && let Some(flash) = kernel_for(&self.kernels.flash_prefill, shape.head_dim)
         {
             return self.flash_prefill(flash, qkv, batch, shape, kv, layer);
         }
-        let vec_kernel = self
-            .vec_attention
-            .then(|| {
-                self.kernels
-                    .paged_attention_vec
-                    .iter()
-                    .find(|(d, _)| *d == shape.head_dim)
-            })
-            .flatten();
-        let Some(((_, kernel), heads_per_block)) = vec_kernel
-            .map(|k| (k, kernels::ATTN_VEC_HEADS))
-            .or_else(|| {
-                self.kernels
-                    .paged_attention
-                    .iter()
-                    .find(|(d, _)| *d == shape.head_dim)
-                    .map(|k| (k, ATTN_GMAX))
-            })
-        else {
+        // The vectorized kernel where the head dim has one, else the warp-per-key one.
+        let vectorized = kernel_for(&self.kernels.paged_attention_vec, shape.head_dim)
+            .filter(|_| self.vec_attention)
+            .map(|kernel| (kernel, kernels::ATTN_VEC_HEADS));
+        let Some((kernel, heads_per_block)) = vectorized.or_else(|| {
+            kernel_for(&self.kernels.paged_attention, shape.head_dim).map(|k| (k, ATTN_GMAX))
+        }) else {
             let dims: Vec<usize> = self
                 .kernels
                 .paged_attention

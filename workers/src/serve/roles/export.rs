@@ -149,6 +149,47 @@ impl Exporter {
     }
 }
 
+/// A handle as a context worker makes it, for the tests of what reads handles.
+#[cfg(test)]
+pub(super) mod fixtures {
+    use super::*;
+
+    /// 2 layers, 1 KV head of 4 f32 dimensions, blocks of 2 tokens: 128-byte blocks.
+    pub fn layout() -> KvLayout {
+        KvLayout {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 2,
+            dtype: KvDType::F32,
+        }
+    }
+
+    /// 5 tokens in 3 blocks of [`layout`], exported to host memory (UCX,
+    /// `Exported::fixture`), first token 5.
+    pub fn handle(seed: u64, expires_unix_ms: u64) -> KvHandle {
+        let first = TokenEvent {
+            id: 5,
+            text: String::new(),
+            logprob: None,
+            top_logprobs: vec![],
+        };
+        let source = HandleSource {
+            worker_id: "ctx",
+            backend: &KvTransportKind::Ucx,
+            layout: &layout(),
+        };
+        kv_handle(
+            &source,
+            &Exported::fixture(),
+            5,
+            first,
+            seed,
+            expires_unix_ms,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,26 +221,8 @@ mod tests {
 
     #[test]
     fn handles_list_one_region_per_block() {
-        let layout = KvLayout {
-            num_layers: 2,
-            num_kv_heads: 1,
-            head_dim: 4,
-            block_size: 2,
-            dtype: KvDType::F32,
-        };
-        assert_eq!(layout.block_bytes(), 128);
-        let first = TokenEvent {
-            id: 5,
-            text: String::new(),
-            logprob: None,
-            top_logprobs: vec![],
-        };
-        let source = HandleSource {
-            worker_id: "ctx",
-            backend: &KvTransportKind::Ucx,
-            layout: &layout,
-        };
-        let handle = kv_handle(&source, &Exported::fixture(), 5, first, 9, 123);
+        assert_eq!(fixtures::layout().block_bytes(), 128);
+        let handle = fixtures::handle(9, 123);
         assert_eq!(handle.blocks.len(), 3);
         assert_eq!(
             handle.blocks[2],

@@ -398,29 +398,11 @@ mod tests {
     /// A handle as a context worker makes it: 5 tokens in 3 blocks of 2 tokens (128 bytes),
     /// exported to host memory.
     fn valid_handle() -> (KvHandle, KvLayoutSpec) {
-        use crate::kv_cache::{KvDType, KvLayout};
-        use tandem_protocol::messages::TokenEvent;
-        let layout = KvLayout {
-            num_layers: 2,
-            num_kv_heads: 1,
-            head_dim: 4,
-            block_size: 2,
-            dtype: KvDType::F32,
-        };
-        let source = super::super::export::HandleSource {
-            worker_id: "ctx",
-            backend: &KvTransportKind::Ucx,
-            layout: &layout,
-        };
-        let first = TokenEvent {
-            id: 5,
-            text: String::new(),
-            logprob: None,
-            top_logprobs: vec![],
-        };
-        let exported = crate::transfer::Exported::fixture();
-        let handle = super::super::export::kv_handle(&source, &exported, 5, first, 1, u64::MAX);
-        (handle, layout_spec(&layout))
+        use super::super::export::fixtures;
+        (
+            fixtures::handle(1, u64::MAX),
+            layout_spec(&fixtures::layout()),
+        )
     }
 
     #[test]
