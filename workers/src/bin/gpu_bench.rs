@@ -648,7 +648,14 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
 
 /// Each projection shape of the model at 1, 2, 4 and 8 rows, through the GEMV kernel and through
 /// cuBLAS: weight bytes read per second (the decode step's cost).
-fn projections(gpu: &CudaBackend, c: &ModelConfig, iters: usize) -> Result<()> {
+/// Projection times: rows 1-8 through the GEMV kernel and cuBLAS, then cuBLAS alone at each
+/// of `rows_list` (the benchmark's batches and prefill lengths).
+fn projections(
+    gpu: &CudaBackend,
+    c: &ModelConfig,
+    rows_list: &[usize],
+    iters: usize,
+) -> Result<()> {
     let hd = c.head_dim();
     let q = c.num_attention_heads * hd;
     let kv = c.num_kv_heads() * hd;
@@ -664,6 +671,7 @@ fn projections(gpu: &CudaBackend, c: &ModelConfig, iters: usize) -> Result<()> {
     let ctx = gpu.context();
     let stream = gpu.stream();
     println!("projections: weight GB/s (ms) by rows, GEMV kernel | cuBLAS");
+    let mut large_rows = Vec::new();
     for (name, k, n) in shapes {
         let values: Vec<u8> = (0..n * k)
             .flat_map(|_| half::bf16::from_f32(rng.random::<f32>() - 0.5).to_le_bytes())
@@ -698,6 +706,36 @@ fn projections(gpu: &CudaBackend, c: &ModelConfig, iters: usize) -> Result<()> {
                     t * 1e3
                 );
             }
+        }
+        println!("{line}");
+        large_rows.push((name, w, k, n));
+    }
+    gpu.set_gemv_max_rows(0);
+    // Batches and prefills: cuBLAS against its ceilings, the weights' bytes (what a decode
+    // batch of 32-512 rows should be bound by) and the GEMM rate (what a prefill should be).
+    println!("projections, cuBLAS by rows: TFLOP/s, weight TB/s (ms)");
+    for (name, w, k, n) in &large_rows {
+        let mut line = format!("  {name:<8} {k:>6}x{n:<7}");
+        for &rows in rows_list {
+            let x = activation(gpu, rows, *k, &mut rng)?;
+            let mut times = Vec::new();
+            for _ in 0..iters.max(5) + 2 {
+                let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+                let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+                start.record(stream)?;
+                let y = gpu.linear(&x, w, None)?;
+                end.record(stream)?;
+                end.synchronize()?;
+                drop(y);
+                times.push(start.elapsed_ms(&end)? as f64 / 1e3);
+            }
+            let t = median(times[2..].to_vec());
+            line += &format!(
+                " {rows}: {:.0}, {:.2} ({:.3})",
+                (2 * rows * n * k) as f64 / t / 1e12,
+                (2 * n * k) as f64 / t / 1e12,
+                t * 1e3
+            );
         }
         println!("{line}");
     }
@@ -909,7 +947,13 @@ fn bench(
         });
     }
 
-    projections(model.backend(), &config, iters)?;
+    let large_rows: Vec<usize> = batches
+        .iter()
+        .copied()
+        .filter(|&b| b >= 16)
+        .chain(prefill.iter().copied())
+        .collect();
+    projections(model.backend(), &config, &large_rows, iters)?;
     kv_copies(model.backend(), &mut kv, &base, iters)?;
     println!("model {} — {}", dir.display(), model.backend().describe());
     println!(

@@ -282,7 +282,9 @@ fn run<M: StepModel>(mut engine: Engine<M>, commands: Receiver<Command>, counter
                 }
             }
         }
-        for event in engine.step() {
+        let events = engine.step();
+        let delivering = std::time::Instant::now();
+        for event in events {
             let id = event.request_id;
             let finished = event.is_finished();
             let Some(sink) = sinks.get_mut(&id) else {
@@ -294,6 +296,10 @@ fn run<M: StepModel>(mut engine: Engine<M>, commands: Receiver<Command>, counter
             } else if !delivered {
                 engine.cancel(id);
             }
+        }
+        engine.record_delivery(delivering.elapsed());
+        if let Some(line) = engine.profile_summary() {
+            tracing::info!("{line}");
         }
         counters
             .free_blocks

@@ -20,6 +20,7 @@
 //! after a preemption (its prompt and generated tokens are recomputed, not resampled).
 
 pub mod handle;
+pub mod profile;
 pub mod request;
 pub mod runner;
 pub mod text;
@@ -27,6 +28,7 @@ pub mod text;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use thiserror::Error;
 
@@ -165,6 +167,8 @@ pub struct Engine<M: StepModel> {
     /// Why the device is unusable, once a step found it so: every request has been ended and
     /// new ones are refused (the worker leaves the deployment and restarts).
     device_lost: Option<String>,
+    /// Where the steps' time goes ([`profile`]); `None` when its log lines are off.
+    profile: Option<profile::StepProfile>,
 }
 
 impl<M: StepModel> Engine<M> {
@@ -198,6 +202,7 @@ impl<M: StepModel> Engine<M> {
             next_id: Arc::new(AtomicU64::new(1)),
             num_preemptions: 0,
             device_lost: None,
+            profile: profile::StepProfile::from_env(),
         })
     }
 
@@ -481,6 +486,7 @@ impl<M: StepModel> Engine<M> {
 
     /// Runs one step; returns the events of every request it touched.
     pub fn step(&mut self) -> Vec<EngineEvent> {
+        let start = Instant::now();
         let mut events = Vec::new();
         for id in std::mem::take(&mut self.pending_cancel) {
             if let Some(at) = self.pending_imports.iter().position(|p| p.id == id) {
@@ -517,11 +523,48 @@ impl<M: StepModel> Engine<M> {
                 item.wants_logits,
             );
         }
+        let scheduled_at = Instant::now();
+        let mut record = profile::StepRecord {
+            preempted: decision.preempted.len(),
+            sequences: decision.scheduled.len(),
+            schedule: scheduled_at - start,
+            ..Default::default()
+        };
+        for item in &decision.scheduled {
+            if item.cached_len >= self.seqs[&item.id].prompt_len {
+                record.decode_tokens += item.token_count;
+            } else {
+                record.prompt_tokens += item.token_count;
+            }
+        }
         if self.model.device_sampling().is_some() {
             self.forward_and_sample_on_device(&batch, &decision.scheduled, &mut events);
-            return events;
+        } else {
+            self.forward_and_sample_on_host(&batch, &decision.scheduled, &mut events);
         }
-        let rows = match self.model.forward(&batch) {
+        if let Some(profile) = &mut self.profile {
+            let took = scheduled_at.elapsed();
+            record.forward = self
+                .model
+                .last_forward_timing()
+                .unwrap_or(profile::ForwardTiming {
+                    enqueue: took,
+                    device: std::time::Duration::ZERO,
+                });
+            record.sample = took.saturating_sub(record.forward.enqueue + record.forward.device);
+            profile.record_step(&record);
+        }
+        events
+    }
+
+    /// The forward pass whose logits rows come to the host, where every token is sampled.
+    fn forward_and_sample_on_host(
+        &mut self,
+        batch: &ForwardBatch,
+        scheduled: &[crate::scheduler::ScheduledSeq],
+        events: &mut Vec<EngineEvent>,
+    ) {
+        let rows = match self.model.forward(batch) {
             Ok(rows) if rows.len() == batch.logits_rows() => rows,
             Ok(rows) => {
                 let message = format!(
@@ -529,19 +572,30 @@ impl<M: StepModel> Engine<M> {
                     rows.len(),
                     batch.logits_rows()
                 );
-                self.fail_all(&decision.scheduled, &message, &mut events);
-                return events;
+                self.fail_all(scheduled, &message, events);
+                return;
             }
             Err(e) => {
-                self.forward_failed(&decision.scheduled, &e, &mut events);
-                return events;
+                self.forward_failed(scheduled, &e, events);
+                return;
             }
         };
-        let wanting = decision.scheduled.iter().filter(|s| s.wants_logits);
+        let wanting = scheduled.iter().filter(|s| s.wants_logits);
         for (item, mut logits) in wanting.zip(rows) {
-            self.on_logits(item.id, &mut logits, &mut events);
+            self.on_logits(item.id, &mut logits, events);
         }
-        events
+    }
+
+    /// Counts the time the engine thread spent handing a step's events to their sinks.
+    pub(crate) fn record_delivery(&mut self, took: std::time::Duration) {
+        if let Some(profile) = &mut self.profile {
+            profile.record_delivery(took);
+        }
+    }
+
+    /// The profile's summary line, once per interval while there is work ([`profile`]).
+    pub(crate) fn profile_summary(&mut self) -> Option<String> {
+        self.profile.as_mut()?.take_summary(Instant::now())
     }
 
     /// The forward pass with sampling on the device: each request whose token the device's

@@ -3,11 +3,15 @@
 //! [`ModelRunner`] pairs a [`Model`] with the KV cache it writes; the [`StepModel`] trait lets
 //! the scheduling logic of the engine be tested against a small deterministic fake.
 
+use std::time::Instant;
+
 use crate::backend::{Backend, HostRange, KvBlockIo, KvBytes, KvBytesMut};
 use crate::kv_cache::KvLayout;
 use crate::kv_cache::block_pool::BlockId;
 use crate::model::{ForwardBatch, Model, ModelError};
 use crate::sampler::device::{RowRequest, RowSummary};
+
+use super::profile::ForwardTiming;
 
 /// A model with its KV cache, as the engine drives it.
 pub trait StepModel: Send {
@@ -40,6 +44,11 @@ pub trait StepModel: Send {
     fn read_kv_blocks(&self, blocks: &[BlockId], dst: KvBytesMut<'_>) -> Result<(), ModelError>;
     /// Overwrites `blocks` with `src`, laid out as [`Self::read_kv_blocks`] produces it.
     fn write_kv_blocks(&mut self, blocks: &[BlockId], src: KvBytes<'_>) -> Result<(), ModelError>;
+    /// How the last forward pass split between queueing its work and waiting for the device
+    /// (for the engine's [`super::profile`]); `None` where the model cannot tell.
+    fn last_forward_timing(&self) -> Option<ForwardTiming> {
+        None
+    }
 }
 
 /// A forward pass whose tokens are sampled on the device: a sampling summary per logits row
@@ -66,6 +75,9 @@ pub struct ModelRunner<B: Backend> {
     last_logits: Option<B::Tensor>,
     /// A fault test's device failure ([`LOSE_DEVICE_VAR`]).
     injected_loss: InjectedDeviceLoss,
+    /// The last forward pass: until its work was queued, and from then until its results
+    /// were on the host.
+    last_timing: Option<ForwardTiming>,
 }
 
 /// Fault tests set this to N: the N+1th forward pass and every later one fail as a lost device
@@ -118,6 +130,7 @@ impl<B: Backend> ModelRunner<B> {
             kv,
             last_logits: None,
             injected_loss: InjectedDeviceLoss::from_env(),
+            last_timing: None,
         })
     }
 
@@ -152,8 +165,13 @@ impl<B: KvBlockIo> StepModel for ModelRunner<B> {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.last_timing = None;
         self.injected_loss.check()?;
         self.model.forward(batch, &mut self.kv)
+    }
+
+    fn last_forward_timing(&self) -> Option<ForwardTiming> {
+        self.last_timing
     }
 
     fn device_sampling(&mut self) -> Option<&mut dyn DeviceSampling> {
@@ -194,7 +212,9 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
         requests: &[RowRequest],
     ) -> Result<Vec<RowSummary>, ModelError> {
         self.last_logits = None;
+        self.last_timing = None;
         self.injected_loss.check()?;
+        let start = Instant::now();
         let backend = self.model.backend();
         let sampler = backend.device_sampler().ok_or_else(|| {
             ModelError::InvalidBatch(format!(
@@ -205,7 +225,14 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
         let Some(logits) = self.model.forward_logits(batch, &mut self.kv)? else {
             return Ok(Vec::new());
         };
+        // The backend queues the whole pass (and the sampling kernel) without waiting; the
+        // summaries' copy to the host is where the host waits for the device.
+        let queued = Instant::now();
         let summaries = backend.run(|| sampler.summarize_rows(&logits, requests))?;
+        self.last_timing = Some(ForwardTiming {
+            enqueue: queued - start,
+            device: queued.elapsed(),
+        });
         self.last_logits = Some(logits);
         Ok(summaries)
     }

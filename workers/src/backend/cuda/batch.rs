@@ -34,6 +34,7 @@ struct Packed {
     offsets: [usize; 11],
     floats: Vec<f32>,
     rope_len: usize,
+    decode_rows: usize,
     num_tokens: usize,
     num_seqs: usize,
     num_tiles: usize,
@@ -77,8 +78,19 @@ fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendE
         .iter()
         .map(|s| s.token_count as u32)
         .collect();
+    // A batch mixing decodes and prefill chunks lists its decodes first: those one-token
+    // sequences go to the decode attention kernel (which reads each KV head once for its
+    // query group), so the prefill kernel gets tiles only for the sequences after them.
+    let decode_rows = if tokens.len() > plan.sequences.len() {
+        plan.sequences
+            .iter()
+            .take_while(|s| s.token_count == 1)
+            .count()
+    } else {
+        0
+    };
     let (mut tile_seq, mut tile_row) = (Vec::new(), Vec::new());
-    for (i, seq) in plan.sequences.iter().enumerate() {
+    for (i, seq) in plan.sequences.iter().enumerate().skip(decode_rows) {
         for row in (0..seq.token_count).step_by(FLASH_ROWS) {
             tile_seq.push(i as u32);
             tile_row.push(row as u32);
@@ -150,6 +162,7 @@ fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendE
     floats.extend_from_slice(&sin);
     floats.push(0.0);
     Ok(Packed {
+        decode_rows,
         num_tokens: tokens.len(),
         num_seqs: seq_token_count.len(),
         num_tiles: tile_seq.len(),
@@ -169,6 +182,9 @@ pub struct CudaBatch {
     pub(super) num_seqs: usize,
     /// Tiles of [`FLASH_ROWS`] query rows of one sequence (the prefill attention's blocks).
     pub(super) num_tiles: usize,
+    /// In a batch with prefill chunks, its leading one-token sequences (decodes): token rows
+    /// `0..decode_rows` are theirs and no prefill tile covers them. 0 in a decode-only batch.
+    pub(super) decode_rows: usize,
     pub(super) num_logits: usize,
     /// The longest context (cached + new tokens) of the batch's sequences; for a graph
     /// shape, the context its attention split is sized for.
@@ -256,6 +272,7 @@ impl CudaBatch {
             num_tokens: packed.num_tokens,
             num_seqs: packed.num_seqs,
             num_tiles: packed.num_tiles,
+            decode_rows: packed.decode_rows,
             num_logits: packed.num_logits,
             max_context: packed.max_context,
             block_size: plan.block_size,
@@ -302,5 +319,44 @@ impl CudaBatch {
     }
     pub(super) fn rope_sin(&self) -> &u64 {
         &self.addr[12]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ForwardBatch;
+
+    fn plan(chunks: &[(usize, usize)]) -> BatchPlan {
+        // (new tokens, cached) per sequence; block size 16, tables long enough for any test.
+        let mut batch = ForwardBatch::default();
+        for (i, &(new, cached)) in chunks.iter().enumerate() {
+            let blocks = (new + cached).div_ceil(16);
+            let table = (0..blocks as u32).map(|b| 100 * i as u32 + b).collect();
+            batch.push(&vec![1; new], cached, table, true);
+        }
+        BatchPlan::new(&batch, 16, &[1.0, 0.5])
+    }
+
+    #[test]
+    fn decodes_before_prefill_chunks_leave_the_prefill_tiles_to_the_chunks() {
+        // Two decodes, a 70-token chunk (two tiles of 64 rows), then a one-token chunk that
+        // is not in the leading run and so stays with the prefill kernel.
+        let packed = pack(&plan(&[(1, 30), (1, 5), (70, 0), (1, 40)]), None).unwrap();
+        assert_eq!(packed.decode_rows, 2);
+        assert_eq!(packed.num_tiles, 3);
+        let tile_seq = &packed.ints[packed.offsets[9]..packed.offsets[9] + 3];
+        let tile_row = &packed.ints[packed.offsets[10]..packed.offsets[10] + 3];
+        assert_eq!(tile_seq, [2, 2, 3]);
+        assert_eq!(tile_row, [0, 64, 0]);
+    }
+
+    #[test]
+    fn a_decode_only_batch_has_no_decode_rows_of_a_mixed_one() {
+        let packed = pack(&plan(&[(1, 30), (1, 5)]), None).unwrap();
+        assert_eq!(packed.decode_rows, 0);
+        let packed = pack(&plan(&[(40, 0), (1, 5)]), None).unwrap();
+        assert_eq!(packed.decode_rows, 0, "a prefill first: nothing leads");
+        assert_eq!(packed.num_tiles, 2);
     }
 }

@@ -136,6 +136,37 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// Tells the device's stream-ordered allocator (where every activation buffer comes from) to
+/// keep memory that is freed instead of returning it to the driver at each synchronization,
+/// which is its default. Otherwise every step after a synchronized one maps its activations'
+/// memory again, and a prefill of thousands of tokens spends much of its enqueue time in
+/// the allocator. The memory kept is what the largest step needed: the headroom left out of
+/// the KV cache (`--gpu-memory-fraction`) is there for it.
+fn keep_freed_memory(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<(), BackendError> {
+    use cudarc::driver::sys;
+    dev!("cuda init (memory pool)", ctx.bind_to_thread())?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the context is current on this thread (bound above); `pool` and
+    // `threshold` are live locals of the types the driver writes and reads.
+    unsafe {
+        dev!(
+            "cuda init (memory pool)",
+            sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal as i32).result()
+        )?;
+        dev!(
+            "cuda init (memory pool)",
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .result()
+        )?;
+    }
+    Ok(())
+}
+
 impl CudaBackend {
     pub fn new(options: &CudaOptions) -> Result<Self, BackendError> {
         let missing = |lib: &str| BackendError::Device {
@@ -172,6 +203,7 @@ impl CudaBackend {
         // kernel argument.
         // SAFETY: no buffer of this backend is used from another stream.
         unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx, options.ordinal)?;
         let stream = dev!("cuda init", ctx.new_stream())?;
         let blas = Blas::new(stream.clone())?;
         let kernels = Kernels::load(&ctx, &options.kernel_defines, options.cache_dir.as_deref())
@@ -353,19 +385,24 @@ impl CudaBackend {
     }
 
     /// Attention of a batch with prefill chunks, on the tensor cores (`flash.cu`).
+    /// Attention of the query rows the prefill tiles of `batch` cover, into their rows of
+    /// `out`.
+    #[allow(clippy::too_many_arguments)]
     fn flash_prefill(
         &self,
         kernel: &cudarc::driver::CudaFunction,
         qkv: &CudaTensor,
+        out: &mut CudaSlice<u16>,
         batch: &CudaBatch,
         shape: &AttentionShape,
         kv: &CudaKvCache,
         layer: usize,
-    ) -> Result<CudaTensor, BackendError> {
+    ) -> Result<(), BackendError> {
+        if batch.num_tiles == 0 {
+            return Ok(());
+        }
         let layout = kv.layout;
         let q = qkv.as_f32("flash_prefill")?;
-        let width = shape.num_heads * shape.head_dim;
-        let mut out = self.alloc_bf16(qkv.rows * width)?;
         let (heads, kv_heads, bs) = (
             shape.num_heads as i32,
             shape.num_kv_heads as i32,
@@ -384,7 +421,7 @@ impl CudaBackend {
             .arg(batch.block_tables())
             .arg(batch.tile_seq())
             .arg(batch.tile_row())
-            .arg(&mut out)
+            .arg(out)
             .arg(&heads)
             .arg(&kv_heads)
             .arg(&bs)
@@ -396,8 +433,123 @@ impl CudaBackend {
             block_dim: (128, 1, 1),
             shared_mem_bytes: kernels::flash_smem_bytes(shape.head_dim) as u32,
         };
-        self.launch(b, cfg, "flash_prefill")?;
-        Ok(CudaTensor::from_bf16(qkv.rows, width, out))
+        self.launch(b, cfg, "flash_prefill")
+    }
+
+    /// Decode attention (one query token per sequence) of token rows `0..rows` of `batch`,
+    /// into those rows of `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention(
+        &self,
+        qkv: &CudaTensor,
+        out: &mut CudaSlice<u16>,
+        rows: usize,
+        batch: &CudaBatch,
+        shape: &AttentionShape,
+        kv: &CudaKvCache,
+        layer: usize,
+    ) -> Result<(), BackendError> {
+        // The vectorized kernel where the head dim has one, else the warp-per-key one.
+        let vectorized = kernel_for(&self.kernels.paged_attention_vec, shape.head_dim)
+            .filter(|_| self.vec_attention)
+            .map(|kernel| (kernel, kernels::ATTN_VEC_HEADS));
+        let Some((kernel, heads_per_block)) = vectorized.or_else(|| {
+            kernel_for(&self.kernels.paged_attention, shape.head_dim).map(|k| (k, ATTN_GMAX))
+        }) else {
+            let dims: Vec<usize> = self
+                .kernels
+                .paged_attention
+                .iter()
+                .map(|(d, _)| *d)
+                .collect();
+            return Err(shape_err(
+                "paged_attention",
+                format!(
+                    "head_dim {} (the CUDA kernels cover {dims:?})",
+                    shape.head_dim
+                ),
+            ));
+        };
+        let layout = kv.layout;
+        let q = qkv.as_f32("paged_attention")?;
+        // One block per token, KV head and chunk of `heads_per_block` query heads; long contexts
+        // are split over several blocks when the batch alone would leave most multiprocessors
+        // idle.
+        let group = shape.num_heads / shape.num_kv_heads;
+        let head_blocks = shape.num_kv_heads * group.div_ceil(heads_per_block);
+        let blocks = rows * head_blocks;
+        let target = 2 * self.multiprocessors;
+        let splits = if blocks >= target || batch.max_context <= 256 {
+            1
+        } else {
+            target
+                .div_ceil(blocks)
+                .min(
+                    batch
+                        .max_context
+                        .div_ceil(self.attn_split_keys(shape.head_dim)),
+                )
+                .clamp(1, 64)
+        };
+        let heads_total = rows * shape.num_heads;
+        let partial_acc = self.alloc_f32(if splits > 1 {
+            heads_total * splits * shape.head_dim
+        } else {
+            1
+        })?;
+        let partial_ml = self.alloc_f32(if splits > 1 {
+            heads_total * splits * 2
+        } else {
+            1
+        })?;
+        let (heads, kv_heads, bs) = (
+            shape.num_heads as i32,
+            shape.num_kv_heads as i32,
+            layout.block_size as i32,
+        );
+        let block_elems = layout.block_elems() as i64;
+        let layer_offset = layout.offset(layer, 0, 0) as i64;
+        let pf = self.take_prefetch(rows);
+        let mut b = self.stream.launch_builder(kernel);
+        b.arg(q)
+            .arg(&kv.data)
+            .arg(batch.positions())
+            .arg(batch.token_seq())
+            .arg(batch.seq_block_start())
+            .arg(batch.block_tables())
+            .arg(&mut *out)
+            .arg(&partial_acc)
+            .arg(&partial_ml)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&bs)
+            .arg(&block_elems)
+            .arg(&layer_offset)
+            .arg(&shape.scale)
+            .arg(&pf.ptr)
+            .arg(&pf.bytes);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, head_blocks as u32, splits as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(b, cfg, "paged_attention")?;
+        if splits > 1 {
+            let (dim, s) = (shape.head_dim as i32, splits as i32);
+            let mut b = self.stream.launch_builder(&self.kernels.attention_combine);
+            b.arg(&partial_acc)
+                .arg(&partial_ml)
+                .arg(out)
+                .arg(&dim)
+                .arg(&s);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, shape.num_heads as u32, 1),
+                block_dim: (shape.head_dim as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(b, cfg, "attention_combine")?;
+        }
+        Ok(())
     }
 
     /// Copies one block's bytes out of the cache, one synchronous copy through pageable
@@ -831,115 +983,22 @@ impl Backend for CudaBackend {
         layer: usize,
     ) -> Result<CudaTensor, BackendError> {
         check_attention(qkv, batch, shape, kv, layer)?;
+        let width = shape.num_heads * shape.head_dim;
+        let mut out = self.alloc_bf16(qkv.rows * width)?;
         if batch.num_tokens > batch.num_seqs
             && let Some(flash) = kernel_for(&self.kernels.flash_prefill, shape.head_dim)
         {
-            return self.flash_prefill(flash, qkv, batch, shape, kv, layer);
+            // Prefill chunks through the tensor-core kernel; the decodes batched with them
+            // through the decode kernel, which reads each KV head's context once for its
+            // whole query group (the prefill kernel would read it once per query head).
+            if batch.decode_rows > 0 {
+                self.decode_attention(qkv, &mut out, batch.decode_rows, batch, shape, kv, layer)?;
+            }
+            self.flash_prefill(flash, qkv, &mut out, batch, shape, kv, layer)?;
+        } else {
+            self.decode_attention(qkv, &mut out, qkv.rows, batch, shape, kv, layer)?;
         }
-        // The vectorized kernel where the head dim has one, else the warp-per-key one.
-        let vectorized = kernel_for(&self.kernels.paged_attention_vec, shape.head_dim)
-            .filter(|_| self.vec_attention)
-            .map(|kernel| (kernel, kernels::ATTN_VEC_HEADS));
-        let Some((kernel, heads_per_block)) = vectorized.or_else(|| {
-            kernel_for(&self.kernels.paged_attention, shape.head_dim).map(|k| (k, ATTN_GMAX))
-        }) else {
-            let dims: Vec<usize> = self
-                .kernels
-                .paged_attention
-                .iter()
-                .map(|(d, _)| *d)
-                .collect();
-            return Err(shape_err(
-                "paged_attention",
-                format!(
-                    "head_dim {} (the CUDA kernels cover {dims:?})",
-                    shape.head_dim
-                ),
-            ));
-        };
-        let layout = kv.layout;
-        let tokens = qkv.rows;
-        let q = qkv.as_f32("paged_attention")?;
-        let width = shape.num_heads * shape.head_dim;
-        let mut out = self.alloc_bf16(tokens * width)?;
-        // One block per token, KV head and chunk of `heads_per_block` query heads; long contexts
-        // are split over several blocks when the batch alone would leave most multiprocessors
-        // idle.
-        let group = shape.num_heads / shape.num_kv_heads;
-        let head_blocks = shape.num_kv_heads * group.div_ceil(heads_per_block);
-        let blocks = tokens * head_blocks;
-        let target = 2 * self.multiprocessors;
-        let splits = if blocks >= target || batch.max_context <= 256 {
-            1
-        } else {
-            target
-                .div_ceil(blocks)
-                .min(
-                    batch
-                        .max_context
-                        .div_ceil(self.attn_split_keys(shape.head_dim)),
-                )
-                .clamp(1, 64)
-        };
-        let heads_total = tokens * shape.num_heads;
-        let partial_acc = self.alloc_f32(if splits > 1 {
-            heads_total * splits * shape.head_dim
-        } else {
-            1
-        })?;
-        let partial_ml = self.alloc_f32(if splits > 1 {
-            heads_total * splits * 2
-        } else {
-            1
-        })?;
-        let (heads, kv_heads, bs) = (
-            shape.num_heads as i32,
-            shape.num_kv_heads as i32,
-            layout.block_size as i32,
-        );
-        let block_elems = layout.block_elems() as i64;
-        let layer_offset = layout.offset(layer, 0, 0) as i64;
-        let pf = self.take_prefetch(tokens);
-        let mut b = self.stream.launch_builder(kernel);
-        b.arg(q)
-            .arg(&kv.data)
-            .arg(batch.positions())
-            .arg(batch.token_seq())
-            .arg(batch.seq_block_start())
-            .arg(batch.block_tables())
-            .arg(&mut out)
-            .arg(&partial_acc)
-            .arg(&partial_ml)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&bs)
-            .arg(&block_elems)
-            .arg(&layer_offset)
-            .arg(&shape.scale)
-            .arg(&pf.ptr)
-            .arg(&pf.bytes);
-        let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, head_blocks as u32, splits as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch(b, cfg, "paged_attention")?;
-        if splits > 1 {
-            let (dim, s) = (shape.head_dim as i32, splits as i32);
-            let mut b = self.stream.launch_builder(&self.kernels.attention_combine);
-            b.arg(&partial_acc)
-                .arg(&partial_ml)
-                .arg(&mut out)
-                .arg(&dim)
-                .arg(&s);
-            let cfg = LaunchConfig {
-                grid_dim: (tokens as u32, shape.num_heads as u32, 1),
-                block_dim: (shape.head_dim as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.launch(b, cfg, "attention_combine")?;
-        }
-        Ok(CudaTensor::from_bf16(tokens, width, out))
+        Ok(CudaTensor::from_bf16(qkv.rows, width, out))
     }
 
     fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor, BackendError> {
