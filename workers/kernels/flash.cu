@@ -1,7 +1,8 @@
 // Prefill attention on the tensor cores (flash-attention style): one block = 64 query rows of
-// one sequence and one head, 4 warps of 16 rows; keys and values stream through shared memory
-// in tiles of 64 read from the paged cache (double-buffered: cp.async copies the next tile
-// while the tensor cores work on this one), scores and the online softmax stay in registers.
+// one sequence and H query heads of one KV head, 4 warps of 16 rows per head; keys and values
+// stream through shared memory in tiles of 64 read from the paged cache (double-buffered:
+// cp.async copies the next tile while the tensor cores work on this one), shared by the
+// block's H heads; scores and the online softmax stay in registers.
 // Causal: query row r (position p) sees keys 0..=p of its sequence; the cache already holds the
 // chunk's own keys (rope_cache_write runs first), so chunked prefill reads earlier chunks there.
 //
@@ -62,7 +63,7 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <int D>
+template <int D, int H>
 __device__ __forceinline__ void flash_prefill(
     const float* __restrict__ qkv, const bf16* __restrict__ cache, const u32* __restrict__ positions,
     const u32* __restrict__ seq_token_start, const u32* __restrict__ seq_token_count,
@@ -85,7 +86,9 @@ __device__ __forceinline__ void flash_prefill(
     const int tile = gridDim.x - 1 - blockIdx.x;
     const int seq = tile_seq[tile];
     const int r0 = tile_row[tile];
-    const int h = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // H query heads of one KV head per block (FA_WARPS warps each), sharing its K/V tiles.
+    const int h = blockIdx.y * H + warp / FA_WARPS;
     const int kvh = h / (num_heads / num_kv_heads);
     const int t_start = seq_token_start[seq];
     const int count = seq_token_count[seq];
@@ -97,12 +100,11 @@ __device__ __forceinline__ void flash_prefill(
     const int token_stride = num_kv_heads * D;
     const long long kv_stride = (long long)block_size * token_stride;
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     // ldmatrix: this lane's row address is row `lr` of matrix `lm`.
     const int lm = lane >> 3, lr = lane & 7;
     // This thread's two query rows (within the tile), clamped to a valid row for loads.
-    const int ra = warp * 16 + g, rb = ra + 8;
+    const int ra = (warp % FA_WARPS) * 16 + g, rb = ra + 8;
     const int la = min(ra, rows_valid - 1), lb = min(rb, rows_valid - 1);
     const int pos_a = cached + r0 + la, pos_b = cached + r0 + lb;
 
@@ -124,21 +126,34 @@ __device__ __forceinline__ void flash_prefill(
     for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
     float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.0f, l_b = 0.0f;
 
-    // Queues the copy of keys kt..kt+63 (zeros past n_keys) into tile buffer `buf`.
+    // Queues the copy of keys kt..kt+63 (zeros past n_keys) into tile buffer `buf`. Each
+    // thread copies one 16-byte column chunk `c8` of LOAD_ROWS rows, ROW_STEP apart. Every
+    // source address needs the key's block from the block table (a global load): all of them
+    // are read first, independently, so their latencies overlap instead of each cp.async
+    // waiting on its own table read.
+    constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
+    constexpr int ROW_STEP = FA_WARPS * 32 * H / CHUNKS;
+    constexpr int LOAD_ROWS = FA_KEYS / ROW_STEP;
+    const int c8 = threadIdx.x % CHUNKS, row0 = threadIdx.x / CHUNKS;
     auto load_tile = [&](int buf, int kt) {
-        for (int idx = threadIdx.x; idx < FA_KEYS * (D / 8); idx += FA_WARPS * 32) {
-            const int row = idx / (D / 8), c8 = idx % (D / 8);
-            const int key = kt + row;
-            const bf16* k_src = cache;
-            int bytes = 0;
-            if (key < n_keys) {
-                k_src = cache + (long long)table[key / block_size] * block_elems + layer_offset +
-                        (long long)(key % block_size) * token_stride + kvh * D + c8 * 8;
-                bytes = 16;
-            }
-            cp_async16(&k_tiles[buf * TILE + row * STRIDE + c8 * 8], k_src, bytes);
+        const bf16* src[LOAD_ROWS];
+#pragma unroll
+        for (int i = 0; i < LOAD_ROWS; ++i) {
+            const int key = kt + row0 + i * ROW_STEP;
+            src[i] = key < n_keys
+                         ? cache + (long long)table[key / block_size] * block_elems +
+                               layer_offset + (long long)(key % block_size) * token_stride +
+                               kvh * D + c8 * 8
+                         : nullptr;
+        }
+#pragma unroll
+        for (int i = 0; i < LOAD_ROWS; ++i) {
+            const int row = row0 + i * ROW_STEP;
+            const int bytes = src[i] != nullptr ? 16 : 0;
+            cp_async16(&k_tiles[buf * TILE + row * STRIDE + c8 * 8], bytes ? src[i] : cache,
+                       bytes);
             cp_async16(&v_tiles[buf * TILE + row * STRIDE + c8 * 8],
-                       bytes ? k_src + kv_stride : cache, bytes);
+                       bytes ? src[i] + kv_stride : cache, bytes);
         }
         cp_async_commit();
     };
@@ -255,8 +270,8 @@ __device__ __forceinline__ void flash_prefill(
     }
 }
 
-#define FLASH_KERNEL(D)                                                                           \
-    extern "C" __global__ void __launch_bounds__(FA_WARPS * 32) flash_prefill_d##D(               \
+#define FLASH_KERNEL(D, H, NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(FA_WARPS * 32 * H) NAME(                          \
         const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \
         const u32* __restrict__ positions, const u32* __restrict__ seq_token_start,               \
         const u32* __restrict__ seq_token_count, const u32* __restrict__ seq_block_start,         \
@@ -264,10 +279,14 @@ __device__ __forceinline__ void flash_prefill(
         const u32* __restrict__ tile_row, bf16* __restrict__ out, int num_heads,                  \
         int num_kv_heads, int block_size, long long block_elems, long long layer_offset,          \
         float scale_log2) {                                                                       \
-        flash_prefill<D>(qkv, cache, positions, seq_token_start, seq_token_count,                 \
-                         seq_block_start, block_tables, tile_seq, tile_row, out, num_heads,       \
-                         num_kv_heads, block_size, block_elems, layer_offset, scale_log2);        \
+        flash_prefill<D, H>(qkv, cache, positions, seq_token_start, seq_token_count,              \
+                            seq_block_start, block_tables, tile_seq, tile_row, out, num_heads,    \
+                            num_kv_heads, block_size, block_elems, layer_offset, scale_log2);     \
     }
 
-FLASH_KERNEL(64)
-FLASH_KERNEL(128)
+// One query head per block, and two query heads of one KV head per block (half the K/V
+// traffic from L2 per FLOP, for models whose query groups have an even size).
+FLASH_KERNEL(64, 1, flash_prefill_d64)
+FLASH_KERNEL(128, 1, flash_prefill_d128)
+FLASH_KERNEL(64, 2, flash_prefill_d64_h2)
+FLASH_KERNEL(128, 2, flash_prefill_d128_h2)

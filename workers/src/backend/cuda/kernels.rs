@@ -57,6 +57,9 @@ pub fn flash_smem_bytes(head_dim: usize) -> usize {
     2 * 2 * 64 * (head_dim + 8) * 2
 }
 
+/// Query heads per block of `flash_prefill_d*_h2`.
+pub const FLASH_PAIR_HEADS: usize = 2;
+
 /// Rows up to which projections use `gemv.cu` instead of cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 8;
 const GEMV_NAMES: [&str; GEMV_MAX_ROWS] = [
@@ -103,8 +106,10 @@ pub struct Kernels {
     /// The vectorized decode attention, for the head dimensions it covers.
     pub paged_attention_vec: Vec<(usize, CudaFunction)>,
     pub attention_combine: CudaFunction,
-    /// Prefill attention on the tensor cores, by head dimension.
+    /// Prefill attention on the tensor cores, by head dimension: one query head per block.
     pub flash_prefill: Vec<(usize, CudaFunction)>,
+    /// The same with two query heads of one KV head per block (`FLASH_PAIR_HEADS`).
+    pub flash_prefill_pairs: Vec<(usize, CudaFunction)>,
     /// `gemv_bf16_m{M}` for M = 1..=GEMV_MAX_ROWS (index M - 1).
     pub gemv: Vec<CudaFunction>,
     /// Where the cubin came from, for the start-up log.
@@ -146,6 +151,24 @@ impl Kernels {
             .load_module(Ptx::from_binary(cubin))
             .map_err(|e| KernelError::Load(e.to_string()))?;
         let f = |name: &'static str| function(&module, name);
+        // Prefill attention for head dims 64 and 128, allowed the dynamic shared memory it
+        // needs (above the 48 KiB a block gets without asking: 68 KiB at head dim 128).
+        let flash = |names: &[&'static str; 2]| -> Result<Vec<(usize, CudaFunction)>, KernelError> {
+            [64, 128]
+                .into_iter()
+                .zip(names)
+                .map(|(d, &name)| {
+                    let kernel = f(name)?;
+                    kernel
+                        .set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            flash_smem_bytes(d) as i32,
+                        )
+                        .map_err(|e| KernelError::Load(format!("{name}: {e}")))?;
+                    Ok((d, kernel))
+                })
+                .collect()
+        };
         Ok(Kernels {
             embedding: f("embedding")?,
             rms_norm: f("rms_norm")?,
@@ -166,20 +189,8 @@ impl Kernels {
                 .map(|&(d, name)| Ok((d, f(name)?)))
                 .collect::<Result<_, KernelError>>()?,
             attention_combine: f("attention_combine")?,
-            flash_prefill: [(64, "flash_prefill_d64"), (128, "flash_prefill_d128")]
-                .into_iter()
-                .map(|(d, name)| {
-                    let kernel = f(name)?;
-                    // Above the 48 KiB a block gets without asking (d128: 68 KiB).
-                    kernel
-                        .set_attribute(
-                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            flash_smem_bytes(d) as i32,
-                        )
-                        .map_err(|e| KernelError::Load(format!("{name}: {e}")))?;
-                    Ok((d, kernel))
-                })
-                .collect::<Result<_, KernelError>>()?,
+            flash_prefill: flash(&["flash_prefill_d64", "flash_prefill_d128"])?,
+            flash_prefill_pairs: flash(&["flash_prefill_d64_h2", "flash_prefill_d128_h2"])?,
             gemv: GEMV_NAMES
                 .iter()
                 .map(|&name| f(name))

@@ -121,6 +121,8 @@ pub struct CudaBackend {
     /// Decode attention through `paged_attention_vec_d*` where the head dim has one
     /// ([`CudaOptions::vec_attention`]).
     vec_attention: bool,
+    /// Two query heads per prefill attention block ([`CudaOptions::flash_head_pairs`]).
+    flash_head_pairs: bool,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -248,6 +250,7 @@ impl CudaBackend {
             kv_staging: staging::KvStaging::default(),
             device_sampling: options.device_sampling,
             vec_attention: options.vec_attention,
+            flash_head_pairs: options.flash_head_pairs,
         })
     }
 
@@ -385,12 +388,28 @@ impl CudaBackend {
     }
 
     /// Attention of a batch with prefill chunks, on the tensor cores (`flash.cu`).
+    /// The prefill attention kernel for `shape` and the query heads each of its blocks
+    /// computes: two heads of one KV head where the query group size is even (and
+    /// `flash_head_pairs` is on), else one.
+    fn flash_kernel(
+        &self,
+        shape: &AttentionShape,
+    ) -> Option<(&cudarc::driver::CudaFunction, usize)> {
+        let group = shape.num_heads / shape.num_kv_heads;
+        if self.flash_head_pairs && group.is_multiple_of(kernels::FLASH_PAIR_HEADS) {
+            kernel_for(&self.kernels.flash_prefill_pairs, shape.head_dim)
+                .map(|k| (k, kernels::FLASH_PAIR_HEADS))
+        } else {
+            kernel_for(&self.kernels.flash_prefill, shape.head_dim).map(|k| (k, 1))
+        }
+    }
+
     /// Attention of the query rows the prefill tiles of `batch` cover, into their rows of
     /// `out`.
     #[allow(clippy::too_many_arguments)]
     fn flash_prefill(
         &self,
-        kernel: &cudarc::driver::CudaFunction,
+        (kernel, heads_per_block): (&cudarc::driver::CudaFunction, usize),
         qkv: &CudaTensor,
         out: &mut CudaSlice<u16>,
         batch: &CudaBatch,
@@ -429,8 +448,12 @@ impl CudaBackend {
             .arg(&layer_offset)
             .arg(&scale_log2);
         let cfg = LaunchConfig {
-            grid_dim: (batch.num_tiles as u32, shape.num_heads as u32, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (
+                batch.num_tiles as u32,
+                (shape.num_heads / heads_per_block) as u32,
+                1,
+            ),
+            block_dim: (128 * heads_per_block as u32, 1, 1),
             shared_mem_bytes: kernels::flash_smem_bytes(shape.head_dim) as u32,
         };
         self.launch(b, cfg, "flash_prefill")
@@ -986,7 +1009,7 @@ impl Backend for CudaBackend {
         let width = shape.num_heads * shape.head_dim;
         let mut out = self.alloc_bf16(qkv.rows * width)?;
         if batch.num_tokens > batch.num_seqs
-            && let Some(flash) = kernel_for(&self.kernels.flash_prefill, shape.head_dim)
+            && let Some(flash) = self.flash_kernel(shape)
         {
             // Prefill chunks through the tensor-core kernel; the decodes batched with them
             // through the decode kernel, which reads each KV head's context once for its
@@ -1012,16 +1035,28 @@ impl Backend for CudaBackend {
         let x = gate_up.as_f32("silu_mul")?;
         let total = gate_up.rows * f;
         let mut out = self.alloc_bf16(total)?;
-        let (fi, t) = (f as i32, total as i64);
+        let (rows, fi) = (gate_up.rows as i32, f as i32);
         let pf = self.take_prefetch(gate_up.rows);
         let mut b = self.stream.launch_builder(&self.kernels.silu_mul);
         b.arg(x)
             .arg(&mut out)
+            .arg(&rows)
             .arg(&fi)
-            .arg(&t)
             .arg(&pf.ptr)
             .arg(&pf.bytes);
-        self.launch(b, elementwise_config(total), "silu_mul")?;
+        // As the kernel splits a row: four columns per thread when f allows.
+        let per_thread = if f.is_multiple_of(4) { 4 } else { 1 };
+        let threads = 256u32;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                f.div_ceil(per_thread * threads as usize).max(1) as u32,
+                gate_up.rows.clamp(1, 65_535) as u32,
+                1,
+            ),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(b, cfg, "silu_mul")?;
         Ok(CudaTensor::from_bf16(gate_up.rows, f, out))
     }
 

@@ -24,6 +24,10 @@ pub struct CudaOptions {
     /// per key, 16-byte loads); off, the warp-per-key kernel every head dim has
     /// (`TANDEM_ATTN_VEC=0`: to compare the two).
     pub vec_attention: bool,
+    /// Prefill attention runs two query heads of one KV head per block, sharing its K/V
+    /// tiles, where the query group size is even; off, one head per block
+    /// (`TANDEM_FLASH_PAIRS=0`: to compare the two).
+    pub flash_head_pairs: bool,
     /// Fewest keys per split of a decode attention split over the context; `None` derives it
     /// from the head dimension (`TANDEM_ATTN_SPLIT_KEYS`, for tuning).
     pub attn_split_keys: Option<usize>,
@@ -46,6 +50,7 @@ impl Default for CudaOptions {
             cuda_graphs: true,
             device_sampling: true,
             vec_attention: true,
+            flash_head_pairs: true,
             attn_split_keys: None,
             l2_prefetch_mb: None,
             kernel_defines: Vec::new(),
@@ -70,6 +75,7 @@ impl CudaOptions {
             cuda_graphs: switch("TANDEM_CUDA_GRAPHS"),
             device_sampling: switch("TANDEM_DEVICE_SAMPLING"),
             vec_attention: switch("TANDEM_ATTN_VEC"),
+            flash_head_pairs: switch("TANDEM_FLASH_PAIRS"),
             attn_split_keys: text("TANDEM_ATTN_SPLIT_KEYS")
                 .and_then(|v| v.parse().ok())
                 .filter(|&keys| keys > 0),
@@ -116,6 +122,7 @@ mod tests {
             ("TANDEM_CUDA_GRAPHS", "0"),
             ("TANDEM_DEVICE_SAMPLING", "0"),
             ("TANDEM_ATTN_VEC", "0"),
+            ("TANDEM_FLASH_PAIRS", "0"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
             ("TANDEM_L2_PREFETCH_MB", " 8 "),
             ("TANDEM_KERNEL_DEFINES", "GEMV_UNROLL=8  ATTN_KEYS=2"),
@@ -129,6 +136,7 @@ mod tests {
                 cuda_graphs: false,
                 device_sampling: false,
                 vec_attention: false,
+                flash_head_pairs: false,
                 attn_split_keys: Some(32),
                 l2_prefetch_mb: Some(8),
                 kernel_defines: vec!["GEMV_UNROLL=8".into(), "ATTN_KEYS=2".into()],
