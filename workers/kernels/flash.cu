@@ -1,6 +1,6 @@
-// Prefill attention on the tensor cores (flash-attention style): one block = 64 query rows of
-// one sequence and H query heads of one KV head, 4 warps of 16 rows per head; keys and values
-// stream through shared memory in tiles of 64 read from the paged cache (double-buffered:
+// Prefill attention on the tensor cores (flash-attention style): one block = 128 query rows of
+// one sequence and H query heads of one KV head, 4 warps of 32 rows per head; keys and values
+// stream through shared memory in tiles of 32 read from the paged cache (double-buffered:
 // cp.async copies the next tile while the tensor cores work on this one), shared by the
 // block's H heads; scores and the online softmax stay in registers.
 // Causal: query row r (position p) sees keys 0..=p of its sequence; the cache already holds the
@@ -15,12 +15,30 @@
 //   B 16x8 (k x n):    b0 = (k 2c..2c+1, n g), b1 = (k 2c+8..2c+9, n g)
 //   C 16x8 f32:        c0 = (g, 2c), c1 = (g, 2c+1), c2 = (g+8, 2c), c3 = (g+8, 2c+1)
 
-#define FA_ROWS 64
-#define FA_KEYS 64
+// A warp computes FA_MT m-tiles of 16 query rows (32 rows): every K and V fragment read from
+// shared memory feeds FA_MT times as many mma instructions, and the two tiles' independent
+// instruction chains hide each other's latency (FlashAttention-2's split of rows to warps).
+#define FA_MT 2
 #define FA_WARPS 4
+#define FA_ROWS (16 * FA_MT * FA_WARPS)
+// Keys per shared-memory tile (a warp's scores and outputs for 32 rows stay in registers).
+#define FA_KEYS 32
 
+// Two floats as bf16x2 (lo in the low half), round to nearest even: the conversion
+// f32_to_bf16 does per value, in one instruction for the pair (the score tile is converted
+// every iteration, and the integer rounding sequence made the ALU this kernel's busiest pipe).
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// 2^x by the special-function unit (exp2f without fast math adds range handling per call);
+// 2^-inf = 0, which the causal mask relies on.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
 }
 
 // Four 8x8 b16 matrices out of shared memory, one row address per lane (lanes 8i..8i+7 give
@@ -55,8 +73,10 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Not volatile: a pure function of its registers, so the compiler may interleave mma
+// instructions with independent work.
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -73,6 +93,7 @@ __device__ __forceinline__ void flash_prefill(
     float scale_log2) {
     constexpr int KC = D / 16;  // 16-wide chunks of the head dimension
     constexpr int DT = D / 8;   // 8-wide output tiles
+    constexpr int NT = FA_KEYS / 8;  // 8-key score tiles
     constexpr int STRIDE = D + 8;  // padded shared-memory row (halves): no bank conflicts
     constexpr int TILE = FA_KEYS * STRIDE;
     // Two K tiles then two V tiles (dynamic shared memory, flash_smem_bytes(D)): the next
@@ -103,57 +124,66 @@ __device__ __forceinline__ void flash_prefill(
     const int g = lane >> 2, c = lane & 3;
     // ldmatrix: this lane's row address is row `lr` of matrix `lm`.
     const int lm = lane >> 3, lr = lane & 7;
-    // This thread's two query rows (within the tile), clamped to a valid row for loads.
-    const int ra = (warp % FA_WARPS) * 16 + g, rb = ra + 8;
-    const int la = min(ra, rows_valid - 1), lb = min(rb, rows_valid - 1);
-    const int pos_a = cached + r0 + la, pos_b = cached + r0 + lb;
-
-    u32 qa[KC][4];
-    {
+    // This thread's query rows (within the tile): m-tile i has rows ra[i] and ra[i] + 8,
+    // clamped to a valid row for loads.
+    int ra[FA_MT], pos_a[FA_MT], pos_b[FA_MT];
+    u32 qa[FA_MT][KC][4];
+#pragma unroll
+    for (int i = 0; i < FA_MT; ++i) {
+        ra[i] = (warp % FA_WARPS) * 16 * FA_MT + i * 16 + g;
+        const int la = min(ra[i], rows_valid - 1), lb = min(ra[i] + 8, rows_valid - 1);
+        pos_a[i] = cached + r0 + la;
+        pos_b[i] = cached + r0 + lb;
         const float* qra = qkv + (long long)(t_start + r0 + la) * width + h * D;
         const float* qrb = qkv + (long long)(t_start + r0 + lb) * width + h * D;
 #pragma unroll
         for (int kc = 0; kc < KC; ++kc) {
             const int d0 = kc * 16 + 2 * c;
-            qa[kc][0] = pack_bf16(qra[d0] * scale_log2, qra[d0 + 1] * scale_log2);
-            qa[kc][1] = pack_bf16(qrb[d0] * scale_log2, qrb[d0 + 1] * scale_log2);
-            qa[kc][2] = pack_bf16(qra[d0 + 8] * scale_log2, qra[d0 + 9] * scale_log2);
-            qa[kc][3] = pack_bf16(qrb[d0 + 8] * scale_log2, qrb[d0 + 9] * scale_log2);
+            qa[i][kc][0] = pack_bf16(qra[d0] * scale_log2, qra[d0 + 1] * scale_log2);
+            qa[i][kc][1] = pack_bf16(qrb[d0] * scale_log2, qrb[d0 + 1] * scale_log2);
+            qa[i][kc][2] = pack_bf16(qra[d0 + 8] * scale_log2, qra[d0 + 9] * scale_log2);
+            qa[i][kc][3] = pack_bf16(qrb[d0 + 8] * scale_log2, qrb[d0 + 9] * scale_log2);
         }
     }
-    float o[DT][4];
+    float o[FA_MT][DT][4];
+    float m_a[FA_MT], m_b[FA_MT], l_a[FA_MT], l_b[FA_MT];
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
-    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.0f, l_b = 0.0f;
+    for (int i = 0; i < FA_MT; ++i) {
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) o[i][dt][0] = o[i][dt][1] = o[i][dt][2] = o[i][dt][3] = 0.0f;
+        m_a[i] = m_b[i] = NEG_INF;
+        l_a[i] = l_b[i] = 0.0f;
+    }
 
-    // Queues the copy of keys kt..kt+63 (zeros past n_keys) into tile buffer `buf`. Each
-    // thread copies one 16-byte column chunk `c8` of LOAD_ROWS rows, ROW_STEP apart. Every
-    // source address needs the key's block from the block table (a global load): all of them
-    // are read first, independently, so their latencies overlap instead of each cp.async
-    // waiting on its own table read.
+    // Queues the copy of keys kt..kt+FA_KEYS-1 (zeros past n_keys) into tile buffer `buf`.
+    // Each thread copies one 16-byte column chunk `c8` of LOAD_ROWS rows, ROW_STEP apart.
+    // Every source address needs the key's block from the block table (a global load): all
+    // of them are read first, independently, so their latencies overlap instead of each
+    // cp.async waiting on its own table read.
     constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
     constexpr int ROW_STEP = FA_WARPS * 32 * H / CHUNKS;
     constexpr int LOAD_ROWS = FA_KEYS / ROW_STEP;
+    static_assert(LOAD_ROWS >= 1 && FA_KEYS % ROW_STEP == 0, "tile rows split evenly");
     const int c8 = threadIdx.x % CHUNKS, row0 = threadIdx.x / CHUNKS;
     auto load_tile = [&](int buf, int kt) {
         const bf16* src[LOAD_ROWS];
 #pragma unroll
-        for (int i = 0; i < LOAD_ROWS; ++i) {
-            const int key = kt + row0 + i * ROW_STEP;
-            src[i] = key < n_keys
+        for (int j = 0; j < LOAD_ROWS; ++j) {
+            const int key = kt + row0 + j * ROW_STEP;
+            src[j] = key < n_keys
                          ? cache + (long long)table[key / block_size] * block_elems +
                                layer_offset + (long long)(key % block_size) * token_stride +
                                kvh * D + c8 * 8
                          : nullptr;
         }
 #pragma unroll
-        for (int i = 0; i < LOAD_ROWS; ++i) {
-            const int row = row0 + i * ROW_STEP;
-            const int bytes = src[i] != nullptr ? 16 : 0;
-            cp_async16(&k_tiles[buf * TILE + row * STRIDE + c8 * 8], bytes ? src[i] : cache,
+        for (int j = 0; j < LOAD_ROWS; ++j) {
+            const int row = row0 + j * ROW_STEP;
+            const int bytes = src[j] != nullptr ? 16 : 0;
+            cp_async16(&k_tiles[buf * TILE + row * STRIDE + c8 * 8], bytes ? src[j] : cache,
                        bytes);
             cp_async16(&v_tiles[buf * TILE + row * STRIDE + c8 * 8],
-                       bytes ? src[i] + kv_stride : cache, bytes);
+                       bytes ? src[j] + kv_stride : cache, bytes);
         }
         cp_async_commit();
     };
@@ -172,101 +202,141 @@ __device__ __forceinline__ void flash_prefill(
         const bf16* const k_s = k_tiles + buf * TILE;
         const bf16* const v_s = v_tiles + buf * TILE;
 
-        float s[FA_KEYS / 8][4];
+        // S = Q Kᵀ, 32 dimensions at a time for every score tile: consecutive mma instructions
+        // accumulate into different tiles, so none waits for the one before it.
+        float s[FA_MT][NT][4];
 #pragma unroll
-        for (int nt = 0; nt < FA_KEYS / 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            // Matrices: (keys nt*8.., d kc*16 + 0 / 8), then the same for kc + 1.
-            const bf16* krow = &k_s[(nt * 8 + lr) * STRIDE + (lm & 1) * 8 + (lm >> 1) * 16];
+        for (int i = 0; i < FA_MT; ++i)
 #pragma unroll
-            for (int kc = 0; kc < KC; kc += 2) {
-                u32 b[4];
-                ldmatrix_x4(b, krow + kc * 16);
-                mma_bf16(s[nt], qa[kc], b[0], b[1]);
-                mma_bf16(s[nt], qa[kc + 1], b[2], b[3]);
-            }
+            for (int nt = 0; nt < NT; ++nt) s[i][nt][0] = s[i][nt][1] = s[i][nt][2] = s[i][nt][3] = 0.0f;
+        // Matrices: (keys nt*8.., d kc*16 + 0 / 8), then the same for kc + 1.
+        const bf16* krow = &k_s[lr * STRIDE + (lm & 1) * 8 + (lm >> 1) * 16];
+#pragma unroll
+        for (int kc = 0; kc < KC; kc += 2) {
+            u32 b[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) ldmatrix_x4(b[nt], krow + nt * 8 * STRIDE + kc * 16);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < FA_MT; ++i) mma_bf16(s[i][nt], qa[i][kc], b[nt][0], b[nt][1]);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < FA_MT; ++i)
+                    mma_bf16(s[i][nt], qa[i][kc + 1], b[nt][2], b[nt][3]);
         }
         // Causal mask (only tiles reaching past the tile's first row), then the online softmax
         // over this tile (each row's 4 threads together).
-        float mx_a = NEG_INF, mx_b = NEG_INF;
         const bool masked = kt + FA_KEYS - 1 > cached + r0;
 #pragma unroll
-        for (int nt = 0; nt < FA_KEYS / 8; ++nt) {
-            if (masked) {
-                const int key = kt + nt * 8 + 2 * c;
-                if (key > pos_a) s[nt][0] = NEG_INF;
-                if (key + 1 > pos_a) s[nt][1] = NEG_INF;
-                if (key > pos_b) s[nt][2] = NEG_INF;
-                if (key + 1 > pos_b) s[nt][3] = NEG_INF;
+        for (int i = 0; i < FA_MT; ++i) {
+            float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                if (masked) {
+                    const int key = kt + nt * 8 + 2 * c;
+                    if (key > pos_a[i]) s[i][nt][0] = NEG_INF;
+                    if (key + 1 > pos_a[i]) s[i][nt][1] = NEG_INF;
+                    if (key > pos_b[i]) s[i][nt][2] = NEG_INF;
+                    if (key + 1 > pos_b[i]) s[i][nt][3] = NEG_INF;
+                }
+                mx_a = fmaxf(mx_a, fmaxf(s[i][nt][0], s[i][nt][1]));
+                mx_b = fmaxf(mx_b, fmaxf(s[i][nt][2], s[i][nt][3]));
             }
-            mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
-            mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
-        }
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-        const float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
-        const float corr_a = exp2f(m_a - new_a), corr_b = exp2f(m_b - new_b);
-        m_a = new_a;
-        m_b = new_b;
-        float sum_a = 0.0f, sum_b = 0.0f;
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+            // Every row saw key 0 in the first tile, so its maximum is finite from then on and
+            // a tile that masks all of a row's keys contributes exp2(-inf) = 0.
+            //
+            // The running maximum moves only when a row's new maximum exceeds it by more than
+            // RESCALE_LOG2 (a factor of 256), and then for the whole warp: until then scores
+            // are exponentiated against the stale maximum (terms up to 256, far from f32 or
+            // bf16 range limits) and the rescale of the output accumulators, as many
+            // multiplications as the tile has mma instructions, is skipped. The final
+            // division by the sum uses the same maximum, so the result is unchanged.
+            constexpr float RESCALE_LOG2 = 8.0f;
+            const bool grow = mx_a > m_a[i] + RESCALE_LOG2 || mx_b > m_b[i] + RESCALE_LOG2;
+            if (__any_sync(0xffffffffu, grow)) {
+                const float new_a = fmaxf(m_a[i], mx_a), new_b = fmaxf(m_b[i], mx_b);
+                const float corr_a = fast_exp2(m_a[i] - new_a), corr_b = fast_exp2(m_b[i] - new_b);
+                m_a[i] = new_a;
+                m_b[i] = new_b;
+                l_a[i] *= corr_a;
+                l_b[i] *= corr_b;
 #pragma unroll
-        for (int nt = 0; nt < FA_KEYS / 8; ++nt) {
-            s[nt][0] = exp2f(s[nt][0] - m_a);
-            s[nt][1] = exp2f(s[nt][1] - m_a);
-            s[nt][2] = exp2f(s[nt][2] - m_b);
-            s[nt][3] = exp2f(s[nt][3] - m_b);
-            sum_a += s[nt][0] + s[nt][1];
-            sum_b += s[nt][2] + s[nt][3];
-        }
-        l_a = l_a * corr_a + sum_a;
-        l_b = l_b * corr_b + sum_b;
+                for (int dt = 0; dt < DT; ++dt) {
+                    o[i][dt][0] *= corr_a;
+                    o[i][dt][1] *= corr_a;
+                    o[i][dt][2] *= corr_b;
+                    o[i][dt][3] *= corr_b;
+                }
+            }
+            float sum_a = 0.0f, sum_b = 0.0f;
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-            o[dt][0] *= corr_a;
-            o[dt][1] *= corr_a;
-            o[dt][2] *= corr_b;
-            o[dt][3] *= corr_b;
+            for (int nt = 0; nt < NT; ++nt) {
+                s[i][nt][0] = fast_exp2(s[i][nt][0] - m_a[i]);
+                s[i][nt][1] = fast_exp2(s[i][nt][1] - m_a[i]);
+                s[i][nt][2] = fast_exp2(s[i][nt][2] - m_b[i]);
+                s[i][nt][3] = fast_exp2(s[i][nt][3] - m_b[i]);
+                sum_a += s[i][nt][0] + s[i][nt][1];
+                sum_b += s[i][nt][2] + s[i][nt][3];
+            }
+            l_a[i] += sum_a;
+            l_b[i] += sum_b;
         }
         // O += P V, 16 keys at a time.
 #pragma unroll
         for (int kc2 = 0; kc2 < FA_KEYS / 16; ++kc2) {
-            u32 pa[4];
-            pa[0] = pack_bf16(s[2 * kc2][0], s[2 * kc2][1]);
-            pa[1] = pack_bf16(s[2 * kc2][2], s[2 * kc2][3]);
-            pa[2] = pack_bf16(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]);
-            pa[3] = pack_bf16(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3]);
+            u32 pa[FA_MT][4];
+#pragma unroll
+            for (int i = 0; i < FA_MT; ++i) {
+                pa[i][0] = pack_bf16(s[i][2 * kc2][0], s[i][2 * kc2][1]);
+                pa[i][1] = pack_bf16(s[i][2 * kc2][2], s[i][2 * kc2][3]);
+                pa[i][2] = pack_bf16(s[i][2 * kc2 + 1][0], s[i][2 * kc2 + 1][1]);
+                pa[i][3] = pack_bf16(s[i][2 * kc2 + 1][2], s[i][2 * kc2 + 1][3]);
+            }
             // Transposed matrices: (keys kc2*16 + 0 / 8.., d dt*8..), then the same for dt + 1.
             const bf16* vrow = &v_s[(kc2 * 16 + (lm & 1) * 8 + lr) * STRIDE + (lm >> 1) * 8];
 #pragma unroll
             for (int dt = 0; dt < DT; dt += 2) {
                 u32 b[4];
                 ldmatrix_x4_trans(b, vrow + dt * 8);
-                mma_bf16(o[dt], pa, b[0], b[1]);
-                mma_bf16(o[dt + 1], pa, b[2], b[3]);
+#pragma unroll
+                for (int i = 0; i < FA_MT; ++i) {
+                    mma_bf16(o[i][dt], pa[i], b[0], b[1]);
+                    mma_bf16(o[i][dt + 1], pa[i], b[2], b[3]);
+                }
             }
         }
         __syncthreads();  // this tile is consumed: the next iteration may refill its buffer
     }
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
     const int out_width = num_heads * D;
-    if (ra < rows_valid) {
-        bf16* dst = out + (long long)(t_start + r0 + ra) * out_width + h * D;
-        const float inv = 1.0f / l_a;
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-            *reinterpret_cast<u32*>(&dst[dt * 8 + 2 * c]) = pack_bf16(o[dt][0] * inv, o[dt][1] * inv);
-    }
-    if (rb < rows_valid) {
-        bf16* dst = out + (long long)(t_start + r0 + rb) * out_width + h * D;
-        const float inv = 1.0f / l_b;
+    for (int i = 0; i < FA_MT; ++i) {
+        float la = l_a[i], lb = l_b[i];
+        la += __shfl_xor_sync(0xffffffffu, la, 1);
+        la += __shfl_xor_sync(0xffffffffu, la, 2);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+        if (ra[i] < rows_valid) {
+            bf16* dst = out + (long long)(t_start + r0 + ra[i]) * out_width + h * D;
+            const float inv = 1.0f / la;
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-            *reinterpret_cast<u32*>(&dst[dt * 8 + 2 * c]) = pack_bf16(o[dt][2] * inv, o[dt][3] * inv);
+            for (int dt = 0; dt < DT; ++dt)
+                *reinterpret_cast<u32*>(&dst[dt * 8 + 2 * c]) =
+                    pack_bf16(o[i][dt][0] * inv, o[i][dt][1] * inv);
+        }
+        if (ra[i] + 8 < rows_valid) {
+            bf16* dst = out + (long long)(t_start + r0 + ra[i] + 8) * out_width + h * D;
+            const float inv = 1.0f / lb;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt)
+                *reinterpret_cast<u32*>(&dst[dt * 8 + 2 * c]) =
+                    pack_bf16(o[i][dt][2] * inv, o[i][dt][3] * inv);
+        }
     }
 }
 

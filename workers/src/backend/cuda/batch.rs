@@ -13,7 +13,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use crate::backend::{BackendError, BatchPlan};
 
 /// Query rows per block of the prefill attention kernel (`FA_ROWS` in flash.cu).
-pub(super) const FLASH_ROWS: usize = 64;
+pub(super) const FLASH_ROWS: usize = 128;
 
 /// The fixed shape of a graph-replayed decode step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -340,15 +340,15 @@ mod tests {
 
     #[test]
     fn decodes_before_prefill_chunks_leave_the_prefill_tiles_to_the_chunks() {
-        // Two decodes, a 70-token chunk (two tiles of 64 rows), then a one-token chunk that
+        // Two decodes, a 150-token chunk (two tiles of 128 rows), then a one-token chunk that
         // is not in the leading run and so stays with the prefill kernel.
-        let packed = pack(&plan(&[(1, 30), (1, 5), (70, 0), (1, 40)]), None).unwrap();
+        let packed = pack(&plan(&[(1, 30), (1, 5), (150, 0), (1, 40)]), None).unwrap();
         assert_eq!(packed.decode_rows, 2);
         assert_eq!(packed.num_tiles, 3);
         let tile_seq = &packed.ints[packed.offsets[9]..packed.offsets[9] + 3];
         let tile_row = &packed.ints[packed.offsets[10]..packed.offsets[10] + 3];
         assert_eq!(tile_seq, [2, 2, 3]);
-        assert_eq!(tile_row, [0, 64, 0]);
+        assert_eq!(tile_row, [0, 128, 0]);
     }
 
     #[test]
