@@ -103,6 +103,27 @@ def main():
             rows.append({"workload": f"prefill {n} tokens", "mode": "eager", "median_ms": ms,
                          "tokens_per_s": n / ms * 1e3})
             print(rows[-1], flush=True)
+        # Attention alone, as gpu_bench times its prefill kernel: one layer's causal
+        # attention of one sequence through SDPA (the kernel transformers calls above).
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", heads)
+        dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        for n in [int(x) for x in args.prefill.split(",")]:
+            q = torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, kv_heads, n, dim, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(1, kv_heads, n, dim, device="cuda", dtype=torch.bfloat16)
+
+            def attn():
+                torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
+
+            timed(attn, 3)
+            ms = timed(attn, max(5, args.iters))
+            flops = 4 * n * (n + 1) / 2 * dim * heads
+            rows.append({"workload": f"prefill attention {n} tokens", "mode": "sdpa",
+                         "median_ms": ms, "tokens_per_s": n / ms * 1e3,
+                         "tflops": flops / ms / 1e9})
+            print(rows[-1], flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "torch": torch.__version__, "rows": rows}, f, indent=1)

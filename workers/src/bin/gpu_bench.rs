@@ -22,7 +22,9 @@ use rand_chacha::ChaCha8Rng;
 use tandem_model::ModelConfig;
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
 use tandem_workers::backend::cuda::{CudaBackend, CudaKvCache, CudaOptions};
-use tandem_workers::backend::{Backend, DType, DeviceSampler, HostTensor, KvBlockIo};
+use tandem_workers::backend::{
+    AttentionShape, Backend, BatchPlan, DType, DeviceSampler, HostTensor, KvBlockIo,
+};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 use tandem_workers::sampler::device::RowRequest;
@@ -743,6 +745,62 @@ fn projections(
     Ok(())
 }
 
+/// The prefill attention kernel alone, one layer of one sequence of each prefill length (the
+/// cache holds the K/V of the last prefill): what torch's SDPA is compared with
+/// (`torch_bench.py`'s "prefill attention" rows).
+fn prefill_attention(
+    gpu: &CudaBackend,
+    c: &ModelConfig,
+    kv: &CudaKvCache,
+    prefill: &[usize],
+    iters: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<()> {
+    let shape = AttentionShape {
+        num_heads: c.num_attention_heads,
+        num_kv_heads: c.num_kv_heads(),
+        head_dim: c.head_dim(),
+        scale: (c.head_dim() as f32).powf(-0.5),
+    };
+    let ctx = gpu.context();
+    let stream = gpu.stream();
+    for &len in prefill {
+        let rows: Vec<Vec<f32>> = (0..len)
+            .map(|_| {
+                (0..shape.qkv_width())
+                    .map(|_| rng.random::<f32>() - 0.5)
+                    .collect()
+            })
+            .collect();
+        let qkv = gpu.upload_rows(&rows)?;
+        let tokens: Vec<u32> = vec![0; len];
+        let mut batch = ForwardBatch::default();
+        batch.push(&tokens, 0, (0..len.div_ceil(BLOCK) as u32).collect(), true);
+        let plan = BatchPlan::new(&batch, BLOCK, &vec![1.0f32; shape.head_dim / 2]);
+        let meta = gpu.prepare_batch(&plan)?;
+        let mut times = Vec::new();
+        for _ in 0..iters.max(5) + 2 {
+            let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            start.record(stream)?;
+            let out = gpu.paged_attention(&qkv, &meta, &shape, kv, 0)?;
+            end.record(stream)?;
+            end.synchronize()?;
+            drop(out);
+            times.push(start.elapsed_ms(&end)? as f64 / 1e3);
+        }
+        let t = median(times[2..].to_vec());
+        let flops =
+            4.0 * len as f64 * (len as f64 + 1.0) / 2.0 * (shape.head_dim * shape.num_heads) as f64;
+        println!(
+            "prefill attention {len} tokens (one layer): {:.3} ms, {:.0} TFLOP/s",
+            t * 1e3,
+            flops / t / 1e12
+        );
+    }
+    Ok(())
+}
+
 /// What a benchmarked decode step does with its logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StepMode {
@@ -947,6 +1005,7 @@ fn bench(
         });
     }
 
+    prefill_attention(model.backend(), &config, &kv, prefill, iters, &mut rng)?;
     let large_rows: Vec<usize> = batches
         .iter()
         .copied()
