@@ -205,6 +205,12 @@ pub struct KvPeer {
 pub struct KvHandle {
     /// The context worker holding the blocks (release subject, logs).
     pub worker_id: String,
+    /// The fingerprint of the context worker's model directory (config, weight headers and
+    /// samples of the weights, 32 hex digits): a decode worker serving another model refuses
+    /// the handle, since the layouts of two models of the same shapes agree. Empty from a
+    /// worker that predates it, which is refused the same way.
+    #[serde(default)]
+    pub model_fingerprint: String,
     /// The transport that exported the blocks (`ucx`, `cuda-ipc`; tests use `in-process`).
     pub backend: KvTransportKind,
     /// The context worker's packed UCP worker address, hex.
@@ -409,7 +415,7 @@ pub enum StreamMessage {
     Error { message: String },
     /// From a context worker: the prompt is prefilled and its KV cache is held for a decode
     /// worker (the last message of a prefill job that continues).
-    KvReady { handle: KvHandle },
+    KvReady { handle: Box<KvHandle> },
     /// From a decode worker: how the prompt's KV cache arrived, before the first token.
     /// `bytes`/`micros` are 0 when the pull failed and the decode worker prefilled the prompt
     /// itself ([`PullOutcome::Fallback`]).
@@ -605,6 +611,7 @@ mod tests {
         // And a handle with the new field reads back whole.
         let handle = KvHandle {
             worker_id: "ctx".into(),
+            model_fingerprint: "0f".repeat(16),
             backend: "cuda-ipc".into(),
             address: String::new(),
             rkey: String::new(),
@@ -674,8 +681,8 @@ mod tests {
 
     fn handle_json(backend: &str, dtype: &str) -> serde_json::Value {
         serde_json::json!({
-            "worker_id": "ctx", "backend": backend, "address": "00ff", "rkey": "10",
-            "blocks": [{"addr": 4096, "len": 128}],
+            "worker_id": "ctx", "model_fingerprint": "0f".repeat(16), "backend": backend,
+            "address": "00ff", "rkey": "10", "blocks": [{"addr": 4096, "len": 128}],
             "layout": {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "block_size": 16,
                        "dtype": dtype, "block_bytes": 368640},
             "num_tokens": 5, "first_token": {"id": 7, "text": "a"}, "seed": 1,
@@ -690,6 +697,12 @@ mod tests {
         assert_eq!(handle.backend, KvTransportKind::CudaIpc);
         assert_eq!(handle.layout.dtype, KvDTypeSpec::Bf16);
         assert_eq!(serde_json::to_value(&handle).unwrap(), json);
+        // An older peer's handle has no fingerprint: it reads as empty (and is refused as
+        // another model's).
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("model_fingerprint");
+        let handle: KvHandle = serde_json::from_value(old).unwrap();
+        assert_eq!(handle.model_fingerprint, "");
         // A newer peer's transport or dtype still reads, for the decode worker to refuse
         // (a local prefill, or a layout mismatch), and goes out again unchanged.
         let json = handle_json("rdma", "fp8");

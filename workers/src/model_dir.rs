@@ -5,6 +5,8 @@
 //! `worker generate` and the bus roles load through here, so both run the same tokenizer,
 //! detokenizer and stop handling over the same weights — the reason their outputs agree.
 
+pub mod fingerprint;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,6 +17,8 @@ use thiserror::Error;
 
 use crate::engine::{TextDecoder, TokenizerText};
 use crate::model::ModelError;
+
+pub use fingerprint::model_fingerprint;
 
 #[derive(Debug, Error)]
 pub enum ModelDirError {

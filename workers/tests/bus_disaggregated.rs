@@ -137,7 +137,7 @@ async fn prefill(
     })
     .await;
     match prefill.last().cloned() {
-        Some(StreamMessage::KvReady { handle }) => handle,
+        Some(StreamMessage::KvReady { handle }) => *handle,
         _ => panic!("no kv_ready: {prefill:?}"),
     }
 }
@@ -364,6 +364,80 @@ async fn a_layout_mismatch_is_an_error_never_garbage() {
         }
         other => panic!("expected an error, got {other:?}"),
     }
+}
+
+/// The test model under another name in a temporary directory, the same but for one more
+/// key in its config.json: a model of the same shapes (so of the same KV layout) with another
+/// fingerprint. The weights are hard-linked (copied where links fail).
+fn variant_of_model(dir: &Path) -> PathBuf {
+    let variant = std::env::temp_dir().join(format!("tandem-model-variant-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&variant);
+    std::fs::create_dir_all(&variant).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let from = entry.unwrap().path();
+        let to = variant.join(from.file_name().unwrap());
+        if from.file_name().unwrap() == "config.json" {
+            let mut config: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&from).unwrap()).unwrap();
+            config["tandem_test_variant"] = serde_json::json!(1);
+            std::fs::write(&to, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        } else if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+    variant
+}
+
+/// A decode worker refuses the KV of another model even when its layout matches (issue 16),
+/// and serves on: the same job without a handle is then prefilled locally and answered.
+#[tokio::test]
+async fn a_handle_of_another_model_is_refused_and_the_worker_serves_on() {
+    let nats = Nats::start();
+    let url = &nats.url;
+    let variant = variant_of_model(&model_dir());
+    let _context = start_worker(url, "context", "ctx", &[]);
+    let _decode = start_worker_on(&variant, url, "decode", "dec", &[]);
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let expected = reference("Hi", 4, None);
+    let mut job = job("other-model", prompt_ids(&expected), 4, None);
+    let mut stream = client.subscribe(job.stream_subject.clone()).await.unwrap();
+    let handle = prefill(&client, &mut stream, &job).await;
+    assert_eq!(handle.model_fingerprint.len(), 32, "{handle:?}");
+    job.kv = Some(handle);
+    let refused = decode(&client, &mut stream, &job).await;
+    assert!(
+        !refused
+            .iter()
+            .any(|m| matches!(m, StreamMessage::Tokens { .. })),
+        "no token from another model's cache: {refused:?}"
+    );
+    match refused.last() {
+        Some(StreamMessage::Error { message }) => {
+            assert!(message.contains("KV of another model"), "{message}")
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // Alive and serving: the prompt prefilled by the decode worker itself (the variant's
+    // weights are the same, so its tokens are the reference's).
+    let mut local = job.clone();
+    local.request_id = "other-model-local".into();
+    local.stream_subject = Subjects::new(SERVED).stream(&local.request_id);
+    local.kv = None;
+    let mut stream = client
+        .subscribe(local.stream_subject.clone())
+        .await
+        .unwrap();
+    let served = decode(&client, &mut stream, &local).await;
+    let tokens: Vec<u32> = served
+        .iter()
+        .filter_map(|m| match m {
+            StreamMessage::Tokens { tokens, .. } => Some(tokens.iter().map(|t| t.id)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(tokens, output_ids(&expected), "{served:?}");
+    let _ = std::fs::remove_dir_all(&variant);
 }
 
 /// The model of the GPU test: `TANDEM_GPU_TEST_MODEL`, else the `tiny` test model.

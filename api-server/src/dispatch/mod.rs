@@ -361,7 +361,7 @@ impl Generation {
             match message {
                 StreamMessage::Accepted { .. } => continue,
                 StreamMessage::KvReady { handle } => {
-                    self.hand_over(handle).await?;
+                    self.hand_over(*handle).await?;
                     continue;
                 }
                 StreamMessage::KvPulled {

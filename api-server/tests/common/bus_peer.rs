@@ -98,6 +98,7 @@ pub fn fake_handle(context_id: &str, job: &GenerateJob) -> KvHandle {
     let num_tokens = job.prompt_ids.len() as u32;
     let blocks = num_tokens.div_ceil(FAKE_BLOCK_TOKENS) as u64;
     KvHandle {
+        model_fingerprint: String::new(),
         worker_id: context_id.into(),
         backend: "scripted".into(),
         address: job.request_id.bytes().map(|b| format!("{b:02x}")).collect(),
@@ -375,7 +376,13 @@ impl Answerer {
             _ => {
                 self.send(&job, self.accepted()).await;
                 let handle = fake_handle(&self.id, &job);
-                self.send(&job, StreamMessage::KvReady { handle }).await;
+                self.send(
+                    &job,
+                    StreamMessage::KvReady {
+                        handle: Box::new(handle),
+                    },
+                )
+                .await;
             }
         }
     }

@@ -58,6 +58,9 @@ pub struct BusSettings {
     /// Credentials and TLS for the connection.
     pub nats_auth: tandem_cli::args::NatsAuthArgs,
     pub served_name: String,
+    /// [`crate::model_dir::model_fingerprint`] of the served model: in every KV handle this
+    /// worker exports, and what handles it pulls must name.
+    pub model_fingerprint: String,
     pub worker_id: String,
     pub role: WorkerRole,
     pub device: String,
@@ -104,6 +107,7 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
         identity: Identity {
             worker_id: settings.worker_id.clone(),
             served_name: settings.served_name.clone(),
+            model_fingerprint: settings.model_fingerprint.clone(),
             role: settings.role,
             device: settings.device.clone(),
             total_kv_blocks: settings.total_kv_blocks,

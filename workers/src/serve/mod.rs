@@ -95,6 +95,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         return Err(ServeError::GpuMemoryFraction(args.gpu_memory_fraction));
     }
     check_model_dir(&model_dir)?;
+    let model_fingerprint = crate::model_dir::model_fingerprint(&model_dir)?;
     let served_name = args
         .served_model_name
         .clone()
@@ -146,6 +147,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         model = %model_dir.display(),
         served_name,
         worker_id,
+        model_fingerprint,
         device = args.device,
         backend,
         kv_blocks = total_blocks,
@@ -184,6 +186,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         nats_url: args.nats.clone(),
         nats_auth: args.nats_auth.clone(),
         served_name,
+        model_fingerprint,
         worker_id,
         role,
         device: args.device.clone(),

@@ -29,6 +29,8 @@ pub(super) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) struct Identity {
     pub worker_id: String,
     pub served_name: String,
+    /// The served model directory's fingerprint (KV handles carry it).
+    pub model_fingerprint: String,
     pub role: WorkerRole,
     pub device: String,
     pub total_kv_blocks: usize,

@@ -169,6 +169,7 @@ impl ContextRole {
                         let handle = kv_handle(
                             &HandleSource {
                                 worker_id: &self.worker.identity.worker_id,
+                                model_fingerprint: &self.worker.identity.model_fingerprint,
                                 backend: &backend,
                                 layout: &self.exporter.kv.layout,
                             },
@@ -190,7 +191,9 @@ impl ContextRole {
                             %backend,
                             "prefill done, KV exported"
                         );
-                        vec![StreamMessage::KvReady { handle }]
+                        vec![StreamMessage::KvReady {
+                            handle: Box::new(handle),
+                        }]
                     }
                     (first, exported) => {
                         locked(&self.ledger).unreserve(prompt_tokens);

@@ -39,6 +39,7 @@ pub fn exports_on_device(reader: Option<&KvPeer>, host_id: &str, has_cuda_ipc: b
 /// Who exports: the worker, its transport and its cache layout.
 pub struct HandleSource<'a> {
     pub worker_id: &'a str,
+    pub model_fingerprint: &'a str,
     pub backend: &'a KvTransportKind,
     pub layout: &'a KvLayout,
 }
@@ -54,6 +55,7 @@ pub fn kv_handle(
 ) -> KvHandle {
     let HandleSource {
         worker_id,
+        model_fingerprint,
         backend,
         layout,
     } = *source;
@@ -72,6 +74,7 @@ pub fn kv_handle(
     };
     KvHandle {
         worker_id: worker_id.to_owned(),
+        model_fingerprint: model_fingerprint.to_owned(),
         backend: backend.clone(),
         address,
         rkey,
@@ -176,6 +179,7 @@ pub(super) mod fixtures {
         };
         let source = HandleSource {
             worker_id: "ctx",
+            model_fingerprint: "0f0f",
             backend: &KvTransportKind::Ucx,
             layout: &layout(),
         };

@@ -135,7 +135,15 @@ impl KvPuller {
     ) {
         let started = Instant::now();
         let own = layout_spec(&self.kv.layout);
-        let pull = if handle.layout != own {
+        let own_model = &worker.identity.model_fingerprint;
+        let pull = if handle.model_fingerprint != *own_model {
+            Pull::LayoutMismatch(format!(
+                "KV of another model: context worker {} serves the model with fingerprint {:?}, \
+                 decode worker {} the one with {own_model:?} (workers of one served name must \
+                 load the same model directory: same config and weights)",
+                handle.worker_id, handle.model_fingerprint, worker.identity.worker_id
+            ))
+        } else if handle.layout != own {
             Pull::LayoutMismatch(format!(
                 "KV layout mismatch: context worker {} has {:?}, decode worker {} has {:?} \
                  (both must serve the same model with the same block size and KV dtype)",
