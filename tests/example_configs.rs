@@ -69,8 +69,9 @@ fn example_configs_parse_and_validate() {
         .url
         .as_deref()
         .expect("multi-host.yaml names its NATS server");
+    // Over TLS: a bus between hosts carries prompts and tokens (docs/security.md).
     assert!(
-        nats.starts_with("nats://") && !nats.contains("127.0.0.1"),
+        nats.starts_with("tls://") && !nats.contains("127.0.0.1"),
         "{nats}"
     );
     assert_eq!(hosts.hostname, "0.0.0.0");
@@ -85,6 +86,13 @@ fn example_configs_parse_and_validate() {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/configs/multi-host.yaml"),
     )
     .unwrap();
+    // And it points to the least-privilege NATS users, credentials in the environment.
+    for needle in [
+        "examples/nats/permissions.conf",
+        "TANDEM_NATS_PASSWORD_FILE",
+    ] {
+        assert!(text.contains(needle), "multi-host.yaml mentions {needle}");
+    }
     for part in ["api-server", "context", "generation"] {
         assert!(
             text.contains(&format!("tandem serve -c multi-host.yaml --only {part}")),

@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::tandem;
+use tandem_test_kit::prometheus::metric;
 use tandem_test_kit::{
-    Http, Nats, Proc, assert_no_command_line_shows, free_port, model_dir, temp_dir,
+    ApiServer, Http, Nats, Proc, WorkerSpec, assert_no_command_line_shows, free_port, model_dir,
+    start_worker, temp_dir,
 };
 
 const PASSWORD: &str = "pw-s3cret-5a1e";
@@ -168,4 +170,142 @@ fn an_external_nats_over_tls_with_a_test_ca() {
         refused.output()
     );
     drop(nats);
+}
+
+/// A raw NATS client: connects to 127.0.0.1:`port` as `user`, publishes one message on
+/// `subject`, and returns what the server answered up to the PONG of a PING sent after it
+/// (a `-ERR 'Permissions Violation ...'` line when the user may not publish there).
+fn publish_as(port: u16, user: &str, password: &str, subject: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut info = String::new();
+    reader.read_line(&mut info).unwrap();
+    assert!(info.starts_with("INFO"), "{info}");
+    let connect = json!({"user": user, "pass": password, "verbose": false, "pedantic": false});
+    let mut writer = stream;
+    write!(
+        writer,
+        "CONNECT {connect}\r\nPUB {subject} 6\r\nforged\r\nPING\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        answer.push_str(&line);
+        if line.starts_with("PONG") || line.contains("Authorization Violation") {
+            break;
+        }
+    }
+    answer
+}
+
+/// The least-privilege users of `examples/nats/permissions.conf` (docs/security.md), for this
+/// test's served name and with the passwords written in: an api-server, a context worker and
+/// a decode worker, each connecting as its own user, serve a disaggregated request; the
+/// decode worker's user cannot publish the context worker's heartbeat or a job, and may
+/// publish on a request's stream.
+#[test]
+fn least_privilege_users_serve_and_cannot_pose_as_another_worker() {
+    let dir = temp_dir("nats-permissions");
+    let served = "perm-test";
+    let passwords = [
+        ("api", "pw-api-1f"),
+        ("ctx-a", "pw-ctx-2e"),
+        ("dec-a", "pw-dec-3d"),
+    ];
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nats/permissions.conf"),
+    )
+    .unwrap();
+    let config = example
+        .replace("llama-3_1-8b", served)
+        .replace(
+            "$TANDEM_API_NATS_PASSWORD",
+            &format!("\"{}\"", passwords[0].1),
+        )
+        .replace(
+            "$TANDEM_CTX_A_NATS_PASSWORD",
+            &format!("\"{}\"", passwords[1].1),
+        )
+        .replace(
+            "$TANDEM_DEC_A_NATS_PASSWORD",
+            &format!("\"{}\"", passwords[2].1),
+        );
+    let nats = Nats::start_with_config(&dir, &config);
+    let password_file = |user: &str, password: &str| {
+        let path = dir.join(format!("{user}.password"));
+        std::fs::write(&path, password).unwrap();
+        path.display().to_string()
+    };
+    let files: Vec<String> = passwords
+        .iter()
+        .map(|(user, password)| password_file(user, password))
+        .collect();
+    let model = model_dir("tiny");
+    let worker = |role: &'static str, id: &'static str, file: &str| {
+        let extra = ["--nats-user", id, "--nats-password-file", file];
+        let spec = WorkerSpec {
+            role,
+            worker_id: id,
+            served_model_name: served,
+            threads: 1,
+            heartbeat_ms: 200,
+            extra: &extra,
+        };
+        start_worker(&nats.url, &model, &spec)
+    };
+    let _context = worker("context", "ctx-a", &files[1]);
+    let _decode = worker("decode", "dec-a", &files[2]);
+    let api = ApiServer::start(
+        &nats,
+        &model,
+        served,
+        &[
+            "--nats-user",
+            "api",
+            "--nats-password-file",
+            &files[0],
+            // Every prompt is prefilled by the context worker.
+            "--max-local-prefill-length",
+            "0",
+        ],
+    );
+    api.http
+        .wait_for_role("context", 1, Duration::from_secs(30));
+    api.http.wait_for_role("decode", 1, Duration::from_secs(30));
+    let reply = api.http.post(
+        "/v1/completions",
+        &json!({"model": served, "prompt": "Hello there", "max_tokens": 4}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let metrics = api.http.get("/metrics").body;
+    assert_eq!(
+        metric(&metrics, "tandem_requests_disaggregated_total", ""),
+        Some(1.0),
+        "the context worker prefilled it and the decode worker pulled it: {metrics}"
+    );
+
+    let (user, password) = passwords[2];
+    let heartbeat = format!("tandem.{served}.heartbeat.context.ctx-a");
+    let job = format!("tandem.{served}.prefill.ctx-a");
+    for forbidden in [&heartbeat, &job] {
+        let answer = publish_as(nats.port, user, password, forbidden);
+        assert!(
+            answer.contains("Permissions Violation for Publish"),
+            "{user} published on {forbidden}: {answer}"
+        );
+    }
+    let stream = format!("tandem.{served}.stream.nobody");
+    let answer = publish_as(nats.port, user, password, &stream);
+    assert!(
+        answer.contains("PONG") && !answer.contains("-ERR"),
+        "{user} may publish on a stream: {answer}"
+    );
 }
