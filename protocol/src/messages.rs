@@ -208,7 +208,8 @@ pub struct KvHandle {
     /// The fingerprint of the context worker's model directory (config, weight headers and
     /// samples of the weights, 32 hex digits): a decode worker serving another model refuses
     /// the handle, since the layouts of two models of the same shapes agree. Empty from a
-    /// worker that predates it, which is refused the same way.
+    /// context worker or api-server that predates it (a rolling upgrade): such a handle is
+    /// checked by its layout only, with a warning.
     #[serde(default)]
     pub model_fingerprint: String,
     /// The transport that exported the blocks (`ucx`, `cuda-ipc`; tests use `in-process`).
@@ -697,8 +698,8 @@ mod tests {
         assert_eq!(handle.backend, KvTransportKind::CudaIpc);
         assert_eq!(handle.layout.dtype, KvDTypeSpec::Bf16);
         assert_eq!(serde_json::to_value(&handle).unwrap(), json);
-        // An older peer's handle has no fingerprint: it reads as empty (and is refused as
-        // another model's).
+        // An older peer's handle has no fingerprint: it reads as empty (checked by its layout
+        // only).
         let mut old = json.clone();
         old.as_object_mut().unwrap().remove("model_fingerprint");
         let handle: KvHandle = serde_json::from_value(old).unwrap();

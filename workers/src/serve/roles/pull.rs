@@ -136,7 +136,17 @@ impl KvPuller {
         let started = Instant::now();
         let own = layout_spec(&self.kv.layout);
         let own_model = &worker.identity.model_fingerprint;
-        let pull = if handle.model_fingerprint != *own_model {
+        if handle.model_fingerprint.is_empty() {
+            // From a context worker, or through an api-server, that predates fingerprints
+            // (a rolling upgrade): the layout check below is all there is.
+            tracing::warn!(
+                context_worker = handle.worker_id,
+                "a KV handle without a model fingerprint (an older context worker or \
+                 api-server); checked by its layout only"
+            );
+        }
+        let pull = if !handle.model_fingerprint.is_empty() && handle.model_fingerprint != *own_model
+        {
             Pull::LayoutMismatch(format!(
                 "KV of another model: context worker {} serves the model with fingerprint {:?}, \
                  decode worker {} the one with {own_model:?} (workers of one served name must \
