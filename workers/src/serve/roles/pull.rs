@@ -26,6 +26,7 @@ use crate::engine::ImportedPrefill;
 use crate::sampler::SampledToken;
 use crate::serve::bus::BusSettings;
 use crate::serve::job::generation_request;
+use crate::serve::worker::Identity;
 use crate::serve::worker::{Worker, locked, publish_bounded, unix_ms};
 use crate::transfer::{PulledKv, RemoteKv, TransferError};
 
@@ -135,24 +136,8 @@ impl KvPuller {
     ) {
         let started = Instant::now();
         let own = layout_spec(&self.kv.layout);
-        let own_model = &worker.identity.model_fingerprint;
-        if handle.model_fingerprint.is_empty() {
-            // From a context worker, or through an api-server, that predates fingerprints
-            // (a rolling upgrade): the layout check below is all there is.
-            tracing::warn!(
-                context_worker = handle.worker_id,
-                "a KV handle without a model fingerprint (an older context worker or \
-                 api-server); checked by its layout only"
-            );
-        }
-        let pull = if !handle.model_fingerprint.is_empty() && handle.model_fingerprint != *own_model
-        {
-            Pull::LayoutMismatch(format!(
-                "KV of another model: context worker {} serves the model with fingerprint {:?}, \
-                 decode worker {} the one with {own_model:?} (workers of one served name must \
-                 load the same model directory: same config and weights)",
-                handle.worker_id, handle.model_fingerprint, worker.identity.worker_id
-            ))
+        let pull = if let Some(mismatch) = model_mismatch(&handle, &worker.identity) {
+            Pull::LayoutMismatch(mismatch)
         } else if handle.layout != own {
             Pull::LayoutMismatch(format!(
                 "KV layout mismatch: context worker {} has {:?}, decode worker {} has {:?} \
@@ -335,6 +320,28 @@ const CUDA_IPC_HANDLE_HEX: usize = 128;
 /// tokens need, its addressing fields are bounded, and a CUDA IPC handle's regions lie inside
 /// the allocation it announces. A handle that fails is a failed pull (a local prefill), never
 /// a read of memory it did not describe. (The layout is compared before.)
+/// Why `handle` holds another model's K/V than `own` serves, if it names one. A handle without
+/// a fingerprint comes from a context worker, or through an api-server, older than the field
+/// (a rolling upgrade): it passes, with a warning, and its layout is all that is checked.
+fn model_mismatch(handle: &KvHandle, own: &Identity) -> Option<String> {
+    if handle.model_fingerprint.is_empty() {
+        tracing::warn!(
+            context_worker = handle.worker_id,
+            "a KV handle without a model fingerprint (an older context worker or api-server); \
+             checked by its layout only"
+        );
+        return None;
+    }
+    (handle.model_fingerprint != own.model_fingerprint).then(|| {
+        format!(
+            "KV of another model: context worker {} serves the model with fingerprint {:?}, \
+             decode worker {} the one with {:?} (workers of one served name must load the \
+             same model directory: same config and weights)",
+            handle.worker_id, handle.model_fingerprint, own.worker_id, own.model_fingerprint
+        )
+    })
+}
+
 fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> Result<(), String> {
     let tokens = handle.num_tokens as usize;
     if tokens == 0 || tokens != prompt_tokens {
@@ -421,6 +428,34 @@ mod tests {
             fixtures::handle(1, u64::MAX),
             layout_spec(&fixtures::layout()),
         )
+    }
+
+    #[test]
+    fn a_handle_of_another_model_is_refused_and_one_without_a_fingerprint_passes() {
+        let (handle, _) = valid_handle();
+        let own = |fingerprint: &str| Identity {
+            worker_id: "dec".into(),
+            served_name: "m".into(),
+            model_fingerprint: fingerprint.into(),
+            role: tandem_protocol::messages::WorkerRole::Decode,
+            device: "cpu".into(),
+            total_kv_blocks: 8,
+            heartbeat: Duration::from_secs(1),
+        };
+        assert_eq!(
+            model_mismatch(&handle, &own(&handle.model_fingerprint)),
+            None
+        );
+        let refused = model_mismatch(&handle, &own("1234")).expect("another model");
+        assert!(
+            refused.contains("KV of another model") && refused.contains("\"1234\""),
+            "{refused}"
+        );
+        let older = KvHandle {
+            model_fingerprint: String::new(),
+            ..handle
+        };
+        assert_eq!(model_mismatch(&older, &own("1234")), None);
     }
 
     #[test]
