@@ -1,7 +1,9 @@
 //! Deployments against external nats-servers (issue 16). One wants a user and password:
 //! `tandem serve` with the credentials in its environment serves, the password is on no
 //! command line and in no log line; without the password, or with a wrong one, the deployment
-//! does not start, and says why. One speaks only TLS, with a CA made in the test.
+//! does not start, and says why. One wants an NKey (the seed in a file), one speaks only TLS
+//! with a CA made in the test, one also verifies client certificates. One has a user per
+//! component with least-privilege subject permissions (examples/nats/permissions.conf).
 //!
 //! Needs `$TANDEM_TEST_MODELS/tiny`, nats-server and the workspace binaries.
 
@@ -110,9 +112,18 @@ fn an_external_nats_with_user_and_password() {
     drop(nats);
 }
 
-/// A CA, and a certificate it signs for 127.0.0.1 and localhost, as PEM files in `dir`:
-/// (CA certificate, server certificate, server key).
-fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+/// The PEM files of [`test_ca`].
+struct TestCa {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+/// A CA, a certificate it signs for 127.0.0.1 and localhost, and a client certificate it
+/// signs, as PEM files in `dir`.
+fn test_ca(dir: &Path) -> TestCa {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -123,15 +134,24 @@ fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         .unwrap()
         .signed_by(&server_key, &ca, &ca_key)
         .unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, server.pem()).unwrap();
-    std::fs::write(&paths.2, server_key.serialize_pem()).unwrap();
-    paths
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["tandem-client".to_string()])
+        .unwrap()
+        .signed_by(&client_key, &ca, &ca_key)
+        .unwrap();
+    let files = TestCa {
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    };
+    std::fs::write(&files.ca, ca.pem()).unwrap();
+    std::fs::write(&files.server_cert, server.pem()).unwrap();
+    std::fs::write(&files.server_key, server_key.serialize_pem()).unwrap();
+    std::fs::write(&files.client_cert, client.pem()).unwrap();
+    std::fs::write(&files.client_key, client_key.serialize_pem()).unwrap();
+    files
 }
 
 /// A deployment against an external nats-server that speaks only TLS, with a CA made here:
@@ -140,18 +160,18 @@ fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 #[test]
 fn an_external_nats_over_tls_with_a_test_ca() {
     let dir = temp_dir("nats-tls");
-    let (ca, cert, key) = test_ca(&dir);
+    let files = test_ca(&dir);
     let nats = Nats::start_with_config(
         &dir,
         &format!(
             "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
-            cert.display(),
-            key.display()
+            files.server_cert.display(),
+            files.server_key.display()
         ),
     );
     let (config, port) = deploy_config(&dir, "tls", &nats.url);
 
-    let ca = ca.to_str().expect("a UTF-8 temp path");
+    let ca = files.ca.to_str().expect("a UTF-8 temp path");
     let mut serving = launcher(&config, &[("TANDEM_NATS_TLS_CA", ca)]);
     serving.wait_for_line("tandem: serving", Duration::from_secs(120));
     let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
@@ -163,6 +183,104 @@ fn an_external_nats_over_tls_with_a_test_ca() {
     assert!(serving.wait_exit(Duration::from_secs(60)).success());
 
     let mut refused = launcher(&config, &[]);
+    assert!(!refused.wait_exit(Duration::from_secs(90)).success());
+    assert!(
+        refused.output().contains("cannot connect to NATS"),
+        "{}",
+        refused.output()
+    );
+    drop(nats);
+}
+
+/// A deployment against a nats-server that verifies client certificates (`verify: true`):
+/// with the client certificate and key of the test CA (`TANDEM_NATS_TLS_CERT`,
+/// `TANDEM_NATS_TLS_KEY`) it serves; with the CA alone, the server refuses it.
+#[test]
+fn an_external_nats_that_verifies_client_certificates() {
+    let dir = temp_dir("nats-mtls");
+    let files = test_ca(&dir);
+    let nats = Nats::start_with_config(
+        &dir,
+        &format!(
+            "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}",
+            files.server_cert.display(),
+            files.server_key.display(),
+            files.ca.display()
+        ),
+    );
+    let (config, port) = deploy_config(&dir, "mtls", &nats.url);
+    let path = |p: &PathBuf| p.to_str().expect("a UTF-8 temp path").to_owned();
+    let (ca, cert, key) = (
+        path(&files.ca),
+        path(&files.client_cert),
+        path(&files.client_key),
+    );
+    let mut serving = launcher(
+        &config,
+        &[
+            ("TANDEM_NATS_TLS_CA", &ca),
+            ("TANDEM_NATS_TLS_CERT", &cert),
+            ("TANDEM_NATS_TLS_KEY", &key),
+        ],
+    );
+    serving.wait_for_line("tandem: serving", Duration::from_secs(120));
+    let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
+        "/v1/completions",
+        &json!({"model": "mtls", "prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    serving.signal(libc::SIGTERM);
+    assert!(serving.wait_exit(Duration::from_secs(60)).success());
+
+    let mut refused = launcher(&config, &[("TANDEM_NATS_TLS_CA", &ca)]);
+    assert!(!refused.wait_exit(Duration::from_secs(90)).success());
+    assert!(
+        refused.output().contains("cannot connect to NATS"),
+        "{}",
+        refused.output()
+    );
+    drop(nats);
+}
+
+/// A deployment against a nats-server whose user is an NKey: with the seed in a file
+/// (`TANDEM_NATS_NKEY_FILE`) it serves, and the seed is on no command line and in no log
+/// line; with another user's seed it is refused.
+#[test]
+fn an_external_nats_with_an_nkey() {
+    let dir = temp_dir("nats-nkey");
+    let user = nkeys::KeyPair::new_user();
+    let nats = Nats::start_with_config(
+        &dir,
+        &format!(
+            "authorization {{ users: [ {{ nkey: \"{}\" }} ] }}",
+            user.public_key()
+        ),
+    );
+    let (config, port) = deploy_config(&dir, "nkey", &nats.url);
+    let seed = user.seed().unwrap();
+    let seed_file = dir.join("user.nk");
+    std::fs::write(&seed_file, &seed).unwrap();
+    let seed_path = seed_file.to_str().expect("a UTF-8 temp path").to_owned();
+
+    let mut serving = launcher(&config, &[("TANDEM_NATS_NKEY_FILE", &seed_path)]);
+    serving.wait_for_line("tandem: serving", Duration::from_secs(120));
+    let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
+        "/v1/completions",
+        &json!({"model": "nkey", "prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_no_command_line_shows(serving.pid(), &seed);
+    serving.signal(libc::SIGTERM);
+    assert!(serving.wait_exit(Duration::from_secs(60)).success());
+    assert!(
+        !serving.output().contains(&seed),
+        "a log line shows the seed"
+    );
+
+    let stranger = dir.join("stranger.nk");
+    std::fs::write(&stranger, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    let stranger = stranger.to_str().expect("a UTF-8 temp path").to_owned();
+    let mut refused = launcher(&config, &[("TANDEM_NATS_NKEY_FILE", &stranger)]);
     assert!(!refused.wait_exit(Duration::from_secs(90)).success());
     assert!(
         refused.output().contains("cannot connect to NATS"),
