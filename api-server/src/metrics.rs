@@ -128,6 +128,7 @@ pub struct Metrics {
     /// Cumulative counts a worker reports in its heartbeats (see [`mirror_counter`]).
     kv_expirations: IntCounterVec,
     kv_releases: IntCounterVec,
+    kv_unmatched_releases: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -265,6 +266,11 @@ impl Metrics {
             "tandem_kv_releases_total",
             "KV exports decode workers released on a context worker (since its start)",
         );
+        let kv_unmatched_releases = context_counter(
+            "tandem_kv_unmatched_releases_total",
+            "KV releases a context worker got for no export it held: late (after expiry), \
+             repeated, or foreign (since its start)",
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -287,6 +293,7 @@ impl Metrics {
             kv_pinned_tokens,
             kv_expirations,
             kv_releases,
+            kv_unmatched_releases,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
@@ -309,6 +316,7 @@ impl Metrics {
             Box::new(metrics.kv_pinned_tokens.clone()),
             Box::new(metrics.kv_expirations.clone()),
             Box::new(metrics.kv_releases.clone()),
+            Box::new(metrics.kv_unmatched_releases.clone()),
         ];
         for collector in collectors {
             metrics
@@ -412,6 +420,11 @@ impl Metrics {
                 .set(stats.pinned_tokens as i64);
             mirror_counter(&self.kv_expirations, &worker, stats.expirations);
             mirror_counter(&self.kv_releases, &worker, stats.releases);
+            mirror_counter(
+                &self.kv_unmatched_releases,
+                &worker,
+                stats.unmatched_releases,
+            );
         }
     }
 
@@ -430,7 +443,11 @@ impl Metrics {
         for gauge in [&self.kv_pinned_blocks, &self.kv_pinned_tokens] {
             let _ = gauge.remove_label_values(&worker);
         }
-        for counter in [&self.kv_expirations, &self.kv_releases] {
+        for counter in [
+            &self.kv_expirations,
+            &self.kv_releases,
+            &self.kv_unmatched_releases,
+        ] {
             let _ = counter.remove_label_values(&worker);
         }
     }

@@ -496,6 +496,7 @@ mod tests {
             pinned_tokens: 40,
             expirations: 2,
             releases: 5,
+            unmatched_releases: 1,
         });
         registry.observe(beat.clone(), start);
         beat.kv_transfer = Some(KvTransferStats {
@@ -503,6 +504,7 @@ mod tests {
             pinned_tokens: 16,
             expirations: 4,
             releases: 9,
+            unmatched_releases: 3,
         });
         registry.observe(beat.clone(), start);
         let text = metrics.render();
@@ -511,6 +513,7 @@ mod tests {
             "tandem_kv_pinned_tokens{worker_id=\"ctx\"} 16",
             "tandem_kv_expirations_total{worker_id=\"ctx\"} 4",
             "tandem_kv_releases_total{worker_id=\"ctx\"} 9",
+            "tandem_kv_unmatched_releases_total{worker_id=\"ctx\"} 3",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

@@ -366,6 +366,7 @@ fn failed_pulls_and_context_heartbeats_show_in_metrics_and_health() {
         pinned_tokens: 40,
         expirations: 2,
         releases: 7,
+        unmatched_releases: 0,
     };
     let d = deploy_with(&["ctx-a"], Some(stats), &[]);
     let (_, text, _, _) = read_stream(&d.server, &streamed_chat(SCRIPT_PULL_FAILS));

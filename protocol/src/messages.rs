@@ -515,6 +515,11 @@ pub struct KvTransferStats {
     pub expirations: u64,
     /// Handles released by decode workers, since start.
     pub releases: u64,
+    /// Releases that matched no held export, since start: late (after the export expired),
+    /// repeated, or sent by something other than the decode worker that pulled it. Absent
+    /// from older workers (0).
+    #[serde(default)]
+    pub unmatched_releases: u64,
 }
 
 #[cfg(test)]

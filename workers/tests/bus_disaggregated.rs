@@ -440,6 +440,42 @@ async fn a_handle_of_another_model_is_refused_and_the_worker_serves_on() {
     let _ = std::fs::remove_dir_all(&variant);
 }
 
+/// A release for an export the context worker never made (forged, or late) is dropped and
+/// counted in its heartbeat (`tandem_kv_unmatched_releases_total` on the api-server), and the
+/// worker goes on heartbeating.
+#[tokio::test]
+async fn a_foreign_release_is_counted_and_ignored() {
+    let nats = Nats::start();
+    let _context = start_worker(&nats.url, "context", "ctx", &[]);
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let mut heartbeats = client
+        .subscribe(Subjects::new(SERVED).heartbeat_all())
+        .await
+        .unwrap();
+    let release = messages::KvRelease {
+        request_id: "never-exported".into(),
+    };
+    client
+        .publish(
+            Subjects::new(SERVED).kv_release("ctx"),
+            messages::encode(&release).into(),
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no heartbeat counted the release"
+        );
+        let stats = next_heartbeat(&mut heartbeats).await.kv_transfer.unwrap();
+        if stats.unmatched_releases == 1 {
+            assert_eq!((stats.releases, stats.pinned_blocks), (0, 0));
+            break;
+        }
+    }
+}
+
 /// The model of the GPU test: `TANDEM_GPU_TEST_MODEL`, else the `tiny` test model.
 fn gpu_model_dir() -> PathBuf {
     let dir = std::env::var_os("TANDEM_GPU_TEST_MODEL")

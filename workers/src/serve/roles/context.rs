@@ -264,6 +264,13 @@ impl ContextRole {
             Ok(release) => {
                 if locked(&self.ledger).release(&release.request_id) {
                     tracing::debug!(request_id = release.request_id, "KV released");
+                } else {
+                    // Counted in the heartbeat (tandem_kv_unmatched_releases_total); a flood
+                    // of forged releases must not flood the log too.
+                    tracing::debug!(
+                        request_id = release.request_id,
+                        "a KV release for no held export (late, repeated or foreign): ignored"
+                    );
                 }
                 self.sweep().await;
             }

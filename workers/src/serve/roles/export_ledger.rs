@@ -39,6 +39,8 @@ pub struct ExportLedger {
     tokens: usize,
     expirations: u64,
     releases: u64,
+    /// Releases of no held export ([`KvTransferStats::unmatched_releases`]).
+    unmatched_releases: u64,
     /// Expired exports and when they may be unregistered.
     lingering: Vec<(Instant, Exported)>,
 }
@@ -52,6 +54,7 @@ impl ExportLedger {
             tokens: 0,
             expirations: 0,
             releases: 0,
+            unmatched_releases: 0,
             lingering: Vec::new(),
         }
     }
@@ -91,8 +94,8 @@ impl ExportLedger {
         }
     }
 
-    /// The decode worker has the K/V (or gave up on it): free it. False if unknown (already
-    /// expired or released).
+    /// The decode worker has the K/V (or gave up on it): free it. False, and counted, if no
+    /// export of `request_id` is held (already expired or released, or never made here).
     pub fn release(&mut self, request_id: &str) -> bool {
         match self.held.remove(request_id) {
             Some(held) => {
@@ -100,7 +103,10 @@ impl ExportLedger {
                 self.releases += 1;
                 true
             }
-            None => false,
+            None => {
+                self.unmatched_releases += 1;
+                false
+            }
         }
     }
 
@@ -136,6 +142,7 @@ impl ExportLedger {
             pinned_tokens: self.held.values().map(|held| held.tokens as u32).sum(),
             expirations: self.expirations,
             releases: self.releases,
+            unmatched_releases: self.unmatched_releases,
         }
     }
 }
@@ -195,6 +202,7 @@ mod tests {
         assert_eq!(ledger.stats().pinned_blocks, 5);
         assert!(ledger.release("a"));
         assert!(!ledger.release("a"), "released twice");
+        assert!(!ledger.release("never-held"), "a foreign release");
         assert!(ledger.try_reserve(50));
         ledger.unreserve(50);
         let later = Instant::now() + Duration::from_millis(60);
@@ -203,6 +211,10 @@ mod tests {
         assert_eq!(
             (stats.releases, stats.expirations, stats.pinned_tokens),
             (1, 1, 0)
+        );
+        assert_eq!(
+            stats.unmatched_releases, 2,
+            "the repeated and the foreign one"
         );
         assert!(ledger.is_empty());
         // An oversized prompt passes when nothing else is held.
