@@ -57,6 +57,39 @@ fn launcher(config: &Path, env: &[(&str, &str)]) -> Proc {
     Proc::spawn("tandem", command)
 }
 
+/// Runs the deployment of `config` with `env` until it serves, asks it for one completion of
+/// `model` on `port` (200 expected), runs `check` on the running launcher, stops it and
+/// returns its output.
+fn serve_once(
+    config: &Path,
+    port: u16,
+    model: &str,
+    env: &[(&str, &str)],
+    check: impl FnOnce(&Proc),
+) -> String {
+    let mut serving = launcher(config, env);
+    serving.wait_for_line("tandem: serving", Duration::from_secs(120));
+    let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
+        "/v1/completions",
+        &json!({"model": model, "prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    check(&serving);
+    serving.signal(libc::SIGTERM);
+    assert!(serving.wait_exit(Duration::from_secs(60)).success());
+    serving.output()
+}
+
+/// The deployment of `config` with `env` does not start, and says it cannot reach NATS;
+/// returns its output.
+fn refused(config: &Path, env: &[(&str, &str)]) -> String {
+    let mut launched = launcher(config, env);
+    assert!(!launched.wait_exit(Duration::from_secs(90)).success());
+    let out = launched.output();
+    assert!(out.contains("cannot connect to NATS"), "{out}");
+    out
+}
+
 #[test]
 fn an_external_nats_with_user_and_password() {
     let dir = temp_dir("nats-user-password");
@@ -66,26 +99,14 @@ fn an_external_nats_with_user_and_password() {
     );
     let (config, port) = deploy_config(&dir, "authed", &nats.url);
 
-    let mut serving = launcher(
-        &config,
-        &[
-            ("TANDEM_NATS_USER", "svc"),
-            ("TANDEM_NATS_PASSWORD", PASSWORD),
-        ],
-    );
-    serving.wait_for_line("tandem: serving", Duration::from_secs(120));
-    let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
-        "/v1/completions",
-        &json!({"model": "authed", "prompt": "Hi", "max_tokens": 2}),
-    );
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_no_command_line_shows(serving.pid(), PASSWORD);
-    serving.signal(libc::SIGTERM);
-    assert!(serving.wait_exit(Duration::from_secs(60)).success());
-    assert!(
-        !serving.output().contains(PASSWORD),
-        "a log line shows the password"
-    );
+    let credentials = [
+        ("TANDEM_NATS_USER", "svc"),
+        ("TANDEM_NATS_PASSWORD", PASSWORD),
+    ];
+    let out = serve_once(&config, port, "authed", &credentials, |serving| {
+        assert_no_command_line_shows(serving.pid(), PASSWORD)
+    });
+    assert!(!out.contains(PASSWORD), "a log line shows the password");
 
     // Without the password, or with a wrong one, nothing connects: the deployment stops,
     // saying why.
@@ -96,19 +117,14 @@ fn an_external_nats_with_user_and_password() {
         out.contains("needs a password") && out.contains("TANDEM_NATS_PASSWORD"),
         "{out}"
     );
-    let mut wrong = launcher(
+    let out = refused(
         &config,
         &[
             ("TANDEM_NATS_USER", "svc"),
             ("TANDEM_NATS_PASSWORD", "pw-wrong"),
         ],
     );
-    assert!(!wrong.wait_exit(Duration::from_secs(90)).success());
-    let out = wrong.output();
-    assert!(
-        out.contains("cannot connect to NATS") && out.to_lowercase().contains("authorization"),
-        "{out}"
-    );
+    assert!(out.to_lowercase().contains("authorization"), "{out}");
     drop(nats);
 }
 
@@ -172,23 +188,8 @@ fn an_external_nats_over_tls_with_a_test_ca() {
     let (config, port) = deploy_config(&dir, "tls", &nats.url);
 
     let ca = files.ca.to_str().expect("a UTF-8 temp path");
-    let mut serving = launcher(&config, &[("TANDEM_NATS_TLS_CA", ca)]);
-    serving.wait_for_line("tandem: serving", Duration::from_secs(120));
-    let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
-        "/v1/completions",
-        &json!({"model": "tls", "prompt": "Hi", "max_tokens": 2}),
-    );
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    serving.signal(libc::SIGTERM);
-    assert!(serving.wait_exit(Duration::from_secs(60)).success());
-
-    let mut refused = launcher(&config, &[]);
-    assert!(!refused.wait_exit(Duration::from_secs(90)).success());
-    assert!(
-        refused.output().contains("cannot connect to NATS"),
-        "{}",
-        refused.output()
-    );
+    serve_once(&config, port, "tls", &[("TANDEM_NATS_TLS_CA", ca)], |_| {});
+    refused(&config, &[]);
     drop(nats);
 }
 
@@ -215,30 +216,13 @@ fn an_external_nats_that_verifies_client_certificates() {
         path(&files.client_cert),
         path(&files.client_key),
     );
-    let mut serving = launcher(
-        &config,
-        &[
-            ("TANDEM_NATS_TLS_CA", &ca),
-            ("TANDEM_NATS_TLS_CERT", &cert),
-            ("TANDEM_NATS_TLS_KEY", &key),
-        ],
-    );
-    serving.wait_for_line("tandem: serving", Duration::from_secs(120));
-    let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
-        "/v1/completions",
-        &json!({"model": "mtls", "prompt": "Hi", "max_tokens": 2}),
-    );
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    serving.signal(libc::SIGTERM);
-    assert!(serving.wait_exit(Duration::from_secs(60)).success());
-
-    let mut refused = launcher(&config, &[("TANDEM_NATS_TLS_CA", &ca)]);
-    assert!(!refused.wait_exit(Duration::from_secs(90)).success());
-    assert!(
-        refused.output().contains("cannot connect to NATS"),
-        "{}",
-        refused.output()
-    );
+    let client = [
+        ("TANDEM_NATS_TLS_CA", ca.as_str()),
+        ("TANDEM_NATS_TLS_CERT", cert.as_str()),
+        ("TANDEM_NATS_TLS_KEY", key.as_str()),
+    ];
+    serve_once(&config, port, "mtls", &client, |_| {});
+    refused(&config, &[("TANDEM_NATS_TLS_CA", &ca)]);
     drop(nats);
 }
 
@@ -262,31 +246,19 @@ fn an_external_nats_with_an_nkey() {
     std::fs::write(&seed_file, &seed).unwrap();
     let seed_path = seed_file.to_str().expect("a UTF-8 temp path").to_owned();
 
-    let mut serving = launcher(&config, &[("TANDEM_NATS_NKEY_FILE", &seed_path)]);
-    serving.wait_for_line("tandem: serving", Duration::from_secs(120));
-    let reply = Http::new(&format!("http://127.0.0.1:{port}")).post(
-        "/v1/completions",
-        &json!({"model": "nkey", "prompt": "Hi", "max_tokens": 2}),
+    let out = serve_once(
+        &config,
+        port,
+        "nkey",
+        &[("TANDEM_NATS_NKEY_FILE", &seed_path)],
+        |serving| assert_no_command_line_shows(serving.pid(), &seed),
     );
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_no_command_line_shows(serving.pid(), &seed);
-    serving.signal(libc::SIGTERM);
-    assert!(serving.wait_exit(Duration::from_secs(60)).success());
-    assert!(
-        !serving.output().contains(&seed),
-        "a log line shows the seed"
-    );
+    assert!(!out.contains(&seed), "a log line shows the seed");
 
     let stranger = dir.join("stranger.nk");
     std::fs::write(&stranger, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
     let stranger = stranger.to_str().expect("a UTF-8 temp path").to_owned();
-    let mut refused = launcher(&config, &[("TANDEM_NATS_NKEY_FILE", &stranger)]);
-    assert!(!refused.wait_exit(Duration::from_secs(90)).success());
-    assert!(
-        refused.output().contains("cannot connect to NATS"),
-        "{}",
-        refused.output()
-    );
+    refused(&config, &[("TANDEM_NATS_NKEY_FILE", &stranger)]);
     drop(nats);
 }
 

@@ -650,6 +650,29 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
 
 /// Each projection shape of the model at 1, 2, 4 and 8 rows, through the GEMV kernel and through
 /// cuBLAS: weight bytes read per second (the decode step's cost).
+/// Seconds of one `gpu.linear(x, w)` on the device (CUDA events, median of `iters` (at least
+/// 5) after two warm-ups).
+fn time_linear(
+    gpu: &CudaBackend,
+    x: &<CudaBackend as Backend>::Tensor,
+    w: &<CudaBackend as Backend>::Weight,
+    iters: usize,
+) -> Result<f64> {
+    let (ctx, stream) = (gpu.context(), gpu.stream());
+    let mut times = Vec::new();
+    for _ in 0..iters.max(5) + 2 {
+        let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        start.record(stream)?;
+        let y = gpu.linear(x, w, None)?;
+        end.record(stream)?;
+        end.synchronize()?;
+        drop(y);
+        times.push(start.elapsed_ms(&end)? as f64 / 1e3);
+    }
+    Ok(median(times[2..].to_vec()))
+}
+
 /// Projection times: rows 1-8 through the GEMV kernel and cuBLAS, then cuBLAS alone at each
 /// of `rows_list` (the benchmark's batches and prefill lengths).
 fn projections(
@@ -670,8 +693,6 @@ fn projections(
         ("lm_head", h, c.vocab_size),
     ];
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let ctx = gpu.context();
-    let stream = gpu.stream();
     println!("projections: weight GB/s (ms) by rows, GEMV kernel | cuBLAS");
     let mut large_rows = Vec::new();
     for (name, k, n) in shapes {
@@ -689,18 +710,7 @@ fn projections(
             let x = activation(gpu, rows, k, &mut rng)?;
             for gemv in [true, false] {
                 gpu.set_gemv_max_rows(if gemv { 8 } else { 0 });
-                let mut times = Vec::new();
-                for _ in 0..iters.max(5) + 2 {
-                    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                    start.record(stream)?;
-                    let y = gpu.linear(&x, &w, None)?;
-                    end.record(stream)?;
-                    end.synchronize()?;
-                    drop(y);
-                    times.push(start.elapsed_ms(&end)? as f64 / 1e3);
-                }
-                let t = median(times[2..].to_vec());
+                let t = time_linear(gpu, &x, &w, iters)?;
                 line += &format!(
                     " {}{:>5.0}({:.3})",
                     if gemv { "m" } else { "|" },
@@ -720,18 +730,7 @@ fn projections(
         let mut line = format!("  {name:<8} {k:>6}x{n:<7}");
         for &rows in rows_list {
             let x = activation(gpu, rows, *k, &mut rng)?;
-            let mut times = Vec::new();
-            for _ in 0..iters.max(5) + 2 {
-                let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                start.record(stream)?;
-                let y = gpu.linear(&x, w, None)?;
-                end.record(stream)?;
-                end.synchronize()?;
-                drop(y);
-                times.push(start.elapsed_ms(&end)? as f64 / 1e3);
-            }
-            let t = median(times[2..].to_vec());
+            let t = time_linear(gpu, &x, w, iters)?;
             line += &format!(
                 " {rows}: {:.0}, {:.2} ({:.3})",
                 (2 * rows * n * k) as f64 / t / 1e12,

@@ -138,6 +138,27 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// The attention kernels' scalar arguments that locate `layer`'s K/V in the paged cache.
+struct CacheArgs {
+    heads: i32,
+    kv_heads: i32,
+    block_size: i32,
+    block_elems: i64,
+    layer_offset: i64,
+}
+
+impl CacheArgs {
+    fn new(shape: &AttentionShape, layout: &KvLayout, layer: usize) -> Self {
+        Self {
+            heads: shape.num_heads as i32,
+            kv_heads: shape.num_kv_heads as i32,
+            block_size: layout.block_size as i32,
+            block_elems: layout.block_elems() as i64,
+            layer_offset: layout.offset(layer, 0, 0) as i64,
+        }
+    }
+}
+
 /// Tells the device's stream-ordered allocator (where every activation buffer comes from) to
 /// keep memory that is freed instead of returning it to the driver at each synchronization,
 /// which is its default. Otherwise every step after a synchronized one maps its activations'
@@ -422,13 +443,7 @@ impl CudaBackend {
         }
         let layout = kv.layout;
         let q = qkv.as_f32("flash_prefill")?;
-        let (heads, kv_heads, bs) = (
-            shape.num_heads as i32,
-            shape.num_kv_heads as i32,
-            layout.block_size as i32,
-        );
-        let block_elems = layout.block_elems() as i64;
-        let layer_offset = layout.offset(layer, 0, 0) as i64;
+        let cache = CacheArgs::new(shape, &layout, layer);
         let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
         let mut b = self.stream.launch_builder(kernel);
         b.arg(q)
@@ -441,11 +456,11 @@ impl CudaBackend {
             .arg(batch.tile_seq())
             .arg(batch.tile_row())
             .arg(out)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&bs)
-            .arg(&block_elems)
-            .arg(&layer_offset)
+            .arg(&cache.heads)
+            .arg(&cache.kv_heads)
+            .arg(&cache.block_size)
+            .arg(&cache.block_elems)
+            .arg(&cache.layer_offset)
             .arg(&scale_log2);
         let cfg = LaunchConfig {
             grid_dim: (
@@ -525,13 +540,7 @@ impl CudaBackend {
         } else {
             1
         })?;
-        let (heads, kv_heads, bs) = (
-            shape.num_heads as i32,
-            shape.num_kv_heads as i32,
-            layout.block_size as i32,
-        );
-        let block_elems = layout.block_elems() as i64;
-        let layer_offset = layout.offset(layer, 0, 0) as i64;
+        let cache = CacheArgs::new(shape, &layout, layer);
         let pf = self.take_prefetch(rows);
         let mut b = self.stream.launch_builder(kernel);
         b.arg(q)
@@ -543,11 +552,11 @@ impl CudaBackend {
             .arg(&mut *out)
             .arg(&partial_acc)
             .arg(&partial_ml)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&bs)
-            .arg(&block_elems)
-            .arg(&layer_offset)
+            .arg(&cache.heads)
+            .arg(&cache.kv_heads)
+            .arg(&cache.block_size)
+            .arg(&cache.block_elems)
+            .arg(&cache.layer_offset)
             .arg(&shape.scale)
             .arg(&pf.ptr)
             .arg(&pf.bytes);
