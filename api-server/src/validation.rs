@@ -14,6 +14,10 @@ use crate::openai::{
 
 /// OpenAI's limits.
 pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Bytes of one stop sequence at most. Stop strings travel in the job message over NATS, whose
+/// payload limit (1 MiB by default) a longer one could pass, and a stop sequence is a few
+/// words in practice (issue 17: a 1.1 MB one was answered 503 instead of 400).
+pub const MAX_STOP_BYTES: usize = 4096;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// OpenAI's default `max_tokens` for `/v1/completions`.
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
@@ -230,6 +234,19 @@ fn validate_common(
     if stop_strings.iter().any(String::is_empty) {
         return Err(ApiError::invalid(
             "stop sequences must not be empty",
+            "stop",
+        ));
+    }
+    if let Some((i, long)) = stop_strings
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "stop sequence {i} is {} bytes long; at most {MAX_STOP_BYTES} are allowed",
+                long.len()
+            ),
             "stop",
         ));
     }
@@ -593,6 +610,10 @@ mod tests {
                 "stop",
             ),
             (json!({"messages": user("x"), "stop": ""}), "stop"),
+            (
+                json!({"messages": user("x"), "stop": ["ok", "x".repeat(MAX_STOP_BYTES + 1)]}),
+                "stop",
+            ),
             (
                 json!({"messages": user("x"), "logprobs": true, "top_logprobs": 21}),
                 "top_logprobs",

@@ -114,6 +114,15 @@ fn invalid_requests_get_400_naming_the_field() {
     assert_eq!(response.status, 400);
     assert_eq!(response.json()["error"]["param"], "temperature");
 
+    // A stop string too long for a bus message is the client's error, not the bus's (it was
+    // answered 503 "cannot reach its workers", issue 17).
+    let response = server.http.post(
+        "/v1/completions",
+        &json!({"prompt": "Hi", "stop": "x".repeat(1_100_000)}),
+    );
+    assert_eq!(response.status, 400, "{}", response.body);
+    assert_eq!(response.json()["error"]["param"], "stop");
+
     let response = server.http.post(
         "/v1/chat/completions",
         &json!({"model": "other", "messages": [{"role": "user", "content": "Hi"}]}),
