@@ -125,6 +125,7 @@ pub fn generate(
         ignore_eos: false,
         stop_strings: args.stop.clone(),
         prefill_only: false,
+        deadline: None,
     };
     let stream = handle.submit(request)?;
     let mut output = GenerateOutput {

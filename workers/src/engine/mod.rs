@@ -133,6 +133,8 @@ struct Sequence {
     stop_token_ids: Vec<u32>,
     text: Option<Box<dyn TextStream>>,
     prefill_only: bool,
+    /// [`GenerationRequest::deadline`], until the sequence's first forward pass.
+    deadline: Option<Instant>,
 }
 
 impl Sequence {
@@ -386,6 +388,7 @@ impl<M: StepModel> Engine<M> {
             stop_token_ids,
             text,
             prefill_only: request.prefill_only,
+            deadline: request.deadline,
         })
     }
 
@@ -504,6 +507,7 @@ impl<M: StepModel> Engine<M> {
             }
         }
         self.admit_imports(&mut events);
+        self.drop_expired(&mut events);
         let decision = self.scheduler.schedule();
         self.num_preemptions += decision.preempted.len() as u64;
         if !decision.preempted.is_empty() {
@@ -522,6 +526,12 @@ impl<M: StepModel> Engine<M> {
                 item.block_table.clone(),
                 item.wants_logits,
             );
+        }
+        for item in &decision.scheduled {
+            if let Some(seq) = self.seqs.get_mut(&item.id) {
+                // Started: a preemption later does not make it droppable.
+                seq.deadline = None;
+            }
         }
         let scheduled_at = Instant::now();
         let mut record = profile::StepRecord {
@@ -555,6 +565,30 @@ impl<M: StepModel> Engine<M> {
             profile.record_step(&record);
         }
         events
+    }
+
+    /// Ends the requests whose deadline passed before their first forward pass.
+    fn drop_expired(&mut self, events: &mut Vec<EngineEvent>) {
+        let now = Instant::now();
+        let expired: Vec<RequestId> = self
+            .seqs
+            .iter()
+            .filter(|(_, seq)| seq.deadline.is_some_and(|deadline| deadline <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            tracing::debug!(
+                request_id = id,
+                "deadline passed before the engine started it"
+            );
+            self.end(
+                id,
+                FinishReason::Error(
+                    "the request's deadline passed before the engine started it".into(),
+                ),
+                events,
+            );
+        }
     }
 
     /// The forward pass whose logits rows come to the host, where every token is sampled.

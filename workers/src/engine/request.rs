@@ -25,6 +25,10 @@ pub struct GenerationRequest {
     /// [`EventKind::Finished::retained_kv`]) until [`super::Engine::release_kv`]: the context
     /// worker's half of a disaggregated request.
     pub prefill_only: bool,
+    /// Dropped, with an error, if the engine has not started it by then: a job that waited in
+    /// the engine's queue past its deadline has had its client answered (by the api-server's
+    /// timeout), so computing it would only take the place of requests that still wait.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl GenerationRequest {
@@ -38,6 +42,7 @@ impl GenerationRequest {
             ignore_eos: false,
             stop_strings: Vec::new(),
             prefill_only: false,
+            deadline: None,
         }
     }
 }

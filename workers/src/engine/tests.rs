@@ -880,3 +880,68 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
     // Only the penalised request sampled from host rows: one row per token.
     assert_eq!(device.model.rows_fetched, 12);
 }
+
+#[test]
+fn a_request_whose_deadline_passes_in_the_queue_is_dropped_when_its_turn_comes() {
+    // One sequence at a time: the second request waits for the first.
+    let config = EngineConfig {
+        block_size: 4,
+        num_blocks: 64,
+        max_num_batched_tokens: 64,
+        max_num_seqs: 1,
+        max_model_len: None,
+    };
+    let mut e = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
+    let first = e
+        .add_request(request(prompt(5, 0), 6, SamplingParams::greedy()))
+        .unwrap();
+    let soon = std::time::Instant::now() + std::time::Duration::from_millis(20);
+    let waiting = e
+        .add_request(GenerationRequest {
+            deadline: Some(soon),
+            ..request(prompt(5, 1), 6, SamplingParams::greedy())
+        })
+        .unwrap();
+    let relaxed = e
+        .add_request(GenerationRequest {
+            deadline: Some(soon + std::time::Duration::from_secs(3600)),
+            ..request(prompt(5, 2), 6, SamplingParams::greedy())
+        })
+        .unwrap();
+    let mut out = Outcomes::new();
+    absorb(&mut out, e.step());
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    run_into(&mut e, &mut out);
+    assert_eq!(out[&first].0.len(), 6);
+    assert_eq!(out[&first].1, FinishReason::Length);
+    assert!(
+        out[&waiting].0.is_empty(),
+        "never started: {:?}",
+        out[&waiting]
+    );
+    assert!(
+        matches!(&out[&waiting].1, FinishReason::Error(m) if m.contains("deadline passed before the engine started it")),
+        "{:?}",
+        out[&waiting].1
+    );
+    assert_eq!(
+        out[&relaxed].0.len(),
+        6,
+        "a deadline not reached changes nothing"
+    );
+    assert_eq!(e.free_blocks(), 64, "the dropped request's blocks are free");
+
+    // Once started, a request is not dropped for its deadline (a preemption does not make it
+    // droppable either): it runs to its end.
+    let started = e
+        .add_request(GenerationRequest {
+            deadline: Some(std::time::Instant::now() + std::time::Duration::from_millis(5)),
+            ..request(prompt(5, 3), 4, SamplingParams::greedy())
+        })
+        .unwrap();
+    let mut out = Outcomes::new();
+    absorb(&mut out, e.step());
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    run_into(&mut e, &mut out);
+    assert_eq!(out[&started].0.len(), 4);
+}

@@ -30,7 +30,14 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         ignore_eos: job.stop.ignore_eos,
         stop_strings: job.stop.strings.clone(),
         prefill_only: false,
+        deadline: job.deadline_unix_ms.map(instant_of_unix_ms),
     }
+}
+
+/// The local instant of a wall-clock time in unix milliseconds (now, for one already past).
+fn instant_of_unix_ms(unix_ms: u64) -> std::time::Instant {
+    let ahead = unix_ms.saturating_sub(super::worker::unix_ms());
+    std::time::Instant::now() + std::time::Duration::from_millis(ahead)
 }
 
 fn sampling_params(spec: &SamplingSpec) -> SamplingParams {
