@@ -185,6 +185,8 @@ pub struct Plan {
     /// The config's `api_key_file`, passed as `--api-key-file`.
     pub api_key_file: Option<PathBuf>,
     pub metrics_require_key: bool,
+    /// The config's `max_pending_requests` (absent: the api-server's default).
+    pub max_pending_requests: Option<usize>,
     /// Things the operator should know (keys without effect, groups not started).
     pub warnings: Vec<String>,
 }
@@ -331,6 +333,7 @@ pub fn plan(
             .map_err(|reason| anyhow::anyhow!("config key `api_keys`: {reason}"))?,
         api_key_file: config.api_key_file.as_ref().map(PathBuf::from),
         metrics_require_key: config.metrics_require_key,
+        max_pending_requests: config.max_pending_requests,
         warnings,
     })
 }
@@ -402,6 +405,9 @@ impl Plan {
             api_keys: self.api_keys.clone(),
             api_key_file: self.api_key_file.clone(),
             metrics_require_key: self.metrics_require_key,
+            max_pending_requests: self
+                .max_pending_requests
+                .unwrap_or(tandem_cli::args::DEFAULT_MAX_PENDING_REQUESTS),
             ..ApiServerArgs::new(self.model.clone())
         }
     }

@@ -51,6 +51,9 @@ pub enum ApiError {
     /// No `Authorization: Bearer <key>` with a configured key ([`crate::auth`]).
     #[error("missing or invalid API key")]
     Unauthorized,
+    /// `--max-pending-requests` requests are in flight ([`crate::admission`]).
+    #[error("{max} requests are in flight, the most this server holds")]
+    Overloaded { max: usize },
 }
 
 impl ApiError {
@@ -82,6 +85,7 @@ impl ApiError {
             ApiError::WorkerGone { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Worker { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -97,6 +101,7 @@ impl ApiError {
             ApiError::Worker { .. } | ApiError::WorkerGone { .. } => "worker_error",
             ApiError::Bus { .. } | ApiError::Internal(_) => "internal_error",
             ApiError::Unauthorized => "unauthorized",
+            ApiError::Overloaded { .. } => "overloaded",
         }
     }
 
@@ -165,6 +170,15 @@ impl ApiError {
                 Some("invalid_api_key"),
                 "Missing or invalid API key: send it as `Authorization: Bearer <key>`.".to_string(),
             ),
+            ApiError::Overloaded { max } => (
+                "server_error",
+                None,
+                Some("overloaded"),
+                format!(
+                    "The server holds {max} requests already, the most it takes at once; retry \
+                     after a moment."
+                ),
+            ),
         };
         ErrorResponse {
             error: ErrorBody {
@@ -204,6 +218,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status());
         if matches!(self, ApiError::Unauthorized) {
             response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        if matches!(self, ApiError::Overloaded { .. }) {
+            response.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
         }
         response.json(self.public_body())
     }

@@ -13,6 +13,7 @@
 //! follows heartbeats; [`state`] is what the routes share; [`config`] the command line.
 //! The bus contract itself is the `tandem-protocol` crate; see docs/protocol.md.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod dispatch;

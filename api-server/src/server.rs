@@ -143,6 +143,7 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
             request: Duration::from_millis(config.request_timeout_ms),
         },
         started_unix_s: unix_now_s(),
+        admission: crate::admission::Admission::new(config.max_pending_requests),
     });
     let address = format!("{}:{}", config.host, config.port);
     let mut server = HttpServer::new(move || {

@@ -17,6 +17,8 @@ pub struct AppState {
     pub timeouts: Timeouts,
     /// Unix seconds of the server's start, shown as the model's `created`.
     pub started_unix_s: u64,
+    /// The bound on generation requests in flight.
+    pub admission: crate::admission::Admission,
 }
 
 impl AppState {

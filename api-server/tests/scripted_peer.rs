@@ -314,3 +314,60 @@ fn a_client_that_disconnects_cancels_its_request() {
         "{metrics}"
     );
 }
+
+/// `--max-pending-requests 1`: while one streamed request is in flight, the next is answered
+/// 429 at once with `Retry-After` and an OpenAI error body (counted as `overloaded`); once
+/// the first stream is gone its place is free again (issue 17).
+#[test]
+fn past_the_pending_bound_requests_get_429_until_a_place_frees() {
+    let nats = Nats::start();
+    let _peer = ScriptedBusPeer::start(&nats.url, SERVED_NAME);
+    let server = start_api_server(&nats, &["--max-pending-requests", "1"]);
+    let start = Instant::now();
+    while server.http.get("/health").status != 200 {
+        assert!(start.elapsed() < Duration::from_secs(5), "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut held = server.http.open_stream(
+        "/v1/chat/completions",
+        &chat(SCRIPT_ENDLESS, json!({"stream": true})),
+    );
+    assert_eq!(held.status(), 200);
+    held.next_data().expect("role chunk");
+
+    let refused = server
+        .http
+        .post("/v1/chat/completions", &chat(SCRIPT_ANSWER, json!({})));
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let body = refused.json();
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    assert!(
+        server
+            .http
+            .get("/metrics")
+            .body
+            .contains("tandem_requests_total{endpoint=\"chat\",outcome=\"overloaded\"} 1")
+    );
+
+    drop(held);
+    let start = Instant::now();
+    loop {
+        let reply = server
+            .http
+            .post("/v1/chat/completions", &chat(SCRIPT_ANSWER, json!({})));
+        if reply.status == 200 {
+            assert_eq!(
+                reply.json()["choices"][0]["message"]["content"],
+                SCRIPTED_TEXT
+            );
+            break;
+        }
+        assert_eq!(reply.status, 429, "{}", reply.body);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the place never came back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

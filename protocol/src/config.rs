@@ -291,6 +291,9 @@ pub struct DeploymentConfig {
     pub api_key_file: Option<String>,
     /// (tandem) With keys, /metrics requires one too.
     pub metrics_require_key: bool,
+    /// (tandem) Generation requests the api-server holds at once (accepted, not finished);
+    /// past it, 429. Absent: the api-server's default; 0: no bound.
+    pub max_pending_requests: Option<usize>,
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
 }
@@ -323,6 +326,7 @@ impl Default for DeploymentConfig {
             api_keys: ApiKeyList::default(),
             api_key_file: None,
             metrics_require_key: false,
+            max_pending_requests: None,
             ignored: BTreeMap::new(),
         }
     }

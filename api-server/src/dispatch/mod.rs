@@ -131,6 +131,9 @@ pub struct Generation {
     record: RequestRecord,
     first_token_seen: bool,
     done: bool,
+    /// The request's place under `--max-pending-requests`, given back when the generation
+    /// (and with it a streamed response's body) is dropped.
+    admitted: Option<crate::admission::Admitted>,
 }
 
 fn unix_ms(at: SystemTime) -> u64 {
@@ -144,6 +147,11 @@ fn unix_ms_at(instant: Instant) -> u64 {
 }
 
 impl Generation {
+    /// Holds `admitted` as long as this generation lives.
+    pub(crate) fn hold(&mut self, admitted: crate::admission::Admitted) {
+        self.admitted = Some(admitted);
+    }
+
     /// Routes the request, sends its first job (a prefill job to a context worker, or the
     /// whole job to a generation worker) and waits for `Accepted`. A context worker that does
     /// not accept in time is replaced by a local prefill on the generation worker here, so
@@ -231,6 +239,7 @@ impl Generation {
             record,
             first_token_seen: false,
             done: false,
+            admitted: None,
         };
         let accepted = match generation.await_accepted().await {
             Ok(()) => {

@@ -56,6 +56,10 @@ pub(crate) async fn start_generation(
     mut record: RequestRecord,
     request_id: String,
 ) -> Result<Generation, ApiError> {
+    let admitted = state
+        .admission
+        .try_admit()
+        .inspect_err(|err| record.fail(err))?;
     let prepared = async {
         let prompt_ids = tokenize(state.codec.clone(), valid.prompt.clone()).await?;
         let stop = valid.stop_spec(prompt_ids.len(), &state.limits)?;
@@ -67,7 +71,9 @@ pub(crate) async fn start_generation(
     }
     .await;
     let job = prepared.inspect_err(|err| record.fail(err))?;
-    Generation::start(state.dispatch(), request_id, job, record).await
+    let mut generation = Generation::start(state.dispatch(), request_id, job, record).await?;
+    generation.hold(admitted);
+    Ok(generation)
 }
 
 /// Only `Stop` and `Length` reach a response; the others end a generation with an error.

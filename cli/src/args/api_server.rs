@@ -20,6 +20,9 @@ const DEFAULT_STALL_TIMEOUT_MS: u64 = 30_000;
 const DEFAULT_WORKER_TIMEOUT_MS: u64 = 3_000;
 const DEFAULT_MAX_LOCAL_PREFILL_LENGTH: usize = 0;
 const DEFAULT_HTTP_WORKERS: usize = 0;
+/// Requests in flight at most, by default: well above what one GPU worker batches (512), well
+/// below what would exhaust the api-server's memory or the bus.
+pub const DEFAULT_MAX_PENDING_REQUESTS: usize = 4096;
 
 /// The api-server's settings.
 #[derive(Debug, Clone, PartialEq, Args)]
@@ -75,6 +78,16 @@ pub struct ApiServerArgs {
     /// HTTP worker threads (actix); 0 = one per core.
     #[arg(long, env = "TANDEM_HTTP_WORKERS", default_value_t = DEFAULT_HTTP_WORKERS)]
     pub http_workers: usize,
+    /// Generation requests accepted and not yet finished, at most (streaming ones count until
+    /// their stream ends). Past it, 429 with `Retry-After` and an OpenAI error body, at once:
+    /// a client can retry, or try another replica, instead of waiting in an unbounded queue.
+    /// 0: no bound. The config's `max_pending_requests`.
+    #[arg(
+        long,
+        env = "TANDEM_MAX_PENDING_REQUESTS",
+        default_value_t = DEFAULT_MAX_PENDING_REQUESTS
+    )]
+    pub max_pending_requests: usize,
     /// An API key (repeat for several; TANDEM_API_KEY takes them comma-separated). With any
     /// key set, every /v1 request must carry `Authorization: Bearer KEY`, else 401. Prefer
     /// the environment or --api-key-file: a command line is visible to every local user.
@@ -148,6 +161,7 @@ impl ApiServerArgs {
             router_policy: RouterPolicy::default(),
             max_local_prefill_length: DEFAULT_MAX_LOCAL_PREFILL_LENGTH,
             http_workers: DEFAULT_HTTP_WORKERS,
+            max_pending_requests: DEFAULT_MAX_PENDING_REQUESTS,
             api_keys: Vec::new(),
             api_key_file: None,
             metrics_require_key: false,
@@ -209,6 +223,9 @@ impl ApiServerArgs {
         argv.push_display("--max-local-prefill-length", self.max_local_prefill_length);
         if self.http_workers != DEFAULT_HTTP_WORKERS {
             argv.push_display("--http-workers", self.http_workers);
+        }
+        if self.max_pending_requests != DEFAULT_MAX_PENDING_REQUESTS {
+            argv.push_display("--max-pending-requests", self.max_pending_requests);
         }
         argv.push_some(
             "--api-key-file",
@@ -278,6 +295,7 @@ mod tests {
             router_policy: RouterPolicy::RoundRobin,
             max_local_prefill_length: 64,
             http_workers: 3,
+            max_pending_requests: 7,
             api_keys: Vec::new(),
             api_key_file: Some("/run/secrets/keys".into()),
             metrics_require_key: true,

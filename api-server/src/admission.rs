@@ -1,0 +1,82 @@
+//! A bound on the generation requests this api-server holds at once (accepted, not finished):
+//! past it, a request is answered 429 with `Retry-After` at once, instead of joining a queue
+//! that grows as long as clients keep sending (issue 17). A streamed request holds its place
+//! until its stream ends, since the client still waits for it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::error::ApiError;
+
+/// The count of requests in flight and its bound (0: none).
+#[derive(Debug, Clone)]
+pub struct Admission {
+    in_flight: Arc<AtomicUsize>,
+    max: usize,
+}
+
+/// A request's place; given back when dropped (the response is complete, or the client left).
+#[derive(Debug)]
+pub struct Admitted {
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Admission {
+    pub fn new(max: usize) -> Self {
+        Self {
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// A place for one more request, or [`ApiError::Overloaded`] when all are taken.
+    pub fn try_admit(&self) -> Result<Admitted, ApiError> {
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let admitted = Admitted {
+            in_flight: Arc::clone(&self.in_flight),
+        };
+        if self.max != 0 && before >= self.max {
+            // Dropping `admitted` gives the place back.
+            return Err(ApiError::Overloaded { max: self.max });
+        }
+        Ok(admitted)
+    }
+
+    /// Requests holding a place now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_are_bounded_and_come_back_when_dropped() {
+        let admission = Admission::new(2);
+        let a = admission.try_admit().unwrap();
+        let b = admission.try_admit().unwrap();
+        let refused = admission.try_admit().unwrap_err();
+        assert!(
+            matches!(refused, ApiError::Overloaded { max: 2 }),
+            "{refused}"
+        );
+        assert_eq!(admission.in_flight(), 2, "a refusal holds no place");
+        drop(a);
+        let _c = admission.try_admit().unwrap();
+        drop(b);
+        assert_eq!(admission.in_flight(), 1);
+        let unbounded = Admission::new(0);
+        let held: Vec<_> = (0..10_000)
+            .map(|_| unbounded.try_admit().unwrap())
+            .collect();
+        assert_eq!(unbounded.in_flight(), held.len());
+    }
+}
