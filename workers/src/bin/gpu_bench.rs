@@ -648,15 +648,12 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     Ok(())
 }
 
-/// Each projection shape of the model at 1, 2, 4 and 8 rows, through the GEMV kernel and through
-/// cuBLAS: weight bytes read per second (the decode step's cost).
-/// Seconds of one `gpu.linear(x, w)` on the device (CUDA events, median of `iters` (at least
-/// 5) after two warm-ups).
-fn time_linear(
+/// Seconds `op` takes on the device (CUDA events around it; median of `iters`, at least 5,
+/// after two warm-ups). What `op` returns is dropped after the end event.
+fn time_on_device<T>(
     gpu: &CudaBackend,
-    x: &<CudaBackend as Backend>::Tensor,
-    w: &<CudaBackend as Backend>::Weight,
     iters: usize,
+    mut op: impl FnMut() -> Result<T>,
 ) -> Result<f64> {
     let (ctx, stream) = (gpu.context(), gpu.stream());
     let mut times = Vec::new();
@@ -664,17 +661,34 @@ fn time_linear(
         let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         start.record(stream)?;
-        let y = gpu.linear(x, w, None)?;
+        let out = op()?;
         end.record(stream)?;
         end.synchronize()?;
-        drop(y);
+        drop(out);
         times.push(start.elapsed_ms(&end)? as f64 / 1e3);
     }
     Ok(median(times[2..].to_vec()))
 }
 
-/// Projection times: rows 1-8 through the GEMV kernel and cuBLAS, then cuBLAS alone at each
-/// of `rows_list` (the benchmark's batches and prefill lengths).
+/// Seconds of one `gpu.linear(x, w)` on the device ([`time_on_device`]).
+fn time_linear(
+    gpu: &CudaBackend,
+    x: &<CudaBackend as Backend>::Tensor,
+    w: &<CudaBackend as Backend>::Weight,
+    iters: usize,
+) -> Result<f64> {
+    time_on_device(gpu, iters, || Ok(gpu.linear(x, w, None)?))
+}
+
+/// FLOPs of causal attention over `len` tokens for `width` = query heads x head dim, one
+/// layer (q·kᵀ and p·v over the lower triangle).
+fn causal_attention_flops(len: usize, width: usize) -> f64 {
+    4.0 * len as f64 * (len as f64 + 1.0) / 2.0 * width as f64
+}
+
+/// Each projection shape of the model at 1, 2, 4 and 8 rows through the GEMV kernel and
+/// cuBLAS (weight bytes read per second: the decode step's cost), then cuBLAS alone at each of
+/// `rows_list` (the benchmark's batches and prefill lengths).
 fn projections(
     gpu: &CudaBackend,
     c: &ModelConfig,
@@ -749,20 +763,12 @@ fn projections(
 /// (`torch_bench.py`'s "prefill attention" rows).
 fn prefill_attention(
     gpu: &CudaBackend,
-    c: &ModelConfig,
+    shape: &AttentionShape,
     kv: &CudaKvCache,
     prefill: &[usize],
     iters: usize,
     rng: &mut ChaCha8Rng,
 ) -> Result<()> {
-    let shape = AttentionShape {
-        num_heads: c.num_attention_heads,
-        num_kv_heads: c.num_kv_heads(),
-        head_dim: c.head_dim(),
-        scale: (c.head_dim() as f32).powf(-0.5),
-    };
-    let ctx = gpu.context();
-    let stream = gpu.stream();
     for &len in prefill {
         let rows: Vec<Vec<f32>> = (0..len)
             .map(|_| {
@@ -777,20 +783,10 @@ fn prefill_attention(
         batch.push(&tokens, 0, (0..len.div_ceil(BLOCK) as u32).collect(), true);
         let plan = BatchPlan::new(&batch, BLOCK, &vec![1.0f32; shape.head_dim / 2]);
         let meta = gpu.prepare_batch(&plan)?;
-        let mut times = Vec::new();
-        for _ in 0..iters.max(5) + 2 {
-            let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            start.record(stream)?;
-            let out = gpu.paged_attention(&qkv, &meta, &shape, kv, 0)?;
-            end.record(stream)?;
-            end.synchronize()?;
-            drop(out);
-            times.push(start.elapsed_ms(&end)? as f64 / 1e3);
-        }
-        let t = median(times[2..].to_vec());
-        let flops =
-            4.0 * len as f64 * (len as f64 + 1.0) / 2.0 * (shape.head_dim * shape.num_heads) as f64;
+        let t = time_on_device(gpu, iters, || {
+            Ok(gpu.paged_attention(&qkv, &meta, shape, kv, 0)?)
+        })?;
+        let flops = causal_attention_flops(len, shape.head_dim * shape.num_heads);
         println!(
             "prefill attention {len} tokens (one layer): {:.3} ms, {:.0} TFLOP/s",
             t * 1e3,
@@ -984,9 +980,9 @@ fn bench(
         let runs: Vec<(f64, f64)> = (0..n).map(|_| run(&mut kv)).collect::<Result<_>>()?;
         let t = median(runs.iter().map(|r| r.0).collect());
         let enqueue = median(runs.iter().map(|r| r.1).collect());
-        let attn_flops = 4.0 * (len as f64) * (len as f64 + 1.0) / 2.0
-            * (config.num_attention_heads * config.head_dim()) as f64
-            * config.num_hidden_layers as f64;
+        let attn_flops =
+            causal_attention_flops(len, config.num_attention_heads * config.head_dim())
+                * config.num_hidden_layers as f64;
         let flops = 2.0 * layer_params as f64 * len as f64 + 2.0 * lm_head as f64 + attn_flops;
         let floor = flops / ceil.gemm_flops_per_s;
         rows.push(Row {
@@ -1004,7 +1000,14 @@ fn bench(
         });
     }
 
-    prefill_attention(model.backend(), &config, &kv, prefill, iters, &mut rng)?;
+    prefill_attention(
+        model.backend(),
+        &model.attention_shape(),
+        &kv,
+        prefill,
+        iters,
+        &mut rng,
+    )?;
     let large_rows: Vec<usize> = batches
         .iter()
         .copied()

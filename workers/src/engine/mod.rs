@@ -517,8 +517,19 @@ impl<M: StepModel> Engine<M> {
             return events;
         }
         let mut batch = ForwardBatch::default();
+        let (mut decode_tokens, mut prompt_tokens) = (0, 0);
         for item in &decision.scheduled {
-            let seq = &self.seqs[&item.id];
+            let seq = self
+                .seqs
+                .get_mut(&item.id)
+                .expect("the scheduler schedules only sequences the engine holds");
+            // Started: a preemption later does not make it droppable.
+            seq.deadline = None;
+            if item.cached_len >= seq.prompt_len {
+                decode_tokens += item.token_count;
+            } else {
+                prompt_tokens += item.token_count;
+            }
             let new_tokens = &seq.tokens[item.cached_len..item.cached_len + item.token_count];
             batch.push(
                 new_tokens,
@@ -527,26 +538,15 @@ impl<M: StepModel> Engine<M> {
                 item.wants_logits,
             );
         }
-        for item in &decision.scheduled {
-            if let Some(seq) = self.seqs.get_mut(&item.id) {
-                // Started: a preemption later does not make it droppable.
-                seq.deadline = None;
-            }
-        }
         let scheduled_at = Instant::now();
         let mut record = profile::StepRecord {
+            decode_tokens,
+            prompt_tokens,
             preempted: decision.preempted.len(),
             sequences: decision.scheduled.len(),
             schedule: scheduled_at - start,
             ..Default::default()
         };
-        for item in &decision.scheduled {
-            if item.cached_len >= self.seqs[&item.id].prompt_len {
-                record.decode_tokens += item.token_count;
-            } else {
-                record.prompt_tokens += item.token_count;
-            }
-        }
         if self.model.device_sampling().is_some() {
             self.forward_and_sample_on_device(&batch, &decision.scheduled, &mut events);
         } else {

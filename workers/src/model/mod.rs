@@ -169,6 +169,11 @@ impl<B: Backend> Model<B> {
         })
     }
 
+    /// The head geometry the attention ops run with.
+    pub fn attention_shape(&self) -> AttentionShape {
+        self.shape
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }

@@ -161,10 +161,11 @@ impl CacheArgs {
 
 /// Tells the device's stream-ordered allocator (where every activation buffer comes from) to
 /// keep memory that is freed instead of returning it to the driver at each synchronization,
-/// which is its default. Otherwise every step after a synchronized one maps its activations'
-/// memory again, and a prefill of thousands of tokens spends much of its enqueue time in
-/// the allocator. The memory kept is what the largest step needed: the headroom left out of
-/// the KV cache (`--gpu-memory-fraction`) is there for it.
+/// which is its default, so that a step after a synchronized one does not map its
+/// activations' memory again. (Measured: the host's enqueue time of prefill steps in the
+/// server did not change with it; docs/benchmarks.md, session 10.) The memory kept is what
+/// the largest step needed: the headroom left out of the KV cache (`--gpu-memory-fraction`)
+/// is there for it.
 fn keep_freed_memory(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<(), BackendError> {
     use cudarc::driver::sys;
     dev!("cuda init (memory pool)", ctx.bind_to_thread())?;
@@ -408,7 +409,6 @@ impl CudaBackend {
             .map_err(|e| device_error(op, &e))
     }
 
-    /// Attention of a batch with prefill chunks, on the tensor cores (`flash.cu`).
     /// The prefill attention kernel for `shape` and the query heads each of its blocks
     /// computes: two heads of one KV head where the query group size is even (and
     /// `flash_head_pairs` is on), else one.
@@ -426,7 +426,7 @@ impl CudaBackend {
     }
 
     /// Attention of the query rows the prefill tiles of `batch` cover, into their rows of
-    /// `out`.
+    /// `out`, on the tensor cores (`flash.cu`).
     #[allow(clippy::too_many_arguments)]
     fn flash_prefill(
         &self,
@@ -698,7 +698,6 @@ impl CudaBackend {
 /// Query heads per block of the decode attention kernel (`ATTN_GMAX` in attention.cu).
 const ATTN_GMAX: usize = 8;
 
-/// One block per row, `threads` threads (a multiple of 32).
 /// The kernel of `list` (kernels by head dimension) for `head_dim`.
 fn kernel_for(
     list: &[(usize, cudarc::driver::CudaFunction)],
@@ -709,6 +708,7 @@ fn kernel_for(
         .map(|(_, kernel)| kernel)
 }
 
+/// One block per row, `threads` threads (a multiple of 32).
 fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows.max(1) as u32, 1, 1),

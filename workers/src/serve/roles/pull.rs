@@ -26,8 +26,7 @@ use crate::engine::ImportedPrefill;
 use crate::sampler::SampledToken;
 use crate::serve::bus::BusSettings;
 use crate::serve::job::generation_request;
-use crate::serve::worker::Identity;
-use crate::serve::worker::{Worker, locked, publish_bounded, unix_ms};
+use crate::serve::worker::{Identity, Worker, locked, publish_bounded, unix_ms};
 use crate::transfer::{PulledKv, RemoteKv, TransferError};
 
 /// Set once to cancel a pull; clones share it.
@@ -315,11 +314,6 @@ const MAX_HANDLE_HEX: usize = 16 * 1024;
 /// Hex digits of a CUDA IPC memory handle (`CUipcMemHandle`: 64 bytes).
 const CUDA_IPC_HANDLE_HEX: usize = 128;
 
-/// Checks everything a handle from the bus claims before anything is allocated or read: its
-/// token count is the job's prompt, its regions are one whole block each and as many as the
-/// tokens need, its addressing fields are bounded, and a CUDA IPC handle's regions lie inside
-/// the allocation it announces. A handle that fails is a failed pull (a local prefill), never
-/// a read of memory it did not describe. (The layout is compared before.)
 /// Why `handle` holds another model's K/V than `own` serves, if it names one. A handle without
 /// a fingerprint comes from a context worker, or through an api-server, older than the field
 /// (a rolling upgrade): it passes, with a warning, and its layout is all that is checked.
@@ -342,6 +336,11 @@ fn model_mismatch(handle: &KvHandle, own: &Identity) -> Option<String> {
     })
 }
 
+/// Checks everything a handle from the bus claims before anything is allocated or read: its
+/// token count is the job's prompt, its regions are one whole block each and as many as the
+/// tokens need, its addressing fields are bounded, and a CUDA IPC handle's regions lie inside
+/// the allocation it announces. A handle that fails is a failed pull (a local prefill), never
+/// a read of memory it did not describe. (The layout is compared before.)
 fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> Result<(), String> {
     let tokens = handle.num_tokens as usize;
     if tokens == 0 || tokens != prompt_tokens {
