@@ -187,6 +187,8 @@ pub struct Plan {
     pub metrics_require_key: bool,
     /// The config's `max_pending_requests` (absent: the api-server's default).
     pub max_pending_requests: Option<usize>,
+    /// The config's `migration_limit` (absent: the api-server's default).
+    pub migration_limit: Option<u32>,
     /// Things the operator should know (keys without effect, groups not started).
     pub warnings: Vec<String>,
 }
@@ -334,6 +336,7 @@ pub fn plan(
         api_key_file: config.api_key_file.as_ref().map(PathBuf::from),
         metrics_require_key: config.metrics_require_key,
         max_pending_requests: config.max_pending_requests,
+        migration_limit: config.migration_limit,
         warnings,
     })
 }
@@ -408,6 +411,9 @@ impl Plan {
             max_pending_requests: self
                 .max_pending_requests
                 .unwrap_or(tandem_cli::args::DEFAULT_MAX_PENDING_REQUESTS),
+            migration_limit: self
+                .migration_limit
+                .unwrap_or(tandem_cli::args::DEFAULT_MIGRATION_LIMIT),
             ..ApiServerArgs::new(self.model.clone())
         }
     }

@@ -41,6 +41,9 @@ pub enum ApiError {
     Worker { message: String },
     #[error("the worker serving this request was cancelled or went away: {detail}")]
     WorkerGone { detail: String },
+    /// A `tokens` message skipped positions: tokens were lost on the bus.
+    #[error("the token stream skipped from token {expected} to {got}")]
+    StreamGap { expected: u32, got: u32 },
     #[error("message bus error while {action}: {detail}")]
     Bus {
         action: &'static str,
@@ -82,7 +85,7 @@ impl ApiError {
             ApiError::FirstTokenTimeout { .. }
             | ApiError::Stalled { .. }
             | ApiError::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::WorkerGone { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::WorkerGone { .. } | ApiError::StreamGap { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Worker { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -98,7 +101,9 @@ impl ApiError {
             ApiError::FirstTokenTimeout { .. }
             | ApiError::Stalled { .. }
             | ApiError::RequestTimeout { .. } => "timeout",
-            ApiError::Worker { .. } | ApiError::WorkerGone { .. } => "worker_error",
+            ApiError::Worker { .. } | ApiError::WorkerGone { .. } | ApiError::StreamGap { .. } => {
+                "worker_error"
+            }
             ApiError::Bus { .. } | ApiError::Internal(_) => "internal_error",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Overloaded { .. } => "overloaded",
@@ -151,6 +156,12 @@ impl ApiError {
                 None,
                 Some("worker_error"),
                 "The worker serving this request stopped before finishing it.".to_string(),
+            ),
+            ApiError::StreamGap { .. } => (
+                "server_error",
+                None,
+                Some("worker_error"),
+                "Tokens of this response were lost between the worker and the server.".to_string(),
             ),
             ApiError::Bus { .. } => (
                 "server_error",

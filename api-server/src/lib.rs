@@ -10,12 +10,14 @@
 //! Beside the request path: [`error`] is the one error type and the one place that maps it to
 //! an HTTP/OpenAI error body and to an SSE error event; [`metrics`] derives the Prometheus
 //! series from the events the router and the dispatch report; [`server`] starts everything and
-//! follows heartbeats; [`state`] is what the routes share; [`config`] the command line.
+//! follows heartbeats; [`state`] is what the routes share; [`config`] the command line;
+//! [`disconnect`] notices clients that leave mid-request.
 //! The bus contract itself is the `tandem-protocol` crate; see docs/protocol.md.
 
 pub mod admission;
 pub mod auth;
 pub mod config;
+pub mod disconnect;
 pub mod dispatch;
 pub mod error;
 pub mod metrics;

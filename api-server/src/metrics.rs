@@ -20,6 +20,7 @@ use prometheus::{
 use tandem_protocol::messages::{Heartbeat, Usage, WorkerRole};
 
 use crate::dispatch::fallback::FallbackReason;
+use crate::dispatch::migrate::MigrationReason;
 use crate::router::LiveCounts;
 
 /// The HTTP endpoint a request came in on (the `endpoint` label).
@@ -91,6 +92,8 @@ pub enum Event<'a> {
     },
     /// A request meant for a context worker was prefilled by its generation worker.
     Fallback(FallbackReason),
+    /// A request moved to another generation worker mid-stream.
+    Migrated(MigrationReason),
     /// A request was refused for want of a valid API key.
     Unauthorized,
 }
@@ -118,6 +121,8 @@ pub struct Metrics {
     kv_transfers: IntCounterVec,
     /// `reason`: [`FallbackReason::label`].
     kv_transfer_fallbacks: IntCounterVec,
+    /// `reason`: [`MigrationReason::label`].
+    request_migrations: IntCounterVec,
     /// Requests whose prefill ran on a context worker.
     requests_disaggregated: IntCounter,
     /// Requests refused without a valid API key.
@@ -232,6 +237,15 @@ impl Metrics {
             &["reason"],
         )
         .expect("metric options are static and valid");
+        let request_migrations = IntCounterVec::new(
+            Opts::new(
+                "tandem_request_migrations_total",
+                "Requests moved to another worker mid-stream (prompt plus the tokens so far), by \
+                 why the worker they left failed them",
+            ),
+            &["reason"],
+        )
+        .expect("metric options are static and valid");
         let requests_disaggregated = IntCounter::new(
             "tandem_requests_disaggregated_total",
             "Requests whose prompt a context worker prefilled",
@@ -287,6 +301,7 @@ impl Metrics {
             kv_transfer_seconds,
             kv_transfers,
             kv_transfer_fallbacks,
+            request_migrations,
             requests_disaggregated,
             unauthorized,
             kv_pinned_blocks,
@@ -310,6 +325,7 @@ impl Metrics {
             Box::new(metrics.kv_transfer_seconds.clone()),
             Box::new(metrics.kv_transfers.clone()),
             Box::new(metrics.kv_transfer_fallbacks.clone()),
+            Box::new(metrics.request_migrations.clone()),
             Box::new(metrics.requests_disaggregated.clone()),
             Box::new(metrics.unauthorized.clone()),
             Box::new(metrics.kv_pinned_blocks.clone()),
@@ -343,6 +359,11 @@ impl Metrics {
         for reason in FallbackReason::ALL {
             metrics
                 .kv_transfer_fallbacks
+                .with_label_values(&[reason.label()]);
+        }
+        for reason in MigrationReason::ALL {
+            metrics
+                .request_migrations
                 .with_label_values(&[reason.label()]);
         }
         metrics
@@ -391,6 +412,10 @@ impl Metrics {
             }
             Event::Fallback(reason) => self
                 .kv_transfer_fallbacks
+                .with_label_values(&[reason.label()])
+                .inc(),
+            Event::Migrated(reason) => self
+                .request_migrations
                 .with_label_values(&[reason.label()])
                 .inc(),
         }

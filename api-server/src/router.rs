@@ -220,12 +220,33 @@ impl WorkerRegistry {
         self.pick_locked(&mut inner, Pool::Generate, now)
     }
 
+    /// [`Self::pick_generate`] among the workers other than `failed` (a request migrating
+    /// off it: it may still heartbeat, e.g. when its engine failed the request).
+    pub fn pick_generate_other_than(&self, failed: &str, now: Instant) -> Option<String> {
+        let mut inner = self.lock();
+        self.pick_excluding(&mut inner, Pool::Generate, Some(failed), now)
+    }
+
     fn pick_locked(&self, inner: &mut Inner, pool: Pool, now: Instant) -> Option<String> {
+        self.pick_excluding(inner, pool, None, now)
+    }
+
+    fn pick_excluding(
+        &self,
+        inner: &mut Inner,
+        pool: Pool,
+        exclude: Option<&str>,
+        now: Instant,
+    ) -> Option<String> {
         let timeout = self.settings.worker_timeout;
         let mut candidates: Vec<&String> = inner
             .workers
             .iter()
-            .filter(|(_, w)| w.takes(pool) && now.saturating_duration_since(w.last_seen) <= timeout)
+            .filter(|(id, w)| {
+                w.takes(pool)
+                    && now.saturating_duration_since(w.last_seen) <= timeout
+                    && exclude != Some(id.as_str())
+            })
             .map(|(id, _)| id)
             .collect();
         if candidates.is_empty() {
@@ -364,6 +385,22 @@ mod tests {
         // A fresh heartbeat replaces the local estimate.
         registry.observe(heartbeat("b", WorkerRole::Decode, 9, 0), now);
         assert_eq!(registry.pick_generate(now).unwrap(), "a");
+    }
+
+    #[test]
+    fn a_migration_never_goes_back_to_the_worker_it_leaves() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        registry.observe(heartbeat("sick", WorkerRole::Both, 0, 0), now);
+        assert_eq!(registry.pick_generate_other_than("sick", now), None);
+        registry.observe(heartbeat("busy", WorkerRole::Decode, 9, 0), now);
+        for _ in 0..3 {
+            assert_eq!(
+                registry.pick_generate_other_than("sick", now).as_deref(),
+                Some("busy"),
+                "the failed worker is skipped even when it is the least loaded"
+            );
+        }
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
         },
         started_unix_s: unix_now_s(),
         admission: crate::admission::Admission::new(config.max_pending_requests),
+        migration_limit: config.migration_limit,
     });
     let address = format!("{}:{}", config.host, config.port);
     let mut server = HttpServer::new(move || {
@@ -153,7 +154,8 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
         }
         app.wrap(actix_web::middleware::from_fn(crate::auth::require_key))
             .configure(crate::routes::configure)
-    });
+    })
+    .on_connect(crate::disconnect::remember_socket);
     if config.http_workers > 0 {
         server = server.workers(config.http_workers);
     }

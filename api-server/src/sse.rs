@@ -5,11 +5,15 @@
 //! `data: [DONE]`.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use actix_web::HttpResponse;
 use bytes::Bytes;
 use tandem_protocol::messages::{FinishReason, TokenEvent, Usage};
 
+use futures::StreamExt;
+
+use crate::disconnect::{ClientSocket, client_gone};
 use crate::dispatch::{GenEvent, Generation};
 
 /// Turns generation events into one endpoint's SSE chunks (`data: {json}\n\n` each).
@@ -30,12 +34,18 @@ pub fn sse_data<T: serde::Serialize>(value: &T) -> Bytes {
 
 pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
 
-/// A `text/event-stream` response carrying [`sse_body`].
-pub fn sse_response<F: ChunkFormat>(generation: Generation, format: F) -> HttpResponse {
+/// A `text/event-stream` response carrying [`sse_body`], cut short when the client on
+/// `socket` goes away (a half-close is not a write error, so actix alone would go on).
+pub fn sse_response<F: ChunkFormat>(
+    generation: Generation,
+    format: F,
+    socket: Option<Arc<ClientSocket>>,
+) -> HttpResponse {
+    let body = sse_body(generation, format).take_until(Box::pin(client_gone(socket)));
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
-        .streaming(sse_body(generation, format))
+        .streaming(body)
 }
 
 /// The SSE body of a streamed response: the format's chunks, an error event if the generation

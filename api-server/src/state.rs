@@ -17,6 +17,8 @@ pub struct AppState {
     pub timeouts: Timeouts,
     /// Unix seconds of the server's start, shown as the model's `created`.
     pub started_unix_s: u64,
+    /// How often a request may move to another worker (`--migration-limit`).
+    pub migration_limit: u32,
     /// The bound on generation requests in flight.
     pub admission: crate::admission::Admission,
 }
@@ -28,6 +30,7 @@ impl AppState {
             registry: &self.registry,
             metrics: &self.metrics,
             timeouts: self.timeouts,
+            migration_limit: self.migration_limit,
         }
     }
 }

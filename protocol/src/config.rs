@@ -294,6 +294,9 @@ pub struct DeploymentConfig {
     /// (tandem) Generation requests the api-server holds at once (accepted, not finished);
     /// past it, 429. Absent: the api-server's default; 0: no bound.
     pub max_pending_requests: Option<usize>,
+    /// (tandem) How often one request may move to another worker when its worker fails
+    /// mid-stream. Absent: the api-server's default (3); 0: never.
+    pub migration_limit: Option<u32>,
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
 }
@@ -327,6 +330,7 @@ impl Default for DeploymentConfig {
             api_key_file: None,
             metrics_require_key: false,
             max_pending_requests: None,
+            migration_limit: None,
             ignored: BTreeMap::new(),
         }
     }

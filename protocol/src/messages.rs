@@ -185,6 +185,14 @@ pub struct GenerateJob {
     /// that reader reads fastest (CUDA IPC for a GPU of the same host, else host memory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_reader: Option<KvPeer>,
+    /// Set when the api-server migrates the request off a worker that failed mid-stream: the
+    /// tokens that worker generated and the client already has, in order. The new worker
+    /// prefills `prompt_ids` followed by these, replays them through its detokenizer, stop
+    /// matcher and penalties without emitting them, and continues after them (the seeded
+    /// stream at the draw for token `resume_ids.len()`, `max_tokens` counting them, usage
+    /// counting them once as completion tokens). Never set with `kv`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resume_ids: Vec<u32>,
 }
 
 /// How a worker can move K/V besides UCX through host memory, advertised in its heartbeats.
@@ -408,8 +416,15 @@ pub struct Usage {
 pub enum StreamMessage {
     /// The job was taken (the api-server's no-worker timeout stops here).
     Accepted { worker_id: String },
-    /// One or more new tokens, in order.
-    Tokens { tokens: Vec<TokenEvent> },
+    /// One or more new tokens, in order. `index` is the position of the first of them among
+    /// the request's generated tokens (0 for the first token; a migrated job continues at its
+    /// `resume_ids.len()`), so the api-server can tell a gap or a duplicate from a complete
+    /// stream. Absent from a worker that predates it (then nothing is checked).
+    Tokens {
+        tokens: Vec<TokenEvent>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        index: Option<u32>,
+    },
     /// The last message of a successful or cancelled request.
     Finished { reason: FinishReason, usage: Usage },
     /// The request failed on the worker; `message` is safe to show to the client.
@@ -568,6 +583,7 @@ mod tests {
                 host_id: "b7e3".into(),
                 cuda_ipc: true,
             }),
+            resume_ids: vec![9, 8],
         };
         let bytes = encode(&job);
         let text = std::str::from_utf8(&bytes).unwrap();
@@ -583,6 +599,22 @@ mod tests {
         };
         let json = String::from_utf8(encode(&msg)).unwrap();
         assert!(json.contains("\"type\":\"finished\"") && json.contains("\"reason\":\"length\""));
+        // Token messages carry their position; one without it (an older worker) still reads.
+        let tokens: StreamMessage = decode(
+            "stream",
+            br#"{"v":1,"type":"tokens","tokens":[{"id":5,"text":"a"}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(tokens, StreamMessage::Tokens { index: None, .. }));
+        let numbered = StreamMessage::Tokens {
+            tokens: vec![],
+            index: Some(4),
+        };
+        assert!(
+            String::from_utf8(encode(&numbered))
+                .unwrap()
+                .contains("\"index\":4")
+        );
         assert_eq!(
             decode::<StreamMessage>("stream", json.as_bytes()).unwrap(),
             msg

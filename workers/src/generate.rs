@@ -126,6 +126,7 @@ pub fn generate(
         stop_strings: args.stop.clone(),
         prefill_only: false,
         deadline: None,
+        resume_ids: Vec::new(),
     };
     let stream = handle.submit(request)?;
     let mut output = GenerateOutput {

@@ -93,6 +93,7 @@ fn job(request_id: &str, prompt_ids: Vec<u32>, max_tokens: u32, seed: Option<u64
         deadline_unix_ms: None,
         kv: None,
         kv_reader: None,
+        resume_ids: Vec::new(),
     }
 }
 
@@ -210,7 +211,7 @@ async fn disaggregated(
     let mut pulled = None;
     for message in decode {
         match message {
-            StreamMessage::Tokens { tokens } => {
+            StreamMessage::Tokens { tokens, .. } => {
                 for t in tokens {
                     ids.push(t.id);
                     text.push_str(&t.text);
@@ -542,7 +543,7 @@ async fn disaggregated_via(
     let mut pulled = None;
     for message in messages {
         match message {
-            StreamMessage::Tokens { tokens } => ids.extend(tokens.iter().map(|t| t.id)),
+            StreamMessage::Tokens { tokens, .. } => ids.extend(tokens.iter().map(|t| t.id)),
             StreamMessage::KvPulled { .. } => pulled = Some(message),
             StreamMessage::Error { message } => panic!("decode failed: {message}"),
             _ => {}

@@ -13,6 +13,8 @@
 //!   its `kv_ready` sends the decode job to the generation worker.
 //! - [`fallback`]: when the context worker fails, it is replaced once by a local prefill on
 //!   the generation worker; the client only notices the delay.
+//! - [`migrate`]: when the generation worker fails mid-stream, the request moves to another
+//!   one with the tokens generated so far; the client's stream goes on without a gap.
 //! - [`cancel`]: a generation dropped before its worker finished (the client went away, or a
 //!   timeout ended it here) cancels the request on the bus.
 //! - [`record`]: the request's metrics (token timing, usage, outcome).
@@ -28,6 +30,7 @@ pub mod bus;
 pub mod cancel;
 pub mod fallback;
 pub mod handover;
+pub mod migrate;
 pub mod record;
 
 use std::collections::VecDeque;
@@ -47,6 +50,7 @@ use crate::metrics::{Event, Metrics};
 use crate::router::{Prefill, WorkerRegistry};
 use cancel::CancelGuard;
 use handover::Phase;
+use migrate::MigrationReason;
 
 /// How long each phase of a request may take.
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +102,8 @@ pub struct Dispatch<'a> {
     pub registry: &'a Arc<WorkerRegistry>,
     pub metrics: &'a Metrics,
     pub timeouts: Timeouts,
+    /// How often a request may move to another worker (`--migration-limit`).
+    pub migration_limit: u32,
 }
 
 /// A request's job as validation and tokenization produced it.
@@ -130,6 +136,14 @@ pub struct Generation {
     first_token_by: Instant,
     record: RequestRecord,
     first_token_seen: bool,
+    /// Set by a migration until the new worker's first token: its prefill of prompt and
+    /// resumed tokens runs under the first-token timeout, not the stall timeout.
+    resuming: bool,
+    /// The ids of the tokens the client has received, in order: a migration's `resume_ids`,
+    /// and what the next `tokens` message's `index` must be.
+    received_ids: Vec<u32>,
+    migrations: u32,
+    migration_limit: u32,
     done: bool,
     /// The request's place under `--max-pending-requests`, given back when the generation
     /// (and with it a streamed response's body) is dropped.
@@ -192,6 +206,7 @@ impl Generation {
                 SystemTime::now() + timeouts.accept + timeouts.first_token,
             )),
             kv: None,
+            resume_ids: Vec::new(),
             // The context worker exports where the chosen generation worker reads fastest.
             kv_reader: match route.prefill {
                 Prefill::Remote { .. } => route.generate_kv_peer.clone(),
@@ -238,6 +253,10 @@ impl Generation {
             first_token_by: now + timeouts.accept + timeouts.first_token,
             record,
             first_token_seen: false,
+            resuming: false,
+            received_ids: Vec::new(),
+            migrations: 0,
+            migration_limit: dispatch.migration_limit,
             done: false,
             admitted: None,
         };
@@ -357,7 +376,9 @@ impl Generation {
                 None => match self.receive().await {
                     Ok(message) => message,
                     Err(err) => {
-                        self.fall_back_on(err).await?;
+                        if let Err(err) = self.fall_back_on(err).await {
+                            self.migrate_on(err).await?;
+                        }
                         continue;
                     }
                 },
@@ -382,8 +403,27 @@ impl Generation {
                     self.kv_pulled(&worker_id, bytes, micros, outcome);
                     continue;
                 }
-                StreamMessage::Tokens { tokens } => {
+                StreamMessage::Tokens { tokens, index } => {
+                    let received = self.received_ids.len();
+                    let tokens = match in_sequence(received, tokens, index) {
+                        Ok((tokens, repeated)) => {
+                            if repeated > 0 {
+                                tracing::warn!(request_id = %self.request_id, received,
+                                    repeated, "dropped tokens the client has already");
+                            }
+                            tokens
+                        }
+                        Err(gap) => {
+                            self.migrate_on(gap).await?;
+                            continue;
+                        }
+                    };
+                    if tokens.is_empty() {
+                        continue;
+                    }
+                    self.received_ids.extend(tokens.iter().map(|t| t.id));
                     self.first_token_seen = true;
+                    self.resuming = false;
                     return Ok(GenEvent::Tokens(tokens));
                 }
                 StreamMessage::Finished { reason, usage } => {
@@ -398,21 +438,26 @@ impl Generation {
                         }
                         FinishReason::Cancelled => {
                             self.cancel.disarm();
-                            Err(ApiError::WorkerGone {
+                            let err = ApiError::WorkerGone {
                                 detail: "the worker cancelled the request".into(),
-                            })
+                            };
+                            self.migrate(MigrationReason::WorkerCancelled, err).await?;
+                            continue;
                         }
                         FinishReason::Error => {
                             self.cancel.disarm();
-                            Err(ApiError::Worker {
+                            let err = ApiError::Worker {
                                 message: "the worker failed to finish the request".into(),
-                            })
+                            };
+                            self.migrate_on(err).await?;
+                            continue;
                         }
                     };
                 }
                 StreamMessage::Error { message } => {
                     self.cancel.disarm();
-                    return Err(ApiError::Worker { message });
+                    self.migrate_on(ApiError::Worker { message }).await?;
+                    continue;
                 }
             }
         }
@@ -422,7 +467,7 @@ impl Generation {
     /// deadline, checking the current worker's liveness meanwhile.
     async fn receive(&mut self) -> Result<StreamMessage, ApiError> {
         let (phase_end, phase_timeout, phase_error): (Instant, Duration, fn(u64) -> ApiError) =
-            if self.first_token_seen {
+            if self.first_token_seen && !self.resuming {
                 (
                     Instant::now() + self.timeouts.stall,
                     self.timeouts.stall,
@@ -473,5 +518,75 @@ impl Generation {
                 }
             }
         }
+    }
+}
+
+/// `tokens` (a `tokens` message starting at position `index`) checked against the `received`
+/// tokens the client has: a message from a worker that numbers its tokens must continue
+/// exactly after them. Tokens the client has already (a duplicate) are dropped, and counted
+/// in the second value; a message past the next position means tokens were lost, an error
+/// (a migration resumes after the last token received). An unnumbered message passes.
+fn in_sequence(
+    received: usize,
+    mut tokens: Vec<TokenEvent>,
+    index: Option<u32>,
+) -> Result<(Vec<TokenEvent>, usize), ApiError> {
+    let Some(index) = index else {
+        return Ok((tokens, 0));
+    };
+    let expected = received as u32;
+    if index > expected {
+        return Err(ApiError::StreamGap {
+            expected,
+            got: index,
+        });
+    }
+    let repeated = ((expected - index) as usize).min(tokens.len());
+    tokens.drain(..repeated);
+    Ok((tokens, repeated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(ids: &[u32]) -> Vec<TokenEvent> {
+        ids.iter()
+            .map(|&id| TokenEvent {
+                id,
+                text: id.to_string(),
+                logprob: None,
+                top_logprobs: Vec::new(),
+            })
+            .collect()
+    }
+
+    fn ids(result: Result<(Vec<TokenEvent>, usize), ApiError>) -> (Vec<u32>, usize) {
+        let (tokens, repeated) = result.unwrap();
+        (tokens.iter().map(|t| t.id).collect(), repeated)
+    }
+
+    #[test]
+    fn numbered_tokens_must_continue_the_stream() {
+        // In order, and unnumbered (an older worker).
+        assert_eq!(
+            ids(in_sequence(2, tokens(&[7, 8]), Some(2))),
+            (vec![7, 8], 0)
+        );
+        assert_eq!(ids(in_sequence(2, tokens(&[7]), None)), (vec![7], 0));
+        // A repeat, whole or in part, is cut.
+        assert_eq!(
+            ids(in_sequence(3, tokens(&[6, 7, 8]), Some(1))),
+            (vec![8], 2)
+        );
+        assert_eq!(ids(in_sequence(3, tokens(&[5, 6]), Some(0))), (vec![], 2));
+        // A gap is an error naming both positions.
+        assert!(matches!(
+            in_sequence(2, tokens(&[9]), Some(4)),
+            Err(ApiError::StreamGap {
+                expected: 2,
+                got: 4
+            })
+        ));
     }
 }

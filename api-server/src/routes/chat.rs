@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
-use actix_web::{HttpResponse, post, web};
+use actix_web::{HttpRequest, HttpResponse, post, web};
 use bytes::Bytes;
 use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
 
 use super::logprobs::chat_entry;
-use super::{finish_reason, start_generation};
+use super::{client_left, finish_reason, start_generation, unless_client_leaves};
+use crate::disconnect::ClientSocket;
 use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
 use crate::metrics::Endpoint;
@@ -22,13 +23,19 @@ use crate::validation::validate_chat;
 
 #[post("/v1/chat/completions")]
 pub async fn chat_completions(
+    request: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<ChatCompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
+    let socket = ClientSocket::of(&request);
     let mut record = RequestRecord::new(state.metrics.clone(), Endpoint::Chat);
     let valid = validate_chat(&body, &state.limits).inspect_err(|err| record.fail(err))?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let generation = start_generation(&state, &valid, record, id.clone()).await?;
+    let started = start_generation(&state, &valid, record, id.clone());
+    let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
+        return Ok(client_left());
+    };
+    let generation = generation?;
     let chunks = ChatChunks {
         id,
         created: unix_now_s(),
@@ -38,9 +45,12 @@ pub async fn chat_completions(
         codec: Arc::clone(&state.codec),
     };
     if valid.stream {
-        return Ok(sse_response(generation, chunks));
+        return Ok(sse_response(generation, chunks, socket));
     }
-    let completed = generation.collect().await?;
+    let Some(completed) = unless_client_leaves(socket, generation.collect()).await else {
+        return Ok(client_left());
+    };
+    let completed = completed?;
     Ok(HttpResponse::Ok().json(chunks.completion(completed)))
 }
 

@@ -1,6 +1,7 @@
 //! HTTP routes, one file per endpoint, the JSON body configuration that turns malformed
 //! bodies into OpenAI error responses, and what the generation endpoints share: tokenizing and
-//! dispatching a validated request, and the OpenAI finish reason.
+//! dispatching a validated request, cancelling it when the client leaves, and the OpenAI finish
+//! reason.
 
 pub mod chat;
 pub mod completions;
@@ -10,9 +11,12 @@ pub mod models;
 
 mod logprobs;
 
-use actix_web::web;
+use std::sync::Arc;
+
+use actix_web::{HttpResponse, web};
 use tandem_protocol::messages::FinishReason as WireFinish;
 
+use crate::disconnect::{ClientSocket, client_gone};
 use crate::dispatch::{Generation, JobSpec, RequestRecord};
 use crate::error::ApiError;
 use crate::metrics::Endpoint;
@@ -47,6 +51,29 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(models::list_models)
         .service(health::health)
         .service(metrics::metrics);
+}
+
+/// Runs `work` (a request's dispatch and generation) unless the client on `socket` leaves
+/// first; then `None`, and `work` is dropped, which cancels the request on the bus (its
+/// [`Generation`] or the guard of its job).
+pub(crate) async fn unless_client_leaves<T>(
+    socket: Option<Arc<ClientSocket>>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        done = work => Some(done),
+        () = client_gone(socket) => {
+            tracing::info!("the client went away mid-request: request cancelled");
+            None
+        }
+    }
+}
+
+/// What a handler answers once its client has left (nobody reads it): nginx's 499.
+pub(crate) fn client_left() -> HttpResponse {
+    HttpResponse::new(
+        actix_web::http::StatusCode::from_u16(499).expect("499 is a valid status code"),
+    )
 }
 
 /// Tokenizes a validated request, checks it against the context and dispatches it.

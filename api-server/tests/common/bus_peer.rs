@@ -358,6 +358,7 @@ impl Answerer {
                     &job,
                     StreamMessage::Tokens {
                         tokens: scripted_tokens()[..1].to_vec(),
+                        index: Some(0),
                     },
                 )
                 .await;
@@ -414,6 +415,7 @@ impl Answerer {
                     &job,
                     StreamMessage::Tokens {
                         tokens: scripted_tokens()[..1].to_vec(),
+                        index: Some(0),
                     },
                 )
                 .await;
@@ -424,6 +426,7 @@ impl Answerer {
                     &job,
                     StreamMessage::Tokens {
                         tokens: scripted_tokens()[..1].to_vec(),
+                        index: Some(0),
                     },
                 )
                 .await;
@@ -443,8 +446,10 @@ impl Answerer {
                 while !self.cancelled(&job.request_id) {
                     self.send(
                         &job,
+                        // Unnumbered, as from a worker that predates numbering.
                         StreamMessage::Tokens {
                             tokens: scripted_tokens()[..1].to_vec(),
+                            index: None,
                         },
                     )
                     .await;
@@ -481,6 +486,7 @@ impl Answerer {
                     &job,
                     StreamMessage::Tokens {
                         tokens: tokens[..2].to_vec(),
+                        index: Some(0),
                     },
                 )
                 .await;
@@ -488,6 +494,7 @@ impl Answerer {
                     &job,
                     StreamMessage::Tokens {
                         tokens: tokens[2..].to_vec(),
+                        index: Some(2),
                     },
                 )
                 .await;

@@ -24,6 +24,11 @@ const DEFAULT_HTTP_WORKERS: usize = 0;
 /// below what would exhaust the api-server's memory or the bus.
 pub const DEFAULT_MAX_PENDING_REQUESTS: usize = 4096;
 
+/// Migrations of one request at most, by default (Dynamo's default too): enough to ride out
+/// a worker lost and a second failure, without passing a request that kills workers around
+/// the whole deployment.
+pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
+
 /// The api-server's settings.
 #[derive(Debug, Clone, PartialEq, Args)]
 pub struct ApiServerArgs {
@@ -88,6 +93,16 @@ pub struct ApiServerArgs {
         default_value_t = DEFAULT_MAX_PENDING_REQUESTS
     )]
     pub max_pending_requests: usize,
+    /// How often one request may move to another worker when the worker generating it dies,
+    /// stops heartbeating, fails it or drops it while draining: the new worker prefills the
+    /// prompt plus the tokens generated so far and the client's stream goes on with no gap
+    /// and no repeat. 0: never (the client gets the error). The config's `migration_limit`.
+    #[arg(
+        long,
+        env = "TANDEM_MIGRATION_LIMIT",
+        default_value_t = DEFAULT_MIGRATION_LIMIT
+    )]
+    pub migration_limit: u32,
     /// An API key (repeat for several; TANDEM_API_KEY takes them comma-separated). With any
     /// key set, every /v1 request must carry `Authorization: Bearer KEY`, else 401. Prefer
     /// the environment or --api-key-file: a command line is visible to every local user.
@@ -162,6 +177,7 @@ impl ApiServerArgs {
             max_local_prefill_length: DEFAULT_MAX_LOCAL_PREFILL_LENGTH,
             http_workers: DEFAULT_HTTP_WORKERS,
             max_pending_requests: DEFAULT_MAX_PENDING_REQUESTS,
+            migration_limit: DEFAULT_MIGRATION_LIMIT,
             api_keys: Vec::new(),
             api_key_file: None,
             metrics_require_key: false,
@@ -226,6 +242,9 @@ impl ApiServerArgs {
         }
         if self.max_pending_requests != DEFAULT_MAX_PENDING_REQUESTS {
             argv.push_display("--max-pending-requests", self.max_pending_requests);
+        }
+        if self.migration_limit != DEFAULT_MIGRATION_LIMIT {
+            argv.push_display("--migration-limit", self.migration_limit);
         }
         argv.push_some(
             "--api-key-file",
@@ -296,6 +315,7 @@ mod tests {
             max_local_prefill_length: 64,
             http_workers: 3,
             max_pending_requests: 7,
+            migration_limit: 0,
             api_keys: Vec::new(),
             api_key_file: Some("/run/secrets/keys".into()),
             metrics_require_key: true,

@@ -14,7 +14,9 @@ mod worker;
 use std::ffi::{OsStr, OsString};
 use std::fmt::Display;
 
-pub use api_server::{ApiKey, ApiServerArgs, DEFAULT_MAX_PENDING_REQUESTS};
+pub use api_server::{
+    ApiKey, ApiServerArgs, DEFAULT_MAX_PENDING_REQUESTS, DEFAULT_MIGRATION_LIMIT,
+};
 pub use nats_auth::{NatsAuthArgs, NatsAuthError, TOKEN_VAR as NATS_TOKEN_VAR};
 pub use worker::{GpuArgs, WorkerArgs};
 

@@ -82,6 +82,10 @@ pub enum EngineError {
     TokenOutOfRange { token: u32, vocab_size: usize },
     #[error("max_tokens must be at least 1")]
     ZeroMaxTokens,
+    /// A resumed request ([`GenerationRequest::resume_ids`]) that has nothing left to do, or
+    /// whose resumed tokens would have ended it already.
+    #[error("cannot resume the request: {0}")]
+    Resume(String),
     #[error(transparent)]
     Sampling(#[from] SamplingError),
     #[error("stop strings need an engine with a tokenizer")]
@@ -148,6 +152,44 @@ impl Sequence {
             completion_tokens: self.tokens.len() - self.prompt_len,
         }
     }
+}
+
+/// Brings a resumed request's text state to where the worker that generated `resumed`
+/// ([`GenerationRequest::resume_ids`]) left it: each resumed token goes through the detokenizer and stop
+/// matcher as if sampled here, its text discarded (the client has it), so text held back
+/// there (an incomplete character, a possible stop string) is held back here too. Refuses
+/// resumed tokens that would have ended the request (a stop token or string, `max_tokens`).
+fn replay_resumed(
+    resumed: &[u32],
+    max_tokens: usize,
+    stop_token_ids: &[u32],
+    mut text: Option<&mut (dyn TextStream + 'static)>,
+) -> Result<(), EngineError> {
+    if resumed.is_empty() {
+        return Ok(());
+    }
+    if resumed.len() >= max_tokens {
+        return Err(EngineError::Resume(format!(
+            "{} tokens generated already, max_tokens is {max_tokens}",
+            resumed.len()
+        )));
+    }
+    for (position, &token) in resumed.iter().enumerate() {
+        if stop_token_ids.contains(&token) {
+            return Err(EngineError::Resume(format!(
+                "resumed token {position} ({token}) is a stop token"
+            )));
+        }
+        if let Some(text) = text.as_deref_mut() {
+            let step = text.push(token).map_err(EngineError::Text)?;
+            if step.stopped {
+                return Err(EngineError::Resume(format!(
+                    "resumed token {position} completes a stop string"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The engine of one worker. Single-threaded by design: [`handle::EngineHandle`] runs it on a
@@ -281,7 +323,8 @@ impl<M: StepModel> Engine<M> {
     ) -> Result<(), EngineError> {
         self.check_device()?;
         let seq = self.new_sequence(request)?;
-        self.scheduler.add(id, seq.prompt_len)?;
+        // A resumed request's K/V are computed for its resumed tokens too.
+        self.scheduler.add(id, seq.tokens.len())?;
         self.seqs.insert(id, seq);
         Ok(())
     }
@@ -330,6 +373,11 @@ impl<M: StepModel> Engine<M> {
                 vocab_size: self.vocab_size,
             });
         }
+        if !request.resume_ids.is_empty() {
+            return Err(EngineError::ImportMismatch(
+                "a prefill imported from a context worker cannot resume generated tokens".into(),
+            ));
+        }
         let seq = self.new_sequence(request)?;
         self.scheduler.check_prompt(seq.prompt_len)?;
         self.pending_imports.push_back(PendingImport {
@@ -354,6 +402,7 @@ impl<M: StepModel> Engine<M> {
         if let Some(&token) = request
             .prompt_ids
             .iter()
+            .chain(&request.resume_ids)
             .find(|&&t| t as usize >= self.vocab_size)
         {
             return Err(EngineError::TokenOutOfRange {
@@ -365,7 +414,7 @@ impl<M: StepModel> Engine<M> {
             return Err(EngineError::ZeroMaxTokens);
         }
         let sampler = Sampler::new(request.sampling)?;
-        let text = match &self.text {
+        let mut text = match &self.text {
             Some(decoder) => Some(
                 decoder
                     .start(&request.prompt_ids, &request.stop_strings)
@@ -380,9 +429,18 @@ impl<M: StepModel> Engine<M> {
         if !request.ignore_eos {
             stop_token_ids.extend(&self.eos_token_ids);
         }
+        replay_resumed(
+            &request.resume_ids,
+            request.max_tokens,
+            &stop_token_ids,
+            text.as_deref_mut(),
+        )?;
+        let prompt_len = request.prompt_ids.len();
+        let mut tokens = request.prompt_ids;
+        tokens.extend(&request.resume_ids);
         Ok(Sequence {
-            prompt_len: request.prompt_ids.len(),
-            tokens: request.prompt_ids,
+            prompt_len,
+            tokens,
             sampler,
             max_tokens: request.max_tokens,
             stop_token_ids,

@@ -29,6 +29,12 @@ pub struct GenerationRequest {
     /// the engine's queue past its deadline has had its client answered (by the api-server's
     /// timeout), so computing it would only take the place of requests that still wait.
     pub deadline: Option<std::time::Instant>,
+    /// Tokens this request already generated elsewhere (a worker that failed mid-stream; the
+    /// client has them): they are prefilled after the prompt and replayed through the
+    /// request's text and stop handling without being emitted, then generation continues as
+    /// if this engine had produced them (the seeded draw, penalties, `max_tokens` and usage
+    /// all count them).
+    pub resume_ids: Vec<u32>,
 }
 
 impl GenerationRequest {
@@ -43,6 +49,7 @@ impl GenerationRequest {
             stop_strings: Vec::new(),
             prefill_only: false,
             deadline: None,
+            resume_ids: Vec::new(),
         }
     }
 }

@@ -945,3 +945,125 @@ fn a_request_whose_deadline_passes_in_the_queue_is_dropped_when_its_turn_comes()
     run_into(&mut e, &mut out);
     assert_eq!(out[&started].0.len(), 4);
 }
+
+/// Every event until the engine is idle.
+fn run_events(e: &mut Engine<FakeModel>) -> Vec<EngineEvent> {
+    let mut events = vec![];
+    while e.has_work() {
+        events.extend(e.step());
+    }
+    events
+}
+
+#[test]
+fn a_resumed_request_continues_exactly_where_the_first_run_was_cut() {
+    // Letters make the text depend on every token; a stop string that never completes keeps
+    // text held back across the cut, so the replay must restore it.
+    let letters = || {
+        let config = EngineConfig {
+            block_size: 4,
+            num_blocks: 32,
+            ..EngineConfig::default()
+        };
+        Engine::new(FakeModel::new(4, 32), config, Some(Arc::new(Letters))).unwrap()
+    };
+    for params in [
+        SamplingParams::greedy(),
+        SamplingParams {
+            repetition_penalty: 1.3,
+            frequency_penalty: 0.5,
+            ..sampled(77)
+        },
+    ] {
+        let mut e = letters();
+        let whole_request = |stops: Vec<String>| GenerationRequest {
+            stop_strings: stops,
+            ..request(prompt(6, 2), 12, params.clone())
+        };
+        e.add_request(whole_request(vec![])).unwrap();
+        let whole = run_events(&mut e);
+        let ids: Vec<u32> = whole
+            .iter()
+            .filter_map(|ev| match ev.kind {
+                EventKind::Token { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids.len(), 12);
+        let full = text_of(&whole);
+        // A stop string of the last letter and one more that never comes: everything from
+        // the last letter is held back until the end.
+        let held = vec![format!("{}#", &full[4..5])];
+        let mut e = letters();
+        let cut_run = e.add_request(whole_request(held.clone())).unwrap();
+        let first: Vec<EngineEvent> = run_events(&mut e)
+            .into_iter()
+            .filter(|ev| ev.request_id == cut_run)
+            .collect();
+        assert_eq!(text_of(&first), full);
+
+        for cut in [1usize, 5, 11] {
+            let mut e = letters();
+            let resumed = e
+                .add_request(GenerationRequest {
+                    resume_ids: ids[..cut].to_vec(),
+                    ..whole_request(held.clone())
+                })
+                .unwrap();
+            let events = run_events(&mut e);
+            let rest: Vec<u32> = events
+                .iter()
+                .filter_map(|ev| match ev.kind {
+                    EventKind::Token { id, .. } => Some(id),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(rest, ids[cut..], "cut at {cut}, {params:?}");
+            // The text before the cut is the client's already; what comes now is the rest,
+            // including text the first run still held back at the cut (the letter at 4).
+            let before: String = first
+                .iter()
+                .filter_map(|ev| match &ev.kind {
+                    EventKind::Token { text_delta, .. } => Some(text_delta.as_str()),
+                    _ => None,
+                })
+                .take(cut)
+                .collect();
+            assert_eq!(
+                format!("{before}{}", text_of(&events)),
+                full,
+                "cut at {cut}"
+            );
+            let Some(EventKind::Finished { reason, usage, .. }) =
+                events.last().map(|ev| ev.kind.clone())
+            else {
+                panic!("no end: {events:?}")
+            };
+            assert_eq!(reason, FinishReason::Length);
+            assert_eq!(
+                (usage.prompt_tokens, usage.completion_tokens),
+                (6, 12),
+                "usage counts the resumed tokens once"
+            );
+            assert!(events.iter().all(|ev| ev.request_id == resumed));
+            assert_eq!(e.free_blocks(), 32);
+        }
+    }
+}
+
+#[test]
+fn resumed_tokens_that_would_have_ended_the_request_are_refused() {
+    let mut e = engine(64, 64);
+    for (resume, max_tokens) in [(vec![3, 4, 5], 3), (vec![3, EOS, 5], 10), (vec![99], 10)] {
+        assert!(
+            e.add_request(GenerationRequest {
+                resume_ids: resume.clone(),
+                ..request(prompt(4, 1), max_tokens, SamplingParams::greedy())
+            })
+            .is_err(),
+            "{resume:?} with max_tokens {max_tokens}"
+        );
+    }
+    assert!(!e.has_work());
+    assert_eq!(e.free_blocks(), 64);
+}

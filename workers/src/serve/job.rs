@@ -31,6 +31,7 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         stop_strings: job.stop.strings.clone(),
         prefill_only: false,
         deadline: job.deadline_unix_ms.map(instant_of_unix_ms),
+        resume_ids: job.resume_ids.clone(),
     }
 }
 
@@ -70,6 +71,7 @@ mod tests {
             deadline_unix_ms: None,
             kv: None,
             kv_reader: None,
+            resume_ids: Vec::new(),
         }
     }
 

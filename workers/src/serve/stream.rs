@@ -18,8 +18,22 @@ impl EventSink for UnboundedSender<EngineEvent> {
 
 /// Converts a run of events (in order) into stream messages: the tokens among them in one
 /// `tokens` message, then the end if one of them is the `Finished` event. `with_logprobs`
-/// says whether the job asked for log-probabilities (otherwise none are sent).
-pub fn stream_messages(events: Vec<EngineEvent>, with_logprobs: bool) -> Vec<StreamMessage> {
+/// says whether the job asked for log-probabilities (otherwise none are sent). `next_index`
+/// is the position of the next generated token in the request (its `tokens` message's
+/// `index`); it moves past the tokens sent.
+pub fn stream_messages(
+    events: Vec<EngineEvent>,
+    with_logprobs: bool,
+    next_index: &mut u32,
+) -> Vec<StreamMessage> {
+    let mut tokens_message = |tokens: Vec<TokenEvent>| {
+        let index = *next_index;
+        *next_index += tokens.len() as u32;
+        StreamMessage::Tokens {
+            tokens,
+            index: Some(index),
+        }
+    };
     let mut out = Vec::new();
     let mut tokens = Vec::new();
     for event in events {
@@ -38,9 +52,7 @@ pub fn stream_messages(events: Vec<EngineEvent>, with_logprobs: bool) -> Vec<Str
             )),
             EventKind::Finished { reason, usage, .. } => {
                 if !tokens.is_empty() {
-                    out.push(StreamMessage::Tokens {
-                        tokens: std::mem::take(&mut tokens),
-                    });
+                    out.push(tokens_message(std::mem::take(&mut tokens)));
                 }
                 let usage = WireUsage {
                     prompt_tokens: usage.prompt_tokens as u32,
@@ -66,7 +78,7 @@ pub fn stream_messages(events: Vec<EngineEvent>, with_logprobs: bool) -> Vec<Str
         }
     }
     if !tokens.is_empty() {
-        out.push(StreamMessage::Tokens { tokens });
+        out.push(tokens_message(tokens));
     }
     out
 }
@@ -132,6 +144,7 @@ mod tests {
 
     #[test]
     fn tokens_are_packed_and_the_end_comes_last() {
+        let mut next_index = 3;
         let messages = stream_messages(
             vec![
                 token(5, "He"),
@@ -139,11 +152,17 @@ mod tests {
                 finished(FinishReason::Length),
             ],
             false,
+            &mut next_index,
         );
         assert_eq!(messages.len(), 2);
-        let StreamMessage::Tokens { tokens } = &messages[0] else {
+        let StreamMessage::Tokens { tokens, index } = &messages[0] else {
             panic!("{messages:?}")
         };
+        assert_eq!(
+            (*index, next_index),
+            (Some(3), 5),
+            "numbered from 3, 5 next"
+        );
         assert_eq!(tokens.len(), 2);
         assert_eq!((tokens[0].id, tokens[0].text.as_str()), (5, "He"));
         assert_eq!(tokens[1].logprob, None);
@@ -163,8 +182,8 @@ mod tests {
 
     #[test]
     fn logprobs_only_when_asked_and_errors_end_the_stream() {
-        let messages = stream_messages(vec![token(5, "a")], true);
-        let StreamMessage::Tokens { tokens } = &messages[0] else {
+        let messages = stream_messages(vec![token(5, "a")], true, &mut 0);
+        let StreamMessage::Tokens { tokens, .. } = &messages[0] else {
             panic!("{messages:?}")
         };
         assert_eq!(tokens[0].logprob, Some(-0.5));
@@ -172,6 +191,7 @@ mod tests {
         let messages = stream_messages(
             vec![finished(FinishReason::Error("too long".into()))],
             false,
+            &mut 0,
         );
         assert_eq!(
             messages,

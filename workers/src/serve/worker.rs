@@ -165,6 +165,7 @@ impl Worker {
                     request_id = job.request_id,
                     engine_id,
                     prompt_tokens = job.prompt_ids.len(),
+                    resumed_tokens = job.resume_ids.len(),
                     "job queued"
                 );
                 tokio::spawn(forward(
@@ -173,6 +174,8 @@ impl Worker {
                     job.request_id.clone(),
                     events,
                     job.sampling.logprobs.is_some(),
+                    // A resumed request's tokens continue the numbering of the ones resumed.
+                    job.resume_ids.len() as u32,
                     self.in_flight.clone(),
                 ));
             }
@@ -256,6 +259,7 @@ async fn forward(
     request_id: String,
     mut events: mpsc::UnboundedReceiver<EngineEvent>,
     with_logprobs: bool,
+    mut next_index: u32,
     in_flight: InFlight,
 ) {
     let mut ended = false;
@@ -264,7 +268,7 @@ async fn forward(
         while let Ok(event) = events.try_recv() {
             batch.push(event);
         }
-        for message in stream_messages(batch, with_logprobs) {
+        for message in stream_messages(batch, with_logprobs, &mut next_index) {
             ended |= is_last(&message);
             publish_bounded(
                 &client,

@@ -213,7 +213,7 @@ impl ContextRole {
             Some(_) => {
                 // Ended at its first token (or failed, or was cancelled): the answer is here.
                 locked(&self.ledger).unreserve(prompt_tokens);
-                stream_messages(seen, job.sampling.logprobs.is_some())
+                stream_messages(seen, job.sampling.logprobs.is_some(), &mut 0)
             }
             None => {
                 locked(&self.ledger).unreserve(prompt_tokens);

@@ -1,0 +1,192 @@
+//! Request migration: when the worker generating a request fails it mid-stream (its
+//! heartbeats stop, it answers with an error, it drops the request while draining, the stream
+//! stalls or loses tokens), the request moves to another generation worker and the client's
+//! stream goes on as if nothing happened.
+//!
+//! The new job is the request's own (prompt, sampling, stop) plus `resume_ids`: every token the
+//! client has received. The new worker prefills prompt and resumed tokens, replays them through
+//! its detokenizer and stop matcher without emitting them, and continues with token
+//! `resume_ids.len()`, numbering its `tokens` messages from there. So the client sees no gap
+//! and no repeat; greedy output is the undisturbed run's; a seeded request draws from the same
+//! random stream (a draw depends on seed and position only); usage counts each token once.
+//!
+//! Like a fallback, the new job runs under a new request id (`{id}-m{n}`) and stream subject:
+//! the failed job is cancelled under its own id, and whatever it still publishes goes to a
+//! subject nobody reads. A request migrates at most `--migration-limit` times; past it, or with
+//! no other live generation worker, the client gets the error that ended the last attempt.
+//! Failures of a context worker before the hand-over are not migrations: [`super::fallback`]
+//! replaces them with a local prefill.
+
+use std::time::{Instant, SystemTime};
+
+use tandem_protocol::messages::GenerateJob;
+
+use super::cancel::CancelGuard;
+use super::{Generation, unix_ms};
+use crate::error::ApiError;
+use crate::metrics::Event;
+
+/// Why a request left its worker (the `reason` label of `tandem_request_migrations_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationReason {
+    /// The worker's heartbeats stopped (it died, hung or lost the bus).
+    WorkerGone,
+    /// The worker ended the request with an error (e.g. its device failed).
+    WorkerError,
+    /// The worker cancelled the request itself (a drain past its grace time).
+    WorkerCancelled,
+    /// The worker did not accept the job (of a migration, or of a hand-over) in time.
+    NotAccepted,
+    /// No message within the stall timeout although the worker heartbeats.
+    Stalled,
+    /// A `tokens` message skipped positions: tokens were lost on the bus.
+    StreamGap,
+}
+
+impl MigrationReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            MigrationReason::WorkerGone => "worker_gone",
+            MigrationReason::WorkerError => "worker_error",
+            MigrationReason::WorkerCancelled => "worker_cancelled",
+            MigrationReason::NotAccepted => "not_accepted",
+            MigrationReason::Stalled => "stalled",
+            MigrationReason::StreamGap => "stream_gap",
+        }
+    }
+
+    pub const ALL: [MigrationReason; 6] = [
+        MigrationReason::WorkerGone,
+        MigrationReason::WorkerError,
+        MigrationReason::WorkerCancelled,
+        MigrationReason::NotAccepted,
+        MigrationReason::Stalled,
+        MigrationReason::StreamGap,
+    ];
+
+    /// The reason to migrate on `err`, or None when `err` is not the worker's failure (the
+    /// request's own time limit, the bus, a bad request): those go to the client. (A worker
+    /// that cancels the request itself is told apart where its `finished` is read.)
+    pub fn of(err: &ApiError) -> Option<MigrationReason> {
+        match err {
+            ApiError::WorkerGone { .. } => Some(MigrationReason::WorkerGone),
+            ApiError::Worker { .. } => Some(MigrationReason::WorkerError),
+            ApiError::NotAccepted { .. } => Some(MigrationReason::NotAccepted),
+            ApiError::Stalled { .. } => Some(MigrationReason::Stalled),
+            ApiError::StreamGap { .. } => Some(MigrationReason::StreamGap),
+            _ => None,
+        }
+    }
+}
+
+/// Suffix of a migrated job's request id, before the migration's number.
+const MIGRATION_SUFFIX: &str = "-m";
+
+impl Generation {
+    /// Moves the request to another generation worker when `err` is its worker's failure
+    /// and migrations are left; otherwise gives `err` back (the client's error).
+    pub(super) async fn migrate_on(&mut self, err: ApiError) -> Result<(), ApiError> {
+        match MigrationReason::of(&err) {
+            Some(reason) => self.migrate(reason, err).await,
+            None => Err(err),
+        }
+    }
+
+    /// Moves the request to another generation worker for `reason` while migrations are
+    /// left; otherwise gives `err` (what ended this attempt) back.
+    pub(super) async fn migrate(
+        &mut self,
+        reason: MigrationReason,
+        err: ApiError,
+    ) -> Result<(), ApiError> {
+        if self.migrations >= self.migration_limit {
+            if self.migration_limit > 0 {
+                tracing::warn!(request_id = %self.request_id, migrations = self.migrations,
+                    "migration limit reached: the request fails");
+            }
+            return Err(err);
+        }
+        let failed = self.phase.worker_id().to_owned();
+        let Some(worker_id) = self
+            .registry
+            .pick_generate_other_than(&failed, Instant::now())
+        else {
+            tracing::warn!(request_id = %self.request_id, %failed,
+                "no other live generation worker to migrate to: the request fails");
+            return Err(err);
+        };
+        self.migrations += 1;
+        tracing::warn!(request_id = %self.request_id, %failed, to = %worker_id,
+            reason = reason.label(), resumed_tokens = self.received_ids.len(),
+            migration = self.migrations, "worker failed the request ({err}): migrating it");
+        self.metrics.record(Event::Migrated(reason));
+        // The failed job may still run (an error, a stall): stop it under its own id.
+        self.cancel.fire();
+        let job_id = format!("{}{MIGRATION_SUFFIX}{}", self.request_id, self.migrations);
+        let (stream_subject, subscriber) = self.bus.subscribe_stream(&job_id).await?;
+        self.subscriber = subscriber;
+        self.pending.clear();
+        self.cancel = CancelGuard::new(self.bus.clone(), job_id.clone());
+        let job = GenerateJob {
+            request_id: job_id,
+            stream_subject,
+            deadline_unix_ms: Some(unix_ms(
+                SystemTime::now() + self.timeouts.accept + self.timeouts.first_token,
+            )),
+            kv: None,
+            kv_reader: None,
+            resume_ids: self.received_ids.clone(),
+            ..self.job.clone()
+        };
+        self.publish_generate_job(worker_id, &job, "publishing a migrated job")
+            .await?;
+        self.job = job;
+        // The new worker prefills before its next token: the first-token budget applies.
+        self.first_token_by = Instant::now() + self.timeouts.accept + self.timeouts.first_token;
+        self.resuming = true;
+        match self.await_accepted().await {
+            Ok(()) => Ok(()),
+            // Not accepted: another migration, while the limit allows.
+            Err(err) => Box::pin(self.migrate_on(err)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_workers_failures_migrate() {
+        let gone = ApiError::WorkerGone {
+            detail: "worker w stopped sending heartbeats".into(),
+        };
+        assert_eq!(
+            MigrationReason::of(&gone),
+            Some(MigrationReason::WorkerGone)
+        );
+        assert_eq!(
+            MigrationReason::of(&ApiError::StreamGap {
+                expected: 3,
+                got: 5
+            }),
+            Some(MigrationReason::StreamGap)
+        );
+        for theirs in [
+            ApiError::RequestTimeout { timeout_ms: 1 },
+            ApiError::FirstTokenTimeout { timeout_ms: 1 },
+            ApiError::NoLiveWorker,
+            ApiError::bus("publishing", "down"),
+            ApiError::invalid("bad", "stop"),
+        ] {
+            assert_eq!(MigrationReason::of(&theirs), None, "{theirs}");
+        }
+    }
+
+    #[test]
+    fn labels_are_distinct() {
+        let labels: std::collections::BTreeSet<&str> =
+            MigrationReason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels.len(), MigrationReason::ALL.len());
+    }
+}
