@@ -1,0 +1,348 @@
+//! The fault suite (issue 17): real processes (nats-server, CPU workers, the api-server), real
+//! faults, and what the client saw.
+//!
+//! - A decode worker killed (-9) mid-stream with several streams in flight: every stream it
+//!   served moves to the other decode worker and completes with exactly the text of an
+//!   undisturbed run (greedy and seeded), usage counted once.
+//! - A context worker killed (-9) during a prefill: the request is prefilled by its decode
+//!   worker instead and completes with the undisturbed text.
+//! - Clients that half-close (FIN) or reset (RST) their connection, streaming or not, before
+//!   or after their first token: the worker's running sequences and KV blocks are back to
+//!   idle within 2 s.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{collect_stream, start_api_server};
+use tandem_test_kit::prometheus::{metric, sample};
+use tandem_test_kit::{ApiServer, Http, Nats, Proc, model_dir};
+
+const MODEL: &str = "smollm2-bf16";
+
+fn chat(i: usize, max_tokens: u32) -> Value {
+    let topics = ["the sea", "copper", "a lighthouse", "winter", "bread"];
+    let mut request = json!({
+        "messages": [{"role": "user", "content": format!("Write a long story about {}.", topics[i % topics.len()])}],
+        "max_tokens": max_tokens,
+        "ignore_eos": true,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    if i % 2 == 1 {
+        request["temperature"] = json!(0.8);
+        request["seed"] = json!(40 + i);
+    } else {
+        request["temperature"] = json!(0);
+    }
+    request
+}
+
+/// The streamed text and usage of `request`, counting content chunks into `progress`.
+fn stream(http: &Http, request: &Value, progress: &AtomicUsize) -> (String, Value) {
+    let (status, events) = http.post_stream("/v1/chat/completions", request, |event| {
+        if event["choices"][0]["delta"]["content"].is_string() {
+            progress.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    assert_eq!(status, 200);
+    let usage = events
+        .iter()
+        .rev()
+        .find_map(|e| e.get("usage").filter(|u| !u.is_null()).cloned())
+        .unwrap_or(Value::Null);
+    (collect_stream(&events).text, usage)
+}
+
+/// Polls `/metrics` until `done` holds (`limit` at most); returns how long it took.
+fn wait_metrics(http: &Http, limit: Duration, what: &str, done: impl Fn(&str) -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        let body = http.get("/metrics").body;
+        if done(&body) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what} not within {limit:?}:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether worker `id` reports no running sequence and all its KV blocks free.
+fn idle(body: &str, id: &str) -> bool {
+    let label = format!("\"{id}\"");
+    let running = metric(body, "tandem_worker_running", &label);
+    let free = metric(body, "tandem_worker_free_kv_blocks", &label);
+    let total = metric(body, "tandem_worker_total_kv_blocks", &label);
+    running == Some(0.0) && free.is_some() && free == total
+}
+
+#[test]
+fn a_decode_worker_killed_mid_stream_loses_no_stream() {
+    let nats = Nats::start();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    let _context = support::start_worker_as(&nats, &model_dir(MODEL), "context", "ctx", &[]);
+    let mut victim = support::start_worker_as(&nats, &model_dir(MODEL), "decode", "dec-a", &[]);
+    let _survivor = support::start_worker_as(&nats, &model_dir(MODEL), "decode", "dec-b", &[]);
+    let http = &api.http;
+    http.wait_for_role("context", 1, Duration::from_secs(30));
+    http.wait_for_role("decode", 2, Duration::from_secs(30));
+
+    const STREAMS: usize = 4;
+    const MAX_TOKENS: u32 = 48;
+    let run_all = |kill: Option<&mut Proc>| {
+        let progress: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..STREAMS).map(|_| AtomicUsize::new(0)).collect());
+        let threads: Vec<_> = (0..STREAMS)
+            .map(|i| {
+                let http = http.clone();
+                let progress = Arc::clone(&progress);
+                std::thread::spawn(move || stream(&http, &chat(i, MAX_TOKENS), &progress[i]))
+            })
+            .collect();
+        if let Some(victim) = kill {
+            // Every stream under way (a few tokens each), then the kill.
+            let start = Instant::now();
+            while progress.iter().any(|p| p.load(Ordering::SeqCst) < 4) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(120),
+                    "streams did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            victim.signal(libc::SIGKILL);
+        }
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("stream thread"))
+            .collect::<Vec<_>>()
+    };
+    let undisturbed = run_all(None);
+    let disturbed = run_all(Some(&mut victim));
+    for (i, ((text, usage), (reference, reference_usage))) in
+        disturbed.iter().zip(&undisturbed).enumerate()
+    {
+        assert_eq!(
+            text, reference,
+            "stream {i}: the text of an undisturbed run"
+        );
+        assert_eq!(usage, reference_usage, "stream {i}: usage counted once");
+        assert_eq!(usage["completion_tokens"], MAX_TOKENS);
+    }
+    let metrics = http.get("/metrics").body;
+    let migrated = sample(
+        &metrics,
+        "tandem_request_migrations_total{reason=\"worker_gone\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        migrated >= 1.0,
+        "the killed worker's streams migrated:\n{metrics}"
+    );
+    // The deployment still serves.
+    let (text, _) = stream(http, &chat(0, 8), &AtomicUsize::new(0));
+    assert!(!text.is_empty());
+}
+
+#[test]
+fn a_context_worker_killed_during_its_prefill_costs_a_retry_not_an_error() {
+    let nats = Nats::start();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    // Small prefill chunks: a long prompt's prefill takes many steps.
+    let chunks = ["--max-num-batched-tokens", "32", "--max-num-seqs", "4"];
+    let mut context = support::start_worker_as(&nats, &model_dir(MODEL), "context", "ctx", &chunks);
+    let _decode = support::start_worker_as(&nats, &model_dir(MODEL), "decode", "dec", &[]);
+    let http = &api.http;
+    http.wait_for_role("context", 1, Duration::from_secs(30));
+    http.wait_for_role("decode", 1, Duration::from_secs(30));
+    let request = json!({
+        "messages": [{"role": "user", "content": "Summarise this. ".repeat(120)}],
+        "max_tokens": 12, "temperature": 0, "ignore_eos": true, "stream": true,
+    });
+    let reference = {
+        let (status, events) = http.post_stream("/v1/chat/completions", &request, |_| {});
+        assert_eq!(status, 200);
+        collect_stream(&events).text
+    };
+    let killer = {
+        let pid = context.pid();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            // SAFETY: signalling a child process of this test.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        })
+    };
+    let (status, events) = http.post_stream("/v1/chat/completions", &request, |_| {});
+    killer.join().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(collect_stream(&events).text, reference);
+    assert!(context.try_wait().is_some(), "the context worker is dead");
+    let metrics = http.get("/metrics").body;
+    assert_eq!(
+        sample(
+            &metrics,
+            "tandem_kv_transfer_fallbacks_total{reason=\"context_gone\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+/// How a test client leaves.
+#[derive(Debug, Clone, Copy)]
+enum Leave {
+    /// Half-close: FIN, the socket still open for reading.
+    Fin,
+    /// Reset: close with a zero linger, RST.
+    Rst,
+}
+
+/// Sends `body` to `path` on a raw connection and returns it unread.
+fn send_raw(api: &ApiServer, path: &str, body: &Value) -> TcpStream {
+    let address = format!("127.0.0.1:{}", api.port);
+    let mut socket = TcpStream::connect(&address).unwrap();
+    let body = body.to_string();
+    write!(
+        socket,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    socket
+}
+
+fn leave(socket: TcpStream, how: Leave) {
+    match how {
+        Leave::Fin => {
+            socket.shutdown(std::net::Shutdown::Write).unwrap();
+            // Keep the read side open a while, as a half-closed client does.
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(5));
+                drop(socket);
+            });
+        }
+        Leave::Rst => {
+            use std::os::fd::AsRawFd;
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: a valid socket and a `struct linger` of the size passed.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
+            drop(socket);
+        }
+    }
+}
+
+/// Reads the response until its body has `needle` (a streamed token), 60 s at most.
+fn read_until(socket: &mut TcpStream, needle: &str) {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no {needle:?} in {}",
+            String::from_utf8_lossy(&seen)
+        );
+        match socket.read(&mut buffer) {
+            Ok(0) => panic!("closed early: {}", String::from_utf8_lossy(&seen)),
+            Ok(n) => seen.extend(&buffer[..n]),
+            Err(_) => {}
+        }
+    }
+}
+
+#[test]
+fn clients_that_leave_free_the_worker_within_two_seconds() {
+    let nats = Nats::start();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    // Small prefill chunks, so "before the first token" lasts long enough to leave in.
+    let worker = support::start_worker(
+        &nats,
+        &model_dir(MODEL),
+        "w",
+        &["--max-num-batched-tokens", "32", "--max-num-seqs", "4"],
+    );
+    let http = &api.http;
+    http.wait_for_workers(1, Duration::from_secs(30));
+    let long_prompt = "Describe the history of the printing press in detail. ".repeat(40);
+    let mut cancels = 0;
+    for stream in [true, false] {
+        for how in [Leave::Fin, Leave::Rst] {
+            for after_first_token in [false, true] {
+                let case =
+                    format!("stream {stream}, {how:?}, after first token {after_first_token}");
+                let request = json!({
+                    "messages": [{"role": "user", "content": long_prompt}],
+                    "max_tokens": 2000, "ignore_eos": true, "temperature": 0, "stream": stream,
+                });
+                let mut socket = send_raw(&api, "/v1/chat/completions", &request);
+                // The worker has the job (its heartbeat says so)...
+                wait_metrics(
+                    http,
+                    Duration::from_secs(30),
+                    "the job on the worker",
+                    |body| {
+                        metric(body, "tandem_worker_running", "\"w\"") == Some(1.0)
+                            || metric(body, "tandem_worker_queue_depth", "\"w\"") == Some(1.0)
+                    },
+                );
+                // ...and, after the first token, is decoding it.
+                if after_first_token && stream {
+                    read_until(&mut socket, "\"content\":\"");
+                } else if after_first_token {
+                    // Nothing to read before the end: wait past the prefill.
+                    std::thread::sleep(Duration::from_secs(4));
+                }
+                leave(socket, how);
+                let took =
+                    wait_metrics(http, Duration::from_secs(10), &case, |body| idle(body, "w"));
+                assert!(
+                    took < Duration::from_secs(2),
+                    "{case}: the worker was idle after {took:?}"
+                );
+                cancels += 1;
+                let start = Instant::now();
+                while worker.count_lines("cancelled by the api-server") < cancels {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(2),
+                        "{case}: the worker saw no cancel:\n{}",
+                        worker.output()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    let metrics = http.get("/metrics").body;
+    assert!(
+        metric(&metrics, "tandem_requests_total", "client_disconnected").unwrap_or(0.0) >= 8.0,
+        "{metrics}"
+    );
+    // And it serves.
+    let reply = http.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
