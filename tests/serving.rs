@@ -3,8 +3,9 @@
 //!
 //! What these show (issue 4): the API's temperature-0 output is `worker generate`'s; 64
 //! concurrent streams each get exactly the tokens they get alone; workers started by hand
-//! join and take traffic, and SIGTERM drains one without failing a request; a killed worker
-//! fails its requests quickly (never a hang) and traffic moves to the others.
+//! join and take traffic, and SIGTERM drains one without failing a request; with migration
+//! off, a killed worker fails its requests quickly (never a hang) and traffic moves to the
+//! others (with it on, they migrate: tests/faults.rs).
 
 mod support;
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::{SERVED_NAME, Streamed, collect_stream, start_api_server};
-use tandem_test_kit::{Nats, bin, model_dir};
+use tandem_test_kit::{ApiServer, Nats, bin, model_dir};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -244,10 +245,17 @@ fn hand_started_workers_join_take_traffic_and_drain_on_sigterm() {
     assert_eq!(second.count_lines("job queued"), taken_before + 1);
 }
 
+/// With migration off (`--migration-limit 0`) a killed worker's request fails, quickly; with
+/// it on (the default) it would move to the survivor (tests/faults.rs).
 #[test]
-fn a_killed_worker_fails_its_requests_quickly_and_traffic_moves_on() {
+fn a_killed_worker_fails_its_requests_quickly_without_migration_and_traffic_moves_on() {
     let nats = Nats::start();
-    let api = start_api_server(&nats, &model_dir(MODEL));
+    let api = ApiServer::start(
+        &nats,
+        &model_dir(MODEL),
+        SERVED_NAME,
+        &["--worker-timeout-ms", "1500", "--migration-limit", "0"],
+    );
     let http = &api.http;
     let mut doomed = support::start_worker(&nats, &model_dir(MODEL), "doomed", &[]);
     let survivor = support::start_worker(&nats, &model_dir(MODEL), "survivor", &[]);
