@@ -9,6 +9,9 @@
 //! - Clients that half-close (FIN) or reset (RST) their connection, streaming or not, before
 //!   or after their first token: the worker's running sequences and KV blocks are back to
 //!   idle within 2 s.
+//! - A worker whose every forward pass fails: its engine gives up after 3 in a row, the worker
+//!   leaves the rotation and exits (for the launcher to restart it), and every request it
+//!   failed completes on the other worker with the text the healthy worker gives it.
 
 mod support;
 
@@ -21,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::{collect_stream, start_api_server};
 use tandem_test_kit::prometheus::{metric, sample};
-use tandem_test_kit::{ApiServer, Http, Nats, Proc, model_dir};
+use tandem_test_kit::{ApiServer, Http, Nats, Proc, WorkerSpec, model_dir};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -345,4 +348,91 @@ fn clients_that_leave_free_the_worker_within_two_seconds() {
         &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
+#[test]
+fn a_worker_whose_every_step_fails_leaves_rotation_and_its_requests_migrate() {
+    let nats = Nats::start();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    let _good = support::start_worker(&nats, &model_dir(MODEL), "good", &[]);
+    // Its engine's third forward pass and every later one fail (not as a lost device).
+    let spec = WorkerSpec {
+        role: "both",
+        worker_id: "bad",
+        served_model_name: support::SERVED_NAME,
+        threads: 2,
+        heartbeat_ms: 250,
+        extra: &[],
+    };
+    let mut command = spec.command(&nats.url, &model_dir(MODEL));
+    command.env("TANDEM_TEST_FAIL_FORWARD_AFTER", "2");
+    let mut bad = Proc::spawn("bad", command);
+    bad.wait_for_line("joined the deployment", Duration::from_secs(60));
+    let http = &api.http;
+    http.wait_for_workers(2, Duration::from_secs(30));
+
+    const STREAMS: usize = 4;
+    let run_all = || {
+        let threads: Vec<_> = (0..STREAMS)
+            .map(|i| {
+                let http = http.clone();
+                std::thread::spawn(move || stream(&http, &chat(i, 16), &AtomicUsize::new(0)))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("stream thread"))
+            .collect::<Vec<_>>()
+    };
+    // Waves of requests until the bad worker gives up: each wave it takes fails in one
+    // forward pass (its requests migrate), and the third failure in a row stops its engine.
+    let start = Instant::now();
+    let mut waves = Vec::new();
+    while bad.try_wait().is_none() {
+        assert!(
+            waves.len() < 8,
+            "the bad worker is still in rotation after {} waves:\n{}",
+            waves.len(),
+            bad.output()
+        );
+        waves.push(run_all());
+    }
+    assert!(
+        bad.count_lines("forward passes in a row failed") >= 1,
+        "the bad worker gave up on its engine:\n{}",
+        bad.output()
+    );
+    let status = bad.wait_exit(Duration::from_secs(5));
+    assert!(!status.success(), "exits with an error status: {status}");
+    assert!(start.elapsed() < Duration::from_secs(60));
+    let health = http.get("/health").json();
+    let engines = health["engines"].as_array().expect("engines listed");
+    // Out of rotation: gone, or still heartbeating as draining until its heartbeat expires.
+    assert!(
+        engines
+            .iter()
+            .all(|e| e["worker_id"] != "bad" || e["draining"] == true),
+        "out of rotation: {health}"
+    );
+    assert_eq!(health["workers"]["accepting_generate"], 1, "{health}");
+    assert!(
+        engines
+            .iter()
+            .any(|e| e["worker_id"] == "good" && e["engine_steps"].as_u64() > Some(0))
+    );
+    let metrics = http.get("/metrics").body;
+    assert!(
+        sample(
+            &metrics,
+            "tandem_request_migrations_total{reason=\"worker_error\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{metrics}"
+    );
+    // Every request of every wave completed, as the healthy worker alone answers it.
+    let reference = run_all();
+    for (i, wave) in waves.iter().enumerate() {
+        assert_eq!(wave, &reference, "wave {i}");
+    }
 }

@@ -633,6 +633,7 @@ mod tests {
             interval_ms: 500,
             kv_transfer: None,
             kv_peer: None,
+            engine: None,
         };
         metrics.record(Event::Heartbeat(&heartbeat));
         metrics.record(Event::LiveWorkers(LiveCounts {

@@ -56,6 +56,30 @@ struct WorkerEntry {
     heartbeat: Heartbeat,
     last_seen: Instant,
     assigned_since_heartbeat: u32,
+    /// When the worker's engine last ran a step, or had nothing to do.
+    progressed_at: Instant,
+    /// Its heartbeats say it has work, yet its engine has run no step for
+    /// [`STUCK_AFTER_TIMEOUTS`] worker timeouts: it takes nothing new.
+    stuck: bool,
+}
+
+/// Worker timeouts without an engine step, while a worker has work, after which it is taken
+/// out of rotation: its bus task heartbeats, but its engine answers nothing (its requests
+/// migrate when their streams stall).
+pub const STUCK_AFTER_TIMEOUTS: u32 = 3;
+
+/// A worker as `/health` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WorkerStatus {
+    pub worker_id: String,
+    pub role: WorkerRole,
+    pub draining: bool,
+    pub running: u32,
+    pub queued: u32,
+    /// Forward passes run and failed since the worker started (absent from older workers).
+    pub engine_steps: Option<u64>,
+    pub engine_failed_steps: Option<u64>,
+    pub stuck: bool,
 }
 
 impl WorkerEntry {
@@ -71,7 +95,7 @@ impl WorkerEntry {
             Pool::Generate => matches!(self.heartbeat.role, WorkerRole::Both | WorkerRole::Decode),
             Pool::Context => self.heartbeat.role == WorkerRole::Context,
         };
-        role_fits && !self.heartbeat.draining
+        role_fits && !self.heartbeat.draining && !self.stuck
     }
 }
 
@@ -154,12 +178,39 @@ impl WorkerRegistry {
             tracing::info!(worker_id = %heartbeat.worker_id, role = heartbeat.role.as_str(),
                 device = %heartbeat.device, "worker joined");
         }
+        let has_work = heartbeat.running + heartbeat.queued > 0;
+        let progressed_at = match inner.workers.get(&heartbeat.worker_id) {
+            Some(previous)
+                if has_work
+                    && heartbeat.engine.is_some()
+                    && heartbeat.engine.map(|e| e.steps)
+                        == previous.heartbeat.engine.map(|e| e.steps) =>
+            {
+                previous.progressed_at
+            }
+            _ => now,
+        };
+        let stuck = now.saturating_duration_since(progressed_at)
+            > self.settings.worker_timeout * STUCK_AFTER_TIMEOUTS;
+        let was_stuck = inner
+            .workers
+            .get(&heartbeat.worker_id)
+            .is_some_and(|w| w.stuck);
+        if stuck && !was_stuck {
+            tracing::warn!(worker_id = %heartbeat.worker_id, running = heartbeat.running,
+                queued = heartbeat.queued, idle_ms = now.saturating_duration_since(progressed_at).as_millis() as u64,
+                "the worker's engine makes no progress although it has work: taking it out of rotation");
+        } else if was_stuck && !stuck {
+            tracing::info!(worker_id = %heartbeat.worker_id, "the worker's engine runs again");
+        }
         inner.workers.insert(
             heartbeat.worker_id.clone(),
             WorkerEntry {
                 heartbeat,
                 last_seen: now,
                 assigned_since_heartbeat: 0,
+                progressed_at,
+                stuck,
             },
         );
         self.metrics.record(Event::LiveWorkers(counts_of(&inner)));
@@ -278,6 +329,27 @@ impl WorkerRegistry {
         })
     }
 
+    /// Every live worker, by id, as `/health` shows it.
+    pub fn statuses(&self) -> Vec<WorkerStatus> {
+        let inner = self.lock();
+        let mut statuses: Vec<WorkerStatus> = inner
+            .workers
+            .iter()
+            .map(|(id, w)| WorkerStatus {
+                worker_id: id.clone(),
+                role: w.heartbeat.role,
+                draining: w.heartbeat.draining,
+                running: w.heartbeat.running,
+                queued: w.heartbeat.queued,
+                engine_steps: w.heartbeat.engine.map(|e| e.steps),
+                engine_failed_steps: w.heartbeat.engine.map(|e| e.failed_steps),
+                stuck: w.stuck,
+            })
+            .collect();
+        statuses.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        statuses
+    }
+
     pub fn live_counts(&self) -> LiveCounts {
         counts_of(&self.lock())
     }
@@ -322,6 +394,7 @@ mod tests {
             interval_ms: 500,
             kv_transfer: None,
             kv_peer: None,
+            engine: Some(tandem_protocol::messages::EngineProgress::default()),
         }
     }
 
@@ -401,6 +474,42 @@ mod tests {
                 "the failed worker is skipped even when it is the least loaded"
             );
         }
+    }
+
+    #[test]
+    fn a_worker_whose_engine_stops_stepping_with_work_leaves_rotation_and_comes_back() {
+        let start = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        let beat = |running: u32, steps: u64, at_ms: u64| {
+            let mut hb = heartbeat("w", WorkerRole::Both, running, 0);
+            hb.engine = Some(tandem_protocol::messages::EngineProgress {
+                steps,
+                failed_steps: 0,
+            });
+            registry.observe(hb, start + Duration::from_millis(at_ms));
+        };
+        // Idle for long: not stuck. Working and stepping: not stuck.
+        beat(0, 5, 0);
+        beat(0, 5, 10_000);
+        beat(1, 6, 10_500);
+        beat(1, 7, 11_000);
+        let at = |ms| start + Duration::from_millis(ms);
+        assert!(registry.pick_generate(at(11_000)).is_some());
+        // Working, no step for more than 3 worker timeouts (1 s each): out of rotation.
+        beat(1, 7, 12_000);
+        beat(1, 7, 13_500);
+        assert!(
+            registry.pick_generate(at(13_500)).is_some(),
+            "2.5 s: not yet"
+        );
+        beat(1, 7, 14_100);
+        assert_eq!(registry.pick_generate(at(14_100)), None);
+        assert!(registry.statuses()[0].stuck);
+        assert_eq!(registry.live_counts().accepting_generate, 0);
+        // A step again: back.
+        beat(1, 8, 14_600);
+        assert!(registry.pick_generate(at(14_600)).is_some());
+        assert!(!registry.statuses()[0].stuck);
     }
 
     #[test]

@@ -517,6 +517,18 @@ pub struct Heartbeat {
     /// Context and decode workers: where and how the worker moves K/V (absent: UCX only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_peer: Option<KvPeer>,
+    /// The engine's progress: forward passes run and failed since the worker started. A
+    /// worker with work whose `engine_steps` stop moving has a stuck engine, even though its
+    /// bus task still heartbeats. Absent from older workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineProgress>,
+}
+
+/// Forward passes a worker's engine ran and failed since the worker started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineProgress {
+    pub steps: u64,
+    pub failed_steps: u64,
 }
 
 /// A context worker's transfer bookkeeping, for /metrics.

@@ -222,6 +222,7 @@ impl ScriptedBusPeer {
                     interval_ms: 100,
                     kv_transfer,
                     kv_peer: (role == WorkerRole::Decode).then(|| scripted_kv_peer(&worker_id)),
+                    engine: None,
                 };
                 let _ = heartbeat_client
                     .publish(heartbeat_subject.clone(), encode(&heartbeat).into())

@@ -19,8 +19,8 @@ use std::thread::JoinHandle;
 use crate::backend::{HostRange, KvBuffer};
 
 use super::{
-    Engine, EngineError, EngineEvent, FinishReason, GenerationRequest, ImportedPrefill, RequestId,
-    StepModel, finished_without_tokens,
+    Engine, EngineError, EngineEvent, EngineProgress, FinishReason, GenerationRequest,
+    ImportedPrefill, RequestId, StepModel, finished_without_tokens,
 };
 
 /// Where a request's events go. Implemented for std channel senders; an async caller can
@@ -70,6 +70,8 @@ pub struct EngineHandle {
     active: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
     device_lost: Arc<OnceLock<String>>,
+    steps: Arc<AtomicU64>,
+    failed_steps: Arc<AtomicU64>,
 }
 
 /// The events of one request, in order; the last is `Finished`.
@@ -112,12 +114,16 @@ impl EngineHandle {
             active: Arc::new(AtomicUsize::new(0)),
             waiting: Arc::new(AtomicUsize::new(0)),
             device_lost: Arc::new(OnceLock::new()),
+            steps: Arc::new(AtomicU64::new(0)),
+            failed_steps: Arc::new(AtomicU64::new(0)),
         };
         let counters = Counters {
             free_blocks: Arc::clone(&handle.free_blocks),
             active: Arc::clone(&handle.active),
             waiting: Arc::clone(&handle.waiting),
             device_lost: Arc::clone(&handle.device_lost),
+            steps: Arc::clone(&handle.steps),
+            failed_steps: Arc::clone(&handle.failed_steps),
         };
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
@@ -242,6 +248,14 @@ impl EngineHandle {
     pub fn device_lost(&self) -> Option<&str> {
         self.device_lost.get().map(String::as_str)
     }
+
+    /// Forward passes the engine ran and failed since it started (as of its last step).
+    pub fn progress(&self) -> EngineProgress {
+        EngineProgress {
+            steps: self.steps.load(Ordering::Relaxed),
+            failed_steps: self.failed_steps.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// What the engine thread publishes after each step for callers to read without a lock.
@@ -250,10 +264,29 @@ struct Counters {
     active: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
     device_lost: Arc<OnceLock<String>>,
+    steps: Arc<AtomicU64>,
+    failed_steps: Arc<AtomicU64>,
+}
+
+/// Marks the engine lost when its thread unwinds (a panic): the worker then leaves the
+/// deployment and exits for a restart, as on a lost device, instead of heartbeating on with
+/// an engine that answers nothing.
+struct PanicWatch<'a>(&'a Counters);
+
+impl Drop for PanicWatch<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self
+                .0
+                .device_lost
+                .set("the engine thread panicked".to_owned());
+        }
+    }
 }
 
 /// The engine thread's loop.
 fn run<M: StepModel>(mut engine: Engine<M>, commands: Receiver<Command>, counters: &Counters) {
+    let _watch = PanicWatch(counters);
     let mut sinks: HashMap<RequestId, Box<dyn EventSink>> = HashMap::new();
     let mut connected = true;
     loop {
@@ -310,6 +343,11 @@ fn run<M: StepModel>(mut engine: Engine<M>, commands: Receiver<Command>, counter
         counters
             .waiting
             .store(engine.num_waiting(), Ordering::Relaxed);
+        let progress = engine.progress();
+        counters.steps.store(progress.steps, Ordering::Relaxed);
+        counters
+            .failed_steps
+            .store(progress.failed_steps, Ordering::Relaxed);
         if let Some(reason) = engine.device_lost()
             && counters.device_lost.get().is_none()
         {

@@ -213,7 +213,26 @@ pub struct Engine<M: StepModel> {
     device_lost: Option<String>,
     /// Where the steps' time goes ([`profile`]); `None` when its log lines are off.
     profile: Option<profile::StepProfile>,
+    /// Forward passes that ran, and that failed, since start (heartbeats carry them: an
+    /// api-server sees an engine that makes no progress).
+    progress: EngineProgress,
+    /// Forward passes failed since the last that ran: past [`MAX_FAILED_FORWARDS_IN_A_ROW`]
+    /// the engine gives up as on a lost device.
+    failed_in_a_row: u32,
 }
+
+/// Forward passes that ran and that failed, since the engine started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineProgress {
+    pub steps: u64,
+    pub failed_steps: u64,
+}
+
+/// Consecutive failed forward passes after which the engine stops as on a lost device (every
+/// request ends, new ones are refused, the worker leaves and restarts): a failure that
+/// repeats whatever the batch is the engine's, not the requests', and each further step would
+/// only fail more requests.
+pub const MAX_FAILED_FORWARDS_IN_A_ROW: u32 = 3;
 
 impl<M: StepModel> Engine<M> {
     /// `model` must own a KV cache of `config.num_blocks` blocks of `config.block_size`
@@ -247,6 +266,8 @@ impl<M: StepModel> Engine<M> {
             num_preemptions: 0,
             device_lost: None,
             profile: profile::StepProfile::from_env(),
+            progress: EngineProgress::default(),
+            failed_in_a_row: 0,
         })
     }
 
@@ -657,7 +678,10 @@ impl<M: StepModel> Engine<M> {
         events: &mut Vec<EngineEvent>,
     ) {
         let rows = match self.model.forward(batch) {
-            Ok(rows) if rows.len() == batch.logits_rows() => rows,
+            Ok(rows) if rows.len() == batch.logits_rows() => {
+                self.forward_ran();
+                rows
+            }
             Ok(rows) => {
                 let message = format!(
                     "the model returned {} logits rows for {} sequences",
@@ -726,7 +750,10 @@ impl<M: StepModel> Engine<M> {
             .expect("step() samples on the device only for a model that can")
             .forward_summarized(batch, &summary_requests)
         {
-            Ok(summaries) if summaries.len() == wanting.len() => summaries,
+            Ok(summaries) if summaries.len() == wanting.len() => {
+                self.forward_ran();
+                summaries
+            }
             Ok(summaries) => {
                 let message = format!(
                     "the model returned {} sampling summaries for {} sequences",
@@ -808,12 +835,31 @@ impl<M: StepModel> Engine<M> {
         events: &mut Vec<EngineEvent>,
     ) {
         let message = format!("forward pass failed: {error}");
+        self.progress.failed_steps += 1;
+        self.failed_in_a_row += 1;
         if error.is_device_lost() {
+            self.lose_device(message, events);
+        } else if self.failed_in_a_row >= MAX_FAILED_FORWARDS_IN_A_ROW {
+            let message = format!(
+                "{} forward passes in a row failed, the last: {error}",
+                self.failed_in_a_row
+            );
             self.lose_device(message, events);
         } else {
             tracing::error!("{message}");
             self.fail_all(scheduled, &message, events);
         }
+    }
+
+    /// Counts a forward pass that ran.
+    fn forward_ran(&mut self) {
+        self.progress.steps += 1;
+        self.failed_in_a_row = 0;
+    }
+
+    /// Forward passes that ran and that failed since start.
+    pub fn progress(&self) -> EngineProgress {
+        self.progress
     }
 
     /// The device is unusable: every request, running or queued, ends with `message` (their

@@ -86,39 +86,53 @@ pub struct ModelRunner<B: Backend> {
 /// processes on machines without a GPU this way. Unset in production.
 pub const LOSE_DEVICE_VAR: &str = "TANDEM_TEST_LOSE_DEVICE_AFTER";
 
-/// Counts forward passes against [`LOSE_DEVICE_VAR`].
+/// Fault tests set this to N: the N+1th forward pass and every later one fail with an error
+/// that is not a lost device (an engine whose every step fails for another reason). Unset in
+/// production.
+pub const FAIL_FORWARD_VAR: &str = "TANDEM_TEST_FAIL_FORWARD_AFTER";
+
+/// Counts forward passes against [`LOSE_DEVICE_VAR`] and [`FAIL_FORWARD_VAR`].
 #[derive(Debug, Default)]
 struct InjectedDeviceLoss {
-    after: Option<u64>,
+    lose_after: Option<u64>,
+    fail_after: Option<u64>,
     forwards: u64,
 }
 
 impl InjectedDeviceLoss {
     fn from_env() -> Self {
-        let after = std::env::var(LOSE_DEVICE_VAR)
-            .ok()
-            .and_then(|v| v.trim().parse().ok());
-        if let Some(n) = after {
-            tracing::warn!("{LOSE_DEVICE_VAR}={n}: the device will fail after {n} forward passes");
+        let read = |var: &str| {
+            let n = std::env::var(var).ok()?.trim().parse().ok()?;
+            tracing::warn!("{var}={n}: forward passes will fail after {n}");
+            Some(n)
+        };
+        Self {
+            lose_after: read(LOSE_DEVICE_VAR),
+            fail_after: read(FAIL_FORWARD_VAR),
+            forwards: 0,
         }
-        Self { after, forwards: 0 }
     }
 
-    /// Counts a forward pass; the injected failure once past the limit.
+    /// Counts a forward pass; the injected failure once past a limit.
     fn check(&mut self) -> Result<(), ModelError> {
-        let Some(after) = self.after else {
-            return Ok(());
-        };
-        self.forwards += 1;
-        if self.forwards <= after {
+        if self.lose_after.is_none() && self.fail_after.is_none() {
             return Ok(());
         }
-        Err(ModelError::Backend(
-            crate::backend::BackendError::DeviceLost {
-                op: "forward",
-                detail: format!("injected by {LOSE_DEVICE_VAR}={after}"),
-            },
-        ))
+        self.forwards += 1;
+        if let Some(after) = self.lose_after.filter(|&after| self.forwards > after) {
+            return Err(ModelError::Backend(
+                crate::backend::BackendError::DeviceLost {
+                    op: "forward",
+                    detail: format!("injected by {LOSE_DEVICE_VAR}={after}"),
+                },
+            ));
+        }
+        if let Some(after) = self.fail_after.filter(|&after| self.forwards > after) {
+            return Err(ModelError::InvalidBatch(format!(
+                "injected by {FAIL_FORWARD_VAR}={after}"
+            )));
+        }
+        Ok(())
     }
 }
 

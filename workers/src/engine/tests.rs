@@ -1067,3 +1067,44 @@ fn resumed_tokens_that_would_have_ended_the_request_are_refused() {
     assert!(!e.has_work());
     assert_eq!(e.free_blocks(), 64);
 }
+
+#[test]
+fn forward_passes_failing_in_a_row_stop_the_engine_and_a_pass_that_runs_resets_the_count() {
+    let mut e = engine(64, 16);
+    // Two failures, then a pass that runs: the engine goes on.
+    for _ in 0..MAX_FAILED_FORWARDS_IN_A_ROW - 1 {
+        e.add_request(request(prompt(5, 1), 2, SamplingParams::greedy()))
+            .unwrap();
+        e.model.fail_next = true;
+        e.step();
+    }
+    assert!(e.device_lost().is_none());
+    let ok = e
+        .add_request(request(prompt(5, 1), 2, SamplingParams::greedy()))
+        .unwrap();
+    assert_eq!(run(&mut e)[&ok].1, FinishReason::Length);
+    let progress = e.progress();
+    assert_eq!(
+        progress.failed_steps,
+        u64::from(MAX_FAILED_FORWARDS_IN_A_ROW - 1)
+    );
+    assert!(progress.steps >= 2);
+    // Then as many failures in a row as allowed: the engine is lost and refuses work.
+    for _ in 0..MAX_FAILED_FORWARDS_IN_A_ROW {
+        e.add_request(request(prompt(5, 1), 2, SamplingParams::greedy()))
+            .unwrap();
+        e.model.fail_next = true;
+        e.step();
+    }
+    assert!(
+        e.device_lost()
+            .is_some_and(|reason| reason.contains("in a row failed")),
+        "{:?}",
+        e.device_lost()
+    );
+    assert!(
+        e.add_request(request(prompt(5, 1), 2, SamplingParams::greedy()))
+            .is_err()
+    );
+    assert_eq!(e.free_blocks(), 16);
+}

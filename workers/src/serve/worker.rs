@@ -231,6 +231,13 @@ impl Worker {
             interval_ms: identity.heartbeat.as_millis() as u64,
             kv_transfer,
             kv_peer,
+            engine: Some({
+                let progress = self.engine.progress();
+                messages::EngineProgress {
+                    steps: progress.steps,
+                    failed_steps: progress.failed_steps,
+                }
+            }),
         };
         let subject = self.subjects.heartbeat(identity.role, &identity.worker_id);
         publish_bounded(
