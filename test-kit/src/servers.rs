@@ -110,6 +110,36 @@ impl Nats {
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }
+
+    /// Kills the server (-9: clients see the connection drop, nothing is flushed) and, after
+    /// `down`, starts a plain one on the same port; returns once it greets. Fault tests of
+    /// reconnection.
+    pub fn restart(&mut self, down: Duration) {
+        self.proc.kill();
+        std::thread::sleep(down);
+        let port = self.port;
+        let mut command = Command::new(nats_server_path());
+        command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        let start = Instant::now();
+        loop {
+            self.proc = Proc::spawn("nats", command);
+            while self.proc.try_wait().is_none() && start.elapsed() < START_LIMIT {
+                if nats_greets(port) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Exited (the port not yet free): once more, until the limit.
+            assert!(
+                start.elapsed() < START_LIMIT,
+                "nats-server did not listen again on {port}:\n{}",
+                self.proc.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            command = Command::new(nats_server_path());
+            command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        }
+    }
 }
 
 /// A `worker --role ROLE` to start with [`start_worker`]: the flags every test sets, and any

@@ -10,6 +10,8 @@
 //! and no repeat; greedy output is the undisturbed run's; a seeded request draws from the same
 //! random stream (a draw depends on seed and position only); usage counts each token once.
 //!
+//! The new worker is another one than the worker that failed; after a stream gap or a stall
+//! (lost messages: maybe the bus's fault) the same worker may take it when no other can.
 //! Like a fallback, the new job runs under a new request id (`{id}-m{n}`) and stream subject:
 //! the failed job is cancelled under its own id, and whatever it still publishes goes to a
 //! subject nobody reads. A request migrates at most `--migration-limit` times; past it, or with
@@ -107,10 +109,21 @@ impl Generation {
             return Err(err);
         }
         let failed = self.phase.worker_id().to_owned();
-        let Some(worker_id) = self
+        let now = Instant::now();
+        // Lost or late messages may be the bus's fault, not the worker's: it may take the
+        // request again when no other worker can.
+        let worker_id = self
             .registry
-            .pick_generate_other_than(&failed, Instant::now())
-        else {
+            .pick_generate_other_than(&failed, now)
+            .or_else(|| {
+                matches!(
+                    reason,
+                    MigrationReason::StreamGap | MigrationReason::Stalled
+                )
+                .then(|| self.registry.pick_generate(now))
+                .flatten()
+            });
+        let Some(worker_id) = worker_id else {
             tracing::warn!(request_id = %self.request_id, %failed,
                 "no other live generation worker to migrate to: the request fails");
             return Err(err);
