@@ -265,7 +265,12 @@ impl Generation {
                 generation.first_token_by = Instant::now() + timeouts.first_token;
                 Ok(())
             }
-            Err(err) => generation.fall_back_on(err).await,
+            // A context worker is replaced by a local prefill; a generation worker that does
+            // not accept (it died since its last heartbeat) by another one.
+            Err(err) => match generation.fall_back_on(err).await {
+                Err(err) => generation.migrate_on(err).await,
+                recovered => recovered,
+            },
         };
         match accepted {
             Ok(()) => Ok(generation),
@@ -391,7 +396,12 @@ impl Generation {
             match message {
                 StreamMessage::Accepted { .. } => continue,
                 StreamMessage::KvReady { handle } => {
-                    self.hand_over(*handle).await?;
+                    // A decode worker that does not take the decode job (it died since its
+                    // last heartbeat): the request migrates to a local prefill elsewhere, and
+                    // the context worker's export expires unread.
+                    if let Err(err) = self.hand_over(*handle).await {
+                        self.migrate_on(err).await?;
+                    }
                     continue;
                 }
                 StreamMessage::KvPulled {
