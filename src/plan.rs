@@ -357,6 +357,7 @@ fn group_args(
             .block_size
             .unwrap_or(defaults.block_size),
         max_num_seqs: group.max_batch_size.unwrap_or(defaults.max_num_seqs),
+        max_queued_requests: group.max_queued_requests,
         max_num_batched_tokens: group
             .max_num_tokens
             .unwrap_or(defaults.max_num_batched_tokens),
@@ -588,6 +589,7 @@ generation_servers:
   num_instances: 3
   device: ["cpu", "cpu", "cuda:1"]
   max_batch_size: 8
+  max_queued_requests: 20
   max_num_tokens: 256
   kv_cache_config: { max_tokens: 4096, block_size: 32 }
 "#;
@@ -603,6 +605,7 @@ generation_servers:
             "--kv-cache-tokens 4096",
             "--block-size 32",
             "--max-num-seqs 8",
+            "--max-queued-requests 20",
             "--max-num-batched-tokens 256",
             // Two CPU workers split 8 cores.
             "--threads 4",

@@ -57,6 +57,10 @@ pub enum ApiError {
     /// `--max-pending-requests` requests are in flight ([`crate::admission`]).
     #[error("{max} requests are in flight, the most this server holds")]
     Overloaded { max: usize },
+    /// Every worker that could take the request has a full queue (its heartbeat says so, or
+    /// it refused the job).
+    #[error("every {pool} worker's queue is full")]
+    WorkersFull { pool: &'static str },
 }
 
 impl ApiError {
@@ -88,7 +92,9 @@ impl ApiError {
             ApiError::WorkerGone { .. } | ApiError::StreamGap { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Worker { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded { .. } | ApiError::WorkersFull { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
         }
     }
 
@@ -106,7 +112,7 @@ impl ApiError {
             }
             ApiError::Bus { .. } | ApiError::Internal(_) => "internal_error",
             ApiError::Unauthorized => "unauthorized",
-            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::Overloaded { .. } | ApiError::WorkersFull { .. } => "overloaded",
         }
     }
 
@@ -190,6 +196,13 @@ impl ApiError {
                      after a moment."
                 ),
             ),
+            ApiError::WorkersFull { .. } => (
+                "server_error",
+                None,
+                Some("overloaded"),
+                "Every worker serving this model has a full queue; retry after a moment."
+                    .to_string(),
+            ),
         };
         ErrorResponse {
             error: ErrorBody {
@@ -230,7 +243,10 @@ impl ResponseError for ApiError {
         if matches!(self, ApiError::Unauthorized) {
             response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
         }
-        if matches!(self, ApiError::Overloaded { .. }) {
+        if matches!(
+            self,
+            ApiError::Overloaded { .. } | ApiError::WorkersFull { .. }
+        ) {
             response.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
         }
         response.json(self.public_body())
@@ -263,6 +279,22 @@ mod tests {
             serde_json::to_string(&ApiError::Internal("secret path /x".into()).public_body())
                 .unwrap();
         assert!(!body.contains("/x"), "{body}");
+    }
+
+    #[test]
+    fn full_queues_are_429_overloaded_with_retry_after() {
+        for err in [
+            ApiError::Overloaded { max: 4 },
+            ApiError::WorkersFull { pool: "generation" },
+        ] {
+            assert_eq!(err.status_code(), 429);
+            assert_eq!(err.outcome(), "overloaded");
+            let response = err.error_response();
+            assert_eq!(response.headers().get("retry-after").unwrap(), "1", "{err}");
+            let body = serde_json::to_value(err.public_body()).unwrap();
+            assert_eq!(body["error"]["code"], "overloaded", "{body}");
+            assert_eq!(body["error"]["type"], "server_error");
+        }
     }
 
     #[test]

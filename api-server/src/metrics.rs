@@ -43,6 +43,26 @@ impl Endpoint {
     }
 }
 
+/// The kind of job a worker refused (the `pool` label of `tandem_jobs_rejected_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobPool {
+    /// A prefill job, refused by a context worker.
+    Context,
+    /// A generation job, refused by a `decode` or `both` worker.
+    Generation,
+}
+
+impl JobPool {
+    pub const ALL: [JobPool; 2] = [JobPool::Context, JobPool::Generation];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            JobPool::Context => "context",
+            JobPool::Generation => "generation",
+        }
+    }
+}
+
 /// The `transport` labels of `tandem_kv_transfers_total`, created at start.
 const TRANSPORTS: [&str; 2] = ["ucx", "cuda-ipc"];
 
@@ -96,6 +116,8 @@ pub enum Event<'a> {
     Migrated(MigrationReason),
     /// A request was refused for want of a valid API key.
     Unauthorized,
+    /// A worker refused a job: its queue is full.
+    Rejected(JobPool),
 }
 
 #[derive(Clone)]
@@ -111,6 +133,8 @@ pub struct Metrics {
     worker_running: IntGaugeVec,
     worker_free_kv_blocks: IntGaugeVec,
     worker_total_kv_blocks: IntGaugeVec,
+    /// A worker's queue bound (absent: none).
+    worker_max_queued: IntGaugeVec,
     live_workers: IntGaugeVec,
     /// KV cache bytes decode workers pulled from context workers (`kv_pulled.bytes`).
     kv_transfer_bytes: IntCounter,
@@ -123,6 +147,8 @@ pub struct Metrics {
     kv_transfer_fallbacks: IntCounterVec,
     /// `reason`: [`MigrationReason::label`].
     request_migrations: IntCounterVec,
+    /// `pool`: [`JobPool::label`].
+    jobs_rejected: IntCounterVec,
     /// Requests whose prefill ran on a context worker.
     requests_disaggregated: IntCounter,
     /// Requests refused without a valid API key.
@@ -134,6 +160,11 @@ pub struct Metrics {
     kv_expirations: IntCounterVec,
     kv_releases: IntCounterVec,
     kv_unmatched_releases: IntCounterVec,
+    /// Per generation worker (`worker_id`), from heartbeats' `kv_pull`.
+    kv_pulls_waiting: IntGaugeVec,
+    kv_pulls_in_flight: IntGaugeVec,
+    kv_pull_peak_held_blocks: IntGaugeVec,
+    kv_pulls_waited: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -200,6 +231,10 @@ impl Metrics {
             "tandem_worker_total_kv_blocks",
             "KV blocks of a worker (last heartbeat)",
         );
+        let worker_max_queued = worker_gauge(
+            "tandem_worker_max_queued",
+            "Jobs a worker queues at most before refusing more (last heartbeat; absent: no bound)",
+        );
         let live_workers = IntGaugeVec::new(
             Opts::new(
                 "tandem_live_workers",
@@ -246,6 +281,15 @@ impl Metrics {
             &["reason"],
         )
         .expect("metric options are static and valid");
+        let jobs_rejected = IntCounterVec::new(
+            Opts::new(
+                "tandem_jobs_rejected_total",
+                "Jobs a worker refused because its queue was full (each sent to another worker, or \
+                 answered 429), by pool (context, generation)",
+            ),
+            &["pool"],
+        )
+        .expect("metric options are static and valid");
         let requests_disaggregated = IntCounter::new(
             "tandem_requests_disaggregated_total",
             "Requests whose prompt a context worker prefilled",
@@ -285,6 +329,26 @@ impl Metrics {
             "KV releases a context worker got for no export it held: late (after expiry), \
              repeated, or foreign (since its start)",
         );
+        let kv_pulls_waiting = context_gauge(
+            "tandem_kv_pulls_waiting",
+            "Decode jobs of a generation worker waiting for room in its KV cache before their \
+             pull (last heartbeat)",
+        );
+        let kv_pulls_in_flight = context_gauge(
+            "tandem_kv_pulls_in_flight",
+            "Pulls of a generation worker with room reserved, K/V not yet in its cache (last \
+             heartbeat)",
+        );
+        let kv_pull_peak_held_blocks = context_gauge(
+            "tandem_kv_pull_peak_held_blocks",
+            "The most KV blocks a generation worker held at once in pulled memory not yet in its \
+             cache, since its start (last heartbeat)",
+        );
+        let kv_pulls_waited = context_counter(
+            "tandem_kv_pulls_waited_total",
+            "Decode jobs that waited for room in a generation worker's KV cache before their \
+             pull (since its start)",
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -296,12 +360,14 @@ impl Metrics {
             worker_running,
             worker_free_kv_blocks,
             worker_total_kv_blocks,
+            worker_max_queued,
             live_workers,
             kv_transfer_bytes,
             kv_transfer_seconds,
             kv_transfers,
             kv_transfer_fallbacks,
             request_migrations,
+            jobs_rejected,
             requests_disaggregated,
             unauthorized,
             kv_pinned_blocks,
@@ -309,6 +375,10 @@ impl Metrics {
             kv_expirations,
             kv_releases,
             kv_unmatched_releases,
+            kv_pulls_waiting,
+            kv_pulls_in_flight,
+            kv_pull_peak_held_blocks,
+            kv_pulls_waited,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
@@ -320,12 +390,14 @@ impl Metrics {
             Box::new(metrics.worker_running.clone()),
             Box::new(metrics.worker_free_kv_blocks.clone()),
             Box::new(metrics.worker_total_kv_blocks.clone()),
+            Box::new(metrics.worker_max_queued.clone()),
             Box::new(metrics.live_workers.clone()),
             Box::new(metrics.kv_transfer_bytes.clone()),
             Box::new(metrics.kv_transfer_seconds.clone()),
             Box::new(metrics.kv_transfers.clone()),
             Box::new(metrics.kv_transfer_fallbacks.clone()),
             Box::new(metrics.request_migrations.clone()),
+            Box::new(metrics.jobs_rejected.clone()),
             Box::new(metrics.requests_disaggregated.clone()),
             Box::new(metrics.unauthorized.clone()),
             Box::new(metrics.kv_pinned_blocks.clone()),
@@ -333,6 +405,10 @@ impl Metrics {
             Box::new(metrics.kv_expirations.clone()),
             Box::new(metrics.kv_releases.clone()),
             Box::new(metrics.kv_unmatched_releases.clone()),
+            Box::new(metrics.kv_pulls_waiting.clone()),
+            Box::new(metrics.kv_pulls_in_flight.clone()),
+            Box::new(metrics.kv_pull_peak_held_blocks.clone()),
+            Box::new(metrics.kv_pulls_waited.clone()),
         ];
         for collector in collectors {
             metrics
@@ -365,6 +441,9 @@ impl Metrics {
             metrics
                 .request_migrations
                 .with_label_values(&[reason.label()]);
+        }
+        for pool in JobPool::ALL {
+            metrics.jobs_rejected.with_label_values(&[pool.label()]);
         }
         metrics
     }
@@ -418,6 +497,7 @@ impl Metrics {
                 .request_migrations
                 .with_label_values(&[reason.label()])
                 .inc(),
+            Event::Rejected(pool) => self.jobs_rejected.with_label_values(&[pool.label()]).inc(),
         }
     }
 
@@ -435,6 +515,28 @@ impl Metrics {
         self.worker_total_kv_blocks
             .with_label_values(&labels)
             .set(heartbeat.total_kv_blocks as i64);
+        match heartbeat.max_queued {
+            Some(max) => self
+                .worker_max_queued
+                .with_label_values(&labels)
+                .set(max as i64),
+            None => {
+                let _ = self.worker_max_queued.remove_label_values(&labels);
+            }
+        }
+        if let Some(pulls) = heartbeat.kv_pull {
+            let worker = [heartbeat.worker_id.as_str()];
+            self.kv_pulls_waiting
+                .with_label_values(&worker)
+                .set(pulls.waiting as i64);
+            self.kv_pulls_in_flight
+                .with_label_values(&worker)
+                .set(pulls.in_flight as i64);
+            self.kv_pull_peak_held_blocks
+                .with_label_values(&worker)
+                .set(pulls.peak_held_blocks as i64);
+            mirror_counter(&self.kv_pulls_waited, &worker, pulls.waited);
+        }
         if let Some(stats) = heartbeat.kv_transfer {
             let worker = [heartbeat.worker_id.as_str()];
             self.kv_pinned_blocks
@@ -461,17 +563,25 @@ impl Metrics {
             &self.worker_running,
             &self.worker_free_kv_blocks,
             &self.worker_total_kv_blocks,
+            &self.worker_max_queued,
         ] {
             let _ = gauge.remove_label_values(&labels);
         }
         let worker = [worker_id];
-        for gauge in [&self.kv_pinned_blocks, &self.kv_pinned_tokens] {
+        for gauge in [
+            &self.kv_pinned_blocks,
+            &self.kv_pinned_tokens,
+            &self.kv_pulls_waiting,
+            &self.kv_pulls_in_flight,
+            &self.kv_pull_peak_held_blocks,
+        ] {
             let _ = gauge.remove_label_values(&worker);
         }
         for counter in [
             &self.kv_expirations,
             &self.kv_releases,
             &self.kv_unmatched_releases,
+            &self.kv_pulls_waited,
         ] {
             let _ = counter.remove_label_values(&worker);
         }
@@ -556,6 +666,7 @@ mod tests {
             "tandem_kv_transfers_total{transport=\"cuda-ipc\"} 0",
             "tandem_kv_transfer_fallbacks_total{reason=\"context_timeout\"} 0",
             "tandem_requests_disaggregated_total 0",
+            "tandem_jobs_rejected_total{pool=\"generation\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
@@ -634,6 +745,14 @@ mod tests {
             kv_transfer: None,
             kv_peer: None,
             engine: None,
+            max_queued: Some(8),
+            max_running: Some(4),
+            kv_pull: Some(tandem_protocol::messages::KvPullStats {
+                waiting: 3,
+                in_flight: 1,
+                waited: 6,
+                peak_held_blocks: 12,
+            }),
         };
         metrics.record(Event::Heartbeat(&heartbeat));
         metrics.record(Event::LiveWorkers(LiveCounts {
@@ -646,6 +765,11 @@ mod tests {
             "tandem_worker_running{role=\"decode\",worker_id=\"w\"} 2",
             "tandem_worker_queue_depth{role=\"decode\",worker_id=\"w\"} 1",
             "tandem_worker_total_kv_blocks{role=\"decode\",worker_id=\"w\"} 20",
+            "tandem_worker_max_queued{role=\"decode\",worker_id=\"w\"} 8",
+            "tandem_kv_pulls_waiting{worker_id=\"w\"} 3",
+            "tandem_kv_pulls_in_flight{worker_id=\"w\"} 1",
+            "tandem_kv_pulls_waited_total{worker_id=\"w\"} 6",
+            "tandem_kv_pull_peak_held_blocks{worker_id=\"w\"} 12",
             "tandem_live_workers{role=\"decode\"} 1",
             "tandem_live_workers{role=\"context\"} 0",
         ] {

@@ -20,6 +20,13 @@
 //! this api-server sent since that heartbeat: a burst of requests between two heartbeats is
 //! spread over the workers instead of all going to the one that looked idle.
 //!
+//! A worker whose queue is full is skipped: its heartbeat says its bound (`max_queued`) and how
+//! many sequences it runs at once (`max_running`), so the jobs sent since the heartbeat beyond
+//! its free running slots count as queued ([`WorkerEntry::is_full`]); and a worker that refused
+//! a job (`rejected`) is full until its next heartbeat. When every generation worker is full a
+//! request gets 429 ([`NoRoute::AllFull`]); when every context worker is, it is prefilled by
+//! its generation worker ([`LocalPrefill::ContextFull`]).
+//!
 //! The registry reports what it sees to the metrics as events (each heartbeat, each worker that
 //! left, the live counts per role); [`crate::metrics`] derives the series from them.
 
@@ -56,6 +63,8 @@ struct WorkerEntry {
     heartbeat: Heartbeat,
     last_seen: Instant,
     assigned_since_heartbeat: u32,
+    /// It refused a job since its last heartbeat (its queue is full).
+    refused_since_heartbeat: bool,
     /// When the worker's engine last ran a step, or had nothing to do.
     progressed_at: Instant,
     /// Its heartbeats say it has work, yet its engine has run no step for
@@ -80,6 +89,10 @@ pub struct WorkerStatus {
     pub engine_steps: Option<u64>,
     pub engine_failed_steps: Option<u64>,
     pub stuck: bool,
+    /// Its queue bound (absent: none), and whether it is full as far as this api-server
+    /// knows (it takes no new job).
+    pub max_queued: Option<u32>,
+    pub full: bool,
 }
 
 impl WorkerEntry {
@@ -87,6 +100,21 @@ impl WorkerEntry {
         self.heartbeat.running as u64
             + self.heartbeat.queued as u64
             + self.assigned_since_heartbeat as u64
+    }
+
+    /// Whether its queue is full: it refused a job since its last heartbeat, or the jobs sent
+    /// to it since then, beyond its free running slots, fill its queue up to its bound.
+    fn is_full(&self) -> bool {
+        let Some(max_queued) = self.heartbeat.max_queued else {
+            return false;
+        };
+        let free_slots = self
+            .heartbeat
+            .max_running
+            .map_or(0, |max| max.saturating_sub(self.heartbeat.running));
+        let queued = self.heartbeat.queued as u64
+            + self.assigned_since_heartbeat.saturating_sub(free_slots) as u64;
+        self.refused_since_heartbeat || queued >= max_queued as u64
     }
 
     /// Takes new jobs of `pool`.
@@ -134,6 +162,17 @@ pub enum LocalPrefill {
     ShortPrompt,
     /// No live, non-draining context worker.
     NoContextWorker,
+    /// Every live context worker's queue is full.
+    ContextFull,
+}
+
+/// Why a request has no route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoute {
+    /// No live, non-draining worker takes generation jobs.
+    NoLiveWorker,
+    /// Every one that does has a full queue.
+    AllFull,
 }
 
 /// The workers chosen for one request.
@@ -209,6 +248,7 @@ impl WorkerRegistry {
                 heartbeat,
                 last_seen: now,
                 assigned_since_heartbeat: 0,
+                refused_since_heartbeat: false,
                 progressed_at,
                 stuck,
             },
@@ -242,21 +282,27 @@ impl WorkerRegistry {
     }
 
     /// Chooses the workers of a request whose prompt has `prompt_tokens` tokens and counts
-    /// the jobs against them; `None` when no live worker takes generation jobs.
-    pub fn route(&self, prompt_tokens: usize, now: Instant) -> Option<Route> {
+    /// the jobs against them; [`NoRoute`] when no live worker with room in its queue takes
+    /// generation jobs.
+    pub fn route(&self, prompt_tokens: usize, now: Instant) -> Result<Route, NoRoute> {
         let mut inner = self.lock();
-        let generate_id = self.pick_locked(&mut inner, Pool::Generate, now)?;
+        let generate_id = match self.pick_excluding(&mut inner, Pool::Generate, &[], now) {
+            Pick::Chosen(id) => id,
+            Pick::AllFull => return Err(NoRoute::AllFull),
+            Pick::NoneLive => return Err(NoRoute::NoLiveWorker),
+        };
         let generate_role = inner.workers[&generate_id].heartbeat.role;
         let generate_kv_peer = inner.workers[&generate_id].heartbeat.kv_peer.clone();
         let prefill = if prompt_tokens < self.settings.max_local_prefill_length {
             Prefill::Local(LocalPrefill::ShortPrompt)
         } else {
-            match self.pick_locked(&mut inner, Pool::Context, now) {
-                Some(context_id) => Prefill::Remote { context_id },
-                None => Prefill::Local(LocalPrefill::NoContextWorker),
+            match self.pick_excluding(&mut inner, Pool::Context, &[], now) {
+                Pick::Chosen(context_id) => Prefill::Remote { context_id },
+                Pick::AllFull => Prefill::Local(LocalPrefill::ContextFull),
+                Pick::NoneLive => Prefill::Local(LocalPrefill::NoContextWorker),
             }
         };
-        Some(Route {
+        Ok(Route {
             generate_id,
             generate_role,
             generate_kv_peer,
@@ -264,44 +310,70 @@ impl WorkerRegistry {
         })
     }
 
-    /// Chooses a live worker for a generation job and counts the job against it; `None` when
-    /// no live worker takes generation jobs.
+    /// Chooses a live worker with room for a generation job and counts the job against it;
+    /// `None` when there is none.
     pub fn pick_generate(&self, now: Instant) -> Option<String> {
-        let mut inner = self.lock();
-        self.pick_locked(&mut inner, Pool::Generate, now)
+        self.pick_generate_excluding(&[], now)
     }
 
     /// [`Self::pick_generate`] among the workers other than `failed` (a request migrating
     /// off it: it may still heartbeat, e.g. when its engine failed the request).
     pub fn pick_generate_other_than(&self, failed: &str, now: Instant) -> Option<String> {
-        let mut inner = self.lock();
-        self.pick_excluding(&mut inner, Pool::Generate, Some(failed), now)
+        self.pick_generate_excluding(&[failed.to_owned()], now)
     }
 
-    fn pick_locked(&self, inner: &mut Inner, pool: Pool, now: Instant) -> Option<String> {
-        self.pick_excluding(inner, pool, None, now)
+    /// [`Self::pick_generate`] among the workers not in `excluded` (those that refused the
+    /// request's job).
+    pub fn pick_generate_excluding(&self, excluded: &[String], now: Instant) -> Option<String> {
+        let mut inner = self.lock();
+        self.pick_excluding(&mut inner, Pool::Generate, excluded, now)
+            .chosen()
+    }
+
+    /// A context worker not in `excluded` with room for a prefill job, counted against it.
+    pub fn pick_context_excluding(&self, excluded: &[String], now: Instant) -> Option<String> {
+        let mut inner = self.lock();
+        self.pick_excluding(&mut inner, Pool::Context, excluded, now)
+            .chosen()
+    }
+
+    /// Records that `worker_id` refused a job because its queue is full: it gets no job until
+    /// its next heartbeat says how full it is.
+    pub fn refused(&self, worker_id: &str) -> Option<WorkerRole> {
+        let mut inner = self.lock();
+        let entry = inner.workers.get_mut(worker_id)?;
+        entry.refused_since_heartbeat = true;
+        Some(entry.heartbeat.role)
     }
 
     fn pick_excluding(
         &self,
         inner: &mut Inner,
         pool: Pool,
-        exclude: Option<&str>,
+        exclude: &[String],
         now: Instant,
-    ) -> Option<String> {
+    ) -> Pick {
         let timeout = self.settings.worker_timeout;
-        let mut candidates: Vec<&String> = inner
+        let live: Vec<(&String, &WorkerEntry)> = inner
             .workers
             .iter()
             .filter(|(id, w)| {
                 w.takes(pool)
                     && now.saturating_duration_since(w.last_seen) <= timeout
-                    && exclude != Some(id.as_str())
+                    && !exclude.contains(id)
             })
-            .map(|(id, _)| id)
+            .collect();
+        let mut candidates: Vec<&String> = live
+            .iter()
+            .filter(|(_, w)| !w.is_full())
+            .map(|(id, _)| *id)
             .collect();
         if candidates.is_empty() {
-            return None;
+            return if live.is_empty() {
+                Pick::NoneLive
+            } else {
+                Pick::AllFull
+            };
         }
         // HashMap order is arbitrary; a stable order makes round-robin and ties fair.
         candidates.sort();
@@ -319,7 +391,7 @@ impl WorkerRegistry {
         if let Some(entry) = inner.workers.get_mut(&chosen) {
             entry.assigned_since_heartbeat += 1;
         }
-        Some(chosen)
+        Pick::Chosen(chosen)
     }
 
     /// Whether `worker_id` has a recent heartbeat (a request it holds can still finish).
@@ -344,6 +416,8 @@ impl WorkerRegistry {
                 engine_steps: w.heartbeat.engine.map(|e| e.steps),
                 engine_failed_steps: w.heartbeat.engine.map(|e| e.failed_steps),
                 stuck: w.stuck,
+                max_queued: w.heartbeat.max_queued,
+                full: w.is_full(),
             })
             .collect();
         statuses.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
@@ -352,6 +426,24 @@ impl WorkerRegistry {
 
     pub fn live_counts(&self) -> LiveCounts {
         counts_of(&self.lock())
+    }
+}
+
+/// The outcome of choosing a worker of one pool.
+enum Pick {
+    Chosen(String),
+    /// Live workers of the pool, each with a full queue.
+    AllFull,
+    /// No live worker of the pool (besides those excluded).
+    NoneLive,
+}
+
+impl Pick {
+    fn chosen(self) -> Option<String> {
+        match self {
+            Pick::Chosen(id) => Some(id),
+            Pick::AllFull | Pick::NoneLive => None,
+        }
     }
 }
 
@@ -395,6 +487,9 @@ mod tests {
             kv_transfer: None,
             kv_peer: None,
             engine: Some(tandem_protocol::messages::EngineProgress::default()),
+            max_queued: None,
+            max_running: None,
+            kv_pull: None,
         }
     }
 
@@ -426,7 +521,7 @@ mod tests {
         assert_eq!(registry.pick_generate(now), None);
         assert_eq!(
             registry.route(10, now),
-            None,
+            Err(NoRoute::NoLiveWorker),
             "a context worker alone serves nothing"
         );
         let mut draining = heartbeat("d", WorkerRole::Both, 0, 0);
@@ -510,6 +605,76 @@ mod tests {
         beat(1, 8, 14_600);
         assert!(registry.pick_generate(at(14_600)).is_some());
         assert!(!registry.statuses()[0].stuck);
+    }
+
+    #[test]
+    fn a_worker_with_a_full_queue_gets_no_job_until_a_heartbeat_says_it_has_room() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        // Runs 2 at most, 1 now; queues 2 at most.
+        let bounded = |queued| Heartbeat {
+            max_queued: Some(2),
+            max_running: Some(2),
+            ..heartbeat("w", WorkerRole::Decode, 1, queued)
+        };
+        registry.observe(bounded(0), now);
+        // Its free slot, then two places in its queue; then it is full.
+        for _ in 0..3 {
+            assert_eq!(registry.pick_generate(now).as_deref(), Some("w"));
+        }
+        assert_eq!(registry.pick_generate(now), None);
+        assert_eq!(registry.route(5, now), Err(NoRoute::AllFull));
+        assert!(registry.statuses()[0].full);
+        assert_eq!(registry.statuses()[0].max_queued, Some(2));
+        // Its next heartbeat counts what it has: one queued, room for one more job.
+        registry.observe(bounded(1), now);
+        assert_eq!(registry.pick_generate(now).as_deref(), Some("w"));
+        assert_eq!(registry.pick_generate(now).as_deref(), Some("w"));
+        assert_eq!(registry.pick_generate(now), None);
+        // A worker that refused a job is full until its next heartbeat, whatever it said.
+        registry.observe(bounded(0), now);
+        assert_eq!(registry.refused("w"), Some(WorkerRole::Decode));
+        assert_eq!(registry.pick_generate(now), None);
+        registry.observe(bounded(0), now);
+        assert!(registry.pick_generate(now).is_some());
+        // One without a bound (or older than the field) is never full.
+        let registry = super::tests::registry(RouterPolicy::LeastLoaded);
+        registry.observe(heartbeat("old", WorkerRole::Both, 64, 900), now);
+        assert!((0..100).all(|_| registry.pick_generate(now).is_some()));
+        assert_eq!(registry.refused("nobody"), None);
+    }
+
+    #[test]
+    fn full_context_workers_mean_a_local_prefill_and_refusers_are_skipped() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), now);
+        let full = Heartbeat {
+            max_queued: Some(1),
+            ..heartbeat("ctx-a", WorkerRole::Context, 0, 1)
+        };
+        registry.observe(full, now);
+        let route = registry.route(5, now).unwrap();
+        assert_eq!(route.prefill, Prefill::Local(LocalPrefill::ContextFull));
+        assert_eq!(
+            FallbackReason::of_route(&route),
+            Some(FallbackReason::ContextFull)
+        );
+        registry.observe(heartbeat("ctx-b", WorkerRole::Context, 0, 0), now);
+        assert_eq!(context_of(&registry.route(5, now).unwrap()), Some("ctx-b"));
+        // A job refused by ctx-b has nowhere else to go: ctx-a is full.
+        assert_eq!(
+            registry.pick_context_excluding(&["ctx-b".to_owned()], now),
+            None
+        );
+        assert_eq!(
+            registry.pick_generate_excluding(&["dec".to_owned()], now),
+            None
+        );
+        assert_eq!(
+            registry.pick_generate_excluding(&[], now).as_deref(),
+            Some("dec")
+        );
     }
 
     #[test]

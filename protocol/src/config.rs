@@ -119,6 +119,10 @@ pub struct ServerGroupConfig {
     pub pipeline_parallel_size: Option<usize>,
     /// TensorRT-LLM's `max_batch_size`: running sequences at most.
     pub max_batch_size: Option<usize>,
+    /// (tandem) Jobs each worker of the group holds accepted but not started at most; past
+    /// it, a job is refused and goes to another worker or gets 429. Absent: the worker's
+    /// default (4 x the batch size); 0: no bound.
+    pub max_queued_requests: Option<usize>,
     /// TensorRT-LLM's `max_num_tokens`: tokens per forward step at most.
     pub max_num_tokens: Option<usize>,
     pub kv_cache_config: KvCacheConfig,

@@ -358,6 +358,16 @@ wire_names! {
 }
 
 wire_names! {
+    /// Why a worker refused a job (`rejected.reason`).
+    RejectReason {
+        /// Its queue (jobs accepted and not started: waiting in the engine, pulls waiting for
+        /// room in the KV cache, prefills waiting for export room) is at its bound
+        /// (`worker --max-queued-requests`, the heartbeat's `max_queued`).
+        QueueFull = "queue_full",
+    }
+}
+
+wire_names! {
     /// The element type of a KV cache ([`KvLayoutSpec::dtype`]).
     KvDTypeSpec {
         F32 = "f32",
@@ -416,6 +426,13 @@ pub struct Usage {
 pub enum StreamMessage {
     /// The job was taken (the api-server's no-worker timeout stops here).
     Accepted { worker_id: String },
+    /// The job was *not* taken, instead of `accepted`: the worker holds nothing of it and
+    /// sends nothing more for it. The api-server sends the same job to another worker, or
+    /// answers the client 429 when none can take it.
+    Rejected {
+        worker_id: String,
+        reason: RejectReason,
+    },
     /// One or more new tokens, in order. `index` is the position of the first of them among
     /// the request's generated tokens (0 for the first token; a migrated job continues at its
     /// `resume_ids.len()`), so the api-server can tell a gap or a duplicate from a complete
@@ -522,6 +539,36 @@ pub struct Heartbeat {
     /// bus task still heartbeats. Absent from older workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineProgress>,
+    /// The most jobs the worker holds in its queue (`queued`) before it answers `rejected`
+    /// (`worker --max-queued-requests`). Absent: no bound (or an older worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued: Option<u32>,
+    /// The most sequences the worker runs at once (`--max-num-seqs`): with `max_queued`, how
+    /// many more jobs the api-server may send before the next heartbeat. Absent from older
+    /// workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running: Option<u32>,
+    /// Generation workers: their pulls of prompts' K/V from context workers. Absent from
+    /// context workers and older workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_pull: Option<KvPullStats>,
+}
+
+/// A generation worker's pulls of prompts' K/V (a decode job starts its pull only once its
+/// engine has reserved the prompt's blocks and a sequence slot), for /metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvPullStats {
+    /// Decode jobs waiting for room in the KV cache before their pull starts (part of
+    /// `queued`).
+    pub waiting: u32,
+    /// Pulls with their room reserved whose K/V is not in the cache yet (transferring, or
+    /// about to be written).
+    pub in_flight: u32,
+    /// Decode jobs that had to wait for room, since the worker started.
+    pub waited: u64,
+    /// The most KV blocks held at once in pulled memory not yet written into the cache, since
+    /// the worker started (each such block has a cache block reserved for it).
+    pub peak_held_blocks: u32,
 }
 
 /// Forward passes a worker's engine ran and failed since the worker started.
@@ -647,6 +694,15 @@ mod tests {
             "interval_ms":1000}"#;
         let heartbeat: Heartbeat = decode("heartbeat", heartbeat).unwrap();
         assert_eq!(heartbeat.kv_peer, None);
+        // Nor a queue bound: an older worker takes every job.
+        assert_eq!(
+            (
+                heartbeat.max_queued,
+                heartbeat.max_running,
+                heartbeat.kv_pull
+            ),
+            (None, None, None)
+        );
         // A pull report without `transport`: such a build could only pull over UCX.
         let pulled = br#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3}"#;
         assert!(matches!(
@@ -804,6 +860,67 @@ mod tests {
                     reason: "why".into()
                 },
             }
+        );
+    }
+
+    #[test]
+    fn a_refused_job_names_its_worker_and_why() {
+        let rejected = StreamMessage::Rejected {
+            worker_id: "dec-1".into(),
+            reason: RejectReason::QueueFull,
+        };
+        let json = r#"{"v":1,"type":"rejected","worker_id":"dec-1","reason":"queue_full"}"#;
+        assert_eq!(String::from_utf8(encode(&rejected)).unwrap(), json);
+        assert_eq!(
+            decode::<StreamMessage>("stream", json.as_bytes()).unwrap(),
+            rejected
+        );
+        // A reason from a newer worker still reads (the job was refused all the same).
+        let newer = br#"{"v":1,"type":"rejected","worker_id":"w","reason":"warming_up"}"#;
+        assert_eq!(
+            decode::<StreamMessage>("stream", newer).unwrap(),
+            StreamMessage::Rejected {
+                worker_id: "w".into(),
+                reason: RejectReason::Other("warming_up".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn heartbeats_carry_the_queue_bound_and_the_pulls() {
+        let heartbeat = Heartbeat {
+            worker_id: "dec".into(),
+            role: WorkerRole::Decode,
+            model: "m".into(),
+            device: "cpu".into(),
+            running: 2,
+            queued: 3,
+            free_kv_blocks: 1,
+            total_kv_blocks: 16,
+            draining: false,
+            interval_ms: 250,
+            kv_transfer: None,
+            kv_peer: None,
+            engine: None,
+            max_queued: Some(8),
+            max_running: Some(4),
+            kv_pull: Some(KvPullStats {
+                waiting: 3,
+                in_flight: 1,
+                waited: 5,
+                peak_held_blocks: 7,
+            }),
+        };
+        let json = String::from_utf8(encode(&heartbeat)).unwrap();
+        assert!(
+            json.ends_with(
+                r#""max_queued":8,"max_running":4,"kv_pull":{"waiting":3,"in_flight":1,"waited":5,"peak_held_blocks":7}}"#
+            ),
+            "{json}"
+        );
+        assert_eq!(
+            decode::<Heartbeat>("heartbeat", json.as_bytes()).unwrap(),
+            heartbeat
         );
     }
 

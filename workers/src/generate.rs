@@ -145,6 +145,8 @@ pub fn generate(
                 }
             }
             EventKind::Finished { reason, .. } => finish = Some(reason),
+            // Only requests queued for an import have room reserved.
+            EventKind::RoomReserved { .. } => {}
         }
     }
     drop(handle);

@@ -40,6 +40,14 @@
 //! sequence may never exceed [`Scheduler::max_context_len`] tokens (capped by the pool's
 //! capacity), the oldest one always fits once everything newer is preempted.
 //!
+//! # Imports and reservations
+//! A prompt prefilled elsewhere arrives computed ([`Scheduler::add_computed`]). A decode
+//! worker reserves room for it *before* pulling its K/V ([`Scheduler::reserve`]): the prompt's
+//! blocks are allocated and a sequence slot is held, but the sequence is not scheduled until
+//! [`Scheduler::start_reserved`] (its K/V written, or to be prefilled here after a failed
+//! pull). Reserved blocks are never preempted (they hold nothing to recompute yet); the
+//! reservation is short-lived, bounded by the pull.
+//!
 //! # Leaving
 //! [`Scheduler::finish`] (finished or cancelled, from any state) frees the sequence's blocks at
 //! once. [`Scheduler::pin`] takes a sequence out of scheduling but keeps its blocks allocated:
@@ -122,6 +130,8 @@ pub enum SchedulerError {
     NotComputed(SeqId),
     #[error("no room to admit sequence {0}: every sequence slot is taken")]
     NoRoom(SeqId),
+    #[error("sequence {0} holds no reservation")]
+    NotReserved(SeqId),
     #[error(transparent)]
     Pool(#[from] BlockPoolError),
 }
@@ -135,6 +145,9 @@ pub enum SeqStatus {
     Running,
     /// Out of scheduling, blocks kept until [`Scheduler::release_pinned`].
     Pinned,
+    /// Holds its prompt's blocks and a sequence slot for K/V on its way, not scheduled until
+    /// [`Scheduler::start_reserved`].
+    Reserved,
 }
 
 #[derive(Debug)]
@@ -191,6 +204,8 @@ pub struct Scheduler {
     waiting: VecDeque<SeqId>,
     /// In admission order, oldest first: preemption takes from the back.
     running: Vec<SeqId>,
+    /// Sequences in [`SeqStatus::Reserved`]: each holds a slot of `max_num_seqs`.
+    num_reserved: usize,
     next_arrival: u64,
 }
 
@@ -203,6 +218,7 @@ impl Scheduler {
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            num_reserved: 0,
             next_arrival: 0,
         })
     }
@@ -243,10 +259,16 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Sequence slots taken: running sequences and reservations.
+    fn slots_taken(&self) -> usize {
+        self.running.len() + self.num_reserved
+    }
+
     /// Whether a sequence whose `prompt_tokens` K/V arrive computed (an imported prefill) can
-    /// be admitted now: a free sequence slot, and the prompt's blocks free.
+    /// be admitted now, or room reserved for it ([`Self::reserve`]): a free sequence slot, and
+    /// the prompt's blocks free.
     pub fn can_add_computed(&self, prompt_tokens: usize) -> bool {
-        self.running.len() < self.config.max_num_seqs
+        self.slots_taken() < self.config.max_num_seqs
             && self.pool.num_free() >= prompt_tokens.div_ceil(self.config.block_size)
     }
 
@@ -259,16 +281,7 @@ impl Scheduler {
         id: SeqId,
         prompt_tokens: usize,
     ) -> Result<Vec<BlockId>, SchedulerError> {
-        if self.seqs.contains_key(&id) {
-            return Err(SchedulerError::DuplicateSequence(id));
-        }
-        self.check_prompt(prompt_tokens)?;
-        if self.running.len() >= self.config.max_num_seqs {
-            return Err(SchedulerError::NoRoom(id));
-        }
-        let blocks = self
-            .pool
-            .allocate_n(prompt_tokens.div_ceil(self.config.block_size))?;
+        let blocks = self.allocate_slot(id, prompt_tokens)?;
         self.seqs.insert(
             id,
             Sequence {
@@ -283,6 +296,70 @@ impl Scheduler {
         self.next_arrival += 1;
         self.running.push(id);
         Ok(blocks)
+    }
+
+    /// Reserves room for a sequence whose prompt's K/V is on its way (a decode worker's pull):
+    /// the prompt's blocks are allocated and a sequence slot held, and the sequence is not
+    /// scheduled until [`Self::start_reserved`]. Fails when [`Self::can_add_computed`] is false.
+    pub fn reserve(&mut self, id: SeqId, prompt_tokens: usize) -> Result<(), SchedulerError> {
+        let blocks = self.allocate_slot(id, prompt_tokens)?;
+        self.seqs.insert(
+            id,
+            Sequence {
+                num_tokens: prompt_tokens,
+                num_computed: 0,
+                blocks,
+                arrival: self.next_arrival,
+                status: SeqStatus::Reserved,
+                num_preemptions: 0,
+            },
+        );
+        self.next_arrival += 1;
+        self.num_reserved += 1;
+        Ok(())
+    }
+
+    /// Starts a reserved sequence in its reserved blocks, as the newest running sequence: with
+    /// its prompt's K/V written there (`computed`, an import: its first generated token is
+    /// appended next), or to prefill the prompt here (a pull that failed). Returns its block
+    /// table.
+    pub fn start_reserved(
+        &mut self,
+        id: SeqId,
+        computed: bool,
+    ) -> Result<Vec<BlockId>, SchedulerError> {
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .filter(|s| s.status == SeqStatus::Reserved)
+            .ok_or(SchedulerError::NotReserved(id))?;
+        seq.status = SeqStatus::Running;
+        seq.num_computed = if computed { seq.num_tokens } else { 0 };
+        seq.arrival = self.next_arrival;
+        let blocks = seq.blocks.clone();
+        self.next_arrival += 1;
+        self.num_reserved -= 1;
+        self.running.push(id);
+        Ok(blocks)
+    }
+
+    /// A new sequence's slot and the blocks of its `prompt_tokens`, for a prompt computed
+    /// elsewhere.
+    fn allocate_slot(
+        &mut self,
+        id: SeqId,
+        prompt_tokens: usize,
+    ) -> Result<Vec<BlockId>, SchedulerError> {
+        if self.seqs.contains_key(&id) {
+            return Err(SchedulerError::DuplicateSequence(id));
+        }
+        self.check_prompt(prompt_tokens)?;
+        if self.slots_taken() >= self.config.max_num_seqs {
+            return Err(SchedulerError::NoRoom(id));
+        }
+        Ok(self
+            .pool
+            .allocate_n(prompt_tokens.div_ceil(self.config.block_size))?)
     }
 
     /// The block table of `id`.
@@ -342,6 +419,7 @@ impl Scheduler {
         match seq.status {
             SeqStatus::Waiting => self.waiting.retain(|&w| w != id),
             SeqStatus::Running => self.running.retain(|&r| r != id),
+            SeqStatus::Reserved => self.num_reserved -= 1,
             SeqStatus::Pinned => {}
         }
         self.pool.free_all(&seq.blocks)?;
@@ -359,6 +437,8 @@ impl Scheduler {
             self.running.retain(|&r| r != id);
         } else if seq.status == SeqStatus::Waiting {
             self.waiting.retain(|&w| w != id);
+        } else if seq.status == SeqStatus::Reserved {
+            self.num_reserved -= 1;
         }
         seq.status = SeqStatus::Pinned;
         Ok(seq.blocks.clone())
@@ -390,6 +470,11 @@ impl Scheduler {
 
     pub fn num_running(&self) -> usize {
         self.running.len()
+    }
+
+    /// Sequences holding a reservation ([`Self::reserve`]).
+    pub fn num_reserved(&self) -> usize {
+        self.num_reserved
     }
 
     /// Whether any sequence waits or runs (pinned ones need no steps).
@@ -475,7 +560,7 @@ impl Scheduler {
         // 3. Admission, strict FIFO, never in a step that had to preempt.
         if step.preempted.is_empty() {
             while let Some(&id) = self.waiting.front() {
-                if budget == 0 || self.running.len() >= self.config.max_num_seqs {
+                if budget == 0 || self.slots_taken() >= self.config.max_num_seqs {
                     break;
                 }
                 let chunk = self.remaining(id).min(budget);
@@ -805,6 +890,82 @@ mod tests {
         assert_eq!(s.free_blocks(), 16);
         assert!(!s.has_work());
         assert_eq!(s.finish(1), Err(SchedulerError::UnknownSequence(1)));
+    }
+
+    #[test]
+    fn a_reservation_holds_blocks_and_a_slot_and_is_never_scheduled_or_preempted() {
+        // 2 slots, 8 blocks of 4 tokens.
+        let mut s = Scheduler::new(config(16, 2, 4, 8)).unwrap();
+        assert!(s.can_add_computed(12));
+        s.reserve(1, 12).unwrap();
+        assert_eq!(s.status(1), Some(SeqStatus::Reserved));
+        assert_eq!((s.free_blocks(), s.num_reserved()), (5, 1));
+        assert!(!s.has_work(), "a reservation alone is no work");
+        assert!(s.schedule().is_empty());
+        // The reservation's slot counts: one running sequence fills the other, and nothing
+        // more is admitted or reserved.
+        s.add(2, 4).unwrap();
+        s.add(3, 4).unwrap();
+        let step = step_and_append(&mut s);
+        assert_eq!(step.scheduled.len(), 1, "{step:?}");
+        assert_eq!(s.status(3), Some(SeqStatus::Waiting));
+        assert!(!s.can_add_computed(4));
+        assert_eq!(s.reserve(4, 4), Err(SchedulerError::NoRoom(4)));
+        // Sequence 2 decodes until the pool runs dry: it preempts itself, never the
+        // reservation.
+        let mut preempted = false;
+        for _ in 0..30 {
+            let step = step_and_append(&mut s);
+            assert!(step.preempted.iter().all(|&id| id != 1), "{step:?}");
+            assert!(step.scheduled.iter().all(|item| item.id != 1));
+            if !step.preempted.is_empty() {
+                preempted = true;
+                break;
+            }
+        }
+        assert!(preempted, "sequence 2 outgrew the free blocks");
+        assert_eq!(s.status(1), Some(SeqStatus::Reserved));
+        assert_eq!(s.blocks(1).map(|b| b.len()), Some(3));
+        assert_eq!(
+            s.start_reserved(9, true),
+            Err(SchedulerError::NotReserved(9))
+        );
+        // Its K/V written: it runs, fully computed, its first token to append.
+        let blocks = s.start_reserved(1, true).unwrap();
+        assert_eq!(blocks.len(), 3);
+        assert_eq!(s.num_computed(1), Some(12));
+        assert_eq!(s.num_reserved(), 0);
+        assert_eq!(
+            s.start_reserved(1, true),
+            Err(SchedulerError::NotReserved(1))
+        );
+        s.append_token(1).unwrap();
+        for id in [1, 2, 3] {
+            s.finish(id).unwrap();
+        }
+        assert_eq!(s.free_blocks(), 8);
+    }
+
+    #[test]
+    fn a_reservation_can_prefill_in_its_blocks_or_be_given_back() {
+        let mut s = Scheduler::new(config(8, 4, 4, 8)).unwrap();
+        s.reserve(1, 10).unwrap();
+        s.reserve(2, 6).unwrap();
+        assert_eq!(s.free_blocks(), 3);
+        // A failed pull: the prompt is computed here, in chunks, in the blocks it holds.
+        s.start_reserved(1, false).unwrap();
+        assert_eq!(s.num_computed(1), Some(0));
+        let step = step_and_append(&mut s);
+        assert_eq!(
+            (step.scheduled[0].id, step.scheduled[0].token_count),
+            (1, 8)
+        );
+        let step = step_and_append(&mut s);
+        assert!(step.scheduled[0].wants_logits);
+        assert_eq!(s.free_blocks(), 3, "no block beyond the reserved ones");
+        // A cancelled one gives its blocks and slot back.
+        s.finish(2).unwrap();
+        assert_eq!((s.free_blocks(), s.num_reserved()), (5, 0));
     }
 
     #[test]

@@ -559,6 +559,7 @@ fn cuda_engine_greedy(prompts: &[Vec<u32>], max_seqs: usize, new_tokens: usize) 
                         "request {} ended early",
                         ids[&ev.request_id]
                     ),
+                    EventKind::RoomReserved { .. } => panic!("room reserved for a plain request"),
                 }
             }
         }

@@ -64,6 +64,9 @@ fn concurrent_submissions_stream_the_same_tokens_as_alone() {
                         match event.kind {
                             EventKind::Token { id, .. } => tokens.push(id),
                             EventKind::Finished { reason: r, .. } => reason = Some(r),
+                            EventKind::RoomReserved { .. } => {
+                                panic!("room reserved for a plain request")
+                            }
                         }
                     }
                     (tokens, reason.expect("a Finished event ends every stream"))

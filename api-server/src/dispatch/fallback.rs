@@ -36,6 +36,9 @@ pub enum FallbackReason {
     ContextGone,
     /// The context worker answered with an error (or a failed end) before any token.
     ContextError,
+    /// Every live context worker's queue was full (their heartbeats said so, or each refused
+    /// the prefill job).
+    ContextFull,
     /// The decode worker could not pull the KV cache and prefilled itself (its `kv_pulled`
     /// carried a fallback).
     PullFailed,
@@ -48,34 +51,47 @@ impl FallbackReason {
             FallbackReason::ContextTimeout => "context_timeout",
             FallbackReason::ContextGone => "context_gone",
             FallbackReason::ContextError => "context_error",
+            FallbackReason::ContextFull => "context_full",
             FallbackReason::PullFailed => "pull_failed",
         }
     }
 
-    pub const ALL: [FallbackReason; 5] = [
+    pub const ALL: [FallbackReason; 6] = [
         FallbackReason::NoContextWorker,
         FallbackReason::ContextTimeout,
         FallbackReason::ContextGone,
         FallbackReason::ContextError,
+        FallbackReason::ContextFull,
         FallbackReason::PullFailed,
     ];
 
     /// Whether `route`'s local prefill is a fallback. A local prefill for want of a context
     /// worker is one only when the generation worker is a `decode` worker, i.e. in a
     /// deployment built for disaggregation; `both` workers prefill locally by design, and
-    /// counting every aggregated request as a fallback would drown the real ones.
+    /// counting every aggregated request as a fallback would drown the real ones. Context
+    /// workers whose queues are full are a fallback whatever the generation worker.
     pub fn of_route(route: &Route) -> Option<FallbackReason> {
-        (route.prefill == Prefill::Local(LocalPrefill::NoContextWorker)
-            && route.generate_role == WorkerRole::Decode)
-            .then_some(FallbackReason::NoContextWorker)
+        match route.prefill {
+            Prefill::Local(LocalPrefill::NoContextWorker)
+                if route.generate_role == WorkerRole::Decode =>
+            {
+                Some(FallbackReason::NoContextWorker)
+            }
+            Prefill::Local(LocalPrefill::ContextFull) => Some(FallbackReason::ContextFull),
+            _ => None,
+        }
     }
 }
 
 /// Counts `route`'s local prefill if it is a fallback ([`FallbackReason::of_route`]).
 pub(super) fn record_route(metrics: &Metrics, request_id: &str, route: &Route) {
     if let Some(reason) = FallbackReason::of_route(route) {
+        let why = match reason {
+            FallbackReason::ContextFull => "every context worker's queue is full",
+            _ => "no live context worker",
+        };
         tracing::warn!(%request_id, worker_id = %route.generate_id,
-            "no live context worker: the decode worker prefills the prompt itself");
+            "{why}: the generation worker prefills the prompt itself");
         metrics.record(Event::Fallback(reason));
     }
 }
@@ -91,7 +107,8 @@ impl Generation {
     }
 
     /// Falls back to a local prefill when `err` is the context worker's recoverable failure
-    /// (it did not accept in time, or its heartbeats stopped); otherwise gives `err` back.
+    /// (it did not accept in time, its heartbeats stopped, or it and every other context
+    /// worker refused the job: their queues are full); otherwise gives `err` back.
     pub(super) async fn fall_back_on(&mut self, err: ApiError) -> Result<(), ApiError> {
         if !self.context_failure_recoverable() {
             return Err(err);
@@ -107,6 +124,13 @@ impl Generation {
             }
             ApiError::WorkerGone { detail } => {
                 self.fall_back(FallbackReason::ContextGone, &detail).await
+            }
+            ApiError::WorkersFull { .. } => {
+                self.fall_back(
+                    FallbackReason::ContextFull,
+                    "every context worker's queue is full",
+                )
+                .await
             }
             other => Err(other),
         }
@@ -206,6 +230,12 @@ mod tests {
             FallbackReason::of_route(&route(WorkerRole::Both, no_context)),
             None
         );
+        for role in [WorkerRole::Both, WorkerRole::Decode] {
+            assert_eq!(
+                FallbackReason::of_route(&route(role, Prefill::Local(LocalPrefill::ContextFull))),
+                Some(FallbackReason::ContextFull)
+            );
+        }
         assert_eq!(
             FallbackReason::of_route(&route(
                 WorkerRole::Decode,

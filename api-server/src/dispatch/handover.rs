@@ -76,6 +76,7 @@ impl Generation {
         };
         self.publish_generate_job(worker_id, &job, "publishing the decode job")
             .await?;
+        self.job = job;
         self.await_accepted().await
     }
 

@@ -15,6 +15,8 @@
 //!   the generation worker; the client only notices the delay.
 //! - [`migrate`]: when the generation worker fails mid-stream, the request moves to another
 //!   one with the tokens generated so far; the client's stream goes on without a gap.
+//! - [`reroute`]: a worker whose queue is full refuses a job (`rejected`); the same job goes to
+//!   another worker, or the client gets 429.
 //! - [`cancel`]: a generation dropped before its worker finished (the client went away, or a
 //!   timeout ended it here) cancels the request on the bus.
 //! - [`record`]: the request's metrics (token timing, usage, outcome).
@@ -32,6 +34,7 @@ pub mod fallback;
 pub mod handover;
 pub mod migrate;
 pub mod record;
+pub mod reroute;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -47,7 +50,7 @@ pub use record::RequestRecord;
 
 use crate::error::ApiError;
 use crate::metrics::{Event, Metrics};
-use crate::router::{Prefill, WorkerRegistry};
+use crate::router::{NoRoute, Prefill, WorkerRegistry};
 use cancel::CancelGuard;
 use handover::Phase;
 use migrate::MigrationReason;
@@ -117,9 +120,12 @@ pub struct JobSpec {
 pub struct Generation {
     /// The client's request id (the response's `id`).
     request_id: String,
-    /// The job in flight (a fallback changes its id and stream subject); a hand-over sends it
-    /// again with the KV handle.
+    /// The job last published (a fallback or migration changes its id and stream subject; a
+    /// hand-over adds the KV handle): what a worker that refuses it passes on.
     job: GenerateJob,
+    /// The workers that refused the job now in flight (their queues are full), until one
+    /// accepts it.
+    refused: Vec<String>,
     phase: Phase,
     subscriber: async_nats::Subscriber,
     /// Messages read while waiting for `Accepted` that belong to the stream proper.
@@ -182,11 +188,15 @@ impl Generation {
             record.fail(&err);
             err
         };
-        let Some(route) = dispatch
+        let route = match dispatch
             .registry
             .route(job.prompt_ids.len(), Instant::now())
-        else {
-            return Err(fail(ApiError::NoLiveWorker, record));
+        {
+            Ok(route) => route,
+            Err(NoRoute::NoLiveWorker) => return Err(fail(ApiError::NoLiveWorker, record)),
+            Err(NoRoute::AllFull) => {
+                return Err(fail(ApiError::WorkersFull { pool: "generation" }, record));
+            }
         };
         fallback::record_route(dispatch.metrics, &request_id, &route);
         let bus = dispatch.bus;
@@ -241,6 +251,7 @@ impl Generation {
         let mut generation = Generation {
             request_id,
             job: message,
+            refused: Vec::new(),
             phase,
             subscriber,
             pending: VecDeque::new(),
@@ -288,9 +299,10 @@ impl Generation {
         &self.request_id
     }
 
-    /// Waits for the current phase's worker to accept the job just published.
+    /// Waits for the current phase's worker to accept the job just published. A worker that
+    /// refuses it (its queue is full) is replaced by another that has not ([`reroute`]).
     async fn await_accepted(&mut self) -> Result<(), ApiError> {
-        let accept_by = Instant::now() + self.timeouts.accept;
+        let mut accept_by = Instant::now() + self.timeouts.accept;
         loop {
             let remaining = accept_by.saturating_duration_since(Instant::now());
             let message = match tokio::time::timeout(remaining, self.subscriber.next()).await {
@@ -312,7 +324,12 @@ impl Generation {
                             %worker_id, "job accepted by another worker than the one it was sent to");
                         self.phase.set_worker_id(worker_id);
                     }
+                    self.refused.clear();
                     return Ok(());
+                }
+                Ok(StreamMessage::Rejected { worker_id, reason }) => {
+                    self.reroute(worker_id, reason).await?;
+                    accept_by = Instant::now() + self.timeouts.accept;
                 }
                 // A worker that answers without `Accepted` (an immediate error, or tokens) has
                 // the job all the same.
@@ -395,6 +412,12 @@ impl Generation {
             }
             match message {
                 StreamMessage::Accepted { .. } => continue,
+                StreamMessage::Rejected { worker_id, .. } => {
+                    // Only ever instead of `accepted`, which `await_accepted` reads.
+                    tracing::warn!(request_id = %self.request_id, %worker_id,
+                        "ignoring a refusal of a job the worker had taken");
+                    continue;
+                }
                 StreamMessage::KvReady { handle } => {
                     // A decode worker that does not take the decode job (it died since its
                     // last heartbeat): the request migrates to a local prefill elsewhere, and

@@ -7,7 +7,10 @@
 //! A peer plays one worker of one role ([`ScriptedBusPeer::start_as`]): a `both` or `decode`
 //! peer answers generation jobs, a `context` peer answers prefill jobs with a fake KV handle
 //! ([`fake_handle`]) that a decode peer checks it received unchanged. The script is chosen by
-//! the job's `max_tokens`, so each test picks a behaviour through the HTTP request alone.
+//! the job's `max_tokens`, so each test picks a behaviour through the HTTP request alone;
+//! besides, a peer can be told to refuse every job (`rejected`, a full queue:
+//! [`ScriptedBusPeer::refuse_jobs`]) and what queue its heartbeats report
+//! ([`ScriptedBusPeer::report_queue`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +19,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tandem_protocol::messages::{
     CancelRequest, FinishReason, GenerateJob, Heartbeat, KvHandle, KvLayoutSpec, KvPeer, KvRegion,
-    KvTransferStats, PullOutcome, StreamMessage, TokenEvent, Usage, WorkerRole, decode, encode,
+    KvTransferStats, PullOutcome, RejectReason, StreamMessage, TokenEvent, Usage, WorkerRole,
+    decode, encode,
 };
 use tandem_protocol::subjects::Subjects;
 
@@ -145,10 +149,15 @@ pub struct Observed {
     pub cancels: Vec<String>,
 }
 
+/// The queue a peer's heartbeats report: (`queued`, `max_queued`).
+type ReportedQueue = Arc<Mutex<(u32, Option<u32>)>>;
+
 pub struct ScriptedBusPeer {
     pub id: String,
     pub observed: Arc<Mutex<Observed>>,
     heartbeating: Arc<AtomicBool>,
+    refusing: Arc<AtomicBool>,
+    queue: ReportedQueue,
     /// Runs the peer's tasks; dropping the peer ends them (its heartbeats stop).
     runtime: tokio::runtime::Runtime,
 }
@@ -160,6 +169,7 @@ struct Answerer {
     id: String,
     observed: Arc<Mutex<Observed>>,
     heartbeating: Arc<AtomicBool>,
+    refusing: Arc<AtomicBool>,
 }
 
 impl ScriptedBusPeer {
@@ -184,6 +194,8 @@ impl ScriptedBusPeer {
             .expect("test runtime");
         let observed = Arc::new(Mutex::new(Observed::default()));
         let heartbeating = Arc::new(AtomicBool::new(true));
+        let refusing = Arc::new(AtomicBool::new(false));
+        let queue: ReportedQueue = Arc::new(Mutex::new((0, None)));
         let subjects = Subjects::new(model);
         let client = runtime
             .block_on(async_nats::connect(nats_url))
@@ -207,15 +219,17 @@ impl ScriptedBusPeer {
         let model_name = model.to_string();
         let worker_id = id.to_string();
         let beating = Arc::clone(&heartbeating);
+        let reported = Arc::clone(&queue);
         runtime.spawn(async move {
             while beating.load(Ordering::SeqCst) {
+                let (queued, max_queued) = *reported.lock().expect("queue lock");
                 let heartbeat = Heartbeat {
                     worker_id: worker_id.clone(),
                     role,
                     model: model_name.clone(),
                     device: "cpu".into(),
                     running: 0,
-                    queued: 0,
+                    queued,
                     free_kv_blocks: 100,
                     total_kv_blocks: 128,
                     draining: false,
@@ -223,6 +237,9 @@ impl ScriptedBusPeer {
                     kv_transfer,
                     kv_peer: (role == WorkerRole::Decode).then(|| scripted_kv_peer(&worker_id)),
                     engine: None,
+                    max_queued,
+                    max_running: None,
+                    kv_pull: None,
                 };
                 let _ = heartbeat_client
                     .publish(heartbeat_subject.clone(), encode(&heartbeat).into())
@@ -248,6 +265,7 @@ impl ScriptedBusPeer {
             id: id.to_string(),
             observed: Arc::clone(&observed),
             heartbeating: Arc::clone(&heartbeating),
+            refusing: Arc::clone(&refusing),
         };
         runtime.spawn(async move {
             let mut jobs = jobs;
@@ -261,6 +279,18 @@ impl ScriptedBusPeer {
                     .jobs
                     .push(job.clone());
                 let answerer = answerer.clone();
+                if answerer.refusing.load(Ordering::SeqCst) {
+                    answerer
+                        .send(
+                            &job,
+                            StreamMessage::Rejected {
+                                worker_id: answerer.id.clone(),
+                                reason: RejectReason::QueueFull,
+                            },
+                        )
+                        .await;
+                    continue;
+                }
                 match role {
                     WorkerRole::Context => tokio::spawn(answerer.prefill(job)),
                     WorkerRole::Decode | WorkerRole::Both => tokio::spawn(answerer.generate(job)),
@@ -271,8 +301,21 @@ impl ScriptedBusPeer {
             id: id.to_string(),
             observed,
             heartbeating,
+            refusing,
+            queue,
             runtime,
         }
+    }
+
+    /// From now on, answers every job with `rejected` (`queue_full`), whatever its script;
+    /// its heartbeats say nothing of it (another api-server filled its queue).
+    pub fn refuse_jobs(&self, refuse: bool) {
+        self.refusing.store(refuse, Ordering::SeqCst);
+    }
+
+    /// What its next heartbeats say of its queue: `queued` jobs, at most `max_queued`.
+    pub fn report_queue(&self, queued: u32, max_queued: Option<u32>) {
+        *self.queue.lock().expect("queue lock") = (queued, max_queued);
     }
 
     pub fn cancels(&self) -> Vec<String> {

@@ -19,6 +19,10 @@ const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 512;
 const DEFAULT_HEARTBEAT_MS: u64 = 1000;
 const DEFAULT_MAX_TOKENS_IN_BUFFER: usize = 65536;
 const DEFAULT_KV_TRANSFER_TIMEOUT_MS: u64 = 30_000;
+/// Without --max-queued-requests, a worker queues this many times --max-num-seqs jobs: a
+/// burst of a few batches' worth waits, a flood is refused (and sent elsewhere or answered
+/// 429) instead of waiting for minutes.
+pub const DEFAULT_QUEUED_PER_SEQ: usize = 4;
 
 /// Options of a worker serving on the bus. [`Default`] is what the binary parses from no flags
 /// and no environment variables.
@@ -74,6 +78,12 @@ pub struct WorkerArgs {
     /// Context role: K/V not released by a decode worker within this time is freed.
     #[arg(long, default_value_t = DEFAULT_KV_TRANSFER_TIMEOUT_MS, value_name = "MS")]
     pub kv_transfer_timeout_ms: u64,
+    /// Jobs this worker holds accepted but not started at most (waiting in the engine, decode
+    /// jobs waiting for room in the KV cache, prefills waiting for --max-tokens-in-buffer);
+    /// a job past it is refused, and the api-server sends it to another worker or answers 429.
+    /// Default: 4 x --max-num-seqs. 0: no bound.
+    #[arg(long, env = "TANDEM_MAX_QUEUED_REQUESTS", value_name = "N")]
+    pub max_queued_requests: Option<usize>,
     /// Context and decode roles: MiB of host memory mapped once for KV transfers (registered
     /// with UCX and, on a GPU, pinned for the copy engine): exports on a context worker, pull
     /// destinations on a decode worker. A transfer that finds no room uses memory of its own.
@@ -132,6 +142,7 @@ impl Default for WorkerArgs {
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             max_tokens_in_buffer: DEFAULT_MAX_TOKENS_IN_BUFFER,
             kv_transfer_timeout_ms: DEFAULT_KV_TRANSFER_TIMEOUT_MS,
+            max_queued_requests: None,
             kv_transfer_pool_mb: None,
             cuda_ipc_pool_mb: None,
             gpu: GpuArgs::default(),
@@ -141,6 +152,16 @@ impl Default for WorkerArgs {
 }
 
 impl WorkerArgs {
+    /// The bound on the worker's queue: `--max-queued-requests`, else
+    /// [`DEFAULT_QUEUED_PER_SEQ`] x `--max-num-seqs`; `None` (no bound) for 0.
+    pub fn queue_bound(&self) -> Option<usize> {
+        match self.max_queued_requests {
+            Some(0) => None,
+            Some(max) => Some(max),
+            None => Some(DEFAULT_QUEUED_PER_SEQ * self.max_num_seqs),
+        }
+    }
+
     /// The arguments that make `worker` parse back to `self`: every flag, but those of unset
     /// options. The environment variables of the flags that have one (`TANDEM_MODEL`,
     /// `TANDEM_NATS`, `TANDEM_SERVED_MODEL_NAME`) then have no say, but the GPU settings'
@@ -164,6 +185,7 @@ impl WorkerArgs {
         argv.push_display("--heartbeat-ms", self.heartbeat_ms);
         argv.push_display("--max-tokens-in-buffer", self.max_tokens_in_buffer);
         argv.push_display("--kv-transfer-timeout-ms", self.kv_transfer_timeout_ms);
+        argv.push_some("--max-queued-requests", self.max_queued_requests);
         argv.push_some("--kv-transfer-pool-mb", self.kv_transfer_pool_mb);
         argv.push_some("--cuda-ipc-pool-mb", self.cuda_ipc_pool_mb);
         let GpuArgs {
@@ -237,6 +259,7 @@ mod tests {
             heartbeat_ms: 333,
             max_tokens_in_buffer: 2048,
             kv_transfer_timeout_ms: 9000,
+            max_queued_requests: Some(12),
             kv_transfer_pool_mb: Some(0),
             cuda_ipc_pool_mb: Some(512),
             gpu: GpuArgs {
@@ -311,7 +334,25 @@ mod tests {
         parsed.model = None;
         parsed.served_model_name = None;
         parsed.nats = DEFAULT_NATS.into();
+        parsed.max_queued_requests = None;
         assert_eq!(parsed, WorkerArgs::default());
+    }
+
+    #[test]
+    fn the_queue_bound_follows_the_batch_size_unless_set() {
+        let args = WorkerArgs {
+            max_num_seqs: 8,
+            ..WorkerArgs::default()
+        };
+        assert_eq!(args.queue_bound(), Some(32));
+        let set = |max| WorkerArgs {
+            max_queued_requests: Some(max),
+            ..args.clone()
+        };
+        assert_eq!(set(3).queue_bound(), Some(3));
+        assert_eq!(set(0).queue_bound(), None, "0: no bound");
+        let parsed = parse(&["--max-queued-requests".into(), "5".into()]);
+        assert_eq!(parsed.max_queued_requests, Some(5));
     }
 
     #[test]

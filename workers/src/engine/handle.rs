@@ -48,6 +48,16 @@ enum Command {
         prefill: ImportedPrefill,
         sink: Box<dyn EventSink>,
     },
+    ReserveImport {
+        id: RequestId,
+        request: GenerationRequest,
+        sink: Box<dyn EventSink>,
+    },
+    ImportReserved {
+        id: RequestId,
+        prefill: ImportedPrefill,
+    },
+    PrefillReserved(RequestId),
     Cancel(RequestId),
     ReleaseKv(RequestId),
     PinHostMemory {
@@ -69,6 +79,10 @@ pub struct EngineHandle {
     free_blocks: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
+    /// Requests sent to the engine thread and not yet queued there (not in `waiting` yet).
+    unapplied: Arc<AtomicUsize>,
+    imports_waiting: Arc<AtomicUsize>,
+    imports_waited: Arc<AtomicU64>,
     device_lost: Arc<OnceLock<String>>,
     steps: Arc<AtomicU64>,
     failed_steps: Arc<AtomicU64>,
@@ -113,6 +127,9 @@ impl EngineHandle {
             free_blocks: Arc::new(AtomicUsize::new(engine.free_blocks())),
             active: Arc::new(AtomicUsize::new(0)),
             waiting: Arc::new(AtomicUsize::new(0)),
+            unapplied: Arc::new(AtomicUsize::new(0)),
+            imports_waiting: Arc::new(AtomicUsize::new(0)),
+            imports_waited: Arc::new(AtomicU64::new(0)),
             device_lost: Arc::new(OnceLock::new()),
             steps: Arc::new(AtomicU64::new(0)),
             failed_steps: Arc::new(AtomicU64::new(0)),
@@ -121,6 +138,9 @@ impl EngineHandle {
             free_blocks: Arc::clone(&handle.free_blocks),
             active: Arc::clone(&handle.active),
             waiting: Arc::clone(&handle.waiting),
+            unapplied: Arc::clone(&handle.unapplied),
+            imports_waiting: Arc::clone(&handle.imports_waiting),
+            imports_waited: Arc::clone(&handle.imports_waited),
             device_lost: Arc::clone(&handle.device_lost),
             steps: Arc::clone(&handle.steps),
             failed_steps: Arc::clone(&handle.failed_steps),
@@ -146,14 +166,61 @@ impl EngineHandle {
         sink: impl EventSink,
     ) -> Result<RequestId, EngineError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.commands
-            .send(Command::Add {
-                id,
-                request,
-                sink: Box::new(sink),
-            })
-            .map_err(|_| EngineError::Stopped)?;
+        self.send_request(Command::Add {
+            id,
+            request,
+            sink: Box::new(sink),
+        })?;
         Ok(id)
+    }
+
+    /// Sends a command that queues a request, counted in [`Self::queued_requests`] until the
+    /// engine has it.
+    fn send_request(&self, command: Command) -> Result<(), EngineError> {
+        self.unapplied.fetch_add(1, Ordering::AcqRel);
+        self.commands.send(command).map_err(|_| {
+            self.unapplied.fetch_sub(1, Ordering::AcqRel);
+            EngineError::Stopped
+        })
+    }
+
+    /// Queues a request whose prompt's K/V is pulled from elsewhere once the engine has room
+    /// for it ([`Engine::reserve_import`]): its first event is
+    /// [`RoomReserved`](super::EventKind::RoomReserved) (or its `Finished`, if cancelled or
+    /// refused before), after which the caller hands over the K/V ([`Self::import_reserved`])
+    /// or has the prompt prefilled here ([`Self::prefill_reserved`]).
+    pub fn reserve_import_with_sink(
+        &self,
+        request: GenerationRequest,
+        sink: impl EventSink,
+    ) -> Result<RequestId, EngineError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.send_request(Command::ReserveImport {
+            id,
+            request,
+            sink: Box::new(sink),
+        })?;
+        Ok(id)
+    }
+
+    /// Hands over the K/V pulled for a request whose room is reserved
+    /// ([`Engine::import_reserved`]).
+    pub fn import_reserved(
+        &self,
+        id: RequestId,
+        prefill: ImportedPrefill,
+    ) -> Result<(), EngineError> {
+        self.commands
+            .send(Command::ImportReserved { id, prefill })
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    /// Has the prompt of a request queued for an import prefilled here instead
+    /// ([`Engine::prefill_reserved`]).
+    pub fn prefill_reserved(&self, id: RequestId) -> Result<(), EngineError> {
+        self.commands
+            .send(Command::PrefillReserved(id))
+            .map_err(|_| EngineError::Stopped)
     }
 
     /// Queues a request whose prompt was prefilled elsewhere ([`Engine::import_request`]); its
@@ -165,14 +232,12 @@ impl EngineHandle {
         sink: impl EventSink,
     ) -> Result<RequestId, EngineError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.commands
-            .send(Command::Import {
-                id,
-                request,
-                prefill,
-                sink: Box::new(sink),
-            })
-            .map_err(|_| EngineError::Stopped)?;
+        self.send_request(Command::Import {
+            id,
+            request,
+            prefill,
+            sink: Box::new(sink),
+        })?;
         Ok(id)
     }
 
@@ -243,6 +308,24 @@ impl EngineHandle {
         self.waiting.load(Ordering::Relaxed)
     }
 
+    /// Requests not started: those the engine holds waiting ([`Engine::num_waiting`], as of
+    /// the last command or step it handled) and those sent to it since. A worker bounds its
+    /// queue with this, so a burst of jobs between two steps is counted whole. (A request
+    /// being queued may be counted twice for an instant, never missed.)
+    pub fn queued_requests(&self) -> usize {
+        self.waiting.load(Ordering::Acquire) + self.unapplied.load(Ordering::Acquire)
+    }
+
+    /// Imports waiting for room in the cache ([`Engine::imports_waiting`]).
+    pub fn imports_waiting(&self) -> usize {
+        self.imports_waiting.load(Ordering::Relaxed)
+    }
+
+    /// Imports that found no room at once, since start ([`Engine::imports_waited`]).
+    pub fn imports_waited(&self) -> u64 {
+        self.imports_waited.load(Ordering::Relaxed)
+    }
+
     /// Why the engine's device failed for good, once it has ([`Engine::device_lost`]): every
     /// request has ended and new ones are refused, so the worker should leave and restart.
     pub fn device_lost(&self) -> Option<&str> {
@@ -263,9 +346,26 @@ struct Counters {
     free_blocks: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
+    unapplied: Arc<AtomicUsize>,
+    imports_waiting: Arc<AtomicUsize>,
+    imports_waited: Arc<AtomicU64>,
     device_lost: Arc<OnceLock<String>>,
     steps: Arc<AtomicU64>,
     failed_steps: Arc<AtomicU64>,
+}
+
+impl Counters {
+    /// The engine's load as callers read it: free blocks, requests active and waiting.
+    fn publish_load<M: StepModel>(&self, engine: &Engine<M>) {
+        self.free_blocks
+            .store(engine.free_blocks(), Ordering::Relaxed);
+        self.active.store(engine.num_active(), Ordering::Relaxed);
+        self.waiting.store(engine.num_waiting(), Ordering::Release);
+        self.imports_waiting
+            .store(engine.imports_waiting(), Ordering::Relaxed);
+        self.imports_waited
+            .store(engine.imports_waited(), Ordering::Relaxed);
+    }
 }
 
 /// Marks the engine lost when its thread unwinds (a panic): the worker then leaves the
@@ -296,13 +396,13 @@ fn run<M: StepModel>(mut engine: Engine<M>, commands: Receiver<Command>, counter
             }
             // Idle: block until a caller has something.
             match commands.recv() {
-                Ok(command) => apply(&mut engine, &mut sinks, command),
+                Ok(command) => apply(&mut engine, &mut sinks, command, counters),
                 Err(_) => break,
             }
         }
         loop {
             match commands.try_recv() {
-                Ok(command) => apply(&mut engine, &mut sinks, command),
+                Ok(command) => apply(&mut engine, &mut sinks, command, counters),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     if connected {
@@ -334,15 +434,7 @@ fn run<M: StepModel>(mut engine: Engine<M>, commands: Receiver<Command>, counter
         if let Some(line) = engine.profile_summary() {
             tracing::info!("{line}");
         }
-        counters
-            .free_blocks
-            .store(engine.free_blocks(), Ordering::Relaxed);
-        counters
-            .active
-            .store(engine.num_active(), Ordering::Relaxed);
-        counters
-            .waiting
-            .store(engine.num_waiting(), Ordering::Relaxed);
+        counters.publish_load(&engine);
         let progress = engine.progress();
         counters.steps.store(progress.steps, Ordering::Relaxed);
         counters
@@ -360,12 +452,19 @@ fn apply<M: StepModel>(
     engine: &mut Engine<M>,
     sinks: &mut HashMap<RequestId, Box<dyn EventSink>>,
     command: Command,
+    counters: &Counters,
 ) {
+    // A request now in the engine's count: counted there before it leaves `unapplied`.
+    let queued = |engine: &Engine<M>| {
+        counters.publish_load(engine);
+        counters.unapplied.fetch_sub(1, Ordering::AcqRel);
+    };
     match command {
         Command::Add { id, request, sink } => {
             let prompt_tokens = request.prompt_ids.len();
             let added = engine.add_request_with_id(id, request);
             register(sinks, id, sink, prompt_tokens, added);
+            queued(engine);
         }
         Command::Import {
             id,
@@ -376,6 +475,20 @@ fn apply<M: StepModel>(
             let prompt_tokens = request.prompt_ids.len();
             let imported = engine.import_with_id(id, request, prefill);
             register(sinks, id, sink, prompt_tokens, imported);
+            queued(engine);
+        }
+        Command::ReserveImport { id, request, sink } => {
+            let prompt_tokens = request.prompt_ids.len();
+            let reserved = engine.reserve_import_with_id(id, request);
+            register(sinks, id, sink, prompt_tokens, reserved);
+            queued(engine);
+        }
+        Command::ImportReserved { id, prefill } => engine.import_reserved(id, prefill),
+        Command::PrefillReserved(id) => {
+            // A request that ended meanwhile (cancelled) has nothing to prefill.
+            if let Err(e) = engine.prefill_reserved(id) {
+                tracing::debug!("local prefill of request {id}: {e}");
+            }
         }
         Command::PinHostMemory { range, reply } => {
             // SAFETY: the promise of `EngineHandle::pin_host_memory`'s caller.

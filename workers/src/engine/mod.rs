@@ -14,6 +14,14 @@
 //! cancelled, failed) goes through `Engine::end`, which frees its blocks; so once all
 //! requests have ended, [`Engine::free_blocks`] is back at its starting value.
 //!
+//! A prompt prefilled elsewhere enters through [`Engine::import_request`] (its K/V at hand) or,
+//! on a decode worker that has not pulled it yet, through [`Engine::reserve_import`]: the
+//! request waits in arrival order until a sequence slot and the prompt's blocks are free, has
+//! them reserved, and tells its caller with [`EventKind::RoomReserved`]; only then does the
+//! caller pull the K/V ([`Engine::import_reserved`]), so pulled K/V never waits in memory for
+//! room in the cache. A pull that fails becomes a local prefill in the reserved blocks
+//! ([`Engine::prefill_reserved`]).
+//!
 //! Sampling is per request and reproducible: a token depends on the request's seed, its
 //! position and its logits, and the model computes a sequence's logits bitwise the same
 //! whatever else is in the batch; so a request gives the same tokens alone or batched, and
@@ -118,10 +126,20 @@ pub struct ImportedPrefill {
     pub first_token: SampledToken,
 }
 
-/// An imported prefill waiting for room (a free sequence slot and its blocks).
+/// A prompt prefilled elsewhere waiting for room (a free sequence slot and its blocks): with
+/// its K/V ([`Engine::import_request`]), or before it is pulled ([`Engine::reserve_import`]).
 struct PendingImport {
     id: RequestId,
     seq: Sequence,
+    /// The K/V and the first token; `None` for a reservation (its caller pulls them once the
+    /// room is reserved).
+    arrived: Option<ArrivedKv>,
+    /// Found no room when it was first considered.
+    waited: bool,
+}
+
+/// An imported prefill's K/V and the token sampled after it.
+struct ArrivedKv {
     kv: Box<dyn KvBuffer>,
     first_token: SampledToken,
 }
@@ -199,8 +217,16 @@ pub struct Engine<M: StepModel> {
     scheduler: Scheduler,
     text: Option<Arc<dyn TextDecoder>>,
     seqs: HashMap<RequestId, Sequence>,
-    /// Imported prefills, admitted in arrival order at the start of a step.
+    /// Imported prefills and reservations for them, admitted in arrival order at the start of
+    /// a step.
     pending_imports: VecDeque<PendingImport>,
+    /// K/V pulled for reservations ([`Self::import_reserved`]), written at the start of the
+    /// next step.
+    arrived_imports: VecDeque<(RequestId, ImportedPrefill)>,
+    /// Events of requests that ended between steps, delivered with the next step's.
+    deferred_events: Vec<EngineEvent>,
+    /// Imports and reservations that found no room at once, since start.
+    imports_waited: u64,
     pending_cancel: Vec<RequestId>,
     /// Shared with handles so they can name a request before the engine sees it.
     next_id: Arc<AtomicU64>,
@@ -261,6 +287,9 @@ impl<M: StepModel> Engine<M> {
             text,
             seqs: HashMap::new(),
             pending_imports: VecDeque::new(),
+            arrived_imports: VecDeque::new(),
+            deferred_events: Vec::new(),
+            imports_waited: 0,
             pending_cancel: Vec::new(),
             next_id: Arc::new(AtomicU64::new(1)),
             num_preemptions: 0,
@@ -289,9 +318,13 @@ impl<M: StepModel> Engine<M> {
         self.scheduler.total_blocks()
     }
 
-    /// Requests queued or running (not counting retained prefill-only ones).
+    /// Requests queued, running or holding a reservation (not counting retained prefill-only
+    /// ones).
     pub fn num_active(&self) -> usize {
-        self.scheduler.num_waiting() + self.scheduler.num_running() + self.pending_imports.len()
+        self.scheduler.num_waiting()
+            + self.scheduler.num_running()
+            + self.scheduler.num_reserved()
+            + self.pending_imports.len()
     }
 
     /// Why the device failed for good, if it did: the engine has ended every request and
@@ -305,8 +338,20 @@ impl<M: StepModel> Engine<M> {
         self.num_preemptions
     }
 
+    /// Requests not started: waiting for admission, or imports and reservations waiting for
+    /// room.
     pub fn num_waiting(&self) -> usize {
         self.scheduler.num_waiting() + self.pending_imports.len()
+    }
+
+    /// Imports and reservations waiting for room in the cache.
+    pub fn imports_waiting(&self) -> usize {
+        self.pending_imports.len()
+    }
+
+    /// Imports and reservations that found no room at once, since the engine started.
+    pub fn imports_waited(&self) -> u64 {
+        self.imports_waited
     }
 
     /// The KV cache's block layout.
@@ -319,6 +364,8 @@ impl<M: StepModel> Engine<M> {
     pub fn has_work(&self) -> bool {
         self.scheduler.has_work()
             || !self.pending_cancel.is_empty()
+            || !self.arrived_imports.is_empty()
+            || !self.deferred_events.is_empty()
             || self
                 .pending_imports
                 .front()
@@ -372,12 +419,103 @@ impl<M: StepModel> Engine<M> {
         prefill: ImportedPrefill,
     ) -> Result<(), EngineError> {
         self.check_device()?;
+        self.check_imported(request.prompt_ids.len(), &prefill)?;
+        let seq = self.import_sequence(request)?;
+        self.pending_imports.push_back(PendingImport {
+            id,
+            seq,
+            arrived: Some(ArrivedKv {
+                kv: prefill.kv,
+                first_token: prefill.first_token,
+            }),
+            waited: false,
+        });
+        Ok(())
+    }
+
+    /// Queues a request whose prompt is prefilled elsewhere and whose K/V the caller pulls
+    /// once there is room for it: in arrival order with other imports, when a sequence slot
+    /// and the prompt's blocks are free, they are reserved for it and it gets an
+    /// [`EventKind::RoomReserved`] event. The caller then hands over the K/V
+    /// ([`Self::import_reserved`]), or has the prompt prefilled here
+    /// ([`Self::prefill_reserved`], e.g. when the pull fails), or cancels it. A request waiting
+    /// for room counts as waiting ([`Self::num_waiting`]).
+    pub fn reserve_import(&mut self, request: GenerationRequest) -> Result<RequestId, EngineError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.reserve_import_with_id(id, request)?;
+        Ok(id)
+    }
+
+    pub(crate) fn reserve_import_with_id(
+        &mut self,
+        id: RequestId,
+        request: GenerationRequest,
+    ) -> Result<(), EngineError> {
+        self.check_device()?;
+        let seq = self.import_sequence(request)?;
+        self.pending_imports.push_back(PendingImport {
+            id,
+            seq,
+            arrived: None,
+            waited: false,
+        });
+        Ok(())
+    }
+
+    /// Hands over the K/V of a request whose room was reserved ([`Self::reserve_import`]):
+    /// written into its reserved blocks at the start of the next step, where it continues
+    /// from `prefill.first_token`. A request that has ended meanwhile (cancelled) drops the
+    /// K/V; one whose K/V does not fit its prompt ends with an error.
+    pub fn import_reserved(&mut self, id: RequestId, prefill: ImportedPrefill) {
+        self.arrived_imports.push_back((id, prefill));
+    }
+
+    /// Has the prompt of a request reserved for an import ([`Self::reserve_import`]) prefilled
+    /// here instead (its pull failed, or took too long): in its reserved blocks if it has
+    /// them, else it joins the queue of requests to prefill, holding no memory until admitted.
+    pub fn prefill_reserved(&mut self, id: RequestId) -> Result<(), EngineError> {
+        if let Some(at) = self
+            .pending_imports
+            .iter()
+            .position(|p| p.id == id && p.arrived.is_none())
+        {
+            let import = self
+                .pending_imports
+                .remove(at)
+                .expect("position is in range");
+            let prompt_len = import.seq.prompt_len;
+            match self.scheduler.add(id, prompt_len) {
+                Ok(()) => {
+                    self.seqs.insert(id, import.seq);
+                }
+                Err(e) => self.deferred_events.push(finished_without_tokens(
+                    id,
+                    prompt_len,
+                    FinishReason::Error(e.to_string()),
+                )),
+            }
+            return Ok(());
+        }
+        if self.scheduler.status(id) == Some(SeqStatus::Reserved) {
+            self.arrived_imports.retain(|(arrived, _)| *arrived != id);
+            self.scheduler.start_reserved(id, false)?;
+            return Ok(());
+        }
+        Err(EngineError::UnknownRequest(id))
+    }
+
+    /// Checks an imported prefill against its prompt and this engine: its token count, the
+    /// bytes of its blocks, its first token.
+    fn check_imported(
+        &self,
+        prompt_tokens: usize,
+        prefill: &ImportedPrefill,
+    ) -> Result<(), EngineError> {
         let layout = self.model.kv_layout();
-        if prefill.num_tokens != request.prompt_ids.len() {
+        if prefill.num_tokens != prompt_tokens {
             return Err(EngineError::ImportMismatch(format!(
-                "K/V of {} tokens for a prompt of {}",
+                "K/V of {} tokens for a prompt of {prompt_tokens}",
                 prefill.num_tokens,
-                request.prompt_ids.len()
             )));
         }
         let expected = layout.blocks_for(prefill.num_tokens) * layout.block_bytes();
@@ -394,6 +532,11 @@ impl<M: StepModel> Engine<M> {
                 vocab_size: self.vocab_size,
             });
         }
+        Ok(())
+    }
+
+    /// The state of a request whose prompt was prefilled elsewhere.
+    fn import_sequence(&self, request: GenerationRequest) -> Result<Sequence, EngineError> {
         if !request.resume_ids.is_empty() {
             return Err(EngineError::ImportMismatch(
                 "a prefill imported from a context worker cannot resume generated tokens".into(),
@@ -401,13 +544,7 @@ impl<M: StepModel> Engine<M> {
         }
         let seq = self.new_sequence(request)?;
         self.scheduler.check_prompt(seq.prompt_len)?;
-        self.pending_imports.push_back(PendingImport {
-            id,
-            seq,
-            kv: prefill.kv,
-            first_token: prefill.first_token,
-        });
-        Ok(())
+        Ok(seq)
     }
 
     /// Refuses work once the device is lost.
@@ -472,16 +609,25 @@ impl<M: StepModel> Engine<M> {
     }
 
     /// Admits queued imports while there is room, in arrival order: allocates their blocks,
-    /// writes their K/V and takes their first token.
+    /// and writes their K/V and takes their first token, or (a reservation) tells the caller
+    /// to pull.
     fn admit_imports(&mut self, events: &mut Vec<EngineEvent>) {
-        while let Some(front) = self.pending_imports.front() {
+        while let Some(front) = self.pending_imports.front_mut() {
             if !self.scheduler.can_add_computed(front.seq.prompt_len) {
+                front.waited = true;
                 break;
             }
             let Some(import) = self.pending_imports.pop_front() else {
                 break;
             };
+            if import.waited {
+                self.imports_waited += 1;
+            }
             let id = import.id;
+            let Some(arrived) = import.arrived else {
+                self.reserve(id, import.seq, events);
+                continue;
+            };
             let blocks = match self.scheduler.add_computed(id, import.seq.prompt_len) {
                 Ok(blocks) => blocks,
                 Err(e) => {
@@ -494,7 +640,7 @@ impl<M: StepModel> Engine<M> {
                 }
             };
             self.seqs.insert(id, import.seq);
-            if let Err(e) = self.model.write_kv_blocks(&blocks, import.kv.bytes()) {
+            if let Err(e) = self.model.write_kv_blocks(&blocks, arrived.kv.bytes()) {
                 self.end(
                     id,
                     FinishReason::Error(format!("writing the imported KV cache: {e}")),
@@ -502,7 +648,61 @@ impl<M: StepModel> Engine<M> {
                 );
                 continue;
             }
-            self.accept_token(id, import.first_token, events);
+            self.accept_token(id, arrived.first_token, events);
+        }
+    }
+
+    /// Reserves the blocks and slot of a request whose K/V is to be pulled (there is room).
+    fn reserve(&mut self, id: RequestId, mut seq: Sequence, events: &mut Vec<EngineEvent>) {
+        if let Err(e) = self.scheduler.reserve(id, seq.prompt_len) {
+            events.push(finished_without_tokens(
+                id,
+                seq.prompt_len,
+                FinishReason::Error(format!("reserving room for the KV cache: {e}")),
+            ));
+            return;
+        }
+        // It has started: what it waits for now is its own pull, not the engine.
+        seq.deadline = None;
+        self.seqs.insert(id, seq);
+        let blocks = self.scheduler.blocks(id).map_or(0, |b| b.len());
+        events.push(EngineEvent {
+            request_id: id,
+            kind: EventKind::RoomReserved { blocks },
+        });
+    }
+
+    /// Writes the K/V that arrived for reserved requests into their blocks; each continues
+    /// from its first token.
+    fn write_arrived_imports(&mut self, events: &mut Vec<EngineEvent>) {
+        while let Some((id, prefill)) = self.arrived_imports.pop_front() {
+            if self.scheduler.status(id) != Some(SeqStatus::Reserved) {
+                // Ended meanwhile (cancelled): the K/V goes back to its owner.
+                continue;
+            }
+            let Some(prompt_len) = self.seqs.get(&id).map(|seq| seq.prompt_len) else {
+                continue;
+            };
+            if let Err(e) = self.check_imported(prompt_len, &prefill) {
+                self.end(id, FinishReason::Error(e.to_string()), events);
+                continue;
+            }
+            let blocks = match self.scheduler.start_reserved(id, true) {
+                Ok(blocks) => blocks,
+                Err(e) => {
+                    self.end(id, FinishReason::Error(e.to_string()), events);
+                    continue;
+                }
+            };
+            if let Err(e) = self.model.write_kv_blocks(&blocks, prefill.kv.bytes()) {
+                self.end(
+                    id,
+                    FinishReason::Error(format!("writing the imported KV cache: {e}")),
+                    events,
+                );
+                continue;
+            }
+            self.accept_token(id, prefill.first_token, events);
         }
     }
 
@@ -569,7 +769,7 @@ impl<M: StepModel> Engine<M> {
     /// Runs one step; returns the events of every request it touched.
     pub fn step(&mut self) -> Vec<EngineEvent> {
         let start = Instant::now();
-        let mut events = Vec::new();
+        let mut events = std::mem::take(&mut self.deferred_events);
         for id in std::mem::take(&mut self.pending_cancel) {
             if let Some(at) = self.pending_imports.iter().position(|p| p.id == id) {
                 let import = self
@@ -585,6 +785,7 @@ impl<M: StepModel> Engine<M> {
                 self.end(id, FinishReason::Cancelled, &mut events);
             }
         }
+        self.write_arrived_imports(&mut events);
         self.admit_imports(&mut events);
         self.drop_expired(&mut events);
         let decision = self.scheduler.schedule();
@@ -882,6 +1083,7 @@ impl<M: StepModel> Engine<M> {
                 FinishReason::Error(message.clone()),
             ));
         }
+        self.arrived_imports.clear();
         self.pending_cancel.clear();
         self.device_lost = Some(message);
     }

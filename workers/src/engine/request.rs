@@ -100,6 +100,13 @@ pub enum EventKind {
         logprob: f32,
         top_logprobs: Vec<(u32, f32)>,
     },
+    /// A request queued with [`super::Engine::reserve_import`] has its prompt's blocks and a
+    /// sequence slot reserved: its K/V may be pulled now ([`super::Engine::import_reserved`]).
+    /// No text and no token: what the client sees starts with the imported first token.
+    RoomReserved {
+        /// Blocks reserved for the prompt.
+        blocks: usize,
+    },
     /// The last event of a request.
     Finished {
         reason: FinishReason,

@@ -176,6 +176,7 @@ fn absorb(out: &mut Outcomes, events: Vec<EngineEvent>) {
         match ev.kind {
             EventKind::Token { id, .. } => entry.0.push(id),
             EventKind::Finished { reason, .. } => entry.1 = reason,
+            EventKind::RoomReserved { .. } => {}
         }
     }
 }
@@ -491,6 +492,145 @@ fn imports_wait_for_room_and_bad_imports_are_refused() {
         "{short:?}"
     );
     assert_eq!(decode.free_blocks(), 5);
+}
+
+/// The requests of `events` that got their room reserved, in order.
+fn reserved_in(events: &[EngineEvent]) -> Vec<RequestId> {
+    events
+        .iter()
+        .filter(|ev| matches!(ev.kind, EventKind::RoomReserved { .. }))
+        .map(|ev| ev.request_id)
+        .collect()
+}
+
+#[test]
+fn reservations_wait_for_room_in_order_and_their_imports_continue_like_local_prefills() {
+    let req = |salt| request(prompt(21, salt), 12, sampled(5 + salt as u64));
+    let mut local = engine(64, 64);
+    let ids: Vec<_> = (0..3).map(|s| local.add_request(req(s)).unwrap()).collect();
+    let expected = run(&mut local);
+    let mut context = engine(64, 64);
+    let prefilled: Vec<_> = (0..3)
+        .map(|s| prefill_and_take(&mut context, req(s)))
+        .collect();
+
+    // 14 blocks of 4 tokens: two prompts of 21 tokens (6 blocks each) fit, the third waits
+    // until one ends, and a request grows to 9 blocks (preemptions happen).
+    let mut decode = engine(64, 14);
+    let reserved: Vec<_> = (0..3)
+        .map(|s| decode.reserve_import(req(s)).unwrap())
+        .collect();
+    assert_eq!(
+        decode.num_waiting(),
+        3,
+        "waiting for room counts as waiting"
+    );
+    let mut got = Outcomes::new();
+    let mut granted = Vec::new();
+    let mut steps = 0;
+    while decode.has_work() {
+        let events = decode.step();
+        for id in reserved_in(&events) {
+            // The worker pulls only now, into the room reserved for it.
+            let i = reserved.iter().position(|&r| r == id).unwrap();
+            granted.push(id);
+            let (first, kv) = prefilled[i].clone();
+            decode.import_reserved(
+                id,
+                ImportedPrefill {
+                    kv: Box::new(kv),
+                    num_tokens: 21,
+                    first_token: first,
+                },
+            );
+        }
+        absorb(&mut got, events);
+        if steps == 0 {
+            assert_eq!(granted, reserved[..2], "two fit at once, in arrival order");
+            assert_eq!((decode.imports_waiting(), decode.num_waiting()), (1, 1));
+        }
+        steps += 1;
+        assert!(steps < 10_000);
+    }
+    assert_eq!(granted, reserved, "granted in arrival order");
+    assert_eq!(decode.imports_waited(), 1, "the third waited for room");
+    for (i, id) in reserved.iter().enumerate() {
+        assert_eq!(got[id], expected[&ids[i]], "request {i}");
+    }
+    assert!(
+        decode.num_preemptions() > 0,
+        "the cache was tight enough to preempt"
+    );
+    assert_eq!(decode.free_blocks(), 14);
+    assert_eq!(decode.num_active(), 0);
+}
+
+#[test]
+fn a_reservation_can_prefill_locally_be_cancelled_or_refuse_a_bad_import() {
+    let req = |salt| request(prompt(13, salt), 6, sampled(40 + salt as u64));
+    let mut local = engine(64, 64);
+    let ids: Vec<_> = (0..2).map(|s| local.add_request(req(s)).unwrap()).collect();
+    let expected = run(&mut local);
+
+    // 6 blocks: one 13-token prompt (4 blocks) at a time.
+    let mut decode = engine(64, 6);
+    let a = decode.reserve_import(req(0)).unwrap();
+    let b = decode.reserve_import(req(1)).unwrap();
+    let events = decode.step();
+    assert_eq!(reserved_in(&events), [a]);
+    assert_eq!(decode.free_blocks(), 2);
+    // A's pull failed: prefilled here, in its reserved blocks. B's took too long: it joins
+    // the queue of local prefills.
+    decode.prefill_reserved(a).unwrap();
+    decode.prefill_reserved(b).unwrap();
+    assert!(decode.prefill_reserved(b).is_err(), "no reservation left");
+    let mut got = Outcomes::new();
+    absorb(&mut got, events);
+    run_into(&mut decode, &mut got);
+    assert_eq!(got[&a], expected[&ids[0]]);
+    assert_eq!(got[&b], expected[&ids[1]]);
+    assert_eq!(decode.free_blocks(), 6);
+
+    // Cancelled with room reserved, and while waiting for it: both give everything back, and
+    // K/V arriving after the cancel is dropped.
+    let c = decode.reserve_import(req(0)).unwrap();
+    let d = decode.reserve_import(req(1)).unwrap();
+    assert_eq!(reserved_in(&decode.step()), [c]);
+    assert!(decode.cancel(c) && decode.cancel(d));
+    let mut context = engine(64, 64);
+    let (first, kv) = prefill_and_take(&mut context, req(0));
+    decode.import_reserved(
+        c,
+        ImportedPrefill {
+            kv: Box::new(kv.clone()),
+            num_tokens: 13,
+            first_token: first.clone(),
+        },
+    );
+    let mut got = Outcomes::new();
+    run_into(&mut decode, &mut got);
+    assert_eq!(got[&c], (vec![], FinishReason::Cancelled));
+    assert_eq!(got[&d], (vec![], FinishReason::Cancelled));
+    assert_eq!((decode.free_blocks(), decode.num_active()), (6, 0));
+
+    // K/V that does not fit the prompt ends the request with an error and frees its room.
+    let e = decode.reserve_import(req(0)).unwrap();
+    assert_eq!(reserved_in(&decode.step()), [e]);
+    decode.import_reserved(
+        e,
+        ImportedPrefill {
+            kv: Box::new(kv[4..].to_vec()),
+            num_tokens: 13,
+            first_token: first,
+        },
+    );
+    let mut got = Outcomes::new();
+    run_into(&mut decode, &mut got);
+    assert!(
+        matches!(&got[&e], (tokens, FinishReason::Error(m)) if tokens.is_empty() && m.contains("bytes of K/V")),
+        "{got:?}"
+    );
+    assert_eq!((decode.free_blocks(), decode.num_active()), (6, 0));
 }
 
 #[test]

@@ -32,7 +32,7 @@ use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::roles::{ContextRole, GenerationRole, Role};
-use super::worker::{Identity, InFlight, PUBLISH_TIMEOUT, Worker};
+use super::worker::{Identity, InFlight, PUBLISH_TIMEOUT, QueueBound, RoleLoad, Worker};
 use crate::engine::EngineHandle;
 use crate::kv_cache::KvLayout;
 use crate::transfer::KvTransport;
@@ -81,6 +81,11 @@ pub struct BusSettings {
     pub max_tokens_in_buffer: usize,
     /// Context role: exports not released by then are freed.
     pub kv_transfer_timeout: Duration,
+    /// Sequences the engine runs at once at most (`--max-num-seqs`).
+    pub max_running: usize,
+    /// Jobs accepted and not started at most; past it, jobs are refused (`rejected`). `None`:
+    /// no bound.
+    pub max_queued: Option<usize>,
 }
 
 /// Serves until a termination signal and the drain that follows. Consumes the engine handle:
@@ -112,10 +117,12 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
             device: settings.device.clone(),
             total_kv_blocks: settings.total_kv_blocks,
             heartbeat: settings.heartbeat,
+            max_running: settings.max_running,
         },
         engine,
         model_stop_ids: Arc::clone(&settings.model_stop_ids),
         in_flight: InFlight::default(),
+        queue: QueueBound::new(settings.max_queued),
     });
     match settings.role {
         WorkerRole::Context => {
@@ -225,9 +232,10 @@ async fn serve_role<R: Role>(
     }
 }
 
-/// Acknowledges one job and, unless its deadline has passed, has the role start it.
+/// Acknowledges one job and, unless its deadline has passed, has the role start it; or
+/// refuses it when the queue is full.
 async fn take_job<R: Role>(worker: &Worker, role: &Arc<R>, payload: &[u8]) {
-    if let Some(job) = worker.accept(payload).await {
+    if let Some(job) = worker.accept(payload, role.queued()).await {
         role.start(job).await;
     }
 }
@@ -245,9 +253,13 @@ async fn cancel<R: Role>(worker: &Worker, role: &Arc<R>, payload: &[u8]) {
 }
 
 async fn publish_heartbeat<R: Role>(worker: &Worker, role: &R, draining: bool) {
-    worker
-        .publish_heartbeat(draining, role.kv_transfer(), role.kv_peer())
-        .await;
+    let load = RoleLoad {
+        queued: role.queued(),
+        kv_transfer: role.kv_transfer(),
+        kv_peer: role.kv_peer(),
+        kv_pull: role.kv_pull(),
+    };
+    worker.publish_heartbeat(draining, load).await;
 }
 
 /// Subscribes to `subject`.

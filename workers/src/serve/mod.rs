@@ -199,6 +199,8 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         host_id,
         max_tokens_in_buffer: args.max_tokens_in_buffer,
         kv_transfer_timeout: std::time::Duration::from_millis(args.kv_transfer_timeout_ms),
+        max_running: args.max_num_seqs,
+        max_queued: args.queue_bound(),
     };
     runtime.block_on(bus::serve(settings, handle))?;
     // Tasks still pending (a request cut short by a second signal) hold engine handles.

@@ -75,6 +75,8 @@ pub fn stream_messages(
                 });
                 return out;
             }
+            // The puller's business: nothing the api-server reads.
+            EventKind::RoomReserved { .. } => {}
         }
     }
     if !tokens.is_empty() {

@@ -1,18 +1,21 @@
 //! What every role of a worker shares: its NATS client and subjects, who it is on the bus, the
 //! engine handle, and the requests it has handed to the engine.
 //!
-//! [`Worker`] acknowledges jobs (`accepted` before anything else, then the deadline check),
-//! registers each engine request under its bus id before the engine can emit anything (so a
-//! cancel always finds it), forwards its events to the request's stream subject from a task of
-//! its own, and publishes heartbeats. What a role does with a job is in [`super::roles`].
+//! [`Worker`] acknowledges jobs (`accepted` before anything else, then the deadline check) or
+//! refuses them (`rejected`) when its queue is at its bound ([`QueueBound`]), registers each
+//! engine request under its bus id before the engine can emit anything (so a cancel always
+//! finds it), forwards its events to the request's stream subject from a task of its own, and
+//! publishes heartbeats. What a role does with a job is in [`super::roles`].
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::Client;
 use tandem_protocol::messages::{
-    self, GenerateJob, Heartbeat, KvPeer, KvTransferStats, StreamMessage, WorkerRole,
+    self, GenerateJob, Heartbeat, KvPeer, KvPullStats, KvTransferStats, RejectReason,
+    StreamMessage, WorkerRole,
 };
 use tandem_protocol::subjects::Subjects;
 use tokio::sync::mpsc;
@@ -36,6 +39,59 @@ pub(super) struct Identity {
     pub total_kv_blocks: usize,
     /// Interval between heartbeats.
     pub heartbeat: Duration,
+    /// Sequences the engine runs at once at most (`--max-num-seqs`).
+    pub max_running: usize,
+}
+
+/// The bound on a worker's queue: the jobs it has accepted and not started (waiting in the
+/// engine, pulls waiting for room in the KV cache, prefills waiting for export room). A job
+/// that would go past it is refused (`rejected`) instead of growing the queue for as long as
+/// api-servers keep sending: they send it to another worker or answer 429.
+pub(super) struct QueueBound {
+    /// `None`: no bound.
+    max: Option<usize>,
+    /// The last job found the queue full (logged once per episode, not per job).
+    full: AtomicBool,
+}
+
+impl QueueBound {
+    pub fn new(max: Option<usize>) -> Self {
+        Self {
+            max,
+            full: AtomicBool::new(false),
+        }
+    }
+
+    pub fn max(&self) -> Option<usize> {
+        self.max
+    }
+
+    /// Whether one more job may join a queue of `queued`; says in the log when the queue
+    /// fills up and when it has room again.
+    pub fn admits(&self, queued: usize) -> bool {
+        let admits = self.max.is_none_or(|max| queued < max);
+        let was_full = self.full.swap(!admits, Ordering::Relaxed);
+        match (was_full, admits) {
+            (false, false) => tracing::warn!(
+                queued,
+                max_queued = self.max,
+                "queue full: refusing jobs (api-servers send them elsewhere or answer 429)"
+            ),
+            (true, true) => tracing::info!(queued, "queue has room again: taking jobs"),
+            _ => {}
+        }
+        admits
+    }
+}
+
+/// What a role adds to a heartbeat.
+#[derive(Default)]
+pub(super) struct RoleLoad {
+    /// Jobs the role holds outside the engine, not started (part of `queued`).
+    pub queued: usize,
+    pub kv_transfer: Option<KvTransferStats>,
+    pub kv_peer: Option<KvPeer>,
+    pub kv_pull: Option<KvPullStats>,
 }
 
 /// The shared part of a worker, whatever its role.
@@ -47,6 +103,7 @@ pub(super) struct Worker {
     /// The tokenizer's end-of-sequence ids, added to every job's stop ids.
     pub model_stop_ids: Arc<[u32]>,
     pub in_flight: InFlight,
+    pub queue: QueueBound,
 }
 
 /// The requests this worker has handed to its engine: bus request id -> engine request id.
@@ -86,9 +143,17 @@ impl Worker {
         .await;
     }
 
-    /// Decodes a job and acknowledges it (`accepted`); `None` for a malformed job or one whose
-    /// deadline passed before it started. The job is the role's to start.
-    pub async fn accept(&self, payload: &[u8]) -> Option<GenerateJob> {
+    /// Jobs accepted and not started: queued in the engine (or on their way to it), and
+    /// `role_queued` held by the role outside the engine.
+    pub fn queued(&self, role_queued: usize) -> usize {
+        self.engine.queued_requests() + role_queued
+    }
+
+    /// Decodes a job and acknowledges it (`accepted`), or refuses it (`rejected`) when the
+    /// queue (`role_queued` of it held by the role) is at its bound; `None` for a refused or
+    /// malformed job, or one whose deadline passed before it started. The job is the role's
+    /// to start, at once (so the next job finds it counted).
+    pub async fn accept(&self, payload: &[u8], role_queued: usize) -> Option<GenerateJob> {
         let job: GenerateJob = match messages::decode("generate job", payload) {
             Ok(job) => job,
             Err(e) => {
@@ -97,6 +162,18 @@ impl Worker {
                 return None;
             }
         };
+        if !self.queue.admits(self.queued(role_queued)) {
+            tracing::debug!(request_id = job.request_id, "queue full: job refused");
+            self.publish(
+                job.stream_subject.clone(),
+                &StreamMessage::Rejected {
+                    worker_id: self.identity.worker_id.clone(),
+                    reason: RejectReason::QueueFull,
+                },
+            )
+            .await;
+            return None;
+        }
         self.publish(
             job.stream_subject.clone(),
             &StreamMessage::Accepted {
@@ -168,27 +245,41 @@ impl Worker {
                     resumed_tokens = job.resume_ids.len(),
                     "job queued"
                 );
-                tokio::spawn(forward(
-                    self.client.clone(),
-                    job.stream_subject.clone(),
-                    job.request_id.clone(),
-                    events,
-                    job.sampling.logprobs.is_some(),
-                    // A resumed request's tokens continue the numbering of the ones resumed.
-                    job.resume_ids.len() as u32,
-                    self.in_flight.clone(),
-                ));
+                tokio::spawn(self.forward(job, events, Vec::new()));
             }
-            Err(e) => {
-                self.publish(
-                    job.stream_subject.clone(),
-                    &StreamMessage::Error {
-                        message: format!("the worker cannot take the request: {e}"),
-                    },
-                )
-                .await;
-            }
+            Err(e) => self.refuse(job, &e).await,
         }
+    }
+
+    /// Answers a job the engine would not take with an error.
+    pub async fn refuse(&self, job: &GenerateJob, error: &EngineError) {
+        self.publish(
+            job.stream_subject.clone(),
+            &StreamMessage::Error {
+                message: format!("the worker cannot take the request: {error}"),
+            },
+        )
+        .await;
+    }
+
+    /// Forwards a submitted request's events (`taken`, read already, then the rest of
+    /// `events`) to its stream subject until its last message, then forgets the request.
+    pub fn forward(
+        &self,
+        job: &GenerateJob,
+        events: mpsc::UnboundedReceiver<EngineEvent>,
+        taken: Vec<EngineEvent>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        forward(
+            self.client.clone(),
+            job.stream_subject.clone(),
+            job.request_id.clone(),
+            Events { taken, events },
+            job.sampling.logprobs.is_some(),
+            // A resumed request's tokens continue the numbering of the ones resumed.
+            job.resume_ids.len() as u32,
+            self.in_flight.clone(),
+        )
     }
 
     /// Cancels the engine request of `request_id`, if it has one.
@@ -208,29 +299,27 @@ impl Worker {
         }
     }
 
-    /// Publishes a heartbeat: the engine's load, and the role's `kv_transfer` and `kv_peer`.
-    pub async fn publish_heartbeat(
-        &self,
-        draining: bool,
-        kv_transfer: Option<KvTransferStats>,
-        kv_peer: Option<KvPeer>,
-    ) {
+    /// Publishes a heartbeat: the engine's load and queue bound, and what the role adds.
+    pub async fn publish_heartbeat(&self, draining: bool, role: RoleLoad) {
         let active = self.engine.active_requests();
-        let queued = self.engine.waiting_requests().min(active);
+        let waiting = self.engine.waiting_requests().min(active);
         let identity = &self.identity;
         let heartbeat = Heartbeat {
             worker_id: identity.worker_id.clone(),
             role: identity.role,
             model: identity.served_name.clone(),
             device: identity.device.clone(),
-            running: (active - queued) as u32,
-            queued: queued as u32,
+            running: (active - waiting) as u32,
+            queued: self.queued(role.queued) as u32,
             free_kv_blocks: self.engine.free_blocks() as u32,
             total_kv_blocks: identity.total_kv_blocks as u32,
             draining,
             interval_ms: identity.heartbeat.as_millis() as u64,
-            kv_transfer,
-            kv_peer,
+            kv_transfer: role.kv_transfer,
+            kv_peer: role.kv_peer,
+            kv_pull: role.kv_pull,
+            max_queued: self.queue.max().map(|max| max as u32),
+            max_running: Some(identity.max_running as u32),
             engine: Some({
                 let progress = self.engine.progress();
                 messages::EngineProgress {
@@ -258,20 +347,33 @@ impl Worker {
     }
 }
 
+/// A request's events: some read already, then the channel.
+struct Events {
+    taken: Vec<EngineEvent>,
+    events: mpsc::UnboundedReceiver<EngineEvent>,
+}
+
 /// Forwards one request's events to its stream subject until its last message, then forgets
 /// the request.
 async fn forward(
     client: Client,
     subject: String,
     request_id: String,
-    mut events: mpsc::UnboundedReceiver<EngineEvent>,
+    Events { taken, mut events }: Events,
     with_logprobs: bool,
     mut next_index: u32,
     in_flight: InFlight,
 ) {
     let mut ended = false;
-    while let Some(first) = events.recv().await {
-        let mut batch = vec![first];
+    let mut taken = Some(taken).filter(|taken| !taken.is_empty());
+    loop {
+        let mut batch = match taken.take() {
+            Some(taken) => taken,
+            None => match events.recv().await {
+                Some(first) => vec![first],
+                None => break,
+            },
+        };
         while let Ok(event) = events.try_recv() {
             batch.push(event);
         }
@@ -332,4 +434,23 @@ pub(super) fn unix_ms() -> u64 {
 /// any two statements).
 pub(super) fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bounded_queue_admits_jobs_below_its_bound_only() {
+        let bound = QueueBound::new(Some(2));
+        assert!(bound.admits(0) && bound.admits(1));
+        assert!(!bound.admits(2), "at the bound: refused");
+        assert!(!bound.admits(7));
+        assert!(bound.full.load(Ordering::Relaxed));
+        assert!(bound.admits(1), "room again");
+        assert!(!bound.full.load(Ordering::Relaxed));
+        let unbounded = QueueBound::new(None);
+        assert!(unbounded.admits(usize::MAX - 1));
+        assert_eq!(unbounded.max(), None);
+    }
 }

@@ -80,6 +80,7 @@ impl Recorder {
                     assert!(out.reason.is_none(), "Finished twice");
                     out.reason = Some(reason);
                 }
+                EventKind::RoomReserved { .. } => panic!("room reserved for a plain request"),
             }
         }
     }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use async_nats::Subscriber;
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    self, GenerateJob, KvPeer, KvRelease, KvTransferStats, StreamMessage,
+    self, GenerateJob, KvPeer, KvPullStats, KvRelease, KvTransferStats, StreamMessage,
 };
 use tandem_protocol::subjects::CONTEXT_QUEUE_GROUP;
 use tokio::sync::mpsc;
@@ -151,7 +151,7 @@ impl ContextRole {
                         top_logprobs.clone(),
                         true,
                     )),
-                    EventKind::Finished { .. } => None,
+                    EventKind::Finished { .. } | EventKind::RoomReserved { .. } => None,
                 });
                 let exported = self
                     .exporter
@@ -357,11 +357,19 @@ impl Role for ContextRole {
         locked(&self.backlog).len() + usize::from(!locked(&self.ledger).is_empty())
     }
 
+    fn queued(&self) -> usize {
+        locked(&self.backlog).len()
+    }
+
     fn kv_transfer(&self) -> Option<KvTransferStats> {
         Some(locked(&self.ledger).stats())
     }
 
     fn kv_peer(&self) -> Option<KvPeer> {
         Some(self.exporter.kv_peer())
+    }
+
+    fn kv_pull(&self) -> Option<KvPullStats> {
+        None
     }
 }

@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use tandem_protocol::messages::{GenerateJob, KvPeer, KvTransferStats, WorkerRole};
+use tandem_protocol::messages::{GenerateJob, KvPeer, KvPullStats, KvTransferStats, WorkerRole};
 use tandem_protocol::subjects::DECODE_QUEUE_GROUP;
 
 use super::pull::KvPuller;
@@ -67,7 +67,7 @@ impl Role for GenerationRole {
 
     async fn start(self: &Arc<Self>, job: GenerateJob) {
         match job.kv.clone() {
-            Some(handle) => self.puller.start(&self.worker, job, handle),
+            Some(handle) => self.puller.start(&self.worker, job, handle).await,
             None => {
                 let request = generation_request(&job, &self.worker.model_stop_ids);
                 self.worker
@@ -85,11 +85,20 @@ impl Role for GenerationRole {
         self.puller.in_progress()
     }
 
+    /// Decode jobs waiting for room are in the engine (reservations), counted there.
+    fn queued(&self) -> usize {
+        0
+    }
+
     fn kv_transfer(&self) -> Option<KvTransferStats> {
         None
     }
 
     fn kv_peer(&self) -> Option<KvPeer> {
         self.advertises_kv_peer.then(|| self.puller.kv_peer())
+    }
+
+    fn kv_pull(&self) -> Option<KvPullStats> {
+        Some(self.puller.stats(&self.worker.engine))
     }
 }

@@ -20,7 +20,7 @@ mod pull;
 
 use std::sync::Arc;
 
-use tandem_protocol::messages::{GenerateJob, KvPeer, KvTransferStats};
+use tandem_protocol::messages::{GenerateJob, KvPeer, KvPullStats, KvTransferStats};
 
 pub(super) use context::ContextRole;
 pub(super) use generation::GenerationRole;
@@ -92,9 +92,16 @@ pub(super) trait Role: Send + Sync + 'static {
     /// exports not yet released): the drain waits until there is none.
     fn held(&self) -> usize;
 
+    /// Jobs the role holds outside the engine that have not started (prefills waiting for
+    /// export room): part of the worker's queue.
+    fn queued(&self) -> usize;
+
     /// The heartbeat's `kv_transfer` (a context worker's exports).
     fn kv_transfer(&self) -> Option<KvTransferStats>;
 
     /// The heartbeat's `kv_peer` (how this worker reads and writes K/V transfers).
     fn kv_peer(&self) -> Option<KvPeer>;
+
+    /// The heartbeat's `kv_pull` (a generation worker's pulls).
+    fn kv_pull(&self) -> Option<KvPullStats>;
 }

@@ -1,33 +1,54 @@
-//! The decode side of a disaggregated request: a job with a KV handle is pulled over the
-//! transport the handle names and imported into the engine. When the pull fails, the prompt is
-//! prefilled locally with the handle's seed (same tokens as the context worker's would have
-//! continued into); a layout that does not match this engine's is an error to the client,
-//! never garbage. The context worker is told to release its export either way.
+//! The decode side of a disaggregated request: a job with a KV handle waits for room in the
+//! engine, then its K/V is pulled over the transport the handle names and written into the
+//! room reserved for it. When the pull fails, the prompt is prefilled locally with the
+//! handle's seed (same tokens as the context worker's would have continued into); a layout
+//! that does not match this engine's is an error to the client, never garbage. The context
+//! worker is told to release its export either way.
 //!
-//! A pull's cancellation is a [`CancelToken`]: a cancel sets it, and the pull's task reads it
-//! once the transfer is over (a transfer in flight is not interrupted: the release must still
-//! go out, and the memory it writes must stay valid until it ends). A cancelled pull answers
-//! `finished` (`cancelled`) instead of generating; one cancelled while its request is handed to
-//! the engine has that request cancelled.
+//! Room first, then the pull: the job is queued in the engine as a reservation
+//! ([`crate::engine::Engine::reserve_import`]); in arrival order with other imports, once a
+//! sequence slot and the prompt's blocks are free they are reserved for it, and only then is
+//! the K/V read. So this worker never holds more pulled K/V than its cache has room for (no
+//! pull parks memory of its own waiting for blocks), and pulls that wait count in its queue
+//! (`queued`, bounded by `--max-queued-requests`). The wait is bounded by the export's expiry:
+//! a job still without room shortly before it becomes a local prefill, queued in the engine
+//! like any other (no memory held until it is admitted).
+//!
+//! A pull's cancellation: a cancel reaches the engine request (the reservation) through the
+//! worker, and sets the pull's [`CancelToken`], which skips a pull not yet started (a transfer
+//! in flight is not interrupted: the release must still go out, and the memory it writes must
+//! stay valid until it ends). The engine ends the request with `finished` (`cancelled`), and
+//! K/V that arrives after that is dropped.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_protocol::messages::{
-    self, GenerateJob, KvHandle, KvLayoutSpec, KvPeer, KvRelease, KvTransportKind, PullOutcome,
-    StreamMessage, Usage as WireUsage,
+    self, GenerateJob, KvHandle, KvLayoutSpec, KvPeer, KvPullStats, KvRelease, KvTransportKind,
+    PullOutcome, StreamMessage,
 };
+use tokio::sync::mpsc;
 
 use super::KvTransports;
 use super::export::layout_spec;
-use crate::engine::ImportedPrefill;
+use crate::backend::{KvBuffer, KvBytes, KvBytesMut};
+use crate::engine::{EngineEvent, EngineHandle, EventKind, ImportedPrefill, RequestId};
 use crate::sampler::SampledToken;
 use crate::serve::bus::BusSettings;
 use crate::serve::job::generation_request;
 use crate::serve::worker::{Identity, Worker, locked, publish_bounded, unix_ms};
 use crate::transfer::{PulledKv, RemoteKv, TransferError};
+
+/// Fault tests set this to N: each pull starts N ms after its room is reserved, so a test can
+/// act between `kv_ready` and the pull (kill the context worker). Unset in production.
+pub const DELAY_PULL_VAR: &str = "TANDEM_TEST_DELAY_PULL_MS";
+
+/// Of the time a job's export has left when it arrives, what is kept for the pull itself: the
+/// wait for room ends this long before the export expires (or halfway, for an export that
+/// has less than twice this left).
+const PULL_TIME_RESERVE: Duration = Duration::from_secs(2);
 
 /// Set once to cancel a pull; clones share it.
 #[derive(Clone, Default)]
@@ -43,6 +64,68 @@ impl CancelToken {
     }
 }
 
+/// Pulled K/V not yet in the cache: how many blocks, and the most at once. Each pull holds a
+/// [`HeldKv`] from the start of its transfer until the engine has written it (or the pull
+/// failed), so this counts what the worker holds outside its cache.
+#[derive(Default)]
+struct HeldBlocks {
+    pulls: AtomicUsize,
+    blocks: AtomicUsize,
+    peak_blocks: AtomicUsize,
+}
+
+impl HeldBlocks {
+    fn hold(self: &Arc<Self>, blocks: usize) -> HeldGuard {
+        self.pulls.fetch_add(1, Ordering::AcqRel);
+        let now = self.blocks.fetch_add(blocks, Ordering::AcqRel) + blocks;
+        self.peak_blocks.fetch_max(now, Ordering::AcqRel);
+        HeldGuard {
+            held: Arc::clone(self),
+            blocks,
+        }
+    }
+}
+
+/// One pull's part of [`HeldBlocks`], given back when dropped.
+#[derive(Debug)]
+struct HeldGuard {
+    held: Arc<HeldBlocks>,
+    blocks: usize,
+}
+
+impl std::fmt::Debug for HeldBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldBlocks")
+            .field("blocks", &self.blocks.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        self.held.pulls.fetch_sub(1, Ordering::AcqRel);
+        self.held.blocks.fetch_sub(self.blocks, Ordering::AcqRel);
+    }
+}
+
+/// Pulled K/V on its way into the cache, counted as held until the engine drops it (after
+/// writing it into the reserved blocks, or when its request has ended).
+#[derive(Debug)]
+struct HeldKv {
+    kv: PulledKv,
+    _held: HeldGuard,
+}
+
+impl KvBuffer for HeldKv {
+    fn bytes(&self) -> KvBytes<'_> {
+        self.kv.bytes()
+    }
+
+    fn bytes_mut(&mut self) -> KvBytesMut<'_> {
+        KvBuffer::bytes_mut(&mut self.kv)
+    }
+}
+
 /// Pulls handles' K/V into this worker's engine, and knows the pulls in progress.
 pub(in crate::serve) struct KvPuller {
     /// Host-memory transfers (UCX); device-to-device ones from GPU context workers of this
@@ -51,21 +134,27 @@ pub(in crate::serve) struct KvPuller {
     /// Whether this worker advertises CUDA IPC reads: it has a pool, and no read of a CUDA IPC
     /// export has failed.
     cuda_ipc_reads: AtomicBool,
-    /// The pulls in progress, by bus request id.
+    /// The decode jobs in progress (waiting for room, pulling), by bus request id.
     in_progress: Mutex<HashMap<String, CancelToken>>,
+    held: Arc<HeldBlocks>,
+    /// [`DELAY_PULL_VAR`].
+    test_delay: Option<Duration>,
 }
 
 /// How a pull ended.
 enum Pull {
-    Pulled(PulledKv),
-    /// The handle's layout is not this engine's: no fallback can help.
-    LayoutMismatch(String),
+    /// With the K/V (held until the engine has written it) and how long it took.
+    Pulled {
+        kv: PulledKv,
+        held: HeldGuard,
+        micros: u64,
+    },
     /// The transfer failed: prefill locally.
     Failed(TransferError),
 }
 
-/// A pull's entry among those in progress, removed when its task drops this: once the
-/// request is in the engine (or answered), so the drain counts it throughout.
+/// A decode job's entry among those in progress, removed when its task drops this: once its
+/// K/V is handed to the engine (or it is answered), so the drain counts it throughout.
 struct Registration {
     puller: Arc<KvPuller>,
     request_id: String,
@@ -78,32 +167,103 @@ impl Drop for Registration {
     }
 }
 
+/// A decode job queued in the engine for room.
+struct Queued {
+    job: GenerateJob,
+    handle: KvHandle,
+    engine_id: RequestId,
+    events: mpsc::UnboundedReceiver<EngineEvent>,
+    registration: Registration,
+}
+
 impl KvPuller {
     pub fn new(settings: &BusSettings) -> Self {
+        let test_delay = std::env::var(DELAY_PULL_VAR)
+            .ok()
+            .and_then(|ms| ms.trim().parse().ok())
+            .map(|ms| {
+                tracing::warn!("{DELAY_PULL_VAR}={ms}: every KV pull starts {ms} ms late");
+                Duration::from_millis(ms)
+            });
         Self {
             kv: KvTransports::new(settings),
             cuda_ipc_reads: AtomicBool::new(settings.cuda_ipc.is_some()),
             in_progress: Mutex::new(HashMap::new()),
+            held: Arc::default(),
+            test_delay,
         }
     }
 
-    /// Pulls a handle's K/V and imports it on a task of its own; on a failed pull, prefills
-    /// locally with the handle's seed (same tokens). Releases the context worker's export
+    /// Starts a decode job: checks its handle, queues it in the engine for room (at once, so
+    /// the next job finds it in the queue), and pulls and imports it on a task of its own once
+    /// the room is reserved. A handle that cannot be read is a local prefill with its seed;
+    /// one of another model or layout, an error. The context worker's export is released
     /// either way.
-    pub fn start(self: &Arc<Self>, worker: &Arc<Worker>, job: GenerateJob, handle: KvHandle) {
+    pub async fn start(self: &Arc<Self>, worker: &Arc<Worker>, job: GenerateJob, handle: KvHandle) {
+        let mut request = generation_request(&job, &worker.model_stop_ids);
+        request.sampling.seed = Some(handle.seed);
+        let own = layout_spec(&self.kv.layout);
+        let mismatch = model_mismatch(&handle, &worker.identity).or_else(|| {
+            (handle.layout != own).then(|| {
+                format!(
+                    "KV layout mismatch: context worker {} has {:?}, decode worker {} has {:?} \
+                     (both must serve the same model with the same block size and KV dtype)",
+                    handle.worker_id, handle.layout, worker.identity.worker_id, own
+                )
+            })
+        });
+        if let Some(mismatch) = mismatch {
+            tracing::error!(request_id = job.request_id, "{mismatch}");
+            publish_release(worker, &handle, &job.request_id).await;
+            worker
+                .publish(
+                    job.stream_subject.clone(),
+                    &StreamMessage::Error { message: mismatch },
+                )
+                .await;
+            return;
+        }
+        if let Err(reason) = check_handle(&handle, &own, job.prompt_ids.len()) {
+            publish_release(worker, &handle, &job.request_id).await;
+            let error = TransferError::InvalidHandle(reason);
+            fell_back(worker, &job, &handle, &error).await;
+            worker
+                .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
+                .await;
+            return;
+        }
+        let submitted = worker.submit(&job.request_id, |engine, sink| {
+            engine.reserve_import_with_sink(request, sink)
+        });
+        let (engine_id, events) = match submitted {
+            Ok(submitted) => submitted,
+            Err(e) => {
+                publish_release(worker, &handle, &job.request_id).await;
+                worker.refuse(&job, &e).await;
+                return;
+            }
+        };
+        tracing::debug!(
+            request_id = job.request_id,
+            engine_id,
+            prompt_tokens = job.prompt_ids.len(),
+            "decode job queued for room in the KV cache"
+        );
         let token = CancelToken::default();
         locked(&self.in_progress).insert(job.request_id.clone(), token.clone());
-        let registration = Registration {
-            puller: Arc::clone(self),
-            request_id: job.request_id.clone(),
-            token,
+        let queued = Queued {
+            registration: Registration {
+                puller: Arc::clone(self),
+                request_id: job.request_id.clone(),
+                token,
+            },
+            job,
+            handle,
+            engine_id,
+            events,
         };
         let (puller, worker) = (Arc::clone(self), Arc::clone(worker));
-        tokio::spawn(async move {
-            puller
-                .pull_and_start(&worker, job, handle, registration)
-                .await
-        });
+        tokio::spawn(async move { puller.pull_when_room(&worker, queued).await });
     }
 
     /// Cancels the pull of `request_id`, if one is in progress.
@@ -113,7 +273,7 @@ impl KvPuller {
         }
     }
 
-    /// Pulls in progress.
+    /// Decode jobs in progress (waiting for room, or pulling).
     pub fn in_progress(&self) -> usize {
         locked(&self.in_progress).len()
     }
@@ -126,53 +286,110 @@ impl KvPuller {
         }
     }
 
-    async fn pull_and_start(
-        &self,
-        worker: &Worker,
-        job: GenerateJob,
-        handle: KvHandle,
-        registration: Registration,
-    ) {
-        let started = Instant::now();
-        let own = layout_spec(&self.kv.layout);
-        let pull = if let Some(mismatch) = model_mismatch(&handle, &worker.identity) {
-            Pull::LayoutMismatch(mismatch)
-        } else if handle.layout != own {
-            Pull::LayoutMismatch(format!(
-                "KV layout mismatch: context worker {} has {:?}, decode worker {} has {:?} \
-                 (both must serve the same model with the same block size and KV dtype)",
-                handle.worker_id, handle.layout, worker.identity.worker_id, own
-            ))
-        } else if let Err(reason) = check_handle(&handle, &own, job.prompt_ids.len()) {
-            Pull::Failed(TransferError::InvalidHandle(reason))
+    /// The heartbeat's `kv_pull`.
+    pub fn stats(&self, engine: &EngineHandle) -> KvPullStats {
+        KvPullStats {
+            waiting: engine.imports_waiting() as u32,
+            in_flight: self.held.pulls.load(Ordering::Relaxed) as u32,
+            waited: engine.imports_waited(),
+            peak_held_blocks: self.held.peak_blocks.load(Ordering::Relaxed) as u32,
+        }
+    }
+
+    /// Waits for the engine to reserve the job's room (bounded by the export's expiry), pulls
+    /// the K/V into it, and forwards the request's events; on a failed pull, or no room in
+    /// time, the prompt is prefilled here instead.
+    async fn pull_when_room(&self, worker: &Worker, queued: Queued) {
+        let Queued {
+            job,
+            handle,
+            engine_id,
+            mut events,
+            registration,
+        } = queued;
+        let left = Duration::from_millis(handle.expires_unix_ms.saturating_sub(unix_ms()));
+        let wait = if left >= 2 * PULL_TIME_RESERVE {
+            left - PULL_TIME_RESERVE
         } else {
-            match self.pull(&handle).await {
-                Ok(kv) => Pull::Pulled(kv),
-                Err(e) => Pull::Failed(e),
+            left / 2
+        };
+        let waited = Instant::now();
+        let blocks = match tokio::time::timeout(wait, events.recv()).await {
+            Ok(Some(EngineEvent {
+                kind: EventKind::RoomReserved { blocks },
+                ..
+            })) => blocks,
+            // Ended before it had room: cancelled, refused, or the engine stopped.
+            Ok(first) => {
+                publish_release(worker, &handle, &job.request_id).await;
+                worker
+                    .forward(&job, events, first.into_iter().collect())
+                    .await;
+                return;
+            }
+            Err(_) => {
+                let error = TransferError::Unavailable(format!(
+                    "no room in the KV cache within {} ms, before the export expires",
+                    wait.as_millis()
+                ));
+                publish_release(worker, &handle, &job.request_id).await;
+                fell_back(worker, &job, &handle, &error).await;
+                if let Err(e) = worker.engine.prefill_reserved(engine_id) {
+                    tracing::warn!(request_id = job.request_id, "local prefill: {e}");
+                }
+                worker.forward(&job, events, Vec::new()).await;
+                return;
             }
         };
-        let micros = started.elapsed().as_micros() as u64;
-        publish_release(worker, &handle, &job.request_id).await;
-        let stream = job.stream_subject.clone();
-        if registration.token.is_cancelled() {
-            worker
-                .publish(
-                    stream,
-                    &StreamMessage::Finished {
-                        reason: messages::FinishReason::Cancelled,
-                        usage: WireUsage {
-                            prompt_tokens: job.prompt_ids.len() as u32,
-                            completion_tokens: 0,
-                        },
-                    },
-                )
+        tracing::debug!(
+            request_id = job.request_id,
+            blocks,
+            waited_ms = waited.elapsed().as_millis() as u64,
+            "room reserved: pulling"
+        );
+        if !registration.token.is_cancelled() {
+            if let Some(delay) = self.test_delay {
+                tracing::warn!(
+                    request_id = job.request_id,
+                    "{DELAY_PULL_VAR}: pulling in {} ms",
+                    delay.as_millis()
+                );
+                tokio::time::sleep(delay).await;
+            }
+            let held = self.held.hold(blocks);
+            let started = Instant::now();
+            let pull = match self.pull(&handle).await {
+                Ok(kv) => Pull::Pulled {
+                    kv,
+                    held,
+                    micros: started.elapsed().as_micros() as u64,
+                },
+                Err(e) => {
+                    drop(held);
+                    Pull::Failed(e)
+                }
+            };
+            publish_release(worker, &handle, &job.request_id).await;
+            self.hand_over(worker, (&job, &handle, engine_id), pull)
                 .await;
-            return;
+        } else {
+            // The engine has the cancel too: its `finished` follows.
+            publish_release(worker, &handle, &job.request_id).await;
         }
-        let mut request = generation_request(&job, &worker.model_stop_ids);
-        request.sampling.seed = Some(handle.seed);
-        match pull {
-            Pull::Pulled(kv) => {
+        drop(registration);
+        worker.forward(&job, events, Vec::new()).await;
+    }
+
+    /// Hands a pull's outcome to the engine: the K/V into the reserved room, or (a failed
+    /// pull) a local prefill there with the handle's seed.
+    async fn hand_over(
+        &self,
+        worker: &Worker,
+        (job, handle, engine_id): (&GenerateJob, &KvHandle, RequestId),
+        pull: Pull,
+    ) {
+        let handed = match pull {
+            Pull::Pulled { kv, held, micros } => {
                 tracing::debug!(
                     request_id = job.request_id,
                     bytes = kv.len(),
@@ -182,7 +399,7 @@ impl KvPuller {
                 );
                 worker
                     .publish(
-                        stream,
+                        job.stream_subject.clone(),
                         &StreamMessage::KvPulled {
                             worker_id: worker.identity.worker_id.clone(),
                             bytes: kv.len() as u64,
@@ -194,7 +411,7 @@ impl KvPuller {
                     )
                     .await;
                 let prefill = ImportedPrefill {
-                    kv: Box::new(kv),
+                    kv: Box::new(HeldKv { kv, _held: held }),
                     num_tokens: handle.num_tokens as usize,
                     first_token: SampledToken {
                         id: handle.first_token.id,
@@ -202,45 +419,19 @@ impl KvPuller {
                         top_logprobs: handle.first_token.top_logprobs.clone(),
                     },
                 };
-                worker
-                    .start_request(&job, |engine, sink| {
-                        engine.import_with_sink(request, prefill, sink)
-                    })
-                    .await;
-            }
-            Pull::LayoutMismatch(mismatch) => {
-                tracing::error!(request_id = job.request_id, "{mismatch}");
-                worker
-                    .publish(stream, &StreamMessage::Error { message: mismatch })
-                    .await;
+                worker.engine.import_reserved(engine_id, prefill)
             }
             Pull::Failed(e) => {
-                tracing::warn!(
-                    request_id = job.request_id,
-                    context_worker = handle.worker_id,
-                    "KV pull failed, prefilling locally: {e}"
-                );
-                worker
-                    .publish(
-                        stream,
-                        &StreamMessage::KvPulled {
-                            worker_id: worker.identity.worker_id.clone(),
-                            bytes: 0,
-                            micros: 0,
-                            outcome: PullOutcome::Fallback {
-                                reason: e.to_string(),
-                            },
-                        },
-                    )
-                    .await;
-                worker
-                    .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
-                    .await;
+                fell_back(worker, job, handle, &e).await;
+                worker.engine.prefill_reserved(engine_id)
             }
-        }
-        // A cancel that came while `kv_pulled` was going out found no engine request yet.
-        if registration.token.is_cancelled() {
-            worker.cancel(&job.request_id);
+        };
+        // The engine stopped: the forwarder reports it when the request's events end.
+        if let Err(e) = handed {
+            tracing::warn!(
+                request_id = job.request_id,
+                "handing the pull to the engine: {e}"
+            );
         }
     }
 
@@ -401,6 +592,29 @@ fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> 
     Ok(())
 }
 
+/// Says that the decode worker prefills the prompt itself (`kv_pulled` with a fallback), and
+/// why, in the log.
+async fn fell_back(worker: &Worker, job: &GenerateJob, handle: &KvHandle, error: &TransferError) {
+    tracing::warn!(
+        request_id = job.request_id,
+        context_worker = handle.worker_id,
+        "KV pull failed, prefilling locally: {error}"
+    );
+    worker
+        .publish(
+            job.stream_subject.clone(),
+            &StreamMessage::KvPulled {
+                worker_id: worker.identity.worker_id.clone(),
+                bytes: 0,
+                micros: 0,
+                outcome: PullOutcome::Fallback {
+                    reason: error.to_string(),
+                },
+            },
+        )
+        .await;
+}
+
 /// Tells the context worker that exported `handle` to free it.
 async fn publish_release(worker: &Worker, handle: &KvHandle, request_id: &str) {
     let release = KvRelease {
@@ -440,6 +654,7 @@ mod tests {
             device: "cpu".into(),
             total_kv_blocks: 8,
             heartbeat: Duration::from_secs(1),
+            max_running: 4,
         };
         assert_eq!(
             model_mismatch(&handle, &own(&handle.model_fingerprint)),
