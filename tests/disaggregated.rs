@@ -4,6 +4,9 @@
 //! - `tandem serve -c` with 2 context + 1 decode workers: 32 concurrent requests of mixed
 //!   prompt lengths, greedy and seeded, each equal to `worker generate`; /metrics shows the
 //!   bytes UCX moved.
+//! - A decode worker whose KV cache holds one long prompt at a time, and several long requests
+//!   at once: each decode job waits for room before its pull, every text equals
+//!   `worker generate`'s, and the pulled K/V held outside the cache never exceeded it.
 //! - Faults, each bounded in time: a decode worker killed mid-stream (the client gets an error,
 //!   the context worker's exports are freed); a client that disconnects before its first token
 //!   (its prefill stops, so a later request is not held up behind it).
@@ -325,4 +328,121 @@ fn a_client_gone_before_its_first_token_stops_its_prefill() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Four long disaggregated requests at once on a decode worker whose KV cache (512 tokens, 32
+/// blocks) holds one of their prompts (about 370 tokens, 24 blocks) at a time: each decode job
+/// waits for room in the cache before its pull (none falls back to a local prefill), every
+/// request has the text and usage `worker generate` gives it, and the most K/V the decode
+/// worker held pulled but not yet in its cache stayed within its cache (pulling every hand-over
+/// at once would have held 4 prompts, 96 blocks).
+#[test]
+fn a_decode_worker_with_a_small_kv_cache_pulls_each_prompt_only_into_room_it_has() {
+    // The longest prompts of `prompt`, greedy and seeded.
+    const REQUESTS: [usize; 4] = [4, 9, 14, 19];
+    const MAX_TOKENS: u32 = 24;
+    const BLOCK_TOKENS: u64 = 16;
+    let nats = Nats::start();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    let _context = support::start_worker_as(&nats, &model_dir(MODEL), "context", "ctx", &[]);
+    let _decode = support::start_worker_as(
+        &nats,
+        &model_dir(MODEL),
+        "decode",
+        "dec",
+        &["--kv-cache-tokens", "512"],
+    );
+    let http = &api.http;
+    http.wait_for_role("context", 1, Duration::from_secs(30));
+    http.wait_for_role("decode", 1, Duration::from_secs(30));
+    let references: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = REQUESTS
+            .iter()
+            .map(|&i| scope.spawn(move || reference(i, MAX_TOKENS)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    let results: Vec<(support::Streamed, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = REQUESTS
+            .iter()
+            .map(|&i| {
+                scope.spawn(move || {
+                    let mut usage = Value::Null;
+                    let (status, events) =
+                        http.post_stream("/v1/chat/completions", &chat(i, MAX_TOKENS), |e| {
+                            if !e["usage"].is_null() {
+                                usage = e["usage"].clone();
+                            }
+                        });
+                    assert_eq!(status, 200, "request {i}");
+                    (collect_stream(&events), usage)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut smallest_prompt_blocks = u64::MAX;
+    for (((streamed, usage), reference), i) in results.iter().zip(&references).zip(REQUESTS) {
+        assert_eq!(streamed.text, reference["text"], "request {i}");
+        let prompt_tokens = reference["prompt_ids"].as_array().unwrap().len();
+        assert_eq!(usage["prompt_tokens"], prompt_tokens, "request {i}");
+        assert_eq!(
+            usage["completion_tokens"],
+            reference["output_ids"].as_array().unwrap().len(),
+            "request {i}"
+        );
+        smallest_prompt_blocks =
+            smallest_prompt_blocks.min((prompt_tokens as u64).div_ceil(BLOCK_TOKENS));
+    }
+
+    // The decode worker's heartbeat after the run: idle, with its pull counts.
+    let dec = "\"dec\"";
+    let start = Instant::now();
+    let metrics = loop {
+        let metrics = http.get("/metrics").body;
+        let free = metric(&metrics, "tandem_worker_free_kv_blocks", dec);
+        let total = metric(&metrics, "tandem_worker_total_kv_blocks", dec);
+        if free.is_some()
+            && free == total
+            && metric(&metrics, "tandem_worker_running", dec) == Some(0.0)
+        {
+            break metrics;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "decode worker not idle:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let total = metric(&metrics, "tandem_worker_total_kv_blocks", dec).unwrap();
+    assert_eq!(total, 32.0);
+    assert!(
+        2 * smallest_prompt_blocks > total as u64,
+        "two prompts ({smallest_prompt_blocks} blocks each) must not fit at once"
+    );
+    let peak = metric(&metrics, "tandem_kv_pull_peak_held_blocks", dec).expect("pull stats");
+    assert!(
+        peak >= smallest_prompt_blocks as f64 && peak <= total,
+        "the most pulled K/V held outside the cache: {peak} blocks, cache {total}\n{metrics}"
+    );
+    let waited = metric(&metrics, "tandem_kv_pulls_waited_total", dec).unwrap_or(0.0);
+    assert!(
+        waited >= 1.0,
+        "decode jobs waited for room: {waited}\n{metrics}"
+    );
+    assert_eq!(metric(&metrics, "tandem_kv_pulls_waiting", dec), Some(0.0));
+    let pulled = metric(&metrics, "tandem_kv_transfers_total", "\"ucx\"").unwrap_or(0.0);
+    assert_eq!(
+        pulled,
+        REQUESTS.len() as f64,
+        "every prompt was pulled\n{metrics}"
+    );
+    let fallbacks = metric(
+        &metrics,
+        "tandem_kv_transfer_fallbacks_total",
+        "pull_failed",
+    );
+    assert_eq!(fallbacks, Some(0.0), "{metrics}");
+    eprintln!("{waited} decode jobs waited for room; at most {peak} of {total} blocks held pulled");
 }

@@ -4,8 +4,14 @@
 //! - A decode worker killed (-9) mid-stream with several streams in flight: every stream it
 //!   served moves to the other decode worker and completes with exactly the text of an
 //!   undisturbed run (greedy and seeded), usage counted once.
-//! - A context worker killed (-9) during a prefill: the request is prefilled by its decode
-//!   worker instead and completes with the undisturbed text.
+//! - A context worker killed (-9) during a prefill, or between its `kv_ready` and the decode
+//!   worker's pull: the request is prefilled by its decode worker instead and completes with
+//!   the undisturbed text.
+//! - Overload past the admission bounds (two api-servers with small `--max-pending-requests`
+//!   in front of one worker with a small `--max-queued-requests`): the requests that do not
+//!   fit get 429 with `Retry-After` (refused by an api-server's bound, by its router, or by the
+//!   worker itself), every accepted one completes with the undisturbed text, and the
+//!   deployment serves normally after.
 //! - Clients that half-close (FIN) or reset (RST) their connection, streaming or not, before
 //!   or after their first token: the worker's running sequences and KV blocks are back to
 //!   idle within 2 s.
@@ -199,6 +205,238 @@ fn a_context_worker_killed_during_its_prefill_costs_a_retry_not_an_error() {
         Some(1.0),
         "{metrics}"
     );
+}
+
+#[test]
+fn a_context_worker_killed_between_kv_ready_and_the_pull_costs_a_retry_not_an_error() {
+    let nats = Nats::start();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    // Its exports expire in 5 s: a pull from it once it is dead fails within that.
+    let mut context = support::start_worker_as(
+        &nats,
+        &model_dir(MODEL),
+        "context",
+        "ctx",
+        &["--kv-transfer-timeout-ms", "5000"],
+    );
+    // Each pull starts 1.5 s after the decode worker has room for it: the window to kill in.
+    let spec = WorkerSpec {
+        role: "decode",
+        worker_id: "dec",
+        served_model_name: support::SERVED_NAME,
+        threads: 2,
+        heartbeat_ms: 250,
+        extra: &[],
+    };
+    let mut command = spec.command(&nats.url, &model_dir(MODEL));
+    command.env("TANDEM_TEST_DELAY_PULL_MS", "1500");
+    let mut decode = Proc::spawn("dec", command);
+    decode.wait_for_line("joined the deployment", Duration::from_secs(60));
+    let http = &api.http;
+    http.wait_for_role("context", 1, Duration::from_secs(30));
+    http.wait_for_role("decode", 1, Duration::from_secs(30));
+    let request = chat(1, 16);
+    let (reference, reference_usage) = stream(http, &request, &AtomicUsize::new(0));
+    let metrics = http.get("/metrics").body;
+    assert_eq!(
+        sample(&metrics, "tandem_kv_transfers_total{transport=\"ucx\"}"),
+        Some(1.0),
+        "the undisturbed run pulled its K/V\n{metrics}"
+    );
+
+    let delayed = "TANDEM_TEST_DELAY_PULL_MS: pulling in";
+    let in_flight = {
+        let http = http.clone();
+        std::thread::spawn(move || stream(&http, &request, &AtomicUsize::new(0)))
+    };
+    // The context worker has answered kv_ready and the decode worker has room: kill now.
+    let start = Instant::now();
+    while decode.count_lines(delayed) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the decode job never got room:\n{}",
+            decode.output()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    context.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    let (text, usage) = in_flight.join().expect("stream thread");
+    let took = killed.elapsed();
+    assert_eq!(text, reference, "the undisturbed text");
+    assert_eq!(usage, reference_usage, "usage counted once");
+    assert!(context.try_wait().is_some(), "the context worker is dead");
+    let metrics = http.get("/metrics").body;
+    assert_eq!(
+        sample(
+            &metrics,
+            "tandem_kv_transfer_fallbacks_total{reason=\"pull_failed\"}"
+        ),
+        Some(1.0),
+        "the failed pull became a local prefill\n{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "tandem_requests_total", "outcome=\"success\""),
+        Some(2.0),
+        "{metrics}"
+    );
+    eprintln!("the request completed {took:?} after the context worker was killed");
+}
+
+/// A streamed or not streamed chat's outcome: 200 and its text, or another status, its
+/// `Retry-After` and its body.
+#[derive(Debug)]
+enum Answer {
+    Text(String),
+    Refused {
+        status: u16,
+        retry_after: Option<String>,
+        body: String,
+    },
+}
+
+fn answer(http: &Http, request: &Value) -> Answer {
+    let reply = http.post("/v1/chat/completions", request);
+    if reply.status != 200 {
+        return Answer::Refused {
+            status: reply.status,
+            retry_after: reply.header("retry-after").map(str::to_owned),
+            body: reply.body,
+        };
+    }
+    if request["stream"] == true {
+        let events: Vec<Value> = reply
+            .body
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter(|data| *data != "[DONE]")
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect();
+        Answer::Text(collect_stream(&events).text)
+    } else {
+        Answer::Text(
+            reply.json()["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        )
+    }
+}
+
+#[test]
+fn overload_past_the_admission_bounds_gets_429_and_every_accepted_request_completes() {
+    let nats = Nats::start();
+    // Two api-servers, each holding 5 requests at most, in front of one worker that runs 2 and
+    // queues 2: each api-server's router sends it 4 at most, so together they send it up to 8,
+    // and the worker refuses what does not fit.
+    let bounded = |nats: &Nats| {
+        ApiServer::start(
+            nats,
+            &model_dir(MODEL),
+            support::SERVED_NAME,
+            &["--worker-timeout-ms", "1500", "--max-pending-requests", "5"],
+        )
+    };
+    let apis = [bounded(&nats), bounded(&nats)];
+    let worker = support::start_worker(
+        &nats,
+        &model_dir(MODEL),
+        "w",
+        &["--max-num-seqs", "2", "--max-queued-requests", "2"],
+    );
+    for api in &apis {
+        api.http.wait_for_workers(1, Duration::from_secs(30));
+    }
+    let request = |i: usize| {
+        json!({
+            "messages": [{"role": "user", "content": format!("Write a story about {}.", ["ships", "owls"][i % 2])}],
+            "max_tokens": 16, "ignore_eos": true, "temperature": 0, "stream": i % 4 < 2,
+        })
+    };
+    let references: Vec<String> = (0..2)
+        .map(|i| match answer(&apis[0].http, &request(i)) {
+            Answer::Text(text) => text,
+            refused => panic!("{refused:?}"),
+        })
+        .collect();
+
+    const PER_SERVER: usize = 7;
+    let barrier = std::sync::Barrier::new(2 * PER_SERVER);
+    let answers: Vec<(usize, Answer)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2 * PER_SERVER)
+            .map(|i| {
+                let (http, barrier, request) = (&apis[i % 2].http, &barrier, request(i / 2));
+                scope.spawn(move || {
+                    barrier.wait();
+                    (i / 2, answer(http, &request))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut served = 0;
+    let mut refused = 0;
+    for (i, answer) in &answers {
+        match answer {
+            Answer::Text(text) => {
+                assert_eq!(text, &references[i % 2], "request {i}");
+                served += 1;
+            }
+            Answer::Refused {
+                status,
+                retry_after,
+                body,
+            } => {
+                assert_eq!(*status, 429, "{body}");
+                assert_eq!(retry_after.as_deref(), Some("1"), "{body}");
+                let body: Value = serde_json::from_str(body).unwrap();
+                assert_eq!(body["error"]["code"], "overloaded", "{body}");
+                refused += 1;
+            }
+        }
+    }
+    // The worker holds 4 at once: the others were refused, by an api-server's bound (2 of each
+    // one's 7), its router (its count of the worker's queue) or the worker.
+    assert!(
+        (2..=4).contains(&served),
+        "{served} served, {refused} refused: {answers:?}"
+    );
+    let mut overloaded = 0.0;
+    let mut rejected = 0.0;
+    for api in &apis {
+        let metrics = api.http.get("/metrics").body;
+        overloaded +=
+            metric(&metrics, "tandem_requests_total", "outcome=\"overloaded\"").unwrap_or(0.0);
+        rejected +=
+            sample(&metrics, "tandem_jobs_rejected_total{pool=\"generation\"}").unwrap_or(0.0);
+    }
+    assert_eq!(overloaded, refused as f64, "every 429 counted");
+    assert!(
+        rejected >= 1.0 && worker.count_lines("queue full: refusing jobs") >= 1,
+        "the worker refused jobs itself: {rejected} counted\n{}",
+        worker.output()
+    );
+    // And both serve normally after.
+    for api in &apis {
+        let start = Instant::now();
+        loop {
+            match answer(&api.http, &request(1)) {
+                Answer::Text(text) => {
+                    assert_eq!(text, references[1]);
+                    break;
+                }
+                Answer::Refused { status, body, .. } => {
+                    assert_eq!(status, 429, "{body}");
+                    assert!(
+                        start.elapsed() < Duration::from_secs(10),
+                        "still refused: {body}"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+    eprintln!("{served} served, {refused} refused (429), {rejected} by the worker itself");
 }
 
 /// How a test client leaves.

@@ -78,10 +78,11 @@ pub struct WorkerArgs {
     /// Context role: K/V not released by a decode worker within this time is freed.
     #[arg(long, default_value_t = DEFAULT_KV_TRANSFER_TIMEOUT_MS, value_name = "MS")]
     pub kv_transfer_timeout_ms: u64,
-    /// Jobs this worker holds accepted but not started at most (waiting in the engine, decode
-    /// jobs waiting for room in the KV cache, prefills waiting for --max-tokens-in-buffer);
-    /// a job past it is refused, and the api-server sends it to another worker or answers 429.
-    /// Default: 4 x --max-num-seqs. 0: no bound.
+    /// Jobs this worker holds accepted but not started at most, besides those its free
+    /// sequence slots start at once (waiting in the engine, decode jobs waiting for room in
+    /// the KV cache, prefills waiting for --max-tokens-in-buffer); a job past it is refused,
+    /// and the api-server sends it to another worker or answers 429. Default: 4 x
+    /// --max-num-seqs. 0: no bound.
     #[arg(long, env = "TANDEM_MAX_QUEUED_REQUESTS", value_name = "N")]
     pub max_queued_requests: Option<usize>,
     /// Context and decode roles: MiB of host memory mapped once for KV transfers (registered

@@ -44,9 +44,10 @@ pub(super) struct Identity {
 }
 
 /// The bound on a worker's queue: the jobs it has accepted and not started (waiting in the
-/// engine, pulls waiting for room in the KV cache, prefills waiting for export room). A job
-/// that would go past it is refused (`rejected`) instead of growing the queue for as long as
-/// api-servers keep sending: they send it to another worker or answer 429.
+/// engine, pulls waiting for room in the KV cache, prefills waiting for export room), past
+/// those its engine starts at its next step (one per free sequence slot: [`queue_length`]). A
+/// job that would go past it is refused (`rejected`) instead of growing the queue for as long
+/// as api-servers keep sending: they send it to another worker or answer 429.
 pub(super) struct QueueBound {
     /// `None`: no bound.
     max: Option<usize>,
@@ -82,6 +83,19 @@ impl QueueBound {
         }
         admits
     }
+}
+
+/// The queue a new job would join: the engine's requests not started (`engine_queued`) past
+/// its free sequence slots (`max_running - running`: those start at its next step, so a burst
+/// at an idle worker fills its slots before its queue), plus `role_queued` held by the role,
+/// which no free slot starts.
+fn queue_length(
+    engine_queued: usize,
+    running: usize,
+    max_running: usize,
+    role_queued: usize,
+) -> usize {
+    engine_queued.saturating_sub(max_running.saturating_sub(running)) + role_queued
 }
 
 /// What a role adds to a heartbeat.
@@ -149,6 +163,18 @@ impl Worker {
         self.engine.queued_requests() + role_queued
     }
 
+    /// The queue the bound applies to ([`queue_length`]).
+    fn queue_length(&self, role_queued: usize) -> usize {
+        let active = self.engine.active_requests();
+        let running = active - self.engine.waiting_requests().min(active);
+        queue_length(
+            self.engine.queued_requests(),
+            running,
+            self.identity.max_running,
+            role_queued,
+        )
+    }
+
     /// Decodes a job and acknowledges it (`accepted`), or refuses it (`rejected`) when the
     /// queue (`role_queued` of it held by the role) is at its bound; `None` for a refused or
     /// malformed job, or one whose deadline passed before it started. The job is the role's
@@ -162,7 +188,7 @@ impl Worker {
                 return None;
             }
         };
-        if !self.queue.admits(self.queued(role_queued)) {
+        if !self.queue.admits(self.queue_length(role_queued)) {
             tracing::debug!(request_id = job.request_id, "queue full: job refused");
             self.publish(
                 job.stream_subject.clone(),
@@ -452,5 +478,18 @@ mod tests {
         let unbounded = QueueBound::new(None);
         assert!(unbounded.admits(usize::MAX - 1));
         assert_eq!(unbounded.max(), None);
+    }
+
+    #[test]
+    fn free_sequence_slots_are_not_queue() {
+        // An idle engine of 2 slots: the first 2 jobs start at its next step.
+        assert_eq!(queue_length(0, 0, 2, 0), 0);
+        assert_eq!(queue_length(2, 0, 2, 0), 0);
+        assert_eq!(queue_length(3, 0, 2, 0), 1);
+        // Slots taken: every job not started waits.
+        assert_eq!(queue_length(3, 2, 2, 0), 3);
+        assert_eq!(queue_length(1, 1, 2, 0), 0);
+        // Prefills waiting for export room wait whatever the slots.
+        assert_eq!(queue_length(0, 0, 2, 4), 4);
     }
 }
