@@ -42,12 +42,6 @@ enum Command {
         request: GenerationRequest,
         sink: Box<dyn EventSink>,
     },
-    Import {
-        id: RequestId,
-        request: GenerationRequest,
-        prefill: ImportedPrefill,
-        sink: Box<dyn EventSink>,
-    },
     ReserveImport {
         id: RequestId,
         request: GenerationRequest,
@@ -221,24 +215,6 @@ impl EngineHandle {
         self.commands
             .send(Command::PrefillReserved(id))
             .map_err(|_| EngineError::Stopped)
-    }
-
-    /// Queues a request whose prompt was prefilled elsewhere ([`Engine::import_request`]); its
-    /// events, starting with the imported first token, go to `sink`.
-    pub fn import_with_sink(
-        &self,
-        request: GenerationRequest,
-        prefill: ImportedPrefill,
-        sink: impl EventSink,
-    ) -> Result<RequestId, EngineError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.send_request(Command::Import {
-            id,
-            request,
-            prefill,
-            sink: Box::new(sink),
-        })?;
-        Ok(id)
     }
 
     /// Copies the K/V a prefill-only request retained into `dst` (exactly its blocks' bytes)
@@ -464,17 +440,6 @@ fn apply<M: StepModel>(
             let prompt_tokens = request.prompt_ids.len();
             let added = engine.add_request_with_id(id, request);
             register(sinks, id, sink, prompt_tokens, added);
-            queued(engine);
-        }
-        Command::Import {
-            id,
-            request,
-            prefill,
-            sink,
-        } => {
-            let prompt_tokens = request.prompt_ids.len();
-            let imported = engine.import_with_id(id, request, prefill);
-            register(sinks, id, sink, prompt_tokens, imported);
             queued(engine);
         }
         Command::ReserveImport { id, request, sink } => {

@@ -1,8 +1,9 @@
 //! The generation role: `both` and `decode` workers.
 //!
 //! They take generation jobs (queue group `decode`, and their direct subject). A job without a
-//! KV handle is prefilled and generated here; one with a handle (a disaggregated request) is
-//! pulled from its context worker first ([`super::pull`]). The api-server routes a
+//! KV handle is prefilled and generated here; one with a handle (a disaggregated request)
+//! waits for room in the engine and is then pulled from its context worker into that room
+//! ([`super::pull`]). The api-server routes a
 //! disaggregated request to either role, so both pull. They differ in what they advertise: a
 //! decode worker's heartbeat carries `kv_peer` (its host, whether it reads CUDA IPC), so a
 //! context worker on its host can export into GPU memory for it; a `both` worker's does not,

@@ -3,8 +3,8 @@
 //!
 //! - [`GenerationRole`] (`generation.rs`): `both` and `decode` workers. They take generation
 //!   jobs, prefill and generate locally, and pull a disaggregated request's K/V first
-//!   ([`pull`]: the pull, its cancellation token, and the local prefill a failed pull falls
-//!   back to).
+//!   ([`pull`]: the wait for room in the engine, the pull, its cancellation token, and the
+//!   local prefill a failed pull falls back to).
 //! - [`ContextRole`] (`context.rs`): context workers. They take prefill jobs, export the K/V
 //!   ([`export`]: the copy out of the engine and the handle that describes it) and hold the
 //!   exports until released or expired ([`export_ledger`]).
