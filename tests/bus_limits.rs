@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{SERVED_NAME, start_api_server};
+use support::SERVED_NAME;
 use tandem_test_kit::prometheus::{metric, sample};
 use tandem_test_kit::{ApiServer, Http, Nats, Proc, WorkerSpec, bin, temp_dir};
 
@@ -98,6 +98,23 @@ fn start_workers(nats: &Nats, extra: &[&str], decode_env: &[(&str, &str)]) -> (P
     )
 }
 
+/// The api-server, with time limits for long prefills on a loaded CPU: these tests are about
+/// message sizes, not liveness (a 128k-token prefill takes minutes, in steps of up to 15 s,
+/// and can starve a worker's heartbeats on 2 busy cores).
+fn start_api_server(nats: &Nats) -> ApiServer {
+    ApiServer::start(
+        nats,
+        model(),
+        SERVED_NAME,
+        &[
+            "--worker-timeout-ms",
+            "20000",
+            "--first-token-timeout-ms",
+            "1200000",
+        ],
+    )
+}
+
 /// The `error` object of a 400, after checking the status.
 fn refusal(http: &Http, path: &str, body: &Value) -> Value {
     let reply = http.post(path, body);
@@ -151,7 +168,7 @@ fn a_small_max_payload_refuses_what_cannot_fit_and_splits_long_token_streams() {
         &["--kv-cache-tokens", "32768"],
         &[("TANDEM_TEST_STREAM_DELAY_MS", "400")],
     );
-    let api = start_api_server(&nats, model());
+    let api = start_api_server(&nats);
     let http = &api.http;
     http.wait_for_role("context", 1, Duration::from_secs(30));
     http.wait_for_role("decode", 1, Duration::from_secs(30));
@@ -310,7 +327,7 @@ fn long_prompt_tokens() -> usize {
 /// with a KV handle of one region per block (about 36 bytes per 16 tokens) its decode job
 /// would not: the decode worker pulls because the handle is one region.
 #[test]
-fn a_prompt_of_128k_tokens_hands_over_between_context_and_decode_workers() {
+fn a_long_prompt_hands_over_between_context_and_decode_workers() {
     let tokens = long_prompt_tokens();
     assert!(
         tokens + 8 <= CONTEXT as usize,
@@ -333,18 +350,7 @@ fn a_prompt_of_128k_tokens_hands_over_between_context_and_decode_workers() {
         ],
         &[],
     );
-    // A 128k-token prefill takes minutes on the CPU: a first-token budget to match.
-    let api = ApiServer::start(
-        &nats,
-        model(),
-        SERVED_NAME,
-        &[
-            "--worker-timeout-ms",
-            "1500",
-            "--first-token-timeout-ms",
-            "1200000",
-        ],
-    );
+    let api = start_api_server(&nats);
     let http = &api.http;
     http.wait_for_role("context", 1, Duration::from_secs(30));
     http.wait_for_role("decode", 1, Duration::from_secs(30));
