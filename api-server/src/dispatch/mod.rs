@@ -219,7 +219,7 @@ impl Generation {
             Ok(encoded) => encoded,
             Err(too_large) => {
                 let err = ApiError::prompt_too_large(&message, too_large, job.prompt_param);
-                tracing::info!(%request_id, prompt_tokens = message.prompt_ids.len(),
+                tracing::debug!(%request_id, prompt_tokens = message.prompt_ids.len(),
                     "refused: the job is {too_large}");
                 return Err(fail(err, record));
             }
