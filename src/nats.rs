@@ -2,6 +2,12 @@
 //! 127.0.0.1 on a free port, ready once it accepts connections. Its log stays quiet unless it
 //! warns or fails.
 //!
+//! Its `max_payload` (the largest message it carries) is [`MAX_PAYLOAD_BYTES`], 8 MiB instead
+//! of nats-server's 1 MiB: a job carries its prompt's token ids (a 128k-token prompt of a
+//! 128k-token vocabulary is about 900 KB of them), a migrated job also the tokens generated so
+//! far, and a decode job the KV handle besides (one region per block for readers that ask
+//! for that: about 40 bytes each).
+//!
 //! It requires a fresh random token, so that another local user cannot join the bus (read
 //! prompts and tokens, inject or cancel). The token reaches nats-server in a config file only
 //! the launcher's user can read (removed once the server is up) and the children in their
@@ -18,6 +24,10 @@ use crate::child::{Child, Echo, describe};
 
 /// How long a nats-server may take to listen.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The `max_payload` of the launcher's nats-server: NATS recommends at most 8 MB, and a job
+/// of a prompt filling a 1M-token context (7 bytes per token id at most) still fits.
+pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
 
 /// The launcher's nats-server: the process, its URL and the token clients must present.
 pub struct OwnNats {
@@ -36,8 +46,16 @@ fn random_token() -> anyhow::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Writes nats-server's config (listen address, token) into a new directory only this user
-/// can enter; returns the directory (the caller removes it) and the file.
+/// nats-server's config: listen address, largest message, token.
+fn config_text(port: u16, token: &str) -> String {
+    format!(
+        "listen: \"127.0.0.1:{port}\"\nmax_payload: {MAX_PAYLOAD_BYTES}\n\
+         authorization {{\n  token: \"{token}\"\n}}\n"
+    )
+}
+
+/// Writes nats-server's config ([`config_text`]) into a new directory only this user can
+/// enter; returns the directory (the caller removes it) and the file.
 fn write_config(port: u16, token: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
     let dir = std::env::temp_dir().join(format!("tandem-nats-{}-{port}", std::process::id()));
@@ -54,11 +72,8 @@ fn write_config(port: u16, token: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
         .open(&file)
         .with_context(|| format!("creating {}", file.display()))?;
     use std::io::Write as _;
-    writeln!(
-        out,
-        "listen: \"127.0.0.1:{port}\"\nauthorization {{\n  token: \"{token}\"\n}}"
-    )
-    .with_context(|| format!("writing {}", file.display()))?;
+    out.write_all(config_text(port, token).as_bytes())
+        .with_context(|| format!("writing {}", file.display()))?;
     Ok((dir, file))
 }
 
@@ -86,7 +101,8 @@ pub async fn start(program: &Path) -> anyhow::Result<OwnNats> {
         match outcome? {
             Some(url) => {
                 tracing::info!(
-                    "started nats-server (pid {}) at {url}, clients need its token",
+                    "started nats-server (pid {}) at {url} (max_payload {MAX_PAYLOAD_BYTES} \
+                     bytes), clients need its token",
                     child.pid()
                 );
                 return Ok(OwnNats { child, url, token });
@@ -135,5 +151,18 @@ async fn wait_until_listening(
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_raises_max_payload_and_requires_the_token() {
+        let text = config_text(4222, "abc");
+        assert!(text.contains("listen: \"127.0.0.1:4222\""), "{text}");
+        assert!(text.contains("max_payload: 8388608\n"), "{text}");
+        assert!(text.contains("token: \"abc\""), "{text}");
     }
 }

@@ -829,6 +829,8 @@ fn the_launchers_nats_server_admits_only_holders_of_its_token() {
 
     let (info, refused) = nats_exchange(port, r#"{"verbose":false}"#);
     assert!(info.contains(r#""auth_required":true"#), "{info}");
+    // Big enough for the jobs of a 128k-token prompt (nats-server's own default is 1 MiB).
+    assert!(info.contains(r#""max_payload":8388608"#), "{info}");
     assert!(refused.contains("Authorization Violation"), "{refused}");
     let (_, wrong) = nats_exchange(port, r#"{"verbose":false,"auth_token":"guess"}"#);
     assert!(wrong.contains("Authorization Violation"), "{wrong}");

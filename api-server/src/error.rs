@@ -10,6 +10,9 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use bytes::Bytes;
 
+use tandem_protocol::messages::GenerateJob;
+use tandem_protocol::payload::{TooLarge, prompt_tokens_within};
+
 use crate::openai::{ErrorBody, ErrorResponse};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,14 @@ pub enum ApiError {
     /// A `tokens` message skipped positions: tokens were lost on the bus.
     #[error("the token stream skipped from token {expected} to {got}")]
     StreamGap { expected: u32, got: u32 },
+    /// A job of a request under way (a local-prefill retry, a migration with the tokens
+    /// generated so far) does not fit in the NATS server's `max_payload`. (The first job of a
+    /// request is checked at the edge: a 400, [`ApiError::prompt_too_large`].)
+    #[error("the {job} is {too_large}")]
+    JobTooLarge {
+        job: &'static str,
+        too_large: TooLarge,
+    },
     #[error("message bus error while {action}: {detail}")]
     Bus {
         action: &'static str,
@@ -72,6 +83,39 @@ impl ApiError {
         }
     }
 
+    /// The 400 of a request whose first job does not fit in a message of the NATS server's
+    /// `max_payload` (`too_large`): it names the prompt's field (`param`: `messages` or
+    /// `prompt`) and says how many of the prompt's tokens fit. When even an empty prompt
+    /// would not fit, the stop sequences are what is too large.
+    pub fn prompt_too_large(job: &GenerateJob, too_large: TooLarge, param: &str) -> Self {
+        let TooLarge { bytes, max_payload } = too_large;
+        let fit = prompt_tokens_within(job, bytes, max_payload);
+        let stop_bytes: usize = job.stop.strings.iter().map(String::len).sum();
+        if fit == 0 && stop_bytes > 0 {
+            return ApiError::InvalidRequest {
+                message: format!(
+                    "The stop sequences ({stop_bytes} bytes) leave no room for the prompt in a \
+                     message of the {max_payload} bytes that this deployment's message bus \
+                     (the NATS server's max_payload) carries. Send shorter stop sequences."
+                ),
+                param: Some("stop".into()),
+                code: Some("request_too_large"),
+            };
+        }
+        let tokens = job.prompt_ids.len();
+        ApiError::InvalidRequest {
+            message: format!(
+                "The {param} is {tokens} tokens long; this deployment's message bus carries at \
+                 most {max_payload} bytes in one message (the NATS server's max_payload), which \
+                 holds at most {fit} tokens of this {param} ({bytes} bytes were needed). Please \
+                 shorten the {param}, or ask the operator to raise the NATS server's \
+                 max_payload."
+            ),
+            param: Some(param.into()),
+            code: Some("prompt_too_large"),
+        }
+    }
+
     pub fn bus(action: &'static str, detail: impl std::fmt::Display) -> Self {
         ApiError::Bus {
             action,
@@ -89,7 +133,9 @@ impl ApiError {
             ApiError::FirstTokenTimeout { .. }
             | ApiError::Stalled { .. }
             | ApiError::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::WorkerGone { .. } | ApiError::StreamGap { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::WorkerGone { .. }
+            | ApiError::StreamGap { .. }
+            | ApiError::JobTooLarge { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Worker { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Overloaded { .. } | ApiError::WorkersFull { .. } => {
@@ -107,9 +153,10 @@ impl ApiError {
             ApiError::FirstTokenTimeout { .. }
             | ApiError::Stalled { .. }
             | ApiError::RequestTimeout { .. } => "timeout",
-            ApiError::Worker { .. } | ApiError::WorkerGone { .. } | ApiError::StreamGap { .. } => {
-                "worker_error"
-            }
+            ApiError::Worker { .. }
+            | ApiError::WorkerGone { .. }
+            | ApiError::StreamGap { .. }
+            | ApiError::JobTooLarge { .. } => "worker_error",
             ApiError::Bus { .. } | ApiError::Internal(_) => "internal_error",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Overloaded { .. } | ApiError::WorkersFull { .. } => "overloaded",
@@ -168,6 +215,18 @@ impl ApiError {
                 None,
                 Some("worker_error"),
                 "Tokens of this response were lost between the worker and the server.".to_string(),
+            ),
+            ApiError::JobTooLarge { too_large, .. } => (
+                "server_error",
+                None,
+                Some("payload_too_large"),
+                format!(
+                    "The worker serving this request failed, and the request is too large to \
+                     move to another worker: with the tokens generated so far it takes {} \
+                     bytes, more than the {} bytes this deployment's message bus carries in \
+                     one message (the NATS server's max_payload).",
+                    too_large.bytes, too_large.max_payload
+                ),
             ),
             ApiError::Bus { .. } => (
                 "server_error",
@@ -279,6 +338,81 @@ mod tests {
             serde_json::to_string(&ApiError::Internal("secret path /x".into()).public_body())
                 .unwrap();
         assert!(!body.contains("/x"), "{body}");
+    }
+
+    fn job(prompt_ids: Vec<u32>, stop: &[&str]) -> GenerateJob {
+        GenerateJob {
+            request_id: "cmpl-1".into(),
+            prompt_ids,
+            sampling: Default::default(),
+            stop: tandem_protocol::messages::StopSpec {
+                max_tokens: 4,
+                strings: stop.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+            stream_subject: "tandem.m.stream.cmpl-1".into(),
+            deadline_unix_ms: Some(1),
+            kv: None,
+            kv_reader: None,
+            resume_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn a_prompt_too_large_for_the_bus_is_a_400_saying_how_many_tokens_fit() {
+        let long = job((0..1000).collect(), &[]);
+        let bytes = tandem_protocol::messages::encode(&long).len();
+        let max_payload = bytes - 400;
+        let fit = prompt_tokens_within(&long, bytes, max_payload);
+        assert!(fit > 800 && fit < 1000, "{fit}");
+        let err = ApiError::prompt_too_large(&long, TooLarge { bytes, max_payload }, "messages");
+        assert_eq!(err.status_code(), StatusCode::BAD_REQUEST);
+        let body = serde_json::to_value(err.public_body()).unwrap();
+        assert_eq!(body["error"]["param"], "messages");
+        assert_eq!(body["error"]["code"], "prompt_too_large");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        let message = body["error"]["message"].as_str().unwrap();
+        for needle in [
+            "1000 tokens".to_string(),
+            format!("at most {fit} tokens"),
+            format!("{max_payload} bytes"),
+            "max_payload".into(),
+        ] {
+            assert!(message.contains(&needle), "{needle:?} in {message}");
+        }
+        // Stop sequences that leave no room for any prompt are what the client must change.
+        let stopped = job(vec![1, 2], &[&"x".repeat(4000)]);
+        let bytes = tandem_protocol::messages::encode(&stopped).len();
+        let err = ApiError::prompt_too_large(
+            &stopped,
+            TooLarge {
+                bytes,
+                max_payload: 1000,
+            },
+            "prompt",
+        );
+        let body = serde_json::to_value(err.public_body()).unwrap();
+        assert_eq!(body["error"]["param"], "stop");
+    }
+
+    #[test]
+    fn a_migration_too_large_for_the_bus_is_a_clear_502() {
+        let err = ApiError::JobTooLarge {
+            job: "migrated job",
+            too_large: TooLarge {
+                bytes: 2_000_000,
+                max_payload: 1_048_576,
+            },
+        };
+        assert_eq!(err.status_code(), StatusCode::BAD_GATEWAY);
+        assert_eq!(err.outcome(), "worker_error");
+        let body = serde_json::to_value(err.public_body()).unwrap();
+        assert_eq!(body["error"]["code"], "payload_too_large");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("2000000 bytes") && message.contains("max_payload"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -712,6 +712,7 @@ mod tests {
         let peer = KvPeer {
             host_id: "boot-1".into(),
             cuda_ipc: true,
+            coalesced_regions: true,
         };
         registry.observe(
             Heartbeat {
@@ -730,6 +731,7 @@ mod tests {
                 kv_peer: Some(KvPeer {
                     host_id: "boot-1".into(),
                     cuda_ipc: false,
+                    coalesced_regions: true,
                 }),
                 ..heartbeat("dec", WorkerRole::Decode, 0, 0)
             },

@@ -90,14 +90,19 @@ pub struct ValidRequest {
 }
 
 impl ValidRequest {
+    /// The request field that holds the prompt, for errors about it.
+    pub fn prompt_param(&self) -> &'static str {
+        match self.prompt {
+            PromptInput::Chat(_) => "messages",
+            _ => "prompt",
+        }
+    }
+
     /// The job's stop settings once the prompt has `prompt_len` tokens, checking that prompt and
     /// completion fit the context.
     pub fn stop_spec(&self, prompt_len: usize, limits: &ModelLimits) -> Result<StopSpec, ApiError> {
         let context = limits.max_model_len as usize;
-        let param = match self.prompt {
-            PromptInput::Chat(_) => "messages",
-            _ => "prompt",
-        };
+        let param = self.prompt_param();
         if prompt_len == 0 {
             return Err(ApiError::invalid("the prompt is empty", param));
         }

@@ -372,6 +372,7 @@ mod tests {
     fn fake_import(_gguf: &Path, out: &Path, dtype: DType) -> Result<String, String> {
         let options = crate::random::RandomOptions {
             preset: "tiny".into(),
+            shape: Default::default(),
             seed: 0,
             dtype,
             force: false,

@@ -511,6 +511,7 @@ mod tests {
     fn tiny(dir: &Path) {
         let options = RandomOptions {
             preset: "tiny".into(),
+            shape: Default::default(),
             seed: 1,
             dtype: DType::BF16,
             force: false,

@@ -181,9 +181,13 @@ struct FetchArgs {
 ///
 /// Presets: tiny (2 layers, hidden 64, vocab 512; for tests), smollm2-135m, tinyllama-1.1b,
 /// llama-3.1-8b (16 GB in bf16, streamed to disk one tensor at a time), llama-d128-2l (two
-/// Llama-3.1-8B layers with a 32k vocabulary: GPU checks of head-dim-128 kernels).
+/// Llama-3.1-8B layers with a 32k vocabulary: GPU checks of head-dim-128 kernels). The shape
+/// options change a preset's shapes (config.json's keys of the same names), e.g. a one-layer
+/// model with a 128k-token context for tests of long prompts.
 ///
 /// Example: model-prep random --preset smollm2-135m --seed 1 -o models/smollm2-random
+///
+/// Example: model-prep random --preset tiny --num-hidden-layers 1 --max-position-embeddings 131072 -o models/long
 #[derive(Debug, Args)]
 struct RandomArgs {
     /// Model shapes to use.
@@ -201,6 +205,53 @@ struct RandomArgs {
     /// Replace the output directory if it is not empty.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    shape: ShapeArgs,
+}
+
+/// A preset's shapes to change; each left out keeps the preset's.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Shape (instead of the preset's)")]
+struct ShapeArgs {
+    /// Width of the residual stream.
+    #[arg(long, value_name = "N")]
+    hidden_size: Option<usize>,
+    /// Width of the MLP.
+    #[arg(long, value_name = "N")]
+    intermediate_size: Option<usize>,
+    /// Transformer layers.
+    #[arg(long, value_name = "N")]
+    num_hidden_layers: Option<usize>,
+    /// Query heads (the head dimension follows: hidden size / heads, unless --head-dim).
+    #[arg(long, value_name = "N")]
+    num_attention_heads: Option<usize>,
+    /// Key/value heads (grouped-query attention: a divisor of the query heads).
+    #[arg(long, value_name = "N")]
+    num_key_value_heads: Option<usize>,
+    /// Dimension of one head (even).
+    #[arg(long, value_name = "N")]
+    head_dim: Option<usize>,
+    /// Vocabulary size (the synthetic tokenizer gets exactly this many tokens).
+    #[arg(long, value_name = "N")]
+    vocab_size: Option<usize>,
+    /// Context length in tokens.
+    #[arg(long, value_name = "N")]
+    max_position_embeddings: Option<usize>,
+}
+
+impl From<ShapeArgs> for random::ShapeOverrides {
+    fn from(args: ShapeArgs) -> Self {
+        random::ShapeOverrides {
+            hidden_size: args.hidden_size,
+            intermediate_size: args.intermediate_size,
+            num_hidden_layers: args.num_hidden_layers,
+            num_attention_heads: args.num_attention_heads,
+            num_key_value_heads: args.num_key_value_heads,
+            head_dim: args.head_dim,
+            vocab_size: args.vocab_size,
+            max_position_embeddings: args.max_position_embeddings,
+        }
+    }
 }
 
 /// Describe a model directory and check that it is complete.
@@ -364,6 +415,7 @@ fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
 fn run_random(args: RandomArgs) -> anyhow::Result<()> {
     let options = RandomOptions {
         preset: args.preset.clone(),
+        shape: args.shape.into(),
         seed: args.seed,
         dtype: args.dtype.into(),
         force: args.force,

@@ -86,6 +86,8 @@ fn help_explains_every_command() {
                 "llama-3.1-8b",
                 "--seed",
                 "byte-identical",
+                "--num-hidden-layers",
+                "--max-position-embeddings",
                 "Example",
             ],
         ),
@@ -206,6 +208,66 @@ fn random_weights_load_and_the_tokenizer_round_trips() {
         .collect();
     let std = (values.iter().map(|v| v * v).sum::<f32>() / values.len() as f32).sqrt();
     assert!((std - 0.02).abs() < 0.001, "embedding std {std}");
+}
+
+#[test]
+fn shape_options_change_the_presets_shapes() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("long");
+    let output = model_prep(&[
+        "random",
+        "--preset",
+        "tiny",
+        "--dtype",
+        "f32",
+        "--num-hidden-layers",
+        "1",
+        "--max-position-embeddings",
+        "131072",
+        "--vocab-size",
+        "1000",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_hidden_layers"], 1);
+    assert_eq!(config["max_position_embeddings"], 131072);
+    assert_eq!(config["vocab_size"], 1000);
+    assert_eq!(config["hidden_size"], 64, "the preset's");
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    assert_eq!(tokenizer.get_vocab_size(true), 1000);
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(
+        tensors
+            .tensor("model.layers.0.self_attn.q_proj.weight")
+            .is_ok()
+    );
+    assert!(
+        tensors
+            .tensor("model.layers.1.self_attn.q_proj.weight")
+            .is_err()
+    );
+    assert_eq!(
+        tensors.tensor("model.embed_tokens.weight").unwrap().shape(),
+        &[1000, 64]
+    );
+    // A shape the model cannot have fails before anything is written, naming the key.
+    let odd = root.path().join("odd");
+    let output = model_prep(&[
+        "random",
+        "--preset",
+        "tiny",
+        "--head-dim",
+        "3",
+        "-o",
+        odd.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("head_dim"), "{}", stderr(&output));
+    assert!(!odd.exists());
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //!
 //! - [`subjects`]: NATS subject names and queue groups.
 //! - [`messages`]: the versioned JSON messages sent on them.
+//! - [`payload`]: the messages that grow with a request, sized against the NATS server's
+//!   `max_payload` (jobs checked, `tokens` batches split).
 //! - [`config`]: the deployment config file (YAML), which accepts TensorRT-LLM's
 //!   `disagg_config.yaml` keys and adds tandem's own.
 //! - [`ready`]: whether a NATS or HTTP server just started serves clients yet.
@@ -11,6 +13,7 @@
 
 pub mod config;
 pub mod messages;
+pub mod payload;
 pub mod ready;
 pub mod subjects;
 

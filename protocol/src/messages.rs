@@ -204,6 +204,14 @@ pub struct KvPeer {
     /// The worker reads CUDA IPC exports straight into its GPU (a GPU worker with a CUDA IPC
     /// pool whose reads have not failed).
     pub cuda_ipc: bool,
+    /// The worker reads handles whose regions span several blocks (one region per contiguous
+    /// run of blocks, in order), so a context worker exporting for it sends a handle of one
+    /// region (an export is one buffer) instead of one per block: a few hundred bytes for any
+    /// prompt, where one region per block takes about 40 bytes per block of the bus's
+    /// `max_payload`. Absent (false) from workers that read only one region per block, which
+    /// keep getting those.
+    #[serde(default)]
+    pub coalesced_regions: bool,
 }
 
 /// Where a prefilled prompt's KV cache lies and how to read it: the context worker's answer to
@@ -226,7 +234,9 @@ pub struct KvHandle {
     pub address: String,
     /// Packed remote key of the registered KV cache memory, hex.
     pub rkey: String,
-    /// The prompt's blocks in sequence order: block `i` holds tokens `i*block_size ..`.
+    /// Where the prompt's blocks lie, in sequence order: one region per block (block `i`
+    /// holds tokens `i*block_size ..`), or, for a reader whose [`KvPeer::coalesced_regions`]
+    /// says it reads them, regions of several whole blocks each (an export is one region).
     pub blocks: Vec<KvRegion>,
     pub layout: KvLayoutSpec,
     /// Prompt tokens whose K/V the blocks hold.
@@ -259,7 +269,8 @@ pub struct CudaIpcSource {
     pub alloc_bytes: u64,
 }
 
-/// One contiguous remote region (one KV block).
+/// One contiguous remote region: one KV block, or a run of whole blocks
+/// ([`KvPeer::coalesced_regions`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvRegion {
     pub addr: u64,
@@ -641,6 +652,7 @@ mod tests {
             kv_reader: Some(KvPeer {
                 host_id: "b7e3".into(),
                 cuda_ipc: true,
+                coalesced_regions: true,
             }),
             resume_ids: vec![9, 8],
         };
@@ -703,6 +715,9 @@ mod tests {
             ),
             (None, None, None)
         );
+        // A reader that predates coalesced regions reads one region per block.
+        let peer: KvPeer = serde_json::from_str(r#"{"host_id":"h","cuda_ipc":false}"#).unwrap();
+        assert!(!peer.coalesced_regions);
         // A pull report without `transport`: such a build could only pull over UCX.
         let pulled = br#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3}"#;
         assert!(matches!(

@@ -21,8 +21,22 @@
 #define FA_MT 2
 #define FA_WARPS 4
 #define FA_ROWS (16 * FA_MT * FA_WARPS)
-// Keys per shared-memory tile (a warp's scores and outputs for 32 rows stay in registers).
+// Keys per shared-memory tile: a multiple of FA_SUB. The host computes the dynamic shared
+// memory from it and FA_Q_SMEM (`FlashConfig` in kernels.rs); both are NVRTC definitions so
+// that a tuning run can try others (`TANDEM_KERNEL_DEFINES="FA_KEYS=64 FA_Q_SMEM=1"`).
+#ifndef FA_KEYS
 #define FA_KEYS 32
+#endif
+// Keys per step of the online softmax: a warp's scores for its 32 rows and this many keys stay
+// in registers beside its outputs. A tile of several steps pays its copy wait and its two
+// barriers once for all of them.
+#define FA_SUB 32
+// 1: the block's query rows live in shared memory (bf16, scaled) and each warp reads its A
+// fragments from there by ldmatrix for every step, freeing the registers they take; 0: each
+// thread holds its A fragments in registers.
+#ifndef FA_Q_SMEM
+#define FA_Q_SMEM 0
+#endif
 
 // Two floats as bf16x2 (lo in the low half), round to nearest even: the conversion
 // f32_to_bf16 does per value, in one instruction for the pair (the score tile is converted
@@ -93,21 +107,25 @@ __device__ __forceinline__ void flash_prefill(
     float scale_log2) {
     constexpr int KC = D / 16;  // 16-wide chunks of the head dimension
     constexpr int DT = D / 8;   // 8-wide output tiles
-    constexpr int NT = FA_KEYS / 8;  // 8-key score tiles
+    constexpr int NT = FA_SUB / 8;  // 8-key score tiles of a softmax step
     constexpr int STRIDE = D + 8;  // padded shared-memory row (halves): no bank conflicts
     constexpr int TILE = FA_KEYS * STRIDE;
-    // Two K tiles then two V tiles (dynamic shared memory, flash_smem_bytes(D)): the next
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // Two K tiles then two V tiles (dynamic shared memory, FlashConfig::smem_bytes): the next
     // tile is copied in (cp.async) while this one is computed on.
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16* const k_tiles = reinterpret_cast<bf16*>(fa_smem);
     bf16* const v_tiles = k_tiles + 2 * TILE;
+#if FA_Q_SMEM
+    // After the K/V tiles: each of the H heads' FA_ROWS query rows, padded like them.
+    bf16* const q_tile = v_tiles + 2 * TILE + (warp / FA_WARPS) * FA_ROWS * STRIDE;
+#endif
 
     // Causal tiles later in a sequence see more keys: start those first, so the short ones
     // fill the tail of the grid instead of a long one running alone at the end.
     const int tile = gridDim.x - 1 - blockIdx.x;
     const int seq = tile_seq[tile];
     const int r0 = tile_row[tile];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // H query heads of one KV head per block (FA_WARPS warps each), sharing its K/V tiles.
     const int h = blockIdx.y * H + warp / FA_WARPS;
     const int kvh = h / (num_heads / num_kv_heads);
@@ -127,6 +145,29 @@ __device__ __forceinline__ void flash_prefill(
     // This thread's query rows (within the tile): m-tile i has rows ra[i] and ra[i] + 8,
     // clamped to a valid row for loads.
     int ra[FA_MT], pos_a[FA_MT], pos_b[FA_MT];
+#if FA_Q_SMEM
+    // The warp's 32 rows of its head, scaled, as bf16 into the head's Q tile (rows past the
+    // valid ones repeat the last valid row, as the register form clamps them); a lane converts
+    // two adjacent values at a time. Only this warp reads them back.
+    const int warp_row0 = (warp % FA_WARPS) * 16 * FA_MT;
+    for (int e = lane; e < 16 * FA_MT * (D / 2); e += 32) {
+        const int row = warp_row0 + e / (D / 2), d0 = 2 * (e % (D / 2));
+        const float* q = qkv + (long long)(t_start + r0 + min(row, rows_valid - 1)) * width + h * D;
+        *reinterpret_cast<u32*>(&q_tile[row * STRIDE + d0]) =
+            pack_bf16(q[d0] * scale_log2, q[d0 + 1] * scale_log2);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < FA_MT; ++i) {
+        ra[i] = warp_row0 + i * 16 + g;
+        const int la = min(ra[i], rows_valid - 1), lb = min(ra[i] + 8, rows_valid - 1);
+        pos_a[i] = cached + r0 + la;
+        pos_b[i] = cached + r0 + lb;
+    }
+    // This lane's ldmatrix row of an A fragment: matrix lm holds rows +8 when odd and
+    // dimensions +8 from the third on (a0..a3 of the mma layout).
+    const bf16* const qrow = &q_tile[(warp_row0 + (lm & 1) * 8 + lr) * STRIDE + (lm >> 1) * 8];
+#else
     u32 qa[FA_MT][KC][4];
 #pragma unroll
     for (int i = 0; i < FA_MT; ++i) {
@@ -145,6 +186,7 @@ __device__ __forceinline__ void flash_prefill(
             qa[i][kc][3] = pack_bf16(qrb[d0 + 8] * scale_log2, qrb[d0 + 9] * scale_log2);
         }
     }
+#endif
     float o[FA_MT][DT][4];
     float m_a[FA_MT], m_b[FA_MT], l_a[FA_MT], l_b[FA_MT];
 #pragma unroll
@@ -199,118 +241,136 @@ __device__ __forceinline__ void flash_prefill(
             cp_async_wait<0>();
         }
         __syncthreads();  // every thread's part of this tile has landed
-        const bf16* const k_s = k_tiles + buf * TILE;
-        const bf16* const v_s = v_tiles + buf * TILE;
+#pragma unroll
+        for (int sub = 0; sub < FA_KEYS / FA_SUB; ++sub) {
+            // The same for every thread of the block: keys past n_keys are the tile's zero fill.
+            if (sub > 0 && kt + sub * FA_SUB >= n_keys) break;
+            const int ks = kt + sub * FA_SUB;  // this step's first key
+            const bf16* const k_s = k_tiles + buf * TILE + sub * FA_SUB * STRIDE;
+            const bf16* const v_s = v_tiles + buf * TILE + sub * FA_SUB * STRIDE;
 
-        // S = Q Kᵀ, 32 dimensions at a time for every score tile: consecutive mma instructions
-        // accumulate into different tiles, so none waits for the one before it.
-        float s[FA_MT][NT][4];
+            // S = Q Kᵀ, 32 dimensions at a time for every score tile: consecutive mma instructions
+            // accumulate into different tiles, so none waits for the one before it.
+            float s[FA_MT][NT][4];
 #pragma unroll
-        for (int i = 0; i < FA_MT; ++i)
+            for (int i = 0; i < FA_MT; ++i)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) s[i][nt][0] = s[i][nt][1] = s[i][nt][2] = s[i][nt][3] = 0.0f;
-        // Matrices: (keys nt*8.., d kc*16 + 0 / 8), then the same for kc + 1.
-        const bf16* krow = &k_s[lr * STRIDE + (lm & 1) * 8 + (lm >> 1) * 16];
+                for (int nt = 0; nt < NT; ++nt) s[i][nt][0] = s[i][nt][1] = s[i][nt][2] = s[i][nt][3] = 0.0f;
+            // Matrices: (keys nt*8.., d kc*16 + 0 / 8), then the same for kc + 1.
+            const bf16* krow = &k_s[lr * STRIDE + (lm & 1) * 8 + (lm >> 1) * 16];
 #pragma unroll
-        for (int kc = 0; kc < KC; kc += 2) {
-            u32 b[NT][4];
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) ldmatrix_x4(b[nt], krow + nt * 8 * STRIDE + kc * 16);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < FA_MT; ++i) mma_bf16(s[i][nt], qa[i][kc], b[nt][0], b[nt][1]);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < FA_MT; ++i)
-                    mma_bf16(s[i][nt], qa[i][kc + 1], b[nt][2], b[nt][3]);
-        }
-        // Causal mask (only tiles reaching past the tile's first row), then the online softmax
-        // over this tile (each row's 4 threads together).
-        const bool masked = kt + FA_KEYS - 1 > cached + r0;
-#pragma unroll
-        for (int i = 0; i < FA_MT; ++i) {
-            float mx_a = NEG_INF, mx_b = NEG_INF;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                if (masked) {
-                    const int key = kt + nt * 8 + 2 * c;
-                    if (key > pos_a[i]) s[i][nt][0] = NEG_INF;
-                    if (key + 1 > pos_a[i]) s[i][nt][1] = NEG_INF;
-                    if (key > pos_b[i]) s[i][nt][2] = NEG_INF;
-                    if (key + 1 > pos_b[i]) s[i][nt][3] = NEG_INF;
-                }
-                mx_a = fmaxf(mx_a, fmaxf(s[i][nt][0], s[i][nt][1]));
-                mx_b = fmaxf(mx_b, fmaxf(s[i][nt][2], s[i][nt][3]));
-            }
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-            // Every row saw key 0 in the first tile, so its maximum is finite from then on and
-            // a tile that masks all of a row's keys contributes exp2(-inf) = 0.
-            //
-            // The running maximum moves only when a row's new maximum exceeds it by more than
-            // RESCALE_LOG2 (a factor of 256), and then for the whole warp: until then scores
-            // are exponentiated against the stale maximum (terms up to 256, far from f32 or
-            // bf16 range limits) and the rescale of the output accumulators, as many
-            // multiplications as the tile has mma instructions, is skipped. The final
-            // division by the sum uses the same maximum, so the result is unchanged.
-            constexpr float RESCALE_LOG2 = 8.0f;
-            const bool grow = mx_a > m_a[i] + RESCALE_LOG2 || mx_b > m_b[i] + RESCALE_LOG2;
-            if (__any_sync(0xffffffffu, grow)) {
-                const float new_a = fmaxf(m_a[i], mx_a), new_b = fmaxf(m_b[i], mx_b);
-                const float corr_a = fast_exp2(m_a[i] - new_a), corr_b = fast_exp2(m_b[i] - new_b);
-                m_a[i] = new_a;
-                m_b[i] = new_b;
-                l_a[i] *= corr_a;
-                l_b[i] *= corr_b;
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    o[i][dt][0] *= corr_a;
-                    o[i][dt][1] *= corr_a;
-                    o[i][dt][2] *= corr_b;
-                    o[i][dt][3] *= corr_b;
-                }
-            }
-            float sum_a = 0.0f, sum_b = 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                s[i][nt][0] = fast_exp2(s[i][nt][0] - m_a[i]);
-                s[i][nt][1] = fast_exp2(s[i][nt][1] - m_a[i]);
-                s[i][nt][2] = fast_exp2(s[i][nt][2] - m_b[i]);
-                s[i][nt][3] = fast_exp2(s[i][nt][3] - m_b[i]);
-                sum_a += s[i][nt][0] + s[i][nt][1];
-                sum_b += s[i][nt][2] + s[i][nt][3];
-            }
-            l_a[i] += sum_a;
-            l_b[i] += sum_b;
-        }
-        // O += P V, 16 keys at a time.
-#pragma unroll
-        for (int kc2 = 0; kc2 < FA_KEYS / 16; ++kc2) {
-            u32 pa[FA_MT][4];
-#pragma unroll
-            for (int i = 0; i < FA_MT; ++i) {
-                pa[i][0] = pack_bf16(s[i][2 * kc2][0], s[i][2 * kc2][1]);
-                pa[i][1] = pack_bf16(s[i][2 * kc2][2], s[i][2 * kc2][3]);
-                pa[i][2] = pack_bf16(s[i][2 * kc2 + 1][0], s[i][2 * kc2 + 1][1]);
-                pa[i][3] = pack_bf16(s[i][2 * kc2 + 1][2], s[i][2 * kc2 + 1][3]);
-            }
-            // Transposed matrices: (keys kc2*16 + 0 / 8.., d dt*8..), then the same for dt + 1.
-            const bf16* vrow = &v_s[(kc2 * 16 + (lm & 1) * 8 + lr) * STRIDE + (lm >> 1) * 8];
-#pragma unroll
-            for (int dt = 0; dt < DT; dt += 2) {
-                u32 b[4];
-                ldmatrix_x4_trans(b, vrow + dt * 8);
+            for (int kc = 0; kc < KC; kc += 2) {
+#if FA_Q_SMEM
+                u32 qa_kc[FA_MT][2][4];
 #pragma unroll
                 for (int i = 0; i < FA_MT; ++i) {
-                    mma_bf16(o[i][dt], pa[i], b[0], b[1]);
-                    mma_bf16(o[i][dt + 1], pa[i], b[2], b[3]);
+                    ldmatrix_x4(qa_kc[i][0], qrow + i * 16 * STRIDE + kc * 16);
+                    ldmatrix_x4(qa_kc[i][1], qrow + i * 16 * STRIDE + (kc + 1) * 16);
+                }
+#define FA_QA(i, k) qa_kc[i][k]
+#else
+#define FA_QA(i, k) qa[i][kc + k]
+#endif
+                u32 b[NT][4];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) ldmatrix_x4(b[nt], krow + nt * 8 * STRIDE + kc * 16);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int i = 0; i < FA_MT; ++i) mma_bf16(s[i][nt], FA_QA(i, 0), b[nt][0], b[nt][1]);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int i = 0; i < FA_MT; ++i)
+                        mma_bf16(s[i][nt], FA_QA(i, 1), b[nt][2], b[nt][3]);
+#undef FA_QA
+            }
+            // Causal mask (only tiles reaching past the tile's first row), then the online softmax
+            // over this tile (each row's 4 threads together).
+            const bool masked = ks + FA_SUB - 1 > cached + r0;
+#pragma unroll
+            for (int i = 0; i < FA_MT; ++i) {
+                float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    if (masked) {
+                        const int key = ks + nt * 8 + 2 * c;
+                        if (key > pos_a[i]) s[i][nt][0] = NEG_INF;
+                        if (key + 1 > pos_a[i]) s[i][nt][1] = NEG_INF;
+                        if (key > pos_b[i]) s[i][nt][2] = NEG_INF;
+                        if (key + 1 > pos_b[i]) s[i][nt][3] = NEG_INF;
+                    }
+                    mx_a = fmaxf(mx_a, fmaxf(s[i][nt][0], s[i][nt][1]));
+                    mx_b = fmaxf(mx_b, fmaxf(s[i][nt][2], s[i][nt][3]));
+                }
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+                // Every row saw key 0 in the first tile, so its maximum is finite from then on and
+                // a tile that masks all of a row's keys contributes exp2(-inf) = 0.
+                //
+                // The running maximum moves only when a row's new maximum exceeds it by more than
+                // RESCALE_LOG2 (a factor of 256), and then for the whole warp: until then scores
+                // are exponentiated against the stale maximum (terms up to 256, far from f32 or
+                // bf16 range limits) and the rescale of the output accumulators, as many
+                // multiplications as the tile has mma instructions, is skipped. The final
+                // division by the sum uses the same maximum, so the result is unchanged.
+                constexpr float RESCALE_LOG2 = 8.0f;
+                const bool grow = mx_a > m_a[i] + RESCALE_LOG2 || mx_b > m_b[i] + RESCALE_LOG2;
+                if (__any_sync(0xffffffffu, grow)) {
+                    const float new_a = fmaxf(m_a[i], mx_a), new_b = fmaxf(m_b[i], mx_b);
+                    const float corr_a = fast_exp2(m_a[i] - new_a), corr_b = fast_exp2(m_b[i] - new_b);
+                    m_a[i] = new_a;
+                    m_b[i] = new_b;
+                    l_a[i] *= corr_a;
+                    l_b[i] *= corr_b;
+#pragma unroll
+                    for (int dt = 0; dt < DT; ++dt) {
+                        o[i][dt][0] *= corr_a;
+                        o[i][dt][1] *= corr_a;
+                        o[i][dt][2] *= corr_b;
+                        o[i][dt][3] *= corr_b;
+                    }
+                }
+                float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    s[i][nt][0] = fast_exp2(s[i][nt][0] - m_a[i]);
+                    s[i][nt][1] = fast_exp2(s[i][nt][1] - m_a[i]);
+                    s[i][nt][2] = fast_exp2(s[i][nt][2] - m_b[i]);
+                    s[i][nt][3] = fast_exp2(s[i][nt][3] - m_b[i]);
+                    sum_a += s[i][nt][0] + s[i][nt][1];
+                    sum_b += s[i][nt][2] + s[i][nt][3];
+                }
+                l_a[i] += sum_a;
+                l_b[i] += sum_b;
+            }
+            // O += P V, 16 keys at a time.
+#pragma unroll
+            for (int kc2 = 0; kc2 < FA_SUB / 16; ++kc2) {
+                u32 pa[FA_MT][4];
+#pragma unroll
+                for (int i = 0; i < FA_MT; ++i) {
+                    pa[i][0] = pack_bf16(s[i][2 * kc2][0], s[i][2 * kc2][1]);
+                    pa[i][1] = pack_bf16(s[i][2 * kc2][2], s[i][2 * kc2][3]);
+                    pa[i][2] = pack_bf16(s[i][2 * kc2 + 1][0], s[i][2 * kc2 + 1][1]);
+                    pa[i][3] = pack_bf16(s[i][2 * kc2 + 1][2], s[i][2 * kc2 + 1][3]);
+                }
+                // Transposed matrices: (keys kc2*16 + 0 / 8.., d dt*8..), then the same for dt + 1.
+                const bf16* vrow = &v_s[(kc2 * 16 + (lm & 1) * 8 + lr) * STRIDE + (lm >> 1) * 8];
+#pragma unroll
+                for (int dt = 0; dt < DT; dt += 2) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, vrow + dt * 8);
+#pragma unroll
+                    for (int i = 0; i < FA_MT; ++i) {
+                        mma_bf16(o[i][dt], pa[i], b[0], b[1]);
+                        mma_bf16(o[i][dt + 1], pa[i], b[2], b[3]);
+                    }
                 }
             }
-        }
+        }  // softmax steps
         __syncthreads();  // this tile is consumed: the next iteration may refill its buffer
     }
     const int out_width = num_heads * D;

@@ -42,6 +42,9 @@ pub enum FallbackReason {
     /// The decode worker could not pull the KV cache and prefilled itself (its `kv_pulled`
     /// carried a fallback).
     PullFailed,
+    /// The decode job with the context worker's KV handle does not fit in the NATS server's
+    /// `max_payload` (the prefill job, without the handle, did).
+    DecodeJobTooLarge,
 }
 
 impl FallbackReason {
@@ -53,16 +56,18 @@ impl FallbackReason {
             FallbackReason::ContextError => "context_error",
             FallbackReason::ContextFull => "context_full",
             FallbackReason::PullFailed => "pull_failed",
+            FallbackReason::DecodeJobTooLarge => "decode_job_too_large",
         }
     }
 
-    pub const ALL: [FallbackReason; 6] = [
+    pub const ALL: [FallbackReason; 7] = [
         FallbackReason::NoContextWorker,
         FallbackReason::ContextTimeout,
         FallbackReason::ContextGone,
         FallbackReason::ContextError,
         FallbackReason::ContextFull,
         FallbackReason::PullFailed,
+        FallbackReason::DecodeJobTooLarge,
     ];
 
     /// Whether `route`'s local prefill is a fallback. A local prefill for want of a context
@@ -178,18 +183,15 @@ impl Generation {
             )));
         };
         tracing::warn!(request_id = %self.request_id, %context_id, reason = reason.label(),
-            "context worker failed ({detail}): the generation worker prefills the prompt itself");
+            "giving up on the context worker ({detail}): the generation worker prefills the \
+             prompt itself");
         self.metrics.record(Event::Fallback(reason));
         self.cancel.fire();
         let job_id = format!("{}{LOCAL_RETRY_SUFFIX}", self.request_id);
-        let (stream_subject, subscriber) = self.bus.subscribe_stream(&job_id).await?;
-        self.subscriber = subscriber;
-        self.pending.clear();
-        self.cancel = CancelGuard::new(self.bus.clone(), job_id.clone());
-        let worker_id = self.live_generate_worker(generate_id)?;
+        let stream_subject = self.bus.stream_subject(&job_id);
         let job = GenerateJob {
-            request_id: job_id,
-            stream_subject,
+            request_id: job_id.clone(),
+            stream_subject: stream_subject.clone(),
             deadline_unix_ms: Some(unix_ms(
                 SystemTime::now() + self.timeouts.accept + self.timeouts.first_token,
             )),
@@ -197,7 +199,18 @@ impl Generation {
             kv_reader: None,
             ..self.job.clone()
         };
-        self.publish_generate_job(worker_id, &job, "publishing the job")
+        let encoded = self
+            .bus
+            .encode_job(&job)
+            .map_err(|too_large| ApiError::JobTooLarge {
+                job: "local prefill job",
+                too_large,
+            })?;
+        self.subscriber = self.bus.subscribe(&stream_subject).await?;
+        self.pending.clear();
+        self.cancel = CancelGuard::new(self.bus.clone(), job_id);
+        let worker_id = self.live_generate_worker(generate_id)?;
+        self.publish_generate_job(worker_id, encoded, "publishing the job")
             .await?;
         self.job = job;
         self.await_accepted().await?;

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use tandem_protocol::messages::{GenerateJob, KvHandle, PullOutcome};
 
+use super::bus::EncodedJob;
 use super::fallback::FallbackReason;
 use super::{Generation, unix_ms_at};
 use crate::error::ApiError;
@@ -63,10 +64,7 @@ impl Generation {
             tracing::warn!(request_id = %self.request_id, "ignoring a kv_ready outside the prefill phase");
             return Ok(());
         };
-        self.metrics.record(Event::Disaggregated);
-        let worker_id = self.live_generate_worker(generate_id)?;
-        tracing::debug!(request_id = %self.request_id, %context_id, %worker_id,
-            blocks = handle.blocks.len(), "KV ready: decode job sent");
+        let regions = handle.blocks.len();
         let job = GenerateJob {
             // The decode worker starts it before the first token is due, or not at all.
             deadline_unix_ms: Some(unix_ms_at(self.first_token_by)),
@@ -74,7 +72,26 @@ impl Generation {
             kv_reader: None,
             ..self.job.clone()
         };
-        self.publish_generate_job(worker_id, &job, "publishing the decode job")
+        let encoded = match self.bus.encode_job(&job) {
+            Ok(encoded) => encoded,
+            // The prompt fitted on its own (the prefill job went out); with the handle it does
+            // not. The generation worker prefills it instead, and the export is released by
+            // the cancel of the prefill job.
+            Err(too_large) => {
+                let detail = format!(
+                    "context worker {context_id}'s KV handle ({regions} regions) makes the \
+                     decode job {too_large}"
+                );
+                return self
+                    .fall_back(FallbackReason::DecodeJobTooLarge, &detail)
+                    .await;
+            }
+        };
+        self.metrics.record(Event::Disaggregated);
+        let worker_id = self.live_generate_worker(generate_id)?;
+        tracing::debug!(request_id = %self.request_id, %context_id, %worker_id,
+            regions, "KV ready: decode job sent");
+        self.publish_generate_job(worker_id, encoded, "publishing the decode job")
             .await?;
         self.job = job;
         self.await_accepted().await
@@ -85,7 +102,7 @@ impl Generation {
     pub(super) async fn publish_generate_job(
         &mut self,
         worker_id: String,
-        job: &GenerateJob,
+        job: EncodedJob,
         what: &'static str,
     ) -> Result<(), ApiError> {
         self.bus

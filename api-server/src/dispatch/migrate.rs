@@ -109,6 +109,38 @@ impl Generation {
             return Err(err);
         }
         let failed = self.phase.worker_id().to_owned();
+        let job_id = format!(
+            "{}{MIGRATION_SUFFIX}{}",
+            self.request_id,
+            self.migrations + 1
+        );
+        let stream_subject = self.bus.stream_subject(&job_id);
+        let job = GenerateJob {
+            request_id: job_id.clone(),
+            stream_subject: stream_subject.clone(),
+            deadline_unix_ms: Some(unix_ms(
+                SystemTime::now() + self.timeouts.accept + self.timeouts.first_token,
+            )),
+            kv: None,
+            kv_reader: None,
+            resume_ids: self.received_ids.clone(),
+            ..self.job.clone()
+        };
+        // Prompt and resumed tokens together may not fit where the prompt alone did: the
+        // request ends, saying why (the failed job is cancelled as the generation drops).
+        let encoded = match self.bus.encode_job(&job) {
+            Ok(encoded) => encoded,
+            Err(too_large) => {
+                tracing::warn!(request_id = %self.request_id, %failed,
+                    reason = reason.label(), resumed_tokens = self.received_ids.len(),
+                    "worker failed the request ({err}), and its migrated job is {too_large}: \
+                     the request fails");
+                return Err(ApiError::JobTooLarge {
+                    job: "migrated job",
+                    too_large,
+                });
+            }
+        };
         let now = Instant::now();
         // Lost or late messages may be the bus's fault, not the worker's: it may take the
         // request again when no other worker can.
@@ -135,23 +167,10 @@ impl Generation {
         self.metrics.record(Event::Migrated(reason));
         // The failed job may still run (an error, a stall): stop it under its own id.
         self.cancel.fire();
-        let job_id = format!("{}{MIGRATION_SUFFIX}{}", self.request_id, self.migrations);
-        let (stream_subject, subscriber) = self.bus.subscribe_stream(&job_id).await?;
-        self.subscriber = subscriber;
+        self.subscriber = self.bus.subscribe(&stream_subject).await?;
         self.pending.clear();
-        self.cancel = CancelGuard::new(self.bus.clone(), job_id.clone());
-        let job = GenerateJob {
-            request_id: job_id,
-            stream_subject,
-            deadline_unix_ms: Some(unix_ms(
-                SystemTime::now() + self.timeouts.accept + self.timeouts.first_token,
-            )),
-            kv: None,
-            kv_reader: None,
-            resume_ids: self.received_ids.clone(),
-            ..self.job.clone()
-        };
-        self.publish_generate_job(worker_id, &job, "publishing a migrated job")
+        self.cancel = CancelGuard::new(self.bus.clone(), job_id);
+        self.publish_generate_job(worker_id, encoded, "publishing a migrated job")
             .await?;
         self.job = job;
         // The new worker prefills before its next token: the first-token budget applies.

@@ -114,6 +114,8 @@ pub struct JobSpec {
     pub prompt_ids: Vec<u32>,
     pub sampling: SamplingSpec,
     pub stop: StopSpec,
+    /// The request field that holds the prompt (`messages`, `prompt`): what a 400 names.
+    pub prompt_param: &'static str,
 }
 
 /// One request on the bus, from its first job to its last token.
@@ -148,6 +150,9 @@ pub struct Generation {
     /// The ids of the tokens the client has received, in order: a migration's `resume_ids`,
     /// and what the next `tokens` message's `index` must be.
     received_ids: Vec<u32>,
+    /// A `tokens` message without `index` arrived (a worker that predates numbering): the
+    /// stream cannot be checked against the usage it ends with.
+    unnumbered: bool,
     migrations: u32,
     migration_limit: u32,
     done: bool,
@@ -198,19 +203,15 @@ impl Generation {
                 return Err(fail(ApiError::WorkersFull { pool: "generation" }, record));
             }
         };
-        fallback::record_route(dispatch.metrics, &request_id, &route);
         let bus = dispatch.bus;
-        let (stream_subject, subscriber) = match bus.subscribe_stream(&request_id).await {
-            Ok(subscribed) => subscribed,
-            Err(err) => return Err(fail(err, record)),
-        };
+        let stream_subject = bus.stream_subject(&request_id);
         let elapsed = record.arrival().elapsed();
         let message = GenerateJob {
             request_id: request_id.clone(),
             prompt_ids: job.prompt_ids,
             sampling: job.sampling,
             stop: job.stop,
-            stream_subject,
+            stream_subject: stream_subject.clone(),
             // By then the client has had an error (no Accepted, or no first token).
             deadline_unix_ms: Some(unix_ms(
                 SystemTime::now() + timeouts.accept + timeouts.first_token,
@@ -222,6 +223,21 @@ impl Generation {
                 Prefill::Remote { .. } => route.generate_kv_peer.clone(),
                 Prefill::Local(_) => None,
             },
+        };
+        // Sized before anything is sent: a job the bus cannot carry is the client's 400.
+        let encoded = match bus.encode_job(&message) {
+            Ok(encoded) => encoded,
+            Err(too_large) => {
+                let err = ApiError::prompt_too_large(&message, too_large, job.prompt_param);
+                tracing::debug!(%request_id, prompt_tokens = message.prompt_ids.len(),
+                    "refused: the job is {too_large}");
+                return Err(fail(err, record));
+            }
+        };
+        fallback::record_route(dispatch.metrics, &request_id, &route);
+        let subscriber = match bus.subscribe(&stream_subject).await {
+            Ok(subscriber) => subscriber,
+            Err(err) => return Err(fail(err, record)),
         };
         let (phase, subject) = match route.prefill {
             Prefill::Remote { context_id } => (
@@ -240,7 +256,7 @@ impl Generation {
         };
         let mut cancel = CancelGuard::new(bus.clone(), request_id.clone());
         if let Err(err) = bus
-            .publish_job(subject, &message, "publishing the job")
+            .publish_job(subject, encoded, "publishing the job")
             .await
         {
             cancel.disarm();
@@ -266,6 +282,7 @@ impl Generation {
             first_token_seen: false,
             resuming: false,
             received_ids: Vec::new(),
+            unnumbered: false,
             migrations: 0,
             migration_limit: dispatch.migration_limit,
             done: false,
@@ -437,6 +454,7 @@ impl Generation {
                     continue;
                 }
                 StreamMessage::Tokens { tokens, index } => {
+                    self.unnumbered |= index.is_none();
                     let received = self.received_ids.len();
                     let tokens = match in_sequence(received, tokens, index) {
                         Ok((tokens, repeated)) => {
@@ -462,6 +480,15 @@ impl Generation {
                 StreamMessage::Finished { reason, usage } => {
                     return match reason {
                         FinishReason::Stop | FinishReason::Length => {
+                            // Tokens lost after the last one received (a message the bus
+                            // refused or dropped) leave no gap to see: the usage tells.
+                            if !self.unnumbered
+                                && let Some(lost) = lost_tail(self.received_ids.len(), usage)
+                            {
+                                self.cancel.disarm();
+                                self.migrate_on(lost).await?;
+                                continue;
+                            }
                             if self.phase.is_prefill() {
                                 // The context worker answered it all (it ended at its
                                 // first token).
@@ -554,6 +581,17 @@ impl Generation {
     }
 }
 
+/// The error of a numbered stream that ends (`finished`, with `usage`) before the client has
+/// every token the worker generated: its last tokens were lost. (Every token a worker
+/// generates, the one that ends the request included, goes out in a `tokens` message and is
+/// counted in `completion_tokens`, resumed tokens of a migrated job as well.)
+fn lost_tail(received: usize, usage: Usage) -> Option<ApiError> {
+    (usage.completion_tokens as usize > received).then_some(ApiError::StreamGap {
+        expected: received as u32,
+        got: usage.completion_tokens,
+    })
+}
+
 /// `tokens` (a `tokens` message starting at position `index`) checked against the `received`
 /// tokens the client has: a message from a worker that numbers its tokens must continue
 /// exactly after them. Tokens the client has already (a duplicate) are dropped, and counted
@@ -597,6 +635,26 @@ mod tests {
     fn ids(result: Result<(Vec<TokenEvent>, usize), ApiError>) -> (Vec<u32>, usize) {
         let (tokens, repeated) = result.unwrap();
         (tokens.iter().map(|t| t.id).collect(), repeated)
+    }
+
+    #[test]
+    fn a_stream_that_ends_short_of_its_usage_lost_its_tail() {
+        let usage = |completion_tokens| Usage {
+            prompt_tokens: 9,
+            completion_tokens,
+        };
+        assert!(lost_tail(5, usage(5)).is_none());
+        assert!(
+            lost_tail(5, usage(4)).is_none(),
+            "fewer counted than received is not a loss"
+        );
+        assert!(matches!(
+            lost_tail(3, usage(1500)),
+            Some(ApiError::StreamGap {
+                expected: 3,
+                got: 1500
+            })
+        ));
     }
 
     #[test]

@@ -35,7 +35,17 @@ impl Generation {
         self.registry.refused(&worker_id);
         self.refused.push(worker_id.clone());
         let now = Instant::now();
-        let job = self.job.clone();
+        // It fitted when it was first published; a reconnect may have reached a server with a
+        // smaller `max_payload`.
+        let encode = |generation: &Generation| {
+            generation
+                .bus
+                .encode_job(&generation.job)
+                .map_err(|too_large| ApiError::JobTooLarge {
+                    job: "refused job",
+                    too_large,
+                })
+        };
         match self.phase.clone() {
             Phase::Prefill { generate_id, .. } => {
                 let Some(other) = self.registry.pick_context_excluding(&self.refused, now) else {
@@ -48,7 +58,7 @@ impl Generation {
                 self.bus
                     .publish_job(
                         self.bus.subjects.prefill_direct(&other),
-                        &job,
+                        encode(self)?,
                         "publishing a refused prefill job",
                     )
                     .await?;
@@ -65,7 +75,8 @@ impl Generation {
                 };
                 tracing::info!(request_id = %self.request_id, refused_by = %worker_id, to = %other,
                     %reason, "a generation worker refused the job: sending it to another");
-                self.publish_generate_job(other, &job, "publishing a refused job")
+                let encoded = encode(self)?;
+                self.publish_generate_job(other, encoded, "publishing a refused job")
                     .await?;
             }
         }

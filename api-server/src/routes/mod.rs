@@ -94,6 +94,7 @@ pub(crate) async fn start_generation(
             prompt_ids,
             sampling: valid.sampling.clone(),
             stop,
+            prompt_param: valid.prompt_param(),
         })
     }
     .await;

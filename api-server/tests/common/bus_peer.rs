@@ -135,6 +135,7 @@ pub fn scripted_kv_peer(worker_id: &str) -> KvPeer {
     KvPeer {
         host_id: format!("host-of-{worker_id}"),
         cuda_ipc: true,
+        coalesced_regions: true,
     }
 }
 

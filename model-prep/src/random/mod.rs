@@ -34,10 +34,57 @@ pub const TINY_VOCAB_SIZE: usize = 512;
 #[derive(Debug, Clone)]
 pub struct RandomOptions {
     pub preset: String,
+    /// Shapes that differ from the preset's.
+    pub shape: ShapeOverrides,
     pub seed: u64,
     pub dtype: DType,
     /// Replace a non-empty output directory.
     pub force: bool,
+}
+
+/// Shapes that differ from a preset's (`model-prep random --layers 1 ...`), for models of
+/// unusual proportions a test needs: e.g. one layer and a 128k-token context, so a long prompt
+/// prefills in seconds on a CPU. Each `None` keeps the preset's value. The head dimension
+/// follows a new hidden size or head count (hidden / heads) unless it is given itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShapeOverrides {
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub vocab_size: Option<usize>,
+    pub max_position_embeddings: Option<usize>,
+}
+
+impl ShapeOverrides {
+    fn apply(&self, config: &mut ModelConfig) {
+        let set = |field: &mut usize, value: Option<usize>| {
+            if let Some(value) = value {
+                *field = value;
+            }
+        };
+        set(&mut config.hidden_size, self.hidden_size);
+        set(&mut config.intermediate_size, self.intermediate_size);
+        set(&mut config.num_hidden_layers, self.num_hidden_layers);
+        set(&mut config.num_attention_heads, self.num_attention_heads);
+        set(&mut config.vocab_size, self.vocab_size);
+        set(
+            &mut config.max_position_embeddings,
+            self.max_position_embeddings,
+        );
+        if let Some(kv_heads) = self.num_key_value_heads {
+            config.num_key_value_heads = Some(kv_heads);
+        }
+        config.head_dim = match self.head_dim {
+            Some(head_dim) => Some(head_dim),
+            None if self.hidden_size.is_some() || self.num_attention_heads.is_some() => {
+                Some(config.hidden_size / config.num_attention_heads.max(1))
+            }
+            None => config.head_dim,
+        };
+    }
 }
 
 /// What was written.
@@ -69,15 +116,20 @@ pub enum RandomError {
     WriterPanicked,
 }
 
-/// The config a preset's random model gets: the preset's shapes, the vocabulary size and
-/// special-token ids of the synthetic tokenizer, and the dtype.
-pub fn preset_config(name: &str, dtype: DType) -> Result<ModelConfig, RandomError> {
+/// The config a preset's random model gets: the preset's shapes with `shape`'s changes, the
+/// vocabulary size and special-token ids of the synthetic tokenizer, and the dtype.
+pub fn preset_config(
+    name: &str,
+    shape: &ShapeOverrides,
+    dtype: DType,
+) -> Result<ModelConfig, RandomError> {
     let mut config = preset(name).ok_or_else(|| RandomError::UnknownPreset {
         name: name.to_string(),
     })?;
     if config.vocab_size == 0 {
         config.vocab_size = TINY_VOCAB_SIZE;
     }
+    shape.apply(&mut config);
     // The synthetic tokenizer has its own special tokens; the config must name those, not the
     // original model's (Llama 3's bos 128000 would be an ordinary merge here).
     config.bos_token_id = Some(TokenIds::One(tokenizer::BOS_ID));
@@ -89,7 +141,7 @@ pub fn preset_config(name: &str, dtype: DType) -> Result<ModelConfig, RandomErro
 
 /// Writes a random model into `out` (atomically: nothing appears there unless complete).
 pub fn generate(options: &RandomOptions, out: &Path) -> Result<RandomSummary, RandomError> {
-    let config = preset_config(&options.preset, options.dtype)?;
+    let config = preset_config(&options.preset, &options.shape, options.dtype)?;
     let staged = StagedDir::new(out, options.force)?;
     let dir = staged.path();
 
@@ -188,6 +240,7 @@ mod tests {
         let out = root.path().join("tiny");
         let options = RandomOptions {
             preset: "tiny".into(),
+            shape: ShapeOverrides::default(),
             seed: 0,
             dtype: DType::F32,
             force: false,
@@ -218,16 +271,59 @@ mod tests {
 
     #[test]
     fn unknown_preset_names_the_known_ones() {
-        let err = preset_config("gpt-5", DType::BF16).unwrap_err();
+        let err = preset_config("gpt-5", &ShapeOverrides::default(), DType::BF16).unwrap_err();
         assert!(err.to_string().contains("smollm2-135m"), "{err}");
     }
 
     #[test]
     fn every_preset_config_has_the_tokenizer_ids() {
         for name in PRESET_NAMES {
-            let config = preset_config(name, DType::BF16).unwrap();
+            let config = preset_config(name, &ShapeOverrides::default(), DType::BF16).unwrap();
             assert_eq!(config.eos_token_ids(), vec![tokenizer::EOS_ID]);
             assert!(config.vocab_size >= tokenizer::MIN_VOCAB_SIZE);
         }
+    }
+
+    #[test]
+    fn shape_overrides_change_only_what_they_name() {
+        let tiny = preset_config("tiny", &ShapeOverrides::default(), DType::F32).unwrap();
+        let long = ShapeOverrides {
+            num_hidden_layers: Some(1),
+            max_position_embeddings: Some(131_072),
+            vocab_size: Some(32_000),
+            ..ShapeOverrides::default()
+        };
+        let config = preset_config("tiny", &long, DType::F32).unwrap();
+        assert_eq!(config.num_hidden_layers, 1);
+        assert_eq!(config.max_position_embeddings, 131_072);
+        assert_eq!(config.vocab_size, 32_000);
+        assert_eq!(config.hidden_size, tiny.hidden_size);
+        assert_eq!(config.head_dim(), tiny.head_dim());
+        // A new hidden size or head count moves the head dimension with it, unless given.
+        let narrow = ShapeOverrides {
+            hidden_size: Some(16),
+            num_attention_heads: Some(2),
+            num_key_value_heads: Some(1),
+            ..ShapeOverrides::default()
+        };
+        let config = preset_config("tiny", &narrow, DType::F32).unwrap();
+        assert_eq!((config.head_dim(), config.num_kv_heads()), (8, 1));
+        let explicit = ShapeOverrides {
+            head_dim: Some(4),
+            ..narrow
+        };
+        assert_eq!(
+            preset_config("tiny", &explicit, DType::F32)
+                .unwrap()
+                .head_dim(),
+            4
+        );
+        // Shapes the model cannot have are refused, naming the key.
+        let odd = ShapeOverrides {
+            head_dim: Some(3),
+            ..ShapeOverrides::default()
+        };
+        let err = preset_config("tiny", &odd, DType::F32).unwrap_err();
+        assert!(err.to_string().contains("head_dim"), "{err}");
     }
 }

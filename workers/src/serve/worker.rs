@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::Client;
@@ -17,6 +17,7 @@ use tandem_protocol::messages::{
     self, GenerateJob, Heartbeat, KvPeer, KvPullStats, KvTransferStats, RejectReason,
     StreamMessage, WorkerRole,
 };
+use tandem_protocol::payload::{self, TooLarge};
 use tandem_protocol::subjects::Subjects;
 use tokio::sync::mpsc;
 
@@ -27,6 +28,21 @@ use crate::engine::{EngineError, EngineEvent, EngineHandle, RequestId};
 /// callers wait once that buffer is full; a worker cut off from NATS must still notice signals
 /// and finish its drain, so no publish waits longer than this.
 pub(super) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Tests of the bus's limits set this to N: a request's stream task waits N ms after each
+/// event before it gathers what has arrived, as over a slow bus, so that one batch holds many
+/// tokens (and must be split to fit the server's `max_payload`). Unset in production.
+pub const STREAM_DELAY_VAR: &str = "TANDEM_TEST_STREAM_DELAY_MS";
+
+/// [`STREAM_DELAY_VAR`], read once.
+fn stream_delay() -> Option<Duration> {
+    static DELAY: OnceLock<Option<Duration>> = OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let ms: u64 = std::env::var(STREAM_DELAY_VAR).ok()?.trim().parse().ok()?;
+        tracing::warn!("{STREAM_DELAY_VAR}={ms}: every stream waits {ms} ms per batch");
+        Some(Duration::from_millis(ms))
+    })
+}
 
 /// Who a worker is on the bus: its heartbeat's fixed fields.
 pub(super) struct Identity {
@@ -146,15 +162,18 @@ impl InFlight {
 }
 
 impl Worker {
-    /// Publishes a stream message, bounded by [`PUBLISH_TIMEOUT`].
+    /// The NATS server's `max_payload`, from its `INFO` at the last (re)connect.
+    pub fn max_payload(&self) -> usize {
+        self.client.max_payload()
+    }
+
+    /// Publishes a stream message within the server's `max_payload` ([`publish_stream`]),
+    /// each publish bounded by [`PUBLISH_TIMEOUT`]. One that cannot fit is logged and not
+    /// sent (the roles check what could be large, a `kv_ready`, before).
     pub async fn publish(&self, subject: String, message: &StreamMessage) {
-        publish_bounded(
-            &self.client,
-            subject,
-            messages::encode(message),
-            "a stream message",
-        )
-        .await;
+        if let Err(too_large) = publish_stream(&self.client, &subject, message.clone()).await {
+            tracing::error!(subject, "a stream message not sent: it is {too_large}");
+        }
     }
 
     /// Jobs accepted and not started: queued in the engine (or on their way to it), and
@@ -400,18 +419,28 @@ async fn forward(
                 None => break,
             },
         };
+        if let Some(delay) = stream_delay() {
+            tokio::time::sleep(delay).await;
+        }
         while let Ok(event) = events.try_recv() {
             batch.push(event);
         }
         for message in stream_messages(batch, with_logprobs, &mut next_index) {
             ended |= is_last(&message);
-            publish_bounded(
-                &client,
-                subject.clone(),
-                messages::encode(&message),
-                "tokens",
-            )
-            .await;
+            if let Err(too_large) = publish_stream(&client, &subject, message).await {
+                // Only a token whose alternatives alone pass the limit gets here. Dropping
+                // `events` cancels the engine request.
+                tracing::error!(%request_id, "a generated token is {too_large}: request failed");
+                let message = StreamMessage::Error {
+                    message: format!(
+                        "a generated token with its log-probabilities is {too_large}; ask \
+                         for fewer top_logprobs"
+                    ),
+                };
+                let _ = publish_stream(&client, &subject, message).await;
+                ended = true;
+                break;
+            }
         }
         if ended {
             break;
@@ -425,6 +454,40 @@ async fn forward(
         publish_bounded(&client, subject, messages::encode(&message), "an error").await;
     }
     in_flight.remove(&request_id);
+}
+
+/// Publishes one stream message within the NATS server's `max_payload` (read now: a
+/// reconnect may have reached a server with another limit): a `tokens` message too large for
+/// one is split into several, numbered on from its `index`
+/// ([`payload::tokens_messages`]). A message that cannot fit (any other kind, or a single
+/// token) is not sent: `Err`.
+pub(super) async fn publish_stream(
+    client: &Client,
+    subject: &str,
+    message: StreamMessage,
+) -> Result<(), TooLarge> {
+    let max_payload = client.max_payload();
+    let payloads = match message {
+        StreamMessage::Tokens { tokens, index } => {
+            let count = tokens.len();
+            let payloads = payload::tokens_messages(tokens, index, max_payload)?;
+            if payloads.len() > 1 {
+                tracing::debug!(
+                    subject,
+                    tokens = count,
+                    messages = payloads.len(),
+                    max_payload,
+                    "tokens split into several messages to fit max_payload"
+                );
+            }
+            payloads
+        }
+        other => vec![payload::encode_within(&other, max_payload)?],
+    };
+    for payload in payloads {
+        publish_bounded(client, subject.to_owned(), payload, "a stream message").await;
+    }
+    Ok(())
 }
 
 /// Publishes `payload` on `subject`, giving up (with a warning) after [`PUBLISH_TIMEOUT`].

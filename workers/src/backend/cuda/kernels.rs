@@ -51,10 +51,59 @@ const VEC_ATTENTION_HEAD_DIMS: &[(usize, &str)] = &[
 /// Query heads per block of `paged_attention_vec_d*` (`ATTN_VEC_GMAX` in attention.cu).
 pub const ATTN_VEC_HEADS: usize = 4;
 
-/// Dynamic shared memory of `flash_prefill_d{head_dim}`: two K and two V tiles of 32 keys
-/// (`FA_KEYS`), rows padded by 8 halves (`flash.cu`).
-pub fn flash_smem_bytes(head_dim: usize) -> usize {
-    2 * 2 * 32 * (head_dim + 8) * 2
+/// The prefill attention kernel's tile settings (`flash.cu`), which decide its dynamic shared
+/// memory: the kernel's defaults, or what `-D FA_KEYS=` / `-D FA_Q_SMEM=` definitions set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlashConfig {
+    /// Keys per shared-memory tile (`FA_KEYS`, a multiple of 32).
+    pub keys: usize,
+    /// The query rows live in shared memory (`FA_Q_SMEM`).
+    pub q_in_smem: bool,
+}
+
+impl Default for FlashConfig {
+    fn default() -> Self {
+        FlashConfig {
+            keys: 32,
+            q_in_smem: false,
+        }
+    }
+}
+
+impl FlashConfig {
+    /// Query rows per block and head (`FA_ROWS`).
+    const ROWS: usize = 128;
+
+    /// The settings `defines` (`NAME=VALUE`) give the kernel, over its defaults.
+    pub fn from_defines(defines: &[String]) -> Self {
+        let value = |name: &str| {
+            defines
+                .iter()
+                .filter_map(|d| d.split_once('='))
+                .filter(|(n, _)| *n == name)
+                .filter_map(|(_, v)| v.trim().parse::<usize>().ok())
+                .next_back()
+        };
+        let default = FlashConfig::default();
+        FlashConfig {
+            keys: value("FA_KEYS").unwrap_or(default.keys),
+            q_in_smem: value("FA_Q_SMEM").map_or(default.q_in_smem, |v| v != 0),
+        }
+    }
+
+    /// Dynamic shared memory of `flash_prefill_d{head_dim}` with `heads` query heads per
+    /// block: two K and two V tiles of `keys` rows, and with `q_in_smem` each head's query
+    /// rows; rows padded by 8 halves.
+    pub fn smem_bytes(&self, head_dim: usize, heads: usize) -> usize {
+        let row_bytes = (head_dim + 8) * 2;
+        let kv = 2 * 2 * self.keys * row_bytes;
+        let q = if self.q_in_smem {
+            heads * Self::ROWS * row_bytes
+        } else {
+            0
+        };
+        kv + q
+    }
 }
 
 /// Query heads per block of `flash_prefill_d*_h2`.
@@ -112,6 +161,8 @@ pub struct Kernels {
     pub flash_prefill_pairs: Vec<(usize, CudaFunction)>,
     /// `gemv_bf16_m{M}` for M = 1..=GEMV_MAX_ROWS (index M - 1).
     pub gemv: Vec<CudaFunction>,
+    /// The prefill attention kernels' tile settings (their shared memory).
+    pub flash_config: FlashConfig,
     /// Where the cubin came from, for the start-up log.
     pub origin: String,
 }
@@ -152,9 +203,12 @@ impl Kernels {
             .map_err(|e| KernelError::Load(e.to_string()))?;
         let f = |name: &'static str| function(&module, name);
         // Prefill attention for head dims 64 and 128, allowed the dynamic shared memory it
-        // needs (35 KiB at head dim 128, under the 48 KiB a block gets without asking; set
-        // anyway, so a larger tile needs no change here).
-        let flash = |names: &[&'static str; 2]| -> Result<Vec<(usize, CudaFunction)>, KernelError> {
+        // needs (35 KiB at head dim 128 by default, under the 48 KiB a block gets without
+        // asking; larger tiles need the attribute).
+        let flash_config = FlashConfig::from_defines(defines);
+        let flash = |names: &[&'static str; 2],
+                     heads: usize|
+         -> Result<Vec<(usize, CudaFunction)>, KernelError> {
             [64, 128]
                 .into_iter()
                 .zip(names)
@@ -163,7 +217,7 @@ impl Kernels {
                     kernel
                         .set_attribute(
                             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            flash_smem_bytes(d) as i32,
+                            flash_config.smem_bytes(d, heads) as i32,
                         )
                         .map_err(|e| KernelError::Load(format!("{name}: {e}")))?;
                     Ok((d, kernel))
@@ -190,8 +244,12 @@ impl Kernels {
                 .map(|&(d, name)| Ok((d, f(name)?)))
                 .collect::<Result<_, KernelError>>()?,
             attention_combine: f("attention_combine")?,
-            flash_prefill: flash(&["flash_prefill_d64", "flash_prefill_d128"])?,
-            flash_prefill_pairs: flash(&["flash_prefill_d64_h2", "flash_prefill_d128_h2"])?,
+            flash_prefill: flash(&["flash_prefill_d64", "flash_prefill_d128"], 1)?,
+            flash_prefill_pairs: flash(
+                &["flash_prefill_d64_h2", "flash_prefill_d128_h2"],
+                FLASH_PAIR_HEADS,
+            )?,
+            flash_config,
             gemv: GEMV_NAMES
                 .iter()
                 .map(|&name| f(name))
@@ -312,6 +370,29 @@ fn store(path: &PathBuf, bytes: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    use super::FlashConfig;
+
+    #[test]
+    fn flash_shared_memory_follows_the_definitions() {
+        let default = FlashConfig::from_defines(&[]);
+        assert_eq!(default, FlashConfig::default());
+        // The kernel's own tiles: 2 x (K, V) x 32 keys x (128 + 8) halves.
+        assert_eq!(default.smem_bytes(128, 2), 34_816);
+        let wide = FlashConfig::from_defines(&[
+            "GEMV_UNROLL=8".into(),
+            "FA_KEYS=64".into(),
+            "FA_Q_SMEM=1".into(),
+        ]);
+        assert_eq!(
+            wide,
+            FlashConfig {
+                keys: 64,
+                q_in_smem: true
+            }
+        );
+        assert_eq!(wide.smem_bytes(128, 2), 2 * 34_816 + 2 * 128 * 136 * 2);
+        assert_eq!(wide.smem_bytes(128, 1), 2 * 34_816 + 128 * 136 * 2);
+    }
     /// The `.cu` files compile for Hopper. Runs wherever `libnvrtc` loads (a GPU machine, or
     /// here with the `nvidia-cuda-nvrtc` wheel's library on LD_LIBRARY_PATH); skipped elsewhere.
     #[test]

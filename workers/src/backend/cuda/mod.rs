@@ -469,7 +469,10 @@ impl CudaBackend {
                 1,
             ),
             block_dim: (128 * heads_per_block as u32, 1, 1),
-            shared_mem_bytes: kernels::flash_smem_bytes(shape.head_dim) as u32,
+            shared_mem_bytes: self
+                .kernels
+                .flash_config
+                .smem_bytes(shape.head_dim, heads_per_block) as u32,
         };
         self.launch(b, cfg, "flash_prefill")
     }

@@ -21,6 +21,7 @@ use futures::StreamExt;
 use tandem_protocol::messages::{
     self, GenerateJob, KvPeer, KvPullStats, KvRelease, KvTransferStats, StreamMessage,
 };
+use tandem_protocol::payload;
 use tandem_protocol::subjects::CONTEXT_QUEUE_GROUP;
 use tokio::sync::mpsc;
 use tokio::time::{Interval, MissedTickBehavior};
@@ -166,6 +167,7 @@ impl ContextRole {
                     (Some(first), Ok((exported, backend))) => {
                         let timeout = locked(&self.ledger).timeout();
                         let expires = unix_ms() + timeout.as_millis() as u64;
+                        let coalesced = job.kv_reader.as_ref().is_some_and(|r| r.coalesced_regions);
                         let handle = kv_handle(
                             &HandleSource {
                                 worker_id: &self.worker.identity.worker_id,
@@ -174,26 +176,50 @@ impl ContextRole {
                                 layout: &self.exporter.kv.layout,
                             },
                             &exported,
+                            coalesced,
                             num_tokens,
                             first,
                             seed,
                             expires,
                         );
-                        locked(&self.ledger).hold(
-                            job.request_id.clone(),
-                            exported,
-                            prompt_tokens,
-                            blocks,
-                        );
-                        tracing::debug!(
-                            request_id = job.request_id,
-                            blocks = handle.blocks.len(),
-                            %backend,
-                            "prefill done, KV exported"
-                        );
-                        vec![StreamMessage::KvReady {
+                        let regions = handle.blocks.len();
+                        let ready = StreamMessage::KvReady {
                             handle: Box::new(handle),
-                        }]
+                        };
+                        match payload::encode_within(&ready, self.worker.max_payload()) {
+                            Ok(_) => {
+                                locked(&self.ledger).hold(
+                                    job.request_id.clone(),
+                                    exported,
+                                    prompt_tokens,
+                                    blocks,
+                                );
+                                tracing::debug!(
+                                    request_id = job.request_id,
+                                    regions,
+                                    %backend,
+                                    "prefill done, KV exported"
+                                );
+                                vec![ready]
+                            }
+                            Err(too_large) => {
+                                // Nobody can pull an export whose handle cannot be sent: it
+                                // is freed here, and the api-server prefills elsewhere.
+                                locked(&self.ledger).unreserve(prompt_tokens);
+                                drop(exported);
+                                tracing::error!(
+                                    request_id = job.request_id,
+                                    regions,
+                                    "the KV handle is {too_large}: not handed over"
+                                );
+                                vec![StreamMessage::Error {
+                                    message: format!(
+                                        "the context worker's KV handle ({regions} regions) is \
+                                         {too_large}"
+                                    ),
+                                }]
+                            }
+                        }
                     }
                     (first, exported) => {
                         locked(&self.ledger).unreserve(prompt_tokens);

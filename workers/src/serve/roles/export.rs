@@ -44,10 +44,32 @@ pub struct HandleSource<'a> {
     pub layout: &'a KvLayout,
 }
 
-/// The handle of an exported request: one region per block of the exported buffer.
+/// The regions of a handle for `exported` (the blocks back to back): one for the whole
+/// buffer when the reader reads regions of several blocks (`coalesced`), else one per block.
+/// The single region keeps a handle a few hundred bytes for any prompt; one per block takes
+/// about 40 bytes of the bus's `max_payload` per block (8,192 blocks for a 128k-token prompt
+/// in blocks of 16).
+pub fn handle_regions(exported: &Exported, block_bytes: u64, coalesced: bool) -> Vec<KvRegion> {
+    if coalesced {
+        return vec![KvRegion {
+            addr: exported.addr,
+            len: exported.len,
+        }];
+    }
+    (0..exported.len / block_bytes)
+        .map(|i| KvRegion {
+            addr: exported.addr + i * block_bytes,
+            len: block_bytes,
+        })
+        .collect()
+}
+
+/// The handle of an exported request; `coalesced`: its reader reads regions of several
+/// blocks ([`handle_regions`]).
 pub fn kv_handle(
     source: &HandleSource<'_>,
     exported: &Exported,
+    coalesced: bool,
     num_tokens: usize,
     first_token: TokenEvent,
     seed: u64,
@@ -59,13 +81,7 @@ pub fn kv_handle(
         backend,
         layout,
     } = *source;
-    let block_bytes = layout.block_bytes() as u64;
-    let blocks = (0..exported.len / block_bytes)
-        .map(|i| KvRegion {
-            addr: exported.addr + i * block_bytes,
-            len: block_bytes,
-        })
-        .collect();
+    let blocks = handle_regions(exported, layout.block_bytes() as u64, coalesced);
     let (address, rkey, cuda_ipc) = match &exported.memory {
         RemoteMemory::Registered { address, rkey } => (to_hex(address), to_hex(rkey), None),
         RemoteMemory::CudaIpc(source) => {
@@ -102,11 +118,12 @@ impl Exporter {
         }
     }
 
-    /// How this worker exchanges K/V, for its heartbeat.
+    /// How this worker exchanges K/V, for its heartbeat (it exports; it reads no handles).
     pub fn kv_peer(&self) -> KvPeer {
         KvPeer {
             host_id: self.kv.host_id.clone(),
             cuda_ipc: self.kv.cuda_ipc.is_some(),
+            coalesced_regions: false,
         }
     }
 
@@ -169,8 +186,13 @@ pub(super) mod fixtures {
     }
 
     /// 5 tokens in 3 blocks of [`layout`], exported to host memory (UCX,
-    /// `Exported::fixture`), first token 5.
+    /// `Exported::fixture`), first token 5, one region per block.
     pub fn handle(seed: u64, expires_unix_ms: u64) -> KvHandle {
+        handle_of(false, seed, expires_unix_ms)
+    }
+
+    /// [`handle`], with one region for the export when `coalesced`.
+    pub fn handle_of(coalesced: bool, seed: u64, expires_unix_ms: u64) -> KvHandle {
         let first = TokenEvent {
             id: 5,
             text: String::new(),
@@ -186,6 +208,7 @@ pub(super) mod fixtures {
         kv_handle(
             &source,
             &Exported::fixture(),
+            coalesced,
             5,
             first,
             seed,
@@ -203,6 +226,7 @@ mod tests {
         let reader = |host: &str, cuda_ipc| KvPeer {
             host_id: host.into(),
             cuda_ipc,
+            coalesced_regions: true,
         };
         assert!(exports_on_device(Some(&reader("h1", true)), "h1", true));
         assert!(
@@ -240,5 +264,18 @@ mod tests {
             (handle.address.as_str(), handle.rkey.as_str()),
             ("01", "02")
         );
+    }
+
+    #[test]
+    fn a_reader_of_coalesced_regions_gets_one_region_for_the_export() {
+        let handle = fixtures::handle_of(true, 9, 123);
+        assert_eq!(
+            handle.blocks,
+            vec![KvRegion {
+                addr: 4096,
+                len: 3 * 128
+            }]
+        );
+        assert_eq!(handle.num_tokens, 5);
     }
 }

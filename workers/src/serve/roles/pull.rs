@@ -283,6 +283,7 @@ impl KvPuller {
         KvPeer {
             host_id: self.kv.host_id.clone(),
             cuda_ipc: self.cuda_ipc_reads.load(Ordering::Relaxed),
+            coalesced_regions: true,
         }
     }
 
@@ -474,7 +475,7 @@ impl KvPuller {
                 }
             )));
         };
-        let expected = handle.blocks.len() as u64 * handle.layout.block_bytes;
+        let expected: u64 = handle.blocks.iter().map(|r| r.len).sum();
         if kv.len() as u64 != expected {
             return Err(TransferError::InvalidHandle(format!(
                 "pulled {} bytes, expected {expected}",
@@ -528,10 +529,11 @@ fn model_mismatch(handle: &KvHandle, own: &Identity) -> Option<String> {
 }
 
 /// Checks everything a handle from the bus claims before anything is allocated or read: its
-/// token count is the job's prompt, its regions are one whole block each and as many as the
-/// tokens need, its addressing fields are bounded, and a CUDA IPC handle's regions lie inside
-/// the allocation it announces. A handle that fails is a failed pull (a local prefill), never
-/// a read of memory it did not describe. (The layout is compared before.)
+/// token count is the job's prompt, its regions are whole blocks (one each, or runs of several:
+/// this worker advertises `coalesced_regions`) adding up to exactly the blocks the tokens
+/// need, its addressing fields are bounded, and a CUDA IPC handle's regions lie inside the
+/// allocation it announces. A handle that fails is a failed pull (a local prefill), never a
+/// read of memory it did not describe. (The layout is compared before.)
 fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> Result<(), String> {
     let tokens = handle.num_tokens as usize;
     if tokens == 0 || tokens != prompt_tokens {
@@ -539,22 +541,30 @@ fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> 
             "the handle holds K/V of {tokens} tokens for a prompt of {prompt_tokens}"
         ));
     }
-    let blocks = tokens.div_ceil(own.block_size.max(1) as usize);
-    if handle.blocks.len() != blocks {
+    let blocks = tokens.div_ceil(own.block_size.max(1) as usize) as u64;
+    if handle.blocks.is_empty() || handle.blocks.len() as u64 > blocks {
         return Err(format!(
-            "{} regions for {tokens} tokens in blocks of {} (expected {blocks})",
+            "{} regions for {tokens} tokens in blocks of {} (expected 1 to {blocks})",
             handle.blocks.len(),
             own.block_size
         ));
     }
-    if let Some(bad) = handle
-        .blocks
-        .iter()
-        .find(|r| r.len != own.block_bytes || r.addr.checked_add(r.len).is_none())
-    {
+    if let Some(bad) = handle.blocks.iter().find(|r| {
+        r.len == 0 || r.len % own.block_bytes.max(1) != 0 || r.addr.checked_add(r.len).is_none()
+    }) {
         return Err(format!(
             "a region of {} bytes at {:#x} (blocks are {} bytes)",
             bad.len, bad.addr, own.block_bytes
+        ));
+    }
+    let covered = handle.blocks.iter().try_fold(0u64, |sum, r| {
+        sum.checked_add(r.len / own.block_bytes.max(1))
+    });
+    if covered != Some(blocks) {
+        return Err(format!(
+            "regions of {} blocks for {tokens} tokens in blocks of {} (expected {blocks})",
+            covered.map_or_else(|| "too many".to_owned(), |n| n.to_string()),
+            own.block_size
         ));
     }
     if handle.address.len() > MAX_HANDLE_HEX || handle.rkey.len() > MAX_HANDLE_HEX {
@@ -684,8 +694,38 @@ mod tests {
         };
         refused(&|_| {}, 6, "for a prompt of 6");
         refused(&|h| h.num_tokens = 0, 0, "0 tokens");
-        refused(&|h| h.blocks.truncate(2), 5, "2 regions");
-        refused(&|h| h.blocks[1].len = 4096, 5, "a region of 4096 bytes");
+        refused(&|h| h.blocks.truncate(2), 5, "regions of 2 blocks");
+        refused(&|h| h.blocks.clear(), 5, "0 regions");
+        refused(&|h| h.blocks.push(h.blocks[2]), 5, "4 regions for 5 tokens");
+        refused(&|h| h.blocks[1].len = 4096, 5, "regions of 34 blocks");
+        refused(&|h| h.blocks[1].len = 100, 5, "a region of 100 bytes");
+        refused(&|h| h.blocks[1].len = 0, 5, "a region of 0 bytes");
+        // One region for the whole export (a reader of coalesced regions), or any runs of
+        // whole blocks, as long as they add up to the prompt's blocks.
+        let coalesced = super::super::export::fixtures::handle_of(true, 1, u64::MAX);
+        assert_eq!(coalesced.blocks.len(), 1);
+        assert_eq!(check_handle(&coalesced, &own, 5), Ok(()));
+        let mut runs = good.clone();
+        runs.blocks = vec![
+            tandem_protocol::messages::KvRegion {
+                addr: 4096,
+                len: 256,
+            },
+            good.blocks[2],
+        ];
+        assert_eq!(check_handle(&runs, &own, 5), Ok(()));
+        refused(
+            &|h| h.blocks = vec![coalesced.blocks[0], coalesced.blocks[0]],
+            5,
+            "regions of 6 blocks",
+        );
+        let mut too_long = coalesced.clone();
+        too_long.blocks[0].len += 128;
+        assert!(
+            check_handle(&too_long, &own, 5)
+                .unwrap_err()
+                .contains("regions of 4 blocks")
+        );
         refused(&|h| h.blocks[2].addr = u64::MAX - 10, 5, "a region of");
         refused(&|h| h.rkey = "ab".repeat(MAX_HANDLE_HEX), 5, "too long");
         refused(&|h| h.address.clear(), 5, "without an address");
