@@ -4,8 +4,9 @@
 //!
 //! Modules: `cli` (flags and help), `model` (which model directory, the default model),
 //! `plan` (config → processes and their arguments), `binaries` (finding the programs),
-//! `child` (spawning, output, signals), `nats` (our own nats-server), `health` (readiness
-//! probe), `supervisor` (start-up, supervision, shutdown).
+//! `child` (spawning, output, signals), `nats` (our own nats-server), `secrets` (the fresh
+//! NATS token and KV secret of a deployment), `health` (readiness probe), `supervisor`
+//! (start-up, supervision, shutdown).
 
 mod binaries;
 mod child;
@@ -15,6 +16,7 @@ mod model;
 mod nats;
 mod plan;
 mod restart;
+mod secrets;
 mod supervisor;
 
 use std::net::TcpListener;
@@ -85,6 +87,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         served_model_name: args.served_model_name.clone(),
         nats: args.nats.clone(),
         parts: plan::Parts::only(&args.only),
+        kv_secret_in_env: [tandem_cli::args::KV_SECRET_VAR, "TANDEM_KV_SECRET_FILE"]
+            .iter()
+            .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty())),
     };
     if let Some(url) = &overrides.nats
         && !(url.starts_with("nats://") || url.starts_with("tls://"))

@@ -38,12 +38,7 @@ pub struct OwnNats {
 
 /// A fresh token: 32 hex digits from the kernel's random source.
 fn random_token() -> anyhow::Result<String> {
-    use std::io::Read as _;
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("reading /dev/urandom for the NATS token")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    crate::secrets::random_hex(16, "NATS token")
 }
 
 /// nats-server's config: listen address, largest message, token.

@@ -162,6 +162,23 @@ impl WorkerSpec {
 /// The CUDA MPS client's share of the SMs, in percent (a group's `mps_sm_percent`).
 pub const MPS_PERCENT_VAR: &str = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE";
 
+/// Where the workers' KV secret comes from (context workers sign KV handles with it, decode
+/// workers check them; docs/security.md). Every worker that exchanges K/V with another must
+/// hold the same one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvSecretSource {
+    /// The config's `kv_secret_file`: each worker gets `--kv-secret-file` (a path, no secret).
+    File(PathBuf),
+    /// The launcher's environment names one (`TANDEM_KV_SECRET` or `TANDEM_KV_SECRET_FILE`):
+    /// the workers inherit it.
+    Environment,
+    /// A fresh random secret per deployment, made at start and handed to the workers in
+    /// their environment: a deployment started whole by this launcher.
+    Generated,
+    /// This launcher starts no worker (`--only api-server`).
+    NotNeeded,
+}
+
 /// Everything `tandem serve` starts, resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -189,6 +206,8 @@ pub struct Plan {
     pub max_pending_requests: Option<usize>,
     /// The config's `migration_limit` (absent: the api-server's default).
     pub migration_limit: Option<u32>,
+    /// The workers' KV secret.
+    pub kv_secret: KvSecretSource,
     /// Things the operator should know (keys without effect, groups not started).
     pub warnings: Vec<String>,
 }
@@ -202,6 +221,9 @@ pub struct Overrides {
     pub nats: Option<String>,
     /// What this launcher starts (`--only`).
     pub parts: Parts,
+    /// The launcher's environment holds a KV secret (`TANDEM_KV_SECRET` or
+    /// `TANDEM_KV_SECRET_FILE`), which its workers inherit.
+    pub kv_secret_in_env: bool,
 }
 
 /// Builds the plan. `config` is `None` when no file was given: then the defaults of the config
@@ -210,7 +232,8 @@ pub struct Overrides {
 /// name). `cores` sizes the CPU workers' thread pools.
 ///
 /// Fails when `overrides.parts` is part of a deployment with no NATS server to share with
-/// the other hosts, or starts nothing.
+/// the other hosts, starts nothing, or starts workers without a KV secret they can share with
+/// the other hosts' workers.
 pub fn plan(
     config: Option<&DeploymentConfig>,
     model: PathBuf,
@@ -311,6 +334,7 @@ pub fn plan(
             );
         }
     }
+    let kv_secret = kv_secret_source(config, overrides, !workers.is_empty())?;
 
     Ok(Plan {
         model,
@@ -337,8 +361,40 @@ pub fn plan(
         metrics_require_key: config.metrics_require_key,
         max_pending_requests: config.max_pending_requests,
         migration_limit: config.migration_limit,
+        kv_secret,
         warnings,
     })
+}
+
+/// Where the workers' KV secret comes from: the config's `kv_secret_file`, else the
+/// launcher's environment, else a fresh one, which only a launcher starting the whole
+/// deployment can make: with `--only`, other hosts' workers exchange K/V with these, and a
+/// secret of this launcher's own would make them refuse each other's handles.
+fn kv_secret_source(
+    config: &DeploymentConfig,
+    overrides: &Overrides,
+    starts_workers: bool,
+) -> anyhow::Result<KvSecretSource> {
+    if !starts_workers {
+        return Ok(KvSecretSource::NotNeeded);
+    }
+    if let Some(file) = &config.kv_secret_file {
+        return Ok(KvSecretSource::File(PathBuf::from(file)));
+    }
+    if overrides.kv_secret_in_env {
+        return Ok(KvSecretSource::Environment);
+    }
+    if !overrides.parts.everything() {
+        bail!(
+            "--only {} starts workers of a deployment whose other workers run elsewhere, and \
+             they must all hold the same KV secret (context workers sign KV handles with it, \
+             decode workers check them): put one secret of at least 32 bytes in a file on \
+             every host (e.g. `openssl rand -hex 32 > /etc/tandem/kv-secret`, mode 600) and \
+             name it in the config's kv_secret_file, or set TANDEM_KV_SECRET_FILE",
+            overrides.parts.describe()
+        );
+    }
+    Ok(KvSecretSource::Generated)
 }
 
 /// The flags of a group's workers: their role, and the group's scheduler, KV cache, GPU and
@@ -388,10 +444,16 @@ fn group_args(
 }
 
 impl Plan {
-    /// `worker` arguments for one instance, joining NATS at `nats_url`.
+    /// `worker` arguments for one instance, joining NATS at `nats_url` (and reading the
+    /// config's `kv_secret_file`, if it names one).
     pub fn worker_args(&self, worker: &WorkerSpec, nats_url: &str) -> WorkerArgs {
+        let kv_secret_file = match &self.kv_secret {
+            KvSecretSource::File(path) => Some(path.clone()),
+            _ => worker.args.kv_secret_file.clone(),
+        };
         WorkerArgs {
             nats: nats_url.to_string(),
+            kv_secret_file,
             ..worker.args.clone()
         }
     }
@@ -820,10 +882,13 @@ generation_servers:
         assert_eq!(parsed, args);
     }
 
+    /// `--only parts`, with a KV secret in the launcher's environment (as every host of
+    /// such a deployment needs one: [`a_split_deployment_needs_a_shared_kv_secret`]).
     fn only(parts: &[Part], nats: Option<&str>) -> Overrides {
         Overrides {
             parts: Parts::only(parts),
             nats: nats.map(str::to_string),
+            kv_secret_in_env: true,
             ..Overrides::default()
         }
     }
@@ -929,5 +994,88 @@ generation_servers:
         assert_eq!(plan.external_nats.as_deref(), Some("nats://h:4222"));
         assert_eq!(plan.workers.len(), 1);
         assert_eq!(plan.workers[0].role(), WorkerRole::Both);
+    }
+
+    #[test]
+    fn a_whole_deployment_gets_a_fresh_kv_secret_and_the_config_can_name_a_file() {
+        let plan = plan(None, "/m/x".into(), None, &Overrides::default(), 4).unwrap();
+        assert_eq!(plan.kv_secret, KvSecretSource::Generated);
+        assert!(!args_of(&plan, 0).join(" ").contains("--kv-secret-file"));
+        // One in the launcher's environment is inherited as it is.
+        let inherited = Overrides {
+            kv_secret_in_env: true,
+            ..Overrides::default()
+        };
+        let plan = super::plan(None, "/m/x".into(), None, &inherited, 4).unwrap();
+        assert_eq!(plan.kv_secret, KvSecretSource::Environment);
+        // The config's file wins, and goes to every worker as a path (never the secret).
+        let config = DeploymentConfig::parse("kv_secret_file: /run/secrets/kv", "c.yaml").unwrap();
+        let plan = super::plan(Some(&config), "/m/x".into(), None, &inherited, 4).unwrap();
+        assert_eq!(
+            plan.kv_secret,
+            KvSecretSource::File("/run/secrets/kv".into())
+        );
+        for worker in 0..plan.workers.len() {
+            assert!(
+                args_of(&plan, worker)
+                    .join(" ")
+                    .ends_with("--kv-secret-file /run/secrets/kv"),
+                "{:?}",
+                args_of(&plan, worker)
+            );
+        }
+    }
+
+    #[test]
+    fn a_split_deployment_needs_a_shared_kv_secret() {
+        let yaml = "nats: { url: \"nats://h:4222\" }";
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let without_secret = |parts: &[Part]| Overrides {
+            kv_secret_in_env: false,
+            ..only(parts, None)
+        };
+        for parts in [&[Part::Context][..], &[Part::Generation], &[Part::Workers]] {
+            let err = plan(
+                Some(&config),
+                "/m/x".into(),
+                None,
+                &without_secret(parts),
+                4,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("must all hold the same KV secret") && err.contains("kv_secret_file"),
+                "{err}"
+            );
+        }
+        // The api-server alone starts no worker: it needs none.
+        let plan = super::plan(
+            Some(&config),
+            "/m/x".into(),
+            None,
+            &without_secret(&[Part::ApiServer]),
+            4,
+        )
+        .unwrap();
+        assert_eq!(plan.kv_secret, KvSecretSource::NotNeeded);
+        // The same file on every host.
+        let config = DeploymentConfig::parse(
+            &format!("{yaml}\nkv_secret_file: /etc/tandem/kv-secret"),
+            "c.yaml",
+        )
+        .unwrap();
+        let plan = super::plan(
+            Some(&config),
+            "/m/x".into(),
+            None,
+            &without_secret(&[Part::Generation]),
+            4,
+        )
+        .unwrap();
+        assert_eq!(
+            plan.kv_secret,
+            KvSecretSource::File("/etc/tandem/kv-secret".into())
+        );
     }
 }

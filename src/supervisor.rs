@@ -30,7 +30,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::child::{Child, Echo, describe};
 use crate::health::{self, Probe};
 use crate::nats;
-use crate::plan::Plan;
+use crate::plan::{KvSecretSource, Plan};
 use crate::restart::{AfterExit, RestartPolicy, Restarts};
 
 /// The programs to start.
@@ -202,6 +202,36 @@ pub async fn run(
     outcome
 }
 
+/// The environment the workers get for their KV secret (the api-server gets none: it never
+/// reads K/V), and says where the secret comes from.
+fn kv_secret_env(source: &KvSecretSource) -> anyhow::Result<Vec<(String, String)>> {
+    match source {
+        KvSecretSource::Generated => {
+            tracing::info!(
+                "KV handles are signed with a fresh secret of this deployment's (in the \
+                 workers' environment)"
+            );
+            let secret = crate::secrets::random_hex(32, "KV secret")?;
+            Ok(vec![(tandem_cli::args::KV_SECRET_VAR.to_string(), secret)])
+        }
+        KvSecretSource::File(path) => {
+            tracing::info!(
+                "KV handles are signed with the secret in {}",
+                path.display()
+            );
+            Ok(Vec::new())
+        }
+        KvSecretSource::Environment => {
+            tracing::info!(
+                "KV handles are signed with the secret in this launcher's environment \
+                 (TANDEM_KV_SECRET_FILE or TANDEM_KV_SECRET)"
+            );
+            Ok(Vec::new())
+        }
+        KvSecretSource::NotNeeded => Ok(Vec::new()),
+    }
+}
+
 async fn start_and_supervise(
     plan: &Plan,
     programs: &Programs,
@@ -225,9 +255,16 @@ async fn start_and_supervise(
         (None, None) => bail!("no NATS URL and no nats-server to start"),
     };
 
+    let kv_env = kv_secret_env(&plan.kv_secret)?;
     for spec in &plan.workers {
         let args = plan.worker_args(spec, &nats_url).to_args();
-        let env: Vec<(String, String)> = spec.env.iter().chain(&bus_env).cloned().collect();
+        let env: Vec<(String, String)> = spec
+            .env
+            .iter()
+            .chain(&bus_env)
+            .chain(&kv_env)
+            .cloned()
+            .collect();
         let child = Child::spawn_with_env(&spec.name, &programs.worker, &args, &env, Echo::All)?;
         let share = spec
             .env

@@ -165,6 +165,7 @@ pub struct Metrics {
     kv_pulls_in_flight: IntGaugeVec,
     kv_pull_peak_held_blocks: IntGaugeVec,
     kv_pulls_waited: IntCounterVec,
+    kv_handles_refused: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -349,6 +350,13 @@ impl Metrics {
             "Decode jobs that waited for room in a generation worker's KV cache before their \
              pull (since its start)",
         );
+        let kv_handles_refused = context_counter(
+            "tandem_kv_handles_refused_total",
+            "Decode jobs whose KV handle a generation worker refused before reading anything: \
+             its MAC did not verify for the job (forged, altered, moved to another request, or \
+             another KV secret), it was taken before (a replay), or it was malformed (since its \
+             start)",
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -379,6 +387,7 @@ impl Metrics {
             kv_pulls_in_flight,
             kv_pull_peak_held_blocks,
             kv_pulls_waited,
+            kv_handles_refused,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
@@ -409,6 +418,7 @@ impl Metrics {
             Box::new(metrics.kv_pulls_in_flight.clone()),
             Box::new(metrics.kv_pull_peak_held_blocks.clone()),
             Box::new(metrics.kv_pulls_waited.clone()),
+            Box::new(metrics.kv_handles_refused.clone()),
         ];
         for collector in collectors {
             metrics
@@ -536,6 +546,7 @@ impl Metrics {
                 .with_label_values(&worker)
                 .set(pulls.peak_held_blocks as i64);
             mirror_counter(&self.kv_pulls_waited, &worker, pulls.waited);
+            mirror_counter(&self.kv_handles_refused, &worker, pulls.refused_handles);
         }
         if let Some(stats) = heartbeat.kv_transfer {
             let worker = [heartbeat.worker_id.as_str()];
@@ -582,6 +593,7 @@ impl Metrics {
             &self.kv_releases,
             &self.kv_unmatched_releases,
             &self.kv_pulls_waited,
+            &self.kv_handles_refused,
         ] {
             let _ = counter.remove_label_values(&worker);
         }
@@ -752,6 +764,7 @@ mod tests {
                 in_flight: 1,
                 waited: 6,
                 peak_held_blocks: 12,
+                refused_handles: 2,
             }),
         };
         metrics.record(Event::Heartbeat(&heartbeat));
@@ -770,6 +783,7 @@ mod tests {
             "tandem_kv_pulls_in_flight{worker_id=\"w\"} 1",
             "tandem_kv_pulls_waited_total{worker_id=\"w\"} 6",
             "tandem_kv_pull_peak_held_blocks{worker_id=\"w\"} 12",
+            "tandem_kv_handles_refused_total{worker_id=\"w\"} 2",
             "tandem_live_workers{role=\"decode\"} 1",
             "tandem_live_workers{role=\"context\"} 0",
         ] {

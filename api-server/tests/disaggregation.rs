@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use common::bus_peer::{
     CONTEXT_ERROR, FAKE_BLOCK_BYTES, FAKE_BLOCK_TOKENS, SCRIPT_ANSWER, SCRIPT_CONTEXT_ANSWERS,
     SCRIPT_CONTEXT_ERROR, SCRIPT_CONTEXT_SILENT, SCRIPT_CONTEXT_VANISHES, SCRIPT_DECODE_SILENT,
-    SCRIPT_DECODE_VANISHES, SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_PULL_FAILS, SCRIPTED_TEXT,
-    SCRIPTED_TRANSPORT, ScriptedBusPeer, fake_handle, scripted_kv_peer,
+    SCRIPT_DECODE_VANISHES, SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_HANDLE_REFUSED, SCRIPT_PULL_FAILS,
+    SCRIPTED_TEXT, SCRIPTED_TRANSPORT, ScriptedBusPeer, fake_handle, scripted_kv_peer,
 };
 use common::{SERVED_NAME, start_api_server};
 use serde_json::{Value, json};
@@ -215,6 +215,7 @@ fn a_request_is_prefilled_on_the_context_worker_and_decoded_from_its_handle() {
         "context_timeout",
         "context_gone",
         "pull_failed",
+        "handle_refused",
     ] {
         assert_eq!(metric(&metrics, &fallbacks(reason)), 0.0, "{reason}");
     }
@@ -371,8 +372,12 @@ fn failed_pulls_and_context_heartbeats_show_in_metrics_and_health() {
     let d = deploy_with(&["ctx-a"], Some(stats), &[]);
     let (_, text, _, _) = read_stream(&d.server, &streamed_chat(SCRIPT_PULL_FAILS));
     assert_eq!(text, SCRIPTED_TEXT);
+    // A refused handle (say, workers with different KV secrets) is a fallback of its own.
+    let (_, text, _, _) = read_stream(&d.server, &streamed_chat(SCRIPT_HANDLE_REFUSED));
+    assert_eq!(text, SCRIPTED_TEXT);
     let metrics = d.server.http.get("/metrics").body;
     assert_eq!(metric(&metrics, &fallbacks("pull_failed")), 1.0);
+    assert_eq!(metric(&metrics, &fallbacks("handle_refused")), 1.0);
     assert_eq!(metric(&metrics, "tandem_kv_transfer_bytes_total"), 0.0);
     assert_eq!(metric(&metrics, "tandem_kv_transfer_seconds_count"), 0.0);
     for (series, value) in [

@@ -301,6 +301,10 @@ pub struct DeploymentConfig {
     /// (tandem) How often one request may move to another worker when its worker fails
     /// mid-stream. Absent: the api-server's default (3); 0: never.
     pub migration_limit: Option<u32>,
+    /// (tandem) A file holding the deployment's KV secret, with which context workers sign KV
+    /// handles and decode workers check them (the same file on every host). Absent: the
+    /// launcher makes a fresh secret for a deployment it starts whole.
+    pub kv_secret_file: Option<String>,
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
 }
@@ -335,6 +339,7 @@ impl Default for DeploymentConfig {
             metrics_require_key: false,
             max_pending_requests: None,
             migration_limit: None,
+            kv_secret_file: None,
             ignored: BTreeMap::new(),
         }
     }
@@ -464,11 +469,21 @@ nats: { url: "nats://10.0.0.5:4222" }
 router: { policy: round_robin, max_local_prefill_length: 64 }
 context_servers: { num_instances: 2, device: [ "cuda:0", "cuda:1" ] }
 generation_servers: { num_instances: 1, device: "cuda:2" }
+kv_secret_file: /run/secrets/tandem-kv
 "#;
         let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
         assert_eq!(config.router.policy, RouterPolicy::RoundRobin);
         assert_eq!(config.context_servers.device_of(1), "cuda:1");
         assert_eq!(config.generation_servers.device_of(0), "cuda:2");
+        assert_eq!(
+            config.kv_secret_file.as_deref(),
+            Some("/run/secrets/tandem-kv")
+        );
+        assert!(
+            config.ignored_keys().is_empty(),
+            "{:?}",
+            config.ignored_keys()
+        );
     }
 
     #[test]

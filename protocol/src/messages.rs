@@ -253,6 +253,15 @@ pub struct KvHandle {
     /// (Boxed: absent on most handles, and a handle travels inside `StreamMessage`.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_ipc: Option<Box<CudaIpcSource>>,
+    /// HMAC-SHA256 (64 hex digits) under the deployment's KV secret, over every field above
+    /// and the request the handle was exported for (its request id, stream subject and prompt;
+    /// docs/protocol.md, "KV handles are signed"). A decode worker that holds the secret
+    /// reads a handle only if its MAC verifies for the decode job that carries it, so a
+    /// handle altered on the bus, forged, or moved to another request reads nothing. Empty
+    /// (and absent on the wire) from a context worker without a secret, or older than the
+    /// field.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
 }
 
 /// A context worker's GPU memory that other processes of its host can map (CUDA IPC): the
@@ -461,13 +470,14 @@ pub enum StreamMessage {
     /// worker (the last message of a prefill job that continues).
     KvReady { handle: Box<KvHandle> },
     /// From a decode worker: how the prompt's KV cache arrived, before the first token.
-    /// `bytes`/`micros` are 0 when the pull failed and the decode worker prefilled the prompt
-    /// itself ([`PullOutcome::Fallback`]).
+    /// `bytes`/`micros` are 0 when the pull failed or the handle was refused and the decode
+    /// worker prefilled the prompt itself ([`PullOutcome::Fallback`], [`PullOutcome::Refused`]).
     KvPulled {
         worker_id: String,
         bytes: u64,
         micros: u64,
-        /// On the wire: `transport` after a pull, `fallback` after a failed one.
+        /// On the wire: `transport` after a pull, `fallback` after a failed one (with
+        /// `handle_refused` after a refused handle).
         #[serde(flatten)]
         outcome: PullOutcome,
     },
@@ -482,14 +492,21 @@ pub enum PullOutcome {
     Pulled { transport: KvTransportKind },
     /// The pull failed (`reason`, for logs) and the decode worker prefilled the prompt itself.
     Fallback { reason: String },
+    /// The decode worker refused the handle before reading or allocating anything (`reason`,
+    /// for logs: its MAC did not verify for this request, it was used already, or it was
+    /// malformed) and prefilled the prompt itself. On the wire a fallback with
+    /// `"handle_refused": true`, which readers older than the field take for a failed pull.
+    Refused { reason: String },
 }
 
-/// [`PullOutcome`] as the wire spells it: two optional fields, `fallback` winning when a
-/// message carries both.
+/// [`PullOutcome`] as the wire spells it: optional fields, `fallback` winning when a
+/// message carries both it and `transport`; `handle_refused` qualifies a fallback.
 #[derive(Serialize, Deserialize)]
 struct PullOutcomeFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fallback: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    handle_refused: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     transport: Option<KvTransportKind>,
 }
@@ -497,6 +514,7 @@ struct PullOutcomeFields {
 impl From<PullOutcomeFields> for PullOutcome {
     fn from(fields: PullOutcomeFields) -> Self {
         match fields.fallback {
+            Some(reason) if fields.handle_refused => PullOutcome::Refused { reason },
             Some(reason) => PullOutcome::Fallback { reason },
             None => PullOutcome::Pulled {
                 transport: fields.transport.unwrap_or(KvTransportKind::Ucx),
@@ -510,10 +528,17 @@ impl From<PullOutcome> for PullOutcomeFields {
         match outcome {
             PullOutcome::Pulled { transport } => PullOutcomeFields {
                 fallback: None,
+                handle_refused: false,
                 transport: Some(transport),
             },
             PullOutcome::Fallback { reason } => PullOutcomeFields {
                 fallback: Some(reason),
+                handle_refused: false,
+                transport: None,
+            },
+            PullOutcome::Refused { reason } => PullOutcomeFields {
+                fallback: Some(reason),
+                handle_refused: true,
                 transport: None,
             },
         }
@@ -580,6 +605,12 @@ pub struct KvPullStats {
     /// The most KV blocks held at once in pulled memory not yet written into the cache, since
     /// the worker started (each such block has a cache block reserved for it).
     pub peak_held_blocks: u32,
+    /// Decode jobs whose KV handle the worker refused before reading or allocating anything
+    /// (its MAC did not verify for the job, it was used already, or it was malformed), since
+    /// the worker started: forged or replayed handles, or workers of one deployment with
+    /// different KV secrets. Absent from older workers (0).
+    #[serde(default)]
+    pub refused_handles: u64,
 }
 
 /// Forward passes a worker's engine ran and failed since the worker started.
@@ -760,6 +791,7 @@ mod tests {
                 mem_handle: "00".repeat(64),
                 alloc_bytes: 1 << 20,
             })),
+            mac: String::new(),
         };
         let bytes = encode(&handle);
         assert_eq!(decode::<KvHandle>("handle", &bytes).unwrap(), handle);
@@ -834,6 +866,23 @@ mod tests {
     }
 
     #[test]
+    fn a_signed_handle_carries_its_mac_and_an_unsigned_one_no_field() {
+        let unsigned = handle_json("ucx", "bf16");
+        let handle: KvHandle = serde_json::from_value(unsigned.clone()).unwrap();
+        assert_eq!(handle.mac, "", "a handle without the field is unsigned");
+        assert_eq!(serde_json::to_value(&handle).unwrap(), unsigned);
+        let signed = KvHandle {
+            mac: "ab".repeat(32),
+            ..handle
+        };
+        let json = serde_json::to_value(&signed).unwrap();
+        let mut expected = unsigned;
+        expected["mac"] = serde_json::json!("ab".repeat(32));
+        assert_eq!(json, expected);
+        assert_eq!(serde_json::from_value::<KvHandle>(json).unwrap(), signed);
+    }
+
+    #[test]
     fn pull_reports_name_the_transport_or_the_fallback() {
         let pulled = |outcome| StreamMessage::KvPulled {
             worker_id: "w".into(),
@@ -853,6 +902,12 @@ mod tests {
                     reason: "KV source unavailable: gone".into(),
                 }),
                 r#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3,"fallback":"KV source unavailable: gone"}"#,
+            ),
+            (
+                pulled(PullOutcome::Refused {
+                    reason: "its MAC does not verify".into(),
+                }),
+                r#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3,"fallback":"its MAC does not verify","handle_refused":true}"#,
             ),
         ];
         for (message, json) in cases {
@@ -924,12 +979,13 @@ mod tests {
                 in_flight: 1,
                 waited: 5,
                 peak_held_blocks: 7,
+                refused_handles: 2,
             }),
         };
         let json = String::from_utf8(encode(&heartbeat)).unwrap();
         assert!(
             json.ends_with(
-                r#""max_queued":8,"max_running":4,"kv_pull":{"waiting":3,"in_flight":1,"waited":5,"peak_held_blocks":7}}"#
+                r#""max_queued":8,"max_running":4,"kv_pull":{"waiting":3,"in_flight":1,"waited":5,"peak_held_blocks":7,"refused_handles":2}}"#
             ),
             "{json}"
         );
@@ -937,6 +993,11 @@ mod tests {
             decode::<Heartbeat>("heartbeat", json.as_bytes()).unwrap(),
             heartbeat
         );
+        // A worker older than refused handles counts none.
+        let older: KvPullStats =
+            serde_json::from_str(r#"{"waiting":0,"in_flight":0,"waited":0,"peak_held_blocks":0}"#)
+                .unwrap();
+        assert_eq!(older.refused_handles, 0);
     }
 
     #[test]

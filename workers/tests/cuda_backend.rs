@@ -437,8 +437,9 @@ fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
 
 /// A prompt's blocks through two CUDA IPC pools, never leaving device memory: copied out of
 /// the cache into an export (one kernel), pulled into the reader's pool, written into other
-/// blocks; the bytes arrive unchanged. Handles of another host or outside the allocation are
-/// refused, and a full pool says so (the worker then exports through host memory).
+/// blocks; the bytes arrive unchanged. Handles of another host or outside the allocation
+/// (the one they announce, or the one actually mapped) are refused, and a full pool says so
+/// (the worker then exports through host memory).
 #[test]
 fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
@@ -524,10 +525,20 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     });
     let err = pull(elsewhere).unwrap_err().to_string();
     assert!(err.contains("another host"), "{err}");
-    let mut outside = remote;
+    let mut outside = remote.clone();
     outside.regions = vec![(source.alloc_bytes - 16, 32)];
     let err = pull(outside).unwrap_err().to_string();
     assert!(err.contains("outside the exported allocation"), "{err}");
+    // A handle that overstates its allocation reaches no further: the reader bounds the
+    // regions by the size of the memory it mapped, not by the handle's word.
+    let mut overstated = remote;
+    overstated.memory = RemoteMemory::CudaIpc(tandem_workers::transfer::CudaIpcSource {
+        alloc_bytes: 1 << 40,
+        ..source.clone()
+    });
+    overstated.regions = vec![(source.alloc_bytes - 16, 32)];
+    let err = pull(overstated).unwrap_err().to_string();
+    assert!(err.contains("outside the memory the handle maps"), "{err}");
 }
 
 /// Greedy tokens of `prompts` through one CUDA engine that runs up to `max_seqs` of them at

@@ -42,6 +42,10 @@ pub enum FallbackReason {
     /// The decode worker could not pull the KV cache and prefilled itself (its `kv_pulled`
     /// carried a fallback).
     PullFailed,
+    /// The decode worker refused the KV handle before reading anything and prefilled itself
+    /// (its `kv_pulled` carried `handle_refused`): for an honest request, context and decode
+    /// workers with different KV secrets, or a context worker without one.
+    HandleRefused,
     /// The decode job with the context worker's KV handle does not fit in the NATS server's
     /// `max_payload` (the prefill job, without the handle, did).
     DecodeJobTooLarge,
@@ -56,17 +60,19 @@ impl FallbackReason {
             FallbackReason::ContextError => "context_error",
             FallbackReason::ContextFull => "context_full",
             FallbackReason::PullFailed => "pull_failed",
+            FallbackReason::HandleRefused => "handle_refused",
             FallbackReason::DecodeJobTooLarge => "decode_job_too_large",
         }
     }
 
-    pub const ALL: [FallbackReason; 7] = [
+    pub const ALL: [FallbackReason; 8] = [
         FallbackReason::NoContextWorker,
         FallbackReason::ContextTimeout,
         FallbackReason::ContextGone,
         FallbackReason::ContextError,
         FallbackReason::ContextFull,
         FallbackReason::PullFailed,
+        FallbackReason::HandleRefused,
         FallbackReason::DecodeJobTooLarge,
     ];
 

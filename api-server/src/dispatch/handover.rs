@@ -148,6 +148,12 @@ impl Generation {
                 tracing::warn!(request_id = %self.request_id, %worker_id,
                     "KV pull failed, the decode worker prefills itself: {reason}");
             }
+            PullOutcome::Refused { reason } => {
+                self.metrics
+                    .record(Event::Fallback(FallbackReason::HandleRefused));
+                tracing::warn!(request_id = %self.request_id, %worker_id,
+                    "the decode worker refused the KV handle and prefills itself: {reason}");
+            }
         }
     }
 }

@@ -56,6 +56,9 @@ pub const SCRIPT_DECODE_SILENT: u32 = 25;
 /// The context peer answers `KvReady`; the decode peer accepts, reports the pull, sends the
 /// first token, then stops heartbeating and answers nothing more (it died mid-stream).
 pub const SCRIPT_DECODE_VANISHES: u32 = 26;
+/// The context peer answers `KvReady`; a decode peer reports the handle refused (`kv_pulled`
+/// with a fallback and `handle_refused`), then answers as [`SCRIPT_ANSWER`].
+pub const SCRIPT_HANDLE_REFUSED: u32 = 27;
 
 /// What a context peer says for [`SCRIPT_CONTEXT_ERROR`].
 pub const CONTEXT_ERROR: &str = "the context worker could not export the KV cache: scripted";
@@ -126,6 +129,7 @@ pub fn fake_handle(context_id: &str, job: &GenerateJob) -> KvHandle {
         seed: job.sampling.seed.unwrap_or(4242),
         expires_unix_ms: 4_102_444_800_000,
         cuda_ipc: None,
+        mac: String::new(),
     }
 }
 
@@ -512,6 +516,15 @@ impl Answerer {
                             micros: 0,
                             outcome: PullOutcome::Fallback {
                                 reason: "scripted pull failure".into(),
+                            },
+                        }
+                    } else if script == SCRIPT_HANDLE_REFUSED {
+                        StreamMessage::KvPulled {
+                            worker_id: self.id.clone(),
+                            bytes: 0,
+                            micros: 0,
+                            outcome: PullOutcome::Refused {
+                                reason: "scripted refusal".into(),
                             },
                         }
                     } else {

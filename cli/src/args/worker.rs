@@ -9,6 +9,10 @@ use tandem_protocol::messages::WorkerRole;
 
 use super::Argv;
 
+/// The environment variable holding the deployment's KV secret itself (`tandem serve` hands
+/// its workers a fresh one this way; `--kv-secret-file` names a file instead).
+pub const KV_SECRET_VAR: &str = "TANDEM_KV_SECRET";
+
 const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 const DEFAULT_DEVICE: &str = "cpu";
 const DEFAULT_THREADS: usize = 0;
@@ -97,6 +101,13 @@ pub struct WorkerArgs {
     /// tokens take, at most 1024 MiB. 0: no CUDA IPC (every transfer goes through UCX).
     #[arg(long, value_name = "MIB")]
     pub cuda_ipc_pool_mb: Option<usize>,
+    /// A file holding the deployment's KV secret (else TANDEM_KV_SECRET, if set): at least 32
+    /// bytes, the same on every context and decode worker (`tandem serve` makes one per
+    /// deployment). Context workers sign each KV handle with it for its request; decode
+    /// workers read a handle only if it verifies for the job that carries it, and only once.
+    /// Without a secret, handles go out unsigned and are read as they come (said at start).
+    #[arg(long, env = "TANDEM_KV_SECRET_FILE", value_name = "FILE")]
+    pub kv_secret_file: Option<PathBuf>,
     #[command(flatten)]
     pub gpu: GpuArgs,
     #[command(flatten)]
@@ -146,6 +157,7 @@ impl Default for WorkerArgs {
             max_queued_requests: None,
             kv_transfer_pool_mb: None,
             cuda_ipc_pool_mb: None,
+            kv_secret_file: None,
             gpu: GpuArgs::default(),
             nats_auth: super::NatsAuthArgs::default(),
         }
@@ -189,6 +201,11 @@ impl WorkerArgs {
         argv.push_some("--max-queued-requests", self.max_queued_requests);
         argv.push_some("--kv-transfer-pool-mb", self.kv_transfer_pool_mb);
         argv.push_some("--cuda-ipc-pool-mb", self.cuda_ipc_pool_mb);
+        // The path, never the secret.
+        argv.push_some(
+            "--kv-secret-file",
+            self.kv_secret_file.as_ref().map(|p| p.display()),
+        );
         let GpuArgs {
             cuda_graphs,
             device_sampling,
@@ -263,6 +280,7 @@ mod tests {
             max_queued_requests: Some(12),
             kv_transfer_pool_mb: Some(0),
             cuda_ipc_pool_mb: Some(512),
+            kv_secret_file: Some("/run/secrets/kv".into()),
             gpu: GpuArgs {
                 cuda_graphs: Some(false),
                 device_sampling: Some(true),
@@ -336,6 +354,7 @@ mod tests {
         parsed.served_model_name = None;
         parsed.nats = DEFAULT_NATS.into();
         parsed.max_queued_requests = None;
+        parsed.kv_secret_file = None;
         assert_eq!(parsed, WorkerArgs::default());
     }
 

@@ -86,6 +86,10 @@ pub struct BusSettings {
     /// Jobs accepted and not started at most; past it, jobs are refused (`rejected`). `None`:
     /// no bound.
     pub max_queued: Option<usize>,
+    /// The deployment's KV secret: a context worker signs its handles with it, a decode
+    /// worker reads only handles whose MAC verifies for the job ([`super::kv_auth`]). `None`:
+    /// unsigned handles, believed as they come.
+    pub kv_secret: Option<Arc<super::kv_auth::KvSecret>>,
 }
 
 /// Serves until a termination signal and the drain that follows. Consumes the engine handle:
@@ -124,6 +128,7 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
         in_flight: InFlight::default(),
         queue: QueueBound::new(settings.max_queued),
     });
+    say_how_handles_are_authenticated(&settings);
     match settings.role {
         WorkerRole::Context => {
             let role = ContextRole::new(Arc::clone(&worker), &settings);
@@ -133,6 +138,31 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
             let role = GenerationRole::new(Arc::clone(&worker), &settings);
             serve_role(&settings, worker, Arc::new(role)).await
         }
+    }
+}
+
+/// Says once, at start, whether this worker's KV handles are authenticated, and what to set
+/// when they are not.
+fn say_how_handles_are_authenticated(settings: &BusSettings) {
+    const HOW: &str = "set the deployment's KV secret with TANDEM_KV_SECRET or --kv-secret-file \
+                       (the same on every context and decode worker; `tandem serve` makes one)";
+    match (&settings.kv_secret, settings.role) {
+        (Some(_), WorkerRole::Context) => tracing::info!(
+            "KV handles are signed with the deployment's KV secret, each for its request"
+        ),
+        (Some(_), _) => tracing::info!(
+            "KV handles are authenticated with the deployment's KV secret: a handle is read \
+             only for the request it was signed for, once"
+        ),
+        (None, WorkerRole::Context) => tracing::warn!(
+            "no KV secret: the KV handles this worker exports are not signed, and decode \
+             workers that hold a secret refuse them; {HOW}"
+        ),
+        (None, _) => tracing::warn!(
+            "no KV secret: KV handles are not authenticated, so whoever can publish a job on \
+             the bus can have this worker read any K/V a context worker exported into their \
+             request; {HOW}"
+        ),
     }
 }
 

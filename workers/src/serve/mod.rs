@@ -10,11 +10,14 @@
 //!   requests in flight, acknowledgement, cancellation in the engine, heartbeats.
 //! - `roles`: what each role does with its jobs: `generation` (`both` and `decode`, with
 //!   `pull` for disaggregated requests) and `context` (prefill, `export`, `export_ledger`).
+//! - [`kv_auth`]: the deployment's KV secret and the MAC that binds a KV handle to its export
+//!   and its request.
 //! - [`job`]: a bus job in the engine's terms.
 //! - [`stream`]: engine events into the stream messages the api-server reads.
 
 pub mod bus;
 pub mod job;
+pub mod kv_auth;
 mod roles;
 pub mod stream;
 mod worker;
@@ -77,6 +80,8 @@ pub enum ServeError {
     Thread(std::io::Error),
     #[error(transparent)]
     Bus(#[from] bus::BusError),
+    #[error(transparent)]
+    KvSecret(#[from] kv_auth::KvSecretError),
 }
 
 /// Loads the model, starts the engine and serves on the bus until SIGTERM/SIGINT and the
@@ -94,6 +99,10 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
     if !(args.gpu_memory_fraction > 0.0 && args.gpu_memory_fraction <= 1.0) {
         return Err(ServeError::GpuMemoryFraction(args.gpu_memory_fraction));
     }
+    let kv_secret = kv_auth::KvSecret::load(args.kv_secret_file.as_deref(), |name| {
+        std::env::var(name).ok()
+    })?
+    .map(Arc::new);
     check_model_dir(&model_dir)?;
     let model_fingerprint = crate::model_dir::model_fingerprint(&model_dir)?;
     let served_name = args
@@ -201,6 +210,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         kv_transfer_timeout: std::time::Duration::from_millis(args.kv_transfer_timeout_ms),
         max_running: args.max_num_seqs,
         max_queued: args.queue_bound(),
+        kv_secret,
     };
     runtime.block_on(bus::serve(settings, handle))?;
     // Tasks still pending (a request cut short by a second signal) hold engine handles.

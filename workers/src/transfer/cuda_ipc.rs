@@ -88,11 +88,11 @@ impl Drop for DevicePool {
     }
 }
 
-/// Pools allocated by this process, by IPC handle: CUDA refuses to open a process's own
-/// handle, so a pull of a local export (tests, or two transports in one process) uses the
-/// pool's address directly.
-fn local_pools() -> &'static Mutex<HashMap<HandleBytes, CUdeviceptr>> {
-    static POOLS: OnceLock<Mutex<HashMap<HandleBytes, CUdeviceptr>>> = OnceLock::new();
+/// Pools allocated by this process, by IPC handle, with their sizes: CUDA refuses to open a
+/// process's own handle, so a pull of a local export (tests, or two transports in one
+/// process) uses the pool's address directly.
+fn local_pools() -> &'static Mutex<HashMap<HandleBytes, (CUdeviceptr, usize)>> {
+    static POOLS: OnceLock<Mutex<HashMap<HandleBytes, (CUdeviceptr, usize)>>> = OnceLock::new();
     POOLS.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
@@ -100,6 +100,9 @@ fn local_pools() -> &'static Mutex<HashMap<HandleBytes, CUdeviceptr>> {
 struct PeerMapping {
     ctx: Arc<CudaContext>,
     base: CUdeviceptr,
+    /// Bytes mapped, as the driver reports them (`cuMemGetAddressRange`), not as a KV
+    /// handle announces them: what a pull's regions are bounded by.
+    len: usize,
     /// A pool of this process (nothing to unmap).
     local: bool,
 }
@@ -227,7 +230,7 @@ impl CudaIpcTransport {
         status
             .result()
             .map_err(|e| cuda_error("cuIpcGetMemHandle on the CUDA IPC pool", e))?;
-        lock(local_pools()).insert(pool.handle, base);
+        lock(local_pools()).insert(pool.handle, (base, pool_bytes));
         tracing::info!(
             mib = pool_bytes >> 20,
             device = %device_uuid,
@@ -282,9 +285,10 @@ impl Shared {
             return Ok(Arc::clone(mapping));
         }
         let mapping = match lock(local_pools()).get(&handle) {
-            Some(&base) => PeerMapping {
+            Some(&(base, len)) => PeerMapping {
                 ctx: Arc::clone(&self.ctx),
                 base,
+                len,
                 local: true,
             },
             None => {
@@ -306,11 +310,25 @@ impl Shared {
                         "mapping the context worker's GPU memory (cuIpcOpenMemHandle): {e}"
                     ))
                 })?;
-                PeerMapping {
+                // Mapped now: dropping it unmaps, also when the size cannot be read.
+                let mut mapping = PeerMapping {
                     ctx: Arc::clone(&self.ctx),
                     base,
+                    len: 0,
                     local: false,
-                }
+                };
+                let (mut start, mut len): (CUdeviceptr, usize) = (0, 0);
+                // SAFETY: `base` was just mapped in this context; the driver writes the two
+                // outputs.
+                let status = unsafe { sys::cuMemGetAddressRange_v2(&mut start, &mut len, base) };
+                status.result().map_err(|e| {
+                    TransferError::Unavailable(format!(
+                        "reading the size of the context worker's GPU memory \
+                         (cuMemGetAddressRange): {e}"
+                    ))
+                })?;
+                mapping.len = len.saturating_sub((base - start) as usize);
+                mapping
             }
         };
         let mapping = Arc::new(mapping);
@@ -359,26 +377,20 @@ impl Shared {
             .try_into()
             .map_err(|_| TransferError::InvalidHandle("a CUDA IPC handle is 64 bytes".into()))?;
         let regions = remote.coalesced();
-        if let Some(&(addr, len)) = regions.iter().find(|&&(addr, len)| {
-            addr.checked_add(len)
-                .is_none_or(|end| end > source.alloc_bytes)
-        }) {
-            return Err(TransferError::InvalidHandle(format!(
-                "region {addr}+{len} is outside the exported allocation of {} bytes",
-                source.alloc_bytes
-            )));
-        }
+        check_regions(&regions, source.alloc_bytes, "the exported allocation")?;
         self.ctx
             .bind_to_thread()
             .map_err(|e| cuda_error("CUDA context", e))?;
         let peer = self.map_peer(handle)?;
+        // The handle's `alloc_bytes` is its word; the mapping's size is the driver's.
+        check_regions(&regions, peer.len as u64, "the memory the handle maps")?;
         let len = remote.total_len() as usize;
         let (into, lent, guard) = self.destination(len)?;
         let stream = lock(&self.stream);
         let mut at = into.ptr;
         for &(addr, region_len) in &regions {
-            // SAFETY: the source lies inside the mapped allocation (checked above against its
-            // size) and the destination inside `into` (the regions add up to its length); the
+            // SAFETY: the source lies inside the mapped allocation (checked above against the
+            // size the driver reports) and the destination inside `into` (the regions add up to its length); the
             // stream is synchronized before either is released.
             unsafe {
                 cudarc::driver::result::memcpy_dtod_async(
@@ -398,6 +410,24 @@ impl Shared {
         })?;
         // SAFETY: `into` is device memory kept by `guard` and written completely above.
         Ok(unsafe { PulledKv::on_device(into, lent, guard) })
+    }
+}
+
+/// Whether every region (offset, length) lies inside `alloc_bytes` bytes (`what`, for the
+/// error): a region past it would make the copy read memory outside the export, or fault.
+fn check_regions(
+    regions: &[(u64, u64)],
+    alloc_bytes: u64,
+    what: &str,
+) -> Result<(), TransferError> {
+    match regions
+        .iter()
+        .find(|&&(addr, len)| addr.checked_add(len).is_none_or(|end| end > alloc_bytes))
+    {
+        Some(&(addr, len)) => Err(TransferError::InvalidHandle(format!(
+            "region {addr}+{len} is outside {what} of {alloc_bytes} bytes"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -463,6 +493,24 @@ mod tests {
             uuid_string(&uuid),
             "GPU-5c1e2a0b-1122-3344-5566-778899aabbcc"
         );
+    }
+
+    #[test]
+    fn regions_past_the_allocation_are_refused_before_any_copy() {
+        assert!(check_regions(&[(0, 64), (64, 64)], 128, "the pool").is_ok());
+        for (regions, needle) in [
+            (
+                vec![(0, 64), (96, 64)],
+                "region 96+64 is outside the pool of 128 bytes",
+            ),
+            (vec![(128, 1)], "region 128+1"),
+            (vec![(u64::MAX - 1, 4)], "outside the pool"),
+        ] {
+            let err = check_regions(&regions, 128, "the pool")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{err} (wanted {needle:?})");
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! (drawn here when the client gave none, and sent along so the decode worker continues the
 //! same random stream). When its first token is out, the engine copies the prompt's K/V into
 //! an export ([`super::export`]; its blocks are free again at once), the ledger holds the
-//! export, and the worker answers `kv_ready` with the handle. A request that ends at its first
+//! export, and the worker answers `kv_ready` with the handle, signed for the request with the
+//! deployment's KV secret ([`crate::serve::kv_auth`]). A request that ends at its first
 //! token (a stop token or stop string, or `max_tokens` 1) is answered here in full instead.
 //!
 //! Its own inbox: decode workers' releases (`kv.release.{worker_id}`), and a sweep every 50 ms
@@ -32,6 +33,7 @@ use super::{JobSubjects, Role};
 use crate::engine::{EngineEvent, EventKind, RequestId};
 use crate::serve::bus::{self, BusError, BusSettings};
 use crate::serve::job::generation_request;
+use crate::serve::kv_auth::{HandleBinding, KvSecret};
 use crate::serve::stream::{stream_messages, token_event};
 use crate::serve::worker::{Worker, locked, unix_ms};
 
@@ -45,6 +47,9 @@ pub(in crate::serve) struct ContextRole {
     ledger: Mutex<ExportLedger>,
     /// Acknowledged prefill jobs waiting for room in the ledger's budget.
     backlog: Mutex<VecDeque<GenerateJob>>,
+    /// The deployment's KV secret: every handle is signed for its request with it. `None`:
+    /// handles go out unsigned (said once at start).
+    secret: Option<Arc<KvSecret>>,
 }
 
 /// The context role's own subscription and timer.
@@ -69,6 +74,7 @@ impl ContextRole {
                 settings.kv_transfer_timeout,
             )),
             backlog: Mutex::new(VecDeque::new()),
+            secret: settings.kv_secret.clone(),
         }
     }
 
@@ -168,7 +174,7 @@ impl ContextRole {
                         let timeout = locked(&self.ledger).timeout();
                         let expires = unix_ms() + timeout.as_millis() as u64;
                         let coalesced = job.kv_reader.as_ref().is_some_and(|r| r.coalesced_regions);
-                        let handle = kv_handle(
+                        let mut handle = kv_handle(
                             &HandleSource {
                                 worker_id: &self.worker.identity.worker_id,
                                 model_fingerprint: &self.worker.identity.model_fingerprint,
@@ -182,6 +188,9 @@ impl ContextRole {
                             seed,
                             expires,
                         );
+                        if let Some(secret) = &self.secret {
+                            secret.sign(&mut handle, &HandleBinding::of(&job));
+                        }
                         let regions = handle.blocks.len();
                         let ready = StreamMessage::KvReady {
                             handle: Box::new(handle),

@@ -64,8 +64,8 @@ pub fn handle_regions(exported: &Exported, block_bytes: u64, coalesced: bool) ->
         .collect()
 }
 
-/// The handle of an exported request; `coalesced`: its reader reads regions of several
-/// blocks ([`handle_regions`]).
+/// The handle of an exported request, unsigned; `coalesced`: its reader reads regions of
+/// several blocks ([`handle_regions`]).
 pub fn kv_handle(
     source: &HandleSource<'_>,
     exported: &Exported,
@@ -101,6 +101,8 @@ pub fn kv_handle(
         seed,
         expires_unix_ms,
         cuda_ipc,
+        // Signed by the caller, which knows the request ([`crate::serve::kv_auth`]).
+        mac: String::new(),
     }
 }
 
@@ -171,7 +173,7 @@ impl Exporter {
 
 /// A handle as a context worker makes it, for the tests of what reads handles.
 #[cfg(test)]
-pub(super) mod fixtures {
+pub(in crate::serve) mod fixtures {
     use super::*;
 
     /// 2 layers, 1 KV head of 4 f32 dimensions, blocks of 2 tokens: 128-byte blocks.

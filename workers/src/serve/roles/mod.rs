@@ -3,11 +3,13 @@
 //!
 //! - [`GenerationRole`] (`generation.rs`): `both` and `decode` workers. They take generation
 //!   jobs, prefill and generate locally, and pull a disaggregated request's K/V first
-//!   ([`pull`]: the wait for room in the engine, the pull, its cancellation token, and the
-//!   local prefill a failed pull falls back to).
+//!   ([`pull`]: the handle authenticated for its job and taken once ([`spent_handles`]), the
+//!   wait for room in the engine, the pull, its cancellation token, and the local prefill a
+//!   refused handle or a failed pull falls back to).
 //! - [`ContextRole`] (`context.rs`): context workers. They take prefill jobs, export the K/V
-//!   ([`export`]: the copy out of the engine and the handle that describes it) and hold the
-//!   exports until released or expired ([`export_ledger`]).
+//!   ([`export`]: the copy out of the engine and the handle that describes it, signed with the
+//!   deployment's KV secret, [`super::kv_auth`]) and hold the exports until released or
+//!   expired ([`export_ledger`]).
 //!
 //! The serve loop (`super::bus`) owns the subscriptions and drives a role through [`Role`];
 //! each role's state is shared with the tasks it spawns for its requests.
@@ -17,12 +19,16 @@ mod export;
 mod export_ledger;
 mod generation;
 mod pull;
+mod spent_handles;
 
 use std::sync::Arc;
 
 use tandem_protocol::messages::{GenerateJob, KvPeer, KvPullStats, KvTransferStats};
 
 pub(super) use context::ContextRole;
+/// Handles as a context worker makes them, for the tests of what signs and reads them.
+#[cfg(test)]
+pub(super) use export::fixtures;
 pub(super) use generation::GenerationRole;
 
 use super::bus::{BusError, BusSettings};

@@ -14,6 +14,12 @@
 //! a job still without room shortly before it becomes a local prefill, queued in the engine
 //! like any other (no memory held until it is admitted).
 //!
+//! Before any of that, the handle is authenticated for the job that carries it
+//! ([`crate::serve::kv_auth`]: its MAC, under the deployment's KV secret, covers the handle
+//! and the request it was exported for) and taken once ([`super::spent_handles`]). A handle
+//! that fails is refused: nothing it names is read, allocated or released, the prompt is
+//! prefilled here, `kv_pulled` says `handle_refused`, and the heartbeat counts it.
+//!
 //! A pull's cancellation: a cancel reaches the engine request (the reservation) through the
 //! worker, and sets the pull's [`CancelToken`], which skips a pull not yet started (a transfer
 //! in flight is not interrupted: the release must still go out, and the memory it writes must
@@ -21,7 +27,7 @@
 //! K/V that arrives after that is dropped.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,11 +39,13 @@ use tokio::sync::mpsc;
 
 use super::KvTransports;
 use super::export::layout_spec;
+use super::spent_handles::SpentHandles;
 use crate::backend::{KvBuffer, KvBytes, KvBytesMut};
 use crate::engine::{EngineEvent, EngineHandle, EventKind, ImportedPrefill, RequestId};
 use crate::sampler::SampledToken;
 use crate::serve::bus::BusSettings;
 use crate::serve::job::generation_request;
+use crate::serve::kv_auth::{Canonical, HandleBinding, KvSecret, MacError};
 use crate::serve::worker::{Identity, Worker, locked, publish_bounded, unix_ms};
 use crate::transfer::{PulledKv, RemoteKv, TransferError};
 
@@ -137,8 +145,47 @@ pub(in crate::serve) struct KvPuller {
     /// The decode jobs in progress (waiting for room, pulling), by bus request id.
     in_progress: Mutex<HashMap<String, CancelToken>>,
     held: Arc<HeldBlocks>,
+    /// The deployment's KV secret: a handle is read only if its MAC verifies for the job
+    /// that carries it. `None`: handles are believed as they come (said once at start).
+    secret: Option<Arc<KvSecret>>,
+    /// Handles taken already: each is read once.
+    spent: Mutex<SpentHandles>,
+    /// Handles refused before anything was read, since start (the heartbeat's
+    /// `kv_pull.refused_handles`).
+    refused: AtomicU64,
+    /// When a refusal was last logged at `warn` (unix ms): a flood of forged jobs is counted,
+    /// and logged at `debug` past one warning a second.
+    refusal_warned_ms: AtomicU64,
     /// [`DELAY_PULL_VAR`].
     test_delay: Option<Duration>,
+}
+
+/// Why a decode job's handle is not read. The job is served all the same: its prompt is
+/// prefilled here, and `kv_pulled` says the handle was refused.
+#[derive(Debug)]
+enum Refusal {
+    /// The handle is not authenticated for this job (no MAC while this worker has a secret,
+    /// a malformed one, or one that does not verify for the job's request). Nothing it says
+    /// is believed: not even its context worker is told to release.
+    Unauthenticated(MacError),
+    /// This worker took the same handle for the same request before: its export has been
+    /// released, and its memory may hold another request's K/V.
+    Spent,
+    /// Not a handle this worker can read ([`check_handle`]).
+    Malformed(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Unauthenticated(e) => e.fmt(f),
+            Refusal::Spent => f.write_str(
+                "the handle was taken before for this request (a replay): its export was \
+                 released after the first pull",
+            ),
+            Refusal::Malformed(reason) => write!(f, "invalid KV handle: {reason}"),
+        }
+    }
 }
 
 /// How a pull ended.
@@ -190,16 +237,30 @@ impl KvPuller {
             cuda_ipc_reads: AtomicBool::new(settings.cuda_ipc.is_some()),
             in_progress: Mutex::new(HashMap::new()),
             held: Arc::default(),
+            secret: settings.kv_secret.clone(),
+            spent: Mutex::default(),
+            refused: AtomicU64::new(0),
+            refusal_warned_ms: AtomicU64::new(0),
             test_delay,
         }
     }
 
-    /// Starts a decode job: checks its handle, queues it in the engine for room (at once, so
-    /// the next job finds it in the queue), and pulls and imports it on a task of its own once
-    /// the room is reserved. A handle that cannot be read is a local prefill with its seed;
-    /// one of another model or layout, an error. The context worker's export is released
-    /// either way.
+    /// Starts a decode job: authenticates its handle for the job and checks it, queues it in
+    /// the engine for room (at once, so the next job finds it in the queue), and pulls and
+    /// imports it on a task of its own once the room is reserved. A handle that is refused
+    /// (not authenticated for this job, taken before, or malformed) is read from nowhere: the
+    /// prompt is prefilled here instead. One of another model or layout is an error. The
+    /// context worker of an authenticated handle is told to release its export either way.
     pub async fn start(self: &Arc<Self>, worker: &Arc<Worker>, job: GenerateJob, handle: KvHandle) {
+        // Nothing a handle says is acted on before it is authenticated for this job.
+        if let Err(refusal) = self.authenticate(&job, &handle) {
+            let request = generation_request(&job, &worker.model_stop_ids);
+            self.refuse(worker, &job, &handle, refusal).await;
+            worker
+                .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
+                .await;
+            return;
+        }
         let mut request = generation_request(&job, &worker.model_stop_ids);
         request.sampling.seed = Some(handle.seed);
         let own = layout_spec(&self.kv.layout);
@@ -225,8 +286,8 @@ impl KvPuller {
         }
         if let Err(reason) = check_handle(&handle, &own, job.prompt_ids.len()) {
             publish_release(worker, &handle, &job.request_id).await;
-            let error = TransferError::InvalidHandle(reason);
-            fell_back(worker, &job, &handle, &error).await;
+            self.refuse(worker, &job, &handle, Refusal::Malformed(reason))
+                .await;
             worker
                 .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
                 .await;
@@ -266,6 +327,51 @@ impl KvPuller {
         tokio::spawn(async move { puller.pull_when_room(&worker, queued).await });
     }
 
+    /// Whether `handle` may be read for `job` ([`authenticate`]). Takes it.
+    fn authenticate(&self, job: &GenerateJob, handle: &KvHandle) -> Result<(), Refusal> {
+        authenticate(
+            self.secret.as_deref(),
+            &mut locked(&self.spent),
+            (job, handle),
+            unix_ms(),
+        )
+    }
+
+    /// Counts and logs a refused handle, and says on the job's stream that the prompt is
+    /// prefilled here (`kv_pulled` with `handle_refused`).
+    async fn refuse(&self, worker: &Worker, job: &GenerateJob, handle: &KvHandle, why: Refusal) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let now = unix_ms();
+        let last = self.refusal_warned_ms.load(Ordering::Relaxed);
+        let warn = now >= last.saturating_add(1000)
+            && self
+                .refusal_warned_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        // `context_worker` is what the handle claims: for an unauthenticated one, anything.
+        if warn {
+            tracing::warn!(
+                request_id = job.request_id,
+                context_worker = handle.worker_id,
+                "KV handle refused, prefilling locally: {why}"
+            );
+        } else {
+            tracing::debug!(
+                request_id = job.request_id,
+                context_worker = handle.worker_id,
+                "KV handle refused, prefilling locally: {why}"
+            );
+        }
+        report_fallback(
+            worker,
+            job,
+            PullOutcome::Refused {
+                reason: why.to_string(),
+            },
+        )
+        .await;
+    }
+
     /// Cancels the pull of `request_id`, if one is in progress.
     pub fn cancel(&self, request_id: &str) {
         if let Some(token) = locked(&self.in_progress).get(request_id) {
@@ -294,6 +400,7 @@ impl KvPuller {
             in_flight: self.held.pulls.load(Ordering::Relaxed) as u32,
             waited: engine.imports_waited(),
             peak_held_blocks: self.held.peak_blocks.load(Ordering::Relaxed) as u32,
+            refused_handles: self.refused.load(Ordering::Relaxed),
         }
     }
 
@@ -500,6 +607,29 @@ impl KvPuller {
     }
 }
 
+/// Whether `handle` may be read for `job`: its MAC verifies for the job when this worker has
+/// the deployment's `secret`, and it is not among the handles `spent` already; it is then
+/// spent. Checked before anything the handle says is acted on.
+fn authenticate(
+    secret: Option<&KvSecret>,
+    spent: &mut SpentHandles,
+    (job, handle): (&GenerateJob, &KvHandle),
+    now_ms: u64,
+) -> Result<(), Refusal> {
+    let binding = HandleBinding::of(job);
+    let canonical = Canonical::of(handle, &binding);
+    if let Some(secret) = secret {
+        secret
+            .verify(&canonical, &handle.mac, &binding)
+            .map_err(Refusal::Unauthenticated)?;
+    }
+    if spent.take(canonical.digest(), handle.expires_unix_ms, now_ms) {
+        Ok(())
+    } else {
+        Err(Refusal::Spent)
+    }
+}
+
 /// Longest `address` or `rkey` a handle may carry, in hex digits (UCX's packed worker
 /// addresses and remote keys are a few hundred bytes).
 const MAX_HANDLE_HEX: usize = 16 * 1024;
@@ -610,6 +740,18 @@ async fn fell_back(worker: &Worker, job: &GenerateJob, handle: &KvHandle, error:
         context_worker = handle.worker_id,
         "KV pull failed, prefilling locally: {error}"
     );
+    report_fallback(
+        worker,
+        job,
+        PullOutcome::Fallback {
+            reason: error.to_string(),
+        },
+    )
+    .await;
+}
+
+/// `kv_pulled` without bytes: the prompt is prefilled here (`outcome` says why).
+async fn report_fallback(worker: &Worker, job: &GenerateJob, outcome: PullOutcome) {
     worker
         .publish(
             job.stream_subject.clone(),
@@ -617,9 +759,7 @@ async fn fell_back(worker: &Worker, job: &GenerateJob, handle: &KvHandle, error:
                 worker_id: worker.identity.worker_id.clone(),
                 bytes: 0,
                 micros: 0,
-                outcome: PullOutcome::Fallback {
-                    reason: error.to_string(),
-                },
+                outcome,
             },
         )
         .await;
@@ -760,6 +900,57 @@ mod tests {
             5,
             "names GPU memory",
         );
+    }
+
+    /// A decode job for `request_id` whose prompt is the fixture handle's 5 tokens.
+    fn job_of(request_id: &str) -> GenerateJob {
+        GenerateJob {
+            request_id: request_id.into(),
+            prompt_ids: vec![1, 2, 3, 4, 5],
+            sampling: tandem_protocol::messages::SamplingSpec::default(),
+            stop: tandem_protocol::messages::StopSpec::default(),
+            stream_subject: format!("tandem.m.stream.{request_id}"),
+            deadline_unix_ms: None,
+            kv: None,
+            kv_reader: None,
+            resume_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_handle_is_read_only_for_the_job_it_was_signed_for_and_once() {
+        let secret = KvSecret::load(None, |_| Some("k".repeat(32)))
+            .unwrap()
+            .unwrap();
+        let (a, b) = (job_of("a"), job_of("b"));
+        let (mut handle, _) = valid_handle();
+        secret.sign(&mut handle, &HandleBinding::of(&a));
+        let now = 1_000;
+        let mut spent = SpentHandles::default();
+        let mut check = |secret: Option<&KvSecret>, job: &GenerateJob, handle: &KvHandle| {
+            authenticate(secret, &mut spent, (job, handle), now)
+        };
+        // A's handle in B's job: refused, and not spent by the attempt.
+        assert!(matches!(
+            check(Some(&secret), &b, &handle),
+            Err(Refusal::Unauthenticated(MacError::Mismatch { .. }))
+        ));
+        let unsigned = KvHandle {
+            mac: String::new(),
+            ..handle.clone()
+        };
+        assert!(matches!(
+            check(Some(&secret), &a, &unsigned),
+            Err(Refusal::Unauthenticated(MacError::Missing))
+        ));
+        assert!(check(Some(&secret), &a, &handle).is_ok());
+        // The same job again (a replay after the pull): its export is gone.
+        let replay = check(Some(&secret), &a, &handle).unwrap_err();
+        assert!(matches!(replay, Refusal::Spent), "{replay}");
+        assert!(replay.to_string().contains("a replay"), "{replay}");
+        // Without a secret a handle is believed as it comes, but still taken once.
+        assert!(check(None, &b, &unsigned).is_ok());
+        assert!(matches!(check(None, &b, &unsigned), Err(Refusal::Spent)));
     }
 
     #[test]
