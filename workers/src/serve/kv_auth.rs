@@ -393,7 +393,8 @@ mod tests {
         assert!(verify(&handle, &binding("a", &other_prompt)).is_err());
 
         // Any field altered.
-        let altered: Vec<(&str, Box<dyn Fn(&mut KvHandle)>)> = vec![
+        type Alteration = Box<dyn Fn(&mut KvHandle)>;
+        let altered: Vec<(&str, Alteration)> = vec![
             ("worker", Box::new(|h| h.worker_id.push('x'))),
             (
                 "fingerprint",

@@ -47,7 +47,7 @@ use crate::serve::bus::BusSettings;
 use crate::serve::job::generation_request;
 use crate::serve::kv_auth::{Canonical, HandleBinding, KvSecret, MacError};
 use crate::serve::worker::{Identity, Worker, locked, publish_bounded, unix_ms};
-use crate::transfer::{PulledKv, RemoteKv, TransferError};
+use crate::transfer::{PulledKv, RemoteKv, TransferError, from_hex};
 
 /// Fault tests set this to N: each pull starts N ms after its room is reserved, so a test can
 /// act between `kv_ready` and the pull (kill the context worker). Unset in production.
@@ -661,9 +661,10 @@ fn model_mismatch(handle: &KvHandle, own: &Identity) -> Option<String> {
 /// Checks everything a handle from the bus claims before anything is allocated or read: its
 /// token count is the job's prompt, its regions are whole blocks (one each, or runs of several:
 /// this worker advertises `coalesced_regions`) adding up to exactly the blocks the tokens
-/// need, its addressing fields are bounded, and a CUDA IPC handle's regions lie inside the
-/// allocation it announces. A handle that fails is a failed pull (a local prefill), never a
-/// read of memory it did not describe. (The layout is compared before.)
+/// need, its addressing fields are bounded and hex, and a CUDA IPC handle's regions lie
+/// inside the allocation it announces (the pull checks them against the memory it maps,
+/// too). A handle that fails is refused (a local prefill), never a read of memory it did not
+/// describe. (Its MAC and its model and layout are checked before.)
 fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> Result<(), String> {
     let tokens = handle.num_tokens as usize;
     if tokens == 0 || tokens != prompt_tokens {
@@ -700,11 +701,19 @@ fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> 
     if handle.address.len() > MAX_HANDLE_HEX || handle.rkey.len() > MAX_HANDLE_HEX {
         return Err("the handle's address or remote key is too long".into());
     }
+    for (what, hex) in [("address", &handle.address), ("remote key", &handle.rkey)] {
+        if let Err(e) = from_hex(hex) {
+            return Err(format!("the handle's {what} is not hex ({e})"));
+        }
+    }
     match (&handle.backend, &handle.cuda_ipc) {
         (KvTransportKind::CudaIpc, Some(source)) => {
-            if source.mem_handle.len() != CUDA_IPC_HANDLE_HEX {
+            if source.mem_handle.len() != CUDA_IPC_HANDLE_HEX
+                || from_hex(&source.mem_handle).is_err()
+            {
                 return Err(format!(
-                    "a CUDA IPC memory handle of {} hex digits (expected {CUDA_IPC_HANDLE_HEX})",
+                    "a CUDA IPC memory handle of {} characters (expected {CUDA_IPC_HANDLE_HEX} \
+                     hex digits)",
                     source.mem_handle.len()
                 ));
             }
@@ -886,7 +895,19 @@ mod tests {
             5,
             "ends past the exported 4096 bytes",
         );
-        refused(&|h| gpu(h, 1 << 20, 12), 5, "12 hex digits");
+        refused(&|h| gpu(h, 1 << 20, 12), 5, "of 12 characters");
+        refused(
+            &|h| {
+                gpu(h, 1 << 20, CUDA_IPC_HANDLE_HEX);
+                if let Some(source) = &mut h.cuda_ipc {
+                    source.mem_handle = "g".repeat(CUDA_IPC_HANDLE_HEX);
+                }
+            },
+            5,
+            "of 128 characters",
+        );
+        refused(&|h| h.address = "0".into(), 5, "address is not hex");
+        refused(&|h| h.rkey = "zz".into(), 5, "remote key is not hex");
         refused(
             &|h| h.backend = KvTransportKind::CudaIpc,
             5,
