@@ -86,10 +86,16 @@ fn example_configs_parse_and_validate() {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/configs/multi-host.yaml"),
     )
     .unwrap();
+    // The workers of every host share one KV secret file.
+    assert_eq!(
+        hosts.kv_secret_file.as_deref(),
+        Some("/etc/tandem/kv-secret")
+    );
     // And it points to the least-privilege NATS users, credentials in the environment.
     for needle in [
         "examples/nats/permissions.conf",
         "TANDEM_NATS_PASSWORD_FILE",
+        "openssl rand -hex 32 > /etc/tandem/kv-secret",
     ] {
         assert!(text.contains(needle), "multi-host.yaml mentions {needle}");
     }

@@ -3,8 +3,9 @@
 //! obtainable), a deployment that serves the tiny model and leaves no process behind when it
 //! stops (SIGTERM, the api-server dying, a worker failing at start-up, the launcher killed),
 //! an external NATS server from the config, a killed worker reported while the rest serves
-//! on and started again, and a worker whose device fails leaving, restarting and serving
-//! again.
+//! on and started again, a worker whose device fails leaving, restarting and serving
+//! again, and the secrets the launcher makes (its nats-server's token, the workers' KV
+//! secret) in no argv and no log line.
 //!
 //! Needs `$TANDEM_TEST_MODELS/tiny` (scripts/test-models) and the workspace binaries
 //! (`cargo build --workspace --bins`; `cargo test --workspace` builds them).
@@ -644,15 +645,20 @@ fn one_config_split_over_two_launchers_with_only() {
     // they meet on a shared NATS server, as examples/configs/multi-host.yaml describes.
     let nats = Nats::start();
     let port = free_port();
+    // The KV secret every host's workers share (context workers sign handles with it).
+    let kv_secret = temp_dir("split-kv").join("kv-secret");
+    std::fs::write(&kv_secret, "7f3e9a1c5b2d4e6f8a0b1c2d3e4f5a6b\n").unwrap();
     let config = write_config(
         "split",
         &format!(
             "model: {model}\nport: {port}\nserved_model_name: split\nnats: {{ url: \"{url}\" }}\n\
              router: {{ worker_timeout_ms: 1500 }}\n\
+             kv_secret_file: {secret}\n\
              context_servers: {{ num_instances: 1 }}\n\
              generation_servers: {{ num_instances: 1 }}\n",
             model = model_dir("tiny").display(),
             url = nats.url,
+            secret = kv_secret.display(),
         ),
     );
     let mut command = tandem();
@@ -712,6 +718,18 @@ fn one_config_split_over_two_launchers_with_only() {
         &json!({"model": "split", "prompt": "Hi", "max_tokens": 2}),
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
+    // Pulled with a handle signed with the shared secret file, not refused.
+    let metrics = http.get("/metrics").body;
+    let sample = |series: &str| tandem_test_kit::prometheus::sample(&metrics, series);
+    assert_eq!(
+        sample("tandem_kv_transfers_total{transport=\"ucx\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample("tandem_kv_transfer_fallbacks_total{reason=\"handle_refused\"}"),
+        Some(0.0)
+    );
 
     // Killed workers are started again, and the front host serves through them.
     let worker_pids: Vec<u32> = ["context-0", "decode-0"]
@@ -773,6 +791,30 @@ fn one_config_split_over_two_launchers_with_only() {
     let status = front.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "{status}:\n{}", front.output());
     assert_all_gone(&front_children, Duration::from_secs(5));
+}
+
+#[test]
+fn only_without_a_shared_kv_secret_is_refused() {
+    let nats = Nats::start();
+    let mut command = tandem();
+    command
+        .env_remove("TANDEM_KV_SECRET")
+        .env_remove("TANDEM_KV_SECRET_FILE")
+        .args([
+            "serve",
+            "--only",
+            "generation",
+            "--nats",
+            &nats.url,
+            "--model",
+        ])
+        .arg(model_dir("tiny"));
+    let (status, out) = run_to_failure(command);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("must all hold the same KV secret") && out.contains("kv_secret_file"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -861,6 +903,78 @@ fn the_launchers_nats_server_admits_only_holders_of_its_token() {
     // And the deployment serves.
     let reply = Http::new(&base).post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
     assert_eq!(reply.status, 200, "{}", reply.body);
+    launcher.signal(libc::SIGTERM);
+    assert!(launcher.wait_exit(Duration::from_secs(60)).success());
+}
+
+/// The environment variable `name` of process `pid`, if it has it.
+fn environ_var(pid: u32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    String::from_utf8_lossy(&environ)
+        .split('\0')
+        .find_map(|kv| kv.strip_prefix(&prefix).map(str::to_string))
+}
+
+/// A deployment the launcher starts whole gets a fresh KV secret: its context and decode
+/// workers share it (in their environment; the api-server, which reads no K/V, does not get
+/// it), disaggregated requests are pulled with signed handles and none is refused, and the
+/// secret is in no command line and no log line.
+#[test]
+fn the_launcher_signs_kv_handles_with_a_fresh_secret_of_the_deployment() {
+    let (mut launcher, base) = serve(&[]);
+    let http = Http::new(&base);
+    for prompt in ["Hello", "Once upon a time", "The capital of France is"] {
+        let reply = http.post(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 4, "temperature": 0}),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let metrics = http.get("/metrics").body;
+    let sample = |series: &str| tandem_test_kit::prometheus::sample(&metrics, series);
+    assert_eq!(
+        sample("tandem_kv_transfers_total{transport=\"ucx\"}"),
+        Some(3.0),
+        "every request pulled over UCX:\n{metrics}"
+    );
+    for reason in ["handle_refused", "pull_failed"] {
+        assert_eq!(
+            sample(&format!(
+                "tandem_kv_transfer_fallbacks_total{{reason=\"{reason}\"}}"
+            )),
+            Some(0.0),
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        tandem_test_kit::prometheus::metric(&metrics, "tandem_kv_handles_refused_total", ""),
+        Some(0.0),
+        "{metrics}"
+    );
+
+    let secrets: Vec<Option<String>> = ["context-0", "decode-0", "api-server"]
+        .iter()
+        .map(|name| environ_var(pid_of(&launcher, name), "TANDEM_KV_SECRET"))
+        .collect();
+    let secret = secrets[0]
+        .clone()
+        .expect("the context worker has the KV secret");
+    assert_eq!(secret.len(), 64, "32 random bytes, hex");
+    assert!(secret.chars().all(|c| c.is_ascii_hexdigit()), "{secret}");
+    assert_eq!(
+        secrets[1].as_ref(),
+        Some(&secret),
+        "the decode worker has the same"
+    );
+    assert_eq!(secrets[2], None, "the api-server reads no K/V");
+    assert_no_command_line_shows(launcher.pid(), &secret);
+    let output = launcher.output();
+    assert!(!output.contains(&secret), "a log line shows the KV secret");
+    assert!(
+        output.contains("KV handles are signed with a fresh secret"),
+        "{output}"
+    );
     launcher.signal(libc::SIGTERM);
     assert!(launcher.wait_exit(Duration::from_secs(60)).success());
 }

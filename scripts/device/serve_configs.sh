@@ -31,7 +31,7 @@ ask() { # port prompt
 }
 counters() { # port
   curl -sS "http://127.0.0.1:$1/metrics" |
-    grep -E "^tandem_(requests_disaggregated_total|kv_transfer_bytes_total|kv_transfers_total|kv_transfer_fallbacks_total|worker_total_kv_blocks)"
+    grep -E "^tandem_(requests_disaggregated_total|kv_transfer_bytes_total|kv_transfers_total|kv_transfer_fallbacks_total|kv_handles_refused_total|worker_total_kv_blocks)"
 }
 
 echo "== tandem serve -c examples/configs/$config.yaml"
@@ -59,7 +59,10 @@ if [ "$config" = gpu-1 ]; then
   npid=$!
   sleep 1
   common=(-c examples/configs/gpu-1.yaml --model /tmp/m --nats nats://127.0.0.1:4333)
-  tandem serve "${common[@]}" --only workers >"$out/workers.log" 2>&1 &
+  # The hosts' workers share one KV secret (a file on each host, here one file).
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >/tmp/kv-secret
+  chmod 600 /tmp/kv-secret
+  TANDEM_KV_SECRET_FILE=/tmp/kv-secret tandem serve "${common[@]}" --only workers >"$out/workers.log" 2>&1 &
   wpid=$!
   tandem serve "${common[@]}" --only api-server --port 8200 >"$out/front.log" 2>&1 &
   fpid=$!
