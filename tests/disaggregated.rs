@@ -79,6 +79,34 @@ fn chat(i: usize, max_tokens: u32) -> Value {
     request
 }
 
+/// The streamed chat requests `requests` (by [`chat`]'s index), all at once: each one's
+/// text and its usage, in order; every one must answer 200.
+fn chats_at_once(
+    http: &Http,
+    requests: impl IntoIterator<Item = usize>,
+    max_tokens: u32,
+) -> Vec<(support::Streamed, Value)> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = requests
+            .into_iter()
+            .map(|i| {
+                scope.spawn(move || {
+                    let mut usage = Value::Null;
+                    let (status, events) =
+                        http.post_stream("/v1/chat/completions", &chat(i, max_tokens), |e| {
+                            if !e["usage"].is_null() {
+                                usage = e["usage"].clone();
+                            }
+                        });
+                    assert_eq!(status, 200, "request {i}");
+                    (collect_stream(&events), usage)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn tandem_serve_with_two_context_and_one_decode_worker_equals_worker_generate() {
     const REQUESTS: usize = 32;
@@ -134,25 +162,7 @@ fn tandem_serve_with_two_context_and_one_decode_worker_equals_worker_generate() 
             .collect()
     });
 
-    let results: Vec<(support::Streamed, Value)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..REQUESTS)
-            .map(|i| {
-                let http = &http;
-                scope.spawn(move || {
-                    let mut usage = Value::Null;
-                    let (status, events) =
-                        http.post_stream("/v1/chat/completions", &chat(i, MAX_TOKENS), |e| {
-                            if !e["usage"].is_null() {
-                                usage = e["usage"].clone();
-                            }
-                        });
-                    assert_eq!(status, 200, "request {i}");
-                    (collect_stream(&events), usage)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let results = chats_at_once(&http, 0..REQUESTS, MAX_TOKENS);
     for (i, ((streamed, usage), reference)) in results.iter().zip(&references).enumerate() {
         assert_eq!(
             streamed.text,
@@ -363,25 +373,7 @@ fn a_decode_worker_with_a_small_kv_cache_pulls_each_prompt_only_into_room_it_has
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
 
-    let results: Vec<(support::Streamed, Value)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = REQUESTS
-            .iter()
-            .map(|&i| {
-                scope.spawn(move || {
-                    let mut usage = Value::Null;
-                    let (status, events) =
-                        http.post_stream("/v1/chat/completions", &chat(i, MAX_TOKENS), |e| {
-                            if !e["usage"].is_null() {
-                                usage = e["usage"].clone();
-                            }
-                        });
-                    assert_eq!(status, 200, "request {i}");
-                    (collect_stream(&events), usage)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let results = chats_at_once(http, REQUESTS, MAX_TOKENS);
     let mut smallest_prompt_blocks = u64::MAX;
     for (((streamed, usage), reference), i) in results.iter().zip(&references).zip(REQUESTS) {
         assert_eq!(streamed.text, reference["text"], "request {i}");

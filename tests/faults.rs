@@ -87,13 +87,15 @@ fn wait_metrics(http: &Http, limit: Duration, what: &str, done: impl Fn(&str) ->
     }
 }
 
-/// Whether worker `id` reports no running sequence and all its KV blocks free.
+/// Whether worker `id` reports no running and no queued request and all its KV blocks free
+/// (a request still queued holds no blocks, so the queue counts too).
 fn idle(body: &str, id: &str) -> bool {
     let label = format!("\"{id}\"");
     let running = metric(body, "tandem_worker_running", &label);
+    let queued = metric(body, "tandem_worker_queue_depth", &label);
     let free = metric(body, "tandem_worker_free_kv_blocks", &label);
     let total = metric(body, "tandem_worker_total_kv_blocks", &label);
-    running == Some(0.0) && free.is_some() && free == total
+    running == Some(0.0) && queued == Some(0.0) && free.is_some() && free == total
 }
 
 #[test]

@@ -22,7 +22,7 @@
 //!
 //! A worker whose queue is full is skipped: its heartbeat says its bound (`max_queued`) and how
 //! many sequences it runs at once (`max_running`), so the jobs sent since the heartbeat beyond
-//! its free running slots count as queued ([`WorkerEntry::is_full`]); and a worker that refused
+//! its free running slots count as queued (`WorkerEntry::is_full`); and a worker that refused
 //! a job (`rejected`) is full until its next heartbeat. When every generation worker is full a
 //! request gets 429 ([`NoRoute::AllFull`]); when every context worker is, it is prefilled by
 //! its generation worker ([`LocalPrefill::ContextFull`]).

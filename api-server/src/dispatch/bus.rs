@@ -2,7 +2,7 @@
 //! subjects, with the operations every phase of a request uses (subscribing to a job's token
 //! stream, sizing a job against the server's `max_payload`, publishing it to one worker).
 //!
-//! A job is published only as an [`EncodedJob`], which only [`Bus::encode_job`] makes, after
+//! A job is published only as an `EncodedJob`, which only `Bus::encode_job` makes, after
 //! checking it against the `max_payload` of the server the client is connected to (read at
 //! each check: a reconnect may reach a server with another limit). What a job too large does
 //! depends on the job: refused at the edge (the first job), a local prefill (a decode job

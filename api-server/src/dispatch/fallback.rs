@@ -12,13 +12,13 @@
 //! and the decode worker's failed pull is counted where `kv_pulled` is read (the hand-over).
 //! docs/protocol.md ("Fallbacks of a disaggregated request") has the rules.
 
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
-use tandem_protocol::messages::{FinishReason, GenerateJob, StreamMessage, WorkerRole};
+use tandem_protocol::messages::{FinishReason, StreamMessage, WorkerRole};
 
+use super::Generation;
 use super::cancel::CancelGuard;
 use super::handover::Phase;
-use super::{Generation, unix_ms};
 use crate::error::ApiError;
 use crate::metrics::{Event, Metrics};
 use crate::router::{LocalPrefill, Prefill, Route};
@@ -194,17 +194,8 @@ impl Generation {
         self.metrics.record(Event::Fallback(reason));
         self.cancel.fire();
         let job_id = format!("{}{LOCAL_RETRY_SUFFIX}", self.request_id);
-        let stream_subject = self.bus.stream_subject(&job_id);
-        let job = GenerateJob {
-            request_id: job_id.clone(),
-            stream_subject: stream_subject.clone(),
-            deadline_unix_ms: Some(unix_ms(
-                SystemTime::now() + self.timeouts.accept + self.timeouts.first_token,
-            )),
-            kv: None,
-            kv_reader: None,
-            ..self.job.clone()
-        };
+        let job = self.job_again(&job_id, self.job.resume_ids.clone());
+        let stream_subject = job.stream_subject.clone();
         let encoded = self
             .bus
             .encode_job(&job)

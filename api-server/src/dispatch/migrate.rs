@@ -19,12 +19,10 @@
 //! Failures of a context worker before the hand-over are not migrations: [`super::fallback`]
 //! replaces them with a local prefill.
 
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
-use tandem_protocol::messages::GenerateJob;
-
+use super::Generation;
 use super::cancel::CancelGuard;
-use super::{Generation, unix_ms};
 use crate::error::ApiError;
 use crate::metrics::Event;
 
@@ -114,18 +112,8 @@ impl Generation {
             self.request_id,
             self.migrations + 1
         );
-        let stream_subject = self.bus.stream_subject(&job_id);
-        let job = GenerateJob {
-            request_id: job_id.clone(),
-            stream_subject: stream_subject.clone(),
-            deadline_unix_ms: Some(unix_ms(
-                SystemTime::now() + self.timeouts.accept + self.timeouts.first_token,
-            )),
-            kv: None,
-            kv_reader: None,
-            resume_ids: self.received_ids.clone(),
-            ..self.job.clone()
-        };
+        let job = self.job_again(&job_id, self.received_ids.clone());
+        let stream_subject = job.stream_subject.clone();
         // Prompt and resumed tokens together may not fit where the prompt alone did: the
         // request ends, saying why (the failed job is cancelled as the generation drops).
         let encoded = match self.bus.encode_job(&job) {

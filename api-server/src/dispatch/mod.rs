@@ -311,6 +311,22 @@ impl Generation {
         }
     }
 
+    /// This request's job sent again as `job_id` (its own stream subject, a fresh deadline, no
+    /// KV handle) with `resume_ids`: what a fallback to a local prefill and a migration send.
+    fn job_again(&self, job_id: &str, resume_ids: Vec<u32>) -> GenerateJob {
+        GenerateJob {
+            request_id: job_id.to_owned(),
+            stream_subject: self.bus.stream_subject(job_id),
+            deadline_unix_ms: Some(unix_ms(
+                SystemTime::now() + self.timeouts.accept + self.timeouts.first_token,
+            )),
+            kv: None,
+            kv_reader: None,
+            resume_ids,
+            ..self.job.clone()
+        }
+    }
+
     /// The client's request id.
     pub fn request_id(&self) -> &str {
         &self.request_id

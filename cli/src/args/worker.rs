@@ -166,7 +166,7 @@ impl Default for WorkerArgs {
 
 impl WorkerArgs {
     /// The bound on the worker's queue: `--max-queued-requests`, else
-    /// [`DEFAULT_QUEUED_PER_SEQ`] x `--max-num-seqs`; `None` (no bound) for 0.
+    /// `DEFAULT_QUEUED_PER_SEQ` x `--max-num-seqs`; `None` (no bound) for 0.
     pub fn queue_bound(&self) -> Option<usize> {
         match self.max_queued_requests {
             Some(0) => None,
