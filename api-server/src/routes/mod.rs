@@ -8,6 +8,7 @@ pub mod completions;
 pub mod health;
 pub mod metrics;
 pub mod models;
+pub mod responses;
 
 mod logprobs;
 
@@ -35,6 +36,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .error_handler(|err, req| {
             let endpoint = if req.path().ends_with("/chat/completions") {
                 Endpoint::Chat
+            } else if req.path().ends_with("/responses") {
+                Endpoint::Responses
             } else {
                 Endpoint::Completions
             };
@@ -48,6 +51,11 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .app_data(json)
         .service(chat::chat_completions)
         .service(completions::completions)
+        .service(responses::create_response)
+        .service(responses::get_response)
+        .service(responses::delete_response)
+        .service(responses::list_input_items)
+        .service(responses::cancel_response)
         .service(models::list_models)
         .service(health::health)
         .service(metrics::metrics);
