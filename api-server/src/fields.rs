@@ -61,14 +61,17 @@ impl Kind {
     }
 }
 
-/// One endpoint's table.
+/// One endpoint's table (or the table of an object inside its body).
 #[derive(Debug)]
 pub struct EndpointFields {
-    /// `/v1/chat/completions`, ...: what the errors name.
+    /// `/v1/chat/completions`, `a chat message`, ...: what the errors name.
     pub path: &'static str,
     pub fields: &'static [(&'static str, Support)],
     /// Entries shared with other endpoints.
     pub shared: &'static [(&'static str, Support)],
+    /// Fields whose value (an object, or a list of objects) is checked against a table of its
+    /// own, the errors naming the inner field (`messages[2].tool_call_id`).
+    pub nested: &'static [(&'static str, &'static EndpointFields)],
 }
 
 fn never(_: &Value) -> bool {
@@ -188,6 +191,61 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
         ),
     ],
     shared: ACCEPTED_HINTS,
+    nested: &[
+        ("messages", &CHAT_MESSAGE),
+        ("stream_options", &STREAM_OPTIONS),
+    ],
+};
+
+/// A message of `messages` in a chat completion request.
+pub const CHAT_MESSAGE: EndpointFields = EndpointFields {
+    path: "a chat message",
+    fields: &[
+        ("role", Served),
+        ("content", Served),
+        ("name", Served),
+        // An assistant message sent back as the client received it.
+        (
+            "refusal",
+            Refused {
+                why: "an assistant message's refusal cannot be sent back: send its content",
+                allowed: never,
+            },
+        ),
+        // Issue 18, the "tools" branch.
+        ("tool_calls", InProgress),
+        ("tool_call_id", InProgress),
+        ("function_call", InProgress),
+        (
+            "audio",
+            Refused {
+                why: "tandem takes text only, not audio",
+                allowed: never,
+            },
+        ),
+    ],
+    shared: &[],
+    nested: &[],
+};
+
+/// `stream_options` of chat and text completions.
+pub const STREAM_OPTIONS: EndpointFields = EndpointFields {
+    path: "stream_options",
+    fields: &[
+        ("include_usage", Served),
+        // OpenAI pads deltas against side channels when this is true; tandem never does.
+        ("include_obfuscation", Accepted(Kind::Bool)),
+    ],
+    shared: &[],
+    nested: &[],
+};
+
+/// `stream_options` of `/v1/responses`.
+pub const RESPONSES_STREAM_OPTIONS: EndpointFields = EndpointFields {
+    path: "stream_options",
+    fields: &[("include_obfuscation", Served)],
+    shared: &[],
+    nested: &[],
 };
 
 /// `POST /v1/completions`.
@@ -219,6 +277,7 @@ pub const COMPLETIONS: EndpointFields = EndpointFields {
     // OpenAI's reference lists only `user` here; the other hints are accepted too, as clients
     // that share settings between endpoints send them.
     shared: ACCEPTED_HINTS,
+    nested: &[("stream_options", &STREAM_OPTIONS)],
 };
 
 /// `POST /v1/responses`.
@@ -303,6 +362,8 @@ pub const RESPONSES: EndpointFields = EndpointFields {
         ),
     ],
     shared: &[],
+    // Input items are walked by validation, which knows each item type's fields.
+    nested: &[("stream_options", &RESPONSES_STREAM_OPTIONS)],
 };
 
 impl EndpointFields {
@@ -325,27 +386,29 @@ impl EndpointFields {
                 self.path
             )));
         };
-        self.check(&object)?;
+        self.check(&object, "")?;
         serde_json::from_value(Value::Object(object))
             .map_err(|err| ApiError::InvalidJson(err.to_string()))
     }
 
-    fn check(&self, object: &Map<String, Value>) -> Result<(), ApiError> {
+    /// Checks `object`, whose fields are named `{prefix}{name}` in errors.
+    fn check(&self, object: &Map<String, Value>, prefix: &str) -> Result<(), ApiError> {
         for (name, value) in object {
+            let param = format!("{prefix}{name}");
             let Some(support) = self.support(name) else {
                 return Err(ApiError::InvalidRequest {
                     message: format!(
-                        "Unknown parameter: '{name}'. {} has no such parameter (docs/api.md \
+                        "Unknown parameter: '{param}'. {} has no such parameter (docs/api.md \
                          lists the parameters tandem serves).",
                         self.path
                     ),
-                    param: Some(name.clone()),
+                    param: Some(param),
                     code: Some("unknown_parameter"),
                 });
             };
             let unsupported = |why: &str| ApiError::InvalidRequest {
-                message: format!("Unsupported parameter: '{name}': {why}."),
-                param: Some(name.clone()),
+                message: format!("Unsupported parameter: '{param}': {why}."),
+                param: Some(param.clone()),
                 code: Some("unsupported_parameter"),
             };
             match support {
@@ -354,8 +417,8 @@ impl EndpointFields {
                 Accepted(kind) if kind.admits(value) => {}
                 Accepted(kind) => {
                     return Err(ApiError::InvalidRequest {
-                        message: format!("'{name}' must be {}, got {value}", kind.name()),
-                        param: Some(name.clone()),
+                        message: format!("'{param}' must be {}, got {value}", kind.name()),
+                        param: Some(param),
                         code: None,
                     });
                 }
@@ -368,6 +431,20 @@ impl EndpointFields {
                     ));
                 }
             }
+            if let Some((_, inner)) = self.nested.iter().find(|(field, _)| *field == name) {
+                match value {
+                    Value::Object(object) => inner.check(object, &format!("{param}."))?,
+                    Value::Array(items) => {
+                        for (i, item) in items.iter().enumerate() {
+                            if let Value::Object(object) = item {
+                                inner.check(object, &format!("{param}[{i}]."))?;
+                            }
+                        }
+                    }
+                    // Other values are the request type's to refuse.
+                    _ => {}
+                }
+            }
         }
         Ok(())
     }
@@ -376,7 +453,10 @@ impl EndpointFields {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::openai::{ChatCompletionRequest, CompletionRequest, ResponsesRequest};
+    use crate::openai::{
+        ChatCompletionRequest, ChatMessage, CompletionRequest, ResponsesRequest,
+        ResponsesStreamOptions, StreamOptions,
+    };
     use serde_json::json;
     use std::collections::BTreeSet;
 
@@ -430,11 +510,24 @@ mod tests {
         );
         assert_eq!(served(&COMPLETIONS), declared_fields::<CompletionRequest>());
         assert_eq!(served(&RESPONSES), declared_fields::<ResponsesRequest>());
+        assert_eq!(served(&CHAT_MESSAGE), declared_fields::<ChatMessage>());
+        assert_eq!(served(&STREAM_OPTIONS), declared_fields::<StreamOptions>());
+        assert_eq!(
+            served(&RESPONSES_STREAM_OPTIONS),
+            declared_fields::<ResponsesStreamOptions>()
+        );
     }
 
     #[test]
     fn each_name_is_listed_once() {
-        for endpoint in [&CHAT_COMPLETIONS, &COMPLETIONS, &RESPONSES] {
+        for endpoint in [
+            &CHAT_COMPLETIONS,
+            &COMPLETIONS,
+            &RESPONSES,
+            &CHAT_MESSAGE,
+            &STREAM_OPTIONS,
+            &RESPONSES_STREAM_OPTIONS,
+        ] {
             let names: BTreeSet<_> = endpoint.entries().map(|(n, _)| n).collect();
             assert_eq!(names.len(), endpoint.entries().count(), "{}", endpoint.path);
         }
@@ -479,6 +572,31 @@ mod tests {
         assert_eq!(param, "user");
         let (param, _, _) = refusal(&RESPONSES, json!({"background": true}));
         assert_eq!(param, "background");
+
+        // Inside the body: a message's fields, stream_options.
+        let (param, message, code) = refusal(
+            &CHAT_COMPLETIONS,
+            json!({"messages": [{"role": "user", "content": "x"},
+                                {"role": "user", "content": "y", "nmae": "z"}]}),
+        );
+        assert_eq!(
+            (param.as_str(), code),
+            ("messages[1].nmae", Some("unknown_parameter"))
+        );
+        assert!(message.contains("a chat message"), "{message}");
+        let (param, _, code) = refusal(
+            &CHAT_COMPLETIONS,
+            json!({"messages": [{"role": "tool", "content": "x", "tool_call_id": "c"}]}),
+        );
+        assert_eq!(
+            (param.as_str(), code),
+            ("messages[0].tool_call_id", Some("unsupported_parameter"))
+        );
+        let (param, _, _) = refusal(
+            &COMPLETIONS,
+            json!({"stream": true, "stream_options": {"include_usage": true, "usage": 1}}),
+        );
+        assert_eq!(param, "stream_options.usage");
     }
 
     #[test]
