@@ -3,11 +3,12 @@
 //! gives the text chat completions give for the same conversation, in OpenAI's `response`
 //! object and typed stream events; a token limit makes the response `incomplete`; a worker that
 //! dies mid-stream ends it with `response.failed`; unknown fields are a 400 naming them on
-//! every endpoint. Then the official `openai` client and the OpenAI Agents SDK against the same
-//! deployment (tests/python/responses_conformance.py, tests/python/agents_sdk.py).
+//! every endpoint. Then the official `openai` client, the OpenAI Agents SDK and LangChain's
+//! `ChatOpenAI` against the same deployment (tests/python/responses_conformance.py,
+//! agents_sdk.py, langchain_openai_plain.py): the fields they send by default are accepted.
 //!
-//! The Python part needs `openai` and `openai-agents` importable: scripts/test installs them
-//! into `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
+//! The Python part needs `openai`, `openai-agents` and `langchain-openai` importable:
+//! scripts/test installs them into `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
 
 mod support;
 
@@ -354,6 +355,7 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
     let base_url = format!("http://127.0.0.1:{}/v1", api.port);
     run_python("responses_conformance.py", &base_url);
     run_python("agents_sdk.py", &base_url);
+    run_python("langchain_openai_plain.py", &base_url);
 
     // The only worker dies mid-stream: the stream ends with `response.failed`, never hangs.
     let mut stream = http.open_stream(
@@ -407,8 +409,8 @@ fn run_python(script: &str, base_url: &str) {
         .expect("python3 runs");
     assert!(
         output.status.success(),
-        "{script} failed (scripts/test installs openai and openai-agents into target/pylib \
-         and sets TANDEM_TEST_PYTHONPATH):\n{}\n{}",
+        "{script} failed (scripts/test installs openai, openai-agents and langchain-openai \
+         into target/pylib and sets TANDEM_TEST_PYTHONPATH):\n{}\n{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );

@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Runs an OpenAI Agents SDK agent (no tools) against a running tandem deployment through the
-SDK's Responses model (run by tests/responses_api.rs; usage: agents_sdk.py BASE_URL): a run, a
-streamed run, and a second turn built from the first run's items. Exits non-zero with a message
-on the first failed check."""
+SDK's Responses model, its default (run by tests/responses_api.rs; usage: agents_sdk.py
+BASE_URL): a run, a streamed run, and a second turn built from the first run's items; then the
+same agent through the SDK's chat completions model. Exits non-zero with a message on the first
+failed check."""
 
 import asyncio
 import sys
 
 from openai import AsyncOpenAI
 
-from agents import (Agent, ModelSettings, OpenAIResponsesModel, Runner, set_default_openai_api,
-                    set_default_openai_client, set_tracing_disabled)
+from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, OpenAIResponsesModel, Runner,
+                    set_default_openai_api, set_default_openai_client, set_tracing_disabled)
 
 base_url = sys.argv[1]
 
@@ -40,6 +41,15 @@ async def main():
     # A second turn: the first run's items (its output message included) sent back.
     second = await Runner.run(agent, result.to_input_list() + [{"role": "user", "content": "And of Italy?"}])
     assert second.final_output, second
+
+    # The SDK's chat completions model sends its own set of fields; same prompt, same text.
+    chat_agent = agent.clone(model=OpenAIChatCompletionsModel(model=model, openai_client=client))
+    chat = await Runner.run(chat_agent, "What is the capital of France?")
+    assert chat.final_output == result.final_output, (chat.final_output, result.final_output)
+    streamed = Runner.run_streamed(chat_agent, input="What is the capital of France?")
+    async for _ in streamed.stream_events():
+        pass
+    assert streamed.final_output == result.final_output, streamed.final_output
 
     print("agents sdk: all checks passed")
 
