@@ -22,7 +22,7 @@ use crate::dispatch::{Generation, JobSpec, RequestRecord};
 use crate::error::ApiError;
 use crate::metrics::Endpoint;
 use crate::openai::FinishReason;
-use crate::prompt::tokenize;
+use crate::prompt::{naming_prompt_param, tokenize};
 use crate::state::AppState;
 use crate::validation::ValidRequest;
 
@@ -96,7 +96,9 @@ pub(crate) async fn start_generation(
         .try_admit()
         .inspect_err(|err| record.fail(err))?;
     let prepared = async {
-        let prompt_ids = tokenize(state.codec.clone(), valid.prompt.clone()).await?;
+        let prompt_ids = tokenize(state.codec.clone(), valid.prompt.clone())
+            .await
+            .map_err(|err| naming_prompt_param(err, valid.prompt_param()))?;
         let stop = valid.stop_spec(prompt_ids.len(), &state.limits)?;
         Ok::<_, ApiError>(JobSpec {
             prompt_ids,
