@@ -27,7 +27,9 @@ pub enum Support {
         why: &'static str,
         allowed: fn(&Value) -> bool,
     },
-    /// Issue 18: served on another branch being merged; refused here until then.
+    /// Issue 18: served on another branch being merged; refused here until then. When that
+    /// branch lands, its fields become `Served` (the request types then read them, and the
+    /// test that keeps this table and the types in step fails until they are).
     InProgress,
 }
 
