@@ -29,6 +29,9 @@ pub enum ApiError {
     },
     #[error("the model `{model}` does not exist")]
     ModelNotFound { model: String },
+    /// A stored-response route (`GET /v1/responses/{id}`, ...): tandem stores no response.
+    #[error("no stored response `{id}`: tandem stores no responses")]
+    ResponseNotFound { id: String },
     #[error("no live worker is serving this model")]
     NoLiveWorker,
     #[error("worker {worker_id} did not accept the request within {timeout_ms} ms")]
@@ -126,7 +129,9 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound { .. } | ApiError::ResponseNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::NoLiveWorker | ApiError::NotAccepted { .. } | ApiError::Bus { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -149,6 +154,7 @@ impl ApiError {
         match self {
             ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::ModelNotFound { .. } => "model_not_found",
+            ApiError::ResponseNotFound { .. } => "not_found",
             ApiError::NoLiveWorker | ApiError::NotAccepted { .. } => "unavailable",
             ApiError::FirstTokenTimeout { .. }
             | ApiError::Stalled { .. }
@@ -183,6 +189,16 @@ impl ApiError {
                 Some("model".to_string()),
                 Some("model_not_found"),
                 self.to_string(),
+            ),
+            ApiError::ResponseNotFound { id } => (
+                "invalid_request_error",
+                None,
+                Some("response_not_found"),
+                format!(
+                    "No response found with id '{id}': tandem stores no responses (every \
+                     response says store: false), so none can be retrieved, listed, cancelled \
+                     or deleted. Keep what you need from the response you received."
+                ),
             ),
             ApiError::NoLiveWorker => (
                 "server_error",

@@ -1,6 +1,7 @@
 //! tandem's OpenAI-compatible HTTP front end.
 //!
-//! A request goes: [`routes`] (HTTP, JSON; one file per endpoint) → [`validation`] (loose
+//! A request goes: [`routes`] (HTTP, JSON; one file per endpoint) → [`fields`] (no field the
+//! endpoint does not know) → [`validation`] (loose
 //! [`openai`] types to concrete values) → [`prompt`] (chat template, tokens, via tandem-text)
 //! → [`router`] (which generation worker, and which context worker prefills when the request
 //! is disaggregated) → [`dispatch`] (the jobs on NATS, the prefill → decode hand-over and its
@@ -20,6 +21,7 @@ pub mod config;
 pub mod disconnect;
 pub mod dispatch;
 pub mod error;
+pub mod fields;
 pub mod metrics;
 pub mod openai;
 pub mod prompt;

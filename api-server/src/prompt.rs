@@ -31,6 +31,23 @@ impl From<PromptError> for ApiError {
     }
 }
 
+/// `err` with the request field that holds the prompt as its `param`: template errors name
+/// `messages`, which on `/v1/responses` is `input`.
+pub fn naming_prompt_param(err: ApiError, prompt_param: &str) -> ApiError {
+    match err {
+        ApiError::InvalidRequest {
+            message,
+            param: Some(param),
+            code,
+        } if param == "messages" => ApiError::InvalidRequest {
+            message,
+            param: Some(prompt_param.to_string()),
+            code,
+        },
+        other => other,
+    }
+}
+
 /// Tokenization as the api-server needs it. Implementations are CPU-bound and synchronous;
 /// [`tokenize`] moves the call to a blocking thread.
 pub trait PromptCodec: Send + Sync + 'static {
@@ -120,5 +137,27 @@ impl PromptCodec for TextCodec {
             .token_bytes(id)
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_errors_name_the_endpoints_prompt_field() {
+        let err = ApiError::from(PromptError::Template("roles must alternate".into()));
+        match naming_prompt_param(err, "input") {
+            ApiError::InvalidRequest { param, message, .. } => {
+                assert_eq!(param.as_deref(), Some("input"));
+                assert_eq!(message, "roles must alternate");
+            }
+            other => panic!("{other:?}"),
+        }
+        let other = ApiError::invalid("bad", "stop");
+        assert!(matches!(
+            naming_prompt_param(other, "input"),
+            ApiError::InvalidRequest { param: Some(p), .. } if p == "stop"
+        ));
     }
 }

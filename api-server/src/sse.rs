@@ -1,8 +1,9 @@
 //! Server-sent events: the `text/event-stream` response of a streamed generation. Each
 //! endpoint says how its events look ([`ChunkFormat`]); this module frames them
-//! (`data: {json}\n\n`), puts a failure mid-stream as an error event
-//! ([`ApiError::sse_event`](crate::error::ApiError::sse_event)) and ends every stream with
-//! `data: [DONE]`.
+//! (`data: {json}\n\n`), puts a failure mid-stream as the format's error event (by default
+//! [`ApiError::sse_event`](crate::error::ApiError::sse_event)) and ends every stream with the
+//! format's closing line (`data: [DONE]` for the completion endpoints; the Responses API sends
+//! none, its last event says the response ended).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use futures::StreamExt;
 
 use crate::disconnect::{ClientSocket, client_gone};
 use crate::dispatch::{GenEvent, Generation};
+use crate::error::ApiError;
 
 /// Turns generation events into one endpoint's SSE chunks (`data: {json}\n\n` each).
 pub trait ChunkFormat: 'static {
@@ -24,6 +26,14 @@ pub trait ChunkFormat: 'static {
     fn tokens(&mut self, tokens: &[TokenEvent]) -> Option<Bytes>;
     /// The finish chunk and, with `include_usage`, the usage chunk.
     fn finished(&mut self, reason: FinishReason, usage: Usage) -> Vec<Bytes>;
+    /// What the client sees when the generation fails after the stream has started.
+    fn failed(&mut self, err: &ApiError) -> Vec<Bytes> {
+        vec![err.sse_event()]
+    }
+    /// The stream's last line, after the finish or the failure.
+    fn closing(&self) -> Option<Bytes> {
+        Some(Bytes::from_static(SSE_DONE))
+    }
 }
 
 /// `data: {json}\n\n`.
@@ -70,12 +80,12 @@ pub fn sse_body<F: ChunkFormat>(
                     }
                     Some(Ok(GenEvent::Finished { reason, usage })) => {
                         queue.extend(format.finished(reason, usage));
-                        queue.push_back(Bytes::from_static(SSE_DONE));
+                        queue.extend(format.closing());
                         generation = None;
                     }
                     Some(Err(err)) => {
-                        queue.push_back(err.sse_event());
-                        queue.push_back(Bytes::from_static(SSE_DONE));
+                        queue.extend(format.failed(&err));
+                        queue.extend(format.closing());
                         generation = None;
                     }
                     None => generation = None,

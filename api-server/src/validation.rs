@@ -5,6 +5,8 @@
 //! length). Defaults follow OpenAI and vLLM: chat requests without a token limit may fill the
 //! context, text completions default to 16 tokens, a missing `model` means the served one.
 
+pub mod responses;
+
 use tandem_protocol::messages::{SamplingSpec, StopSpec};
 
 use crate::error::ApiError;
@@ -87,15 +89,15 @@ pub struct ValidRequest {
     /// Alternatives per token when logprobs were asked for (0 = only the chosen token's).
     pub logprobs: Option<u32>,
     pub logprobs_format: LogprobsFormat,
+    /// The request field that holds the prompt (`messages`, `prompt`, `input`), for errors
+    /// about it.
+    pub prompt_param: &'static str,
 }
 
 impl ValidRequest {
     /// The request field that holds the prompt, for errors about it.
     pub fn prompt_param(&self) -> &'static str {
-        match self.prompt {
-            PromptInput::Chat(_) => "messages",
-            _ => "prompt",
-        }
+        self.prompt_param
     }
 
     /// The job's stop settings once the prompt has `prompt_len` tokens, checking that prompt and
@@ -412,6 +414,7 @@ pub fn validate_chat(
         include_usage: common.include_usage,
         logprobs,
         logprobs_format: LogprobsFormat::Chat,
+        prompt_param: "messages",
     })
 }
 
@@ -511,6 +514,7 @@ pub fn validate_completion(
         include_usage: common.include_usage,
         logprobs,
         logprobs_format: LogprobsFormat::Completion,
+        prompt_param: "prompt",
     })
 }
 

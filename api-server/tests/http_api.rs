@@ -50,6 +50,8 @@ fn requests_without_workers_get_503_quickly() {
             json!({"messages": [{"role": "user", "content": "Hi"}], "stream": true}),
         ),
         ("/v1/completions", json!({"prompt": "Hi", "max_tokens": 4})),
+        ("/v1/responses", json!({"input": "Hi"})),
+        ("/v1/responses", json!({"input": "Hi", "stream": true})),
     ] {
         let start = Instant::now();
         let response = server.http.post(path, &body);
@@ -81,6 +83,9 @@ fn malformed_json_and_wrong_types_get_400_with_an_openai_body() {
             "{\"messages\": [], \"temperature\": \"hot\"}",
         ),
         ("/v1/completions", "{\"prompt\": {\"a\": 1}}"),
+        ("/v1/responses", "{\"input\": 5}"),
+        ("/v1/responses", "[\"Hi\"]"),
+        ("/v1/responses", "not json"),
     ] {
         let response = server.http.post_text(path, body);
         assert_eq!(response.status, 400, "{body}: {}", response.body);

@@ -86,6 +86,11 @@ impl Http {
         self.send("GET", path, "").read_all()
     }
 
+    /// DELETEs `path`.
+    pub fn delete(&self, path: &str) -> Response {
+        self.send("DELETE", path, "").read_all()
+    }
+
     /// POSTs `body` as JSON.
     pub fn post(&self, path: &str, body: &Value) -> Response {
         self.post_text(path, &body.to_string())

@@ -1,7 +1,8 @@
 //! OpenAI's request and response shapes, as they appear on the wire.
 //!
-//! Requests are loose: every field is `Option` (or defaulted), unknown fields are ignored, and
-//! nothing is checked here; [`crate::validation`] turns them into concrete values once.
+//! Requests are loose: every field is `Option` (or defaulted) and nothing is checked here;
+//! [`crate::fields`] refuses fields an endpoint does not know before a body becomes one of these
+//! types, and [`crate::validation`] turns them into concrete values once.
 //! Responses and stream chunks follow OpenAI's documented JSON exactly (field names, `object`
 //! strings, `null`s that clients expect to see), which the tests compare against literal JSON.
 
@@ -9,8 +10,10 @@ pub mod chat;
 pub mod common;
 pub mod completions;
 pub mod models;
+pub mod responses;
 
 pub use chat::*;
 pub use common::*;
 pub use completions::*;
 pub use models::*;
+pub use responses::*;

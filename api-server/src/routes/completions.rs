@@ -25,11 +25,14 @@ use crate::validation::validate_completion;
 pub async fn completions(
     request: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<CompletionRequest>,
+    body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let socket = ClientSocket::of(&request);
     let mut record = RequestRecord::new(state.metrics.clone(), Endpoint::Completions);
-    let valid = validate_completion(&body, &state.limits).inspect_err(|err| record.fail(err))?;
+    let valid = crate::fields::COMPLETIONS
+        .parse::<CompletionRequest>(body.into_inner())
+        .and_then(|body| validate_completion(&body, &state.limits))
+        .inspect_err(|err| record.fail(err))?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let started = start_generation(&state, &valid, record, id.clone());
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {

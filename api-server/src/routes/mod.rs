@@ -8,6 +8,7 @@ pub mod completions;
 pub mod health;
 pub mod metrics;
 pub mod models;
+pub mod responses;
 
 mod logprobs;
 
@@ -21,7 +22,7 @@ use crate::dispatch::{Generation, JobSpec, RequestRecord};
 use crate::error::ApiError;
 use crate::metrics::Endpoint;
 use crate::openai::FinishReason;
-use crate::prompt::tokenize;
+use crate::prompt::{naming_prompt_param, tokenize};
 use crate::state::AppState;
 use crate::validation::ValidRequest;
 
@@ -35,6 +36,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .error_handler(|err, req| {
             let endpoint = if req.path().ends_with("/chat/completions") {
                 Endpoint::Chat
+            } else if req.path().ends_with("/responses") {
+                Endpoint::Responses
             } else {
                 Endpoint::Completions
             };
@@ -48,6 +51,11 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .app_data(json)
         .service(chat::chat_completions)
         .service(completions::completions)
+        .service(responses::create_response)
+        .service(responses::get_response)
+        .service(responses::delete_response)
+        .service(responses::list_input_items)
+        .service(responses::cancel_response)
         .service(models::list_models)
         .service(health::health)
         .service(metrics::metrics);
@@ -88,7 +96,9 @@ pub(crate) async fn start_generation(
         .try_admit()
         .inspect_err(|err| record.fail(err))?;
     let prepared = async {
-        let prompt_ids = tokenize(state.codec.clone(), valid.prompt.clone()).await?;
+        let prompt_ids = tokenize(state.codec.clone(), valid.prompt.clone())
+            .await
+            .map_err(|err| naming_prompt_param(err, valid.prompt_param()))?;
         let stop = valid.stop_spec(prompt_ids.len(), &state.limits)?;
         Ok::<_, ApiError>(JobSpec {
             prompt_ids,

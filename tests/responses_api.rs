@@ -1,0 +1,417 @@
+//! `/v1/responses` and the request-field checks against a live deployment (nats-server,
+//! `worker --role both` and the api-server as real processes, on SmolLM2): the Responses API
+//! gives the text chat completions give for the same conversation, in OpenAI's `response`
+//! object and typed stream events; a token limit makes the response `incomplete`; a worker that
+//! dies mid-stream ends it with `response.failed`; unknown fields are a 400 naming them on
+//! every endpoint. Then the official `openai` client, the OpenAI Agents SDK and LangChain's
+//! `ChatOpenAI` against the same deployment (tests/python/responses_conformance.py,
+//! agents_sdk.py, langchain_openai_plain.py): the fields they send by default are accepted.
+//!
+//! The Python part needs `openai`, `openai-agents` and `langchain-openai` importable:
+//! scripts/test installs them into `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{SERVED_NAME, start_api_server};
+use tandem_test_kit::{Http, Nats, model_dir, prometheus};
+
+const MODEL: &str = "smollm2-bf16";
+
+/// A streamed response's events, read from the raw body: each `event:` line must name the
+/// `type` of the JSON on its `data:` line.
+fn response_events(http: &Http, body: &Value) -> Vec<Value> {
+    let reply = http.post("/v1/responses", body);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.header("content-type"),
+        Some("text/event-stream"),
+        "{reply:?}"
+    );
+    assert!(!reply.body.contains("[DONE]"), "{}", reply.body);
+    reply
+        .body
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|event| {
+            let mut lines = event.lines();
+            let kind = lines.next().and_then(|l| l.strip_prefix("event: "));
+            let data = lines.next().and_then(|l| l.strip_prefix("data: "));
+            let (Some(kind), Some(data)) = (kind, data) else {
+                panic!("not an `event:` and `data:` pair: {event:?}");
+            };
+            let value: Value = serde_json::from_str(data).unwrap();
+            assert_eq!(value["type"], kind, "{event}");
+            value
+        })
+        .collect()
+}
+
+fn output_text(response: &Value) -> String {
+    assert_eq!(
+        response["output"].as_array().unwrap().len(),
+        1,
+        "{response}"
+    );
+    let message = &response["output"][0];
+    assert_eq!(message["type"], "message");
+    assert_eq!(message["role"], "assistant");
+    let part = &message["content"][0];
+    assert_eq!(part["type"], "output_text");
+    assert_eq!(part["annotations"], json!([]));
+    part["text"].as_str().unwrap().to_owned()
+}
+
+fn chat_text(http: &Http, messages: Value, max_tokens: u32) -> String {
+    let reply = http.post(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn responses_api_and_field_checks_on_a_live_deployment() {
+    let nats = Nats::start();
+    let mut worker = support::start_worker(&nats, &model_dir(MODEL), "w0", &[]);
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    let http = &api.http;
+    http.wait_for_workers(1, Duration::from_secs(30));
+
+    // A string input: the text chat completions give for the same user message, in the
+    // documented `response` object.
+    let question = "What is the capital of France?";
+    let expected = chat_text(http, json!([{"role": "user", "content": question}]), 24);
+    let reply = http.post(
+        "/v1/responses",
+        &json!({"model": SERVED_NAME, "input": question, "max_output_tokens": 24,
+                "temperature": 0, "metadata": {"team": "infra"}, "store": true,
+                "user": "u-1"}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let response = reply.json();
+    assert!(response["id"].as_str().unwrap().starts_with("resp_"));
+    assert!(
+        response["output"][0]["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("msg_")
+    );
+    assert_eq!(response["object"], "response");
+    assert_eq!(response["model"], SERVED_NAME);
+    assert_eq!(output_text(&response), expected);
+    assert!(expected.contains("Paris"), "{expected}");
+    assert!(response["created_at"].is_u64() && response["completed_at"].is_u64());
+    assert_eq!(response["metadata"], json!({"team": "infra"}));
+    assert_eq!(response["user"], "u-1");
+    assert_eq!(response["store"], false, "tandem stores nothing");
+    assert_eq!(response["temperature"], 0.0);
+    assert_eq!(response["max_output_tokens"], 24);
+    assert_eq!(response["text"], json!({"format": {"type": "text"}}));
+    assert_eq!(response["tools"], json!([]));
+    assert_eq!(response["previous_response_id"], Value::Null);
+    let finished = response["status"].as_str().unwrap();
+    let usage = &response["usage"];
+    assert!(usage["input_tokens"].as_u64().unwrap() > 0, "{usage}");
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["input_tokens"].as_u64().unwrap() + usage["output_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(usage["input_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(usage["output_tokens_details"]["reasoning_tokens"], 0);
+
+    // Instructions and a list of messages: the same prompt as the chat messages with a
+    // system message first.
+    let conversation = json!([
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "An apple."}]},
+        {"type": "message", "role": "user",
+         "content": [{"type": "input_text", "text": "Name another one."}]}
+    ]);
+    let expected_turn = chat_text(
+        http,
+        json!([
+            {"role": "system", "content": "Answer in three words."},
+            {"role": "user", "content": "Name a fruit."},
+            {"role": "assistant", "content": "An apple."},
+            {"role": "user", "content": "Name another one."}
+        ]),
+        16,
+    );
+    let reply = http.post(
+        "/v1/responses",
+        &json!({"input": conversation, "instructions": "Answer in three words.",
+                "max_output_tokens": 16, "temperature": 0}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(output_text(&reply.json()), expected_turn);
+    assert_eq!(reply.json()["instructions"], "Answer in three words.");
+
+    // Streamed: the documented events in order, numbered from 0, deltas adding up to the
+    // non-streamed text, the last event carrying the whole response.
+    let events = response_events(
+        http,
+        &json!({"input": question, "max_output_tokens": 24, "temperature": 0,
+                "stream": true}),
+    );
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event["sequence_number"], i as u64, "{event}");
+    }
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .filter(|k| *k != "response.output_text.delta")
+        .collect();
+    let last = format!("response.{finished}");
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            last.as_str(),
+        ]
+    );
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, expected);
+    let done = events.last().unwrap();
+    assert_eq!(output_text(&done["response"]), expected);
+    assert_eq!(done["response"]["usage"], usage.clone());
+    assert_eq!(
+        done["response"]["id"], events[0]["response"]["id"],
+        "one id for the whole stream"
+    );
+
+    // A token limit: `incomplete`, with the reason, streamed or not.
+    let reply = http.post(
+        "/v1/responses",
+        &json!({"input": "Write a long story about the sea.", "max_output_tokens": 4}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let cut = reply.json();
+    assert_eq!(cut["status"], "incomplete", "{cut}");
+    assert_eq!(cut["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(cut["output"][0]["status"], "incomplete");
+    assert_eq!(cut["usage"]["output_tokens"], 4);
+    let events = response_events(
+        http,
+        &json!({"input": "Write a long story about the sea.", "max_output_tokens": 4,
+                "stream": true}),
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "response.incomplete");
+    assert_eq!(
+        last["response"]["incomplete_details"]["reason"],
+        "max_output_tokens"
+    );
+
+    // Logprobs, when `include` asks for them.
+    let reply = http.post(
+        "/v1/responses",
+        &json!({"input": question, "max_output_tokens": 3, "temperature": 0,
+                "include": ["message.output_text.logprobs"], "top_logprobs": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let logprobs = reply.json()["output"][0]["content"][0]["logprobs"].clone();
+    assert_eq!(logprobs.as_array().unwrap().len(), 3, "{logprobs}");
+    assert!(
+        logprobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["top_logprobs"].as_array().unwrap().len() == 2
+                && l["logprob"].as_f64().unwrap() <= 0.0),
+        "{logprobs}"
+    );
+
+    // Unknown fields on every endpoint, and fields tandem refuses: 400s naming them.
+    for (path, body, param, code) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
+                   "temprature": 0.2}),
+            "temprature",
+            "unknown_parameter",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 1, "best_off": 2}),
+            "best_off",
+            "unknown_parameter",
+        ),
+        (
+            "/v1/responses",
+            json!({"input": "x", "max_tokens": 1}),
+            "max_tokens",
+            "unknown_parameter",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "audio": {"voice": "a"}}),
+            "audio",
+            "unsupported_parameter",
+        ),
+        (
+            "/v1/responses",
+            json!({"input": "x", "previous_response_id": "resp_123"}),
+            "previous_response_id",
+            "unsupported_parameter",
+        ),
+        (
+            "/v1/responses",
+            json!({"input": "x", "background": true}),
+            "background",
+            "unsupported_parameter",
+        ),
+        (
+            "/v1/responses",
+            json!({"input": "x", "tools": [{"type": "function", "name": "f",
+                                            "parameters": {"type": "object"}}]}),
+            "tools",
+            "unsupported_parameter",
+        ),
+    ] {
+        let reply = http.post(path, &body);
+        assert_eq!(reply.status, 400, "{path} {body}: {}", reply.body);
+        let error = &reply.json()["error"];
+        assert_eq!(error["type"], "invalid_request_error", "{error}");
+        assert_eq!(error["param"], param, "{error}");
+        assert_eq!(error["code"], code, "{error}");
+        assert!(
+            error["message"].as_str().unwrap().contains(param),
+            "{error}"
+        );
+    }
+    // What clients send with their defaults is accepted.
+    let reply = http.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
+                "user": "u", "metadata": {"k": "v"}, "store": false,
+                "service_tier": "auto", "stream": false, "n": 1}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+
+    // Stored-response routes: 404, saying why.
+    for (method, path) in [
+        ("GET", "/v1/responses/resp_123"),
+        ("DELETE", "/v1/responses/resp_123"),
+        ("GET", "/v1/responses/resp_123/input_items"),
+        ("POST", "/v1/responses/resp_123/cancel"),
+    ] {
+        let reply = match method {
+            "GET" => http.get(path),
+            "POST" => http.post(path, &json!({})),
+            _ => http.delete(path),
+        };
+        assert_eq!(reply.status, 404, "{method} {path}: {}", reply.body);
+        let error = &reply.json()["error"];
+        assert_eq!(error["code"], "response_not_found", "{error}");
+        assert!(
+            error["message"].as_str().unwrap().contains("stores no"),
+            "{error}"
+        );
+    }
+
+    // The requests are counted under their endpoint.
+    let metrics = http.get("/metrics").body;
+    assert!(
+        prometheus::metric(
+            &metrics,
+            "tandem_requests_total",
+            "endpoint=\"responses\",outcome=\"success\""
+        )
+        .unwrap_or(0.0)
+            >= 6.0,
+        "{metrics}"
+    );
+    assert!(
+        prometheus::metric(
+            &metrics,
+            "tandem_requests_total",
+            "endpoint=\"responses\",outcome=\"invalid_request\""
+        )
+        .unwrap_or(0.0)
+            >= 4.0,
+        "{metrics}"
+    );
+
+    // The Python clients, on the same deployment.
+    let base_url = format!("http://127.0.0.1:{}/v1", api.port);
+    run_python("responses_conformance.py", &base_url);
+    run_python("agents_sdk.py", &base_url);
+    run_python("langchain_openai_plain.py", &base_url);
+
+    // The only worker dies mid-stream: the stream ends with `response.failed`, never hangs.
+    let mut stream = http.open_stream(
+        "/v1/responses",
+        &json!({"input": "Count from one to one thousand.", "max_output_tokens": 2000,
+                "stream": true, "temperature": 0}),
+    );
+    assert_eq!(stream.status(), 200);
+    let mut deltas = 0;
+    while deltas < 3 {
+        let event: Value = serde_json::from_str(&stream.next_data().unwrap()).unwrap();
+        if event["type"] == "response.output_text.delta" {
+            deltas += 1;
+        }
+    }
+    worker.kill();
+    let started = Instant::now();
+    let mut last = Value::Null;
+    while let Some(data) = stream.next_data() {
+        last = serde_json::from_str(&data).unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the failure took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(last["type"], "response.failed", "{last}");
+    assert_eq!(last["response"]["status"], "failed");
+    assert!(last["response"]["error"]["message"].is_string(), "{last}");
+    assert!(!output_text(&last["response"]).is_empty(), "{last}");
+}
+
+fn python() -> Command {
+    let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut command = Command::new(python);
+    if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
+        command.env("PYTHONPATH", path);
+    }
+    command
+}
+
+/// Runs tests/python/SCRIPT against `base_url` (`http://host:port/v1`).
+fn run_python(script: &str, base_url: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let output = python()
+        .arg(&path)
+        .arg(base_url)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{script} failed (scripts/test installs openai, openai-agents and langchain-openai \
+         into target/pylib and sets TANDEM_TEST_PYTHONPATH):\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
