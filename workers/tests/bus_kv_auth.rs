@@ -542,13 +542,20 @@ async fn a_pull_never_reads_an_export_that_was_freed_and_reused() {
     let mut heartbeats = client.subscribe(subjects.heartbeat_all()).await.unwrap();
     let (prompt_a, output_a) = reference(PROMPT_A);
     let (prompt_c, output_c) = reference(PROMPT_B);
-    assert_eq!(prompt_a.len(), prompt_c.len(), "C's export must fit A's memory");
+    assert_eq!(
+        prompt_a.len(),
+        prompt_c.len(),
+        "C's export must fit A's memory"
+    );
     assert_ne!(output_a, output_c, "the two answers must tell A from C");
 
     // 1. A forged release while A's decode job is held.
     let job_a = job("request-a", &prompt_a);
     let handle_a = prefill(&client, &job_a).await;
-    let seal_a = handle_a.seal.clone().expect("the context worker seals each export");
+    let seal_a = handle_a
+        .seal
+        .clone()
+        .expect("the context worker seals each export");
     let pending = {
         let (client, job) = (client.clone(), with_handle(&job_a, handle_a.clone()));
         tokio::spawn(async move { decode(&client, "slow", &job).await })
@@ -565,7 +572,10 @@ async fn a_pull_never_reads_an_export_that_was_freed_and_reused() {
     let job_c = job("request-c", &prompt_c);
     let handle_c = prefill(&client, &job_c).await;
     let seal_c = handle_c.seal.clone().expect("sealed");
-    assert_eq!(handle_c.blocks, handle_a.blocks, "C's K/V lies where A's did");
+    assert_eq!(
+        handle_c.blocks, handle_a.blocks,
+        "C's K/V lies where A's did"
+    );
     assert_eq!(seal_c.addr, seal_a.addr, "and so does its seal");
     assert_ne!(seal_c.nonce, seal_a.nonce);
     assert_eq!(
@@ -575,7 +585,10 @@ async fn a_pull_never_reads_an_export_that_was_freed_and_reused() {
     );
     let got = pending.await.unwrap();
     assert_export_gone(&got.outcome, "holds another nonce");
-    assert_eq!(got.ids, output_a, "A's own text from a local prefill, not C's");
+    assert_eq!(
+        got.ids, output_a,
+        "A's own text from a local prefill, not C's"
+    );
     wait_for_exports_gone(&mut heartbeats, "slow", 1).await;
     assert_eq!(
         slow.count_lines("KV pull read an export that was freed meanwhile"),
@@ -605,10 +618,16 @@ async fn a_pull_never_reads_an_export_that_was_freed_and_reused() {
     wait_for_releases(&mut heartbeats, "ctx", 3).await;
     let job_c2 = job("request-c2", &prompt_c);
     let handle_c2 = prefill(&client, &job_c2).await;
-    assert_eq!(handle_c2.blocks, handle_a2.blocks, "C's K/V lies where A's did");
+    assert_eq!(
+        handle_c2.blocks, handle_a2.blocks,
+        "C's K/V lies where A's did"
+    );
     let got = decode(&client, "dec", &with_handle(&job_a2, handle_a2)).await;
     assert_export_gone(&got.outcome, "holds another nonce");
-    assert_eq!(got.ids, output_a, "A's own text from a local prefill, not C's");
+    assert_eq!(
+        got.ids, output_a,
+        "A's own text from a local prefill, not C's"
+    );
     wait_for_exports_gone(&mut heartbeats, "dec", 1).await;
     let got = decode(&client, "dec", &with_handle(&job_c2, handle_c2)).await;
     assert!(

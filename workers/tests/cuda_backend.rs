@@ -584,7 +584,10 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         .read_kv_blocks(&kv, &others, KvBytesMut::Device(range))
         .unwrap();
     let reused = reused.finish().unwrap();
-    assert_eq!(reused.addr, remote.regions[0].0, "the freed slice is reused");
+    assert_eq!(
+        reused.addr, remote.regions[0].0,
+        "the freed slice is reused"
+    );
     let err = pull(remote.clone()).unwrap_err();
     assert!(
         matches!(err, TransferError::ExportGone(_)) && err.to_string().contains("another"),

@@ -125,9 +125,9 @@ impl KvTransport for InProcessTransport {
             let key = u64::from_le_bytes(key);
             let released = || match remote.seal {
                 // A sealed export that is gone: its seal would read cleared.
-                Some(_) => TransferError::ExportGone(format!(
-                    "in-process export {key} was released"
-                )),
+                Some(_) => {
+                    TransferError::ExportGone(format!("in-process export {key} was released"))
+                }
                 None => TransferError::Unavailable(format!("in-process export {key} was released")),
             };
             let mut out = Vec::with_capacity(remote.total_len() as usize);

@@ -609,14 +609,16 @@ mod tests {
             ..Exported::fixture()
         };
         // SAFETY: `bytes` outlives the buffer and the export.
-        let buffer = unsafe { ExportBuffer::new(bytes.as_mut_ptr(), 48, exported) }.with_seal(
-            SealSlot {
+        let buffer =
+            unsafe { ExportBuffer::new(bytes.as_mut_ptr(), 48, exported) }.with_seal(SealSlot {
                 addr: 4096 + 48,
                 memory: Box::new(Recorded(log.clone())),
-            },
-        );
+            });
         assert_eq!(buffer.len(), 48, "the caller sees the K/V only");
-        assert!(log.lock().unwrap().is_empty(), "not sealed before it is filled");
+        assert!(
+            log.lock().unwrap().is_empty(),
+            "not sealed before it is filled"
+        );
         let exported = buffer.finish().unwrap();
         assert_eq!(*log.lock().unwrap(), ["sealed"]);
         let seal = exported.seal.expect("a sealed export names its seal");

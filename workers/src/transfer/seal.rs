@@ -292,7 +292,11 @@ pub(crate) mod tests {
         assert_eq!(bytes[1..=SEAL_BYTES], nonce);
         seal.write(&ZEROS).unwrap();
         assert_eq!(bytes[1..=SEAL_BYTES], ZEROS);
-        assert_eq!((bytes[0], bytes[SEAL_BYTES + 1]), (0xee, 0xee), "nothing around it");
+        assert_eq!(
+            (bytes[0], bytes[SEAL_BYTES + 1]),
+            (0xee, 0xee),
+            "nothing around it"
+        );
     }
 
     #[test]

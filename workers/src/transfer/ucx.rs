@@ -425,7 +425,11 @@ async fn pull(
     let seal = remote.seal.map(|seal| seal.region());
     let (Some(start), Some(end)) = (
         regions.iter().chain(&seal).map(|&(addr, _)| addr).min(),
-        regions.iter().chain(&seal).map(|&(addr, len)| addr + len).max(),
+        regions
+            .iter()
+            .chain(&seal)
+            .map(|&(addr, len)| addr + len)
+            .max(),
     ) else {
         return Ok(into);
     };

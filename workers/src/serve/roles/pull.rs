@@ -1068,7 +1068,10 @@ mod tests {
         let refusal = check(Some(&secret), &c, &unsealed).unwrap_err();
         assert!(matches!(refusal, Refusal::Unsealed), "{refusal}");
         assert!(refusal.to_string().contains("names no seal"), "{refusal}");
-        assert!(check(None, &c, &unsealed).is_ok(), "not spent by the refusal");
+        assert!(
+            check(None, &c, &unsealed).is_ok(),
+            "not spent by the refusal"
+        );
     }
 
     #[test]
