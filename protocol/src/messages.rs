@@ -128,6 +128,29 @@ pub struct SamplingSpec {
     pub repetition_penalty: f32,
     /// Number of alternatives to report per token, when logprobs are asked for.
     pub logprobs: Option<u32>,
+    /// OpenAI's `logit_bias`: `(token id, bias)` added to the token's logit before sampling
+    /// (-100 bans a token, 100 forces it). Ids checked against the vocabulary at the edge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// What the output must match (structured outputs, forced tool calls): the worker
+    /// compiles it with llguidance and masks every token that would leave it. Absent: free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<GrammarSpec>,
+}
+
+/// A constraint on a request's output, enforced token by token on the sampler. The api-server
+/// builds it from `response_format` and `tool_choice`; the worker (context and decode alike)
+/// compiles it with llguidance against its tokenizer, so a decode worker resumes it by feeding
+/// the tokens generated before it took over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GrammarSpec {
+    /// The output is one JSON value valid against `schema` (a JSON Schema; `{"type":
+    /// "object"}` for `response_format: json_object`).
+    JsonSchema { schema: serde_json::Value },
+    /// A grammar in llguidance's Lark dialect (which may embed `%json { schema }`), e.g. a
+    /// tool call in the model family's markup.
+    Lark { grammar: String },
 }
 
 impl Default for SamplingSpec {
@@ -141,6 +164,8 @@ impl Default for SamplingSpec {
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
             logprobs: None,
+            logit_bias: Vec::new(),
+            grammar: None,
         }
     }
 }
@@ -767,6 +792,41 @@ mod tests {
         assert_eq!(
             decode::<StreamMessage>("stream", json.as_bytes()).unwrap(),
             msg
+        );
+    }
+
+    #[test]
+    fn logit_bias_and_grammar_are_on_the_wire_only_when_set() {
+        let free = SamplingSpec::default();
+        let json = serde_json::to_string(&free).unwrap();
+        assert!(
+            !json.contains("logit_bias") && !json.contains("grammar"),
+            "{json}"
+        );
+        let constrained = SamplingSpec {
+            logit_bias: vec![(17, -100.0)],
+            grammar: Some(GrammarSpec::JsonSchema {
+                schema: serde_json::json!({"type": "object"}),
+            }),
+            ..SamplingSpec::default()
+        };
+        let json = serde_json::to_string(&constrained).unwrap();
+        assert!(
+            json.contains(r#""logit_bias":[[17,-100.0]]"#)
+                && json.contains(r#""grammar":{"kind":"json_schema","schema":{"type":"object"}}"#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<SamplingSpec>(&json).unwrap(),
+            constrained
+        );
+        let lark: GrammarSpec =
+            serde_json::from_str(r#"{"kind":"lark","grammar":"start: \"yes\" | \"no\""}"#).unwrap();
+        assert_eq!(
+            lark,
+            GrammarSpec::Lark {
+                grammar: r#"start: "yes" | "no""#.into()
+            }
         );
     }
 

@@ -108,6 +108,7 @@ mod tests {
             frequency_penalty: -0.5,
             repetition_penalty: 1.1,
             logprobs: Some(3),
+            ..SamplingSpec::default()
         };
         let params = sampling_params(&spec);
         assert_eq!(params.top_k, None);
