@@ -938,7 +938,7 @@ fn the_launcher_signs_kv_handles_with_a_fresh_secret_of_the_deployment() {
         Some(3.0),
         "every request pulled over UCX:\n{metrics}"
     );
-    for reason in ["handle_refused", "pull_failed"] {
+    for reason in ["handle_refused", "pull_failed", "export_gone"] {
         assert_eq!(
             sample(&format!(
                 "tandem_kv_transfer_fallbacks_total{{reason=\"{reason}\"}}"

@@ -169,6 +169,7 @@ pub struct Metrics {
     kv_pull_peak_held_blocks: IntGaugeVec,
     kv_pulls_waited: IntCounterVec,
     kv_handles_refused: IntCounterVec,
+    kv_exports_gone: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -360,6 +361,13 @@ impl Metrics {
              another KV secret), it was taken before (a replay), or it was malformed (since its \
              start)",
         );
+        let kv_exports_gone = context_counter(
+            "tandem_kv_exports_gone_total",
+            "Pulls of a generation worker that found the export's seal changed after the read: \
+             the context worker had freed the export first (a release or cancel that came \
+             early or was forged, or a replayed handle), so what was read was dropped and the \
+             prompt prefilled locally (since its start)",
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -391,6 +399,7 @@ impl Metrics {
             kv_pull_peak_held_blocks,
             kv_pulls_waited,
             kv_handles_refused,
+            kv_exports_gone,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
@@ -422,6 +431,7 @@ impl Metrics {
             Box::new(metrics.kv_pull_peak_held_blocks.clone()),
             Box::new(metrics.kv_pulls_waited.clone()),
             Box::new(metrics.kv_handles_refused.clone()),
+            Box::new(metrics.kv_exports_gone.clone()),
         ];
         for collector in collectors {
             metrics
@@ -550,6 +560,7 @@ impl Metrics {
                 .set(pulls.peak_held_blocks as i64);
             mirror_counter(&self.kv_pulls_waited, &worker, pulls.waited);
             mirror_counter(&self.kv_handles_refused, &worker, pulls.refused_handles);
+            mirror_counter(&self.kv_exports_gone, &worker, pulls.exports_gone);
         }
         if let Some(stats) = heartbeat.kv_transfer {
             let worker = [heartbeat.worker_id.as_str()];
@@ -597,6 +608,7 @@ impl Metrics {
             &self.kv_unmatched_releases,
             &self.kv_pulls_waited,
             &self.kv_handles_refused,
+            &self.kv_exports_gone,
         ] {
             let _ = counter.remove_label_values(&worker);
         }
@@ -768,6 +780,7 @@ mod tests {
                 waited: 6,
                 peak_held_blocks: 12,
                 refused_handles: 2,
+                exports_gone: 1,
             }),
         };
         metrics.record(Event::Heartbeat(&heartbeat));
@@ -787,6 +800,7 @@ mod tests {
             "tandem_kv_pulls_waited_total{worker_id=\"w\"} 6",
             "tandem_kv_pull_peak_held_blocks{worker_id=\"w\"} 12",
             "tandem_kv_handles_refused_total{worker_id=\"w\"} 2",
+            "tandem_kv_exports_gone_total{worker_id=\"w\"} 1",
             "tandem_live_workers{role=\"decode\"} 1",
             "tandem_live_workers{role=\"context\"} 0",
         ] {

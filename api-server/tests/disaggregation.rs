@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use common::bus_peer::{
     CONTEXT_ERROR, FAKE_BLOCK_BYTES, FAKE_BLOCK_TOKENS, SCRIPT_ANSWER, SCRIPT_CONTEXT_ANSWERS,
     SCRIPT_CONTEXT_ERROR, SCRIPT_CONTEXT_SILENT, SCRIPT_CONTEXT_VANISHES, SCRIPT_DECODE_SILENT,
-    SCRIPT_DECODE_VANISHES, SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_HANDLE_REFUSED, SCRIPT_PULL_FAILS,
-    SCRIPTED_TEXT, SCRIPTED_TRANSPORT, ScriptedBusPeer, fake_handle, scripted_kv_peer,
+    SCRIPT_DECODE_VANISHES, SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_EXPORT_GONE,
+    SCRIPT_HANDLE_REFUSED, SCRIPT_PULL_FAILS, SCRIPTED_TEXT, SCRIPTED_TRANSPORT, ScriptedBusPeer,
+    fake_handle, scripted_kv_peer,
 };
 use common::{SERVED_NAME, start_api_server};
 use serde_json::{Value, json};
@@ -216,6 +217,7 @@ fn a_request_is_prefilled_on_the_context_worker_and_decoded_from_its_handle() {
         "context_gone",
         "pull_failed",
         "handle_refused",
+        "export_gone",
     ] {
         assert_eq!(metric(&metrics, &fallbacks(reason)), 0.0, "{reason}");
     }
@@ -375,9 +377,13 @@ fn failed_pulls_and_context_heartbeats_show_in_metrics_and_health() {
     // A refused handle (say, workers with different KV secrets) is a fallback of its own.
     let (_, text, _, _) = read_stream(&d.server, &streamed_chat(SCRIPT_HANDLE_REFUSED));
     assert_eq!(text, SCRIPTED_TEXT);
+    // So is an export freed before the pull ended (its seal changed: say, a forged release).
+    let (_, text, _, _) = read_stream(&d.server, &streamed_chat(SCRIPT_EXPORT_GONE));
+    assert_eq!(text, SCRIPTED_TEXT);
     let metrics = d.server.http.get("/metrics").body;
     assert_eq!(metric(&metrics, &fallbacks("pull_failed")), 1.0);
     assert_eq!(metric(&metrics, &fallbacks("handle_refused")), 1.0);
+    assert_eq!(metric(&metrics, &fallbacks("export_gone")), 1.0);
     assert_eq!(metric(&metrics, "tandem_kv_transfer_bytes_total"), 0.0);
     assert_eq!(metric(&metrics, "tandem_kv_transfer_seconds_count"), 0.0);
     for (series, value) in [

@@ -278,6 +278,14 @@ pub struct KvHandle {
     /// (Boxed: absent on most handles, and a handle travels inside `StreamMessage`.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_ipc: Option<Box<CudaIpcSource>>,
+    /// The export's seal: random bytes the context worker wrote next to the K/V once the copy
+    /// was complete, and overwrites before the memory goes back to its pool. The decode worker
+    /// reads it after the K/V and uses what it read only if the seal still holds `nonce`:
+    /// otherwise the export was freed (and its memory possibly reused by another request)
+    /// before or during the read. Absent from a context worker older than the field: a
+    /// decode worker that holds the KV secret refuses such a handle (docs/security.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<KvSeal>,
     /// HMAC-SHA256 (64 hex digits) under the deployment's KV secret, over every field above
     /// and the request the handle was exported for (its request id, stream subject and prompt;
     /// docs/protocol.md, "KV handles are signed"). A decode worker that holds the secret
@@ -287,6 +295,17 @@ pub struct KvHandle {
     /// field.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub mac: String,
+}
+
+/// Where an export's seal lies and what it holds while the export is live ([`KvHandle::seal`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvSeal {
+    /// Where the seal's bytes start, addressed as the handle's regions are (an address in the
+    /// context worker's registered memory, or an offset into its CUDA IPC allocation).
+    pub addr: u64,
+    /// The bytes the seal holds while the export is live: 16 random bytes, hex (32 digits),
+    /// never all zeros (what a freed export's seal reads).
+    pub nonce: String,
 }
 
 /// A context worker's GPU memory that other processes of its host can map (CUDA IPC): the
@@ -495,14 +514,15 @@ pub enum StreamMessage {
     /// worker (the last message of a prefill job that continues).
     KvReady { handle: Box<KvHandle> },
     /// From a decode worker: how the prompt's KV cache arrived, before the first token.
-    /// `bytes`/`micros` are 0 when the pull failed or the handle was refused and the decode
-    /// worker prefilled the prompt itself ([`PullOutcome::Fallback`], [`PullOutcome::Refused`]).
+    /// `bytes`/`micros` are 0 when the pull failed, the handle was refused or the export was
+    /// gone, and the decode worker prefilled the prompt itself ([`PullOutcome::Fallback`],
+    /// [`PullOutcome::Refused`], [`PullOutcome::ExportGone`]).
     KvPulled {
         worker_id: String,
         bytes: u64,
         micros: u64,
         /// On the wire: `transport` after a pull, `fallback` after a failed one (with
-        /// `handle_refused` after a refused handle).
+        /// `handle_refused` after a refused handle, `export_gone` after a changed seal).
         #[serde(flatten)]
         outcome: PullOutcome,
     },
@@ -522,16 +542,26 @@ pub enum PullOutcome {
     /// malformed) and prefilled the prompt itself. On the wire a fallback with
     /// `"handle_refused": true`, which readers older than the field take for a failed pull.
     Refused { reason: String },
+    /// The pull read the regions, but the export's seal ([`KvHandle::seal`]) no longer held
+    /// its nonce afterwards: the context worker had freed the export (a release or cancel that
+    /// came before the pull, its expiry, or a replay of a handle already pulled), and its
+    /// memory may hold another request's K/V. What was read is dropped and the decode worker
+    /// prefilled the prompt itself. On the wire a fallback with `"export_gone": true`, which
+    /// readers older than the field take for a failed pull.
+    ExportGone { reason: String },
 }
 
 /// [`PullOutcome`] as the wire spells it: optional fields, `fallback` winning when a
-/// message carries both it and `transport`; `handle_refused` qualifies a fallback.
+/// message carries both it and `transport`; `handle_refused` or `export_gone` qualifies a
+/// fallback.
 #[derive(Serialize, Deserialize)]
 struct PullOutcomeFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fallback: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     handle_refused: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    export_gone: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     transport: Option<KvTransportKind>,
 }
@@ -540,6 +570,7 @@ impl From<PullOutcomeFields> for PullOutcome {
     fn from(fields: PullOutcomeFields) -> Self {
         match fields.fallback {
             Some(reason) if fields.handle_refused => PullOutcome::Refused { reason },
+            Some(reason) if fields.export_gone => PullOutcome::ExportGone { reason },
             Some(reason) => PullOutcome::Fallback { reason },
             None => PullOutcome::Pulled {
                 transport: fields.transport.unwrap_or(KvTransportKind::Ucx),
@@ -554,16 +585,25 @@ impl From<PullOutcome> for PullOutcomeFields {
             PullOutcome::Pulled { transport } => PullOutcomeFields {
                 fallback: None,
                 handle_refused: false,
+                export_gone: false,
                 transport: Some(transport),
             },
             PullOutcome::Fallback { reason } => PullOutcomeFields {
                 fallback: Some(reason),
                 handle_refused: false,
+                export_gone: false,
                 transport: None,
             },
             PullOutcome::Refused { reason } => PullOutcomeFields {
                 fallback: Some(reason),
                 handle_refused: true,
+                export_gone: false,
+                transport: None,
+            },
+            PullOutcome::ExportGone { reason } => PullOutcomeFields {
+                fallback: Some(reason),
+                handle_refused: false,
+                export_gone: true,
                 transport: None,
             },
         }
@@ -636,6 +676,13 @@ pub struct KvPullStats {
     /// different KV secrets. Absent from older workers (0).
     #[serde(default)]
     pub refused_handles: u64,
+    /// Pulls whose export's seal had changed by the end of the read
+    /// ([`PullOutcome::ExportGone`]): the context worker had freed the export before or
+    /// during the pull (a release or cancel that came early, forged or not, or a replayed
+    /// handle), so what was read was dropped and the prompt prefilled here, since the worker
+    /// started. Absent from older workers (0).
+    #[serde(default)]
+    pub exports_gone: u64,
 }
 
 /// Forward passes a worker's engine ran and failed since the worker started.
@@ -851,6 +898,10 @@ mod tests {
                 mem_handle: "00".repeat(64),
                 alloc_bytes: 1 << 20,
             })),
+            seal: Some(KvSeal {
+                addr: 64,
+                nonce: "5a".repeat(16),
+            }),
             mac: String::new(),
         };
         let bytes = encode(&handle);
@@ -943,6 +994,26 @@ mod tests {
     }
 
     #[test]
+    fn a_sealed_handle_names_its_seal_and_an_older_one_no_field() {
+        let unsealed = handle_json("ucx", "bf16");
+        let handle: KvHandle = serde_json::from_value(unsealed.clone()).unwrap();
+        assert_eq!(handle.seal, None, "a handle without the field has no seal");
+        assert_eq!(serde_json::to_value(&handle).unwrap(), unsealed);
+        let sealed = KvHandle {
+            seal: Some(KvSeal {
+                addr: 4224,
+                nonce: "0f".repeat(16),
+            }),
+            ..handle
+        };
+        let json = serde_json::to_value(&sealed).unwrap();
+        let mut expected = unsealed;
+        expected["seal"] = serde_json::json!({"addr": 4224, "nonce": "0f".repeat(16)});
+        assert_eq!(json, expected);
+        assert_eq!(serde_json::from_value::<KvHandle>(json).unwrap(), sealed);
+    }
+
+    #[test]
     fn pull_reports_name_the_transport_or_the_fallback() {
         let pulled = |outcome| StreamMessage::KvPulled {
             worker_id: "w".into(),
@@ -968,6 +1039,12 @@ mod tests {
                     reason: "its MAC does not verify".into(),
                 }),
                 r#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3,"fallback":"its MAC does not verify","handle_refused":true}"#,
+            ),
+            (
+                pulled(PullOutcome::ExportGone {
+                    reason: "the seal changed".into(),
+                }),
+                r#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3,"fallback":"the seal changed","export_gone":true}"#,
             ),
         ];
         for (message, json) in cases {
@@ -1040,12 +1117,13 @@ mod tests {
                 waited: 5,
                 peak_held_blocks: 7,
                 refused_handles: 2,
+                exports_gone: 1,
             }),
         };
         let json = String::from_utf8(encode(&heartbeat)).unwrap();
         assert!(
             json.ends_with(
-                r#""max_queued":8,"max_running":4,"kv_pull":{"waiting":3,"in_flight":1,"waited":5,"peak_held_blocks":7,"refused_handles":2}}"#
+                r#""max_queued":8,"max_running":4,"kv_pull":{"waiting":3,"in_flight":1,"waited":5,"peak_held_blocks":7,"refused_handles":2,"exports_gone":1}}"#
             ),
             "{json}"
         );
@@ -1057,7 +1135,7 @@ mod tests {
         let older: KvPullStats =
             serde_json::from_str(r#"{"waiting":0,"in_flight":0,"waited":0,"peak_held_blocks":0}"#)
                 .unwrap();
-        assert_eq!(older.refused_handles, 0);
+        assert_eq!((older.refused_handles, older.exports_gone), (0, 0));
     }
 
     #[test]

@@ -10,6 +10,11 @@
 //! and logs the refusal, and serves on; a live export of request A cannot be read into request
 //! B's sequence through any such handle, while a decode worker without the secret is fooled by
 //! the same job (B's output continues A's prompt): the check is what protects A.
+//!
+//! And A's own, genuine handle never reads memory that A's export no longer holds: a forged
+//! release or cancel that frees A's export early, with another request's export made in its
+//! memory, or a replay of A's handle to another decode worker after A's pull, each finds the
+//! export's seal changed after the read, and A is served from a local prefill with its own text.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    self, GenerateJob, Heartbeat, KvHandle, KvPeer, KvRegion, PullOutcome, SamplingSpec, StopSpec,
-    StreamMessage,
+    self, CancelRequest, GenerateJob, Heartbeat, KvHandle, KvPeer, KvRegion, KvRelease,
+    PullOutcome, SamplingSpec, StopSpec, StreamMessage,
 };
 use tandem_protocol::subjects::Subjects;
 use tandem_test_kit::{Nats, Proc, WorkerSpec, bin};
@@ -39,6 +44,18 @@ fn model_dir() -> PathBuf {
 
 /// A worker of this test's deployment; `secret`: the KV secret in its environment.
 fn start_worker(nats: &str, role: &str, id: &str, secret: Option<&str>, extra: &[&str]) -> Proc {
+    start_worker_with_env(nats, role, id, secret, extra, &[])
+}
+
+/// [`start_worker`], with `env` set in its environment too.
+fn start_worker_with_env(
+    nats: &str,
+    role: &str,
+    id: &str,
+    secret: Option<&str>,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let spec = WorkerSpec {
         role,
         worker_id: id,
@@ -53,6 +70,7 @@ fn start_worker(nats: &str, role: &str, id: &str, secret: Option<&str>, extra: &
     if let Some(secret) = secret {
         command.env(KV_SECRET_VAR, secret);
     }
+    command.envs(env.iter().copied());
     let mut proc = Proc::spawn(id, command);
     proc.wait_for_line("joined the deployment", Duration::from_secs(120));
     proc
@@ -186,8 +204,15 @@ fn with_handle(job: &GenerateJob, handle: KvHandle) -> GenerateJob {
     }
 }
 
-/// Waits (10 s at most) for a heartbeat of `worker` counting `refused` refused handles.
-async fn wait_for_refusals(heartbeats: &mut async_nats::Subscriber, worker: &str, refused: u64) {
+/// Waits (10 s at most) for a heartbeat of `worker` whose count `what` (read by `count`) is
+/// `want`.
+async fn wait_for_count(
+    heartbeats: &mut async_nats::Subscriber,
+    worker: &str,
+    what: &str,
+    count: impl Fn(&Heartbeat) -> Option<u64>,
+    want: u64,
+) {
     let start = Instant::now();
     let mut last = None;
     while start.elapsed() < Duration::from_secs(10) {
@@ -197,13 +222,41 @@ async fn wait_for_refusals(heartbeats: &mut async_nats::Subscriber, worker: &str
             .expect("the subscription is open");
         let beat: Heartbeat = messages::decode("heartbeat", &message.payload).unwrap();
         if beat.worker_id == worker {
-            last = beat.kv_pull.map(|p| p.refused_handles);
-            if last == Some(refused) {
+            last = count(&beat);
+            if last == Some(want) {
                 return;
             }
         }
     }
-    panic!("{worker}'s heartbeats count {last:?} refused handles, not {refused}");
+    panic!("{worker}'s heartbeats count {last:?} {what}, not {want}");
+}
+
+/// Waits for a heartbeat of `worker` counting `refused` refused handles.
+async fn wait_for_refusals(heartbeats: &mut async_nats::Subscriber, worker: &str, refused: u64) {
+    let count = |beat: &Heartbeat| beat.kv_pull.map(|p| p.refused_handles);
+    wait_for_count(heartbeats, worker, "refused handles", count, refused).await;
+}
+
+/// Waits for a heartbeat of `worker` counting `gone` pulls whose export's seal had changed.
+async fn wait_for_exports_gone(heartbeats: &mut async_nats::Subscriber, worker: &str, gone: u64) {
+    let count = |beat: &Heartbeat| beat.kv_pull.map(|p| p.exports_gone);
+    wait_for_count(heartbeats, worker, "exports gone", count, gone).await;
+}
+
+/// Waits for a heartbeat of the context worker `worker` counting `released` releases (a
+/// cancel that frees an export counts as one).
+async fn wait_for_releases(heartbeats: &mut async_nats::Subscriber, worker: &str, released: u64) {
+    let count = |beat: &Heartbeat| beat.kv_transfer.map(|t| t.releases);
+    wait_for_count(heartbeats, worker, "releases", count, released).await;
+}
+
+/// `outcome` is a pull that found its export gone after the read, for a reason containing
+/// `needle`.
+fn assert_export_gone(outcome: &PullOutcome, needle: &str) {
+    match outcome {
+        PullOutcome::ExportGone { reason } => assert!(reason.contains(needle), "{reason}"),
+        other => panic!("the pull did not find the export gone ({needle}): {other:?}"),
+    }
 }
 
 /// `outcome` is a refused handle whose reason contains `needle`.
@@ -429,4 +482,179 @@ async fn malformed_and_foreign_handles_leave_the_decode_worker_serving() {
         );
         assert_eq!(got.ids, output, "{worker}");
     }
+}
+
+/// How long the `slow` decode worker of the test below waits between reserving a job's room
+/// and pulling (`TANDEM_TEST_DELAY_PULL_MS`): the test frees the export and makes another in
+/// its memory meanwhile (a release, a heartbeat and a 12-token prefill; well under a second).
+const PULL_DELAY_MS: u64 = 2500;
+
+/// Waits (30 s at most) until `worker` has printed `count` lines containing `needle`, letting
+/// the test's other tasks run meanwhile.
+async fn wait_for_lines(worker: &Proc, needle: &str, count: usize) {
+    let start = Instant::now();
+    while worker.count_lines(needle) < count {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no {count} lines with `{needle}` within 30 s:\n{}",
+            worker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A pull never reads an export that was freed, whether or not its memory holds another
+/// request's K/V by then, though the handle is request A's own, correctly signed:
+///
+/// - While A's decode job waits to pull (on `slow`), a forged `kv.release` for A frees A's
+///   export and request C's export is made in its memory (C's handle names A's regions and
+///   seal address). A's pull then reads C's K/V, finds C's nonce in the seal, drops what it
+///   read: A's output is A's own text from a local prefill, never C's. C's own pull is intact.
+/// - A forged `cancel` for A does the same before A's decode job arrives.
+/// - After A's pull, a replay of A's decode job to another decode worker (which has not seen
+///   the handle, and verifies its MAC) finds the seal cleared.
+///
+/// Each such pull is reported as `export_gone`, counted in the decode worker's heartbeat and
+/// logged.
+#[tokio::test]
+async fn a_pull_never_reads_an_export_that_was_freed_and_reused() {
+    let nats = Nats::start();
+    let url = &nats.url;
+    let _context = start_worker(
+        url,
+        "context",
+        "ctx",
+        Some(SECRET),
+        &["--kv-transfer-timeout-ms", "120000"],
+    );
+    let delay = PULL_DELAY_MS.to_string();
+    let slow = start_worker_with_env(
+        url,
+        "decode",
+        "slow",
+        Some(SECRET),
+        &[],
+        &[("TANDEM_TEST_DELAY_PULL_MS", &delay)],
+    );
+    let fast = start_worker(url, "decode", "dec", Some(SECRET), &[]);
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let subjects = Subjects::new(SERVED);
+    let mut heartbeats = client.subscribe(subjects.heartbeat_all()).await.unwrap();
+    let (prompt_a, output_a) = reference(PROMPT_A);
+    let (prompt_c, output_c) = reference(PROMPT_B);
+    assert_eq!(
+        prompt_a.len(),
+        prompt_c.len(),
+        "C's export must fit A's memory"
+    );
+    assert_ne!(output_a, output_c, "the two answers must tell A from C");
+
+    // 1. A forged release while A's decode job is held.
+    let job_a = job("request-a", &prompt_a);
+    let handle_a = prefill(&client, &job_a).await;
+    let seal_a = handle_a
+        .seal
+        .clone()
+        .expect("the context worker seals each export");
+    let pending = {
+        let (client, job) = (client.clone(), with_handle(&job_a, handle_a.clone()));
+        tokio::spawn(async move { decode(&client, "slow", &job).await })
+    };
+    wait_for_lines(&slow, "pulling in", 1).await;
+    let forged = KvRelease {
+        request_id: job_a.request_id.clone(),
+    };
+    client
+        .publish(subjects.kv_release("ctx"), messages::encode(&forged).into())
+        .await
+        .unwrap();
+    wait_for_releases(&mut heartbeats, "ctx", 1).await;
+    let job_c = job("request-c", &prompt_c);
+    let handle_c = prefill(&client, &job_c).await;
+    let seal_c = handle_c.seal.clone().expect("sealed");
+    assert_eq!(
+        handle_c.blocks, handle_a.blocks,
+        "C's K/V lies where A's did"
+    );
+    assert_eq!(seal_c.addr, seal_a.addr, "and so does its seal");
+    assert_ne!(seal_c.nonce, seal_a.nonce);
+    assert_eq!(
+        slow.count_lines("KV pull read an export that was freed meanwhile"),
+        0,
+        "A's pull waited for C's export (raise PULL_DELAY_MS on a slow machine)"
+    );
+    let got = pending.await.unwrap();
+    assert_export_gone(&got.outcome, "holds another nonce");
+    assert_eq!(
+        got.ids, output_a,
+        "A's own text from a local prefill, not C's"
+    );
+    wait_for_exports_gone(&mut heartbeats, "slow", 1).await;
+    assert_eq!(
+        slow.count_lines("KV pull read an export that was freed meanwhile"),
+        1,
+        "logged"
+    );
+    // C's export was never disturbed: its own pull reads C's K/V.
+    let got = decode(&client, "dec", &with_handle(&job_c, handle_c)).await;
+    assert!(
+        matches!(got.outcome, PullOutcome::Pulled { .. }),
+        "{:?}",
+        got.outcome
+    );
+    assert_eq!(got.ids, output_c);
+
+    // 2. A forged cancel frees A's export before its decode job arrives.
+    let job_a2 = job("request-a2", &prompt_a);
+    let handle_a2 = prefill(&client, &job_a2).await;
+    let forged = CancelRequest {
+        request_id: job_a2.request_id.clone(),
+    };
+    client
+        .publish(subjects.cancel(), messages::encode(&forged).into())
+        .await
+        .unwrap();
+    // The forged release, C's release, and now the cancel.
+    wait_for_releases(&mut heartbeats, "ctx", 3).await;
+    let job_c2 = job("request-c2", &prompt_c);
+    let handle_c2 = prefill(&client, &job_c2).await;
+    assert_eq!(
+        handle_c2.blocks, handle_a2.blocks,
+        "C's K/V lies where A's did"
+    );
+    let got = decode(&client, "dec", &with_handle(&job_a2, handle_a2)).await;
+    assert_export_gone(&got.outcome, "holds another nonce");
+    assert_eq!(
+        got.ids, output_a,
+        "A's own text from a local prefill, not C's"
+    );
+    wait_for_exports_gone(&mut heartbeats, "dec", 1).await;
+    let got = decode(&client, "dec", &with_handle(&job_c2, handle_c2)).await;
+    assert!(
+        matches!(got.outcome, PullOutcome::Pulled { .. }),
+        "{:?}",
+        got.outcome
+    );
+    assert_eq!(got.ids, output_c);
+
+    // 3. A replay of A's pulled handle to another decode worker: its export was released
+    // after the pull, its seal cleared.
+    let job_a3 = job("request-a3", &prompt_a);
+    let decode_a3 = with_handle(&job_a3, prefill(&client, &job_a3).await);
+    let got = decode(&client, "dec", &decode_a3).await;
+    assert!(
+        matches!(got.outcome, PullOutcome::Pulled { .. }),
+        "{:?}",
+        got.outcome
+    );
+    assert_eq!(got.ids, output_a);
+    let got = decode(&client, "slow", &decode_a3).await;
+    assert_export_gone(&got.outcome, "seal was cleared");
+    assert_eq!(got.ids, output_a);
+    wait_for_exports_gone(&mut heartbeats, "slow", 2).await;
+    assert_eq!(
+        fast.count_lines("KV handle refused"),
+        0,
+        "every handle here is genuine: none is refused, each is caught by its seal"
+    );
 }

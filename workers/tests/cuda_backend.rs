@@ -439,7 +439,9 @@ fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
 /// the cache into an export (one kernel), pulled into the reader's pool, written into other
 /// blocks; the bytes arrive unchanged. Handles of another host or outside the allocation
 /// (the one they announce, or the one actually mapped) are refused, and a full pool says so
-/// (the worker then exports through host memory).
+/// (the worker then exports through host memory). The export's seal: checked after the copy,
+/// cleared when the export is freed, so a pull of a freed export, or of one whose slice holds
+/// the next export's K/V, fails instead of handing that K/V on.
 #[test]
 fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
@@ -463,8 +465,9 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         .build()
         .unwrap();
     let len = bytes.len();
-    // Room for one export after a first slice, so the export sits at an offset.
-    let exporter = CudaIpcTransport::start(0, 2 * len + 4096, "this-host".into()).unwrap();
+    // Room for one export (and its seal) after a first slice, so the export sits at an
+    // offset.
+    let exporter = CudaIpcTransport::start(0, 2 * len + 8192, "this-host".into()).unwrap();
     let first = runtime.block_on(exporter.reserve(4096)).unwrap();
     let mut export = runtime.block_on(exporter.reserve(len)).unwrap();
     let KvBytesMut::Device(range) = export.bytes_mut() else {
@@ -473,12 +476,18 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     backend
         .read_kv_blocks(&kv, &blocks, KvBytesMut::Device(range))
         .unwrap();
-    let exported = export.finish();
+    let exported = export.finish().unwrap();
     assert!(exported.addr >= 4096, "the export is a slice at an offset");
+    let seal = exported.seal.expect("a CUDA IPC export is sealed");
+    assert_eq!(
+        seal.addr,
+        exported.addr + len as u64,
+        "the seal follows the K/V"
+    );
     let RemoteMemory::CudaIpc(source) = exported.memory.clone() else {
         panic!("the export describes its allocation");
     };
-    assert_eq!(source.alloc_bytes as usize, 2 * len + 4096);
+    assert_eq!(source.alloc_bytes as usize, 2 * len + 8192);
     assert!(
         matches!(
             runtime.block_on(exporter.reserve(len + 8192)),
@@ -493,6 +502,7 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         regions: (0..blocks.len() as u64)
             .map(|i| (exported.addr + i * block_bytes as u64, block_bytes as u64))
             .collect(),
+        seal: Some(seal),
     };
     let pull = |remote: RemoteKv| {
         runtime.block_on(puller.pull(remote, std::time::Duration::from_secs(10)))
@@ -516,7 +526,8 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     // The pool is lent out: a second pull gets device memory of its own, same bytes.
     let second = pull(remote.clone()).unwrap();
     assert!(!second.is_lent());
-    drop((pulled, second, first));
+    // `first` stays: the export's slice, once freed, is then the first that fits.
+    drop((pulled, second));
 
     let mut elsewhere = remote.clone();
     elsewhere.memory = RemoteMemory::CudaIpc(tandem_workers::transfer::CudaIpcSource {
@@ -531,7 +542,7 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     assert!(err.contains("outside the exported allocation"), "{err}");
     // A handle that overstates its allocation reaches no further: the reader bounds the
     // regions by the size of the memory it mapped, not by the handle's word.
-    let mut overstated = remote;
+    let mut overstated = remote.clone();
     overstated.memory = RemoteMemory::CudaIpc(tandem_workers::transfer::CudaIpcSource {
         alloc_bytes: 1 << 40,
         ..source.clone()
@@ -539,6 +550,69 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     overstated.regions = vec![(source.alloc_bytes - 16, 32)];
     let err = pull(overstated).unwrap_err().to_string();
     assert!(err.contains("outside the memory the handle maps"), "{err}");
+
+    // A seal that holds another nonce: the memory is another export's now. Nothing read is
+    // handed out.
+    let mut other = remote.clone();
+    if let Some(seal) = &mut other.seal {
+        seal.nonce[0] ^= 0xff;
+    }
+    let err = pull(other).unwrap_err();
+    assert!(
+        matches!(err, TransferError::ExportGone(_)) && err.to_string().contains("another"),
+        "{err}"
+    );
+    // Freed: the seal is cleared (on the device, synchronized) before the slice goes back,
+    // so the export's own handle reads as gone.
+    drop(exported);
+    let err = pull(remote.clone()).unwrap_err();
+    assert!(
+        matches!(err, TransferError::ExportGone(_)) && err.to_string().contains("cleared"),
+        "{err}"
+    );
+    // Reused: the next export of that size lands in the freed slice. Checked, the old
+    // handle is refused; read unchecked, its regions hold the new export's K/V.
+    let different: Vec<u8> = bytes.iter().map(|b| b ^ 0x5a).collect();
+    backend
+        .write_kv_blocks(&mut kv, &others, KvBytes::Host(&different))
+        .unwrap();
+    let mut reused = runtime.block_on(exporter.reserve(len)).unwrap();
+    let KvBytesMut::Device(range) = reused.bytes_mut() else {
+        panic!("a CUDA IPC export is device memory");
+    };
+    backend
+        .read_kv_blocks(&kv, &others, KvBytesMut::Device(range))
+        .unwrap();
+    let reused = reused.finish().unwrap();
+    assert_eq!(
+        reused.addr, remote.regions[0].0,
+        "the freed slice is reused"
+    );
+    let err = pull(remote.clone()).unwrap_err();
+    assert!(
+        matches!(err, TransferError::ExportGone(_)) && err.to_string().contains("another"),
+        "{err}"
+    );
+    let unchecked = pull(RemoteKv {
+        seal: None,
+        ..remote.clone()
+    })
+    .unwrap();
+    let KvBytes::Device(range) = unchecked.bytes() else {
+        panic!("a CUDA IPC pull is device memory");
+    };
+    backend
+        .write_kv_blocks(&mut kv, &blocks, KvBytes::Device(range))
+        .unwrap();
+    let mut back = vec![0u8; len];
+    backend
+        .read_kv_blocks(&kv, &blocks, KvBytesMut::Host(&mut back))
+        .unwrap();
+    assert!(
+        back == different,
+        "what the seal keeps out: the old handle's regions hold the new export's K/V"
+    );
+    drop((unchecked, reused, first));
 }
 
 /// Greedy tokens of `prompts` through one CUDA engine that runs up to `max_seqs` of them at

@@ -46,6 +46,11 @@ pub enum FallbackReason {
     /// (its `kv_pulled` carried `handle_refused`): for an honest request, context and decode
     /// workers with different KV secrets, or a context worker without one.
     HandleRefused,
+    /// The decode worker read the KV cache but found the export's seal changed after the read
+    /// (its `kv_pulled` carried `export_gone`): the context worker had freed the export first
+    /// (a release or cancel that came early or was forged, or its expiry), so the decode
+    /// worker dropped what it read and prefilled itself.
+    ExportGone,
     /// The decode job with the context worker's KV handle does not fit in the NATS server's
     /// `max_payload` (the prefill job, without the handle, did).
     DecodeJobTooLarge,
@@ -61,11 +66,12 @@ impl FallbackReason {
             FallbackReason::ContextFull => "context_full",
             FallbackReason::PullFailed => "pull_failed",
             FallbackReason::HandleRefused => "handle_refused",
+            FallbackReason::ExportGone => "export_gone",
             FallbackReason::DecodeJobTooLarge => "decode_job_too_large",
         }
     }
 
-    pub const ALL: [FallbackReason; 8] = [
+    pub const ALL: [FallbackReason; 9] = [
         FallbackReason::NoContextWorker,
         FallbackReason::ContextTimeout,
         FallbackReason::ContextGone,
@@ -73,6 +79,7 @@ impl FallbackReason {
         FallbackReason::ContextFull,
         FallbackReason::PullFailed,
         FallbackReason::HandleRefused,
+        FallbackReason::ExportGone,
         FallbackReason::DecodeJobTooLarge,
     ];
 

@@ -154,6 +154,13 @@ impl Generation {
                 tracing::warn!(request_id = %self.request_id, %worker_id,
                     "the decode worker refused the KV handle and prefills itself: {reason}");
             }
+            PullOutcome::ExportGone { reason } => {
+                self.metrics
+                    .record(Event::Fallback(FallbackReason::ExportGone));
+                tracing::warn!(request_id = %self.request_id, %worker_id,
+                    "the context worker freed the KV export before the decode worker's pull \
+                     ended; the decode worker prefills itself: {reason}");
+            }
         }
     }
 }

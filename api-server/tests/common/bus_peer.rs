@@ -59,6 +59,9 @@ pub const SCRIPT_DECODE_VANISHES: u32 = 26;
 /// The context peer answers `KvReady`; a decode peer reports the handle refused (`kv_pulled`
 /// with a fallback and `handle_refused`), then answers as [`SCRIPT_ANSWER`].
 pub const SCRIPT_HANDLE_REFUSED: u32 = 27;
+/// The context peer answers `KvReady`; a decode peer reports the export gone after its read
+/// (`kv_pulled` with a fallback and `export_gone`), then answers as [`SCRIPT_ANSWER`].
+pub const SCRIPT_EXPORT_GONE: u32 = 28;
 
 /// What a context peer says for [`SCRIPT_CONTEXT_ERROR`].
 pub const CONTEXT_ERROR: &str = "the context worker could not export the KV cache: scripted";
@@ -129,6 +132,7 @@ pub fn fake_handle(context_id: &str, job: &GenerateJob) -> KvHandle {
         seed: job.sampling.seed.unwrap_or(4242),
         expires_unix_ms: 4_102_444_800_000,
         cuda_ipc: None,
+        seal: None,
         mac: String::new(),
     }
 }
@@ -525,6 +529,15 @@ impl Answerer {
                             micros: 0,
                             outcome: PullOutcome::Refused {
                                 reason: "scripted refusal".into(),
+                            },
+                        }
+                    } else if script == SCRIPT_EXPORT_GONE {
+                        StreamMessage::KvPulled {
+                            worker_id: self.id.clone(),
+                            bytes: 0,
+                            micros: 0,
+                            outcome: PullOutcome::ExportGone {
+                                reason: "scripted: the seal changed".into(),
                             },
                         }
                     } else {

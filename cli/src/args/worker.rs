@@ -92,13 +92,15 @@ pub struct WorkerArgs {
     /// Context and decode roles: MiB of host memory mapped once for KV transfers (registered
     /// with UCX and, on a GPU, pinned for the copy engine): exports on a context worker, pull
     /// destinations on a decode worker. A transfer that finds no room uses memory of its own.
-    /// Default: what --max-tokens-in-buffer tokens take, at most 1024 MiB. 0: no pool.
+    /// Default: what --max-tokens-in-buffer tokens take (on a context worker, 256 KiB more for
+    /// the exports' seals), at most 1024 MiB. 0: no pool.
     #[arg(long, value_name = "MIB")]
     pub kv_transfer_pool_mb: Option<usize>,
     /// GPU context and decode workers: MiB of device memory set aside (before the KV cache is
     /// sized) for CUDA IPC transfers with GPU workers of the same host, which copy K/V device
     /// to device instead of through host memory and UCX. Default: what --max-tokens-in-buffer
-    /// tokens take, at most 1024 MiB. 0: no CUDA IPC (every transfer goes through UCX).
+    /// tokens take (on a context worker, 256 KiB more for the exports' seals), at most 1024
+    /// MiB. 0: no CUDA IPC (every transfer goes through UCX).
     #[arg(long, value_name = "MIB")]
     pub cuda_ipc_pool_mb: Option<usize>,
     /// A file holding the deployment's KV secret (else TANDEM_KV_SECRET, if set): at least 32

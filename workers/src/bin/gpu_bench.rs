@@ -29,6 +29,7 @@ use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 use tandem_workers::sampler::device::RowRequest;
 use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
+use tandem_workers::transfer::pool::SLICE_ALIGN;
 use tandem_workers::transfer::ucx::UcxTransport;
 use tandem_workers::transfer::{Exported, KvBytes, KvBytesMut, KvTransport, RemoteKv, host_id};
 
@@ -541,12 +542,13 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
             let mut buffer = runtime.block_on(transport.reserve(total as usize))?;
             let bytes = buffer.host_bytes_mut().context("UCX exports host memory")?;
             gpu.read_kv_blocks(kv, blocks, KvBytesMut::Host(bytes))?;
-            drop(buffer.finish());
+            drop(buffer.finish()?);
             Ok(())
         })
     };
     let own_regions = export(&UcxTransport::start()?)?;
-    let pooled = UcxTransport::start_with_pool(total as usize)?;
+    // Room for the export's seal too (a page, as slices start on pages).
+    let pooled = UcxTransport::start_with_pool(total as usize + SLICE_ALIGN)?;
     let pool = pooled.pool().context("the transport kept no pool")?;
     // SAFETY: the transport keeps its pool mapped until the process exits.
     let pinned = unsafe { gpu.pin_host_memory(pool) }?;
@@ -569,10 +571,11 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     // process, so tcp loopback unless UCX_TLS says otherwise), then written into the cache,
     // from a fresh Vec through the staging buffer or from a slice of the puller's pinned
     // pool. The pull and the write are timed apart: the write is what the pool changes.
-    let exported = check.finish();
+    let exported = check.finish()?;
     let remote = RemoteKv {
         memory: exported.memory.clone(),
         regions: vec![(exported.addr, exported.len)],
+        seal: exported.seal,
     };
     let pool_puller = UcxTransport::start_with_pool(total as usize)?;
     let pool = pool_puller.pool().context("the transport kept no pool")?;
@@ -608,7 +611,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     // cuIpcOpenMemHandle: the same device-to-device copy), the import copies them into the
     // cache. Each is one pass over the bytes, read and written in device memory.
     let ordinal = gpu.context().ordinal();
-    let exporter = CudaIpcTransport::start(ordinal, total as usize, host_id())?;
+    let exporter = CudaIpcTransport::start(ordinal, total as usize + SLICE_ALIGN, host_id())?;
     let puller = CudaIpcTransport::start(ordinal, total as usize, host_id())?;
     let export_ipc = || -> Result<Exported> {
         let mut buffer = runtime.block_on(exporter.reserve(total as usize))?;
@@ -616,7 +619,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
             bail!("a CUDA IPC export is device memory");
         };
         gpu.read_kv_blocks(kv, blocks, KvBytesMut::Device(range))?;
-        Ok(buffer.finish())
+        Ok(buffer.finish()?)
     };
     let ipc_export = rate(&mut || export_ipc().map(drop))?;
     let exported = export_ipc()?;
@@ -625,6 +628,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
         regions: (0..blocks.len() as u64)
             .map(|i| (exported.addr + i * block_bytes as u64, block_bytes as u64))
             .collect(),
+        seal: exported.seal,
     };
     let pull = || runtime.block_on(puller.pull(remote.clone(), Duration::from_secs(30)));
     let ipc_pull = rate(&mut || pull().map(drop).map_err(Into::into))?;

@@ -9,7 +9,8 @@
 //! staged buffer, so adjacent regions coalesce into one get), once block by block (every other
 //! block, so no two regions are adjacent: one get per block, as a read straight out of a paged
 //! cache would be), each into a fresh `Vec` and into a slice of a pool (as a decode worker
-//! with `--kv-transfer-pool-mb` pulls). Run it under `UCX_TLS=shm` and `UCX_TLS=tcp` to
+//! with `--kv-transfer-pool-mb` pulls), and each pull reads the export's seal after the K/V
+//! and checks it, as a decode worker does. Run it under `UCX_TLS=shm` and `UCX_TLS=tcp` to
 //! compare transports; the child inherits the environment.
 //!
 //! Before the pulls it times the context worker's side for the same requests: the K/V copied
@@ -22,6 +23,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use tandem_workers::transfer::pool::SLICE_ALIGN;
+use tandem_workers::transfer::seal::Seal;
 use tandem_workers::transfer::ucx::UcxTransport;
 use tandem_workers::transfer::{KvTransport, RemoteKv, RemoteMemory, from_hex, to_hex};
 
@@ -63,8 +66,8 @@ fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
     }
 }
 
-/// Child: exports `bytes` bytes and prints `address rkey addr len`, then waits for stdin to
-/// close (serving gets meanwhile from its progress loop).
+/// Child: exports `bytes` bytes and prints `address rkey addr len seal_addr seal_nonce`, then
+/// waits for stdin to close (serving gets meanwhile from its progress loop).
 fn export(bytes: usize) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -77,12 +80,15 @@ fn export(bytes: usize) -> anyhow::Result<()> {
     let RemoteMemory::Registered { address, rkey } = &exported.memory else {
         bail!("a UCX export is registered host memory");
     };
+    let seal = exported.seal.context("every export is sealed")?;
     println!(
-        "{} {} {} {}",
+        "{} {} {} {} {} {}",
         to_hex(address),
         to_hex(rkey),
         exported.addr,
-        exported.len
+        exported.len,
+        seal.addr,
+        to_hex(&seal.nonce)
     );
     std::io::stdout().flush()?;
     let mut line = String::new();
@@ -105,7 +111,9 @@ fn export_costs(
     );
     for layout in &LAYOUTS {
         let bytes = block_bytes(layout, 16) * tokens.div_ceil(16);
-        let pooled = UcxTransport::start_with_pool(bytes).context("starting UCX with a pool")?;
+        // Room for the export's seal too (a page, as slices start on pages).
+        let pooled = UcxTransport::start_with_pool(bytes + SLICE_ALIGN)
+            .context("starting UCX with a pool")?;
         let cache: Vec<u8> = (0..bytes).map(|i| (i * 131 % 251) as u8).collect();
         let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
             f()?;
@@ -129,7 +137,7 @@ fn export_costs(
                     .host_bytes_mut()
                     .context("UCX exports host memory")?
                     .copy_from_slice(&cache);
-                drop(buffer.finish());
+                drop(buffer.finish()?);
                 Ok(())
             })
         };
@@ -193,11 +201,15 @@ fn main() -> anyhow::Result<()> {
             let mut line = String::new();
             BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
             let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() != 4 {
+            if fields.len() != 6 {
                 bail!("the exporter printed {line:?}");
             }
             let (address, rkey) = (from_hex(fields[0])?, from_hex(fields[1])?);
             let base: u64 = fields[2].parse()?;
+            let seal = Seal::from_wire(&tandem_protocol::messages::KvSeal {
+                addr: fields[4].parse()?,
+                nonce: fields[5].into(),
+            })?;
             for (label, stride) in [("coalesced", 1u64), ("per block", 2)] {
                 let remote = RemoteKv {
                     memory: RemoteMemory::Registered {
@@ -207,6 +219,7 @@ fn main() -> anyhow::Result<()> {
                     regions: (0..blocks as u64)
                         .map(|i| (base + i * stride * block as u64, block as u64))
                         .collect(),
+                    seal: Some(seal),
                 };
                 let gets = remote.coalesced().len();
                 let mean_seconds = |puller: &UcxTransport, lent: bool| -> anyhow::Result<f64> {

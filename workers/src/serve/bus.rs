@@ -247,6 +247,7 @@ async fn serve_role<R: Role>(
     unsubscribe(direct_jobs).await;
     unsubscribe(cancels).await;
     R::close_inbox(inbox).await;
+    role.leave();
     worker.wait_for_streams(Duration::from_secs(5)).await;
     match tokio::time::timeout(PUBLISH_TIMEOUT, client.flush()).await {
         Ok(Ok(())) => {}

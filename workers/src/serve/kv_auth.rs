@@ -26,7 +26,7 @@ use std::path::Path;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tandem_protocol::messages::{
-    CudaIpcSource, GenerateJob, KvHandle, KvLayoutSpec, KvRegion, TokenEvent,
+    CudaIpcSource, GenerateJob, KvHandle, KvLayoutSpec, KvRegion, KvSeal, TokenEvent,
 };
 use thiserror::Error;
 
@@ -44,8 +44,8 @@ pub const MIN_SECRET_BYTES: usize = 32;
 const MAC_BYTES: usize = 32;
 
 /// The first bytes of every encoding: a MAC of a KV handle is never valid for anything else,
-/// nor for another version of the encoding.
-const DOMAIN: &[u8] = b"tandem kv handle v1";
+/// nor for another version of the encoding (v2 added the seal).
+const DOMAIN: &[u8] = b"tandem kv handle v2";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -207,6 +207,7 @@ impl Canonical {
             seed,
             expires_unix_ms,
             cuda_ipc,
+            seal,
             // What is signed.
             mac: _,
         } = handle;
@@ -265,6 +266,14 @@ impl Canonical {
                 out.str(device);
                 out.str(mem_handle);
                 out.u64(*alloc_bytes);
+            }
+        }
+        match seal {
+            None => out.0.push(0),
+            Some(KvSeal { addr, nonce }) => {
+                out.0.push(1);
+                out.u64(*addr);
+                out.str(nonce);
             }
         }
         Canonical(out.0)
@@ -439,6 +448,15 @@ mod tests {
                     }))
                 }),
             ),
+            (
+                "seal address",
+                Box::new(|h| h.seal.as_mut().unwrap().addr += 16),
+            ),
+            (
+                "seal nonce",
+                Box::new(|h| h.seal.as_mut().unwrap().nonce = "a5".repeat(16)),
+            ),
+            ("seal removed", Box::new(|h| h.seal = None)),
         ];
         for (what, alter) in &altered {
             let mut forged = handle.clone();

@@ -40,8 +40,14 @@ const DEFAULT_CPU_KV_TOKENS: usize = 16384;
 /// Default ceiling of the transfer pool.
 const DEFAULT_TRANSFER_POOL_MAX_BYTES: usize = 1 << 30;
 
+/// What a context worker's default transfer pool adds for the exports' seals
+/// ([`crate::transfer::seal`]): a seal after K/V that fills whole pages takes a page of its
+/// own (slices start on pages), so this lets 64 such exports share the pool at once.
+const SEAL_HEADROOM_BYTES: usize = 64 * crate::transfer::pool::SLICE_ALIGN;
+
 /// Bytes of the transfer pool: the flag's, or what `max_tokens_in_buffer` tokens take (whole
-/// blocks) up to [`DEFAULT_TRANSFER_POOL_MAX_BYTES`]. A `both` worker transfers nothing.
+/// blocks; on a context worker, and room for the exports' seals) up to
+/// [`DEFAULT_TRANSFER_POOL_MAX_BYTES`]. A `both` worker transfers nothing.
 fn transfer_pool_bytes(
     role: WorkerRole,
     flag_mib: Option<usize>,
@@ -51,9 +57,14 @@ fn transfer_pool_bytes(
     if role == WorkerRole::Both {
         return 0;
     }
+    let seals = if role == WorkerRole::Context {
+        SEAL_HEADROOM_BYTES
+    } else {
+        0
+    };
     match flag_mib {
         Some(mib) => mib << 20,
-        None => (max_tokens_in_buffer.div_ceil(layout.block_size) * layout.block_bytes())
+        None => (max_tokens_in_buffer.div_ceil(layout.block_size) * layout.block_bytes() + seals)
             .min(DEFAULT_TRANSFER_POOL_MAX_BYTES),
     }
 }
@@ -262,7 +273,7 @@ mod tests {
     use crate::kv_cache::{KvDType, KvLayout};
 
     #[test]
-    fn the_transfer_pool_holds_the_token_budget_up_to_a_ceiling_on_context_and_decode_workers() {
+    fn the_transfer_pool_holds_the_token_budget_and_seals_up_to_a_ceiling() {
         // SmolLM2-135M: 368,640 bytes per 16-token block.
         let smollm2 = KvLayout {
             num_layers: 30,
@@ -273,8 +284,8 @@ mod tests {
         };
         assert_eq!(
             transfer_pool_bytes(WorkerRole::Context, None, 1000, &smollm2),
-            63 * 368_640,
-            "1000 tokens are 63 whole blocks"
+            63 * 368_640 + 64 * 4096,
+            "1000 tokens are 63 whole blocks, and each export's seal may take a page"
         );
         assert_eq!(
             transfer_pool_bytes(WorkerRole::Context, None, 65536, &smollm2),
@@ -290,7 +301,8 @@ mod tests {
         );
         assert_eq!(
             transfer_pool_bytes(WorkerRole::Decode, None, 1000, &smollm2),
-            63 * 368_640
+            63 * 368_640,
+            "pulls have no seals"
         );
         assert_eq!(
             transfer_pool_bytes(WorkerRole::Both, Some(64), 65536, &smollm2),

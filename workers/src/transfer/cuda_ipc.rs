@@ -10,11 +10,15 @@
 //!   IPC handle once (`cuIpcGetMemHandle`).
 //! - A context worker's export is a slice of that pool: the engine copies the prompt's blocks
 //!   into it device to device and frees them, exactly as it does into a host export. The KV
-//!   handle carries the pool's IPC handle, the host's id and each block's offset.
+//!   handle carries the pool's IPC handle, the host's id and each block's offset, and the
+//!   offset of the export's seal ([`super::seal`]): [`SEAL_BYTES`] of the slice after the K/V,
+//!   written (and, when the export is freed, cleared) by a copy on this transport's stream
+//!   that is synchronized before anything else happens to the slice.
 //! - A decode worker on the same host maps the exporter's pool (`cuIpcOpenMemHandle`, once
 //!   per exporter, closed when unused for [`IDLE_MAPPING_CLOSE`]) and copies the blocks into a
-//!   slice of its own pool (across GPUs, the copy goes over NVLink or PCIe peer to peer), then
-//!   releases the export; its engine writes the slice into its cache, device to device again.
+//!   slice of its own pool (across GPUs, the copy goes over NVLink or PCIe peer to peer),
+//!   synchronizes, then copies the seal out and checks it, then releases the export; its
+//!   engine writes the slice into its cache, device to device again.
 //!
 //! The pull copies into the decode worker's own memory rather than straight into its cache
 //! because the import may wait for free blocks longer than the exporter keeps the export: the
@@ -35,6 +39,7 @@ use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaStream};
 
 use super::pool::SlicePool;
+use super::seal::{Nonce, SEAL_BYTES, SealMemory, SealSlot};
 use super::{
     BoxFuture, CudaIpcSource, DeviceRange, ExportBuffer, Exported, KvTransport, KvTransportKind,
     PulledKv, RemoteKv, RemoteMemory, TransferError, from_hex, to_hex,
@@ -131,6 +136,31 @@ struct PoolSlice {
 impl Drop for PoolSlice {
     fn drop(&mut self) {
         lock(&self.shared.pool.slices).give_back(self.offset, self.len);
+    }
+}
+
+/// The seal of an export in the device pool: written by a copy on the transport's stream,
+/// synchronized before [`SealMemory::write`] returns (so before the handle goes out, or
+/// before the slice goes back to the pool and any later owner's copy is issued).
+struct DeviceSeal {
+    shared: Arc<Shared>,
+    ptr: CUdeviceptr,
+}
+
+impl SealMemory for DeviceSeal {
+    fn write(&self, bytes: &Nonce) -> Result<(), TransferError> {
+        self.shared
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("CUDA context", e))?;
+        let stream = lock(&self.shared.stream);
+        // SAFETY: `ptr` is the seal of a slice this export holds (its `PoolSlice` is dropped
+        // only after this guard); `bytes` outlives the copy, which is synchronized below.
+        unsafe { cudarc::driver::result::memcpy_htod_async(self.ptr, bytes, stream.cu_stream()) }
+            .map_err(|e| cuda_error("writing a KV export's seal", e))?;
+        stream
+            .synchronize()
+            .map_err(|e| cuda_error("writing a KV export's seal", e))
     }
 }
 
@@ -377,13 +407,19 @@ impl Shared {
             .try_into()
             .map_err(|_| TransferError::InvalidHandle("a CUDA IPC handle is 64 bytes".into()))?;
         let regions = remote.coalesced();
-        check_regions(&regions, source.alloc_bytes, "the exported allocation")?;
+        // The seal is read from the allocation too: it is bounded like the regions.
+        let read: Vec<(u64, u64)> = regions
+            .iter()
+            .copied()
+            .chain(remote.seal.map(|seal| seal.region()))
+            .collect();
+        check_regions(&read, source.alloc_bytes, "the exported allocation")?;
         self.ctx
             .bind_to_thread()
             .map_err(|e| cuda_error("CUDA context", e))?;
         let peer = self.map_peer(handle)?;
         // The handle's `alloc_bytes` is its word; the mapping's size is the driver's.
-        check_regions(&regions, peer.len as u64, "the memory the handle maps")?;
+        check_regions(&read, peer.len as u64, "the memory the handle maps")?;
         let len = remote.total_len() as usize;
         let (into, lent, guard) = self.destination(len)?;
         let stream = lock(&self.stream);
@@ -409,7 +445,28 @@ impl Shared {
             TransferError::Unavailable(format!("copying the K/V between GPUs: {e}"))
         })?;
         // SAFETY: `into` is device memory kept by `guard` and written completely above.
-        Ok(unsafe { PulledKv::on_device(into, lent, guard) })
+        let pulled = unsafe { PulledKv::on_device(into, lent, guard) };
+        let Some(seal) = remote.seal else {
+            return Ok(pulled);
+        };
+        // The K/V copies are complete (synchronized): only now is the seal read
+        // ([`super::seal`]).
+        let mut read: Nonce = [0; SEAL_BYTES];
+        // SAFETY: the seal lies inside the mapping (checked above); `read` outlives the copy,
+        // which is synchronized before it is looked at.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut read,
+                peer.base + seal.addr,
+                stream.cu_stream(),
+            )
+        }
+        .map_err(|e| TransferError::Unavailable(format!("reading the KV export's seal: {e}")))?;
+        stream.synchronize().map_err(|e| {
+            TransferError::Unavailable(format!("reading the KV export's seal: {e}"))
+        })?;
+        seal.check(&read)?;
+        Ok(pulled)
     }
 }
 
@@ -436,26 +493,42 @@ impl KvTransport for CudaIpcTransport {
         KvTransportKind::CudaIpc
     }
 
-    /// A slice of the device pool, for the engine to copy the blocks into; an error (the
-    /// caller exports through host memory instead) when the pool has no room.
+    /// A slice of the device pool, for the engine to copy the blocks into, and the export's
+    /// seal after them; an error (the caller exports through host memory instead) when the
+    /// pool has no room.
     fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>> {
         let shared = Arc::clone(&self.shared);
         Box::pin(async move {
-            let Some((range, guard)) = shared.take(len) else {
+            let Some((slice, guard)) = shared.take(len + SEAL_BYTES) else {
                 return Err(TransferError::Unavailable(format!(
                     "the CUDA IPC pool has no free slice of {len} bytes ({} of {} free)",
                     lock(&shared.pool.slices).free_bytes(),
                     shared.pool.len
                 )));
             };
+            let offset = slice.ptr - shared.pool.base;
             let exported = Exported {
                 memory: RemoteMemory::CudaIpc(shared.source()),
-                addr: range.ptr - shared.pool.base,
+                addr: offset,
                 len: len as u64,
+                seal: None,
                 keepalive: Box::new(guard),
             };
-            // SAFETY: the slice is this export's until its keepalive hands it back.
-            Ok(unsafe { ExportBuffer::on_device(range, exported) })
+            let seal = DeviceSeal {
+                shared: Arc::clone(&shared),
+                ptr: slice.ptr + len as u64,
+            };
+            let range = DeviceRange {
+                ptr: slice.ptr,
+                len,
+            };
+            // SAFETY: the slice is this export's until its keepalive hands it back; the K/V
+            // is its first `len` bytes, the seal the rest.
+            let buffer = unsafe { ExportBuffer::on_device(range, exported) };
+            Ok(buffer.with_seal(SealSlot {
+                addr: offset + len as u64,
+                memory: Box::new(seal),
+            }))
         })
     }
 

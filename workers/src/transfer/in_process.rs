@@ -1,18 +1,23 @@
 //! A [`KvTransport`] inside one process: exported buffers sit in a registry, a pull copies out
-//! of it. For tests of the export / pull / import path without UCX; a released (dropped)
-//! export reads as unavailable, like a context worker that has freed its blocks.
+//! of it. For tests of the export / pull / import path without UCX. Exports are sealed like
+//! the others' ([`super::seal`]): the seal after the K/V is written when the export is
+//! finished and cleared before it leaves the registry, and a pull copies the K/V, lets go of
+//! the registry, then reads the seal; a sealed export released before or during the pull
+//! reads as gone ([`TransferError::ExportGone`]), like a context worker's freed export.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use super::seal::{Nonce, SEAL_BYTES, SealMemory, SealSlot};
 use super::{
     BoxFuture, ExportBuffer, Exported, KvTransport, KvTransportKind, PulledKv, RemoteKv,
     RemoteMemory, TransferError,
 };
 
-/// Exported buffers by key: address and length of memory owned by the key's [`Registration`].
+/// Exported buffers by key: address and length (K/V and seal) of memory owned by the key's
+/// [`Registration`].
 type Registry = Mutex<HashMap<u64, (usize, usize)>>;
 
 fn registry() -> &'static Registry {
@@ -22,6 +27,25 @@ fn registry() -> &'static Registry {
 
 fn locked() -> std::sync::MutexGuard<'static, HashMap<u64, (usize, usize)>> {
     registry().lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An export's seal, written under the registry's lock (pulls read it under the lock).
+struct InProcessSeal {
+    ptr: *mut u8,
+}
+
+// SAFETY: the seal's bytes belong to its export's registration, written under the lock.
+unsafe impl Send for InProcessSeal {}
+unsafe impl Sync for InProcessSeal {}
+
+impl SealMemory for InProcessSeal {
+    fn write(&self, bytes: &Nonce) -> Result<(), TransferError> {
+        let _registry = locked();
+        // SAFETY: the seal's bytes, after the K/V of an allocation its registration frees
+        // only after this guard has cleared the seal.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr, SEAL_BYTES) };
+        Ok(())
+    }
 }
 
 /// The in-process transport (stateless: the registry is per process).
@@ -56,11 +80,11 @@ impl KvTransport for InProcessTransport {
     fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let key = NEXT.fetch_add(1, Ordering::Relaxed);
-        let memory = Box::into_raw(vec![0u8; len].into_boxed_slice());
+        let memory = Box::into_raw(vec![0u8; len + SEAL_BYTES].into_boxed_slice());
         let bytes = memory.cast::<u8>();
         // The buffer's real address: regions name bytes of it, as with UCX.
         let addr = bytes as usize;
-        locked().insert(key, (addr, len));
+        locked().insert(key, (addr, len + SEAL_BYTES));
         let exported = Exported {
             memory: RemoteMemory::Registered {
                 address: b"in-process".to_vec(),
@@ -68,11 +92,18 @@ impl KvTransport for InProcessTransport {
             },
             addr: addr as u64,
             len: len as u64,
+            seal: None,
             keepalive: Box::new(Registration { key, memory }),
         };
-        // SAFETY: `len` bytes owned by the registration in `exported`; the key that lets a
-        // pull read them is only known from the export's description.
-        let buffer = unsafe { ExportBuffer::new(bytes, len, exported) };
+        // SAFETY: `len` bytes owned by the registration in `exported`, then the seal; the key
+        // that lets a pull read them is only known from the export's description.
+        let buffer = unsafe { ExportBuffer::new(bytes, len, exported) }.with_seal(SealSlot {
+            addr: (addr + len) as u64,
+            memory: Box::new(InProcessSeal {
+                // SAFETY: inside the allocation (`len + SEAL_BYTES` bytes).
+                ptr: unsafe { bytes.add(len) },
+            }),
+        });
         Box::pin(async move { Ok(buffer) })
     }
 
@@ -92,29 +123,56 @@ impl KvTransport for InProcessTransport {
                 .try_into()
                 .map_err(|_| TransferError::InvalidHandle("in-process rkey is 8 bytes".into()))?;
             let key = u64::from_le_bytes(key);
-            let registry = locked();
-            let &(base, size) = registry.get(&key).ok_or_else(|| {
-                TransferError::Unavailable(format!("in-process export {key} was released"))
-            })?;
-            // SAFETY: registered memory stays allocated while its key is in the registry,
-            // which is locked until the copy is done.
-            let buffer = unsafe { std::slice::from_raw_parts(base as *const u8, size) };
-            let base = base as u64;
+            let released = || match remote.seal {
+                // A sealed export that is gone: its seal would read cleared.
+                Some(_) => {
+                    TransferError::ExportGone(format!("in-process export {key} was released"))
+                }
+                None => TransferError::Unavailable(format!("in-process export {key} was released")),
+            };
             let mut out = Vec::with_capacity(remote.total_len() as usize);
-            for (addr, len) in remote.coalesced() {
-                let start = addr
-                    .checked_sub(base)
-                    .filter(|s| s + len <= buffer.len() as u64);
-                let Some(start) = start else {
-                    return Err(TransferError::InvalidHandle(format!(
-                        "region {addr:#x}+{len} is outside the exported buffer"
-                    )));
-                };
-                out.extend_from_slice(&buffer[start as usize..(start + len) as usize]);
-            }
+            copy_out(key, &remote.coalesced(), &mut out)?.ok_or_else(released)?;
+            let Some(seal) = remote.seal else {
+                return Ok(out.into());
+            };
+            // The K/V is copied and the registry let go of, as a remote reader's gets end:
+            // only now is the seal read.
+            let mut read = Vec::with_capacity(SEAL_BYTES);
+            copy_out(key, &[seal.region()], &mut read)?.ok_or_else(released)?;
+            let read: Nonce = read.try_into().expect("a seal's bytes were read");
+            seal.check(&read)?;
             Ok(out.into())
         })
     }
+}
+
+/// Appends the bytes of `regions` of export `key` to `out`, under the registry's lock: None
+/// when the export is not registered (any more).
+fn copy_out(
+    key: u64,
+    regions: &[(u64, u64)],
+    out: &mut Vec<u8>,
+) -> Result<Option<()>, TransferError> {
+    let registry = locked();
+    let Some(&(base, size)) = registry.get(&key) else {
+        return Ok(None);
+    };
+    // SAFETY: registered memory stays allocated while its key is in the registry, which is
+    // locked until the copy is done.
+    let buffer = unsafe { std::slice::from_raw_parts(base as *const u8, size) };
+    let base = base as u64;
+    for &(addr, len) in regions {
+        let start = addr
+            .checked_sub(base)
+            .filter(|s| s + len <= buffer.len() as u64);
+        let Some(start) = start else {
+            return Err(TransferError::InvalidHandle(format!(
+                "region {addr:#x}+{len} is outside the exported buffer"
+            )));
+        };
+        out.extend_from_slice(&buffer[start as usize..(start + len) as usize]);
+    }
+    Ok(Some(()))
 }
 
 #[cfg(test)]
@@ -135,6 +193,7 @@ mod tests {
         let remote = RemoteKv {
             memory: exported.memory.clone(),
             regions: block_regions(&exported, 1024),
+            seal: exported.seal,
         };
         let pulled = transport
             .pull(remote.clone(), Duration::from_secs(1))
@@ -150,9 +209,32 @@ mod tests {
             transport.pull(outside, Duration::from_secs(1)).await,
             Err(TransferError::InvalidHandle(_))
         ));
+        // A seal that holds another nonce: the memory is another export's now.
+        let mut reused = remote.clone();
+        if let Some(seal) = &mut reused.seal {
+            seal.nonce[0] ^= 0xff;
+        }
+        let err = transport
+            .pull(reused, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TransferError::ExportGone(_)) && err.to_string().contains("another"),
+            "{err}"
+        );
         drop(exported);
         assert!(matches!(
-            transport.pull(remote, Duration::from_secs(1)).await,
+            transport.pull(remote.clone(), Duration::from_secs(1)).await,
+            Err(TransferError::ExportGone(_))
+        ));
+        // Read without its seal (a handle older than seals), a released export is simply
+        // unavailable.
+        let unsealed = RemoteKv {
+            seal: None,
+            ..remote
+        };
+        assert!(matches!(
+            transport.pull(unsealed, Duration::from_secs(1)).await,
             Err(TransferError::Unavailable(_))
         ));
     }
@@ -164,10 +246,13 @@ mod tests {
         for (i, b) in buffer.host_bytes_mut().unwrap().iter_mut().enumerate() {
             *b = (i % 251) as u8;
         }
-        let exported = buffer.finish();
+        let exported = buffer.finish().unwrap();
+        let seal = exported.seal.expect("every export is sealed");
+        assert_eq!(seal.addr, exported.addr + 3000, "after the K/V");
         let remote = RemoteKv {
             memory: exported.memory.clone(),
             regions: vec![(exported.addr + 1000, 1000), (exported.addr, 1000)],
+            seal: Some(seal),
         };
         let pulled = transport
             .pull(remote, Duration::from_secs(1))

@@ -17,10 +17,16 @@
 //! free again the moment the copy is taken (the context worker's cache is not held hostage by
 //! slow or dead decode workers; `max_tokens_in_buffer` bounds the staging memory instead), the
 //! engine's memory is never touched by another thread, and a GPU cache stages the same way.
+//!
+//! Every export is sealed ([`seal`]): a few bytes after its K/V hold a random nonce, written
+//! once the K/V is complete and cleared before the memory goes back to the pool; a pull reads
+//! the seal after the K/V and drops what it read if the nonce is gone, since the pool may have
+//! handed the memory to another request's export meanwhile.
 
 pub mod cuda_ipc;
 pub mod in_process;
 pub mod pool;
+pub mod seal;
 pub mod ucx;
 
 use std::future::Future;
@@ -32,6 +38,8 @@ use thiserror::Error;
 pub use crate::backend::{DeviceRange, HostRange, KvBuffer, KvBytes, KvBytesMut};
 use tandem_protocol::messages::KvHandle;
 pub use tandem_protocol::messages::{CudaIpcSource, KvTransportKind};
+
+use self::seal::{Seal, SealGuard, SealSlot};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -45,6 +53,11 @@ pub enum TransferError {
     InvalidHandle(String),
     #[error("KV transport failed: {0}")]
     Backend(String),
+    /// The regions were read, but the export's seal no longer held its nonce afterwards
+    /// ([`seal`]): the exporter freed it before or during the read, and its memory may hold
+    /// another request's K/V. What was read is dropped; the decode worker prefills locally.
+    #[error("the KV export was freed before the pull ended: {0}")]
+    ExportGone(String),
 }
 
 /// How a reader reaches an exporter's memory (the KV handle's `address` and `rkey`, or its
@@ -60,20 +73,25 @@ pub enum RemoteMemory {
     CudaIpc(CudaIpcSource),
 }
 
-/// A buffer registered for remote reads; dropping it unregisters and frees it.
+/// A buffer registered for remote reads; dropping it clears its seal, then unregisters and
+/// frees it.
 pub struct Exported {
     pub memory: RemoteMemory,
     /// Where the buffer starts, as the reader addresses `memory`.
     pub addr: u64,
+    /// Bytes of K/V (the seal, after them, not counted).
     pub len: u64,
-    /// Keeps the registration (and the memory) alive.
+    /// The seal a reader checks after its read ([`seal`]); None only for exports of unit
+    /// tests that read nothing.
+    pub seal: Option<Seal>,
+    /// Keeps the registration (and the memory) alive; for a sealed export, a [`SealGuard`].
     pub keepalive: Box<dyn Send + Sync>,
 }
 
 #[cfg(test)]
 impl Exported {
-    /// A host export of 384 bytes at 4096 that keeps nothing alive (unit tests of what holds
-    /// exports).
+    /// A host export of 384 bytes at 4096, its seal after them, that keeps nothing alive
+    /// (unit tests of what holds exports).
     pub(crate) fn fixture() -> Self {
         Exported {
             memory: RemoteMemory::Registered {
@@ -82,6 +100,10 @@ impl Exported {
             },
             addr: 4096,
             len: 3 * 128,
+            seal: Some(Seal {
+                addr: 4096 + 3 * 128,
+                nonce: [0x5e; seal::SEAL_BYTES],
+            }),
             keepalive: Box::new(()),
         }
     }
@@ -137,11 +159,13 @@ impl Memory {
 
 /// An export whose memory is allocated and registered but not yet filled: the caller writes
 /// the K/V into [`ExportBuffer::bytes_mut`] (host or device memory), then
-/// [`ExportBuffer::finish`] gives the [`Exported`] whose description goes into the KV handle.
-/// No peer can read it before then: the handle is what tells one where it is.
+/// [`ExportBuffer::finish`] seals it and gives the [`Exported`] whose description goes into
+/// the KV handle. No peer can read it before then: the handle is what tells one where it is.
 pub struct ExportBuffer {
     memory: Memory,
     exported: Exported,
+    /// Where the seal goes, after the K/V.
+    seal: Option<SealSlot>,
 }
 
 // SAFETY: the memory is owned by the export (kept alive by `exported.keepalive`, on
@@ -156,6 +180,7 @@ impl ExportBuffer {
         Self {
             memory: Memory::Host(HostRange { ptr: bytes, len }),
             exported,
+            seal: None,
         }
     }
 
@@ -166,6 +191,16 @@ impl ExportBuffer {
         Self {
             memory: Memory::Device(range),
             exported,
+            seal: None,
+        }
+    }
+
+    /// The export with its seal in `slot` (memory of the export's, after its K/V), written by
+    /// [`Self::finish`] and cleared when the export is dropped.
+    pub fn with_seal(self, slot: SealSlot) -> Self {
+        Self {
+            seal: Some(slot),
+            ..self
         }
     }
 
@@ -192,9 +227,24 @@ impl ExportBuffer {
         self.memory.host_bytes_mut()
     }
 
-    /// The filled export, ready to be described in a handle.
-    pub fn finish(self) -> Exported {
-        self.exported
+    /// The filled export, ready to be described in a handle: called once the K/V is
+    /// complete in the buffer, it writes a fresh nonce into the seal, and has the export clear
+    /// it before its memory is freed ([`seal`]). An error (the seal could not be written)
+    /// frees the export.
+    pub fn finish(self) -> Result<Exported, TransferError> {
+        let Self {
+            mut exported, seal, ..
+        } = self;
+        if let Some(SealSlot { addr, memory }) = seal {
+            let nonce = seal::fresh_nonce();
+            // Guarded first: if the nonce write fails half-way, the drop still clears it.
+            let keepalive = std::mem::replace(&mut exported.keepalive, Box::new(()));
+            let guard = SealGuard::new(memory, keepalive);
+            guard.seal(&nonce)?;
+            exported.keepalive = Box::new(guard);
+            exported.seal = Some(Seal { addr, nonce });
+        }
+        Ok(exported)
     }
 }
 
@@ -217,13 +267,18 @@ impl std::fmt::Debug for ExportBuffer {
     }
 }
 
-/// What a puller needs: where to connect and which regions to read, in order.
+/// What a puller needs: where to connect, which regions to read, in order, and the seal to
+/// check once they are read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteKv {
     pub memory: RemoteMemory,
     /// `(address, length)` of each region, as `memory` addresses them, concatenated in this
     /// order into the result.
     pub regions: Vec<(u64, u64)>,
+    /// The export's seal, read after the regions: the pull fails with
+    /// [`TransferError::ExportGone`] unless it still holds its nonce. None: a handle from a
+    /// context worker older than seals, read unchecked.
+    pub seal: Option<Seal>,
 }
 
 impl RemoteKv {
@@ -245,6 +300,7 @@ impl RemoteKv {
         Ok(Self {
             memory,
             regions: handle.blocks.iter().map(|r| (r.addr, r.len)).collect(),
+            seal: handle.seal.as_ref().map(Seal::from_wire).transpose()?,
         })
     }
 
@@ -269,7 +325,8 @@ impl RemoteKv {
 pub trait KvTransport: Send + Sync + 'static {
     /// The transport named in KV handles.
     fn backend(&self) -> KvTransportKind;
-    /// Allocates and registers `len` bytes for remote reads, for the caller to fill.
+    /// Allocates and registers `len` bytes for remote reads, for the caller to fill, and the
+    /// export's seal after them.
     fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>>;
     /// Exports a copy of `kv` (reserve, copy, finish); transports of host memory only.
     fn export(&self, kv: Vec<u8>) -> BoxFuture<Result<Exported, TransferError>> {
@@ -280,12 +337,13 @@ pub trait KvTransport: Send + Sync + 'static {
                 TransferError::Backend("this transport exports device memory".into())
             })?;
             bytes.copy_from_slice(&kv);
-            Ok(buffer.finish())
+            buffer.finish()
         })
     }
     /// Reads `remote`'s regions into one buffer (a slice of the pool when there is room),
     /// failing with [`TransferError::Unavailable`] after `timeout` rather than waiting on a
-    /// dead peer.
+    /// dead peer; then reads its seal, and fails with [`TransferError::ExportGone`] if the
+    /// seal no longer holds its nonce.
     fn pull(
         &self,
         remote: RemoteKv,
@@ -471,6 +529,7 @@ mod tests {
                 rkey: vec![],
             },
             regions: vec![(100, 10), (110, 10), (130, 5), (135, 5), (200, 1)],
+            seal: None,
         };
         assert_eq!(remote.coalesced(), vec![(100, 20), (130, 10), (200, 1)]);
         assert_eq!(remote.total_len(), 31);
@@ -513,5 +572,60 @@ mod tests {
             RemoteKv::from_handle(&handle(KvTransportKind::CudaIpc, None)),
             Err(TransferError::InvalidHandle(_))
         ));
+    }
+
+    #[test]
+    fn a_handle_names_the_seal_to_check_after_the_read() {
+        let mut sealed = handle(KvTransportKind::Ucx, None);
+        let seal = Seal {
+            addr: 4352,
+            nonce: seal::fresh_nonce(),
+        };
+        sealed.seal = Some(seal.to_wire());
+        assert_eq!(RemoteKv::from_handle(&sealed).unwrap().seal, Some(seal));
+        let older = handle(KvTransportKind::Ucx, None);
+        assert_eq!(RemoteKv::from_handle(&older).unwrap().seal, None);
+        sealed.seal = Some(tandem_protocol::messages::KvSeal {
+            addr: 4352,
+            nonce: "00".repeat(seal::SEAL_BYTES),
+        });
+        assert!(matches!(
+            RemoteKv::from_handle(&sealed),
+            Err(TransferError::InvalidHandle(_))
+        ));
+    }
+
+    #[test]
+    fn finishing_an_export_seals_it_and_its_drop_clears_the_seal_before_the_memory_goes() {
+        use std::sync::{Arc, Mutex};
+
+        use seal::tests::{Memory, Recorded};
+
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut bytes = vec![0u8; 64];
+        let exported = Exported {
+            seal: None,
+            keepalive: Box::new(Memory(log.clone())),
+            ..Exported::fixture()
+        };
+        // SAFETY: `bytes` outlives the buffer and the export.
+        let buffer =
+            unsafe { ExportBuffer::new(bytes.as_mut_ptr(), 48, exported) }.with_seal(SealSlot {
+                addr: 4096 + 48,
+                memory: Box::new(Recorded(log.clone())),
+            });
+        assert_eq!(buffer.len(), 48, "the caller sees the K/V only");
+        assert!(
+            log.lock().unwrap().is_empty(),
+            "not sealed before it is filled"
+        );
+        let exported = buffer.finish().unwrap();
+        assert_eq!(*log.lock().unwrap(), ["sealed"]);
+        let seal = exported.seal.expect("a sealed export names its seal");
+        assert_eq!(seal.addr, 4096 + 48);
+        assert_ne!(seal.nonce, [0; seal::SEAL_BYTES]);
+        drop(exported);
+        assert_eq!(*log.lock().unwrap(), ["sealed", "zeroed", "memory back"]);
+        drop(bytes);
     }
 }

@@ -12,7 +12,9 @@
 //!
 //! Exports and pull destinations are slices of one region mapped at start (the pool,
 //! [`super::pool`]) when the worker asked for one and the slice fits; otherwise an export maps
-//! a region of its own and a pull reads into a `Vec`.
+//! a region of its own and a pull reads into a `Vec`. Each export's seal ([`super::seal`]) is
+//! the [`SEAL_BYTES`] after its K/V, in the same registered memory; a pull reads it with a get
+//! of its own, issued once the K/V gets have completed.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use tandem_ucx::{Context, EndpointCache, GetOp, MemoryRegion, RemoteKey, UcxErro
 use tokio::sync::{mpsc, oneshot};
 
 use super::pool::SlicePool;
+use super::seal::{HostSeal, Nonce, SEAL_BYTES, SealSlot};
 use super::{
     BoxFuture, ExportBuffer, Exported, HostRange, KvTransport, KvTransportKind, PulledKv, RemoteKv,
     RemoteMemory, TransferError,
@@ -257,10 +260,12 @@ fn run(
                     tokio::task::spawn_local(async move {
                         let into = lent.unwrap_or_else(|| vec![0u8; len].into());
                         let result = pull(&endpoints, &remote, timeout, into).await;
-                        if let (Err(_), RemoteMemory::Registered { address, .. }) =
+                        if let (Err(e), RemoteMemory::Registered { address, .. }) =
                             (&result, &remote.memory)
+                            && !matches!(e, TransferError::ExportGone(_))
                         {
-                            // A failed endpoint is not reused; the next pull reconnects.
+                            // A failed endpoint is not reused; the next pull reconnects. (A
+                            // changed seal is the export's doing, not the endpoint's.)
                             endpoints.remove(address);
                         }
                         let _ = reply.send(result);
@@ -339,9 +344,9 @@ impl KvPool {
     }
 }
 
-/// A new export of `len` bytes by the UCX worker at `address`: a slice of the pool when one
-/// is free, else a region of its own (kept in `exports` under a new id). Its keepalive is the
-/// guard that hands the slice back or unmaps the region.
+/// A new export of `len` bytes by the UCX worker at `address`, and its seal after them: a
+/// slice of the pool when one is free, else a region of its own (kept in `exports` under a
+/// new id). Its keepalive is the guard that hands the slice back or unmaps the region.
 fn reserve(
     context: &Context,
     address: &[u8],
@@ -351,7 +356,8 @@ fn reserve(
     len: usize,
     commands: &mpsc::UnboundedSender<Command>,
 ) -> Result<ExportBuffer, TransferError> {
-    let pooled = pool.and_then(|pool| match pool.take(len, commands) {
+    let sealed_len = len + SEAL_BYTES;
+    let pooled = pool.and_then(|pool| match pool.take(sealed_len, commands) {
         Some((bytes, guard)) => Some((pool.rkey.clone(), bytes, Box::new(guard) as Keepalive)),
         None => {
             tracing::debug!(
@@ -365,7 +371,7 @@ fn reserve(
     let (rkey, bytes, keepalive) = match pooled {
         Some(slice) => slice,
         None => {
-            let (region, rkey, bytes) = map_region(context, len)?;
+            let (region, rkey, bytes) = map_region(context, sealed_len)?;
             let id = *next_id;
             *next_id += 1;
             exports.insert(id, region);
@@ -383,31 +389,47 @@ fn reserve(
         },
         addr: bytes as u64,
         len: len as u64,
+        seal: None,
         keepalive,
     };
-    // SAFETY: the `len` bytes (a slice of the pool or a region of their own) stay mapped and
-    // handed to this export until its keepalive is dropped; only the buffer's owner writes
-    // them before the handle goes out.
-    Ok(unsafe { ExportBuffer::new(bytes, len, exported) })
+    // SAFETY: the `len + SEAL_BYTES` bytes (a slice of the pool or a region of their own) stay
+    // mapped and handed to this export until its keepalive is dropped; only the buffer's
+    // owner writes the first `len` before the handle goes out, and only the seal the rest.
+    let (buffer, seal) = unsafe {
+        (
+            ExportBuffer::new(bytes, len, exported),
+            HostSeal::new(bytes.add(len)),
+        )
+    };
+    Ok(buffer.with_seal(SealSlot {
+        addr: bytes as u64 + len as u64,
+        memory: Box::new(seal),
+    }))
 }
 
 /// Reads the coalesced regions of `remote` into `into` (their total length), all gets in
-/// flight at once.
+/// flight at once; then, once they have all completed, its seal.
 async fn pull(
     endpoints: &EndpointCache,
     remote: &RemoteKv,
     timeout: Duration,
     mut into: PulledKv,
 ) -> Result<PulledKv, TransferError> {
+    let started = std::time::Instant::now();
     let RemoteMemory::Registered { address, rkey } = &remote.memory else {
         return Err(TransferError::InvalidHandle(
             "UCX reads registered host memory, not a CUDA IPC allocation".into(),
         ));
     };
     let regions = remote.coalesced();
+    let seal = remote.seal.map(|seal| seal.region());
     let (Some(start), Some(end)) = (
-        regions.iter().map(|&(addr, _)| addr).min(),
-        regions.iter().map(|&(addr, len)| addr + len).max(),
+        regions.iter().chain(&seal).map(|&(addr, _)| addr).min(),
+        regions
+            .iter()
+            .chain(&seal)
+            .map(|&(addr, len)| addr + len)
+            .max(),
     ) else {
         return Ok(into);
     };
@@ -433,6 +455,27 @@ async fn pull(
     // disjoint slices of `into`, borrowed by the ops until then.
     let result = unsafe { endpoint.get_all(ops, timeout) }.await;
     result.map_err(|e| TransferError::Unavailable(format!("reading the KV cache: {e}")))?;
+    let Some(seal) = remote.seal else {
+        return Ok(into);
+    };
+    // The K/V gets have completed: only now is the seal read ([`super::seal`]). The fence
+    // keeps this thread's own loads (a shared-memory get is a copy here) in that order.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let mut read: Nonce = [0; SEAL_BYTES];
+    let op = GetOp {
+        local: &mut read,
+        remote_address: seal.addr,
+        rkey,
+    };
+    // Within the pull's time, what the K/V gets left of it (and at least a moment).
+    let left = timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(100));
+    // SAFETY: as above; `read` is borrowed by the op until the future completes.
+    let result = unsafe { endpoint.get_all(vec![op], left) }.await;
+    result.map_err(|e| TransferError::Unavailable(format!("reading the KV export's seal: {e}")))?;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    seal.check(&read)?;
     Ok(into)
 }
 
@@ -454,6 +497,7 @@ mod tests {
             regions: (0..exported.len / block)
                 .map(|i| (exported.addr + i * block, block))
                 .collect(),
+            seal: exported.seal,
         };
         let pulled = puller
             .pull(remote.clone(), Duration::from_secs(10))
@@ -470,6 +514,7 @@ mod tests {
                 RemoteKv {
                     memory: again.memory.clone(),
                     regions: vec![(again.addr, 4096)],
+                    seal: again.seal,
                 },
                 Duration::from_secs(10),
             )
@@ -494,13 +539,15 @@ mod tests {
                 RemoteKv {
                     memory: e.memory.clone(),
                     regions: vec![(e.addr, e.len)],
+                    seal: e.seal,
                 },
                 Duration::from_secs(10),
             )
         };
         let a = exporter.export(vec![1u8; 600 << 10]).await.unwrap();
         let b = exporter.export(vec![2u8; 300 << 10]).await.unwrap();
-        // 600 KiB + 300 KiB taken: 124 KiB left, too little for this one.
+        // 600 KiB + 300 KiB taken (4 KiB more each for their seals): 116 KiB left, too
+        // little for this one.
         let c = exporter.export(vec![3u8; 200 << 10]).await.unwrap();
         assert!(in_pool(&a) && in_pool(&b), "the first two fit the pool");
         assert!(!in_pool(&c), "the third maps a region of its own");
@@ -541,6 +588,7 @@ mod tests {
         let remote = RemoteKv {
             memory: exported.memory.clone(),
             regions: vec![(exported.addr, exported.len)],
+            seal: exported.seal,
         };
         let pull = || puller.pull(remote.clone(), Duration::from_secs(10));
         let first = pull().await.unwrap();
@@ -558,5 +606,49 @@ mod tests {
             "the slice given back is lent again"
         );
         assert!(third.host() == Some(&data[..]));
+    }
+
+    #[tokio::test]
+    async fn a_pull_of_an_export_freed_and_reused_fails_on_its_seal() {
+        let exporter = UcxTransport::start_with_pool(1 << 20).expect("UCX starts");
+        let puller = UcxTransport::start().expect("a second UCX worker starts");
+        let remote = |e: &Exported| RemoteKv {
+            memory: e.memory.clone(),
+            regions: vec![(e.addr, e.len)],
+            seal: e.seal,
+        };
+        let read = |remote: RemoteKv| puller.pull(remote, Duration::from_secs(10));
+        let (a_bytes, c_bytes) = (vec![1u8; 64 << 10], vec![3u8; 64 << 10]);
+        let a = exporter.export(a_bytes.clone()).await.unwrap();
+        let of_a = remote(&a);
+        let seal_a = a.seal.expect("every export is sealed");
+        assert_eq!(seal_a.addr, a.addr + a.len, "the seal follows the K/V");
+        assert!(read(of_a.clone()).await.unwrap().host() == Some(&a_bytes[..]));
+
+        // Freed (a release, early or forged): the seal is cleared before the slice goes back.
+        drop(a);
+        let gone = read(of_a.clone()).await.unwrap_err();
+        assert!(
+            matches!(gone, TransferError::ExportGone(_)) && gone.to_string().contains("cleared"),
+            "{gone}"
+        );
+        // Reused: the next export of that size lands in A's memory.
+        let c = exporter.export(c_bytes.clone()).await.unwrap();
+        assert_eq!(c.addr, of_a.regions[0].0, "C's K/V lies where A's did");
+        assert_eq!(c.seal.unwrap().addr, seal_a.addr);
+        let reused = read(of_a.clone()).await.unwrap_err();
+        assert!(
+            matches!(reused, TransferError::ExportGone(_))
+                && reused.to_string().contains("another export"),
+            "{reused}"
+        );
+        // What the seal keeps out: A's regions, read unchecked, are C's K/V now.
+        let unchecked = RemoteKv {
+            seal: None,
+            ..of_a.clone()
+        };
+        assert!(read(unchecked).await.unwrap().host() == Some(&c_bytes[..]));
+        // C's own handle reads C.
+        assert!(read(remote(&c)).await.unwrap().host() == Some(&c_bytes[..]));
     }
 }

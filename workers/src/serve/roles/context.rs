@@ -407,4 +407,13 @@ impl Role for ContextRole {
     fn kv_pull(&self) -> Option<KvPullStats> {
         None
     }
+
+    /// Frees the exports nobody released (a second termination signal, or a lost device):
+    /// their seals are cleared first, so a decode worker still reading one drops what it read.
+    fn leave(&self) {
+        let held = locked(&self.ledger).free_all();
+        if held > 0 {
+            tracing::warn!(held, "leaving with KV exports nobody released: freed");
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! A prefill's K/V leaving the context worker: which transport holds the export (device memory
 //! for a CUDA IPC reader on this host, else host memory for UCX), the engine's copy into it,
-//! and the [`KvHandle`] that tells the decode worker where to read.
+//! its seal ([`crate::transfer::seal`]), and the [`KvHandle`] that tells the decode worker
+//! where to read and which seal to check.
 
 use tandem_protocol::messages::{
     KvDTypeSpec, KvHandle, KvLayoutSpec, KvPeer, KvRegion, KvTransportKind, TokenEvent,
@@ -101,6 +102,7 @@ pub fn kv_handle(
         seed,
         expires_unix_ms,
         cuda_ipc,
+        seal: exported.seal.map(|seal| seal.to_wire()),
         // Signed by the caller, which knows the request ([`crate::serve::kv_auth`]).
         mac: String::new(),
     }
@@ -131,8 +133,9 @@ impl Exporter {
 
     /// Exports the `blocks` retained by `engine_id`: reserves memory of the transport that
     /// suits `reader` (device memory for a CUDA IPC reader on this host, else host memory for
-    /// UCX) and has the engine copy the blocks straight in (its blocks are freed either way).
-    /// Returns the export and the name of the transport that holds it.
+    /// UCX) and has the engine copy the blocks straight in (its blocks are freed either way),
+    /// then seals it: the copy is complete when the engine hands the buffer back. Returns the
+    /// export and the name of the transport that holds it.
     pub async fn export(
         &self,
         engine: &EngineHandle,
@@ -167,7 +170,8 @@ impl Exporter {
             .take_retained_kv_into(engine_id, buffer)
             .await
             .map_err(|e| e.to_string())?;
-        Ok((buffer.finish(), backend))
+        let exported = buffer.finish().map_err(|e| e.to_string())?;
+        Ok((exported, backend))
     }
 }
 
@@ -188,7 +192,7 @@ pub(in crate::serve) mod fixtures {
     }
 
     /// 5 tokens in 3 blocks of [`layout`], exported to host memory (UCX,
-    /// `Exported::fixture`), first token 5, one region per block.
+    /// `Exported::fixture`, sealed), first token 5, one region per block.
     pub fn handle(seed: u64, expires_unix_ms: u64) -> KvHandle {
         handle_of(false, seed, expires_unix_ms)
     }
@@ -266,6 +270,9 @@ mod tests {
             (handle.address.as_str(), handle.rkey.as_str()),
             ("01", "02")
         );
+        let seal = handle.seal.expect("the export's seal is named");
+        assert_eq!(seal.addr, 4096 + 3 * 128, "after the K/V");
+        assert_eq!(seal.nonce, "5e".repeat(16));
     }
 
     #[test]

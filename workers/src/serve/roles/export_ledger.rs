@@ -10,7 +10,9 @@
 //! outside the budget. A decode worker bounds its pull by the handle's expiry, but a pull
 //! started just before it (its deadline is at least 100 ms, and hosts' clocks differ) may
 //! still be reading; the transfer pool hands freed memory to the next export, and such a pull
-//! must not read another request's K/V.
+//! would find the export's seal changed and fail ([`crate::transfer::seal`]): the grace spares
+//! it that. Every way an export ends here (release, cancel, expiry, the worker leaving) drops
+//! its [`Exported`], whose keepalive clears the seal before the memory goes back.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -131,6 +133,18 @@ impl ExportLedger {
         expired
     }
 
+    /// Frees every export, held or lingering (the worker is leaving: nobody will release
+    /// them, and a reader still reading finds their seals cleared); returns how many were
+    /// held.
+    pub fn free_all(&mut self) -> usize {
+        let held = self.held.len();
+        for (_, export) in self.held.drain() {
+            self.tokens = self.tokens.saturating_sub(export.tokens);
+        }
+        self.lingering.clear();
+        held
+    }
+
     /// Whether no export is held (lingering ones aside).
     pub fn is_empty(&self) -> bool {
         self.held.is_empty()
@@ -189,6 +203,33 @@ mod tests {
         assert!(!is_set(&expired));
         ledger.expire(at + EXPIRED_EXPORT_GRACE);
         assert!(is_set(&expired), "unregistered once the grace is over");
+    }
+
+    #[test]
+    fn leaving_frees_every_export_held_or_lingering() {
+        let timeout = Duration::from_millis(50);
+        let mut ledger = ExportLedger::new(100, timeout);
+        let flags: Vec<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+            (0..2).map(|_| Default::default()).collect();
+        for (i, flag) in flags.iter().enumerate() {
+            assert!(ledger.try_reserve(10));
+            let exported = Exported {
+                keepalive: Box::new(DropFlag(flag.clone())),
+                ..Exported::fixture()
+            };
+            ledger.hold(format!("r{i}"), exported, 10, 1);
+            if i == 0 {
+                ledger.expire(Instant::now() + timeout * 2);
+            }
+        }
+        assert_eq!(ledger.free_all(), 1, "one held, one lingering");
+        assert!(
+            flags
+                .iter()
+                .all(|f| f.load(std::sync::atomic::Ordering::SeqCst)),
+            "both freed"
+        );
+        assert!(ledger.is_empty() && ledger.try_reserve(100));
     }
 
     #[test]

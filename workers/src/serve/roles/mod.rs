@@ -110,4 +110,8 @@ pub(super) trait Role: Send + Sync + 'static {
 
     /// The heartbeat's `kv_pull` (a generation worker's pulls).
     fn kv_pull(&self) -> Option<KvPullStats>;
+
+    /// The worker has left the deployment: free what the role still holds for others (a
+    /// context worker's exports, their seals cleared first).
+    fn leave(&self) {}
 }

@@ -20,6 +20,12 @@
 //! that fails is refused: nothing it names is read, allocated or released, the prompt is
 //! prefilled here, `kv_pulled` says `handle_refused`, and the heartbeat counts it.
 //!
+//! After the read, the export's seal ([`crate::transfer::seal`]): a pull whose export was
+//! freed before it ended (a release or cancel that came early, forged or not; a replay of a
+//! handle another decode worker pulled already) finds the seal changed, and what it read,
+//! possibly another request's K/V, is dropped: the prompt is prefilled here, `kv_pulled` says
+//! `export_gone`, and the heartbeat counts it (`kv_pull.exports_gone`).
+//!
 //! A pull's cancellation: a cancel reaches the engine request (the reservation) through the
 //! worker, and sets the pull's [`CancelToken`], which skips a pull not yet started (a transfer
 //! in flight is not interrupted: the release must still go out, and the memory it writes must
@@ -47,6 +53,7 @@ use crate::serve::bus::BusSettings;
 use crate::serve::job::generation_request;
 use crate::serve::kv_auth::{Canonical, HandleBinding, KvSecret, MacError};
 use crate::serve::worker::{Identity, Worker, locked, publish_bounded, unix_ms};
+use crate::transfer::seal::{SEAL_BYTES, Seal};
 use crate::transfer::{PulledKv, RemoteKv, TransferError, from_hex};
 
 /// Fault tests set this to N: each pull starts N ms after its room is reserved, so a test can
@@ -153,6 +160,9 @@ pub(in crate::serve) struct KvPuller {
     /// Handles refused before anything was read, since start (the heartbeat's
     /// `kv_pull.refused_handles`).
     refused: AtomicU64,
+    /// Pulls whose export's seal had changed by the end of the read, since start (the
+    /// heartbeat's `kv_pull.exports_gone`).
+    exports_gone: AtomicU64,
     /// When a refusal was last logged at `warn` (unix ms): a flood of forged jobs is counted,
     /// and logged at `debug` past one warning a second.
     refusal_warned_ms: AtomicU64,
@@ -171,6 +181,10 @@ enum Refusal {
     /// This worker took the same handle for the same request before: its export has been
     /// released, and its memory may hold another request's K/V.
     Spent,
+    /// The handle names no seal (a context worker older than seals), and this worker
+    /// authenticates handles: it could not tell whether the export's memory was freed and
+    /// reused before or during the read.
+    Unsealed,
     /// Not a handle this worker can read ([`check_handle`]).
     Malformed(String),
 }
@@ -182,6 +196,10 @@ impl std::fmt::Display for Refusal {
             Refusal::Spent => f.write_str(
                 "the handle was taken before for this request (a replay): its export was \
                  released after the first pull",
+            ),
+            Refusal::Unsealed => f.write_str(
+                "the handle names no seal (a context worker older than seals), and this worker \
+                 authenticates KV handles: a read could not tell the export's memory reused",
             ),
             Refusal::Malformed(reason) => write!(f, "invalid KV handle: {reason}"),
         }
@@ -240,6 +258,7 @@ impl KvPuller {
             secret: settings.kv_secret.clone(),
             spent: Mutex::default(),
             refused: AtomicU64::new(0),
+            exports_gone: AtomicU64::new(0),
             refusal_warned_ms: AtomicU64::new(0),
             test_delay,
         }
@@ -401,6 +420,7 @@ impl KvPuller {
             waited: engine.imports_waited(),
             peak_held_blocks: self.held.peak_blocks.load(Ordering::Relaxed) as u32,
             refused_handles: self.refused.load(Ordering::Relaxed),
+            exports_gone: self.exports_gone.load(Ordering::Relaxed),
         }
     }
 
@@ -530,6 +550,9 @@ impl KvPuller {
                 worker.engine.import_reserved(engine_id, prefill)
             }
             Pull::Failed(e) => {
+                if matches!(e, TransferError::ExportGone(_)) {
+                    self.exports_gone.fetch_add(1, Ordering::Relaxed);
+                }
                 fell_back(worker, job, handle, &e).await;
                 worker.engine.prefill_reserved(engine_id)
             }
@@ -569,7 +592,12 @@ impl KvPuller {
             device
                 .pull(remote, Duration::from_millis(left))
                 .await
-                .inspect_err(|e| self.cuda_ipc_read_failed(e))?
+                .inspect_err(|e| {
+                    // A changed seal is the export's fate, not the GPUs' failing to share.
+                    if !matches!(e, TransferError::ExportGone(_)) {
+                        self.cuda_ipc_read_failed(e)
+                    }
+                })?
         } else {
             return Err(TransferError::InvalidHandle(format!(
                 "the handle is for transport `{}`, this worker reads `{}`{}",
@@ -607,9 +635,15 @@ impl KvPuller {
     }
 }
 
-/// Whether `handle` may be read for `job`: its MAC verifies for the job when this worker has
-/// the deployment's `secret`, and it is not among the handles `spent` already; it is then
-/// spent. Checked before anything the handle says is acted on.
+/// Whether `handle` may be read for `job`: its MAC verifies for the job and it names its
+/// export's seal when this worker has the deployment's `secret`, and it is not among the
+/// handles `spent` already; it is then spent. Checked before anything the handle says is
+/// acted on.
+///
+/// An unsealed handle is refused where handles are authenticated: such a worker promises
+/// that a pull never reads another request's K/V, and without a seal a pull cannot tell
+/// an export freed early (by a forged release, say) and reused. Without a secret nothing is
+/// promised, and a handle from a context worker older than seals is read as it comes.
 fn authenticate(
     secret: Option<&KvSecret>,
     spent: &mut SpentHandles,
@@ -622,6 +656,9 @@ fn authenticate(
         secret
             .verify(&canonical, &handle.mac, &binding)
             .map_err(Refusal::Unauthenticated)?;
+        if handle.seal.is_none() {
+            return Err(Refusal::Unsealed);
+        }
     }
     if spent.take(canonical.digest(), handle.expires_unix_ms, now_ms) {
         Ok(())
@@ -661,10 +698,11 @@ fn model_mismatch(handle: &KvHandle, own: &Identity) -> Option<String> {
 /// Checks everything a handle from the bus claims before anything is allocated or read: its
 /// token count is the job's prompt, its regions are whole blocks (one each, or runs of several:
 /// this worker advertises `coalesced_regions`) adding up to exactly the blocks the tokens
-/// need, its addressing fields are bounded and hex, and a CUDA IPC handle's regions lie
-/// inside the allocation it announces (the pull checks them against the memory it maps,
-/// too). A handle that fails is refused (a local prefill), never a read of memory it did not
-/// describe. (Its MAC and its model and layout are checked before.)
+/// need, its addressing fields are bounded and hex, its seal (if it names one) is 16 bytes
+/// that are not all zeros, and a CUDA IPC handle's regions and seal lie inside the allocation
+/// it announces (the pull checks them against the memory it maps, too). A handle that fails
+/// is refused (a local prefill), never a read of memory it did not describe. (Its MAC and
+/// its model and layout are checked before.)
 fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> Result<(), String> {
     let tokens = handle.num_tokens as usize;
     if tokens == 0 || tokens != prompt_tokens {
@@ -706,6 +744,10 @@ fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> 
             return Err(format!("the handle's {what} is not hex ({e})"));
         }
     }
+    let seal = match &handle.seal {
+        Some(seal) => Some(Seal::from_wire(seal).map_err(|e| format!("the handle's seal: {e}"))?),
+        None => None,
+    };
     match (&handle.backend, &handle.cuda_ipc) {
         (KvTransportKind::CudaIpc, Some(source)) => {
             if source.mem_handle.len() != CUDA_IPC_HANDLE_HEX
@@ -727,6 +769,14 @@ fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> 
                     outside.addr, source.alloc_bytes
                 ));
             }
+            if let Some(seal) = seal
+                && seal.addr + SEAL_BYTES as u64 > source.alloc_bytes
+            {
+                return Err(format!(
+                    "the seal at offset {:#x} ends past the exported {} bytes",
+                    seal.addr, source.alloc_bytes
+                ));
+            }
         }
         (KvTransportKind::CudaIpc, None) => {
             return Err("a CUDA IPC handle without its allocation".into());
@@ -741,22 +791,29 @@ fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> 
     Ok(())
 }
 
-/// Says that the decode worker prefills the prompt itself (`kv_pulled` with a fallback), and
-/// why, in the log.
+/// Says that the decode worker prefills the prompt itself (`kv_pulled` with a fallback, or
+/// `export_gone` for a changed seal), and why, in the log.
 async fn fell_back(worker: &Worker, job: &GenerateJob, handle: &KvHandle, error: &TransferError) {
-    tracing::warn!(
-        request_id = job.request_id,
-        context_worker = handle.worker_id,
-        "KV pull failed, prefilling locally: {error}"
-    );
-    report_fallback(
-        worker,
-        job,
-        PullOutcome::Fallback {
-            reason: error.to_string(),
-        },
-    )
-    .await;
+    let reason = error.to_string();
+    let outcome = if matches!(error, TransferError::ExportGone(_)) {
+        // What was read is dropped unused; the operator should know that exports are
+        // freed before their pulls (releases or cancels that are early or forged, replays).
+        tracing::warn!(
+            request_id = job.request_id,
+            context_worker = handle.worker_id,
+            "KV pull read an export that was freed meanwhile; dropped what it read, \
+             prefilling locally: {error}"
+        );
+        PullOutcome::ExportGone { reason }
+    } else {
+        tracing::warn!(
+            request_id = job.request_id,
+            context_worker = handle.worker_id,
+            "KV pull failed, prefilling locally: {error}"
+        );
+        PullOutcome::Fallback { reason }
+    };
+    report_fallback(worker, job, outcome).await;
 }
 
 /// `kv_pulled` without bytes: the prompt is prefilled here (`outcome` says why).
@@ -906,6 +963,35 @@ mod tests {
             5,
             "of 128 characters",
         );
+        // The seal: 16 bytes, not the zeros of a freed export, and inside a CUDA IPC
+        // allocation.
+        refused(
+            &|h| h.seal.as_mut().unwrap().nonce = "00".repeat(SEAL_BYTES),
+            5,
+            "seal nonce of zeros",
+        );
+        refused(
+            &|h| h.seal.as_mut().unwrap().nonce = "ab".repeat(SEAL_BYTES - 1),
+            5,
+            "seal nonce of 30 hex digits",
+        );
+        refused(
+            &|h| {
+                gpu(h, 4096 + 384 + 8, CUDA_IPC_HANDLE_HEX);
+            },
+            5,
+            "the seal at offset 0x1180 ends past the exported 4488 bytes",
+        );
+        let unsealed = KvHandle {
+            seal: None,
+            ..good.clone()
+        };
+        assert_eq!(
+            check_handle(&unsealed, &own, 5),
+            Ok(()),
+            "an older context worker's handle has the right shape (the MAC check refuses it \
+             where handles are authenticated)"
+        );
         refused(&|h| h.address = "0".into(), 5, "address is not hex");
         refused(&|h| h.rkey = "zz".into(), 5, "remote key is not hex");
         refused(
@@ -972,6 +1058,20 @@ mod tests {
         // Without a secret a handle is believed as it comes, but still taken once.
         assert!(check(None, &b, &unsigned).is_ok());
         assert!(matches!(check(None, &b, &unsigned), Err(Refusal::Spent)));
+
+        // A signed handle without a seal (a context worker older than seals) is refused
+        // where handles are authenticated, and read as it comes where they are not.
+        let mut unsealed = valid_handle().0;
+        unsealed.seal = None;
+        let c = job_of("c");
+        secret.sign(&mut unsealed, &HandleBinding::of(&c));
+        let refusal = check(Some(&secret), &c, &unsealed).unwrap_err();
+        assert!(matches!(refusal, Refusal::Unsealed), "{refusal}");
+        assert!(refusal.to_string().contains("names no seal"), "{refusal}");
+        assert!(
+            check(None, &c, &unsealed).is_ok(),
+            "not spent by the refusal"
+        );
     }
 
     #[test]
