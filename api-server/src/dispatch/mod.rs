@@ -42,7 +42,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    FinishReason, GenerateJob, SamplingSpec, StopSpec, StreamMessage, TokenEvent, Usage, decode,
+    FinishReason, GenerateJob, SampleGroup, SamplingSpec, StopSpec, StreamMessage, TokenEvent,
+    Usage, decode,
 };
 
 pub use bus::Bus;
@@ -116,6 +117,8 @@ pub struct JobSpec {
     pub stop: StopSpec,
     /// The request field that holds the prompt (`messages`, `prompt`): what a 400 names.
     pub prompt_param: &'static str,
+    /// Which choice of a request with `n` > 1 this job is.
+    pub samples: Option<SampleGroup>,
 }
 
 /// One request on the bus, from its first job to its last token.
@@ -218,6 +221,7 @@ impl Generation {
             )),
             kv: None,
             resume_ids: Vec::new(),
+            samples: job.samples,
             // The context worker exports where the chosen generation worker reads fastest.
             kv_reader: match route.prefill {
                 Prefill::Remote { .. } => route.generate_kv_peer.clone(),

@@ -95,6 +95,7 @@ pub(crate) async fn start_generation(
             sampling: valid.sampling.clone(),
             stop,
             prompt_param: valid.prompt_param(),
+            samples: None,
         })
     }
     .await;

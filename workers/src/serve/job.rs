@@ -32,6 +32,7 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         prefill_only: false,
         deadline: job.deadline_unix_ms.map(instant_of_unix_ms),
         resume_ids: job.resume_ids.clone(),
+        sample_group: job.samples.as_ref().map(|s| s.group_id.clone()),
     }
 }
 
@@ -72,6 +73,7 @@ mod tests {
             kv: None,
             kv_reader: None,
             resume_ids: Vec::new(),
+            samples: None,
         }
     }
 
