@@ -35,6 +35,7 @@ pub mod handover;
 pub mod migrate;
 pub mod record;
 pub mod reroute;
+pub mod samples;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -101,6 +102,7 @@ impl Completed {
 }
 
 /// Everything needed to dispatch one request.
+#[derive(Clone, Copy)]
 pub struct Dispatch<'a> {
     pub bus: &'a Bus,
     pub registry: &'a Arc<WorkerRegistry>,
@@ -164,6 +166,14 @@ pub struct Generation {
     admitted: Option<crate::admission::Admitted>,
 }
 
+/// The client's error when no worker can take a request's generation job.
+pub(crate) fn no_route_error(no_route: NoRoute) -> ApiError {
+    match no_route {
+        NoRoute::NoLiveWorker => ApiError::NoLiveWorker,
+        NoRoute::AllFull => ApiError::WorkersFull { pool: "generation" },
+    }
+}
+
 fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -188,6 +198,26 @@ impl Generation {
         dispatch: Dispatch<'_>,
         request_id: String,
         job: JobSpec,
+        mut record: RequestRecord,
+    ) -> Result<Generation, ApiError> {
+        let route = dispatch
+            .registry
+            .route(job.prompt_ids.len(), Instant::now())
+            .map_err(|no_route| {
+                let err = no_route_error(no_route);
+                record.fail(&err);
+                err
+            })?;
+        Self::start_on(dispatch, route, request_id, job, record).await
+    }
+
+    /// [`Self::start`] on a route chosen before (the choices of a request with `n` > 1 share
+    /// one: [`WorkerRegistry::route_samples`]).
+    pub async fn start_on(
+        dispatch: Dispatch<'_>,
+        route: crate::router::Route,
+        request_id: String,
+        job: JobSpec,
         record: RequestRecord,
     ) -> Result<Generation, ApiError> {
         let timeouts = dispatch.timeouts;
@@ -195,16 +225,6 @@ impl Generation {
         let fail = |err: ApiError, mut record: RequestRecord| {
             record.fail(&err);
             err
-        };
-        let route = match dispatch
-            .registry
-            .route(job.prompt_ids.len(), Instant::now())
-        {
-            Ok(route) => route,
-            Err(NoRoute::NoLiveWorker) => return Err(fail(ApiError::NoLiveWorker, record)),
-            Err(NoRoute::AllFull) => {
-                return Err(fail(ApiError::WorkersFull { pool: "generation" }, record));
-            }
         };
         let bus = dispatch.bus;
         let stream_subject = bus.stream_subject(&request_id);

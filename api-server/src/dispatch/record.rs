@@ -17,6 +17,10 @@ pub struct RequestRecord {
     arrival: Instant,
     last_token: Option<Instant>,
     outcome: Option<&'static str>,
+    /// The record of a choice after the first of a request with `n` > 1: its tokens and
+    /// completion tokens count, its prompt and the request itself are counted by the first
+    /// choice's record.
+    extra_choice: bool,
 }
 
 impl RequestRecord {
@@ -28,6 +32,20 @@ impl RequestRecord {
             arrival: Instant::now(),
             last_token: None,
             outcome: None,
+            extra_choice: false,
+        }
+    }
+
+    /// The record of another choice of the request `self` records (`n` > 1): it counts the
+    /// choice's tokens and completion tokens, not the prompt or the request again.
+    pub fn extra_choice(&self) -> Self {
+        RequestRecord {
+            metrics: self.metrics.clone(),
+            endpoint: self.endpoint,
+            arrival: self.arrival,
+            last_token: None,
+            outcome: None,
+            extra_choice: true,
         }
     }
 
@@ -62,7 +80,10 @@ impl RequestRecord {
     }
 
     /// The request finished with `usage`.
-    pub(super) fn succeed(&mut self, usage: Usage) {
+    pub(super) fn succeed(&mut self, mut usage: Usage) {
+        if self.extra_choice {
+            usage.prompt_tokens = 0;
+        }
         self.metrics.record(Event::Finished { usage });
         self.outcome.get_or_insert("success");
     }
@@ -70,6 +91,9 @@ impl RequestRecord {
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
+        if self.extra_choice {
+            return;
+        }
         self.metrics.record(Event::RequestEnded {
             endpoint: self.endpoint,
             outcome: self.outcome.unwrap_or("client_disconnected"),
