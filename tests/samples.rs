@@ -6,7 +6,9 @@
 //!   `n=1`; usage counts the prompt once and every choice's completion;
 //! - greedy `n=2` gives two equal choices, equal to `n=1`;
 //! - `best_of` other than `n` is a 400 naming it;
-//! - afterwards every worker's KV blocks are free again (the shared prompt blocks included).
+//! - afterwards every worker's KV blocks are free again (the shared prompt blocks included);
+//! - the official `openai` client with `n=3`, streamed and not (tests/python/openai_samples.py;
+//!   needs the `openai` package: scripts/test installs it and sets `TANDEM_TEST_PYTHONPATH`).
 
 mod support;
 
@@ -176,7 +178,30 @@ fn n_choices_on_an_aggregated_deployment() {
     let http = &api.http;
     http.wait_for_workers(1, Duration::from_secs(30));
     n_choices_work(http);
+    openai_client_n_choices(&http.base);
     wait_idle(http, &["w0"]);
+}
+
+/// tests/python/openai_samples.py against the api-server at `base`.
+fn openai_client_n_choices(base: &str) {
+    let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut command = std::process::Command::new(python);
+    if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
+        command.env("PYTHONPATH", path);
+    }
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_samples.py");
+    let output = command
+        .arg(&script)
+        .arg(format!("{base}/v1"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "openai client checks of n > 1 failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]

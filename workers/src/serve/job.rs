@@ -90,6 +90,15 @@ mod tests {
         assert_eq!(request.max_tokens, 7);
         assert_eq!(request.stop_strings, vec!["\n".to_string()]);
         assert!(!request.prefill_only);
+        assert_eq!(request.sample_group, None);
+        let mut choice = job(stop.clone(), SamplingSpec::default());
+        choice.samples = Some(tandem_protocol::messages::SampleGroup {
+            group_id: "cmpl-1".into(),
+            index: 1,
+            n: 3,
+        });
+        let request = generation_request(&choice, &[2, 0]);
+        assert_eq!(request.sample_group.as_deref(), Some("cmpl-1"));
         let ignoring = StopSpec {
             ignore_eos: true,
             ..stop
