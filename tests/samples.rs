@@ -180,6 +180,30 @@ fn n_choices_on_an_aggregated_deployment() {
     n_choices_work(http);
     openai_client_n_choices(&http.base);
     wait_idle(http, &["w0"]);
+    a_client_that_leaves_cancels_every_choice(http);
+    wait_idle(http, &["w0"]);
+}
+
+/// A streamed `n=3` request whose client leaves after its first tokens: every choice is
+/// cancelled (the caller then sees all KV blocks free again, where a choice left running
+/// would hold its blocks for 2000 tokens).
+fn a_client_that_leaves_cancels_every_choice(http: &Http) {
+    let mut request = chat(3, Some(1), 1.0);
+    request["max_tokens"] = json!(2000);
+    request["stream"] = json!(true);
+    let mut stream = http.open_stream("/v1/chat/completions", &request);
+    assert_eq!(stream.status(), 200);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 3 {
+        let data = stream.next_data().expect("the stream goes on");
+        let event: Value = serde_json::from_str(&data).unwrap();
+        for choice in event["choices"].as_array().into_iter().flatten() {
+            if !choice["delta"]["content"].as_str().unwrap_or("").is_empty() {
+                seen.insert(choice["index"].as_u64().unwrap());
+            }
+        }
+    }
+    drop(stream);
 }
 
 /// tests/python/openai_samples.py against the api-server at `base`.
