@@ -163,7 +163,8 @@ pub struct Generation {
     done: bool,
     /// The request's place under `--max-pending-requests`, given back when the generation
     /// (and with it a streamed response's body) is dropped.
-    admitted: Option<crate::admission::Admitted>,
+    /// (Shared by the choices of a request with `n` > 1: given back when the last ends.)
+    admitted: Option<Arc<crate::admission::Admitted>>,
 }
 
 /// The client's error when no worker can take a request's generation job.
@@ -186,7 +187,7 @@ fn unix_ms_at(instant: Instant) -> u64 {
 
 impl Generation {
     /// Holds `admitted` as long as this generation lives.
-    pub(crate) fn hold(&mut self, admitted: crate::admission::Admitted) {
+    pub(crate) fn hold(&mut self, admitted: Arc<crate::admission::Admitted>) {
         self.admitted = Some(admitted);
     }
 

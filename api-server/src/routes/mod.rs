@@ -107,7 +107,10 @@ pub(crate) async fn start_generation(
     } else {
         vec![Generation::start(state.dispatch(), request_id, job, record).await?]
     };
-    generations[0].hold(admitted);
+    let admitted = Arc::new(admitted);
+    for generation in &mut generations {
+        generation.hold(Arc::clone(&admitted));
+    }
     Ok(generations)
 }
 
