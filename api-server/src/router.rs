@@ -164,6 +164,9 @@ pub enum LocalPrefill {
     NoContextWorker,
     /// Every live context worker's queue is full.
     ContextFull,
+    /// A request with `n` > 1: its choices run on one generation worker, which prefills the
+    /// prompt once for all of them ([`WorkerRegistry::route_samples`]).
+    Samples,
 }
 
 /// Why a request has no route.
@@ -307,6 +310,31 @@ impl WorkerRegistry {
             generate_role,
             generate_kv_peer,
             prefill,
+        })
+    }
+
+    /// Chooses the generation worker of the `n` choices of one request (`n` > 1) and counts
+    /// `n` jobs against it. The choices go to one worker so that they share the prompt's KV
+    /// blocks there, and it prefills the prompt itself (no context worker): computed once
+    /// for all choices, the prompt costs what one local prefill costs, where a context worker
+    /// would add a transfer per choice (docs/protocol.md, "Requests with n > 1").
+    pub fn route_samples(&self, n: u32, now: Instant) -> Result<Route, NoRoute> {
+        let mut inner = self.lock();
+        let generate_id = match self.pick_excluding(&mut inner, Pool::Generate, &[], now) {
+            Pick::Chosen(id) => id,
+            Pick::AllFull => return Err(NoRoute::AllFull),
+            Pick::NoneLive => return Err(NoRoute::NoLiveWorker),
+        };
+        let entry = inner
+            .workers
+            .get_mut(&generate_id)
+            .expect("the chosen worker is known");
+        entry.assigned_since_heartbeat += n.saturating_sub(1);
+        Ok(Route {
+            generate_id,
+            generate_role: entry.heartbeat.role,
+            generate_kv_peer: entry.heartbeat.kv_peer.clone(),
+            prefill: Prefill::Local(LocalPrefill::Samples),
         })
     }
 

@@ -13,20 +13,28 @@ use bytes::Bytes;
 use tandem_protocol::messages::{FinishReason, TokenEvent, Usage};
 
 use futures::StreamExt;
+use futures::stream::{LocalBoxStream, SelectAll};
 
 use crate::disconnect::{ClientSocket, client_gone};
+use crate::dispatch::samples::total_usage;
 use crate::dispatch::{GenEvent, Generation};
 use crate::error::ApiError;
 
-/// Turns generation events into one endpoint's SSE chunks (`data: {json}\n\n` each).
+/// Turns one choice's generation events into one endpoint's SSE chunks (`data: {json}\n\n`
+/// each); a request with `n` choices has `n` formats, each naming its choice's `index`.
 pub trait ChunkFormat: 'static {
     /// Chunks sent before any token (the chat role chunk).
     fn opening(&mut self) -> Vec<Bytes>;
     /// The chunk carrying `tokens`, if they carry anything a client would see.
     fn tokens(&mut self, tokens: &[TokenEvent]) -> Option<Bytes>;
-    /// The finish chunk and, with `include_usage`, the usage chunk.
+    /// The chunks that end this choice: its finish reason (and `usage`, this choice's, for a
+    /// format that reports it there: the Responses API's last event).
     fn finished(&mut self, reason: FinishReason, usage: Usage) -> Vec<Bytes>;
-    /// What the client sees when the generation fails after the stream has started.
+    /// With `include_usage`, the last chunk: the usage of the whole request (every choice).
+    fn usage(&self, _usage: Usage) -> Option<Bytes> {
+        None
+    }
+    /// What the client sees when a choice fails after the stream has started.
     fn failed(&mut self, err: &ApiError) -> Vec<Bytes> {
         vec![err.sse_event()]
     }
@@ -47,50 +55,85 @@ pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
 /// A `text/event-stream` response carrying [`sse_body`], cut short when the client on
 /// `socket` goes away (a half-close is not a write error, so actix alone would go on).
 pub fn sse_response<F: ChunkFormat>(
-    generation: Generation,
-    format: F,
+    choices: Vec<(Generation, F)>,
     socket: Option<Arc<ClientSocket>>,
 ) -> HttpResponse {
-    let body = sse_body(generation, format).take_until(Box::pin(client_gone(socket)));
+    let body = sse_body(choices).take_until(Box::pin(client_gone(socket)));
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
         .streaming(body)
 }
 
-/// The SSE body of a streamed response: the format's chunks, an error event if the generation
-/// fails mid-way, and `data: [DONE]` last. Dropping the stream (client gone) drops the
-/// [`Generation`] and so cancels the request on the bus.
+/// One choice's events, tagged with its place among the request's choices.
+type ChoiceEvents = LocalBoxStream<'static, (usize, Result<GenEvent, ApiError>)>;
+
+fn choice_events(index: usize, generation: Generation) -> ChoiceEvents {
+    futures::stream::unfold(generation, move |mut generation| async move {
+        let event = generation.next().await?;
+        Some(((index, event), generation))
+    })
+    .boxed_local()
+}
+
+/// What a streamed response holds between two chunks.
+struct Body<F> {
+    /// Every choice's events, as they come; `None` once the response has ended.
+    events: Option<SelectAll<ChoiceEvents>>,
+    formats: Vec<F>,
+    queue: VecDeque<Bytes>,
+    /// Each choice's usage, once it finished.
+    usages: Vec<Option<Usage>>,
+}
+
+/// The SSE body of a streamed response: each choice's chunks as its tokens come (choices
+/// interleave; every chunk names its choice's `index`), the usage of the whole request once
+/// every choice has finished, the format's failure events if any choice fails mid-way, and
+/// the format's closing line last (`data: [DONE]`, or nothing for the Responses API). Dropping the stream (client gone, or a choice failed) drops every choice's
+/// [`Generation`] and so cancels them on the bus.
 pub fn sse_body<F: ChunkFormat>(
-    generation: Generation,
-    mut format: F,
+    choices: Vec<(Generation, F)>,
 ) -> impl futures::Stream<Item = Result<Bytes, actix_web::Error>> {
-    let queue: VecDeque<Bytes> = format.opening().into();
-    futures::stream::unfold(
-        (Some(generation), format, queue),
-        |(mut generation, mut format, mut queue)| async move {
-            loop {
-                if let Some(chunk) = queue.pop_front() {
-                    return Some((Ok(chunk), (generation, format, queue)));
-                }
-                let running = generation.as_mut()?;
-                match running.next().await {
-                    Some(Ok(GenEvent::Tokens(tokens))) => {
-                        queue.extend(format.tokens(&tokens));
-                    }
-                    Some(Ok(GenEvent::Finished { reason, usage })) => {
-                        queue.extend(format.finished(reason, usage));
-                        queue.extend(format.closing());
-                        generation = None;
-                    }
-                    Some(Err(err)) => {
-                        queue.extend(format.failed(&err));
-                        queue.extend(format.closing());
-                        generation = None;
-                    }
-                    None => generation = None,
-                }
+    let mut body = Body {
+        events: None,
+        formats: Vec::new(),
+        queue: VecDeque::new(),
+        usages: vec![None; choices.len()],
+    };
+    let mut streams = Vec::new();
+    for (index, (generation, mut format)) in choices.into_iter().enumerate() {
+        body.queue.extend(format.opening());
+        body.formats.push(format);
+        streams.push(choice_events(index, generation));
+    }
+    body.events = Some(futures::stream::select_all(streams));
+    futures::stream::unfold(body, |mut body| async move {
+        loop {
+            if let Some(chunk) = body.queue.pop_front() {
+                return Some((Ok(chunk), body));
             }
-        },
-    )
+            let events = body.events.as_mut()?;
+            match events.next().await {
+                Some((index, Ok(GenEvent::Tokens(tokens)))) => {
+                    body.queue.extend(body.formats[index].tokens(&tokens));
+                }
+                Some((index, Ok(GenEvent::Finished { reason, usage }))) => {
+                    body.queue.extend(body.formats[index].finished(reason, usage));
+                    body.usages[index] = Some(usage);
+                    if body.usages.iter().all(Option::is_some) {
+                        let total = total_usage(body.usages.iter().flatten().copied());
+                        body.queue.extend(body.formats[0].usage(total));
+                        body.queue.extend(body.formats[0].closing());
+                        body.events = None;
+                    }
+                }
+                Some((index, Err(err))) => {
+                    body.queue.extend(body.formats[index].failed(&err));
+                    body.queue.extend(body.formats[index].closing());
+                    body.events = None;
+                }
+                None => body.events = None,
+            }
+        }
+    })
 }

@@ -16,6 +16,10 @@ use crate::openai::{
 
 /// OpenAI's limits.
 pub const MAX_STOP_SEQUENCES: usize = 4;
+
+/// Most choices per request (`n`): OpenAI's limit. Each choice is a sequence on the worker;
+/// those past its free slots wait in its queue, and past its queue bound go to other workers.
+pub const MAX_N: i64 = 128;
 /// Bytes of one stop sequence at most. Stop strings travel in the job message over NATS, whose
 /// payload limit (1 MiB by default) a longer one could pass, and a stop sequence is a few
 /// words in practice (issue 17: a 1.1 MB one was answered 503 instead of 400).
@@ -92,6 +96,8 @@ pub struct ValidRequest {
     /// The request field that holds the prompt (`messages`, `prompt`, `input`), for errors
     /// about it.
     pub prompt_param: &'static str,
+    /// Choices to generate (`n`), 1 to [`MAX_N`].
+    pub n: u32,
 }
 
 impl ValidRequest {
@@ -151,6 +157,7 @@ struct CommonFields<'a> {
 }
 
 struct CommonValues {
+    n: u32,
     sampling: SamplingSpec,
     stop_strings: Vec<String>,
     stream: bool,
@@ -184,14 +191,16 @@ fn validate_common(
     limits: &ModelLimits,
 ) -> Result<CommonValues, ApiError> {
     check_model(fields.model, limits)?;
-    if let Some(n) = fields.n
-        && n != 1
-    {
-        return Err(ApiError::invalid(
-            format!("n must be 1 (one choice per request is served), got {n}"),
-            "n",
-        ));
-    }
+    let n = match fields.n {
+        None => 1,
+        Some(n) if (1..=MAX_N).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                format!("n must be between 1 and {MAX_N}, got {n}"),
+                "n",
+            ));
+        }
+    };
     let mut sampling = SamplingSpec::default();
     if let Some(t) = fields.temperature {
         sampling.temperature = in_range(t, 0.0, 2.0, false, "temperature")?;
@@ -266,6 +275,7 @@ fn validate_common(
         ));
     }
     Ok(CommonValues {
+        n,
         sampling,
         stop_strings,
         stream,
@@ -415,6 +425,7 @@ pub fn validate_chat(
         logprobs,
         logprobs_format: LogprobsFormat::Chat,
         prompt_param: "messages",
+        n: common.n,
     })
 }
 
@@ -467,11 +478,17 @@ pub fn validate_completion(
     if request.suffix.is_some() {
         return Err(ApiError::invalid("suffix is not supported", "suffix"));
     }
+    // best_of = n asks for nothing more than n choices; choosing the best n of more
+    // candidates is not served.
     if let Some(best_of) = request.best_of
-        && best_of != 1
+        && best_of != common.n as i64
     {
         return Err(ApiError::invalid(
-            format!("best_of must be 1, got {best_of}"),
+            format!(
+                "best_of must equal n ({}): generating more candidates than are returned is \
+                 not supported, got {best_of}",
+                common.n
+            ),
             "best_of",
         ));
     }
@@ -515,6 +532,7 @@ pub fn validate_completion(
         logprobs,
         logprobs_format: LogprobsFormat::Completion,
         prompt_param: "prompt",
+        n: common.n,
     })
 }
 
@@ -599,6 +617,18 @@ mod tests {
     }
 
     #[test]
+    fn n_choices_up_to_the_limit_and_best_of_equal_to_n() {
+        assert_eq!(chat(json!({"messages": user("x")})).unwrap().n, 1);
+        assert_eq!(chat(json!({"messages": user("x"), "n": 3})).unwrap().n, 3);
+        assert_eq!(
+            chat(json!({"messages": user("x"), "n": MAX_N})).unwrap().n,
+            MAX_N as u32
+        );
+        let valid = completion(json!({"prompt": "x", "n": 2, "best_of": 2})).unwrap();
+        assert_eq!(valid.n, 2);
+    }
+
+    #[test]
     fn chat_out_of_range_values_name_their_field() {
         let cases = [
             (json!({"messages": []}), "messages"),
@@ -613,7 +643,8 @@ mod tests {
             ),
             (json!({"messages": user("x"), "top_p": 0}), "top_p"),
             (json!({"messages": user("x"), "top_p": 1.01}), "top_p"),
-            (json!({"messages": user("x"), "n": 2}), "n"),
+            (json!({"messages": user("x"), "n": 0}), "n"),
+            (json!({"messages": user("x"), "n": 129}), "n"),
             (
                 json!({"messages": user("x"), "stop": ["a", "b", "c", "d", "e"]}),
                 "stop",
@@ -704,6 +735,8 @@ mod tests {
             (json!({}), "prompt"),
             (json!({"prompt": "x", "echo": true}), "echo"),
             (json!({"prompt": "x", "best_of": 2}), "best_of"),
+            (json!({"prompt": "x", "n": 2, "best_of": 3}), "best_of"),
+            (json!({"prompt": "x", "n": -1}), "n"),
             (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
         ] {
             assert_eq!(param_of(completion(body.clone())), param, "{body}");

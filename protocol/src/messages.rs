@@ -218,6 +218,23 @@ pub struct GenerateJob {
     /// counting them once as completion tokens). Never set with `kv`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resume_ids: Vec<u32>,
+    /// Set on each of the `n` jobs of one request with `n` > 1 (one job per choice, so
+    /// migration, cancel, stream numbering and admission stay per choice): the worker lets
+    /// the jobs of one group with the same prompt share the prompt's KV blocks (prefilled
+    /// once). Absent: a request of one choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<SampleGroup>,
+}
+
+/// Which choice of a request with `n` > 1 a job is ([`GenerateJob::samples`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SampleGroup {
+    /// The same for every choice of the request (the client's request id).
+    pub group_id: String,
+    /// This choice's `index` in the response.
+    pub index: u32,
+    /// The request's `n`.
+    pub n: u32,
 }
 
 /// How a worker can move K/V besides UCX through host memory, advertised in its heartbeats.
@@ -758,11 +775,20 @@ mod tests {
                 coalesced_regions: true,
             }),
             resume_ids: vec![9, 8],
+            samples: Some(SampleGroup {
+                group_id: "r1".into(),
+                index: 2,
+                n: 3,
+            }),
         };
         let bytes = encode(&job);
         let text = std::str::from_utf8(&bytes).unwrap();
         assert!(text.starts_with("{\"v\":1,"), "{text}");
         assert_eq!(decode::<GenerateJob>("generate job", &bytes).unwrap(), job);
+        assert!(
+            text.contains(r#""samples":{"group_id":"r1","index":2,"n":3}"#),
+            "{text}"
+        );
 
         let msg = StreamMessage::Finished {
             reason: FinishReason::Length,

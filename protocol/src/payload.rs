@@ -156,6 +156,7 @@ mod tests {
             kv: None,
             kv_reader: None,
             resume_ids: vec![],
+            samples: None,
         }
     }
 

@@ -48,6 +48,21 @@
 //! pull). Reserved blocks are never preempted (they hold nothing to recompute yet); the
 //! reservation is short-lived, bounded by the pull.
 //!
+//! # Samples of one request share their prompt's blocks
+//! The `n` samples of one request (`n` > 1) are sequences of one *group* with the same prompt
+//! ([`Scheduler::add_to_group`]). A member admitted while another member is running with the
+//! prompt computed (in an earlier step: the K/V must be in the cache before anyone reads it)
+//! takes that member's *full* prompt blocks as its own, one more holder each in the
+//! [`BlockPool`]'s reference counts, and computes only the rest of the prompt: the tokens of
+//! the last, partial block (or of the last full block, so that it computes at least one token
+//! and gets its own logits). A member at the head of the queue whose siblings are still
+//! prefilling the prompt waits for them (FIFO: nothing overtakes it); one with no sibling
+//! running computes the prompt itself. Nobody writes a shared block: they hold positions
+//! before every holder's `num_computed`, and each holder writes only after it. Preemption and
+//! [`Scheduler::finish`] drop the sequence's holds; a block returns to the free list with its
+//! last holder. A preempted member re-admitted later shares again from a sibling that is
+//! running then.
+//!
 //! # Leaving
 //! [`Scheduler::finish`] (finished or cancelled, from any state) frees the sequence's blocks at
 //! once. [`Scheduler::pin`] takes a sequence out of scheduling but keeps its blocks allocated:
@@ -62,6 +77,10 @@ use crate::kv_cache::block_pool::{BlockId, BlockPool, BlockPoolError};
 
 /// The scheduler's name for a sequence; the engine uses its request id.
 pub type SeqId = u64;
+
+/// A group of sequences with one prompt whose full blocks they share (the `n` samples of one
+/// request); the engine names it.
+pub type GroupId = u64;
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +178,10 @@ struct Sequence {
     arrival: u64,
     status: SeqStatus,
     num_preemptions: u32,
+    /// The samples group this sequence belongs to ([`Scheduler::add_to_group`]), and the
+    /// prompt tokens its members may share (whole blocks, at least one token short of the
+    /// prompt). `None` for a sequence on its own.
+    group: Option<(GroupId, usize)>,
 }
 
 /// One sequence's part of a step.
@@ -207,6 +230,18 @@ pub struct Scheduler {
     /// Sequences in [`SeqStatus::Reserved`]: each holds a slot of `max_num_seqs`.
     num_reserved: usize,
     next_arrival: u64,
+    /// The members of each samples group.
+    groups: HashMap<GroupId, Vec<SeqId>>,
+}
+
+/// What a waiting group member does at admission.
+enum GroupAdmission {
+    /// Take these full prompt blocks of a running sibling (`tokens` tokens of K/V).
+    Share { blocks: Vec<BlockId>, tokens: usize },
+    /// A sibling is prefilling the prompt now: wait for it.
+    Wait,
+    /// No sibling holds the prompt: compute it.
+    Alone,
 }
 
 impl Scheduler {
@@ -220,6 +255,7 @@ impl Scheduler {
             running: Vec::new(),
             num_reserved: 0,
             next_arrival: 0,
+            groups: HashMap::new(),
         })
     }
 
@@ -291,6 +327,7 @@ impl Scheduler {
                 arrival: self.next_arrival,
                 status: SeqStatus::Running,
                 num_preemptions: 0,
+                group: None,
             },
         );
         self.next_arrival += 1;
@@ -312,6 +349,7 @@ impl Scheduler {
                 arrival: self.next_arrival,
                 status: SeqStatus::Reserved,
                 num_preemptions: 0,
+                group: None,
             },
         );
         self.next_arrival += 1;
@@ -369,10 +407,38 @@ impl Scheduler {
 
     /// Queues a sequence whose prompt has `prompt_tokens` tokens.
     pub fn add(&mut self, id: SeqId, prompt_tokens: usize) -> Result<(), SchedulerError> {
+        self.add_inner(id, prompt_tokens, None)
+    }
+
+    /// Queues a sequence of samples group `group`: every member must have the same prompt
+    /// (the caller's promise; the scheduler sees only lengths). Members share the prompt's
+    /// full blocks (module doc).
+    pub fn add_to_group(
+        &mut self,
+        id: SeqId,
+        prompt_tokens: usize,
+        group: GroupId,
+    ) -> Result<(), SchedulerError> {
+        self.add_inner(id, prompt_tokens, Some(group))
+    }
+
+    fn add_inner(
+        &mut self,
+        id: SeqId,
+        prompt_tokens: usize,
+        group: Option<GroupId>,
+    ) -> Result<(), SchedulerError> {
         if self.seqs.contains_key(&id) {
             return Err(SchedulerError::DuplicateSequence(id));
         }
         self.check_prompt(prompt_tokens)?;
+        // Whole blocks, leaving at least the prompt's last token to compute (its logits).
+        let block_size = self.config.block_size;
+        let shareable = (prompt_tokens - 1) / block_size * block_size;
+        let group = group.filter(|_| shareable > 0).map(|g| (g, shareable));
+        if let Some((g, _)) = group {
+            self.groups.entry(g).or_default().push(id);
+        }
         self.seqs.insert(
             id,
             Sequence {
@@ -382,11 +448,50 @@ impl Scheduler {
                 arrival: self.next_arrival,
                 status: SeqStatus::Waiting,
                 num_preemptions: 0,
+                group,
             },
         );
         self.next_arrival += 1;
         self.waiting.push_back(id);
         Ok(())
+    }
+
+    /// Whether samples group `group` has members (only prompts longer than a block make
+    /// one: shorter ones have nothing to share).
+    pub fn has_group(&self, group: GroupId) -> bool {
+        self.groups.contains_key(&group)
+    }
+
+    /// How waiting `id` is admitted with respect to its group, given the step so far (a
+    /// sibling scheduled in it counts with what it had computed before it).
+    fn group_admission(&self, id: SeqId, step: &SchedulerStep) -> GroupAdmission {
+        let Some((group, shareable)) = self.seqs[&id].group else {
+            return GroupAdmission::Alone;
+        };
+        let mut prefilling = false;
+        for sibling in self.groups.get(&group).into_iter().flatten() {
+            let seq = &self.seqs[sibling];
+            if *sibling == id || seq.status != SeqStatus::Running {
+                continue;
+            }
+            let computed_before = step
+                .scheduled
+                .iter()
+                .find(|s| s.id == *sibling)
+                .map_or(seq.num_computed, |s| s.cached_len);
+            if computed_before >= shareable {
+                return GroupAdmission::Share {
+                    blocks: seq.blocks[..shareable / self.config.block_size].to_vec(),
+                    tokens: shareable,
+                };
+            }
+            prefilling = true;
+        }
+        if prefilling {
+            GroupAdmission::Wait
+        } else {
+            GroupAdmission::Alone
+        }
     }
 
     /// Records a token sampled for `id` (its K/V are computed in a later step). Fails when the
@@ -421,6 +526,14 @@ impl Scheduler {
             SeqStatus::Running => self.running.retain(|&r| r != id),
             SeqStatus::Reserved => self.num_reserved -= 1,
             SeqStatus::Pinned => {}
+        }
+        if let Some((group, _)) = seq.group
+            && let Some(members) = self.groups.get_mut(&group)
+        {
+            members.retain(|&m| m != id);
+            if members.is_empty() {
+                self.groups.remove(&group);
+            }
         }
         self.pool.free_all(&seq.blocks)?;
         Ok(())
@@ -563,9 +676,31 @@ impl Scheduler {
                 if budget == 0 || self.slots_taken() >= self.config.max_num_seqs {
                     break;
                 }
+                let shared = match self.group_admission(id, &step) {
+                    GroupAdmission::Wait => break,
+                    GroupAdmission::Alone => None,
+                    GroupAdmission::Share { blocks, tokens } => {
+                        if self.pool.share(&blocks).is_err() {
+                            debug_assert!(false, "a running sibling's blocks are allocated");
+                            break;
+                        }
+                        let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
+                        seq.blocks = blocks;
+                        seq.num_computed = tokens;
+                        Some(tokens)
+                    }
+                };
                 let chunk = self.remaining(id).min(budget);
                 let target = self.seqs[&id].num_computed + chunk;
                 if !self.try_grow(id, target) {
+                    if shared.is_some() {
+                        // Waiting sequences hold no blocks: give the shares back.
+                        let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
+                        let blocks = std::mem::take(&mut seq.blocks);
+                        seq.num_computed = 0;
+                        let freed = self.pool.free_all(&blocks);
+                        debug_assert!(freed.is_ok(), "shared blocks are held: {freed:?}");
+                    }
                     break;
                 }
                 self.waiting.pop_front();
@@ -627,7 +762,7 @@ impl Scheduler {
             .waiting
             .partition_point(|w| self.seqs[w].arrival < arrival);
         self.waiting.insert(at, id);
-        // These blocks were allocated by this pool and held only by this sequence.
+        // These blocks were allocated by this pool; shared ones stay with their other holders.
         let freed = self.pool.free_all(&blocks);
         debug_assert!(
             freed.is_ok(),
@@ -1001,6 +1136,218 @@ mod tests {
                 max_context_len: 6
             })
         );
+    }
+
+    #[test]
+    fn samples_share_the_full_prompt_blocks_of_a_sibling_and_compute_the_rest() {
+        let mut s = Scheduler::new(config(64, 8, 4, 16)).unwrap();
+        // 10 tokens: blocks of 4, 4, 2; the first two are shareable.
+        for id in [1, 2, 3] {
+            s.add_to_group(id, 10, 7).unwrap();
+        }
+        // The first computes the prompt; the others wait for it (nothing overtakes them).
+        s.add(4, 3).unwrap();
+        let step = step_and_append(&mut s);
+        let ids: Vec<_> = step.scheduled.iter().map(|i| i.id).collect();
+        assert_eq!(ids, vec![1], "siblings wait while the prompt is prefilled");
+        assert_eq!(s.free_blocks(), 13);
+        // Next step: 1 decodes, 2 and 3 take its two full blocks and compute 2 tokens each.
+        let step = step_and_append(&mut s);
+        let by_id = |id| step.scheduled.iter().find(|i| i.id == id).unwrap().clone();
+        let (a, b, c) = (by_id(1), by_id(2), by_id(3));
+        assert_eq!((a.cached_len, a.token_count), (10, 1));
+        for sample in [&b, &c] {
+            assert_eq!((sample.cached_len, sample.token_count), (8, 2));
+            assert!(sample.wants_logits);
+            assert_eq!(sample.block_table[..2], a.block_table[..2]);
+            assert_ne!(sample.block_table[2], a.block_table[2]);
+        }
+        assert_ne!(b.block_table[2], c.block_table[2]);
+        assert_eq!(s.pool.ref_count(a.block_table[0]), 3);
+        // 2 shared + 3 partial blocks for the group, 1 for sequence 4.
+        assert_eq!(s.free_blocks(), 16 - 6);
+        // The shared blocks outlive whoever computed them.
+        s.finish(1).unwrap();
+        assert_eq!(s.pool.ref_count(a.block_table[0]), 2);
+        assert_eq!(s.free_blocks(), 16 - 5);
+        s.finish(2).unwrap();
+        s.finish(3).unwrap();
+        s.finish(4).unwrap();
+        assert_eq!(s.free_blocks(), 16);
+        assert!(s.groups.is_empty());
+    }
+
+    #[test]
+    fn a_prompt_of_whole_blocks_leaves_its_last_block_to_each_sample() {
+        let mut s = Scheduler::new(config(64, 8, 4, 16)).unwrap();
+        s.add_to_group(1, 8, 1).unwrap();
+        s.add_to_group(2, 8, 1).unwrap();
+        step_and_append(&mut s);
+        let step = step_and_append(&mut s);
+        let b = step.scheduled.iter().find(|i| i.id == 2).unwrap();
+        assert_eq!((b.cached_len, b.token_count), (4, 4));
+        // A prompt within one block shares nothing, and its samples do not wait.
+        s.add_to_group(3, 3, 2).unwrap();
+        s.add_to_group(4, 3, 2).unwrap();
+        let step = step_and_append(&mut s);
+        assert!(
+            step.scheduled
+                .iter()
+                .any(|i| i.id == 3 && i.cached_len == 0)
+        );
+        assert!(
+            step.scheduled
+                .iter()
+                .any(|i| i.id == 4 && i.cached_len == 0)
+        );
+    }
+
+    #[test]
+    fn a_sample_with_no_running_sibling_computes_the_prompt_and_shares_it_after() {
+        let mut s = Scheduler::new(config(64, 8, 4, 16)).unwrap();
+        s.add_to_group(1, 9, 3).unwrap();
+        step_and_append(&mut s);
+        // The prompt's computer leaves before its sibling arrives: the sibling computes all.
+        s.finish(1).unwrap();
+        s.add_to_group(2, 9, 3).unwrap();
+        s.add_to_group(3, 9, 3).unwrap();
+        let step = step_and_append(&mut s);
+        assert_eq!(step.scheduled.len(), 1);
+        assert_eq!((step.scheduled[0].id, step.scheduled[0].cached_len), (2, 0));
+        let step = step_and_append(&mut s);
+        let c = step.scheduled.iter().find(|i| i.id == 3).unwrap();
+        assert_eq!(c.cached_len, 8);
+    }
+
+    #[test]
+    fn a_preempted_sample_frees_only_its_own_blocks_and_shares_again_on_readmission() {
+        // 7 blocks of 2: a prompt of 5 (3 blocks, 2 shareable) and two samples.
+        let mut s = Scheduler::new(config(16, 4, 2, 7)).unwrap();
+        s.add_to_group(1, 5, 9).unwrap();
+        s.add_to_group(2, 5, 9).unwrap();
+        step_and_append(&mut s);
+        step_and_append(&mut s);
+        // 1: 3 blocks, 2: 2 shared + 1 = 4 distinct blocks in use.
+        assert_eq!(s.free_blocks(), 3);
+        let shared = s.blocks(1).unwrap()[..2].to_vec();
+        // Decode until the pool runs dry and 2 (the newest) is preempted.
+        let mut preempted = false;
+        for _ in 0..8 {
+            let step = step_and_append(&mut s);
+            if step.preempted.contains(&2) {
+                preempted = true;
+                break;
+            }
+        }
+        assert!(preempted, "the newest sample must be preempted");
+        assert_eq!(s.status(2), Some(SeqStatus::Waiting));
+        for b in &shared {
+            assert_eq!(s.pool.ref_count(*b), 1, "sequence 1 still holds the prompt");
+        }
+        // Once 1 finishes, 2 has no running sibling and recomputes everything itself.
+        s.finish(1).unwrap();
+        let step = step_and_append(&mut s);
+        let b = step.scheduled.iter().find(|i| i.id == 2).unwrap();
+        assert_eq!(b.cached_len, 0);
+        s.finish(2).unwrap();
+        assert_eq!(s.free_blocks(), 7);
+    }
+
+    /// A random workload of sample groups under memory pressure: a block's reference count is
+    /// the number of sequences holding it, nobody writes a block another sequence holds, and
+    /// every block comes back.
+    #[test]
+    fn random_sample_groups_never_write_a_shared_block_and_return_every_block() {
+        for seed in 0..20u64 {
+            let mut rng = Lcg(seed ^ 0x5eed);
+            let cfg = config(16, 6, 4, 20);
+            let mut s = Scheduler::new(cfg).unwrap();
+            let mut to_generate: HashMap<SeqId, usize> = HashMap::new();
+            let mut next_id = 0;
+            let mut shared_admissions = 0;
+            let mut preemptions = 0;
+            for round in 0..300 {
+                if next_id < 60 && rng.next(3) == 0 {
+                    let prompt = 1 + rng.next(24) as usize;
+                    let n = 1 + rng.next(4);
+                    for _ in 0..n {
+                        s.add_to_group(next_id, prompt, round).unwrap();
+                        to_generate.insert(next_id, 1 + rng.next(12) as usize);
+                        next_id += 1;
+                    }
+                }
+                if rng.next(30) == 0 && !to_generate.is_empty() {
+                    let mut ids: Vec<_> = to_generate.keys().copied().collect();
+                    ids.sort();
+                    let id = ids[rng.next(ids.len() as u64) as usize];
+                    s.finish(id).unwrap();
+                    to_generate.remove(&id);
+                }
+                let step = s.schedule();
+                preemptions += step.preempted.len();
+                for item in &step.scheduled {
+                    if item.cached_len > 0 && item.cached_len % 4 == 0 && item.token_count > 1 {
+                        shared_admissions += 1;
+                    }
+                    let first = item.cached_len / 4;
+                    let last = (item.cached_len + item.token_count - 1) / 4;
+                    for b in &item.block_table[first..=last] {
+                        assert_eq!(
+                            s.pool.ref_count(*b),
+                            1,
+                            "seed {seed}: a shared block written"
+                        );
+                    }
+                }
+                let mut holders: HashMap<BlockId, u32> = HashMap::new();
+                for seq in s.seqs.values() {
+                    for b in &seq.blocks {
+                        *holders.entry(*b).or_default() += 1;
+                    }
+                }
+                for (b, n) in &holders {
+                    assert_eq!(s.pool.ref_count(*b), *n, "seed {seed}: block {b}");
+                }
+                assert_eq!(
+                    holders.len() + s.free_blocks(),
+                    cfg.num_blocks,
+                    "blocks leaked"
+                );
+                for item in &step.scheduled {
+                    if !item.wants_logits {
+                        continue;
+                    }
+                    let left = to_generate.get_mut(&item.id).unwrap();
+                    *left -= 1;
+                    if *left == 0 || s.append_token(item.id).is_err() {
+                        s.finish(item.id).unwrap();
+                        to_generate.remove(&item.id);
+                    }
+                }
+            }
+            let mut guard = 0;
+            while s.has_work() {
+                let step = s.schedule();
+                for item in &step.scheduled {
+                    if item.wants_logits {
+                        let left = to_generate.get_mut(&item.id).unwrap();
+                        *left -= 1;
+                        if *left == 0 || s.append_token(item.id).is_err() {
+                            s.finish(item.id).unwrap();
+                            to_generate.remove(&item.id);
+                        }
+                    }
+                }
+                guard += 1;
+                assert!(guard < 10_000, "no progress (seed {seed})");
+            }
+            assert_eq!(s.free_blocks(), cfg.num_blocks, "seed {seed}");
+            assert!(s.groups.is_empty());
+            if seed == 0 {
+                assert!(preemptions > 0, "the workload must exercise preemption");
+                assert!(shared_admissions > 0, "the workload must share blocks");
+            }
+        }
     }
 
     /// Tiny deterministic generator so the simulation needs no RNG crate.

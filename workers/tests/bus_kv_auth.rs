@@ -114,6 +114,7 @@ fn job(request_id: &str, prompt_ids: &[u32]) -> GenerateJob {
             coalesced_regions: true,
         }),
         resume_ids: Vec::new(),
+        samples: None,
     }
 }
 

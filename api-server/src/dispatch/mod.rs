@@ -35,6 +35,7 @@ pub mod handover;
 pub mod migrate;
 pub mod record;
 pub mod reroute;
+pub mod samples;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -42,7 +43,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    FinishReason, GenerateJob, SamplingSpec, StopSpec, StreamMessage, TokenEvent, Usage, decode,
+    FinishReason, GenerateJob, SampleGroup, SamplingSpec, StopSpec, StreamMessage, TokenEvent,
+    Usage, decode,
 };
 
 pub use bus::Bus;
@@ -100,6 +102,7 @@ impl Completed {
 }
 
 /// Everything needed to dispatch one request.
+#[derive(Clone, Copy)]
 pub struct Dispatch<'a> {
     pub bus: &'a Bus,
     pub registry: &'a Arc<WorkerRegistry>,
@@ -116,6 +119,8 @@ pub struct JobSpec {
     pub stop: StopSpec,
     /// The request field that holds the prompt (`messages`, `prompt`): what a 400 names.
     pub prompt_param: &'static str,
+    /// Which choice of a request with `n` > 1 this job is.
+    pub samples: Option<SampleGroup>,
 }
 
 /// One request on the bus, from its first job to its last token.
@@ -158,7 +163,16 @@ pub struct Generation {
     done: bool,
     /// The request's place under `--max-pending-requests`, given back when the generation
     /// (and with it a streamed response's body) is dropped.
-    admitted: Option<crate::admission::Admitted>,
+    /// (Shared by the choices of a request with `n` > 1: given back when the last ends.)
+    admitted: Option<Arc<crate::admission::Admitted>>,
+}
+
+/// The client's error when no worker can take a request's generation job.
+pub(crate) fn no_route_error(no_route: NoRoute) -> ApiError {
+    match no_route {
+        NoRoute::NoLiveWorker => ApiError::NoLiveWorker,
+        NoRoute::AllFull => ApiError::WorkersFull { pool: "generation" },
+    }
 }
 
 fn unix_ms(at: SystemTime) -> u64 {
@@ -173,7 +187,7 @@ fn unix_ms_at(instant: Instant) -> u64 {
 
 impl Generation {
     /// Holds `admitted` as long as this generation lives.
-    pub(crate) fn hold(&mut self, admitted: crate::admission::Admitted) {
+    pub(crate) fn hold(&mut self, admitted: Arc<crate::admission::Admitted>) {
         self.admitted = Some(admitted);
     }
 
@@ -185,6 +199,26 @@ impl Generation {
         dispatch: Dispatch<'_>,
         request_id: String,
         job: JobSpec,
+        mut record: RequestRecord,
+    ) -> Result<Generation, ApiError> {
+        let route = dispatch
+            .registry
+            .route(job.prompt_ids.len(), Instant::now())
+            .map_err(|no_route| {
+                let err = no_route_error(no_route);
+                record.fail(&err);
+                err
+            })?;
+        Self::start_on(dispatch, route, request_id, job, record).await
+    }
+
+    /// [`Self::start`] on a route chosen before (the choices of a request with `n` > 1 share
+    /// one: [`WorkerRegistry::route_samples`]).
+    pub async fn start_on(
+        dispatch: Dispatch<'_>,
+        route: crate::router::Route,
+        request_id: String,
+        job: JobSpec,
         record: RequestRecord,
     ) -> Result<Generation, ApiError> {
         let timeouts = dispatch.timeouts;
@@ -192,16 +226,6 @@ impl Generation {
         let fail = |err: ApiError, mut record: RequestRecord| {
             record.fail(&err);
             err
-        };
-        let route = match dispatch
-            .registry
-            .route(job.prompt_ids.len(), Instant::now())
-        {
-            Ok(route) => route,
-            Err(NoRoute::NoLiveWorker) => return Err(fail(ApiError::NoLiveWorker, record)),
-            Err(NoRoute::AllFull) => {
-                return Err(fail(ApiError::WorkersFull { pool: "generation" }, record));
-            }
         };
         let bus = dispatch.bus;
         let stream_subject = bus.stream_subject(&request_id);
@@ -218,6 +242,7 @@ impl Generation {
             )),
             kv: None,
             resume_ids: Vec::new(),
+            samples: job.samples,
             // The context worker exports where the chosen generation worker reads fastest.
             kv_reader: match route.prefill {
                 Prefill::Remote { .. } => route.generate_kv_peer.clone(),

@@ -7,8 +7,9 @@ use bytes::Bytes;
 use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
 
 use super::logprobs::chat_entry;
-use super::{client_left, finish_reason, start_generation, unless_client_leaves};
+use super::{client_left, collect_all, finish_reason, start_generation, unless_client_leaves};
 use crate::disconnect::ClientSocket;
+use crate::dispatch::samples::total_usage;
 use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
 use crate::metrics::Endpoint;
@@ -38,28 +39,43 @@ pub async fn chat_completions(
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
         return Ok(client_left());
     };
-    let generation = generation?;
-    let chunks = ChatChunks {
-        id,
-        created: unix_now_s(),
+    let generations = generation?;
+    let created = unix_now_s();
+    let chunks = |index: usize| ChatChunks {
+        id: id.clone(),
+        index: index as u32,
+        created,
         model: state.limits.served_model_name.clone(),
         include_usage: valid.include_usage,
         logprobs: valid.logprobs.is_some(),
         codec: Arc::clone(&state.codec),
     };
     if valid.stream {
-        return Ok(sse_response(generation, chunks, socket));
+        let choices = generations
+            .into_iter()
+            .enumerate()
+            .map(|(index, generation)| (generation, chunks(index)))
+            .collect();
+        return Ok(sse_response(choices, socket));
     }
-    let Some(completed) = unless_client_leaves(socket, generation.collect()).await else {
+    let Some(completed) = unless_client_leaves(socket, collect_all(generations)).await else {
         return Ok(client_left());
     };
     let completed = completed?;
-    Ok(HttpResponse::Ok().json(chunks.completion(completed)))
+    let usage = total_usage(completed.iter().map(|c| c.usage));
+    let choices = completed
+        .into_iter()
+        .enumerate()
+        .map(|(index, completed)| chunks(index).choice(completed))
+        .collect();
+    Ok(HttpResponse::Ok().json(chunks(0).completion(choices, usage)))
 }
 
 /// The chunks of one streamed chat completion, or the whole completion of one that is not.
 pub struct ChatChunks {
     pub id: String,
+    /// The choice these chunks carry.
+    pub index: u32,
     pub created: u64,
     pub model: String,
     pub include_usage: bool,
@@ -68,8 +84,21 @@ pub struct ChatChunks {
 }
 
 impl ChatChunks {
-    /// The `chat.completion` object of a generation that is not streamed.
-    fn completion(self, completed: Completed) -> ChatCompletion {
+    /// The `chat.completion` object of a request that is not streamed, with its choices.
+    fn completion(self, choices: Vec<ChatChoice>, usage: WireUsage) -> ChatCompletion {
+        ChatCompletion {
+            id: self.id,
+            object: "chat.completion",
+            created: self.created,
+            model: self.model,
+            system_fingerprint: None,
+            choices,
+            usage: Usage::new(usage.prompt_tokens, usage.completion_tokens),
+        }
+    }
+
+    /// This choice of a request that is not streamed.
+    fn choice(&self, completed: Completed) -> ChatChoice {
         let content = completed.text();
         let logprobs = ChatLogprobs {
             content: completed
@@ -79,26 +108,15 @@ impl ChatChunks {
                 .collect(),
             refusal: None,
         };
-        ChatCompletion {
-            id: self.id,
-            object: "chat.completion",
-            created: self.created,
-            model: self.model,
-            system_fingerprint: None,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content,
-                    refusal: None,
-                },
-                logprobs: self.logprobs.then_some(logprobs),
-                finish_reason: finish_reason(completed.reason),
-            }],
-            usage: Usage::new(
-                completed.usage.prompt_tokens,
-                completed.usage.completion_tokens,
-            ),
+        ChatChoice {
+            index: self.index,
+            message: AssistantMessage {
+                role: "assistant",
+                content,
+                refusal: None,
+            },
+            logprobs: self.logprobs.then_some(logprobs),
+            finish_reason: finish_reason(completed.reason),
         }
     }
 
@@ -118,7 +136,7 @@ impl ChatChunks {
 impl ChunkFormat for ChatChunks {
     fn opening(&mut self) -> Vec<Bytes> {
         let choice = ChunkChoice {
-            index: 0,
+            index: self.index,
             delta: Delta {
                 role: Some("assistant"),
                 content: Some(String::new()),
@@ -144,7 +162,7 @@ impl ChunkFormat for ChatChunks {
             return None;
         }
         let choice = ChunkChoice {
-            index: 0,
+            index: self.index,
             delta: Delta {
                 role: None,
                 content: Some(text),
@@ -155,18 +173,19 @@ impl ChunkFormat for ChatChunks {
         Some(sse_data(&self.chunk(vec![choice], None)))
     }
 
-    fn finished(&mut self, reason: WireFinish, usage: WireUsage) -> Vec<Bytes> {
+    fn finished(&mut self, reason: WireFinish, _usage: WireUsage) -> Vec<Bytes> {
         let choice = ChunkChoice {
-            index: 0,
+            index: self.index,
             delta: Delta::default(),
             logprobs: None,
             finish_reason: Some(finish_reason(reason)),
         };
-        let mut chunks = vec![sse_data(&self.chunk(vec![choice], None))];
-        if self.include_usage {
-            let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
-            chunks.push(sse_data(&self.chunk(Vec::new(), Some(usage))));
-        }
-        chunks
+        vec![sse_data(&self.chunk(vec![choice], None))]
+    }
+
+    fn usage(&self, usage: WireUsage) -> Option<Bytes> {
+        let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
+        self.include_usage
+            .then(|| sse_data(&self.chunk(Vec::new(), Some(usage))))
     }
 }

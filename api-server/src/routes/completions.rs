@@ -8,8 +8,9 @@ use bytes::Bytes;
 use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
 
 use super::logprobs::CompletionLogprobsBuilder;
-use super::{client_left, finish_reason, start_generation, unless_client_leaves};
+use super::{client_left, collect_all, finish_reason, start_generation, unless_client_leaves};
 use crate::disconnect::ClientSocket;
+use crate::dispatch::samples::total_usage;
 use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
 use crate::metrics::Endpoint;
@@ -38,10 +39,12 @@ pub async fn completions(
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
         return Ok(client_left());
     };
-    let generation = generation?;
-    let chunks = CompletionChunks {
-        id,
-        created: unix_now_s(),
+    let generations = generation?;
+    let created = unix_now_s();
+    let chunks = |index: usize| CompletionChunks {
+        id: id.clone(),
+        index: index as u32,
+        created,
         model: state.limits.served_model_name.clone(),
         include_usage: valid.include_usage,
         logprobs: valid.logprobs.is_some(),
@@ -49,18 +52,31 @@ pub async fn completions(
         codec: Arc::clone(&state.codec),
     };
     if valid.stream {
-        return Ok(sse_response(generation, chunks, socket));
+        let choices = generations
+            .into_iter()
+            .enumerate()
+            .map(|(index, generation)| (generation, chunks(index)))
+            .collect();
+        return Ok(sse_response(choices, socket));
     }
-    let Some(completed) = unless_client_leaves(socket, generation.collect()).await else {
+    let Some(completed) = unless_client_leaves(socket, collect_all(generations)).await else {
         return Ok(client_left());
     };
     let completed = completed?;
-    Ok(HttpResponse::Ok().json(chunks.completion(completed)))
+    let usage = total_usage(completed.iter().map(|c| c.usage));
+    let choices = completed
+        .into_iter()
+        .enumerate()
+        .map(|(index, completed)| chunks(index).choice(completed))
+        .collect();
+    Ok(HttpResponse::Ok().json(chunks(0).completion(choices, usage)))
 }
 
 /// The chunks of one streamed text completion, or the whole completion of one that is not.
 pub struct CompletionChunks {
     pub id: String,
+    /// The choice these chunks carry.
+    pub index: u32,
     pub created: u64,
     pub model: String,
     pub include_usage: bool,
@@ -70,22 +86,23 @@ pub struct CompletionChunks {
 }
 
 impl CompletionChunks {
-    /// The `text_completion` object of a generation that is not streamed.
-    fn completion(mut self, completed: Completed) -> Completion {
+    /// The `text_completion` object of a request that is not streamed, with its choices.
+    fn completion(self, choices: Vec<CompletionChoice>, usage: WireUsage) -> Completion {
+        let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
+        self.object(choices, Some(Some(usage)))
+    }
+
+    /// This choice of a request that is not streamed.
+    fn choice(mut self, completed: Completed) -> CompletionChoice {
         let mut logprobs = CompletionLogprobs::default();
         self.offsets
             .append(self.codec.as_ref(), &completed.tokens, &mut logprobs);
-        let choice = CompletionChoice {
+        CompletionChoice {
             text: completed.text(),
-            index: 0,
+            index: self.index,
             logprobs: self.logprobs.then_some(logprobs),
             finish_reason: Some(finish_reason(completed.reason)),
-        };
-        let usage = Usage::new(
-            completed.usage.prompt_tokens,
-            completed.usage.completion_tokens,
-        );
-        self.object(vec![choice], Some(Some(usage)))
+        }
     }
 
     fn object(&self, choices: Vec<CompletionChoice>, usage: Option<Option<Usage>>) -> Completion {
@@ -108,7 +125,7 @@ impl CompletionChunks {
     ) -> Bytes {
         let choice = CompletionChoice {
             text,
-            index: 0,
+            index: self.index,
             logprobs,
             finish_reason: finish,
         };
@@ -133,12 +150,13 @@ impl ChunkFormat for CompletionChunks {
         Some(self.chunk(text, logprobs, None))
     }
 
-    fn finished(&mut self, reason: WireFinish, usage: WireUsage) -> Vec<Bytes> {
-        let mut chunks = vec![self.chunk(String::new(), None, Some(finish_reason(reason)))];
-        if self.include_usage {
-            let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
-            chunks.push(sse_data(&self.object(Vec::new(), Some(Some(usage)))));
-        }
-        chunks
+    fn finished(&mut self, reason: WireFinish, _usage: WireUsage) -> Vec<Bytes> {
+        vec![self.chunk(String::new(), None, Some(finish_reason(reason)))]
+    }
+
+    fn usage(&self, usage: WireUsage) -> Option<Bytes> {
+        let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
+        self.include_usage
+            .then(|| sse_data(&self.object(Vec::new(), Some(Some(usage)))))
     }
 }

@@ -18,7 +18,7 @@ use actix_web::{HttpResponse, web};
 use tandem_protocol::messages::FinishReason as WireFinish;
 
 use crate::disconnect::{ClientSocket, client_gone};
-use crate::dispatch::{Generation, JobSpec, RequestRecord};
+use crate::dispatch::{Completed, Generation, JobSpec, RequestRecord, samples};
 use crate::error::ApiError;
 use crate::metrics::Endpoint;
 use crate::openai::FinishReason;
@@ -84,13 +84,15 @@ pub(crate) fn client_left() -> HttpResponse {
     )
 }
 
-/// Tokenizes a validated request, checks it against the context and dispatches it.
+/// Tokenizes a validated request, checks it against the context and dispatches it: one
+/// generation per choice (`n`), all on one worker when there are several
+/// ([`crate::dispatch::samples`]).
 pub(crate) async fn start_generation(
     state: &AppState,
     valid: &ValidRequest,
     mut record: RequestRecord,
     request_id: String,
-) -> Result<Generation, ApiError> {
+) -> Result<Vec<Generation>, ApiError> {
     let admitted = state
         .admission
         .try_admit()
@@ -105,13 +107,27 @@ pub(crate) async fn start_generation(
             sampling: valid.sampling.clone(),
             stop,
             prompt_param: valid.prompt_param(),
+            samples: None,
         })
     }
     .await;
     let job = prepared.inspect_err(|err| record.fail(err))?;
-    let mut generation = Generation::start(state.dispatch(), request_id, job, record).await?;
-    generation.hold(admitted);
-    Ok(generation)
+    let mut generations = if valid.n > 1 {
+        samples::start_choices(state.dispatch(), &request_id, job, valid.n, record).await?
+    } else {
+        vec![Generation::start(state.dispatch(), request_id, job, record).await?]
+    };
+    let admitted = Arc::new(admitted);
+    for generation in &mut generations {
+        generation.hold(Arc::clone(&admitted));
+    }
+    Ok(generations)
+}
+
+/// Every choice's whole generation, in choice order; the first error fails them all (the
+/// others are dropped, which cancels them).
+pub(crate) async fn collect_all(generations: Vec<Generation>) -> Result<Vec<Completed>, ApiError> {
+    futures::future::try_join_all(generations.into_iter().map(Generation::collect)).await
 }
 
 /// Only `Stop` and `Length` reach a response; the others end a generation with an error.

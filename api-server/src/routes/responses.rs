@@ -43,7 +43,10 @@ pub async fn create_response(
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
         return Ok(client_left());
     };
-    let generation = generation?;
+    // One output per response (`n` is not a Responses API field).
+    let Ok::<[_; 1], _>([generation]) = generation?.try_into() else {
+        unreachable!("a validated Responses request asks for one choice");
+    };
     let events = ResponseEvents {
         message_id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
         id,
@@ -56,7 +59,7 @@ pub async fn create_response(
         sequence_number: 0,
     };
     if valid.request.stream {
-        return Ok(sse_response(generation, events, socket));
+        return Ok(sse_response(vec![(generation, events)], socket));
     }
     let Some(completed) = unless_client_leaves(socket, generation.collect()).await else {
         return Ok(client_left());

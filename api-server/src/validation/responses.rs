@@ -184,6 +184,7 @@ pub fn validate_responses(
             logprobs,
             logprobs_format: LogprobsFormat::Chat,
             prompt_param: "input",
+            n: 1,
         },
         echo,
     })

@@ -51,7 +51,7 @@ use crate::backend::{HostRange, KvBuffer, KvBytesMut};
 use crate::model::ForwardBatch;
 use crate::sampler::device::RowRequest;
 use crate::sampler::{SampledToken, Sampler, SamplingError};
-use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerError, SeqStatus};
+use crate::scheduler::{GroupId, Scheduler, SchedulerConfig, SchedulerError, SeqStatus};
 
 /// Sizes of the engine's batches and cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,6 +245,11 @@ pub struct Engine<M: StepModel> {
     /// Forward passes failed since the last that ran: past [`MAX_FAILED_FORWARDS_IN_A_ROW`]
     /// the engine gives up as on a lost device.
     failed_in_a_row: u32,
+    /// Samples groups by the name requests give ([`GenerationRequest::sample_group`]): the
+    /// scheduler's group and the prompt its members share. Entries whose group the scheduler
+    /// no longer has are dropped at the next grouped request.
+    sample_groups: HashMap<String, (GroupId, Vec<u32>)>,
+    next_group: GroupId,
 }
 
 /// Forward passes that ran and that failed, since the engine started.
@@ -297,6 +302,8 @@ impl<M: StepModel> Engine<M> {
             profile: profile::StepProfile::from_env(),
             progress: EngineProgress::default(),
             failed_in_a_row: 0,
+            sample_groups: HashMap::new(),
+            next_group: 0,
         })
     }
 
@@ -390,11 +397,40 @@ impl<M: StepModel> Engine<M> {
         request: GenerationRequest,
     ) -> Result<(), EngineError> {
         self.check_device()?;
+        let group = request
+            .sample_group
+            .clone()
+            .filter(|_| request.resume_ids.is_empty() && !request.prefill_only);
+        let prompt = group.as_ref().map(|_| request.prompt_ids.clone());
         let seq = self.new_sequence(request)?;
-        // A resumed request's K/V are computed for its resumed tokens too.
-        self.scheduler.add(id, seq.tokens.len())?;
+        match group.zip(prompt) {
+            Some((name, prompt)) => {
+                let group = self.sample_group(name, prompt);
+                self.scheduler.add_to_group(id, seq.tokens.len(), group)?;
+            }
+            // A resumed request's K/V are computed for its resumed tokens too.
+            None => self.scheduler.add(id, seq.tokens.len())?,
+        }
         self.seqs.insert(id, seq);
         Ok(())
+    }
+
+    /// The scheduler's group for samples group `name` with `prompt`: the live one of that
+    /// name when its prompt is the same (the api-server sends one prompt to all choices; a
+    /// different one is a new group, never a share of the wrong K/V), else a new one.
+    fn sample_group(&mut self, name: String, prompt: Vec<u32>) -> GroupId {
+        let scheduler = &self.scheduler;
+        self.sample_groups
+            .retain(|_, (group, _)| scheduler.has_group(*group));
+        if let Some((group, shared)) = self.sample_groups.get(&name)
+            && *shared == prompt
+        {
+            return *group;
+        }
+        let group = self.next_group;
+        self.next_group += 1;
+        self.sample_groups.insert(name, (group, prompt));
+        group
     }
 
     /// Queues a request whose prompt was prefilled elsewhere: once a sequence slot and the

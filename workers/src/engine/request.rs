@@ -35,6 +35,11 @@ pub struct GenerationRequest {
     /// if this engine had produced them (the seeded draw, penalties, `max_tokens` and usage
     /// all count them).
     pub resume_ids: Vec<u32>,
+    /// The samples group of one of the `n` choices of a request (`n` > 1): requests of one
+    /// group with the same prompt share the prompt's full KV blocks, so the prompt is
+    /// prefilled once ([`crate::scheduler`], "Samples of one request share their prompt's
+    /// blocks"). Ignored for a resumed request (its sequence is not the prompt alone).
+    pub sample_group: Option<String>,
 }
 
 impl GenerationRequest {
@@ -50,6 +55,7 @@ impl GenerationRequest {
             prefill_only: false,
             deadline: None,
             resume_ids: Vec::new(),
+            sample_group: None,
         }
     }
 }

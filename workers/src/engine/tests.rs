@@ -18,6 +18,8 @@ struct FakeModel {
     /// The next forward fails as a lost device would.
     lose_device_next: bool,
     max_model_len: usize,
+    /// Tokens run through forward passes, since the model was made.
+    tokens_computed: usize,
 }
 
 impl FakeModel {
@@ -28,6 +30,7 @@ impl FakeModel {
             fail_next: false,
             lose_device_next: false,
             max_model_len: 1 << 20,
+            tokens_computed: 0,
         }
     }
 }
@@ -106,6 +109,7 @@ impl StepModel for FakeModel {
             ));
         }
         let mut rows = Vec::new();
+        self.tokens_computed += batch.tokens.len();
         for seq in &batch.sequences {
             let new = &batch.tokens[seq.token_start..seq.token_start + seq.token_count];
             for (i, &t) in new.iter().enumerate() {
@@ -238,6 +242,87 @@ fn same_tokens_alone_batched_and_under_preemption() {
             assert_eq!(e.free_blocks(), num_blocks, "blocks leaked");
         }
     }
+}
+
+/// The samples of one request (a group) prefill the prompt once and share its full blocks,
+/// and each generates what it would alone (the fake model reads every position's token from
+/// the cache through the block table, so a wrong shared block changes the logits), with and
+/// without preemptions; every block comes back.
+#[test]
+fn samples_of_a_group_share_the_prompt_and_generate_what_they_would_alone() {
+    let samples = [
+        sampled(11),
+        sampled(12),
+        sampled(13),
+        SamplingParams::greedy(),
+    ];
+    let grouped = |params: &SamplingParams| GenerationRequest {
+        sample_group: Some("cmpl-1".into()),
+        ..request(prompt(13, 0), 10, params.clone())
+    };
+    let mut alone = engine(64, 64);
+    let mut reference = Vec::new();
+    for params in &samples {
+        let id = alone
+            .add_request(request(prompt(13, 0), 10, params.clone()))
+            .unwrap();
+        reference.push(run(&mut alone).remove(&id).unwrap());
+    }
+    let computed_alone = alone.model().tokens_computed;
+    let mut e = engine(64, 64);
+    let ids: Vec<_> = samples
+        .iter()
+        .map(|p| e.add_request(grouped(p)).unwrap())
+        .collect();
+    let out = run(&mut e);
+    for (id, expected) in ids.iter().zip(&reference) {
+        assert_eq!(&out[id], expected);
+    }
+    // 13 prompt tokens: three full blocks (12 tokens) computed once instead of four times.
+    assert_eq!(e.model().tokens_computed + 3 * 12, computed_alone);
+    assert_eq!(e.free_blocks(), 64);
+
+    // Under memory pressure, mixed with other requests: preempted samples recompute (or share
+    // again) and still generate the same tokens.
+    let mut e = engine(6, 14);
+    let others: Vec<_> = [5usize, 17, 9]
+        .iter()
+        .enumerate()
+        .map(|(k, len)| {
+            e.add_request(request(prompt(*len, k as u32 + 1), 12, sampled(k as u64)))
+                .unwrap()
+        })
+        .collect();
+    let ids: Vec<_> = samples
+        .iter()
+        .map(|p| e.add_request(grouped(p)).unwrap())
+        .collect();
+    let out = run(&mut e);
+    for (id, expected) in ids.iter().zip(&reference) {
+        assert_eq!(&out[id], expected);
+    }
+    assert!(others.iter().all(|id| out.contains_key(id)));
+    assert!(
+        e.num_preemptions() > 0,
+        "the small cache must force preemptions"
+    );
+    assert_eq!(e.free_blocks(), 14, "blocks leaked");
+    // Another prompt under the same group name is not served from the first prompt's blocks.
+    let mut e = engine(64, 64);
+    let first = e.add_request(grouped(&samples[3])).unwrap();
+    let other = e
+        .add_request(GenerationRequest {
+            sample_group: Some("cmpl-1".into()),
+            ..request(prompt(13, 5), 10, SamplingParams::greedy())
+        })
+        .unwrap();
+    let mut e_ref = engine(64, 64);
+    let other_ref = e_ref
+        .add_request(request(prompt(13, 5), 10, SamplingParams::greedy()))
+        .unwrap();
+    let out = run(&mut e);
+    assert_eq!(out[&first], reference[3]);
+    assert_eq!(out[&other], run(&mut e_ref)[&other_ref]);
 }
 
 #[test]

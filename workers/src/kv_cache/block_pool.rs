@@ -1,7 +1,10 @@
-//! The free list of KV cache blocks.
+//! The free list of KV cache blocks, with a reference count per block.
 //!
-//! The pool knows only which block ids are free; what a block holds is the cache's business
-//! ([`super::KvLayout`]) and which sequence owns it is the scheduler's.
+//! The pool knows only which block ids are free and how many holders an allocated one has;
+//! what a block holds is the cache's business ([`super::KvLayout`]) and which sequences hold
+//! it is the scheduler's. A block has several holders when the samples of one request
+//! (`n` > 1) share their prompt's full blocks ([`BlockPool::share`]): it goes back to the free
+//! list when the last of them frees it.
 //!
 //! Guarantees:
 //! - [`BlockPool::allocate`] and [`BlockPool::free`] are O(1): the free ids sit on a stack and
@@ -30,6 +33,8 @@ pub enum BlockPoolError {
     },
     #[error("KV block {0} freed twice")]
     DoubleFree(BlockId),
+    #[error("KV block {0} is free: it cannot be shared")]
+    NotAllocated(BlockId),
     #[error("KV block {id} does not exist (the pool has {total} blocks)")]
     UnknownBlock { id: BlockId, total: usize },
 }
@@ -40,8 +45,8 @@ pub struct BlockPool {
     /// Free ids; allocation pops from the end, so recently freed (cache-warm) blocks are
     /// reused first.
     free: Vec<BlockId>,
-    /// `is_free[id]` mirrors membership in `free`.
-    is_free: Vec<bool>,
+    /// `refs[id]`: how many holders block `id` has; 0 exactly when it is in `free`.
+    refs: Vec<u32>,
 }
 
 impl BlockPool {
@@ -57,13 +62,13 @@ impl BlockPool {
         let free = (0..num_blocks as BlockId).rev().collect();
         Self {
             free,
-            is_free: vec![true; num_blocks],
+            refs: vec![0; num_blocks],
         }
     }
 
     /// Total blocks, free or not.
     pub fn num_blocks(&self) -> usize {
-        self.is_free.len()
+        self.refs.len()
     }
 
     /// Blocks available to allocate.
@@ -74,7 +79,7 @@ impl BlockPool {
     /// One block, or `None` when the pool is empty.
     pub fn allocate(&mut self) -> Option<BlockId> {
         let id = self.free.pop()?;
-        self.is_free[id as usize] = false;
+        self.refs[id as usize] = 1;
         Some(id)
     }
 
@@ -89,13 +94,42 @@ impl BlockPool {
         }
         let ids = self.free.split_off(self.free.len() - n);
         for &id in &ids {
-            self.is_free[id as usize] = false;
+            self.refs[id as usize] = 1;
         }
         Ok(ids)
     }
 
-    /// Returns a block to the pool. A double free is a bookkeeping bug: it asserts in debug
-    /// builds and is an error (with the pool unchanged) in release builds.
+    /// One more holder for each of `ids`, which must be allocated (a sample of a request
+    /// taking its sibling's full prompt blocks): each then needs one more free before it
+    /// returns to the pool. Checks every id before changing any, so an error leaves the pool
+    /// unchanged.
+    pub fn share(&mut self, ids: &[BlockId]) -> Result<(), BlockPoolError> {
+        for &id in ids {
+            match self.refs.get(id as usize) {
+                None => {
+                    return Err(BlockPoolError::UnknownBlock {
+                        id,
+                        total: self.num_blocks(),
+                    });
+                }
+                Some(0) => return Err(BlockPoolError::NotAllocated(id)),
+                Some(_) => {}
+            }
+        }
+        for &id in ids {
+            self.refs[id as usize] += 1;
+        }
+        Ok(())
+    }
+
+    /// How many holders block `id` has (0: free, or no such block).
+    pub fn ref_count(&self, id: BlockId) -> u32 {
+        self.refs.get(id as usize).copied().unwrap_or(0)
+    }
+
+    /// Drops one holder of a block; the last one returns it to the pool. A double free is a
+    /// bookkeeping bug: it asserts in debug builds and is an error (with the pool unchanged)
+    /// in release builds.
     pub fn free(&mut self, id: BlockId) -> Result<(), BlockPoolError> {
         let result = self.try_free(id);
         debug_assert!(
@@ -109,17 +143,18 @@ impl BlockPool {
         result
     }
 
-    /// Returns a block to the pool; a double free or unknown id is an error, never a panic.
+    /// Drops one holder of a block (the last one returns it to the pool); a double free or
+    /// unknown id is an error, never a panic.
     pub fn try_free(&mut self, id: BlockId) -> Result<(), BlockPoolError> {
-        match self.is_free.get_mut(id as usize) {
-            None => Err(BlockPoolError::UnknownBlock {
-                id,
-                total: self.num_blocks(),
-            }),
-            Some(true) => Err(BlockPoolError::DoubleFree(id)),
-            Some(flag) => {
-                *flag = true;
-                self.free.push(id);
+        let total = self.num_blocks();
+        match self.refs.get_mut(id as usize) {
+            None => Err(BlockPoolError::UnknownBlock { id, total }),
+            Some(0) => Err(BlockPoolError::DoubleFree(id)),
+            Some(refs) => {
+                *refs -= 1;
+                if *refs == 0 {
+                    self.free.push(id);
+                }
                 Ok(())
             }
         }
@@ -206,6 +241,39 @@ mod tests {
             3,
             "a rejected double free must not duplicate an id"
         );
+    }
+
+    #[test]
+    fn a_shared_block_returns_to_the_pool_with_its_last_holder() {
+        let mut pool = BlockPool::new(4);
+        let prompt = pool.allocate_n(2).unwrap();
+        pool.share(&prompt).unwrap();
+        pool.share(&prompt[..1]).unwrap();
+        assert_eq!(pool.ref_count(prompt[0]), 3);
+        assert_eq!(pool.ref_count(prompt[1]), 2);
+        assert_eq!(pool.num_free(), 2);
+        pool.free_all(&prompt).unwrap();
+        assert_eq!(pool.num_free(), 2, "other holders keep both blocks");
+        pool.free_all(&prompt).unwrap();
+        assert_eq!(pool.num_free(), 3, "the second block had two holders");
+        pool.free(prompt[0]).unwrap();
+        assert_eq!(pool.num_free(), 4);
+        assert_eq!(
+            pool.try_free(prompt[0]),
+            Err(BlockPoolError::DoubleFree(prompt[0]))
+        );
+        // Only allocated blocks can be shared, and a bad id changes nothing.
+        let held = pool.allocate().unwrap();
+        let free = (0..4).find(|&b| b != held).unwrap();
+        assert_eq!(
+            pool.share(&[held, free]),
+            Err(BlockPoolError::NotAllocated(free))
+        );
+        assert_eq!(
+            pool.share(&[held, 9]),
+            Err(BlockPoolError::UnknownBlock { id: 9, total: 4 })
+        );
+        assert_eq!(pool.ref_count(held), 1);
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         prefill_only: false,
         deadline: job.deadline_unix_ms.map(instant_of_unix_ms),
         resume_ids: job.resume_ids.clone(),
+        sample_group: job.samples.as_ref().map(|s| s.group_id.clone()),
     }
 }
 
@@ -72,6 +73,7 @@ mod tests {
             kv: None,
             kv_reader: None,
             resume_ids: Vec::new(),
+            samples: None,
         }
     }
 
@@ -88,6 +90,15 @@ mod tests {
         assert_eq!(request.max_tokens, 7);
         assert_eq!(request.stop_strings, vec!["\n".to_string()]);
         assert!(!request.prefill_only);
+        assert_eq!(request.sample_group, None);
+        let mut choice = job(stop.clone(), SamplingSpec::default());
+        choice.samples = Some(tandem_protocol::messages::SampleGroup {
+            group_id: "cmpl-1".into(),
+            index: 1,
+            n: 3,
+        });
+        let request = generation_request(&choice, &[2, 0]);
+        assert_eq!(request.sample_group.as_deref(), Some("cmpl-1"));
         let ignoring = StopSpec {
             ignore_eos: true,
             ..stop

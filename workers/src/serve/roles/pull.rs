@@ -1021,6 +1021,7 @@ mod tests {
             kv: None,
             kv_reader: None,
             resume_ids: Vec::new(),
+            samples: None,
         }
     }
 

@@ -1,0 +1,128 @@
+//! Requests with `n` > 1: one job per choice, all on one generation worker.
+//!
+//! Each choice is a [`Generation`] of its own (its own job id `{request_id}-c{index}`, stream
+//! subject, cancel, migration and stream numbering), so everything that keeps one request
+//! whole keeps each choice whole. The jobs carry [`SampleGroup`] so that the worker prefills
+//! the prompt once and the choices share its KV blocks; they are routed together
+//! ([`crate::router::WorkerRegistry::route_samples`]) and sent at once.
+//!
+//! Seeds: choice `i` of a request with seed `s` samples with [`choice_seed`]`(s, i)`, so the
+//! same request twice gives the same `n` choices, and choice 0 is what the request with
+//! `n` = 1 gives. Without a seed each job draws its own (the worker picks one per job), so the
+//! choices differ.
+
+use std::time::Instant;
+
+use futures::future::try_join_all;
+use tandem_protocol::messages::{SampleGroup, Usage};
+
+use super::{Dispatch, Generation, JobSpec, RequestRecord, no_route_error};
+use crate::error::ApiError;
+
+/// The seed of choice `index` of a request seeded with `seed`: `seed` itself for the first
+/// choice, a SplitMix64 mix of both for the others (distinct streams for distinct choices).
+pub fn choice_seed(seed: u64, index: u32) -> u64 {
+    if index == 0 {
+        return seed;
+    }
+    let mut z = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The job id of choice `index` of `request_id`.
+pub fn choice_job_id(request_id: &str, index: u32) -> String {
+    format!("{request_id}-c{index}")
+}
+
+/// Routes the `n` choices of one request to one generation worker and starts them all;
+/// `record` counts the request (on the first choice). Fails as a whole: if one choice cannot
+/// start, the others are dropped, which cancels them.
+pub async fn start_choices(
+    dispatch: Dispatch<'_>,
+    request_id: &str,
+    job: JobSpec,
+    n: u32,
+    mut record: RequestRecord,
+) -> Result<Vec<Generation>, ApiError> {
+    let route = dispatch
+        .registry
+        .route_samples(n, Instant::now())
+        .map_err(|no_route| {
+            let err = no_route_error(no_route);
+            record.fail(&err);
+            err
+        })?;
+    let extra: Vec<RequestRecord> = (1..n).map(|_| record.extra_choice()).collect();
+    let records = std::iter::once(record).chain(extra);
+    let starts = (0..n).zip(records).map(|(index, record)| {
+        let mut sampling = job.sampling.clone();
+        sampling.seed = sampling.seed.map(|seed| choice_seed(seed, index));
+        let spec = JobSpec {
+            prompt_ids: job.prompt_ids.clone(),
+            sampling,
+            stop: job.stop.clone(),
+            prompt_param: job.prompt_param,
+            samples: Some(SampleGroup {
+                group_id: request_id.to_owned(),
+                index,
+                n,
+            }),
+        };
+        Generation::start_on(
+            dispatch,
+            route.clone(),
+            choice_job_id(request_id, index),
+            spec,
+            record,
+        )
+    });
+    try_join_all(starts).await
+}
+
+/// The usage of a request's choices: the prompt once, every choice's completion tokens.
+pub fn total_usage(usages: impl IntoIterator<Item = Usage>) -> Usage {
+    usages
+        .into_iter()
+        .fold(None, |total: Option<Usage>, usage| {
+            Some(match total {
+                None => usage,
+                Some(total) => Usage {
+                    prompt_tokens: total.prompt_tokens,
+                    completion_tokens: total.completion_tokens + usage.completion_tokens,
+                },
+            })
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_choice_keeps_the_seed_and_the_others_get_distinct_ones() {
+        assert_eq!(choice_seed(42, 0), 42);
+        let seeds: std::collections::HashSet<u64> = (0..64).map(|i| choice_seed(42, i)).collect();
+        assert_eq!(seeds.len(), 64);
+        assert_eq!(choice_seed(42, 3), choice_seed(42, 3));
+        assert_ne!(choice_seed(42, 1), choice_seed(43, 1));
+        assert_eq!(choice_job_id("cmpl-9", 2), "cmpl-9-c2");
+    }
+
+    #[test]
+    fn usage_counts_the_prompt_once_and_every_completion() {
+        let usage = |completion_tokens| Usage {
+            prompt_tokens: 12,
+            completion_tokens,
+        };
+        assert_eq!(
+            total_usage([usage(5), usage(7), usage(1)]),
+            Usage {
+                prompt_tokens: 12,
+                completion_tokens: 13
+            }
+        );
+    }
+}
