@@ -206,6 +206,8 @@ pub struct Plan {
     pub max_pending_requests: Option<usize>,
     /// The config's `migration_limit` (absent: the api-server's default).
     pub migration_limit: Option<u32>,
+    /// The config's `tool_call_parser` (absent: the api-server's default, `auto`).
+    pub tool_call_parser: Option<tandem_protocol::config::ToolCallParser>,
     /// The workers' KV secret.
     pub kv_secret: KvSecretSource,
     /// Things the operator should know (keys without effect, groups not started).
@@ -361,6 +363,7 @@ pub fn plan(
         metrics_require_key: config.metrics_require_key,
         max_pending_requests: config.max_pending_requests,
         migration_limit: config.migration_limit,
+        tool_call_parser: config.tool_call_parser,
         kv_secret,
         warnings,
     })
@@ -477,6 +480,7 @@ impl Plan {
             migration_limit: self
                 .migration_limit
                 .unwrap_or(tandem_cli::args::DEFAULT_MIGRATION_LIMIT),
+            tool_call_parser: self.tool_call_parser.unwrap_or_default(),
             ..ApiServerArgs::new(self.model.clone())
         }
     }

@@ -11,6 +11,7 @@ use crate::error::ApiError;
 use crate::openai::{
     ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, PromptField, StopField,
 };
+use crate::tools::{ToolCallRecord, ToolRequest, ToolSupport};
 
 /// OpenAI's limits.
 pub const MAX_STOP_SEQUENCES: usize = 4;
@@ -29,6 +30,9 @@ pub struct ModelLimits {
     /// Prompt plus completion tokens at most (`max_position_embeddings`).
     pub max_model_len: u32,
     pub vocab_size: u32,
+    /// How tool calls are rendered and parsed for this model; `None`: tool calling is off
+    /// (`--tool-call-parser none`, or a model without a chat template).
+    pub tool_support: Option<ToolSupport>,
 }
 
 /// A chat role we serve. `developer` (OpenAI's newer name for system) maps to system.
@@ -37,6 +41,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result, answering an assistant's call.
+    Tool,
 }
 
 impl Role {
@@ -45,6 +51,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -53,6 +60,26 @@ impl Role {
 pub struct Turn {
     pub role: Role,
     pub content: String,
+    /// An assistant turn's tool calls (its content may then be empty).
+    pub tool_calls: Vec<ToolCallRecord>,
+    /// A tool turn: the id of the call it answers.
+    pub tool_call_id: Option<String>,
+    /// A tool turn: the function that was called (the message's `name`, else the name of the
+    /// call with `tool_call_id`).
+    pub name: Option<String>,
+}
+
+impl Turn {
+    /// A turn of plain text.
+    pub fn text(role: Role, content: impl Into<String>) -> Self {
+        Turn {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
+        }
+    }
 }
 
 /// The prompt before tokenization.
@@ -87,6 +114,8 @@ pub struct ValidRequest {
     /// Alternatives per token when logprobs were asked for (0 = only the chosen token's).
     pub logprobs: Option<u32>,
     pub logprobs_format: LogprobsFormat,
+    /// A chat request's tools (`None`: none declared).
+    pub tools: Option<ToolRequest>,
 }
 
 impl ValidRequest {
@@ -299,12 +328,44 @@ fn validate_message(index: usize, message: &ChatMessage) -> Result<Turn, ApiErro
         "system" | "developer" => Role::System,
         "user" => Role::User,
         "assistant" => Role::Assistant,
-        other => {
+        "tool" => Role::Tool,
+        "function" => {
             return Err(ApiError::invalid(
-                format!("role {other:?} is not supported (system, user or assistant)"),
+                "role \"function\" is deprecated and not served; answer tool calls with role \
+                 \"tool\" and the call's tool_call_id",
                 &format!("{param}.role"),
             ));
         }
+        other => {
+            return Err(ApiError::invalid(
+                format!(
+                    "role {other:?} is not supported (system, developer, user, assistant or tool)"
+                ),
+                &format!("{param}.role"),
+            ));
+        }
+    };
+    let tool_calls = match (&message.tool_calls, role) {
+        (None, _) => Vec::new(),
+        (Some(calls), Role::Assistant) => {
+            crate::tools::validate::validate_tool_calls(&param, calls)?
+        }
+        (Some(_), _) => {
+            return Err(ApiError::invalid(
+                "only assistant messages carry tool_calls",
+                &format!("{param}.tool_calls"),
+            ));
+        }
+    };
+    let tool_call_id = match (&message.tool_call_id, role) {
+        (Some(id), Role::Tool) if !id.is_empty() => Some(id.clone()),
+        (_, Role::Tool) => {
+            return Err(ApiError::invalid(
+                "a tool message needs tool_call_id: the id of the call it answers",
+                &format!("{param}.tool_call_id"),
+            ));
+        }
+        (_, _) => None,
     };
     let content = match &message.content {
         Some(MessageContent::Text(text)) => text.clone(),
@@ -330,7 +391,7 @@ fn validate_message(index: usize, message: &ChatMessage) -> Result<Turn, ApiErro
             }
             texts.join("\n")
         }
-        // An assistant turn may carry only tool calls, which this server does not serve.
+        // An assistant turn may carry only tool calls (or be a prefill of nothing).
         None if role == Role::Assistant => String::new(),
         None => {
             return Err(ApiError::invalid(
@@ -339,7 +400,43 @@ fn validate_message(index: usize, message: &ChatMessage) -> Result<Turn, ApiErro
             ));
         }
     };
-    Ok(Turn { role, content })
+    Ok(Turn {
+        role,
+        content,
+        tool_calls,
+        tool_call_id,
+        name: message.name.clone().filter(|_| role == Role::Tool),
+    })
+}
+
+/// Every tool message answers a call made earlier in the conversation (OpenAI refuses the
+/// others); its `name` is filled in from that call when the client left it out.
+fn link_tool_results(turns: &mut [Turn]) -> Result<(), ApiError> {
+    let mut calls: Vec<(String, String)> = Vec::new();
+    for (index, turn) in turns.iter_mut().enumerate() {
+        calls.extend(
+            turn.tool_calls
+                .iter()
+                .map(|call| (call.id.clone(), call.name.clone())),
+        );
+        let Some(id) = &turn.tool_call_id else {
+            continue;
+        };
+        match calls.iter().find(|(call_id, _)| call_id == id) {
+            Some((_, name)) => {
+                turn.name.get_or_insert_with(|| name.clone());
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "tool_call_id {id:?} answers no tool call of an earlier assistant message"
+                    ),
+                    &format!("messages[{index}].tool_call_id"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn validate_chat(
@@ -374,11 +471,13 @@ pub fn validate_chat(
     if messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty", "messages"));
     }
-    let turns = messages
+    let mut turns = messages
         .iter()
         .enumerate()
         .map(|(i, m)| validate_message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
+    link_tool_results(&mut turns)?;
+    let tools = crate::tools::validate::validate_tools(request, limits.tool_support.is_some())?;
 
     // max_completion_tokens is OpenAI's current name; when both are sent it wins.
     let max_tokens = match (request.max_completion_tokens, request.max_tokens) {
@@ -402,6 +501,9 @@ pub fn validate_chat(
     };
     let mut sampling = common.sampling;
     sampling.logprobs = logprobs;
+    if let (Some(tools), Some(support)) = (&tools, limits.tool_support) {
+        crate::tools::grammar::constrain(tools, support.format, &mut sampling)?;
+    }
     Ok(ValidRequest {
         prompt: PromptInput::Chat(turns),
         max_tokens,
@@ -412,6 +514,7 @@ pub fn validate_chat(
         include_usage: common.include_usage,
         logprobs,
         logprobs_format: LogprobsFormat::Chat,
+        tools,
     })
 }
 
@@ -511,6 +614,7 @@ pub fn validate_completion(
         include_usage: common.include_usage,
         logprobs,
         logprobs_format: LogprobsFormat::Completion,
+        tools: None,
     })
 }
 
@@ -524,6 +628,10 @@ mod tests {
             served_model_name: "smol".into(),
             max_model_len: 100,
             vocab_size: 1000,
+            tool_support: Some(ToolSupport {
+                format: crate::tools::ToolFormat::Hermes,
+                native: false,
+            }),
         }
     }
 
@@ -559,18 +667,9 @@ mod tests {
         assert_eq!(
             valid.prompt,
             PromptInput::Chat(vec![
-                Turn {
-                    role: Role::System,
-                    content: "sys".into()
-                },
-                Turn {
-                    role: Role::User,
-                    content: "a\nb".into()
-                },
-                Turn {
-                    role: Role::Assistant,
-                    content: String::new()
-                },
+                Turn::text(Role::System, "sys"),
+                Turn::text(Role::User, "a\nb"),
+                Turn::text(Role::Assistant, ""),
             ])
         );
         assert_eq!(valid.max_tokens, None);
@@ -649,7 +748,28 @@ mod tests {
             ),
             (
                 json!({"messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].tool_call_id",
+            ),
+            (
+                json!({"messages": [{"role": "tool", "content": "x", "tool_call_id": "c"}]}),
+                "messages[0].tool_call_id",
+            ),
+            (
+                json!({"messages": [{"role": "function", "content": "x", "name": "f"}]}),
                 "messages[0].role",
+            ),
+            (
+                json!({"messages": [{"role": "critic", "content": "x"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}),
+                "messages[0].tool_calls",
+            ),
+            (
+                json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "c",
+                    "function": {"name": "f"}}]}]}),
+                "messages[0].tool_calls[0].function.arguments",
             ),
             (
                 json!({"messages": [{"role": "user"}]}),

@@ -9,8 +9,10 @@ pub mod chat;
 pub mod common;
 pub mod completions;
 pub mod models;
+pub mod tools;
 
 pub use chat::*;
 pub use common::*;
 pub use completions::*;
 pub use models::*;
+pub use tools::*;

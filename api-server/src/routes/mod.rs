@@ -88,7 +88,12 @@ pub(crate) async fn start_generation(
         .try_admit()
         .inspect_err(|err| record.fail(err))?;
     let prepared = async {
-        let prompt_ids = tokenize(state.codec.clone(), valid.prompt.clone()).await?;
+        let prompt_ids = tokenize(
+            state.codec.clone(),
+            valid.prompt.clone(),
+            valid.tools.clone(),
+        )
+        .await?;
         let stop = valid.stop_spec(prompt_ids.len(), &state.limits)?;
         Ok::<_, ApiError>(JobSpec {
             prompt_ids,
@@ -104,7 +109,8 @@ pub(crate) async fn start_generation(
     Ok(generation)
 }
 
-/// Only `Stop` and `Length` reach a response; the others end a generation with an error.
+/// Only `Stop` and `Length` reach a response (`Stop` becomes `tool_calls` when the model
+/// called tools, in `routes/chat.rs`); the others end a generation with an error.
 pub(crate) fn finish_reason(reason: WireFinish) -> FinishReason {
     match reason {
         WireFinish::Length => FinishReason::Length,
