@@ -786,6 +786,46 @@ mod tests {
     }
 
     #[test]
+    fn a_tool_round_trip_is_validated_and_linked() {
+        let valid = chat(json!({"messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}
+        ], "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+           "tool_choice": "required"}))
+        .unwrap();
+        let PromptInput::Chat(turns) = &valid.prompt else {
+            panic!("{:?}", valid.prompt)
+        };
+        assert_eq!(turns[1].tool_calls[0].name, "get_weather");
+        assert_eq!(turns[1].content, "");
+        assert_eq!(turns[2].role, Role::Tool);
+        assert_eq!(
+            turns[2].name.as_deref(),
+            Some("get_weather"),
+            "named after its call"
+        );
+        let tools = valid.tools.expect("tools");
+        assert_eq!(tools.choice, crate::tools::ToolChoice::Required);
+        assert!(
+            matches!(
+                valid.sampling.grammar,
+                Some(tandem_protocol::messages::GrammarSpec::Lark { .. })
+            ),
+            "required: a grammar"
+        );
+        // Tool calling off: refused, unless tool_choice is none.
+        let off = ModelLimits {
+            tool_support: None,
+            ..limits()
+        };
+        let body = json!({"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}]});
+        let request: ChatCompletionRequest = serde_json::from_value(body).unwrap();
+        assert_eq!(param_of(validate_chat(&request, &off)), "tools");
+    }
+
+    #[test]
     fn a_model_other_than_the_served_one_is_not_found() {
         let err = chat(json!({"model": "gpt-4", "messages": user("x")})).unwrap_err();
         assert!(

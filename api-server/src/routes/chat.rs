@@ -124,15 +124,19 @@ impl ChatChunks {
                         },
                     });
                 }
-                ParseEvent::Arguments { index, text } => calls.push(ToolCallDelta {
-                    index,
-                    id: None,
-                    kind: None,
-                    function: FunctionCallDelta {
-                        name: None,
-                        arguments: text,
-                    },
-                }),
+                ParseEvent::Arguments { index, text } => match calls.last_mut() {
+                    // One delta per call and chunk: the first carries the arguments' start.
+                    Some(last) if last.index == index => last.function.arguments.push_str(&text),
+                    _ => calls.push(ToolCallDelta {
+                        index,
+                        id: None,
+                        kind: None,
+                        function: FunctionCallDelta {
+                            name: None,
+                            arguments: text,
+                        },
+                    }),
+                },
             }
         }
         (content, calls)
