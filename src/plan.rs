@@ -856,6 +856,7 @@ generation_servers: { device: "cuda:1" }
         }
         let yaml = r#"
 router: { policy: round_robin, worker_timeout_ms: 1500, max_local_prefill_length: 16 }
+tool_call_parser: llama3_json
 cache_transceiver_config: { max_tokens_in_buffer: 4096, transfer_pool_mb: 64 }
 context_servers: { num_instances: 2, device: ["cuda:0", "cuda:1"], cuda_graphs: false }
 generation_servers:
@@ -872,6 +873,10 @@ generation_servers:
             assert_eq!(parsed, args, "{}", worker.name);
         }
         let args = plan.api_server_args("nats://n:1");
+        assert_eq!(
+            args.tool_call_parser,
+            tandem_protocol::config::ToolCallParser::Llama3Json
+        );
         let argv = std::iter::once("api-server".into()).chain(args.to_args());
         let parsed = ApiServer::try_parse_from(argv).unwrap().args;
         // The timeouts the launcher leaves out come from the environment, if it sets them.

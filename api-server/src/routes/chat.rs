@@ -92,6 +92,22 @@ impl ChatChunks {
             .collect()
     }
 
+    /// Logs call markup the model wrote that did not parse (returned to the client as
+    /// content): an operator seeing it often may have the wrong `--tool-call-parser`.
+    fn log_malformed_calls(&self) {
+        if let Some(parser) = &self.calls
+            && parser.malformed() > 0
+        {
+            tracing::warn!(
+                request_id = %self.id,
+                malformed = parser.malformed(),
+                parsed = parser.calls(),
+                "the model wrote tool-call markup that is not a call (a JSON object with a \
+                 name and arguments); it was returned as content"
+            );
+        }
+    }
+
     /// `length` stays; a reply that called tools ends with `tool_calls`.
     fn reply_finish(&self, reason: WireFinish) -> FinishReason {
         match finish_reason(reason) {
@@ -164,6 +180,7 @@ impl ChatChunks {
                 (reply.content, calls)
             }
         };
+        self.log_malformed_calls();
         let finish = self.reply_finish(completed.reason);
         let logprobs = ChatLogprobs {
             content: completed
@@ -269,6 +286,7 @@ impl ChunkFormat for ChatChunks {
         // What the parser held back (a possible marker, an unfinished call) is decided now.
         if let Some(parser) = self.calls.as_mut() {
             let events = parser.finish();
+            self.log_malformed_calls();
             let (content, calls) = self.deltas(events);
             if content.is_some() || !calls.is_empty() {
                 let choice = ChunkChoice {

@@ -230,6 +230,8 @@ pub struct CallParser {
     /// Whitespace held back (see the module doc).
     pending_ws: String,
     calls: u32,
+    /// Markup given back as content because it did not parse.
+    malformed: u32,
     events: Vec<ParseEvent>,
 }
 
@@ -246,6 +248,7 @@ impl CallParser {
             markup: String::new(),
             pending_ws: String::new(),
             calls: 0,
+            malformed: 0,
             events: Vec::new(),
         }
     }
@@ -253,6 +256,11 @@ impl CallParser {
     /// Calls announced so far (those dropped by `parallel_tool_calls: false` included).
     pub fn calls(&self) -> u32 {
         self.calls
+    }
+
+    /// Call markup that did not parse and was given back as content.
+    pub fn malformed(&self) -> u32 {
+        self.malformed
     }
 
     /// Feeds more output; the events it completes.
@@ -341,6 +349,7 @@ impl CallParser {
 
     /// The current call did not parse: its markup and text become content.
     fn give_back(&mut self) {
+        self.malformed += 1;
         let raw = std::mem::take(&mut self.markup) + &std::mem::take(&mut self.buffer);
         self.content(&raw);
         self.state = match self.format {
@@ -766,6 +775,10 @@ mod tests {
         assert_eq!(parsed.content.as_deref(), Some("No tools needed: [1, 2]."));
         let parsed = parse(ToolFormat::Mistral, true, "[TOOL_CALLS] oops");
         assert_eq!(parsed.content.as_deref(), Some("[TOOL_CALLS] oops"));
+        let mut parser = CallParser::new(ToolFormat::Mistral, true);
+        parser.push("[TOOL_CALLS] oops");
+        parser.finish();
+        assert_eq!(parser.malformed(), 1, "counted, for the log");
     }
 
     #[test]
