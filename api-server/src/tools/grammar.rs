@@ -1,6 +1,7 @@
 //! `tool_choice: "required"` and a named function, enforced by a grammar: the reply must be
-//! one call (or, with `parallel_tool_calls`, several) of the allowed tools, in the family's
-//! markup, with arguments valid against each tool's `parameters` schema.
+//! one call of the named function, or for `required` one or (with `parallel_tool_calls`, the
+//! default) several calls of the declared tools, in the family's markup, with arguments valid
+//! against each tool's `parameters` schema.
 //!
 //! The grammar is llguidance's Lark dialect with each tool's schema embedded by `%json`
 //! (`SamplingSpec.grammar` = `GrammarSpec::Lark`); the workers compile it against their
@@ -53,7 +54,10 @@ pub fn constrain(
             ));
         }
     }
-    let grammar = lark(&callable, format, tools.parallel);
+    // A named function is called once (as OpenAI's forced function call); `required` may
+    // call several tools unless `parallel_tool_calls` is false.
+    let parallel = tools.parallel && tools.choice == ToolChoice::Required;
+    let grammar = lark(&callable, format, parallel);
     compile(&grammar).map_err(|reason| {
         ApiError::Internal(format!("the tool-call grammar does not compile: {reason}"))
     })?;
