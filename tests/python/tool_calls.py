@@ -19,6 +19,7 @@ a message on the first failed check.
 
 import json
 import sys
+import urllib.request
 
 import openai
 
@@ -158,6 +159,10 @@ def auto():
     expect_400("messages[1].tool_calls[0].function.arguments",
                messages=user + [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
                                                                       "function": {"name": "f"}}]}])
+    # Counted for operators.
+    metrics = urllib.request.urlopen(base_url.rsplit("/v1", 1)[0] + "/metrics").read().decode()
+    parsed = [line for line in metrics.splitlines() if line.startswith('tandem_tool_calls_total{outcome="parsed"}')]
+    assert parsed and float(parsed[0].split()[-1]) >= 2, parsed
     print("openai: tool round trip, streamed call, tool_choice none, request checks: ok")
 
     # langchain-openai: bind_tools, a call, the ToolMessage back.

@@ -11,7 +11,7 @@ use super::{client_left, finish_reason, start_generation, unless_client_leaves};
 use crate::disconnect::ClientSocket;
 use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
-use crate::metrics::Endpoint;
+use crate::metrics::{Endpoint, Event, Metrics};
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     ChatLogprobs, ChunkChoice, Delta, FinishReason, FunctionCall, FunctionCallDelta, ToolCall,
@@ -54,6 +54,7 @@ pub async fn chat_completions(
         codec: Arc::clone(&state.codec),
         calls,
         call_ids: Vec::new(),
+        metrics: state.metrics.clone(),
     };
     if valid.stream {
         return Ok(sse_response(generation, chunks, socket));
@@ -77,6 +78,7 @@ pub struct ChatChunks {
     pub calls: Option<CallParser>,
     /// The ids of the calls parsed so far, by index.
     pub call_ids: Vec<String>,
+    pub metrics: Metrics,
 }
 
 impl ChatChunks {
@@ -92,12 +94,18 @@ impl ChatChunks {
             .collect()
     }
 
-    /// Logs call markup the model wrote that did not parse (returned to the client as
-    /// content): an operator seeing it often may have the wrong `--tool-call-parser`.
-    fn log_malformed_calls(&self) {
-        if let Some(parser) = &self.calls
-            && parser.malformed() > 0
-        {
+    /// Counts the reply's calls (`tandem_tool_calls_total`) and logs call markup the model
+    /// wrote that did not parse (returned to the client as content): an operator seeing it
+    /// often may have the wrong `--tool-call-parser`.
+    fn record_calls(&self) {
+        let Some(parser) = &self.calls else {
+            return;
+        };
+        self.metrics.record(Event::ToolCalls {
+            parsed: parser.calls(),
+            malformed: parser.malformed(),
+        });
+        if parser.malformed() > 0 {
             tracing::warn!(
                 request_id = %self.id,
                 malformed = parser.malformed(),
@@ -180,7 +188,7 @@ impl ChatChunks {
                 (reply.content, calls)
             }
         };
-        self.log_malformed_calls();
+        self.record_calls();
         let finish = self.reply_finish(completed.reason);
         let logprobs = ChatLogprobs {
             content: completed
@@ -286,7 +294,7 @@ impl ChunkFormat for ChatChunks {
         // What the parser held back (a possible marker, an unfinished call) is decided now.
         if let Some(parser) = self.calls.as_mut() {
             let events = parser.finish();
-            self.log_malformed_calls();
+            self.record_calls();
             let (content, calls) = self.deltas(events);
             if content.is_some() || !calls.is_empty() {
                 let choice = ChunkChoice {
