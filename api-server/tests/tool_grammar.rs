@@ -101,7 +101,7 @@ fn walk(env: &TokEnv, factory: &ParserFactory, eos: u32, lark: &str, text: &str)
 fn a_required_call_grammar_guides_smollm2_tokens() {
     let (env, factory, eos) = smollm2();
     let required = lark_of(&tools(ToolChoice::Required));
-    let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"celsius\"}}\n</tool_call>";
+    let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\":\"Paris\",\"unit\":\"celsius\"}}\n</tool_call>";
     let walked = walk(&env, &factory, eos, &required, call);
     assert_eq!(
         walked.allowed, walked.total,
@@ -112,7 +112,7 @@ fn a_required_call_grammar_guides_smollm2_tokens() {
         "one call may end the reply, or another follow"
     );
     let two = format!(
-        "{call}\n<tool_call>\n{{\"name\": \"add\", \"arguments\": {{\"a\": 1, \"b\": 2}}}}\n</tool_call>"
+        "{call}\n<tool_call>\n{{\"name\": \"add\", \"arguments\": {{\"a\":1,\"b\":2}}}}\n</tool_call>"
     );
     let walked = walk(&env, &factory, eos, &required, &two);
     assert!(
@@ -123,8 +123,8 @@ fn a_required_call_grammar_guides_smollm2_tokens() {
     for bad in [
         "The weather in Paris is sunny.",
         "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>",
-        "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": \"one\", \"b\": 2}}\n</tool_call>",
-        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"unit\": \"kelvin\"}}\n</tool_call>",
+        "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\":\"one\",\"b\":2}}\n</tool_call>",
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"unit\":\"kelvin\"}}\n</tool_call>",
     ] {
         let walked = walk(&env, &factory, eos, &required, bad);
         assert!(walked.allowed < walked.total, "{bad:?} is refused");
@@ -132,8 +132,7 @@ fn a_required_call_grammar_guides_smollm2_tokens() {
 
     // A named function: that one, once; then only the end.
     let named = lark_of(&tools(ToolChoice::Named("add".into())));
-    let add =
-        "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 40, \"b\": 2}}\n</tool_call>";
+    let add = "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\":40,\"b\":2}}\n</tool_call>";
     let walked = walk(&env, &factory, eos, &named, add);
     assert!(walked.allowed == walked.total && walked.must_end, "{named}");
     let walked = walk(&env, &factory, eos, &named, call);

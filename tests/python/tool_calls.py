@@ -35,7 +35,7 @@ WEATHER = {
         "parameters": {
             "type": "object",
             "properties": {
-                "city": {"type": "string"},
+                "city": {"type": "string", "maxLength": 40},
                 "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
             },
             "required": ["city"],
@@ -215,19 +215,19 @@ def required():
                                      ({"type": "function", "function": {"name": "add"}}, {"add"})]:
             label = f"{prompt!r} tool_choice={tool_choice}"
             reply = client.chat.completions.create(model=model, messages=messages, tools=TOOLS,
-                                                   tool_choice=tool_choice, temperature=0, max_tokens=96)
+                                                   tool_choice=tool_choice, temperature=0, max_tokens=128)
             choice = reply.choices[0]
             assert choice.finish_reason == "tool_calls", f"{label}: {choice}"
             calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
             check(calls, allowed, label)
             content, streamed, finish = reassemble(client.chat.completions.create(
                 model=model, messages=messages, tools=TOOLS, tool_choice=tool_choice, temperature=0,
-                max_tokens=96, stream=True))
+                max_tokens=128, stream=True))
             assert finish == "tool_calls", f"{label}: {finish}"
             assert [(c["name"], c["arguments"]) for c in streamed] == calls, f"{label}: {streamed} != {calls}"
         # One call at most without parallel_tool_calls.
         reply = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice="required",
-                                               parallel_tool_calls=False, temperature=0, max_tokens=96)
+                                               parallel_tool_calls=False, temperature=0, max_tokens=128)
         assert len(reply.choices[0].message.tool_calls or []) == 1, reply
     print(f"required and named tool_choice on {len(prompts)} prompts: every reply a valid call")
 

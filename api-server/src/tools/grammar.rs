@@ -70,10 +70,19 @@ fn literal(text: &str) -> String {
     serde_json::to_string(text).expect("a string serializes")
 }
 
+/// The tool's arguments as llguidance's `%json`, written compactly (`{"city":"Paris"}`, no
+/// whitespace between tokens): as the history's calls are shown to a model whose template
+/// ignores tools, and so that a small model cannot spend its tokens on whitespace.
 fn json_rule(tool: &ToolDef) -> String {
+    let mut schema = tool.parameters.clone();
+    if let Some(object) = schema.as_object_mut() {
+        object
+            .entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
+    }
     format!(
         "%json {}",
-        serde_json::to_string(&tool.parameters).expect("a JSON value serializes")
+        serde_json::to_string(&schema).expect("a JSON value serializes")
     )
 }
 
@@ -189,9 +198,9 @@ mod tests {
         let tools = tools();
         let all: Vec<&ToolDef> = tools.iter().collect();
         let parallel = lark(&all, ToolFormat::Hermes, true);
-        let one = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let one = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\":\"Paris\"}}\n</tool_call>";
         let two = format!(
-            "{one}\n<tool_call>\n{{\"name\": \"add\", \"arguments\": {{\"a\": 1, \"b\": 2}}}}\n</tool_call>"
+            "{one}\n<tool_call>\n{{\"name\": \"add\", \"arguments\": {{\"a\":1,\"b\":2}}}}\n</tool_call>"
         );
         assert!(accepts(&parallel, one), "{parallel}");
         assert!(accepts(&parallel, &two));
@@ -202,10 +211,10 @@ mod tests {
         ));
         // Arguments must validate: required field, enum, types, no extra properties.
         for bad in [
-            r#"{"unit": "celsius"}"#,
-            r#"{"city": "Paris", "unit": "kelvin"}"#,
-            r#"{"city": 7}"#,
-            r#"{"city": "Paris", "country": "FR"}"#,
+            r#"{"unit":"celsius"}"#,
+            r#"{"city":"Paris","unit":"kelvin"}"#,
+            r#"{"city":7}"#,
+            r#"{"city":"Paris","country":"FR"}"#,
         ] {
             let text = format!(
                 "<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {bad}}}\n</tool_call>"
@@ -227,24 +236,28 @@ mod tests {
         let llama = lark(&add, ToolFormat::Llama3Json, true);
         assert!(accepts(
             &llama,
-            r#"{"name": "add", "parameters": {"a": 1, "b": 2}}"#
+            r#"{"name": "add", "parameters": {"a":1,"b":2}}"#
         ));
         assert!(accepts(
             &llama,
-            r#"{"name": "add", "parameters": {"a": 1, "b": 2}}; {"name": "add", "parameters": {"a": 3, "b": 4}}"#
+            r#"{"name": "add", "parameters": {"a":1,"b":2}}; {"name": "add", "parameters": {"a":3,"b":4}}"#
         ));
         assert!(!accepts(
             &llama,
-            r#"{"name": "add", "parameters": {"a": 1.5, "b": 2}}"#
+            r#"{"name": "add", "parameters": {"a":1.5,"b":2}}"#
         ));
+        assert!(
+            !accepts(&llama, r#"{"name": "add", "parameters": {"a": 1, "b": 2}}"#),
+            "arguments are written compactly"
+        );
         let mistral = lark(&add, ToolFormat::Mistral, true);
         assert!(accepts(
             &mistral,
-            r#"[TOOL_CALLS] [{"name": "add", "arguments": {"a": 1, "b": 2}}]"#
+            r#"[TOOL_CALLS] [{"name": "add", "arguments": {"a":1,"b":2}}]"#
         ));
         assert!(!accepts(
             &mistral,
-            r#"{"name": "add", "arguments": {"a": 1, "b": 2}}"#
+            r#"{"name": "add", "arguments": {"a":1,"b":2}}"#
         ));
     }
 
