@@ -206,6 +206,8 @@ pub struct Plan {
     pub max_pending_requests: Option<usize>,
     /// The config's `migration_limit` (absent: the api-server's default).
     pub migration_limit: Option<u32>,
+    /// The config's `tool_call_parser` (absent: the api-server's default, `auto`).
+    pub tool_call_parser: Option<tandem_protocol::config::ToolCallParser>,
     /// The workers' KV secret.
     pub kv_secret: KvSecretSource,
     /// Things the operator should know (keys without effect, groups not started).
@@ -361,6 +363,7 @@ pub fn plan(
         metrics_require_key: config.metrics_require_key,
         max_pending_requests: config.max_pending_requests,
         migration_limit: config.migration_limit,
+        tool_call_parser: config.tool_call_parser,
         kv_secret,
         warnings,
     })
@@ -477,6 +480,7 @@ impl Plan {
             migration_limit: self
                 .migration_limit
                 .unwrap_or(tandem_cli::args::DEFAULT_MIGRATION_LIMIT),
+            tool_call_parser: self.tool_call_parser.unwrap_or_default(),
             ..ApiServerArgs::new(self.model.clone())
         }
     }
@@ -852,6 +856,7 @@ generation_servers: { device: "cuda:1" }
         }
         let yaml = r#"
 router: { policy: round_robin, worker_timeout_ms: 1500, max_local_prefill_length: 16 }
+tool_call_parser: llama3_json
 cache_transceiver_config: { max_tokens_in_buffer: 4096, transfer_pool_mb: 64 }
 context_servers: { num_instances: 2, device: ["cuda:0", "cuda:1"], cuda_graphs: false }
 generation_servers:
@@ -868,6 +873,10 @@ generation_servers:
             assert_eq!(parsed, args, "{}", worker.name);
         }
         let args = plan.api_server_args("nats://n:1");
+        assert_eq!(
+            args.tool_call_parser,
+            tandem_protocol::config::ToolCallParser::Llama3Json
+        );
         let argv = std::iter::once("api-server".into()).chain(args.to_args());
         let parsed = ApiServer::try_parse_from(argv).unwrap().args;
         // The timeouts the launcher leaves out come from the environment, if it sets them.

@@ -135,11 +135,11 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
         ("ignore_eos", Served),
         // Issue 18, other branches: tools ("tools"), structured outputs and logit_bias
         // ("grammar").
-        ("tools", InProgress),
-        ("tool_choice", InProgress),
-        ("parallel_tool_calls", InProgress),
-        ("functions", InProgress),
-        ("function_call", InProgress),
+        ("tools", Served),
+        ("tool_choice", Served),
+        ("parallel_tool_calls", Served),
+        ("functions", Served),
+        ("function_call", Served),
         ("response_format", InProgress),
         ("logit_bias", InProgress),
         (
@@ -214,10 +214,15 @@ pub const CHAT_MESSAGE: EndpointFields = EndpointFields {
                 allowed: never,
             },
         ),
-        // Issue 18, the "tools" branch.
-        ("tool_calls", InProgress),
-        ("tool_call_id", InProgress),
-        ("function_call", InProgress),
+        ("tool_calls", Served),
+        ("tool_call_id", Served),
+        (
+            "function_call",
+            Refused {
+                why: "function_call is OpenAI's deprecated form of a call: send tool_calls",
+                allowed: never,
+            },
+        ),
         (
             "audio",
             Refused {
@@ -588,11 +593,12 @@ mod tests {
         assert!(message.contains("a chat message"), "{message}");
         let (param, _, code) = refusal(
             &CHAT_COMPLETIONS,
-            json!({"messages": [{"role": "tool", "content": "x", "tool_call_id": "c"}]}),
+            json!({"messages": [{"role": "assistant", "content": null,
+                                 "function_call": {"name": "f", "arguments": "{}"}}]}),
         );
         assert_eq!(
             (param.as_str(), code),
-            ("messages[0].tool_call_id", Some("unsupported_parameter"))
+            ("messages[0].function_call", Some("unsupported_parameter"))
         );
         let (param, _, _) = refusal(
             &COMPLETIONS,

@@ -12,7 +12,8 @@
 //! an HTTP/OpenAI error body and to an SSE error event; [`metrics`] derives the Prometheus
 //! series from the events the router and the dispatch report; [`server`] starts everything and
 //! follows heartbeats; [`state`] is what the routes share; [`config`] the command line;
-//! [`disconnect`] notices clients that leave mid-request.
+//! [`disconnect`] notices clients that leave mid-request; [`tools`] is tool calling (request
+//! checks, template inputs, the calls parsed from the output, the grammar of a required call).
 //! The bus contract itself is the `tandem-protocol` crate; see docs/protocol.md.
 
 pub mod admission;
@@ -30,4 +31,5 @@ pub mod routes;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod tools;
 pub mod validation;

@@ -121,6 +121,9 @@ pub enum Event<'a> {
     Unauthorized,
     /// A worker refused a job: its queue is full.
     Rejected(JobPool),
+    /// A chat reply with tools was parsed: `parsed` calls, and `malformed` pieces of call
+    /// markup that did not parse (returned as content).
+    ToolCalls { parsed: u32, malformed: u32 },
 }
 
 #[derive(Clone)]
@@ -152,6 +155,9 @@ pub struct Metrics {
     request_migrations: IntCounterVec,
     /// `pool`: [`JobPool::label`].
     jobs_rejected: IntCounterVec,
+    /// `outcome`: `parsed` (calls returned as `tool_calls`) or `malformed` (call markup that
+    /// did not parse, returned as content).
+    tool_calls: IntCounterVec,
     /// Requests whose prefill ran on a context worker.
     requests_disaggregated: IntCounter,
     /// Requests refused without a valid API key.
@@ -295,6 +301,15 @@ impl Metrics {
             &["pool"],
         )
         .expect("metric options are static and valid");
+        let tool_calls = IntCounterVec::new(
+            Opts::new(
+                "tandem_tool_calls_total",
+                "Tool calls in chat replies, by outcome: parsed (returned as tool_calls) or \
+                 malformed (call markup that did not parse, returned as content)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric options are static and valid");
         let requests_disaggregated = IntCounter::new(
             "tandem_requests_disaggregated_total",
             "Requests whose prompt a context worker prefilled",
@@ -387,6 +402,7 @@ impl Metrics {
             kv_transfer_fallbacks,
             request_migrations,
             jobs_rejected,
+            tool_calls,
             requests_disaggregated,
             unauthorized,
             kv_pinned_blocks,
@@ -419,6 +435,7 @@ impl Metrics {
             Box::new(metrics.kv_transfer_fallbacks.clone()),
             Box::new(metrics.request_migrations.clone()),
             Box::new(metrics.jobs_rejected.clone()),
+            Box::new(metrics.tool_calls.clone()),
             Box::new(metrics.requests_disaggregated.clone()),
             Box::new(metrics.unauthorized.clone()),
             Box::new(metrics.kv_pinned_blocks.clone()),
@@ -467,6 +484,9 @@ impl Metrics {
         }
         for pool in JobPool::ALL {
             metrics.jobs_rejected.with_label_values(&[pool.label()]);
+        }
+        for outcome in ["parsed", "malformed"] {
+            metrics.tool_calls.with_label_values(&[outcome]);
         }
         metrics
     }
@@ -521,6 +541,14 @@ impl Metrics {
                 .with_label_values(&[reason.label()])
                 .inc(),
             Event::Rejected(pool) => self.jobs_rejected.with_label_values(&[pool.label()]).inc(),
+            Event::ToolCalls { parsed, malformed } => {
+                self.tool_calls
+                    .with_label_values(&["parsed"])
+                    .inc_by(u64::from(parsed));
+                self.tool_calls
+                    .with_label_values(&["malformed"])
+                    .inc_by(u64::from(malformed));
+            }
         }
     }
 
@@ -694,6 +722,7 @@ mod tests {
             "tandem_kv_transfer_fallbacks_total{reason=\"context_timeout\"} 0",
             "tandem_requests_disaggregated_total 0",
             "tandem_jobs_rejected_total{pool=\"generation\"} 0",
+            "tandem_tool_calls_total{outcome=\"malformed\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

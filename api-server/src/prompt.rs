@@ -4,12 +4,16 @@
 //! chat template); this module is the api-server's one door to it, so the routes see a small
 //! trait ([`PromptCodec`]) and tokenizing runs off the async executor.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use tandem_protocol::config::ToolCallParser;
 use tandem_text::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, RenderOptions};
 use tandem_text::tokenizer::TextTokenizer;
 
 use crate::error::ApiError;
+use crate::tools::render::template_input;
+use crate::tools::{ToolFormat, ToolRequest, ToolSupport};
 use crate::validation::{PromptInput, Turn};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,20 +55,32 @@ pub fn naming_prompt_param(err: ApiError, prompt_param: &str) -> ApiError {
 /// Tokenization as the api-server needs it. Implementations are CPU-bound and synchronous;
 /// [`tokenize`] moves the call to a blocking thread.
 pub trait PromptCodec: Send + Sync + 'static {
-    /// Renders `turns` with the model's chat template, ending with the assistant's generation
-    /// prompt, and tokenizes the result without adding special tokens a second time.
-    fn encode_chat(&self, turns: &[Turn]) -> Result<Vec<u32>, PromptError>;
+    /// Renders `turns` (and `tools`, when the request lets the model call them) with the
+    /// model's chat template, ending with the assistant's generation prompt, and tokenizes the
+    /// result without adding special tokens a second time.
+    fn encode_chat(
+        &self,
+        turns: &[Turn],
+        tools: Option<&ToolRequest>,
+    ) -> Result<Vec<u32>, PromptError>;
     /// Tokenizes a completion prompt, adding the tokenizer's special tokens (BOS) as
     /// Hugging Face's `encode` does by default.
     fn encode_text(&self, text: &str) -> Result<Vec<u32>, PromptError>;
     /// The text of one token, for logprobs (`token` and `bytes`).
     fn token_text(&self, id: u32) -> String;
+    /// How this model's tool calls are rendered and parsed; `None`: tool calling is off.
+    fn tool_support(&self) -> Option<ToolSupport>;
+    /// The text of `id` when it is a special token of the tool-call markup (Mistral's
+    /// `[TOOL_CALLS]`, Llama's `<|python_tag|>`): the workers' detokenizer skips special
+    /// tokens, so the parser gets their text from here.
+    fn marker_text(&self, id: u32) -> Option<&str>;
 }
 
 /// Tokenizes `prompt` on a blocking thread.
 pub async fn tokenize(
     codec: Arc<dyn PromptCodec>,
     prompt: PromptInput,
+    tools: Option<ToolRequest>,
 ) -> Result<Vec<u32>, ApiError> {
     match prompt {
         PromptInput::Tokens(ids) => Ok(ids),
@@ -72,15 +88,21 @@ pub async fn tokenize(
             .await
             .map_err(|err| ApiError::Internal(format!("tokenizer task failed: {err}")))?
             .map_err(ApiError::from),
-        PromptInput::Chat(turns) => tokio::task::spawn_blocking(move || codec.encode_chat(&turns))
-            .await
-            .map_err(|err| ApiError::Internal(format!("tokenizer task failed: {err}")))?
-            .map_err(ApiError::from),
+        PromptInput::Chat(turns) => {
+            tokio::task::spawn_blocking(move || codec.encode_chat(&turns, tools.as_ref()))
+                .await
+                .map_err(|err| ApiError::Internal(format!("tokenizer task failed: {err}")))?
+                .map_err(ApiError::from)
+        }
     }
 }
 
-/// Loads the model directory's tokenizer and chat template (tandem-text).
-pub fn load_codec(model_dir: &std::path::Path) -> Result<Box<dyn PromptCodec>, PromptError> {
+/// Loads the model directory's tokenizer and chat template (tandem-text), and decides how
+/// tool calls are rendered and parsed (`parser`, `--tool-call-parser`).
+pub fn load_codec(
+    model_dir: &std::path::Path,
+    parser: ToolCallParser,
+) -> Result<Box<dyn PromptCodec>, PromptError> {
     let tokenizer =
         TextTokenizer::load(model_dir).map_err(|e| PromptError::Tokenizer(e.to_string()))?;
     // A model without a template still serves /v1/completions; chat requests are refused.
@@ -89,33 +111,106 @@ pub fn load_codec(model_dir: &std::path::Path) -> Result<Box<dyn PromptCodec>, P
         Err(ChatTemplateError::Missing) => None,
         Err(err) => return Err(PromptError::Tokenizer(err.to_string())),
     };
+    let tool_support = match (&template, tokenizer.chat_template()) {
+        (Some(template), Some(source)) => tool_support(parser, template, source),
+        _ => None,
+    };
+    match tool_support {
+        Some(support) => tracing::info!(
+            format = %support.format,
+            native = support.native,
+            "tool calls: {} markup, tools {}",
+            support.format,
+            if support.native {
+                "rendered by the chat template"
+            } else {
+                "written into the system prompt (the chat template ignores them)"
+            }
+        ),
+        None => tracing::info!("tool calling off (--tool-call-parser none, or no chat template)"),
+    }
+    let markers = tool_support
+        .map(|support| marker_tokens(&tokenizer, support.format))
+        .unwrap_or_default();
     Ok(Box::new(TextCodec {
         tokenizer,
         template,
+        tool_support,
+        markers,
     }))
+}
+
+/// The tool-call format for `parser`, and whether the template renders tools (it does if a
+/// probe tool's name appears in its rendering).
+pub fn tool_support(
+    parser: ToolCallParser,
+    template: &ChatTemplate,
+    source: &str,
+) -> Option<ToolSupport> {
+    let probe = "tandem_probe_function";
+    let mut options = RenderOptions {
+        add_generation_prompt: true,
+        ..RenderOptions::default()
+    };
+    options.variables.insert(
+        "tools".into(),
+        serde_json::json!([{"type": "function", "function": {"name": probe,
+            "description": "probe", "parameters": {"type": "object", "properties": {}}}}]),
+    );
+    let native = template
+        .render(&[ChatMessage::new("user", "hello")], &options)
+        .is_ok_and(|text| text.contains(probe));
+    let format = match parser {
+        ToolCallParser::None => return None,
+        ToolCallParser::Auto if native => ToolFormat::detect(source).unwrap_or(ToolFormat::Hermes),
+        ToolCallParser::Auto => ToolFormat::Hermes,
+        ToolCallParser::Hermes => ToolFormat::Hermes,
+        ToolCallParser::Llama3Json => ToolFormat::Llama3Json,
+        ToolCallParser::Mistral => ToolFormat::Mistral,
+    };
+    Some(ToolSupport { format, native })
+}
+
+/// The markers of `format` that are special tokens of this tokenizer (skipped when
+/// detokenized), by id.
+fn marker_tokens(tokenizer: &TextTokenizer, format: ToolFormat) -> HashMap<u32, &'static str> {
+    format
+        .markers()
+        .iter()
+        .filter_map(|&marker| {
+            let id = tokenizer.token_to_id(marker)?;
+            let skipped = tokenizer
+                .decode(&[id], true)
+                .is_ok_and(|text| text.is_empty());
+            skipped.then_some((id, marker))
+        })
+        .collect()
 }
 
 /// [`PromptCodec`] over tandem-text: the same tokenizer and template code the workers use.
 struct TextCodec {
     tokenizer: TextTokenizer,
     template: Option<ChatTemplate>,
+    tool_support: Option<ToolSupport>,
+    markers: HashMap<u32, &'static str>,
 }
 
 impl PromptCodec for TextCodec {
-    fn encode_chat(&self, turns: &[Turn]) -> Result<Vec<u32>, PromptError> {
+    fn encode_chat(
+        &self,
+        turns: &[Turn],
+        tools: Option<&ToolRequest>,
+    ) -> Result<Vec<u32>, PromptError> {
         let template = self.template.as_ref().ok_or_else(|| {
             PromptError::Template("this model has no chat template; use /v1/completions".into())
         })?;
-        let messages: Vec<ChatMessage> = turns
-            .iter()
-            .map(|t| ChatMessage::new(t.role.as_str(), t.content.as_str()))
-            .collect();
+        let input = template_input(turns, tools, self.tool_support);
         let options = RenderOptions {
             add_generation_prompt: true,
-            ..RenderOptions::default()
+            variables: input.variables,
         };
         let text = template
-            .render(&messages, &options)
+            .render(&input.messages, &options)
             .map_err(|err| match err {
                 ChatTemplateError::Raised { message } => PromptError::Template(message),
                 ChatTemplateError::InvalidMessage { .. } => PromptError::Template(err.to_string()),
@@ -137,6 +232,14 @@ impl PromptCodec for TextCodec {
             .token_bytes(id)
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_default()
+    }
+
+    fn tool_support(&self) -> Option<ToolSupport> {
+        self.tool_support
+    }
+
+    fn marker_text(&self, id: u32) -> Option<&str> {
+        self.markers.get(&id).copied()
     }
 }
 

@@ -45,6 +45,8 @@ pub fn model_limits(config: &ServerConfig) -> Result<ModelLimits, StartError> {
         served_model_name: config.served_name(),
         max_model_len: u32::try_from(model.max_position_embeddings).unwrap_or(u32::MAX),
         vocab_size: u32::try_from(model.vocab_size).unwrap_or(u32::MAX),
+        // Filled from the prompt codec in `serve`.
+        tool_support: None,
     })
 }
 
@@ -84,7 +86,8 @@ async fn follow_heartbeats(
 /// Runs the server until it is stopped (SIGINT / SIGTERM, handled by actix: in-flight requests
 /// get a grace period).
 pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<(), StartError> {
-    let limits = model_limits(&config)?;
+    let mut limits = model_limits(&config)?;
+    limits.tool_support = codec.tool_support();
     let api_keys = ApiKeys::from_config(&config)?.map(web::Data::new);
     match &api_keys {
         Some(keys) => tracing::info!(

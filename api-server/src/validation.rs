@@ -13,6 +13,7 @@ use crate::error::ApiError;
 use crate::openai::{
     ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, PromptField, StopField,
 };
+use crate::tools::{ToolCallRecord, ToolRequest, ToolSupport};
 
 /// OpenAI's limits.
 pub const MAX_STOP_SEQUENCES: usize = 4;
@@ -35,6 +36,9 @@ pub struct ModelLimits {
     /// Prompt plus completion tokens at most (`max_position_embeddings`).
     pub max_model_len: u32,
     pub vocab_size: u32,
+    /// How tool calls are rendered and parsed for this model; `None`: tool calling is off
+    /// (`--tool-call-parser none`, or a model without a chat template).
+    pub tool_support: Option<ToolSupport>,
 }
 
 /// A chat role we serve. `developer` (OpenAI's newer name for system) maps to system.
@@ -43,6 +47,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result, answering an assistant's call.
+    Tool,
 }
 
 impl Role {
@@ -51,6 +57,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -59,6 +66,26 @@ impl Role {
 pub struct Turn {
     pub role: Role,
     pub content: String,
+    /// An assistant turn's tool calls (its content may then be empty).
+    pub tool_calls: Vec<ToolCallRecord>,
+    /// A tool turn: the id of the call it answers.
+    pub tool_call_id: Option<String>,
+    /// A tool turn: the function that was called (the message's `name`, else the name of the
+    /// call with `tool_call_id`).
+    pub name: Option<String>,
+}
+
+impl Turn {
+    /// A turn of plain text.
+    pub fn text(role: Role, content: impl Into<String>) -> Self {
+        Turn {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
+        }
+    }
 }
 
 /// The prompt before tokenization.
@@ -98,6 +125,8 @@ pub struct ValidRequest {
     pub prompt_param: &'static str,
     /// Choices to generate (`n`), 1 to [`MAX_N`].
     pub n: u32,
+    /// A chat request's tools (`None`: none declared).
+    pub tools: Option<ToolRequest>,
 }
 
 impl ValidRequest {
@@ -311,12 +340,44 @@ fn validate_message(index: usize, message: &ChatMessage) -> Result<Turn, ApiErro
         "system" | "developer" => Role::System,
         "user" => Role::User,
         "assistant" => Role::Assistant,
-        other => {
+        "tool" => Role::Tool,
+        "function" => {
             return Err(ApiError::invalid(
-                format!("role {other:?} is not supported (system, user or assistant)"),
+                "role \"function\" is deprecated and not served; answer tool calls with role \
+                 \"tool\" and the call's tool_call_id",
                 &format!("{param}.role"),
             ));
         }
+        other => {
+            return Err(ApiError::invalid(
+                format!(
+                    "role {other:?} is not supported (system, developer, user, assistant or tool)"
+                ),
+                &format!("{param}.role"),
+            ));
+        }
+    };
+    let tool_calls = match (&message.tool_calls, role) {
+        (None, _) => Vec::new(),
+        (Some(calls), Role::Assistant) => {
+            crate::tools::validate::validate_tool_calls(&param, calls)?
+        }
+        (Some(_), _) => {
+            return Err(ApiError::invalid(
+                "only assistant messages carry tool_calls",
+                &format!("{param}.tool_calls"),
+            ));
+        }
+    };
+    let tool_call_id = match (&message.tool_call_id, role) {
+        (Some(id), Role::Tool) if !id.is_empty() => Some(id.clone()),
+        (_, Role::Tool) => {
+            return Err(ApiError::invalid(
+                "a tool message needs tool_call_id: the id of the call it answers",
+                &format!("{param}.tool_call_id"),
+            ));
+        }
+        (_, _) => None,
     };
     let content = match &message.content {
         Some(MessageContent::Text(text)) => text.clone(),
@@ -342,7 +403,7 @@ fn validate_message(index: usize, message: &ChatMessage) -> Result<Turn, ApiErro
             }
             texts.join("\n")
         }
-        // An assistant turn may carry only tool calls, which this server does not serve.
+        // An assistant turn may carry only tool calls (or be a prefill of nothing).
         None if role == Role::Assistant => String::new(),
         None => {
             return Err(ApiError::invalid(
@@ -351,7 +412,43 @@ fn validate_message(index: usize, message: &ChatMessage) -> Result<Turn, ApiErro
             ));
         }
     };
-    Ok(Turn { role, content })
+    Ok(Turn {
+        role,
+        content,
+        tool_calls,
+        tool_call_id,
+        name: message.name.clone().filter(|_| role == Role::Tool),
+    })
+}
+
+/// Every tool message answers a call made earlier in the conversation (OpenAI refuses the
+/// others); its `name` is filled in from that call when the client left it out.
+fn link_tool_results(turns: &mut [Turn]) -> Result<(), ApiError> {
+    let mut calls: Vec<(String, String)> = Vec::new();
+    for (index, turn) in turns.iter_mut().enumerate() {
+        calls.extend(
+            turn.tool_calls
+                .iter()
+                .map(|call| (call.id.clone(), call.name.clone())),
+        );
+        let Some(id) = &turn.tool_call_id else {
+            continue;
+        };
+        match calls.iter().find(|(call_id, _)| call_id == id) {
+            Some((_, name)) => {
+                turn.name.get_or_insert_with(|| name.clone());
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "tool_call_id {id:?} answers no tool call of an earlier assistant message"
+                    ),
+                    &format!("messages[{index}].tool_call_id"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn validate_chat(
@@ -386,11 +483,13 @@ pub fn validate_chat(
     if messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty", "messages"));
     }
-    let turns = messages
+    let mut turns = messages
         .iter()
         .enumerate()
         .map(|(i, m)| validate_message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
+    link_tool_results(&mut turns)?;
+    let tools = crate::tools::validate::validate_tools(request, limits.tool_support.is_some())?;
 
     // max_completion_tokens is OpenAI's current name; when both are sent it wins.
     let max_tokens = match (request.max_completion_tokens, request.max_tokens) {
@@ -414,6 +513,9 @@ pub fn validate_chat(
     };
     let mut sampling = common.sampling;
     sampling.logprobs = logprobs;
+    if let (Some(tools), Some(support)) = (&tools, limits.tool_support) {
+        crate::tools::grammar::constrain(tools, support.format, &mut sampling)?;
+    }
     Ok(ValidRequest {
         prompt: PromptInput::Chat(turns),
         max_tokens,
@@ -426,6 +528,7 @@ pub fn validate_chat(
         logprobs_format: LogprobsFormat::Chat,
         prompt_param: "messages",
         n: common.n,
+        tools,
     })
 }
 
@@ -533,6 +636,7 @@ pub fn validate_completion(
         logprobs_format: LogprobsFormat::Completion,
         prompt_param: "prompt",
         n: common.n,
+        tools: None,
     })
 }
 
@@ -546,6 +650,10 @@ mod tests {
             served_model_name: "smol".into(),
             max_model_len: 100,
             vocab_size: 1000,
+            tool_support: Some(ToolSupport {
+                format: crate::tools::ToolFormat::Hermes,
+                native: false,
+            }),
         }
     }
 
@@ -581,18 +689,9 @@ mod tests {
         assert_eq!(
             valid.prompt,
             PromptInput::Chat(vec![
-                Turn {
-                    role: Role::System,
-                    content: "sys".into()
-                },
-                Turn {
-                    role: Role::User,
-                    content: "a\nb".into()
-                },
-                Turn {
-                    role: Role::Assistant,
-                    content: String::new()
-                },
+                Turn::text(Role::System, "sys"),
+                Turn::text(Role::User, "a\nb"),
+                Turn::text(Role::Assistant, ""),
             ])
         );
         assert_eq!(valid.max_tokens, None);
@@ -684,7 +783,28 @@ mod tests {
             ),
             (
                 json!({"messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].tool_call_id",
+            ),
+            (
+                json!({"messages": [{"role": "tool", "content": "x", "tool_call_id": "c"}]}),
+                "messages[0].tool_call_id",
+            ),
+            (
+                json!({"messages": [{"role": "function", "content": "x", "name": "f"}]}),
                 "messages[0].role",
+            ),
+            (
+                json!({"messages": [{"role": "critic", "content": "x"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}),
+                "messages[0].tool_calls",
+            ),
+            (
+                json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "c",
+                    "function": {"name": "f"}}]}]}),
+                "messages[0].tool_calls[0].function.arguments",
             ),
             (
                 json!({"messages": [{"role": "user"}]}),
@@ -698,6 +818,46 @@ mod tests {
         for (body, param) in cases {
             assert_eq!(param_of(chat(body.clone())), param, "{body}");
         }
+    }
+
+    #[test]
+    fn a_tool_round_trip_is_validated_and_linked() {
+        let valid = chat(json!({"messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}
+        ], "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+           "tool_choice": "required"}))
+        .unwrap();
+        let PromptInput::Chat(turns) = &valid.prompt else {
+            panic!("{:?}", valid.prompt)
+        };
+        assert_eq!(turns[1].tool_calls[0].name, "get_weather");
+        assert_eq!(turns[1].content, "");
+        assert_eq!(turns[2].role, Role::Tool);
+        assert_eq!(
+            turns[2].name.as_deref(),
+            Some("get_weather"),
+            "named after its call"
+        );
+        let tools = valid.tools.expect("tools");
+        assert_eq!(tools.choice, crate::tools::ToolChoice::Required);
+        assert!(
+            matches!(
+                valid.sampling.grammar,
+                Some(tandem_protocol::messages::GrammarSpec::Lark { .. })
+            ),
+            "required: a grammar"
+        );
+        // Tool calling off: refused, unless tool_choice is none.
+        let off = ModelLimits {
+            tool_support: None,
+            ..limits()
+        };
+        let body = json!({"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}]});
+        let request: ChatCompletionRequest = serde_json::from_value(body).unwrap();
+        assert_eq!(param_of(validate_chat(&request, &off)), "tools");
     }
 
     #[test]

@@ -45,6 +45,46 @@ impl RouterPolicy {
     pub const ALL: [RouterPolicy; 2] = [RouterPolicy::RoundRobin, RouterPolicy::LeastLoaded];
 }
 
+/// Which tool-call markup the api-server parses (`--tool-call-parser`, config key
+/// `tool_call_parser`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolCallParser {
+    /// From the model's chat template (Hermes when it shows none).
+    #[default]
+    Auto,
+    /// `<tool_call>{...}</tool_call>` (Hermes 2 Pro / 3, Qwen2.5).
+    Hermes,
+    /// `{"name": ..., "parameters": {...}}` (Llama 3.1 / 3.2).
+    Llama3Json,
+    /// `[TOOL_CALLS] [{...}]` (Mistral v0.3).
+    Mistral,
+    /// Tool calling off: requests with tools are refused unless `tool_choice` is `none`.
+    None,
+}
+
+impl ToolCallParser {
+    /// Every choice, in declaration order.
+    pub const ALL: [ToolCallParser; 5] = [
+        ToolCallParser::Auto,
+        ToolCallParser::Hermes,
+        ToolCallParser::Llama3Json,
+        ToolCallParser::Mistral,
+        ToolCallParser::None,
+    ];
+
+    /// The name on the command line and in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            ToolCallParser::Auto => "auto",
+            ToolCallParser::Hermes => "hermes",
+            ToolCallParser::Llama3Json => "llama3_json",
+            ToolCallParser::Mistral => "mistral",
+            ToolCallParser::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RouterConfig {
@@ -301,6 +341,9 @@ pub struct DeploymentConfig {
     /// (tandem) How often one request may move to another worker when its worker fails
     /// mid-stream. Absent: the api-server's default (3); 0: never.
     pub migration_limit: Option<u32>,
+    /// (tandem) Which tool-call markup the api-server parses: `auto` (from the chat
+    /// template), `hermes`, `llama3_json`, `mistral` or `none`. Absent: `auto`.
+    pub tool_call_parser: Option<ToolCallParser>,
     /// (tandem) A file holding the deployment's KV secret, with which context workers sign KV
     /// handles and decode workers check them (the same file on every host). Absent: the
     /// launcher makes a fresh secret for a deployment it starts whole.
@@ -339,6 +382,7 @@ impl Default for DeploymentConfig {
             metrics_require_key: false,
             max_pending_requests: None,
             migration_limit: None,
+            tool_call_parser: None,
             kv_secret_file: None,
             ignored: BTreeMap::new(),
         }

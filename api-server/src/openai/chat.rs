@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::common::{FinishReason, StopField, StreamOptions, Usage};
+use super::tools::{RequestToolCall, Tool, ToolCall, ToolCallDelta, ToolChoiceField};
 
 /// The request as clients send it. Numbers are wide and signed so that an out-of-range value is
 /// reported by validation with the field's name, rather than as a JSON type error.
@@ -29,6 +30,13 @@ pub struct ChatCompletionRequest {
     pub top_k: Option<i64>,
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
+    /// Functions the model may call (`api-server/src/tools/`).
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: Option<ToolChoiceField>,
+    pub parallel_tool_calls: Option<bool>,
+    /// OpenAI's deprecated forms of `tools` and `tool_choice`: refused with a 400 that says so.
+    pub functions: Option<serde_json::Value>,
+    pub function_call: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -36,6 +44,10 @@ pub struct ChatMessage {
     pub role: String,
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// An assistant message's calls (its `content` may then be null).
+    pub tool_calls: Option<Vec<RequestToolCall>>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// `content`: a string, or a list of typed parts of which only `text` parts are served.
@@ -76,8 +88,12 @@ pub struct ChatChoice {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the reply is only tool calls.
+    pub content: Option<String>,
     pub refusal: Option<String>,
+    /// Present only when the model called tools.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// `logprobs` of a chat choice or chunk.
@@ -131,6 +147,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[cfg(test)]
@@ -179,8 +197,9 @@ mod tests {
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant",
-                    content: "Hello there.".into(),
+                    content: Some("Hello there.".into()),
                     refusal: None,
+                    tool_calls: Vec::new(),
                 },
                 logprobs: None,
                 finish_reason: FinishReason::Stop,
@@ -221,6 +240,7 @@ mod tests {
                 delta: Delta {
                     role: Some("assistant"),
                     content: Some(String::new()),
+                    tool_calls: None,
                 },
                 logprobs: None,
                 finish_reason: None,
@@ -240,6 +260,7 @@ mod tests {
                 delta: Delta {
                     role: None,
                     content: Some("Hi".into()),
+                    tool_calls: None,
                 },
                 logprobs: Some(ChatLogprobs {
                     content: vec![TokenLogprob {

@@ -57,4 +57,6 @@ pub struct ErrorBody {
 pub enum FinishReason {
     Stop,
     Length,
+    /// The model called tools (and stopped).
+    ToolCalls,
 }

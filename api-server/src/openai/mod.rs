@@ -11,9 +11,11 @@ pub mod common;
 pub mod completions;
 pub mod models;
 pub mod responses;
+pub mod tools;
 
 pub use chat::*;
 pub use common::*;
 pub use completions::*;
 pub use models::*;
 pub use responses::*;
+pub use tools::*;

@@ -12,14 +12,17 @@ use crate::disconnect::ClientSocket;
 use crate::dispatch::samples::total_usage;
 use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
-use crate::metrics::Endpoint;
+use crate::metrics::{Endpoint, Event, Metrics};
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChatLogprobs, ChunkChoice, Delta, Usage,
+    ChatLogprobs, ChunkChoice, Delta, FinishReason, FunctionCall, FunctionCallDelta, ToolCall,
+    ToolCallDelta, Usage,
 };
 use crate::prompt::PromptCodec;
 use crate::sse::{ChunkFormat, sse_data, sse_response};
 use crate::state::{AppState, unix_now_s};
+use crate::tools::new_call_id;
+use crate::tools::parser::{CallParser, ParseEvent, ParsedReply};
 use crate::validation::validate_chat;
 
 #[post("/v1/chat/completions")]
@@ -41,6 +44,7 @@ pub async fn chat_completions(
     };
     let generations = generation?;
     let created = unix_now_s();
+    // One format per choice: each choice's tool calls are parsed from its own text.
     let chunks = |index: usize| ChatChunks {
         id: id.clone(),
         index: index as u32,
@@ -49,6 +53,14 @@ pub async fn chat_completions(
         include_usage: valid.include_usage,
         logprobs: valid.logprobs.is_some(),
         codec: Arc::clone(&state.codec),
+        calls: match (&valid.tools, state.limits.tool_support) {
+            (Some(tools), Some(support)) if tools.active() => {
+                Some(CallParser::new(support.format, tools.parallel))
+            }
+            _ => None,
+        },
+        call_ids: Vec::new(),
+        metrics: state.metrics.clone(),
     };
     if valid.stream {
         let choices = generations
@@ -81,9 +93,98 @@ pub struct ChatChunks {
     pub include_usage: bool,
     pub logprobs: bool,
     pub codec: Arc<dyn PromptCodec>,
+    /// The tool-call parser, when the request lets the model call tools.
+    pub calls: Option<CallParser>,
+    /// The ids of the calls parsed so far, by index.
+    pub call_ids: Vec<String>,
+    pub metrics: Metrics,
 }
 
 impl ChatChunks {
+    /// The output text of `tokens` as the tool-call parser reads it: with the text of the
+    /// markup's special tokens, which the workers' detokenizer leaves out.
+    fn parser_text(&self, tokens: &[TokenEvent]) -> String {
+        tokens
+            .iter()
+            .map(|t| match self.codec.marker_text(t.id) {
+                Some(marker) => format!("{marker}{}", t.text),
+                None => t.text.clone(),
+            })
+            .collect()
+    }
+
+    /// Counts the reply's calls (`tandem_tool_calls_total`) and logs call markup the model
+    /// wrote that did not parse (returned to the client as content): an operator seeing it
+    /// often may have the wrong `--tool-call-parser`.
+    fn record_calls(&self) {
+        let Some(parser) = &self.calls else {
+            return;
+        };
+        self.metrics.record(Event::ToolCalls {
+            parsed: parser.calls(),
+            malformed: parser.malformed(),
+        });
+        if parser.malformed() > 0 {
+            tracing::warn!(
+                request_id = %self.id,
+                malformed = parser.malformed(),
+                parsed = parser.calls(),
+                "the model wrote tool-call markup that is not a call (a JSON object with a \
+                 name and arguments); it was returned as content"
+            );
+        }
+    }
+
+    /// `length` stays; a reply that called tools ends with `tool_calls`.
+    fn reply_finish(&self, reason: WireFinish) -> FinishReason {
+        match finish_reason(reason) {
+            FinishReason::Stop if self.calls.as_ref().is_some_and(|p| p.calls() > 0) => {
+                FinishReason::ToolCalls
+            }
+            other => other,
+        }
+    }
+
+    /// The content and tool-call deltas of parser events; call ids are made here.
+    fn deltas(&mut self, events: Vec<ParseEvent>) -> (Option<String>, Vec<ToolCallDelta>) {
+        let mut content: Option<String> = None;
+        let mut calls = Vec::new();
+        for event in events {
+            match event {
+                ParseEvent::Content(text) => {
+                    content.get_or_insert_with(String::new).push_str(&text)
+                }
+                ParseEvent::CallStart { index, name } => {
+                    let id = new_call_id();
+                    self.call_ids.push(id.clone());
+                    calls.push(ToolCallDelta {
+                        index,
+                        id: Some(id),
+                        kind: Some("function"),
+                        function: FunctionCallDelta {
+                            name: Some(name),
+                            arguments: String::new(),
+                        },
+                    });
+                }
+                ParseEvent::Arguments { index, text } => match calls.last_mut() {
+                    // One delta per call and chunk: the first carries the arguments' start.
+                    Some(last) if last.index == index => last.function.arguments.push_str(&text),
+                    _ => calls.push(ToolCallDelta {
+                        index,
+                        id: None,
+                        kind: None,
+                        function: FunctionCallDelta {
+                            name: None,
+                            arguments: text,
+                        },
+                    }),
+                },
+            }
+        }
+        (content, calls)
+    }
+
     /// The `chat.completion` object of a request that is not streamed, with its choices.
     fn completion(self, choices: Vec<ChatChoice>, usage: WireUsage) -> ChatCompletion {
         ChatCompletion {
@@ -98,8 +199,29 @@ impl ChatChunks {
     }
 
     /// This choice of a request that is not streamed.
-    fn choice(&self, completed: Completed) -> ChatChoice {
-        let content = completed.text();
+    fn choice(mut self, completed: Completed) -> ChatChoice {
+        let (content, tool_calls) = match self.calls.as_mut() {
+            None => (Some(completed.text()), Vec::new()),
+            Some(_) => {
+                let text = self.parser_text(&completed.tokens);
+                let parser = self.calls.as_mut().expect("matched Some above");
+                let mut reply = ParsedReply::default();
+                reply.add(parser.push(&text));
+                reply.add(parser.finish());
+                let calls = reply
+                    .calls
+                    .into_iter()
+                    .map(|(name, arguments)| ToolCall {
+                        id: new_call_id(),
+                        kind: "function",
+                        function: FunctionCall { name, arguments },
+                    })
+                    .collect();
+                (reply.content, calls)
+            }
+        };
+        self.record_calls();
+        let finish = self.reply_finish(completed.reason);
         let logprobs = ChatLogprobs {
             content: completed
                 .tokens
@@ -114,9 +236,10 @@ impl ChatChunks {
                 role: "assistant",
                 content,
                 refusal: None,
+                tool_calls,
             },
             logprobs: self.logprobs.then_some(logprobs),
-            finish_reason: finish_reason(completed.reason),
+            finish_reason: finish,
         }
     }
 
@@ -140,6 +263,7 @@ impl ChunkFormat for ChatChunks {
             delta: Delta {
                 role: Some("assistant"),
                 content: Some(String::new()),
+                tool_calls: None,
             },
             logprobs: None,
             finish_reason: None,
@@ -148,7 +272,16 @@ impl ChunkFormat for ChatChunks {
     }
 
     fn tokens(&mut self, tokens: &[TokenEvent]) -> Option<Bytes> {
-        let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+        let (text, calls) = match self.calls.as_mut() {
+            None => (tokens.iter().map(|t| t.text.as_str()).collect(), Vec::new()),
+            Some(_) => {
+                let text = self.parser_text(tokens);
+                let parser = self.calls.as_mut().expect("matched Some above");
+                let events = parser.push(&text);
+                let (content, calls) = self.deltas(events);
+                (content.unwrap_or_default(), calls)
+            }
+        };
         let logprobs = self.logprobs.then(|| ChatLogprobs {
             content: tokens
                 .iter()
@@ -158,14 +291,18 @@ impl ChunkFormat for ChatChunks {
         });
         // Tokens held back by the worker (a partial character or a possible stop string) carry
         // no text; send nothing unless their logprobs are wanted.
-        if text.is_empty() && logprobs.as_ref().is_none_or(|l| l.content.is_empty()) {
+        if text.is_empty()
+            && calls.is_empty()
+            && logprobs.as_ref().is_none_or(|l| l.content.is_empty())
+        {
             return None;
         }
         let choice = ChunkChoice {
             index: self.index,
             delta: Delta {
                 role: None,
-                content: Some(text),
+                content: (!text.is_empty() || calls.is_empty()).then_some(text),
+                tool_calls: (!calls.is_empty()).then_some(calls),
             },
             logprobs,
             finish_reason: None,
@@ -174,13 +311,34 @@ impl ChunkFormat for ChatChunks {
     }
 
     fn finished(&mut self, reason: WireFinish, _usage: WireUsage) -> Vec<Bytes> {
+        let mut chunks = Vec::new();
+        // What the parser held back (a possible marker, an unfinished call) is decided now.
+        if let Some(parser) = self.calls.as_mut() {
+            let events = parser.finish();
+            self.record_calls();
+            let (content, calls) = self.deltas(events);
+            if content.is_some() || !calls.is_empty() {
+                let choice = ChunkChoice {
+                    index: self.index,
+                    delta: Delta {
+                        role: None,
+                        content,
+                        tool_calls: (!calls.is_empty()).then_some(calls),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                };
+                chunks.push(sse_data(&self.chunk(vec![choice], None)));
+            }
+        }
         let choice = ChunkChoice {
             index: self.index,
             delta: Delta::default(),
             logprobs: None,
-            finish_reason: Some(finish_reason(reason)),
+            finish_reason: Some(self.reply_finish(reason)),
         };
-        vec![sse_data(&self.chunk(vec![choice], None))]
+        chunks.push(sse_data(&self.chunk(vec![choice], None)));
+        chunks
     }
 
     fn usage(&self, usage: WireUsage) -> Option<Bytes> {

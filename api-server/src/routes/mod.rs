@@ -98,9 +98,13 @@ pub(crate) async fn start_generation(
         .try_admit()
         .inspect_err(|err| record.fail(err))?;
     let prepared = async {
-        let prompt_ids = tokenize(state.codec.clone(), valid.prompt.clone())
-            .await
-            .map_err(|err| naming_prompt_param(err, valid.prompt_param()))?;
+        let prompt_ids = tokenize(
+            state.codec.clone(),
+            valid.prompt.clone(),
+            valid.tools.clone(),
+        )
+        .await
+        .map_err(|err| naming_prompt_param(err, valid.prompt_param()))?;
         let stop = valid.stop_spec(prompt_ids.len(), &state.limits)?;
         Ok::<_, ApiError>(JobSpec {
             prompt_ids,
@@ -130,7 +134,8 @@ pub(crate) async fn collect_all(generations: Vec<Generation>) -> Result<Vec<Comp
     futures::future::try_join_all(generations.into_iter().map(Generation::collect)).await
 }
 
-/// Only `Stop` and `Length` reach a response; the others end a generation with an error.
+/// Only `Stop` and `Length` reach a response (`Stop` becomes `tool_calls` when the model
+/// called tools, in `routes/chat.rs`); the others end a generation with an error.
 pub(crate) fn finish_reason(reason: WireFinish) -> FinishReason {
     match reason {
         WireFinish::Length => FinishReason::Length,

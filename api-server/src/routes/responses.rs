@@ -325,7 +325,11 @@ mod tests {
 
     struct Codec;
     impl PromptCodec for Codec {
-        fn encode_chat(&self, _: &[Turn]) -> Result<Vec<u32>, PromptError> {
+        fn encode_chat(
+            &self,
+            _: &[Turn],
+            _: Option<&crate::tools::ToolRequest>,
+        ) -> Result<Vec<u32>, PromptError> {
             unreachable!()
         }
         fn encode_text(&self, _: &str) -> Result<Vec<u32>, PromptError> {
@@ -333,6 +337,12 @@ mod tests {
         }
         fn token_text(&self, id: u32) -> String {
             format!("t{id}")
+        }
+        fn tool_support(&self) -> Option<crate::tools::ToolSupport> {
+            None
+        }
+        fn marker_text(&self, _: u32) -> Option<&str> {
+            None
         }
     }
 
@@ -342,6 +352,7 @@ mod tests {
             served_model_name: "m".into(),
             max_model_len: 100,
             vocab_size: 10,
+            tool_support: None,
         };
         let mut settings = validate_responses(&request, &limits).unwrap().echo;
         settings.include_logprobs = include_logprobs;

@@ -108,17 +108,11 @@ pub fn validate_responses(
 
     let mut turns = Vec::new();
     if let Some(instructions) = &request.instructions {
-        turns.push(Turn {
-            role: Role::System,
-            content: instructions.clone(),
-        });
+        turns.push(Turn::text(Role::System, instructions.clone()));
     }
     match &request.input {
         None => return Err(ApiError::invalid("input is required", "input")),
-        Some(ResponseInput::Text(text)) => turns.push(Turn {
-            role: Role::User,
-            content: text.clone(),
-        }),
+        Some(ResponseInput::Text(text)) => turns.push(Turn::text(Role::User, text.clone())),
         Some(ResponseInput::Items(items)) => {
             if items.is_empty() {
                 return Err(ApiError::invalid("input must not be empty", "input"));
@@ -185,6 +179,8 @@ pub fn validate_responses(
             logprobs_format: LogprobsFormat::Chat,
             prompt_param: "input",
             n: 1,
+            // Tools on /v1/responses are refused at the edge (docs/api.md).
+            tools: None,
         },
         echo,
     })
@@ -433,7 +429,7 @@ fn input_item(index: usize, item: &Value) -> Result<Turn, ApiError> {
             ));
         }
     };
-    Ok(Turn { role, content })
+    Ok(Turn::text(role, content))
 }
 
 fn text_part(param: &str, part: &Value) -> Result<String, ApiError> {
@@ -485,6 +481,7 @@ mod tests {
             served_model_name: "smol".into(),
             max_model_len: 100,
             vocab_size: 1000,
+            tool_support: None,
         }
     }
 
@@ -501,10 +498,7 @@ mod tests {
     }
 
     fn turn(role: Role, content: &str) -> Turn {
-        Turn {
-            role,
-            content: content.into(),
-        }
+        Turn::text(role, content)
     }
 
     #[test]

@@ -63,6 +63,10 @@ pub const SCRIPT_HANDLE_REFUSED: u32 = 27;
 /// (`kv_pulled` with a fallback and `export_gone`), then answers as [`SCRIPT_ANSWER`].
 pub const SCRIPT_EXPORT_GONE: u32 = 28;
 
+/// A generation peer answers with [`tool_call_tokens`] (a Hermes tool call, its markup split
+/// across tokens and messages), then `Finished(stop)`.
+pub const SCRIPT_TOOL_CALL: u32 = 30;
+
 /// What a context peer says for [`SCRIPT_CONTEXT_ERROR`].
 pub const CONTEXT_ERROR: &str = "the context worker could not export the KV cache: scripted";
 
@@ -99,6 +103,31 @@ pub fn scripted_tokens() -> Vec<TokenEvent> {
 }
 
 pub const SCRIPTED_TEXT: &str = "Hello wörld";
+
+/// The tokens of [`SCRIPT_TOOL_CALL`]: a sentence, then [`TOOL_CALL_ARGUMENTS`] called as
+/// `get_weather` in Hermes markup, cut mid-marker and mid-key.
+pub fn tool_call_tokens() -> Vec<TokenEvent> {
+    [
+        "Checking.\n<tool",
+        "_call>\n{\"na",
+        "me\": \"get_weather\", \"arguments\": {\"ci",
+        "ty\": \"Paris\"}",
+        "}\n</tool_",
+        "call>",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, text)| TokenEvent {
+        id: 100 + i as u32,
+        text: text.to_string(),
+        logprob: None,
+        top_logprobs: Vec::new(),
+    })
+    .collect()
+}
+
+/// The arguments of the call in [`tool_call_tokens`], as written.
+pub const TOOL_CALL_ARGUMENTS: &str = "{\"city\": \"Paris\"}";
 
 pub const PEER_ID: &str = "scripted-peer";
 
@@ -490,6 +519,31 @@ impl Answerer {
                     &job,
                     StreamMessage::Error {
                         message: "scripted failure".into(),
+                    },
+                )
+                .await;
+            }
+            SCRIPT_TOOL_CALL => {
+                self.send(&job, self.accepted()).await;
+                let tokens = tool_call_tokens();
+                for (index, batch) in [(0, &tokens[..2]), (2, &tokens[2..4]), (4, &tokens[4..])] {
+                    self.send(
+                        &job,
+                        StreamMessage::Tokens {
+                            tokens: batch.to_vec(),
+                            index: Some(index),
+                        },
+                    )
+                    .await;
+                }
+                self.send(
+                    &job,
+                    StreamMessage::Finished {
+                        reason: FinishReason::Stop,
+                        usage: Usage {
+                            prompt_tokens,
+                            completion_tokens: tokens.len() as u32,
+                        },
                     },
                 )
                 .await;

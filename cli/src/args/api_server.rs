@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use tandem_protocol::config::RouterPolicy;
+use tandem_protocol::config::{RouterPolicy, ToolCallParser};
 
 use super::Argv;
 
@@ -103,6 +103,18 @@ pub struct ApiServerArgs {
         default_value_t = DEFAULT_MIGRATION_LIMIT
     )]
     pub migration_limit: u32,
+    /// Which markup the model writes tool calls in, parsed into OpenAI `tool_calls`: `auto`
+    /// reads it from the model's chat template (`<tool_call>`: hermes, `[TOOL_CALLS]`:
+    /// mistral, `<|python_tag|>`: llama3_json; a template that shows no tools gets them in its
+    /// system prompt in the hermes format); `none` turns tool calling off (requests with
+    /// tools are refused unless `tool_choice` is "none"). The config's `tool_call_parser`.
+    #[arg(
+        long,
+        env = "TANDEM_TOOL_CALL_PARSER",
+        default_value = ToolCallParser::default().name(),
+        value_parser = tool_call_parser_parser()
+    )]
+    pub tool_call_parser: ToolCallParser,
     /// An API key (repeat for several; TANDEM_API_KEY takes them comma-separated). With any
     /// key set, every /v1 request must carry `Authorization: Bearer KEY`, else 401. Prefer
     /// the environment or --api-key-file: a command line is visible to every local user.
@@ -178,6 +190,7 @@ impl ApiServerArgs {
             http_workers: DEFAULT_HTTP_WORKERS,
             max_pending_requests: DEFAULT_MAX_PENDING_REQUESTS,
             migration_limit: DEFAULT_MIGRATION_LIMIT,
+            tool_call_parser: ToolCallParser::default(),
             api_keys: Vec::new(),
             api_key_file: None,
             metrics_require_key: false,
@@ -246,6 +259,9 @@ impl ApiServerArgs {
         if self.migration_limit != DEFAULT_MIGRATION_LIMIT {
             argv.push_display("--migration-limit", self.migration_limit);
         }
+        if self.tool_call_parser != ToolCallParser::default() {
+            argv.push("--tool-call-parser", self.tool_call_parser.name());
+        }
         argv.push_some(
             "--api-key-file",
             self.api_key_file.as_ref().map(|p| p.display()),
@@ -273,6 +289,15 @@ fn router_policy_name(policy: RouterPolicy) -> &'static str {
         RouterPolicy::RoundRobin => "round-robin",
         RouterPolicy::LeastLoaded => "least-loaded",
     }
+}
+
+fn tool_call_parser_parser() -> impl TypedValueParser<Value = ToolCallParser> {
+    PossibleValuesParser::new(ToolCallParser::ALL.map(ToolCallParser::name)).map(|name| {
+        ToolCallParser::ALL
+            .into_iter()
+            .find(|parser| parser.name() == name)
+            .expect("the possible values are the parsers' names")
+    })
 }
 
 fn router_policy_parser() -> impl TypedValueParser<Value = RouterPolicy> {
@@ -316,6 +341,7 @@ mod tests {
             http_workers: 3,
             max_pending_requests: 7,
             migration_limit: 0,
+            tool_call_parser: ToolCallParser::Mistral,
             api_keys: Vec::new(),
             api_key_file: Some("/run/secrets/keys".into()),
             metrics_require_key: true,

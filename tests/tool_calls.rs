@@ -1,0 +1,78 @@
+//! Tool calling against a live deployment (real nats-server, `worker --role both`, api-server)
+//! serving SmolLM2, from Python clients as users run them (tests/python/tool_calls.py):
+//! - the official `openai` client and langchain-openai's `bind_tools`: a tool round trip, the
+//!   streamed call reassembling to the non-streamed one, `tool_choice: "none"`, and the 400s
+//!   that name the field;
+//! - `tool_choice: "required"` and a named function: every reply a valid call of a declared
+//!   tool (its arguments validated with `jsonschema`), streamed or not. This one needs the
+//!   workers to enforce `SamplingSpec.grammar` (llguidance).
+//!
+//! Needs Python 3 with `openai`, `langchain-openai` and `jsonschema` importable: scripts/test
+//! installs them into `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use support::{start_api_server, start_worker};
+use tandem_test_kit::{Nats, model_dir};
+
+const MODEL: &str = "smollm2-bf16";
+
+fn python() -> Command {
+    let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut command = Command::new(python);
+    if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
+        command.env("PYTHONPATH", path);
+    }
+    command
+}
+
+fn check_importable(modules: &str) {
+    let output = python()
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "Python packages {modules} are not importable: run scripts/test (it installs them into \
+         target/pylib and sets TANDEM_TEST_PYTHONPATH): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs tests/python/tool_calls.py in `mode` against a fresh deployment.
+fn run_script(mode: &str) {
+    let nats = Nats::start();
+    let _worker = start_worker(&nats, &model_dir(MODEL), "tools-w0", &[]);
+    let server = start_api_server(&nats, &model_dir(MODEL));
+    server.http.wait_for_workers(1, Duration::from_secs(30));
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/tool_calls.py");
+    let output = python()
+        .arg(&script)
+        .arg(format!("{}/v1", server.http.base))
+        .arg(mode)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "tool_calls.py {mode} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+}
+
+#[test]
+fn tool_round_trips_with_openai_and_langchain() {
+    check_importable("openai, langchain_openai");
+    run_script("auto");
+}
+
+/// Needs grammar-constrained decoding on the workers (`SamplingSpec.grammar`).
+#[test]
+fn required_and_named_tool_choice_always_call_a_declared_tool() {
+    check_importable("openai, jsonschema");
+    run_script("required");
+}
