@@ -11,7 +11,8 @@
 //! an HTTP/OpenAI error body and to an SSE error event; [`metrics`] derives the Prometheus
 //! series from the events the router and the dispatch report; [`server`] starts everything and
 //! follows heartbeats; [`state`] is what the routes share; [`config`] the command line;
-//! [`disconnect`] notices clients that leave mid-request.
+//! [`disconnect`] notices clients that leave mid-request; [`grammar`] compiles a request's
+//! `response_format` grammar at the edge.
 //! The bus contract itself is the `tandem-protocol` crate; see docs/protocol.md.
 
 pub mod admission;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod disconnect;
 pub mod dispatch;
 pub mod error;
+pub mod grammar;
 pub mod metrics;
 pub mod openai;
 pub mod prompt;

@@ -19,7 +19,7 @@ use crate::openai::{
 use crate::prompt::PromptCodec;
 use crate::sse::{ChunkFormat, sse_data, sse_response};
 use crate::state::{AppState, unix_now_s};
-use crate::validation::validate_chat;
+use crate::validation::{JSON_SCHEMA_PARAM, validate_chat};
 
 #[post("/v1/chat/completions")]
 pub async fn chat_completions(
@@ -30,6 +30,13 @@ pub async fn chat_completions(
     let socket = ClientSocket::of(&request);
     let mut record = RequestRecord::new(state.metrics.clone(), Endpoint::Chat);
     let valid = validate_chat(&body, &state.limits).inspect_err(|err| record.fail(err))?;
+    if let Some(grammar) = &valid.sampling.grammar {
+        state
+            .grammars
+            .check(grammar, JSON_SCHEMA_PARAM)
+            .await
+            .inspect_err(|err| record.fail(err))?;
+    }
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let started = start_generation(&state, &valid, record, id.clone());
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
