@@ -22,11 +22,13 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory, TokenParser};
 use toktrie::SimpleVob;
 
-/// The whitespace a JSON schema's output may have between two tokens of JSON: up to 16
-/// spaces, newlines, tabs (pretty-printing with indentation fits). llguidance's default is
-/// unbounded, and a small model can then emit whitespace until `max_tokens` instead of the
-/// value.
-pub const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,16}";
+/// llguidance's options for a JSON schema that sets none (`"x-guidance"` in the schema): no
+/// whitespace between JSON tokens, so the output is compact JSON. llguidance's default allows
+/// any whitespace there, and a small model then emits newlines until `max_tokens` instead of
+/// closing the value (SmolLM2 does, greedy).
+pub fn json_options() -> serde_json::Value {
+    serde_json::json!({ "whitespace_flexible": false })
+}
 
 /// What the output must match.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -54,10 +56,7 @@ impl GrammarSource<'_> {
                 if let Some(object) = schema.as_object_mut()
                     && !object.contains_key("x-guidance")
                 {
-                    object.insert(
-                        "x-guidance".into(),
-                        serde_json::json!({ "whitespace_pattern": JSON_WHITESPACE }),
-                    );
+                    object.insert("x-guidance".into(), json_options());
                 }
                 TopLevelGrammar::from_json_schema(schema)
             }

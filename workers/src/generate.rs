@@ -127,6 +127,7 @@ pub fn generate(
         prefill_only: false,
         deadline: None,
         resume_ids: Vec::new(),
+        grammar: None,
     };
     let stream = handle.submit(request)?;
     let mut output = GenerateOutput {

@@ -3,6 +3,7 @@
 
 use crate::kv_cache::block_pool::BlockId;
 use crate::sampler::SamplingParams;
+use tandem_text::grammar::Constraint;
 
 /// Identifies a request inside one engine (and its stream of events).
 pub type RequestId = u64;
@@ -35,6 +36,11 @@ pub struct GenerationRequest {
     /// if this engine had produced them (the seeded draw, penalties, `max_tokens` and usage
     /// all count them).
     pub resume_ids: Vec<u32>,
+    /// What the output must match (structured outputs): compiled by the caller (off the
+    /// engine thread), in its start state. Each sampled token is drawn under its mask and
+    /// advances it; imported and resumed tokens advance it too; at the grammar's end the
+    /// request stops (`FinishReason::Stop`).
+    pub grammar: Option<Constraint>,
 }
 
 impl GenerationRequest {
@@ -50,6 +56,7 @@ impl GenerationRequest {
             prefill_only: false,
             deadline: None,
             resume_ids: Vec::new(),
+            grammar: None,
         }
     }
 }

@@ -32,6 +32,8 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         prefill_only: false,
         deadline: job.deadline_unix_ms.map(instant_of_unix_ms),
         resume_ids: job.resume_ids.clone(),
+        // Compiled by the role (`super::grammar`), off the bus loop.
+        grammar: None,
     }
 }
 
@@ -51,6 +53,7 @@ fn sampling_params(spec: &SamplingSpec) -> SamplingParams {
         presence_penalty: spec.presence_penalty,
         frequency_penalty: spec.frequency_penalty,
         logprobs: spec.logprobs,
+        logit_bias: spec.logit_bias.clone(),
         ..SamplingParams::default()
     }
 }
