@@ -30,6 +30,9 @@ pub struct StepCost {
     pub constrained: bool,
     pub steps: usize,
     pub mean_step_ms: f64,
+    /// For the constrained runs: the mean time of one mask alone (one sequence, replaying
+    /// the first request's tokens on this thread), in microseconds.
+    pub mean_mask_us: Option<f64>,
 }
 
 /// Runs the benchmark on `dir`'s model on `device` for each of `batches`.
@@ -99,10 +102,23 @@ fn bench<B: KvBlockIo + 'static>(
                 };
                 ids.push(engine.add_request(request)?);
             }
+            // The first request's tokens, replayed below to time its masks alone.
+            let mut first_tokens = Vec::new();
+            let mut note = |events: &[crate::engine::EngineEvent]| {
+                for event in events {
+                    if let EventKind::Token { id, .. } = event.kind
+                        && event.request_id == ids[0]
+                    {
+                        first_tokens.push(id);
+                    }
+                }
+            };
             // Prefill: until every request has its first token.
             let mut started = std::collections::HashSet::new();
             while started.len() < batch {
-                for event in engine.step() {
+                let events = engine.step();
+                note(&events);
+                for event in events {
                     if let EventKind::Token { .. } = event.kind {
                         started.insert(event.request_id);
                     }
@@ -117,8 +133,23 @@ fn bench<B: KvBlockIo + 'static>(
                         .any(|e| matches!(e.kind, EventKind::Finished { .. })),
                     "a request ended within the measured steps: {events:?}"
                 );
+                note(&events);
             }
             let mean_step_ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+            let mean_mask_us = if constrained {
+                let mut grammar = compiler.compile(GrammarSource::JsonSchema(&schema))?;
+                let mut spent = std::time::Duration::ZERO;
+                for &token in &first_tokens {
+                    let t = Instant::now();
+                    let mask = grammar.compute_mask()?;
+                    spent += t.elapsed();
+                    anyhow::ensure!(mask.is_allowed(token), "replayed token {token} not allowed");
+                    grammar.advance(token)?;
+                }
+                Some(spent.as_secs_f64() * 1e6 / first_tokens.len().max(1) as f64)
+            } else {
+                None
+            };
             for id in ids {
                 engine.cancel(id);
             }
@@ -130,6 +161,7 @@ fn bench<B: KvBlockIo + 'static>(
                 constrained,
                 steps,
                 mean_step_ms,
+                mean_mask_us,
             });
         }
     }
@@ -142,11 +174,13 @@ pub fn describe(results: &[StepCost]) -> String {
     for pair in results.chunks(2) {
         if let [free, constrained] = pair {
             out.push_str(&format!(
-                "batch {:3}: free {:.2} ms/step, json_schema {:.2} ms/step ({:+.1}%)\n",
+                "batch {:3}: free {:.2} ms/step, json_schema {:.2} ms/step ({:+.1}%); one mask \
+                 alone {:.0} us\n",
                 free.batch,
                 free.mean_step_ms,
                 constrained.mean_step_ms,
-                (constrained.mean_step_ms / free.mean_step_ms - 1.0) * 100.0
+                (constrained.mean_step_ms / free.mean_step_ms - 1.0) * 100.0,
+                constrained.mean_mask_us.unwrap_or(0.0)
             ));
         }
     }
