@@ -56,7 +56,7 @@ fn setup() -> Setup {
 /// Request `i`: even ones under the schema, odd ones free; greedy and seeded alternate in
 /// pairs so both kinds are greedy and sampled.
 fn request(setup: &Setup, i: usize) -> GenerationRequest {
-    let sampling = if i / 2 % 2 == 0 {
+    let sampling = if (i / 2).is_multiple_of(2) {
         SamplingParams::greedy()
     } else {
         SamplingParams {
@@ -69,7 +69,7 @@ fn request(setup: &Setup, i: usize) -> GenerationRequest {
     GenerationRequest {
         sampling,
         stop_token_ids: setup.tokenizer.stop_token_ids().to_vec(),
-        grammar: (i % 2 == 0).then(|| {
+        grammar: i.is_multiple_of(2).then(|| {
             setup
                 .compiler
                 .compile(GrammarSource::JsonSchema(&schema))

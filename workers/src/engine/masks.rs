@@ -24,10 +24,13 @@ pub(super) struct MaskJob {
     pub mask: Option<Result<TokenMask, String>>,
 }
 
+/// The two ends the engine holds: jobs to the thread, jobs with their masks back.
+type Channels = (mpsc::Sender<Vec<MaskJob>>, mpsc::Receiver<Vec<MaskJob>>);
+
 /// The mask thread, started with the first constrained sequence.
 #[derive(Default)]
 pub(super) struct MaskWorker {
-    channels: Option<(mpsc::Sender<Vec<MaskJob>>, mpsc::Receiver<Vec<MaskJob>>)>,
+    channels: Option<Channels>,
     /// Jobs handed over and not collected (the ids, for a thread that died).
     in_flight: Vec<RequestId>,
     /// Jobs to compute when collected, when no thread could take them.
@@ -90,7 +93,7 @@ fn compute(jobs: &mut [MaskJob]) {
 }
 
 /// The thread: computes each batch of jobs it receives and sends it back.
-fn spawn() -> Option<(mpsc::Sender<Vec<MaskJob>>, mpsc::Receiver<Vec<MaskJob>>)> {
+fn spawn() -> Option<Channels> {
     let (jobs_tx, jobs_rx) = mpsc::channel::<Vec<MaskJob>>();
     let (done_tx, done_rx) = mpsc::channel();
     let spawned = std::thread::Builder::new()
