@@ -27,10 +27,6 @@ pub enum Support {
         why: &'static str,
         allowed: fn(&Value) -> bool,
     },
-    /// Issue 18: served on another branch being merged; refused here until then. When that
-    /// branch lands, its fields become `Served` (the request types then read them, and the
-    /// test that keeps this table and the types in step fails until they are).
-    InProgress,
 }
 
 /// The JSON type of an accepted field's value.
@@ -94,7 +90,7 @@ fn empty_list(value: &Value) -> bool {
     value.as_array().is_some_and(Vec::is_empty)
 }
 
-use Support::{Accepted, InProgress, Refused, Served};
+use Support::{Accepted, Refused, Served};
 
 /// Fields chat and text completions accept: tags and hints about OpenAI's own accounting,
 /// caching and storage, which mean nothing to a server that stores nothing and has one service
@@ -140,8 +136,8 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
         ("parallel_tool_calls", Served),
         ("functions", Served),
         ("function_call", Served),
-        ("response_format", InProgress),
-        ("logit_bias", InProgress),
+        ("response_format", Served),
+        ("logit_bias", Served),
         (
             "modalities",
             Refused {
@@ -279,7 +275,7 @@ pub const COMPLETIONS: EndpointFields = EndpointFields {
         ("repetition_penalty", Served),
         ("ignore_eos", Served),
         // Issue 18, the "grammar" branch.
-        ("logit_bias", InProgress),
+        ("logit_bias", Served),
     ],
     // OpenAI's reference lists only `user` here; the other hints are accepted too, as clients
     // that share settings between endpoints send them.
@@ -431,12 +427,6 @@ impl EndpointFields {
                 }
                 Refused { allowed, .. } if allowed(value) => {}
                 Refused { why, .. } => return Err(unsupported(why)),
-                InProgress => {
-                    return Err(unsupported(
-                        "not served by this build yet (issue 18: tools, structured outputs and \
-                         logit_bias are being added)",
-                    ));
-                }
             }
             if let Some((_, inner)) = self.nested.iter().find(|(field, _)| *field == name) {
                 match value {

@@ -14,6 +14,7 @@
 //! follows heartbeats; [`state`] is what the routes share; [`config`] the command line;
 //! [`disconnect`] notices clients that leave mid-request; [`tools`] is tool calling (request
 //! checks, template inputs, the calls parsed from the output, the grammar of a required call).
+//! [`grammar`] compiles a request's `response_format` grammar at the edge.
 //! The bus contract itself is the `tandem-protocol` crate; see docs/protocol.md.
 
 pub mod admission;
@@ -23,6 +24,7 @@ pub mod disconnect;
 pub mod dispatch;
 pub mod error;
 pub mod fields;
+pub mod grammar;
 pub mod metrics;
 pub mod openai;
 pub mod prompt;

@@ -133,6 +133,10 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
         worker_timeout,
         limits.served_model_name.clone(),
     ));
+    let grammars = Arc::new(crate::grammar::GrammarCheck::new(
+        config.model.clone(),
+        limits.vocab_size as usize,
+    ));
     let state = web::Data::new(AppState {
         limits,
         codec,
@@ -148,6 +152,7 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
         started_unix_s: unix_now_s(),
         admission: crate::admission::Admission::new(config.max_pending_requests),
         migration_limit: config.migration_limit,
+        grammars,
     });
     let address = format!("{}:{}", config.host, config.port);
     let mut server = HttpServer::new(move || {

@@ -21,6 +21,8 @@ pub struct AppState {
     pub migration_limit: u32,
     /// The bound on generation requests in flight.
     pub admission: crate::admission::Admission,
+    /// Compiles `response_format` grammars at the edge.
+    pub grammars: Arc<crate::grammar::GrammarCheck>,
 }
 
 impl AppState {

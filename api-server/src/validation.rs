@@ -7,11 +7,12 @@
 
 pub mod responses;
 
-use tandem_protocol::messages::{SamplingSpec, StopSpec};
+use tandem_protocol::messages::{GrammarSpec, SamplingSpec, StopSpec};
 
 use crate::error::ApiError;
 use crate::openai::{
-    ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, PromptField, StopField,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, LogitBiasField, MessageContent,
+    PromptField, ResponseFormat, StopField,
 };
 use crate::tools::{ToolCallRecord, ToolRequest, ToolSupport};
 
@@ -26,6 +27,12 @@ pub const MAX_N: i64 = 128;
 /// words in practice (issue 17: a 1.1 MB one was answered 503 instead of 400).
 pub const MAX_STOP_BYTES: usize = 4096;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
+/// OpenAI's bounds on `logit_bias`: entries, and the bias of one.
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 300;
+pub const MAX_LOGIT_BIAS: f64 = 100.0;
+/// The param a `json_schema` response format's schema is named by in errors (the worker's
+/// grammar compile, checked in the route, uses it too).
+pub const JSON_SCHEMA_PARAM: &str = "response_format.json_schema.schema";
 /// OpenAI's default `max_tokens` for `/v1/completions`.
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
 
@@ -183,6 +190,7 @@ struct CommonFields<'a> {
     stream: Option<bool>,
     include_usage: Option<bool>,
     has_stream_options: bool,
+    logit_bias: Option<&'a LogitBiasField>,
 }
 
 struct CommonValues {
@@ -261,6 +269,9 @@ fn validate_common(
     }
     // OpenAI's seed is any integer; the bit pattern is the worker's seed.
     sampling.seed = fields.seed.map(|s| s as u64);
+    if let Some(bias) = fields.logit_bias {
+        sampling.logit_bias = logit_bias(bias, limits)?;
+    }
 
     let stop_strings = match fields.stop {
         None => Vec::new(),
@@ -310,6 +321,141 @@ fn validate_common(
         stream,
         include_usage: fields.include_usage.unwrap_or(false),
     })
+}
+
+/// `logit_bias` as `(token id, bias)` by increasing id: ids in the vocabulary, biases in
+/// [-100, 100], at most [`MAX_LOGIT_BIAS_ENTRIES`] of them (OpenAI's rules).
+fn logit_bias(field: &LogitBiasField, limits: &ModelLimits) -> Result<Vec<(u32, f32)>, ApiError> {
+    const PARAM: &str = "logit_bias";
+    if field.len() > MAX_LOGIT_BIAS_ENTRIES {
+        return Err(ApiError::invalid(
+            format!(
+                "logit_bias has {} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed",
+                field.len()
+            ),
+            PARAM,
+        ));
+    }
+    let mut biases = Vec::with_capacity(field.len());
+    for (key, value) in field {
+        let id = match key.trim().parse::<i64>() {
+            Ok(id) if id >= 0 && id < i64::from(limits.vocab_size) => id as u32,
+            _ => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "logit_bias key {key:?} is not a token id of this model's vocabulary \
+                         (0..{})",
+                        limits.vocab_size
+                    ),
+                    PARAM,
+                ));
+            }
+        };
+        let bias = value
+            .as_f64()
+            .filter(|b| (-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(b))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!(
+                        "logit_bias of token {id} must be a number in [-{MAX_LOGIT_BIAS}, \
+                         {MAX_LOGIT_BIAS}], got {value}"
+                    ),
+                    PARAM,
+                )
+            })?;
+        biases.push((id, bias as f32));
+    }
+    biases.sort_unstable_by_key(|&(id, _)| id);
+    if let Some(pair) = biases.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(ApiError::invalid(
+            format!("logit_bias names token {} twice", pair[0].0),
+            PARAM,
+        ));
+    }
+    Ok(biases)
+}
+
+/// `response_format` as the grammar the output must match: none for `text`, any JSON object
+/// for `json_object`, the schema for `json_schema`. Whether the schema compiles is checked
+/// where the tokenizer is ([`crate::grammar`]).
+pub fn response_format(format: &ResponseFormat) -> Result<Option<GrammarSpec>, ApiError> {
+    if let Some(field) = format.other.keys().next() {
+        return Err(ApiError::invalid(
+            format!("response_format.{field} is not a response_format field"),
+            &format!("response_format.{field}"),
+        ));
+    }
+    let kind = format.kind.as_deref().ok_or_else(|| {
+        ApiError::invalid(
+            "response_format needs a type (text, json_object or json_schema)",
+            "response_format.type",
+        )
+    })?;
+    if kind != "json_schema" && format.json_schema.is_some() {
+        return Err(ApiError::invalid(
+            format!(
+                "response_format.json_schema is only allowed with type json_schema, not {kind}"
+            ),
+            "response_format.json_schema",
+        ));
+    }
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(GrammarSpec::JsonSchema {
+            schema: serde_json::json!({"type": "object"}),
+        })),
+        "json_schema" => {
+            let format = format.json_schema.as_ref().ok_or_else(|| {
+                ApiError::invalid(
+                    "response_format of type json_schema needs json_schema",
+                    "response_format.json_schema",
+                )
+            })?;
+            if let Some(field) = format.other.keys().next() {
+                return Err(ApiError::invalid(
+                    format!("response_format.json_schema.{field} is not a json_schema field"),
+                    &format!("response_format.json_schema.{field}"),
+                ));
+            }
+            // OpenAI's rule for the name: a-z, A-Z, 0-9, underscores and dashes, at most 64.
+            let name_ok = format.name.as_deref().is_some_and(|name| {
+                !name.is_empty()
+                    && name.len() <= 64
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            });
+            if !name_ok {
+                return Err(ApiError::invalid(
+                    "response_format.json_schema.name is required: 1 to 64 of a-z, A-Z, 0-9, \
+                     underscores and dashes",
+                    "response_format.json_schema.name",
+                ));
+            }
+            match &format.schema {
+                Some(schema @ (serde_json::Value::Object(_) | serde_json::Value::Bool(_))) => {
+                    Ok(Some(GrammarSpec::JsonSchema {
+                        schema: schema.clone(),
+                    }))
+                }
+                Some(other) => Err(ApiError::invalid(
+                    format!("the schema must be a JSON Schema object, got {other}"),
+                    JSON_SCHEMA_PARAM,
+                )),
+                None => Err(ApiError::invalid(
+                    "response_format.json_schema needs a schema",
+                    JSON_SCHEMA_PARAM,
+                )),
+            }
+        }
+        other => Err(ApiError::invalid(
+            format!(
+                "response_format type {other:?} is not supported (text, json_object or \
+                 json_schema)"
+            ),
+            "response_format.type",
+        )),
+    }
 }
 
 fn token_limit(value: i64, param: &str) -> Result<u32, ApiError> {
@@ -473,6 +619,7 @@ pub fn validate_chat(
                 .as_ref()
                 .and_then(|o| o.include_usage),
             has_stream_options: request.stream_options.is_some(),
+            logit_bias: request.logit_bias.as_ref(),
         },
         limits,
     )?;
@@ -513,6 +660,10 @@ pub fn validate_chat(
     };
     let mut sampling = common.sampling;
     sampling.logprobs = logprobs;
+    // response_format first: the tools' grammar refuses to stack on a response_format one.
+    if let Some(format) = &request.response_format {
+        sampling.grammar = response_format(format)?;
+    }
     if let (Some(tools), Some(support)) = (&tools, limits.tool_support) {
         crate::tools::grammar::constrain(tools, support.format, &mut sampling)?;
     }
@@ -572,6 +723,7 @@ pub fn validate_completion(
                 .as_ref()
                 .and_then(|o| o.include_usage),
             has_stream_options: request.stream_options.is_some(),
+            logit_bias: request.logit_bias.as_ref(),
         },
         limits,
     )?;
@@ -858,6 +1010,111 @@ mod tests {
         let body = json!({"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}]});
         let request: ChatCompletionRequest = serde_json::from_value(body).unwrap();
         assert_eq!(param_of(validate_chat(&request, &off)), "tools");
+    }
+
+    #[test]
+    fn logit_bias_is_checked_and_sorted() {
+        let valid =
+            chat(json!({"messages": user("x"), "logit_bias": {"999": 100, "7": -100, "12": 0.5}}))
+                .unwrap();
+        assert_eq!(
+            valid.sampling.logit_bias,
+            vec![(7, -100.0), (12, 0.5), (999, 100.0)]
+        );
+        let valid = completion(json!({"prompt": "x", "logit_bias": {"3": -1}})).unwrap();
+        assert_eq!(valid.sampling.logit_bias, vec![(3, -1.0)]);
+        let many: serde_json::Map<String, Value> =
+            (0..301).map(|i| (i.to_string(), json!(1))).collect();
+        for bias in [
+            json!({"1000": 1}),
+            json!({"-1": 1}),
+            json!({"abc": 1}),
+            json!({"5": 100.5}),
+            json!({"5": "high"}),
+            json!({"5": 1, "05": 2}),
+            Value::Object(many),
+        ] {
+            assert_eq!(
+                param_of(chat(
+                    json!({"messages": user("x"), "logit_bias": bias.clone()})
+                )),
+                "logit_bias",
+                "{bias}"
+            );
+            assert_eq!(
+                param_of(completion(
+                    json!({"prompt": "x", "logit_bias": bias.clone()})
+                )),
+                "logit_bias",
+                "{bias}"
+            );
+        }
+    }
+
+    #[test]
+    fn response_formats_become_grammars() {
+        let grammar = |format: Value| {
+            chat(json!({"messages": user("x"), "response_format": format}))
+                .unwrap()
+                .sampling
+                .grammar
+        };
+        assert_eq!(grammar(json!({"type": "text"})), None);
+        assert_eq!(
+            grammar(json!({"type": "json_object"})),
+            Some(GrammarSpec::JsonSchema {
+                schema: json!({"type": "object"})
+            })
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(
+            grammar(json!({"type": "json_schema", "json_schema": {
+                "name": "my_answer-1", "strict": true, "description": "an answer",
+                "schema": schema.clone()}})),
+            Some(GrammarSpec::JsonSchema { schema })
+        );
+        let cases = [
+            (json!({}), "response_format.type"),
+            (json!({"type": "yaml"}), "response_format.type"),
+            (json!({"type": "text", "extra": 1}), "response_format.extra"),
+            (
+                json!({"type": "json_object", "json_schema": {"name": "a", "schema": {}}}),
+                "response_format.json_schema",
+            ),
+            (
+                json!({"type": "json_schema"}),
+                "response_format.json_schema",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"schema": {}}}),
+                "response_format.json_schema.name",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}),
+                "response_format.json_schema.name",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "a"}}),
+                JSON_SCHEMA_PARAM,
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "a", "schema": "x"}}),
+                JSON_SCHEMA_PARAM,
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "a", "schema": {}, "format": 1}}),
+                "response_format.json_schema.format",
+            ),
+        ];
+        for (format, param) in cases {
+            assert_eq!(
+                param_of(chat(
+                    json!({"messages": user("x"), "response_format": format.clone()})
+                )),
+                param,
+                "{format}"
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@
 
 pub mod chat_template;
 pub mod detokenizer;
+pub mod grammar;
 pub mod stop;
 pub mod tokenizer;
 

@@ -128,6 +128,7 @@ pub fn generate(
         deadline: None,
         resume_ids: Vec::new(),
         sample_group: None,
+        grammar: None,
     };
     let stream = handle.submit(request)?;
     let mut output = GenerateOutput {

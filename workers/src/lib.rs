@@ -16,6 +16,7 @@ pub mod backend;
 pub mod device;
 pub mod engine;
 pub mod generate;
+pub mod grammar_bench;
 pub mod kv_cache;
 pub mod model;
 pub mod model_dir;

@@ -8,7 +8,9 @@
 //! 1. Reject NaN / `+inf` logits ([`SamplingError::NonFiniteLogits`]): they mean the forward
 //!    pass broke, and a token drawn from them would be silent garbage. `-inf` is allowed (it
 //!    masks a token) but at least one logit must be finite.
-//! 2. Penalties, in place (see `sampler/penalties.rs`): repetition (HF, prompt + generated), then
+//! 2. `logit_bias` (OpenAI), added to the raw logits in place; the engine has already set the
+//!    logits a request's grammar forbids to `-inf` (a bias leaves them there).
+//!    Penalties, in place (see `sampler/penalties.rs`): repetition (HF, prompt + generated), then
 //!    presence and frequency (OpenAI, generated only).
 //! 3. Log-probabilities: the log-softmax of the penalised logits at temperature 1, before any
 //!    truncation. This is what OpenAI reports (its logprobs do not move with `temperature` or
@@ -112,6 +114,7 @@ impl Sampler {
         previous_tokens: &[u32],
         generated: &[u32],
     ) -> Result<SampledToken, SamplingError> {
+        apply_logit_bias(&self.params.logit_bias, logits)?;
         if self.params.has_penalties() {
             penalties::apply(
                 &self.params,
@@ -153,6 +156,18 @@ impl Sampler {
         self.rng.set_word_pos(0);
         (self.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
+}
+
+/// Adds each `(token, bias)` to its logit (OpenAI's `logit_bias`).
+fn apply_logit_bias(bias: &[(u32, f32)], logits: &mut [f32]) -> Result<(), SamplingError> {
+    for &(token, b) in bias {
+        let vocab_size = logits.len();
+        let logit = logits
+            .get_mut(token as usize)
+            .ok_or(SamplingError::TokenOutOfRange { token, vocab_size })?;
+        *logit += b;
+    }
+    Ok(())
 }
 
 fn check_finite(logits: &[f32]) -> Result<(), SamplingError> {
@@ -756,6 +771,31 @@ mod tests {
                 .unwrap();
             assert!(t.id == 1 || t.id == 3);
         }
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens_and_shows_in_logprobs() {
+        let row = [2.0f32, 1.0, 0.5, 0.0];
+        let mut params = SamplingParams::greedy();
+        params.logit_bias = vec![(0, -100.0)];
+        params.logprobs = Some(4);
+        let t = sample_once(&mut sampler(params.clone()), &row, &[]);
+        assert_eq!(t.id, 1, "the greedy pick is banned");
+        assert!(t.top_logprobs.iter().all(|&(id, lp)| id != 0 || lp < -90.0));
+        params.logit_bias = vec![(3, 100.0)];
+        assert_eq!(sample_once(&mut sampler(params.clone()), &row, &[]).id, 3);
+        // Sampled at any temperature, a +100 token is drawn every time.
+        params.temperature = 1.0;
+        params.seed = Some(1);
+        let mut s = sampler(params.clone());
+        for step in 0..50 {
+            assert_eq!(sample_once(&mut s, &row, &vec![0; step]).id, 3);
+        }
+        params.logit_bias = vec![(4, 1.0)];
+        assert!(matches!(
+            sampler(params).sample(&mut row.to_vec(), &[], &[]),
+            Err(SamplingError::TokenOutOfRange { token: 4, .. })
+        ));
     }
 
     #[test]

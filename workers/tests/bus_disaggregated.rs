@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    self, GenerateJob, Heartbeat, KvHandle, KvPeer, PullOutcome, SamplingSpec, StopSpec,
-    StreamMessage,
+    self, GenerateJob, GrammarSpec, Heartbeat, KvHandle, KvPeer, PullOutcome, SamplingSpec,
+    StopSpec, StreamMessage,
 };
 use tandem_protocol::subjects::Subjects;
 use tandem_test_kit::{Nats, Proc, WorkerSpec, bin};
@@ -366,6 +366,63 @@ async fn a_layout_mismatch_is_an_error_never_garbage() {
         }
         other => panic!("expected an error, got {other:?}"),
     }
+}
+
+/// A job whose grammar does not compile (the api-server compiles it at the edge, but a job may
+/// come from another client of the bus) ends with an error that says so, on a context and on
+/// a decode worker, never a hang; both serve the next job.
+#[tokio::test]
+async fn a_grammar_that_does_not_compile_ends_the_job_with_an_error() {
+    let nats = Nats::start();
+    let url = &nats.url;
+    let _context = start_worker(url, "context", "ctx", &[]);
+    let _decode = start_worker(url, "decode", "dec", &[]);
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let expected = reference("Hi", 4, None);
+    let subjects = Subjects::new(SERVED);
+    for (subject, name) in [
+        (subjects.prefill_direct("ctx"), "ctx"),
+        (subjects.generate_direct("dec"), "dec"),
+    ] {
+        let mut bad = job(
+            &format!("bad-grammar-{name}"),
+            prompt_ids(&expected),
+            4,
+            None,
+        );
+        bad.sampling.grammar = Some(GrammarSpec::Lark {
+            grammar: "start: undefined_rule".into(),
+        });
+        let mut stream = client.subscribe(bad.stream_subject.clone()).await.unwrap();
+        client
+            .publish(subject, messages::encode(&bad).into())
+            .await
+            .unwrap();
+        let answer = read_until(&mut stream, |m| {
+            matches!(
+                m,
+                StreamMessage::Error { .. }
+                    | StreamMessage::Finished { .. }
+                    | StreamMessage::KvReady { .. }
+            )
+        })
+        .await;
+        match answer.last() {
+            Some(StreamMessage::Error { message }) => assert!(
+                message.contains("does not compile") && message.contains("undefined_rule"),
+                "{name}: {message}"
+            ),
+            other => panic!("{name}: expected an error, got {other:?}"),
+        }
+    }
+    let mut good = job("after-bad-grammars", prompt_ids(&expected), 4, None);
+    let mut stream = client.subscribe(good.stream_subject.clone()).await.unwrap();
+    good.kv = Some(prefill(&client, &mut stream, &good).await);
+    let answer = decode(&client, &mut stream, &good).await;
+    assert!(
+        matches!(answer.last(), Some(StreamMessage::Finished { .. })),
+        "{answer:?}"
+    );
 }
 
 /// The test model under another name in a temporary directory, the same but for one more

@@ -37,6 +37,34 @@ pub struct ChatCompletionRequest {
     /// OpenAI's deprecated forms of `tools` and `tool_choice`: refused with a 400 that says so.
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
+    /// `{"token id": bias}`, token ids as strings (OpenAI's shape).
+    pub logit_bias: Option<LogitBiasField>,
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// `logit_bias`: token ids (as JSON object keys, so strings) to a bias in [-100, 100].
+pub type LogitBiasField = serde_json::Map<String, serde_json::Value>;
+
+/// `response_format`: `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
+/// Fields beyond OpenAI's are kept in `other`, so validation can name them in its 400.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub json_schema: Option<JsonSchemaFormat>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub schema: Option<serde_json::Value>,
+    pub strict: Option<bool>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -182,6 +210,27 @@ mod tests {
             }]))
         );
         assert_eq!(request.stop, Some(StopField::One("\n".into())));
+    }
+
+    #[test]
+    fn request_reads_response_format_and_logit_bias() {
+        let request: ChatCompletionRequest = serde_json::from_value(json!({
+            "messages": [{"role": "user", "content": "Hi"}],
+            "logit_bias": {"50256": -100, "13": 5.5},
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "answer", "strict": true, "description": "d",
+                "schema": {"type": "object"}, "extra": 1}}
+        }))
+        .unwrap();
+        let bias = request.logit_bias.unwrap();
+        assert_eq!(bias["50256"], json!(-100));
+        let format = request.response_format.unwrap();
+        assert_eq!(format.kind.as_deref(), Some("json_schema"));
+        let schema = format.json_schema.unwrap();
+        assert_eq!(schema.name.as_deref(), Some("answer"));
+        assert_eq!(schema.strict, Some(true));
+        assert_eq!(schema.schema, Some(json!({"type": "object"})));
+        assert_eq!(schema.other["extra"], json!(1));
     }
 
     /// OpenAI's documented `chat.completion` object, field for field.

@@ -28,6 +28,8 @@ pub struct CompletionRequest {
     pub top_k: Option<i64>,
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
+    /// As chat's ([`super::chat::LogitBiasField`]).
+    pub logit_bias: Option<super::chat::LogitBiasField>,
 }
 
 /// `prompt`: a string, token ids, or a batch of either (only batches of one are served).

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, post, web};
 use bytes::Bytes;
-use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
+use tandem_protocol::messages::{
+    FinishReason as WireFinish, GrammarSpec, TokenEvent, Usage as WireUsage,
+};
 
 use super::logprobs::chat_entry;
 use super::{client_left, collect_all, finish_reason, start_generation, unless_client_leaves};
@@ -23,7 +25,7 @@ use crate::sse::{ChunkFormat, sse_data, sse_response};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::new_call_id;
 use crate::tools::parser::{CallParser, ParseEvent, ParsedReply};
-use crate::validation::validate_chat;
+use crate::validation::{JSON_SCHEMA_PARAM, validate_chat};
 
 #[post("/v1/chat/completions")]
 pub async fn chat_completions(
@@ -37,6 +39,19 @@ pub async fn chat_completions(
         .parse::<ChatCompletionRequest>(body.into_inner())
         .and_then(|body| validate_chat(&body, &state.limits))
         .inspect_err(|err| record.fail(err))?;
+    if let Some(grammar) = &valid.sampling.grammar {
+        // A required or named tool call's grammar (Lark) was built from `tools`; a JSON schema
+        // came from `response_format`.
+        let param = match grammar {
+            GrammarSpec::Lark { .. } => "tools",
+            GrammarSpec::JsonSchema { .. } => JSON_SCHEMA_PARAM,
+        };
+        state
+            .grammars
+            .check(grammar, param)
+            .await
+            .inspect_err(|err| record.fail(err))?;
+    }
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let started = start_generation(&state, &valid, record, id.clone());
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {

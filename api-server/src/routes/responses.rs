@@ -38,6 +38,13 @@ pub async fn create_response(
         .parse::<ResponsesRequest>(body.into_inner())
         .and_then(|body| validate_responses(&body, &state.limits))
         .inspect_err(|err| record.fail(err))?;
+    if let Some(grammar) = &valid.request.sampling.grammar {
+        state
+            .grammars
+            .check(grammar, "text.format.schema")
+            .await
+            .inspect_err(|err| record.fail(err))?;
+    }
     let id = format!("resp_{}", uuid::Uuid::new_v4().simple());
     let started = start_generation(&state, &valid.request, record, id.clone());
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {

@@ -75,6 +75,8 @@ pub fn validate_responses(
             stream: request.stream,
             include_usage: None,
             has_stream_options: request.stream_options.is_some(),
+            // Not a Responses API field.
+            logit_bias: None,
         },
         limits,
     )?;

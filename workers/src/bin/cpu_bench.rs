@@ -6,6 +6,8 @@
 //! cargo run --release -p tandem-workers --bin cpu_bench -- model --model DIR [--threads 2]
 //!     [--prompt-tokens 512] [--decode-tokens 64] [--widen-weights] [--json]
 //! cargo run --release -p tandem-workers --bin cpu_bench -- matmul [--threads 2] [--rows 512]
+//! cargo run --release -p tandem-workers --bin cpu_bench -- grammar --model DIR [--threads 2]
+//!     [--batch 1 --batch 32] [--steps 32] [--json]
 //! ```
 //!
 //! What the measurements decided (SmolLM2-135M, 2 shared cores of an AMD EPYC with AVX2; the
@@ -56,6 +58,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Engine decode step time with and without a JSON-schema grammar
+    /// (`tandem_workers::grammar_bench`).
+    Grammar {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Batch sizes to measure (repeat the flag).
+        #[arg(long = "batch", default_values_t = vec![1usize, 32])]
+        batches: Vec<usize>,
+        /// Decode steps timed per measurement.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        /// Print one JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// `linear` against the `gemm` crate on SmolLM2's projection shapes, f32.
     Matmul {
         #[arg(long, default_value_t = 2)]
@@ -87,6 +106,27 @@ fn main() -> Result<()> {
             json,
         ),
         Command::Matmul { threads, rows } => bench_matmul(threads, rows),
+        Command::Grammar {
+            model,
+            threads,
+            batches,
+            steps,
+            json,
+        } => {
+            let results = tandem_workers::grammar_bench::run(
+                &model,
+                tandem_workers::device::Device::Cpu,
+                threads,
+                &batches,
+                steps,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&results)?);
+            } else {
+                print!("{}", tandem_workers::grammar_bench::describe(&results));
+            }
+            Ok(())
+        }
     }
 }
 

@@ -10,6 +10,9 @@
 //! copy bandwidth, cuBLAS bf16 GEMM rate), then decode step time at several batch sizes over a
 //! fixed context and prefill throughput at several prompt lengths, each with its floor
 //! (bytes that must move / copy bandwidth, FLOPs / GEMM rate) and the ratio to it.
+//!
+//! `gpu_bench grammar --model DIR`: engine decode step time with and without a JSON-schema
+//! grammar at batch 1 and 32 (`tandem_workers::grammar_bench`, as `cpu_bench grammar`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -85,6 +88,18 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Engine decode step time with and without a JSON-schema grammar.
+    Grammar {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        ordinal: usize,
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 32])]
+        batches: Vec<usize>,
+        /// Decode steps timed per measurement.
+        #[arg(long, default_value_t = 64)]
+        steps: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -110,6 +125,23 @@ fn main() -> Result<()> {
             iters,
             json,
         } => bench(&model, ordinal, &batches, context, &prefill, iters, json),
+        Command::Grammar {
+            model,
+            ordinal,
+            batches,
+            steps,
+        } => {
+            let results = tandem_workers::grammar_bench::run(
+                &model,
+                tandem_workers::device::Device::Cuda(ordinal),
+                0,
+                &batches,
+                steps,
+            )?;
+            print!("{}", tandem_workers::grammar_bench::describe(&results));
+            println!("{}", serde_json::to_string(&results)?);
+            Ok(())
+        }
     }
 }
 

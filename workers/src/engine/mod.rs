@@ -22,12 +22,19 @@
 //! room in the cache. A pull that fails becomes a local prefill in the reserved blocks
 //! ([`Engine::prefill_reserved`]).
 //!
+//! A request with a grammar (structured outputs) holds its llguidance state
+//! ([`tandem_text::grammar::Constraint`]): its mask for the next token is computed on the
+//! [`masks`] thread while the forward pass runs, applied to its logits row (`-inf` for every
+//! token the grammar forbids) before sampling, and every token it gets (sampled, imported
+//! with a prefill, or resumed) advances it; at the grammar's end it stops.
+//!
 //! Sampling is per request and reproducible: a token depends on the request's seed, its
 //! position and its logits, and the model computes a sequence's logits bitwise the same
 //! whatever else is in the batch; so a request gives the same tokens alone or batched, and
 //! after a preemption (its prompt and generated tokens are recomputed, not resampled).
 
 pub mod handle;
+mod masks;
 pub mod profile;
 pub mod request;
 pub mod runner;
@@ -52,6 +59,7 @@ use crate::model::ForwardBatch;
 use crate::sampler::device::RowRequest;
 use crate::sampler::{SampledToken, Sampler, SamplingError};
 use crate::scheduler::{GroupId, Scheduler, SchedulerConfig, SchedulerError, SeqStatus};
+use tandem_text::grammar::{Constraint, TokenMask};
 
 /// Sizes of the engine's batches and cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +165,13 @@ struct Sequence {
     prefill_only: bool,
     /// [`GenerationRequest::deadline`], until the sequence's first forward pass.
     deadline: Option<Instant>,
+    /// The grammar's state ([`GenerationRequest::grammar`]); `None` while it is on the mask
+    /// thread, or for a request without one (see `constrained`).
+    grammar: Option<Constraint>,
+    /// Whether the request has a grammar (its state may be away on the mask thread).
+    constrained: bool,
+    /// The mask for the next sampled token, computed during the step's forward pass.
+    mask: Option<Result<TokenMask, String>>,
 }
 
 impl Sequence {
@@ -250,6 +265,8 @@ pub struct Engine<M: StepModel> {
     /// no longer has are dropped at the next grouped request.
     sample_groups: HashMap<String, (GroupId, Vec<u32>)>,
     next_group: GroupId,
+    /// Computes constrained sequences' masks while the forward pass runs.
+    masks: masks::MaskWorker,
 }
 
 /// Forward passes that ran and that failed, since the engine started.
@@ -304,6 +321,7 @@ impl<M: StepModel> Engine<M> {
             failed_in_a_row: 0,
             sample_groups: HashMap::new(),
             next_group: 0,
+            masks: masks::MaskWorker::default(),
         })
     }
 
@@ -629,6 +647,18 @@ impl<M: StepModel> Engine<M> {
             &stop_token_ids,
             text.as_deref_mut(),
         )?;
+        let mut grammar = request.grammar;
+        if let Some(grammar) = &mut grammar {
+            // The resumed tokens were generated under the same grammar elsewhere.
+            grammar.advance_all(&request.resume_ids).map_err(|e| {
+                EngineError::Resume(format!("the resumed tokens do not fit the grammar: {e}"))
+            })?;
+            if !request.resume_ids.is_empty() && grammar.is_finished() {
+                return Err(EngineError::Resume(
+                    "the resumed tokens complete the grammar already".into(),
+                ));
+            }
+        }
         let prompt_len = request.prompt_ids.len();
         let mut tokens = request.prompt_ids;
         tokens.extend(&request.resume_ids);
@@ -641,6 +671,9 @@ impl<M: StepModel> Engine<M> {
             text,
             prefill_only: request.prefill_only,
             deadline: request.deadline,
+            constrained: grammar.is_some(),
+            grammar,
+            mask: None,
         })
     }
 
@@ -854,6 +887,7 @@ impl<M: StepModel> Engine<M> {
                 item.wants_logits,
             );
         }
+        self.start_masks(&decision.scheduled);
         let scheduled_at = Instant::now();
         let mut record = profile::StepRecord {
             decode_tokens,
@@ -914,7 +948,9 @@ impl<M: StepModel> Engine<M> {
         scheduled: &[crate::scheduler::ScheduledSeq],
         events: &mut Vec<EngineEvent>,
     ) {
-        let rows = match self.model.forward(batch) {
+        let forward = self.model.forward(batch);
+        self.finish_masks(events);
+        let rows = match forward {
             Ok(rows) if rows.len() == batch.logits_rows() => {
                 self.forward_ran();
                 rows
@@ -975,18 +1011,23 @@ impl<M: StepModel> Engine<M> {
             .iter()
             .map(|id| {
                 let seq = self.seqs.get_mut(id)?;
+                if seq.constrained {
+                    // Its row comes to the host for the grammar's mask.
+                    return None;
+                }
                 let step = seq.generated().len() as u64;
                 seq.sampler.device_request(step, self.vocab_size)
             })
             .collect();
         let summary_requests: Vec<RowRequest> =
             requests.iter().map(|r| r.unwrap_or(placeholder)).collect();
-        let summaries = match self
+        let forward = self
             .model
             .device_sampling()
             .expect("step() samples on the device only for a model that can")
-            .forward_summarized(batch, &summary_requests)
-        {
+            .forward_summarized(batch, &summary_requests);
+        self.finish_masks(events);
+        let summaries = match forward {
             Ok(summaries) if summaries.len() == wanting.len() => {
                 self.forward_ran();
                 summaries
@@ -1010,7 +1051,9 @@ impl<M: StepModel> Engine<M> {
             .zip(&requests)
             .zip(&summaries)
             .map(|((id, request), summary)| {
-                let seq = self.seqs.get(id)?;
+                // Constrained requests take the host path (their row gets the grammar's
+                // mask), and so do requests ended since the forward (their row is dropped).
+                let seq = self.seqs.get(id).filter(|seq| !seq.constrained)?;
                 seq.sampler
                     .sample_from_summary(request.as_ref()?, summary, self.vocab_size)
             })
@@ -1135,11 +1178,73 @@ impl<M: StepModel> Engine<M> {
         }
     }
 
+    /// Hands the grammar states of the step's constrained sequences that will sample to the
+    /// mask thread, which computes their masks while the forward pass runs.
+    fn start_masks(&mut self, scheduled: &[crate::scheduler::ScheduledSeq]) {
+        let jobs: Vec<masks::MaskJob> = scheduled
+            .iter()
+            .filter(|item| item.wants_logits)
+            .filter_map(|item| {
+                let seq = self.seqs.get_mut(&item.id)?;
+                seq.mask = None;
+                Some(masks::MaskJob {
+                    id: item.id,
+                    constraint: seq.grammar.take()?,
+                    mask: None,
+                })
+            })
+            .collect();
+        self.masks.submit(jobs);
+    }
+
+    /// Takes the grammar states back from the mask thread with their masks (waiting for it if
+    /// it is not done); a request whose state was lost ends with an error.
+    fn finish_masks(&mut self, events: &mut Vec<EngineEvent>) {
+        match self.masks.collect() {
+            Ok(jobs) => {
+                for job in jobs {
+                    if let Some(seq) = self.seqs.get_mut(&job.id) {
+                        seq.grammar = Some(job.constraint);
+                        seq.mask = job.mask;
+                    }
+                }
+            }
+            Err(lost) => {
+                tracing::error!(
+                    requests = lost.len(),
+                    "the grammar mask thread stopped; ending its requests"
+                );
+                for id in lost {
+                    self.end(
+                        id,
+                        FinishReason::Error("grammar: the mask thread stopped".into()),
+                        events,
+                    );
+                }
+            }
+        }
+    }
+
     /// Samples the next token of `id` and applies the stop conditions.
     fn on_logits(&mut self, id: RequestId, logits: &mut [f32], events: &mut Vec<EngineEvent>) {
         let Some(seq) = self.seqs.get_mut(&id) else {
             return;
         };
+        if seq.constrained {
+            let mask = match (seq.mask.take(), seq.grammar.as_mut()) {
+                (Some(mask), _) => mask,
+                // Not computed during the forward (no mask thread): now.
+                (None, Some(grammar)) => grammar.compute_mask().map_err(|e| e.to_string()),
+                (None, None) => Err("the grammar's state was lost".to_string()),
+            };
+            match mask {
+                Ok(mask) => mask.apply(logits),
+                Err(e) => {
+                    self.end(id, FinishReason::Error(format!("grammar: {e}")), events);
+                    return;
+                }
+            }
+        }
         let sampled = match seq
             .sampler
             .sample(logits, &seq.tokens, &seq.tokens[seq.prompt_len..])
@@ -1169,6 +1274,14 @@ impl<M: StepModel> Engine<M> {
         let mut reason = None;
         let mut text_delta = String::new();
         let stop_token = seq.stop_token_ids.contains(&sampled.id);
+        // The grammar is complete: nothing may follow (EOS forced, without a step for it).
+        let mut grammar_end = false;
+        if !stop_token && let Some(grammar) = seq.grammar.as_mut() {
+            match grammar.advance(sampled.id) {
+                Ok(()) => grammar_end = grammar.is_finished(),
+                Err(e) => reason = Some(FinishReason::Error(e.to_string())),
+            }
+        }
         if stop_token {
             // The stop token's own text (an EOS marker) is not part of the output.
             reason = Some(FinishReason::Stop);
@@ -1183,6 +1296,9 @@ impl<M: StepModel> Engine<M> {
                 Err(e) => reason = Some(FinishReason::Error(format!("detokenizing: {e}"))),
             }
         }
+        if reason.is_none() && grammar_end {
+            reason = Some(FinishReason::Stop);
+        }
         if reason.is_none()
             && (seq.generated().len() >= seq.max_tokens
                 || seq.prefill_only
@@ -1192,7 +1308,7 @@ impl<M: StepModel> Engine<M> {
         }
         // Text held back for a possible stop string is final once nothing else can follow
         // (unless a stop string matched: then it is the stop string, never emitted).
-        if (stop_token || reason == Some(FinishReason::Length))
+        if (stop_token || grammar_end || reason == Some(FinishReason::Length))
             && let Some(text) = seq.text.as_mut()
         {
             text_delta.push_str(&text.flush());

@@ -3,6 +3,7 @@
 
 use crate::kv_cache::block_pool::BlockId;
 use crate::sampler::SamplingParams;
+use tandem_text::grammar::Constraint;
 
 /// Identifies a request inside one engine (and its stream of events).
 pub type RequestId = u64;
@@ -40,6 +41,11 @@ pub struct GenerationRequest {
     /// prefilled once ([`crate::scheduler`], "Samples of one request share their prompt's
     /// blocks"). Ignored for a resumed request (its sequence is not the prompt alone).
     pub sample_group: Option<String>,
+    /// What the output must match (structured outputs): compiled by the caller (off the
+    /// engine thread), in its start state. Each sampled token is drawn under its mask and
+    /// advances it; imported and resumed tokens advance it too; at the grammar's end the
+    /// request stops (`FinishReason::Stop`).
+    pub grammar: Option<Constraint>,
 }
 
 impl GenerationRequest {
@@ -56,6 +62,7 @@ impl GenerationRequest {
             deadline: None,
             resume_ids: Vec::new(),
             sample_group: None,
+            grammar: None,
         }
     }
 }

@@ -51,11 +51,13 @@ pub struct RowSummary {
 
 impl Sampler {
     /// What the device must compute for this request's token at generated position `step`,
-    /// or `None` when only the full row will do (penalties rewrite the logits; a top-k above
-    /// [`DEVICE_CANDIDATES`], or min-p over an untruncated vocabulary, needs every logit).
+    /// or `None` when only the full row will do (penalties and `logit_bias` rewrite the
+    /// logits; a top-k above [`DEVICE_CANDIDATES`], or min-p over an untruncated vocabulary,
+    /// needs every logit). A request under a grammar never asks: the engine copies its row to
+    /// apply the grammar's mask.
     pub fn device_request(&mut self, step: u64, vocab_size: usize) -> Option<RowRequest> {
         let params = &self.params;
-        if params.has_penalties() {
+        if params.has_penalties() || !params.logit_bias.is_empty() {
             return None;
         }
         let logprobs = params.logprobs.map_or(0, |n| n as usize);
@@ -320,6 +322,10 @@ mod tests {
             SamplingParams {
                 min_p: 0.1,
                 ..SamplingParams::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(3, -100.0)],
+                ..SamplingParams::greedy()
             },
         ];
         for params in full_row {

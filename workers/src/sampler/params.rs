@@ -38,6 +38,10 @@ pub struct SamplingParams {
     /// When `Some(n)`, report the `n` most likely alternatives with each sampled token (the
     /// sampled token's own log-probability is always reported).
     pub logprobs: Option<u32>,
+    /// OpenAI's `logit_bias`: `(token id, bias)` added to the raw logits before anything
+    /// else (penalties, temperature, truncation, logprobs). -100 bans a token in practice,
+    /// +100 forces it.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -53,6 +57,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -122,6 +127,12 @@ impl SamplingParams {
             return invalid(
                 "frequency_penalty",
                 format!("{} is not finite", self.frequency_penalty),
+            );
+        }
+        if let Some((token, bias)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+            return invalid(
+                "logit_bias",
+                format!("the bias of token {token} is {bias}, not finite"),
             );
         }
         Ok(())

@@ -68,6 +68,8 @@ pub struct BusSettings {
     pub heartbeat: Duration,
     /// The tokenizer's end-of-sequence ids, added to every job's stop ids.
     pub model_stop_ids: Arc<[u32]>,
+    /// Compiles jobs' grammars (structured outputs).
+    pub grammars: Arc<super::grammar::WorkerGrammars>,
     /// The engine's KV cache layout (what handles must match).
     pub layout: KvLayout,
     /// Host-memory transfers (UCX): every context and decode worker has one.
@@ -125,6 +127,7 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
         },
         engine,
         model_stop_ids: Arc::clone(&settings.model_stop_ids),
+        grammars: Arc::clone(&settings.grammars),
         in_flight: InFlight::default(),
         queue: QueueBound::new(settings.max_queued),
     });

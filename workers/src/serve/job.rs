@@ -33,6 +33,8 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         deadline: job.deadline_unix_ms.map(instant_of_unix_ms),
         resume_ids: job.resume_ids.clone(),
         sample_group: job.samples.as_ref().map(|s| s.group_id.clone()),
+        // Compiled by the role (`super::grammar`), off the bus loop.
+        grammar: None,
     }
 }
 
@@ -52,6 +54,7 @@ fn sampling_params(spec: &SamplingSpec) -> SamplingParams {
         presence_penalty: spec.presence_penalty,
         frequency_penalty: spec.frequency_penalty,
         logprobs: spec.logprobs,
+        logit_bias: spec.logit_bias.clone(),
         ..SamplingParams::default()
     }
 }

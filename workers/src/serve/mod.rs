@@ -16,6 +16,7 @@
 //! - [`stream`]: engine events into the stream messages the api-server reads.
 
 pub mod bus;
+pub mod grammar;
 pub mod job;
 pub mod kv_auth;
 mod roles;
@@ -144,6 +145,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         Device::Cpu => None,
     };
     let max_model_len = model.config().max_position_embeddings;
+    let vocab_size = model.config().vocab_size;
     let budget = KvBudget {
         tokens: args.kv_cache_tokens,
         cpu_default_tokens: DEFAULT_CPU_KV_TOKENS,
@@ -213,6 +215,11 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         total_kv_blocks: total_blocks,
         heartbeat: std::time::Duration::from_millis(args.heartbeat_ms.max(50)),
         model_stop_ids: Arc::from(text.stop_token_ids()),
+        grammars: Arc::new(grammar::WorkerGrammars::new(
+            model_dir.clone(),
+            vocab_size,
+            text.stop_token_ids(),
+        )),
         layout,
         transport,
         cuda_ipc,

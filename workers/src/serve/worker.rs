@@ -132,6 +132,8 @@ pub(super) struct Worker {
     pub engine: EngineHandle,
     /// The tokenizer's end-of-sequence ids, added to every job's stop ids.
     pub model_stop_ids: Arc<[u32]>,
+    /// Compiles jobs' grammars.
+    pub grammars: Arc<super::grammar::WorkerGrammars>,
     pub in_flight: InFlight,
     pub queue: QueueBound,
 }
@@ -293,6 +295,26 @@ impl Worker {
                 tokio::spawn(self.forward(job, events, Vec::new()));
             }
             Err(e) => self.refuse(job, &e).await,
+        }
+    }
+
+    /// The job's grammar compiled (`None` without one). A grammar that does not compile
+    /// ends the request: its client is told why, and `Err` says there is nothing to run.
+    pub async fn job_grammar(
+        &self,
+        job: &GenerateJob,
+    ) -> Result<Option<tandem_text::grammar::Constraint>, ()> {
+        match self.grammars.compile(job).await {
+            Ok(grammar) => Ok(grammar),
+            Err(message) => {
+                tracing::info!(request_id = job.request_id, "{message}");
+                self.publish(
+                    job.stream_subject.clone(),
+                    &StreamMessage::Error { message },
+                )
+                .await;
+                Err(())
+            }
         }
     }
 

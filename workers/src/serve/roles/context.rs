@@ -83,7 +83,13 @@ impl ContextRole {
     /// reserved in the ledger.
     async fn start_prefill(self: &Arc<Self>, job: GenerateJob) {
         let prompt_tokens = job.prompt_ids.len();
+        let Ok(grammar) = self.worker.job_grammar(&job).await else {
+            locked(&self.ledger).unreserve(prompt_tokens);
+            return;
+        };
         let mut request = generation_request(&job, &self.worker.model_stop_ids);
+        // The first token is drawn under the grammar; the decode worker's grammar takes it.
+        request.grammar = grammar;
         if job.stop.max_tokens <= 1 {
             // Nothing is left for a decode worker: answer here.
             locked(&self.ledger).unreserve(prompt_tokens);

@@ -70,7 +70,11 @@ impl Role for GenerationRole {
         match job.kv.clone() {
             Some(handle) => self.puller.start(&self.worker, job, handle).await,
             None => {
-                let request = generation_request(&job, &self.worker.model_stop_ids);
+                let Ok(grammar) = self.worker.job_grammar(&job).await else {
+                    return;
+                };
+                let mut request = generation_request(&job, &self.worker.model_stop_ids);
+                request.grammar = grammar;
                 self.worker
                     .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
                     .await;

@@ -272,8 +272,16 @@ impl KvPuller {
     /// context worker of an authenticated handle is told to release its export either way.
     pub async fn start(self: &Arc<Self>, worker: &Arc<Worker>, job: GenerateJob, handle: KvHandle) {
         // Nothing a handle says is acted on before it is authenticated for this job.
-        if let Err(refusal) = self.authenticate(&job, &handle) {
-            let request = generation_request(&job, &worker.model_stop_ids);
+        let authenticated = self.authenticate(&job, &handle);
+        let Ok(grammar) = worker.job_grammar(&job).await else {
+            if authenticated.is_ok() {
+                publish_release(worker, &handle, &job.request_id).await;
+            }
+            return;
+        };
+        if let Err(refusal) = authenticated {
+            let mut request = generation_request(&job, &worker.model_stop_ids);
+            request.grammar = grammar;
             self.refuse(worker, &job, &handle, refusal).await;
             worker
                 .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
@@ -282,6 +290,8 @@ impl KvPuller {
         }
         let mut request = generation_request(&job, &worker.model_stop_ids);
         request.sampling.seed = Some(handle.seed);
+        // Fed the imported first token when the K/V arrives, as a sampled one.
+        request.grammar = grammar;
         let own = layout_spec(&self.kv.layout);
         let mismatch = model_mismatch(&handle, &worker.identity).or_else(|| {
             (handle.layout != own).then(|| {

@@ -1,0 +1,223 @@
+//! Structured outputs and `logit_bias` end to end (issue 18), on SmolLM2 with CPU workers: an
+//! aggregated deployment (one `both` worker) and a disaggregated one (a context and a decode
+//! worker), each a real nats-server, workers and api-server.
+//!
+//! - tests/python/structured_outputs.py, with the official `openai` client and
+//!   langchain-openai: 20 prompts with 20 JSON schemas, every reply parses and validates
+//!   (Python `jsonschema`); disaggregated equals aggregated; same seed, same output;
+//!   `json_object`; `chat.completions.parse` with a Pydantic model; `with_structured_output`.
+//! - `logit_bias`: -100 on the token greedy decoding picks bans it, +100 on another forces it
+//!   at every position, on /v1/completions and on chat, aggregated and disaggregated.
+//! - A schema llguidance cannot compile is a 400 naming `response_format.json_schema.schema`
+//!   with llguidance's message; a `response_format` of another type is a 400 naming it.
+//!
+//! Needs Python 3 with `openai`, `langchain-openai` and `jsonschema` importable: scripts/test
+//! installs them into `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{start_api_server, start_worker, start_worker_as};
+use tandem_test_kit::{ApiServer, Http, Nats, Proc, bin, model_dir};
+
+const MODEL: &str = "smollm2-bf16";
+
+fn python() -> Command {
+    let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut command = Command::new(python);
+    if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
+        command.env("PYTHONPATH", path);
+    }
+    command
+}
+
+fn check_python_clients() {
+    let output = python()
+        .args(["-c", "import openai, langchain_openai, jsonschema"])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "`openai`, `langchain-openai` and `jsonschema` must be importable: run scripts/test \
+         (it installs them into target/pylib and sets TANDEM_TEST_PYTHONPATH): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// One deployment: its nats-server, workers and api-server, stopped on drop.
+struct Deployment {
+    _nats: Nats,
+    api: ApiServer,
+    _workers: Vec<Proc>,
+}
+
+impl Deployment {
+    fn aggregated() -> Self {
+        let nats = Nats::start();
+        let api = start_api_server(&nats, &model_dir(MODEL));
+        let worker = start_worker(&nats, &model_dir(MODEL), "agg", &[]);
+        api.http.wait_for_workers(1, Duration::from_secs(60));
+        Deployment {
+            _nats: nats,
+            api,
+            _workers: vec![worker],
+        }
+    }
+
+    fn disaggregated() -> Self {
+        let nats = Nats::start();
+        let api = start_api_server(&nats, &model_dir(MODEL));
+        let context = start_worker_as(&nats, &model_dir(MODEL), "context", "ctx", &[]);
+        let decode = start_worker_as(&nats, &model_dir(MODEL), "decode", "dec", &[]);
+        api.http
+            .wait_for_role("context", 1, Duration::from_secs(60));
+        api.http.wait_for_role("decode", 1, Duration::from_secs(60));
+        Deployment {
+            _nats: nats,
+            api,
+            _workers: vec![context, decode],
+        }
+    }
+
+    fn http(&self) -> &Http {
+        &self.api.http
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.api.port)
+    }
+}
+
+/// `worker generate`'s greedy ids for a plain prompt: (prompt ids, output ids).
+fn greedy_ids(prompt: &str, max_tokens: u32) -> (Vec<u64>, Vec<u64>) {
+    let output = Command::new(bin("worker"))
+        .arg("generate")
+        .arg("--model")
+        .arg(model_dir(MODEL))
+        .args(["--json", "--threads", "1", "--prompt", prompt])
+        .args(["--max-tokens", &max_tokens.to_string()])
+        .output()
+        .expect("worker generate runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let ids = |field: &str| {
+        json[field]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    (ids("prompt_ids"), ids("output_ids"))
+}
+
+/// The token strings of a /v1/completions answer with `logprobs`.
+fn completion_tokens(http: &Http, body: Value) -> Vec<String> {
+    let response = http.post("/v1/completions", &body);
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.json()["choices"][0]["logprobs"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn check_logit_bias(deployment: &Deployment, prompt_ids: &[u64], greedy: &[u64]) {
+    let http = deployment.http();
+    let body = |bias: Value, temperature: f64| {
+        json!({"prompt": prompt_ids, "max_tokens": 3, "temperature": temperature, "seed": 5,
+               "logprobs": 0, "logit_bias": bias})
+    };
+    let free = completion_tokens(http, body(json!({}), 0.0));
+    assert_eq!(free.len(), 3, "{free:?}");
+    let banned = completion_tokens(http, body(json!({ greedy[0].to_string(): -100 }), 0.0));
+    assert_ne!(
+        banned[0], free[0],
+        "-100 on greedy's first token bans it: {banned:?} vs {free:?}"
+    );
+    // The token greedy picks second, forced at every position, even when sampling.
+    let forced = completion_tokens(http, body(json!({ greedy[1].to_string(): 100 }), 1.0));
+    assert_eq!(forced, vec![free[1].clone(); 3], "+100 forces it");
+
+    let chat = http.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 3,
+                "temperature": 0.7, "seed": 3, "logit_bias": { greedy[1].to_string(): 100 }}),
+    );
+    assert_eq!(chat.status, 200, "{}", chat.body);
+    assert_eq!(
+        chat.json()["choices"][0]["message"]["content"],
+        free[1].repeat(3),
+        "chat: +100 forces the token"
+    );
+}
+
+fn check_refusals(http: &Http) {
+    let chat = |format: Value| {
+        http.post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5,
+                    "response_format": format}),
+        )
+    };
+    let bad = chat(json!({"type": "json_schema", "json_schema": {"name": "bad",
+        "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}));
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let error = &bad.json()["error"];
+    assert_eq!(
+        error["param"], "response_format.json_schema.schema",
+        "{error}"
+    );
+    assert_eq!(error["type"], "invalid_request_error", "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("missing"),
+        "llguidance's message names the bad reference: {error}"
+    );
+    let other = chat(json!({"type": "yaml"}));
+    assert_eq!(other.status, 400, "{}", other.body);
+    assert_eq!(other.json()["error"]["param"], "response_format.type");
+    let bias = http.post(
+        "/v1/completions",
+        &json!({"prompt": "x", "logit_bias": {"99999999": 1}}),
+    );
+    assert_eq!(bias.status, 400, "{}", bias.body);
+    assert_eq!(bias.json()["error"]["param"], "logit_bias");
+}
+
+#[test]
+fn structured_outputs_and_logit_bias_aggregated_and_disaggregated() {
+    check_python_clients();
+    let aggregated = Deployment::aggregated();
+    let disaggregated = Deployment::disaggregated();
+
+    check_refusals(aggregated.http());
+    let (prompt_ids, greedy) = greedy_ids("The capital of France is", 3);
+    check_logit_bias(&aggregated, &prompt_ids, &greedy);
+    check_logit_bias(&disaggregated, &prompt_ids, &greedy);
+
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/structured_outputs.py");
+    let output = python()
+        .arg(&script)
+        .arg(aggregated.base_url())
+        .arg(disaggregated.base_url())
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "structured output checks failed:\n{}\n{}\n--- aggregated api-server ---\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        aggregated.api.proc.output()
+    );
+    println!("{}", String::from_utf8_lossy(&output.stdout));
+}
