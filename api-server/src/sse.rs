@@ -118,7 +118,8 @@ pub fn sse_body<F: ChunkFormat>(
                     body.queue.extend(body.formats[index].tokens(&tokens));
                 }
                 Some((index, Ok(GenEvent::Finished { reason, usage }))) => {
-                    body.queue.extend(body.formats[index].finished(reason, usage));
+                    body.queue
+                        .extend(body.formats[index].finished(reason, usage));
                     body.usages[index] = Some(usage);
                     if body.usages.iter().all(Option::is_some) {
                         let total = total_usage(body.usages.iter().flatten().copied());
