@@ -5,7 +5,7 @@
 //!
 //! - [`validate`]: the request's tool fields and tool messages, checked at the edge (400s that
 //!   name the field).
-//! - [`format`]: the model family's call markup ([`ToolFormat`]: Hermes / Qwen2.5
+//! - [`format`](mod@format): the model family's call markup ([`ToolFormat`]: Hermes / Qwen2.5
 //!   `<tool_call>`, Llama 3.1 JSON, Mistral `[TOOL_CALLS]`), chosen from the chat template or
 //!   by `--tool-call-parser`, and whether the template renders tools itself.
 //! - [`render`]: the template's inputs (the `tools` variable, messages with `tool_calls` and

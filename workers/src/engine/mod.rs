@@ -24,7 +24,7 @@
 //!
 //! A request with a grammar (structured outputs) holds its llguidance state
 //! ([`tandem_text::grammar::Constraint`]): its mask for the next token is computed on the
-//! [`masks`] thread while the forward pass runs, applied to its logits row (`-inf` for every
+//! mask thread (`engine/masks.rs`) while the forward pass runs, applied to its logits row (`-inf` for every
 //! token the grammar forbids) before sampling, and every token it gets (sampled, imported
 //! with a prefill, or resumed) advances it; at the grammar's end it stops.
 //!
