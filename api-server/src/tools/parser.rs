@@ -552,7 +552,12 @@ impl CallParser {
                     .iter()
                     .chain(closing)
                     .any(|m| m.starts_with(trimmed));
-                if could_be && !at_end {
+                if could_be {
+                    if at_end {
+                        // Cut off inside the closing markup (`max_tokens` ran out after the
+                        // call): markup, not content.
+                        self.buffer.clear();
+                    }
                     return false;
                 }
                 // Something else after a call: content again.
@@ -734,6 +739,25 @@ mod tests {
         // Whitespace alone, with no call, is content.
         let parsed = parse(ToolFormat::Hermes, true, "  ");
         assert_eq!(parsed.content.as_deref(), Some("  "));
+    }
+
+    #[test]
+    fn a_reply_cut_inside_the_closing_markup_leaks_none_of_it() {
+        // `max_tokens` ran out in `</tool_call>`: the call stands, the markup goes.
+        for cut in ["\n</tool_", "\n<", "</tool_call"] {
+            let output =
+                format!("<tool_call>\n{{\"name\": \"f\", \"arguments\": {{\"a\": 1}}}}{cut}");
+            let parsed = parse(ToolFormat::Hermes, true, &output);
+            assert_eq!(parsed.content, None, "{cut:?}");
+            assert_eq!(parsed.calls, calls(&[("f", r#"{"a": 1}"#)]), "{cut:?}");
+        }
+        let parsed = parse(
+            ToolFormat::Mistral,
+            true,
+            "[TOOL_CALLS] [{\"name\": \"a\", \"arguments\": {}}",
+        );
+        assert_eq!(parsed.content, None);
+        assert_eq!(parsed.calls, calls(&[("a", "{}")]));
     }
 
     #[test]
