@@ -96,6 +96,23 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* _
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
 }
 
+// Rows gathered as gather_rows does, with a grammar's token mask applied: token c of output row
+// i keeps its logit when bit c % 32 of word c / 32 of that row's mask is set (the mask has
+// `words` words a row), else -inf; tokens past the mask are -inf.
+extern "C" __global__ void gather_masked_rows(const float* __restrict__ x,
+                                              const u32* __restrict__ rows,
+                                              const u32* __restrict__ masks, int words,
+                                              float* __restrict__ out, int cols) {
+    const long long i = blockIdx.x;
+    const float* src = x + (long long)rows[i] * cols;
+    const u32* mask = masks + i * words;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const int w = c >> 5;
+        const bool allowed = w < words && ((mask[w] >> (c & 31)) & 1u);
+        out[i * cols + c] = allowed ? src[c] : NEG_INF;
+    }
+}
+
 // Greedy sampling on the device: index of each row's largest logit (lowest index on ties),
 // one block per row.
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __restrict__ out,

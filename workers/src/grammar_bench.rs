@@ -33,6 +33,9 @@ pub struct StepCost {
     /// For the constrained runs: the mean time of one mask alone (one sequence, replaying
     /// the first request's tokens on this thread), in microseconds.
     pub mean_mask_us: Option<f64>,
+    /// A digest of every request's tokens, in request order: equal digests, equal tokens (to
+    /// compare sampling paths, e.g. `TANDEM_DEVICE_MASKS=0` against the default).
+    pub tokens_digest: u64,
 }
 
 /// Runs the benchmark on `dir`'s model on `device` for each of `batches`.
@@ -104,12 +107,14 @@ fn bench<B: KvBlockIo + 'static>(
             }
             // The first request's tokens, replayed below to time its masks alone.
             let mut first_tokens = Vec::new();
+            let mut all_tokens: std::collections::HashMap<_, Vec<u32>> = Default::default();
             let mut note = |events: &[crate::engine::EngineEvent]| {
                 for event in events {
-                    if let EventKind::Token { id, .. } = event.kind
-                        && event.request_id == ids[0]
-                    {
-                        first_tokens.push(id);
+                    if let EventKind::Token { id, .. } = event.kind {
+                        all_tokens.entry(event.request_id).or_default().push(id);
+                        if event.request_id == ids[0] {
+                            first_tokens.push(id);
+                        }
                     }
                 }
             };
@@ -136,6 +141,14 @@ fn bench<B: KvBlockIo + 'static>(
                 note(&events);
             }
             let mean_step_ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+            let tokens_digest = {
+                use std::hash::{Hash, Hasher};
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                for id in &ids {
+                    all_tokens.get(id).hash(&mut hasher);
+                }
+                hasher.finish()
+            };
             let mean_mask_us = if constrained {
                 let mut grammar = compiler.compile(GrammarSource::JsonSchema(&schema))?;
                 let mut spent = std::time::Duration::ZERO;
@@ -162,6 +175,7 @@ fn bench<B: KvBlockIo + 'static>(
                 steps,
                 mean_step_ms,
                 mean_mask_us,
+                tokens_digest,
             });
         }
     }
@@ -175,12 +189,14 @@ pub fn describe(results: &[StepCost]) -> String {
         if let [free, constrained] = pair {
             out.push_str(&format!(
                 "batch {:3}: free {:.2} ms/step, json_schema {:.2} ms/step ({:+.1}%); one mask \
-                 alone {:.0} us\n",
+                 alone {:.0} us; tokens {:016x} / {:016x}\n",
                 free.batch,
                 free.mean_step_ms,
                 constrained.mean_step_ms,
                 (constrained.mean_step_ms / free.mean_step_ms - 1.0) * 100.0,
-                constrained.mean_mask_us.unwrap_or(0.0)
+                constrained.mean_mask_us.unwrap_or(0.0),
+                free.tokens_digest,
+                constrained.tokens_digest
             ));
         }
     }

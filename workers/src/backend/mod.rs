@@ -284,4 +284,16 @@ pub trait DeviceSampler<T>: Send + Sync {
         logits: &T,
         requests: &[RowRequest],
     ) -> Result<Vec<RowSummary>, BackendError>;
+
+    /// Summaries of rows `rows` of `logits` after each is masked by a grammar's token mask
+    /// (`masks[i]`: bits, 32 tokens a word; a clear bit, or a token past the mask, makes that
+    /// logit -inf), as `requests` ask: a constrained request samples on the device like a free
+    /// one, without its row coming to the host. `logits` itself is left unchanged.
+    fn summarize_masked_rows(
+        &self,
+        logits: &T,
+        rows: &[usize],
+        masks: &[&[u32]],
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, BackendError>;
 }

@@ -267,6 +267,9 @@ pub struct Engine<M: StepModel> {
     next_group: GroupId,
     /// Computes constrained sequences' masks while the forward pass runs.
     masks: masks::MaskWorker,
+    /// Whether constrained rows are masked and summarized on the device (a backend that
+    /// samples there); `TANDEM_DEVICE_MASKS=0` sends them to the host sampler instead.
+    device_masks: bool,
 }
 
 /// Forward passes that ran and that failed, since the engine started.
@@ -322,6 +325,7 @@ impl<M: StepModel> Engine<M> {
             sample_groups: HashMap::new(),
             next_group: 0,
             masks: masks::MaskWorker::default(),
+            device_masks: std::env::var("TANDEM_DEVICE_MASKS").map_or(true, |v| v != "0"),
         })
     }
 
@@ -1046,7 +1050,7 @@ impl<M: StepModel> Engine<M> {
                 return;
             }
         };
-        let sampled: Vec<Option<SampledToken>> = wanting
+        let mut sampled: Vec<Option<SampledToken>> = wanting
             .iter()
             .zip(&requests)
             .zip(&summaries)
@@ -1058,6 +1062,9 @@ impl<M: StepModel> Engine<M> {
                     .sample_from_summary(request.as_ref()?, summary, self.vocab_size)
             })
             .collect();
+        if self.device_masks && !self.sample_constrained_on_device(&wanting, &mut sampled, events) {
+            return;
+        }
         let on_host: Vec<usize> = (0..wanting.len())
             .filter(|&i| sampled[i].is_none())
             .collect();
@@ -1104,6 +1111,84 @@ impl<M: StepModel> Engine<M> {
                 }
             }
         }
+    }
+
+    /// Constrained requests whose sampler can use a device summary (no penalties, bias or
+    /// wide nucleus) get their grammar's mask applied to their logits row on the device and
+    /// sample from the masked row's summary, so their rows never come to the host; the rest
+    /// (and any row whose summary does not decide) stay on the host path, where `on_logits`
+    /// masks the row. Returns false when the device was lost (every request ended).
+    fn sample_constrained_on_device(
+        &mut self,
+        wanting: &[RequestId],
+        sampled: &mut [Option<SampledToken>],
+        events: &mut Vec<EngineEvent>,
+    ) -> bool {
+        let mut rows = Vec::new();
+        let mut requests = Vec::new();
+        for (i, id) in wanting.iter().enumerate() {
+            let Some(seq) = self.seqs.get_mut(id) else {
+                continue;
+            };
+            if !seq.constrained || !matches!(seq.mask, Some(Ok(_))) {
+                continue;
+            }
+            let step = seq.generated().len() as u64;
+            if let Some(request) = seq.sampler.device_request(step, self.vocab_size) {
+                rows.push(i);
+                requests.push(request);
+            }
+        }
+        if rows.is_empty() {
+            return true;
+        }
+        let masks: Vec<&[u32]> = rows
+            .iter()
+            .map(|&i| match &self.seqs[&wanting[i]].mask {
+                Some(Ok(mask)) => mask.words(),
+                _ => unreachable!("rows holds constrained requests with a mask"),
+            })
+            .collect();
+        let summaries = self
+            .model
+            .device_sampling()
+            .expect("step() samples on the device only for a model that can")
+            .summarize_last_masked(&rows, &masks, &requests);
+        let summaries = match summaries {
+            Ok(summaries) if summaries.len() == rows.len() => summaries,
+            Ok(summaries) => {
+                tracing::warn!(
+                    summaries = summaries.len(),
+                    rows = rows.len(),
+                    "masked summaries do not match their rows; constrained rows sampled on the host"
+                );
+                return true;
+            }
+            Err(e) if e.is_device_lost() => {
+                self.lose_device(format!("masking constrained rows failed: {e}"), events);
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "masking constrained rows on the device failed, sampling them on the host: {e}"
+                );
+                return true;
+            }
+        };
+        for ((&i, request), summary) in rows.iter().zip(&requests).zip(&summaries) {
+            let Some(seq) = self.seqs.get_mut(&wanting[i]) else {
+                continue;
+            };
+            if let Some(token) = seq
+                .sampler
+                .sample_from_summary(request, summary, self.vocab_size)
+            {
+                // The mask is spent; the token advances the grammar in `accept_token`.
+                seq.mask = None;
+                sampled[i] = Some(token);
+            }
+        }
+        true
     }
 
     /// A failed forward pass ends the requests of its step; one that lost the device ends

@@ -65,6 +65,15 @@ pub trait DeviceSampling {
     /// Rows `rows` (ascending indices among the logits rows) of the last
     /// [`Self::forward_summarized`], for requests its summaries do not decide.
     fn last_logits_rows(&mut self, rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Summaries of rows `rows` of the last [`Self::forward_summarized`], each first masked by
+    /// a grammar's token mask (`masks[i]`, 32 tokens a word), as `requests` ask: constrained
+    /// requests sample from a summary too instead of having their rows copied to the host.
+    fn summarize_last_masked(
+        &mut self,
+        rows: &[usize],
+        masks: &[&[u32]],
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, ModelError>;
 }
 
 /// A loaded model and a KV cache of `num_blocks` blocks of `block_size` tokens.
@@ -257,5 +266,24 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
         })?;
         let backend = self.model.backend();
         Ok(backend.run(|| backend.rows_to_host(logits, rows))?)
+    }
+
+    fn summarize_last_masked(
+        &mut self,
+        rows: &[usize],
+        masks: &[&[u32]],
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, ModelError> {
+        let logits = self.last_logits.as_ref().ok_or_else(|| {
+            ModelError::InvalidBatch("no logits kept from a summarized forward".into())
+        })?;
+        let backend = self.model.backend();
+        let sampler = backend.device_sampler().ok_or_else(|| {
+            ModelError::InvalidBatch(format!(
+                "the {} backend samples from host rows",
+                backend.describe()
+            ))
+        })?;
+        Ok(backend.run(|| sampler.summarize_masked_rows(logits, rows, masks, requests))?)
     }
 }

@@ -988,6 +988,8 @@ struct SummarizingModel {
     inner: FakeModel,
     last_rows: Vec<Vec<f32>>,
     rows_fetched: usize,
+    /// Rows summarized after a grammar's mask.
+    rows_masked: usize,
 }
 
 impl StepModel for SummarizingModel {
@@ -1043,6 +1045,31 @@ impl DeviceSampling for SummarizingModel {
         self.rows_fetched += rows.len();
         Ok(rows.iter().map(|&r| self.last_rows[r].clone()).collect())
     }
+    fn summarize_last_masked(
+        &mut self,
+        rows: &[usize],
+        masks: &[&[u32]],
+        requests: &[RowRequest],
+    ) -> Result<Vec<crate::sampler::device::RowSummary>, ModelError> {
+        self.rows_masked += rows.len();
+        Ok(rows
+            .iter()
+            .zip(masks)
+            .zip(requests)
+            .map(|((&r, mask), request)| {
+                let mut row = self.last_rows[r].clone();
+                for (token, logit) in row.iter_mut().enumerate() {
+                    let allowed = mask
+                        .get(token / 32)
+                        .is_some_and(|word| word >> (token % 32) & 1 == 1);
+                    if !allowed {
+                        *logit = f32::NEG_INFINITY;
+                    }
+                }
+                crate::sampler::device::summarize_row(&row, request)
+            })
+            .collect())
+    }
 }
 
 /// Sampling from device summaries gives every request the tokens host sampling gives, in a
@@ -1082,6 +1109,7 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
         inner: FakeModel::new(4, 64),
         last_rows: Vec::new(),
         rows_fetched: 0,
+        rows_masked: 0,
     };
     let mut device = Engine::new(device_model, config, None).unwrap();
     let mut host_ids = Vec::new();
@@ -1104,6 +1132,7 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
     }
     // Only the penalised request sampled from host rows: one row per token.
     assert_eq!(device.model.rows_fetched, 12);
+    assert_eq!(device.model.rows_masked, 0, "no request has a grammar");
 }
 
 #[test]

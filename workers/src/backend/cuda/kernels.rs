@@ -144,6 +144,7 @@ pub struct Kernels {
     pub silu_mul: CudaFunction,
     pub add_bias: CudaFunction,
     pub gather_rows: CudaFunction,
+    pub gather_masked_rows: CudaFunction,
     /// K/V blocks between the cache and a transfer's device memory, in one launch.
     pub copy_kv_blocks: CudaFunction,
     pub argmax_rows: CudaFunction,
@@ -231,6 +232,7 @@ impl Kernels {
             silu_mul: f("silu_mul")?,
             add_bias: f("add_bias")?,
             gather_rows: f("gather_rows")?,
+            gather_masked_rows: f("gather_masked_rows")?,
             copy_kv_blocks: f("copy_kv_blocks")?,
             argmax_rows: f("argmax_rows")?,
             sample_rows: f("sample_rows")?,
