@@ -10,16 +10,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use tandem_test_kit::{Http, Proc, assert_all_gone, bin, descendants, free_port, model_dir};
-
-fn python() -> Command {
-    let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut command = Command::new(python);
-    if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
-        command.env("PYTHONPATH", path);
-    }
-    command
-}
+use tandem_test_kit::{
+    Http, Proc, assert_all_gone, bin, descendants, free_port, model_dir, python,
+};
 
 fn check_openai_importable() {
     let output = python()

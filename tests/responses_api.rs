@@ -13,12 +13,11 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::{SERVED_NAME, start_api_server};
-use tandem_test_kit::{Http, Nats, model_dir, prometheus};
+use tandem_test_kit::{Http, Nats, model_dir, prometheus, python};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -386,15 +385,6 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
     assert_eq!(last["response"]["status"], "failed");
     assert!(last["response"]["error"]["message"].is_string(), "{last}");
     assert!(!output_text(&last["response"]).is_empty(), "{last}");
-}
-
-fn python() -> Command {
-    let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut command = Command::new(python);
-    if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
-        command.env("PYTHONPATH", path);
-    }
-    command
 }
 
 /// Runs tests/python/SCRIPT against `base_url` (`http://host:port/v1`).

@@ -22,18 +22,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{start_api_server, start_worker, start_worker_as};
-use tandem_test_kit::{ApiServer, Http, Nats, Proc, bin, model_dir};
+use tandem_test_kit::{ApiServer, Http, Nats, Proc, bin, model_dir, python};
 
 const MODEL: &str = "smollm2-bf16";
-
-fn python() -> Command {
-    let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut command = Command::new(python);
-    if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
-        command.env("PYTHONPATH", path);
-    }
-    command
-}
 
 fn check_python_clients() {
     let output = python()

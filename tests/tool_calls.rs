@@ -13,22 +13,12 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use support::{start_api_server, start_worker};
-use tandem_test_kit::{Nats, model_dir};
+use tandem_test_kit::{Nats, model_dir, python};
 
 const MODEL: &str = "smollm2-bf16";
-
-fn python() -> Command {
-    let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut command = Command::new(python);
-    if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
-        command.env("PYTHONPATH", path);
-    }
-    command
-}
 
 fn check_importable(modules: &str) {
     let output = python()

@@ -41,7 +41,7 @@ pub mod prometheus;
 pub mod servers;
 
 pub use http::{Http, Response, SseStream};
-pub use paths::{bin, model_dir, nats_server_path, profile_dir, temp_dir, temp_file};
+pub use paths::{bin, model_dir, nats_server_path, profile_dir, python, temp_dir, temp_file};
 pub use ports::free_port;
 pub use process::{
     Proc, assert_all_gone, assert_no_command_line_shows, children_of, cmdline, comm, descendants,

@@ -122,6 +122,18 @@ pub fn temp_file(name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// `python3` (or `TANDEM_TEST_PYTHON`) with `PYTHONPATH` set to `TANDEM_TEST_PYTHONPATH`, where
+/// scripts/test installs the Python clients the end-to-end API tests drive (`openai`, the
+/// Agents SDK, langchain-openai, jsonschema).
+pub fn python() -> std::process::Command {
+    let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut command = std::process::Command::new(python);
+    if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
+        command.env("PYTHONPATH", path);
+    }
+    command
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

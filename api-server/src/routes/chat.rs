@@ -9,9 +9,10 @@ use tandem_protocol::messages::{
 };
 
 use super::logprobs::chat_entry;
-use super::{client_left, collect_all, finish_reason, start_generation, unless_client_leaves};
+use super::{
+    ChoiceFormat, client_left, finish_reason, reply_choices, start_generation, unless_client_leaves,
+};
 use crate::disconnect::ClientSocket;
-use crate::dispatch::samples::total_usage;
 use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
 use crate::metrics::{Endpoint, Event, Metrics};
@@ -21,7 +22,7 @@ use crate::openai::{
     ToolCallDelta, Usage,
 };
 use crate::prompt::PromptCodec;
-use crate::sse::{ChunkFormat, sse_data, sse_response};
+use crate::sse::{ChunkFormat, sse_data};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::new_call_id;
 use crate::tools::parser::{CallParser, ParseEvent, ParsedReply};
@@ -77,25 +78,7 @@ pub async fn chat_completions(
         call_ids: Vec::new(),
         metrics: state.metrics.clone(),
     };
-    if valid.stream {
-        let choices = generations
-            .into_iter()
-            .enumerate()
-            .map(|(index, generation)| (generation, chunks(index)))
-            .collect();
-        return Ok(sse_response(choices, socket));
-    }
-    let Some(completed) = unless_client_leaves(socket, collect_all(generations)).await else {
-        return Ok(client_left());
-    };
-    let completed = completed?;
-    let usage = total_usage(completed.iter().map(|c| c.usage));
-    let choices = completed
-        .into_iter()
-        .enumerate()
-        .map(|(index, completed)| chunks(index).choice(completed))
-        .collect();
-    Ok(HttpResponse::Ok().json(chunks(0).completion(choices, usage)))
+    reply_choices(generations, valid.stream, socket, chunks).await
 }
 
 /// The chunks of one streamed chat completion, or the whole completion of one that is not.
@@ -200,6 +183,23 @@ impl ChatChunks {
         (content, calls)
     }
 
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: None,
+            choices,
+            usage: self.include_usage.then_some(usage),
+        }
+    }
+}
+
+impl ChoiceFormat for ChatChunks {
+    type Choice = ChatChoice;
+    type Response = ChatCompletion;
+
     /// The `chat.completion` object of a request that is not streamed, with its choices.
     fn completion(self, choices: Vec<ChatChoice>, usage: WireUsage) -> ChatCompletion {
         ChatCompletion {
@@ -255,18 +255,6 @@ impl ChatChunks {
             },
             logprobs: self.logprobs.then_some(logprobs),
             finish_reason: finish,
-        }
-    }
-
-    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {
-        ChatCompletionChunk {
-            id: self.id.clone(),
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: self.model.clone(),
-            system_fingerprint: None,
-            choices,
-            usage: self.include_usage.then_some(usage),
         }
     }
 }

@@ -8,9 +8,10 @@ use bytes::Bytes;
 use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
 
 use super::logprobs::CompletionLogprobsBuilder;
-use super::{client_left, collect_all, finish_reason, start_generation, unless_client_leaves};
+use super::{
+    ChoiceFormat, client_left, finish_reason, reply_choices, start_generation, unless_client_leaves,
+};
 use crate::disconnect::ClientSocket;
-use crate::dispatch::samples::total_usage;
 use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
 use crate::metrics::Endpoint;
@@ -18,7 +19,7 @@ use crate::openai::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, FinishReason, Usage,
 };
 use crate::prompt::PromptCodec;
-use crate::sse::{ChunkFormat, sse_data, sse_response};
+use crate::sse::{ChunkFormat, sse_data};
 use crate::state::{AppState, unix_now_s};
 use crate::validation::validate_completion;
 
@@ -51,25 +52,7 @@ pub async fn completions(
         offsets: CompletionLogprobsBuilder::default(),
         codec: Arc::clone(&state.codec),
     };
-    if valid.stream {
-        let choices = generations
-            .into_iter()
-            .enumerate()
-            .map(|(index, generation)| (generation, chunks(index)))
-            .collect();
-        return Ok(sse_response(choices, socket));
-    }
-    let Some(completed) = unless_client_leaves(socket, collect_all(generations)).await else {
-        return Ok(client_left());
-    };
-    let completed = completed?;
-    let usage = total_usage(completed.iter().map(|c| c.usage));
-    let choices = completed
-        .into_iter()
-        .enumerate()
-        .map(|(index, completed)| chunks(index).choice(completed))
-        .collect();
-    Ok(HttpResponse::Ok().json(chunks(0).completion(choices, usage)))
+    reply_choices(generations, valid.stream, socket, chunks).await
 }
 
 /// The chunks of one streamed text completion, or the whole completion of one that is not.
@@ -85,7 +68,10 @@ pub struct CompletionChunks {
     codec: Arc<dyn PromptCodec>,
 }
 
-impl CompletionChunks {
+impl ChoiceFormat for CompletionChunks {
+    type Choice = CompletionChoice;
+    type Response = Completion;
+
     /// The `text_completion` object of a request that is not streamed, with its choices.
     fn completion(self, choices: Vec<CompletionChoice>, usage: WireUsage) -> Completion {
         let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
@@ -104,7 +90,9 @@ impl CompletionChunks {
             finish_reason: Some(finish_reason(completed.reason)),
         }
     }
+}
 
+impl CompletionChunks {
     fn object(&self, choices: Vec<CompletionChoice>, usage: Option<Option<Usage>>) -> Completion {
         Completion {
             id: self.id.clone(),

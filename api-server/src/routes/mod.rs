@@ -15,7 +15,7 @@ mod logprobs;
 use std::sync::Arc;
 
 use actix_web::{HttpResponse, web};
-use tandem_protocol::messages::FinishReason as WireFinish;
+use tandem_protocol::messages::{FinishReason as WireFinish, Usage as WireUsage};
 
 use crate::disconnect::{ClientSocket, client_gone};
 use crate::dispatch::{Completed, Generation, JobSpec, RequestRecord, samples};
@@ -23,6 +23,7 @@ use crate::error::ApiError;
 use crate::metrics::Endpoint;
 use crate::openai::FinishReason;
 use crate::prompt::{naming_prompt_param, tokenize};
+use crate::sse::{ChunkFormat, sse_response};
 use crate::state::AppState;
 use crate::validation::ValidRequest;
 
@@ -126,6 +127,48 @@ pub(crate) async fn start_generation(
         generation.hold(Arc::clone(&admitted));
     }
     Ok(generations)
+}
+
+/// A chat or text completion's format for one choice: its SSE chunks when streamed
+/// ([`ChunkFormat`]), its choice and the whole response object when not.
+pub(crate) trait ChoiceFormat: ChunkFormat + Sized {
+    type Choice;
+    type Response: serde::Serialize;
+    /// This choice of a request that is not streamed.
+    fn choice(self, completed: Completed) -> Self::Choice;
+    /// The response object of a request that is not streamed, with its choices and the usage
+    /// of them all.
+    fn completion(self, choices: Vec<Self::Choice>, usage: WireUsage) -> Self::Response;
+}
+
+/// The answer to a chat or text completion request with one generation per choice: the
+/// choices streamed as `format(index)`'s chunks, or collected into one response object
+/// (the prompt counted once in its usage). A client that leaves cancels every choice.
+pub(crate) async fn reply_choices<F: ChoiceFormat>(
+    generations: Vec<Generation>,
+    stream: bool,
+    socket: Option<Arc<ClientSocket>>,
+    format: impl Fn(usize) -> F,
+) -> Result<HttpResponse, ApiError> {
+    if stream {
+        let choices = generations
+            .into_iter()
+            .enumerate()
+            .map(|(index, generation)| (generation, format(index)))
+            .collect();
+        return Ok(sse_response(choices, socket));
+    }
+    let Some(completed) = unless_client_leaves(socket, collect_all(generations)).await else {
+        return Ok(client_left());
+    };
+    let completed = completed?;
+    let usage = samples::total_usage(completed.iter().map(|c| c.usage));
+    let choices = completed
+        .into_iter()
+        .enumerate()
+        .map(|(index, completed)| format(index).choice(completed))
+        .collect();
+    Ok(HttpResponse::Ok().json(format(0).completion(choices, usage)))
 }
 
 /// Every choice's whole generation, in choice order; the first error fails them all (the

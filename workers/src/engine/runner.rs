@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::backend::{Backend, HostRange, KvBlockIo, KvBytes, KvBytesMut};
+use crate::backend::{Backend, DeviceSampler, HostRange, KvBlockIo, KvBytes, KvBytesMut};
 use crate::kv_cache::KvLayout;
 use crate::kv_cache::block_pool::BlockId;
 use crate::model::{ForwardBatch, Model, ModelError};
@@ -228,6 +228,25 @@ impl<B: KvBlockIo> StepModel for ModelRunner<B> {
     }
 }
 
+/// The backend's device sampler, or why a host-sampling backend was asked for summaries.
+fn device_sampler<B: Backend>(backend: &B) -> Result<&dyn DeviceSampler<B::Tensor>, ModelError> {
+    backend.device_sampler().ok_or_else(|| {
+        ModelError::InvalidBatch(format!(
+            "the {} backend samples from host rows",
+            backend.describe()
+        ))
+    })
+}
+
+impl<B: Backend> ModelRunner<B> {
+    /// The logits of the last summarized forward.
+    fn kept_logits(&self) -> Result<&B::Tensor, ModelError> {
+        self.last_logits.as_ref().ok_or_else(|| {
+            ModelError::InvalidBatch("no logits kept from a summarized forward".into())
+        })
+    }
+}
+
 impl<B: Backend> DeviceSampling for ModelRunner<B> {
     fn forward_summarized(
         &mut self,
@@ -239,12 +258,7 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
         self.injected_loss.check()?;
         let start = Instant::now();
         let backend = self.model.backend();
-        let sampler = backend.device_sampler().ok_or_else(|| {
-            ModelError::InvalidBatch(format!(
-                "the {} backend samples from host rows",
-                backend.describe()
-            ))
-        })?;
+        let sampler = device_sampler(backend)?;
         let Some(logits) = self.model.forward_logits(batch, &mut self.kv)? else {
             return Ok(Vec::new());
         };
@@ -261,9 +275,7 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
     }
 
     fn last_logits_rows(&mut self, rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let logits = self.last_logits.as_ref().ok_or_else(|| {
-            ModelError::InvalidBatch("no logits kept from a summarized forward".into())
-        })?;
+        let logits = self.kept_logits()?;
         let backend = self.model.backend();
         Ok(backend.run(|| backend.rows_to_host(logits, rows))?)
     }
@@ -274,16 +286,9 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
         masks: &[&[u32]],
         requests: &[RowRequest],
     ) -> Result<Vec<RowSummary>, ModelError> {
-        let logits = self.last_logits.as_ref().ok_or_else(|| {
-            ModelError::InvalidBatch("no logits kept from a summarized forward".into())
-        })?;
+        let logits = self.kept_logits()?;
         let backend = self.model.backend();
-        let sampler = backend.device_sampler().ok_or_else(|| {
-            ModelError::InvalidBatch(format!(
-                "the {} backend samples from host rows",
-                backend.describe()
-            ))
-        })?;
+        let sampler = device_sampler(backend)?;
         Ok(backend.run(|| sampler.summarize_masked_rows(logits, rows, masks, requests))?)
     }
 }
