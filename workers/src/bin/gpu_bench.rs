@@ -819,15 +819,38 @@ fn prefill_attention(
         batch.push(&tokens, 0, (0..len.div_ceil(BLOCK) as u32).collect(), true);
         let plan = BatchPlan::new(&batch, BLOCK, &vec![1.0f32; shape.head_dim / 2]);
         let meta = gpu.prepare_batch(&plan)?;
-        let t = time_on_device(gpu, iters, || {
-            Ok(gpu.paged_attention(&qkv, &meta, shape, kv, 0)?)
-        })?;
         let flops = causal_attention_flops(len, shape.head_dim * shape.num_heads);
-        println!(
-            "prefill attention {len} tokens (one layer): {:.3} ms, {:.0} TFLOP/s",
-            t * 1e3,
-            flops / t / 1e12
-        );
+        // Hopper's warpgroup kernel and flash.cu's, the same call: their outputs agree (the
+        // largest relative L2 over rows is printed) and each one's time.
+        let kernels: &[(bool, &str)] = if gpu.has_flash_wgmma() && shape.head_dim == 128 {
+            &[(true, "wgmma"), (false, "mma.sync")]
+        } else {
+            &[(false, "mma.sync")]
+        };
+        let mut outputs = Vec::new();
+        for &(wgmma, name) in kernels {
+            gpu.set_flash_wgmma(wgmma);
+            let t = time_on_device(gpu, iters, || {
+                Ok(gpu.paged_attention(&qkv, &meta, shape, kv, 0)?)
+            })?;
+            outputs.push(gpu.to_host(&gpu.paged_attention(&qkv, &meta, shape, kv, 0)?)?);
+            println!(
+                "prefill attention {len} tokens (one layer, {name}): {:.3} ms, {:.0} TFLOP/s",
+                t * 1e3,
+                flops / t / 1e12
+            );
+        }
+        gpu.set_flash_wgmma(true);
+        if let [a, b] = outputs.as_slice() {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| rel_l2(x, y))
+                .fold(0.0f64, f64::max);
+            println!(
+                "prefill attention {len} tokens: wgmma vs mma.sync, largest row relative L2 {worst:.2e}"
+            );
+        }
     }
     Ok(())
 }

@@ -26,6 +26,10 @@ const SOURCES: &[(&str, &str)] = &[
     ),
     ("gemv.cu", include_str!("../../../kernels/gemv.cu")),
     ("flash.cu", include_str!("../../../kernels/flash.cu")),
+    (
+        "flash_wgmma.cu",
+        include_str!("../../../kernels/flash_wgmma.cu"),
+    ),
     ("sample.cu", include_str!("../../../kernels/sample.cu")),
 ];
 
@@ -106,6 +110,42 @@ impl FlashConfig {
     }
 }
 
+/// The warpgroup prefill attention's settings (`flash_wgmma.cu`): keys per tile (`WG_KEYS`,
+/// 64 or 128) and shared-memory stages (`WG_STAGES`), which decide its dynamic shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WgmmaFlashConfig {
+    pub keys: usize,
+    pub stages: usize,
+}
+
+impl WgmmaFlashConfig {
+    /// Threads of a block: two consumer warpgroups of 64 query rows each, and the producer
+    /// warpgroup.
+    pub const THREADS: u32 = 384;
+
+    fn from_defines(defines: &[String]) -> Self {
+        let value = |name: &str, default: usize| {
+            defines
+                .iter()
+                .filter_map(|d| d.split_once('='))
+                .filter(|(n, _)| *n == name)
+                .filter_map(|(_, v)| v.trim().parse::<usize>().ok())
+                .next_back()
+                .unwrap_or(default)
+        };
+        WgmmaFlashConfig {
+            keys: value("WG_KEYS", 64),
+            stages: value("WG_STAGES", 4),
+        }
+    }
+
+    /// `stages` of a K and a V tile (`keys` rows of 256 bytes each), and 1 KiB to align them
+    /// to the 1024 bytes a swizzle atom needs.
+    pub fn smem_bytes(&self) -> usize {
+        self.stages * 2 * self.keys * 256 + 1024
+    }
+}
+
 /// Query heads per block of `flash_prefill_d*_h2`.
 pub const FLASH_PAIR_HEADS: usize = 2;
 
@@ -164,6 +204,9 @@ pub struct Kernels {
     pub gemv: Vec<CudaFunction>,
     /// The prefill attention kernels' tile settings (their shared memory).
     pub flash_config: FlashConfig,
+    /// Prefill attention of head dim 128 on warpgroup instructions, where the kernels were
+    /// compiled for `sm_90a` (Hopper), with its tile settings.
+    pub flash_wgmma: Option<(CudaFunction, WgmmaFlashConfig)>,
     /// Where the cubin came from, for the start-up log.
     pub origin: String,
 }
@@ -179,7 +222,14 @@ impl Kernels {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| KernelError::Load(e.to_string()))?;
-        let arch = format!("sm_{major}{minor}");
+        // Hopper gets its architecture-specific target (`sm_90a`), which the warpgroup
+        // instructions of `flash_wgmma.cu` need; the cubin runs on compute capability 9.0 only,
+        // and it is compiled for the device it runs on.
+        let arch = if (major, minor) == (9, 0) {
+            "sm_90a".to_owned()
+        } else {
+            format!("sm_{major}{minor}")
+        };
         let (source, options) = program(&arch, defines);
         let cache_path = cache_dir.map(|dir| cache_file(dir, &source, &options));
         let (cubin, origin) = match cache_path.as_ref().and_then(|p| std::fs::read(p).ok()) {
@@ -225,6 +275,19 @@ impl Kernels {
                 })
                 .collect()
         };
+        let flash_wgmma = if arch == "sm_90a" {
+            let config = WgmmaFlashConfig::from_defines(defines);
+            let kernel = f("flash_wgmma_d128")?;
+            kernel
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    config.smem_bytes() as i32,
+                )
+                .map_err(|e| KernelError::Load(format!("flash_wgmma_d128: {e}")))?;
+            Some((kernel, config))
+        } else {
+            None
+        };
         Ok(Kernels {
             embedding: f("embedding")?,
             rms_norm: f("rms_norm")?,
@@ -252,6 +315,7 @@ impl Kernels {
                 FLASH_PAIR_HEADS,
             )?,
             flash_config,
+            flash_wgmma,
             gemv: GEMV_NAMES
                 .iter()
                 .map(|&name| f(name))

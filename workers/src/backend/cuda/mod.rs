@@ -123,6 +123,9 @@ pub struct CudaBackend {
     vec_attention: bool,
     /// Two query heads per prefill attention block ([`CudaOptions::flash_head_pairs`]).
     flash_head_pairs: bool,
+    /// Prefill attention of head dim 128 on warpgroup instructions where the kernels have it
+    /// ([`CudaOptions::flash_wgmma`]).
+    flash_wgmma: std::sync::atomic::AtomicBool,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -139,6 +142,18 @@ pub fn driver_present() -> bool {
 }
 
 /// The attention kernels' scalar arguments that locate `layer`'s K/V in the paged cache.
+/// A prefill attention kernel and its launch shape ([`CudaBackend::flash_kernel`]): every
+/// one takes `flash.cu`'s arguments and covers a batch's 128-row tiles.
+struct FlashLaunch<'a> {
+    kernel: &'a cudarc::driver::CudaFunction,
+    /// Query heads per block (the grid's y is heads / this).
+    heads_per_block: usize,
+    threads: u32,
+    smem_bytes: u32,
+    /// `flash_wgmma.cu`'s kernel, which also takes the cache's tensor map.
+    wgmma: bool,
+}
+
 struct CacheArgs {
     heads: i32,
     kv_heads: i32,
@@ -273,11 +288,25 @@ impl CudaBackend {
             device_sampling: options.device_sampling,
             vec_attention: options.vec_attention,
             flash_head_pairs: options.flash_head_pairs,
+            flash_wgmma: std::sync::atomic::AtomicBool::new(options.flash_wgmma),
         })
     }
 
     /// Projections of up to `rows` rows (at most [`kernels::GEMV_MAX_ROWS`]) use the GEMV kernel,
     /// larger ones cuBLAS; 0 sends every projection to cuBLAS. For benchmarks.
+    /// Turns the warpgroup prefill attention kernel on or off (where the kernels have it), to
+    /// compare it with `flash.cu`'s in one process (`gpu_bench`).
+    pub fn set_flash_wgmma(&self, on: bool) {
+        self.flash_wgmma
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether prefill attention of head dim 128 runs the warpgroup kernel.
+    pub fn has_flash_wgmma(&self) -> bool {
+        self.kernels.flash_wgmma.is_some()
+            && self.flash_wgmma.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn set_gemv_max_rows(&self, rows: usize) {
         self.gemv_max_rows.store(
             rows.min(kernels::GEMV_MAX_ROWS),
@@ -409,20 +438,115 @@ impl CudaBackend {
             .map_err(|e| device_error(op, &e))
     }
 
-    /// The prefill attention kernel for `shape` and the query heads each of its blocks
-    /// computes: two heads of one KV head where the query group size is even (and
-    /// `flash_head_pairs` is on), else one.
-    fn flash_kernel(
+    /// The TMA tensor map `flash_wgmma.cu` copies K/V tiles with: the cache (`blocks` blocks
+    /// of `layout` at `data`) as a 5-D tensor, innermost first [dimension, KV head, token,
+    /// K/V of each layer, block], boxes of 64 dimensions of one head for a block's tokens, in
+    /// the 128-byte swizzle. `None` where the warpgroup kernel is off or absent, or the layout
+    /// does not fit it (head dim 128; a block of 8 to 64 tokens dividing its 64-key tiles).
+    fn kv_tensor_map(
         &self,
-        shape: &AttentionShape,
-    ) -> Option<(&cudarc::driver::CudaFunction, usize)> {
-        let group = shape.num_heads / shape.num_kv_heads;
-        if self.flash_head_pairs && group.is_multiple_of(kernels::FLASH_PAIR_HEADS) {
-            kernel_for(&self.kernels.flash_prefill_pairs, shape.head_dim)
-                .map(|k| (k, kernels::FLASH_PAIR_HEADS))
-        } else {
-            kernel_for(&self.kernels.flash_prefill, shape.head_dim).map(|k| (k, 1))
+        layout: &KvLayout,
+        blocks: usize,
+        data: &CudaSlice<u16>,
+    ) -> Option<[u8; 128]> {
+        use cudarc::driver::sys;
+        let (_, config) = self.kernels.flash_wgmma.as_ref()?;
+        let bs = layout.block_size;
+        if layout.head_dim != 128
+            || !(8..=64).contains(&bs)
+            || !config.keys.is_multiple_of(bs)
+            || !bs.is_power_of_two()
+        {
+            return None;
         }
+        let elem = 2u64;
+        let dims: [u64; 5] = [
+            layout.head_dim as u64,
+            layout.num_kv_heads as u64,
+            bs as u64,
+            2 * layout.num_layers as u64,
+            blocks as u64,
+        ];
+        let strides: [u64; 4] = [
+            layout.head_dim as u64 * elem,
+            layout.token_stride() as u64 * elem,
+            layout.kv_stride() as u64 * elem,
+            layout.block_elems() as u64 * elem,
+        ];
+        let boxes: [u32; 5] = [64, 1, bs as u32, 1, 1];
+        let element_strides = [1u32; 5];
+        let (ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(data, &self.stream);
+        let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+        // SAFETY: every array has the rank's length (dims 5, strides 4, box 5); `ptr` is the
+        // live cache allocation, which the map describes and outlives no use of (the map is
+        // dropped with the cache).
+        let result = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                5,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if result != sys::CUresult::CUDA_SUCCESS {
+            tracing::warn!(
+                ?result,
+                "no TMA tensor map of the KV cache: prefill attention copies by cp.async"
+            );
+            return None;
+        }
+        // SAFETY: initialized by the successful call above.
+        let map = unsafe { map.assume_init() };
+        let mut bytes = [0u8; 128];
+        for (chunk, word) in bytes.chunks_exact_mut(8).zip(map.opaque) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        Some(bytes)
+    }
+
+    /// The prefill attention kernel for `shape` and how to launch it: the warpgroup kernel for
+    /// head dim 128 on Hopper (`flash_wgmma` on); else `flash.cu`'s, with two heads of one KV
+    /// head per block where the query group size is even (and `flash_head_pairs` is on), else
+    /// one.
+    fn flash_kernel(&self, shape: &AttentionShape) -> Option<FlashLaunch<'_>> {
+        if self.flash_wgmma.load(std::sync::atomic::Ordering::Relaxed)
+            && shape.head_dim == 128
+            && let Some((kernel, config)) = &self.kernels.flash_wgmma
+        {
+            return Some(FlashLaunch {
+                kernel,
+                heads_per_block: 1,
+                threads: kernels::WgmmaFlashConfig::THREADS,
+                smem_bytes: config.smem_bytes() as u32,
+                wgmma: true,
+            });
+        }
+        let group = shape.num_heads / shape.num_kv_heads;
+        let (kernel, heads_per_block) =
+            if self.flash_head_pairs && group.is_multiple_of(kernels::FLASH_PAIR_HEADS) {
+                kernel_for(&self.kernels.flash_prefill_pairs, shape.head_dim)
+                    .map(|k| (k, kernels::FLASH_PAIR_HEADS))
+            } else {
+                kernel_for(&self.kernels.flash_prefill, shape.head_dim).map(|k| (k, 1))
+            }?;
+        Some(FlashLaunch {
+            kernel,
+            heads_per_block,
+            threads: 128 * heads_per_block as u32,
+            smem_bytes: self
+                .kernels
+                .flash_config
+                .smem_bytes(shape.head_dim, heads_per_block) as u32,
+            wgmma: false,
+        })
     }
 
     /// Attention of the query rows the prefill tiles of `batch` cover, into their rows of
@@ -430,7 +554,7 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn flash_prefill(
         &self,
-        (kernel, heads_per_block): (&cudarc::driver::CudaFunction, usize),
+        launch: FlashLaunch<'_>,
         qkv: &CudaTensor,
         out: &mut CudaSlice<u16>,
         batch: &CudaBatch,
@@ -445,7 +569,7 @@ impl CudaBackend {
         let q = qkv.as_f32("flash_prefill")?;
         let cache = CacheArgs::new(shape, &layout, layer);
         let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
-        let mut b = self.stream.launch_builder(kernel);
+        let mut b = self.stream.launch_builder(launch.kernel);
         b.arg(q)
             .arg(&kv.data)
             .arg(batch.positions())
@@ -462,17 +586,18 @@ impl CudaBackend {
             .arg(&cache.block_elems)
             .arg(&cache.layer_offset)
             .arg(&scale_log2);
+        let use_tma = i32::from(kv.has_tensor_map);
+        if launch.wgmma {
+            b.arg(&kv.tensor_map).arg(&use_tma);
+        }
         let cfg = LaunchConfig {
             grid_dim: (
                 batch.num_tiles as u32,
-                (shape.num_heads / heads_per_block) as u32,
+                (shape.num_heads / launch.heads_per_block) as u32,
                 1,
             ),
-            block_dim: (128 * heads_per_block as u32, 1, 1),
-            shared_mem_bytes: self
-                .kernels
-                .flash_config
-                .smem_bytes(shape.head_dim, heads_per_block) as u32,
+            block_dim: (launch.threads, 1, 1),
+            shared_mem_bytes: launch.smem_bytes,
         };
         self.launch(b, cfg, "flash_prefill")
     }
@@ -789,10 +914,18 @@ impl Backend for CudaBackend {
                 block_bytes: layout.block_bytes(),
             }
         })?;
+        let map = self.kv_tensor_map(layout, num_blocks + 1, &data);
+        let has_tensor_map = map.is_some();
+        let tensor_map = self
+            .stream
+            .clone_htod(&map.unwrap_or([0u8; 128]))
+            .map_err(|e| device_error("KV cache tensor map", &e))?;
         Ok(CudaKvCache {
             layout: *layout,
             num_blocks,
             data,
+            tensor_map,
+            has_tensor_map,
         })
     }
 

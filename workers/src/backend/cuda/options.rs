@@ -28,6 +28,10 @@ pub struct CudaOptions {
     /// tiles, where the query group size is even; off, one head per block
     /// (`TANDEM_FLASH_PAIRS=0`: to compare the two).
     pub flash_head_pairs: bool,
+    /// Prefill attention of head dim 128 on Hopper runs the warpgroup (wgmma) kernel
+    /// (`flash_wgmma.cu`); off, the mma.sync kernel every tensor-core GPU runs
+    /// (`TANDEM_FLASH_WGMMA=0`: to compare the two).
+    pub flash_wgmma: bool,
     /// Fewest keys per split of a decode attention split over the context; `None` derives it
     /// from the head dimension (`TANDEM_ATTN_SPLIT_KEYS`, for tuning).
     pub attn_split_keys: Option<usize>,
@@ -51,6 +55,7 @@ impl Default for CudaOptions {
             device_sampling: true,
             vec_attention: true,
             flash_head_pairs: true,
+            flash_wgmma: true,
             attn_split_keys: None,
             l2_prefetch_mb: None,
             kernel_defines: Vec::new(),
@@ -76,6 +81,7 @@ impl CudaOptions {
             device_sampling: switch("TANDEM_DEVICE_SAMPLING"),
             vec_attention: switch("TANDEM_ATTN_VEC"),
             flash_head_pairs: switch("TANDEM_FLASH_PAIRS"),
+            flash_wgmma: switch("TANDEM_FLASH_WGMMA"),
             attn_split_keys: text("TANDEM_ATTN_SPLIT_KEYS")
                 .and_then(|v| v.parse().ok())
                 .filter(|&keys| keys > 0),
@@ -123,6 +129,7 @@ mod tests {
             ("TANDEM_DEVICE_SAMPLING", "0"),
             ("TANDEM_ATTN_VEC", "0"),
             ("TANDEM_FLASH_PAIRS", "0"),
+            ("TANDEM_FLASH_WGMMA", "0"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
             ("TANDEM_L2_PREFETCH_MB", " 8 "),
             ("TANDEM_KERNEL_DEFINES", "GEMV_UNROLL=8  ATTN_KEYS=2"),
@@ -137,6 +144,7 @@ mod tests {
                 device_sampling: false,
                 vec_attention: false,
                 flash_head_pairs: false,
+                flash_wgmma: false,
                 attn_split_keys: Some(32),
                 l2_prefetch_mb: Some(8),
                 kernel_defines: vec!["GEMV_UNROLL=8".into(), "ATTN_KEYS=2".into()],

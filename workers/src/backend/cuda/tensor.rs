@@ -182,6 +182,10 @@ pub struct CudaKvCache {
     /// Blocks handed to sequences (the scratch block not counted).
     pub(super) num_blocks: usize,
     pub(super) data: CudaSlice<u16>,
+    /// The cache as a TMA tensor map in device memory (`flash_wgmma.cu` copies its tiles with
+    /// it), where the kernels and the layout allow one; else 128 zero bytes.
+    pub(super) tensor_map: CudaSlice<u8>,
+    pub(super) has_tensor_map: bool,
 }
 
 impl CudaKvCache {
