@@ -43,8 +43,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    FinishReason, GenerateJob, SampleGroup, SamplingSpec, StopSpec, StreamMessage, TokenEvent,
-    Usage, decode,
+    FinishReason, GenerateJob, PromptLogprob, SampleGroup, SamplingSpec, StopSpec, StreamMessage,
+    TokenEvent, Usage, decode,
 };
 
 pub use bus::Bus;
@@ -52,7 +52,7 @@ pub use record::RequestRecord;
 
 use crate::error::ApiError;
 use crate::metrics::{Event, Metrics};
-use crate::router::{NoRoute, Prefill, WorkerRegistry};
+use crate::router::{LocalPrefill, NoRoute, Prefill, WorkerRegistry};
 use cancel::CancelGuard;
 use handover::Phase;
 use migrate::MigrationReason;
@@ -76,6 +76,9 @@ const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 /// What a generation yields.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
+    /// The logprobs of prompt positions 1 .. (a job with `sampling.prompt_logprobs`), all of
+    /// them, once, before the first `Tokens` (or `Finished`, with `max_tokens` 0).
+    PromptLogprobs(Vec<PromptLogprob>),
     Tokens(Vec<TokenEvent>),
     /// The last event: `reason` is `Stop` or `Length`.
     Finished {
@@ -87,6 +90,8 @@ pub enum GenEvent {
 /// A whole generation, for a response that is not streamed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completed {
+    /// The prompt's logprobs (positions 1 ..), when the job asked for them.
+    pub prompt_logprobs: Vec<PromptLogprob>,
     /// Every token, in order.
     pub tokens: Vec<TokenEvent>,
     /// `Stop` or `Length`.
@@ -161,6 +166,15 @@ pub struct Generation {
     migrations: u32,
     migration_limit: u32,
     done: bool,
+    /// Prompt logprobs: how many the job asks for (the prompt's positions after the first;
+    /// `None`: none), those received (a migrated job sends them again: kept once), and
+    /// whether they went to the caller.
+    prompt_logprobs_expected: Option<usize>,
+    prompt_logprobs: Vec<PromptLogprob>,
+    prompt_logprobs_received: usize,
+    prompt_logprobs_delivered: bool,
+    /// An event held back while the prompt logprobs go first.
+    held: Option<GenEvent>,
     /// The request's place under `--max-pending-requests`, given back when the generation
     /// (and with it a streamed response's body) is dropped.
     /// (Shared by the choices of a request with `n` > 1: given back when the last ends.)
@@ -201,10 +215,17 @@ impl Generation {
         job: JobSpec,
         mut record: RequestRecord,
     ) -> Result<Generation, ApiError> {
-        let route = dispatch
-            .registry
-            .route(job.prompt_ids.len(), Instant::now())
-            .map_err(|no_route| {
+        // Prompt logprobs are computed where the prompt is prefilled: the generation worker.
+        let route = if job.sampling.prompt_logprobs.is_some() {
+            dispatch
+                .registry
+                .route_local(1, LocalPrefill::PromptLogprobs, Instant::now())
+        } else {
+            dispatch
+                .registry
+                .route(job.prompt_ids.len(), Instant::now())
+        };
+        let route = route.map_err(|no_route| {
                 let err = no_route_error(no_route);
                 record.fail(&err);
                 err
@@ -230,6 +251,10 @@ impl Generation {
         let bus = dispatch.bus;
         let stream_subject = bus.stream_subject(&request_id);
         let elapsed = record.arrival().elapsed();
+        let prompt_logprobs_expected = job
+            .sampling
+            .prompt_logprobs
+            .map(|_| job.prompt_ids.len().saturating_sub(1));
         let message = GenerateJob {
             request_id: request_id.clone(),
             prompt_ids: job.prompt_ids,
@@ -311,6 +336,11 @@ impl Generation {
             migrations: 0,
             migration_limit: dispatch.migration_limit,
             done: false,
+            prompt_logprobs_expected,
+            prompt_logprobs: Vec::new(),
+            prompt_logprobs_received: 0,
+            prompt_logprobs_delivered: false,
+            held: None,
             admitted: None,
         };
         let accepted = match generation.await_accepted().await {
@@ -355,6 +385,61 @@ impl Generation {
     /// The client's request id.
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// The prompt's token ids, as the job carries them.
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.job.prompt_ids
+    }
+
+    /// Takes the prompt logprobs of a `prompt_logprobs` message: positions from `start`,
+    /// those not received before (a migrated job computes the prompt again and sends them
+    /// again). A message past the next position means some were lost: an error.
+    fn absorb_prompt_logprobs(
+        &mut self,
+        start: u32,
+        logprobs: Vec<PromptLogprob>,
+    ) -> Result<(), ApiError> {
+        let next = self.prompt_logprobs_received + 1;
+        if start as usize > next {
+            return Err(ApiError::Worker {
+                message: format!(
+                    "the worker's prompt logprobs skipped positions {next} to {}",
+                    start - 1
+                ),
+            });
+        }
+        let repeated = (next - start as usize).min(logprobs.len());
+        let new = &logprobs[repeated..];
+        self.prompt_logprobs_received += new.len();
+        if !self.prompt_logprobs_delivered {
+            self.prompt_logprobs.extend_from_slice(new);
+        }
+        Ok(())
+    }
+
+    /// `event` (the first tokens, or the end), after the prompt logprobs if the job asked for
+    /// them and they have not gone out: then they go now, whole, and `event` next.
+    fn after_prompt_logprobs(&mut self, event: GenEvent) -> Result<GenEvent, ApiError> {
+        let Some(expected) = self.prompt_logprobs_expected else {
+            return Ok(event);
+        };
+        if self.prompt_logprobs_delivered {
+            return Ok(event);
+        }
+        if self.prompt_logprobs.len() != expected {
+            return Err(ApiError::Worker {
+                message: format!(
+                    "the worker sent {} of the prompt's {expected} logprobs before its first token",
+                    self.prompt_logprobs.len()
+                ),
+            });
+        }
+        self.prompt_logprobs_delivered = true;
+        self.held = Some(event);
+        Ok(GenEvent::PromptLogprobs(std::mem::take(
+            &mut self.prompt_logprobs,
+        )))
     }
 
     /// Waits for the current phase's worker to accept the job just published. A worker that
@@ -409,6 +494,7 @@ impl Generation {
         }
         let result = self.next_inner().await;
         match &result {
+            Ok(GenEvent::PromptLogprobs(_)) => {}
             Ok(GenEvent::Tokens(tokens)) => self.record.tokens(tokens.len(), Instant::now()),
             Ok(GenEvent::Finished { usage, .. }) => {
                 self.done = true;
@@ -429,11 +515,14 @@ impl Generation {
     /// Every event up to the last, gathered.
     pub async fn collect(mut self) -> Result<Completed, ApiError> {
         let mut collected = Vec::new();
+        let mut prompt_logprobs = Vec::new();
         loop {
             match self.next().await {
+                Some(Ok(GenEvent::PromptLogprobs(logprobs))) => prompt_logprobs = logprobs,
                 Some(Ok(GenEvent::Tokens(tokens))) => collected.extend(tokens),
                 Some(Ok(GenEvent::Finished { reason, usage })) => {
                     return Ok(Completed {
+                        prompt_logprobs,
                         tokens: collected,
                         reason,
                         usage,
@@ -450,6 +539,9 @@ impl Generation {
     }
 
     async fn next_inner(&mut self) -> Result<GenEvent, ApiError> {
+        if let Some(held) = self.held.take() {
+            return Ok(held);
+        }
         loop {
             let message = match self.pending.pop_front() {
                 Some(message) => message,
@@ -494,6 +586,12 @@ impl Generation {
                     self.kv_pulled(&worker_id, bytes, micros, outcome);
                     continue;
                 }
+                StreamMessage::PromptLogprobs { start, logprobs } => {
+                    if let Err(err) = self.absorb_prompt_logprobs(start, logprobs) {
+                        self.migrate_on(err).await?;
+                    }
+                    continue;
+                }
                 StreamMessage::Tokens { tokens, index } => {
                     self.unnumbered |= index.is_none();
                     let received = self.received_ids.len();
@@ -516,7 +614,7 @@ impl Generation {
                     self.received_ids.extend(tokens.iter().map(|t| t.id));
                     self.first_token_seen = true;
                     self.resuming = false;
-                    return Ok(GenEvent::Tokens(tokens));
+                    return self.after_prompt_logprobs(GenEvent::Tokens(tokens));
                 }
                 StreamMessage::Finished { reason, usage } => {
                     return match reason {
@@ -535,7 +633,7 @@ impl Generation {
                                 // first token).
                                 self.metrics.record(Event::Disaggregated);
                             }
-                            Ok(GenEvent::Finished { reason, usage })
+                            self.after_prompt_logprobs(GenEvent::Finished { reason, usage })
                         }
                         FinishReason::Cancelled => {
                             self.cancel.disarm();

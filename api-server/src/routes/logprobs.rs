@@ -1,6 +1,6 @@
 //! Worker logprobs (token ids) to OpenAI's two logprobs forms.
 
-use tandem_protocol::messages::TokenEvent;
+use tandem_protocol::messages::{PromptLogprob, TokenEvent};
 
 use crate::openai::{CompletionLogprobs, TokenLogprob, TopLogprob, TopLogprobMap};
 use crate::prompt::PromptCodec;
@@ -28,14 +28,54 @@ pub fn chat_entry(codec: &dyn PromptCodec, token: &TokenEvent) -> Option<TokenLo
     })
 }
 
-/// Appends tokens to the completion form, keeping `text_offset` (characters of completion text
-/// before each token) running across chunks.
+/// Appends tokens to the completion form, keeping `text_offset` (characters of the choice's
+/// text before each token) running across chunks.
 #[derive(Debug, Default)]
 pub struct CompletionLogprobsBuilder {
     text_chars: u32,
 }
 
 impl CompletionLogprobsBuilder {
+    /// The echoed prompt (`ids`, whose text is `text`) first: its tokens with their logprobs
+    /// (`logprobs`: positions 1 ..), the first with `null`. Each prompt token's
+    /// offset counts the characters of the prompt tokens before it, as vLLM does; the
+    /// completion's tokens then count from the end of `text`.
+    pub fn append_prompt(
+        &mut self,
+        codec: &dyn PromptCodec,
+        ids: &[u32],
+        text: &str,
+        logprobs: &[PromptLogprob],
+        into: &mut CompletionLogprobs,
+    ) {
+        let start = self.text_chars;
+        let mut offset = start;
+        for (position, &id) in ids.iter().enumerate() {
+            let token = codec.token_text(id);
+            let chars = token.chars().count() as u32;
+            into.tokens.push(token);
+            into.text_offset.push(offset);
+            offset += chars;
+            match position.checked_sub(1).and_then(|i| logprobs.get(i)) {
+                Some(entry) => {
+                    into.token_logprobs.push(Some(entry.logprob));
+                    into.top_logprobs.push(Some(TopLogprobMap(
+                        entry
+                            .top_logprobs
+                            .iter()
+                            .map(|&(id, logprob)| (codec.token_text(id), logprob))
+                            .collect(),
+                    )));
+                }
+                None => {
+                    into.token_logprobs.push(None);
+                    into.top_logprobs.push(None);
+                }
+            }
+        }
+        self.text_chars = start + text.chars().count() as u32;
+    }
+
     pub fn append(
         &mut self,
         codec: &dyn PromptCodec,
@@ -45,14 +85,14 @@ impl CompletionLogprobsBuilder {
         for token in tokens {
             if let Some(logprob) = token.logprob {
                 into.tokens.push(codec.token_text(token.id));
-                into.token_logprobs.push(logprob);
-                into.top_logprobs.push(TopLogprobMap(
+                into.token_logprobs.push(Some(logprob));
+                into.top_logprobs.push(Some(TopLogprobMap(
                     token
                         .top_logprobs
                         .iter()
                         .map(|&(id, logprob)| (codec.token_text(id), logprob))
                         .collect(),
-                ));
+                )));
                 into.text_offset.push(self.text_chars);
             }
             self.text_chars += token.text.chars().count() as u32;
