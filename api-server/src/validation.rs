@@ -919,27 +919,43 @@ mod tests {
         assert_eq!(zero.stop_spec(5, &limits()).unwrap().max_tokens, 0);
         let text_only = completion(json!({"prompt": "x", "echo": true})).unwrap();
         assert!(text_only.echo);
-        assert_eq!(text_only.sampling.prompt_logprobs, None, "no logprobs asked");
+        assert_eq!(
+            text_only.sampling.prompt_logprobs, None,
+            "no logprobs asked"
+        );
         assert!(!completion(json!({"prompt": "x"})).unwrap().echo);
 
         let best = completion(json!({"prompt": "x", "best_of": 3, "seed": 1})).unwrap();
         assert_eq!((best.n, best.candidates), (1, 3));
         assert_eq!(best.logprobs, None, "the response shows none");
         assert_eq!(best.sampling.logprobs, Some(0), "the ranking reads them");
-        let shown = completion(json!({"prompt": "x", "n": 2, "best_of": 4, "logprobs": 2})).unwrap();
-        assert_eq!((shown.n, shown.candidates, shown.sampling.logprobs), (2, 4, Some(2)));
-        let equal = completion(json!({"prompt": "x", "n": 2, "best_of": 2, "stream": true}))
-            .unwrap();
+        let shown =
+            completion(json!({"prompt": "x", "n": 2, "best_of": 4, "logprobs": 2})).unwrap();
+        assert_eq!(
+            (shown.n, shown.candidates, shown.sampling.logprobs),
+            (2, 4, Some(2))
+        );
+        let equal =
+            completion(json!({"prompt": "x", "n": 2, "best_of": 2, "stream": true})).unwrap();
         assert_eq!(equal.candidates, 2, "best_of = n streams as n choices");
 
         for (body, param) in [
             (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
-            (json!({"prompt": "x", "max_tokens": 0, "logprobs": 1}), "max_tokens"),
-            (json!({"prompt": "x", "max_tokens": -1, "echo": true}), "max_tokens"),
+            (
+                json!({"prompt": "x", "max_tokens": 0, "logprobs": 1}),
+                "max_tokens",
+            ),
+            (
+                json!({"prompt": "x", "max_tokens": -1, "echo": true}),
+                "max_tokens",
+            ),
             (json!({"prompt": "x", "n": 3, "best_of": 2}), "best_of"),
             (json!({"prompt": "x", "best_of": 0}), "best_of"),
             (json!({"prompt": "x", "best_of": MAX_N + 1}), "best_of"),
-            (json!({"prompt": "x", "best_of": 2, "stream": true}), "best_of"),
+            (
+                json!({"prompt": "x", "best_of": 2, "stream": true}),
+                "best_of",
+            ),
         ] {
             assert_eq!(param_of(completion(body.clone())), param, "{body}");
         }

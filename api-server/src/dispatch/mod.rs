@@ -226,10 +226,10 @@ impl Generation {
                 .route(job.prompt_ids.len(), Instant::now())
         };
         let route = route.map_err(|no_route| {
-                let err = no_route_error(no_route);
-                record.fail(&err);
-                err
-            })?;
+            let err = no_route_error(no_route);
+            record.fail(&err);
+            err
+        })?;
         Self::start_on(dispatch, route, request_id, job, record).await
     }
 

@@ -119,8 +119,7 @@ pub(crate) async fn start_generation(
     let job = prepared.inspect_err(|err| record.fail(err))?;
     // `best_of` candidates when more than `n` (the route keeps the best `n`).
     let mut generations = if valid.candidates > 1 {
-        samples::start_choices(state.dispatch(), &request_id, job, valid.candidates, record)
-            .await?
+        samples::start_choices(state.dispatch(), &request_id, job, valid.candidates, record).await?
     } else {
         vec![Generation::start(state.dispatch(), request_id, job, record).await?]
     };
