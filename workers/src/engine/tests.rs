@@ -352,9 +352,12 @@ fn samples_of_a_group_share_the_prompt_and_generate_what_they_would_alone() {
 /// Per request: its prompt logprobs (position, logprob, alternatives) in the order reported,
 /// its tokens with their logprobs, its finish reason and usage; and whether it was ever
 /// preempted while running.
+/// One reported prompt position: (position, logprob, alternatives).
+type PromptEntry = (usize, f32, Vec<(u32, f32)>);
+
 #[derive(Debug, Default)]
 struct Echoed {
-    prompt: Vec<(usize, f32, Vec<(u32, f32)>)>,
+    prompt: Vec<PromptEntry>,
     tokens: Vec<(u32, f32)>,
     end: Option<(FinishReason, Usage)>,
     preempted: bool,
