@@ -228,6 +228,16 @@ fn echo_works(http: &Http) {
     assert_eq!(token_logprobs(zero_choice), logprobs[..9].to_vec());
     check_echoed(zero_choice, &prompt_text, 9, 0, 1);
 
+    // max_tokens 0 with echo alone: the prompt's text, no logprobs.
+    let bare = completion(
+        http,
+        &json!({"prompt": prompt, "max_tokens": 0, "echo": true}),
+    );
+    assert_eq!(bare["choices"][0]["text"], prompt);
+    assert!(bare["choices"][0]["logprobs"].is_null());
+    assert_eq!(bare["choices"][0]["finish_reason"], "length");
+    assert_eq!(usage(&bare), (prompt_tokens, 0));
+
     // A prompt of several prefill chunks: one logprob per position, and the positions of a
     // prefix (fewer chunks, other boundaries) score the same.
     let long = id_prompt(100, 2);

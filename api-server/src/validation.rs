@@ -802,6 +802,10 @@ pub fn validate_completion(
     sampling.logprobs = logprobs;
     if echo && logprobs.is_some() {
         sampling.prompt_logprobs = logprobs;
+    } else if max_tokens == 0 {
+        // A job that generates nothing is a prompt-only job, which workers run for its
+        // prompt logprobs: asked for (none shown), so echo without logprobs works too.
+        sampling.prompt_logprobs = Some(0);
     }
     if candidates > common.n && sampling.logprobs.is_none() {
         // The ranking reads each token's logprob; the response shows none unless asked.
@@ -917,6 +921,9 @@ mod tests {
         assert_eq!(zero.max_tokens, Some(0));
         assert_eq!(zero.sampling.prompt_logprobs, Some(0));
         assert_eq!(zero.stop_spec(5, &limits()).unwrap().max_tokens, 0);
+        let bare = completion(json!({"prompt": "x", "max_tokens": 0, "echo": true})).unwrap();
+        assert_eq!(bare.logprobs, None, "no logprobs shown");
+        assert_eq!(bare.sampling.prompt_logprobs, Some(0), "a prompt-only job");
         let text_only = completion(json!({"prompt": "x", "echo": true})).unwrap();
         assert!(text_only.echo);
         assert_eq!(

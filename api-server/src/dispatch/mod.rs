@@ -400,46 +400,39 @@ impl Generation {
         start: u32,
         logprobs: Vec<PromptLogprob>,
     ) -> Result<(), ApiError> {
-        let next = self.prompt_logprobs_received + 1;
-        if start as usize > next {
-            return Err(ApiError::Worker {
-                message: format!(
-                    "the worker's prompt logprobs skipped positions {next} to {}",
-                    start - 1
-                ),
-            });
-        }
-        let repeated = (next - start as usize).min(logprobs.len());
-        let new = &logprobs[repeated..];
+        let new = new_prompt_logprobs(self.prompt_logprobs_received, start, logprobs)?;
         self.prompt_logprobs_received += new.len();
         if !self.prompt_logprobs_delivered {
-            self.prompt_logprobs.extend_from_slice(new);
+            self.prompt_logprobs.extend(new);
         }
         Ok(())
     }
 
-    /// `event` (the first tokens, or the end), after the prompt logprobs if the job asked for
-    /// them and they have not gone out: then they go now, whole, and `event` next.
-    fn after_prompt_logprobs(&mut self, event: GenEvent) -> Result<GenEvent, ApiError> {
-        let Some(expected) = self.prompt_logprobs_expected else {
-            return Ok(event);
-        };
-        if self.prompt_logprobs_delivered {
-            return Ok(event);
-        }
-        if self.prompt_logprobs.len() != expected {
-            return Err(ApiError::Worker {
+    /// Before the first tokens (or the end) of a job that asked for prompt logprobs: the
+    /// worker's failure if some never came (a message lost on the bus), for the caller to
+    /// migrate on before it takes the tokens.
+    fn missing_prompt_logprobs(&self) -> Option<ApiError> {
+        let expected = self.prompt_logprobs_expected?;
+        (!self.prompt_logprobs_delivered && self.prompt_logprobs.len() != expected).then(|| {
+            ApiError::Worker {
                 message: format!(
                     "the worker sent {} of the prompt's {expected} logprobs before its first token",
                     self.prompt_logprobs.len()
                 ),
-            });
+            }
+        })
+    }
+
+    /// `event` (the first tokens, or the end), after the prompt logprobs if the job asked for
+    /// them and they have not gone out (all of them: [`Self::missing_prompt_logprobs`] was
+    /// checked): then they go now, whole, and `event` next.
+    fn after_prompt_logprobs(&mut self, event: GenEvent) -> GenEvent {
+        if self.prompt_logprobs_expected.is_none() || self.prompt_logprobs_delivered {
+            return event;
         }
         self.prompt_logprobs_delivered = true;
         self.held = Some(event);
-        Ok(GenEvent::PromptLogprobs(std::mem::take(
-            &mut self.prompt_logprobs,
-        )))
+        GenEvent::PromptLogprobs(std::mem::take(&mut self.prompt_logprobs))
     }
 
     /// Waits for the current phase's worker to accept the job just published. A worker that
@@ -611,10 +604,15 @@ impl Generation {
                     if tokens.is_empty() {
                         continue;
                     }
+                    if let Some(missing) = self.missing_prompt_logprobs() {
+                        // Before the client has these tokens: the migrated job sends them again.
+                        self.migrate_on(missing).await?;
+                        continue;
+                    }
                     self.received_ids.extend(tokens.iter().map(|t| t.id));
                     self.first_token_seen = true;
                     self.resuming = false;
-                    return self.after_prompt_logprobs(GenEvent::Tokens(tokens));
+                    return Ok(self.after_prompt_logprobs(GenEvent::Tokens(tokens)));
                 }
                 StreamMessage::Finished { reason, usage } => {
                     return match reason {
@@ -628,12 +626,17 @@ impl Generation {
                                 self.migrate_on(lost).await?;
                                 continue;
                             }
+                            if let Some(missing) = self.missing_prompt_logprobs() {
+                                self.cancel.disarm();
+                                self.migrate_on(missing).await?;
+                                continue;
+                            }
                             if self.phase.is_prefill() {
                                 // The context worker answered it all (it ended at its
                                 // first token).
                                 self.metrics.record(Event::Disaggregated);
                             }
-                            self.after_prompt_logprobs(GenEvent::Finished { reason, usage })
+                            Ok(self.after_prompt_logprobs(GenEvent::Finished { reason, usage }))
                         }
                         FinishReason::Cancelled => {
                             self.cancel.disarm();
@@ -731,6 +734,28 @@ fn lost_tail(received: usize, usage: Usage) -> Option<ApiError> {
     })
 }
 
+/// The positions of a `prompt_logprobs` message (from `start`) past the `received` ones
+/// (positions 1 ..= received): a repeat is dropped, a message past the next position means
+/// some were lost (a worker error: the request migrates).
+fn new_prompt_logprobs(
+    received: usize,
+    start: u32,
+    mut logprobs: Vec<PromptLogprob>,
+) -> Result<Vec<PromptLogprob>, ApiError> {
+    let next = received + 1;
+    if start as usize > next {
+        return Err(ApiError::Worker {
+            message: format!(
+                "the worker's prompt logprobs skipped positions {next} to {}",
+                start - 1
+            ),
+        });
+    }
+    let repeated = (next - start as usize).min(logprobs.len());
+    logprobs.drain(..repeated);
+    Ok(logprobs)
+}
+
 /// `tokens` (a `tokens` message starting at position `index`) checked against the `received`
 /// tokens the client has: a message from a worker that numbers its tokens must continue
 /// exactly after them. Tokens the client has already (a duplicate) are dropped, and counted
@@ -793,6 +818,39 @@ mod tests {
                 expected: 3,
                 got: 1500
             })
+        ));
+    }
+
+    #[test]
+    fn prompt_logprobs_are_kept_once_and_a_skip_is_an_error() {
+        let entries = |from: u32, count: u32| -> Vec<PromptLogprob> {
+            (from..from + count)
+                .map(|p| PromptLogprob {
+                    logprob: -(p as f32),
+                    top_logprobs: Vec::new(),
+                })
+                .collect()
+        };
+        let positions = |r: Result<Vec<PromptLogprob>, ApiError>| -> Vec<f32> {
+            r.unwrap().iter().map(|l| -l.logprob).collect()
+        };
+        assert_eq!(
+            positions(new_prompt_logprobs(0, 1, entries(1, 3))),
+            vec![1.0, 2.0, 3.0]
+        );
+        assert_eq!(
+            positions(new_prompt_logprobs(3, 4, entries(4, 2))),
+            vec![4.0, 5.0]
+        );
+        // A migrated job sends them again from 1: only the new ones are kept.
+        assert_eq!(
+            positions(new_prompt_logprobs(3, 1, entries(1, 5))),
+            vec![4.0, 5.0]
+        );
+        assert!(positions(new_prompt_logprobs(5, 1, entries(1, 2))).is_empty());
+        assert!(matches!(
+            new_prompt_logprobs(3, 6, entries(6, 1)),
+            Err(ApiError::Worker { .. })
         ));
     }
 
