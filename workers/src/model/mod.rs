@@ -386,8 +386,20 @@ impl<B: Backend> Model<B> {
                 None => b.rms_norm(&last, &self.final_norm, self.eps)?,
             };
             let logits = b.to_host(&b.linear(&h, lm_head, None)?)?;
-            for (row, &(_, target, top_k, list)) in logits.iter().zip(group) {
-                out[list].push(crate::sampler::token_logprob(row, target, top_k));
+            // Each row's reduction is a pass or two over the vocabulary: rows in parallel (on
+            // the CPU backend, within its own pool, which `run` has installed).
+            let reduced: Vec<TokenLogprob> = {
+                use rayon::prelude::*;
+                logits
+                    .par_iter()
+                    .zip(group.par_iter())
+                    .map(|(row, &(_, target, top_k, _))| {
+                        crate::sampler::token_logprob(row, target, top_k)
+                    })
+                    .collect()
+            };
+            for (entry, &(_, _, _, list)) in reduced.into_iter().zip(group) {
+                out[list].push(entry);
             }
         }
         Ok(out)
