@@ -99,3 +99,77 @@ impl CompletionLogprobsBuilder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompt::PromptError;
+    use crate::validation::Turn;
+
+    /// Token `id`'s text is `t{id}`.
+    struct Codec;
+    impl PromptCodec for Codec {
+        fn encode_chat(
+            &self,
+            _: &[Turn],
+            _: Option<&crate::tools::ToolRequest>,
+        ) -> Result<Vec<u32>, PromptError> {
+            unreachable!()
+        }
+        fn encode_text(&self, _: &str) -> Result<Vec<u32>, PromptError> {
+            unreachable!()
+        }
+        fn token_text(&self, id: u32) -> String {
+            format!("t{id}")
+        }
+        fn decode_text(&self, ids: &[u32]) -> Result<String, PromptError> {
+            Ok(ids.iter().map(|&id| self.token_text(id)).collect())
+        }
+        fn tool_support(&self) -> Option<crate::tools::ToolSupport> {
+            None
+        }
+        fn marker_text(&self, _: u32) -> Option<&str> {
+            None
+        }
+    }
+
+    /// An echoed prompt's tokens come first, the first with `null`, offsets through the
+    /// prompt; the completion's tokens follow, their offsets counted from the prompt's end.
+    #[test]
+    fn the_echoed_prompt_comes_first_with_a_null_first_logprob() {
+        let mut builder = CompletionLogprobsBuilder::default();
+        let mut into = CompletionLogprobs::default();
+        let prompt = [1, 22, 333];
+        let logprobs = [
+            PromptLogprob {
+                logprob: -1.0,
+                top_logprobs: vec![(7, -0.5)],
+            },
+            PromptLogprob {
+                logprob: -2.0,
+                top_logprobs: vec![(8, -0.25)],
+            },
+        ];
+        builder.append_prompt(&Codec, &prompt, "t1t22t333", &logprobs, &mut into);
+        let generated = [TokenEvent {
+            id: 4,
+            text: " four".into(),
+            logprob: Some(-0.125),
+            top_logprobs: vec![(4, -0.125)],
+        }];
+        builder.append(&Codec, &generated, &mut into);
+        assert_eq!(into.tokens, vec!["t1", "t22", "t333", "t4"]);
+        assert_eq!(
+            into.token_logprobs,
+            vec![None, Some(-1.0), Some(-2.0), Some(-0.125)]
+        );
+        assert_eq!(into.top_logprobs[0], None);
+        assert_eq!(
+            into.top_logprobs[1],
+            Some(TopLogprobMap(vec![("t7".into(), -0.5)]))
+        );
+        assert_eq!(into.text_offset, vec![0, 2, 5, 9]);
+        let json = serde_json::to_value(&into).unwrap();
+        assert!(json["token_logprobs"][0].is_null() && json["top_logprobs"][0].is_null());
+    }
+}
