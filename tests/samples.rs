@@ -5,7 +5,7 @@
 //!   same three for the same seeded request twice, the first equal to the request with
 //!   `n=1`; usage counts the prompt once and every choice's completion;
 //! - greedy `n=2` gives two equal choices, equal to `n=1`;
-//! - `best_of` other than `n` is a 400 naming it;
+//! - `best_of` below `n` is a 400 naming it (`best_of` above `n`: tests/echo.rs);
 //! - afterwards every worker's KV blocks are free again (the shared prompt blocks included);
 //! - the official `openai` client with `n=3`, streamed and not (tests/python/openai_samples.py;
 //!   needs the `openai` package: scripts/test installs it and sets `TANDEM_TEST_PYTHONPATH`).
@@ -145,7 +145,7 @@ fn n_choices_work(http: &Http) {
     let (greedy_one, _) = chat_choices(http, &chat(1, None, 0.0));
     assert_eq!(greedy, vec![greedy_one[0].clone(); 2]);
 
-    // Completions: n and best_of = n; best_of past n is refused naming it.
+    // Completions: n and best_of = n; best_of below n is refused naming it.
     let completion = json!({"prompt": "The three primary colors are", "max_tokens": 8,
         "temperature": 0.8, "seed": 3, "n": 2, "best_of": 2});
     let reply = http.post("/v1/completions", &completion);
@@ -161,7 +161,7 @@ fn n_choices_work(http: &Http) {
     let (streamed, _) = streamed_choices(http, "/v1/completions", &completion);
     assert_eq!(streamed, texts);
     let mut refused = completion.clone();
-    refused["best_of"] = json!(3);
+    refused["best_of"] = json!(1);
     let reply = http.post("/v1/completions", &refused);
     assert_eq!(reply.status, 400, "{}", reply.body);
     assert_eq!(reply.json()["error"]["param"], "best_of");

@@ -68,6 +68,8 @@ pub trait PromptCodec: Send + Sync + 'static {
     fn encode_text(&self, text: &str) -> Result<Vec<u32>, PromptError>;
     /// The text of one token, for logprobs (`token` and `bytes`).
     fn token_text(&self, id: u32) -> String;
+    /// The text of a prompt given as token ids (special tokens included), for `echo`.
+    fn decode_text(&self, ids: &[u32]) -> Result<String, PromptError>;
     /// How this model's tool calls are rendered and parsed; `None`: tool calling is off.
     fn tool_support(&self) -> Option<ToolSupport>;
     /// The text of `id` when it is a special token of the tool-call markup (Mistral's
@@ -232,6 +234,12 @@ impl PromptCodec for TextCodec {
             .token_bytes(id)
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_default()
+    }
+
+    fn decode_text(&self, ids: &[u32]) -> Result<String, PromptError> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))
     }
 
     fn tool_support(&self) -> Option<ToolSupport> {

@@ -167,6 +167,10 @@ pub enum LocalPrefill {
     /// A request with `n` > 1: its choices run on one generation worker, which prefills the
     /// prompt once for all of them ([`WorkerRegistry::route_samples`]).
     Samples,
+    /// A request for its prompt's logprobs (`echo` with `logprobs`): they are computed where
+    /// the prompt is prefilled, and a context worker's prefill hands over K/V, not logprobs
+    /// ([`WorkerRegistry::route_local`]; docs/protocol.md, "Prompt logprobs").
+    PromptLogprobs,
 }
 
 /// Why a request has no route.
@@ -319,6 +323,12 @@ impl WorkerRegistry {
     /// for all choices, the prompt costs what one local prefill costs, where a context worker
     /// would add a transfer per choice (docs/protocol.md, "Requests with n > 1").
     pub fn route_samples(&self, n: u32, now: Instant) -> Result<Route, NoRoute> {
+        self.route_local(n, LocalPrefill::Samples, now)
+    }
+
+    /// Chooses a generation worker for `n` jobs that it prefills itself (`why`: the choices
+    /// of one request, or prompt logprobs) and counts them against it.
+    pub fn route_local(&self, n: u32, why: LocalPrefill, now: Instant) -> Result<Route, NoRoute> {
         let mut inner = self.lock();
         let generate_id = match self.pick_excluding(&mut inner, Pool::Generate, &[], now) {
             Pick::Chosen(id) => id,
@@ -334,7 +344,7 @@ impl WorkerRegistry {
             generate_id,
             generate_role: entry.heartbeat.role,
             generate_kv_peer: entry.heartbeat.kv_peer.clone(),
-            prefill: Prefill::Local(LocalPrefill::Samples),
+            prefill: Prefill::Local(why),
         })
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use actix_web::HttpResponse;
 use bytes::Bytes;
-use tandem_protocol::messages::{FinishReason, TokenEvent, Usage};
+use tandem_protocol::messages::{FinishReason, PromptLogprob, TokenEvent, Usage};
 
 use futures::StreamExt;
 use futures::stream::{LocalBoxStream, SelectAll};
@@ -25,6 +25,9 @@ use crate::error::ApiError;
 pub trait ChunkFormat: 'static {
     /// Chunks sent before any token (the chat role chunk).
     fn opening(&mut self) -> Vec<Bytes>;
+    /// The prompt's logprobs (a job that asked for them), before any token: kept for the
+    /// chunk that echoes the prompt. Formats that never ask ignore them.
+    fn prompt_logprobs(&mut self, _logprobs: Vec<PromptLogprob>) {}
     /// The chunk carrying `tokens`, if they carry anything a client would see.
     fn tokens(&mut self, tokens: &[TokenEvent]) -> Option<Bytes>;
     /// The chunks that end this choice: its finish reason (and `usage`, this choice's, for a
@@ -114,6 +117,9 @@ pub fn sse_body<F: ChunkFormat>(
             }
             let events = body.events.as_mut()?;
             match events.next().await {
+                Some((index, Ok(GenEvent::PromptLogprobs(logprobs)))) => {
+                    body.formats[index].prompt_logprobs(logprobs);
+                }
                 Some((index, Ok(GenEvent::Tokens(tokens)))) => {
                     body.queue.extend(body.formats[index].tokens(&tokens));
                 }

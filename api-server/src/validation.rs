@@ -134,6 +134,11 @@ pub struct ValidRequest {
     pub n: u32,
     /// A chat request's tools (`None`: none declared).
     pub tools: Option<ToolRequest>,
+    /// Completions generated: `n`, or `best_of` (`/v1/completions`) when larger, of which
+    /// the `n` with the highest mean token logprob are returned (never streamed).
+    pub candidates: u32,
+    /// `/v1/completions`' `echo`: each choice's text (and logprobs) starts with the prompt.
+    pub echo: bool,
 }
 
 impl ValidRequest {
@@ -680,6 +685,8 @@ pub fn validate_chat(
         prompt_param: "messages",
         n: common.n,
         tools,
+        candidates: common.n,
+        echo: false,
     })
 }
 
@@ -727,23 +734,29 @@ pub fn validate_completion(
         },
         limits,
     )?;
-    if request.echo == Some(true) {
-        return Err(ApiError::invalid("echo is not supported", "echo"));
-    }
+    let echo = request.echo.unwrap_or(false);
     if request.suffix.is_some() {
         return Err(ApiError::invalid("suffix is not supported", "suffix"));
     }
-    // best_of = n asks for nothing more than n choices; choosing the best n of more
-    // candidates is not served.
-    if let Some(best_of) = request.best_of
-        && best_of != common.n as i64
-    {
+    // OpenAI's rule: best_of candidates are generated and the n best returned, so best_of
+    // is at least n; the ranking needs every candidate whole, so it is never streamed.
+    let candidates = match request.best_of {
+        None => common.n,
+        Some(best_of) if best_of < common.n as i64 || best_of > MAX_N => {
+            return Err(ApiError::invalid(
+                format!(
+                    "best_of must be at least n ({}) and at most {MAX_N}, got {best_of}",
+                    common.n
+                ),
+                "best_of",
+            ));
+        }
+        Some(best_of) => best_of as u32,
+    };
+    if candidates > common.n && common.stream {
         return Err(ApiError::invalid(
-            format!(
-                "best_of must equal n ({}): generating more candidates than are returned is \
-                 not supported, got {best_of}",
-                common.n
-            ),
+            "best_of greater than n cannot be streamed: the best candidates are known only \
+             once every candidate has finished",
             "best_of",
         ));
     }
@@ -767,6 +780,17 @@ pub fn validate_completion(
         },
     };
     let max_tokens = match request.max_tokens {
+        // OpenAI's legacy contract: the prompt echoed (with its logprobs), nothing generated
+        // (lm-evaluation-harness scores prompts this way). Without echo there would be
+        // nothing to return: a 400, as vLLM answers.
+        Some(0) if echo => 0,
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens must be at least 1, got 0 (0 is served only with echo: the \
+                 prompt, and its logprobs, without a completion)",
+                "max_tokens",
+            ));
+        }
         Some(n) => token_limit(n, "max_tokens")?,
         None => DEFAULT_COMPLETION_MAX_TOKENS,
     };
@@ -776,6 +800,17 @@ pub fn validate_completion(
         .transpose()?;
     let mut sampling = common.sampling;
     sampling.logprobs = logprobs;
+    if echo && logprobs.is_some() {
+        sampling.prompt_logprobs = logprobs;
+    } else if max_tokens == 0 {
+        // A job that generates nothing is a prompt-only job, which workers run for its
+        // prompt logprobs: asked for (none shown), so echo without logprobs works too.
+        sampling.prompt_logprobs = Some(0);
+    }
+    if candidates > common.n && sampling.logprobs.is_none() {
+        // The ranking reads each token's logprob; the response shows none unless asked.
+        sampling.logprobs = Some(0);
+    }
     Ok(ValidRequest {
         prompt,
         max_tokens: Some(max_tokens),
@@ -789,6 +824,8 @@ pub fn validate_completion(
         prompt_param: "prompt",
         n: common.n,
         tools: None,
+        candidates,
+        echo,
     })
 }
 
@@ -865,6 +902,70 @@ mod tests {
         assert_eq!(valid.sampling.logprobs, Some(20));
         assert_eq!(valid.stop_strings, vec!["a", "b"]);
         assert!(valid.stream && valid.include_usage);
+    }
+
+    /// `echo` (prompt logprobs with `logprobs`), `max_tokens` 0 only with it (lm-eval's
+    /// loglikelihood request and its `max_tokens: 0` form), `best_of` at least `n`, its
+    /// ranking's logprobs asked for internally, and never streamed.
+    #[test]
+    fn echo_max_tokens_zero_and_best_of() {
+        let lm_eval = completion(json!({"prompt": [[5, 6, 7]], "temperature": 0,
+            "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": true}))
+        .unwrap();
+        assert!(lm_eval.echo);
+        assert_eq!(lm_eval.sampling.prompt_logprobs, Some(1));
+        assert_eq!(lm_eval.sampling.logprobs, Some(1));
+        assert_eq!(lm_eval.max_tokens, Some(1));
+        let zero = completion(json!({"prompt": "x", "max_tokens": 0, "echo": true, "logprobs": 0}))
+            .unwrap();
+        assert_eq!(zero.max_tokens, Some(0));
+        assert_eq!(zero.sampling.prompt_logprobs, Some(0));
+        assert_eq!(zero.stop_spec(5, &limits()).unwrap().max_tokens, 0);
+        let bare = completion(json!({"prompt": "x", "max_tokens": 0, "echo": true})).unwrap();
+        assert_eq!(bare.logprobs, None, "no logprobs shown");
+        assert_eq!(bare.sampling.prompt_logprobs, Some(0), "a prompt-only job");
+        let text_only = completion(json!({"prompt": "x", "echo": true})).unwrap();
+        assert!(text_only.echo);
+        assert_eq!(
+            text_only.sampling.prompt_logprobs, None,
+            "no logprobs asked"
+        );
+        assert!(!completion(json!({"prompt": "x"})).unwrap().echo);
+
+        let best = completion(json!({"prompt": "x", "best_of": 3, "seed": 1})).unwrap();
+        assert_eq!((best.n, best.candidates), (1, 3));
+        assert_eq!(best.logprobs, None, "the response shows none");
+        assert_eq!(best.sampling.logprobs, Some(0), "the ranking reads them");
+        let shown =
+            completion(json!({"prompt": "x", "n": 2, "best_of": 4, "logprobs": 2})).unwrap();
+        assert_eq!(
+            (shown.n, shown.candidates, shown.sampling.logprobs),
+            (2, 4, Some(2))
+        );
+        let equal =
+            completion(json!({"prompt": "x", "n": 2, "best_of": 2, "stream": true})).unwrap();
+        assert_eq!(equal.candidates, 2, "best_of = n streams as n choices");
+
+        for (body, param) in [
+            (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
+            (
+                json!({"prompt": "x", "max_tokens": 0, "logprobs": 1}),
+                "max_tokens",
+            ),
+            (
+                json!({"prompt": "x", "max_tokens": -1, "echo": true}),
+                "max_tokens",
+            ),
+            (json!({"prompt": "x", "n": 3, "best_of": 2}), "best_of"),
+            (json!({"prompt": "x", "best_of": 0}), "best_of"),
+            (json!({"prompt": "x", "best_of": MAX_N + 1}), "best_of"),
+            (
+                json!({"prompt": "x", "best_of": 2, "stream": true}),
+                "best_of",
+            ),
+        ] {
+            assert_eq!(param_of(completion(body.clone())), param, "{body}");
+        }
     }
 
     #[test]
@@ -1150,9 +1251,7 @@ mod tests {
             (json!({"prompt": [-1]}), "prompt"),
             (json!({"prompt": ["a", "b"]}), "prompt"),
             (json!({}), "prompt"),
-            (json!({"prompt": "x", "echo": true}), "echo"),
-            (json!({"prompt": "x", "best_of": 2}), "best_of"),
-            (json!({"prompt": "x", "n": 2, "best_of": 3}), "best_of"),
+            (json!({"prompt": "x", "n": 2, "best_of": 1}), "best_of"),
             (json!({"prompt": "x", "n": -1}), "n"),
             (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
         ] {

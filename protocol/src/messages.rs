@@ -136,6 +136,13 @@ pub struct SamplingSpec {
     /// compiles it with llguidance and masks every token that would leave it. Absent: free text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grammar: Option<GrammarSpec>,
+    /// The log-probabilities of the prompt's own tokens, with this many alternatives each
+    /// (`/v1/completions` with `echo` and `logprobs`): the worker sends them in
+    /// `prompt_logprobs` messages before the first token. Absent: none. Computed where the
+    /// prompt is prefilled, so the api-server sends such a job to a generation worker with a
+    /// local prefill (docs/protocol.md, "Prompt logprobs").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<u32>,
 }
 
 /// A constraint on a request's output, enforced token by token on the sampler. The api-server
@@ -166,6 +173,7 @@ impl Default for SamplingSpec {
             logprobs: None,
             logit_bias: Vec::new(),
             grammar: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -483,6 +491,17 @@ pub struct TokenEvent {
     pub top_logprobs: Vec<(u32, f32)>,
 }
 
+/// The log-probability of one prompt token given the tokens before it
+/// ([`StreamMessage::PromptLogprobs`]): the model's own distribution (no temperature,
+/// penalties or `logit_bias`: those apply to sampling, and nothing was sampled here).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptLogprob {
+    pub logprob: f32,
+    /// `(token id, logprob)` alternatives, best first (ties to the lower id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
 /// Why a generation ended (OpenAI's `finish_reason`, plus the ways a request can fail).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -522,6 +541,16 @@ pub enum StreamMessage {
         tokens: Vec<TokenEvent>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         index: Option<u32>,
+    },
+    /// Log-probabilities of prompt tokens (a job with `sampling.prompt_logprobs`): those of
+    /// prompt positions `start ..`, in order (position 0, the first prompt token, has none:
+    /// nothing precedes it). Sent as the prefill computes them, chunk by chunk, all before
+    /// the first `tokens` message (or `finished`, for a job with `max_tokens` 0); a prefill
+    /// computed again (a migrated job) sends them again from 1, and the api-server keeps the
+    /// first copy of each position.
+    PromptLogprobs {
+        start: u32,
+        logprobs: Vec<PromptLogprob>,
     },
     /// The last message of a successful or cancelled request.
     Finished { reason: FinishReason, usage: Usage },
@@ -819,6 +848,50 @@ mod tests {
             decode::<StreamMessage>("stream", json.as_bytes()).unwrap(),
             msg
         );
+    }
+
+    #[test]
+    fn prompt_logprobs_round_trip_and_are_on_the_wire_only_when_asked() {
+        let free = SamplingSpec::default();
+        assert!(
+            !serde_json::to_string(&free)
+                .unwrap()
+                .contains("prompt_logprobs")
+        );
+        let asking = SamplingSpec {
+            prompt_logprobs: Some(2),
+            ..SamplingSpec::default()
+        };
+        let json = serde_json::to_string(&asking).unwrap();
+        assert!(json.contains(r#""prompt_logprobs":2"#), "{json}");
+        assert_eq!(serde_json::from_str::<SamplingSpec>(&json).unwrap(), asking);
+        // A job from an api-server that predates the field asks for none.
+        let old: SamplingSpec = serde_json::from_str(
+            r#"{"temperature":1.0,"top_p":1.0,"top_k":0,"seed":null,"presence_penalty":0.0,
+                "frequency_penalty":0.0,"repetition_penalty":1.0,"logprobs":null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.prompt_logprobs, None);
+
+        let message = StreamMessage::PromptLogprobs {
+            start: 1,
+            logprobs: vec![
+                PromptLogprob {
+                    logprob: -1.5,
+                    top_logprobs: vec![(7, -0.25), (3, -1.5)],
+                },
+                PromptLogprob {
+                    logprob: -0.125,
+                    top_logprobs: Vec::new(),
+                },
+            ],
+        };
+        let bytes = encode(&message);
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            r#"{"v":1,"type":"prompt_logprobs","start":1,"logprobs":[{"logprob":-1.5,"top_logprobs":[[7,-0.25],[3,-1.5]]},{"logprob":-0.125}]}"#
+        );
+        assert_eq!(decode::<StreamMessage>("stream", &bytes).unwrap(), message);
     }
 
     #[test]

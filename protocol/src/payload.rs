@@ -13,6 +13,9 @@
 //!   alternatives each, when the bus is slower than the engine) is split into as many
 //!   messages as the limit needs ([`tokens_messages`]), numbered so the api-server sees one
 //!   gapless stream.
+//! - `prompt_logprobs` messages, by the workers: a prefill chunk's prompt logprobs (thousands
+//!   of positions with 20 alternatives each) are split in the same way
+//!   ([`prompt_logprobs_messages`]), each part naming its first position.
 //! - `kv_ready`, by context workers: its handle lists the export's regions, one per block for
 //!   readers that ask for that, else one per contiguous run of blocks (an export is one).
 //!
@@ -20,7 +23,7 @@
 
 use serde::Serialize;
 
-use crate::messages::{GenerateJob, StreamMessage, TokenEvent, encode};
+use crate::messages::{GenerateJob, PromptLogprob, StreamMessage, TokenEvent, encode};
 
 /// An encoded message larger than the server's `max_payload`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -133,6 +136,40 @@ pub fn tokens_messages(
     if !part.is_empty() {
         flush(&mut part, &mut next_index);
     }
+    Ok(messages)
+}
+
+/// `logprobs`, those of prompt positions `start ..`, as encoded `prompt_logprobs` messages of
+/// at most `max_payload` bytes each, in order, each naming its first position. One message
+/// when they fit in one; otherwise halves, split again until each fits. A single position that
+/// does not fit in a message of its own is an error.
+pub fn prompt_logprobs_messages(
+    start: u32,
+    logprobs: Vec<PromptLogprob>,
+    max_payload: usize,
+) -> Result<Vec<Vec<u8>>, TooLarge> {
+    let count = logprobs.len();
+    let message = StreamMessage::PromptLogprobs { start, logprobs };
+    let bytes = encode(&message);
+    if bytes.len() <= max_payload {
+        return Ok(vec![bytes]);
+    }
+    let StreamMessage::PromptLogprobs { mut logprobs, .. } = message else {
+        unreachable!("built as a prompt_logprobs message above");
+    };
+    if count <= 1 {
+        return Err(TooLarge {
+            bytes: bytes.len(),
+            max_payload,
+        });
+    }
+    let second = logprobs.split_off(count / 2);
+    let mut messages = prompt_logprobs_messages(start, logprobs, max_payload)?;
+    messages.extend(prompt_logprobs_messages(
+        start + (count / 2) as u32,
+        second,
+        max_payload,
+    )?);
     Ok(messages)
 }
 
@@ -288,5 +325,41 @@ mod tests {
             err.to_string().contains("max_payload of 300 bytes"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn prompt_logprobs_split_into_numbered_parts_that_fit() {
+        let logprobs: Vec<PromptLogprob> = (0..300)
+            .map(|i| PromptLogprob {
+                logprob: -(i as f32) / 7.0,
+                top_logprobs: (0..20).map(|k| (i * 20 + k, -(k as f32) / 3.0)).collect(),
+            })
+            .collect();
+        let whole = encode(&StreamMessage::PromptLogprobs {
+            start: 1,
+            logprobs: logprobs.clone(),
+        });
+        assert_eq!(
+            prompt_logprobs_messages(1, logprobs.clone(), whole.len()).unwrap(),
+            vec![whole.clone()]
+        );
+        let max_payload = whole.len() / 5;
+        let parts = prompt_logprobs_messages(1, logprobs.clone(), max_payload).unwrap();
+        assert!(parts.len() >= 5, "{} parts", parts.len());
+        let mut next = 1;
+        let mut joined = Vec::new();
+        for part in &parts {
+            assert!(part.len() <= max_payload);
+            let StreamMessage::PromptLogprobs { start, logprobs } =
+                decode::<StreamMessage>("part", part).unwrap()
+            else {
+                panic!("not a prompt_logprobs message")
+            };
+            assert_eq!(start, next, "parts continue each other");
+            next += logprobs.len() as u32;
+            joined.extend(logprobs);
+        }
+        assert_eq!(joined, logprobs);
+        assert!(prompt_logprobs_messages(1, logprobs[..1].to_vec(), 40).is_err());
     }
 }

@@ -50,10 +50,10 @@ result = client.completions.create(model=model, prompt="My favourite fruit is", 
                                    temperature=0.9)
 assert [c.index for c in result.choices] == [0, 1, 2] and all(c.text for c in result.choices), result
 
-# best_of past n: a typed 400 naming the field.
+# best_of below n: a typed 400 naming the field.
 try:
-    client.completions.create(model=model, prompt="x", max_tokens=2, n=1, best_of=2)
-    raise AssertionError("best_of > n was accepted")
+    client.completions.create(model=model, prompt="x", max_tokens=2, n=2, best_of=1)
+    raise AssertionError("best_of < n was accepted")
 except openai.BadRequestError as e:
     assert e.status_code == 400 and e.body and e.body.get("param") == "best_of", e.body
 

@@ -127,6 +127,7 @@ pub fn generate(
         prefill_only: false,
         deadline: None,
         resume_ids: Vec::new(),
+        prompt_logprobs: None,
         sample_group: None,
         grammar: None,
     };
@@ -147,8 +148,9 @@ pub fn generate(
                 }
             }
             EventKind::Finished { reason, .. } => finish = Some(reason),
-            // Only requests queued for an import have room reserved.
-            EventKind::RoomReserved { .. } => {}
+            // Only requests queued for an import have room reserved, and only requests that
+            // ask for them get prompt logprobs.
+            EventKind::RoomReserved { .. } | EventKind::PromptLogprobs { .. } => {}
         }
     }
     drop(handle);

@@ -183,6 +183,28 @@ fn check_finite(logits: &[f32]) -> Result<(), SamplingError> {
 
 /// The largest logit, or [`SamplingError::NonFiniteLogits`]. Eight independent lanes with
 /// plain comparisons, so the loop vectorizes (`f32::max` and early exits do not).
+/// The log-probability of `target` in a raw logits row (the model's distribution: temperature
+/// 1, no penalties, bias or truncation) and the row's `top_k` best tokens, as the sampler
+/// reports a generated token's (same normalizer, same ranking): what a prompt position
+/// reports. A row with NaN or `+inf` logits gives a NaN logprob and no alternatives.
+pub fn token_logprob(row: &[f32], target: u32, top_k: usize) -> crate::model::TokenLogprob {
+    let invalid = crate::model::TokenLogprob {
+        logprob: f32::NAN,
+        top_logprobs: Vec::new(),
+    };
+    let Ok(max_logit) = max_finite(row) else {
+        return invalid;
+    };
+    let Some(&logit) = row.get(target as usize) else {
+        return invalid;
+    };
+    let log_normalizer = logprobs::log_normalizer(row, max_logit);
+    crate::model::TokenLogprob {
+        logprob: logprobs::logprob(logit, log_normalizer),
+        top_logprobs: logprobs::top_n(row, top_k, log_normalizer),
+    }
+}
+
 fn max_finite(logits: &[f32]) -> Result<f32, SamplingError> {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut bad = [false; 8];

@@ -10,7 +10,7 @@ use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
 use tandem_workers::backend::cuda::{CudaBackend, CudaOptions, driver_present};
 use tandem_workers::backend::{Backend, DeviceSampler, KvBlockIo, KvBytes, KvBytesMut};
 use tandem_workers::kv_cache::KvDType;
-use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
+use tandem_workers::model::{ForwardBatch, Model, ModelOptions, RowLogprobs};
 
 fn model_dir() -> PathBuf {
     tandem_test_kit::model_dir("tiny")
@@ -116,6 +116,105 @@ fn cuda_matches_cpu_on(dir: &std::path::Path) {
                 cl[best]
             );
         }
+    }
+}
+
+/// Row log-probabilities (prompt logprobs) of every row of a 150-token prompt (three groups
+/// of 64 rows through the lm_head), and the top alternatives of each.
+fn row_logprobs<B: Backend>(
+    model: &Model<B>,
+    prompt: &[u32],
+    top_k: usize,
+) -> Vec<tandem_workers::model::TokenLogprob> {
+    let mut kv = model.alloc_kv_cache(16, 64).unwrap();
+    let mut batch = ForwardBatch::default();
+    batch.push(prompt, 0, (0..64).collect(), true);
+    batch.want_row_logprobs(RowLogprobs {
+        first: 0,
+        targets: prompt[1..].to_vec(),
+        top_k,
+    });
+    let mut out = Vec::new();
+    let logits = model
+        .forward_with_row_logprobs(&batch, &mut kv, &mut out)
+        .unwrap();
+    assert_eq!(logits.len(), 1, "the last row's logits as well");
+    assert_eq!(out.len(), 1);
+    out.remove(0)
+}
+
+fn log_softmax(row: &[f32], token: usize) -> f64 {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = row
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    row[token] as f64 - z
+}
+
+/// On the CPU, a prompt row's logprob is the log-softmax of the logits the same prefix gives
+/// as a last row (the generation path): the rows' own gather, norm and lm_head agree with it.
+#[test]
+fn row_logprobs_equal_the_logits_of_each_prefix_on_the_cpu() {
+    let cpu = Model::load(
+        &model_dir(),
+        CpuBackend::new(&CpuOptions::default()).unwrap(),
+        &ModelOptions::default(),
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..150).map(|i| (i * 7 + 3) % 200).collect();
+    let rows = row_logprobs(&cpu, &prompt, 3);
+    assert_eq!(rows.len(), 149);
+    for p in [0usize, 1, 63, 64, 65, 127, 128, 148] {
+        let logits = logits_along(&cpu, &prompt[..p + 1], &[]);
+        let expected = log_softmax(logits.last().unwrap(), prompt[p + 1] as usize);
+        assert!(
+            (rows[p].logprob as f64 - expected).abs() < 1e-4,
+            "row {p}: {} vs {expected}",
+            rows[p].logprob
+        );
+        let best = argmax(logits.last().unwrap()) as u32;
+        assert_eq!(rows[p].top_logprobs.len(), 3);
+        assert_eq!(rows[p].top_logprobs[0].0, best, "row {p}");
+    }
+}
+
+/// The CUDA backend's row logprobs (its `gather_rows` over an uploaded index list, groups of
+/// 64 rows) match the CPU's.
+#[test]
+fn cuda_row_logprobs_match_the_cpu() {
+    if no_gpu() {
+        return;
+    }
+    let options = ModelOptions {
+        kv_dtype: Some(KvDType::Bf16),
+    };
+    let cpu = Model::load(
+        &model_dir(),
+        CpuBackend::new(&CpuOptions::default()).unwrap(),
+        &options,
+    )
+    .unwrap();
+    let gpu = Model::load(
+        &model_dir(),
+        CudaBackend::new(&CudaOptions::from_env(0)).unwrap(),
+        &options,
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..150).map(|i| (i * 11 + 5) % 200).collect();
+    let c = row_logprobs(&cpu, &prompt, 2);
+    let g = row_logprobs(&gpu, &prompt, 2);
+    assert_eq!(g.len(), c.len());
+    for (p, (g, c)) in g.iter().zip(&c).enumerate() {
+        assert!(
+            (g.logprob - c.logprob).abs() < 2e-2 * c.logprob.abs().max(1.0),
+            "row {p}: GPU {} CPU {}",
+            g.logprob,
+            c.logprob
+        );
+        assert_eq!(g.top_logprobs.len(), 2);
     }
 }
 
@@ -645,6 +744,7 @@ fn cuda_engine_greedy(prompts: &[Vec<u32>], max_seqs: usize, new_tokens: usize) 
                         ids[&ev.request_id]
                     ),
                     EventKind::RoomReserved { .. } => panic!("room reserved for a plain request"),
+                    EventKind::PromptLogprobs { .. } => panic!("prompt logprobs not asked for"),
                 }
             }
         }

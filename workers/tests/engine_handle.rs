@@ -67,6 +67,9 @@ fn concurrent_submissions_stream_the_same_tokens_as_alone() {
                             EventKind::RoomReserved { .. } => {
                                 panic!("room reserved for a plain request")
                             }
+                            EventKind::PromptLogprobs { .. } => {
+                                panic!("prompt logprobs not asked for")
+                            }
                         }
                     }
                     (tokens, reason.expect("a Finished event ends every stream"))

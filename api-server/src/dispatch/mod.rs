@@ -43,8 +43,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    FinishReason, GenerateJob, SampleGroup, SamplingSpec, StopSpec, StreamMessage, TokenEvent,
-    Usage, decode,
+    FinishReason, GenerateJob, PromptLogprob, SampleGroup, SamplingSpec, StopSpec, StreamMessage,
+    TokenEvent, Usage, decode,
 };
 
 pub use bus::Bus;
@@ -52,7 +52,7 @@ pub use record::RequestRecord;
 
 use crate::error::ApiError;
 use crate::metrics::{Event, Metrics};
-use crate::router::{NoRoute, Prefill, WorkerRegistry};
+use crate::router::{LocalPrefill, NoRoute, Prefill, WorkerRegistry};
 use cancel::CancelGuard;
 use handover::Phase;
 use migrate::MigrationReason;
@@ -76,6 +76,9 @@ const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 /// What a generation yields.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
+    /// The logprobs of prompt positions 1 .. (a job with `sampling.prompt_logprobs`), all of
+    /// them, once, before the first `Tokens` (or `Finished`, with `max_tokens` 0).
+    PromptLogprobs(Vec<PromptLogprob>),
     Tokens(Vec<TokenEvent>),
     /// The last event: `reason` is `Stop` or `Length`.
     Finished {
@@ -87,6 +90,8 @@ pub enum GenEvent {
 /// A whole generation, for a response that is not streamed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completed {
+    /// The prompt's logprobs (positions 1 ..), when the job asked for them.
+    pub prompt_logprobs: Vec<PromptLogprob>,
     /// Every token, in order.
     pub tokens: Vec<TokenEvent>,
     /// `Stop` or `Length`.
@@ -161,6 +166,15 @@ pub struct Generation {
     migrations: u32,
     migration_limit: u32,
     done: bool,
+    /// Prompt logprobs: how many the job asks for (the prompt's positions after the first;
+    /// `None`: none), those received (a migrated job sends them again: kept once), and
+    /// whether they went to the caller.
+    prompt_logprobs_expected: Option<usize>,
+    prompt_logprobs: Vec<PromptLogprob>,
+    prompt_logprobs_received: usize,
+    prompt_logprobs_delivered: bool,
+    /// An event held back while the prompt logprobs go first.
+    held: Option<GenEvent>,
     /// The request's place under `--max-pending-requests`, given back when the generation
     /// (and with it a streamed response's body) is dropped.
     /// (Shared by the choices of a request with `n` > 1: given back when the last ends.)
@@ -201,14 +215,21 @@ impl Generation {
         job: JobSpec,
         mut record: RequestRecord,
     ) -> Result<Generation, ApiError> {
-        let route = dispatch
-            .registry
-            .route(job.prompt_ids.len(), Instant::now())
-            .map_err(|no_route| {
-                let err = no_route_error(no_route);
-                record.fail(&err);
-                err
-            })?;
+        // Prompt logprobs are computed where the prompt is prefilled: the generation worker.
+        let route = if job.sampling.prompt_logprobs.is_some() {
+            dispatch
+                .registry
+                .route_local(1, LocalPrefill::PromptLogprobs, Instant::now())
+        } else {
+            dispatch
+                .registry
+                .route(job.prompt_ids.len(), Instant::now())
+        };
+        let route = route.map_err(|no_route| {
+            let err = no_route_error(no_route);
+            record.fail(&err);
+            err
+        })?;
         Self::start_on(dispatch, route, request_id, job, record).await
     }
 
@@ -230,6 +251,10 @@ impl Generation {
         let bus = dispatch.bus;
         let stream_subject = bus.stream_subject(&request_id);
         let elapsed = record.arrival().elapsed();
+        let prompt_logprobs_expected = job
+            .sampling
+            .prompt_logprobs
+            .map(|_| job.prompt_ids.len().saturating_sub(1));
         let message = GenerateJob {
             request_id: request_id.clone(),
             prompt_ids: job.prompt_ids,
@@ -311,6 +336,11 @@ impl Generation {
             migrations: 0,
             migration_limit: dispatch.migration_limit,
             done: false,
+            prompt_logprobs_expected,
+            prompt_logprobs: Vec::new(),
+            prompt_logprobs_received: 0,
+            prompt_logprobs_delivered: false,
+            held: None,
             admitted: None,
         };
         let accepted = match generation.await_accepted().await {
@@ -355,6 +385,54 @@ impl Generation {
     /// The client's request id.
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// The prompt's token ids, as the job carries them.
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.job.prompt_ids
+    }
+
+    /// Takes the prompt logprobs of a `prompt_logprobs` message: positions from `start`,
+    /// those not received before (a migrated job computes the prompt again and sends them
+    /// again). A message past the next position means some were lost: an error.
+    fn absorb_prompt_logprobs(
+        &mut self,
+        start: u32,
+        logprobs: Vec<PromptLogprob>,
+    ) -> Result<(), ApiError> {
+        let new = new_prompt_logprobs(self.prompt_logprobs_received, start, logprobs)?;
+        self.prompt_logprobs_received += new.len();
+        if !self.prompt_logprobs_delivered {
+            self.prompt_logprobs.extend(new);
+        }
+        Ok(())
+    }
+
+    /// Before the first tokens (or the end) of a job that asked for prompt logprobs: the
+    /// worker's failure if some never came (a message lost on the bus), for the caller to
+    /// migrate on before it takes the tokens.
+    fn missing_prompt_logprobs(&self) -> Option<ApiError> {
+        let expected = self.prompt_logprobs_expected?;
+        (!self.prompt_logprobs_delivered && self.prompt_logprobs.len() != expected).then(|| {
+            ApiError::Worker {
+                message: format!(
+                    "the worker sent {} of the prompt's {expected} logprobs before its first token",
+                    self.prompt_logprobs.len()
+                ),
+            }
+        })
+    }
+
+    /// `event` (the first tokens, or the end), after the prompt logprobs if the job asked for
+    /// them and they have not gone out (all of them: [`Self::missing_prompt_logprobs`] was
+    /// checked): then they go now, whole, and `event` next.
+    fn after_prompt_logprobs(&mut self, event: GenEvent) -> GenEvent {
+        if self.prompt_logprobs_expected.is_none() || self.prompt_logprobs_delivered {
+            return event;
+        }
+        self.prompt_logprobs_delivered = true;
+        self.held = Some(event);
+        GenEvent::PromptLogprobs(std::mem::take(&mut self.prompt_logprobs))
     }
 
     /// Waits for the current phase's worker to accept the job just published. A worker that
@@ -409,6 +487,7 @@ impl Generation {
         }
         let result = self.next_inner().await;
         match &result {
+            Ok(GenEvent::PromptLogprobs(_)) => {}
             Ok(GenEvent::Tokens(tokens)) => self.record.tokens(tokens.len(), Instant::now()),
             Ok(GenEvent::Finished { usage, .. }) => {
                 self.done = true;
@@ -429,11 +508,14 @@ impl Generation {
     /// Every event up to the last, gathered.
     pub async fn collect(mut self) -> Result<Completed, ApiError> {
         let mut collected = Vec::new();
+        let mut prompt_logprobs = Vec::new();
         loop {
             match self.next().await {
+                Some(Ok(GenEvent::PromptLogprobs(logprobs))) => prompt_logprobs = logprobs,
                 Some(Ok(GenEvent::Tokens(tokens))) => collected.extend(tokens),
                 Some(Ok(GenEvent::Finished { reason, usage })) => {
                     return Ok(Completed {
+                        prompt_logprobs,
                         tokens: collected,
                         reason,
                         usage,
@@ -450,6 +532,9 @@ impl Generation {
     }
 
     async fn next_inner(&mut self) -> Result<GenEvent, ApiError> {
+        if let Some(held) = self.held.take() {
+            return Ok(held);
+        }
         loop {
             let message = match self.pending.pop_front() {
                 Some(message) => message,
@@ -494,6 +579,12 @@ impl Generation {
                     self.kv_pulled(&worker_id, bytes, micros, outcome);
                     continue;
                 }
+                StreamMessage::PromptLogprobs { start, logprobs } => {
+                    if let Err(err) = self.absorb_prompt_logprobs(start, logprobs) {
+                        self.migrate_on(err).await?;
+                    }
+                    continue;
+                }
                 StreamMessage::Tokens { tokens, index } => {
                     self.unnumbered |= index.is_none();
                     let received = self.received_ids.len();
@@ -513,10 +604,15 @@ impl Generation {
                     if tokens.is_empty() {
                         continue;
                     }
+                    if let Some(missing) = self.missing_prompt_logprobs() {
+                        // Before the client has these tokens: the migrated job sends them again.
+                        self.migrate_on(missing).await?;
+                        continue;
+                    }
                     self.received_ids.extend(tokens.iter().map(|t| t.id));
                     self.first_token_seen = true;
                     self.resuming = false;
-                    return Ok(GenEvent::Tokens(tokens));
+                    return Ok(self.after_prompt_logprobs(GenEvent::Tokens(tokens)));
                 }
                 StreamMessage::Finished { reason, usage } => {
                     return match reason {
@@ -530,12 +626,17 @@ impl Generation {
                                 self.migrate_on(lost).await?;
                                 continue;
                             }
+                            if let Some(missing) = self.missing_prompt_logprobs() {
+                                self.cancel.disarm();
+                                self.migrate_on(missing).await?;
+                                continue;
+                            }
                             if self.phase.is_prefill() {
                                 // The context worker answered it all (it ended at its
                                 // first token).
                                 self.metrics.record(Event::Disaggregated);
                             }
-                            Ok(GenEvent::Finished { reason, usage })
+                            Ok(self.after_prompt_logprobs(GenEvent::Finished { reason, usage }))
                         }
                         FinishReason::Cancelled => {
                             self.cancel.disarm();
@@ -633,6 +734,28 @@ fn lost_tail(received: usize, usage: Usage) -> Option<ApiError> {
     })
 }
 
+/// The positions of a `prompt_logprobs` message (from `start`) past the `received` ones
+/// (positions 1 ..= received): a repeat is dropped, a message past the next position means
+/// some were lost (a worker error: the request migrates).
+fn new_prompt_logprobs(
+    received: usize,
+    start: u32,
+    mut logprobs: Vec<PromptLogprob>,
+) -> Result<Vec<PromptLogprob>, ApiError> {
+    let next = received + 1;
+    if start as usize > next {
+        return Err(ApiError::Worker {
+            message: format!(
+                "the worker's prompt logprobs skipped positions {next} to {}",
+                start - 1
+            ),
+        });
+    }
+    let repeated = (next - start as usize).min(logprobs.len());
+    logprobs.drain(..repeated);
+    Ok(logprobs)
+}
+
 /// `tokens` (a `tokens` message starting at position `index`) checked against the `received`
 /// tokens the client has: a message from a worker that numbers its tokens must continue
 /// exactly after them. Tokens the client has already (a duplicate) are dropped, and counted
@@ -695,6 +818,39 @@ mod tests {
                 expected: 3,
                 got: 1500
             })
+        ));
+    }
+
+    #[test]
+    fn prompt_logprobs_are_kept_once_and_a_skip_is_an_error() {
+        let entries = |from: u32, count: u32| -> Vec<PromptLogprob> {
+            (from..from + count)
+                .map(|p| PromptLogprob {
+                    logprob: -(p as f32),
+                    top_logprobs: Vec::new(),
+                })
+                .collect()
+        };
+        let positions = |r: Result<Vec<PromptLogprob>, ApiError>| -> Vec<f32> {
+            r.unwrap().iter().map(|l| -l.logprob).collect()
+        };
+        assert_eq!(
+            positions(new_prompt_logprobs(0, 1, entries(1, 3))),
+            vec![1.0, 2.0, 3.0]
+        );
+        assert_eq!(
+            positions(new_prompt_logprobs(3, 4, entries(4, 2))),
+            vec![4.0, 5.0]
+        );
+        // A migrated job sends them again from 1: only the new ones are kept.
+        assert_eq!(
+            positions(new_prompt_logprobs(3, 1, entries(1, 5))),
+            vec![4.0, 5.0]
+        );
+        assert!(positions(new_prompt_logprobs(5, 1, entries(1, 2))).is_empty());
+        assert!(matches!(
+            new_prompt_logprobs(3, 6, entries(6, 1)),
+            Err(ApiError::Worker { .. })
         ));
     }
 

@@ -16,7 +16,7 @@ use std::time::Instant;
 use futures::future::try_join_all;
 use tandem_protocol::messages::{SampleGroup, Usage};
 
-use super::{Dispatch, Generation, JobSpec, RequestRecord, no_route_error};
+use super::{Completed, Dispatch, Generation, JobSpec, RequestRecord, no_route_error};
 use crate::error::ApiError;
 
 /// The seed of choice `index` of a request seeded with `seed`: `seed` itself for the first
@@ -81,6 +81,34 @@ pub async fn start_choices(
     try_join_all(starts).await
 }
 
+/// The `n` best of `best_of` candidates (`/v1/completions`' `best_of`), best first: OpenAI's
+/// rule, "the highest log probability per token", i.e. the highest mean of the generated
+/// tokens' logprobs (vLLM ranked by the sum, which favours short candidates; its V1 engine
+/// dropped `best_of`). A candidate without tokens scores 0; ties keep the earlier candidate.
+/// Each candidate's tokens must carry their logprobs (the jobs ask for them).
+pub fn best_of(candidates: Vec<Completed>, n: usize) -> Vec<Completed> {
+    let mut scored: Vec<(f64, Completed)> = candidates
+        .into_iter()
+        .map(|candidate| (mean_logprob(&candidate), candidate))
+        .collect();
+    // Stable: equal scores keep candidate order.
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    scored.into_iter().take(n).map(|(_, c)| c).collect()
+}
+
+/// The mean logprob of a candidate's generated tokens (0 without tokens).
+pub fn mean_logprob(candidate: &Completed) -> f64 {
+    let logprobs: Vec<f64> = candidate
+        .tokens
+        .iter()
+        .filter_map(|t| t.logprob.map(f64::from))
+        .collect();
+    if logprobs.is_empty() {
+        return 0.0;
+    }
+    logprobs.iter().sum::<f64>() / logprobs.len() as f64
+}
+
 /// The usage of a request's choices: the prompt once, every choice's completion tokens.
 pub fn total_usage(usages: impl IntoIterator<Item = Usage>) -> Usage {
     usages
@@ -109,6 +137,42 @@ mod tests {
         assert_eq!(choice_seed(42, 3), choice_seed(42, 3));
         assert_ne!(choice_seed(42, 1), choice_seed(43, 1));
         assert_eq!(choice_job_id("cmpl-9", 2), "cmpl-9-c2");
+    }
+
+    #[test]
+    fn best_of_keeps_the_highest_mean_logprob_per_token() {
+        use tandem_protocol::messages::{FinishReason, TokenEvent};
+        let candidate = |logprobs: &[f32]| Completed {
+            prompt_logprobs: Vec::new(),
+            tokens: logprobs
+                .iter()
+                .enumerate()
+                .map(|(i, &logprob)| TokenEvent {
+                    id: i as u32,
+                    text: format!("{}", logprobs.len()),
+                    logprob: Some(logprob),
+                    top_logprobs: Vec::new(),
+                })
+                .collect(),
+            reason: FinishReason::Length,
+            usage: Usage {
+                prompt_tokens: 4,
+                completion_tokens: logprobs.len() as u32,
+            },
+        };
+        // Sums -3, -1.5, -4 (the sum would pick the second); means -1.5, -1.5, -0.8.
+        let candidates = vec![
+            candidate(&[-1.0, -2.0]),
+            candidate(&[-1.5]),
+            candidate(&[-0.5, -0.5, -1.0, -1.0, -1.0]),
+        ];
+        assert!((mean_logprob(&candidates[2]) + 0.8).abs() < 1e-9);
+        let best = best_of(candidates.clone(), 1);
+        assert_eq!(best, vec![candidates[2].clone()]);
+        // Ties keep the earlier candidate; best first.
+        let two = best_of(candidates.clone(), 2);
+        assert_eq!(two, vec![candidates[2].clone(), candidates[0].clone()]);
+        assert_eq!(best_of(candidates.clone(), 3).len(), 3);
     }
 
     #[test]

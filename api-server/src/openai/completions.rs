@@ -65,12 +65,13 @@ pub struct CompletionChoice {
     pub finish_reason: Option<FinishReason>,
 }
 
-/// The legacy logprobs form: parallel lists.
+/// The legacy logprobs form: parallel lists. With `echo` the prompt's tokens come first, the
+/// first of them with `null` logprob and alternatives (nothing precedes it).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<TopLogprobMap>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<TopLogprobMap>>,
     pub text_offset: Vec<u32>,
 }
 
@@ -119,10 +120,13 @@ mod tests {
                 index: 0,
                 logprobs: Some(CompletionLogprobs {
                     tokens: vec![" a".into(), " test".into()],
-                    token_logprobs: vec![-0.25, -0.5],
+                    token_logprobs: vec![Some(-0.25), Some(-0.5)],
                     top_logprobs: vec![
-                        TopLogprobMap(vec![(" a".into(), -0.25), (" the".into(), -2.0)]),
-                        TopLogprobMap(vec![(" test".into(), -0.5)]),
+                        Some(TopLogprobMap(vec![
+                            (" a".into(), -0.25),
+                            (" the".into(), -2.0),
+                        ])),
+                        Some(TopLogprobMap(vec![(" test".into(), -0.5)])),
                     ],
                     text_offset: vec![0, 2],
                 }),

@@ -1,27 +1,39 @@
 //! `POST /v1/completions` (text completions), streamed or not. Streamed chunks are
 //! `text_completion` objects, as OpenAI sends them.
+//!
+//! `echo`: each choice's text starts with the prompt (a prompt of token ids as its decoded
+//! text), and with `logprobs` its logprobs start with the prompt's tokens, the first with
+//! `null` (the workers compute the others: `prompt_logprobs` on the job). Streamed, the
+//! prompt comes in the choice's first chunk with its first tokens, or alone with the finish
+//! reason when nothing is generated (`max_tokens: 0`), as vLLM sends it.
+//!
+//! `best_of` > `n`: `best_of` candidates generated as choices are, the `n` with the highest
+//! mean token logprob returned ([`samples::best_of`]), usage counting every candidate.
 
 use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, post, web};
 use bytes::Bytes;
-use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
+use tandem_protocol::messages::{
+    FinishReason as WireFinish, PromptLogprob, TokenEvent, Usage as WireUsage,
+};
 
 use super::logprobs::CompletionLogprobsBuilder;
 use super::{
-    ChoiceFormat, client_left, finish_reason, reply_choices, start_generation, unless_client_leaves,
+    ChoiceFormat, client_left, collect_all, finish_reason, reply_choices, start_generation,
+    unless_client_leaves,
 };
 use crate::disconnect::ClientSocket;
-use crate::dispatch::{Completed, RequestRecord};
+use crate::dispatch::{Completed, RequestRecord, samples};
 use crate::error::ApiError;
 use crate::metrics::Endpoint;
 use crate::openai::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, FinishReason, Usage,
 };
-use crate::prompt::PromptCodec;
+use crate::prompt::{PromptCodec, naming_prompt_param};
 use crate::sse::{ChunkFormat, sse_data};
 use crate::state::{AppState, unix_now_s};
-use crate::validation::validate_completion;
+use crate::validation::{PromptInput, validate_completion};
 
 #[post("/v1/completions")]
 pub async fn completions(
@@ -41,6 +53,19 @@ pub async fn completions(
         return Ok(client_left());
     };
     let generations = generation?;
+    let echo = match (valid.echo, generations.first()) {
+        (true, Some(first)) => Some(Arc::new(EchoedPrompt {
+            text: match &valid.prompt {
+                PromptInput::Text(text) => text.clone(),
+                _ => state
+                    .codec
+                    .decode_text(first.prompt_ids())
+                    .map_err(|err| naming_prompt_param(err.into(), valid.prompt_param()))?,
+            },
+            ids: first.prompt_ids().to_vec(),
+        })),
+        _ => None,
+    };
     let created = unix_now_s();
     let chunks = |index: usize| CompletionChunks {
         id: id.clone(),
@@ -51,8 +76,32 @@ pub async fn completions(
         logprobs: valid.logprobs.is_some(),
         offsets: CompletionLogprobsBuilder::default(),
         codec: Arc::clone(&state.codec),
+        echo: echo.clone(),
+        prompt_logprobs: Vec::new(),
     };
+    if valid.candidates > valid.n {
+        // best_of: never streamed (validated); every candidate whole, then the best n.
+        let Some(completed) = unless_client_leaves(socket, collect_all(generations)).await else {
+            return Ok(client_left());
+        };
+        let completed = completed?;
+        let usage = samples::total_usage(completed.iter().map(|c| c.usage));
+        let choices = samples::best_of(completed, valid.n as usize)
+            .into_iter()
+            .enumerate()
+            .map(|(index, completed)| chunks(index).choice(completed))
+            .collect();
+        return Ok(HttpResponse::Ok().json(chunks(0).completion(choices, usage)));
+    }
     reply_choices(generations, valid.stream, socket, chunks).await
+}
+
+/// The prompt `echo` puts before each choice: its token ids and its text (as sent, or the
+/// ids decoded).
+#[derive(Debug)]
+pub struct EchoedPrompt {
+    pub ids: Vec<u32>,
+    pub text: String,
 }
 
 /// The chunks of one streamed text completion, or the whole completion of one that is not.
@@ -66,6 +115,10 @@ pub struct CompletionChunks {
     pub logprobs: bool,
     offsets: CompletionLogprobsBuilder,
     codec: Arc<dyn PromptCodec>,
+    /// With `echo`: the prompt, until the first chunk (or the choice) has carried it.
+    echo: Option<Arc<EchoedPrompt>>,
+    /// The prompt's logprobs, when the job asked for them (streamed: until echoed).
+    prompt_logprobs: Vec<PromptLogprob>,
 }
 
 impl ChoiceFormat for CompletionChunks {
@@ -81,10 +134,13 @@ impl ChoiceFormat for CompletionChunks {
     /// This choice of a request that is not streamed.
     fn choice(mut self, completed: Completed) -> CompletionChoice {
         let mut logprobs = CompletionLogprobs::default();
+        self.prompt_logprobs = completed.prompt_logprobs.clone();
+        let mut text = self.take_echo(&mut logprobs);
         self.offsets
             .append(self.codec.as_ref(), &completed.tokens, &mut logprobs);
+        text.push_str(&completed.text());
         CompletionChoice {
-            text: completed.text(),
+            text,
             index: self.index,
             logprobs: self.logprobs.then_some(logprobs),
             finish_reason: Some(finish_reason(completed.reason)),
@@ -93,6 +149,23 @@ impl ChoiceFormat for CompletionChunks {
 }
 
 impl CompletionChunks {
+    /// With `echo`, once: the prompt's text, and its tokens put first in `logprobs`.
+    fn take_echo(&mut self, logprobs: &mut CompletionLogprobs) -> String {
+        let Some(echo) = self.echo.take() else {
+            return String::new();
+        };
+        if self.logprobs {
+            self.offsets.append_prompt(
+                self.codec.as_ref(),
+                &echo.ids,
+                &echo.text,
+                &std::mem::take(&mut self.prompt_logprobs),
+                logprobs,
+            );
+        }
+        echo.text.clone()
+    }
+
     fn object(&self, choices: Vec<CompletionChoice>, usage: Option<Option<Usage>>) -> Completion {
         Completion {
             id: self.id.clone(),
@@ -126,9 +199,14 @@ impl ChunkFormat for CompletionChunks {
         Vec::new()
     }
 
+    fn prompt_logprobs(&mut self, logprobs: Vec<PromptLogprob>) {
+        self.prompt_logprobs = logprobs;
+    }
+
     fn tokens(&mut self, tokens: &[TokenEvent]) -> Option<Bytes> {
-        let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
         let mut logprobs = CompletionLogprobs::default();
+        let mut text = self.take_echo(&mut logprobs);
+        text.extend(tokens.iter().map(|t| t.text.as_str()));
         self.offsets
             .append(self.codec.as_ref(), tokens, &mut logprobs);
         if text.is_empty() && logprobs.tokens.is_empty() {
@@ -139,7 +217,11 @@ impl ChunkFormat for CompletionChunks {
     }
 
     fn finished(&mut self, reason: WireFinish, _usage: WireUsage) -> Vec<Bytes> {
-        vec![self.chunk(String::new(), None, Some(finish_reason(reason)))]
+        // A choice that generated nothing (`max_tokens` 0) echoes its prompt here.
+        let mut logprobs = CompletionLogprobs::default();
+        let text = self.take_echo(&mut logprobs);
+        let logprobs = (self.logprobs && !logprobs.tokens.is_empty()).then_some(logprobs);
+        vec![self.chunk(text, logprobs, Some(finish_reason(reason)))]
     }
 
     fn usage(&self, usage: WireUsage) -> Option<Bytes> {

@@ -1,6 +1,6 @@
 //! Worker logprobs (token ids) to OpenAI's two logprobs forms.
 
-use tandem_protocol::messages::TokenEvent;
+use tandem_protocol::messages::{PromptLogprob, TokenEvent};
 
 use crate::openai::{CompletionLogprobs, TokenLogprob, TopLogprob, TopLogprobMap};
 use crate::prompt::PromptCodec;
@@ -28,14 +28,54 @@ pub fn chat_entry(codec: &dyn PromptCodec, token: &TokenEvent) -> Option<TokenLo
     })
 }
 
-/// Appends tokens to the completion form, keeping `text_offset` (characters of completion text
-/// before each token) running across chunks.
+/// Appends tokens to the completion form, keeping `text_offset` (characters of the choice's
+/// text before each token) running across chunks.
 #[derive(Debug, Default)]
 pub struct CompletionLogprobsBuilder {
     text_chars: u32,
 }
 
 impl CompletionLogprobsBuilder {
+    /// The echoed prompt (`ids`, whose text is `text`) first: its tokens with their logprobs
+    /// (`logprobs`: positions 1 ..), the first with `null`. Each prompt token's
+    /// offset counts the characters of the prompt tokens before it, as vLLM does; the
+    /// completion's tokens then count from the end of `text`.
+    pub fn append_prompt(
+        &mut self,
+        codec: &dyn PromptCodec,
+        ids: &[u32],
+        text: &str,
+        logprobs: &[PromptLogprob],
+        into: &mut CompletionLogprobs,
+    ) {
+        let start = self.text_chars;
+        let mut offset = start;
+        for (position, &id) in ids.iter().enumerate() {
+            let token = codec.token_text(id);
+            let chars = token.chars().count() as u32;
+            into.tokens.push(token);
+            into.text_offset.push(offset);
+            offset += chars;
+            match position.checked_sub(1).and_then(|i| logprobs.get(i)) {
+                Some(entry) => {
+                    into.token_logprobs.push(Some(entry.logprob));
+                    into.top_logprobs.push(Some(TopLogprobMap(
+                        entry
+                            .top_logprobs
+                            .iter()
+                            .map(|&(id, logprob)| (codec.token_text(id), logprob))
+                            .collect(),
+                    )));
+                }
+                None => {
+                    into.token_logprobs.push(None);
+                    into.top_logprobs.push(None);
+                }
+            }
+        }
+        self.text_chars = start + text.chars().count() as u32;
+    }
+
     pub fn append(
         &mut self,
         codec: &dyn PromptCodec,
@@ -45,17 +85,91 @@ impl CompletionLogprobsBuilder {
         for token in tokens {
             if let Some(logprob) = token.logprob {
                 into.tokens.push(codec.token_text(token.id));
-                into.token_logprobs.push(logprob);
-                into.top_logprobs.push(TopLogprobMap(
+                into.token_logprobs.push(Some(logprob));
+                into.top_logprobs.push(Some(TopLogprobMap(
                     token
                         .top_logprobs
                         .iter()
                         .map(|&(id, logprob)| (codec.token_text(id), logprob))
                         .collect(),
-                ));
+                )));
                 into.text_offset.push(self.text_chars);
             }
             self.text_chars += token.text.chars().count() as u32;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompt::PromptError;
+    use crate::validation::Turn;
+
+    /// Token `id`'s text is `t{id}`.
+    struct Codec;
+    impl PromptCodec for Codec {
+        fn encode_chat(
+            &self,
+            _: &[Turn],
+            _: Option<&crate::tools::ToolRequest>,
+        ) -> Result<Vec<u32>, PromptError> {
+            unreachable!()
+        }
+        fn encode_text(&self, _: &str) -> Result<Vec<u32>, PromptError> {
+            unreachable!()
+        }
+        fn token_text(&self, id: u32) -> String {
+            format!("t{id}")
+        }
+        fn decode_text(&self, ids: &[u32]) -> Result<String, PromptError> {
+            Ok(ids.iter().map(|&id| self.token_text(id)).collect())
+        }
+        fn tool_support(&self) -> Option<crate::tools::ToolSupport> {
+            None
+        }
+        fn marker_text(&self, _: u32) -> Option<&str> {
+            None
+        }
+    }
+
+    /// An echoed prompt's tokens come first, the first with `null`, offsets through the
+    /// prompt; the completion's tokens follow, their offsets counted from the prompt's end.
+    #[test]
+    fn the_echoed_prompt_comes_first_with_a_null_first_logprob() {
+        let mut builder = CompletionLogprobsBuilder::default();
+        let mut into = CompletionLogprobs::default();
+        let prompt = [1, 22, 333];
+        let logprobs = [
+            PromptLogprob {
+                logprob: -1.0,
+                top_logprobs: vec![(7, -0.5)],
+            },
+            PromptLogprob {
+                logprob: -2.0,
+                top_logprobs: vec![(8, -0.25)],
+            },
+        ];
+        builder.append_prompt(&Codec, &prompt, "t1t22t333", &logprobs, &mut into);
+        let generated = [TokenEvent {
+            id: 4,
+            text: " four".into(),
+            logprob: Some(-0.125),
+            top_logprobs: vec![(4, -0.125)],
+        }];
+        builder.append(&Codec, &generated, &mut into);
+        assert_eq!(into.tokens, vec!["t1", "t22", "t333", "t4"]);
+        assert_eq!(
+            into.token_logprobs,
+            vec![None, Some(-1.0), Some(-2.0), Some(-0.125)]
+        );
+        assert_eq!(into.top_logprobs[0], None);
+        assert_eq!(
+            into.top_logprobs[1],
+            Some(TopLogprobMap(vec![("t7".into(), -0.5)]))
+        );
+        assert_eq!(into.text_offset, vec![0, 2, 5, 9]);
+        let json = serde_json::to_value(&into).unwrap();
+        assert!(json["token_logprobs"][0].is_null() && json["top_logprobs"][0].is_null());
     }
 }

@@ -86,8 +86,8 @@ pub(crate) fn client_left() -> HttpResponse {
 }
 
 /// Tokenizes a validated request, checks it against the context and dispatches it: one
-/// generation per choice (`n`), all on one worker when there are several
-/// ([`crate::dispatch::samples`]).
+/// generation per choice (`n`, or `best_of` candidates), all on one worker when there are
+/// several ([`crate::dispatch::samples`]).
 pub(crate) async fn start_generation(
     state: &AppState,
     valid: &ValidRequest,
@@ -117,8 +117,9 @@ pub(crate) async fn start_generation(
     }
     .await;
     let job = prepared.inspect_err(|err| record.fail(err))?;
-    let mut generations = if valid.n > 1 {
-        samples::start_choices(state.dispatch(), &request_id, job, valid.n, record).await?
+    // `best_of` candidates when more than `n` (the route keeps the best `n`).
+    let mut generations = if valid.candidates > 1 {
+        samples::start_choices(state.dispatch(), &request_id, job, valid.candidates, record).await?
     } else {
         vec![Generation::start(state.dispatch(), request_id, job, record).await?]
     };

@@ -345,6 +345,9 @@ mod tests {
         fn token_text(&self, id: u32) -> String {
             format!("t{id}")
         }
+        fn decode_text(&self, ids: &[u32]) -> Result<String, PromptError> {
+            Ok(ids.iter().map(|&id| self.token_text(id)).collect())
+        }
         fn tool_support(&self) -> Option<crate::tools::ToolSupport> {
             None
         }
@@ -471,6 +474,7 @@ mod tests {
     #[test]
     fn a_response_that_stopped_is_completed() {
         let object = events(false).completed(Completed {
+            prompt_logprobs: Vec::new(),
             tokens: vec![token(1, "Hi"), token(2, ".")],
             reason: WireFinish::Stop,
             usage: WireUsage {

@@ -183,6 +183,8 @@ pub fn validate_responses(
             n: 1,
             // Tools on /v1/responses are refused at the edge (docs/api.md).
             tools: None,
+            candidates: 1,
+            echo: false,
         },
         echo,
     })

@@ -253,6 +253,11 @@ pub trait Backend: Send + Sync {
         batch: &Self::Batch,
     ) -> Result<Self::Tensor, BackendError>;
 
+    /// Rows `rows` (token indices given by the host, any order) of `x`: what the prompt
+    /// logprobs of a prefill chunk gather, a group of rows at a time
+    /// ([`crate::model::RowLogprobs`]).
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
+
     /// Copies a tensor to the host: one `Vec` per row.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<Vec<f32>>, BackendError>;
 

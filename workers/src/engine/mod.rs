@@ -55,7 +55,7 @@ pub use runner::{DeviceSampling, ModelRunner, StepModel};
 pub use text::{TextDecoder, TextStep, TextStream, TokenizerText};
 
 use crate::backend::{HostRange, KvBuffer, KvBytesMut};
-use crate::model::ForwardBatch;
+use crate::model::{ForwardBatch, RowLogprobs};
 use crate::sampler::device::RowRequest;
 use crate::sampler::{SampledToken, Sampler, SamplingError};
 use crate::scheduler::{GroupId, Scheduler, SchedulerConfig, SchedulerError, SeqStatus};
@@ -96,8 +96,12 @@ pub enum EngineError {
     Config(#[from] SchedulerError),
     #[error("prompt token {token} is outside the model's vocabulary of {vocab_size}")]
     TokenOutOfRange { token: u32, vocab_size: usize },
-    #[error("max_tokens must be at least 1")]
+    #[error("max_tokens must be at least 1 (0 only with prompt logprobs)")]
     ZeroMaxTokens,
+    #[error(
+        "prompt logprobs are computed where the prompt is prefilled in full: not by a prefill-only request or an import"
+    )]
+    PromptLogprobsNeedLocalPrefill,
     /// A resumed request ([`GenerationRequest::resume_ids`]) that has nothing left to do, or
     /// whose resumed tokens would have ended it already.
     #[error("cannot resume the request: {0}")]
@@ -172,6 +176,18 @@ struct Sequence {
     constrained: bool,
     /// The mask for the next sampled token, computed during the step's forward pass.
     mask: Option<Result<TokenMask, String>>,
+    /// [`GenerationRequest::prompt_logprobs`]: alternatives per prompt position.
+    prompt_logprobs: Option<usize>,
+    /// The next prompt position whose logprob is to be reported (1 at the start: position 0
+    /// has none); a recompute after a preemption skips the rows of positions before it.
+    prompt_logprobs_next: usize,
+}
+
+/// The prompt positions a sequence reports in a step: `count` positions from `start`.
+struct AskedLogprobs {
+    id: RequestId,
+    start: usize,
+    count: usize,
 }
 
 impl Sequence {
@@ -419,10 +435,13 @@ impl<M: StepModel> Engine<M> {
         request: GenerationRequest,
     ) -> Result<(), EngineError> {
         self.check_device()?;
-        let group = request
-            .sample_group
-            .clone()
-            .filter(|_| request.resume_ids.is_empty() && !request.prefill_only);
+        // A request reporting prompt logprobs computes its whole prompt: a share of a
+        // sibling's blocks would skip the rows of the shared positions.
+        let group = request.sample_group.clone().filter(|_| {
+            request.resume_ids.is_empty()
+                && !request.prefill_only
+                && request.prompt_logprobs.is_none()
+        });
         let prompt = group.as_ref().map(|_| request.prompt_ids.clone());
         let seq = self.new_sequence(request)?;
         match group.zip(prompt) {
@@ -595,6 +614,9 @@ impl<M: StepModel> Engine<M> {
 
     /// The state of a request whose prompt was prefilled elsewhere.
     fn import_sequence(&self, request: GenerationRequest) -> Result<Sequence, EngineError> {
+        if request.prompt_logprobs.is_some() {
+            return Err(EngineError::PromptLogprobsNeedLocalPrefill);
+        }
         if !request.resume_ids.is_empty() {
             return Err(EngineError::ImportMismatch(
                 "a prefill imported from a context worker cannot resume generated tokens".into(),
@@ -626,8 +648,11 @@ impl<M: StepModel> Engine<M> {
                 vocab_size: self.vocab_size,
             });
         }
-        if request.max_tokens == 0 {
+        if request.max_tokens == 0 && request.prompt_logprobs.is_none() {
             return Err(EngineError::ZeroMaxTokens);
+        }
+        if request.prefill_only && request.prompt_logprobs.is_some() {
+            return Err(EngineError::PromptLogprobsNeedLocalPrefill);
         }
         let sampler = Sampler::new(request.sampling)?;
         let mut text = match &self.text {
@@ -678,6 +703,8 @@ impl<M: StepModel> Engine<M> {
             constrained: grammar.is_some(),
             grammar,
             mask: None,
+            prompt_logprobs: request.prompt_logprobs.map(|k| k as usize),
+            prompt_logprobs_next: 1,
         })
     }
 
@@ -861,7 +888,7 @@ impl<M: StepModel> Engine<M> {
         self.write_arrived_imports(&mut events);
         self.admit_imports(&mut events);
         self.drop_expired(&mut events);
-        let decision = self.scheduler.schedule();
+        let mut decision = self.scheduler.schedule();
         self.num_preemptions += decision.preempted.len() as u64;
         if !decision.preempted.is_empty() {
             tracing::debug!(preempted = ?decision.preempted, "KV cache full: preempted for recompute");
@@ -871,7 +898,11 @@ impl<M: StepModel> Engine<M> {
         }
         let mut batch = ForwardBatch::default();
         let (mut decode_tokens, mut prompt_tokens) = (0, 0);
-        for item in &decision.scheduled {
+        let mut asked = Vec::new();
+        // Requests with `max_tokens` 0 whose prompt this step completes: they end after it,
+        // sampling nothing.
+        let mut prompt_done = Vec::new();
+        for item in &mut decision.scheduled {
             let seq = self
                 .seqs
                 .get_mut(&item.id)
@@ -883,6 +914,10 @@ impl<M: StepModel> Engine<M> {
             } else {
                 prompt_tokens += item.token_count;
             }
+            if item.wants_logits && seq.max_tokens == 0 {
+                item.wants_logits = false;
+                prompt_done.push(item.id);
+            }
             let new_tokens = &seq.tokens[item.cached_len..item.cached_len + item.token_count];
             batch.push(
                 new_tokens,
@@ -890,6 +925,14 @@ impl<M: StepModel> Engine<M> {
                 item.block_table.clone(),
                 item.wants_logits,
             );
+            if let Some(request) = prompt_rows(seq, item.cached_len, item.token_count) {
+                asked.push(AskedLogprobs {
+                    id: item.id,
+                    start: item.cached_len + request.first + 1,
+                    count: request.targets.len(),
+                });
+                batch.want_row_logprobs(request);
+            }
         }
         self.start_masks(&decision.scheduled);
         let scheduled_at = Instant::now();
@@ -902,9 +945,13 @@ impl<M: StepModel> Engine<M> {
             ..Default::default()
         };
         if self.model.device_sampling().is_some() {
-            self.forward_and_sample_on_device(&batch, &decision.scheduled, &mut events);
+            self.forward_and_sample_on_device(&batch, &decision.scheduled, &asked, &mut events);
         } else {
-            self.forward_and_sample_on_host(&batch, &decision.scheduled, &mut events);
+            self.forward_and_sample_on_host(&batch, &decision.scheduled, &asked, &mut events);
+        }
+        for id in prompt_done {
+            // Still running unless the forward failed (then it has ended already).
+            self.end(id, FinishReason::Length, &mut events);
         }
         if let Some(profile) = &mut self.profile {
             let took = scheduled_at.elapsed();
@@ -950,6 +997,7 @@ impl<M: StepModel> Engine<M> {
         &mut self,
         batch: &ForwardBatch,
         scheduled: &[crate::scheduler::ScheduledSeq],
+        asked: &[AskedLogprobs],
         events: &mut Vec<EngineEvent>,
     ) {
         let forward = self.model.forward(batch);
@@ -973,6 +1021,7 @@ impl<M: StepModel> Engine<M> {
                 return;
             }
         };
+        self.report_prompt_logprobs(asked, events);
         let wanting = scheduled.iter().filter(|s| s.wants_logits);
         for (item, mut logits) in wanting.zip(rows) {
             self.on_logits(item.id, &mut logits, events);
@@ -998,6 +1047,7 @@ impl<M: StepModel> Engine<M> {
         &mut self,
         batch: &ForwardBatch,
         scheduled: &[crate::scheduler::ScheduledSeq],
+        asked: &[AskedLogprobs],
         events: &mut Vec<EngineEvent>,
     ) {
         let wanting: Vec<RequestId> = scheduled
@@ -1050,6 +1100,7 @@ impl<M: StepModel> Engine<M> {
                 return;
             }
         };
+        self.report_prompt_logprobs(asked, events);
         let mut sampled: Vec<Option<SampledToken>> = wanting
             .iter()
             .zip(&requests)
@@ -1189,6 +1240,47 @@ impl<M: StepModel> Engine<M> {
             }
         }
         true
+    }
+
+    /// Emits the prompt logprobs the forward computed for the sequences that asked (before
+    /// any token of theirs), and moves each one's next position past them. A sequence whose
+    /// rows did not come back, or came back not finite, ends with an error: never a response
+    /// with positions missing.
+    fn report_prompt_logprobs(&mut self, asked: &[AskedLogprobs], events: &mut Vec<EngineEvent>) {
+        if asked.is_empty() {
+            return;
+        }
+        let mut lists = self.model.take_row_logprobs().into_iter();
+        for ask in asked {
+            let list = lists.next().unwrap_or_default();
+            let failure = if list.len() != ask.count {
+                Some(format!(
+                    "the model computed {} prompt logprobs of {}",
+                    list.len(),
+                    ask.count
+                ))
+            } else if list.iter().any(|l| l.logprob.is_nan()) {
+                Some("the forward pass produced invalid logits for the prompt".to_string())
+            } else {
+                None
+            };
+            if let Some(message) = failure {
+                tracing::error!(request_id = ask.id, "prompt logprobs: {message}");
+                self.end(ask.id, FinishReason::Error(message), events);
+                continue;
+            }
+            let Some(seq) = self.seqs.get_mut(&ask.id) else {
+                continue;
+            };
+            seq.prompt_logprobs_next = ask.start + ask.count;
+            events.push(EngineEvent {
+                request_id: ask.id,
+                kind: EventKind::PromptLogprobs {
+                    start: ask.start,
+                    logprobs: list,
+                },
+            });
+        }
     }
 
     /// A failed forward pass ends the requests of its step; one that lost the device ends
@@ -1450,6 +1542,33 @@ impl<M: StepModel> Engine<M> {
             },
         });
     }
+}
+
+/// The rows of a chunk of `seq` (positions `cached .. cached + count`) whose logits score
+/// prompt positions not reported yet: row `p` scores position `p + 1`, for `p + 1` from the
+/// sequence's next unreported position to the prompt's last. `None` for a sequence that asks
+/// for no prompt logprobs, or a chunk with none left to report (a decode step, a recompute of
+/// positions reported before its preemption).
+fn prompt_rows(seq: &Sequence, cached: usize, count: usize) -> Option<RowLogprobs> {
+    let top_k = seq.prompt_logprobs?;
+    let first_row = seq.prompt_logprobs_next - 1;
+    if first_row < cached {
+        // Rows before the chunk were never reported: no path computes a prompt without its
+        // rows (shares and imports are refused), so this would be a bug; the api-server sees
+        // the missing positions and fails the request.
+        tracing::error!(
+            first_row,
+            cached,
+            "prompt logprobs: positions before this chunk were not reported"
+        );
+    }
+    let start = first_row.max(cached);
+    let end = (cached + count).min(seq.prompt_len.saturating_sub(1));
+    (start < end).then(|| RowLogprobs {
+        first: start - cached,
+        targets: seq.tokens[start + 1..end + 1].to_vec(),
+        top_k,
+    })
 }
 
 /// The `Finished` event of a request that ended before producing a token (refused, or

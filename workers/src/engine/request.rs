@@ -46,6 +46,13 @@ pub struct GenerationRequest {
     /// advances it; imported and resumed tokens advance it too; at the grammar's end the
     /// request stops (`FinishReason::Stop`).
     pub grammar: Option<Constraint>,
+    /// Report the log-probability of every prompt token after the first (and this many best
+    /// alternatives) as [`EventKind::PromptLogprobs`] events while the prompt is prefilled,
+    /// each position exactly once however the prefill is chunked or recomputed. Such a request
+    /// computes its prompt itself (it joins no samples group, and cannot be an import or
+    /// prefill-only), and may have `max_tokens` 0: it ends after its prompt, with
+    /// `FinishReason::Length` and no token (OpenAI's `echo` with `max_tokens: 0`).
+    pub prompt_logprobs: Option<u32>,
 }
 
 impl GenerationRequest {
@@ -63,6 +70,7 @@ impl GenerationRequest {
             resume_ids: Vec::new(),
             sample_group: None,
             grammar: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -112,6 +120,12 @@ pub enum EventKind {
         text_delta: String,
         logprob: f32,
         top_logprobs: Vec<(u32, f32)>,
+    },
+    /// Log-probabilities of prompt positions `start ..` (each given the tokens before it),
+    /// computed by a prefill chunk; before the request's first token. Position 0 has none.
+    PromptLogprobs {
+        start: usize,
+        logprobs: Vec<crate::model::TokenLogprob>,
     },
     /// A request queued with [`super::Engine::reserve_import`] has its prompt's blocks and a
     /// sequence slot reserved: its K/V may be pulled now ([`super::Engine::import_reserved`]).

@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::backend::{Backend, DeviceSampler, HostRange, KvBlockIo, KvBytes, KvBytesMut};
 use crate::kv_cache::KvLayout;
 use crate::kv_cache::block_pool::BlockId;
-use crate::model::{ForwardBatch, Model, ModelError};
+use crate::model::{ForwardBatch, Model, ModelError, TokenLogprob};
 use crate::sampler::device::{RowRequest, RowSummary};
 
 use super::profile::ForwardTiming;
@@ -24,6 +24,12 @@ pub trait StepModel: Send {
     /// Runs `batch`, writing the new tokens' K/V into the cache; one logits row per sequence
     /// with `wants_logits`, in batch order.
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// The row log-probabilities the last forward computed for the sequences that asked
+    /// ([`crate::model::SequenceSlice::row_logprobs`]): one list per asking sequence, in batch
+    /// order. Taken once; empty for a model that computes none.
+    fn take_row_logprobs(&mut self) -> Vec<Vec<TokenLogprob>> {
+        Vec::new()
+    }
     /// Sampling on the device, where the model's backend can ([`DeviceSampling`]); `None`:
     /// the engine samples from the rows [`Self::forward`] returns.
     fn device_sampling(&mut self) -> Option<&mut dyn DeviceSampling> {
@@ -82,6 +88,8 @@ pub struct ModelRunner<B: Backend> {
     kv: B::KvCache,
     /// The logits of the last summarized forward, for rows sampled on the host after all.
     last_logits: Option<B::Tensor>,
+    /// The row log-probabilities of the last forward, until taken.
+    last_row_logprobs: Vec<Vec<TokenLogprob>>,
     /// A fault test's device failure ([`LOSE_DEVICE_VAR`]).
     injected_loss: InjectedDeviceLoss,
     /// The last forward pass: until its work was queued, and from then until its results
@@ -152,6 +160,7 @@ impl<B: Backend> ModelRunner<B> {
             model,
             kv,
             last_logits: None,
+            last_row_logprobs: Vec::new(),
             injected_loss: InjectedDeviceLoss::from_env(),
             last_timing: None,
         })
@@ -189,8 +198,14 @@ impl<B: KvBlockIo> StepModel for ModelRunner<B> {
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
         self.last_timing = None;
+        self.last_row_logprobs.clear();
         self.injected_loss.check()?;
-        self.model.forward(batch, &mut self.kv)
+        self.model
+            .forward_with_row_logprobs(batch, &mut self.kv, &mut self.last_row_logprobs)
+    }
+
+    fn take_row_logprobs(&mut self) -> Vec<Vec<TokenLogprob>> {
+        std::mem::take(&mut self.last_row_logprobs)
     }
 
     fn last_forward_timing(&self) -> Option<ForwardTiming> {
@@ -255,11 +270,17 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
     ) -> Result<Vec<RowSummary>, ModelError> {
         self.last_logits = None;
         self.last_timing = None;
+        self.last_row_logprobs.clear();
         self.injected_loss.check()?;
         let start = Instant::now();
         let backend = self.model.backend();
         let sampler = device_sampler(backend)?;
-        let Some(logits) = self.model.forward_logits(batch, &mut self.kv)? else {
+        let Some(logits) = self.model.forward_logits_with_row_logprobs(
+            batch,
+            &mut self.kv,
+            &mut self.last_row_logprobs,
+        )?
+        else {
             return Ok(Vec::new());
         };
         // The backend queues the whole pass (and the sampling kernel) without waiting; the

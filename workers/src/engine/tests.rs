@@ -20,6 +20,8 @@ struct FakeModel {
     max_model_len: usize,
     /// Tokens run through forward passes, since the model was made.
     tokens_computed: usize,
+    /// The last forward's row log-probabilities, until taken.
+    row_logprobs: Vec<Vec<crate::model::TokenLogprob>>,
 }
 
 impl FakeModel {
@@ -31,7 +33,32 @@ impl FakeModel {
             lose_device_next: false,
             max_model_len: 1 << 20,
             tokens_computed: 0,
+            row_logprobs: Vec::new(),
         }
+    }
+
+    /// The logits of the token after position `last` of `seq`: a hash of the context up to
+    /// it, read back through the block table.
+    fn logits_after(
+        &self,
+        seq: &crate::model::SequenceSlice,
+        last: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut h: u64 = 0xcbf29ce484222325;
+        for pos in 0..=last {
+            let block = seq.block_table[pos / self.block_size] as usize;
+            let t = self.slots[block][pos % self.block_size]
+                .ok_or_else(|| ModelError::InvalidBatch(format!("position {pos} unwritten")))?;
+            h = (h ^ t as u64).wrapping_mul(0x100000001b3);
+        }
+        Ok((0..VOCAB as u64)
+            .map(|v| {
+                let x = (h ^ v.wrapping_mul(0x9E3779B97F4A7C15)).wrapping_mul(0xff51afd7ed558ccd);
+                // Keep EOS unlikely so sequences run to max_tokens mostly.
+                let bias = if v == EOS as u64 { -3.0 } else { 0.0 };
+                (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 + bias
+            })
+            .collect())
     }
 }
 
@@ -117,29 +144,26 @@ impl StepModel for FakeModel {
                 let block = seq.block_table[pos / self.block_size] as usize;
                 self.slots[block][pos % self.block_size] = Some(t);
             }
-            if !seq.wants_logits {
-                continue;
+        }
+        self.row_logprobs.clear();
+        for seq in &batch.sequences {
+            if let Some(asked) = &seq.row_logprobs {
+                let mut list = Vec::new();
+                for (i, &target) in asked.targets.iter().enumerate() {
+                    let row = self.logits_after(seq, seq.cached_len + asked.first + i)?;
+                    list.push(crate::sampler::token_logprob(&row, target, asked.top_k));
+                }
+                self.row_logprobs.push(list);
             }
-            let mut h: u64 = 0xcbf29ce484222325;
-            for pos in 0..seq.context_len() {
-                let block = seq.block_table[pos / self.block_size] as usize;
-                let t = self.slots[block][pos % self.block_size]
-                    .ok_or_else(|| ModelError::InvalidBatch(format!("position {pos} unwritten")))?;
-                h = (h ^ t as u64).wrapping_mul(0x100000001b3);
+            if seq.wants_logits {
+                rows.push(self.logits_after(seq, seq.context_len() - 1)?);
             }
-            rows.push(
-                (0..VOCAB as u64)
-                    .map(|v| {
-                        let x = (h ^ v.wrapping_mul(0x9E3779B97F4A7C15))
-                            .wrapping_mul(0xff51afd7ed558ccd);
-                        // Keep EOS unlikely so sequences run to max_tokens mostly.
-                        let bias = if v == EOS as u64 { -3.0 } else { 0.0 };
-                        (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 + bias
-                    })
-                    .collect(),
-            );
         }
         Ok(rows)
+    }
+
+    fn take_row_logprobs(&mut self) -> Vec<Vec<crate::model::TokenLogprob>> {
+        std::mem::take(&mut self.row_logprobs)
     }
 }
 
@@ -180,7 +204,7 @@ fn absorb(out: &mut Outcomes, events: Vec<EngineEvent>) {
         match ev.kind {
             EventKind::Token { id, .. } => entry.0.push(id),
             EventKind::Finished { reason, .. } => entry.1 = reason,
-            EventKind::RoomReserved { .. } => {}
+            EventKind::RoomReserved { .. } | EventKind::PromptLogprobs { .. } => {}
         }
     }
 }
@@ -323,6 +347,161 @@ fn samples_of_a_group_share_the_prompt_and_generate_what_they_would_alone() {
     let out = run(&mut e);
     assert_eq!(out[&first], reference[3]);
     assert_eq!(out[&other], run(&mut e_ref)[&other_ref]);
+}
+
+/// Per request: its prompt logprobs (position, logprob, alternatives) in the order reported,
+/// its tokens with their logprobs, its finish reason and usage; and whether it was ever
+/// preempted while running.
+/// One reported prompt position: (position, logprob, alternatives).
+type PromptEntry = (usize, f32, Vec<(u32, f32)>);
+
+#[derive(Debug, Default)]
+struct Echoed {
+    prompt: Vec<PromptEntry>,
+    tokens: Vec<(u32, f32)>,
+    end: Option<(FinishReason, Usage)>,
+    preempted: bool,
+}
+
+fn run_echoed(e: &mut Engine<FakeModel>) -> HashMap<RequestId, Echoed> {
+    let mut out: HashMap<RequestId, Echoed> = HashMap::new();
+    let mut steps = 0;
+    while e.has_work() {
+        for ev in e.step() {
+            let entry = out.entry(ev.request_id).or_default();
+            match ev.kind {
+                EventKind::PromptLogprobs { start, logprobs } => {
+                    assert!(entry.tokens.is_empty(), "prompt logprobs after a token");
+                    for (i, l) in logprobs.into_iter().enumerate() {
+                        entry.prompt.push((start + i, l.logprob, l.top_logprobs));
+                    }
+                }
+                EventKind::Token { id, logprob, .. } => entry.tokens.push((id, logprob)),
+                EventKind::Finished { reason, usage, .. } => entry.end = Some((reason, usage)),
+                EventKind::RoomReserved { .. } => {}
+            }
+        }
+        let ids: Vec<RequestId> = e.seqs.keys().copied().collect();
+        for id in ids {
+            if e.scheduler.num_preemptions(id).unwrap_or(0) > 0 {
+                out.entry(id).or_default().preempted = true;
+            }
+        }
+        steps += 1;
+        assert!(steps < 100_000, "engine made no progress");
+    }
+    out
+}
+
+fn echo_request(prompt_ids: Vec<u32>, max_tokens: usize, top: u32) -> GenerationRequest {
+    GenerationRequest {
+        prompt_logprobs: Some(top),
+        ..GenerationRequest::greedy(prompt_ids, max_tokens)
+    }
+}
+
+/// Prompt logprobs: one per prompt position after the first, in order and exactly once,
+/// whether the prompt is one chunk, many chunks, or recomputed after preemptions; equal to
+/// what the sampler reports for the same token generated after the same prefix.
+#[test]
+fn prompt_logprobs_cover_each_position_once_across_chunks_and_preemption() {
+    let long = prompt(23, 3);
+    let mut alone = engine(64, 64);
+    let id = alone.add_request(echo_request(long.clone(), 6, 2)).unwrap();
+    let reference = run_echoed(&mut alone).remove(&id).unwrap();
+    let positions: Vec<usize> = reference.prompt.iter().map(|p| p.0).collect();
+    assert_eq!(positions, (1..23).collect::<Vec<_>>());
+    assert!(reference.prompt.iter().all(|p| p.2.len() == 2));
+    assert_eq!(reference.tokens.len(), 6);
+    assert_eq!(alone.free_blocks(), 64);
+
+    // Chunks of 5 tokens (the prompt over five steps, chunk ends inside blocks), and a cache
+    // so small that running sequences are preempted and recomputed.
+    for num_blocks in [64, 13] {
+        let mut e = engine(5, num_blocks);
+        let others: Vec<_> = [9usize, 14, 3]
+            .iter()
+            .enumerate()
+            .map(|(k, len)| {
+                e.add_request(request(prompt(*len, k as u32 + 7), 12, sampled(k as u64)))
+                    .unwrap()
+            })
+            .collect();
+        let id = e.add_request(echo_request(long.clone(), 6, 2)).unwrap();
+        let mut out = run_echoed(&mut e);
+        let got = out.remove(&id).unwrap();
+        assert_eq!(got.prompt, reference.prompt, "{num_blocks} blocks");
+        assert_eq!(got.tokens, reference.tokens, "{num_blocks} blocks");
+        assert!(others.iter().all(|o| out[o].prompt.is_empty()));
+        if num_blocks == 13 {
+            assert!(got.preempted, "the echoed request must be recomputed once");
+        }
+        assert_eq!(e.free_blocks(), num_blocks, "blocks leaked");
+    }
+
+    // The logprob of a generated token equals that token's prompt logprob once it is part of
+    // a prompt: both are the same row, reduced the same way.
+    let prefix = prompt(11, 5);
+    let mut e = engine(64, 64);
+    let id = e
+        .add_request(request(prefix.clone(), 1, SamplingParams::greedy()))
+        .unwrap();
+    let generated = run_echoed(&mut e).remove(&id).unwrap();
+    let (token, logprob) = generated.tokens[0];
+    let mut extended = prefix;
+    extended.push(token);
+    let id = e.add_request(echo_request(extended, 1, 0)).unwrap();
+    let echoed = run_echoed(&mut e).remove(&id).unwrap();
+    assert_eq!(echoed.prompt.last().unwrap(), &(11, logprob, vec![]));
+}
+
+/// `max_tokens` 0 with prompt logprobs: the prompt's logprobs, then the end (`Length`, no
+/// token); without prompt logprobs it is refused, and such requests never share a group's
+/// blocks (each reports its own positions).
+#[test]
+fn a_prompt_only_request_ends_after_its_prompt() {
+    let mut e = engine(4, 64);
+    let p = prompt(10, 1);
+    let grouped = |max_tokens| GenerationRequest {
+        sample_group: Some("g".into()),
+        ..echo_request(p.clone(), max_tokens, 1)
+    };
+    let a = e.add_request(grouped(0)).unwrap();
+    let b = e.add_request(grouped(0)).unwrap();
+    let out = run_echoed(&mut e);
+    for id in [a, b] {
+        let got = &out[&id];
+        assert_eq!(got.prompt.len(), 9);
+        assert!(got.tokens.is_empty());
+        assert_eq!(
+            got.end,
+            Some((
+                FinishReason::Length,
+                Usage {
+                    prompt_tokens: 10,
+                    completion_tokens: 0
+                }
+            ))
+        );
+    }
+    assert_eq!(out[&a].prompt, out[&b].prompt);
+    assert_eq!(e.free_blocks(), 64);
+    // A one-token prompt has no position to report, and still ends.
+    let id = e.add_request(echo_request(vec![5], 0, 1)).unwrap();
+    let got = run_echoed(&mut e).remove(&id).unwrap();
+    assert!(got.prompt.is_empty() && got.tokens.is_empty());
+    assert_eq!(got.end.unwrap().0, FinishReason::Length);
+    assert!(matches!(
+        e.add_request(GenerationRequest::greedy(vec![5, 6], 0)),
+        Err(EngineError::ZeroMaxTokens)
+    ));
+    assert!(matches!(
+        e.add_request(GenerationRequest {
+            prefill_only: true,
+            ..echo_request(vec![5, 6], 1, 0)
+        }),
+        Err(EngineError::PromptLogprobsNeedLocalPrefill)
+    ));
 }
 
 #[test]

@@ -20,6 +20,30 @@ pub struct SequenceSlice {
     /// Whether to return logits for this sequence's last new token (false for a prefill
     /// chunk that is not the prompt's last).
     pub wants_logits: bool,
+    /// Log-probabilities of the sequence's own next tokens at some of its rows (prompt
+    /// logprobs), reduced on the way out so no full logits row is kept ([`RowLogprobs`]).
+    pub row_logprobs: Option<RowLogprobs>,
+}
+
+/// Which rows of a [`SequenceSlice`] report the log-probability of the token that follows
+/// them: rows `first .. first + targets.len()` (indices among the slice's new tokens), row
+/// `first + i` scoring `targets[i]` (the sequence's next token, which for the chunk's last row
+/// lies beyond the chunk), with the `top_k` best alternatives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowLogprobs {
+    pub first: usize,
+    pub targets: Vec<u32>,
+    pub top_k: usize,
+}
+
+/// What one row of [`RowLogprobs`] reports: the model's distribution at temperature 1, no
+/// penalties or bias.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// Of the row's target token; NaN when the row's logits were not finite.
+    pub logprob: f32,
+    /// The `top_k` best tokens, best first (ties to the lower id).
+    pub top_logprobs: Vec<(u32, f32)>,
 }
 
 impl SequenceSlice {
@@ -52,8 +76,24 @@ impl ForwardBatch {
             cached_len,
             block_table,
             wants_logits,
+            row_logprobs: None,
         });
         self.tokens.extend_from_slice(new_tokens);
+    }
+
+    /// Asks the last pushed sequence for the log-probabilities of `request`'s rows.
+    pub fn want_row_logprobs(&mut self, request: RowLogprobs) {
+        let seq = self
+            .sequences
+            .last_mut()
+            .expect("want_row_logprobs follows push");
+        debug_assert!(request.first + request.targets.len() <= seq.token_count);
+        seq.row_logprobs = Some(request);
+    }
+
+    /// Whether any sequence asks for row log-probabilities.
+    pub fn has_row_logprobs(&self) -> bool {
+        self.sequences.iter().any(|s| s.row_logprobs.is_some())
     }
 
     /// Position of every token (`cached_len + i`), in token order.

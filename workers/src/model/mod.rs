@@ -21,11 +21,14 @@ use std::path::Path;
 
 use tandem_model::{ConfigError, ModelConfig, tensor_names};
 
-pub use batch::{ForwardBatch, SequenceSlice};
+pub use batch::{ForwardBatch, RowLogprobs, SequenceSlice, TokenLogprob};
 pub use weights::WeightsError;
 
 use crate::backend::{AttentionShape, Backend, BackendError, BatchPlan, DType};
 use crate::kv_cache::{KvDType, KvLayout};
+
+/// Rows of row log-probabilities ([`RowLogprobs`]) that go through the lm_head at once.
+pub const ROW_LOGPROBS_GROUP: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -216,8 +219,20 @@ impl<B: Backend> Model<B> {
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_with_row_logprobs(batch, kv, &mut Vec::new())
+    }
+
+    /// [`Self::forward`] that also fills `row_logprobs` with what the batch's sequences ask
+    /// ([`SequenceSlice::row_logprobs`]): one list per asking sequence, in batch order, one
+    /// entry per asked row.
+    pub fn forward_with_row_logprobs(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+        row_logprobs: &mut Vec<Vec<TokenLogprob>>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         self.backend
-            .run(|| match self.forward_on_device(batch, kv)? {
+            .run(|| match self.forward_on_device(batch, kv, row_logprobs)? {
                 Some(logits) => Ok(self.backend.to_host(&logits)?),
                 None => Ok(Vec::new()),
             })
@@ -230,14 +245,27 @@ impl<B: Backend> Model<B> {
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
     ) -> Result<Option<B::Tensor>, ModelError> {
-        self.backend.run(|| self.forward_on_device(batch, kv))
+        self.forward_logits_with_row_logprobs(batch, kv, &mut Vec::new())
+    }
+
+    /// [`Self::forward_logits`] with [`Self::forward_with_row_logprobs`]'s row log-probs.
+    pub fn forward_logits_with_row_logprobs(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+        row_logprobs: &mut Vec<Vec<TokenLogprob>>,
+    ) -> Result<Option<B::Tensor>, ModelError> {
+        self.backend
+            .run(|| self.forward_on_device(batch, kv, row_logprobs))
     }
 
     fn forward_on_device(
         &self,
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
+        row_logprobs: &mut Vec<Vec<TokenLogprob>>,
     ) -> Result<Option<B::Tensor>, ModelError> {
+        row_logprobs.clear();
         let layout = self.backend.kv_cache_layout(kv);
         let expected = self.kv_layout(layout.block_size);
         if layout != expected {
@@ -252,21 +280,30 @@ impl<B: Backend> Model<B> {
         }
         let b = &self.backend;
         let plan = BatchPlan::new(batch, layout.block_size, &self.inv_freq);
-        if plan.logits_rows.is_empty() {
-            // Nothing to return, but the K/V of the tokens must still be written.
-            b.run_forward(&plan, kv, &mut |meta, kv| self.layers(&plan, meta, kv))?;
-            return Ok(None);
-        }
-        Ok(b.run_forward(&plan, kv, &mut |meta, kv| self.layers(&plan, meta, kv))?)
+        let mut rows = batch.has_row_logprobs().then_some((batch, row_logprobs));
+        let logits = b.run_forward(&plan, kv, &mut |meta, kv| {
+            self.layers(
+                &plan,
+                meta,
+                kv,
+                rows.as_mut().map(|(b, out)| (*b, &mut **out)),
+            )
+        })?;
+        // Without logits rows there is nothing to return, but the K/V were written.
+        Ok(logits.filter(|_| !plan.logits_rows.is_empty()))
     }
 
     /// The ops of one forward over `meta` (the device copy of `plan`): every layer, then the
     /// final norm and lm_head for the rows that want logits.
+    ///
+    /// With `row_logprobs` (a batch whose sequences ask for them), the asked rows' log-probs
+    /// are computed from the last hidden states too, before the logits.
     fn layers(
         &self,
         plan: &BatchPlan,
         meta: &B::Batch,
         kv: &mut B::KvCache,
+        row_logprobs: Option<(&ForwardBatch, &mut Vec<Vec<TokenLogprob>>)>,
     ) -> Result<Option<B::Tensor>, BackendError> {
         let b = &self.backend;
         let mut residual = b.embedding(&self.embed, meta)?;
@@ -291,11 +328,14 @@ impl<B: Backend> Model<B> {
             let act = b.silu_mul(&gate_up)?;
             mlp_out = Some(b.linear(&act, &layer.down, None)?);
         }
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        if let Some((batch, out)) = row_logprobs {
+            *out = self.row_logprobs(batch, &residual, mlp_out.as_ref())?;
+        }
         if plan.logits_rows.is_empty() {
             return Ok(None);
         }
         // Only the rows that want logits: the last residual add, final norm and lm_head.
-        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut last = b.gather_logits_rows(&residual, meta)?;
         let m = mlp_out
             .as_ref()
@@ -308,6 +348,61 @@ impl<B: Backend> Model<B> {
         };
         let logits = b.linear(&h, lm_head, None)?;
         Ok(Some(logits))
+    }
+
+    /// The log-probabilities the batch's sequences ask for at their rows
+    /// ([`SequenceSlice::row_logprobs`]), one list per asking sequence in batch order: the
+    /// rows go through the final norm and lm_head [`ROW_LOGPROBS_GROUP`] at a time, and each
+    /// group's logits are reduced on the host to the target's logprob and the best
+    /// alternatives before the next group is computed, so a long prefill chunk never holds
+    /// more than one group's logits (a group of Llama 3's 128k-token vocabulary is 32 MiB).
+    fn row_logprobs(
+        &self,
+        batch: &ForwardBatch,
+        residual: &B::Tensor,
+        mlp_out: Option<&B::Tensor>,
+    ) -> Result<Vec<Vec<TokenLogprob>>, BackendError> {
+        let b = &self.backend;
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        // (row, target, top_k, which list) of every asked row, in batch order.
+        let mut rows = Vec::new();
+        let mut out = Vec::new();
+        for seq in &batch.sequences {
+            let Some(asked) = &seq.row_logprobs else {
+                continue;
+            };
+            for (i, &target) in asked.targets.iter().enumerate() {
+                let row = (seq.token_start + asked.first + i) as u32;
+                rows.push((row, target, asked.top_k, out.len()));
+            }
+            out.push(Vec::with_capacity(asked.targets.len()));
+        }
+        for group in rows.chunks(ROW_LOGPROBS_GROUP) {
+            let indices: Vec<u32> = group.iter().map(|r| r.0).collect();
+            let mut last = b.gather_rows(residual, &indices)?;
+            let m = mlp_out.map(|m| b.gather_rows(m, &indices)).transpose()?;
+            let h = match &m {
+                Some(m) => b.add_rms_norm(&mut last, m, &self.final_norm, self.eps)?,
+                None => b.rms_norm(&last, &self.final_norm, self.eps)?,
+            };
+            let logits = b.to_host(&b.linear(&h, lm_head, None)?)?;
+            // Each row's reduction is a pass or two over the vocabulary: rows in parallel (on
+            // the CPU backend, within its own pool, which `run` has installed).
+            let reduced: Vec<TokenLogprob> = {
+                use rayon::prelude::*;
+                logits
+                    .par_iter()
+                    .zip(group.par_iter())
+                    .map(|(row, &(_, target, top_k, _))| {
+                        crate::sampler::token_logprob(row, target, top_k)
+                    })
+                    .collect()
+            };
+            for (entry, &(_, _, _, list)) in reduced.into_iter().zip(group) {
+                out[list].push(entry);
+            }
+        }
+        Ok(out)
     }
 
     /// Rejects batches the ops would index out of bounds with.

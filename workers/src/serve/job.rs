@@ -35,6 +35,7 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         sample_group: job.samples.as_ref().map(|s| s.group_id.clone()),
         // Compiled by the role (`super::grammar`), off the bus loop.
         grammar: None,
+        prompt_logprobs: job.sampling.prompt_logprobs,
     }
 }
 

@@ -5,7 +5,9 @@
 //! `tokens` message (fewer, larger NATS messages when the bus is slower than the engine),
 //! and ends the stream with exactly one `finished` or `error`.
 
-use tandem_protocol::messages::{self, StreamMessage, TokenEvent, Usage as WireUsage};
+use tandem_protocol::messages::{
+    self, PromptLogprob, StreamMessage, TokenEvent, Usage as WireUsage,
+};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::{EngineEvent, EventKind, EventSink, FinishReason};
@@ -16,8 +18,9 @@ impl EventSink for UnboundedSender<EngineEvent> {
     }
 }
 
-/// Converts a run of events (in order) into stream messages: the tokens among them in one
-/// `tokens` message, then the end if one of them is the `Finished` event. `with_logprobs`
+/// Converts a run of events (in order) into stream messages: prompt logprobs as
+/// `prompt_logprobs` messages where they come, the tokens among them in one `tokens`
+/// message, then the end if one of them is the `Finished` event. `with_logprobs`
 /// says whether the job asked for log-probabilities (otherwise none are sent). `next_index`
 /// is the position of the next generated token in the request (its `tokens` message's
 /// `index`); it moves past the tokens sent.
@@ -74,6 +77,21 @@ pub fn stream_messages(
                     FinishReason::Error(message) => StreamMessage::Error { message },
                 });
                 return out;
+            }
+            EventKind::PromptLogprobs { start, logprobs } => {
+                if !tokens.is_empty() {
+                    out.push(tokens_message(std::mem::take(&mut tokens)));
+                }
+                out.push(StreamMessage::PromptLogprobs {
+                    start: start as u32,
+                    logprobs: logprobs
+                        .into_iter()
+                        .map(|l| PromptLogprob {
+                            logprob: l.logprob,
+                            top_logprobs: l.top_logprobs,
+                        })
+                        .collect(),
+                });
             }
             // The puller's business: nothing the api-server reads.
             EventKind::RoomReserved { .. } => {}
@@ -180,6 +198,47 @@ mod tests {
             }
         );
         assert!(is_last(&messages[1]) && !is_last(&messages[0]));
+    }
+
+    #[test]
+    fn prompt_logprobs_come_before_the_tokens_in_order() {
+        let prompt = |start| EngineEvent {
+            request_id: 1,
+            kind: EventKind::PromptLogprobs {
+                start,
+                logprobs: vec![crate::model::TokenLogprob {
+                    logprob: -2.0,
+                    top_logprobs: vec![(4, -0.5)],
+                }],
+            },
+        };
+        let messages = stream_messages(
+            vec![
+                prompt(1),
+                prompt(2),
+                token(5, "a"),
+                finished(FinishReason::Stop),
+            ],
+            false,
+            &mut 0,
+        );
+        assert_eq!(messages.len(), 4, "{messages:?}");
+        assert_eq!(
+            messages[0],
+            StreamMessage::PromptLogprobs {
+                start: 1,
+                logprobs: vec![PromptLogprob {
+                    logprob: -2.0,
+                    top_logprobs: vec![(4, -0.5)],
+                }],
+            }
+        );
+        assert!(matches!(
+            messages[1],
+            StreamMessage::PromptLogprobs { start: 2, .. }
+        ));
+        assert!(matches!(messages[2], StreamMessage::Tokens { .. }));
+        assert!(is_last(&messages[3]));
     }
 
     #[test]

@@ -504,6 +504,9 @@ pub(super) async fn publish_stream(
             }
             payloads
         }
+        StreamMessage::PromptLogprobs { start, logprobs } => {
+            payload::prompt_logprobs_messages(start, logprobs, max_payload)?
+        }
         other => vec![payload::encode_within(&other, max_payload)?],
     };
     for payload in payloads {

@@ -81,6 +81,9 @@ impl Recorder {
                     out.reason = Some(reason);
                 }
                 EventKind::RoomReserved { .. } => panic!("room reserved for a plain request"),
+                EventKind::PromptLogprobs { .. } => {
+                    panic!("prompt logprobs for a request that asked none")
+                }
             }
         }
     }

@@ -471,6 +471,17 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(rows.len(), x.cols, out))
     }
 
+    fn gather_rows(&self, x: &CpuTensor, rows: &[u32]) -> Result<CpuTensor, BackendError> {
+        let mut out = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            if r as usize >= x.rows {
+                return Err(shape_err("gather_rows", format!("row {r} of {}", x.rows)));
+            }
+            out.extend_from_slice(x.row(r as usize));
+        }
+        Ok(CpuTensor::new(rows.len(), x.cols, out))
+    }
+
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<Vec<f32>>, BackendError> {
         Ok(x.data.chunks(x.cols.max(1)).map(<[f32]>::to_vec).collect())
     }

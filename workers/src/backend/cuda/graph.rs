@@ -77,6 +77,7 @@ impl DecodeGraphs {
         }
         let seqs = &plan.sequences;
         if seqs.is_empty()
+            || plan.row_logprobs
             || plan.logits_rows.len() != seqs.len()
             || seqs.iter().any(|s| s.token_count != 1)
         {

@@ -1226,6 +1226,22 @@ impl Backend for CudaBackend {
         Ok(CudaTensor::from_f32(n, x.cols, out))
     }
 
+    fn gather_rows(&self, x: &CudaTensor, rows: &[u32]) -> Result<CudaTensor, BackendError> {
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= x.rows) {
+            return Err(shape_err("gather_rows", format!("row {r} of {}", x.rows)));
+        }
+        let xs = x.as_f32("gather_rows")?;
+        let n = rows.len();
+        // Copied from pageable memory before `clone_htod` returns; freed in stream order.
+        let indices = dev!("gather_rows", self.stream.clone_htod(rows))?;
+        let mut out = self.alloc_f32(n * x.cols)?;
+        let cols = x.cols as i32;
+        let mut b = self.stream.launch_builder(&self.kernels.gather_rows);
+        b.arg(xs).arg(&indices).arg(&mut out).arg(&cols);
+        self.launch(b, rows_config(n, 256), "gather_rows")?;
+        Ok(CudaTensor::from_f32(n, x.cols, out))
+    }
+
     fn rows_to_host(&self, x: &CudaTensor, rows: &[usize]) -> Result<Vec<Vec<f32>>, BackendError> {
         let data = x.as_f32("rows_to_host")?;
         rows.iter()

@@ -164,7 +164,9 @@ impl ContextRole {
                         top_logprobs.clone(),
                         true,
                     )),
-                    EventKind::Finished { .. } | EventKind::RoomReserved { .. } => None,
+                    EventKind::Finished { .. }
+                    | EventKind::RoomReserved { .. }
+                    | EventKind::PromptLogprobs { .. } => None,
                 });
                 let exported = self
                     .exporter
