@@ -477,11 +477,14 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         .read_kv_blocks(&kv, &blocks, KvBytesMut::Device(range))
         .unwrap();
     let exported = export.finish().unwrap();
-    assert!(exported.addr >= 4096, "the export is a slice at an offset");
+    assert!(
+        exported.addr() >= 4096,
+        "the export is a slice at an offset"
+    );
     let seal = exported.seal.expect("a CUDA IPC export is sealed");
     assert_eq!(
         seal.addr,
-        exported.addr + len as u64,
+        exported.addr() + len as u64,
         "the seal follows the K/V"
     );
     let RemoteMemory::CudaIpc(source) = exported.memory.clone() else {
@@ -500,7 +503,7 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     let remote = RemoteKv {
         memory: RemoteMemory::CudaIpc(source.clone()),
         regions: (0..blocks.len() as u64)
-            .map(|i| (exported.addr + i * block_bytes as u64, block_bytes as u64))
+            .map(|i| (exported.addr() + i * block_bytes as u64, block_bytes as u64))
             .collect(),
         seal: Some(seal),
     };
@@ -585,7 +588,8 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         .unwrap();
     let reused = reused.finish().unwrap();
     assert_eq!(
-        reused.addr, remote.regions[0].0,
+        reused.addr(),
+        remote.regions[0].0,
         "the freed slice is reused"
     );
     let err = pull(remote.clone()).unwrap_err();

@@ -606,7 +606,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     let exported = check.finish()?;
     let remote = RemoteKv {
         memory: exported.memory.clone(),
-        regions: vec![(exported.addr, exported.len)],
+        regions: vec![(exported.addr(), exported.len())],
         seal: exported.seal,
     };
     let pool_puller = UcxTransport::start_with_pool(total as usize)?;
@@ -658,7 +658,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     let remote = RemoteKv {
         memory: exported.memory.clone(),
         regions: (0..blocks.len() as u64)
-            .map(|i| (exported.addr + i * block_bytes as u64, block_bytes as u64))
+            .map(|i| (exported.addr() + i * block_bytes as u64, block_bytes as u64))
             .collect(),
         seal: exported.seal,
     };

@@ -23,6 +23,7 @@
 //! the seal after the K/V and drops what it read if the nonce is gone, since the pool may have
 //! handed the memory to another request's export meanwhile.
 
+pub mod cache;
 pub mod cuda_ipc;
 pub mod in_process;
 pub mod pool;
@@ -35,10 +36,11 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use crate::backend::{DeviceRange, HostRange, KvBuffer, KvBytes, KvBytesMut};
+pub use crate::backend::{DeviceRange, HostRange, KvBuffer, KvBytes, KvBytesMut, KvCacheMemory};
 use tandem_protocol::messages::KvHandle;
 pub use tandem_protocol::messages::{CudaIpcSource, KvTransportKind};
 
+use self::cache::ExposedCache;
 use self::seal::{Seal, SealGuard, SealSlot};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -73,19 +75,35 @@ pub enum RemoteMemory {
     CudaIpc(CudaIpcSource),
 }
 
-/// A buffer registered for remote reads; dropping it clears its seal, then unregisters and
-/// frees it.
+/// K/V registered for remote reads: a buffer the K/V was copied into, or the prompt's blocks
+/// in the KV cache itself ([`cache`]); dropping it clears its seal, then frees the buffer or
+/// unpins the blocks.
 pub struct Exported {
     pub memory: RemoteMemory,
-    /// Where the buffer starts, as the reader addresses `memory`.
-    pub addr: u64,
-    /// Bytes of K/V (the seal, after them, not counted).
-    pub len: u64,
+    /// `(address, length)` of the K/V, in order, as the reader addresses `memory`: one region
+    /// for a buffer, one per block for blocks read in place. The seal is not among them.
+    pub regions: Vec<(u64, u64)>,
     /// The seal a reader checks after its read ([`seal`]); None only for exports of unit
     /// tests that read nothing.
     pub seal: Option<Seal>,
     /// Keeps the registration (and the memory) alive; for a sealed export, a [`SealGuard`].
     pub keepalive: Box<dyn Send + Sync>,
+}
+
+impl Exported {
+    /// Where the K/V's first region starts.
+    pub fn addr(&self) -> u64 {
+        self.regions.first().map_or(0, |&(addr, _)| addr)
+    }
+
+    /// Bytes of K/V.
+    pub fn len(&self) -> u64 {
+        self.regions.iter().map(|&(_, len)| len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]
@@ -98,8 +116,7 @@ impl Exported {
                 address: vec![1],
                 rkey: vec![2],
             },
-            addr: 4096,
-            len: 3 * 128,
+            regions: vec![(4096, 3 * 128)],
             seal: Some(Seal {
                 addr: 4096 + 3 * 128,
                 nonce: [0x5e; seal::SEAL_BYTES],
@@ -353,6 +370,22 @@ pub trait KvTransport: Send + Sync + 'static {
     /// the memory a device backend pins once so its copies go straight to and from it.
     fn pool(&self) -> Option<HostRange> {
         None
+    }
+    /// Registers the engine's KV cache for reads straight out of it, once, at start: exports
+    /// are then the prompt's pinned blocks ([`cache`]). `Ok(None)`: this transport does not
+    /// read that kind of memory (UCX and a GPU's cache); the caller copies exports out instead.
+    ///
+    /// # Safety
+    /// `cache` must describe memory that stays allocated, and in place, while `owner` lives;
+    /// the blocks readers read must not be written while their export lives, nor the slab by
+    /// anyone but the returned [`ExposedCache`].
+    unsafe fn expose_cache(
+        &self,
+        cache: KvCacheMemory,
+        owner: Box<dyn Send + Sync>,
+    ) -> BoxFuture<Result<Option<std::sync::Arc<ExposedCache>>, TransferError>> {
+        let _ = (cache, owner);
+        Box::pin(async { Ok(None) })
     }
 }
 

@@ -148,7 +148,8 @@ impl ContextRole {
                 retained_kv: Some(retained),
                 ..
             }) => {
-                let blocks = retained.block_table.len();
+                let block_table = retained.block_table.clone();
+                let blocks = block_table.len();
                 let num_tokens = retained.num_tokens;
                 // The first token goes to the decode worker whole: it reports its logprobs.
                 let first = seen.iter().find_map(|e| match &e.kind {
@@ -171,7 +172,7 @@ impl ContextRole {
                     .export(
                         &self.worker.engine,
                         engine_id,
-                        blocks,
+                        &block_table,
                         job.kv_reader.as_ref(),
                     )
                     .await;
