@@ -9,8 +9,9 @@
 //! freed (context heartbeats go back to zero pinned blocks).
 //!
 //! On a GPU machine, the same with two GPU workers of one host: the K/V moves device to
-//! device over CUDA IPC (and through host memory over UCX when the reader cannot read CUDA
-//! IPC), with the tokens of `worker generate` on the GPU. Without a CUDA driver that test
+//! device over CUDA IPC, read straight out of the context worker's cache whatever its size
+//! (and through host memory over UCX when the reader cannot read CUDA IPC), with the tokens of
+//! `worker generate` on the GPU. Without a CUDA driver that test
 //! says so and passes without running (CI has no GPU).
 
 use std::path::{Path, PathBuf};
@@ -770,8 +771,14 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
             "16384".into(),
         ]
     };
-    let context_args = gpu("cuda:0");
-    let decode_args = gpu(&decode_device);
+    // 1 MiB: what used to cap the context worker's CUDA IPC exports (a slice of its pool each,
+    // a UCX export past it); now its exports are its cache's blocks, and the decode worker's
+    // pulls past its pool allocate their own memory. The long prompt moves far more than
+    // that (about 23 MB on SmolLM2 shapes), device to device all the same.
+    let mut context_args = gpu("cuda:0");
+    context_args.extend(["--cuda-ipc-pool-mb".into(), "1".into()]);
+    let mut decode_args = gpu(&decode_device);
+    decode_args.extend(["--cuda-ipc-pool-mb".into(), "1".into()]);
     let mut no_ipc_args = gpu(&decode_device);
     no_ipc_args.extend(["--cuda-ipc-pool-mb".into(), "0".into()]);
     let _context = start_worker_on(&model, url, "context", "ctx", &strs(&context_args));
@@ -837,8 +844,13 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
             };
             assert_eq!(transport.as_str(), backend, "{label}");
             eprintln!(
-                "{label}: {bytes} bytes pulled in {micros} us ({} prompt tokens)",
-                prompt_ids(&expected).len()
+                "{label}: {bytes} bytes pulled in {micros} us ({} prompt tokens){}",
+                prompt_ids(&expected).len(),
+                if bytes > 1 << 20 {
+                    ", past the 1 MiB pools"
+                } else {
+                    ""
+                }
             );
         }
         // A CUDA IPC export handed to a decode worker without CUDA IPC: it cannot read it, so
