@@ -153,9 +153,10 @@ impl Drop for PoolSlice {
     }
 }
 
-/// The seal of an export in the device pool: written by a copy on the transport's stream,
-/// synchronized before [`SealMemory::write`] returns (so before the handle goes out, or
-/// before the slice goes back to the pool and any later owner's copy is issued).
+/// The seal of an export, in device memory (a slot of a shared cache's export slab, or after a
+/// pool-slice export's K/V): written by a copy on the transport's stream, synchronized before
+/// [`SealMemory::write`] returns (so before the handle goes out, or before the blocks are
+/// unpinned or the slice goes back to the pool, and any later owner's write is issued).
 struct DeviceSeal {
     shared: Arc<Shared>,
     ptr: CUdeviceptr,
@@ -168,8 +169,9 @@ impl SealMemory for DeviceSeal {
             .bind_to_thread()
             .map_err(|e| cuda_error("CUDA context", e))?;
         let stream = lock(&self.shared.stream);
-        // SAFETY: `ptr` is the seal of a slice this export holds (its `PoolSlice` is dropped
-        // only after this guard); `bytes` outlives the copy, which is synchronized below.
+        // SAFETY: `ptr` is the seal of memory this export holds (its slab slot, in a cache
+        // the exposure keeps allocated, or its pool slice: either is let go of only after this
+        // guard); `bytes` outlives the copy, which is synchronized below.
         unsafe { cudarc::driver::result::memcpy_htod_async(self.ptr, bytes, stream.cu_stream()) }
             .map_err(|e| cuda_error("writing a KV export's seal", e))?;
         stream

@@ -203,8 +203,9 @@ impl SealMemory for HostSeal {
 }
 
 /// The keepalive of a sealed export: zeroes the seal, and only then lets the memory go (its
-/// inner keepalive hands it back to the pool or unmaps it). Memory whose seal could not be
-/// zeroed is never handed back: a reader of the old handle could not tell a reuse.
+/// inner keepalive unpins the blocks and gives the slab slot back, or hands a copied export's
+/// memory back to the pool or unmaps it). Memory whose seal could not be zeroed is never let
+/// go of: a reader of the old handle could not tell a reuse.
 pub struct SealGuard {
     memory: Box<dyn SealMemory>,
     keepalive: Option<Box<dyn Send + Sync>>,
