@@ -436,10 +436,10 @@ fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
 }
 
 /// A prompt's blocks through two CUDA IPC pools, never leaving device memory: copied out of
-/// the cache into an export (one kernel), pulled into the reader's pool, written into other
-/// blocks; the bytes arrive unchanged. Handles of another host or outside the allocation
-/// (the one they announce, or the one actually mapped) are refused, and a full pool says so
-/// (the worker then exports through host memory). The export's seal: checked after the copy,
+/// the cache into a pool-slice export (one kernel; workers export in place instead, next test),
+/// pulled into the reader's pool, written into other blocks; the bytes arrive unchanged.
+/// Handles of another host or outside the allocation (the one they announce, or the one
+/// actually mapped) are refused, and a full pool says so. The export's seal: checked after the copy,
 /// cleared when the export is freed, so a pull of a freed export, or of one whose slice holds
 /// the next export's K/V, fails instead of handing that K/V on.
 #[test]

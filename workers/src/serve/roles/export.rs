@@ -52,8 +52,8 @@ pub fn layout_spec(layout: &KvLayout) -> KvLayoutSpec {
 
 /// Whether a prefill's K/V is exported for CUDA IPC (read out of this worker's GPU cache)
 /// rather than for UCX: only for a reader that reads CUDA IPC on this worker's host, when this
-/// worker's cache is shared over CUDA IPC. Any other reader (another host, a CPU worker, an api-server
-/// that did not say) gets a host export, which every decode worker can pull.
+/// worker's cache is shared over CUDA IPC. Any other reader (another host, a CPU worker, an
+/// api-server that did not say) gets a host export, which every decode worker can pull.
 pub fn exports_on_device(reader: Option<&KvPeer>, host_id: &str, has_cuda_ipc: bool) -> bool {
     has_cuda_ipc && reader.is_some_and(|r| r.cuda_ipc && r.host_id == host_id)
 }
