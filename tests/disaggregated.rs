@@ -196,6 +196,74 @@ fn tandem_serve_with_two_context_and_one_decode_worker_equals_worker_generate() 
     assert!(tandem.wait_exit(Duration::from_secs(60)).success());
 }
 
+/// The sum of every series of counter `name` (all its labels).
+fn sum_of(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The hand-over without copies (issue 15): a CPU context worker's exports are its KV cache's
+/// blocks, read in place by the decode worker, so no transfer pool bounds them. With a 1 MiB
+/// pool (what used to hold exports: not even three SmolLM2 blocks) and requests whose prompts
+/// take some 8 MB of K/V each all at once, every request is pulled over UCX, none falls back,
+/// every text equals `worker generate`'s, and the context worker's cache is all free after.
+#[test]
+fn hand_overs_far_past_the_old_transfer_pool_all_go_through_without_a_fallback() {
+    const REQUESTS: usize = 8;
+    const MAX_TOKENS: u32 = 6;
+    // Prompts 4, 9, 14, ...: some 350 tokens each (22 blocks of 368,640 bytes).
+    let requests: Vec<usize> = (0..REQUESTS).map(|i| 4 + 5 * i).collect();
+    let d = deployment(&[
+        "--kv-transfer-pool-mb",
+        "1",
+        "--max-tokens-in-buffer",
+        "8192",
+    ]);
+    let http = &d.api.http;
+    let references: Vec<Value> = requests.iter().map(|&i| reference(i, MAX_TOKENS)).collect();
+    let results = chats_at_once(http, requests.iter().copied(), MAX_TOKENS);
+    for ((i, (streamed, _)), reference) in requests.iter().zip(&results).zip(&references) {
+        assert_eq!(streamed.text, reference["text"], "request {i}");
+    }
+    let metrics = http.get("/metrics").body;
+    assert_eq!(
+        metric(&metrics, "tandem_kv_transfers_total", "transport=\"ucx\""),
+        Some(REQUESTS as f64),
+        "every request pulled its K/V\n{metrics}"
+    );
+    assert_eq!(
+        sum_of(&metrics, "tandem_kv_transfer_fallbacks_total"),
+        0.0,
+        "no fallback of any kind\n{metrics}"
+    );
+    let bytes = metric(&metrics, "tandem_kv_transfer_bytes_total", "").unwrap_or(0.0);
+    assert!(
+        bytes > (REQUESTS << 20) as f64 * 6.0,
+        "far more than the 1 MiB pool moved: {bytes}"
+    );
+    // Released after each pull: the context worker's cache is all free, nothing pinned.
+    let start = Instant::now();
+    loop {
+        let metrics = http.get("/metrics").body;
+        let pinned = metric(&metrics, "tandem_kv_pinned_blocks", "\"ctx\"");
+        let free = metric(&metrics, "tandem_worker_free_kv_blocks", "\"ctx\"");
+        let total = metric(&metrics, "tandem_worker_total_kv_blocks", "\"ctx\"");
+        if pinned == Some(0.0) && free.is_some() && free == total {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "context KV not freed:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A hand-started disaggregated deployment: one context and one decode worker.
 struct Deployment {
     _nats: Nats,

@@ -7,6 +7,9 @@
 //! - A context worker killed (-9) during a prefill, or between its `kv_ready` and the decode
 //!   worker's pull: the request is prefilled by its decode worker instead and completes with
 //!   the undisturbed text.
+//! - A decode worker killed (-9) between the context worker's `kv_ready` and its pull: the
+//!   export's blocks, pinned in the context worker's KV cache, are free again within the
+//!   export's expiry and grace, and the request completes on another decode worker.
 //! - Overload past the admission bounds (two api-servers with small `--max-pending-requests`
 //!   in front of one worker with a small `--max-queued-requests`): the requests that do not
 //!   fit get 429 with `Retry-After` (refused by an api-server's bound, by its router, or by the
@@ -283,6 +286,86 @@ fn a_context_worker_killed_between_kv_ready_and_the_pull_costs_a_retry_not_an_er
         "{metrics}"
     );
     eprintln!("the request completed {took:?} after the context worker was killed");
+}
+
+/// A decode worker killed (-9) between the context worker's `kv_ready` and its pull. The
+/// export it never released is the prompt's blocks, pinned in the context worker's own KV
+/// cache (the hand-over without copies, issue 15): nothing the dead worker held keeps them
+/// there past the export's expiry (3 s here) and its grace (5 s), after which the context
+/// worker holds nothing and every block of its cache is free. The request itself moves to the
+/// other decode worker and completes with the undisturbed text.
+#[test]
+fn a_decode_worker_killed_between_kv_ready_and_the_pull_leaves_nothing_pinned_past_the_expiry() {
+    let nats = Nats::start();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    let _context = support::start_worker_as(
+        &nats,
+        &model_dir(MODEL),
+        "context",
+        "ctx",
+        &["--kv-transfer-timeout-ms", "3000"],
+    );
+    // The victim pulls a minute after it has room: it is killed before that.
+    let spec = WorkerSpec {
+        role: "decode",
+        worker_id: "slow",
+        served_model_name: support::SERVED_NAME,
+        threads: 2,
+        heartbeat_ms: 250,
+        extra: &[],
+    };
+    let mut command = spec.command(&nats.url, &model_dir(MODEL));
+    command.env("TANDEM_TEST_DELAY_PULL_MS", "60000");
+    let mut victim = Proc::spawn("slow", command);
+    victim.wait_for_line("joined the deployment", Duration::from_secs(60));
+    let http = &api.http;
+    http.wait_for_role("context", 1, Duration::from_secs(30));
+    http.wait_for_role("decode", 1, Duration::from_secs(30));
+
+    let request = chat(2, 12);
+    let in_flight = {
+        let (http, request) = (http.clone(), request.clone());
+        std::thread::spawn(move || stream(&http, &request, &AtomicUsize::new(0)))
+    };
+    let start = Instant::now();
+    while victim.count_lines("TANDEM_TEST_DELAY_PULL_MS: pulling in") < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the decode job never got room:\n{}",
+            victim.output()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The export is held: its blocks pinned in the context worker's cache.
+    wait_metrics(http, Duration::from_secs(5), "the export pinned", |body| {
+        metric(body, "tandem_kv_pinned_blocks", "\"ctx\"").is_some_and(|pinned| pinned > 0.0)
+    });
+    // Somewhere for the request to go, then the kill.
+    let _survivor = support::start_worker_as(&nats, &model_dir(MODEL), "decode", "dec-b", &[]);
+    http.wait_for_role("decode", 2, Duration::from_secs(30));
+    victim.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    let (text, usage) = in_flight.join().expect("stream thread");
+    assert_eq!(usage["completion_tokens"], 12);
+    let took = wait_metrics(
+        http,
+        Duration::from_secs(12),
+        "the context worker's export unpinned and every block free",
+        |body| {
+            let free = metric(body, "tandem_worker_free_kv_blocks", "\"ctx\"");
+            let total = metric(body, "tandem_worker_total_kv_blocks", "\"ctx\"");
+            metric(body, "tandem_kv_pinned_blocks", "\"ctx\"") == Some(0.0)
+                && free.is_some()
+                && free == total
+        },
+    );
+    eprintln!(
+        "the context worker's blocks were all free {:?} after the kill",
+        killed.elapsed().max(took)
+    );
+    // The undisturbed run, now on the survivor.
+    let (reference, _) = stream(http, &request, &AtomicUsize::new(0));
+    assert_eq!(text, reference, "the undisturbed text");
 }
 
 /// A streamed or not streamed chat's outcome: 200 and its text, or another status, its

@@ -123,11 +123,13 @@ pub struct CacheTransceiverConfig {
     pub max_tokens_in_buffer: Option<usize>,
     /// Pinned KV blocks not pulled within this time are freed.
     pub kv_transfer_timeout_ms: Option<u64>,
-    /// (tandem) MiB of host memory each context and decode worker maps once for transfers
-    /// (registered with UCX, pinned on a GPU); 0: none.
+    /// (tandem) MiB of host memory each decode worker, and each GPU context worker (for the
+    /// exports it copies out to UCX readers), maps once for transfers (registered with UCX,
+    /// pinned on a GPU); 0: none. A CPU context worker's exports are read out of its cache.
     pub transfer_pool_mb: Option<usize>,
-    /// (tandem) MiB of device memory each GPU context and decode worker sets aside for CUDA
-    /// IPC transfers with GPU workers of the same host (device to device, no UCX); 0: none.
+    /// (tandem) MiB of device memory each GPU decode worker sets aside for CUDA IPC pulls from
+    /// GPU context workers of the same host (device to device, no UCX; read straight out of
+    /// the context worker's KV cache); 0: no CUDA IPC, on either role.
     pub cuda_ipc_pool_mb: Option<usize>,
 }
 

@@ -741,7 +741,8 @@ pub struct EngineProgress {
 /// A context worker's transfer bookkeeping, for /metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvTransferStats {
-    /// Blocks held for decode workers (pinned, not yet released).
+    /// Blocks held for decode workers (pinned, not yet released; expired exports in their
+    /// grace period included). Exports read in place pin them in the KV cache itself.
     pub pinned_blocks: u32,
     /// Prompt tokens those blocks hold (capped by `max_tokens_in_buffer`).
     pub pinned_tokens: u32,

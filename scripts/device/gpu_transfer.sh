@@ -26,7 +26,7 @@ case "$stage" in
       TANDEM_NATS_SERVER=$(command -v nats-server) TANDEM_GPU_TEST_MODEL=$smollm2 \
       bus_disaggregated_test gpu_workers --nocapture --test-threads 1 >"$out/ipc-test.log" 2>&1
     echo "exit: $?"
-    grep -E "bytes pulled|^test |test result|panicked|CUDA IPC pool|cuda_ipc|ERROR" "$out/ipc-test.log" | cut -c1-300
+    grep -E "bytes pulled|^test |test result|panicked|CUDA IPC|cuda_ipc|ERROR" "$out/ipc-test.log" | cut -c1-300
     ;;
   *)
     echo "unknown stage $stage" >&2

@@ -149,6 +149,8 @@ pub struct StartedEngine {
     pub thread: JoinHandle<()>,
     pub layout: KvLayout,
     pub total_blocks: usize,
+    /// Where the engine's KV cache lies, for exports read straight out of it.
+    pub kv_memory: Option<crate::backend::KvCacheMemory>,
 }
 
 /// How many KV blocks to allocate.
@@ -246,12 +248,14 @@ fn spawn<B: KvBlockIo + 'static>(
     let engine = Engine::new(runner, config, decoder)?;
     let layout = engine.kv_layout();
     let total_blocks = engine.total_blocks();
+    let kv_memory = engine.kv_cache_memory();
     let (handle, thread) = EngineHandle::spawn(engine, "engine").map_err(DeviceError::Thread)?;
     Ok(StartedEngine {
         handle,
         thread,
         layout,
         total_blocks,
+        kv_memory,
     })
 }
 

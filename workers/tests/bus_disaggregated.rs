@@ -9,8 +9,9 @@
 //! freed (context heartbeats go back to zero pinned blocks).
 //!
 //! On a GPU machine, the same with two GPU workers of one host: the K/V moves device to
-//! device over CUDA IPC (and through host memory over UCX when the reader cannot read CUDA
-//! IPC), with the tokens of `worker generate` on the GPU. Without a CUDA driver that test
+//! device over CUDA IPC, read straight out of the context worker's cache whatever its size
+//! (and through host memory over UCX when the reader cannot read CUDA IPC), with the tokens of
+//! `worker generate` on the GPU. Without a CUDA driver that test
 //! says so and passes without running (CI has no GPU).
 
 use std::path::{Path, PathBuf};
@@ -318,6 +319,142 @@ async fn context_and_decode_workers_reproduce_worker_generate_over_ucx() {
         matches!(outcome, PullOutcome::Fallback { .. }),
         "the pull from a dead worker fails over"
     );
+}
+
+/// The next heartbeat of `worker` (within 10 s).
+async fn heartbeat_of(heartbeats: &mut async_nats::Subscriber, worker: &str) -> Heartbeat {
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no heartbeat of {worker}"
+        );
+        let beat = next_heartbeat(heartbeats).await;
+        if beat.worker_id == worker {
+            return beat;
+        }
+    }
+}
+
+/// Waits until a heartbeat of `worker` satisfies `done`, within `limit`; returns it.
+async fn wait_for_heartbeat(
+    heartbeats: &mut async_nats::Subscriber,
+    worker: &str,
+    limit: Duration,
+    done: impl Fn(&Heartbeat) -> bool,
+) -> Heartbeat {
+    let start = Instant::now();
+    loop {
+        let beat = heartbeat_of(heartbeats, worker).await;
+        if done(&beat) {
+            return beat;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{worker}: not within {limit:?}: {beat:?}"
+        );
+    }
+}
+
+/// The hand-over without copies (issue 15): a CPU context worker's export is the prompt's
+/// blocks in its own KV cache, registered with UCX once. They stay pinned (not free in the
+/// cache, counted in `kv_transfer.pinned_blocks`) from `kv_ready` until the decode worker's
+/// release, which frees them, every block of the cache free again; the decode worker reads
+/// them out of the cache (its handle names them where they lie) and continues with
+/// `worker generate`'s tokens. An export nobody releases stays pinned until it expires, and
+/// its blocks are free again within the expiry and its grace period.
+#[tokio::test]
+async fn an_exports_blocks_stay_pinned_in_the_context_cache_until_release_or_expiry() {
+    let nats = Nats::start();
+    let url = &nats.url;
+    let _context = start_worker(url, "context", "ctx", &["--kv-transfer-timeout-ms", "1000"]);
+    let _decode = start_worker(url, "decode", "dec", &[]);
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let subjects = Subjects::new(SERVED);
+    let mut heartbeats = client.subscribe(subjects.heartbeat_all()).await.unwrap();
+    let idle = heartbeat_of(&mut heartbeats, "ctx").await;
+    let total = idle.total_kv_blocks;
+    assert_eq!(idle.free_kv_blocks, total);
+
+    let expected = reference("Tell me a story about a dragon.", 12, None);
+    let job = job("pinned", prompt_ids(&expected), 12, None);
+    let blocks = prompt_ids(&expected).len().div_ceil(16) as u32;
+    let mut stream = client.subscribe(job.stream_subject.clone()).await.unwrap();
+    let handle = prefill(&client, &mut stream, &job).await;
+    assert_eq!(handle.backend.as_str(), "ucx");
+    assert!(
+        !handle.blocks.is_empty() && handle.blocks.len() as u32 <= blocks,
+        "runs of the prompt's blocks where they lie in the cache: {:?}",
+        handle.blocks
+    );
+    // Pinned: held for the decode worker, and not free in the cache.
+    let beat = wait_for_heartbeat(&mut heartbeats, "ctx", Duration::from_secs(5), |b| {
+        b.kv_transfer.is_some_and(|s| s.pinned_blocks == blocks)
+    })
+    .await;
+    assert_eq!(
+        beat.free_kv_blocks,
+        total - blocks,
+        "the export's blocks are in use"
+    );
+
+    let mut decoding = job.clone();
+    decoding.kv = Some(handle);
+    let messages = decode(&client, &mut stream, &decoding).await;
+    let ids: Vec<u32> = messages
+        .iter()
+        .flat_map(|m| match m {
+            StreamMessage::Tokens { tokens, .. } => tokens.iter().map(|t| t.id).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(ids, output_ids(&expected));
+    let pulled = messages.iter().find_map(|m| match m {
+        StreamMessage::KvPulled { outcome, .. } => Some(outcome.clone()),
+        _ => None,
+    });
+    assert!(
+        matches!(pulled, Some(PullOutcome::Pulled { .. })),
+        "{pulled:?}"
+    );
+    // Released after the pull: every block of the cache is free again.
+    wait_for_heartbeat(&mut heartbeats, "ctx", Duration::from_secs(5), |b| {
+        b.free_kv_blocks == total && b.kv_transfer.is_some_and(|s| s.pinned_blocks == 0)
+    })
+    .await;
+
+    // Nobody pulls this one: pinned until it expires (1 s) and its grace period (5 s) is
+    // over, then free.
+    let orphan = job_with_id(&job, "orphan");
+    let mut stream = client
+        .subscribe(orphan.stream_subject.clone())
+        .await
+        .unwrap();
+    prefill(&client, &mut stream, &orphan).await;
+    let pinned_at = Instant::now();
+    wait_for_heartbeat(&mut heartbeats, "ctx", Duration::from_secs(5), |b| {
+        b.free_kv_blocks == total - blocks
+    })
+    .await;
+    let freed = wait_for_heartbeat(&mut heartbeats, "ctx", Duration::from_secs(10), |b| {
+        b.free_kv_blocks == total
+    })
+    .await;
+    let stats = freed.kv_transfer.expect("a context worker's stats");
+    assert_eq!((stats.pinned_blocks, stats.expirations), (0, 1));
+    assert!(
+        pinned_at.elapsed() >= Duration::from_secs(1),
+        "not unpinned before its expiry"
+    );
+}
+
+/// `job` under another request id (and stream).
+fn job_with_id(job: &GenerateJob, request_id: &str) -> GenerateJob {
+    GenerateJob {
+        request_id: request_id.into(),
+        stream_subject: Subjects::new(SERVED).stream(request_id),
+        ..job.clone()
+    }
 }
 
 #[test]
@@ -634,8 +771,14 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
             "16384".into(),
         ]
     };
-    let context_args = gpu("cuda:0");
-    let decode_args = gpu(&decode_device);
+    // 1 MiB: what used to cap the context worker's CUDA IPC exports (a slice of its pool each,
+    // a UCX export past it); now its exports are its cache's blocks, and the decode worker's
+    // pulls past its pool allocate their own memory. The long prompt moves far more than
+    // that (about 23 MB on SmolLM2 shapes), device to device all the same.
+    let mut context_args = gpu("cuda:0");
+    context_args.extend(["--cuda-ipc-pool-mb".into(), "1".into()]);
+    let mut decode_args = gpu(&decode_device);
+    decode_args.extend(["--cuda-ipc-pool-mb".into(), "1".into()]);
     let mut no_ipc_args = gpu(&decode_device);
     no_ipc_args.extend(["--cuda-ipc-pool-mb".into(), "0".into()]);
     let _context = start_worker_on(&model, url, "context", "ctx", &strs(&context_args));
@@ -701,8 +844,13 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
             };
             assert_eq!(transport.as_str(), backend, "{label}");
             eprintln!(
-                "{label}: {bytes} bytes pulled in {micros} us ({} prompt tokens)",
-                prompt_ids(&expected).len()
+                "{label}: {bytes} bytes pulled in {micros} us ({} prompt tokens){}",
+                prompt_ids(&expected).len(),
+                if bytes > 1 << 20 {
+                    ", past the 1 MiB pools"
+                } else {
+                    ""
+                }
             );
         }
         // A CUDA IPC export handed to a decode worker without CUDA IPC: it cannot read it, so

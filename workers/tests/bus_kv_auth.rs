@@ -12,9 +12,11 @@
 //! the same job (B's output continues A's prompt): the check is what protects A.
 //!
 //! And A's own, genuine handle never reads memory that A's export no longer holds: a forged
-//! release or cancel that frees A's export early, with another request's export made in its
-//! memory, or a replay of A's handle to another decode worker after A's pull, each finds the
-//! export's seal changed after the read, and A is served from a local prefill with its own text.
+//! release or cancel that frees A's export early (unpins its blocks in the context worker's
+//! cache, which decode workers read in place), with another request's K/V computed in those
+//! blocks and exported under its seal slot, or a replay of A's handle to another decode worker
+//! after A's pull, each finds the export's seal changed after the read, and A is served from a
+//! local prefill with its own text.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -321,7 +323,7 @@ async fn a_forged_handle_never_reads_another_requests_kv() {
     assert_eq!(
         (handle_b.address.as_str(), handle_b.rkey.as_str()),
         (handle_a.address.as_str(), handle_a.rkey.as_str()),
-        "one context worker, one pool: A's address and remote key are B's"
+        "one context worker, one registered cache: A's address and remote key are B's"
     );
     assert_ne!(handle_b.blocks, handle_a.blocks);
 
@@ -508,9 +510,11 @@ async fn wait_for_lines(worker: &Proc, needle: &str, count: usize) {
 /// request's K/V by then, though the handle is request A's own, correctly signed:
 ///
 /// - While A's decode job waits to pull (on `slow`), a forged `kv.release` for A frees A's
-///   export and request C's export is made in its memory (C's handle names A's regions and
-///   seal address). A's pull then reads C's K/V, finds C's nonce in the seal, drops what it
-///   read: A's output is A's own text from a local prefill, never C's. C's own pull is intact.
+///   export (its blocks unpinned in the context worker's cache, its seal slot cleared) and
+///   request C is prefilled into A's very blocks and exported with A's seal slot (C's handle
+///   names A's regions and seal address). A's pull then reads C's K/V, finds C's nonce in the
+///   seal, drops what it read: A's output is A's own text from a local prefill, never C's.
+///   C's own pull is intact.
 /// - A forged `cancel` for A does the same before A's decode job arrives.
 /// - After A's pull, a replay of A's decode job to another decode worker (which has not seen
 ///   the handle, and verifies its MAC) finds the seal cleared.

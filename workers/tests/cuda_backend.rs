@@ -535,10 +535,10 @@ fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
 }
 
 /// A prompt's blocks through two CUDA IPC pools, never leaving device memory: copied out of
-/// the cache into an export (one kernel), pulled into the reader's pool, written into other
-/// blocks; the bytes arrive unchanged. Handles of another host or outside the allocation
-/// (the one they announce, or the one actually mapped) are refused, and a full pool says so
-/// (the worker then exports through host memory). The export's seal: checked after the copy,
+/// the cache into a pool-slice export (one kernel; workers export in place instead, next test),
+/// pulled into the reader's pool, written into other blocks; the bytes arrive unchanged.
+/// Handles of another host or outside the allocation (the one they announce, or the one
+/// actually mapped) are refused, and a full pool says so. The export's seal: checked after the copy,
 /// cleared when the export is freed, so a pull of a freed export, or of one whose slice holds
 /// the next export's K/V, fails instead of handing that K/V on.
 #[test]
@@ -576,11 +576,14 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         .read_kv_blocks(&kv, &blocks, KvBytesMut::Device(range))
         .unwrap();
     let exported = export.finish().unwrap();
-    assert!(exported.addr >= 4096, "the export is a slice at an offset");
+    assert!(
+        exported.addr() >= 4096,
+        "the export is a slice at an offset"
+    );
     let seal = exported.seal.expect("a CUDA IPC export is sealed");
     assert_eq!(
         seal.addr,
-        exported.addr + len as u64,
+        exported.addr() + len as u64,
         "the seal follows the K/V"
     );
     let RemoteMemory::CudaIpc(source) = exported.memory.clone() else {
@@ -599,7 +602,7 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     let remote = RemoteKv {
         memory: RemoteMemory::CudaIpc(source.clone()),
         regions: (0..blocks.len() as u64)
-            .map(|i| (exported.addr + i * block_bytes as u64, block_bytes as u64))
+            .map(|i| (exported.addr() + i * block_bytes as u64, block_bytes as u64))
             .collect(),
         seal: Some(seal),
     };
@@ -684,7 +687,8 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         .unwrap();
     let reused = reused.finish().unwrap();
     assert_eq!(
-        reused.addr, remote.regions[0].0,
+        reused.addr(),
+        remote.regions[0].0,
         "the freed slice is reused"
     );
     let err = pull(remote.clone()).unwrap_err();
@@ -712,6 +716,123 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         "what the seal keeps out: the old handle's regions hold the new export's K/V"
     );
     drop((unchecked, reused, first));
+}
+
+/// The hand-over without copies on the GPU (issue 15): the CUDA backend's cache is one
+/// `cuMemAlloc` allocation that CUDA IPC can share, so a transport without any pool exposes it
+/// once and an export is the prompt's blocks where they lie, one region per block, its seal in
+/// the cache's export slab. A reader gathers the blocks into its own memory, device to device,
+/// and they arrive unchanged; dropping the export clears its seal before the blocks are
+/// unpinned, and a later export in the same slot carries another nonce.
+#[test]
+fn kv_blocks_are_read_in_place_out_of_a_cache_shared_over_cuda_ipc() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tandem_workers::backend::KvMemory;
+    use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
+    use tandem_workers::transfer::{KvTransport, RemoteKv, RemoteMemory, TransferError};
+
+    struct Unpinned(Arc<AtomicUsize>);
+    impl Drop for Unpinned {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    if no_gpu() {
+        return;
+    }
+    let model = tiny_bf16_kv_on_the_gpu();
+    let backend = model.backend();
+    let Filled {
+        mut kv,
+        block_bytes,
+        blocks,
+        others,
+        bytes,
+    } = filled_cache(&model);
+    let memory = backend
+        .kv_cache_memory(&kv)
+        .expect("a CUDA cache describes itself");
+    let KvMemory::Device(range) = memory.memory else {
+        panic!("a CUDA cache is device memory");
+    };
+    assert_eq!(memory.num_blocks, 24);
+    assert_eq!(
+        memory.slab_offset,
+        25 * block_bytes,
+        "after the scratch block"
+    );
+    assert!(range.len >= memory.slab_offset + memory.slab_bytes());
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let exporter = CudaIpcTransport::start(0, 0, "this-host".into()).unwrap();
+    // SAFETY: `kv` outlives the exposed cache (dropped before it below).
+    let exposed = runtime
+        .block_on(unsafe { exporter.expose_cache(memory, Box::new(())) })
+        .unwrap()
+        .expect("CUDA IPC shares a device cache");
+    let unpinned = Arc::new(AtomicUsize::new(0));
+    let exported = exposed
+        .export(&blocks, Box::new(Unpinned(Arc::clone(&unpinned))))
+        .unwrap();
+    let RemoteMemory::CudaIpc(source) = exported.memory.clone() else {
+        panic!("the export names the cache's IPC handle");
+    };
+    assert_eq!(source.alloc_bytes as usize, range.len, "the whole cache");
+    assert_eq!(
+        exported.regions[0],
+        (blocks[0] as u64 * block_bytes as u64, block_bytes as u64),
+        "block offsets in the cache"
+    );
+    let seal = exported.seal.expect("sealed");
+    assert_eq!(seal.addr as usize, memory.slot_offset(0));
+
+    let puller = CudaIpcTransport::start(0, bytes.len(), "this-host".into()).unwrap();
+    let remote = RemoteKv {
+        memory: exported.memory.clone(),
+        regions: exported.regions.clone(),
+        seal: Some(seal),
+    };
+    let pull = |remote: RemoteKv| {
+        runtime.block_on(puller.pull(remote, std::time::Duration::from_secs(10)))
+    };
+    let pulled = pull(remote.clone()).unwrap();
+    let KvBytes::Device(range) = pulled.bytes() else {
+        panic!("a CUDA IPC pull is device memory");
+    };
+    backend
+        .write_kv_blocks(&mut kv, &others, KvBytes::Device(range))
+        .unwrap();
+    let mut back = vec![0u8; bytes.len()];
+    backend
+        .read_kv_blocks(&kv, &others, KvBytesMut::Host(&mut back))
+        .unwrap();
+    assert!(back == bytes, "the K/V changed on its way out of the cache");
+    drop(pulled);
+    assert_eq!(unpinned.load(Ordering::SeqCst), 0, "pinned while exported");
+
+    drop(exported);
+    assert_eq!(
+        unpinned.load(Ordering::SeqCst),
+        1,
+        "unpinned once the seal is clear"
+    );
+    let err = pull(remote.clone()).unwrap_err();
+    assert!(
+        matches!(err, TransferError::ExportGone(_)) && err.to_string().contains("cleared"),
+        "{err}"
+    );
+    let again = exposed.export(&blocks, Box::new(())).unwrap();
+    assert_eq!(again.seal.unwrap().addr, seal.addr, "the slot is reused");
+    let err = pull(remote).unwrap_err();
+    assert!(err.to_string().contains("another"), "{err}");
+    drop((again, exposed));
+    drop(kv);
 }
 
 /// Greedy tokens of `prompts` through one CUDA engine that runs up to `max_seqs` of them at

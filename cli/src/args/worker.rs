@@ -75,8 +75,9 @@ pub struct WorkerArgs {
     /// Interval between heartbeats; keep it well under the api-server's --worker-timeout-ms.
     #[arg(long, default_value_t = DEFAULT_HEARTBEAT_MS, value_name = "MS")]
     pub heartbeat_ms: u64,
-    /// Context role: prompt tokens whose K/V may wait for decode workers at once; prefill
-    /// jobs beyond it wait for releases (TensorRT-LLM's cache_transceiver max_tokens_in_buffer).
+    /// Context role: prompt tokens whose K/V may wait for decode workers at once, pinned in
+    /// the KV cache (decode workers read it from there) or copied out for them; prefill jobs
+    /// beyond it wait for releases (TensorRT-LLM's cache_transceiver max_tokens_in_buffer).
     #[arg(long, default_value_t = DEFAULT_MAX_TOKENS_IN_BUFFER, value_name = "N")]
     pub max_tokens_in_buffer: usize,
     /// Context role: K/V not released by a decode worker within this time is freed.
@@ -90,17 +91,21 @@ pub struct WorkerArgs {
     #[arg(long, env = "TANDEM_MAX_QUEUED_REQUESTS", value_name = "N")]
     pub max_queued_requests: Option<usize>,
     /// Context and decode roles: MiB of host memory mapped once for KV transfers (registered
-    /// with UCX and, on a GPU, pinned for the copy engine): exports on a context worker, pull
-    /// destinations on a decode worker. A transfer that finds no room uses memory of its own.
-    /// Default: what --max-tokens-in-buffer tokens take (on a context worker, 256 KiB more for
-    /// the exports' seals), at most 1024 MiB. 0: no pool.
+    /// with UCX and, on a GPU, pinned for the copy engine): pull destinations on a decode
+    /// worker, and on a GPU context worker the exports it copies out for UCX readers (another
+    /// host, a CPU decode worker; a CPU context worker's exports are read straight out of its
+    /// KV cache). A transfer that finds no room uses memory of its own. Default: what
+    /// --max-tokens-in-buffer tokens take (on a GPU context worker, 256 KiB more for the
+    /// exports' seals), at most 1024 MiB; none on a CPU context worker. 0: no pool.
     #[arg(long, value_name = "MIB")]
     pub kv_transfer_pool_mb: Option<usize>,
-    /// GPU context and decode workers: MiB of device memory set aside (before the KV cache is
-    /// sized) for CUDA IPC transfers with GPU workers of the same host, which copy K/V device
-    /// to device instead of through host memory and UCX. Default: what --max-tokens-in-buffer
-    /// tokens take (on a context worker, 256 KiB more for the exports' seals), at most 1024
-    /// MiB. 0: no CUDA IPC (every transfer goes through UCX).
+    /// GPU context and decode workers: CUDA IPC transfers with GPU workers of the same host,
+    /// which move K/V device to device instead of through host memory and UCX. A context
+    /// worker shares its KV cache (decode workers read a prompt's blocks straight out of it);
+    /// a decode worker sets aside this many MiB of device memory (before the KV cache is
+    /// sized) for its pulls, and allocates more when it is full. Default: what
+    /// --max-tokens-in-buffer tokens take, at most 1024 MiB. 0: no CUDA IPC (every transfer
+    /// goes through UCX).
     #[arg(long, value_name = "MIB")]
     pub cuda_ipc_pool_mb: Option<usize>,
     /// A file holding the deployment's KV secret (else TANDEM_KV_SECRET, if set): at least 32

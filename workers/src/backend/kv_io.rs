@@ -12,6 +12,8 @@
 //! - [`KvBytes`], [`KvBytesMut`]: borrowed views of bytes to read from or write into.
 //! - [`KvBuffer`]: owned memory that hands out those views (a `Vec`, a transfer's export or
 //!   pull), moved to the engine's thread and back.
+//! - [`KvCacheMemory`]: where the cache itself lies, for transfers that read a prompt's blocks
+//!   straight out of it ([`KvBlockIo::kv_cache_memory`]).
 
 /// A range of host memory that stays mapped as long as the process runs (the KV transport's
 /// transfer pool): what [`KvBlockIo::pin_host_memory`] pins.
@@ -32,6 +34,67 @@ pub struct DeviceRange {
     /// The device address (`CUdeviceptr`).
     pub ptr: u64,
     pub len: usize,
+}
+
+/// Bytes of one slot of a cache's export slab ([`KvCacheMemory::slab_offset`]): what a
+/// transfer writes there per export (its seal, `crate::transfer::seal`).
+pub const EXPORT_SLOT_BYTES: usize = 16;
+
+/// Host or device memory, as an address range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvMemory {
+    Host(HostRange),
+    Device(DeviceRange),
+}
+
+impl KvMemory {
+    pub fn len(&self) -> usize {
+        match self {
+            KvMemory::Host(range) => range.len,
+            KvMemory::Device(range) => range.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where a backend's KV cache lies: one allocation, block `b` at `b * block_bytes` from its
+/// start, and after the blocks (and anything else the backend keeps there) the *export slab*:
+/// `num_blocks` slots of [`EXPORT_SLOT_BYTES`], zeroed when the cache is allocated and never
+/// read or written by the model. A transfer that hands a prompt's blocks over in place (the
+/// decode worker reads them straight out of this memory) registers the allocation once and
+/// keeps each export's seal in a slot of the slab, so one registration covers both; an export
+/// pins at least one block, so the slab never runs out of slots.
+///
+/// The allocation lives, and does not move, as long as the cache does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheMemory {
+    /// The whole allocation.
+    pub memory: KvMemory,
+    pub block_bytes: usize,
+    /// Blocks handed to sequences (extra blocks the backend keeps for itself not counted).
+    pub num_blocks: usize,
+    /// Offset of the export slab from the allocation's start.
+    pub slab_offset: usize,
+}
+
+impl KvCacheMemory {
+    /// Offset of `block` from the allocation's start.
+    pub fn block_offset(&self, block: u32) -> usize {
+        block as usize * self.block_bytes
+    }
+
+    /// Offset of slot `slot` of the export slab.
+    pub fn slot_offset(&self, slot: usize) -> usize {
+        self.slab_offset + slot * EXPORT_SLOT_BYTES
+    }
+
+    /// Bytes of the export slab.
+    pub fn slab_bytes(&self) -> usize {
+        self.num_blocks * EXPORT_SLOT_BYTES
+    }
 }
 
 /// K/V bytes to read, by [`KvBlockIo::write_kv_blocks`]: host or device memory.
@@ -87,6 +150,13 @@ pub trait KvBlockIo: super::Backend {
     unsafe fn pin_host_memory(&self, range: HostRange) -> Result<bool, super::BackendError> {
         let _ = range;
         Ok(false)
+    }
+
+    /// Where the cache lies, for transfers that read blocks straight out of it; None where
+    /// its memory cannot be handed out (the default).
+    fn kv_cache_memory(&self, kv: &Self::KvCache) -> Option<KvCacheMemory> {
+        let _ = kv;
+        None
     }
 
     /// Copies `blocks`, in order, out of the cache into `dst`: a prompt's K/V handed to a

@@ -20,7 +20,10 @@ pub mod cuda;
 mod kv_io;
 mod plan;
 
-pub use kv_io::{DeviceRange, HostRange, KvBlockIo, KvBuffer, KvBytes, KvBytesMut};
+pub use kv_io::{
+    DeviceRange, EXPORT_SLOT_BYTES, HostRange, KvBlockIo, KvBuffer, KvBytes, KvBytesMut,
+    KvCacheMemory, KvMemory,
+};
 pub use plan::{BatchPlan, PlanSequence};
 
 use crate::kv_cache::KvLayout;

@@ -606,7 +606,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     let exported = check.finish()?;
     let remote = RemoteKv {
         memory: exported.memory.clone(),
-        regions: vec![(exported.addr, exported.len)],
+        regions: vec![(exported.addr(), exported.len())],
         seal: exported.seal,
     };
     let pool_puller = UcxTransport::start_with_pool(total as usize)?;
@@ -658,7 +658,7 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
     let remote = RemoteKv {
         memory: exported.memory.clone(),
         regions: (0..blocks.len() as u64)
-            .map(|i| (exported.addr + i * block_bytes as u64, block_bytes as u64))
+            .map(|i| (exported.addr() + i * block_bytes as u64, block_bytes as u64))
             .collect(),
         seal: exported.seal,
     };
@@ -681,6 +681,50 @@ fn kv_copies(gpu: &CudaBackend, kv: &mut CudaKvCache, blocks: &[u32], iters: usi
          write)",
         total / 1e6
     );
+    drop((pulled, exported));
+
+    // The hand-over without copies (what context workers do): the cache itself shared over
+    // CUDA IPC once, an export is its blocks in place (a seal written, nothing copied), the
+    // pull gathers them, one copy per block, into the reader's pool.
+    let memory = gpu
+        .kv_cache_memory(kv)
+        .context("the CUDA cache describes its memory")?;
+    let sharer = CudaIpcTransport::start(ordinal, 0, host_id())?;
+    // SAFETY: `kv` outlives the exposure, dropped at the end of this function.
+    let exposed = runtime
+        .block_on(unsafe { sharer.expose_cache(memory, Box::new(())) })?
+        .context("CUDA IPC shares a device cache")?;
+    let mut export_times = Vec::new();
+    for _ in 0..reps {
+        let started = Instant::now();
+        drop(exposed.export(blocks, Box::new(()))?);
+        export_times.push(started.elapsed().as_secs_f64());
+    }
+    let exported = exposed.export(blocks, Box::new(()))?;
+    let remote = RemoteKv {
+        memory: exported.memory.clone(),
+        regions: exported.regions.clone(),
+        seal: exported.seal,
+    };
+    let pull = || runtime.block_on(puller.pull(remote.clone(), Duration::from_secs(30)));
+    let in_place_pull = rate(&mut || pull().map(drop).map_err(Into::into))?;
+    let pulled = pull()?;
+    let KvBytes::Device(range) = pulled.bytes() else {
+        bail!("a CUDA IPC pull is device memory");
+    };
+    gpu.write_kv_blocks(kv, blocks, KvBytes::Device(range))?;
+    gpu.read_kv_blocks(kv, blocks, KvBytesMut::Host(&mut host))?;
+    anyhow::ensure!(
+        host == snapshot,
+        "the K/V read in place out of the cache differs"
+    );
+    println!(
+        "KV over CUDA IPC in place ({:.1} MB): export (seal only, no copy) {:.1} us, pull \
+         straight out of the cache into the reader's pool {in_place_pull:.1} GB/s",
+        total / 1e6,
+        median(export_times) * 1e6
+    );
+    drop((pulled, exported, exposed));
     Ok(())
 }
 

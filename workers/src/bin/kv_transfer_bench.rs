@@ -85,8 +85,8 @@ fn export(bytes: usize) -> anyhow::Result<()> {
         "{} {} {} {} {} {}",
         to_hex(address),
         to_hex(rkey),
-        exported.addr,
-        exported.len,
+        exported.addr(),
+        exported.len(),
         seal.addr,
         to_hex(&seal.nonce)
     );

@@ -834,6 +834,13 @@ impl<M: StepModel> Engine<M> {
         Ok(read?)
     }
 
+    /// Where the KV cache lies ([`StepModel::kv_cache_memory`]): a context worker hands a
+    /// prompt's blocks to decode workers straight out of it, pinned until released
+    /// ([`Self::release_kv`]).
+    pub fn kv_cache_memory(&self) -> Option<crate::backend::KvCacheMemory> {
+        self.model.kv_cache_memory()
+    }
+
     /// Pins `range` for the device ([`StepModel::pin_host_memory`]): K/V copied into or out
     /// of it then skips the backend's staging buffer. False where there is nothing to pin.
     ///

@@ -5,7 +5,9 @@
 
 use std::time::Instant;
 
-use crate::backend::{Backend, DeviceSampler, HostRange, KvBlockIo, KvBytes, KvBytesMut};
+use crate::backend::{
+    Backend, DeviceSampler, HostRange, KvBlockIo, KvBytes, KvBytesMut, KvCacheMemory,
+};
 use crate::kv_cache::KvLayout;
 use crate::kv_cache::block_pool::BlockId;
 use crate::model::{ForwardBatch, Model, ModelError, TokenLogprob};
@@ -44,6 +46,11 @@ pub trait StepModel: Send {
     unsafe fn pin_host_memory(&mut self, range: HostRange) -> Result<bool, ModelError> {
         let _ = range;
         Ok(false)
+    }
+    /// [`KvBlockIo::kv_cache_memory`]: where the cache lies, for transfers that read blocks
+    /// straight out of it; None where it cannot be handed out.
+    fn kv_cache_memory(&self) -> Option<KvCacheMemory> {
+        None
     }
     /// Copies `blocks` out of the cache, back to back, into `dst` (`blocks.len()` times the
     /// layout's block bytes, host or device memory).
@@ -227,6 +234,10 @@ impl<B: KvBlockIo> StepModel for ModelRunner<B> {
     unsafe fn pin_host_memory(&mut self, range: HostRange) -> Result<bool, ModelError> {
         // SAFETY: the caller's promise, passed on.
         Ok(unsafe { self.model.backend().pin_host_memory(range) }?)
+    }
+
+    fn kv_cache_memory(&self) -> Option<KvCacheMemory> {
+        self.model.backend().kv_cache_memory(&self.kv)
     }
 
     fn read_kv_blocks(&self, blocks: &[BlockId], dst: KvBytesMut<'_>) -> Result<(), ModelError> {

@@ -83,7 +83,10 @@ impl BlockPool {
         Some(id)
     }
 
-    /// `n` blocks, or none at all when fewer than `n` are free.
+    /// `n` blocks, or none at all when fewer than `n` are free; in the order `n` calls of
+    /// [`Self::allocate`] would give them. With [`Self::free_all`] freeing a table last block
+    /// first, a fresh pool hands out ascending runs and a freed table is handed out again in
+    /// its own order: adjacent blocks, which a KV hand-over reads in place as one region.
     pub fn allocate_n(&mut self, n: usize) -> Result<Vec<BlockId>, BlockPoolError> {
         if n > self.free.len() {
             return Err(BlockPoolError::OutOfBlocks {
@@ -92,7 +95,8 @@ impl BlockPool {
                 total: self.num_blocks(),
             });
         }
-        let ids = self.free.split_off(self.free.len() - n);
+        let mut ids = self.free.split_off(self.free.len() - n);
+        ids.reverse();
         for &id in &ids {
             self.refs[id as usize] = 1;
         }
@@ -160,10 +164,11 @@ impl BlockPool {
         }
     }
 
-    /// Returns all of `ids` to the pool. Stops at the first bad id (after freeing the ones
-    /// before it) and reports it.
+    /// Returns all of `ids` to the pool, the last first (so that they are allocated again in
+    /// their order). Stops at the first bad id (after freeing the ones after it) and reports
+    /// it.
     pub fn free_all(&mut self, ids: &[BlockId]) -> Result<(), BlockPoolError> {
-        ids.iter().try_for_each(|&id| self.free(id))
+        ids.iter().rev().try_for_each(|&id| self.free(id))
     }
 }
 
@@ -208,6 +213,16 @@ mod tests {
         let all: HashSet<_> = first.iter().chain(&second).copied().collect();
         assert_eq!(all.len(), 5);
         assert_eq!(pool.allocate_n(0), Ok(vec![]));
+    }
+
+    #[test]
+    fn runs_of_blocks_come_out_ascending_and_a_freed_run_comes_back_in_its_order() {
+        let mut pool = BlockPool::new(8);
+        let a = pool.allocate_n(3).unwrap();
+        assert_eq!(a, [0, 1, 2]);
+        assert_eq!(pool.allocate(), Some(3), "allocate_n's order is allocate's");
+        pool.free_all(&a).unwrap();
+        assert_eq!(pool.allocate_n(3).unwrap(), a, "A's blocks, in A's order");
     }
 
     #[test]

@@ -77,6 +77,12 @@ pub struct BusSettings {
     /// Device-to-device transfers with GPU workers of this host (a GPU context or decode
     /// worker with a CUDA IPC pool).
     pub cuda_ipc: Option<Arc<dyn KvTransport>>,
+    /// Context role: the KV cache registered with `transport` (a CPU worker's host cache), for
+    /// exports read straight out of it.
+    pub host_cache: Option<Arc<crate::transfer::cache::ExposedCache>>,
+    /// Context role: the KV cache shared over `cuda_ipc` (a GPU worker's), for exports to GPU
+    /// readers of this host read straight out of it.
+    pub device_cache: Option<Arc<crate::transfer::cache::ExposedCache>>,
     /// This machine ([`crate::transfer::host_id`]): CUDA IPC only between workers of one host.
     pub host_id: String,
     /// Context role: prompt tokens held for decode workers at most.

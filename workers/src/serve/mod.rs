@@ -41,32 +41,58 @@ const DEFAULT_CPU_KV_TOKENS: usize = 16384;
 /// Default ceiling of the transfer pool.
 const DEFAULT_TRANSFER_POOL_MAX_BYTES: usize = 1 << 30;
 
-/// What a context worker's default transfer pool adds for the exports' seals
+/// What a GPU context worker's default transfer pool adds for the exports' seals
 /// ([`crate::transfer::seal`]): a seal after K/V that fills whole pages takes a page of its
 /// own (slices start on pages), so this lets 64 such exports share the pool at once.
 const SEAL_HEADROOM_BYTES: usize = 64 * crate::transfer::pool::SLICE_ALIGN;
 
-/// Bytes of the transfer pool: the flag's, or what `max_tokens_in_buffer` tokens take (whole
-/// blocks; on a context worker, and room for the exports' seals) up to
-/// [`DEFAULT_TRANSFER_POOL_MAX_BYTES`]. A `both` worker transfers nothing.
+/// Bytes of the host transfer pool: the flag's, or what `max_tokens_in_buffer` tokens take
+/// (whole blocks; on a context worker, and room for the exports' seals) up to
+/// [`DEFAULT_TRANSFER_POOL_MAX_BYTES`]. A `both` worker transfers nothing; a CPU context
+/// worker's exports are read straight out of its cache, so it needs no pool either.
 fn transfer_pool_bytes(
     role: WorkerRole,
+    device: Device,
     flag_mib: Option<usize>,
     max_tokens_in_buffer: usize,
     layout: &crate::kv_cache::KvLayout,
 ) -> usize {
-    if role == WorkerRole::Both {
-        return 0;
+    let copies_exports = matches!(device, Device::Cuda(_));
+    match (role, flag_mib) {
+        (WorkerRole::Both, _) => 0,
+        (_, Some(mib)) => mib << 20,
+        (WorkerRole::Context, None) if !copies_exports => 0,
+        (_, None) => {
+            let seals = if role == WorkerRole::Context {
+                SEAL_HEADROOM_BYTES
+            } else {
+                0
+            };
+            (max_tokens_in_buffer.div_ceil(layout.block_size) * layout.block_bytes() + seals)
+                .min(DEFAULT_TRANSFER_POOL_MAX_BYTES)
+        }
     }
-    let seals = if role == WorkerRole::Context {
-        SEAL_HEADROOM_BYTES
-    } else {
-        0
-    };
-    match flag_mib {
-        Some(mib) => mib << 20,
-        None => (max_tokens_in_buffer.div_ceil(layout.block_size) * layout.block_bytes() + seals)
-            .min(DEFAULT_TRANSFER_POOL_MAX_BYTES),
+}
+
+/// Bytes of a GPU worker's CUDA IPC pool, or None for no CUDA IPC (a `both` worker, or the
+/// flag's 0). A decode worker's pulls land in it: the flag's size, or what
+/// `max_tokens_in_buffer` tokens take up to [`DEFAULT_TRANSFER_POOL_MAX_BYTES`] (a pull that
+/// finds it full allocates memory of its own). A context worker's exports are read straight
+/// out of its cache: it needs no pool.
+fn cuda_ipc_pool_bytes(
+    role: WorkerRole,
+    flag_mib: Option<usize>,
+    max_tokens_in_buffer: usize,
+    layout: &crate::kv_cache::KvLayout,
+) -> Option<usize> {
+    match (role, flag_mib) {
+        (WorkerRole::Both, _) | (_, Some(0)) => None,
+        (WorkerRole::Context, _) => Some(0),
+        (_, Some(mib)) => Some(mib << 20),
+        (_, None) => Some(
+            (max_tokens_in_buffer.div_ceil(layout.block_size) * layout.block_bytes())
+                .min(DEFAULT_TRANSFER_POOL_MAX_BYTES),
+        ),
     }
 }
 
@@ -132,16 +158,13 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
     let host_id = crate::transfer::host_id();
     // Before the KV cache takes its share of the free device memory.
     let cuda_ipc = match device {
-        Device::Cuda(ordinal) => start_cuda_ipc(
-            ordinal,
-            transfer_pool_bytes(
-                role,
-                args.cuda_ipc_pool_mb,
-                args.max_tokens_in_buffer,
-                &model.kv_layout(args.block_size),
-            ),
-            &host_id,
-        ),
+        Device::Cuda(ordinal) => cuda_ipc_pool_bytes(
+            role,
+            args.cuda_ipc_pool_mb,
+            args.max_tokens_in_buffer,
+            &model.kv_layout(args.block_size),
+        )
+        .and_then(|pool_bytes| start_cuda_ipc(ordinal, pool_bytes, &host_id)),
         Device::Cpu => None,
     };
     let max_model_len = model.config().max_position_embeddings;
@@ -164,6 +187,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         thread,
         layout,
         total_blocks,
+        kv_memory,
     } = model.spawn_engine(&model_dir, config, Some(text.decoder()))?;
     tracing::info!(
         model = %model_dir.display(),
@@ -180,6 +204,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
 
     let pool_bytes = transfer_pool_bytes(
         role,
+        device,
         args.kv_transfer_pool_mb,
         args.max_tokens_in_buffer,
         &layout,
@@ -204,6 +229,15 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
             ),
         }
     }
+    let (host_cache, device_cache) = match (role, kv_memory) {
+        (WorkerRole::Context, Some(kv_memory)) => runtime.block_on(expose_cache(
+            kv_memory,
+            &transport,
+            cuda_ipc.as_ref(),
+            &handle,
+        )),
+        _ => (None, None),
+    };
     let settings = bus::BusSettings {
         nats_url: args.nats.clone(),
         nats_auth: args.nats_auth.clone(),
@@ -223,6 +257,8 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         layout,
         transport,
         cuda_ipc,
+        host_cache,
+        device_cache,
         host_id,
         max_tokens_in_buffer: args.max_tokens_in_buffer,
         kv_transfer_timeout: std::time::Duration::from_millis(args.kv_transfer_timeout_ms),
@@ -240,16 +276,51 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// The CUDA IPC transport of a GPU worker with a pool of `pool_bytes` (none for 0). A worker
-/// whose pool cannot be set up still serves, through UCX only, and says why.
+/// A context worker's KV cache registered for exports read straight out of it: a host
+/// cache with the host transport (UCX), a device cache with CUDA IPC. A worker whose cache
+/// cannot be registered still serves, copying its exports out (host memory, UCX), and says
+/// why. The registrations hold an engine handle: the cache outlives them.
+async fn expose_cache(
+    kv_memory: crate::backend::KvCacheMemory,
+    host: &Arc<dyn crate::transfer::KvTransport>,
+    cuda_ipc: Option<&Arc<dyn crate::transfer::KvTransport>>,
+    engine: &crate::engine::EngineHandle,
+) -> (
+    Option<Arc<crate::transfer::cache::ExposedCache>>,
+    Option<Arc<crate::transfer::cache::ExposedCache>>,
+) {
+    let (transport, on_device) = match (kv_memory.memory, cuda_ipc) {
+        (crate::backend::KvMemory::Host(_), _) => (host, false),
+        (crate::backend::KvMemory::Device(_), Some(cuda_ipc)) => (cuda_ipc, true),
+        // A GPU cache without CUDA IPC: every export is copied out for UCX.
+        (crate::backend::KvMemory::Device(_), None) => return (None, None),
+    };
+    // SAFETY: the cache is the engine's, allocated once and never moved while the engine
+    // lives, which the engine handle handed over keeps it doing; the engine writes no block
+    // while it is pinned for an export, and never the export slab.
+    let exposed = unsafe { transport.expose_cache(kv_memory, Box::new(engine.clone())) }.await;
+    match exposed {
+        Ok(Some(cache)) if on_device => (None, Some(cache)),
+        Ok(Some(cache)) => (Some(cache), None),
+        Ok(None) => (None, None),
+        Err(e) => {
+            tracing::warn!(
+                "registering the KV cache for transfers failed ({e}); exports are copied out \
+                 of it into host memory (UCX) instead"
+            );
+            (None, None)
+        }
+    }
+}
+
+/// The CUDA IPC transport of a GPU worker with a pool of `pool_bytes` (0: none, for a context
+/// worker, whose exports are its cache's blocks). A worker whose transport cannot be set up
+/// still serves, through UCX only, and says why.
 fn start_cuda_ipc(
     ordinal: usize,
     pool_bytes: usize,
     host_id: &str,
 ) -> Option<Arc<dyn crate::transfer::KvTransport>> {
-    if pool_bytes == 0 {
-        return None;
-    }
     match crate::transfer::cuda_ipc::CudaIpcTransport::start(ordinal, pool_bytes, host_id.into()) {
         Ok(transport) => Some(Arc::new(transport)),
         Err(e) => {
@@ -289,31 +360,63 @@ mod tests {
             block_size: 16,
             dtype: KvDType::Bf16,
         };
+        let gpu = Device::Cuda(0);
         assert_eq!(
-            transfer_pool_bytes(WorkerRole::Context, None, 1000, &smollm2),
+            transfer_pool_bytes(WorkerRole::Context, gpu, None, 1000, &smollm2),
             63 * 368_640 + 64 * 4096,
             "1000 tokens are 63 whole blocks, and each export's seal may take a page"
         );
         assert_eq!(
-            transfer_pool_bytes(WorkerRole::Context, None, 65536, &smollm2),
+            transfer_pool_bytes(WorkerRole::Context, gpu, None, 65536, &smollm2),
             DEFAULT_TRANSFER_POOL_MAX_BYTES
         );
         assert_eq!(
-            transfer_pool_bytes(WorkerRole::Context, Some(64), 65536, &smollm2),
+            transfer_pool_bytes(WorkerRole::Context, gpu, Some(64), 65536, &smollm2),
             64 << 20
         );
         assert_eq!(
-            transfer_pool_bytes(WorkerRole::Context, Some(0), 65536, &smollm2),
+            transfer_pool_bytes(WorkerRole::Context, gpu, Some(0), 65536, &smollm2),
             0
         );
         assert_eq!(
-            transfer_pool_bytes(WorkerRole::Decode, None, 1000, &smollm2),
-            63 * 368_640,
-            "pulls have no seals"
+            transfer_pool_bytes(WorkerRole::Context, Device::Cpu, None, 1000, &smollm2),
+            0,
+            "a CPU context worker's exports are its cache's blocks"
         );
+        for device in [gpu, Device::Cpu] {
+            assert_eq!(
+                transfer_pool_bytes(WorkerRole::Decode, device, None, 1000, &smollm2),
+                63 * 368_640,
+                "pulls have no seals"
+            );
+            assert_eq!(
+                transfer_pool_bytes(WorkerRole::Both, device, Some(64), 65536, &smollm2),
+                0
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_decode_worker_has_a_cuda_ipc_pool_and_0_turns_cuda_ipc_off() {
+        let layout = KvLayout {
+            num_layers: 30,
+            num_kv_heads: 3,
+            head_dim: 64,
+            block_size: 16,
+            dtype: KvDType::Bf16,
+        };
+        let pool = |role, flag| cuda_ipc_pool_bytes(role, flag, 1000, &layout);
+        assert_eq!(pool(WorkerRole::Decode, None), Some(63 * 368_640));
+        assert_eq!(pool(WorkerRole::Decode, Some(64)), Some(64 << 20));
         assert_eq!(
-            transfer_pool_bytes(WorkerRole::Both, Some(64), 65536, &smollm2),
-            0
+            pool(WorkerRole::Context, None),
+            Some(0),
+            "CUDA IPC on, exports read out of the cache: no pool"
         );
+        assert_eq!(pool(WorkerRole::Context, Some(64)), Some(0));
+        for role in [WorkerRole::Context, WorkerRole::Decode] {
+            assert_eq!(pool(role, Some(0)), None, "0: no CUDA IPC");
+        }
+        assert_eq!(pool(WorkerRole::Both, None), None);
     }
 }

@@ -3,30 +3,38 @@
 //! The UCX path moves a prompt's K/V device → pinned host memory → (UCX, shared memory) → host
 //! memory → device: two trips over PCIe and one through the host's memory, tens of
 //! milliseconds for a long prompt of an 8B model. When the context and the decode worker run
-//! on GPUs of the same host, the K/V need not leave device memory at all:
+//! on GPUs of the same host, the K/V need not leave device memory, nor be copied out of the
+//! context worker's cache at all:
 //!
-//! - Each GPU context or decode worker allocates one *device pool* at start (plain
-//!   `cuMemAlloc`: memory from the stream-ordered allocator cannot be shared) and takes its
-//!   IPC handle once (`cuIpcGetMemHandle`).
-//! - A context worker's export is a slice of that pool: the engine copies the prompt's blocks
-//!   into it device to device and frees them, exactly as it does into a host export. The KV
-//!   handle carries the pool's IPC handle, the host's id and each block's offset, and the
-//!   offset of the export's seal ([`super::seal`]): [`SEAL_BYTES`] of the slice after the K/V,
-//!   written (and, when the export is freed, cleared) by a copy on this transport's stream
-//!   that is synchronized before anything else happens to the slice.
-//! - A decode worker on the same host maps the exporter's pool (`cuIpcOpenMemHandle`, once
-//!   per exporter, closed when unused for [`IDLE_MAPPING_CLOSE`]) and copies the blocks into a
-//!   slice of its own pool (across GPUs, the copy goes over NVLink or PCIe peer to peer),
+//! - A GPU context worker takes one IPC handle of its KV cache allocation at start
+//!   (`cuIpcGetMemHandle`; the backend allocates the cache with plain `cuMemAlloc`, since
+//!   memory of the stream-ordered allocator cannot be shared): [`KvTransport::expose_cache`].
+//! - An export is the prompt's blocks where they lie in the cache, pinned by the engine until
+//!   the export is released or expires ([`super::cache`]). The KV handle carries the cache's
+//!   IPC handle, the host's id, each block's offset in the allocation, and the offset of the
+//!   export's seal ([`super::seal`]) in the cache's export slab, written (and, when the export
+//!   is freed, cleared before the blocks are unpinned) by a copy on this transport's stream
+//!   that is synchronized before anything else happens. No export copy, no export pool, so no
+//!   cap: any prompt the cache holds goes device to device.
+//! - A decode worker on the same host maps the exporter's cache (`cuIpcOpenMemHandle`, once
+//!   per exporter, closed when unused for [`IDLE_MAPPING_CLOSE`]; a restarted exporter has a
+//!   new handle) and gathers the blocks, one copy each, queued back to back on one stream
+//!   (across GPUs, the copies go over NVLink or PCIe peer to peer) into a slice of its own
+//!   pool (or an allocation of its own when the pool is full: never a fallback),
 //!   synchronizes, then copies the seal out and checks it, then releases the export; its
 //!   engine writes the slice into its cache, device to device again.
 //!
 //! The pull copies into the decode worker's own memory rather than straight into its cache
-//! because the import may wait for free blocks longer than the exporter keeps the export: the
-//! transfer must be over before the release, as with UCX.
+//! blocks: the engine thread owns the cache, and the pull runs beside it; one extra
+//! device-to-device copy of the prompt (HBM bandwidth, well under a millisecond for a
+//! thousand tokens of an 8B model) keeps the cache the engine's alone.
+//!
+//! The pool-slice export ([`KvTransport::reserve`]: the engine copies the blocks into a slice
+//! of this transport's pool) remains for callers without an exposed cache (tests, benches).
 //!
 //! Whether a transfer takes this path is decided per request: the api-server tells the
 //! context worker which generation worker will read (its heartbeat's `kv_peer`), and the
-//! context worker exports into device memory only for a GPU reader on its host. A reader that
+//! context worker exports for CUDA IPC only to a GPU reader on its host. A reader that
 //! cannot map the handle after all (no peer access between the two GPUs, processes in
 //! different IPC namespaces) fails the pull: the decode worker prefills locally and stops
 //! advertising CUDA IPC.
@@ -38,12 +46,14 @@ use std::time::{Duration, Instant};
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaStream};
 
+use super::cache::ExposedCache;
 use super::pool::SlicePool;
 use super::seal::{Nonce, SEAL_BYTES, SealMemory, SealSlot};
 use super::{
-    BoxFuture, CudaIpcSource, DeviceRange, ExportBuffer, Exported, KvTransport, KvTransportKind,
-    PulledKv, RemoteKv, RemoteMemory, TransferError, from_hex, to_hex,
+    BoxFuture, CudaIpcSource, DeviceRange, ExportBuffer, Exported, KvCacheMemory, KvTransport,
+    KvTransportKind, PulledKv, RemoteKv, RemoteMemory, TransferError, from_hex, to_hex,
 };
+use crate::backend::KvMemory;
 
 /// A peer's pool mapped into this process is closed after this long without a pull: a
 /// context worker that left must not keep its memory alive through our mapping.
@@ -64,7 +74,9 @@ struct Shared {
     /// Pulls copy on this stream, one at a time (each is well under a millisecond of copy
     /// work; serializing them keeps one stream's synchronize meaning one pull).
     stream: Mutex<Arc<CudaStream>>,
-    pool: DevicePool,
+    /// Pull destinations (and pool-slice exports); None for a worker that only exports from
+    /// its cache.
+    pool: Option<DevicePool>,
     host_id: String,
     device_uuid: String,
     /// Exporters' pools mapped into this process, by IPC handle, with their last use.
@@ -93,9 +105,9 @@ impl Drop for DevicePool {
     }
 }
 
-/// Pools allocated by this process, by IPC handle, with their sizes: CUDA refuses to open a
-/// process's own handle, so a pull of a local export (tests, or two transports in one
-/// process) uses the pool's address directly.
+/// Pools and exposed caches of this process, by IPC handle, with their sizes: CUDA refuses to
+/// open a process's own handle, so a pull of a local export (tests, or two transports in one
+/// process) uses the allocation's address directly.
 fn local_pools() -> &'static Mutex<HashMap<HandleBytes, (CUdeviceptr, usize)>> {
     static POOLS: OnceLock<Mutex<HashMap<HandleBytes, (CUdeviceptr, usize)>>> = OnceLock::new();
     POOLS.get_or_init(|| Mutex::new(HashMap::new()))
@@ -135,13 +147,16 @@ struct PoolSlice {
 
 impl Drop for PoolSlice {
     fn drop(&mut self) {
-        lock(&self.shared.pool.slices).give_back(self.offset, self.len);
+        if let Some(pool) = &self.shared.pool {
+            lock(&pool.slices).give_back(self.offset, self.len);
+        }
     }
 }
 
-/// The seal of an export in the device pool: written by a copy on the transport's stream,
-/// synchronized before [`SealMemory::write`] returns (so before the handle goes out, or
-/// before the slice goes back to the pool and any later owner's copy is issued).
+/// The seal of an export, in device memory (a slot of a shared cache's export slab, or after a
+/// pool-slice export's K/V): written by a copy on the transport's stream, synchronized before
+/// [`SealMemory::write`] returns (so before the handle goes out, or before the blocks are
+/// unpinned or the slice goes back to the pool, and any later owner's write is issued).
 struct DeviceSeal {
     shared: Arc<Shared>,
     ptr: CUdeviceptr,
@@ -154,13 +169,25 @@ impl SealMemory for DeviceSeal {
             .bind_to_thread()
             .map_err(|e| cuda_error("CUDA context", e))?;
         let stream = lock(&self.shared.stream);
-        // SAFETY: `ptr` is the seal of a slice this export holds (its `PoolSlice` is dropped
-        // only after this guard); `bytes` outlives the copy, which is synchronized below.
+        // SAFETY: `ptr` is the seal of memory this export holds (its slab slot, in a cache
+        // the exposure keeps allocated, or its pool slice: either is let go of only after this
+        // guard); `bytes` outlives the copy, which is synchronized below.
         unsafe { cudarc::driver::result::memcpy_htod_async(self.ptr, bytes, stream.cu_stream()) }
             .map_err(|e| cuda_error("writing a KV export's seal", e))?;
         stream
             .synchronize()
             .map_err(|e| cuda_error("writing a KV export's seal", e))
+    }
+}
+
+/// Takes an exposed cache out of [`local_pools`] when dropped (its memory is the engine's).
+struct LocalCache {
+    handle: HandleBytes,
+}
+
+impl Drop for LocalCache {
+    fn drop(&mut self) {
+        lock(local_pools()).remove(&self.handle);
     }
 }
 
@@ -209,16 +236,14 @@ fn uuid_string(uuid: &sys::CUuuid) -> String {
 }
 
 impl CudaIpcTransport {
-    /// Allocates a device pool of `pool_bytes` on `cuda:{ordinal}` and takes its IPC handle.
-    /// `host_id` identifies this machine ([`super::host_id`]).
+    /// Allocates a device pool of `pool_bytes` on `cuda:{ordinal}` (0: none; every pull then
+    /// allocates its own memory) and takes its IPC handle. `host_id` identifies this machine
+    /// ([`super::host_id`]).
     pub fn start(
         ordinal: usize,
         pool_bytes: usize,
         host_id: String,
     ) -> Result<Self, TransferError> {
-        if pool_bytes == 0 {
-            return Err(TransferError::Backend("a CUDA IPC pool of 0 bytes".into()));
-        }
         if !crate::backend::cuda::driver_present() {
             return Err(TransferError::Backend(
                 "CUDA IPC needs the NVIDIA driver (libcuda.so), which cannot be loaded here".into(),
@@ -234,6 +259,29 @@ impl CudaIpcTransport {
         let stream = ctx
             .new_stream()
             .map_err(|e| cuda_error("CUDA IPC stream", e))?;
+        let pool = (pool_bytes > 0)
+            .then(|| DevicePool::new(&ctx, pool_bytes))
+            .transpose()?;
+        tracing::info!(
+            pool_mib = pool_bytes >> 20,
+            device = %device_uuid,
+            "CUDA IPC ready: K/V moves device to device between GPU workers of this host"
+        );
+        Ok(Self {
+            shared: Arc::new(Shared {
+                ctx,
+                stream: Mutex::new(stream),
+                pool,
+                host_id,
+                device_uuid,
+                peers: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+impl DevicePool {
+    fn new(ctx: &Arc<CudaContext>, pool_bytes: usize) -> Result<Self, TransferError> {
         // SAFETY: a plain allocation; nothing reads a slice before an export or a pull has
         // written it.
         let base = unsafe { cudarc::driver::result::malloc_sync(pool_bytes) }.map_err(|e| {
@@ -251,7 +299,7 @@ impl CudaIpcTransport {
         // SAFETY: `base` is the start of a `cuMemAlloc` allocation of this context.
         let status = unsafe { sys::cuIpcGetMemHandle(&mut raw, base) };
         let pool = DevicePool {
-            ctx: Arc::clone(&ctx),
+            ctx: Arc::clone(ctx),
             base,
             len: pool_bytes,
             handle: raw.reserved.map(|b| b as u8),
@@ -261,39 +309,34 @@ impl CudaIpcTransport {
             .result()
             .map_err(|e| cuda_error("cuIpcGetMemHandle on the CUDA IPC pool", e))?;
         lock(local_pools()).insert(pool.handle, (base, pool_bytes));
-        tracing::info!(
-            mib = pool_bytes >> 20,
-            device = %device_uuid,
-            "CUDA IPC pool allocated: K/V moves device to device between GPU workers of this host"
-        );
-        Ok(Self {
-            shared: Arc::new(Shared {
-                ctx,
-                stream: Mutex::new(stream),
-                pool,
-                host_id,
-                device_uuid,
-                peers: Mutex::new(HashMap::new()),
-            }),
-        })
+        Ok(pool)
     }
 }
 
 impl Shared {
-    fn source(&self) -> CudaIpcSource {
+    /// How a reader reaches the allocation whose IPC handle is `handle`, of `len` bytes.
+    fn source(&self, handle: &HandleBytes, len: usize) -> CudaIpcSource {
         CudaIpcSource {
             host_id: self.host_id.clone(),
             device: self.device_uuid.clone(),
-            mem_handle: to_hex(&self.pool.handle),
-            alloc_bytes: self.pool.len as u64,
+            mem_handle: to_hex(handle),
+            alloc_bytes: len as u64,
         }
+    }
+
+    /// Bytes of the pool not handed out.
+    fn pool_free_bytes(&self) -> usize {
+        self.pool
+            .as_ref()
+            .map_or(0, |pool| lock(&pool.slices).free_bytes())
     }
 
     /// A free slice of `len` bytes of the pool and its guard.
     fn take(self: &Arc<Self>, len: usize) -> Option<(DeviceRange, PoolSlice)> {
-        let offset = lock(&self.pool.slices).take(len)?;
+        let pool = self.pool.as_ref()?;
+        let offset = lock(&pool.slices).take(len)?;
         let range = DeviceRange {
-            ptr: self.pool.base + offset as u64,
+            ptr: pool.base + offset as u64,
             len,
         };
         let guard = PoolSlice {
@@ -376,7 +419,7 @@ impl Shared {
         }
         tracing::debug!(
             len,
-            free = lock(&self.pool.slices).free_bytes(),
+            free = self.pool_free_bytes(),
             "CUDA IPC pool has no free slice this long; allocating device memory for this pull"
         );
         // SAFETY: written by the pull's copies before anything reads it.
@@ -499,18 +542,21 @@ impl KvTransport for CudaIpcTransport {
     fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>> {
         let shared = Arc::clone(&self.shared);
         Box::pin(async move {
-            let Some((slice, guard)) = shared.take(len + SEAL_BYTES) else {
+            let Some((pool, (slice, guard))) = shared
+                .pool
+                .as_ref()
+                .and_then(|pool| Some((pool, shared.take(len + SEAL_BYTES)?)))
+            else {
                 return Err(TransferError::Unavailable(format!(
                     "the CUDA IPC pool has no free slice of {len} bytes ({} of {} free)",
-                    lock(&shared.pool.slices).free_bytes(),
-                    shared.pool.len
+                    shared.pool_free_bytes(),
+                    shared.pool.as_ref().map_or(0, |pool| pool.len)
                 )));
             };
-            let offset = slice.ptr - shared.pool.base;
+            let offset = slice.ptr - pool.base;
             let exported = Exported {
-                memory: RemoteMemory::CudaIpc(shared.source()),
-                addr: offset,
-                len: len as u64,
+                memory: RemoteMemory::CudaIpc(shared.source(&pool.handle, pool.len)),
+                regions: vec![(offset, len as u64)],
                 seal: None,
                 keepalive: Box::new(guard),
             };
@@ -529,6 +575,55 @@ impl KvTransport for CudaIpcTransport {
                 addr: offset + len as u64,
                 memory: Box::new(seal),
             }))
+        })
+    }
+
+    /// Takes the IPC handle of a device cache (the start of a `cuMemAlloc` allocation) once:
+    /// exports are then its pinned blocks, and their seals slots of its export slab. A host
+    /// cache is not this transport's.
+    unsafe fn expose_cache(
+        &self,
+        cache: KvCacheMemory,
+        owner: Box<dyn Send + Sync>,
+    ) -> BoxFuture<Result<Option<Arc<ExposedCache>>, TransferError>> {
+        let KvMemory::Device(range) = cache.memory else {
+            return Box::pin(async { Ok(None) });
+        };
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            shared
+                .ctx
+                .bind_to_thread()
+                .map_err(|e| cuda_error("CUDA context", e))?;
+            let mut raw = sys::CUipcMemHandle_st {
+                reserved: [0; HANDLE_BYTES],
+            };
+            // SAFETY: the caller's promise: `range` is the cache's allocation, alive while
+            // `owner` is; the driver refuses anything that is not the start of one.
+            unsafe { sys::cuIpcGetMemHandle(&mut raw, range.ptr) }
+                .result()
+                .map_err(|e| cuda_error("cuIpcGetMemHandle on the KV cache", e))?;
+            let handle: HandleBytes = raw.reserved.map(|b| b as u8);
+            lock(local_pools()).insert(handle, (range.ptr, range.len));
+            tracing::info!(
+                mib = range.len >> 20,
+                "KV cache shared over CUDA IPC: GPU decode workers of this host read exports \
+                 straight out of it"
+            );
+            let seals = Arc::clone(&shared);
+            Ok(Some(Arc::new(ExposedCache::new(
+                RemoteMemory::CudaIpc(shared.source(&handle, range.len)),
+                0,
+                cache,
+                Box::new(move |offset| {
+                    Box::new(DeviceSeal {
+                        shared: Arc::clone(&seals),
+                        ptr: range.ptr + offset as u64,
+                    })
+                }),
+                Box::new(LocalCache { handle }),
+                owner,
+            ))))
         })
     }
 

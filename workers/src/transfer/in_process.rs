@@ -1,5 +1,7 @@
-//! A [`KvTransport`] inside one process: exported buffers sit in a registry, a pull copies out
-//! of it. For tests of the export / pull / import path without UCX. Exports are sealed like
+//! A [`KvTransport`] inside one process: exported buffers, and KV caches exposed for reads in
+//! place ([`super::cache`]), sit in a registry, a pull copies out of it. For tests of the
+//! export / pull / import path without UCX; it follows UCX's model (a host cache registered
+//! once, its blocks pinned per export, the seal in the cache's export slab). Exports are sealed like
 //! the others' ([`super::seal`]): the seal after the K/V is written when the export is
 //! finished and cleared before it leaves the registry, and a pull copies the K/V, lets go of
 //! the registry, then reads the seal; a sealed export released before or during the pull
@@ -10,14 +12,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use super::cache::ExposedCache;
 use super::seal::{Nonce, SEAL_BYTES, SealMemory, SealSlot};
 use super::{
-    BoxFuture, ExportBuffer, Exported, KvTransport, KvTransportKind, PulledKv, RemoteKv,
-    RemoteMemory, TransferError,
+    BoxFuture, ExportBuffer, Exported, KvCacheMemory, KvTransport, KvTransportKind, PulledKv,
+    RemoteKv, RemoteMemory, TransferError,
 };
+use crate::backend::KvMemory;
 
 /// Exported buffers by key: address and length (K/V and seal) of memory owned by the key's
-/// [`Registration`].
+/// [`Registration`], or of an exposed cache (its blocks and export slab, owned by its engine).
 type Registry = Mutex<HashMap<u64, (usize, usize)>>;
 
 fn registry() -> &'static Registry {
@@ -45,6 +51,23 @@ impl SealMemory for InProcessSeal {
         // only after this guard has cleared the seal.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr, SEAL_BYTES) };
         Ok(())
+    }
+}
+
+/// A fresh registry key.
+fn next_key() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Takes an exposed cache out of the registry when dropped (its memory is the engine's).
+struct CacheRegistration {
+    key: u64,
+}
+
+impl Drop for CacheRegistration {
+    fn drop(&mut self) {
+        locked().remove(&self.key);
     }
 }
 
@@ -78,8 +101,7 @@ impl KvTransport for InProcessTransport {
     }
 
     fn reserve(&self, len: usize) -> BoxFuture<Result<ExportBuffer, TransferError>> {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        let key = NEXT.fetch_add(1, Ordering::Relaxed);
+        let key = next_key();
         let memory = Box::into_raw(vec![0u8; len + SEAL_BYTES].into_boxed_slice());
         let bytes = memory.cast::<u8>();
         // The buffer's real address: regions name bytes of it, as with UCX.
@@ -90,8 +112,7 @@ impl KvTransport for InProcessTransport {
                 address: b"in-process".to_vec(),
                 rkey: key.to_le_bytes().to_vec(),
             },
-            addr: addr as u64,
-            len: len as u64,
+            regions: vec![(addr as u64, len as u64)],
             seal: None,
             keepalive: Box::new(Registration { key, memory }),
         };
@@ -105,6 +126,37 @@ impl KvTransport for InProcessTransport {
             }),
         });
         Box::pin(async move { Ok(buffer) })
+    }
+
+    /// Registers a host cache under a key of its own, as UCX registers it; a device cache is
+    /// not this transport's.
+    unsafe fn expose_cache(
+        &self,
+        cache: KvCacheMemory,
+        owner: Box<dyn Send + Sync>,
+    ) -> BoxFuture<Result<Option<Arc<ExposedCache>>, TransferError>> {
+        let KvMemory::Host(range) = cache.memory else {
+            return Box::pin(async { Ok(None) });
+        };
+        let key = next_key();
+        let base = range.ptr as usize;
+        locked().insert(key, (base, range.len));
+        let exposed = ExposedCache::new(
+            RemoteMemory::Registered {
+                address: b"in-process".to_vec(),
+                rkey: key.to_le_bytes().to_vec(),
+            },
+            base as u64,
+            cache,
+            Box::new(move |offset| {
+                Box::new(InProcessSeal {
+                    ptr: (base + offset) as *mut u8,
+                })
+            }),
+            Box::new(CacheRegistration { key }),
+            owner,
+        );
+        Box::pin(async move { Ok(Some(Arc::new(exposed))) })
     }
 
     fn pull(
@@ -180,8 +232,8 @@ mod tests {
     use super::*;
 
     fn block_regions(exported: &Exported, block: u64) -> Vec<(u64, u64)> {
-        (0..exported.len / block)
-            .map(|i| (exported.addr + i * block, block))
+        (0..exported.len() / block)
+            .map(|i| (exported.addr() + i * block, block))
             .collect()
     }
 
@@ -202,7 +254,7 @@ mod tests {
         assert_eq!(pulled.host(), Some(&data[..]));
 
         let outside = RemoteKv {
-            regions: vec![(exported.addr + 4000, 200)],
+            regions: vec![(exported.addr() + 4000, 200)],
             ..remote.clone()
         };
         assert!(matches!(
@@ -248,10 +300,10 @@ mod tests {
         }
         let exported = buffer.finish().unwrap();
         let seal = exported.seal.expect("every export is sealed");
-        assert_eq!(seal.addr, exported.addr + 3000, "after the K/V");
+        assert_eq!(seal.addr, exported.addr() + 3000, "after the K/V");
         let remote = RemoteKv {
             memory: exported.memory.clone(),
-            regions: vec![(exported.addr + 1000, 1000), (exported.addr, 1000)],
+            regions: vec![(exported.addr() + 1000, 1000), (exported.addr(), 1000)],
             seal: Some(seal),
         };
         let pulled = transport
@@ -263,5 +315,55 @@ mod tests {
             .map(|i: usize| (i % 251) as u8)
             .collect();
         assert_eq!(pulled.host(), Some(&expected[..]));
+    }
+
+    #[tokio::test]
+    async fn a_host_cache_is_read_in_place_until_its_export_is_released() {
+        let transport = InProcessTransport;
+        let block = 256;
+        let mut memory = vec![0u8; 4 * block + 4 * SEAL_BYTES];
+        for b in 0..4 {
+            memory[b * block..(b + 1) * block].fill(b as u8 + 1);
+        }
+        let cache = KvCacheMemory {
+            memory: KvMemory::Host(crate::backend::HostRange {
+                ptr: memory.as_mut_ptr(),
+                len: memory.len(),
+            }),
+            block_bytes: block,
+            num_blocks: 4,
+            slab_offset: 4 * block,
+        };
+        // SAFETY: `memory` outlives the exposed cache.
+        let exposed = unsafe { transport.expose_cache(cache, Box::new(())) }
+            .await
+            .unwrap()
+            .expect("a host cache");
+        let exported = exposed.export(&[3, 1], Box::new(())).unwrap();
+        let remote = RemoteKv {
+            memory: exported.memory.clone(),
+            regions: exported.regions.clone(),
+            seal: exported.seal,
+        };
+        let pulled = transport
+            .pull(remote.clone(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        let expected: Vec<u8> = [vec![4u8; block], vec![2u8; block]].concat();
+        assert_eq!(pulled.host(), Some(&expected[..]));
+        drop(exported);
+        assert!(matches!(
+            transport.pull(remote.clone(), Duration::from_secs(1)).await,
+            Err(TransferError::ExportGone(_))
+        ));
+        // Unregistered with the cache: nothing of it can be read any more.
+        drop(exposed);
+        assert!(
+            transport
+                .pull(remote, Duration::from_secs(1))
+                .await
+                .is_err()
+        );
+        drop(memory);
     }
 }

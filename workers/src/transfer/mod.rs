@@ -3,26 +3,40 @@
 //! One interface, [`KvTransport`], with three implementations: [`ucx`] (between processes and
 //! hosts, through host memory, over the system's libucp), [`cuda_ipc`] (between GPUs of one
 //! host, device to device) and [`in_process`] (a registry in this process, for tests of
-//! everything around the transfer). Exports and pulls are host or device memory
-//! ([`KvBytes`]); the engine copies its blocks into either. The unit of transfer is one request's K/V as the engine
-//! hands it over ([`crate::engine::Engine::take_retained_kv_into`]): its blocks back to back in
-//! one host buffer. The context worker *reserves* an export of that size (memory the transport
-//! allocates and registers for remote reads), has the engine copy the blocks straight into it
-//! and describes it in the KV handle, one region per block; the decode worker *pulls* the
-//! regions into a buffer of its own and imports it into its engine. Both buffers are slices of
-//! the transport's pool when it keeps one ([`pool`]; registered once, and pinned once by a GPU
+//! everything around the transfer).
+//!
+//! **The hand-over without copies** ([`cache`]). Where a transport can read the context
+//! worker's KV cache itself (CUDA IPC for a GPU cache and a GPU reader of the same host; UCX,
+//! or the in-process registry, for a CPU worker's host cache), the cache allocation is
+//! registered with it once at start ([`KvTransport::expose_cache`]: one CUDA IPC handle, or one
+//! UCX registration and key), and an export is the prompt's blocks where they lie, one region
+//! per block: the engine keeps them pinned (retained after the prefill, counted in the block
+//! pool) until the decode worker's release, a cancel, or the export's expiry. The decode worker
+//! reads them straight out of the cache. No export copy and no export pool, so nothing caps a
+//! hand-over short of the cache itself; what bounds the cache that exports may pin is the
+//! context worker's `max_tokens_in_buffer` and each export's expiry (a dead decode worker's
+//! exports are unpinned when they expire).
+//!
+//! **Copied exports.** A GPU cache read by a UCX reader (another host, a CPU decode worker:
+//! this UCX has no CUDA support) is copied out: the context worker *reserves* an export of the
+//! prompt's size (host memory the transport registered), has the engine copy the blocks
+//! straight into it and free them ([`crate::engine::Engine::take_retained_kv_into`]), and
+//! describes it in the handle. Copied exports and pull destinations are slices of the
+//! transport's pool when it keeps one ([`pool`]; registered once, and pinned once by a GPU
 //! worker, whose copy engine then reads and writes them directly).
 //!
-//! Why a staged host buffer rather than reads straight from the cache: the engine's blocks are
-//! free again the moment the copy is taken (the context worker's cache is not held hostage by
-//! slow or dead decode workers; `max_tokens_in_buffer` bounds the staging memory instead), the
-//! engine's memory is never touched by another thread, and a GPU cache stages the same way.
+//! The decode worker *pulls* the regions into a buffer of its own ([`PulledKv`]: host memory,
+//! or device memory for CUDA IPC) and imports it into its engine, which writes it into the
+//! blocks it reserved for the request.
 //!
-//! Every export is sealed ([`seal`]): a few bytes after its K/V hold a random nonce, written
-//! once the K/V is complete and cleared before the memory goes back to the pool; a pull reads
-//! the seal after the K/V and drops what it read if the nonce is gone, since the pool may have
-//! handed the memory to another request's export meanwhile.
+//! Every export is sealed ([`seal`]): 16 bytes hold a random nonce while the export is live,
+//! written once its K/V is complete and cleared before its memory can be reused (before the
+//! blocks are unpinned, or a copied export's memory goes back to the pool); a pull reads the
+//! seal after the K/V and drops what it read if the nonce is gone. A copied export's seal
+//! follows its K/V; an in-place export's is a slot of the cache's export slab, after the blocks
+//! in the same allocation (so the one registration covers it).
 
+pub mod cache;
 pub mod cuda_ipc;
 pub mod in_process;
 pub mod pool;
@@ -35,10 +49,11 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use crate::backend::{DeviceRange, HostRange, KvBuffer, KvBytes, KvBytesMut};
+pub use crate::backend::{DeviceRange, HostRange, KvBuffer, KvBytes, KvBytesMut, KvCacheMemory};
 use tandem_protocol::messages::KvHandle;
 pub use tandem_protocol::messages::{CudaIpcSource, KvTransportKind};
 
+use self::cache::ExposedCache;
 use self::seal::{Seal, SealGuard, SealSlot};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -73,19 +88,35 @@ pub enum RemoteMemory {
     CudaIpc(CudaIpcSource),
 }
 
-/// A buffer registered for remote reads; dropping it clears its seal, then unregisters and
-/// frees it.
+/// K/V registered for remote reads: a buffer the K/V was copied into, or the prompt's blocks
+/// in the KV cache itself ([`cache`]); dropping it clears its seal, then frees the buffer or
+/// unpins the blocks.
 pub struct Exported {
     pub memory: RemoteMemory,
-    /// Where the buffer starts, as the reader addresses `memory`.
-    pub addr: u64,
-    /// Bytes of K/V (the seal, after them, not counted).
-    pub len: u64,
+    /// `(address, length)` of the K/V, in order, as the reader addresses `memory`: one region
+    /// for a buffer, one per block for blocks read in place. The seal is not among them.
+    pub regions: Vec<(u64, u64)>,
     /// The seal a reader checks after its read ([`seal`]); None only for exports of unit
     /// tests that read nothing.
     pub seal: Option<Seal>,
     /// Keeps the registration (and the memory) alive; for a sealed export, a [`SealGuard`].
     pub keepalive: Box<dyn Send + Sync>,
+}
+
+impl Exported {
+    /// Where the K/V's first region starts.
+    pub fn addr(&self) -> u64 {
+        self.regions.first().map_or(0, |&(addr, _)| addr)
+    }
+
+    /// Bytes of K/V.
+    pub fn len(&self) -> u64 {
+        self.regions.iter().map(|&(_, len)| len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]
@@ -98,8 +129,7 @@ impl Exported {
                 address: vec![1],
                 rkey: vec![2],
             },
-            addr: 4096,
-            len: 3 * 128,
+            regions: vec![(4096, 3 * 128)],
             seal: Some(Seal {
                 addr: 4096 + 3 * 128,
                 nonce: [0x5e; seal::SEAL_BYTES],
@@ -353,6 +383,22 @@ pub trait KvTransport: Send + Sync + 'static {
     /// the memory a device backend pins once so its copies go straight to and from it.
     fn pool(&self) -> Option<HostRange> {
         None
+    }
+    /// Registers the engine's KV cache for reads straight out of it, once, at start: exports
+    /// are then the prompt's pinned blocks ([`cache`]). `Ok(None)`: this transport does not
+    /// read that kind of memory (UCX and a GPU's cache); the caller copies exports out instead.
+    ///
+    /// # Safety
+    /// `cache` must describe memory that stays allocated, and in place, while `owner` lives;
+    /// the blocks readers read must not be written while their export lives, nor the slab by
+    /// anyone but the returned [`ExposedCache`].
+    unsafe fn expose_cache(
+        &self,
+        cache: KvCacheMemory,
+        owner: Box<dyn Send + Sync>,
+    ) -> BoxFuture<Result<Option<std::sync::Arc<ExposedCache>>, TransferError>> {
+        let _ = (cache, owner);
+        Box::pin(async { Ok(None) })
     }
 }
 

@@ -1,54 +1,68 @@
 //! Seals: how a decode worker knows that the export it read was still the export its handle
 //! names when the read ended. A seqlock across processes.
 //!
-//! An export's memory goes back to its transport's pool when the context worker frees it (a
-//! release, a cancel, its expiry, the worker leaving), and the pool hands it to the next
-//! export. A release or cancel can come before the pull (forged on the bus, or simply early),
-//! and a handle can be replayed to another decode worker after its pull: either way the reader
-//! would read whatever now lies in that memory, another request's K/V, and nothing in the
-//! bytes says so. The handle's MAC cannot help: it is the right handle, for the right request.
+//! An export's memory is reused once the context worker frees it (a release, a cancel, its
+//! expiry, the worker leaving): an export read in place ([`super::cache`]) is the prompt's
+//! blocks in the KV cache, which the engine hands to other requests once they are unpinned; a
+//! copied export's memory goes back to its transport's pool, which hands it to the next export.
+//! A release or cancel can come before the pull (forged on the bus, or simply early), and a
+//! handle can be replayed to another decode worker after its pull: either way the reader would
+//! read whatever now lies in that memory, another request's K/V, and nothing in the bytes says
+//! so. The handle's MAC cannot help: it is the right handle, for the right request.
 //!
-//! So each export carries a *seal*: [`SEAL_BYTES`] more bytes after its K/V, in the same
-//! memory (host memory for UCX, device memory for CUDA IPC), that hold a fresh random
-//! [`Nonce`] while the export is live. The handle names the seal (where it lies and the
-//! nonce; [`tandem_protocol::messages::KvSeal`], covered by the MAC).
+//! So each export carries a *seal*: [`SEAL_BYTES`] that hold a fresh random [`Nonce`] while
+//! the export is live, in memory the reader reaches like the K/V (host memory for UCX, device
+//! memory for CUDA IPC): for an export read in place, a slot of the cache's *export slab*, after
+//! the blocks in the cache's own allocation (one slot per live export, so one registration, one
+//! key or IPC handle, covers blocks and seals); for a copied export, the bytes after its K/V in
+//! the same slice. The handle names the seal (where it lies and the nonce;
+//! [`tandem_protocol::messages::KvSeal`], covered by the MAC).
 //!
-//! - **Sealing** ([`super::ExportBuffer::finish`]): the nonce is written only after the K/V
-//!   copy into the export is complete (the engine's copy has returned, device copies
-//!   synchronized), and the handle goes out only after that.
+//! - **Sealing** ([`super::ExportBuffer::finish`], [`super::cache::ExposedCache::export`]): the
+//!   nonce is written only once the K/V is complete (a copied export: the engine's copy has
+//!   returned, device copies synchronized; blocks read in place: the prefill's forward pass
+//!   wrote them before the engine sampled the first token from its logits, and the engine
+//!   retained them, pinned, before it said the prefill was done), and the handle goes out only
+//!   after that.
 //! - **Freeing** ([`SealGuard`], the keepalive of every sealed export): the seal is overwritten
 //!   with zeros, and only once that write is complete (a full fence for host memory; the
-//!   stream synchronized for device memory) is the memory handed back to the pool. If the
-//!   zeros cannot be written, the memory is never handed back.
+//!   stream synchronized for device memory) is the memory let go of: the blocks unpinned (a
+//!   release to the engine, which may then write them for another request) and the slab slot
+//!   given back, or the copied export's slice handed back to the pool. If the zeros cannot be
+//!   written, the memory is never let go of.
 //! - **Reading** (each transport's pull): the reader reads the K/V regions; only once those
 //!   reads are complete does it read the seal (a second read, issued after the first has
 //!   completed, behind a full fence on the reader's side for host memory), and it uses the
 //!   K/V only if the seal still holds the handle's nonce.
 //!
-//! Why a matching seal proves the K/V read was the export's: the export's memory is written
-//! by exactly three kinds of writes: the export's own K/V and nonce (complete before the handle
-//! exists), the zeros of its free, and writes of whoever gets the memory next, which all
-//! come after the zeros are complete (the pool has the memory back only then). Suppose some
-//! byte the reader read came from a later owner's write W. W came after the zeros Z were
-//! complete; the reader's read of that byte came after W; the seal read was issued after the
-//! K/V read had completed. So the seal read comes after Z, and sees Z's zeros or a later
-//! write: zeros, the next owner's K/V, or the next owner's own fresh nonce; the handle's nonce
-//! only by guessing 128 random bits (a nonce is never all zeros). Contrapositively, reading
-//! the nonce proves no byte read came from a later owner. The "after"s hold because:
+//! Why a matching seal proves the K/V read was the export's: the export's memory (its blocks
+//! or its slice, and its seal slot) is written by exactly three kinds of writes: the export's
+//! own K/V and nonce (complete before the handle exists), the zeros of its free, and writes
+//! of whoever gets the memory next (the engine's forward passes into the unpinned blocks; a
+//! later export's K/V or nonce), which all come after the zeros are complete (the engine or
+//! the pool has the memory back only then). Suppose some byte the reader read came from a
+//! later owner's write W. W came after the zeros Z were complete; the reader's read of that
+//! byte came after W; the seal read was issued after the K/V read had completed. So the seal
+//! read comes after Z, and sees Z's zeros or a later write: zeros, or the next export's own
+//! fresh nonce (a slot, or a slice's seal bytes, reused); the handle's nonce only by guessing
+//! 128 random bits (a nonce is never all zeros). Contrapositively, reading the nonce proves no
+//! byte read came from a later owner. The "after"s hold because:
 //!
 //! - **UCX, host memory**: the zeros are plain stores followed by a full fence before the
-//!   slice goes back to the pool through a channel (release/acquire) and the next owner's
-//!   writes; x86's total store order (and the fences, on weaker CPUs) makes them visible to
-//!   every observer in that order. Whatever moves the bytes (the reader's own copy out of a
-//!   shared-memory mapping, `process_vm_readv`, the exporter's progress thread answering over
-//!   TCP, an RDMA NIC) reads the exporter's memory through the same coherent memory system,
-//!   and the reader issues the seal's get only after the K/V gets have completed, behind a
-//!   full fence.
+//!   blocks are released to the engine (a channel to the engine thread: release/acquire) or the
+//!   slice goes back to the pool (likewise), and so before the next owner's writes; x86's total
+//!   store order (and the fences, on weaker CPUs) makes them visible to every observer in that
+//!   order. Whatever moves the bytes (the reader's own copy out of a shared-memory mapping,
+//!   `process_vm_readv`, the exporter's progress thread answering over TCP, an RDMA NIC) reads
+//!   the exporter's memory through the same coherent memory system, and the reader issues the
+//!   seal's get only after the K/V gets have completed, behind a full fence.
 //! - **CUDA IPC, device memory**: the zeros are a copy on the exporter's stream that is
-//!   synchronized before the slice goes back to the pool, so it is complete in the exporter's
-//!   GPU memory before any later owner's copy is even issued. The reader's copies read that
-//!   memory through the exporter's GPU (its L2 is the point of coherence for peer reads), and
-//!   the reader synchronizes its stream after the K/V copies before it issues the seal's.
+//!   synchronized before the blocks are released to the engine (whose later kernels, on its
+//!   own stream, are only issued after that) or the slice goes back to the pool, so it is
+//!   complete in the exporter's GPU memory before any later owner's write is even issued. The
+//!   reader's copies read that memory through the exporter's GPU (its L2 is the point of
+//!   coherence for peer reads), and the reader synchronizes its stream after the K/V copies
+//!   before it issues the seal's.
 //!
 //! A seal does not stop the read (the memory is not the reader's to lock); it makes a read
 //! that overlapped a reuse detectable, and the reader drops what it read
@@ -189,8 +203,9 @@ impl SealMemory for HostSeal {
 }
 
 /// The keepalive of a sealed export: zeroes the seal, and only then lets the memory go (its
-/// inner keepalive hands it back to the pool or unmaps it). Memory whose seal could not be
-/// zeroed is never handed back: a reader of the old handle could not tell a reuse.
+/// inner keepalive unpins the blocks and gives the slab slot back, or hands a copied export's
+/// memory back to the pool or unmaps it). Memory whose seal could not be zeroed is never let
+/// go of: a reader of the old handle could not tell a reuse.
 pub struct SealGuard {
     memory: Box<dyn SealMemory>,
     keepalive: Option<Box<dyn Send + Sync>>,

@@ -10,7 +10,13 @@
 //! messages that the *exporting* side must progress, so a context worker serves its exports
 //! from this loop.
 //!
-//! Exports and pull destinations are slices of one region mapped at start (the pool,
+//! A CPU context worker's exports are read straight out of its KV cache: the cache is
+//! registered once at start ([`KvTransport::expose_cache`], [`super::cache`]), and an export
+//! names its pinned blocks and a seal in the cache's export slab, under the cache's one key.
+//! A GPU worker's cache is device memory, which this transport does not read: its exports to
+//! UCX readers (another host, a CPU decode worker) are copied out into host memory.
+//!
+//! Copied exports and pull destinations are slices of one region mapped at start (the pool,
 //! [`super::pool`]) when the worker asked for one and the slice fits; otherwise an export maps
 //! a region of its own and a pull reads into a `Vec`. Each export's seal ([`super::seal`]) is
 //! the [`SEAL_BYTES`] after its K/V, in the same registered memory; a pull reads it with a get
@@ -22,12 +28,14 @@ use std::time::Duration;
 use tandem_ucx::{Context, EndpointCache, GetOp, MemoryRegion, RemoteKey, UcxError, Worker};
 use tokio::sync::{mpsc, oneshot};
 
+use super::cache::ExposedCache;
 use super::pool::SlicePool;
 use super::seal::{HostSeal, Nonce, SEAL_BYTES, SealSlot};
 use super::{
-    BoxFuture, ExportBuffer, Exported, HostRange, KvTransport, KvTransportKind, PulledKv, RemoteKv,
-    RemoteMemory, TransferError,
+    BoxFuture, ExportBuffer, Exported, HostRange, KvCacheMemory, KvTransport, KvTransportKind,
+    PulledKv, RemoteKv, RemoteMemory, TransferError,
 };
+use crate::backend::KvMemory;
 
 enum Command {
     Reserve {
@@ -35,6 +43,16 @@ enum Command {
         reply: oneshot::Sender<Result<ExportBuffer, TransferError>>,
     },
     Unexport(u64),
+    /// Registers a KV cache's memory (the caller keeps it allocated).
+    ExposeCache {
+        range: HostRange,
+        reply: oneshot::Sender<Result<(u64, RemoteMemory), TransferError>>,
+    },
+    /// Unregisters an exposed cache, and says when that is done.
+    Unexpose {
+        id: u64,
+        done: std::sync::mpsc::Sender<()>,
+    },
     Pull {
         remote: RemoteKv,
         timeout: Duration,
@@ -74,6 +92,25 @@ impl Drop for ExportGuard {
     fn drop(&mut self) {
         // The thread may have stopped with the process; then there is nothing to unregister.
         let _ = self.commands.send(Command::Unexport(self.id));
+    }
+}
+
+/// Unregisters an exposed cache when dropped, and waits for that (its memory may be freed
+/// right after).
+struct CacheRegistration {
+    id: u64,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Drop for CacheRegistration {
+    fn drop(&mut self) {
+        let (done, unexposed) = std::sync::mpsc::channel();
+        let unexpose = Command::Unexpose { id: self.id, done };
+        if self.commands.send(unexpose).is_ok()
+            && unexposed.recv_timeout(Duration::from_secs(5)).is_err()
+        {
+            tracing::warn!("the UCX thread did not unregister the KV cache within 5 s");
+        }
     }
 }
 
@@ -164,6 +201,44 @@ impl KvTransport for UcxTransport {
     fn pool(&self) -> Option<HostRange> {
         self.pool
     }
+
+    /// Registers a host cache (user memory, `ucp_mem_map`) once; a device cache is not this
+    /// transport's to read.
+    unsafe fn expose_cache(
+        &self,
+        cache: KvCacheMemory,
+        owner: Box<dyn Send + Sync>,
+    ) -> BoxFuture<Result<Option<std::sync::Arc<ExposedCache>>, TransferError>> {
+        let KvMemory::Host(range) = cache.memory else {
+            return Box::pin(async { Ok(None) });
+        };
+        let (reply, answer) = oneshot::channel();
+        let sent = self.send(Command::ExposeCache { range, reply });
+        let commands = self.commands.clone();
+        let (base, len) = (range.ptr as usize, range.len);
+        Box::pin(async move {
+            sent?;
+            let (id, memory) = answer.await.map_err(|_| {
+                TransferError::Backend("the UCX thread stopped while registering the cache".into())
+            })??;
+            tracing::info!(
+                mib = len >> 20,
+                "KV cache registered with UCX: decode workers read exports straight out of it"
+            );
+            Ok(Some(std::sync::Arc::new(ExposedCache::new(
+                memory,
+                base as u64,
+                cache,
+                Box::new(move |offset| {
+                    // SAFETY: a slot of the cache's export slab, inside the registered memory
+                    // that `owner` keeps allocated; only this export's guard writes it.
+                    Box::new(unsafe { HostSeal::new((base + offset) as *mut u8) })
+                }),
+                Box::new(CacheRegistration { id, commands }),
+                owner,
+            ))))
+        })
+    }
 }
 
 fn backend_error(what: &str, e: UcxError) -> TransferError {
@@ -243,6 +318,33 @@ fn run(
                 }
                 Command::Unexport(id) => {
                     exports.remove(&id);
+                }
+                Command::ExposeCache { range, reply } => {
+                    // SAFETY: `expose_cache`'s caller keeps the memory allocated until the
+                    // registration is dropped, which unregisters it first.
+                    let registered =
+                        unsafe { MemoryRegion::register(&context, range.ptr, range.len) }
+                            .map_err(|e| backend_error("registering the KV cache", e))
+                            .and_then(|region| {
+                                let rkey = region
+                                    .pack_rkey()
+                                    .map_err(|e| backend_error("packing the KV cache's key", e))?;
+                                Ok((region, rkey))
+                            });
+                    let _ = reply.send(registered.map(|(region, rkey)| {
+                        let id = next_id;
+                        next_id += 1;
+                        exports.insert(id, region);
+                        let memory = RemoteMemory::Registered {
+                            address: address.clone(),
+                            rkey,
+                        };
+                        (id, memory)
+                    }));
+                }
+                Command::Unexpose { id, done } => {
+                    exports.remove(&id);
+                    let _ = done.send(());
                 }
                 Command::GiveBack { offset, len } => {
                     if let Some(pool) = pool.as_mut() {
@@ -387,8 +489,7 @@ fn reserve(
             address: address.to_vec(),
             rkey,
         },
-        addr: bytes as u64,
-        len: len as u64,
+        regions: vec![(bytes as u64, len as u64)],
         seal: None,
         keepalive,
     };
@@ -482,6 +583,7 @@ async fn pull(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transfer::KvCacheMemory;
 
     #[tokio::test]
     async fn exports_and_pulls_through_ucx_in_one_process() {
@@ -494,8 +596,8 @@ mod tests {
         let block = 64 * 1024;
         let remote = RemoteKv {
             memory: exported.memory.clone(),
-            regions: (0..exported.len / block)
-                .map(|i| (exported.addr + i * block, block))
+            regions: (0..exported.len() / block)
+                .map(|i| (exported.addr() + i * block, block))
                 .collect(),
             seal: exported.seal,
         };
@@ -513,7 +615,7 @@ mod tests {
             .pull(
                 RemoteKv {
                     memory: again.memory.clone(),
-                    regions: vec![(again.addr, 4096)],
+                    regions: vec![(again.addr(), 4096)],
                     seal: again.seal,
                 },
                 Duration::from_secs(10),
@@ -532,13 +634,13 @@ mod tests {
         assert!(puller.pool().is_none());
         let in_pool = |e: &Exported| {
             let start = pool.ptr as u64;
-            e.addr >= start && e.addr + e.len <= start + pool.len as u64
+            e.addr() >= start && e.addr() + e.len() <= start + pool.len as u64
         };
         let read = |e: &Exported| {
             puller.pull(
                 RemoteKv {
                     memory: e.memory.clone(),
-                    regions: vec![(e.addr, e.len)],
+                    regions: vec![(e.addr(), e.len())],
                     seal: e.seal,
                 },
                 Duration::from_secs(10),
@@ -564,10 +666,10 @@ mod tests {
             vec![3u8; 200 << 10]
         );
         // A released slice is handed out again.
-        let a_addr = a.addr;
+        let a_addr = a.addr();
         drop(a);
         let d = exporter.export(vec![4u8; 500 << 10]).await.unwrap();
-        assert_eq!(d.addr, a_addr, "the freed slice is reused");
+        assert_eq!(d.addr(), a_addr, "the freed slice is reused");
         assert_eq!(
             read(&d).await.unwrap().host().unwrap().to_vec(),
             vec![4u8; 500 << 10]
@@ -587,7 +689,7 @@ mod tests {
         let exported = exporter.export(data.clone()).await.unwrap();
         let remote = RemoteKv {
             memory: exported.memory.clone(),
-            regions: vec![(exported.addr, exported.len)],
+            regions: vec![(exported.addr(), exported.len())],
             seal: exported.seal,
         };
         let pull = || puller.pull(remote.clone(), Duration::from_secs(10));
@@ -614,7 +716,7 @@ mod tests {
         let puller = UcxTransport::start().expect("a second UCX worker starts");
         let remote = |e: &Exported| RemoteKv {
             memory: e.memory.clone(),
-            regions: vec![(e.addr, e.len)],
+            regions: vec![(e.addr(), e.len())],
             seal: e.seal,
         };
         let read = |remote: RemoteKv| puller.pull(remote, Duration::from_secs(10));
@@ -622,7 +724,7 @@ mod tests {
         let a = exporter.export(a_bytes.clone()).await.unwrap();
         let of_a = remote(&a);
         let seal_a = a.seal.expect("every export is sealed");
-        assert_eq!(seal_a.addr, a.addr + a.len, "the seal follows the K/V");
+        assert_eq!(seal_a.addr, a.addr() + a.len(), "the seal follows the K/V");
         assert!(read(of_a.clone()).await.unwrap().host() == Some(&a_bytes[..]));
 
         // Freed (a release, early or forged): the seal is cleared before the slice goes back.
@@ -634,7 +736,7 @@ mod tests {
         );
         // Reused: the next export of that size lands in A's memory.
         let c = exporter.export(c_bytes.clone()).await.unwrap();
-        assert_eq!(c.addr, of_a.regions[0].0, "C's K/V lies where A's did");
+        assert_eq!(c.addr(), of_a.regions[0].0, "C's K/V lies where A's did");
         assert_eq!(c.seal.unwrap().addr, seal_a.addr);
         let reused = read(of_a.clone()).await.unwrap_err();
         assert!(
@@ -650,5 +752,96 @@ mod tests {
         assert!(read(unchecked).await.unwrap().host() == Some(&c_bytes[..]));
         // C's own handle reads C.
         assert!(read(remote(&c)).await.unwrap().host() == Some(&c_bytes[..]));
+    }
+
+    /// A host "cache" of `blocks` blocks of `block` bytes (block `b` filled with `b + 1`) and
+    /// its export slab, as a CPU backend describes it.
+    pub(crate) fn host_cache(blocks: usize, block: usize) -> (Vec<u8>, KvCacheMemory) {
+        let mut memory = vec![0u8; blocks * block + blocks * SEAL_BYTES];
+        for b in 0..blocks {
+            memory[b * block..(b + 1) * block].fill(b as u8 + 1);
+        }
+        let cache = KvCacheMemory {
+            memory: KvMemory::Host(HostRange {
+                ptr: memory.as_mut_ptr(),
+                len: memory.len(),
+            }),
+            block_bytes: block,
+            num_blocks: blocks,
+            slab_offset: blocks * block,
+        };
+        (memory, cache)
+    }
+
+    /// Records when it is dropped (an export's blocks unpinned).
+    struct Unpinned(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Drop for Unpinned {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_host_cache_registered_once_is_read_in_place_and_its_seals_guard_reuse() {
+        let exporter = UcxTransport::start().expect("UCX starts");
+        let puller = UcxTransport::start().expect("a second UCX worker starts");
+        let block = 16 << 10;
+        let (memory, cache) = host_cache(8, block);
+        // SAFETY: `memory` outlives the exposed cache (dropped at the end of the test).
+        let exposed = unsafe { exporter.expose_cache(cache, Box::new(())) }
+            .await
+            .unwrap()
+            .expect("UCX reads a host cache in place");
+        let unpinned = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let export = |blocks: &[u32]| {
+            exposed
+                .export(blocks, Box::new(Unpinned(unpinned.clone())))
+                .unwrap()
+        };
+        let remote = |e: &Exported| RemoteKv {
+            memory: e.memory.clone(),
+            regions: e.regions.clone(),
+            seal: e.seal,
+        };
+        let read = |remote: RemoteKv| puller.pull(remote, Duration::from_secs(10));
+        let expected = |blocks: &[u8]| -> Vec<u8> {
+            blocks.iter().flat_map(|&b| vec![b + 1; block]).collect()
+        };
+        let a = export(&[5, 2, 3]);
+        assert_eq!(
+            a.regions[0],
+            (memory.as_ptr() as u64 + 5 * block as u64, block as u64),
+            "block 5 where it lies in the cache"
+        );
+        let of_a = remote(&a);
+        let pulled = read(of_a.clone()).await.unwrap();
+        assert!(pulled.host() == Some(&expected(&[5, 2, 3])[..]));
+        let b = export(&[0]);
+        assert!(read(remote(&b)).await.unwrap().host() == Some(&expected(&[0])[..]));
+        assert_eq!(unpinned.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        // Released: the seal is cleared before the blocks are unpinned.
+        drop(a);
+        assert_eq!(unpinned.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let gone = read(of_a.clone()).await.unwrap_err();
+        assert!(
+            matches!(gone, TransferError::ExportGone(_)) && gone.to_string().contains("cleared"),
+            "{gone}"
+        );
+        // The next export takes A's slot: A's handle now finds another nonce.
+        let c = export(&[5, 2, 3]);
+        assert_eq!(
+            c.seal.unwrap().addr,
+            of_a.seal.unwrap().addr,
+            "A's slot reused"
+        );
+        let reused = read(of_a).await.unwrap_err();
+        assert!(reused.to_string().contains("another export"), "{reused}");
+        assert!(read(remote(&c)).await.unwrap().host() == Some(&expected(&[5, 2, 3])[..]));
+        drop((b, c));
+        assert_eq!(exposed.live_exports(), 0);
+        drop(exposed);
+        drop(memory);
     }
 }

@@ -3,12 +3,23 @@
 //! Element type: f32 for f32 models (so parity with a float32 reference is not limited by the
 //! cache), bf16 for bf16 models (half the memory and bytes read per attention step), f16 for f16
 //! models; the model picks (see `ModelOptions`). Blocks are contiguous byte ranges, which is
-//! what KV transfer registers and reads.
+//! what KV transfer registers and reads: the allocation ends with the export slab
+//! ([`KvCacheMemory`]), and a context worker registers the whole of it with UCX once so
+//! decode workers read a prompt's blocks straight out of it.
+//!
+//! Those reads happen outside the engine's borrows of the cache (UCX's progress thread, or
+//! another process through a shared mapping), while the engine runs forward passes: they are
+//! sound because they only ever touch blocks pinned for an export, which the engine neither
+//! writes nor frees until the export is released, and the slab, which the model never
+//! touches.
 
 use half::{bf16, f16};
 
 use super::CpuBackend;
-use crate::backend::{Backend, BackendError, KvBlockIo, KvBytes, KvBytesMut};
+use crate::backend::{
+    Backend, BackendError, EXPORT_SLOT_BYTES, HostRange, KvBlockIo, KvBytes, KvBytesMut,
+    KvCacheMemory, KvMemory,
+};
 use crate::kv_cache::{KvDType, KvLayout};
 
 /// Storage of the cache, by element type.
@@ -24,6 +35,8 @@ pub struct CpuKvCache {
     layout: KvLayout,
     num_blocks: usize,
     data: KvData,
+    /// The allocation's first byte, taken when it was made (its heap buffer never moves).
+    base: usize,
 }
 
 fn zeroed<T: Clone>(
@@ -54,19 +67,28 @@ impl CpuKvCache {
             num_blocks,
             block_bytes: layout.block_bytes(),
         };
+        // The blocks, then the export slab (a whole number of elements of any dtype).
+        let slab_elems = num_blocks * EXPORT_SLOT_BYTES / layout.dtype.size_bytes();
         let elems = layout
             .block_elems()
             .checked_mul(num_blocks)
+            .and_then(|blocks| blocks.checked_add(slab_elems))
             .ok_or_else(too_large)?;
-        let data = match layout.dtype {
+        let mut data = match layout.dtype {
             KvDType::F32 => KvData::F32(zeroed(elems, 0.0, too_large)?),
             KvDType::Bf16 => KvData::Bf16(zeroed(elems, bf16::ZERO, too_large)?),
             KvDType::F16 => KvData::F16(zeroed(elems, f16::ZERO, too_large)?),
+        };
+        let base = match &mut data {
+            KvData::F32(v) => v.as_mut_ptr() as usize,
+            KvData::Bf16(v) => v.as_mut_ptr() as usize,
+            KvData::F16(v) => v.as_mut_ptr() as usize,
         };
         Ok(CpuKvCache {
             layout,
             num_blocks,
             data,
+            base,
         })
     }
 
@@ -84,6 +106,20 @@ impl CpuKvCache {
 
     pub fn data_mut(&mut self) -> &mut KvData {
         &mut self.data
+    }
+
+    /// Where the cache lies: its blocks, then the export slab.
+    pub fn memory(&self) -> KvCacheMemory {
+        let block_bytes = self.layout.block_bytes();
+        KvCacheMemory {
+            memory: KvMemory::Host(HostRange {
+                ptr: self.base as *mut u8,
+                len: self.all_bytes().len(),
+            }),
+            block_bytes,
+            num_blocks: self.num_blocks,
+            slab_offset: self.num_blocks * block_bytes,
+        }
     }
 
     fn check_block(&self, block: u32) -> Result<std::ops::Range<usize>, BackendError> {
@@ -153,6 +189,10 @@ impl CpuKvCache {
 /// Block after block; the cache is host memory, so there is nothing to pin, and memory of a
 /// device is refused.
 impl KvBlockIo for CpuBackend {
+    fn kv_cache_memory(&self, kv: &CpuKvCache) -> Option<KvCacheMemory> {
+        Some(kv.memory())
+    }
+
     fn read_kv_blocks(
         &self,
         kv: &CpuKvCache,
@@ -221,6 +261,40 @@ mod tests {
             Err(BackendError::BlockOutOfRange { block: 4, .. })
         ));
         assert!(kv.write_block(0, &bytes[1..]).is_err());
+    }
+
+    #[test]
+    fn the_cache_describes_its_blocks_and_an_untouched_export_slab_after_them() {
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 3,
+            dtype: KvDType::Bf16,
+        };
+        let mut kv = CpuKvCache::new(layout, 4).unwrap();
+        let memory = kv.memory();
+        let KvMemory::Host(range) = memory.memory else {
+            panic!("a CPU cache is host memory");
+        };
+        assert_eq!(memory.num_blocks, 4);
+        assert_eq!(memory.slab_offset, 4 * layout.block_bytes());
+        assert_eq!(range.len, memory.slab_offset + memory.slab_bytes());
+        assert_eq!(
+            memory.slot_offset(3),
+            memory.slab_offset + 3 * EXPORT_SLOT_BYTES
+        );
+        let bytes: Vec<u8> = (0..layout.block_bytes()).map(|i| i as u8 | 1).collect();
+        for block in 0..4 {
+            kv.write_block(block, &bytes).unwrap();
+        }
+        // SAFETY: the range is the cache's allocation, alive while `kv` is.
+        let all = unsafe { std::slice::from_raw_parts(range.ptr, range.len) };
+        assert_eq!(&all[memory.block_offset(2)..][..bytes.len()], &bytes[..]);
+        assert!(
+            all[memory.slab_offset..].iter().all(|&b| b == 0),
+            "writing every block leaves the slab alone"
+        );
     }
 
     #[test]

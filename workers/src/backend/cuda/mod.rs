@@ -83,7 +83,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKerne
 
 use crate::backend::{
     AttentionShape, Backend, BackendError, BatchPlan, DType, DeviceRange, DeviceSampler,
-    ForwardLayers, HostRange, HostTensor, KvBlockIo, KvBytes, KvBytesMut,
+    EXPORT_SLOT_BYTES, ForwardLayers, HostRange, HostTensor, KvBlockIo, KvBytes, KvBytesMut,
+    KvCacheMemory,
 };
 use crate::kv_cache::{KvDType, KvLayout};
 
@@ -571,7 +572,7 @@ impl CudaBackend {
         let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
         let mut b = self.stream.launch_builder(launch.kernel);
         b.arg(q)
-            .arg(&kv.data)
+            .arg(&*kv.data)
             .arg(batch.positions())
             .arg(batch.seq_token_start())
             .arg(batch.seq_token_count())
@@ -672,7 +673,7 @@ impl CudaBackend {
         let pf = self.take_prefetch(rows);
         let mut b = self.stream.launch_builder(kernel);
         b.arg(q)
-            .arg(&kv.data)
+            .arg(&*kv.data)
             .arg(batch.positions())
             .arg(batch.token_seq())
             .arg(batch.seq_block_start())
@@ -901,19 +902,34 @@ impl Backend for CudaBackend {
             });
         }
         // One block more than asked for: the scratch block CUDA-graph dummies write into
-        // (`CudaKvCache::scratch_block`), which must lie inside the allocation.
-        let elems = layout.block_elems().checked_mul(num_blocks + 1).ok_or(
-            BackendError::KvCacheTooLarge {
-                num_blocks,
-                block_bytes: layout.block_bytes(),
-            },
-        )?;
-        let data = self.stream.alloc_zeros::<u16>(elems.max(1)).map_err(|_| {
-            BackendError::KvCacheTooLarge {
-                num_blocks,
-                block_bytes: layout.block_bytes(),
-            }
-        })?;
+        // (`CudaKvCache::scratch_block`), which must lie inside the allocation; then the
+        // export slab (`KvCacheMemory`).
+        let too_large = || BackendError::KvCacheTooLarge {
+            num_blocks,
+            block_bytes: layout.block_bytes(),
+        };
+        let slab_elems = num_blocks * EXPORT_SLOT_BYTES / 2;
+        let elems = layout
+            .block_elems()
+            .checked_mul(num_blocks + 1)
+            .and_then(|blocks| blocks.checked_add(slab_elems))
+            .ok_or_else(too_large)?
+            .max(1);
+        self.ctx.bind_to_thread().map_err(|_| too_large())?;
+        // Plain `cuMemAlloc`, not the stream-ordered allocator: CUDA IPC can share only such
+        // memory, and a context worker hands the cache to decode workers of its host through
+        // one IPC handle of it.
+        // SAFETY: a fresh allocation, zeroed below before anything reads it.
+        let ptr =
+            unsafe { cudarc::driver::result::malloc_sync(elems * 2) }.map_err(|_| too_large())?;
+        // SAFETY: `ptr` is the `elems * 2` bytes just allocated.
+        if let Err(e) = unsafe { cudarc::driver::result::memset_d8_sync(ptr, 0, elems * 2) } {
+            // SAFETY: allocated above, freed once.
+            let _ = unsafe { cudarc::driver::result::free_sync(ptr) };
+            return Err(device_error("zeroing the KV cache", &e));
+        }
+        // SAFETY: `ptr` holds `elems` u16s; the cache frees it with `free_sync` (`Drop`).
+        let data = unsafe { self.stream.upgrade_device_ptr::<u16>(ptr, elems) };
         let map = self.kv_tensor_map(layout, num_blocks + 1, &data);
         let has_tensor_map = map.is_some();
         let tensor_map = self
@@ -923,7 +939,7 @@ impl Backend for CudaBackend {
         Ok(CudaKvCache {
             layout: *layout,
             num_blocks,
-            data,
+            data: std::mem::ManuallyDrop::new(data),
             tensor_map,
             has_tensor_map,
         })
@@ -1128,7 +1144,7 @@ impl Backend for CudaBackend {
             .arg(batch.rope_cos())
             .arg(batch.rope_sin())
             .arg(batch.slot_mapping())
-            .arg(&mut kv.data)
+            .arg(&mut *kv.data)
             .arg(&heads)
             .arg(&kv_heads)
             .arg(&dim)
@@ -1353,6 +1369,10 @@ impl DeviceSampler<CudaTensor> for CudaBackend {
 /// Host memory through the pinned staging buffer, or straight for a range pinned by
 /// [`KvBlockIo::pin_host_memory`] (`staging.rs`); device memory in one `copy_kv_blocks` launch.
 impl KvBlockIo for CudaBackend {
+    fn kv_cache_memory(&self, kv: &CudaKvCache) -> Option<KvCacheMemory> {
+        Some(kv.memory(&self.stream))
+    }
+
     unsafe fn pin_host_memory(&self, range: HostRange) -> Result<bool, BackendError> {
         // SAFETY: the caller keeps the range mapped as long as this backend lives.
         unsafe { self.kv_staging.pin(&self.ctx, range) }?;

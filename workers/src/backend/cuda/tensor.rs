@@ -1,13 +1,14 @@
 //! Device memory of the CUDA backend: activations, weights, the KV cache, and one forward's
 //! batch metadata.
 
+use std::mem::ManuallyDrop;
 use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
 
-use crate::backend::{BackendError, DType, HostTensor};
+use crate::backend::{BackendError, DType, DeviceRange, HostTensor, KvCacheMemory, KvMemory};
 use crate::kv_cache::KvLayout;
 
 /// Element storage: f32, or bf16 as its bit pattern (`u16`).
@@ -175,17 +176,36 @@ fn extend_bf16_bits(out: &mut Vec<u16>, t: &HostTensor<'_>) {
     }
 }
 
-/// The paged KV cache: `num_blocks` blocks of `layout` (bf16) in one device allocation, plus
-/// the scratch block after them (`scratch_block`).
+/// The paged KV cache: `num_blocks` blocks of `layout` (bf16) in one device allocation
+/// (`cuMemAlloc`, so that CUDA IPC can share it), plus the scratch block after them
+/// (`scratch_block`), then the export slab ([`KvCacheMemory`]).
 pub struct CudaKvCache {
     pub(super) layout: KvLayout,
     /// Blocks handed to sequences (the scratch block not counted).
     pub(super) num_blocks: usize,
-    pub(super) data: CudaSlice<u16>,
+    /// Freed by `Drop` with `cuMemFree` (the slice's own drop would free it stream-ordered,
+    /// which is for memory of the stream-ordered allocator only).
+    pub(super) data: ManuallyDrop<CudaSlice<u16>>,
     /// The cache as a TMA tensor map in device memory (`flash_wgmma.cu` copies its tiles with
     /// it), where the kernels and the layout allow one; else 128 zero bytes.
     pub(super) tensor_map: CudaSlice<u8>,
     pub(super) has_tensor_map: bool,
+}
+
+impl Drop for CudaKvCache {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here.
+        let data = unsafe { ManuallyDrop::take(&mut self.data) };
+        let stream = Arc::clone(data.stream());
+        // The stream's last kernels may still read the cache.
+        let _ = stream.synchronize();
+        let ptr = data.leak();
+        // SAFETY: allocated by `malloc_sync` in `alloc_kv_cache`, freed once, after the stream
+        // that used it is idle.
+        if let Err(e) = unsafe { cudarc::driver::result::free_sync(ptr) } {
+            tracing::debug!("freeing the KV cache: {e}");
+        }
+    }
 }
 
 impl CudaKvCache {
@@ -223,6 +243,21 @@ impl CudaKvCache {
 
     pub fn layout(&self) -> KvLayout {
         self.layout
+    }
+
+    /// Where the cache lies: its blocks, the scratch block, then the export slab.
+    pub fn memory(&self, stream: &CudaStream) -> KvCacheMemory {
+        let block_bytes = self.layout.block_bytes();
+        let (ptr, _sync) = self.data.device_ptr(stream);
+        KvCacheMemory {
+            memory: KvMemory::Device(DeviceRange {
+                ptr,
+                len: self.data.len() * 2,
+            }),
+            block_bytes,
+            num_blocks: self.num_blocks,
+            slab_offset: (self.num_blocks + 1) * block_bytes,
+        }
     }
 
     /// The block after the last usable one, never handed out: the dummy sequences that pad a

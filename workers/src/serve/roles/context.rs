@@ -4,10 +4,10 @@
 //! prompt's tokens in the [`ExportLedger`]'s budget, or waits in the backlog until releases
 //! and expiries make room. It then runs as a prefill-only engine request with a fixed seed
 //! (drawn here when the client gave none, and sent along so the decode worker continues the
-//! same random stream). When its first token is out, the engine copies the prompt's K/V into
-//! an export ([`super::export`]; its blocks are free again at once), the ledger holds the
-//! export, and the worker answers `kv_ready` with the handle, signed for the request with the
-//! deployment's KV secret ([`crate::serve::kv_auth`]). A request that ends at its first
+//! same random stream). When its first token is out, the prompt's blocks are exported
+//! ([`super::export`]: read in place, pinned until the export is dropped, or copied out and
+//! freed at once), the ledger holds the export, and the worker answers `kv_ready` with the
+//! handle, signed for the request with the deployment's KV secret ([`crate::serve::kv_auth`]). A request that ends at its first
 //! token (a stop token or stop string, or `max_tokens` 1) is answered here in full instead.
 //!
 //! Its own inbox: decode workers' releases (`kv.release.{worker_id}`), and a sweep every 50 ms
@@ -70,7 +70,7 @@ impl ContextRole {
             worker,
             exporter: Exporter::new(settings),
             ledger: Mutex::new(ExportLedger::new(
-                settings.max_tokens_in_buffer,
+                export_budget(settings),
                 settings.kv_transfer_timeout,
             )),
             backlog: Mutex::new(VecDeque::new()),
@@ -148,7 +148,8 @@ impl ContextRole {
                 retained_kv: Some(retained),
                 ..
             }) => {
-                let blocks = retained.block_table.len();
+                let block_table = retained.block_table.clone();
+                let blocks = block_table.len();
                 let num_tokens = retained.num_tokens;
                 // The first token goes to the decode worker whole: it reports its logprobs.
                 let first = seen.iter().find_map(|e| match &e.kind {
@@ -173,7 +174,7 @@ impl ContextRole {
                     .export(
                         &self.worker.engine,
                         engine_id,
-                        blocks,
+                        &block_table,
                         job.kv_reader.as_ref(),
                     )
                     .await;
@@ -319,6 +320,27 @@ impl ContextRole {
             }
             Err(e) => tracing::warn!("ignoring a malformed KV release: {e}"),
         }
+    }
+}
+
+/// The ledger's token budget: `max_tokens_in_buffer`, and where exports are read in place
+/// (they pin the prompt's blocks in the cache) no more than the cache holds, so that the
+/// exports and the prefills admitted beside them fit it (up to the rounding of prompts to
+/// whole blocks) rather than prefills queueing in the engine behind blocks that only a release
+/// or an expiry frees.
+fn export_budget(settings: &BusSettings) -> usize {
+    let in_place = settings.host_cache.is_some() || settings.device_cache.is_some();
+    let cache_tokens = settings.total_kv_blocks * settings.layout.block_size;
+    if in_place && settings.max_tokens_in_buffer > cache_tokens {
+        tracing::info!(
+            max_tokens_in_buffer = settings.max_tokens_in_buffer,
+            cache_tokens,
+            "exports pin their blocks in the KV cache: at most the cache's tokens are held for \
+             decode workers"
+        );
+        cache_tokens
+    } else {
+        settings.max_tokens_in_buffer
     }
 }
 

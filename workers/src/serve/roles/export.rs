@@ -1,7 +1,13 @@
-//! A prefill's K/V leaving the context worker: which transport holds the export (device memory
-//! for a CUDA IPC reader on this host, else host memory for UCX), the engine's copy into it,
-//! its seal ([`crate::transfer::seal`]), and the [`KvHandle`] that tells the decode worker
-//! where to read and which seal to check.
+//! A prefill's K/V leaving the context worker: how the decode worker will read it, its seal
+//! ([`crate::transfer::seal`]), and the [`KvHandle`] that tells the decode worker where to read
+//! and which seal to check.
+//!
+//! Where the transport can read the KV cache itself ([`crate::transfer::cache`]: CUDA IPC for
+//! a GPU reader of this host, UCX on a CPU worker), the export is the prompt's blocks in
+//! place, pinned until the export is dropped: no copy, and no pool whose cap could make a
+//! hand-over fall back. Otherwise (a GPU worker's cache, read over UCX by another host or a CPU
+//! decode worker) the engine copies the blocks into host memory the transport registered,
+//! and frees them.
 
 use tandem_protocol::messages::{
     KvDTypeSpec, KvHandle, KvLayoutSpec, KvPeer, KvRegion, KvTransportKind, TokenEvent,
@@ -12,6 +18,21 @@ use crate::engine::{EngineHandle, RequestId};
 use crate::kv_cache::{KvDType, KvLayout};
 use crate::serve::bus::BusSettings;
 use crate::transfer::{Exported, RemoteMemory, to_hex};
+
+/// Unpins an export's blocks when dropped (the engine's blocks of a prefill-only request,
+/// retained after it): the keepalive of an export read in place, dropped only after its seal
+/// was zeroed.
+struct Unpin {
+    engine: EngineHandle,
+    engine_id: RequestId,
+}
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        // An engine that stopped has let go of its cache anyway.
+        let _ = self.engine.release_kv(self.engine_id);
+    }
+}
 
 /// The layout as the wire contract spells it.
 pub fn layout_spec(layout: &KvLayout) -> KvLayoutSpec {
@@ -29,10 +50,10 @@ pub fn layout_spec(layout: &KvLayout) -> KvLayoutSpec {
     }
 }
 
-/// Whether a prefill's K/V is exported into device memory for CUDA IPC rather than into host
-/// memory for UCX: only for a reader that reads CUDA IPC on this worker's host, when this
-/// worker has a CUDA IPC pool. Any other reader (another host, a CPU worker, an api-server
-/// that did not say) gets a host export, which every decode worker can pull.
+/// Whether a prefill's K/V is exported for CUDA IPC (read out of this worker's GPU cache)
+/// rather than for UCX: only for a reader that reads CUDA IPC on this worker's host, when this
+/// worker's cache is shared over CUDA IPC. Any other reader (another host, a CPU worker, an
+/// api-server that did not say) gets a host export, which every decode worker can pull.
 pub fn exports_on_device(reader: Option<&KvPeer>, host_id: &str, has_cuda_ipc: bool) -> bool {
     has_cuda_ipc && reader.is_some_and(|r| r.cuda_ipc && r.host_id == host_id)
 }
@@ -45,24 +66,28 @@ pub struct HandleSource<'a> {
     pub layout: &'a KvLayout,
 }
 
-/// The regions of a handle for `exported` (the blocks back to back): one for the whole
-/// buffer when the reader reads regions of several blocks (`coalesced`), else one per block.
-/// The single region keeps a handle a few hundred bytes for any prompt; one per block takes
-/// about 40 bytes of the bus's `max_payload` per block (8,192 blocks for a 128k-token prompt
-/// in blocks of 16).
+/// The regions of a handle for `exported`: runs of adjacent blocks merged into one region
+/// when the reader reads regions of several blocks (`coalesced`), else one region per block.
+/// An export copied out of the cache is one run (its blocks back to back), so its handle is a
+/// few hundred bytes for any prompt; blocks read in place are as adjacent as the cache
+/// allocated them. One region per block takes about 40 bytes of the bus's `max_payload` per
+/// block (8,192 blocks for a 128k-token prompt in blocks of 16).
 pub fn handle_regions(exported: &Exported, block_bytes: u64, coalesced: bool) -> Vec<KvRegion> {
-    if coalesced {
-        return vec![KvRegion {
-            addr: exported.addr,
-            len: exported.len,
-        }];
+    let mut out: Vec<KvRegion> = Vec::new();
+    for &(addr, len) in &exported.regions {
+        if coalesced {
+            match out.last_mut() {
+                Some(last) if last.addr + last.len == addr => last.len += len,
+                _ => out.push(KvRegion { addr, len }),
+            }
+        } else {
+            out.extend((0..len / block_bytes).map(|i| KvRegion {
+                addr: addr + i * block_bytes,
+                len: block_bytes,
+            }));
+        }
     }
-    (0..exported.len / block_bytes)
-        .map(|i| KvRegion {
-            addr: exported.addr + i * block_bytes,
-            len: block_bytes,
-        })
-        .collect()
+    out
 }
 
 /// The handle of an exported request, unsigned; `coalesced`: its reader reads regions of
@@ -126,52 +151,56 @@ impl Exporter {
     pub fn kv_peer(&self) -> KvPeer {
         KvPeer {
             host_id: self.kv.host_id.clone(),
-            cuda_ipc: self.kv.cuda_ipc.is_some(),
+            cuda_ipc: self.kv.device_cache.is_some(),
             coalesced_regions: false,
         }
     }
 
-    /// Exports the `blocks` retained by `engine_id`: reserves memory of the transport that
-    /// suits `reader` (device memory for a CUDA IPC reader on this host, else host memory for
-    /// UCX) and has the engine copy the blocks straight in (its blocks are freed either way),
-    /// then seals it: the copy is complete when the engine hands the buffer back. Returns the
-    /// export and the name of the transport that holds it.
+    /// Exports the `blocks` retained by `engine_id` for `reader`: in place where a transport
+    /// reads the cache (CUDA IPC for a reader of this host that reads it, else UCX on a CPU
+    /// worker), the blocks pinned until the export is dropped; else copied by the engine into
+    /// host memory registered for UCX, the blocks freed at once. Either way the export is
+    /// sealed before this returns. Returns the export and the name of the transport that
+    /// reads it. On an error the blocks are freed.
     pub async fn export(
         &self,
         engine: &EngineHandle,
         engine_id: RequestId,
-        blocks: usize,
+        blocks: &[u32],
         reader: Option<&KvPeer>,
     ) -> Result<(Exported, KvTransportKind), String> {
-        let len = blocks * self.kv.layout.block_bytes();
-        let on_device = self
-            .kv
-            .cuda_ipc
-            .as_ref()
-            .filter(|_| exports_on_device(reader, &self.kv.host_id, true));
-        let mut reserved = None;
-        if let Some(device) = on_device {
-            match device.reserve(len).await {
-                Ok(buffer) => reserved = Some((buffer, device.backend())),
-                Err(e) => tracing::warn!("{e}: exporting through host memory (UCX) instead"),
+        let in_place = match (&self.kv.device_cache, &self.kv.cuda_ipc) {
+            (Some(cache), Some(device)) if exports_on_device(reader, &self.kv.host_id, true) => {
+                Some((cache, device.backend()))
             }
+            _ => self
+                .kv
+                .host_cache
+                .as_ref()
+                .map(|cache| (cache, self.kv.host.backend())),
+        };
+        if let Some((cache, backend)) = in_place {
+            let unpin = Box::new(Unpin {
+                engine: engine.clone(),
+                engine_id,
+            });
+            let exported = cache.export(blocks, unpin).map_err(|e| e.to_string())?;
+            return Ok((exported, backend));
         }
-        let (buffer, backend) = match reserved {
-            Some(reserved) => reserved,
-            None => match self.kv.host.reserve(len).await {
-                Ok(buffer) => (buffer, self.kv.host.backend()),
-                Err(e) => {
-                    let _ = engine.release_kv(engine_id);
-                    return Err(e.to_string());
-                }
-            },
+        let len = blocks.len() * self.kv.layout.block_bytes();
+        let buffer = match self.kv.host.reserve(len).await {
+            Ok(buffer) => buffer,
+            Err(e) => {
+                let _ = engine.release_kv(engine_id);
+                return Err(e.to_string());
+            }
         };
         let buffer = engine
             .take_retained_kv_into(engine_id, buffer)
             .await
             .map_err(|e| e.to_string())?;
         let exported = buffer.finish().map_err(|e| e.to_string())?;
-        Ok((exported, backend))
+        Ok((exported, self.kv.host.backend()))
     }
 }
 
@@ -273,6 +302,29 @@ mod tests {
         let seal = handle.seal.expect("the export's seal is named");
         assert_eq!(seal.addr, 4096 + 3 * 128, "after the K/V");
         assert_eq!(seal.nonce, "5e".repeat(16));
+    }
+
+    #[test]
+    fn blocks_read_in_place_are_one_region_each_or_merged_where_adjacent() {
+        let exported = Exported {
+            regions: vec![(1024, 128), (1152, 128), (640, 128), (768, 128)],
+            ..Exported::fixture()
+        };
+        let region = |addr, len| KvRegion { addr, len };
+        assert_eq!(
+            handle_regions(&exported, 128, true),
+            vec![region(1024, 256), region(640, 256)],
+            "runs of adjacent blocks, in the prompt's order"
+        );
+        assert_eq!(
+            handle_regions(&exported, 128, false),
+            vec![
+                region(1024, 128),
+                region(1152, 128),
+                region(640, 128),
+                region(768, 128)
+            ]
+        );
     }
 
     #[test]

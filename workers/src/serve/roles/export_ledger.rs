@@ -3,8 +3,12 @@
 //! [`ExportLedger`] bounds the exports by a token budget (`max_tokens_in_buffer`: a prefill
 //! reserves its prompt's tokens before it starts, and jobs wait for room instead of growing
 //! it), holds each export until the decode worker's release or until it expires
-//! (`kv_transfer_timeout_ms`), whichever comes first, and counts both for heartbeats. The
-//! memory itself belongs to the transport; the ledger keeps each [`Exported`] alive.
+//! (`kv_transfer_timeout_ms`), whichever comes first, and counts both for heartbeats. An
+//! export read in place is the prompt's blocks pinned in the KV cache, so the budget bounds
+//! how much of the cache exports may pin, and the expiry frees what dead or slow decode
+//! workers never release: the context worker's own prefills are never starved for good. The
+//! memory itself belongs to the transport (or the engine); the ledger keeps each
+//! [`Exported`] alive.
 //!
 //! An expired export is not unregistered at once: it lingers for [`EXPIRED_EXPORT_GRACE`]
 //! outside the budget. A decode worker bounds its pull by the handle's expiry, but a pull
@@ -43,8 +47,8 @@ pub struct ExportLedger {
     releases: u64,
     /// Releases of no held export ([`KvTransferStats::unmatched_releases`]).
     unmatched_releases: u64,
-    /// Expired exports and when they may be unregistered.
-    lingering: Vec<(Instant, Exported)>,
+    /// Expired exports, when they may be unregistered, and the blocks they pin.
+    lingering: Vec<(Instant, Exported, usize)>,
 }
 
 impl ExportLedger {
@@ -115,7 +119,7 @@ impl ExportLedger {
     /// Ends the exports whose time is up (they linger for [`EXPIRED_EXPORT_GRACE`], outside
     /// the budget) and unregisters those whose grace is over; returns the newly expired ids.
     pub fn expire(&mut self, now: Instant) -> Vec<String> {
-        self.lingering.retain(|(until, _)| *until > now);
+        self.lingering.retain(|(until, _, _)| *until > now);
         let expired: Vec<String> = self
             .held
             .iter()
@@ -127,7 +131,7 @@ impl ExportLedger {
                 self.unreserve(held.tokens);
                 self.expirations += 1;
                 self.lingering
-                    .push((now + EXPIRED_EXPORT_GRACE, held.exported));
+                    .push((now + EXPIRED_EXPORT_GRACE, held.exported, held.blocks));
             }
         }
         expired
@@ -150,9 +154,17 @@ impl ExportLedger {
         self.held.is_empty()
     }
 
+    /// The heartbeat's `kv_transfer`: `pinned_blocks` counts the blocks of every export still
+    /// alive, lingering ones too (an export read in place pins them in the cache until then).
     pub fn stats(&self) -> KvTransferStats {
+        let lingering: usize = self.lingering.iter().map(|&(_, _, blocks)| blocks).sum();
         KvTransferStats {
-            pinned_blocks: self.held.values().map(|held| held.blocks as u32).sum(),
+            pinned_blocks: self
+                .held
+                .values()
+                .map(|held| held.blocks as u32)
+                .sum::<u32>()
+                + lingering as u32,
             pinned_tokens: self.held.values().map(|held| held.tokens as u32).sum(),
             expirations: self.expirations,
             releases: self.releases,
@@ -199,10 +211,16 @@ mod tests {
         );
         assert!(ledger.try_reserve(100), "but no longer in the budget");
         assert!(ledger.is_empty());
+        assert_eq!(
+            ledger.stats().pinned_blocks,
+            4,
+            "its blocks stay pinned while it lingers"
+        );
         ledger.expire(at + EXPIRED_EXPORT_GRACE / 2);
         assert!(!is_set(&expired));
         ledger.expire(at + EXPIRED_EXPORT_GRACE);
         assert!(is_set(&expired), "unregistered once the grace is over");
+        assert_eq!(ledger.stats().pinned_blocks, 0);
     }
 
     #[test]

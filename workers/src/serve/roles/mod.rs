@@ -34,6 +34,7 @@ pub(super) use generation::GenerationRole;
 use super::bus::{BusError, BusSettings};
 use crate::kv_cache::KvLayout;
 use crate::transfer::KvTransport;
+use crate::transfer::cache::ExposedCache;
 
 /// This worker's ways of moving K/V, shared by its exporter or its puller.
 pub(super) struct KvTransports {
@@ -43,6 +44,12 @@ pub(super) struct KvTransports {
     pub host: Arc<dyn KvTransport>,
     /// Device-to-device transfers (CUDA IPC), with GPU workers of this host.
     pub cuda_ipc: Option<Arc<dyn KvTransport>>,
+    /// A context worker's host cache registered with `host` (a CPU worker): exports are read
+    /// straight out of it.
+    pub host_cache: Option<Arc<ExposedCache>>,
+    /// A context worker's GPU cache shared over `cuda_ipc`: exports to GPU readers of this host
+    /// are read straight out of it.
+    pub device_cache: Option<Arc<ExposedCache>>,
     /// This machine ([`crate::transfer::host_id`]): CUDA IPC only within it.
     pub host_id: String,
 }
@@ -53,6 +60,8 @@ impl KvTransports {
             layout: settings.layout,
             host: Arc::clone(&settings.transport),
             cuda_ipc: settings.cuda_ipc.clone(),
+            host_cache: settings.host_cache.clone(),
+            device_cache: settings.device_cache.clone(),
             host_id: settings.host_id.clone(),
         }
     }
