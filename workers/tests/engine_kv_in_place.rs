@@ -105,7 +105,7 @@ async fn a_prefill_is_handed_over_in_place_and_its_blocks_stay_pinned_until_the_
                 retained = retained_kv;
                 break;
             }
-            EventKind::RoomReserved { .. } => {}
+            EventKind::RoomReserved { .. } | EventKind::PromptLogprobs { .. } => {}
         }
     }
     let (first, retained) = (first.expect("a first token"), retained.expect("retained"));
