@@ -40,6 +40,12 @@
 #ifndef WG_PV_SPLIT
 #define WG_PV_SPLIT 0
 #endif
+// 1: the two consumer warpgroups take turns issuing their products (named barriers), so one's
+// softmax runs while the other's products run (FlashAttention-3's ping-pong); 0: each issues
+// when ready.
+#ifndef WG_PINGPONG
+#define WG_PINGPONG 1
+#endif
 // Shared-memory stages: the producer runs up to WG_STAGES tiles ahead of the slower consumer.
 #ifndef WG_STAGES
 #define WG_STAGES 4
@@ -157,6 +163,15 @@ __device__ __forceinline__ void tma_kv_box(u32 dst, const unsigned char* map, in
         "[%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(dst),
         "l"(map), "r"(d0), "r"(head), "r"(0), "r"(kv_layer), "r"(block), "r"(bar)
         : "memory");
+}
+
+// Named barriers (0 is __syncthreads): warpgroup w waits on 1 + w for its turn to issue, and
+// hands the turn over by arriving on the other's. 256 threads: its own 128 and the other's.
+__device__ __forceinline__ void turn_wait(int wg) {
+    asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
+}
+__device__ __forceinline__ void turn_pass(int wg) {
+    asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
 }
 
 // Threads of a block: two consumer warpgroups and a producer warpgroup that does every copy (WgmmaFlashConfig::threads in kernels.rs). The block starts with 168
@@ -441,17 +456,26 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
     for (int k = 0; k < PK; ++k) pa_prev[k][0] = pa_prev[k][1] = pa_prev[k][2] = pa_prev[k][3] = 0u;
     u32 v_prev = base + WG_TILE_BYTES;
     int st = 0, use = 0, prev_st = -1;
+#if WG_PINGPONG
+    if (wg == 1) turn_pass(1);  // the first turn is warpgroup 0's
+#endif
     for (int kt = 0; kt < n_keys; kt += WG_KEYS) {
         mbar_wait(full0 + 8 * st, use & 1);
         fence_proxy_async();
         const u32 k_base = base + st * WG_STAGE_BYTES;
         float sc[WG_KEYS / 2];
         u32 pa[PK][4];
+#if WG_PINGPONG
+        turn_wait(wg);
+#endif
         wgmma_fence();
         issue_s(sc, k_base);
         wgmma_commit();
         issue_pv(pa_prev, v_prev);
         wgmma_commit();
+#if WG_PINGPONG
+        turn_pass(wg);
+#endif
         hold_o();
         wgmma_wait<1>();
         hold_s(sc);
@@ -479,9 +503,16 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
             ++use;
         }
     }
+#if WG_PINGPONG
+    turn_wait(wg);
+#endif
     wgmma_fence();
     issue_pv(pa_prev, v_prev);
     wgmma_commit();
+#if WG_PINGPONG
+    // Warpgroup 1's last turn is the last of all: nobody waits for a pass after it.
+    if (wg == 0) turn_pass(0);
+#endif
     hold_o();
     wgmma_wait<0>();
     hold_o();
