@@ -306,6 +306,16 @@ pub fn plan(
         }
     }
 
+    // One KV block size for the whole deployment, since context and decode workers hand K/V
+    // over in blocks: where a group leaves it unset, the GPU size if any worker of the config
+    // (started here or not: `--only` launchers of one config must agree) is on a GPU.
+    let any_gpu = [&config.context_servers, &config.generation_servers]
+        .into_iter()
+        .any(|group| (0..group.instances()).any(|i| group.device_of(i) != "cpu"));
+    for worker in &mut workers {
+        worker.args.block_size = Some(worker.args.block_size_on(any_gpu));
+    }
+
     // CPU workers on one host share its cores rather than each taking all of them.
     let cpu_workers = workers.iter().filter(|w| w.device() == "cpu").count();
     if cpu_workers > 1 {
@@ -411,10 +421,7 @@ fn group_args(
     let mut args = WorkerArgs {
         role: Some(role),
         kv_cache_tokens: group.kv_cache_config.max_tokens,
-        block_size: group
-            .kv_cache_config
-            .block_size
-            .unwrap_or(defaults.block_size),
+        block_size: group.kv_cache_config.block_size,
         max_num_seqs: group.max_batch_size.unwrap_or(defaults.max_num_seqs),
         max_queued_requests: group.max_queued_requests,
         max_num_batched_tokens: group
@@ -594,6 +601,31 @@ mod tests {
             .collect();
         let at = api.iter().position(|a| a == "--max-local-prefill-length");
         assert_eq!(at.map(|i| api[i + 1].as_str()), Some("0"), "{api:?}");
+    }
+
+    #[test]
+    fn a_deployment_gets_one_block_size_the_gpu_one_if_any_worker_is_on_a_gpu() {
+        let blocks = |yaml: &str| {
+            let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+            let plan = plan(Some(&config), "/m".into(), None, &Overrides::default(), 8).unwrap();
+            plan.workers
+                .iter()
+                .map(|w| w.args.block_size)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(blocks("port: 1"), [Some(16), Some(16)]);
+        // A CPU context worker hands K/V to a GPU decode worker: both take the GPU's size.
+        assert_eq!(
+            blocks("generation_servers: { device: \"cuda:0\" }"),
+            [Some(64), Some(64)]
+        );
+        // A group's own size stays; the other group takes the default.
+        assert_eq!(
+            blocks(
+                "generation_servers: { device: \"cuda:0\", kv_cache_config: { block_size: 32 } }"
+            ),
+            [Some(64), Some(32)]
+        );
     }
 
     #[test]

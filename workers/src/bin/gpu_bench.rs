@@ -145,7 +145,16 @@ fn main() -> Result<()> {
     }
 }
 
-const BLOCK: usize = 16;
+/// Tokens per KV block: 16 (the workers' default) unless `TANDEM_BENCH_BLOCK` says otherwise,
+/// to measure what the block size does to the kernels (the TMA boxes of prefill attention
+/// are one block each).
+static BLOCK_SIZE: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+    std::env::var("TANDEM_BENCH_BLOCK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&b: &usize| b > 0)
+        .unwrap_or(16)
+});
 
 /// A model, its cache, and a bump allocator of blocks for sequences.
 struct Runner<B: Backend> {
@@ -156,7 +165,7 @@ struct Runner<B: Backend> {
 
 impl<B: Backend> Runner<B> {
     fn new(model: Model<B>, blocks: usize) -> Result<Self> {
-        let kv = model.alloc_kv_cache(BLOCK, blocks)?;
+        let kv = model.alloc_kv_cache(*BLOCK_SIZE, blocks)?;
         Ok(Runner {
             model,
             kv,
@@ -165,7 +174,7 @@ impl<B: Backend> Runner<B> {
     }
 
     fn blocks(&mut self, tokens: usize) -> Vec<u32> {
-        let n = tokens.div_ceil(BLOCK) as u32;
+        let n = tokens.div_ceil(*BLOCK_SIZE) as u32;
         let table = (self.next_block..self.next_block + n).collect();
         self.next_block += n;
         table
@@ -244,10 +253,10 @@ fn check(
     println!("gpu: {}", gpu.backend().describe());
     let total: usize = prompt_lens
         .iter()
-        .map(|l| 3 * (l + steps + 4 * BLOCK))
+        .map(|l| 3 * (l + steps + 4 * *BLOCK_SIZE))
         .sum::<usize>()
         * 3;
-    let blocks = total.div_ceil(BLOCK) + 8;
+    let blocks = total.div_ceil(*BLOCK_SIZE) + 8;
     let mut cpu = Runner::new(cpu, blocks)?;
     let mut gpu = Runner::new(gpu, blocks)?;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -460,9 +469,9 @@ fn ceilings(gpu: &CudaBackend) -> Result<Ceilings> {
     let xw = gpu.upload_weight(&[t])?;
     let plan_tokens: Vec<u32> = (0..dim as u32).map(|i| i % dim as u32).collect();
     let mut batch = ForwardBatch::default();
-    batch.push(&plan_tokens, 0, vec![0; dim.div_ceil(BLOCK)], false);
+    batch.push(&plan_tokens, 0, vec![0; dim.div_ceil(*BLOCK_SIZE)], false);
     let inv_freq = vec![1.0f32; 64];
-    let plan = tandem_workers::backend::BatchPlan::new(&batch, BLOCK, &inv_freq);
+    let plan = tandem_workers::backend::BatchPlan::new(&batch, *BLOCK_SIZE, &inv_freq);
     let meta = gpu.prepare_batch(&plan)?;
     let x32 = gpu.embedding(&xw, &meta)?;
     let x = gpu.rms_norm(&x32, &norm, 1e-5)?;
@@ -508,8 +517,8 @@ fn activation(
     }])?;
     let tokens: Vec<u32> = (0..rows as u32).collect();
     let mut batch = ForwardBatch::default();
-    batch.push(&tokens, 0, vec![0; rows.div_ceil(BLOCK)], false);
-    let plan = tandem_workers::backend::BatchPlan::new(&batch, BLOCK, &[1.0f32; 2]);
+    batch.push(&tokens, 0, vec![0; rows.div_ceil(*BLOCK_SIZE)], false);
+    let plan = tandem_workers::backend::BatchPlan::new(&batch, *BLOCK_SIZE, &[1.0f32; 2]);
     let meta = gpu.prepare_batch(&plan)?;
     let x = gpu.embedding(&table, &meta)?;
     Ok(gpu.rms_norm(&x, &norm, 1e-5)?)
@@ -860,8 +869,13 @@ fn prefill_attention(
         let qkv = gpu.upload_rows(&rows)?;
         let tokens: Vec<u32> = vec![0; len];
         let mut batch = ForwardBatch::default();
-        batch.push(&tokens, 0, (0..len.div_ceil(BLOCK) as u32).collect(), true);
-        let plan = BatchPlan::new(&batch, BLOCK, &vec![1.0f32; shape.head_dim / 2]);
+        batch.push(
+            &tokens,
+            0,
+            (0..len.div_ceil(*BLOCK_SIZE) as u32).collect(),
+            true,
+        );
+        let plan = BatchPlan::new(&batch, *BLOCK_SIZE, &vec![1.0f32; shape.head_dim / 2]);
         let meta = gpu.prepare_batch(&plan)?;
         let flops = causal_attention_flops(len, shape.head_dim * shape.num_heads);
         // Hopper's warpgroup kernel and flash.cu's, the same call: their outputs agree (the
@@ -952,14 +966,14 @@ fn bench(
         kv_dtype: Some(KvDType::Bf16),
     };
     let model = Model::load(dir, backend, &options).context("loading the model")?;
-    let layout = model.kv_layout(BLOCK);
+    let layout = model.kv_layout(*BLOCK_SIZE);
     let (layer_params, lm_head) = matrix_params(&config);
     let weight_bytes = 2.0 * (layer_params + lm_head) as f64;
     let max_batch = batches.iter().copied().max().unwrap_or(1);
     let max_prefill = prefill.iter().copied().max().unwrap_or(0);
-    let per_seq = (context + 1).div_ceil(BLOCK);
-    let blocks = (max_batch * per_seq).max(max_prefill.div_ceil(BLOCK)) + 1;
-    let mut kv = model.alloc_kv_cache(BLOCK, blocks)?;
+    let per_seq = (context + 1).div_ceil(*BLOCK_SIZE);
+    let blocks = (max_batch * per_seq).max(max_prefill.div_ceil(*BLOCK_SIZE)) + 1;
+    let mut kv = model.alloc_kv_cache(*BLOCK_SIZE, blocks)?;
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut rows = Vec::new();
 
@@ -1068,7 +1082,7 @@ fn bench(
 
     for &len in prefill {
         let prompt = random_tokens(&mut rng, len, config.vocab_size);
-        let table: Vec<u32> = (0..len.div_ceil(BLOCK) as u32).collect();
+        let table: Vec<u32> = (0..len.div_ceil(*BLOCK_SIZE) as u32).collect();
         let run = |kv: &mut _| -> Result<(f64, f64)> {
             let mut b = ForwardBatch::default();
             b.push(&prompt, 0, table.clone(), true);

@@ -128,11 +128,9 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
     let role = args.role.ok_or(ServeError::MissingRole)?;
     let model_dir = args.model.clone().ok_or(ServeError::MissingModel)?;
     let device: Device = args.device.parse()?;
-    if let Some(tokens) = args.kv_cache_tokens.filter(|&t| t < args.block_size) {
-        return Err(ServeError::CacheTooSmall {
-            tokens,
-            block_size: args.block_size,
-        });
+    let block_size = args.block_size_on(matches!(device, Device::Cuda(_)));
+    if let Some(tokens) = args.kv_cache_tokens.filter(|&t| t < block_size) {
+        return Err(ServeError::CacheTooSmall { tokens, block_size });
     }
     if !(args.gpu_memory_fraction > 0.0 && args.gpu_memory_fraction <= 1.0) {
         return Err(ServeError::GpuMemoryFraction(args.gpu_memory_fraction));
@@ -162,7 +160,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
             role,
             args.cuda_ipc_pool_mb,
             args.max_tokens_in_buffer,
-            &model.kv_layout(args.block_size),
+            &model.kv_layout(block_size),
         )
         .and_then(|pool_bytes| start_cuda_ipc(ordinal, pool_bytes, &host_id)),
         Device::Cpu => None,
@@ -175,8 +173,8 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         gpu_memory_fraction: args.gpu_memory_fraction,
     };
     let config = EngineConfig {
-        block_size: args.block_size,
-        num_blocks: model.kv_blocks(args.block_size, budget)?,
+        block_size,
+        num_blocks: model.kv_blocks(block_size, budget)?,
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_num_seqs: args.max_num_seqs,
         max_model_len: Some(max_model_len),
@@ -197,7 +195,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         device = args.device,
         backend,
         kv_blocks = total_blocks,
-        block_size = args.block_size,
+        block_size,
         "model loaded in {:.1} s",
         started.elapsed().as_secs_f64()
     );
