@@ -23,8 +23,9 @@
 // fragment order (coalesced), and the last block of a tile to arrive (a counter per tile, reset
 // by that block for the next launch) sums the splits' partials in split order and writes
 // `out`: the result does not depend on which block finishes last, so it is the same at every
-// run (no float atomics), and the split count depends only on the weight's shape, not on the
-// rows, so a row's outputs do not depend on the batch it is in.
+// run (no float atomics). The split count follows the weight's shape and the rows' width
+// (skinny.rs), so, as with cuBLAS's choice of kernel, a row's outputs may differ in rounding
+// between batch sizes.
 //
 // Accumulator fragments (PTX ISA, wgmma .m64nNk16, D 64 x N): warp w of the warpgroup holds
 // rows 16w..16w+15 (features here), g = lane / 4, c = lane % 4:

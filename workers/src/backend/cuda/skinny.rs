@@ -39,23 +39,30 @@ pub(super) fn width_for(rows: usize) -> Option<(usize, usize)> {
         .map(|(i, &w)| (i, w))
 }
 
+/// Most bytes of partial sums a split launch may take from the allocator.
+const SKINNY_MAX_PARTIAL_BYTES: usize = 64 << 20;
+
 /// Splits of K over blocks for a weight of `tiles` tiles of 128 outputs and `k_steps` steps of
-/// 64 inputs on `sms` multiprocessors (one block each): the count that minimizes the waves of
-/// blocks per unit of work (a tile's whole K is 1), plus 1% a split for the partial sums'
-/// traffic; at least 4 steps a split. A function of the weight's shape only, never of the
-/// rows, so a row's outputs are the same at every batch size. Returns (splits, steps a split),
-/// with no split empty.
-pub fn skinny_splits(tiles: usize, k_steps: usize, sms: usize) -> (usize, usize) {
+/// 64 inputs, at `width` (wgmma's N: the rows rounded up), on `sms` multiprocessors (one block
+/// each). A model of the time: waves of blocks times each block's bytes (its W and x tiles,
+/// its partial tile written and read back when split, and 32 KiB for the pipeline's fill),
+/// minimized over 1..=16 splits of at least 4 steps each, within SKINNY_MAX_PARTIAL_BYTES.
+/// Returns (splits, steps a split), with no split empty.
+pub fn skinny_splits(tiles: usize, k_steps: usize, width: usize, sms: usize) -> (usize, usize) {
     let sms = sms.max(1);
     let most = if tiles > SKINNY_COUNTERS {
         1
     } else {
         (k_steps / 4).clamp(1, 16)
     };
-    let cost = |s: usize| (tiles * s).div_ceil(sms) as f64 / s as f64 + 0.01 * s as f64;
-    let best = (1..=most)
-        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
-        .unwrap_or(1);
+    let fits = |s: usize| s == 1 || s * tiles * SKINNY_FEATURES * width * 4 <= SKINNY_MAX_PARTIAL_BYTES;
+    let cost = |s: usize| {
+        let steps = k_steps.div_ceil(s);
+        let tile_bytes = steps * 64 * 2 * (SKINNY_FEATURES + width);
+        let partial_bytes = if s > 1 { 2 * SKINNY_FEATURES * width * 4 } else { 0 };
+        (tiles * s).div_ceil(sms) * (tile_bytes + partial_bytes + (32 << 10))
+    };
+    let best = (1..=most).filter(|&s| fits(s)).min_by_key(|&s| cost(s)).unwrap_or(1);
     let per = k_steps.div_ceil(best).max(1);
     (k_steps.div_ceil(per).max(1), per)
 }
@@ -144,7 +151,7 @@ impl CudaBackend {
         };
         let tiles = n.div_ceil(SKINNY_FEATURES);
         let k_steps = k.div_ceil(64);
-        let (splits, per) = skinny_splits(tiles, k_steps, self.multiprocessors);
+        let (splits, per) = skinny_splits(tiles, k_steps, width, self.multiprocessors);
         // One split writes `out` directly; the partials buffer is then not read.
         let partial_len = if splits > 1 {
             splits * tiles * SKINNY_FEATURES * width
@@ -201,19 +208,30 @@ mod tests {
 
     #[test]
     fn splits_fill_the_multiprocessors_without_empty_splits() {
-        // Llama-3.1-8B on 132 SMs: o (4096 x 4096) and down (4096 x 14336) 4 splits, one
-        // wave of 128 blocks; gate_up (28672 outputs) 4 splits (7 waves of 896 blocks beat 2
-        // waves of 224, the second 70% full); lm_head never split.
-        assert_eq!(skinny_splits(32, 64, 132), (4, 16));
-        assert_eq!(skinny_splits(32, 224, 132), (4, 56));
-        assert_eq!(skinny_splits(224, 64, 132), (4, 16));
-        assert_eq!(skinny_splits(1002, 64, 132), (1, 64));
+        // Llama-3.1-8B on 132 SMs at 32 rows: o (4096 x 4096) and down (4096 x 14336) split
+        // 4 ways, one wave of 128 blocks; qkv (6144 outputs) 5; gate_up (28672: 224 tiles,
+        // 1.7 waves) and lm_head not at all.
+        assert_eq!(skinny_splits(32, 64, 32, 132), (4, 16));
+        assert_eq!(skinny_splits(32, 224, 32, 132), (4, 56));
+        assert_eq!(skinny_splits(48, 64, 32, 132), (5, 13));
+        assert_eq!(skinny_splits(224, 64, 32, 132), (1, 64));
+        assert_eq!(skinny_splits(1002, 64, 32, 132), (1, 64));
+        // At 16 rows gate_up's tail wave costs more than its partial tiles; at 256 rows
+        // qkv's partial tiles cost more than 5 splits gain.
+        assert_eq!(skinny_splits(224, 64, 16, 132), (4, 16));
+        assert_eq!(skinny_splits(48, 64, 256, 132), (2, 32));
+        assert_eq!(skinny_splits(32, 64, 256, 132), (4, 16));
         for tiles in 1..300 {
             for k_steps in 1..100 {
-                let (splits, per) = skinny_splits(tiles, k_steps, 132);
-                assert!(splits >= 1 && per >= 1);
-                // Every split has a step, and together they cover K.
-                assert!((splits - 1) * per < k_steps && splits * per >= k_steps);
+                for width in [16, 256] {
+                    let (splits, per) = skinny_splits(tiles, k_steps, width, 132);
+                    assert!(splits >= 1 && per >= 1);
+                    // Every split has a step, and together they cover K.
+                    assert!((splits - 1) * per < k_steps && splits * per >= k_steps);
+                    assert!(
+                        splits == 1 || splits * tiles * 128 * width * 4 <= SKINNY_MAX_PARTIAL_BYTES
+                    );
+                }
             }
         }
     }
