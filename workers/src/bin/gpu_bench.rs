@@ -840,7 +840,7 @@ fn projections(
         println!("{line}");
     }
     gpu.set_gemv_max_rows(4);
-    // skinny.cu (Hopper) at the decode batches among `rows_list` and at 9, 17, 64, 100, 200,
+    // skinny.cu (Hopper) at the decode batches among `rows_list` and at 8, 9, 17, 64, 100, 200,
     // 256 rows: its weight TB/s next to cuBLAS's in the same call, and its output checked
     // against cuBLAS's.
     let mut failed = Vec::new();
@@ -848,7 +848,7 @@ fn projections(
         let mut skinny_rows: Vec<usize> = rows_list
             .iter()
             .copied()
-            .chain([9, 17, 64, 100, 200, 256])
+            .chain([8, 9, 17, 64, 100, 200, 256])
             .filter(|&r| (5..=tandem_workers::backend::cuda::kernels::SKINNY_MAX_ROWS).contains(&r))
             .collect();
         skinny_rows.sort_unstable();

@@ -55,14 +55,22 @@ pub fn skinny_splits(tiles: usize, k_steps: usize, width: usize, sms: usize) -> 
     } else {
         (k_steps / 4).clamp(1, 16)
     };
-    let fits = |s: usize| s == 1 || s * tiles * SKINNY_FEATURES * width * 4 <= SKINNY_MAX_PARTIAL_BYTES;
+    let fits =
+        |s: usize| s == 1 || s * tiles * SKINNY_FEATURES * width * 4 <= SKINNY_MAX_PARTIAL_BYTES;
     let cost = |s: usize| {
         let steps = k_steps.div_ceil(s);
         let tile_bytes = steps * 64 * 2 * (SKINNY_FEATURES + width);
-        let partial_bytes = if s > 1 { 2 * SKINNY_FEATURES * width * 4 } else { 0 };
+        let partial_bytes = if s > 1 {
+            2 * SKINNY_FEATURES * width * 4
+        } else {
+            0
+        };
         (tiles * s).div_ceil(sms) * (tile_bytes + partial_bytes + (32 << 10))
     };
-    let best = (1..=most).filter(|&s| fits(s)).min_by_key(|&s| cost(s)).unwrap_or(1);
+    let best = (1..=most)
+        .filter(|&s| fits(s))
+        .min_by_key(|&s| cost(s))
+        .unwrap_or(1);
     let per = k_steps.div_ceil(best).max(1);
     (k_steps.div_ceil(per).max(1), per)
 }
@@ -96,7 +104,12 @@ fn tensor_map_2d(ptr: u64, rows: usize, cols: usize, box_rows: usize) -> Option<
         )
     };
     if result != sys::CUresult::CUDA_SUCCESS {
-        tracing::debug!(?result, rows, cols, "no TMA tensor map: the projection uses cuBLAS");
+        tracing::debug!(
+            ?result,
+            rows,
+            cols,
+            "no TMA tensor map: the projection uses cuBLAS"
+        );
         return None;
     }
     // SAFETY: initialized by the successful call above.
