@@ -15,6 +15,8 @@
 #          with TANDEM_SKINNY_GEMM=1 and =0 in separate processes; each run also prints the
 #          table "projections, skinny.cu vs cuBLAS by rows" (weight TB/s of both in the same
 #          call, and skinny's relative L2 against cuBLAS: gpu_bench fails above 1e-3)
+#   splits (not in the default stages) decode at batch 32 and 128 with TANDEM_SKINNY_SPLITS=1,
+#          2, 4, 8 against the model's own choice (tuning the split of K)
 # Output: stdout and $OUT/skinny-*.log, $OUT/skinny-bench-*.json; a summary at the end.
 set -euo pipefail
 # shellcheck source=scripts/device/kit-env.sh
@@ -61,6 +63,18 @@ for stage in $stages; do
         fi
         grep -E '^(workload|decode)' "$log" | tee -a "$summary"
         grep -E 'disagrees|Error' "$log" | tee -a "$summary" || true
+      done
+      ;;
+    splits)
+      dir=$(random_model llama-3.1-8b)
+      for splits in model 1 2 4 8; do
+        log=$out/skinny-splits-$splits.log
+        setting=()
+        [ "$splits" = model ] || setting=(TANDEM_SKINNY_SPLITS="$splits")
+        echo "== splits $splits" | tee -a "$summary"
+        env "${setting[@]}" gpu_bench bench --model "$dir" --batches 32,128 --prefill 512 --iters 20 \
+          >"$log" 2>&1 || echo "  FAILED (see $log)" | tee -a "$summary"
+        grep -E '^decode' "$log" | tee -a "$summary"
       done
       ;;
     *)

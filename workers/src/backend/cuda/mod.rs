@@ -134,6 +134,8 @@ pub struct CudaBackend {
     /// One counter per tile of a `skinny.cu` launch with K split over blocks (its last block
     /// sums the partials); every launch leaves them zero.
     skinny_counters: CudaSlice<u32>,
+    /// Splits of K for every `skinny.cu` launch, when set ([`CudaOptions::skinny_splits`]).
+    skinny_splits: Option<usize>,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -307,6 +309,7 @@ impl CudaBackend {
             flash_wgmma: std::sync::atomic::AtomicBool::new(options.flash_wgmma),
             skinny_gemm: std::sync::atomic::AtomicBool::new(options.skinny_gemm),
             skinny_counters,
+            skinny_splits: options.skinny_splits,
         })
     }
 

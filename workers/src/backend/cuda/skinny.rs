@@ -46,9 +46,16 @@ const SKINNY_MAX_PARTIAL_BYTES: usize = 64 << 20;
 /// 64 inputs, at `width` (wgmma's N: the rows rounded up), on `sms` multiprocessors (one block
 /// each). A model of the time: waves of blocks times each block's bytes (its W and x tiles,
 /// its partial tile written and read back when split, and 32 KiB for the pipeline's fill),
-/// minimized over 1..=16 splits of at least 4 steps each, within SKINNY_MAX_PARTIAL_BYTES.
-/// Returns (splits, steps a split), with no split empty.
-pub fn skinny_splits(tiles: usize, k_steps: usize, width: usize, sms: usize) -> (usize, usize) {
+/// minimized over 1..=16 splits of at least 4 steps each, within SKINNY_MAX_PARTIAL_BYTES;
+/// `fixed` (tuning) takes the place of the model, within the same bounds. Returns (splits,
+/// steps a split), with no split empty.
+pub fn skinny_splits(
+    tiles: usize,
+    k_steps: usize,
+    width: usize,
+    sms: usize,
+    fixed: Option<usize>,
+) -> (usize, usize) {
     let sms = sms.max(1);
     let most = if tiles > SKINNY_COUNTERS {
         1
@@ -67,10 +74,13 @@ pub fn skinny_splits(tiles: usize, k_steps: usize, width: usize, sms: usize) -> 
         };
         (tiles * s).div_ceil(sms) * (tile_bytes + partial_bytes + (32 << 10))
     };
-    let best = (1..=most)
-        .filter(|&s| fits(s))
-        .min_by_key(|&s| cost(s))
-        .unwrap_or(1);
+    let best = match fixed {
+        Some(s) => Some(s.clamp(1, most)).filter(|&s| fits(s)).unwrap_or(1),
+        None => (1..=most)
+            .filter(|&s| fits(s))
+            .min_by_key(|&s| cost(s))
+            .unwrap_or(1),
+    };
     let per = k_steps.div_ceil(best).max(1);
     (k_steps.div_ceil(per).max(1), per)
 }
@@ -164,7 +174,13 @@ impl CudaBackend {
         };
         let tiles = n.div_ceil(SKINNY_FEATURES);
         let k_steps = k.div_ceil(64);
-        let (splits, per) = skinny_splits(tiles, k_steps, width, self.multiprocessors);
+        let (splits, per) = skinny_splits(
+            tiles,
+            k_steps,
+            width,
+            self.multiprocessors,
+            self.skinny_splits,
+        );
         // One split writes `out` directly; the partials buffer is then not read.
         let partial_len = if splits > 1 {
             splits * tiles * SKINNY_FEATURES * width
@@ -224,20 +240,23 @@ mod tests {
         // Llama-3.1-8B on 132 SMs at 32 rows: o (4096 x 4096) and down (4096 x 14336) split
         // 4 ways, one wave of 128 blocks; qkv (6144 outputs) 5; gate_up (28672: 224 tiles,
         // 1.7 waves) and lm_head not at all.
-        assert_eq!(skinny_splits(32, 64, 32, 132), (4, 16));
-        assert_eq!(skinny_splits(32, 224, 32, 132), (4, 56));
-        assert_eq!(skinny_splits(48, 64, 32, 132), (5, 13));
-        assert_eq!(skinny_splits(224, 64, 32, 132), (1, 64));
-        assert_eq!(skinny_splits(1002, 64, 32, 132), (1, 64));
+        assert_eq!(skinny_splits(32, 64, 32, 132, None), (4, 16));
+        assert_eq!(skinny_splits(32, 224, 32, 132, None), (4, 56));
+        assert_eq!(skinny_splits(48, 64, 32, 132, None), (5, 13));
+        assert_eq!(skinny_splits(224, 64, 32, 132, None), (1, 64));
+        assert_eq!(skinny_splits(1002, 64, 32, 132, None), (1, 64));
         // At 16 rows gate_up's tail wave costs more than its partial tiles; at 256 rows
         // qkv's partial tiles cost more than 5 splits gain.
-        assert_eq!(skinny_splits(224, 64, 16, 132), (4, 16));
-        assert_eq!(skinny_splits(48, 64, 256, 132), (2, 32));
-        assert_eq!(skinny_splits(32, 64, 256, 132), (4, 16));
+        assert_eq!(skinny_splits(224, 64, 16, 132, None), (4, 16));
+        assert_eq!(skinny_splits(48, 64, 256, 132, None), (2, 32));
+        assert_eq!(skinny_splits(32, 64, 256, 132, None), (4, 16));
         for tiles in 1..300 {
             for k_steps in 1..100 {
                 for width in [16, 256] {
-                    let (splits, per) = skinny_splits(tiles, k_steps, width, 132);
+                    let (splits, per) = skinny_splits(tiles, k_steps, width, 132, None);
+                    let (fixed, fixed_per) = skinny_splits(tiles, k_steps, width, 132, Some(3));
+                    assert!((fixed - 1) * fixed_per < k_steps && fixed * fixed_per >= k_steps);
+                    assert!(fixed <= 3);
                     assert!(splits >= 1 && per >= 1);
                     // Every split has a step, and together they cover K.
                     assert!((splits - 1) * per < k_steps && splits * per >= k_steps);
