@@ -839,17 +839,17 @@ fn projections(
         }
         println!("{line}");
     }
-    gpu.set_gemv_max_rows(4);
-    // skinny.cu (Hopper) at the decode batches among `rows_list` and at 8, 9, 17, 64, 100, 200,
-    // 256 rows: its weight TB/s next to cuBLAS's in the same call, and its output checked
-    // against cuBLAS's.
+    // skinny.cu (Hopper) at the decode batches among `rows_list` and at 1, 4, 8, 9, 17, 64,
+    // 100, 200, 256 rows (below 5 the GEMV kernel's rows, for comparison with the first table):
+    // its weight TB/s next to cuBLAS's in the same call, and its output checked against
+    // cuBLAS's.
     let mut failed = Vec::new();
     if gpu.skinny_compiled() {
         let mut skinny_rows: Vec<usize> = rows_list
             .iter()
             .copied()
-            .chain([8, 9, 17, 64, 100, 200, 256])
-            .filter(|&r| (5..=tandem_workers::backend::cuda::kernels::SKINNY_MAX_ROWS).contains(&r))
+            .chain([1, 4, 8, 9, 17, 64, 100, 200, 256])
+            .filter(|&r| (1..=tandem_workers::backend::cuda::kernels::SKINNY_MAX_ROWS).contains(&r))
             .collect();
         skinny_rows.sort_unstable();
         skinny_rows.dedup();
@@ -883,6 +883,7 @@ fn projections(
             println!("{line}");
         }
     }
+    gpu.set_gemv_max_rows(4);
     gpu.set_skinny_gemm(skinny_was_on);
     Ok(failed)
 }
