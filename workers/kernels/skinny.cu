@@ -170,10 +170,11 @@ __device__ __forceinline__ void wgmma_ss(float* d, u64 a, u64 b, int scale_d) {
     else wgmma_ss_n256(d, a, b, scale_d);
 }
 
-// A TMA tensor map (CUtensorMap: 128 bytes, 64-byte aligned) passed by value as a
-// `__grid_constant__` kernel parameter: the launch copies it with the other arguments (so does
-// a CUDA graph's kernel node), and TMA reads it from the parameter space.
-struct __align__(64) TmaMap {
+// A TMA tensor map (CUtensorMap: 128 bytes; 64-byte aligned for TMA, 128 in CUDA 13's
+// headers, which this follows) passed by value as a `__grid_constant__` kernel parameter: the
+// launch copies it with the other arguments (so does a CUDA graph's kernel node), and TMA reads
+// it from the parameter space.
+struct __align__(128) TmaMap {
     u64 words[16];
 };
 

@@ -22,8 +22,8 @@ use crate::backend::BackendError;
 pub(super) const SKINNY_COUNTERS: usize = 1024;
 
 /// A TMA tensor map as a kernel parameter (`TmaMap` in skinny.cu: `CUtensorMap`'s 128 bytes,
-/// 64-byte aligned).
-#[repr(C, align(64))]
+/// 128-byte aligned as CUDA 13 declares it).
+#[repr(C, align(128))]
 #[derive(Clone, Copy)]
 pub(super) struct TmaParam([u64; 16]);
 
