@@ -136,6 +136,9 @@ pub struct CudaBackend {
     skinny_counters: CudaSlice<u32>,
     /// Splits of K for every `skinny.cu` launch, when set ([`CudaOptions::skinny_splits`]).
     skinny_splits: Option<usize>,
+    /// Weights' TMA tensor maps for `skinny.cu`, by (address, outputs, inputs): encoded at a
+    /// weight's first projection, then looked up.
+    skinny_weight_maps: skinny::WeightMaps,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -310,6 +313,7 @@ impl CudaBackend {
             skinny_gemm: std::sync::atomic::AtomicBool::new(options.skinny_gemm),
             skinny_counters,
             skinny_splits: options.skinny_splits,
+            skinny_weight_maps: skinny::WeightMaps::default(),
         })
     }
 

@@ -5,11 +5,16 @@
 //! once per step), and cuBLAS ran Llama-3.1-8B's at 1.1-2.6 TB/s of weight bytes on the H100
 //! against a ~3.0 TB/s copy ceiling (docs/benchmarks.md, issue 15).
 //!
-//! Graph capture: the two TMA tensor maps are encoded on the host at each call (a pure host
-//! function of the buffers' addresses and shapes, microseconds) and passed by value as kernel
-//! parameters, which a captured kernel node keeps; the partial sums of a split K come from the
-//! stream's allocator like every activation; the per-tile counters are one buffer of the
-//! backend, left zero by every launch.
+//! Graph capture: the two TMA tensor maps are passed by value as kernel parameters, which a
+//! captured kernel node keeps. The activation's is encoded on the host at each call (a host
+//! function of the buffer's address and shape, no device work); a weight's once, at its first
+//! projection, and kept by its address and shape ([`WeightMaps`]: the map is a pure function
+//! of those, so a later buffer at the same address with the same shape gets the same, right
+//! map). The partial sums of a split K come from the stream's allocator like every
+//! activation; the per-tile counters are one buffer of the backend, left zero by every launch.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -29,6 +34,23 @@ pub(super) struct TmaParam([u64; 16]);
 
 // SAFETY: plain bytes with the size and alignment of the kernel's `TmaMap` parameter.
 unsafe impl DeviceRepr for TmaParam {}
+
+/// Weights' tensor maps by (device address, outputs, inputs); `None`: the driver refused one
+/// (cuBLAS runs that weight).
+#[derive(Default)]
+pub(super) struct WeightMaps(Mutex<HashMap<(u64, usize, usize), Option<TmaParam>>>);
+
+impl WeightMaps {
+    fn get(&self, ptr: u64, n: usize, k: usize) -> Option<TmaParam> {
+        let mut maps = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *maps
+            .entry((ptr, n, k))
+            .or_insert_with(|| tensor_map_2d(ptr, n, k, SKINNY_FEATURES))
+    }
+}
 
 /// The narrowest instantiated width (wgmma's N) that holds `rows`.
 pub(super) fn width_for(rows: usize) -> Option<(usize, usize)> {
@@ -165,7 +187,7 @@ impl CudaBackend {
             let (wp, _sw) = w.device_ptr(&self.stream);
             let (xp, _sx) = x.device_ptr(&self.stream);
             match (
-                tensor_map_2d(wp, n, k, SKINNY_FEATURES),
+                self.skinny_weight_maps.get(wp, n, k),
                 tensor_map_2d(xp, rows, k, width),
             ) {
                 (Some(wm), Some(xm)) => (wm, xm),
