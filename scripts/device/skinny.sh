@@ -15,6 +15,7 @@
 #          with TANDEM_SKINNY_GEMM=1 and =0 in separate processes; each run also prints the
 #          table "projections, skinny.cu vs cuBLAS by rows" (weight TB/s of both in the same
 #          call, and skinny's relative L2 against cuBLAS: gpu_bench fails above 1e-3)
+#          (ONLY="1" or ONLY="0" runs one of the two: each run is a few minutes)
 #   splits (not in the default stages) decode at batch 32 and 128 with TANDEM_SKINNY_SPLITS=1,
 #          2, 4, 8 against the model's own choice (tuning the split of K)
 # Output: stdout and $OUT/skinny-*.log, $OUT/skinny-bench-*.json; a summary at the end.
@@ -51,7 +52,7 @@ for stage in $stages; do
     bench)
       dir=$(random_model llama-3.1-8b)
       read -r -a args <<<"${GPU_BENCH_ARGS:---batches 1,32,128,256 --context 1024 --prefill 512 --iters 20}"
-      for on in 1 0; do
+      for on in ${ONLY:-1 0}; do
         log=$out/skinny-bench-$on.log
         echo "== gpu_bench bench llama-3.1-8b, TANDEM_SKINNY_GEMM=$on: ${args[*]}" | tee -a "$summary"
         TANDEM_SKINNY_GEMM=$on gpu_bench bench --model "$dir" --json "$out/skinny-bench-$on.json" \
