@@ -917,3 +917,127 @@ fn batches_of_256_and_512_sequences_give_each_request_its_tokens_alone() {
         );
     }
 }
+
+/// A `[rows, k]` bf16 activation on the device made the way the forward makes one (embedding,
+/// then the norm that writes bf16), and its values on the host.
+fn bf16_activation(
+    gpu: &CudaBackend,
+    rows: usize,
+    k: usize,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> (<CudaBackend as Backend>::Tensor, Vec<f32>) {
+    use rand::RngExt;
+    use tandem_workers::backend::{BatchPlan, DType, HostTensor};
+    let values: Vec<u8> = (0..rows * k)
+        .flat_map(|_| half::bf16::from_f32(rng.random::<f32>() - 0.5).to_le_bytes())
+        .collect();
+    let table = gpu
+        .upload_weight(&[HostTensor {
+            dtype: DType::Bf16,
+            shape: &[rows, k],
+            bytes: &values,
+        }])
+        .unwrap();
+    let ones: Vec<u8> = (0..k).flat_map(|_| 1.0f32.to_le_bytes()).collect();
+    let norm = gpu
+        .upload_weight(&[HostTensor {
+            dtype: DType::F32,
+            shape: &[k],
+            bytes: &ones,
+        }])
+        .unwrap();
+    let tokens: Vec<u32> = (0..rows as u32).collect();
+    let mut batch = ForwardBatch::default();
+    batch.push(&tokens, 0, vec![0; rows.div_ceil(16)], false);
+    let plan = BatchPlan::new(&batch, 16, &[1.0f32; 2]);
+    let meta = gpu.prepare_batch(&plan).unwrap();
+    let x = gpu
+        .rms_norm(&gpu.embedding(&table, &meta).unwrap(), &norm, 1e-5)
+        .unwrap();
+    let host = gpu.to_host(&x).unwrap().concat();
+    (x, host)
+}
+
+/// Projections of 5..=256 rows (skinny.cu's warpgroup GEMM on Hopper; cuBLAS elsewhere)
+/// against a CPU reference of the same bf16 operands, on random shapes with N and K multiples
+/// of 64 (N past a 128-output tile, K of one step to splits of many), and the same output at
+/// every run (the split K's partials summed in a fixed order).
+#[test]
+fn projections_of_decode_batches_match_a_cpu_reference() {
+    use rand::{RngExt, SeedableRng};
+    use tandem_workers::backend::{DType, HostTensor};
+    if no_gpu() {
+        return;
+    }
+    let gpu = CudaBackend::new(&CudaOptions::from_env(0)).unwrap();
+    eprintln!(
+        "skinny.cu {}",
+        if gpu.has_skinny_gemm() {
+            "on"
+        } else {
+            "absent or off: cuBLAS checked"
+        }
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(15);
+    // (rows, n, k): the edges first (one K step; 5 rows, past the GEMV kernel's; half a tile; one tile with K split 16
+    // ways; the widest rows), then random shapes.
+    let mut shapes = vec![
+        (9, 64, 64),
+        (5, 128, 256),
+        (256, 192, 448),
+        (17, 128, 4096),
+        (130, 320, 1024),
+    ];
+    for _ in 0..8 {
+        shapes.push((
+            rng.random_range(9..=256usize),
+            64 * rng.random_range(1..=24usize),
+            64 * rng.random_range(1..=40usize),
+        ));
+    }
+    for (rows, n, k) in shapes {
+        let w_bf16: Vec<half::bf16> = (0..n * k)
+            .map(|_| half::bf16::from_f32(rng.random::<f32>() - 0.5))
+            .collect();
+        let bytes: Vec<u8> = w_bf16.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let w = gpu
+            .upload_weight(&[HostTensor {
+                dtype: DType::Bf16,
+                shape: &[n, k],
+                bytes: &bytes,
+            }])
+            .unwrap();
+        let (x, xs) = bf16_activation(&gpu, rows, k, &mut rng);
+        let wf: Vec<f32> = w_bf16.iter().map(|v| v.to_f32()).collect();
+        let reference: Vec<f32> = (0..rows)
+            .flat_map(|r| {
+                let (xr, wf) = (&xs[r * k..(r + 1) * k], &wf);
+                (0..n).map(move |o| {
+                    let wr = &wf[o * k..(o + 1) * k];
+                    xr.iter()
+                        .zip(wr)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>() as f32
+                })
+            })
+            .collect();
+        let y = gpu.to_host(&gpu.linear(&x, &w, None).unwrap()).unwrap();
+        assert_eq!((y.len(), y[0].len()), (rows, n));
+        let y = y.concat();
+        let err = rel_l2(&y, &reference);
+        assert!(
+            err < 1e-4,
+            "{rows} rows, {n}x{k}: relative L2 {err:.2e} against the CPU"
+        );
+        let again = gpu
+            .to_host(&gpu.linear(&x, &w, None).unwrap())
+            .unwrap()
+            .concat();
+        assert!(
+            y.iter()
+                .zip(&again)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{rows} rows, {n}x{k}: two runs differ"
+        );
+    }
+}

@@ -777,13 +777,15 @@ fn causal_attention_flops(len: usize, width: usize) -> f64 {
 
 /// Each projection shape of the model at 1, 2, 4 and 8 rows through the GEMV kernel and
 /// cuBLAS (weight bytes read per second: the decode step's cost), then cuBLAS alone at each of
-/// `rows_list` (the benchmark's batches and prefill lengths).
+/// `rows_list` (the benchmark's batches and prefill lengths), then skinny.cu against cuBLAS
+/// where the kernels have it. Returns skinny.cu's failed checks (the caller fails after its
+/// table).
 fn projections(
     gpu: &CudaBackend,
     c: &ModelConfig,
     rows_list: &[usize],
     iters: usize,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let hd = c.head_dim();
     let q = c.num_attention_heads * hd;
     let kv = c.num_kv_heads() * hd;
@@ -796,6 +798,9 @@ fn projections(
         ("lm_head", h, c.vocab_size),
     ];
     let mut rng = ChaCha8Rng::seed_from_u64(5);
+    // The first two tables are the GEMV kernel's and cuBLAS's: skinny.cu's own rows follow.
+    let skinny_was_on = gpu.has_skinny_gemm();
+    gpu.set_skinny_gemm(false);
     println!("projections: weight GB/s (ms) by rows, GEMV kernel | cuBLAS");
     let mut large_rows = Vec::new();
     for (name, k, n) in shapes {
@@ -843,9 +848,58 @@ fn projections(
         }
         println!("{line}");
     }
+    // skinny.cu (Hopper) at the decode batches among `rows_list` and at 1, 4, 8, 9, 17, 64,
+    // 100, 200, 256 rows (below 5 the GEMV kernel's rows, for comparison with the first table):
+    // its weight TB/s next to cuBLAS's in the same call, and its output checked against
+    // cuBLAS's.
+    let mut failed = Vec::new();
+    if gpu.skinny_compiled() {
+        let mut skinny_rows: Vec<usize> = rows_list
+            .iter()
+            .copied()
+            .chain([1, 4, 8, 9, 17, 64, 100, 200, 256])
+            .filter(|&r| (1..=tandem_workers::backend::cuda::kernels::SKINNY_MAX_ROWS).contains(&r))
+            .collect();
+        skinny_rows.sort_unstable();
+        skinny_rows.dedup();
+        println!(
+            "projections, skinny.cu vs cuBLAS by rows: weight TB/s skinny | cuBLAS (skinny ms), \
+             relative L2 of skinny against cuBLAS (fails above {SKINNY_MAX_REL_L2:.0e})"
+        );
+        for (name, w, k, n) in &large_rows {
+            let mut line = format!("  {name:<8} {k:>6}x{n:<7}");
+            for &rows in &skinny_rows {
+                let x = activation(gpu, rows, *k, &mut rng)?;
+                let mut times = [0.0f64; 2];
+                let mut outs = Vec::new();
+                for (i, on) in [true, false].into_iter().enumerate() {
+                    gpu.set_skinny_gemm(on);
+                    times[i] = time_linear(gpu, &x, w, iters)?;
+                    outs.push(gpu.to_host(&gpu.linear(&x, w, None)?)?.concat());
+                }
+                let diff = rel_l2(&outs[0], &outs[1]);
+                let bytes = (2 * n * k) as f64;
+                line += &format!(
+                    " {rows}: {:.2}|{:.2} ({:.3}) {diff:.1e}",
+                    bytes / times[0] / 1e12,
+                    bytes / times[1] / 1e12,
+                    times[0] * 1e3
+                );
+                if diff.is_nan() || diff > SKINNY_MAX_REL_L2 {
+                    failed.push(format!("{name} at {rows} rows: relative L2 {diff:.2e}"));
+                }
+            }
+            println!("{line}");
+        }
+    }
     gpu.set_gemv_max_rows(4);
-    Ok(())
+    gpu.set_skinny_gemm(skinny_was_on);
+    Ok(failed)
 }
+
+/// Largest relative L2 (whole output) of skinny.cu's projections against cuBLAS's that
+/// `bench` accepts: both accumulate bf16 products in f32, in different orders.
+const SKINNY_MAX_REL_L2: f64 = 1e-3;
 
 /// The prefill attention kernel alone, one layer of one sequence of each prefill length (the
 /// cache holds the K/V of the last prefill): what torch's SDPA is compared with
@@ -1131,7 +1185,7 @@ fn bench(
         .filter(|&b| b >= 16)
         .chain(prefill.iter().copied())
         .collect();
-    projections(model.backend(), &config, &large_rows, iters)?;
+    let skinny_failures = projections(model.backend(), &config, &large_rows, iters)?;
     kv_copies(model.backend(), &mut kv, &base, iters)?;
     println!("model {} — {}", dir.display(), model.backend().describe());
     println!(
@@ -1177,6 +1231,12 @@ fn bench(
             "rows": rows,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+    }
+    if !skinny_failures.is_empty() {
+        bail!(
+            "skinny.cu disagrees with cuBLAS: {}",
+            skinny_failures.join("; ")
+        );
     }
     Ok(())
 }

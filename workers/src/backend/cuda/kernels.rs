@@ -30,6 +30,7 @@ const SOURCES: &[(&str, &str)] = &[
         "flash_wgmma.cu",
         include_str!("../../../kernels/flash_wgmma.cu"),
     ),
+    ("skinny.cu", include_str!("../../../kernels/skinny.cu")),
     ("sample.cu", include_str!("../../../kernels/sample.cu")),
 ];
 
@@ -162,6 +163,38 @@ const GEMV_NAMES: [&str; GEMV_MAX_ROWS] = [
     "gemv_bf16_m8",
 ];
 
+/// Rows up to which projections on Hopper may use `skinny.cu`'s warpgroup GEMM (above the GEMV
+/// kernel's rows), instead of cuBLAS.
+pub const SKINNY_MAX_ROWS: usize = 256;
+/// Output features per block of `skinny_gemm_n*` (`SK_FEATURES`).
+pub const SKINNY_FEATURES: usize = 128;
+/// Threads per block of `skinny_gemm_n*` (`SK_THREADS`): two consumer warpgroups, a producer.
+pub const SKINNY_THREADS: u32 = 384;
+/// The widths `skinny.cu` is instantiated for: rows are rounded up to the next (wgmma's N).
+pub const SKINNY_WIDTHS: [usize; 7] = [16, 32, 64, 96, 128, 192, 256];
+const SKINNY_NAMES: [&str; 7] = [
+    "skinny_gemm_n16",
+    "skinny_gemm_n32",
+    "skinny_gemm_n64",
+    "skinny_gemm_n96",
+    "skinny_gemm_n128",
+    "skinny_gemm_n192",
+    "skinny_gemm_n256",
+];
+
+/// Dynamic shared memory of `skinny_gemm_n{width}`: its stages (`SK_STAGES`, `SK_STAGE_BYTES`:
+/// a 128 x 64 W tile and `width` x 64 of x, as many as fit in 200 KiB, at most 8) and 1 KiB to
+/// align them to the 1024 bytes a swizzle atom needs.
+pub fn skinny_smem_bytes(width: usize) -> usize {
+    let stage = SKINNY_FEATURES * 128 + width * 128;
+    let stages = if stage * 8 <= 200 * 1024 {
+        8
+    } else {
+        200 * 1024 / stage
+    };
+    stages * stage + 1024
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("NVRTC failed to compile the kernels for {arch}: {reason}\n{log}")]
@@ -207,6 +240,9 @@ pub struct Kernels {
     /// Prefill attention of head dim 128 on warpgroup instructions, where the kernels were
     /// compiled for `sm_90a` (Hopper), with its tile settings.
     pub flash_wgmma: Option<(CudaFunction, WgmmaFlashConfig)>,
+    /// `skinny_gemm_n{width}` by [`SKINNY_WIDTHS`], where the kernels were compiled for
+    /// `sm_90a` (Hopper).
+    pub skinny: Option<Vec<(usize, CudaFunction)>>,
     /// Where the cubin came from, for the start-up log.
     pub origin: String,
 }
@@ -288,6 +324,25 @@ impl Kernels {
         } else {
             None
         };
+        let skinny = if arch == "sm_90a" {
+            let kernels = SKINNY_WIDTHS
+                .iter()
+                .zip(SKINNY_NAMES)
+                .map(|(&width, name)| {
+                    let kernel = f(name)?;
+                    kernel
+                        .set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            skinny_smem_bytes(width) as i32,
+                        )
+                        .map_err(|e| KernelError::Load(format!("{name}: {e}")))?;
+                    Ok((width, kernel))
+                })
+                .collect::<Result<Vec<_>, KernelError>>()?;
+            Some(kernels)
+        } else {
+            None
+        };
         Ok(Kernels {
             embedding: f("embedding")?,
             rms_norm: f("rms_norm")?,
@@ -316,6 +371,7 @@ impl Kernels {
             )?,
             flash_config,
             flash_wgmma,
+            skinny,
             gemv: GEMV_NAMES
                 .iter()
                 .map(|&name| f(name))
@@ -458,6 +514,20 @@ mod tests {
         );
         assert_eq!(wide.smem_bytes(128, 2), 2 * 34_816 + 2 * 128 * 136 * 2);
         assert_eq!(wide.smem_bytes(128, 1), 2 * 34_816 + 128 * 136 * 2);
+    }
+
+    /// Every width of `skinny.cu` fits an H100 block's shared memory (227 KiB) with at least
+    /// 4 stages in flight.
+    #[test]
+    fn skinny_shared_memory_fits_hopper() {
+        use super::{SKINNY_WIDTHS, skinny_smem_bytes};
+        assert_eq!(skinny_smem_bytes(16), 8 * (16_384 + 2_048) + 1_024);
+        assert_eq!(skinny_smem_bytes(256), 4 * (16_384 + 32_768) + 1_024);
+        for width in SKINNY_WIDTHS {
+            let bytes = skinny_smem_bytes(width);
+            assert!(bytes <= 227 * 1024, "{width}: {bytes}");
+            assert!((bytes - 1024) / (16_384 + width * 128) >= 4, "{width}");
+        }
     }
     /// The `.cu` files compile for Hopper. Runs wherever `libnvrtc` loads (a GPU machine, or
     /// here with the `nvidia-cuda-nvrtc` wheel's library on LD_LIBRARY_PATH); skipped elsewhere.

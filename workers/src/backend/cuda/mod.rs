@@ -74,6 +74,7 @@ pub mod kernels;
 mod options;
 mod prefetch;
 mod sample;
+mod skinny;
 mod staging;
 mod tensor;
 
@@ -127,6 +128,17 @@ pub struct CudaBackend {
     /// Prefill attention of head dim 128 on warpgroup instructions where the kernels have it
     /// ([`CudaOptions::flash_wgmma`]).
     flash_wgmma: std::sync::atomic::AtomicBool,
+    /// Projections of decode batches through `skinny.cu` where the kernels have it
+    /// ([`CudaOptions::skinny_gemm`]).
+    skinny_gemm: std::sync::atomic::AtomicBool,
+    /// One counter per tile of a `skinny.cu` launch with K split over blocks (its last block
+    /// sums the partials); every launch leaves them zero.
+    skinny_counters: CudaSlice<u32>,
+    /// Splits of K for every `skinny.cu` launch, when set ([`CudaOptions::skinny_splits`]).
+    skinny_splits: Option<usize>,
+    /// Weights' TMA tensor maps for `skinny.cu`, by (address, outputs, inputs): encoded at a
+    /// weight's first projection, then looked up.
+    skinny_weight_maps: skinny::WeightMaps,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -267,6 +279,14 @@ impl CudaBackend {
             )
         )? as usize;
         let prefetch = Prefetch::new(l2_bytes, options.l2_prefetch_mb);
+        let skinny_counters = dev!(
+            "cuda init",
+            stream.alloc_zeros::<u32>(if kernels.skinny.is_some() {
+                skinny::SKINNY_COUNTERS
+            } else {
+                1
+            })
+        )?;
         tracing::info!(
             device = %name,
             ordinal = options.ordinal,
@@ -290,6 +310,10 @@ impl CudaBackend {
             vec_attention: options.vec_attention,
             flash_head_pairs: options.flash_head_pairs,
             flash_wgmma: std::sync::atomic::AtomicBool::new(options.flash_wgmma),
+            skinny_gemm: std::sync::atomic::AtomicBool::new(options.skinny_gemm),
+            skinny_counters,
+            skinny_splits: options.skinny_splits,
+            skinny_weight_maps: skinny::WeightMaps::default(),
         })
     }
 
@@ -306,6 +330,23 @@ impl CudaBackend {
     pub fn has_flash_wgmma(&self) -> bool {
         self.kernels.flash_wgmma.is_some()
             && self.flash_wgmma.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns `skinny.cu`'s projections on or off (where the kernels have them), to compare
+    /// them with cuBLAS in one process (`gpu_bench`).
+    pub fn set_skinny_gemm(&self, on: bool) {
+        self.skinny_gemm
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the kernels have `skinny.cu`'s GEMM (compiled for `sm_90a`), on or off.
+    pub fn skinny_compiled(&self) -> bool {
+        self.kernels.skinny.is_some()
+    }
+
+    /// Whether projections of decode batches run `skinny.cu` (compiled for `sm_90a` and on).
+    pub fn has_skinny_gemm(&self) -> bool {
+        self.kernels.skinny.is_some() && self.skinny_gemm.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn set_gemv_max_rows(&self, rows: usize) {
@@ -1103,7 +1144,9 @@ impl Backend for CudaBackend {
                 shared_mem_bytes: 0,
             };
             self.launch(b, cfg, "gemv")?;
-        } else {
+        } else if !(self.skinny_applies(x.rows, *in_features, gemv_rows)
+            && self.skinny_linear(xs, w, &mut out, x.rows, *out_features, *in_features)?)
+        {
             self.blas
                 .linear_bf16_f32(xs, w, &mut out, x.rows, *in_features, *out_features)?;
         }

@@ -32,6 +32,13 @@ pub struct CudaOptions {
     /// (`flash_wgmma.cu`); off, the mma.sync kernel every tensor-core GPU runs
     /// (`TANDEM_FLASH_WGMMA=0`: to compare the two).
     pub flash_wgmma: bool,
+    /// Projections of 5..=256 rows on Hopper run the warpgroup GEMM of `skinny.cu` (weights
+    /// streamed by TMA, K split over blocks); off, cuBLAS (`TANDEM_SKINNY_GEMM=0`: to compare
+    /// the two).
+    pub skinny_gemm: bool,
+    /// Splits of K for every `skinny.cu` launch, in place of the count its model of the time
+    /// picks (`TANDEM_SKINNY_SPLITS`, for tuning; clamped to what the launch allows).
+    pub skinny_splits: Option<usize>,
     /// Fewest keys per split of a decode attention split over the context; `None` derives it
     /// from the head dimension (`TANDEM_ATTN_SPLIT_KEYS`, for tuning).
     pub attn_split_keys: Option<usize>,
@@ -56,6 +63,8 @@ impl Default for CudaOptions {
             vec_attention: true,
             flash_head_pairs: true,
             flash_wgmma: true,
+            skinny_gemm: true,
+            skinny_splits: None,
             attn_split_keys: None,
             l2_prefetch_mb: None,
             kernel_defines: Vec::new(),
@@ -82,6 +91,10 @@ impl CudaOptions {
             vec_attention: switch("TANDEM_ATTN_VEC"),
             flash_head_pairs: switch("TANDEM_FLASH_PAIRS"),
             flash_wgmma: switch("TANDEM_FLASH_WGMMA"),
+            skinny_gemm: switch("TANDEM_SKINNY_GEMM"),
+            skinny_splits: text("TANDEM_SKINNY_SPLITS")
+                .and_then(|v| v.trim().parse().ok())
+                .filter(|&splits| splits > 0),
             attn_split_keys: text("TANDEM_ATTN_SPLIT_KEYS")
                 .and_then(|v| v.parse().ok())
                 .filter(|&keys| keys > 0),
@@ -130,6 +143,8 @@ mod tests {
             ("TANDEM_ATTN_VEC", "0"),
             ("TANDEM_FLASH_PAIRS", "0"),
             ("TANDEM_FLASH_WGMMA", "0"),
+            ("TANDEM_SKINNY_GEMM", "0"),
+            ("TANDEM_SKINNY_SPLITS", "3"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
             ("TANDEM_L2_PREFETCH_MB", " 8 "),
             ("TANDEM_KERNEL_DEFINES", "GEMV_UNROLL=8  ATTN_KEYS=2"),
@@ -145,6 +160,8 @@ mod tests {
                 vec_attention: false,
                 flash_head_pairs: false,
                 flash_wgmma: false,
+                skinny_gemm: false,
+                skinny_splits: Some(3),
                 attn_split_keys: Some(32),
                 l2_prefetch_mb: Some(8),
                 kernel_defines: vec!["GEMV_UNROLL=8".into(), "ATTN_KEYS=2".into()],
