@@ -854,6 +854,7 @@ fn projections(
     // cuBLAS's.
     let mut failed = Vec::new();
     if gpu.skinny_compiled() {
+        gpu.set_skinny_everywhere(true);
         let mut skinny_rows: Vec<usize> = rows_list
             .iter()
             .copied()
@@ -894,6 +895,7 @@ fn projections(
     }
     gpu.set_gemv_max_rows(4);
     gpu.set_skinny_gemm(skinny_was_on);
+    gpu.set_skinny_everywhere(false);
     Ok(failed)
 }
 

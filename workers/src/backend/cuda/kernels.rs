@@ -163,9 +163,17 @@ const GEMV_NAMES: [&str; GEMV_MAX_ROWS] = [
     "gemv_bf16_m8",
 ];
 
-/// Rows up to which projections on Hopper may use `skinny.cu`'s warpgroup GEMM (above the GEMV
-/// kernel's rows), instead of cuBLAS.
+/// Rows up to which `skinny.cu`'s warpgroup GEMM is instantiated (`gpu_bench` compares it
+/// with cuBLAS up to here).
 pub const SKINNY_MAX_ROWS: usize = 256;
+/// Rows up to which projections on Hopper use `skinny.cu` instead of cuBLAS (above the GEMV
+/// kernel's rows): where it was measured faster on an H100 for every Llama-3.1-8B projection
+/// but qkv, which it matches (docs/benchmarks.md, session 13); past that, cuBLAS is faster.
+pub const SKINNY_DISPATCH_ROWS: usize = 32;
+/// The same for projections this wide or wider (vocabulary heads), where `skinny.cu` is faster
+/// up to 128 rows.
+pub const SKINNY_WIDE_OUTPUTS: usize = 32_768;
+pub const SKINNY_WIDE_DISPATCH_ROWS: usize = 128;
 /// Output features per block of `skinny_gemm_n*` (`SK_FEATURES`).
 pub const SKINNY_FEATURES: usize = 128;
 /// Threads per block of `skinny_gemm_n*` (`SK_THREADS`): two consumer warpgroups, a producer.

@@ -131,6 +131,9 @@ pub struct CudaBackend {
     /// Projections of decode batches through `skinny.cu` where the kernels have it
     /// ([`CudaOptions::skinny_gemm`]).
     skinny_gemm: std::sync::atomic::AtomicBool,
+    /// `skinny.cu` for every row count it has (up to `SKINNY_MAX_ROWS`), not only where it
+    /// wins: `gpu_bench`'s comparison with cuBLAS.
+    skinny_everywhere: std::sync::atomic::AtomicBool,
     /// One counter per tile of a `skinny.cu` launch with K split over blocks (its last block
     /// sums the partials); every launch leaves them zero.
     skinny_counters: CudaSlice<u32>,
@@ -311,6 +314,7 @@ impl CudaBackend {
             flash_head_pairs: options.flash_head_pairs,
             flash_wgmma: std::sync::atomic::AtomicBool::new(options.flash_wgmma),
             skinny_gemm: std::sync::atomic::AtomicBool::new(options.skinny_gemm),
+            skinny_everywhere: std::sync::atomic::AtomicBool::new(false),
             skinny_counters,
             skinny_splits: options.skinny_splits,
             skinny_weight_maps: skinny::WeightMaps::default(),
@@ -330,6 +334,13 @@ impl CudaBackend {
     pub fn has_flash_wgmma(&self) -> bool {
         self.kernels.flash_wgmma.is_some()
             && self.flash_wgmma.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sends every projection `skinny.cu` has rows for to it, not only those where it is the
+    /// faster (to compare it with cuBLAS at every row count).
+    pub fn set_skinny_everywhere(&self, on: bool) {
+        self.skinny_everywhere
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Turns `skinny.cu`'s projections on or off (where the kernels have them), to compare
@@ -1144,7 +1155,7 @@ impl Backend for CudaBackend {
                 shared_mem_bytes: 0,
             };
             self.launch(b, cfg, "gemv")?;
-        } else if !(self.skinny_applies(x.rows, *in_features, gemv_rows)
+        } else if !(self.skinny_applies(x.rows, *out_features, *in_features, gemv_rows)
             && self.skinny_linear(xs, w, &mut out, x.rows, *out_features, *in_features)?)
         {
             self.blas

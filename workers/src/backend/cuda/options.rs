@@ -32,9 +32,10 @@ pub struct CudaOptions {
     /// (`flash_wgmma.cu`); off, the mma.sync kernel every tensor-core GPU runs
     /// (`TANDEM_FLASH_WGMMA=0`: to compare the two).
     pub flash_wgmma: bool,
-    /// Projections of 5..=256 rows on Hopper run the warpgroup GEMM of `skinny.cu` (weights
-    /// streamed by TMA, K split over blocks); off, cuBLAS (`TANDEM_SKINNY_GEMM=0`: to compare
-    /// the two).
+    /// Decode projections on Hopper run the warpgroup GEMM of `skinny.cu` (weights streamed by
+    /// TMA, K split over blocks) where it measured faster than cuBLAS per projection; off by
+    /// default (`TANDEM_SKINNY_GEMM=1` turns it on), since whole decode steps measured no
+    /// faster with it (docs/benchmarks.md, session 13).
     pub skinny_gemm: bool,
     /// Splits of K for every `skinny.cu` launch, in place of the count its model of the time
     /// picks (`TANDEM_SKINNY_SPLITS`, for tuning; clamped to what the launch allows).
@@ -63,7 +64,7 @@ impl Default for CudaOptions {
             vec_attention: true,
             flash_head_pairs: true,
             flash_wgmma: true,
-            skinny_gemm: true,
+            skinny_gemm: false,
             skinny_splits: None,
             attn_split_keys: None,
             l2_prefetch_mb: None,
@@ -91,7 +92,8 @@ impl CudaOptions {
             vec_attention: switch("TANDEM_ATTN_VEC"),
             flash_head_pairs: switch("TANDEM_FLASH_PAIRS"),
             flash_wgmma: switch("TANDEM_FLASH_WGMMA"),
-            skinny_gemm: switch("TANDEM_SKINNY_GEMM"),
+            // Off unless set to something other than `0`.
+            skinny_gemm: var("TANDEM_SKINNY_GEMM").is_some_and(|v| v != "0"),
             skinny_splits: text("TANDEM_SKINNY_SPLITS")
                 .and_then(|v| v.trim().parse().ok())
                 .filter(|&splits| splits > 0),
@@ -143,7 +145,7 @@ mod tests {
             ("TANDEM_ATTN_VEC", "0"),
             ("TANDEM_FLASH_PAIRS", "0"),
             ("TANDEM_FLASH_WGMMA", "0"),
-            ("TANDEM_SKINNY_GEMM", "0"),
+            ("TANDEM_SKINNY_GEMM", "1"),
             ("TANDEM_SKINNY_SPLITS", "3"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
             ("TANDEM_L2_PREFETCH_MB", " 8 "),
@@ -160,7 +162,7 @@ mod tests {
                 vec_attention: false,
                 flash_head_pairs: false,
                 flash_wgmma: false,
-                skinny_gemm: false,
+                skinny_gemm: true,
                 skinny_splits: Some(3),
                 attn_split_keys: Some(32),
                 l2_prefetch_mb: Some(8),

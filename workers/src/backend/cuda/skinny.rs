@@ -149,14 +149,28 @@ fn tensor_map_2d(ptr: u64, rows: usize, cols: usize, box_rows: usize) -> Option<
 }
 
 impl CudaBackend {
-    /// Whether a projection of `rows` rows and `k` inputs runs `skinny.cu`: on, compiled for
-    /// `sm_90a`, more rows than the GEMV kernel takes and at most 256, `k` a multiple of 8
-    /// (TMA's 16-byte row pitch).
-    pub(super) fn skinny_applies(&self, rows: usize, k: usize, gemv_rows: usize) -> bool {
+    /// Whether a projection of `rows` rows, `n` outputs and `k` inputs runs `skinny.cu`: on,
+    /// compiled for `sm_90a`, more rows than the GEMV kernel takes and at most
+    /// [`SKINNY_DISPATCH_ROWS`](super::kernels::SKINNY_DISPATCH_ROWS) (or the wide limit for
+    /// vocabulary heads), `k` a multiple of 8 (TMA's 16-byte row pitch).
+    pub(super) fn skinny_applies(&self, rows: usize, n: usize, k: usize, gemv_rows: usize) -> bool {
+        use super::kernels::{
+            SKINNY_DISPATCH_ROWS, SKINNY_WIDE_DISPATCH_ROWS, SKINNY_WIDE_OUTPUTS,
+        };
+        let max_rows = if self
+            .skinny_everywhere
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            super::kernels::SKINNY_MAX_ROWS
+        } else if n >= SKINNY_WIDE_OUTPUTS {
+            SKINNY_WIDE_DISPATCH_ROWS
+        } else {
+            SKINNY_DISPATCH_ROWS
+        };
         self.skinny_gemm.load(std::sync::atomic::Ordering::Relaxed)
             && self.kernels.skinny.is_some()
             && rows > gemv_rows
-            && rows <= super::kernels::SKINNY_MAX_ROWS
+            && rows <= max_rows
             && k.is_multiple_of(8)
     }
 
