@@ -272,3 +272,38 @@ mod tests {
         ));
     }
 }
+
+/// A codec for the route tests that need one and no tokenizer: token `id`'s text is `t{id}`;
+/// it encodes nothing.
+#[cfg(test)]
+pub(crate) mod test_codec {
+    use super::{PromptCodec, PromptError};
+    use crate::validation::Turn;
+
+    pub(crate) struct Codec;
+
+    impl PromptCodec for Codec {
+        fn encode_chat(
+            &self,
+            _: &[Turn],
+            _: Option<&crate::tools::ToolRequest>,
+        ) -> Result<Vec<u32>, PromptError> {
+            unreachable!()
+        }
+        fn encode_text(&self, _: &str) -> Result<Vec<u32>, PromptError> {
+            unreachable!()
+        }
+        fn token_text(&self, id: u32) -> String {
+            format!("t{id}")
+        }
+        fn decode_text(&self, ids: &[u32]) -> Result<String, PromptError> {
+            Ok(ids.iter().map(|&id| self.token_text(id)).collect())
+        }
+        fn tool_support(&self) -> Option<crate::tools::ToolSupport> {
+            None
+        }
+        fn marker_text(&self, _: u32) -> Option<&str> {
+            None
+        }
+    }
+}

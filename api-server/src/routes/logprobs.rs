@@ -103,35 +103,7 @@ impl CompletionLogprobsBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prompt::PromptError;
-    use crate::validation::Turn;
-
-    /// Token `id`'s text is `t{id}`.
-    struct Codec;
-    impl PromptCodec for Codec {
-        fn encode_chat(
-            &self,
-            _: &[Turn],
-            _: Option<&crate::tools::ToolRequest>,
-        ) -> Result<Vec<u32>, PromptError> {
-            unreachable!()
-        }
-        fn encode_text(&self, _: &str) -> Result<Vec<u32>, PromptError> {
-            unreachable!()
-        }
-        fn token_text(&self, id: u32) -> String {
-            format!("t{id}")
-        }
-        fn decode_text(&self, ids: &[u32]) -> Result<String, PromptError> {
-            Ok(ids.iter().map(|&id| self.token_text(id)).collect())
-        }
-        fn tool_support(&self) -> Option<crate::tools::ToolSupport> {
-            None
-        }
-        fn marker_text(&self, _: u32) -> Option<&str> {
-            None
-        }
-    }
+    use crate::prompt::test_codec::Codec;
 
     /// An echoed prompt's tokens come first, the first with `null`, offsets through the
     /// prompt; the completion's tokens follow, their offsets counted from the prompt's end.

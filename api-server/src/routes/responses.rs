@@ -326,35 +326,8 @@ impl ChunkFormat for ResponseEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prompt::PromptError;
-    use crate::validation::Turn;
+    use crate::prompt::test_codec::Codec;
     use serde_json::json;
-
-    struct Codec;
-    impl PromptCodec for Codec {
-        fn encode_chat(
-            &self,
-            _: &[Turn],
-            _: Option<&crate::tools::ToolRequest>,
-        ) -> Result<Vec<u32>, PromptError> {
-            unreachable!()
-        }
-        fn encode_text(&self, _: &str) -> Result<Vec<u32>, PromptError> {
-            unreachable!()
-        }
-        fn token_text(&self, id: u32) -> String {
-            format!("t{id}")
-        }
-        fn decode_text(&self, ids: &[u32]) -> Result<String, PromptError> {
-            Ok(ids.iter().map(|&id| self.token_text(id)).collect())
-        }
-        fn tool_support(&self) -> Option<crate::tools::ToolSupport> {
-            None
-        }
-        fn marker_text(&self, _: u32) -> Option<&str> {
-            None
-        }
-    }
 
     fn events(include_logprobs: bool) -> ResponseEvents {
         let request: ResponsesRequest = serde_json::from_value(json!({"input": "x"})).unwrap();

@@ -77,6 +77,7 @@ mod sample;
 mod skinny;
 mod staging;
 mod tensor;
+mod tma;
 
 use std::sync::Arc;
 
@@ -502,7 +503,6 @@ impl CudaBackend {
         blocks: usize,
         data: &CudaSlice<u16>,
     ) -> Option<[u8; 128]> {
-        use cudarc::driver::sys;
         let (_, config) = self.kernels.flash_wgmma.as_ref()?;
         let bs = layout.block_size;
         if layout.head_dim != 128
@@ -513,53 +513,30 @@ impl CudaBackend {
             return None;
         }
         let elem = 2u64;
-        let dims: [u64; 5] = [
+        let dims = [
             layout.head_dim as u64,
             layout.num_kv_heads as u64,
             bs as u64,
             2 * layout.num_layers as u64,
             blocks as u64,
         ];
-        let strides: [u64; 4] = [
+        let strides = [
             layout.head_dim as u64 * elem,
             layout.token_stride() as u64 * elem,
             layout.kv_stride() as u64 * elem,
             layout.block_elems() as u64 * elem,
         ];
-        let boxes: [u32; 5] = [64, 1, bs as u32, 1, 1];
-        let element_strides = [1u32; 5];
         let (ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(data, &self.stream);
-        let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-        // SAFETY: every array has the rank's length (dims 5, strides 4, box 5); `ptr` is the
-        // live cache allocation, which the map describes and outlives no use of (the map is
-        // dropped with the cache).
-        let result = unsafe {
-            sys::cuTensorMapEncodeTiled(
-                map.as_mut_ptr(),
-                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                5,
-                ptr as *mut std::ffi::c_void,
-                dims.as_ptr(),
-                strides.as_ptr(),
-                boxes.as_ptr(),
-                element_strides.as_ptr(),
-                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-            )
-        };
-        if result != sys::CUresult::CUDA_SUCCESS {
-            tracing::warn!(
-                ?result,
-                "no TMA tensor map of the KV cache: prefill attention copies by cp.async"
-            );
-            return None;
-        }
-        // SAFETY: initialized by the successful call above.
-        let map = unsafe { map.assume_init() };
+        let map = tma::encode_bf16_swizzled(ptr, &dims, &strides, &[64, 1, bs as u32, 1, 1])
+            .map_err(|result| {
+                tracing::warn!(
+                    ?result,
+                    "no TMA tensor map of the KV cache: prefill attention copies by cp.async"
+                )
+            })
+            .ok()?;
         let mut bytes = [0u8; 128];
-        for (chunk, word) in bytes.chunks_exact_mut(8).zip(map.opaque) {
+        for (chunk, word) in bytes.chunks_exact_mut(8).zip(map) {
             chunk.copy_from_slice(&word.to_le_bytes());
         }
         Some(bytes)

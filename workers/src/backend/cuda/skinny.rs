@@ -111,41 +111,22 @@ pub fn skinny_splits(
 /// bytes) by `box_rows` rows in the 128-byte swizzle, zero fill past the edges. `None` where
 /// the driver refuses it (an address or row pitch not 16-byte aligned).
 fn tensor_map_2d(ptr: u64, rows: usize, cols: usize, box_rows: usize) -> Option<TmaParam> {
-    use cudarc::driver::sys;
-    let dims: [u64; 2] = [cols as u64, rows as u64];
-    let strides: [u64; 1] = [cols as u64 * 2];
-    let boxes: [u32; 2] = [64, box_rows as u32];
-    let element_strides = [1u32; 2];
-    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    // SAFETY: the arrays have the rank's lengths (dims 2, strides 1, box 2); the call only
-    // encodes the description (it reads no device memory).
-    let result = unsafe {
-        sys::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            2,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            element_strides.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    if result != sys::CUresult::CUDA_SUCCESS {
+    super::tma::encode_bf16_swizzled(
+        ptr,
+        &[cols as u64, rows as u64],
+        &[cols as u64 * 2],
+        &[64, box_rows as u32],
+    )
+    .map(TmaParam)
+    .map_err(|result| {
         tracing::debug!(
             ?result,
             rows,
             cols,
             "no TMA tensor map: the projection uses cuBLAS"
-        );
-        return None;
-    }
-    // SAFETY: initialized by the successful call above.
-    Some(TmaParam(unsafe { map.assume_init() }.opaque))
+        )
+    })
+    .ok()
 }
 
 impl CudaBackend {
