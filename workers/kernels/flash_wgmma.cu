@@ -4,14 +4,18 @@
 // the cache's TMA tensor map. FlashAttention-3's structure, written for tandem's paged cache.
 //
 // Why: flash.cu's mma.sync kernel tops out at ~240 TFLOP/s at 8k tokens on the H100; this one
-// reaches ~350 (docs/benchmarks.md, session 13). What mattered, each measured on the H100:
+// reaches ~490 with 64-token cache blocks, ~360 with 16-token ones (docs/benchmarks.md,
+// session 13). What mattered, each measured on the H100:
 // - wgmma reads its B operand straight out of shared memory and runs asynchronously: each
 //   warpgroup issues S_j = Q K_j and O += P_{j-1} V_{j-1} together and takes the softmax of S_j
 //   while the tensor cores run the second;
 // - the copies were the bottleneck (with them left out, 527 TFLOP/s): a producer warpgroup does
 //   them all, one thread issuing TMA boxes, so the consumers' instruction streams hold only the
 //   products and the softmax; an mbarrier per stage says "landed" (the TMA's byte count) and
-//   another "consumed", so the two consumer warpgroups never wait for each other.
+//   another "consumed", so the two consumer warpgroups never wait for each other;
+// - a TMA box is one cache block of one head (a sequence's blocks are not contiguous): with
+//   16-token blocks a tile took 16 boxes and the copies still bounded the kernel, so GPU
+//   workers default to 64-token blocks.
 //
 // A block is one query head and 128 query rows: consumer warpgroups 0 and 1 (64 rows each) and
 // producer warpgroup 2. Keys and values stream through WG_STAGES shared-memory stages of
