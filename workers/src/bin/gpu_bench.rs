@@ -145,9 +145,9 @@ fn main() -> Result<()> {
     }
 }
 
-/// Tokens per KV block: 16 (the workers' default) unless `TANDEM_BENCH_BLOCK` says otherwise,
-/// to measure what the block size does to the kernels (the TMA boxes of prefill attention
-/// are one block each).
+/// Tokens per KV block: 16 (the block size of every earlier table in docs/benchmarks.md; GPU
+/// workers now default to 64, so `TANDEM_BENCH_BLOCK=64` measures what they run) unless
+/// `TANDEM_BENCH_BLOCK` says otherwise: the block size decides prefill attention's TMA boxes.
 static BLOCK_SIZE: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
     std::env::var("TANDEM_BENCH_BLOCK")
         .ok()

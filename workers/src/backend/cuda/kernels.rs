@@ -81,14 +81,7 @@ impl FlashConfig {
 
     /// The settings `defines` (`NAME=VALUE`) give the kernel, over its defaults.
     pub fn from_defines(defines: &[String]) -> Self {
-        let value = |name: &str| {
-            defines
-                .iter()
-                .filter_map(|d| d.split_once('='))
-                .filter(|(n, _)| *n == name)
-                .filter_map(|(_, v)| v.trim().parse::<usize>().ok())
-                .next_back()
-        };
+        let value = |name| define_value(defines, name);
         let default = FlashConfig::default();
         FlashConfig {
             keys: value("FA_KEYS").unwrap_or(default.keys),
@@ -125,18 +118,9 @@ impl WgmmaFlashConfig {
     pub const THREADS: u32 = 384;
 
     fn from_defines(defines: &[String]) -> Self {
-        let value = |name: &str, default: usize| {
-            defines
-                .iter()
-                .filter_map(|d| d.split_once('='))
-                .filter(|(n, _)| *n == name)
-                .filter_map(|(_, v)| v.trim().parse::<usize>().ok())
-                .next_back()
-                .unwrap_or(default)
-        };
         WgmmaFlashConfig {
-            keys: value("WG_KEYS", 64),
-            stages: value("WG_STAGES", 4),
+            keys: define_value(defines, "WG_KEYS").unwrap_or(64),
+            stages: define_value(defines, "WG_STAGES").unwrap_or(4),
         }
     }
 
@@ -145,6 +129,16 @@ impl WgmmaFlashConfig {
     pub fn smem_bytes(&self) -> usize {
         self.stages * 2 * self.keys * 256 + 1024
     }
+}
+
+/// The value the last `NAME=VALUE` of `defines` gives `name`, where it is a number.
+fn define_value(defines: &[String], name: &str) -> Option<usize> {
+    defines
+        .iter()
+        .filter_map(|d| d.split_once('='))
+        .filter(|(n, _)| *n == name)
+        .filter_map(|(_, v)| v.trim().parse::<usize>().ok())
+        .next_back()
 }
 
 /// Query heads per block of `flash_prefill_d*_h2`.
@@ -297,6 +291,18 @@ impl Kernels {
             .load_module(Ptx::from_binary(cubin))
             .map_err(|e| KernelError::Load(e.to_string()))?;
         let f = |name: &'static str| function(&module, name);
+        // A kernel allowed `bytes` of dynamic shared memory (past the 48 KiB a block gets
+        // without asking).
+        let with_smem = |name: &'static str, bytes: usize| -> Result<CudaFunction, KernelError> {
+            let kernel = f(name)?;
+            kernel
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(|e| KernelError::Load(format!("{name}: {e}")))?;
+            Ok(kernel)
+        };
         // Prefill attention for head dims 64 and 128, allowed the dynamic shared memory it
         // needs (35 KiB at head dim 128 by default, under the 48 KiB a block gets without
         // asking; larger tiles need the attribute).
@@ -307,28 +313,12 @@ impl Kernels {
             [64, 128]
                 .into_iter()
                 .zip(names)
-                .map(|(d, &name)| {
-                    let kernel = f(name)?;
-                    kernel
-                        .set_attribute(
-                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            flash_config.smem_bytes(d, heads) as i32,
-                        )
-                        .map_err(|e| KernelError::Load(format!("{name}: {e}")))?;
-                    Ok((d, kernel))
-                })
+                .map(|(d, &name)| Ok((d, with_smem(name, flash_config.smem_bytes(d, heads))?)))
                 .collect()
         };
         let flash_wgmma = if arch == "sm_90a" {
             let config = WgmmaFlashConfig::from_defines(defines);
-            let kernel = f("flash_wgmma_d128")?;
-            kernel
-                .set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    config.smem_bytes() as i32,
-                )
-                .map_err(|e| KernelError::Load(format!("flash_wgmma_d128: {e}")))?;
-            Some((kernel, config))
+            Some((with_smem("flash_wgmma_d128", config.smem_bytes())?, config))
         } else {
             None
         };
@@ -336,16 +326,7 @@ impl Kernels {
             let kernels = SKINNY_WIDTHS
                 .iter()
                 .zip(SKINNY_NAMES)
-                .map(|(&width, name)| {
-                    let kernel = f(name)?;
-                    kernel
-                        .set_attribute(
-                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            skinny_smem_bytes(width) as i32,
-                        )
-                        .map_err(|e| KernelError::Load(format!("{name}: {e}")))?;
-                    Ok((width, kernel))
-                })
+                .map(|(&width, name)| Ok((width, with_smem(name, skinny_smem_bytes(width))?)))
                 .collect::<Result<Vec<_>, KernelError>>()?;
             Some(kernels)
         } else {

@@ -158,7 +158,6 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// The attention kernels' scalar arguments that locate `layer`'s K/V in the paged cache.
 /// A prefill attention kernel and its launch shape ([`CudaBackend::flash_kernel`]): every
 /// one takes `flash.cu`'s arguments and covers a batch's 128-row tiles.
 struct FlashLaunch<'a> {
@@ -171,6 +170,7 @@ struct FlashLaunch<'a> {
     wgmma: bool,
 }
 
+/// The attention kernels' scalar arguments that locate `layer`'s K/V in the paged cache.
 struct CacheArgs {
     heads: i32,
     kv_heads: i32,
@@ -322,8 +322,6 @@ impl CudaBackend {
         })
     }
 
-    /// Projections of up to `rows` rows (at most [`kernels::GEMV_MAX_ROWS`]) use the GEMV kernel,
-    /// larger ones cuBLAS; 0 sends every projection to cuBLAS. For benchmarks.
     /// Turns the warpgroup prefill attention kernel on or off (where the kernels have it), to
     /// compare it with `flash.cu`'s in one process (`gpu_bench`).
     pub fn set_flash_wgmma(&self, on: bool) {
@@ -361,6 +359,8 @@ impl CudaBackend {
         self.kernels.skinny.is_some() && self.skinny_gemm.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Projections of up to `rows` rows (at most [`kernels::GEMV_MAX_ROWS`]) use the GEMV kernel,
+    /// larger ones cuBLAS; 0 sends every projection to cuBLAS. For benchmarks.
     pub fn set_gemv_max_rows(&self, rows: usize) {
         self.gemv_max_rows.store(
             rows.min(kernels::GEMV_MAX_ROWS),
@@ -502,7 +502,7 @@ impl CudaBackend {
         layout: &KvLayout,
         blocks: usize,
         data: &CudaSlice<u16>,
-    ) -> Option<[u8; 128]> {
+    ) -> Option<[u64; 16]> {
         let (_, config) = self.kernels.flash_wgmma.as_ref()?;
         let bs = layout.block_size;
         if layout.head_dim != 128
@@ -527,19 +527,14 @@ impl CudaBackend {
             layout.block_elems() as u64 * elem,
         ];
         let (ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(data, &self.stream);
-        let map = tma::encode_bf16_swizzled(ptr, &dims, &strides, &[64, 1, bs as u32, 1, 1])
+        tma::encode_bf16_swizzled(ptr, &dims, &strides, &[64, 1, bs as u32, 1, 1])
             .map_err(|result| {
                 tracing::warn!(
                     ?result,
                     "no TMA tensor map of the KV cache: prefill attention copies by cp.async"
                 )
             })
-            .ok()?;
-        let mut bytes = [0u8; 128];
-        for (chunk, word) in bytes.chunks_exact_mut(8).zip(map) {
-            chunk.copy_from_slice(&word.to_le_bytes());
-        }
-        Some(bytes)
+            .ok()
     }
 
     /// The prefill attention kernel for `shape` and how to launch it: the warpgroup kernel for
@@ -963,7 +958,7 @@ impl Backend for CudaBackend {
         let has_tensor_map = map.is_some();
         let tensor_map = self
             .stream
-            .clone_htod(&map.unwrap_or([0u8; 128]))
+            .clone_htod(&map.unwrap_or([0u64; 16]))
             .map_err(|e| device_error("KV cache tensor map", &e))?;
         Ok(CudaKvCache {
             layout: *layout,

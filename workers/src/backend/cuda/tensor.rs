@@ -188,7 +188,7 @@ pub struct CudaKvCache {
     pub(super) data: ManuallyDrop<CudaSlice<u16>>,
     /// The cache as a TMA tensor map in device memory (`flash_wgmma.cu` copies its tiles with
     /// it), where the kernels and the layout allow one; else 128 zero bytes.
-    pub(super) tensor_map: CudaSlice<u8>,
+    pub(super) tensor_map: CudaSlice<u64>,
     pub(super) has_tensor_map: bool,
 }
 
