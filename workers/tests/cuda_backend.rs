@@ -541,6 +541,28 @@ fn kv_blocks_copy_straight_into_and_out_of_pinned_host_memory() {
 /// actually mapped) are refused, and a full pool says so. The export's seal: checked after the copy,
 /// cleared when the export is freed, so a pull of a freed export, or of one whose slice holds
 /// the next export's K/V, fails instead of handing that K/V on.
+/// What a CUDA IPC pull holds, as the cache reads it back: written into `blocks` of `kv`,
+/// then read to the host (`len` bytes).
+fn through_cache(
+    backend: &CudaBackend,
+    kv: &mut <CudaBackend as Backend>::KvCache,
+    blocks: &[u32],
+    pulled: &tandem_workers::transfer::PulledKv,
+    len: usize,
+) -> Vec<u8> {
+    let KvBytes::Device(range) = pulled.bytes() else {
+        panic!("a CUDA IPC pull is device memory");
+    };
+    backend
+        .write_kv_blocks(kv, blocks, KvBytes::Device(range))
+        .unwrap();
+    let mut back = vec![0u8; len];
+    backend
+        .read_kv_blocks(kv, blocks, KvBytesMut::Host(&mut back))
+        .unwrap();
+    back
+}
+
 #[test]
 fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
@@ -611,16 +633,7 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     };
     let pulled = pull(remote.clone()).unwrap();
     assert!(pulled.is_lent(), "the pull reads into the reader's pool");
-    let KvBytes::Device(range) = pulled.bytes() else {
-        panic!("a CUDA IPC pull is device memory");
-    };
-    backend
-        .write_kv_blocks(&mut kv, &others, KvBytes::Device(range))
-        .unwrap();
-    let mut back = vec![0u8; len];
-    backend
-        .read_kv_blocks(&kv, &others, KvBytesMut::Host(&mut back))
-        .unwrap();
+    let back = through_cache(backend, &mut kv, &others, &pulled, len);
     assert!(
         back == bytes,
         "the K/V changed on its way through the pools"
@@ -701,16 +714,7 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         ..remote.clone()
     })
     .unwrap();
-    let KvBytes::Device(range) = unchecked.bytes() else {
-        panic!("a CUDA IPC pull is device memory");
-    };
-    backend
-        .write_kv_blocks(&mut kv, &blocks, KvBytes::Device(range))
-        .unwrap();
-    let mut back = vec![0u8; len];
-    backend
-        .read_kv_blocks(&kv, &blocks, KvBytesMut::Host(&mut back))
-        .unwrap();
+    let back = through_cache(backend, &mut kv, &blocks, &unchecked, len);
     assert!(
         back == different,
         "what the seal keeps out: the old handle's regions hold the new export's K/V"
@@ -802,16 +806,7 @@ fn kv_blocks_are_read_in_place_out_of_a_cache_shared_over_cuda_ipc() {
         runtime.block_on(puller.pull(remote, std::time::Duration::from_secs(10)))
     };
     let pulled = pull(remote.clone()).unwrap();
-    let KvBytes::Device(range) = pulled.bytes() else {
-        panic!("a CUDA IPC pull is device memory");
-    };
-    backend
-        .write_kv_blocks(&mut kv, &others, KvBytes::Device(range))
-        .unwrap();
-    let mut back = vec![0u8; bytes.len()];
-    backend
-        .read_kv_blocks(&kv, &others, KvBytesMut::Host(&mut back))
-        .unwrap();
+    let back = through_cache(backend, &mut kv, &others, &pulled, bytes.len());
     assert!(back == bytes, "the K/V changed on its way out of the cache");
     drop(pulled);
     assert_eq!(unpinned.load(Ordering::SeqCst), 0, "pinned while exported");
