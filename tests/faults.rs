@@ -90,6 +90,38 @@ fn wait_metrics(http: &Http, limit: Duration, what: &str, done: impl Fn(&str) ->
     }
 }
 
+/// A CPU worker of `role` as `support::start_worker_as` starts one, with a fault test's hook
+/// set in its environment (`env`: name and value); returns once it has joined.
+fn start_worker_with_env(nats: &Nats, role: &str, worker_id: &str, env: (&str, &str)) -> Proc {
+    let spec = WorkerSpec {
+        role,
+        worker_id,
+        served_model_name: support::SERVED_NAME,
+        threads: 2,
+        heartbeat_ms: 250,
+        extra: &[],
+    };
+    let mut command = spec.command(&nats.url, &model_dir(MODEL));
+    command.env(env.0, env.1);
+    let mut worker = Proc::spawn(worker_id, command);
+    worker.wait_for_line("joined the deployment", Duration::from_secs(60));
+    worker
+}
+
+/// Waits (60 s at most) until decode worker `decode`, started with
+/// `TANDEM_TEST_DELAY_PULL_MS`, has had room for `pulls` pulls (each then waits its delay).
+fn wait_for_delayed_pulls(decode: &Proc, pulls: usize) {
+    let start = Instant::now();
+    while decode.count_lines("TANDEM_TEST_DELAY_PULL_MS: pulling in") < pulls {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the decode job never got room:\n{}",
+            decode.output()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Whether worker `id` reports no running and no queued request and all its KV blocks free
 /// (a request still queued holds no blocks, so the queue counts too).
 fn idle(body: &str, id: &str) -> bool {
@@ -225,18 +257,12 @@ fn a_context_worker_killed_between_kv_ready_and_the_pull_costs_a_retry_not_an_er
         &["--kv-transfer-timeout-ms", "5000"],
     );
     // Each pull starts 1.5 s after the decode worker has room for it: the window to kill in.
-    let spec = WorkerSpec {
-        role: "decode",
-        worker_id: "dec",
-        served_model_name: support::SERVED_NAME,
-        threads: 2,
-        heartbeat_ms: 250,
-        extra: &[],
-    };
-    let mut command = spec.command(&nats.url, &model_dir(MODEL));
-    command.env("TANDEM_TEST_DELAY_PULL_MS", "1500");
-    let mut decode = Proc::spawn("dec", command);
-    decode.wait_for_line("joined the deployment", Duration::from_secs(60));
+    let decode = start_worker_with_env(
+        &nats,
+        "decode",
+        "dec",
+        ("TANDEM_TEST_DELAY_PULL_MS", "1500"),
+    );
     let http = &api.http;
     http.wait_for_role("context", 1, Duration::from_secs(30));
     http.wait_for_role("decode", 1, Duration::from_secs(30));
@@ -249,21 +275,12 @@ fn a_context_worker_killed_between_kv_ready_and_the_pull_costs_a_retry_not_an_er
         "the undisturbed run pulled its K/V\n{metrics}"
     );
 
-    let delayed = "TANDEM_TEST_DELAY_PULL_MS: pulling in";
     let in_flight = {
         let http = http.clone();
         std::thread::spawn(move || stream(&http, &request, &AtomicUsize::new(0)))
     };
     // The context worker has answered kv_ready and the decode worker has room: kill now.
-    let start = Instant::now();
-    while decode.count_lines(delayed) < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the decode job never got room:\n{}",
-            decode.output()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_delayed_pulls(&decode, 2);
     context.signal(libc::SIGKILL);
     let killed = Instant::now();
     let (text, usage) = in_flight.join().expect("stream thread");
@@ -306,18 +323,12 @@ fn a_decode_worker_killed_between_kv_ready_and_the_pull_leaves_nothing_pinned_pa
         &["--kv-transfer-timeout-ms", "3000"],
     );
     // The victim pulls a minute after it has room: it is killed before that.
-    let spec = WorkerSpec {
-        role: "decode",
-        worker_id: "slow",
-        served_model_name: support::SERVED_NAME,
-        threads: 2,
-        heartbeat_ms: 250,
-        extra: &[],
-    };
-    let mut command = spec.command(&nats.url, &model_dir(MODEL));
-    command.env("TANDEM_TEST_DELAY_PULL_MS", "60000");
-    let mut victim = Proc::spawn("slow", command);
-    victim.wait_for_line("joined the deployment", Duration::from_secs(60));
+    let victim = start_worker_with_env(
+        &nats,
+        "decode",
+        "slow",
+        ("TANDEM_TEST_DELAY_PULL_MS", "60000"),
+    );
     let http = &api.http;
     http.wait_for_role("context", 1, Duration::from_secs(30));
     http.wait_for_role("decode", 1, Duration::from_secs(30));
@@ -327,15 +338,7 @@ fn a_decode_worker_killed_between_kv_ready_and_the_pull_leaves_nothing_pinned_pa
         let (http, request) = (http.clone(), request.clone());
         std::thread::spawn(move || stream(&http, &request, &AtomicUsize::new(0)))
     };
-    let start = Instant::now();
-    while victim.count_lines("TANDEM_TEST_DELAY_PULL_MS: pulling in") < 1 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the decode job never got room:\n{}",
-            victim.output()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_delayed_pulls(&victim, 1);
     // The export is held: its blocks pinned in the context worker's cache.
     wait_metrics(http, Duration::from_secs(5), "the export pinned", |body| {
         metric(body, "tandem_kv_pinned_blocks", "\"ctx\"").is_some_and(|pinned| pinned > 0.0)
@@ -682,18 +685,12 @@ fn a_worker_whose_every_step_fails_leaves_rotation_and_its_requests_migrate() {
     let api = start_api_server(&nats, &model_dir(MODEL));
     let _good = support::start_worker(&nats, &model_dir(MODEL), "good", &[]);
     // Its engine's third forward pass and every later one fail (not as a lost device).
-    let spec = WorkerSpec {
-        role: "both",
-        worker_id: "bad",
-        served_model_name: support::SERVED_NAME,
-        threads: 2,
-        heartbeat_ms: 250,
-        extra: &[],
-    };
-    let mut command = spec.command(&nats.url, &model_dir(MODEL));
-    command.env("TANDEM_TEST_FAIL_FORWARD_AFTER", "2");
-    let mut bad = Proc::spawn("bad", command);
-    bad.wait_for_line("joined the deployment", Duration::from_secs(60));
+    let mut bad = start_worker_with_env(
+        &nats,
+        "both",
+        "bad",
+        ("TANDEM_TEST_FAIL_FORWARD_AFTER", "2"),
+    );
     let http = &api.http;
     http.wait_for_workers(2, Duration::from_secs(30));
 

@@ -181,8 +181,6 @@ fn check_finite(logits: &[f32]) -> Result<(), SamplingError> {
     }
 }
 
-/// The largest logit, or [`SamplingError::NonFiniteLogits`]. Eight independent lanes with
-/// plain comparisons, so the loop vectorizes (`f32::max` and early exits do not).
 /// The log-probability of `target` in a raw logits row (the model's distribution: temperature
 /// 1, no penalties, bias or truncation) and the row's `top_k` best tokens, as the sampler
 /// reports a generated token's (same normalizer, same ranking): what a prompt position
@@ -205,6 +203,8 @@ pub fn token_logprob(row: &[f32], target: u32, top_k: usize) -> crate::model::To
     }
 }
 
+/// The largest logit, or [`SamplingError::NonFiniteLogits`]. Eight independent lanes with
+/// plain comparisons, so the loop vectorizes (`f32::max` and early exits do not).
 fn max_finite(logits: &[f32]) -> Result<f32, SamplingError> {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut bad = [false; 8];

@@ -1313,40 +1313,44 @@ mod tests {
                     cfg.num_blocks,
                     "blocks leaked"
                 );
-                for item in &step.scheduled {
-                    if !item.wants_logits {
-                        continue;
-                    }
-                    let left = to_generate.get_mut(&item.id).unwrap();
-                    *left -= 1;
-                    if *left == 0 || s.append_token(item.id).is_err() {
-                        s.finish(item.id).unwrap();
-                        to_generate.remove(&item.id);
-                    }
-                }
+                count_down(&mut s, &step, &mut to_generate);
             }
-            let mut guard = 0;
-            while s.has_work() {
-                let step = s.schedule();
-                for item in &step.scheduled {
-                    if item.wants_logits {
-                        let left = to_generate.get_mut(&item.id).unwrap();
-                        *left -= 1;
-                        if *left == 0 || s.append_token(item.id).is_err() {
-                            s.finish(item.id).unwrap();
-                            to_generate.remove(&item.id);
-                        }
-                    }
-                }
-                guard += 1;
-                assert!(guard < 10_000, "no progress (seed {seed})");
-            }
+            drain(&mut s, &mut to_generate, seed);
             assert_eq!(s.free_blocks(), cfg.num_blocks, "seed {seed}");
             assert!(s.groups.is_empty());
             if seed == 0 {
                 assert!(preemptions > 0, "the workload must exercise preemption");
                 assert!(shared_admissions > 0, "the workload must share blocks");
             }
+        }
+    }
+
+    /// What the engine does after a step of a random workload: each sequence that got logits
+    /// has one token fewer to generate, and ends when it has none left (or no room for its
+    /// token).
+    fn count_down(
+        s: &mut Scheduler,
+        step: &SchedulerStep,
+        to_generate: &mut HashMap<SeqId, usize>,
+    ) {
+        for item in step.scheduled.iter().filter(|item| item.wants_logits) {
+            let left = to_generate.get_mut(&item.id).unwrap();
+            *left -= 1;
+            if *left == 0 || s.append_token(item.id).is_err() {
+                s.finish(item.id).unwrap();
+                to_generate.remove(&item.id);
+            }
+        }
+    }
+
+    /// Runs a random workload's steps until the scheduler has no work left.
+    fn drain(s: &mut Scheduler, to_generate: &mut HashMap<SeqId, usize>, seed: u64) {
+        let mut guard = 0;
+        while s.has_work() {
+            let step = s.schedule();
+            count_down(s, &step, to_generate);
+            guard += 1;
+            assert!(guard < 10_000, "no progress (seed {seed})");
         }
     }
 
@@ -1422,22 +1426,7 @@ mod tests {
                 );
             }
             // Drain.
-            let mut guard = 0;
-            while s.has_work() {
-                let step = s.schedule();
-                for item in &step.scheduled {
-                    if item.wants_logits {
-                        let left = to_generate.get_mut(&item.id).unwrap();
-                        *left -= 1;
-                        if *left == 0 || s.append_token(item.id).is_err() {
-                            s.finish(item.id).unwrap();
-                            to_generate.remove(&item.id);
-                        }
-                    }
-                }
-                guard += 1;
-                assert!(guard < 10_000, "no progress (seed {seed})");
-            }
+            drain(&mut s, &mut to_generate, seed);
             assert!(to_generate.is_empty());
             assert_eq!(s.free_blocks(), cfg.num_blocks, "seed {seed}");
             if seed == 0 {

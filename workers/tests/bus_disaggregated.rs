@@ -691,19 +691,10 @@ fn strs(args: &[String]) -> Vec<&str> {
 
 /// The `kv_peer` of worker `id`'s next heartbeat that has one.
 async fn kv_peer_of(heartbeats: &mut async_nats::Subscriber, id: &str) -> KvPeer {
-    let start = Instant::now();
-    loop {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no heartbeat of {id}"
-        );
-        let beat = next_heartbeat(heartbeats).await;
-        if beat.worker_id == id {
-            return beat
-                .kv_peer
-                .expect("context and decode workers advertise kv_peer");
-        }
-    }
+    heartbeat_of(heartbeats, id)
+        .await
+        .kv_peer
+        .expect("context and decode workers advertise kv_peer")
 }
 
 /// One disaggregated request through the bus with `reader` on its prefill job, sent to the

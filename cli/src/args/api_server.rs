@@ -68,7 +68,7 @@ pub struct ApiServerArgs {
         long,
         env = "TANDEM_ROUTER_POLICY",
         default_value = router_policy_name(RouterPolicy::default()),
-        value_parser = router_policy_parser()
+        value_parser = one_of(RouterPolicy::ALL, router_policy_name)
     )]
     pub router_policy: RouterPolicy,
     /// Prompts with fewer tokens are prefilled by the generation worker itself, with no KV
@@ -112,7 +112,7 @@ pub struct ApiServerArgs {
         long,
         env = "TANDEM_TOOL_CALL_PARSER",
         default_value = ToolCallParser::default().name(),
-        value_parser = tool_call_parser_parser()
+        value_parser = one_of(ToolCallParser::ALL, ToolCallParser::name)
     )]
     pub tool_call_parser: ToolCallParser,
     /// An API key (repeat for several; TANDEM_API_KEY takes them comma-separated). With any
@@ -291,21 +291,19 @@ fn router_policy_name(policy: RouterPolicy) -> &'static str {
     }
 }
 
-fn tool_call_parser_parser() -> impl TypedValueParser<Value = ToolCallParser> {
-    PossibleValuesParser::new(ToolCallParser::ALL.map(ToolCallParser::name)).map(|name| {
-        ToolCallParser::ALL
-            .into_iter()
-            .find(|parser| parser.name() == name)
-            .expect("the possible values are the parsers' names")
-    })
-}
-
-fn router_policy_parser() -> impl TypedValueParser<Value = RouterPolicy> {
-    PossibleValuesParser::new(RouterPolicy::ALL.map(router_policy_name)).map(|name| {
-        RouterPolicy::ALL
-            .into_iter()
-            .find(|&policy| router_policy_name(policy) == name)
-            .expect("the possible values are the policies' names")
+/// A flag's parser that takes one of `all`'s names (`name` of each) and gives the value so
+/// named; `--help` lists the names.
+fn one_of<T, const N: usize>(
+    all: [T; N],
+    name: fn(T) -> &'static str,
+) -> impl TypedValueParser<Value = T>
+where
+    T: Copy + Send + Sync + 'static,
+{
+    PossibleValuesParser::new(all.map(name)).map(move |given| {
+        all.into_iter()
+            .find(|&value| name(value) == given)
+            .expect("the possible values are the values' names")
     })
 }
 

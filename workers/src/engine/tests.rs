@@ -349,12 +349,12 @@ fn samples_of_a_group_share_the_prompt_and_generate_what_they_would_alone() {
     assert_eq!(out[&other], run(&mut e_ref)[&other_ref]);
 }
 
-/// Per request: its prompt logprobs (position, logprob, alternatives) in the order reported,
-/// its tokens with their logprobs, its finish reason and usage; and whether it was ever
-/// preempted while running.
 /// One reported prompt position: (position, logprob, alternatives).
 type PromptEntry = (usize, f32, Vec<(u32, f32)>);
 
+/// Per request: its prompt logprobs (position, logprob, alternatives) in the order reported,
+/// its tokens with their logprobs, its finish reason and usage; and whether it was ever
+/// preempted while running.
 #[derive(Debug, Default)]
 struct Echoed {
     prompt: Vec<PromptEntry>,

@@ -68,7 +68,7 @@ fn transfer_pool_bytes(
             } else {
                 0
             };
-            (max_tokens_in_buffer.div_ceil(layout.block_size) * layout.block_bytes() + seals)
+            (buffer_bytes(max_tokens_in_buffer, layout) + seals)
                 .min(DEFAULT_TRANSFER_POOL_MAX_BYTES)
         }
     }
@@ -89,11 +89,16 @@ fn cuda_ipc_pool_bytes(
         (WorkerRole::Both, _) | (_, Some(0)) => None,
         (WorkerRole::Context, _) => Some(0),
         (_, Some(mib)) => Some(mib << 20),
-        (_, None) => Some(
-            (max_tokens_in_buffer.div_ceil(layout.block_size) * layout.block_bytes())
-                .min(DEFAULT_TRANSFER_POOL_MAX_BYTES),
-        ),
+        (_, None) => {
+            Some(buffer_bytes(max_tokens_in_buffer, layout).min(DEFAULT_TRANSFER_POOL_MAX_BYTES))
+        }
     }
+}
+
+/// What `max_tokens_in_buffer` tokens of K/V take, in whole blocks: the default size of both
+/// transfer pools.
+fn buffer_bytes(max_tokens_in_buffer: usize, layout: &crate::kv_cache::KvLayout) -> usize {
+    max_tokens_in_buffer.div_ceil(layout.block_size) * layout.block_bytes()
 }
 
 #[derive(Debug, Error)]

@@ -178,10 +178,29 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::{HostRange, KvMemory};
     use crate::transfer::seal::tests::{Memory, Recorded};
+
+    /// A host "cache" of `blocks` blocks of `block` bytes (block `b` filled with `b + 1`) and
+    /// its export slab, as a CPU backend describes it.
+    pub(crate) fn host_cache(blocks: usize, block: usize) -> (Vec<u8>, KvCacheMemory) {
+        let mut memory = vec![0u8; blocks * block + blocks * SEAL_BYTES];
+        for b in 0..blocks {
+            memory[b * block..(b + 1) * block].fill(b as u8 + 1);
+        }
+        let cache = KvCacheMemory {
+            memory: KvMemory::Host(HostRange {
+                ptr: memory.as_mut_ptr(),
+                len: memory.len(),
+            }),
+            block_bytes: block,
+            num_blocks: blocks,
+            slab_offset: blocks * block,
+        };
+        (memory, cache)
+    }
 
     fn cache(num_blocks: usize) -> KvCacheMemory {
         KvCacheMemory {

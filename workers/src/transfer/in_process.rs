@@ -321,19 +321,7 @@ mod tests {
     async fn a_host_cache_is_read_in_place_until_its_export_is_released() {
         let transport = InProcessTransport;
         let block = 256;
-        let mut memory = vec![0u8; 4 * block + 4 * SEAL_BYTES];
-        for b in 0..4 {
-            memory[b * block..(b + 1) * block].fill(b as u8 + 1);
-        }
-        let cache = KvCacheMemory {
-            memory: KvMemory::Host(crate::backend::HostRange {
-                ptr: memory.as_mut_ptr(),
-                len: memory.len(),
-            }),
-            block_bytes: block,
-            num_blocks: 4,
-            slab_offset: 4 * block,
-        };
+        let (memory, cache) = crate::transfer::cache::tests::host_cache(4, block);
         // SAFETY: `memory` outlives the exposed cache.
         let exposed = unsafe { transport.expose_cache(cache, Box::new(())) }
             .await

@@ -49,6 +49,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::backend::KvMemory;
 pub use crate::backend::{DeviceRange, HostRange, KvBuffer, KvBytes, KvBytesMut, KvCacheMemory};
 use tandem_protocol::messages::KvHandle;
 pub use tandem_protocol::messages::{CudaIpcSource, KvTransportKind};
@@ -139,31 +140,19 @@ impl Exported {
     }
 }
 
-/// Where a transfer's bytes lie: host memory (UCX, in-process) or device memory (CUDA IPC).
-#[derive(Debug, Clone, Copy)]
-enum Memory {
-    Host(HostRange),
-    Device(DeviceRange),
-}
-
-impl Memory {
-    fn len(&self) -> usize {
-        match *self {
-            Memory::Host(range) => range.len,
-            Memory::Device(range) => range.len,
-        }
-    }
-
+/// Views of where a transfer's bytes lie (host memory for UCX and in-process, device memory
+/// for CUDA IPC), for the owners of those bytes here.
+impl KvMemory {
     /// The memory as the backend reads it. Sound because every owner ([`ExportBuffer`],
     /// [`PulledKv`]) is built by an `unsafe` constructor whose caller promises the bytes stay
     /// valid, and untouched by others, while the owner lives.
     fn bytes(&self) -> KvBytes<'_> {
         match *self {
             // SAFETY: see above.
-            Memory::Host(range) => {
+            KvMemory::Host(range) => {
                 KvBytes::Host(unsafe { std::slice::from_raw_parts(range.ptr, range.len) })
             }
-            Memory::Device(range) => KvBytes::Device(range),
+            KvMemory::Device(range) => KvBytes::Device(range),
         }
     }
 
@@ -171,10 +160,10 @@ impl Memory {
     fn bytes_mut(&mut self) -> KvBytesMut<'_> {
         match *self {
             // SAFETY: see `bytes`; `&mut self` makes this the only view.
-            Memory::Host(range) => {
+            KvMemory::Host(range) => {
                 KvBytesMut::Host(unsafe { std::slice::from_raw_parts_mut(range.ptr, range.len) })
             }
-            Memory::Device(range) => KvBytesMut::Device(range),
+            KvMemory::Device(range) => KvBytesMut::Device(range),
         }
     }
 
@@ -192,7 +181,7 @@ impl Memory {
 /// [`ExportBuffer::finish`] seals it and gives the [`Exported`] whose description goes into
 /// the KV handle. No peer can read it before then: the handle is what tells one where it is.
 pub struct ExportBuffer {
-    memory: Memory,
+    memory: KvMemory,
     exported: Exported,
     /// Where the seal goes, after the K/V.
     seal: Option<SealSlot>,
@@ -208,7 +197,7 @@ impl ExportBuffer {
     /// keepalive) lives, and that nothing else touches until the handle is published.
     pub unsafe fn new(bytes: *mut u8, len: usize, exported: Exported) -> Self {
         Self {
-            memory: Memory::Host(HostRange { ptr: bytes, len }),
+            memory: KvMemory::Host(HostRange { ptr: bytes, len }),
             exported,
             seal: None,
         }
@@ -219,7 +208,7 @@ impl ExportBuffer {
     /// lives, and that nothing else touches until the handle is published.
     pub unsafe fn on_device(range: DeviceRange, exported: Exported) -> Self {
         Self {
-            memory: Memory::Device(range),
+            memory: KvMemory::Device(range),
             exported,
             seal: None,
         }
@@ -406,7 +395,7 @@ pub trait KvTransport: Send + Sync + 'static {
 /// (its pages faulted once, and pinned on a GPU worker), or in device memory (a CUDA IPC
 /// pull), handed back when this is dropped.
 pub struct PulledKv {
-    memory: Memory,
+    memory: KvMemory,
     lent: bool,
     /// What keeps the bytes: the `Vec` (its heap buffer does not move with it), or the guard
     /// that hands the pool slice back (or frees the device memory) when dropped.
@@ -423,7 +412,7 @@ impl PulledKv {
     /// `guard` is dropped.
     pub unsafe fn lent(bytes: *mut u8, len: usize, guard: Box<dyn Send + Sync>) -> Self {
         Self {
-            memory: Memory::Host(HostRange { ptr: bytes, len }),
+            memory: KvMemory::Host(HostRange { ptr: bytes, len }),
             lent: true,
             _owner: guard,
         }
@@ -434,7 +423,7 @@ impl PulledKv {
     /// until `guard` is dropped.
     pub unsafe fn on_device(range: DeviceRange, lent: bool, guard: Box<dyn Send + Sync>) -> Self {
         Self {
-            memory: Memory::Device(range),
+            memory: KvMemory::Device(range),
             lent,
             _owner: guard,
         }
@@ -475,7 +464,7 @@ impl PulledKv {
 impl From<Vec<u8>> for PulledKv {
     fn from(mut bytes: Vec<u8>) -> Self {
         Self {
-            memory: Memory::Host(HostRange {
+            memory: KvMemory::Host(HostRange {
                 ptr: bytes.as_mut_ptr(),
                 len: bytes.len(),
             }),
@@ -489,7 +478,7 @@ impl std::fmt::Debug for PulledKv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PulledKv")
             .field("len", &self.len())
-            .field("device", &matches!(self.memory, Memory::Device(_)))
+            .field("device", &matches!(self.memory, KvMemory::Device(_)))
             .field("lent", &self.is_lent())
             .finish()
     }

@@ -583,7 +583,7 @@ async fn pull(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transfer::KvCacheMemory;
+    use crate::transfer::cache::tests::host_cache;
 
     #[tokio::test]
     async fn exports_and_pulls_through_ucx_in_one_process() {
@@ -752,25 +752,6 @@ mod tests {
         assert!(read(unchecked).await.unwrap().host() == Some(&c_bytes[..]));
         // C's own handle reads C.
         assert!(read(remote(&c)).await.unwrap().host() == Some(&c_bytes[..]));
-    }
-
-    /// A host "cache" of `blocks` blocks of `block` bytes (block `b` filled with `b + 1`) and
-    /// its export slab, as a CPU backend describes it.
-    pub(crate) fn host_cache(blocks: usize, block: usize) -> (Vec<u8>, KvCacheMemory) {
-        let mut memory = vec![0u8; blocks * block + blocks * SEAL_BYTES];
-        for b in 0..blocks {
-            memory[b * block..(b + 1) * block].fill(b as u8 + 1);
-        }
-        let cache = KvCacheMemory {
-            memory: KvMemory::Host(HostRange {
-                ptr: memory.as_mut_ptr(),
-                len: memory.len(),
-            }),
-            block_bytes: block,
-            num_blocks: blocks,
-            slab_offset: blocks * block,
-        };
-        (memory, cache)
     }
 
     /// Records when it is dropped (an export's blocks unpinned).
