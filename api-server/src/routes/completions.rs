@@ -132,9 +132,9 @@ impl ChoiceFormat for CompletionChunks {
     }
 
     /// This choice of a request that is not streamed.
-    fn choice(mut self, completed: Completed) -> CompletionChoice {
+    fn choice(mut self, mut completed: Completed) -> CompletionChoice {
         let mut logprobs = CompletionLogprobs::default();
-        self.prompt_logprobs = completed.prompt_logprobs.clone();
+        self.prompt_logprobs = std::mem::take(&mut completed.prompt_logprobs);
         let mut text = self.take_echo(&mut logprobs);
         self.offsets
             .append(self.codec.as_ref(), &completed.tokens, &mut logprobs);
