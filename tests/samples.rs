@@ -208,14 +208,9 @@ fn a_client_that_leaves_cancels_every_choice(http: &Http) {
 
 /// tests/python/openai_samples.py against the api-server at `base`.
 fn openai_client_n_choices(base: &str) {
-    let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut command = std::process::Command::new(python);
-    if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
-        command.env("PYTHONPATH", path);
-    }
     let script =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_samples.py");
-    let output = command
+    let output = tandem_test_kit::python()
         .arg(&script)
         .arg(format!("{base}/v1"))
         .output()

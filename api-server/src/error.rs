@@ -86,6 +86,16 @@ impl ApiError {
         }
     }
 
+    /// A 400 with code `unsupported_parameter`: `param` asks for something tandem does not
+    /// serve (a feature, not a malformed value).
+    pub fn unsupported(message: impl Into<String>, param: &str) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param.to_string()),
+            code: Some("unsupported_parameter"),
+        }
+    }
+
     /// The 400 of a request whose first job does not fit in a message of the NATS server's
     /// `max_payload` (`too_large`): it names the prompt's field (`param`: `messages` or
     /// `prompt`) and says how many of the prompt's tokens fit. When even an empty prompt

@@ -409,11 +409,6 @@ impl EndpointFields {
                     code: Some("unknown_parameter"),
                 });
             };
-            let unsupported = |why: &str| ApiError::InvalidRequest {
-                message: format!("Unsupported parameter: '{param}': {why}."),
-                param: Some(param.clone()),
-                code: Some("unsupported_parameter"),
-            };
             match support {
                 Served => {}
                 _ if value.is_null() => {}
@@ -426,7 +421,12 @@ impl EndpointFields {
                     });
                 }
                 Refused { allowed, .. } if allowed(value) => {}
-                Refused { why, .. } => return Err(unsupported(why)),
+                Refused { why, .. } => {
+                    return Err(ApiError::unsupported(
+                        format!("Unsupported parameter: '{param}': {why}."),
+                        &param,
+                    ));
+                }
             }
             if let Some((_, inner)) = self.nested.iter().find(|(field, _)| *field == name) {
                 match value {

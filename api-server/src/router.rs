@@ -293,11 +293,7 @@ impl WorkerRegistry {
     /// generation jobs.
     pub fn route(&self, prompt_tokens: usize, now: Instant) -> Result<Route, NoRoute> {
         let mut inner = self.lock();
-        let generate_id = match self.pick_excluding(&mut inner, Pool::Generate, &[], now) {
-            Pick::Chosen(id) => id,
-            Pick::AllFull => return Err(NoRoute::AllFull),
-            Pick::NoneLive => return Err(NoRoute::NoLiveWorker),
-        };
+        let generate_id = self.pick_generation(&mut inner, now)?;
         let generate_role = inner.workers[&generate_id].heartbeat.role;
         let generate_kv_peer = inner.workers[&generate_id].heartbeat.kv_peer.clone();
         let prefill = if prompt_tokens < self.settings.max_local_prefill_length {
@@ -330,11 +326,7 @@ impl WorkerRegistry {
     /// of one request, or prompt logprobs) and counts them against it.
     pub fn route_local(&self, n: u32, why: LocalPrefill, now: Instant) -> Result<Route, NoRoute> {
         let mut inner = self.lock();
-        let generate_id = match self.pick_excluding(&mut inner, Pool::Generate, &[], now) {
-            Pick::Chosen(id) => id,
-            Pick::AllFull => return Err(NoRoute::AllFull),
-            Pick::NoneLive => return Err(NoRoute::NoLiveWorker),
-        };
+        let generate_id = self.pick_generation(&mut inner, now)?;
         let entry = inner
             .workers
             .get_mut(&generate_id)
@@ -382,6 +374,15 @@ impl WorkerRegistry {
         let entry = inner.workers.get_mut(worker_id)?;
         entry.refused_since_heartbeat = true;
         Some(entry.heartbeat.role)
+    }
+
+    /// A request's generation worker (counted against it), or why there is none.
+    fn pick_generation(&self, inner: &mut Inner, now: Instant) -> Result<String, NoRoute> {
+        match self.pick_excluding(inner, Pool::Generate, &[], now) {
+            Pick::Chosen(id) => Ok(id),
+            Pick::AllFull => Err(NoRoute::AllFull),
+            Pick::NoneLive => Err(NoRoute::NoLiveWorker),
+        }
     }
 
     fn pick_excluding(

@@ -10,30 +10,9 @@ use common::bus_peer::{
     PEER_ID, SCRIPT_ANSWER, SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_SILENT, SCRIPT_STALL,
     SCRIPTED_TEXT, ScriptedBusPeer,
 };
-use common::{SERVED_NAME, start_api_server};
+use common::{SERVED_NAME, start_api_server, start_with_peer};
 use serde_json::{Value, json};
-use tandem_test_kit::{ApiServer, Nats};
-
-/// A server with the peer registered (its first heartbeat seen).
-fn setup() -> (Nats, ScriptedBusPeer, ApiServer) {
-    setup_with(&[])
-}
-
-/// [`setup`] with extra api-server flags.
-fn setup_with(flags: &[&str]) -> (Nats, ScriptedBusPeer, ApiServer) {
-    let nats = Nats::start();
-    let peer = ScriptedBusPeer::start(&nats.url, SERVED_NAME);
-    let server = start_api_server(&nats, flags);
-    let start = Instant::now();
-    while server.http.get("/health").status != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the peer's heartbeats never made /health ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (nats, peer, server)
-}
+use tandem_test_kit::Nats;
 
 fn chat(max_tokens: u32, extra: Value) -> Value {
     let mut body = json!({"model": SERVED_NAME, "messages": [{"role": "user", "content": "Hi"}],
@@ -46,7 +25,7 @@ fn chat(max_tokens: u32, extra: Value) -> Value {
 
 #[test]
 fn health_reports_the_live_worker() {
-    let (_nats, _peer, server) = setup();
+    let (_nats, _peer, server) = start_with_peer(&[]);
     let body = server.http.get("/health").json();
     assert_eq!(body["status"], "ok");
     assert_eq!(body["workers"]["both"], 1);
@@ -65,7 +44,7 @@ fn health_reports_the_live_worker() {
 
 #[test]
 fn streamed_chat_has_openai_framing_usage_and_done() {
-    let (_nats, peer, server) = setup();
+    let (_nats, peer, server) = start_with_peer(&[]);
     let stream = server.http.open_stream(
         "/v1/chat/completions",
         &chat(
@@ -133,7 +112,7 @@ fn streamed_chat_has_openai_framing_usage_and_done() {
 
 #[test]
 fn streamed_chat_without_include_usage_has_no_usage_field() {
-    let (_nats, _peer, server) = setup();
+    let (_nats, _peer, server) = start_with_peer(&[]);
     let events = server
         .http
         .open_stream(
@@ -151,7 +130,7 @@ fn streamed_chat_without_include_usage_has_no_usage_field() {
 
 #[test]
 fn non_streamed_chat_and_completion_carry_text_usage_and_logprobs() {
-    let (_nats, peer, server) = setup();
+    let (_nats, peer, server) = start_with_peer(&[]);
     let response = server.http.post(
         "/v1/chat/completions",
         &chat(SCRIPT_ANSWER, json!({"logprobs": true, "top_logprobs": 2})),
@@ -193,7 +172,7 @@ fn non_streamed_chat_and_completion_carry_text_usage_and_logprobs() {
 
 #[test]
 fn streamed_completion_chunks_are_text_completions() {
-    let (_nats, _peer, server) = setup();
+    let (_nats, _peer, server) = start_with_peer(&[]);
     let events = server
         .http.open_stream(
             "/v1/completions",
@@ -216,7 +195,7 @@ fn streamed_completion_chunks_are_text_completions() {
 
 #[test]
 fn no_accepted_in_time_is_503_and_cancels_the_job() {
-    let (_nats, peer, server) = setup();
+    let (_nats, peer, server) = start_with_peer(&[]);
     let start = Instant::now();
     let response = server.http.post(
         "/v1/chat/completions",
@@ -240,7 +219,7 @@ fn no_accepted_in_time_is_503_and_cancels_the_job() {
 /// peer, which can only stall again).
 #[test]
 fn a_stalled_stream_ends_with_an_sse_error_and_a_cancel() {
-    let (_nats, peer, server) = setup_with(&["--migration-limit", "0"]);
+    let (_nats, peer, server) = start_with_peer(&["--migration-limit", "0"]);
     let start = Instant::now();
     let events = server
         .http
@@ -277,7 +256,7 @@ fn a_stalled_stream_ends_with_an_sse_error_and_a_cancel() {
 
 #[test]
 fn a_worker_error_reaches_the_client() {
-    let (_nats, _peer, server) = setup();
+    let (_nats, _peer, server) = start_with_peer(&[]);
     let response = server
         .http
         .post("/v1/chat/completions", &chat(SCRIPT_ERROR, json!({})));
@@ -298,7 +277,7 @@ fn a_worker_error_reaches_the_client() {
 
 #[test]
 fn a_client_that_disconnects_cancels_its_request() {
-    let (_nats, peer, server) = setup();
+    let (_nats, peer, server) = start_with_peer(&[]);
     let mut stream = server.http.open_stream(
         "/v1/chat/completions",
         &chat(SCRIPT_ENDLESS, json!({"stream": true})),

@@ -7,28 +7,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::bus_peer::{SCRIPT_TOOL_CALL, ScriptedBusPeer, TOOL_CALL_ARGUMENTS};
-use common::{SERVED_NAME, start_api_server};
+use common::bus_peer::{SCRIPT_TOOL_CALL, TOOL_CALL_ARGUMENTS};
+use common::{SERVED_NAME, start_with_peer};
 use serde_json::{Value, json};
 use tandem_protocol::messages::GrammarSpec;
-use tandem_test_kit::{ApiServer, Nats};
-
-fn setup() -> (Nats, ScriptedBusPeer, ApiServer) {
-    let nats = Nats::start();
-    let peer = ScriptedBusPeer::start(&nats.url, SERVED_NAME);
-    let server = start_api_server(&nats, &[]);
-    let start = Instant::now();
-    while server.http.get("/health").status != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the peer's heartbeats never made /health ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (nats, peer, server)
-}
 
 fn request(extra: Value) -> Value {
     let mut body = json!({
@@ -46,7 +28,7 @@ fn request(extra: Value) -> Value {
 
 #[test]
 fn a_tool_call_is_returned_whole_and_streamed_in_openai_deltas() {
-    let (_nats, peer, server) = setup();
+    let (_nats, peer, server) = start_with_peer(&[]);
 
     let response = server
         .http

@@ -98,19 +98,19 @@ pub struct ChatChunks {
     pub metrics: Metrics,
 }
 
-impl ChatChunks {
-    /// The output text of `tokens` as the tool-call parser reads it: with the text of the
-    /// markup's special tokens, which the workers' detokenizer leaves out.
-    fn parser_text(&self, tokens: &[TokenEvent]) -> String {
-        tokens
-            .iter()
-            .map(|t| match self.codec.marker_text(t.id) {
-                Some(marker) => format!("{marker}{}", t.text),
-                None => t.text.clone(),
-            })
-            .collect()
-    }
+/// The output text of `tokens` as the tool-call parser reads it: with the text of the
+/// markup's special tokens, which the workers' detokenizer leaves out.
+fn parser_text(codec: &dyn PromptCodec, tokens: &[TokenEvent]) -> String {
+    tokens
+        .iter()
+        .map(|t| match codec.marker_text(t.id) {
+            Some(marker) => format!("{marker}{}", t.text),
+            None => t.text.clone(),
+        })
+        .collect()
+}
 
+impl ChatChunks {
     /// Counts the reply's calls (`tandem_tool_calls_total`) and logs call markup the model
     /// wrote that did not parse (returned to the client as content): an operator seeing it
     /// often may have the wrong `--tool-call-parser`.
@@ -217,11 +217,9 @@ impl ChoiceFormat for ChatChunks {
     fn choice(mut self, completed: Completed) -> ChatChoice {
         let (content, tool_calls) = match self.calls.as_mut() {
             None => (Some(completed.text()), Vec::new()),
-            Some(_) => {
-                let text = self.parser_text(&completed.tokens);
-                let parser = self.calls.as_mut().expect("matched Some above");
+            Some(parser) => {
                 let mut reply = ParsedReply::default();
-                reply.add(parser.push(&text));
+                reply.add(parser.push(&parser_text(self.codec.as_ref(), &completed.tokens)));
                 reply.add(parser.finish());
                 let calls = reply
                     .calls
@@ -277,10 +275,8 @@ impl ChunkFormat for ChatChunks {
     fn tokens(&mut self, tokens: &[TokenEvent]) -> Option<Bytes> {
         let (text, calls) = match self.calls.as_mut() {
             None => (tokens.iter().map(|t| t.text.as_str()).collect(), Vec::new()),
-            Some(_) => {
-                let text = self.parser_text(tokens);
-                let parser = self.calls.as_mut().expect("matched Some above");
-                let events = parser.push(&text);
+            Some(parser) => {
+                let events = parser.push(&parser_text(self.codec.as_ref(), tokens));
                 let (content, calls) = self.deltas(events);
                 (content.unwrap_or_default(), calls)
             }

@@ -20,7 +20,7 @@ use tandem_protocol::messages::{
 
 use super::logprobs::CompletionLogprobsBuilder;
 use super::{
-    ChoiceFormat, client_left, collect_all, finish_reason, reply_choices, start_generation,
+    ChoiceFormat, client_left, finish_reason, reply_choices, reply_whole, start_generation,
     unless_client_leaves,
 };
 use crate::disconnect::ClientSocket;
@@ -81,17 +81,8 @@ pub async fn completions(
     };
     if valid.candidates > valid.n {
         // best_of: never streamed (validated); every candidate whole, then the best n.
-        let Some(completed) = unless_client_leaves(socket, collect_all(generations)).await else {
-            return Ok(client_left());
-        };
-        let completed = completed?;
-        let usage = samples::total_usage(completed.iter().map(|c| c.usage));
-        let choices = samples::best_of(completed, valid.n as usize)
-            .into_iter()
-            .enumerate()
-            .map(|(index, completed)| chunks(index).choice(completed))
-            .collect();
-        return Ok(HttpResponse::Ok().json(chunks(0).completion(choices, usage)));
+        let best = |completed| samples::best_of(completed, valid.n as usize);
+        return reply_whole(generations, socket, chunks, best).await;
     }
     reply_choices(generations, valid.stream, socket, chunks).await
 }
@@ -132,9 +123,9 @@ impl ChoiceFormat for CompletionChunks {
     }
 
     /// This choice of a request that is not streamed.
-    fn choice(mut self, completed: Completed) -> CompletionChoice {
+    fn choice(mut self, mut completed: Completed) -> CompletionChoice {
         let mut logprobs = CompletionLogprobs::default();
-        self.prompt_logprobs = completed.prompt_logprobs.clone();
+        self.prompt_logprobs = std::mem::take(&mut completed.prompt_logprobs);
         let mut text = self.take_echo(&mut logprobs);
         self.offsets
             .append(self.codec.as_ref(), &completed.tokens, &mut logprobs);

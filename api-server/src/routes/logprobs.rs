@@ -28,6 +28,16 @@ pub fn chat_entry(codec: &dyn PromptCodec, token: &TokenEvent) -> Option<TokenLo
     })
 }
 
+/// The completion form's alternatives of one token: `(token id, logprob)` pairs by text.
+fn top_map(codec: &dyn PromptCodec, top_logprobs: &[(u32, f32)]) -> TopLogprobMap {
+    TopLogprobMap(
+        top_logprobs
+            .iter()
+            .map(|&(id, logprob)| (codec.token_text(id), logprob))
+            .collect(),
+    )
+}
+
 /// Appends tokens to the completion form, keeping `text_offset` (characters of the choice's
 /// text before each token) running across chunks.
 #[derive(Debug, Default)]
@@ -59,13 +69,8 @@ impl CompletionLogprobsBuilder {
             match position.checked_sub(1).and_then(|i| logprobs.get(i)) {
                 Some(entry) => {
                     into.token_logprobs.push(Some(entry.logprob));
-                    into.top_logprobs.push(Some(TopLogprobMap(
-                        entry
-                            .top_logprobs
-                            .iter()
-                            .map(|&(id, logprob)| (codec.token_text(id), logprob))
-                            .collect(),
-                    )));
+                    into.top_logprobs
+                        .push(Some(top_map(codec, &entry.top_logprobs)));
                 }
                 None => {
                     into.token_logprobs.push(None);
@@ -86,13 +91,8 @@ impl CompletionLogprobsBuilder {
             if let Some(logprob) = token.logprob {
                 into.tokens.push(codec.token_text(token.id));
                 into.token_logprobs.push(Some(logprob));
-                into.top_logprobs.push(Some(TopLogprobMap(
-                    token
-                        .top_logprobs
-                        .iter()
-                        .map(|&(id, logprob)| (codec.token_text(id), logprob))
-                        .collect(),
-                )));
+                into.top_logprobs
+                    .push(Some(top_map(codec, &token.top_logprobs)));
                 into.text_offset.push(self.text_chars);
             }
             self.text_chars += token.text.chars().count() as u32;

@@ -159,23 +159,31 @@ pub(crate) async fn reply_choices<F: ChoiceFormat>(
             .collect();
         return Ok(sse_response(choices, socket));
     }
-    let Some(completed) = unless_client_leaves(socket, collect_all(generations)).await else {
+    reply_whole(generations, socket, format, |completed| completed).await
+}
+
+/// The response object of a request that is not streamed: every generation whole (the first
+/// error fails them all; the others are dropped, which cancels them), the usage of them all
+/// (the prompt counted once), and as choices those `keep` returns, in its order (all of them,
+/// or `best_of`'s best `n`).
+pub(crate) async fn reply_whole<F: ChoiceFormat>(
+    generations: Vec<Generation>,
+    socket: Option<Arc<ClientSocket>>,
+    format: impl Fn(usize) -> F,
+    keep: impl FnOnce(Vec<Completed>) -> Vec<Completed>,
+) -> Result<HttpResponse, ApiError> {
+    let collected = futures::future::try_join_all(generations.into_iter().map(Generation::collect));
+    let Some(completed) = unless_client_leaves(socket, collected).await else {
         return Ok(client_left());
     };
     let completed = completed?;
     let usage = samples::total_usage(completed.iter().map(|c| c.usage));
-    let choices = completed
+    let choices = keep(completed)
         .into_iter()
         .enumerate()
         .map(|(index, completed)| format(index).choice(completed))
         .collect();
     Ok(HttpResponse::Ok().json(format(0).completion(choices, usage)))
-}
-
-/// Every choice's whole generation, in choice order; the first error fails them all (the
-/// others are dropped, which cancels them).
-pub(crate) async fn collect_all(generations: Vec<Generation>) -> Result<Vec<Completed>, ApiError> {
-    futures::future::try_join_all(generations.into_iter().map(Generation::collect)).await
 }
 
 /// Only `Stop` and `Length` reach a response (`Stop` becomes `tool_calls` when the model

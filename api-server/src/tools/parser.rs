@@ -300,6 +300,15 @@ impl CallParser {
         }
     }
 
+    /// The state once the output is content again after markup: Llama 3 output that is not
+    /// a call is content to the end; the other families watch for their marker.
+    fn content_state(&self) -> State {
+        match self.format {
+            ToolFormat::Llama3Json => State::Plain,
+            ToolFormat::Hermes | ToolFormat::Mistral => State::Text,
+        }
+    }
+
     fn content(&mut self, text: &str) {
         if text.is_empty() {
             return;
@@ -352,10 +361,7 @@ impl CallParser {
         self.malformed += 1;
         let raw = std::mem::take(&mut self.markup) + &std::mem::take(&mut self.buffer);
         self.content(&raw);
-        self.state = match self.format {
-            ToolFormat::Llama3Json => State::Plain,
-            _ => State::Text,
-        };
+        self.state = self.content_state();
     }
 
     /// Moves `n` bytes of the buffer into the markup of the current call.
@@ -542,10 +548,7 @@ impl CallParser {
                 }
                 if let Some(c) = closing.iter().find(|c| trimmed.starts_with(**c)) {
                     self.buffer.drain(..ws + c.len());
-                    self.state = match self.format {
-                        ToolFormat::Llama3Json => State::Plain,
-                        _ => State::Text,
-                    };
+                    self.state = self.content_state();
                     return true;
                 }
                 let could_be = separator
@@ -561,10 +564,7 @@ impl CallParser {
                     return false;
                 }
                 // Something else after a call: content again.
-                self.state = match self.format {
-                    ToolFormat::Llama3Json => State::Plain,
-                    _ => State::Text,
-                };
+                self.state = self.content_state();
                 true
             }
         }

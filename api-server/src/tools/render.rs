@@ -180,24 +180,21 @@ fn injected(turns: &[Turn], tools: Option<&ToolRequest>, format: ToolFormat) -> 
         };
         messages.push(ChatMessage::new("system", system));
     }
+    // The last message is a user turn of tool results (the previous turn was a result).
+    let mut after_result = false;
     for turn in rest {
         match turn.role {
             Role::Tool => {
                 let response = format!("<tool_response>\n{}\n</tool_response>", turn.content);
                 // Consecutive results share one user turn, as Qwen2.5's template does.
                 match messages.last_mut() {
-                    Some(last) if last.extra.contains_key("tool_response") => {
+                    Some(last) if after_result => {
                         if let Some(MessageContent::Text(text)) = &mut last.content {
                             text.push('\n');
                             text.push_str(&response);
                         }
                     }
-                    _ => {
-                        let mut message = ChatMessage::new("user", response);
-                        // A marker for the merge above; dropped before rendering.
-                        message.extra.insert("tool_response".into(), true.into());
-                        messages.push(message);
-                    }
+                    _ => messages.push(ChatMessage::new("user", response)),
                 }
             }
             Role::Assistant if !turn.tool_calls.is_empty() => {
@@ -211,9 +208,7 @@ fn injected(turns: &[Turn], tools: Option<&ToolRequest>, format: ToolFormat) -> 
             }
             role => messages.push(ChatMessage::new(role.as_str(), turn.content.clone())),
         }
-    }
-    for message in &mut messages {
-        message.extra.remove("tool_response");
+        after_result = turn.role == Role::Tool;
     }
     TemplateInput {
         messages,

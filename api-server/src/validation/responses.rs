@@ -193,35 +193,29 @@ pub fn validate_responses(
 /// What would need a stored response or conversation.
 fn refuse_state(request: &ResponsesRequest) -> Result<(), ApiError> {
     if request.previous_response_id.is_some() {
-        return Err(ApiError::InvalidRequest {
-            message: "tandem stores no responses, so previous_response_id cannot be followed: \
-                      send the earlier turns in input (as messages)"
-                .into(),
-            param: Some("previous_response_id".into()),
-            code: Some("unsupported_parameter"),
-        });
+        return Err(ApiError::unsupported(
+            "tandem stores no responses, so previous_response_id cannot be followed: \
+             send the earlier turns in input (as messages)",
+            "previous_response_id",
+        ));
     }
     if request.conversation.as_ref().is_some_and(|c| !c.is_null()) {
-        return Err(ApiError::InvalidRequest {
-            message: "tandem stores no conversations: send the earlier turns in input (as \
-                      messages)"
-                .into(),
-            param: Some("conversation".into()),
-            code: Some("unsupported_parameter"),
-        });
+        return Err(ApiError::unsupported(
+            "tandem stores no conversations: send the earlier turns in input (as \
+             messages)",
+            "conversation",
+        ));
     }
     Ok(())
 }
 
 fn check_tools(request: &ResponsesRequest) -> Result<(), ApiError> {
     if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::InvalidRequest {
-            message: "tools are not served on /v1/responses: tandem serves tool calling on \
-                      /v1/chat/completions; here tools may only be empty"
-                .into(),
-            param: Some("tools".into()),
-            code: Some("unsupported_parameter"),
-        });
+        return Err(ApiError::unsupported(
+            "tools are not served on /v1/responses: tandem serves tool calling on \
+             /v1/chat/completions; here tools may only be empty",
+            "tools",
+        ));
     }
     match &request.tool_choice {
         None | Some(Value::Null) => Ok(()),
@@ -249,14 +243,13 @@ fn check_reasoning(request: &ResponsesRequest) -> Result<(), ApiError> {
         if let Some(value) = value
             && value != "none"
         {
-            return Err(ApiError::InvalidRequest {
-                message: format!(
+            return Err(ApiError::unsupported(
+                format!(
                     "reasoning.{name} {value:?} is not supported: the served model is not a \
                      reasoning model"
                 ),
-                param: Some(format!("reasoning.{name}")),
-                code: Some("unsupported_parameter"),
-            });
+                &format!("reasoning.{name}"),
+            ));
         }
     }
     Ok(())
@@ -270,15 +263,14 @@ fn check_include(include: &[String]) -> Result<bool, ApiError> {
             INCLUDE_LOGPROBS => logprobs = true,
             INCLUDE_REASONING => {}
             other => {
-                return Err(ApiError::InvalidRequest {
-                    message: format!(
+                return Err(ApiError::unsupported(
+                    format!(
                         "include {other:?} is not supported: tandem serves text only, without \
                          tools or image inputs (supported: \"{INCLUDE_LOGPROBS}\", \
                          \"{INCLUDE_REASONING}\")"
                     ),
-                    param: Some(format!("include[{i}]")),
-                    code: Some("unsupported_parameter"),
-                });
+                    &format!("include[{i}]"),
+                ));
             }
         }
     }
@@ -289,13 +281,11 @@ fn check_include(include: &[String]) -> Result<bool, ApiError> {
 fn text_format(text: Option<&TextConfig>) -> Result<(TextConfig, Option<GrammarSpec>), ApiError> {
     let mut echo = text.cloned().unwrap_or_default();
     if echo.verbosity.is_some() {
-        return Err(ApiError::InvalidRequest {
-            message: "text.verbosity is not supported: the served model has no verbosity \
-                      setting"
-                .into(),
-            param: Some("text.verbosity".into()),
-            code: Some("unsupported_parameter"),
-        });
+        return Err(ApiError::unsupported(
+            "text.verbosity is not supported: the served model has no verbosity \
+             setting",
+            "text.verbosity",
+        ));
     }
     let format = echo.format.get_or_insert(TextFormat::Text);
     let grammar = match format {
@@ -384,14 +374,13 @@ fn input_item(index: usize, item: &Value) -> Result<Turn, ApiError> {
     match object.get("type").and_then(Value::as_str) {
         None | Some("message") => {}
         Some(other) => {
-            return Err(ApiError::InvalidRequest {
-                message: format!(
+            return Err(ApiError::unsupported(
+                format!(
                     "input item type {other:?} is not supported: /v1/responses serves messages \
                      with text content (no tool calls, reasoning or item references)"
                 ),
-                param: Some(format!("{param}.type")),
-                code: Some("unsupported_parameter"),
-            });
+                &format!("{param}.type"),
+            ));
         }
     }
     if let Some(key) = object.keys().find(|k| !MESSAGE_KEYS.contains(&k.as_str())) {
@@ -441,14 +430,13 @@ fn text_part(param: &str, part: &Value) -> Result<String, ApiError> {
     match kind {
         Some("input_text" | "output_text") => {}
         Some(other) => {
-            return Err(ApiError::InvalidRequest {
-                message: format!(
+            return Err(ApiError::unsupported(
+                format!(
                     "content part type {other:?} is not supported: tandem takes text only \
                      (input_text)"
                 ),
-                param: Some(format!("{param}.type")),
-                code: Some("unsupported_parameter"),
-            });
+                &format!("{param}.type"),
+            ));
         }
         None => {
             return Err(ApiError::invalid(

@@ -8,9 +8,11 @@
 pub mod bus_peer;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_test_kit::{ApiServer, Nats};
+
+use bus_peer::ScriptedBusPeer;
 
 pub const SERVED_NAME: &str = "test-model";
 
@@ -64,4 +66,21 @@ pub fn start_api_server(nats: &Nats, extra: &[&str]) -> ApiServer {
     let mut server = ApiServer::start(nats, &test_model_dir(), SERVED_NAME, &args);
     server.http = server.http.with_read_timeout(Duration::from_secs(30));
     server
+}
+
+/// A nats-server, a [`ScriptedBusPeer`] on it and an api-server ([`start_api_server`] with
+/// `flags`) that has seen the peer's first heartbeat (its /health is ready).
+pub fn start_with_peer(flags: &[&str]) -> (Nats, ScriptedBusPeer, ApiServer) {
+    let nats = Nats::start();
+    let peer = ScriptedBusPeer::start(&nats.url, SERVED_NAME);
+    let server = start_api_server(&nats, flags);
+    let start = Instant::now();
+    while server.http.get("/health").status != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the peer's heartbeats never made /health ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (nats, peer, server)
 }
