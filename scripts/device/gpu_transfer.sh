@@ -18,8 +18,12 @@ case "$stage" in
     nvidia-smi --query-gpu=index,name,uuid,memory.total --format=csv
     random_model tiny >/dev/null
     smollm2=$(random_model smollm2-135m)
+    d128=$(random_model llama-d128-2l)
     echo "== GPU tests (workers/tests/cuda_backend.rs)"
+    # SmolLM2 shapes (head dim 64) and two Llama-3.1-8B layers (head dim 128) for the tests
+    # that cover the decode attention kernels of those head dims.
     TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
+      TANDEM_GPU_TEST_MODEL=$smollm2 TANDEM_GPU_TEST_MODEL_D128=$d128 \
       cuda_backend_test --test-threads 1 2>&1 | tee "$out/cuda-tests.log" | grep -E "^test |test result"
     echo "== two GPU worker processes, KV over CUDA IPC and UCX (workers/tests/bus_disaggregated.rs)"
     TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \

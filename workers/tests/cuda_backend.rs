@@ -59,7 +59,7 @@ fn cuda_logits_and_greedy_tokens_match_the_cpu() {
         return;
     }
     // The tiny model (head dim 16: the warp-per-key decode attention) and, where the device
-    // script names one, a model of head dim 64 or 128 (the vectorized kernel).
+    // script names one, a model of head dim 64 or 128 (the tensor-core kernel).
     let extra = std::env::var_os("TANDEM_GPU_TEST_MODEL").map(PathBuf::from);
     for dir in std::iter::once(model_dir()).chain(extra) {
         eprintln!("model {}", dir.display());
@@ -117,6 +117,93 @@ fn cuda_matches_cpu_on(dir: &std::path::Path) {
             );
         }
     }
+}
+
+/// The tensor-core decode attention (`decode_mma.cu`) against the vectorized kernel it
+/// replaces, on the same device and weights: a decode batch of sequences whose contexts end
+/// before, on and after a 64-key tile's edge and span up to a dozen tiles, in 64-token blocks,
+/// so that the batch splits its contexts and the shortest sequences get empty splits. Runs
+/// on the model `TANDEM_GPU_TEST_MODEL` names (head dim 64 or 128), and on a second one that
+/// `TANDEM_GPU_TEST_MODEL_D128` may name; skipped without either.
+#[test]
+fn decode_attention_on_tensor_cores_matches_the_vectorized_kernel() {
+    if no_gpu() {
+        return;
+    }
+    let dirs: Vec<PathBuf> = ["TANDEM_GPU_TEST_MODEL", "TANDEM_GPU_TEST_MODEL_D128"]
+        .into_iter()
+        .filter_map(std::env::var_os)
+        .map(PathBuf::from)
+        .collect();
+    if dirs.is_empty() {
+        eprintln!("skipped: no TANDEM_GPU_TEST_MODEL");
+        return;
+    }
+    for dir in dirs {
+        eprintln!("model {}", dir.display());
+        let on = decode_batch_logits(&dir, true);
+        let off = decode_batch_logits(&dir, false);
+        assert_eq!(on.len(), off.len());
+        let mut worst = 0f64;
+        for (step, (a, b)) in on.iter().zip(&off).enumerate() {
+            for (seq, (x, y)) in a.iter().zip(b).enumerate() {
+                let l2 = rel_l2(x, y);
+                worst = worst.max(l2);
+                assert!(
+                    l2 < 5e-3,
+                    "step {step}, sequence {seq}: relative L2 {l2:.3e}"
+                );
+            }
+        }
+        eprintln!("worst relative L2, tensor-core vs vectorized: {worst:.3e}");
+    }
+}
+
+/// Logits of 8 decode steps of six sequences at once (prompts of 1, 63, 64, 65, 200 and 700
+/// tokens, prefilled together; forced tokens), with the tensor-core decode attention on or off.
+fn decode_batch_logits(dir: &std::path::Path, decode_mma: bool) -> Vec<Vec<Vec<f32>>> {
+    const BLOCK: usize = 64;
+    const BLOCKS_PER_SEQ: usize = 16;
+    let backend = CudaBackend::new(&CudaOptions {
+        decode_mma,
+        ..CudaOptions::from_env(0)
+    })
+    .unwrap();
+    let options = ModelOptions {
+        kv_dtype: Some(KvDType::Bf16),
+    };
+    let model = Model::load(dir, backend, &options).unwrap();
+    let lens = [1usize, 63, 64, 65, 200, 700];
+    let mut kv = model
+        .alloc_kv_cache(BLOCK, lens.len() * BLOCKS_PER_SEQ)
+        .unwrap();
+    let table = |i: usize| -> Vec<u32> {
+        ((i * BLOCKS_PER_SEQ) as u32..((i + 1) * BLOCKS_PER_SEQ) as u32).collect()
+    };
+    let mut batch = ForwardBatch::default();
+    let prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            (0..n)
+                .map(|j| ((j * 13 + i * 5 + 1) % 150) as u32)
+                .collect()
+        })
+        .collect();
+    for (i, prompt) in prompts.iter().enumerate() {
+        batch.push(prompt, 0, table(i), false);
+    }
+    model.forward(&batch, &mut kv).unwrap();
+    (0..8)
+        .map(|step| {
+            let mut batch = ForwardBatch::default();
+            for (i, &n) in lens.iter().enumerate() {
+                let token = ((step * 31 + i * 7 + 2) % 150) as u32;
+                batch.push(&[token], n + step, table(i), true);
+            }
+            model.forward(&batch, &mut kv).unwrap()
+        })
+        .collect()
 }
 
 /// Row log-probabilities (prompt logprobs) of every row of a 150-token prompt (three groups

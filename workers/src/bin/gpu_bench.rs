@@ -969,6 +969,54 @@ fn prefill_attention(
     Ok(())
 }
 
+/// The decode attention kernel alone, one layer, `batch` sequences at `context` keys each (the
+/// decode bench's cache and block tables): the tensor-core kernel and the vectorized one in the
+/// same call, their K/V read rate against the copy ceiling, and how far apart their outputs are.
+fn decode_attention(
+    gpu: &CudaBackend,
+    shape: &AttentionShape,
+    kv: &CudaKvCache,
+    tables: &[Vec<u32>],
+    context: usize,
+    iters: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<()> {
+    let batch = tables.len();
+    let rows: Vec<Vec<f32>> = (0..batch)
+        .map(|_| {
+            (0..shape.qkv_width())
+                .map(|_| rng.random::<f32>() - 0.5)
+                .collect()
+        })
+        .collect();
+    let qkv = gpu.upload_rows(&rows)?;
+    let mut b = ForwardBatch::default();
+    for table in tables {
+        b.push(&[0], context, table.clone(), true);
+    }
+    let plan = BatchPlan::new(&b, *BLOCK_SIZE, &vec![1.0f32; shape.head_dim / 2]);
+    let meta = gpu.prepare_batch(&plan)?;
+    let bytes = (batch * (context + 1) * shape.num_kv_heads * shape.head_dim * 2 * 2) as f64;
+    let mut outputs = Vec::new();
+    let mut line = format!("decode attention batch {batch}, context {context} (one layer):");
+    for (mma, name) in [(true, "mma"), (false, "vec")] {
+        gpu.set_decode_mma(mma);
+        let t = time_on_device(gpu, iters, || {
+            Ok(gpu.paged_attention(&qkv, &meta, shape, kv, 0)?)
+        })?;
+        outputs.push(gpu.to_host(&gpu.paged_attention(&qkv, &meta, shape, kv, 0)?)?);
+        line += &format!(" {name} {:.1} us, {:.2} TB/s;", t * 1e6, bytes / t / 1e12);
+    }
+    gpu.set_decode_mma(true);
+    let worst = outputs[0]
+        .iter()
+        .zip(&outputs[1])
+        .map(|(x, y)| rel_l2(x, y))
+        .fold(0.0f64, f64::max);
+    println!("{line} largest row relative L2 {worst:.2e}");
+    Ok(())
+}
+
 /// What a benchmarked decode step does with its logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StepMode {
@@ -1055,6 +1103,15 @@ fn bench(
         let tables: Vec<Vec<u32>> = (0..batch_size)
             .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
             .collect();
+        decode_attention(
+            model.backend(),
+            &model.attention_shape(),
+            &kv,
+            &tables,
+            context,
+            iters,
+            &mut rng,
+        )?;
         let sampling_requests: Vec<RowRequest> = (0..batch_size)
             .map(|s| RowRequest {
                 temperature: 0.8,

@@ -26,6 +26,11 @@ const SOURCES: &[(&str, &str)] = &[
     ),
     ("gemv.cu", include_str!("../../../kernels/gemv.cu")),
     ("flash.cu", include_str!("../../../kernels/flash.cu")),
+    // After flash.cu: it uses that file's ldmatrix, cp.async and mma helpers.
+    (
+        "decode_mma.cu",
+        include_str!("../../../kernels/decode_mma.cu"),
+    ),
     (
         "flash_wgmma.cu",
         include_str!("../../../kernels/flash_wgmma.cu"),
@@ -55,6 +60,36 @@ const VEC_ATTENTION_HEAD_DIMS: &[(usize, &str)] = &[
 
 /// Query heads per block of `paged_attention_vec_d*` (`ATTN_VEC_GMAX` in attention.cu).
 pub const ATTN_VEC_HEADS: usize = 4;
+
+/// Head dimensions of the tensor-core decode attention `paged_decode_mma_d*`
+/// (`decode_mma.cu`), preferred over the vectorized kernel where it exists.
+const DECODE_MMA_HEAD_DIMS: &[(usize, &str)] =
+    &[(64, "paged_decode_mma_d64"), (128, "paged_decode_mma_d128")];
+
+/// The tensor-core decode attention's settings (`decode_mma.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeMmaConfig {
+    /// Shared-memory stages of K/V tiles (`DM_STAGES`): tiles in flight plus the one in use.
+    pub stages: usize,
+}
+
+impl DecodeMmaConfig {
+    /// Keys per tile (`DM_KEYS`): the unit a split of the context is made of.
+    pub const KEYS: usize = 64;
+    /// Query heads per block (`DM_HEADS`).
+    pub const HEADS: usize = 8;
+
+    fn from_defines(defines: &[String]) -> Self {
+        DecodeMmaConfig {
+            stages: define_value(defines, "DM_STAGES").unwrap_or(3).max(2),
+        }
+    }
+
+    /// `stages` of a K and a V tile of `KEYS` rows of `head_dim` bf16 values.
+    pub fn smem_bytes(&self, head_dim: usize) -> usize {
+        self.stages * 2 * Self::KEYS * head_dim * 2
+    }
+}
 
 /// The prefill attention kernel's tile settings (`flash.cu`), which decide its dynamic shared
 /// memory: the kernel's defaults, or what `-D FA_KEYS=` / `-D FA_Q_SMEM=` definitions set.
@@ -230,6 +265,9 @@ pub struct Kernels {
     pub paged_attention: Vec<(usize, CudaFunction)>,
     /// The vectorized decode attention, for the head dimensions it covers.
     pub paged_attention_vec: Vec<(usize, CudaFunction)>,
+    /// The tensor-core decode attention, for the head dimensions it covers, and its settings.
+    pub paged_decode_mma: Vec<(usize, CudaFunction)>,
+    pub decode_mma_config: DecodeMmaConfig,
     pub attention_combine: CudaFunction,
     /// Prefill attention on the tensor cores, by head dimension: one query head per block.
     pub flash_prefill: Vec<(usize, CudaFunction)>,
@@ -316,6 +354,11 @@ impl Kernels {
                 .map(|(d, &name)| Ok((d, with_smem(name, flash_config.smem_bytes(d, heads))?)))
                 .collect()
         };
+        let decode_mma_config = DecodeMmaConfig::from_defines(defines);
+        let paged_decode_mma = DECODE_MMA_HEAD_DIMS
+            .iter()
+            .map(|&(d, name)| Ok((d, with_smem(name, decode_mma_config.smem_bytes(d))?)))
+            .collect::<Result<_, KernelError>>()?;
         let flash_wgmma = if arch == "sm_90a" {
             let config = WgmmaFlashConfig::from_defines(defines);
             Some((with_smem("flash_wgmma_d128", config.smem_bytes())?, config))
@@ -352,6 +395,8 @@ impl Kernels {
                 .iter()
                 .map(|&(d, name)| Ok((d, f(name)?)))
                 .collect::<Result<_, KernelError>>()?,
+            paged_decode_mma,
+            decode_mma_config,
             attention_combine: f("attention_combine")?,
             flash_prefill: flash(&["flash_prefill_d64", "flash_prefill_d128"], 1)?,
             flash_prefill_pairs: flash(

@@ -124,6 +124,9 @@ pub struct CudaBackend {
     /// Decode attention through `paged_attention_vec_d*` where the head dim has one
     /// ([`CudaOptions::vec_attention`]).
     vec_attention: bool,
+    /// Decode attention through `paged_decode_mma_d*` where the head dim has one
+    /// ([`CudaOptions::decode_mma`]), before the vectorized kernel.
+    decode_mma: std::sync::atomic::AtomicBool,
     /// Two query heads per prefill attention block ([`CudaOptions::flash_head_pairs`]).
     flash_head_pairs: bool,
     /// Prefill attention of head dim 128 on warpgroup instructions where the kernels have it
@@ -151,6 +154,11 @@ const DEFAULT_GEMV_MAX_ROWS: usize = 4;
 /// K/V bytes of one KV head a decode attention split reads at least: see
 /// `CudaBackend::attn_split_keys`.
 const ATTN_SPLIT_BYTES: usize = 16 << 10;
+
+/// Fewest keys per split of the tensor-core decode attention (`decode_mma.cu`), whose splits
+/// are whole 64-key tiles: two tiles, so that each split has a copy in flight while it works
+/// on the first (`TANDEM_ATTN_SPLIT_KEYS` overrides it, never below one tile).
+const DECODE_MMA_SPLIT_KEYS: usize = 128;
 
 /// Whether the CUDA driver library can be loaded (a GPU machine), without touching a device.
 pub fn driver_present() -> bool {
@@ -312,6 +320,7 @@ impl CudaBackend {
             kv_staging: staging::KvStaging::default(),
             device_sampling: options.device_sampling,
             vec_attention: options.vec_attention,
+            decode_mma: std::sync::atomic::AtomicBool::new(options.decode_mma),
             flash_head_pairs: options.flash_head_pairs,
             flash_wgmma: std::sync::atomic::AtomicBool::new(options.flash_wgmma),
             skinny_gemm: std::sync::atomic::AtomicBool::new(options.skinny_gemm),
@@ -326,6 +335,13 @@ impl CudaBackend {
     /// compare it with `flash.cu`'s in one process (`gpu_bench`).
     pub fn set_flash_wgmma(&self, on: bool) {
         self.flash_wgmma
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Turns the tensor-core decode attention on or off, to compare it with the vectorized
+    /// kernel in one process (`gpu_bench`).
+    pub fn set_decode_mma(&self, on: bool) {
+        self.decode_mma
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -640,13 +656,32 @@ impl CudaBackend {
         kv: &CudaKvCache,
         layer: usize,
     ) -> Result<(), BackendError> {
-        // The vectorized kernel where the head dim has one, else the warp-per-key one.
+        // The tensor-core kernel where the head dim has one, else the vectorized kernel, else
+        // the warp-per-key one: (kernel, query heads per block, dynamic shared memory, fewest
+        // keys per split).
+        let split_keys = self.attn_split_keys(shape.head_dim);
+        let mma = kernel_for(&self.kernels.paged_decode_mma, shape.head_dim)
+            .filter(|_| self.decode_mma.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|kernel| {
+                let config = self.kernels.decode_mma_config;
+                (
+                    kernel,
+                    kernels::DecodeMmaConfig::HEADS,
+                    config.smem_bytes(shape.head_dim),
+                    self.attn_split_keys
+                        .unwrap_or(DECODE_MMA_SPLIT_KEYS)
+                        .max(kernels::DecodeMmaConfig::KEYS),
+                )
+            });
         let vectorized = kernel_for(&self.kernels.paged_attention_vec, shape.head_dim)
             .filter(|_| self.vec_attention)
-            .map(|kernel| (kernel, kernels::ATTN_VEC_HEADS));
-        let Some((kernel, heads_per_block)) = vectorized.or_else(|| {
-            kernel_for(&self.kernels.paged_attention, shape.head_dim).map(|k| (k, ATTN_GMAX))
-        }) else {
+            .map(|kernel| (kernel, kernels::ATTN_VEC_HEADS, 0, split_keys));
+        let Some((kernel, heads_per_block, shared_mem_bytes, split_keys)) =
+            mma.or(vectorized).or_else(|| {
+                kernel_for(&self.kernels.paged_attention, shape.head_dim)
+                    .map(|k| (k, ATTN_GMAX, 0, split_keys))
+            })
+        else {
             let dims: Vec<usize> = self
                 .kernels
                 .paged_attention
@@ -675,11 +710,7 @@ impl CudaBackend {
         } else {
             target
                 .div_ceil(blocks)
-                .min(
-                    batch
-                        .max_context
-                        .div_ceil(self.attn_split_keys(shape.head_dim)),
-                )
+                .min(batch.max_context.div_ceil(split_keys))
                 .clamp(1, 64)
         };
         let heads_total = rows * shape.num_heads;
@@ -716,7 +747,7 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, head_blocks as u32, splits as u32),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: shared_mem_bytes as u32,
         };
         self.launch(b, cfg, "paged_attention")?;
         if splits > 1 {

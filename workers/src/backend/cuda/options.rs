@@ -24,6 +24,10 @@ pub struct CudaOptions {
     /// per key, 16-byte loads); off, the warp-per-key kernel every head dim has
     /// (`TANDEM_ATTN_VEC=0`: to compare the two).
     pub vec_attention: bool,
+    /// Decode attention of head dims 64 and 128 runs on the tensor cores with its K/V streamed
+    /// through shared memory (`decode_mma.cu`); off, the kernels above
+    /// (`TANDEM_DECODE_MMA=0`: to compare).
+    pub decode_mma: bool,
     /// Prefill attention runs two query heads of one KV head per block, sharing its K/V
     /// tiles, where the query group size is even; off, one head per block
     /// (`TANDEM_FLASH_PAIRS=0`: to compare the two).
@@ -62,6 +66,7 @@ impl Default for CudaOptions {
             cuda_graphs: true,
             device_sampling: true,
             vec_attention: true,
+            decode_mma: true,
             flash_head_pairs: true,
             flash_wgmma: true,
             skinny_gemm: false,
@@ -90,6 +95,7 @@ impl CudaOptions {
             cuda_graphs: switch("TANDEM_CUDA_GRAPHS"),
             device_sampling: switch("TANDEM_DEVICE_SAMPLING"),
             vec_attention: switch("TANDEM_ATTN_VEC"),
+            decode_mma: switch("TANDEM_DECODE_MMA"),
             flash_head_pairs: switch("TANDEM_FLASH_PAIRS"),
             flash_wgmma: switch("TANDEM_FLASH_WGMMA"),
             // Off unless set to something other than `0`.
@@ -143,6 +149,7 @@ mod tests {
             ("TANDEM_CUDA_GRAPHS", "0"),
             ("TANDEM_DEVICE_SAMPLING", "0"),
             ("TANDEM_ATTN_VEC", "0"),
+            ("TANDEM_DECODE_MMA", "0"),
             ("TANDEM_FLASH_PAIRS", "0"),
             ("TANDEM_FLASH_WGMMA", "0"),
             ("TANDEM_SKINNY_GEMM", "1"),
@@ -160,6 +167,7 @@ mod tests {
                 cuda_graphs: false,
                 device_sampling: false,
                 vec_attention: false,
+                decode_mma: false,
                 flash_head_pairs: false,
                 flash_wgmma: false,
                 skinny_gemm: true,

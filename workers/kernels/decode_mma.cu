@@ -1,0 +1,255 @@
+// Decode attention on tensor cores, its K/V streamed through shared memory.
+//
+// Same grid, arguments and outputs as `paged_attention_vec_d*` (attention.cu): grid (tokens,
+// KV heads x head chunks, splits), a block per token, KV head and chunk of up to DM_HEADS query
+// heads sharing that KV head, and its split of the token's keys. What differs is how the keys
+// are read and multiplied:
+// - the keys come in tiles of DM_KEYS, copied by `cp.async` (16 bytes a copy, a key's row of one
+//   head being D/8 copies) into a ring of DM_STAGES shared-memory stages, so that DM_STAGES - 1
+//   tiles are always in flight while the block works on one: the kernel's whole job is to keep
+//   HBM busy, and the vectorized kernel, which loads into registers and then computes, leaves
+//   gaps while its warps compute;
+// - the products run on `mma.sync` (m16n8k16, bf16 in, f32 out) with the query heads as the rows
+//   of the A tile (rows past the group's heads are zeros): a key is multiplied once for all of
+//   its query heads, in a handful of instructions, where the vectorized kernel spends shuffles,
+//   FMAs and exponentials per key and head.
+// Each warp takes 16 keys of a tile (S = Q K^T for them, an online softmax per query head in
+// base 2, O += P V), keeps its own running max and sum, and the four warps are merged at the
+// end through shared memory, as in the vectorized kernel.
+//
+// Splits are whole tiles (the Rust side sizes them in keys; here a split takes
+// ceil(tiles / splits) tiles), so only a token's last tile is partial; its keys past the end are
+// zero-filled by the copy and masked to -inf.
+
+#ifndef DM_STAGES
+#define DM_STAGES 3
+#endif
+// Keys per tile: 16 per warp.
+#define DM_KEYS 64
+#define DM_WARPS 4
+// Query heads per block: rows 0-7 of the mma's 16-row A tile (rows 8-15 stay zero).
+#define DM_HEADS 8
+
+template <int D>
+__device__ __forceinline__ void decode_mma(
+    const float* __restrict__ qkv, const bf16* __restrict__ cache, const u32* __restrict__ positions,
+    const u32* __restrict__ token_seq, const u32* __restrict__ seq_block_start,
+    const u32* __restrict__ block_tables, bf16* __restrict__ out, float* __restrict__ partial_acc,
+    float* __restrict__ partial_ml, int num_heads, int num_kv_heads, int block_size,
+    long long block_elems, long long layer_offset, float scale) {
+    // 16-byte chunks per key row of one head; the swizzle below needs at least 8.
+    constexpr int CH = D / 8;
+    static_assert(CH >= 8, "decode_mma needs head dims of 64 or more");
+    constexpr int TILE = DM_KEYS * D;
+    // [stage][K | V][key][D], each row's 16-byte chunks XOR-swizzled by (row % 8) so that the
+    // eight rows an ldmatrix reads at one column fall in different banks.
+    extern __shared__ __align__(128) unsigned char dm_smem[];
+    bf16* const smem = reinterpret_cast<bf16*>(dm_smem);
+
+    const int t = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int group = num_heads / num_kv_heads;
+    const int chunks = (group + DM_HEADS - 1) / DM_HEADS;
+    const int kvh = blockIdx.y / chunks;
+    const int h0 = kvh * group + (blockIdx.y % chunks) * DM_HEADS;
+    const int nh = min(DM_HEADS, kvh * group + group - h0);
+    const int width = (num_heads + 2 * num_kv_heads) * D;
+    const int token_stride = num_kv_heads * D;
+    const long long kv_stride = (long long)block_size * token_stride;
+    const int n_keys = (int)positions[t] + 1;
+    const int n_tiles = (n_keys + DM_KEYS - 1) / DM_KEYS;
+    const int per_split = (n_tiles + splits - 1) / splits;
+    const int tile_begin = min(n_tiles, split * per_split);
+    const int tile_end = min(n_tiles, tile_begin + per_split);
+    const u32* table = block_tables + seq_block_start[token_seq[t]];
+    const bf16* head = cache + layer_offset + kvh * D;
+
+    // Copies tile `tile`'s K and V rows into `stage`; keys past the end are zero-filled.
+    auto load_tile = [&](int tile, int stage) {
+        bf16* ks = smem + stage * 2 * TILE;
+        bf16* vs = ks + TILE;
+#pragma unroll
+        for (int j = 0; j < DM_KEYS * CH / (DM_WARPS * 32); ++j) {
+            const int i = threadIdx.x + j * DM_WARPS * 32;
+            const int row = i / CH, c = i % CH;
+            const int key = tile * DM_KEYS + row;
+            const bool on = key < n_keys;
+            const bf16* src = head;
+            if (on)
+                src = head + (long long)table[key / block_size] * block_elems +
+                      (long long)(key % block_size) * token_stride + c * 8;
+            const int at = row * D + ((c ^ (row & 7)) << 3);
+            cp_async16(ks + at, src, on ? 16 : 0);
+            cp_async16(vs + at, on ? src + kv_stride : src, on ? 16 : 0);
+        }
+    };
+
+    // This lane's rows of the A tile: row r = query head h0 + r (rows r + 8 are zero), columns
+    // 2(lane % 4) and + 8 of each 16-dim step, pre-scaled by scale * log2(e): the softmax below
+    // is in base 2.
+    const int r = lane >> 2, c2 = (lane & 3) * 2;
+    u32 qa[D / 16][2];
+    {
+        const float qs = scale * 1.4426950408889634f;
+        const float* qp = qkv + (long long)t * width + (long long)(h0 + r) * D + c2;
+#pragma unroll
+        for (int k = 0; k < D / 16; ++k) {
+            if (r < nh) {
+                qa[k][0] = pack_bf16(qp[k * 16] * qs, qp[k * 16 + 1] * qs);
+                qa[k][1] = pack_bf16(qp[k * 16 + 8] * qs, qp[k * 16 + 9] * qs);
+            } else {
+                qa[k][0] = 0u;
+                qa[k][1] = 0u;
+            }
+        }
+    }
+
+    // O for rows r (elements 0, 1 of each 8-dim tile) and r + 8 (2, 3: padding, stays zero).
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    // Row r's running max (base 2) and this lane's share of its sum.
+    float m_run = NEG_INF, l_run = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < DM_STAGES - 1; ++s) {
+        if (tile_begin + s < tile_end) load_tile(tile_begin + s, s);
+        cp_async_commit();
+    }
+    for (int tile = tile_begin, it = 0; tile < tile_end; ++tile, ++it) {
+        cp_async_wait<DM_STAGES - 2>();
+        // This tile is in, and every warp is done with the stage the next copy overwrites.
+        __syncthreads();
+        if (tile + DM_STAGES - 1 < tile_end)
+            load_tile(tile + DM_STAGES - 1, (it + DM_STAGES - 1) % DM_STAGES);
+        cp_async_commit();
+        const bf16* ks = smem + (it % DM_STAGES) * 2 * TILE;
+        const bf16* vs = ks + TILE;
+
+        // S = Q K^T for this warp's keys 16w .. 16w + 15: two n-tiles of 8 keys; one ldmatrix
+        // gives both tiles' B fragments for 16 dims.
+        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        {
+            const int row = warp * 16 + (lane & 7) + ((lane >> 4) << 3);
+            const int half = (lane >> 3) & 1;
+#pragma unroll
+            for (int k = 0; k < D / 16; ++k) {
+                u32 b[4];
+                ldmatrix_x4(b, ks + row * D + (((2 * k + half) ^ (row & 7)) << 3));
+                const u32 a[4] = {qa[k][0], 0u, qa[k][1], 0u};
+                mma_bf16(s[0], a, b[0], b[1]);
+                mma_bf16(s[1], a, b[2], b[3]);
+            }
+        }
+
+        // Online softmax of row r over these 16 keys (the four lanes of a row hold 4 each).
+        const int key0 = tile * DM_KEYS + warp * 16 + c2;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                if (key0 + n * 8 + e >= n_keys) s[n][e] = NEG_INF;
+                mx = fmaxf(mx, s[n][e]);
+            }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run, mx);
+        // All of this warp's keys so far past the end: nothing to add, nothing to rescale
+        // (and -inf - -inf would be NaN).
+        const bool none = m_new == NEG_INF;
+        const float corr = none ? 1.0f : fast_exp2(m_run - m_new);
+        m_run = m_new;
+        float p[2][2];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) p[n][e] = none ? 0.0f : fast_exp2(s[n][e] - m_new);
+        }
+        l_run = l_run * corr + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[n][0] *= corr;
+            o[n][1] *= corr;
+        }
+
+        // O += P V: P's C layout is the A fragment of the next product (keys 0-7 from the first
+        // n-tile, 8-15 from the second); V's rows are the same 16 keys, read transposed.
+        const u32 pa[4] = {pack_bf16(p[0][0], p[0][1]), 0u, pack_bf16(p[1][0], p[1][1]), 0u};
+        {
+            const int row = warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+            const int half = lane >> 4;
+#pragma unroll
+            for (int n = 0; n < D / 16; ++n) {
+                u32 b[4];
+                ldmatrix_x4_trans(b, vs + row * D + (((2 * n + half) ^ (row & 7)) << 3));
+                mma_bf16(o[2 * n], pa, b[0], b[1]);
+                mma_bf16(o[2 * n + 1], pa, b[2], b[3]);
+            }
+        }
+    }
+
+    // Merge the four warps through shared memory (the stages are idle now).
+    cp_async_wait<0>();
+    __syncthreads();
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+    float* s_o = reinterpret_cast<float*>(dm_smem);  // [warp][head][D]
+    float* s_m = s_o + DM_WARPS * DM_HEADS * D;       // [warp][head]
+    float* s_l = s_m + DM_WARPS * DM_HEADS;
+    if (r < nh) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            s_o[(warp * DM_HEADS + r) * D + n * 8 + c2] = o[n][0];
+            s_o[(warp * DM_HEADS + r) * D + n * 8 + c2 + 1] = o[n][1];
+        }
+        if ((lane & 3) == 0) {
+            s_m[warp * DM_HEADS + r] = m_run;
+            s_l[warp * DM_HEADS + r] = l_run;
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nh * D; idx += DM_WARPS * 32) {
+        const int g = idx / D, d = idx % D;
+        float m_all = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < DM_WARPS; ++w) m_all = fmaxf(m_all, s_m[w * DM_HEADS + g]);
+        float l_all = 0.0f, sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < DM_WARPS; ++w) {
+            const float l = s_l[w * DM_HEADS + g];
+            const float wt = l > 0.0f ? fast_exp2(s_m[w * DM_HEADS + g] - m_all) : 0.0f;
+            l_all += l * wt;
+            sum += s_o[(w * DM_HEADS + g) * D + d] * wt;
+        }
+        const long long th = (long long)t * num_heads + h0 + g;
+        if (splits == 1) {
+            out[th * D + d] = f32_to_bf16(sum / l_all);
+        } else {
+            partial_acc[(th * splits + split) * D + d] = sum;
+            if (d == 0) {
+                // `attention_combine` works in natural-log units.
+                partial_ml[(th * splits + split) * 2] = m_all * 0.6931471805599453f;
+                partial_ml[(th * splits + split) * 2 + 1] = l_all;
+            }
+        }
+    }
+}
+
+#define DECODE_MMA_KERNEL(D)                                                                      \
+    extern "C" __global__ void __launch_bounds__(DM_WARPS * 32) paged_decode_mma_d##D(            \
+        const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \
+        const u32* __restrict__ positions, const u32* __restrict__ token_seq,                     \
+        const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,            \
+        bf16* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,  \
+        int num_heads, int num_kv_heads, int block_size, long long block_elems,                   \
+        long long layer_offset, float scale, const char* prefetch, long long prefetch_bytes) {    \
+        prefetch_l2(prefetch, prefetch_bytes);                                                    \
+        decode_mma<D>(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,       \
+                      partial_acc, partial_ml, num_heads, num_kv_heads, block_size, block_elems,  \
+                      layer_offset, scale);                                                       \
+    }
+
+DECODE_MMA_KERNEL(64)
+DECODE_MMA_KERNEL(128)
