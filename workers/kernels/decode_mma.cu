@@ -86,20 +86,26 @@ __device__ __forceinline__ void decode_mma(
 
     // This lane's rows of the A tile: row r = query head h0 + r (rows r + 8 are zero), columns
     // 2(lane % 4) and + 8 of each 16-dim step, pre-scaled by scale * log2(e): the softmax below
-    // is in base 2.
+    // is in base 2. The query is two bf16 tiles, its rounding and what the rounding left
+    // (hi + lo carries 16 bits of mantissa), multiplied by K separately: a bf16 query alone
+    // errs by up to 2^-9 of each score, which a large score turns into a visible error in its
+    // probability, and the second product costs little in a kernel bound by its K/V reads.
     const int r = lane >> 2, c2 = (lane & 3) * 2;
-    u32 qa[D / 16][2];
+    u32 qa[D / 16][4];
     {
         const float qs = scale * 1.4426950408889634f;
         const float* qp = qkv + (long long)t * width + (long long)(h0 + r) * D + c2;
+        auto split = [](float a, float b, u32& hi, u32& lo) {
+            hi = pack_bf16(a, b);
+            lo = pack_bf16(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
+        };
 #pragma unroll
         for (int k = 0; k < D / 16; ++k) {
             if (r < nh) {
-                qa[k][0] = pack_bf16(qp[k * 16] * qs, qp[k * 16 + 1] * qs);
-                qa[k][1] = pack_bf16(qp[k * 16 + 8] * qs, qp[k * 16 + 9] * qs);
+                split(qp[k * 16] * qs, qp[k * 16 + 1] * qs, qa[k][0], qa[k][2]);
+                split(qp[k * 16 + 8] * qs, qp[k * 16 + 9] * qs, qa[k][1], qa[k][3]);
             } else {
-                qa[k][0] = 0u;
-                qa[k][1] = 0u;
+                qa[k][0] = qa[k][1] = qa[k][2] = qa[k][3] = 0u;
             }
         }
     }
@@ -136,9 +142,12 @@ __device__ __forceinline__ void decode_mma(
             for (int k = 0; k < D / 16; ++k) {
                 u32 b[4];
                 ldmatrix_x4(b, ks + row * D + (((2 * k + half) ^ (row & 7)) << 3));
-                const u32 a[4] = {qa[k][0], 0u, qa[k][1], 0u};
-                mma_bf16(s[0], a, b[0], b[1]);
-                mma_bf16(s[1], a, b[2], b[3]);
+                const u32 hi[4] = {qa[k][0], 0u, qa[k][1], 0u};
+                const u32 lo[4] = {qa[k][2], 0u, qa[k][3], 0u};
+                mma_bf16(s[0], hi, b[0], b[1]);
+                mma_bf16(s[1], hi, b[2], b[3]);
+                mma_bf16(s[0], lo, b[0], b[1]);
+                mma_bf16(s[1], lo, b[2], b[3]);
             }
         }
 
