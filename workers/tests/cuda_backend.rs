@@ -122,9 +122,12 @@ fn cuda_matches_cpu_on(dir: &std::path::Path) {
 /// The tensor-core decode attention (`decode_mma.cu`) and the vectorized kernel it replaces,
 /// each against the CPU on the same weights: a decode batch of sequences whose contexts end
 /// before, on and after a 64-key tile's edge and span up to a dozen tiles, in 64-token blocks,
-/// so that the batch splits its contexts and the shortest sequences get empty splits. Runs
-/// on the model `TANDEM_GPU_TEST_MODEL` names (head dim 64 or 128), and on a second one that
-/// `TANDEM_GPU_TEST_MODEL_D128` may name; skipped without either.
+/// so that the batch splits its contexts and the shortest sequences get empty splits. The
+/// tensor-core kernel must be as close to the CPU as the vectorized one (within a quarter),
+/// and both within `gpu_bench check`'s bound: bf16 weights and K/V put the GPU ~1e-2 from the
+/// CPU on two Llama-3.1-8B layers of random weights whichever kernel runs (docs/benchmarks.md).
+/// Runs on the model `TANDEM_GPU_TEST_MODEL` names (head dim 64 or 128), and on a second one
+/// that `TANDEM_GPU_TEST_MODEL_D128` may name; skipped without either.
 #[test]
 fn decode_attention_on_tensor_cores_matches_the_cpu() {
     if no_gpu() {
@@ -151,6 +154,7 @@ fn decode_attention_on_tensor_cores_matches_the_cpu() {
         )
         .unwrap();
         let reference = decode_batch_logits(&cpu);
+        let mut worst_of = Vec::new();
         for decode_mma in [true, false] {
             let backend = CudaBackend::new(&CudaOptions {
                 decode_mma,
@@ -166,13 +170,19 @@ fn decode_attention_on_tensor_cores_matches_the_cpu() {
                     let l2 = rel_l2(x, y);
                     worst = worst.max(l2);
                     assert!(
-                        l2 < 1e-2,
+                        l2 < 2e-2,
                         "tensor cores {decode_mma}: step {step}, sequence {seq}: relative L2 {l2:.3e}"
                     );
                 }
             }
             eprintln!("tensor cores {decode_mma}: worst relative L2 against the CPU {worst:.3e}");
+            worst_of.push(worst);
         }
+        let (mma, vectorized) = (worst_of[0], worst_of[1]);
+        assert!(
+            mma <= 1.25 * vectorized,
+            "tensor cores {mma:.3e} against the CPU, the vectorized kernel {vectorized:.3e}"
+        );
     }
 }
 
