@@ -24,6 +24,10 @@
 #ifndef DM_STAGES
 #define DM_STAGES 3
 #endif
+// The query as a bf16 pair (see below); 0: its bf16 rounding alone.
+#ifndef DM_Q_SPLIT
+#define DM_Q_SPLIT 1
+#endif
 // Keys per tile: 16 per warp.
 #define DM_KEYS 64
 #define DM_WARPS 4
@@ -146,8 +150,10 @@ __device__ __forceinline__ void decode_mma(
                 const u32 lo[4] = {qa[k][2], 0u, qa[k][3], 0u};
                 mma_bf16(s[0], hi, b[0], b[1]);
                 mma_bf16(s[1], hi, b[2], b[3]);
-                mma_bf16(s[0], lo, b[0], b[1]);
-                mma_bf16(s[1], lo, b[2], b[3]);
+                if (DM_Q_SPLIT) {
+                    mma_bf16(s[0], lo, b[0], b[1]);
+                    mma_bf16(s[1], lo, b[2], b[3]);
+                }
             }
         }
 

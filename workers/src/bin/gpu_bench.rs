@@ -999,6 +999,7 @@ fn decode_attention(
     let bytes = (batch * (context + 1) * shape.num_kv_heads * shape.head_dim * 2 * 2) as f64;
     let mut outputs = Vec::new();
     let mut line = format!("decode attention batch {batch}, context {context} (one layer):");
+    let was_on = gpu.decode_mma();
     for (mma, name) in [(true, "mma"), (false, "vec")] {
         gpu.set_decode_mma(mma);
         let t = time_on_device(gpu, iters, || {
@@ -1007,7 +1008,7 @@ fn decode_attention(
         outputs.push(gpu.to_host(&gpu.paged_attention(&qkv, &meta, shape, kv, 0)?)?);
         line += &format!(" {name} {:.1} us, {:.2} TB/s;", t * 1e6, bytes / t / 1e12);
     }
-    gpu.set_decode_mma(true);
+    gpu.set_decode_mma(was_on);
     let worst = outputs[0]
         .iter()
         .zip(&outputs[1])

@@ -345,6 +345,11 @@ impl CudaBackend {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Whether decode attention runs the tensor-core kernel where the head dim has one.
+    pub fn decode_mma(&self) -> bool {
+        self.decode_mma.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether prefill attention of head dim 128 runs the warpgroup kernel.
     pub fn has_flash_wgmma(&self) -> bool {
         self.kernels.flash_wgmma.is_some()
@@ -661,7 +666,7 @@ impl CudaBackend {
         // keys per split).
         let split_keys = self.attn_split_keys(shape.head_dim);
         let mma = kernel_for(&self.kernels.paged_decode_mma, shape.head_dim)
-            .filter(|_| self.decode_mma.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|_| self.decode_mma())
             .map(|kernel| {
                 let config = self.kernels.decode_mma_config;
                 (
