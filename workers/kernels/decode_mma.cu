@@ -24,9 +24,14 @@
 #ifndef DM_STAGES
 #define DM_STAGES 3
 #endif
-// The query as a bf16 pair (see below); 0: its bf16 rounding alone.
+// 1: the query as a bf16 pair (see below); 0 (default): its bf16 rounding alone, as
+// FlashAttention's kernels take it. Measured on an H100 (Llama-3.1-8B shapes, context 1024;
+// docs/benchmarks.md): the pair costs 4-5% of a whole decode step at batch 32-256 (the kernel
+// reads 2.62 instead of 2.80 TB/s at batch 256) and moves the logits' largest relative L2 from
+// the CPU's on two Llama-3.1-8B layers from 1.29e-2 to 1.20e-2 (the vectorized f32 kernel:
+// 1.19e-2).
 #ifndef DM_Q_SPLIT
-#define DM_Q_SPLIT 1
+#define DM_Q_SPLIT 0
 #endif
 // Keys per tile: 16 per warp.
 #define DM_KEYS 64
@@ -90,10 +95,9 @@ __device__ __forceinline__ void decode_mma(
 
     // This lane's rows of the A tile: row r = query head h0 + r (rows r + 8 are zero), columns
     // 2(lane % 4) and + 8 of each 16-dim step, pre-scaled by scale * log2(e): the softmax below
-    // is in base 2. The query is two bf16 tiles, its rounding and what the rounding left
-    // (hi + lo carries 16 bits of mantissa), multiplied by K separately: a bf16 query alone
-    // errs by up to 2^-9 of each score, which a large score turns into a visible error in its
-    // probability, and the second product costs little in a kernel bound by its K/V reads.
+    // is in base 2. With DM_Q_SPLIT the query is two bf16 tiles, its rounding and what the
+    // rounding left (hi + lo carries 16 bits of mantissa), multiplied by K separately: a bf16
+    // query alone errs by up to 2^-9 of each score.
     const int r = lane >> 2, c2 = (lane & 3) * 2;
     u32 qa[D / 16][4];
     {

@@ -80,6 +80,37 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, bf16* __r
     }
 }
 
+// silu_mul on a bf16 [gate | up] (a projection that wrote bf16): the same grid, four columns
+// per thread as one 8-byte load of gate and one of up when f is a multiple of 4.
+extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate_up, bf16* __restrict__ out,
+                                         int rows, int f, const char* prefetch,
+                                         long long prefetch_bytes) {
+    prefetch_l2(prefetch, prefetch_bytes);
+    const int vec = (f & 3) == 0 ? 4 : 1;
+    const int c = (blockIdx.x * blockDim.x + threadIdx.x) * vec;
+    if (c >= f) return;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const bf16* gate = gate_up + (long long)r * 2 * f;
+        bf16* dst = out + (long long)r * f;
+        if (vec == 4) {
+            const uint2 g = *reinterpret_cast<const uint2*>(gate + c);
+            const uint2 u = *reinterpret_cast<const uint2*>(gate + f + c);
+            const float gl[4] = {__uint_as_float(g.x << 16), __uint_as_float(g.x & 0xffff0000u),
+                                 __uint_as_float(g.y << 16), __uint_as_float(g.y & 0xffff0000u)};
+            const float ul[4] = {__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                                 __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u)};
+            uint2 packed;
+            packed.x = (u32)f32_to_bf16(silu_times(gl[0], ul[0])) |
+                       ((u32)f32_to_bf16(silu_times(gl[1], ul[1])) << 16);
+            packed.y = (u32)f32_to_bf16(silu_times(gl[2], ul[2])) |
+                       ((u32)f32_to_bf16(silu_times(gl[3], ul[3])) << 16);
+            *reinterpret_cast<uint2*>(dst + c) = packed;
+        } else {
+            dst[c] = f32_to_bf16(silu_times(bf16_to_f32(gate[c]), bf16_to_f32(gate[f + c])));
+        }
+    }
+}
+
 // y[r, c] += bias[c]
 extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restrict__ bias, int cols,
                                     long long total) {

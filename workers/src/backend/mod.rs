@@ -249,6 +249,22 @@ pub trait Backend: Send + Sync {
     /// `silu(gate) * up` on fused rows `[gate | up]`: `[rows, 2f] -> [rows, f]`.
     fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
 
+    /// The MLP's first half: `silu_mul(linear(x, gate_up))`, with `next` (the weight that
+    /// reads the activation) announced between the two ([`Self::prefetch_weight`]). A backend
+    /// may keep the projection's output narrower than [`Self::linear`]'s, since only the
+    /// activation reads it (the CUDA backend writes it in bf16 for prefill-sized batches: half
+    /// the bytes of the widest activation of a layer, written and read back).
+    fn linear_silu_mul(
+        &self,
+        x: &Self::Tensor,
+        gate_up: &Self::Weight,
+        next: &Self::Weight,
+    ) -> Result<Self::Tensor, BackendError> {
+        let projected = self.linear(x, gate_up, None)?;
+        self.prefetch_weight(next);
+        self.silu_mul(&projected)
+    }
+
     /// The batch's logits rows ([`BatchPlan::logits_rows`]) of `x`, in order.
     fn gather_logits_rows(
         &self,

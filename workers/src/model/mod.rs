@@ -323,9 +323,7 @@ impl<B: Backend> Model<B> {
             let o = b.linear(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
             b.prefetch_weight(&layer.gate_up);
             let h = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, self.eps)?;
-            let gate_up = b.linear(&h, &layer.gate_up, None)?;
-            b.prefetch_weight(&layer.down);
-            let act = b.silu_mul(&gate_up)?;
+            let act = b.linear_silu_mul(&h, &layer.gate_up, &layer.down)?;
             mlp_out = Some(b.linear(&act, &layer.down, None)?);
         }
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);

@@ -1,6 +1,7 @@
 //! The projections through cuBLAS: `y[rows, out] = x[rows, in] · W[out, in]ᵀ` with bf16 operands,
 //! f32 accumulation and an f32 result (the residual stream and the rotary/softmax inputs stay
-//! f32; only matrix operands are bf16).
+//! f32; only matrix operands are bf16), or a bf16 result where only an elementwise op reads it
+//! (the MLP's gate/up projection, read by `silu_mul`).
 
 use std::sync::{Arc, Mutex};
 
@@ -64,11 +65,45 @@ impl Blas {
         k: usize,
         n: usize,
     ) -> Result<(), BackendError> {
-        if x.len() < rows * k || w.len() < n * k || y.len() < rows * n {
-            return Err(BackendError::Shape {
-                op: "linear",
-                detail: format!("buffers too small for [{rows}x{k}]·[{n}x{k}]ᵀ"),
-            });
+        if y.len() < rows * n {
+            return Err(too_small(rows, k, n));
+        }
+        let (yp, _sy) = y.device_ptr_mut(&self.stream);
+        self.gemm(x, w, yp, sys::cudaDataType::CUDA_R_32F, rows, k, n)
+    }
+
+    /// [`Self::linear_bf16_f32`] with a bf16 `y` (rounded from the f32 accumulation): for an
+    /// output only an elementwise op reads, half the bytes to write and to read back.
+    pub fn linear_bf16_bf16(
+        &self,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        y: &mut CudaSlice<u16>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        if y.len() < rows * n {
+            return Err(too_small(rows, k, n));
+        }
+        let (yp, _sy) = y.device_ptr_mut(&self.stream);
+        self.gemm(x, w, yp, sys::cudaDataType::CUDA_R_16BF, rows, k, n)
+    }
+
+    /// `y = x · wᵀ` into `y` of type `y_type` (checked by the callers to hold `rows x n`).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        yp: u64,
+        y_type: sys::cudaDataType,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        if x.len() < rows * k || w.len() < n * k {
+            return Err(too_small(rows, k, n));
         }
         let guard = self
             .handle
@@ -77,12 +112,11 @@ impl Blas {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (xp, _sx) = x.device_ptr(&self.stream);
         let (wp, _sw) = w.device_ptr(&self.stream);
-        let (yp, _sy) = y.device_ptr_mut(&self.stream);
         // Column-major view: yᵀ[n, rows] = W[n, k] · xᵀ[k, rows], where the row-major W is a
         // column-major [k, n] matrix (transposed by op A) and the row-major x a column-major
         // [k, rows] one.
-        // SAFETY: pointers are live device buffers of at least the sizes checked above, on the
-        // handle's stream.
+        // SAFETY: pointers are live device buffers of at least the sizes checked above and by
+        // the callers, on the handle's stream.
         unsafe {
             blas::gemm_ex(
                 *guard.0.handle(),
@@ -100,7 +134,7 @@ impl Blas {
                 k as i32,
                 (&beta as *const f32).cast(),
                 yp as *mut _,
-                sys::cudaDataType::CUDA_R_32F,
+                y_type,
                 n as i32,
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -110,5 +144,12 @@ impl Blas {
             op: "linear (cublasGemmEx)",
             detail: e.to_string(),
         })
+    }
+}
+
+fn too_small(rows: usize, k: usize, n: usize) -> BackendError {
+    BackendError::Shape {
+        op: "linear",
+        detail: format!("buffers too small for [{rows}x{k}]·[{n}x{k}]ᵀ"),
     }
 }

@@ -455,6 +455,64 @@ impl CudaBackend {
         })
     }
 
+    /// `Backend::linear_silu_mul`'s default: the projection in f32, then the activation.
+    fn linear_then_silu_mul(
+        &self,
+        x: &CudaTensor,
+        gate_up: &CudaWeight,
+        next: &CudaWeight,
+    ) -> Result<CudaTensor, BackendError> {
+        let projected = self.linear(x, gate_up, None)?;
+        self.prefetch_weight(next);
+        self.silu_mul(&projected)
+    }
+
+    /// `f` of `[gate | up]` rows `cols` wide.
+    fn silu_mul_width(cols: usize) -> Result<usize, BackendError> {
+        if cols.is_multiple_of(2) {
+            Ok(cols / 2)
+        } else {
+            Err(shape_err(
+                "silu_mul",
+                format!("{cols} columns is not [gate | up]"),
+            ))
+        }
+    }
+
+    /// `kernel` (`silu_mul` or `silu_mul_bf16`) over `rows` rows of `[gate | up]` in `x`.
+    fn launch_silu_mul<T: cudarc::driver::DeviceRepr>(
+        &self,
+        kernel: &cudarc::driver::CudaFunction,
+        x: &CudaSlice<T>,
+        rows: usize,
+        f: usize,
+    ) -> Result<CudaTensor, BackendError> {
+        let mut out = self.alloc_bf16(rows * f)?;
+        let (rows_i, fi) = (rows as i32, f as i32);
+        let pf = self.take_prefetch(rows);
+        let mut b = self.stream.launch_builder(kernel);
+        b.arg(x)
+            .arg(&mut out)
+            .arg(&rows_i)
+            .arg(&fi)
+            .arg(&pf.ptr)
+            .arg(&pf.bytes);
+        // As the kernel splits a row: four columns per thread when f allows.
+        let per_thread = if f.is_multiple_of(4) { 4 } else { 1 };
+        let threads = 256u32;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                f.div_ceil(per_thread * threads as usize).max(1) as u32,
+                rows.clamp(1, 65_535) as u32,
+                1,
+            ),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(b, cfg, "silu_mul")?;
+        Ok(CudaTensor::from_bf16(rows, f, out))
+    }
+
     fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>, BackendError> {
         // SAFETY: every caller's kernel writes all `n` elements before anything reads them.
         dev!("alloc", unsafe { self.stream.alloc::<f32>(n.max(1)) })
@@ -1248,39 +1306,44 @@ impl Backend for CudaBackend {
     }
 
     fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor, BackendError> {
-        if !gate_up.cols.is_multiple_of(2) {
-            return Err(shape_err(
-                "silu_mul",
-                format!("{} columns is not [gate | up]", gate_up.cols),
-            ));
-        }
-        let f = gate_up.cols / 2;
+        let f = Self::silu_mul_width(gate_up.cols)?;
         let x = gate_up.as_f32("silu_mul")?;
-        let total = gate_up.rows * f;
-        let mut out = self.alloc_bf16(total)?;
-        let (rows, fi) = (gate_up.rows as i32, f as i32);
-        let pf = self.take_prefetch(gate_up.rows);
-        let mut b = self.stream.launch_builder(&self.kernels.silu_mul);
-        b.arg(x)
-            .arg(&mut out)
-            .arg(&rows)
-            .arg(&fi)
-            .arg(&pf.ptr)
-            .arg(&pf.bytes);
-        // As the kernel splits a row: four columns per thread when f allows.
-        let per_thread = if f.is_multiple_of(4) { 4 } else { 1 };
-        let threads = 256u32;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                f.div_ceil(per_thread * threads as usize).max(1) as u32,
-                gate_up.rows.clamp(1, 65_535) as u32,
-                1,
-            ),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
+        self.launch_silu_mul(&self.kernels.silu_mul, x, gate_up.rows, f)
+    }
+
+    fn linear_silu_mul(
+        &self,
+        x: &CudaTensor,
+        gate_up: &CudaWeight,
+        next: &CudaWeight,
+    ) -> Result<CudaTensor, BackendError> {
+        let gemv_rows = self
+            .gemv_max_rows
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (
+            CudaWeight::Matrix {
+                data: w,
+                rows,
+                cols,
+            },
+            DeviceData::Bf16(xs),
+        ) = (gate_up, &x.data)
+        else {
+            return self.linear_then_silu_mul(x, gate_up, next);
         };
-        self.launch(b, cfg, "silu_mul")?;
-        Ok(CudaTensor::from_bf16(gate_up.rows, f, out))
+        let (n, k) = (*rows, *cols);
+        if x.cols != k || x.rows <= gemv_rows || self.skinny_applies(x.rows, n, k, gemv_rows) {
+            // Decode-sized rows go to the GEMV or skinny kernels, which write f32; shape
+            // errors are `linear`'s to report.
+            return self.linear_then_silu_mul(x, gate_up, next);
+        }
+        let f = Self::silu_mul_width(n)?;
+        self.prefetch.clear();
+        let mut projected = self.alloc_bf16(x.rows * n)?;
+        self.blas
+            .linear_bf16_bf16(xs, w, &mut projected, x.rows, k, n)?;
+        self.prefetch_weight(next);
+        self.launch_silu_mul(&self.kernels.silu_mul_bf16, &projected, x.rows, f)
     }
 
     fn gather_logits_rows(
