@@ -51,6 +51,16 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const floa
 
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
+// x rounded to bf16 (and back): what a projection that writes bf16 stores.
+__device__ __forceinline__ float bf16_round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+// silu_times of gate and up as a bf16 projection stores them: prefill-sized batches take the
+// gate/up projection in bf16 (`silu_mul_bf16`), and every other path rounds the same way, so
+// that a request's tokens do not depend on the size of the batch it ran in.
+__device__ __forceinline__ float silu_times_rounded(float g, float u) {
+    return silu_times(bf16_round(g), bf16_round(u));
+}
+
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, f + i]. Grid: x over a row's columns (four per
 // thread, as one 16-byte load of gate and one of up, when f is a multiple of 4; else one),
 // y over rows. No 64-bit division per element: at prefill sizes this kernel moves hundreds of
@@ -69,13 +79,13 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, bf16* __r
             const float4 g = *reinterpret_cast<const float4*>(gate + c);
             const float4 u = *reinterpret_cast<const float4*>(gate + f + c);
             uint2 packed;
-            packed.x = (u32)f32_to_bf16(silu_times(g.x, u.x)) |
-                       ((u32)f32_to_bf16(silu_times(g.y, u.y)) << 16);
-            packed.y = (u32)f32_to_bf16(silu_times(g.z, u.z)) |
-                       ((u32)f32_to_bf16(silu_times(g.w, u.w)) << 16);
+            packed.x = (u32)f32_to_bf16(silu_times_rounded(g.x, u.x)) |
+                       ((u32)f32_to_bf16(silu_times_rounded(g.y, u.y)) << 16);
+            packed.y = (u32)f32_to_bf16(silu_times_rounded(g.z, u.z)) |
+                       ((u32)f32_to_bf16(silu_times_rounded(g.w, u.w)) << 16);
             *reinterpret_cast<uint2*>(dst + c) = packed;
         } else {
-            dst[c] = f32_to_bf16(silu_times(gate[c], gate[f + c]));
+            dst[c] = f32_to_bf16(silu_times_rounded(gate[c], gate[f + c]));
         }
     }
 }
