@@ -45,6 +45,42 @@ extern "C" __global__ void rope_cache_write(
 }
 
 #define ATTN_WARPS 4
+
+// One output element of a decode attention block, its query head `th` (token x heads + head)
+// merged over the block: normalized into `out` when the token's keys are not split, else the
+// split's unnormalized sum and (once per head) its max, in natural-log units, and denominator
+// for `attention_combine`.
+__device__ __forceinline__ void store_attention(bf16* __restrict__ out,
+                                                float* __restrict__ partial_acc,
+                                                float* __restrict__ partial_ml, long long th,
+                                                int D, int d, int split, int splits, float sum,
+                                                float m_all, float l_all) {
+    if (splits == 1) {
+        out[th * D + d] = f32_to_bf16(sum / l_all);
+    } else {
+        partial_acc[(th * splits + split) * D + d] = sum;
+        if (d == 0) {
+            partial_ml[(th * splits + split) * 2] = m_all;
+            partial_ml[(th * splits + split) * 2 + 1] = l_all;
+        }
+    }
+}
+
+// A decode attention kernel `NAME##D` of `THREADS` threads running `BODY<D>`: every decode
+// kernel takes these arguments (and an L2 prefetch range) and writes the same outputs.
+#define DECODE_ATTENTION_KERNEL(NAME, THREADS, BODY, D)                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME##D(                                \
+        const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \
+        const u32* __restrict__ positions, const u32* __restrict__ token_seq,                     \
+        const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,            \
+        bf16* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,  \
+        int num_heads, int num_kv_heads, int block_size, long long block_elems,                   \
+        long long layer_offset, float scale, const char* prefetch, long long prefetch_bytes) {    \
+        prefetch_l2(prefetch, prefetch_bytes);                                                    \
+        BODY<D>(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,             \
+                partial_acc, partial_ml, num_heads, num_kv_heads, block_size, block_elems,        \
+                layer_offset, scale);                                                             \
+    }
 // Query heads of one KV head handled by one block (grouped-query attention): the block reads
 // each key and value once for all of them instead of once per query head.
 #define ATTN_GMAX 8
@@ -152,16 +188,8 @@ __device__ __forceinline__ void attend(
             l_all += s_l[w][g] * wt;
             sum += s_acc[w][g][d] * wt;
         }
-        const long long th = (long long)t * num_heads + h0 + g;
-        if (splits == 1) {
-            out[th * D + d] = f32_to_bf16(sum / l_all);
-        } else {
-            partial_acc[(th * splits + split) * D + d] = sum;
-            if (d == 0) {
-                partial_ml[(th * splits + split) * 2] = m_all;
-                partial_ml[(th * splits + split) * 2 + 1] = l_all;
-            }
-        }
+        store_attention(out, partial_acc, partial_ml, (long long)t * num_heads + h0 + g, D, d,
+                        split, splits, sum, m_all, l_all);
     }
 }
 
@@ -324,50 +352,18 @@ __device__ __forceinline__ void attend_vec(
             l_all += s_l[w][g] * wt;
             sum += s_acc[w][g][d] * wt;
         }
-        const long long th = (long long)t * num_heads + h0 + g;
-        if (splits == 1) {
-            out[th * D + d] = f32_to_bf16(sum / l_all);
-        } else {
-            partial_acc[(th * splits + split) * D + d] = sum;
-            if (d == 0) {
-                partial_ml[(th * splits + split) * 2] = m_all;
-                partial_ml[(th * splits + split) * 2 + 1] = l_all;
-            }
-        }
+        store_attention(out, partial_acc, partial_ml, (long long)t * num_heads + h0 + g, D, d,
+                        split, splits, sum, m_all, l_all);
     }
 }
 
-#define ATTENTION_VEC_KERNEL(D)                                                                   \
-    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) paged_attention_vec_d##D(       \
-        const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \
-        const u32* __restrict__ positions, const u32* __restrict__ token_seq,                     \
-        const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,            \
-        bf16* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,  \
-        int num_heads, int num_kv_heads, int block_size, long long block_elems,                   \
-        long long layer_offset, float scale, const char* prefetch, long long prefetch_bytes) {    \
-        prefetch_l2(prefetch, prefetch_bytes);                                                    \
-        attend_vec<D>(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,       \
-                      partial_acc, partial_ml, num_heads, num_kv_heads, block_size, block_elems,  \
-                      layer_offset, scale);                                                       \
-    }
+#define ATTENTION_VEC_KERNEL(D) DECODE_ATTENTION_KERNEL(paged_attention_vec_d, ATTN_WARPS * 32, attend_vec, D)
 
 ATTENTION_VEC_KERNEL(64)
 ATTENTION_VEC_KERNEL(128)
 ATTENTION_VEC_KERNEL(256)
 
-#define ATTENTION_KERNEL(D)                                                                       \
-    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) paged_attention_d##D(           \
-        const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \
-        const u32* __restrict__ positions, const u32* __restrict__ token_seq,                     \
-        const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,            \
-        bf16* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,  \
-        int num_heads, int num_kv_heads, int block_size, long long block_elems,                   \
-        long long layer_offset, float scale, const char* prefetch, long long prefetch_bytes) {    \
-        prefetch_l2(prefetch, prefetch_bytes);                                                    \
-        attend<D>(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,           \
-                  partial_acc, partial_ml, num_heads, num_kv_heads, block_size, block_elems,      \
-                  layer_offset, scale);                                                           \
-    }
+#define ATTENTION_KERNEL(D) DECODE_ATTENTION_KERNEL(paged_attention_d, ATTN_WARPS * 32, attend, D)
 
 ATTENTION_KERNEL(16)
 ATTENTION_KERNEL(32)

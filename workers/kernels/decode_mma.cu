@@ -242,33 +242,13 @@ __device__ __forceinline__ void decode_mma(
             l_all += l * wt;
             sum += s_o[(w * DM_HEADS + g) * D + d] * wt;
         }
-        const long long th = (long long)t * num_heads + h0 + g;
-        if (splits == 1) {
-            out[th * D + d] = f32_to_bf16(sum / l_all);
-        } else {
-            partial_acc[(th * splits + split) * D + d] = sum;
-            if (d == 0) {
-                // `attention_combine` works in natural-log units.
-                partial_ml[(th * splits + split) * 2] = m_all * 0.6931471805599453f;
-                partial_ml[(th * splits + split) * 2 + 1] = l_all;
-            }
-        }
+        // m_all is in base 2; `store_attention` takes natural-log units.
+        store_attention(out, partial_acc, partial_ml, (long long)t * num_heads + h0 + g, D, d,
+                        split, splits, sum, m_all * 0.6931471805599453f, l_all);
     }
 }
 
-#define DECODE_MMA_KERNEL(D)                                                                      \
-    extern "C" __global__ void __launch_bounds__(DM_WARPS * 32) paged_decode_mma_d##D(            \
-        const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \
-        const u32* __restrict__ positions, const u32* __restrict__ token_seq,                     \
-        const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,            \
-        bf16* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,  \
-        int num_heads, int num_kv_heads, int block_size, long long block_elems,                   \
-        long long layer_offset, float scale, const char* prefetch, long long prefetch_bytes) {    \
-        prefetch_l2(prefetch, prefetch_bytes);                                                    \
-        decode_mma<D>(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,       \
-                      partial_acc, partial_ml, num_heads, num_kv_heads, block_size, block_elems,  \
-                      layer_offset, scale);                                                       \
-    }
+#define DECODE_MMA_KERNEL(D) DECODE_ATTENTION_KERNEL(paged_decode_mma_d, DM_WARPS * 32, decode_mma, D)
 
 DECODE_MMA_KERNEL(64)
 DECODE_MMA_KERNEL(128)

@@ -54,71 +54,65 @@ __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f
 // x rounded to bf16 (and back): what a projection that writes bf16 stores.
 __device__ __forceinline__ float bf16_round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
 
-// silu_times of gate and up as a bf16 projection stores them: prefill-sized batches take the
-// gate/up projection in bf16 (`silu_mul_bf16`), and every other path rounds the same way, so
-// that a request's tokens do not depend on the size of the batch it ran in.
-__device__ __forceinline__ float silu_times_rounded(float g, float u) {
-    return silu_times(bf16_round(g), bf16_round(u));
+// Gate or up values as a bf16 projection stores them, four at a time (one 16-byte load of
+// f32, rounded to bf16; one 8-byte load of bf16) or one: prefill-sized batches take the
+// gate/up projection in bf16 (`silu_mul_bf16`), and the f32 path rounds the same way, so that
+// a request's tokens do not depend on the size of the batch it ran in.
+__device__ __forceinline__ float4 load4_bf16(const float* p) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    return make_float4(bf16_round(v.x), bf16_round(v.y), bf16_round(v.z), bf16_round(v.w));
+}
+__device__ __forceinline__ float4 load4_bf16(const bf16* p) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    return make_float4(__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
+                       __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u));
+}
+__device__ __forceinline__ float load1_bf16(const float* p) { return bf16_round(*p); }
+__device__ __forceinline__ float load1_bf16(const bf16* p) { return bf16_to_f32(*p); }
+
+// out[r, i] = silu(gate_up[r, i]) * gate_up[r, f + i], gate and up as bf16 values
+// (`load4_bf16`). Grid: x over a row's columns (four per
+// thread, as one load of gate and one of up, when f is a multiple of 4; else one), y over
+// rows. No 64-bit division per element: at prefill sizes this kernel moves hundreds of MB per
+// layer and must run at the copy rate.
+template <typename T>
+__device__ __forceinline__ void silu_mul_rows(const T* __restrict__ gate_up, bf16* __restrict__ out,
+                                              int rows, int f) {
+    const int vec = (f & 3) == 0 ? 4 : 1;
+    const int c = (blockIdx.x * blockDim.x + threadIdx.x) * vec;
+    if (c >= f) return;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* gate = gate_up + (long long)r * 2 * f;
+        bf16* dst = out + (long long)r * f;
+        if (vec == 4) {
+            const float4 g = load4_bf16(gate + c);
+            const float4 u = load4_bf16(gate + f + c);
+            uint2 packed;
+            packed.x = (u32)f32_to_bf16(silu_times(g.x, u.x)) |
+                       ((u32)f32_to_bf16(silu_times(g.y, u.y)) << 16);
+            packed.y = (u32)f32_to_bf16(silu_times(g.z, u.z)) |
+                       ((u32)f32_to_bf16(silu_times(g.w, u.w)) << 16);
+            *reinterpret_cast<uint2*>(dst + c) = packed;
+        } else {
+            dst[c] = f32_to_bf16(silu_times(load1_bf16(gate + c), load1_bf16(gate + f + c)));
+        }
+    }
 }
 
-// out[r, i] = silu(gate_up[r, i]) * gate_up[r, f + i]. Grid: x over a row's columns (four per
-// thread, as one 16-byte load of gate and one of up, when f is a multiple of 4; else one),
-// y over rows. No 64-bit division per element: at prefill sizes this kernel moves hundreds of
-// MB per layer and must run at the copy rate.
+// [gate | up] in f32 (the projections of small decode batches write f32).
 extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, bf16* __restrict__ out,
                                     int rows, int f, const char* prefetch,
                                     long long prefetch_bytes) {
     prefetch_l2(prefetch, prefetch_bytes);
-    const int vec = (f & 3) == 0 ? 4 : 1;
-    const int c = (blockIdx.x * blockDim.x + threadIdx.x) * vec;
-    if (c >= f) return;
-    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
-        const float* gate = gate_up + (long long)r * 2 * f;
-        bf16* dst = out + (long long)r * f;
-        if (vec == 4) {
-            const float4 g = *reinterpret_cast<const float4*>(gate + c);
-            const float4 u = *reinterpret_cast<const float4*>(gate + f + c);
-            uint2 packed;
-            packed.x = (u32)f32_to_bf16(silu_times_rounded(g.x, u.x)) |
-                       ((u32)f32_to_bf16(silu_times_rounded(g.y, u.y)) << 16);
-            packed.y = (u32)f32_to_bf16(silu_times_rounded(g.z, u.z)) |
-                       ((u32)f32_to_bf16(silu_times_rounded(g.w, u.w)) << 16);
-            *reinterpret_cast<uint2*>(dst + c) = packed;
-        } else {
-            dst[c] = f32_to_bf16(silu_times_rounded(gate[c], gate[f + c]));
-        }
-    }
+    silu_mul_rows(gate_up, out, rows, f);
 }
 
-// silu_mul on a bf16 [gate | up] (a projection that wrote bf16): the same grid, four columns
-// per thread as one 8-byte load of gate and one of up when f is a multiple of 4.
+// [gate | up] in bf16 (the projection of prefill-sized batches writes bf16).
 extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate_up, bf16* __restrict__ out,
                                          int rows, int f, const char* prefetch,
                                          long long prefetch_bytes) {
     prefetch_l2(prefetch, prefetch_bytes);
-    const int vec = (f & 3) == 0 ? 4 : 1;
-    const int c = (blockIdx.x * blockDim.x + threadIdx.x) * vec;
-    if (c >= f) return;
-    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
-        const bf16* gate = gate_up + (long long)r * 2 * f;
-        bf16* dst = out + (long long)r * f;
-        if (vec == 4) {
-            const uint2 g = *reinterpret_cast<const uint2*>(gate + c);
-            const uint2 u = *reinterpret_cast<const uint2*>(gate + f + c);
-            const float gl[4] = {__uint_as_float(g.x << 16), __uint_as_float(g.x & 0xffff0000u),
-                                 __uint_as_float(g.y << 16), __uint_as_float(g.y & 0xffff0000u)};
-            const float ul[4] = {__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
-                                 __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u)};
-            uint2 packed;
-            packed.x = (u32)f32_to_bf16(silu_times(gl[0], ul[0])) |
-                       ((u32)f32_to_bf16(silu_times(gl[1], ul[1])) << 16);
-            packed.y = (u32)f32_to_bf16(silu_times(gl[2], ul[2])) |
-                       ((u32)f32_to_bf16(silu_times(gl[3], ul[3])) << 16);
-            *reinterpret_cast<uint2*>(dst + c) = packed;
-        } else {
-            dst[c] = f32_to_bf16(silu_times(bf16_to_f32(gate[c]), bf16_to_f32(gate[f + c])));
-        }
-    }
+    silu_mul_rows(gate_up, out, rows, f);
 }
 
 // y[r, c] += bias[c]

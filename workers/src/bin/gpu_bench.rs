@@ -903,6 +903,24 @@ fn projections(
 /// `bench` accepts: both accumulate bf16 products in f32, in different orders.
 const SKINNY_MAX_REL_L2: f64 = 1e-3;
 
+/// `rows` fused q/k/v rows of uniform values in [-0.5, 0.5) on the device: the input of an
+/// attention kernel timed alone.
+fn random_qkv(
+    gpu: &CudaBackend,
+    shape: &AttentionShape,
+    rows: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<<CudaBackend as Backend>::Tensor> {
+    let rows: Vec<Vec<f32>> = (0..rows)
+        .map(|_| {
+            (0..shape.qkv_width())
+                .map(|_| rng.random::<f32>() - 0.5)
+                .collect()
+        })
+        .collect();
+    Ok(gpu.upload_rows(&rows)?)
+}
+
 /// The prefill attention kernel alone, one layer of one sequence of each prefill length (the
 /// cache holds the K/V of the last prefill): what torch's SDPA is compared with
 /// (`torch_bench.py`'s "prefill attention" rows).
@@ -915,14 +933,7 @@ fn prefill_attention(
     rng: &mut ChaCha8Rng,
 ) -> Result<()> {
     for &len in prefill {
-        let rows: Vec<Vec<f32>> = (0..len)
-            .map(|_| {
-                (0..shape.qkv_width())
-                    .map(|_| rng.random::<f32>() - 0.5)
-                    .collect()
-            })
-            .collect();
-        let qkv = gpu.upload_rows(&rows)?;
+        let qkv = random_qkv(gpu, shape, len, rng)?;
         let tokens: Vec<u32> = vec![0; len];
         let mut batch = ForwardBatch::default();
         batch.push(
@@ -982,14 +993,7 @@ fn decode_attention(
     rng: &mut ChaCha8Rng,
 ) -> Result<()> {
     let batch = tables.len();
-    let rows: Vec<Vec<f32>> = (0..batch)
-        .map(|_| {
-            (0..shape.qkv_width())
-                .map(|_| rng.random::<f32>() - 0.5)
-                .collect()
-        })
-        .collect();
-    let qkv = gpu.upload_rows(&rows)?;
+    let qkv = random_qkv(gpu, shape, batch, rng)?;
     let mut b = ForwardBatch::default();
     for table in tables {
         b.push(&[0], context, table.clone(), true);

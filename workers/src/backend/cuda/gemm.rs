@@ -10,6 +10,20 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::backend::BackendError;
 
+/// An element type cuBLAS writes a product's result in.
+pub trait GemmOutput: cudarc::driver::DeviceRepr {
+    const DATA_TYPE: sys::cudaDataType;
+}
+
+impl GemmOutput for f32 {
+    const DATA_TYPE: sys::cudaDataType = sys::cudaDataType::CUDA_R_32F;
+}
+
+/// bf16, as the backend stores it (the bits in a `u16`).
+impl GemmOutput for u16 {
+    const DATA_TYPE: sys::cudaDataType = sys::cudaDataType::CUDA_R_16BF;
+}
+
 /// The cuBLAS handle, bound to the backend's stream.
 pub struct Blas {
     handle: Mutex<Handle>,
@@ -55,12 +69,14 @@ impl Blas {
         })
     }
 
-    /// `y = x · wᵀ`; `x` is `[rows, k]` bf16, `w` is `[n, k]` bf16, `y` is `[rows, n]` f32.
-    pub fn linear_bf16_f32(
+    /// `y = x · wᵀ`; `x` is `[rows, k]` bf16, `w` is `[n, k]` bf16, `y` is `[rows, n]` f32, or
+    /// bf16 (rounded from the f32 accumulation) for an output only an elementwise op reads:
+    /// half the bytes to write and to read back.
+    pub fn linear<T: GemmOutput>(
         &self,
         x: &CudaSlice<u16>,
         w: &CudaSlice<u16>,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<T>,
         rows: usize,
         k: usize,
         n: usize,
@@ -69,25 +85,7 @@ impl Blas {
             return Err(too_small(rows, k, n));
         }
         let (yp, _sy) = y.device_ptr_mut(&self.stream);
-        self.gemm(x, w, yp, sys::cudaDataType::CUDA_R_32F, rows, k, n)
-    }
-
-    /// [`Self::linear_bf16_f32`] with a bf16 `y` (rounded from the f32 accumulation): for an
-    /// output only an elementwise op reads, half the bytes to write and to read back.
-    pub fn linear_bf16_bf16(
-        &self,
-        x: &CudaSlice<u16>,
-        w: &CudaSlice<u16>,
-        y: &mut CudaSlice<u16>,
-        rows: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<(), BackendError> {
-        if y.len() < rows * n {
-            return Err(too_small(rows, k, n));
-        }
-        let (yp, _sy) = y.device_ptr_mut(&self.stream);
-        self.gemm(x, w, yp, sys::cudaDataType::CUDA_R_16BF, rows, k, n)
+        self.gemm(x, w, yp, T::DATA_TYPE, rows, k, n)
     }
 
     /// `y = x · wᵀ` into `y` of type `y_type` (checked by the callers to hold `rows x n`).

@@ -552,6 +552,29 @@ mod tests {
         assert_eq!(wide.smem_bytes(128, 1), 2 * 34_816 + 128 * 136 * 2);
     }
 
+    /// The tensor-core decode attention's stages come from `DM_STAGES` (never fewer than 2:
+    /// one tile in flight while one is used), and its merge buffer (4 warps x 8 heads x D
+    /// floats) fits in them.
+    #[test]
+    fn decode_mma_shared_memory_follows_the_definitions() {
+        use super::DecodeMmaConfig;
+        let default = DecodeMmaConfig::from_defines(&[]);
+        assert_eq!(default.stages, 3);
+        assert_eq!(default.smem_bytes(128), 3 * 2 * 64 * 128 * 2);
+        assert_eq!(
+            DecodeMmaConfig::from_defines(&["DM_STAGES=4".into()]).smem_bytes(128),
+            4 * 32_768
+        );
+        assert_eq!(
+            DecodeMmaConfig::from_defines(&["DM_STAGES=1".into()]).stages,
+            2
+        );
+        for d in [64, 128] {
+            let merge = 4 * DecodeMmaConfig::HEADS * d * 4 + 2 * 4 * DecodeMmaConfig::HEADS * 4;
+            assert!(DecodeMmaConfig { stages: 2 }.smem_bytes(d) >= merge, "{d}");
+        }
+    }
+
     /// Every width of `skinny.cu` fits an H100 block's shared memory (227 KiB) with at least
     /// 4 stages in flight.
     #[test]

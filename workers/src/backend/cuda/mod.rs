@@ -1225,7 +1225,7 @@ impl Backend for CudaBackend {
             && self.skinny_linear(xs, w, &mut out, x.rows, *out_features, *in_features)?)
         {
             self.blas
-                .linear_bf16_f32(xs, w, &mut out, x.rows, *in_features, *out_features)?;
+                .linear(xs, w, &mut out, x.rows, *in_features, *out_features)?;
         }
         if let Some(bias) = bias {
             let bv = Self::check_vector("linear bias", bias, *out_features)?;
@@ -1340,8 +1340,7 @@ impl Backend for CudaBackend {
         let f = Self::silu_mul_width(n)?;
         self.prefetch.clear();
         let mut projected = self.alloc_bf16(x.rows * n)?;
-        self.blas
-            .linear_bf16_bf16(xs, w, &mut projected, x.rows, k, n)?;
+        self.blas.linear(xs, w, &mut projected, x.rows, k, n)?;
         self.prefetch_weight(next);
         self.launch_silu_mul(&self.kernels.silu_mul_bf16, &projected, x.rows, f)
     }
