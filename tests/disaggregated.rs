@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::{collect_stream, start_api_server};
-use tandem_test_kit::prometheus::metric;
+use tandem_test_kit::prometheus::{metric, total};
 use tandem_test_kit::{ApiServer, Http, Nats, Proc, bin, free_port, model_dir, temp_file};
 
 const MODEL: &str = "smollm2-bf16";
@@ -196,17 +196,6 @@ fn tandem_serve_with_two_context_and_one_decode_worker_equals_worker_generate() 
     assert!(tandem.wait_exit(Duration::from_secs(60)).success());
 }
 
-/// The sum of every series of counter `name` (all its labels).
-fn sum_of(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// The hand-over without copies (issue 15): a CPU context worker's exports are its KV cache's
 /// blocks, read in place by the decode worker, so no transfer pool bounds them. With a 1 MiB
 /// pool (what used to hold exports: not even three SmolLM2 blocks) and requests whose prompts
@@ -237,7 +226,7 @@ fn hand_overs_far_past_the_old_transfer_pool_all_go_through_without_a_fallback()
         "every request pulled its K/V\n{metrics}"
     );
     assert_eq!(
-        sum_of(&metrics, "tandem_kv_transfer_fallbacks_total"),
+        total(&metrics, "tandem_kv_transfer_fallbacks_total"),
         0.0,
         "no fallback of any kind\n{metrics}"
     );

@@ -20,6 +20,19 @@ pub fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
     })
 }
 
+/// The sum of every sample named `name`, whatever its labels (0 where there is none): a
+/// counter's total over its series. Panics on a value that is not a number.
+pub fn total(body: &str, name: &str) -> f64 {
+    samples(body)
+        .filter(|(series, _)| series.split_once('{').map_or(*series, |(n, _)| n) == name)
+        .map(|(series, value)| {
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("{series} has a value that is not a number: {value}"))
+        })
+        .sum()
+}
+
 /// The value of the sample whose series (name and labels) is exactly `series`, e.g.
 /// `tandem_kv_transfer_fallbacks_total{reason="context_gone"}`. Panics on a value that is not
 /// a number.
@@ -51,5 +64,8 @@ mod tests {
             Some(4.0)
         );
         assert_eq!(sample(BODY, "x"), None);
+        assert_eq!(total(BODY, "x"), 7.0);
+        assert_eq!(total(BODY, "y"), 1.5);
+        assert_eq!(total(BODY, "z"), 0.0);
     }
 }
