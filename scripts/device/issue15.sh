@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs on a one-GPU device machine: issue 15's checks and measurements in one call, correctness
+# first, each stage's output under $OUT with the stage's name. Binaries come in .kit/bin (the
+# test binaries as in gpu_transfer.sh). Stages, in the order given (default: all of them):
+#
+#   tests     the GPU tests (workers/tests/cuda_backend.rs) on the tiny, SmolLM2 (head dim 64)
+#             and llama-d128-2l (head dim 128) models
+#   check     gpu_bench check against the CPU on llama-d128-2l and SmolLM2 shapes
+#   bench     gpu_bench bench on Llama-3.1-8B shapes: decode at batch 1, 32, 128 and 256
+#             (context 1024), prefill of 2048 and 8192 tokens, in 64-token KV blocks
+#   offline   the three offline server runs of docs/benchmarks.md (large_batch.sh): ~128/128,
+#             ~2048/128 and ~1000/1000, with their engine step logs
+#
+#   scripts/device/issue15.sh                 # everything (about 7 minutes)
+#   scripts/device/issue15.sh tests check     # correctness only
+set -uo pipefail
+# shellcheck source=scripts/device/kit-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests check bench offline)
+
+offline() { # name max_batch levels requests input_words output_tokens
+  echo "== offline $1"
+  MAX_BATCH=$2 LEVELS=$3 N=$4 ISL_WORDS=$5 OSL=$6 "$root/scripts/device/large_batch.sh"
+  # large_batch.sh stops its server without waiting: the next run takes the same port.
+  while pgrep -f "serve -c /tmp/large-batch.yaml" >/dev/null; do sleep 1; done
+  mv "$out/large-batch.json" "$out/offline-$1.json"
+  grep "engine:" "$out/large-batch-serve.log" | sed 's/.*engine: /engine: /' >"$out/offline-$1-engine-log.txt"
+  tail -3 "$out/offline-$1-engine-log.txt"
+}
+
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    tests)
+      random_model tiny >/dev/null
+      echo "== GPU tests"
+      TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
+        TANDEM_GPU_TEST_MODEL=$(random_model smollm2-135m) \
+        TANDEM_GPU_TEST_MODEL_D128=$(random_model llama-d128-2l) \
+        cuda_backend_test --test-threads 1 2>&1 | tee "$out/tests.log" | grep -E "^test |test result|panicked"
+      ;;
+    check)
+      for preset in llama-d128-2l smollm2-135m; do
+        echo "== check $preset"
+        gpu_bench check --model "$(random_model "$preset")" --max-rel-l2 2e-2 --min-top1 0 2>&1 |
+          tee "$out/check-$preset.log" | grep -iE "mean|top-1|PASS|FAIL"
+      done
+      ;;
+    bench)
+      echo "== bench llama-3.1-8b"
+      TANDEM_BENCH_BLOCK=64 gpu_bench bench --model "$(random_model llama-3.1-8b)" \
+        --batches 1,32,128,256 --prefill 2048,8192 --iters 10 --json "$out/bench.json" 2>&1 |
+        tee "$out/bench.log" | grep -E "^decode|^prefill"
+      ;;
+    offline)
+      offline 128-128 512 512 1024 77 128
+      offline 2048-128 512 512 512 1233 128
+      offline 1000-1000 256 256 256 602 1000
+      ;;
+    *)
+      echo "unknown stage $stage (tests, check, bench, offline)" >&2
+      exit 2
+      ;;
+  esac
+done
