@@ -15,6 +15,7 @@ use tandem_protocol::messages::GrammarSpec;
 use tandem_text::grammar::{GrammarCompiler, GrammarError, GrammarSource};
 
 use crate::error::ApiError;
+use crate::tools::ToolRequest;
 
 pub struct GrammarCheck {
     model_dir: PathBuf,
@@ -42,9 +43,37 @@ impl GrammarCheck {
     /// Compiles `spec` on a blocking thread; a grammar that does not compile is a 400 naming
     /// `param`.
     pub async fn check(self: &Arc<Self>, spec: &GrammarSpec, param: &str) -> Result<(), ApiError> {
+        self.compile_after(spec, param, || Ok(())).await
+    }
+
+    /// [`Self::check`] of the grammar `tools` were made into (`tool_choice` required or a named
+    /// function): each callable tool's `parameters` schema is compiled alone first, on the
+    /// same blocking thread, so that one llguidance cannot compile is a 400 naming that tool's
+    /// field; then the whole grammar, a 400 naming `tools` if it does not compile.
+    pub async fn check_tool_calls(
+        self: &Arc<Self>,
+        spec: &GrammarSpec,
+        tools: &ToolRequest,
+    ) -> Result<(), ApiError> {
+        let tools = tools.clone();
+        self.compile_after(spec, "tools", move || {
+            crate::tools::grammar::check_schemas(&tools)
+        })
+        .await
+    }
+
+    /// On a blocking thread (compiling is CPU work that must not hold an async worker): `first`,
+    /// then `spec` against the tokenizer.
+    async fn compile_after(
+        self: &Arc<Self>,
+        spec: &GrammarSpec,
+        param: &str,
+        first: impl FnOnce() -> Result<(), ApiError> + Send + 'static,
+    ) -> Result<(), ApiError> {
         let this = Arc::clone(self);
         let spec = spec.clone();
-        let compiled = tokio::task::spawn_blocking(move || {
+        let compiled = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+            first()?;
             let compiler = this
                 .compiler
                 .get_or_init(|| {
@@ -55,12 +84,12 @@ impl GrammarCheck {
                 .map_err(|e| GrammarError::Tokenizer {
                     path: this.model_dir.display().to_string(),
                     reason: e.clone(),
-                })?;
-            compiler.compile(source(&spec)).map(drop)
+                });
+            Ok(compiler.and_then(|compiler| compiler.compile(source(&spec)).map(drop)))
         })
         .await
         .map_err(|err| ApiError::Internal(format!("grammar task failed: {err}")))?;
-        match compiled {
+        match compiled? {
             Ok(()) => Ok(()),
             Err(GrammarError::Compile(message)) => Err(ApiError::invalid(
                 format!("the grammar does not compile: {message}"),

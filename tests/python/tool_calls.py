@@ -152,6 +152,10 @@ def auto():
     expect_400("tools[1].function.name", messages=user, tools=[WEATHER, WEATHER])
     expect_400("tools[0].function.parameters", messages=user,
                tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}])
+    # A schema llguidance cannot enforce, with a call required: named by the grammar check.
+    expect_400("tools[0].function.parameters", messages=user, tool_choice="required",
+               tools=[{"type": "function", "function": {"name": "f", "parameters": {
+                   "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}])
     expect_400("tool_choice", messages=user, tool_choice="required")
     expect_400("tool_choice", messages=user, tools=[WEATHER], tool_choice="sometimes")
     expect_400("messages[1].tool_call_id", messages=user + [{"role": "tool", "tool_call_id": "call_x", "content": "1"}])

@@ -43,15 +43,16 @@ pub async fn chat_completions(
     if let Some(grammar) = &valid.sampling.grammar {
         // A required or named tool call's grammar (Lark) was built from `tools`; a JSON schema
         // came from `response_format`.
-        let param = match grammar {
-            GrammarSpec::Lark { .. } => "tools",
-            GrammarSpec::JsonSchema { .. } => JSON_SCHEMA_PARAM,
+        let checked = match (grammar, &valid.tools) {
+            (GrammarSpec::Lark { .. }, Some(tools)) => {
+                state.grammars.check_tool_calls(grammar, tools).await
+            }
+            (GrammarSpec::Lark { .. }, None) => state.grammars.check(grammar, "tools").await,
+            (GrammarSpec::JsonSchema { .. }, _) => {
+                state.grammars.check(grammar, JSON_SCHEMA_PARAM).await
+            }
         };
-        state
-            .grammars
-            .check(grammar, param)
-            .await
-            .inspect_err(|err| record.fail(err))?;
+        checked.inspect_err(|err| record.fail(err))?;
     }
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let started = start_generation(&state, &valid, record, id.clone());

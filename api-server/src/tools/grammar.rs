@@ -5,9 +5,11 @@
 //!
 //! The grammar is llguidance's Lark dialect with each tool's schema embedded by `%json`
 //! (`SamplingSpec.grammar` = `GrammarSpec::Lark`); the workers compile it against their
-//! tokenizer and mask the logits with it. It is compiled here too, once per request,
-//! against a byte-level vocabulary: a schema llguidance cannot compile is a 400 naming the
-//! tool, not a failure on a worker. The call is written exactly as
+//! tokenizer and mask the logits with it. The api-server compiles it first, off the async
+//! workers ([`GrammarCheck::check_tool_calls`](crate::grammar::GrammarCheck::check_tool_calls)):
+//! each tool's schema alone ([`check_schemas`], against a byte-level vocabulary), so that a
+//! schema llguidance cannot compile is a 400 naming the tool, not a failure on a worker; then
+//! the whole grammar against the model's tokenizer. The call is written exactly as
 //! [`render::calls_markup`](super::render::calls_markup) writes a call, so the model sees
 //! the same markup in its history as it is made to produce.
 
@@ -38,7 +40,18 @@ pub fn constrain(
         ));
     }
     let callable = tools.callable();
-    for tool in &callable {
+    // A named function is called once (as OpenAI's forced function call); `required` may
+    // call several tools unless `parallel_tool_calls` is false.
+    let parallel = tools.parallel && tools.choice == ToolChoice::Required;
+    let grammar = lark(&callable, format, parallel);
+    sampling.grammar = Some(GrammarSpec::Lark { grammar });
+    Ok(())
+}
+
+/// Compiles each callable tool's `parameters` schema alone (CPU work: on a blocking thread);
+/// one llguidance cannot compile is a 400 naming `tools[i].function.parameters`.
+pub fn check_schemas(tools: &ToolRequest) -> Result<(), ApiError> {
+    for tool in tools.callable() {
         if let Err(reason) = compile(&format!("start: {}", json_rule(tool))) {
             let index = tools
                 .tools
@@ -54,14 +67,6 @@ pub fn constrain(
             ));
         }
     }
-    // A named function is called once (as OpenAI's forced function call); `required` may
-    // call several tools unless `parallel_tool_calls` is false.
-    let parallel = tools.parallel && tools.choice == ToolChoice::Required;
-    let grammar = lark(&callable, format, parallel);
-    compile(&grammar).map_err(|reason| {
-        ApiError::Internal(format!("the tool-call grammar does not compile: {reason}"))
-    })?;
-    sampling.grammar = Some(GrammarSpec::Lark { grammar });
     Ok(())
 }
 
@@ -310,8 +315,7 @@ mod tests {
             choice: ToolChoice::Required,
             parallel: true,
         };
-        let err =
-            constrain(&request, ToolFormat::Hermes, &mut SamplingSpec::default()).unwrap_err();
+        let err = check_schemas(&request).unwrap_err();
         match err {
             ApiError::InvalidRequest { param, message, .. } => {
                 assert_eq!(
