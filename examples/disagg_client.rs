@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tandem::bench::workload;
-use tandem::openai_client::{Client, Endpoint, Request};
+use tandem::openai_client::{Client, Endpoint, Prompt, Request};
 use tandem_protocol::config::DeploymentConfig;
 
 #[derive(Parser)]
@@ -117,7 +117,7 @@ fn run(args: &Args) -> anyhow::Result<usize> {
                     let Some(prompt) = prompts.get(i) else { break };
                     let request = Request {
                         model: model.clone(),
-                        prompt: prompt.clone(),
+                        prompt: Prompt::Text(prompt.clone()),
                         max_tokens: args.max_tokens,
                         stream: args.stream,
                         temperature: args.temperature,

@@ -44,19 +44,30 @@ pub enum ClientError {
     /// The stream ended with an error event (the server gave up mid-way).
     #[error("stream error: {0}")]
     Stream(String),
+    /// The request cannot be sent to that endpoint.
+    #[error("{0}")]
+    Request(String),
 }
 
 /// One request.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub model: String,
-    pub prompt: String,
+    pub prompt: Prompt,
     pub max_tokens: usize,
     pub stream: bool,
     pub temperature: f32,
     /// Ask the server to generate exactly `max_tokens` (vLLM's and tandem's `ignore_eos`;
     /// servers that do not know it ignore it).
     pub ignore_eos: bool,
+}
+
+/// A request's prompt: text, or token ids (`/v1/completions` only: the OpenAI API takes an
+/// array of token ids as a prompt).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
 }
 
 /// What came back, with timings relative to when the request was sent.
@@ -153,11 +164,17 @@ impl Client {
             "temperature": request.temperature,
             "stream": request.stream,
         });
-        match endpoint {
-            Endpoint::Chat => {
-                body["messages"] = json!([{"role": "user", "content": request.prompt}]);
+        match (endpoint, &request.prompt) {
+            (Endpoint::Chat, Prompt::Text(text)) => {
+                body["messages"] = json!([{"role": "user", "content": text}]);
             }
-            Endpoint::Completions => body["prompt"] = json!(request.prompt),
+            (Endpoint::Chat, Prompt::Tokens(_)) => {
+                return Err(ClientError::Request(
+                    "a prompt of token ids needs the completions endpoint".into(),
+                ));
+            }
+            (Endpoint::Completions, Prompt::Text(text)) => body["prompt"] = json!(text),
+            (Endpoint::Completions, Prompt::Tokens(ids)) => body["prompt"] = json!(ids),
         }
         if request.stream {
             body["stream_options"] = json!({"include_usage": true});

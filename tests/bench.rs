@@ -114,6 +114,43 @@ fn bench_measures_a_live_server() {
     assert_eq!(level["request_rate"], 20.0);
     assert_eq!(level["completed"], 4);
     assert_eq!(level["goodput"], 0.0);
+
+    // Exact prompt lengths: random token ids on the completions endpoint, every prompt
+    // counted by the server as exactly --input-tokens (the tiny model's vocabulary is 512).
+    let out = bench(&[
+        "--url",
+        &url,
+        "--endpoint",
+        "completions",
+        "--offline",
+        "--num-prompts",
+        "5",
+        "--input-tokens",
+        "40",
+        "--token-ids",
+        "3-500",
+        "--output-len",
+        "4",
+        "--output-json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc["input_tokens"], 40);
+    assert_eq!(doc["input_len"], Value::Null);
+    let level = &doc["levels"][0];
+    assert_eq!(level["completed"], 5, "{level}");
+    assert_eq!(level["prompt_tokens"], 5 * 40, "{level}");
+    assert_eq!(level["output_tokens"], 5 * 4, "{level}");
+    // Token ids go to the completions endpoint only: said before anything is sent.
+    let out = bench(&["--url", &url, "--input-tokens", "40", "--num-prompts", "1"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--endpoint completions"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

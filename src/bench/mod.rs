@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::openai_client::{Client, Endpoint, Reply, Request};
+use crate::openai_client::{Client, Endpoint, Prompt, Reply, Request};
 use metrics::{Slo, Summary};
 
 const BENCH_LONG_ABOUT: &str = "\
@@ -32,8 +32,9 @@ Each level sends --num-prompts streaming requests, either at a fixed number in f
 (--concurrency 1,4,16 runs three levels in turn) or arriving as a Poisson process
 (--request-rate 2,8: requests per second, each level capped at --concurrency in flight if
 given), or all at once (--offline: maximum throughput). Prompts are synthetic (--input-len words drawn from common English words, about one
-token each; the server's usage counts are reported) or come from --prompts FILE (a JSON list of
-strings, of {\"prompt\": ...} objects, or ShareGPT records). Every request asks for
+token each; the server's usage counts are reported), exactly --input-tokens random token ids
+(the completions endpoint: the fixed shapes of published throughput tables), or come from
+--prompts FILE (a JSON list of strings, of {\"prompt\": ...} objects, or ShareGPT records). Every request asks for
 --output-len tokens with `ignore_eos` (servers that do not know the field stop at their end of
 sequence token; the token counts reported are the server's).
 
@@ -55,7 +56,11 @@ Examples:
       --prompts prompts.json --goodput ttft:500,itl:50
 
   # maximum throughput: 1024 requests of ~128/128 tokens, all at once
-  tandem bench --offline --num-prompts 1024 --input-len 77 --output-len 128";
+  tandem bench --offline --num-prompts 1024 --input-len 77 --output-len 128
+
+  # a published table's shape exactly: 2048 prompt tokens (random ids), 128 output tokens
+  tandem bench --offline --endpoint completions --num-prompts 512 --input-tokens 2048 \\
+      --output-len 128";
 
 /// `tandem bench` flags.
 #[derive(Debug, clap::Args)]
@@ -90,6 +95,15 @@ pub struct BenchArgs {
     /// Words per synthetic prompt.
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub input_len: usize,
+    /// Tokens per synthetic prompt, exactly: each prompt is that many random token ids from
+    /// --token-ids, sent as a token array (needs --endpoint completions). The fixed input
+    /// lengths of TensorRT-LLM's and vLLM's throughput tables; instead of --input-len.
+    #[arg(long, value_name = "N", conflicts_with_all = ["input_len", "prompts"])]
+    pub input_tokens: Option<usize>,
+    /// The ids --input-tokens draws from, `LO-HI` (HI excluded): all below the model's
+    /// vocabulary size. The default suits every vocabulary of 30k tokens or more.
+    #[arg(long, value_name = "LO-HI", default_value = "1000-30000", value_parser = id_range)]
+    pub token_ids: std::ops::Range<u32>,
     /// Tokens to generate per request (`max_tokens`).
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub output_len: usize,
@@ -196,9 +210,25 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .next()
             .with_context(|| format!("{}/models lists no model", client.base()))?,
     };
-    let prompts = match &args.prompts {
-        Some(file) => workload::from_file(file).map_err(anyhow::Error::msg)?,
-        None => workload::synthetic(args.num_prompts, args.input_len, args.seed),
+    if args.input_tokens.is_some() && args.endpoint != Endpoint::Completions {
+        bail!("--input-tokens sends token ids, which only --endpoint completions takes");
+    }
+    let prompts: Vec<Prompt> = match (&args.prompts, args.input_tokens) {
+        (Some(file), _) => workload::from_file(file)
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .map(Prompt::Text)
+            .collect(),
+        (None, Some(tokens)) => {
+            workload::synthetic_tokens(args.num_prompts, tokens, args.token_ids.clone(), args.seed)
+                .into_iter()
+                .map(Prompt::Tokens)
+                .collect()
+        }
+        (None, None) => workload::synthetic(args.num_prompts, args.input_len, args.seed)
+            .into_iter()
+            .map(Prompt::Text)
+            .collect(),
     };
     let requests: Vec<Request> = (0..args.num_prompts)
         .map(|i| Request {
@@ -252,7 +282,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "model": model,
             "endpoint": args.endpoint,
             "num_prompts": args.num_prompts,
-            "input_len": if args.prompts.is_some() { None } else { Some(args.input_len) },
+            "input_len": (args.prompts.is_none() && args.input_tokens.is_none())
+                .then_some(args.input_len),
+            "input_tokens": args.input_tokens,
             "prompts_file": args.prompts,
             "output_len": args.output_len,
             "ignore_eos": args.ignore_eos,
@@ -419,8 +451,37 @@ fn print_table(model: &str, url: &str, endpoint: Endpoint, levels: &[Summary]) {
     println!("(latencies in ms; goodput in requests/s)");
 }
 
+/// `LO-HI` as a range of token ids (HI excluded, above LO).
+fn id_range(text: &str) -> Result<std::ops::Range<u32>, String> {
+    let (lo, hi) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not LO-HI"))?;
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|e| format!("{v:?} in {text:?}: {e}"))
+    };
+    let (lo, hi) = (parse(lo)?, parse(hi)?);
+    if hi <= lo {
+        return Err(format!("{text:?}: HI must be above LO"));
+    }
+    Ok(lo..hi)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::id_range;
+
+    #[test]
+    fn token_id_ranges_are_lo_dash_hi_with_hi_above_lo() {
+        assert_eq!(id_range("1000-30000"), Ok(1000..30_000));
+        assert_eq!(id_range(" 3 - 500"), Ok(3..500));
+        assert!(id_range("500-3").is_err());
+        assert!(id_range("7-7").is_err());
+        assert!(id_range("1000").is_err());
+        assert!(id_range("a-9").is_err());
+    }
+
     use super::*;
     use clap::Parser;
 

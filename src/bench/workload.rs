@@ -48,6 +48,26 @@ pub fn synthetic(count: usize, words: usize, seed: u64) -> Vec<String> {
         .collect()
 }
 
+/// `count` prompts of exactly `tokens` token ids each, drawn uniformly from `ids` and
+/// reproducible from `seed`: the synthetic datasets of TensorRT-LLM's and vLLM's throughput
+/// benchmarks (random token ids of a fixed input length).
+pub fn synthetic_tokens(
+    count: usize,
+    tokens: usize,
+    ids: std::ops::Range<u32>,
+    seed: u64,
+) -> Vec<Vec<u32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let span = (ids.end - ids.start).max(1);
+    (0..count)
+        .map(|_| {
+            (0..tokens.max(1))
+                .map(|_| ids.start + rng.next_u32() % span)
+                .collect()
+        })
+        .collect()
+}
+
 /// Prompts from a JSON file: a list of strings, a list of `{"prompt": ...}` objects, or
 /// ShareGPT-style `{"conversations": [{"from"|"role": ..., "value"|"content": ...}, ...]}`
 /// records (the first turn is the prompt).
@@ -101,6 +121,17 @@ pub fn poisson_gaps(count: usize, rate: f64, seed: u64) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_prompts_have_the_length_stay_in_range_and_repeat_with_the_seed() {
+        let a = synthetic_tokens(3, 2048, 1000..30_000, 5);
+        assert_eq!(a.len(), 3);
+        assert!(a.iter().all(|p| p.len() == 2048));
+        assert!(a.iter().flatten().all(|&t| (1000..30_000).contains(&t)));
+        assert_eq!(a, synthetic_tokens(3, 2048, 1000..30_000, 5));
+        assert_ne!(a[0], a[1]);
+        assert_ne!(a, synthetic_tokens(3, 2048, 1000..30_000, 6));
+    }
 
     #[test]
     fn synthetic_prompts_have_the_length_and_repeat_with_the_seed() {
