@@ -8,8 +8,9 @@
 #   check     gpu_bench check against the CPU on llama-d128-2l and SmolLM2 shapes
 #   bench     gpu_bench bench on Llama-3.1-8B shapes: decode at batch 1, 32, 128 and 256
 #             (context 1024), prefill of 2048 and 8192 tokens, in 64-token KV blocks
-#   offline   the three offline server runs of docs/benchmarks.md (large_batch.sh): ~128/128,
-#             ~2048/128 and ~1000/1000, with their engine step logs
+#   offline   the three offline server runs of docs/benchmarks.md (large_batch.sh) at the
+#             published tables' exact shapes, 128/128, 2048/128 and 1000/1000 prompt/output
+#             tokens (random prompt ids), with their engine step logs
 #
 #   scripts/device/issue15.sh                 # everything (about 7 minutes)
 #   scripts/device/issue15.sh tests check     # correctness only
@@ -19,9 +20,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests check bench offline)
 
-offline() { # name max_batch levels requests input_words output_tokens
+offline() { # name max_batch levels requests input_tokens output_tokens
   echo "== offline $1"
-  MAX_BATCH=$2 LEVELS=$3 N=$4 ISL_WORDS=$5 OSL=$6 "$root/scripts/device/large_batch.sh"
+  MAX_BATCH=$2 LEVELS=$3 N=$4 ISL_TOKENS=$5 OSL=$6 "$root/scripts/device/large_batch.sh"
   # large_batch.sh stops its server without waiting: the next run takes the same port.
   while pgrep -f "serve -c /tmp/large-batch.yaml" >/dev/null; do sleep 1; done
   mv "$out/large-batch.json" "$out/offline-$1.json"
@@ -53,9 +54,9 @@ for stage in "${stages[@]}"; do
         tee "$out/bench.log" | grep -E "^decode|^prefill"
       ;;
     offline)
-      offline 128-128 512 512 1024 77 128
-      offline 2048-128 512 512 512 1233 128
-      offline 1000-1000 256 256 256 602 1000
+      offline 128-128 512 512 1024 128 128
+      offline 2048-128 512 512 512 2048 128
+      offline 1000-1000 256 256 256 1000 1000
       ;;
     *)
       echo "unknown stage $stage (tests, check, bench, offline)" >&2

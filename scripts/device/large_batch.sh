@@ -5,6 +5,8 @@
 #
 #   scripts/device/large_batch.sh       # MAX_BATCH (512), LEVELS (128,256,512), N (1024),
 #                                       # ISL_WORDS (77, about 128 tokens), OSL (128), MAX_NUM_TOKENS (8192)
+#                                       # ISL_TOKENS: exactly that many prompt tokens (random
+#                                       # ids, `tandem bench --input-tokens`) instead of words
 set -uo pipefail
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
@@ -21,9 +23,14 @@ generation_servers:
 EOC
 serve_and_wait /tmp/large-batch.yaml "$model" 8410 "$out/large-batch-serve.log"
 pid=$served_pid
+if [ -n "${ISL_TOKENS:-}" ]; then
+  input=(--input-tokens "$ISL_TOKENS")
+else
+  input=(--input-len "${ISL_WORDS:-77}")
+fi
 tandem bench --url http://127.0.0.1:8410/v1 --endpoint completions \
   --concurrency "${LEVELS:-128,256,512}" --num-prompts "${N:-1024}" \
-  --input-len "${ISL_WORDS:-77}" --output-len "${OSL:-128}" --timeout-s 500 \
+  "${input[@]}" --output-len "${OSL:-128}" --timeout-s 500 \
   --output-json "$out/large-batch.json" 2>&1 | grep -v "error: stream" | tail -6
 echo "worker errors: $(grep -c 'worker.*ERROR' "$out/large-batch-serve.log")"
 grep -m3 "worker.*ERROR" "$out/large-batch-serve.log" | cut -c1-300
