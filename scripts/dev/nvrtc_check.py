@@ -3,7 +3,9 @@ usage: nvrtc_check.py REPO_DIR [DEFINE ...]   (LD path: /tmp/nvrtc/nvidia/cu13/l
 import ctypes, sys, os, re
 lib = ctypes.CDLL("/tmp/nvrtc/nvidia/cu13/lib/libnvrtc.so.13")
 repo = sys.argv[1]; defines = sys.argv[2:]
-names = ["common.cuh", "elementwise.cu", "attention.cu", "gemv.cu", "flash.cu", "flash_wgmma.cu", "skinny.cu", "sample.cu"]
+# The files in the order the backend compiles them (its SOURCES list in kernels.rs).
+kernels_rs = open(os.path.join(repo, "workers/src/backend/cuda/kernels.rs")).read()
+names = re.findall(r'include_str!\("\.\./\.\./\.\./kernels/([\w.]+)"\)', kernels_rs)
 src = "".join(f"// ---- {n}\n{open(os.path.join(repo,'workers/kernels',n)).read()}\n" for n in names)
 prog = ctypes.c_void_p()
 assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"tandem.cu", 0, None, None) == 0

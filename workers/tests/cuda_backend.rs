@@ -24,6 +24,13 @@ fn no_gpu() -> bool {
     true
 }
 
+/// A bf16 KV cache, the layout of real transfers and of the GPU's default.
+fn bf16_kv() -> ModelOptions {
+    ModelOptions {
+        kv_dtype: Some(KvDType::Bf16),
+    }
+}
+
 fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
     let num: f64 = a
         .iter()
@@ -69,9 +76,7 @@ fn cuda_logits_and_greedy_tokens_match_the_cpu() {
 
 fn cuda_matches_cpu_on(dir: &std::path::Path) {
     let dir = dir.to_path_buf();
-    let options = ModelOptions {
-        kv_dtype: Some(KvDType::Bf16),
-    };
+    let options = bf16_kv();
     let cpu = Model::load(
         &dir,
         CpuBackend::new(&CpuOptions::default()).unwrap(),
@@ -142,9 +147,7 @@ fn decode_attention_on_tensor_cores_matches_the_cpu() {
         eprintln!("skipped: no TANDEM_GPU_TEST_MODEL");
         return;
     }
-    let options = ModelOptions {
-        kv_dtype: Some(KvDType::Bf16),
-    };
+    let options = bf16_kv();
     for dir in dirs {
         eprintln!("model {}", dir.display());
         let cpu = Model::load(
@@ -293,9 +296,7 @@ fn cuda_row_logprobs_match_the_cpu() {
     if no_gpu() {
         return;
     }
-    let options = ModelOptions {
-        kv_dtype: Some(KvDType::Bf16),
-    };
+    let options = bf16_kv();
     let cpu = Model::load(
         &model_dir(),
         CpuBackend::new(&CpuOptions::default()).unwrap(),
@@ -473,9 +474,7 @@ fn sampling_summaries_on_the_device_equal_the_host_reference() {
 /// The tiny model on the GPU with a bf16 KV cache (the layout of real transfers).
 fn tiny_bf16_kv_on_the_gpu() -> Model<CudaBackend> {
     let gpu = CudaBackend::new(&CudaOptions::from_env(0)).unwrap();
-    let options = ModelOptions {
-        kv_dtype: Some(KvDType::Bf16),
-    };
+    let options = bf16_kv();
     Model::load(&model_dir(), gpu, &options).unwrap()
 }
 

@@ -903,6 +903,14 @@ fn projections(
 /// `bench` accepts: both accumulate bf16 products in f32, in different orders.
 const SKINNY_MAX_REL_L2: f64 = 1e-3;
 
+/// The largest relative L2 between two kernels' outputs of the same rows, row by row.
+fn worst_row_l2(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| rel_l2(x, y))
+        .fold(0.0f64, f64::max)
+}
+
 /// `rows` fused q/k/v rows of uniform values in [-0.5, 0.5) on the device: the input of an
 /// attention kernel timed alone.
 fn random_qkv(
@@ -967,11 +975,7 @@ fn prefill_attention(
         }
         gpu.set_flash_wgmma(true);
         if let [a, b] = outputs.as_slice() {
-            let worst = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| rel_l2(x, y))
-                .fold(0.0f64, f64::max);
+            let worst = worst_row_l2(a, b);
             println!(
                 "prefill attention {len} tokens: wgmma vs mma.sync, largest row relative L2 {worst:.2e}"
             );
@@ -1013,11 +1017,7 @@ fn decode_attention(
         line += &format!(" {name} {:.1} us, {:.2} TB/s;", t * 1e6, bytes / t / 1e12);
     }
     gpu.set_decode_mma(was_on);
-    let worst = outputs[0]
-        .iter()
-        .zip(&outputs[1])
-        .map(|(x, y)| rel_l2(x, y))
-        .fold(0.0f64, f64::max);
+    let worst = worst_row_l2(&outputs[0], &outputs[1]);
     println!("{line} largest row relative L2 {worst:.2e}");
     Ok(())
 }

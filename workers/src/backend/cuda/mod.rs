@@ -155,6 +155,14 @@ const DEFAULT_GEMV_MAX_ROWS: usize = 4;
 /// `CudaBackend::attn_split_keys`.
 const ATTN_SPLIT_BYTES: usize = 16 << 10;
 
+/// Which kernel a projection runs ([`CudaBackend::projection_kernel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProjectionKernel {
+    Gemv,
+    Skinny,
+    Cublas,
+}
+
 /// Fewest keys per split of the tensor-core decode attention (`decode_mma.cu`), whose splits
 /// are whole 64-key tiles: two tiles, so that each split has a copy in flight while it works
 /// on the first (`TANDEM_ATTN_SPLIT_KEYS` overrides it, never below one tile).
@@ -453,6 +461,22 @@ impl CudaBackend {
         dev!("copy KV block", unsafe {
             cudarc::driver::result::memcpy_dtod_async(to, from, bytes, self.stream.cu_stream())
         })
+    }
+
+    /// The kernel a projection of `rows` rows by an `[n, k]` weight runs: the GEMV kernel for
+    /// a few rows (a decode step: reading the weights is the whole cost), `skinny.cu` where it
+    /// applies, else cuBLAS.
+    fn projection_kernel(&self, rows: usize, n: usize, k: usize) -> ProjectionKernel {
+        let gemv_rows = self
+            .gemv_max_rows
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if (1..=gemv_rows).contains(&rows) && k.is_multiple_of(8) {
+            ProjectionKernel::Gemv
+        } else if self.skinny_applies(rows, n, k, gemv_rows) {
+            ProjectionKernel::Skinny
+        } else {
+            ProjectionKernel::Cublas
+        }
     }
 
     /// `Backend::linear_silu_mul`'s default: the projection in f32, then the activation.
@@ -1207,11 +1231,8 @@ impl Backend for CudaBackend {
         // The hint was for this projection (or one the ops before it did not take).
         self.prefetch.clear();
         let mut out = self.alloc_f32(x.rows * out_features)?;
-        let gemv_rows = self
-            .gemv_max_rows
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if (1..=gemv_rows).contains(&x.rows) && in_features.is_multiple_of(8) {
-            // A decode step: reading the weights is the whole cost.
+        let kernel = self.projection_kernel(x.rows, *out_features, *in_features);
+        if kernel == ProjectionKernel::Gemv {
             let (n, k) = (*out_features as i32, *in_features as i32);
             let mut b = self.stream.launch_builder(&self.kernels.gemv[x.rows - 1]);
             b.arg(xs).arg(w).arg(&mut out).arg(&n).arg(&k);
@@ -1221,7 +1242,7 @@ impl Backend for CudaBackend {
                 shared_mem_bytes: 0,
             };
             self.launch(b, cfg, "gemv")?;
-        } else if !(self.skinny_applies(x.rows, *out_features, *in_features, gemv_rows)
+        } else if !(kernel == ProjectionKernel::Skinny
             && self.skinny_linear(xs, w, &mut out, x.rows, *out_features, *in_features)?)
         {
             self.blas
@@ -1317,9 +1338,6 @@ impl Backend for CudaBackend {
         gate_up: &CudaWeight,
         next: &CudaWeight,
     ) -> Result<CudaTensor, BackendError> {
-        let gemv_rows = self
-            .gemv_max_rows
-            .load(std::sync::atomic::Ordering::Relaxed);
         let (
             CudaWeight::Matrix {
                 data: w,
@@ -1332,7 +1350,7 @@ impl Backend for CudaBackend {
             return self.linear_then_silu_mul(x, gate_up, next);
         };
         let (n, k) = (*rows, *cols);
-        if x.cols != k || x.rows <= gemv_rows || self.skinny_applies(x.rows, n, k, gemv_rows) {
+        if x.cols != k || self.projection_kernel(x.rows, n, k) != ProjectionKernel::Cublas {
             // Decode-sized rows go to the GEMV or skinny kernels, which write f32; shape
             // errors are `linear`'s to report.
             return self.linear_then_silu_mul(x, gate_up, next);
