@@ -9,6 +9,15 @@ extern "C" __global__ void embedding(const bf16* __restrict__ table, const u32* 
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[t * hidden + c] = bf16_to_f32(row[c]);
 }
 
+// tokens[chained[2i]] = picks[chained[2i+1] * 4 + 1]: a decode token the host does not know yet,
+// taken from the previous step's sampling summaries (`out_u32` of sample_rows: row r's picked
+// token at r * 4 + 1), so the step can be queued before those summaries reach the host.
+extern "C" __global__ void chain_tokens(u32* __restrict__ tokens, const u32* __restrict__ chained,
+                                        int n, const u32* __restrict__ picks) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) tokens[chained[2 * i]] = picks[chained[2 * i + 1] * 4 + 1];
+}
+
 // The norms and silu_mul take a prefetch range (`prefetch_l2`): the weights of the projection
 // that reads their output. The row kernels may get more blocks than rows for it; those only
 // prefetch.

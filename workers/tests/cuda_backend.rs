@@ -937,22 +937,62 @@ fn kv_blocks_are_read_in_place_out_of_a_cache_shared_over_cuda_ipc() {
 /// Greedy tokens of `prompts` through one CUDA engine that runs up to `max_seqs` of them at
 /// once, in the order of `prompts`.
 fn cuda_engine_greedy(prompts: &[Vec<u32>], max_seqs: usize, new_tokens: usize) -> Vec<Vec<u32>> {
+    let run = EngineRun {
+        max_seqs,
+        overlap: true,
+        graphs: true,
+        all_at_once: false,
+    };
+    let greedy = |_| tandem_workers::sampler::SamplingParams::greedy();
+    cuda_engine_tokens(prompts, run, |_| new_tokens, greedy).0
+}
+
+/// How [`cuda_engine_tokens`] runs its requests.
+#[derive(Clone, Copy)]
+struct EngineRun {
+    /// Sequences a batch holds.
+    max_seqs: usize,
+    /// Steps overlapped (`Engine::set_overlap`).
+    overlap: bool,
+    /// Decode steps replayed from CUDA graphs.
+    graphs: bool,
+    /// Every request queued at once (admitted as others end: batches mixing prefills and
+    /// decodes), or `max_seqs` at a time, each group run to its end.
+    all_at_once: bool,
+}
+
+/// Every request's tokens through an engine on the GPU, request `i` generating
+/// `max_tokens(i)` tokens sampled as `sampling(i)`; and how many steps were overlapped.
+fn cuda_engine_tokens(
+    prompts: &[Vec<u32>],
+    run: EngineRun,
+    max_tokens: impl Fn(usize) -> usize,
+    sampling: impl Fn(usize) -> tandem_workers::sampler::SamplingParams,
+) -> (Vec<Vec<u32>>, u64) {
     use tandem_workers::engine::{Engine, EngineConfig, EventKind, GenerationRequest, ModelRunner};
-    let gpu = CudaBackend::new(&CudaOptions::from_env(0)).unwrap();
+    let options = CudaOptions {
+        cuda_graphs: run.graphs,
+        ..CudaOptions::from_env(0)
+    };
+    let gpu = CudaBackend::new(&options).unwrap();
     let model = Model::load(&model_dir(), gpu, &ModelOptions::default()).unwrap();
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + new_tokens;
+    let longest = (0..prompts.len())
+        .map(|i| prompts[i].len() + max_tokens(i))
+        .max()
+        .unwrap_or(0);
     let config = EngineConfig {
         block_size: 16,
-        num_blocks: max_seqs * longest.div_ceil(16),
+        num_blocks: run.max_seqs * longest.div_ceil(16),
         max_num_batched_tokens: 8192,
-        max_num_seqs: max_seqs,
+        max_num_seqs: run.max_seqs,
         max_model_len: None,
     };
     let runner = ModelRunner::new(model, config.block_size, config.num_blocks).unwrap();
     let mut engine = Engine::new(runner, config, None).unwrap();
+    engine.set_overlap(run.overlap);
     let mut tokens = vec![Vec::new(); prompts.len()];
     let mut ids = std::collections::HashMap::new();
-    let mut run = |engine: &mut Engine<_>, ids: &mut std::collections::HashMap<_, usize>| {
+    let mut run_all = |engine: &mut Engine<_>, ids: &mut std::collections::HashMap<_, usize>| {
         while engine.has_work() {
             for ev in engine.step() {
                 match ev.kind {
@@ -969,18 +1009,91 @@ fn cuda_engine_greedy(prompts: &[Vec<u32>], max_seqs: usize, new_tokens: usize) 
             }
         }
     };
-    for chunk in (0..prompts.len()).collect::<Vec<_>>().chunks(max_seqs) {
+    let group = if run.all_at_once {
+        prompts.len()
+    } else {
+        run.max_seqs
+    };
+    for chunk in (0..prompts.len()).collect::<Vec<_>>().chunks(group) {
         for &i in chunk {
             let request = GenerationRequest {
                 // Random weights: EOS may come early; the comparison wants every token.
                 ignore_eos: true,
-                ..GenerationRequest::greedy(prompts[i].clone(), new_tokens)
+                sampling: sampling(i),
+                ..GenerationRequest::greedy(prompts[i].clone(), max_tokens(i))
             };
             ids.insert(engine.add_request(request).unwrap(), i);
         }
-        run(&mut engine, &mut ids);
+        run_all(&mut engine, &mut ids);
     }
-    tokens
+    (tokens, engine.steps_overlapped())
+}
+
+/// Steps queued before the previous one is collected (their decodes' tokens written on the
+/// device from the previous step's sampling summaries, `chain_tokens`) give every request
+/// the tokens of steps run one at a time: greedy, seeded draws over the whole vocabulary,
+/// and top-p requests that the host decides (a batch holding one is not overlapped); decode
+/// batches replayed from CUDA graphs and run eagerly, and batches mixing prefills with
+/// chained decodes.
+#[test]
+fn overlapped_steps_give_the_tokens_of_steps_run_one_at_a_time() {
+    use tandem_workers::sampler::SamplingParams;
+    if no_gpu() {
+        return;
+    }
+    let prompts: Vec<Vec<u32>> = (0..96)
+        .map(|s: usize| {
+            let len = 1 + (s * 29) % 40;
+            (0..len)
+                .map(|i| ((i * 17 + s * 53 + 3) % 512) as u32)
+                .collect()
+        })
+        .collect();
+    let sampling = |i: usize| match i % 3 {
+        0 => SamplingParams::greedy(),
+        1 => SamplingParams {
+            temperature: 1.0,
+            seed: Some(i as u64),
+            ..SamplingParams::default()
+        },
+        _ if i < 48 => SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: Some(i as u64),
+            ..SamplingParams::default()
+        },
+        _ => SamplingParams {
+            temperature: 0.7,
+            seed: Some(i as u64),
+            ..SamplingParams::default()
+        },
+    };
+    let max_tokens = |i: usize| 12 + (i * 7) % 17;
+    for (graphs, all_at_once) in [(true, false), (false, false), (true, true)] {
+        let run = |overlap| EngineRun {
+            max_seqs: 32,
+            overlap,
+            graphs,
+            all_at_once,
+        };
+        let (one_at_a_time, none) = cuda_engine_tokens(&prompts, run(false), max_tokens, sampling);
+        let (overlapped, steps) = cuda_engine_tokens(&prompts, run(true), max_tokens, sampling);
+        let case = format!("graphs {graphs}, all at once {all_at_once}");
+        assert_eq!(none, 0);
+        assert!(steps > 10, "{case}: only {steps} steps overlapped");
+        let differing: Vec<usize> = (0..prompts.len())
+            .filter(|&i| overlapped[i] != one_at_a_time[i])
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "{case}: {} of {} requests differ, first {:?}: {:?} vs {:?}",
+            differing.len(),
+            prompts.len(),
+            differing.first(),
+            differing.first().map(|&i| &overlapped[i]),
+            differing.first().map(|&i| &one_at_a_time[i]),
+        );
+    }
 }
 
 /// Batches past the largest CUDA-graph size and up to 512 sequences: every request's greedy

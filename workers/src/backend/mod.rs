@@ -309,6 +309,17 @@ pub trait DeviceSampler<T>: Send + Sync {
         requests: &[RowRequest],
     ) -> Result<Vec<RowSummary>, BackendError>;
 
+    /// [`Self::summarize_rows`] without waiting: the summaries (and their copy to the host)
+    /// are queued behind the work that computes `logits`, and [`Self::take_summaries`] waits
+    /// for them. A forward queued after this one may read the tokens these summaries pick
+    /// (each row's `drawn`) through its [`crate::model::ForwardBatch::chained`] tokens, so the
+    /// host can queue it before it has read them.
+    fn queue_summaries(&self, logits: &T, requests: &[RowRequest]) -> Result<(), BackendError>;
+
+    /// The oldest summaries [`Self::queue_summaries`] queued and nothing took yet, waiting
+    /// for them to reach the host.
+    fn take_summaries(&self) -> Result<Vec<RowSummary>, BackendError>;
+
     /// Summaries of rows `rows` of `logits` after each is masked by a grammar's token mask
     /// (`masks[i]`: bits, 32 tokens a word; a clear bit, or a token past the mask, makes that
     /// logit -inf), as `requests` ask: a constrained request samples on the device like a free

@@ -4,7 +4,7 @@
 //! The arrays follow vLLM's paged-attention inputs (slot mapping, flattened block tables,
 //! per-sequence start and lengths) so a GPU kernel needs no other metadata.
 
-use crate::model::ForwardBatch;
+use crate::model::{ChainedToken, ForwardBatch};
 
 /// One sequence of a [`BatchPlan`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,8 @@ pub struct BatchPlan {
     pub rope_sin: Vec<f32>,
     /// `head_dim / 2`.
     pub rope_half: usize,
+    /// Tokens the device picked in the previous summarized forward ([`ForwardBatch::chained`]).
+    pub chained: Vec<ChainedToken>,
 }
 
 impl BatchPlan {
@@ -98,6 +100,7 @@ impl BatchPlan {
             rope_cos,
             rope_sin,
             rope_half,
+            chained: batch.chained.clone(),
         }
     }
 

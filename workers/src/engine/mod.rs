@@ -34,6 +34,7 @@
 //! after a preemption (its prompt and generated tokens are recomputed, not resampled).
 
 pub mod handle;
+mod overlap;
 mod masks;
 pub mod profile;
 pub mod request;
@@ -181,6 +182,9 @@ struct Sequence {
     /// The next prompt position whose logprob is to be reported (1 at the start: position 0
     /// has none); a recompute after a preemption skips the rows of positions before it.
     prompt_logprobs_next: usize,
+    /// While the in-flight step's token for this sequence is on the device: its row there.
+    /// The last of `tokens` is then [`overlap::PENDING_TOKEN`] ([`overlap`]).
+    pending_row: Option<usize>,
 }
 
 /// The prompt positions a sequence reports in a step: `count` positions from `start`.
@@ -286,6 +290,8 @@ pub struct Engine<M: StepModel> {
     /// Whether constrained rows are masked and summarized on the device (a backend that
     /// samples there); `TANDEM_DEVICE_MASKS=0` sends them to the host sampler instead.
     device_masks: bool,
+    /// Steps queued before the previous one is collected ([`overlap`]).
+    overlap: overlap::Overlap,
 }
 
 /// Forward passes that ran and that failed, since the engine started.
@@ -342,11 +348,23 @@ impl<M: StepModel> Engine<M> {
             next_group: 0,
             masks: masks::MaskWorker::default(),
             device_masks: std::env::var("TANDEM_DEVICE_MASKS").map_or(true, |v| v != "0"),
+            overlap: overlap::Overlap::from_env(),
         })
     }
 
     pub fn model(&self) -> &M {
         &self.model
+    }
+
+    /// Steps whose successor was queued before they were collected ([`overlap`]), since start.
+    pub fn steps_overlapped(&self) -> u64 {
+        self.overlap.steps_in_flight
+    }
+
+    /// Whether a step may be queued before the previous one is collected ([`overlap`]; on
+    /// unless `TANDEM_OVERLAP=0`). Takes effect from the next step.
+    pub fn set_overlap(&mut self, enabled: bool) {
+        self.overlap.enabled = enabled;
     }
 
     /// Most tokens (prompt plus generated) a request may reach.
@@ -408,6 +426,7 @@ impl<M: StepModel> Engine<M> {
     /// work by itself: room comes only from steps of running sequences (or a release).
     pub fn has_work(&self) -> bool {
         self.scheduler.has_work()
+            || self.overlap.in_flight.is_some()
             || !self.pending_cancel.is_empty()
             || !self.arrived_imports.is_empty()
             || !self.deferred_events.is_empty()
@@ -705,6 +724,7 @@ impl<M: StepModel> Engine<M> {
             mask: None,
             prompt_logprobs: request.prompt_logprobs.map(|k| k as usize),
             prompt_logprobs_next: 1,
+            pending_row: None,
         })
     }
 
@@ -901,6 +921,7 @@ impl<M: StepModel> Engine<M> {
             tracing::debug!(preempted = ?decision.preempted, "KV cache full: preempted for recompute");
         }
         if decision.is_empty() {
+            self.collect_in_flight(&mut events);
             return events;
         }
         let mut batch = ForwardBatch::default();
@@ -926,12 +947,23 @@ impl<M: StepModel> Engine<M> {
                 prompt_done.push(item.id);
             }
             let new_tokens = &seq.tokens[item.cached_len..item.cached_len + item.token_count];
-            batch.push(
-                new_tokens,
-                item.cached_len,
-                item.block_table.clone(),
-                item.wants_logits,
-            );
+            match seq.pending_row {
+                // The decode of the token the in-flight step picks: the device fills it in.
+                Some(row) if item.token_count == 1 && item.cached_len + 1 == seq.tokens.len() => {
+                    batch.push_chained(
+                        item.cached_len,
+                        item.block_table.clone(),
+                        item.wants_logits,
+                        row,
+                    )
+                }
+                _ => batch.push(
+                    new_tokens,
+                    item.cached_len,
+                    item.block_table.clone(),
+                    item.wants_logits,
+                ),
+            }
             if let Some(request) = prompt_rows(seq, item.cached_len, item.token_count) {
                 asked.push(AskedLogprobs {
                     id: item.id,
@@ -952,7 +984,8 @@ impl<M: StepModel> Engine<M> {
             ..Default::default()
         };
         if self.model.device_sampling().is_some() {
-            self.forward_and_sample_on_device(&batch, &decision.scheduled, &asked, &mut events);
+            let overlap = self.overlap.enabled && prompt_done.is_empty();
+            self.forward_and_sample_on_device(&batch, decision.scheduled, asked, overlap, &mut events);
         } else {
             self.forward_and_sample_on_host(&batch, &decision.scheduled, &asked, &mut events);
         }
@@ -1050,11 +1083,15 @@ impl<M: StepModel> Engine<M> {
     /// The forward pass with sampling on the device: each request whose token the device's
     /// summary decides skips the copy of its logits row; the others (penalties, wide nuclei,
     /// invalid logits) get their row and the host sampler, with the same random draw.
+    ///
+    /// The pass is submitted before the in-flight step (if any) is collected; with `overlap`,
+    /// a pass whose every token the device decides stays in flight itself ([`overlap`]).
     fn forward_and_sample_on_device(
         &mut self,
         batch: &ForwardBatch,
-        scheduled: &[crate::scheduler::ScheduledSeq],
-        asked: &[AskedLogprobs],
+        scheduled: Vec<crate::scheduler::ScheduledSeq>,
+        asked: Vec<AskedLogprobs>,
+        overlap: bool,
         events: &mut Vec<EngineEvent>,
     ) {
         let wanting: Vec<RequestId> = scheduled
@@ -1082,11 +1119,55 @@ impl<M: StepModel> Engine<M> {
             .collect();
         let summary_requests: Vec<RowRequest> =
             requests.iter().map(|r| r.unwrap_or(placeholder)).collect();
+        let submitted = self
+            .model
+            .device_sampling()
+            .expect("step() samples on the device only for a model that can")
+            .submit_summarized(batch, &summary_requests);
+        let mut step = overlap::DeviceStep {
+            serial: 0,
+            scheduled,
+            wanting,
+            requests,
+            asked,
+        };
+        if submitted.is_ok() {
+            step.serial = self.overlap.submitted(&step.scheduled);
+        }
+        // The in-flight step next: its tokens were this pass's chained inputs, and its events
+        // come before this one's.
+        self.collect_in_flight(events);
+        if let Err(e) = submitted {
+            self.finish_masks(events);
+            self.forward_failed(&step.scheduled, &e, events);
+            return;
+        }
+        if overlap && step.device_decides_all() {
+            self.overlap.steps_in_flight += 1;
+            self.speculate(&step);
+            self.overlap.in_flight = Some(step);
+        } else {
+            self.collect_device_step(step, events);
+        }
+    }
+
+    /// Waits for a submitted step's summaries and takes its tokens: sampled from the
+    /// summaries where they decide, from the logits rows on the host where not.
+    fn collect_device_step(&mut self, step: overlap::DeviceStep, events: &mut Vec<EngineEvent>) {
+        let overlap::DeviceStep {
+            serial,
+            scheduled,
+            wanting,
+            requests,
+            asked,
+        } = step;
         let forward = self
             .model
             .device_sampling()
             .expect("step() samples on the device only for a model that can")
-            .forward_summarized(batch, &summary_requests);
+            .collect_summarized();
+        // Done on the device (or failed): what it may have written is free to reuse.
+        self.step_completed(serial);
         self.finish_masks(events);
         let summaries = match forward {
             Ok(summaries) if summaries.len() == wanting.len() => {
@@ -1099,15 +1180,15 @@ impl<M: StepModel> Engine<M> {
                     summaries.len(),
                     wanting.len()
                 );
-                self.fail_all(scheduled, &message, events);
+                self.fail_all(&scheduled, &message, events);
                 return;
             }
             Err(e) => {
-                self.forward_failed(scheduled, &e, events);
+                self.forward_failed(&scheduled, &e, events);
                 return;
             }
         };
-        self.report_prompt_logprobs(asked, events);
+        self.report_prompt_logprobs(&asked, events);
         let mut sampled: Vec<Option<SampledToken>> = wanting
             .iter()
             .zip(&requests)
@@ -1120,11 +1201,25 @@ impl<M: StepModel> Engine<M> {
                     .sample_from_summary(request.as_ref()?, summary, self.vocab_size)
             })
             .collect();
+        // A sequence whose next decode is queued already ran it on the device's pick: the
+        // summary must decide the same token, or that decode computed the wrong one.
+        for ((id, token), summary) in wanting.iter().zip(&sampled).zip(&summaries) {
+            let Some(seq) = self.seqs.get(id) else {
+                continue;
+            };
+            if seq.pending_row.is_some() && token.as_ref().map(|t| t.id) != Some(summary.drawn) {
+                let message = format!(
+                    "the forward pass produced invalid logits ({} NaN or +inf values) after the next step was queued",
+                    summary.non_finite
+                );
+                self.end(*id, FinishReason::Error(message), events);
+            }
+        }
         if self.device_masks && !self.sample_constrained_on_device(&wanting, &mut sampled, events) {
             return;
         }
         let on_host: Vec<usize> = (0..wanting.len())
-            .filter(|&i| sampled[i].is_none())
+            .filter(|&i| sampled[i].is_none() && self.seqs.contains_key(&wanting[i]))
             .collect();
         let host_rows = if on_host.is_empty() {
             Vec::new()
@@ -1152,20 +1247,19 @@ impl<M: StepModel> Engine<M> {
                 Ok(rows) => rows,
                 Err(message) => {
                     tracing::error!("{message}");
-                    self.fail_all(scheduled, &message, events);
+                    self.fail_all(&scheduled, &message, events);
                     return;
                 }
             }
         };
-        let mut host_rows = host_rows.into_iter();
-        for (id, token) in wanting.into_iter().zip(sampled) {
+        let mut host_rows = on_host.iter().zip(host_rows).peekable();
+        for (i, (id, token)) in wanting.into_iter().zip(sampled).enumerate() {
             match token {
                 Some(token) => self.accept_token(id, token, events),
                 None => {
-                    let mut row = host_rows
-                        .next()
-                        .expect("one host row per unsampled request");
-                    self.on_logits(id, &mut row, events);
+                    if let Some((_, mut row)) = host_rows.next_if(|(row, _)| **row == i) {
+                        self.on_logits(id, &mut row, events);
+                    }
                 }
             }
         }
@@ -1348,6 +1442,11 @@ impl<M: StepModel> Engine<M> {
         }
         self.arrived_imports.clear();
         self.pending_cancel.clear();
+        for id in self.overlap.abandon() {
+            if let Err(e) = self.scheduler.finish(id) {
+                tracing::error!("freeing blocks of request {id}: {e}");
+            }
+        }
         self.device_lost = Some(message);
     }
 
@@ -1454,7 +1553,14 @@ impl<M: StepModel> Engine<M> {
         let Some(seq) = self.seqs.get_mut(&id) else {
             return;
         };
-        seq.tokens.push(sampled.id);
+        // A token the next step already decodes replaces its placeholder; the scheduler
+        // counted it when the placeholder was set.
+        let counted = seq.pending_row.take().is_some();
+        if counted {
+            *seq.tokens.last_mut().expect("a placeholder is a token") = sampled.id;
+        } else {
+            seq.tokens.push(sampled.id);
+        }
         let mut reason = None;
         let mut text_delta = String::new();
         let stop_token = seq.stop_token_ids.contains(&sampled.id);
@@ -1508,6 +1614,7 @@ impl<M: StepModel> Engine<M> {
         });
         match reason {
             Some(reason) => self.end(id, reason, events),
+            None if counted => {}
             None => {
                 if let Err(e) = self.scheduler.append_token(id) {
                     self.end(id, FinishReason::Error(e.to_string()), events);
@@ -1519,9 +1626,13 @@ impl<M: StepModel> Engine<M> {
     /// The one way out of a request: frees (or, for a finished prefill-only request, retains)
     /// its blocks and emits its `Finished` event.
     fn end(&mut self, id: RequestId, reason: FinishReason, events: &mut Vec<EngineEvent>) {
-        let Some(seq) = self.seqs.remove(&id) else {
+        let Some(mut seq) = self.seqs.remove(&id) else {
             return;
         };
+        if seq.pending_row.take().is_some() {
+            // Ended before its in-flight token was read: that token is not the request's.
+            seq.tokens.pop();
+        }
         let retain = seq.prefill_only && reason == FinishReason::Length;
         let retained_kv = if retain {
             match self.scheduler.pin(id) {
@@ -1534,6 +1645,13 @@ impl<M: StepModel> Engine<M> {
                     None
                 }
             }
+        } else if let Some(serial) = self.overlap.writer_of(id) {
+            // A queued step may still write its blocks: they stay allocated until it is done.
+            match self.scheduler.pin(id) {
+                Ok(_) => self.overlap.defer_release(serial, id),
+                Err(e) => tracing::error!("holding the blocks of request {id}: {e}"),
+            }
+            None
         } else {
             if let Err(e) = self.scheduler.finish(id) {
                 tracing::error!("freeing blocks of request {id}: {e}");

@@ -66,21 +66,38 @@ pub trait StepModel: Send {
 
 /// A forward pass whose tokens are sampled on the device: a sampling summary per logits row
 /// ([`crate::sampler::device`]) instead of the row.
+///
+/// A pass is submitted, then collected: between the two the host may submit the next pass,
+/// whose [`ForwardBatch::chained`] tokens are the tokens this one's summaries pick, so the
+/// device never waits for the host to read them ([`super`]'s overlapped steps). Passes are
+/// collected in the order they were submitted.
 pub trait DeviceSampling {
-    /// Runs `batch` like [`StepModel::forward`] and summarizes each logits row as `requests`
-    /// (one per row) ask; the rows stay available to [`Self::last_logits_rows`] until the
-    /// next forward.
+    /// Queues `batch` like [`StepModel::forward`] and the summaries of its logits rows as
+    /// `requests` (one per row) ask, without waiting for them.
+    fn submit_summarized(
+        &mut self,
+        batch: &ForwardBatch,
+        requests: &[RowRequest],
+    ) -> Result<(), ModelError>;
+    /// The summaries of the oldest submitted pass not collected yet, once on the host. Its
+    /// rows become those [`Self::last_logits_rows`] and [`Self::summarize_last_masked`] read,
+    /// and its row log-probabilities those [`StepModel::take_row_logprobs`] returns.
+    fn collect_summarized(&mut self) -> Result<Vec<RowSummary>, ModelError>;
+    /// [`Self::submit_summarized`] and [`Self::collect_summarized`] of one pass.
     fn forward_summarized(
         &mut self,
         batch: &ForwardBatch,
         requests: &[RowRequest],
-    ) -> Result<Vec<RowSummary>, ModelError>;
-    /// Rows `rows` (ascending indices among the logits rows) of the last
-    /// [`Self::forward_summarized`], for requests its summaries do not decide.
+    ) -> Result<Vec<RowSummary>, ModelError> {
+        self.submit_summarized(batch, requests)?;
+        self.collect_summarized()
+    }
+    /// Rows `rows` (ascending indices among the logits rows) of the last collected pass, for
+    /// requests its summaries do not decide.
     fn last_logits_rows(&mut self, rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError>;
-    /// Summaries of rows `rows` of the last [`Self::forward_summarized`], each first masked by
-    /// a grammar's token mask (`masks[i]`, 32 tokens a word), as `requests` ask: constrained
-    /// requests sample from a summary too instead of having their rows copied to the host.
+    /// Summaries of rows `rows` of the last collected pass, each first masked by a grammar's
+    /// token mask (`masks[i]`, 32 tokens a word), as `requests` ask: constrained requests
+    /// sample from a summary too instead of having their rows copied to the host.
     fn summarize_last_masked(
         &mut self,
         rows: &[usize],
@@ -89,12 +106,24 @@ pub trait DeviceSampling {
     ) -> Result<Vec<RowSummary>, ModelError>;
 }
 
+/// A pass submitted through [`DeviceSampling::submit_summarized`], not collected yet.
+struct SubmittedForward<T> {
+    /// `None` when no row wanted logits (nothing was summarized).
+    logits: Option<T>,
+    row_logprobs: Vec<Vec<TokenLogprob>>,
+    /// How long queueing it took.
+    enqueue: std::time::Duration,
+}
+
 /// A loaded model and a KV cache of `num_blocks` blocks of `block_size` tokens.
 pub struct ModelRunner<B: Backend> {
     model: Model<B>,
     kv: B::KvCache,
-    /// The logits of the last summarized forward, for rows sampled on the host after all.
+    /// The logits of the last collected summarized forward, for rows sampled on the host
+    /// after all.
     last_logits: Option<B::Tensor>,
+    /// Summarized forwards submitted and not collected yet, oldest first.
+    submitted: std::collections::VecDeque<SubmittedForward<B::Tensor>>,
     /// The row log-probabilities of the last forward, until taken.
     last_row_logprobs: Vec<Vec<TokenLogprob>>,
     /// A fault test's device failure ([`LOSE_DEVICE_VAR`]).
@@ -167,6 +196,7 @@ impl<B: Backend> ModelRunner<B> {
             model,
             kv,
             last_logits: None,
+            submitted: std::collections::VecDeque::new(),
             last_row_logprobs: Vec::new(),
             injected_loss: InjectedDeviceLoss::from_env(),
             last_timing: None,
@@ -274,35 +304,54 @@ impl<B: Backend> ModelRunner<B> {
 }
 
 impl<B: Backend> DeviceSampling for ModelRunner<B> {
-    fn forward_summarized(
+    fn submit_summarized(
         &mut self,
         batch: &ForwardBatch,
         requests: &[RowRequest],
-    ) -> Result<Vec<RowSummary>, ModelError> {
-        self.last_logits = None;
-        self.last_timing = None;
-        self.last_row_logprobs.clear();
+    ) -> Result<(), ModelError> {
         self.injected_loss.check()?;
         let start = Instant::now();
         let backend = self.model.backend();
         let sampler = device_sampler(backend)?;
-        let Some(logits) = self.model.forward_logits_with_row_logprobs(
-            batch,
-            &mut self.kv,
-            &mut self.last_row_logprobs,
-        )?
-        else {
-            return Ok(Vec::new());
-        };
-        // The backend queues the whole pass (and the sampling kernel) without waiting; the
-        // summaries' copy to the host is where the host waits for the device.
-        let queued = Instant::now();
-        let summaries = backend.run(|| sampler.summarize_rows(&logits, requests))?;
-        self.last_timing = Some(ForwardTiming {
-            enqueue: queued - start,
-            device: queued.elapsed(),
+        let mut row_logprobs = Vec::new();
+        let logits =
+            self.model
+                .forward_logits_with_row_logprobs(batch, &mut self.kv, &mut row_logprobs)?;
+        // The backend queues the whole pass and the sampling kernel without waiting; the
+        // summaries' copy to the host is what `collect_summarized` waits for.
+        if let Some(logits) = &logits {
+            backend.run(|| sampler.queue_summaries(logits, requests))?;
+        }
+        self.submitted.push_back(SubmittedForward {
+            logits,
+            row_logprobs,
+            enqueue: start.elapsed(),
         });
-        self.last_logits = Some(logits);
+        Ok(())
+    }
+
+    fn collect_summarized(&mut self) -> Result<Vec<RowSummary>, ModelError> {
+        self.last_logits = None;
+        self.last_timing = None;
+        self.last_row_logprobs.clear();
+        let submitted = self.submitted.pop_front().ok_or_else(|| {
+            ModelError::InvalidBatch("no summarized forward was submitted".into())
+        })?;
+        let start = Instant::now();
+        let summaries = match &submitted.logits {
+            Some(_) => {
+                let backend = self.model.backend();
+                let sampler = device_sampler(backend)?;
+                backend.run(|| sampler.take_summaries())?
+            }
+            None => Vec::new(),
+        };
+        self.last_timing = Some(ForwardTiming {
+            enqueue: submitted.enqueue,
+            device: start.elapsed(),
+        });
+        self.last_logits = submitted.logits;
+        self.last_row_logprobs = submitted.row_logprobs;
         Ok(summaries)
     }
 

@@ -1166,6 +1166,10 @@ fn handle_streams_events_and_dropping_a_stream_cancels_it() {
 struct SummarizingModel {
     inner: FakeModel,
     last_rows: Vec<Vec<f32>>,
+    /// The tokens the last submitted pass picked (each summary's `drawn`).
+    last_picks: Vec<u32>,
+    /// Passes submitted and not collected: their rows and summaries.
+    submitted: VecDeque<(Vec<Vec<f32>>, Vec<crate::sampler::device::RowSummary>)>,
     rows_fetched: usize,
     /// Rows summarized after a grammar's mask.
     rows_masked: usize,
@@ -1207,18 +1211,35 @@ impl StepModel for SummarizingModel {
 }
 
 impl DeviceSampling for SummarizingModel {
-    fn forward_summarized(
+    fn submit_summarized(
         &mut self,
         batch: &ForwardBatch,
         requests: &[RowRequest],
-    ) -> Result<Vec<crate::sampler::device::RowSummary>, ModelError> {
-        self.last_rows = self.inner.forward(batch)?;
-        Ok(self
-            .last_rows
+    ) -> Result<(), ModelError> {
+        // The chained tokens are the previous pass's picks, as the device fills them in.
+        let mut batch = batch.clone();
+        for chained in std::mem::take(&mut batch.chained) {
+            batch.tokens[chained.token] = self.last_picks[chained.row];
+        }
+        let rows = self.inner.forward(&batch)?;
+        let summaries: Vec<_> = rows
             .iter()
             .zip(requests)
             .map(|(row, request)| crate::sampler::device::summarize_row(row, request))
-            .collect())
+            .collect();
+        self.last_picks = summaries.iter().map(|s| s.drawn).collect();
+        self.submitted.push_back((rows, summaries));
+        Ok(())
+    }
+    fn collect_summarized(
+        &mut self,
+    ) -> Result<Vec<crate::sampler::device::RowSummary>, ModelError> {
+        let (rows, summaries) = self
+            .submitted
+            .pop_front()
+            .expect("the engine collects only what it submitted");
+        self.last_rows = rows;
+        Ok(summaries)
     }
     fn last_logits_rows(&mut self, rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError> {
         self.rows_fetched += rows.len();
@@ -1287,6 +1308,8 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
     let device_model = SummarizingModel {
         inner: FakeModel::new(4, 64),
         last_rows: Vec::new(),
+        last_picks: Vec::new(),
+        submitted: VecDeque::new(),
         rows_fetched: 0,
         rows_masked: 0,
     };
@@ -1540,4 +1563,171 @@ fn forward_passes_failing_in_a_row_stop_the_engine_and_a_pass_that_runs_resets_t
             .is_err()
     );
     assert_eq!(e.free_blocks(), 16);
+}
+
+fn summarizing_engine(config: EngineConfig, overlap: bool) -> Engine<SummarizingModel> {
+    let model = SummarizingModel {
+        inner: FakeModel::new(config.block_size, config.num_blocks),
+        last_rows: Vec::new(),
+        last_picks: Vec::new(),
+        submitted: VecDeque::new(),
+        rows_fetched: 0,
+        rows_masked: 0,
+    };
+    let mut e = Engine::new(model, config, None).unwrap();
+    e.set_overlap(overlap);
+    e
+}
+
+/// Steps until idle; the number of steps that ended with a step still in flight.
+fn run_overlapped(e: &mut Engine<SummarizingModel>, out: &mut Outcomes) -> usize {
+    let (mut steps, mut overlapped) = (0, 0);
+    while e.has_work() {
+        absorb(out, e.step());
+        overlapped += usize::from(e.overlap.in_flight.is_some());
+        steps += 1;
+        assert!(steps < 100_000, "engine made no progress");
+    }
+    overlapped
+}
+
+/// Steps queued before the previous one is collected give every request the tokens it gets
+/// without overlap and with host sampling: across EOS found a step late, preemptions of a
+/// small cache, batches mixing requests the device decides with one it does not (top-p), and
+/// every block is free at the end.
+#[test]
+fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
+    let config = EngineConfig {
+        block_size: 4,
+        num_blocks: 24,
+        max_num_batched_tokens: 16,
+        max_num_seqs: 8,
+        max_model_len: None,
+    };
+    let hot = |seed| SamplingParams {
+        // Hot enough that EOS (biased down) is drawn now and then.
+        temperature: 6.0,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    };
+    for with_truncated in [false, true] {
+        let mut params: Vec<SamplingParams> = (0..10)
+            .map(|k| {
+                if k % 3 == 0 {
+                    SamplingParams::greedy()
+                } else {
+                    hot(k)
+                }
+            })
+            .collect();
+        if with_truncated {
+            params[4] = sampled(4);
+        }
+        let requests: Vec<GenerationRequest> = params
+            .iter()
+            .enumerate()
+            .map(|(k, p)| request(prompt(3 + 2 * k, k as u32), 16 + 2 * k, p.clone()))
+            .collect();
+        let mut host = Engine::new(FakeModel::new(4, 24), config, None).unwrap();
+        let mut one_at_a_time = summarizing_engine(config, false);
+        let mut overlapped = summarizing_engine(config, true);
+        let mut ids = Vec::new();
+        for r in &requests {
+            ids.push((
+                host.add_request(r.clone()).unwrap(),
+                one_at_a_time.add_request(r.clone()).unwrap(),
+                overlapped.add_request(r.clone()).unwrap(),
+            ));
+        }
+        let host_out = run(&mut host);
+        let mut single_out = Outcomes::new();
+        assert_eq!(run_overlapped(&mut one_at_a_time, &mut single_out), 0);
+        let mut overlapped_out = Outcomes::new();
+        let steps_in_flight = run_overlapped(&mut overlapped, &mut overlapped_out);
+        assert!(steps_in_flight > 10, "only {steps_in_flight} steps overlapped");
+        for (h, s, o) in &ids {
+            assert_eq!(host_out[h], single_out[s]);
+            assert_eq!(host_out[h], overlapped_out[o]);
+        }
+        assert!(
+            host_out.values().any(|(_, r)| *r == FinishReason::Stop),
+            "some request meets EOS"
+        );
+        assert!(overlapped.num_preemptions() > 0, "the small cache preempts");
+        assert_eq!(overlapped.free_blocks(), 24);
+        assert_eq!(one_at_a_time.free_blocks(), 24);
+        assert!(overlapped.seqs.is_empty() && overlapped.overlap.in_flight.is_none());
+    }
+}
+
+/// A request ended by a stop token, or cancelled, while its next decode is queued: its blocks
+/// stay allocated (pinned, out of scheduling) until that step is collected, its usage counts
+/// only the tokens it was given, and the other requests get the tokens of a run without it.
+#[test]
+fn a_request_ended_while_its_next_decode_is_queued_keeps_its_blocks_until_that_step_is_done() {
+    let config = EngineConfig {
+        block_size: 4,
+        num_blocks: 64,
+        max_num_batched_tokens: 32,
+        max_num_seqs: 8,
+        max_model_len: None,
+    };
+    let requests: Vec<GenerationRequest> = (0..4)
+        .map(|k| request(prompt(5, k), 12, SamplingParams::greedy()))
+        .collect();
+    let mut baseline = summarizing_engine(config, true);
+    let base_ids: Vec<_> = requests
+        .iter()
+        .map(|r| baseline.add_request(r.clone()).unwrap())
+        .collect();
+    let mut base_out = Outcomes::new();
+    run_overlapped(&mut baseline, &mut base_out);
+    // Request 0 stops at its first token, from the 4th on, not seen before it.
+    let first_tokens = &base_out[&base_ids[0]].0;
+    let stop_at = (3..first_tokens.len())
+        .find(|&i| !first_tokens[..i].contains(&first_tokens[i]))
+        .expect("a new token among 12");
+    let mut stopping = requests[0].clone();
+    stopping.stop_token_ids = vec![first_tokens[stop_at]];
+
+    let mut e = summarizing_engine(config, true);
+    let stopped = e.add_request(stopping).unwrap();
+    let cancelled = e.add_request(requests[1].clone()).unwrap();
+    let others: Vec<_> = requests[2..]
+        .iter()
+        .map(|r| e.add_request(r.clone()).unwrap())
+        .collect();
+    let mut out = Outcomes::new();
+    let mut cancelled_usage = None;
+    let mut steps = 0;
+    while !matches!(out.get(&stopped), Some((_, FinishReason::Stop))) {
+        absorb(&mut out, e.step());
+        steps += 1;
+        assert!(steps < 100, "the stop token never came");
+    }
+    assert_eq!(out[&stopped].0, first_tokens[..=stop_at]);
+    // Found in the step collected after the next was queued with its decode.
+    assert!(e.overlap.in_flight.is_some());
+    assert_eq!(e.scheduler.status(stopped), Some(SeqStatus::Pinned));
+    assert!(e.cancel(cancelled));
+    let events = e.step();
+    assert_eq!(e.scheduler.status(stopped), None, "released once collected");
+    for ev in &events {
+        if let (true, EventKind::Finished { usage, .. }) = (ev.request_id == cancelled, &ev.kind) {
+            cancelled_usage = Some(*usage);
+        }
+    }
+    absorb(&mut out, events);
+    run_overlapped(&mut e, &mut out);
+    assert_eq!(out[&cancelled].1, FinishReason::Cancelled);
+    let usage = cancelled_usage.expect("the cancelled request finished");
+    assert_eq!(usage.completion_tokens, out[&cancelled].0.len());
+    assert_eq!(
+        out[&cancelled].0,
+        base_out[&base_ids[1]].0[..usage.completion_tokens]
+    );
+    for (id, base) in others.iter().zip(&base_ids[2..]) {
+        assert_eq!(out[id], base_out[base]);
+    }
+    assert_eq!(e.free_blocks(), e.total_blocks());
 }

@@ -59,6 +59,21 @@ pub struct ForwardBatch {
     /// All new tokens of all sequences, sequence after sequence.
     pub tokens: Vec<u32>,
     pub sequences: Vec<SequenceSlice>,
+    /// Tokens the host does not know yet: `(i, row)` makes `tokens[i]` the token the device
+    /// picked for logits row `row` of the forward summarized just before this one (the
+    /// `drawn` of its [`crate::sampler::device::RowSummary`]), so this forward can be queued
+    /// before that one's summaries reach the host ([`crate::engine`]'s overlapped steps).
+    /// Only a backend that samples on the device resolves them; `tokens[i]` is 0 until then.
+    pub chained: Vec<ChainedToken>,
+}
+
+/// One entry of [`ForwardBatch::chained`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainedToken {
+    /// Index into [`ForwardBatch::tokens`].
+    pub token: usize,
+    /// Logits row of the previous summarized forward whose picked token goes there.
+    pub row: usize,
 }
 
 impl ForwardBatch {
@@ -79,6 +94,22 @@ impl ForwardBatch {
             row_logprobs: None,
         });
         self.tokens.extend_from_slice(new_tokens);
+    }
+
+    /// Appends a sequence's one new token, which is the token the device picked for logits row
+    /// `row` of the previous summarized forward ([`Self::chained`]).
+    pub fn push_chained(
+        &mut self,
+        cached_len: usize,
+        block_table: Vec<u32>,
+        wants_logits: bool,
+        row: usize,
+    ) {
+        self.chained.push(ChainedToken {
+            token: self.tokens.len(),
+            row,
+        });
+        self.push(&[0], cached_len, block_table, wants_logits);
     }
 
     /// Asks the last pushed sequence for the log-probabilities of `request`'s rows.

@@ -21,7 +21,7 @@ use std::path::Path;
 
 use tandem_model::{ConfigError, ModelConfig, tensor_names};
 
-pub use batch::{ForwardBatch, RowLogprobs, SequenceSlice, TokenLogprob};
+pub use batch::{ChainedToken, ForwardBatch, RowLogprobs, SequenceSlice, TokenLogprob};
 pub use weights::WeightsError;
 
 use crate::backend::{AttentionShape, Backend, BackendError, BatchPlan, DType};
@@ -451,6 +451,19 @@ impl<B: Backend> Model<B> {
             return bad(format!(
                 "sequences cover {next} tokens of {}",
                 batch.tokens.len()
+            ));
+        }
+        if let Some(c) = batch.chained.iter().find(|c| c.token >= batch.tokens.len()) {
+            return bad(format!(
+                "chained token at {} outside the batch's {} tokens",
+                c.token,
+                batch.tokens.len()
+            ));
+        }
+        if !batch.chained.is_empty() && self.backend.device_sampler().is_none() {
+            return bad(format!(
+                "chained tokens need a backend that samples on the device, not {}",
+                self.backend.describe()
             ));
         }
         if let Some(&t) = batch

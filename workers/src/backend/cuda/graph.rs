@@ -121,6 +121,7 @@ impl CudaBackend {
             if slots.len() >= MAX_GRAPHS {
                 drop(slots);
                 let meta = CudaBatch::upload(&self.stream, plan)?;
+                super::sample::chain_tokens(self, *meta.tokens(), &plan.chained)?;
                 return layers(&meta, kv);
             }
             let meta = CudaBatch::for_graph(&self.stream, plan, &key.shape)?;
@@ -135,6 +136,8 @@ impl CudaBackend {
         }
         let slot = slots.get_mut(&key).expect("inserted above");
         slot.meta.refill(&self.stream, plan, &key.shape)?;
+        // Outside the graph: the chained tokens' rows differ from step to step.
+        super::sample::chain_tokens(self, *slot.meta.tokens(), &plan.chained)?;
         let real_rows = plan.sequences.len();
 
         if slot.out.is_none() {

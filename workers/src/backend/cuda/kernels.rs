@@ -249,6 +249,8 @@ pub enum KernelError {
 /// Every kernel the backend launches.
 pub struct Kernels {
     pub embedding: CudaFunction,
+    /// Writes the tokens picked by the previous step's sampling summaries into a batch.
+    pub chain_tokens: CudaFunction,
     pub rms_norm: CudaFunction,
     pub add_rms_norm: CudaFunction,
     pub silu_mul: CudaFunction,
@@ -378,6 +380,7 @@ impl Kernels {
         };
         Ok(Kernels {
             embedding: f("embedding")?,
+            chain_tokens: f("chain_tokens")?,
             rms_norm: f("rms_norm")?,
             add_rms_norm: f("add_rms_norm")?,
             silu_mul: f("silu_mul")?,

@@ -146,6 +146,8 @@ pub struct CudaBackend {
     /// Weights' TMA tensor maps for `skinny.cu`, by (address, outputs, inputs): encoded at a
     /// weight's first projection, then looked up.
     skinny_weight_maps: skinny::WeightMaps,
+    /// Sampling summaries queued for the host, and the picks chained tokens read.
+    summaries: sample::SummaryQueue,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -326,6 +328,7 @@ impl CudaBackend {
             attn_split_keys: options.attn_split_keys,
             prefetch,
             kv_staging: staging::KvStaging::default(),
+            summaries: sample::SummaryQueue::default(),
             device_sampling: options.device_sampling,
             vec_attention: options.vec_attention,
             decode_mma: std::sync::atomic::AtomicBool::new(options.decode_mma),
@@ -1109,6 +1112,7 @@ impl Backend for CudaBackend {
             Some(key) => self.run_graph(key, plan, kv, layers),
             None => {
                 let meta = self.prepare_batch(plan)?;
+                sample::chain_tokens(self, *meta.tokens(), &plan.chained)?;
                 layers(&meta, kv)
             }
         }
@@ -1447,6 +1451,18 @@ impl DeviceSampler<CudaTensor> for CudaBackend {
         requests: &[RowRequest],
     ) -> Result<Vec<RowSummary>, BackendError> {
         sample::summarize_rows(self, logits, requests)
+    }
+
+    fn queue_summaries(
+        &self,
+        logits: &CudaTensor,
+        requests: &[RowRequest],
+    ) -> Result<(), BackendError> {
+        sample::queue_summaries(self, logits, requests)
+    }
+
+    fn take_summaries(&self) -> Result<Vec<RowSummary>, BackendError> {
+        sample::take_summaries(self)
     }
 
     fn summarize_masked_rows(
