@@ -993,6 +993,7 @@ impl<M: StepModel> Engine<M> {
             // Still running unless the forward failed (then it has ended already).
             self.end(id, FinishReason::Length, &mut events);
         }
+        record.overlapped = self.overlap.in_flight.is_some();
         if let Some(profile) = &mut self.profile {
             let took = scheduled_at.elapsed();
             record.forward = self
@@ -1142,9 +1143,10 @@ impl<M: StepModel> Engine<M> {
             self.forward_failed(&step.scheduled, &e, events);
             return;
         }
-        if overlap && step.device_decides_all() {
+        // In flight only when some sequence continues: a step whose tokens all end their
+        // sequences (a context worker's prefills) is collected at once, for its first tokens.
+        if overlap && step.device_decides_all() && self.speculate(&step) > 0 {
             self.overlap.steps_in_flight += 1;
-            self.speculate(&step);
             self.overlap.in_flight = Some(step);
         } else {
             self.collect_device_step(step, events);

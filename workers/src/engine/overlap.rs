@@ -117,8 +117,9 @@ impl Overlap {
 
 impl<M: StepModel> Engine<M> {
     /// Gives every sequence of the submitted `step` whose token will not end it a placeholder
-    /// token, counted by the scheduler, so the next step can schedule its decode.
-    pub(super) fn speculate(&mut self, step: &DeviceStep) {
+    /// token, counted by the scheduler, so the next step can schedule its decode; how many.
+    pub(super) fn speculate(&mut self, step: &DeviceStep) -> usize {
+        let mut speculated = 0;
         let max_context_len = self.scheduler.max_context_len();
         for (row, id) in step.wanting.iter().enumerate() {
             let Some(seq) = self.seqs.get_mut(id) else {
@@ -134,8 +135,10 @@ impl<M: StepModel> Engine<M> {
             if self.scheduler.append_token(*id).is_ok() {
                 seq.tokens.push(PENDING_TOKEN);
                 seq.pending_row = Some(row);
+                speculated += 1;
             }
         }
+        speculated
     }
 
     /// Collects the in-flight step, if there is one.

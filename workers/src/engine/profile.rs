@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! engine: 312 steps in 10.0 s; 7.9k decode + 2.1k prompt tokens/s; 245 sequences per step;
-//! step 32.1 ms = schedule 0.8 + enqueue 1.9 + device 26.2 + sample 2.6 + deliver 0.6; 0 preempted
+//! step 32.1 ms = schedule 0.8 + enqueue 1.9 + device 26.2 + sample 2.6 + deliver 0.6; 0 preempted;
+//! 298 overlapped
 //! ```
 //!
 //! - `schedule`: cancellations, admissions, the scheduler's decision, the batch.
@@ -14,8 +15,11 @@
 //!   upload, graph launch; on the CPU backend this is the whole forward pass).
 //! - `device`: from then until the sampling summaries are on the host (the device finishing
 //!   the step). Both come from [`ForwardTiming`]; a model without one counts all as `enqueue`.
+//!   In an overlapped step ([`super::overlap`]) it is the wait for the previous step's
+//!   summaries, while this step's pass is queued behind it.
 //! - `sample`: turning summaries or logits rows into tokens, detokenizing, stop checks, events.
 //! - `deliver`: handing the events to the requests' sinks (the engine thread's side of the bus).
+//! - `overlapped`: steps left in flight, the next one queued before they were read.
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +40,7 @@ pub struct StepProfile {
     prompt_tokens: u64,
     sequences: u64,
     preempted: u64,
+    overlapped: u64,
     schedule: Duration,
     enqueue: Duration,
     device: Duration,
@@ -50,6 +55,8 @@ pub struct StepRecord {
     pub prompt_tokens: usize,
     pub sequences: usize,
     pub preempted: usize,
+    /// The step was left in flight ([`super::overlap`]).
+    pub overlapped: bool,
     pub schedule: Duration,
     pub forward: ForwardTiming,
     pub sample: Duration,
@@ -69,6 +76,7 @@ impl StepProfile {
             prompt_tokens: 0,
             sequences: 0,
             preempted: 0,
+            overlapped: 0,
             schedule: Duration::ZERO,
             enqueue: Duration::ZERO,
             device: Duration::ZERO,
@@ -98,6 +106,7 @@ impl StepProfile {
         self.prompt_tokens += step.prompt_tokens as u64;
         self.sequences += step.sequences as u64;
         self.preempted += step.preempted as u64;
+        self.overlapped += u64::from(step.overlapped);
         self.schedule += step.schedule;
         self.enqueue += step.forward.enqueue;
         self.device += step.forward.device;
@@ -129,7 +138,7 @@ impl StepProfile {
         format!(
             "engine: {} steps in {:.1} s; {} decode + {} prompt tokens/s; {:.0} sequences per \
              step; step {:.1} ms = schedule {:.1} + enqueue {:.1} + device {:.1} + sample {:.1} \
-             + deliver {:.1}; {} preempted",
+             + deliver {:.1}; {} preempted; {} overlapped",
             self.steps,
             secs,
             per_second(self.decode_tokens, secs),
@@ -142,6 +151,7 @@ impl StepProfile {
             per_step(self.sample),
             per_step(self.deliver),
             self.preempted,
+            self.overlapped,
         )
     }
 }
@@ -173,6 +183,7 @@ mod tests {
             prompt_tokens: 100,
             sequences: 201,
             preempted: 1,
+            overlapped: true,
             schedule: ms(1),
             forward: ForwardTiming {
                 enqueue: ms(2),
@@ -191,7 +202,7 @@ mod tests {
             line,
             "engine: 2 steps in 10.0 s; 40 decode + 20 prompt tokens/s; 201 sequences per \
              step; step 30.0 ms = schedule 1.0 + enqueue 2.0 + device 20.0 + sample 3.0 + \
-             deliver 4.0; 2 preempted"
+             deliver 4.0; 2 preempted; 2 overlapped"
         );
         assert_eq!(profile.steps, 0);
         assert_eq!(profile.take_summary(start + Duration::from_secs(25)), None);
