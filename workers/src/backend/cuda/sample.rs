@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaSlice, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice, PushKernelArg};
 
 use super::{CudaBackend, CudaTensor, rows_config, shape_err};
 use crate::backend::BackendError;
@@ -186,6 +186,26 @@ struct Queued {
     rows: usize,
     want_candidates: Vec<bool>,
     pinned: PinnedOutputs,
+    /// Recorded after the copies into `pinned`.
+    copied: Option<CudaEvent>,
+}
+
+/// Queues the copy of `src` into the first `src.len()` elements of `dst`. (cudarc's
+/// `memcpy_dtoh` copies the whole destination, which is larger: it is reused across steps.)
+fn copy_to_pinned<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &std::sync::Arc<CudaStream>,
+    src: &CudaSlice<T>,
+    dst: &mut PinnedHostSlice<T>,
+) -> Result<(), BackendError> {
+    let n = src.len();
+    // Waits for nothing: a buffer is reused only after its summaries were read.
+    let host = dev!("queue summaries", dst.as_mut_slice())?;
+    let (src_ptr, _sync) = src.device_ptr(stream);
+    // SAFETY: `host[..n]` is pinned memory that stays allocated (in the queue) until the copy
+    // is waited for; `src` holds `n` elements, alive until the copy ran (stream-ordered free).
+    dev!("queue summaries", unsafe {
+        cudarc::driver::result::memcpy_dtoh_async(&mut host[..n], src_ptr, stream.cu_stream())
+    })
 }
 
 /// Summaries on their way to the host, and the device copy of the newest ones' picked tokens
@@ -230,15 +250,17 @@ pub(super) fn queue_summaries(
         Some(pinned) => pinned,
         None => PinnedOutputs::new(backend, rows.max(1))?,
     };
+    let mut copied = None;
     if let Some(out) = out {
         let stream = &backend.stream;
-        dev!("queue summaries", stream.memcpy_dtoh(&out.f32s, &mut pinned.f32s))?;
-        dev!("queue summaries", stream.memcpy_dtoh(&out.u32s, &mut pinned.u32s))?;
-        dev!("queue summaries", stream.memcpy_dtoh(&out.f64s, &mut pinned.f64s))?;
+        copy_to_pinned(stream, &out.f32s, &mut pinned.f32s)?;
+        copy_to_pinned(stream, &out.u32s, &mut pinned.u32s)?;
+        copy_to_pinned(stream, &out.f64s, &mut pinned.f64s)?;
         if requests.iter().any(|r| r.candidates) {
-            dev!("queue summaries", stream.memcpy_dtoh(&out.cand_logit, &mut pinned.cand_logit))?;
-            dev!("queue summaries", stream.memcpy_dtoh(&out.cand_id, &mut pinned.cand_id))?;
+            copy_to_pinned(stream, &out.cand_logit, &mut pinned.cand_logit)?;
+            copy_to_pinned(stream, &out.cand_id, &mut pinned.cand_id)?;
         }
+        copied = Some(dev!("queue summaries", stream.record_event(None))?);
         *lock(&queue.last_picks) = Some((rows, out.u32s));
     } else {
         *lock(&queue.last_picks) = None;
@@ -247,6 +269,7 @@ pub(super) fn queue_summaries(
         rows,
         want_candidates: requests.iter().map(|r| r.candidates).collect(),
         pinned,
+        copied,
     });
     Ok(())
 }
@@ -257,6 +280,9 @@ pub(super) fn take_summaries(backend: &CudaBackend) -> Result<Vec<RowSummary>, B
     let queued = lock(&queue.queued)
         .pop_front()
         .ok_or_else(|| shape_err("take_summaries", "no summaries are queued".into()))?;
+    if let Some(copied) = &queued.copied {
+        dev!("wait for summaries", copied.synchronize())?;
+    }
     let summaries = {
         let p = &queued.pinned;
         let host = HostOutputs {
