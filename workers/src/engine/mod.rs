@@ -34,8 +34,8 @@
 //! after a preemption (its prompt and generated tokens are recomputed, not resampled).
 
 pub mod handle;
-mod overlap;
 mod masks;
+mod overlap;
 pub mod profile;
 pub mod request;
 pub mod runner;
@@ -985,7 +985,13 @@ impl<M: StepModel> Engine<M> {
         };
         if self.model.device_sampling().is_some() {
             let overlap = self.overlap.enabled && prompt_done.is_empty();
-            self.forward_and_sample_on_device(&batch, decision.scheduled, asked, overlap, &mut events);
+            self.forward_and_sample_on_device(
+                &batch,
+                decision.scheduled,
+                asked,
+                overlap,
+                &mut events,
+            );
         } else {
             self.forward_and_sample_on_host(&batch, &decision.scheduled, &asked, &mut events);
         }

@@ -1644,7 +1644,10 @@ fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
         assert_eq!(run_overlapped(&mut one_at_a_time, &mut single_out), 0);
         let mut overlapped_out = Outcomes::new();
         let steps_in_flight = run_overlapped(&mut overlapped, &mut overlapped_out);
-        assert!(steps_in_flight > 10, "only {steps_in_flight} steps overlapped");
+        assert!(
+            steps_in_flight > 10,
+            "only {steps_in_flight} steps overlapped"
+        );
         for (h, s, o) in &ids {
             assert_eq!(host_out[h], single_out[s]);
             assert_eq!(host_out[h], overlapped_out[o]);

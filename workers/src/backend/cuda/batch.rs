@@ -6,9 +6,9 @@
 //! batch is allocated once per graph shape ([`GraphShape`]) and refilled before each replay,
 //! padded to the shape with dummy sequences that write into the cache's scratch block.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 
 use crate::backend::{BackendError, BatchPlan};
 
@@ -199,25 +199,137 @@ fn upload_err(e: cudarc::driver::DriverError) -> BackendError {
     super::device_error("prepare_batch", &e)
 }
 
+/// Pinned host memory the metadata goes to the device from.
+///
+/// A copy from pageable memory larger than the driver's staging buffer waits for the work
+/// queued before it (the driver stages it chunk by chunk, in stream order): a prefill's
+/// metadata (its rotary tables are 512 bytes a token) would make the host wait for the step in
+/// flight before it could queue the next one ([`crate::engine`]'s overlapped steps). From
+/// pinned memory the copy is queued and returns. Two slots alternate; a slot is reused once
+/// its last copy ran (an event), which with at most one step in flight is at once.
+#[derive(Default)]
+pub(super) struct MetaStaging {
+    slots: Mutex<([Option<StagingSlot>; 2], usize)>,
+}
+
+struct StagingSlot {
+    ints: PinnedHostSlice<u32>,
+    floats: PinnedHostSlice<f32>,
+    /// Recorded after the slot's last copies.
+    copied: CudaEvent,
+}
+
+// SAFETY: the pinned buffers are only touched under the mutex; CUDA memory may be used from
+// any thread with the context bound.
+unsafe impl Send for MetaStaging {}
+unsafe impl Sync for MetaStaging {}
+
+impl MetaStaging {
+    /// Queues the copies of `packed` into `ints` and `floats` (each at least as long).
+    fn copy(
+        &self,
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        packed: &Packed,
+        ints: &mut CudaSlice<u32>,
+        floats: &mut CudaSlice<f32>,
+    ) -> Result<(), BackendError> {
+        let mut guard = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (slots, next) = &mut *guard;
+        let at = *next;
+        *next = (at + 1) % slots.len();
+        let fits = slots[at].as_ref().is_some_and(|slot| {
+            slot.ints.len() >= packed.ints.len() && slot.floats.len() >= packed.floats.len()
+        });
+        if let Some(slot) = &slots[at] {
+            slot.copied.synchronize().map_err(upload_err)?;
+        }
+        if !fits {
+            let cap = |n: usize| n.next_power_of_two().max(1 << 12);
+            // SAFETY: every element copied to the device is written below first.
+            let (i, f) = unsafe {
+                (
+                    ctx.alloc_pinned_with_flags::<u32>(cap(packed.ints.len()), 0),
+                    ctx.alloc_pinned_with_flags::<f32>(cap(packed.floats.len()), 0),
+                )
+            };
+            slots[at] = Some(StagingSlot {
+                ints: i.map_err(upload_err)?,
+                floats: f.map_err(upload_err)?,
+                copied: ctx.new_event(None).map_err(upload_err)?,
+            });
+        }
+        let slot = slots[at].as_mut().expect("filled above");
+        let host_ints = &mut slot.ints.as_mut_slice().map_err(upload_err)?[..packed.ints.len()];
+        host_ints.copy_from_slice(&packed.ints);
+        let host_floats =
+            &mut slot.floats.as_mut_slice().map_err(upload_err)?[..packed.floats.len()];
+        host_floats.copy_from_slice(&packed.floats);
+        for (dst, src) in [
+            (ints.device_ptr(stream).0, bytes_of(host_ints)),
+            (floats.device_ptr(stream).0, bytes_of(host_floats)),
+        ] {
+            if !src.is_empty() {
+                // SAFETY: `src` is pinned memory kept (and not rewritten) until `copied` has
+                // passed; `dst` holds at least as many bytes (the caller's buffers).
+                unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, stream.cu_stream()) }
+                    .map_err(upload_err)?;
+            }
+        }
+        slot.copied.record(stream).map_err(upload_err)
+    }
+}
+
+/// The bytes of a slice of plain numbers.
+fn bytes_of<T: Copy>(values: &[T]) -> &[u8] {
+    // SAFETY: u32 and f32 have no padding and any byte is a valid u8.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
+}
+
 impl CudaBatch {
     /// Uploads `plan` into new buffers.
-    pub(super) fn upload(stream: &Arc<CudaStream>, plan: &BatchPlan) -> Result<Self, BackendError> {
-        let packed = pack(plan, None)?;
-        let ints = stream.clone_htod(&packed.ints).map_err(upload_err)?;
-        let floats = stream.clone_htod(&packed.floats).map_err(upload_err)?;
-        // The host vectors were copied from pageable memory before `clone_htod` returned.
-        Ok(Self::new(stream, plan, &packed, ints, floats))
+    pub(super) fn upload(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        staging: &MetaStaging,
+        plan: &BatchPlan,
+    ) -> Result<Self, BackendError> {
+        Self::upload_packed(ctx, stream, staging, plan, pack(plan, None)?)
     }
 
     /// Buffers for decode steps of `shape`, filled with `plan` (see [`Self::refill`]).
     pub(super) fn for_graph(
+        ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
+        staging: &MetaStaging,
         plan: &BatchPlan,
         shape: &GraphShape,
     ) -> Result<Self, BackendError> {
-        let packed = pack(plan, Some(shape))?;
-        let ints = stream.clone_htod(&packed.ints).map_err(upload_err)?;
-        let floats = stream.clone_htod(&packed.floats).map_err(upload_err)?;
+        Self::upload_packed(ctx, stream, staging, plan, pack(plan, Some(shape))?)
+    }
+
+    fn upload_packed(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        staging: &MetaStaging,
+        plan: &BatchPlan,
+        packed: Packed,
+    ) -> Result<Self, BackendError> {
+        // SAFETY: the staging copy writes every element before a kernel reads one.
+        let (mut ints, mut floats) = unsafe {
+            (
+                stream
+                    .alloc::<u32>(packed.ints.len().max(1))
+                    .map_err(upload_err)?,
+                stream
+                    .alloc::<f32>(packed.floats.len().max(1))
+                    .map_err(upload_err)?,
+            )
+        };
+        staging.copy(ctx, stream, &packed, &mut ints, &mut floats)?;
         Ok(Self::new(stream, plan, &packed, ints, floats))
     }
 
@@ -225,7 +337,9 @@ impl CudaBatch {
     /// the same device buffers, so a captured graph reads it.
     pub(super) fn refill(
         &mut self,
+        ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
+        staging: &MetaStaging,
         plan: &BatchPlan,
         shape: &GraphShape,
     ) -> Result<(), BackendError> {
@@ -236,13 +350,7 @@ impl CudaBatch {
                 detail: "a decode step does not fit its graph's metadata buffers".into(),
             });
         }
-        stream
-            .memcpy_htod(&packed.ints, &mut self.ints)
-            .map_err(upload_err)?;
-        stream
-            .memcpy_htod(&packed.floats, &mut self.floats)
-            .map_err(upload_err)?;
-        Ok(())
+        staging.copy(ctx, stream, &packed, &mut self.ints, &mut self.floats)
     }
 
     fn new(

@@ -148,6 +148,8 @@ pub struct CudaBackend {
     skinny_weight_maps: skinny::WeightMaps,
     /// Sampling summaries queued for the host, and the picks chained tokens read.
     summaries: sample::SummaryQueue,
+    /// Pinned memory the batches' metadata is uploaded from.
+    meta_staging: batch::MetaStaging,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -329,6 +331,7 @@ impl CudaBackend {
             prefetch,
             kv_staging: staging::KvStaging::default(),
             summaries: sample::SummaryQueue::default(),
+            meta_staging: batch::MetaStaging::default(),
             device_sampling: options.device_sampling,
             vec_attention: options.vec_attention,
             decode_mma: std::sync::atomic::AtomicBool::new(options.decode_mma),
@@ -1099,7 +1102,7 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<CudaBatch, BackendError> {
-        CudaBatch::upload(&self.stream, plan)
+        CudaBatch::upload(&self.ctx, &self.stream, &self.meta_staging, plan)
     }
 
     fn run_forward(

@@ -165,9 +165,18 @@ impl PinnedOutputs {
         unsafe {
             Ok(Self {
                 capacity,
-                f32s: dev!("pinned summaries", ctx.alloc_pinned_with_flags(capacity * 2, 0))?,
-                u32s: dev!("pinned summaries", ctx.alloc_pinned_with_flags(capacity * 4, 0))?,
-                f64s: dev!("pinned summaries", ctx.alloc_pinned_with_flags(capacity * 2, 0))?,
+                f32s: dev!(
+                    "pinned summaries",
+                    ctx.alloc_pinned_with_flags(capacity * 2, 0)
+                )?,
+                u32s: dev!(
+                    "pinned summaries",
+                    ctx.alloc_pinned_with_flags(capacity * 4, 0)
+                )?,
+                f64s: dev!(
+                    "pinned summaries",
+                    ctx.alloc_pinned_with_flags(capacity * 2, 0)
+                )?,
                 cand_logit: dev!(
                     "pinned summaries",
                     ctx.alloc_pinned_with_flags(capacity * DEVICE_CANDIDATES, 0)
@@ -333,5 +342,9 @@ pub(super) fn chain_tokens(
     let n = chained.len() as i32;
     let mut b = stream.launch_builder(&backend.kernels.chain_tokens);
     b.arg(&tokens).arg(&pairs).arg(&n).arg(picks);
-    backend.launch(b, rows_config(chained.len().div_ceil(256), 256), "chain_tokens")
+    backend.launch(
+        b,
+        rows_config(chained.len().div_ceil(256), 256),
+        "chain_tokens",
+    )
 }
