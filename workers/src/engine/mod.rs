@@ -1216,10 +1216,18 @@ impl<M: StepModel> Engine<M> {
                 continue;
             };
             if seq.pending_row.is_some() && token.as_ref().map(|t| t.id) != Some(summary.drawn) {
-                let message = format!(
-                    "the forward pass produced invalid logits ({} NaN or +inf values) after the next step was queued",
-                    summary.non_finite
-                );
+                let message = if summary.non_finite > 0 {
+                    format!(
+                        "sampling: logits contain {} NaN or +inf values: the forward pass produced invalid values",
+                        summary.non_finite
+                    )
+                } else {
+                    format!(
+                        "sampling: the host read token {:?} where the device picked {} for the queued step",
+                        token.as_ref().map(|t| t.id),
+                        summary.drawn
+                    )
+                };
                 self.end(*id, FinishReason::Error(message), events);
             }
         }
