@@ -15,7 +15,9 @@ use thiserror::Error;
 use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::{Backend, BackendError, KvBlockIo};
-use crate::engine::{Engine, EngineConfig, EngineError, EngineHandle, ModelRunner, TextDecoder};
+use crate::engine::{
+    Engine, EngineConfig, EngineError, EngineHandle, ModelRunner, StepModel, TextDecoder,
+};
 use crate::kv_cache::{KvDType, KvLayout};
 use crate::model::{Model, ModelError, ModelOptions};
 
@@ -52,6 +54,11 @@ pub enum DeviceError {
     },
     #[error("invalid engine settings: {0}")]
     Engine(#[from] EngineError),
+    #[error(
+        "the {device} backend failed its start-up check: {detail}. The device computes wrong \
+         values; the worker does not serve from it"
+    )]
+    SelfCheck { device: String, detail: String },
     #[error("starting the engine thread: {0}")]
     Thread(std::io::Error),
 }
@@ -226,8 +233,10 @@ impl LoadedModel {
         decoder: Option<Arc<dyn TextDecoder>>,
     ) -> Result<StartedEngine, DeviceError> {
         match self {
-            LoadedModel::Cpu(m) => spawn(*m, dir, config, decoder),
-            LoadedModel::Cuda(m) => spawn(*m, dir, config, decoder),
+            LoadedModel::Cpu(m) => spawn(*m, dir, config, decoder, false),
+            // A GPU can compute garbage without an error (a library kernel that did not run):
+            // checked once before the worker serves from it.
+            LoadedModel::Cuda(m) => spawn(*m, dir, config, decoder, true),
         }
     }
 }
@@ -237,14 +246,19 @@ fn spawn<B: KvBlockIo + 'static>(
     dir: &Path,
     config: EngineConfig,
     decoder: Option<Arc<dyn TextDecoder>>,
+    self_check: bool,
 ) -> Result<StartedEngine, DeviceError> {
-    let runner =
+    let mut runner =
         ModelRunner::new(model, config.block_size, config.num_blocks).map_err(|source| {
             DeviceError::Model {
                 path: dir.to_owned(),
                 source,
             }
         })?;
+    if self_check {
+        let device = runner.model().backend().describe();
+        check_prefill(&mut runner, &config, &device)?;
+    }
     let engine = Engine::new(runner, config, decoder)?;
     let layout = engine.kv_layout();
     let total_blocks = engine.total_blocks();
@@ -259,9 +273,118 @@ fn spawn<B: KvBlockIo + 'static>(
     })
 }
 
+/// Tokens of the start-up check's prompt: enough rows for the prefill's matrix kernels (the
+/// library's, past the decode kernels' sizes), within the step's token budget.
+const CHECK_TOKENS: usize = 512;
+
+/// One prefill of a fixed prompt (written into the empty cache, which later steps overwrite)
+/// whose logits must be finite: a device that computes NaN (as cuBLAS's bf16-output kernel did
+/// under an MPS share of the SMs, docs/benchmarks.md session 15) fails here, at start, rather
+/// than on every request it is sent.
+fn check_prefill(
+    runner: &mut impl StepModel,
+    config: &EngineConfig,
+    device: &str,
+) -> Result<(), DeviceError> {
+    let vocab = runner.vocab_size();
+    let capacity = config.num_blocks.saturating_sub(1) * config.block_size;
+    let n = CHECK_TOKENS
+        .min(config.max_num_batched_tokens)
+        .min(runner.max_model_len().saturating_sub(1))
+        .min(capacity);
+    if n == 0 {
+        return Ok(());
+    }
+    let tokens: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let mut batch = crate::model::ForwardBatch::default();
+    batch.push(
+        &tokens,
+        0,
+        (0..n.div_ceil(config.block_size) as u32).collect(),
+        true,
+    );
+    let fail = |detail: String| DeviceError::SelfCheck {
+        device: device.to_owned(),
+        detail,
+    };
+    let rows = runner
+        .forward(&batch)
+        .map_err(|e| fail(format!("a {n}-token prefill failed: {e}")))?;
+    let bad = rows.iter().flatten().filter(|l| !l.is_finite()).count();
+    if bad > 0 {
+        return Err(fail(format!(
+            "a {n}-token prefill gave {bad} NaN or infinite logits of {vocab}"
+        )));
+    }
+    tracing::debug!(
+        tokens = n,
+        "start-up check: the prefill's logits are finite"
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model whose logits are those of a broken device, or fine ones.
+    struct Logits(f32);
+
+    impl StepModel for Logits {
+        fn vocab_size(&self) -> usize {
+            8
+        }
+        fn max_model_len(&self) -> usize {
+            4096
+        }
+        fn eos_token_ids(&self) -> Vec<u32> {
+            Vec::new()
+        }
+        fn forward(
+            &mut self,
+            batch: &crate::model::ForwardBatch,
+        ) -> Result<Vec<Vec<f32>>, ModelError> {
+            assert_eq!(batch.tokens.len(), CHECK_TOKENS);
+            Ok(vec![vec![self.0; 8]; batch.logits_rows()])
+        }
+        fn kv_layout(&self) -> KvLayout {
+            unreachable!("the check moves no KV")
+        }
+        fn read_kv_blocks(
+            &self,
+            _: &[crate::kv_cache::block_pool::BlockId],
+            _: crate::backend::KvBytesMut<'_>,
+        ) -> Result<(), ModelError> {
+            unreachable!("the check moves no KV")
+        }
+        fn write_kv_blocks(
+            &mut self,
+            _: &[crate::kv_cache::block_pool::BlockId],
+            _: crate::backend::KvBytes<'_>,
+        ) -> Result<(), ModelError> {
+            unreachable!("the check moves no KV")
+        }
+    }
+
+    #[test]
+    fn the_start_up_check_refuses_a_device_that_computes_nan() {
+        let config = EngineConfig {
+            block_size: 16,
+            num_blocks: 64,
+            max_num_batched_tokens: 2048,
+            ..EngineConfig::default()
+        };
+        check_prefill(&mut Logits(0.5), &config, "cuda:0").unwrap();
+        let err = check_prefill(&mut Logits(f32::NAN), &config, "cuda:0 (test)")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cuda:0 (test) backend failed its start-up check")
+                && err.contains("512-token prefill gave 8 NaN or infinite logits of 8")
+                && err.contains("does not serve from it"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn devices_parse_and_print() {
