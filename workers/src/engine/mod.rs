@@ -35,7 +35,7 @@
 
 pub mod handle;
 mod masks;
-mod overlap;
+pub mod overlap;
 pub mod profile;
 pub mod request;
 pub mod runner;

@@ -25,7 +25,7 @@ use crate::scheduler::ScheduledSeq;
 
 /// The token a sequence holds while the device has picked it and the host has not read it.
 /// Outside every vocabulary: a batch carrying it to a forward pass is refused, not run.
-pub(super) const PENDING_TOKEN: u32 = u32::MAX;
+pub const PENDING_TOKEN: u32 = u32::MAX;
 
 /// A step whose forward pass was submitted and whose summaries are not collected yet.
 pub(super) struct DeviceStep {
