@@ -1144,6 +1144,10 @@ impl<M: StepModel> Engine<M> {
         // The in-flight step next: its tokens were this pass's chained inputs, and its events
         // come before this one's.
         self.collect_in_flight(events);
+        if self.device_lost.is_some() {
+            // Collecting it found the device lost: every request has ended, nothing to read.
+            return;
+        }
         if let Err(e) = submitted {
             self.finish_masks(events);
             self.forward_failed(&step.scheduled, &e, events);

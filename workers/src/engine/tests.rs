@@ -1170,6 +1170,8 @@ struct SummarizingModel {
     last_picks: Vec<u32>,
     /// Passes submitted and not collected: their rows and summaries.
     submitted: VecDeque<(Vec<Vec<f32>>, Vec<crate::sampler::device::RowSummary>)>,
+    /// The next collect finds the device lost (a sticky error surfacing when the host waits).
+    lose_device_at_collect: bool,
     rows_fetched: usize,
     /// Rows summarized after a grammar's mask.
     rows_masked: usize,
@@ -1238,6 +1240,14 @@ impl DeviceSampling for SummarizingModel {
             .submitted
             .pop_front()
             .expect("the engine collects only what it submitted");
+        if std::mem::take(&mut self.lose_device_at_collect) {
+            return Err(ModelError::Backend(
+                crate::backend::BackendError::DeviceLost {
+                    op: "wait for summaries",
+                    detail: "injected loss".into(),
+                },
+            ));
+        }
         self.last_rows = rows;
         Ok(summaries)
     }
@@ -1310,6 +1320,7 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
         last_rows: Vec::new(),
         last_picks: Vec::new(),
         submitted: VecDeque::new(),
+        lose_device_at_collect: false,
         rows_fetched: 0,
         rows_masked: 0,
     };
@@ -1571,6 +1582,7 @@ fn summarizing_engine(config: EngineConfig, overlap: bool) -> Engine<Summarizing
         last_rows: Vec::new(),
         last_picks: Vec::new(),
         submitted: VecDeque::new(),
+        lose_device_at_collect: false,
         rows_fetched: 0,
         rows_masked: 0,
     };
@@ -1732,5 +1744,47 @@ fn a_request_ended_while_its_next_decode_is_queued_keeps_its_blocks_until_that_s
     for (id, base) in others.iter().zip(&base_ids[2..]) {
         assert_eq!(out[id], base_out[base]);
     }
+    assert_eq!(e.free_blocks(), e.total_blocks());
+}
+
+/// The device found lost while a step is in flight (when the host waits for its summaries,
+/// the next step already queued): every request ends with the error, every block is free,
+/// and the engine has no work left (no step keeps it spinning).
+#[test]
+fn a_device_lost_while_a_step_is_in_flight_ends_every_request() {
+    let config = EngineConfig {
+        block_size: 4,
+        num_blocks: 64,
+        max_num_batched_tokens: 32,
+        max_num_seqs: 8,
+        max_model_len: None,
+    };
+    let mut e = summarizing_engine(config, true);
+    let ids: Vec<_> = (0..3)
+        .map(|k| {
+            e.add_request(request(prompt(5, k), 20, SamplingParams::greedy()))
+                .unwrap()
+        })
+        .collect();
+    let mut out = Outcomes::new();
+    for _ in 0..3 {
+        absorb(&mut out, e.step());
+    }
+    assert!(e.overlap.in_flight.is_some());
+    let ran = e.progress().steps;
+    e.model.lose_device_at_collect = true;
+    absorb(&mut out, e.step());
+    // Neither the step whose wait found the loss nor the one queued after it counts as run.
+    assert_eq!(e.progress().steps, ran);
+    for id in &ids {
+        assert!(
+            matches!(&out[id].1, FinishReason::Error(m) if m.contains("injected loss")),
+            "{:?}",
+            out[id]
+        );
+    }
+    assert!(e.device_lost().is_some());
+    assert!(!e.has_work(), "nothing left to step");
+    assert!(e.overlap.in_flight.is_none());
     assert_eq!(e.free_blocks(), e.total_blocks());
 }
