@@ -1315,16 +1315,7 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
         max_model_len: None,
     };
     let mut host = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
-    let device_model = SummarizingModel {
-        inner: FakeModel::new(4, 64),
-        last_rows: Vec::new(),
-        last_picks: Vec::new(),
-        submitted: VecDeque::new(),
-        lose_device_at_collect: false,
-        rows_fetched: 0,
-        rows_masked: 0,
-    };
-    let mut device = Engine::new(device_model, config, None).unwrap();
+    let mut device = summarizing_engine(config, true);
     let mut host_ids = Vec::new();
     let mut device_ids = Vec::new();
     for (k, p) in params.iter().enumerate() {
@@ -1576,6 +1567,17 @@ fn forward_passes_failing_in_a_row_stop_the_engine_and_a_pass_that_runs_resets_t
     assert_eq!(e.free_blocks(), 16);
 }
 
+/// Blocks of 4 tokens, room for every request of the overlap tests at once.
+fn roomy_config() -> EngineConfig {
+    EngineConfig {
+        block_size: 4,
+        num_blocks: 64,
+        max_num_batched_tokens: 32,
+        max_num_seqs: 8,
+        max_model_len: None,
+    }
+}
+
 fn summarizing_engine(config: EngineConfig, overlap: bool) -> Engine<SummarizingModel> {
     let model = SummarizingModel {
         inner: FakeModel::new(config.block_size, config.num_blocks),
@@ -1680,13 +1682,7 @@ fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
 /// only the tokens it was given, and the other requests get the tokens of a run without it.
 #[test]
 fn a_request_ended_while_its_next_decode_is_queued_keeps_its_blocks_until_that_step_is_done() {
-    let config = EngineConfig {
-        block_size: 4,
-        num_blocks: 64,
-        max_num_batched_tokens: 32,
-        max_num_seqs: 8,
-        max_model_len: None,
-    };
+    let config = roomy_config();
     let requests: Vec<GenerationRequest> = (0..4)
         .map(|k| request(prompt(5, k), 12, SamplingParams::greedy()))
         .collect();
@@ -1752,13 +1748,7 @@ fn a_request_ended_while_its_next_decode_is_queued_keeps_its_blocks_until_that_s
 /// and the engine has no work left (no step keeps it spinning).
 #[test]
 fn a_device_lost_while_a_step_is_in_flight_ends_every_request() {
-    let config = EngineConfig {
-        block_size: 4,
-        num_blocks: 64,
-        max_num_batched_tokens: 32,
-        max_num_seqs: 8,
-        max_model_len: None,
-    };
+    let config = roomy_config();
     let mut e = summarizing_engine(config, true);
     let ids: Vec<_> = (0..3)
         .map(|k| {

@@ -224,17 +224,25 @@ struct StagingSlot {
 unsafe impl Send for MetaStaging {}
 unsafe impl Sync for MetaStaging {}
 
-impl MetaStaging {
+/// Where a batch's metadata goes to the device: the backend's context and stream, and its
+/// pinned staging.
+pub(super) struct MetaUpload<'a> {
+    pub ctx: &'a Arc<CudaContext>,
+    pub stream: &'a Arc<CudaStream>,
+    pub staging: &'a MetaStaging,
+}
+
+impl MetaUpload<'_> {
     /// Queues the copies of `packed` into `ints` and `floats` (each at least as long).
     fn copy(
         &self,
-        ctx: &Arc<CudaContext>,
-        stream: &Arc<CudaStream>,
         packed: &Packed,
         ints: &mut CudaSlice<u32>,
         floats: &mut CudaSlice<f32>,
     ) -> Result<(), BackendError> {
+        let (ctx, stream) = (self.ctx, self.stream);
         let mut guard = self
+            .staging
             .slots
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -291,33 +299,25 @@ fn bytes_of<T: Copy>(values: &[T]) -> &[u8] {
 
 impl CudaBatch {
     /// Uploads `plan` into new buffers.
-    pub(super) fn upload(
-        ctx: &Arc<CudaContext>,
-        stream: &Arc<CudaStream>,
-        staging: &MetaStaging,
-        plan: &BatchPlan,
-    ) -> Result<Self, BackendError> {
-        Self::upload_packed(ctx, stream, staging, plan, pack(plan, None)?)
+    pub(super) fn upload(to: &MetaUpload<'_>, plan: &BatchPlan) -> Result<Self, BackendError> {
+        Self::upload_packed(to, plan, pack(plan, None)?)
     }
 
     /// Buffers for decode steps of `shape`, filled with `plan` (see [`Self::refill`]).
     pub(super) fn for_graph(
-        ctx: &Arc<CudaContext>,
-        stream: &Arc<CudaStream>,
-        staging: &MetaStaging,
+        to: &MetaUpload<'_>,
         plan: &BatchPlan,
         shape: &GraphShape,
     ) -> Result<Self, BackendError> {
-        Self::upload_packed(ctx, stream, staging, plan, pack(plan, Some(shape))?)
+        Self::upload_packed(to, plan, pack(plan, Some(shape))?)
     }
 
     fn upload_packed(
-        ctx: &Arc<CudaContext>,
-        stream: &Arc<CudaStream>,
-        staging: &MetaStaging,
+        to: &MetaUpload<'_>,
         plan: &BatchPlan,
         packed: Packed,
     ) -> Result<Self, BackendError> {
+        let stream = to.stream;
         // SAFETY: the staging copy writes every element before a kernel reads one.
         let (mut ints, mut floats) = unsafe {
             (
@@ -329,7 +329,7 @@ impl CudaBatch {
                     .map_err(upload_err)?,
             )
         };
-        staging.copy(ctx, stream, &packed, &mut ints, &mut floats)?;
+        to.copy(&packed, &mut ints, &mut floats)?;
         Ok(Self::new(stream, plan, &packed, ints, floats))
     }
 
@@ -337,9 +337,7 @@ impl CudaBatch {
     /// the same device buffers, so a captured graph reads it.
     pub(super) fn refill(
         &mut self,
-        ctx: &Arc<CudaContext>,
-        stream: &Arc<CudaStream>,
-        staging: &MetaStaging,
+        to: &MetaUpload<'_>,
         plan: &BatchPlan,
         shape: &GraphShape,
     ) -> Result<(), BackendError> {
@@ -350,7 +348,7 @@ impl CudaBatch {
                 detail: "a decode step does not fit its graph's metadata buffers".into(),
             });
         }
-        staging.copy(ctx, stream, &packed, &mut self.ints, &mut self.floats)
+        to.copy(&packed, &mut self.ints, &mut self.floats)
     }
 
     fn new(

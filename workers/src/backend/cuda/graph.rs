@@ -120,17 +120,11 @@ impl CudaBackend {
         if !slots.contains_key(&key) {
             if slots.len() >= MAX_GRAPHS {
                 drop(slots);
-                let meta = CudaBatch::upload(&self.ctx, &self.stream, &self.meta_staging, plan)?;
+                let meta = CudaBatch::upload(&self.meta_upload(), plan)?;
                 super::sample::chain_tokens(self, *meta.tokens(), &plan.chained)?;
                 return layers(&meta, kv);
             }
-            let meta = CudaBatch::for_graph(
-                &self.ctx,
-                &self.stream,
-                &self.meta_staging,
-                plan,
-                &key.shape,
-            )?;
+            let meta = CudaBatch::for_graph(&self.meta_upload(), plan, &key.shape)?;
             slots.insert(
                 key,
                 GraphSlot {
@@ -141,13 +135,7 @@ impl CudaBackend {
             );
         }
         let slot = slots.get_mut(&key).expect("inserted above");
-        slot.meta.refill(
-            &self.ctx,
-            &self.stream,
-            &self.meta_staging,
-            plan,
-            &key.shape,
-        )?;
+        slot.meta.refill(&self.meta_upload(), plan, &key.shape)?;
         // Outside the graph: the chained tokens' rows differ from step to step.
         super::sample::chain_tokens(self, *slot.meta.tokens(), &plan.chained)?;
         let real_rows = plan.sequences.len();

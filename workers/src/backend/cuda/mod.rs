@@ -606,6 +606,15 @@ impl CudaBackend {
         self.prefetch.take(rows <= gemv_rows)
     }
 
+    /// Where batch metadata goes to this backend's device.
+    fn meta_upload(&self) -> batch::MetaUpload<'_> {
+        batch::MetaUpload {
+            ctx: &self.ctx,
+            stream: &self.stream,
+            staging: &self.meta_staging,
+        }
+    }
+
     /// Blocks of a one-block-per-row kernel: one per row, and at least one per multiprocessor
     /// when it prefetches, so that the prefetch is spread over the whole device.
     fn row_blocks(&self, rows: usize, prefetch: PrefetchArgs) -> usize {
@@ -1130,7 +1139,7 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<CudaBatch, BackendError> {
-        CudaBatch::upload(&self.ctx, &self.stream, &self.meta_staging, plan)
+        CudaBatch::upload(&self.meta_upload(), plan)
     }
 
     fn run_forward(
