@@ -16,6 +16,16 @@ fn bench(args: &[&str]) -> std::process::Output {
         .expect("tandem bench runs")
 }
 
+/// The JSON a run wrote to `json`, once it exited with success.
+fn succeeded_with_json(out: &std::process::Output, json: &std::path::Path) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
 #[test]
 fn bench_measures_a_live_server() {
     bin("worker");
@@ -104,12 +114,7 @@ fn bench_measures_a_live_server() {
         "--output-json",
         json.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let doc = succeeded_with_json(&out, &json);
     let level = &doc["levels"][0];
     assert_eq!(level["request_rate"], 20.0);
     assert_eq!(level["completed"], 4);
@@ -134,12 +139,7 @@ fn bench_measures_a_live_server() {
         "--output-json",
         json.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let doc = succeeded_with_json(&out, &json);
     assert_eq!(doc["input_tokens"], 40);
     assert_eq!(doc["input_len"], Value::Null);
     let level = &doc["levels"][0];

@@ -240,12 +240,7 @@ impl MetaUpload<'_> {
         ints: &mut CudaSlice<u32>,
         floats: &mut CudaSlice<f32>,
     ) -> Result<(), BackendError> {
-        let (ctx, stream) = (self.ctx, self.stream);
-        let mut guard = self
-            .staging
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = super::pinned::lock(&self.staging.slots);
         let (slots, next) = &mut *guard;
         let at = *next;
         *next = (at + 1) % slots.len();
@@ -257,17 +252,10 @@ impl MetaUpload<'_> {
         }
         if !fits {
             let cap = |n: usize| n.next_power_of_two().max(1 << 12);
-            // SAFETY: every element copied to the device is written below first.
-            let (i, f) = unsafe {
-                (
-                    ctx.alloc_pinned_with_flags::<u32>(cap(packed.ints.len()), 0),
-                    ctx.alloc_pinned_with_flags::<f32>(cap(packed.floats.len()), 0),
-                )
-            };
             slots[at] = Some(StagingSlot {
-                ints: i.map_err(upload_err)?,
-                floats: f.map_err(upload_err)?,
-                copied: ctx.new_event(None).map_err(upload_err)?,
+                ints: super::pinned::alloc(self.ctx, cap(packed.ints.len()))?,
+                floats: super::pinned::alloc(self.ctx, cap(packed.floats.len()))?,
+                copied: self.ctx.new_event(None).map_err(upload_err)?,
             });
         }
         let slot = slots[at].as_mut().expect("filled above");
@@ -276,25 +264,11 @@ impl MetaUpload<'_> {
         let host_floats =
             &mut slot.floats.as_mut_slice().map_err(upload_err)?[..packed.floats.len()];
         host_floats.copy_from_slice(&packed.floats);
-        for (dst, src) in [
-            (ints.device_ptr(stream).0, bytes_of(host_ints)),
-            (floats.device_ptr(stream).0, bytes_of(host_floats)),
-        ] {
-            if !src.is_empty() {
-                // SAFETY: `src` is pinned memory kept (and not rewritten) until `copied` has
-                // passed; `dst` holds at least as many bytes (the caller's buffers).
-                unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, stream.cu_stream()) }
-                    .map_err(upload_err)?;
-            }
-        }
-        slot.copied.record(stream).map_err(upload_err)
+        // The slot is not rewritten before `copied` has passed (checked above at its reuse).
+        super::pinned::to_device(self.stream, host_ints, ints)?;
+        super::pinned::to_device(self.stream, host_floats, floats)?;
+        slot.copied.record(self.stream).map_err(upload_err)
     }
-}
-
-/// The bytes of a slice of plain numbers.
-fn bytes_of<T: Copy>(values: &[T]) -> &[u8] {
-    // SAFETY: u32 and f32 have no padding and any byte is a valid u8.
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
 }
 
 impl CudaBatch {

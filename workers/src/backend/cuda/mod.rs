@@ -72,6 +72,7 @@ mod gemm;
 mod graph;
 pub mod kernels;
 mod options;
+mod pinned;
 mod prefetch;
 mod sample;
 mod skinny;
@@ -151,32 +152,8 @@ pub struct CudaBackend {
     /// Pinned memory the batches' metadata is uploaded from.
     meta_staging: batch::MetaStaging,
     /// The MLP's gate/up projection written in bf16 by cuBLAS at prefill sizes
-    /// ([`gate_up_bf16_from_env`]).
+    /// ([`CudaOptions::gate_up_bf16`]).
     gate_up_bf16: bool,
-}
-
-/// Whether cuBLAS writes the gate/up projection in bf16: `TANDEM_GATE_UP_BF16` (`0` or `1`),
-/// else yes unless the process is an MPS client limited to a share of the SMs
-/// (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` below 100). There, cuBLAS 12/13 picks for the bf16
-/// output a kernel of 8-block clusters (`algoId=66`, `CLUSTER_SHAPE_4x2x1`) that does not run
-/// on some SM shares (80% and 60% of an H100 or H200, found in session 15) while returning
-/// success: the output is left unwritten and the logits come out NaN. The f32 output never
-/// picked it.
-fn gate_up_bf16_from_env() -> bool {
-    if let Ok(v) = std::env::var("TANDEM_GATE_UP_BF16") {
-        return v != "0";
-    }
-    let mps_share = std::env::var("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok());
-    let limited = mps_share.is_some_and(|p| p < 100.0);
-    if limited {
-        tracing::info!(
-            "an MPS client with a share of the SMs: the gate/up projection is written in f32 \
-             (cuBLAS's bf16-output kernels do not all run on a share)"
-        );
-    }
-    !limited
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -345,6 +322,12 @@ impl CudaBackend {
             l2_prefetch_mib = prefetch.max_bytes() >> 20,
             "CUDA backend ready"
         );
+        if !options.gate_up_bf16 {
+            tracing::info!(
+                "the gate/up projection is written in f32 (an MPS share of the SMs, or \
+                 TANDEM_GATE_UP_BF16=0)"
+            );
+        }
         Ok(CudaBackend {
             ctx,
             stream,
@@ -359,7 +342,7 @@ impl CudaBackend {
             kv_staging: staging::KvStaging::default(),
             summaries: sample::SummaryQueue::default(),
             meta_staging: batch::MetaStaging::default(),
-            gate_up_bf16: gate_up_bf16_from_env(),
+            gate_up_bf16: options.gate_up_bf16,
             device_sampling: options.device_sampling,
             vec_attention: options.vec_attention,
             decode_mma: std::sync::atomic::AtomicBool::new(options.decode_mma),

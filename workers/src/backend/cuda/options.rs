@@ -41,6 +41,14 @@ pub struct CudaOptions {
     /// default (`TANDEM_SKINNY_GEMM=1` turns it on), since whole decode steps measured no
     /// faster with it (docs/benchmarks.md, session 13).
     pub skinny_gemm: bool,
+    /// cuBLAS writes the MLP's gate/up projection in bf16 at prefill sizes; off, in f32
+    /// (`TANDEM_GATE_UP_BF16`: `0` off, anything else on). Unset, on except in an MPS client
+    /// limited to a share of the SMs (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` below 100): there
+    /// cuBLAS 12/13 picks for the bf16 output a kernel of 8-block clusters (`algoId=66`,
+    /// `CLUSTER_SHAPE_4x2x1`) that does not run on some shares (80% and 60% of an H100 or
+    /// H200, session 15) while returning success, so the output is left unwritten and the
+    /// logits come out NaN. The f32 output never picked it.
+    pub gate_up_bf16: bool,
     /// Splits of K for every `skinny.cu` launch, in place of the count its model of the time
     /// picks (`TANDEM_SKINNY_SPLITS`, for tuning; clamped to what the launch allows).
     pub skinny_splits: Option<usize>,
@@ -70,6 +78,7 @@ impl Default for CudaOptions {
             flash_head_pairs: true,
             flash_wgmma: true,
             skinny_gemm: false,
+            gate_up_bf16: true,
             skinny_splits: None,
             attn_split_keys: None,
             l2_prefetch_mb: None,
@@ -100,6 +109,12 @@ impl CudaOptions {
             flash_wgmma: switch("TANDEM_FLASH_WGMMA"),
             // Off unless set to something other than `0`.
             skinny_gemm: var("TANDEM_SKINNY_GEMM").is_some_and(|v| v != "0"),
+            gate_up_bf16: match var("TANDEM_GATE_UP_BF16") {
+                Some(v) => v != "0",
+                None => text("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .is_none_or(|share| share >= 100.0),
+            },
             skinny_splits: text("TANDEM_SKINNY_SPLITS")
                 .and_then(|v| v.trim().parse().ok())
                 .filter(|&splits| splits > 0),
@@ -171,6 +186,7 @@ mod tests {
                 flash_head_pairs: false,
                 flash_wgmma: false,
                 skinny_gemm: true,
+                gate_up_bf16: true,
                 skinny_splits: Some(3),
                 attn_split_keys: Some(32),
                 l2_prefetch_mb: Some(8),
@@ -178,6 +194,19 @@ mod tests {
                 cache_dir: Some("/c".into()),
             }
         );
+    }
+
+    #[test]
+    fn the_gate_up_projection_is_f32_in_an_mps_client_with_a_share_of_the_sms() {
+        let bf16 = |vars: &[(&str, &str)]| options(vars).gate_up_bf16;
+        assert!(bf16(&[]));
+        assert!(bf16(&[("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100")]));
+        assert!(!bf16(&[("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "80")]));
+        assert!(bf16(&[
+            ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "80"),
+            ("TANDEM_GATE_UP_BF16", "1")
+        ]));
+        assert!(!bf16(&[("TANDEM_GATE_UP_BF16", "0")]));
     }
 
     #[test]

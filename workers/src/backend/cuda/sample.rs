@@ -9,8 +9,9 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaSlice, PinnedHostSlice, PushKernelArg};
 
+use super::pinned::{self, lock};
 use super::{CudaBackend, CudaTensor, rows_config, shape_err};
 use crate::backend::BackendError;
 use crate::model::ChainedToken;
@@ -161,32 +162,14 @@ impl PinnedOutputs {
         // Some headroom, so a batch growing by a few sequences does not allocate again.
         let capacity = rows.next_power_of_two().max(64);
         let ctx = &backend.ctx;
-        // SAFETY: every element is written by a copy from the device before it is read.
-        unsafe {
-            Ok(Self {
-                capacity,
-                f32s: dev!(
-                    "pinned summaries",
-                    ctx.alloc_pinned_with_flags(capacity * 2, 0)
-                )?,
-                u32s: dev!(
-                    "pinned summaries",
-                    ctx.alloc_pinned_with_flags(capacity * 4, 0)
-                )?,
-                f64s: dev!(
-                    "pinned summaries",
-                    ctx.alloc_pinned_with_flags(capacity * 2, 0)
-                )?,
-                cand_logit: dev!(
-                    "pinned summaries",
-                    ctx.alloc_pinned_with_flags(capacity * DEVICE_CANDIDATES, 0)
-                )?,
-                cand_id: dev!(
-                    "pinned summaries",
-                    ctx.alloc_pinned_with_flags(capacity * DEVICE_CANDIDATES, 0)
-                )?,
-            })
-        }
+        Ok(Self {
+            capacity,
+            f32s: pinned::alloc(ctx, capacity * 2)?,
+            u32s: pinned::alloc(ctx, capacity * 4)?,
+            f64s: pinned::alloc(ctx, capacity * 2)?,
+            cand_logit: pinned::alloc(ctx, capacity * DEVICE_CANDIDATES)?,
+            cand_id: pinned::alloc(ctx, capacity * DEVICE_CANDIDATES)?,
+        })
     }
 }
 
@@ -196,25 +179,7 @@ struct Queued {
     want_candidates: Vec<bool>,
     pinned: PinnedOutputs,
     /// Recorded after the copies into `pinned`.
-    copied: Option<CudaEvent>,
-}
-
-/// Queues the copy of `src` into the first `src.len()` elements of `dst`. (cudarc's
-/// `memcpy_dtoh` copies the whole destination, which is larger: it is reused across steps.)
-fn copy_to_pinned<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-    stream: &std::sync::Arc<CudaStream>,
-    src: &CudaSlice<T>,
-    dst: &mut PinnedHostSlice<T>,
-) -> Result<(), BackendError> {
-    let n = src.len();
-    // Waits for nothing: a buffer is reused only after its summaries were read.
-    let host = dev!("queue summaries", dst.as_mut_slice())?;
-    let (src_ptr, _sync) = src.device_ptr(stream);
-    // SAFETY: `host[..n]` is pinned memory that stays allocated (in the queue) until the copy
-    // is waited for; `src` holds `n` elements, alive until the copy ran (stream-ordered free).
-    dev!("queue summaries", unsafe {
-        cudarc::driver::result::memcpy_dtoh_async(&mut host[..n], src_ptr, stream.cu_stream())
-    })
+    copied: CudaEvent,
 }
 
 /// Summaries on their way to the host, and the device copy of the newest ones' picked tokens
@@ -232,10 +197,6 @@ pub(super) struct SummaryQueue {
 unsafe impl Send for SummaryQueue {}
 unsafe impl Sync for SummaryQueue {}
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Queues the summaries of `logits`' rows and their copy to the host; they become the picks
 /// the next forward's chained tokens read.
 pub(super) fn queue_summaries(
@@ -244,39 +205,35 @@ pub(super) fn queue_summaries(
     requests: &[RowRequest],
 ) -> Result<(), BackendError> {
     let rows = logits.rows;
+    if rows == 0 {
+        // A forward without logits rows has nothing to summarize (the runner queues none).
+        return Err(shape_err("queue_summaries", "no logits rows".into()));
+    }
     let queue = &backend.summaries;
-    let out = if rows == 0 {
-        None
-    } else {
-        Some(launch(backend, logits, requests)?)
-    };
+    let out = launch(backend, logits, requests)?;
     let reused = {
         let mut spare = lock(&queue.spare);
-        let at = spare.iter().position(|p| p.capacity >= rows.max(1));
+        let at = spare.iter().position(|p| p.capacity >= rows);
         at.map(|at| spare.swap_remove(at))
     };
     let mut pinned = match reused {
         Some(pinned) => pinned,
-        None => PinnedOutputs::new(backend, rows.max(1))?,
+        None => PinnedOutputs::new(backend, rows)?,
     };
-    let mut copied = None;
-    if let Some(out) = out {
-        let stream = &backend.stream;
-        copy_to_pinned(stream, &out.f32s, &mut pinned.f32s)?;
-        copy_to_pinned(stream, &out.u32s, &mut pinned.u32s)?;
-        copy_to_pinned(stream, &out.f64s, &mut pinned.f64s)?;
-        if requests.iter().any(|r| r.candidates) {
-            copy_to_pinned(stream, &out.cand_logit, &mut pinned.cand_logit)?;
-            copy_to_pinned(stream, &out.cand_id, &mut pinned.cand_id)?;
-        }
-        copied = Some(dev!("queue summaries", stream.record_event(None))?);
-        *lock(&queue.last_picks) = Some((rows, out.u32s));
-    } else {
-        *lock(&queue.last_picks) = None;
+    let stream = &backend.stream;
+    pinned::from_device(stream, &out.f32s, &mut pinned.f32s)?;
+    pinned::from_device(stream, &out.u32s, &mut pinned.u32s)?;
+    pinned::from_device(stream, &out.f64s, &mut pinned.f64s)?;
+    let want_candidates: Vec<bool> = requests.iter().map(|r| r.candidates).collect();
+    if want_candidates.contains(&true) {
+        pinned::from_device(stream, &out.cand_logit, &mut pinned.cand_logit)?;
+        pinned::from_device(stream, &out.cand_id, &mut pinned.cand_id)?;
     }
+    let copied = dev!("queue summaries", stream.record_event(None))?;
+    *lock(&queue.last_picks) = Some((rows, out.u32s));
     lock(&queue.queued).push_back(Queued {
         rows,
-        want_candidates: requests.iter().map(|r| r.candidates).collect(),
+        want_candidates,
         pinned,
         copied,
     });
@@ -289,9 +246,7 @@ pub(super) fn take_summaries(backend: &CudaBackend) -> Result<Vec<RowSummary>, B
     let queued = lock(&queue.queued)
         .pop_front()
         .ok_or_else(|| shape_err("take_summaries", "no summaries are queued".into()))?;
-    if let Some(copied) = &queued.copied {
-        dev!("wait for summaries", copied.synchronize())?;
-    }
+    dev!("wait for summaries", queued.copied.synchronize())?;
     let summaries = {
         let p = &queued.pinned;
         let host = HostOutputs {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaStream, PinnedHostSlice};
 
+use super::pinned::lock;
 use super::tensor::CudaKvCache;
 use crate::backend::{BackendError, HostRange};
 
@@ -192,20 +193,10 @@ impl KvStaging {
         let wanted = STAGING_BYTES.max(block_bytes);
         if slot.as_ref().is_none_or(|b| b.len() < block_bytes) {
             *slot = None;
-            // SAFETY: the memory is written by the copies (or the caller's bytes) before it
-            // is read. Flags 0: cached host memory, which the CPU reads back at full speed
-            // (cudarc's default, write-combined, is slow to read).
-            let buffer = dev!("pinned staging buffer", unsafe {
-                ctx.alloc_pinned_with_flags::<u8>(wanted, 0)
-            })?;
-            *slot = Some(buffer);
+            *slot = Some(super::pinned::alloc(ctx, wanted)?);
         }
         Ok(slot.as_mut().expect("allocated above"))
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Checks that `len` bytes are `blocks` whole blocks of `kv` and that every block is in the
