@@ -13,7 +13,10 @@ use tandem_cli::args::GpuArgs;
 use thiserror::Error;
 
 use crate::device::{DeviceError, StartedEngine, load_model};
-use crate::engine::{EngineConfig, EngineError, EventKind, FinishReason, GenerationRequest};
+use crate::engine::{
+    DEFAULT_GROWTH_RESERVE_TOKENS, EngineConfig, EngineError, EventKind, FinishReason,
+    GenerationRequest,
+};
 use crate::model_dir::{ModelDirError, ModelText, check_model_dir};
 use crate::sampler::SamplingParams;
 
@@ -177,6 +180,7 @@ fn engine_config(prompt_len: usize, max_tokens: usize, max_model_len: usize) -> 
         max_num_batched_tokens: 512,
         max_num_seqs: 1,
         max_model_len: Some(max_model_len),
+        growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
     }
 }
 
@@ -196,6 +200,7 @@ mod tests {
             block_size: c.block_size,
             num_blocks: c.num_blocks,
             max_model_len: 2048,
+            growth_reserve_tokens: None,
         });
         assert!(scheduler.is_ok_and(|s| s.max_context_len() == 2048));
     }

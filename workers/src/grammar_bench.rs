@@ -13,7 +13,9 @@ use serde::Serialize;
 
 use crate::backend::KvBlockIo;
 use crate::device::{Device, DeviceError, LoadedModel, load_model};
-use crate::engine::{Engine, EngineConfig, EventKind, GenerationRequest, ModelRunner};
+use crate::engine::{
+    DEFAULT_GROWTH_RESERVE_TOKENS, Engine, EngineConfig, EventKind, GenerationRequest, ModelRunner,
+};
 use crate::model::Model;
 use crate::sampler::SamplingParams;
 use tandem_text::grammar::{GrammarCompiler, GrammarSource};
@@ -72,6 +74,7 @@ fn bench<B: KvBlockIo + 'static>(
         max_num_batched_tokens: (PROMPT * max_batch).max(512),
         max_num_seqs: max_batch,
         max_model_len: None,
+        growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
     };
     let vocab = model.config().vocab_size;
     let runner = ModelRunner::new(model, config.block_size, config.num_blocks).map_err(|e| {

@@ -25,6 +25,20 @@
 //! Blocks are reserved step by step: a sequence holds blocks for its computed tokens plus the
 //! chunk scheduled now, and its block table grows as it does.
 //!
+//! # Room to grow
+//! Admitting a sequence the cache cannot carry to its end only defers the cost: when the
+//! pool runs dry, a decode preempts the newest sequence and all the prefill it had done is
+//! thrown away (under load: a few percent of all prefill work, measured on the H100 at
+//! 2048/128 tokens). So with [`SchedulerConfig::growth_reserve_tokens`] = `Some(h)`, the head
+//! of the queue is admitted only while the free blocks cover, besides its own whole prompt
+//! and its next `h` tokens, every admitted sequence's rest of prompt and next `h` tokens,
+//! each capped at the sequence's own end ([`Scheduler::set_max_len`]: prompt plus
+//! `max_tokens`). A request for 128 tokens thus never preempts anyone once admitted with
+//! `h` >= 128; longer ones still may, past their first `h` tokens. With nothing admitted the
+//! head needs only its first chunk, so a lone sequence always starts. `None` admits on the
+//! first chunk alone. Imported sequences ([`Scheduler::can_add_computed`]) follow the same
+//! rule.
+//!
 //! # Preemption
 //! When a decode needs a new block and none is free, the **most recently admitted** running
 //! sequence not yet scheduled in this step is preempted — possibly the one asking. When a
@@ -95,7 +109,14 @@ pub struct SchedulerConfig {
     pub num_blocks: usize,
     /// The model's context length; the effective limit is also capped by the cache size.
     pub max_model_len: usize,
+    /// Tokens of growth kept free for every admitted sequence at admission (module doc,
+    /// "Room to grow"); `None` admits on the first chunk alone.
+    pub growth_reserve_tokens: Option<usize>,
 }
+
+/// Growth kept free per admitted sequence by default: the 128 output tokens of the
+/// published throughput tables twice over, 4 blocks of 64 tokens per sequence.
+pub const DEFAULT_GROWTH_RESERVE_TOKENS: usize = 256;
 
 impl SchedulerConfig {
     pub fn validate(&self) -> Result<(), SchedulerError> {
@@ -178,6 +199,9 @@ struct Sequence {
     arrival: u64,
     status: SeqStatus,
     num_preemptions: u32,
+    /// The most tokens it can reach (prompt plus `max_tokens`, capped by the context):
+    /// growth is reserved up to here and no further.
+    max_len: usize,
     /// The samples group this sequence belongs to ([`Scheduler::add_to_group`]), and the
     /// prompt tokens its members may share (whole blocks, at least one token short of the
     /// prompt). `None` for a sequence on its own.
@@ -300,12 +324,65 @@ impl Scheduler {
         self.running.len() + self.num_reserved
     }
 
-    /// Whether a sequence whose `prompt_tokens` K/V arrive computed (an imported prefill) can
-    /// be admitted now, or room reserved for it ([`Self::reserve`]): a free sequence slot, and
-    /// the prompt's blocks free.
-    pub fn can_add_computed(&self, prompt_tokens: usize) -> bool {
-        self.slots_taken() < self.config.max_num_seqs
-            && self.pool.num_free() >= prompt_tokens.div_ceil(self.config.block_size)
+    /// Whether a sequence whose `prompt_tokens` K/V arrive computed (an imported prefill),
+    /// and which may grow to `max_len` tokens, can be admitted now, or room reserved for it
+    /// ([`Self::reserve`]): a free sequence slot, and the prompt's blocks free together with
+    /// the room to grow of it and of every admitted sequence (module doc).
+    pub fn can_add_computed(&self, prompt_tokens: usize, max_len: usize) -> bool {
+        let prompt_blocks = prompt_tokens.div_ceil(self.config.block_size);
+        let needed = match self.growth_blocks_of_admitted() {
+            Some(admitted) => {
+                let end = self.growth_end(prompt_tokens, max_len);
+                admitted + end.div_ceil(self.config.block_size).max(prompt_blocks)
+            }
+            None => prompt_blocks,
+        };
+        self.slots_taken() < self.config.max_num_seqs && self.pool.num_free() >= needed
+    }
+
+    /// Sets how many tokens (prompt plus generated) `id` can reach at most: the end of its
+    /// room to grow. Sequences start with no limit but the context's.
+    pub fn set_max_len(&mut self, id: SeqId, max_len: usize) -> Result<(), SchedulerError> {
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(SchedulerError::UnknownSequence(id))?;
+        seq.max_len = max_len;
+        Ok(())
+    }
+
+    /// Where the room to grow of a sequence of `num_tokens` that can reach `max_len` ends:
+    /// `growth_reserve_tokens` further, capped by `max_len` and the context.
+    fn growth_end(&self, num_tokens: usize, max_len: usize) -> usize {
+        let reach = num_tokens + self.config.growth_reserve_tokens.unwrap_or(0);
+        reach
+            .min(max_len)
+            .min(self.max_context_len())
+            .max(num_tokens)
+    }
+
+    /// Blocks `seq` still needs to reach the end of its room to grow.
+    fn growth_blocks(&self, seq: &Sequence) -> usize {
+        let end = self.growth_end(seq.num_tokens, seq.max_len);
+        end.div_ceil(self.config.block_size)
+            .saturating_sub(seq.blocks.len())
+    }
+
+    /// The blocks the admitted sequences (running or reserved) still need to reach the ends
+    /// of their room to grow; `None` when no room is kept (no `growth_reserve_tokens`, or
+    /// nothing admitted: a lone sequence always starts).
+    fn growth_blocks_of_admitted(&self) -> Option<usize> {
+        self.config.growth_reserve_tokens?;
+        if self.slots_taken() == 0 {
+            return None;
+        }
+        Some(
+            self.seqs
+                .values()
+                .filter(|s| matches!(s.status, SeqStatus::Running | SeqStatus::Reserved))
+                .map(|s| self.growth_blocks(s))
+                .sum(),
+        )
     }
 
     /// Admits a sequence whose prompt K/V are already computed elsewhere, straight into the
@@ -316,6 +393,7 @@ impl Scheduler {
         &mut self,
         id: SeqId,
         prompt_tokens: usize,
+        max_len: usize,
     ) -> Result<Vec<BlockId>, SchedulerError> {
         let blocks = self.allocate_slot(id, prompt_tokens)?;
         self.seqs.insert(
@@ -327,6 +405,7 @@ impl Scheduler {
                 arrival: self.next_arrival,
                 status: SeqStatus::Running,
                 num_preemptions: 0,
+                max_len,
                 group: None,
             },
         );
@@ -338,7 +417,12 @@ impl Scheduler {
     /// Reserves room for a sequence whose prompt's K/V is on its way (a decode worker's pull):
     /// the prompt's blocks are allocated and a sequence slot held, and the sequence is not
     /// scheduled until [`Self::start_reserved`]. Fails when [`Self::can_add_computed`] is false.
-    pub fn reserve(&mut self, id: SeqId, prompt_tokens: usize) -> Result<(), SchedulerError> {
+    pub fn reserve(
+        &mut self,
+        id: SeqId,
+        prompt_tokens: usize,
+        max_len: usize,
+    ) -> Result<(), SchedulerError> {
         let blocks = self.allocate_slot(id, prompt_tokens)?;
         self.seqs.insert(
             id,
@@ -349,6 +433,7 @@ impl Scheduler {
                 arrival: self.next_arrival,
                 status: SeqStatus::Reserved,
                 num_preemptions: 0,
+                max_len,
                 group: None,
             },
         );
@@ -448,6 +533,7 @@ impl Scheduler {
                 arrival: self.next_arrival,
                 status: SeqStatus::Waiting,
                 num_preemptions: 0,
+                max_len: usize::MAX,
                 group,
             },
         );
@@ -670,8 +756,10 @@ impl Scheduler {
             i += 1;
         }
 
-        // 3. Admission, strict FIFO, never in a step that had to preempt.
+        // 3. Admission, strict FIFO, never in a step that had to preempt, and only with room
+        // to grow for the admitted and the newcomer (module doc).
         if step.preempted.is_empty() {
+            let mut admitted_growth = self.growth_blocks_of_admitted();
             while let Some(&id) = self.waiting.front() {
                 if budget == 0 || self.slots_taken() >= self.config.max_num_seqs {
                     break;
@@ -692,7 +780,10 @@ impl Scheduler {
                 };
                 let chunk = self.remaining(id).min(budget);
                 let target = self.seqs[&id].num_computed + chunk;
-                if !self.try_grow(id, target) {
+                let room = admitted_growth.is_none_or(|admitted| {
+                    admitted + self.growth_blocks(&self.seqs[&id]) <= self.pool.num_free()
+                });
+                if !room || !self.try_grow(id, target) {
                     if shared.is_some() {
                         // Waiting sequences hold no blocks: give the shares back.
                         let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
@@ -710,6 +801,10 @@ impl Scheduler {
                 }
                 step.scheduled.push(self.take_chunk(id, chunk));
                 budget -= chunk;
+                if self.config.growth_reserve_tokens.is_some() {
+                    let newcomer = self.growth_blocks(&self.seqs[&id]);
+                    admitted_growth = Some(admitted_growth.unwrap_or(0) + newcomer);
+                }
             }
         }
         step
@@ -782,6 +877,7 @@ mod tests {
             block_size,
             num_blocks: blocks,
             max_model_len: 4096,
+            growth_reserve_tokens: None,
         }
     }
 
@@ -1031,8 +1127,8 @@ mod tests {
     fn a_reservation_holds_blocks_and_a_slot_and_is_never_scheduled_or_preempted() {
         // 2 slots, 8 blocks of 4 tokens.
         let mut s = Scheduler::new(config(16, 2, 4, 8)).unwrap();
-        assert!(s.can_add_computed(12));
-        s.reserve(1, 12).unwrap();
+        assert!(s.can_add_computed(12, 4096));
+        s.reserve(1, 12, 4096).unwrap();
         assert_eq!(s.status(1), Some(SeqStatus::Reserved));
         assert_eq!((s.free_blocks(), s.num_reserved()), (5, 1));
         assert!(!s.has_work(), "a reservation alone is no work");
@@ -1044,8 +1140,8 @@ mod tests {
         let step = step_and_append(&mut s);
         assert_eq!(step.scheduled.len(), 1, "{step:?}");
         assert_eq!(s.status(3), Some(SeqStatus::Waiting));
-        assert!(!s.can_add_computed(4));
-        assert_eq!(s.reserve(4, 4), Err(SchedulerError::NoRoom(4)));
+        assert!(!s.can_add_computed(4, 4096));
+        assert_eq!(s.reserve(4, 4, 4096), Err(SchedulerError::NoRoom(4)));
         // Sequence 2 decodes until the pool runs dry: it preempts itself, never the
         // reservation.
         let mut preempted = false;
@@ -1084,8 +1180,8 @@ mod tests {
     #[test]
     fn a_reservation_can_prefill_in_its_blocks_or_be_given_back() {
         let mut s = Scheduler::new(config(8, 4, 4, 8)).unwrap();
-        s.reserve(1, 10).unwrap();
-        s.reserve(2, 6).unwrap();
+        s.reserve(1, 10, 4096).unwrap();
+        s.reserve(2, 6, 4096).unwrap();
         assert_eq!(s.free_blocks(), 3);
         // A failed pull: the prompt is computed here, in chunks, in the blocks it holds.
         s.start_reserved(1, false).unwrap();
@@ -1432,6 +1528,135 @@ mod tests {
             if seed == 0 {
                 assert!(preemptions > 0, "the workload must exercise preemption");
             }
+        }
+    }
+
+    #[test]
+    fn admission_keeps_room_for_the_admitted_to_reach_their_ends() {
+        // 12 blocks of 4 tokens; prompts of 16 tokens (4 blocks) that may grow by 8 (2 blocks).
+        let reserve = SchedulerConfig {
+            growth_reserve_tokens: Some(8),
+            ..config(64, 4, 4, 12)
+        };
+        let mut s = Scheduler::new(reserve).unwrap();
+        for id in 1..=3 {
+            s.add(id, 16).unwrap();
+            s.set_max_len(id, 24).unwrap();
+        }
+        // Two sequences need 12 blocks to reach their ends: the third waits, though its
+        // prompt's 4 blocks are free.
+        let step = step_and_append(&mut s);
+        assert_eq!(step.scheduled.len(), 2, "{step:?}");
+        assert_eq!(s.free_blocks(), 4);
+        assert_eq!(s.status(3), Some(SeqStatus::Waiting));
+        // Both run to their ends without preempting anyone; the third starts as one finishes.
+        let mut preempted = Vec::new();
+        let mut generated: HashMap<SeqId, usize> = HashMap::new();
+        while s.has_work() {
+            let step = s.schedule();
+            preempted.extend(step.preempted.iter().copied());
+            for item in step.scheduled.iter().filter(|i| i.wants_logits) {
+                let count = generated.entry(item.id).or_default();
+                *count += 1;
+                if *count == 8 {
+                    s.finish(item.id).unwrap();
+                } else {
+                    s.append_token(item.id).unwrap();
+                }
+            }
+        }
+        assert!(preempted.is_empty(), "{preempted:?}");
+        assert_eq!(generated.len(), 3);
+        assert_eq!(s.free_blocks(), 12);
+
+        // Without the reserve all three start and the pool runs dry: a preemption.
+        let mut s = Scheduler::new(config(64, 4, 4, 12)).unwrap();
+        for id in 1..=3 {
+            s.add(id, 16).unwrap();
+        }
+        let mut preemptions = 0;
+        for _ in 0..8 {
+            preemptions += step_and_append(&mut s).preempted.len();
+        }
+        assert!(preemptions > 0);
+    }
+
+    #[test]
+    fn a_lone_sequence_starts_even_when_its_growth_cannot_be_kept() {
+        // 8 blocks of 4 tokens, growth kept for 100 tokens: more than the pool holds.
+        let mut s = Scheduler::new(SchedulerConfig {
+            growth_reserve_tokens: Some(100),
+            ..config(64, 4, 4, 8)
+        })
+        .unwrap();
+        s.add(1, 12).unwrap();
+        s.add(2, 4).unwrap();
+        let step = step_and_append(&mut s);
+        assert_eq!(step.scheduled.len(), 1, "{step:?}");
+        assert_eq!(s.status(2), Some(SeqStatus::Waiting));
+        s.finish(1).unwrap();
+        assert_eq!(step_and_append(&mut s).scheduled[0].id, 2);
+    }
+
+    #[test]
+    fn imports_need_their_room_to_grow_and_the_admitted_ones() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            growth_reserve_tokens: Some(8),
+            ..config(64, 4, 4, 12)
+        })
+        .unwrap();
+        // Alone: the prompt's blocks are enough (growth past the pool is not asked).
+        assert!(s.can_add_computed(40, 4096));
+        s.add_computed(1, 16, 24).unwrap(); // 4 blocks held, 2 to grow
+        // 8 free: a 16-token prompt that may grow by 8 needs 6, plus 2 for sequence 1.
+        assert!(s.can_add_computed(16, 24));
+        assert!(!s.can_add_computed(20, 28), "7 blocks to its end, plus 2");
+        assert!(s.can_add_computed(20, 24), "its end within the 6 blocks");
+        s.reserve(2, 16, 24).unwrap();
+        assert!(
+            !s.can_add_computed(1, 2),
+            "2 free blocks, 4 kept for growth"
+        );
+    }
+
+    #[test]
+    fn with_room_to_grow_for_every_output_nothing_is_ever_preempted() {
+        for seed in 0..20u64 {
+            let mut rng = Lcg(seed);
+            let cfg = SchedulerConfig {
+                growth_reserve_tokens: Some(20),
+                ..config(12, 5, 4, 14)
+            };
+            let mut s = Scheduler::new(cfg).unwrap();
+            let mut to_generate: HashMap<SeqId, usize> = HashMap::new();
+            let mut next_id = 0;
+            let mut steps = 0;
+            while next_id < 40 || s.has_work() {
+                steps += 1;
+                assert!(steps < 10_000, "no progress (seed {seed})");
+                if next_id < 40 && rng.next(3) == 0 {
+                    let prompt = 1 + rng.next(30) as usize;
+                    let output = 1 + rng.next(20) as usize;
+                    s.add(next_id, prompt).unwrap();
+                    s.set_max_len(next_id, prompt + output).unwrap();
+                    to_generate.insert(next_id, output);
+                    next_id += 1;
+                }
+                let step = s.schedule();
+                assert!(step.preempted.is_empty(), "seed {seed}: {step:?}");
+                for item in step.scheduled.iter().filter(|i| i.wants_logits) {
+                    let left = to_generate.get_mut(&item.id).unwrap();
+                    *left -= 1;
+                    if *left == 0 {
+                        s.finish(item.id).unwrap();
+                        to_generate.remove(&item.id);
+                    } else {
+                        s.append_token(item.id).unwrap();
+                    }
+                }
+            }
+            assert!(to_generate.is_empty(), "seed {seed}");
+            assert_eq!(s.free_blocks(), cfg.num_blocks, "seed {seed}");
         }
     }
 }

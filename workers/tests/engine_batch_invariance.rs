@@ -52,6 +52,7 @@ fn alone(model: &std::path::Path, prompt: &[u32], sampling: &SamplingParams) -> 
             max_num_batched_tokens: 256,
             max_num_seqs: 1,
             max_model_len: None,
+            growth_reserve_tokens: Some(tandem_workers::engine::DEFAULT_GROWTH_RESERVE_TOKENS),
         },
     );
     let id = engine
@@ -79,6 +80,8 @@ fn batched(
             max_num_batched_tokens: 8,
             max_num_seqs: 8,
             max_model_len: None,
+            // Admission on the first chunk alone, so that the small cache preempts.
+            growth_reserve_tokens: None,
         },
     );
     let ids: Vec<_> = prompts

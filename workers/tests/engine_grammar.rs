@@ -86,6 +86,8 @@ fn config(max_num_batched_tokens: usize, num_blocks: usize) -> EngineConfig {
         max_num_batched_tokens,
         max_num_seqs: 8,
         max_model_len: None,
+        // Admission on the first chunk alone: the small caches here are there to preempt.
+        growth_reserve_tokens: None,
     }
 }
 

@@ -19,6 +19,7 @@ fn config() -> EngineConfig {
         max_num_batched_tokens: 24,
         max_num_seqs: 8,
         max_model_len: None,
+        growth_reserve_tokens: Some(tandem_workers::engine::DEFAULT_GROWTH_RESERVE_TOKENS),
     }
 }
 

@@ -16,6 +16,8 @@ fn config() -> EngineConfig {
         max_num_batched_tokens: 16,
         max_num_seqs: 4,
         max_model_len: None,
+        // Admission on the first chunk alone: the small caches here are there to preempt.
+        growth_reserve_tokens: None,
     }
 }
 

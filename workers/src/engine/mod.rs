@@ -59,6 +59,7 @@ use crate::backend::{HostRange, KvBuffer, KvBytesMut};
 use crate::model::{ForwardBatch, RowLogprobs};
 use crate::sampler::device::RowRequest;
 use crate::sampler::{SampledToken, Sampler, SamplingError};
+pub use crate::scheduler::DEFAULT_GROWTH_RESERVE_TOKENS;
 use crate::scheduler::{GroupId, Scheduler, SchedulerConfig, SchedulerError, SeqStatus};
 use tandem_text::grammar::{Constraint, TokenMask};
 
@@ -76,6 +77,10 @@ pub struct EngineConfig {
     /// Context limit; `None` is the model's `max_position_embeddings`. Also capped by the
     /// cache size.
     pub max_model_len: Option<usize>,
+    /// Tokens of growth the scheduler keeps free for every admitted request, so that it is
+    /// not preempted before it gets there (`SchedulerConfig::growth_reserve_tokens`); `None`
+    /// admits on the first prompt chunk alone.
+    pub growth_reserve_tokens: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -86,6 +91,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 512,
             max_num_seqs: 64,
             max_model_len: None,
+            growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
         }
     }
 }
@@ -197,6 +203,12 @@ struct AskedLogprobs {
 impl Sequence {
     fn generated(&self) -> &[u32] {
         &self.tokens[self.prompt_len..]
+    }
+
+    /// The most tokens it can reach: its prompt and `max_tokens` (the scheduler keeps room
+    /// for it to grow up to there).
+    fn max_len(&self) -> usize {
+        self.prompt_len + self.max_tokens
     }
 
     fn usage(&self) -> Usage {
@@ -325,6 +337,7 @@ impl<M: StepModel> Engine<M> {
             block_size: config.block_size,
             num_blocks: config.num_blocks,
             max_model_len,
+            growth_reserve_tokens: config.growth_reserve_tokens,
         })?;
         Ok(Self {
             eos_token_ids: model.eos_token_ids(),
@@ -430,10 +443,10 @@ impl<M: StepModel> Engine<M> {
             || !self.pending_cancel.is_empty()
             || !self.arrived_imports.is_empty()
             || !self.deferred_events.is_empty()
-            || self
-                .pending_imports
-                .front()
-                .is_some_and(|p| self.scheduler.can_add_computed(p.seq.prompt_len))
+            || self.pending_imports.front().is_some_and(|p| {
+                self.scheduler
+                    .can_add_computed(p.seq.prompt_len, p.seq.max_len())
+            })
     }
 
     /// Validates and queues a request.
@@ -471,6 +484,7 @@ impl<M: StepModel> Engine<M> {
             // A resumed request's K/V are computed for its resumed tokens too.
             None => self.scheduler.add(id, seq.tokens.len())?,
         }
+        self.scheduler.set_max_len(id, seq.max_len())?;
         self.seqs.insert(id, seq);
         Ok(())
     }
@@ -580,7 +594,8 @@ impl<M: StepModel> Engine<M> {
                 .remove(at)
                 .expect("position is in range");
             let prompt_len = import.seq.prompt_len;
-            match self.scheduler.add(id, prompt_len) {
+            let added = self.scheduler.add(id, prompt_len);
+            match added.and_then(|()| self.scheduler.set_max_len(id, import.seq.max_len())) {
                 Ok(()) => {
                     self.seqs.insert(id, import.seq);
                 }
@@ -733,7 +748,10 @@ impl<M: StepModel> Engine<M> {
     /// to pull.
     fn admit_imports(&mut self, events: &mut Vec<EngineEvent>) {
         while let Some(front) = self.pending_imports.front_mut() {
-            if !self.scheduler.can_add_computed(front.seq.prompt_len) {
+            if !self
+                .scheduler
+                .can_add_computed(front.seq.prompt_len, front.seq.max_len())
+            {
                 front.waited = true;
                 break;
             }
@@ -748,7 +766,11 @@ impl<M: StepModel> Engine<M> {
                 self.reserve(id, import.seq, events);
                 continue;
             };
-            let blocks = match self.scheduler.add_computed(id, import.seq.prompt_len) {
+            let max_len = import.seq.max_len();
+            let blocks = match self
+                .scheduler
+                .add_computed(id, import.seq.prompt_len, max_len)
+            {
                 Ok(blocks) => blocks,
                 Err(e) => {
                     events.push(finished_without_tokens(
@@ -774,7 +796,7 @@ impl<M: StepModel> Engine<M> {
 
     /// Reserves the blocks and slot of a request whose K/V is to be pulled (there is room).
     fn reserve(&mut self, id: RequestId, mut seq: Sequence, events: &mut Vec<EngineEvent>) {
-        if let Err(e) = self.scheduler.reserve(id, seq.prompt_len) {
+        if let Err(e) = self.scheduler.reserve(id, seq.prompt_len, seq.max_len()) {
             events.push(finished_without_tokens(
                 id,
                 seq.prompt_len,

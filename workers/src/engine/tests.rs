@@ -167,15 +167,26 @@ impl StepModel for FakeModel {
     }
 }
 
+/// An engine of `num_blocks` 4-token blocks that admits on the first prompt chunk alone, so
+/// that the small caches of these tests preempt (the room to grow is tested on its own).
 fn engine(budget: usize, num_blocks: usize) -> Engine<FakeModel> {
-    let config = EngineConfig {
+    Engine::new(
+        FakeModel::new(4, num_blocks),
+        greedy_admission(budget, num_blocks),
+        None,
+    )
+    .unwrap()
+}
+
+fn greedy_admission(budget: usize, num_blocks: usize) -> EngineConfig {
+    EngineConfig {
         block_size: 4,
         num_blocks,
         max_num_batched_tokens: budget,
         max_num_seqs: budget.min(8),
         max_model_len: None,
-    };
-    Engine::new(FakeModel::new(4, num_blocks), config, None).unwrap()
+        growth_reserve_tokens: None,
+    }
 }
 
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
@@ -266,6 +277,41 @@ fn same_tokens_alone_batched_and_under_preemption() {
             assert_eq!(e.free_blocks(), num_blocks, "blocks leaked");
         }
     }
+}
+
+/// The same small cache with room to grow kept at admission: every request reaches its end
+/// (at most 45 tokens, 12 of the 14 blocks) without anyone being preempted, and gets the
+/// tokens it gets alone.
+#[test]
+fn room_to_grow_kept_at_admission_means_no_preemption_and_the_same_tokens() {
+    let prompts = [5usize, 30, 1, 17, 9, 2, 22, 13];
+    let mut reference = Outcomes::new();
+    for (k, len) in prompts.iter().enumerate() {
+        let mut alone = engine(64, 64);
+        let id = alone
+            .add_request(request(prompt(*len, k as u32), 15, sampled(k as u64)))
+            .unwrap();
+        reference.insert(k as u64, run(&mut alone).remove(&id).unwrap());
+    }
+    let config = EngineConfig {
+        growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        ..greedy_admission(6, 14)
+    };
+    let mut e = Engine::new(FakeModel::new(4, 14), config, None).unwrap();
+    let ids: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(k, len)| {
+            e.add_request(request(prompt(*len, k as u32), 15, sampled(k as u64)))
+                .unwrap()
+        })
+        .collect();
+    let out = run(&mut e);
+    for (k, id) in ids.iter().enumerate() {
+        assert_eq!(out[id], reference[&(k as u64)], "request {k}");
+    }
+    assert_eq!(e.num_preemptions(), 0);
+    assert_eq!(e.free_blocks(), 14, "blocks leaked");
 }
 
 /// The samples of one request (a group) prefill the prompt once and share its full blocks,
@@ -1313,6 +1359,7 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
         max_num_batched_tokens: 16,
         max_num_seqs: 8,
         max_model_len: None,
+        growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
     };
     let mut host = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
     let mut device = summarizing_engine(config, true);
@@ -1348,6 +1395,7 @@ fn a_request_whose_deadline_passes_in_the_queue_is_dropped_when_its_turn_comes()
         max_num_batched_tokens: 64,
         max_num_seqs: 1,
         max_model_len: None,
+        growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
     };
     let mut e = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
     let first = e
@@ -1575,6 +1623,7 @@ fn roomy_config() -> EngineConfig {
         max_num_batched_tokens: 32,
         max_num_seqs: 8,
         max_model_len: None,
+        growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
     }
 }
 
@@ -1617,6 +1666,7 @@ fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
         max_num_batched_tokens: 16,
         max_num_seqs: 8,
         max_model_len: None,
+        growth_reserve_tokens: None, // the small cache is there to preempt
     };
     let hot = |seed| SamplingParams {
         // Hot enough that EOS (biased down) is drawn now and then.

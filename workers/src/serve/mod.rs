@@ -29,7 +29,7 @@ use tandem_protocol::messages::WorkerRole;
 use thiserror::Error;
 
 use crate::device::{Device, DeviceError, KvBudget, StartedEngine, load_model};
-use crate::engine::{EngineConfig, EngineError};
+use crate::engine::{DEFAULT_GROWTH_RESERVE_TOKENS, EngineConfig, EngineError};
 use crate::model_dir::{ModelDirError, ModelText, check_model_dir};
 
 /// The flags of a worker serving on the bus (defined with the launcher's side of them).
@@ -183,6 +183,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_num_seqs: args.max_num_seqs,
         max_model_len: Some(max_model_len),
+        growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
     };
     let backend = model.describe();
     let StartedEngine {
