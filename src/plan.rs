@@ -427,6 +427,9 @@ fn group_args(
         max_num_batched_tokens: group
             .max_num_tokens
             .unwrap_or(defaults.max_num_batched_tokens),
+        growth_reserve_tokens: group
+            .growth_reserve_tokens
+            .unwrap_or(defaults.growth_reserve_tokens),
         // The worker uses it on a GPU only.
         gpu_memory_fraction: group
             .kv_cache_config
@@ -689,6 +692,7 @@ generation_servers:
   max_batch_size: 8
   max_queued_requests: 20
   max_num_tokens: 256
+  growth_reserve_tokens: 0
   kv_cache_config: { max_tokens: 4096, block_size: 32 }
 "#;
         let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
@@ -705,6 +709,7 @@ generation_servers:
             "--max-num-seqs 8",
             "--max-queued-requests 20",
             "--max-num-batched-tokens 256",
+            "--growth-reserve-tokens 0",
             // Two CPU workers split 8 cores.
             "--threads 4",
             "--heartbeat-ms 500",

@@ -167,6 +167,10 @@ pub struct ServerGroupConfig {
     pub max_queued_requests: Option<usize>,
     /// TensorRT-LLM's `max_num_tokens`: tokens per forward step at most.
     pub max_num_tokens: Option<usize>,
+    /// (tandem) Tokens of growth kept free for every admitted request at admission (the
+    /// workers' `--growth-reserve-tokens`); absent: the worker's default (256); 0: admit on
+    /// the first prompt chunk alone.
+    pub growth_reserve_tokens: Option<usize>,
     pub kv_cache_config: KvCacheConfig,
     pub cache_transceiver_config: Option<CacheTransceiverConfig>,
     /// (tandem) GPU workers: replay decode steps as CUDA graphs (absent: the worker's default,

@@ -6,7 +6,8 @@
 #   scripts/device/large_batch.sh       # MAX_BATCH (512), LEVELS (128,256,512), N (1024),
 #                                       # ISL_WORDS (77, about 128 tokens), OSL (128), MAX_NUM_TOKENS (8192)
 #                                       # ISL_TOKENS: exactly that many prompt tokens (random
-#                                       # ids, `tandem bench --input-tokens`) instead of words
+#                                       # ids, `tandem bench --input-tokens`) instead of words;
+#                                       # GROWTH_RESERVE: the group's growth_reserve_tokens
 set -uo pipefail
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
@@ -20,6 +21,7 @@ generation_servers:
   device: "cuda:0"
   max_batch_size: ${MAX_BATCH:-512}
   max_num_tokens: ${MAX_NUM_TOKENS:-8192}
+${GROWTH_RESERVE:+  growth_reserve_tokens: $GROWTH_RESERVE}
 EOC
 serve_and_wait /tmp/large-batch.yaml "$model" 8410 "$out/large-batch-serve.log"
 pid=$served_pid

@@ -24,6 +24,9 @@ pub const DEFAULT_CPU_BLOCK_SIZE: usize = 16;
 pub const DEFAULT_GPU_BLOCK_SIZE: usize = 64;
 const DEFAULT_MAX_NUM_SEQS: usize = 64;
 const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 512;
+/// Tokens of growth kept free per admitted sequence (`--growth-reserve-tokens`); the
+/// scheduler's `DEFAULT_GROWTH_RESERVE_TOKENS`, which a workers test holds equal to this.
+pub const DEFAULT_GROWTH_RESERVE_TOKENS: usize = 256;
 const DEFAULT_HEARTBEAT_MS: u64 = 1000;
 const DEFAULT_MAX_TOKENS_IN_BUFFER: usize = 65536;
 const DEFAULT_KV_TRANSFER_TIMEOUT_MS: u64 = 30_000;
@@ -79,6 +82,13 @@ pub struct WorkerArgs {
     /// Tokens in one forward pass at most (decode tokens plus prefill chunks).
     #[arg(long, default_value_t = DEFAULT_MAX_NUM_BATCHED_TOKENS, value_name = "N")]
     pub max_num_batched_tokens: usize,
+    /// A waiting request is admitted only while the free KV blocks also cover its whole
+    /// prompt and next N tokens, and the same for every running request (each capped at its
+    /// prompt plus max_tokens), so that an admitted request is not preempted (its prefill
+    /// recomputed) before it has grown that far. 0: admit as soon as the first prompt chunk
+    /// fits (more requests at once, more preemptions).
+    #[arg(long, default_value_t = DEFAULT_GROWTH_RESERVE_TOKENS, value_name = "N")]
+    pub growth_reserve_tokens: usize,
     /// Interval between heartbeats; keep it well under the api-server's --worker-timeout-ms.
     #[arg(long, default_value_t = DEFAULT_HEARTBEAT_MS, value_name = "MS")]
     pub heartbeat_ms: u64,
@@ -165,6 +175,7 @@ impl Default for WorkerArgs {
             block_size: None,
             max_num_seqs: DEFAULT_MAX_NUM_SEQS,
             max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
+            growth_reserve_tokens: DEFAULT_GROWTH_RESERVE_TOKENS,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             max_tokens_in_buffer: DEFAULT_MAX_TOKENS_IN_BUFFER,
             kv_transfer_timeout_ms: DEFAULT_KV_TRANSFER_TIMEOUT_MS,
@@ -218,6 +229,7 @@ impl WorkerArgs {
         argv.push_some("--block-size", self.block_size);
         argv.push_display("--max-num-seqs", self.max_num_seqs);
         argv.push_display("--max-num-batched-tokens", self.max_num_batched_tokens);
+        argv.push_display("--growth-reserve-tokens", self.growth_reserve_tokens);
         argv.push_display("--heartbeat-ms", self.heartbeat_ms);
         argv.push_display("--max-tokens-in-buffer", self.max_tokens_in_buffer);
         argv.push_display("--kv-transfer-timeout-ms", self.kv_transfer_timeout_ms);
@@ -297,6 +309,7 @@ mod tests {
             block_size: Some(32),
             max_num_seqs: 8,
             max_num_batched_tokens: 256,
+            growth_reserve_tokens: 0,
             heartbeat_ms: 333,
             max_tokens_in_buffer: 2048,
             kv_transfer_timeout_ms: 9000,

@@ -29,7 +29,7 @@ use tandem_protocol::messages::WorkerRole;
 use thiserror::Error;
 
 use crate::device::{Device, DeviceError, KvBudget, StartedEngine, load_model};
-use crate::engine::{DEFAULT_GROWTH_RESERVE_TOKENS, EngineConfig, EngineError};
+use crate::engine::{EngineConfig, EngineError};
 use crate::model_dir::{ModelDirError, ModelText, check_model_dir};
 
 /// The flags of a worker serving on the bus (defined with the launcher's side of them).
@@ -183,7 +183,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_num_seqs: args.max_num_seqs,
         max_model_len: Some(max_model_len),
-        growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        growth_reserve_tokens: Some(args.growth_reserve_tokens).filter(|&t| t > 0),
     };
     let backend = model.describe();
     let StartedEngine {
@@ -353,6 +353,18 @@ fn default_worker_id(role: WorkerRole) -> String {
 mod tests {
     use super::*;
     use crate::kv_cache::{KvDType, KvLayout};
+
+    #[test]
+    fn the_worker_flag_defaults_to_the_engines_growth_reserve() {
+        assert_eq!(
+            tandem_cli::args::DEFAULT_GROWTH_RESERVE_TOKENS,
+            crate::engine::DEFAULT_GROWTH_RESERVE_TOKENS
+        );
+        assert_eq!(
+            WorkerArgs::default().growth_reserve_tokens,
+            crate::engine::DEFAULT_GROWTH_RESERVE_TOKENS
+        );
+    }
 
     #[test]
     fn the_transfer_pool_holds_the_token_budget_and_seals_up_to_a_ceiling() {
