@@ -12,6 +12,10 @@
 #             published tables' exact shapes, 128/128 (8,192 requests, 1,024 at once),
 #             2048/128 (1,536, 512 at once) and 1000/1000 (256 at once) prompt/output tokens
 #             (random prompt ids), with their engine step logs
+#   offline-128-128, offline-2048-128, offline-1000-1000
+#             one of them at the published request count (30,000; 3,000; 3,000) or N, each
+#             about 4-7 minutes: one device call each; TAG names the run's files
+#             (GROWTH_RESERVE passes through to large_batch.sh)
 #
 #   scripts/device/issue15.sh                 # everything (about 9 minutes: split it)
 #   scripts/device/issue15.sh tests check     # correctness only
@@ -62,8 +66,11 @@ for stage in "${stages[@]}"; do
       offline 2048-128 512 512 1536 2048 128
       offline 1000-1000 256 256 256 1000 1000
       ;;
+    offline-128-128) offline "128-128-n${N:-30000}${TAG:+-$TAG}" 1024 1024 "${N:-30000}" 128 128 ;;
+    offline-2048-128) offline "2048-128-n${N:-3000}${TAG:+-$TAG}" 512 512 "${N:-3000}" 2048 128 ;;
+    offline-1000-1000) offline "1000-1000-n${N:-3000}${TAG:+-$TAG}" 256 256 "${N:-3000}" 1000 1000 ;;
     *)
-      echo "unknown stage $stage (tests, check, bench, offline)" >&2
+      echo "unknown stage $stage (tests, check, bench, offline, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
       exit 2
       ;;
   esac
