@@ -273,25 +273,41 @@ fn spawn<B: KvBlockIo + 'static>(
     })
 }
 
-/// Tokens of the start-up check's prompt: enough rows for the prefill's matrix kernels (the
-/// library's, past the decode kernels' sizes), within the step's token budget.
+/// Tokens of the start-up check's first prompt: enough rows for the prefill's matrix kernels
+/// (the library's, past the decode kernels' sizes), within the step's token budget. The
+/// second fills the whole budget, where the library picks other kernels.
 const CHECK_TOKENS: usize = 512;
 
-/// One prefill of a fixed prompt (written into the empty cache, which later steps overwrite)
-/// whose logits must be finite: a device that computes NaN (as cuBLAS's bf16-output kernel did
-/// under an MPS share of the SMs, docs/benchmarks.md session 15) fails here, at start, rather
-/// than on every request it is sent.
+/// Prefills of a fixed prompt (written into the empty cache, which later steps overwrite),
+/// of [`CHECK_TOKENS`] and of the whole step budget, whose logits must be finite: a device
+/// that computes NaN (as cuBLAS's cluster kernels did under an MPS share of the SMs,
+/// docs/benchmarks.md sessions 15 and 16) fails here, at start, rather than on every request
+/// it is sent.
 fn check_prefill(
     runner: &mut impl StepModel,
     config: &EngineConfig,
     device: &str,
 ) -> Result<(), DeviceError> {
-    let vocab = runner.vocab_size();
     let capacity = config.num_blocks.saturating_sub(1) * config.block_size;
-    let n = CHECK_TOKENS
-        .min(config.max_num_batched_tokens)
+    let largest = config
+        .max_num_batched_tokens
         .min(runner.max_model_len().saturating_sub(1))
         .min(capacity);
+    check_prefill_of(runner, config, device, CHECK_TOKENS.min(largest))?;
+    if largest > CHECK_TOKENS {
+        check_prefill_of(runner, config, device, largest)?;
+    }
+    Ok(())
+}
+
+/// One prefill of `n` tokens whose logits must be finite.
+fn check_prefill_of(
+    runner: &mut impl StepModel,
+    config: &EngineConfig,
+    device: &str,
+    n: usize,
+) -> Result<(), DeviceError> {
+    let vocab = runner.vocab_size();
     if n == 0 {
         return Ok(());
     }
@@ -327,8 +343,21 @@ fn check_prefill(
 mod tests {
     use super::*;
 
-    /// A model whose logits are those of a broken device, or fine ones.
-    struct Logits(f32);
+    /// A model whose logits are NaN from prefills of `nan_from` tokens on (a device broken
+    /// for some shapes), and which records the sizes it prefilled.
+    struct Logits {
+        nan_from: usize,
+        sizes: Vec<usize>,
+    }
+
+    impl Logits {
+        fn nan_from(nan_from: usize) -> Self {
+            Logits {
+                nan_from,
+                sizes: Vec::new(),
+            }
+        }
+    }
 
     impl StepModel for Logits {
         fn vocab_size(&self) -> usize {
@@ -344,8 +373,10 @@ mod tests {
             &mut self,
             batch: &crate::model::ForwardBatch,
         ) -> Result<Vec<Vec<f32>>, ModelError> {
-            assert_eq!(batch.tokens.len(), CHECK_TOKENS);
-            Ok(vec![vec![self.0; 8]; batch.logits_rows()])
+            let n = batch.tokens.len();
+            self.sizes.push(n);
+            let value = if n >= self.nan_from { f32::NAN } else { 0.5 };
+            Ok(vec![vec![value; 8]; batch.logits_rows()])
         }
         fn kv_layout(&self) -> KvLayout {
             unreachable!("the check moves no KV")
@@ -374,8 +405,11 @@ mod tests {
             max_num_batched_tokens: 2048,
             ..EngineConfig::default()
         };
-        check_prefill(&mut Logits(0.5), &config, "cuda:0").unwrap();
-        let err = check_prefill(&mut Logits(f32::NAN), &config, "cuda:0 (test)")
+        // 512 tokens, then the whole budget as far as the cache holds it (63 blocks).
+        let mut fine = Logits::nan_from(usize::MAX);
+        check_prefill(&mut fine, &config, "cuda:0").unwrap();
+        assert_eq!(fine.sizes, [512, 1008]);
+        let err = check_prefill(&mut Logits::nan_from(0), &config, "cuda:0 (test)")
             .unwrap_err()
             .to_string();
         assert!(
@@ -384,6 +418,19 @@ mod tests {
                 && err.contains("does not serve from it"),
             "{err}"
         );
+        // Broken only for the larger product: the second prefill finds it.
+        let err = check_prefill(&mut Logits::nan_from(600), &config, "cuda:0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("1008-token prefill gave 8 NaN"), "{err}");
+        // A budget under 512 tokens: one prefill of the budget.
+        let mut small = Logits::nan_from(usize::MAX);
+        let budget = EngineConfig {
+            max_num_batched_tokens: 300,
+            ..config
+        };
+        check_prefill(&mut small, &budget, "cuda:0").unwrap();
+        assert_eq!(small.sizes, [300]);
     }
 
     #[test]

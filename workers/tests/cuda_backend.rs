@@ -68,13 +68,17 @@ fn cuda_logits_and_greedy_tokens_match_the_cpu() {
     // The tiny model (head dim 16: the warp-per-key decode attention) and, where the device
     // script names one, a model of head dim 64 or 128 (the tensor-core kernel).
     let extra = std::env::var_os("TANDEM_GPU_TEST_MODEL").map(PathBuf::from);
+    // Both ways of running the projections: cuBLAS's own choice, and cuBLASLt's algorithms
+    // of one block per cluster (what an MPS client with a share of the SMs runs).
     for dir in std::iter::once(model_dir()).chain(extra) {
-        eprintln!("model {}", dir.display());
-        cuda_matches_cpu_on(&dir);
+        for gemm_clusters in [true, false] {
+            eprintln!("model {}, cuBLAS clusters {gemm_clusters}", dir.display());
+            cuda_matches_cpu_on(&dir, gemm_clusters);
+        }
     }
 }
 
-fn cuda_matches_cpu_on(dir: &std::path::Path) {
+fn cuda_matches_cpu_on(dir: &std::path::Path, gemm_clusters: bool) {
     let dir = dir.to_path_buf();
     let options = bf16_kv();
     let cpu = Model::load(
@@ -83,12 +87,11 @@ fn cuda_matches_cpu_on(dir: &std::path::Path) {
         &options,
     )
     .unwrap();
-    let gpu = Model::load(
-        &dir,
-        CudaBackend::new(&CudaOptions::from_env(0)).unwrap(),
-        &options,
-    )
-    .unwrap();
+    let cuda = CudaOptions {
+        gemm_clusters,
+        ..CudaOptions::from_env(0)
+    };
+    let gpu = Model::load(&dir, CudaBackend::new(&cuda).unwrap(), &options).unwrap();
     for prompt in [
         vec![1u32, 5, 9],
         (0..150).map(|i| (i * 7 + 3) % 200).collect(),

@@ -2,10 +2,19 @@
 //! f32 accumulation and an f32 result (the residual stream and the rotary/softmax inputs stay
 //! f32; only matrix operands are bf16), or a bf16 result where only an elementwise op reads it
 //! (the MLP's gate/up projection, read by `silu_mul`).
+//!
+//! Without thread-block clusters ([`Blas::new`]'s `clusters` false: an MPS client limited to a
+//! share of the SMs, where cuBLAS's cluster kernels may return success without writing their
+//! output), every product goes through cuBLASLt instead, with the best algorithm its
+//! heuristic offers among those of one block per cluster, chosen once per shape.
 
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{CudaBlas, result as blas, sys};
+use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::backend::BackendError;
@@ -30,19 +39,25 @@ pub struct Blas {
     stream: Arc<CudaStream>,
     /// cuBLAS' workspace, given explicitly so that no allocation happens while a CUDA graph
     /// is being captured.
-    _workspace: CudaSlice<u8>,
+    workspace: CudaSlice<u8>,
 }
 
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-struct Handle(CudaBlas);
+struct Handle {
+    blas: CudaBlas,
+    /// The cluster-free path (module doc); `None`: cuBLAS's own choice.
+    cluster_free: Option<ClusterFree>,
+}
 
 // SAFETY: a cuBLAS handle may be used from any thread as long as calls are not concurrent;
 // the mutex serializes them.
 unsafe impl Send for Handle {}
 
 impl Blas {
-    pub fn new(stream: Arc<CudaStream>) -> Result<Self, BackendError> {
+    /// A handle on `stream`; `clusters` false keeps every product to kernels of one block per
+    /// cluster (module doc).
+    pub fn new(stream: Arc<CudaStream>, clusters: bool) -> Result<Self, BackendError> {
         let handle = CudaBlas::new(stream.clone()).map_err(|e| BackendError::Device {
             op: "cublas init",
             detail: e.to_string(),
@@ -62,10 +77,18 @@ impl Blas {
         unsafe { sys::cublasSetWorkspace_v2(*handle.handle(), ptr as *mut _, WORKSPACE_BYTES) }
             .result()
             .map_err(|e| err(e.to_string()))?;
+        let cluster_free = if clusters {
+            None
+        } else {
+            Some(ClusterFree::new().map_err(|e| err(format!("cublasLt: {e}")))?)
+        };
         Ok(Blas {
-            handle: Mutex::new(Handle(handle)),
+            handle: Mutex::new(Handle {
+                blas: handle,
+                cluster_free,
+            }),
             stream,
-            _workspace: workspace,
+            workspace,
         })
     }
 
@@ -103,13 +126,30 @@ impl Blas {
         if x.len() < rows * k || w.len() < n * k {
             return Err(too_small(rows, k, n));
         }
-        let guard = self
+        let mut guard = self
             .handle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (xp, _sx) = x.device_ptr(&self.stream);
         let (wp, _sw) = w.device_ptr(&self.stream);
+        if let Some(cluster_free) = guard.cluster_free.as_mut() {
+            let (workspace, _sws) = self.workspace.device_ptr(&self.stream);
+            let shape = Shape { rows, k, n, y_type };
+            let operands = Operands {
+                w: wp,
+                x: xp,
+                y: yp,
+                workspace,
+            };
+            // SAFETY: the pointers are live device buffers of the sizes checked above and by
+            // the callers, and the workspace holds WORKSPACE_BYTES, all on the stream.
+            return unsafe { cluster_free.matmul(shape, operands, self.stream.cu_stream().cast()) }
+                .map_err(|e| BackendError::Device {
+                    op: "linear (cublasLtMatmul, no clusters)",
+                    detail: format!("[{rows}x{k}]·[{n}x{k}]ᵀ: {e}"),
+                });
+        }
         // Column-major view: yᵀ[n, rows] = W[n, k] · xᵀ[k, rows], where the row-major W is a
         // column-major [k, n] matrix (transposed by op A) and the row-major x a column-major
         // [k, rows] one.
@@ -117,7 +157,7 @@ impl Blas {
         // the callers, on the handle's stream.
         unsafe {
             blas::gemm_ex(
-                *guard.0.handle(),
+                *guard.blas.handle(),
                 sys::cublasOperation_t::CUBLAS_OP_T,
                 sys::cublasOperation_t::CUBLAS_OP_N,
                 n as i32,
@@ -149,5 +189,261 @@ fn too_small(rows: usize, k: usize, n: usize) -> BackendError {
     BackendError::Shape {
         op: "linear",
         detail: format!("buffers too small for [{rows}x{k}]·[{n}x{k}]ᵀ"),
+    }
+}
+
+/// A product's shape and result type: what an algorithm is chosen for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Shape {
+    rows: usize,
+    k: usize,
+    n: usize,
+    y_type: sys::cudaDataType,
+}
+
+/// Device pointers of one product: `y = x · wᵀ`, and the workspace.
+struct Operands {
+    w: u64,
+    x: u64,
+    y: u64,
+    workspace: u64,
+}
+
+/// cuBLASLt restricted to algorithms of one block per cluster, one chosen per shape.
+struct ClusterFree {
+    handle: lt_sys::cublasLtHandle_t,
+    algos: HashMap<Shape, lt_sys::cublasLtMatmulAlgo_t>,
+}
+
+// SAFETY: used under `Blas`'s mutex only, never from two threads at once.
+unsafe impl Send for ClusterFree {}
+
+impl ClusterFree {
+    fn new() -> Result<Self, lt::CublasError> {
+        Ok(ClusterFree {
+            handle: lt::create_handle()?,
+            algos: HashMap::new(),
+        })
+    }
+
+    /// `y = x · wᵀ` of `shape` on `stream` (the column-major view of [`Blas::linear`]'s
+    /// `cublasGemmEx`).
+    ///
+    /// # Safety
+    /// The operands must be live device buffers of `shape`'s sizes (the workspace
+    /// `WORKSPACE_BYTES`), usable on `stream`.
+    unsafe fn matmul(
+        &mut self,
+        shape: Shape,
+        ops: Operands,
+        stream: lt_sys::cudaStream_t,
+    ) -> Result<(), String> {
+        let descs = Descriptors::new(shape).map_err(|e| e.to_string())?;
+        let algo = match self.algos.get(&shape) {
+            Some(algo) => *algo,
+            None => {
+                // SAFETY: the descriptors are live (dropped at the end of this function).
+                let algo = unsafe { self.choose(&descs) }?;
+                self.algos.insert(shape, algo);
+                algo
+            }
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the caller's promise for the pointers; descriptors and algorithm are live
+        // and describe them.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                descs.matmul,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                ops.w as *const c_void,
+                descs.a,
+                ops.x as *const c_void,
+                descs.b,
+                ops.y as *const c_void,
+                descs.c,
+                ops.y as *mut c_void,
+                descs.c,
+                &algo,
+                ops.workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                stream,
+            )
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// The heuristic's best algorithm of one block per cluster for `descs`.
+    ///
+    /// # Safety
+    /// `descs` must be live.
+    unsafe fn choose(&self, descs: &Descriptors) -> Result<lt_sys::cublasLtMatmulAlgo_t, String> {
+        const CANDIDATES: usize = 32;
+        let pref = Preference::new().map_err(|e| e.to_string())?;
+        let mut results: [MaybeUninit<lt_sys::cublasLtMatmulHeuristicResult_t>; CANDIDATES] =
+            [const { MaybeUninit::uninit() }; CANDIDATES];
+        let mut found = 0i32;
+        // SAFETY: live descriptors and preference; `results` holds CANDIDATES entries.
+        unsafe {
+            lt_sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                descs.matmul,
+                descs.a,
+                descs.b,
+                descs.c,
+                descs.c,
+                pref.0,
+                CANDIDATES as i32,
+                results.as_mut_ptr().cast(),
+                &mut found,
+            )
+        }
+        .result()
+        .map_err(|e| format!("cublasLtMatmulAlgoGetHeuristic: {e}"))?;
+        let found = usize::try_from(found).unwrap_or(0).min(CANDIDATES);
+        let mut clustered = 0;
+        for result in &results[..found] {
+            // SAFETY: the heuristic wrote the first `found` entries.
+            let result = unsafe { result.assume_init_ref() };
+            if result.state != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                continue;
+            }
+            if cluster_shape(&result.algo)? == ONE_BLOCK_CLUSTERS {
+                return Ok(result.algo);
+            }
+            clustered += 1;
+        }
+        Err(format!(
+            "none of the {found} algorithms cuBLASLt offers runs without thread-block clusters \
+             ({clustered} use them); run with TANDEM_GEMM_CLUSTERS=1 outside an MPS share"
+        ))
+    }
+}
+
+impl Drop for ClusterFree {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
+
+/// `CUBLASLT_CLUSTER_SHAPE_1x1x1`: one block per cluster.
+const ONE_BLOCK_CLUSTERS: u64 = lt_sys::cublasLtClusterShape_t::CUBLASLT_CLUSTER_SHAPE_1x1x1 as u64;
+
+/// The cluster shape id (`cublasLtClusterShape_t`) an algorithm launches with.
+fn cluster_shape(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<u64, String> {
+    let attr = lt_sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID;
+    let mut size = 0usize;
+    // SAFETY: a size query (no buffer written) of a live algorithm.
+    unsafe {
+        lt_sys::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, std::ptr::null_mut(), 0, &mut size)
+    }
+    .result()
+    .map_err(|e| format!("the cluster shape's size: {e}"))?;
+    let mut bytes = [0u8; 8];
+    if size == 0 || size > bytes.len() {
+        return Err(format!("a cluster shape of {size} bytes"));
+    }
+    let mut written = 0usize;
+    // SAFETY: `bytes` holds `size` bytes.
+    unsafe {
+        lt_sys::cublasLtMatmulAlgoConfigGetAttribute(
+            algo,
+            attr,
+            bytes.as_mut_ptr().cast(),
+            size,
+            &mut written,
+        )
+    }
+    .result()
+    .map_err(|e| format!("the cluster shape: {e}"))?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+/// The matmul and matrix-layout descriptors of one shape, destroyed on drop.
+struct Descriptors {
+    matmul: lt_sys::cublasLtMatmulDesc_t,
+    a: lt_sys::cublasLtMatrixLayout_t,
+    b: lt_sys::cublasLtMatrixLayout_t,
+    c: lt_sys::cublasLtMatrixLayout_t,
+}
+
+impl Descriptors {
+    /// As `cublasGemmEx` in [`Blas::gemm`]: A = W, a column-major [k, n] (op T), B = x, a
+    /// column-major [k, rows], C = D = y, a column-major [n, rows] of `y_type`.
+    fn new(shape: Shape) -> Result<Self, lt::CublasError> {
+        let bf16 = lt_sys::cudaDataType_t::CUDA_R_16BF;
+        let (rows, k, n) = (shape.rows as u64, shape.k as u64, shape.n as u64);
+        let matmul = lt::create_matmul_desc(
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt_sys::cudaDataType_t::CUDA_R_32F,
+        )?;
+        let mut descs = Descriptors {
+            matmul,
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
+        };
+        // The attribute is an int32_t holding a cublasOperation_t.
+        let transpose = sys::cublasOperation_t::CUBLAS_OP_T as i32;
+        // SAFETY: a live descriptor and an i32, as the attribute takes.
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                descs.matmul,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&transpose as *const i32).cast(),
+                std::mem::size_of::<i32>(),
+            )?;
+        }
+        let y_type = match shape.y_type {
+            sys::cudaDataType::CUDA_R_16BF => bf16,
+            _ => lt_sys::cudaDataType_t::CUDA_R_32F,
+        };
+        descs.a = lt::create_matrix_layout(bf16, k, n, k as i64)?;
+        descs.b = lt::create_matrix_layout(bf16, k, rows, k as i64)?;
+        descs.c = lt::create_matrix_layout(y_type, n, rows, n as i64)?;
+        Ok(descs)
+    }
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        // SAFETY: each was created once (or is null, never created) and is destroyed once.
+        unsafe {
+            for layout in [self.a, self.b, self.c] {
+                if !layout.is_null() {
+                    let _ = lt::destroy_matrix_layout(layout);
+                }
+            }
+            let _ = lt::destroy_matmul_desc(self.matmul);
+        }
+    }
+}
+
+/// A heuristic preference allowing the whole workspace, destroyed on drop.
+struct Preference(lt_sys::cublasLtMatmulPreference_t);
+
+impl Preference {
+    fn new() -> Result<Self, lt::CublasError> {
+        let pref = Preference(lt::create_matmul_pref()?);
+        let bytes = WORKSPACE_BYTES as u64;
+        // SAFETY: a live preference; the attribute takes a u64.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&bytes as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )?;
+        }
+        Ok(pref)
+    }
+}
+
+impl Drop for Preference {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
     }
 }

@@ -285,7 +285,7 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx, options.ordinal)?;
         let stream = dev!("cuda init", ctx.new_stream())?;
-        let blas = Blas::new(stream.clone())?;
+        let blas = Blas::new(stream.clone(), options.gemm_clusters)?;
         let kernels = Kernels::load(&ctx, &options.kernel_defines, options.cache_dir.as_deref())
             .map_err(|e| BackendError::Device {
                 op: "kernels",

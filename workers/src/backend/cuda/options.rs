@@ -49,6 +49,13 @@ pub struct CudaOptions {
     /// H200, session 15) while returning success, so the output is left unwritten and the
     /// logits come out NaN. The f32 output never picked it.
     pub gate_up_bf16: bool,
+    /// cuBLAS may pick kernels that launch thread-block clusters; off, every projection runs
+    /// through cuBLASLt with the best algorithm of one block per cluster
+    /// (`TANDEM_GEMM_CLUSTERS`: `0` off, anything else on). Unset, on except in an MPS client
+    /// limited to a share of the SMs: there the cluster kernels cuBLAS picks for some shapes
+    /// (the bf16 gate/up above, and f32 projections of multi-prompt prefills of 2-4k tokens on
+    /// an H100 at 80%, session 16) return success without writing their output.
+    pub gemm_clusters: bool,
     /// Splits of K for every `skinny.cu` launch, in place of the count its model of the time
     /// picks (`TANDEM_SKINNY_SPLITS`, for tuning; clamped to what the launch allows).
     pub skinny_splits: Option<usize>,
@@ -79,6 +86,7 @@ impl Default for CudaOptions {
             flash_wgmma: true,
             skinny_gemm: false,
             gate_up_bf16: true,
+            gemm_clusters: true,
             skinny_splits: None,
             attn_split_keys: None,
             l2_prefetch_mb: None,
@@ -99,6 +107,10 @@ impl CudaOptions {
         let text = |name: &str| var(name).and_then(|v| v.into_string().ok());
         // Any value but `0` leaves a switch on.
         let switch = |name: &str| var(name).is_none_or(|v| v != "0");
+        // Not an MPS client limited to a share of the SMs.
+        let all_sms = text("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_none_or(|share| share >= 100.0);
         CudaOptions {
             ordinal,
             cuda_graphs: switch("TANDEM_CUDA_GRAPHS"),
@@ -111,9 +123,11 @@ impl CudaOptions {
             skinny_gemm: var("TANDEM_SKINNY_GEMM").is_some_and(|v| v != "0"),
             gate_up_bf16: match var("TANDEM_GATE_UP_BF16") {
                 Some(v) => v != "0",
-                None => text("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .is_none_or(|share| share >= 100.0),
+                None => all_sms,
+            },
+            gemm_clusters: match var("TANDEM_GEMM_CLUSTERS") {
+                Some(v) => v != "0",
+                None => all_sms,
             },
             skinny_splits: text("TANDEM_SKINNY_SPLITS")
                 .and_then(|v| v.trim().parse().ok())
@@ -187,6 +201,7 @@ mod tests {
                 flash_wgmma: false,
                 skinny_gemm: true,
                 gate_up_bf16: true,
+                gemm_clusters: true,
                 skinny_splits: Some(3),
                 attn_split_keys: Some(32),
                 l2_prefetch_mb: Some(8),
@@ -207,6 +222,19 @@ mod tests {
             ("TANDEM_GATE_UP_BF16", "1")
         ]));
         assert!(!bf16(&[("TANDEM_GATE_UP_BF16", "0")]));
+    }
+
+    #[test]
+    fn cublas_clusters_are_left_out_in_an_mps_client_with_a_share_of_the_sms() {
+        let clusters = |vars: &[(&str, &str)]| options(vars).gemm_clusters;
+        assert!(clusters(&[]));
+        assert!(clusters(&[("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100")]));
+        assert!(!clusters(&[("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "80")]));
+        assert!(clusters(&[
+            ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "80"),
+            ("TANDEM_GEMM_CLUSTERS", "1")
+        ]));
+        assert!(!clusters(&[("TANDEM_GEMM_CLUSTERS", "0")]));
     }
 
     #[test]
