@@ -302,22 +302,76 @@ impl ClusterFree {
         .result()
         .map_err(|e| format!("cublasLtMatmulAlgoGetHeuristic: {e}"))?;
         let found = usize::try_from(found).unwrap_or(0).min(CANDIDATES);
-        let mut clustered = 0;
-        for result in &results[..found] {
-            // SAFETY: the heuristic wrote the first `found` entries.
-            let result = unsafe { result.assume_init_ref() };
-            if result.state != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                continue;
-            }
+        // SAFETY: the heuristic wrote the first `found` entries.
+        let offered: Vec<lt_sys::cublasLtMatmulHeuristicResult_t> = results[..found]
+            .iter()
+            .map(|r| unsafe { r.assume_init() })
+            .filter(|r| r.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .collect();
+        for result in &offered {
             if cluster_shape(&result.algo)? == ONE_BLOCK_CLUSTERS {
                 return Ok(result.algo);
             }
-            clustered += 1;
+        }
+        // Every one launches clusters (on Hopper the heuristic offers cluster kernels): the
+        // best one that cuBLASLt accepts with its cluster shape set to one block.
+        for result in &offered {
+            let mut algo = result.algo;
+            // SAFETY: live descriptors and algorithm.
+            if unsafe { self.accepts_one_block_clusters(descs, &mut algo) }? {
+                return Ok(algo);
+            }
         }
         Err(format!(
-            "none of the {found} algorithms cuBLASLt offers runs without thread-block clusters \
-             ({clustered} use them); run with TANDEM_GEMM_CLUSTERS=1 outside an MPS share"
+            "none of the {} algorithms cuBLASLt offers runs without thread-block clusters, \
+             nor with its cluster shape set to one block; TANDEM_GEMM_CLUSTERS=1 lets cuBLAS \
+             launch clusters (which an MPS share of the SMs may not run)",
+            offered.len()
         ))
+    }
+
+    /// Sets `algo`'s cluster shape to one block and asks cuBLASLt whether it runs `descs`
+    /// so (`cublasLtMatmulAlgoCheck`).
+    ///
+    /// # Safety
+    /// `descs` must be live.
+    unsafe fn accepts_one_block_clusters(
+        &self,
+        descs: &Descriptors,
+        algo: &mut lt_sys::cublasLtMatmulAlgo_t,
+    ) -> Result<bool, String> {
+        let attr =
+            lt_sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID;
+        let size = cluster_shape_size(algo)?;
+        let bytes = ONE_BLOCK_CLUSTERS.to_le_bytes();
+        // SAFETY: `bytes` holds at least `size` (at most 8) bytes.
+        let set = unsafe {
+            lt_sys::cublasLtMatmulAlgoConfigSetAttribute(algo, attr, bytes.as_ptr().cast(), size)
+        };
+        if set != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Ok(false);
+        }
+        let mut check = MaybeUninit::<lt_sys::cublasLtMatmulHeuristicResult_t>::uninit();
+        // SAFETY: live handle, descriptors and algorithm; `check` is written on success.
+        let status = unsafe {
+            lt_sys::cublasLtMatmulAlgoCheck(
+                self.handle,
+                descs.matmul,
+                descs.a,
+                descs.b,
+                descs.c,
+                descs.c,
+                algo,
+                check.as_mut_ptr(),
+            )
+        };
+        if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Ok(false);
+        }
+        // SAFETY: written by the successful check.
+        let check = unsafe { check.assume_init() };
+        Ok(check.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && cluster_shape(algo)? == ONE_BLOCK_CLUSTERS)
     }
 }
 
@@ -331,8 +385,8 @@ impl Drop for ClusterFree {
 /// `CUBLASLT_CLUSTER_SHAPE_1x1x1`: one block per cluster.
 const ONE_BLOCK_CLUSTERS: u64 = lt_sys::cublasLtClusterShape_t::CUBLASLT_CLUSTER_SHAPE_1x1x1 as u64;
 
-/// The cluster shape id (`cublasLtClusterShape_t`) an algorithm launches with.
-fn cluster_shape(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<u64, String> {
+/// The bytes of an algorithm's cluster shape attribute.
+fn cluster_shape_size(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<usize, String> {
     let attr = lt_sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID;
     let mut size = 0usize;
     // SAFETY: a size query (no buffer written) of a live algorithm.
@@ -341,10 +395,17 @@ fn cluster_shape(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<u64, String> {
     }
     .result()
     .map_err(|e| format!("the cluster shape's size: {e}"))?;
-    let mut bytes = [0u8; 8];
-    if size == 0 || size > bytes.len() {
+    if size == 0 || size > 8 {
         return Err(format!("a cluster shape of {size} bytes"));
     }
+    Ok(size)
+}
+
+/// The cluster shape id (`cublasLtClusterShape_t`) an algorithm launches with.
+fn cluster_shape(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<u64, String> {
+    let attr = lt_sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID;
+    let size = cluster_shape_size(algo)?;
+    let mut bytes = [0u8; 8];
     let mut written = 0usize;
     // SAFETY: `bytes` holds `size` bytes.
     unsafe {
