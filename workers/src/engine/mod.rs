@@ -206,9 +206,13 @@ impl Sequence {
     }
 
     /// The most tokens it can reach: its prompt and `max_tokens` (the scheduler keeps room
-    /// for it to grow up to there).
+    /// for it to grow up to there); a prefill-only request (a context worker's) does not grow.
     fn max_len(&self) -> usize {
-        self.prompt_len + self.max_tokens
+        if self.prefill_only {
+            self.tokens.len()
+        } else {
+            self.prompt_len + self.max_tokens
+        }
     }
 
     fn usage(&self) -> Usage {

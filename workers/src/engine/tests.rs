@@ -279,6 +279,33 @@ fn same_tokens_alone_batched_and_under_preemption() {
     }
 }
 
+/// A context worker's prefill-only requests never grow, whatever their `max_tokens`: room
+/// to grow is not kept for them, so as many prompts are prefilled at once as the cache holds.
+#[test]
+fn prefill_only_requests_keep_no_room_to_grow() {
+    // 12 blocks of 4 tokens: two 20-token prompts (5 blocks each) fit, but not with room
+    // for 256 more tokens each.
+    let config = EngineConfig {
+        growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        ..greedy_admission(64, 12)
+    };
+    let mut e = Engine::new(FakeModel::new(4, 12), config, None).unwrap();
+    for k in 0..2 {
+        e.add_request(GenerationRequest {
+            prefill_only: true,
+            ..request(prompt(20, k), 100, SamplingParams::greedy())
+        })
+        .unwrap();
+    }
+    let finished = e
+        .step()
+        .into_iter()
+        .filter(|ev| matches!(ev.kind, EventKind::Finished { .. }))
+        .count();
+    assert_eq!(finished, 2, "both prefilled in the first step");
+    assert_eq!(e.num_preemptions(), 0);
+}
+
 /// The same small cache with room to grow kept at admission: every request reaches its end
 /// (at most 45 tokens, 12 of the 14 blocks) without anyone being preempted, and gets the
 /// tokens it gets alone.
