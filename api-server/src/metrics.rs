@@ -174,6 +174,7 @@ pub struct Metrics {
     kv_pulls_in_flight: IntGaugeVec,
     kv_pull_peak_held_blocks: IntGaugeVec,
     kv_pulls_waited: IntCounterVec,
+    worker_preemptions: IntCounterVec,
     kv_handles_refused: IntCounterVec,
     kv_exports_gone: IntCounterVec,
 }
@@ -364,6 +365,11 @@ impl Metrics {
             "The most KV blocks a generation worker held at once in pulled memory not yet in its \
              cache, since its start (last heartbeat)",
         );
+        let worker_preemptions = context_counter(
+            "tandem_worker_preemptions_total",
+            "Sequences a worker preempted (their K/V freed, prompt and generated tokens to be \
+             recomputed) because its KV cache ran out of blocks (since its start)",
+        );
         let kv_pulls_waited = context_counter(
             "tandem_kv_pulls_waited_total",
             "Decode jobs that waited for room in a generation worker's KV cache before their \
@@ -414,6 +420,7 @@ impl Metrics {
             kv_pulls_in_flight,
             kv_pull_peak_held_blocks,
             kv_pulls_waited,
+            worker_preemptions,
             kv_handles_refused,
             kv_exports_gone,
         };
@@ -447,6 +454,7 @@ impl Metrics {
             Box::new(metrics.kv_pulls_in_flight.clone()),
             Box::new(metrics.kv_pull_peak_held_blocks.clone()),
             Box::new(metrics.kv_pulls_waited.clone()),
+            Box::new(metrics.worker_preemptions.clone()),
             Box::new(metrics.kv_handles_refused.clone()),
             Box::new(metrics.kv_exports_gone.clone()),
         ];
@@ -575,6 +583,10 @@ impl Metrics {
                 let _ = self.worker_max_queued.remove_label_values(&labels);
             }
         }
+        if let Some(engine) = heartbeat.engine {
+            let worker = [heartbeat.worker_id.as_str()];
+            mirror_counter(&self.worker_preemptions, &worker, engine.preemptions);
+        }
         if let Some(pulls) = heartbeat.kv_pull {
             let worker = [heartbeat.worker_id.as_str()];
             self.kv_pulls_waiting
@@ -635,6 +647,7 @@ impl Metrics {
             &self.kv_releases,
             &self.kv_unmatched_releases,
             &self.kv_pulls_waited,
+            &self.worker_preemptions,
             &self.kv_handles_refused,
             &self.kv_exports_gone,
         ] {
@@ -800,7 +813,11 @@ mod tests {
             interval_ms: 500,
             kv_transfer: None,
             kv_peer: None,
-            engine: None,
+            engine: Some(tandem_protocol::messages::EngineProgress {
+                steps: 40,
+                failed_steps: 0,
+                preemptions: 5,
+            }),
             max_queued: Some(8),
             max_running: Some(4),
             kv_pull: Some(tandem_protocol::messages::KvPullStats {
@@ -830,6 +847,7 @@ mod tests {
             "tandem_kv_pull_peak_held_blocks{worker_id=\"w\"} 12",
             "tandem_kv_handles_refused_total{worker_id=\"w\"} 2",
             "tandem_kv_exports_gone_total{worker_id=\"w\"} 1",
+            "tandem_worker_preemptions_total{worker_id=\"w\"} 5",
             "tandem_live_workers{role=\"decode\"} 1",
             "tandem_live_workers{role=\"context\"} 0",
         ] {

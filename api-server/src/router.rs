@@ -618,7 +618,7 @@ mod tests {
             let mut hb = heartbeat("w", WorkerRole::Both, running, 0);
             hb.engine = Some(tandem_protocol::messages::EngineProgress {
                 steps,
-                failed_steps: 0,
+                ..Default::default()
             });
             registry.observe(hb, start + Duration::from_millis(at_ms));
         };

@@ -736,6 +736,10 @@ pub struct KvPullStats {
 pub struct EngineProgress {
     pub steps: u64,
     pub failed_steps: u64,
+    /// Sequences preempted (their K/V freed, to be recomputed) since the worker started: a
+    /// cache too small for the load it admits. Absent from older workers (0).
+    #[serde(default)]
+    pub preemptions: u64,
 }
 
 /// A context worker's transfer bookkeeping, for /metrics.

@@ -80,6 +80,7 @@ pub struct EngineHandle {
     device_lost: Arc<OnceLock<String>>,
     steps: Arc<AtomicU64>,
     failed_steps: Arc<AtomicU64>,
+    preemptions: Arc<AtomicU64>,
 }
 
 /// The events of one request, in order; the last is `Finished`.
@@ -127,6 +128,7 @@ impl EngineHandle {
             device_lost: Arc::new(OnceLock::new()),
             steps: Arc::new(AtomicU64::new(0)),
             failed_steps: Arc::new(AtomicU64::new(0)),
+            preemptions: Arc::new(AtomicU64::new(0)),
         };
         let counters = Counters {
             free_blocks: Arc::clone(&handle.free_blocks),
@@ -138,6 +140,7 @@ impl EngineHandle {
             device_lost: Arc::clone(&handle.device_lost),
             steps: Arc::clone(&handle.steps),
             failed_steps: Arc::clone(&handle.failed_steps),
+            preemptions: Arc::clone(&handle.preemptions),
         };
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
@@ -313,6 +316,7 @@ impl EngineHandle {
         EngineProgress {
             steps: self.steps.load(Ordering::Relaxed),
             failed_steps: self.failed_steps.load(Ordering::Relaxed),
+            preemptions: self.preemptions.load(Ordering::Relaxed),
         }
     }
 }
@@ -328,6 +332,7 @@ struct Counters {
     device_lost: Arc<OnceLock<String>>,
     steps: Arc<AtomicU64>,
     failed_steps: Arc<AtomicU64>,
+    preemptions: Arc<AtomicU64>,
 }
 
 impl Counters {
@@ -416,6 +421,9 @@ fn run<M: StepModel>(mut engine: Engine<M>, commands: Receiver<Command>, counter
         counters
             .failed_steps
             .store(progress.failed_steps, Ordering::Relaxed);
+        counters
+            .preemptions
+            .store(progress.preemptions, Ordering::Relaxed);
         if let Some(reason) = engine.device_lost()
             && counters.device_lost.get().is_none()
         {

@@ -310,11 +310,13 @@ pub struct Engine<M: StepModel> {
     overlap: overlap::Overlap,
 }
 
-/// Forward passes that ran and that failed, since the engine started.
+/// Forward passes that ran and that failed, and sequences preempted, since the engine
+/// started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineProgress {
     pub steps: u64,
     pub failed_steps: u64,
+    pub preemptions: u64,
 }
 
 /// Consecutive failed forward passes after which the engine stops as on a lost device (every
@@ -1463,7 +1465,10 @@ impl<M: StepModel> Engine<M> {
 
     /// Forward passes that ran and that failed since start.
     pub fn progress(&self) -> EngineProgress {
-        self.progress
+        EngineProgress {
+            preemptions: self.num_preemptions,
+            ..self.progress
+        }
     }
 
     /// The device is unusable: every request, running or queued, ends with `message` (their

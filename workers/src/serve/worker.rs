@@ -392,6 +392,7 @@ impl Worker {
                 messages::EngineProgress {
                     steps: progress.steps,
                     failed_steps: progress.failed_steps,
+                    preemptions: progress.preemptions,
                 }
             }),
         };
