@@ -354,7 +354,7 @@ impl Scheduler {
     /// Where the room to grow of a sequence of `num_tokens` that can reach `max_len` ends:
     /// `growth_reserve_tokens` further, capped by `max_len` and the context.
     fn growth_end(&self, num_tokens: usize, max_len: usize) -> usize {
-        let reach = num_tokens + self.config.growth_reserve_tokens.unwrap_or(0);
+        let reach = num_tokens.saturating_add(self.config.growth_reserve_tokens.unwrap_or(0));
         reach
             .min(max_len)
             .min(self.max_context_len())

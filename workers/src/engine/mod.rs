@@ -211,7 +211,7 @@ impl Sequence {
         if self.prefill_only {
             self.tokens.len()
         } else {
-            self.prompt_len + self.max_tokens
+            self.prompt_len.saturating_add(self.max_tokens)
         }
     }
 
