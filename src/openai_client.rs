@@ -126,6 +126,23 @@ impl Client {
         &self.base
     }
 
+    /// The server's Prometheus exposition at `/metrics` beside the API root (`…/v1` ->
+    /// `…/metrics`), with the API key if any.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let root = self.base.strip_suffix("/v1").unwrap_or(&self.base);
+        let mut request = self.agent.get(format!("{root}/metrics"));
+        if let Some(key) = &self.api_key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        let response = request.call().map_err(transport)?;
+        let status = response.status().as_u16();
+        let body = response.into_body().read_to_string().map_err(transport)?;
+        if status != 200 {
+            return Err(status_error(status, &body));
+        }
+        Ok(body)
+    }
+
     /// Ids of `/v1/models`.
     pub fn models(&self) -> Result<Vec<String>, ClientError> {
         let mut request = self.agent.get(format!("{}/models", self.base));

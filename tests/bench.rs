@@ -72,6 +72,19 @@ fn bench_measures_a_live_server() {
     assert_eq!(doc["model"], "tiny");
     let levels = doc["levels"].as_array().unwrap();
     assert_eq!(levels.len(), 2);
+    // What the server counted per level, from its /metrics: nothing preempted, nothing
+    // fell back.
+    assert!(stdout.contains("server: preemptions 0;"), "{stdout}");
+    for level in levels {
+        let server = &level["server"];
+        assert_eq!(server["preemptions"], 0, "{level}");
+        assert_eq!(
+            server["kv_transfer_fallbacks"],
+            serde_json::json!({}),
+            "{level}"
+        );
+        assert!(server["kv_transfers"].is_object(), "{level}");
+    }
     for (level, concurrency) in levels.iter().zip([1, 4]) {
         assert_eq!(level["concurrency"], concurrency);
         assert_eq!(level["completed"], 6, "{level}");

@@ -95,6 +95,10 @@ pub struct Summary {
     pub slo: Slo,
     /// Completed requests per second that met `slo` (all completed ones without limits).
     pub goodput: f64,
+    /// What the server counted during the level (tandem's `/metrics`); `None` for a server
+    /// without them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<super::server::Delta>,
 }
 
 /// Summarizes `replies` (errors as strings) of a level that took `duration_s`.
@@ -165,6 +169,7 @@ pub fn summarize(
         e2e_ms: Distribution::of(&e2e),
         slo,
         goodput: per_s(good as f64),
+        server: None,
     }
 }
 

@@ -7,10 +7,12 @@
 //! - [`workload`]: synthetic prompts, prompt files, Poisson arrival gaps.
 //! - [`metrics`]: percentiles, goodput limits, one level's summary.
 //! - [`chart`]: the PNG.
+//! - [`server`]: what the server counted per level (its `/metrics`, where it has one).
 //! - the HTTP side is [`crate::openai_client`].
 
 pub mod chart;
 pub mod metrics;
+pub mod server;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -43,7 +45,12 @@ streamed pieces), time per output token after the first (TPOT) and end-to-end la
 per level: mean/p50/p90/p99 of each, requests/s, output and total tokens/s, and goodput
 (requests/s whose TTFT and mean ITL meet --goodput ttft:MS,itl:MS). Results: a table on stdout,
 --output-json, --output-png (latency and throughput against the level). Failed requests are
-counted and their first errors reported; each request is bounded by --timeout-s.";
+counted and their first errors reported; each request is bounded by --timeout-s.
+
+Against tandem, each level also reports what the server counted, read from its /metrics
+before and after: KV hand-overs by transport, hand-overs that fell back and why, requests a
+context worker prefilled, and sequences the workers preempted (a KV cache too small for the
+load; as of their last heartbeats). Other servers give no such line.";
 
 const BENCH_EXAMPLES: &str = "\
 Examples:
@@ -255,6 +262,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Some(r) => format!("{r} req/s"),
             None => format!("{} in flight", level.concurrency),
         });
+        let counters_before = server_counters(&client);
         let started = Instant::now();
         let replies = run_level(
             &client,
@@ -264,13 +272,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             args.seed,
             &progress,
         );
-        let summary = metrics::summarize(
+        let mut summary = metrics::summarize(
             level.concurrency,
             level.rate,
             &replies,
             started.elapsed().as_secs_f64(),
             slo,
         );
+        if let Some(before) = counters_before {
+            // Workers report their counters in heartbeats (tandem's default interval: 1 s).
+            std::thread::sleep(HEARTBEAT_LAG);
+            summary.server = server_counters(&client).map(|after| after.since(&before));
+        }
         summaries.push(summary);
     }
     progress.finish_and_clear();
@@ -323,6 +336,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         eprintln!("tandem bench: {failed} request(s) failed (see `errors` per level)");
     }
     Ok(())
+}
+
+/// How long to wait after a level before reading the server's counters again: a bit more
+/// than tandem workers' default heartbeat interval, which carries their preemption counts.
+const HEARTBEAT_LAG: Duration = Duration::from_millis(1200);
+
+/// The server's counters ([`server`]), if it exposes them at `/metrics` beside the API root.
+fn server_counters(client: &Client) -> Option<server::Counters> {
+    client
+        .metrics()
+        .ok()
+        .and_then(|text| server::Counters::parse(&text))
 }
 
 /// Sends every request of one level; results in request order.
@@ -446,6 +471,9 @@ fn print_table(model: &str, url: &str, endpoint: Endpoint, levels: &[Summary]) {
         );
         for e in &s.errors {
             println!("{:>12} error: {e}", "");
+        }
+        if let Some(server) = &s.server {
+            println!("{:>12} server: {}", "", server.line());
         }
     }
     println!("(latencies in ms; goodput in requests/s)");
