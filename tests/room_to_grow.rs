@@ -8,7 +8,9 @@
 //! - with the default room to grow, a request is admitted only with the blocks to reach its
 //!   end, and nobody is preempted (the counter reads 0);
 //! - both ways every request completes, with the same text (greedy; recompute gives back what
-//!   was preempted), and every block is free again.
+//!   was preempted), and every block is free again;
+//! - the same for a decode worker that imports the prompts from a context worker: its imports
+//!   wait for room to grow too, and nothing is preempted there.
 
 mod support;
 
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::{SERVED_NAME, start_api_server};
-use tandem_test_kit::prometheus::metric;
+use tandem_test_kit::prometheus::{metric, total};
 use tandem_test_kit::{Http, Nats, model_dir};
 
 const MODEL: &str = "smollm2-bf16";
@@ -70,10 +72,35 @@ fn preemptions_once_idle(http: &Http, worker: &str) -> f64 {
     }
 }
 
+/// The small cache of these tests: 16 blocks of 16 tokens.
+const SMALL_CACHE: [&str; 4] = ["--kv-cache-tokens", "256", "--block-size", "16"];
+
+/// Serves the load disaggregated, the decode worker with the small cache and the default
+/// room to grow; its texts and the decode worker's preemptions.
+fn serve_disaggregated() -> (Vec<String>, f64) {
+    let nats = Nats::start();
+    let api = start_api_server(&nats, &model_dir(MODEL));
+    let block = ["--block-size", "16"];
+    let _context = support::start_worker_as(&nats, &model_dir(MODEL), "context", "ctx", &block);
+    let _decode = support::start_worker_as(&nats, &model_dir(MODEL), "decode", "dec", &SMALL_CACHE);
+    let http = &api.http;
+    http.wait_for_role("context", 1, Duration::from_secs(30));
+    http.wait_for_role("decode", 1, Duration::from_secs(30));
+    let texts = all_at_once(http);
+    let preemptions = preemptions_once_idle(http, "dec");
+    let body = http.get("/metrics").body;
+    assert_eq!(
+        total(&body, "tandem_kv_transfers_total"),
+        REQUESTS as f64,
+        "every prompt handed over:\n{body}"
+    );
+    (texts, preemptions)
+}
+
 /// Serves the load on a worker with `extra` flags; its texts and preemptions.
 fn serve(extra: &[&str]) -> (Vec<String>, f64) {
     let nats = Nats::start();
-    let mut flags = vec!["--kv-cache-tokens", "256", "--block-size", "16"];
+    let mut flags = SMALL_CACHE.to_vec();
     flags.extend_from_slice(extra);
     let _worker = support::start_worker(&nats, &model_dir(MODEL), "w0", &flags);
     let api = start_api_server(&nats, &model_dir(MODEL));
@@ -96,4 +123,7 @@ fn room_to_grow_at_admission_means_no_preemption_and_the_same_text() {
         "nobody is preempted once admitted with room to grow"
     );
     assert_eq!(greedy_admission, room_to_grow);
+    let (disaggregated, none) = serve_disaggregated();
+    assert_eq!(none, 0.0, "imports wait for room to grow as well");
+    assert_eq!(disaggregated, room_to_grow);
 }
