@@ -130,31 +130,12 @@ impl Client {
     /// `…/metrics`), with the API key if any.
     pub fn metrics(&self) -> Result<String, ClientError> {
         let root = self.base.strip_suffix("/v1").unwrap_or(&self.base);
-        let mut request = self.agent.get(format!("{root}/metrics"));
-        if let Some(key) = &self.api_key {
-            request = request.header("authorization", format!("Bearer {key}"));
-        }
-        let response = request.call().map_err(transport)?;
-        let status = response.status().as_u16();
-        let body = response.into_body().read_to_string().map_err(transport)?;
-        if status != 200 {
-            return Err(status_error(status, &body));
-        }
-        Ok(body)
+        self.get(&format!("{root}/metrics"))
     }
 
     /// Ids of `/v1/models`.
     pub fn models(&self) -> Result<Vec<String>, ClientError> {
-        let mut request = self.agent.get(format!("{}/models", self.base));
-        if let Some(key) = &self.api_key {
-            request = request.header("authorization", format!("Bearer {key}"));
-        }
-        let response = request.call().map_err(transport)?;
-        let status = response.status().as_u16();
-        let body = response.into_body().read_to_string().map_err(transport)?;
-        if status != 200 {
-            return Err(status_error(status, &body));
-        }
+        let body = self.get(&format!("{}/models", self.base))?;
         let value: Value =
             serde_json::from_str(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(value["data"]
@@ -166,6 +147,21 @@ impl Client {
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    /// The body of a GET of `url` (with the API key if any) that answered 200.
+    fn get(&self, url: &str) -> Result<String, ClientError> {
+        let mut request = self.agent.get(url);
+        if let Some(key) = &self.api_key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        let response = request.call().map_err(transport)?;
+        let status = response.status().as_u16();
+        let body = response.into_body().read_to_string().map_err(transport)?;
+        if status != 200 {
+            return Err(status_error(status, &body));
+        }
+        Ok(body)
     }
 
     /// Sends `request` to `endpoint`; `on_text` sees each piece of text as it arrives.

@@ -112,7 +112,7 @@ fn serve(extra: &[&str]) -> (Vec<String>, f64) {
 
 #[test]
 fn room_to_grow_at_admission_means_no_preemption_and_the_same_text() {
-    let (greedy_admission, preempted) = serve(&["--growth-reserve-tokens", "0"]);
+    let (first_chunk_admission, preempted) = serve(&["--growth-reserve-tokens", "0"]);
     assert!(
         preempted > 0.0,
         "16 blocks for six requests of up to 6 blocks each must preempt"
@@ -122,7 +122,7 @@ fn room_to_grow_at_admission_means_no_preemption_and_the_same_text() {
         none, 0.0,
         "nobody is preempted once admitted with room to grow"
     );
-    assert_eq!(greedy_admission, room_to_grow);
+    assert_eq!(first_chunk_admission, room_to_grow);
     let (disaggregated, none) = serve_disaggregated();
     assert_eq!(none, 0.0, "imports wait for room to grow as well");
     assert_eq!(disaggregated, room_to_grow);

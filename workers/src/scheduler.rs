@@ -199,8 +199,8 @@ struct Sequence {
     arrival: u64,
     status: SeqStatus,
     num_preemptions: u32,
-    /// The most tokens it can reach (prompt plus `max_tokens`, capped by the context):
-    /// growth is reserved up to here and no further.
+    /// The most tokens it can reach (prompt plus `max_tokens`; `usize::MAX` until the engine
+    /// says, the context still capping it): growth is reserved up to here and no further.
     max_len: usize,
     /// The samples group this sequence belongs to ([`Scheduler::add_to_group`]), and the
     /// prompt tokens its members may share (whole blocks, at least one token short of the
@@ -329,13 +329,15 @@ impl Scheduler {
     /// ([`Self::reserve`]): a free sequence slot, and the prompt's blocks free together with
     /// the room to grow of it and of every admitted sequence (module doc).
     pub fn can_add_computed(&self, prompt_tokens: usize, max_len: usize) -> bool {
-        let prompt_blocks = prompt_tokens.div_ceil(self.config.block_size);
         let needed = match self.growth_blocks_of_admitted() {
+            // The end of its room to grow is never short of its prompt.
             Some(admitted) => {
-                let end = self.growth_end(prompt_tokens, max_len);
-                admitted + end.div_ceil(self.config.block_size).max(prompt_blocks)
+                admitted
+                    + self
+                        .growth_end(prompt_tokens, max_len)
+                        .div_ceil(self.config.block_size)
             }
-            None => prompt_blocks,
+            None => prompt_tokens.div_ceil(self.config.block_size),
         };
         self.slots_taken() < self.config.max_num_seqs && self.pool.num_free() >= needed
     }

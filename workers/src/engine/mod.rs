@@ -283,15 +283,14 @@ pub struct Engine<M: StepModel> {
     next_id: Arc<AtomicU64>,
     eos_token_ids: Vec<u32>,
     vocab_size: usize,
-    /// Preemptions since start (a metric: a high rate means the cache is too small).
-    num_preemptions: u64,
     /// Why the device is unusable, once a step found it so: every request has been ended and
     /// new ones are refused (the worker leaves the deployment and restarts).
     device_lost: Option<String>,
     /// Where the steps' time goes ([`profile`]); `None` when its log lines are off.
     profile: Option<profile::StepProfile>,
-    /// Forward passes that ran, and that failed, since start (heartbeats carry them: an
-    /// api-server sees an engine that makes no progress).
+    /// Forward passes that ran and that failed, and sequences preempted (a high rate: the
+    /// cache is too small), since start: heartbeats carry them, so an api-server sees an engine
+    /// that makes no progress.
     progress: EngineProgress,
     /// Forward passes failed since the last that ran: past [`MAX_FAILED_FORWARDS_IN_A_ROW`]
     /// the engine gives up as on a lost device.
@@ -358,7 +357,6 @@ impl<M: StepModel> Engine<M> {
             imports_waited: 0,
             pending_cancel: Vec::new(),
             next_id: Arc::new(AtomicU64::new(1)),
-            num_preemptions: 0,
             device_lost: None,
             profile: profile::StepProfile::from_env(),
             progress: EngineProgress::default(),
@@ -417,7 +415,7 @@ impl<M: StepModel> Engine<M> {
 
     /// Preemptions since the engine started.
     pub fn num_preemptions(&self) -> u64 {
-        self.num_preemptions
+        self.progress.preemptions
     }
 
     /// Requests not started: waiting for admission, or imports and reservations waiting for
@@ -944,7 +942,7 @@ impl<M: StepModel> Engine<M> {
         self.admit_imports(&mut events);
         self.drop_expired(&mut events);
         let mut decision = self.scheduler.schedule();
-        self.num_preemptions += decision.preempted.len() as u64;
+        self.progress.preemptions += decision.preempted.len() as u64;
         if !decision.preempted.is_empty() {
             tracing::debug!(preempted = ?decision.preempted, "KV cache full: preempted for recompute");
         }
@@ -1465,10 +1463,7 @@ impl<M: StepModel> Engine<M> {
 
     /// Forward passes that ran and that failed since start.
     pub fn progress(&self) -> EngineProgress {
-        EngineProgress {
-            preemptions: self.num_preemptions,
-            ..self.progress
-        }
+        self.progress
     }
 
     /// The device is unusable: every request, running or queued, ends with `message` (their

@@ -172,13 +172,13 @@ impl StepModel for FakeModel {
 fn engine(budget: usize, num_blocks: usize) -> Engine<FakeModel> {
     Engine::new(
         FakeModel::new(4, num_blocks),
-        greedy_admission(budget, num_blocks),
+        first_chunk_admission(budget, num_blocks),
         None,
     )
     .unwrap()
 }
 
-fn greedy_admission(budget: usize, num_blocks: usize) -> EngineConfig {
+fn first_chunk_admission(budget: usize, num_blocks: usize) -> EngineConfig {
     EngineConfig {
         block_size: 4,
         num_blocks,
@@ -287,7 +287,7 @@ fn prefill_only_requests_keep_no_room_to_grow() {
     // for 256 more tokens each.
     let config = EngineConfig {
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
-        ..greedy_admission(64, 12)
+        ..first_chunk_admission(64, 12)
     };
     let mut e = Engine::new(FakeModel::new(4, 12), config, None).unwrap();
     for k in 0..2 {
@@ -322,7 +322,7 @@ fn room_to_grow_kept_at_admission_means_no_preemption_and_the_same_tokens() {
     }
     let config = EngineConfig {
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
-        ..greedy_admission(6, 14)
+        ..first_chunk_admission(6, 14)
     };
     let mut e = Engine::new(FakeModel::new(4, 14), config, None).unwrap();
     let ids: Vec<_> = prompts

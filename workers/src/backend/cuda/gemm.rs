@@ -6,7 +6,8 @@
 //! Without thread-block clusters ([`Blas::new`]'s `clusters` false: an MPS client limited to a
 //! share of the SMs, where cuBLAS's cluster kernels may return success without writing their
 //! output), every product goes through cuBLASLt instead, with the best algorithm its
-//! heuristic offers among those of one block per cluster, chosen once per shape.
+//! heuristic offers that runs one block per cluster (as offered, or with its cluster shape set
+//! so), chosen once per shape together with the shape's descriptors.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -209,20 +210,25 @@ struct Operands {
     workspace: u64,
 }
 
-/// cuBLASLt restricted to algorithms of one block per cluster, one chosen per shape.
+/// cuBLASLt restricted to algorithms of one block per cluster, one chosen per shape. Used
+/// under `Blas`'s mutex only (its `Handle` is what is sent between threads).
 struct ClusterFree {
     handle: lt_sys::cublasLtHandle_t,
-    algos: HashMap<Shape, lt_sys::cublasLtMatmulAlgo_t>,
+    /// The descriptors and chosen algorithm of every shape seen, built on its first product.
+    plans: HashMap<Shape, Plan>,
 }
 
-// SAFETY: used under `Blas`'s mutex only, never from two threads at once.
-unsafe impl Send for ClusterFree {}
+/// What one shape's products run with.
+struct Plan {
+    descs: Descriptors,
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+}
 
 impl ClusterFree {
     fn new() -> Result<Self, lt::CublasError> {
         Ok(ClusterFree {
             handle: lt::create_handle()?,
-            algos: HashMap::new(),
+            plans: HashMap::new(),
         })
     }
 
@@ -238,16 +244,13 @@ impl ClusterFree {
         ops: Operands,
         stream: lt_sys::cudaStream_t,
     ) -> Result<(), String> {
-        let descs = Descriptors::new(shape).map_err(|e| e.to_string())?;
-        let algo = match self.algos.get(&shape) {
-            Some(algo) => *algo,
-            None => {
-                // SAFETY: the descriptors are live (dropped at the end of this function).
-                let algo = unsafe { self.choose(&descs) }?;
-                self.algos.insert(shape, algo);
-                algo
-            }
-        };
+        if !self.plans.contains_key(&shape) {
+            let descs = Descriptors::new(shape).map_err(|e| e.to_string())?;
+            // SAFETY: the descriptors were just created.
+            let algo = unsafe { self.choose(&descs) }?;
+            self.plans.insert(shape, Plan { descs, algo });
+        }
+        let Plan { descs, algo } = &self.plans[&shape];
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the caller's promise for the pointers; descriptors and algorithm are live
         // and describe them.
@@ -265,7 +268,7 @@ impl ClusterFree {
                 descs.c,
                 ops.y as *mut c_void,
                 descs.c,
-                &algo,
+                algo,
                 ops.workspace as *mut c_void,
                 WORKSPACE_BYTES,
                 stream,
@@ -377,6 +380,8 @@ impl ClusterFree {
 
 impl Drop for ClusterFree {
     fn drop(&mut self) {
+        // The shapes' descriptors go before the handle they were used with.
+        self.plans.clear();
         // SAFETY: created in `new`, destroyed once.
         let _ = unsafe { lt::destroy_handle(self.handle) };
     }
