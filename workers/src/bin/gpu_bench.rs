@@ -88,6 +88,32 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Time one step that mixes decodes with prompt chunks, as a loaded server runs them
+    /// (chunked prefill beside the running batch), against its decode and prefill parts run
+    /// alone. With `--profile` only the timed mixed steps run inside cuProfilerStart/Stop, so
+    /// `ncu --profile-from-start off` sees nothing else (scripts/device/ncu_mixed.sh).
+    Mixed {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        ordinal: usize,
+        /// Decoding sequences in the step.
+        #[arg(long, default_value_t = 214)]
+        decodes: usize,
+        /// Cached tokens of every decoding sequence.
+        #[arg(long, default_value_t = 2112)]
+        context: usize,
+        /// Prompt chunks in the step, each `cached+new` tokens (a later chunk of a prompt
+        /// attends to its cached part) or `new` (a prompt's first chunk).
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["2048".to_string(), "1500+560".to_string()])]
+        chunks: Vec<String>,
+        /// Timed repetitions (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Bracket the timed mixed steps with cuProfilerStart/Stop.
+        #[arg(long)]
+        profile: bool,
+    },
     /// Engine decode step time with and without a JSON-schema grammar.
     Grammar {
         #[arg(long)]
@@ -125,6 +151,21 @@ fn main() -> Result<()> {
             iters,
             json,
         } => bench(&model, ordinal, &batches, context, &prefill, iters, json),
+        Command::Mixed {
+            model,
+            ordinal,
+            decodes,
+            context,
+            chunks,
+            iters,
+            profile,
+        } => {
+            let chunks = chunks
+                .iter()
+                .map(|c| parse_chunk(c))
+                .collect::<Result<Vec<_>>>()?;
+            mixed(&model, ordinal, decodes, context, &chunks, iters, profile)
+        }
         Command::Grammar {
             model,
             ordinal,
@@ -1302,5 +1343,185 @@ fn bench(
             skinny_failures.join("; ")
         );
     }
+    Ok(())
+}
+
+/// `cached+new` or `new` prompt tokens of one chunk.
+fn parse_chunk(text: &str) -> Result<(usize, usize)> {
+    let parse = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .with_context(|| format!("chunk {text:?}: {t:?} is not a token count"))
+    };
+    let (cached, new) = match text.split_once('+') {
+        Some((cached, new)) => (parse(cached)?, parse(new)?),
+        None => (0, parse(text)?),
+    };
+    if new == 0 {
+        bail!("chunk {text:?} has no new tokens");
+    }
+    Ok((cached, new))
+}
+
+/// `gpu_bench mixed`: one step of `decodes` decoding sequences at `context` cached tokens and
+/// the prompt `chunks` (cached, new), timed whole, then its decodes alone and its chunks
+/// alone, so the table says what the mix costs beyond its parts. Every decoding sequence has
+/// blocks of its own (copies of one prefilled context), so the decode attention reads as many
+/// bytes from memory as in a server.
+fn mixed(
+    dir: &std::path::Path,
+    ordinal: usize,
+    decodes: usize,
+    context: usize,
+    chunks: &[(usize, usize)],
+    iters: usize,
+    profile: bool,
+) -> Result<()> {
+    let config = ModelConfig::load(dir)?;
+    let backend = CudaBackend::new(&CudaOptions::from_env(ordinal))?;
+    let options = ModelOptions {
+        kv_dtype: Some(KvDType::Bf16),
+    };
+    let model = Model::load(dir, backend, &options).context("loading the model")?;
+    let block = *BLOCK_SIZE;
+    let per_seq = (context + 1).div_ceil(block);
+    let chunk_blocks: Vec<usize> = chunks
+        .iter()
+        .map(|(cached, new)| (cached + new).div_ceil(block))
+        .collect();
+    let blocks = decodes * per_seq + chunk_blocks.iter().sum::<usize>() + 1;
+    let mut kv = model
+        .alloc_kv_cache(block, blocks)
+        .with_context(|| format!("allocating {blocks} KV blocks of {block} tokens"))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+
+    // One decoding sequence's context prefilled, its blocks copied to the others.
+    let prompt = random_tokens(&mut rng, context, config.vocab_size);
+    let base: Vec<u32> = (0..per_seq as u32).collect();
+    for start in (0..context).step_by(2048) {
+        let end = (start + 2048).min(context);
+        let mut b = ForwardBatch::default();
+        b.push(&prompt[start..end], start, base.clone(), false);
+        model.forward(&b, &mut kv)?;
+    }
+    for s in 1..decodes {
+        for (i, &src) in base.iter().enumerate() {
+            let dst = (s * per_seq + i) as u32;
+            model.backend().copy_kv_block(&mut kv, src, dst)?;
+        }
+    }
+    let decode_tables: Vec<Vec<u32>> = (0..decodes)
+        .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+        .collect();
+    let mut next = (decodes * per_seq) as u32;
+    let chunk_tables: Vec<Vec<u32>> = chunk_blocks
+        .iter()
+        .map(|&n| {
+            let table = (next..next + n as u32).collect();
+            next += n as u32;
+            table
+        })
+        .collect();
+    let chunk_tokens: Vec<Vec<u32>> = chunks
+        .iter()
+        .map(|&(_, new)| random_tokens(&mut rng, new, config.vocab_size))
+        .collect();
+    // A later chunk's cached part, prefilled once.
+    for (&(cached, _), table) in chunks.iter().zip(&chunk_tables) {
+        let cached_tokens = random_tokens(&mut rng, cached, config.vocab_size);
+        for start in (0..cached).step_by(2048) {
+            let end = (start + 2048).min(cached);
+            let mut b = ForwardBatch::default();
+            b.push(&cached_tokens[start..end], start, table.clone(), false);
+            model.forward(&b, &mut kv)?;
+        }
+    }
+    model.backend().synchronize()?;
+    let decode_tokens = random_tokens(&mut rng, decodes, config.vocab_size);
+
+    let step = |kv: &mut CudaKvCache, with_decodes: bool, with_chunks: bool| -> Result<f64> {
+        let mut b = ForwardBatch::default();
+        if with_decodes {
+            for (s, table) in decode_tables.iter().enumerate() {
+                b.push(&decode_tokens[s..s + 1], context, table.clone(), true);
+            }
+        }
+        if with_chunks {
+            for ((&(cached, _), table), tokens) in
+                chunks.iter().zip(&chunk_tables).zip(&chunk_tokens)
+            {
+                b.push(tokens, cached, table.clone(), true);
+            }
+        }
+        let started = Instant::now();
+        let logits = model.forward_logits(&b, kv)?.context("no logits")?;
+        std::hint::black_box(model.backend().argmax_rows(&logits)?);
+        Ok(started.elapsed().as_secs_f64())
+    };
+    let time = |kv: &mut CudaKvCache, d: bool, c: bool, profiled: bool| -> Result<f64> {
+        for _ in 0..2 {
+            step(kv, d, c)?;
+        }
+        if profiled {
+            // SAFETY: no arguments; the context is current on this thread (the backend's).
+            unsafe { cudarc::driver::sys::cuProfilerStart() }.result()?;
+        }
+        let times = (0..iters.max(1))
+            .map(|_| step(kv, d, c))
+            .collect::<Result<Vec<_>>>()?;
+        if profiled {
+            // SAFETY: as for cuProfilerStart.
+            unsafe { cudarc::driver::sys::cuProfilerStop() }.result()?;
+        }
+        Ok(median(times) * 1e3)
+    };
+    // Steps queued back to back, as the engine overlaps them: the host's preparation of a
+    // step hides behind the device's work on the one before.
+    let pipelined = |kv: &mut CudaKvCache| -> Result<f64> {
+        let mut b = ForwardBatch::default();
+        for (s, table) in decode_tables.iter().enumerate() {
+            b.push(&decode_tokens[s..s + 1], context, table.clone(), true);
+        }
+        for ((&(cached, _), table), tokens) in chunks.iter().zip(&chunk_tables).zip(&chunk_tokens) {
+            b.push(tokens, cached, table.clone(), true);
+        }
+        step(kv, true, true)?;
+        let started = Instant::now();
+        for _ in 0..iters.max(1) {
+            std::hint::black_box(model.forward_logits(&b, kv)?);
+        }
+        model.backend().synchronize()?;
+        Ok(started.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
+    };
+    let whole = time(&mut kv, true, true, profile)?;
+    if profile {
+        println!("profiled {iters} mixed step(s): {whole:.2} ms (median)");
+        return Ok(());
+    }
+    let queued = pipelined(&mut kv)?;
+    model.backend().set_concurrent_attention(false);
+    let one_stream = time(&mut kv, true, true, false)?;
+    let one_stream_queued = pipelined(&mut kv)?;
+    model.backend().set_concurrent_attention(true);
+    let decodes_ms = time(&mut kv, true, false, false)?;
+    let chunks_ms = time(&mut kv, false, true, false)?;
+    let prompt_tokens: usize = chunks.iter().map(|c| c.1).sum();
+    println!("model {} — {}", dir.display(), model.backend().describe());
+    println!(
+        "mixed step: {decodes} decodes at context {context} + {prompt_tokens} prompt tokens in chunks {chunks:?}, block {block}"
+    );
+    println!(
+        "  whole step    {whole:8.2} ms (median of {iters}); queued back to back {queued:.2} ms a step"
+    );
+    println!(
+        "  one stream    {one_stream:8.2} ms; queued back to back {one_stream_queued:.2} ms a step (prefill attention after the decodes')"
+    );
+    println!("  decodes alone {decodes_ms:8.2} ms");
+    println!("  chunks alone  {chunks_ms:8.2} ms");
+    println!(
+        "  parts summed  {:8.2} ms; the mix costs {:+.2} ms",
+        decodes_ms + chunks_ms,
+        whole - decodes_ms - chunks_ms
+    );
     Ok(())
 }

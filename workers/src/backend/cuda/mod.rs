@@ -75,6 +75,7 @@ mod options;
 mod pinned;
 mod prefetch;
 mod sample;
+mod side_stream;
 mod skinny;
 mod staging;
 mod tensor;
@@ -154,6 +155,11 @@ pub struct CudaBackend {
     /// The MLP's gate/up projection written in bf16 by cuBLAS at prefill sizes
     /// ([`CudaOptions::gate_up_bf16`]).
     gate_up_bf16: bool,
+    /// Where a mixed batch's prefill attention runs beside its decode attention
+    /// ([`CudaOptions::concurrent_attention`]).
+    side: Option<side_stream::SideStream>,
+    /// Whether `side` is used: `gpu_bench` compares both ways in one process.
+    concurrent_attention: std::sync::atomic::AtomicBool,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -286,6 +292,10 @@ impl CudaBackend {
         keep_freed_memory(&ctx, options.ordinal)?;
         let stream = dev!("cuda init", ctx.new_stream())?;
         let blas = Blas::new(stream.clone(), options.gemm_clusters)?;
+        let side = options
+            .concurrent_attention
+            .then(|| dev!("cuda init", side_stream::SideStream::new(&ctx)))
+            .transpose()?;
         let kernels = Kernels::load(&ctx, &options.kernel_defines, options.cache_dir.as_deref())
             .map_err(|e| BackendError::Device {
                 op: "kernels",
@@ -343,6 +353,8 @@ impl CudaBackend {
             summaries: sample::SummaryQueue::default(),
             meta_staging: batch::MetaStaging::default(),
             gate_up_bf16: options.gate_up_bf16,
+            concurrent_attention: std::sync::atomic::AtomicBool::new(side.is_some()),
+            side,
             device_sampling: options.device_sampling,
             vec_attention: options.vec_attention,
             decode_mma: std::sync::atomic::AtomicBool::new(options.decode_mma),
@@ -354,6 +366,16 @@ impl CudaBackend {
             skinny_splits: options.skinny_splits,
             skinny_weight_maps: skinny::WeightMaps::default(),
         })
+    }
+
+    /// Runs a mixed batch's prefill attention beside its decode attention, or after it
+    /// (`gpu_bench mixed` compares the two); on only where the backend has its side stream
+    /// ([`CudaOptions::concurrent_attention`]).
+    pub fn set_concurrent_attention(&self, on: bool) {
+        self.concurrent_attention.store(
+            on && self.side.is_some(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Turns the warpgroup prefill attention kernel on or off (where the kernels have it), to
@@ -706,8 +728,10 @@ impl CudaBackend {
     /// Attention of the query rows the prefill tiles of `batch` cover, into their rows of
     /// `out`, on the tensor cores (`flash.cu`).
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     fn flash_prefill(
         &self,
+        stream: &Arc<CudaStream>,
         launch: FlashLaunch<'_>,
         qkv: &CudaTensor,
         out: &mut CudaSlice<u16>,
@@ -723,7 +747,7 @@ impl CudaBackend {
         let q = qkv.as_f32("flash_prefill")?;
         let cache = CacheArgs::new(shape, &layout, layer);
         let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
-        let mut b = self.stream.launch_builder(launch.kernel);
+        let mut b = stream.launch_builder(launch.kernel);
         b.arg(q)
             .arg(&*kv.data)
             .arg(batch.positions())
@@ -1134,9 +1158,18 @@ impl Backend for CudaBackend {
         match self.graphs.key(plan, kv, self) {
             Some(key) => self.run_graph(key, plan, kv, layers),
             None => {
+                let started = std::time::Instant::now();
                 let meta = self.prepare_batch(plan)?;
                 sample::chain_tokens(self, *meta.tokens(), &plan.chained)?;
-                layers(&meta, kv)
+                let prepared = started.elapsed();
+                let logits = layers(&meta, kv);
+                tracing::debug!(
+                    tokens = meta.num_tokens,
+                    prepare_ms = prepared.as_secs_f64() * 1e3,
+                    layers_ms = (started.elapsed() - prepared).as_secs_f64() * 1e3,
+                    "queued an eager forward"
+                );
+                logits
             }
         }
     }
@@ -1342,11 +1375,45 @@ impl Backend for CudaBackend {
         {
             // Prefill chunks through the tensor-core kernel; the decodes batched with them
             // through the decode kernel, which reads each KV head's context once for its
-            // whole query group (the prefill kernel would read it once per query head).
-            if batch.decode_rows > 0 {
-                self.decode_attention(qkv, &mut out, batch.decode_rows, batch, shape, kv, layer)?;
+            // whole query group (the prefill kernel would read it once per query head). With
+            // a side stream the two run at once, each into its own rows of `out`.
+            let side = self.side.as_ref().filter(|_| {
+                self.concurrent_attention
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            });
+            match (side, batch.decode_rows) {
+                (_, 0) => {
+                    self.flash_prefill(&self.stream, flash, qkv, &mut out, batch, shape, kv, layer)?
+                }
+                (Some(side), decode_rows) => {
+                    let prefill_stream = dev!("paged_attention", side.fork(&self.stream))?;
+                    self.flash_prefill(
+                        prefill_stream,
+                        flash,
+                        qkv,
+                        &mut out,
+                        batch,
+                        shape,
+                        kv,
+                        layer,
+                    )?;
+                    self.decode_attention(qkv, &mut out, decode_rows, batch, shape, kv, layer)?;
+                    dev!("paged_attention", side.join(&self.stream))?;
+                }
+                (None, decode_rows) => {
+                    self.decode_attention(qkv, &mut out, decode_rows, batch, shape, kv, layer)?;
+                    self.flash_prefill(
+                        &self.stream,
+                        flash,
+                        qkv,
+                        &mut out,
+                        batch,
+                        shape,
+                        kv,
+                        layer,
+                    )?;
+                }
             }
-            self.flash_prefill(flash, qkv, &mut out, batch, shape, kv, layer)?;
         } else {
             self.decode_attention(qkv, &mut out, qkv.rows, batch, shape, kv, layer)?;
         }

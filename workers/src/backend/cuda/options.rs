@@ -56,6 +56,10 @@ pub struct CudaOptions {
     /// (the bf16 gate/up above, and f32 projections of multi-prompt prefills of 2-4k tokens on
     /// an H100 at 80%, session 16) return success without writing their output.
     pub gemm_clusters: bool,
+    /// In a batch mixing decodes with prompt chunks, the chunks' prefill attention runs on a
+    /// second stream of higher priority beside the decode attention ([`super::side_stream`]);
+    /// off, one after the other on the one stream (`TANDEM_CONCURRENT_ATTENTION=0`: to compare).
+    pub concurrent_attention: bool,
     /// Splits of K for every `skinny.cu` launch, in place of the count its model of the time
     /// picks (`TANDEM_SKINNY_SPLITS`, for tuning; clamped to what the launch allows).
     pub skinny_splits: Option<usize>,
@@ -87,6 +91,7 @@ impl Default for CudaOptions {
             skinny_gemm: false,
             gate_up_bf16: true,
             gemm_clusters: true,
+            concurrent_attention: true,
             skinny_splits: None,
             attn_split_keys: None,
             l2_prefetch_mb: None,
@@ -129,6 +134,7 @@ impl CudaOptions {
                 Some(v) => v != "0",
                 None => all_sms,
             },
+            concurrent_attention: switch("TANDEM_CONCURRENT_ATTENTION"),
             skinny_splits: text("TANDEM_SKINNY_SPLITS")
                 .and_then(|v| v.trim().parse().ok())
                 .filter(|&splits| splits > 0),
@@ -182,6 +188,7 @@ mod tests {
             ("TANDEM_FLASH_PAIRS", "0"),
             ("TANDEM_FLASH_WGMMA", "0"),
             ("TANDEM_SKINNY_GEMM", "1"),
+            ("TANDEM_CONCURRENT_ATTENTION", "0"),
             ("TANDEM_SKINNY_SPLITS", "3"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
             ("TANDEM_L2_PREFETCH_MB", " 8 "),
@@ -202,6 +209,7 @@ mod tests {
                 skinny_gemm: true,
                 gate_up_bf16: true,
                 gemm_clusters: true,
+                concurrent_attention: false,
                 skinny_splits: Some(3),
                 attn_split_keys: Some(32),
                 l2_prefetch_mb: Some(8),
