@@ -8,6 +8,8 @@
 #                                       # ISL_TOKENS: exactly that many prompt tokens (random
 #                                       # ids, `tandem bench --input-tokens`) instead of words;
 #                                       # GROWTH_RESERVE: the group's growth_reserve_tokens
+# The GPU's SM clock, power and clock-limit reasons are sampled every second while the
+# requests run (large-batch-gpu.csv); the summary line averages the samples above 300 W.
 set -uo pipefail
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
@@ -25,6 +27,9 @@ ${GROWTH_RESERVE:+  growth_reserve_tokens: $GROWTH_RESERVE}
 EOC
 serve_and_wait /tmp/large-batch.yaml "$model" 8410 "$out/large-batch-serve.log"
 pid=$served_pid
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,power.limit,temperature.gpu,clocks_throttle_reasons.active \
+  --format=csv,noheader,nounits -lms 1000 >"$out/large-batch-gpu.csv" 2>&1 &
+smi=$!
 if [ -n "${ISL_TOKENS:-}" ]; then
   input=(--input-tokens "$ISL_TOKENS")
 else
@@ -34,6 +39,10 @@ tandem bench --url http://127.0.0.1:8410/v1 --endpoint completions \
   --concurrency "${LEVELS:-128,256,512}" --num-prompts "${N:-1024}" \
   "${input[@]}" --output-len "${OSL:-128}" --timeout-s 500 \
   --output-json "$out/large-batch.json" 2>&1 | grep -v "error: stream" | tail -6
+kill "$smi" 2>/dev/null
+awk -F', ' '$3 > 300 { n++; clock += $2; power += $3; limit = $4; reasons[$6]++ }
+  END { if (n) { printf "GPU while busy (%d samples): SM clock %.0f MHz, power %.0f of %.0f W; reasons", n, clock / n, power / n, limit
+                 for (r in reasons) printf " %s x%d", r, reasons[r]; print "" } }' "$out/large-batch-gpu.csv"
 echo "worker errors: $(grep -c 'worker.*ERROR' "$out/large-batch-serve.log")"
 grep -m3 "worker.*ERROR" "$out/large-batch-serve.log" | cut -c1-300
 kill -TERM "$pid"

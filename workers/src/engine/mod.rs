@@ -922,6 +922,8 @@ impl<M: StepModel> Engine<M> {
     /// Runs one step; returns the events of every request it touched.
     pub fn step(&mut self) -> Vec<EngineEvent> {
         let start = Instant::now();
+        // What earlier calls left (a collect without a step of its own) is not this step's.
+        let _ = self.model.take_forward_timing();
         let mut events = std::mem::take(&mut self.deferred_events);
         for id in std::mem::take(&mut self.pending_cancel) {
             if let Some(at) = self.pending_imports.iter().position(|p| p.id == id) {
@@ -1030,7 +1032,7 @@ impl<M: StepModel> Engine<M> {
             let took = scheduled_at.elapsed();
             record.forward = self
                 .model
-                .last_forward_timing()
+                .take_forward_timing()
                 .unwrap_or(profile::ForwardTiming {
                     enqueue: took,
                     device: std::time::Duration::ZERO,

@@ -57,9 +57,11 @@ pub trait StepModel: Send {
     fn read_kv_blocks(&self, blocks: &[BlockId], dst: KvBytesMut<'_>) -> Result<(), ModelError>;
     /// Overwrites `blocks` with `src`, laid out as [`Self::read_kv_blocks`] produces it.
     fn write_kv_blocks(&mut self, blocks: &[BlockId], src: KvBytes<'_>) -> Result<(), ModelError>;
-    /// How the last forward pass split between queueing its work and waiting for the device
-    /// (for the engine's [`super::profile`]); `None` where the model cannot tell.
-    fn last_forward_timing(&self) -> Option<ForwardTiming> {
+    /// How the forward passes since the last call split between queueing their work and
+    /// waiting for the device (for the engine's [`super::profile`]); `None` where the model
+    /// cannot tell or ran none. With overlapped steps one engine step queues the next pass and
+    /// waits for the one before: both are its own time, whichever pass they belong to.
+    fn take_forward_timing(&mut self) -> Option<ForwardTiming> {
         None
     }
 }
@@ -111,8 +113,6 @@ struct SubmittedForward<T> {
     /// `None` when no row wanted logits (nothing was summarized).
     logits: Option<T>,
     row_logprobs: Vec<Vec<TokenLogprob>>,
-    /// How long queueing it took.
-    enqueue: std::time::Duration,
 }
 
 /// A loaded model and a KV cache of `num_blocks` blocks of `block_size` tokens.
@@ -130,7 +130,8 @@ pub struct ModelRunner<B: Backend> {
     injected_loss: InjectedDeviceLoss,
     /// The last forward pass: until its work was queued, and from then until its results
     /// were on the host.
-    last_timing: Option<ForwardTiming>,
+    /// Summed since [`StepModel::take_forward_timing`] last took it.
+    timing: Option<ForwardTiming>,
 }
 
 /// Fault tests set this to N: the N+1th forward pass and every later one fail as a lost device
@@ -199,7 +200,7 @@ impl<B: Backend> ModelRunner<B> {
             submitted: std::collections::VecDeque::new(),
             last_row_logprobs: Vec::new(),
             injected_loss: InjectedDeviceLoss::from_env(),
-            last_timing: None,
+            timing: None,
         })
     }
 
@@ -234,7 +235,7 @@ impl<B: KvBlockIo> StepModel for ModelRunner<B> {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.last_timing = None;
+        self.timing = None;
         self.last_row_logprobs.clear();
         self.injected_loss.check()?;
         self.model
@@ -245,8 +246,8 @@ impl<B: KvBlockIo> StepModel for ModelRunner<B> {
         std::mem::take(&mut self.last_row_logprobs)
     }
 
-    fn last_forward_timing(&self) -> Option<ForwardTiming> {
-        self.last_timing
+    fn take_forward_timing(&mut self) -> Option<ForwardTiming> {
+        self.timing.take()
     }
 
     fn device_sampling(&mut self) -> Option<&mut dyn DeviceSampling> {
@@ -319,20 +320,27 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
                 .forward_logits_with_row_logprobs(batch, &mut self.kv, &mut row_logprobs)?;
         // The backend queues the whole pass and the sampling kernel without waiting; the
         // summaries' copy to the host is what `collect_summarized` waits for.
+        let forward_queued = start.elapsed();
         if let Some(logits) = &logits {
             backend.run(|| sampler.queue_summaries(logits, requests))?;
         }
+        tracing::debug!(
+            tokens = batch.tokens.len(),
+            rows = requests.len(),
+            forward_ms = forward_queued.as_secs_f64() * 1e3,
+            summaries_ms = (start.elapsed() - forward_queued).as_secs_f64() * 1e3,
+            "submitted a summarized forward"
+        );
+        self.timing.get_or_insert_default().enqueue += start.elapsed();
         self.submitted.push_back(SubmittedForward {
             logits,
             row_logprobs,
-            enqueue: start.elapsed(),
         });
         Ok(())
     }
 
     fn collect_summarized(&mut self) -> Result<Vec<RowSummary>, ModelError> {
         self.last_logits = None;
-        self.last_timing = None;
         self.last_row_logprobs.clear();
         let submitted = self.submitted.pop_front().ok_or_else(|| {
             ModelError::InvalidBatch("no summarized forward was submitted".into())
@@ -346,10 +354,7 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
             }
             None => Vec::new(),
         };
-        self.last_timing = Some(ForwardTiming {
-            enqueue: submitted.enqueue,
-            device: start.elapsed(),
-        });
+        self.timing.get_or_insert_default().device += start.elapsed();
         self.last_logits = submitted.logits;
         self.last_row_logprobs = submitted.row_logprobs;
         Ok(summaries)

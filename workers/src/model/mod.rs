@@ -279,7 +279,13 @@ impl<B: Backend> Model<B> {
             return Ok(None);
         }
         let b = &self.backend;
+        let started = std::time::Instant::now();
         let plan = BatchPlan::new(batch, layout.block_size, &self.inv_freq);
+        tracing::debug!(
+            tokens = batch.tokens.len(),
+            plan_ms = started.elapsed().as_secs_f64() * 1e3,
+            "planned a forward"
+        );
         let mut rows = batch.has_row_logprobs().then_some((batch, row_logprobs));
         let logits = b.run_forward(&plan, kv, &mut |meta, kv| {
             self.layers(
