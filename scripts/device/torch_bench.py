@@ -3,7 +3,7 @@
 for the side-by-side table in docs/benchmarks.md. Run on the device machine:
 
     python3 scripts/device/torch_bench.py --model DIR [--batches 1,8,32,128] [--context 1024]
-        [--prefill 512,2048,8192] [--iters 10] [--compile]
+        [--prefill 512,2048,8192] [--iters 10] [--compile] [--attention-only]
 
 DIR is a model directory (only config.json is read: weights are random, shapes are what
 matter for speed). Decode: a cache of `context` tokens per sequence (filled by a prefill), then
@@ -41,17 +41,21 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--attention-only", action="store_true",
+                    help="only the prefill attention rows (SDPA), without loading the model")
     args = ap.parse_args()
 
     config = AutoConfig.from_pretrained(args.model)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
-    model.eval()
+    model = None
+    if not args.attention_only:
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+        model.eval()
     vocab = config.vocab_size
     rows = []
     with torch.inference_mode():
-        for b in [int(x) for x in args.batches.split(",")]:
+        for b in [int(x) for x in args.batches.split(",")] if model is not None else []:
             prompt = torch.randint(0, vocab, (b, args.context), device="cuda")
             cache = DynamicCache()
             out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -91,7 +95,7 @@ def main():
                 print(rows[-1], flush=True)
                 del static
                 torch.cuda.empty_cache()
-        for n in [int(x) for x in args.prefill.split(",")]:
+        for n in [int(x) for x in args.prefill.split(",")] if model is not None else []:
             prompt = torch.randint(0, vocab, (1, n), device="cuda")
 
             def pre():
