@@ -16,7 +16,7 @@ const FAMILIES: [(&str, Option<&str>); 4] = [
     ("tandem_worker_preemptions_total", Some("worker_id")),
 ];
 
-/// The counters of [`FAMILIES`] at one moment: (family, label value or "") to value.
+/// The counters of `FAMILIES` at one moment: (family, label value or "") to value.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counters(BTreeMap<(String, String), f64>);
 

@@ -1378,41 +1378,30 @@ impl Backend for CudaBackend {
             // whole query group (the prefill kernel would read it once per query head). With
             // a side stream the two run at once, each into its own rows of `out`.
             let side = self.side.as_ref().filter(|_| {
-                self.concurrent_attention
-                    .load(std::sync::atomic::Ordering::Relaxed)
+                batch.decode_rows > 0
+                    && self
+                        .concurrent_attention
+                        .load(std::sync::atomic::Ordering::Relaxed)
             });
-            match (side, batch.decode_rows) {
-                (_, 0) => {
-                    self.flash_prefill(&self.stream, flash, qkv, &mut out, batch, shape, kv, layer)?
-                }
-                (Some(side), decode_rows) => {
-                    let prefill_stream = dev!("paged_attention", side.fork(&self.stream))?;
-                    self.flash_prefill(
-                        prefill_stream,
-                        flash,
-                        qkv,
-                        &mut out,
-                        batch,
-                        shape,
-                        kv,
-                        layer,
-                    )?;
-                    self.decode_attention(qkv, &mut out, decode_rows, batch, shape, kv, layer)?;
-                    dev!("paged_attention", side.join(&self.stream))?;
-                }
-                (None, decode_rows) => {
-                    self.decode_attention(qkv, &mut out, decode_rows, batch, shape, kv, layer)?;
-                    self.flash_prefill(
-                        &self.stream,
-                        flash,
-                        qkv,
-                        &mut out,
-                        batch,
-                        shape,
-                        kv,
-                        layer,
-                    )?;
-                }
+            let prefill_stream = match side {
+                Some(side) => dev!("paged_attention", side.fork(&self.stream))?,
+                None => &self.stream,
+            };
+            self.flash_prefill(
+                prefill_stream,
+                flash,
+                qkv,
+                &mut out,
+                batch,
+                shape,
+                kv,
+                layer,
+            )?;
+            if batch.decode_rows > 0 {
+                self.decode_attention(qkv, &mut out, batch.decode_rows, batch, shape, kv, layer)?;
+            }
+            if let Some(side) = side {
+                dev!("paged_attention", side.join(&self.stream))?;
             }
         } else {
             self.decode_attention(qkv, &mut out, qkv.rows, batch, shape, kv, layer)?;

@@ -57,7 +57,7 @@ pub struct CudaOptions {
     /// an H100 at 80%, session 16) return success without writing their output.
     pub gemm_clusters: bool,
     /// In a batch mixing decodes with prompt chunks, the chunks' prefill attention runs on a
-    /// second stream of higher priority beside the decode attention ([`super::side_stream`]);
+    /// second stream of higher priority beside the decode attention (`side_stream.rs`);
     /// off, one after the other on the one stream (`TANDEM_CONCURRENT_ATTENTION=0`: to compare).
     pub concurrent_attention: bool,
     /// Splits of K for every `skinny.cu` launch, in place of the count its model of the time
