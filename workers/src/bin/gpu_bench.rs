@@ -1514,7 +1514,7 @@ fn mixed(
         "  whole step    {whole:8.2} ms (median of {iters}); queued back to back {queued:.2} ms a step"
     );
     println!(
-        "  one stream    {one_stream:8.2} ms; queued back to back {one_stream_queued:.2} ms a step (prefill attention after the decodes')"
+        "  one stream    {one_stream:8.2} ms; queued back to back {one_stream_queued:.2} ms a step (the two attentions one after the other)"
     );
     println!("  decodes alone {decodes_ms:8.2} ms");
     println!("  chunks alone  {chunks_ms:8.2} ms");
