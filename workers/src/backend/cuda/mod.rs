@@ -368,6 +368,41 @@ impl CudaBackend {
         })
     }
 
+    /// Bytes the device's default memory pool (the stream-ordered allocator every activation
+    /// comes from) has reserved from the device, and of those in use.
+    fn memory_pool_bytes(&self) -> Result<(u64, u64), BackendError> {
+        use cudarc::driver::sys;
+        dev!("memory pool", self.ctx.bind_to_thread())?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let (mut reserved, mut used) = (0u64, 0u64);
+        // SAFETY: the context is current on this thread; `pool`, `reserved` and `used` are
+        // live locals of the types the driver writes.
+        unsafe {
+            let mut device: sys::CUdevice = 0;
+            dev!("memory pool", sys::cuCtxGetDevice(&mut device).result())?;
+            dev!(
+                "memory pool",
+                sys::cuDeviceGetDefaultMemPool(&mut pool, device).result()
+            )?;
+            for (attr, out) in [
+                (
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                    &mut reserved,
+                ),
+                (
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+                    &mut used,
+                ),
+            ] {
+                dev!(
+                    "memory pool",
+                    sys::cuMemPoolGetAttribute(pool, attr, (out as *mut u64).cast()).result()
+                )?;
+            }
+        }
+        Ok((reserved, used))
+    }
+
     /// Runs a mixed batch's prefill attention beside its decode attention, or after it
     /// (`gpu_bench mixed` compares the two); on only where the backend has its side stream
     /// ([`CudaOptions::concurrent_attention`]).
@@ -1163,12 +1198,19 @@ impl Backend for CudaBackend {
                 sample::chain_tokens(self, *meta.tokens(), &plan.chained)?;
                 let prepared = started.elapsed();
                 let logits = layers(&meta, kv);
-                tracing::debug!(
-                    tokens = meta.num_tokens,
-                    prepare_ms = prepared.as_secs_f64() * 1e3,
-                    layers_ms = (started.elapsed() - prepared).as_secs_f64() * 1e3,
-                    "queued an eager forward"
-                );
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    // What the stream-ordered allocator holds: queueing that blocks while the
+                    // pool grows (an offline run's ramp-up, session 17) shows here.
+                    let (reserved, used) = self.memory_pool_bytes().unwrap_or((0, 0));
+                    tracing::debug!(
+                        tokens = meta.num_tokens,
+                        prepare_ms = prepared.as_secs_f64() * 1e3,
+                        layers_ms = (started.elapsed() - prepared).as_secs_f64() * 1e3,
+                        pool_reserved_mib = reserved >> 20,
+                        pool_used_mib = used >> 20,
+                        "queued an eager forward"
+                    );
+                }
                 logits
             }
         }
