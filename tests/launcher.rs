@@ -137,7 +137,7 @@ fn a_bad_config_names_the_file_or_the_key() {
     assert!(out.contains("/nonexistent/deploy.yaml"), "{out}");
     assert!(!out.contains(READY_LINE), "{out}");
 
-    let config = write_config("badkey", "context_servers: { tensor_parallel_size: 2 }\n");
+    let config = write_config("badkey", "context_servers: { pipeline_parallel_size: 2 }\n");
     let (status, out) = run_to_failure({
         let mut c = tandem();
         c.args(["serve", "-c"]).arg(&config);
@@ -145,7 +145,7 @@ fn a_bad_config_names_the_file_or_the_key() {
     });
     assert!(!status.success(), "{out}");
     assert!(
-        out.contains("config key `context_servers.tensor_parallel_size`"),
+        out.contains("config key `context_servers.pipeline_parallel_size`"),
         "{out}"
     );
     assert!(!out.contains("started"), "nothing may start: {out}");

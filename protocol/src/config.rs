@@ -222,20 +222,19 @@ impl ServerGroupConfig {
             key: format!("{group}.{key}"),
             reason,
         };
-        for (key, value) in [
-            ("tensor_parallel_size", self.tensor_parallel_size),
-            ("pipeline_parallel_size", self.pipeline_parallel_size),
-        ] {
-            if let Some(n) = value
-                && n != 1
-            {
-                return Err(invalid(
-                    key,
-                    format!(
-                        "{n} is not supported (tandem runs one device per worker; use more instances)"
-                    ),
-                ));
-            }
+        if let Some(n) = self.pipeline_parallel_size
+            && n != 1
+        {
+            return Err(invalid(
+                "pipeline_parallel_size",
+                format!("{n} is not supported (tandem does not split layers over devices)"),
+            ));
+        }
+        if self.tensor_parallel_size == Some(0) {
+            return Err(invalid(
+                "tensor_parallel_size",
+                "0 is not a number of ranks".into(),
+            ));
         }
         if let DeviceSpec::PerInstance(devices) = &self.device
             && devices.len() != self.instances()
@@ -573,7 +572,7 @@ kv_secret_file: /run/secrets/tandem-kv
     fn errors_name_the_key() {
         let cases = [
             (
-                "context_servers: { tensor_parallel_size: 2 }",
+                "context_servers: { tensor_parallel_size: 0 }",
                 "context_servers.tensor_parallel_size",
             ),
             (

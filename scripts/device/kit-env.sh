@@ -13,6 +13,19 @@ for gz in "$root"/.kit/bin/*.gz; do
   chmod +x "${gz%.gz}"
 done
 
+# NCCL for tensor-parallel GPU workers, loaded at run time like libcuda. cudarc opens
+# `libnccl.so` (not `.so.2`), which only a -dev package provides; the device machine has
+# `libnccl.so.2` in torch's pip package (nvidia-nccl-cu*): linked under that name here.
+if [ -z "${TANDEM_NCCL_LIB:-}" ]; then
+  TANDEM_NCCL_LIB=$(find $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null) \
+    /usr/lib /usr/local/lib -name 'libnccl.so.2' 2>/dev/null | head -1 || true)
+fi
+if [ -n "${TANDEM_NCCL_LIB:-}" ]; then
+  mkdir -p "$models/.nccl"
+  ln -sf "$TANDEM_NCCL_LIB" "$models/.nccl/libnccl.so"
+  export LD_LIBRARY_PATH="$models/.nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
 random_model() { # preset
   local dir="$models/$1"
   [ -f "$dir/config.json" ] || model-prep random --preset "$1" -o "$dir" --seed 0 >&2

@@ -12,14 +12,16 @@ use tandem_cli::args::GpuArgs;
 use tandem_model::ModelConfig;
 use thiserror::Error;
 
+use crate::backend::cpu::group::{CpuGroup, GroupOptions};
 use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
-use crate::backend::{Backend, BackendError, KvBlockIo};
+use crate::backend::{Backend, BackendError};
 use crate::engine::{
-    Engine, EngineConfig, EngineError, EngineHandle, ModelRunner, StepModel, TextDecoder,
+    Engine, EngineConfig, EngineError, EngineHandle, ModelRunner, StepModel, TensorParallelRunner,
+    TextDecoder,
 };
 use crate::kv_cache::{KvDType, KvLayout};
-use crate::model::{Model, ModelError, ModelOptions};
+use crate::model::{Model, ModelError, ModelOptions, TensorParallel};
 
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +63,8 @@ pub enum DeviceError {
     SelfCheck { device: String, detail: String },
     #[error("starting the engine thread: {0}")]
     Thread(std::io::Error),
+    #[error("--tensor-parallel {size}: {detail}")]
+    TensorParallel { size: usize, detail: String },
 }
 
 impl std::str::FromStr for Device {
@@ -92,16 +96,31 @@ impl std::fmt::Display for Device {
 pub enum LoadedModel {
     Cpu(Box<Model<CpuBackend>>),
     Cuda(Box<Model<CudaBackend>>),
+    /// The ranks of a tensor-parallel group on the CPU, each a share of the model
+    /// ([`crate::model::shard`]), and the group they sum their outputs over.
+    CpuGroup {
+        ranks: Vec<Model<CpuBackend>>,
+        group: Arc<CpuGroup>,
+    },
+    /// The ranks of a tensor-parallel group of GPUs, one a GPU, summing over NCCL
+    /// ([`crate::backend::cuda::nccl_communicators`]).
+    CudaGroup {
+        ranks: Vec<Model<CudaBackend>>,
+    },
 }
 
 /// Loads the weights of `dir` onto `device` (`threads` matters for the CPU only, `gpu` for a GPU
-/// only).
+/// only), split over `tensor_parallel` ranks when more than one.
 pub fn load_model(
     dir: &Path,
     device: Device,
     threads: usize,
     gpu: &GpuArgs,
+    tensor_parallel: usize,
 ) -> Result<LoadedModel, DeviceError> {
+    if tensor_parallel > 1 {
+        return load_group(dir, device, threads, gpu, tensor_parallel);
+    }
     let backend_err = |source| DeviceError::Backend { device, source };
     let model_err = |source| DeviceError::Model {
         path: dir.to_owned(),
@@ -123,6 +142,7 @@ pub fn load_model(
             // The GPU computes from bf16 weights and keeps a bf16 cache whatever the files hold.
             let options = ModelOptions {
                 kv_dtype: Some(KvDType::Bf16),
+                ..ModelOptions::default()
             };
             Model::load(dir, backend, &options)
                 .map(|m| LoadedModel::Cuda(Box::new(m)))
@@ -147,6 +167,93 @@ pub fn cuda_options(ordinal: usize, gpu: &GpuArgs) -> CudaOptions {
         attn_split_keys: attn_split_keys.or(from_env.attn_split_keys),
         l2_prefetch_mb: l2_prefetch_mb.or(from_env.l2_prefetch_mb),
         ..from_env
+    }
+}
+
+/// [`load_model`] over `size` tensor-parallel ranks, each holding its share of the weights
+/// ([`crate::model::shard`]): on the CPU, ranks in threads of this process sharing `threads`
+/// (at least one each); on `cuda:N`, one rank per GPU, `cuda:N` to `cuda:N+size-1`, summing
+/// over NCCL.
+fn load_group(
+    dir: &Path,
+    device: Device,
+    threads: usize,
+    gpu: &GpuArgs,
+    size: usize,
+) -> Result<LoadedModel, DeviceError> {
+    let backend_err = |source| DeviceError::Backend { device, source };
+    /// Rank `rank` of `size`'s share of the model in `dir`, on `backend`.
+    fn load<B: Backend>(
+        dir: &Path,
+        rank: usize,
+        size: usize,
+        backend: B,
+        kv_dtype: Option<KvDType>,
+    ) -> Result<Model<B>, DeviceError> {
+        let options = ModelOptions {
+            kv_dtype,
+            tensor_parallel: TensorParallel::new(rank, size).expect("rank < size"),
+        };
+        Model::load(dir, backend, &options).map_err(|source| DeviceError::Model {
+            path: dir.to_owned(),
+            source,
+        })
+    }
+    match device {
+        Device::Cpu => {
+            let threads = if threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                threads
+            };
+            let group = Arc::new(CpuGroup::new(GroupOptions {
+                size,
+                timeout: crate::backend::cpu::group::DEFAULT_TIMEOUT,
+            }));
+            let ranks = (0..size)
+                .map(|rank| {
+                    let options = CpuOptions {
+                        threads: (threads / size).max(1),
+                        ..Default::default()
+                    };
+                    let backend =
+                        CpuBackend::in_group(&options, group.clone(), rank).map_err(backend_err)?;
+                    load(dir, rank, size, backend, None)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(LoadedModel::CpuGroup { ranks, group })
+        }
+        Device::Cuda(first) => {
+            let mut backends = (first..first + size)
+                .map(|ordinal| {
+                    CudaBackend::new(&cuda_options(ordinal, gpu)).map_err(|source| {
+                        DeviceError::Backend {
+                            device: Device::Cuda(ordinal),
+                            source,
+                        }
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| DeviceError::TensorParallel {
+                    size,
+                    detail: format!(
+                        "its ranks run on cuda:{first} to cuda:{}, one GPU each: {e}",
+                        first + size - 1
+                    ),
+                })?;
+            let streams = backends.iter().map(|b| b.stream().clone()).collect();
+            let comms = crate::backend::cuda::nccl_communicators(streams).map_err(backend_err)?;
+            for (backend, comm) in backends.iter_mut().zip(comms) {
+                backend.join_group(comm);
+            }
+            // The GPU computes from bf16 weights and keeps a bf16 cache whatever the files hold.
+            let ranks = backends
+                .into_iter()
+                .enumerate()
+                .map(|(rank, backend)| load(dir, rank, size, backend, Some(KvDType::Bf16)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(LoadedModel::CudaGroup { ranks })
+        }
     }
 }
 
@@ -176,6 +283,8 @@ impl LoadedModel {
         match self {
             LoadedModel::Cpu(m) => m.config(),
             LoadedModel::Cuda(m) => m.config(),
+            LoadedModel::CpuGroup { ranks, .. } => ranks[0].config(),
+            LoadedModel::CudaGroup { ranks } => ranks[0].config(),
         }
     }
 
@@ -183,45 +292,53 @@ impl LoadedModel {
         match self {
             LoadedModel::Cpu(m) => m.backend().describe(),
             LoadedModel::Cuda(m) => m.backend().describe(),
+            LoadedModel::CpuGroup { ranks, .. } => format!(
+                "{} tensor-parallel ranks of {}",
+                ranks.len(),
+                ranks[0].backend().describe()
+            ),
+            LoadedModel::CudaGroup { ranks } => format!(
+                "{} tensor-parallel ranks on cuda:{} to cuda:{} ({})",
+                ranks.len(),
+                ranks[0].backend().context().ordinal(),
+                ranks[ranks.len() - 1].backend().context().ordinal(),
+                ranks[0].backend().describe()
+            ),
         }
     }
 
-    /// The KV cache layout for blocks of `block_size` tokens.
+    /// The KV cache layout for blocks of `block_size` tokens: a group's is the whole model's,
+    /// what a transfer carries (each rank holds its KV heads).
     pub fn kv_layout(&self, block_size: usize) -> KvLayout {
+        let whole = |rank: KvLayout, size: usize| KvLayout {
+            num_kv_heads: rank.num_kv_heads * size,
+            ..rank
+        };
         match self {
             LoadedModel::Cpu(m) => m.kv_layout(block_size),
             LoadedModel::Cuda(m) => m.kv_layout(block_size),
+            LoadedModel::CpuGroup { ranks, .. } => {
+                whole(ranks[0].kv_layout(block_size), ranks.len())
+            }
+            LoadedModel::CudaGroup { ranks } => whole(ranks[0].kv_layout(block_size), ranks.len()),
         }
     }
 
-    /// Blocks of `block_size` tokens that `budget` allows.
+    /// Blocks of `block_size` tokens that `budget` allows: on GPUs, what the fraction of the
+    /// free memory holds on the fullest GPU (every rank has a cache of as many blocks).
     pub fn kv_blocks(&self, block_size: usize, budget: KvBudget) -> Result<usize, DeviceError> {
         if let Some(tokens) = budget.tokens {
             return Ok(tokens / block_size);
         }
         match self {
-            LoadedModel::Cpu(_) => Ok(budget.cpu_default_tokens / block_size),
-            LoadedModel::Cuda(m) => {
-                let (free, _total) =
-                    m.backend()
-                        .memory_info()
-                        .map_err(|source| DeviceError::Backend {
-                            device: Device::Cuda(m.backend().context().ordinal()),
-                            source,
-                        })?;
-                let block_bytes = m.kv_layout(block_size).block_bytes();
-                // Less the scratch block the CUDA backend allocates with the cache.
-                let blocks = ((free as f64 * budget.gpu_memory_fraction) as usize / block_bytes)
-                    .saturating_sub(1);
-                if blocks == 0 {
-                    return Err(DeviceError::NoKvMemory {
-                        free_mib: free >> 20,
-                        fraction: budget.gpu_memory_fraction,
-                        block_mib: block_bytes as f64 / (1 << 20) as f64,
-                    });
-                }
-                Ok(blocks)
+            LoadedModel::Cpu(_) | LoadedModel::CpuGroup { .. } => {
+                Ok(budget.cpu_default_tokens / block_size)
             }
+            LoadedModel::Cuda(m) => gpu_kv_blocks(m, block_size, &budget),
+            LoadedModel::CudaGroup { ranks } => ranks
+                .iter()
+                .map(|m| gpu_kv_blocks(m, block_size, &budget))
+                .try_fold(usize::MAX, |fewest, blocks| Ok(fewest.min(blocks?))),
         }
     }
 
@@ -232,32 +349,94 @@ impl LoadedModel {
         config: EngineConfig,
         decoder: Option<Arc<dyn TextDecoder>>,
     ) -> Result<StartedEngine, DeviceError> {
+        /// Each model with a cache of `config`'s blocks.
+        fn runners<B: Backend>(
+            models: Vec<Model<B>>,
+            dir: &Path,
+            config: &EngineConfig,
+        ) -> Result<Vec<ModelRunner<B>>, DeviceError> {
+            models
+                .into_iter()
+                .map(|model| ModelRunner::new(model, config.block_size, config.num_blocks))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| DeviceError::Model {
+                    path: dir.to_owned(),
+                    source,
+                })
+        }
         match self {
-            LoadedModel::Cpu(m) => spawn(*m, dir, config, decoder, false),
+            LoadedModel::Cpu(m) => {
+                let runner = runners(vec![*m], dir, &config)?.remove(0);
+                start(runner, config, decoder, None)
+            }
             // A GPU can compute garbage without an error (a library kernel that did not run):
             // checked once before the worker serves from it.
-            LoadedModel::Cuda(m) => spawn(*m, dir, config, decoder, true),
+            LoadedModel::Cuda(m) => {
+                let device = m.backend().describe();
+                let runner = runners(vec![*m], dir, &config)?.remove(0);
+                start(runner, config, decoder, Some(&device))
+            }
+            LoadedModel::CpuGroup { ranks, group } => {
+                let runners = runners(ranks, dir, &config)?;
+                let abort = Box::new(move |why: &str| group.abort(why));
+                let group =
+                    TensorParallelRunner::spawn(runners, abort).map_err(DeviceError::Thread)?;
+                start(group, config, decoder, None)
+            }
+            LoadedModel::CudaGroup { ranks } => {
+                let device = format!("{} GPUs", ranks.len());
+                let runners = runners(ranks, dir, &config)?;
+                // NCCL's communicators cannot be aborted from here while a rank may be using
+                // its own: a rank left waiting in an all-reduce is ended by the process's exit
+                // once the group reports itself broken.
+                let abort = Box::new(|why: &str| {
+                    tracing::warn!(reason = why, "tensor-parallel GPU group aborted")
+                });
+                let group =
+                    TensorParallelRunner::spawn(runners, abort).map_err(DeviceError::Thread)?;
+                start(group, config, decoder, Some(&device))
+            }
         }
     }
 }
 
-fn spawn<B: KvBlockIo + 'static>(
-    model: Model<B>,
-    dir: &Path,
+/// Blocks of the cache that `budget`'s fraction of `m`'s free GPU memory holds.
+fn gpu_kv_blocks(
+    m: &Model<CudaBackend>,
+    block_size: usize,
+    budget: &KvBudget,
+) -> Result<usize, DeviceError> {
+    let (free, _total) = m
+        .backend()
+        .memory_info()
+        .map_err(|source| DeviceError::Backend {
+            device: Device::Cuda(m.backend().context().ordinal()),
+            source,
+        })?;
+    let block_bytes = m.kv_layout(block_size).block_bytes();
+    // Less the scratch block the CUDA backend allocates with the cache.
+    let blocks =
+        ((free as f64 * budget.gpu_memory_fraction) as usize / block_bytes).saturating_sub(1);
+    if blocks == 0 {
+        return Err(DeviceError::NoKvMemory {
+            free_mib: free >> 20,
+            fraction: budget.gpu_memory_fraction,
+            block_mib: block_bytes as f64 / (1 << 20) as f64,
+        });
+    }
+    Ok(blocks)
+}
+
+/// Starts the engine thread over `runner`, after the start-up check of `self_check`'s device
+/// where one is named ([`check_prefill`]).
+fn start(
+    mut runner: impl StepModel + 'static,
     config: EngineConfig,
     decoder: Option<Arc<dyn TextDecoder>>,
-    self_check: bool,
+    self_check: Option<&str>,
 ) -> Result<StartedEngine, DeviceError> {
-    let mut runner =
-        ModelRunner::new(model, config.block_size, config.num_blocks).map_err(|source| {
-            DeviceError::Model {
-                path: dir.to_owned(),
-                source,
-            }
-        })?;
-    if self_check {
-        let device = runner.model().backend().describe();
-        check_prefill(&mut runner, &config, &device)?;
+    if let Some(device) = self_check {
+        check_prefill(&mut runner, &config, device)?;
     }
     let engine = Engine::new(runner, config, decoder)?;
     let layout = engine.kv_layout();
@@ -455,12 +634,34 @@ mod tests {
             Device::Cuda(0),
             1,
             &GpuArgs::default(),
+            1,
         )
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
         assert!(err.contains("libcuda.so cannot be loaded"), "{err}");
         assert!(err.contains("--device cpu"), "{err}");
+    }
+
+    #[test]
+    fn tensor_parallel_gpus_name_the_ranks_devices_when_one_fails() {
+        // cuda:90 and cuda:91: no machine has them, GPU or not.
+        let err = load_model(
+            Path::new("/nonexistent"),
+            Device::Cuda(90),
+            1,
+            &GpuArgs::default(),
+            2,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.starts_with(
+                "--tensor-parallel 2: its ranks run on cuda:90 to cuda:91, one GPU each"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -64,6 +64,12 @@ pub struct GenerateArgs {
     /// CPU threads; 0 uses every core.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
+    /// Split the model over N tensor-parallel ranks (heads and MLP channels): threads sharing
+    /// --threads on the CPU; on --device cuda:K, cuda:K to cuda:K+N-1 summing over NCCL. The
+    /// heads, KV heads and MLP width must divide by N.
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = tandem_cli::args::parse_ranks)]
+    pub tensor_parallel: usize,
     #[command(flatten)]
     pub gpu: GpuArgs,
 }
@@ -105,7 +111,13 @@ pub fn generate(
         text.prompt_ids(&args.prompt)
     }
     .map_err(GenerateError::Text)?;
-    let model = load_model(&args.model, args.device.parse()?, args.threads, &args.gpu)?;
+    let model = load_model(
+        &args.model,
+        args.device.parse()?,
+        args.threads,
+        &args.gpu,
+        args.tensor_parallel,
+    )?;
     let config = engine_config(
         prompt_ids.len(),
         args.max_tokens,

@@ -48,13 +48,22 @@ pub fn run(
     batches: &[usize],
     steps: usize,
 ) -> anyhow::Result<Vec<StepCost>> {
-    let loaded = load_model(dir, device, threads, &tandem_cli::args::GpuArgs::default())?;
+    let loaded = load_model(
+        dir,
+        device,
+        threads,
+        &tandem_cli::args::GpuArgs::default(),
+        1,
+    )?;
     let vocab = loaded.config().vocab_size;
     let eos = crate::model_dir::ModelText::load(dir)?.stop_token_ids();
     let compiler = GrammarCompiler::from_model_dir(dir, vocab, &eos)?;
     match loaded {
         LoadedModel::Cpu(model) => bench(*model, &compiler, batches, steps),
         LoadedModel::Cuda(model) => bench(*model, &compiler, batches, steps),
+        LoadedModel::CpuGroup { .. } | LoadedModel::CudaGroup { .. } => {
+            unreachable!("loaded with one rank")
+        }
     }
 }
 

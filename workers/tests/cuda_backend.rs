@@ -28,6 +28,7 @@ fn no_gpu() -> bool {
 fn bf16_kv() -> ModelOptions {
     ModelOptions {
         kv_dtype: Some(KvDType::Bf16),
+        ..ModelOptions::default()
     }
 }
 
@@ -357,6 +358,57 @@ fn worker_generate_on_cuda_equals_cpu() {
         v["output_ids"].clone()
     };
     assert_eq!(run("cuda:0"), run("cpu"));
+}
+
+/// Two tensor-parallel ranks on cuda:0 and cuda:1 (half the heads and MLP channels each,
+/// summed over NCCL after each attention and MLP) generate what one GPU does, greedy and
+/// drawn with a seed, and the CPU's greedy tokens, through the engine with device sampling
+/// and overlapped steps. Needs two GPUs and libnccl; skipped otherwise.
+#[test]
+fn worker_generate_on_two_gpus_equals_one_gpu() {
+    if no_gpu() {
+        return;
+    }
+    let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0);
+    if gpus < 2 || !tandem_workers::backend::cuda::nccl_present() {
+        eprintln!(
+            "skipped: {gpus} GPU(s), NCCL present: {}",
+            tandem_workers::backend::cuda::nccl_present()
+        );
+        return;
+    }
+    let worker = tandem_test_kit::bin("worker");
+    let run = |device: &str, ranks: &str, sampling: &[&str]| {
+        let out = Command::new(&worker)
+            .args(["generate", "--model"])
+            .arg(model_dir())
+            .args([
+                "--prompt",
+                "the sea and the sky",
+                "--max-tokens",
+                "32",
+                "--json",
+            ])
+            .args(["--device", device, "--tensor-parallel", ranks])
+            .args(sampling)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{device} x{ranks}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["output_ids"].clone()
+    };
+    let greedy: &[&str] = &[];
+    let drawn: &[&str] = &["--temperature", "0.8", "--seed", "7"];
+    let two = run("cuda:0", "2", greedy);
+    assert_eq!(two, run("cuda:0", "1", greedy));
+    assert_eq!(two, run("cpu", "1", greedy));
+    // Draws: one GPU's against two (the CPU's logits differ from bf16 GPUs' in more than the
+    // last bits, enough to move a draw that lands near a boundary).
+    assert_eq!(run("cuda:0", "2", drawn), run("cuda:0", "1", drawn));
 }
 
 #[test]

@@ -273,6 +273,54 @@ fn bad_model_dir_and_bad_device_fail_clearly() {
 }
 
 #[test]
+fn three_tensor_parallel_ranks_generate_what_the_whole_model_does() {
+    // SmolLM2-135M: 9 query heads, 3 KV heads, 1536 MLP channels, all divisible by 3; the
+    // ranks run in threads of the one worker process and sum their outputs after o_proj and
+    // down (workers/src/model/shard.rs).
+    let model = test_model("smollm2-f32");
+    let model = model.to_str().unwrap();
+    let run = |ranks: &str| {
+        json(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "16",
+            "--threads",
+            "3",
+            "--tensor-parallel",
+            ranks,
+            "--json",
+        ])
+    };
+    let whole = run("1");
+    let split = run("3");
+    assert_eq!(
+        split["output_ids"], whole["output_ids"],
+        "{split} vs {whole}"
+    );
+    assert!(whole["text"].as_str().unwrap().contains("Paris"), "{whole}");
+    // Two ranks cannot split 9 heads: refused by name, before anything runs.
+    let out = worker(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "hi",
+        "--tensor-parallel",
+        "2",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("attention heads (9) do not divide over 2 tensor-parallel ranks"),
+        "{err}"
+    );
+}
+
+#[test]
 fn help_names_every_flag() {
     let help = ok_stdout(&["generate", "--help"]);
     for flag in [
@@ -289,6 +337,7 @@ fn help_names_every_flag() {
         "--json",
         "--device",
         "--threads",
+        "--tensor-parallel",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }

@@ -14,6 +14,7 @@ fn check(kv_dtype: KvDType) {
     let backend = tandem_workers::backend::cpu::CpuBackend::new(&Default::default()).unwrap();
     let options = ModelOptions {
         kv_dtype: Some(kv_dtype),
+        ..ModelOptions::default()
     };
     let model = tandem_workers::model::Model::load(&dir, backend, &options).unwrap();
     let prompt: Vec<u32> = (0..37).map(|i| (i * 13 + 3) % 512).collect();

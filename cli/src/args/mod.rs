@@ -18,7 +18,7 @@ pub use api_server::{
     ApiKey, ApiServerArgs, DEFAULT_MAX_PENDING_REQUESTS, DEFAULT_MIGRATION_LIMIT,
 };
 pub use nats_auth::{NatsAuthArgs, NatsAuthError, TOKEN_VAR as NATS_TOKEN_VAR};
-pub use worker::{DEFAULT_GROWTH_RESERVE_TOKENS, GpuArgs, KV_SECRET_VAR, WorkerArgs};
+pub use worker::{DEFAULT_GROWTH_RESERVE_TOKENS, GpuArgs, KV_SECRET_VAR, WorkerArgs, parse_ranks};
 
 /// An argument list, built flag by flag.
 #[derive(Debug, Default)]

@@ -62,6 +62,14 @@ pub struct WorkerArgs {
     /// CPU threads for the model; 0 uses every core.
     #[arg(long, default_value_t = DEFAULT_THREADS, value_name = "N")]
     pub threads: usize,
+    /// Split the model over N tensor-parallel ranks (its heads and MLP channels, summed after
+    /// each layer's attention and MLP). On the CPU the ranks are threads sharing --threads; on
+    /// --device cuda:K they take cuda:K to cuda:K+N-1, one GPU each, and sum over NCCL
+    /// (libnccl.so must be on the library path). The heads, KV heads and MLP width must
+    /// divide by N. KV hand-overs carry the whole model's layout through host memory, so
+    /// workers of different N hand prompts to each other.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = parse_ranks)]
+    pub tensor_parallel: usize,
     /// KV cache capacity in tokens, over all sequences. Default: 16384 on the CPU; on a GPU,
     /// what --gpu-memory-fraction of the memory left after loading the model holds.
     #[arg(long, value_name = "N")]
@@ -160,6 +168,14 @@ pub struct GpuArgs {
     pub l2_prefetch_mb: Option<usize>,
 }
 
+/// A tensor-parallel group's size: a whole number, at least 1.
+pub fn parse_ranks(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{text}` is not a number of ranks (1 or more)")),
+    }
+}
+
 impl Default for WorkerArgs {
     fn default() -> Self {
         WorkerArgs {
@@ -170,6 +186,7 @@ impl Default for WorkerArgs {
             served_model_name: None,
             worker_id: None,
             threads: DEFAULT_THREADS,
+            tensor_parallel: 1,
             kv_cache_tokens: None,
             gpu_memory_fraction: DEFAULT_GPU_MEMORY_FRACTION,
             block_size: None,
@@ -224,6 +241,7 @@ impl WorkerArgs {
         argv.push_some("--served-model-name", self.served_model_name.as_ref());
         argv.push_some("--worker-id", self.worker_id.as_ref());
         argv.push_display("--threads", self.threads);
+        argv.push_display("--tensor-parallel", self.tensor_parallel);
         argv.push_some("--kv-cache-tokens", self.kv_cache_tokens);
         argv.push_display("--gpu-memory-fraction", self.gpu_memory_fraction);
         argv.push_some("--block-size", self.block_size);
@@ -304,6 +322,7 @@ mod tests {
             served_model_name: Some("smol".into()),
             worker_id: Some("context-a".into()),
             threads: 3,
+            tensor_parallel: 2,
             kv_cache_tokens: Some(4096),
             gpu_memory_fraction: 0.55,
             block_size: Some(32),

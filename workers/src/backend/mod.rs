@@ -103,6 +103,9 @@ pub enum BackendError {
     /// serving and restart.
     #[error("{op}: {detail} (the device is unusable until the worker restarts)")]
     DeviceLost { op: &'static str, detail: String },
+    /// A collective of a tensor-parallel group failed: a rank left, timed out, or disagreed.
+    #[error("{op}: {detail}")]
+    Collective { op: &'static str, detail: String },
     #[error("KV cache of {num_blocks} blocks of {block_bytes} bytes does not fit in memory")]
     KvCacheTooLarge {
         num_blocks: usize,
@@ -248,6 +251,17 @@ pub trait Backend: Send + Sync {
 
     /// `silu(gate) * up` on fused rows `[gate | up]`: `[rows, 2f] -> [rows, f]`.
     fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
+
+    /// Replaces `x` by its sum over the tensor-parallel group this backend is a rank of, the
+    /// same bits on every rank ([`crate::model::shard`]). The model calls it only with more
+    /// than one rank; a backend outside a group refuses.
+    fn all_reduce_sum(&self, x: &mut Self::Tensor) -> Result<(), BackendError> {
+        let _ = x;
+        Err(BackendError::Collective {
+            op: "all_reduce_sum",
+            detail: "this backend is not a rank of a tensor-parallel group".into(),
+        })
+    }
 
     /// The MLP's first half: `silu_mul(linear(x, gate_up))`, with `next` (the weight that
     /// reads the activation) announced between the two ([`Self::prefetch_weight`]). A backend

@@ -271,6 +271,7 @@ fn check(
     // the arithmetic, not of the cache's number format.
     let options = ModelOptions {
         kv_dtype: Some(KvDType::Bf16),
+        ..ModelOptions::default()
     };
     let cpu = Model::load(
         dir,
@@ -1114,6 +1115,7 @@ fn bench(
     );
     let options = ModelOptions {
         kv_dtype: Some(KvDType::Bf16),
+        ..ModelOptions::default()
     };
     let model = Model::load(dir, backend, &options).context("loading the model")?;
     let layout = model.kv_layout(*BLOCK_SIZE);
@@ -1381,6 +1383,7 @@ fn mixed(
     let backend = CudaBackend::new(&CudaOptions::from_env(ordinal))?;
     let options = ModelOptions {
         kv_dtype: Some(KvDType::Bf16),
+        ..ModelOptions::default()
     };
     let model = Model::load(dir, backend, &options).context("loading the model")?;
     let block = *BLOCK_SIZE;

@@ -39,6 +39,7 @@ pub mod overlap;
 pub mod profile;
 pub mod request;
 pub mod runner;
+pub mod tensor_parallel;
 pub mod text;
 
 use std::collections::{HashMap, VecDeque};
@@ -53,6 +54,7 @@ pub use request::{
     EngineEvent, EventKind, FinishReason, GenerationRequest, RequestId, RetainedKv, Usage,
 };
 pub use runner::{DeviceSampling, ModelRunner, StepModel};
+pub use tensor_parallel::TensorParallelRunner;
 pub use text::{TextDecoder, TextStep, TextStream, TokenizerText};
 
 use crate::backend::{HostRange, KvBuffer, KvBytesMut};

@@ -15,6 +15,7 @@
 
 pub mod batch;
 pub mod rope;
+pub mod shard;
 pub mod weights;
 
 use std::path::Path;
@@ -26,6 +27,7 @@ pub use weights::WeightsError;
 
 use crate::backend::{AttentionShape, Backend, BackendError, BatchPlan, DType};
 use crate::kv_cache::{KvDType, KvLayout};
+pub use shard::TensorParallel;
 
 /// Rows of row log-probabilities ([`RowLogprobs`]) that go through the lm_head at once.
 pub const ROW_LOGPROBS_GROUP: usize = 64;
@@ -42,6 +44,8 @@ pub enum ModelError {
     InvalidBatch(String),
     #[error("KV cache layout {found:?} does not match the model's {expected:?}")]
     KvLayout { expected: KvLayout, found: KvLayout },
+    #[error("tensor parallelism: {0}")]
+    TensorParallel(String),
 }
 
 impl ModelError {
@@ -57,6 +61,8 @@ pub struct ModelOptions {
     /// KV cache element type; `None` follows the weights: f32 for f32 models (parity with a
     /// float32 reference), bf16 for bf16 models, f16 for f16 models.
     pub kv_dtype: Option<KvDType>,
+    /// The part of the model this rank holds ([`shard`]); whole by default.
+    pub tensor_parallel: TensorParallel,
 }
 
 struct Layer<B: Backend> {
@@ -84,6 +90,30 @@ pub struct Model<B: Backend> {
     eps: f32,
     weight_dtype: DType,
     kv_dtype: KvDType,
+    /// The part of the model this one holds; with more than one rank, the outputs of
+    /// `o_proj` and `down` are summed over the group ([`shard`]).
+    tensor_parallel: TensorParallel,
+}
+
+/// How a tensor is split over tensor-parallel ranks ([`shard`]).
+enum Split {
+    Rows(std::ops::Range<usize>),
+    Cols(std::ops::Range<usize>),
+}
+
+/// A weight as uploaded: the file's tensor, or this rank's copy of part of it.
+enum Piece<'a> {
+    Whole(crate::backend::HostTensor<'a>),
+    Part(shard::OwnedTensor),
+}
+
+impl Piece<'_> {
+    fn view(&self) -> crate::backend::HostTensor<'_> {
+        match self {
+            Piece::Whole(t) => *t,
+            Piece::Part(t) => t.view(),
+        }
+    }
 }
 
 impl<B: Backend> std::fmt::Debug for Model<B> {
@@ -111,6 +141,30 @@ impl<B: Backend> Model<B> {
                 .expect("WeightFiles::tensors checked every expected tensor is present")
                 .host()
         };
+        let tp = options.tensor_parallel;
+        let d = config.head_dim();
+        let heads = tp
+            .share(config.num_attention_heads, "attention heads")
+            .map_err(ModelError::TensorParallel)?;
+        let kv_heads = tp
+            .share(config.num_kv_heads(), "KV heads")
+            .map_err(ModelError::TensorParallel)?;
+        let channels = tp
+            .share(config.intermediate_size, "MLP channels")
+            .map_err(ModelError::TensorParallel)?;
+        let (q_rows, kv_rows) = (
+            heads.start * d..heads.end * d,
+            kv_heads.start * d..kv_heads.end * d,
+        );
+        // This rank's rows or columns of a tensor; the tensor itself without a split.
+        let part = |name: &str, split: Split| -> Piece<'_> {
+            let t = get(name);
+            match split {
+                _ if tp.size == 1 => Piece::Whole(t),
+                Split::Rows(range) => Piece::Part(shard::rows(&t, range)),
+                Split::Cols(range) => Piece::Part(shard::cols(&t, range)),
+            }
+        };
         let embed_entry = get(tensor_names::EMBED_TOKENS);
         let weight_dtype = embed_entry.dtype;
         let embed = backend.upload_weight(&[embed_entry])?;
@@ -123,27 +177,37 @@ impl<B: Backend> Model<B> {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let n = tensor_names::layer(i);
+            let q = part(&n.q_proj, Split::Rows(q_rows.clone()));
+            let k = part(&n.k_proj, Split::Rows(kv_rows.clone()));
+            let v = part(&n.v_proj, Split::Rows(kv_rows.clone()));
+            let gate = part(&n.gate_proj, Split::Rows(channels.clone()));
+            let up = part(&n.up_proj, Split::Rows(channels.clone()));
             layers.push(Layer {
                 input_norm: backend.upload_weight(&[get(&n.input_norm)])?,
-                qkv: backend.upload_weight(&[get(&n.q_proj), get(&n.k_proj), get(&n.v_proj)])?,
+                qkv: backend.upload_weight(&[q.view(), k.view(), v.view()])?,
                 qkv_bias: if config.qkv_bias() {
-                    Some(backend.upload_weight(&[
-                        get(&n.q_bias),
-                        get(&n.k_bias),
-                        get(&n.v_bias),
-                    ])?)
+                    let q = part(&n.q_bias, Split::Rows(q_rows.clone()));
+                    let k = part(&n.k_bias, Split::Rows(kv_rows.clone()));
+                    let v = part(&n.v_bias, Split::Rows(kv_rows.clone()));
+                    Some(backend.upload_weight(&[q.view(), k.view(), v.view()])?)
                 } else {
                     None
                 },
-                o_proj: backend.upload_weight(&[get(&n.o_proj)])?,
-                o_bias: if config.o_bias() {
+                o_proj: backend
+                    .upload_weight(&[part(&n.o_proj, Split::Cols(q_rows.clone())).view()])?,
+                // Added once to the ranks' sum: rank 0 holds it.
+                o_bias: if config.o_bias() && tp.rank == 0 {
                     Some(backend.upload_weight(&[get(&n.o_bias)])?)
                 } else {
                     None
                 },
                 post_attention_norm: backend.upload_weight(&[get(&n.post_attention_norm)])?,
-                gate_up: backend.upload_weight(&[get(&n.gate_proj), get(&n.up_proj)])?,
-                down: backend.upload_weight(&[get(&n.down_proj)])?,
+                gate_up: backend.upload_weight(&[gate.view(), up.view()])?,
+                down: backend.upload_weight(&[part(
+                    &n.down_proj,
+                    Split::Cols(channels.clone()),
+                )
+                .view()])?,
             });
         }
         let kv_dtype = options.kv_dtype.unwrap_or(match weight_dtype {
@@ -152,9 +216,9 @@ impl<B: Backend> Model<B> {
             DType::F16 => KvDType::F16,
         });
         let shape = AttentionShape {
-            num_heads: config.num_attention_heads,
-            num_kv_heads: config.num_kv_heads(),
-            head_dim: config.head_dim(),
+            num_heads: heads.len(),
+            num_kv_heads: kv_heads.len(),
+            head_dim: d,
             scale: (config.head_dim() as f32).powf(-0.5),
         };
         Ok(Model {
@@ -169,6 +233,7 @@ impl<B: Backend> Model<B> {
             shape,
             weight_dtype,
             kv_dtype,
+            tensor_parallel: tp,
         })
     }
 
@@ -312,6 +377,8 @@ impl<B: Backend> Model<B> {
         row_logprobs: Option<(&ForwardBatch, &mut Vec<Vec<TokenLogprob>>)>,
     ) -> Result<Option<B::Tensor>, BackendError> {
         let b = &self.backend;
+        // Each rank's o_proj and down give part of the sum ([`shard`]).
+        let sharded = self.tensor_parallel.size > 1;
         let mut residual = b.embedding(&self.embed, meta)?;
         let mut mlp_out: Option<B::Tensor> = None;
         // Each projection's weight is announced before the ops that compute its input
@@ -326,11 +393,18 @@ impl<B: Backend> Model<B> {
             b.rope_and_cache_write(&mut qkv, meta, &self.shape, kv, i)?;
             b.prefetch_weight(&layer.o_proj);
             let attn = b.paged_attention(&qkv, meta, &self.shape, kv, i)?;
-            let o = b.linear(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
+            let mut o = b.linear(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
+            if sharded {
+                b.all_reduce_sum(&mut o)?;
+            }
             b.prefetch_weight(&layer.gate_up);
             let h = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, self.eps)?;
             let act = b.linear_silu_mul(&h, &layer.gate_up, &layer.down)?;
-            mlp_out = Some(b.linear(&act, &layer.down, None)?);
+            let mut down = b.linear(&act, &layer.down, None)?;
+            if sharded {
+                b.all_reduce_sum(&mut down)?;
+            }
+            mlp_out = Some(down);
         }
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         if let Some((batch, out)) = row_logprobs {

@@ -157,10 +157,25 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
 
     let started = std::time::Instant::now();
     let text = ModelText::load(&model_dir)?;
-    let model = load_model(&model_dir, device, args.threads, &args.gpu)?;
+    let model = load_model(
+        &model_dir,
+        device,
+        args.threads,
+        &args.gpu,
+        args.tensor_parallel,
+    )?;
     let host_id = crate::transfer::host_id();
     // Before the KV cache takes its share of the free device memory.
     let cuda_ipc = match device {
+        // A group's K/V lies on several GPUs, in each rank's heads: it moves through host
+        // memory, put together and split by the group (`engine::tensor_parallel`).
+        Device::Cuda(_) if args.tensor_parallel > 1 => {
+            tracing::info!(
+                ranks = args.tensor_parallel,
+                "tensor-parallel worker: KV hand-overs go through host memory (UCX), not CUDA IPC"
+            );
+            None
+        }
         Device::Cuda(ordinal) => cuda_ipc_pool_bytes(
             role,
             args.cuda_ipc_pool_mb,

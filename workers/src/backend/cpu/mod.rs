@@ -11,6 +11,7 @@
 //! it was configured with, not rayon's global pool shared with everything else in the process.
 
 pub mod attention;
+pub mod group;
 pub mod kv;
 pub mod matmul;
 pub mod norm;
@@ -98,6 +99,8 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
     widen_weights: bool,
+    /// The tensor-parallel group this backend is a rank of, and its rank.
+    group: Option<(std::sync::Arc<group::CpuGroup>, usize)>,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -125,7 +128,25 @@ impl CpuBackend {
             pool,
             threads,
             widen_weights: options.widen_weights,
+            group: None,
         })
+    }
+
+    /// [`Self::new`] as rank `rank` of `group` (ranks in threads of one process).
+    pub fn in_group(
+        options: &CpuOptions,
+        group: std::sync::Arc<group::CpuGroup>,
+        rank: usize,
+    ) -> Result<Self, BackendError> {
+        if rank >= group.size() {
+            return Err(BackendError::Collective {
+                op: "tensor-parallel group",
+                detail: format!("rank {rank} of a group of {}", group.size()),
+            });
+        }
+        let mut backend = Self::new(options)?;
+        backend.group = Some((group, rank));
+        Ok(backend)
     }
 
     pub fn threads(&self) -> usize {
@@ -439,6 +460,21 @@ impl Backend for CpuBackend {
             shape.num_heads * shape.head_dim,
             out,
         ))
+    }
+
+    fn all_reduce_sum(&self, x: &mut CpuTensor) -> Result<(), BackendError> {
+        let Some((group, rank)) = &self.group else {
+            return Err(BackendError::Collective {
+                op: "all_reduce_sum",
+                detail: "this backend is not a rank of a tensor-parallel group".into(),
+            });
+        };
+        group
+            .all_reduce_sum(*rank, &mut x.data)
+            .map_err(|detail| BackendError::Collective {
+                op: "all_reduce_sum",
+                detail,
+            })
     }
 
     fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor, BackendError> {

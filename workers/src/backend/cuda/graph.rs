@@ -65,6 +65,10 @@ impl DecodeGraphs {
             .store(!enabled, std::sync::atomic::Ordering::Relaxed);
     }
 
+    pub(super) fn enabled(&self) -> bool {
+        !self.disabled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The graph shape of `plan` if it is a decode step graphs cover.
     pub(super) fn key(
         &self,

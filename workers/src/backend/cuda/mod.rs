@@ -71,6 +71,7 @@ mod batch;
 mod gemm;
 mod graph;
 pub mod kernels;
+mod nccl;
 mod options;
 mod pinned;
 mod prefetch;
@@ -93,6 +94,7 @@ use crate::backend::{
 use crate::kv_cache::{KvDType, KvLayout};
 
 pub use batch::CudaBatch;
+pub use nccl::{NcclRank, communicators as nccl_communicators, nccl_present};
 pub use options::CudaOptions;
 pub use tensor::{CudaKvCache, CudaTensor, CudaWeight};
 
@@ -160,6 +162,8 @@ pub struct CudaBackend {
     side: Option<side_stream::SideStream>,
     /// Whether `side` is used: `gpu_bench` compares both ways in one process.
     concurrent_attention: std::sync::atomic::AtomicBool,
+    /// This backend's place in a tensor-parallel group of GPUs ([`Self::join_group`]).
+    group: Option<NcclRank>,
 }
 
 /// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
@@ -365,7 +369,23 @@ impl CudaBackend {
             skinny_counters,
             skinny_splits: options.skinny_splits,
             skinny_weight_maps: skinny::WeightMaps::default(),
+            group: None,
         })
+    }
+
+    /// Makes this backend rank `rank.rank()` of a tensor-parallel group: its
+    /// [`Backend::all_reduce_sum`] sums over the group through `rank` (made for this backend's
+    /// stream by [`nccl_communicators`]). Decode steps then run eagerly: NCCL inside captured
+    /// graphs has not been tried here yet.
+    pub fn join_group(&mut self, rank: NcclRank) {
+        if self.graphs.enabled() {
+            tracing::info!(
+                rank = rank.rank(),
+                "tensor-parallel rank: CUDA graphs off (decode steps run eagerly)"
+            );
+        }
+        self.graphs.set_enabled(false);
+        self.group = Some(rank);
     }
 
     /// Bytes the device's default memory pool (the stream-ordered allocator every activation
@@ -1449,6 +1469,18 @@ impl Backend for CudaBackend {
             self.decode_attention(qkv, &mut out, qkv.rows, batch, shape, kv, layer)?;
         }
         Ok(CudaTensor::from_bf16(qkv.rows, width, out))
+    }
+
+    fn all_reduce_sum(&self, x: &mut CudaTensor) -> Result<(), BackendError> {
+        let Some(group) = &self.group else {
+            return Err(BackendError::Collective {
+                op: "all_reduce_sum",
+                detail: "this backend is not a rank of a tensor-parallel group".into(),
+            });
+        };
+        let len = x.rows * x.cols;
+        dev!("all_reduce_sum", self.ctx.bind_to_thread())?;
+        group.all_reduce_sum(x.as_f32_mut("all_reduce_sum")?, len)
     }
 
     fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor, BackendError> {
