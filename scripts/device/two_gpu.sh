@@ -13,11 +13,21 @@
 #                                        # aggregated workers (one GPU each): `tandem bench` at
 #                                        # Poisson rates on ISL 4096 / OSL 256 and ISL 512 /
 #                                        # OSL 1024, goodput at TTFT <= 1 s and ITL <= 50 ms
+#   scripts/device/two_gpu.sh tp         # tensor parallelism over cuda:0 and cuda:1: the GPU
+#                                        # tests (NCCL on one GPU; two ranks' tokens against
+#                                        # one GPU's), TP=2 vs TP=1 greedy tokens on
+#                                        # Llama-3.1-8B shapes, `gpu_bench tp` decode steps at
+#                                        # batch 1 and 32 against the floor, and a context
+#                                        # worker of 2 ranks handing prompts to a decode worker
+#                                        # of 1 through `tandem serve`. Needs also gpu_bench
+#                                        # and the test binaries of `cargo test --release
+#                                        # -p tandem-workers --lib --test cuda_backend --no-run`
+#                                        # as .kit/bin/workers_lib_test and cuda_backend_test.
 #
 # Prompt lengths are in words for `tandem bench`; on the random Llama-3.1-8B tokenizer a word is
 # about 1.66 tokens (the bench reports the real token counts). Output: stdout and $OUT.
 set -uo pipefail
-stage=${1:?usage: two_gpu.sh ipc | goodput disaggregated|aggregated}
+stage=${1:?usage: two_gpu.sh ipc | goodput disaggregated|aggregated | tp}
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
 
@@ -154,6 +164,46 @@ EOF
       curl -sS "http://127.0.0.1:$port/metrics" |
         grep -E "^tandem_(kv_transfers_total|kv_transfer_fallbacks_total|requests_disaggregated_total)"
       stop "$out/serve-$deployment.log"
+    fi
+    ;;
+  tp)
+    nvidia-smi --query-gpu=index,name,memory.total --format=csv
+    echo "libnccl: ${TANDEM_NCCL_LIB:-not found}"
+    random_model tiny >/dev/null
+    echo "== GPU tests: NCCL on one GPU, two ranks against one GPU"
+    workers_lib_test nccl --test-threads 1 2>&1 | tee "$out/tp-nccl-test.log" | grep -E "^test |test result"
+    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
+      cuda_backend_test two_gpus --nocapture --test-threads 1 2>&1 | tee "$out/tp-cuda-test.log" |
+      grep -E "^test |test result|skipped|panicked"
+
+    echo "== greedy tokens, Llama-3.1-8B shapes: TP=2 (cuda:0, cuda:1) against one GPU"
+    for ranks in 1 2; do
+      worker generate --model "$llama" --prompt "the sea and the sky and the" --max-tokens 48 \
+        --json --device cuda:0 --tensor-parallel $ranks >"$out/tp-generate-$ranks.json" 2>"$out/tp-generate-$ranks.log" ||
+        tail -5 "$out/tp-generate-$ranks.log"
+    done
+    python3 -c '
+import json, sys
+a, b = (json.load(open(p))["output_ids"] for p in sys.argv[1:])
+n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+print(f"TP=2 tokens equal TP=1 for {n} of {len(a)}")' "$out/tp-generate-1.json" "$out/tp-generate-2.json"
+
+    echo "== decode steps: one GPU and two ranks, batch 1 and 32, context 1024 (all eager)"
+    gpu_bench tp --model "$llama" --ranks 1,2 --batches 1,32 --context 1024 \
+      --json "$out/tp-bench.json" 2>&1 | tee "$out/tp-bench.log"
+
+    echo "== hand-over: a context worker of 2 ranks (cuda:0, cuda:1) to a decode worker of 1 (cuda:1)"
+    printf '%s\n' "hostname: 127.0.0.1" "context_servers:" "  num_instances: 1" \
+      "  device: \"cuda:0\"" "  tensor_parallel_size: 2" "  max_num_tokens: 4096" \
+      "  kv_cache_config:" "    max_tokens: 65536" "generation_servers:" "  num_instances: 1" \
+      "  device: \"cuda:1\"" "  max_batch_size: 64" "  kv_cache_config:" "    max_tokens: 131072" \
+      "router:" "  policy: least_loaded" "  max_local_prefill_length: 32" >/tmp/tp-handover.yaml
+    if serve /tmp/tp-handover.yaml "$out/serve-tp-handover.log"; then
+      tandem bench --url "http://127.0.0.1:$port/v1" --endpoint completions --concurrency 4 \
+        --num-prompts 16 --input-len 1233 --output-len 64 2>&1 | tail -6
+      curl -sS "http://127.0.0.1:$port/metrics" |
+        grep -E "^tandem_(kv_transfers_total|kv_transfer_fallbacks_total|requests_disaggregated_total)"
+      stop "$out/serve-tp-handover.log"
     fi
     ;;
   *)

@@ -23,4 +23,5 @@ pub mod model_dir;
 pub mod sampler;
 pub mod scheduler;
 pub mod serve;
+pub mod tp_bench;
 pub mod transfer;

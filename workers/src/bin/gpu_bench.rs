@@ -13,6 +13,10 @@
 //!
 //! `gpu_bench grammar --model DIR`: engine decode step time with and without a JSON-schema
 //! grammar at batch 1 and 32 (`tandem_workers::grammar_bench`, as `cpu_bench grammar`).
+//!
+//! `gpu_bench tp --model DIR --ranks 1,2`: decode steps of the model split over tensor-parallel
+//! ranks (one GPU each from `--ordinal`) against one GPU, each against its floor
+//! (`tandem_workers::tp_bench`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -31,6 +35,7 @@ use tandem_workers::backend::{
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 use tandem_workers::sampler::device::RowRequest;
+use tandem_workers::tp_bench::matrix_params;
 use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
 use tandem_workers::transfer::pool::SLICE_ALIGN;
 use tandem_workers::transfer::ucx::UcxTransport;
@@ -114,6 +119,29 @@ enum Command {
         #[arg(long)]
         profile: bool,
     },
+    /// Decode steps of the model split over tensor-parallel ranks against one GPU: each step
+    /// against the bytes one GPU reads at the copy rate plus the step's all-reduces alone.
+    Tp {
+        #[arg(long)]
+        model: PathBuf,
+        /// The first rank's CUDA device; rank r runs on ordinal + r.
+        #[arg(long, default_value_t = 0)]
+        ordinal: usize,
+        /// Group sizes to measure (1: one GPU, the same eager path).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2])]
+        ranks: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 32])]
+        batches: Vec<usize>,
+        /// Context (cached tokens) of every decoding sequence.
+        #[arg(long, default_value_t = 1024)]
+        context: usize,
+        /// Timed steps (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Write the rows as JSON here too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Engine decode step time with and without a JSON-schema grammar.
     Grammar {
         #[arg(long)]
@@ -165,6 +193,31 @@ fn main() -> Result<()> {
                 .map(|c| parse_chunk(c))
                 .collect::<Result<Vec<_>>>()?;
             mixed(&model, ordinal, decodes, context, &chunks, iters, profile)
+        }
+        Command::Tp {
+            model,
+            ordinal,
+            ranks,
+            batches,
+            context,
+            iters,
+            json,
+        } => {
+            // The copy rate on the first rank's GPU, before any model takes its memory.
+            let copy =
+                ceilings(&CudaBackend::new(&CudaOptions::from_env(ordinal))?)?.copy_bytes_per_s;
+            println!(
+                "copy ceiling on cuda:{ordinal}: {:.2} TB/s (read + write)",
+                copy / 1e12
+            );
+            let rows = tandem_workers::tp_bench::run(
+                &model, ordinal, &ranks, &batches, context, iters, copy,
+            )?;
+            print!("{}", tandem_workers::tp_bench::describe(&rows));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+            }
+            Ok(())
         }
         Command::Grammar {
             model,
@@ -440,17 +493,6 @@ fn check(
     } else {
         bail!("CHECK FAILED: {}", failures.join("; "))
     }
-}
-
-/// Bytes of the weight matrices one decode step reads (every layer's projections and the
-/// lm_head; the embedding lookup reads a few rows only), in bf16.
-fn matrix_params(c: &ModelConfig) -> (usize, usize) {
-    let (h, hd) = (c.hidden_size, c.head_dim());
-    let q = c.num_attention_heads * hd;
-    let kv = c.num_kv_heads() * hd;
-    let layer = h * (q + 2 * kv) + q * h + 3 * h * c.intermediate_size;
-    let lm_head = c.vocab_size * h;
-    (c.num_hidden_layers * layer, lm_head)
 }
 
 struct Ceilings {

@@ -1,0 +1,262 @@
+//! Decode steps of a tensor-parallel group of GPUs against one GPU (`gpu_bench tp`, issue 19):
+//! the engine's own path (a [`StepModel`] whose steps are summarized and sampled on the device,
+//! [`DeviceSampling`]), timed step by step over a filled KV cache, next to each step's floor:
+//! the bytes one GPU must read (its share of the layers' weights, the whole lm_head every rank
+//! holds, its KV heads of every sequence) at the device's copy rate, plus the step's
+//! all-reduces measured alone on the same GPUs.
+//!
+//! Every configuration runs eagerly (tensor-parallel ranks do not capture CUDA graphs yet), one
+//! GPU included, so the comparison is of the split and the sums alone.
+
+use std::path::Path;
+use std::time::Instant;
+
+use tandem_cli::args::GpuArgs;
+use tandem_model::ModelConfig;
+
+use crate::backend::Backend;
+use crate::backend::cuda::{CudaBackend, CudaOptions, nccl_communicators};
+use crate::device::{Device, LoadedModel, load_model};
+use crate::engine::{ModelRunner, StepModel, TensorParallelRunner};
+use crate::model::ForwardBatch;
+use crate::sampler::device::RowRequest;
+
+/// Tokens per KV block in the bench's cache (what GPU workers use by default).
+const BLOCK_SIZE: usize = 64;
+
+/// Most prompt tokens one fill forward prefills.
+const FILL_TOKENS: usize = 8192;
+
+/// One measured configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TpRow {
+    pub ranks: usize,
+    pub batch: usize,
+    pub context: usize,
+    /// Median wall time of a decode step, submitted and collected as the engine does.
+    pub median_ms: f64,
+    /// The step's all-reduces (two a layer, `[batch, hidden]` f32) alone; 0 on one GPU.
+    pub all_reduce_ms: f64,
+    /// Bytes per GPU at the copy rate, plus `all_reduce_ms`.
+    pub floor_ms: f64,
+    pub ratio: f64,
+}
+
+/// Parameters of the layers' weight matrices, and of the lm_head, of `c`.
+pub fn matrix_params(c: &ModelConfig) -> (usize, usize) {
+    let (h, hd) = (c.hidden_size, c.head_dim());
+    let q = c.num_attention_heads * hd;
+    let kv = c.num_kv_heads() * hd;
+    let layer = h * (q + 2 * kv) + q * h + 3 * h * c.intermediate_size;
+    let lm_head = c.vocab_size * h;
+    (c.num_hidden_layers * layer, lm_head)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times decode steps of the model in `dir` split over each of `rank_counts` GPUs (from
+/// `cuda:first`), at each of `batches` sequences of `context` cached tokens; `copy_bytes_per_s`
+/// is the device's measured copy rate (read + write).
+pub fn run(
+    dir: &Path,
+    first: usize,
+    rank_counts: &[usize],
+    batches: &[usize],
+    context: usize,
+    iters: usize,
+    copy_bytes_per_s: f64,
+) -> anyhow::Result<Vec<TpRow>> {
+    let config = ModelConfig::load(dir)?;
+    let mut rows = Vec::new();
+    for &ranks in rank_counts {
+        let all_reduce: Vec<f64> = batches
+            .iter()
+            .map(|&b| all_reduce_ms(first, ranks, b, &config, iters))
+            .collect::<anyhow::Result<_>>()?;
+        let gpu = GpuArgs {
+            cuda_graphs: Some(false),
+            ..GpuArgs::default()
+        };
+        let max_batch = batches.iter().copied().max().unwrap_or(1);
+        let num_blocks = max_batch * (context + 1).div_ceil(BLOCK_SIZE) + 1;
+        let steps = match load_model(dir, Device::Cuda(first), 0, &gpu, ranks)? {
+            LoadedModel::Cuda(m) => {
+                let runner = ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?;
+                decode_steps(runner, batches, context, iters)?
+            }
+            LoadedModel::CudaGroup { ranks } => {
+                let runners = ranks
+                    .into_iter()
+                    .map(|m| ModelRunner::new(m, BLOCK_SIZE, num_blocks))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let abort = Box::new(|_: &str| {});
+                decode_steps(
+                    TensorParallelRunner::spawn(runners, abort)?,
+                    batches,
+                    context,
+                    iters,
+                )?
+            }
+            _ => unreachable!("a CUDA device loads CUDA models"),
+        };
+        let (layer_params, lm_head) = matrix_params(&config);
+        for ((&batch, step), reduce) in batches.iter().zip(steps).zip(all_reduce) {
+            let kv_bytes = batch
+                * (context + 1)
+                * config.num_hidden_layers
+                * 2
+                * config.num_kv_heads()
+                * config.head_dim()
+                * 2;
+            let bytes = (2 * layer_params + kv_bytes) as f64 / ranks as f64 + 2.0 * lm_head as f64;
+            let floor = bytes / copy_bytes_per_s * 1e3 + reduce;
+            rows.push(TpRow {
+                ranks,
+                batch,
+                context,
+                median_ms: step,
+                all_reduce_ms: reduce,
+                floor_ms: floor,
+                ratio: step / floor,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Median milliseconds of one decode step of `batches[i]` sequences, for each `i`, through
+/// `model` (its cache filled first: every sequence has `context` tokens of its own).
+fn decode_steps(
+    mut model: impl StepModel,
+    batches: &[usize],
+    context: usize,
+    iters: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let max_batch = batches.iter().copied().max().unwrap_or(1);
+    let per_seq = (context + 1).div_ceil(BLOCK_SIZE);
+    let table = |s: usize| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect::<Vec<_>>();
+    let vocab = model.vocab_size();
+    let token = |s: usize, i: usize| ((s * 7919 + i * 104_729 + 13) % vocab) as u32;
+    // Fill: every sequence's prompt, several to a forward.
+    let mut fill = ForwardBatch::default();
+    for s in 0..max_batch {
+        let prompt: Vec<u32> = (0..context).map(|i| token(s, i)).collect();
+        if !fill.tokens.is_empty() && fill.tokens.len() + context > FILL_TOKENS {
+            model.forward(&std::mem::take(&mut fill))?;
+        }
+        fill.push(&prompt, 0, table(s), false);
+    }
+    if !fill.tokens.is_empty() {
+        model.forward(&fill)?;
+    }
+    let mut medians = Vec::new();
+    for &batch in batches {
+        let mut step = ForwardBatch::default();
+        for s in 0..batch {
+            step.push(&[token(s, context)], context, table(s), true);
+        }
+        let greedy = vec![
+            RowRequest {
+                temperature: 0.0,
+                uniform: 0.5,
+                candidates: false,
+            };
+            batch
+        ];
+        let one = |model: &mut dyn StepModel| -> anyhow::Result<f64> {
+            let started = Instant::now();
+            match model.device_sampling() {
+                Some(sampler) => {
+                    std::hint::black_box(sampler.forward_summarized(&step, &greedy)?);
+                }
+                None => {
+                    std::hint::black_box(model.forward(&step)?);
+                }
+            }
+            Ok(started.elapsed().as_secs_f64() * 1e3)
+        };
+        for _ in 0..3 {
+            one(&mut model)?;
+        }
+        let times = (0..iters)
+            .map(|_| one(&mut model))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        medians.push(median(times));
+    }
+    Ok(medians)
+}
+
+/// Median milliseconds of one decode step's all-reduces alone (two a layer, of `[batch,
+/// hidden]` f32) over `ranks` GPUs from `cuda:first`, each rank in a thread of its own as the
+/// workers run them; 0 for one GPU.
+fn all_reduce_ms(
+    first: usize,
+    ranks: usize,
+    batch: usize,
+    config: &ModelConfig,
+    iters: usize,
+) -> anyhow::Result<f64> {
+    if ranks < 2 {
+        return Ok(0.0);
+    }
+    let mut backends = (first..first + ranks)
+        .map(|ordinal| {
+            CudaBackend::new(&CudaOptions {
+                cuda_graphs: false,
+                ..CudaOptions::from_env(ordinal)
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let streams = backends.iter().map(|b| b.stream().clone()).collect();
+    for (backend, comm) in backends.iter_mut().zip(nccl_communicators(streams)?) {
+        backend.join_group(comm);
+    }
+    let sums = 2 * config.num_hidden_layers;
+    let row = vec![1.0f32; config.hidden_size];
+    let times = std::thread::scope(|s| {
+        let handles: Vec<_> = backends
+            .iter()
+            .map(|backend| {
+                let row = &row;
+                s.spawn(move || -> anyhow::Result<Vec<f64>> {
+                    let mut x = backend.upload_rows(&vec![row.clone(); batch])?;
+                    let mut times = Vec::new();
+                    for _ in 0..iters + 3 {
+                        backend.synchronize()?;
+                        let started = Instant::now();
+                        for _ in 0..sums {
+                            backend.all_reduce_sum(&mut x)?;
+                        }
+                        backend.synchronize()?;
+                        times.push(started.elapsed().as_secs_f64() * 1e3);
+                    }
+                    Ok(times[3..].to_vec())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("an all-reduce thread panicked"))
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    // Rank 0's view; every rank waits for the slowest anyway.
+    Ok(median(times.into_iter().next().unwrap_or_default()))
+}
+
+/// The rows as a table.
+pub fn describe(rows: &[TpRow]) -> String {
+    let mut out = format!(
+        "{:>5} {:>6} {:>8} {:>10} {:>14} {:>10} {:>6}\n",
+        "ranks", "batch", "context", "step ms", "all-reduce ms", "floor ms", "ratio"
+    );
+    for r in rows {
+        out += &format!(
+            "{:>5} {:>6} {:>8} {:>10.3} {:>14.3} {:>10.3} {:>6.2}\n",
+            r.ranks, r.batch, r.context, r.median_ms, r.all_reduce_ms, r.floor_ms, r.ratio
+        );
+    }
+    out
+}
