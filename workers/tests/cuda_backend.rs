@@ -328,36 +328,40 @@ fn cuda_row_logprobs_match_the_cpu() {
     }
 }
 
+/// `worker generate --json` of the tiny model on `device` with `args` after the prompt; its
+/// output token ids. This build's worker, or TANDEM_WORKER_BIN's on the device machine.
+fn generated_ids(device: &str, max_tokens: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(tandem_test_kit::bin("worker"))
+        .args(["generate", "--model"])
+        .arg(model_dir())
+        .args([
+            "--prompt",
+            "the sea and the sky",
+            "--max-tokens",
+            max_tokens,
+        ])
+        .args(["--json", "--device", device])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{device} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["output_ids"].clone()
+}
+
 #[test]
 fn worker_generate_on_cuda_equals_cpu() {
     if no_gpu() {
         return;
     }
-    // This build's, or TANDEM_WORKER_BIN's on the device machine.
-    let worker = tandem_test_kit::bin("worker");
-    let run = |device: &str| {
-        let out = Command::new(&worker)
-            .args(["generate", "--model"])
-            .arg(model_dir())
-            .args([
-                "--prompt",
-                "the sea and the sky",
-                "--max-tokens",
-                "24",
-                "--json",
-            ])
-            .args(["--device", device])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{device}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["output_ids"].clone()
-    };
-    assert_eq!(run("cuda:0"), run("cpu"));
+    assert_eq!(
+        generated_ids("cuda:0", "24", &[]),
+        generated_ids("cpu", "24", &[])
+    );
 }
 
 /// Two tensor-parallel ranks on cuda:0 and cuda:1 (half the heads and MLP channels each,
@@ -370,36 +374,17 @@ fn worker_generate_on_two_gpus_equals_one_gpu() {
         return;
     }
     let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0);
-    if gpus < 2 || !tandem_workers::backend::cuda::nccl_present() {
-        eprintln!(
-            "skipped: {gpus} GPU(s), NCCL present: {}",
-            tandem_workers::backend::cuda::nccl_present()
-        );
+    let nccl = tandem_workers::backend::cuda::nccl_present();
+    if gpus < 2 || !nccl {
+        eprintln!("skipped: {gpus} GPU(s), NCCL present: {nccl}");
         return;
     }
-    let worker = tandem_test_kit::bin("worker");
     let run = |device: &str, ranks: &str, sampling: &[&str]| {
-        let out = Command::new(&worker)
-            .args(["generate", "--model"])
-            .arg(model_dir())
-            .args([
-                "--prompt",
-                "the sea and the sky",
-                "--max-tokens",
-                "32",
-                "--json",
-            ])
-            .args(["--device", device, "--tensor-parallel", ranks])
-            .args(sampling)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{device} x{ranks}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["output_ids"].clone()
+        generated_ids(
+            device,
+            "32",
+            &[&["--tensor-parallel", ranks], sampling].concat(),
+        )
     };
     let greedy: &[&str] = &[];
     let drawn: &[&str] = &["--temperature", "0.8", "--seed", "7"];
