@@ -376,6 +376,7 @@ mod tests {
             seed: 0,
             dtype,
             force: false,
+            generate_at_load: false,
         };
         crate::random::generate(&options, out).map_err(|e| e.to_string())?;
         Ok("fake".into())

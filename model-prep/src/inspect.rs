@@ -12,10 +12,12 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tandem_model::random_weights::{Encoding, RandomWeights};
 use tandem_model::tensor_names::expected_tensors;
 use tandem_model::{
-    CONFIG_FILE, ConfigError, ModelConfig, RopeScaling, SAFETENSORS_INDEX_FILE,
-    TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TokenizerConfig, WEIGHTS_FILE, read_json,
+    CONFIG_FILE, ConfigError, ModelConfig, RANDOM_WEIGHTS_FILE, RopeScaling,
+    SAFETENSORS_INDEX_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TokenizerConfig, WEIGHTS_FILE,
+    read_json,
 };
 
 /// Safetensors headers larger than this are treated as corrupt (real ones are well under 1 MiB
@@ -76,6 +78,9 @@ pub struct WeightsReport {
     pub extra: Vec<String>,
     /// `name: found [..], expected [..]`.
     pub wrong_shape: Vec<String>,
+    /// Weights the workers generate when they load the model (`random --generate-at-load`):
+    /// every expected tensor, from this seed and dtype; no weight files.
+    pub generated_at_load: Option<RandomWeights>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -153,6 +158,26 @@ fn inspect_weights(dir: &Path, config: &ModelConfig, problems: &mut Vec<String>)
     let mut report = WeightsReport::default();
     let files = match weight_files(dir) {
         Ok(files) => files,
+        Err(_) if dir.join(RANDOM_WEIGHTS_FILE).is_file() => {
+            match read_json::<RandomWeights>(&dir.join(RANDOM_WEIGHTS_FILE)) {
+                Ok(spec) => {
+                    let expected = expected_tensors(config);
+                    let name = match spec.dtype {
+                        Encoding::F32 => "F32",
+                        Encoding::F16 => "F16",
+                        Encoding::Bf16 => "BF16",
+                    };
+                    report.dtypes.insert(name.into(), expected.len());
+                    report.parameters = config.parameter_count();
+                    report.tensors_present = expected.len();
+                    report.tensors_expected = expected.len();
+                    report.files = vec![RANDOM_WEIGHTS_FILE.into()];
+                    report.generated_at_load = Some(spec);
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+            return report;
+        }
         Err(problem) => {
             problems.push(problem);
             return report;
@@ -405,6 +430,13 @@ impl fmt::Display for ModelReport {
             },
             self.config_dtype.as_deref().unwrap_or("unset")
         )?;
+        if let Some(spec) = &w.generated_at_load {
+            writeln!(
+                f,
+                "weights           generated at load (seed {}, generator {}): no weight files",
+                spec.seed, spec.generator
+            )?;
+        }
         writeln!(f, "layers            {}", self.layers)?;
         writeln!(f, "hidden size       {}", self.hidden_size)?;
         writeln!(
@@ -515,6 +547,7 @@ mod tests {
             seed: 1,
             dtype: DType::BF16,
             force: false,
+            generate_at_load: false,
         };
         generate(&options, dir).unwrap();
     }

@@ -12,6 +12,10 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 /// Single-file weights, as `model-prep` writes them.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// A random-weight model without weight files: the seed and dtype a worker generates the
+/// weights from when it loads the model (`model-prep random --generate-at-load`;
+/// [`crate::random_weights::RandomWeights`]).
+pub const RANDOM_WEIGHTS_FILE: &str = "random_weights.json";
 /// Sharded weights, as large Hub models ship them (`weight_map`: tensor name -> shard file).
 pub const SAFETENSORS_INDEX_FILE: &str = "model.safetensors.index.json";
 

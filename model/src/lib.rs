@@ -4,19 +4,20 @@
 //! names, `tokenizer.json`, `tokenizer_config.json`, `generation_config.json`), so a directory
 //! downloaded from the Hub and one imported from a GGUF look the same to a worker. This crate
 //! owns the file names, the serde schema of the JSON files, the tensor naming scheme, and the
-//! random-weight presets; it has no heavy dependencies so every crate can use it.
+//! random-weight presets and generator; it has no heavy dependencies so every crate can use it.
 
 mod config;
 mod files;
 mod generation;
 pub mod presets;
+pub mod random_weights;
 pub mod tensor_names;
 mod tokenizer_config;
 
 pub use config::{Architecture, ConfigError, ModelConfig, RopeParameters, RopeScaling, TokenIds};
 pub use files::{
-    CONFIG_FILE, GENERATION_CONFIG_FILE, SAFETENSORS_INDEX_FILE, TOKENIZER_CONFIG_FILE,
-    TOKENIZER_FILE, WEIGHTS_FILE, read_json, write_json,
+    CONFIG_FILE, GENERATION_CONFIG_FILE, RANDOM_WEIGHTS_FILE, SAFETENSORS_INDEX_FILE,
+    TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_json, write_json,
 };
 pub use generation::GenerationConfig;
 pub use tokenizer_config::{AddedTokenEntry, TokenizerConfig};

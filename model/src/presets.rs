@@ -11,6 +11,7 @@ pub const PRESET_NAMES: &[&str] = &[
     "smollm2-135m",
     "tinyllama-1.1b",
     "llama-3.1-8b",
+    "llama-3.1-70b",
     "llama-d128-2l",
 ];
 
@@ -45,8 +46,13 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
             c.eos_token_id = Some(TokenIds::One(2));
             c
         }
-        "llama-3.1-8b" => {
-            let mut c = ModelConfig::llama(4096, 14336, 32, 32, 8, 128256);
+        "llama-3.1-8b" | "llama-3.1-70b" => {
+            let mut c = if name == "llama-3.1-8b" {
+                ModelConfig::llama(4096, 14336, 32, 32, 8, 128256)
+            } else {
+                // 141 GB in bf16: make it with `--generate-at-load`.
+                ModelConfig::llama(8192, 28672, 80, 64, 8, 128256)
+            };
             c.rms_norm_eps = 1e-5;
             c.rope_theta = 500_000.0;
             c.max_position_embeddings = 131072;

@@ -342,3 +342,59 @@ fn help_names_every_flag() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+/// A random-weight directory without weight files (`model-prep random --generate-at-load`):
+/// the worker generates the weights `model-prep random` writes for the same seed and dtype, so
+/// it generates the same tokens as the `tiny` test model (seed 0, f32), whole and split over
+/// two tensor-parallel ranks; a directory written for another generator is refused by name.
+#[test]
+fn weights_generated_at_load_are_the_ones_model_prep_writes() {
+    let tiny = test_model("tiny");
+    let dir = std::env::temp_dir().join(format!("tandem-generated-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&tiny).unwrap() {
+        let entry = entry.unwrap();
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".safetensors")
+        {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let spec = dir.join("random_weights.json");
+    std::fs::write(&spec, r#"{"seed": 0, "dtype": "f32", "generator": 1}"#).unwrap();
+    let run = |model: &std::path::Path, ranks: &str| {
+        ids(&json(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "the sea and the sky",
+            "--max-tokens",
+            "16",
+            "--tensor-parallel",
+            ranks,
+            "--json",
+        ])["output_ids"])
+    };
+    let written = run(&tiny, "1");
+    assert_eq!(run(&dir, "1"), written);
+    assert_eq!(run(&dir, "2"), written);
+
+    std::fs::write(&spec, r#"{"seed": 0, "dtype": "f32", "generator": 99}"#).unwrap();
+    let out = worker(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("random_weights.json") && err.contains("weight generator 99"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -9,17 +9,17 @@
 //! tensor i, so an 8B model (16 GB in bf16) streams through without being held.
 
 pub mod tokenizer;
-pub mod weights;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use tandem_model::presets::{PRESET_NAMES, preset};
+use tandem_model::random_weights::{self as weights, Encoding, GENERATOR_VERSION, RandomWeights};
 use tandem_model::tensor_names::expected_tensors;
 use tandem_model::{
     CONFIG_FILE, ConfigError, GENERATION_CONFIG_FILE, GenerationConfig, ModelConfig,
-    TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TokenIds, WEIGHTS_FILE, write_json,
+    RANDOM_WEIGHTS_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TokenIds, WEIGHTS_FILE, write_json,
 };
 
 use crate::output::{OutputError, StagedDir};
@@ -40,6 +40,19 @@ pub struct RandomOptions {
     pub dtype: DType,
     /// Replace a non-empty output directory.
     pub force: bool,
+    /// Write no weight files, only the seed and dtype ([`RANDOM_WEIGHTS_FILE`]): the workers
+    /// generate the same weights when they load the model. For shapes whose weights would not
+    /// fit on the disk (a 70B model is 141 GB in bf16), and to skip writing them at all.
+    pub generate_at_load: bool,
+}
+
+/// The generator's encoding of a dtype.
+fn encoding(dtype: DType) -> Encoding {
+    match dtype {
+        DType::F32 => Encoding::F32,
+        DType::F16 => Encoding::F16,
+        DType::BF16 => Encoding::Bf16,
+    }
 }
 
 /// Shapes that differ from a preset's (`model-prep random --layers 1 ...`), for models of
@@ -169,7 +182,17 @@ pub fn generate(options: &RandomOptions, out: &Path) -> Result<RandomSummary, Ra
     };
     write_json(&dir.join(GENERATION_CONFIG_FILE), &generation)?;
 
-    let (tensors, weight_bytes) = write_weights(&config, options, &dir.join(WEIGHTS_FILE))?;
+    let (tensors, weight_bytes) = if options.generate_at_load {
+        let spec = RandomWeights {
+            seed: options.seed,
+            dtype: encoding(options.dtype),
+            generator: GENERATOR_VERSION,
+        };
+        write_json(&dir.join(RANDOM_WEIGHTS_FILE), &spec)?;
+        (expected_tensors(&config).len(), 0)
+    } else {
+        write_weights(&config, options, &dir.join(WEIGHTS_FILE))?
+    };
     let directory = staged.commit()?;
     Ok(RandomSummary {
         directory,
@@ -216,7 +239,13 @@ fn write_weights(
         for spec in &specs {
             let elements = spec.shape.iter().product();
             let init = weights::Init::for_tensor(&spec.name);
-            let bytes = weights::tensor_bytes(options.seed, &spec.name, init, spec.dtype, elements);
+            let bytes = weights::tensor_bytes(
+                options.seed,
+                &spec.name,
+                init,
+                encoding(spec.dtype),
+                elements,
+            );
             if sender.send((spec.name.clone(), bytes)).is_err() {
                 // The writer stopped early; its error is reported below.
                 break;
@@ -244,6 +273,7 @@ mod tests {
             seed: 0,
             dtype: DType::F32,
             force: false,
+            generate_at_load: false,
         };
         let summary = generate(&options, &out).unwrap();
         let config = ModelConfig::load(&out).unwrap();

@@ -23,6 +23,7 @@ use std::path::Path;
 use tandem_model::{ConfigError, ModelConfig, tensor_names};
 
 pub use batch::{ChainedToken, ForwardBatch, RowLogprobs, SequenceSlice, TokenLogprob};
+use weights::Piece;
 pub use weights::WeightsError;
 
 use crate::backend::{AttentionShape, Backend, BackendError, BatchPlan, DType};
@@ -101,21 +102,6 @@ enum Split {
     Cols(std::ops::Range<usize>),
 }
 
-/// A weight as uploaded: the file's tensor, or this rank's copy of part of it.
-enum Piece<'a> {
-    Whole(crate::backend::HostTensor<'a>),
-    Part(shard::OwnedTensor),
-}
-
-impl Piece<'_> {
-    fn view(&self) -> crate::backend::HostTensor<'_> {
-        match self {
-            Piece::Whole(t) => *t,
-            Piece::Part(t) => t.view(),
-        }
-    }
-}
-
 impl<B: Backend> std::fmt::Debug for Model<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Model")
@@ -133,13 +119,13 @@ impl<B: Backend> Model<B> {
     /// weights to `backend`.
     pub fn load(model_dir: &Path, backend: B, options: &ModelOptions) -> Result<Self, ModelError> {
         let config = ModelConfig::load(model_dir)?;
-        let files = weights::WeightFiles::open(model_dir)?;
-        let tensors = files.tensors(&config)?;
+        let source = weights::WeightSource::open(model_dir)?;
+        let tensors = source.tensors(&config)?;
         let get = |name: &str| {
             tensors
                 .get(name)
-                .expect("WeightFiles::tensors checked every expected tensor is present")
-                .host()
+                .expect("WeightSource::tensors checked every expected tensor is present")
+                .load()
         };
         let tp = options.tensor_parallel;
         let d = config.head_dim();
@@ -160,20 +146,20 @@ impl<B: Backend> Model<B> {
         let part = |name: &str, split: Split| -> Piece<'_> {
             let t = get(name);
             match split {
-                _ if tp.size == 1 => Piece::Whole(t),
-                Split::Rows(range) => Piece::Part(shard::rows(&t, range)),
-                Split::Cols(range) => Piece::Part(shard::cols(&t, range)),
+                _ if tp.size == 1 => t,
+                Split::Rows(range) => Piece::Owned(shard::rows(&t.view(), range)),
+                Split::Cols(range) => Piece::Owned(shard::cols(&t.view(), range)),
             }
         };
         let embed_entry = get(tensor_names::EMBED_TOKENS);
-        let weight_dtype = embed_entry.dtype;
-        let embed = backend.upload_weight(&[embed_entry])?;
+        let weight_dtype = embed_entry.view().dtype;
+        let embed = backend.upload_weight(&[embed_entry.view()])?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(backend.upload_weight(&[get(tensor_names::LM_HEAD)])?)
+            Some(backend.upload_weight(&[get(tensor_names::LM_HEAD).view()])?)
         };
-        let final_norm = backend.upload_weight(&[get(tensor_names::FINAL_NORM)])?;
+        let final_norm = backend.upload_weight(&[get(tensor_names::FINAL_NORM).view()])?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let n = tensor_names::layer(i);
@@ -183,7 +169,7 @@ impl<B: Backend> Model<B> {
             let gate = part(&n.gate_proj, Split::Rows(channels.clone()));
             let up = part(&n.up_proj, Split::Rows(channels.clone()));
             layers.push(Layer {
-                input_norm: backend.upload_weight(&[get(&n.input_norm)])?,
+                input_norm: backend.upload_weight(&[get(&n.input_norm).view()])?,
                 qkv: backend.upload_weight(&[q.view(), k.view(), v.view()])?,
                 qkv_bias: if config.qkv_bias() {
                     let q = part(&n.q_bias, Split::Rows(q_rows.clone()));
@@ -197,11 +183,12 @@ impl<B: Backend> Model<B> {
                     .upload_weight(&[part(&n.o_proj, Split::Cols(q_rows.clone())).view()])?,
                 // Added once to the ranks' sum: rank 0 holds it.
                 o_bias: if config.o_bias() && tp.rank == 0 {
-                    Some(backend.upload_weight(&[get(&n.o_bias)])?)
+                    Some(backend.upload_weight(&[get(&n.o_bias).view()])?)
                 } else {
                     None
                 },
-                post_attention_norm: backend.upload_weight(&[get(&n.post_attention_norm)])?,
+                post_attention_norm: backend
+                    .upload_weight(&[get(&n.post_attention_norm).view()])?,
                 gate_up: backend.upload_weight(&[gate.view(), up.view()])?,
                 down: backend.upload_weight(&[part(
                     &n.down_proj,

@@ -1,7 +1,10 @@
-//! Reading a model directory's `*.safetensors`: memory-mapped, one file or a sharded index,
-//! every tensor checked against the names and shapes the config implies
+//! A model directory's weights: its `*.safetensors`, memory-mapped, one file or a sharded
+//! index, every tensor checked against the names and shapes the config implies
 //! ([`tandem_model::tensor_names::expected_tensors`]) before anything is uploaded, so a
-//! mismatched checkpoint fails at load with the tensor's name instead of computing garbage.
+//! mismatched checkpoint fails at load with the tensor's name instead of computing garbage;
+//! or, for a random-weight directory made with `model-prep random --generate-at-load`
+//! ([`tandem_model::RANDOM_WEIGHTS_FILE`]), each tensor generated when it is uploaded, the same
+//! bytes `model-prep random` would have written for that seed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -9,8 +12,12 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
-use tandem_model::{ModelConfig, SAFETENSORS_INDEX_FILE, WEIGHTS_FILE, tensor_names};
+use tandem_model::random_weights::{self, Encoding, GENERATOR_VERSION, RandomWeights};
+use tandem_model::{
+    ModelConfig, RANDOM_WEIGHTS_FILE, SAFETENSORS_INDEX_FILE, WEIGHTS_FILE, tensor_names,
+};
 
+use super::shard::OwnedTensor;
 use crate::backend::{DType, HostTensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +34,13 @@ pub enum WeightsError {
     },
     #[error("{path}: invalid index: {reason}")]
     Index { path: PathBuf, reason: String },
-    #[error("no weights in {dir}: expected {WEIGHTS_FILE} or {SAFETENSORS_INDEX_FILE}")]
+    #[error(
+        "no weights in {dir}: expected {WEIGHTS_FILE}, {SAFETENSORS_INDEX_FILE} or \
+         {RANDOM_WEIGHTS_FILE}"
+    )]
     NoWeights { dir: PathBuf },
+    #[error("{path}: {reason}")]
+    Generated { path: PathBuf, reason: String },
     #[error("tensor {name} is missing (the config expects it with shape {shape:?})")]
     Missing { name: String, shape: Vec<usize> },
     #[error("tensor {name} has shape {found:?}, the config implies {expected:?}")]
@@ -43,20 +55,133 @@ pub enum WeightsError {
     Unexpected { name: String, arch: &'static str },
 }
 
-/// One tensor, borrowed from a memory-mapped file.
+/// One tensor: borrowed from a memory-mapped file, or generated when it is loaded.
 #[derive(Debug, Clone)]
 pub struct TensorEntry<'a> {
     pub dtype: DType,
     pub shape: Vec<usize>,
-    pub bytes: &'a [u8],
+    bytes: TensorBytes<'a>,
+}
+
+#[derive(Debug, Clone)]
+enum TensorBytes<'a> {
+    Mapped(&'a [u8]),
+    /// [`random_weights::tensor_bytes`] of this name and seed.
+    Generated {
+        name: String,
+        seed: u64,
+    },
+}
+
+/// A weight on its way to a backend: a view of the file's tensor, or bytes of its own (a
+/// generated tensor, or a tensor-parallel rank's share, [`super::shard`]).
+pub enum Piece<'a> {
+    Whole(HostTensor<'a>),
+    Owned(OwnedTensor),
+}
+
+impl Piece<'_> {
+    pub fn view(&self) -> HostTensor<'_> {
+        match self {
+            Piece::Whole(t) => *t,
+            Piece::Owned(t) => t.view(),
+        }
+    }
 }
 
 impl TensorEntry<'_> {
-    pub fn host(&self) -> HostTensor<'_> {
-        HostTensor {
-            dtype: self.dtype,
-            shape: &self.shape,
-            bytes: self.bytes,
+    /// The tensor's bytes: a view of the mapped file, or generated now.
+    pub fn load(&self) -> Piece<'_> {
+        match &self.bytes {
+            TensorBytes::Mapped(bytes) => Piece::Whole(HostTensor {
+                dtype: self.dtype,
+                shape: &self.shape,
+                bytes,
+            }),
+            TensorBytes::Generated { name, seed } => {
+                let encoding = match self.dtype {
+                    DType::F32 => Encoding::F32,
+                    DType::F16 => Encoding::F16,
+                    DType::Bf16 => Encoding::Bf16,
+                };
+                let init = random_weights::Init::for_tensor(name);
+                let elements = self.shape.iter().product();
+                Piece::Owned(OwnedTensor {
+                    dtype: self.dtype,
+                    shape: self.shape.clone(),
+                    bytes: random_weights::tensor_bytes(*seed, name, init, encoding, elements),
+                })
+            }
+        }
+    }
+}
+
+/// Where a model directory's weights come from.
+pub enum WeightSource {
+    Files(WeightFiles),
+    /// A random-weight directory without weight files ([`RANDOM_WEIGHTS_FILE`]).
+    Generated(RandomWeights),
+}
+
+impl WeightSource {
+    /// The directory's safetensors ([`WeightFiles::open`]) where it has any, else its
+    /// [`RANDOM_WEIGHTS_FILE`].
+    pub fn open(model_dir: &Path) -> Result<Self, WeightsError> {
+        match WeightFiles::open(model_dir) {
+            Err(WeightsError::NoWeights { .. }) if model_dir.join(RANDOM_WEIGHTS_FILE).exists() => {
+                let path = model_dir.join(RANDOM_WEIGHTS_FILE);
+                let spec: RandomWeights =
+                    tandem_model::read_json(&path).map_err(|e| WeightsError::Generated {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if spec.generator != GENERATOR_VERSION {
+                    return Err(WeightsError::Generated {
+                        path,
+                        reason: format!(
+                            "written for weight generator {}, this worker has {GENERATOR_VERSION}: \
+                             make the directory again with this release's model-prep",
+                            spec.generator
+                        ),
+                    });
+                }
+                Ok(WeightSource::Generated(spec))
+            }
+            files => files.map(WeightSource::Files),
+        }
+    }
+
+    /// Every tensor, checked against `config` (generated ones have its shapes by definition).
+    pub fn tensors(
+        &self,
+        config: &ModelConfig,
+    ) -> Result<HashMap<String, TensorEntry<'_>>, WeightsError> {
+        match self {
+            WeightSource::Files(files) => files.tensors(config),
+            WeightSource::Generated(spec) => {
+                let dtype = match spec.dtype {
+                    Encoding::F32 => DType::F32,
+                    Encoding::F16 => DType::F16,
+                    Encoding::Bf16 => DType::Bf16,
+                };
+                Ok(tensor_names::expected_tensors(config)
+                    .into_iter()
+                    .map(|(name, shape)| {
+                        let bytes = TensorBytes::Generated {
+                            name: name.clone(),
+                            seed: spec.seed,
+                        };
+                        (
+                            name,
+                            TensorEntry {
+                                dtype,
+                                shape,
+                                bytes,
+                            },
+                        )
+                    })
+                    .collect())
+            }
         }
     }
 }
@@ -126,7 +251,7 @@ impl WeightFiles {
                     TensorEntry {
                         dtype,
                         shape: view.shape().to_vec(),
-                        bytes: view.data(),
+                        bytes: TensorBytes::Mapped(view.data()),
                     },
                 );
             }

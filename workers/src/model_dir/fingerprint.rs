@@ -5,7 +5,8 @@
 //! they serve models of the same shapes, yet K/V computed with other weights is garbage to a
 //! decode worker: a fine-tune, another seed of a random model, the same model in another dtype.
 //! The fingerprint covers what makes K/V differ: `config.json`, every safetensors file's
-//! header (tensor names, dtypes, shapes, offsets) and size, and samples of its weight bytes
+//! header (tensor names, dtypes, shapes, offsets) and size (or, for weights the workers
+//! generate, `random_weights.json`: seed, dtype, generator), and samples of its weight bytes
 //! (the first, middle and last [`SAMPLE_BYTES`] of the data). Sampling keeps it fast on a 16 GB
 //! model (a few MB read, against hashing every byte) while any two independently trained or
 //! generated weight sets differ in every sample.
@@ -45,7 +46,18 @@ pub fn model_fingerprint(dir: &Path) -> Result<String, ModelDirError> {
         .collect();
     weights.sort();
     if weights.is_empty() {
-        return Err(fail("no .safetensors file to fingerprint".into()));
+        // A random-weight directory whose weights the workers generate: its seed, dtype and
+        // generator version define them.
+        let spec = dir.join(tandem_model::RANDOM_WEIGHTS_FILE);
+        let spec = std::fs::read(&spec).map_err(|_| {
+            fail(format!(
+                "no .safetensors file or {} to fingerprint",
+                tandem_model::RANDOM_WEIGHTS_FILE
+            ))
+        })?;
+        hash.update(tandem_model::RANDOM_WEIGHTS_FILE.as_bytes());
+        hash.update(b"\0");
+        hash.update(&spec);
     }
     for name in weights {
         let path = dir.join(&name);

@@ -1,4 +1,7 @@
-//! Deterministic random tensor data, generated in parallel.
+//! Deterministic random tensor data, generated in parallel: the weights of a random-weight
+//! model directory, which `model-prep random` writes to safetensors and which a worker
+//! generates itself for a directory made with `--generate-at-load`
+//! ([`crate::RANDOM_WEIGHTS_FILE`]); the same seed gives the same bytes either way.
 //!
 //! Every tensor is cut into fixed chunks of [`CHUNK_ELEMENTS`]; each chunk gets its own ChaCha8
 //! generator seeded from (seed, tensor name, chunk index). Rayon may run the chunks on any
@@ -10,7 +13,44 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::safetensors_writer::DType;
+/// How generated values are stored: the model's weight dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Encoding {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            Encoding::F32 => 4,
+            Encoding::F16 | Encoding::Bf16 => 2,
+        }
+    }
+
+    /// The little-endian bytes of `values` in this encoding.
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = vec![0u8; values.len() * self.size_bytes()];
+        encode_into(self, values, &mut out);
+        out
+    }
+}
+
+/// What `random_weights.json` ([`crate::RANDOM_WEIGHTS_FILE`]) holds: the directory's weights
+/// are [`tensor_bytes`] of every tensor the config implies, with this seed and encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RandomWeights {
+    pub seed: u64,
+    pub dtype: Encoding,
+    /// [`GENERATOR_VERSION`] of the generator that defines them.
+    pub generator: u32,
+}
+
+/// Changes whenever [`tensor_bytes`] would give other bytes for the same arguments: a worker
+/// refuses a directory written for another generator rather than computing with other weights.
+pub const GENERATOR_VERSION: u32 = 1;
 
 /// Elements per independently seeded chunk. Part of the output's definition: changing it
 /// changes every model a seed produces.
@@ -44,7 +84,13 @@ impl Init {
 }
 
 /// The little-endian bytes of a tensor of `elements` values in `dtype`.
-pub fn tensor_bytes(seed: u64, name: &str, init: Init, dtype: DType, elements: usize) -> Vec<u8> {
+pub fn tensor_bytes(
+    seed: u64,
+    name: &str,
+    init: Init,
+    dtype: Encoding,
+    elements: usize,
+) -> Vec<u8> {
     let element_bytes = dtype.size_bytes();
     let mut bytes = vec![0u8; elements * element_bytes];
     let name_hash = fnv1a(name.as_bytes());
@@ -92,19 +138,19 @@ fn fill_normal(rng: &mut ChaCha8Rng, std: f32, out: &mut [f32]) {
     }
 }
 
-fn encode_into(dtype: DType, values: &[f32], out: &mut [u8]) {
+fn encode_into(dtype: Encoding, values: &[f32], out: &mut [u8]) {
     match dtype {
-        DType::F32 => {
+        Encoding::F32 => {
             for (v, o) in values.iter().zip(out.chunks_exact_mut(4)) {
                 o.copy_from_slice(&v.to_le_bytes());
             }
         }
-        DType::F16 => {
+        Encoding::F16 => {
             for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
                 o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
             }
         }
-        DType::BF16 => {
+        Encoding::Bf16 => {
             for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
                 o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
             }
@@ -134,15 +180,15 @@ mod tests {
     fn same_seed_same_bytes_regardless_of_thread_count() {
         let elements = 3 * CHUNK_ELEMENTS + 17;
         let init = Init::Normal { std: 0.02 };
-        let a = tensor_bytes(7, "w", init, DType::BF16, elements);
+        let a = tensor_bytes(7, "w", init, Encoding::Bf16, elements);
         let one_thread = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
             .unwrap();
-        let b = one_thread.install(|| tensor_bytes(7, "w", init, DType::BF16, elements));
+        let b = one_thread.install(|| tensor_bytes(7, "w", init, Encoding::Bf16, elements));
         assert_eq!(a, b);
-        assert_ne!(a, tensor_bytes(8, "w", init, DType::BF16, elements));
-        assert_ne!(a, tensor_bytes(7, "v", init, DType::BF16, elements));
+        assert_ne!(a, tensor_bytes(8, "w", init, Encoding::Bf16, elements));
+        assert_ne!(a, tensor_bytes(7, "v", init, Encoding::Bf16, elements));
     }
 
     #[test]
@@ -151,7 +197,7 @@ mod tests {
             1,
             "model.layers.0.mlp.up_proj.weight",
             Init::Normal { std: 0.02 },
-            DType::F32,
+            Encoding::F32,
             1 << 20,
         ));
         let n = values.len() as f64;
@@ -184,17 +230,17 @@ mod tests {
             Init::for_tensor("model.embed_tokens.weight"),
             Init::Normal { std: INIT_STD }
         );
-        let ones = tensor_bytes(0, "n", Init::Ones, DType::F16, 5);
-        assert_eq!(ones, DType::F16.encode(&[1.0; 5]));
-        let zeros = tensor_bytes(0, "b", Init::Zeros, DType::BF16, 3);
+        let ones = tensor_bytes(0, "n", Init::Ones, Encoding::F16, 5);
+        assert_eq!(ones, Encoding::F16.encode(&[1.0; 5]));
+        let zeros = tensor_bytes(0, "b", Init::Zeros, Encoding::Bf16, 3);
         assert_eq!(zeros, vec![0u8; 6]);
     }
 
     #[test]
     fn dtypes_encode_the_same_values() {
         let init = Init::Normal { std: 0.02 };
-        let f32_values = f32s(&tensor_bytes(3, "w", init, DType::F32, 1000));
-        let bf16 = tensor_bytes(3, "w", init, DType::BF16, 1000);
-        assert_eq!(bf16, DType::BF16.encode(&f32_values));
+        let f32_values = f32s(&tensor_bytes(3, "w", init, Encoding::F32, 1000));
+        let bf16 = tensor_bytes(3, "w", init, Encoding::Bf16, 1000);
+        assert_eq!(bf16, Encoding::Bf16.encode(&f32_values));
     }
 }
