@@ -401,5 +401,8 @@ fn generate_at_load_writes_the_seed_instead_of_the_weights() {
     assert!(inspected.status.success(), "{}", stderr(&inspected));
     let text = stdout(&inspected);
     assert!(text.contains("generated at load (seed 5"), "{text}");
-    assert!(text.contains("70.55B (70.55B in the tensors present)"), "{text}");
+    assert!(
+        text.contains("70.55B (70.55B in the tensors present)"),
+        "{text}"
+    );
 }
