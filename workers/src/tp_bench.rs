@@ -72,10 +72,7 @@ pub fn run(
     let config = ModelConfig::load(dir)?;
     let mut rows = Vec::new();
     for &ranks in rank_counts {
-        let all_reduce: Vec<f64> = batches
-            .iter()
-            .map(|&b| all_reduce_ms(first, ranks, b, &config, iters))
-            .collect::<anyhow::Result<_>>()?;
+        let all_reduce = all_reduce_ms(first, ranks, batches, &config, iters)?;
         let gpu = GpuArgs {
             cuda_graphs: Some(false),
             ..GpuArgs::default()
@@ -190,17 +187,17 @@ fn decode_steps(
 }
 
 /// Median milliseconds of one decode step's all-reduces alone (two a layer, of `[batch,
-/// hidden]` f32) over `ranks` GPUs from `cuda:first`, each rank in a thread of its own as the
-/// workers run them; 0 for one GPU.
+/// hidden]` f32) over `ranks` GPUs from `cuda:first`, for each batch of `batches`, each rank in
+/// a thread of its own as the workers run them; 0 for one GPU.
 fn all_reduce_ms(
     first: usize,
     ranks: usize,
-    batch: usize,
+    batches: &[usize],
     config: &ModelConfig,
     iters: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Vec<f64>> {
     if ranks < 2 {
-        return Ok(0.0);
+        return Ok(vec![0.0; batches.len()]);
     }
     let mut backends = (first..first + ranks)
         .map(|ordinal| {
@@ -222,18 +219,22 @@ fn all_reduce_ms(
             .map(|backend| {
                 let row = &row;
                 s.spawn(move || -> anyhow::Result<Vec<f64>> {
-                    let mut x = backend.upload_rows(&vec![row.clone(); batch])?;
-                    let mut times = Vec::new();
-                    for _ in 0..iters + 3 {
-                        backend.synchronize()?;
-                        let started = Instant::now();
-                        for _ in 0..sums {
-                            backend.all_reduce_sum(&mut x)?;
+                    let mut medians = Vec::with_capacity(batches.len());
+                    for &batch in batches {
+                        let mut x = backend.upload_rows(&vec![row.clone(); batch])?;
+                        let mut times = Vec::new();
+                        for _ in 0..iters + 3 {
+                            backend.synchronize()?;
+                            let started = Instant::now();
+                            for _ in 0..sums {
+                                backend.all_reduce_sum(&mut x)?;
+                            }
+                            backend.synchronize()?;
+                            times.push(started.elapsed().as_secs_f64() * 1e3);
                         }
-                        backend.synchronize()?;
-                        times.push(started.elapsed().as_secs_f64() * 1e3);
+                        medians.push(median(times[3..].to_vec()));
                     }
-                    Ok(times[3..].to_vec())
+                    Ok(medians)
                 })
             })
             .collect();
@@ -243,7 +244,7 @@ fn all_reduce_ms(
             .collect::<anyhow::Result<Vec<_>>>()
     })?;
     // Rank 0's view; every rank waits for the slowest anyway.
-    Ok(median(times.into_iter().next().unwrap_or_default()))
+    Ok(times.into_iter().next().unwrap_or_default())
 }
 
 /// The rows as a table.

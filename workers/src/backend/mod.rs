@@ -114,6 +114,16 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// [`Backend::all_reduce_sum`] of a backend that is no rank of a tensor-parallel group.
+    pub fn not_in_group() -> Self {
+        BackendError::Collective {
+            op: "all_reduce_sum",
+            detail: "this backend is not a rank of a tensor-parallel group".into(),
+        }
+    }
+}
+
+impl BackendError {
     /// Whether the device is lost for good ([`BackendError::DeviceLost`]).
     pub fn is_device_lost(&self) -> bool {
         matches!(self, BackendError::DeviceLost { .. })
@@ -257,10 +267,7 @@ pub trait Backend: Send + Sync {
     /// than one rank; a backend outside a group refuses.
     fn all_reduce_sum(&self, x: &mut Self::Tensor) -> Result<(), BackendError> {
         let _ = x;
-        Err(BackendError::Collective {
-            op: "all_reduce_sum",
-            detail: "this backend is not a rank of a tensor-parallel group".into(),
-        })
+        Err(BackendError::not_in_group())
     }
 
     /// The MLP's first half: `silu_mul(linear(x, gate_up))`, with `next` (the weight that

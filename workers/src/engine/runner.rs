@@ -128,9 +128,8 @@ pub struct ModelRunner<B: Backend> {
     last_row_logprobs: Vec<Vec<TokenLogprob>>,
     /// A fault test's device failure ([`LOSE_DEVICE_VAR`]).
     injected_loss: InjectedDeviceLoss,
-    /// The last forward pass: until its work was queued, and from then until its results
-    /// were on the host.
-    /// Summed since [`StepModel::take_forward_timing`] last took it.
+    /// The summarized forward passes' time queueing their work and waiting for their results,
+    /// summed since [`StepModel::take_forward_timing`] last took it.
     timing: Option<ForwardTiming>,
 }
 

@@ -66,10 +66,11 @@ pub struct TensorEntry<'a> {
 #[derive(Debug, Clone)]
 enum TensorBytes<'a> {
     Mapped(&'a [u8]),
-    /// [`random_weights::tensor_bytes`] of this name and seed.
+    /// [`random_weights::tensor_bytes`] of this name, seed and encoding.
     Generated {
         name: String,
         seed: u64,
+        encoding: Encoding,
     },
 }
 
@@ -98,18 +99,17 @@ impl TensorEntry<'_> {
                 shape: &self.shape,
                 bytes,
             }),
-            TensorBytes::Generated { name, seed } => {
-                let encoding = match self.dtype {
-                    DType::F32 => Encoding::F32,
-                    DType::F16 => Encoding::F16,
-                    DType::Bf16 => Encoding::Bf16,
-                };
+            TensorBytes::Generated {
+                name,
+                seed,
+                encoding,
+            } => {
                 let init = random_weights::Init::for_tensor(name);
                 let elements = self.shape.iter().product();
                 Piece::Owned(OwnedTensor {
                     dtype: self.dtype,
                     shape: self.shape.clone(),
-                    bytes: random_weights::tensor_bytes(*seed, name, init, encoding, elements),
+                    bytes: random_weights::tensor_bytes(*seed, name, init, *encoding, elements),
                 })
             }
         }
@@ -170,6 +170,7 @@ impl WeightSource {
                         let bytes = TensorBytes::Generated {
                             name: name.clone(),
                             seed: spec.seed,
+                            encoding: spec.dtype,
                         };
                         (
                             name,

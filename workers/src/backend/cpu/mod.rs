@@ -464,10 +464,7 @@ impl Backend for CpuBackend {
 
     fn all_reduce_sum(&self, x: &mut CpuTensor) -> Result<(), BackendError> {
         let Some((group, rank)) = &self.group else {
-            return Err(BackendError::Collective {
-                op: "all_reduce_sum",
-                detail: "this backend is not a rank of a tensor-parallel group".into(),
-            });
+            return Err(BackendError::not_in_group());
         };
         group
             .all_reduce_sum(*rank, &mut x.data)

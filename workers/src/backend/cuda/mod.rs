@@ -783,7 +783,6 @@ impl CudaBackend {
     /// Attention of the query rows the prefill tiles of `batch` cover, into their rows of
     /// `out`, on the tensor cores (`flash.cu`).
     #[allow(clippy::too_many_arguments)]
-    #[allow(clippy::too_many_arguments)]
     fn flash_prefill(
         &self,
         stream: &Arc<CudaStream>,
@@ -1473,10 +1472,7 @@ impl Backend for CudaBackend {
 
     fn all_reduce_sum(&self, x: &mut CudaTensor) -> Result<(), BackendError> {
         let Some(group) = &self.group else {
-            return Err(BackendError::Collective {
-                op: "all_reduce_sum",
-                detail: "this backend is not a rank of a tensor-parallel group".into(),
-            });
+            return Err(BackendError::not_in_group());
         };
         let len = x.rows * x.cols;
         dev!("all_reduce_sum", self.ctx.bind_to_thread())?;
