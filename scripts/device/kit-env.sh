@@ -20,6 +20,9 @@ if [ -z "${TANDEM_NCCL_LIB:-}" ]; then
   TANDEM_NCCL_LIB=$(find $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null) \
     /usr/lib /usr/local/lib -name 'libnccl.so.2' 2>/dev/null | head -1 || true)
 fi
+# The device machines must never use NVLink multicast (KINDS.md: it can take the host's GPUs
+# out of service); their environment turns it off, and so does this, whatever was inherited.
+export NCCL_NVLS_ENABLE=0
 if [ -n "${TANDEM_NCCL_LIB:-}" ]; then
   mkdir -p "$models/.nccl"
   ln -sf "$TANDEM_NCCL_LIB" "$models/.nccl/libnccl.so"

@@ -23,6 +23,8 @@
 #                                        # and the test binaries of `cargo test --release
 #                                        # -p tandem-workers --lib --test cuda_backend --no-run`
 #                                        # as .kit/bin/workers_lib_test and cuda_backend_test.
+#   scripts/device/two_gpu.sh tp-graphs  # the same check and steps with decode steps
+#                                        # replayed from CUDA graphs (as workers run them)
 #   scripts/device/two_gpu.sh tp70b      # Llama-3.1-70B shapes served with TP=2 over both
 #                                        # GPUs (two H200s: 141 GB of weights, generated at
 #                                        # load), `tandem bench` at 1000/1000
@@ -30,7 +32,7 @@
 # Prompt lengths are in words for `tandem bench`; on the random Llama-3.1-8B tokenizer a word is
 # about 1.66 tokens (the bench reports the real token counts). Output: stdout and $OUT.
 set -uo pipefail
-stage=${1:?usage: two_gpu.sh ipc | goodput disaggregated|aggregated | tp | tp70b}
+stage=${1:?usage: two_gpu.sh ipc | goodput disaggregated|aggregated | tp | tp-graphs | tp70b}
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
 
@@ -174,14 +176,18 @@ EOF
     echo "libnccl: ${TANDEM_NCCL_LIB:-not found}"
     random_model tiny >/dev/null
     echo "== GPU tests: NCCL on one GPU, two ranks against one GPU"
-    workers_lib_test nccl --test-threads 1 2>&1 | tee "$out/tp-nccl-test.log" | grep -E "^test |test result"
+    timeout 120 workers_lib_test nccl --test-threads 1 2>&1 | tee "$out/tp-nccl-test.log" | grep -E "^test |test result"
     TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
-      cuda_backend_test two_gpus --nocapture --test-threads 1 2>&1 | tee "$out/tp-cuda-test.log" |
+      timeout 240 cuda_backend_test two_gpus --nocapture --test-threads 1 2>&1 | tee "$out/tp-cuda-test.log" |
       grep -E "^test |test result|skipped|panicked"
+
+    echo "== logits, Llama-3.1-8B shapes: TP=2 (cuda:0, cuda:1) against one GPU, teacher-forced"
+    timeout 240 gpu_bench tp-check --model "$llama" --ranks 2 --json "$out/tp-check.json" 2>&1 |
+      tee "$out/tp-check.log"
 
     echo "== greedy tokens, Llama-3.1-8B shapes: TP=2 (cuda:0, cuda:1) against one GPU"
     for ranks in 1 2; do
-      worker generate --model "$llama" --prompt "the sea and the sky and the" --max-tokens 48 \
+      timeout 180 worker generate --model "$llama" --prompt "the sea and the sky and the" --max-tokens 48 \
         --json --device cuda:0 --tensor-parallel $ranks >"$out/tp-generate-$ranks.json" 2>"$out/tp-generate-$ranks.log" ||
         tail -5 "$out/tp-generate-$ranks.log"
     done
@@ -192,7 +198,7 @@ n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)
 print(f"TP=2 tokens equal TP=1 for {n} of {len(a)}")' "$out/tp-generate-1.json" "$out/tp-generate-2.json"
 
     echo "== decode steps: one GPU and two ranks, batch 1 and 32, context 1024 (all eager)"
-    gpu_bench tp --model "$llama" --ranks 1,2 --batches 1,32 --context 1024 \
+    timeout 240 gpu_bench tp --model "$llama" --ranks 1,2 --batches 1,32 --context 1024 \
       --json "$out/tp-bench.json" 2>&1 | tee "$out/tp-bench.log"
 
     echo "== hand-over: a context worker of 2 ranks (cuda:0, cuda:1) to a decode worker of 1 (cuda:1)"
@@ -208,6 +214,16 @@ print(f"TP=2 tokens equal TP=1 for {n} of {len(a)}")' "$out/tp-generate-1.json" 
         grep -E "^tandem_(kv_transfers_total|kv_transfer_fallbacks_total|requests_disaggregated_total)"
       stop "$out/serve-tp-handover.log"
     fi
+    ;;
+  tp-graphs)
+    # Tensor-parallel ranks that replay their decode steps (all-reduces included) from CUDA
+    # graphs, checked and timed against one GPU with graphs.
+    echo "== logits with graphs: TP=2 against one GPU"
+    timeout 240 gpu_bench tp-check --model "$llama" --ranks 2 --cuda-graphs \
+      --json "$out/tp-check-graphs.json" 2>&1 | tee "$out/tp-check-graphs.log"
+    echo "== decode steps with graphs: one GPU and two ranks, batch 1 and 32, context 1024"
+    timeout 240 gpu_bench tp --model "$llama" --ranks 1,2 --batches 1,32 --context 1024 --cuda-graphs \
+      --json "$out/tp-bench-graphs.json" 2>&1 | tee "$out/tp-bench-graphs.log"
     ;;
   tp70b)
     # Llama-3.1-70B shapes over both GPUs (TP=2, one aggregated worker): 141 GB of bf16 weights,
@@ -228,6 +244,8 @@ print(f"TP=2 tokens equal TP=1 for {n} of {len(a)}")' "$out/tp-generate-1.json" 
       tandem bench --url "http://127.0.0.1:$port/v1" --endpoint completions \
         --concurrency "${CONCURRENCY:-64}" --num-prompts "${N:-128}" --input-tokens 1000 --output-len 1000 \
         --output-json "$out/tp70b-1000-1000.json" 2>&1 | tee "$out/tp70b-bench.log" | tail -14
+      nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv
+      grep -E "KV cache|blocks" "$out/serve-tp70b.log" | head -4 | cut -c1-300
       stop "$out/serve-tp70b.log"
     else
       echo "NOT READY"

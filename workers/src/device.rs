@@ -65,6 +65,15 @@ pub enum DeviceError {
     Thread(std::io::Error),
     #[error("--tensor-parallel {size}: {detail}")]
     TensorParallel { size: usize, detail: String },
+    #[error(
+        "the largest step ({tokens} tokens over {sequences} sequences: --max-num-batched-tokens, \
+         --max-num-seqs) does not run beside the model: {source}. Lower them, or use more GPUs"
+    )]
+    LargestStep {
+        tokens: usize,
+        sequences: usize,
+        source: ModelError,
+    },
 }
 
 impl std::str::FromStr for Device {
@@ -342,6 +351,73 @@ impl LoadedModel {
         }
     }
 
+    /// Runs the largest step the engine will run once, on a GPU, before the KV cache is sized:
+    /// `tokens` new tokens over `sequences` sequences (as many as run at once, each asking
+    /// for its logits row). The stream-ordered allocator keeps what the step's activations
+    /// took (the CUDA backend's pool never returns freed memory), so [`Self::kv_blocks`] then
+    /// sizes the cache from what is free beside them, as vLLM's profiling run does; without
+    /// it a model that leaves little memory beside its weights (70B over two 80 GB GPUs) got a
+    /// cache that left its first full step out of memory. A no-op on the CPU.
+    pub fn reserve_activations(
+        &mut self,
+        block_size: usize,
+        tokens: usize,
+        sequences: usize,
+    ) -> Result<(), DeviceError> {
+        let sequences = sequences.clamp(1, tokens.max(1));
+        let tokens = tokens.max(sequences);
+        let vocab = self.config().vocab_size;
+        // The sequences' shares of the tokens, each on blocks of its own.
+        let mut batch = crate::model::ForwardBatch::default();
+        let mut next_block = 0u32;
+        for s in 0..sequences {
+            let len = tokens / sequences + usize::from(s < tokens % sequences);
+            let ids: Vec<u32> = (0..len).map(|i| ((s * 7919 + i * 31 + 13) % vocab) as u32).collect();
+            let blocks = len.div_ceil(block_size) as u32;
+            batch.push(&ids, 0, (next_block..next_block + blocks).collect(), true);
+            next_block += blocks;
+        }
+        // Then one token of each sequence, as a decode step: the all-reduces of a tensor-parallel
+        // group at that size, whose buffers NCCL sets up at their first use.
+        let mut decode = crate::model::ForwardBatch::default();
+        for s in 0..sequences {
+            decode.push(&[(s % vocab) as u32], 0, vec![next_block + s as u32], true);
+        }
+        let num_blocks = next_block as usize + sequences + 1;
+        let run = |m: &Model<CudaBackend>| -> Result<(), DeviceError> {
+            let err = |source| DeviceError::LargestStep {
+                tokens,
+                sequences,
+                source,
+            };
+            let mut kv = m.alloc_kv_cache(block_size, num_blocks).map_err(err)?;
+            m.forward(&batch, &mut kv).map_err(err)?;
+            m.forward(&decode, &mut kv).map_err(err)?;
+            Ok(())
+        };
+        let started = std::time::Instant::now();
+        match self {
+            LoadedModel::Cpu(_) | LoadedModel::CpuGroup { .. } => return Ok(()),
+            LoadedModel::Cuda(m) => run(m)?,
+            // Every rank at once: the step's all-reduces need the whole group.
+            LoadedModel::CudaGroup { ranks } => std::thread::scope(|scope| {
+                let handles: Vec<_> = ranks.iter().map(|m| scope.spawn(|| run(m))).collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a rank's reservation step panicked"))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map(|_| ())?,
+        }
+        tracing::info!(
+            tokens,
+            sequences,
+            ms = started.elapsed().as_millis() as u64,
+            "ran the largest step once: its activation memory stays out of the KV cache"
+        );
+        Ok(())
+    }
+
     /// Allocates the KV cache, builds the engine and starts its thread.
     pub fn spawn_engine(
         self,
@@ -400,6 +476,9 @@ impl LoadedModel {
     }
 }
 
+/// Device memory the KV cache always leaves free (see [`gpu_kv_blocks`]).
+const GPU_HEADROOM: usize = 512 << 20;
+
 /// Blocks of the cache that `budget`'s fraction of `m`'s free GPU memory holds.
 fn gpu_kv_blocks(
     m: &Model<CudaBackend>,
@@ -414,9 +493,13 @@ fn gpu_kv_blocks(
             source,
         })?;
     let block_bytes = m.kv_layout(block_size).block_bytes();
+    // The fraction of the free memory, but never all of it but GPU_HEADROOM: what the
+    // reservation step cannot show (CUDA graphs' own memory, cuBLAS workspaces of new
+    // shapes) still needs room where the model leaves little beside it.
+    let cache_bytes = ((free as f64 * budget.gpu_memory_fraction) as usize)
+        .min(free.saturating_sub(GPU_HEADROOM));
     // Less the scratch block the CUDA backend allocates with the cache.
-    let blocks =
-        ((free as f64 * budget.gpu_memory_fraction) as usize / block_bytes).saturating_sub(1);
+    let blocks = (cache_bytes / block_bytes).saturating_sub(1);
     if blocks == 0 {
         return Err(DeviceError::NoKvMemory {
             free_mib: free >> 20,

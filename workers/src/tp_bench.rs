@@ -5,8 +5,8 @@
 //! holds, its KV heads of every sequence) at the device's copy rate, plus the step's
 //! all-reduces measured alone on the same GPUs.
 //!
-//! Every configuration runs eagerly (tensor-parallel ranks do not capture CUDA graphs yet), one
-//! GPU included, so the comparison is of the split and the sums alone.
+//! Every configuration, one GPU included, runs eagerly or every one replays CUDA graphs
+//! (`--cuda-graphs`), so the comparison is of the split and the sums alone.
 
 use std::path::Path;
 use std::time::Instant;
@@ -68,37 +68,20 @@ pub fn run(
     context: usize,
     iters: usize,
     copy_bytes_per_s: f64,
+    cuda_graphs: bool,
 ) -> anyhow::Result<Vec<TpRow>> {
     let config = ModelConfig::load(dir)?;
     let mut rows = Vec::new();
     for &ranks in rank_counts {
         let all_reduce = all_reduce_ms(first, ranks, batches, &config, iters)?;
-        let gpu = GpuArgs {
-            cuda_graphs: Some(false),
-            ..GpuArgs::default()
-        };
         let max_batch = batches.iter().copied().max().unwrap_or(1);
         let num_blocks = max_batch * (context + 1).div_ceil(BLOCK_SIZE) + 1;
-        let steps = match load_model(dir, Device::Cuda(first), 0, &gpu, ranks)? {
-            LoadedModel::Cuda(m) => {
-                let runner = ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?;
-                decode_steps(runner, batches, context, iters)?
-            }
-            LoadedModel::CudaGroup { ranks } => {
-                let runners = ranks
-                    .into_iter()
-                    .map(|m| ModelRunner::new(m, BLOCK_SIZE, num_blocks))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let abort = Box::new(|_: &str| {});
-                decode_steps(
-                    TensorParallelRunner::spawn(runners, abort)?,
-                    batches,
-                    context,
-                    iters,
-                )?
-            }
-            _ => unreachable!("a CUDA device loads CUDA models"),
-        };
+        let steps = decode_steps(
+            step_model(dir, first, ranks, num_blocks, cuda_graphs)?.as_mut(),
+            batches,
+            context,
+            iters,
+        )?;
         let (layer_params, lm_head) = matrix_params(&config);
         for ((&batch, step), reduce) in batches.iter().zip(steps).zip(all_reduce) {
             let kv_bytes = batch
@@ -124,10 +107,218 @@ pub fn run(
     Ok(rows)
 }
 
+/// The model in `dir` over `ranks` GPUs from `cuda:first` (one GPU for 1), with a cache of
+/// `num_blocks` blocks; eager unless `cuda_graphs`.
+fn step_model(
+    dir: &Path,
+    first: usize,
+    ranks: usize,
+    num_blocks: usize,
+    cuda_graphs: bool,
+) -> anyhow::Result<Box<dyn StepModel>> {
+    let gpu = GpuArgs {
+        cuda_graphs: Some(cuda_graphs),
+        ..GpuArgs::default()
+    };
+    Ok(
+        match load_model(dir, Device::Cuda(first), 0, &gpu, ranks)? {
+            LoadedModel::Cuda(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
+            LoadedModel::CudaGroup { ranks } => {
+                let runners = ranks
+                    .into_iter()
+                    .map(|m| ModelRunner::new(m, BLOCK_SIZE, num_blocks))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let abort = Box::new(|_: &str| {});
+                Box::new(TensorParallelRunner::spawn(runners, abort)?)
+            }
+            _ => unreachable!("a CUDA device loads CUDA models"),
+        },
+    )
+}
+
+/// How the logits of a group of GPUs compare with one GPU's over one prompt.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckRow {
+    pub ranks: usize,
+    pub prompt_tokens: usize,
+    /// Relative L2 distance of the prompt's last logits row from one GPU's.
+    pub prefill_rel_l2: f64,
+    /// Mean and largest relative L2 over the teacher-forced decode steps.
+    pub decode_rel_l2: f64,
+    pub max_rel_l2: f64,
+    /// Decode steps whose top-1 token equals one GPU's, both fed one GPU's greedy tokens.
+    pub top1_agree: usize,
+    pub steps: usize,
+    /// Where the free-running greedy tokens first differ from one GPU's (`steps + 1`: never).
+    pub greedy_same: usize,
+}
+
+/// Teacher-forced logits of the model in `dir` split over each of `rank_counts` GPUs against
+/// the model on `cuda:first` alone: prompts of `prompt_lens` tokens, then `steps` decode steps
+/// in which the group consumes one GPU's greedy tokens (the numbers `gpu_bench check` reports
+/// for the CUDA backend against the CPU), and the group's own free-running greedy tokens.
+pub fn check(
+    dir: &Path,
+    first: usize,
+    rank_counts: &[usize],
+    prompt_lens: &[usize],
+    steps: usize,
+    cuda_graphs: bool,
+) -> anyhow::Result<Vec<CheckRow>> {
+    let config = ModelConfig::load(dir)?;
+    let blocks_per_run = |len: usize| (len + steps + 1).div_ceil(BLOCK_SIZE);
+    let num_blocks = 2 * prompt_lens
+        .iter()
+        .map(|&l| blocks_per_run(l))
+        .sum::<usize>()
+        + 1;
+    let prompts: Vec<Vec<u32>> = prompt_lens
+        .iter()
+        .map(|&len| {
+            (0..len)
+                .map(|i| ((i * 104_729 + len * 7919 + 13) % config.vocab_size) as u32)
+                .collect()
+        })
+        .collect();
+    // One GPU: its logits and greedy tokens per prompt.
+    let reference = {
+        let mut one = step_model(dir, first, 1, num_blocks, cuda_graphs)?;
+        let mut blocks = BlockBump::default();
+        prompts
+            .iter()
+            .map(|p| {
+                decode(
+                    one.as_mut(),
+                    p,
+                    steps,
+                    None,
+                    blocks.take(blocks_per_run(p.len())),
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let mut rows = Vec::new();
+    for &ranks in rank_counts.iter().filter(|&&r| r > 1) {
+        let mut group = step_model(dir, first, ranks, num_blocks, cuda_graphs)?;
+        let mut blocks = BlockBump::default();
+        for (p, (ref_logits, ref_greedy)) in prompts.iter().zip(&reference) {
+            let n = blocks_per_run(p.len());
+            let (logits, _) = decode(group.as_mut(), p, steps, Some(ref_greedy), blocks.take(n))?;
+            let (_, greedy) = decode(group.as_mut(), p, steps, None, blocks.take(n))?;
+            let l2: Vec<f64> = logits
+                .iter()
+                .zip(ref_logits)
+                .map(|(a, r)| rel_l2(a, r))
+                .collect();
+            let decode_l2 = &l2[1..];
+            rows.push(CheckRow {
+                ranks,
+                prompt_tokens: p.len(),
+                prefill_rel_l2: l2[0],
+                decode_rel_l2: decode_l2.iter().sum::<f64>() / decode_l2.len().max(1) as f64,
+                max_rel_l2: l2.iter().copied().fold(0.0, f64::max),
+                top1_agree: logits[1..]
+                    .iter()
+                    .zip(&ref_logits[1..])
+                    .filter(|(a, r)| argmax(a) == argmax(r))
+                    .count(),
+                steps,
+                greedy_same: greedy
+                    .iter()
+                    .zip(ref_greedy)
+                    .take_while(|(a, b)| a == b)
+                    .count(),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Hands out consecutive block ids: every run of [`check`] gets blocks of its own.
+#[derive(Default)]
+struct BlockBump(u32);
+
+impl BlockBump {
+    fn take(&mut self, n: usize) -> Vec<u32> {
+        let table = (self.0..self.0 + n as u32).collect();
+        self.0 += n as u32;
+        table
+    }
+}
+
+/// Prefills `prompt` and runs `steps` decode steps on blocks `table`, each step consuming
+/// `forced[step]` when given (teacher forcing), else the previous step's greedy token: the
+/// logits of the prompt's last token and of every step, and the greedy token after each.
+fn decode(
+    model: &mut dyn StepModel,
+    prompt: &[u32],
+    steps: usize,
+    forced: Option<&[u32]>,
+    table: Vec<u32>,
+) -> anyhow::Result<(Vec<Vec<f32>>, Vec<u32>)> {
+    let mut batch = ForwardBatch::default();
+    batch.push(prompt, 0, table.clone(), true);
+    let mut logits = vec![model.forward(&batch)?.remove(0)];
+    let mut greedy = vec![argmax(&logits[0])];
+    for s in 0..steps {
+        let input = forced.map_or(greedy[s], |f| f[s]);
+        let mut batch = ForwardBatch::default();
+        batch.push(&[input], prompt.len() + s, table.clone(), true);
+        let row = model.forward(&batch)?.remove(0);
+        greedy.push(argmax(&row));
+        logits.push(row);
+    }
+    Ok((logits, greedy))
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+            if x > best.1 { (i, x) } else { best }
+        })
+        .0 as u32
+}
+
+/// `|a - reference| / |reference|`; infinite where `a` holds a NaN or infinity.
+fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
+    if a.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let (num, den) = a
+        .iter()
+        .zip(reference)
+        .fold((0.0f64, 0.0f64), |(n, d), (&x, &r)| {
+            (n + (x as f64 - r as f64).powi(2), d + (r as f64).powi(2))
+        });
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// The check's rows as a table.
+pub fn describe_check(rows: &[CheckRow]) -> String {
+    let mut out = format!(
+        "{:>5} {:>7} {:>11} {:>11} {:>11} {:>8} {:>12}\n",
+        "ranks", "prompt", "prefill_l2", "decode_l2", "max_l2", "top1", "greedy_same"
+    );
+    for r in rows {
+        out += &format!(
+            "{:>5} {:>7} {:>11.2e} {:>11.2e} {:>11.2e} {:>8} {:>12}\n",
+            r.ranks,
+            r.prompt_tokens,
+            r.prefill_rel_l2,
+            r.decode_rel_l2,
+            r.max_rel_l2,
+            format!("{}/{}", r.top1_agree, r.steps),
+            format!("{}/{}", r.greedy_same, r.steps + 1)
+        );
+    }
+    out
+}
+
 /// Median milliseconds of one decode step of `batches[i]` sequences, for each `i`, through
 /// `model` (its cache filled first: every sequence has `context` tokens of its own).
 fn decode_steps(
-    mut model: impl StepModel,
+    model: &mut dyn StepModel,
     batches: &[usize],
     context: usize,
     iters: usize,
@@ -176,10 +367,10 @@ fn decode_steps(
             Ok(started.elapsed().as_secs_f64() * 1e3)
         };
         for _ in 0..3 {
-            one(&mut model)?;
+            one(&mut *model)?;
         }
         let times = (0..iters)
-            .map(|_| one(&mut model))
+            .map(|_| one(&mut *model))
             .collect::<anyhow::Result<Vec<_>>>()?;
         medians.push(median(times));
     }

@@ -138,6 +138,40 @@ enum Command {
         /// Timed steps (the median is reported).
         #[arg(long, default_value_t = 20)]
         iters: usize,
+        /// Replay decode steps from CUDA graphs, as workers do; eager by default.
+        #[arg(long)]
+        cuda_graphs: bool,
+        /// Write the rows as JSON here too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The logits of the model split over tensor-parallel ranks against one GPU's:
+    /// teacher-forced decode steps (relative L2, top-1 agreement) and free-running greedy
+    /// tokens, as `check` compares the CUDA backend with the CPU.
+    TpCheck {
+        #[arg(long)]
+        model: PathBuf,
+        /// The first rank's CUDA device (and the one GPU of the reference).
+        #[arg(long, default_value_t = 0)]
+        ordinal: usize,
+        /// Group sizes to compare with one GPU.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![2])]
+        ranks: Vec<usize>,
+        /// Prompt lengths.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![7, 100, 300])]
+        prompts: Vec<usize>,
+        /// Teacher-forced / greedy decode steps.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        /// Fail when the mean relative L2 of the logits exceeds this.
+        #[arg(long, default_value_t = 1e-2)]
+        max_rel_l2: f64,
+        /// Fail when teacher-forced top-1 agreement is below this.
+        #[arg(long, default_value_t = 0.99)]
+        min_top1: f64,
+        /// Replay decode steps from CUDA graphs (see `tp`); eager by default.
+        #[arg(long)]
+        cuda_graphs: bool,
         /// Write the rows as JSON here too.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -201,6 +235,7 @@ fn main() -> Result<()> {
             batches,
             context,
             iters,
+            cuda_graphs,
             json,
         } => {
             // The copy rate on the first rank's GPU, before any model takes its memory.
@@ -211,12 +246,62 @@ fn main() -> Result<()> {
                 copy / 1e12
             );
             let rows = tandem_workers::tp_bench::run(
-                &model, ordinal, &ranks, &batches, context, iters, copy,
+                &model,
+                ordinal,
+                &ranks,
+                &batches,
+                context,
+                iters,
+                copy,
+                cuda_graphs,
             )?;
             print!("{}", tandem_workers::tp_bench::describe(&rows));
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
             }
+            Ok(())
+        }
+        Command::TpCheck {
+            model,
+            ordinal,
+            ranks,
+            prompts,
+            steps,
+            max_rel_l2,
+            min_top1,
+            cuda_graphs,
+            json,
+        } => {
+            let rows = tandem_workers::tp_bench::check(
+                &model,
+                ordinal,
+                &ranks,
+                &prompts,
+                steps,
+                cuda_graphs,
+            )?;
+            print!("{}", tandem_workers::tp_bench::describe_check(&rows));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+            }
+            let forced: usize = rows.iter().map(|r| r.steps).sum();
+            let agree: usize = rows.iter().map(|r| r.top1_agree).sum();
+            let mean_l2 = rows
+                .iter()
+                .map(|r| {
+                    (r.prefill_rel_l2 + r.decode_rel_l2 * r.steps as f64) / (r.steps + 1) as f64
+                })
+                .sum::<f64>()
+                / rows.len().max(1) as f64;
+            let top1 = agree as f64 / forced.max(1) as f64;
+            println!(
+                "mean relative L2 {mean_l2:.3e} (max {max_rel_l2:.1e}), top-1 {top1:.3} (min {min_top1})"
+            );
+            anyhow::ensure!(
+                mean_l2 <= max_rel_l2 && top1 >= min_top1,
+                "the split model's logits are farther from one GPU's than allowed"
+            );
+            println!("PASS");
             Ok(())
         }
         Command::Grammar {

@@ -375,16 +375,20 @@ impl CudaBackend {
 
     /// Makes this backend rank `rank.rank()` of a tensor-parallel group: its
     /// [`Backend::all_reduce_sum`] sums over the group through `rank` (made for this backend's
-    /// stream by [`nccl_communicators`]). Decode steps then run eagerly: NCCL inside captured
-    /// graphs has not been tried here yet.
+    /// stream by [`nccl_communicators`]).
+    ///
+    /// Decode steps keep their CUDA graphs: every rank is sent the same steps, so the ranks
+    /// capture and replay in lockstep, each graph holding its rank's all-reduces (NCCL kernels
+    /// on the captured stream). `TANDEM_TP_CUDA_GRAPHS=0` runs the ranks eagerly instead.
     pub fn join_group(&mut self, rank: NcclRank) {
-        if self.graphs.enabled() {
+        if std::env::var("TANDEM_TP_CUDA_GRAPHS").is_ok_and(|v| v == "0") && self.graphs.enabled()
+        {
             tracing::info!(
                 rank = rank.rank(),
-                "tensor-parallel rank: CUDA graphs off (decode steps run eagerly)"
+                "tensor-parallel rank: CUDA graphs off (TANDEM_TP_CUDA_GRAPHS=0)"
             );
+            self.graphs.set_enabled(false);
         }
-        self.graphs.set_enabled(false);
         self.group = Some(rank);
     }
 

@@ -34,7 +34,12 @@ pub struct NcclRank {
 }
 
 /// A communicator moved to the thread that drives its rank.
-struct SendComm(Comm);
+///
+/// Never destroyed: cudarc's drop calls `ncclCommAbort`, which crashed inside NCCL (SIGSEGV) on
+/// the device machine when a worker whose group had broken (a rank out of memory while its
+/// peer waited in an all-reduce) was exiting. A group lives as long as its worker process, so
+/// the process's exit is what frees it.
+struct SendComm(std::mem::ManuallyDrop<Comm>);
 
 // SAFETY: an NCCL communicator is not tied to the thread that created it (NCCL's user guide,
 // "Thread safety": a communicator may be used by any thread, but not by two at once); the
@@ -86,7 +91,7 @@ pub fn communicators(streams: Vec<Arc<CudaStream>>) -> Result<Vec<NcclRank>, Bac
         .into_iter()
         .enumerate()
         .map(|(rank, comm)| NcclRank {
-            comm: Mutex::new(SendComm(comm)),
+            comm: Mutex::new(SendComm(std::mem::ManuallyDrop::new(comm))),
             rank,
             size,
         })
