@@ -479,6 +479,15 @@ impl LoadedModel {
 /// Device memory the KV cache always leaves free (see [`gpu_kv_blocks`]).
 const GPU_HEADROOM: usize = 512 << 20;
 
+/// Blocks of `block_bytes` in `fraction` of `free` bytes, but never in more than all of it
+/// but [`GPU_HEADROOM`]: what the reservation step cannot show (CUDA graphs' own memory,
+/// cuBLAS workspaces of new shapes) still needs room where the model leaves little beside
+/// it. Less the scratch block the CUDA backend allocates with the cache.
+fn cache_blocks(free: usize, fraction: f64, block_bytes: usize) -> usize {
+    let bytes = ((free as f64 * fraction) as usize).min(free.saturating_sub(GPU_HEADROOM));
+    (bytes / block_bytes).saturating_sub(1)
+}
+
 /// Blocks of the cache that `budget`'s fraction of `m`'s free GPU memory holds.
 fn gpu_kv_blocks(
     m: &Model<CudaBackend>,
@@ -493,13 +502,7 @@ fn gpu_kv_blocks(
             source,
         })?;
     let block_bytes = m.kv_layout(block_size).block_bytes();
-    // The fraction of the free memory, but never all of it but GPU_HEADROOM: what the
-    // reservation step cannot show (CUDA graphs' own memory, cuBLAS workspaces of new
-    // shapes) still needs room where the model leaves little beside it.
-    let cache_bytes = ((free as f64 * budget.gpu_memory_fraction) as usize)
-        .min(free.saturating_sub(GPU_HEADROOM));
-    // Less the scratch block the CUDA backend allocates with the cache.
-    let blocks = (cache_bytes / block_bytes).saturating_sub(1);
+    let blocks = cache_blocks(free, budget.gpu_memory_fraction, block_bytes);
     if blocks == 0 {
         return Err(DeviceError::NoKvMemory {
             free_mib: free >> 20,
@@ -604,6 +607,17 @@ fn check_prefill_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kv_cache_takes_its_fraction_but_leaves_the_headroom() {
+        const MIB: usize = 1 << 20;
+        // Plenty free: the fraction decides (90% of 60 GiB in 2 MiB blocks, less the scratch).
+        assert_eq!(cache_blocks(60 << 30, 0.9, 2 * MIB), 27648 - 1);
+        // Little free (a 70B rank on an 80 GB GPU leaves ~2 GiB): the headroom decides.
+        assert_eq!(cache_blocks(2 << 30, 0.9, 2 * MIB), (2048 - 512) / 2 - 1);
+        // Less than the headroom: no block, which the caller reports as out of memory.
+        assert_eq!(cache_blocks(256 * MIB, 0.9, 2 * MIB), 0);
+    }
 
     /// A model whose logits are NaN from prefills of `nan_from` tokens on (a device broken
     /// for some shapes), and which records the sizes it prefilled.

@@ -77,7 +77,7 @@ pub fn run(
         let max_batch = batches.iter().copied().max().unwrap_or(1);
         let num_blocks = max_batch * (context + 1).div_ceil(BLOCK_SIZE) + 1;
         let steps = decode_steps(
-            step_model(dir, first, ranks, num_blocks, cuda_graphs)?.as_mut(),
+            step_model(dir, Device::Cuda(first), ranks, num_blocks, cuda_graphs)?.as_mut(),
             batches,
             context,
             iters,
@@ -107,11 +107,11 @@ pub fn run(
     Ok(rows)
 }
 
-/// The model in `dir` over `ranks` GPUs from `cuda:first` (one GPU for 1), with a cache of
-/// `num_blocks` blocks; eager unless `cuda_graphs`.
+/// The model in `dir` over `ranks` ranks from `device` (rank r on cuda:K+r; CPU ranks share
+/// the cores), with a cache of `num_blocks` blocks; eager unless `cuda_graphs`.
 fn step_model(
     dir: &Path,
-    first: usize,
+    device: Device,
     ranks: usize,
     num_blocks: usize,
     cuda_graphs: bool,
@@ -120,20 +120,27 @@ fn step_model(
         cuda_graphs: Some(cuda_graphs),
         ..GpuArgs::default()
     };
-    Ok(
-        match load_model(dir, Device::Cuda(first), 0, &gpu, ranks)? {
-            LoadedModel::Cuda(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
-            LoadedModel::CudaGroup { ranks } => {
-                let runners = ranks
-                    .into_iter()
-                    .map(|m| ModelRunner::new(m, BLOCK_SIZE, num_blocks))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let abort = Box::new(|_: &str| {});
-                Box::new(TensorParallelRunner::spawn(runners, abort)?)
-            }
-            _ => unreachable!("a CUDA device loads CUDA models"),
-        },
-    )
+    fn group<B: crate::backend::KvBlockIo + 'static>(
+        models: Vec<crate::model::Model<B>>,
+        num_blocks: usize,
+        abort: Box<dyn Fn(&str) + Send>,
+    ) -> anyhow::Result<Box<dyn StepModel>> {
+        let runners = models
+            .into_iter()
+            .map(|m| ModelRunner::new(m, BLOCK_SIZE, num_blocks))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Box::new(TensorParallelRunner::spawn(runners, abort)?))
+    }
+    Ok(match load_model(dir, device, 0, &gpu, ranks)? {
+        LoadedModel::Cuda(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
+        LoadedModel::Cpu(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
+        LoadedModel::CudaGroup { ranks } => group(ranks, num_blocks, Box::new(|_: &str| {}))?,
+        LoadedModel::CpuGroup { ranks, group: g } => group(
+            ranks,
+            num_blocks,
+            Box::new(move |why: &str| g.abort(why)),
+        )?,
+    })
 }
 
 /// How the logits of a group of GPUs compare with one GPU's over one prompt.
@@ -153,13 +160,13 @@ pub struct CheckRow {
     pub greedy_same: usize,
 }
 
-/// Teacher-forced logits of the model in `dir` split over each of `rank_counts` GPUs against
-/// the model on `cuda:first` alone: prompts of `prompt_lens` tokens, then `steps` decode steps
+/// Teacher-forced logits of the model in `dir` split over each of `rank_counts` ranks from
+/// `device` (GPUs from cuda:K, or CPU threads) against the whole model on `device`: prompts of `prompt_lens` tokens, then `steps` decode steps
 /// in which the group consumes one GPU's greedy tokens (the numbers `gpu_bench check` reports
 /// for the CUDA backend against the CPU), and the group's own free-running greedy tokens.
 pub fn check(
     dir: &Path,
-    first: usize,
+    device: Device,
     rank_counts: &[usize],
     prompt_lens: &[usize],
     steps: usize,
@@ -182,7 +189,7 @@ pub fn check(
         .collect();
     // One GPU: its logits and greedy tokens per prompt.
     let reference = {
-        let mut one = step_model(dir, first, 1, num_blocks, cuda_graphs)?;
+        let mut one = step_model(dir, device, 1, num_blocks, cuda_graphs)?;
         let mut blocks = BlockBump::default();
         prompts
             .iter()
@@ -199,7 +206,7 @@ pub fn check(
     };
     let mut rows = Vec::new();
     for &ranks in rank_counts.iter().filter(|&&r| r > 1) {
-        let mut group = step_model(dir, first, ranks, num_blocks, cuda_graphs)?;
+        let mut group = step_model(dir, device, ranks, num_blocks, cuda_graphs)?;
         let mut blocks = BlockBump::default();
         for (p, (ref_logits, ref_greedy)) in prompts.iter().zip(&reference) {
             let n = blocks_per_run(p.len());

@@ -265,3 +265,35 @@ fn a_rank_that_does_not_answer_breaks_the_group_instead_of_hanging() {
     let again = tp.forward(&batch).unwrap_err();
     assert!(again.is_device_lost(), "{again}");
 }
+
+/// `gpu_bench tp-check`'s comparison, run on CPU ranks (where a split computes the whole
+/// model's values to rounding): it must find the split's logits at the whole model's, the
+/// same top-1 token at every teacher-forced step and the same free-running greedy tokens. The
+/// distances are not zero: the two ranks' partial sums round differently from the whole
+/// model's, which shows the comparison is of two models, not of one with itself.
+#[test]
+fn the_tp_check_finds_a_cpu_split_at_the_whole_models_logits() {
+    let dir = test_model_dir("tiny");
+    let rows = tandem_workers::tp_bench::check(
+        &dir,
+        tandem_workers::device::Device::Cpu,
+        &[1, 2],
+        &[5, 40],
+        6,
+        false,
+    )
+    .unwrap();
+    // Group sizes of 1 are the reference itself and are not compared.
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r.ranks, 2);
+        assert!(r.prefill_rel_l2 < MAX_REL_L2, "{r:?}");
+        assert!(r.max_rel_l2 < MAX_REL_L2 && r.max_rel_l2 > 0.0, "{r:?}");
+        assert_eq!(r.top1_agree, r.steps, "{r:?}");
+        assert_eq!(r.greedy_same, r.steps + 1, "{r:?}");
+    }
+    assert_eq!(
+        rows.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>(),
+        [5, 40]
+    );
+}

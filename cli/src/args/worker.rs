@@ -75,7 +75,9 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "N")]
     pub kv_cache_tokens: Option<usize>,
     /// GPU only, without --kv-cache-tokens: the fraction of the device memory free after
-    /// loading the model that the KV cache takes (the rest is for activations), in (0, 1].
+    /// loading the model and running the largest step once (--max-num-batched-tokens over
+    /// --max-num-seqs sequences, whose activations keep their memory) that the KV cache
+    /// takes, in (0, 1]; it always leaves 512 MiB free besides.
     #[arg(long, default_value_t = DEFAULT_GPU_MEMORY_FRACTION, value_name = "F")]
     pub gpu_memory_fraction: f64,
     /// Tokens per KV block. Default: 64 on a GPU (prefill attention copies K/V one block at a

@@ -274,7 +274,7 @@ fn main() -> Result<()> {
         } => {
             let rows = tandem_workers::tp_bench::check(
                 &model,
-                ordinal,
+                tandem_workers::device::Device::Cuda(ordinal),
                 &ranks,
                 &prompts,
                 steps,
