@@ -372,7 +372,9 @@ impl LoadedModel {
         let mut next_block = 0u32;
         for s in 0..sequences {
             let len = tokens / sequences + usize::from(s < tokens % sequences);
-            let ids: Vec<u32> = (0..len).map(|i| ((s * 7919 + i * 31 + 13) % vocab) as u32).collect();
+            let ids: Vec<u32> = (0..len)
+                .map(|i| ((s * 7919 + i * 31 + 13) % vocab) as u32)
+                .collect();
             let blocks = len.div_ceil(block_size) as u32;
             batch.push(&ids, 0, (next_block..next_block + blocks).collect(), true);
             next_block += blocks;

@@ -57,19 +57,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Times decode steps of the model in `dir` split over each of `rank_counts` GPUs (from
-/// `cuda:first`), at each of `batches` sequences of `context` cached tokens; `copy_bytes_per_s`
-/// is the device's measured copy rate (read + write).
+/// What `gpu_bench tp` measures.
+#[derive(Debug, Clone)]
+pub struct StepsToTime {
+    /// Group sizes (1: one GPU).
+    pub rank_counts: Vec<usize>,
+    /// Decoding sequences per step.
+    pub batches: Vec<usize>,
+    /// Cached tokens of every sequence.
+    pub context: usize,
+    /// Timed steps per configuration (the median is reported).
+    pub iters: usize,
+    /// Replay steps from CUDA graphs (every configuration alike).
+    pub cuda_graphs: bool,
+}
+
+/// Times decode steps of the model in `dir` split over each of `what.rank_counts` GPUs (from
+/// `cuda:first`), at each of `what.batches` sequences of `what.context` cached tokens;
+/// `copy_bytes_per_s` is the device's measured copy rate (read + write).
 pub fn run(
     dir: &Path,
     first: usize,
-    rank_counts: &[usize],
-    batches: &[usize],
-    context: usize,
-    iters: usize,
+    what: &StepsToTime,
     copy_bytes_per_s: f64,
-    cuda_graphs: bool,
 ) -> anyhow::Result<Vec<TpRow>> {
+    let StepsToTime {
+        rank_counts,
+        batches,
+        context,
+        iters,
+        cuda_graphs,
+    } = what;
+    let (batches, context, iters, cuda_graphs) =
+        (batches.as_slice(), *context, *iters, *cuda_graphs);
     let config = ModelConfig::load(dir)?;
     let mut rows = Vec::new();
     for &ranks in rank_counts {
@@ -135,11 +155,9 @@ fn step_model(
         LoadedModel::Cuda(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
         LoadedModel::Cpu(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
         LoadedModel::CudaGroup { ranks } => group(ranks, num_blocks, Box::new(|_: &str| {}))?,
-        LoadedModel::CpuGroup { ranks, group: g } => group(
-            ranks,
-            num_blocks,
-            Box::new(move |why: &str| g.abort(why)),
-        )?,
+        LoadedModel::CpuGroup { ranks, group: g } => {
+            group(ranks, num_blocks, Box::new(move |why: &str| g.abort(why)))?
+        }
     })
 }
 

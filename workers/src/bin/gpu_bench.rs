@@ -245,16 +245,14 @@ fn main() -> Result<()> {
                 "copy ceiling on cuda:{ordinal}: {:.2} TB/s (read + write)",
                 copy / 1e12
             );
-            let rows = tandem_workers::tp_bench::run(
-                &model,
-                ordinal,
-                &ranks,
-                &batches,
+            let what = tandem_workers::tp_bench::StepsToTime {
+                rank_counts: ranks,
+                batches,
                 context,
                 iters,
-                copy,
                 cuda_graphs,
-            )?;
+            };
+            let rows = tandem_workers::tp_bench::run(&model, ordinal, &what, copy)?;
             print!("{}", tandem_workers::tp_bench::describe(&rows));
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;

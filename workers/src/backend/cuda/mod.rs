@@ -381,8 +381,7 @@ impl CudaBackend {
     /// capture and replay in lockstep, each graph holding its rank's all-reduces (NCCL kernels
     /// on the captured stream). `TANDEM_TP_CUDA_GRAPHS=0` runs the ranks eagerly instead.
     pub fn join_group(&mut self, rank: NcclRank) {
-        if std::env::var("TANDEM_TP_CUDA_GRAPHS").is_ok_and(|v| v == "0") && self.graphs.enabled()
-        {
+        if std::env::var("TANDEM_TP_CUDA_GRAPHS").is_ok_and(|v| v == "0") && self.graphs.enabled() {
             tracing::info!(
                 rank = rank.rank(),
                 "tensor-parallel rank: CUDA graphs off (TANDEM_TP_CUDA_GRAPHS=0)"
