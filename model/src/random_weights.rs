@@ -91,24 +91,53 @@ pub fn tensor_bytes(
     dtype: Encoding,
     elements: usize,
 ) -> Vec<u8> {
+    tensor_bytes_range(seed, name, init, dtype, elements, 0..elements)
+}
+
+/// Elements `range` of [`tensor_bytes`] of the same arguments, generating only the chunks they
+/// lie in: a tensor-parallel rank's rows of a generated matrix cost it its share of the work.
+pub fn tensor_bytes_range(
+    seed: u64,
+    name: &str,
+    init: Init,
+    dtype: Encoding,
+    elements: usize,
+    range: std::ops::Range<usize>,
+) -> Vec<u8> {
+    assert!(
+        range.start <= range.end && range.end <= elements,
+        "elements {range:?} of a tensor of {elements}"
+    );
     let element_bytes = dtype.size_bytes();
-    let mut bytes = vec![0u8; elements * element_bytes];
+    let mut bytes = vec![0u8; range.len() * element_bytes];
     let name_hash = fnv1a(name.as_bytes());
-    bytes
-        .par_chunks_mut(CHUNK_ELEMENTS * element_bytes)
-        .enumerate()
-        .for_each(|(chunk_index, out)| {
-            let mut values = vec![0f32; out.len() / element_bytes];
-            match init {
-                Init::Ones => values.fill(1.0),
-                Init::Zeros => {}
-                Init::Normal { std } => {
-                    let mut rng = chunk_rng(seed, name_hash, chunk_index as u64);
-                    fill_normal(&mut rng, std, &mut values);
-                }
+    // The output cut where chunks begin: (chunk index, first element of the chunk wanted, out).
+    let mut pieces = Vec::new();
+    let mut rest = bytes.as_mut_slice();
+    let mut at = range.start;
+    while at < range.end {
+        let chunk = at / CHUNK_ELEMENTS;
+        let end = ((chunk + 1) * CHUNK_ELEMENTS).min(range.end);
+        let (out, tail) = rest.split_at_mut((end - at) * element_bytes);
+        pieces.push((chunk, at - chunk * CHUNK_ELEMENTS, out));
+        rest = tail;
+        at = end;
+    }
+    pieces.into_par_iter().for_each(|(chunk, skip, out)| {
+        // The whole chunk as the full tensor has it (its last may be short), then the part
+        // wanted: a chunk's values depend on its index and length alone.
+        let chunk_len = CHUNK_ELEMENTS.min(elements - chunk * CHUNK_ELEMENTS);
+        let mut values = vec![0f32; chunk_len];
+        match init {
+            Init::Ones => values.fill(1.0),
+            Init::Zeros => {}
+            Init::Normal { std } => {
+                let mut rng = chunk_rng(seed, name_hash, chunk as u64);
+                fill_normal(&mut rng, std, &mut values);
             }
-            encode_into(dtype, &values, out);
-        });
+        }
+        encode_into(dtype, &values[skip..skip + out.len() / element_bytes], out);
+    });
     bytes
 }
 
@@ -189,6 +218,27 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, tensor_bytes(8, "w", init, Encoding::Bf16, elements));
         assert_ne!(a, tensor_bytes(7, "v", init, Encoding::Bf16, elements));
+    }
+
+    #[test]
+    fn a_range_is_those_elements_of_the_whole_tensor() {
+        let elements = 3 * CHUNK_ELEMENTS + 17;
+        let init = Init::Normal { std: 0.02 };
+        let whole = tensor_bytes(5, "w", init, Encoding::Bf16, elements);
+        for range in [
+            0..elements,
+            0..0,
+            10..20,
+            CHUNK_ELEMENTS - 3..CHUNK_ELEMENTS + 5,
+            CHUNK_ELEMENTS..2 * CHUNK_ELEMENTS,
+            2 * CHUNK_ELEMENTS + 1..elements,
+            elements - 1..elements,
+        ] {
+            let part = tensor_bytes_range(5, "w", init, Encoding::Bf16, elements, range.clone());
+            assert_eq!(part, whole[range.start * 2..range.end * 2], "{range:?}");
+        }
+        let ones = tensor_bytes_range(5, "n", Init::Ones, Encoding::F32, 9, 2..5);
+        assert_eq!(f32s(&ones), [1.0; 3]);
     }
 
     #[test]

@@ -121,12 +121,12 @@ impl<B: Backend> Model<B> {
         let config = ModelConfig::load(model_dir)?;
         let source = weights::WeightSource::open(model_dir)?;
         let tensors = source.tensors(&config)?;
-        let get = |name: &str| {
+        let entry = |name: &str| {
             tensors
                 .get(name)
                 .expect("WeightSource::tensors checked every expected tensor is present")
-                .load()
         };
+        let get = |name: &str| entry(name).load();
         let tp = options.tensor_parallel;
         let d = config.head_dim();
         let heads = tp
@@ -144,11 +144,10 @@ impl<B: Backend> Model<B> {
         );
         // This rank's rows or columns of a tensor; the tensor itself without a split.
         let part = |name: &str, split: Split| -> Piece<'_> {
-            let t = get(name);
             match split {
-                _ if tp.size == 1 => t,
-                Split::Rows(range) => Piece::Owned(shard::rows(&t.view(), range)),
-                Split::Cols(range) => Piece::Owned(shard::cols(&t.view(), range)),
+                _ if tp.size == 1 => get(name),
+                Split::Rows(range) => Piece::Owned(entry(name).load_rows(range)),
+                Split::Cols(range) => Piece::Owned(shard::cols(&get(name).view(), range)),
             }
         };
         let embed_entry = get(tensor_names::EMBED_TOKENS);

@@ -114,6 +114,37 @@ impl TensorEntry<'_> {
             }
         }
     }
+
+    /// Rows `range` of the tensor (its first dimension), as [`super::shard::rows`] cuts them
+    /// from [`Self::load`]; a generated tensor generates only those rows.
+    pub fn load_rows(&self, range: std::ops::Range<usize>) -> OwnedTensor {
+        match &self.bytes {
+            TensorBytes::Mapped(_) => super::shard::rows(&self.load().view(), range),
+            TensorBytes::Generated {
+                name,
+                seed,
+                encoding,
+            } => {
+                let init = random_weights::Init::for_tensor(name);
+                let row: usize = self.shape[1..].iter().product();
+                let elements = self.shape.iter().product();
+                let mut shape = self.shape.clone();
+                shape[0] = range.len();
+                OwnedTensor {
+                    dtype: self.dtype,
+                    shape,
+                    bytes: random_weights::tensor_bytes_range(
+                        *seed,
+                        name,
+                        init,
+                        *encoding,
+                        elements,
+                        range.start * row..range.end * row,
+                    ),
+                }
+            }
+        }
+    }
 }
 
 /// Where a model directory's weights come from.
