@@ -364,28 +364,23 @@ impl LoadedModel {
         tokens: usize,
         sequences: usize,
     ) -> Result<(), DeviceError> {
-        let sequences = sequences.clamp(1, tokens.max(1));
-        let tokens = tokens.max(sequences);
-        let vocab = self.config().vocab_size;
-        // The sequences' shares of the tokens, each on blocks of its own.
-        let mut batch = crate::model::ForwardBatch::default();
-        let mut next_block = 0u32;
-        for s in 0..sequences {
-            let len = tokens / sequences + usize::from(s < tokens % sequences);
-            let ids: Vec<u32> = (0..len)
-                .map(|i| ((s * 7919 + i * 31 + 13) % vocab) as u32)
-                .collect();
-            let blocks = len.div_ceil(block_size) as u32;
-            batch.push(&ids, 0, (next_block..next_block + blocks).collect(), true);
-            next_block += blocks;
+        if matches!(self, LoadedModel::Cpu(_) | LoadedModel::CpuGroup { .. }) {
+            return Ok(());
         }
-        // Then one token of each sequence, as a decode step: the all-reduces of a tensor-parallel
-        // group at that size, whose buffers NCCL sets up at their first use.
-        let mut decode = crate::model::ForwardBatch::default();
-        for s in 0..sequences {
-            decode.push(&[(s % vocab) as u32], 0, vec![next_block + s as u32], true);
-        }
-        let num_blocks = next_block as usize + sequences + 1;
+        let config = self.config();
+        let LargestStep {
+            tokens,
+            sequences,
+            prefill,
+            decode,
+            num_blocks,
+        } = LargestStep::new(
+            tokens,
+            sequences,
+            config.max_position_embeddings,
+            config.vocab_size,
+            block_size,
+        );
         let run = |m: &Model<CudaBackend>| -> Result<(), DeviceError> {
             let err = |source| DeviceError::LargestStep {
                 tokens,
@@ -393,13 +388,13 @@ impl LoadedModel {
                 source,
             };
             let mut kv = m.alloc_kv_cache(block_size, num_blocks).map_err(err)?;
-            m.forward(&batch, &mut kv).map_err(err)?;
+            m.forward(&prefill, &mut kv).map_err(err)?;
             m.forward(&decode, &mut kv).map_err(err)?;
             Ok(())
         };
         let started = std::time::Instant::now();
         match self {
-            LoadedModel::Cpu(_) | LoadedModel::CpuGroup { .. } => return Ok(()),
+            LoadedModel::Cpu(_) | LoadedModel::CpuGroup { .. } => {}
             LoadedModel::Cuda(m) => run(m)?,
             // Every rank at once: the step's all-reduces need the whole group.
             LoadedModel::CudaGroup { ranks } => std::thread::scope(|scope| {
@@ -474,6 +469,56 @@ impl LoadedModel {
                     TensorParallelRunner::spawn(runners, abort).map_err(DeviceError::Thread)?;
                 start(group, config, decoder, Some(&device))
             }
+        }
+    }
+}
+
+/// The step [`LoadedModel::reserve_activations`] runs: a prefill of `tokens` new tokens over
+/// `sequences` sequences, each asking for its logits, then one more token of each as a decode
+/// step (the all-reduces of a tensor-parallel group at that size, whose buffers NCCL sets up
+/// at their first use); every sequence on blocks of its own, `num_blocks` in all.
+#[derive(Debug)]
+struct LargestStep {
+    tokens: usize,
+    sequences: usize,
+    prefill: crate::model::ForwardBatch,
+    decode: crate::model::ForwardBatch,
+    num_blocks: usize,
+}
+
+impl LargestStep {
+    fn new(
+        tokens: usize,
+        sequences: usize,
+        max_position_embeddings: usize,
+        vocab: usize,
+        block_size: usize,
+    ) -> Self {
+        let tokens = tokens.max(1);
+        // No sequence longer than the model's context (the engine admits none): a budget past
+        // it is spread over more sequences. The decode token comes after each one's share.
+        let longest = max_position_embeddings.saturating_sub(1).max(1);
+        let sequences = sequences.max(tokens.div_ceil(longest)).clamp(1, tokens);
+        let mut prefill = crate::model::ForwardBatch::default();
+        let mut decode = crate::model::ForwardBatch::default();
+        let mut next_block = 0u32;
+        for s in 0..sequences {
+            let len = tokens / sequences + usize::from(s < tokens % sequences);
+            let ids: Vec<u32> = (0..len)
+                .map(|i| ((s * 7919 + i * 31 + 13) % vocab) as u32)
+                .collect();
+            let table: Vec<u32> =
+                (next_block..next_block + (len + 1).div_ceil(block_size) as u32).collect();
+            next_block += table.len() as u32;
+            prefill.push(&ids, 0, table.clone(), true);
+            decode.push(&[(s % vocab) as u32], len, table, true);
+        }
+        LargestStep {
+            tokens,
+            sequences,
+            prefill,
+            decode,
+            num_blocks: next_block as usize + 1,
         }
     }
 }
@@ -609,6 +654,41 @@ fn check_prefill_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_step_spreads_its_tokens_within_the_context_on_blocks_of_their_own() {
+        let step = LargestStep::new(2048, 32, 131_072, 1000, 64);
+        assert_eq!((step.tokens, step.sequences), (2048, 32));
+        assert_eq!(step.prefill.tokens.len(), 2048);
+        assert_eq!(step.prefill.sequences.len(), 32);
+        assert_eq!(step.decode.tokens.len(), 32);
+        // A budget longer than the model's context is spread over more sequences.
+        let step = LargestStep::new(8192, 1, 2048, 1000, 16);
+        assert_eq!(step.sequences, 5);
+        let lens: Vec<usize> = step
+            .prefill
+            .sequences
+            .iter()
+            .map(|s| s.token_count)
+            .collect();
+        assert!(lens.iter().all(|&l| l < 2048), "{lens:?}");
+        assert_eq!(lens.iter().sum::<usize>(), 8192);
+        // Each sequence's blocks hold its prompt and the decode token, and no block is shared.
+        let mut blocks: Vec<u32> = Vec::new();
+        for (p, d) in step.prefill.sequences.iter().zip(&step.decode.sequences) {
+            assert_eq!(d.cached_len, p.token_count);
+            assert_eq!(p.block_table, d.block_table);
+            assert!(p.block_table.len() * 16 > p.token_count);
+            blocks.extend(&p.block_table);
+        }
+        let n = blocks.len();
+        blocks.sort();
+        blocks.dedup();
+        assert_eq!(blocks.len(), n);
+        assert!(blocks.iter().all(|&b| (b as usize) < step.num_blocks));
+        // More sequences than tokens: one token each.
+        assert_eq!(LargestStep::new(4, 128, 2048, 1000, 16).sequences, 4);
+    }
 
     #[test]
     fn the_kv_cache_takes_its_fraction_but_leaves_the_headroom() {
