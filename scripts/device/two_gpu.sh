@@ -26,8 +26,10 @@
 #   scripts/device/two_gpu.sh tp-graphs  # the same check and steps with decode steps
 #                                        # replayed from CUDA graphs (as workers run them)
 #   scripts/device/two_gpu.sh tp70b      # Llama-3.1-70B shapes served with TP=2 over both
-#                                        # GPUs (two H200s: 141 GB of weights, generated at
-#                                        # load), `tandem bench` at 1000/1000
+#                                        # GPUs (141 GB of weights, generated at load),
+#                                        # `tandem bench` at 1000/1000. On two H100s the KV
+#                                        # cache holds ~56k tokens: MAX_BATCH=32
+#                                        # CONCURRENCY=32 N=64 (session 19's run)
 #
 # Prompt lengths are in words for `tandem bench`; on the random Llama-3.1-8B tokenizer a word is
 # about 1.66 tokens (the bench reports the real token counts). Output: stdout and $OUT.
