@@ -99,18 +99,8 @@ impl TensorEntry<'_> {
                 shape: &self.shape,
                 bytes,
             }),
-            TensorBytes::Generated {
-                name,
-                seed,
-                encoding,
-            } => {
-                let init = random_weights::Init::for_tensor(name);
-                let elements = self.shape.iter().product();
-                Piece::Owned(OwnedTensor {
-                    dtype: self.dtype,
-                    shape: self.shape.clone(),
-                    bytes: random_weights::tensor_bytes(*seed, name, init, *encoding, elements),
-                })
+            TensorBytes::Generated { .. } => {
+                Piece::Owned(self.load_rows(0..self.shape.first().copied().unwrap_or(1)))
             }
         }
     }
@@ -126,10 +116,12 @@ impl TensorEntry<'_> {
                 encoding,
             } => {
                 let init = random_weights::Init::for_tensor(name);
-                let row: usize = self.shape[1..].iter().product();
+                let row: usize = self.shape.iter().skip(1).product();
                 let elements = self.shape.iter().product();
                 let mut shape = self.shape.clone();
-                shape[0] = range.len();
+                if let Some(rows) = shape.first_mut() {
+                    *rows = range.len();
+                }
                 OwnedTensor {
                     dtype: self.dtype,
                     shape,
