@@ -61,6 +61,13 @@ fn example_configs_parse_and_validate() {
     assert!(fraction(&two_gpus.context_servers) <= 0.95);
     assert!(fraction(&two_gpus.generation_servers) <= 0.95);
 
+    // Two GPUs, one worker split over both.
+    let split = load("gpu-2-tp.yaml");
+    assert_eq!(split.context_servers.instances(), 0);
+    assert_eq!(split.generation_servers.instances(), 1);
+    assert_eq!(devices(&split.generation_servers), ["cuda:0"]);
+    assert_eq!(split.generation_servers.tensor_parallel_size, Some(2));
+
     // Several hosts: a shared NATS server, the API on every interface, one worker per GPU on
     // each host, a model path every host can mount, a name for the subjects.
     let hosts = load("multi-host.yaml");
