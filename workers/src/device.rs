@@ -21,6 +21,7 @@ use crate::engine::{
     TextDecoder,
 };
 use crate::kv_cache::{KvDType, KvLayout};
+use crate::model::weights::SharedGeneration;
 use crate::model::{Model, ModelError, ModelOptions, TensorParallel};
 
 /// Where the model runs.
@@ -198,14 +199,44 @@ fn load_group(
         size: usize,
         backend: B,
         kv_dtype: Option<KvDType>,
+        shared_generation: &Arc<SharedGeneration>,
     ) -> Result<Model<B>, DeviceError> {
         let options = ModelOptions {
             kv_dtype,
             tensor_parallel: TensorParallel::new(rank, size).expect("rank < size"),
+            shared_generation: Some(shared_generation.clone()),
         };
         Model::load(dir, backend, &options).map_err(|source| DeviceError::Model {
             path: dir.to_owned(),
             source,
+        })
+    }
+    /// Every rank at once, each in a thread of its own: a generated model's whole tensors
+    /// are generated once for all of them (`SharedGeneration`), and one rank's uploads overlap
+    /// another's generating.
+    fn load_all<B: Backend + Send>(
+        dir: &Path,
+        backends: Vec<B>,
+        kv_dtype: Option<KvDType>,
+    ) -> Result<Vec<Model<B>>, DeviceError>
+    where
+        Model<B>: Send,
+    {
+        let size = backends.len();
+        let share = SharedGeneration::new(size);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = backends
+                .into_iter()
+                .enumerate()
+                .map(|(rank, backend)| {
+                    let share = &share;
+                    scope.spawn(move || load(dir, rank, size, backend, kv_dtype, share))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a rank's load panicked"))
+                .collect::<Result<Vec<_>, _>>()
         })
     }
     match device {
@@ -219,17 +250,16 @@ fn load_group(
                 size,
                 timeout: crate::backend::cpu::group::DEFAULT_TIMEOUT,
             }));
-            let ranks = (0..size)
+            let backends = (0..size)
                 .map(|rank| {
                     let options = CpuOptions {
                         threads: (threads / size).max(1),
                         ..Default::default()
                     };
-                    let backend =
-                        CpuBackend::in_group(&options, group.clone(), rank).map_err(backend_err)?;
-                    load(dir, rank, size, backend, None)
+                    CpuBackend::in_group(&options, group.clone(), rank).map_err(backend_err)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            let ranks = load_all(dir, backends, None)?;
             Ok(LoadedModel::CpuGroup { ranks, group })
         }
         Device::Cuda(first) => {
@@ -256,11 +286,7 @@ fn load_group(
                 backend.join_group(comm);
             }
             // The GPU computes from bf16 weights and keeps a bf16 cache whatever the files hold.
-            let ranks = backends
-                .into_iter()
-                .enumerate()
-                .map(|(rank, backend)| load(dir, rank, size, backend, Some(KvDType::Bf16)))
-                .collect::<Result<Vec<_>, _>>()?;
+            let ranks = load_all(dir, backends, Some(KvDType::Bf16))?;
             Ok(LoadedModel::CudaGroup { ranks })
         }
     }

@@ -64,6 +64,9 @@ pub struct ModelOptions {
     pub kv_dtype: Option<KvDType>,
     /// The part of the model this rank holds ([`shard`]); whole by default.
     pub tensor_parallel: TensorParallel,
+    /// For the ranks of a group loading at once from a generated model: where they take the
+    /// whole tensors one of them generated ([`weights::SharedGeneration`]).
+    pub shared_generation: Option<std::sync::Arc<weights::SharedGeneration>>,
 }
 
 struct Layer<B: Backend> {
@@ -126,7 +129,15 @@ impl<B: Backend> Model<B> {
                 .get(name)
                 .expect("WeightSource::tensors checked every expected tensor is present")
         };
-        let get = |name: &str| entry(name).load();
+        let get = |name: &str| {
+            let e = entry(name);
+            match &options.shared_generation {
+                Some(share) if e.is_generated() => Piece::Shared(share.take(name, || {
+                    e.load_rows(0..e.shape.first().copied().unwrap_or(1))
+                })),
+                _ => e.load(),
+            }
+        };
         let tp = options.tensor_parallel;
         let d = config.head_dim();
         let heads = tp
