@@ -224,19 +224,8 @@ fn load_group(
     {
         let size = backends.len();
         let share = SharedGeneration::new(size);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = backends
-                .into_iter()
-                .enumerate()
-                .map(|(rank, backend)| {
-                    let share = &share;
-                    scope.spawn(move || load(dir, rank, size, backend, kv_dtype, share))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a rank's load panicked"))
-                .collect::<Result<Vec<_>, _>>()
+        on_each_rank(backends.into_iter().enumerate(), |(rank, backend)| {
+            load(dir, rank, size, backend, kv_dtype, &share)
         })
     }
     match device {
@@ -290,6 +279,25 @@ fn load_group(
             Ok(LoadedModel::CudaGroup { ranks })
         }
     }
+}
+
+/// `f` of every rank's item, each in a thread of its own, all at once (a group's collectives
+/// need every rank); the results in rank order, or the first rank's error.
+fn on_each_rank<T: Send, R: Send>(
+    items: impl IntoIterator<Item = T>,
+    f: impl Fn(T) -> Result<R, DeviceError> + Sync,
+) -> Result<Vec<R>, DeviceError> {
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = items
+            .into_iter()
+            .map(|item| scope.spawn(move || f(item)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank's thread panicked"))
+            .collect()
+    })
 }
 
 /// A running engine thread and what the bus needs to know about it.
@@ -385,14 +393,16 @@ impl LoadedModel {
     /// it a model that leaves little memory beside its weights (70B over two 80 GB GPUs) got a
     /// cache that left its first full step out of memory. A no-op on the CPU.
     pub fn reserve_activations(
-        &mut self,
+        &self,
         block_size: usize,
         tokens: usize,
         sequences: usize,
     ) -> Result<(), DeviceError> {
-        if matches!(self, LoadedModel::Cpu(_) | LoadedModel::CpuGroup { .. }) {
-            return Ok(());
-        }
+        let gpus: Vec<&Model<CudaBackend>> = match self {
+            LoadedModel::Cpu(_) | LoadedModel::CpuGroup { .. } => return Ok(()),
+            LoadedModel::Cuda(m) => vec![m],
+            LoadedModel::CudaGroup { ranks } => ranks.iter().collect(),
+        };
         let config = self.config();
         let LargestStep {
             tokens,
@@ -407,7 +417,9 @@ impl LoadedModel {
             config.vocab_size,
             block_size,
         );
-        let run = |m: &Model<CudaBackend>| -> Result<(), DeviceError> {
+        let started = std::time::Instant::now();
+        // Every rank at once: the step's all-reduces need the whole group.
+        on_each_rank(gpus, |m| {
             let err = |source| DeviceError::LargestStep {
                 tokens,
                 sequences,
@@ -417,21 +429,7 @@ impl LoadedModel {
             m.forward(&prefill, &mut kv).map_err(err)?;
             m.forward(&decode, &mut kv).map_err(err)?;
             Ok(())
-        };
-        let started = std::time::Instant::now();
-        match self {
-            LoadedModel::Cpu(_) | LoadedModel::CpuGroup { .. } => {}
-            LoadedModel::Cuda(m) => run(m)?,
-            // Every rank at once: the step's all-reduces need the whole group.
-            LoadedModel::CudaGroup { ranks } => std::thread::scope(|scope| {
-                let handles: Vec<_> = ranks.iter().map(|m| scope.spawn(|| run(m))).collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a rank's reservation step panicked"))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .map(|_| ())?,
-        }
+        })?;
         tracing::info!(
             tokens,
             sequences,

@@ -81,23 +81,22 @@ pub fn run(
     what: &StepsToTime,
     copy_bytes_per_s: f64,
 ) -> anyhow::Result<Vec<TpRow>> {
-    let StepsToTime {
-        rank_counts,
-        batches,
-        context,
-        iters,
-        cuda_graphs,
-    } = what;
-    let (batches, context, iters, cuda_graphs) =
-        (batches.as_slice(), *context, *iters, *cuda_graphs);
+    let (batches, context, iters) = (what.batches.as_slice(), what.context, what.iters);
     let config = ModelConfig::load(dir)?;
     let mut rows = Vec::new();
-    for &ranks in rank_counts {
+    for &ranks in &what.rank_counts {
         let all_reduce = all_reduce_ms(first, ranks, batches, &config, iters)?;
         let max_batch = batches.iter().copied().max().unwrap_or(1);
         let num_blocks = max_batch * (context + 1).div_ceil(BLOCK_SIZE) + 1;
         let steps = decode_steps(
-            step_model(dir, Device::Cuda(first), ranks, num_blocks, cuda_graphs)?.as_mut(),
+            step_model(
+                dir,
+                Device::Cuda(first),
+                ranks,
+                num_blocks,
+                what.cuda_graphs,
+            )?
+            .as_mut(),
             batches,
             context,
             iters,
@@ -296,17 +295,19 @@ fn decode(
     Ok((logits, greedy))
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
-            if x > best.1 { (i, x) } else { best }
-        })
-        .0 as u32
+/// The index of the largest logit (the first of equal ones): the greedy token.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// `|a - reference| / |reference|`; infinite where `a` holds a NaN or infinity.
-fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
+pub fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
     if a.iter().any(|x| !x.is_finite()) {
         return f64::INFINITY;
     }

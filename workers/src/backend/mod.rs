@@ -121,9 +121,7 @@ impl BackendError {
             detail: "this backend is not a rank of a tensor-parallel group".into(),
         }
     }
-}
 
-impl BackendError {
     /// Whether the device is lost for good ([`BackendError::DeviceLost`]).
     pub fn is_device_lost(&self) -> bool {
         matches!(self, BackendError::DeviceLost { .. })

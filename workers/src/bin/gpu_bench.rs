@@ -35,7 +35,7 @@ use tandem_workers::backend::{
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 use tandem_workers::sampler::device::RowRequest;
-use tandem_workers::tp_bench::matrix_params;
+use tandem_workers::tp_bench::{argmax, matrix_params, rel_l2};
 use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
 use tandem_workers::transfer::pool::SLICE_ALIGN;
 use tandem_workers::transfer::ucx::UcxTransport;
@@ -365,28 +365,6 @@ impl<B: Backend> Runner<B> {
         }
         Ok(self.model.forward(&batch, &mut self.kv)?)
     }
-}
-
-fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&x, &r) in a.iter().zip(reference) {
-        num += (x as f64 - r as f64).powi(2);
-        den += (r as f64).powi(2);
-    }
-    if a.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn random_tokens(rng: &mut ChaCha8Rng, n: usize, vocab: usize) -> Vec<u32> {

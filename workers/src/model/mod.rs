@@ -132,9 +132,9 @@ impl<B: Backend> Model<B> {
         let get = |name: &str| {
             let e = entry(name);
             match &options.shared_generation {
-                Some(share) if e.is_generated() => Piece::Shared(share.take(name, || {
-                    e.load_rows(0..e.shape.first().copied().unwrap_or(1))
-                })),
+                Some(share) if e.is_generated() => {
+                    Piece::Shared(share.take(name, || e.load_rows(e.all_rows())))
+                }
                 _ => e.load(),
             }
         };

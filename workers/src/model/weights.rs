@@ -189,7 +189,8 @@ impl SharedGeneration {
     }
 
     /// Tensors generated and not yet taken by every rank.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -206,10 +207,13 @@ impl TensorEntry<'_> {
                 shape: &self.shape,
                 bytes,
             }),
-            TensorBytes::Generated { .. } => {
-                Piece::Owned(self.load_rows(0..self.shape.first().copied().unwrap_or(1)))
-            }
+            TensorBytes::Generated { .. } => Piece::Owned(self.load_rows(self.all_rows())),
         }
+    }
+
+    /// Every row of the tensor (every element of a vector), for [`Self::load_rows`].
+    pub fn all_rows(&self) -> std::ops::Range<usize> {
+        0..self.shape.first().copied().unwrap_or(1)
     }
 
     /// Whether the tensor's bytes are generated rather than read from a file.

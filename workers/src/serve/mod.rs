@@ -192,7 +192,6 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         cpu_default_tokens: DEFAULT_CPU_KV_TOKENS,
         gpu_memory_fraction: args.gpu_memory_fraction,
     };
-    let mut model = model;
     if budget.tokens.is_none() {
         model.reserve_activations(block_size, args.max_num_batched_tokens, args.max_num_seqs)?;
     }
