@@ -33,6 +33,25 @@ extern "C" __global__ void chain_tokens(u32* __restrict__ tokens, const u32* __r
 #endif
 #define NORM_REGS (NORM_VEC > 0 ? NORM_VEC : 1)
 
+// x rounded to bf16 (and back): what a projection that writes bf16 stores.
+__device__ __forceinline__ float bf16_round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+// Gate or up values as a bf16 projection stores them, four at a time (one 16-byte load of
+// f32, rounded to bf16; one 8-byte load of bf16) or one: prefill-sized batches take the
+// gate/up projection in bf16 (`silu_mul_bf16`), and the f32 path rounds the same way, so that
+// a request's tokens do not depend on the size of the batch it ran in.
+__device__ __forceinline__ float4 load4_bf16(const float* p) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    return make_float4(bf16_round(v.x), bf16_round(v.y), bf16_round(v.z), bf16_round(v.w));
+}
+__device__ __forceinline__ float4 load4_bf16(const bf16* p) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    return make_float4(__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
+                       __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u));
+}
+__device__ __forceinline__ float load1_bf16(const float* p) { return bf16_round(*p); }
+__device__ __forceinline__ float load1_bf16(const bf16* p) { return bf16_to_f32(*p); }
+
 __device__ __forceinline__ bool norm_vectorized(int cols) {
     return NORM_VEC > 0 && (cols & 3) == 0 && cols <= 4 * NORM_VEC * (int)blockDim.x;
 }
@@ -90,16 +109,20 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
         out[r * cols + c] = f32_to_bf16(row[c] * inv * weight[c]);
 }
 
-// residual += x, then out = rms_norm(residual) (one block per row).
-extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const float* __restrict__ x,
-                                        const float* __restrict__ weight, bf16* __restrict__ out,
-                                        int rows, int cols, float eps, const char* prefetch,
-                                        long long prefetch_bytes) {
-    prefetch_l2(prefetch, prefetch_bytes);
+// residual += x, then out = rms_norm(residual) (one block per row). x is a projection's
+// output as bf16 values (`load4_bf16`): prefill-sized batches have cuBLAS write o_proj and
+// down in bf16 (`add_rms_norm_bf16`), and the f32 path rounds the same way, so that a
+// request's tokens do not depend on the size of the batch it ran in.
+template <typename T>
+__device__ __forceinline__ void add_rms_norm_row(float* __restrict__ residual,
+                                                 const T* __restrict__ x,
+                                                 const float* __restrict__ weight,
+                                                 bf16* __restrict__ out, int rows, int cols,
+                                                 float eps) {
     const long long r = blockIdx.x;
     if (r >= rows) return;
     float* row = residual + r * cols;
-    const float* add = x + r * cols;
+    const T* add = x + r * cols;
     if (norm_vectorized(cols)) {
         const int n4 = cols >> 2;
         float4 v[NORM_REGS];
@@ -109,7 +132,7 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const floa
             const int c4 = threadIdx.x + i * blockDim.x;
             if (c4 < n4) {
                 const float4 a = reinterpret_cast<const float4*>(row)[c4];
-                const float4 b = reinterpret_cast<const float4*>(add)[c4];
+                const float4 b = load4_bf16(add + 4 * c4);
                 v[i] = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
                 reinterpret_cast<float4*>(row)[c4] = v[i];
             } else {
@@ -122,7 +145,7 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const floa
     }
     float ss = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float v = row[c] + add[c];
+        const float v = row[c] + load1_bf16(add + c);
         row[c] = v;
         ss += v * v;
     }
@@ -131,26 +154,27 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const floa
         out[r * cols + c] = f32_to_bf16(row[c] * inv * weight[c]);
 }
 
+// x in f32 (the GEMV and skinny kernels of decode batches, a tensor-parallel all-reduce).
+extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const float* __restrict__ x,
+                                        const float* __restrict__ weight, bf16* __restrict__ out,
+                                        int rows, int cols, float eps, const char* prefetch,
+                                        long long prefetch_bytes) {
+    prefetch_l2(prefetch, prefetch_bytes);
+    add_rms_norm_row(residual, x, weight, out, rows, cols, eps);
+}
+
+// x in bf16 (cuBLAS's o_proj and down at prefill sizes).
+extern "C" __global__ void add_rms_norm_bf16(float* __restrict__ residual,
+                                             const bf16* __restrict__ x,
+                                             const float* __restrict__ weight,
+                                             bf16* __restrict__ out, int rows, int cols,
+                                             float eps, const char* prefetch,
+                                             long long prefetch_bytes) {
+    prefetch_l2(prefetch, prefetch_bytes);
+    add_rms_norm_row(residual, x, weight, out, rows, cols, eps);
+}
+
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
-
-// x rounded to bf16 (and back): what a projection that writes bf16 stores.
-__device__ __forceinline__ float bf16_round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
-
-// Gate or up values as a bf16 projection stores them, four at a time (one 16-byte load of
-// f32, rounded to bf16; one 8-byte load of bf16) or one: prefill-sized batches take the
-// gate/up projection in bf16 (`silu_mul_bf16`), and the f32 path rounds the same way, so that
-// a request's tokens do not depend on the size of the batch it ran in.
-__device__ __forceinline__ float4 load4_bf16(const float* p) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    return make_float4(bf16_round(v.x), bf16_round(v.y), bf16_round(v.z), bf16_round(v.w));
-}
-__device__ __forceinline__ float4 load4_bf16(const bf16* p) {
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    return make_float4(__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
-                       __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u));
-}
-__device__ __forceinline__ float load1_bf16(const float* p) { return bf16_round(*p); }
-__device__ __forceinline__ float load1_bf16(const bf16* p) { return bf16_to_f32(*p); }
 
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, f + i], gate and up as bf16 values
 // (`load4_bf16`). Grid: x over a row's columns (four per
@@ -210,6 +234,14 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* _
                                        float* __restrict__ out, int cols) {
     const long long i = blockIdx.x;
     const float* src = x + (long long)rows[i] * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
+}
+
+// gather_rows of bf16 rows (a projection's output written in bf16).
+extern "C" __global__ void gather_rows_bf16(const bf16* __restrict__ x, const u32* __restrict__ rows,
+                                            bf16* __restrict__ out, int cols) {
+    const long long i = blockIdx.x;
+    const bf16* src = x + (long long)rows[i] * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
 }
 

@@ -50,6 +50,12 @@
 #ifndef WG_PINGPONG
 #define WG_PINGPONG 1
 #endif
+// 1: P is packed to bf16 once O += P_{j-1} V_{j-1} has finished, straight into the registers
+// that product read, so the scores (f32) and two P's are never live at once: what lets 128-key
+// tiles fit 240 registers. 0: packed as soon as the softmax ends, beside the running product.
+#ifndef WG_LATE_PACK
+#define WG_LATE_PACK 1
+#endif
 // Shared-memory stages: the producer runs up to WG_STAGES tiles ahead of the slower consumer.
 #ifndef WG_STAGES
 #define WG_STAGES 4
@@ -342,7 +348,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
     // reaches past the warpgroup's first row, each row's maximum and sum (its 4 threads
     // together), flash.cu's lazy rescale, and P as the A fragments of O += P V. Returns whether
     // O must be multiplied by (corr_a, corr_b) (rows g and g + 8) before P V is added to it.
-    auto softmax = [&](float* sc, int kt, u32 (*pa)[4], float& corr_a, float& corr_b) -> bool {
+    auto softmax = [&](float* sc, int kt, float& corr_a, float& corr_b) -> bool {
         const bool masked = kt + WG_KEYS - 1 > first_pos;
         // Maxima and sums as trees, not chains: with two warps a scheduler, a chain of
         // dependent instructions is time the scheduler has nothing to issue.
@@ -401,6 +407,10 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
             }
         l_a += ta[0];
         l_b += tb[0];
+        return rescale;
+    };
+    // P (bf16 of the exponentiated scores in `sc`) as the A fragments of O += P V.
+    auto pack_p = [&](const float* sc, u32 (*pa)[4]) {
 #pragma unroll
         for (int k = 0; k < PK; ++k) {
             pa[k][0] = pack_bf16(sc[8 * k + 0], sc[8 * k + 1]);
@@ -408,7 +418,6 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
             pa[k][2] = pack_bf16(sc[8 * k + 4], sc[8 * k + 5]);
             pa[k][3] = pack_bf16(sc[8 * k + 6], sc[8 * k + 7]);
         }
-        return rescale;
     };
     auto rescale_o = [&](float corr_a, float corr_b) {
 #pragma unroll
@@ -469,7 +478,9 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
         fence_proxy_async();
         const u32 k_base = base + st * WG_STAGE_BYTES;
         float sc[WG_KEYS / 2];
+#if !WG_LATE_PACK
         u32 pa[PK][4];
+#endif
 #if WG_PINGPONG
         turn_wait(wg);
 #endif
@@ -485,7 +496,10 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
         wgmma_wait<1>();
         hold_s(sc);
         float corr_a = 1.0f, corr_b = 1.0f;
-        const bool rescale = softmax(sc, kt, pa, corr_a, corr_b);
+        const bool rescale = softmax(sc, kt, corr_a, corr_b);
+#if !WG_LATE_PACK
+        pack_p(sc, pa);
+#endif
         wgmma_wait<0>();
         hold_o();
 #pragma unroll
@@ -497,10 +511,14 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
             if (lane == 0) mbar_arrive(empty0 + 8 * prev_st);
         }
         if (rescale) rescale_o(corr_a, corr_b);
+#if WG_LATE_PACK
+        pack_p(sc, pa_prev);
+#else
 #pragma unroll
         for (int k = 0; k < PK; ++k)
 #pragma unroll
             for (int i = 0; i < 4; ++i) pa_prev[k][i] = pa[k][i];
+#endif
         v_prev = k_base + WG_TILE_BYTES;
         prev_st = st;
         if (++st == WG_STAGES) {

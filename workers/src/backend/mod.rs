@@ -234,6 +234,20 @@ pub trait Backend: Send + Sync {
         bias: Option<&Self::Weight>,
     ) -> Result<Self::Tensor, BackendError>;
 
+    /// [`Self::linear`] for a projection whose output only a residual add reads
+    /// ([`Self::add_rms_norm`], directly or through [`Self::gather_logits_rows`] and
+    /// [`Self::gather_rows`]): a backend may write it narrower (the CUDA backend writes o_proj
+    /// and down in bf16 for prefill-sized batches, and its residual add rounds an f32 input to
+    /// bf16 the same way).
+    fn linear_to_residual(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Result<Self::Tensor, BackendError> {
+        self.linear(x, weight, bias)
+    }
+
     /// On fused q/k/v rows (`[tokens, qkv_width]`): applies the rotary embedding to q (in
     /// place) and k, and writes the rotated k and v of every token into `layer` of its KV slot.
     fn rope_and_cache_write(

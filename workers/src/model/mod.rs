@@ -390,17 +390,24 @@ impl<B: Backend> Model<B> {
             b.rope_and_cache_write(&mut qkv, meta, &self.shape, kv, i)?;
             b.prefetch_weight(&layer.o_proj);
             let attn = b.paged_attention(&qkv, meta, &self.shape, kv, i)?;
-            let mut o = b.linear(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
-            if sharded {
+            // A rank's partial sums stay f32 for the all-reduce.
+            let o = if sharded {
+                let mut o = b.linear(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
                 b.all_reduce_sum(&mut o)?;
-            }
+                o
+            } else {
+                b.linear_to_residual(&attn, &layer.o_proj, layer.o_bias.as_ref())?
+            };
             b.prefetch_weight(&layer.gate_up);
             let h = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, self.eps)?;
             let act = b.linear_silu_mul(&h, &layer.gate_up, &layer.down)?;
-            let mut down = b.linear(&act, &layer.down, None)?;
-            if sharded {
+            let down = if sharded {
+                let mut down = b.linear(&act, &layer.down, None)?;
                 b.all_reduce_sum(&mut down)?;
-            }
+                down
+            } else {
+                b.linear_to_residual(&act, &layer.down, None)?
+            };
             mlp_out = Some(down);
         }
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);

@@ -157,6 +157,9 @@ pub struct CudaBackend {
     /// The MLP's gate/up projection written in bf16 by cuBLAS at prefill sizes
     /// ([`CudaOptions::gate_up_bf16`]).
     gate_up_bf16: bool,
+    /// o_proj and down written in bf16 by cuBLAS at prefill sizes
+    /// ([`CudaOptions::residual_bf16`]).
+    residual_bf16: bool,
     /// Where a mixed batch's prefill attention runs beside its decode attention
     /// ([`CudaOptions::concurrent_attention`]).
     side: Option<side_stream::SideStream>,
@@ -357,6 +360,7 @@ impl CudaBackend {
             summaries: sample::SummaryQueue::default(),
             meta_staging: batch::MetaStaging::default(),
             gate_up_bf16: options.gate_up_bf16,
+            residual_bf16: options.residual_bf16,
             concurrent_attention: std::sync::atomic::AtomicBool::new(side.is_some()),
             side,
             device_sampling: options.device_sampling,
@@ -632,6 +636,34 @@ impl CudaBackend {
         };
         self.launch(b, cfg, "silu_mul")?;
         Ok(CudaTensor::from_bf16(rows, f, out))
+    }
+
+    /// Rows `indices` (the device address of `n` row indices) of `x`, in its own type.
+    fn gather(
+        &self,
+        x: &CudaTensor,
+        indices: &u64,
+        n: usize,
+        op: &'static str,
+    ) -> Result<CudaTensor, BackendError> {
+        let cols = x.cols as i32;
+        let cfg = rows_config(n, 256);
+        match &x.data {
+            DeviceData::F32(xs) => {
+                let mut out = self.alloc_f32(n * x.cols)?;
+                let mut b = self.stream.launch_builder(&self.kernels.gather_rows);
+                b.arg(xs).arg(indices).arg(&mut out).arg(&cols);
+                self.launch(b, cfg, op)?;
+                Ok(CudaTensor::from_f32(n, x.cols, out))
+            }
+            DeviceData::Bf16(xs) => {
+                let mut out = self.alloc_bf16(n * x.cols)?;
+                let mut b = self.stream.launch_builder(&self.kernels.gather_rows_bf16);
+                b.arg(xs).arg(indices).arg(&mut out).arg(&cols);
+                self.launch(b, cfg, op)?;
+                Ok(CudaTensor::from_bf16(n, x.cols, out))
+            }
+        }
     }
 
     fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>, BackendError> {
@@ -1298,16 +1330,24 @@ impl Backend for CudaBackend {
             ));
         }
         let w = Self::check_vector("add_rms_norm", weight, x.cols)?;
-        let xs = x.as_f32("add_rms_norm")?;
         let (rows, cols_n) = (residual.rows, residual.cols);
         let res = residual.as_f32_mut("add_rms_norm")?;
         let mut out = self.alloc_bf16(rows * cols_n)?;
         let (rows_i, cols) = (rows as i32, cols_n as i32);
         let pf = self.take_prefetch(rows);
-        let mut b = self.stream.launch_builder(&self.kernels.add_rms_norm);
-        b.arg(res)
-            .arg(xs)
-            .arg(w)
+        let mut b = match &x.data {
+            DeviceData::F32(xs) => {
+                let mut b = self.stream.launch_builder(&self.kernels.add_rms_norm);
+                b.arg(res).arg(xs);
+                b
+            }
+            DeviceData::Bf16(xs) => {
+                let mut b = self.stream.launch_builder(&self.kernels.add_rms_norm_bf16);
+                b.arg(res).arg(xs);
+                b
+            }
+        };
+        b.arg(w)
             .arg(&mut out)
             .arg(&rows_i)
             .arg(&cols)
@@ -1488,6 +1528,38 @@ impl Backend for CudaBackend {
         self.launch_silu_mul(&self.kernels.silu_mul, x, gate_up.rows, f)
     }
 
+    fn linear_to_residual(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor, BackendError> {
+        let (
+            CudaWeight::Matrix {
+                data: w,
+                rows: n,
+                cols: k,
+            },
+            DeviceData::Bf16(xs),
+            None,
+        ) = (weight, &x.data, bias)
+        else {
+            return self.linear(x, weight, bias);
+        };
+        if !self.residual_bf16
+            || x.cols != *k
+            || self.projection_kernel(x.rows, *n, *k) != ProjectionKernel::Cublas
+        {
+            // Decode-sized rows go to the GEMV or skinny kernels, which write f32; shape
+            // errors are `linear`'s to report.
+            return self.linear(x, weight, bias);
+        }
+        self.prefetch.clear();
+        let mut out = self.alloc_bf16(x.rows * n)?;
+        self.blas.linear(xs, w, &mut out, x.rows, *k, *n)?;
+        Ok(CudaTensor::from_bf16(x.rows, *n, out))
+    }
+
     fn linear_silu_mul(
         &self,
         x: &CudaTensor,
@@ -1533,30 +1605,22 @@ impl Backend for CudaBackend {
                 format!("{} rows for {} tokens", x.rows, batch.num_tokens),
             ));
         }
-        let xs = x.as_f32("gather_logits_rows")?;
-        let n = batch.num_logits;
-        let mut out = self.alloc_f32(n * x.cols)?;
-        let cols = x.cols as i32;
-        let mut b = self.stream.launch_builder(&self.kernels.gather_rows);
-        b.arg(xs).arg(batch.logits_rows()).arg(&mut out).arg(&cols);
-        self.launch(b, rows_config(n, 256), "gather_rows")?;
-        Ok(CudaTensor::from_f32(n, x.cols, out))
+        self.gather(
+            x,
+            batch.logits_rows(),
+            batch.num_logits,
+            "gather_logits_rows",
+        )
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[u32]) -> Result<CudaTensor, BackendError> {
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= x.rows) {
             return Err(shape_err("gather_rows", format!("row {r} of {}", x.rows)));
         }
-        let xs = x.as_f32("gather_rows")?;
-        let n = rows.len();
         // Copied from pageable memory before `clone_htod` returns; freed in stream order.
         let indices = dev!("gather_rows", self.stream.clone_htod(rows))?;
-        let mut out = self.alloc_f32(n * x.cols)?;
-        let cols = x.cols as i32;
-        let mut b = self.stream.launch_builder(&self.kernels.gather_rows);
-        b.arg(xs).arg(&indices).arg(&mut out).arg(&cols);
-        self.launch(b, rows_config(n, 256), "gather_rows")?;
-        Ok(CudaTensor::from_f32(n, x.cols, out))
+        let (address, _in_use) = cudarc::driver::DevicePtr::device_ptr(&indices, &self.stream);
+        self.gather(x, &address, rows.len(), "gather_rows")
     }
 
     fn rows_to_host(&self, x: &CudaTensor, rows: &[usize]) -> Result<Vec<Vec<f32>>, BackendError> {

@@ -49,6 +49,12 @@ pub struct CudaOptions {
     /// H200, session 15) while returning success, so the output is left unwritten and the
     /// logits come out NaN. The f32 output never picked it.
     pub gate_up_bf16: bool,
+    /// cuBLAS writes o_proj and down, the projections only the residual add reads, in bf16
+    /// at prefill sizes; off, in f32 (`TANDEM_RESIDUAL_BF16`: `0` off, anything else on).
+    /// Half the bytes written and read back: ~46 MB a layer for a step of 2,822 rows of
+    /// Llama-3.1-8B. Either way the residual add rounds them to bf16 first, so the tokens are
+    /// the same. Unset, as `gate_up_bf16` (off in an MPS client with a share of the SMs).
+    pub residual_bf16: bool,
     /// cuBLAS may pick kernels that launch thread-block clusters; off, every projection runs
     /// through cuBLASLt with the best algorithm of one block per cluster
     /// (`TANDEM_GEMM_CLUSTERS`: `0` off, anything else on). Unset, on except in an MPS client
@@ -90,6 +96,7 @@ impl Default for CudaOptions {
             flash_wgmma: true,
             skinny_gemm: false,
             gate_up_bf16: true,
+            residual_bf16: true,
             gemm_clusters: true,
             concurrent_attention: true,
             skinny_splits: None,
@@ -127,6 +134,10 @@ impl CudaOptions {
             // Off unless set to something other than `0`.
             skinny_gemm: var("TANDEM_SKINNY_GEMM").is_some_and(|v| v != "0"),
             gate_up_bf16: match var("TANDEM_GATE_UP_BF16") {
+                Some(v) => v != "0",
+                None => all_sms,
+            },
+            residual_bf16: match var("TANDEM_RESIDUAL_BF16") {
                 Some(v) => v != "0",
                 None => all_sms,
             },
@@ -208,6 +219,7 @@ mod tests {
                 flash_wgmma: false,
                 skinny_gemm: true,
                 gate_up_bf16: true,
+                residual_bf16: true,
                 gemm_clusters: true,
                 concurrent_attention: false,
                 skinny_splits: Some(3),
@@ -230,6 +242,14 @@ mod tests {
             ("TANDEM_GATE_UP_BF16", "1")
         ]));
         assert!(!bf16(&[("TANDEM_GATE_UP_BF16", "0")]));
+        let residual = |vars: &[(&str, &str)]| options(vars).residual_bf16;
+        assert!(residual(&[]));
+        assert!(!residual(&[("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "80")]));
+        assert!(!residual(&[("TANDEM_RESIDUAL_BF16", "0")]));
+        assert!(residual(&[
+            ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "80"),
+            ("TANDEM_RESIDUAL_BF16", "1")
+        ]));
     }
 
     #[test]
