@@ -11,6 +11,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 small=$(random_model llama-d128-2l)
+# GPU workers' KV blocks (64 tokens: a TMA box per block); gpu_bench's own default is 16.
+export TANDEM_BENCH_BLOCK=${TANDEM_BENCH_BLOCK:-64}
 variants=${VARIANTS:-"base:: q:FA_Q_SMEM=1: k64:FA_KEYS=64: k64q:FA_KEYS=64 FA_Q_SMEM=1: k128q:FA_KEYS=128 FA_Q_SMEM=1: k64q-h1:FA_KEYS=64 FA_Q_SMEM=1:0"}
 # Split on the spaces between variants (a variant's defines contain spaces: entries end in ':' + pairs).
 python3 - "$variants" >"$out/variants.txt" <<'PY'

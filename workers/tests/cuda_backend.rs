@@ -106,10 +106,24 @@ fn cuda_matches_cpu_on(dir: &std::path::Path, gemm_clusters: bool) {
             c = logits_along(&cpu, &prompt, &greedy);
         }
         let g = logits_along(&gpu, &prompt, &greedy[..24]);
+        let worst = g
+            .iter()
+            .zip(&c)
+            .map(|(gl, cl)| rel_l2(gl, cl))
+            .fold(0f64, f64::max);
+        eprintln!(
+            "prompt of {}: worst relative L2 over {} steps {worst:.3e}",
+            prompt.len(),
+            g.len()
+        );
         for (step, (gl, cl)) in g.iter().zip(&c).enumerate() {
             let l2 = rel_l2(gl, cl);
+            // The GPU rounds what it adds to the residual (o_proj, down) to bf16, as it
+            // rounds every activation between ops; the CPU keeps f32 throughout. On an H100
+            // (session 20) the worst step was 3.9e-3 on the tiny model and 1.02e-2 on
+            // SmolLM2 (prompt of 3, step 0; 1e-2 held before that rounding).
             assert!(
-                l2 < 1e-2,
+                l2 < 1.5e-2,
                 "prompt of {}, step {step}: relative L2 {l2:.3e}",
                 prompt.len()
             );
