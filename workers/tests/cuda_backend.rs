@@ -127,13 +127,17 @@ fn cuda_matches_cpu_on(dir: &std::path::Path, gemm_clusters: bool) {
                 "prompt of {}, step {step}: relative L2 {l2:.3e}",
                 prompt.len()
             );
-            // The GPU's pick must be the CPU's, or tie with it within bf16 noise (random
-            // weights give near-ties): its CPU logit at most 1% of the logits' RMS below.
+            // The GPU's pick must be the CPU's, or tie with it within this step's own noise
+            // (random weights give near-ties): its CPU logit at most 3x the step's measured
+            // deviation (relative L2 times the logits' RMS, the typical error of one logit),
+            // and at least 1% of the RMS, below. A wrong pick from a real fault (a wrong row,
+            // a stale K/V) is off by the logits' spread, tens of times more.
             let (pick, best) = (argmax(gl), argmax(cl));
             let rms = (cl.iter().map(|x| x * x).sum::<f32>() / cl.len() as f32).sqrt();
+            let tie = (3.0 * l2 as f32).max(0.01) * rms;
             assert!(
-                cl[pick] >= cl[best] - 0.01 * rms,
-                "prompt of {}, step {step}: GPU picks {pick} ({}), CPU {best} ({})",
+                cl[pick] >= cl[best] - tie,
+                "prompt of {}, step {step}: GPU picks {pick} ({}), CPU {best} ({}), relative L2 {l2:.3e}, RMS {rms}",
                 prompt.len(),
                 cl[pick],
                 cl[best]
