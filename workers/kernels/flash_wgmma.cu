@@ -365,13 +365,16 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
             ta[nt] = fmaxf(sc[4 * nt + 0], sc[4 * nt + 1]);
             tb[nt] = fmaxf(sc[4 * nt + 2], sc[4 * nt + 3]);
         }
+        // Constant trip counts on both loops: with `w /= 2` as the loop step, nvcc left the
+        // 16-wide tree of 128-key tiles rolled, and ta/tb went to local memory (2x the time).
 #pragma unroll
-        for (int w = NT / 2; w >= 1; w /= 2)
+        for (int level = 1; level < NT; level *= 2)
 #pragma unroll
-            for (int i = 0; i < w; ++i) {
-                ta[i] = fmaxf(ta[i], ta[i + w]);
-                tb[i] = fmaxf(tb[i], tb[i + w]);
-            }
+            for (int i = 0; i < NT / 2; ++i)
+                if (i < NT / (2 * level)) {
+                    ta[i] = fmaxf(ta[i], ta[i + NT / (2 * level)]);
+                    tb[i] = fmaxf(tb[i], tb[i + NT / (2 * level)]);
+                }
         float mx_a = ta[0], mx_b = tb[0];
         mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
         mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
@@ -399,12 +402,13 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
             tb[nt] = sc[4 * nt + 2] + sc[4 * nt + 3];
         }
 #pragma unroll
-        for (int w = NT / 2; w >= 1; w /= 2)
+        for (int level = 1; level < NT; level *= 2)
 #pragma unroll
-            for (int i = 0; i < w; ++i) {
-                ta[i] += ta[i + w];
-                tb[i] += tb[i + w];
-            }
+            for (int i = 0; i < NT / 2; ++i)
+                if (i < NT / (2 * level)) {
+                    ta[i] += ta[i + NT / (2 * level)];
+                    tb[i] += tb[i + NT / (2 * level)];
+                }
         l_a += ta[0];
         l_b += tb[0];
         return rescale;
