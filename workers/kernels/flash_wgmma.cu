@@ -218,11 +218,16 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
     const u32 base = (raw + 1023u) & ~1023u;
     unsigned char* const smem = wg_smem + (base - raw);
 
-    // Longest causal tiles first (see flash.cu).
-    const int tile = gridDim.x - 1 - blockIdx.x;
+    // Longest tiles first, across heads: the host lists tiles by the keys they see, shortest
+    // first, and blocks are dispatched in the order of their linear index (x fastest), so the
+    // heads take turns within a tile: every head's longest tile, then every head's next. With
+    // the head as y (one head's tiles, longest to shortest, then the next head's), the last
+    // head's longest tile started with a fraction of a wave left and ran alone at the end.
+    const int linear = blockIdx.x + blockIdx.y * gridDim.x;
+    const int tile = gridDim.x - 1 - linear / gridDim.y;
+    const int h = linear % gridDim.y;
     const int seq = tile_seq[tile];
     const int r0 = tile_row[tile];
-    const int h = blockIdx.y;
     const int kvh = h / (num_heads / num_kv_heads);
     const int t_start = seq_token_start[seq];
     const int count = seq_token_count[seq];

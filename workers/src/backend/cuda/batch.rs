@@ -42,6 +42,27 @@ struct Packed {
     max_context: usize,
 }
 
+/// The prefill attention's tiles (`FLASH_ROWS` query rows of one sequence each) as (sequence,
+/// first row) lists, in ascending order of the keys a tile sees, so that the kernels, which take
+/// tiles from the last, start the longest first (a chunk after a long cached prefix can see
+/// more keys than another sequence's last tile): the short ones then fill the grid's tail.
+fn prefill_tiles(plan: &BatchPlan, decode_rows: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut tiles: Vec<(usize, u32, u32)> = plan
+        .sequences
+        .iter()
+        .enumerate()
+        .skip(decode_rows)
+        .flat_map(|(i, seq)| {
+            (0..seq.token_count).step_by(FLASH_ROWS).map(move |row| {
+                let keys = seq.cached_len + row + FLASH_ROWS.min(seq.token_count - row);
+                (keys, i as u32, row as u32)
+            })
+        })
+        .collect();
+    tiles.sort_by_key(|&(keys, _, _)| keys);
+    tiles.into_iter().map(|(_, seq, row)| (seq, row)).unzip()
+}
+
 fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendError> {
     let slot_of = |s: u64| {
         u32::try_from(s).map_err(|_| BackendError::Shape {
@@ -89,13 +110,7 @@ fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendE
     } else {
         0
     };
-    let (mut tile_seq, mut tile_row) = (Vec::new(), Vec::new());
-    for (i, seq) in plan.sequences.iter().enumerate().skip(decode_rows) {
-        for row in (0..seq.token_count).step_by(FLASH_ROWS) {
-            tile_seq.push(i as u32);
-            tile_row.push(row as u32);
-        }
-    }
+    let (mut tile_seq, mut tile_row) = prefill_tiles(plan, decode_rows);
     let mut cos = plan.rope_cos.clone();
     let mut sin = plan.rope_sin.clone();
     let mut max_context = plan
