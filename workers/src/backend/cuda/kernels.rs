@@ -153,9 +153,11 @@ impl WgmmaFlashConfig {
     pub const THREADS: u32 = 384;
 
     fn from_defines(defines: &[String]) -> Self {
+        let keys = define_value(defines, "WG_KEYS").unwrap_or(128);
         WgmmaFlashConfig {
-            keys: define_value(defines, "WG_KEYS").unwrap_or(64),
-            stages: define_value(defines, "WG_STAGES").unwrap_or(4),
+            keys,
+            // As flash_wgmma.cu defaults it: three 64 KiB stages of 128 keys, four of 64.
+            stages: define_value(defines, "WG_STAGES").unwrap_or(if keys == 128 { 3 } else { 4 }),
         }
     }
 
