@@ -442,8 +442,21 @@ mod tests {
         assert_eq!(packed.num_tiles, 3);
         let tile_seq = &packed.ints[packed.offsets[9]..packed.offsets[9] + 3];
         let tile_row = &packed.ints[packed.offsets[10]..packed.offsets[10] + 3];
-        assert_eq!(tile_seq, [2, 2, 3]);
-        assert_eq!(tile_row, [0, 128, 0]);
+        // By the keys each tile sees: 41 (the one-token chunk after 40 cached), 128, 150.
+        assert_eq!(tile_seq, [3, 2, 2]);
+        assert_eq!(tile_row, [0, 0, 128]);
+    }
+
+    #[test]
+    fn prefill_tiles_are_listed_shortest_first_so_the_kernels_start_the_longest() {
+        // A 300-token prompt (tiles seeing 128, 256 and 300 keys) and a 100-token chunk after
+        // 1,000 cached tokens (one tile seeing 1,100): the chunk's tile is the longest.
+        let packed = pack(&plan(&[(300, 0), (100, 1000)]), None).unwrap();
+        assert_eq!(packed.num_tiles, 4);
+        let tile_seq = &packed.ints[packed.offsets[9]..packed.offsets[9] + 4];
+        let tile_row = &packed.ints[packed.offsets[10]..packed.offsets[10] + 4];
+        assert_eq!(tile_seq, [0, 0, 0, 1]);
+        assert_eq!(tile_row, [0, 128, 256, 0]);
     }
 
     #[test]
