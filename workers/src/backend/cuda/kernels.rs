@@ -145,8 +145,6 @@ impl FlashConfig {
 pub struct WgmmaFlashConfig {
     pub keys: usize,
     pub stages: usize,
-    /// `WG_PERSISTENT`: a block per multiprocessor walks the work items.
-    pub persistent: bool,
 }
 
 impl WgmmaFlashConfig {
@@ -160,7 +158,6 @@ impl WgmmaFlashConfig {
             keys,
             // As flash_wgmma.cu defaults it: three 64 KiB stages of 128 keys, four of 64.
             stages: define_value(defines, "WG_STAGES").unwrap_or(if keys == 128 { 3 } else { 4 }),
-            persistent: define_value(defines, "WG_PERSISTENT").is_some_and(|v| v != 0),
         }
     }
 
