@@ -53,8 +53,9 @@
 #define WG_PINGPONG 1
 #endif
 // 1: P is packed to bf16 once O += P_{j-1} V_{j-1} has finished, straight into the registers
-// that product read, so the scores (f32) and two P's are never live at once: what lets 128-key
-// tiles fit 240 registers. 0: packed as soon as the softmax ends, beside the running product.
+// that product read, so the scores (f32) and two P's are never live at once (H100, session 20,
+// 128-key tiles: 0.965 ms at 8192 tokens against 1.000). 0: packed as soon as the softmax
+// ends, beside the running product.
 #ifndef WG_LATE_PACK
 #define WG_LATE_PACK 1
 #endif
@@ -355,8 +356,9 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
 
     // The online softmax of one tile's scores `s` (keys kt..): the causal mask where the tile
     // reaches past the warpgroup's first row, each row's maximum and sum (its 4 threads
-    // together), flash.cu's lazy rescale, and P as the A fragments of O += P V. Returns whether
-    // O must be multiplied by (corr_a, corr_b) (rows g and g + 8) before P V is added to it.
+    // together), flash.cu's lazy rescale; the exponentiated scores are left in `sc` for
+    // `pack_p`. Returns whether O must be multiplied by (corr_a, corr_b) (rows g and g + 8)
+    // before P V is added to it.
     auto softmax = [&](float* sc, int kt, float& corr_a, float& corr_b) -> bool {
         const bool masked = kt + WG_KEYS - 1 > first_pos;
         // Maxima and sums as trees, not chains: with two warps a scheduler, a chain of
