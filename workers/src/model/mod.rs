@@ -374,8 +374,18 @@ impl<B: Backend> Model<B> {
         row_logprobs: Option<(&ForwardBatch, &mut Vec<Vec<TokenLogprob>>)>,
     ) -> Result<Option<B::Tensor>, BackendError> {
         let b = &self.backend;
-        // Each rank's o_proj and down give part of the sum ([`shard`]).
+        // o_proj and down, whose outputs only the residual adds read. Each rank's give part of
+        // the sum ([`shard`]), kept f32 for the all-reduce; a whole model's may be narrower.
         let sharded = self.tensor_parallel.size > 1;
+        let to_residual = |x: &B::Tensor, weight: &B::Weight, bias: Option<&B::Weight>| {
+            if sharded {
+                let mut y = b.linear(x, weight, bias)?;
+                b.all_reduce_sum(&mut y)?;
+                Ok(y)
+            } else {
+                b.linear_to_residual(x, weight, bias)
+            }
+        };
         let mut residual = b.embedding(&self.embed, meta)?;
         let mut mlp_out: Option<B::Tensor> = None;
         // Each projection's weight is announced before the ops that compute its input
@@ -390,25 +400,11 @@ impl<B: Backend> Model<B> {
             b.rope_and_cache_write(&mut qkv, meta, &self.shape, kv, i)?;
             b.prefetch_weight(&layer.o_proj);
             let attn = b.paged_attention(&qkv, meta, &self.shape, kv, i)?;
-            // A rank's partial sums stay f32 for the all-reduce.
-            let o = if sharded {
-                let mut o = b.linear(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
-                b.all_reduce_sum(&mut o)?;
-                o
-            } else {
-                b.linear_to_residual(&attn, &layer.o_proj, layer.o_bias.as_ref())?
-            };
+            let o = to_residual(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
             b.prefetch_weight(&layer.gate_up);
             let h = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, self.eps)?;
             let act = b.linear_silu_mul(&h, &layer.gate_up, &layer.down)?;
-            let down = if sharded {
-                let mut down = b.linear(&act, &layer.down, None)?;
-                b.all_reduce_sum(&mut down)?;
-                down
-            } else {
-                b.linear_to_residual(&act, &layer.down, None)?
-            };
-            mlp_out = Some(down);
+            mlp_out = Some(to_residual(&act, &layer.down, None)?);
         }
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         if let Some((batch, out)) = row_logprobs {

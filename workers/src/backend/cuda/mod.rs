@@ -160,6 +160,9 @@ pub struct CudaBackend {
     /// o_proj and down written in bf16 by cuBLAS at prefill sizes
     /// ([`CudaOptions::residual_bf16`]).
     residual_bf16: bool,
+    /// Whether decode steps keep their CUDA graphs once this backend joins a group
+    /// ([`CudaOptions::tp_cuda_graphs`]).
+    tp_cuda_graphs: bool,
     /// Where a mixed batch's prefill attention runs beside its decode attention
     /// ([`CudaOptions::concurrent_attention`]).
     side: Option<side_stream::SideStream>,
@@ -361,6 +364,7 @@ impl CudaBackend {
             meta_staging: batch::MetaStaging::default(),
             gate_up_bf16: options.gate_up_bf16,
             residual_bf16: options.residual_bf16,
+            tp_cuda_graphs: options.tp_cuda_graphs,
             concurrent_attention: std::sync::atomic::AtomicBool::new(side.is_some()),
             side,
             device_sampling: options.device_sampling,
@@ -385,7 +389,7 @@ impl CudaBackend {
     /// capture and replay in lockstep, each graph holding its rank's all-reduces (NCCL kernels
     /// on the captured stream). `TANDEM_TP_CUDA_GRAPHS=0` runs the ranks eagerly instead.
     pub fn join_group(&mut self, rank: NcclRank) {
-        if std::env::var("TANDEM_TP_CUDA_GRAPHS").is_ok_and(|v| v == "0") && self.graphs.enabled() {
+        if !self.tp_cuda_graphs && self.graphs.enabled() {
             tracing::info!(
                 rank = rank.rank(),
                 "tensor-parallel rank: CUDA graphs off (TANDEM_TP_CUDA_GRAPHS=0)"
@@ -580,16 +584,33 @@ impl CudaBackend {
         }
     }
 
-    /// `Backend::linear_silu_mul`'s default: the projection in f32, then the activation.
-    fn linear_then_silu_mul(
+    /// `x · wᵀ` written in bf16 by cuBLAS, for a projection whose output only an elementwise
+    /// op reads (half the bytes to write and to read back); `None` where the projection does
+    /// not run on cuBLAS: decode-sized rows go to the GEMV or skinny kernels, which write f32,
+    /// and shape errors are [`Backend::linear`]'s to report.
+    fn cublas_bf16_projection(
         &self,
         x: &CudaTensor,
-        gate_up: &CudaWeight,
-        next: &CudaWeight,
-    ) -> Result<CudaTensor, BackendError> {
-        let projected = self.linear(x, gate_up, None)?;
-        self.prefetch_weight(next);
-        self.silu_mul(&projected)
+        weight: &CudaWeight,
+    ) -> Result<Option<CudaTensor>, BackendError> {
+        let (
+            CudaWeight::Matrix {
+                data: w,
+                rows: n,
+                cols: k,
+            },
+            DeviceData::Bf16(xs),
+        ) = (weight, &x.data)
+        else {
+            return Ok(None);
+        };
+        if x.cols != *k || self.projection_kernel(x.rows, *n, *k) != ProjectionKernel::Cublas {
+            return Ok(None);
+        }
+        self.prefetch.clear();
+        let mut out = self.alloc_bf16(x.rows * n)?;
+        self.blas.linear(xs, w, &mut out, x.rows, *k, *n)?;
+        Ok(Some(CudaTensor::from_bf16(x.rows, *n, out)))
     }
 
     /// `f` of `[gate | up]` rows `cols` wide.
@@ -1524,8 +1545,12 @@ impl Backend for CudaBackend {
 
     fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor, BackendError> {
         let f = Self::silu_mul_width(gate_up.cols)?;
-        let x = gate_up.as_f32("silu_mul")?;
-        self.launch_silu_mul(&self.kernels.silu_mul, x, gate_up.rows, f)
+        match &gate_up.data {
+            DeviceData::F32(x) => self.launch_silu_mul(&self.kernels.silu_mul, x, gate_up.rows, f),
+            DeviceData::Bf16(x) => {
+                self.launch_silu_mul(&self.kernels.silu_mul_bf16, x, gate_up.rows, f)
+            }
+        }
     }
 
     fn linear_to_residual(
@@ -1534,30 +1559,13 @@ impl Backend for CudaBackend {
         weight: &CudaWeight,
         bias: Option<&CudaWeight>,
     ) -> Result<CudaTensor, BackendError> {
-        let (
-            CudaWeight::Matrix {
-                data: w,
-                rows: n,
-                cols: k,
-            },
-            DeviceData::Bf16(xs),
-            None,
-        ) = (weight, &x.data, bias)
-        else {
-            return self.linear(x, weight, bias);
-        };
-        if !self.residual_bf16
-            || x.cols != *k
-            || self.projection_kernel(x.rows, *n, *k) != ProjectionKernel::Cublas
+        if bias.is_none()
+            && self.residual_bf16
+            && let Some(out) = self.cublas_bf16_projection(x, weight)?
         {
-            // Decode-sized rows go to the GEMV or skinny kernels, which write f32; shape
-            // errors are `linear`'s to report.
-            return self.linear(x, weight, bias);
+            return Ok(out);
         }
-        self.prefetch.clear();
-        let mut out = self.alloc_bf16(x.rows * n)?;
-        self.blas.linear(xs, w, &mut out, x.rows, *k, *n)?;
-        Ok(CudaTensor::from_bf16(x.rows, *n, out))
+        self.linear(x, weight, bias)
     }
 
     fn linear_silu_mul(
@@ -1566,32 +1574,17 @@ impl Backend for CudaBackend {
         gate_up: &CudaWeight,
         next: &CudaWeight,
     ) -> Result<CudaTensor, BackendError> {
-        let (
-            CudaWeight::Matrix {
-                data: w,
-                rows,
-                cols,
-            },
-            DeviceData::Bf16(xs),
-        ) = (gate_up, &x.data)
-        else {
-            return self.linear_then_silu_mul(x, gate_up, next);
+        let narrow = if self.gate_up_bf16 {
+            self.cublas_bf16_projection(x, gate_up)?
+        } else {
+            None
         };
-        let (n, k) = (*rows, *cols);
-        if x.cols != k
-            || self.projection_kernel(x.rows, n, k) != ProjectionKernel::Cublas
-            || !self.gate_up_bf16
-        {
-            // Decode-sized rows go to the GEMV or skinny kernels, which write f32; shape
-            // errors are `linear`'s to report.
-            return self.linear_then_silu_mul(x, gate_up, next);
-        }
-        let f = Self::silu_mul_width(n)?;
-        self.prefetch.clear();
-        let mut projected = self.alloc_bf16(x.rows * n)?;
-        self.blas.linear(xs, w, &mut projected, x.rows, k, n)?;
+        let projected = match narrow {
+            Some(projected) => projected,
+            None => self.linear(x, gate_up, None)?,
+        };
         self.prefetch_weight(next);
-        self.launch_silu_mul(&self.kernels.silu_mul_bf16, &projected, x.rows, f)
+        self.silu_mul(&projected)
     }
 
     fn gather_logits_rows(

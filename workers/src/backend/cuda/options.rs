@@ -17,6 +17,9 @@ pub struct CudaOptions {
     pub ordinal: usize,
     /// Decode steps replay CUDA graphs (`TANDEM_CUDA_GRAPHS=0` turns them off).
     pub cuda_graphs: bool,
+    /// A tensor-parallel rank keeps `cuda_graphs` (the ranks capture and replay in lockstep);
+    /// `TANDEM_TP_CUDA_GRAPHS=0` runs the ranks' decode steps eagerly.
+    pub tp_cuda_graphs: bool,
     /// The engine samples from per-row summaries computed on the device; off, every logits row
     /// is copied to the host (`TANDEM_DEVICE_SAMPLING=0`: to compare the two paths).
     pub device_sampling: bool,
@@ -89,6 +92,7 @@ impl Default for CudaOptions {
         CudaOptions {
             ordinal: 0,
             cuda_graphs: true,
+            tp_cuda_graphs: true,
             device_sampling: true,
             vec_attention: true,
             decode_mma: true,
@@ -126,6 +130,7 @@ impl CudaOptions {
         CudaOptions {
             ordinal,
             cuda_graphs: switch("TANDEM_CUDA_GRAPHS"),
+            tp_cuda_graphs: switch("TANDEM_TP_CUDA_GRAPHS"),
             device_sampling: switch("TANDEM_DEVICE_SAMPLING"),
             vec_attention: switch("TANDEM_ATTN_VEC"),
             decode_mma: switch("TANDEM_DECODE_MMA"),
@@ -193,6 +198,7 @@ mod tests {
     fn each_variable_sets_its_option() {
         let set = options(&[
             ("TANDEM_CUDA_GRAPHS", "0"),
+            ("TANDEM_TP_CUDA_GRAPHS", "0"),
             ("TANDEM_DEVICE_SAMPLING", "0"),
             ("TANDEM_ATTN_VEC", "0"),
             ("TANDEM_DECODE_MMA", "0"),
@@ -212,6 +218,7 @@ mod tests {
             CudaOptions {
                 ordinal: 2,
                 cuda_graphs: false,
+                tp_cuda_graphs: false,
                 device_sampling: false,
                 vec_attention: false,
                 decode_mma: false,
