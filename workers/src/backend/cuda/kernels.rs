@@ -145,6 +145,8 @@ impl FlashConfig {
 pub struct WgmmaFlashConfig {
     pub keys: usize,
     pub stages: usize,
+    /// `WG_PERSISTENT`: a block per multiprocessor walks the work items.
+    pub persistent: bool,
 }
 
 impl WgmmaFlashConfig {
@@ -158,6 +160,8 @@ impl WgmmaFlashConfig {
             keys,
             // As flash_wgmma.cu defaults it: three 64 KiB stages of 128 keys, four of 64.
             stages: define_value(defines, "WG_STAGES").unwrap_or(if keys == 128 { 3 } else { 4 }),
+            // As flash_wgmma.cu defaults it: persistent unless `WG_PERSISTENT=0`.
+            persistent: define_value(defines, "WG_PERSISTENT").is_none_or(|v| v != 0),
         }
     }
 

@@ -206,8 +206,11 @@ struct FlashLaunch<'a> {
     heads_per_block: usize,
     threads: u32,
     smem_bytes: u32,
-    /// `flash_wgmma.cu`'s kernel, which also takes the cache's tensor map.
+    /// `flash_wgmma.cu`'s kernel, which also takes the cache's tensor map and the tile count.
     wgmma: bool,
+    /// A block per multiprocessor walking the (tile, head) items (`WG_PERSISTENT`), instead of
+    /// a block per item.
+    persistent: bool,
 }
 
 /// The attention kernels' scalar arguments that locate `layer`'s K/V in the paged cache.
@@ -814,6 +817,7 @@ impl CudaBackend {
                 threads: kernels::WgmmaFlashConfig::THREADS,
                 smem_bytes: config.smem_bytes() as u32,
                 wgmma: true,
+                persistent: config.persistent,
             });
         }
         let group = shape.num_heads / shape.num_kv_heads;
@@ -833,6 +837,7 @@ impl CudaBackend {
                 .flash_config
                 .smem_bytes(shape.head_dim, heads_per_block) as u32,
             wgmma: false,
+            persistent: false,
         })
     }
 
@@ -875,15 +880,18 @@ impl CudaBackend {
             .arg(&cache.layer_offset)
             .arg(&scale_log2);
         let use_tma = i32::from(kv.has_tensor_map);
+        let num_tiles = batch.num_tiles as i32;
         if launch.wgmma {
-            b.arg(&kv.tensor_map).arg(&use_tma);
+            b.arg(&kv.tensor_map).arg(&use_tma).arg(&num_tiles);
         }
+        let heads = (shape.num_heads / launch.heads_per_block) as u32;
+        let items = batch.num_tiles as u32 * heads;
         let cfg = LaunchConfig {
-            grid_dim: (
-                batch.num_tiles as u32,
-                (shape.num_heads / launch.heads_per_block) as u32,
-                1,
-            ),
+            grid_dim: if launch.persistent {
+                (items.min(self.multiprocessors as u32), 1, 1)
+            } else {
+                (batch.num_tiles as u32, heads, 1)
+            },
             block_dim: (launch.threads, 1, 1),
             shared_mem_bytes: launch.smem_bytes,
         };
