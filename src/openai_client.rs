@@ -57,6 +57,8 @@ pub struct Request {
     pub max_tokens: usize,
     pub stream: bool,
     pub temperature: f32,
+    /// Nucleus sampling (`top_p`); `None` leaves it out (the server's default, 1).
+    pub top_p: Option<f32>,
     /// Ask the server to generate exactly `max_tokens` (vLLM's and tandem's `ignore_eos`;
     /// servers that do not know it ignore it).
     pub ignore_eos: bool,
@@ -188,6 +190,9 @@ impl Client {
             }
             (Endpoint::Completions, Prompt::Text(text)) => body["prompt"] = json!(text),
             (Endpoint::Completions, Prompt::Tokens(ids)) => body["prompt"] = json!(ids),
+        }
+        if let Some(top_p) = request.top_p {
+            body["top_p"] = json!(top_p);
         }
         if request.stream {
             body["stream_options"] = json!({"include_usage": true});

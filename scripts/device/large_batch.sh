@@ -7,7 +7,8 @@
 #                                       # ISL_WORDS (77, about 128 tokens), OSL (128), MAX_NUM_TOKENS (8192)
 #                                       # ISL_TOKENS: exactly that many prompt tokens (random
 #                                       # ids, `tandem bench --input-tokens`) instead of words;
-#                                       # GROWTH_RESERVE: the group's growth_reserve_tokens
+#                                       # GROWTH_RESERVE: the group's growth_reserve_tokens;
+#                                       # TEMPERATURE, TOP_P: every request's sampling (greedy)
 # The GPU's SM clock, power and clock-limit reasons are sampled every second while the
 # requests run (large-batch-gpu.csv); the summary line averages the samples above 300 W.
 set -uo pipefail
@@ -38,6 +39,7 @@ fi
 tandem bench --url http://127.0.0.1:8410/v1 --endpoint completions \
   --concurrency "${LEVELS:-128,256,512}" --num-prompts "${N:-1024}" \
   "${input[@]}" --output-len "${OSL:-128}" --timeout-s 500 \
+  --temperature "${TEMPERATURE:-0}" ${TOP_P:+--top-p "$TOP_P"} \
   --output-json "$out/large-batch.json" 2>&1 | grep -v "error: stream" | tail -6
 kill "$smi" 2>/dev/null
 awk -F', ' '$3 > 300 { n++; clock += $2; power += $3; limit = $4; reasons[$6]++ }

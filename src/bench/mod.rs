@@ -124,6 +124,9 @@ pub struct BenchArgs {
     /// Sampling temperature of every request.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
+    /// Nucleus sampling (`top_p`, in (0, 1]) of every request; left out when not given.
+    #[arg(long, value_name = "P", value_parser = parse_top_p)]
+    pub top_p: Option<f32>,
     /// Send `ignore_eos` so every request generates --output-len tokens.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub ignore_eos: bool,
@@ -244,6 +247,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             max_tokens: args.output_len,
             stream: true,
             temperature: args.temperature,
+            top_p: args.top_p,
             ignore_eos: args.ignore_eos,
         })
         .collect();
@@ -302,6 +306,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "output_len": args.output_len,
             "ignore_eos": args.ignore_eos,
             "temperature": args.temperature,
+            "top_p": args.top_p,
             "seed": args.seed,
             "levels": summaries,
         });
@@ -496,9 +501,31 @@ fn id_range(text: &str) -> Result<std::ops::Range<u32>, String> {
     Ok(lo..hi)
 }
 
+/// `--top-p`: a probability in (0, 1], as the OpenAI API takes it.
+fn parse_top_p(text: &str) -> Result<f32, String> {
+    let p: f32 = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("{text:?} is not a number: {e}"))?;
+    if p > 0.0 && p <= 1.0 {
+        Ok(p)
+    } else {
+        Err(format!("{text}: top-p must be in (0, 1]"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::id_range;
+    use super::{id_range, parse_top_p};
+
+    #[test]
+    fn top_p_is_a_probability_above_zero() {
+        assert_eq!(parse_top_p("0.9"), Ok(0.9));
+        assert_eq!(parse_top_p("1"), Ok(1.0));
+        assert!(parse_top_p("0").is_err());
+        assert!(parse_top_p("1.5").is_err());
+        assert!(parse_top_p("x").is_err());
+    }
 
     #[test]
     fn token_id_ranges_are_lo_dash_hi_with_hi_above_lo() {

@@ -17,12 +17,9 @@
 // Logits equal to the SAMPLE_CANDIDATES-th best that can be collected; more ties than this
 // (a degenerate row) sets the overflow flag and the host samples from the full row.
 #define SAMPLE_TIE_CAP 1024
-
-// Order-preserving key of a float: larger float, larger key.
-__device__ __forceinline__ u32 sample_key(float f) {
-    const u32 b = __float_as_uint(f);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
+// flags[row * 2]: the host wants the candidates; the draw is truncated (sample_rank.cu).
+#define SAMPLE_WANT_CANDIDATES 1u
+#define SAMPLE_TRUNCATED 2u
 
 // Exclusive prefix sum of one double per thread over the block; also returns the total.
 __device__ double block_exclusive_scan(double v, double* total) {
@@ -53,15 +50,18 @@ __device__ double block_exclusive_scan(double v, double* total) {
     return before_warp + inclusive - v;
 }
 
-// params: temperature[row] (0: greedy, no draw), u[row] in [0, 1), want_candidates[row].
-// out_f32[row*2 + {0,1}]: max logit, logit of the drawn token.
+// params: temperature[row] (0: greedy, no draw), u[row] in [0, 1),
+// flags[row*2 + {0,1}]: SAMPLE_WANT_CANDIDATES | SAMPLE_TRUNCATED, top-k (0: none),
+// truncation[row*2 + {0,1}]: top-p (1: none), T ln(min-p) (-inf: none) (sample_rank.cu).
+// out_f32[row*2 + {0,1}]: max logit, logit of the drawn token (the truncated draw's, when asked).
 // out_u32[row*4 + {0,1,2,3}]: argmax, drawn id, non-finite count, candidate count
 //   (SAMPLE_CANDIDATES + 1 means ties overflowed).
 // out_f64[row*2 + {0,1}]: sum exp(l - max), sum exp((l - max) / T).
 // cand_logit / cand_id [row * SAMPLE_CANDIDATES + i]: the candidates, best first.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_rows(const float* __restrict__ logits, int cols, const float* __restrict__ temperature,
-            const double* __restrict__ uniform, const u32* __restrict__ want_candidates,
+            const double* __restrict__ uniform, const u32* __restrict__ flags,
+            const float* __restrict__ truncation,
             float* __restrict__ out_f32, u32* __restrict__ out_u32, double* __restrict__ out_f64,
             float* __restrict__ cand_logit, u32* __restrict__ cand_id) {
     __shared__ u32 bad_count;
@@ -100,6 +100,8 @@ sample_rows(const float* __restrict__ logits, int cols, const float* __restrict_
     __syncthreads();
     const float max = row_max;
     const float t = temperature[r];
+    const u32 row_flags = flags[r * 2];
+    const bool truncated = t > 0.0f && (row_flags & SAMPLE_TRUNCATED);
     if (threadIdx.x == 0) {
         out_f32[r * 2 + 0] = max;
         out_u32[r * 4 + 0] = (u32)row_argmax;
@@ -121,22 +123,31 @@ sample_rows(const float* __restrict__ logits, int cols, const float* __restrict_
     const int chunk = (cols + blockDim.x - 1) / blockDim.x;
     const int begin = min(cols, (int)threadIdx.x * chunk);
     const int end = min(cols, begin + chunk);
+    const RankRow rr{row, cols, max, t};
     double sum1 = 0.0, sum_t = 0.0;
+    // For a truncated draw: the finite logits, and their weight as sample_rank.cu sums it.
+    u64 finite_weight[2] = {0, 0};
     for (int c = begin; c < end; ++c) {
         const float l = row[c];
         sum1 += (double)expf(l - max);
         if (t > 0.0f) sum_t += (double)expf((l - max) / t);
+        if (truncated && l > NEG_INF) {
+            finite_weight[0] += 1;
+            finite_weight[1] += fixed_weight(rr, l);
+        }
     }
     double total1, total_t;
     block_exclusive_scan(sum1, &total1);
     const double before = block_exclusive_scan(sum_t, &total_t);
+    if (truncated) block_sum_u64<2>(finite_weight);
     if (threadIdx.x == 0) {
         out_f64[r * 2 + 0] = total1;
         out_f64[r * 2 + 1] = t > 0.0f ? total_t : 1.0;
     }
 
-    // 3. The full-vocabulary draw: the thread whose chunk holds u * total walks it.
-    if (t > 0.0f) {
+    // 3. The full-vocabulary draw: the thread whose chunk holds u * total walks it (a
+    //    truncated draw is step 5's).
+    if (t > 0.0f && !truncated) {
         const double target = uniform[r] * total_t;
         if (sum_t > 0.0 && before <= target && target < before + sum_t) {
             double cumulative = before;
@@ -165,12 +176,12 @@ sample_rows(const float* __restrict__ logits, int cols, const float* __restrict_
             out_u32[r * 4 + 1] = id;
             out_f32[r * 2 + 1] = row[id];
         }
-    } else if (threadIdx.x == 0) {
+    } else if (threadIdx.x == 0 && !truncated) {
         out_u32[r * 4 + 1] = (u32)row_argmax;
         out_f32[r * 2 + 1] = max;
     }
 
-    if (!want_candidates[r]) {
+    if (!(row_flags & SAMPLE_WANT_CANDIDATES) && !truncated) {
         if (threadIdx.x == 0) out_u32[r * 4 + 3] = 0;
         return;
     }
@@ -235,49 +246,61 @@ sample_rows(const float* __restrict__ logits, int cols, const float* __restrict_
         }
     }
     __syncthreads();
-    if (threadIdx.x != 0) return;
-    if (n_tie > SAMPLE_TIE_CAP) {
-        out_u32[r * 4 + 3] = SAMPLE_CANDIDATES + 1;
-        return;
-    }
-    // Few entries: one thread sorts them (insertion sort by rank; ties by lowest id).
-    const u32 na = min(n_above, (u32)SAMPLE_CANDIDATES);
-    for (u32 i = 1; i < na; ++i) {
-        // Keys, not floats, so -0 ranks below +0 as the host's `total_cmp` ranks them.
-        const float lv = above_v[i];
-        const u32 lk = sample_key(lv), li = above_i[i];
-        u32 j = i;
-        while (j > 0 && (sample_key(above_v[j - 1]) < lk ||
-                         (sample_key(above_v[j - 1]) == lk && above_i[j - 1] > li))) {
-            above_v[j] = above_v[j - 1];
-            above_i[j] = above_i[j - 1];
-            --j;
-        }
-        above_v[j] = lv;
-        above_i[j] = li;
-    }
-    float* out_l = cand_logit + r * SAMPLE_CANDIDATES;
-    u32* out_i = cand_id + r * SAMPLE_CANDIDATES;
-    for (u32 i = 0; i < na; ++i) { out_l[i] = above_v[i]; out_i[i] = above_i[i]; }
-    u32 n = na;
-    if (!take_all) {
-        // The `remaining` lowest ids among the ties, in id order.
-        const float tie_value = row[tie_i[0]];
-        u32 floor = 0;
-        bool first = true;
-        for (u32 k = 0; k < remaining && n < SAMPLE_CANDIDATES; ++k) {
-            u32 best = 0xffffffffu;
-            for (u32 j = 0; j < n_tie; ++j) {
-                const u32 id = tie_i[j];
-                if ((first || id > floor) && id < best) best = id;
+    // The head: the best-ranked logits, exactly (head_len of them; past ties that overflowed,
+    // only those above the tied value).
+    __shared__ u32 head_len;
+    if (threadIdx.x == 0) {
+        // Few entries: one thread sorts them (insertion sort by rank; ties by lowest id).
+        const u32 na = min(n_above, (u32)SAMPLE_CANDIDATES);
+        for (u32 i = 1; i < na; ++i) {
+            // Keys, not floats, so -0 ranks below +0 as the host's `total_cmp` ranks them.
+            const float lv = above_v[i];
+            const u32 lk = sample_key(lv), li = above_i[i];
+            u32 j = i;
+            while (j > 0 && (sample_key(above_v[j - 1]) < lk ||
+                             (sample_key(above_v[j - 1]) == lk && above_i[j - 1] > li))) {
+                above_v[j] = above_v[j - 1];
+                above_i[j] = above_i[j - 1];
+                --j;
             }
-            if (best == 0xffffffffu) break;
-            out_l[n] = tie_value;
-            out_i[n] = best;
-            ++n;
-            floor = best;
-            first = false;
+            above_v[j] = lv;
+            above_i[j] = li;
         }
+        u32 n = na;
+        if (!take_all && n_tie <= SAMPLE_TIE_CAP) {
+            // The `remaining` lowest ids among the ties, in id order.
+            const float tie_value = row[tie_i[0]];
+            u32 floor = 0;
+            bool first = true;
+            for (u32 k = 0; k < remaining && n < SAMPLE_CANDIDATES; ++k) {
+                u32 best = 0xffffffffu;
+                for (u32 j = 0; j < n_tie; ++j) {
+                    const u32 id = tie_i[j];
+                    if ((first || id > floor) && id < best) best = id;
+                }
+                if (best == 0xffffffffu) break;
+                above_v[n] = tie_value;
+                above_i[n] = best;
+                ++n;
+                floor = best;
+                first = false;
+            }
+        }
+        head_len = n;
+        float* out_l = cand_logit + r * SAMPLE_CANDIDATES;
+        u32* out_i = cand_id + r * SAMPLE_CANDIDATES;
+        for (u32 i = 0; i < n; ++i) { out_l[i] = above_v[i]; out_i[i] = above_i[i]; }
+        out_u32[r * 4 + 3] = n_tie > SAMPLE_TIE_CAP ? SAMPLE_CANDIDATES + 1 : n;
     }
-    out_u32[r * 4 + 3] = n;
+    __syncthreads();
+    if (!truncated) return;
+
+    // 5. The truncated draw (sample_rank.cu).
+    const u32 id = truncated_pick(rr, uniform[r], flags[r * 2 + 1], truncation[r * 2],
+                                  truncation[r * 2 + 1], above_v, above_i, head_len,
+                                  finite_weight[0], finite_weight[1]);
+    if (threadIdx.x == 0) {
+        out_u32[r * 4 + 1] = id;
+        out_f32[r * 2 + 1] = row[id];
+    }
 }

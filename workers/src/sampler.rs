@@ -303,11 +303,15 @@ fn sample_truncated(params: &SamplingParams, logits: &[f32], max_logit: f32, u: 
                 if top_k < all.len() {
                     all.select_nth_unstable_by(top_k - 1, rank_candidates);
                     all.truncate(top_k);
-                    all.sort_unstable_by(rank_candidates);
-                    (all, true)
-                } else {
-                    (all, false)
                 }
+                // A top-k draws in rank order even when it keeps every finite logit (as the
+                // small top-k above does, and the device's draw); only min-p alone keeps id
+                // order.
+                let ranked = top_k < vocab_size;
+                if ranked {
+                    all.sort_unstable_by(rank_candidates);
+                }
+                (all, ranked)
             };
             if params.top_p < 1.0 {
                 // Without top-k the candidates are every finite logit: the vectorized sum over the

@@ -377,6 +377,7 @@ fn decode_steps(
                 temperature: 0.0,
                 uniform: 0.5,
                 candidates: false,
+                truncation: None,
             };
             batch
         ];

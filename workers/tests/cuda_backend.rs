@@ -479,6 +479,7 @@ fn sampling_summaries_on_the_device_equal_the_host_reference() {
                 temperature: *temperature,
                 uniform: (k as f64 * 0.29 + 0.13) % 1.0,
                 candidates: *candidates,
+                truncation: None,
             });
         }
     }
@@ -516,6 +517,7 @@ fn sampling_summaries_on_the_device_equal_the_host_reference() {
         temperature: 1.0,
         uniform: 0.5,
         candidates: true,
+        truncation: None,
     };
     let got = backend.summarize_rows(&logits, &[request]).unwrap();
     assert_eq!(got[0].candidates, None);
@@ -527,6 +529,84 @@ fn sampling_summaries_on_the_device_equal_the_host_reference() {
     let logits = backend.upload_rows(&[bad]).unwrap();
     let got = backend.summarize_rows(&logits, &[request]).unwrap();
     assert_eq!(got[0].non_finite, 2);
+}
+
+/// Top-k, top-p and min-p drawn on the device (`sample_rank.cu`) pick what the host's sampler
+/// picks from the full row with the same uniform: within the ranked head and past it (wide
+/// nuclei of flat rows, top-k past the head, ties overflowing the head), and in id order
+/// (min-p alone, top-k above the finite logits).
+#[test]
+fn truncated_draws_on_the_device_equal_the_host_sampler() {
+    use rand::{RngExt, SeedableRng};
+    use tandem_workers::sampler::device::{RowRequest, Truncation, summarize_row};
+    if no_gpu() {
+        return;
+    }
+    let backend = CudaBackend::new(&CudaOptions::from_env(0)).unwrap();
+    let vocab = 128_256;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    let mut rows = sampling_rows(vocab);
+    // A language model's row: a few likely tokens over a long tail.
+    let mut lm: Vec<f32> = (0..vocab)
+        .map(|_| {
+            let x: f32 = rng.random::<f32>();
+            x * x * 8.0 - 4.0
+        })
+        .collect();
+    for (i, id) in [17usize, 4242, 90_001, 128_000].iter().enumerate() {
+        lm[*id] = 12.0 - i as f32;
+    }
+    rows.push(lm);
+    // Ties far more than the head holds, where the 64th best falls.
+    rows.push(
+        (0..vocab)
+            .map(|i| if i % 3 == 0 { 1.5 } else { 0.25 })
+            .collect(),
+    );
+    let t = |top_k: u32, top_p: f32, min_p: f32| Truncation {
+        top_k,
+        top_p,
+        min_p,
+    };
+    let truncations = [
+        t(1, 1.0, 0.0),
+        t(40, 1.0, 0.0),
+        t(64, 1.0, 0.0),
+        t(65, 1.0, 0.0),
+        t(1000, 1.0, 0.0),
+        t(0, 0.5, 0.0),
+        t(0, 0.9, 0.0),
+        t(0, 0.99, 0.0),
+        t(0, 1.0, 0.05),
+        t(0, 1.0, 0.6),
+        t(200, 0.9, 0.02),
+        t(40, 1.0, 0.1),
+        t(0, 0.95, 0.01),
+        t(vocab as u32 - 1, 1.0, 0.0),
+    ];
+    let mut all_rows = Vec::new();
+    let mut requests = Vec::new();
+    for row in &rows {
+        for (j, truncation) in truncations.iter().enumerate() {
+            for k in 0..3 {
+                all_rows.push(row.clone());
+                requests.push(RowRequest {
+                    temperature: [0.7, 1.0, 1.3][(j + k) % 3],
+                    uniform: rng.random::<f64>(),
+                    candidates: false,
+                    truncation: Some(*truncation),
+                });
+            }
+        }
+    }
+    let logits = backend.upload_rows(&all_rows).unwrap();
+    let got = backend.summarize_rows(&logits, &requests).unwrap();
+    for (i, ((row, request), got)) in all_rows.iter().zip(&requests).zip(&got).enumerate() {
+        let want = summarize_row(row, request);
+        let what = format!("row {} ({request:?})", i / (3 * truncations.len()));
+        assert_eq!(got.drawn, want.drawn, "{what}");
+        assert_eq!(got.drawn_logit, want.drawn_logit, "{what}");
+    }
 }
 
 /// The tiny model on the GPU with a bf16 KV cache (the layout of real transfers).

@@ -34,7 +34,7 @@ use tandem_workers::backend::{
 };
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
-use tandem_workers::sampler::device::RowRequest;
+use tandem_workers::sampler::device::{RowRequest, Truncation};
 use tandem_workers::tp_bench::{argmax, matrix_params, rel_l2};
 use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
 use tandem_workers::transfer::pool::SLICE_ALIGN;
@@ -1174,7 +1174,7 @@ enum StepMode {
     DeviceGreedy,
     /// Every row copied to the host.
     HostLogits,
-    /// Top-p summaries on the device.
+    /// Top-p 0.9 drawn on the device (`summarize_rows`).
     DeviceSampling,
 }
 
@@ -1267,7 +1267,12 @@ fn bench(
             .map(|s| RowRequest {
                 temperature: 0.8,
                 uniform: (s as f64 + 0.5) / batch_size as f64,
-                candidates: true,
+                candidates: false,
+                truncation: Some(Truncation {
+                    top_k: 0,
+                    top_p: 0.9,
+                    min_p: 0.0,
+                }),
             })
             .collect();
         let step = |kv: &mut _, mode: StepMode| -> Result<(f64, f64)> {

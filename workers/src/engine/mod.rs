@@ -1141,6 +1141,7 @@ impl<M: StepModel> Engine<M> {
             temperature: 0.0,
             uniform: 0.0,
             candidates: false,
+            truncation: None,
         };
         let requests: Vec<Option<RowRequest>> = wanting
             .iter()
@@ -1239,8 +1240,8 @@ impl<M: StepModel> Engine<M> {
                 // Constrained requests take the host path (their row gets the grammar's
                 // mask), and so do requests ended since the forward (their row is dropped).
                 let seq = self.seqs.get(id).filter(|seq| !seq.constrained)?;
-                seq.sampler
-                    .sample_from_summary(request.as_ref()?, summary, self.vocab_size)
+                request.as_ref()?;
+                seq.sampler.sample_from_summary(summary, self.vocab_size)
             })
             .collect();
         // A sequence whose next decode is queued already ran it on the device's pick: the
@@ -1377,14 +1378,11 @@ impl<M: StepModel> Engine<M> {
                 return true;
             }
         };
-        for ((&i, request), summary) in rows.iter().zip(&requests).zip(&summaries) {
+        for (&i, summary) in rows.iter().zip(&summaries) {
             let Some(seq) = self.seqs.get_mut(&wanting[i]) else {
                 continue;
             };
-            if let Some(token) = seq
-                .sampler
-                .sample_from_summary(request, summary, self.vocab_size)
-            {
+            if let Some(token) = seq.sampler.sample_from_summary(summary, self.vocab_size) {
                 // The mask is spent; the token advances the grammar in `accept_token`.
                 seq.mask = None;
                 sampled[i] = Some(token);

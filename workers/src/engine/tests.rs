@@ -1683,8 +1683,8 @@ fn run_overlapped(e: &mut Engine<SummarizingModel>, out: &mut Outcomes) -> usize
 
 /// Steps queued before the previous one is collected give every request the tokens it gets
 /// without overlap and with host sampling: across EOS found a step late, preemptions of a
-/// small cache, batches mixing requests the device decides with one it does not (top-p), and
-/// every block is free at the end.
+/// small cache, batches with truncated draws (top-p, top-k, min-p: decided on the device too,
+/// so they overlap), and every block is free at the end.
 #[test]
 fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
     let config = EngineConfig {
@@ -1713,6 +1713,14 @@ fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
             .collect();
         if with_truncated {
             params[4] = sampled(4);
+            params[5] = SamplingParams {
+                top_k: Some(3),
+                ..hot(5)
+            };
+            params[7] = SamplingParams {
+                min_p: 0.2,
+                ..hot(7)
+            };
         }
         let requests: Vec<GenerationRequest> = params
             .iter()
@@ -1752,6 +1760,52 @@ fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
         assert_eq!(one_at_a_time.free_blocks(), 24);
         assert!(overlapped.seqs.is_empty() && overlapped.overlap.in_flight.is_none());
     }
+}
+
+/// Truncated draws (top-p, top-k, min-p) are decided on the device, so a batch of nothing but
+/// them keeps a step in flight as greedy ones do, with the tokens of host sampling.
+#[test]
+fn steps_of_truncated_draws_stay_in_flight() {
+    let config = roomy_config();
+    let params = [
+        sampled(1),
+        SamplingParams {
+            temperature: 1.2,
+            top_k: Some(3),
+            seed: Some(2),
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 0.9,
+            min_p: 0.3,
+            seed: Some(3),
+            ..SamplingParams::default()
+        },
+    ];
+    let mut host = Engine::new(
+        FakeModel::new(config.block_size, config.num_blocks),
+        config,
+        None,
+    )
+    .unwrap();
+    let mut overlapped = summarizing_engine(config, true);
+    let mut ids = Vec::new();
+    for (k, p) in params.iter().enumerate() {
+        let r = request(prompt(4 + k, k as u32), 20, p.clone());
+        ids.push((
+            host.add_request(r.clone()).unwrap(),
+            overlapped.add_request(r).unwrap(),
+        ));
+    }
+    let host_out = run(&mut host);
+    let mut out = Outcomes::new();
+    let in_flight = run_overlapped(&mut overlapped, &mut out);
+    // 20 tokens each: after the prefill, every decode step but the last stays in flight.
+    assert!(in_flight >= 15, "only {in_flight} steps stayed in flight");
+    for (h, o) in &ids {
+        assert_eq!(host_out[h], out[o]);
+    }
+    assert_eq!(overlapped.model.rows_fetched, 0, "no row came to the host");
 }
 
 /// A request ended by a stop token, or cancelled, while its next decode is queued: its blocks

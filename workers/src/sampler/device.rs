@@ -3,17 +3,15 @@
 //! A batch of 128 rows of a 128k vocabulary is 64 MiB of f32 logits; copying that to the host
 //! and walking it there cost more than the decode step on a GPU. A backend that can summarise
 //! rows ([`crate::backend::DeviceSampler`], `workers/kernels/sample.cu`) reports per row: the
-//! maximum and its lowest index, the two softmax normalisers, the full-vocabulary draw for the
-//! row's uniform, and the [`DEVICE_CANDIDATES`] best-ranked logits. From those, [`Sampler::sample_from_summary`] picks
-//! the same token [`Sampler::sample`] would pick from the full row (same uniform, same ranking,
-//! same walk), up to the order in which the device adds up f32 weights. When a request needs
-//! more than a summary holds (penalties, a top-k above the candidates, a nucleus wider than
-//! them, ties overflowing), the engine falls back to the full row for that request only.
+//! maximum and its lowest index, the two softmax normalisers, the row's draw for its uniform
+//! (over the full vocabulary, or truncated by top-k, top-p and min-p as [`Truncation`] asks),
+//! and, for top log-probabilities, the [`DEVICE_CANDIDATES`] best-ranked logits. From those,
+//! [`Sampler::sample_from_summary`] takes the token [`Sampler::sample`] would pick from the
+//! full row (same uniform, same ranking, same walk), up to the order in which the device adds
+//! up f32 weights. Penalties and `logit_bias` rewrite the logits, so those requests take the
+//! full row.
 
-use super::{
-    Candidate, NUCLEUS_HEAD, SampledToken, Sampler, draw, fast_exp, logprobs, nucleus_threshold,
-    rank_candidates, smallest_prefix_reaching, sum_weights,
-};
+use super::{SampledToken, Sampler, draw, logprobs, rank_candidates, sample_truncated};
 
 /// How many best-ranked logits a device summary carries (`SAMPLE_CANDIDATES` in sample.cu).
 pub const DEVICE_CANDIDATES: usize = 64;
@@ -25,8 +23,34 @@ pub struct RowRequest {
     pub temperature: f32,
     /// The row's uniform in `[0, 1)` (the sampler's stream for this position).
     pub uniform: f64,
-    /// Whether the [`DEVICE_CANDIDATES`] best logits are needed (truncation or top logprobs).
+    /// Whether the [`DEVICE_CANDIDATES`] best logits come back (top log-probabilities).
     pub candidates: bool,
+    /// Top-k, top-p and min-p before the draw (`sample_rank.cu`); `None` draws from the
+    /// whole vocabulary.
+    pub truncation: Option<Truncation>,
+}
+
+/// The truncation of a sampled row's draw, as [`super::SamplingParams`] sets it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Truncation {
+    /// `0`: no top-k.
+    pub top_k: u32,
+    /// `1`: no top-p.
+    pub top_p: f32,
+    /// `0`: no min-p.
+    pub min_p: f32,
+}
+
+impl Truncation {
+    /// min-p as a logit offset below the maximum, `T ln(min_p)`, computed as the host's
+    /// `sample_truncated` computes it (so the device keeps the same logits); `-inf` for none.
+    pub fn min_logit_offset(&self, temperature: f32) -> f32 {
+        if self.min_p > 0.0 {
+            temperature * self.min_p.ln()
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
 }
 
 /// What the device reports about one row.
@@ -41,7 +65,8 @@ pub struct RowSummary {
     pub sum_exp: f64,
     /// `sum(exp((l - max) / temperature))`; 1 for greedy rows.
     pub sum_exp_temperature: f64,
-    /// The full-vocabulary draw (id order, `uniform * sum_exp_temperature`), or the argmax.
+    /// The draw for the row's uniform (over the full vocabulary in id order, or truncated as
+    /// asked), or the argmax of a greedy row.
     pub drawn: u32,
     pub drawn_logit: f32,
     /// The best-ranked finite logits (higher first, equal by lower id), when asked; `None`
@@ -51,10 +76,10 @@ pub struct RowSummary {
 
 impl Sampler {
     /// What the device must compute for this request's token at generated position `step`,
-    /// or `None` when only the full row will do (penalties and `logit_bias` rewrite the
-    /// logits; a top-k above [`DEVICE_CANDIDATES`], or min-p over an untruncated vocabulary,
-    /// needs every logit). A request under a grammar never asks: the engine copies its row to
-    /// apply the grammar's mask.
+    /// or `None` when only the full row will do: penalties and `logit_bias` rewrite the
+    /// logits, and more top log-probabilities than [`DEVICE_CANDIDATES`] need every logit. A
+    /// request under a grammar never asks: the engine copies its row to apply the grammar's
+    /// mask, or masks it on the device and asks for the masked row.
     pub fn device_request(&mut self, step: u64, vocab_size: usize) -> Option<RowRequest> {
         let params = &self.params;
         if params.has_penalties() || !params.logit_bias.is_empty() {
@@ -67,31 +92,26 @@ impl Sampler {
         let greedy = params.is_greedy();
         let top_k = params.top_k_of(vocab_size);
         let untruncated = top_k == vocab_size && params.top_p >= 1.0 && params.min_p <= 0.0;
-        if !greedy && !untruncated {
-            let fits = if top_k < vocab_size {
-                top_k <= DEVICE_CANDIDATES
-            } else {
-                // Top-p over the whole vocabulary walks the best NUCLEUS_HEAD first, which the
-                // candidates hold; min-p without top-k or top-p filters in id order.
-                params.top_p < 1.0
-            };
-            if !fits {
-                return None;
-            }
-        }
+        let truncation = (!greedy && !untruncated).then_some(Truncation {
+            top_k: if top_k < vocab_size { top_k as u32 } else { 0 },
+            top_p: params.top_p,
+            min_p: params.min_p,
+        });
         Some(RowRequest {
             temperature: if greedy { 0.0 } else { params.temperature },
             uniform: self.uniform(step),
-            candidates: logprobs > 0 || !(greedy || untruncated),
+            candidates: logprobs > 0,
+            truncation,
         })
     }
 
-    /// The token [`Sampler::sample`] would pick from the row `summary` describes, or `None`
-    /// when the summary does not decide it (the caller then samples from the full row; the
-    /// stream position is not consumed, so that gives the same draw).
+    /// The token [`Sampler::sample`] would pick from the row `summary` describes (the device
+    /// computed it for this sampler's [`Sampler::device_request`]), or `None` when the summary
+    /// does not decide it: invalid logits, or top log-probabilities it does not hold. The
+    /// caller then samples from the full row; the stream position is not consumed, so that
+    /// gives the same draw.
     pub fn sample_from_summary(
         &self,
-        request: &RowRequest,
         summary: &RowSummary,
         vocab_size: usize,
     ) -> Option<SampledToken> {
@@ -116,13 +136,8 @@ impl Sampler {
         };
         let (id, logit) = if params.is_greedy() {
             (summary.argmax, summary.max_logit)
-        } else if !request.candidates {
-            (summary.drawn, summary.drawn_logit)
         } else {
-            let candidates = summary.candidates.as_ref()?;
-            let id = truncated_draw(self, request, summary, candidates, vocab_size)?;
-            let logit = candidates.iter().find(|c| c.1 == id)?.0;
-            (id, logit)
+            (summary.drawn, summary.drawn_logit)
         };
         Some(SampledToken {
             id,
@@ -130,52 +145,6 @@ impl Sampler {
             top_logprobs,
         })
     }
-}
-
-/// Top-k, top-p, min-p and the draw over the device's candidates, as `sample_truncated` does
-/// over the full row; `None` when the candidates do not hold the kept set.
-fn truncated_draw(
-    sampler: &Sampler,
-    request: &RowRequest,
-    summary: &RowSummary,
-    candidates: &[Candidate],
-    vocab_size: usize,
-) -> Option<u32> {
-    let params = &sampler.params;
-    let temperature = params.temperature;
-    let max_logit = summary.max_logit;
-    let weight = |logit: f32| fast_exp::exp((logit - max_logit) / temperature);
-    let top_k = params.top_k_of(vocab_size);
-    let mut kept: Vec<Candidate> = if top_k < vocab_size {
-        // Fewer candidates than k only when fewer logits are finite: then all of them.
-        let mut kept = candidates[..top_k.min(candidates.len())].to_vec();
-        if params.top_p < 1.0 {
-            let threshold = nucleus_threshold(params.top_p, sum_weights(&kept, weight));
-            let len = smallest_prefix_reaching(&mut kept, true, threshold, weight);
-            kept.truncate(len);
-        }
-        kept
-    } else {
-        // Top-p over the whole vocabulary: the nucleus must close within the head.
-        let threshold = nucleus_threshold(params.top_p, summary.sum_exp_temperature);
-        let head = &candidates[..NUCLEUS_HEAD.min(candidates.len())];
-        let mut mass = 0.0;
-        let len = head.iter().position(|c| {
-            mass += f64::from(weight(c.0));
-            mass >= threshold
-        })?;
-        head[..=len].to_vec()
-    };
-    if params.min_p > 0.0 {
-        let min_logit = max_logit + temperature * params.min_p.ln();
-        kept.retain(|&(logit, _)| logit >= min_logit);
-    }
-    let total = sum_weights(&kept, weight);
-    Some(draw(
-        request.uniform,
-        total,
-        kept.iter().map(|&(l, id)| (id, weight(l))),
-    ))
 }
 
 /// What sample.cu computes, done on the host from the full row: the reference a device
@@ -188,7 +157,23 @@ pub fn summarize_row(logits: &[f32], request: &RowRequest) -> RowSummary {
         .map(|&l| f64::from((l - max_logit).exp()))
         .sum();
     let t = request.temperature;
-    let (sum_t, drawn) = if t > 0.0 {
+    let (sum_t, drawn) = if let (true, Some(truncation)) = (t > 0.0, &request.truncation) {
+        let sum_t = logits
+            .iter()
+            .map(|&l| f64::from(((l - max_logit) / t).exp()))
+            .sum();
+        let params = super::SamplingParams {
+            temperature: t,
+            top_k: (truncation.top_k > 0).then_some(truncation.top_k),
+            top_p: truncation.top_p,
+            min_p: truncation.min_p,
+            ..Default::default()
+        };
+        (
+            sum_t,
+            sample_truncated(&params, logits, max_logit, request.uniform),
+        )
+    } else if t > 0.0 {
         let w: Vec<f32> = logits
             .iter()
             .map(|&l| ((l - max_logit) / t).exp())
@@ -291,7 +276,7 @@ mod tests {
                 let summary = summarize_row(&row, &request);
                 let generated = vec![0u32; step as usize];
                 let expected = host.sample(&mut row.clone(), &[], &generated).unwrap();
-                if let Some(got) = device.sample_from_summary(&request, &summary, vocab) {
+                if let Some(got) = device.sample_from_summary(&summary, vocab) {
                     decided += 1;
                     assert_eq!(got.id, expected.id, "case {case} seed {seed}");
                     assert!((got.logprob - expected.logprob).abs() < 1e-4);
@@ -303,8 +288,7 @@ mod tests {
                 }
             }
         }
-        // Only a nucleus wider than the head may fall back.
-        assert!(decided >= 100, "{decided} of 120 decided from the summary");
+        assert_eq!(decided, 120, "every case is decided from the summary");
     }
 
     #[test]
@@ -316,16 +300,12 @@ mod tests {
                 ..SamplingParams::greedy()
             },
             SamplingParams {
-                top_k: Some(DEVICE_CANDIDATES as u32 + 1),
-                ..SamplingParams::default()
-            },
-            SamplingParams {
-                min_p: 0.1,
-                ..SamplingParams::default()
-            },
-            SamplingParams {
                 logit_bias: vec![(3, -100.0)],
                 ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                logprobs: Some(DEVICE_CANDIDATES as u32 + 1),
+                ..SamplingParams::default()
             },
         ];
         for params in full_row {
@@ -335,6 +315,63 @@ mod tests {
         let mut untruncated = Sampler::new(SamplingParams::default()).unwrap();
         let request = untruncated.device_request(0, vocab).unwrap();
         assert!(!request.candidates && request.temperature == 1.0);
+        assert_eq!(request.truncation, None);
+    }
+
+    /// Top-k past the candidates, min-p alone and wide nuclei are drawn on the device too.
+    #[test]
+    fn truncated_requests_are_drawn_on_the_device() {
+        let vocab = 1000;
+        let cases = [
+            (
+                SamplingParams {
+                    top_k: Some(DEVICE_CANDIDATES as u32 + 1),
+                    ..SamplingParams::default()
+                },
+                Truncation {
+                    top_k: DEVICE_CANDIDATES as u32 + 1,
+                    top_p: 1.0,
+                    min_p: 0.0,
+                },
+            ),
+            (
+                SamplingParams {
+                    min_p: 0.1,
+                    ..SamplingParams::default()
+                },
+                Truncation {
+                    top_k: 0,
+                    top_p: 1.0,
+                    min_p: 0.1,
+                },
+            ),
+            (
+                SamplingParams {
+                    top_k: Some(5000),
+                    top_p: 0.99,
+                    ..SamplingParams::default()
+                },
+                Truncation {
+                    top_k: 0,
+                    top_p: 0.99,
+                    min_p: 0.0,
+                },
+            ),
+        ];
+        for (params, truncation) in cases {
+            let mut sampler = Sampler::new(params.clone()).unwrap();
+            let request = sampler.device_request(0, vocab).unwrap();
+            assert_eq!(request.truncation, Some(truncation), "{params:?}");
+            assert!(!request.candidates, "{params:?}");
+        }
+        let greedy = Sampler::new(SamplingParams {
+            top_k: Some(3),
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(
+            greedy.unwrap().device_request(0, vocab).unwrap().truncation,
+            None
+        );
     }
 
     #[test]
@@ -343,6 +380,6 @@ mod tests {
         let request = sampler.device_request(0, 4).unwrap();
         let mut summary = summarize_row(&[0.0, 1.0, 2.0, 3.0], &request);
         summary.non_finite = 1;
-        assert_eq!(sampler.sample_from_summary(&request, &summary, 4), None);
+        assert_eq!(sampler.sample_from_summary(&summary, 4), None);
     }
 }

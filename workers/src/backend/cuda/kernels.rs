@@ -36,6 +36,11 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/flash_wgmma.cu"),
     ),
     ("skinny.cu", include_str!("../../../kernels/skinny.cu")),
+    // Before sample.cu: its truncated draw and the ranking's keys.
+    (
+        "sample_rank.cu",
+        include_str!("../../../kernels/sample_rank.cu"),
+    ),
     ("sample.cu", include_str!("../../../kernels/sample.cu")),
 ];
 

@@ -19,6 +19,9 @@ use crate::sampler::device::{DEVICE_CANDIDATES, RowRequest, RowSummary};
 
 /// `SAMPLE_THREADS` in sample.cu.
 const THREADS: u32 = 1024;
+/// A row's flags in sample.cu: its candidates come back; its draw is truncated.
+const SAMPLE_WANT_CANDIDATES: u32 = 1;
+const SAMPLE_TRUNCATED: u32 = 2;
 
 /// What `sample_rows` writes, per row: see sample.cu.
 struct DeviceOutputs {
@@ -57,10 +60,28 @@ fn launch(
     let stream = &backend.stream;
     let temperature: Vec<f32> = requests.iter().map(|r| r.temperature).collect();
     let uniform: Vec<f64> = requests.iter().map(|r| r.uniform).collect();
-    let want: Vec<u32> = requests.iter().map(|r| u32::from(r.candidates)).collect();
+    // Per row: SAMPLE_WANT_CANDIDATES | SAMPLE_TRUNCATED and top-k; top-p and T ln(min-p).
+    let flags: Vec<u32> = requests
+        .iter()
+        .flat_map(|r| {
+            let want = u32::from(r.candidates) * SAMPLE_WANT_CANDIDATES;
+            match &r.truncation {
+                Some(t) => [want | SAMPLE_TRUNCATED, t.top_k],
+                None => [want, 0],
+            }
+        })
+        .collect();
+    let truncation: Vec<f32> = requests
+        .iter()
+        .flat_map(|r| match &r.truncation {
+            Some(t) => [t.top_p, t.min_logit_offset(r.temperature)],
+            None => [1.0, f32::NEG_INFINITY],
+        })
+        .collect();
     let temperature = dev!("summarize_rows upload", stream.clone_htod(&temperature))?;
     let uniform = dev!("summarize_rows upload", stream.clone_htod(&uniform))?;
-    let want = dev!("summarize_rows upload", stream.clone_htod(&want))?;
+    let flags = dev!("summarize_rows upload", stream.clone_htod(&flags))?;
+    let truncation = dev!("summarize_rows upload", stream.clone_htod(&truncation))?;
     let mut out = DeviceOutputs {
         rows,
         f32s: backend.alloc_f32(rows * 2)?,
@@ -76,7 +97,8 @@ fn launch(
         .arg(&cols)
         .arg(&temperature)
         .arg(&uniform)
-        .arg(&want)
+        .arg(&flags)
+        .arg(&truncation)
         .arg(&mut out.f32s)
         .arg(&mut out.u32s)
         .arg(&mut out.f64s)
