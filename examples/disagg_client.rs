@@ -121,6 +121,7 @@ fn run(args: &Args) -> anyhow::Result<usize> {
                         max_tokens: args.max_tokens,
                         stream: args.stream,
                         temperature: args.temperature,
+                        top_p: None,
                         ignore_eos: false,
                     };
                     if args.stream {
