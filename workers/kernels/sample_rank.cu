@@ -148,15 +148,20 @@ __device__ u64 rank_search(const RankRow& rr, bool by_mass, bool by_id, u32 tie_
     return lo;
 }
 
-// Where the ranking crosses a key: the finite logits above it (count, weight) and how many
-// equal it.
+// Where the ranking crosses a key: the finite logits above it (count, weight), how many equal
+// it, and the lowest id among those.
 struct KeyStats {
     u64 count_above, mass_above, ties;
+    u32 lowest_tie;
 };
 
 __device__ KeyStats key_stats(const RankRow& rr, u32 key) {
+    __shared__ u32 lowest;
     const u32 neg_inf_key = sample_key(NEG_INF);
+    if (threadIdx.x == 0) lowest = 0xffffffffu;
+    __syncthreads();
     u64 s[3] = {0, 0, 0};
+    u32 mine = 0xffffffffu;
     for (int c = threadIdx.x; c < rr.cols; c += blockDim.x) {
         const float l = rr.row[c];
         const u32 k = sample_key(l);
@@ -165,16 +170,21 @@ __device__ KeyStats key_stats(const RankRow& rr, u32 key) {
             s[1] += fixed_weight(rr, l);
         } else if (k == key) {
             s[2] += 1;
+            mine = min(mine, (u32)c);
         }
     }
-    block_sum_u64<3>(s);
-    return KeyStats{s[0], s[1], s[2]};
+    if (mine != 0xffffffffu) atomicMin(&lowest, mine);
+    block_sum_u64<3>(s);  // its barriers publish `lowest` too
+    const KeyStats stats{s[0], s[1], s[2], lowest};
+    __syncthreads();  // read before the next call resets it
+    return stats;
 }
 
-// The ranking's first `n` tokens (1 <= n <= the finite logits), past the head.
+// The ranking's first `len` tokens (1 <= len <= the finite logits): they end with ties_taken
+// of the logits equal to last_key, in id order.
 struct Prefix {
     u64 len, mass;
-    u32 last_key, ties_taken;
+    u32 last_key, ties_taken, lowest_tie;
 };
 
 // The shortest prefix whose weight reaches `goal` (1 <= goal <= the row's finite weight).
@@ -184,7 +194,7 @@ __device__ Prefix prefix_by_mass(const RankRow& rr, u64 goal) {
     const u64 w = fixed_weight(rr, key_value(k));
     // F(k) reaches the goal and F(k + 1) does not, so w > 0 and 1 <= n <= ties.
     const u64 n = min((goal - s.mass_above + w - 1) / w, s.ties);
-    return Prefix{s.count_above + n, s.mass_above + n * w, k, (u32)n};
+    return Prefix{s.count_above + n, s.mass_above + n * w, k, (u32)n, s.lowest_tie};
 }
 
 // The ranking's first `len` tokens.
@@ -192,11 +202,13 @@ __device__ Prefix prefix_by_len(const RankRow& rr, u64 len) {
     const u32 k = (u32)rank_search(rr, false, false, 0, sample_key(NEG_INF) + 1u, 0xffffffffull, len);
     const KeyStats s = key_stats(rr, k);
     const u64 n = len - s.count_above;
-    return Prefix{len, s.mass_above + n * fixed_weight(rr, key_value(k)), k, (u32)n};
+    return Prefix{len, s.mass_above + n * fixed_weight(rr, key_value(k)), k, (u32)n, s.lowest_tie};
 }
 
 // The last token of a prefix: the ties_taken-th lowest id among the logits of its last key.
 __device__ u32 prefix_last_token(const RankRow& rr, const Prefix& p) {
+    // Usually the only one (logits of a model are rarely equal).
+    if (p.ties_taken == 1) return p.lowest_tie;
     const KeyStats s = key_stats(rr, p.last_key);
     // Counting ids from the top, the ties_taken-th lowest is the (ties - ties_taken + 1)-th.
     return (u32)rank_search(rr, false, true, p.last_key, 0, (u64)rr.cols - 1,
@@ -249,7 +261,7 @@ __device__ u32 truncated_pick(const RankRow& rr, double u, u32 top_k, float top_
 
     // The kept prefix: `len` tokens weighing `mass`; past the head, `tail` says where it ends.
     u64 len = finite, mass = total;
-    Prefix tail{finite, total, 0, 0};
+    Prefix tail{finite, total, 0, 0, 0};
     bool past_head = len > head_len;
     if (top_k_cuts) {
         len = top_k;
