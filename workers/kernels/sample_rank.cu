@@ -15,8 +15,10 @@
 // under 2^-40 a token: a draw can differ only where its uniform falls that close to a boundary.
 //
 // Most prefixes end within the SAMPLE_CANDIDATES best logits, which sample_rows has ranked
-// already (the head). The others are found by rank_search: 8-way steps over the logits' keys,
-// then over the ids of equal logits, a pass over the row per step.
+// already (the head). The others are found through buckets of the weight's exponent (one pass
+// for a histogram, one to collect the bucket where the prefix ends, and a sort of that bucket
+// alone); where that bucket is too large (equal logits), by rank_search: 8-way steps over the
+// logits' keys, then over the ids of equal logits, a pass over the row per step.
 
 // Order-preserving key of a float: larger float, larger key.
 __device__ __forceinline__ u32 sample_key(float f) {
@@ -180,35 +182,195 @@ __device__ KeyStats key_stats(const RankRow& rr, u32 key) {
     return stats;
 }
 
-// The ranking's first `len` tokens (1 <= len <= the finite logits): they end with ties_taken
-// of the logits equal to last_key, in id order.
+// The ranking's first `len` tokens (1 <= len <= the finite logits), weighing `mass`. Their
+// last token is `last` when known (NO_TOKEN: the ties_taken-th lowest id among the logits
+// whose key is last_key).
+#define NO_TOKEN 0xffffffffu
 struct Prefix {
     u64 len, mass;
-    u32 last_key, ties_taken, lowest_tie;
+    u32 last, last_key, ties_taken;
 };
 
-// The shortest prefix whose weight reaches `goal` (1 <= goal <= the row's finite weight).
-__device__ Prefix prefix_by_mass(const RankRow& rr, u64 goal) {
+// The buckets: (max - l) / T in steps of 1/32 up to 32 (past that a weight is 0 in 2^-40
+// units), the last bucket holding the rest. A bucket's index never falls as the logit falls,
+// so each bucket is a run of the ranking, and the run where a prefix ends is found with one
+// pass (a histogram) and sorted alone: a few hundred tokens of a flat row, instead of the
+// twelve passes of a key search. A run of more than RANK_BUCKET_CAP tokens (equal logits, or
+// the weightless tail) takes the key search.
+#define RANK_BUCKETS 1024
+#define RANK_BUCKET_CAP 2048
+
+__device__ __forceinline__ int rank_bucket(const RankRow& rr, float l) {
+    const float d = __fdiv_rn(__fsub_rn(rr.max, l), rr.t);
+    return d < (float)(RANK_BUCKETS - 1) / 32.0f ? min((int)(d * 32.0f), RANK_BUCKETS - 1)
+                                                 : RANK_BUCKETS - 1;
+}
+
+// The shortest prefix whose count (by_mass false) or weight reaches goal, through the bucket
+// it ends in; false when that bucket holds more than RANK_BUCKET_CAP tokens.
+__device__ bool prefix_by_bucket(const RankRow& rr, bool by_mass, u64 goal, Prefix* out) {
+    __shared__ u64 hist_mass[RANK_BUCKETS];
+    __shared__ u32 hist_count[RANK_BUCKETS];
+    __shared__ u64 run[RANK_BUCKET_CAP];  // ((u64)key << 32) | ~id: larger ranks first
+    __shared__ int found_bucket;
+    __shared__ u64 found_count_above, found_mass_above;
+    __shared__ u32 found_in_bucket, collected;
+    __shared__ Prefix result;
+    const int lane = threadIdx.x & 31;
+    for (int b = threadIdx.x; b < RANK_BUCKETS; b += blockDim.x) {
+        hist_mass[b] = 0;
+        hist_count[b] = 0;
+    }
+    if (threadIdx.x == 0) collected = 0;
+    __syncthreads();
+    // 1. Count and weight per bucket; a warp whose tokens share a bucket adds once.
+    for (int base = 0; base < rr.cols; base += blockDim.x) {
+        const int c = base + threadIdx.x;
+        const float l = c < rr.cols ? rr.row[c] : NEG_INF;
+        const bool finite = l > NEG_INF;
+        const int b = finite ? rank_bucket(rr, l) : -1;
+        const u64 w = finite ? fixed_weight(rr, l) : 0ull;
+        const int b0 = __shfl_sync(0xffffffffu, b, 0);
+        if (__all_sync(0xffffffffu, b == b0)) {
+            u64 sum = w;
+#pragma unroll
+            for (int o = 16; o >= 1; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (lane == 0 && b0 >= 0) {
+                atomicAdd(&hist_mass[b0], sum);
+                atomicAdd(&hist_count[b0], 32u);
+            }
+        } else if (finite) {
+            atomicAdd(&hist_mass[b], w);
+            atomicAdd(&hist_count[b], 1u);
+        }
+    }
+    __syncthreads();
+    // 2. The bucket where the running metric reaches the goal: warp 0, 32 buckets a lane.
+    if (threadIdx.x < 32) {
+        const int per_lane = RANK_BUCKETS / 32;
+        u64 mine = 0;
+        for (int i = 0; i < per_lane; ++i) {
+            const int b = lane * per_lane + i;
+            mine += by_mass ? hist_mass[b] : (u64)hist_count[b];
+        }
+        u64 inclusive = mine;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const u64 n = __shfl_up_sync(0xffffffffu, inclusive, o);
+            if (lane >= o) inclusive += n;
+        }
+        const u32 reaching = __ballot_sync(0xffffffffu, inclusive >= goal);
+        // The goal is at most the row's total, so some lane reaches it.
+        if (lane == __ffs(reaching) - 1) {
+            u64 metric = inclusive - mine, count = 0, mass = 0;
+            for (int b = 0; b < lane * per_lane; ++b) {
+                count += hist_count[b];
+                mass += hist_mass[b];
+            }
+            for (int i = 0; i < per_lane; ++i) {
+                const int b = lane * per_lane + i;
+                const u64 m = by_mass ? hist_mass[b] : (u64)hist_count[b];
+                if (metric + m >= goal) {
+                    found_bucket = b;
+                    found_count_above = count;
+                    found_mass_above = mass;
+                    found_in_bucket = hist_count[b];
+                    break;
+                }
+                metric += m;
+                count += hist_count[b];
+                mass += hist_mass[b];
+            }
+        }
+    }
+    __syncthreads();
+    const int bucket = found_bucket;
+    const u32 n = found_in_bucket;
+    if (n > RANK_BUCKET_CAP) return false;
+    // 3. The bucket's tokens, ranked (bitonic sort, padded with rank 0 to a power of two).
+    for (int c = threadIdx.x; c < rr.cols; c += blockDim.x) {
+        const float l = rr.row[c];
+        if (l > NEG_INF && rank_bucket(rr, l) == bucket) {
+            const u32 at = atomicAdd(&collected, 1u);
+            run[at] = ((u64)sample_key(l) << 32) | (u64)(~(u32)c);
+        }
+    }
+    u32 padded = 1;
+    while (padded < n) padded <<= 1;
+    for (u32 i = n + threadIdx.x; i < padded; i += blockDim.x) run[i] = 0;
+    __syncthreads();
+    for (u32 k = 2; k <= padded; k <<= 1) {
+        for (u32 j = k >> 1; j > 0; j >>= 1) {
+            for (u32 i = threadIdx.x; i < padded; i += blockDim.x) {
+                const u32 partner = i ^ j;
+                if (partner > i) {
+                    const u64 a = run[i], b = run[partner];
+                    if (((i & k) == 0) ? a < b : a > b) {
+                        run[i] = b;
+                        run[partner] = a;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    // 4. The running weight through the run (two tokens a thread), and where the goal falls.
+    const u32 i0 = 2 * threadIdx.x;
+    const u64 w0 = i0 < n ? fixed_weight(rr, key_value((u32)(run[i0] >> 32))) : 0ull;
+    const u64 w1 = i0 + 1 < n ? fixed_weight(rr, key_value((u32)(run[i0 + 1] >> 32))) : 0ull;
+    u64 total;
+    const u64 mass_before = found_mass_above + block_exclusive_scan_u64(w0 + w1, &total);
+    for (u32 e = i0; e < min(i0 + 2, n); ++e) {
+        const u64 mass_through = mass_before + w0 + (e > i0 ? w1 : 0ull);
+        const u64 metric_through =
+            by_mass ? mass_through : found_count_above + (u64)e + 1;
+        const u64 metric_before =
+            by_mass ? mass_through - (e > i0 ? w1 : w0) : found_count_above + (u64)e;
+        if (metric_before < goal && metric_through >= goal) {
+            result = Prefix{found_count_above + e + 1, mass_through, ~(u32)run[e], 0, 0};
+        }
+    }
+    __syncthreads();
+    *out = result;
+    __syncthreads();  // read before the next call writes
+    return true;
+}
+
+// The shortest prefix whose weight reaches `goal` (1 <= goal <= the row's finite weight),
+// by its keys.
+__device__ Prefix prefix_by_mass_search(const RankRow& rr, u64 goal) {
     const u32 k = (u32)rank_search(rr, true, false, 0, sample_key(NEG_INF) + 1u, 0xffffffffull, goal);
     const KeyStats s = key_stats(rr, k);
     const u64 w = fixed_weight(rr, key_value(k));
     // F(k) reaches the goal and F(k + 1) does not, so w > 0 and 1 <= n <= ties.
     const u64 n = min((goal - s.mass_above + w - 1) / w, s.ties);
-    return Prefix{s.count_above + n, s.mass_above + n * w, k, (u32)n, s.lowest_tie};
+    // Usually the only one (logits of a model are rarely equal).
+    return Prefix{s.count_above + n, s.mass_above + n * w, n == 1 ? s.lowest_tie : NO_TOKEN, k,
+                  (u32)n};
 }
 
-// The ranking's first `len` tokens.
-__device__ Prefix prefix_by_len(const RankRow& rr, u64 len) {
+// The ranking's first `len` tokens, by their keys.
+__device__ Prefix prefix_by_len_search(const RankRow& rr, u64 len) {
     const u32 k = (u32)rank_search(rr, false, false, 0, sample_key(NEG_INF) + 1u, 0xffffffffull, len);
     const KeyStats s = key_stats(rr, k);
     const u64 n = len - s.count_above;
-    return Prefix{len, s.mass_above + n * fixed_weight(rr, key_value(k)), k, (u32)n, s.lowest_tie};
+    return Prefix{len, s.mass_above + n * fixed_weight(rr, key_value(k)),
+                  n == 1 ? s.lowest_tie : NO_TOKEN, k, (u32)n};
 }
 
-// The last token of a prefix: the ties_taken-th lowest id among the logits of its last key.
+__device__ Prefix prefix_by_mass(const RankRow& rr, u64 goal) {
+    Prefix p;
+    return prefix_by_bucket(rr, true, goal, &p) ? p : prefix_by_mass_search(rr, goal);
+}
+
+__device__ Prefix prefix_by_len(const RankRow& rr, u64 len) {
+    Prefix p;
+    return prefix_by_bucket(rr, false, len, &p) ? p : prefix_by_len_search(rr, len);
+}
+
+// The last token of a prefix.
 __device__ u32 prefix_last_token(const RankRow& rr, const Prefix& p) {
-    // Usually the only one (logits of a model are rarely equal).
-    if (p.ties_taken == 1) return p.lowest_tie;
+    if (p.last != NO_TOKEN) return p.last;
     const KeyStats s = key_stats(rr, p.last_key);
     // Counting ids from the top, the ties_taken-th lowest is the (ties - ties_taken + 1)-th.
     return (u32)rank_search(rr, false, true, p.last_key, 0, (u64)rr.cols - 1,
@@ -261,7 +423,7 @@ __device__ u32 truncated_pick(const RankRow& rr, double u, u32 top_k, float top_
 
     // The kept prefix: `len` tokens weighing `mass`; past the head, `tail` says where it ends.
     u64 len = finite, mass = total;
-    Prefix tail{finite, total, 0, 0, 0};
+    Prefix tail{finite, total, NO_TOKEN, 0, 0};
     bool past_head = len > head_len;
     if (top_k_cuts) {
         len = top_k;
