@@ -533,8 +533,8 @@ fn sampling_summaries_on_the_device_equal_the_host_reference() {
 
 /// Top-k, top-p and min-p drawn on the device (`sample_rank.cu`) pick what the host's sampler
 /// picks from the full row with the same uniform: within the ranked head and past it (wide
-/// nuclei of flat rows, top-k past the head, ties overflowing the head), and in id order
-/// (min-p alone, top-k above the finite logits).
+/// nuclei of flat rows through buckets, top-k past the head, nearly flat rows and ties
+/// overflowing a bucket through the key search), and in id order (min-p alone).
 #[test]
 fn truncated_draws_on_the_device_equal_the_host_sampler() {
     use rand::{RngExt, SeedableRng};
@@ -557,6 +557,12 @@ fn truncated_draws_on_the_device_equal_the_host_sampler() {
         lm[*id] = 12.0 - i as f32;
     }
     rows.push(lm);
+    // Nearly flat: every logit in the first bucket of (max - l) / T, too many to sort alone.
+    rows.push(
+        (0..vocab)
+            .map(|_| 5.0 + rng.random::<f32>() * 0.01)
+            .collect(),
+    );
     // Ties far more than the head holds, where the 64th best falls.
     rows.push(
         (0..vocab)
