@@ -21,35 +21,6 @@
 #define SAMPLE_WANT_CANDIDATES 1u
 #define SAMPLE_TRUNCATED 2u
 
-// Exclusive prefix sum of one double per thread over the block; also returns the total.
-__device__ double block_exclusive_scan(double v, double* total) {
-    __shared__ double warp_totals[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    double inclusive = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const double n = __shfl_up_sync(0xffffffffu, inclusive, o);
-        if (lane >= o) inclusive += n;
-    }
-    __syncthreads();
-    if (lane == 31) warp_totals[warp] = inclusive;
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = blockDim.x >> 5;
-        double t = lane < warps ? warp_totals[lane] : 0.0;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const double n = __shfl_up_sync(0xffffffffu, t, o);
-            if (lane >= o) t += n;
-        }
-        warp_totals[lane] = t;  // inclusive over warps
-    }
-    __syncthreads();
-    const double before_warp = warp == 0 ? 0.0 : warp_totals[warp - 1];
-    *total = warp_totals[(blockDim.x >> 5) - 1];
-    return before_warp + inclusive - v;
-}
-
 // params: temperature[row] (0: greedy, no draw), u[row] in [0, 1),
 // flags[row*2 + {0,1}]: SAMPLE_WANT_CANDIDATES | SAMPLE_TRUNCATED, top-k (0: none),
 // truncation[row*2 + {0,1}]: top-p (1: none), T ln(min-p) (-inf: none) (sample_rank.cu).

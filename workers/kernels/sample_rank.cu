@@ -90,25 +90,34 @@ __device__ __forceinline__ void block_sum_u64(u64 (&v)[N]) {
     }
 }
 
-// Exclusive prefix sum of one u64 per thread over the block; also returns the total.
-__device__ u64 block_exclusive_scan_u64(u64 v, u64* total) {
-    __shared__ u64 warp_totals[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    u64 inclusive = v;
+// Exclusive prefix sum of one value per thread over the block (a double in sample.cu, a u64
+// here); also returns the total.
+template <typename T>
+__device__ T block_exclusive_scan(T v, T* total) {
+    __shared__ T warp_totals[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    T inclusive = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-        const u64 n = __shfl_up_sync(0xffffffffu, inclusive, o);
+        const T n = __shfl_up_sync(0xffffffffu, inclusive, o);
         if (lane >= o) inclusive += n;
     }
     __syncthreads();
     if (lane == 31) warp_totals[warp] = inclusive;
     __syncthreads();
-    u64 before_warp = 0, all = 0;
-    for (int w = 0; w < warps; ++w) {
-        if (w < warp) before_warp += warp_totals[w];
-        all += warp_totals[w];
+    if (warp == 0) {
+        const int warps = blockDim.x >> 5;
+        T t = lane < warps ? warp_totals[lane] : (T)0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const T n = __shfl_up_sync(0xffffffffu, t, o);
+            if (lane >= o) t += n;
+        }
+        warp_totals[lane] = t;  // inclusive over warps
     }
-    *total = all;
+    __syncthreads();
+    const T before_warp = warp == 0 ? (T)0 : warp_totals[warp - 1];
+    *total = warp_totals[(blockDim.x >> 5) - 1];
     return before_warp + inclusive - v;
 }
 
@@ -319,7 +328,7 @@ __device__ bool prefix_by_bucket(const RankRow& rr, bool by_mass, u64 goal, Pref
     const u64 w0 = i0 < n ? fixed_weight(rr, key_value((u32)(run[i0] >> 32))) : 0ull;
     const u64 w1 = i0 + 1 < n ? fixed_weight(rr, key_value((u32)(run[i0 + 1] >> 32))) : 0ull;
     u64 total;
-    const u64 mass_before = found_mass_above + block_exclusive_scan_u64(w0 + w1, &total);
+    const u64 mass_before = found_mass_above + block_exclusive_scan<u64>(w0 + w1, &total);
     for (u32 e = i0; e < min(i0 + 2, n); ++e) {
         const u64 mass_through = mass_before + w0 + (e > i0 ? w1 : 0ull);
         const u64 metric_through =
@@ -390,7 +399,7 @@ __device__ u32 id_order_draw(const RankRow& rr, float min_logit, double u) {
         if (l >= min_logit) mine += fixed_weight(rr, l);
     }
     u64 total;
-    const u64 before = block_exclusive_scan_u64(mine, &total);
+    const u64 before = block_exclusive_scan<u64>(mine, &total);
     // The first token whose running weight passes u * total.
     const u64 goal = min((u64)floor(u * (double)total) + 1ull, total);
     if (threadIdx.x == 0) picked = 0;
