@@ -1118,7 +1118,7 @@ impl<M: StepModel> Engine<M> {
     }
 
     /// The forward pass with sampling on the device: each request whose token the device's
-    /// summary decides skips the copy of its logits row; the others (penalties, wide nuclei,
+    /// summary decides skips the copy of its logits row; the others (penalties, `logit_bias`,
     /// invalid logits) get their row and the host sampler, with the same random draw.
     ///
     /// The pass is submitted before the in-flight step (if any) is collected; with `overlap`,
@@ -1316,11 +1316,10 @@ impl<M: StepModel> Engine<M> {
         }
     }
 
-    /// Constrained requests whose sampler can use a device summary (no penalties, bias or
-    /// wide nucleus) get their grammar's mask applied to their logits row on the device and
-    /// sample from the masked row's summary, so their rows never come to the host; the rest
-    /// (and any row whose summary does not decide) stay on the host path, where `on_logits`
-    /// masks the row. Returns false when the device was lost (every request ended).
+    /// Constrained requests whose sampler can use a device summary (no penalties or bias) get
+    /// their grammar's mask applied to their logits row on the device and sample from the
+    /// masked row's summary, so their rows never come to the host; the rest (and any row whose
+    /// summary does not decide) stay on the host path, where `on_logits` masks the row. Returns false when the device was lost (every request ended).
     fn sample_constrained_on_device(
         &mut self,
         wanting: &[RequestId],
