@@ -13,7 +13,7 @@
 // cumulative weights are those the host would add up, only grouped differently.
 
 #define SAMPLE_THREADS 1024
-#define SAMPLE_CANDIDATES 64
+// SAMPLE_CANDIDATES (the ranked head's size) is sample_rank.cu's.
 // Logits equal to the SAMPLE_CANDIDATES-th best that can be collected; more ties than this
 // (a degenerate row) sets the overflow flag and the host samples from the full row.
 #define SAMPLE_TIE_CAP 1024

@@ -20,6 +20,9 @@
 // alone); where that bucket is too large (equal logits), by rank_search: 8-way steps over the
 // logits' keys, then over the ids of equal logits, a pass over the row per step.
 
+// The best logits sample_rows ranks (the head), and how many a summary carries to the host.
+#define SAMPLE_CANDIDATES 64
+
 // Order-preserving key of a float: larger float, larger key.
 __device__ __forceinline__ u32 sample_key(float f) {
     const u32 b = __float_as_uint(f);
@@ -429,6 +432,10 @@ __device__ u32 truncated_pick(const RankRow& rr, double u, u32 top_k, float top_
     const float min_logit = min_offset == NEG_INF ? NEG_INF : __fadd_rn(rr.max, min_offset);
     if (top_p >= 1.0f && top_k == 0) return id_order_draw(rr, min_logit, u);
     const bool top_k_cuts = top_k > 0 && (u64)top_k < finite;
+    // The head's weights, once for the walks below.
+    __shared__ u64 head_w[SAMPLE_CANDIDATES];
+    if (threadIdx.x < head_len) head_w[threadIdx.x] = fixed_weight(rr, head_v[threadIdx.x]);
+    __syncthreads();
 
     // The kept prefix: `len` tokens weighing `mass`; past the head, `tail` says where it ends.
     u64 len = finite, mass = total;
@@ -442,7 +449,7 @@ __device__ u32 truncated_pick(const RankRow& rr, double u, u32 top_k, float top_
             mass = tail.mass;
         } else {
             mass = 0;
-            for (u32 i = 0; i < len; ++i) mass += fixed_weight(rr, head_v[i]);
+            for (u32 i = 0; i < len; ++i) mass += head_w[i];
         }
     }
     if (top_p < 1.0f) {
@@ -451,7 +458,7 @@ __device__ u32 truncated_pick(const RankRow& rr, double u, u32 top_k, float top_
         const u64 goal = max(1ull, min((u64)ceil(threshold), mass));
         u64 cumulative = 0, end = 0;
         for (u32 i = 0; i < min((u64)head_len, len); ++i) {
-            cumulative += fixed_weight(rr, head_v[i]);
+            cumulative += head_w[i];
             if (cumulative >= goal) {
                 end = i + 1;
                 break;
@@ -482,7 +489,7 @@ __device__ u32 truncated_pick(const RankRow& rr, double u, u32 top_k, float top_
         if (found) {
             len = below;
             mass = 0;
-            for (u32 i = 0; i < len; ++i) mass += fixed_weight(rr, head_v[i]);
+            for (u32 i = 0; i < len; ++i) mass += head_w[i];
             past_head = false;
         } else if (past_head) {
             u64 s[2] = {0, 0};
@@ -507,7 +514,7 @@ __device__ u32 truncated_pick(const RankRow& rr, double u, u32 top_k, float top_
     const u64 goal = min((u64)floor(u * (double)mass) + 1ull, mass);
     u64 cumulative = 0;
     for (u32 i = 0; i < min((u64)head_len, len); ++i) {
-        cumulative += fixed_weight(rr, head_v[i]);
+        cumulative += head_w[i];
         if (cumulative >= goal) return head_i[i];
     }
     // Past the head (so the kept prefix is too).

@@ -331,11 +331,17 @@ fn sample_truncated(params: &SamplingParams, logits: &[f32], max_logit: f32, u: 
     if params.min_p > 0.0 {
         // The top token has weight exp(0) = 1, so the rule `weight >= min_p` is, in logit
         // space, `logit >= max + T ln(min_p)`: a comparison instead of an exp per token.
-        let min_logit = max_logit + temperature * params.min_p.ln();
+        let min_logit = max_logit + min_p_logit_offset(temperature, params.min_p);
         candidates.retain(|&(logit, _)| logit >= min_logit);
     }
     let total = sum_weights(&candidates, weight);
     draw(u, total, candidates.iter().map(|&(l, id)| (id, weight(l))))
+}
+
+/// How far below the top logit min-p keeps tokens, `T ln(min_p)`: one computation for the
+/// host's filter and the device's (`sampler::device::Truncation`), so both keep the same logits.
+fn min_p_logit_offset(temperature: f32, min_p: f32) -> f32 {
+    temperature * min_p.ln()
 }
 
 /// How many best tokens the top-p fast path looks at before sorting more of the vocabulary.

@@ -1238,10 +1238,10 @@ impl<M: StepModel> Engine<M> {
             .zip(&summaries)
             .map(|((id, request), summary)| {
                 // Constrained requests take the host path (their row gets the grammar's
-                // mask), and so do requests ended since the forward (their row is dropped).
+                // mask), and so do requests ended since the forward (their row is dropped)
+                // and those the device was asked nothing for (penalties, bias).
                 let seq = self.seqs.get(id).filter(|seq| !seq.constrained)?;
-                request.as_ref()?;
-                seq.sampler.sample_from_summary(summary, self.vocab_size)
+                request.and_then(|_| seq.sampler.sample_from_summary(summary, self.vocab_size))
             })
             .collect();
         // A sequence whose next decode is queued already ran it on the device's pick: the

@@ -11,9 +11,11 @@
 //! up f32 weights. Penalties and `logit_bias` rewrite the logits, so those requests take the
 //! full row.
 
-use super::{SampledToken, Sampler, draw, logprobs, rank_candidates, sample_truncated};
+use super::{
+    SampledToken, Sampler, draw, logprobs, min_p_logit_offset, rank_candidates, sample_truncated,
+};
 
-/// How many best-ranked logits a device summary carries (`SAMPLE_CANDIDATES` in sample.cu).
+/// How many best-ranked logits a device summary carries (`SAMPLE_CANDIDATES` in sample_rank.cu).
 pub const DEVICE_CANDIDATES: usize = 64;
 
 /// What the device must compute for one row.
@@ -42,11 +44,11 @@ pub struct Truncation {
 }
 
 impl Truncation {
-    /// min-p as a logit offset below the maximum, `T ln(min_p)`, computed as the host's
+    /// min-p as a logit offset below the maximum, `T ln(min_p)`, as the host's
     /// `sample_truncated` computes it (so the device keeps the same logits); `-inf` for none.
     pub fn min_logit_offset(&self, temperature: f32) -> f32 {
         if self.min_p > 0.0 {
-            temperature * self.min_p.ln()
+            min_p_logit_offset(temperature, self.min_p)
         } else {
             f32::NEG_INFINITY
         }
@@ -157,36 +159,30 @@ pub fn summarize_row(logits: &[f32], request: &RowRequest) -> RowSummary {
         .map(|&l| f64::from((l - max_logit).exp()))
         .sum();
     let t = request.temperature;
-    let (sum_t, drawn) = if let (true, Some(truncation)) = (t > 0.0, &request.truncation) {
-        let sum_t = logits
-            .iter()
-            .map(|&l| f64::from(((l - max_logit) / t).exp()))
-            .sum();
-        let params = super::SamplingParams {
-            temperature: t,
-            top_k: (truncation.top_k > 0).then_some(truncation.top_k),
-            top_p: truncation.top_p,
-            min_p: truncation.min_p,
-            ..Default::default()
-        };
-        (
-            sum_t,
-            sample_truncated(&params, logits, max_logit, request.uniform),
-        )
-    } else if t > 0.0 {
+    let (sum_t, drawn) = if t > 0.0 {
         let w: Vec<f32> = logits
             .iter()
             .map(|&l| ((l - max_logit) / t).exp())
             .collect();
         let total: f64 = w.iter().map(|&x| f64::from(x)).sum();
-        (
-            total,
-            draw(
+        let drawn = match &request.truncation {
+            Some(truncation) => {
+                let params = super::SamplingParams {
+                    temperature: t,
+                    top_k: (truncation.top_k > 0).then_some(truncation.top_k),
+                    top_p: truncation.top_p,
+                    min_p: truncation.min_p,
+                    ..Default::default()
+                };
+                sample_truncated(&params, logits, max_logit, request.uniform)
+            }
+            None => draw(
                 request.uniform,
                 total,
                 w.iter().enumerate().map(|(i, &x)| (i as u32, x)),
             ),
-        )
+        };
+        (total, drawn)
     } else {
         (1.0, argmax)
     };
