@@ -15,7 +15,7 @@ over NATS, behind an OpenAI-compatible HTTP API.\n\n`tandem serve` starts a whol
 host: a nats-server (or connects to yours), the workers and the api-server, and supervises them \
 until Ctrl-C or SIGTERM.",
     after_help = "Run `tandem serve --help` for the deployment options and examples, `tandem bench \
---help` for the load generator."
+--help` for the load generator, `tandem plan --help` for choosing a deployment by measurement."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -28,6 +28,10 @@ pub enum Command {
     /// Load-test an OpenAI-compatible server: latency percentiles, throughput, goodput, JSON
     /// and a PNG chart.
     Bench(tandem::bench::BenchArgs),
+    /// Profile prefill and decode on the devices at hand and propose the deployment (context
+    /// and decode workers, or aggregated ones) with the most goodput per device for a TTFT
+    /// and an ITL target, as a config for `tandem serve -c`.
+    Plan(tandem::planner::PlanArgs),
 }
 
 const SERVE_LONG_ABOUT: &str = "\

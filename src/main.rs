@@ -6,7 +6,8 @@
 //! `plan` (config → processes and their arguments), `binaries` (finding the programs),
 //! `child` (spawning, output, signals), `nats` (our own nats-server), `secrets` (the fresh
 //! NATS token and KV secret of a deployment), `health` (readiness probe), `supervisor`
-//! (start-up, supervision, shutdown).
+//! (start-up, supervision, shutdown). `tandem bench` and `tandem plan` are clients of a
+//! deployment and live in the library (`tandem::bench`, `tandem::planner`).
 
 mod binaries;
 mod child;
@@ -41,6 +42,16 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tandem bench: error: {}", tandem_cli::error_report(&e));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        // The planner is a client too: it starts its deployments as `tandem serve` children.
+        Command::Plan(args) => {
+            return match tandem::planner::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tandem plan: error: {}", tandem_cli::error_report(&e));
                     ExitCode::FAILURE
                 }
             };

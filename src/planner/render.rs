@@ -1,0 +1,324 @@
+//! What the planner writes: the table of candidates, and the chosen deployment as a YAML
+//! config for `tandem serve -c` whose comments carry the profile's numbers and the
+//! predictions, with the best deployment of the other kind beside it (commented out, and on
+//! its own with `--output-alternative`).
+
+use std::fmt::Write as _;
+
+use super::capacity::Targets;
+use super::profile::{Profile, WorkerProfile};
+use super::search::{Candidate, Group, Layout, WorkerCapacities};
+
+/// Rows of the table at most; the rest are summarised in one line.
+const TABLE_ROWS: usize = 30;
+
+/// The candidates as a table, best first, the chosen one marked `*` and the alternative `+`.
+pub fn table(
+    candidates: &[Candidate],
+    chosen: Option<&Candidate>,
+    alternative: Option<&Candidate>,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "  {:<26} {:>7} {:>13} {:>13} {:>13} {:>11}  limited by",
+        "deployment", "devices", "context req/s", "decode req/s", "goodput req/s", "per device"
+    );
+    for c in candidates.iter().take(TABLE_ROWS) {
+        let mark = if chosen == Some(c) {
+            '*'
+        } else if alternative == Some(c) {
+            '+'
+        } else {
+            ' '
+        };
+        let _ = writeln!(
+            out,
+            "{mark} {:<26} {:>7} {:>13.2} {:>13.2} {:>13.2} {:>11.2}  {}",
+            c.layout.describe(),
+            c.devices,
+            c.context_rate,
+            c.decode_rate,
+            c.goodput,
+            c.per_device,
+            c.limit
+        );
+    }
+    if candidates.len() > TABLE_ROWS {
+        let _ = writeln!(
+            out,
+            "  ... and {} more, with less goodput per device",
+            candidates.len() - TABLE_ROWS
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(* chosen, + best of the other kind; aggregated rows give their goodput on both sides)"
+    );
+    out
+}
+
+/// Everything the config's comments tell.
+pub struct Document<'a> {
+    pub profile: &'a Profile,
+    pub targets: &'a Targets,
+    pub capacities: &'a [WorkerCapacities],
+    pub chosen: &'a Candidate,
+    pub alternative: Option<&'a Candidate>,
+}
+
+impl Document<'_> {
+    /// The chosen deployment's config, commented, with the alternative commented out at the
+    /// end.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let t = self.targets;
+        let chosen = self.chosen;
+        let _ = writeln!(
+            out,
+            "# tandem plan: the deployment with the most goodput per device measured for"
+        );
+        let _ = writeln!(
+            out,
+            "# ISL {} / OSL {} tokens at TTFT p{:.0} <= {:.0} ms and mean ITL <= {:.0} ms ({} devices used).",
+            t.isl,
+            t.osl,
+            t.ttft_quantile * 100.0,
+            t.ttft_ms,
+            t.itl_ms,
+            chosen.devices
+        );
+        let _ = writeln!(out, "#");
+        out.push_str(&self.profile_comment());
+        let _ = writeln!(out, "#");
+        let _ = writeln!(out, "# Chosen: {}", self.prediction(chosen));
+        match self.alternative {
+            Some(alt) => {
+                let _ = writeln!(out, "# Best {}: {}", kind(alt), self.prediction(alt));
+            }
+            None => {
+                let other = if chosen.layout.is_aggregated() {
+                    "disaggregated"
+                } else {
+                    "aggregated"
+                };
+                let _ = writeln!(out, "# No {other} deployment meets the targets.");
+            }
+        }
+        let _ = writeln!(out, "#");
+        let _ = writeln!(out, "# Serve it, and measure it at the predicted rate:");
+        let _ = writeln!(
+            out,
+            "#   tandem serve -c THIS_FILE --model {}",
+            self.profile.model
+        );
+        let _ = writeln!(out, "#   {}", self.bench_command(chosen));
+        out.push_str(&config(chosen, self.profile));
+        if let Some(alt) = self.alternative {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "# The best {} deployment instead (uncomment to use):",
+                kind(alt)
+            );
+            let _ = writeln!(out, "#   {}", self.bench_command(alt));
+            for line in config(alt, self.profile).lines() {
+                let _ = writeln!(out, "# {line}");
+            }
+        }
+        out
+    }
+
+    /// The alternative on its own, commented like the chosen one.
+    pub fn render_alternative(&self) -> Option<String> {
+        let alt = self.alternative?;
+        let swapped = Document {
+            chosen: alt,
+            alternative: Some(self.chosen),
+            ..*self
+        };
+        Some(swapped.render())
+    }
+
+    fn profile_comment(&self) -> String {
+        let p = self.profile;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# Profile of {} (ISL {} prompts, max_num_tokens {}, block_size {}):",
+            p.model, p.isl, p.max_num_tokens, p.block_size
+        );
+        for w in &p.workers {
+            out.push_str(&worker_comment(w, p));
+            if let Some(c) = self
+                .capacities
+                .iter()
+                .find(|c| c.tp == w.tensor_parallel_size)
+            {
+                let agg = &c.aggregated;
+                let _ = writeln!(
+                    out,
+                    "#     at the targets: context {:.2} req/s; decode {:.2} req/s (batch {}, ITL {:.1} ms); \
+                     aggregated {:.2} req/s{}",
+                    c.context.rate,
+                    c.decode.rate,
+                    c.decode.batch,
+                    c.decode.itl_ms,
+                    agg.rate,
+                    if agg.rate > 0.0 {
+                        format!(
+                            " (batch {:.1}, mean ITL {:.1} ms, TTFT {:.0} ms, bound: {})",
+                            agg.batch, agg.itl_ms, agg.ttft_ms, agg.bound
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        out
+    }
+
+    /// `1 context worker (TP=1) + 1 decode worker (TP=1) on 2 devices: goodput 4.21 req/s
+    /// (2.10 per device), limited by context`.
+    fn prediction(&self, c: &Candidate) -> String {
+        let workers = match &c.layout {
+            Layout::Disaggregated { context, decode } => format!(
+                "{} + {}",
+                workers(context, "context"),
+                workers(decode, "decode")
+            ),
+            Layout::Aggregated { workers: group } => workers(group, "aggregated"),
+        };
+        format!(
+            "{workers} on {} devices: goodput {:.2} req/s ({:.2} per device), limited by {}",
+            c.devices, c.goodput, c.per_device, c.limit
+        )
+    }
+
+    /// The `tandem bench` command that checks a deployment at its predicted goodput.
+    fn bench_command(&self, c: &Candidate) -> String {
+        let t = self.targets;
+        let rate = (c.goodput * 100.0).floor() / 100.0;
+        let prompts = ((c.goodput * 60.0).ceil() as usize).clamp(32, 2000);
+        format!(
+            "tandem bench --endpoint completions --input-tokens {} --output-len {} --request-rate {rate} \
+             --num-prompts {prompts} --goodput ttft:{:.0},itl:{:.0}",
+            t.isl, t.osl, t.ttft_ms, t.itl_ms
+        )
+    }
+}
+
+fn kind(c: &Candidate) -> &'static str {
+    if c.layout.is_aggregated() {
+        "aggregated"
+    } else {
+        "disaggregated"
+    }
+}
+
+fn workers(group: &Group, role: &str) -> String {
+    let plural = if group.instances == 1 { "" } else { "s" };
+    format!(
+        "{} {role} worker{plural} (TP={})",
+        group.instances, group.tp
+    )
+}
+
+fn worker_comment(w: &WorkerProfile, p: &Profile) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "#   TP={} on {}: KV cache {} blocks ({} tokens)",
+        w.tensor_parallel_size,
+        w.device,
+        w.kv_cache_blocks,
+        w.kv_cache_blocks * p.block_size as u64
+    );
+    let burst = if w.prefill.burst > 0 {
+        format!(
+            "; {} at once: {:.2} prompts/s",
+            w.prefill.burst, w.prefill.burst_requests_per_s
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        out,
+        "#     prefill alone {:.1} ms ({:.0} tok/s){burst}",
+        w.prefill.latency_ms,
+        p.isl as f64 / (w.prefill.latency_ms / 1e3)
+    );
+    let ladder: Vec<String> = w
+        .decode
+        .iter()
+        .map(|d| format!("{}: {:.1}", d.batch, d.itl_ms))
+        .collect();
+    let _ = writeln!(out, "#     decode ITL ms by batch: {}", ladder.join(", "));
+    if !w.mixed.is_empty() {
+        let mixed: Vec<String> = w
+            .mixed
+            .iter()
+            .map(|m| format!("{}: {:.1}", m.batch, m.step_ms))
+            .collect();
+        let _ = writeln!(
+            out,
+            "#     steps with a prefill chunk, ms by batch: {}",
+            mixed.join(", ")
+        );
+    }
+    out
+}
+
+/// The deployment config of `c` (no comments): what `tandem serve -c` reads.
+pub fn config(c: &Candidate, profile: &Profile) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "hostname: 127.0.0.1");
+    let _ = writeln!(out, "port: 8000");
+    let _ = writeln!(out, "model: {}", quoted(&profile.model));
+    match &c.layout {
+        Layout::Disaggregated { context, decode } => {
+            let _ = writeln!(out, "context_servers:");
+            group(&mut out, context, None, profile);
+            let _ = writeln!(out, "generation_servers:");
+            group(&mut out, decode, Some(c.generation_batch), profile);
+        }
+        Layout::Aggregated { workers } => {
+            let _ = writeln!(out, "context_servers:");
+            let _ = writeln!(out, "  num_instances: 0");
+            let _ = writeln!(out, "generation_servers:");
+            group(&mut out, workers, Some(c.generation_batch), profile);
+        }
+    }
+    let _ = writeln!(out, "router:");
+    let _ = writeln!(out, "  policy: least_loaded");
+    out
+}
+
+fn group(out: &mut String, g: &Group, max_batch_size: Option<usize>, profile: &Profile) {
+    let _ = writeln!(out, "  num_instances: {}", g.instances);
+    let _ = writeln!(out, "  tensor_parallel_size: {}", g.tp);
+    if g.devices.iter().all(|d| d == "cpu") {
+        let _ = writeln!(out, "  device: cpu");
+    } else {
+        let list: Vec<String> = g.devices.iter().map(|d| quoted(d)).collect();
+        let _ = writeln!(out, "  device: [{}]", list.join(", "));
+    }
+    if let Some(batch) = max_batch_size {
+        let _ = writeln!(out, "  max_batch_size: {batch}");
+    }
+    let _ = writeln!(out, "  max_num_tokens: {}", profile.max_num_tokens);
+    let _ = writeln!(out, "  kv_cache_config:");
+    let _ = writeln!(out, "    block_size: {}", profile.block_size);
+    if let Some(tokens) = profile.kv_cache_tokens {
+        let _ = writeln!(out, "    max_tokens: {tokens}");
+    }
+    if let Some(fraction) = profile.gpu_memory_fraction {
+        let _ = writeln!(out, "    free_gpu_memory_fraction: {fraction}");
+    }
+}
+
+/// A YAML double-quoted scalar (a JSON string is one).
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
