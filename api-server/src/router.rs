@@ -752,6 +752,7 @@ mod tests {
             host_id: "boot-1".into(),
             cuda_ipc: true,
             coalesced_regions: true,
+            cuda_ipc_ranks: true,
         };
         registry.observe(
             Heartbeat {
@@ -771,6 +772,7 @@ mod tests {
                     host_id: "boot-1".into(),
                     cuda_ipc: false,
                     coalesced_regions: true,
+                    cuda_ipc_ranks: false,
                 }),
                 ..heartbeat("dec", WorkerRole::Decode, 0, 0)
             },

@@ -262,6 +262,13 @@ pub struct KvPeer {
     /// keep getting those.
     #[serde(default)]
     pub coalesced_regions: bool,
+    /// The worker reads CUDA IPC exports of tensor-parallel context workers
+    /// ([`KvHandle::cuda_ipc_ranks`]: one allocation per rank, each holding its rank's KV
+    /// heads), whatever its own tensor-parallel size: the heads are laid out anew as they are
+    /// copied. Absent (false) from workers that read one allocation only: a tensor-parallel
+    /// context worker exports for them through host memory (UCX).
+    #[serde(default)]
+    pub cuda_ipc_ranks: bool,
 }
 
 /// Where a prefilled prompt's KV cache lies and how to read it: the context worker's answer to
@@ -303,6 +310,15 @@ pub struct KvHandle {
     /// (Boxed: absent on most handles, and a handle travels inside `StreamMessage`.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_ipc: Option<Box<CudaIpcSource>>,
+    /// Set instead of `cuda_ipc` when the exporter is a tensor-parallel group of N ranks
+    /// whose caches are shared over CUDA IPC: N allocations in rank order, rank `r`'s blocks
+    /// holding KV heads `r*H/N .. (r+1)*H/N` of the layout's `H` (each block laid out as the
+    /// layout says, with `H/N` heads). Each region's `addr` is an offset that holds in every
+    /// allocation and its `len` counts one rank's bytes (`block_bytes / N` a block); the
+    /// seal's `addr` is an offset into the first allocation. Only sent to a reader whose
+    /// [`KvPeer::cuda_ipc_ranks`] says it reads them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cuda_ipc_ranks: Vec<CudaIpcSource>,
     /// The export's seal: random bytes the context worker wrote next to the K/V once the copy
     /// was complete, and overwrites before the memory goes back to its pool. The decode worker
     /// reads it after the K/V and uses what it read only if the seal still holds `nonce`:
@@ -807,6 +823,7 @@ mod tests {
                 host_id: "b7e3".into(),
                 cuda_ipc: true,
                 coalesced_regions: true,
+                cuda_ipc_ranks: true,
             }),
             resume_ids: vec![9, 8],
             samples: Some(SampleGroup {
@@ -960,6 +977,9 @@ mod tests {
         // A reader that predates coalesced regions reads one region per block.
         let peer: KvPeer = serde_json::from_str(r#"{"host_id":"h","cuda_ipc":false}"#).unwrap();
         assert!(!peer.coalesced_regions);
+        // Nor one that predates tensor-parallel exports: a group exports for it through host
+        // memory.
+        assert!(!peer.cuda_ipc_ranks);
         // A pull report without `transport`: such a build could only pull over UCX.
         let pulled = br#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3}"#;
         assert!(matches!(
@@ -1002,6 +1022,7 @@ mod tests {
                 mem_handle: "00".repeat(64),
                 alloc_bytes: 1 << 20,
             })),
+            cuda_ipc_ranks: Vec::new(),
             seal: Some(KvSeal {
                 addr: 64,
                 nonce: "5a".repeat(16),
@@ -1009,7 +1030,26 @@ mod tests {
             mac: String::new(),
         };
         let bytes = encode(&handle);
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("cuda_ipc_ranks"),
+            "one allocation: the handle reads as it did"
+        );
         assert_eq!(decode::<KvHandle>("handle", &bytes).unwrap(), handle);
+        // A tensor-parallel exporter's: its ranks' allocations, in order.
+        let source = |device: &str| CudaIpcSource {
+            host_id: "b7e3".into(),
+            device: device.into(),
+            mem_handle: "00".repeat(64),
+            alloc_bytes: 1 << 20,
+        };
+        let ranked = KvHandle {
+            cuda_ipc: None,
+            cuda_ipc_ranks: vec![source("GPU-0"), source("GPU-1")],
+            ..handle
+        };
+        let bytes = encode(&ranked);
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""cuda_ipc_ranks":[{"host_id""#));
+        assert_eq!(decode::<KvHandle>("handle", &bytes).unwrap(), ranked);
     }
 
     #[test]

@@ -306,8 +306,10 @@ pub struct StartedEngine {
     pub thread: JoinHandle<()>,
     pub layout: KvLayout,
     pub total_blocks: usize,
-    /// Where the engine's KV cache lies, for exports read straight out of it.
-    pub kv_memory: Option<crate::backend::KvCacheMemory>,
+    /// Where the engine's KV cache lies (one part per tensor-parallel rank), for exports read
+    /// straight out of it and pulls written straight into it; empty where it cannot be
+    /// handed out.
+    pub kv_memory: Vec<crate::backend::KvCacheMemory>,
 }
 
 /// How many KV blocks to allocate.
@@ -598,7 +600,7 @@ fn start(
     let engine = Engine::new(runner, config, decoder)?;
     let layout = engine.kv_layout();
     let total_blocks = engine.total_blocks();
-    let kv_memory = engine.kv_cache_memory();
+    let kv_memory = engine.kv_cache_parts();
     let (handle, thread) = EngineHandle::spawn(engine, "engine").map_err(DeviceError::Thread)?;
     Ok(StartedEngine {
         handle,

@@ -114,6 +114,7 @@ fn job(request_id: &str, prompt_ids: &[u32]) -> GenerateJob {
             host_id: "kv-auth-test".into(),
             cuda_ipc: false,
             coalesced_regions: true,
+            cuda_ipc_ranks: false,
         }),
         resume_ids: Vec::new(),
         samples: None,

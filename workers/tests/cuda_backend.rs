@@ -856,8 +856,11 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
         exported.addr() + len as u64,
         "the seal follows the K/V"
     );
-    let RemoteMemory::CudaIpc(source) = exported.memory.clone() else {
+    let RemoteMemory::CudaIpc(sources) = exported.memory.clone() else {
         panic!("the export describes its allocation");
+    };
+    let [source] = &sources[..] else {
+        panic!("one allocation")
     };
     assert_eq!(source.alloc_bytes as usize, 2 * len + 8192);
     assert!(
@@ -870,7 +873,7 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
 
     let puller = CudaIpcTransport::start(0, len, "this-host".into()).unwrap();
     let remote = RemoteKv {
-        memory: RemoteMemory::CudaIpc(source.clone()),
+        memory: RemoteMemory::CudaIpc(vec![source.clone()]),
         regions: (0..blocks.len() as u64)
             .map(|i| (exported.addr() + i * block_bytes as u64, block_bytes as u64))
             .collect(),
@@ -893,10 +896,10 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     drop((pulled, second));
 
     let mut elsewhere = remote.clone();
-    elsewhere.memory = RemoteMemory::CudaIpc(tandem_workers::transfer::CudaIpcSource {
+    elsewhere.memory = RemoteMemory::CudaIpc(vec![tandem_workers::transfer::CudaIpcSource {
         host_id: "another-host".into(),
         ..source.clone()
-    });
+    }]);
     let err = pull(elsewhere).unwrap_err().to_string();
     assert!(err.contains("another host"), "{err}");
     let mut outside = remote.clone();
@@ -906,10 +909,10 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     // A handle that overstates its allocation reaches no further: the reader bounds the
     // regions by the size of the memory it mapped, not by the handle's word.
     let mut overstated = remote.clone();
-    overstated.memory = RemoteMemory::CudaIpc(tandem_workers::transfer::CudaIpcSource {
+    overstated.memory = RemoteMemory::CudaIpc(vec![tandem_workers::transfer::CudaIpcSource {
         alloc_bytes: 1 << 40,
         ..source.clone()
-    });
+    }]);
     overstated.regions = vec![(source.alloc_bytes - 16, 32)];
     let err = pull(overstated).unwrap_err().to_string();
     assert!(err.contains("outside the memory the handle maps"), "{err}");
@@ -1032,8 +1035,11 @@ fn kv_blocks_are_read_in_place_out_of_a_cache_shared_over_cuda_ipc() {
     let exported = exposed
         .export(&blocks, Box::new(Unpinned(Arc::clone(&unpinned))))
         .unwrap();
-    let RemoteMemory::CudaIpc(source) = exported.memory.clone() else {
+    let RemoteMemory::CudaIpc(sources) = exported.memory.clone() else {
         panic!("the export names the cache's IPC handle");
+    };
+    let [source] = &sources[..] else {
+        panic!("one allocation")
     };
     assert_eq!(source.alloc_bytes as usize, range.len, "the whole cache");
     assert_eq!(
@@ -1076,6 +1082,178 @@ fn kv_blocks_are_read_in_place_out_of_a_cache_shared_over_cuda_ipc() {
     assert!(err.to_string().contains("another"), "{err}");
     drop((again, exposed));
     drop(kv);
+}
+
+/// A tensor-parallel group's cache as its ranks hold it: rank `r` of `ranks` keeps KV heads
+/// `r*H/ranks ..` of every row (a token's K or V of one layer) of every block.
+fn shard_rows(whole: &[u8], whole_row: usize, ranks: usize) -> Vec<Vec<u8>> {
+    let part = whole_row / ranks;
+    (0..ranks)
+        .map(|r| {
+            whole
+                .chunks_exact(whole_row)
+                .flat_map(|row| row[r * part..(r + 1) * part].to_vec())
+                .collect()
+        })
+        .collect()
+}
+
+/// CUDA IPC between tensor-parallel groups: a context worker's ranks share their caches (one
+/// IPC handle each) and a decode worker of another tensor-parallel size copies the blocks
+/// straight into the blocks it reserved, the heads re-laid on the way (2 ranks to 1, 1 to 2,
+/// 2 to 2 and 1 to 1). On a machine with two GPUs the ranks sit on both, and the copies cross
+/// them. What lands in each destination rank is exactly its heads of every block; a cleared
+/// seal fails the pull.
+#[test]
+fn kv_blocks_move_between_tensor_parallel_splits_straight_into_the_cache_over_cuda_ipc() {
+    use tandem_workers::backend::{DeviceRange, KvCacheMemory, KvMemory};
+    use tandem_workers::kv_cache::KvLayout;
+    use tandem_workers::transfer::cuda_ipc::{CacheBlocks, CudaIpcTransport};
+    use tandem_workers::transfer::{RemoteKv, TransferError};
+
+    if no_gpu() {
+        return;
+    }
+    let gpus = cudarc::driver::CudaContext::device_count().unwrap() as usize;
+    eprintln!(
+        "{gpus} GPU(s): ranks on {}",
+        if gpus > 1 {
+            "cuda:0 and cuda:1"
+        } else {
+            "cuda:0"
+        }
+    );
+    let layout = KvLayout {
+        num_layers: 3,
+        num_kv_heads: 4,
+        head_dim: 64,
+        block_size: 16,
+        dtype: KvDType::Bf16,
+    };
+    let whole_row = layout.num_kv_heads * layout.head_dim * 2;
+    let capacity = 12usize;
+    // A cache of `ranks` parts on the GPUs from `first`, each holding `whole`'s blocks at
+    // `ids` (or zeros), its export slab after the blocks.
+    let allocate = |ranks: usize, first: usize, whole: Option<&[u8]>, ids: &[u32]| {
+        let block = layout.block_bytes() / ranks;
+        let len = capacity * block + capacity * 16;
+        (0..ranks)
+            .map(|r| {
+                let ordinal = (first + r) % gpus;
+                let ctx = cudarc::driver::CudaContext::new(ordinal).unwrap();
+                ctx.bind_to_thread().unwrap();
+                let mut host = vec![0u8; len];
+                if let Some(whole) = whole {
+                    let parts = shard_rows(whole, whole_row, ranks);
+                    for (i, &id) in ids.iter().enumerate() {
+                        host[id as usize * block..][..block]
+                            .copy_from_slice(&parts[r][i * block..][..block]);
+                    }
+                }
+                // SAFETY: a plain allocation, written at once, freed at the end of the test.
+                let ptr = unsafe { cudarc::driver::result::malloc_sync(len) }.unwrap();
+                unsafe { cudarc::driver::result::memcpy_htod_sync(ptr, &host) }.unwrap();
+                (
+                    ordinal,
+                    KvCacheMemory {
+                        memory: KvMemory::Device(DeviceRange { ptr, len }),
+                        block_bytes: block,
+                        num_blocks: capacity,
+                        slab_offset: capacity * block,
+                    },
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let read_back = |part: &(usize, KvCacheMemory)| {
+        let KvMemory::Device(range) = part.1.memory else {
+            unreachable!()
+        };
+        cudarc::driver::CudaContext::new(part.0)
+            .unwrap()
+            .bind_to_thread()
+            .unwrap();
+        let mut host = vec![0u8; range.len];
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut host, range.ptr) }.unwrap();
+        host
+    };
+    let transport = |parts: &[(usize, KvCacheMemory)]| {
+        let ordinals: Vec<usize> = parts.iter().map(|p| p.0).collect();
+        CudaIpcTransport::start_group(&ordinals, "this-host".into()).unwrap()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let whole: Vec<u8> = (0..5 * layout.block_bytes())
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+        .collect();
+    let (src_ids, dst_ids) = ([2u32, 3, 4, 9, 0], [7u32, 8, 1, 2, 3]);
+    for (n, m) in [(2, 1), (1, 2), (2, 2), (1, 1)] {
+        let source = allocate(n, 0, Some(&whole), &src_ids);
+        // The destination starts on the other GPU, where there are two.
+        let dest = allocate(m, 1, None, &[]);
+        let exporter = transport(&source);
+        // SAFETY: the allocations outlive the exposure (freed after it is dropped).
+        let exposed =
+            unsafe { exporter.expose_ranks(source.iter().map(|p| p.1).collect(), Box::new(())) }
+                .unwrap();
+        let exported = exposed.export(&src_ids, Box::new(())).unwrap();
+        let remote = RemoteKv {
+            memory: exported.memory.clone(),
+            regions: exported.regions.clone(),
+            seal: exported.seal,
+        };
+        let puller = transport(&dest);
+        let into = CacheBlocks {
+            layout,
+            shards: dest.iter().map(|p| p.1).collect(),
+            blocks: dst_ids.to_vec(),
+        };
+        let started = std::time::Instant::now();
+        // SAFETY: `dest` is ours, its blocks touched by nothing else.
+        let moved = runtime
+            .block_on(unsafe { puller.pull_into_cache(remote.clone(), into.clone()) })
+            .unwrap();
+        eprintln!("{n} ranks to {m}: {moved} bytes in {:?}", started.elapsed());
+        assert_eq!(moved as usize, whole.len(), "{n} to {m}: every byte once");
+        let expected = shard_rows(&whole, whole_row, m);
+        let block = layout.block_bytes() / m;
+        for (r, part) in dest.iter().enumerate() {
+            let got = read_back(part);
+            for (i, &id) in dst_ids.iter().enumerate() {
+                assert!(
+                    got[id as usize * block..][..block] == expected[r][i * block..][..block],
+                    "{n} ranks to {m}: rank {r}, block {i} (id {id}) differs"
+                );
+            }
+            let untouched: Vec<usize> = (0..capacity)
+                .filter(|b| !dst_ids.contains(&(*b as u32)))
+                .collect();
+            assert!(
+                untouched
+                    .iter()
+                    .all(|&b| got[b * block..][..block].iter().all(|&x| x == 0)),
+                "{n} ranks to {m}: only the reserved blocks are written"
+            );
+        }
+        drop(exported);
+        let err = runtime
+            .block_on(unsafe { puller.pull_into_cache(remote, into) })
+            .unwrap_err();
+        assert!(matches!(err, TransferError::ExportGone(_)), "{err}");
+        drop(exposed);
+        for (ordinal, part) in source.iter().chain(&dest) {
+            let KvMemory::Device(range) = part.memory else {
+                unreachable!()
+            };
+            cudarc::driver::CudaContext::new(*ordinal)
+                .unwrap()
+                .bind_to_thread()
+                .unwrap();
+            unsafe { cudarc::driver::result::free_sync(range.ptr) }.unwrap();
+        }
+    }
 }
 
 /// Greedy tokens of `prompts` through one CUDA engine that runs up to `max_seqs` of them at

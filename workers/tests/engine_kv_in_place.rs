@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use engine_support::*;
 use tandem_workers::engine::{
-    EngineConfig, EngineHandle, EventKind, GenerationRequest, ImportedPrefill, RequestId,
+    EngineConfig, EngineHandle, EventKind, GenerationRequest, ImportedKv, ImportedPrefill,
+    RequestId,
 };
 use tandem_workers::sampler::SampledToken;
 use tandem_workers::transfer::in_process::InProcessTransport;
@@ -69,7 +70,8 @@ async fn a_prefill_is_handed_over_in_place_and_its_blocks_stay_pinned_until_the_
     let model = test_model("tiny");
     let context = cpu_engine(&model, config());
     let memory = context
-        .kv_cache_memory()
+        .kv_cache_parts()
+        .pop()
         .expect("a CPU cache describes its memory");
     let (handle, thread) = EngineHandle::spawn(context, "context").unwrap();
     let transport = InProcessTransport;
@@ -152,7 +154,7 @@ async fn a_prefill_is_handed_over_in_place_and_its_blocks_stay_pinned_until_the_
         .import_request(
             request(&prompt, 8),
             ImportedPrefill {
-                kv: Box::new(kv),
+                kv: ImportedKv::Bytes(Box::new(kv)),
                 num_tokens: prompt.len(),
                 first_token: first,
             },

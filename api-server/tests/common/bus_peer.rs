@@ -161,6 +161,7 @@ pub fn fake_handle(context_id: &str, job: &GenerateJob) -> KvHandle {
         seed: job.sampling.seed.unwrap_or(4242),
         expires_unix_ms: 4_102_444_800_000,
         cuda_ipc: None,
+        cuda_ipc_ranks: Vec::new(),
         seal: None,
         mac: String::new(),
     }
@@ -173,6 +174,7 @@ pub fn scripted_kv_peer(worker_id: &str) -> KvPeer {
         host_id: format!("host-of-{worker_id}"),
         cuda_ipc: true,
         coalesced_regions: true,
+        cuda_ipc_ranks: true,
     }
 }
 

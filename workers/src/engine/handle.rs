@@ -52,6 +52,7 @@ enum Command {
         prefill: ImportedPrefill,
     },
     PrefillReserved(RequestId),
+    ReturnReservation(RequestId),
     Cancel(RequestId),
     ReleaseKv(RequestId),
     PinHostMemory {
@@ -209,6 +210,14 @@ impl EngineHandle {
     ) -> Result<(), EngineError> {
         self.commands
             .send(Command::ImportReserved { id, prefill })
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    /// Gives back the room reserved for a request without K/V (its pull was cancelled before
+    /// it began; [`Engine::return_reservation`]).
+    pub fn return_reservation(&self, id: RequestId) -> Result<(), EngineError> {
+        self.commands
+            .send(Command::ReturnReservation(id))
             .map_err(|_| EngineError::Stopped)
     }
 
@@ -457,6 +466,7 @@ fn apply<M: StepModel>(
             queued(engine);
         }
         Command::ImportReserved { id, prefill } => engine.import_reserved(id, prefill),
+        Command::ReturnReservation(id) => engine.return_reservation(id),
         Command::PrefillReserved(id) => {
             // A request that ended meanwhile (cancelled) has nothing to prefill.
             if let Err(e) = engine.prefill_reserved(id) {

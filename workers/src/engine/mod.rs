@@ -134,17 +134,36 @@ pub enum EngineError {
     DeviceLost(String),
 }
 
-/// A prompt prefilled elsewhere (a context worker): its K/V, block after block in this
-/// engine's layout, and the token sampled after it.
+/// A prompt prefilled elsewhere (a context worker): its K/V and the token sampled after it.
 #[derive(Debug)]
 pub struct ImportedPrefill {
-    /// `blocks_for(num_tokens)` blocks of the layout's block bytes, back to back: a `Vec`,
-    /// or memory a transport lent (a slice of its pool: host memory, pinned on a GPU worker,
-    /// or device memory after a CUDA IPC pull), given back when the engine drops it after
-    /// writing it into the cache.
-    pub kv: Box<dyn KvBuffer>,
+    pub kv: ImportedKv,
     pub num_tokens: usize,
     pub first_token: SampledToken,
+}
+
+/// Where an imported prefill's K/V is.
+#[derive(Debug)]
+pub enum ImportedKv {
+    /// `blocks_for(num_tokens)` blocks of the layout's block bytes, back to back, for the
+    /// engine to write into the cache: a `Vec`, or memory a transport lent (a slice of its
+    /// pool: host memory, pinned on a GPU worker, or device memory), given back when the
+    /// engine drops it after writing it.
+    Bytes(Box<dyn KvBuffer>),
+    /// Already in the blocks reserved for the request ([`Engine::reserve_import`]): the
+    /// transfer wrote them there itself (a CUDA IPC pull), so the request joins the next step
+    /// with no copy on the engine's side.
+    InReservedBlocks,
+}
+
+impl ImportedKv {
+    /// Bytes to write into the cache: `Some` for [`Self::Bytes`].
+    fn bytes(&self) -> Option<crate::backend::KvBytes<'_>> {
+        match self {
+            ImportedKv::Bytes(kv) => Some(kv.bytes()),
+            ImportedKv::InReservedBlocks => None,
+        }
+    }
 }
 
 /// A prompt prefilled elsewhere waiting for room (a free sequence slot and its blocks): with
@@ -159,9 +178,17 @@ struct PendingImport {
     waited: bool,
 }
 
+/// Whether a lent reservation's request has ended while its blocks were lent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LentReservation {
+    Live,
+    /// Ended: its blocks are pinned until it is handed back, then freed.
+    Ended,
+}
+
 /// An imported prefill's K/V and the token sampled after it.
 struct ArrivedKv {
-    kv: Box<dyn KvBuffer>,
+    kv: ImportedKv,
     first_token: SampledToken,
 }
 
@@ -280,6 +307,12 @@ pub struct Engine<M: StepModel> {
     deferred_events: Vec<EngineEvent>,
     /// Imports and reservations that found no room at once, since start.
     imports_waited: u64,
+    /// Reservations whose blocks are the caller's to fill ([`EventKind::RoomReserved`] sent):
+    /// a transfer may be writing them ([`ImportedKv::InReservedBlocks`]) until the caller
+    /// hands the request back ([`Self::import_reserved`], [`Self::prefill_reserved`],
+    /// [`Self::return_reservation`]). One that ends before that (a cancel) is pinned: its
+    /// blocks go to nobody else until it is handed back.
+    lent_reservations: HashMap<RequestId, LentReservation>,
     pending_cancel: Vec<RequestId>,
     /// Shared with handles so they can name a request before the engine sees it.
     next_id: Arc<AtomicU64>,
@@ -357,6 +390,7 @@ impl<M: StepModel> Engine<M> {
             arrived_imports: VecDeque::new(),
             deferred_events: Vec::new(),
             imports_waited: 0,
+            lent_reservations: HashMap::new(),
             pending_cancel: Vec::new(),
             next_id: Arc::new(AtomicU64::new(1)),
             device_lost: None,
@@ -536,6 +570,11 @@ impl<M: StepModel> Engine<M> {
     ) -> Result<(), EngineError> {
         self.check_device()?;
         self.check_imported(request.prompt_ids.len(), &prefill)?;
+        if matches!(prefill.kv, ImportedKv::InReservedBlocks) {
+            return Err(EngineError::ImportMismatch(
+                "K/V in reserved blocks for a request that reserved none".into(),
+            ));
+        }
         let seq = self.import_sequence(request)?;
         self.pending_imports.push_back(PendingImport {
             id,
@@ -579,17 +618,43 @@ impl<M: StepModel> Engine<M> {
     }
 
     /// Hands over the K/V of a request whose room was reserved ([`Self::reserve_import`]):
-    /// written into its reserved blocks at the start of the next step, where it continues
-    /// from `prefill.first_token`. A request that has ended meanwhile (cancelled) drops the
-    /// K/V; one whose K/V does not fit its prompt ends with an error.
+    /// written into its reserved blocks at the start of the next step (or already there,
+    /// [`ImportedKv::InReservedBlocks`]), where it continues from `prefill.first_token`. A
+    /// request that has ended meanwhile (cancelled) drops the K/V; one whose K/V does not fit
+    /// its prompt ends with an error.
     pub fn import_reserved(&mut self, id: RequestId, prefill: ImportedPrefill) {
-        self.arrived_imports.push_back((id, prefill));
+        if self.reservation_back(id) {
+            self.arrived_imports.push_back((id, prefill));
+        }
+    }
+
+    /// The caller is done with a reservation's blocks without handing over K/V (it was
+    /// cancelled before its pull): a request that ended meanwhile frees them now.
+    pub fn return_reservation(&mut self, id: RequestId) {
+        self.reservation_back(id);
+    }
+
+    /// A lent reservation is handed back: false when its request ended while it was lent
+    /// (its blocks, pinned since, are freed now).
+    fn reservation_back(&mut self, id: RequestId) -> bool {
+        match self.lent_reservations.remove(&id) {
+            Some(LentReservation::Ended) => {
+                if let Err(e) = self.scheduler.release_pinned(id) {
+                    tracing::error!("freeing the reserved blocks of request {id}: {e}");
+                }
+                false
+            }
+            Some(LentReservation::Live) | None => true,
+        }
     }
 
     /// Has the prompt of a request reserved for an import ([`Self::reserve_import`]) prefilled
     /// here instead (its pull failed, or took too long): in its reserved blocks if it has
     /// them, else it joins the queue of requests to prefill, holding no memory until admitted.
     pub fn prefill_reserved(&mut self, id: RequestId) -> Result<(), EngineError> {
+        if !self.reservation_back(id) {
+            return Err(EngineError::UnknownRequest(id));
+        }
         if let Some(at) = self
             .pending_imports
             .iter()
@@ -636,10 +701,10 @@ impl<M: StepModel> Engine<M> {
             )));
         }
         let expected = layout.blocks_for(prefill.num_tokens) * layout.block_bytes();
-        if prefill.kv.bytes().len() != expected {
+        if let Some(bytes) = prefill.kv.bytes().filter(|b| b.len() != expected) {
             return Err(EngineError::ImportMismatch(format!(
                 "{} bytes of K/V for {} tokens, expected {expected}",
-                prefill.kv.bytes().len(),
+                bytes.len(),
                 prefill.num_tokens
             )));
         }
@@ -788,7 +853,10 @@ impl<M: StepModel> Engine<M> {
                 }
             };
             self.seqs.insert(id, import.seq);
-            if let Err(e) = self.model.write_kv_blocks(&blocks, arrived.kv.bytes()) {
+            let Some(bytes) = arrived.kv.bytes() else {
+                unreachable!("an import with its K/V at hand reserved no blocks to hold it")
+            };
+            if let Err(e) = self.model.write_kv_blocks(&blocks, bytes) {
                 self.end(
                     id,
                     FinishReason::Error(format!("writing the imported KV cache: {e}")),
@@ -813,7 +881,8 @@ impl<M: StepModel> Engine<M> {
         // It has started: what it waits for now is its own pull, not the engine.
         seq.deadline = None;
         self.seqs.insert(id, seq);
-        let blocks = self.scheduler.blocks(id).map_or(0, |b| b.len());
+        self.lent_reservations.insert(id, LentReservation::Live);
+        let blocks = self.scheduler.blocks(id).unwrap_or_default();
         events.push(EngineEvent {
             request_id: id,
             kind: EventKind::RoomReserved { blocks },
@@ -842,7 +911,11 @@ impl<M: StepModel> Engine<M> {
                     continue;
                 }
             };
-            if let Err(e) = self.model.write_kv_blocks(&blocks, prefill.kv.bytes()) {
+            let written = match prefill.kv.bytes() {
+                Some(bytes) => self.model.write_kv_blocks(&blocks, bytes),
+                None => Ok(()),
+            };
+            if let Err(e) = written {
                 self.end(
                     id,
                     FinishReason::Error(format!("writing the imported KV cache: {e}")),
@@ -882,11 +955,12 @@ impl<M: StepModel> Engine<M> {
         Ok(read?)
     }
 
-    /// Where the KV cache lies ([`StepModel::kv_cache_memory`]): a context worker hands a
+    /// Where the KV cache lies ([`StepModel::kv_cache_parts`]): a context worker hands a
     /// prompt's blocks to decode workers straight out of it, pinned until released
-    /// ([`Self::release_kv`]).
-    pub fn kv_cache_memory(&self) -> Option<crate::backend::KvCacheMemory> {
-        self.model.kv_cache_memory()
+    /// ([`Self::release_kv`]); a decode worker's CUDA IPC pulls write into blocks reserved for
+    /// them ([`Self::reserve_import`]).
+    pub fn kv_cache_parts(&self) -> Vec<crate::backend::KvCacheMemory> {
+        self.model.kv_cache_parts()
     }
 
     /// Pins `range` for the device ([`StepModel::pin_host_memory`]): K/V copied into or out
@@ -1692,6 +1766,14 @@ impl<M: StepModel> Engine<M> {
                     None
                 }
             }
+        } else if let Some(lent) = self.lent_reservations.get_mut(&id) {
+            // A transfer may still be writing its reserved blocks: they stay allocated until
+            // the caller hands the request back.
+            match self.scheduler.pin(id) {
+                Ok(_) => *lent = LentReservation::Ended,
+                Err(e) => tracing::error!("holding the reserved blocks of request {id}: {e}"),
+            }
+            None
         } else if let Some(serial) = self.overlap.writer_of(id) {
             // A queued step may still write its blocks: they stay allocated until it is done.
             match self.scheduler.pin(id) {

@@ -131,8 +131,9 @@ pub enum EventKind {
     /// sequence slot reserved: its K/V may be pulled now ([`super::Engine::import_reserved`]).
     /// No text and no token: what the client sees starts with the imported first token.
     RoomReserved {
-        /// Blocks reserved for the prompt.
-        blocks: usize,
+        /// The blocks reserved for the prompt, in its order: where a transfer that writes the
+        /// cache itself puts the K/V ([`super::ImportedKv::InReservedBlocks`]).
+        blocks: Vec<u32>,
     },
     /// The last event of a request.
     Finished {

@@ -48,9 +48,11 @@ pub trait StepModel: Send {
         Ok(false)
     }
     /// [`KvBlockIo::kv_cache_memory`]: where the cache lies, for transfers that read blocks
-    /// straight out of it; None where it cannot be handed out.
-    fn kv_cache_memory(&self) -> Option<KvCacheMemory> {
-        None
+    /// straight out of it or write them straight into it: one part, or one per rank of a
+    /// tensor-parallel group (in rank order, each holding its rank's KV heads, blocks at the
+    /// same offsets); empty where it cannot be handed out.
+    fn kv_cache_parts(&self) -> Vec<KvCacheMemory> {
+        Vec::new()
     }
     /// Copies `blocks` out of the cache, back to back, into `dst` (`blocks.len()` times the
     /// layout's block bytes, host or device memory).
@@ -266,8 +268,12 @@ impl<B: KvBlockIo> StepModel for ModelRunner<B> {
         Ok(unsafe { self.model.backend().pin_host_memory(range) }?)
     }
 
-    fn kv_cache_memory(&self) -> Option<KvCacheMemory> {
-        self.model.backend().kv_cache_memory(&self.kv)
+    fn kv_cache_parts(&self) -> Vec<KvCacheMemory> {
+        self.model
+            .backend()
+            .kv_cache_memory(&self.kv)
+            .into_iter()
+            .collect()
     }
 
     fn read_kv_blocks(&self, blocks: &[BlockId], dst: KvBytesMut<'_>) -> Result<(), ModelError> {

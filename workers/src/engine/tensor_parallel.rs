@@ -87,6 +87,10 @@ pub struct TensorParallelRunner {
     layout: KvLayout,
     /// One rank's share of it.
     rank_layout: KvLayout,
+    /// Each rank's cache, in rank order (as each rank's backend describes it), where the ranks
+    /// can hand theirs out: transfers read a prompt's blocks straight out of them, or write
+    /// them straight in, the heads laid out per rank.
+    cache_parts: Vec<crate::backend::KvCacheMemory>,
     vocab_size: usize,
     max_model_len: usize,
     eos_token_ids: Vec<u32>,
@@ -120,6 +124,12 @@ impl TensorParallelRunner {
         };
         let (vocab_size, max_model_len) = (first.vocab_size(), first.max_model_len());
         let eos_token_ids = first.eos_token_ids();
+        let parts: Vec<_> = ranks.iter().map(|r| r.kv_cache_parts()).collect();
+        let cache_parts = if parts.iter().all(|p| p.len() == 1) {
+            parts.into_iter().flatten().collect()
+        } else {
+            Vec::new()
+        };
         let (reply_to, replies) = channel();
         let mut handles = Vec::with_capacity(ranks.len());
         for (r, runner) in ranks.into_iter().enumerate() {
@@ -138,6 +148,7 @@ impl TensorParallelRunner {
             replies,
             layout,
             rank_layout,
+            cache_parts,
             vocab_size,
             max_model_len,
             eos_token_ids,
@@ -432,6 +443,10 @@ impl StepModel for TensorParallelRunner {
 
     fn kv_layout(&self) -> KvLayout {
         self.layout
+    }
+
+    fn kv_cache_parts(&self) -> Vec<crate::backend::KvCacheMemory> {
+        self.cache_parts.clone()
     }
 
     fn read_kv_blocks(&self, blocks: &[BlockId], dst: KvBytesMut<'_>) -> Result<(), ModelError> {

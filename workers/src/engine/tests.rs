@@ -751,7 +751,7 @@ fn imported_prefills_continue_exactly_like_local_ones() {
                 .import_request(
                     req(s),
                     ImportedPrefill {
-                        kv: Box::new(kv),
+                        kv: ImportedKv::Bytes(Box::new(kv)),
                         num_tokens: 21,
                         first_token: first,
                     },
@@ -790,7 +790,7 @@ fn imports_wait_for_room_and_bad_imports_are_refused() {
         .import_request(
             request(prompt(7, 1), 4, SamplingParams::greedy()),
             ImportedPrefill {
-                kv: Box::new(kv.clone()),
+                kv: ImportedKv::Bytes(Box::new(kv.clone())),
                 num_tokens: 7,
                 first_token: first.clone(),
             },
@@ -807,7 +807,7 @@ fn imports_wait_for_room_and_bad_imports_are_refused() {
     let wrong_len = decode.import_request(
         request(prompt(6, 1), 4, SamplingParams::greedy()),
         ImportedPrefill {
-            kv: Box::new(kv.clone()),
+            kv: ImportedKv::Bytes(Box::new(kv.clone())),
             num_tokens: 7,
             first_token: first.clone(),
         },
@@ -819,7 +819,7 @@ fn imports_wait_for_room_and_bad_imports_are_refused() {
     let short = decode.import_request(
         request(prompt(7, 1), 4, SamplingParams::greedy()),
         ImportedPrefill {
-            kv: Box::new(kv[1..].to_vec()),
+            kv: ImportedKv::Bytes(Box::new(kv[1..].to_vec())),
             num_tokens: 7,
             first_token: first,
         },
@@ -875,7 +875,7 @@ fn reservations_wait_for_room_in_order_and_their_imports_continue_like_local_pre
             decode.import_reserved(
                 id,
                 ImportedPrefill {
-                    kv: Box::new(kv),
+                    kv: ImportedKv::Bytes(Box::new(kv)),
                     num_tokens: 21,
                     first_token: first,
                 },
@@ -900,6 +900,111 @@ fn reservations_wait_for_room_in_order_and_their_imports_continue_like_local_pre
     );
     assert_eq!(decode.free_blocks(), 14);
     assert_eq!(decode.num_active(), 0);
+}
+
+#[test]
+fn k_v_written_into_the_reserved_blocks_by_the_transfer_continues_like_a_local_prefill() {
+    let req = |salt| request(prompt(21, salt), 12, sampled(70 + salt as u64));
+    let mut local = engine(64, 64);
+    let ids: Vec<_> = (0..2).map(|s| local.add_request(req(s)).unwrap()).collect();
+    let expected = run(&mut local);
+    let mut context = engine(64, 64);
+    let prefilled: Vec<_> = (0..2)
+        .map(|s| prefill_and_take(&mut context, req(s)))
+        .collect();
+
+    let mut decode = engine(64, 32);
+    let reserved: Vec<_> = (0..2)
+        .map(|s| decode.reserve_import(req(s)).unwrap())
+        .collect();
+    let mut got = Outcomes::new();
+    let mut steps = 0;
+    while decode.has_work() {
+        let events = decode.step();
+        for event in &events {
+            let EventKind::RoomReserved { blocks } = &event.kind else {
+                continue;
+            };
+            assert_eq!(
+                blocks.len(),
+                6,
+                "21 tokens in blocks of 4, in the prompt's order"
+            );
+            let i = reserved
+                .iter()
+                .position(|&r| r == event.request_id)
+                .unwrap();
+            let (first, kv) = prefilled[i].clone();
+            // What a transport that reaches the cache does: the K/V straight into the
+            // reserved blocks, beside the engine.
+            decode
+                .model
+                .write_kv_blocks(blocks, crate::backend::KvBytes::Host(&kv))
+                .unwrap();
+            decode.import_reserved(
+                event.request_id,
+                ImportedPrefill {
+                    kv: ImportedKv::InReservedBlocks,
+                    num_tokens: 21,
+                    first_token: first,
+                },
+            );
+        }
+        absorb(&mut got, events);
+        steps += 1;
+        assert!(steps < 10_000);
+    }
+    for (i, id) in reserved.iter().enumerate() {
+        assert_eq!(got[id], expected[&ids[i]], "request {i}");
+    }
+    assert_eq!(decode.free_blocks(), 32);
+
+    // Only a reservation has blocks for a transfer to have written into.
+    let (first, _) = prefilled[0].clone();
+    let refused = decode.import_request(
+        req(0),
+        ImportedPrefill {
+            kv: ImportedKv::InReservedBlocks,
+            num_tokens: 21,
+            first_token: first,
+        },
+    );
+    assert!(
+        matches!(&refused, Err(EngineError::ImportMismatch(m)) if m.contains("reserved none")),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_reservation_cancelled_while_its_blocks_are_lent_keeps_them_until_handed_back() {
+    let req = |salt| request(prompt(13, salt), 6, sampled(90 + salt as u64));
+    // 6 blocks: one 13-token prompt (4 blocks) at a time.
+    let mut decode = engine(64, 6);
+    let a = decode.reserve_import(req(0)).unwrap();
+    assert_eq!(reserved_in(&decode.step()), [a]);
+    assert!(decode.cancel(a));
+    let b = decode.reserve_import(req(1)).unwrap();
+    let mut got = Outcomes::new();
+    run_into(&mut decode, &mut got);
+    assert_eq!(
+        got[&a],
+        (vec![], FinishReason::Cancelled),
+        "the cancel is answered at once"
+    );
+    assert_eq!(
+        decode.free_blocks(),
+        2,
+        "a transfer may still be writing the blocks: nobody gets them"
+    );
+    assert_eq!(decode.imports_waiting(), 1, "the next reservation waits");
+    // The transfer is done with them (here: it was cancelled before it began).
+    decode.return_reservation(a);
+    assert_eq!(decode.free_blocks(), 6);
+    assert_eq!(reserved_in(&decode.step()), [b]);
+    decode.return_reservation(b);
+    assert!(decode.cancel(b));
+    run_into(&mut decode, &mut Outcomes::new());
+    assert_eq!((decode.free_blocks(), decode.num_active()), (6, 0));
 }
 
 #[test]
@@ -939,7 +1044,7 @@ fn a_reservation_can_prefill_locally_be_cancelled_or_refuse_a_bad_import() {
     decode.import_reserved(
         c,
         ImportedPrefill {
-            kv: Box::new(kv.clone()),
+            kv: ImportedKv::Bytes(Box::new(kv.clone())),
             num_tokens: 13,
             first_token: first.clone(),
         },
@@ -956,7 +1061,7 @@ fn a_reservation_can_prefill_locally_be_cancelled_or_refuse_a_bad_import() {
     decode.import_reserved(
         e,
         ImportedPrefill {
-            kv: Box::new(kv[4..].to_vec()),
+            kv: ImportedKv::Bytes(Box::new(kv[4..].to_vec())),
             num_tokens: 13,
             first_token: first,
         },

@@ -75,8 +75,11 @@ pub struct BusSettings {
     /// Host-memory transfers (UCX): every context and decode worker has one.
     pub transport: Arc<dyn KvTransport>,
     /// Device-to-device transfers with GPU workers of this host (a GPU context or decode
-    /// worker with a CUDA IPC pool).
-    pub cuda_ipc: Option<Arc<dyn KvTransport>>,
+    /// worker, on each of its tensor-parallel ranks' GPUs).
+    pub cuda_ipc: Option<Arc<crate::transfer::cuda_ipc::CudaIpcTransport>>,
+    /// Decode role: the engine's KV cache on the GPU (one part per tensor-parallel rank),
+    /// which CUDA IPC pulls write straight into; empty elsewhere.
+    pub device_cache_parts: Vec<crate::backend::KvCacheMemory>,
     /// Context role: the KV cache registered with `transport` (a CPU worker's host cache), for
     /// exports read straight out of it.
     pub host_cache: Option<Arc<crate::transfer::cache::ExposedCache>>,

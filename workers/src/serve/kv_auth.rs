@@ -207,6 +207,7 @@ impl Canonical {
             seed,
             expires_unix_ms,
             cuda_ipc,
+            cuda_ipc_ranks,
             seal,
             // What is signed.
             mac: _,
@@ -255,18 +256,14 @@ impl Canonical {
         out.u64(*expires_unix_ms);
         match cuda_ipc.as_deref() {
             None => out.0.push(0),
-            Some(CudaIpcSource {
-                host_id,
-                device,
-                mem_handle,
-                alloc_bytes,
-            }) => {
+            Some(source) => {
                 out.0.push(1);
-                out.str(host_id);
-                out.str(device);
-                out.str(mem_handle);
-                out.u64(*alloc_bytes);
+                out.cuda_ipc_source(source);
             }
+        }
+        out.u64(cuda_ipc_ranks.len() as u64);
+        for source in cuda_ipc_ranks {
+            out.cuda_ipc_source(source);
         }
         match seal {
             None => out.0.push(0),
@@ -310,6 +307,19 @@ impl Encoder {
 
     fn str(&mut self, text: &str) {
         self.bytes(text.as_bytes());
+    }
+
+    fn cuda_ipc_source(&mut self, source: &CudaIpcSource) {
+        let CudaIpcSource {
+            host_id,
+            device,
+            mem_handle,
+            alloc_bytes,
+        } = source;
+        self.str(host_id);
+        self.str(device);
+        self.str(mem_handle);
+        self.u64(*alloc_bytes);
     }
 }
 
@@ -446,6 +456,17 @@ mod tests {
                         mem_handle: "00".repeat(64),
                         alloc_bytes: 1 << 20,
                     }))
+                }),
+            ),
+            (
+                "cuda ipc ranks",
+                Box::new(|h| {
+                    h.cuda_ipc_ranks = vec![CudaIpcSource {
+                        host_id: "h".into(),
+                        device: "GPU-1".into(),
+                        mem_handle: "00".repeat(64),
+                        alloc_bytes: 1 << 20,
+                    }]
                 }),
             ),
             (

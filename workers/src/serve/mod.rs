@@ -74,24 +74,23 @@ fn transfer_pool_bytes(
     }
 }
 
-/// Bytes of a GPU worker's CUDA IPC pool, or None for no CUDA IPC (a `both` worker, or the
-/// flag's 0). A decode worker's pulls land in it: the flag's size, or what
-/// `max_tokens_in_buffer` tokens take up to [`DEFAULT_TRANSFER_POOL_MAX_BYTES`] (a pull that
-/// finds it full allocates memory of its own). A context worker's exports are read straight
-/// out of its cache: it needs no pool.
-fn cuda_ipc_pool_bytes(
-    role: WorkerRole,
-    flag_mib: Option<usize>,
-    max_tokens_in_buffer: usize,
-    layout: &crate::kv_cache::KvLayout,
-) -> Option<usize> {
+/// Whether a GPU worker moves K/V over CUDA IPC with GPU workers of its host: context and
+/// decode workers do, unless `--cuda-ipc-pool-mb 0` turns it off. No pool is allocated: a
+/// context worker's exports are its cache's blocks, and a decode worker's pulls land in the
+/// blocks its engine reserved for them. A size other than 0 is accepted (older configurations
+/// set one) and said to be unused.
+fn cuda_ipc_enabled(role: WorkerRole, flag_mib: Option<usize>) -> bool {
     match (role, flag_mib) {
-        (WorkerRole::Both, _) | (_, Some(0)) => None,
-        (WorkerRole::Context, _) => Some(0),
-        (_, Some(mib)) => Some(mib << 20),
-        (_, None) => {
-            Some(buffer_bytes(max_tokens_in_buffer, layout).min(DEFAULT_TRANSFER_POOL_MAX_BYTES))
+        (WorkerRole::Both, _) | (_, Some(0)) => false,
+        (_, Some(mib)) => {
+            tracing::info!(
+                "--cuda-ipc-pool-mb {mib}: CUDA IPC needs no pool (exports are read out of the \
+                 context worker's cache, pulls land in the decode worker's); only 0, which \
+                 turns CUDA IPC off, changes anything"
+            );
+            true
         }
+        (_, None) => true,
     }
 }
 
@@ -165,25 +164,13 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         args.tensor_parallel,
     )?;
     let host_id = crate::transfer::host_id();
-    // Before the KV cache takes its share of the free device memory.
+    // A group's K/V lies on its ranks' GPUs, each rank's heads in its own cache: CUDA IPC
+    // shares (or writes) every rank's part.
     let cuda_ipc = match device {
-        // A group's K/V lies on several GPUs, in each rank's heads: it moves through host
-        // memory, put together and split by the group (`engine::tensor_parallel`).
-        Device::Cuda(_) if args.tensor_parallel > 1 => {
-            tracing::info!(
-                ranks = args.tensor_parallel,
-                "tensor-parallel worker: KV hand-overs go through host memory (UCX), not CUDA IPC"
-            );
-            None
+        Device::Cuda(ordinal) if cuda_ipc_enabled(role, args.cuda_ipc_pool_mb) => {
+            start_cuda_ipc(ordinal, args.tensor_parallel.max(1), &host_id)
         }
-        Device::Cuda(ordinal) => cuda_ipc_pool_bytes(
-            role,
-            args.cuda_ipc_pool_mb,
-            args.max_tokens_in_buffer,
-            &model.kv_layout(block_size),
-        )
-        .and_then(|pool_bytes| start_cuda_ipc(ordinal, pool_bytes, &host_id)),
-        Device::Cpu => None,
+        Device::Cuda(_) | Device::Cpu => None,
     };
     let max_model_len = model.config().max_position_embeddings;
     let vocab_size = model.config().vocab_size;
@@ -251,14 +238,26 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
             ),
         }
     }
-    let (host_cache, device_cache) = match (role, kv_memory) {
-        (WorkerRole::Context, Some(kv_memory)) => runtime.block_on(expose_cache(
-            kv_memory,
+    let (host_cache, device_cache) = match role {
+        WorkerRole::Context => runtime.block_on(expose_cache(
+            &kv_memory,
             &transport,
             cuda_ipc.as_ref(),
             &handle,
         )),
         _ => (None, None),
+    };
+    // A GPU decode worker's pulls over CUDA IPC write straight into its cache.
+    let device_cache_parts = match (role, &cuda_ipc) {
+        (WorkerRole::Decode, Some(cuda_ipc))
+            if kv_memory.len() == cuda_ipc.devices()
+                && kv_memory
+                    .iter()
+                    .all(|part| matches!(part.memory, crate::backend::KvMemory::Device(_))) =>
+        {
+            kv_memory.clone()
+        }
+        _ => Vec::new(),
     };
     let settings = bus::BusSettings {
         nats_url: args.nats.clone(),
@@ -278,7 +277,8 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         )),
         layout,
         transport,
-        cuda_ipc,
+        cuda_ipc: cuda_ipc.filter(|_| role != WorkerRole::Decode || !device_cache_parts.is_empty()),
+        device_cache_parts,
         host_cache,
         device_cache,
         host_id,
@@ -299,28 +299,43 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
 }
 
 /// A context worker's KV cache registered for exports read straight out of it: a host
-/// cache with the host transport (UCX), a device cache with CUDA IPC. A worker whose cache
-/// cannot be registered still serves, copying its exports out (host memory, UCX), and says
-/// why. The registrations hold an engine handle: the cache outlives them.
+/// cache with the host transport (UCX), a device cache with CUDA IPC (a tensor-parallel
+/// group's, every rank's part). A worker whose cache cannot be registered still serves,
+/// copying its exports out (host memory, UCX), and says why. The registrations hold an engine
+/// handle: the cache outlives them.
 async fn expose_cache(
-    kv_memory: crate::backend::KvCacheMemory,
+    parts: &[crate::backend::KvCacheMemory],
     host: &Arc<dyn crate::transfer::KvTransport>,
-    cuda_ipc: Option<&Arc<dyn crate::transfer::KvTransport>>,
+    cuda_ipc: Option<&Arc<crate::transfer::cuda_ipc::CudaIpcTransport>>,
     engine: &crate::engine::EngineHandle,
 ) -> (
     Option<Arc<crate::transfer::cache::ExposedCache>>,
     Option<Arc<crate::transfer::cache::ExposedCache>>,
 ) {
-    let (transport, on_device) = match (kv_memory.memory, cuda_ipc) {
-        (crate::backend::KvMemory::Host(_), _) => (host, false),
-        (crate::backend::KvMemory::Device(_), Some(cuda_ipc)) => (cuda_ipc, true),
+    use crate::backend::KvMemory;
+    use crate::transfer::KvTransport;
+    let on_device = parts
+        .iter()
+        .all(|part| matches!(part.memory, KvMemory::Device(_)));
+    // SAFETY (both calls): the cache is the engine's, allocated once and never moved while the
+    // engine lives, which the engine handle handed over keeps it doing; the engine writes no
+    // block while it is pinned for an export, and never the export slab.
+    let exposed = match (parts, cuda_ipc) {
+        ([], _) => return (None, None),
+        // A CPU group's ranks: its exports are put together and copied out.
+        ([_, _, ..], _) if !on_device => return (None, None),
+        ([part], _) if !on_device => {
+            unsafe { host.expose_cache(*part, Box::new(engine.clone())) }.await
+        }
         // A GPU cache without CUDA IPC: every export is copied out for UCX.
-        (crate::backend::KvMemory::Device(_), None) => return (None, None),
+        (_, None) => return (None, None),
+        ([part], Some(cuda_ipc)) => {
+            unsafe { cuda_ipc.expose_cache(*part, Box::new(engine.clone())) }.await
+        }
+        (parts, Some(cuda_ipc)) => {
+            unsafe { cuda_ipc.expose_ranks(parts.to_vec(), Box::new(engine.clone())) }.map(Some)
+        }
     };
-    // SAFETY: the cache is the engine's, allocated once and never moved while the engine
-    // lives, which the engine handle handed over keeps it doing; the engine writes no block
-    // while it is pinned for an export, and never the export slab.
-    let exposed = unsafe { transport.expose_cache(kv_memory, Box::new(engine.clone())) }.await;
     match exposed {
         Ok(Some(cache)) if on_device => (None, Some(cache)),
         Ok(Some(cache)) => (Some(cache), None),
@@ -335,15 +350,22 @@ async fn expose_cache(
     }
 }
 
-/// The CUDA IPC transport of a GPU worker with a pool of `pool_bytes` (0: none, for a context
-/// worker, whose exports are its cache's blocks). A worker whose transport cannot be set up
-/// still serves, through UCX only, and says why.
+/// The CUDA IPC transport of a GPU worker on `cuda:{ordinal}` and, for a tensor-parallel
+/// group of `ranks`, the GPUs after it. A worker whose transport cannot be set up still
+/// serves, through UCX only, and says why.
 fn start_cuda_ipc(
     ordinal: usize,
-    pool_bytes: usize,
+    ranks: usize,
     host_id: &str,
-) -> Option<Arc<dyn crate::transfer::KvTransport>> {
-    match crate::transfer::cuda_ipc::CudaIpcTransport::start(ordinal, pool_bytes, host_id.into()) {
+) -> Option<Arc<crate::transfer::cuda_ipc::CudaIpcTransport>> {
+    use crate::transfer::cuda_ipc::CudaIpcTransport;
+    let started = if ranks == 1 {
+        CudaIpcTransport::start(ordinal, 0, host_id.into())
+    } else {
+        let ordinals: Vec<usize> = (ordinal..ordinal + ranks).collect();
+        CudaIpcTransport::start_group(&ordinals, host_id.into())
+    };
+    match started {
         Ok(transport) => Some(Arc::new(transport)),
         Err(e) => {
             tracing::warn!("no CUDA IPC transfers ({e}); K/V moves through host memory (UCX) only");
@@ -431,26 +453,12 @@ mod tests {
     }
 
     #[test]
-    fn only_a_decode_worker_has_a_cuda_ipc_pool_and_0_turns_cuda_ipc_off() {
-        let layout = KvLayout {
-            num_layers: 30,
-            num_kv_heads: 3,
-            head_dim: 64,
-            block_size: 16,
-            dtype: KvDType::Bf16,
-        };
-        let pool = |role, flag| cuda_ipc_pool_bytes(role, flag, 1000, &layout);
-        assert_eq!(pool(WorkerRole::Decode, None), Some(63 * 368_640));
-        assert_eq!(pool(WorkerRole::Decode, Some(64)), Some(64 << 20));
-        assert_eq!(
-            pool(WorkerRole::Context, None),
-            Some(0),
-            "CUDA IPC on, exports read out of the cache: no pool"
-        );
-        assert_eq!(pool(WorkerRole::Context, Some(64)), Some(0));
+    fn context_and_decode_workers_move_kv_over_cuda_ipc_unless_0_turns_it_off() {
         for role in [WorkerRole::Context, WorkerRole::Decode] {
-            assert_eq!(pool(role, Some(0)), None, "0: no CUDA IPC");
+            assert!(cuda_ipc_enabled(role, None));
+            assert!(cuda_ipc_enabled(role, Some(64)), "a size: accepted, unused");
+            assert!(!cuda_ipc_enabled(role, Some(0)), "0: no CUDA IPC");
         }
-        assert_eq!(pool(WorkerRole::Both, None), None);
+        assert!(!cuda_ipc_enabled(WorkerRole::Both, None));
     }
 }

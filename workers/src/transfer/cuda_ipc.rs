@@ -17,20 +17,27 @@
 //!   that is synchronized before anything else happens. No export copy, no export pool, so no
 //!   cap: any prompt the cache holds goes device to device.
 //! - A decode worker on the same host maps the exporter's cache (`cuIpcOpenMemHandle`, once
-//!   per exporter, closed when unused for [`IDLE_MAPPING_CLOSE`]; a restarted exporter has a
-//!   new handle) and gathers the blocks, one copy each, queued back to back on one stream
-//!   (across GPUs, the copies go over NVLink or PCIe peer to peer) into a slice of its own
-//!   pool (or an allocation of its own when the pool is full: never a fallback),
-//!   synchronizes, then copies the seal out and checks it, then releases the export; its
-//!   engine writes the slice into its cache, device to device again.
+//!   per exporter and device, closed when unused for [`IDLE_MAPPING_CLOSE`]; a restarted
+//!   exporter has a new handle) and copies the blocks straight into the blocks its engine
+//!   reserved for the request ([`CudaIpcTransport::pull_into_cache`]): copies queued back to
+//!   back on one stream per destination GPU (across GPUs, over NVLink or PCIe peer to peer, by
+//!   the copy engines, so the decode steps running beside them keep every SM), synchronized,
+//!   then the seal copied out and checked, then the export released. The engine never copies
+//!   imported K/V itself: the request joins the next step with its blocks already written.
+//! - Tensor-parallel groups on either side ([`super::relayout`]): a group's context worker
+//!   shares every rank's cache (one IPC handle each, [`CudaIpcTransport::expose_ranks`]) and
+//!   its handle lists them in rank order; a decode worker of any tensor-parallel size copies
+//!   from each source rank the heads each of its ranks holds (2-D copies when the sizes
+//!   differ: the heads are re-laid on the way), so a 70B hand-over never leaves the GPUs.
 //!
-//! The pull copies into the decode worker's own memory rather than straight into its cache
-//! blocks: the engine thread owns the cache, and the pull runs beside it; one extra
-//! device-to-device copy of the prompt (HBM bandwidth, well under a millisecond for a
-//! thousand tokens of an 8B model) keeps the cache the engine's alone.
+//! Pulling into the reserved blocks is sound because a reservation is the engine's promise
+//! that nothing reads or writes those blocks until the request is started
+//! ([`crate::engine::Engine::reserve_import`]): no step schedules a reserved sequence, and
+//! blocks are handed out only once every step that touched them has been collected.
 //!
-//! The pool-slice export ([`KvTransport::reserve`]: the engine copies the blocks into a slice
-//! of this transport's pool) remains for callers without an exposed cache (tests, benches).
+//! The pool ([`KvTransport::reserve`]: the engine copies the blocks into a slice of this
+//! transport's pool; [`KvTransport::pull`] into a slice of the reader's) remains for callers
+//! without an exposed cache or a reserved destination (tests, benches).
 //!
 //! Whether a transfer takes this path is decided per request: the api-server tells the
 //! context worker which generation worker will read (its heartbeat's `kv_peer`), and the
@@ -48,12 +55,14 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use super::cache::ExposedCache;
 use super::pool::SlicePool;
-use super::seal::{Nonce, SEAL_BYTES, SealMemory, SealSlot};
+use super::relayout::{self, Copy2d, HeadSplit};
+use super::seal::{Nonce, SEAL_BYTES, Seal, SealMemory, SealSlot};
 use super::{
     BoxFuture, CudaIpcSource, DeviceRange, ExportBuffer, Exported, KvCacheMemory, KvTransport,
     KvTransportKind, PulledKv, RemoteKv, RemoteMemory, TransferError, from_hex, to_hex,
 };
 use crate::backend::KvMemory;
+use crate::kv_cache::KvLayout;
 
 /// A peer's pool mapped into this process is closed after this long without a pull: a
 /// context worker that left must not keep its memory alive through our mapping.
@@ -70,16 +79,24 @@ pub struct CudaIpcTransport {
 }
 
 struct Shared {
-    ctx: Arc<CudaContext>,
-    /// Pulls copy on this stream, one at a time (each is well under a millisecond of copy
-    /// work; serializing them keeps one stream's synchronize meaning one pull).
-    stream: Mutex<Arc<CudaStream>>,
+    /// The GPUs this transport copies on: a worker's one GPU, or a tensor-parallel group's,
+    /// in rank order. Seals and the pool are on the first.
+    devices: Vec<DeviceSide>,
     /// Pull destinations (and pool-slice exports); None for a worker that only exports from
-    /// its cache.
+    /// its cache or pulls into it.
     pool: Option<DevicePool>,
     host_id: String,
-    device_uuid: String,
-    /// Exporters' pools mapped into this process, by IPC handle, with their last use.
+}
+
+/// One GPU of the transport: its context, its copy stream and the exporters' memory mapped
+/// into it.
+struct DeviceSide {
+    ctx: Arc<CudaContext>,
+    /// Pulls copy on this stream, one at a time (each is a few milliseconds of copy work at
+    /// most; serializing them keeps one stream's synchronize meaning one pull).
+    stream: Mutex<Arc<CudaStream>>,
+    uuid: String,
+    /// Exporters' memory mapped into this device's context, by IPC handle, with their last use.
     peers: Mutex<HashMap<HandleBytes, (Arc<PeerMapping>, Instant)>>,
 }
 
@@ -164,11 +181,12 @@ struct DeviceSeal {
 
 impl SealMemory for DeviceSeal {
     fn write(&self, bytes: &Nonce) -> Result<(), TransferError> {
-        self.shared
+        let device = self.shared.first();
+        device
             .ctx
             .bind_to_thread()
             .map_err(|e| cuda_error("CUDA context", e))?;
-        let stream = lock(&self.shared.stream);
+        let stream = lock(&device.stream);
         // SAFETY: `ptr` is the seal of memory this export holds (its slab slot, in a cache
         // the exposure keeps allocated, or its pool slice: either is let go of only after this
         // guard); `bytes` outlives the copy, which is synchronized below.
@@ -244,110 +262,205 @@ impl CudaIpcTransport {
         pool_bytes: usize,
         host_id: String,
     ) -> Result<Self, TransferError> {
+        Self::start_on(&[ordinal], pool_bytes, host_id)
+    }
+
+    /// The transport of a tensor-parallel group whose rank `r` runs on `cuda:{ordinals[r]}`:
+    /// exports of every rank's cache ([`Self::expose_ranks`]) and pulls into every rank's
+    /// ([`Self::pull_into_cache`]); no pool.
+    pub fn start_group(ordinals: &[usize], host_id: String) -> Result<Self, TransferError> {
+        Self::start_on(ordinals, 0, host_id)
+    }
+
+    fn start_on(
+        ordinals: &[usize],
+        pool_bytes: usize,
+        host_id: String,
+    ) -> Result<Self, TransferError> {
         if !crate::backend::cuda::driver_present() {
             return Err(TransferError::Backend(
                 "CUDA IPC needs the NVIDIA driver (libcuda.so), which cannot be loaded here".into(),
             ));
         }
+        if ordinals.is_empty() {
+            return Err(TransferError::Backend("CUDA IPC on no GPU".into()));
+        }
+        let devices = ordinals
+            .iter()
+            .map(|&ordinal| DeviceSide::new(ordinal))
+            .collect::<Result<Vec<_>, _>>()?;
+        devices[0]
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("CUDA context", e))?;
+        let pool = (pool_bytes > 0)
+            .then(|| DevicePool::new(&devices[0].ctx, pool_bytes))
+            .transpose()?;
+        tracing::info!(
+            pool_mib = pool_bytes >> 20,
+            devices = %devices.iter().map(|d| d.uuid.as_str()).collect::<Vec<_>>().join(","),
+            "CUDA IPC ready: K/V moves device to device between GPU workers of this host"
+        );
+        Ok(Self {
+            shared: Arc::new(Shared {
+                devices,
+                pool,
+                host_id,
+            }),
+        })
+    }
+}
+
+impl CudaIpcTransport {
+    /// Shares a tensor-parallel group's KV cache: rank `r`'s part (`ranks[r]`, on this
+    /// transport's `r`-th GPU) under an IPC handle of its own, taken once. Exports are the
+    /// pinned blocks, at the same offset in every rank's allocation, and their seals slots of
+    /// the first rank's export slab; handles list the ranks' allocations in order
+    /// ([`tandem_protocol::messages::KvHandle::cuda_ipc_ranks`]).
+    ///
+    /// # Safety
+    /// As [`KvTransport::expose_cache`], for every rank's allocation.
+    pub unsafe fn expose_ranks(
+        &self,
+        ranks: Vec<KvCacheMemory>,
+        owner: Box<dyn Send + Sync>,
+    ) -> Result<Arc<ExposedCache>, TransferError> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.shared.expose(ranks, owner) }
+    }
+
+    /// Copies the K/V `remote` names straight into `into`'s blocks of this worker's cache
+    /// (one part per GPU of this transport), whatever the tensor-parallel sizes of the two
+    /// sides; then checks the export's seal. Returns the bytes copied. A device-to-device copy
+    /// cannot wait on a dead peer (the mapping keeps the memory): the caller checks the
+    /// handle's expiry before pulling.
+    ///
+    /// # Safety
+    /// `into.shards` must describe this worker's cache, alive until the future completes, and
+    /// `into.blocks` blocks that nothing else reads or writes until then (reserved for this
+    /// pull, [`crate::engine::Engine::reserve_import`]). What the copies write there is K/V to
+    /// use only if the pull succeeds (a changed seal leaves whatever was read).
+    pub unsafe fn pull_into_cache(
+        &self,
+        remote: RemoteKv,
+        into: CacheBlocks,
+    ) -> BoxFuture<Result<u64, TransferError>> {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || shared.pull_into_cache_blocking(&remote, &into))
+                .await
+                .map_err(|e| TransferError::Backend(format!("the CUDA IPC copy task: {e}")))?
+        })
+    }
+
+    /// The GPUs this transport copies on.
+    pub fn devices(&self) -> usize {
+        self.shared.devices.len()
+    }
+}
+
+impl Shared {
+    /// Takes an IPC handle of each rank's cache allocation (one, for a single GPU).
+    ///
+    /// # Safety
+    /// As [`KvTransport::expose_cache`], for every allocation.
+    unsafe fn expose(
+        self: &Arc<Self>,
+        ranks: Vec<KvCacheMemory>,
+        owner: Box<dyn Send + Sync>,
+    ) -> Result<Arc<ExposedCache>, TransferError> {
+        if ranks.len() != self.devices.len() {
+            return Err(TransferError::Backend(format!(
+                "a cache of {} parts for a transport on {} GPUs",
+                ranks.len(),
+                self.devices.len()
+            )));
+        }
+        let first = ranks[0];
+        let mut sources = Vec::with_capacity(ranks.len());
+        let mut registrations = Vec::with_capacity(ranks.len());
+        let mut first_ptr = 0;
+        for (r, (rank, device)) in ranks.iter().zip(&self.devices).enumerate() {
+            let KvMemory::Device(range) = rank.memory else {
+                return Err(TransferError::Backend(format!(
+                    "rank {r}'s KV cache is not device memory"
+                )));
+            };
+            if (rank.block_bytes, rank.num_blocks, rank.slab_offset)
+                != (first.block_bytes, first.num_blocks, first.slab_offset)
+            {
+                return Err(TransferError::Backend(format!(
+                    "rank {r}'s KV cache is not shaped as rank 0's ({rank:?} and {first:?})"
+                )));
+            }
+            device.bind()?;
+            let mut raw = sys::CUipcMemHandle_st {
+                reserved: [0; HANDLE_BYTES],
+            };
+            // SAFETY: the caller's promise: `range` is the rank's cache allocation, alive
+            // while `owner` is; the driver refuses anything that is not the start of one.
+            unsafe { sys::cuIpcGetMemHandle(&mut raw, range.ptr) }
+                .result()
+                .map_err(|e| cuda_error("cuIpcGetMemHandle on the KV cache", e))?;
+            let handle: HandleBytes = raw.reserved.map(|b| b as u8);
+            lock(local_pools()).insert(handle, (range.ptr, range.len));
+            registrations.push(LocalCache { handle });
+            sources.push(self.source(r, &handle, range.len));
+            if r == 0 {
+                first_ptr = range.ptr;
+            }
+        }
+        tracing::info!(
+            mib = first.memory.len() >> 20,
+            ranks = ranks.len(),
+            "KV cache shared over CUDA IPC: GPU decode workers of this host read exports \
+             straight out of it"
+        );
+        let seals = Arc::clone(self);
+        Ok(Arc::new(ExposedCache::new(
+            RemoteMemory::CudaIpc(sources),
+            0,
+            first,
+            Box::new(move |offset| {
+                Box::new(DeviceSeal {
+                    shared: Arc::clone(&seals),
+                    ptr: first_ptr + offset as u64,
+                })
+            }),
+            Box::new(registrations),
+            owner,
+        )))
+    }
+}
+
+impl DeviceSide {
+    fn new(ordinal: usize) -> Result<Self, TransferError> {
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_error("CUDA context", e))?;
         ctx.bind_to_thread()
             .map_err(|e| cuda_error("CUDA context", e))?;
-        let device_uuid = ctx
+        let uuid = ctx
             .uuid()
             .map(|u| uuid_string(&u))
             .map_err(|e| cuda_error("reading the GPU's UUID", e))?;
         let stream = ctx
             .new_stream()
             .map_err(|e| cuda_error("CUDA IPC stream", e))?;
-        let pool = (pool_bytes > 0)
-            .then(|| DevicePool::new(&ctx, pool_bytes))
-            .transpose()?;
-        tracing::info!(
-            pool_mib = pool_bytes >> 20,
-            device = %device_uuid,
-            "CUDA IPC ready: K/V moves device to device between GPU workers of this host"
-        );
         Ok(Self {
-            shared: Arc::new(Shared {
-                ctx,
-                stream: Mutex::new(stream),
-                pool,
-                host_id,
-                device_uuid,
-                peers: Mutex::new(HashMap::new()),
-            }),
+            ctx,
+            stream: Mutex::new(stream),
+            uuid,
+            peers: Mutex::new(HashMap::new()),
         })
     }
-}
 
-impl DevicePool {
-    fn new(ctx: &Arc<CudaContext>, pool_bytes: usize) -> Result<Self, TransferError> {
-        // SAFETY: a plain allocation; nothing reads a slice before an export or a pull has
-        // written it.
-        let base = unsafe { cudarc::driver::result::malloc_sync(pool_bytes) }.map_err(|e| {
-            cuda_error(
-                &format!(
-                    "allocating {} MiB of device memory for the CUDA IPC pool",
-                    pool_bytes >> 20
-                ),
-                e,
-            )
-        })?;
-        let mut raw = sys::CUipcMemHandle_st {
-            reserved: [0; HANDLE_BYTES],
-        };
-        // SAFETY: `base` is the start of a `cuMemAlloc` allocation of this context.
-        let status = unsafe { sys::cuIpcGetMemHandle(&mut raw, base) };
-        let pool = DevicePool {
-            ctx: Arc::clone(ctx),
-            base,
-            len: pool_bytes,
-            handle: raw.reserved.map(|b| b as u8),
-            slices: Mutex::new(SlicePool::new(pool_bytes)),
-        };
-        status
-            .result()
-            .map_err(|e| cuda_error("cuIpcGetMemHandle on the CUDA IPC pool", e))?;
-        lock(local_pools()).insert(pool.handle, (base, pool_bytes));
-        Ok(pool)
-    }
-}
-
-impl Shared {
-    /// How a reader reaches the allocation whose IPC handle is `handle`, of `len` bytes.
-    fn source(&self, handle: &HandleBytes, len: usize) -> CudaIpcSource {
-        CudaIpcSource {
-            host_id: self.host_id.clone(),
-            device: self.device_uuid.clone(),
-            mem_handle: to_hex(handle),
-            alloc_bytes: len as u64,
-        }
+    fn bind(&self) -> Result<(), TransferError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("CUDA context", e))
     }
 
-    /// Bytes of the pool not handed out.
-    fn pool_free_bytes(&self) -> usize {
-        self.pool
-            .as_ref()
-            .map_or(0, |pool| lock(&pool.slices).free_bytes())
-    }
-
-    /// A free slice of `len` bytes of the pool and its guard.
-    fn take(self: &Arc<Self>, len: usize) -> Option<(DeviceRange, PoolSlice)> {
-        let pool = self.pool.as_ref()?;
-        let offset = lock(&pool.slices).take(len)?;
-        let range = DeviceRange {
-            ptr: pool.base + offset as u64,
-            len,
-        };
-        let guard = PoolSlice {
-            shared: Arc::clone(self),
-            offset,
-            len,
-        };
-        Some((range, guard))
-    }
-
-    /// The exporter's pool mapped into this process (opened once, reused while in use).
+    /// The exporter's allocation mapped into this device's context (opened once, reused while
+    /// in use). The caller has bound the context.
     fn map_peer(&self, handle: HandleBytes) -> Result<Arc<PeerMapping>, TransferError> {
         let mut peers = lock(&self.peers);
         let now = Instant::now();
@@ -370,7 +483,7 @@ impl Shared {
                 };
                 let mut base: CUdeviceptr = 0;
                 // SAFETY: `raw` is a handle from a KV handle of this host; the driver checks
-                // it. Lazy peer access lets a pool on another GPU be mapped.
+                // it. Lazy peer access lets memory on another GPU be mapped.
                 let status = unsafe {
                     sys::cuIpcOpenMemHandle_v2(
                         &mut base,
@@ -408,6 +521,80 @@ impl Shared {
         peers.insert(handle, (Arc::clone(&mapping), now));
         Ok(mapping)
     }
+}
+
+impl DevicePool {
+    fn new(ctx: &Arc<CudaContext>, pool_bytes: usize) -> Result<Self, TransferError> {
+        // SAFETY: a plain allocation; nothing reads a slice before an export or a pull has
+        // written it.
+        let base = unsafe { cudarc::driver::result::malloc_sync(pool_bytes) }.map_err(|e| {
+            cuda_error(
+                &format!(
+                    "allocating {} MiB of device memory for the CUDA IPC pool",
+                    pool_bytes >> 20
+                ),
+                e,
+            )
+        })?;
+        let mut raw = sys::CUipcMemHandle_st {
+            reserved: [0; HANDLE_BYTES],
+        };
+        // SAFETY: `base` is the start of a `cuMemAlloc` allocation of this context.
+        let status = unsafe { sys::cuIpcGetMemHandle(&mut raw, base) };
+        let pool = DevicePool {
+            ctx: Arc::clone(ctx),
+            base,
+            len: pool_bytes,
+            handle: raw.reserved.map(|b| b as u8),
+            slices: Mutex::new(SlicePool::new(pool_bytes)),
+        };
+        status
+            .result()
+            .map_err(|e| cuda_error("cuIpcGetMemHandle on the CUDA IPC pool", e))?;
+        lock(local_pools()).insert(pool.handle, (base, pool_bytes));
+        Ok(pool)
+    }
+}
+
+impl Shared {
+    /// The first device: where seals and the pool are.
+    fn first(&self) -> &DeviceSide {
+        &self.devices[0]
+    }
+
+    /// How a reader reaches the allocation on device `device` whose IPC handle is `handle`,
+    /// of `len` bytes.
+    fn source(&self, device: usize, handle: &HandleBytes, len: usize) -> CudaIpcSource {
+        CudaIpcSource {
+            host_id: self.host_id.clone(),
+            device: self.devices[device].uuid.clone(),
+            mem_handle: to_hex(handle),
+            alloc_bytes: len as u64,
+        }
+    }
+
+    /// Bytes of the pool not handed out.
+    fn pool_free_bytes(&self) -> usize {
+        self.pool
+            .as_ref()
+            .map_or(0, |pool| lock(&pool.slices).free_bytes())
+    }
+
+    /// A free slice of `len` bytes of the pool and its guard.
+    fn take(self: &Arc<Self>, len: usize) -> Option<(DeviceRange, PoolSlice)> {
+        let pool = self.pool.as_ref()?;
+        let offset = lock(&pool.slices).take(len)?;
+        let range = DeviceRange {
+            ptr: pool.base + offset as u64,
+            len,
+        };
+        let guard = PoolSlice {
+            shared: Arc::clone(self),
+            offset,
+            len,
+        };
+        Some((range, guard))
+    }
 
     /// Device memory for a pull of `len` bytes: a pool slice, or an allocation of its own.
     fn destination(
@@ -427,28 +614,82 @@ impl Shared {
             TransferError::Unavailable(format!("allocating {len} bytes of device memory: {e}"))
         })?;
         let guard = OwnAllocation {
-            ctx: Arc::clone(&self.ctx),
+            ctx: Arc::clone(&self.first().ctx),
             ptr,
         };
         Ok((DeviceRange { ptr, len }, false, Box::new(guard)))
     }
 
-    /// Copies `remote`'s regions out of the exporter's pool into device memory of ours.
-    fn pull_blocking(self: &Arc<Self>, remote: &RemoteKv) -> Result<PulledKv, TransferError> {
-        let RemoteMemory::CudaIpc(source) = &remote.memory else {
+    /// The exporter's allocations, as the handle names them: checked to be of this host and
+    /// parsed.
+    fn sources<'a>(
+        &self,
+        remote: &'a RemoteKv,
+    ) -> Result<Vec<(&'a CudaIpcSource, HandleBytes)>, TransferError> {
+        let RemoteMemory::CudaIpc(sources) = &remote.memory else {
             return Err(TransferError::InvalidHandle(
                 "a CUDA IPC handle without its allocation".into(),
             ));
         };
-        if source.host_id != self.host_id {
-            return Err(TransferError::InvalidHandle(format!(
-                "the K/V is in GPU memory of another host (host id {}, this one is {})",
-                source.host_id, self.host_id
-            )));
+        if sources.is_empty() {
+            return Err(TransferError::InvalidHandle(
+                "a CUDA IPC handle without its allocation".into(),
+            ));
         }
-        let handle: HandleBytes = from_hex(&source.mem_handle)?
-            .try_into()
-            .map_err(|_| TransferError::InvalidHandle("a CUDA IPC handle is 64 bytes".into()))?;
+        sources
+            .iter()
+            .map(|source| {
+                if source.host_id != self.host_id {
+                    return Err(TransferError::InvalidHandle(format!(
+                        "the K/V is in GPU memory of another host (host id {}, this one is {})",
+                        source.host_id, self.host_id
+                    )));
+                }
+                let handle: HandleBytes =
+                    from_hex(&source.mem_handle)?.try_into().map_err(|_| {
+                        TransferError::InvalidHandle("a CUDA IPC handle is 64 bytes".into())
+                    })?;
+                Ok((source, handle))
+            })
+            .collect()
+    }
+
+    /// Reads the export's seal out of `mapping` (the first allocation's, mapped on the first
+    /// device) once the K/V copies are complete, and checks it ([`super::seal`]).
+    fn check_seal(&self, mapping: &PeerMapping, seal: Option<Seal>) -> Result<(), TransferError> {
+        let Some(seal) = seal else {
+            return Ok(());
+        };
+        let device = self.first();
+        device.bind()?;
+        let stream = lock(&device.stream);
+        let mut read: Nonce = [0; SEAL_BYTES];
+        // SAFETY: the seal lies inside the mapping (the caller checked); `read` outlives the
+        // copy, which is synchronized before it is looked at.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut read,
+                mapping.base + seal.addr,
+                stream.cu_stream(),
+            )
+        }
+        .map_err(|e| TransferError::Unavailable(format!("reading the KV export's seal: {e}")))?;
+        stream.synchronize().map_err(|e| {
+            TransferError::Unavailable(format!("reading the KV export's seal: {e}"))
+        })?;
+        seal.check(&read)
+    }
+
+    /// Copies `remote`'s regions out of the exporter's allocation into device memory of ours.
+    fn pull_blocking(self: &Arc<Self>, remote: &RemoteKv) -> Result<PulledKv, TransferError> {
+        let sources = self.sources(remote)?;
+        let [(source, handle)] = sources[..] else {
+            return Err(TransferError::InvalidHandle(format!(
+                "K/V in {} allocations (a tensor-parallel exporter) is pulled into a cache, \
+                 not a buffer",
+                sources.len()
+            )));
+        };
         let regions = remote.coalesced();
         // The seal is read from the allocation too: it is bounded like the regions.
         let read: Vec<(u64, u64)> = regions
@@ -457,20 +698,19 @@ impl Shared {
             .chain(remote.seal.map(|seal| seal.region()))
             .collect();
         check_regions(&read, source.alloc_bytes, "the exported allocation")?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_error("CUDA context", e))?;
-        let peer = self.map_peer(handle)?;
+        let device = self.first();
+        device.bind()?;
+        let peer = device.map_peer(handle)?;
         // The handle's `alloc_bytes` is its word; the mapping's size is the driver's.
         check_regions(&read, peer.len as u64, "the memory the handle maps")?;
         let len = remote.total_len() as usize;
         let (into, lent, guard) = self.destination(len)?;
-        let stream = lock(&self.stream);
+        let stream = lock(&device.stream);
         let mut at = into.ptr;
         for &(addr, region_len) in &regions {
             // SAFETY: the source lies inside the mapped allocation (checked above against the
-            // size the driver reports) and the destination inside `into` (the regions add up to its length); the
-            // stream is synchronized before either is released.
+            // size the driver reports) and the destination inside `into` (the regions add up
+            // to its length); the stream is synchronized before either is released.
             unsafe {
                 cudarc::driver::result::memcpy_dtod_async(
                     at,
@@ -487,30 +727,187 @@ impl Shared {
         stream.synchronize().map_err(|e| {
             TransferError::Unavailable(format!("copying the K/V between GPUs: {e}"))
         })?;
+        drop(stream);
         // SAFETY: `into` is device memory kept by `guard` and written completely above.
         let pulled = unsafe { PulledKv::on_device(into, lent, guard) };
-        let Some(seal) = remote.seal else {
-            return Ok(pulled);
-        };
-        // The K/V copies are complete (synchronized): only now is the seal read
-        // ([`super::seal`]).
-        let mut read: Nonce = [0; SEAL_BYTES];
-        // SAFETY: the seal lies inside the mapping (checked above); `read` outlives the copy,
-        // which is synchronized before it is looked at.
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(
-                &mut read,
-                peer.base + seal.addr,
-                stream.cu_stream(),
-            )
-        }
-        .map_err(|e| TransferError::Unavailable(format!("reading the KV export's seal: {e}")))?;
-        stream.synchronize().map_err(|e| {
-            TransferError::Unavailable(format!("reading the KV export's seal: {e}"))
-        })?;
-        seal.check(&read)?;
+        // The K/V copies are complete (synchronized): only now is the seal read.
+        self.check_seal(&peer, remote.seal)?;
         Ok(pulled)
     }
+
+    /// Copies `remote`'s blocks into `into`'s blocks of this worker's cache, re-laying the
+    /// heads where the exporter splits them over another number of ranks; returns the bytes
+    /// copied.
+    fn pull_into_cache_blocking(
+        &self,
+        remote: &RemoteKv,
+        into: &CacheBlocks,
+    ) -> Result<u64, TransferError> {
+        let sources = self.sources(remote)?;
+        if into.shards.len() != self.devices.len() {
+            return Err(TransferError::Backend(format!(
+                "a cache of {} shards for a transport on {} GPUs",
+                into.shards.len(),
+                self.devices.len()
+            )));
+        }
+        let from = HeadSplit::new(into.layout, sources.len()).map_err(|e| {
+            TransferError::InvalidHandle(format!("the exporter's tensor-parallel split: {e}"))
+        })?;
+        let to = HeadSplit::new(into.layout, into.shards.len()).map_err(TransferError::Backend)?;
+        let src_block = from.block_bytes() as u64;
+        let mut offsets = Vec::with_capacity(into.blocks.len());
+        for &(addr, len) in &remote.regions {
+            if len == 0 || len % src_block != 0 {
+                return Err(TransferError::InvalidHandle(format!(
+                    "a region of {len} bytes, for blocks of {src_block} bytes a rank"
+                )));
+            }
+            offsets.extend((0..len / src_block).map(|k| addr + k * src_block));
+        }
+        let copies = relayout::plan(&from, &offsets, &to, &into.blocks)
+            .map_err(TransferError::InvalidHandle)?;
+        // Every source byte inside its allocation as the handle states it (and, below, as
+        // the driver maps it); the seal inside the first; every destination byte inside the
+        // blocks of the cache.
+        let mut reads: Vec<Vec<(u64, u64)>> = vec![Vec::new(); sources.len()];
+        for copy in &copies {
+            reads[copy.src_shard].push((copy.src_offset, copy.src_end() - copy.src_offset));
+        }
+        reads[0].extend(remote.seal.map(|seal| seal.region()));
+        for (read, (source, _)) in reads.iter().zip(&sources) {
+            check_regions(read, source.alloc_bytes, "the exported allocation")?;
+        }
+        for (shard, cache) in into.shards.iter().enumerate() {
+            let blocks_end = (cache.num_blocks * cache.block_bytes) as u64;
+            if cache.block_bytes != to.block_bytes() || !matches!(cache.memory, KvMemory::Device(_))
+            {
+                return Err(TransferError::Backend(format!(
+                    "cache shard {shard} is not device memory of {}-byte blocks",
+                    to.block_bytes()
+                )));
+            }
+            if let Some(copy) = copies
+                .iter()
+                .find(|c| c.dst_shard == shard && c.dst_end() > blocks_end)
+            {
+                return Err(TransferError::Backend(format!(
+                    "a copy to {}..{} is past the cache's {blocks_end} bytes of blocks",
+                    copy.dst_offset,
+                    copy.dst_end()
+                )));
+            }
+        }
+        // Each destination GPU maps the sources it reads and queues its copies; all GPUs copy
+        // at once, then each stream is synchronized.
+        let mut first_mapping = None;
+        let mut streams = Vec::with_capacity(self.devices.len());
+        for (shard, device) in self.devices.iter().enumerate() {
+            let KvMemory::Device(cache) = into.shards[shard].memory else {
+                unreachable!("checked above");
+            };
+            device.bind()?;
+            let mut mapped: HashMap<usize, Arc<PeerMapping>> = HashMap::new();
+            for copy in copies.iter().filter(|c| c.dst_shard == shard) {
+                if let std::collections::hash_map::Entry::Vacant(entry) =
+                    mapped.entry(copy.src_shard)
+                {
+                    let mapping = device.map_peer(sources[copy.src_shard].1)?;
+                    check_regions(
+                        &reads[copy.src_shard],
+                        mapping.len as u64,
+                        "the memory the handle maps",
+                    )?;
+                    entry.insert(mapping);
+                }
+            }
+            let stream = lock(&device.stream);
+            for copy in copies.iter().filter(|c| c.dst_shard == shard) {
+                let source = &mapped[&copy.src_shard];
+                // SAFETY: the source lies inside the mapped allocation and the destination
+                // inside the cache's blocks (both checked above); the blocks are reserved for
+                // this pull (the caller's promise), and the stream is synchronized before this
+                // returns.
+                unsafe { copy_on(stream.cu_stream(), source.base, cache.ptr, copy) }.map_err(
+                    |e| TransferError::Unavailable(format!("copying the K/V between GPUs: {e}")),
+                )?;
+            }
+            if shard == 0 {
+                // The seal is read through the first device's mapping of the first source.
+                first_mapping = Some(match mapped.get(&0) {
+                    Some(mapping) => Arc::clone(mapping),
+                    None => {
+                        let mapping = device.map_peer(sources[0].1)?;
+                        check_regions(&reads[0], mapping.len as u64, "the memory the handle maps")?;
+                        mapping
+                    }
+                });
+            }
+            streams.push(stream);
+        }
+        for (device, stream) in self.devices.iter().zip(&streams) {
+            device.bind()?;
+            stream.synchronize().map_err(|e| {
+                TransferError::Unavailable(format!("copying the K/V between GPUs: {e}"))
+            })?;
+        }
+        drop(streams);
+        let mapping = first_mapping.expect("the first device maps the first source");
+        self.check_seal(&mapping, remote.seal)?;
+        Ok(copies.iter().map(Copy2d::bytes).sum())
+    }
+}
+
+/// Queues `copy` on `stream`: from the allocation mapped at `src_base` to the one at
+/// `dst_base`, contiguous or row by row (the copy engines handle both in one call).
+///
+/// # Safety
+/// Both ranges must lie inside live allocations of the stream's context (or mapped into it),
+/// and stay so until the stream is synchronized.
+unsafe fn copy_on(
+    stream: sys::CUstream,
+    src_base: CUdeviceptr,
+    dst_base: CUdeviceptr,
+    copy: &Copy2d,
+) -> Result<(), cudarc::driver::DriverError> {
+    let (src, dst) = (src_base + copy.src_offset, dst_base + copy.dst_offset);
+    if copy.height == 1 {
+        // SAFETY: the caller's promise.
+        return unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, copy.width, stream) };
+    }
+    let params = sys::CUDA_MEMCPY2D_st {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        srcHost: std::ptr::null(),
+        srcDevice: src,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: copy.src_pitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: dst,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: copy.dst_pitch,
+        WidthInBytes: copy.width,
+        Height: copy.height,
+    };
+    // SAFETY: the caller's promise; `params` outlives the call, which reads it before
+    // returning.
+    unsafe { sys::cuMemcpy2DAsync_v2(&params, stream) }.result()
+}
+
+/// Where a pull into the cache writes: blocks a decode worker's engine reserved for the
+/// request, in its cache (one allocation per GPU of the transport, in rank order).
+#[derive(Debug, Clone)]
+pub struct CacheBlocks {
+    /// The whole model's layout (every KV head), as the handle states it.
+    pub layout: KvLayout,
+    /// The cache, as each rank's backend describes its part.
+    pub shards: Vec<KvCacheMemory>,
+    /// The reserved blocks, in the prompt's order.
+    pub blocks: Vec<u32>,
 }
 
 /// Whether every region (offset, length) lies inside `alloc_bytes` bytes (`what`, for the
@@ -555,7 +952,7 @@ impl KvTransport for CudaIpcTransport {
             };
             let offset = slice.ptr - pool.base;
             let exported = Exported {
-                memory: RemoteMemory::CudaIpc(shared.source(&pool.handle, pool.len)),
+                memory: RemoteMemory::CudaIpc(vec![shared.source(0, &pool.handle, pool.len)]),
                 regions: vec![(offset, len as u64)],
                 seal: None,
                 keepalive: Box::new(guard),
@@ -586,45 +983,12 @@ impl KvTransport for CudaIpcTransport {
         cache: KvCacheMemory,
         owner: Box<dyn Send + Sync>,
     ) -> BoxFuture<Result<Option<Arc<ExposedCache>>, TransferError>> {
-        let KvMemory::Device(range) = cache.memory else {
+        if !matches!(cache.memory, KvMemory::Device(_)) {
             return Box::pin(async { Ok(None) });
-        };
+        }
         let shared = Arc::clone(&self.shared);
-        Box::pin(async move {
-            shared
-                .ctx
-                .bind_to_thread()
-                .map_err(|e| cuda_error("CUDA context", e))?;
-            let mut raw = sys::CUipcMemHandle_st {
-                reserved: [0; HANDLE_BYTES],
-            };
-            // SAFETY: the caller's promise: `range` is the cache's allocation, alive while
-            // `owner` is; the driver refuses anything that is not the start of one.
-            unsafe { sys::cuIpcGetMemHandle(&mut raw, range.ptr) }
-                .result()
-                .map_err(|e| cuda_error("cuIpcGetMemHandle on the KV cache", e))?;
-            let handle: HandleBytes = raw.reserved.map(|b| b as u8);
-            lock(local_pools()).insert(handle, (range.ptr, range.len));
-            tracing::info!(
-                mib = range.len >> 20,
-                "KV cache shared over CUDA IPC: GPU decode workers of this host read exports \
-                 straight out of it"
-            );
-            let seals = Arc::clone(&shared);
-            Ok(Some(Arc::new(ExposedCache::new(
-                RemoteMemory::CudaIpc(shared.source(&handle, range.len)),
-                0,
-                cache,
-                Box::new(move |offset| {
-                    Box::new(DeviceSeal {
-                        shared: Arc::clone(&seals),
-                        ptr: range.ptr + offset as u64,
-                    })
-                }),
-                Box::new(LocalCache { handle }),
-                owner,
-            ))))
-        })
+        // SAFETY: the caller's promise, passed on.
+        Box::pin(async move { unsafe { shared.expose(vec![cache], owner) }.map(Some) })
     }
 
     /// Copies the exporter's blocks into device memory of this worker. A device-to-device

@@ -40,6 +40,7 @@ pub mod cache;
 pub mod cuda_ipc;
 pub mod in_process;
 pub mod pool;
+pub mod relayout;
 pub mod seal;
 pub mod ucx;
 
@@ -84,9 +85,10 @@ pub enum RemoteMemory {
     /// of the registration, as the transport packs them (UCX; the in-process registry).
     /// Region addresses are addresses in the exporter's address space.
     Registered { address: Vec<u8>, rkey: Vec<u8> },
-    /// A device allocation that processes of the exporter's host map (CUDA IPC). Region
-    /// addresses are offsets into it.
-    CudaIpc(CudaIpcSource),
+    /// Device allocations that processes of the exporter's host map (CUDA IPC): one, or one
+    /// per rank of a tensor-parallel exporter, in rank order, each holding its rank's KV heads
+    /// ([`relayout`]). Region addresses are offsets that hold in each.
+    CudaIpc(Vec<CudaIpcSource>),
 }
 
 /// K/V registered for remote reads: a buffer the K/V was copied into, or the prompt's blocks
@@ -304,9 +306,23 @@ impl RemoteKv {
     /// What `handle` says to read: its blocks, in `cuda_ipc`'s allocation for a CUDA IPC
     /// handle, else in the memory its `address` and `rkey` (hex) name.
     pub fn from_handle(handle: &KvHandle) -> Result<Self, TransferError> {
-        let memory = match (&handle.backend, &handle.cuda_ipc) {
-            (KvTransportKind::CudaIpc, Some(source)) => RemoteMemory::CudaIpc((**source).clone()),
-            (KvTransportKind::CudaIpc, None) => {
+        let memory = match (
+            &handle.backend,
+            &handle.cuda_ipc,
+            &handle.cuda_ipc_ranks[..],
+        ) {
+            (KvTransportKind::CudaIpc, Some(source), []) => {
+                RemoteMemory::CudaIpc(vec![(**source).clone()])
+            }
+            (KvTransportKind::CudaIpc, None, ranks) if !ranks.is_empty() => {
+                RemoteMemory::CudaIpc(ranks.to_vec())
+            }
+            (KvTransportKind::CudaIpc, Some(_), _) => {
+                return Err(TransferError::InvalidHandle(
+                    "a CUDA IPC handle with both one allocation and one per rank".into(),
+                ));
+            }
+            (KvTransportKind::CudaIpc, None, _) => {
                 return Err(TransferError::InvalidHandle(
                     "a CUDA IPC handle without its allocation".into(),
                 ));
@@ -602,7 +618,20 @@ mod tests {
         };
         let remote =
             RemoteKv::from_handle(&handle(KvTransportKind::CudaIpc, Some(source.clone()))).unwrap();
-        assert_eq!(remote.memory, RemoteMemory::CudaIpc(source));
+        assert_eq!(remote.memory, RemoteMemory::CudaIpc(vec![source.clone()]));
+        // A tensor-parallel exporter's: its ranks' allocations in order, never both forms.
+        let mut ranked = handle(KvTransportKind::CudaIpc, None);
+        ranked.cuda_ipc_ranks = vec![source.clone(), source.clone()];
+        let remote = RemoteKv::from_handle(&ranked).unwrap();
+        assert_eq!(
+            remote.memory,
+            RemoteMemory::CudaIpc(vec![source.clone(), source.clone()])
+        );
+        ranked.cuda_ipc = Some(Box::new(source));
+        assert!(matches!(
+            RemoteKv::from_handle(&ranked),
+            Err(TransferError::InvalidHandle(_))
+        ));
         assert!(matches!(
             RemoteKv::from_handle(&handle(KvTransportKind::CudaIpc, None)),
             Err(TransferError::InvalidHandle(_))

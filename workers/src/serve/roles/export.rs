@@ -17,7 +17,7 @@ use super::KvTransports;
 use crate::engine::{EngineHandle, RequestId};
 use crate::kv_cache::{KvDType, KvLayout};
 use crate::serve::bus::BusSettings;
-use crate::transfer::{Exported, RemoteMemory, to_hex};
+use crate::transfer::{Exported, KvTransport, RemoteMemory, to_hex};
 
 /// Unpins an export's blocks when dropped (the engine's blocks of a prefill-only request,
 /// retained after it): the keepalive of an export read in place, dropped only after its seal
@@ -50,12 +50,31 @@ pub fn layout_spec(layout: &KvLayout) -> KvLayoutSpec {
     }
 }
 
+/// How this worker's GPU cache is shared over CUDA IPC, if it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedCache {
+    None,
+    /// One allocation.
+    Whole,
+    /// One allocation per rank of a tensor-parallel group.
+    Ranks,
+}
+
 /// Whether a prefill's K/V is exported for CUDA IPC (read out of this worker's GPU cache)
 /// rather than for UCX: only for a reader that reads CUDA IPC on this worker's host, when this
-/// worker's cache is shared over CUDA IPC. Any other reader (another host, a CPU worker, an
-/// api-server that did not say) gets a host export, which every decode worker can pull.
-pub fn exports_on_device(reader: Option<&KvPeer>, host_id: &str, has_cuda_ipc: bool) -> bool {
-    has_cuda_ipc && reader.is_some_and(|r| r.cuda_ipc && r.host_id == host_id)
+/// worker's cache is shared over CUDA IPC, and (a tensor-parallel group's cache, in its ranks'
+/// allocations) when the reader reads such exports. Any other reader (another host, a CPU
+/// worker, an older build, an api-server that did not say) gets a host export, which every
+/// decode worker can pull.
+pub fn exports_on_device(reader: Option<&KvPeer>, host_id: &str, cache: SharedCache) -> bool {
+    let Some(reader) = reader.filter(|r| r.cuda_ipc && r.host_id == host_id) else {
+        return false;
+    };
+    match cache {
+        SharedCache::None => false,
+        SharedCache::Whole => true,
+        SharedCache::Ranks => reader.cuda_ipc_ranks,
+    }
 }
 
 /// Who exports: the worker, its transport and its cache layout.
@@ -67,7 +86,8 @@ pub struct HandleSource<'a> {
 }
 
 /// The regions of a handle for `exported`: runs of adjacent blocks merged into one region
-/// when the reader reads regions of several blocks (`coalesced`), else one region per block.
+/// when the reader reads regions of several blocks (`coalesced`), else one region per block
+/// (of `block_bytes`: one rank's part of a block, for a tensor-parallel group's export).
 /// An export copied out of the cache is one run (its blocks back to back), so its handle is a
 /// few hundred bytes for any prompt; blocks read in place are as adjacent as the cache
 /// allocated them. One region per block takes about 40 bytes of the bus's `max_payload` per
@@ -107,13 +127,22 @@ pub fn kv_handle(
         backend,
         layout,
     } = *source;
-    let blocks = handle_regions(exported, layout.block_bytes() as u64, coalesced);
-    let (address, rkey, cuda_ipc) = match &exported.memory {
-        RemoteMemory::Registered { address, rkey } => (to_hex(address), to_hex(rkey), None),
-        RemoteMemory::CudaIpc(source) => {
-            (String::new(), String::new(), Some(Box::new(source.clone())))
+    let (address, rkey, cuda_ipc, cuda_ipc_ranks) = match &exported.memory {
+        RemoteMemory::Registered { address, rkey } => {
+            (to_hex(address), to_hex(rkey), None, Vec::new())
         }
+        RemoteMemory::CudaIpc(sources) => match &sources[..] {
+            [source] => (
+                String::new(),
+                String::new(),
+                Some(Box::new(source.clone())),
+                Vec::new(),
+            ),
+            ranks => (String::new(), String::new(), None, ranks.to_vec()),
+        },
     };
+    let parts = cuda_ipc_ranks.len().max(1) as u64;
+    let blocks = handle_regions(exported, layout.block_bytes() as u64 / parts, coalesced);
     KvHandle {
         worker_id: worker_id.to_owned(),
         model_fingerprint: model_fingerprint.to_owned(),
@@ -127,6 +156,7 @@ pub fn kv_handle(
         seed,
         expires_unix_ms,
         cuda_ipc,
+        cuda_ipc_ranks,
         seal: exported.seal.map(|seal| seal.to_wire()),
         // Signed by the caller, which knows the request ([`crate::serve::kv_auth`]).
         mac: String::new(),
@@ -153,6 +183,16 @@ impl Exporter {
             host_id: self.kv.host_id.clone(),
             cuda_ipc: self.kv.device_cache.is_some(),
             coalesced_regions: false,
+            cuda_ipc_ranks: false,
+        }
+    }
+
+    /// How this worker's cache is shared over CUDA IPC.
+    fn shared_cache(&self) -> SharedCache {
+        match (&self.kv.device_cache, &self.kv.cuda_ipc) {
+            (Some(_), Some(transport)) if transport.devices() > 1 => SharedCache::Ranks,
+            (Some(_), Some(_)) => SharedCache::Whole,
+            _ => SharedCache::None,
         }
     }
 
@@ -169,10 +209,9 @@ impl Exporter {
         blocks: &[u32],
         reader: Option<&KvPeer>,
     ) -> Result<(Exported, KvTransportKind), String> {
+        let on_device = exports_on_device(reader, &self.kv.host_id, self.shared_cache());
         let in_place = match (&self.kv.device_cache, &self.kv.cuda_ipc) {
-            (Some(cache), Some(device)) if exports_on_device(reader, &self.kv.host_id, true) => {
-                Some((cache, device.backend()))
-            }
+            (Some(cache), Some(device)) if on_device => Some((cache, device.backend())),
             _ => self
                 .kv
                 .host_cache
@@ -262,23 +301,43 @@ mod tests {
             host_id: host.into(),
             cuda_ipc,
             coalesced_regions: true,
+            cuda_ipc_ranks: true,
         };
-        assert!(exports_on_device(Some(&reader("h1", true)), "h1", true));
+        let whole = SharedCache::Whole;
+        assert!(exports_on_device(Some(&reader("h1", true)), "h1", whole));
         assert!(
-            !exports_on_device(Some(&reader("h2", true)), "h1", true),
+            !exports_on_device(Some(&reader("h2", true)), "h1", whole),
             "another host"
         );
         assert!(
-            !exports_on_device(Some(&reader("h1", false)), "h1", true),
+            !exports_on_device(Some(&reader("h1", false)), "h1", whole),
             "a reader without CUDA IPC (a CPU worker, or one whose IPC reads failed)"
         );
         assert!(
-            !exports_on_device(Some(&reader("h1", true)), "h1", false),
-            "no CUDA IPC pool here"
+            !exports_on_device(Some(&reader("h1", true)), "h1", SharedCache::None),
+            "no cache shared over CUDA IPC here"
         );
         assert!(
-            !exports_on_device(None, "h1", true),
+            !exports_on_device(None, "h1", whole),
             "the api-server did not say who reads"
+        );
+        // A tensor-parallel group's cache: only for readers of its ranks' allocations.
+        assert!(exports_on_device(
+            Some(&reader("h1", true)),
+            "h1",
+            SharedCache::Ranks
+        ));
+        let older = KvPeer {
+            cuda_ipc_ranks: false,
+            ..reader("h1", true)
+        };
+        assert!(
+            exports_on_device(Some(&older), "h1", whole),
+            "one allocation: any CUDA IPC reader"
+        );
+        assert!(
+            !exports_on_device(Some(&older), "h1", SharedCache::Ranks),
+            "a reader of one allocation gets a tensor-parallel group's K/V through host memory"
         );
     }
 
@@ -324,6 +383,56 @@ mod tests {
                 region(640, 128),
                 region(768, 128)
             ]
+        );
+    }
+
+    #[test]
+    fn a_tensor_parallel_export_names_its_ranks_allocations_and_their_share_of_a_block() {
+        let source = |device: &str| tandem_protocol::messages::CudaIpcSource {
+            host_id: "h".into(),
+            device: device.into(),
+            mem_handle: "00".repeat(64),
+            alloc_bytes: 1 << 20,
+        };
+        // Two ranks: a block is 128 bytes of the whole layout, 64 in each rank's cache.
+        let exported = Exported {
+            memory: RemoteMemory::CudaIpc(vec![source("GPU-0"), source("GPU-1")]),
+            regions: vec![(0, 64), (64, 64), (256, 64)],
+            ..Exported::fixture()
+        };
+        let layout = fixtures::layout();
+        let handle_of = |coalesced| {
+            kv_handle(
+                &HandleSource {
+                    worker_id: "ctx",
+                    model_fingerprint: "0f0f",
+                    backend: &KvTransportKind::CudaIpc,
+                    layout: &layout,
+                },
+                &exported,
+                coalesced,
+                5,
+                TokenEvent {
+                    id: 5,
+                    text: String::new(),
+                    logprob: None,
+                    top_logprobs: vec![],
+                },
+                1,
+                2,
+            )
+        };
+        let handle = handle_of(true);
+        assert_eq!(handle.cuda_ipc, None);
+        assert_eq!(handle.cuda_ipc_ranks.len(), 2);
+        assert_eq!(handle.cuda_ipc_ranks[1].device, "GPU-1");
+        let region = |addr, len| KvRegion { addr, len };
+        assert_eq!(handle.blocks, vec![region(0, 128), region(256, 64)]);
+        assert_eq!(handle.layout.block_bytes, 128, "the whole model's layout");
+        assert_eq!(
+            handle_of(false).blocks,
+            vec![region(0, 64), region(64, 64), region(256, 64)],
+            "one region per block: a rank's share of it"
         );
     }
 

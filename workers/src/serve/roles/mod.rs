@@ -32,9 +32,11 @@ pub(super) use export::fixtures;
 pub(super) use generation::GenerationRole;
 
 use super::bus::{BusError, BusSettings};
+use crate::backend::KvCacheMemory;
 use crate::kv_cache::KvLayout;
 use crate::transfer::KvTransport;
 use crate::transfer::cache::ExposedCache;
+use crate::transfer::cuda_ipc::CudaIpcTransport;
 
 /// This worker's ways of moving K/V, shared by its exporter or its puller.
 pub(super) struct KvTransports {
@@ -43,7 +45,9 @@ pub(super) struct KvTransports {
     /// Host-memory transfers (UCX), with any peer.
     pub host: Arc<dyn KvTransport>,
     /// Device-to-device transfers (CUDA IPC), with GPU workers of this host.
-    pub cuda_ipc: Option<Arc<dyn KvTransport>>,
+    pub cuda_ipc: Option<Arc<CudaIpcTransport>>,
+    /// A decode worker's GPU cache, one part per rank: CUDA IPC pulls write into it.
+    pub device_cache_parts: Vec<KvCacheMemory>,
     /// A context worker's host cache registered with `host` (a CPU worker): exports are read
     /// straight out of it.
     pub host_cache: Option<Arc<ExposedCache>>,
@@ -60,6 +64,7 @@ impl KvTransports {
             layout: settings.layout,
             host: Arc::clone(&settings.transport),
             cuda_ipc: settings.cuda_ipc.clone(),
+            device_cache_parts: settings.device_cache_parts.clone(),
             host_cache: settings.host_cache.clone(),
             device_cache: settings.device_cache.clone(),
             host_id: settings.host_id.clone(),

@@ -47,12 +47,13 @@ use super::KvTransports;
 use super::export::layout_spec;
 use super::spent_handles::SpentHandles;
 use crate::backend::{KvBuffer, KvBytes, KvBytesMut};
-use crate::engine::{EngineEvent, EngineHandle, EventKind, ImportedPrefill, RequestId};
+use crate::engine::{EngineEvent, EngineHandle, EventKind, ImportedKv, ImportedPrefill, RequestId};
 use crate::sampler::SampledToken;
 use crate::serve::bus::BusSettings;
 use crate::serve::job::generation_request;
 use crate::serve::kv_auth::{Canonical, HandleBinding, KvSecret, MacError};
 use crate::serve::worker::{Identity, Worker, locked, publish_bounded, unix_ms};
+use crate::transfer::cuda_ipc::CacheBlocks;
 use crate::transfer::seal::{SEAL_BYTES, Seal};
 use crate::transfer::{PulledKv, RemoteKv, TransferError, from_hex};
 
@@ -206,14 +207,27 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// Where a pull put the K/V.
+enum Pulled {
+    /// In memory of the transport's (held until the engine has written it into the cache).
+    Buffer(HeldKv),
+    /// Straight into the blocks the engine reserved (a CUDA IPC pull): `bytes` copied.
+    InReservedBlocks { bytes: u64 },
+}
+
+impl Pulled {
+    fn bytes(&self) -> u64 {
+        match self {
+            Pulled::Buffer(held) => held.kv.len() as u64,
+            Pulled::InReservedBlocks { bytes } => *bytes,
+        }
+    }
+}
+
 /// How a pull ended.
 enum Pull {
-    /// With the K/V (held until the engine has written it) and how long it took.
-    Pulled {
-        kv: PulledKv,
-        held: HeldGuard,
-        micros: u64,
-    },
+    /// With the K/V and how long it took.
+    Pulled { kv: Pulled, micros: u64 },
     /// The transfer failed: prefill locally.
     Failed(TransferError),
 }
@@ -419,6 +433,7 @@ impl KvPuller {
             host_id: self.kv.host_id.clone(),
             cuda_ipc: self.cuda_ipc_reads.load(Ordering::Relaxed),
             coalesced_regions: true,
+            cuda_ipc_ranks: true,
         }
     }
 
@@ -481,7 +496,7 @@ impl KvPuller {
         };
         tracing::debug!(
             request_id = job.request_id,
-            blocks,
+            blocks = blocks.len(),
             waited_ms = waited.elapsed().as_millis() as u64,
             "room reserved: pulling"
         );
@@ -494,24 +509,23 @@ impl KvPuller {
                 );
                 tokio::time::sleep(delay).await;
             }
-            let held = self.held.hold(blocks);
             let started = Instant::now();
-            let pull = match self.pull(&handle).await {
+            let pull = match self.pull(&handle, blocks).await {
                 Ok(kv) => Pull::Pulled {
                     kv,
-                    held,
                     micros: started.elapsed().as_micros() as u64,
                 },
-                Err(e) => {
-                    drop(held);
-                    Pull::Failed(e)
-                }
+                Err(e) => Pull::Failed(e),
             };
             publish_release(worker, &handle, &job.request_id).await;
             self.hand_over(worker, (&job, &handle, engine_id), pull)
                 .await;
         } else {
-            // The engine has the cancel too: its `finished` follows.
+            // The engine has the cancel too: its `finished` follows, and the reserved blocks
+            // (never written) go back.
+            if let Err(e) = worker.engine.return_reservation(engine_id) {
+                tracing::debug!(request_id = job.request_id, "returning the room: {e}");
+            }
             publish_release(worker, &handle, &job.request_id).await;
         }
         drop(registration);
@@ -527,12 +541,14 @@ impl KvPuller {
         pull: Pull,
     ) {
         let handed = match pull {
-            Pull::Pulled { kv, held, micros } => {
+            Pull::Pulled { kv, micros } => {
+                let bytes = kv.bytes();
                 tracing::debug!(
                     request_id = job.request_id,
-                    bytes = kv.len(),
+                    bytes,
                     micros,
                     backend = %handle.backend,
+                    in_place = matches!(kv, Pulled::InReservedBlocks { .. }),
                     "KV pulled"
                 );
                 worker
@@ -540,7 +556,7 @@ impl KvPuller {
                         job.stream_subject.clone(),
                         &StreamMessage::KvPulled {
                             worker_id: worker.identity.worker_id.clone(),
-                            bytes: kv.len() as u64,
+                            bytes,
                             micros,
                             outcome: PullOutcome::Pulled {
                                 transport: handle.backend.clone(),
@@ -549,7 +565,10 @@ impl KvPuller {
                     )
                     .await;
                 let prefill = ImportedPrefill {
-                    kv: Box::new(HeldKv { kv, _held: held }),
+                    kv: match kv {
+                        Pulled::Buffer(held) => ImportedKv::Bytes(Box::new(held)),
+                        Pulled::InReservedBlocks { .. } => ImportedKv::InReservedBlocks,
+                    },
                     num_tokens: handle.num_tokens as usize,
                     first_token: SampledToken {
                         id: handle.first_token.id,
@@ -576,39 +595,27 @@ impl KvPuller {
         }
     }
 
-    /// Reads the handle's blocks over the transport it names, bounded by its expiry.
-    async fn pull(&self, handle: &KvHandle) -> Result<PulledKv, TransferError> {
+    /// Reads the handle's blocks over the transport it names, bounded by its expiry: over
+    /// UCX into a buffer, over CUDA IPC straight into `blocks`, the blocks the engine reserved
+    /// for the request.
+    async fn pull(&self, handle: &KvHandle, blocks: Vec<u32>) -> Result<Pulled, TransferError> {
         let remote = RemoteKv::from_handle(handle)?;
         let left = handle.expires_unix_ms.saturating_sub(unix_ms());
         let host = &self.kv.host;
-        let kv = if handle.backend == host.backend() {
+        if handle.backend == host.backend() {
+            let held = self.held.hold(blocks.len());
             let timeout = Duration::from_millis(left.clamp(100, 30_000));
-            host.pull(remote, timeout).await?
-        } else if handle.backend == KvTransportKind::CudaIpc {
-            let Some(device) = &self.kv.cuda_ipc else {
-                return Err(TransferError::InvalidHandle(
-                    "the K/V was exported to GPU memory for CUDA IPC, and this worker has no \
-                     CUDA IPC pool (a CPU worker, or --cuda-ipc-pool-mb 0)"
-                        .into(),
-                ));
-            };
-            // One host, one clock: past its expiry the export's memory may hold another
-            // request's K/V soon (the grace period bounds a pull started before it, not after).
-            if left == 0 {
-                return Err(TransferError::Unavailable(
-                    "the KV export expired before the pull".into(),
-                ));
+            let kv = host.pull(remote, timeout).await?;
+            let expected: u64 = handle.blocks.iter().map(|r| r.len).sum();
+            if kv.len() as u64 != expected {
+                return Err(TransferError::InvalidHandle(format!(
+                    "pulled {} bytes, expected {expected}",
+                    kv.len()
+                )));
             }
-            device
-                .pull(remote, Duration::from_millis(left))
-                .await
-                .inspect_err(|e| {
-                    // A changed seal is the export's fate, not the GPUs' failing to share.
-                    if !matches!(e, TransferError::ExportGone(_)) {
-                        self.cuda_ipc_read_failed(e)
-                    }
-                })?
-        } else {
+            return Ok(Pulled::Buffer(HeldKv { kv, _held: held }));
+        }
+        if handle.backend != KvTransportKind::CudaIpc {
             return Err(TransferError::InvalidHandle(format!(
                 "the handle is for transport `{}`, this worker reads `{}`{}",
                 handle.backend,
@@ -619,15 +626,39 @@ impl KvPuller {
                     ""
                 }
             )));
-        };
-        let expected: u64 = handle.blocks.iter().map(|r| r.len).sum();
-        if kv.len() as u64 != expected {
-            return Err(TransferError::InvalidHandle(format!(
-                "pulled {} bytes, expected {expected}",
-                kv.len()
-            )));
         }
-        Ok(kv)
+        let Some(device) = &self.kv.cuda_ipc else {
+            return Err(TransferError::InvalidHandle(
+                "the K/V was exported to GPU memory for CUDA IPC, and this worker does not \
+                 read CUDA IPC (a CPU worker, or --cuda-ipc-pool-mb 0)"
+                    .into(),
+            ));
+        };
+        // One host, one clock: past its expiry the export's memory may hold another
+        // request's K/V soon (the grace period bounds a pull started before it, not after).
+        if left == 0 {
+            return Err(TransferError::Unavailable(
+                "the KV export expired before the pull".into(),
+            ));
+        }
+        let into = CacheBlocks {
+            layout: self.kv.layout,
+            shards: self.kv.device_cache_parts.clone(),
+            blocks,
+        };
+        // SAFETY: `shards` is this worker's cache (the engine's, alive while the worker
+        // serves), and `blocks` the blocks the engine reserved for this request: it neither
+        // schedules a reserved request nor gives its blocks to anyone else until the request
+        // is handed back (`import_reserved`, `prefill_reserved` or `return_reservation`, all
+        // after this pull), also when it is cancelled meanwhile.
+        let pulled = unsafe { device.pull_into_cache(remote, into) }.await;
+        let bytes = pulled.inspect_err(|e| {
+            // A changed seal is the export's fate, not the GPUs' failing to share.
+            if !matches!(e, TransferError::ExportGone(_)) {
+                self.cuda_ipc_read_failed(e)
+            }
+        })?;
+        Ok(Pulled::InReservedBlocks { bytes })
     }
 
     /// A CUDA IPC read failed (no peer access between the GPUs, or processes that cannot share
@@ -682,6 +713,8 @@ fn authenticate(
 const MAX_HANDLE_HEX: usize = 16 * 1024;
 /// Hex digits of a CUDA IPC memory handle (`CUipcMemHandle`: 64 bytes).
 const CUDA_IPC_HANDLE_HEX: usize = 128;
+/// Most ranks a tensor-parallel exporter's handle may name (a node's GPUs).
+const MAX_CUDA_IPC_RANKS: usize = 64;
 
 /// Why `handle` holds another model's K/V than `own` serves, if it names one. A handle without
 /// a fingerprint comes from a context worker, or through an api-server, older than the field
@@ -720,6 +753,18 @@ fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> 
             "the handle holds K/V of {tokens} tokens for a prompt of {prompt_tokens}"
         ));
     }
+    // A tensor-parallel exporter's regions count one rank's share of each block.
+    let ranks = handle.cuda_ipc_ranks.len().max(1) as u64;
+    if ranks > 1
+        && (!(own.num_kv_heads as u64).is_multiple_of(ranks)
+            || !own.block_bytes.is_multiple_of(ranks))
+    {
+        return Err(format!(
+            "K/V of {ranks} tensor-parallel ranks for {} KV heads",
+            own.num_kv_heads
+        ));
+    }
+    let block_bytes = (own.block_bytes / ranks).max(1);
     let blocks = tokens.div_ceil(own.block_size.max(1) as usize) as u64;
     if handle.blocks.is_empty() || handle.blocks.len() as u64 > blocks {
         return Err(format!(
@@ -728,17 +773,22 @@ fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> 
             own.block_size
         ));
     }
-    if let Some(bad) = handle.blocks.iter().find(|r| {
-        r.len == 0 || r.len % own.block_bytes.max(1) != 0 || r.addr.checked_add(r.len).is_none()
-    }) {
+    if let Some(bad) = handle
+        .blocks
+        .iter()
+        .find(|r| r.len == 0 || r.len % block_bytes != 0 || r.addr.checked_add(r.len).is_none())
+    {
         return Err(format!(
-            "a region of {} bytes at {:#x} (blocks are {} bytes)",
-            bad.len, bad.addr, own.block_bytes
+            "a region of {} bytes at {:#x} (blocks are {block_bytes} bytes{})",
+            bad.len,
+            bad.addr,
+            if ranks > 1 { " a rank" } else { "" }
         ));
     }
-    let covered = handle.blocks.iter().try_fold(0u64, |sum, r| {
-        sum.checked_add(r.len / own.block_bytes.max(1))
-    });
+    let covered = handle
+        .blocks
+        .iter()
+        .try_fold(0u64, |sum, r| sum.checked_add(r.len / block_bytes));
     if covered != Some(blocks) {
         return Err(format!(
             "regions of {} blocks for {tokens} tokens in blocks of {} (expected {blocks})",
@@ -758,41 +808,59 @@ fn check_handle(handle: &KvHandle, own: &KvLayoutSpec, prompt_tokens: usize) -> 
         Some(seal) => Some(Seal::from_wire(seal).map_err(|e| format!("the handle's seal: {e}"))?),
         None => None,
     };
-    match (&handle.backend, &handle.cuda_ipc) {
-        (KvTransportKind::CudaIpc, Some(source)) => {
-            if source.mem_handle.len() != CUDA_IPC_HANDLE_HEX
-                || from_hex(&source.mem_handle).is_err()
-            {
-                return Err(format!(
-                    "a CUDA IPC memory handle of {} characters (expected {CUDA_IPC_HANDLE_HEX} \
-                     hex digits)",
-                    source.mem_handle.len()
-                ));
-            }
-            if let Some(outside) = handle
-                .blocks
-                .iter()
-                .find(|r| r.addr + r.len > source.alloc_bytes)
-            {
-                return Err(format!(
-                    "a region at offset {:#x} ends past the exported {} bytes",
-                    outside.addr, source.alloc_bytes
-                ));
-            }
-            if let Some(seal) = seal
-                && seal.addr + SEAL_BYTES as u64 > source.alloc_bytes
-            {
-                return Err(format!(
-                    "the seal at offset {:#x} ends past the exported {} bytes",
-                    seal.addr, source.alloc_bytes
-                ));
-            }
-        }
-        (KvTransportKind::CudaIpc, None) => {
+    let sources: Vec<&tandem_protocol::messages::CudaIpcSource> = handle
+        .cuda_ipc
+        .as_deref()
+        .into_iter()
+        .chain(&handle.cuda_ipc_ranks)
+        .collect();
+    match (&handle.backend, &sources[..]) {
+        (KvTransportKind::CudaIpc, []) => {
             return Err("a CUDA IPC handle without its allocation".into());
         }
-        (_, Some(_)) => return Err("a host-memory handle that names GPU memory".into()),
-        (_, None) => {
+        (KvTransportKind::CudaIpc, sources) => {
+            if handle.cuda_ipc.is_some() && !handle.cuda_ipc_ranks.is_empty() {
+                return Err("a CUDA IPC handle with both one allocation and one per rank".into());
+            }
+            if sources.len() > MAX_CUDA_IPC_RANKS {
+                return Err(format!(
+                    "{} CUDA IPC allocations (at most {MAX_CUDA_IPC_RANKS})",
+                    sources.len()
+                ));
+            }
+            for (rank, source) in sources.iter().enumerate() {
+                if source.mem_handle.len() != CUDA_IPC_HANDLE_HEX
+                    || from_hex(&source.mem_handle).is_err()
+                {
+                    return Err(format!(
+                        "a CUDA IPC memory handle of {} characters (expected \
+                         {CUDA_IPC_HANDLE_HEX} hex digits)",
+                        source.mem_handle.len()
+                    ));
+                }
+                if let Some(outside) = handle
+                    .blocks
+                    .iter()
+                    .find(|r| r.addr + r.len > source.alloc_bytes)
+                {
+                    return Err(format!(
+                        "a region at offset {:#x} ends past the exported {} bytes",
+                        outside.addr, source.alloc_bytes
+                    ));
+                }
+                if let Some(seal) = seal
+                    && rank == 0
+                    && seal.addr + SEAL_BYTES as u64 > source.alloc_bytes
+                {
+                    return Err(format!(
+                        "the seal at offset {:#x} ends past the exported {} bytes",
+                        seal.addr, source.alloc_bytes
+                    ));
+                }
+            }
+        }
+        (_, [_, ..]) => return Err("a host-memory handle that names GPU memory".into()),
+        (_, []) => {
             if handle.address.is_empty() || handle.rkey.is_empty() {
                 return Err("a host-memory handle without an address or remote key".into());
             }
@@ -896,6 +964,59 @@ mod tests {
             ..handle
         };
         assert_eq!(model_mismatch(&older, &own("1234")), None);
+    }
+
+    #[test]
+    fn a_tensor_parallel_exporters_handle_counts_a_ranks_share_of_each_block() {
+        let (mut handle, mut own) = valid_handle();
+        // Two KV heads, so two ranks of 64 bytes a block each.
+        own.num_kv_heads = 2;
+        own.block_bytes = 256;
+        handle.layout = own.clone();
+        let source = |device: &str| tandem_protocol::messages::CudaIpcSource {
+            host_id: "h".into(),
+            device: device.into(),
+            mem_handle: "0".repeat(CUDA_IPC_HANDLE_HEX),
+            alloc_bytes: 1 << 20,
+        };
+        handle.backend = KvTransportKind::CudaIpc;
+        handle.address.clear();
+        handle.rkey.clear();
+        handle.cuda_ipc_ranks = vec![source("GPU-0"), source("GPU-1")];
+        handle.blocks = (0..3)
+            .map(|b| tandem_protocol::messages::KvRegion {
+                addr: 4096 + b * 128,
+                len: 128,
+            })
+            .collect();
+        assert_eq!(check_handle(&handle, &own, 5), Ok(()));
+        let refused = |mutate: &dyn Fn(&mut KvHandle), needle: &str| {
+            let mut bad = handle.clone();
+            mutate(&mut bad);
+            let err = check_handle(&bad, &own, 5).unwrap_err();
+            assert!(err.contains(needle), "{err} (wanted {needle:?})");
+        };
+        refused(
+            &|h| h.blocks[0].len = 256,
+            "regions of 4 blocks for 5 tokens",
+        );
+        refused(&|h| h.blocks[0].len = 64, "blocks are 128 bytes a rank");
+        refused(
+            &|h| h.cuda_ipc_ranks.push(source("GPU-2")),
+            "3 tensor-parallel ranks for 2 KV heads",
+        );
+        refused(
+            &|h| h.cuda_ipc = Some(Box::new(source("GPU-0"))),
+            "both one allocation and one per rank",
+        );
+        refused(
+            &|h| h.cuda_ipc_ranks[1].alloc_bytes = 4096,
+            "ends past the exported 4096 bytes",
+        );
+        refused(
+            &|h| h.backend = KvTransportKind::Ucx,
+            "a host-memory handle that names GPU memory",
+        );
     }
 
     #[test]
