@@ -127,9 +127,10 @@ pub struct CacheTransceiverConfig {
     /// exports it copies out to UCX readers), maps once for transfers (registered with UCX,
     /// pinned on a GPU); 0: none. A CPU context worker's exports are read out of its cache.
     pub transfer_pool_mb: Option<usize>,
-    /// (tandem) MiB of device memory each GPU decode worker sets aside for CUDA IPC pulls from
-    /// GPU context workers of the same host (device to device, no UCX; read straight out of
-    /// the context worker's KV cache); 0: no CUDA IPC, on either role.
+    /// (tandem) 0 turns off CUDA IPC between GPU workers of one host (device to device, no
+    /// UCX: read straight out of the context worker's KV cache, written straight into the
+    /// decode worker's); any other value is accepted for older configurations and unused
+    /// (CUDA IPC needs no pool).
     pub cuda_ipc_pool_mb: Option<usize>,
 }
 

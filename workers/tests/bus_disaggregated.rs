@@ -125,9 +125,19 @@ async fn prefill(
     stream: &mut async_nats::Subscriber,
     job: &GenerateJob,
 ) -> KvHandle {
+    prefill_on(client, stream, job, "ctx").await
+}
+
+/// [`prefill`] on context worker `context_id`.
+async fn prefill_on(
+    client: &async_nats::Client,
+    stream: &mut async_nats::Subscriber,
+    job: &GenerateJob,
+    context_id: &str,
+) -> KvHandle {
     client
         .publish(
-            Subjects::new(SERVED).prefill_direct("ctx"),
+            Subjects::new(SERVED).prefill_direct(context_id),
             messages::encode(job).into(),
         )
         .await
@@ -701,13 +711,24 @@ async fn kv_peer_of(heartbeats: &mut async_nats::Subscriber, id: &str) -> KvPeer
 /// decode worker `decode_id`; returns the handle's backend, the tokens and the KvPulled.
 async fn disaggregated_via(
     client: &async_nats::Client,
+    job: GenerateJob,
+    reader: Option<KvPeer>,
+    decode_id: &str,
+) -> (String, Vec<u32>, StreamMessage) {
+    disaggregated_between(client, job, reader, "ctx", decode_id).await
+}
+
+/// [`disaggregated_via`], prefilled by context worker `context_id`.
+async fn disaggregated_between(
+    client: &async_nats::Client,
     mut job: GenerateJob,
     reader: Option<KvPeer>,
+    context_id: &str,
     decode_id: &str,
 ) -> (String, Vec<u32>, StreamMessage) {
     job.kv_reader = reader;
     let mut stream = client.subscribe(job.stream_subject.clone()).await.unwrap();
-    let handle = prefill(client, &mut stream, &job).await;
+    let handle = prefill_on(client, &mut stream, &job, context_id).await;
     let backend = handle.backend.to_string();
     job.kv_reader = None;
     job.kv = Some(handle);
@@ -762,10 +783,10 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
             "16384".into(),
         ]
     };
-    // 1 MiB: what used to cap the context worker's CUDA IPC exports (a slice of its pool each,
-    // a UCX export past it); now its exports are its cache's blocks, and the decode worker's
-    // pulls past its pool allocate their own memory. The long prompt moves far more than
-    // that (about 23 MB on SmolLM2 shapes), device to device all the same.
+    // 1 MiB: what used to cap CUDA IPC transfers (pools of that size); now exports are the
+    // context worker's cache blocks and pulls land in the decode worker's, and a pool size
+    // other than 0 changes nothing. The long prompt moves far more than that (about 23 MB on
+    // SmolLM2 shapes), device to device all the same.
     let mut context_args = gpu("cuda:0");
     context_args.extend(["--cuda-ipc-pool-mb".into(), "1".into()]);
     let mut decode_args = gpu(&decode_device);
@@ -780,8 +801,8 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
     let mut heartbeats = client.subscribe(subjects.heartbeat_all()).await.unwrap();
     let reader = kv_peer_of(&mut heartbeats, "dec").await;
     assert!(
-        reader.cuda_ipc,
-        "a GPU decode worker with a pool reads CUDA IPC"
+        reader.cuda_ipc && reader.cuda_ipc_ranks,
+        "a GPU decode worker reads CUDA IPC, of tensor-parallel exporters too"
     );
     assert!(
         !kv_peer_of(&mut heartbeats, "dec-no-ipc").await.cuda_ipc,
@@ -860,7 +881,7 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
         let PullOutcome::Fallback { reason: fallback } = outcome else {
             panic!("the pull falls back")
         };
-        assert!(fallback.contains("no CUDA IPC pool"), "{fallback}");
+        assert!(fallback.contains("does not read CUDA IPC"), "{fallback}");
     }
 
     // Every block is free again on every worker, nothing is pinned, and the reader still
@@ -868,4 +889,118 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
     wait_until_every_block_is_free(&mut heartbeats, 3).await;
     assert!(kv_peer_of(&mut heartbeats, "dec").await.cuda_ipc);
     drop(decode);
+}
+
+/// CUDA IPC between tensor-parallel workers on two GPUs: a context worker of 2 ranks
+/// (cuda:0-1) hands prompts to a decode worker of 1 (cuda:1), one of 1 (cuda:0) to one of 2
+/// (cuda:0-1), and 2 to 2, each device to device (the heads re-laid on the way where the sizes
+/// differ), with the tokens of one GPU's `worker generate` (the tiny model's greedy and
+/// seeded tokens agree across tensor-parallel sizes). Needs two GPUs; skipped, saying so,
+/// otherwise.
+#[tokio::test]
+async fn tensor_parallel_gpu_workers_hand_prompts_over_cuda_ipc_device_to_device() {
+    if !tandem_workers::backend::cuda::driver_present() {
+        eprintln!("skipped: no CUDA driver on this machine");
+        return;
+    }
+    let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0);
+    if gpus < 2 {
+        eprintln!("skipped: tensor parallelism needs two GPUs, this machine has {gpus}");
+        return;
+    }
+    let model = gpu_model_dir();
+    let nats = Nats::start();
+    let url = &nats.url;
+    let worker = |device: &str, ranks: &str| {
+        vec![
+            "--device".to_string(),
+            device.to_string(),
+            "--tensor-parallel".into(),
+            ranks.into(),
+            "--kv-cache-tokens".into(),
+            "16384".into(),
+        ]
+    };
+    let _ctx2 = start_worker_on(
+        &model,
+        url,
+        "context",
+        "ctx-tp2",
+        &strs(&worker("cuda:0", "2")),
+    );
+    let _ctx1 = start_worker_on(
+        &model,
+        url,
+        "context",
+        "ctx-tp1",
+        &strs(&worker("cuda:0", "1")),
+    );
+    let _dec1 = start_worker_on(
+        &model,
+        url,
+        "decode",
+        "dec-tp1",
+        &strs(&worker("cuda:1", "1")),
+    );
+    let _dec2 = start_worker_on(
+        &model,
+        url,
+        "decode",
+        "dec-tp2",
+        &strs(&worker("cuda:0", "2")),
+    );
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let subjects = Subjects::new(SERVED);
+    let mut heartbeats = client.subscribe(subjects.heartbeat_all()).await.unwrap();
+    let mut readers = std::collections::HashMap::new();
+    for id in ["dec-tp1", "dec-tp2"] {
+        let peer = kv_peer_of(&mut heartbeats, id).await;
+        assert!(
+            peer.cuda_ipc && peer.cuda_ipc_ranks,
+            "{id} reads tensor-parallel CUDA IPC exports: {peer:?}"
+        );
+        readers.insert(id, peer);
+    }
+    let prompt = "Once upon a time there was a small village by the sea where every morning \
+                  the fishermen went out before dawn and came back with the tide";
+    for (i, seed) in [None, Some(11u64)].into_iter().enumerate() {
+        let expected = reference_on(&model, "cuda:0", prompt, 16, seed);
+        for (n, (context_id, decode_id)) in [
+            ("ctx-tp2", "dec-tp1"),
+            ("ctx-tp1", "dec-tp2"),
+            ("ctx-tp2", "dec-tp2"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let job = job(&format!("tp{i}-{n}"), prompt_ids(&expected), 16, seed);
+            let (exported, ids, pulled) = disaggregated_between(
+                &client,
+                job,
+                Some(readers[decode_id].clone()),
+                context_id,
+                decode_id,
+            )
+            .await;
+            let label = format!("{context_id} -> {decode_id}, seed {seed:?}");
+            assert_eq!(exported, "cuda-ipc", "{label}: the export's transport");
+            let StreamMessage::KvPulled {
+                bytes,
+                micros,
+                outcome,
+                ..
+            } = pulled
+            else {
+                unreachable!()
+            };
+            let PullOutcome::Pulled { transport } = &outcome else {
+                panic!("{label}: {outcome:?}")
+            };
+            assert_eq!(transport.as_str(), "cuda-ipc", "{label}");
+            assert_eq!(ids, output_ids(&expected), "{label}");
+            eprintln!("{label}: {bytes} bytes in {micros} us, device to device");
+        }
+    }
+    // Every block is free again on every worker, nothing is pinned.
+    wait_until_every_block_is_free(&mut heartbeats, 4).await;
 }

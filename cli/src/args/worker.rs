@@ -126,13 +126,12 @@ pub struct WorkerArgs {
     /// exports' seals), at most 1024 MiB; none on a CPU context worker. 0: no pool.
     #[arg(long, value_name = "MIB")]
     pub kv_transfer_pool_mb: Option<usize>,
-    /// GPU context and decode workers: CUDA IPC transfers with GPU workers of the same host,
-    /// which move K/V device to device instead of through host memory and UCX. A context
-    /// worker shares its KV cache (decode workers read a prompt's blocks straight out of it);
-    /// a decode worker sets aside this many MiB of device memory (before the KV cache is
-    /// sized) for its pulls, and allocates more when it is full. Default: what
-    /// --max-tokens-in-buffer tokens take, at most 1024 MiB. 0: no CUDA IPC (every transfer
-    /// goes through UCX).
+    /// GPU context and decode workers: 0 turns off CUDA IPC transfers with GPU workers of the
+    /// same host, which move K/V device to device instead of through host memory and UCX (on
+    /// by default, tensor-parallel workers included). A context worker shares its KV cache
+    /// (decode workers read a prompt's blocks straight out of it, every rank's part); a decode
+    /// worker copies them straight into the blocks it reserved for the request. Neither needs
+    /// a pool: any other value is accepted for older configurations and unused.
     #[arg(long, value_name = "MIB")]
     pub cuda_ipc_pool_mb: Option<usize>,
     /// A file holding the deployment's KV secret (else TANDEM_KV_SECRET, if set): at least 32
