@@ -31,6 +31,8 @@ pub enum Command {
     /// Profile prefill and decode on the devices at hand and propose the deployment (context
     /// and decode workers, or aggregated ones) with the most goodput per device for a TTFT
     /// and an ITL target, as a config for `tandem serve -c`.
+    // The variant's doc comment would otherwise stand in for the long help too.
+    #[command(long_about = tandem::planner::args::PLAN_LONG_ABOUT)]
     Plan(tandem::planner::PlanArgs),
 }
 

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-const PLAN_LONG_ABOUT: &str = "\
+/// `tandem plan --help`'s description.
+pub const PLAN_LONG_ABOUT: &str = "\
 Choose a deployment by measurement: profile the model's prefill and decode on the devices at hand,
 then propose the context and decode workers (and their tensor_parallel_size), or aggregated
 workers, that serve the most requests per second per device within a TTFT and an ITL target
@@ -52,7 +53,8 @@ pub struct PlanArgs {
     #[arg(long, value_name = "DIR", required_unless_present = "profile_in")]
     pub model: Option<PathBuf>,
     /// Devices the deployment may use, one entry per rank: `cuda:N`, or `cpu` (repeat it for
-    /// several CPU workers). Profiling runs on the first ones.
+    /// several CPU workers; they share the cores, yet each counts as a device). Profiling runs
+    /// on the first ones.
     #[arg(long, value_delimiter = ',', value_name = "DEV,...")]
     pub devices: Vec<String>,
     /// Instead of --devices: cuda:0 to cuda:N-1.

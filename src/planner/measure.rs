@@ -367,7 +367,7 @@ impl Probe<'_> {
 
     /// Output tokens for `batch` requests (and `prompts` prompts of one token) at once:
     /// `wanted`, or fewer to fit the KV cache and the context length; `None` when fewer than
-    /// `at_least` + 1 fit.
+    /// `at_least` fit.
     fn fit_output(
         &self,
         batch: usize,
@@ -381,7 +381,7 @@ impl Probe<'_> {
         let by_cache = (per_request * bs).saturating_sub(self.isl as u64) as usize;
         let by_context = self.max_context.saturating_sub(self.isl + 1);
         let tokens = wanted.min(by_cache).min(by_context);
-        (tokens > at_least).then_some(tokens)
+        (tokens >= at_least).then_some(tokens)
     }
 
     /// `count` requests of fresh prompts, `max_tokens` each.

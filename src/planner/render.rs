@@ -158,21 +158,22 @@ impl Document<'_> {
                 let agg = &c.aggregated;
                 let _ = writeln!(
                     out,
-                    "#     at the targets: context {:.2} req/s; decode {:.2} req/s (batch {}, ITL {:.1} ms); \
-                     aggregated {:.2} req/s{}",
-                    c.context.rate,
-                    c.decode.rate,
-                    c.decode.batch,
-                    c.decode.itl_ms,
-                    agg.rate,
-                    if agg.rate > 0.0 {
-                        format!(
-                            " (batch {:.1}, mean ITL {:.1} ms, TTFT {:.0} ms, bound: {})",
-                            agg.batch, agg.itl_ms, agg.ttft_ms, agg.bound
-                        )
-                    } else {
-                        String::new()
-                    }
+                    "#     at the targets: context worker {:.2} req/s; decode worker {:.2} req/s \
+                     (batch {}, ITL {:.2} ms)",
+                    c.context.rate, c.decode.rate, c.decode.batch, c.decode.itl_ms,
+                );
+                let detail = if agg.rate > 0.0 {
+                    format!(
+                        " (batch {:.1}, mean ITL {:.2} ms, TTFT {:.0} ms, bound: {})",
+                        agg.batch, agg.itl_ms, agg.ttft_ms, agg.bound
+                    )
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(
+                    out,
+                    "#       aggregated worker {:.2} req/s{detail}",
+                    agg.rate
                 );
             }
         }
@@ -252,14 +253,14 @@ fn worker_comment(w: &WorkerProfile, p: &Profile) -> String {
     let ladder: Vec<String> = w
         .decode
         .iter()
-        .map(|d| format!("{}: {:.1}", d.batch, d.itl_ms))
+        .map(|d| format!("{}: {:.2}", d.batch, d.itl_ms))
         .collect();
     let _ = writeln!(out, "#     decode ITL ms by batch: {}", ladder.join(", "));
     if !w.mixed.is_empty() {
         let mixed: Vec<String> = w
             .mixed
             .iter()
-            .map(|m| format!("{}: {:.1}", m.batch, m.step_ms))
+            .map(|m| format!("{}: {:.2}", m.batch, m.step_ms))
             .collect();
         let _ = writeln!(
             out,
