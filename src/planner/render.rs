@@ -67,17 +67,40 @@ pub struct Document<'a> {
     pub alternative: Option<&'a Candidate>,
 }
 
+/// Which of the two a config is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The deployment with the most goodput per device.
+    Choice,
+    /// The best of the other kind, written for comparison.
+    Alternative,
+}
+
 impl Document<'_> {
     /// The chosen deployment's config, commented, with the alternative commented out at the
     /// end.
     pub fn render(&self) -> String {
+        self.render_as(self.chosen, self.alternative, Role::Choice)
+    }
+
+    /// The alternative on its own, commented like the chosen one.
+    pub fn render_alternative(&self) -> Option<String> {
+        let alt = self.alternative?;
+        Some(self.render_as(alt, Some(self.chosen), Role::Alternative))
+    }
+
+    /// `chosen`'s config with `other` beside it.
+    fn render_as(&self, chosen: &Candidate, other: Option<&Candidate>, role: Role) -> String {
         let mut out = String::new();
         let t = self.targets;
-        let chosen = self.chosen;
-        let _ = writeln!(
-            out,
-            "# tandem plan: the deployment with the most goodput per device measured for"
-        );
+        let heading = match role {
+            Role::Choice => "the deployment with the most goodput per device".to_owned(),
+            Role::Alternative => format!(
+                "the best {} deployment (for comparison with the chosen one)",
+                kind(chosen)
+            ),
+        };
+        let _ = writeln!(out, "# tandem plan: {heading} measured for");
         let _ = writeln!(
             out,
             "# ISL {} / OSL {} tokens at TTFT p{:.0} <= {:.0} ms and mean ITL <= {:.0} ms ({} devices used).",
@@ -91,10 +114,18 @@ impl Document<'_> {
         let _ = writeln!(out, "#");
         out.push_str(&self.profile_comment());
         let _ = writeln!(out, "#");
-        let _ = writeln!(out, "# Chosen: {}", self.prediction(chosen));
-        match self.alternative {
+        let label = match role {
+            Role::Choice => "Chosen".to_owned(),
+            Role::Alternative => format!("Best {}", kind(chosen)),
+        };
+        let _ = writeln!(out, "# {label}: {}", self.prediction(chosen));
+        match other {
             Some(alt) => {
-                let _ = writeln!(out, "# Best {}: {}", kind(alt), self.prediction(alt));
+                let label = match role {
+                    Role::Choice => format!("Best {}", kind(alt)),
+                    Role::Alternative => "Chosen".to_owned(),
+                };
+                let _ = writeln!(out, "# {label}: {}", self.prediction(alt));
             }
             None => {
                 let other = if chosen.layout.is_aggregated() {
@@ -114,30 +145,19 @@ impl Document<'_> {
         );
         let _ = writeln!(out, "#   {}", self.bench_command(chosen));
         out.push_str(&config(chosen, self.profile));
-        if let Some(alt) = self.alternative {
+        if let Some(alt) = other {
             let _ = writeln!(out);
-            let _ = writeln!(
-                out,
-                "# The best {} deployment instead (uncomment to use):",
-                kind(alt)
-            );
+            let instead = match role {
+                Role::Choice => format!("The best {} deployment", kind(alt)),
+                Role::Alternative => "The chosen deployment".to_owned(),
+            };
+            let _ = writeln!(out, "# {instead} instead (uncomment to use):");
             let _ = writeln!(out, "#   {}", self.bench_command(alt));
             for line in config(alt, self.profile).lines() {
                 let _ = writeln!(out, "# {line}");
             }
         }
         out
-    }
-
-    /// The alternative on its own, commented like the chosen one.
-    pub fn render_alternative(&self) -> Option<String> {
-        let alt = self.alternative?;
-        let swapped = Document {
-            chosen: alt,
-            alternative: Some(self.chosen),
-            ..*self
-        };
-        Some(swapped.render())
     }
 
     fn profile_comment(&self) -> String {
@@ -322,4 +342,80 @@ fn group(out: &mut String, g: &Group, max_batch_size: Option<usize>, profile: &P
 /// A YAML double-quoted scalar (a JSON string is one).
 fn quoted(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::profile::tests::{synthetic_profile, synthetic_worker};
+    use super::super::search::{self, alternative, choose};
+    use super::*;
+    use tandem_protocol::config::{DeploymentConfig, DeviceSpec};
+
+    fn targets(itl_ms: f64) -> Targets {
+        Targets {
+            isl: 3000,
+            osl: 150,
+            ttft_ms: 2000.0,
+            itl_ms,
+            ttft_quantile: 0.9,
+            handover_ms: 20.0,
+        }
+    }
+
+    /// The chosen config, the alternative's commented block and the alternative's own file
+    /// all load as deployment configs.
+    #[test]
+    fn every_config_written_loads_and_says_where_its_numbers_come_from() {
+        let profile = synthetic_profile(
+            3000,
+            vec![synthetic_worker(1, 200.0, 10.0, 0.25, 120.0, 128, 6500)],
+        );
+        let t = targets(15.0);
+        let capacities = search::capacities(&profile, &t);
+        let devices: Vec<String> = (0..2).map(|i| format!("cuda:{i}")).collect();
+        let all = search::candidates(&capacities, &devices);
+        let chosen = choose(&all).unwrap();
+        let document = Document {
+            profile: &profile,
+            targets: &t,
+            capacities: &capacities,
+            chosen,
+            alternative: alternative(&all, chosen),
+        };
+        let text = document.render();
+        for needle in [
+            "# tandem plan: the deployment with the most goodput per device",
+            "TTFT p90 <= 2000 ms and mean ITL <= 15 ms",
+            "decode ITL ms by batch: 1: 10.25, 2: 10.50",
+            "# Chosen: 1 context worker (TP=1) + 1 decode worker (TP=1) on 2 devices",
+            "# Best aggregated: 2 aggregated workers (TP=1)",
+            "--input-tokens 3000 --output-len 150",
+        ] {
+            assert!(text.contains(needle), "{needle}:\n{text}");
+        }
+        let config = DeploymentConfig::parse(&text, "chosen").unwrap();
+        assert_eq!(config.context_servers.instances(), 1);
+        assert_eq!(
+            config.generation_servers.device,
+            DeviceSpec::PerInstance(vec!["cuda:1".into()])
+        );
+        assert_eq!(config.generation_servers.max_batch_size, Some(20));
+        assert_eq!(config.model.as_deref(), Some("/models/m"));
+
+        let commented: String = text
+            .split("instead (uncomment to use):\n")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("#   tandem bench"))
+            .map(|l| l.strip_prefix("# ").unwrap_or(l).to_owned() + "\n")
+            .collect();
+        let other = DeploymentConfig::parse(&commented, "commented").unwrap();
+        assert_eq!(other.context_servers.instances(), 0);
+        assert_eq!(other.generation_servers.instances(), 2);
+
+        let own = document.render_alternative().unwrap();
+        assert!(own.starts_with("# tandem plan: the best aggregated deployment"));
+        assert_eq!(DeploymentConfig::parse(&own, "own").unwrap(), other);
+    }
 }
