@@ -79,6 +79,10 @@ pub struct PlanArgs {
     /// Which percentile of TTFT must meet --ttft-ms.
     #[arg(long, value_name = "P", default_value_t = 90.0)]
     pub ttft_percentile: f64,
+    /// What the choice maximises: goodput per device (the most efficient deployment, which
+    /// may leave devices unused), or goodput on the devices.
+    #[arg(long, value_enum, default_value = "per-device")]
+    pub maximize: super::search::Objective,
     /// Added to a disaggregated request's TTFT for the KV hand-over between workers, in ms.
     #[arg(long, value_name = "MS", default_value_t = 20.0)]
     pub handover_ms: f64,

@@ -35,6 +35,7 @@ pub use args::PlanArgs;
 use capacity::Targets;
 use profile::Profile;
 use render::Document;
+use search::Objective;
 
 /// A profile measured at a prompt length this far from the plan's is used with a warning
 /// (prefill times are scaled linearly; decode steps are not).
@@ -72,7 +73,8 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         );
     }
     let capacities = search::capacities(&profile, &targets);
-    let candidates = search::candidates(&capacities, &devices);
+    let mut candidates = search::candidates(&capacities, &devices);
+    search::rank(&mut candidates, args.maximize);
     if candidates.is_empty() {
         bail!(
             "no deployment of the profiled TP sizes ({}) fits the devices ({})",
@@ -85,8 +87,16 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
             devices.join(",")
         );
     }
-    let chosen = search::choose(&candidates);
-    let alternative = chosen.and_then(|c| search::alternative(&candidates, c));
+    let objective = args.maximize;
+    let chosen = search::choose(&candidates, objective);
+    let alternative = chosen.and_then(|c| search::alternative(&candidates, c, objective));
+    let other = match objective {
+        Objective::PerDevice => Objective::Total,
+        Objective::Total => Objective::PerDevice,
+    };
+    let other_objective = search::choose(&candidates, other)
+        .filter(|c| Some(*c) != chosen)
+        .map(|c| (c, other));
     let table = render::table(&candidates, chosen, alternative);
     let summary = format!(
         "tandem plan: ISL {} / OSL {}, TTFT p{:.0} <= {:.0} ms, mean ITL <= {:.0} ms, {} devices\n{table}",
@@ -97,9 +107,10 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         targets.itl_ms,
         devices.len()
     );
-    // The YAML may go to stdout; the table then goes to stderr.
+    // The YAML may go to stdout; the table then goes to stderr. A reader that went away
+    // (`| head`) is not an error of the plan.
     if args.output.is_some() {
-        print!("{summary}");
+        let _ = std::io::stdout().lock().write_all(summary.as_bytes());
     } else {
         eprint!("{summary}");
     }
@@ -112,6 +123,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         capacities: &capacities,
         chosen,
         alternative,
+        other_objective,
     };
     write_config(&document.render(), args.output.as_deref(), "proposed")?;
     match (&args.output_alternative, document.render_alternative()) {
@@ -162,7 +174,11 @@ fn write_config(text: &str, path: Option<&std::path::Path>, what: &str) -> anyho
     match path {
         Some(path) => {
             std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-            println!("{what} deployment: {}", path.display());
+            let _ = writeln!(
+                std::io::stdout().lock(),
+                "{what} deployment: {}",
+                path.display()
+            );
         }
         None => {
             let mut stdout = std::io::stdout().lock();

@@ -7,12 +7,13 @@ use std::fmt::Write as _;
 
 use super::capacity::Targets;
 use super::profile::{Profile, WorkerProfile};
-use super::search::{Candidate, Group, Layout, WorkerCapacities};
+use super::search::{Candidate, Group, Layout, Objective, WorkerCapacities};
 
 /// Rows of the table at most; the rest are summarised in one line.
 const TABLE_ROWS: usize = 30;
 
-/// The candidates as a table, best first, the chosen one marked `*` and the alternative `+`.
+/// The candidates as a table in their order (best first), the chosen one marked `*` and the
+/// alternative `+`.
 pub fn table(
     candidates: &[Candidate],
     chosen: Option<&Candidate>,
@@ -24,7 +25,15 @@ pub fn table(
         "  {:<26} {:>7} {:>13} {:>13} {:>13} {:>11}  limited by",
         "deployment", "devices", "context req/s", "decode req/s", "goodput req/s", "per device"
     );
-    for c in candidates.iter().take(TABLE_ROWS) {
+    // The first rows, and the marked ones wherever they rank.
+    let shown: Vec<&Candidate> = candidates
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| *i < TABLE_ROWS || chosen == Some(*c) || alternative == Some(*c))
+        .map(|(_, c)| c)
+        .collect();
+    for c in &shown {
+        let c = *c;
         let mark = if chosen == Some(c) {
             '*'
         } else if alternative == Some(c) {
@@ -44,11 +53,11 @@ pub fn table(
             c.limit
         );
     }
-    if candidates.len() > TABLE_ROWS {
+    if candidates.len() > shown.len() {
         let _ = writeln!(
             out,
-            "  ... and {} more, with less goodput per device",
-            candidates.len() - TABLE_ROWS
+            "  ... and {} more, ranked lower",
+            candidates.len() - shown.len()
         );
     }
     let _ = writeln!(
@@ -65,6 +74,8 @@ pub struct Document<'a> {
     pub capacities: &'a [WorkerCapacities],
     pub chosen: &'a Candidate,
     pub alternative: Option<&'a Candidate>,
+    /// The choice by the other objective, when it differs, and that objective.
+    pub other_objective: Option<(&'a Candidate, Objective)>,
 }
 
 /// Which of the two a config is.
@@ -135,6 +146,13 @@ impl Document<'_> {
                 };
                 let _ = writeln!(out, "# No {other} deployment meets the targets.");
             }
+        }
+        if let (Role::Choice, Some((best, objective))) = (role, self.other_objective) {
+            let what = match objective {
+                Objective::PerDevice => "Most goodput per device (--maximize per-device)",
+                Objective::Total => "Most goodput on the devices (--maximize total)",
+            };
+            let _ = writeln!(out, "# {what}: {}", self.prediction(best));
         }
         let _ = writeln!(out, "#");
         let _ = writeln!(out, "# Serve it, and measure it at the predicted rate:");
@@ -347,7 +365,7 @@ fn quoted(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::profile::tests::{synthetic_profile, synthetic_worker};
-    use super::super::search::{self, alternative, choose};
+    use super::super::search::{self, Objective, alternative, choose};
     use super::*;
     use tandem_protocol::config::{DeploymentConfig, DeviceSpec};
 
@@ -374,13 +392,14 @@ mod tests {
         let capacities = search::capacities(&profile, &t);
         let devices: Vec<String> = (0..2).map(|i| format!("cuda:{i}")).collect();
         let all = search::candidates(&capacities, &devices);
-        let chosen = choose(&all).unwrap();
+        let chosen = choose(&all, Objective::PerDevice).unwrap();
         let document = Document {
             profile: &profile,
             targets: &t,
             capacities: &capacities,
             chosen,
-            alternative: alternative(&all, chosen),
+            alternative: alternative(&all, chosen, Objective::PerDevice),
+            other_objective: None,
         };
         let text = document.render();
         for needle in [

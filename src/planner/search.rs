@@ -3,17 +3,17 @@
 //! A disaggregated deployment of n_c context workers of TP t_c and n_d decode workers of TP
 //! t_d (n_c t_c + n_d t_d ≤ G devices) serves min(n_c × context rate, n_d × decode rate): a
 //! request needs both sides. An aggregated one of n workers of TP t (n t ≤ G) serves n ×
-//! its worker's rate. The choice is the most goodput per device; among deployments within 1%
-//! of that, the one that serves the most in total (so two replicas of the best pair beat one
-//! when the devices hold two).
+//! its worker's rate. The choice ([`Objective`]) is the most goodput per device (among
+//! deployments within 1% of that, the one that serves the most in total, so two replicas of
+//! the best pair beat one when the devices hold two), or the most goodput on the devices.
 
 use super::capacity::{
     self, AggregatedCapacity, ContextCapacity, DecodeCapacity, Settings, Targets,
 };
 use super::profile::Profile;
 
-/// Deployments within this share of the best goodput per device count as equally good.
-const PER_DEVICE_TIE: f64 = 0.01;
+/// Deployments within this share of the best count as equally good.
+const TIE: f64 = 0.01;
 
 /// Workers of one role: how many, their TP size, the device of each one's first rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,12 +144,22 @@ pub fn candidates(workers: &[WorkerCapacities], devices: &[String]) -> Vec<Candi
             });
         }
     }
-    out.sort_by(|a, b| {
-        b.per_device
-            .total_cmp(&a.per_device)
-            .then(b.goodput.total_cmp(&a.goodput))
-    });
+    rank(&mut out, Objective::PerDevice);
     out
+}
+
+/// Orders `candidates` best first by `objective` (ties: by the other measure).
+pub fn rank(candidates: &mut [Candidate], objective: Objective) {
+    candidates.sort_by(|a, b| match objective {
+        Objective::PerDevice => b
+            .per_device
+            .total_cmp(&a.per_device)
+            .then(b.goodput.total_cmp(&a.goodput)),
+        Objective::Total => b
+            .goodput
+            .total_cmp(&a.goodput)
+            .then(b.per_device.total_cmp(&a.per_device)),
+    });
 }
 
 fn disaggregated(
@@ -166,7 +176,7 @@ fn disaggregated(
         format!("context: {why}")
     } else if let Some(why) = &d.decode.infeasible {
         format!("decode: {why}")
-    } else if (context_rate - decode_rate).abs() <= PER_DEVICE_TIE * goodput {
+    } else if (context_rate - decode_rate).abs() <= TIE * goodput {
         "balanced".to_owned()
     } else if context_rate < decode_rate {
         "context".to_owned()
@@ -185,45 +195,76 @@ fn disaggregated(
     }
 }
 
-/// The chosen deployment: the most goodput per device, and among those within 1% of it the
-/// most goodput; `None` when nothing meets the targets.
-pub fn choose(candidates: &[Candidate]) -> Option<&Candidate> {
-    choose_among(candidates.iter())
+/// What the choice maximises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Objective {
+    /// Goodput per device; among deployments within 1% of the best, the most goodput.
+    #[default]
+    PerDevice,
+    /// Goodput on the devices; among deployments within 1% of the best, the fewest devices.
+    Total,
+}
+
+/// The chosen deployment by `objective`; `None` when nothing meets the targets.
+pub fn choose(candidates: &[Candidate], objective: Objective) -> Option<&Candidate> {
+    choose_among(candidates.iter(), objective)
 }
 
 /// The best deployment of the other kind than `chosen` (aggregated for a disaggregated
 /// choice and the reverse), for comparison.
-pub fn alternative<'a>(candidates: &'a [Candidate], chosen: &Candidate) -> Option<&'a Candidate> {
-    best_of_kind(candidates, !chosen.layout.is_aggregated())
+pub fn alternative<'a>(
+    candidates: &'a [Candidate],
+    chosen: &Candidate,
+    objective: Objective,
+) -> Option<&'a Candidate> {
+    best_of_kind(candidates, !chosen.layout.is_aggregated(), objective)
 }
 
 /// The best aggregated (`aggregated`) or disaggregated deployment.
-pub fn best_of_kind(candidates: &[Candidate], aggregated: bool) -> Option<&Candidate> {
+pub fn best_of_kind(
+    candidates: &[Candidate],
+    aggregated: bool,
+    objective: Objective,
+) -> Option<&Candidate> {
     choose_among(
         candidates
             .iter()
             .filter(move |c| c.layout.is_aggregated() == aggregated),
+        objective,
     )
 }
 
 fn choose_among<'a>(
     candidates: impl Iterator<Item = &'a Candidate> + Clone,
+    objective: Objective,
 ) -> Option<&'a Candidate> {
-    let best_per_device = candidates
+    let key = |c: &Candidate| match objective {
+        Objective::PerDevice => c.per_device,
+        Objective::Total => c.goodput,
+    };
+    let best = candidates
         .clone()
         .filter(|c| c.goodput > 0.0)
-        .map(|c| c.per_device)
+        .map(key)
         .fold(0.0, f64::max);
-    if best_per_device <= 0.0 {
+    if best <= 0.0 {
         return None;
     }
+    // Among those near the best, the most goodput (per device) or the fewest devices
+    // (total); the first in the candidates' order among equals.
+    let better = |a: &Candidate, b: &Candidate| match objective {
+        Objective::PerDevice => a
+            .goodput
+            .total_cmp(&b.goodput)
+            .then(b.devices.cmp(&a.devices)),
+        Objective::Total => b
+            .devices
+            .cmp(&a.devices)
+            .then(a.per_device.total_cmp(&b.per_device)),
+    };
     candidates
-        .filter(|c| c.per_device >= (1.0 - PER_DEVICE_TIE) * best_per_device)
-        .max_by(|a, b| {
-            a.goodput
-                .total_cmp(&b.goodput)
-                .then(b.devices.cmp(&a.devices))
-        })
+        .filter(|c| key(c) >= (1.0 - TIE) * best)
+        .reduce(|kept, c| if better(c, kept).is_gt() { c } else { kept })
 }
 
 /// Devices for `groups` (instances, TP size) in order, from `devices` in order: each worker
@@ -285,7 +326,7 @@ mod tests {
 
     fn plan(profile: &Profile, targets: Targets, devices: usize) -> (Vec<Candidate>, Candidate) {
         let all = candidates(&capacities(profile, &targets), &gpus(devices));
-        let best = choose(&all)
+        let best = choose(&all, Objective::PerDevice)
             .expect("a deployment meets the targets")
             .clone();
         (all, best)
@@ -299,7 +340,7 @@ mod tests {
             vec![synthetic_worker(1, 1000.0, 5.0, 0.05, 683.0, 128, 100_000)],
         );
         let all = candidates(&capacities(&profile, &targets(3000.0, 50.0)), &gpus(8));
-        let best = best_of_kind(&all, false).unwrap();
+        let best = best_of_kind(&all, false, Objective::PerDevice).unwrap();
         let Layout::Disaggregated { context, decode } = &best.layout else {
             unreachable!("a disaggregated deployment was asked for")
         };
@@ -317,7 +358,7 @@ mod tests {
             vec![synthetic_worker(1, 20.0, 20.0, 0.5, 10.0, 64, 100_000)],
         );
         let all = candidates(&capacities(&profile, &targets(3000.0, 60.0)), &gpus(8));
-        let best = best_of_kind(&all, false).unwrap();
+        let best = best_of_kind(&all, false, Objective::PerDevice).unwrap();
         let Layout::Disaggregated { context, decode } = &best.layout else {
             unreachable!("a disaggregated deployment was asked for")
         };
@@ -336,7 +377,7 @@ mod tests {
         let (all, loose) = plan(&profile, targets(2000.0, 200.0), 2);
         assert!(loose.layout.is_aggregated(), "{loose:?}");
         // The alternative is the best of the other kind.
-        let other = alternative(&all, &loose).unwrap();
+        let other = alternative(&all, &loose, Objective::PerDevice).unwrap();
         assert!(!other.layout.is_aggregated());
         assert!(other.per_device <= loose.per_device);
     }
@@ -349,6 +390,21 @@ mod tests {
         );
         let (_, best) = plan(&profile, targets(2000.0, 200.0), 4);
         assert_eq!(best.devices, 4, "{best:?}");
+    }
+
+    #[test]
+    fn the_most_goodput_in_total_uses_every_device_the_best_per_device_may_not() {
+        // Expensive prefill, cheap decode: five context workers keep one decode worker busy.
+        let profile = synthetic_profile(
+            3000,
+            vec![synthetic_worker(1, 180.0, 7.5, 0.15, 110.0, 128, 6400)],
+        );
+        let all = candidates(&capacities(&profile, &targets(2000.0, 20.0)), &gpus(8));
+        let per_device = choose(&all, Objective::PerDevice).unwrap();
+        let total = choose(&all, Objective::Total).unwrap();
+        assert!(per_device.per_device >= total.per_device);
+        assert!(total.goodput >= per_device.goodput);
+        assert_eq!(total.devices, 8, "{total:?}");
     }
 
     #[test]
@@ -387,7 +443,8 @@ mod tests {
         );
         let all = candidates(&capacities(&profile, &targets(100.0, 5.0)), &gpus(2));
         assert!(!all.is_empty());
-        assert_eq!(choose(&all), None);
+        assert_eq!(choose(&all, Objective::PerDevice), None);
+        assert_eq!(choose(&all, Objective::Total), None);
         assert!(all.iter().all(|c| c.goodput == 0.0));
         assert!(all.iter().any(|c| c.limit.contains("TTFT")));
     }
