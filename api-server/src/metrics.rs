@@ -69,6 +69,50 @@ impl JobPool {
 /// The `transport` labels of `tandem_kv_transfers_total`, created at start.
 const TRANSPORTS: [&str; 2] = ["ucx", "cuda-ipc"];
 
+/// A disaggregated request's time to first token, split into its parts
+/// (`tandem_ttft_part_seconds{part}`): what the workers measured of it, and the rest. The
+/// parts are disjoint stretches of the request's life, so they add up to its time to first
+/// token (save `other`'s clamp at 0: [`crate::dispatch::record`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtftParts {
+    /// From the context worker taking the prefill job to its first forward pass: its export
+    /// budget and its engine's queue (`kv_ready.prefill_timing.queued_us`).
+    pub context_queue: Duration,
+    /// From that first forward pass to the first token (`kv_ready.prefill_timing.prefill_us`).
+    pub prefill: Duration,
+    /// The decode job's wait for room in the decode worker's KV cache before its pull
+    /// (`kv_pulled.room_wait_us`).
+    pub decode_room_wait: Duration,
+    /// The pull (`kv_pulled.micros`).
+    pub kv_transfer: Duration,
+    /// The rest: bus hops, the export, the decode worker's handle checks and first step, and
+    /// the api-server itself.
+    pub other: Duration,
+}
+
+impl TtftParts {
+    /// The `part` labels, in the order of [`Self::labeled`].
+    pub const LABELS: [&'static str; 5] = [
+        "context_queue",
+        "prefill",
+        "decode_room_wait",
+        "kv_transfer",
+        "other",
+    ];
+
+    /// Each part with its `part` label.
+    pub fn labeled(&self) -> [(&'static str, Duration); 5] {
+        let [queue, prefill, room, transfer, other] = Self::LABELS;
+        [
+            (queue, self.context_queue),
+            (prefill, self.prefill),
+            (room, self.decode_room_wait),
+            (transfer, self.kv_transfer),
+            (other, self.other),
+        ]
+    }
+}
+
 /// When a batch of a request's tokens arrived, relative to what came before it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TokenTiming {
@@ -107,6 +151,9 @@ pub enum Event<'a> {
     },
     /// A context worker prefilled a request's prompt.
     Disaggregated,
+    /// The first token of a request whose K/V a decode worker pulled arrived: its time to
+    /// first token, split.
+    TtftParts(TtftParts),
     /// A decode worker pulled a request's KV cache.
     KvPulled {
         bytes: u64,
@@ -132,6 +179,8 @@ pub struct Metrics {
     /// `endpoint` × `outcome` (success, invalid_request, unavailable, ...).
     requests: IntCounterVec,
     time_to_first_token: HistogramVec,
+    /// `part`: [`TtftParts::LABELS`].
+    ttft_parts: HistogramVec,
     inter_token_latency: HistogramVec,
     prompt_tokens: IntCounter,
     completion_tokens: IntCounter,
@@ -202,6 +251,19 @@ impl Metrics {
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["endpoint"],
+        )
+        .expect("metric options are static and valid");
+        let ttft_parts = HistogramVec::new(
+            HistogramOpts::new(
+                "tandem_ttft_part_seconds",
+                "The time to first token of requests whose KV cache a decode worker pulled, by \
+                 part: context_queue (the context worker's export budget and engine queue), \
+                 prefill, decode_room_wait (the decode job waiting for room in its worker's KV \
+                 cache), kv_transfer (the pull), other (the rest: bus hops, the export, the \
+                 decode worker's first step)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["part"],
         )
         .expect("metric options are static and valid");
         let inter_token_latency = HistogramVec::new(
@@ -393,6 +455,7 @@ impl Metrics {
             registry,
             requests,
             time_to_first_token,
+            ttft_parts,
             inter_token_latency,
             prompt_tokens,
             completion_tokens,
@@ -427,6 +490,7 @@ impl Metrics {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
             Box::new(metrics.time_to_first_token.clone()),
+            Box::new(metrics.ttft_parts.clone()),
             Box::new(metrics.inter_token_latency.clone()),
             Box::new(metrics.prompt_tokens.clone()),
             Box::new(metrics.completion_tokens.clone()),
@@ -473,6 +537,9 @@ impl Metrics {
             metrics
                 .inter_token_latency
                 .with_label_values(&[endpoint.label()]);
+        }
+        for part in TtftParts::LABELS {
+            metrics.ttft_parts.with_label_values(&[part]);
         }
         for role in ["context", "decode", "both"] {
             metrics.live_workers.with_label_values(&[role]).set(0);
@@ -530,6 +597,13 @@ impl Metrics {
                 .with_label_values(&[endpoint.label(), outcome])
                 .inc(),
             Event::Disaggregated => self.requests_disaggregated.inc(),
+            Event::TtftParts(parts) => {
+                for (part, took) in parts.labeled() {
+                    self.ttft_parts
+                        .with_label_values(&[part])
+                        .observe(took.as_secs_f64());
+                }
+            }
             Event::Unauthorized => self.unauthorized.inc(),
             Event::KvPulled {
                 bytes,
@@ -731,6 +805,8 @@ mod tests {
             "tandem_live_workers{role=\"both\"} 0",
             "tandem_kv_transfer_bytes_total 0",
             "tandem_kv_transfer_seconds_count 0",
+            "tandem_ttft_part_seconds_count{part=\"decode_room_wait\"} 0",
+            "tandem_ttft_part_seconds_count{part=\"other\"} 0",
             "tandem_kv_transfers_total{transport=\"cuda-ipc\"} 0",
             "tandem_kv_transfer_fallbacks_total{reason=\"context_timeout\"} 0",
             "tandem_requests_disaggregated_total 0",
@@ -775,6 +851,13 @@ mod tests {
             transport: "cuda-ipc",
         });
         metrics.record(Event::Fallback(FallbackReason::PullFailed));
+        metrics.record(Event::TtftParts(TtftParts {
+            context_queue: Duration::from_millis(5),
+            prefill: Duration::from_millis(120),
+            decode_room_wait: Duration::from_millis(30),
+            kv_transfer: Duration::from_micros(1500),
+            other: Duration::from_millis(10),
+        }));
         let text = metrics.render();
         for line in [
             "tandem_time_to_first_token_seconds_sum{endpoint=\"completions\"} 0.25",
@@ -792,6 +875,12 @@ mod tests {
             "tandem_kv_transfers_total{transport=\"ucx\"} 0",
             "tandem_kv_transfer_fallbacks_total{reason=\"pull_failed\"} 1",
             "tandem_kv_transfer_fallbacks_total{reason=\"context_error\"} 0",
+            "tandem_ttft_part_seconds_sum{part=\"context_queue\"} 0.005",
+            "tandem_ttft_part_seconds_sum{part=\"prefill\"} 0.12",
+            "tandem_ttft_part_seconds_sum{part=\"decode_room_wait\"} 0.03",
+            "tandem_ttft_part_seconds_sum{part=\"kv_transfer\"} 0.0015",
+            "tandem_ttft_part_seconds_sum{part=\"other\"} 0.01",
+            "tandem_ttft_part_seconds_count{part=\"prefill\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

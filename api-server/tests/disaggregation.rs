@@ -10,11 +10,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::bus_peer::{
-    CONTEXT_ERROR, FAKE_BLOCK_BYTES, FAKE_BLOCK_TOKENS, SCRIPT_ANSWER, SCRIPT_CONTEXT_ANSWERS,
-    SCRIPT_CONTEXT_ERROR, SCRIPT_CONTEXT_SILENT, SCRIPT_CONTEXT_VANISHES, SCRIPT_DECODE_SILENT,
-    SCRIPT_DECODE_VANISHES, SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_EXPORT_GONE,
-    SCRIPT_HANDLE_REFUSED, SCRIPT_PULL_FAILS, SCRIPTED_TEXT, SCRIPTED_TRANSPORT, ScriptedBusPeer,
-    fake_handle, scripted_kv_peer,
+    CONTEXT_ERROR, FAKE_BLOCK_BYTES, FAKE_BLOCK_TOKENS, FAKE_PREFILL_TIMING, FAKE_PULL_MICROS,
+    FAKE_ROOM_WAIT_MICROS, SCRIPT_ANSWER, SCRIPT_CONTEXT_ANSWERS, SCRIPT_CONTEXT_ERROR,
+    SCRIPT_CONTEXT_SILENT, SCRIPT_CONTEXT_VANISHES, SCRIPT_DECODE_SILENT, SCRIPT_DECODE_VANISHES,
+    SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_EXPORT_GONE, SCRIPT_HANDLE_REFUSED, SCRIPT_PULL_FAILS,
+    SCRIPTED_TEXT, SCRIPTED_TRANSPORT, ScriptedBusPeer, fake_handle, scripted_kv_peer,
 };
 use common::{SERVED_NAME, start_api_server};
 use serde_json::{Value, json};
@@ -221,6 +221,66 @@ fn a_request_is_prefilled_on_the_context_worker_and_decoded_from_its_handle() {
     ] {
         assert_eq!(metric(&metrics, &fallbacks(reason)), 0.0, "{reason}");
     }
+    // Both requests' time to first token, split with what the workers reported; `other` is
+    // the rest of the TTFT the api-server measured, so the parts add up to it.
+    let part = |part: &str, what: &str| {
+        metric(
+            &metrics,
+            &format!("tandem_ttft_part_seconds_{what}{{part=\"{part}\"}}"),
+        )
+    };
+    for (name, micros) in [
+        ("context_queue", FAKE_PREFILL_TIMING.queued_us),
+        ("prefill", FAKE_PREFILL_TIMING.prefill_us),
+        ("decode_room_wait", FAKE_ROOM_WAIT_MICROS),
+        ("kv_transfer", FAKE_PULL_MICROS),
+    ] {
+        assert_eq!(part(name, "count"), 2.0, "{name}");
+        assert!(
+            (part(name, "sum") - 2.0 * micros as f64 / 1e6).abs() < 1e-9,
+            "{name}"
+        );
+    }
+    assert_eq!(part("other", "count"), 2.0);
+    let parts = ttft_parts(&metrics);
+    let ttft = metric(
+        &metrics,
+        "tandem_time_to_first_token_seconds_sum{endpoint=\"chat\"}",
+    ) + metric(
+        &metrics,
+        "tandem_time_to_first_token_seconds_sum{endpoint=\"completions\"}",
+    );
+    // Each request's parts are its TTFT, or the scripted parts where those exceed it (the
+    // peers answer at once, so they may: then `other` is 0).
+    let scripted = 2.0
+        * (FAKE_PREFILL_TIMING.queued_us
+            + FAKE_PREFILL_TIMING.prefill_us
+            + FAKE_ROOM_WAIT_MICROS
+            + FAKE_PULL_MICROS) as f64
+        / 1e6;
+    assert!(
+        parts >= ttft.max(scripted) - 1e-6 && parts <= ttft + scripted + 1e-6,
+        "parts {parts} s, TTFT {ttft} s, scripted parts {scripted} s"
+    );
+}
+
+/// The sum of every part of `tandem_ttft_part_seconds`.
+fn ttft_parts(metrics: &str) -> f64 {
+    [
+        "context_queue",
+        "prefill",
+        "decode_room_wait",
+        "kv_transfer",
+        "other",
+    ]
+    .iter()
+    .map(|part| {
+        metric(
+            metrics,
+            &format!("tandem_ttft_part_seconds_sum{{part=\"{part}\"}}"),
+        )
+    })
+    .sum()
 }
 
 #[test]
@@ -386,6 +446,11 @@ fn failed_pulls_and_context_heartbeats_show_in_metrics_and_health() {
     assert_eq!(metric(&metrics, &fallbacks("export_gone")), 1.0);
     assert_eq!(metric(&metrics, "tandem_kv_transfer_bytes_total"), 0.0);
     assert_eq!(metric(&metrics, "tandem_kv_transfer_seconds_count"), 0.0);
+    // Prefilled by the decode worker: no hand-over's time to split.
+    assert_eq!(
+        metric(&metrics, "tandem_ttft_part_seconds_count{part=\"other\"}"),
+        0.0
+    );
     for (series, value) in [
         ("tandem_kv_pinned_blocks{worker_id=\"ctx-a\"}", 3.0),
         ("tandem_kv_pinned_tokens{worker_id=\"ctx-a\"}", 40.0),

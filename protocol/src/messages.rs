@@ -574,7 +574,13 @@ pub enum StreamMessage {
     Error { message: String },
     /// From a context worker: the prompt is prefilled and its KV cache is held for a decode
     /// worker (the last message of a prefill job that continues).
-    KvReady { handle: Box<KvHandle> },
+    KvReady {
+        handle: Box<KvHandle>,
+        /// Where the context worker's share of the time to first token went (the api-server
+        /// splits a request's TTFT with it). Absent from older workers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefill_timing: Option<PrefillTiming>,
+    },
     /// From a decode worker: how the prompt's KV cache arrived, before the first token.
     /// `bytes`/`micros` are 0 when the pull failed, the handle was refused or the export was
     /// gone, and the decode worker prefilled the prompt itself ([`PullOutcome::Fallback`],
@@ -583,11 +589,29 @@ pub enum StreamMessage {
         worker_id: String,
         bytes: u64,
         micros: u64,
+        /// After a pull: how long the decode job waited for room in the decode worker's KV
+        /// cache (a sequence slot and the prompt's blocks) before the pull began, in
+        /// microseconds. Absent after a fallback, and from older workers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room_wait_us: Option<u64>,
         /// On the wire: `transport` after a pull, `fallback` after a failed one (with
         /// `handle_refused` after a refused handle, `export_gone` after a changed seal).
         #[serde(flatten)]
         outcome: PullOutcome,
     },
+}
+
+/// The context worker's share of a disaggregated request's time to first token (`kv_ready`'s
+/// `prefill_timing`), in microseconds of the context worker's clock: two intervals of its own,
+/// so no clock is compared across hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefillTiming {
+    /// From the context worker taking the job to the prompt's first forward pass: the wait for
+    /// room in its export budget and in its engine's queue.
+    pub queued_us: u64,
+    /// From the first forward pass to the first token: the prefill (all its chunks, and the
+    /// steps of other requests batched between them).
+    pub prefill_us: u64,
 }
 
 /// How a decode worker got a prompt's K/V (the `transport` / `fallback` fields of `kv_pulled`).
@@ -1163,6 +1187,7 @@ mod tests {
             worker_id: "w".into(),
             bytes: 8,
             micros: 3,
+            room_wait_us: None,
             outcome,
         };
         let cases = [
@@ -1207,11 +1232,67 @@ mod tests {
                 worker_id: "w".into(),
                 bytes: 0,
                 micros: 0,
+                room_wait_us: None,
                 outcome: PullOutcome::Fallback {
                     reason: "why".into()
                 },
             }
         );
+    }
+
+    #[test]
+    fn hand_over_messages_carry_their_parts_of_the_time_to_first_token() {
+        let handle: KvHandle = serde_json::from_value(handle_json("ucx", "bf16")).unwrap();
+        let ready = StreamMessage::KvReady {
+            handle: Box::new(handle.clone()),
+            prefill_timing: Some(PrefillTiming {
+                queued_us: 1200,
+                prefill_us: 45000,
+            }),
+        };
+        let json = serde_json::to_value(&ready).unwrap();
+        assert_eq!(
+            json["prefill_timing"],
+            serde_json::json!({"queued_us": 1200, "prefill_us": 45000})
+        );
+        assert_eq!(
+            serde_json::from_value::<StreamMessage>(json).unwrap(),
+            ready
+        );
+        let pulled = StreamMessage::KvPulled {
+            worker_id: "w".into(),
+            bytes: 8,
+            micros: 3,
+            room_wait_us: Some(40),
+            outcome: PullOutcome::Pulled {
+                transport: KvTransportKind::Ucx,
+            },
+        };
+        let json = r#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3,"room_wait_us":40,"transport":"ucx"}"#;
+        assert_eq!(String::from_utf8(encode(&pulled)).unwrap(), json);
+        assert_eq!(
+            decode::<StreamMessage>("stream", json.as_bytes()).unwrap(),
+            pulled
+        );
+        // From workers older than the fields: absent, and they go out absent again.
+        let mut old = serde_json::json!({"type": "kv_ready", "handle": handle_json("ucx", "bf16")});
+        let message: StreamMessage = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(
+            message,
+            StreamMessage::KvReady {
+                handle: Box::new(handle),
+                prefill_timing: None,
+            }
+        );
+        assert_eq!(serde_json::to_value(&message).unwrap(), old.take());
+        let old =
+            br#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3,"transport":"ucx"}"#;
+        let StreamMessage::KvPulled { room_wait_us, .. } =
+            decode::<StreamMessage>("stream", old).unwrap()
+        else {
+            panic!("a kv_pulled message");
+        };
+        assert_eq!(room_wait_us, None);
     }
 
     #[test]

@@ -150,7 +150,7 @@ async fn prefill_on(
     })
     .await;
     match prefill.last().cloned() {
-        Some(StreamMessage::KvReady { handle }) => *handle,
+        Some(StreamMessage::KvReady { handle, .. }) => *handle,
         _ => panic!("no kv_ready: {prefill:?}"),
     }
 }

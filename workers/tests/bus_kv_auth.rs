@@ -160,7 +160,7 @@ async fn prefill(client: &async_nats::Client, job: &GenerateJob) -> KvHandle {
     })
     .await;
     match answer.last() {
-        Some(StreamMessage::KvReady { handle }) => *handle.clone(),
+        Some(StreamMessage::KvReady { handle, .. }) => *handle.clone(),
         _ => panic!("no kv_ready: {answer:?}"),
     }
 }

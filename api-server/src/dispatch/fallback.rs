@@ -199,6 +199,7 @@ impl Generation {
             "giving up on the context worker ({detail}): the generation worker prefills the \
              prompt itself");
         self.metrics.record(Event::Fallback(reason));
+        self.record.no_handover();
         self.cancel.fire();
         let job_id = format!("{}{LOCAL_RETRY_SUFFIX}", self.request_id);
         let job = self.job_again(&job_id, self.job.resume_ids.clone());

@@ -1,16 +1,17 @@
 //! The prefill → decode hand-over of a disaggregated request: which worker has the request
 //! (`Phase`), the decode job sent on the context worker's `kv_ready`, and the decode
 //! worker's report of its KV pull (`kv_pulled`, the one place its outcome, a transport or a
-//! fallback, is read).
+//! fallback, is read). What both workers say of their parts of the time to first token goes
+//! to the request's [`record`](super::record).
 //!
 //! The decode job is the same job, with the same request id and stream subject, plus the KV
 //! handle; it keeps the first-token budget the prefill started (prefill, transfer and first
 //! token share it). The api-server never releases KV blocks itself: the decode worker does
 //! after its pull. docs/protocol.md ("A request, step by step") has the rules.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tandem_protocol::messages::{GenerateJob, KvHandle, PullOutcome};
+use tandem_protocol::messages::{GenerateJob, KvHandle, PrefillTiming, PullOutcome};
 
 use super::bus::EncodedJob;
 use super::fallback::FallbackReason;
@@ -54,8 +55,13 @@ impl Phase {
 }
 
 impl Generation {
-    /// Sends the decode job with the context worker's KV handle.
-    pub(super) async fn hand_over(&mut self, handle: KvHandle) -> Result<(), ApiError> {
+    /// Sends the decode job with the context worker's KV handle; `prefill_timing` is the
+    /// context worker's share of the time to first token (kept for the request's record).
+    pub(super) async fn hand_over(
+        &mut self,
+        handle: KvHandle,
+        prefill_timing: Option<PrefillTiming>,
+    ) -> Result<(), ApiError> {
         let Phase::Prefill {
             context_id,
             generate_id,
@@ -64,6 +70,7 @@ impl Generation {
             tracing::warn!(request_id = %self.request_id, "ignoring a kv_ready outside the prefill phase");
             return Ok(());
         };
+        self.record.kv_ready(prefill_timing);
         let regions = handle.blocks.len();
         let job = GenerateJob {
             // The decode worker starts it before the first token is due, or not at all.
@@ -130,7 +137,14 @@ impl Generation {
 
     /// Accounts a decode worker's report of its KV pull (`kv_pulled`): the transfer, or the
     /// failed pull after which the decode worker prefilled the prompt itself.
-    pub(super) fn kv_pulled(&self, worker_id: &str, bytes: u64, micros: u64, outcome: PullOutcome) {
+    pub(super) fn kv_pulled(
+        &mut self,
+        worker_id: &str,
+        bytes: u64,
+        micros: u64,
+        room_wait_us: Option<u64>,
+        outcome: PullOutcome,
+    ) {
         match outcome {
             PullOutcome::Pulled { transport } => {
                 let transport = transport.as_str();
@@ -139,6 +153,10 @@ impl Generation {
                     micros,
                     transport,
                 });
+                self.record.kv_pulled(
+                    room_wait_us.map(Duration::from_micros),
+                    Duration::from_micros(micros),
+                );
                 tracing::debug!(request_id = %self.request_id, %worker_id, bytes, micros,
                     transport, "KV pulled");
             }

@@ -153,6 +153,8 @@ impl Generation {
             reason = reason.label(), resumed_tokens = self.received_ids.len(),
             migration = self.migrations, "worker failed the request ({err}): migrating it");
         self.metrics.record(Event::Migrated(reason));
+        // Before its first token the request leaves the hand-over: the new worker prefills.
+        self.record.no_handover();
         // The failed job may still run (an error, a stall): stop it under its own id.
         self.cancel.fire();
         self.subscriber = self.bus.subscribe(&stream_subject).await?;

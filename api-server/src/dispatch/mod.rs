@@ -561,11 +561,14 @@ impl Generation {
                         "ignoring a refusal of a job the worker had taken");
                     continue;
                 }
-                StreamMessage::KvReady { handle } => {
+                StreamMessage::KvReady {
+                    handle,
+                    prefill_timing,
+                } => {
                     // A decode worker that does not take the decode job (it died since its
                     // last heartbeat): the request migrates to a local prefill elsewhere, and
                     // the context worker's export expires unread.
-                    if let Err(err) = self.hand_over(*handle).await {
+                    if let Err(err) = self.hand_over(*handle, prefill_timing).await {
                         self.migrate_on(err).await?;
                     }
                     continue;
@@ -574,9 +577,10 @@ impl Generation {
                     worker_id,
                     bytes,
                     micros,
+                    room_wait_us,
                     outcome,
                 } => {
-                    self.kv_pulled(&worker_id, bytes, micros, outcome);
+                    self.kv_pulled(&worker_id, bytes, micros, room_wait_us, outcome);
                     continue;
                 }
                 StreamMessage::PromptLogprobs { start, logprobs } => {

@@ -19,8 +19,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tandem_protocol::messages::{
     CancelRequest, FinishReason, GenerateJob, Heartbeat, KvHandle, KvLayoutSpec, KvPeer, KvRegion,
-    KvTransferStats, PullOutcome, RejectReason, StreamMessage, TokenEvent, Usage, WorkerRole,
-    decode, encode,
+    KvTransferStats, PrefillTiming, PullOutcome, RejectReason, StreamMessage, TokenEvent, Usage,
+    WorkerRole, decode, encode,
 };
 use tandem_protocol::subjects::Subjects;
 
@@ -76,6 +76,13 @@ pub const FAKE_BLOCK_BYTES: u64 = 4096;
 pub const FAKE_BLOCK_TOKENS: u32 = 16;
 /// Micros a decode peer reports for a pull.
 pub const FAKE_PULL_MICROS: u64 = 2500;
+/// Micros a decode peer reports its decode job waited for room before the pull.
+pub const FAKE_ROOM_WAIT_MICROS: u64 = 1500;
+/// What a context peer reports of its prefill (`kv_ready.prefill_timing`).
+pub const FAKE_PREFILL_TIMING: PrefillTiming = PrefillTiming {
+    queued_us: 1000,
+    prefill_us: 4000,
+};
 
 /// The scripted tokens: (id, text, logprob, alternatives). The second token's text is empty, as
 /// a worker sends while a multi-byte character or a possible stop string is pending.
@@ -465,6 +472,7 @@ impl Answerer {
                     &job,
                     StreamMessage::KvReady {
                         handle: Box::new(handle),
+                        prefill_timing: Some(FAKE_PREFILL_TIMING),
                     },
                 )
                 .await;
@@ -574,6 +582,7 @@ impl Answerer {
                             worker_id: self.id.clone(),
                             bytes: 0,
                             micros: 0,
+                            room_wait_us: None,
                             outcome: PullOutcome::Fallback {
                                 reason: "scripted pull failure".into(),
                             },
@@ -583,6 +592,7 @@ impl Answerer {
                             worker_id: self.id.clone(),
                             bytes: 0,
                             micros: 0,
+                            room_wait_us: None,
                             outcome: PullOutcome::Refused {
                                 reason: "scripted refusal".into(),
                             },
@@ -592,6 +602,7 @@ impl Answerer {
                             worker_id: self.id.clone(),
                             bytes: 0,
                             micros: 0,
+                            room_wait_us: None,
                             outcome: PullOutcome::ExportGone {
                                 reason: "scripted: the seal changed".into(),
                             },
@@ -601,6 +612,7 @@ impl Answerer {
                             worker_id: self.id.clone(),
                             bytes: handle.blocks.len() as u64 * FAKE_BLOCK_BYTES,
                             micros: FAKE_PULL_MICROS,
+                            room_wait_us: Some(FAKE_ROOM_WAIT_MICROS),
                             outcome: PullOutcome::Pulled {
                                 transport: SCRIPTED_TRANSPORT.into(),
                             },

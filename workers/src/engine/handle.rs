@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crate::backend::{HostRange, KvBuffer};
 
@@ -41,6 +42,9 @@ enum Command {
         id: RequestId,
         request: GenerationRequest,
         sink: Box<dyn EventSink>,
+        /// When it was sent: a request's wait counts from there ([`super::RetainedKv::queued`]),
+        /// a step that holds up the channel included.
+        sent: Instant,
     },
     ReserveImport {
         id: RequestId,
@@ -168,6 +172,7 @@ impl EngineHandle {
             id,
             request,
             sink: Box::new(sink),
+            sent: Instant::now(),
         })?;
         Ok(id)
     }
@@ -453,9 +458,14 @@ fn apply<M: StepModel>(
         counters.unapplied.fetch_sub(1, Ordering::AcqRel);
     };
     match command {
-        Command::Add { id, request, sink } => {
+        Command::Add {
+            id,
+            request,
+            sink,
+            sent,
+        } => {
             let prompt_tokens = request.prompt_ids.len();
-            let added = engine.add_request_with_id(id, request);
+            let added = engine.add_request_with_id(id, request, sent);
             register(sinks, id, sink, prompt_tokens, added);
             queued(engine);
         }

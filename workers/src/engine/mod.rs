@@ -220,6 +220,11 @@ struct Sequence {
     /// While the in-flight step's token for this sequence is on the device: its row there.
     /// The last of `tokens` is then [`overlap::PENDING_TOKEN`] ([`overlap`]).
     pending_row: Option<usize>,
+    /// When the request arrived ([`RetainedKv::queued`] counts from it).
+    arrived: Instant,
+    /// When its first forward pass ran (kept through preemptions: the wait before it is the
+    /// queue's, the time after it the prefill's).
+    first_forward: Option<Instant>,
 }
 
 /// The prompt positions a sequence reports in a step: `count` positions from `start`.
@@ -492,7 +497,7 @@ impl<M: StepModel> Engine<M> {
     /// Validates and queues a request.
     pub fn add_request(&mut self, request: GenerationRequest) -> Result<RequestId, EngineError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.add_request_with_id(id, request)?;
+        self.add_request_with_id(id, request, Instant::now())?;
         Ok(id)
     }
 
@@ -501,10 +506,12 @@ impl<M: StepModel> Engine<M> {
         Arc::clone(&self.next_id)
     }
 
+    /// Queues a request that arrived at `arrived` (its submission to the engine thread).
     pub(crate) fn add_request_with_id(
         &mut self,
         id: RequestId,
         request: GenerationRequest,
+        arrived: Instant,
     ) -> Result<(), EngineError> {
         self.check_device()?;
         // A request reporting prompt logprobs computes its whole prompt: a share of a
@@ -515,7 +522,8 @@ impl<M: StepModel> Engine<M> {
                 && request.prompt_logprobs.is_none()
         });
         let prompt = group.as_ref().map(|_| request.prompt_ids.clone());
-        let seq = self.new_sequence(request)?;
+        let mut seq = self.new_sequence(request)?;
+        seq.arrived = arrived;
         match group.zip(prompt) {
             Some((name, prompt)) => {
                 let group = self.sample_group(name, prompt);
@@ -811,6 +819,8 @@ impl<M: StepModel> Engine<M> {
             prompt_logprobs: request.prompt_logprobs.map(|k| k as usize),
             prompt_logprobs_next: 1,
             pending_row: None,
+            arrived: Instant::now(),
+            first_forward: None,
         })
     }
 
@@ -1041,6 +1051,7 @@ impl<M: StepModel> Engine<M> {
                 .expect("the scheduler schedules only sequences the engine holds");
             // Started: a preemption later does not make it droppable.
             seq.deadline = None;
+            seq.first_forward.get_or_insert(start);
             if item.cached_len >= seq.prompt_len {
                 decode_tokens += item.token_count;
             } else {
@@ -1757,10 +1768,16 @@ impl<M: StepModel> Engine<M> {
         let retain = seq.prefill_only && reason == FinishReason::Length;
         let retained_kv = if retain {
             match self.scheduler.pin(id) {
-                Ok(block_table) => Some(RetainedKv {
-                    block_table,
-                    num_tokens: seq.prompt_len,
-                }),
+                Ok(block_table) => {
+                    // Its first token is out now, so it has had a forward pass.
+                    let first_forward = seq.first_forward.unwrap_or(seq.arrived);
+                    Some(RetainedKv {
+                        block_table,
+                        num_tokens: seq.prompt_len,
+                        queued: first_forward.saturating_duration_since(seq.arrived),
+                        prefill: first_forward.elapsed(),
+                    })
+                }
                 Err(e) => {
                     tracing::error!("retaining KV of request {id}: {e}");
                     None

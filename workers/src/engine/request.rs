@@ -1,6 +1,8 @@
 //! What goes into the engine (a validated generation request) and what comes out of it
 //! (per-request token and completion events).
 
+use std::time::Duration;
+
 use crate::kv_cache::block_pool::BlockId;
 use crate::sampler::SamplingParams;
 use tandem_text::grammar::Constraint;
@@ -101,6 +103,14 @@ pub struct RetainedKv {
     pub block_table: Vec<BlockId>,
     /// Tokens whose K/V the blocks hold (the prompt).
     pub num_tokens: usize,
+    /// From the request's arrival (its submission, when it came through an
+    /// [`super::EngineHandle`]: time on the way to the engine thread counts) to its first
+    /// forward pass: its wait in the engine's queue. The context worker reports it as part of
+    /// the request's time to first token.
+    pub queued: Duration,
+    /// From its first forward pass to its first token: the prefill, every chunk of it and the
+    /// steps between them.
+    pub prefill: Duration,
 }
 
 /// One thing that happened to a request in a step.

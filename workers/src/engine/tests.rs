@@ -700,6 +700,42 @@ fn prefill_only_requests_retain_blocks_until_released() {
     assert!(e.release_kv(id).is_err(), "released twice");
 }
 
+#[test]
+fn a_prefill_only_request_says_how_long_it_queued_and_how_long_its_prefill_took() {
+    use std::time::Duration;
+    // Far apart, so that neither can pass for the other on a loaded machine.
+    const QUEUED: Duration = Duration::from_millis(150);
+    const BETWEEN_CHUNKS: Duration = Duration::from_millis(15);
+    // Chunks of 4 tokens: the 9-token prompt takes three steps, its first token the third.
+    let mut e = engine(4, 16);
+    e.add_request(GenerationRequest {
+        prefill_only: true,
+        ..request(prompt(9, 4), 100, SamplingParams::greedy())
+    })
+    .unwrap();
+    std::thread::sleep(QUEUED);
+    let mut retained = None;
+    let mut steps = 0;
+    while e.has_work() {
+        if steps > 0 {
+            std::thread::sleep(BETWEEN_CHUNKS);
+        }
+        steps += 1;
+        for ev in e.step() {
+            if let EventKind::Finished { retained_kv, .. } = ev.kind {
+                retained = retained_kv;
+            }
+        }
+    }
+    assert_eq!(steps, 3);
+    let retained = retained.expect("prefill-only keeps its KV");
+    // The wait before its first step is the queue's; the waits between its chunks are the
+    // prefill's, and the queue's is not.
+    assert!(retained.queued >= QUEUED, "{retained:?}");
+    assert!(retained.prefill >= 2 * BETWEEN_CHUNKS, "{retained:?}");
+    assert!(retained.prefill < QUEUED, "{retained:?}");
+}
+
 /// Runs a prefill-only request on `e` and returns its first token and retained K/V.
 fn prefill_and_take(e: &mut Engine<FakeModel>, req: GenerationRequest) -> (SampledToken, Vec<u8>) {
     let id = e

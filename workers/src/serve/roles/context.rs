@@ -7,7 +7,9 @@
 //! same random stream). When its first token is out, the prompt's blocks are exported
 //! ([`super::export`]: read in place, pinned until the export is dropped, or copied out and
 //! freed at once), the ledger holds the export, and the worker answers `kv_ready` with the
-//! handle, signed for the request with the deployment's KV secret ([`crate::serve::kv_auth`]). A request that ends at its first
+//! handle, signed for the request with the deployment's KV secret ([`crate::serve::kv_auth`]),
+//! and the job's wait and prefill time (`prefill_timing`, for the api-server's split of the
+//! request's time to first token). A request that ends at its first
 //! token (a stop token or stop string, or `max_tokens` 1) is answered here in full instead.
 //!
 //! Its own inbox: decode workers' releases (`kv.release.{worker_id}`), and a sweep every 50 ms
@@ -20,7 +22,8 @@ use std::time::{Duration, Instant};
 use async_nats::Subscriber;
 use futures::StreamExt;
 use tandem_protocol::messages::{
-    self, GenerateJob, KvPeer, KvPullStats, KvRelease, KvTransferStats, StreamMessage,
+    self, GenerateJob, KvPeer, KvPullStats, KvRelease, KvTransferStats, PrefillTiming,
+    StreamMessage,
 };
 use tandem_protocol::payload;
 use tandem_protocol::subjects::CONTEXT_QUEUE_GROUP;
@@ -46,10 +49,17 @@ pub(in crate::serve) struct ContextRole {
     /// Exports held for decode workers, and the budget prefills reserve from.
     ledger: Mutex<ExportLedger>,
     /// Acknowledged prefill jobs waiting for room in the ledger's budget.
-    backlog: Mutex<VecDeque<GenerateJob>>,
+    backlog: Mutex<VecDeque<WaitingPrefill>>,
     /// The deployment's KV secret: every handle is signed for its request with it. `None`:
     /// handles go out unsigned (said once at start).
     secret: Option<Arc<KvSecret>>,
+}
+
+/// A prefill job waiting for room in the export budget, and when the worker took it (its wait
+/// counts in the request's `prefill_timing.queued_us`).
+struct WaitingPrefill {
+    job: GenerateJob,
+    received: Instant,
 }
 
 /// The context role's own subscription and timer.
@@ -80,8 +90,8 @@ impl ContextRole {
 
     /// Runs the prompt as a prefill-only request with a fixed seed; a task exports its K/V
     /// and answers `kv_ready` (or the whole answer, if it ends at once). The job's tokens are
-    /// reserved in the ledger.
-    async fn start_prefill(self: &Arc<Self>, job: GenerateJob) {
+    /// reserved in the ledger. The worker took the job at `received`.
+    async fn start_prefill(self: &Arc<Self>, job: GenerateJob, received: Instant) {
         let prompt_tokens = job.prompt_ids.len();
         let Ok(grammar) = self.worker.job_grammar(&job).await else {
             locked(&self.ledger).unreserve(prompt_tokens);
@@ -101,6 +111,9 @@ impl ContextRole {
         let seed = request.sampling.seed.unwrap_or_else(rand::random);
         request.sampling.seed = Some(seed);
         request.prefill_only = true;
+        // The engine counts its own queue from here; the wait before it is the export
+        // budget's (and the grammar's compilation).
+        let before_engine = received.elapsed();
         let submitted = self.worker.submit(&job.request_id, |engine, sink| {
             engine.submit_with_sink(request, sink)
         });
@@ -108,9 +121,10 @@ impl ContextRole {
             Ok((engine_id, events)) => {
                 tracing::debug!(request_id = job.request_id, prompt_tokens, "prefill queued");
                 let role = Arc::clone(self);
-                tokio::spawn(
-                    async move { role.finish_prefill(job, engine_id, seed, events).await },
-                );
+                tokio::spawn(async move {
+                    role.finish_prefill(job, engine_id, seed, events, before_engine)
+                        .await
+                });
             }
             Err(e) => {
                 locked(&self.ledger).unreserve(prompt_tokens);
@@ -126,13 +140,15 @@ impl ContextRole {
         }
     }
 
-    /// Waits for the prefill's first token and end, then exports and answers.
+    /// Waits for the prefill's first token and end, then exports and answers. The job
+    /// waited `before_engine` from its arrival here to its submission to the engine.
     async fn finish_prefill(
         self: Arc<Self>,
         job: GenerateJob,
         engine_id: RequestId,
         seed: u64,
         mut events: mpsc::UnboundedReceiver<EngineEvent>,
+        before_engine: Duration,
     ) {
         let prompt_tokens = job.prompt_ids.len();
         let mut seen = Vec::new();
@@ -151,6 +167,10 @@ impl ContextRole {
                 let block_table = retained.block_table.clone();
                 let blocks = block_table.len();
                 let num_tokens = retained.num_tokens;
+                let prefill_timing = PrefillTiming {
+                    queued_us: micros(before_engine + retained.queued),
+                    prefill_us: micros(retained.prefill),
+                };
                 // The first token goes to the decode worker whole: it reports its logprobs.
                 let first = seen.iter().find_map(|e| match &e.kind {
                     EventKind::Token {
@@ -203,6 +223,7 @@ impl ContextRole {
                         let regions = handle.blocks.len();
                         let ready = StreamMessage::KvReady {
                             handle: Box::new(handle),
+                            prefill_timing: Some(prefill_timing),
                         };
                         match payload::encode_within(&ready, self.worker.max_payload()) {
                             Ok(_) => {
@@ -286,19 +307,19 @@ impl ContextRole {
         loop {
             let next = {
                 let mut backlog = locked(&self.backlog);
-                let fits = backlog
-                    .front()
-                    .is_some_and(|job| locked(&self.ledger).try_reserve(job.prompt_ids.len()));
+                let fits = backlog.front().is_some_and(|waiting| {
+                    locked(&self.ledger).try_reserve(waiting.job.prompt_ids.len())
+                });
                 if fits { backlog.pop_front() } else { None }
             };
-            let Some(job) = next else {
+            let Some(WaitingPrefill { job, received }) = next else {
                 break;
             };
             if self.worker.past_deadline(&job).await {
                 locked(&self.ledger).unreserve(job.prompt_ids.len());
                 continue;
             }
-            self.start_prefill(job).await;
+            self.start_prefill(job, received).await;
         }
     }
 
@@ -321,6 +342,11 @@ impl ContextRole {
             Err(e) => tracing::warn!("ignoring a malformed KV release: {e}"),
         }
     }
+}
+
+/// `duration` in whole microseconds, as the wire counts them.
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The ledger's token budget: `max_tokens_in_buffer`, and where exports are read in place
@@ -390,15 +416,16 @@ impl Role for ContextRole {
 
     /// Reserves the prompt's tokens and prefills, or queues the job until there is room.
     async fn start(self: &Arc<Self>, job: GenerateJob) {
+        let received = Instant::now();
         let admitted = locked(&self.ledger).try_reserve(job.prompt_ids.len());
         if admitted {
-            self.start_prefill(job).await;
+            self.start_prefill(job, received).await;
         } else {
             tracing::debug!(
                 request_id = job.request_id,
                 "export budget full: the prefill waits for releases"
             );
-            locked(&self.backlog).push_back(job);
+            locked(&self.backlog).push_back(WaitingPrefill { job, received });
         }
     }
 
@@ -406,7 +433,7 @@ impl Role for ContextRole {
         let waiting = {
             let mut backlog = locked(&self.backlog);
             let before = backlog.len();
-            backlog.retain(|job| job.request_id != request_id);
+            backlog.retain(|waiting| waiting.job.request_id != request_id);
             before != backlog.len()
         };
         if waiting {

@@ -226,8 +226,12 @@ impl Pulled {
 
 /// How a pull ended.
 enum Pull {
-    /// With the K/V and how long it took.
-    Pulled { kv: Pulled, micros: u64 },
+    /// With the K/V, how long it took, and how long the job waited for room before it.
+    Pulled {
+        kv: Pulled,
+        micros: u64,
+        room_wait_us: u64,
+    },
     /// The transfer failed: prefill locally.
     Failed(TransferError),
 }
@@ -494,10 +498,11 @@ impl KvPuller {
                 return;
             }
         };
+        let room_wait = waited.elapsed();
         tracing::debug!(
             request_id = job.request_id,
             blocks = blocks.len(),
-            waited_ms = waited.elapsed().as_millis() as u64,
+            waited_ms = room_wait.as_millis() as u64,
             "room reserved: pulling"
         );
         if !registration.token.is_cancelled() {
@@ -514,6 +519,7 @@ impl KvPuller {
                 Ok(kv) => Pull::Pulled {
                     kv,
                     micros: started.elapsed().as_micros() as u64,
+                    room_wait_us: room_wait.as_micros() as u64,
                 },
                 Err(e) => Pull::Failed(e),
             };
@@ -541,7 +547,11 @@ impl KvPuller {
         pull: Pull,
     ) {
         let handed = match pull {
-            Pull::Pulled { kv, micros } => {
+            Pull::Pulled {
+                kv,
+                micros,
+                room_wait_us,
+            } => {
                 let bytes = kv.bytes();
                 tracing::debug!(
                     request_id = job.request_id,
@@ -558,6 +568,7 @@ impl KvPuller {
                             worker_id: worker.identity.worker_id.clone(),
                             bytes,
                             micros,
+                            room_wait_us: Some(room_wait_us),
                             outcome: PullOutcome::Pulled {
                                 transport: handle.backend.clone(),
                             },
@@ -903,6 +914,7 @@ async fn report_fallback(worker: &Worker, job: &GenerateJob, outcome: PullOutcom
                 worker_id: worker.identity.worker_id.clone(),
                 bytes: 0,
                 micros: 0,
+                room_wait_us: None,
                 outcome,
             },
         )
