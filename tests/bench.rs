@@ -84,7 +84,10 @@ fn bench_measures_a_live_server() {
             "{level}"
         );
         assert!(server["kv_transfers"].is_object(), "{level}");
+        // One worker prefills and decodes: no hand-over's time to first token to split.
+        assert_eq!(server["ttft_parts_ms"], serde_json::json!({}), "{level}");
     }
+    assert!(!stdout.contains("TTFT parts"), "{stdout}");
     for (level, concurrency) in levels.iter().zip([1, 4]) {
         assert_eq!(level["concurrency"], concurrency);
         assert_eq!(level["completed"], 6, "{level}");

@@ -49,8 +49,10 @@ counted and their first errors reported; each request is bounded by --timeout-s.
 
 Against tandem, each level also reports what the server counted, read from its /metrics
 before and after: KV hand-overs by transport, hand-overs that fell back and why, requests a
-context worker prefilled, and sequences the workers preempted (a KV cache too small for the
-load; as of their last heartbeats). Other servers give no such line.";
+context worker prefilled, sequences the workers preempted (a KV cache too small for the
+load; as of their last heartbeats), and for requests handed over, the mean of each part of
+their TTFT (context worker queue, prefill, wait for room on the decode worker, KV transfer,
+and the rest; JSON: server.ttft_parts_ms). Other servers give no such line.";
 
 const BENCH_EXAMPLES: &str = "\
 Examples:

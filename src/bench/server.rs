@@ -1,19 +1,36 @@
 //! What the server itself counted during a level, read from its Prometheus `/metrics` before
 //! and after: for tandem, the KV hand-overs by transport, the hand-overs that fell back (and
-//! why), the requests a context worker prefilled, and the sequences workers preempted. Another
-//! server (no `/metrics`, or none of these families) gives nothing, and the bench says
-//! nothing about it.
+//! why), the requests a context worker prefilled, the sequences workers preempted, and where
+//! the time to first token of the handed-over requests went (the mean of each part of
+//! `tandem_ttft_part_seconds`, from its sums and counts). Another server (no `/metrics`, or
+//! none of these families) gives nothing, and the bench says nothing about it.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 /// Counter families read, and the label that tells their series apart (`None`: one series).
-const FAMILIES: [(&str, Option<&str>); 4] = [
+/// A histogram's `_sum` and `_count` are counters too.
+const FAMILIES: [(&str, Option<&str>); 6] = [
     ("tandem_kv_transfers_total", Some("transport")),
     ("tandem_kv_transfer_fallbacks_total", Some("reason")),
     ("tandem_requests_disaggregated_total", None),
     ("tandem_worker_preemptions_total", Some("worker_id")),
+    (TTFT_PART_SUM, Some("part")),
+    (TTFT_PART_COUNT, Some("part")),
+];
+
+const TTFT_PART_SUM: &str = "tandem_ttft_part_seconds_sum";
+const TTFT_PART_COUNT: &str = "tandem_ttft_part_seconds_count";
+
+/// The parts of the time to first token, in the order a request goes through them (the
+/// report line's order).
+const TTFT_PARTS: [&str; 5] = [
+    "context_queue",
+    "prefill",
+    "decode_room_wait",
+    "kv_transfer",
+    "other",
 ];
 
 /// The counters of `FAMILIES` at one moment: (family, label value or "") to value.
@@ -51,13 +68,15 @@ impl Counters {
     /// and its mirrored counter started over) counts from zero.
     pub fn since(&self, before: &Counters) -> Delta {
         let mut delta = Delta::default();
+        // Per part: seconds and requests.
+        let mut parts: BTreeMap<String, (f64, u64)> = BTreeMap::new();
         for ((family, key), &after) in &self.0 {
             let start = before.0.get(&(family.clone(), key.clone())).copied();
-            let counted = match start {
+            let moved = match start {
                 Some(start) if after >= start => after - start,
                 _ => after,
             };
-            let counted = counted.round() as u64;
+            let counted = moved.round() as u64;
             match family.as_str() {
                 "tandem_kv_transfers_total" => {
                     *delta.kv_transfers.entry(key.clone()).or_default() += counted;
@@ -67,9 +86,16 @@ impl Counters {
                 }
                 "tandem_requests_disaggregated_total" => delta.requests_disaggregated += counted,
                 "tandem_worker_preemptions_total" => delta.preemptions += counted,
+                TTFT_PART_SUM => parts.entry(key.clone()).or_default().0 += moved,
+                TTFT_PART_COUNT => parts.entry(key.clone()).or_default().1 += counted,
                 _ => {}
             }
         }
+        delta.ttft_parts_ms = parts
+            .into_iter()
+            .filter(|(_, (_, requests))| *requests > 0)
+            .map(|(part, (seconds, requests))| (part, seconds * 1e3 / requests as f64))
+            .collect();
         // Series that did not move (every transport and reason is exposed from the start).
         delta.kv_transfers.retain(|_, n| *n > 0);
         delta.kv_transfer_fallbacks.retain(|_, n| *n > 0);
@@ -86,7 +112,7 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// What the server counted during one level.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Delta {
     /// KV hand-overs from context to decode workers, by transport (`cuda-ipc`, `ucx`).
     pub kv_transfers: BTreeMap<String, u64>,
@@ -96,10 +122,15 @@ pub struct Delta {
     pub requests_disaggregated: u64,
     /// Sequences the workers preempted (as of their last heartbeats).
     pub preemptions: u64,
+    /// The mean of each part of the time to first token of the level's requests whose K/V a
+    /// decode worker pulled, in ms, by part (`context_queue`, `prefill`, `decode_room_wait`,
+    /// `kv_transfer`, `other`); empty when none was handed over.
+    pub ttft_parts_ms: BTreeMap<String, f64>,
 }
 
 impl Delta {
-    /// One line for the table: `preemptions 0; KV transfers cuda-ipc 144; fallbacks none`.
+    /// One line for the table: `preemptions 0; KV transfers cuda-ipc 144; fallbacks none`,
+    /// and where hand-overs were timed, `; TTFT parts, mean ms: context_queue 1.2, ...`.
     pub fn line(&self) -> String {
         let by = |counts: &BTreeMap<String, u64>| {
             if counts.is_empty() {
@@ -112,13 +143,24 @@ impl Delta {
                     .join(", ")
             }
         };
-        format!(
+        let mut line = format!(
             "preemptions {}; requests disaggregated {}; KV transfers {}; fallbacks {}",
             self.preemptions,
             self.requests_disaggregated,
             by(&self.kv_transfers),
             by(&self.kv_transfer_fallbacks)
-        )
+        );
+        if !self.ttft_parts_ms.is_empty() {
+            let parts: Vec<String> = TTFT_PARTS
+                .iter()
+                .filter_map(|part| {
+                    let ms = self.ttft_parts_ms.get(*part)?;
+                    Some(format!("{part} {ms:.1}"))
+                })
+                .collect();
+            line.push_str(&format!("; TTFT parts, mean ms: {}", parts.join(", ")));
+        }
+        line
     }
 }
 
@@ -137,6 +179,17 @@ tandem_requests_disaggregated_total 11
 tandem_worker_preemptions_total{worker_id=\"a\"} 3
 tandem_worker_preemptions_total{worker_id=\"b\"} 4
 tandem_worker_running{role=\"both\",worker_id=\"a\"} 2
+tandem_ttft_part_seconds_bucket{part=\"prefill\",le=\"0.08\"} 3
+tandem_ttft_part_seconds_sum{part=\"context_queue\"} 0.01
+tandem_ttft_part_seconds_count{part=\"context_queue\"} 4
+tandem_ttft_part_seconds_sum{part=\"prefill\"} 0.2
+tandem_ttft_part_seconds_count{part=\"prefill\"} 4
+tandem_ttft_part_seconds_sum{part=\"decode_room_wait\"} 0
+tandem_ttft_part_seconds_count{part=\"decode_room_wait\"} 4
+tandem_ttft_part_seconds_sum{part=\"kv_transfer\"} 0.004
+tandem_ttft_part_seconds_count{part=\"kv_transfer\"} 4
+tandem_ttft_part_seconds_sum{part=\"other\"} 0.02
+tandem_ttft_part_seconds_count{part=\"other\"} 4
 ";
 
     #[test]
@@ -161,11 +214,54 @@ tandem_worker_running{role=\"both\",worker_id=\"a\"} 2
         );
         assert_eq!(delta.requests_disaggregated, 144);
         assert_eq!(delta.preemptions, 2);
+        // No hand-over was timed during the level: no parts.
+        assert!(delta.ttft_parts_ms.is_empty(), "{delta:?}");
         assert_eq!(
             delta.line(),
             "preemptions 2; requests disaggregated 144; KV transfers cuda-ipc 144; fallbacks \
              pull_failed 2"
         );
+    }
+
+    #[test]
+    fn a_level_reports_the_mean_of_each_part_of_the_time_to_first_token() {
+        let before = Counters::parse(BEFORE).unwrap();
+        // Two more requests: 8 ms and 2 ms queued, 100 ms and 60 ms of prefill, ...
+        let after = Counters::parse(
+            &BEFORE
+                .replace("\"context_queue\"} 0.01", "\"context_queue\"} 0.02")
+                .replace("\"prefill\"} 0.2", "\"prefill\"} 0.36")
+                .replace("\"decode_room_wait\"} 0", "\"decode_room_wait\"} 0.005")
+                .replace("\"kv_transfer\"} 0.004", "\"kv_transfer\"} 0.007")
+                .replace("\"other\"} 0.02", "\"other\"} 0.03")
+                .replace("} 4\n", "} 6\n"),
+        )
+        .unwrap();
+        let delta = after.since(&before);
+        let expected = [
+            ("context_queue", 5.0),
+            ("decode_room_wait", 2.5),
+            ("kv_transfer", 1.5),
+            ("other", 5.0),
+            ("prefill", 80.0),
+        ];
+        assert_eq!(delta.ttft_parts_ms.len(), expected.len(), "{delta:?}");
+        for (part, ms) in expected {
+            assert!(
+                (delta.ttft_parts_ms[part] - ms).abs() < 1e-9,
+                "{part}: {delta:?}"
+            );
+        }
+        assert!(
+            delta.line().ends_with(
+                "; TTFT parts, mean ms: context_queue 5.0, prefill 80.0, decode_room_wait 2.5, \
+                 kv_transfer 1.5, other 5.0"
+            ),
+            "{}",
+            delta.line()
+        );
+        let json = serde_json::to_value(&delta).unwrap();
+        assert!((json["ttft_parts_ms"]["prefill"].as_f64().unwrap() - 80.0).abs() < 1e-9);
     }
 
     #[test]
