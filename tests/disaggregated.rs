@@ -5,11 +5,13 @@
 //!   prompt lengths, greedy and seeded, each equal to `worker generate`; /metrics shows the
 //!   bytes UCX moved.
 //! - A decode worker whose KV cache holds one long prompt at a time, and several long requests
-//!   at once: each decode job waits for room before its pull, every text equals
-//!   `worker generate`'s, and the pulled K/V held outside the cache never exceeded it.
+//!   at once: each decode job waits for room before its pull (which their split times to
+//!   first token show), every text equals `worker generate`'s, and the pulled K/V held outside
+//!   the cache never exceeded it.
 //! - Faults, each bounded in time: a decode worker killed mid-stream (the client gets an error,
 //!   the context worker's exports are freed); a client that disconnects before its first token
-//!   (its prefill stops, so a later request is not held up behind it).
+//!   (its prefill stops, so a later request is not held up behind it; the undisturbed run
+//!   before it has its time to first token split into parts in /metrics).
 //!   (Context workers killed before the pull and transfers that never come are covered at the
 //!   bus level in workers/tests/bus_disaggregated.rs.)
 
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::{collect_stream, start_api_server};
-use tandem_test_kit::prometheus::{metric, total};
+use tandem_test_kit::prometheus::{metric, sample, total};
 use tandem_test_kit::{ApiServer, Http, Nats, Proc, bin, free_port, model_dir, temp_file};
 
 const MODEL: &str = "smollm2-bf16";
@@ -332,6 +334,51 @@ fn a_decode_worker_killed_mid_stream_fails_its_request_quickly_and_frees_the_exp
     );
 }
 
+/// The api-server's /metrics after one disaggregated request, whose client saw its first text
+/// `first_text` after sending it: its time to first token split into one sample of each part,
+/// the parts the workers measured within it, the prefill's and the pull's above zero, and
+/// `other` the rest, so the parts add up to it.
+fn assert_ttft_split_once(metrics: &str, first_text: Duration) {
+    let part = |part: &str, what: &str| {
+        sample(
+            metrics,
+            &format!("tandem_ttft_part_seconds_{what}{{part=\"{part}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("no {what} of part {part}:\n{metrics}"))
+    };
+    let ttft = sample(
+        metrics,
+        "tandem_time_to_first_token_seconds_sum{endpoint=\"chat\"}",
+    )
+    .expect("the request's time to first token");
+    assert!(
+        ttft > 0.0 && ttft <= first_text.as_secs_f64(),
+        "the api-server's TTFT ({ttft} s) is within the client's ({first_text:?})"
+    );
+    let measured = [
+        "context_queue",
+        "prefill",
+        "decode_room_wait",
+        "kv_transfer",
+    ];
+    for name in measured.iter().chain(&["other"]) {
+        assert_eq!(part(name, "count"), 1.0, "{name}:\n{metrics}");
+        assert!(part(name, "sum") >= 0.0, "{name}:\n{metrics}");
+        eprintln!("TTFT {ttft:.4} s: {name} {:.4} s", part(name, "sum"));
+    }
+    assert!(part("prefill", "sum") > 0.0, "{metrics}");
+    assert!(part("kv_transfer", "sum") > 0.0, "{metrics}");
+    let workers: f64 = measured.iter().map(|name| part(name, "sum")).sum();
+    assert!(
+        workers <= ttft,
+        "the workers' parts ({workers} s) fit in the TTFT ({ttft} s):\n{metrics}"
+    );
+    assert!(
+        (workers + part("other", "sum") - ttft).abs() < 1e-6,
+        "`other` is the rest of the TTFT:\n{metrics}"
+    );
+}
+
 #[test]
 fn a_client_gone_before_its_first_token_stops_its_prefill() {
     // Small prefill chunks make a long prompt's prefill take many steps.
@@ -344,9 +391,18 @@ fn a_client_gone_before_its_first_token_stops_its_prefill() {
     });
     // How long the long prefill takes when nobody leaves.
     let start = Instant::now();
-    let (status, _) = http.post_stream("/v1/chat/completions", &long, |_| {});
+    let mut first_text = None;
+    let (status, _) = http.post_stream("/v1/chat/completions", &long, |event| {
+        // The first chunk (the role) has empty content, before any token.
+        let content = event["choices"][0]["delta"]["content"].as_str();
+        if content.is_some_and(|text| !text.is_empty()) {
+            first_text.get_or_insert_with(|| start.elapsed());
+        }
+    });
     assert_eq!(status, 200);
     let full_prefill = start.elapsed();
+    let first_text = first_text.expect("the stream had text");
+    assert_ttft_split_once(&http.get("/metrics").body, first_text);
 
     // The same request, abandoned after 200 ms (before its first token).
     let base = d.api.http.base.trim_start_matches("http://").to_owned();
@@ -493,5 +549,14 @@ fn a_decode_worker_with_a_small_kv_cache_pulls_each_prompt_only_into_room_it_has
         "pull_failed",
     );
     assert_eq!(fallbacks, Some(0.0), "{metrics}");
+    // Every request's time to first token is split, the waits for room in it.
+    let room_wait = |what: &str| {
+        sample(
+            &metrics,
+            &format!("tandem_ttft_part_seconds_{what}{{part=\"decode_room_wait\"}}"),
+        )
+    };
+    assert_eq!(room_wait("count"), Some(REQUESTS.len() as f64), "{metrics}");
+    assert!(room_wait("sum").is_some_and(|s| s > 0.0), "{metrics}");
     eprintln!("{waited} decode jobs waited for room; at most {peak} of {total} blocks held pulled");
 }
