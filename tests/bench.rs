@@ -84,10 +84,41 @@ fn bench_measures_a_live_server() {
             "{level}"
         );
         assert!(server["kv_transfers"].is_object(), "{level}");
-        // One worker prefills and decodes: no hand-over's time to first token to split.
-        assert_eq!(server["ttft_parts_ms"], serde_json::json!({}), "{level}");
+        // `tandem serve` without a config runs a context and a decode worker: every request
+        // is handed over, and its time to first token split into the mean of each part.
+        let handed_over: u64 = server["kv_transfers"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(handed_over, 6, "{level}");
+        let parts = server["ttft_parts_ms"].as_object().unwrap();
+        let names = [
+            "context_queue",
+            "prefill",
+            "decode_room_wait",
+            "kv_transfer",
+            "other",
+        ];
+        assert_eq!(parts.len(), names.len(), "{level}");
+        let part = |name: &str| parts[name].as_f64().unwrap();
+        assert!(names.iter().all(|&name| part(name) >= 0.0), "{level}");
+        assert!(
+            part("prefill") > 0.0 && part("kv_transfer") > 0.0,
+            "{level}"
+        );
+        // The server's TTFT (the parts' sum) ends before the client sees the first token.
+        let server_ttft: f64 = names.iter().map(|&name| part(name)).sum();
+        assert!(
+            server_ttft <= level["ttft_ms"]["mean"].as_f64().unwrap() + 1e-6,
+            "{level}"
+        );
     }
-    assert!(!stdout.contains("TTFT parts"), "{stdout}");
+    assert!(
+        stdout.contains("; TTFT parts, mean ms: context_queue "),
+        "{stdout}"
+    );
     for (level, concurrency) in levels.iter().zip([1, 4]) {
         assert_eq!(level["concurrency"], concurrency);
         assert_eq!(level["completed"], 6, "{level}");
