@@ -1114,9 +1114,14 @@ fn kv_blocks_move_between_tensor_parallel_splits_straight_into_the_cache_over_cu
     if no_gpu() {
         return;
     }
-    let gpus = cudarc::driver::CudaContext::device_count().unwrap() as usize;
+    // Held for the whole test: a primary context whose last holder lets go is destroyed, and
+    // the allocations made in it with it.
+    let contexts: Vec<_> = (0..cudarc::driver::CudaContext::device_count().unwrap().min(2))
+        .map(|g| cudarc::driver::CudaContext::new(g as usize).unwrap())
+        .collect();
+    let gpus = contexts.len();
     eprintln!(
-        "{gpus} GPU(s): ranks on {}",
+        "{gpus} GPU(s) used: ranks on {}",
         if gpus > 1 {
             "cuda:0 and cuda:1"
         } else {
@@ -1140,8 +1145,7 @@ fn kv_blocks_move_between_tensor_parallel_splits_straight_into_the_cache_over_cu
         (0..ranks)
             .map(|r| {
                 let ordinal = (first + r) % gpus;
-                let ctx = cudarc::driver::CudaContext::new(ordinal).unwrap();
-                ctx.bind_to_thread().unwrap();
+                contexts[ordinal].bind_to_thread().unwrap();
                 let mut host = vec![0u8; len];
                 if let Some(whole) = whole {
                     let parts = shard_rows(whole, whole_row, ranks);
@@ -1169,10 +1173,7 @@ fn kv_blocks_move_between_tensor_parallel_splits_straight_into_the_cache_over_cu
         let KvMemory::Device(range) = part.1.memory else {
             unreachable!()
         };
-        cudarc::driver::CudaContext::new(part.0)
-            .unwrap()
-            .bind_to_thread()
-            .unwrap();
+        contexts[part.0].bind_to_thread().unwrap();
         let mut host = vec![0u8; range.len];
         unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut host, range.ptr) }.unwrap();
         host
@@ -1247,10 +1248,7 @@ fn kv_blocks_move_between_tensor_parallel_splits_straight_into_the_cache_over_cu
             let KvMemory::Device(range) = part.memory else {
                 unreachable!()
             };
-            cudarc::driver::CudaContext::new(*ordinal)
-                .unwrap()
-                .bind_to_thread()
-                .unwrap();
+            contexts[*ordinal].bind_to_thread().unwrap();
             unsafe { cudarc::driver::result::free_sync(range.ptr) }.unwrap();
         }
     }
