@@ -25,9 +25,11 @@
 //! transport's pool when it keeps one ([`pool`]; registered once, and pinned once by a GPU
 //! worker, whose copy engine then reads and writes them directly).
 //!
-//! The decode worker *pulls* the regions into a buffer of its own ([`PulledKv`]: host memory,
-//! or device memory for CUDA IPC) and imports it into its engine, which writes it into the
-//! blocks it reserved for the request.
+//! The decode worker *pulls* the regions over UCX into a buffer of its own ([`PulledKv`], host
+//! memory) and imports it into its engine, which writes it into the blocks it reserved for
+//! the request; over CUDA IPC it copies them straight into those blocks
+//! ([`cuda_ipc::CudaIpcTransport::pull_into_cache`]), re-laying the KV heads where the two
+//! sides split them over different numbers of tensor-parallel ranks ([`relayout`]).
 //!
 //! Every export is sealed ([`seal`]): 16 bytes hold a random nonce while the export is live,
 //! written once its K/V is complete and cleared before its memory can be reused (before the
