@@ -27,6 +27,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Load-test an OpenAI-compatible server: latency percentiles, throughput, goodput, JSON
     /// and a PNG chart.
+    // The variant's doc comment would otherwise stand in for the long help too.
+    #[command(long_about = tandem::bench::BENCH_LONG_ABOUT)]
     Bench(tandem::bench::BenchArgs),
     /// Profile prefill and decode on the devices at hand and propose the deployment (context
     /// and decode workers, or aggregated ones) with the most goodput per device for a TTFT

@@ -99,6 +99,18 @@ fn help_explains_serving() {
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("serve"));
 
+    // `tandem bench --help` explains the load it sends and what it measures, not just its
+    // one-line summary.
+    let output = Command::new(bin("tandem"))
+        .args(["bench", "--help"])
+        .output()
+        .expect("tandem runs");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for needle in ["Poisson process", "goodput", "--input-tokens", "Examples:"] {
+        assert!(help.contains(needle), "`{needle}` missing from:\n{help}");
+    }
+
     let output = Command::new(bin("tandem"))
         .args(["serve", "--help"])
         .output()

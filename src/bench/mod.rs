@@ -27,7 +27,9 @@ use serde_json::json;
 use crate::openai_client::{Client, Endpoint, Prompt, Reply, Request};
 use metrics::{Slo, Summary};
 
-const BENCH_LONG_ABOUT: &str = "\
+/// What `tandem bench --help` explains (the subcommand's variant names it too: its doc comment
+/// would otherwise stand in for it).
+pub const BENCH_LONG_ABOUT: &str = "\
 Measure an OpenAI-compatible server under load: tandem's (`tandem serve`) or any other.
 
 Each level sends --num-prompts streaming requests, either at a fixed number in flight
