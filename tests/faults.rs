@@ -18,9 +18,10 @@
 //! - Clients that half-close (FIN) or reset (RST) their connection, streaming or not, before
 //!   or after their first token: the worker's running sequences and KV blocks are back to
 //!   idle within 2 s.
-//! - The nats-server killed and restarted mid-stream: the deployment serves again within 5 s,
-//!   and the stream in flight resumes after the tokens lost in the outage (a gap in the
-//!   numbered token messages) or ends with a clear error, never hangs.
+//! - The nats-server killed and restarted mid-stream: the deployment serves again within 5 s;
+//!   the stream in flight resumes after the tokens lost in the outage (the api-server sees a
+//!   gap in the numbered token messages, or a stall, and migrates it) with the undisturbed
+//!   text, and through an api-server that may not migrate it ends with the documented error.
 //! - A worker whose every forward pass fails: its engine gives up after 3 in a row, the worker
 //!   leaves the rotation and exits (for the launcher to restart it), and every request it
 //!   failed completes on the other worker with the text the healthy worker gives it.
@@ -760,47 +761,84 @@ fn a_worker_whose_every_step_fails_leaves_rotation_and_its_requests_migrate() {
     }
 }
 
+/// Linux's stop and continue signals (a stopped process keeps its sockets and state).
+const SIGSTOP: i32 = 19;
+const SIGCONT: i32 = 18;
+
+/// The SSE error events a client may be given when tokens of its stream are lost and no
+/// migration is left (docs/protocol.md, "Request migration" and "Timeouts and failures"): the
+/// gap, or a stall when the last message was lost.
+const LOST_TOKENS_ERRORS: [(&str, &str); 2] = [
+    (
+        "worker_error",
+        "Tokens of this response were lost between the worker and the server.",
+    ),
+    ("timeout", "stalled"),
+];
+
 #[test]
 fn after_a_nats_server_restart_the_deployment_serves_again_within_five_seconds() {
     let mut nats = Nats::start();
     // Timeouts a short outage outlives: heartbeats and tokens pause while clients reconnect.
-    let api = ApiServer::start(
+    let timeouts = ["--worker-timeout-ms", "4000", "--stall-timeout-ms", "4000"];
+    let api = ApiServer::start(&nats, &model_dir(MODEL), support::SERVED_NAME, &timeouts);
+    // The same deployment behind an api-server that may not migrate: what its client sees of
+    // the same outage is the documented error.
+    let no_migration = ApiServer::start(
         &nats,
         &model_dir(MODEL),
         support::SERVED_NAME,
-        &["--worker-timeout-ms", "4000", "--stall-timeout-ms", "4000"],
+        &[&timeouts[..], &["--migration-limit", "0"]].concat(),
     );
     let _worker = support::start_worker(&nats, &model_dir(MODEL), "w", &[]);
     let http = &api.http;
     http.wait_for_workers(1, Duration::from_secs(30));
+    no_migration
+        .http
+        .wait_for_workers(1, Duration::from_secs(30));
     let request = chat(0, 48);
     let (reference, _) = stream(http, &request, &AtomicUsize::new(0));
 
-    // A stream in flight across the restart.
-    let progress = Arc::new(AtomicUsize::new(0));
-    let in_flight = {
-        let http = http.clone();
-        let progress = Arc::clone(&progress);
-        let request = request.clone();
-        std::thread::spawn(move || {
-            let (status, events) = http.post_stream("/v1/chat/completions", &request, |event| {
-                if event["choices"][0]["delta"]["content"].is_string() {
-                    progress.fetch_add(1, Ordering::SeqCst);
-                }
-            });
-            (status, events)
-        })
+    // A stream in flight across the restart through each api-server.
+    let in_flight = |http: &Http| {
+        let progress = Arc::new(AtomicUsize::new(0));
+        let handle = {
+            let (http, progress, request) = (http.clone(), Arc::clone(&progress), request.clone());
+            std::thread::spawn(move || {
+                http.post_stream("/v1/chat/completions", &request, |event| {
+                    if event["choices"][0]["delta"]["content"].is_string() {
+                        progress.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+        };
+        (progress, handle)
     };
+    let (resumed_progress, resumed) = in_flight(http);
+    let (failed_progress, failed) = in_flight(&no_migration.http);
     let start = Instant::now();
-    while progress.load(Ordering::SeqCst) < 4 {
+    while resumed_progress.load(Ordering::SeqCst) < 4 || failed_progress.load(Ordering::SeqCst) < 4
+    {
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "the stream did not start"
+            "the streams did not start"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Which client reconnects first is up to their backoffs: a worker back before the
+    // api-servers would hand its buffered tokens to a server with no subscriber (lost), one
+    // back after them would deliver them all. The api-servers are held (SIGSTOP) across the
+    // outage and a second past it, so the worker is back first and the tokens it generates
+    // meanwhile are lost every time: the outage this test is about, not a lucky one.
+    for server in [&api, &no_migration] {
+        server.proc.signal(SIGSTOP);
+    }
     nats.restart(Duration::from_millis(300));
     let restarted = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    for server in [&api, &no_migration] {
+        server.proc.signal(SIGCONT);
+    }
     loop {
         let reply = http.post(
             "/v1/chat/completions",
@@ -818,14 +856,64 @@ fn after_a_nats_server_restart_the_deployment_serves_again_within_five_seconds()
         std::thread::sleep(Duration::from_millis(100));
     }
     let serving_after = restarted.elapsed();
-    // The stream in flight ends (never hangs): complete, with its undisturbed text (tokens
-    // lost in the outage are noticed as a gap or a stall and the request resumes), or with a
-    // clear error event.
-    let (status, events) = in_flight.join().expect("stream thread");
+
+    // The worker generated through the outage and its tokens of that time were lost. With a
+    // migration allowed the stream resumes after the tokens the client has: the api-server
+    // noticed the loss (a gap in the numbered tokens, or a stall) and moved the request, and
+    // the client gets exactly the undisturbed text.
+    let (status, events) = resumed.join().expect("stream thread");
     assert_eq!(status, 200);
-    match events.iter().find(|e| e.get("error").is_some()) {
-        Some(error) => eprintln!("the stream across the restart ended with {error}"),
-        None => assert_eq!(collect_stream(&events).text, reference),
-    }
-    eprintln!("serving again {serving_after:?} after the restart");
+    assert!(
+        events.iter().all(|e| e.get("error").is_none()),
+        "the stream with migrations allowed ended with an error: {events:?}"
+    );
+    assert_eq!(collect_stream(&events).text, reference);
+    let metrics = http.get("/metrics").body;
+    let resumes: f64 = ["stream_gap", "stalled"]
+        .iter()
+        .map(|reason| {
+            metric(
+                &metrics,
+                "tandem_request_migrations_total",
+                &format!("reason=\"{reason}\""),
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
+    assert!(
+        resumes >= 1.0,
+        "the stream completed, but not through the resume path (no stream_gap or stalled \
+         migration): {metrics}"
+    );
+
+    // Without migrations the same loss ends the stream with the documented error event,
+    // never a 200 stream with text missing, never a hang.
+    let (status, events) = failed.join().expect("stream thread");
+    assert_eq!(status, 200, "the stream had started");
+    let error = events
+        .iter()
+        .find_map(|e| e.get("error"))
+        .unwrap_or_else(|| panic!("tokens were lost, yet no error event: {events:?}"));
+    let (code, message) = (
+        error["code"].as_str().unwrap_or_default(),
+        error["message"].as_str().unwrap_or_default(),
+    );
+    assert!(
+        LOST_TOKENS_ERRORS
+            .iter()
+            .any(|&(documented, text)| code == documented && message.contains(text)),
+        "an undocumented error for lost tokens: {error}"
+    );
+    let partial: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(
+        reference.starts_with(&partial) && partial.len() < reference.len(),
+        "the failed stream stops where its tokens were lost, without a wrong token: \
+         {partial:?} of {reference:?}"
+    );
+    eprintln!(
+        "serving again {serving_after:?} after the restart; resumed {resumes} time(s); without migrations: {error}"
+    );
 }
