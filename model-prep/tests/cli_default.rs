@@ -132,12 +132,12 @@ fn import_of_a_missing_or_bogus_file_fails_cleanly() {
 
 /// The real default model, from the wheel named by `TANDEM_SMOLLM2_WHEEL`.
 ///
-/// This is the one test that skips (with a note) when its input is absent: the wheel is a
+/// This is the one test that skips (a `SKIPPED` line) when its input is absent: the wheel is a
 /// 90 MB PyPI download that a test must not fetch, and CI (scripts/test) sets the variable.
 #[test]
 fn default_imports_smollm2_once_and_then_does_nothing() {
     let Some(wheel) = std::env::var_os("TANDEM_SMOLLM2_WHEEL") else {
-        eprintln!("note: TANDEM_SMOLLM2_WHEEL is unset; skipping the real default-model import");
+        tandem_test_skip::skip("TANDEM_SMOLLM2_WHEEL is unset: no real default-model import");
         return;
     };
     let wheel = std::path::PathBuf::from(wheel);

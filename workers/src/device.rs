@@ -832,7 +832,9 @@ mod tests {
     #[test]
     fn cuda_without_a_gpu_is_a_clear_error() {
         if crate::backend::cuda::driver_present() {
-            return; // a GPU machine: covered by the GPU tests instead
+            // A GPU machine: covered by the GPU tests instead.
+            tandem_test_skip::skip("a CUDA driver is present");
+            return;
         }
         let err = load_model(
             Path::new("/nonexistent"),

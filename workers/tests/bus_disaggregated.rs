@@ -766,7 +766,7 @@ async fn disaggregated_between(
 #[tokio::test]
 async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
     if !tandem_workers::backend::cuda::driver_present() {
-        eprintln!("skipped: no CUDA driver on this machine");
+        tandem_test_skip::skip("no CUDA driver on this machine");
         return;
     }
     let model = gpu_model_dir();
@@ -900,12 +900,14 @@ async fn gpu_workers_of_one_host_move_kv_device_to_device_over_cuda_ipc() {
 #[tokio::test]
 async fn tensor_parallel_gpu_workers_hand_prompts_over_cuda_ipc_device_to_device() {
     if !tandem_workers::backend::cuda::driver_present() {
-        eprintln!("skipped: no CUDA driver on this machine");
+        tandem_test_skip::skip("no CUDA driver on this machine");
         return;
     }
     let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0);
     if gpus < 2 {
-        eprintln!("skipped: tensor parallelism needs two GPUs, this machine has {gpus}");
+        tandem_test_skip::skip(format!(
+            "tensor parallelism needs two GPUs, this machine has {gpus}"
+        ));
         return;
     }
     let model = gpu_model_dir();

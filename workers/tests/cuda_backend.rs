@@ -1,11 +1,13 @@
 //! The CUDA backend against the CPU backend on the same model (the `tiny` random model of
-//! `scripts/test-models`). Needs an NVIDIA GPU: without the CUDA driver every test here says
-//! so and passes without running (CI has no GPU); on the device machine they run (see
+//! `scripts/test-models`). Needs an NVIDIA GPU: without the CUDA driver every test here passes
+//! without running (CI has no GPU), each printing a `SKIPPED <test>: <reason>` line
+//! (tandem-test-skip) that the device scripts count; on the device machine they run (see
 //! docs/benchmarks.md, "GPU").
 
 use std::path::PathBuf;
 use std::process::Command;
 
+use tandem_test_skip::skip;
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
 use tandem_workers::backend::cuda::{CudaBackend, CudaOptions, driver_present};
 use tandem_workers::backend::{Backend, DeviceSampler, KvBlockIo, KvBytes, KvBytesMut};
@@ -20,7 +22,7 @@ fn no_gpu() -> bool {
     if driver_present() {
         return false;
     }
-    eprintln!("skipped: no CUDA driver on this machine");
+    skip("no CUDA driver on this machine");
     true
 }
 
@@ -166,7 +168,7 @@ fn decode_attention_on_tensor_cores_matches_the_cpu() {
         .map(PathBuf::from)
         .collect();
     if dirs.is_empty() {
-        eprintln!("skipped: no TANDEM_GPU_TEST_MODEL");
+        skip("neither TANDEM_GPU_TEST_MODEL nor TANDEM_GPU_TEST_MODEL_D128 is set");
         return;
     }
     let options = bf16_kv();
@@ -394,7 +396,9 @@ fn worker_generate_on_two_gpus_equals_one_gpu() {
     let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0);
     let nccl = tandem_workers::backend::cuda::nccl_present();
     if gpus < 2 || !nccl {
-        eprintln!("skipped: {gpus} GPU(s), NCCL present: {nccl}");
+        skip(format!(
+            "needs two GPUs and libnccl: {gpus} GPU(s), NCCL present: {nccl}"
+        ));
         return;
     }
     let run = |device: &str, ranks: &str, sampling: &[&str]| {

@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn a_group_of_one_gpu_sums_in_place() {
         if !super::super::driver_present() || !nccl_present() {
-            eprintln!("skipped: no CUDA driver or no libnccl on this machine");
+            tandem_test_skip::skip("no CUDA driver or no libnccl on this machine");
             return;
         }
         let ctx = CudaContext::new(0).unwrap();
@@ -166,7 +166,7 @@ mod tests {
     #[test]
     fn two_ranks_on_one_gpu_are_refused_before_nccl_sees_them() {
         if !super::super::driver_present() || !nccl_present() {
-            eprintln!("skipped: no CUDA driver or no libnccl on this machine");
+            tandem_test_skip::skip("no CUDA driver or no libnccl on this machine");
             return;
         }
         let ctx = CudaContext::new(0).unwrap();

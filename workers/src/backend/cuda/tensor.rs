@@ -281,7 +281,7 @@ mod tests {
     #[test]
     fn the_scratch_block_lies_inside_the_cache_allocation() {
         if !driver_present() {
-            eprintln!("skipped: no CUDA driver on this machine");
+            tandem_test_skip::skip("no CUDA driver on this machine");
             return;
         }
         let backend = CudaBackend::new(&CudaOptions::from_env(0)).unwrap();
