@@ -9,11 +9,14 @@
 #                                             # built with `cargo test --release --no-run` and
 #                                             # carried as .kit/bin/cuda_backend_test
 #
-# Output goes to stdout and, when $OUT is set, to $OUT/<stage>.log and JSON files.
+# Output goes to stdout and, when $OUT is set, to $OUT/<stage>.log and JSON files. A failed
+# check or test fails the script (after the other checks of its stage have run); `tests` ends in
+# a line of how many tests ran, were skipped and failed.
 set -euo pipefail
 stage=${1:?usage: gpu_run.sh check|smollm2 GGUF|bench PRESET|tests}
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
+status=0
 
 case "$stage" in
   check)
@@ -21,7 +24,8 @@ case "$stage" in
     for preset in tiny smollm2-135m; do
       dir=$(random_model "$preset")
       echo "== check $preset"
-      gpu_bench check --model "$dir" --min-top1 0 2>&1 | tee "$out/check-$preset.log" || echo "check $preset failed"
+      gpu_bench check --model "$dir" --min-top1 0 2>&1 | tee "$out/check-$preset.log" ||
+        { echo "check $preset FAILED"; status=1; }
     done
     ;;
   smollm2)
@@ -29,7 +33,8 @@ case "$stage" in
     dir="$models/smollm2"
     [ -f "$dir/config.json" ] || model-prep import-gguf "$gguf" -o "$dir" --dtype bf16 >&2
     echo "== check smollm2 (real weights)"
-    gpu_bench check --model "$dir" 2>&1 | tee "$out/check-smollm2.log" || echo "check smollm2 failed"
+    gpu_bench check --model "$dir" 2>&1 | tee "$out/check-smollm2.log" ||
+      { echo "check smollm2 FAILED"; status=1; }
     for prompt in "What is the capital of France?" "Write a haiku about the sea."; do
       worker generate --model "$dir" --chat --prompt "$prompt" --max-tokens 32 --json --device cpu >"$out/cpu.json"
       worker generate --model "$dir" --chat --prompt "$prompt" --max-tokens 32 --json --device cuda:0 >"$out/cuda.json"
@@ -55,8 +60,9 @@ case "$stage" in
     ;;
   tests)
     random_model tiny >/dev/null
-    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
-      cuda_backend_test --test-threads 1 2>&1 | tee "$out/tests.log"
+    run_tests cuda_backend "$out/tests.log" \
+      env TANDEM_TEST_MODELS="$models" TANDEM_WORKER_BIN="$root/.kit/bin/worker" \
+      cuda_backend_test --test-threads 1 || status=1
     ;;
   bench)
     preset=${2:?preset}
@@ -75,3 +81,4 @@ case "$stage" in
     exit 2
     ;;
 esac
+exit "$status"

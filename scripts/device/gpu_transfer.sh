@@ -7,11 +7,13 @@
 #
 #   scripts/device/gpu_transfer.sh tests      # GPU tests + the two-process CUDA IPC test
 #
-# Output goes to stdout and to $OUT/<stage>.log.
+# Output goes to stdout and to $OUT/<stage>.log. Each test binary's run ends in a line of how
+# many tests ran, were skipped (no second GPU, say) and failed; a failed run fails the script.
 set -uo pipefail
 stage=${1:?usage: gpu_transfer.sh tests}
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
+status=0
 
 case "$stage" in
   tests)
@@ -22,18 +24,20 @@ case "$stage" in
     echo "== GPU tests (workers/tests/cuda_backend.rs)"
     # SmolLM2 shapes (head dim 64) and two Llama-3.1-8B layers (head dim 128) for the tests
     # that cover the decode attention kernels of those head dims.
-    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
-      TANDEM_GPU_TEST_MODEL=$smollm2 TANDEM_GPU_TEST_MODEL_D128=$d128 \
-      cuda_backend_test --test-threads 1 2>&1 | tee "$out/cuda-tests.log" | grep -E "^test |test result"
+    run_tests cuda_backend "$out/cuda-tests.log" \
+      env TANDEM_TEST_MODELS="$models" TANDEM_WORKER_BIN="$root/.kit/bin/worker" \
+      TANDEM_GPU_TEST_MODEL="$smollm2" TANDEM_GPU_TEST_MODEL_D128="$d128" \
+      cuda_backend_test --test-threads 1 || status=1
     echo "== two GPU worker processes, KV over CUDA IPC and UCX (workers/tests/bus_disaggregated.rs)"
-    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
-      TANDEM_NATS_SERVER=$(command -v nats-server) TANDEM_GPU_TEST_MODEL=$smollm2 \
-      bus_disaggregated_test gpu_workers --nocapture --test-threads 1 >"$out/ipc-test.log" 2>&1
-    echo "exit: $?"
-    grep -E "bytes pulled|^test |test result|panicked|CUDA IPC|cuda_ipc|ERROR" "$out/ipc-test.log" | cut -c1-300
+    run_tests bus_disaggregated "$out/ipc-test.log" \
+      env TANDEM_TEST_MODELS="$models" TANDEM_WORKER_BIN="$root/.kit/bin/worker" \
+      TANDEM_NATS_SERVER="$(command -v nats-server)" TANDEM_GPU_TEST_MODEL="$smollm2" \
+      bus_disaggregated_test gpu_workers --nocapture --test-threads 1 || status=1
+    grep -E "bytes pulled|CUDA IPC|cuda_ipc|ERROR" "$out/ipc-test.log" | cut -c1-300
     ;;
   *)
     echo "unknown stage $stage" >&2
     exit 2
     ;;
 esac
+exit "$status"

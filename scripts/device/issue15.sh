@@ -19,9 +19,13 @@
 #
 #   scripts/device/issue15.sh                 # everything (about 9 minutes: split it)
 #   scripts/device/issue15.sh tests check     # correctness only
+#
+# A failed test or check fails the script once every stage has run; `tests` ends in a line of
+# how many tests ran, were skipped and failed.
 set -uo pipefail
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
+status=0
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests check bench offline)
 
@@ -40,16 +44,18 @@ for stage in "${stages[@]}"; do
     tests)
       random_model tiny >/dev/null
       echo "== GPU tests"
-      TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
-        TANDEM_GPU_TEST_MODEL=$(random_model smollm2-135m) \
-        TANDEM_GPU_TEST_MODEL_D128=$(random_model llama-d128-2l) \
-        cuda_backend_test --test-threads 1 2>&1 | tee "$out/tests.log" | grep -E "^test |test result|panicked"
+      run_tests cuda_backend "$out/tests.log" \
+        env TANDEM_TEST_MODELS="$models" TANDEM_WORKER_BIN="$root/.kit/bin/worker" \
+        TANDEM_GPU_TEST_MODEL="$(random_model smollm2-135m)" \
+        TANDEM_GPU_TEST_MODEL_D128="$(random_model llama-d128-2l)" \
+        cuda_backend_test --test-threads 1 || status=1
       ;;
     check)
       for preset in llama-d128-2l smollm2-135m; do
         echo "== check $preset"
-        gpu_bench check --model "$(random_model "$preset")" --max-rel-l2 2e-2 --min-top1 0 2>&1 |
-          tee "$out/check-$preset.log" | grep -iE "mean|top-1|PASS|FAIL"
+        gpu_bench check --model "$(random_model "$preset")" --max-rel-l2 2e-2 --min-top1 0 \
+          >"$out/check-$preset.log" 2>&1 || { echo "check $preset FAILED"; status=1; }
+        grep -iE "mean|top-1|PASS|FAIL" "$out/check-$preset.log"
       done
       ;;
     bench)
@@ -75,3 +81,4 @@ for stage in "${stages[@]}"; do
       ;;
   esac
 done
+exit "$status"

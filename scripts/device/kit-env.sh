@@ -1,7 +1,12 @@
+# shellcheck shell=bash
 # Sourced by the scripts in scripts/device/ on the device machine: where models and output go,
-# the carried binaries (.kit/bin/NAME.gz, unpacked here) on PATH, and `random_model PRESET`,
-# which makes (once) and prints the directory of a random-weight model of PRESET's shapes.
+# the carried binaries (.kit/bin/NAME.gz, unpacked here) on PATH, `random_model PRESET`, which
+# makes (once) and prints the directory of a random-weight model of PRESET's shapes, and
+# `run_tests` (test-counts.sh), which runs a test binary and reports how many of its tests ran,
+# were skipped and failed.
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=scripts/device/test-counts.sh
+source "$root/scripts/device/test-counts.sh"
 models=${TANDEM_DEVICE_MODELS:-/tmp/tandem-models}
 out=${OUT:-/tmp/tandem-out}
 mkdir -p "$models" "$out"
@@ -17,8 +22,13 @@ done
 # `libnccl.so` (not `.so.2`), which only a -dev package provides; the device machine has
 # `libnccl.so.2` in torch's pip package (nvidia-nccl-cu*): linked under that name here.
 if [ -z "${TANDEM_NCCL_LIB:-}" ]; then
-  TANDEM_NCCL_LIB=$(find $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null) \
-    /usr/lib /usr/local/lib -name 'libnccl.so.2' 2>/dev/null | head -1 || true)
+  site_dirs=()
+  while IFS= read -r dir; do site_dirs+=("$dir"); done < <(
+    python3 -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null
+  )
+  # None found is no error here: the NCCL tests then skip, failing the stages that need them.
+  TANDEM_NCCL_LIB=$(find "${site_dirs[@]}" /usr/lib /usr/local/lib -name 'libnccl.so.2' 2>/dev/null |
+    head -1 || :)
 fi
 # The device machines must never use NVLink multicast (KINDS.md: it can take the host's GPUs
 # out of service); their environment turns it off, and so does this, whatever was inherited.

@@ -16,8 +16,9 @@
 #                                         # CUDA IPC and then over UCX (cuda_ipc_pool_mb: 0):
 #                                         # ISL 3000 / OSL 150, the pulls' times and TTFT
 #
-# A failing test fails the script (its exit status is kept through the pipes). Output: stdout
-# and $OUT.
+# A failing test fails the script, and each test binary's run ends in a line of how many tests
+# ran, were skipped and failed: on this two-GPU machine every selected test must run, so a skip
+# fails too. Output: stdout and $OUT.
 set -uo pipefail
 stage=${1:?usage: tp_handover.sh tests | bench | serve}
 # shellcheck source=scripts/device/kit-env.sh
@@ -31,16 +32,18 @@ case "$stage" in
     smollm2=$(random_model smollm2-135m)
     d128=$(random_model llama-d128-2l)
     echo "== GPU tests (workers/tests/cuda_backend.rs)"
-    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
-      TANDEM_GPU_TEST_MODEL=$smollm2 TANDEM_GPU_TEST_MODEL_D128=$d128 \
-      cuda_backend_test --test-threads 1 --nocapture >"$out/cuda-tests.log" 2>&1 || status=1
-    grep -E "^test |test result|ranks to|skipped" "$out/cuda-tests.log"
+    run_tests --no-skips cuda_backend "$out/cuda-tests.log" \
+      env TANDEM_TEST_MODELS="$models" TANDEM_WORKER_BIN="$root/.kit/bin/worker" \
+      TANDEM_GPU_TEST_MODEL="$smollm2" TANDEM_GPU_TEST_MODEL_D128="$d128" \
+      cuda_backend_test --test-threads 1 --nocapture || status=1
+    grep -E "ranks to" "$out/cuda-tests.log"
     echo "== GPU worker processes over CUDA IPC (workers/tests/bus_disaggregated.rs)"
     # The tiny model: its heads divide over 2 ranks (SmolLM2's 9 do not).
-    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
-      TANDEM_NATS_SERVER=$(command -v nats-server) \
-      bus_disaggregated_test gpu --nocapture --test-threads 1 >"$out/ipc-tests.log" 2>&1 || status=1
-    grep -E "bytes|^test |test result|panicked|skipped" "$out/ipc-tests.log" | cut -c1-300
+    run_tests --no-skips bus_disaggregated "$out/ipc-tests.log" \
+      env TANDEM_TEST_MODELS="$models" TANDEM_WORKER_BIN="$root/.kit/bin/worker" \
+      TANDEM_NATS_SERVER="$(command -v nats-server)" \
+      bus_disaggregated_test gpu --nocapture --test-threads 1 || status=1
+    grep -E "bytes" "$out/ipc-tests.log" | cut -c1-300
     ;;
   bench)
     nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader

@@ -32,11 +32,14 @@
 #                                        # CONCURRENCY=32 N=64 (session 19's run)
 #
 # Prompt lengths are in words for `tandem bench`; on the random Llama-3.1-8B tokenizer a word is
-# about 1.66 tokens (the bench reports the real token counts). Output: stdout and $OUT.
+# about 1.66 tokens (the bench reports the real token counts). Output: stdout and $OUT. A failed
+# test or check fails the script once its stage is done; each test binary's run ends in a line
+# of how many tests ran, were skipped and failed, and, both GPUs being here, a skip fails it.
 set -uo pipefail
 stage=${1:?usage: two_gpu.sh ipc | goodput disaggregated|aggregated | tp | tp-graphs | tp70b}
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
+status=0
 
 llama=$(random_model llama-3.1-8b)
 port=8300
@@ -114,12 +117,12 @@ case "$stage" in
     nvidia-smi topo -m
     smollm2=$(random_model smollm2-135m)
     echo "== the GPU test, decode worker on cuda:1 (workers/tests/bus_disaggregated.rs)"
-    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
-      TANDEM_NATS_SERVER=$(command -v nats-server) TANDEM_GPU_TEST_MODEL=$smollm2 \
+    run_tests --no-skips bus_disaggregated "$out/ipc-test.log" \
+      env TANDEM_TEST_MODELS="$models" TANDEM_WORKER_BIN="$root/.kit/bin/worker" \
+      TANDEM_NATS_SERVER="$(command -v nats-server)" TANDEM_GPU_TEST_MODEL="$smollm2" \
       TANDEM_TEST_DECODE_DEVICE=cuda:1 \
-      bus_disaggregated_test gpu_workers --nocapture --test-threads 1 >"$out/ipc-test.log" 2>&1
-    echo "exit: $?"
-    grep -E "bytes pulled|^test |test result|panicked|CUDA IPC pool|ERROR" "$out/ipc-test.log" | cut -c1-300
+      bus_disaggregated_test gpu_workers --nocapture --test-threads 1 || status=1
+    grep -E "bytes pulled|CUDA IPC pool|ERROR" "$out/ipc-test.log" | cut -c1-300
 
     echo "== plain peer-to-peer copy cuda:0 -> cuda:1 (torch, copy_ between devices)"
     python3 - <<'EOF' 2>&1 | tee "$out/p2p.log"
@@ -178,14 +181,15 @@ EOF
     echo "libnccl: ${TANDEM_NCCL_LIB:-not found}"
     random_model tiny >/dev/null
     echo "== GPU tests: NCCL on one GPU, two ranks against one GPU"
-    timeout 120 workers_lib_test nccl --test-threads 1 2>&1 | tee "$out/tp-nccl-test.log" | grep -E "^test |test result"
-    TANDEM_TEST_MODELS=$models TANDEM_WORKER_BIN=$root/.kit/bin/worker \
-      timeout 240 cuda_backend_test two_gpus --nocapture --test-threads 1 2>&1 | tee "$out/tp-cuda-test.log" |
-      grep -E "^test |test result|skipped|panicked"
+    run_tests --no-skips workers_lib_nccl "$out/tp-nccl-test.log" \
+      timeout 120 workers_lib_test nccl --test-threads 1 || status=1
+    run_tests --no-skips cuda_backend_two_gpus "$out/tp-cuda-test.log" \
+      env TANDEM_TEST_MODELS="$models" TANDEM_WORKER_BIN="$root/.kit/bin/worker" \
+      timeout 240 cuda_backend_test two_gpus --nocapture --test-threads 1 || status=1
 
     echo "== logits, Llama-3.1-8B shapes: TP=2 (cuda:0, cuda:1) against one GPU, teacher-forced"
     timeout 240 gpu_bench tp-check --model "$llama" --ranks 2 --json "$out/tp-check.json" 2>&1 |
-      tee "$out/tp-check.log"
+      tee "$out/tp-check.log" || { echo "tp-check FAILED"; status=1; }
 
     echo "== greedy tokens, Llama-3.1-8B shapes: TP=2 (cuda:0, cuda:1) against one GPU"
     for ranks in 1 2; do
@@ -222,7 +226,8 @@ print(f"TP=2 tokens equal TP=1 for {n} of {len(a)}")' "$out/tp-generate-1.json" 
     # graphs, checked and timed against one GPU with graphs.
     echo "== logits with graphs: TP=2 against one GPU"
     timeout 240 gpu_bench tp-check --model "$llama" --ranks 2 --cuda-graphs \
-      --json "$out/tp-check-graphs.json" 2>&1 | tee "$out/tp-check-graphs.log"
+      --json "$out/tp-check-graphs.json" 2>&1 | tee "$out/tp-check-graphs.log" ||
+      { echo "tp-check with graphs FAILED"; status=1; }
     echo "== decode steps with graphs: one GPU and two ranks, batch 1 and 32, context 1024"
     timeout 240 gpu_bench tp --model "$llama" --ranks 1,2 --batches 1,32 --context 1024 --cuda-graphs \
       --json "$out/tp-bench-graphs.json" 2>&1 | tee "$out/tp-bench-graphs.log"
@@ -260,3 +265,4 @@ print(f"TP=2 tokens equal TP=1 for {n} of {len(a)}")' "$out/tp-generate-1.json" 
     exit 2
     ;;
 esac
+exit "$status"
