@@ -2,8 +2,9 @@
 //! pulled over UCX, behind the api-server.
 //!
 //! - `tandem serve -c` with 2 context + 1 decode workers: 32 concurrent requests of mixed
-//!   prompt lengths, greedy and seeded, each equal to `worker generate`; /metrics shows the
-//!   bytes UCX moved.
+//!   prompt lengths, greedy and seeded, each equal to `worker generate`; /metrics shows each
+//!   handed over (a KV transfer, no fallback to a local prefill, which would give the same
+//!   text) and the bytes UCX moved.
 //! - A decode worker whose KV cache holds one long prompt at a time, and several long requests
 //!   at once: each decode job waits for room before its pull (which their split times to
 //!   first token show), every text equals `worker generate`'s, and the pulled K/V held outside
@@ -22,8 +23,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::{collect_stream, start_api_server};
-use tandem_test_kit::prometheus::{metric, sample, total};
-use tandem_test_kit::{ApiServer, Http, Nats, Proc, bin, free_port, model_dir, temp_file};
+use tandem_test_kit::prometheus::{metric, sample};
+use tandem_test_kit::{
+    ApiServer, HandOvers, Http, Nats, Proc, bin, clear_tandem_env, free_port, model_dir, temp_file,
+};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -46,7 +49,7 @@ fn seed(i: usize) -> Option<u64> {
 
 fn reference(i: usize, max_tokens: u32) -> Value {
     let mut command = Command::new(bin("worker"));
-    command
+    clear_tandem_env(&mut command)
         .arg("generate")
         .arg("--model")
         .arg(model_dir(MODEL))
@@ -164,6 +167,7 @@ fn tandem_serve_with_two_context_and_one_decode_worker_equals_worker_generate() 
             .collect()
     });
 
+    let before = HandOvers::read(&http);
     let results = chats_at_once(&http, 0..REQUESTS, MAX_TOKENS);
     for (i, ((streamed, usage), reference)) in results.iter().zip(&references).enumerate() {
         assert_eq!(
@@ -184,15 +188,19 @@ fn tandem_serve_with_two_context_and_one_decode_worker_equals_worker_generate() 
         );
     }
 
+    HandOvers::read(&http).assert_handed_over_since(
+        &before,
+        REQUESTS as u64,
+        "ucx",
+        "the requests compared with worker generate",
+    );
     let metrics = http.get("/metrics").body;
     let bytes = metric(&metrics, "tandem_kv_transfer_bytes_total", "").unwrap_or(0.0);
-    let disaggregated = metric(&metrics, "tandem_requests_disaggregated_total", "").unwrap_or(0.0);
-    assert!(
-        disaggregated >= REQUESTS as f64 && bytes > 0.0,
-        "every request went through a context worker and UCX moved bytes: {disaggregated} requests, {bytes} bytes\n{metrics}"
-    );
     // bf16 SmolLM2 moves 368640 bytes per 16-token block: at least one block per request.
-    assert!(bytes >= (REQUESTS * 368_640) as f64, "{bytes}");
+    assert!(
+        bytes >= (REQUESTS * 368_640) as f64,
+        "UCX moved {bytes} bytes\n{metrics}"
+    );
 
     tandem.signal(libc::SIGTERM);
     assert!(tandem.wait_exit(Duration::from_secs(60)).success());
@@ -217,21 +225,18 @@ fn hand_overs_far_past_the_old_transfer_pool_all_go_through_without_a_fallback()
     ]);
     let http = &d.api.http;
     let references: Vec<Value> = requests.iter().map(|&i| reference(i, MAX_TOKENS)).collect();
+    let before = HandOvers::read(http);
     let results = chats_at_once(http, requests.iter().copied(), MAX_TOKENS);
     for ((i, (streamed, _)), reference) in requests.iter().zip(&results).zip(&references) {
         assert_eq!(streamed.text, reference["text"], "request {i}");
     }
+    HandOvers::read(http).assert_handed_over_since(
+        &before,
+        REQUESTS as u64,
+        "ucx",
+        "every request pulled its K/V past the old pool",
+    );
     let metrics = http.get("/metrics").body;
-    assert_eq!(
-        metric(&metrics, "tandem_kv_transfers_total", "transport=\"ucx\""),
-        Some(REQUESTS as f64),
-        "every request pulled its K/V\n{metrics}"
-    );
-    assert_eq!(
-        total(&metrics, "tandem_kv_transfer_fallbacks_total"),
-        0.0,
-        "no fallback of any kind\n{metrics}"
-    );
     let bytes = metric(&metrics, "tandem_kv_transfer_bytes_total", "").unwrap_or(0.0);
     assert!(
         bytes > (REQUESTS << 20) as f64 * 6.0,
@@ -486,6 +491,7 @@ fn a_decode_worker_with_a_small_kv_cache_pulls_each_prompt_only_into_room_it_has
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
 
+    let before = HandOvers::read(http);
     let results = chats_at_once(http, REQUESTS, MAX_TOKENS);
     let mut smallest_prompt_blocks = u64::MAX;
     for (((streamed, usage), reference), i) in results.iter().zip(&references).zip(REQUESTS) {
@@ -537,18 +543,12 @@ fn a_decode_worker_with_a_small_kv_cache_pulls_each_prompt_only_into_room_it_has
         "decode jobs waited for room: {waited}\n{metrics}"
     );
     assert_eq!(metric(&metrics, "tandem_kv_pulls_waiting", dec), Some(0.0));
-    let pulled = metric(&metrics, "tandem_kv_transfers_total", "\"ucx\"").unwrap_or(0.0);
-    assert_eq!(
-        pulled,
-        REQUESTS.len() as f64,
-        "every prompt was pulled\n{metrics}"
+    HandOvers::parse(&metrics).assert_handed_over_since(
+        &before,
+        REQUESTS.len() as u64,
+        "ucx",
+        "every prompt pulled into room the decode worker had",
     );
-    let fallbacks = metric(
-        &metrics,
-        "tandem_kv_transfer_fallbacks_total",
-        "pull_failed",
-    );
-    assert_eq!(fallbacks, Some(0.0), "{metrics}");
     // Every request's time to first token is split, the waits for room in it.
     let room_wait = |what: &str| {
         sample(

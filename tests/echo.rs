@@ -16,6 +16,9 @@
 //! - `best_of: 3, n: 1` returns the candidate with the highest mean token logprob among the
 //!   three the same seeded request gives with `n: 3`, and usage counts all three;
 //! - the 400s: `max_tokens: 0` without echo, `best_of` streamed or below `n`;
+//! - disaggregated, the requests without prompt logprobs that those checks compare with
+//!   prompt-logprob requests (prefilled by the decode worker) are handed over from the
+//!   context worker (/metrics: a KV transfer each, no fallback);
 //! - the official `openai` client (tests/python/openai_echo.py; needs the `openai` package:
 //!   scripts/test installs it and sets `TANDEM_TEST_PYTHONPATH`).
 
@@ -25,8 +28,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{SERVED_NAME, start_api_server};
-use tandem_test_kit::prometheus::metric;
-use tandem_test_kit::{Http, Nats, model_dir};
+use tandem_test_kit::{HandOvers, Http, Nats, model_dir};
 
 const MODEL: &str = "smollm2-bf16";
 /// The workers' prefill chunk (`--max-num-batched-tokens`).
@@ -446,30 +448,33 @@ fn echo_on_a_disaggregated_deployment() {
     let http = &api.http;
     http.wait_for_role("context", 1, Duration::from_secs(30));
     http.wait_for_role("decode", 1, Duration::from_secs(30));
+    // Of echo_works' requests, the plain completion and the one with echo alone go through
+    // the context worker; those with prompt logprobs (and `max_tokens: 0`, which asks for
+    // them) are prefilled by the generation worker (the context worker hands over K/V, not
+    // logprobs), and `n` > 1 too.
+    let before = HandOvers::read(http);
     echo_works(http);
-    // Requests with prompt logprobs are prefilled by the generation worker (the context
-    // worker hands over K/V, not logprobs); the others still go through the context worker.
-    let disaggregated = || {
-        let body = http.get("/metrics").body;
-        metric(&body, "tandem_requests_disaggregated_total", "").expect("the counter")
-    };
-    let before = disaggregated();
+    HandOvers::read(http).assert_handed_over_since(
+        &before,
+        2,
+        "ucx",
+        "echo checks: the plain and the echo-alone completions",
+    );
+    let before = HandOvers::read(http);
     completion(
         http,
         &json!({"prompt": "Hello there", "max_tokens": 2, "echo": true, "logprobs": 1}),
     );
-    assert_eq!(
-        disaggregated(),
-        before,
-        "prompt logprobs went to a context worker"
-    );
+    let local = HandOvers::read(http);
+    local.assert_handed_over_since(&before, 0, "ucx", "prompt logprobs, prefilled locally");
     completion(
         http,
         &json!({"prompt": "Hello there", "max_tokens": 2, "echo": true}),
     );
-    assert_eq!(
-        disaggregated(),
-        before + 1.0,
-        "echo alone is disaggregated as usual"
+    HandOvers::read(http).assert_handed_over_since(
+        &local,
+        1,
+        "ucx",
+        "echo alone, disaggregated as usual",
     );
 }

@@ -10,7 +10,8 @@
 //! - both ways every request completes, with the same text (greedy; recompute gives back what
 //!   was preempted), and every block is free again;
 //! - the same for a decode worker that imports the prompts from a context worker: its imports
-//!   wait for room to grow too, and nothing is preempted there.
+//!   wait for room to grow too, nothing is preempted there, and every prompt is handed over
+//!   (/metrics: a KV transfer each, no fallback to a local prefill).
 
 mod support;
 
@@ -18,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::{SERVED_NAME, start_api_server};
-use tandem_test_kit::prometheus::{metric, total};
-use tandem_test_kit::{Http, Nats, model_dir};
+use tandem_test_kit::prometheus::metric;
+use tandem_test_kit::{HandOvers, Http, Nats, model_dir};
 
 const MODEL: &str = "smollm2-bf16";
 const REQUESTS: usize = 6;
@@ -86,13 +87,14 @@ fn serve_disaggregated() -> (Vec<String>, f64) {
     let http = &api.http;
     http.wait_for_role("context", 1, Duration::from_secs(30));
     http.wait_for_role("decode", 1, Duration::from_secs(30));
+    let before = HandOvers::read(http);
     let texts = all_at_once(http);
     let preemptions = preemptions_once_idle(http, "dec");
-    let body = http.get("/metrics").body;
-    assert_eq!(
-        total(&body, "tandem_kv_transfers_total"),
-        REQUESTS as f64,
-        "every prompt handed over:\n{body}"
+    HandOvers::read(http).assert_handed_over_since(
+        &before,
+        REQUESTS as u64,
+        "ucx",
+        "the load served disaggregated",
     );
     (texts, preemptions)
 }

@@ -5,6 +5,9 @@
 //!   same three for the same seeded request twice, the first equal to the request with
 //!   `n=1`; usage counts the prompt once and every choice's completion;
 //! - greedy `n=2` gives two equal choices, equal to `n=1`;
+//! - disaggregated, each `n=1` request of those comparisons is handed over from the context
+//!   worker (/metrics: a KV transfer, no fallback) while `n` > 1 is prefilled by the decode
+//!   worker by design (no hand-over, no fallback either);
 //! - `best_of` below `n` is a 400 naming it (`best_of` above `n`: tests/echo.rs);
 //! - afterwards every worker's KV blocks are free again (the shared prompt blocks included);
 //! - the official `openai` client with `n=3`, streamed and not (tests/python/openai_samples.py;
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::{SERVED_NAME, start_api_server};
 use tandem_test_kit::prometheus::metric;
-use tandem_test_kit::{Http, Nats, model_dir};
+use tandem_test_kit::{HandOvers, Http, Nats, model_dir};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -109,16 +112,29 @@ fn wait_idle(http: &Http, ids: &[&str]) {
     }
 }
 
-/// What both deployments must show.
-fn n_choices_work(http: &Http) {
+/// What both deployments must show; `disaggregated`: a context and a decode worker, through
+/// which a request with `n` = 1 must go (one with `n` > 1 is prefilled by the decode worker,
+/// as on a `both` worker), so that comparing the two compares the hand-over with a local
+/// prefill.
+fn n_choices_work(http: &Http, disaggregated: bool) {
+    let crossing = |requests| if disaggregated { requests } else { 0 };
     // Seeded: three choices, the same three twice, the first what n=1 gives.
+    let before = HandOvers::read(http);
     let (three, usage) = chat_choices(http, &chat(3, Some(7), 0.9));
     assert_eq!(three.len(), 3);
     assert!(three.iter().all(|t| !t.is_empty()), "{three:?}");
     assert_ne!(three[0], three[1], "choices draw from different streams");
     let (again, _) = chat_choices(http, &chat(3, Some(7), 0.9));
     assert_eq!(three, again, "the same seeded request, the same choices");
+    let local = HandOvers::read(http);
+    local.assert_handed_over_since(&before, 0, "ucx", "n=3, prefilled where it is decoded");
     let (one, one_usage) = chat_choices(http, &chat(1, Some(7), 0.9));
+    HandOvers::read(http).assert_handed_over_since(
+        &local,
+        crossing(1),
+        "ucx",
+        "the seeded request with n=1",
+    );
     assert_eq!(one[0], three[0], "choice 0 is the request with n=1");
     assert_eq!(usage["prompt_tokens"], one_usage["prompt_tokens"]);
     assert!(usage["completion_tokens"].as_u64().unwrap() > 16);
@@ -142,7 +158,14 @@ fn n_choices_work(http: &Http) {
 
     // Greedy: every choice is the greedy answer.
     let (greedy, _) = chat_choices(http, &chat(2, None, 0.0));
+    let before = HandOvers::read(http);
     let (greedy_one, _) = chat_choices(http, &chat(1, None, 0.0));
+    HandOvers::read(http).assert_handed_over_since(
+        &before,
+        crossing(1),
+        "ucx",
+        "the greedy request with n=1",
+    );
     assert_eq!(greedy, vec![greedy_one[0].clone(); 2]);
 
     // Completions: n and best_of = n; best_of below n is refused naming it.
@@ -177,7 +200,7 @@ fn n_choices_on_an_aggregated_deployment() {
     let api = start_api_server(&nats, &model_dir(MODEL));
     let http = &api.http;
     http.wait_for_workers(1, Duration::from_secs(30));
-    n_choices_work(http);
+    n_choices_work(http, false);
     openai_client_n_choices(&http.base);
     wait_idle(http, &["w0"]);
     a_client_that_leaves_cancels_every_choice(http);
@@ -232,6 +255,6 @@ fn n_choices_on_a_disaggregated_deployment() {
     let http = &api.http;
     http.wait_for_role("context", 1, Duration::from_secs(30));
     http.wait_for_role("decode", 1, Duration::from_secs(30));
-    n_choices_work(http);
+    n_choices_work(http, true);
     wait_idle(http, &["ctx", "dec"]);
 }

@@ -4,10 +4,13 @@
 //!
 //! - tests/python/structured_outputs.py, with the official `openai` client and
 //!   langchain-openai: 20 prompts with 20 JSON schemas, every reply parses and validates
-//!   (Python `jsonschema`); disaggregated equals aggregated; same seed, same output;
-//!   `json_object`; `chat.completions.parse` with a Pydantic model; `with_structured_output`.
+//!   (Python `jsonschema`); disaggregated equals aggregated, every one of the 20 handed over
+//!   from the context worker (its /metrics: 20 KV transfers, no fallback to a local prefill,
+//!   which would give the same text); same seed, same output; `json_object`;
+//!   `chat.completions.parse` with a Pydantic model; `with_structured_output`.
 //! - `logit_bias`: -100 on the token greedy decoding picks bans it, +100 on another forces it
-//!   at every position, on /v1/completions and on chat, aggregated and disaggregated.
+//!   at every position, on /v1/completions and on chat, aggregated and disaggregated (each
+//!   request handed over there).
 //! - A schema llguidance cannot compile is a 400 naming `response_format.json_schema.schema`
 //!   with llguidance's message; a `response_format` of another type is a 400 naming it.
 //!
@@ -22,9 +25,14 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{start_api_server, start_worker, start_worker_as};
-use tandem_test_kit::{ApiServer, Http, Nats, Proc, bin, model_dir, python};
+use tandem_test_kit::{
+    ApiServer, HandOvers, Http, Nats, Proc, bin, clear_tandem_env, model_dir, python,
+};
 
 const MODEL: &str = "smollm2-bf16";
+/// The JSON-schema requests tests/python/structured_outputs.py sends the disaggregated
+/// deployment (its `CASES`).
+const SCHEMA_CASES: u64 = 20;
 
 fn check_python_clients() {
     let output = python()
@@ -44,6 +52,8 @@ struct Deployment {
     _nats: Nats,
     api: ApiServer,
     _workers: Vec<Proc>,
+    /// A context and a decode worker, rather than one `both` worker.
+    disaggregated: bool,
 }
 
 impl Deployment {
@@ -56,6 +66,7 @@ impl Deployment {
             _nats: nats,
             api,
             _workers: vec![worker],
+            disaggregated: false,
         }
     }
 
@@ -71,6 +82,7 @@ impl Deployment {
             _nats: nats,
             api,
             _workers: vec![context, decode],
+            disaggregated: true,
         }
     }
 
@@ -81,11 +93,32 @@ impl Deployment {
     fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}/v1", self.api.port)
     }
+
+    fn hand_overs(&self) -> HandOvers {
+        HandOvers::read(self.http())
+    }
+
+    /// Panics unless, since `before`, each of `requests` went from a context worker to the
+    /// decode worker over UCX with no fallback (none at all on the aggregated deployment).
+    #[track_caller]
+    fn assert_handed_over_since(&self, before: &HandOvers, requests: u64, what: &str) {
+        let (requests, name) = if self.disaggregated {
+            (requests, "disaggregated")
+        } else {
+            (0, "aggregated")
+        };
+        self.hand_overs().assert_handed_over_since(
+            before,
+            requests,
+            "ucx",
+            &format!("{what} ({name})"),
+        );
+    }
 }
 
 /// `worker generate`'s greedy ids for a plain prompt: (prompt ids, output ids).
 fn greedy_ids(prompt: &str, max_tokens: u32) -> (Vec<u64>, Vec<u64>) {
-    let output = Command::new(bin("worker"))
+    let output = clear_tandem_env(&mut Command::new(bin("worker")))
         .arg("generate")
         .arg("--model")
         .arg(model_dir(MODEL))
@@ -124,6 +157,7 @@ fn completion_tokens(http: &Http, body: Value) -> Vec<String> {
 
 fn check_logit_bias(deployment: &Deployment, prompt_ids: &[u64], greedy: &[u64]) {
     let http = deployment.http();
+    let before = deployment.hand_overs();
     let body = |bias: Value, temperature: f64| {
         json!({"prompt": prompt_ids, "max_tokens": 3, "temperature": temperature, "seed": 5,
                "logprobs": 0, "logit_bias": bias})
@@ -150,6 +184,7 @@ fn check_logit_bias(deployment: &Deployment, prompt_ids: &[u64], greedy: &[u64])
         free[1].repeat(3),
         "chat: +100 forces the token"
     );
+    deployment.assert_handed_over_since(&before, 4, "the four logit_bias requests");
 }
 
 fn check_refusals(http: &Http) {
@@ -197,6 +232,7 @@ fn structured_outputs_and_logit_bias_aggregated_and_disaggregated() {
 
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/structured_outputs.py");
+    let before = disaggregated.hand_overs();
     let output = python()
         .arg(&script)
         .arg(aggregated.base_url())
@@ -211,4 +247,11 @@ fn structured_outputs_and_logit_bias_aggregated_and_disaggregated() {
         aggregated.api.proc.output()
     );
     println!("{}", String::from_utf8_lossy(&output.stdout));
+    // The texts matched; they would also match if every grammar request had fallen back to
+    // a local prefill on the decode worker.
+    disaggregated.assert_handed_over_since(
+        &before,
+        SCHEMA_CASES,
+        "the JSON-schema requests compared with the aggregated deployment's",
+    );
 }

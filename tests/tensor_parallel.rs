@@ -6,8 +6,8 @@
 //!   worker of 1 to a decode worker of 3: the hand-over carries the whole model's KV layout,
 //!   each block's token rows put together from the ranks' head slices (and split again on the
 //!   way in);
-//! - every prompt goes over (UCX, `tandem_kv_transfers_total`), and every greedy completion
-//!   equals an aggregated worker's of one rank.
+//! - every prompt goes over (UCX, `tandem_kv_transfers_total`, no fallback), and every greedy
+//!   completion equals an aggregated worker's of one rank.
 
 mod support;
 
@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{SERVED_NAME, start_api_server};
-use tandem_test_kit::prometheus::total;
-use tandem_test_kit::{Http, Nats, model_dir};
+use tandem_test_kit::{HandOvers, Http, Nats, model_dir};
 
 const MODEL: &str = "smollm2-bf16";
 const REQUESTS: usize = 4;
@@ -59,17 +58,13 @@ fn disaggregated(context_ranks: &str, decode_ranks: &str) -> Vec<String> {
     let http = &api.http;
     http.wait_for_role("context", 1, Duration::from_secs(60));
     http.wait_for_role("decode", 1, Duration::from_secs(60));
+    let before = HandOvers::read(http);
     let texts = texts(http);
-    let body = http.get("/metrics").body;
-    assert_eq!(
-        total(&body, "tandem_kv_transfers_total"),
-        REQUESTS as f64,
-        "context {context_ranks} ranks -> decode {decode_ranks}: every prompt handed over:\n{body}"
-    );
-    assert_eq!(
-        total(&body, "tandem_kv_transfer_fallbacks_total"),
-        0.0,
-        "no fallback:\n{body}"
+    HandOvers::read(http).assert_handed_over_since(
+        &before,
+        REQUESTS as u64,
+        "ucx",
+        &format!("context {context_ranks} ranks -> decode {decode_ranks}"),
     );
     texts
 }

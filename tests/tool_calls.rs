@@ -1,11 +1,15 @@
 //! Tool calling against a live deployment (real nats-server, `worker --role both`, api-server)
 //! serving SmolLM2, from Python clients as users run them (tests/python/tool_calls.py):
-//! - the official `openai` client and langchain-openai's `bind_tools`: a tool round trip, the
-//!   streamed call reassembling to the non-streamed one, `tool_choice: "none"`, and the 400s
-//!   that name the field;
+//! - the official `openai` client and langchain-openai's `bind_tools`: a tool round trip (the
+//!   call, then an answer to its result: text that carries the result, `finish_reason`
+//!   "stop"), the streamed call reassembling to the non-streamed one, `tool_choice: "none"`,
+//!   and the 400s that name the field;
 //! - `tool_choice: "required"` and a named function: every reply a valid call of a declared
 //!   tool (its arguments validated with `jsonschema`), streamed or not. This one needs the
 //!   workers to enforce `SamplingSpec.grammar` (llguidance).
+//!
+//! The script's checks raise (never `assert`, which `python -O` drops) and it exits non-zero
+//! on the first that fails, which fails the test.
 //!
 //! Needs Python 3 with `openai`, `langchain-openai` and `jsonschema` importable: scripts/test
 //! installs them into `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.

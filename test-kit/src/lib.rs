@@ -15,6 +15,8 @@
 //! - [`http`]: [`Http`], a small HTTP/1.1 client over a plain socket: whole responses, or SSE
 //!   events read one by one as they arrive ([`SseStream`]).
 //! - [`prometheus`]: samples of a `/metrics` body.
+//! - [`handovers`]: an api-server's hand-over counters ([`HandOvers`]), and the check that a
+//!   disaggregated run handed its prompts over rather than falling back to local prefills.
 //!
 //! # Guarantees
 //!
@@ -32,7 +34,13 @@
 //!   fails the test with the process's output.
 //! - Missing prerequisites (a binary not built, a test model not prepared, nats-server not
 //!   installed) fail the test with the command that provides them; nothing is skipped.
+//! - The processes the kit starts ([`Proc`], and so every server) and the Python it runs
+//!   ([`python`]) do not inherit the variables that change what tandem's programs do
+//!   (`TANDEM_*` but where nats-server is, `RUST_LOG`, `OPENAI_*`, `PYTHONOPTIMIZE`; see
+//!   [`clear_tandem_env`]): the environment of whoever runs the tests cannot change what they
+//!   check. A test that sets one on purpose sets it on its command, and that one is kept.
 
+pub mod handovers;
 pub mod http;
 pub mod paths;
 pub mod ports;
@@ -40,11 +48,12 @@ pub mod process;
 pub mod prometheus;
 pub mod servers;
 
+pub use handovers::HandOvers;
 pub use http::{Http, Response, SseStream};
 pub use paths::{bin, model_dir, nats_server_path, profile_dir, python, temp_dir, temp_file};
 pub use ports::free_port;
 pub use process::{
-    Proc, assert_all_gone, assert_no_command_line_shows, children_of, cmdline, comm, descendants,
-    is_running,
+    Proc, assert_all_gone, assert_no_command_line_shows, children_of, clear_tandem_env, cmdline,
+    comm, descendants, is_running,
 };
 pub use servers::{ApiServer, Nats, WorkerSpec, start_worker};

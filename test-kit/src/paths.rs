@@ -124,13 +124,15 @@ pub fn temp_file(name: &str, text: &str) -> PathBuf {
 
 /// `python3` (or `TANDEM_TEST_PYTHON`) with `PYTHONPATH` set to `TANDEM_TEST_PYTHONPATH`, where
 /// scripts/test installs the Python clients the end-to-end API tests drive (`openai`, the
-/// Agents SDK, langchain-openai, jsonschema).
+/// Agents SDK, langchain-openai, jsonschema), and without the variables
+/// [`clear_tandem_env`](crate::process::clear_tandem_env) removes (`PYTHONOPTIMIZE` among them).
 pub fn python() -> std::process::Command {
     let python = std::env::var("TANDEM_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let mut command = std::process::Command::new(python);
     if let Some(path) = std::env::var_os("TANDEM_TEST_PYTHONPATH") {
         command.env("PYTHONPATH", path);
     }
+    crate::process::clear_tandem_env(&mut command);
     command
 }
 

@@ -5,7 +5,13 @@
 //! two threads: each line is kept (for [`Proc::wait_for_line`] and [`Proc::output`]) and echoed
 //! to the test's stderr with the process's name, which the test harness shows when a test
 //! fails.
+//!
+//! A [`Proc`] does not inherit the variables that change what tandem's programs do
+//! ([`clear_tandem_env`]): what a test checks does not depend on the environment of whoever
+//! runs it. A test that sets one on purpose sets it on its command, which then keeps it.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -18,9 +24,46 @@ pub struct Proc {
     lines: Arc<Mutex<Vec<String>>>,
 }
 
+/// Inherited variables of ours that are passed on all the same: where things are installed,
+/// not how they behave. `TANDEM_NATS_SERVER` names the nats-server the kit starts
+/// ([`crate::nats_server_path`]), and the launcher must find the same one.
+const PASSED_ON: &[&str] = &["TANDEM_NATS_SERVER"];
+
+/// Whether the inherited environment variable `name` changes what a process the kit starts
+/// does: tandem's own (`TANDEM_*`: the binaries' flags, engine and CUDA switches, test-only
+/// fault injection, the launcher's model cache), the log filter the tests read lines through
+/// (`RUST_LOG`), the API key `tandem bench` and the example client send (`OPENAI_*`), and
+/// `PYTHONOPTIMIZE`, under which a Python check written as `assert` would vanish.
+fn changes_behaviour(name: &str) -> bool {
+    (name.starts_with("TANDEM_") && !PASSED_ON.contains(&name))
+        || name.starts_with("OPENAI_")
+        || matches!(name, "RUST_LOG" | "PYTHONOPTIMIZE")
+}
+
+/// Removes from `command`'s environment every inherited variable that changes what tandem's
+/// programs do (see `changes_behaviour`) and that `command` does not set (or remove) itself: a
+/// developer's `TANDEM_MAX_LOCAL_PREFILL_LENGTH` or `TANDEM_OVERLAP=0` cannot change what a test
+/// checks, while a test that sets `TANDEM_TEST_DELAY_PULL_MS` on its command keeps it.
+/// [`Proc::spawn`] and [`crate::python`] do this to every command; use it on other commands a
+/// test runs itself.
+pub fn clear_tandem_env(command: &mut Command) -> &mut Command {
+    let own: HashSet<OsString> = command
+        .get_envs()
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(changes_behaviour) && !own.contains(&name) {
+            command.env_remove(&name);
+        }
+    }
+    command
+}
+
 impl Proc {
-    /// Starts `command` (stdin closed, `NO_COLOR=1`, stdout and stderr captured).
+    /// Starts `command` (stdin closed, `NO_COLOR=1`, stdout and stderr captured), without the
+    /// inherited variables [`clear_tandem_env`] removes.
     pub fn spawn(name: &str, mut command: Command) -> Self {
+        clear_tandem_env(&mut command);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -275,6 +318,38 @@ mod tests {
         assert!(result.is_err());
         let pid = *pid.lock().unwrap();
         assert!(stat(pid).is_none_or(|(ppid, _)| ppid != std::process::id()));
+    }
+
+    #[test]
+    fn tandem_variables_are_not_inherited_unless_the_command_sets_them() {
+        // SAFETY: std serializes its own reads and writes of the environment (a spawn's
+        // included), and nothing in this test binary reads it through libc.
+        unsafe {
+            std::env::set_var("TANDEM_KIT_SELF_TEST_INHERITED", "leaked");
+            std::env::set_var("TANDEM_KIT_SELF_TEST_SET", "leaked");
+            std::env::set_var("TANDEM_NATS_SERVER_KIT_SELF_TEST", "leaked");
+        }
+        let mut command = Command::new("sh");
+        command
+            .args([
+                "-c",
+                "env | grep -E '^(TANDEM_|RUST_LOG=)' | sort; echo done",
+            ])
+            .env("TANDEM_KIT_SELF_TEST_SET", "explicit")
+            .env("RUST_LOG", "debug");
+        let mut proc = Proc::spawn("env", command);
+        proc.wait_for_line("done", Duration::from_secs(10));
+        let seen = proc.output();
+        assert!(!seen.contains("TANDEM_KIT_SELF_TEST_INHERITED"), "{seen}");
+        assert!(!seen.contains("TANDEM_NATS_SERVER_KIT_SELF_TEST"), "{seen}");
+        assert!(seen.contains("TANDEM_KIT_SELF_TEST_SET=explicit"), "{seen}");
+        assert!(seen.contains("RUST_LOG=debug"), "{seen}");
+        for name in PASSED_ON {
+            if let Some(value) = std::env::var_os(name) {
+                let line = format!("{name}={}", value.to_string_lossy());
+                assert!(seen.contains(&line), "{name} is passed on: {seen}");
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Samples of a Prometheus text body (`/metrics`): `name{labels} value` lines, `#` lines
 //! being comments.
 
+use std::collections::BTreeMap;
+
 /// The samples of `body` as (series, value): the series is the name and labels exactly as
 /// rendered, the value as written.
 fn samples(body: &str) -> impl Iterator<Item = (&str, &str)> {
@@ -46,6 +48,26 @@ pub fn sample(body: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The samples named `name` by the value of their label `label` (`transport` of
+/// `x{transport="ucx"} 3` gives `"ucx" => 3`); samples without that label are left out.
+/// Panics on a value that is not a number.
+pub fn by_label(body: &str, name: &str, label: &str) -> BTreeMap<String, f64> {
+    let key = format!("{label}=\"");
+    samples(body)
+        .filter_map(|(series, value)| {
+            let (series_name, labels) = series.split_once('{')?;
+            let start = labels.find(&key)? + key.len();
+            let end = start + labels[start..].find('"')?;
+            (series_name == name).then(|| {
+                let value = value.parse::<f64>().unwrap_or_else(|_| {
+                    panic!("{series} has a value that is not a number: {value}")
+                });
+                (labels[start..end].to_owned(), value)
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +89,10 @@ mod tests {
         assert_eq!(total(BODY, "x"), 7.0);
         assert_eq!(total(BODY, "y"), 1.5);
         assert_eq!(total(BODY, "z"), 0.0);
+        assert_eq!(
+            by_label(BODY, "x", "role"),
+            BTreeMap::from([("context".to_owned(), 3.0), ("decode".to_owned(), 4.0)])
+        );
+        assert!(by_label(BODY, "y", "role").is_empty());
     }
 }

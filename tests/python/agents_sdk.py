@@ -13,6 +13,13 @@ from openai import AsyncOpenAI
 from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, OpenAIResponsesModel, Runner,
                     set_default_openai_api, set_default_openai_client, set_tracing_disabled)
 
+
+def check(condition, message):
+    """Raises with `message` unless `condition` (an `assert` would vanish under python -O)."""
+    if not condition:
+        raise AssertionError(message)
+
+
 base_url = sys.argv[1]
 
 
@@ -26,8 +33,8 @@ async def main():
     agent = Agent(name="Assistant", instructions="You are a helpful assistant. Answer briefly.",
                   model=model, model_settings=ModelSettings(temperature=0, max_tokens=32))
     result = await Runner.run(agent, "What is the capital of France?")
-    assert "Paris" in result.final_output, result.final_output
-    assert isinstance(result.raw_responses[0].response_id, str), result.raw_responses
+    check("Paris" in result.final_output, result.final_output)
+    check(isinstance(result.raw_responses[0].response_id, str), result.raw_responses)
 
     # The same through an explicit Responses model and a streamed run.
     streamed_agent = agent.clone(model=OpenAIResponsesModel(model=model, openai_client=client))
@@ -36,20 +43,20 @@ async def main():
     async for event in streamed.stream_events():
         if event.type == "raw_response_event" and event.data.type == "response.output_text.delta":
             deltas.append(event.data.delta)
-    assert "".join(deltas) == streamed.final_output == result.final_output, (deltas, streamed.final_output)
+    check("".join(deltas) == streamed.final_output == result.final_output, (deltas, streamed.final_output))
 
     # A second turn: the first run's items (its output message included) sent back.
     second = await Runner.run(agent, result.to_input_list() + [{"role": "user", "content": "And of Italy?"}])
-    assert second.final_output, second
+    check(second.final_output, second)
 
     # The SDK's chat completions model sends its own set of fields; same prompt, same text.
     chat_agent = agent.clone(model=OpenAIChatCompletionsModel(model=model, openai_client=client))
     chat = await Runner.run(chat_agent, "What is the capital of France?")
-    assert chat.final_output == result.final_output, (chat.final_output, result.final_output)
+    check(chat.final_output == result.final_output, (chat.final_output, result.final_output))
     streamed = Runner.run_streamed(chat_agent, input="What is the capital of France?")
     async for _ in streamed.stream_events():
         pass
-    assert streamed.final_output == result.final_output, streamed.final_output
+    check(streamed.final_output == result.final_output, streamed.final_output)
 
     print("agents sdk: all checks passed")
 

@@ -7,6 +7,13 @@ import sys
 
 import openai
 
+
+def check(condition, message):
+    """Raises with `message` unless `condition` (an `assert` would vanish under python -O)."""
+    if not condition:
+        raise AssertionError(message)
+
+
 base_url = sys.argv[1]
 client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
 model = client.models.list().data[0].id
@@ -14,29 +21,29 @@ question = "What is the capital of France?"
 
 # A string input, not streamed: the SDK's typed Response, `output_text` computed from `output`.
 response = client.responses.create(model=model, input=question, max_output_tokens=24, temperature=0)
-assert response.object == "response" and response.id.startswith("resp_"), response
-assert response.status in ("completed", "incomplete"), response.status
-assert "Paris" in response.output_text, response.output_text
-assert response.output[0].type == "message" and response.output[0].role == "assistant", response.output
+check(response.object == "response" and response.id.startswith("resp_"), response)
+check(response.status in ("completed", "incomplete"), response.status)
+check("Paris" in response.output_text, response.output_text)
+check(response.output[0].type == "message" and response.output[0].role == "assistant", response.output)
 usage = response.usage
-assert usage.input_tokens > 0 and usage.output_tokens > 0, usage
-assert usage.total_tokens == usage.input_tokens + usage.output_tokens, usage
+check(usage.input_tokens > 0 and usage.output_tokens > 0, usage)
+check(usage.total_tokens == usage.input_tokens + usage.output_tokens, usage)
 
 # Streamed by hand: typed events, numbered in order, deltas adding up to the same text.
 events = list(client.responses.create(model=model, input=question, max_output_tokens=24, temperature=0,
                                       stream=True))
-assert [e.sequence_number for e in events] == list(range(len(events))), events
-assert events[0].type == "response.created" and events[1].type == "response.in_progress", events[:2]
-assert events[-1].type == f"response.{response.status}", events[-1]
+check([e.sequence_number for e in events] == list(range(len(events))), events)
+check(events[0].type == "response.created" and events[1].type == "response.in_progress", events[:2])
+check(events[-1].type == f"response.{response.status}", events[-1])
 streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
-assert streamed == response.output_text, (streamed, response.output_text)
-assert events[-1].response.output_text == response.output_text, events[-1]
+check(streamed == response.output_text, (streamed, response.output_text))
+check(events[-1].response.output_text == response.output_text, events[-1])
 
 # The SDK's stream helper, which rebuilds the response from the events and checks their order.
 with client.responses.stream(model=model, input=question, max_output_tokens=24, temperature=0) as stream:
     helper_text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
     final = stream.get_final_response()
-assert helper_text == response.output_text and final.output_text == response.output_text, final
+check(helper_text == response.output_text and final.output_text == response.output_text, final)
 
 # Instructions and a message list: the same text as chat completions with a system message.
 instructions = "Answer with one word."
@@ -45,37 +52,37 @@ response = client.responses.create(model=model, instructions=instructions, input
                                    max_output_tokens=16, temperature=0)
 chat = client.chat.completions.create(model=model, max_tokens=16, temperature=0,
                                       messages=[{"role": "system", "content": instructions}] + messages)
-assert response.output_text == chat.choices[0].message.content, (response.output_text, chat)
-assert response.instructions == instructions, response.instructions
+check(response.output_text == chat.choices[0].message.content, (response.output_text, chat))
+check(response.instructions == instructions, response.instructions)
 
 # A conversation carried by the client (tandem stores nothing): the earlier output sent back.
 follow_up = client.responses.create(
     model=model, max_output_tokens=16, temperature=0, instructions=instructions,
     input=messages + [item.model_dump() for item in response.output]
     + [{"role": "user", "content": [{"type": "input_text", "text": "And at night?"}]}])
-assert follow_up.status in ("completed", "incomplete") and follow_up.output_text, follow_up
+check(follow_up.status in ("completed", "incomplete") and follow_up.output_text, follow_up)
 
 # Typed errors: an unknown field, what needs stored state, an unknown model, stored responses.
 try:
     client.responses.create(model=model, input="x", extra_body={"frobnicate": True})
     raise AssertionError("an unknown field was accepted")
 except openai.BadRequestError as e:
-    assert e.body["param"] == "frobnicate" and e.body["code"] == "unknown_parameter", e.body
+    check(e.body["param"] == "frobnicate" and e.body["code"] == "unknown_parameter", e.body)
 try:
     client.responses.create(model=model, input="x", previous_response_id=response.id)
     raise AssertionError("previous_response_id was accepted")
 except openai.BadRequestError as e:
-    assert e.body["param"] == "previous_response_id", e.body
+    check(e.body["param"] == "previous_response_id", e.body)
 try:
     client.responses.create(model="no-such-model", input="x")
     raise AssertionError("an unknown model was accepted")
 except openai.NotFoundError as e:
-    assert e.status_code == 404, e
+    check(e.status_code == 404, e)
 for call in (lambda: client.responses.retrieve(response.id), lambda: client.responses.delete(response.id)):
     try:
         call()
         raise AssertionError("a stored response was found")
     except openai.NotFoundError as e:
-        assert e.body["code"] == "response_not_found", e.body
+        check(e.body["code"] == "response_not_found", e.body)
 
 print("responses conformance: all checks passed")

@@ -26,6 +26,12 @@ AGG, DISAGG = sys.argv[1], sys.argv[2]
 MAX_TOKENS = 200
 
 
+def check(condition, message):
+    """Raises with `message` unless `condition` (an `assert` would vanish under python -O)."""
+    if not condition:
+        raise AssertionError(message)
+
+
 def short(n=24):
     return {"type": "string", "maxLength": n}
 
@@ -102,7 +108,7 @@ CASES = [
           "public": {"type": "boolean"}},
          required=["company", "headquarters"])),
 ]
-assert len(CASES) == 20
+check(len(CASES) == 20, f"{len(CASES)} cases: tests/structured_outputs.rs expects 20")
 
 
 def request(i):
@@ -146,7 +152,7 @@ aggregated = all_at_once(agg, bodies)
 for i, (content, finish) in enumerate(aggregated):
     schema = CASES[i][1]
     try:
-        assert finish == "stop", f"finish_reason {finish}"
+        check(finish == "stop", f"finish_reason {finish}")
         jsonschema.validate(json.loads(content), schema)
     except Exception as e:  # noqa: BLE001 - every case is reported
         failures.append(f"case {i} ({CASES[i][0]!r}): {e}: {content!r}")
@@ -172,8 +178,8 @@ for prompt in ['What is 2+2? Answer as a JSON object with the key "answer".',
                                 "max_tokens": MAX_TOKENS, "temperature": 0,
                                 "response_format": {"type": "json_object"}})
     try:
-        assert finish == "stop", f"finish_reason {finish}"
-        assert isinstance(json.loads(content), dict)
+        check(finish == "stop", f"finish_reason {finish}")
+        check(isinstance(json.loads(content), dict), "not a JSON object")
     except Exception as e:  # noqa: BLE001
         failures.append(f"json_object {prompt!r}: {e}: {content!r}")
 print("json_object: checked")
