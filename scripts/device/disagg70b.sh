@@ -7,9 +7,11 @@
 #                                                      # TP=2 (cuda:2-3), hand-overs over CUDA IPC
 #   scripts/device/disagg70b.sh aggregated [RATES]     # 2 `both` workers TP=2 (cuda:0-1, 2-3)
 #   scripts/device/disagg70b.sh conditional [RATES]    # as disaggregated, but the context worker
-#                                                      # holds at most 2 prefills and 1 queued:
-#                                                      # past that the api-server has the decode
-#                                                      # worker prefill (`context_full` fallback)
+#                                                      # holds at most 2 prefills and COND_QUEUE
+#                                                      # (1) queued: past that the api-server has
+#                                                      # the decode worker prefill, in chunks of
+#                                                      # COND_CHUNK (2048) tokens (`context_full`
+#                                                      # fallback)
 #
 # Each runs `tandem bench --input-tokens ISL --output-len OSL --request-rate RATES
 # --num-prompts N --goodput ttft:2000,itl:50` (ISL, OSL, N from the environment: 3000, 150,
@@ -57,14 +59,14 @@ router:
 EOF
     ;;
   conditional)
-    cat >"$config" <<'EOF'
+    cat >"$config" <<EOF
 hostname: 127.0.0.1
 context_servers:
   num_instances: 1
   device: "cuda:0"
   tensor_parallel_size: 2
   max_batch_size: 2
-  max_queued_requests: 1
+  max_queued_requests: ${COND_QUEUE:-1}
   max_num_tokens: 4096
   kv_cache_config:
     free_gpu_memory_fraction: 0.9
@@ -75,7 +77,7 @@ generation_servers:
   device: "cuda:2"
   tensor_parallel_size: 2
   max_batch_size: 64
-  max_num_tokens: 2048
+  max_num_tokens: ${COND_CHUNK:-2048}
   kv_cache_config:
     free_gpu_memory_fraction: 0.9
 router:
