@@ -1,4 +1,4 @@
-//! API keys end to end (issue 16), with real processes: `tandem serve` with `api_keys` in its
+//! API keys end to end, with real processes: `tandem serve` with `api_keys` in its
 //! config starts an api-server that refuses /v1 requests without a valid key (401, an
 //! OpenAI-shaped body, `WWW-Authenticate: Bearer`) and serves those with one, streaming and
 //! not, on chat and completions; /health and /metrics stay open; the key appears in no

@@ -1,4 +1,4 @@
-//! No bus message exceeds the NATS server's `max_payload` (issue 17), with real processes: a
+//! No bus message exceeds the NATS server's `max_payload`, with real processes: a
 //! nats-server, a context and a decode CPU worker, the api-server.
 //!
 //! - Against a server whose `max_payload` is 64 KiB: a prompt whose job cannot fit is refused

@@ -1,4 +1,4 @@
-//! Disaggregated serving end to end (issue 5): context and decode CPU workers, the KV cache
+//! Disaggregated serving end to end: context and decode CPU workers, the KV cache
 //! pulled over UCX, behind the api-server.
 //!
 //! - `tandem serve -c` with 2 context + 1 decode workers: 32 concurrent requests of mixed
@@ -206,7 +206,7 @@ fn tandem_serve_with_two_context_and_one_decode_worker_equals_worker_generate() 
     assert!(tandem.wait_exit(Duration::from_secs(60)).success());
 }
 
-/// The hand-over without copies (issue 15): a CPU context worker's exports are its KV cache's
+/// The hand-over without copies: a CPU context worker's exports are its KV cache's
 /// blocks, read in place by the decode worker, so no transfer pool bounds them. With a 1 MiB
 /// pool (what used to hold exports: not even three SmolLM2 blocks) and requests whose prompts
 /// take some 8 MB of K/V each all at once, every request is pulled over UCX, none falls back,

@@ -1,5 +1,5 @@
 //! `echo`, prompt logprobs, `max_tokens: 0` and `best_of` > `n` on `/v1/completions` end to end
-//! (issue 18): nats-server, CPU workers with SmolLM2 prefilling in chunks of 32 tokens
+//!: nats-server, CPU workers with SmolLM2 prefilling in chunks of 32 tokens
 //! (`--max-num-batched-tokens 32`), and the api-server as processes, aggregated and
 //! disaggregated (where prompt logprobs are computed by the generation worker's own prefill).
 //!

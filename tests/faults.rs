@@ -1,4 +1,4 @@
-//! The fault suite (issue 17): real processes (nats-server, CPU workers, the api-server), real
+//! The fault suite: real processes (nats-server, CPU workers, the api-server), real
 //! faults, and what the client saw.
 //!
 //! - A decode worker killed (-9) mid-stream with several streams in flight: every stream it
@@ -308,7 +308,7 @@ fn a_context_worker_killed_between_kv_ready_and_the_pull_costs_a_retry_not_an_er
 
 /// A decode worker killed (-9) between the context worker's `kv_ready` and its pull. The
 /// export it never released is the prompt's blocks, pinned in the context worker's own KV
-/// cache (the hand-over without copies, issue 15): nothing the dead worker held keeps them
+/// cache (the hand-over without copies): nothing the dead worker held keeps them
 /// there past the export's expiry (3 s here) and its grace (5 s), after which the context
 /// worker holds nothing and every block of its cache is free. The request itself moves to the
 /// other decode worker and completes with the undisturbed text.

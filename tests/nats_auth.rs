@@ -1,4 +1,4 @@
-//! Deployments against external nats-servers (issue 16). One wants a user and password:
+//! Deployments against external nats-servers. One wants a user and password:
 //! `tandem serve` with the credentials in its environment serves, the password is on no
 //! command line and in no log line; without the password, or with a wrong one, the deployment
 //! does not start, and says why. One wants an NKey (the seed in a file), one speaks only TLS

@@ -1,4 +1,4 @@
-//! Requests with `n` > 1 end to end (issue 18): nats-server, CPU workers with SmolLM2 and the
+//! Requests with `n` > 1 end to end: nats-server, CPU workers with SmolLM2 and the
 //! api-server as processes, aggregated and disaggregated.
 //!
 //! - `n=3` returns three choices, streamed (chunks carry their choice's `index`) and not, the

@@ -1,7 +1,7 @@
 //! Serving end to end with real processes: nats-server, `worker --role both` and the
 //! api-server, on SmolLM2 (bf16, imported from the default model's GGUF).
 //!
-//! What these show (issue 4): the API's temperature-0 output is `worker generate`'s; 64
+//! What these show: the API's temperature-0 output is `worker generate`'s; 64
 //! concurrent streams each get exactly the tokens they get alone; workers started by hand
 //! join and take traffic, and SIGTERM drains one without failing a request; with migration
 //! off, a killed worker fails its requests quickly (never a hang) and traffic moves to the

@@ -1,4 +1,4 @@
-//! Structured outputs and `logit_bias` end to end (issue 18), on SmolLM2 with CPU workers: an
+//! Structured outputs and `logit_bias` end to end, on SmolLM2 with CPU workers: an
 //! aggregated deployment (one `both` worker) and a disaggregated one (a context and a decode
 //! worker), each a real nats-server, workers and api-server.
 //!

@@ -1,6 +1,6 @@
 //! A bound on the generation requests this api-server holds at once (accepted, not finished):
 //! past it, a request is answered 429 with `Retry-After` at once, instead of joining a queue
-//! that grows as long as clients keep sending (issue 17). A streamed request holds its place
+//! that grows as long as clients keep sending. A streamed request holds its place
 //! until its stream ends, since the client still waits for it.
 
 use std::sync::Arc;

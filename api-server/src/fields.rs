@@ -129,7 +129,7 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
         ("top_k", Served),
         ("repetition_penalty", Served),
         ("ignore_eos", Served),
-        // Issue 18, other branches: tools ("tools"), structured outputs and logit_bias
+        // Served through other paths: tools ("tools"), structured outputs and logit_bias
         // ("grammar").
         ("tools", Served),
         ("tool_choice", Served),
@@ -274,7 +274,7 @@ pub const COMPLETIONS: EndpointFields = EndpointFields {
         ("top_k", Served),
         ("repetition_penalty", Served),
         ("ignore_eos", Served),
-        // Issue 18, the "grammar" branch.
+        // Served through the "grammar" path.
         ("logit_bias", Served),
     ],
     // OpenAI's reference lists only `user` here; the other hints are accepted too, as clients

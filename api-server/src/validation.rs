@@ -24,7 +24,7 @@ pub const MAX_STOP_SEQUENCES: usize = 4;
 pub const MAX_N: i64 = 128;
 /// Bytes of one stop sequence at most. Stop strings travel in the job message over NATS, whose
 /// payload limit (1 MiB by default) a longer one could pass, and a stop sequence is a few
-/// words in practice (issue 17: a 1.1 MB one was answered 503 instead of 400).
+/// words in practice (a 1.1 MB one was answered 503 instead of 400).
 pub const MAX_STOP_BYTES: usize = 4096;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// OpenAI's bounds on `logit_bias`: entries, and the bias of one.

@@ -1,4 +1,4 @@
-//! Disaggregated routing (issue 5) against scripted bus peers (`common/bus_peer.rs`): context
+//! Disaggregated routing against scripted bus peers (`common/bus_peer.rs`): context
 //! peers answer prefill jobs with a fake KV handle, a decode peer checks it got that handle
 //! unchanged and streams tokens. Covers the prefill → decode hand-over, local prefills (no
 //! context worker, short prompts), the fallbacks (silent, vanished or failing context worker),

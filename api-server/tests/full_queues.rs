@@ -1,4 +1,4 @@
-//! Workers whose queues are full (issue 17), against scripted bus peers (`common/bus_peer.rs`):
+//! Workers whose queues are full, against scripted bus peers (`common/bus_peer.rs`):
 //! a worker that refuses a job (`rejected`) has it sent to another worker of its kind under
 //! the same request id; a context worker's refusal ends, when no other context worker can take
 //! it, in a local prefill; when no generation worker can, the client gets 429 with

@@ -120,7 +120,7 @@ fn invalid_requests_get_400_naming_the_field() {
     assert_eq!(response.json()["error"]["param"], "temperature");
 
     // A stop string too long for a bus message is the client's error, not the bus's (it was
-    // answered 503 "cannot reach its workers", issue 17).
+    // answered 503 "cannot reach its workers").
     let response = server.http.post(
         "/v1/completions",
         &json!({"prompt": "Hi", "stop": "x".repeat(1_100_000)}),

@@ -303,7 +303,7 @@ fn a_client_that_disconnects_cancels_its_request() {
 
 /// `--max-pending-requests 1`: while one streamed request is in flight, the next is answered
 /// 429 at once with `Retry-After` and an OpenAI error body (counted as `overloaded`); once
-/// the first stream is gone its place is free again (issue 17).
+/// the first stream is gone its place is free again.
 #[test]
 fn past_the_pending_bound_requests_get_429_until_a_place_frees() {
     let nats = Nats::start();

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on a one-GPU device machine: issue 15's online runs. One aggregated worker on cuda:0
+# Runs on a one-GPU device machine: online runs (goodput under Poisson load). One aggregated worker on cuda:0
 # (Llama-3.1-8B shapes, random weights) behind `tandem serve`, Poisson arrivals at each of
 # RATES, goodput at TTFT <= 1 s and ITL <= 50 ms. Binaries come in .kit/bin.
 #

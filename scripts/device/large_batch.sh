@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a one-GPU device machine: one aggregated worker with a large max_batch_size on
 # Llama-3.1-8B shapes, all requests at once through HTTP (`tandem bench --concurrency`), the
-# run that once faulted at 256 sequences (issue 15). Binaries come in .kit/bin.
+# run that once faulted at 256 sequences. Binaries come in .kit/bin.
 #
 #   scripts/device/large_batch.sh       # MAX_BATCH (512), LEVELS (128,256,512), N (1024),
 #                                       # ISL_WORDS (77, about 128 tokens), OSL (128), MAX_NUM_TOKENS (8192)

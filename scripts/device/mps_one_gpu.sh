@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on a one-GPU device machine: disaggregation on ONE GPU (issue 15). A context and a
+# Runs on a one-GPU device machine: disaggregation on ONE GPU. A context and a
 # decode worker on cuda:0 run at the same time as clients of an MPS daemon, each optionally
 # limited to a share of the SMs (the config's `mps_sm_percent`), against the same Poisson
 # load as scripts/device/goodput_one_gpu.sh. Llama-3.1-8B shapes, random weights; binaries

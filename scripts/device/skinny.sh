@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on the device machine (Hopper): skinny.cu's projections (issue 15) against cuBLAS, with
+# Runs on the device machine (Hopper): skinny.cu's projections against cuBLAS, with
 # the binaries carried in .kit/bin (gpu_bench; cuda_backend_test for the GPU test).
 #
 #   scripts/device/skinny.sh            # all of the below

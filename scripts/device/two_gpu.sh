@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on a two-GPU device machine (nvidia-h200-x2): the runs of issue 19 that need two GPUs of
+# Runs on a two-GPU device machine (nvidia-h200-x2): the runs that need two GPUs of
 # one host. Binaries come in .kit/bin (stripped, gzipped release builds of tandem, worker,
 # api-server, model-prep, and the test binary bus_disaggregated_test; see
 # ../shared/device/README.md and scripts/device/gpu_transfer.sh):
@@ -29,7 +29,7 @@
 #                                        # GPUs (141 GB of weights, generated at load),
 #                                        # `tandem bench` at 1000/1000. On two H100s the KV
 #                                        # cache holds ~56k tokens: MAX_BATCH=32
-#                                        # CONCURRENCY=32 N=64 (session 19's run)
+#                                        # CONCURRENCY=32 N=64 (the run in docs/benchmarks.md)
 #
 # Prompt lengths are in words for `tandem bench`; on the random Llama-3.1-8B tokenizer a word is
 # about 1.66 tokens (the bench reports the real token counts). Output: stdout and $OUT. A failed

@@ -4,8 +4,8 @@
 // the cache's TMA tensor map. FlashAttention-3's structure, written for tandem's paged cache.
 //
 // Why: flash.cu's mma.sync kernel tops out at ~240 TFLOP/s at 8k tokens on the H100; this one
-// reached ~490 with 64-token cache blocks, ~360 with 16-token ones (docs/benchmarks.md,
-// session 13), and ~605 with 128-key tiles and the longest tiles first (session 20: 0.909 ms
+// reached ~490 with 64-token cache blocks, ~360 with 16-token ones (docs/benchmarks.md),
+// and ~605 with 128-key tiles and the longest tiles first (0.909 ms
 // at 8192 tokens, torch SDPA 0.905 in the same call). What mattered, each measured on the H100:
 // - wgmma reads its B operand straight out of shared memory and runs asynchronously: each
 //   warpgroup issues S_j = Q K_j and O += P_{j-1} V_{j-1} together and takes the softmax of S_j
@@ -53,14 +53,14 @@
 #define WG_PINGPONG 1
 #endif
 // 1: P is packed to bf16 once O += P_{j-1} V_{j-1} has finished, straight into the registers
-// that product read, so the scores (f32) and two P's are never live at once (H100, session 20,
+// that product read, so the scores (f32) and two P's are never live at once (H100,
 // 128-key tiles: 0.965 ms at 8192 tokens against 1.000). 0: packed as soon as the softmax
 // ends, beside the running product.
 #ifndef WG_LATE_PACK
 #define WG_LATE_PACK 1
 #endif
 // 1: a block per multiprocessor walks the work items (see item_of); 0: a block per item (H100,
-// session 21, one layer of Llama-3.1-8B: 0.885 ms at 8192 tokens against 0.909, and 0.083 ms
+// one layer of Llama-3.1-8B: 0.885 ms at 8192 tokens against 0.909, and 0.083 ms
 // at 2048 against 0.088; torch's SDPA in the same call 0.896 and 0.099).
 #ifndef WG_PERSISTENT
 #define WG_PERSISTENT 1
@@ -197,7 +197,7 @@ __device__ __forceinline__ void turn_pass(int wg) {
 
 // Threads of a block: two consumer warpgroups and a producer warpgroup that does every copy (WgmmaFlashConfig::threads in kernels.rs). The block starts with 168
 // registers a thread (65536 / 384, per scheduler); the producer gives most of its back and the
-// consumers take them (setmaxnreg), as FlashAttention-3 does: 24 and 240 (H100, session 16:
+// consumers take them (setmaxnreg), as FlashAttention-3 does: 24 and 240 (H100:
 // 1.109 ms at 8192 tokens and 0.116 at 2048, against 1.128 and 0.122 with 56 and 224).
 #define WG_THREADS 384
 #ifndef WG_PRODUCER_REGS

@@ -2,7 +2,7 @@
 // f32 result), at the rate of the weights' bytes. The `linear` contract of gemv.cu and cuBLAS.
 //
 // Why: at decode batch sizes the projections are memory-bound (the weights are read once per
-// step), and cuBLAS ran them at 1.1-2.6 TB/s on the H100 (docs/benchmarks.md, issue 15). An
+// step), and cuBLAS ran them at 1.1-2.6 TB/s on the H100 (docs/benchmarks.md). An
 // mma.sync kernel with 16 outputs per block lost to cuBLAS because each block re-read x
 // (rows x K) for few weight rows. Here a block owns 128 output features, its x tile is shared
 // by them through shared memory, and the K dimension is split over blocks so that even 4096

@@ -1,4 +1,4 @@
-//! Decode steps of a tensor-parallel group of GPUs against one GPU (`gpu_bench tp`, issue 19):
+//! Decode steps of a tensor-parallel group of GPUs against one GPU (`gpu_bench tp`):
 //! the engine's own path (a [`StepModel`] whose steps are summarized and sampled on the device,
 //! [`DeviceSampling`](crate::engine::DeviceSampling)), timed step by step over a filled KV cache, next to each step's floor:
 //! the bytes one GPU must read (its share of the layers' weights, the whole lm_head every rank

@@ -366,7 +366,7 @@ async fn wait_for_heartbeat(
     }
 }
 
-/// The hand-over without copies (issue 15): a CPU context worker's export is the prompt's
+/// The hand-over without copies: a CPU context worker's export is the prompt's
 /// blocks in its own KV cache, registered with UCX once. They stay pinned (not free in the
 /// cache, counted in `kv_transfer.pinned_blocks`) from `kv_ready` until the decode worker's
 /// release, which frees them, every block of the cache free again; the decode worker reads
@@ -594,7 +594,7 @@ fn variant_of_model(dir: &Path) -> PathBuf {
     variant
 }
 
-/// A decode worker refuses the KV of another model even when its layout matches (issue 16),
+/// A decode worker refuses the KV of another model even when its layout matches,
 /// and serves on: the same job without a handle is then prefilled locally and answered.
 #[tokio::test]
 async fn a_handle_of_another_model_is_refused_and_the_worker_serves_on() {

@@ -1,4 +1,4 @@
-//! KV handles bound to their export and their request (issue 16), with real processes: a
+//! KV handles bound to their export and their request, with real processes: a
 //! nats-server, a `worker --role context` and `worker --role decode` workers on SmolLM2
 //! (bf16), the test publishing jobs straight to the workers' subjects as anyone on the bus
 //! could.

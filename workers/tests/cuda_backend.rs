@@ -122,7 +122,7 @@ fn cuda_matches_cpu_on(dir: &std::path::Path, gemm_clusters: bool) {
             let l2 = rel_l2(gl, cl);
             // The GPU rounds what it adds to the residual (o_proj, down) to bf16, as it
             // rounds every activation between ops; the CPU keeps f32 throughout. On an H100
-            // (session 20) the worst step was 3.9e-3 on the tiny model and 1.02e-2 on
+            // the worst step was 3.9e-3 on the tiny model and 1.02e-2 on
             // SmolLM2 (prompt of 3, step 0; 1e-2 held before that rounding).
             assert!(
                 l2 < 1.5e-2,
@@ -977,7 +977,7 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
     drop((unchecked, reused, first));
 }
 
-/// The hand-over without copies on the GPU (issue 15): the CUDA backend's cache is one
+/// The hand-over without copies on the GPU: the CUDA backend's cache is one
 /// `cuMemAlloc` allocation that CUDA IPC can share, so a transport without any pool exposes it
 /// once and an export is the prompt's blocks where they lie, one region per block, its seal in
 /// the cache's export slab. A reader gathers the blocks into its own memory, device to device,
@@ -1422,7 +1422,7 @@ fn overlapped_steps_give_the_tokens_of_steps_run_one_at_a_time() {
 }
 
 /// Batches past the largest CUDA-graph size and up to 512 sequences: every request's greedy
-/// tokens equal those of the same request run alone (issue 15; 256 sequences once faulted).
+/// tokens equal those of the same request run alone (256 sequences once faulted).
 #[test]
 fn batches_of_256_and_512_sequences_give_each_request_its_tokens_alone() {
     if no_gpu() {

@@ -1,4 +1,4 @@
-//! The hand-over without copies at the engine level (issue 15), on the real model and CPU
+//! The hand-over without copies at the engine level, on the real model and CPU
 //! backend: a context engine's KV cache is exposed once through the in-process transport
 //! (which follows UCX's model: the host cache registered once, exports its blocks in place, the
 //! seals in the cache's export slab). A prefill's blocks are exported where they lie, stay

@@ -20,7 +20,7 @@ const DEFAULT_GPU_MEMORY_FRACTION: f64 = 0.9;
 /// Tokens per KV block on the CPU ([`WorkerArgs::block_size_on`]).
 pub const DEFAULT_CPU_BLOCK_SIZE: usize = 16;
 /// Tokens per KV block on a GPU: prefill attention's TMA copies are one block each
-/// (docs/benchmarks.md, session 13).
+/// (docs/benchmarks.md).
 pub const DEFAULT_GPU_BLOCK_SIZE: usize = 64;
 const DEFAULT_MAX_NUM_SEQS: usize = 64;
 const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 512;

@@ -208,7 +208,7 @@ const GEMV_NAMES: [&str; GEMV_MAX_ROWS] = [
 pub const SKINNY_MAX_ROWS: usize = 256;
 /// Rows up to which projections on Hopper use `skinny.cu` instead of cuBLAS (above the GEMV
 /// kernel's rows): where it was measured faster on an H100 for every Llama-3.1-8B projection
-/// but qkv, which it matches (docs/benchmarks.md, session 13); past that, cuBLAS is faster.
+/// but qkv, which it matches (docs/benchmarks.md); past that, cuBLAS is faster.
 pub const SKINNY_DISPATCH_ROWS: usize = 32;
 /// The same for projections this wide or wider (vocabulary heads), where `skinny.cu` is faster
 /// up to 128 rows.

@@ -238,7 +238,7 @@ impl CacheArgs {
 /// keep memory that is freed instead of returning it to the driver at each synchronization,
 /// which is its default, so that a step after a synchronized one does not map its
 /// activations' memory again. (Measured: the host's enqueue time of prefill steps in the
-/// server did not change with it; docs/benchmarks.md, session 10.) The memory kept is what
+/// server did not change with it; docs/benchmarks.md.) The memory kept is what
 /// the largest step needed: the headroom left out of the KV cache (`--gpu-memory-fraction`)
 /// is there for it.
 fn keep_freed_memory(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<(), BackendError> {
@@ -1283,7 +1283,7 @@ impl Backend for CudaBackend {
                 let logits = layers(&meta, kv);
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     // What the stream-ordered allocator holds: queueing that blocks while the
-                    // pool grows (an offline run's ramp-up, session 17) shows here.
+                    // pool grows (an offline run's ramp-up) shows here.
                     let (reserved, used) = self.memory_pool_bytes().unwrap_or((0, 0));
                     tracing::debug!(
                         tokens = meta.num_tokens,

@@ -42,14 +42,14 @@ pub struct CudaOptions {
     /// Decode projections on Hopper run the warpgroup GEMM of `skinny.cu` (weights streamed by
     /// TMA, K split over blocks) where it measured faster than cuBLAS per projection; off by
     /// default (`TANDEM_SKINNY_GEMM=1` turns it on), since whole decode steps measured no
-    /// faster with it (docs/benchmarks.md, session 13).
+    /// faster with it (docs/benchmarks.md).
     pub skinny_gemm: bool,
     /// cuBLAS writes the MLP's gate/up projection in bf16 at prefill sizes; off, in f32
     /// (`TANDEM_GATE_UP_BF16`: `0` off, anything else on). Unset, on except in an MPS client
     /// limited to a share of the SMs (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` below 100): there
     /// cuBLAS 12/13 picks for the bf16 output a kernel of 8-block clusters (`algoId=66`,
     /// `CLUSTER_SHAPE_4x2x1`) that does not run on some shares (80% and 60% of an H100 or
-    /// H200, session 15) while returning success, so the output is left unwritten and the
+    /// H200) while returning success, so the output is left unwritten and the
     /// logits come out NaN. The f32 output never picked it.
     pub gate_up_bf16: bool,
     /// cuBLAS writes o_proj and down, the projections only the residual add reads, in bf16
@@ -63,7 +63,7 @@ pub struct CudaOptions {
     /// (`TANDEM_GEMM_CLUSTERS`: `0` off, anything else on). Unset, on except in an MPS client
     /// limited to a share of the SMs: there the cluster kernels cuBLAS picks for some shapes
     /// (the bf16 gate/up above, and f32 projections of multi-prompt prefills of 2-4k tokens on
-    /// an H100 at 80%, session 16) return success without writing their output.
+    /// an H100 at 80%) return success without writing their output.
     pub gemm_clusters: bool,
     /// In a batch mixing decodes with prompt chunks, the chunks' prefill attention runs on a
     /// second stream of higher priority beside the decode attention (`side_stream.rs`);

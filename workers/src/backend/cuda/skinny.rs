@@ -3,7 +3,7 @@
 //!
 //! Why a kernel of our own: at 5..256 rows a projection is memory-bound (the weight is read
 //! once per step), and cuBLAS ran Llama-3.1-8B's at 1.1-2.6 TB/s of weight bytes on the H100
-//! against a ~3.0 TB/s copy ceiling (docs/benchmarks.md, issue 15).
+//! against a ~3.0 TB/s copy ceiling (docs/benchmarks.md).
 //!
 //! Graph capture: the two TMA tensor maps are passed by value as kernel parameters, which a
 //! captured kernel node keeps. The activation's is encoded on the host at each call (a host

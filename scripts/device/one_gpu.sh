@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on a one-GPU device machine: issue 15's checks and measurements in one call, correctness
+# Runs on a one-GPU device machine: the CUDA backend's checks and measurements in one call, correctness
 # first, each stage's output under $OUT with the stage's name. Binaries come in .kit/bin (the
 # test binaries as in gpu_transfer.sh). Stages, in the order given (default: all of them):
 #
@@ -17,8 +17,8 @@
 #             about 4-7 minutes: one device call each; TAG names the run's files
 #             (GROWTH_RESERVE passes through to large_batch.sh)
 #
-#   scripts/device/issue15.sh                 # everything (about 9 minutes: split it)
-#   scripts/device/issue15.sh tests check     # correctness only
+#   scripts/device/one_gpu.sh                 # everything (about 9 minutes: split it)
+#   scripts/device/one_gpu.sh tests check     # correctness only
 #
 # A failed test or check fails the script once every stage has run; `tests` ends in a line of
 # how many tests ran, were skipped and failed.
