@@ -313,7 +313,7 @@ impl ApiError {
     /// `data: {"error": {...}}`, as vLLM does; the stream then ends with `data: [DONE]`.
     pub fn sse_event(&self) -> Bytes {
         self.log();
-        crate::sse::sse_data(&self.public_body())
+        crate::event_stream::sse_data(&self.public_body())
     }
 }
 

@@ -15,6 +15,11 @@
 //! [`disconnect`] notices clients that leave mid-request; [`tools`] is tool calling (request
 //! checks, template inputs, the calls parsed from the output, the grammar of a required call).
 //! [`grammar`] compiles a request's `response_format` grammar at the edge.
+//!
+//! At the bottom, importing nothing of the crate: [`openai`] (the wire types), [`outcomes`]
+//! (the fallback and migration reasons and live-worker counts that dispatch and the router
+//! report and [`metrics`] exports) and [`event_stream`] (the `data:` frames of a stream).
+//! Modules import only downward: no module imports one that imports it back.
 //! The bus contract itself is the `tandem-protocol` crate; see docs/protocol.md.
 
 pub mod admission;
@@ -23,10 +28,12 @@ pub mod config;
 pub mod disconnect;
 pub mod dispatch;
 pub mod error;
+pub mod event_stream;
 pub mod fields;
 pub mod grammar;
 pub mod metrics;
 pub mod openai;
+pub mod outcomes;
 pub mod prompt;
 pub mod router;
 pub mod routes;

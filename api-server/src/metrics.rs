@@ -19,9 +19,7 @@ use prometheus::{
 };
 use tandem_protocol::messages::{Heartbeat, Usage, WorkerRole};
 
-use crate::dispatch::fallback::FallbackReason;
-use crate::dispatch::migrate::MigrationReason;
-use crate::router::LiveCounts;
+use crate::outcomes::{FallbackReason, LiveCounts, MigrationReason};
 
 /// The HTTP endpoint a request came in on (the `endpoint` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

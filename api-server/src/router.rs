@@ -134,17 +134,7 @@ struct Inner {
     cursors: [usize; 2],
 }
 
-/// Live workers per role, for /health and the `tandem_live_workers` gauge.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct LiveCounts {
-    pub context: u32,
-    pub decode: u32,
-    pub both: u32,
-    /// Live, not draining, and taking generation jobs.
-    pub accepting_generate: u32,
-    /// Live, not draining context workers: requests are disaggregated while this is above 0.
-    pub accepting_prefill: u32,
-}
+pub use crate::outcomes::LiveCounts;
 
 /// Where a request's prompt is prefilled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -508,7 +498,7 @@ fn counts_of(inner: &Inner) -> LiveCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::fallback::FallbackReason;
+    use crate::outcomes::FallbackReason;
     use tandem_protocol::messages::KvTransferStats;
 
     fn heartbeat(id: &str, role: WorkerRole, running: u32, queued: u32) -> Heartbeat {

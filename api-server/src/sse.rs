@@ -19,6 +19,7 @@ use crate::disconnect::{ClientSocket, client_gone};
 use crate::dispatch::samples::total_usage;
 use crate::dispatch::{GenEvent, Generation};
 use crate::error::ApiError;
+pub use crate::event_stream::{SSE_DONE, sse_data};
 
 /// Turns one choice's generation events into one endpoint's SSE chunks (`data: {json}\n\n`
 /// each); a request with `n` choices has `n` formats, each naming its choice's `index`.
@@ -46,14 +47,6 @@ pub trait ChunkFormat: 'static {
         Some(Bytes::from_static(SSE_DONE))
     }
 }
-
-/// `data: {json}\n\n`.
-pub fn sse_data<T: serde::Serialize>(value: &T) -> Bytes {
-    let json = serde_json::to_string(value).expect("response chunks are JSON-representable");
-    Bytes::from(format!("data: {json}\n\n"))
-}
-
-pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
 
 /// A `text/event-stream` response carrying [`sse_body`], cut short when the client on
 /// `socket` goes away (a half-close is not a write error, so actix alone would go on).

@@ -181,12 +181,22 @@ fn check_finite(logits: &[f32]) -> Result<(), SamplingError> {
     }
 }
 
+/// What one row of prompt logprobs reports: the model's distribution at temperature 1, no
+/// penalties or bias.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// Of the row's target token; NaN when the row's logits were not finite.
+    pub logprob: f32,
+    /// The `top_k` best tokens, best first (ties to the lower id).
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
 /// The log-probability of `target` in a raw logits row (the model's distribution: temperature
 /// 1, no penalties, bias or truncation) and the row's `top_k` best tokens, as the sampler
 /// reports a generated token's (same normalizer, same ranking): what a prompt position
 /// reports. A row with NaN or `+inf` logits gives a NaN logprob and no alternatives.
-pub fn token_logprob(row: &[f32], target: u32, top_k: usize) -> crate::model::TokenLogprob {
-    let invalid = crate::model::TokenLogprob {
+pub fn token_logprob(row: &[f32], target: u32, top_k: usize) -> TokenLogprob {
+    let invalid = TokenLogprob {
         logprob: f32::NAN,
         top_logprobs: Vec::new(),
     };
@@ -197,7 +207,7 @@ pub fn token_logprob(row: &[f32], target: u32, top_k: usize) -> crate::model::To
         return invalid;
     };
     let log_normalizer = logprobs::log_normalizer(row, max_logit);
-    crate::model::TokenLogprob {
+    TokenLogprob {
         logprob: logprobs::logprob(logit, log_normalizer),
         top_logprobs: logprobs::top_n(row, top_k, log_normalizer),
     }

@@ -23,66 +23,9 @@ use crate::error::ApiError;
 use crate::metrics::{Event, Metrics};
 use crate::router::{LocalPrefill, Prefill, Route};
 
-/// Why a request meant for a context worker was prefilled by a generation worker after all
-/// (the `reason` label of `tandem_kv_transfer_fallbacks_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FallbackReason {
-    /// A decode worker but no live context worker (only counted where prefills are expected
-    /// elsewhere, see [`FallbackReason::of_route`]).
-    NoContextWorker,
-    /// The context worker did not accept the prefill job within the accept timeout.
-    ContextTimeout,
-    /// The context worker's heartbeats stopped before it handed the KV cache over.
-    ContextGone,
-    /// The context worker answered with an error (or a failed end) before any token.
-    ContextError,
-    /// Every live context worker's queue was full (their heartbeats said so, or each refused
-    /// the prefill job).
-    ContextFull,
-    /// The decode worker could not pull the KV cache and prefilled itself (its `kv_pulled`
-    /// carried a fallback).
-    PullFailed,
-    /// The decode worker refused the KV handle before reading anything and prefilled itself
-    /// (its `kv_pulled` carried `handle_refused`): for an honest request, context and decode
-    /// workers with different KV secrets, or a context worker without one.
-    HandleRefused,
-    /// The decode worker read the KV cache but found the export's seal changed after the read
-    /// (its `kv_pulled` carried `export_gone`): the context worker had freed the export first
-    /// (a release or cancel that came early or was forged, or its expiry), so the decode
-    /// worker dropped what it read and prefilled itself.
-    ExportGone,
-    /// The decode job with the context worker's KV handle does not fit in the NATS server's
-    /// `max_payload` (the prefill job, without the handle, did).
-    DecodeJobTooLarge,
-}
+pub use crate::outcomes::FallbackReason;
 
 impl FallbackReason {
-    pub fn label(self) -> &'static str {
-        match self {
-            FallbackReason::NoContextWorker => "no_context_worker",
-            FallbackReason::ContextTimeout => "context_timeout",
-            FallbackReason::ContextGone => "context_gone",
-            FallbackReason::ContextError => "context_error",
-            FallbackReason::ContextFull => "context_full",
-            FallbackReason::PullFailed => "pull_failed",
-            FallbackReason::HandleRefused => "handle_refused",
-            FallbackReason::ExportGone => "export_gone",
-            FallbackReason::DecodeJobTooLarge => "decode_job_too_large",
-        }
-    }
-
-    pub const ALL: [FallbackReason; 9] = [
-        FallbackReason::NoContextWorker,
-        FallbackReason::ContextTimeout,
-        FallbackReason::ContextGone,
-        FallbackReason::ContextError,
-        FallbackReason::ContextFull,
-        FallbackReason::PullFailed,
-        FallbackReason::HandleRefused,
-        FallbackReason::ExportGone,
-        FallbackReason::DecodeJobTooLarge,
-    ];
-
     /// Whether `route`'s local prefill is a fallback. A local prefill for want of a context
     /// worker is one only when the generation worker is a `decode` worker, i.e. in a
     /// deployment built for disaggregation; `both` workers prefill locally by design, and

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use tandem_protocol::messages::{GenerateJob, KvHandle, PrefillTiming, PullOutcome};
 
 use super::bus::EncodedJob;
-use super::fallback::FallbackReason;
 use super::{Generation, unix_ms_at};
 use crate::error::ApiError;
 use crate::metrics::Event;
+use crate::outcomes::FallbackReason;
 
 /// Which worker has the request now, doing what.
 #[derive(Debug, Clone, PartialEq, Eq)]

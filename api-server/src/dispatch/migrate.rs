@@ -26,44 +26,9 @@ use super::cancel::CancelGuard;
 use crate::error::ApiError;
 use crate::metrics::Event;
 
-/// Why a request left its worker (the `reason` label of `tandem_request_migrations_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrationReason {
-    /// The worker's heartbeats stopped (it died, hung or lost the bus).
-    WorkerGone,
-    /// The worker ended the request with an error (e.g. its device failed).
-    WorkerError,
-    /// The worker cancelled the request itself (a drain past its grace time).
-    WorkerCancelled,
-    /// The worker did not accept the job (of a migration, or of a hand-over) in time.
-    NotAccepted,
-    /// No message within the stall timeout although the worker heartbeats.
-    Stalled,
-    /// A `tokens` message skipped positions: tokens were lost on the bus.
-    StreamGap,
-}
+pub use crate::outcomes::MigrationReason;
 
 impl MigrationReason {
-    pub fn label(self) -> &'static str {
-        match self {
-            MigrationReason::WorkerGone => "worker_gone",
-            MigrationReason::WorkerError => "worker_error",
-            MigrationReason::WorkerCancelled => "worker_cancelled",
-            MigrationReason::NotAccepted => "not_accepted",
-            MigrationReason::Stalled => "stalled",
-            MigrationReason::StreamGap => "stream_gap",
-        }
-    }
-
-    pub const ALL: [MigrationReason; 6] = [
-        MigrationReason::WorkerGone,
-        MigrationReason::WorkerError,
-        MigrationReason::WorkerCancelled,
-        MigrationReason::NotAccepted,
-        MigrationReason::Stalled,
-        MigrationReason::StreamGap,
-    ];
-
     /// The reason to migrate on `err`, or None when `err` is not the worker's failure (the
     /// request's own time limit, the bus, a bad request): those go to the client. (A worker
     /// that cancels the request itself is told apart where its `finished` is read.)

@@ -191,8 +191,9 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
     }
     let vocab_size = match meta.opt_usize(&key("vocab_size"))? {
         Some(v) => v,
-        None => super::vocab::token_count(file)
-            .ok_or_else(|| ConfigFromGgufError::MissingKey(key("vocab_size")))?,
+        None => {
+            token_count(file).ok_or_else(|| ConfigFromGgufError::MissingKey(key("vocab_size")))?
+        }
     };
     let rope_theta = meta.opt_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0);
     let max_position_embeddings = meta.opt_usize(&key("context_length"))?.unwrap_or(2048);
@@ -307,6 +308,13 @@ fn llama3_from_rope_freqs(file: &GgufFile, theta: f64, head_dim: usize) -> Resul
         high_freq_factor: Some(high),
         original_max_position_embeddings: Some(original),
     })
+}
+
+/// Number of tokens, for `vocab_size` when the architecture key is absent.
+pub fn token_count(file: &GgufFile) -> Option<usize> {
+    file.get("tokenizer.ggml.tokens")
+        .and_then(MetaValue::as_array)
+        .map(<[MetaValue]>::len)
 }
 
 #[cfg(test)]

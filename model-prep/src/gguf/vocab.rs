@@ -4,7 +4,7 @@
 use crate::gguf_tokenizer::GgufVocab;
 
 use super::config::{ConfigFromGgufError, Meta};
-use super::reader::{GgufFile, MetaValue};
+use super::reader::GgufFile;
 
 /// Reads the tokenizer metadata. A GGUF without `tokenizer.ggml.model` or a non-empty
 /// `tokenizer.ggml.tokens` is an error: a model directory without a tokenizer is useless.
@@ -49,16 +49,10 @@ pub fn vocab(file: &GgufFile) -> Result<GgufVocab, ConfigFromGgufError> {
     })
 }
 
-/// Number of tokens, for `vocab_size` when the architecture key is absent.
-pub fn token_count(file: &GgufFile) -> Option<usize> {
-    file.get("tokenizer.ggml.tokens")
-        .and_then(MetaValue::as_array)
-        .map(<[MetaValue]>::len)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::config::token_count;
     use crate::gguf::reader::tests::GgufBuilder;
 
     fn open(builder: GgufBuilder) -> (tempfile::TempDir, GgufFile) {

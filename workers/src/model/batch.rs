@@ -36,15 +36,9 @@ pub struct RowLogprobs {
     pub top_k: usize,
 }
 
-/// What one row of [`RowLogprobs`] reports: the model's distribution at temperature 1, no
-/// penalties or bias.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprob {
-    /// Of the row's target token; NaN when the row's logits were not finite.
-    pub logprob: f32,
-    /// The `top_k` best tokens, best first (ties to the lower id).
-    pub top_logprobs: Vec<(u32, f32)>,
-}
+/// What one row of [`RowLogprobs`] reports (the sampler computes it, with the normalizer and
+/// ranking it reports a generated token's with).
+pub use crate::sampler::TokenLogprob;
 
 impl SequenceSlice {
     /// Total tokens in the cache after this step.

@@ -24,84 +24,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::{Client, Subscriber};
+use async_nats::Subscriber;
 use futures::StreamExt;
 use tandem_protocol::messages::{self, CancelRequest, WorkerRole};
 use tandem_protocol::subjects::Subjects;
-use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
 
+pub use super::connection::{BusError, BusSettings};
+use super::connection::{subscribe, subscribe_error, unsubscribe};
 use super::roles::{ContextRole, GenerationRole, Role};
 use super::worker::{Identity, InFlight, PUBLISH_TIMEOUT, QueueBound, RoleLoad, Worker};
 use crate::engine::EngineHandle;
-use crate::kv_cache::KvLayout;
-use crate::transfer::KvTransport;
-
-#[derive(Debug, Error)]
-pub enum BusError {
-    #[error("cannot connect to NATS at {url}: {detail} (is nats-server running there?)")]
-    Connect { url: String, detail: String },
-    #[error("subscribing to {subject}: {detail}")]
-    Subscribe { subject: String, detail: String },
-    #[error("installing the signal handler: {0}")]
-    Signal(std::io::Error),
-    /// The engine's device failed for good: the worker left the deployment and exits, so
-    /// that its supervisor (the `tandem` launcher, systemd, Kubernetes) starts a fresh one.
-    #[error("left the deployment because the device failed: {0}")]
-    DeviceLost(String),
-}
-
-/// Who this worker is on the bus, and what its role needs.
-#[derive(Clone)]
-pub struct BusSettings {
-    pub nats_url: String,
-    /// Credentials and TLS for the connection.
-    pub nats_auth: tandem_cli::args::NatsAuthArgs,
-    pub served_name: String,
-    /// [`crate::model_dir::model_fingerprint`] of the served model: in every KV handle this
-    /// worker exports, and what handles it pulls must name.
-    pub model_fingerprint: String,
-    pub worker_id: String,
-    pub role: WorkerRole,
-    pub device: String,
-    pub total_kv_blocks: usize,
-    pub heartbeat: Duration,
-    /// The tokenizer's end-of-sequence ids, added to every job's stop ids.
-    pub model_stop_ids: Arc<[u32]>,
-    /// Compiles jobs' grammars (structured outputs).
-    pub grammars: Arc<super::grammar::WorkerGrammars>,
-    /// The engine's KV cache layout (what handles must match).
-    pub layout: KvLayout,
-    /// Host-memory transfers (UCX): every context and decode worker has one.
-    pub transport: Arc<dyn KvTransport>,
-    /// Device-to-device transfers with GPU workers of this host (a GPU context or decode
-    /// worker, on each of its tensor-parallel ranks' GPUs).
-    pub cuda_ipc: Option<Arc<crate::transfer::cuda_ipc::CudaIpcTransport>>,
-    /// Decode role: the engine's KV cache on the GPU (one part per tensor-parallel rank),
-    /// which CUDA IPC pulls write straight into; empty elsewhere.
-    pub device_cache_parts: Vec<crate::backend::KvCacheMemory>,
-    /// Context role: the KV cache registered with `transport` (a CPU worker's host cache), for
-    /// exports read straight out of it.
-    pub host_cache: Option<Arc<crate::transfer::cache::ExposedCache>>,
-    /// Context role: the KV cache shared over `cuda_ipc` (a GPU worker's), for exports to GPU
-    /// readers of this host read straight out of it.
-    pub device_cache: Option<Arc<crate::transfer::cache::ExposedCache>>,
-    /// This machine ([`crate::transfer::host_id`]): CUDA IPC only between workers of one host.
-    pub host_id: String,
-    /// Context role: prompt tokens held for decode workers at most.
-    pub max_tokens_in_buffer: usize,
-    /// Context role: exports not released by then are freed.
-    pub kv_transfer_timeout: Duration,
-    /// Sequences the engine runs at once at most (`--max-num-seqs`).
-    pub max_running: usize,
-    /// Jobs accepted and not started at most; past it, jobs are refused (`rejected`). `None`:
-    /// no bound.
-    pub max_queued: Option<usize>,
-    /// The deployment's KV secret: a context worker signs its handles with it, a decode
-    /// worker reads only handles whose MAC verifies for the job ([`super::kv_auth`]). `None`:
-    /// unsigned handles, believed as they come.
-    pub kv_secret: Option<Arc<super::kv_auth::KvSecret>>,
-}
 
 /// Serves until a termination signal and the drain that follows. Consumes the engine handle:
 /// when this returns, the engine thread ends.
@@ -303,30 +236,6 @@ async fn publish_heartbeat<R: Role>(worker: &Worker, role: &R, draining: bool) {
         kv_pull: role.kv_pull(),
     };
     worker.publish_heartbeat(draining, load).await;
-}
-
-/// Subscribes to `subject`.
-pub(super) async fn subscribe(client: &Client, subject: String) -> Result<Subscriber, BusError> {
-    client
-        .subscribe(subject.clone())
-        .await
-        .map_err(|e| subscribe_error(&subject, &e))
-}
-
-fn subscribe_error(subject: &str, e: &dyn std::fmt::Display) -> BusError {
-    BusError::Subscribe {
-        subject: subject.to_owned(),
-        detail: e.to_string(),
-    }
-}
-
-/// Unsubscribes, bounded by [`PUBLISH_TIMEOUT`].
-pub(super) async fn unsubscribe(mut subscriber: Subscriber) {
-    match tokio::time::timeout(PUBLISH_TIMEOUT, subscriber.unsubscribe()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("unsubscribing: {e}"),
-        Err(_) => tracing::warn!("unsubscribing: NATS did not answer within {PUBLISH_TIMEOUT:?}"),
-    }
 }
 
 async fn next_job(subscriber: &mut Option<Subscriber>) -> Option<async_nats::Message> {

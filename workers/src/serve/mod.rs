@@ -16,6 +16,7 @@
 //! - [`stream`]: engine events into the stream messages the api-server reads.
 
 pub mod bus;
+mod connection;
 pub mod grammar;
 pub mod job;
 pub mod kv_auth;

@@ -34,7 +34,7 @@ use super::export::{Exporter, HandleSource, kv_handle};
 use super::export_ledger::ExportLedger;
 use super::{JobSubjects, Role};
 use crate::engine::{EngineEvent, EventKind, RequestId};
-use crate::serve::bus::{self, BusError, BusSettings};
+use crate::serve::connection::{self, BusError, BusSettings};
 use crate::serve::job::generation_request;
 use crate::serve::kv_auth::{HandleBinding, KvSecret};
 use crate::serve::stream::{stream_messages, token_event};
@@ -384,7 +384,7 @@ impl Role for ContextRole {
     }
 
     async fn open_inbox(&self) -> Result<ContextInbox, BusError> {
-        let releases = bus::subscribe(
+        let releases = connection::subscribe(
             &self.worker.client,
             self.worker
                 .subjects
@@ -411,7 +411,7 @@ impl Role for ContextRole {
     }
 
     async fn close_inbox(inbox: ContextInbox) {
-        bus::unsubscribe(inbox.releases).await;
+        connection::unsubscribe(inbox.releases).await;
     }
 
     /// Reserves the prompt's tokens and prefills, or queues the job until there is room.

@@ -16,7 +16,7 @@ use tandem_protocol::messages::{
 use super::KvTransports;
 use crate::engine::{EngineHandle, RequestId};
 use crate::kv_cache::{KvDType, KvLayout};
-use crate::serve::bus::BusSettings;
+use crate::serve::connection::BusSettings;
 use crate::transfer::{Exported, KvTransport, RemoteMemory, to_hex};
 
 /// Unpins an export's blocks when dropped (the engine's blocks of a prefill-only request,

@@ -17,7 +17,7 @@ use tandem_protocol::subjects::DECODE_QUEUE_GROUP;
 
 use super::pull::KvPuller;
 use super::{JobSubjects, Role};
-use crate::serve::bus::{BusError, BusSettings};
+use crate::serve::connection::{BusError, BusSettings};
 use crate::serve::job::generation_request;
 use crate::serve::worker::Worker;
 

@@ -31,7 +31,7 @@ pub(super) use context::ContextRole;
 pub(super) use export::fixtures;
 pub(super) use generation::GenerationRole;
 
-use super::bus::{BusError, BusSettings};
+use super::connection::{BusError, BusSettings};
 use crate::backend::KvCacheMemory;
 use crate::kv_cache::KvLayout;
 use crate::transfer::KvTransport;

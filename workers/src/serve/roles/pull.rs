@@ -49,7 +49,7 @@ use super::spent_handles::SpentHandles;
 use crate::backend::{KvBuffer, KvBytes, KvBytesMut};
 use crate::engine::{EngineEvent, EngineHandle, EventKind, ImportedKv, ImportedPrefill, RequestId};
 use crate::sampler::SampledToken;
-use crate::serve::bus::BusSettings;
+use crate::serve::connection::BusSettings;
 use crate::serve::job::generation_request;
 use crate::serve::kv_auth::{Canonical, HandleBinding, KvSecret, MacError};
 use crate::serve::worker::{Identity, Worker, locked, publish_bounded, unix_ms};
