@@ -23,7 +23,9 @@
 //! A worker whose queue is full is skipped: its heartbeat says its bound (`max_queued`) and how
 //! many sequences it runs at once (`max_running`), so the jobs sent since the heartbeat beyond
 //! its free running slots count as queued (`WorkerEntry::is_full`); and a worker that refused
-//! a job (`rejected`) is full until its next heartbeat. When every generation worker is full a
+//! a job (`rejected`) is full until its next heartbeat. A context worker's prefill jobs are
+//! also counted off as it answers them ([`ContextJob`]), so its count stays exact between
+//! heartbeats and a refusal lasts until its next answer. When every generation worker is full a
 //! request gets 429 ([`NoRoute::AllFull`]); when every context worker is, it is prefilled by
 //! its generation worker ([`LocalPrefill::ContextFull`]).
 //!
@@ -31,7 +33,7 @@
 //! left, the live counts per role); [`crate::metrics`] derives the series from them.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_protocol::config::RouterPolicy;
@@ -63,6 +65,11 @@ struct WorkerEntry {
     heartbeat: Heartbeat,
     last_seen: Instant,
     assigned_since_heartbeat: u32,
+    /// Prefill jobs this api-server sent it that it has answered (a KV handle, an error) or
+    /// that were given up since its last heartbeat: each left its queue, so the jobs counted
+    /// against it are its heartbeat's plus those assigned since, less these
+    /// ([`ContextJob`]).
+    answered_since_heartbeat: u32,
     /// It refused a job since its last heartbeat (its queue is full).
     refused_since_heartbeat: bool,
     /// When the worker's engine last ran a step, or had nothing to do.
@@ -96,25 +103,36 @@ pub struct WorkerStatus {
 }
 
 impl WorkerEntry {
+    /// The jobs it holds as far as this api-server knows: its last heartbeat's running and
+    /// queued sequences, plus the jobs sent to it since, less those it answered since.
     fn load(&self) -> u64 {
-        self.heartbeat.running as u64
+        (self.heartbeat.running as u64
             + self.heartbeat.queued as u64
-            + self.assigned_since_heartbeat as u64
+            + self.assigned_since_heartbeat as u64)
+            .saturating_sub(self.answered_since_heartbeat as u64)
     }
 
-    /// Whether its queue is full: it refused a job since its last heartbeat, or the jobs sent
-    /// to it since then, beyond its free running slots, fill its queue up to its bound.
+    /// Whether its queue is full: it refused a job since its last heartbeat (and answered
+    /// none since), or the jobs sent to it since then, beyond its free running slots and less
+    /// those it answered since, fill its queue up to its bound.
     fn is_full(&self) -> bool {
         let Some(max_queued) = self.heartbeat.max_queued else {
             return false;
         };
-        let free_slots = self
-            .heartbeat
-            .max_running
-            .map_or(0, |max| max.saturating_sub(self.heartbeat.running));
-        let queued = self.heartbeat.queued as u64
-            + self.assigned_since_heartbeat.saturating_sub(free_slots) as u64;
-        self.refused_since_heartbeat || queued >= max_queued as u64
+        let free_slots =
+            self.heartbeat
+                .max_running
+                .map_or(0, |max| max.saturating_sub(self.heartbeat.running)) as i64;
+        let sent_less_answered =
+            self.assigned_since_heartbeat as i64 - self.answered_since_heartbeat as i64;
+        let queued = self.heartbeat.queued as i64
+            + if sent_less_answered >= 0 {
+                (sent_less_answered - free_slots).max(0)
+            } else {
+                // Answers free running slots, which its queue fills first.
+                sent_less_answered
+            };
+        self.refused_since_heartbeat || queued >= max_queued as i64
     }
 
     /// Takes new jobs of `pool`.
@@ -245,6 +263,7 @@ impl WorkerRegistry {
                 heartbeat,
                 last_seen: now,
                 assigned_since_heartbeat: 0,
+                answered_since_heartbeat: 0,
                 refused_since_heartbeat: false,
                 progressed_at,
                 stuck,
@@ -366,6 +385,16 @@ impl WorkerRegistry {
         Some(entry.heartbeat.role)
     }
 
+    /// Records that context worker `worker_id` answered a prefill job this api-server sent it
+    /// (or that the job was given up): the job left its queue, which has room again.
+    fn prefill_answered(&self, worker_id: &str) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.workers.get_mut(worker_id) {
+            entry.answered_since_heartbeat += 1;
+            entry.refused_since_heartbeat = false;
+        }
+    }
+
     /// A request's generation worker (counted against it), or why there is none.
     fn pick_generation(&self, inner: &mut Inner, now: Instant) -> Result<String, NoRoute> {
         match self.pick_excluding(inner, Pool::Generate, &[], now) {
@@ -455,6 +484,45 @@ impl WorkerRegistry {
 
     pub fn live_counts(&self) -> LiveCounts {
         counts_of(&self.lock())
+    }
+}
+
+/// A prefill job sent to a context worker, until the worker answers it (a KV handle or an
+/// error) or the request gives it up: dropping it tells the registry that the job left the
+/// worker's queue. Between heartbeats this is what keeps the registry's count of a context
+/// worker's jobs exact, so that a queue bound (`max_queued_requests`) sends prompts to a
+/// local prefill only while the context worker's queue is really full, not while it merely
+/// has had no heartbeat since its last answers.
+pub struct ContextJob {
+    registry: Arc<WorkerRegistry>,
+    context_id: String,
+    /// Whether dropping it counts an answer: not for a job the worker refused (it never
+    /// held it; [`WorkerRegistry::refused`] marks the worker full instead).
+    armed: bool,
+}
+
+impl ContextJob {
+    /// The job just sent to `context_id`, which [`WorkerRegistry::route`] or
+    /// [`WorkerRegistry::pick_context_excluding`] counted against it.
+    pub fn new(registry: Arc<WorkerRegistry>, context_id: String) -> Self {
+        ContextJob {
+            registry,
+            context_id,
+            armed: true,
+        }
+    }
+
+    /// The worker refused the job: it never held it, so no answer is counted.
+    pub fn refused(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ContextJob {
+    fn drop(&mut self) {
+        if self.armed {
+            self.registry.prefill_answered(&self.context_id);
+        }
     }
 }
 
@@ -704,6 +772,61 @@ mod tests {
             registry.pick_generate_excluding(&[], now).as_deref(),
             Some("dec")
         );
+    }
+
+    #[test]
+    fn a_context_worker_answering_its_jobs_has_room_before_its_next_heartbeat() {
+        let now = Instant::now();
+        let registry = Arc::new(registry(RouterPolicy::LeastLoaded));
+        registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), now);
+        // Runs 2 prompts at most and queues 1; idle at its heartbeat.
+        let context = Heartbeat {
+            max_queued: Some(1),
+            max_running: Some(2),
+            ..heartbeat("ctx", WorkerRole::Context, 0, 0)
+        };
+        registry.observe(context, now);
+        let mut jobs: Vec<ContextJob> = (0..3)
+            .map(|_| {
+                let id = context_of(&registry.route(3000, now).unwrap())
+                    .unwrap()
+                    .to_owned();
+                ContextJob::new(Arc::clone(&registry), id)
+            })
+            .collect();
+        // Two running and one queued: the next prompt is prefilled locally.
+        let route = registry.route(3000, now).unwrap();
+        assert_eq!(route.prefill, Prefill::Local(LocalPrefill::ContextFull));
+        // One answered: room for one more, before any heartbeat.
+        drop(jobs.remove(0));
+        assert_eq!(context_of(&registry.route(3000, now).unwrap()), Some("ctx"));
+        jobs.push(ContextJob::new(Arc::clone(&registry), "ctx".to_owned()));
+        assert_eq!(
+            registry.route(3000, now).unwrap().prefill,
+            Prefill::Local(LocalPrefill::ContextFull)
+        );
+        // A refused job counts no answer: the worker stays full until it answers one.
+        let refused = ContextJob::new(Arc::clone(&registry), "ctx".to_owned());
+        assert_eq!(registry.refused("ctx"), Some(WorkerRole::Context));
+        refused.refused();
+        assert_eq!(registry.pick_context_excluding(&[], now), None);
+        drop(jobs.remove(0));
+        assert_eq!(
+            registry.pick_context_excluding(&[], now).as_deref(),
+            Some("ctx")
+        );
+        // The heartbeat that saw the answered jobs leave starts the count afresh.
+        registry.observe(
+            Heartbeat {
+                max_queued: Some(1),
+                max_running: Some(2),
+                ..heartbeat("ctx", WorkerRole::Context, 2, 1)
+            },
+            now,
+        );
+        drop(jobs);
+        assert_eq!(registry.statuses()[0].worker_id, "ctx");
+        assert!(!registry.statuses()[0].full);
     }
 
     #[test]

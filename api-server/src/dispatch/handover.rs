@@ -112,6 +112,8 @@ impl Generation {
         job: EncodedJob,
         what: &'static str,
     ) -> Result<(), ApiError> {
+        // The context worker's part is over (answered, or given up by a fallback).
+        self.context_job = None;
         self.bus
             .publish_job(self.bus.subjects.generate_direct(&worker_id), job, what)
             .await?;

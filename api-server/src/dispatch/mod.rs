@@ -52,7 +52,7 @@ pub use record::RequestRecord;
 
 use crate::error::ApiError;
 use crate::metrics::{Event, Metrics};
-use crate::router::{LocalPrefill, NoRoute, Prefill, WorkerRegistry};
+use crate::router::{ContextJob, LocalPrefill, NoRoute, Prefill, WorkerRegistry};
 use cancel::CancelGuard;
 use handover::Phase;
 use migrate::MigrationReason;
@@ -139,6 +139,9 @@ pub struct Generation {
     /// accepts it.
     refused: Vec<String>,
     phase: Phase,
+    /// The prefill job a context worker holds while the phase is [`Phase::Prefill`]: dropped
+    /// when the phase ends, which tells the registry the worker's queue has room again.
+    context_job: Option<ContextJob>,
     subscriber: async_nats::Subscriber,
     /// Messages read while waiting for `Accepted` that belong to the stream proper.
     pending: VecDeque<StreamMessage>,
@@ -289,6 +292,13 @@ impl Generation {
             Ok(subscriber) => subscriber,
             Err(err) => return Err(fail(err, record)),
         };
+        let context_job = match &route.prefill {
+            Prefill::Remote { context_id } => Some(ContextJob::new(
+                Arc::clone(dispatch.registry),
+                context_id.clone(),
+            )),
+            Prefill::Local(_) => None,
+        };
         let (phase, subject) = match route.prefill {
             Prefill::Remote { context_id } => (
                 Phase::Prefill {
@@ -319,6 +329,7 @@ impl Generation {
             job: message,
             refused: Vec::new(),
             phase,
+            context_job,
             subscriber,
             pending: VecDeque::new(),
             cancel,

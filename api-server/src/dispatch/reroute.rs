@@ -6,9 +6,11 @@
 //! [`ApiError::WorkersFull`]: for a prefill job that is a fallback to a local prefill
 //! ([`super::fallback`]), for a generation job a 429 with `Retry-After` (an SSE error event if
 //! the stream had started). The refusing worker takes no job from this api-server until its
-//! next heartbeat ([`crate::router::WorkerRegistry::refused`]); each refusal is counted in
+//! next heartbeat ([`crate::router::WorkerRegistry::refused`]), or, a context worker, until
+//! it answers one of this api-server's prefill jobs; each refusal is counted in
 //! `tandem_jobs_rejected_total{pool}`.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tandem_protocol::messages::RejectReason;
@@ -17,6 +19,7 @@ use super::Generation;
 use super::handover::Phase;
 use crate::error::ApiError;
 use crate::metrics::{Event, JobPool};
+use crate::router::ContextJob;
 
 impl Generation {
     /// Sends the job `worker_id` refused to another worker of its kind (the caller awaits its
@@ -62,6 +65,10 @@ impl Generation {
                         "publishing a refused prefill job",
                     )
                     .await?;
+                if let Some(refused) = self.context_job.take() {
+                    refused.refused();
+                }
+                self.context_job = Some(ContextJob::new(Arc::clone(&self.registry), other.clone()));
                 self.phase = Phase::Prefill {
                     context_id: other,
                     generate_id,
