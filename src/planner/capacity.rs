@@ -4,7 +4,7 @@
 //! the [`Targets`]; docs/planner.md states the model with its assumptions.
 
 use super::profile::WorkerProfile;
-use super::queueing::{md1_max_rate, md1_wait_quantile};
+use super::queueing::{bounded_queue, md1_max_rate, md1_wait_quantile};
 
 /// The workload and the service-level targets a plan is for.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -281,6 +281,239 @@ pub fn aggregated(
     best
 }
 
+/// Tokens a decode worker's step carries at most when it prefills prompts a context worker
+/// turned away (its `max_num_tokens`): small chunks keep each step close to a decode step, so
+/// the decodes' ITL tail stays low; the mean ITL pays for the prefill whatever the chunk.
+pub const LOCAL_STEP_TOKENS: usize = 512;
+
+/// Bounds on the prompts a context worker holds that the planner tries (in the worker and
+/// its queue together).
+const OVERFLOW_BOUNDS: std::ops::RangeInclusive<usize> = 2..=8;
+
+/// Conditional disaggregation at its highest rate within both targets: context workers that
+/// take a prompt only while they hold fewer than their bound, and decode workers that prefill
+/// the prompts turned away, in chunks of [`LOCAL_STEP_TOKENS`] beside their decodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverflowCapacity {
+    /// Requests per second of the whole deployment (0: the targets cannot be met).
+    pub rate: f64,
+    /// Each context worker's bound: prompts prefilled at once (`max_batch_size`) and queued
+    /// (`max_queued_requests`).
+    pub context_running: usize,
+    pub context_queued: usize,
+    /// The share of prompts the decode workers prefill at that rate.
+    pub local_share: f64,
+    /// Sequences a decode worker decodes on average at that rate, and their mean ITL.
+    pub batch: f64,
+    pub itl_ms: f64,
+    /// The decode workers' `max_batch_size`.
+    pub batch_limit: usize,
+    /// The decode workers' `max_num_tokens`.
+    pub local_step_tokens: usize,
+    /// What stops the rate from growing (`ITL`, `context TTFT`, `local TTFT`, `local prefill`,
+    /// `decode batch`, `measured batches`), or why it is 0.
+    pub bound: String,
+}
+
+/// [`OverflowCapacity`] of `contexts` context workers profiled as `context` and `decodes`
+/// decode workers profiled as `decode`.
+///
+/// Each context worker is an M/D/1/K queue ([`bounded_queue`]: K the bound, the service time
+/// the inverse of its best prefill rate), fed a `1 / contexts` share of the arrivals; its
+/// prompts' TTFT is the wait at the quantile plus the prefill alone plus the hand-over. The
+/// prompts it turns away are spread over the decode workers. A decode worker at average batch
+/// b spends a share u = λ_local × ISL × x(b) of its time on local prefill chunks (x(b): what a
+/// prefill token adds to a step, from the profiled mixed steps), so its steps average
+/// ITL(b) / (1 - u), which is the mean ITL; b = λ_decode × OSL × that ITL (Little), solved
+/// by iteration. Local prompts queue as an M/D/1 queue (the turned-away arrivals are burstier
+/// than Poisson: an optimistic wait) whose service is the prompt's chunked steps. The rate is
+/// the highest that meets every target, over the bounds in [`OVERFLOW_BOUNDS`].
+pub fn overflow(
+    context: &WorkerProfile,
+    decode: &WorkerProfile,
+    settings: &Settings,
+    targets: &Targets,
+    contexts: usize,
+    decodes: usize,
+) -> OverflowCapacity {
+    let (isl, osl) = (targets.isl as f64, targets.osl as f64);
+    let alone_ms = prefill_alone_ms(context, settings, targets);
+    let scale = isl / settings.profiled_isl.max(1) as f64;
+    let service_s = scale / context.prefill_requests_per_s();
+    let max_batch = kv_batch_limit(decode, settings, targets).min(decode.max_measured_batch());
+    let mut best = OverflowCapacity {
+        rate: 0.0,
+        context_running: 0,
+        context_queued: 0,
+        local_share: 0.0,
+        batch: 0.0,
+        itl_ms: f64::NAN,
+        batch_limit: 0,
+        local_step_tokens: LOCAL_STEP_TOKENS,
+        bound: String::new(),
+    };
+    if alone_ms + targets.handover_ms > targets.ttft_ms {
+        best.bound = format!(
+            "context: prefill alone {alone_ms:.0} ms + hand-over {:.0} ms > TTFT {:.0} ms",
+            targets.handover_ms, targets.ttft_ms
+        );
+        return best;
+    }
+    if max_batch == 0 || decode.itl_ms(1.0).is_none() {
+        best.bound = "decode: no measured batch the KV cache holds".to_owned();
+        return best;
+    }
+    // What one prefill token adds to a step of b decodes, in ms.
+    let per_token_ms = |b: f64| {
+        let chunk = (settings.max_num_tokens as f64 - b).max(1.0);
+        decode.chunk_ms(b, targets.isl, chunk as usize) / chunk
+    };
+    // Decode workers' steps carry their decodes and a chunk; the scheduler wants room for
+    // every sequence's token besides.
+    let local_step_tokens = LOCAL_STEP_TOKENS.max(max_batch + LOCAL_STEP_TOKENS / 2);
+    struct Point {
+        local_share: f64,
+        batch: f64,
+        itl_ms: f64,
+    }
+    // What a rate missed: a short name for the table, and the numbers.
+    struct Miss(&'static str, String);
+    let evaluate = |rate: f64, bound: usize| -> Result<Point, Miss> {
+        let queue = bounded_queue(
+            rate / contexts as f64,
+            service_s,
+            bound,
+            targets.ttft_quantile,
+        );
+        let context_ttft = queue.wait_s * 1e3 + alone_ms + targets.handover_ms;
+        if context_ttft > targets.ttft_ms {
+            return Err(Miss(
+                "context TTFT",
+                format!(
+                    "context TTFT {context_ttft:.0} ms > {:.0} ms",
+                    targets.ttft_ms
+                ),
+            ));
+        }
+        let local_rate = rate * queue.overflow / decodes as f64;
+        let decode_rate = rate / decodes as f64;
+        let (mut batch, mut itl_ms, mut step_ms) = (1.0_f64, f64::NAN, f64::NAN);
+        for _ in 0..100 {
+            step_ms = decode.itl_ms(batch.max(1.0)).ok_or_else(|| {
+                Miss(
+                    "measured batches",
+                    "decode batch past the measured ones".into(),
+                )
+            })?;
+            let busy = local_rate * isl * per_token_ms(batch) / 1e3;
+            if busy >= 1.0 {
+                return Err(Miss(
+                    "local prefill",
+                    "local prefills cannot keep up".into(),
+                ));
+            }
+            itl_ms = step_ms / (1.0 - busy);
+            let next = decode_rate * osl * itl_ms / 1e3;
+            if next > max_batch as f64 {
+                return Err(Miss(
+                    "decode batch",
+                    format!("decode batch {next:.0} > {max_batch}"),
+                ));
+            }
+            let settled = (next - batch).abs() < 1e-4;
+            batch = next;
+            if settled {
+                break;
+            }
+        }
+        if itl_ms > targets.itl_ms {
+            return Err(Miss(
+                "ITL",
+                format!("mean ITL {itl_ms:.1} ms > {:.1} ms", targets.itl_ms),
+            ));
+        }
+        if local_rate > 0.0 {
+            let chunk = (local_step_tokens as f64 - batch).max(1.0);
+            let own_ms = (isl / chunk).ceil() * (step_ms + chunk * per_token_ms(batch));
+            let wait_s = md1_wait_quantile(local_rate, own_ms / 1e3, targets.ttft_quantile)
+                .ok_or_else(|| Miss("local prefill", "local prefills cannot keep up".into()))?;
+            let local_ttft = wait_s * 1e3 + own_ms;
+            if local_ttft > targets.ttft_ms {
+                return Err(Miss(
+                    "local TTFT",
+                    format!("local TTFT {local_ttft:.0} ms > {:.0} ms", targets.ttft_ms),
+                ));
+            }
+        }
+        Ok(Point {
+            local_share: queue.overflow,
+            batch,
+            itl_ms,
+        })
+    };
+    // No more than the decode workers can decode at their largest batch.
+    let ceiling = decodes as f64 * max_batch as f64
+        / (osl * decode.itl_ms(max_batch as f64).unwrap_or(f64::INFINITY) / 1e3);
+    const STEPS: usize = 80;
+    for bound in OVERFLOW_BOUNDS {
+        let mut found: Option<(f64, Point)> = None;
+        let mut miss: Option<Miss> = None;
+        for step in 1..=STEPS {
+            let rate = ceiling * step as f64 / STEPS as f64;
+            match evaluate(rate, bound) {
+                Ok(point) => found = Some((rate, point)),
+                Err(why) => {
+                    miss = Some(why);
+                    if found.is_some() {
+                        break;
+                    }
+                }
+            }
+        }
+        let Some((mut rate, mut point)) = found else {
+            if best.rate == 0.0 && best.bound.is_empty() {
+                best.bound = miss.map_or_else(|| "no rate tried".to_owned(), |m| m.1);
+            }
+            continue;
+        };
+        // Between the last rate that met the targets and the first that did not.
+        let mut hi = (rate + ceiling / STEPS as f64).min(ceiling);
+        for _ in 0..12 {
+            let mid = 0.5 * (rate + hi);
+            match evaluate(mid, bound) {
+                Ok(p) => (rate, point) = (mid, p),
+                Err(why) => {
+                    hi = mid;
+                    miss = Some(why);
+                }
+            }
+        }
+        if rate > best.rate {
+            let running = 2.min(bound - 1);
+            let step_limit = (1..=max_batch)
+                .rev()
+                .find(|&b| {
+                    decode
+                        .itl_ms(b as f64)
+                        .is_some_and(|itl| itl <= targets.itl_ms)
+                })
+                .unwrap_or(1);
+            best = OverflowCapacity {
+                rate,
+                context_running: running,
+                context_queued: bound - running,
+                local_share: point.local_share,
+                batch: point.batch,
+                itl_ms: point.itl_ms,
+                batch_limit: step_limit.max(point.batch.ceil() as usize),
+                local_step_tokens,
+                bound: miss.map_or("measured batches", |m| m.0).to_owned(),
+            };
+        }
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::profile::tests::synthetic_worker;
@@ -346,6 +579,33 @@ mod tests {
         let d = decode(&w, &SETTINGS, &targets(2000.0, 5.0));
         assert_eq!(d.rate, 0.0);
         assert!(d.infeasible.unwrap().contains("ITL at batch 1"));
+    }
+
+    #[test]
+    fn conditional_disaggregation_prefills_a_context_workers_overflow_on_the_decode_workers() {
+        // 2.5 prompts a second on the context side; decode steps of about 30 ms, which a
+        // 50 ms mean ITL leaves room beside.
+        let w = synthetic_worker(2, 400.0, 29.0, 0.05, 250.0, 64, 100_000);
+        let t = targets(2000.0, 50.0);
+        let plain = context(&w, &SETTINGS, &t)
+            .rate
+            .min(decode(&w, &SETTINGS, &t).rate);
+        let o = overflow(&w, &w, &SETTINGS, &t, 1, 1);
+        assert!(o.rate > 1.2 * plain, "{o:?} against {plain}");
+        assert!(o.local_share > 0.0 && o.local_share < 0.5, "{o:?}");
+        assert!(
+            o.itl_ms <= 50.0 && o.itl_ms > w.itl_ms(o.batch).unwrap(),
+            "{o:?}"
+        );
+        assert!(o.context_running >= 1 && o.context_queued >= 1, "{o:?}");
+        assert!(o.batch_limit as f64 >= o.batch && o.local_step_tokens >= o.batch_limit);
+        // Decode steps already at the ITL target leave the overflow nowhere to go.
+        let tight = overflow(&w, &w, &SETTINGS, &targets(2000.0, 30.5), 1, 1);
+        assert!(tight.rate < 0.8 * o.rate, "{tight:?} against {o:?}");
+        // A prompt whose prefill alone misses the TTFT: no rate at all, and why.
+        let none = overflow(&w, &w, &SETTINGS, &targets(300.0, 50.0), 1, 1);
+        assert_eq!(none.rate, 0.0);
+        assert!(none.bound.contains("prefill alone 400 ms"), "{none:?}");
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
     }
     let capacities = search::capacities(&profile, &targets);
     let mut candidates = search::candidates(&capacities, &devices);
+    candidates.extend(search::conditional_candidates(&profile, &targets, &devices));
     search::rank(&mut candidates, args.maximize);
     if candidates.is_empty() {
         bail!(

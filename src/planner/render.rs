@@ -222,10 +222,27 @@ impl Document<'_> {
     /// (2.10 per device), limited by context`.
     fn prediction(&self, c: &Candidate) -> String {
         let workers = match &c.layout {
-            Layout::Disaggregated { context, decode } => format!(
+            Layout::Disaggregated {
+                context,
+                decode,
+                overflow: None,
+            } => format!(
                 "{} + {}",
                 workers(context, "context"),
                 workers(decode, "decode")
+            ),
+            Layout::Disaggregated {
+                context,
+                decode,
+                overflow: Some(o),
+            } => format!(
+                "{} holding {} prompts at once and {} queued + {} prefilling the rest \
+                 in steps of {} tokens",
+                workers(context, "context"),
+                o.context_running,
+                o.context_queued,
+                workers(decode, "decode"),
+                o.local_step_tokens
             ),
             Layout::Aggregated { workers: group } => workers(group, "aggregated"),
         };
@@ -316,17 +333,40 @@ pub fn config(c: &Candidate, profile: &Profile) -> String {
     let _ = writeln!(out, "port: 8000");
     let _ = writeln!(out, "model: {}", quoted(&profile.model));
     match &c.layout {
-        Layout::Disaggregated { context, decode } => {
+        Layout::Disaggregated {
+            context,
+            decode,
+            overflow,
+        } => {
             let _ = writeln!(out, "context_servers:");
-            group(&mut out, context, None, profile);
+            let bound = overflow.map(|o| Bound {
+                max_batch_size: o.context_running,
+                max_queued_requests: o.context_queued,
+            });
+            group(&mut out, context, bound, profile.max_num_tokens, profile);
             let _ = writeln!(out, "generation_servers:");
-            group(&mut out, decode, Some(c.generation_batch), profile);
+            let step_tokens = overflow.map_or(profile.max_num_tokens, |o| o.local_step_tokens);
+            let batch = Bound {
+                max_batch_size: c.generation_batch,
+                max_queued_requests: 0,
+            };
+            group(&mut out, decode, Some(batch), step_tokens, profile);
         }
         Layout::Aggregated { workers } => {
             let _ = writeln!(out, "context_servers:");
             let _ = writeln!(out, "  num_instances: 0");
             let _ = writeln!(out, "generation_servers:");
-            group(&mut out, workers, Some(c.generation_batch), profile);
+            let batch = Bound {
+                max_batch_size: c.generation_batch,
+                max_queued_requests: 0,
+            };
+            group(
+                &mut out,
+                workers,
+                Some(batch),
+                profile.max_num_tokens,
+                profile,
+            );
         }
     }
     let _ = writeln!(out, "router:");
@@ -334,7 +374,20 @@ pub fn config(c: &Candidate, profile: &Profile) -> String {
     out
 }
 
-fn group(out: &mut String, g: &Group, max_batch_size: Option<usize>, profile: &Profile) {
+/// A group's sequence bounds: `max_batch_size`, and `max_queued_requests` (0: the default).
+#[derive(Clone, Copy)]
+struct Bound {
+    max_batch_size: usize,
+    max_queued_requests: usize,
+}
+
+fn group(
+    out: &mut String,
+    g: &Group,
+    bound: Option<Bound>,
+    max_num_tokens: usize,
+    profile: &Profile,
+) {
     let _ = writeln!(out, "  num_instances: {}", g.instances);
     let _ = writeln!(out, "  tensor_parallel_size: {}", g.tp);
     if g.devices.iter().all(|d| d == "cpu") {
@@ -343,10 +396,13 @@ fn group(out: &mut String, g: &Group, max_batch_size: Option<usize>, profile: &P
         let list: Vec<String> = g.devices.iter().map(|d| quoted(d)).collect();
         let _ = writeln!(out, "  device: [{}]", list.join(", "));
     }
-    if let Some(batch) = max_batch_size {
-        let _ = writeln!(out, "  max_batch_size: {batch}");
+    if let Some(bound) = bound {
+        let _ = writeln!(out, "  max_batch_size: {}", bound.max_batch_size);
+        if bound.max_queued_requests > 0 {
+            let _ = writeln!(out, "  max_queued_requests: {}", bound.max_queued_requests);
+        }
     }
-    let _ = writeln!(out, "  max_num_tokens: {}", profile.max_num_tokens);
+    let _ = writeln!(out, "  max_num_tokens: {max_num_tokens}");
     let _ = writeln!(out, "  kv_cache_config:");
     let _ = writeln!(out, "    block_size: {}", profile.block_size);
     if let Some(tokens) = profile.kv_cache_tokens {
@@ -436,5 +492,64 @@ mod tests {
         let own = document.render_alternative().unwrap();
         assert!(own.starts_with("# tandem plan: the best aggregated deployment"));
         assert_eq!(DeploymentConfig::parse(&own, "own").unwrap(), other);
+    }
+
+    /// A conditional deployment's config bounds its context workers and gives its decode
+    /// workers small steps, and says so in its comments.
+    #[test]
+    fn a_conditional_config_bounds_the_context_workers_and_chunks_the_decode_workers() {
+        let profile = synthetic_profile(
+            3000,
+            vec![synthetic_worker(2, 400.0, 29.0, 0.05, 250.0, 64, 100_000)],
+        );
+        let t = targets(50.0);
+        let devices: Vec<String> = (0..4).map(|i| format!("cuda:{i}")).collect();
+        let conditional = search::conditional_candidates(&profile, &t, &devices);
+        let best = conditional
+            .iter()
+            .find(|c| c.layout.describe() == "1 ctx TP2 + 1 dec TP2 cond")
+            .expect("one context and one decode group of two");
+        let Layout::Disaggregated {
+            overflow: Some(overflow),
+            ..
+        } = best.layout
+        else {
+            panic!("{best:?}");
+        };
+        let config = DeploymentConfig::parse(&config(best, &profile), "conditional").unwrap();
+        assert_eq!(
+            config.context_servers.max_batch_size,
+            Some(overflow.context_running)
+        );
+        assert_eq!(
+            config.context_servers.max_queued_requests,
+            Some(overflow.context_queued)
+        );
+        assert_eq!(
+            config.generation_servers.max_num_tokens,
+            Some(overflow.local_step_tokens)
+        );
+        assert_eq!(
+            config.context_servers.max_num_tokens,
+            Some(profile.max_num_tokens)
+        );
+        let capacities = search::capacities(&profile, &t);
+        let document = Document {
+            profile: &profile,
+            targets: &t,
+            capacities: &capacities,
+            chosen: best,
+            alternative: None,
+            other_objective: None,
+        };
+        let text = document.render();
+        assert!(
+            text.contains(&format!(
+                "# Chosen: 1 context worker (TP=2) holding {} prompts at once and {} queued + 1 \
+                 decode worker (TP=2) prefilling the rest in steps of {} tokens",
+                overflow.context_running, overflow.context_queued, overflow.local_step_tokens
+            )),
+            "{text}"
+        );
     }
 }

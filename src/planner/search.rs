@@ -23,19 +23,46 @@ pub struct Group {
     pub devices: Vec<String>,
 }
 
+/// Conditional disaggregation's settings: each context worker holds at most
+/// `context_running` prompts at once and `context_queued` waiting, and the api-server has a
+/// decode worker prefill a prompt that finds every context worker full, in steps of at most
+/// `local_step_tokens` tokens ([`capacity::overflow`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overflow {
+    pub context_running: usize,
+    pub context_queued: usize,
+    pub local_step_tokens: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
-    Disaggregated { context: Group, decode: Group },
-    Aggregated { workers: Group },
+    Disaggregated {
+        context: Group,
+        decode: Group,
+        /// `Some`: conditional disaggregation (a context worker's overflow prefilled by the
+        /// decode workers); `None`: every prompt waits for a context worker.
+        overflow: Option<Overflow>,
+    },
+    Aggregated {
+        workers: Group,
+    },
 }
 
 impl Layout {
-    /// `1 ctx TP1 + 2 dec TP1`, `2 agg TP2`.
+    /// `1 ctx TP1 + 2 dec TP1`, `1 ctx TP2 + 1 dec TP2 cond` (conditional), `2 agg TP2`.
     pub fn describe(&self) -> String {
         match self {
-            Layout::Disaggregated { context, decode } => format!(
-                "{} ctx TP{} + {} dec TP{}",
-                context.instances, context.tp, decode.instances, decode.tp
+            Layout::Disaggregated {
+                context,
+                decode,
+                overflow,
+            } => format!(
+                "{} ctx TP{} + {} dec TP{}{}",
+                context.instances,
+                context.tp,
+                decode.instances,
+                decode.tp,
+                if overflow.is_some() { " cond" } else { "" }
             ),
             Layout::Aggregated { workers } => {
                 format!("{} agg TP{}", workers.instances, workers.tp)
@@ -148,6 +175,59 @@ pub fn candidates(workers: &[WorkerCapacities], devices: &[String]) -> Vec<Candi
     out
 }
 
+/// Every conditional disaggregated deployment of the profiled TP sizes that fits `devices`
+/// and meets the targets ([`capacity::overflow`]); unranked.
+pub fn conditional_candidates(
+    profile: &Profile,
+    targets: &Targets,
+    devices: &[String],
+) -> Vec<Candidate> {
+    let settings = settings(profile);
+    let total = devices.len();
+    let mut out = Vec::new();
+    for c in &profile.workers {
+        for d in &profile.workers {
+            let (tc, td) = (c.tensor_parallel_size, d.tensor_parallel_size);
+            for n_c in 1..=total / tc {
+                for n_d in 1..=(total - n_c * tc) / td {
+                    let Some(groups) = assign(devices, &[(n_c, tc), (n_d, td)]) else {
+                        continue;
+                    };
+                    let capacity = capacity::overflow(c, d, &settings, targets, n_c, n_d);
+                    if capacity.rate <= 0.0 {
+                        continue;
+                    }
+                    let [context, decode] = groups.try_into().expect("two groups asked");
+                    let devices = n_c * tc + n_d * td;
+                    out.push(Candidate {
+                        layout: Layout::Disaggregated {
+                            context,
+                            decode,
+                            overflow: Some(Overflow {
+                                context_running: capacity.context_running,
+                                context_queued: capacity.context_queued,
+                                local_step_tokens: capacity.local_step_tokens,
+                            }),
+                        },
+                        devices,
+                        goodput: capacity.rate,
+                        per_device: capacity.rate / devices as f64,
+                        context_rate: capacity.rate * (1.0 - capacity.local_share),
+                        decode_rate: capacity.rate,
+                        generation_batch: capacity.batch_limit.max(1),
+                        limit: format!(
+                            "{} ({:.0}% prefilled by decode)",
+                            capacity.bound,
+                            100.0 * capacity.local_share
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Orders `candidates` best first by `objective` (ties: by the other measure).
 pub fn rank(candidates: &mut [Candidate], objective: Objective) {
     candidates.sort_by(|a, b| match objective {
@@ -184,7 +264,11 @@ fn disaggregated(
         "decode".to_owned()
     };
     Candidate {
-        layout: Layout::Disaggregated { context, decode },
+        layout: Layout::Disaggregated {
+            context,
+            decode,
+            overflow: None,
+        },
         devices,
         goodput,
         per_device: goodput / devices as f64,
@@ -341,7 +425,10 @@ mod tests {
         );
         let all = candidates(&capacities(&profile, &targets(3000.0, 50.0)), &gpus(8));
         let best = best_of_kind(&all, false, Objective::PerDevice).unwrap();
-        let Layout::Disaggregated { context, decode } = &best.layout else {
+        let Layout::Disaggregated {
+            context, decode, ..
+        } = &best.layout
+        else {
             unreachable!("a disaggregated deployment was asked for")
         };
         assert!(context.instances > decode.instances, "{best:?}");
@@ -359,7 +446,10 @@ mod tests {
         );
         let all = candidates(&capacities(&profile, &targets(3000.0, 60.0)), &gpus(8));
         let best = best_of_kind(&all, false, Objective::PerDevice).unwrap();
-        let Layout::Disaggregated { context, decode } = &best.layout else {
+        let Layout::Disaggregated {
+            context, decode, ..
+        } = &best.layout
+        else {
             unreachable!("a disaggregated deployment was asked for")
         };
         assert!(decode.instances > context.instances, "{best:?}");
@@ -423,7 +513,10 @@ mod tests {
             .iter()
             .find(|c| c.layout.describe() == "1 ctx TP2 + 2 dec TP1")
             .unwrap();
-        let Layout::Disaggregated { context, decode } = &mixed.layout else {
+        let Layout::Disaggregated {
+            context, decode, ..
+        } = &mixed.layout
+        else {
             unreachable!()
         };
         assert_eq!(context.devices, ["cuda:0"]);
