@@ -4,7 +4,7 @@
 //! the [`Targets`]; docs/planner.md states the model with its assumptions.
 
 use super::profile::WorkerProfile;
-use super::queueing::{bounded_queue, md1_max_rate, md1_wait_quantile};
+use super::queueing::{bounded_queue, md1_max_rate, md1_wait_quantile, poisson_quantile};
 
 /// The workload and the service-level targets a plan is for.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -430,6 +430,22 @@ pub fn overflow(
             return Err(Miss(
                 "ITL",
                 format!("mean ITL {itl_ms:.1} ms > {:.1} ms", targets.itl_ms),
+            ));
+        }
+        // Goodput counts each request against the target: its own mean ITL is the decode
+        // step plus the local prefills that land in its life (a Poisson count), and the
+        // count at the quantile must fit, not only the average one.
+        let local_prefills =
+            poisson_quantile(local_rate * osl * itl_ms / 1e3, targets.ttft_quantile);
+        let own_itl_ms = step_ms + local_prefills as f64 * isl * per_token_ms(batch) / osl;
+        if own_itl_ms > targets.itl_ms {
+            return Err(Miss(
+                "ITL",
+                format!(
+                    "a request's mean ITL {own_itl_ms:.1} ms (p{:.0}) > {:.1} ms",
+                    100.0 * targets.ttft_quantile,
+                    targets.itl_ms
+                ),
             ));
         }
         if local_rate > 0.0 {

@@ -140,6 +140,21 @@ pub fn bounded_queue(rate: f64, service_s: f64, capacity: usize, quantile: f64) 
     }
 }
 
+/// The smallest k with P(N ≤ k) ≥ `quantile` for N Poisson with `mean`.
+pub fn poisson_quantile(mean: f64, quantile: f64) -> usize {
+    if mean <= 0.0 {
+        return 0;
+    }
+    let (mut k, mut term) = (0usize, (-mean).exp());
+    let mut cdf = term;
+    while cdf < quantile && k < 10_000 {
+        k += 1;
+        term *= mean / k as f64;
+        cdf += term;
+    }
+    k
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +199,16 @@ mod tests {
         assert_eq!(md1_wait_quantile(0.0, 1.0, 0.9), Some(0.0));
         assert_eq!(md1_wait_quantile(1.0, 1.0, 0.9), None);
         assert_eq!(md1_wait_quantile(2.0, 1.0, 0.9), None);
+    }
+
+    #[test]
+    fn poisson_quantiles() {
+        assert_eq!(poisson_quantile(0.0, 0.9), 0);
+        // Mean 1: P(N <= 1) = 0.736, P(N <= 2) = 0.920.
+        assert_eq!(poisson_quantile(1.0, 0.9), 2);
+        assert_eq!(poisson_quantile(1.0, 0.7), 1);
+        // Mean 4: P(N <= 6) = 0.889, P(N <= 7) = 0.949.
+        assert_eq!(poisson_quantile(4.0, 0.9), 7);
     }
 
     #[test]
