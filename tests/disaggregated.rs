@@ -15,6 +15,10 @@
 //!   before it has its time to first token split into parts in /metrics).
 //!   (Context workers killed before the pull and transfers that never come are covered at the
 //!   bus level in workers/tests/bus_disaggregated.rs.)
+//! - Conditional disaggregation: a context worker bounded to one prompt and one queued, with
+//!   heartbeats seconds apart. Requests one after another all cross (its answers count its
+//!   jobs off between heartbeats); a burst past its bound is partly prefilled by the decode
+//!   worker (`context_full`), every request still answered in full.
 
 mod support;
 
@@ -25,7 +29,8 @@ use serde_json::{Value, json};
 use support::{collect_stream, start_api_server};
 use tandem_test_kit::prometheus::{metric, sample};
 use tandem_test_kit::{
-    ApiServer, HandOvers, Http, Nats, Proc, bin, clear_tandem_env, free_port, model_dir, temp_file,
+    ApiServer, HandOvers, Http, Nats, Proc, WorkerSpec, bin, clear_tandem_env, free_port,
+    model_dir, start_worker, temp_file,
 };
 
 const MODEL: &str = "smollm2-bf16";
@@ -559,4 +564,77 @@ fn a_decode_worker_with_a_small_kv_cache_pulls_each_prompt_only_into_room_it_has
     assert_eq!(room_wait("count"), Some(REQUESTS.len() as f64), "{metrics}");
     assert!(room_wait("sum").is_some_and(|s| s > 0.0), "{metrics}");
     eprintln!("{waited} decode jobs waited for room; at most {peak} of {total} blocks held pulled");
+}
+
+#[test]
+fn a_bounded_context_worker_takes_every_prompt_it_has_room_for_and_overflows_the_rest() {
+    let nats = Nats::start();
+    // Heartbeats 3 s apart: what the api-server knows between them is what it counts itself.
+    let api = ApiServer::start(
+        &nats,
+        &model_dir(MODEL),
+        support::SERVED_NAME,
+        &["--worker-timeout-ms", "10000"],
+    );
+    let worker = |role, worker_id, extra| WorkerSpec {
+        role,
+        worker_id,
+        served_model_name: support::SERVED_NAME,
+        threads: 1,
+        heartbeat_ms: 3000,
+        extra,
+    };
+    let bound = ["--max-num-seqs", "1", "--max-queued-requests", "1"];
+    let _context = start_worker(
+        &nats.url,
+        &model_dir(MODEL),
+        &worker("context", "ctx", &bound),
+    );
+    let _decode = start_worker(&nats.url, &model_dir(MODEL), &worker("decode", "dec", &[]));
+    let http = &api.http;
+    http.wait_for_role("context", 1, Duration::from_secs(30));
+    http.wait_for_role("decode", 1, Duration::from_secs(30));
+
+    // One after another, well within one heartbeat interval: the context worker, holding at
+    // most 2, takes all 6, because each answer counts its job off.
+    let before = HandOvers::read(http);
+    let started = Instant::now();
+    // Short prompts (no repeated context: indices that are multiples of 5), so that each
+    // takes a fraction of a second.
+    for i in (0..6).map(|k| 5 * k) {
+        let (streamed, _) = chats_at_once(http, [i], 4).pop().unwrap();
+        assert_eq!(
+            streamed.finish_reason.as_deref(),
+            Some("length"),
+            "request {i}"
+        );
+    }
+    HandOvers::read(http).assert_handed_over_since(
+        &before,
+        6,
+        "ucx",
+        "six requests one after another to a context worker bounded to 1 + 1",
+    );
+    eprintln!("six sequential requests in {:?}", started.elapsed());
+
+    // Eight at once: past its bound, the decode worker prefills the rest itself.
+    let before = HandOvers::read(http);
+    let answered = chats_at_once(http, 0..8, 4);
+    for (i, (streamed, usage)) in answered.iter().enumerate() {
+        assert_eq!(
+            streamed.finish_reason.as_deref(),
+            Some("length"),
+            "request {i}"
+        );
+        assert_eq!(usage["completion_tokens"], 4, "request {i}");
+    }
+    let after = HandOvers::read(http);
+    let crossed = after.disaggregated - before.disaggregated;
+    let overflowed = after.fallbacks.get("context_full").copied().unwrap_or(0.0)
+        - before.fallbacks.get("context_full").copied().unwrap_or(0.0);
+    assert!(
+        crossed >= 1.0 && overflowed >= 1.0 && crossed + overflowed == 8.0,
+        "8 requests at once: {crossed} handed over and {overflowed} prefilled by the decode \
+         worker (context_full); before {before:?}, after {after:?}"
+    );
 }
