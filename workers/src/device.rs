@@ -618,9 +618,9 @@ const CHECK_TOKENS: usize = 512;
 
 /// Prefills of a fixed prompt (written into the empty cache, which later steps overwrite),
 /// of [`CHECK_TOKENS`] and of the whole step budget, whose logits must be finite: a device
-/// that computes NaN (as cuBLAS's cluster kernels did under an MPS share of the SMs,
-/// docs/benchmarks.md, "One H100: online, aggregated and disaggregated under MPS") fails here, at start, rather than on every request
-/// it is sent.
+/// that computes NaN (as cuBLAS's cluster kernels did under an MPS share of the SMs:
+/// docs/benchmarks.md, "One H100: online, aggregated and disaggregated under MPS") fails
+/// here, at start, rather than on every request it is sent.
 fn check_prefill(
     runner: &mut impl StepModel,
     config: &EngineConfig,
