@@ -288,7 +288,7 @@ pub const LOCAL_STEP_TOKENS: usize = 512;
 
 /// Bounds on the prompts a context worker holds that the planner tries (in the worker and
 /// its queue together).
-const OVERFLOW_BOUNDS: std::ops::RangeInclusive<usize> = 2..=8;
+pub const OVERFLOW_BOUNDS: std::ops::RangeInclusive<usize> = 2..=8;
 
 /// Conditional disaggregation at its highest rate within both targets: context workers that
 /// take a prompt only while they hold fewer than their bound, and decode workers that prefill
