@@ -1,8 +1,9 @@
 //! Continuous batching: which tokens of which sequences go into the next forward pass, and
 //! which KV blocks they write to.
 //!
-//! The scheduler owns the [`BlockPool`] and every sequence's block table, and knows each
-//! sequence only by two counts: `num_tokens` (prompt plus generated tokens) and
+//! The scheduler asks the [`KvCacheManager`] for every block a sequence takes or gives back
+//! (the manager holds the block pool and the block tables), and knows each sequence only by
+//! two counts: `num_tokens` (prompt plus generated tokens) and
 //! `num_computed` (tokens whose K/V are in the cache). Whatever is between them is computed
 //! next — a prompt chunk, a single decode token, or, after a preemption, the whole prompt and
 //! the generated tokens again. It knows nothing about the model, sampling or stop conditions;
@@ -66,8 +67,8 @@
 //! The `n` samples of one request (`n` > 1) are sequences of one *group* with the same prompt
 //! ([`Scheduler::add_to_group`]). A member admitted while another member is running with the
 //! prompt computed (in an earlier step: the K/V must be in the cache before anyone reads it)
-//! takes that member's *full* prompt blocks as its own, one more holder each in the
-//! [`BlockPool`]'s reference counts, and computes only the rest of the prompt: the tokens of
+//! takes that member's *full* prompt blocks as its own, one more holder each
+//! ([`KvCacheManager::share_prefix`]), and computes only the rest of the prompt: the tokens of
 //! the last, partial block (or of the last full block, so that it computes at least one token
 //! and gets its own logits). A member at the head of the queue whose siblings are still
 //! prefilling the prompt waits for them (FIFO: nothing overtakes it); one with no sibling
@@ -87,10 +88,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use thiserror::Error;
 
-use crate::kv_cache::block_pool::{BlockId, BlockPool, BlockPoolError};
+use crate::kv_cache::block_pool::{BlockId, BlockPoolError};
+use crate::kv_cache::manager::KvCacheManager;
 
 /// The scheduler's name for a sequence; the engine uses its request id.
-pub type SeqId = u64;
+pub use crate::kv_cache::manager::SeqId;
 
 /// A group of sequences with one prompt whose full blocks they share (the `n` samples of one
 /// request); the engine names it.
@@ -194,7 +196,6 @@ pub enum SeqStatus {
 struct Sequence {
     num_tokens: usize,
     num_computed: usize,
-    blocks: Vec<BlockId>,
     /// Arrival order; the waiting queue is kept sorted by it.
     arrival: u64,
     status: SeqStatus,
@@ -245,7 +246,8 @@ impl SchedulerStep {
 #[derive(Debug)]
 pub struct Scheduler {
     config: SchedulerConfig,
-    pool: BlockPool,
+    /// The blocks each sequence holds.
+    kv: KvCacheManager,
     seqs: HashMap<SeqId, Sequence>,
     /// Sorted by arrival.
     waiting: VecDeque<SeqId>,
@@ -260,8 +262,12 @@ pub struct Scheduler {
 
 /// What a waiting group member does at admission.
 enum GroupAdmission {
-    /// Take these full prompt blocks of a running sibling (`tokens` tokens of K/V).
-    Share { blocks: Vec<BlockId>, tokens: usize },
+    /// Take the first `blocks` blocks of running sibling `from` (`tokens` tokens of K/V).
+    Share {
+        from: SeqId,
+        blocks: usize,
+        tokens: usize,
+    },
     /// A sibling is prefilling the prompt now: wait for it.
     Wait,
     /// No sibling holds the prompt: compute it.
@@ -272,7 +278,7 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Result<Self, SchedulerError> {
         config.validate()?;
         Ok(Self {
-            pool: BlockPool::new(config.num_blocks),
+            kv: KvCacheManager::new(config.num_blocks, config.block_size),
             config,
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
@@ -297,11 +303,11 @@ impl Scheduler {
 
     /// Free blocks in the pool (pinned blocks are not free).
     pub fn free_blocks(&self) -> usize {
-        self.pool.num_free()
+        self.kv.num_free()
     }
 
     pub fn total_blocks(&self) -> usize {
-        self.pool.num_blocks()
+        self.kv.num_blocks()
     }
 
     /// Checks a prompt length against the limits (empty, too long for the context).
@@ -332,14 +338,11 @@ impl Scheduler {
         let needed = match self.growth_blocks_of_admitted() {
             // The end of its room to grow is never short of its prompt.
             Some(admitted) => {
-                admitted
-                    + self
-                        .growth_end(prompt_tokens, max_len)
-                        .div_ceil(self.config.block_size)
+                admitted + self.kv.blocks_for(self.growth_end(prompt_tokens, max_len))
             }
-            None => prompt_tokens.div_ceil(self.config.block_size),
+            None => self.kv.blocks_for(prompt_tokens),
         };
-        self.slots_taken() < self.config.max_num_seqs && self.pool.num_free() >= needed
+        self.slots_taken() < self.config.max_num_seqs && self.kv.num_free() >= needed
     }
 
     /// Sets how many tokens (prompt plus generated) `id` can reach at most: the end of its
@@ -363,11 +366,11 @@ impl Scheduler {
             .max(num_tokens)
     }
 
-    /// Blocks `seq` still needs to reach the end of its room to grow.
-    fn growth_blocks(&self, seq: &Sequence) -> usize {
-        let end = self.growth_end(seq.num_tokens, seq.max_len);
-        end.div_ceil(self.config.block_size)
-            .saturating_sub(seq.blocks.len())
+    /// Blocks `id` still needs to reach the end of its room to grow.
+    fn growth_blocks(&self, id: SeqId) -> usize {
+        let seq = &self.seqs[&id];
+        self.kv
+            .missing_blocks(id, self.growth_end(seq.num_tokens, seq.max_len))
     }
 
     /// The blocks the admitted sequences (running or reserved) still need to reach the ends
@@ -380,9 +383,9 @@ impl Scheduler {
         }
         Some(
             self.seqs
-                .values()
-                .filter(|s| matches!(s.status, SeqStatus::Running | SeqStatus::Reserved))
-                .map(|s| self.growth_blocks(s))
+                .iter()
+                .filter(|(_, s)| matches!(s.status, SeqStatus::Running | SeqStatus::Reserved))
+                .map(|(&id, _)| self.growth_blocks(id))
                 .sum(),
         )
     }
@@ -403,7 +406,6 @@ impl Scheduler {
             Sequence {
                 num_tokens: prompt_tokens,
                 num_computed: prompt_tokens,
-                blocks: blocks.clone(),
                 arrival: self.next_arrival,
                 status: SeqStatus::Running,
                 num_preemptions: 0,
@@ -425,13 +427,12 @@ impl Scheduler {
         prompt_tokens: usize,
         max_len: usize,
     ) -> Result<(), SchedulerError> {
-        let blocks = self.allocate_slot(id, prompt_tokens)?;
+        self.allocate_slot(id, prompt_tokens)?;
         self.seqs.insert(
             id,
             Sequence {
                 num_tokens: prompt_tokens,
                 num_computed: 0,
-                blocks,
                 arrival: self.next_arrival,
                 status: SeqStatus::Reserved,
                 num_preemptions: 0,
@@ -461,11 +462,10 @@ impl Scheduler {
         seq.status = SeqStatus::Running;
         seq.num_computed = if computed { seq.num_tokens } else { 0 };
         seq.arrival = self.next_arrival;
-        let blocks = seq.blocks.clone();
         self.next_arrival += 1;
         self.num_reserved -= 1;
         self.running.push(id);
-        Ok(blocks)
+        Ok(self.kv.blocks(id).to_vec())
     }
 
     /// A new sequence's slot and the blocks of its `prompt_tokens`, for a prompt computed
@@ -482,14 +482,14 @@ impl Scheduler {
         if self.slots_taken() >= self.config.max_num_seqs {
             return Err(SchedulerError::NoRoom(id));
         }
-        Ok(self
-            .pool
-            .allocate_n(prompt_tokens.div_ceil(self.config.block_size))?)
+        Ok(self.kv.allocate_new(id, prompt_tokens)?.to_vec())
     }
 
     /// The block table of `id`.
     pub fn blocks(&self, id: SeqId) -> Option<Vec<BlockId>> {
-        self.seqs.get(&id).map(|s| s.blocks.clone())
+        self.seqs
+            .contains_key(&id)
+            .then(|| self.kv.blocks(id).to_vec())
     }
 
     /// Queues a sequence whose prompt has `prompt_tokens` tokens.
@@ -531,7 +531,6 @@ impl Scheduler {
             Sequence {
                 num_tokens: prompt_tokens,
                 num_computed: 0,
-                blocks: Vec::new(),
                 arrival: self.next_arrival,
                 status: SeqStatus::Waiting,
                 num_preemptions: 0,
@@ -569,7 +568,8 @@ impl Scheduler {
                 .map_or(seq.num_computed, |s| s.cached_len);
             if computed_before >= shareable {
                 return GroupAdmission::Share {
-                    blocks: seq.blocks[..shareable / self.config.block_size].to_vec(),
+                    from: *sibling,
+                    blocks: shareable / self.config.block_size,
                     tokens: shareable,
                 };
             }
@@ -623,7 +623,7 @@ impl Scheduler {
                 self.groups.remove(&group);
             }
         }
-        self.pool.free_all(&seq.blocks)?;
+        self.kv.free(id)?;
         Ok(())
     }
 
@@ -642,7 +642,7 @@ impl Scheduler {
             self.num_reserved -= 1;
         }
         seq.status = SeqStatus::Pinned;
-        Ok(seq.blocks.clone())
+        Ok(self.kv.blocks(id).to_vec())
     }
 
     /// Frees the blocks of a pinned sequence and forgets it. Same as [`Self::finish`]; named
@@ -701,7 +701,7 @@ impl Scheduler {
             }
             let target = self.seqs[&id].num_computed + 1;
             let mut self_preempted = false;
-            while !self.try_grow(id, target) {
+            while !self.kv.allocate_slots(id, target) {
                 // All scheduled sequences sit before `i`, so the newest unscheduled is the last.
                 let victim = *self.running.last().expect("the running list holds `id`");
                 self.preempt(victim);
@@ -729,9 +729,10 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let seq = &self.seqs[&id];
-            let reachable = (seq.blocks.len() + self.pool.num_free()) * self.config.block_size;
-            let fit = reachable.saturating_sub(seq.num_computed);
+            let fit = self
+                .kv
+                .reachable_tokens(id)
+                .saturating_sub(self.seqs[&id].num_computed);
             if fit == 0 {
                 let victim = self.running[i + 1..]
                     .iter()
@@ -750,7 +751,7 @@ impl Scheduler {
             }
             let chunk = self.remaining(id).min(budget).min(fit);
             let target = self.seqs[&id].num_computed + chunk;
-            let grown = self.try_grow(id, target);
+            let grown = self.kv.allocate_slots(id, target);
             debug_assert!(grown, "chunk was sized to the free blocks");
             step.scheduled.push(self.take_chunk(id, chunk));
             scheduled.insert(id);
@@ -769,29 +770,30 @@ impl Scheduler {
                 let shared = match self.group_admission(id, &step) {
                     GroupAdmission::Wait => break,
                     GroupAdmission::Alone => None,
-                    GroupAdmission::Share { blocks, tokens } => {
-                        if self.pool.share(&blocks).is_err() {
+                    GroupAdmission::Share {
+                        from,
+                        blocks,
+                        tokens,
+                    } => {
+                        if self.kv.share_prefix(id, from, blocks).is_err() {
                             debug_assert!(false, "a running sibling's blocks are allocated");
                             break;
                         }
                         let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
-                        seq.blocks = blocks;
                         seq.num_computed = tokens;
                         Some(tokens)
                     }
                 };
                 let chunk = self.remaining(id).min(budget);
                 let target = self.seqs[&id].num_computed + chunk;
-                let room = admitted_growth.is_none_or(|admitted| {
-                    admitted + self.growth_blocks(&self.seqs[&id]) <= self.pool.num_free()
-                });
-                if !room || !self.try_grow(id, target) {
+                let room = admitted_growth
+                    .is_none_or(|admitted| admitted + self.growth_blocks(id) <= self.kv.num_free());
+                if !room || !self.kv.allocate_slots(id, target) {
                     if shared.is_some() {
                         // Waiting sequences hold no blocks: give the shares back.
                         let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
-                        let blocks = std::mem::take(&mut seq.blocks);
                         seq.num_computed = 0;
-                        let freed = self.pool.free_all(&blocks);
+                        let freed = self.kv.free(id);
                         debug_assert!(freed.is_ok(), "shared blocks are held: {freed:?}");
                     }
                     break;
@@ -804,7 +806,7 @@ impl Scheduler {
                 step.scheduled.push(self.take_chunk(id, chunk));
                 budget -= chunk;
                 if self.config.growth_reserve_tokens.is_some() {
-                    let newcomer = self.growth_blocks(&self.seqs[&id]);
+                    let newcomer = self.growth_blocks(id);
                     admitted_growth = Some(admitted_growth.unwrap_or(0) + newcomer);
                 }
             }
@@ -817,23 +819,6 @@ impl Scheduler {
         seq.num_tokens - seq.num_computed
     }
 
-    /// Grows `id`'s block table to hold `tokens` tokens; false (and nothing taken) when the
-    /// pool has too few free blocks.
-    fn try_grow(&mut self, id: SeqId, tokens: usize) -> bool {
-        let seq = self.seqs.get_mut(&id).expect("scheduled ids are known");
-        let needed = tokens.div_ceil(self.config.block_size);
-        if needed <= seq.blocks.len() {
-            return true;
-        }
-        match self.pool.allocate_n(needed - seq.blocks.len()) {
-            Ok(new) => {
-                seq.blocks.extend(new);
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
     fn take_chunk(&mut self, id: SeqId, token_count: usize) -> ScheduledSeq {
         let seq = self.seqs.get_mut(&id).expect("scheduled ids are known");
         let cached_len = seq.num_computed;
@@ -842,14 +827,13 @@ impl Scheduler {
             id,
             cached_len,
             token_count,
-            block_table: seq.blocks.clone(),
+            block_table: self.kv.blocks(id).to_vec(),
             wants_logits: seq.num_computed == seq.num_tokens,
         }
     }
 
     fn preempt(&mut self, id: SeqId) {
         let seq = self.seqs.get_mut(&id).expect("running ids are known");
-        let blocks = std::mem::take(&mut seq.blocks);
         seq.num_computed = 0;
         seq.status = SeqStatus::Waiting;
         seq.num_preemptions += 1;
@@ -859,8 +843,8 @@ impl Scheduler {
             .waiting
             .partition_point(|w| self.seqs[w].arrival < arrival);
         self.waiting.insert(at, id);
-        // These blocks were allocated by this pool; shared ones stay with their other holders.
-        let freed = self.pool.free_all(&blocks);
+        // Shared blocks stay with their other holders.
+        let freed = self.kv.free(id);
         debug_assert!(
             freed.is_ok(),
             "preempted blocks must be allocated: {freed:?}"
@@ -1261,12 +1245,12 @@ mod tests {
             assert_ne!(sample.block_table[2], a.block_table[2]);
         }
         assert_ne!(b.block_table[2], c.block_table[2]);
-        assert_eq!(s.pool.ref_count(a.block_table[0]), 3);
+        assert_eq!(s.kv.ref_count(a.block_table[0]), 3);
         // 2 shared + 3 partial blocks for the group, 1 for sequence 4.
         assert_eq!(s.free_blocks(), 16 - 6);
         // The shared blocks outlive whoever computed them.
         s.finish(1).unwrap();
-        assert_eq!(s.pool.ref_count(a.block_table[0]), 2);
+        assert_eq!(s.kv.ref_count(a.block_table[0]), 2);
         assert_eq!(s.free_blocks(), 16 - 5);
         s.finish(2).unwrap();
         s.finish(3).unwrap();
@@ -1340,7 +1324,7 @@ mod tests {
         assert!(preempted, "the newest sample must be preempted");
         assert_eq!(s.status(2), Some(SeqStatus::Waiting));
         for b in &shared {
-            assert_eq!(s.pool.ref_count(*b), 1, "sequence 1 still holds the prompt");
+            assert_eq!(s.kv.ref_count(*b), 1, "sequence 1 still holds the prompt");
         }
         // Once 1 finishes, 2 has no running sibling and recomputes everything itself.
         s.finish(1).unwrap();
@@ -1390,21 +1374,17 @@ mod tests {
                     let first = item.cached_len / 4;
                     let last = (item.cached_len + item.token_count - 1) / 4;
                     for b in &item.block_table[first..=last] {
-                        assert_eq!(
-                            s.pool.ref_count(*b),
-                            1,
-                            "seed {seed}: a shared block written"
-                        );
+                        assert_eq!(s.kv.ref_count(*b), 1, "seed {seed}: a shared block written");
                     }
                 }
                 let mut holders: HashMap<BlockId, u32> = HashMap::new();
-                for seq in s.seqs.values() {
-                    for b in &seq.blocks {
+                for id in s.seqs.keys() {
+                    for b in s.kv.blocks(*id) {
                         *holders.entry(*b).or_default() += 1;
                     }
                 }
                 for (b, n) in &holders {
-                    assert_eq!(s.pool.ref_count(*b), *n, "seed {seed}: block {b}");
+                    assert_eq!(s.kv.ref_count(*b), *n, "seed {seed}: block {b}");
                 }
                 assert_eq!(
                     holders.len() + s.free_blocks(),
@@ -1516,7 +1496,7 @@ mod tests {
                         to_generate.remove(&item.id);
                     }
                 }
-                let held_total: usize = s.seqs.values().map(|q| q.blocks.len()).sum();
+                let held_total: usize = s.seqs.keys().map(|id| s.kv.num_held(*id)).sum();
                 assert_eq!(
                     held_total + s.free_blocks(),
                     cfg.num_blocks,

@@ -2,7 +2,7 @@
 //!
 //! The pool knows only which block ids are free and how many holders an allocated one has;
 //! what a block holds is the cache's business ([`super::KvLayout`]) and which sequences hold
-//! it is the scheduler's. A block has several holders when the samples of one request
+//! it is the [`super::manager`]'s. A block has several holders when the samples of one request
 //! (`n` > 1) share their prompt's full blocks ([`BlockPool::share`]): it goes back to the free
 //! list when the last of them frees it.
 //!

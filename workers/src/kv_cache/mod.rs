@@ -3,8 +3,11 @@
 //! - [`layout`]: where each layer's K and V of each token live inside a block (the contract
 //!   that KV transfer between workers relies on).
 //! - [`block_pool`]: which blocks are free; allocation and release.
+//! - [`manager`]: which blocks each sequence holds (the block tables); what the scheduler asks
+//!   for room, and where blocks are shared.
 
 pub mod block_pool;
 pub mod layout;
+pub mod manager;
 
 pub use layout::{KvDType, KvLayout};
