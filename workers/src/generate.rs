@@ -213,6 +213,7 @@ mod tests {
             num_blocks: c.num_blocks,
             max_model_len: 2048,
             growth_reserve_tokens: None,
+            prefix_caching: false,
         });
         assert!(scheduler.is_ok_and(|s| s.max_context_len() == 2048));
     }

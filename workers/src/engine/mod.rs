@@ -383,6 +383,7 @@ impl<M: StepModel> Engine<M> {
             num_blocks: config.num_blocks,
             max_model_len,
             growth_reserve_tokens: config.growth_reserve_tokens,
+            prefix_caching: false,
         })?;
         Ok(Self {
             eos_token_ids: model.eos_token_ids(),
