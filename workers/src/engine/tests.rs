@@ -4,8 +4,12 @@
 //! (The real model is exercised by `tests/engine_*.rs`.)
 
 use super::*;
+use crate::backend::KvBytesMut;
 use crate::model::ModelError;
+use crate::sampler::SampledToken;
 use crate::sampler::SamplingParams;
+use crate::sampler::device::RowRequest;
+use crate::scheduler::SeqStatus;
 
 const VOCAB: usize = 32;
 const EOS: u32 = 0;
