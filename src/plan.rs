@@ -431,6 +431,10 @@ fn group_args(
         growth_reserve_tokens: group
             .growth_reserve_tokens
             .unwrap_or(defaults.growth_reserve_tokens),
+        prefix_caching: group
+            .kv_cache_config
+            .enable_block_reuse
+            .unwrap_or(defaults.prefix_caching),
         // The worker uses it on a GPU only.
         gpu_memory_fraction: group
             .kv_cache_config

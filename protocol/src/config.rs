@@ -144,6 +144,9 @@ pub struct KvCacheConfig {
     pub max_tokens: Option<usize>,
     /// Tokens per KV block.
     pub block_size: Option<usize>,
+    /// TensorRT-LLM's key for prefix caching: computed blocks stay cached for later requests
+    /// with the same prefix (absent: on).
+    pub enable_block_reuse: Option<bool>,
 }
 
 /// `context_servers` / `generation_servers`.

@@ -143,6 +143,7 @@ pub fn generate(
         deadline: None,
         resume_ids: Vec::new(),
         prompt_logprobs: None,
+        cache_salt: None,
         sample_group: None,
         grammar: None,
     };
@@ -193,6 +194,8 @@ fn engine_config(prompt_len: usize, max_tokens: usize, max_model_len: usize) -> 
         max_num_seqs: 1,
         max_model_len: Some(max_model_len),
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        // One request: nothing to share.
+        prefix_caching: false,
     }
 }
 

@@ -84,6 +84,8 @@ fn bench<B: KvBlockIo + 'static>(
         max_num_seqs: max_batch,
         max_model_len: None,
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        // The prompts repeat; the benchmark measures the steps, not the cache.
+        prefix_caching: false,
     };
     let vocab = model.config().vocab_size;
     let runner = ModelRunner::new(model, config.block_size, config.num_blocks).map_err(|e| {

@@ -99,6 +99,12 @@ pub struct WorkerArgs {
     /// fits (more requests at once, more preemptions).
     #[arg(long, default_value_t = DEFAULT_GROWTH_RESERVE_TOKENS, value_name = "N")]
     pub growth_reserve_tokens: usize,
+    /// Prefix caching: full KV blocks a request computed stay in the cache after it ends
+    /// (evicted least recently used when room is needed), and a later request whose prompt
+    /// starts with the same tokens (and the same cache_salt) takes them instead of computing
+    /// them again. false: every prompt is computed in full.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub prefix_caching: bool,
     /// Interval between heartbeats; keep it well under the api-server's --worker-timeout-ms.
     #[arg(long, default_value_t = DEFAULT_HEARTBEAT_MS, value_name = "MS")]
     pub heartbeat_ms: u64,
@@ -194,6 +200,7 @@ impl Default for WorkerArgs {
             max_num_seqs: DEFAULT_MAX_NUM_SEQS,
             max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
             growth_reserve_tokens: DEFAULT_GROWTH_RESERVE_TOKENS,
+            prefix_caching: true,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             max_tokens_in_buffer: DEFAULT_MAX_TOKENS_IN_BUFFER,
             kv_transfer_timeout_ms: DEFAULT_KV_TRANSFER_TIMEOUT_MS,
@@ -249,6 +256,7 @@ impl WorkerArgs {
         argv.push_display("--max-num-seqs", self.max_num_seqs);
         argv.push_display("--max-num-batched-tokens", self.max_num_batched_tokens);
         argv.push_display("--growth-reserve-tokens", self.growth_reserve_tokens);
+        argv.push_display("--prefix-caching", self.prefix_caching);
         argv.push_display("--heartbeat-ms", self.heartbeat_ms);
         argv.push_display("--max-tokens-in-buffer", self.max_tokens_in_buffer);
         argv.push_display("--kv-transfer-timeout-ms", self.kv_transfer_timeout_ms);
@@ -330,6 +338,7 @@ mod tests {
             max_num_seqs: 8,
             max_num_batched_tokens: 256,
             growth_reserve_tokens: 0,
+            prefix_caching: false,
             heartbeat_ms: 333,
             max_tokens_in_buffer: 2048,
             kv_transfer_timeout_ms: 9000,

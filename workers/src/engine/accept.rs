@@ -28,6 +28,7 @@ impl<M: StepModel> Engine<M> {
         } else {
             seq.tokens.push(sampled.id);
         }
+        self.scheduler.name_tokens(id, &[sampled.id]);
         let mut reason = None;
         let mut text_delta = String::new();
         let stop_token = seq.stop_token_ids.contains(&sampled.id);
@@ -101,6 +102,7 @@ impl<M: StepModel> Engine<M> {
         let Some(mut seq) = self.seqs.remove(&id) else {
             return;
         };
+        let cached_tokens = self.scheduler.cached_tokens(id).unwrap_or(0);
         if seq.pending_row.take().is_some() {
             // Ended before its in-flight token was read: that token is not the request's.
             seq.tokens.pop();
@@ -148,7 +150,7 @@ impl<M: StepModel> Engine<M> {
             request_id: id,
             kind: EventKind::Finished {
                 reason,
-                usage: seq.usage(),
+                usage: seq.usage(cached_tokens),
                 retained_kv,
             },
         });

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::{Engine, EngineError, GenerationRequest, RequestId, Sequence, StepModel, TextStream};
+use crate::kv_cache::prefix::BlockHash;
 use crate::sampler::Sampler;
 use crate::scheduler::GroupId;
 
@@ -87,6 +88,9 @@ impl<M: StepModel> Engine<M> {
             }
             // A resumed request's K/V are computed for its resumed tokens too.
             None => self.scheduler.add(id, seq.tokens.len())?,
+        }
+        if let Some(root) = seq.cache_root {
+            self.scheduler.track(id, root, &seq.tokens);
         }
         self.scheduler.set_max_len(id, seq.max_len())?;
         self.seqs.insert(id, seq);
@@ -172,6 +176,8 @@ impl<M: StepModel> Engine<M> {
                 ));
             }
         }
+        let cache_root = (self.scheduler.prefix_caching() && request.prompt_logprobs.is_none())
+            .then(|| BlockHash::root(&self.cache_namespace, request.cache_salt.as_deref()));
         let prompt_len = request.prompt_ids.len();
         let mut tokens = request.prompt_ids;
         tokens.extend(&request.resume_ids);
@@ -192,6 +198,7 @@ impl<M: StepModel> Engine<M> {
             pending_row: None,
             arrived: Instant::now(),
             first_forward: None,
+            cache_root,
         })
     }
 }

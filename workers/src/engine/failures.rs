@@ -38,9 +38,11 @@ impl<M: StepModel> Engine<M> {
     }
 
     /// Counts a forward pass that ran.
-    pub(super) fn forward_ran(&mut self) {
+    pub(super) fn forward_ran(&mut self, scheduled: &[ScheduledSeq]) {
         self.progress.steps += 1;
         self.failed_in_a_row = 0;
+        // Their K/V are written: full blocks may now be found by later prompts.
+        self.scheduler.commit(scheduled);
     }
 
     /// The device is unusable: every request, running or queued, ends with `message` (their

@@ -307,6 +307,7 @@ impl<M: StepModel> Engine<M> {
                 );
                 continue;
             }
+            self.cache_imported(id);
             self.accept_token(id, arrived.first_token, events);
         }
     }
@@ -366,7 +367,21 @@ impl<M: StepModel> Engine<M> {
                 );
                 continue;
             }
+            self.cache_imported(id);
             self.accept_token(id, prefill.first_token, events);
+        }
+    }
+
+    /// An imported prompt's K/V are written: its full blocks enter the prefix cache like
+    /// those of a prompt prefilled here.
+    fn cache_imported(&mut self, id: RequestId) {
+        let Some(seq) = self.seqs.get(&id) else {
+            return;
+        };
+        if let Some(root) = seq.cache_root {
+            self.scheduler
+                .track(id, root, &seq.tokens[..seq.prompt_len]);
+            self.scheduler.commit_sequence(id);
         }
     }
 }

@@ -81,6 +81,7 @@ pub use runner::{DeviceSampling, ModelRunner, StepModel};
 pub use tensor_parallel::TensorParallelRunner;
 pub use text::{TextDecoder, TextStep, TextStream, TokenizerText};
 
+use crate::kv_cache::prefix::BlockHash;
 use crate::model::ForwardBatch;
 use crate::sampler::{Sampler, SamplingError};
 pub use crate::scheduler::DEFAULT_GROWTH_RESERVE_TOKENS;
@@ -106,6 +107,9 @@ pub struct EngineConfig {
     /// not preempted before it gets there (`SchedulerConfig::growth_reserve_tokens`); `None`
     /// admits on the first prompt chunk alone.
     pub growth_reserve_tokens: Option<usize>,
+    /// Keep computed prompt blocks for later requests with the same prefix (the scheduler's
+    /// "Cached prefixes"): on by default.
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -117,6 +121,7 @@ impl Default for EngineConfig {
             max_num_seqs: 64,
             max_model_len: None,
             growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+            prefix_caching: true,
         }
     }
 }
@@ -190,6 +195,9 @@ struct Sequence {
     /// When its first forward pass ran (kept through preemptions: the wait before it is the
     /// queue's, the time after it the prefill's).
     first_forward: Option<Instant>,
+    /// The root its blocks' names chain from (model and salt), when it takes part in prefix
+    /// caching: not with prompt logprobs (every prompt row must be computed here).
+    cache_root: Option<BlockHash>,
 }
 
 impl Sequence {
@@ -207,10 +215,11 @@ impl Sequence {
         }
     }
 
-    fn usage(&self) -> Usage {
+    fn usage(&self, cached_tokens: usize) -> Usage {
         Usage {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.tokens.len() - self.prompt_len,
+            cached_tokens: cached_tokens.min(self.prompt_len),
         }
     }
 }
@@ -267,6 +276,9 @@ pub struct Engine<M: StepModel> {
     device_masks: bool,
     /// Steps queued before the previous one is collected ([`overlap`]).
     overlap: overlap::Overlap,
+    /// What the K/V depend on besides tokens (a model fingerprint): part of every cached
+    /// block's name ([`Self::set_cache_namespace`]).
+    cache_namespace: String,
 }
 
 /// Forward passes that ran and that failed, and sequences preempted, since the engine
@@ -297,7 +309,7 @@ impl<M: StepModel> Engine<M> {
             num_blocks: config.num_blocks,
             max_model_len,
             growth_reserve_tokens: config.growth_reserve_tokens,
-            prefix_caching: false,
+            prefix_caching: config.prefix_caching,
         })?;
         Ok(Self {
             eos_token_ids: model.eos_token_ids(),
@@ -322,11 +334,29 @@ impl<M: StepModel> Engine<M> {
             masks: masks::MaskWorker::default(),
             device_masks: std::env::var("TANDEM_DEVICE_MASKS").map_or(true, |v| v != "0"),
             overlap: overlap::Overlap::from_env(),
+            cache_namespace: String::new(),
         })
     }
 
     pub fn model(&self) -> &M {
         &self.model
+    }
+
+    /// Names what this engine's K/V depend on besides their tokens (the model directory's
+    /// fingerprint), so that cached blocks' names, which leave the worker in KV events, never
+    /// match another model's.
+    pub fn set_cache_namespace(&mut self, namespace: &str) {
+        namespace.clone_into(&mut self.cache_namespace);
+    }
+
+    /// Prompt tokens looked up in the prefix cache and found there, and its evictions.
+    pub fn prefix_cache_stats(&self) -> crate::kv_cache::manager::PrefixCacheStats {
+        self.scheduler.prefix_cache_stats()
+    }
+
+    /// The cached blocks stored and evicted since the last call.
+    pub fn take_kv_events(&mut self) -> Vec<crate::kv_cache::manager::KvEvent> {
+        self.scheduler.take_kv_events()
     }
 
     /// Steps whose successor was queued before they were collected ([`overlap`]), since start.
@@ -441,6 +471,7 @@ pub(crate) fn finished_without_tokens(
             usage: Usage {
                 prompt_tokens,
                 completion_tokens: 0,
+                cached_tokens: 0,
             },
             retained_kv: None,
         },

@@ -55,6 +55,10 @@ pub struct GenerationRequest {
     /// prefill-only), and may have `max_tokens` 0: it ends after its prompt, with
     /// `FinishReason::Length` and no token (OpenAI's `echo` with `max_tokens: 0`).
     pub prompt_logprobs: Option<u32>,
+    /// Isolates this request's cached prefixes (vLLM's `cache_salt`): its blocks are found
+    /// only by requests with the same salt, and it finds only theirs. `None` shares with every
+    /// other unsalted request.
+    pub cache_salt: Option<String>,
 }
 
 impl GenerationRequest {
@@ -73,6 +77,7 @@ impl GenerationRequest {
             sample_group: None,
             grammar: None,
             prompt_logprobs: None,
+            cache_salt: None,
         }
     }
 }
@@ -95,6 +100,9 @@ pub enum FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens found computed (prefix cache, or a sibling sample's blocks) rather than
+    /// prefilled here; OpenAI's `prompt_tokens_details.cached_tokens`.
+    pub cached_tokens: usize,
 }
 
 /// KV blocks a prefill-only request left allocated for a transfer.

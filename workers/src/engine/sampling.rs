@@ -25,7 +25,7 @@ impl<M: StepModel> Engine<M> {
         self.finish_masks(events);
         let rows = match forward {
             Ok(rows) if rows.len() == batch.logits_rows() => {
-                self.forward_ran();
+                self.forward_ran(scheduled);
                 rows
             }
             Ok(rows) => {
@@ -185,7 +185,7 @@ impl<M: StepModel> Engine<M> {
         self.finish_masks(events);
         match forward {
             Ok(summaries) if summaries.len() == step.wanting.len() => {
-                self.forward_ran();
+                self.forward_ran(&step.scheduled);
                 Some(summaries)
             }
             Ok(summaries) => {

@@ -182,6 +182,15 @@ fn engine(budget: usize, num_blocks: usize) -> Engine<FakeModel> {
     .unwrap()
 }
 
+/// The same engine computing every prompt in full.
+fn engine_without_prefix_cache(budget: usize, num_blocks: usize) -> Engine<FakeModel> {
+    let config = EngineConfig {
+        prefix_caching: false,
+        ..first_chunk_admission(budget, num_blocks)
+    };
+    Engine::new(FakeModel::new(4, num_blocks), config, None).unwrap()
+}
+
 fn first_chunk_admission(budget: usize, num_blocks: usize) -> EngineConfig {
     EngineConfig {
         block_size: 4,
@@ -190,6 +199,7 @@ fn first_chunk_admission(budget: usize, num_blocks: usize) -> EngineConfig {
         max_num_seqs: budget.min(8),
         max_model_len: None,
         growth_reserve_tokens: None,
+        prefix_caching: true,
     }
 }
 
@@ -291,6 +301,7 @@ fn prefill_only_requests_keep_no_room_to_grow() {
     // for 256 more tokens each.
     let config = EngineConfig {
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        prefix_caching: true,
         ..first_chunk_admission(64, 12)
     };
     let mut e = Engine::new(FakeModel::new(4, 12), config, None).unwrap();
@@ -326,6 +337,7 @@ fn room_to_grow_kept_at_admission_means_no_preemption_and_the_same_tokens() {
     }
     let config = EngineConfig {
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        prefix_caching: true,
         ..first_chunk_admission(6, 14)
     };
     let mut e = Engine::new(FakeModel::new(4, 14), config, None).unwrap();
@@ -361,7 +373,8 @@ fn samples_of_a_group_share_the_prompt_and_generate_what_they_would_alone() {
         sample_group: Some("cmpl-1".into()),
         ..request(prompt(13, 0), 10, params.clone())
     };
-    let mut alone = engine(64, 64);
+    // Alone and without the prefix cache, every sample computes the whole prompt.
+    let mut alone = engine_without_prefix_cache(64, 64);
     let mut reference = Vec::new();
     for params in &samples {
         let id = alone
@@ -555,6 +568,7 @@ fn a_prompt_only_request_ends_after_its_prompt() {
             Some((
                 FinishReason::Length,
                 Usage {
+                    cached_tokens: 0,
                     prompt_tokens: 10,
                     completion_tokens: 0
                 }
@@ -1334,7 +1348,8 @@ fn handle_streams_events_and_dropping_a_stream_cancels_it() {
             reason: FinishReason::Length,
             usage: Usage {
                 prompt_tokens: 6,
-                completion_tokens: 5
+                completion_tokens: 5,
+                ..
             },
             ..
         }
@@ -1532,6 +1547,7 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
         max_num_seqs: 8,
         max_model_len: None,
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        prefix_caching: true,
     };
     let mut host = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
     let mut device = summarizing_engine(config, true);
@@ -1568,6 +1584,7 @@ fn a_request_whose_deadline_passes_in_the_queue_is_dropped_when_its_turn_comes()
         max_num_seqs: 1,
         max_model_len: None,
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        prefix_caching: true,
     };
     let mut e = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
     let first = e
@@ -1796,6 +1813,7 @@ fn roomy_config() -> EngineConfig {
         max_num_seqs: 8,
         max_model_len: None,
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        prefix_caching: true,
     }
 }
 
@@ -1839,6 +1857,7 @@ fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
         max_num_seqs: 8,
         max_model_len: None,
         growth_reserve_tokens: None, // the small cache is there to preempt
+        prefix_caching: true,
     };
     let hot = |seed| SamplingParams {
         // Hot enough that EOS (biased down) is drawn now and then.
@@ -2053,4 +2072,135 @@ fn a_device_lost_while_a_step_is_in_flight_ends_every_request() {
     assert!(!e.has_work(), "nothing left to step");
     assert!(e.overlap.in_flight.is_none());
     assert_eq!(e.free_blocks(), e.total_blocks());
+}
+
+/// Usage per request id, from `Finished` events.
+fn usages(events: &[EngineEvent]) -> HashMap<RequestId, Usage> {
+    events
+        .iter()
+        .filter_map(|ev| match &ev.kind {
+            EventKind::Finished { usage, .. } => Some((ev.request_id, *usage)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Each request's tokens and end, each one's usage, and the tokens the model computed.
+type RunReport = (Vec<(Vec<u32>, FinishReason)>, Vec<Usage>, usize);
+
+/// Runs `requests` on `e`, the first alone and the rest together after it.
+fn run_after_first(e: &mut Engine<FakeModel>, requests: Vec<GenerationRequest>) -> RunReport {
+    let mut out = Outcomes::new();
+    let mut usage = HashMap::new();
+    let mut ids = Vec::new();
+    for (i, request) in requests.into_iter().enumerate() {
+        ids.push(e.add_request(request).unwrap());
+        if i == 0 {
+            while e.has_work() {
+                let events = e.step();
+                usage.extend(usages(&events));
+                absorb(&mut out, events);
+            }
+        }
+    }
+    while e.has_work() {
+        let events = e.step();
+        usage.extend(usages(&events));
+        absorb(&mut out, events);
+    }
+    (
+        ids.iter().map(|id| out[id].clone()).collect(),
+        ids.iter().map(|id| usage[id]).collect(),
+        e.model().tokens_computed,
+    )
+}
+
+/// Prefix caching changes what is computed, never what is generated: requests sharing a long
+/// prefix with a finished one (greedy and seeded; the fake model reads every position's token
+/// from the cache through the block table, so a wrong cached block changes the logits) give
+/// the tokens they give without the cache, compute only the blocks they do not share, and
+/// report the shared tokens as cached.
+#[test]
+fn a_prompt_sharing_a_cached_prefix_computes_only_its_new_blocks_and_generates_the_same() {
+    let system = prompt(22, 3);
+    let with_question = |q: u32, len: usize| [&system[..], &prompt(len, q)[..]].concat();
+    let requests = || {
+        vec![
+            request(with_question(1, 5), 8, SamplingParams::greedy()),
+            request(with_question(2, 3), 8, SamplingParams::greedy()),
+            request(with_question(3, 9), 6, sampled(7)),
+            request(system.clone(), 5, sampled(8)),
+        ]
+    };
+    let (plain, plain_usage, plain_computed) =
+        run_after_first(&mut engine_without_prefix_cache(64, 64), requests());
+    let mut cached_engine = engine(64, 64);
+    let (cached, cached_usage, cached_computed) = run_after_first(&mut cached_engine, requests());
+    assert_eq!(cached, plain);
+    // 22 shared tokens: 5 full blocks of 4. The last request's prompt is the shared part
+    // itself: it computes its last block's worth (20 cached, 2 computed).
+    let cached_tokens: Vec<usize> = cached_usage.iter().map(|u| u.cached_tokens).collect();
+    assert_eq!(cached_tokens, vec![0, 20, 20, 20]);
+    assert!(plain_usage.iter().all(|u| u.cached_tokens == 0));
+    assert_eq!(cached_computed + 3 * 20, plain_computed);
+    assert_eq!(cached_engine.free_blocks(), 64);
+    let stats = cached_engine.prefix_cache_stats();
+    assert_eq!(stats.hit_tokens, 60);
+}
+
+/// Under a cache too small for everything: shared blocks survive their first holder's end,
+/// eviction makes room, preempted requests recompute or find their blocks, and every request
+/// still generates what it does without the cache.
+#[test]
+fn shared_prefixes_under_memory_pressure_generate_what_they_do_without_the_cache() {
+    let system = prompt(13, 5);
+    let requests = || -> Vec<GenerationRequest> {
+        (0..8u32)
+            .map(|k| {
+                let tail = prompt(2 + (k as usize * 3) % 7, k + 10);
+                let params = if k % 2 == 0 {
+                    SamplingParams::greedy()
+                } else {
+                    sampled(u64::from(k))
+                };
+                request([&system[..], &tail[..]].concat(), 10, params)
+            })
+            .collect()
+    };
+    let (plain, _, _) = run_after_first(&mut engine_without_prefix_cache(6, 16), requests());
+    let mut e = engine(6, 16);
+    let (cached, usage, _) = run_after_first(&mut e, requests());
+    assert_eq!(cached, plain);
+    assert!(usage.iter().skip(1).any(|u| u.cached_tokens > 0));
+    assert!(
+        e.prefix_cache_stats().evicted_blocks > 0,
+        "the cache must evict"
+    );
+    assert!(e.num_preemptions() > 0, "the cache must preempt");
+    assert_eq!(e.free_blocks(), 16);
+}
+
+/// Requests with different `cache_salt`s never share a block: the second computes its whole
+/// prompt; the same salt shares.
+#[test]
+fn requests_with_different_salts_never_share_cached_blocks() {
+    let salted = |salt: &str| GenerationRequest {
+        cache_salt: Some(salt.into()),
+        ..request(prompt(17, 2), 3, SamplingParams::greedy())
+    };
+    let mut e = engine(64, 64);
+    let (_, usage, _) = run_after_first(
+        &mut e,
+        vec![
+            salted("a"),
+            salted("b"),
+            request(prompt(17, 2), 3, SamplingParams::greedy()),
+        ],
+    );
+    assert_eq!(
+        usage.iter().map(|u| u.cached_tokens).collect::<Vec<_>>(),
+        vec![0, 0, 0]
+    );
+    let (_, usage, _) = run_after_first(&mut e, vec![salted("a")]);
+    assert_eq!(usage[0].cached_tokens, 16);
 }

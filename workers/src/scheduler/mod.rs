@@ -135,6 +135,8 @@ struct Sequence {
     /// The most tokens it can reach (prompt plus `max_tokens`; `usize::MAX` until the engine
     /// says, the context still capping it): growth is reserved up to here and no further.
     max_len: usize,
+    /// Prompt tokens its first admission found computed (cached, or a sibling sample's).
+    cached_tokens: usize,
     /// The samples group this sequence belongs to ([`Scheduler::add_to_group`]), and the
     /// prompt tokens its members may share (whole blocks, at least one token short of the
     /// prompt). `None` for a sequence on its own.
@@ -347,6 +349,7 @@ impl Scheduler {
                 arrival: self.next_arrival,
                 status: SeqStatus::Running,
                 num_preemptions: 0,
+                cached_tokens: 0,
                 max_len,
                 group: None,
             },
@@ -374,6 +377,7 @@ impl Scheduler {
                 arrival: self.next_arrival,
                 status: SeqStatus::Reserved,
                 num_preemptions: 0,
+                cached_tokens: 0,
                 max_len,
                 group: None,
             },
@@ -472,6 +476,7 @@ impl Scheduler {
                 arrival: self.next_arrival,
                 status: SeqStatus::Waiting,
                 num_preemptions: 0,
+                cached_tokens: 0,
                 max_len: usize::MAX,
                 group,
             },
@@ -501,6 +506,19 @@ impl Scheduler {
             self.kv
                 .commit_computed(item.id, item.cached_len + item.token_count);
         }
+    }
+
+    /// `id`'s computed tokens are in its blocks (a prompt imported from elsewhere, written):
+    /// its full blocks may be named.
+    pub fn commit_sequence(&mut self, id: SeqId) {
+        if let Some(seq) = self.seqs.get(&id) {
+            self.kv.commit_computed(id, seq.num_computed);
+        }
+    }
+
+    /// Whether computed blocks are kept for later sequences.
+    pub fn prefix_caching(&self) -> bool {
+        self.kv.prefix_caching()
     }
 
     /// Prompt tokens looked up in the prefix cache and found there, and evictions.
@@ -628,6 +646,12 @@ impl Scheduler {
     /// How often `id` has been preempted.
     pub fn num_preemptions(&self, id: SeqId) -> Option<u32> {
         self.seqs.get(&id).map(|s| s.num_preemptions)
+    }
+
+    /// Prompt tokens of `id` that its admission found computed, in the prefix cache or a
+    /// sibling sample's blocks (a preemption's re-admission does not count).
+    pub fn cached_tokens(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).map(|s| s.cached_tokens)
     }
 
     /// Tokens whose K/V are in the cache for `id`.
@@ -782,8 +806,12 @@ impl Scheduler {
                     }
                     break;
                 }
-                if self.kv.prefix_caching() && self.kv.is_tracked(id) {
-                    self.kv.record_lookup(prompt_tokens, shared.unwrap_or(0));
+                let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
+                if seq.num_preemptions == 0 {
+                    seq.cached_tokens = shared.unwrap_or(0);
+                    if self.kv.is_tracked(id) {
+                        self.kv.record_lookup(prompt_tokens, seq.cached_tokens);
+                    }
                 }
                 self.waiting.pop_front();
                 self.running.push(id);

@@ -36,6 +36,7 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         // Compiled by the role (`super::grammar`), off the bus loop.
         grammar: None,
         prompt_logprobs: job.sampling.prompt_logprobs,
+        cache_salt: None,
     }
 }
 

@@ -190,6 +190,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         max_num_seqs: args.max_num_seqs,
         max_model_len: Some(max_model_len),
         growth_reserve_tokens: Some(args.growth_reserve_tokens).filter(|&t| t > 0),
+        prefix_caching: args.prefix_caching,
     };
     let backend = model.describe();
     let StartedEngine {

@@ -156,6 +156,7 @@ mod tests {
                 usage: Usage {
                     prompt_tokens: 4,
                     completion_tokens: 2,
+                    cached_tokens: 0,
                 },
                 retained_kv: None,
             },
