@@ -27,7 +27,7 @@ fn prompts(vocab: u32) -> Vec<Vec<u32>> {
 }
 
 fn sampling(i: usize) -> SamplingParams {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         SamplingParams::greedy()
     } else {
         SamplingParams {
