@@ -9,12 +9,16 @@
 #                                       # ids, `tandem bench --input-tokens`) instead of words;
 #                                       # GROWTH_RESERVE: the group's growth_reserve_tokens;
 #                                       # TEMPERATURE, TOP_P: every request's sampling (greedy)
+#                                       # PREFIX_CACHING: false turns the worker's prefix
+#                                       # caching off (kv_cache_config.enable_block_reuse)
 # The GPU's SM clock, power and clock-limit reasons are sampled every second while the
 # requests run (large-batch-gpu.csv); the summary line averages the samples above 300 W.
 set -uo pipefail
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
 model=$(random_model "${MODEL:-llama-3.1-8b}")
+cache_line=
+[ -n "${PREFIX_CACHING:-}" ] && cache_line="  kv_cache_config: { enable_block_reuse: $PREFIX_CACHING }"
 cat >/tmp/large-batch.yaml <<EOC
 hostname: 127.0.0.1
 context_servers:
@@ -25,6 +29,7 @@ generation_servers:
   max_batch_size: ${MAX_BATCH:-512}
   max_num_tokens: ${MAX_NUM_TOKENS:-8192}
 ${GROWTH_RESERVE:+  growth_reserve_tokens: $GROWTH_RESERVE}
+${cache_line}
 EOC
 serve_and_wait /tmp/large-batch.yaml "$model" 8410 "$out/large-batch-serve.log"
 pid=$served_pid

@@ -15,7 +15,7 @@
 #   offline-128-128, offline-2048-128, offline-1000-1000
 #             one of them at the published request count (30,000; 3,000; 3,000) or N, each
 #             about 4-7 minutes: one device call each; TAG names the run's files
-#             (GROWTH_RESERVE passes through to large_batch.sh)
+#             (GROWTH_RESERVE and PREFIX_CACHING pass through to large_batch.sh)
 #
 #   scripts/device/one_gpu.sh                 # everything (about 9 minutes: split it)
 #   scripts/device/one_gpu.sh tests check     # correctness only
