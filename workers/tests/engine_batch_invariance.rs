@@ -53,6 +53,7 @@ fn alone(model: &std::path::Path, prompt: &[u32], sampling: &SamplingParams) -> 
             max_num_seqs: 1,
             max_model_len: None,
             growth_reserve_tokens: Some(tandem_workers::engine::DEFAULT_GROWTH_RESERVE_TOKENS),
+            ..EngineConfig::default()
         },
     );
     let id = engine
@@ -82,6 +83,7 @@ fn batched(
             max_model_len: None,
             // Admission on the first chunk alone, so that the small cache preempts.
             growth_reserve_tokens: None,
+            ..EngineConfig::default()
         },
     );
     let ids: Vec<_> = prompts

@@ -88,6 +88,7 @@ fn config(max_num_batched_tokens: usize, num_blocks: usize) -> EngineConfig {
         max_model_len: None,
         // Admission on the first chunk alone: the small caches here are there to preempt.
         growth_reserve_tokens: None,
+        ..EngineConfig::default()
     }
 }
 

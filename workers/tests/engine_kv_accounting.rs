@@ -18,6 +18,7 @@ fn config() -> EngineConfig {
         max_model_len: None,
         // Admission on the first chunk alone: the small caches here are there to preempt.
         growth_reserve_tokens: None,
+        ..EngineConfig::default()
     }
 }
 

@@ -16,6 +16,7 @@ fn config() -> EngineConfig {
         max_num_seqs: 4,
         max_model_len: None,
         growth_reserve_tokens: Some(tandem_workers::engine::DEFAULT_GROWTH_RESERVE_TOKENS),
+        ..EngineConfig::default()
     }
 }
 

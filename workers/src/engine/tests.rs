@@ -190,6 +190,7 @@ fn first_chunk_admission(budget: usize, num_blocks: usize) -> EngineConfig {
         max_num_seqs: budget.min(8),
         max_model_len: None,
         growth_reserve_tokens: None,
+        ..EngineConfig::default()
     }
 }
 
@@ -1532,6 +1533,7 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
         max_num_seqs: 8,
         max_model_len: None,
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        ..EngineConfig::default()
     };
     let mut host = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
     let mut device = summarizing_engine(config, true);
@@ -1568,6 +1570,7 @@ fn a_request_whose_deadline_passes_in_the_queue_is_dropped_when_its_turn_comes()
         max_num_seqs: 1,
         max_model_len: None,
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        ..EngineConfig::default()
     };
     let mut e = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
     let first = e
@@ -1796,6 +1799,7 @@ fn roomy_config() -> EngineConfig {
         max_num_seqs: 8,
         max_model_len: None,
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
+        ..EngineConfig::default()
     }
 }
 
@@ -1839,6 +1843,7 @@ fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
         max_num_seqs: 8,
         max_model_len: None,
         growth_reserve_tokens: None, // the small cache is there to preempt
+        ..EngineConfig::default()
     };
     let hot = |seed| SamplingParams {
         // Hot enough that EOS (biased down) is drawn now and then.
