@@ -17,8 +17,8 @@ use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::{Backend, BackendError};
 use crate::engine::{
-    Engine, EngineConfig, EngineError, EngineHandle, ModelRunner, StepModel, TensorParallelRunner,
-    TextDecoder,
+    Engine, EngineConfig, EngineError, EngineHandle, ForwardFaults, ModelRunner, StepModel,
+    TensorParallelRunner, TextDecoder,
 };
 use crate::kv_cache::{KvDType, KvLayout};
 use crate::model::weights::SharedGeneration;
@@ -441,22 +441,30 @@ impl LoadedModel {
         Ok(())
     }
 
-    /// Allocates the KV cache, builds the engine and starts its thread.
+    /// Allocates the KV cache, builds the engine and starts its thread. `faults` are a fault
+    /// test's ([`ForwardFaults`]; none in production), counted from the first forward pass,
+    /// the start-up check's included.
     pub fn spawn_engine(
         self,
         dir: &Path,
         config: EngineConfig,
         decoder: Option<Arc<dyn TextDecoder>>,
+        faults: ForwardFaults,
     ) -> Result<StartedEngine, DeviceError> {
-        /// Each model with a cache of `config`'s blocks.
+        /// Each model with a cache of `config`'s blocks, failing as `faults` say.
         fn runners<B: Backend>(
             models: Vec<Model<B>>,
             dir: &Path,
             config: &EngineConfig,
+            faults: ForwardFaults,
         ) -> Result<Vec<ModelRunner<B>>, DeviceError> {
             models
                 .into_iter()
-                .map(|model| ModelRunner::new(model, config.block_size, config.num_blocks))
+                .map(|model| {
+                    let mut runner = ModelRunner::new(model, config.block_size, config.num_blocks)?;
+                    runner.inject_faults(faults);
+                    Ok(runner)
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|source| DeviceError::Model {
                     path: dir.to_owned(),
@@ -465,18 +473,18 @@ impl LoadedModel {
         }
         match self {
             LoadedModel::Cpu(m) => {
-                let runner = runners(vec![*m], dir, &config)?.remove(0);
+                let runner = runners(vec![*m], dir, &config, faults)?.remove(0);
                 start(runner, config, decoder, None)
             }
             // A GPU can compute garbage without an error (a library kernel that did not run):
             // checked once before the worker serves from it.
             LoadedModel::Cuda(m) => {
                 let device = m.backend().describe();
-                let runner = runners(vec![*m], dir, &config)?.remove(0);
+                let runner = runners(vec![*m], dir, &config, faults)?.remove(0);
                 start(runner, config, decoder, Some(&device))
             }
             LoadedModel::CpuGroup { ranks, group } => {
-                let runners = runners(ranks, dir, &config)?;
+                let runners = runners(ranks, dir, &config, faults)?;
                 let abort = Box::new(move |why: &str| group.abort(why));
                 let group =
                     TensorParallelRunner::spawn(runners, abort).map_err(DeviceError::Thread)?;
@@ -484,7 +492,7 @@ impl LoadedModel {
             }
             LoadedModel::CudaGroup { ranks } => {
                 let device = format!("{} GPUs", ranks.len());
-                let runners = runners(ranks, dir, &config)?;
+                let runners = runners(ranks, dir, &config, faults)?;
                 // NCCL's communicators cannot be aborted from here while a rank may be using
                 // its own: a rank left waiting in an all-reduce is ended by the process's exit
                 // once the group reports itself broken.

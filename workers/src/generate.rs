@@ -9,13 +9,13 @@ use std::path::PathBuf;
 
 use clap::Args;
 use serde::Serialize;
-use tandem_cli::args::GpuArgs;
+use tandem_cli::args::{EngineArgs, GpuArgs};
 use thiserror::Error;
 
 use crate::device::{DeviceError, StartedEngine, load_model};
 use crate::engine::{
-    DEFAULT_GROWTH_RESERVE_TOKENS, EngineConfig, EngineError, EventKind, FinishReason,
-    GenerationRequest,
+    DEFAULT_GROWTH_RESERVE_TOKENS, EngineConfig, EngineError, EngineSettings, EventKind,
+    FinishReason, ForwardFaults, GenerationRequest,
 };
 use crate::model_dir::{ModelDirError, ModelText, check_model_dir};
 use crate::sampler::SamplingParams;
@@ -72,6 +72,8 @@ pub struct GenerateArgs {
     pub tensor_parallel: usize,
     #[command(flatten)]
     pub gpu: GpuArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 /// What `--json` prints.
@@ -118,13 +120,21 @@ pub fn generate(
         &args.gpu,
         args.tensor_parallel,
     )?;
-    let config = engine_config(
-        prompt_ids.len(),
-        args.max_tokens,
-        model.config().max_position_embeddings,
-    );
-    let StartedEngine { handle, thread, .. } =
-        model.spawn_engine(&args.model, config, Some(text.decoder()))?;
+    let config = EngineConfig {
+        settings: EngineSettings::from_env().with_flags(&args.engine),
+        ..engine_config(
+            prompt_ids.len(),
+            args.max_tokens,
+            model.config().max_position_embeddings,
+        )
+    };
+    // The test hooks are the serving worker's: none here.
+    let StartedEngine { handle, thread, .. } = model.spawn_engine(
+        &args.model,
+        config,
+        Some(text.decoder()),
+        ForwardFaults::default(),
+    )?;
 
     let request = GenerationRequest {
         prompt_ids: prompt_ids.clone(),
@@ -196,6 +206,7 @@ fn engine_config(prompt_len: usize, max_tokens: usize, max_model_len: usize) -> 
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
         // One request: nothing to share.
         prefix_caching: false,
+        ..EngineConfig::default()
     }
 }
 

@@ -14,7 +14,8 @@ use serde::Serialize;
 use crate::backend::KvBlockIo;
 use crate::device::{Device, DeviceError, LoadedModel, load_model};
 use crate::engine::{
-    DEFAULT_GROWTH_RESERVE_TOKENS, Engine, EngineConfig, EventKind, GenerationRequest, ModelRunner,
+    DEFAULT_GROWTH_RESERVE_TOKENS, Engine, EngineConfig, EngineSettings, EventKind,
+    GenerationRequest, ModelRunner,
 };
 use crate::model::Model;
 use crate::sampler::SamplingParams;
@@ -86,6 +87,8 @@ fn bench<B: KvBlockIo + 'static>(
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
         // The prompts repeat; the benchmark measures the steps, not the cache.
         prefix_caching: false,
+        // The benchmark takes the engine's variables alone, e.g. `TANDEM_DEVICE_MASKS=0`.
+        settings: EngineSettings::from_env(),
     };
     let vocab = model.config().vocab_size;
     let runner = ModelRunner::new(model, config.block_size, config.num_blocks).map_err(|e| {

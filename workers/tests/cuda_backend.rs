@@ -1312,6 +1312,7 @@ fn cuda_engine_tokens(
         max_model_len: None,
         growth_reserve_tokens: Some(tandem_workers::engine::DEFAULT_GROWTH_RESERVE_TOKENS),
         prefix_caching: true,
+        ..EngineConfig::default()
     };
     let runner = ModelRunner::new(model, config.block_size, config.num_blocks).unwrap();
     let mut engine = Engine::new(runner, config, None).unwrap();

@@ -54,6 +54,7 @@ fn alone(model: &std::path::Path, prompt: &[u32], sampling: &SamplingParams) -> 
             max_model_len: None,
             growth_reserve_tokens: Some(tandem_workers::engine::DEFAULT_GROWTH_RESERVE_TOKENS),
             prefix_caching: true,
+            ..EngineConfig::default()
         },
     );
     let id = engine
@@ -84,6 +85,7 @@ fn batched(
             // Admission on the first chunk alone, so that the small cache preempts.
             growth_reserve_tokens: None,
             prefix_caching: true,
+            ..EngineConfig::default()
         },
     );
     let ids: Vec<_> = prompts

@@ -89,6 +89,7 @@ fn config(max_num_batched_tokens: usize, num_blocks: usize) -> EngineConfig {
         // Admission on the first chunk alone: the small caches here are there to preempt.
         growth_reserve_tokens: None,
         prefix_caching: true,
+        ..EngineConfig::default()
     }
 }
 

@@ -21,6 +21,7 @@ fn config() -> EngineConfig {
         max_model_len: None,
         growth_reserve_tokens: Some(tandem_workers::engine::DEFAULT_GROWTH_RESERVE_TOKENS),
         prefix_caching: true,
+        ..EngineConfig::default()
     }
 }
 

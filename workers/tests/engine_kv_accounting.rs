@@ -19,6 +19,7 @@ fn config() -> EngineConfig {
         // Admission on the first chunk alone: the small caches here are there to preempt.
         growth_reserve_tokens: None,
         prefix_caching: true,
+        ..EngineConfig::default()
     }
 }
 

@@ -58,6 +58,7 @@ fn run(
             // Admission on the first chunk alone, so that the small cache preempts.
             growth_reserve_tokens: None,
             prefix_caching,
+            ..EngineConfig::default()
         },
     );
     let mut rec = Recorder::default();

@@ -4,7 +4,8 @@
 //! both sides at once, and a round-trip test per struct checks that what `to_args` renders
 //! parses back to what was filled.
 //!
-//! - [`WorkerArgs`] (with its GPU group [`GpuArgs`]): `worker --role ROLE ...`.
+//! - [`WorkerArgs`] (with its GPU group [`GpuArgs`] and its engine switches [`EngineArgs`]):
+//!   `worker --role ROLE ...`.
 //! - [`ApiServerArgs`]: `api-server --model DIR ...`.
 
 mod api_server;
@@ -18,7 +19,9 @@ pub use api_server::{
     ApiKey, ApiServerArgs, DEFAULT_MAX_PENDING_REQUESTS, DEFAULT_MIGRATION_LIMIT,
 };
 pub use nats_auth::{NatsAuthArgs, NatsAuthError, TOKEN_VAR as NATS_TOKEN_VAR};
-pub use worker::{DEFAULT_GROWTH_RESERVE_TOKENS, GpuArgs, KV_SECRET_VAR, WorkerArgs, parse_ranks};
+pub use worker::{
+    DEFAULT_GROWTH_RESERVE_TOKENS, EngineArgs, GpuArgs, KV_SECRET_VAR, WorkerArgs, parse_ranks,
+};
 
 /// An argument list, built flag by flag.
 #[derive(Debug, Default)]

@@ -150,6 +150,8 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub gpu: GpuArgs,
     #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
     pub nats_auth: super::NatsAuthArgs,
 }
 
@@ -173,6 +175,38 @@ pub struct GpuArgs {
     /// TANDEM_L2_PREFETCH_MB, else a sixth of the device's L2).
     #[arg(long, value_name = "MIB")]
     pub l2_prefetch_mb: Option<usize>,
+}
+
+/// Switches of the engine's step loop (`worker --role ...` and `worker generate`). A flag left
+/// out takes its environment variable, else the default; docs/configuration.md lists both. The
+/// first two compare two paths of a GPU worker that give the same tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Args)]
+#[command(next_help_heading = "Engine")]
+pub struct EngineArgs {
+    /// With device sampling, queue the next step's forward pass before reading this step's
+    /// tokens when the device picks every one of them, so the host's work runs while the
+    /// device computes; false reads each step before scheduling the next, to compare
+    /// (default: true, unless TANDEM_OVERLAP=0).
+    #[arg(long, value_name = "BOOL")]
+    pub overlap: Option<bool>,
+    /// With device sampling, apply a constrained request's grammar mask to its logits row on
+    /// the device and sample it from a summary; false copies constrained rows to the host
+    /// sampler, to compare (default: true, unless TANDEM_DEVICE_MASKS=0).
+    #[arg(long, value_name = "BOOL")]
+    pub device_masks: Option<bool>,
+    /// Seconds between the engine's summary lines (steps, tokens per second, where a step's
+    /// time goes) while it has work; 0 turns them off (default: TANDEM_ENGINE_LOG_SECS, else
+    /// 10).
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    pub engine_log_secs: Option<f64>,
+}
+
+/// A number of seconds: finite and not negative.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Ok(secs),
+        _ => Err(format!("`{text}` is not a number of seconds (0 or more)")),
+    }
 }
 
 /// A tensor-parallel group's size: a whole number, at least 1.
@@ -209,6 +243,7 @@ impl Default for WorkerArgs {
             cuda_ipc_pool_mb: None,
             kv_secret_file: None,
             gpu: GpuArgs::default(),
+            engine: EngineArgs::default(),
             nats_auth: super::NatsAuthArgs::default(),
         }
     }
@@ -278,8 +313,23 @@ impl WorkerArgs {
         argv.push_some("--device-sampling", device_sampling);
         argv.push_some("--attn-split-keys", attn_split_keys);
         argv.push_some("--l2-prefetch-mb", l2_prefetch_mb);
+        self.engine.push_args(&mut argv);
         self.nats_auth.push_args(&mut argv);
         argv.0
+    }
+}
+
+impl EngineArgs {
+    /// The flags of the settings that are given.
+    fn push_args(&self, argv: &mut Argv) {
+        let EngineArgs {
+            overlap,
+            device_masks,
+            engine_log_secs,
+        } = *self;
+        argv.push_some("--overlap", overlap);
+        argv.push_some("--device-masks", device_masks);
+        argv.push_some("--engine-log-secs", engine_log_secs);
     }
 }
 
@@ -351,6 +401,11 @@ mod tests {
                 device_sampling: Some(true),
                 attn_split_keys: Some(32),
                 l2_prefetch_mb: Some(0),
+            },
+            engine: EngineArgs {
+                overlap: Some(false),
+                device_masks: Some(true),
+                engine_log_secs: Some(2.5),
             },
             nats_auth: super::super::NatsAuthArgs {
                 nats_creds: Some("/run/secrets/w.creds".into()),
@@ -455,5 +510,7 @@ mod tests {
         );
         assert!(try_parse(&["--attn-split-keys", "0"]).is_err());
         assert!(try_parse(&["--cuda-graphs", "0"]).is_err());
+        assert!(try_parse(&["--engine-log-secs", "-1"]).is_err());
+        assert!(try_parse(&["--overlap", "0"]).is_err());
     }
 }

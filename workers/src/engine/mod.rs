@@ -16,6 +16,8 @@
 //! - `kv_access`: K/V handed out: retained prefills read and released, the cache's memory.
 //! - [`overlap`]: steps queued before the previous one is collected.
 //! - [`profile`]: where the steps' time goes.
+//! - [`settings`]: the engine's switches (overlap, device masks, the profile's interval),
+//!   read from the environment only where a binary builds its config.
 //! - [`request`]: requests in, events out.
 //! - [`runner`]: the model and its KV cache behind [`StepModel`].
 //! - [`text`]: incremental text and stop strings, behind [`TextDecoder`].
@@ -60,6 +62,7 @@ pub mod profile;
 pub mod request;
 pub mod runner;
 mod sampling;
+pub mod settings;
 mod step;
 pub mod tensor_parallel;
 pub mod text;
@@ -77,7 +80,8 @@ pub use imports::{ImportedKv, ImportedPrefill};
 pub use request::{
     EngineEvent, EventKind, FinishReason, GenerationRequest, RequestId, RetainedKv, Usage,
 };
-pub use runner::{DeviceSampling, ModelRunner, StepModel};
+pub use runner::{DeviceSampling, ForwardFaults, ModelRunner, StepModel};
+pub use settings::EngineSettings;
 pub use tensor_parallel::TensorParallelRunner;
 pub use text::{TextDecoder, TextStep, TextStream, TokenizerText};
 
@@ -89,7 +93,7 @@ use crate::scheduler::{GroupId, Scheduler, SchedulerConfig, SchedulerError};
 use imports::{LentReservation, PendingImport};
 use tandem_text::grammar::{Constraint, TokenMask};
 
-/// Sizes of the engine's batches and cache.
+/// Sizes of the engine's batches and cache, and its switches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
     /// Tokens per KV block.
@@ -110,6 +114,8 @@ pub struct EngineConfig {
     /// Keep computed prompt blocks for later requests with the same prefix (the scheduler's
     /// "Cached prefixes"): on by default.
     pub prefix_caching: bool,
+    /// Switches of the step loop, set by the binary's flags and environment.
+    pub settings: EngineSettings,
 }
 
 impl Default for EngineConfig {
@@ -122,6 +128,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
             prefix_caching: true,
+            settings: EngineSettings::default(),
         }
     }
 }
@@ -272,7 +279,7 @@ pub struct Engine<M: StepModel> {
     /// Computes constrained sequences' masks while the forward pass runs.
     masks: masks::MaskWorker,
     /// Whether constrained rows are masked and summarized on the device (a backend that
-    /// samples there); `TANDEM_DEVICE_MASKS=0` sends them to the host sampler instead.
+    /// samples there); off sends them to the host sampler ([`EngineSettings::device_masks`]).
     device_masks: bool,
     /// Steps queued before the previous one is collected ([`overlap`]).
     overlap: overlap::Overlap,
@@ -326,15 +333,15 @@ impl<M: StepModel> Engine<M> {
             pending_cancel: Vec::new(),
             next_id: Arc::new(AtomicU64::new(1)),
             device_lost: None,
-            profile: profile::StepProfile::from_env(),
+            profile: config.settings.log_interval.map(profile::StepProfile::new),
             progress: EngineProgress::default(),
             failed_in_a_row: 0,
             sample_groups: HashMap::new(),
             next_group: 0,
             masks: masks::MaskWorker::default(),
-            device_masks: std::env::var("TANDEM_DEVICE_MASKS").map_or(true, |v| v != "0"),
-            overlap: overlap::Overlap::from_env(),
             cache_namespace: String::new(),
+            device_masks: config.settings.device_masks,
+            overlap: overlap::Overlap::new(config.settings.overlap),
         })
     }
 
@@ -364,8 +371,8 @@ impl<M: StepModel> Engine<M> {
         self.overlap.steps_in_flight
     }
 
-    /// Whether a step may be queued before the previous one is collected ([`overlap`]; on
-    /// unless `TANDEM_OVERLAP=0`). Takes effect from the next step.
+    /// Whether a step may be queued before the previous one is collected ([`overlap`]; at
+    /// first [`EngineSettings::overlap`]). Takes effect from the next step.
     pub fn set_overlap(&mut self, enabled: bool) {
         self.overlap.enabled = enabled;
     }

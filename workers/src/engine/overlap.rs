@@ -14,8 +14,9 @@
 //! A sequence that a collected token ends (EOS, a stop string) already has a decode in the
 //! queued step: that row is computed and dropped. Its blocks may still be written by that
 //! step, so they stay allocated (pinned in the scheduler) until it is collected: no other
-//! sequence, and no KV transfer into the cache, gets them before. `TANDEM_OVERLAP=0` turns
-//! overlap off (every step collected before the next is scheduled; the tokens are the same).
+//! sequence, and no KV transfer into the cache, gets them before. Overlap is on unless
+//! [`super::EngineSettings::overlap`] turns it off (`TANDEM_OVERLAP=0`, `--overlap false`):
+//! then every step is collected before the next is scheduled; the tokens are the same.
 
 use std::collections::HashMap;
 
@@ -66,9 +67,9 @@ pub(super) struct Overlap {
 }
 
 impl Overlap {
-    pub fn from_env() -> Self {
+    pub fn new(enabled: bool) -> Self {
         Self {
-            enabled: std::env::var("TANDEM_OVERLAP").map_or(true, |v| v != "0"),
+            enabled,
             in_flight: None,
             next_serial: 0,
             writing: HashMap::new(),

@@ -1,8 +1,9 @@
 //! Where the engine thread's time goes, summed over a window and logged once per window.
 //!
-//! One line per interval while there is work, in the spirit of vLLM's periodic throughput
-//! line, so an operator (and a benchmark) can read from the log how busy the worker is and
-//! whether a step is bound by the device or by the host work around it:
+//! One line per interval ([`super::EngineSettings::log_interval`]) while there is work, in
+//! the spirit of vLLM's periodic throughput line, so an operator (and a benchmark) can read
+//! from the log how busy the worker is and whether a step is bound by the device or by the
+//! host work around it:
 //!
 //! ```text
 //! engine: 312 steps in 10.0 s; 7.9k decode + 2.1k prompt tokens/s; 245 sequences per step;
@@ -62,10 +63,6 @@ pub struct StepRecord {
     pub sample: Duration,
 }
 
-/// `TANDEM_ENGINE_LOG_SECS`: seconds between the engine's summary lines (default 10; 0 turns
-/// them off).
-pub const LOG_INTERVAL_VAR: &str = "TANDEM_ENGINE_LOG_SECS";
-
 impl StepProfile {
     pub fn new(interval: Duration) -> Self {
         Self {
@@ -83,21 +80,6 @@ impl StepProfile {
             sample: Duration::ZERO,
             deliver: Duration::ZERO,
         }
-    }
-
-    /// The interval from [`LOG_INTERVAL_VAR`]; `None` when the lines are turned off.
-    pub fn from_env() -> Option<Self> {
-        let secs = match std::env::var(LOG_INTERVAL_VAR) {
-            Ok(v) => match v.trim().parse::<f64>() {
-                Ok(s) if s.is_finite() && s >= 0.0 => s,
-                _ => {
-                    tracing::warn!("{LOG_INTERVAL_VAR}={v:?} is not a number of seconds; using 10");
-                    10.0
-                }
-            },
-            Err(_) => 10.0,
-        };
-        (secs > 0.0).then(|| Self::new(Duration::from_secs_f64(secs)))
     }
 
     pub fn record_step(&mut self, step: &StepRecord) {

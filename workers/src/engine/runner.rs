@@ -128,7 +128,7 @@ pub struct ModelRunner<B: Backend> {
     submitted: std::collections::VecDeque<SubmittedForward<B::Tensor>>,
     /// The row log-probabilities of the last forward, until taken.
     last_row_logprobs: Vec<Vec<TokenLogprob>>,
-    /// A fault test's device failure ([`LOSE_DEVICE_VAR`]).
+    /// A fault test's failures ([`ForwardFaults`]); none unless injected.
     injected_loss: InjectedDeviceLoss,
     /// The summarized forward passes' time queueing their work and waiting for their results,
     /// summed since [`StepModel::take_forward_timing`] last took it.
@@ -138,43 +138,44 @@ pub struct ModelRunner<B: Backend> {
 /// Fault tests set this to N: the N+1th forward pass and every later one fail as a lost device
 /// would (`BackendError::DeviceLost`), on any backend. What a sticky CUDA error does to a
 /// worker (it leaves the deployment and exits; the launcher restarts it) is tested with real
-/// processes on machines without a GPU this way. Unset in production.
+/// processes on machines without a GPU this way. Unset in production; the serving worker reads
+/// it once at start (`serve::test_hooks`) into [`ForwardFaults::lose_device_after`].
 pub const LOSE_DEVICE_VAR: &str = "TANDEM_TEST_LOSE_DEVICE_AFTER";
 
 /// Fault tests set this to N: the N+1th forward pass and every later one fail with an error
 /// that is not a lost device (an engine whose every step fails for another reason). Unset in
-/// production.
+/// production; read as [`LOSE_DEVICE_VAR`] is, into [`ForwardFaults::fail_forward_after`].
 pub const FAIL_FORWARD_VAR: &str = "TANDEM_TEST_FAIL_FORWARD_AFTER";
 
-/// Counts forward passes against [`LOSE_DEVICE_VAR`] and [`FAIL_FORWARD_VAR`].
+/// Failures a fault test injects into a runner's forward passes ([`ModelRunner::inject_faults`]);
+/// [`Default`] injects none, as in production.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwardFaults {
+    /// Forward passes after the first N fail as on a lost device ([`LOSE_DEVICE_VAR`]).
+    pub lose_device_after: Option<u64>,
+    /// Forward passes after the first N fail, not as a lost device ([`FAIL_FORWARD_VAR`]).
+    pub fail_forward_after: Option<u64>,
+}
+
+/// Counts forward passes against [`ForwardFaults`].
 #[derive(Debug, Default)]
 struct InjectedDeviceLoss {
-    lose_after: Option<u64>,
-    fail_after: Option<u64>,
+    faults: ForwardFaults,
     forwards: u64,
 }
 
 impl InjectedDeviceLoss {
-    fn from_env() -> Self {
-        let read = |var: &str| {
-            let n = std::env::var(var).ok()?.trim().parse().ok()?;
-            tracing::warn!("{var}={n}: forward passes will fail after {n}");
-            Some(n)
-        };
-        Self {
-            lose_after: read(LOSE_DEVICE_VAR),
-            fail_after: read(FAIL_FORWARD_VAR),
-            forwards: 0,
-        }
-    }
-
     /// Counts a forward pass; the injected failure once past a limit.
     fn check(&mut self) -> Result<(), ModelError> {
-        if self.lose_after.is_none() && self.fail_after.is_none() {
+        let ForwardFaults {
+            lose_device_after,
+            fail_forward_after,
+        } = self.faults;
+        if lose_device_after.is_none() && fail_forward_after.is_none() {
             return Ok(());
         }
         self.forwards += 1;
-        if let Some(after) = self.lose_after.filter(|&after| self.forwards > after) {
+        if let Some(after) = lose_device_after.filter(|&after| self.forwards > after) {
             return Err(ModelError::Backend(
                 crate::backend::BackendError::DeviceLost {
                     op: "forward",
@@ -182,7 +183,7 @@ impl InjectedDeviceLoss {
                 },
             ));
         }
-        if let Some(after) = self.fail_after.filter(|&after| self.forwards > after) {
+        if let Some(after) = fail_forward_after.filter(|&after| self.forwards > after) {
             return Err(ModelError::InvalidBatch(format!(
                 "injected by {FAIL_FORWARD_VAR}={after}"
             )));
@@ -200,13 +201,22 @@ impl<B: Backend> ModelRunner<B> {
             last_logits: None,
             submitted: std::collections::VecDeque::new(),
             last_row_logprobs: Vec::new(),
-            injected_loss: InjectedDeviceLoss::from_env(),
+            injected_loss: InjectedDeviceLoss::default(),
             timing: None,
         })
     }
 
     pub fn model(&self) -> &Model<B> {
         &self.model
+    }
+
+    /// Makes later forward passes fail as `faults` says: a fault test's, counted from the
+    /// next forward pass.
+    pub fn inject_faults(&mut self, faults: ForwardFaults) {
+        self.injected_loss = InjectedDeviceLoss {
+            faults,
+            forwards: 0,
+        };
     }
 
     /// Refuses a transfer whose bytes are not exactly `blocks` whole blocks.

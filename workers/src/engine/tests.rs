@@ -200,6 +200,7 @@ fn first_chunk_admission(budget: usize, num_blocks: usize) -> EngineConfig {
         max_model_len: None,
         growth_reserve_tokens: None,
         prefix_caching: true,
+        ..EngineConfig::default()
     }
 }
 
@@ -1548,6 +1549,7 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
         max_model_len: None,
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
         prefix_caching: true,
+        ..EngineConfig::default()
     };
     let mut host = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
     let mut device = summarizing_engine(config, true);
@@ -1585,6 +1587,7 @@ fn a_request_whose_deadline_passes_in_the_queue_is_dropped_when_its_turn_comes()
         max_model_len: None,
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
         prefix_caching: true,
+        ..EngineConfig::default()
     };
     let mut e = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
     let first = e
@@ -1814,6 +1817,7 @@ fn roomy_config() -> EngineConfig {
         max_model_len: None,
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
         prefix_caching: true,
+        ..EngineConfig::default()
     }
 }
 
@@ -1858,6 +1862,7 @@ fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
         max_model_len: None,
         growth_reserve_tokens: None, // the small cache is there to preempt
         prefix_caching: true,
+        ..EngineConfig::default()
     };
     let hot = |seed| SamplingParams {
         // Hot enough that EOS (biased down) is drawn now and then.

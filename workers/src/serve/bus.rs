@@ -72,6 +72,7 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
         grammars: Arc::clone(&settings.grammars),
         in_flight: InFlight::default(),
         queue: QueueBound::new(settings.max_queued),
+        stream_delay: settings.test_hooks.stream_delay,
     });
     say_how_handles_are_authenticated(&settings);
     match settings.role {

@@ -77,6 +77,8 @@ pub struct BusSettings {
     /// worker reads only handles whose MAC verifies for the job ([`super::kv_auth`]). `None`:
     /// unsigned handles, believed as they come.
     pub kv_secret: Option<Arc<super::kv_auth::KvSecret>>,
+    /// What the tests that started this worker asked of it; none in production.
+    pub test_hooks: super::test_hooks::TestHooks,
 }
 
 /// Subscribes to `subject`.

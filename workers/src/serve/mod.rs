@@ -14,6 +14,8 @@
 //!   and its request.
 //! - [`job`]: a bus job in the engine's terms.
 //! - [`stream`]: engine events into the stream messages the api-server reads.
+//! - [`test_hooks`]: what tests that start a worker ask of it through its environment, read
+//!   once here at start (with the engine's settings, [`EngineSettings::from_env`]).
 
 pub mod bus;
 mod connection;
@@ -22,6 +24,7 @@ pub mod job;
 pub mod kv_auth;
 mod roles;
 pub mod stream;
+pub mod test_hooks;
 mod worker;
 
 use std::sync::Arc;
@@ -30,7 +33,7 @@ use tandem_protocol::messages::WorkerRole;
 use thiserror::Error;
 
 use crate::device::{Device, DeviceError, KvBudget, StartedEngine, load_model};
-use crate::engine::{EngineConfig, EngineError};
+use crate::engine::{EngineConfig, EngineError, EngineSettings};
 use crate::model_dir::{ModelDirError, ModelText, check_model_dir};
 
 /// The flags of a worker serving on the bus (defined with the launcher's side of them).
@@ -155,6 +158,8 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         .clone()
         .unwrap_or_else(|| default_worker_id(role));
 
+    let test_hooks = test_hooks::TestHooks::from_env();
+
     let started = std::time::Instant::now();
     let text = ModelText::load(&model_dir)?;
     let model = load_model(
@@ -191,6 +196,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         max_model_len: Some(max_model_len),
         growth_reserve_tokens: Some(args.growth_reserve_tokens).filter(|&t| t > 0),
         prefix_caching: args.prefix_caching,
+        settings: EngineSettings::from_env().with_flags(&args.engine),
     };
     let backend = model.describe();
     let StartedEngine {
@@ -199,7 +205,12 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         layout,
         total_blocks,
         kv_memory,
-    } = model.spawn_engine(&model_dir, config, Some(text.decoder()))?;
+    } = model.spawn_engine(
+        &model_dir,
+        config,
+        Some(text.decoder()),
+        test_hooks.forward_faults,
+    )?;
     tracing::info!(
         model = %model_dir.display(),
         served_name,
@@ -289,6 +300,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         max_running: args.max_num_seqs,
         max_queued: args.queue_bound(),
         kv_secret,
+        test_hooks,
     };
     runtime.block_on(bus::serve(settings, handle))?;
     // Tasks still pending (a request cut short by a second signal) hold engine handles.

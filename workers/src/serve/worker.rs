@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::Client;
@@ -28,21 +28,6 @@ use crate::engine::{EngineError, EngineEvent, EngineHandle, RequestId};
 /// callers wait once that buffer is full; a worker cut off from NATS must still notice signals
 /// and finish its drain, so no publish waits longer than this.
 pub(super) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Tests of the bus's limits set this to N: a request's stream task waits N ms after each
-/// event before it gathers what has arrived, as over a slow bus, so that one batch holds many
-/// tokens (and must be split to fit the server's `max_payload`). Unset in production.
-pub const STREAM_DELAY_VAR: &str = "TANDEM_TEST_STREAM_DELAY_MS";
-
-/// [`STREAM_DELAY_VAR`], read once.
-fn stream_delay() -> Option<Duration> {
-    static DELAY: OnceLock<Option<Duration>> = OnceLock::new();
-    *DELAY.get_or_init(|| {
-        let ms: u64 = std::env::var(STREAM_DELAY_VAR).ok()?.trim().parse().ok()?;
-        tracing::warn!("{STREAM_DELAY_VAR}={ms}: every stream waits {ms} ms per batch");
-        Some(Duration::from_millis(ms))
-    })
-}
 
 /// Who a worker is on the bus: its heartbeat's fixed fields.
 pub(super) struct Identity {
@@ -136,6 +121,9 @@ pub(super) struct Worker {
     pub grammars: Arc<super::grammar::WorkerGrammars>,
     pub in_flight: InFlight,
     pub queue: QueueBound,
+    /// A bus test's wait per batch of a stream's events
+    /// ([`super::test_hooks::TestHooks::stream_delay`]); `None` in production.
+    pub stream_delay: Option<Duration>,
 }
 
 /// The requests this worker has handed to its engine: bus request id -> engine request id.
@@ -346,6 +334,7 @@ impl Worker {
             // A resumed request's tokens continue the numbering of the ones resumed.
             job.resume_ids.len() as u32,
             self.in_flight.clone(),
+            self.stream_delay,
         )
     }
 
@@ -431,6 +420,7 @@ async fn forward(
     with_logprobs: bool,
     mut next_index: u32,
     in_flight: InFlight,
+    stream_delay: Option<Duration>,
 ) {
     let mut ended = false;
     let mut taken = Some(taken).filter(|taken| !taken.is_empty());
@@ -442,7 +432,7 @@ async fn forward(
                 None => break,
             },
         };
-        if let Some(delay) = stream_delay() {
+        if let Some(delay) = stream_delay {
             tokio::time::sleep(delay).await;
         }
         while let Ok(event) = events.try_recv() {

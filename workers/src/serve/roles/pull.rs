@@ -52,14 +52,11 @@ use crate::sampler::SampledToken;
 use crate::serve::connection::BusSettings;
 use crate::serve::job::generation_request;
 use crate::serve::kv_auth::{Canonical, HandleBinding, KvSecret, MacError};
+use crate::serve::test_hooks::DELAY_PULL_VAR;
 use crate::serve::worker::{Identity, Worker, locked, publish_bounded, unix_ms};
 use crate::transfer::cuda_ipc::CacheBlocks;
 use crate::transfer::seal::{SEAL_BYTES, Seal};
 use crate::transfer::{PulledKv, RemoteKv, TransferError, from_hex};
-
-/// Fault tests set this to N: each pull starts N ms after its room is reserved, so a test can
-/// act between `kv_ready` and the pull (kill the context worker). Unset in production.
-pub const DELAY_PULL_VAR: &str = "TANDEM_TEST_DELAY_PULL_MS";
 
 /// Of the time a job's export has left when it arrives, what is kept for the pull itself: the
 /// wait for room ends this long before the export expires (or halfway, for an export that
@@ -261,13 +258,6 @@ struct Queued {
 
 impl KvPuller {
     pub fn new(settings: &BusSettings) -> Self {
-        let test_delay = std::env::var(DELAY_PULL_VAR)
-            .ok()
-            .and_then(|ms| ms.trim().parse().ok())
-            .map(|ms| {
-                tracing::warn!("{DELAY_PULL_VAR}={ms}: every KV pull starts {ms} ms late");
-                Duration::from_millis(ms)
-            });
         Self {
             kv: KvTransports::new(settings),
             cuda_ipc_reads: AtomicBool::new(settings.cuda_ipc.is_some()),
@@ -278,7 +268,7 @@ impl KvPuller {
             refused: AtomicU64::new(0),
             exports_gone: AtomicU64::new(0),
             refusal_warned_ms: AtomicU64::new(0),
-            test_delay,
+            test_delay: settings.test_hooks.pull_delay,
         }
     }
 
