@@ -65,8 +65,8 @@ pub struct EndpointFields {
     /// `/v1/chat/completions`, `a chat message`, ...: what the errors name.
     pub path: &'static str,
     pub fields: &'static [(&'static str, Support)],
-    /// Entries shared with other endpoints.
-    pub shared: &'static [(&'static str, Support)],
+    /// Groups of entries shared with other endpoints.
+    pub shared: &'static [&'static [(&'static str, Support)]],
     /// Fields whose value (an object, or a list of objects) is checked against a table of its
     /// own, the errors naming the inner field (`messages[2].tool_call_id`).
     pub nested: &'static [(&'static str, &'static EndpointFields)],
@@ -92,6 +92,30 @@ fn empty_list(value: &Value) -> bool {
 
 use Support::{Accepted, Refused, Served};
 
+/// The sampling parameters every endpoint serves: the fields of [`SamplingFields`], which each
+/// request type flattens.
+///
+/// [`SamplingFields`]: crate::openai::SamplingFields
+const SAMPLING: &[(&str, Support)] = &[("temperature", Served), ("top_p", Served)];
+
+/// What chat and text completions serve to generate besides [`SAMPLING`]: the fields of
+/// [`GenerationFields`], which both request types flatten.
+///
+/// [`GenerationFields`]: crate::openai::GenerationFields
+const GENERATION: &[(&str, Support)] = &[
+    ("n", Served),
+    ("stop", Served),
+    ("presence_penalty", Served),
+    ("frequency_penalty", Served),
+    ("seed", Served),
+    // vLLM's extensions.
+    ("top_k", Served),
+    ("repetition_penalty", Served),
+    ("ignore_eos", Served),
+    // Served through the "grammar" path.
+    ("logit_bias", Served),
+];
+
 /// Fields chat and text completions accept: tags and hints about OpenAI's own accounting,
 /// caching and storage, which mean nothing to a server that stores nothing and has one service
 /// tier (docs/api.md says what each means here).
@@ -114,30 +138,17 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
         ("messages", Served),
         ("max_tokens", Served),
         ("max_completion_tokens", Served),
-        ("temperature", Served),
-        ("top_p", Served),
-        ("n", Served),
         ("stream", Served),
         ("stream_options", Served),
-        ("stop", Served),
-        ("presence_penalty", Served),
-        ("frequency_penalty", Served),
-        ("seed", Served),
         ("logprobs", Served),
         ("top_logprobs", Served),
-        // vLLM's extensions.
-        ("top_k", Served),
-        ("repetition_penalty", Served),
-        ("ignore_eos", Served),
-        // Served through other paths: tools ("tools"), structured outputs and logit_bias
-        // ("grammar").
+        // Served through other paths: tools ("tools"), structured outputs ("grammar").
         ("tools", Served),
         ("tool_choice", Served),
         ("parallel_tool_calls", Served),
         ("functions", Served),
         ("function_call", Served),
         ("response_format", Served),
-        ("logit_bias", Served),
         (
             "modalities",
             Refused {
@@ -188,7 +199,7 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
             },
         ),
     ],
-    shared: ACCEPTED_HINTS,
+    shared: &[SAMPLING, GENERATION, ACCEPTED_HINTS],
     nested: &[
         ("messages", &CHAT_MESSAGE),
         ("stream_options", &STREAM_OPTIONS),
@@ -258,28 +269,16 @@ pub const COMPLETIONS: EndpointFields = EndpointFields {
         ("model", Served),
         ("prompt", Served),
         ("max_tokens", Served),
-        ("temperature", Served),
-        ("top_p", Served),
-        ("n", Served),
         ("best_of", Served),
         ("stream", Served),
         ("stream_options", Served),
-        ("stop", Served),
-        ("presence_penalty", Served),
-        ("frequency_penalty", Served),
-        ("seed", Served),
         ("logprobs", Served),
         ("echo", Served),
         ("suffix", Served),
-        ("top_k", Served),
-        ("repetition_penalty", Served),
-        ("ignore_eos", Served),
-        // Served through the "grammar" path.
-        ("logit_bias", Served),
     ],
-    // OpenAI's reference lists only `user` here; the other hints are accepted too, as clients
-    // that share settings between endpoints send them.
-    shared: ACCEPTED_HINTS,
+    // OpenAI's reference lists only `user` of the hints here; the others are accepted too, as
+    // clients that share settings between endpoints send them.
+    shared: &[SAMPLING, GENERATION, ACCEPTED_HINTS],
     nested: &[("stream_options", &STREAM_OPTIONS)],
 };
 
@@ -291,8 +290,6 @@ pub const RESPONSES: EndpointFields = EndpointFields {
         ("input", Served),
         ("instructions", Served),
         ("max_output_tokens", Served),
-        ("temperature", Served),
-        ("top_p", Served),
         ("stream", Served),
         ("stream_options", Served),
         ("text", Served),
@@ -364,7 +361,7 @@ pub const RESPONSES: EndpointFields = EndpointFields {
             },
         ),
     ],
-    shared: &[],
+    shared: &[SAMPLING],
     // Input items are walked by validation, which knows each item type's fields.
     nested: &[("stream_options", &RESPONSES_STREAM_OPTIONS)],
 };
@@ -372,7 +369,9 @@ pub const RESPONSES: EndpointFields = EndpointFields {
 impl EndpointFields {
     /// Every field of the endpoint and its support.
     pub fn entries(&self) -> impl Iterator<Item = &(&'static str, Support)> {
-        self.fields.iter().chain(self.shared)
+        self.fields
+            .iter()
+            .chain(self.shared.iter().flat_map(|group| group.iter()))
     }
 
     fn support(&self, name: &str) -> Option<Support> {
@@ -390,8 +389,11 @@ impl EndpointFields {
             )));
         };
         self.check(&object, "")?;
-        serde_json::from_value(Value::Object(object))
-            .map_err(|err| ApiError::InvalidJson(err.to_string()))
+        let body = Value::Object(object);
+        T::deserialize(&body).map_err(|err| {
+            let first = first_unreadable_field::<T>(&body).unwrap_or(err);
+            ApiError::InvalidJson(first.to_string())
+        })
     }
 
     /// Checks `object`, whose fields are named `{prefix}{name}` in errors.
@@ -447,46 +449,150 @@ impl EndpointFields {
     }
 }
 
+/// The error of the first field of `body`, in the body's order, that `T` cannot read alone;
+/// `None` when `T` has a required field (a field alone then says nothing) or each field reads.
+///
+/// serde reads a request type's own fields in the body's order, but those of the structs it
+/// flattens ([`crate::openai::sampling`]) after all of its own, so of two malformed fields it
+/// may name the later one. The client is told about the first, whichever struct declares it.
+fn first_unreadable_field<T: DeserializeOwned>(body: &Value) -> Option<serde_json::Error> {
+    T::deserialize(&Value::Object(Map::new())).ok()?;
+    body.as_object()?.iter().find_map(|(name, value)| {
+        let alone = Value::Object(Map::from_iter([(name.clone(), value.clone())]));
+        T::deserialize(&alone).err()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::openai::{
-        ChatCompletionRequest, ChatMessage, CompletionRequest, ResponsesRequest,
-        ResponsesStreamOptions, StreamOptions,
+        ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationFields, ResponsesRequest,
+        ResponsesStreamOptions, SamplingFields, StreamOptions,
     };
     use serde_json::json;
     use std::collections::BTreeSet;
 
-    /// The field names a derived `Deserialize` struct declares (serde hands them to
-    /// `deserialize_struct`).
+    /// Every table, and so every name a request type may declare.
+    const TABLES: [&EndpointFields; 6] = [
+        &CHAT_COMPLETIONS,
+        &COMPLETIONS,
+        &RESPONSES,
+        &CHAT_MESSAGE,
+        &STREAM_OPTIONS,
+        &RESPONSES_STREAM_OPTIONS,
+    ];
+
+    /// The field names a derived `Deserialize` struct reads itself: those it hands to
+    /// `deserialize_struct`. A struct that flattens another is read as a map instead and
+    /// names none, so it is offered every name of every table, and its own are those it reads
+    /// as a field (each an `Option`, read with `deserialize_option`) rather than keeping for
+    /// the struct it flattens (whose names are that struct's `declared_fields`).
     fn declared_fields<T: DeserializeOwned>() -> BTreeSet<&'static str> {
-        struct Probe(Option<&'static [&'static str]>);
+        use serde::de::value::BorrowedStrDeserializer;
+        use serde::de::{DeserializeSeed, MapAccess, Visitor};
+
+        struct Probe {
+            declared: Option<&'static [&'static str]>,
+            offered: Vec<&'static str>,
+            read: BTreeSet<&'static str>,
+        }
         impl<'de> serde::Deserializer<'de> for &mut Probe {
             type Error = serde_json::Error;
-            fn deserialize_any<V: serde::de::Visitor<'de>>(
-                self,
-                _: V,
-            ) -> Result<V::Value, Self::Error> {
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
                 Err(serde::de::Error::custom("probe"))
             }
-            fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            fn deserialize_struct<V: Visitor<'de>>(
                 self,
                 _: &'static str,
                 fields: &'static [&'static str],
                 _: V,
             ) -> Result<V::Value, Self::Error> {
-                self.0 = Some(fields);
+                self.declared = Some(fields);
                 Err(serde::de::Error::custom("probe"))
+            }
+            fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+                visitor.visit_map(Offer { probe: self, at: 0 })
             }
             serde::forward_to_deserialize_any! {
                 bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
-                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct enum
                 identifier ignored_any
             }
         }
-        let mut probe = Probe(None);
-        let _ = T::deserialize(&mut probe);
-        probe.0.expect("a struct").iter().copied().collect()
+
+        /// Offers the probe's names one by one, each with a [`FieldValue`].
+        struct Offer<'a> {
+            probe: &'a mut Probe,
+            at: usize,
+        }
+        impl<'de> MapAccess<'de> for Offer<'_> {
+            type Error = serde_json::Error;
+            fn next_key_seed<K: DeserializeSeed<'de>>(
+                &mut self,
+                seed: K,
+            ) -> Result<Option<K::Value>, Self::Error> {
+                let Some(&name) = self.probe.offered.get(self.at) else {
+                    return Ok(None);
+                };
+                seed.deserialize(BorrowedStrDeserializer::new(name))
+                    .map(Some)
+            }
+            fn next_value_seed<V: DeserializeSeed<'de>>(
+                &mut self,
+                seed: V,
+            ) -> Result<V::Value, Self::Error> {
+                let name = self.probe.offered[self.at];
+                self.at += 1;
+                seed.deserialize(FieldValue {
+                    name,
+                    read: &mut self.probe.read,
+                })
+            }
+        }
+
+        /// The value of an offered name: `null` to a field of the struct, which is noted, and
+        /// to what the struct keeps for the one it flattens.
+        struct FieldValue<'a> {
+            name: &'static str,
+            read: &'a mut BTreeSet<&'static str>,
+        }
+        impl<'de> serde::Deserializer<'de> for FieldValue<'_> {
+            type Error = serde_json::Error;
+            fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+                visitor.visit_unit()
+            }
+            fn deserialize_option<V: Visitor<'de>>(
+                self,
+                visitor: V,
+            ) -> Result<V::Value, Self::Error> {
+                self.read.insert(self.name);
+                visitor.visit_none()
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+                identifier ignored_any
+            }
+        }
+
+        let offered: BTreeSet<&'static str> = TABLES
+            .iter()
+            .flat_map(|table| table.entries().map(|&(name, _)| name))
+            .collect();
+        let mut probe = Probe {
+            declared: None,
+            offered: offered.into_iter().collect(),
+            read: BTreeSet::new(),
+        };
+        match T::deserialize(&mut probe) {
+            Ok(_) => probe.read,
+            Err(_) => probe.declared.expect("a struct").iter().copied().collect(),
+        }
+    }
+
+    fn names(group: &[(&'static str, Support)]) -> BTreeSet<&'static str> {
+        group.iter().map(|&(name, _)| name).collect()
     }
 
     fn served(endpoint: &EndpointFields) -> BTreeSet<&'static str> {
@@ -501,18 +607,35 @@ mod tests {
     /// would be silently dropped, and a field the type reads but the table lacks refused.
     #[test]
     fn served_fields_are_exactly_the_request_types_fields() {
+        let sampling = declared_fields::<SamplingFields>();
+        let generation = &declared_fields::<GenerationFields>() | &sampling;
         assert_eq!(
             served(&CHAT_COMPLETIONS),
-            declared_fields::<ChatCompletionRequest>()
+            &declared_fields::<ChatCompletionRequest>() | &generation
         );
-        assert_eq!(served(&COMPLETIONS), declared_fields::<CompletionRequest>());
-        assert_eq!(served(&RESPONSES), declared_fields::<ResponsesRequest>());
+        assert_eq!(
+            served(&COMPLETIONS),
+            &declared_fields::<CompletionRequest>() | &generation
+        );
+        assert_eq!(
+            served(&RESPONSES),
+            &declared_fields::<ResponsesRequest>() | &sampling
+        );
         assert_eq!(served(&CHAT_MESSAGE), declared_fields::<ChatMessage>());
         assert_eq!(served(&STREAM_OPTIONS), declared_fields::<StreamOptions>());
         assert_eq!(
             served(&RESPONSES_STREAM_OPTIONS),
             declared_fields::<ResponsesStreamOptions>()
         );
+    }
+
+    /// The shared groups are the structs the request types flatten, so a sampling parameter
+    /// is listed once here as it is declared once there.
+    #[test]
+    fn shared_groups_are_the_flattened_structs() {
+        assert_eq!(names(SAMPLING), declared_fields::<SamplingFields>());
+        assert_eq!(names(GENERATION), declared_fields::<GenerationFields>());
+        assert!(declared_fields::<ChatCompletionRequest>().is_disjoint(&names(GENERATION)));
     }
 
     #[test]
@@ -611,6 +734,29 @@ mod tests {
             RESPONSES
                 .parse::<ResponsesRequest>(json!({"background": false, "context_management": []}))
                 .is_ok()
+        );
+    }
+
+    /// Of two malformed fields the first in the body is named, whether or not the request
+    /// type declares it itself.
+    #[test]
+    fn the_first_malformed_field_is_the_one_named() {
+        let message = |body: Value| match CHAT_COMPLETIONS.parse::<ChatCompletionRequest>(body) {
+            Err(ApiError::InvalidJson(message)) => message,
+            other => panic!("expected invalid JSON, got {other:?}"),
+        };
+        let sampling_first = message(json!({"temperature": "hot", "stream": 1}));
+        assert!(
+            sampling_first.contains("string \"hot\""),
+            "{sampling_first}"
+        );
+        let own_first = message(json!({"stream": 1, "temperature": "hot"}));
+        assert!(own_first.contains("integer `1`"), "{own_first}");
+        assert_eq!(
+            message(json!({"top_p": "x"})),
+            serde_json::from_value::<f64>(json!("x"))
+                .unwrap_err()
+                .to_string()
         );
     }
 

@@ -6,30 +6,22 @@
 //! context, text completions default to 16 tokens, a missing `model` means the served one.
 
 pub mod responses;
+pub mod sampling;
 
 use tandem_protocol::messages::{GrammarSpec, SamplingSpec, StopSpec};
 
 use crate::error::ApiError;
 use crate::openai::{
-    ChatCompletionRequest, ChatMessage, CompletionRequest, LogitBiasField, MessageContent,
-    PromptField, ResponseFormat, StopField,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationFields, MessageContent,
+    PromptField, ResponseFormat,
 };
 use crate::tools::{ToolCallRecord, ToolRequest, ToolSupport};
+use sampling::validate_generation;
+pub use sampling::{
+    MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_N, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
+};
 
-/// OpenAI's limits.
-pub const MAX_STOP_SEQUENCES: usize = 4;
-
-/// Most choices per request (`n`): OpenAI's limit. Each choice is a sequence on the worker;
-/// those past its free slots wait in its queue, and past its queue bound go to other workers.
-pub const MAX_N: i64 = 128;
-/// Bytes of one stop sequence at most. Stop strings travel in the job message over NATS, whose
-/// payload limit (1 MiB by default) a longer one could pass, and a stop sequence is a few
-/// words in practice (a 1.1 MB one was answered 503 instead of 400).
-pub const MAX_STOP_BYTES: usize = 4096;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
-/// OpenAI's bounds on `logit_bias`: entries, and the bias of one.
-pub const MAX_LOGIT_BIAS_ENTRIES: usize = 300;
-pub const MAX_LOGIT_BIAS: f64 = 100.0;
 /// The param a `json_schema` response format's schema is named by in errors (the worker's
 /// grammar compile, checked in the route, uses it too).
 pub const JSON_SCHEMA_PARAM: &str = "response_format.json_schema.schema";
@@ -180,28 +172,21 @@ impl ValidRequest {
     }
 }
 
-/// The fields chat and text completions share, borrowed from either request.
+/// What every endpoint's request has, borrowed from it: the model, the generation parameters
+/// and whether to stream.
 struct CommonFields<'a> {
     model: &'a Option<String>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    n: Option<i64>,
-    stop: &'a Option<StopField>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-    seed: Option<i64>,
-    top_k: Option<i64>,
-    repetition_penalty: Option<f64>,
+    generation: &'a GenerationFields,
     stream: Option<bool>,
     include_usage: Option<bool>,
     has_stream_options: bool,
-    logit_bias: Option<&'a LogitBiasField>,
 }
 
 struct CommonValues {
     n: u32,
     sampling: SamplingSpec,
     stop_strings: Vec<String>,
+    ignore_eos: bool,
     stream: bool,
     include_usage: bool,
 }
@@ -215,103 +200,12 @@ fn check_model(model: &Option<String>, limits: &ModelLimits) -> Result<(), ApiEr
     }
 }
 
-fn in_range(value: f64, low: f64, high: f64, low_open: bool, param: &str) -> Result<f32, ApiError> {
-    let above_low = if low_open { value > low } else { value >= low };
-    if value.is_finite() && above_low && value <= high {
-        Ok(value as f32)
-    } else {
-        let open = if low_open { "(" } else { "[" };
-        Err(ApiError::invalid(
-            format!("{param} must be in {open}{low}, {high}], got {value}"),
-            param,
-        ))
-    }
-}
-
 fn validate_common(
     fields: CommonFields<'_>,
     limits: &ModelLimits,
 ) -> Result<CommonValues, ApiError> {
     check_model(fields.model, limits)?;
-    let n = match fields.n {
-        None => 1,
-        Some(n) if (1..=MAX_N).contains(&n) => n as u32,
-        Some(n) => {
-            return Err(ApiError::invalid(
-                format!("n must be between 1 and {MAX_N}, got {n}"),
-                "n",
-            ));
-        }
-    };
-    let mut sampling = SamplingSpec::default();
-    if let Some(t) = fields.temperature {
-        sampling.temperature = in_range(t, 0.0, 2.0, false, "temperature")?;
-    }
-    if let Some(p) = fields.top_p {
-        sampling.top_p = in_range(p, 0.0, 1.0, true, "top_p")?;
-    }
-    if let Some(p) = fields.presence_penalty {
-        sampling.presence_penalty = in_range(p, -2.0, 2.0, false, "presence_penalty")?;
-    }
-    if let Some(p) = fields.frequency_penalty {
-        sampling.frequency_penalty = in_range(p, -2.0, 2.0, false, "frequency_penalty")?;
-    }
-    if let Some(p) = fields.repetition_penalty {
-        sampling.repetition_penalty = in_range(p, 0.0, 10.0, true, "repetition_penalty")?;
-    }
-    if let Some(k) = fields.top_k {
-        // vLLM's convention: -1 (or 0) disables top-k.
-        sampling.top_k = match k {
-            -1 | 0 => 0,
-            k if k > 0 && k <= u32::MAX as i64 => k as u32,
-            k => {
-                return Err(ApiError::invalid(
-                    format!("top_k must be -1 or positive, got {k}"),
-                    "top_k",
-                ));
-            }
-        };
-    }
-    // OpenAI's seed is any integer; the bit pattern is the worker's seed.
-    sampling.seed = fields.seed.map(|s| s as u64);
-    if let Some(bias) = fields.logit_bias {
-        sampling.logit_bias = logit_bias(bias, limits)?;
-    }
-
-    let stop_strings = match fields.stop {
-        None => Vec::new(),
-        Some(StopField::One(s)) => vec![s.clone()],
-        Some(StopField::Many(list)) => list.clone(),
-    };
-    if stop_strings.len() > MAX_STOP_SEQUENCES {
-        return Err(ApiError::invalid(
-            format!(
-                "stop has {} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
-                stop_strings.len()
-            ),
-            "stop",
-        ));
-    }
-    if stop_strings.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(
-            "stop sequences must not be empty",
-            "stop",
-        ));
-    }
-    if let Some((i, long)) = stop_strings
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.len() > MAX_STOP_BYTES)
-    {
-        return Err(ApiError::invalid(
-            format!(
-                "stop sequence {i} is {} bytes long; at most {MAX_STOP_BYTES} are allowed",
-                long.len()
-            ),
-            "stop",
-        ));
-    }
-
+    let generation = validate_generation(fields.generation, limits)?;
     let stream = fields.stream.unwrap_or(false);
     if fields.has_stream_options && !stream {
         return Err(ApiError::invalid(
@@ -320,64 +214,13 @@ fn validate_common(
         ));
     }
     Ok(CommonValues {
-        n,
-        sampling,
-        stop_strings,
+        n: generation.n,
+        sampling: generation.sampling,
+        stop_strings: generation.stop_strings,
+        ignore_eos: generation.ignore_eos,
         stream,
         include_usage: fields.include_usage.unwrap_or(false),
     })
-}
-
-/// `logit_bias` as `(token id, bias)` by increasing id: ids in the vocabulary, biases in
-/// [-100, 100], at most [`MAX_LOGIT_BIAS_ENTRIES`] of them (OpenAI's rules).
-fn logit_bias(field: &LogitBiasField, limits: &ModelLimits) -> Result<Vec<(u32, f32)>, ApiError> {
-    const PARAM: &str = "logit_bias";
-    if field.len() > MAX_LOGIT_BIAS_ENTRIES {
-        return Err(ApiError::invalid(
-            format!(
-                "logit_bias has {} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed",
-                field.len()
-            ),
-            PARAM,
-        ));
-    }
-    let mut biases = Vec::with_capacity(field.len());
-    for (key, value) in field {
-        let id = match key.trim().parse::<i64>() {
-            Ok(id) if id >= 0 && id < i64::from(limits.vocab_size) => id as u32,
-            _ => {
-                return Err(ApiError::invalid(
-                    format!(
-                        "logit_bias key {key:?} is not a token id of this model's vocabulary \
-                         (0..{})",
-                        limits.vocab_size
-                    ),
-                    PARAM,
-                ));
-            }
-        };
-        let bias = value
-            .as_f64()
-            .filter(|b| (-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(b))
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    format!(
-                        "logit_bias of token {id} must be a number in [-{MAX_LOGIT_BIAS}, \
-                         {MAX_LOGIT_BIAS}], got {value}"
-                    ),
-                    PARAM,
-                )
-            })?;
-        biases.push((id, bias as f32));
-    }
-    biases.sort_unstable_by_key(|&(id, _)| id);
-    if let Some(pair) = biases.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(ApiError::invalid(
-            format!("logit_bias names token {} twice", pair[0].0),
-            PARAM,
-        ));
-    }
-    Ok(biases)
 }
 
 /// `response_format` as the grammar the output must match: none for `text`, any JSON object
@@ -609,22 +452,13 @@ pub fn validate_chat(
     let common = validate_common(
         CommonFields {
             model: &request.model,
-            temperature: request.temperature,
-            top_p: request.top_p,
-            n: request.n,
-            stop: &request.stop,
-            presence_penalty: request.presence_penalty,
-            frequency_penalty: request.frequency_penalty,
-            seed: request.seed,
-            top_k: request.top_k,
-            repetition_penalty: request.repetition_penalty,
+            generation: &request.generation,
             stream: request.stream,
             include_usage: request
                 .stream_options
                 .as_ref()
                 .and_then(|o| o.include_usage),
             has_stream_options: request.stream_options.is_some(),
-            logit_bias: request.logit_bias.as_ref(),
         },
         limits,
     )?;
@@ -677,7 +511,7 @@ pub fn validate_chat(
         max_tokens,
         sampling,
         stop_strings: common.stop_strings,
-        ignore_eos: request.ignore_eos.unwrap_or(false),
+        ignore_eos: common.ignore_eos,
         stream: common.stream,
         include_usage: common.include_usage,
         logprobs,
@@ -715,22 +549,13 @@ pub fn validate_completion(
     let common = validate_common(
         CommonFields {
             model: &request.model,
-            temperature: request.temperature,
-            top_p: request.top_p,
-            n: request.n,
-            stop: &request.stop,
-            presence_penalty: request.presence_penalty,
-            frequency_penalty: request.frequency_penalty,
-            seed: request.seed,
-            top_k: request.top_k,
-            repetition_penalty: request.repetition_penalty,
+            generation: &request.generation,
             stream: request.stream,
             include_usage: request
                 .stream_options
                 .as_ref()
                 .and_then(|o| o.include_usage),
             has_stream_options: request.stream_options.is_some(),
-            logit_bias: request.logit_bias.as_ref(),
         },
         limits,
     )?;
@@ -816,7 +641,7 @@ pub fn validate_completion(
         max_tokens: Some(max_tokens),
         sampling,
         stop_strings: common.stop_strings,
-        ignore_eos: request.ignore_eos.unwrap_or(false),
+        ignore_eos: common.ignore_eos,
         stream: common.stream,
         include_usage: common.include_usage,
         logprobs,

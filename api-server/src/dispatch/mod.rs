@@ -224,9 +224,7 @@ impl Generation {
                 .registry
                 .route_local(1, LocalPrefill::PromptLogprobs, Instant::now())
         } else {
-            dispatch
-                .registry
-                .route(job.prompt_ids.len(), Instant::now())
+            dispatch.registry.route(&job.prompt_ids, Instant::now())
         };
         let route = route.map_err(|no_route| {
             let err = no_route_error(no_route);

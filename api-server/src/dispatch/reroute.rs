@@ -51,7 +51,10 @@ impl Generation {
         };
         match self.phase.clone() {
             Phase::Prefill { generate_id, .. } => {
-                let Some(other) = self.registry.pick_context_excluding(&self.refused, now) else {
+                let Some(other) =
+                    self.registry
+                        .pick_context_excluding(&self.job.prompt_ids, &self.refused, now)
+                else {
                     tracing::warn!(request_id = %self.request_id, refused_by = ?self.refused,
                         %reason, "every context worker refused the prefill job");
                     return Err(ApiError::WorkersFull { pool: "context" });

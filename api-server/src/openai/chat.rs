@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{FinishReason, StopField, StreamOptions, Usage};
+use super::common::{FinishReason, StreamOptions, Usage};
+use super::sampling::GenerationFields;
 use super::tools::{RequestToolCall, Tool, ToolCall, ToolCallDelta, ToolChoiceField};
 
 /// The request as clients send it. Numbers are wide and signed so that an out-of-range value is
@@ -15,21 +16,12 @@ pub struct ChatCompletionRequest {
     /// Deprecated by OpenAI in favour of `max_completion_tokens`; both are accepted.
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub n: Option<i64>,
+    #[serde(flatten)]
+    pub generation: GenerationFields,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
-    pub stop: Option<StopField>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    pub seed: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
-    /// vLLM's extensions, handy for benchmarks.
-    pub top_k: Option<i64>,
-    pub repetition_penalty: Option<f64>,
-    pub ignore_eos: Option<bool>,
     /// Functions the model may call (`api-server/src/tools/`).
     pub tools: Option<Vec<Tool>>,
     pub tool_choice: Option<ToolChoiceField>,
@@ -37,13 +29,8 @@ pub struct ChatCompletionRequest {
     /// OpenAI's deprecated forms of `tools` and `tool_choice`: refused with a 400 that says so.
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
-    /// `{"token id": bias}`, token ids as strings (OpenAI's shape).
-    pub logit_bias: Option<LogitBiasField>,
     pub response_format: Option<ResponseFormat>,
 }
-
-/// `logit_bias`: token ids (as JSON object keys, so strings) to a bias in [-100, 100].
-pub type LogitBiasField = serde_json::Map<String, serde_json::Value>;
 
 /// `response_format`: `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
 /// Fields beyond OpenAI's are kept in `other`, so validation can name them in its 400.
@@ -182,6 +169,7 @@ pub struct Delta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::openai::common::StopField;
     use serde_json::json;
 
     #[test]
@@ -209,7 +197,7 @@ mod tests {
                 text: Some("Hi".into())
             }]))
         );
-        assert_eq!(request.stop, Some(StopField::One("\n".into())));
+        assert_eq!(request.generation.stop, Some(StopField::One("\n".into())));
     }
 
     #[test]
@@ -222,7 +210,7 @@ mod tests {
                 "schema": {"type": "object"}, "extra": 1}}
         }))
         .unwrap();
-        let bias = request.logit_bias.unwrap();
+        let bias = request.generation.logit_bias.unwrap();
         assert_eq!(bias["50256"], json!(-100));
         let format = request.response_format.unwrap();
         assert_eq!(format.kind.as_deref(), Some("json_schema"));

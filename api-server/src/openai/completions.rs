@@ -3,7 +3,8 @@
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::common::{FinishReason, StopField, StreamOptions, Usage};
+use super::common::{FinishReason, StreamOptions, Usage};
+use super::sampling::GenerationFields;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct CompletionRequest {
@@ -11,25 +12,15 @@ pub struct CompletionRequest {
     pub prompt: Option<PromptField>,
     /// OpenAI's default for this endpoint is 16.
     pub max_tokens: Option<i64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub n: Option<i64>,
+    #[serde(flatten)]
+    pub generation: GenerationFields,
     pub best_of: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
-    pub stop: Option<StopField>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    pub seed: Option<i64>,
     /// Number of alternatives per token (this endpoint's logprobs is a number).
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
-    pub top_k: Option<i64>,
-    pub repetition_penalty: Option<f64>,
-    pub ignore_eos: Option<bool>,
-    /// As chat's ([`super::chat::LogitBiasField`]).
-    pub logit_bias: Option<super::chat::LogitBiasField>,
 }
 
 /// `prompt`: a string, token ids, or a batch of either (only batches of one are served).

@@ -1,6 +1,8 @@
 //! OpenAI's request and response shapes, as they appear on the wire.
 //!
-//! Requests are loose: every field is `Option` (or defaulted) and nothing is checked here;
+//! Requests are loose: every field is `Option` (or defaulted) and nothing is checked here; the
+//! generation parameters the endpoints share are declared once ([`sampling`]) and flattened
+//! into each request type;
 //! [`crate::fields`] refuses fields an endpoint does not know before a body becomes one of these
 //! types, and [`crate::validation`] turns them into concrete values once.
 //! Responses and stream chunks follow OpenAI's documented JSON exactly (field names, `object`
@@ -11,6 +13,7 @@ pub mod common;
 pub mod completions;
 pub mod models;
 pub mod responses;
+pub mod sampling;
 pub mod tools;
 
 pub use chat::*;
@@ -18,4 +21,5 @@ pub use common::*;
 pub use completions::*;
 pub use models::*;
 pub use responses::*;
+pub use sampling::*;
 pub use tools::*;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::chat::TokenLogprob;
+use super::sampling::SamplingFields;
 
 /// The request as clients send it. Input items, tools and the like stay JSON values here:
 /// validation walks them to name the exact part it refuses (`input[2].content[0].type`).
@@ -21,8 +22,8 @@ pub struct ResponsesRequest {
     pub input: Option<ResponseInput>,
     pub instructions: Option<String>,
     pub max_output_tokens: Option<i64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
     pub stream: Option<bool>,
     pub stream_options: Option<ResponsesStreamOptions>,
     pub text: Option<TextConfig>,

@@ -17,7 +17,7 @@ use super::{
     top_logprobs, validate_common,
 };
 use crate::error::ApiError;
-use crate::openai::{ResponseInput, ResponsesRequest, TextConfig, TextFormat};
+use crate::openai::{GenerationFields, ResponseInput, ResponsesRequest, TextConfig, TextFormat};
 
 /// OpenAI's limits on `metadata`.
 pub const MAX_METADATA_PAIRS: usize = 16;
@@ -63,20 +63,11 @@ pub fn validate_responses(
     let common = validate_common(
         CommonFields {
             model: &request.model,
-            temperature: request.temperature,
-            top_p: request.top_p,
-            n: None,
-            stop: &None,
-            presence_penalty: None,
-            frequency_penalty: None,
-            seed: None,
-            top_k: None,
-            repetition_penalty: None,
+            // The Responses API takes only the sampling parameters every endpoint shares.
+            generation: &GenerationFields::from(request.sampling.clone()),
             stream: request.stream,
             include_usage: None,
             has_stream_options: request.stream_options.is_some(),
-            // Not a Responses API field.
-            logit_bias: None,
         },
         limits,
     )?;

@@ -1,0 +1,84 @@
+//! The generation parameters the endpoints share, declared once.
+//!
+//! Each endpoint's request type flattens them (`#[serde(flatten)]`), so a parameter such as
+//! `top_p` has one declaration here, one entry in [`crate::fields`]'s tables and one check in
+//! `validation/sampling.rs`, whichever endpoint carries it. Flattening accepts no field the
+//! request types did not: unknown fields are refused from the body's JSON object before it is
+//! read as a request type ([`crate::fields`]).
+//!
+//! Numbers are wide and signed, as in the request types, so that an out-of-range value is
+//! reported by validation with the field's name rather than as a JSON type error.
+
+use serde::Deserialize;
+
+use super::common::StopField;
+
+/// The sampling parameters every endpoint takes (chat, text completions, responses).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct SamplingFields {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+}
+
+/// What chat and text completions take to generate, beyond the token limit and logprobs (whose
+/// names and forms differ between the two): [`SamplingFields`], OpenAI's penalties, seed, stop
+/// sequences and choices, and vLLM's extensions.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct GenerationFields {
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+    pub n: Option<i64>,
+    pub stop: Option<StopField>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<i64>,
+    /// vLLM's extensions, handy for benchmarks.
+    pub top_k: Option<i64>,
+    pub repetition_penalty: Option<f64>,
+    pub ignore_eos: Option<bool>,
+    /// `{"token id": bias}`, token ids as strings (OpenAI's shape).
+    pub logit_bias: Option<LogitBiasField>,
+}
+
+/// `logit_bias`: token ids (as JSON object keys, so strings) to a bias in [-100, 100].
+pub type LogitBiasField = serde_json::Map<String, serde_json::Value>;
+
+impl From<SamplingFields> for GenerationFields {
+    /// The generation parameters of an endpoint that takes only [`SamplingFields`]: the others
+    /// absent, as from a request that did not send them.
+    fn from(sampling: SamplingFields) -> Self {
+        GenerationFields {
+            sampling,
+            ..GenerationFields::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn flattened_fields_read_as_the_request_types_did() {
+        let fields: GenerationFields = serde_json::from_value(json!({
+            "temperature": 1, "top_p": 0.5, "n": 2, "stop": ["a", "b"], "seed": -3,
+            "top_k": null, "logit_bias": {"13": 5.5}, "unknown": true
+        }))
+        .unwrap();
+        assert_eq!(
+            fields,
+            GenerationFields {
+                sampling: SamplingFields {
+                    temperature: Some(1.0),
+                    top_p: Some(0.5),
+                },
+                n: Some(2),
+                stop: Some(StopField::Many(vec!["a".into(), "b".into()])),
+                seed: Some(-3),
+                logit_bias: json!({"13": 5.5}).as_object().cloned(),
+                ..GenerationFields::default()
+            }
+        );
+    }
+}

@@ -1,0 +1,397 @@
+//! The workers this api-server knows, from their heartbeats: who is live, who is stuck, and
+//! the jobs counted against each.
+//!
+//! Workers are discovered from their heartbeats (`tandem.{model}.heartbeat.{role}.{id}`), never
+//! from a static list: a worker is live while its last heartbeat is younger than
+//! `worker_timeout_ms`, and dropped after that. A job is published to the chosen worker's
+//! direct subject, so the api-server knows who has it (for the `Accepted` timeout and metrics).
+//!
+//! The registry is a map behind a `std::sync::Mutex`: every critical section is a few map
+//! operations over at most a few dozen workers and never spans an `.await`, which is cheaper
+//! than a round trip to an owning task on the request path.
+//!
+//! A worker whose queue is full is skipped: its heartbeat says its bound (`max_queued`) and how
+//! many sequences it runs at once (`max_running`), so the jobs sent since the heartbeat beyond
+//! its free running slots count as queued; and a worker that refused a job
+//! ([`WorkerRegistry::refused`]) is full until its next heartbeat. A context worker's prefill
+//! jobs are also counted off as it answers them ([`super::ContextJob`]), so its count stays
+//! exact between heartbeats and a refusal lasts until its next answer.
+//!
+//! The registry reports what it sees to the metrics as events (each heartbeat, each worker that
+//! left, the live counts per role); [`crate::metrics`] derives the series from them.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tandem_protocol::messages::{Heartbeat, WorkerRole};
+
+use super::RouterSettings;
+use super::policy::Policy;
+use super::worker::{Pool, WorkerEntry, WorkerStatus};
+use crate::metrics::{Event, Metrics};
+use crate::outcomes::LiveCounts;
+
+/// Worker timeouts without an engine step, while a worker has work, after which it is taken
+/// out of rotation: its bus task heartbeats, but its engine answers nothing (its requests
+/// migrate when their streams stall).
+pub const STUCK_AFTER_TIMEOUTS: u32 = 3;
+
+pub(super) struct Inner {
+    pub(super) workers: HashMap<String, WorkerEntry>,
+    policy: Policy,
+}
+
+pub struct WorkerRegistry {
+    inner: Mutex<Inner>,
+    pub(super) settings: RouterSettings,
+    metrics: Metrics,
+}
+
+/// The outcome of choosing a worker of one pool.
+pub(super) enum Pick {
+    Chosen(String),
+    /// Live workers of the pool, each with a full queue.
+    AllFull,
+    /// No live worker of the pool (besides those excluded).
+    NoneLive,
+}
+
+impl Pick {
+    pub(super) fn chosen(self) -> Option<String> {
+        match self {
+            Pick::Chosen(id) => Some(id),
+            Pick::AllFull | Pick::NoneLive => None,
+        }
+    }
+}
+
+impl WorkerRegistry {
+    pub fn new(settings: RouterSettings, metrics: Metrics) -> Self {
+        WorkerRegistry {
+            inner: Mutex::new(Inner {
+                workers: HashMap::new(),
+                policy: Policy::new(settings.policy),
+            }),
+            settings,
+            metrics,
+        }
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves a consistent map (every update is a single
+        // insert or remove), so the poison flag carries no information worth failing on.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a heartbeat.
+    pub fn observe(&self, heartbeat: Heartbeat, now: Instant) {
+        self.metrics.record(Event::Heartbeat(&heartbeat));
+        let mut inner = self.lock();
+        if !inner.workers.contains_key(&heartbeat.worker_id) {
+            tracing::info!(worker_id = %heartbeat.worker_id, role = heartbeat.role.as_str(),
+                device = %heartbeat.device, "worker joined");
+        }
+        let has_work = heartbeat.running + heartbeat.queued > 0;
+        let progressed_at = match inner.workers.get(&heartbeat.worker_id) {
+            Some(previous)
+                if has_work
+                    && heartbeat.engine.is_some()
+                    && heartbeat.engine.map(|e| e.steps)
+                        == previous.heartbeat.engine.map(|e| e.steps) =>
+            {
+                previous.progressed_at
+            }
+            _ => now,
+        };
+        let stuck = now.saturating_duration_since(progressed_at)
+            > self.settings.worker_timeout * STUCK_AFTER_TIMEOUTS;
+        let was_stuck = inner
+            .workers
+            .get(&heartbeat.worker_id)
+            .is_some_and(|w| w.stuck);
+        if stuck && !was_stuck {
+            tracing::warn!(worker_id = %heartbeat.worker_id, running = heartbeat.running,
+                queued = heartbeat.queued, idle_ms = now.saturating_duration_since(progressed_at).as_millis() as u64,
+                "the worker's engine makes no progress although it has work: taking it out of rotation");
+        } else if was_stuck && !stuck {
+            tracing::info!(worker_id = %heartbeat.worker_id, "the worker's engine runs again");
+        }
+        inner.workers.insert(
+            heartbeat.worker_id.clone(),
+            WorkerEntry::new(heartbeat, now, progressed_at, stuck),
+        );
+        self.metrics.record(Event::LiveWorkers(counts_of(&inner)));
+    }
+
+    /// Drops workers whose heartbeat is older than the timeout; returns their ids.
+    pub fn expire(&self, now: Instant) -> Vec<String> {
+        let mut inner = self.lock();
+        let timeout = self.settings.worker_timeout;
+        let gone: Vec<String> = inner
+            .workers
+            .iter()
+            .filter(|(_, w)| now.saturating_duration_since(w.last_seen) > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            if let Some(entry) = inner.workers.remove(id) {
+                tracing::warn!(worker_id = %id, "worker left (no heartbeat within {} ms)", timeout.as_millis());
+                self.metrics.record(Event::WorkerLeft {
+                    worker_id: id,
+                    role: entry.heartbeat.role,
+                });
+            }
+        }
+        if !gone.is_empty() {
+            self.metrics.record(Event::LiveWorkers(counts_of(&inner)));
+        }
+        gone
+    }
+
+    /// Records that `worker_id` refused a job because its queue is full: it gets no job until
+    /// its next heartbeat says how full it is.
+    pub fn refused(&self, worker_id: &str) -> Option<WorkerRole> {
+        let mut inner = self.lock();
+        let entry = inner.workers.get_mut(worker_id)?;
+        entry.mark_refused();
+        Some(entry.heartbeat.role)
+    }
+
+    /// Records that context worker `worker_id` answered a prefill job this api-server sent it
+    /// (or that the job was given up): the job left its queue, which has room again.
+    pub(super) fn prefill_answered(&self, worker_id: &str) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.workers.get_mut(worker_id) {
+            entry.count_answered();
+        }
+    }
+
+    /// Chooses, by the policy, a live worker of `pool` not in `exclude` with room in its queue,
+    /// and counts the job against it.
+    pub(super) fn pick(
+        &self,
+        inner: &mut Inner,
+        pool: Pool,
+        exclude: &[String],
+        now: Instant,
+    ) -> Pick {
+        let timeout = self.settings.worker_timeout;
+        let live: Vec<(&String, &WorkerEntry)> = inner
+            .workers
+            .iter()
+            .filter(|(id, w)| {
+                w.takes(pool)
+                    && now.saturating_duration_since(w.last_seen) <= timeout
+                    && !exclude.contains(id)
+            })
+            .collect();
+        let candidates: Vec<(&String, u64)> = live
+            .iter()
+            .filter(|(_, w)| !w.is_full())
+            .map(|(id, w)| (*id, w.load()))
+            .collect();
+        if candidates.is_empty() {
+            return if live.is_empty() {
+                Pick::NoneLive
+            } else {
+                Pick::AllFull
+            };
+        }
+        let chosen = inner.policy.choose(pool, candidates);
+        if let Some(entry) = inner.workers.get_mut(&chosen) {
+            entry.count_assigned(1);
+        }
+        Pick::Chosen(chosen)
+    }
+
+    /// Whether `worker_id` has a recent heartbeat (a request it holds can still finish).
+    pub fn is_live(&self, worker_id: &str, now: Instant) -> bool {
+        self.lock().workers.get(worker_id).is_some_and(|w| {
+            now.saturating_duration_since(w.last_seen) <= self.settings.worker_timeout
+        })
+    }
+
+    /// Every live worker, by id, as `/health` shows it.
+    pub fn statuses(&self) -> Vec<WorkerStatus> {
+        let inner = self.lock();
+        let mut statuses: Vec<WorkerStatus> =
+            inner.workers.iter().map(|(id, w)| w.status(id)).collect();
+        statuses.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        statuses
+    }
+
+    pub fn live_counts(&self) -> LiveCounts {
+        counts_of(&self.lock())
+    }
+}
+
+/// Counts entries as they are (expiry runs on its own timer, every fraction of the timeout).
+fn counts_of(inner: &Inner) -> LiveCounts {
+    let mut counts = LiveCounts::default();
+    for worker in inner.workers.values() {
+        match worker.heartbeat.role {
+            WorkerRole::Context => counts.context += 1,
+            WorkerRole::Decode => counts.decode += 1,
+            WorkerRole::Both => counts.both += 1,
+        }
+        if worker.takes(Pool::Generate) {
+            counts.accepting_generate += 1;
+        }
+        if worker.takes(Pool::Context) {
+            counts.accepting_prefill += 1;
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tandem_protocol::config::RouterPolicy;
+    use tandem_protocol::messages::{KvTransferStats, WorkerRole};
+
+    use super::*;
+    use crate::router::NoRoute;
+    use crate::router::testing::{heartbeat, prompt, registry, settings};
+
+    #[test]
+    fn no_worker_no_pick_and_context_workers_do_not_generate() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        assert_eq!(registry.pick_generate(now), None);
+        registry.observe(heartbeat("c", WorkerRole::Context, 0, 0), now);
+        assert_eq!(registry.pick_generate(now), None);
+        assert_eq!(
+            registry.route(&prompt(10), now),
+            Err(NoRoute::NoLiveWorker),
+            "a context worker alone serves nothing"
+        );
+        let mut draining = heartbeat("d", WorkerRole::Both, 0, 0);
+        draining.draining = true;
+        registry.observe(draining, now);
+        assert_eq!(
+            registry.pick_generate(now),
+            None,
+            "draining workers take nothing new"
+        );
+        let counts = registry.live_counts();
+        assert_eq!((counts.both, counts.context), (1, 1));
+        assert_eq!(counts.accepting_generate, 0);
+        assert_eq!(counts.accepting_prefill, 1);
+    }
+
+    #[test]
+    fn a_worker_whose_engine_stops_stepping_with_work_leaves_rotation_and_comes_back() {
+        let start = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        let beat = |running: u32, steps: u64, at_ms: u64| {
+            let mut hb = heartbeat("w", WorkerRole::Both, running, 0);
+            hb.engine = Some(tandem_protocol::messages::EngineProgress {
+                steps,
+                ..Default::default()
+            });
+            registry.observe(hb, start + Duration::from_millis(at_ms));
+        };
+        // Idle for long: not stuck. Working and stepping: not stuck.
+        beat(0, 5, 0);
+        beat(0, 5, 10_000);
+        beat(1, 6, 10_500);
+        beat(1, 7, 11_000);
+        let at = |ms| start + Duration::from_millis(ms);
+        assert!(registry.pick_generate(at(11_000)).is_some());
+        // Working, no step for more than 3 worker timeouts (1 s each): out of rotation.
+        beat(1, 7, 12_000);
+        beat(1, 7, 13_500);
+        assert!(
+            registry.pick_generate(at(13_500)).is_some(),
+            "2.5 s: not yet"
+        );
+        beat(1, 7, 14_100);
+        assert_eq!(registry.pick_generate(at(14_100)), None);
+        assert!(registry.statuses()[0].stuck);
+        assert_eq!(registry.live_counts().accepting_generate, 0);
+        // A step again: back.
+        beat(1, 8, 14_600);
+        assert!(registry.pick_generate(at(14_600)).is_some());
+        assert!(!registry.statuses()[0].stuck);
+    }
+
+    #[test]
+    fn context_heartbeats_feed_the_transfer_metrics() {
+        let start = Instant::now();
+        let metrics = Metrics::new();
+        let registry = WorkerRegistry::new(settings(RouterPolicy::LeastLoaded, 0), metrics.clone());
+        let mut beat = heartbeat("ctx", WorkerRole::Context, 0, 0);
+        beat.kv_transfer = Some(KvTransferStats {
+            pinned_blocks: 3,
+            pinned_tokens: 40,
+            expirations: 2,
+            releases: 5,
+            unmatched_releases: 1,
+        });
+        registry.observe(beat.clone(), start);
+        beat.kv_transfer = Some(KvTransferStats {
+            pinned_blocks: 1,
+            pinned_tokens: 16,
+            expirations: 4,
+            releases: 9,
+            unmatched_releases: 3,
+        });
+        registry.observe(beat.clone(), start);
+        let text = metrics.render();
+        for line in [
+            "tandem_kv_pinned_blocks{worker_id=\"ctx\"} 1",
+            "tandem_kv_pinned_tokens{worker_id=\"ctx\"} 16",
+            "tandem_kv_expirations_total{worker_id=\"ctx\"} 4",
+            "tandem_kv_releases_total{worker_id=\"ctx\"} 9",
+            "tandem_kv_unmatched_releases_total{worker_id=\"ctx\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // The same id restarted: its counts start over.
+        beat.kv_transfer = Some(KvTransferStats {
+            expirations: 1,
+            ..KvTransferStats::default()
+        });
+        registry.observe(beat, start);
+        assert!(
+            metrics
+                .render()
+                .contains("tandem_kv_expirations_total{worker_id=\"ctx\"} 1")
+        );
+        registry.expire(start + Duration::from_millis(1500));
+        let text = metrics.render();
+        assert!(!text.contains("worker_id=\"ctx\""), "{text}");
+    }
+
+    #[test]
+    fn silent_workers_expire() {
+        let start = Instant::now();
+        let metrics = Metrics::new();
+        let registry = WorkerRegistry::new(settings(RouterPolicy::LeastLoaded, 0), metrics.clone());
+        registry.observe(heartbeat("a", WorkerRole::Both, 0, 0), start);
+        assert!(
+            metrics
+                .render()
+                .contains("tandem_live_workers{role=\"both\"} 1")
+        );
+        let later = start + Duration::from_millis(1500);
+        assert!(!registry.is_live("a", later));
+        assert_eq!(
+            registry.pick_generate(later),
+            None,
+            "a stale worker is not picked even before expiry"
+        );
+        assert_eq!(registry.expire(later), vec!["a".to_string()]);
+        let text = metrics.render();
+        assert!(
+            text.contains("tandem_live_workers{role=\"both\"} 0"),
+            "{text}"
+        );
+        assert!(!text.contains("worker_id=\"a\""), "{text}");
+    }
+}

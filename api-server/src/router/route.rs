@@ -1,0 +1,332 @@
+//! A request's route: the generation worker that produces its tokens, and where its prompt is
+//! prefilled.
+//!
+//! Every request gets a generation worker (`decode` or `both`), and a context worker for its
+//! prefill when disaggregation pays off ([`WorkerRegistry::route`]): at least one live
+//! context worker with room and a prompt of at least `max_local_prefill_length` tokens. When
+//! every generation worker is full a request gets 429 ([`NoRoute::AllFull`]); when every
+//! context worker is, it is prefilled by its generation worker ([`LocalPrefill::ContextFull`]).
+//! Routing takes the prompt's token ids, not only their number, so that a policy can weigh
+//! what each worker already holds of them.
+
+use std::time::Instant;
+
+use tandem_protocol::messages::{KvPeer, WorkerRole};
+
+use super::registry::{Inner, Pick, WorkerRegistry};
+use super::worker::Pool;
+
+/// Where a request's prompt is prefilled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prefill {
+    /// On this context worker, which then hands the KV cache to the generation worker.
+    Remote { context_id: String },
+    /// By the generation worker itself.
+    Local(LocalPrefill),
+}
+
+/// Why a request is prefilled by its generation worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalPrefill {
+    /// Shorter than `max_local_prefill_length`: a transfer would cost more than it saves.
+    ShortPrompt,
+    /// No live, non-draining context worker.
+    NoContextWorker,
+    /// Every live context worker's queue is full.
+    ContextFull,
+    /// A request with `n` > 1: its choices run on one generation worker, which prefills the
+    /// prompt once for all of them ([`WorkerRegistry::route_samples`]).
+    Samples,
+    /// A request for its prompt's logprobs (`echo` with `logprobs`): they are computed where
+    /// the prompt is prefilled, and a context worker's prefill hands over K/V, not logprobs
+    /// ([`WorkerRegistry::route_local`]; docs/protocol.md, "Prompt logprobs").
+    PromptLogprobs,
+}
+
+/// Why a request has no route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoute {
+    /// No live, non-draining worker takes generation jobs.
+    NoLiveWorker,
+    /// Every one that does has a full queue.
+    AllFull,
+}
+
+/// The workers chosen for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The `decode` or `both` worker that generates the tokens.
+    pub generate_id: String,
+    pub generate_role: WorkerRole,
+    /// How that worker reads K/V (its last heartbeat's), for the context worker's export.
+    pub generate_kv_peer: Option<KvPeer>,
+    pub prefill: Prefill,
+}
+
+impl WorkerRegistry {
+    /// Chooses the workers of a request whose prompt is `prompt_ids` and counts the jobs
+    /// against them; [`NoRoute`] when no live worker with room in its queue takes generation
+    /// jobs.
+    pub fn route(&self, prompt_ids: &[u32], now: Instant) -> Result<Route, NoRoute> {
+        let mut inner = self.lock();
+        let generate_id = self.pick_generation(&mut inner, now)?;
+        let generate_role = inner.workers[&generate_id].heartbeat.role;
+        let generate_kv_peer = inner.workers[&generate_id].heartbeat.kv_peer.clone();
+        let prefill = if prompt_ids.len() < self.settings.max_local_prefill_length {
+            Prefill::Local(LocalPrefill::ShortPrompt)
+        } else {
+            match self.pick_context(&mut inner, prompt_ids, &[], now) {
+                Pick::Chosen(context_id) => Prefill::Remote { context_id },
+                Pick::AllFull => Prefill::Local(LocalPrefill::ContextFull),
+                Pick::NoneLive => Prefill::Local(LocalPrefill::NoContextWorker),
+            }
+        };
+        Ok(Route {
+            generate_id,
+            generate_role,
+            generate_kv_peer,
+            prefill,
+        })
+    }
+
+    /// Chooses the generation worker of the `n` choices of one request (`n` > 1) and counts
+    /// `n` jobs against it. The choices go to one worker so that they share the prompt's KV
+    /// blocks there, and it prefills the prompt itself (no context worker): computed once
+    /// for all choices, the prompt costs what one local prefill costs, where a context worker
+    /// would add a transfer per choice (docs/protocol.md, "Requests with n > 1").
+    pub fn route_samples(&self, n: u32, now: Instant) -> Result<Route, NoRoute> {
+        self.route_local(n, LocalPrefill::Samples, now)
+    }
+
+    /// Chooses a generation worker for `n` jobs that it prefills itself (`why`: the choices
+    /// of one request, or prompt logprobs) and counts them against it.
+    pub fn route_local(&self, n: u32, why: LocalPrefill, now: Instant) -> Result<Route, NoRoute> {
+        let mut inner = self.lock();
+        let generate_id = self.pick_generation(&mut inner, now)?;
+        let entry = inner
+            .workers
+            .get_mut(&generate_id)
+            .expect("the chosen worker is known");
+        entry.count_assigned(n.saturating_sub(1));
+        Ok(Route {
+            generate_id,
+            generate_role: entry.heartbeat.role,
+            generate_kv_peer: entry.heartbeat.kv_peer.clone(),
+            prefill: Prefill::Local(why),
+        })
+    }
+
+    /// Chooses a live worker with room for a generation job and counts the job against it;
+    /// `None` when there is none.
+    pub fn pick_generate(&self, now: Instant) -> Option<String> {
+        self.pick_generate_excluding(&[], now)
+    }
+
+    /// [`Self::pick_generate`] among the workers other than `failed` (a request migrating
+    /// off it: it may still heartbeat, e.g. when its engine failed the request).
+    pub fn pick_generate_other_than(&self, failed: &str, now: Instant) -> Option<String> {
+        self.pick_generate_excluding(&[failed.to_owned()], now)
+    }
+
+    /// [`Self::pick_generate`] among the workers not in `excluded` (those that refused the
+    /// request's job).
+    pub fn pick_generate_excluding(&self, excluded: &[String], now: Instant) -> Option<String> {
+        let mut inner = self.lock();
+        self.pick(&mut inner, Pool::Generate, excluded, now)
+            .chosen()
+    }
+
+    /// A context worker not in `excluded` with room for the prefill of `prompt_ids`, counted
+    /// against it.
+    pub fn pick_context_excluding(
+        &self,
+        prompt_ids: &[u32],
+        excluded: &[String],
+        now: Instant,
+    ) -> Option<String> {
+        let mut inner = self.lock();
+        self.pick_context(&mut inner, prompt_ids, excluded, now)
+            .chosen()
+    }
+
+    /// The context worker not in `excluded` that prefills `prompt_ids` (counted against it).
+    fn pick_context(
+        &self,
+        inner: &mut Inner,
+        prompt_ids: &[u32],
+        excluded: &[String],
+        now: Instant,
+    ) -> Pick {
+        // The policies weigh load alone, so any context worker prefills a prompt as well as
+        // another; one that weighs the KV blocks a worker already holds reads `prompt_ids`.
+        let _ = prompt_ids;
+        self.pick(inner, Pool::Context, excluded, now)
+    }
+
+    /// A request's generation worker (counted against it), or why there is none.
+    fn pick_generation(&self, inner: &mut Inner, now: Instant) -> Result<String, NoRoute> {
+        match self.pick(inner, Pool::Generate, &[], now) {
+            Pick::Chosen(id) => Ok(id),
+            Pick::AllFull => Err(NoRoute::AllFull),
+            Pick::NoneLive => Err(NoRoute::NoLiveWorker),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tandem_protocol::config::RouterPolicy;
+    use tandem_protocol::messages::{Heartbeat, KvPeer, WorkerRole};
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::outcomes::FallbackReason;
+    use crate::router::testing::{context_of, heartbeat, prompt, registry, settings};
+
+    #[test]
+    fn a_migration_never_goes_back_to_the_worker_it_leaves() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        registry.observe(heartbeat("sick", WorkerRole::Both, 0, 0), now);
+        assert_eq!(registry.pick_generate_other_than("sick", now), None);
+        registry.observe(heartbeat("busy", WorkerRole::Decode, 9, 0), now);
+        for _ in 0..3 {
+            assert_eq!(
+                registry.pick_generate_other_than("sick", now).as_deref(),
+                Some("busy"),
+                "the failed worker is skipped even when it is the least loaded"
+            );
+        }
+    }
+
+    #[test]
+    fn full_context_workers_mean_a_local_prefill_and_refusers_are_skipped() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), now);
+        let full = Heartbeat {
+            max_queued: Some(1),
+            ..heartbeat("ctx-a", WorkerRole::Context, 0, 1)
+        };
+        registry.observe(full, now);
+        let route = registry.route(&prompt(5), now).unwrap();
+        assert_eq!(route.prefill, Prefill::Local(LocalPrefill::ContextFull));
+        assert_eq!(
+            FallbackReason::of_route(&route),
+            Some(FallbackReason::ContextFull)
+        );
+        registry.observe(heartbeat("ctx-b", WorkerRole::Context, 0, 0), now);
+        assert_eq!(
+            context_of(&registry.route(&prompt(5), now).unwrap()),
+            Some("ctx-b")
+        );
+        // A job refused by ctx-b has nowhere else to go: ctx-a is full.
+        assert_eq!(
+            registry.pick_context_excluding(&prompt(5), &["ctx-b".to_owned()], now),
+            None
+        );
+        assert_eq!(
+            registry.pick_generate_excluding(&["dec".to_owned()], now),
+            None
+        );
+        assert_eq!(
+            registry.pick_generate_excluding(&[], now).as_deref(),
+            Some("dec")
+        );
+    }
+
+    #[test]
+    fn disaggregated_routes_pick_both_pools_each_in_turn() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::RoundRobin);
+        registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), now);
+        for id in ["ctx-a", "ctx-b"] {
+            registry.observe(heartbeat(id, WorkerRole::Context, 0, 0), now);
+        }
+        let routes: Vec<Route> = (0..4)
+            .map(|_| registry.route(&prompt(5), now).unwrap())
+            .collect();
+        let contexts: Vec<&str> = routes.iter().filter_map(context_of).collect();
+        assert_eq!(contexts, ["ctx-a", "ctx-b", "ctx-a", "ctx-b"]);
+        assert!(routes.iter().all(|r| r.generate_id == "dec"));
+        assert!(routes.iter().all(|r| FallbackReason::of_route(r).is_none()));
+    }
+
+    #[test]
+    fn a_route_carries_how_its_generation_worker_reads_kv() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::RoundRobin);
+        let peer = KvPeer {
+            host_id: "boot-1".into(),
+            cuda_ipc: true,
+            coalesced_regions: true,
+            cuda_ipc_ranks: true,
+        };
+        registry.observe(
+            Heartbeat {
+                kv_peer: Some(peer.clone()),
+                ..heartbeat("dec", WorkerRole::Decode, 0, 0)
+            },
+            now,
+        );
+        registry.observe(heartbeat("ctx", WorkerRole::Context, 0, 0), now);
+        let route = registry.route(&prompt(5), now).unwrap();
+        assert_eq!(context_of(&route), Some("ctx"));
+        assert_eq!(route.generate_kv_peer, Some(peer));
+        // A later heartbeat that withdraws CUDA IPC (its reads failed) is what routes see.
+        registry.observe(
+            Heartbeat {
+                kv_peer: Some(KvPeer {
+                    host_id: "boot-1".into(),
+                    cuda_ipc: false,
+                    coalesced_regions: true,
+                    cuda_ipc_ranks: false,
+                }),
+                ..heartbeat("dec", WorkerRole::Decode, 0, 0)
+            },
+            now,
+        );
+        let route = registry.route(&prompt(5), now).unwrap();
+        assert_eq!(route.generate_kv_peer.map(|p| p.cuda_ipc), Some(false));
+    }
+
+    #[test]
+    fn short_prompts_and_missing_context_workers_prefill_locally() {
+        let now = Instant::now();
+        let registry = WorkerRegistry::new(settings(RouterPolicy::LeastLoaded, 8), Metrics::new());
+        registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), now);
+        let route = registry.route(&prompt(100), now).unwrap();
+        assert_eq!(route.prefill, Prefill::Local(LocalPrefill::NoContextWorker));
+        assert_eq!(
+            FallbackReason::of_route(&route),
+            Some(FallbackReason::NoContextWorker)
+        );
+        registry.observe(heartbeat("ctx", WorkerRole::Context, 0, 0), now);
+        let route = registry.route(&prompt(7), now).unwrap();
+        assert_eq!(route.prefill, Prefill::Local(LocalPrefill::ShortPrompt));
+        assert_eq!(FallbackReason::of_route(&route), None);
+        assert_eq!(
+            context_of(&registry.route(&prompt(8), now).unwrap()),
+            Some("ctx")
+        );
+        // A stale context worker is not picked, even before expiry.
+        let later = now + Duration::from_millis(1500);
+        registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), later);
+        assert_eq!(
+            registry.route(&prompt(100), later).unwrap().prefill,
+            Prefill::Local(LocalPrefill::NoContextWorker)
+        );
+    }
+
+    #[test]
+    fn aggregated_workers_prefilling_locally_is_no_fallback() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        registry.observe(heartbeat("agg", WorkerRole::Both, 0, 0), now);
+        let route = registry.route(&prompt(100), now).unwrap();
+        assert_eq!(route.prefill, Prefill::Local(LocalPrefill::NoContextWorker));
+        assert_eq!(FallbackReason::of_route(&route), None);
+    }
+}

@@ -1,0 +1,193 @@
+//! The generation parameters' checks ([`crate::openai::sampling`]), one for every endpoint:
+//! the ranges OpenAI documents (vLLM's for its extensions), into the job's [`SamplingSpec`],
+//! its stop sequences and the number of choices.
+//!
+//! The checks run in a fixed order, the same for every endpoint, so that a request with
+//! several values out of range is refused naming the same one wherever it is sent.
+
+use tandem_protocol::messages::SamplingSpec;
+
+use super::ModelLimits;
+use crate::error::ApiError;
+use crate::openai::{GenerationFields, LogitBiasField, StopField};
+
+/// OpenAI's limit on stop sequences.
+pub const MAX_STOP_SEQUENCES: usize = 4;
+
+/// Most choices per request (`n`): OpenAI's limit. Each choice is a sequence on the worker;
+/// those past its free slots wait in its queue, and past its queue bound go to other workers.
+pub const MAX_N: i64 = 128;
+/// Bytes of one stop sequence at most. Stop strings travel in the job message over NATS, whose
+/// payload limit (1 MiB by default) a longer one could pass, and a stop sequence is a few
+/// words in practice (a 1.1 MB one was answered 503 instead of 400).
+pub const MAX_STOP_BYTES: usize = 4096;
+/// OpenAI's bounds on `logit_bias`: entries, and the bias of one.
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 300;
+pub const MAX_LOGIT_BIAS: f64 = 100.0;
+
+/// The generation parameters with concrete values.
+pub(super) struct ValidGeneration {
+    /// Choices to generate (`n`), 1 to [`MAX_N`].
+    pub(super) n: u32,
+    pub(super) sampling: SamplingSpec,
+    pub(super) stop_strings: Vec<String>,
+    pub(super) ignore_eos: bool,
+}
+
+/// Checks `fields` and turns them into the job's values; absent fields take OpenAI's
+/// defaults (one choice, [`SamplingSpec::default`], no stop sequence).
+pub(super) fn validate_generation(
+    fields: &GenerationFields,
+    limits: &ModelLimits,
+) -> Result<ValidGeneration, ApiError> {
+    let n = match fields.n {
+        None => 1,
+        Some(n) if (1..=MAX_N).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                format!("n must be between 1 and {MAX_N}, got {n}"),
+                "n",
+            ));
+        }
+    };
+    let mut sampling = SamplingSpec::default();
+    if let Some(t) = fields.sampling.temperature {
+        sampling.temperature = in_range(t, 0.0, 2.0, false, "temperature")?;
+    }
+    if let Some(p) = fields.sampling.top_p {
+        sampling.top_p = in_range(p, 0.0, 1.0, true, "top_p")?;
+    }
+    if let Some(p) = fields.presence_penalty {
+        sampling.presence_penalty = in_range(p, -2.0, 2.0, false, "presence_penalty")?;
+    }
+    if let Some(p) = fields.frequency_penalty {
+        sampling.frequency_penalty = in_range(p, -2.0, 2.0, false, "frequency_penalty")?;
+    }
+    if let Some(p) = fields.repetition_penalty {
+        sampling.repetition_penalty = in_range(p, 0.0, 10.0, true, "repetition_penalty")?;
+    }
+    if let Some(k) = fields.top_k {
+        // vLLM's convention: -1 (or 0) disables top-k.
+        sampling.top_k = match k {
+            -1 | 0 => 0,
+            k if k > 0 && k <= u32::MAX as i64 => k as u32,
+            k => {
+                return Err(ApiError::invalid(
+                    format!("top_k must be -1 or positive, got {k}"),
+                    "top_k",
+                ));
+            }
+        };
+    }
+    // OpenAI's seed is any integer; the bit pattern is the worker's seed.
+    sampling.seed = fields.seed.map(|s| s as u64);
+    if let Some(bias) = &fields.logit_bias {
+        sampling.logit_bias = logit_bias(bias, limits)?;
+    }
+
+    let stop_strings = match &fields.stop {
+        None => Vec::new(),
+        Some(StopField::One(s)) => vec![s.clone()],
+        Some(StopField::Many(list)) => list.clone(),
+    };
+    if stop_strings.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::invalid(
+            format!(
+                "stop has {} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
+                stop_strings.len()
+            ),
+            "stop",
+        ));
+    }
+    if stop_strings.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop sequences must not be empty",
+            "stop",
+        ));
+    }
+    if let Some((i, long)) = stop_strings
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "stop sequence {i} is {} bytes long; at most {MAX_STOP_BYTES} are allowed",
+                long.len()
+            ),
+            "stop",
+        ));
+    }
+
+    Ok(ValidGeneration {
+        n,
+        sampling,
+        stop_strings,
+        ignore_eos: fields.ignore_eos.unwrap_or(false),
+    })
+}
+
+fn in_range(value: f64, low: f64, high: f64, low_open: bool, param: &str) -> Result<f32, ApiError> {
+    let above_low = if low_open { value > low } else { value >= low };
+    if value.is_finite() && above_low && value <= high {
+        Ok(value as f32)
+    } else {
+        let open = if low_open { "(" } else { "[" };
+        Err(ApiError::invalid(
+            format!("{param} must be in {open}{low}, {high}], got {value}"),
+            param,
+        ))
+    }
+}
+
+/// `logit_bias` as `(token id, bias)` by increasing id: ids in the vocabulary, biases in
+/// [-100, 100], at most [`MAX_LOGIT_BIAS_ENTRIES`] of them (OpenAI's rules).
+fn logit_bias(field: &LogitBiasField, limits: &ModelLimits) -> Result<Vec<(u32, f32)>, ApiError> {
+    const PARAM: &str = "logit_bias";
+    if field.len() > MAX_LOGIT_BIAS_ENTRIES {
+        return Err(ApiError::invalid(
+            format!(
+                "logit_bias has {} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed",
+                field.len()
+            ),
+            PARAM,
+        ));
+    }
+    let mut biases = Vec::with_capacity(field.len());
+    for (key, value) in field {
+        let id = match key.trim().parse::<i64>() {
+            Ok(id) if id >= 0 && id < i64::from(limits.vocab_size) => id as u32,
+            _ => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "logit_bias key {key:?} is not a token id of this model's vocabulary \
+                         (0..{})",
+                        limits.vocab_size
+                    ),
+                    PARAM,
+                ));
+            }
+        };
+        let bias = value
+            .as_f64()
+            .filter(|b| (-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(b))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!(
+                        "logit_bias of token {id} must be a number in [-{MAX_LOGIT_BIAS}, \
+                         {MAX_LOGIT_BIAS}], got {value}"
+                    ),
+                    PARAM,
+                )
+            })?;
+        biases.push((id, bias as f32));
+    }
+    biases.sort_unstable_by_key(|&(id, _)| id);
+    if let Some(pair) = biases.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(ApiError::invalid(
+            format!("logit_bias names token {} twice", pair[0].0),
+            PARAM,
+        ));
+    }
+    Ok(biases)
+}
