@@ -1,10 +1,90 @@
-//! The prompts a benchmark sends: synthetic ones of a given length, or a file.
+//! The prompts a benchmark sends: synthetic ones of a given length, or a file; which workload
+//! sends them ([`Workload`]: independent prompts, [shared prefixes](super::shared_prefix) or
+//! [conversations](super::multi_turn)); and when they arrive (Poisson gaps).
 
-use std::path::Path;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
+use serde::Serialize;
 use serde_json::Value;
+
+use super::multi_turn::MultiTurn;
+use super::shared_prefix::SharedPrefix;
+
+/// Which workload `--workload` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkloadKind {
+    /// Independent prompts (synthetic, random token ids, or a file).
+    Random,
+    /// Groups of prompts that share a system prompt.
+    SharedPrefix,
+    /// Conversations that send their whole history every turn.
+    MultiTurn,
+}
+
+/// What one level sends, validated; the results JSON records it under `workload`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Workload {
+    Random(Random),
+    SharedPrefix(SharedPrefix),
+    MultiTurn(MultiTurn),
+}
+
+impl Workload {
+    /// Requests one level sends.
+    pub fn requests(&self) -> usize {
+        match self {
+            Workload::Random(random) => random.num_prompts,
+            Workload::SharedPrefix(shared) => shared.requests(),
+            Workload::MultiTurn(multi) => multi.requests(),
+        }
+    }
+
+    /// What a level starts one by one, at the level's concurrency or arrival rate: requests,
+    /// or whole conversations for multi-turn.
+    pub fn arrivals(&self) -> usize {
+        match self {
+            Workload::MultiTurn(multi) => multi.conversations,
+            _ => self.requests(),
+        }
+    }
+}
+
+/// Independent prompts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Random {
+    pub num_prompts: usize,
+    #[serde(flatten)]
+    pub prompts: RandomPrompts,
+}
+
+/// Where the independent prompts come from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum RandomPrompts {
+    /// Synthetic text of that many words.
+    Words { input_len: usize },
+    /// Exactly that many random token ids from the range.
+    TokenIds {
+        input_tokens: usize,
+        token_ids: Range<u32>,
+    },
+    /// A prompts file, reused in turn if shorter than `num_prompts`.
+    File { prompts_file: PathBuf },
+}
+
+/// What a synthetic prompt is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptUnits {
+    /// Common English words, about one token each: lengths are approximate; any endpoint.
+    Words,
+    /// Random token ids from the range: lengths are exact token counts; completions only.
+    TokenIds(Range<u32>),
+}
 
 /// Common English words: synthetic prompts are random sequences of them, so that a BPE
 /// tokenizer sees about one token per word (the server's `usage` reports the real count).
@@ -35,36 +115,46 @@ const WORDS: &[&str] = &[
 pub fn synthetic(count: usize, words: usize, seed: u64) -> Vec<String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..count)
-        .map(|_| {
-            let mut prompt = String::new();
-            for i in 0..words.max(1) {
-                if i > 0 {
-                    prompt.push(' ');
-                }
-                prompt.push_str(WORDS[(rng.next_u32() as usize) % WORDS.len()]);
-            }
-            prompt
-        })
+        .map(|_| random_words(&mut rng, words.max(1)))
         .collect()
+}
+
+/// `count` words drawn from [`WORDS`], space-separated.
+pub(super) fn random_words(rng: &mut ChaCha8Rng, count: usize) -> String {
+    let mut text = String::new();
+    for i in 0..count {
+        if i > 0 {
+            text.push(' ');
+        }
+        text.push_str(WORDS[(rng.next_u32() as usize) % WORDS.len()]);
+    }
+    text
+}
+
+/// `count` token ids drawn uniformly from `ids`.
+pub(super) fn random_ids(rng: &mut ChaCha8Rng, count: usize, ids: &Range<u32>) -> Vec<u32> {
+    let span = (ids.end - ids.start).max(1);
+    (0..count)
+        .map(|_| ids.start + rng.next_u32() % span)
+        .collect()
+}
+
+/// Puts `items` in a random order (Fisher-Yates; the modulo's bias is far below what a
+/// benchmark's order could notice).
+pub(super) fn shuffle<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
+    for i in (1..items.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
 }
 
 /// `count` prompts of exactly `tokens` token ids each, drawn uniformly from `ids` and
 /// reproducible from `seed`: the synthetic datasets of TensorRT-LLM's and vLLM's throughput
 /// benchmarks (random token ids of a fixed input length).
-pub fn synthetic_tokens(
-    count: usize,
-    tokens: usize,
-    ids: std::ops::Range<u32>,
-    seed: u64,
-) -> Vec<Vec<u32>> {
+pub fn synthetic_tokens(count: usize, tokens: usize, ids: Range<u32>, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let span = (ids.end - ids.start).max(1);
     (0..count)
-        .map(|_| {
-            (0..tokens.max(1))
-                .map(|_| ids.start + rng.next_u32() % span)
-                .collect()
-        })
+        .map(|_| random_ids(&mut rng, tokens.max(1), &ids))
         .collect()
 }
 
@@ -140,6 +230,35 @@ mod tests {
         assert!(a.iter().all(|p| p.split(' ').count() == 50));
         assert_eq!(a, synthetic(3, 50, 1));
         assert_ne!(a, synthetic(3, 50, 2));
+    }
+
+    #[test]
+    fn shuffling_keeps_every_item_and_repeats_with_the_seed() {
+        let shuffled = |seed| {
+            let mut items: Vec<u32> = (0..100).collect();
+            shuffle(&mut items, &mut ChaCha8Rng::seed_from_u64(seed));
+            items
+        };
+        let a = shuffled(3);
+        assert_ne!(a, (0..100).collect::<Vec<_>>());
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        assert_eq!(a, shuffled(3));
+        assert_ne!(a, shuffled(4));
+    }
+
+    #[test]
+    fn the_workload_record_names_its_kind_and_parameters() {
+        let random = Workload::Random(Random {
+            num_prompts: 8,
+            prompts: RandomPrompts::Words { input_len: 32 },
+        });
+        assert_eq!(
+            serde_json::to_value(&random).unwrap(),
+            serde_json::json!({"kind": "random", "num_prompts": 8, "input_len": 32})
+        );
+        assert_eq!((random.requests(), random.arrivals()), (8, 8));
     }
 
     #[test]
