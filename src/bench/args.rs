@@ -10,7 +10,8 @@ use super::metrics::Slo;
 use super::multi_turn::MultiTurn;
 use super::schedule::Level;
 use super::shared_prefix::SharedPrefix;
-use super::workload::{PromptUnits, Random, RandomPrompts, Workload, WorkloadKind};
+use super::spec::{Random, RandomPrompts, Workload, WorkloadKind};
+use super::workload::PromptUnits;
 use crate::openai_client::Endpoint;
 
 /// What `tandem bench --help` explains (the subcommand's variant names it too: its doc comment

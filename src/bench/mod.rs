@@ -5,10 +5,11 @@
 //! hits as a table, a JSON file and a PNG chart.
 //!
 //! - [`args`]: the flags, their help, and their validation into a workload and levels.
-//! - [`workload`]: which workload, synthetic prompts, prompt files, Poisson arrival gaps.
+//! - [`spec`]: which workload a run sends, with its parameters.
+//! - [`workload`]: synthetic prompts (words or token ids) and prompt files.
 //! - [`shared_prefix`]: groups of prompts that share a system prompt.
 //! - [`multi_turn`]: conversations that resend their history every turn.
-//! - [`schedule`]: when a level's requests (or conversations) start.
+//! - [`schedule`]: when a level's requests (or conversations) start; Poisson arrival gaps.
 //! - [`metrics`]: percentiles, goodput limits, cache hits, one level's summary.
 //! - [`report`]: the table on stdout.
 //! - [`chart`]: the PNG.
@@ -23,6 +24,7 @@ pub mod report;
 pub mod schedule;
 pub mod server;
 pub mod shared_prefix;
+pub mod spec;
 pub mod workload;
 
 pub use args::{BENCH_LONG_ABOUT, BenchArgs};
@@ -35,9 +37,9 @@ use serde_json::json;
 
 use crate::openai_client::{Client, Endpoint, Prompt, Request};
 use metrics::TtftByTurn;
-use multi_turn::MultiTurn;
+use multi_turn::Conversations;
 use schedule::{Level, Results};
-use workload::{RandomPrompts, Workload};
+use spec::{RandomPrompts, Workload};
 
 /// Runs the benchmark described by `args`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -95,8 +97,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64(),
             slo,
         );
-        if let Sends::Conversations { shape, .. } = &sends {
-            summary.ttft_ms_by_turn = Some(TtftByTurn::of(&replies, shape.turns));
+        if let Sends::Conversations(conversations) = &sends {
+            summary.ttft_ms_by_turn = Some(TtftByTurn::of(&replies, conversations.shape.turns));
         }
         if let Some(before) = counters_before {
             // Workers report their counters in heartbeats (tandem's default interval: 1 s).
@@ -206,11 +208,7 @@ enum Sends {
     /// Independent requests, each an arrival of its own.
     Requests(Vec<Request>),
     /// Conversations, each an arrival that sends its turns one after the other.
-    Conversations {
-        shape: MultiTurn,
-        user_messages: Vec<Vec<String>>,
-        template: Request,
-    },
+    Conversations(Conversations),
 }
 
 impl Sends {
@@ -260,11 +258,9 @@ impl Sends {
                     .map(|p| with(p.prompt))
                     .collect(),
             ),
-            Workload::MultiTurn(shape) => Sends::Conversations {
-                shape: shape.clone(),
-                user_messages: shape.user_messages(seed),
-                template,
-            },
+            Workload::MultiTurn(shape) => {
+                Sends::Conversations(Conversations::new(shape.clone(), template, seed))
+            }
         })
     }
 
@@ -272,7 +268,7 @@ impl Sends {
     fn rate_unit(&self) -> &'static str {
         match self {
             Sends::Requests(_) => "req/s",
-            Sends::Conversations { .. } => "conv/s",
+            Sends::Conversations(_) => "conv/s",
         }
     }
 
@@ -298,19 +294,9 @@ impl Sends {
                 });
                 results
             }
-            Sends::Conversations {
-                shape,
-                user_messages,
-                template,
-            } => shape.run_level(
-                client,
-                endpoint,
-                template,
-                user_messages,
-                level,
-                seed,
-                progress,
-            ),
+            Sends::Conversations(conversations) => {
+                conversations.run_level(client, endpoint, level, seed, progress)
+            }
         }
     }
 }

@@ -51,46 +51,66 @@ impl MultiTurn {
             })
             .collect()
     }
+}
 
-    /// Runs one level: every conversation of `user_messages`, each turn a copy of `template`
-    /// with the conversation so far as its prompt. Replies in conversation order, turn by turn
-    /// (request `c * turns + t` is turn `t` of conversation `c`); the turns after a failed one
-    /// are not sent, and fail saying so.
+/// What every level of a multi-turn run sends: the same conversations, whose replies differ.
+#[derive(Debug, Clone)]
+pub struct Conversations {
+    pub shape: MultiTurn,
+    /// Every conversation's user messages, turn by turn.
+    pub user_messages: Vec<Vec<String>>,
+    /// Every turn's request but for its prompt.
+    pub template: Request,
+}
+
+impl Conversations {
+    /// The conversations of `shape`, reproducible from `seed`.
+    pub fn new(shape: MultiTurn, template: Request, seed: u64) -> Self {
+        Conversations {
+            user_messages: shape.user_messages(seed),
+            shape,
+            template,
+        }
+    }
+
+    /// Runs one level: every conversation, each turn a copy of the template with the
+    /// conversation so far as its prompt. Replies in conversation order, turn by turn (request
+    /// `c * turns + t` is turn `t` of conversation `c`); the turns after a failed one are not
+    /// sent, and fail saying so.
     pub fn run_level(
         &self,
         client: &Client,
         endpoint: Endpoint,
-        template: &Request,
-        user_messages: &[Vec<String>],
         level: Level,
         seed: u64,
         progress: &ProgressBar,
     ) -> Results {
-        let results = Results::new(self.requests());
-        let think = Duration::from_millis(self.think_time_ms);
-        schedule::run(user_messages.len(), level, seed, |c| {
+        let turns = self.shape.turns;
+        let results = Results::new(self.shape.requests());
+        let think = Duration::from_millis(self.shape.think_time_ms);
+        schedule::run(self.user_messages.len(), level, seed, |c| {
             let mut conversation = Conversation::new(endpoint);
-            for (t, user) in user_messages[c].iter().enumerate() {
+            for (t, user) in self.user_messages[c].iter().enumerate() {
                 if t > 0 && !think.is_zero() {
                     std::thread::sleep(think);
                 }
                 let request = Request {
                     prompt: conversation.ask(user),
-                    ..template.clone()
+                    ..self.template.clone()
                 };
                 let reply = client.send(endpoint, &request, |_| {});
                 progress.inc(1);
                 match reply {
                     Ok(reply) => {
                         conversation.answered(&reply.text);
-                        results.set(c * self.turns + t, Ok(reply));
+                        results.set(c * turns + t, Ok(reply));
                     }
                     Err(e) => {
-                        results.set(c * self.turns + t, Err(e.to_string()));
-                        for later in t + 1..self.turns {
+                        results.set(c * turns + t, Err(e.to_string()));
+                        for later in t + 1..turns {
                             let why =
                                 format!("not sent: turn {} of its conversation failed", t + 1);
-                            results.set(c * self.turns + later, Err(why));
+                            results.set(c * turns + later, Err(why));
                             progress.inc(1);
                         }
                         return;

@@ -1,12 +1,15 @@
 //! When a level's arrivals start: a fixed number in flight, or a Poisson process capped in
 //! flight. An arrival is whatever the workload starts as one unit (a request, or a whole
 //! conversation); each runs on a thread of its own and records its replies in [`Results`].
+//! Poisson arrival times are reproducible from a seed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::workload;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+
 use crate::openai_client::Reply;
 
 /// One level: how many arrivals in flight, and the arrival rate if Poisson.
@@ -40,7 +43,7 @@ pub fn run(count: usize, level: Level, seed: u64, arrive: impl Fn(usize) + Sync)
             });
         }
         Some(rate) => {
-            let gaps = workload::poisson_gaps(count, rate, seed);
+            let gaps = poisson_gaps(count, rate, seed);
             let in_flight = (Mutex::new(0usize), Condvar::new());
             let start = Instant::now();
             std::thread::scope(|scope| {
@@ -72,6 +75,18 @@ pub fn run(count: usize, level: Level, seed: u64, arrive: impl Fn(usize) + Sync)
     }
 }
 
+/// Exponential gaps between arrivals of a Poisson process of `rate` requests per second.
+pub fn poisson_gaps(count: usize, rate: f64, seed: u64) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..count)
+        .map(|_| {
+            // Uniform in (0, 1]: never ln(0).
+            let u = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+            -u.ln() / rate
+        })
+        .collect()
+}
+
 /// A level's replies (errors as strings), one slot per request, filled in by the threads that
 /// send them.
 pub struct Results(Vec<Mutex<Option<Result<Reply, String>>>>);
@@ -101,6 +116,15 @@ impl Results {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poisson_gaps_average_one_over_the_rate() {
+        let gaps = poisson_gaps(20_000, 4.0, 7);
+        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        assert!((mean - 0.25).abs() < 0.01, "mean gap {mean}");
+        assert!(gaps.iter().all(|&g| g > 0.0));
+        assert_eq!(gaps[..5], poisson_gaps(5, 4.0, 7)[..]);
+    }
 
     #[test]
     fn every_arrival_runs_once_within_the_cap() {

@@ -1,80 +1,13 @@
-//! The prompts a benchmark sends: synthetic ones of a given length, or a file; which workload
-//! sends them ([`Workload`]: independent prompts, [shared prefixes](super::shared_prefix) or
-//! [conversations](super::multi_turn)); and when they arrive (Poisson gaps).
+//! The synthetic prompts a benchmark sends (words, or random token ids, of a given length)
+//! and prompt files.
 
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::Value;
-
-use super::multi_turn::MultiTurn;
-use super::shared_prefix::SharedPrefix;
-
-/// Which workload `--workload` names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum WorkloadKind {
-    /// Independent prompts (synthetic, random token ids, or a file).
-    Random,
-    /// Groups of prompts that share a system prompt.
-    SharedPrefix,
-    /// Conversations that send their whole history every turn.
-    MultiTurn,
-}
-
-/// What one level sends, validated; the results JSON records it under `workload`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Workload {
-    Random(Random),
-    SharedPrefix(SharedPrefix),
-    MultiTurn(MultiTurn),
-}
-
-impl Workload {
-    /// Requests one level sends.
-    pub fn requests(&self) -> usize {
-        match self {
-            Workload::Random(random) => random.num_prompts,
-            Workload::SharedPrefix(shared) => shared.requests(),
-            Workload::MultiTurn(multi) => multi.requests(),
-        }
-    }
-
-    /// What a level starts one by one, at the level's concurrency or arrival rate: requests,
-    /// or whole conversations for multi-turn.
-    pub fn arrivals(&self) -> usize {
-        match self {
-            Workload::MultiTurn(multi) => multi.conversations,
-            _ => self.requests(),
-        }
-    }
-}
-
-/// Independent prompts.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Random {
-    pub num_prompts: usize,
-    #[serde(flatten)]
-    pub prompts: RandomPrompts,
-}
-
-/// Where the independent prompts come from.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
-pub enum RandomPrompts {
-    /// Synthetic text of that many words.
-    Words { input_len: usize },
-    /// Exactly that many random token ids from the range.
-    TokenIds {
-        input_tokens: usize,
-        token_ids: Range<u32>,
-    },
-    /// A prompts file, reused in turn if shorter than `num_prompts`.
-    File { prompts_file: PathBuf },
-}
 
 /// What a synthetic prompt is made of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -196,18 +129,6 @@ fn prompt_of(item: &Value) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Exponential gaps between arrivals of a Poisson process of `rate` requests per second.
-pub fn poisson_gaps(count: usize, rate: f64, seed: u64) -> Vec<f64> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..count)
-        .map(|_| {
-            // Uniform in (0, 1]: never ln(0).
-            let u = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-            -u.ln() / rate
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,19 +170,6 @@ mod tests {
     }
 
     #[test]
-    fn the_workload_record_names_its_kind_and_parameters() {
-        let random = Workload::Random(Random {
-            num_prompts: 8,
-            prompts: RandomPrompts::Words { input_len: 32 },
-        });
-        assert_eq!(
-            serde_json::to_value(&random).unwrap(),
-            serde_json::json!({"kind": "random", "num_prompts": 8, "input_len": 32})
-        );
-        assert_eq!((random.requests(), random.arrivals()), (8, 8));
-    }
-
-    #[test]
     fn prompt_files_in_three_shapes() {
         let dir = std::env::temp_dir().join(format!("tandem-bench-prompts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -281,14 +189,5 @@ mod tests {
         std::fs::write(&file, "[]").unwrap();
         assert!(from_file(&file).unwrap_err().contains("no prompts"));
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn poisson_gaps_average_one_over_the_rate() {
-        let gaps = poisson_gaps(20_000, 4.0, 7);
-        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
-        assert!((mean - 0.25).abs() < 0.01, "mean gap {mean}");
-        assert!(gaps.iter().all(|&g| g > 0.0));
-        assert_eq!(gaps[..5], poisson_gaps(5, 4.0, 7)[..]);
     }
 }
