@@ -135,7 +135,7 @@ pub struct BenchArgs {
     pub endpoint: Endpoint,
     /// What to send: independent prompts (`random`), groups of prompts that share a system
     /// prompt (`shared-prefix`), or conversations that resend their history every turn
-    /// (`multi-turn`). See above.
+    /// (`multi-turn`).
     #[arg(long, value_enum, default_value = "random")]
     pub workload: WorkloadKind,
     /// Requests per level [default: 64] (random workload only: shared-prefix sends

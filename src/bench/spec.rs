@@ -90,4 +90,34 @@ mod tests {
         );
         assert_eq!((random.requests(), random.arrivals()), (8, 8));
     }
+
+    #[test]
+    fn the_prefix_caching_workloads_record_their_shapes() {
+        let shared = Workload::SharedPrefix(SharedPrefix {
+            prefix_groups: 8,
+            prompts_per_group: 4,
+            system_prompt_len: 256,
+            question_len: 32,
+            units: crate::bench::workload::PromptUnits::TokenIds(3..500),
+        });
+        assert_eq!(
+            serde_json::to_value(&shared).unwrap(),
+            serde_json::json!({"kind": "shared-prefix", "prefix_groups": 8,
+                "prompts_per_group": 4, "system_prompt_len": 256, "question_len": 32,
+                "units": {"token_ids": {"start": 3, "end": 500}}})
+        );
+        assert_eq!((shared.requests(), shared.arrivals()), (32, 32));
+        let multi = Workload::MultiTurn(MultiTurn {
+            conversations: 4,
+            turns: 3,
+            user_message_len: 32,
+            think_time_ms: 500,
+        });
+        assert_eq!(
+            serde_json::to_value(&multi).unwrap(),
+            serde_json::json!({"kind": "multi-turn", "conversations": 4, "turns": 3,
+                "user_message_len": 32, "think_time_ms": 500})
+        );
+        assert_eq!((multi.requests(), multi.arrivals()), (12, 4));
+    }
 }
