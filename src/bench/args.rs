@@ -246,12 +246,12 @@ impl BenchArgs {
         if self.output_len == Some(0) {
             bail!("--output-len must be at least 1");
         }
-        let shared_prefix_flags = [
+        // Multi-turn refuses --random-token-ids for a reason of its own (below).
+        let shared_prefix_shape = [
             ("--prefix-groups", self.prefix_groups.is_some()),
             ("--prompts-per-group", self.prompts_per_group.is_some()),
             ("--system-prompt-len", self.system_prompt_len.is_some()),
             ("--question-len", self.question_len.is_some()),
-            ("--random-token-ids", self.random_token_ids),
         ];
         let multi_turn_flags = [
             ("--conversations", self.conversations.is_some()),
@@ -260,7 +260,11 @@ impl BenchArgs {
         ];
         match self.workload {
             WorkloadKind::Random => {
-                refuse(&shared_prefix_flags, "is for --workload shared-prefix")?;
+                refuse(&shared_prefix_shape, "is for --workload shared-prefix")?;
+                refuse(
+                    &[("--random-token-ids", self.random_token_ids)],
+                    "is for --workload shared-prefix (random token ids here: --input-tokens)",
+                )?;
                 refuse(&multi_turn_flags, "is for --workload multi-turn")?;
                 let num_prompts =
                     at_least_one("--num-prompts", self.num_prompts)?.unwrap_or(DEFAULT_NUM_PROMPTS);
@@ -330,7 +334,7 @@ impl BenchArgs {
                 }))
             }
             WorkloadKind::MultiTurn => {
-                refuse(&shared_prefix_flags[..4], "is for --workload shared-prefix")?;
+                refuse(&shared_prefix_shape, "is for --workload shared-prefix")?;
                 refuse(
                     &[
                         ("--input-tokens", self.input_tokens.is_some()),
@@ -562,6 +566,7 @@ mod tests {
             refused(&["--prefix-groups", "3"])
                 .contains("--prefix-groups is for --workload shared-prefix")
         );
+        assert!(refused(&["--random-token-ids"]).contains("--input-tokens"));
     }
 
     #[test]
