@@ -64,12 +64,39 @@ pub struct Request {
     pub ignore_eos: bool,
 }
 
-/// A request's prompt: text, or token ids (`/v1/completions` only: the OpenAI API takes an
-/// array of token ids as a prompt).
+/// A request's prompt: text, token ids (`/v1/completions` only: the OpenAI API takes an
+/// array of token ids as a prompt), or a conversation (`/v1/chat/completions` only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Prompt {
+    /// One user message on the chat endpoint; the raw prompt on completions.
     Text(String),
     Tokens(Vec<u32>),
+    Messages(Vec<Message>),
+}
+
+/// One message of a chat conversation, as the OpenAI API takes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// Who said a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
 }
 
 /// What came back, with timings relative to when the request was sent.
@@ -83,6 +110,10 @@ pub struct Reply {
     /// From the `usage` object (streamed: the final chunk, with `include_usage`).
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// Prompt tokens the server took from its prefix cache instead of computing them
+    /// (`usage.prompt_tokens_details.cached_tokens`); `None` when the server does not say,
+    /// which is not the same as none cached.
+    pub cached_tokens: Option<u64>,
 }
 
 impl Reply {
@@ -183,6 +214,7 @@ impl Client {
             (Endpoint::Chat, Prompt::Text(text)) => {
                 body["messages"] = json!([{"role": "user", "content": text}]);
             }
+            (Endpoint::Chat, Prompt::Messages(messages)) => body["messages"] = json!(messages),
             (Endpoint::Chat, Prompt::Tokens(_)) => {
                 return Err(ClientError::Request(
                     "a prompt of token ids needs the completions endpoint".into(),
@@ -190,6 +222,11 @@ impl Client {
             }
             (Endpoint::Completions, Prompt::Text(text)) => body["prompt"] = json!(text),
             (Endpoint::Completions, Prompt::Tokens(ids)) => body["prompt"] = json!(ids),
+            (Endpoint::Completions, Prompt::Messages(_)) => {
+                return Err(ClientError::Request(
+                    "a prompt of chat messages needs the chat endpoint".into(),
+                ));
+            }
         }
         if let Some(top_p) = request.top_p {
             body["top_p"] = json!(top_p);
@@ -284,7 +321,17 @@ fn read_usage(value: &Value, reply: &mut Reply) {
     if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
         reply.prompt_tokens = usage["prompt_tokens"].as_u64();
         reply.completion_tokens = usage["completion_tokens"].as_u64();
+        reply.cached_tokens = cached_tokens(usage);
     }
+}
+
+/// `prompt_tokens_details.cached_tokens` of a `usage` object (OpenAI's field; vLLM, SGLang and
+/// tandem fill it in), if there.
+fn cached_tokens(usage: &Value) -> Option<u64> {
+    usage
+        .get("prompt_tokens_details")?
+        .get("cached_tokens")?
+        .as_u64()
 }
 
 fn transport(e: ureq::Error) -> ClientError {
@@ -313,6 +360,44 @@ mod tests {
         assert_eq!(e.to_string(), "HTTP 404: The model `x` does not exist");
         let e = status_error(502, "bad gateway");
         assert_eq!(e.to_string(), "HTTP 502: bad gateway");
+    }
+
+    #[test]
+    fn cached_tokens_come_from_the_usage_details_when_the_server_gives_them() {
+        let usage = json!({"prompt_tokens": 300, "completion_tokens": 8,
+            "prompt_tokens_details": {"cached_tokens": 256}});
+        let mut reply = Reply::default();
+        read_usage(&json!({ "usage": usage }), &mut reply);
+        assert_eq!(reply.prompt_tokens, Some(300));
+        assert_eq!(reply.cached_tokens, Some(256));
+        // Zero is a count; a missing field or details object is no answer.
+        let zero = json!({"prompt_tokens_details": {"cached_tokens": 0}});
+        assert_eq!(cached_tokens(&zero), Some(0));
+        assert_eq!(cached_tokens(&json!({"prompt_tokens": 3})), None);
+        assert_eq!(cached_tokens(&json!({"prompt_tokens_details": null})), None);
+        assert_eq!(
+            cached_tokens(&json!({"prompt_tokens_details": {"audio_tokens": 0}})),
+            None
+        );
+        // The streamed chunks before the last carry no usage and leave the count alone.
+        read_usage(&json!({"choices": []}), &mut reply);
+        read_usage(&json!({"usage": null}), &mut reply);
+        assert_eq!(reply.cached_tokens, Some(256));
+    }
+
+    #[test]
+    fn chat_messages_serialize_as_the_openai_api_takes_them() {
+        let messages = vec![
+            Message::new(Role::System, "be brief"),
+            Message::new(Role::User, "hi"),
+            Message::new(Role::Assistant, "hello"),
+        ];
+        assert_eq!(
+            json!(messages),
+            json!([{"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}])
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `tandem bench` against a live `tandem serve` (tiny model): two concurrency levels and a
-//! Poisson level give consistent JSON and a PNG; a server that is not there is an error, not a
-//! hang.
+//! Poisson level give consistent JSON and a PNG, the shared-prefix and multi-turn workloads
+//! send what they say; a server that is not there is an error, not a hang.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -198,7 +198,123 @@ fn bench_measures_a_live_server() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--endpoint completions"), "{stderr}");
+
+    // Shared prefixes: 2 groups x 3 prompts of exactly 32 + 8 token ids, shuffled together.
+    let out = bench(&[
+        "--url",
+        &url,
+        "--workload",
+        "shared-prefix",
+        "--endpoint",
+        "completions",
+        "--random-token-ids",
+        "--token-ids",
+        "3-500",
+        "--prefix-groups",
+        "2",
+        "--prompts-per-group",
+        "3",
+        "--system-prompt-len",
+        "32",
+        "--question-len",
+        "8",
+        "--output-len",
+        "4",
+        "--concurrency",
+        "2",
+        "--output-json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let doc = succeeded_with_json(&out, &json);
+    assert!(
+        stdout.contains("shared prefix: 2 groups x 3 prompts"),
+        "{stdout}"
+    );
+    assert_eq!(doc["workload"]["kind"], "shared-prefix");
+    assert_eq!(doc["workload"]["prefix_groups"], 2);
+    assert_eq!(doc["workload"]["system_prompt_len"], 32);
+    assert_eq!(doc["num_prompts"], 6);
+    let level = &doc["levels"][0];
+    assert_eq!(level["completed"], 6, "{level}");
+    assert_eq!(level["prompt_tokens"], 6 * (32 + 8), "{level}");
+    assert_eq!(level["output_tokens"], 6 * 4, "{level}");
+    assert_cache_is_reported_or_null(level);
+
+    // Conversations: 2 of 3 turns on the chat endpoint, each turn resending the history.
+    let out = bench(&[
+        "--url",
+        &url,
+        "--workload",
+        "multi-turn",
+        "--conversations",
+        "2",
+        "--turns",
+        "3",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+        "--concurrency",
+        "2",
+        "--output-json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let doc = succeeded_with_json(&out, &json);
+    assert!(
+        stdout.contains("turns: TTFT p50 / p99 first turn"),
+        "{stdout}"
+    );
+    assert_eq!(doc["workload"]["kind"], "multi-turn");
+    assert_eq!(doc["workload"]["turns"], 3);
+    assert_eq!(doc["num_prompts"], 6);
+    let level = &doc["levels"][0];
+    assert_eq!(level["completed"], 6, "{level}");
+    assert_eq!(level["output_tokens"], 6 * 4, "{level}");
+    // Turn k's prompt holds k user messages of 8 words and k - 1 replies: well over the six
+    // 8-word messages of independent prompts.
+    assert!(
+        level["prompt_tokens"].as_u64().unwrap() > 2 * (8 + 16 + 24),
+        "{level}"
+    );
+    let by_turn = &level["ttft_ms_by_turn"];
+    assert_eq!(by_turn["turns"].as_array().unwrap().len(), 3, "{level}");
+    assert!(
+        by_turn["later_turns"]["p50"].as_f64().unwrap() > 0.0,
+        "{level}"
+    );
+    assert_cache_is_reported_or_null(level);
+    // The replies come back as text: multi-turn refuses token ids before sending anything.
+    let out = bench(&[
+        "--url",
+        &url,
+        "--workload",
+        "multi-turn",
+        "--endpoint",
+        "completions",
+        "--input-tokens",
+        "40",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not token ids"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A level's prompt-cache hits: the server's count where it gives one (a share of the prompt
+/// tokens), else null, never a made-up zero.
+fn assert_cache_is_reported_or_null(level: &Value) {
+    let cache = &level["prompt_cache"];
+    if cache.is_null() {
+        return;
+    }
+    let rate = cache["hit_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rate), "{level}");
+    assert!(
+        cache["cached_tokens"].as_u64().unwrap() <= cache["prompt_tokens"].as_u64().unwrap(),
+        "{level}"
+    );
 }
 
 #[test]

@@ -72,8 +72,10 @@ impl std::str::FromStr for Slo {
 /// One level's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// Requests in flight at most (multi-turn: conversations).
     pub concurrency: usize,
-    /// Requests per second of the Poisson arrivals, if any.
+    /// Arrivals per second of the Poisson process, if any: requests, or conversations for
+    /// the multi-turn workload.
     pub request_rate: Option<f64>,
     pub requests: usize,
     pub completed: usize,
@@ -95,10 +97,84 @@ pub struct Summary {
     pub slo: Slo,
     /// Completed requests per second that met `slo` (all completed ones without limits).
     pub goodput: f64,
+    /// Prompt tokens the server served from its prefix cache; `None` when no reply said.
+    pub prompt_cache: Option<PromptCache>,
+    /// Multi-turn only: time to first token of first turns apart from later ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttft_ms_by_turn: Option<TtftByTurn>,
     /// What the server counted during the level (tandem's `/metrics`); `None` for a server
     /// without them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<super::server::Delta>,
+}
+
+/// What the server's prefix cache served, from the replies whose usage gave
+/// `prompt_tokens_details.cached_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PromptCache {
+    /// Replies that gave the count.
+    pub replies: usize,
+    pub cached_tokens: u64,
+    /// Prompt tokens of those replies.
+    pub prompt_tokens: u64,
+    /// `cached_tokens / prompt_tokens`.
+    pub hit_rate: f64,
+}
+
+impl PromptCache {
+    /// Over the replies that gave a cached count; `None` when none did (the server does not
+    /// report it, which says nothing about its cache).
+    pub fn of(replies: &[&Reply]) -> Option<Self> {
+        let reporting: Vec<&&Reply> = replies
+            .iter()
+            .filter(|r| r.cached_tokens.is_some())
+            .collect();
+        if reporting.is_empty() {
+            return None;
+        }
+        let cached_tokens = reporting.iter().filter_map(|r| r.cached_tokens).sum();
+        let prompt_tokens = reporting.iter().filter_map(|r| r.prompt_tokens).sum();
+        Some(PromptCache {
+            replies: reporting.len(),
+            cached_tokens,
+            prompt_tokens,
+            hit_rate: if prompt_tokens > 0 {
+                cached_tokens as f64 / prompt_tokens as f64
+            } else {
+                0.0
+            },
+        })
+    }
+}
+
+/// Time to first token by turn of a multi-turn level: a first turn has no history to find in
+/// a cache (only what other conversations left), a later turn's prompt extends the last.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TtftByTurn {
+    pub first_turn: Distribution,
+    pub later_turns: Distribution,
+    /// Each turn's, first to last.
+    pub turns: Vec<Distribution>,
+}
+
+impl TtftByTurn {
+    /// From a level's replies in conversation order, `turns` per conversation (request `i` is
+    /// turn `i % turns`); failed requests have no TTFT.
+    pub fn of(replies: &[Result<Reply, String>], turns: usize) -> Self {
+        let turns = turns.max(1);
+        let mut by_turn: Vec<Vec<f64>> = vec![Vec::new(); turns];
+        for (i, reply) in replies.iter().enumerate() {
+            if let Some(ttft) = reply.as_ref().ok().and_then(Reply::ttft) {
+                by_turn[i % turns].push(ttft.as_secs_f64() * 1e3);
+            }
+        }
+        let later: Vec<f64> = by_turn[1..].concat();
+        TtftByTurn {
+            first_turn: Distribution::of(&by_turn[0]),
+            later_turns: Distribution::of(&later),
+            turns: by_turn.iter().map(|t| Distribution::of(t)).collect(),
+        }
+    }
 }
 
 /// Summarizes `replies` (errors as strings) of a level that took `duration_s`.
@@ -169,6 +245,8 @@ pub fn summarize(
         e2e_ms: Distribution::of(&e2e),
         slo,
         goodput: per_s(good as f64),
+        prompt_cache: PromptCache::of(&ok),
+        ttft_ms_by_turn: None,
         server: None,
     }
 }
@@ -224,6 +302,55 @@ mod tests {
             summarize(4, None, &replies, 2.0, Slo::default()).goodput,
             1.5
         );
+    }
+
+    #[test]
+    fn the_cache_hit_rate_counts_only_replies_that_report_it() {
+        let cached = |prompt, cached| Reply {
+            prompt_tokens: Some(prompt),
+            cached_tokens: cached,
+            ..reply(&[10], 10)
+        };
+        let replies = [
+            cached(100, Some(0)),
+            cached(300, Some(256)),
+            cached(50, None),
+        ];
+        let refs: Vec<&Reply> = replies.iter().collect();
+        let cache = PromptCache::of(&refs).unwrap();
+        assert_eq!((cache.replies, cache.cached_tokens), (2, 256));
+        assert_eq!(cache.prompt_tokens, 400);
+        assert_eq!(cache.hit_rate, 0.64);
+        // A server that never says: no rate at all, not a rate of zero.
+        assert_eq!(PromptCache::of(&refs[2..]), None);
+        let s = summarize(1, None, &[Ok(replies[2].clone())], 1.0, Slo::default());
+        assert_eq!(s.prompt_cache, None);
+        assert_eq!(
+            serde_json::to_value(&s).unwrap()["prompt_cache"],
+            serde_json::Value::Null
+        );
+        // Zero cached is a rate of zero.
+        let s = summarize(1, None, &[Ok(replies[0].clone())], 1.0, Slo::default());
+        assert_eq!(s.prompt_cache.unwrap().hit_rate, 0.0);
+    }
+
+    #[test]
+    fn ttft_by_turn_splits_first_turns_from_later_ones() {
+        // Two conversations of three turns, in conversation order; one turn failed.
+        let replies = vec![
+            Ok(reply(&[400], 400)),
+            Ok(reply(&[100], 100)),
+            Ok(reply(&[120], 120)),
+            Ok(reply(&[600], 600)),
+            Err("HTTP 500: boom".to_owned()),
+            Ok(reply(&[80], 80)),
+        ];
+        let by_turn = TtftByTurn::of(&replies, 3);
+        assert_eq!(by_turn.first_turn.mean, 500.0);
+        assert_eq!(by_turn.later_turns.mean, 100.0);
+        assert_eq!(by_turn.turns.len(), 3);
+        assert_eq!(by_turn.turns[1].mean, 100.0);
+        assert_eq!(by_turn.turns[2].mean, 100.0);
     }
 
     #[test]

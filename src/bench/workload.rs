@@ -1,10 +1,23 @@
-//! The prompts a benchmark sends: synthetic ones of a given length, or a file.
+//! The synthetic prompts a benchmark sends (words, or random token ids, of a given length)
+//! and prompt files.
 
+use std::ops::Range;
 use std::path::Path;
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
+use serde::Serialize;
 use serde_json::Value;
+
+/// What a synthetic prompt is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptUnits {
+    /// Common English words, about one token each: lengths are approximate; any endpoint.
+    Words,
+    /// Random token ids from the range: lengths are exact token counts; completions only.
+    TokenIds(Range<u32>),
+}
 
 /// Common English words: synthetic prompts are random sequences of them, so that a BPE
 /// tokenizer sees about one token per word (the server's `usage` reports the real count).
@@ -35,36 +48,46 @@ const WORDS: &[&str] = &[
 pub fn synthetic(count: usize, words: usize, seed: u64) -> Vec<String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..count)
-        .map(|_| {
-            let mut prompt = String::new();
-            for i in 0..words.max(1) {
-                if i > 0 {
-                    prompt.push(' ');
-                }
-                prompt.push_str(WORDS[(rng.next_u32() as usize) % WORDS.len()]);
-            }
-            prompt
-        })
+        .map(|_| random_words(&mut rng, words.max(1)))
         .collect()
+}
+
+/// `count` words drawn from [`WORDS`], space-separated.
+pub(super) fn random_words(rng: &mut ChaCha8Rng, count: usize) -> String {
+    let mut text = String::new();
+    for i in 0..count {
+        if i > 0 {
+            text.push(' ');
+        }
+        text.push_str(WORDS[(rng.next_u32() as usize) % WORDS.len()]);
+    }
+    text
+}
+
+/// `count` token ids drawn uniformly from `ids`.
+pub(super) fn random_ids(rng: &mut ChaCha8Rng, count: usize, ids: &Range<u32>) -> Vec<u32> {
+    let span = (ids.end - ids.start).max(1);
+    (0..count)
+        .map(|_| ids.start + rng.next_u32() % span)
+        .collect()
+}
+
+/// Puts `items` in a random order (Fisher-Yates; the modulo's bias is far below what a
+/// benchmark's order could notice).
+pub(super) fn shuffle<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
+    for i in (1..items.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
 }
 
 /// `count` prompts of exactly `tokens` token ids each, drawn uniformly from `ids` and
 /// reproducible from `seed`: the synthetic datasets of TensorRT-LLM's and vLLM's throughput
 /// benchmarks (random token ids of a fixed input length).
-pub fn synthetic_tokens(
-    count: usize,
-    tokens: usize,
-    ids: std::ops::Range<u32>,
-    seed: u64,
-) -> Vec<Vec<u32>> {
+pub fn synthetic_tokens(count: usize, tokens: usize, ids: Range<u32>, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let span = (ids.end - ids.start).max(1);
     (0..count)
-        .map(|_| {
-            (0..tokens.max(1))
-                .map(|_| ids.start + rng.next_u32() % span)
-                .collect()
-        })
+        .map(|_| random_ids(&mut rng, tokens.max(1), &ids))
         .collect()
 }
 
@@ -106,18 +129,6 @@ fn prompt_of(item: &Value) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Exponential gaps between arrivals of a Poisson process of `rate` requests per second.
-pub fn poisson_gaps(count: usize, rate: f64, seed: u64) -> Vec<f64> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..count)
-        .map(|_| {
-            // Uniform in (0, 1]: never ln(0).
-            let u = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-            -u.ln() / rate
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +154,22 @@ mod tests {
     }
 
     #[test]
+    fn shuffling_keeps_every_item_and_repeats_with_the_seed() {
+        let shuffled = |seed| {
+            let mut items: Vec<u32> = (0..100).collect();
+            shuffle(&mut items, &mut ChaCha8Rng::seed_from_u64(seed));
+            items
+        };
+        let a = shuffled(3);
+        assert_ne!(a, (0..100).collect::<Vec<_>>());
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        assert_eq!(a, shuffled(3));
+        assert_ne!(a, shuffled(4));
+    }
+
+    #[test]
     fn prompt_files_in_three_shapes() {
         let dir = std::env::temp_dir().join(format!("tandem-bench-prompts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -162,14 +189,5 @@ mod tests {
         std::fs::write(&file, "[]").unwrap();
         assert!(from_file(&file).unwrap_err().contains("no prompts"));
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn poisson_gaps_average_one_over_the_rate() {
-        let gaps = poisson_gaps(20_000, 4.0, 7);
-        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
-        assert!((mean - 0.25).abs() < 0.01, "mean gap {mean}");
-        assert!(gaps.iter().all(|&g| g > 0.0));
-        assert_eq!(gaps[..5], poisson_gaps(5, 4.0, 7)[..]);
     }
 }
