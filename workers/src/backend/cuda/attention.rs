@@ -94,7 +94,8 @@ impl CudaBackend {
     /// 1024: Llama-3.1-8B 6.45 ms with 128 keys, 6.30 with 64, 6.14-6.21 with 32, no better
     /// with 16; SmolLM2-135M 1.27 ms with 128 keys, 1.20-1.23 with 64, 1.34 with 32.
     fn attn_split_keys(&self, head_dim: usize) -> usize {
-        self.attn_split_keys
+        self.options
+            .attn_split_keys
             .unwrap_or((ATTN_SPLIT_BYTES / (4 * head_dim)).max(16))
     }
 
@@ -148,7 +149,7 @@ impl CudaBackend {
     /// head per block where the query group size is even (and `flash_head_pairs` is on), else
     /// one.
     fn flash_kernel(&self, shape: &AttentionShape) -> Option<FlashLaunch<'_>> {
-        if self.flash_wgmma.load(std::sync::atomic::Ordering::Relaxed)
+        if self.switches.flash_wgmma()
             && shape.head_dim == 128
             && let Some((kernel, config)) = &self.kernels.flash_wgmma
         {
@@ -163,7 +164,7 @@ impl CudaBackend {
         }
         let group = shape.num_heads / shape.num_kv_heads;
         let (kernel, heads_per_block) =
-            if self.flash_head_pairs && group.is_multiple_of(kernels::FLASH_PAIR_HEADS) {
+            if self.options.flash_head_pairs && group.is_multiple_of(kernels::FLASH_PAIR_HEADS) {
                 kernel_for(&self.kernels.flash_prefill_pairs, shape.head_dim)
                     .map(|k| (k, kernels::FLASH_PAIR_HEADS))
             } else {
@@ -248,20 +249,21 @@ impl CudaBackend {
         // keys per split).
         let split_keys = self.attn_split_keys(shape.head_dim);
         let mma = kernel_for(&self.kernels.paged_decode_mma, shape.head_dim)
-            .filter(|_| self.decode_mma())
+            .filter(|_| self.switches.decode_mma())
             .map(|kernel| {
                 let config = self.kernels.decode_mma_config;
                 (
                     kernel,
                     kernels::DecodeMmaConfig::HEADS,
                     config.smem_bytes(shape.head_dim),
-                    self.attn_split_keys
+                    self.options
+                        .attn_split_keys
                         .unwrap_or(DECODE_MMA_SPLIT_KEYS)
                         .max(kernels::DecodeMmaConfig::KEYS),
                 )
             });
         let vectorized = kernel_for(&self.kernels.paged_attention_vec, shape.head_dim)
-            .filter(|_| self.vec_attention)
+            .filter(|_| self.options.vec_attention)
             .map(|kernel| (kernel, kernels::ATTN_VEC_HEADS, 0, split_keys));
         let Some((kernel, heads_per_block, shared_mem_bytes, split_keys)) =
             mma.or(vectorized).or_else(|| {
@@ -478,12 +480,10 @@ impl CudaBackend {
             // through the decode kernel, which reads each KV head's context once for its
             // whole query group (the prefill kernel would read it once per query head). With
             // a side stream the two run at once, each into its own rows of `out`.
-            let side = self.side.as_ref().filter(|_| {
-                batch.decode_rows > 0
-                    && self
-                        .concurrent_attention
-                        .load(std::sync::atomic::Ordering::Relaxed)
-            });
+            let side = self
+                .side
+                .as_ref()
+                .filter(|_| batch.decode_rows > 0 && self.switches.concurrent_attention());
             let prefill_stream = match side {
                 Some(side) => dev!("paged_attention", side.fork(&self.stream))?,
                 None => &self.stream,

@@ -83,6 +83,7 @@ mod sample;
 mod side_stream;
 mod skinny;
 mod staging;
+mod switches;
 mod tensor;
 mod tma;
 
@@ -109,41 +110,19 @@ pub struct CudaBackend {
     kernels: Kernels,
     name: String,
     multiprocessors: usize,
-    /// Projections of at most this many rows use the GEMV kernel instead of cuBLAS.
-    gemv_max_rows: std::sync::atomic::AtomicUsize,
+    /// The settings this backend was built with. Those it can change while it runs are read
+    /// from `switches` and `graphs` instead ([`Self::set_options`]).
+    options: CudaOptions,
+    /// The live values of the settings [`Self::set_options`] changes.
+    switches: switches::Switches,
     graphs: graph::DecodeGraphs,
-    /// Fewest keys per split of a decode attention split over the context, when set
-    /// ([`CudaOptions::attn_split_keys`], for tuning); see [`Self::attn_split_keys`].
-    attn_split_keys: Option<usize>,
     /// Pinned host memory for KV blocks on their way to or from a transfer.
     kv_staging: staging::KvStaging,
     /// The next projection's weight, read into L2 by the ops before it ([`prefetch`]).
     prefetch: Prefetch,
-    /// Whether the engine samples from device summaries ([`CudaOptions::device_sampling`]; off
-    /// copies every logits row to the host: to compare the two paths on one device).
-    device_sampling: bool,
-    /// Decode attention through `paged_attention_vec_d*` where the head dim has one
-    /// ([`CudaOptions::vec_attention`]).
-    vec_attention: bool,
-    /// Decode attention through `paged_decode_mma_d*` where the head dim has one
-    /// ([`CudaOptions::decode_mma`]), before the vectorized kernel.
-    decode_mma: std::sync::atomic::AtomicBool,
-    /// Two query heads per prefill attention block ([`CudaOptions::flash_head_pairs`]).
-    flash_head_pairs: bool,
-    /// Prefill attention of head dim 128 on warpgroup instructions where the kernels have it
-    /// ([`CudaOptions::flash_wgmma`]).
-    flash_wgmma: std::sync::atomic::AtomicBool,
-    /// Projections of decode batches through `skinny.cu` where the kernels have it
-    /// ([`CudaOptions::skinny_gemm`]).
-    skinny_gemm: std::sync::atomic::AtomicBool,
-    /// `skinny.cu` for every row count it has (up to `SKINNY_MAX_ROWS`), not only where it
-    /// wins: `gpu_bench`'s comparison with cuBLAS.
-    skinny_everywhere: std::sync::atomic::AtomicBool,
     /// One counter per tile of a `skinny.cu` launch with K split over blocks (its last block
     /// sums the partials); every launch leaves them zero.
     skinny_counters: CudaSlice<u32>,
-    /// Splits of K for every `skinny.cu` launch, when set ([`CudaOptions::skinny_splits`]).
-    skinny_splits: Option<usize>,
     /// Weights' TMA tensor maps for `skinny.cu`, by (address, outputs, inputs): encoded at a
     /// weight's first projection, then looked up.
     skinny_weight_maps: skinny::WeightMaps,
@@ -151,26 +130,12 @@ pub struct CudaBackend {
     summaries: sample::SummaryQueue,
     /// Pinned memory the batches' metadata is uploaded from.
     meta_staging: batch::MetaStaging,
-    /// The MLP's gate/up projection written in bf16 by cuBLAS at prefill sizes
-    /// ([`CudaOptions::gate_up_bf16`]).
-    gate_up_bf16: bool,
-    /// o_proj and down written in bf16 by cuBLAS at prefill sizes
-    /// ([`CudaOptions::residual_bf16`]).
-    residual_bf16: bool,
-    /// Whether decode steps keep their CUDA graphs once this backend joins a group
-    /// ([`CudaOptions::tp_cuda_graphs`]).
-    tp_cuda_graphs: bool,
     /// Where a mixed batch's prefill attention runs beside its decode attention
-    /// ([`CudaOptions::concurrent_attention`]).
+    /// ([`CudaOptions::concurrent_attention`] at construction).
     side: Option<side_stream::SideStream>,
-    /// Whether `side` is used: `gpu_bench` compares both ways in one process.
-    concurrent_attention: std::sync::atomic::AtomicBool,
     /// This backend's place in a tensor-parallel group of GPUs ([`Self::join_group`]).
     group: Option<NcclRank>,
 }
-
-/// Default for [`CudaBackend::set_gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
-const DEFAULT_GEMV_MAX_ROWS: usize = 4;
 
 /// Whether the CUDA driver library can be loaded (a GPU machine), without touching a device.
 pub fn driver_present() -> bool {
@@ -301,6 +266,7 @@ impl CudaBackend {
                  TANDEM_GATE_UP_BF16=0)"
             );
         }
+        let switches = switches::Switches::new(options, side.is_some());
         Ok(CudaBackend {
             ctx,
             stream,
@@ -308,27 +274,15 @@ impl CudaBackend {
             kernels,
             name,
             multiprocessors,
-            gemv_max_rows: std::sync::atomic::AtomicUsize::new(DEFAULT_GEMV_MAX_ROWS),
+            options: options.clone(),
+            switches,
             graphs,
-            attn_split_keys: options.attn_split_keys,
             prefetch,
             kv_staging: staging::KvStaging::default(),
             summaries: sample::SummaryQueue::default(),
             meta_staging: batch::MetaStaging::default(),
-            gate_up_bf16: options.gate_up_bf16,
-            residual_bf16: options.residual_bf16,
-            tp_cuda_graphs: options.tp_cuda_graphs,
-            concurrent_attention: std::sync::atomic::AtomicBool::new(side.is_some()),
             side,
-            device_sampling: options.device_sampling,
-            vec_attention: options.vec_attention,
-            decode_mma: std::sync::atomic::AtomicBool::new(options.decode_mma),
-            flash_head_pairs: options.flash_head_pairs,
-            flash_wgmma: std::sync::atomic::AtomicBool::new(options.flash_wgmma),
-            skinny_gemm: std::sync::atomic::AtomicBool::new(options.skinny_gemm),
-            skinny_everywhere: std::sync::atomic::AtomicBool::new(false),
             skinny_counters,
-            skinny_splits: options.skinny_splits,
             skinny_weight_maps: skinny::WeightMaps::default(),
             group: None,
         })
@@ -342,7 +296,7 @@ impl CudaBackend {
     /// capture and replay in lockstep, each graph holding its rank's all-reduces (NCCL kernels
     /// on the captured stream). `TANDEM_TP_CUDA_GRAPHS=0` runs the ranks eagerly instead.
     pub fn join_group(&mut self, rank: NcclRank) {
-        if !self.tp_cuda_graphs && self.graphs.enabled() {
+        if !self.options.tp_cuda_graphs && self.graphs.enabled() {
             tracing::info!(
                 rank = rank.rank(),
                 "tensor-parallel rank: CUDA graphs off (TANDEM_TP_CUDA_GRAPHS=0)"
@@ -387,53 +341,41 @@ impl CudaBackend {
         Ok((reserved, used))
     }
 
-    /// Runs a mixed batch's prefill attention beside its decode attention, or after it
-    /// (`gpu_bench mixed` compares the two); on only where the backend has its side stream
-    /// ([`CudaOptions::concurrent_attention`]).
-    pub fn set_concurrent_attention(&self, on: bool) {
-        self.concurrent_attention.store(
-            on && self.side.is_some(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+    /// The settings this backend runs with: those it was built with, and the live values of
+    /// those [`Self::set_options`] changes.
+    pub fn options(&self) -> CudaOptions {
+        let mut options = self.options.clone();
+        self.switches.write_into(&mut options);
+        options.cuda_graphs = self.graphs.enabled();
+        options
     }
 
-    /// Turns the warpgroup prefill attention kernel on or off (where the kernels have it), to
-    /// compare it with `flash.cu`'s in one process (`gpu_bench`).
-    pub fn set_flash_wgmma(&self, on: bool) {
-        self.flash_wgmma
-            .store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Turns the tensor-core decode attention on or off, to compare it with the vectorized
-    /// kernel in one process (`gpu_bench`).
-    pub fn set_decode_mma(&self, on: bool) {
-        self.decode_mma
-            .store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether decode attention runs the tensor-core kernel where the head dim has one.
-    pub fn decode_mma(&self) -> bool {
-        self.decode_mma.load(std::sync::atomic::Ordering::Relaxed)
+    /// Takes `options`' values of the settings a running backend can change, to compare
+    /// kernels on one loaded model (`gpu_bench`): [`CudaOptions::cuda_graphs`],
+    /// [`decode_mma`](CudaOptions::decode_mma), [`flash_wgmma`](CudaOptions::flash_wgmma),
+    /// [`skinny_gemm`](CudaOptions::skinny_gemm),
+    /// [`skinny_everywhere`](CudaOptions::skinny_everywhere),
+    /// [`concurrent_attention`](CudaOptions::concurrent_attention) (on only where the backend
+    /// was built with it, which makes its side stream) and
+    /// [`gemv_max_rows`](CudaOptions::gemv_max_rows). Every other setting is fixed when the
+    /// backend is built: `options` must have the values [`Self::options`] returns for them.
+    pub fn set_options(&self, options: &CudaOptions) -> Result<(), BackendError> {
+        if switches::with_run_time_settings_of(options, &self.options) != self.options {
+            return Err(BackendError::Device {
+                op: "set_options",
+                detail: "only the run-time settings of a CUDA backend can change; the others \
+                         are fixed when it is built"
+                    .into(),
+            });
+        }
+        self.switches.set(options, self.side.is_some());
+        self.graphs.set_enabled(options.cuda_graphs);
+        Ok(())
     }
 
     /// Whether prefill attention of head dim 128 runs the warpgroup kernel.
     pub fn has_flash_wgmma(&self) -> bool {
-        self.kernels.flash_wgmma.is_some()
-            && self.flash_wgmma.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Sends every projection `skinny.cu` has rows for to it, not only those where it is the
-    /// faster (to compare it with cuBLAS at every row count).
-    pub fn set_skinny_everywhere(&self, on: bool) {
-        self.skinny_everywhere
-            .store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Turns `skinny.cu`'s projections on or off (where the kernels have them), to compare
-    /// them with cuBLAS in one process (`gpu_bench`).
-    pub fn set_skinny_gemm(&self, on: bool) {
-        self.skinny_gemm
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.kernels.flash_wgmma.is_some() && self.switches.flash_wgmma()
     }
 
     /// Whether the kernels have `skinny.cu`'s GEMM (compiled for `sm_90a`), on or off.
@@ -443,22 +385,7 @@ impl CudaBackend {
 
     /// Whether projections of decode batches run `skinny.cu` (compiled for `sm_90a` and on).
     pub fn has_skinny_gemm(&self) -> bool {
-        self.kernels.skinny.is_some() && self.skinny_gemm.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Projections of up to `rows` rows (at most [`kernels::GEMV_MAX_ROWS`]) use the GEMV kernel,
-    /// larger ones cuBLAS; 0 sends every projection to cuBLAS. For benchmarks.
-    pub fn set_gemv_max_rows(&self, rows: usize) {
-        self.gemv_max_rows.store(
-            rows.min(kernels::GEMV_MAX_ROWS),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-    }
-
-    /// Whether decode steps replay CUDA graphs (at start: [`CudaOptions::cuda_graphs`]). For
-    /// benchmarks and debugging.
-    pub fn set_cuda_graphs(&self, enabled: bool) {
-        self.graphs.set_enabled(enabled);
+        self.kernels.skinny.is_some() && self.switches.skinny_gemm()
     }
 
     /// `(free, total)` device memory in bytes.
@@ -497,10 +424,7 @@ impl CudaBackend {
     /// The pending weight prefetch for an op whose output has `rows` rows: taken only when
     /// those rows go to the GEMV kernel (a decode step), which is bandwidth-bound.
     fn take_prefetch(&self, rows: usize) -> PrefetchArgs {
-        let gemv_rows = self
-            .gemv_max_rows
-            .load(std::sync::atomic::Ordering::Relaxed);
-        self.prefetch.take(rows <= gemv_rows)
+        self.prefetch.take(rows <= self.switches.gemv_max_rows())
     }
 
     /// Where batch metadata goes to this backend's device.

@@ -409,7 +409,7 @@ impl Backend for CudaBackend {
     }
 
     fn device_sampler(&self) -> Option<&dyn DeviceSampler<CudaTensor>> {
-        if self.device_sampling {
+        if self.options.device_sampling {
             Some(self)
         } else {
             None

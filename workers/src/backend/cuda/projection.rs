@@ -23,9 +23,7 @@ impl CudaBackend {
     /// a few rows (a decode step: reading the weights is the whole cost), `skinny.cu` where it
     /// applies, else cuBLAS.
     fn projection_kernel(&self, rows: usize, n: usize, k: usize) -> ProjectionKernel {
-        let gemv_rows = self
-            .gemv_max_rows
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let gemv_rows = self.switches.gemv_max_rows();
         if (1..=gemv_rows).contains(&rows) && k.is_multiple_of(8) {
             ProjectionKernel::Gemv
         } else if self.skinny_applies(rows, n, k, gemv_rows) {
@@ -136,7 +134,7 @@ impl CudaBackend {
         bias: Option<&CudaWeight>,
     ) -> Result<CudaTensor, BackendError> {
         if bias.is_none()
-            && self.residual_bf16
+            && self.options.residual_bf16
             && let Some(out) = self.cublas_bf16_projection(x, weight)?
         {
             return Ok(out);
@@ -151,7 +149,7 @@ impl CudaBackend {
         x: &CudaTensor,
         gate_up: &CudaWeight,
     ) -> Result<CudaTensor, BackendError> {
-        let narrow = if self.gate_up_bf16 {
+        let narrow = if self.options.gate_up_bf16 {
             self.cublas_bf16_projection(x, gate_up)?
         } else {
             None
