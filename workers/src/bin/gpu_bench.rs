@@ -497,7 +497,7 @@ fn check(
     // Decode steps of a batch of all prompts, replayed from CUDA graphs vs run eagerly.
     let mut graph_runs = Vec::new();
     for graphs in [false, true] {
-        gpu.model.backend().set_cuda_graphs(graphs);
+        retune(gpu.model.backend(), |o| o.cuda_graphs = graphs)?;
         let tables: Vec<Vec<u32>> = prompts.iter().map(|p| gpu.blocks(p.len() + 8)).collect();
         for (p, t) in prompts.iter().zip(&tables) {
             gpu.forward(&[(p, 0, t)])?;
@@ -944,8 +944,8 @@ fn projections(
     ];
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     // The first two tables are the GEMV kernel's and cuBLAS's: skinny.cu's own rows follow.
-    let skinny_was_on = gpu.has_skinny_gemm();
-    gpu.set_skinny_gemm(false);
+    let before = gpu.options();
+    retune(gpu, |o| o.skinny_gemm = false)?;
     println!("projections: weight GB/s (ms) by rows, GEMV kernel | cuBLAS");
     let mut large_rows = Vec::new();
     for (name, k, n) in shapes {
@@ -962,7 +962,7 @@ fn projections(
         for rows in [1usize, 2, 4, 8] {
             let x = activation(gpu, rows, k, &mut rng)?;
             for gemv in [true, false] {
-                gpu.set_gemv_max_rows(if gemv { 8 } else { 0 });
+                retune(gpu, |o| o.gemv_max_rows = if gemv { 8 } else { 0 })?;
                 let t = time_linear(gpu, &x, &w, iters)?;
                 line += &format!(
                     " {}{:>5.0}({:.3})",
@@ -975,7 +975,7 @@ fn projections(
         println!("{line}");
         large_rows.push((name, w, k, n));
     }
-    gpu.set_gemv_max_rows(0);
+    retune(gpu, |o| o.gemv_max_rows = 0)?;
     // Batches and prefills: cuBLAS against its ceilings, the weights' bytes (what a decode
     // batch of 32-512 rows should be bound by) and the GEMM rate (what a prefill should be).
     println!("projections, cuBLAS by rows: TFLOP/s, weight TB/s (ms)");
@@ -999,7 +999,7 @@ fn projections(
     // cuBLAS's.
     let mut failed = Vec::new();
     if gpu.skinny_compiled() {
-        gpu.set_skinny_everywhere(true);
+        retune(gpu, |o| o.skinny_everywhere = true)?;
         let mut skinny_rows: Vec<usize> = rows_list
             .iter()
             .copied()
@@ -1019,7 +1019,7 @@ fn projections(
                 let mut times = [0.0f64; 2];
                 let mut outs = Vec::new();
                 for (i, on) in [true, false].into_iter().enumerate() {
-                    gpu.set_skinny_gemm(on);
+                    retune(gpu, |o| o.skinny_gemm = on)?;
                     times[i] = time_linear(gpu, &x, w, iters)?;
                     outs.push(gpu.to_host(&gpu.linear(&x, w, None)?)?.concat());
                 }
@@ -1038,10 +1038,17 @@ fn projections(
             println!("{line}");
         }
     }
-    gpu.set_gemv_max_rows(4);
-    gpu.set_skinny_gemm(skinny_was_on);
-    gpu.set_skinny_everywhere(false);
+    gpu.set_options(&before)?;
     Ok(failed)
+}
+
+/// Changes `gpu`'s run-time settings ([`CudaBackend::set_options`]) as `change` does: kernels
+/// compared on one loaded model, whose weights and KV cache a second backend would have to
+/// load and fill again.
+fn retune(gpu: &CudaBackend, change: impl FnOnce(&mut CudaOptions)) -> Result<()> {
+    let mut options = gpu.options();
+    change(&mut options);
+    Ok(gpu.set_options(&options)?)
 }
 
 /// Largest relative L2 (whole output) of skinny.cu's projections against cuBLAS's that
@@ -1107,7 +1114,7 @@ fn prefill_attention(
         };
         let mut outputs = Vec::new();
         for &(wgmma, name) in kernels {
-            gpu.set_flash_wgmma(wgmma);
+            retune(gpu, |o| o.flash_wgmma = wgmma)?;
             let t = time_on_device(gpu, iters, || {
                 Ok(gpu.paged_attention(&qkv, &meta, shape, kv, 0)?)
             })?;
@@ -1118,7 +1125,7 @@ fn prefill_attention(
                 flops / t / 1e12
             );
         }
-        gpu.set_flash_wgmma(true);
+        retune(gpu, |o| o.flash_wgmma = true)?;
         if let [a, b] = outputs.as_slice() {
             let worst = worst_row_l2(a, b);
             println!(
@@ -1152,16 +1159,16 @@ fn decode_attention(
     let bytes = (batch * (context + 1) * shape.num_kv_heads * shape.head_dim * 2 * 2) as f64;
     let mut outputs = Vec::new();
     let mut line = format!("decode attention batch {batch}, context {context} (one layer):");
-    let was_on = gpu.decode_mma();
+    let was_on = gpu.options().decode_mma;
     for (mma, name) in [(true, "mma"), (false, "vec")] {
-        gpu.set_decode_mma(mma);
+        retune(gpu, |o| o.decode_mma = mma)?;
         let t = time_on_device(gpu, iters, || {
             Ok(gpu.paged_attention(&qkv, &meta, shape, kv, 0)?)
         })?;
         outputs.push(gpu.to_host(&gpu.paged_attention(&qkv, &meta, shape, kv, 0)?)?);
         line += &format!(" {name} {:.1} us, {:.2} TB/s;", t * 1e6, bytes / t / 1e12);
     }
-    gpu.set_decode_mma(was_on);
+    retune(gpu, |o| o.decode_mma = was_on)?;
     let worst = worst_row_l2(&outputs[0], &outputs[1]);
     println!("{line} largest row relative L2 {worst:.2e}");
     Ok(())
@@ -1301,14 +1308,14 @@ fn bench(
             }
             Ok((started.elapsed().as_secs_f64(), queued))
         };
-        model.backend().set_cuda_graphs(false);
+        retune(model.backend(), |o| o.cuda_graphs = false)?;
         for _ in 0..2 {
             step(&mut kv, StepMode::DeviceGreedy)?;
         }
         let eager: Vec<(f64, f64)> = (0..iters)
             .map(|_| step(&mut kv, StepMode::DeviceGreedy))
             .collect::<Result<_>>()?;
-        model.backend().set_cuda_graphs(true);
+        retune(model.backend(), |o| o.cuda_graphs = true)?;
         for _ in 0..3 {
             step(&mut kv, StepMode::DeviceGreedy)?;
         }
@@ -1610,10 +1617,10 @@ fn mixed(
         return Ok(());
     }
     let queued = pipelined(&mut kv)?;
-    model.backend().set_concurrent_attention(false);
+    retune(model.backend(), |o| o.concurrent_attention = false)?;
     let one_stream = time(&mut kv, true, true, false)?;
     let one_stream_queued = pipelined(&mut kv)?;
-    model.backend().set_concurrent_attention(true);
+    retune(model.backend(), |o| o.concurrent_attention = true)?;
     let decodes_ms = time(&mut kv, true, false, false)?;
     let chunks_ms = time(&mut kv, false, true, false)?;
     let prompt_tokens: usize = chunks.iter().map(|c| c.1).sum();

@@ -9,6 +9,9 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+/// Default of [`CudaOptions::gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
+const DEFAULT_GEMV_MAX_ROWS: usize = 4;
+
 /// Settings of one CUDA backend. [`Default`] is device 0 with every setting at its default and
 /// no kernel cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +47,16 @@ pub struct CudaOptions {
     /// default (`TANDEM_SKINNY_GEMM=1` turns it on), since whole decode steps measured no
     /// faster with it (docs/benchmarks.md).
     pub skinny_gemm: bool,
+    /// `skinny.cu` runs every projection it has rows for (up to
+    /// [`SKINNY_MAX_ROWS`](super::kernels::SKINNY_MAX_ROWS)), not only those where it measured
+    /// faster than cuBLAS: `gpu_bench`'s comparison of the two at every row count. No
+    /// environment variable.
+    pub skinny_everywhere: bool,
+    /// Projections of at most this many rows run the GEMV kernel, larger ones `skinny.cu` or
+    /// cuBLAS; 0 sends every projection past them (at most
+    /// [`GEMV_MAX_ROWS`](super::kernels::GEMV_MAX_ROWS)). No environment variable: benchmarks
+    /// set it to compare the GEMV kernel with cuBLAS.
+    pub gemv_max_rows: usize,
     /// cuBLAS writes the MLP's gate/up projection in bf16 at prefill sizes; off, in f32
     /// (`TANDEM_GATE_UP_BF16`: `0` off, anything else on). Unset, on except in an MPS client
     /// limited to a share of the SMs (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` below 100): there
@@ -99,6 +112,8 @@ impl Default for CudaOptions {
             flash_head_pairs: true,
             flash_wgmma: true,
             skinny_gemm: false,
+            skinny_everywhere: false,
+            gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
             gate_up_bf16: true,
             residual_bf16: true,
             gemm_clusters: true,
@@ -138,6 +153,8 @@ impl CudaOptions {
             flash_wgmma: switch("TANDEM_FLASH_WGMMA"),
             // Off unless set to something other than `0`.
             skinny_gemm: var("TANDEM_SKINNY_GEMM").is_some_and(|v| v != "0"),
+            skinny_everywhere: false,
+            gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
             gate_up_bf16: match var("TANDEM_GATE_UP_BF16") {
                 Some(v) => v != "0",
                 None => all_sms,
@@ -225,6 +242,8 @@ mod tests {
                 flash_head_pairs: false,
                 flash_wgmma: false,
                 skinny_gemm: true,
+                skinny_everywhere: false,
+                gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
                 gate_up_bf16: true,
                 residual_bf16: true,
                 gemm_clusters: true,

@@ -13,7 +13,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, PinnedHostSlice, PushKernelArg};
 
 use super::pinned::{self, lock};
 use super::{CudaBackend, CudaTensor, rows_config, shape_err};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, DeviceSampler};
 use crate::model::ChainedToken;
 use crate::sampler::device::{DEVICE_CANDIDATES, RowRequest, RowSummary};
 
@@ -324,4 +324,84 @@ pub(super) fn chain_tokens(
         rows_config(chained.len().div_ceil(256), 256),
         "chain_tokens",
     )
+}
+
+impl DeviceSampler<CudaTensor> for CudaBackend {
+    fn summarize_rows(
+        &self,
+        logits: &CudaTensor,
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, BackendError> {
+        summarize_rows(self, logits, requests)
+    }
+
+    fn queue_summaries(
+        &self,
+        logits: &CudaTensor,
+        requests: &[RowRequest],
+    ) -> Result<(), BackendError> {
+        queue_summaries(self, logits, requests)
+    }
+
+    fn take_summaries(&self) -> Result<Vec<RowSummary>, BackendError> {
+        take_summaries(self)
+    }
+
+    fn summarize_masked_rows(
+        &self,
+        logits: &CudaTensor,
+        rows: &[usize],
+        masks: &[&[u32]],
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowSummary>, BackendError> {
+        if rows.len() != masks.len() || rows.len() != requests.len() {
+            return Err(shape_err(
+                "summarize_masked_rows",
+                format!(
+                    "{} rows, {} masks and {} requests",
+                    rows.len(),
+                    masks.len(),
+                    requests.len()
+                ),
+            ));
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r >= logits.rows) {
+            return Err(shape_err(
+                "summarize_masked_rows",
+                format!("row {r} of {}", logits.rows),
+            ));
+        }
+        // Every mask padded to the longest (missing words: tokens not allowed).
+        let words = masks.iter().map(|m| m.len()).max().unwrap_or(0);
+        let mut packed = vec![0u32; rows.len() * words.max(1)];
+        for (i, mask) in masks.iter().enumerate() {
+            packed[i * words..i * words + mask.len()].copy_from_slice(mask);
+        }
+        let row_ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let x = logits.as_f32("summarize_masked_rows")?;
+        let row_ids = dev!(
+            "summarize_masked_rows upload",
+            self.stream.clone_htod(&row_ids)
+        )?;
+        let packed = dev!(
+            "summarize_masked_rows upload",
+            self.stream.clone_htod(&packed)
+        )?;
+        let mut out = self.alloc_f32(rows.len() * logits.cols)?;
+        let cols = logits.cols as i32;
+        let words = words as i32;
+        let mut b = self.stream.launch_builder(&self.kernels.gather_masked_rows);
+        b.arg(x)
+            .arg(&row_ids)
+            .arg(&packed)
+            .arg(&words)
+            .arg(&mut out)
+            .arg(&cols);
+        self.launch(b, rows_config(rows.len(), 256), "gather_masked_rows")?;
+        let masked = CudaTensor::from_f32(rows.len(), logits.cols, out);
+        summarize_rows(self, &masked, requests)
+    }
 }

@@ -138,17 +138,14 @@ impl CudaBackend {
         use super::kernels::{
             SKINNY_DISPATCH_ROWS, SKINNY_WIDE_DISPATCH_ROWS, SKINNY_WIDE_OUTPUTS,
         };
-        let max_rows = if self
-            .skinny_everywhere
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        let max_rows = if self.switches.skinny_everywhere() {
             super::kernels::SKINNY_MAX_ROWS
         } else if n >= SKINNY_WIDE_OUTPUTS {
             SKINNY_WIDE_DISPATCH_ROWS
         } else {
             SKINNY_DISPATCH_ROWS
         };
-        self.skinny_gemm.load(std::sync::atomic::Ordering::Relaxed)
+        self.switches.skinny_gemm()
             && self.kernels.skinny.is_some()
             && rows > gemv_rows
             && rows <= max_rows
@@ -196,7 +193,7 @@ impl CudaBackend {
             k_steps,
             width,
             self.multiprocessors,
-            self.skinny_splits,
+            self.options.skinny_splits,
         );
         // One split writes `out` directly; the partials buffer is then not read.
         let partial_len = if splits > 1 {

@@ -1,0 +1,162 @@
+//! Projections (`x · wᵀ`): the one place that picks the kernel a projection runs for its
+//! weight and its batch's shape (the GEMV kernel for a few rows, `skinny.cu` for decode
+//! batches on Hopper where it is on, cuBLAS for the rest, and cuBLAS' bf16 output for the
+//! projections an elementwise op alone reads). Weights are bf16 today; a weight of another
+//! storage type is dispatched here.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::tensor::DeviceData;
+use super::{CudaBackend, CudaTensor, CudaWeight, elementwise_config, shape_err};
+use crate::backend::BackendError;
+
+/// Which kernel a projection runs ([`CudaBackend::projection_kernel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProjectionKernel {
+    Gemv,
+    Skinny,
+    Cublas,
+}
+
+impl CudaBackend {
+    /// The kernel a projection of `rows` rows by an `[n, k]` weight runs: the GEMV kernel for
+    /// a few rows (a decode step: reading the weights is the whole cost), `skinny.cu` where it
+    /// applies, else cuBLAS.
+    fn projection_kernel(&self, rows: usize, n: usize, k: usize) -> ProjectionKernel {
+        let gemv_rows = self.switches.gemv_max_rows();
+        if (1..=gemv_rows).contains(&rows) && k.is_multiple_of(8) {
+            ProjectionKernel::Gemv
+        } else if self.skinny_applies(rows, n, k, gemv_rows) {
+            ProjectionKernel::Skinny
+        } else {
+            ProjectionKernel::Cublas
+        }
+    }
+
+    /// `x · wᵀ` written in bf16 by cuBLAS, for a projection whose output only an elementwise
+    /// op reads (half the bytes to write and to read back); `None` where the projection does
+    /// not run on cuBLAS: decode-sized rows go to the GEMV or skinny kernels, which write f32,
+    /// and shape errors are [`Backend::linear`]'s to report.
+    fn cublas_bf16_projection(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+    ) -> Result<Option<CudaTensor>, BackendError> {
+        let (
+            CudaWeight::Matrix {
+                data: w,
+                rows: n,
+                cols: k,
+            },
+            DeviceData::Bf16(xs),
+        ) = (weight, &x.data)
+        else {
+            return Ok(None);
+        };
+        if x.cols != *k || self.projection_kernel(x.rows, *n, *k) != ProjectionKernel::Cublas {
+            return Ok(None);
+        }
+        self.prefetch.clear();
+        let mut out = self.alloc_bf16(x.rows * n)?;
+        self.blas.linear(xs, w, &mut out, x.rows, *k, *n)?;
+        Ok(Some(CudaTensor::from_bf16(x.rows, *n, out)))
+    }
+}
+
+impl CudaBackend {
+    pub(super) fn project(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor, BackendError> {
+        let CudaWeight::Matrix {
+            data: w,
+            rows: out_features,
+            cols: in_features,
+        } = weight
+        else {
+            return Err(shape_err("linear", "the weight is not a matrix".into()));
+        };
+        if x.cols != *in_features {
+            return Err(shape_err(
+                "linear",
+                format!(
+                    "x has {} columns, the weight is {out_features}x{in_features}",
+                    x.cols
+                ),
+            ));
+        }
+        let DeviceData::Bf16(xs) = &x.data else {
+            return Err(shape_err(
+                "linear",
+                "the input must be bf16 (written by a norm, attention or silu_mul)".into(),
+            ));
+        };
+        // The hint was for this projection (or one the ops before it did not take).
+        self.prefetch.clear();
+        let mut out = self.alloc_f32(x.rows * out_features)?;
+        let kernel = self.projection_kernel(x.rows, *out_features, *in_features);
+        if kernel == ProjectionKernel::Gemv {
+            let (n, k) = (*out_features as i32, *in_features as i32);
+            let mut b = self.stream.launch_builder(&self.kernels.gemv[x.rows - 1]);
+            b.arg(xs).arg(w).arg(&mut out).arg(&n).arg(&k);
+            let cfg = LaunchConfig {
+                grid_dim: (out_features.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(b, cfg, "gemv")?;
+        } else if !(kernel == ProjectionKernel::Skinny
+            && self.skinny_linear(xs, w, &mut out, x.rows, *out_features, *in_features)?)
+        {
+            self.blas
+                .linear(xs, w, &mut out, x.rows, *in_features, *out_features)?;
+        }
+        if let Some(bias) = bias {
+            let bv = Self::check_vector("linear bias", bias, *out_features)?;
+            let total = (x.rows * out_features) as i64;
+            let cols = *out_features as i32;
+            let mut b = self.stream.launch_builder(&self.kernels.add_bias);
+            b.arg(&mut out).arg(bv).arg(&cols).arg(&total);
+            self.launch(b, elementwise_config(total as usize), "add_bias")?;
+        }
+        Ok(CudaTensor::from_f32(x.rows, *out_features, out))
+    }
+
+    /// A projection only the residual add reads: written in bf16 by cuBLAS at prefill sizes
+    /// where [`CudaOptions::residual_bf16`](super::CudaOptions::residual_bf16) is on and there is no bias, else as
+    /// [`Self::project`] writes it.
+    pub(super) fn project_to_residual(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor, BackendError> {
+        if bias.is_none()
+            && self.options.residual_bf16
+            && let Some(out) = self.cublas_bf16_projection(x, weight)?
+        {
+            return Ok(out);
+        }
+        self.project(x, weight, bias)
+    }
+
+    /// The MLP's `[gate | up]` projection: written in bf16 by cuBLAS at prefill sizes where
+    /// [`CudaOptions::gate_up_bf16`](super::CudaOptions::gate_up_bf16) is on, else as [`Self::project`] writes it.
+    pub(super) fn project_gate_up(
+        &self,
+        x: &CudaTensor,
+        gate_up: &CudaWeight,
+    ) -> Result<CudaTensor, BackendError> {
+        let narrow = if self.options.gate_up_bf16 {
+            self.cublas_bf16_projection(x, gate_up)?
+        } else {
+            None
+        };
+        match narrow {
+            Some(projected) => Ok(projected),
+            None => self.project(x, gate_up, None),
+        }
+    }
+}
