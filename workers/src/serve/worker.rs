@@ -327,8 +327,10 @@ impl Worker {
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         forward(
             self.client.clone(),
-            job.stream_subject.clone(),
-            job.request_id.clone(),
+            StreamTarget {
+                subject: job.stream_subject.clone(),
+                request_id: job.request_id.clone(),
+            },
             Events { taken, events },
             job.sampling.logprobs.is_some(),
             // A resumed request's tokens continue the numbering of the ones resumed.
@@ -404,6 +406,12 @@ impl Worker {
     }
 }
 
+/// Where a request's events go: its stream subject, under its id.
+struct StreamTarget {
+    subject: String,
+    request_id: String,
+}
+
 /// A request's events: some read already, then the channel.
 struct Events {
     taken: Vec<EngineEvent>,
@@ -414,8 +422,10 @@ struct Events {
 /// the request.
 async fn forward(
     client: Client,
-    subject: String,
-    request_id: String,
+    StreamTarget {
+        subject,
+        request_id,
+    }: StreamTarget,
     Events { taken, mut events }: Events,
     with_logprobs: bool,
     mut next_index: u32,
