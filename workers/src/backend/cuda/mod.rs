@@ -12,7 +12,7 @@
 //! `silu(gate) * up`) are written in bf16 by the op that produces them, which is what cuBLAS'
 //! bf16 path reads.
 //!
-//! One stream per backend: ops are queued asynchronously and only [`Backend::to_host`] and the KV
+//! One stream per backend: ops are queued asynchronously and only [`Backend::to_host`](crate::backend::Backend::to_host) and the KV
 //! block copies wait for the device.
 //!
 //! Batch invariance holds for every kernel here (each row's reduction order is fixed), but not
@@ -289,7 +289,7 @@ impl CudaBackend {
     }
 
     /// Makes this backend rank `rank.rank()` of a tensor-parallel group: its
-    /// [`Backend::all_reduce_sum`] sums over the group through `rank` (made for this backend's
+    /// [`Backend::all_reduce_sum`](crate::backend::Backend::all_reduce_sum) sums over the group through `rank` (made for this backend's
     /// stream by [`nccl_communicators`]).
     ///
     /// Decode steps keep their CUDA graphs: every rank is sent the same steps, so the ranks
