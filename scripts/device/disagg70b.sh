@@ -12,6 +12,9 @@
 #                                                      # the decode worker prefill, in chunks of
 #                                                      # COND_CHUNK (2048) tokens (`context_full`
 #                                                      # fallback)
+#   CONFIG=plan.yaml scripts/device/disagg70b.sh planned [RATES]
+#                                                      # the deployment a YAML file gives (a
+#                                                      # `tandem plan` output), served as it is
 #
 # Each runs `tandem bench --input-tokens ISL --output-len OSL --request-rate RATES
 # --num-prompts N --goodput ttft:2000,itl:50` (ISL, OSL, N from the environment: 3000, 150,
@@ -19,7 +22,7 @@
 # transfer histogram and, where the server has it, the TTFT split. Binaries come in .kit/bin.
 # Output: stdout and $OUT (the bench JSON, the launcher's log, /metrics).
 set -uo pipefail
-stage=${1:?usage: disagg70b.sh disaggregated|aggregated [RATES]}
+stage=${1:?usage: disagg70b.sh disaggregated|aggregated|conditional|planned [RATES]}
 rates=${2:-1,2,3}
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
@@ -98,6 +101,9 @@ generation_servers:
   kv_cache_config:
     free_gpu_memory_fraction: 0.9
 EOF
+    ;;
+  planned)
+    cp "${CONFIG:?planned: CONFIG names the YAML file to serve}" "$config"
     ;;
   *)
     echo "unknown stage $stage" >&2
