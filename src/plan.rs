@@ -202,6 +202,8 @@ pub struct Plan {
     /// The config's `api_key_file`, passed as `--api-key-file`.
     pub api_key_file: Option<PathBuf>,
     pub metrics_require_key: bool,
+    /// The config's `cache_salt_by_api_key`.
+    pub cache_salt_by_api_key: bool,
     /// The config's `max_pending_requests` (absent: the api-server's default).
     pub max_pending_requests: Option<usize>,
     /// The config's `migration_limit` (absent: the api-server's default).
@@ -347,6 +349,13 @@ pub fn plan(
         }
     }
     let kv_secret = kv_secret_source(config, overrides, !workers.is_empty())?;
+    if config.cache_salt_by_api_key && config.api_keys.0.is_empty() && config.api_key_file.is_none()
+    {
+        bail!(
+            "config key `cache_salt_by_api_key` salts the prefix caches by API key, and the \
+             config has none: set `api_keys` or `api_key_file`, or leave it out"
+        );
+    }
 
     Ok(Plan {
         model,
@@ -371,6 +380,7 @@ pub fn plan(
             .map_err(|reason| anyhow::anyhow!("config key `api_keys`: {reason}"))?,
         api_key_file: config.api_key_file.as_ref().map(PathBuf::from),
         metrics_require_key: config.metrics_require_key,
+        cache_salt_by_api_key: config.cache_salt_by_api_key,
         max_pending_requests: config.max_pending_requests,
         migration_limit: config.migration_limit,
         tool_call_parser: config.tool_call_parser,
@@ -489,6 +499,7 @@ impl Plan {
             api_keys: self.api_keys.clone(),
             api_key_file: self.api_key_file.clone(),
             metrics_require_key: self.metrics_require_key,
+            cache_salt_by_api_key: self.cache_salt_by_api_key,
             max_pending_requests: self
                 .max_pending_requests
                 .unwrap_or(tandem_cli::args::DEFAULT_MAX_PENDING_REQUESTS),
@@ -651,6 +662,30 @@ mod tests {
         assert_eq!(name(None, Some("flag")), "flag");
         let config = DeploymentConfig::parse("served_model_name: cfg", "c.yaml").unwrap();
         assert_eq!(name(Some(&config), None), "cfg");
+    }
+
+    #[test]
+    fn salting_by_api_key_needs_keys_and_reaches_the_api_server() {
+        let planned = |yaml: &str| {
+            let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+            plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 4)
+        };
+        let refused = planned("cache_salt_by_api_key: true")
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("cache_salt_by_api_key"), "{refused}");
+        let keyed = planned("cache_salt_by_api_key: true\napi_keys: [\"sk-a-123456\"]").unwrap();
+        let args = keyed.api_server_args("nats://n:4222").to_args();
+        assert!(
+            args.iter().any(|a| a == "--cache-salt-by-api-key"),
+            "{args:?}"
+        );
+        let unsalted = planned("api_keys: [\"sk-a-123456\"]").unwrap();
+        let args = unsalted.api_server_args("nats://n:4222").to_args();
+        assert!(
+            !args.iter().any(|a| a == "--cache-salt-by-api-key"),
+            "{args:?}"
+        );
     }
 
     #[test]

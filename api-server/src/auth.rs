@@ -2,15 +2,21 @@
 //! `/v1` request must send `Authorization: Bearer <key>`; anything else gets 401 with an
 //! OpenAI-shaped error body before a route runs. `/health` stays open for probes, `/metrics`
 //! too unless `--metrics-require-key`. Keys are compared in constant time and never logged.
+//!
+//! With `--cache-salt-by-api-key`, a request is also given its key's [`TenantSalt`], which
+//! salts its prompt in the workers' prefix caches: clients of different keys never share
+//! cached blocks, so none can learn (by timing) what another has sent.
 
 use std::path::Path;
 
+use actix_web::HttpMessage;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::AUTHORIZATION;
 use actix_web::middleware::Next;
 use actix_web::web;
-use subtle::ConstantTimeEq;
+use sha2::{Digest, Sha256};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 use tandem_cli::args::ApiKey;
 
 use crate::config::ServerConfig;
@@ -22,6 +28,33 @@ use crate::state::AppState;
 pub struct ApiKeys {
     keys: Vec<ApiKey>,
     metrics_require_key: bool,
+    /// Each key's cache salt, in the order of `keys`, when requests are salted by key.
+    salts: Option<Vec<TenantSalt>>,
+}
+
+/// The prefix-cache salt of the API key a request came with (a request extension): a digest of
+/// the key, never the key, since it travels in job messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantSalt(pub String);
+
+impl TenantSalt {
+    fn of(key: &ApiKey) -> Self {
+        let digest = Sha256::new()
+            .chain_update(b"tandem prefix-cache salt\0")
+            .chain_update(key.as_bytes())
+            .finalize();
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        TenantSalt(format!("key:{hex}"))
+    }
+
+    /// The salt of a request that also sent `cache_salt` (`None`: it did not): the key's salt
+    /// first, so that no request salt can name another key's cache.
+    pub fn with_request_salt(&self, request: Option<&str>) -> String {
+        match request {
+            Some(salt) => format!("{}/{salt}", self.0),
+            None => self.0.clone(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +72,11 @@ pub enum KeyFileError {
     },
     #[error("the API key file {path} holds no key")]
     Empty { path: String },
+    #[error(
+        "--cache-salt-by-api-key salts the prefix caches by API key, and none is configured: \
+         set --api-key, TANDEM_API_KEY or --api-key-file, or leave it out"
+    )]
+    SaltWithoutKeys,
 }
 
 impl ApiKeys {
@@ -48,9 +86,16 @@ impl ApiKeys {
         if let Some(path) = &config.api_key_file {
             keys.extend(read_key_file(path)?);
         }
+        if keys.is_empty() && config.cache_salt_by_api_key {
+            return Err(KeyFileError::SaltWithoutKeys);
+        }
+        let salts = config
+            .cache_salt_by_api_key
+            .then(|| keys.iter().map(TenantSalt::of).collect());
         Ok((!keys.is_empty()).then_some(ApiKeys {
             keys,
             metrics_require_key: config.metrics_require_key,
+            salts,
         }))
     }
 
@@ -69,19 +114,24 @@ impl ApiKeys {
             || (self.metrics_require_key && path == "/metrics")
     }
 
-    /// Whether `authorization` (the header's value) is `Bearer <one of the keys>`. Every key
-    /// is compared, each in constant time, so the time taken says nothing about which one
-    /// came close.
-    fn admits(&self, authorization: Option<&[u8]>) -> bool {
-        let Some(token) = authorization.and_then(bearer_token) else {
-            return false;
-        };
-        self.keys
-            .iter()
-            .fold(subtle::Choice::from(0), |found, key| {
-                found | key.as_bytes().ct_eq(token)
-            })
-            .into()
+    /// Which key `authorization` (the header's value) presents as `Bearer <key>`, if any.
+    /// Every key is compared, each in constant time, so the time taken says nothing about
+    /// which one came close.
+    fn admits(&self, authorization: Option<&[u8]>) -> Option<usize> {
+        let token = authorization.and_then(bearer_token)?;
+        let mut found = subtle::Choice::from(0);
+        let mut index = 0u64;
+        for (i, key) in self.keys.iter().enumerate() {
+            let matches = key.as_bytes().ct_eq(token);
+            index.conditional_assign(&(i as u64), matches);
+            found |= matches;
+        }
+        bool::from(found).then_some(index as usize)
+    }
+
+    /// The cache salt of key `index`, when requests are salted by key.
+    fn salt(&self, index: usize) -> Option<&TenantSalt> {
+        self.salts.as_ref().map(|salts| &salts[index])
     }
 }
 
@@ -126,13 +176,16 @@ pub async fn require_key(
         && keys.guards(request.path())
     {
         let header = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
-        if !keys.admits(header) {
+        let Some(key) = keys.admits(header) else {
             if let Some(state) = request.app_data::<web::Data<AppState>>() {
                 state.metrics.record(Event::Unauthorized);
             }
             tracing::info!(path = request.path(), peer = ?request.peer_addr(),
                 key_sent = header.is_some(), "refused: no valid API key");
             return Err(ApiError::Unauthorized.into());
+        };
+        if let Some(salt) = keys.salt(key).cloned() {
+            request.extensions_mut().insert(salt);
         }
     }
     next.call(request).await
@@ -146,15 +199,16 @@ mod tests {
         ApiKeys {
             keys: list.iter().map(|k| ApiKey::parse(k).unwrap()).collect(),
             metrics_require_key,
+            salts: None,
         }
     }
 
     #[test]
     fn only_a_bearer_of_a_configured_key_is_admitted() {
         let k = keys(&["sk-a", "sk-bb"], false);
-        assert!(k.admits(Some(b"Bearer sk-a")));
-        assert!(k.admits(Some(b"bearer sk-bb")));
-        assert!(k.admits(Some(b"BEARER  sk-bb ")));
+        assert_eq!(k.admits(Some(b"Bearer sk-a")), Some(0));
+        assert_eq!(k.admits(Some(b"bearer sk-bb")), Some(1));
+        assert_eq!(k.admits(Some(b"BEARER  sk-bb ")), Some(1));
         for refused in [
             &b"Bearer sk-b"[..],
             b"Bearer sk-a2",
@@ -163,13 +217,37 @@ mod tests {
             b"sk-a",
             b"",
         ] {
-            assert!(
-                !k.admits(Some(refused)),
+            assert_eq!(
+                k.admits(Some(refused)),
+                None,
                 "{:?}",
                 String::from_utf8_lossy(refused)
             );
         }
-        assert!(!k.admits(None));
+        assert_eq!(k.admits(None), None);
+    }
+
+    #[test]
+    fn each_key_has_its_own_salt_which_does_not_show_the_key() {
+        let (a, b) = (
+            ApiKey::parse("sk-tenant-a").unwrap(),
+            ApiKey::parse("sk-tenant-b").unwrap(),
+        );
+        let (salt_a, salt_b) = (TenantSalt::of(&a), TenantSalt::of(&b));
+        assert_ne!(salt_a, salt_b);
+        assert_eq!(salt_a, TenantSalt::of(&a), "the same key, the same salt");
+        assert!(!salt_a.0.contains("tenant"), "{}", salt_a.0);
+        // A request's own salt goes after its key's, so no request salt names another key's
+        // cache.
+        assert_eq!(salt_a.with_request_salt(None), salt_a.0);
+        assert_eq!(
+            salt_a.with_request_salt(Some("s")),
+            format!("{}/s", salt_a.0)
+        );
+        assert_ne!(
+            salt_a.with_request_salt(Some("s")),
+            salt_b.with_request_salt(Some("s"))
+        );
     }
 
     #[test]

@@ -382,6 +382,7 @@ mod tests {
             kv_reader: None,
             resume_ids: vec![],
             samples: None,
+            cache_salt: None,
         }
     }
 

@@ -114,6 +114,7 @@ const GENERATION: &[(&str, Support)] = &[
     ("ignore_eos", Served),
     // Served through the "grammar" path.
     ("logit_bias", Served),
+    ("cache_salt", Served),
 ];
 
 /// Fields chat and text completions accept: tags and hints about OpenAI's own accounting,
@@ -309,6 +310,7 @@ pub const RESPONSES: EndpointFields = EndpointFields {
         ("service_tier", Served),
         ("safety_identifier", Served),
         ("prompt_cache_key", Served),
+        ("cache_salt", Served),
         ("prompt_cache_retention", Accepted(Kind::String)),
         ("prompt_cache_options", Accepted(Kind::Object)),
         (

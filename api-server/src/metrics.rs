@@ -836,6 +836,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 7,
                 completion_tokens: 5,
+                cached_tokens: 0,
             },
         });
         metrics.record(Event::RequestEnded {

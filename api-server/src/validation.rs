@@ -131,6 +131,8 @@ pub struct ValidRequest {
     pub candidates: u32,
     /// `/v1/completions`' `echo`: each choice's text (and logprobs) starts with the prompt.
     pub echo: bool,
+    /// The request's `cache_salt` (vLLM's): its prompt is cached apart from other salts'.
+    pub cache_salt: Option<String>,
 }
 
 impl ValidRequest {
@@ -189,6 +191,7 @@ struct CommonValues {
     ignore_eos: bool,
     stream: bool,
     include_usage: bool,
+    cache_salt: Option<String>,
 }
 
 fn check_model(model: &Option<String>, limits: &ModelLimits) -> Result<(), ApiError> {
@@ -220,6 +223,7 @@ fn validate_common(
         ignore_eos: generation.ignore_eos,
         stream,
         include_usage: fields.include_usage.unwrap_or(false),
+        cache_salt: generation.cache_salt,
     })
 }
 
@@ -521,6 +525,7 @@ pub fn validate_chat(
         tools,
         candidates: common.n,
         echo: false,
+        cache_salt: common.cache_salt,
     })
 }
 
@@ -651,6 +656,7 @@ pub fn validate_completion(
         tools: None,
         candidates,
         echo,
+        cache_salt: common.cache_salt,
     })
 }
 

@@ -10,11 +10,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::bus_peer::{
-    CONTEXT_ERROR, FAKE_BLOCK_BYTES, FAKE_BLOCK_TOKENS, FAKE_PREFILL_TIMING, FAKE_PULL_MICROS,
-    FAKE_ROOM_WAIT_MICROS, SCRIPT_ANSWER, SCRIPT_CONTEXT_ANSWERS, SCRIPT_CONTEXT_ERROR,
-    SCRIPT_CONTEXT_SILENT, SCRIPT_CONTEXT_VANISHES, SCRIPT_DECODE_SILENT, SCRIPT_DECODE_VANISHES,
-    SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_EXPORT_GONE, SCRIPT_HANDLE_REFUSED, SCRIPT_PULL_FAILS,
-    SCRIPTED_TEXT, SCRIPTED_TRANSPORT, ScriptedBusPeer, fake_handle, scripted_kv_peer,
+    CONTEXT_ERROR, FAKE_BLOCK_BYTES, FAKE_BLOCK_TOKENS, FAKE_CONTEXT_CACHED_TOKENS,
+    FAKE_PREFILL_TIMING, FAKE_PULL_MICROS, FAKE_ROOM_WAIT_MICROS, SCRIPT_ANSWER,
+    SCRIPT_CONTEXT_ANSWERS, SCRIPT_CONTEXT_ERROR, SCRIPT_CONTEXT_SILENT, SCRIPT_CONTEXT_VANISHES,
+    SCRIPT_DECODE_SILENT, SCRIPT_DECODE_VANISHES, SCRIPT_ENDLESS, SCRIPT_ERROR, SCRIPT_EXPORT_GONE,
+    SCRIPT_HANDLE_REFUSED, SCRIPT_PULL_FAILS, SCRIPTED_TEXT, SCRIPTED_TRANSPORT, ScriptedBusPeer,
+    fake_handle, scripted_kv_peer,
 };
 use common::{SERVED_NAME, start_api_server};
 use serde_json::{Value, json};
@@ -180,6 +181,11 @@ fn a_request_is_prefilled_on_the_context_worker_and_decoded_from_its_handle() {
     );
     assert_eq!(comparable(&decode_jobs[0]), comparable(prefill));
     assert_eq!(usage["prompt_tokens"], prefill.prompt_ids.len());
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"], FAKE_CONTEXT_CACHED_TOKENS,
+        "the context worker's cached prompt tokens are the request's: {usage}"
+    );
+    assert_eq!(prefill.cache_salt, None, "no cache_salt sent");
 
     // Not streamed: a 40-token prompt is 3 fake blocks.
     let response = d.server.http.post(
@@ -188,6 +194,10 @@ fn a_request_is_prefilled_on_the_context_worker_and_decoded_from_its_handle() {
     );
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(response.json()["choices"][0]["text"], SCRIPTED_TEXT);
+    assert_eq!(
+        response.json()["usage"]["prompt_tokens_details"]["cached_tokens"],
+        FAKE_CONTEXT_CACHED_TOKENS
+    );
     assert_eq!(d.decode.jobs()[1].kv.as_ref().unwrap().blocks.len(), 3);
 
     let first_blocks = prefill
@@ -554,4 +564,29 @@ fn a_decode_worker_that_dies_mid_stream_ends_the_request_with_an_error() {
     for reason in ["context_timeout", "context_gone", "context_error"] {
         assert_eq!(metric(&metrics, &fallbacks(reason)), 0.0, "{reason}");
     }
+}
+
+#[test]
+fn a_requests_cache_salt_travels_with_its_jobs_and_an_empty_one_is_refused() {
+    let d = deploy(&["ctx-a"], &[]);
+    let mut body = streamed_chat(SCRIPT_ANSWER);
+    body["cache_salt"] = json!("tenant-7");
+    let (_, text, _, _) = read_stream(&d.server, &body);
+    assert_eq!(text, SCRIPTED_TEXT);
+    let prefill_jobs = d.context("ctx-a").jobs();
+    let decode_jobs = d.decode.jobs();
+    assert_eq!(prefill_jobs[0].cache_salt.as_deref(), Some("tenant-7"));
+    assert_eq!(decode_jobs[0].cache_salt.as_deref(), Some("tenant-7"));
+
+    let mut body = streamed_chat(SCRIPT_ANSWER);
+    body["cache_salt"] = json!("");
+    let response = d.server.http.post("/v1/chat/completions", &body);
+    assert_eq!(response.status, 400, "{}", response.body);
+    assert_eq!(
+        response.json()["error"]["param"],
+        "cache_salt",
+        "{}",
+        response.body
+    );
+    assert!(response.body.contains("non-empty"), "{}", response.body);
 }

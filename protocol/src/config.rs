@@ -344,6 +344,9 @@ pub struct DeploymentConfig {
     pub api_key_file: Option<String>,
     /// (tandem) With keys, /metrics requires one too.
     pub metrics_require_key: bool,
+    /// (tandem) The workers' prefix caches are salted by API key: clients of different keys
+    /// never share cached prompts. Needs keys.
+    pub cache_salt_by_api_key: bool,
     /// (tandem) Generation requests the api-server holds at once (accepted, not finished);
     /// past it, 429. Absent: the api-server's default; 0: no bound.
     pub max_pending_requests: Option<usize>,
@@ -389,6 +392,7 @@ impl Default for DeploymentConfig {
             api_keys: ApiKeyList::default(),
             api_key_file: None,
             metrics_require_key: false,
+            cache_salt_by_api_key: false,
             max_pending_requests: None,
             migration_limit: None,
             tool_call_parser: None,

@@ -232,6 +232,11 @@ pub struct GenerateJob {
     /// once). Absent: a request of one choice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples: Option<SampleGroup>,
+    /// Isolates the job's prompt in the workers' prefix caches: cached blocks are found only
+    /// by jobs with the same salt (the request's `cache_salt`, combined with its tenant's when
+    /// the api-server salts by API key). Absent: the unsalted cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_salt: Option<String>,
 }
 
 /// Which choice of a request with `n` > 1 a job is ([`GenerateJob::samples`]).
@@ -534,6 +539,14 @@ pub enum FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens the worker took from its prefix cache instead of computing them
+    /// (OpenAI's `prompt_tokens_details.cached_tokens`). Absent when 0, and from older workers.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_tokens: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What a worker publishes on a request's stream subject.
@@ -580,6 +593,10 @@ pub enum StreamMessage {
         /// splits a request's TTFT with it). Absent from older workers.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         prefill_timing: Option<PrefillTiming>,
+        /// Prompt tokens the context worker took from its prefix cache instead of computing
+        /// them (the request's `cached_tokens` when the hand-over succeeds). Absent when 0.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        cached_tokens: u32,
     },
     /// From a decode worker: how the prompt's KV cache arrived, before the first token.
     /// `bytes`/`micros` are 0 when the pull failed, the handle was refused or the export was
@@ -855,6 +872,7 @@ mod tests {
                 index: 2,
                 n: 3,
             }),
+            cache_salt: Some("key:ab12/conversation-1".into()),
         };
         let bytes = encode(&job);
         let text = std::str::from_utf8(&bytes).unwrap();
@@ -870,10 +888,27 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 3,
                 completion_tokens: 16,
+                cached_tokens: 0,
             },
         };
         let json = String::from_utf8(encode(&msg)).unwrap();
         assert!(json.contains("\"type\":\"finished\"") && json.contains("\"reason\":\"length\""));
+        assert!(!json.contains("cached_tokens"), "absent when 0: {json}");
+        let cached: StreamMessage = decode(
+            "stream",
+            br#"{"v":1,"type":"finished","reason":"stop","usage":{"prompt_tokens":40,"completion_tokens":2,"cached_tokens":32}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            cached,
+            StreamMessage::Finished {
+                usage: Usage {
+                    cached_tokens: 32,
+                    ..
+                },
+                ..
+            }
+        ));
         // Token messages carry their position; one without it (an older worker) still reads.
         let tokens: StreamMessage = decode(
             "stream",
@@ -1249,8 +1284,10 @@ mod tests {
                 queued_us: 1200,
                 prefill_us: 45000,
             }),
+            cached_tokens: 32,
         };
         let json = serde_json::to_value(&ready).unwrap();
+        assert_eq!(json["cached_tokens"], 32);
         assert_eq!(
             json["prefill_timing"],
             serde_json::json!({"queued_us": 1200, "prefill_us": 45000})
@@ -1282,6 +1319,7 @@ mod tests {
             StreamMessage::KvReady {
                 handle: Box::new(handle),
                 prefill_timing: None,
+                cached_tokens: 0,
             }
         );
         assert_eq!(serde_json::to_value(&message).unwrap(), old.take());

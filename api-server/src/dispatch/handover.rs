@@ -61,6 +61,7 @@ impl Generation {
         &mut self,
         handle: KvHandle,
         prefill_timing: Option<PrefillTiming>,
+        cached_tokens: u32,
     ) -> Result<(), ApiError> {
         let Phase::Prefill {
             context_id,
@@ -70,7 +71,7 @@ impl Generation {
             tracing::warn!(request_id = %self.request_id, "ignoring a kv_ready outside the prefill phase");
             return Ok(());
         };
-        self.record.kv_ready(prefill_timing);
+        self.record.kv_ready(prefill_timing, cached_tokens);
         let regions = handle.blocks.len();
         let job = GenerateJob {
             // The decode worker starts it before the first token is due, or not at all.
@@ -163,18 +164,21 @@ impl Generation {
                     transport, "KV pulled");
             }
             PullOutcome::Fallback { reason } => {
+                self.record.pull_not_done();
                 self.metrics
                     .record(Event::Fallback(FallbackReason::PullFailed));
                 tracing::warn!(request_id = %self.request_id, %worker_id,
                     "KV pull failed, the decode worker prefills itself: {reason}");
             }
             PullOutcome::Refused { reason } => {
+                self.record.pull_not_done();
                 self.metrics
                     .record(Event::Fallback(FallbackReason::HandleRefused));
                 tracing::warn!(request_id = %self.request_id, %worker_id,
                     "the decode worker refused the KV handle and prefills itself: {reason}");
             }
             PullOutcome::ExportGone { reason } => {
+                self.record.pull_not_done();
                 self.metrics
                     .record(Event::Fallback(FallbackReason::ExportGone));
                 tracing::warn!(request_id = %self.request_id, %worker_id,

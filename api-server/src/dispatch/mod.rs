@@ -126,6 +126,9 @@ pub struct JobSpec {
     pub prompt_param: &'static str,
     /// Which choice of a request with `n` > 1 this job is.
     pub samples: Option<SampleGroup>,
+    /// The salt of its prompt in the workers' prefix caches (its `cache_salt`, after its API
+    /// key's when salted by key).
+    pub cache_salt: Option<String>,
 }
 
 /// One request on the bus, from its first job to its last token.
@@ -269,6 +272,7 @@ impl Generation {
             kv: None,
             resume_ids: Vec::new(),
             samples: job.samples,
+            cache_salt: job.cache_salt,
             // The context worker exports where the chosen generation worker reads fastest.
             kv_reader: match route.prefill {
                 Prefill::Remote { .. } => route.generate_kv_peer.clone(),
@@ -573,11 +577,12 @@ impl Generation {
                 StreamMessage::KvReady {
                     handle,
                     prefill_timing,
+                    cached_tokens,
                 } => {
                     // A decode worker that does not take the decode job (it died since its
                     // last heartbeat): the request migrates to a local prefill elsewhere, and
                     // the context worker's export expires unread.
-                    if let Err(err) = self.hand_over(*handle, prefill_timing).await {
+                    if let Err(err) = self.hand_over(*handle, prefill_timing, cached_tokens).await {
                         self.migrate_on(err).await?;
                     }
                     continue;
@@ -627,7 +632,8 @@ impl Generation {
                     self.resuming = false;
                     return Ok(self.after_prompt_logprobs(GenEvent::Tokens(tokens)));
                 }
-                StreamMessage::Finished { reason, usage } => {
+                StreamMessage::Finished { reason, mut usage } => {
+                    usage.cached_tokens = self.record.cached_tokens(usage.cached_tokens);
                     return match reason {
                         FinishReason::Stop | FinishReason::Length => {
                             // Tokens lost after the last one received (a message the bus
@@ -819,6 +825,7 @@ mod tests {
         let usage = |completion_tokens| Usage {
             prompt_tokens: 9,
             completion_tokens,
+            cached_tokens: 0,
         };
         assert!(lost_tail(5, usage(5)).is_none());
         assert!(

@@ -35,6 +35,9 @@ pub struct RequestRecord {
     /// What the workers of the hand-over in progress said of their parts of the time to
     /// first token, until the first token.
     handover: HandoverTiming,
+    /// Prompt tokens the context worker of the hand-over in progress took from its prefix
+    /// cache (`kv_ready.cached_tokens`): the request's, once the decode worker pulled the K/V.
+    context_cached_tokens: u32,
     /// A choice after the first: its prompt tokens are the first choice's to count.
     extra_choice: bool,
     /// What the records of the request's choices know together.
@@ -93,6 +96,7 @@ impl RequestRecord {
             last_token: None,
             outcome: None,
             handover: HandoverTiming::default(),
+            context_cached_tokens: 0,
             extra_choice: false,
             request: Arc::new(Mutex::new(RequestOutcome {
                 live: 1,
@@ -116,6 +120,7 @@ impl RequestRecord {
             last_token: None,
             outcome: None,
             handover: HandoverTiming::default(),
+            context_cached_tokens: 0,
             extra_choice: true,
             request: Arc::clone(&self.request),
         }
@@ -126,12 +131,27 @@ impl RequestRecord {
     }
 
     /// A context worker's `kv_ready`: a hand-over begins, with the context worker's parts of
-    /// the time to first token (`None`: a worker that does not report them).
-    pub(super) fn kv_ready(&mut self, prefill: Option<PrefillTiming>) {
+    /// the time to first token (`None`: a worker that does not report them) and the prompt
+    /// tokens it took from its prefix cache.
+    pub(super) fn kv_ready(&mut self, prefill: Option<PrefillTiming>, cached_tokens: u32) {
         self.handover = HandoverTiming {
             prefill,
             pull: None,
         };
+        self.context_cached_tokens = cached_tokens;
+    }
+
+    /// The decode worker did not pull the K/V (the pull failed, or it refused the handle) and
+    /// prefills the prompt itself: its own usage says what it found cached.
+    pub(super) fn pull_not_done(&mut self) {
+        self.context_cached_tokens = 0;
+    }
+
+    /// The request's cached prompt tokens, given the generation worker's count
+    /// (`usage.cached_tokens`): those the context worker took from its cache when its K/V was
+    /// handed over, else the generation worker's.
+    pub(super) fn cached_tokens(&self, generation_worker: u32) -> u32 {
+        generation_worker.max(self.context_cached_tokens)
     }
 
     /// A decode worker's `kv_pulled` after a pull: the wait for room before it (`None`: a
@@ -144,6 +164,7 @@ impl RequestRecord {
     /// a migration): its first token owes nothing to the parts reported so far.
     pub(super) fn no_handover(&mut self) {
         self.handover = HandoverTiming::default();
+        self.context_cached_tokens = 0;
     }
 
     /// Records the arrival of `count` tokens at once, at `now`.
@@ -263,7 +284,7 @@ mod tests {
         let metrics = Metrics::new();
         let mut record = RequestRecord::new(metrics.clone(), Endpoint::Chat);
         let arrival = record.arrival();
-        record.kv_ready(Some(PREFILL));
+        record.kv_ready(Some(PREFILL), 0);
         record.kv_pulled(Some(Duration::from_millis(10)), Duration::from_millis(3));
         record.tokens(2, arrival + Duration::from_millis(100));
         // Later tokens change nothing.
@@ -284,7 +305,7 @@ mod tests {
         let metrics = Metrics::new();
         let mut record = RequestRecord::new(metrics.clone(), Endpoint::Chat);
         let arrival = record.arrival();
-        record.kv_ready(Some(PREFILL));
+        record.kv_ready(Some(PREFILL), 0);
         record.kv_pulled(Some(Duration::ZERO), Duration::from_millis(1));
         record.tokens(1, arrival + Duration::from_millis(52));
         let text = metrics.render();
@@ -311,13 +332,13 @@ mod tests {
         let ms = Duration::from_millis;
         assert_eq!(split(&|_| {}), 0.0, "a local prefill");
         assert_eq!(
-            split(&|r| r.kv_ready(Some(PREFILL))),
+            split(&|r| r.kv_ready(Some(PREFILL), 0)),
             0.0,
             "a failed pull (no kv_pulled with a transport)"
         );
         assert_eq!(
             split(&|r| {
-                r.kv_ready(Some(PREFILL));
+                r.kv_ready(Some(PREFILL), 0);
                 r.kv_pulled(Some(ms(1)), ms(1));
                 r.no_handover();
             }),
@@ -326,7 +347,7 @@ mod tests {
         );
         assert_eq!(
             split(&|r| {
-                r.kv_ready(None);
+                r.kv_ready(None, 0);
                 r.kv_pulled(Some(ms(1)), ms(1));
             }),
             0.0,
@@ -334,7 +355,7 @@ mod tests {
         );
         assert_eq!(
             split(&|r| {
-                r.kv_ready(Some(PREFILL));
+                r.kv_ready(Some(PREFILL), 0);
                 r.kv_pulled(None, ms(1));
             }),
             0.0,
@@ -342,7 +363,7 @@ mod tests {
         );
         assert_eq!(
             split(&|r| {
-                r.kv_ready(Some(PREFILL));
+                r.kv_ready(Some(PREFILL), 0);
                 r.kv_pulled(Some(ms(1)), ms(1));
             }),
             1.0
@@ -354,6 +375,7 @@ mod tests {
         let usage = Usage {
             prompt_tokens: 10,
             completion_tokens: 4,
+            cached_tokens: 0,
         };
         // Every choice succeeds: one success, the prompt counted once.
         let metrics = Metrics::new();

@@ -69,6 +69,7 @@ pub async fn start_choices(
                 index,
                 n,
             }),
+            cache_salt: job.cache_salt.clone(),
         };
         Generation::start_on(
             dispatch,
@@ -119,6 +120,8 @@ pub fn total_usage(usages: impl IntoIterator<Item = Usage>) -> Usage {
                 Some(total) => Usage {
                     prompt_tokens: total.prompt_tokens,
                     completion_tokens: total.completion_tokens + usage.completion_tokens,
+                    // The prompt is counted once, and so is what of it was cached.
+                    cached_tokens: total.cached_tokens.max(usage.cached_tokens),
                 },
             })
         })
@@ -158,6 +161,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 4,
                 completion_tokens: logprobs.len() as u32,
+                cached_tokens: 0,
             },
         };
         // Sums -3, -1.5, -4 (the sum would pick the second); means -1.5, -1.5, -0.8.
@@ -180,12 +184,14 @@ mod tests {
         let usage = |completion_tokens| Usage {
             prompt_tokens: 12,
             completion_tokens,
+            cached_tokens: 8,
         };
         assert_eq!(
             total_usage([usage(5), usage(7), usage(1)]),
             Usage {
                 prompt_tokens: 12,
-                completion_tokens: 13
+                completion_tokens: 13,
+                cached_tokens: 8,
             }
         );
     }

@@ -257,7 +257,8 @@ mod tests {
                     "logprobs": null,
                     "finish_reason": "stop"
                 }],
-                "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+                "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21,
+                          "prompt_tokens_details": {"cached_tokens": 0}}
             })
         );
     }
@@ -337,7 +338,8 @@ mod tests {
             serde_json::to_value(&usage).unwrap(),
             json!({"id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1694268190,
                    "model": "m", "system_fingerprint": null, "choices": [],
-                   "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                             "prompt_tokens_details": {"cached_tokens": 0}}})
         );
     }
 }

@@ -22,6 +22,14 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details`: the prompt tokens a worker took from its prefix cache
+/// instead of computing them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
 }
 
 impl Usage {
@@ -30,6 +38,18 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails::default(),
+        }
+    }
+}
+
+impl From<tandem_protocol::messages::Usage> for Usage {
+    fn from(usage: tandem_protocol::messages::Usage) -> Self {
+        Usage {
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: usage.cached_tokens,
+            },
+            ..Usage::new(usage.prompt_tokens, usage.completion_tokens)
         }
     }
 }

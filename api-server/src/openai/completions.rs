@@ -142,7 +142,8 @@ mod tests {
                                  "text_offset": [0, 2]},
                     "finish_reason": "length"
                 }],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                          "prompt_tokens_details": {"cached_tokens": 0}}
             })
         );
     }

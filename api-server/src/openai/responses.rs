@@ -43,6 +43,8 @@ pub struct ResponsesRequest {
     pub service_tier: Option<String>,
     pub safety_identifier: Option<String>,
     pub prompt_cache_key: Option<String>,
+    /// vLLM's: isolates the request's prompt in the workers' prefix caches.
+    pub cache_salt: Option<String>,
 }
 
 /// `input`: a string (one user message) or a list of input items.
@@ -197,8 +199,8 @@ pub struct ResponseUsage {
     pub total_tokens: u32,
 }
 
-/// Tokens served from OpenAI's prompt cache, and written to it: always 0 here, since a
-/// request's prefill is not reused by another.
+/// Tokens taken from a worker's prefix cache, and written to OpenAI's prompt cache (always 0
+/// here: tandem's cache needs no writes paid for).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct InputTokensDetails {
     pub cached_tokens: u32,
@@ -209,6 +211,18 @@ pub struct InputTokensDetails {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct OutputTokensDetails {
     pub reasoning_tokens: u32,
+}
+
+impl From<tandem_protocol::messages::Usage> for ResponseUsage {
+    fn from(usage: tandem_protocol::messages::Usage) -> Self {
+        ResponseUsage {
+            input_tokens_details: InputTokensDetails {
+                cached_tokens: usage.cached_tokens,
+                cache_write_tokens: 0,
+            },
+            ..ResponseUsage::new(usage.prompt_tokens, usage.completion_tokens)
+        }
+    }
 }
 
 impl ResponseUsage {

@@ -38,6 +38,8 @@ pub struct GenerationFields {
     pub ignore_eos: Option<bool>,
     /// `{"token id": bias}`, token ids as strings (OpenAI's shape).
     pub logit_bias: Option<LogitBiasField>,
+    /// vLLM's: isolates the request's prompt in the workers' prefix caches.
+    pub cache_salt: Option<String>,
 }
 
 /// `logit_bias`: token ids (as JSON object keys, so strings) to a bias in [-100, 100].

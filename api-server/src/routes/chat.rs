@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use actix_web::{HttpRequest, HttpResponse, post, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, post, web};
 use bytes::Bytes;
 use tandem_protocol::messages::{
     FinishReason as WireFinish, GrammarSpec, TokenEvent, Usage as WireUsage,
@@ -12,6 +12,7 @@ use super::logprobs::chat_entry;
 use super::{
     ChoiceFormat, client_left, finish_reason, reply_choices, start_generation, unless_client_leaves,
 };
+use crate::auth::TenantSalt;
 use crate::disconnect::ClientSocket;
 use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
@@ -55,7 +56,8 @@ pub async fn chat_completions(
         checked.inspect_err(|err| record.fail(err))?;
     }
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let started = start_generation(&state, &valid, record, id.clone());
+    let tenant = request.extensions().get::<TenantSalt>().cloned();
+    let started = start_generation(&state, &valid, record, id.clone(), tenant);
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
         return Ok(client_left());
     };
@@ -210,7 +212,7 @@ impl ChoiceFormat for ChatChunks {
             model: self.model,
             system_fingerprint: None,
             choices,
-            usage: Usage::new(usage.prompt_tokens, usage.completion_tokens),
+            usage: Usage::from(usage),
         }
     }
 
@@ -342,7 +344,7 @@ impl ChunkFormat for ChatChunks {
     }
 
     fn usage(&self, usage: WireUsage) -> Option<Bytes> {
-        let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
+        let usage = Usage::from(usage);
         self.include_usage
             .then(|| sse_data(&self.chunk(Vec::new(), Some(usage))))
     }

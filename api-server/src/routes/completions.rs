@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use actix_web::{HttpRequest, HttpResponse, post, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, post, web};
 use bytes::Bytes;
 use tandem_protocol::messages::{
     FinishReason as WireFinish, PromptLogprob, TokenEvent, Usage as WireUsage,
@@ -23,6 +23,7 @@ use super::{
     ChoiceFormat, client_left, finish_reason, reply_choices, reply_whole, start_generation,
     unless_client_leaves,
 };
+use crate::auth::TenantSalt;
 use crate::disconnect::ClientSocket;
 use crate::dispatch::{Completed, RequestRecord, samples};
 use crate::error::ApiError;
@@ -48,7 +49,8 @@ pub async fn completions(
         .and_then(|body| validate_completion(&body, &state.limits))
         .inspect_err(|err| record.fail(err))?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
-    let started = start_generation(&state, &valid, record, id.clone());
+    let tenant = request.extensions().get::<TenantSalt>().cloned();
+    let started = start_generation(&state, &valid, record, id.clone(), tenant);
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
         return Ok(client_left());
     };
@@ -118,7 +120,7 @@ impl ChoiceFormat for CompletionChunks {
 
     /// The `text_completion` object of a request that is not streamed, with its choices.
     fn completion(self, choices: Vec<CompletionChoice>, usage: WireUsage) -> Completion {
-        let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
+        let usage = Usage::from(usage);
         self.object(choices, Some(Some(usage)))
     }
 
@@ -216,7 +218,7 @@ impl ChunkFormat for CompletionChunks {
     }
 
     fn usage(&self, usage: WireUsage) -> Option<Bytes> {
-        let usage = Usage::new(usage.prompt_tokens, usage.completion_tokens);
+        let usage = Usage::from(usage);
         self.include_usage
             .then(|| sse_data(&self.object(Vec::new(), Some(Some(usage)))))
     }

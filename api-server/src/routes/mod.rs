@@ -17,6 +17,7 @@ use std::sync::Arc;
 use actix_web::{HttpResponse, web};
 use tandem_protocol::messages::{FinishReason as WireFinish, Usage as WireUsage};
 
+use crate::auth::TenantSalt;
 use crate::disconnect::{ClientSocket, client_gone};
 use crate::dispatch::{Completed, Generation, JobSpec, RequestRecord, samples};
 use crate::error::ApiError;
@@ -93,6 +94,7 @@ pub(crate) async fn start_generation(
     valid: &ValidRequest,
     mut record: RequestRecord,
     request_id: String,
+    tenant: Option<TenantSalt>,
 ) -> Result<Vec<Generation>, ApiError> {
     let admitted = state
         .admission
@@ -113,6 +115,10 @@ pub(crate) async fn start_generation(
             stop,
             prompt_param: valid.prompt_param(),
             samples: None,
+            cache_salt: match &tenant {
+                Some(tenant) => Some(tenant.with_request_salt(valid.cache_salt.as_deref())),
+                None => valid.cache_salt.clone(),
+            },
         })
     }
     .await;

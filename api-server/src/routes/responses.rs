@@ -5,13 +5,14 @@
 
 use std::sync::Arc;
 
-use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, delete, get, post, web};
 use bytes::Bytes;
 use serde_json::Value;
 use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
 
 use super::logprobs::chat_entry;
 use super::{client_left, start_generation, unless_client_leaves};
+use crate::auth::TenantSalt;
 use crate::disconnect::ClientSocket;
 use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
@@ -46,7 +47,8 @@ pub async fn create_response(
             .inspect_err(|err| record.fail(err))?;
     }
     let id = format!("resp_{}", uuid::Uuid::new_v4().simple());
-    let started = start_generation(&state, &valid.request, record, id.clone());
+    let tenant = request.extensions().get::<TenantSalt>().cloned();
+    let started = start_generation(&state, &valid.request, record, id.clone(), tenant);
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
         return Ok(client_left());
     };
@@ -206,7 +208,7 @@ impl ResponseEvents {
                 ResponseStatus::Completed
             }
         };
-        let usage = ResponseUsage::new(usage.prompt_tokens, usage.completion_tokens);
+        let usage = ResponseUsage::from(usage);
         self.object(
             status,
             vec![self.message(status, vec![self.part()])],
@@ -384,6 +386,7 @@ mod tests {
             WireUsage {
                 prompt_tokens: 5,
                 completion_tokens: 2,
+                cached_tokens: 0,
             },
         ));
         assert!(format.closing().is_none(), "no [DONE]");
@@ -453,6 +456,7 @@ mod tests {
             usage: WireUsage {
                 prompt_tokens: 3,
                 completion_tokens: 2,
+                cached_tokens: 0,
             },
         });
         let value = serde_json::to_value(object).unwrap();

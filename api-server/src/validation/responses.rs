@@ -176,6 +176,7 @@ pub fn validate_responses(
             tools: None,
             candidates: 1,
             echo: false,
+            cache_salt: super::sampling::cache_salt(request.cache_salt.as_deref())?,
         },
         echo,
     })

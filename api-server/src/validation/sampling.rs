@@ -32,6 +32,7 @@ pub(super) struct ValidGeneration {
     pub(super) sampling: SamplingSpec,
     pub(super) stop_strings: Vec<String>,
     pub(super) ignore_eos: bool,
+    pub(super) cache_salt: Option<String>,
 }
 
 /// Checks `fields` and turns them into the job's values; absent fields take OpenAI's
@@ -124,7 +125,32 @@ pub(super) fn validate_generation(
         sampling,
         stop_strings,
         ignore_eos: fields.ignore_eos.unwrap_or(false),
+        cache_salt: cache_salt(fields.cache_salt.as_deref())?,
     })
+}
+
+/// Bytes of a `cache_salt` at most: it travels in every job message and is hashed into the
+/// name of each of the request's cached blocks.
+pub const MAX_CACHE_SALT_BYTES: usize = 1024;
+
+/// `cache_salt` as the job carries it: a non-empty string of at most
+/// [`MAX_CACHE_SALT_BYTES`] (an empty one would read as "salted" while meaning nothing).
+pub(crate) fn cache_salt(salt: Option<&str>) -> Result<Option<String>, ApiError> {
+    match salt {
+        None => Ok(None),
+        Some("") => Err(ApiError::invalid(
+            "cache_salt must be a non-empty string",
+            "cache_salt",
+        )),
+        Some(salt) if salt.len() > MAX_CACHE_SALT_BYTES => Err(ApiError::invalid(
+            format!(
+                "cache_salt is {} bytes long; at most {MAX_CACHE_SALT_BYTES} are allowed",
+                salt.len()
+            ),
+            "cache_salt",
+        )),
+        Some(salt) => Ok(Some(salt.to_owned())),
+    }
 }
 
 fn in_range(value: f64, low: f64, high: f64, low_open: bool, param: &str) -> Result<f32, ApiError> {

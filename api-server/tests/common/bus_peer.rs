@@ -79,6 +79,10 @@ pub const FAKE_PULL_MICROS: u64 = 2500;
 /// Micros a decode peer reports its decode job waited for room before the pull.
 pub const FAKE_ROOM_WAIT_MICROS: u64 = 1500;
 /// What a context peer reports of its prefill (`kv_ready.prefill_timing`).
+/// The prompt tokens a fake context worker says it took from its prefix cache (at most the
+/// prompt's).
+pub const FAKE_CONTEXT_CACHED_TOKENS: u32 = 2;
+
 pub const FAKE_PREFILL_TIMING: PrefillTiming = PrefillTiming {
     queued_us: 1000,
     prefill_us: 4000,
@@ -460,6 +464,7 @@ impl Answerer {
                         usage: Usage {
                             prompt_tokens: job.prompt_ids.len() as u32,
                             completion_tokens: 1,
+                            cached_tokens: 0,
                         },
                     },
                 )
@@ -473,6 +478,7 @@ impl Answerer {
                     StreamMessage::KvReady {
                         handle: Box::new(handle),
                         prefill_timing: Some(FAKE_PREFILL_TIMING),
+                        cached_tokens: FAKE_CONTEXT_CACHED_TOKENS.min(job.prompt_ids.len() as u32),
                     },
                 )
                 .await;
@@ -553,6 +559,7 @@ impl Answerer {
                         usage: Usage {
                             prompt_tokens,
                             completion_tokens: tokens.len() as u32,
+                            cached_tokens: 0,
                         },
                     },
                 )
@@ -644,6 +651,7 @@ impl Answerer {
                         usage: Usage {
                             prompt_tokens,
                             completion_tokens: tokens.len() as u32,
+                            cached_tokens: 0,
                         },
                     },
                 )

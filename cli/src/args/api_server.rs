@@ -133,6 +133,11 @@ pub struct ApiServerArgs {
     /// With keys set, /metrics requires one too (it is open by default, like /health).
     #[arg(long, env = "TANDEM_METRICS_REQUIRE_KEY")]
     pub metrics_require_key: bool,
+    /// Salts each request's prompt in the workers' prefix caches by the API key it came
+    /// with, so that clients of different keys never share (or time) each other's cached
+    /// prompts; a request's own `cache_salt` is added to its key's. Needs API keys.
+    #[arg(long, env = "TANDEM_CACHE_SALT_BY_API_KEY")]
+    pub cache_salt_by_api_key: bool,
     #[command(flatten)]
     pub nats_auth: super::NatsAuthArgs,
 }
@@ -194,6 +199,7 @@ impl ApiServerArgs {
             api_keys: Vec::new(),
             api_key_file: None,
             metrics_require_key: false,
+            cache_salt_by_api_key: false,
             nats_auth: super::NatsAuthArgs::default(),
         }
     }
@@ -269,6 +275,9 @@ impl ApiServerArgs {
         if self.metrics_require_key {
             argv.0.push("--metrics-require-key".into());
         }
+        if self.cache_salt_by_api_key {
+            argv.0.push("--cache-salt-by-api-key".into());
+        }
         self.nats_auth.push_args(&mut argv);
         argv.0
     }
@@ -343,6 +352,7 @@ mod tests {
             api_keys: Vec::new(),
             api_key_file: Some("/run/secrets/keys".into()),
             metrics_require_key: true,
+            cache_salt_by_api_key: true,
             nats_auth: super::super::NatsAuthArgs {
                 nats_user: Some("front".into()),
                 nats_tls_ca: Some("/etc/nats/ca.pem".into()),

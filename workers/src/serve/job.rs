@@ -36,7 +36,7 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         // Compiled by the role (`super::grammar`), off the bus loop.
         grammar: None,
         prompt_logprobs: job.sampling.prompt_logprobs,
-        cache_salt: None,
+        cache_salt: job.cache_salt.clone(),
     }
 }
 
@@ -79,6 +79,7 @@ mod tests {
             kv_reader: None,
             resume_ids: Vec::new(),
             samples: None,
+            cache_salt: None,
         }
     }
 
@@ -111,6 +112,17 @@ mod tests {
         let request = generation_request(&job(ignoring, SamplingSpec::default()), &[2, 0]);
         assert_eq!(request.stop_token_ids, vec![9, 2]);
         assert!(request.ignore_eos);
+    }
+
+    #[test]
+    fn the_jobs_cache_salt_reaches_the_engine() {
+        let mut salted = job(StopSpec::default(), SamplingSpec::default());
+        assert_eq!(generation_request(&salted, &[]).cache_salt, None);
+        salted.cache_salt = Some("tenant-a".into());
+        assert_eq!(
+            generation_request(&salted, &[]).cache_salt.as_deref(),
+            Some("tenant-a")
+        );
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub fn stream_messages(
                 let usage = WireUsage {
                     prompt_tokens: usage.prompt_tokens as u32,
                     completion_tokens: usage.completion_tokens as u32,
+                    cached_tokens: usage.cached_tokens as u32,
                 };
                 out.push(match reason {
                     FinishReason::Stop => StreamMessage::Finished {
@@ -156,7 +157,7 @@ mod tests {
                 usage: Usage {
                     prompt_tokens: 4,
                     completion_tokens: 2,
-                    cached_tokens: 0,
+                    cached_tokens: 3,
                 },
                 retained_kv: None,
             },
@@ -194,7 +195,8 @@ mod tests {
                 reason: messages::FinishReason::Length,
                 usage: WireUsage {
                     prompt_tokens: 4,
-                    completion_tokens: 2
+                    completion_tokens: 2,
+                    cached_tokens: 3,
                 }
             }
         );

@@ -162,8 +162,10 @@ impl ContextRole {
         let messages = match seen.last().map(|e| &e.kind) {
             Some(EventKind::Finished {
                 retained_kv: Some(retained),
+                usage,
                 ..
             }) => {
+                let cached_tokens = usage.cached_tokens as u32;
                 let block_table = retained.block_table.clone();
                 let blocks = block_table.len();
                 let num_tokens = retained.num_tokens;
@@ -224,6 +226,7 @@ impl ContextRole {
                         let ready = StreamMessage::KvReady {
                             handle: Box::new(handle),
                             prefill_timing: Some(prefill_timing),
+                            cached_tokens,
                         };
                         match payload::encode_within(&ready, self.worker.max_payload()) {
                             Ok(_) => {

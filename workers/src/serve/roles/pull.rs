@@ -1155,6 +1155,7 @@ mod tests {
             kv_reader: None,
             resume_ids: Vec::new(),
             samples: None,
+            cache_salt: None,
         }
     }
 
