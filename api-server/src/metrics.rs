@@ -916,6 +916,7 @@ mod tests {
                 refused_handles: 2,
                 exports_gone: 1,
             }),
+            prefix_cache: None,
         };
         metrics.record(Event::Heartbeat(&heartbeat));
         metrics.record(Event::LiveWorkers(LiveCounts {

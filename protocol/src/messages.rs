@@ -756,6 +756,72 @@ pub struct Heartbeat {
     /// context workers and older workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_pull: Option<KvPullStats>,
+    /// Workers that cache prompts' blocks: how routers name them and follow the worker's KV
+    /// events. Absent: no prefix cache (or an older worker), so nothing of a prompt is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache: Option<PrefixCacheInfo>,
+}
+
+/// A worker's prefix cache as routers see it, in its heartbeats: enough to name a prompt's
+/// blocks as the worker does ([`crate::block_hash`]) and to tell whether its KV events
+/// ([`KvEvents`]) reached this router whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefixCacheInfo {
+    /// Tokens per block: a prompt's names are those of its full blocks of this size.
+    pub block_size: u32,
+    /// The root of the worker's block names besides the salt (its model fingerprint).
+    pub namespace: String,
+    /// The worker's KV event stream: `epoch` is fresh at each start (what a router knew of an
+    /// earlier run is void), `seq` the number of the last batch published (0: none yet).
+    pub events_epoch: String,
+    pub events_seq: u64,
+    /// Prompt tokens looked up in the cache since start, and those found there.
+    pub queried_tokens: u64,
+    pub hit_tokens: u64,
+    /// Cached blocks evicted to make room, since start.
+    pub evicted_blocks: u64,
+}
+
+/// A batch of changes to the blocks a worker holds cached, on `tandem.{model}.kv_events.{id}`.
+/// Batches are numbered 1, 2, ... within an epoch; a router that sees a gap, or another epoch,
+/// asks for a [`KvSnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEvents {
+    pub worker_id: String,
+    pub epoch: String,
+    pub seq: u64,
+    pub events: Vec<KvEvent>,
+}
+
+/// One change: block names as their first 8 bytes ([`crate::block_hash::BlockHash::short`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum KvEvent {
+    /// Blocks computed and cached, in chain order.
+    Stored { blocks: Vec<u64> },
+    /// Blocks evicted: their memory holds other K/V from now on.
+    Removed { blocks: Vec<u64> },
+    /// Everything the worker held is gone (it starts a new epoch with this).
+    Cleared,
+}
+
+/// A router's request for the blocks a worker holds, from `offset` in the worker's listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvSnapshotRequest {
+    pub offset: u64,
+}
+
+/// A page of the blocks a worker holds, as of batch `seq` of `epoch`: `next_offset` is where
+/// the next page starts (absent: the last page). The pages of one listing share `seq`; a
+/// page of another `seq` means the cache changed meanwhile, and the router starts over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvSnapshot {
+    pub worker_id: String,
+    pub epoch: String,
+    pub seq: u64,
+    pub blocks: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_offset: Option<u64>,
 }
 
 /// A generation worker's pulls of prompts' K/V (a decode job starts its pull only once its
@@ -1382,6 +1448,7 @@ mod tests {
                 refused_handles: 2,
                 exports_gone: 1,
             }),
+            prefix_cache: None,
         };
         let json = String::from_utf8(encode(&heartbeat)).unwrap();
         assert!(
@@ -1399,6 +1466,62 @@ mod tests {
             serde_json::from_str(r#"{"waiting":0,"in_flight":0,"waited":0,"peak_held_blocks":0}"#)
                 .unwrap();
         assert_eq!((older.refused_handles, older.exports_gone), (0, 0));
+        // With a prefix cache, the heartbeat says how to name its blocks and follow its events.
+        let cached = Heartbeat {
+            prefix_cache: Some(PrefixCacheInfo {
+                block_size: 16,
+                namespace: "fp".into(),
+                events_epoch: "e1".into(),
+                events_seq: 9,
+                queried_tokens: 100,
+                hit_tokens: 64,
+                evicted_blocks: 2,
+            }),
+            ..heartbeat
+        };
+        let json = String::from_utf8(encode(&cached)).unwrap();
+        assert_eq!(
+            decode::<Heartbeat>("heartbeat", json.as_bytes()).unwrap(),
+            cached
+        );
+    }
+
+    #[test]
+    fn kv_events_and_snapshots_round_trip() {
+        let events = KvEvents {
+            worker_id: "w".into(),
+            epoch: "e".into(),
+            seq: 3,
+            events: vec![
+                KvEvent::Cleared,
+                KvEvent::Stored {
+                    blocks: vec![u64::MAX, 1],
+                },
+                KvEvent::Removed { blocks: vec![1] },
+            ],
+        };
+        let json = String::from_utf8(encode(&events)).unwrap();
+        assert!(
+            json.contains(r#"{"type":"stored","blocks":[18446744073709551615,1]}"#),
+            "{json}"
+        );
+        assert_eq!(
+            decode::<KvEvents>("kv events", json.as_bytes()).unwrap(),
+            events
+        );
+        let page = KvSnapshot {
+            worker_id: "w".into(),
+            epoch: "e".into(),
+            seq: 3,
+            blocks: vec![7],
+            next_offset: None,
+        };
+        let json = String::from_utf8(encode(&page)).unwrap();
+        assert!(!json.contains("next_offset"), "{json}");
+        assert_eq!(
+            decode::<KvSnapshot>("kv snapshot", json.as_bytes()).unwrap(),
+            page
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! | `tandem.{model}.cancel` | every worker | cancel a request |
 //! | `tandem.{model}.kv.release.{worker_id}` | that context worker | release pinned KV blocks |
 //! | `tandem.{model}.heartbeat.{role}.{worker_id}` | api-servers | load and liveness |
+//! | `tandem.{model}.kv_events.{worker_id}` | api-servers | blocks a worker cached and evicted |
+//! | `tandem.{model}.kv_snapshot.{worker_id}` | that worker (request-reply) | every block it holds |
 
 /// Queue group of context (prefill) workers.
 pub const CONTEXT_QUEUE_GROUP: &str = "context";
@@ -73,6 +75,21 @@ impl Subjects {
 
     pub fn generate_direct(&self, worker_id: &str) -> String {
         format!("{}.generate.{}", self.base, subject_token(worker_id))
+    }
+
+    /// Where worker `worker_id` publishes its [`KvEvents`](crate::messages::KvEvents).
+    pub fn kv_events(&self, worker_id: &str) -> String {
+        format!("{}.kv_events.{}", self.base, subject_token(worker_id))
+    }
+
+    /// Every worker's KV events (what an api-server subscribes to).
+    pub fn kv_events_all(&self) -> String {
+        format!("{}.kv_events.*", self.base)
+    }
+
+    /// Where worker `worker_id` answers [`KvSnapshotRequest`](crate::messages::KvSnapshotRequest)s.
+    pub fn kv_snapshot(&self, worker_id: &str) -> String {
+        format!("{}.kv_snapshot.{}", self.base, subject_token(worker_id))
     }
 
     pub fn stream(&self, request_id: &str) -> String {

@@ -87,6 +87,7 @@ fn bench<B: KvBlockIo + 'static>(
         growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
         // The prompts repeat; the benchmark measures the steps, not the cache.
         prefix_caching: false,
+        cache_namespace: String::new(),
         // The benchmark takes the engine's variables alone, e.g. `TANDEM_DEVICE_MASKS=0`.
         settings: EngineSettings::from_env(),
     };

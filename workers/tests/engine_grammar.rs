@@ -94,7 +94,7 @@ fn config(max_num_batched_tokens: usize, num_blocks: usize) -> EngineConfig {
 }
 
 fn run(setup: &Setup, requests: Vec<GenerationRequest>, config: EngineConfig) -> Vec<Outcome> {
-    let mut engine = cpu_engine(&setup.model, config);
+    let mut engine = cpu_engine(&setup.model, config.clone());
     let ids: Vec<_> = requests
         .into_iter()
         .map(|r| engine.add_request(r).unwrap())

@@ -27,6 +27,7 @@ pub(super) fn heartbeat(id: &str, role: WorkerRole, running: u32, queued: u32) -
         max_queued: None,
         max_running: None,
         kv_pull: None,
+        prefix_cache: None,
     }
 }
 

@@ -291,6 +291,7 @@ impl ScriptedBusPeer {
                     max_queued,
                     max_running: None,
                     kv_pull: None,
+                    prefix_cache: None,
                 };
                 let _ = heartbeat_client
                     .publish(heartbeat_subject.clone(), encode(&heartbeat).into())

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::{Engine, EngineError, GenerationRequest, RequestId, Sequence, StepModel, TextStream};
-use crate::kv_cache::prefix::BlockHash;
 use crate::sampler::Sampler;
 use crate::scheduler::GroupId;
+use tandem_protocol::block_hash::BlockHash;
 
 /// Brings a resumed request's text state to where the worker that generated `resumed`
 /// ([`GenerationRequest::resume_ids`]) left it: each resumed token goes through the detokenizer and stop

@@ -11,13 +11,14 @@
 //! cancels what is left, delivers the `Finished` events and exits.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::backend::{HostRange, KvBuffer};
+use crate::kv_cache::manager::{KvEvent, PrefixCacheStats};
 
 use super::{
     Engine, EngineError, EngineEvent, EngineProgress, FinishReason, GenerationRequest,
@@ -86,7 +87,16 @@ pub struct EngineHandle {
     steps: Arc<AtomicU64>,
     failed_steps: Arc<AtomicU64>,
     preemptions: Arc<AtomicU64>,
+    prefix_stats: Arc<Mutex<PrefixCacheStats>>,
+    /// The receiving end of the engine's KV events until a caller takes it
+    /// ([`Self::take_kv_events`]); until then the engine thread drops them.
+    kv_events: Arc<Mutex<Option<KvEventReceiver>>>,
+    kv_events_wanted: Arc<AtomicBool>,
 }
+
+/// Batches of the engine's [`KvEvent`]s (cached blocks stored and evicted), each batch one
+/// step's, in order.
+pub type KvEventReceiver = tokio::sync::mpsc::UnboundedReceiver<Vec<KvEvent>>;
 
 /// The events of one request, in order; the last is `Finished`.
 pub struct RequestStream {
@@ -121,6 +131,7 @@ impl EngineHandle {
         name: &str,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (commands, rx) = mpsc::channel();
+        let (kv_events_tx, kv_events_rx) = tokio::sync::mpsc::unbounded_channel();
         let handle = Self {
             commands,
             next_id: engine.id_source(),
@@ -134,6 +145,9 @@ impl EngineHandle {
             steps: Arc::new(AtomicU64::new(0)),
             failed_steps: Arc::new(AtomicU64::new(0)),
             preemptions: Arc::new(AtomicU64::new(0)),
+            prefix_stats: Arc::new(Mutex::new(engine.prefix_cache_stats())),
+            kv_events: Arc::new(Mutex::new(Some(kv_events_rx))),
+            kv_events_wanted: Arc::new(AtomicBool::new(false)),
         };
         let counters = Counters {
             free_blocks: Arc::clone(&handle.free_blocks),
@@ -146,6 +160,9 @@ impl EngineHandle {
             steps: Arc::clone(&handle.steps),
             failed_steps: Arc::clone(&handle.failed_steps),
             preemptions: Arc::clone(&handle.preemptions),
+            prefix_stats: Arc::clone(&handle.prefix_stats),
+            kv_events: kv_events_tx,
+            kv_events_wanted: Arc::clone(&handle.kv_events_wanted),
         };
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
@@ -319,6 +336,24 @@ impl EngineHandle {
         self.imports_waited.load(Ordering::Relaxed)
     }
 
+    /// The engine's KV events from now on, batched by step; `None` once taken.
+    pub fn take_kv_events(&self) -> Option<KvEventReceiver> {
+        let taken = self
+            .kv_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if taken.is_some() {
+            self.kv_events_wanted.store(true, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// The prefix cache's counters as of the engine's last step.
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        *self.prefix_stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Why the engine's device failed for good, once it has ([`Engine::device_lost`]): every
     /// request has ended and new ones are refused, so the worker should leave and restart.
     pub fn device_lost(&self) -> Option<&str> {
@@ -335,8 +370,11 @@ impl EngineHandle {
     }
 }
 
-/// What the engine thread publishes after each step for callers to read without a lock.
+/// What the engine thread publishes after each step for callers to read without waiting.
 struct Counters {
+    prefix_stats: Arc<Mutex<PrefixCacheStats>>,
+    kv_events: tokio::sync::mpsc::UnboundedSender<Vec<KvEvent>>,
+    kv_events_wanted: Arc<AtomicBool>,
     free_blocks: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
@@ -350,6 +388,16 @@ struct Counters {
 }
 
 impl Counters {
+    /// The prefix cache's counters, and its KV events to whoever takes them (dropped until
+    /// someone does, so that they never pile up).
+    fn publish_prefix_cache<M: StepModel>(&self, engine: &mut Engine<M>) {
+        let events = engine.take_kv_events();
+        if !events.is_empty() && self.kv_events_wanted.load(Ordering::Relaxed) {
+            let _ = self.kv_events.send(events);
+        }
+        *self.prefix_stats.lock().unwrap_or_else(|e| e.into_inner()) = engine.prefix_cache_stats();
+    }
+
     /// The engine's load as callers read it: free blocks, requests active and waiting.
     fn publish_load<M: StepModel>(&self, engine: &Engine<M>) {
         self.free_blocks
@@ -430,6 +478,7 @@ fn run<M: StepModel>(mut engine: Engine<M>, commands: Receiver<Command>, counter
             tracing::info!("{line}");
         }
         counters.publish_load(&engine);
+        counters.publish_prefix_cache(&mut engine);
         let progress = engine.progress();
         counters.steps.store(progress.steps, Ordering::Relaxed);
         counters

@@ -75,7 +75,7 @@ use std::time::Instant;
 use thiserror::Error;
 
 pub use failures::MAX_FAILED_FORWARDS_IN_A_ROW;
-pub use handle::{EngineHandle, EventSink, RequestStream};
+pub use handle::{EngineHandle, EventSink, KvEventReceiver, RequestStream};
 pub use imports::{ImportedKv, ImportedPrefill};
 pub use request::{
     EngineEvent, EventKind, FinishReason, GenerationRequest, RequestId, RetainedKv, Usage,
@@ -85,16 +85,16 @@ pub use settings::EngineSettings;
 pub use tensor_parallel::TensorParallelRunner;
 pub use text::{TextDecoder, TextStep, TextStream, TokenizerText};
 
-use crate::kv_cache::prefix::BlockHash;
 use crate::model::ForwardBatch;
 use crate::sampler::{Sampler, SamplingError};
 pub use crate::scheduler::DEFAULT_GROWTH_RESERVE_TOKENS;
 use crate::scheduler::{GroupId, Scheduler, SchedulerConfig, SchedulerError};
 use imports::{LentReservation, PendingImport};
+use tandem_protocol::block_hash::BlockHash;
 use tandem_text::grammar::{Constraint, TokenMask};
 
 /// Sizes of the engine's batches and cache, and its switches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
     /// Tokens per KV block.
     pub block_size: usize,
@@ -114,6 +114,10 @@ pub struct EngineConfig {
     /// Keep computed prompt blocks for later requests with the same prefix (the scheduler's
     /// "Cached prefixes"): on by default.
     pub prefix_caching: bool,
+    /// What the K/V depend on besides their tokens (the model directory's fingerprint): the
+    /// root of every cached block's name, so that names, which leave the worker in KV
+    /// events, never match another model's. Routers compute prompts' names from it.
+    pub cache_namespace: String,
     /// Switches of the step loop, set by the binary's flags and environment.
     pub settings: EngineSettings,
 }
@@ -128,6 +132,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             growth_reserve_tokens: Some(DEFAULT_GROWTH_RESERVE_TOKENS),
             prefix_caching: true,
+            cache_namespace: String::new(),
             settings: EngineSettings::default(),
         }
     }
@@ -284,7 +289,7 @@ pub struct Engine<M: StepModel> {
     /// Steps queued before the previous one is collected ([`overlap`]).
     overlap: overlap::Overlap,
     /// What the K/V depend on besides tokens (a model fingerprint): part of every cached
-    /// block's name ([`Self::set_cache_namespace`]).
+    /// block's name ([`EngineConfig::cache_namespace`]).
     cache_namespace: String,
 }
 
@@ -339,7 +344,7 @@ impl<M: StepModel> Engine<M> {
             sample_groups: HashMap::new(),
             next_group: 0,
             masks: masks::MaskWorker::default(),
-            cache_namespace: String::new(),
+            cache_namespace: config.cache_namespace.clone(),
             device_masks: config.settings.device_masks,
             overlap: overlap::Overlap::new(config.settings.overlap),
         })
@@ -347,13 +352,6 @@ impl<M: StepModel> Engine<M> {
 
     pub fn model(&self) -> &M {
         &self.model
-    }
-
-    /// Names what this engine's K/V depend on besides their tokens (the model directory's
-    /// fingerprint), so that cached blocks' names, which leave the worker in KV events, never
-    /// match another model's.
-    pub fn set_cache_namespace(&mut self, namespace: &str) {
-        namespace.clone_into(&mut self.cache_namespace);
     }
 
     /// Prompt tokens looked up in the prefix cache and found there, and its evictions.

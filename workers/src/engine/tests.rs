@@ -1551,8 +1551,8 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
         prefix_caching: true,
         ..EngineConfig::default()
     };
-    let mut host = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
-    let mut device = summarizing_engine(config, true);
+    let mut host = Engine::new(FakeModel::new(4, 64), config.clone(), None).unwrap();
+    let mut device = summarizing_engine(config.clone(), true);
     let mut host_ids = Vec::new();
     let mut device_ids = Vec::new();
     for (k, p) in params.iter().enumerate() {
@@ -1896,9 +1896,9 @@ fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
             .enumerate()
             .map(|(k, p)| request(prompt(3 + 2 * k, k as u32), 16 + 2 * k, p.clone()))
             .collect();
-        let mut host = Engine::new(FakeModel::new(4, 24), config, None).unwrap();
-        let mut one_at_a_time = summarizing_engine(config, false);
-        let mut overlapped = summarizing_engine(config, true);
+        let mut host = Engine::new(FakeModel::new(4, 24), config.clone(), None).unwrap();
+        let mut one_at_a_time = summarizing_engine(config.clone(), false);
+        let mut overlapped = summarizing_engine(config.clone(), true);
         let mut ids = Vec::new();
         for r in &requests {
             ids.push((
@@ -1953,11 +1953,11 @@ fn steps_of_truncated_draws_stay_in_flight() {
     ];
     let mut host = Engine::new(
         FakeModel::new(config.block_size, config.num_blocks),
-        config,
+        config.clone(),
         None,
     )
     .unwrap();
-    let mut overlapped = summarizing_engine(config, true);
+    let mut overlapped = summarizing_engine(config.clone(), true);
     let mut ids = Vec::new();
     for (k, p) in params.iter().enumerate() {
         let r = request(prompt(4 + k, k as u32), 20, p.clone());
@@ -1986,7 +1986,7 @@ fn a_request_ended_while_its_next_decode_is_queued_keeps_its_blocks_until_that_s
     let requests: Vec<GenerationRequest> = (0..4)
         .map(|k| request(prompt(5, k), 12, SamplingParams::greedy()))
         .collect();
-    let mut baseline = summarizing_engine(config, true);
+    let mut baseline = summarizing_engine(config.clone(), true);
     let base_ids: Vec<_> = requests
         .iter()
         .map(|r| baseline.add_request(r.clone()).unwrap())
@@ -2001,7 +2001,7 @@ fn a_request_ended_while_its_next_decode_is_queued_keeps_its_blocks_until_that_s
     let mut stopping = requests[0].clone();
     stopping.stop_token_ids = vec![first_tokens[stop_at]];
 
-    let mut e = summarizing_engine(config, true);
+    let mut e = summarizing_engine(config.clone(), true);
     let stopped = e.add_request(stopping).unwrap();
     let cancelled = e.add_request(requests[1].clone()).unwrap();
     let others: Vec<_> = requests[2..]

@@ -31,7 +31,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::block_pool::{BlockId, BlockPool, BlockPoolError};
-use super::prefix::{BlockHash, BlockHashes};
+use tandem_protocol::block_hash::{BlockHash, BlockHashes};
 
 /// A sequence, as the scheduler and the engine name it (the request id).
 pub type SeqId = u64;

@@ -5,11 +5,10 @@
 //! - [`block_pool`]: which blocks are free; allocation and release.
 //! - [`manager`]: which blocks each sequence holds (the block tables); what the scheduler asks
 //!   for room, where blocks are shared, and the cache of computed blocks named by
-//!   [`prefix`] that later sequences with the same tokens take instead of computing them.
+//!   [`tandem_protocol::block_hash`] that later sequences with the same tokens take instead of computing them.
 
 pub mod block_pool;
 pub mod layout;
 pub mod manager;
-pub mod prefix;
 
 pub use layout::{KvDType, KvLayout};

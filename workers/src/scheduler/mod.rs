@@ -97,7 +97,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::kv_cache::block_pool::BlockId;
 use crate::kv_cache::manager::{KvCacheManager, KvEvent, PrefixCacheStats};
-use crate::kv_cache::prefix::BlockHash;
+use tandem_protocol::block_hash::BlockHash;
 
 /// The scheduler's name for a sequence; the engine uses its request id.
 pub use crate::kv_cache::manager::SeqId;

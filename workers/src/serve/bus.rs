@@ -32,6 +32,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 pub use super::connection::{BusError, BusSettings};
 use super::connection::{subscribe, subscribe_error, unsubscribe};
+use super::kv_events::PrefixCacheBus;
 use super::roles::{ContextRole, GenerationRole, Role};
 use super::worker::{Identity, InFlight, PUBLISH_TIMEOUT, QueueBound, RoleLoad, Worker};
 use crate::engine::EngineHandle;
@@ -73,7 +74,17 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
         in_flight: InFlight::default(),
         queue: QueueBound::new(settings.max_queued),
         stream_delay: settings.test_hooks.stream_delay,
+        prefix_cache: settings.prefix_caching.then(|| {
+            PrefixCacheBus::new(
+                settings.layout.block_size,
+                settings.model_fingerprint.clone(),
+            )
+        }),
     });
+    if let (Some(cache), Some(events)) = (&worker.prefix_cache, worker.engine.take_kv_events()) {
+        tokio::spawn(cache.clone().publish_events(Arc::clone(&worker), events));
+        tokio::spawn(cache.clone().answer_snapshots(Arc::clone(&worker)));
+    }
     say_how_handles_are_authenticated(&settings);
     match settings.role {
         WorkerRole::Context => {

@@ -73,6 +73,9 @@ pub struct BusSettings {
     /// Jobs accepted and not started at most; past it, jobs are refused (`rejected`). `None`:
     /// no bound.
     pub max_queued: Option<usize>,
+    /// The engine caches prompts' blocks: the worker publishes KV events and answers
+    /// snapshot requests for routers.
+    pub prefix_caching: bool,
     /// The deployment's KV secret: a context worker signs its handles with it, a decode
     /// worker reads only handles whose MAC verifies for the job ([`super::kv_auth`]). `None`:
     /// unsigned handles, believed as they come.

@@ -22,6 +22,7 @@ mod connection;
 pub mod grammar;
 pub mod job;
 pub mod kv_auth;
+mod kv_events;
 mod roles;
 pub mod stream;
 pub mod test_hooks;
@@ -196,6 +197,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         max_model_len: Some(max_model_len),
         growth_reserve_tokens: Some(args.growth_reserve_tokens).filter(|&t| t > 0),
         prefix_caching: args.prefix_caching,
+        cache_namespace: model_fingerprint.clone(),
         settings: EngineSettings::from_env().with_flags(&args.engine),
     };
     let backend = model.describe();
@@ -299,6 +301,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         kv_transfer_timeout: std::time::Duration::from_millis(args.kv_transfer_timeout_ms),
         max_running: args.max_num_seqs,
         max_queued: args.queue_bound(),
+        prefix_caching: args.prefix_caching,
         kv_secret,
         test_hooks,
     };

@@ -7,9 +7,11 @@
 //! same root get the same first `k` names, and only those: the chain makes a name stand for
 //! the whole prefix, not for a block's tokens alone.
 //!
-//! SHA-256 (the `sha2` crate the workers already use for model fingerprints), as vLLM chose
-//! after weaker hashes let one tenant forge another's block names: a collision would hand a
-//! request someone else's K/V, and names also travel to routers as KV events.
+//! SHA-256, as vLLM chose after weaker hashes let one tenant forge another's block names: a
+//! collision would hand a request someone else's K/V. Routers compute the same names for a
+//! prompt (this module is the contract) and learn which worker holds which from the workers'
+//! KV events, which carry each name's first 8 bytes ([`BlockHash::short`]): enough to route
+//! by, while a worker matches the whole name before it reuses a block.
 
 use sha2::{Digest, Sha256};
 
@@ -45,6 +47,11 @@ impl BlockHash {
             None => hash.update([0]),
         }
         Self(hash.finalize().into())
+    }
+
+    /// The name's first 8 bytes (little-endian): what KV events and routers' indexes carry.
+    pub fn short(&self) -> u64 {
+        u64::from_le_bytes(self.0[..8].try_into().expect("8 of 32 bytes"))
     }
 
     /// The name of the block holding `tokens` after the block named `self`.
