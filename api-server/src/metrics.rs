@@ -224,6 +224,11 @@ pub struct Metrics {
     worker_preemptions: IntCounterVec,
     kv_handles_refused: IntCounterVec,
     kv_exports_gone: IntCounterVec,
+    /// Per worker with a prefix cache (`worker_id`), from heartbeats' `prefix_cache`.
+    prefix_queried_tokens: IntCounterVec,
+    prefix_hit_tokens: IntCounterVec,
+    prefix_evicted_blocks: IntCounterVec,
+    prefix_events_published: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -449,6 +454,26 @@ impl Metrics {
              early or was forged, or a replayed handle), so what was read was dropped and the \
              prompt prefilled locally (since its start)",
         );
+        let prefix_queried_tokens = context_counter(
+            "tandem_prefix_cache_queried_tokens_total",
+            "Prompt tokens a worker looked up in its prefix cache (since its start); the hit \
+             rate is tandem_prefix_cache_hit_tokens_total over this",
+        );
+        let prefix_hit_tokens = context_counter(
+            "tandem_prefix_cache_hit_tokens_total",
+            "Prompt tokens a worker found in its prefix cache instead of computing them (since \
+             its start)",
+        );
+        let prefix_evicted_blocks = context_counter(
+            "tandem_prefix_cache_evicted_blocks_total",
+            "Cached KV blocks a worker evicted to make room (since its start)",
+        );
+        let prefix_events_published = context_gauge(
+            "tandem_prefix_cache_event_batches",
+            "KV event batches a worker with a prefix cache published in its current epoch \
+             (last heartbeat): one that stays at 0 while its hit tokens grow publishes no \
+             events, and KV-aware routing weighs it by what this api-server sent it",
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -484,6 +509,10 @@ impl Metrics {
             worker_preemptions,
             kv_handles_refused,
             kv_exports_gone,
+            prefix_queried_tokens,
+            prefix_hit_tokens,
+            prefix_evicted_blocks,
+            prefix_events_published,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
@@ -519,6 +548,10 @@ impl Metrics {
             Box::new(metrics.worker_preemptions.clone()),
             Box::new(metrics.kv_handles_refused.clone()),
             Box::new(metrics.kv_exports_gone.clone()),
+            Box::new(metrics.prefix_queried_tokens.clone()),
+            Box::new(metrics.prefix_hit_tokens.clone()),
+            Box::new(metrics.prefix_evicted_blocks.clone()),
+            Box::new(metrics.prefix_events_published.clone()),
         ];
         for collector in collectors {
             metrics
@@ -674,6 +707,15 @@ impl Metrics {
             mirror_counter(&self.kv_handles_refused, &worker, pulls.refused_handles);
             mirror_counter(&self.kv_exports_gone, &worker, pulls.exports_gone);
         }
+        if let Some(cache) = &heartbeat.prefix_cache {
+            let worker = [heartbeat.worker_id.as_str()];
+            mirror_counter(&self.prefix_queried_tokens, &worker, cache.queried_tokens);
+            mirror_counter(&self.prefix_hit_tokens, &worker, cache.hit_tokens);
+            mirror_counter(&self.prefix_evicted_blocks, &worker, cache.evicted_blocks);
+            self.prefix_events_published
+                .with_label_values(&worker)
+                .set(cache.events_seq as i64);
+        }
         if let Some(stats) = heartbeat.kv_transfer {
             let worker = [heartbeat.worker_id.as_str()];
             self.kv_pinned_blocks
@@ -711,6 +753,7 @@ impl Metrics {
             &self.kv_pulls_waiting,
             &self.kv_pulls_in_flight,
             &self.kv_pull_peak_held_blocks,
+            &self.prefix_events_published,
         ] {
             let _ = gauge.remove_label_values(&worker);
         }
@@ -722,6 +765,9 @@ impl Metrics {
             &self.worker_preemptions,
             &self.kv_handles_refused,
             &self.kv_exports_gone,
+            &self.prefix_queried_tokens,
+            &self.prefix_hit_tokens,
+            &self.prefix_evicted_blocks,
         ] {
             let _ = counter.remove_label_values(&worker);
         }

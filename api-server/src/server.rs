@@ -8,6 +8,7 @@ use actix_web::{App, HttpServer, web};
 use futures::StreamExt;
 use tandem_model::ModelConfig;
 use tandem_protocol::messages::{Heartbeat, decode};
+use tandem_protocol::messages::{KvEvents, KvSnapshot, KvSnapshotRequest};
 use tandem_protocol::subjects::Subjects;
 
 use crate::auth::ApiKeys;
@@ -50,11 +51,104 @@ pub fn model_limits(config: &ServerConfig) -> Result<ModelLimits, StartError> {
     })
 }
 
+/// Follows every worker's KV events into `registry`'s view of their prefix caches, fetching a
+/// worker's snapshot when its events show a gap.
+async fn follow_kv_events(
+    mut subscriber: async_nats::Subscriber,
+    client: async_nats::Client,
+    subjects: Subjects,
+    registry: Arc<WorkerRegistry>,
+) {
+    while let Some(message) = subscriber.next().await {
+        match decode::<KvEvents>("KV events", &message.payload) {
+            Ok(batch) => {
+                let worker_id = batch.worker_id.clone();
+                if registry.kv_events(batch) {
+                    tokio::spawn(fetch_kv_snapshot(
+                        client.clone(),
+                        subjects.clone(),
+                        Arc::clone(&registry),
+                        worker_id,
+                    ));
+                }
+            }
+            Err(err) => tracing::warn!(subject = %message.subject, %err, "ignoring bad KV events"),
+        }
+    }
+    tracing::error!("KV event subscription closed: KV-aware routing sees no new blocks");
+}
+
+/// How long one page of a worker's KV snapshot may take.
+const KV_SNAPSHOT_PAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Fetches `worker_id`'s KV snapshot, page by page, into `registry` (starting over, a few
+/// times, when the cache changed between pages).
+async fn fetch_kv_snapshot(
+    client: async_nats::Client,
+    subjects: Subjects,
+    registry: Arc<WorkerRegistry>,
+    worker_id: String,
+) {
+    let subject = subjects.kv_snapshot(&worker_id);
+    for _attempt in 0..3 {
+        let mut listing: Option<KvSnapshot> = None;
+        let mut offset = 0;
+        let complete = loop {
+            let request = tandem_protocol::messages::encode(&KvSnapshotRequest { offset });
+            let reply = tokio::time::timeout(
+                KV_SNAPSHOT_PAGE_TIMEOUT,
+                client.request(subject.clone(), request.into()),
+            )
+            .await;
+            let page = match reply {
+                Ok(Ok(reply)) => match decode::<KvSnapshot>("KV snapshot", &reply.payload) {
+                    Ok(page) => page,
+                    Err(err) => {
+                        tracing::warn!(%worker_id, %err, "a bad KV snapshot page");
+                        break false;
+                    }
+                },
+                Ok(Err(err)) => {
+                    tracing::warn!(%worker_id, %err, "no KV snapshot from the worker");
+                    break false;
+                }
+                Err(_) => {
+                    tracing::warn!(%worker_id, "no KV snapshot page within {KV_SNAPSHOT_PAGE_TIMEOUT:?}");
+                    break false;
+                }
+            };
+            let next = page.next_offset;
+            match &mut listing {
+                None => listing = Some(page),
+                Some(listing) if listing.epoch == page.epoch && listing.seq == page.seq => {
+                    listing.blocks.extend(page.blocks);
+                }
+                // The cache changed between pages: start over.
+                Some(_) => break false,
+            }
+            match next {
+                Some(next) => offset = next,
+                None => break true,
+            }
+        };
+        if complete {
+            let listing = listing.expect("a complete listing has pages");
+            tracing::info!(%worker_id, blocks = listing.blocks.len(), seq = listing.seq,
+                "KV view rebuilt from the worker's snapshot");
+            registry.kv_snapshot(&worker_id, Some(listing));
+            return;
+        }
+    }
+    registry.kv_snapshot(&worker_id, None);
+}
+
 /// Follows every worker's heartbeats into `registry`, and expires silent workers on a timer
 /// (a quarter of the timeout, so a dead worker is dropped at most 1.25 timeouts after its
 /// last heartbeat).
 async fn follow_heartbeats(
     mut subscriber: async_nats::Subscriber,
+    client: async_nats::Client,
+    subjects: Subjects,
     registry: Arc<WorkerRegistry>,
     worker_timeout: Duration,
     served_model_name: String,
@@ -72,7 +166,17 @@ async fn follow_heartbeats(
                         tracing::warn!(worker_id = %heartbeat.worker_id, model = %heartbeat.model,
                             "ignoring heartbeat for another model name on this model's subject");
                     }
-                    Ok(heartbeat) => registry.observe(heartbeat, Instant::now()),
+                    Ok(heartbeat) => {
+                        let worker_id = heartbeat.worker_id.clone();
+                        if registry.observe(heartbeat, Instant::now()) {
+                            tokio::spawn(fetch_kv_snapshot(
+                                client.clone(),
+                                subjects.clone(),
+                                Arc::clone(&registry),
+                                worker_id,
+                            ));
+                        }
+                    }
                     Err(err) => tracing::warn!(subject = %message.subject, %err, "ignoring bad heartbeat"),
                 }
             }
@@ -127,8 +231,20 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
         .subscribe(subjects.heartbeat_all())
         .await
         .map_err(|err| StartError::Subscribe(err.to_string()))?;
+    let kv_events = client
+        .subscribe(subjects.kv_events_all())
+        .await
+        .map_err(|err| StartError::Subscribe(err.to_string()))?;
+    tokio::spawn(follow_kv_events(
+        kv_events,
+        client.clone(),
+        subjects.clone(),
+        Arc::clone(&registry),
+    ));
     tokio::spawn(follow_heartbeats(
         heartbeats,
+        client.clone(),
+        subjects.clone(),
         Arc::clone(&registry),
         worker_timeout,
         limits.served_model_name.clone(),

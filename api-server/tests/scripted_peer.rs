@@ -101,7 +101,8 @@ fn streamed_chat_has_openai_framing_usage_and_done() {
     let prompt_tokens = peer.jobs()[0].prompt_ids.len() as u64;
     assert_eq!(
         usage["usage"],
-        json!({"prompt_tokens": prompt_tokens, "completion_tokens": 3, "total_tokens": prompt_tokens + 3})
+        json!({"prompt_tokens": prompt_tokens, "completion_tokens": 3, "total_tokens": prompt_tokens + 3,
+              "prompt_tokens_details": {"cached_tokens": 0}})
     );
     // The job carried the validated request.
     let job = &peer.jobs()[0];
@@ -161,7 +162,8 @@ fn non_streamed_chat_and_completion_carry_text_usage_and_logprobs() {
     assert_eq!(body["choices"][0]["text"], SCRIPTED_TEXT);
     assert_eq!(
         body["usage"],
-        json!({"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6})
+        json!({"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+              "prompt_tokens_details": {"cached_tokens": 0}})
     );
     assert_eq!(
         body["choices"][0]["logprobs"]["text_offset"],

@@ -38,11 +38,18 @@ pub enum RouterPolicy {
     /// Fewest running + queued sequences, from heartbeats.
     #[default]
     LeastLoaded,
+    /// The lowest cost in KV blocks: the prompt's blocks the worker would compute (those not
+    /// in its prefix cache, from its KV events) plus the blocks its running work holds.
+    KvAware,
 }
 
 impl RouterPolicy {
     /// Every policy, in declaration order.
-    pub const ALL: [RouterPolicy; 2] = [RouterPolicy::RoundRobin, RouterPolicy::LeastLoaded];
+    pub const ALL: [RouterPolicy; 3] = [
+        RouterPolicy::RoundRobin,
+        RouterPolicy::LeastLoaded,
+        RouterPolicy::KvAware,
+    ];
 }
 
 /// Which tool-call markup the api-server parses (`--tool-call-parser`, config key

@@ -177,6 +177,7 @@ mod tests {
             generate_role: role,
             generate_kv_peer: None,
             prefill,
+            generate_blocks: 0,
         }
     }
 

@@ -52,7 +52,7 @@ pub use record::RequestRecord;
 
 use crate::error::ApiError;
 use crate::metrics::{Event, Metrics};
-use crate::router::{ContextJob, LocalPrefill, NoRoute, Prefill, WorkerRegistry};
+use crate::router::{ContextJob, GenerationBlocks, LocalPrefill, NoRoute, Prefill, WorkerRegistry};
 use cancel::CancelGuard;
 use handover::Phase;
 use migrate::MigrationReason;
@@ -145,6 +145,8 @@ pub struct Generation {
     /// The prefill job a context worker holds while the phase is [`Phase::Prefill`]: dropped
     /// when the phase ends, which tells the registry the worker's queue has room again.
     context_job: Option<ContextJob>,
+    /// The prompt's blocks counted against the generation worker's load, until this ends.
+    _generate_blocks: GenerationBlocks,
     subscriber: async_nats::Subscriber,
     /// Messages read while waiting for `Accepted` that belong to the stream proper.
     pending: VecDeque<StreamMessage>,
@@ -227,7 +229,11 @@ impl Generation {
                 .registry
                 .route_local(1, LocalPrefill::PromptLogprobs, Instant::now())
         } else {
-            dispatch.registry.route(&job.prompt_ids, Instant::now())
+            dispatch.registry.route_salted(
+                &job.prompt_ids,
+                job.cache_salt.as_deref(),
+                Instant::now(),
+            )
         };
         let route = route.map_err(|no_route| {
             let err = no_route_error(no_route);
@@ -294,6 +300,11 @@ impl Generation {
             Ok(subscriber) => subscriber,
             Err(err) => return Err(fail(err, record)),
         };
+        let generate_blocks = GenerationBlocks::new(
+            Arc::clone(dispatch.registry),
+            route.generate_id.clone(),
+            route.generate_blocks,
+        );
         let context_job = match &route.prefill {
             Prefill::Remote { context_id } => Some(ContextJob::new(
                 Arc::clone(dispatch.registry),
@@ -332,6 +343,7 @@ impl Generation {
             refused: Vec::new(),
             phase,
             context_job,
+            _generate_blocks: generate_blocks,
             subscriber,
             pending: VecDeque::new(),
             cancel,

@@ -44,6 +44,34 @@ impl Drop for ContextJob {
     }
 }
 
+/// The KV blocks of a request's prompt counted against its generation worker's load (the
+/// `kv_aware` policy's) since the worker's last heartbeat: dropping it, as the request ends,
+/// counts them off, so that requests that finished between two heartbeats stop weighing on
+/// the worker.
+pub struct GenerationBlocks {
+    registry: Arc<WorkerRegistry>,
+    worker_id: String,
+    blocks: u64,
+}
+
+impl GenerationBlocks {
+    pub fn new(registry: Arc<WorkerRegistry>, worker_id: String, blocks: u64) -> Self {
+        GenerationBlocks {
+            registry,
+            worker_id,
+            blocks,
+        }
+    }
+}
+
+impl Drop for GenerationBlocks {
+    fn drop(&mut self) {
+        if self.blocks > 0 {
+            self.registry.generation_ended(&self.worker_id, self.blocks);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;

@@ -9,7 +9,10 @@
 //!   worker when it is answered.
 //! - `route.rs`: a request's [`Route`]: its generation worker, and whether a context worker
 //!   prefills its prompt.
-//! - `policy.rs`: round robin or least loaded among a pool's candidates, a cursor per pool.
+//! - `policy.rs`: round robin, least loaded or KV-aware among a pool's candidates, a cursor
+//!   per pool.
+//! - `prefix_index.rs`: what each worker holds in its prefix cache, from its KV events; a
+//!   prompt's block names as the workers name them.
 //!
 //! Least-loaded counts, besides the running and queued sequences of the last heartbeat, the
 //! jobs this api-server sent since that heartbeat: a burst of requests between two heartbeats
@@ -17,6 +20,7 @@
 
 mod context_job;
 mod policy;
+mod prefix_index;
 mod registry;
 mod route;
 #[cfg(test)]
@@ -28,8 +32,9 @@ use std::time::Duration;
 use tandem_protocol::config::RouterPolicy;
 
 pub use crate::outcomes::LiveCounts;
-pub use context_job::ContextJob;
-pub use registry::{STUCK_AFTER_TIMEOUTS, WorkerRegistry};
+pub use context_job::{ContextJob, GenerationBlocks};
+pub use prefix_index::Source as PrefixSource;
+pub use registry::{OVERLAP_WEIGHT, STUCK_AFTER_TIMEOUTS, WorkerRegistry};
 pub use route::{LocalPrefill, NoRoute, Prefill, Route};
 pub use worker::WorkerStatus;
 

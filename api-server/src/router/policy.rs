@@ -26,6 +26,10 @@ impl Policy {
         }
     }
 
+    pub(super) fn kind(&self) -> RouterPolicy {
+        self.kind
+    }
+
     /// Chooses one of `candidates` (worker ids with their loads, at least one) for a job of
     /// `pool`, and moves the pool's cursor on.
     pub(super) fn choose(&mut self, pool: Pool, mut candidates: Vec<(&String, u64)>) -> String {
@@ -35,7 +39,10 @@ impl Policy {
         let start = *cursor % candidates.len();
         let chosen = match self.kind {
             RouterPolicy::RoundRobin => candidates[start].0,
-            RouterPolicy::LeastLoaded => candidates[start..]
+            // Loads for least loaded, costs in KV blocks for KV-aware: the lowest wins, ties
+            // going to the next in turn (deterministic for one router; routers' cursors
+            // differ, so several routers do not all pick the same worker on a tie).
+            RouterPolicy::LeastLoaded | RouterPolicy::KvAware => candidates[start..]
                 .iter()
                 .chain(&candidates[..start])
                 .min_by_key(|(_, load)| *load)

@@ -24,10 +24,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use tandem_protocol::messages::{Heartbeat, WorkerRole};
+use tandem_protocol::config::RouterPolicy;
+use tandem_protocol::messages::{Heartbeat, KvEvents, KvSnapshot, WorkerRole};
 
 use super::RouterSettings;
 use super::policy::Policy;
+use super::prefix_index::{PrefixIndex, PromptBlocks, Source};
 use super::worker::{Pool, WorkerEntry, WorkerStatus};
 use crate::metrics::{Event, Metrics};
 use crate::outcomes::LiveCounts;
@@ -40,6 +42,31 @@ pub const STUCK_AFTER_TIMEOUTS: u32 = 3;
 pub(super) struct Inner {
     pub(super) workers: HashMap<String, WorkerEntry>,
     policy: Policy,
+    /// What each worker holds in its prefix cache.
+    pub(super) prefix: PrefixIndex,
+}
+
+/// Weight of a prompt block a worker would have to compute, against a block its running work
+/// holds, in the `kv_aware` cost.
+pub const OVERLAP_WEIGHT: u64 = 1;
+
+/// The `kv_aware` policy's cost of sending `prompt` to worker `id` (entry `w`), in KV blocks:
+/// [`OVERLAP_WEIGHT`] x the prompt's blocks it does not hold cached (what its prefill would
+/// compute), plus the blocks its work holds (its last heartbeat's used blocks and the blocks
+/// of the prompts sent to it since). The load term is always there, so one hot prefix cannot
+/// pile every request onto the worker that holds it: once its blocks in use outweigh the
+/// prefill saved, others get the next requests.
+fn kv_cost(index: &PrefixIndex, id: &str, w: &WorkerEntry, prompt: &mut PromptBlocks<'_>) -> u64 {
+    let (prompt_blocks, held) = match index.info(id) {
+        Some(info) => {
+            let block_size = info.block_size.max(1) as usize;
+            let prompt_blocks = prompt.len().div_ceil(block_size) as u64;
+            (prompt_blocks, index.overlap(id, prompt.names(info)) as u64)
+        }
+        // A worker that caches nothing: its blocks are the CPU default's 16 tokens.
+        None => (prompt.len().div_ceil(16) as u64, 0),
+    };
+    OVERLAP_WEIGHT * (prompt_blocks - held.min(prompt_blocks)) + w.active_blocks()
 }
 
 pub struct WorkerRegistry {
@@ -72,6 +99,7 @@ impl WorkerRegistry {
             inner: Mutex::new(Inner {
                 workers: HashMap::new(),
                 policy: Policy::new(settings.policy),
+                prefix: PrefixIndex::default(),
             }),
             settings,
             metrics,
@@ -86,10 +114,14 @@ impl WorkerRegistry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Records a heartbeat.
-    pub fn observe(&self, heartbeat: Heartbeat, now: Instant) {
+    /// Records a heartbeat; returns whether the worker's view of its prefix cache needs a
+    /// snapshot (the caller fetches it: [`Self::kv_snapshot`]).
+    pub fn observe(&self, heartbeat: Heartbeat, now: Instant) -> bool {
         self.metrics.record(Event::Heartbeat(&heartbeat));
         let mut inner = self.lock();
+        let resync = inner
+            .prefix
+            .heartbeat(&heartbeat.worker_id, heartbeat.prefix_cache.as_ref());
         if !inner.workers.contains_key(&heartbeat.worker_id) {
             tracing::info!(worker_id = %heartbeat.worker_id, role = heartbeat.role.as_str(),
                 device = %heartbeat.device, "worker joined");
@@ -124,6 +156,7 @@ impl WorkerRegistry {
             WorkerEntry::new(heartbeat, now, progressed_at, stuck),
         );
         self.metrics.record(Event::LiveWorkers(counts_of(&inner)));
+        resync
     }
 
     /// Drops workers whose heartbeat is older than the timeout; returns their ids.
@@ -137,6 +170,7 @@ impl WorkerRegistry {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &gone {
+            inner.prefix.forget(id);
             if let Some(entry) = inner.workers.remove(id) {
                 tracing::warn!(worker_id = %id, "worker left (no heartbeat within {} ms)", timeout.as_millis());
                 self.metrics.record(Event::WorkerLeft {
@@ -160,6 +194,15 @@ impl WorkerRegistry {
         Some(entry.heartbeat.role)
     }
 
+    /// A request generated on `worker_id` ended: its prompt's `blocks` no longer count
+    /// against the worker (those sent since its last heartbeat; the next heartbeat counts
+    /// what it really holds).
+    pub(super) fn generation_ended(&self, worker_id: &str, blocks: u64) {
+        if let Some(entry) = self.lock().workers.get_mut(worker_id) {
+            entry.count_ended_blocks(blocks);
+        }
+    }
+
     /// Records that context worker `worker_id` answered a prefill job this api-server sent it
     /// (or that the job was given up): the job left its queue, which has room again.
     pub(super) fn prefill_answered(&self, worker_id: &str) {
@@ -178,6 +221,19 @@ impl WorkerRegistry {
         exclude: &[String],
         now: Instant,
     ) -> Pick {
+        self.pick_for(inner, pool, exclude, now, None)
+    }
+
+    /// [`Self::pick`] for a job whose prompt is `prompt`: the `kv_aware` policy weighs what
+    /// each candidate holds of it ([`kv_cost`]); the others ignore it.
+    pub(super) fn pick_for(
+        &self,
+        inner: &mut Inner,
+        pool: Pool,
+        exclude: &[String],
+        now: Instant,
+        mut prompt: Option<&mut PromptBlocks<'_>>,
+    ) -> Pick {
         let timeout = self.settings.worker_timeout;
         let live: Vec<(&String, &WorkerEntry)> = inner
             .workers
@@ -188,10 +244,17 @@ impl WorkerRegistry {
                     && !exclude.contains(id)
             })
             .collect();
+        let kv_aware = inner.policy.kind() == RouterPolicy::KvAware;
         let candidates: Vec<(&String, u64)> = live
             .iter()
             .filter(|(_, w)| !w.is_full())
-            .map(|(id, w)| (*id, w.load()))
+            .map(|(id, w)| {
+                let weight = match prompt.as_deref_mut() {
+                    Some(prompt) if kv_aware => kv_cost(&inner.prefix, id, w, prompt),
+                    _ => w.load(),
+                };
+                (*id, weight)
+            })
             .collect();
         if candidates.is_empty() {
             return if live.is_empty() {
@@ -201,10 +264,67 @@ impl WorkerRegistry {
             };
         }
         let chosen = inner.policy.choose(pool, candidates);
+        let sent_blocks = match (prompt, inner.prefix.info(&chosen).cloned()) {
+            (Some(prompt), Some(info)) => {
+                let names = prompt.names(&info).to_vec();
+                inner.prefix.sent(&chosen, &names);
+                prompt.len().div_ceil(info.block_size.max(1) as usize) as u64
+            }
+            _ => 0,
+        };
         if let Some(entry) = inner.workers.get_mut(&chosen) {
             entry.count_assigned(1);
+            entry.count_assigned_blocks(sent_blocks);
         }
         Pick::Chosen(chosen)
+    }
+
+    /// How the registry routes (an [`Inner`]'s policy).
+    pub(super) fn policy_kind_of(inner: &Inner) -> RouterPolicy {
+        inner.policy.kind()
+    }
+
+    /// The prompt tokens `worker_id` holds cached of `prompt`, as this api-server knows.
+    pub(super) fn cached_tokens(
+        &self,
+        inner: &Inner,
+        worker_id: &str,
+        prompt: &mut PromptBlocks<'_>,
+    ) -> usize {
+        let Some(info) = inner.prefix.info(worker_id) else {
+            return 0;
+        };
+        let block_size = info.block_size as usize;
+        let held = inner.prefix.overlap(worker_id, prompt.names(info));
+        held * block_size
+    }
+
+    /// A batch of a worker's KV events. Returns whether the worker's view needs a snapshot
+    /// (the caller fetches it: [`Self::kv_snapshot`]).
+    pub fn kv_events(&self, batch: KvEvents) -> bool {
+        self.lock().prefix.events(batch)
+    }
+
+    /// A worker's snapshot, all its pages put together (`None`: it could not be had).
+    pub fn kv_snapshot(&self, worker_id: &str, snapshot: Option<KvSnapshot>) {
+        let mut inner = self.lock();
+        match snapshot {
+            Some(snapshot) => inner.prefix.snapshot(snapshot),
+            None => inner.prefix.snapshot_failed(worker_id),
+        }
+    }
+
+    /// Where each worker's view of its prefix cache comes from (`events` or `sent`), for
+    /// /metrics.
+    pub fn prefix_sources(&self) -> Vec<(String, Source)> {
+        let inner = self.lock();
+        let mut sources: Vec<(String, Source)> = inner
+            .workers
+            .keys()
+            .filter_map(|id| Some((id.clone(), inner.prefix.source(id)?)))
+            .collect();
+        sources.sort_by(|a, b| a.0.cmp(&b.0));
+        sources
     }
 
     /// Whether `worker_id` has a recent heartbeat (a request it holds can still finish).

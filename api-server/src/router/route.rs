@@ -13,6 +13,9 @@ use std::time::Instant;
 
 use tandem_protocol::messages::{KvPeer, WorkerRole};
 
+use tandem_protocol::config::RouterPolicy;
+
+use super::prefix_index::PromptBlocks;
 use super::registry::{Inner, Pick, WorkerRegistry};
 use super::worker::Pool;
 
@@ -34,6 +37,9 @@ pub enum LocalPrefill {
     NoContextWorker,
     /// Every live context worker's queue is full.
     ContextFull,
+    /// The generation worker holds the prompt cached but for fewer than
+    /// `max_local_prefill_length` tokens (`kv_aware` policy).
+    MostlyCached,
     /// A request with `n` > 1: its choices run on one generation worker, which prefills the
     /// prompt once for all of them ([`WorkerRegistry::route_samples`]).
     Samples,
@@ -61,6 +67,9 @@ pub struct Route {
     /// How that worker reads K/V (its last heartbeat's), for the context worker's export.
     pub generate_kv_peer: Option<KvPeer>,
     pub prefill: Prefill,
+    /// The prompt's KV blocks counted against the generation worker's load until the request
+    /// ends ([`super::GenerationBlocks`]).
+    pub generate_blocks: u64,
 }
 
 impl WorkerRegistry {
@@ -68,24 +77,57 @@ impl WorkerRegistry {
     /// against them; [`NoRoute`] when no live worker with room in its queue takes generation
     /// jobs.
     pub fn route(&self, prompt_ids: &[u32], now: Instant) -> Result<Route, NoRoute> {
+        self.route_salted(prompt_ids, None, now)
+    }
+
+    /// [`Self::route`] for a prompt cached under `cache_salt` (the job's): the `kv_aware`
+    /// policy names its blocks as the workers do, and then measures a prompt against
+    /// `max_local_prefill_length` by the tokens the generation worker does not hold cached
+    /// (TensorRT-LLM's rule for conditional disaggregation).
+    pub fn route_salted(
+        &self,
+        prompt_ids: &[u32],
+        cache_salt: Option<&str>,
+        now: Instant,
+    ) -> Result<Route, NoRoute> {
         let mut inner = self.lock();
-        let generate_id = self.pick_generation(&mut inner, now)?;
+        let mut prompt = PromptBlocks::new(prompt_ids, cache_salt);
+        let generate_id =
+            match self.pick_for(&mut inner, Pool::Generate, &[], now, Some(&mut prompt)) {
+                Pick::Chosen(id) => id,
+                Pick::AllFull => return Err(NoRoute::AllFull),
+                Pick::NoneLive => return Err(NoRoute::NoLiveWorker),
+            };
         let generate_role = inner.workers[&generate_id].heartbeat.role;
         let generate_kv_peer = inner.workers[&generate_id].heartbeat.kv_peer.clone();
+        let uncached = if WorkerRegistry::policy_kind_of(&inner) == RouterPolicy::KvAware {
+            prompt_ids.len()
+                - self
+                    .cached_tokens(&inner, &generate_id, &mut prompt)
+                    .min(prompt_ids.len())
+        } else {
+            prompt_ids.len()
+        };
         let prefill = if prompt_ids.len() < self.settings.max_local_prefill_length {
             Prefill::Local(LocalPrefill::ShortPrompt)
+        } else if uncached < self.settings.max_local_prefill_length {
+            Prefill::Local(LocalPrefill::MostlyCached)
         } else {
-            match self.pick_context(&mut inner, prompt_ids, &[], now) {
+            match self.pick_for(&mut inner, Pool::Context, &[], now, Some(&mut prompt)) {
                 Pick::Chosen(context_id) => Prefill::Remote { context_id },
                 Pick::AllFull => Prefill::Local(LocalPrefill::ContextFull),
                 Pick::NoneLive => Prefill::Local(LocalPrefill::NoContextWorker),
             }
         };
+        let generate_blocks = inner.prefix.info(&generate_id).map_or(0, |info| {
+            prompt_ids.len().div_ceil(info.block_size.max(1) as usize) as u64
+        });
         Ok(Route {
             generate_id,
             generate_role,
             generate_kv_peer,
             prefill,
+            generate_blocks,
         })
     }
 
@@ -113,6 +155,7 @@ impl WorkerRegistry {
             generate_role: entry.heartbeat.role,
             generate_kv_peer: entry.heartbeat.kv_peer.clone(),
             prefill: Prefill::Local(why),
+            generate_blocks: 0,
         })
     }
 
@@ -328,5 +371,143 @@ mod tests {
         let route = registry.route(&prompt(100), now).unwrap();
         assert_eq!(route.prefill, Prefill::Local(LocalPrefill::NoContextWorker));
         assert_eq!(FallbackReason::of_route(&route), None);
+    }
+}
+
+#[cfg(test)]
+mod kv_aware_tests {
+    use std::time::Instant;
+
+    use tandem_protocol::block_hash::{BlockHash, BlockHashes};
+    use tandem_protocol::config::RouterPolicy;
+    use tandem_protocol::messages::{Heartbeat, KvEvent, KvEvents, PrefixCacheInfo, WorkerRole};
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::router::testing::{heartbeat, settings};
+
+    const BLOCK: u32 = 16;
+
+    /// A `both` worker caching prompts in 16-token blocks, `used` of its 1,000 blocks in use.
+    fn caching(id: &str, used: u32) -> Heartbeat {
+        Heartbeat {
+            free_kv_blocks: 1000 - used,
+            total_kv_blocks: 1000,
+            prefix_cache: Some(PrefixCacheInfo {
+                block_size: BLOCK,
+                namespace: "fp".into(),
+                events_epoch: "e".into(),
+                events_seq: 0,
+                queried_tokens: 0,
+                hit_tokens: 0,
+                evicted_blocks: 0,
+            }),
+            ..heartbeat(id, WorkerRole::Both, 0, 0)
+        }
+    }
+
+    /// The worker's events say it stored `prompt`'s full blocks (batch `seq`).
+    fn stores(registry: &WorkerRegistry, id: &str, seq: u64, prompt: &[u32]) {
+        let names = BlockHashes::new(BlockHash::root("fp", None), BLOCK as usize, prompt)
+            .full()
+            .iter()
+            .map(BlockHash::short)
+            .collect();
+        let needs_snapshot = registry.kv_events(KvEvents {
+            worker_id: id.into(),
+            epoch: "e".into(),
+            seq,
+            events: vec![KvEvent::Stored { blocks: names }],
+        });
+        assert!(!needs_snapshot);
+    }
+
+    fn conversation(seed: u32, tokens: usize) -> Vec<u32> {
+        (0..tokens as u32)
+            .map(|i| (seed * 7919 + i * 31) % 50_000)
+            .collect()
+    }
+
+    #[test]
+    fn a_follow_up_turn_goes_to_the_worker_that_holds_the_conversation() {
+        let now = Instant::now();
+        let registry = WorkerRegistry::new(settings(RouterPolicy::KvAware, 0), Metrics::new());
+        for id in ["a", "b", "c"] {
+            registry.observe(caching(id, 100), now);
+        }
+        let first_turn = conversation(1, 640);
+        stores(&registry, "b", 1, &first_turn);
+        let mut second_turn = first_turn.clone();
+        second_turn.extend(conversation(2, 64));
+        let route = registry.route(&second_turn, now).unwrap();
+        assert_eq!(route.generate_id, "b");
+        // Unrelated prompts spread over the workers by load (each pick counts its blocks).
+        let picks: Vec<String> = (10..20)
+            .map(|seed| {
+                registry
+                    .route(&conversation(seed, 320), now)
+                    .unwrap()
+                    .generate_id
+            })
+            .collect();
+        for id in ["a", "b", "c"] {
+            assert!(picks.iter().any(|p| p == id), "{id} got nothing: {picks:?}");
+        }
+    }
+
+    #[test]
+    fn one_hot_prefix_under_load_still_spreads_over_every_worker() {
+        let now = Instant::now();
+        let registry = WorkerRegistry::new(settings(RouterPolicy::KvAware, 0), Metrics::new());
+        for id in ["a", "b", "c"] {
+            registry.observe(caching(id, 0), now);
+        }
+        let system_prompt = conversation(3, 2048);
+        stores(&registry, "a", 1, &system_prompt);
+        let mut picks = Vec::new();
+        for question in 0..30 {
+            let mut prompt = system_prompt.clone();
+            prompt.extend(conversation(100 + question, 128));
+            picks.push(registry.route(&prompt, now).unwrap().generate_id);
+        }
+        assert_eq!(picks[0], "a", "the first goes where the prefix is");
+        for id in ["a", "b", "c"] {
+            assert!(picks.iter().any(|p| p == id), "{id} got nothing: {picks:?}");
+        }
+        // Workers whose events have not arrived are weighed by what this router sent them:
+        // b and c now take the hot prefix too.
+        let late = &picks[picks.len() - 6..];
+        assert!(late.iter().any(|p| p != "a"), "{picks:?}");
+    }
+
+    #[test]
+    fn a_mostly_cached_prompt_is_prefilled_by_its_generation_worker() {
+        let now = Instant::now();
+        let registry = WorkerRegistry::new(settings(RouterPolicy::KvAware, 256), Metrics::new());
+        registry.observe(
+            Heartbeat {
+                role: WorkerRole::Decode,
+                ..caching("dec", 0)
+            },
+            now,
+        );
+        registry.observe(heartbeat("ctx", WorkerRole::Context, 0, 0), now);
+        let history = conversation(4, 2000);
+        stores(&registry, "dec", 1, &history);
+        let mut next_turn = history.clone();
+        next_turn.extend(conversation(5, 100));
+        let route = registry.route(&next_turn, now).unwrap();
+        assert_eq!(route.prefill, Prefill::Local(LocalPrefill::MostlyCached));
+        // A new conversation of the same length goes to the context worker.
+        let route = registry.route(&conversation(6, 2100), now).unwrap();
+        assert_eq!(
+            route.prefill,
+            Prefill::Remote {
+                context_id: "ctx".into()
+            }
+        );
+        // The same turn under another salt finds nothing cached.
+        let route = registry.route_salted(&next_turn, Some("t"), now).unwrap();
+        assert!(matches!(route.prefill, Prefill::Remote { .. }));
     }
 }

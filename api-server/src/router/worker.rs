@@ -52,6 +52,8 @@ pub(super) struct WorkerEntry {
     /// against it are its heartbeat's plus those assigned since, less these
     /// ([`super::context_job::ContextJob`]).
     answered_since_heartbeat: u32,
+    /// KV blocks of the prompts sent to it since its last heartbeat (the `kv_aware` load).
+    blocks_assigned_since_heartbeat: u64,
     /// It refused a job since its last heartbeat (its queue is full).
     refused_since_heartbeat: bool,
 }
@@ -70,6 +72,7 @@ impl WorkerEntry {
             progressed_at,
             stuck,
             assigned_since_heartbeat: 0,
+            blocks_assigned_since_heartbeat: 0,
             answered_since_heartbeat: 0,
             refused_since_heartbeat: false,
         }
@@ -78,6 +81,27 @@ impl WorkerEntry {
     /// Counts `jobs` more sent to it.
     pub(super) fn count_assigned(&mut self, jobs: u32) {
         self.assigned_since_heartbeat += jobs;
+    }
+
+    /// Counts the KV blocks of the prompts sent to it since its last heartbeat.
+    pub(super) fn count_assigned_blocks(&mut self, blocks: u64) {
+        self.blocks_assigned_since_heartbeat += blocks;
+    }
+
+    /// Counts off the blocks of a request that ended.
+    pub(super) fn count_ended_blocks(&mut self, blocks: u64) {
+        self.blocks_assigned_since_heartbeat =
+            self.blocks_assigned_since_heartbeat.saturating_sub(blocks);
+    }
+
+    /// The KV blocks its work holds as far as this api-server knows: those in use at its last
+    /// heartbeat, and those of the prompts sent to it since.
+    pub(super) fn active_blocks(&self) -> u64 {
+        u64::from(
+            self.heartbeat
+                .total_kv_blocks
+                .saturating_sub(self.heartbeat.free_kv_blocks),
+        ) + self.blocks_assigned_since_heartbeat
     }
 
     /// Counts a prefill job it answered (or that was given up): the job left its queue, which

@@ -297,6 +297,7 @@ fn router_policy_name(policy: RouterPolicy) -> &'static str {
     match policy {
         RouterPolicy::RoundRobin => "round-robin",
         RouterPolicy::LeastLoaded => "least-loaded",
+        RouterPolicy::KvAware => "kv-aware",
     }
 }
 
