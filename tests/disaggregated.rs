@@ -414,10 +414,13 @@ fn a_client_gone_before_its_first_token_stops_its_prefill() {
     let first_text = first_text.expect("the stream had text");
     assert_ttft_split_once(&http.get("/metrics").body, first_text);
 
-    // The same request, abandoned after 200 ms (before its first token).
+    // The same request, abandoned after 200 ms (before its first token). Under another
+    // cache_salt it finds nothing of the first one's prompt cached: its prefill is as long.
     let base = d.api.http.base.trim_start_matches("http://").to_owned();
     let mut socket = std::net::TcpStream::connect(&base).unwrap();
-    let body = long.to_string();
+    let mut abandoned = long.clone();
+    abandoned["cache_salt"] = json!("abandoned");
+    let body = abandoned.to_string();
     use std::io::Write;
     write!(
         socket,
