@@ -74,14 +74,14 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
         in_flight: InFlight::default(),
         queue: QueueBound::new(settings.max_queued),
         stream_delay: settings.test_hooks.stream_delay,
-        prefix_cache: settings.prefix_caching.then(|| {
-            PrefixCacheBus::new(
-                settings.layout.block_size,
-                settings.model_fingerprint.clone(),
-            )
-        }),
     });
-    if let (Some(cache), Some(events)) = (&worker.prefix_cache, worker.engine.take_kv_events()) {
+    let prefix_cache = settings.prefix_caching.then(|| {
+        PrefixCacheBus::new(
+            settings.layout.block_size,
+            settings.model_fingerprint.clone(),
+        )
+    });
+    if let (Some(cache), Some(events)) = (&prefix_cache, worker.engine.take_kv_events()) {
         tokio::spawn(cache.clone().publish_events(Arc::clone(&worker), events));
         tokio::spawn(cache.clone().answer_snapshots(Arc::clone(&worker)));
     }
@@ -89,11 +89,11 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
     match settings.role {
         WorkerRole::Context => {
             let role = ContextRole::new(Arc::clone(&worker), &settings);
-            serve_role(&settings, worker, Arc::new(role)).await
+            serve_role(&settings, worker, Arc::new(role), prefix_cache.as_ref()).await
         }
         WorkerRole::Both | WorkerRole::Decode => {
             let role = GenerationRole::new(Arc::clone(&worker), &settings);
-            serve_role(&settings, worker, Arc::new(role)).await
+            serve_role(&settings, worker, Arc::new(role), prefix_cache.as_ref()).await
         }
     }
 }
@@ -128,6 +128,7 @@ async fn serve_role<R: Role>(
     settings: &BusSettings,
     worker: Arc<Worker>,
     role: Arc<R>,
+    prefix_cache: Option<&PrefixCacheBus>,
 ) -> Result<(), BusError> {
     let client = &worker.client;
     let jobs = role.job_subjects();
@@ -143,7 +144,7 @@ async fn serve_role<R: Role>(
     let mut sigterm = signal(SignalKind::terminate()).map_err(BusError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(BusError::Signal)?;
 
-    publish_heartbeat(&worker, &*role, false).await;
+    publish_heartbeat(&worker, &*role, prefix_cache, false).await;
     tracing::info!(
         worker_id = settings.worker_id,
         nats = settings.nats_url,
@@ -170,10 +171,10 @@ async fn serve_role<R: Role>(
                     if let Some(subscriber) = queue_jobs.take() {
                         unsubscribe(subscriber).await;
                     }
-                    publish_heartbeat(&worker, &*role, true).await;
+                    publish_heartbeat(&worker, &*role, prefix_cache, true).await;
                     break;
                 }
-                publish_heartbeat(&worker, &*role, drain_started.is_some()).await;
+                publish_heartbeat(&worker, &*role, prefix_cache, drain_started.is_some()).await;
                 if let Some(since) = drain_started {
                     let in_flight = worker.in_flight.len() + role.held();
                     if in_flight == 0 && since.elapsed() >= settings.heartbeat {
@@ -196,7 +197,7 @@ async fn serve_role<R: Role>(
                 if let Some(subscriber) = queue_jobs.take() {
                     unsubscribe(subscriber).await;
                 }
-                publish_heartbeat(&worker, &*role, true).await;
+                publish_heartbeat(&worker, &*role, prefix_cache, true).await;
             }
         }
     }
@@ -240,12 +241,18 @@ async fn cancel<R: Role>(worker: &Worker, role: &Arc<R>, payload: &[u8]) {
     }
 }
 
-async fn publish_heartbeat<R: Role>(worker: &Worker, role: &R, draining: bool) {
+async fn publish_heartbeat<R: Role>(
+    worker: &Worker,
+    role: &R,
+    prefix_cache: Option<&PrefixCacheBus>,
+    draining: bool,
+) {
     let load = RoleLoad {
         queued: role.queued(),
         kv_transfer: role.kv_transfer(),
         kv_peer: role.kv_peer(),
         kv_pull: role.kv_pull(),
+        prefix_cache: prefix_cache.map(|cache| cache.info(worker)),
     };
     worker.publish_heartbeat(draining, load).await;
 }

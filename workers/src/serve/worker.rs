@@ -107,6 +107,8 @@ pub(super) struct RoleLoad {
     pub kv_transfer: Option<KvTransferStats>,
     pub kv_peer: Option<KvPeer>,
     pub kv_pull: Option<KvPullStats>,
+    /// The prefix cache as routers see it, when the engine caches prompts.
+    pub prefix_cache: Option<messages::PrefixCacheInfo>,
 }
 
 /// The shared part of a worker, whatever its role.
@@ -124,8 +126,6 @@ pub(super) struct Worker {
     /// A bus test's wait per batch of a stream's events
     /// ([`super::test_hooks::TestHooks::stream_delay`]); `None` in production.
     pub stream_delay: Option<Duration>,
-    /// The prefix cache's KV events and heartbeat part, when the engine caches prompts.
-    pub prefix_cache: Option<super::kv_events::PrefixCacheBus>,
 }
 
 /// The requests this worker has handed to its engine: bus request id -> engine request id.
@@ -388,7 +388,7 @@ impl Worker {
                     preemptions: progress.preemptions,
                 }
             }),
-            prefix_cache: self.prefix_cache.as_ref().map(|cache| cache.info(self)),
+            prefix_cache: role.prefix_cache,
         };
         let subject = self.subjects.heartbeat(identity.role, &identity.worker_id);
         publish_bounded(
