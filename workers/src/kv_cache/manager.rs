@@ -14,7 +14,7 @@
 //!
 //! # Prefix caching
 //! With caching on ([`KvCacheManager::with_prefix_caching`]), every full block whose K/V are
-//! computed gets a name ([`super::prefix`]: a hash chained over the tokens of the sequence up to
+//! computed gets a name ([`tandem_protocol::block_hash`]: a hash chained over the tokens of the sequence up to
 //! it, under a root that covers the model and the request's salt) once the scheduler says so
 //! ([`KvCacheManager::commit_computed`]). A named block whose last holder lets it go is not
 //! returned to the pool but kept, *evictable*: it still counts as free (so admission and
