@@ -169,6 +169,24 @@ pub enum Event<'a> {
     /// A chat reply with tools was parsed: `parsed` calls, and `malformed` pieces of call
     /// markup that did not parse (returned as content).
     ToolCalls { parsed: u32, malformed: u32 },
+    /// A worker of `pool` was chosen for a prompt of `prompt_blocks` KV blocks, of which it
+    /// holds the first `cached_blocks` in its prefix cache as this api-server knows.
+    Routed {
+        pool: JobPool,
+        cached_blocks: u64,
+        prompt_blocks: u64,
+    },
+    /// Where this api-server's view of a worker's prefix cache stands after its heartbeat:
+    /// followed through its events (`synced`) or guessed from what was sent there, and how
+    /// many of its event batches the view has not applied yet.
+    PrefixView {
+        worker_id: &'a str,
+        synced: bool,
+        lag_batches: u64,
+    },
+    /// The view of a worker's prefix cache lost track (a gap in its events, a new epoch, a
+    /// lost last batch) and a snapshot is asked for.
+    PrefixResync { worker_id: &'a str },
 }
 
 #[derive(Clone)]
@@ -229,6 +247,12 @@ pub struct Metrics {
     prefix_hit_tokens: IntCounterVec,
     prefix_evicted_blocks: IntCounterVec,
     prefix_events_published: IntGaugeVec,
+    /// Per routing decision (`pool`): the share of the prompt the chosen worker holds cached.
+    routed_cached_ratio: HistogramVec,
+    /// Per worker: this api-server's view of its prefix cache.
+    prefix_view_synced: IntGaugeVec,
+    prefix_view_lag: IntGaugeVec,
+    prefix_view_resyncs: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -468,6 +492,34 @@ impl Metrics {
             "tandem_prefix_cache_evicted_blocks_total",
             "Cached KV blocks a worker evicted to make room (since its start)",
         );
+        let routed_cached_ratio = HistogramVec::new(
+            HistogramOpts::new(
+                "tandem_router_cached_prompt_ratio",
+                "Per routing decision with a known prefix cache: the share of the prompt's KV \
+                 blocks the chosen worker holds cached, as this api-server knows from its KV \
+                 events (pool: generation or context)",
+            )
+            .buckets(vec![0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0]),
+            &["pool"],
+        )
+        .expect("metric options are static and valid");
+        let prefix_view_synced = context_gauge(
+            "tandem_prefix_view_synced",
+            "1 while this api-server's view of a worker's prefix cache is built from its KV \
+             events (after a gap, until the snapshot comes, it is the view before the gap: see \
+             tandem_prefix_view_lag_batches), 0 while it is guessed from the prompts sent \
+             there (no events followed yet, or no snapshot could be had)",
+        );
+        let prefix_view_lag = context_gauge(
+            "tandem_prefix_view_lag_batches",
+            "KV event batches a worker published (its last heartbeat) that this api-server's view \
+             has not applied yet",
+        );
+        let prefix_view_resyncs = context_counter(
+            "tandem_prefix_view_resyncs_total",
+            "Snapshots of a worker's prefix cache this api-server asked for because its view \
+             lost track (a gap in the events, a restart, a lost last batch)",
+        );
         let prefix_events_published = context_gauge(
             "tandem_prefix_cache_event_batches",
             "KV event batches a worker with a prefix cache published in its current epoch \
@@ -513,6 +565,10 @@ impl Metrics {
             prefix_hit_tokens,
             prefix_evicted_blocks,
             prefix_events_published,
+            routed_cached_ratio,
+            prefix_view_synced,
+            prefix_view_lag,
+            prefix_view_resyncs,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
@@ -552,6 +608,10 @@ impl Metrics {
             Box::new(metrics.prefix_hit_tokens.clone()),
             Box::new(metrics.prefix_evicted_blocks.clone()),
             Box::new(metrics.prefix_events_published.clone()),
+            Box::new(metrics.routed_cached_ratio.clone()),
+            Box::new(metrics.prefix_view_synced.clone()),
+            Box::new(metrics.prefix_view_lag.clone()),
+            Box::new(metrics.prefix_view_resyncs.clone()),
         ];
         for collector in collectors {
             metrics
@@ -590,6 +650,7 @@ impl Metrics {
         }
         for pool in JobPool::ALL {
             metrics.jobs_rejected.with_label_values(&[pool.label()]);
+            metrics.routed_cached_ratio.with_label_values(&[pool.label()]);
         }
         for outcome in ["parsed", "malformed"] {
             metrics.tool_calls.with_label_values(&[outcome]);
@@ -661,6 +722,34 @@ impl Metrics {
                 self.tool_calls
                     .with_label_values(&["malformed"])
                     .inc_by(u64::from(malformed));
+            }
+            Event::Routed {
+                pool,
+                cached_blocks,
+                prompt_blocks,
+            } => {
+                if prompt_blocks > 0 {
+                    self.routed_cached_ratio
+                        .with_label_values(&[pool.label()])
+                        .observe(cached_blocks.min(prompt_blocks) as f64 / prompt_blocks as f64);
+                }
+            }
+            Event::PrefixView {
+                worker_id,
+                synced,
+                lag_batches,
+            } => {
+                self.prefix_view_synced
+                    .with_label_values(&[worker_id])
+                    .set(i64::from(synced));
+                self.prefix_view_lag
+                    .with_label_values(&[worker_id])
+                    .set(lag_batches as i64);
+            }
+            Event::PrefixResync { worker_id } => {
+                self.prefix_view_resyncs
+                    .with_label_values(&[worker_id])
+                    .inc();
             }
         }
     }
@@ -754,6 +843,8 @@ impl Metrics {
             &self.kv_pulls_in_flight,
             &self.kv_pull_peak_held_blocks,
             &self.prefix_events_published,
+            &self.prefix_view_synced,
+            &self.prefix_view_lag,
         ] {
             let _ = gauge.remove_label_values(&worker);
         }
@@ -768,6 +859,7 @@ impl Metrics {
             &self.prefix_queried_tokens,
             &self.prefix_hit_tokens,
             &self.prefix_evicted_blocks,
+            &self.prefix_view_resyncs,
         ] {
             let _ = counter.remove_label_values(&worker);
         }

@@ -188,6 +188,21 @@ impl PrefixIndex {
         self.workers.get(worker_id)?.info.as_ref()
     }
 
+    /// Whether `worker_id`'s view follows its events, and the batches its last heartbeat
+    /// said it published that the view has not applied (all of them while not synced).
+    pub fn lag(&self, worker_id: &str) -> Option<(Source, u64)> {
+        let view = self.workers.get(worker_id)?;
+        let published = view.info.as_ref()?;
+        let lag = match &view.synced {
+            Some((epoch, seq)) if *epoch == published.events_epoch => {
+                published.events_seq.saturating_sub(*seq)
+            }
+            _ => published.events_seq,
+        };
+        Some((view.source(), lag))
+    }
+
+    #[cfg(test)]
     pub fn source(&self, worker_id: &str) -> Option<Source> {
         self.workers.get(worker_id).map(WorkerView::source)
     }

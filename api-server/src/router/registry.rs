@@ -122,6 +122,7 @@ impl WorkerRegistry {
         let resync = inner
             .prefix
             .heartbeat(&heartbeat.worker_id, heartbeat.prefix_cache.as_ref());
+        self.record_prefix_view(&inner, &heartbeat.worker_id, resync);
         if !inner.workers.contains_key(&heartbeat.worker_id) {
             tracing::info!(worker_id = %heartbeat.worker_id, role = heartbeat.role.as_str(),
                 device = %heartbeat.device, "worker joined");
@@ -267,8 +268,14 @@ impl WorkerRegistry {
         let sent_blocks = match (prompt, inner.prefix.info(&chosen).cloned()) {
             (Some(prompt), Some(info)) => {
                 let names = prompt.names(&info).to_vec();
+                let prompt_blocks = prompt.len().div_ceil(info.block_size.max(1) as usize) as u64;
+                self.metrics.record(Event::Routed {
+                    pool: pool.job_pool(),
+                    cached_blocks: inner.prefix.overlap(&chosen, &names) as u64,
+                    prompt_blocks,
+                });
                 inner.prefix.sent(&chosen, &names);
-                prompt.len().div_ceil(info.block_size.max(1) as usize) as u64
+                prompt_blocks
             }
             _ => 0,
         };
@@ -302,7 +309,30 @@ impl WorkerRegistry {
     /// A batch of a worker's KV events. Returns whether the worker's view needs a snapshot
     /// (the caller fetches it: [`Self::kv_snapshot`]).
     pub fn kv_events(&self, batch: KvEvents) -> bool {
-        self.lock().prefix.events(batch)
+        let worker_id = batch.worker_id.clone();
+        let mut inner = self.lock();
+        let resync = inner.prefix.events(batch);
+        if resync {
+            self.metrics.record(Event::PrefixResync {
+                worker_id: &worker_id,
+            });
+        }
+        resync
+    }
+
+    /// Reports where the view of `worker_id`'s prefix cache stands (and a snapshot asked
+    /// for, `resync`) to the metrics.
+    fn record_prefix_view(&self, inner: &Inner, worker_id: &str, resync: bool) {
+        if resync {
+            self.metrics.record(Event::PrefixResync { worker_id });
+        }
+        if let Some((source, lag_batches)) = inner.prefix.lag(worker_id) {
+            self.metrics.record(Event::PrefixView {
+                worker_id,
+                synced: source == Source::Events,
+                lag_batches,
+            });
+        }
     }
 
     /// A worker's snapshot, all its pages put together (`None`: it could not be had).
@@ -312,19 +342,7 @@ impl WorkerRegistry {
             Some(snapshot) => inner.prefix.snapshot(snapshot),
             None => inner.prefix.snapshot_failed(worker_id),
         }
-    }
-
-    /// Where each worker's view of its prefix cache comes from (`events` or `sent`), for
-    /// /metrics.
-    pub fn prefix_sources(&self) -> Vec<(String, Source)> {
-        let inner = self.lock();
-        let mut sources: Vec<(String, Source)> = inner
-            .workers
-            .keys()
-            .filter_map(|id| Some((id.clone(), inner.prefix.source(id)?)))
-            .collect();
-        sources.sort_by(|a, b| a.0.cmp(&b.0));
-        sources
+        self.record_prefix_view(&inner, worker_id, false);
     }
 
     /// Whether `worker_id` has a recent heartbeat (a request it holds can still finish).
@@ -372,11 +390,71 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use tandem_protocol::config::RouterPolicy;
-    use tandem_protocol::messages::{KvTransferStats, WorkerRole};
+    use tandem_protocol::messages::{KvEvent, KvTransferStats, PrefixCacheInfo, WorkerRole};
 
     use super::*;
     use crate::router::NoRoute;
     use crate::router::testing::{heartbeat, prompt, registry, settings};
+
+    #[test]
+    fn the_metrics_say_where_each_prefix_view_stands_and_count_its_resyncs() {
+        let now = Instant::now();
+        let metrics = Metrics::new();
+        let registry = WorkerRegistry::new(settings(RouterPolicy::KvAware, 0), metrics.clone());
+        let beat = |seq| Heartbeat {
+            prefix_cache: Some(PrefixCacheInfo {
+                block_size: 16,
+                namespace: "fp".into(),
+                events_epoch: "e".into(),
+                events_seq: seq,
+                queried_tokens: 0,
+                hit_tokens: 0,
+                evicted_blocks: 0,
+            }),
+            ..heartbeat("w", WorkerRole::Both, 0, 0)
+        };
+        let has = |lines: &[&str]| {
+            let text = metrics.render();
+            for line in lines {
+                assert!(text.contains(line), "{line} missing from\n{text}");
+            }
+        };
+        // A router that starts after the worker published 3 batches asks for a snapshot.
+        assert!(registry.observe(beat(3), now));
+        has(&[
+            "tandem_prefix_view_synced{worker_id=\"w\"} 0",
+            "tandem_prefix_view_lag_batches{worker_id=\"w\"} 3",
+            "tandem_prefix_view_resyncs_total{worker_id=\"w\"} 1",
+        ]);
+        registry.kv_snapshot(
+            "w",
+            Some(KvSnapshot {
+                worker_id: "w".into(),
+                epoch: "e".into(),
+                seq: 3,
+                blocks: vec![1, 2],
+                next_offset: None,
+            }),
+        );
+        has(&[
+            "tandem_prefix_view_synced{worker_id=\"w\"} 1",
+            "tandem_prefix_view_lag_batches{worker_id=\"w\"} 0",
+        ]);
+        // Batch 4 lost: batch 5 is a gap.
+        let batch = KvEvents {
+            worker_id: "w".into(),
+            epoch: "e".into(),
+            seq: 5,
+            events: vec![KvEvent::Stored { blocks: vec![3] }],
+        };
+        assert!(registry.kv_events(batch));
+        assert!(!registry.observe(beat(5), now));
+        has(&[
+            "tandem_prefix_view_synced{worker_id=\"w\"} 1",
+            "tandem_prefix_view_lag_batches{worker_id=\"w\"} 2",
+            "tandem_prefix_view_resyncs_total{worker_id=\"w\"} 2",
+        ]);
+    }
 
     #[test]
     fn no_worker_no_pick_and_context_workers_do_not_generate() {

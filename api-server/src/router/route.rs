@@ -431,7 +431,8 @@ mod kv_aware_tests {
     #[test]
     fn a_follow_up_turn_goes_to_the_worker_that_holds_the_conversation() {
         let now = Instant::now();
-        let registry = WorkerRegistry::new(settings(RouterPolicy::KvAware, 0), Metrics::new());
+        let metrics = Metrics::new();
+        let registry = WorkerRegistry::new(settings(RouterPolicy::KvAware, 0), metrics.clone());
         for id in ["a", "b", "c"] {
             registry.observe(caching(id, 100), now);
         }
@@ -441,6 +442,15 @@ mod kv_aware_tests {
         second_turn.extend(conversation(2, 64));
         let route = registry.route(&second_turn, now).unwrap();
         assert_eq!(route.generate_id, "b");
+        // The decision's overlap: 40 of the prompt's 44 blocks, in the (0.9, 0.99] bucket.
+        let text = metrics.render();
+        for line in [
+            "tandem_router_cached_prompt_ratio_bucket{pool=\"generation\",le=\"0.9\"} 0",
+            "tandem_router_cached_prompt_ratio_bucket{pool=\"generation\",le=\"0.99\"} 1",
+            "tandem_router_cached_prompt_ratio_count{pool=\"generation\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
         // Unrelated prompts spread over the workers by load (each pick counts its blocks).
         let picks: Vec<String> = (10..20)
             .map(|seed| {

@@ -11,6 +11,8 @@ use std::time::Instant;
 
 use tandem_protocol::messages::{Heartbeat, WorkerRole};
 
+use crate::metrics::JobPool;
+
 /// The two kinds of jobs a worker can be chosen for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Pool {
@@ -18,6 +20,16 @@ pub(super) enum Pool {
     Generate = 0,
     /// Prefill jobs (`prefill` subjects): `context` workers.
     Context = 1,
+}
+
+impl Pool {
+    /// The pool as the metrics label it.
+    pub(super) fn job_pool(self) -> JobPool {
+        match self {
+            Pool::Generate => JobPool::Generation,
+            Pool::Context => JobPool::Context,
+        }
+    }
 }
 
 /// A worker as `/health` shows it.
