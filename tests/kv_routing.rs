@@ -3,7 +3,7 @@
 //! kv-aware`. Each turn of a conversation resends the history: it goes to the worker that
 //! holds it (the usage's cached tokens say so), while conversations spread over both workers.
 //! A restarted api-server rebuilds its view from the workers' snapshots and routes the next
-//! turns as well.
+//! turns as well; so does one that lost an event batch (a worker told to drop one).
 //!
 //! Needs `$TANDEM_TEST_MODELS/tiny` and the workspace binaries.
 
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tandem_test_kit::prometheus::sample;
-use tandem_test_kit::{ApiServer, Http, Nats, WorkerSpec, model_dir, start_worker};
+use tandem_test_kit::{ApiServer, Http, Nats, Proc, WorkerSpec, model_dir, start_worker};
 
 const SERVED: &str = "kv-routed";
 /// The CPU workers' KV block size.
@@ -118,4 +118,80 @@ fn turns_go_to_the_worker_holding_their_conversation_also_after_a_router_restart
         .unwrap_or(0.0);
         assert!(batches > 0.0, "{w} published no KV events");
     }
+}
+
+/// `name`'s sample in the api-server's /metrics (0 when absent).
+fn metric(http: &Http, name: &str) -> f64 {
+    sample(&http.get("/metrics").body, name).unwrap_or(0.0)
+}
+
+#[test]
+fn a_lost_event_batch_is_noticed_and_the_view_rebuilt_from_a_snapshot() {
+    let nats = Nats::start();
+    let model = model_dir("tiny");
+    let flags = ["--router-policy", "kv-aware", "--worker-timeout-ms", "3000"];
+    let api = ApiServer::start(&nats, &model, SERVED, &flags);
+    let spec = |id| WorkerSpec {
+        role: "both",
+        worker_id: id,
+        served_model_name: SERVED,
+        threads: 1,
+        heartbeat_ms: 200,
+        extra: &[],
+    };
+    // Batch 1 of the lossy worker's epoch is its `cleared`; batch 2, the blocks of the first
+    // prompt it caches, never reaches the bus.
+    let mut command = spec("w-lossy").command(&nats.url, &model);
+    command.env("TANDEM_TEST_DROP_KV_EVENT_BATCH", "2");
+    let mut lossy = Proc::spawn("w-lossy", command);
+    lossy.wait_for_line("joined the deployment", Duration::from_secs(120));
+    api.http.wait_for_workers(1, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1000));
+    let resyncs = "tandem_prefix_view_resyncs_total{worker_id=\"w-lossy\"}";
+    let before = metric(&api.http, resyncs);
+    assert_eq!(
+        metric(
+            &api.http,
+            "tandem_prefix_view_synced{worker_id=\"w-lossy\"}"
+        ),
+        1.0,
+        "the view follows the worker's events before the loss"
+    );
+
+    assert_eq!(cached_tokens(&api.http, &turn(0, 0)), 0);
+    lossy.wait_for_line("KV event batch not published", Duration::from_secs(10));
+    // No batch follows the lost one: the heartbeats, ahead of the batches seen, tell.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(&api.http, resyncs) <= before
+        || metric(
+            &api.http,
+            "tandem_prefix_view_lag_batches{worker_id=\"w-lossy\"}",
+        ) > 0.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lost batch went unnoticed:\n{}",
+            api.http.get("/metrics").body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A second worker joins, idle: the conversation's next turns still go to the worker
+    // holding it, which only the snapshot told the router.
+    let _other = start_worker(&nats.url, &model, &spec("w-other"));
+    api.http.wait_for_workers(2, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(600));
+    for t in 1..4 {
+        let history = (turn(0, t - 1).len() / BLOCK * BLOCK) as u64;
+        let cached = cached_tokens(&api.http, &turn(0, t));
+        assert!(
+            cached >= history,
+            "turn {t}: {cached} tokens cached, its history has {history} in full blocks"
+        );
+    }
+    assert_eq!(
+        served_by(&api.http, "w-other"),
+        0.0,
+        "the idle worker got a turn of the conversation"
+    );
 }

@@ -650,7 +650,9 @@ impl Metrics {
         }
         for pool in JobPool::ALL {
             metrics.jobs_rejected.with_label_values(&[pool.label()]);
-            metrics.routed_cached_ratio.with_label_values(&[pool.label()]);
+            metrics
+                .routed_cached_ratio
+                .with_label_values(&[pool.label()]);
         }
         for outcome in ["parsed", "malformed"] {
             metrics.tool_calls.with_label_values(&[outcome]);

@@ -79,6 +79,7 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
         PrefixCacheBus::new(
             settings.layout.block_size,
             settings.model_fingerprint.clone(),
+            settings.test_hooks.drop_kv_events_batch,
         )
     });
     if let (Some(cache), Some(events)) = (&prefix_cache, worker.engine.take_kv_events()) {

@@ -84,15 +84,19 @@ pub(super) struct PrefixCacheBus {
     block_size: usize,
     namespace: String,
     log: Arc<Mutex<EventLog>>,
+    /// A batch numbered but not published, as if the bus lost it (tests only:
+    /// [`super::test_hooks::DROP_KV_EVENTS_VAR`]).
+    dropped_batch: Option<u64>,
 }
 
 impl PrefixCacheBus {
     /// A fresh epoch (one per start) for a cache of `block_size`-token blocks named under
-    /// `namespace`.
-    pub fn new(block_size: usize, namespace: String) -> Self {
+    /// `namespace`; `dropped_batch` is a test's lost message (`None` in production).
+    pub fn new(block_size: usize, namespace: String, dropped_batch: Option<u64>) -> Self {
         PrefixCacheBus {
             block_size,
             namespace,
+            dropped_batch,
             log: Arc::new(Mutex::new(EventLog {
                 epoch: fresh_epoch(),
                 seq: 0,
@@ -144,6 +148,13 @@ impl PrefixCacheBus {
                 events,
             }
         };
+        if self.dropped_batch == Some(message.seq) {
+            tracing::warn!(
+                seq = message.seq,
+                "KV event batch not published (test hook)"
+            );
+            return;
+        }
         publish_bounded(
             &worker.client,
             subject.to_owned(),

@@ -19,6 +19,11 @@ pub const STREAM_DELAY_VAR: &str = "TANDEM_TEST_STREAM_DELAY_MS";
 /// act between `kv_ready` and the pull (kill the context worker). Unset in production.
 pub const DELAY_PULL_VAR: &str = "TANDEM_TEST_DELAY_PULL_MS";
 
+/// Tests of KV-aware routing set this to N: the worker numbers its KV event batch N but does
+/// not publish it, as a bus that lost a message, so that routers must notice the gap and
+/// rebuild their view from a snapshot. Unset in production.
+pub const DROP_KV_EVENTS_VAR: &str = "TANDEM_TEST_DROP_KV_EVENT_BATCH";
+
 /// What the tests asked of this worker.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TestHooks {
@@ -28,6 +33,8 @@ pub struct TestHooks {
     pub stream_delay: Option<Duration>,
     /// Each KV pull's wait once its room is reserved ([`DELAY_PULL_VAR`]).
     pub pull_delay: Option<Duration>,
+    /// The KV event batch numbered but not published ([`DROP_KV_EVENTS_VAR`]).
+    pub drop_kv_events_batch: Option<u64>,
 }
 
 impl TestHooks {
@@ -57,10 +64,14 @@ impl TestHooks {
             tracing::warn!("{DELAY_PULL_VAR}={ms}: every KV pull starts {ms} ms late");
             Duration::from_millis(ms)
         });
+        let drop_kv_events_batch = number(DROP_KV_EVENTS_VAR).inspect(|n| {
+            tracing::warn!("{DROP_KV_EVENTS_VAR}={n}: KV event batch {n} will not be published");
+        });
         Self {
             forward_faults,
             stream_delay,
             pull_delay,
+            drop_kv_events_batch,
         }
     }
 }
@@ -89,6 +100,7 @@ mod tests {
             (FAIL_FORWARD_VAR, " 2\n"),
             (STREAM_DELAY_VAR, "400"),
             (DELAY_PULL_VAR, "1500"),
+            (DROP_KV_EVENTS_VAR, "2"),
         ]);
         assert_eq!(
             all,
@@ -99,6 +111,7 @@ mod tests {
                 },
                 stream_delay: Some(Duration::from_millis(400)),
                 pull_delay: Some(Duration::from_millis(1500)),
+                drop_kv_events_batch: Some(2),
             }
         );
         let odd = hooks(&[(LOSE_DEVICE_VAR, "-1"), (DELAY_PULL_VAR, "soon")]);
