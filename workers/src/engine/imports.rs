@@ -94,7 +94,7 @@ impl<M: StepModel> Engine<M> {
         prefill: ImportedPrefill,
     ) -> Result<(), EngineError> {
         self.check_device()?;
-        self.check_imported(request.prompt_ids.len(), &prefill)?;
+        self.check_imported(request.prompt_ids.len(), 0, &prefill)?;
         if matches!(prefill.kv, ImportedKv::InReservedBlocks) {
             return Err(EngineError::ImportMismatch(
                 "K/V in reserved blocks for a request that reserved none".into(),
@@ -212,10 +212,12 @@ impl<M: StepModel> Engine<M> {
     }
 
     /// Checks an imported prefill against its prompt and this engine: its token count, the
-    /// bytes of its blocks, its first token.
+    /// bytes of its blocks after the first `cached_blocks` (which the cache gave it), its
+    /// first token.
     fn check_imported(
         &self,
         prompt_tokens: usize,
+        cached_blocks: usize,
         prefill: &ImportedPrefill,
     ) -> Result<(), EngineError> {
         let layout = self.model.kv_layout();
@@ -225,7 +227,10 @@ impl<M: StepModel> Engine<M> {
                 prefill.num_tokens,
             )));
         }
-        let expected = layout.blocks_for(prefill.num_tokens) * layout.block_bytes();
+        let expected = layout
+            .blocks_for(prefill.num_tokens)
+            .saturating_sub(cached_blocks)
+            * layout.block_bytes();
         if let Some(bytes) = prefill.kv.bytes().filter(|b| b.len() != expected) {
             return Err(EngineError::ImportMismatch(format!(
                 "{} bytes of K/V for {} tokens, expected {expected}",
@@ -314,14 +319,23 @@ impl<M: StepModel> Engine<M> {
 
     /// Reserves the blocks and slot of a request whose K/V is to be pulled (there is room).
     fn reserve(&mut self, id: RequestId, mut seq: Sequence, events: &mut Vec<EngineEvent>) {
-        if let Err(e) = self.scheduler.reserve(id, seq.prompt_len, seq.max_len()) {
-            events.push(finished_without_tokens(
-                id,
-                seq.prompt_len,
-                FinishReason::Error(format!("reserving room for the KV cache: {e}")),
-            ));
-            return;
-        }
+        let naming = seq
+            .cache_root
+            .map(|root| (root, &seq.tokens[..seq.prompt_len]));
+        let reserved = self
+            .scheduler
+            .reserve(id, seq.prompt_len, seq.max_len(), naming);
+        let cached_blocks = match reserved {
+            Ok(cached_blocks) => cached_blocks,
+            Err(e) => {
+                events.push(finished_without_tokens(
+                    id,
+                    seq.prompt_len,
+                    FinishReason::Error(format!("reserving room for the KV cache: {e}")),
+                ));
+                return;
+            }
+        };
         // It has started: what it waits for now is its own pull, not the engine.
         seq.deadline = None;
         self.seqs.insert(id, seq);
@@ -329,7 +343,10 @@ impl<M: StepModel> Engine<M> {
         let blocks = self.scheduler.blocks(id).unwrap_or_default();
         events.push(EngineEvent {
             request_id: id,
-            kind: EventKind::RoomReserved { blocks },
+            kind: EventKind::RoomReserved {
+                blocks,
+                cached_blocks,
+            },
         });
     }
 
@@ -344,7 +361,9 @@ impl<M: StepModel> Engine<M> {
             let Some(prompt_len) = self.seqs.get(&id).map(|seq| seq.prompt_len) else {
                 continue;
             };
-            if let Err(e) = self.check_imported(prompt_len, &prefill) {
+            let cached_blocks =
+                self.scheduler.cached_tokens(id).unwrap_or(0) / self.model.kv_layout().block_size;
+            if let Err(e) = self.check_imported(prompt_len, cached_blocks, &prefill) {
                 self.end(id, FinishReason::Error(e.to_string()), events);
                 continue;
             }
@@ -355,8 +374,10 @@ impl<M: StepModel> Engine<M> {
                     continue;
                 }
             };
+            // The first `cached_blocks` came from the cache, with their K/V (and may be
+            // shared); what arrived is the rest.
             let written = match prefill.kv.bytes() {
-                Some(bytes) => self.model.write_kv_blocks(&blocks, bytes),
+                Some(bytes) => self.model.write_kv_blocks(&blocks[cached_blocks..], bytes),
                 None => Ok(()),
             };
             if let Err(e) = written {
@@ -367,7 +388,8 @@ impl<M: StepModel> Engine<M> {
                 );
                 continue;
             }
-            self.cache_imported(id);
+            // Named at its reservation: its full blocks enter the prefix cache.
+            self.scheduler.commit_sequence(id);
             self.accept_token(id, prefill.first_token, events);
         }
     }

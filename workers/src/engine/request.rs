@@ -152,6 +152,10 @@ pub enum EventKind {
         /// The blocks reserved for the prompt, in its order: where a transfer that writes the
         /// cache itself puts the K/V ([`super::ImportedKv::InReservedBlocks`]).
         blocks: Vec<u32>,
+        /// How many of `blocks`, from the first, the prefix cache gave with their K/V: the
+        /// transfer reads and writes only the ones after them (and an import's bytes are
+        /// theirs alone).
+        cached_blocks: usize,
     },
     /// The last event of a request.
     Finished {

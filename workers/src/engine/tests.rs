@@ -977,7 +977,7 @@ fn k_v_written_into_the_reserved_blocks_by_the_transfer_continues_like_a_local_p
     while decode.has_work() {
         let events = decode.step();
         for event in &events {
-            let EventKind::RoomReserved { blocks } = &event.kind else {
+            let EventKind::RoomReserved { blocks, .. } = &event.kind else {
                 continue;
             };
             assert_eq!(
@@ -1028,6 +1028,74 @@ fn k_v_written_into_the_reserved_blocks_by_the_transfer_continues_like_a_local_p
         matches!(&refused, Err(EngineError::ImportMismatch(m)) if m.contains("reserved none")),
         "{refused:?}"
     );
+}
+
+/// Reserves room for `req` on `decode` and, once reserved, imports `prefilled` (a context
+/// engine's whole prompt) less the blocks the reservation took from the prefix cache, or
+/// (`None`) prefills the prompt there instead. Returns those cached blocks and the request's
+/// outcome.
+fn import_after_cache(
+    decode: &mut Engine<FakeModel>,
+    req: GenerationRequest,
+    prefilled: Option<(SampledToken, Vec<u8>)>,
+) -> (usize, (Vec<u32>, FinishReason)) {
+    let block_bytes = decode.kv_layout().block_bytes();
+    let num_tokens = req.prompt_ids.len();
+    let id = decode.reserve_import(req).unwrap();
+    let mut got = Outcomes::new();
+    let mut cached = None;
+    while decode.has_work() {
+        let events = decode.step();
+        for event in &events {
+            let EventKind::RoomReserved { cached_blocks, .. } = event.kind else {
+                continue;
+            };
+            cached = Some(cached_blocks);
+            match &prefilled {
+                Some((first, kv)) => decode.import_reserved(
+                    id,
+                    ImportedPrefill {
+                        kv: ImportedKv::Bytes(Box::new(kv[cached_blocks * block_bytes..].to_vec())),
+                        num_tokens,
+                        first_token: first.clone(),
+                    },
+                ),
+                None => decode.prefill_reserved(id).unwrap(),
+            }
+        }
+        absorb(&mut got, events);
+    }
+    (cached.expect("room was reserved"), got.remove(&id).unwrap())
+}
+
+#[test]
+fn a_next_turn_pulls_only_the_blocks_its_decode_engine_does_not_hold() {
+    let first_turn = prompt(21, 4);
+    let mut second_turn = first_turn.clone();
+    second_turn.extend(prompt(20, 9));
+    let req = |p: &[u32], seed| request(p.to_vec(), 6, sampled(seed));
+    let mut local = engine(64, 64);
+    let id = local.add_request(req(&second_turn, 31)).unwrap();
+    let expected = run(&mut local).remove(&id).unwrap();
+    let mut context = engine(64, 64);
+    let first_prefill = prefill_and_take(&mut context, req(&first_turn, 30));
+    let second_prefill = prefill_and_take(&mut context, req(&second_turn, 31));
+
+    let mut decode = engine(64, 32);
+    let (cached, _) = import_after_cache(&mut decode, req(&first_turn, 30), Some(first_prefill));
+    assert_eq!(cached, 0, "nothing cached before the first turn");
+    // The second turn starts with the first's 5 full blocks: only its other 6 arrive.
+    let (cached, got) =
+        import_after_cache(&mut decode, req(&second_turn, 31), Some(second_prefill));
+    assert_eq!(cached, 5);
+    assert_eq!(got, expected, "the same tokens as a local prefill");
+    assert_eq!(decode.prefix_cache_stats().hit_tokens, 20);
+    // A pull that fails after such a reservation prefills the rest here: 10 blocks of 41
+    // tokens cached now, the last token computed, the same tokens again.
+    let (cached, got) = import_after_cache(&mut decode, req(&second_turn, 31), None);
+    assert_eq!(cached, 10);
+    assert_eq!(got, expected, "a local prefill after the cached blocks");
+    assert_eq!(decode.free_blocks(), 32);
 }
 
 #[test]

@@ -362,13 +362,43 @@ impl Scheduler {
     /// Reserves room for a sequence whose prompt's K/V is on its way (a decode worker's pull):
     /// the prompt's blocks are allocated and a sequence slot held, and the sequence is not
     /// scheduled until [`Self::start_reserved`]. Fails when [`Self::can_add_computed`] is false.
+    ///
+    /// With prefix caching and `naming` (the root and the prompt's tokens), its first blocks
+    /// are taken from the cache where it holds them, leaving at least its last token's block
+    /// to the transfer (as a prompt prefilled here keeps one token to compute): only the
+    /// blocks after them are new, and only they need the K/V. Returns how many of its first
+    /// blocks came from the cache.
     pub fn reserve(
         &mut self,
         id: SeqId,
         prompt_tokens: usize,
         max_len: usize,
-    ) -> Result<(), SchedulerError> {
-        self.allocate_slot(id, prompt_tokens)?;
+        naming: Option<(BlockHash, &[u32])>,
+    ) -> Result<usize, SchedulerError> {
+        if self.seqs.contains_key(&id) {
+            return Err(SchedulerError::DuplicateSequence(id));
+        }
+        self.check_prompt(prompt_tokens)?;
+        if self.slots_taken() >= self.config.max_num_seqs {
+            return Err(SchedulerError::NoRoom(id));
+        }
+        let mut cached_blocks = 0;
+        if let Some((root, tokens)) = naming.filter(|_| self.kv.prefix_caching()) {
+            self.kv.track(id, root, tokens);
+            cached_blocks = self.kv.cached_prefix(id, prompt_tokens - 1);
+            if cached_blocks > 0 {
+                self.kv.take_cached_prefix(id, cached_blocks);
+            }
+            if !self.kv.allocate_slots(id, prompt_tokens) {
+                let freed = self.kv.forget(id);
+                debug_assert!(freed.is_ok(), "its cached blocks are held: {freed:?}");
+                return Err(SchedulerError::NoRoom(id));
+            }
+            self.kv
+                .record_lookup(prompt_tokens, cached_blocks * self.config.block_size);
+        } else {
+            self.kv.allocate_new(id, prompt_tokens)?;
+        }
         self.seqs.insert(
             id,
             Sequence {
@@ -377,14 +407,14 @@ impl Scheduler {
                 arrival: self.next_arrival,
                 status: SeqStatus::Reserved,
                 num_preemptions: 0,
-                cached_tokens: 0,
+                cached_tokens: cached_blocks * self.config.block_size,
                 max_len,
                 group: None,
             },
         );
         self.next_arrival += 1;
         self.num_reserved += 1;
-        Ok(())
+        Ok(cached_blocks)
     }
 
     /// Starts a reserved sequence in its reserved blocks, as the newest running sequence: with
@@ -402,7 +432,13 @@ impl Scheduler {
             .filter(|s| s.status == SeqStatus::Reserved)
             .ok_or(SchedulerError::NotReserved(id))?;
         seq.status = SeqStatus::Running;
-        seq.num_computed = if computed { seq.num_tokens } else { 0 };
+        // Blocks taken from the cache hold their K/V already (and may be shared: never
+        // written again); a prefill here computes the rest.
+        seq.num_computed = if computed {
+            seq.num_tokens
+        } else {
+            seq.cached_tokens
+        };
         seq.arrival = self.next_arrival;
         self.next_arrival += 1;
         self.num_reserved -= 1;

@@ -259,7 +259,7 @@ fn a_reservation_holds_blocks_and_a_slot_and_is_never_scheduled_or_preempted() {
     // 2 slots, 8 blocks of 4 tokens.
     let mut s = Scheduler::new(config(16, 2, 4, 8)).unwrap();
     assert!(s.can_add_computed(12, 4096));
-    s.reserve(1, 12, 4096).unwrap();
+    s.reserve(1, 12, 4096, None).unwrap();
     assert_eq!(s.status(1), Some(SeqStatus::Reserved));
     assert_eq!((s.free_blocks(), s.num_reserved()), (5, 1));
     assert!(!s.has_work(), "a reservation alone is no work");
@@ -272,7 +272,7 @@ fn a_reservation_holds_blocks_and_a_slot_and_is_never_scheduled_or_preempted() {
     assert_eq!(step.scheduled.len(), 1, "{step:?}");
     assert_eq!(s.status(3), Some(SeqStatus::Waiting));
     assert!(!s.can_add_computed(4, 4096));
-    assert_eq!(s.reserve(4, 4, 4096), Err(SchedulerError::NoRoom(4)));
+    assert_eq!(s.reserve(4, 4, 4096, None), Err(SchedulerError::NoRoom(4)));
     // Sequence 2 decodes until the pool runs dry: it preempts itself, never the
     // reservation.
     let mut preempted = false;
@@ -311,8 +311,8 @@ fn a_reservation_holds_blocks_and_a_slot_and_is_never_scheduled_or_preempted() {
 #[test]
 fn a_reservation_can_prefill_in_its_blocks_or_be_given_back() {
     let mut s = Scheduler::new(config(8, 4, 4, 8)).unwrap();
-    s.reserve(1, 10, 4096).unwrap();
-    s.reserve(2, 6, 4096).unwrap();
+    s.reserve(1, 10, 4096, None).unwrap();
+    s.reserve(2, 6, 4096, None).unwrap();
     assert_eq!(s.free_blocks(), 3);
     // A failed pull: the prompt is computed here, in chunks, in the blocks it holds.
     s.start_reserved(1, false).unwrap();
@@ -735,7 +735,7 @@ fn imports_need_their_room_to_grow_and_the_admitted_ones() {
     assert!(s.can_add_computed(16, 24));
     assert!(!s.can_add_computed(20, 28), "7 blocks to its end, plus 2");
     assert!(s.can_add_computed(20, 24), "its end within the 6 blocks");
-    s.reserve(2, 16, 24).unwrap();
+    s.reserve(2, 16, 24, None).unwrap();
     assert!(
         !s.can_add_computed(1, 2),
         "2 free blocks, 4 kept for growth"

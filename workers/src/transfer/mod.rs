@@ -345,6 +345,37 @@ impl RemoteKv {
         self.regions.iter().map(|&(_, len)| len).sum()
     }
 
+    /// Leaves out the first `blocks` blocks of `block_bytes` each (the reader holds them
+    /// already): regions before them go, and a run of blocks that starts before them starts
+    /// after them. Fails, reading nothing, when the regions hold fewer blocks or cut one.
+    pub fn skip_blocks(&mut self, blocks: u64, block_bytes: u64) -> Result<(), TransferError> {
+        let mut skip = blocks
+            .checked_mul(block_bytes)
+            .filter(|&bytes| bytes < self.total_len() || blocks == 0)
+            .ok_or_else(|| {
+                TransferError::InvalidHandle(format!(
+                    "{blocks} blocks of {block_bytes} bytes to leave out of {} bytes",
+                    self.total_len()
+                ))
+            })?;
+        if block_bytes == 0 || self.regions.iter().any(|&(_, len)| len % block_bytes != 0) {
+            return Err(TransferError::InvalidHandle(format!(
+                "regions that are not whole blocks of {block_bytes} bytes"
+            )));
+        }
+        let mut kept = Vec::with_capacity(self.regions.len());
+        for &(addr, len) in &self.regions {
+            if skip >= len {
+                skip -= len;
+            } else {
+                kept.push((addr + skip, len - skip));
+                skip = 0;
+            }
+        }
+        self.regions = kept;
+        Ok(())
+    }
+
     /// Adjacent regions merged, so a request's blocks exported back to back are one read.
     pub fn coalesced(&self) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
@@ -586,6 +617,34 @@ mod tests {
         };
         assert_eq!(remote.coalesced(), vec![(100, 20), (130, 10), (200, 1)]);
         assert_eq!(remote.total_len(), 31);
+    }
+
+    #[test]
+    fn skipping_blocks_a_reader_holds_leaves_the_rest_in_order() {
+        let remote = |regions: Vec<(u64, u64)>| RemoteKv {
+            memory: RemoteMemory::Registered {
+                address: vec![],
+                rkey: vec![],
+            },
+            regions,
+            seal: None,
+        };
+        // One block a region, and runs of blocks: 10-byte blocks.
+        let mut single = remote(vec![(100, 10), (300, 10), (200, 10)]);
+        single.skip_blocks(2, 10).unwrap();
+        assert_eq!(single.regions, vec![(200, 10)]);
+        let mut runs = remote(vec![(100, 30), (500, 20)]);
+        runs.skip_blocks(1, 10).unwrap();
+        assert_eq!(runs.regions, vec![(110, 20), (500, 20)]);
+        runs.skip_blocks(3, 10).unwrap();
+        assert_eq!(runs.regions, vec![(510, 10)]);
+        let mut none = remote(vec![(100, 30)]);
+        none.skip_blocks(0, 10).unwrap();
+        assert_eq!(none.regions, vec![(100, 30)]);
+        // Every block, or more, leaves nothing to read: refused; so is a cut block.
+        assert!(remote(vec![(100, 30)]).skip_blocks(3, 10).is_err());
+        assert!(remote(vec![(100, 30)]).skip_blocks(u64::MAX, 10).is_err());
+        assert!(remote(vec![(100, 25)]).skip_blocks(1, 10).is_err());
     }
 
     fn handle(backend: KvTransportKind, cuda_ipc: Option<CudaIpcSource>) -> KvHandle {

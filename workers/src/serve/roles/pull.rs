@@ -461,11 +461,15 @@ impl KvPuller {
             left / 2
         };
         let waited = Instant::now();
-        let blocks = match tokio::time::timeout(wait, events.recv()).await {
+        let (blocks, cached_blocks) = match tokio::time::timeout(wait, events.recv()).await {
             Ok(Some(EngineEvent {
-                kind: EventKind::RoomReserved { blocks },
+                kind:
+                    EventKind::RoomReserved {
+                        blocks,
+                        cached_blocks,
+                    },
                 ..
-            })) => blocks,
+            })) => (blocks, cached_blocks),
             // Ended before it had room: cancelled, refused, or the engine stopped.
             Ok(first) => {
                 publish_release(worker, &handle, &job.request_id).await;
@@ -492,6 +496,7 @@ impl KvPuller {
         tracing::debug!(
             request_id = job.request_id,
             blocks = blocks.len(),
+            cached_blocks,
             waited_ms = room_wait.as_millis() as u64,
             "room reserved: pulling"
         );
@@ -505,7 +510,7 @@ impl KvPuller {
                 tokio::time::sleep(delay).await;
             }
             let started = Instant::now();
-            let pull = match self.pull(&handle, blocks).await {
+            let pull = match self.pull(&handle, blocks, cached_blocks).await {
                 Ok(kv) => Pull::Pulled {
                     kv,
                     micros: started.elapsed().as_micros() as u64,
@@ -598,16 +603,30 @@ impl KvPuller {
 
     /// Reads the handle's blocks over the transport it names, bounded by its expiry: over
     /// UCX into a buffer, over CUDA IPC straight into `blocks`, the blocks the engine reserved
-    /// for the request.
-    async fn pull(&self, handle: &KvHandle, blocks: Vec<u32>) -> Result<Pulled, TransferError> {
-        let remote = RemoteKv::from_handle(handle)?;
+    /// for the request. The first `cached_blocks` of them came from this worker's prefix cache
+    /// with their K/V: only the blocks after them are read.
+    async fn pull(
+        &self,
+        handle: &KvHandle,
+        mut blocks: Vec<u32>,
+        cached_blocks: usize,
+    ) -> Result<Pulled, TransferError> {
+        let mut remote = RemoteKv::from_handle(handle)?;
+        // The handle's regions count a tensor-parallel exporter's share of each block per
+        // rank (as `check_handle` checked them).
+        let ranks = handle.cuda_ipc_ranks.len().max(1) as u64;
+        remote.skip_blocks(
+            cached_blocks as u64,
+            self.kv.layout.block_bytes() as u64 / ranks,
+        )?;
+        blocks.drain(..cached_blocks.min(blocks.len()));
         let left = handle.expires_unix_ms.saturating_sub(unix_ms());
         let host = &self.kv.host;
         if handle.backend == host.backend() {
             let held = self.held.hold(blocks.len());
             let timeout = Duration::from_millis(left.clamp(100, 30_000));
+            let expected = remote.total_len();
             let kv = host.pull(remote, timeout).await?;
-            let expected: u64 = handle.blocks.iter().map(|r| r.len).sum();
             if kv.len() as u64 != expected {
                 return Err(TransferError::InvalidHandle(format!(
                     "pulled {} bytes, expected {expected}",
