@@ -2,7 +2,9 @@
 //! decode worker on the CPU, API keys and `cache_salt_by_api_key`. A prompt sent again is
 //! served from the context worker's cache (`usage.prompt_tokens_details.cached_tokens`, the
 //! prompt's full blocks but the last token); the same prompt under another key, or under
-//! another `cache_salt`, computes everything again; every prompt is handed over.
+//! another `cache_salt`, computes everything again; every prompt is handed over. A
+//! conversation's next turn, handed over too, has its decode worker pull only the blocks it
+//! does not hold, and gives the tokens of a pull of them all.
 //!
 //! Needs `$TANDEM_TEST_MODELS/tiny` and the workspace binaries.
 
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::tandem;
+use tandem_test_kit::prometheus::sample;
 use tandem_test_kit::{HandOvers, Http, Proc, free_port, model_dir, temp_dir};
 
 const KEY_A: &str = "sk-tenant-a-5d1e";
@@ -114,4 +117,78 @@ fn a_prompt_sent_again_is_served_from_the_cache_of_its_own_key_and_salt_only() {
         "ucx",
         "seven prompts past max_local_prefill_length to one context worker",
     );
+}
+
+/// `tandem serve` with one context and one decode worker of the tiny model (prompts of more
+/// than 8 tokens handed over), and its address, once both serve.
+fn serve_disaggregated(name: &str, extra_config: &str) -> (Proc, String) {
+    let port = free_port();
+    let dir = temp_dir(name);
+    let config = dir.join("deploy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model: {model}\nport: {port}\nserved_model_name: cached\n\
+             context_servers: {{ num_instances: 1, device: cpu }}\n\
+             generation_servers: {{ num_instances: 1, device: cpu }}\n\
+             router: {{ max_local_prefill_length: 8 }}\n{extra_config}",
+            model = model_dir("tiny").display(),
+        ),
+    )
+    .unwrap();
+    let mut command = tandem();
+    command
+        .args(["serve", "--shutdown-grace-s", "20", "-c"])
+        .arg(&config);
+    let mut launcher = Proc::spawn("tandem", command);
+    launcher.wait_for_line("tandem: serving", Duration::from_secs(120));
+    let base = format!("http://127.0.0.1:{port}");
+    let http = Http::new(&base);
+    http.wait_for_role("context", 1, Duration::from_secs(30));
+    http.wait_for_role("decode", 1, Duration::from_secs(30));
+    (launcher, base)
+}
+
+/// A greedy completion of `prompt` (under `salt`): its tokens' text, and the K/V bytes the
+/// decode worker pulled for it (from /metrics).
+fn handed_over(base: &str, prompt: &[u32], salt: &str) -> (String, f64) {
+    let http = Http::new(base);
+    let pulled =
+        || sample(&http.get("/metrics").body, "tandem_kv_transfer_bytes_total").unwrap_or(0.0);
+    let before = pulled();
+    let reply = http.post(
+        "/v1/completions",
+        &json!({"model": "cached", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                "cache_salt": salt}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let text = reply.json()["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (text, pulled() - before)
+}
+
+#[test]
+fn a_next_turn_pulls_only_the_blocks_its_decode_worker_does_not_hold() {
+    let (_launcher, base) = serve_disaggregated("prefix-pull", "");
+    // 100 tokens: 7 blocks, 6 of them full.
+    let first_turn: Vec<u32> = (0..100).map(|i| 3 + (i * 7) % 500).collect();
+    let mut second_turn = first_turn.clone();
+    second_turn.extend((0..60).map(|i| 4 + (i * 13) % 500));
+    let (_, first_bytes) = handed_over(&base, &first_turn, "conversation");
+    assert!(first_bytes > 0.0, "the first turn was pulled");
+    let block_bytes = first_bytes / 7.0;
+    // 160 tokens in 10 blocks: the decode worker holds the first turn's 6 full blocks.
+    let (text, second_bytes) = handed_over(&base, &second_turn, "conversation");
+    assert_eq!(
+        second_bytes,
+        4.0 * block_bytes,
+        "the second turn pulled {} blocks, not the 4 the decode worker lacked",
+        second_bytes / block_bytes
+    );
+    // Under another salt nothing is cached: all 10 blocks are pulled, for the same tokens.
+    let (fresh_text, fresh_bytes) = handed_over(&base, &second_turn, "another");
+    assert_eq!(fresh_bytes, 10.0 * block_bytes);
+    assert_eq!(text, fresh_text, "a partial pull changed the output");
 }
