@@ -243,8 +243,10 @@ fn hand_overs_far_past_the_old_transfer_pool_all_go_through_without_a_fallback()
     );
     let metrics = http.get("/metrics").body;
     let bytes = metric(&metrics, "tandem_kv_transfer_bytes_total", "").unwrap_or(0.0);
+    // The prompts share long stretches: the decode worker pulls the blocks it holds once
+    // (its prefix cache), so the first pull alone (22 blocks) is what surely moves.
     assert!(
-        bytes > (REQUESTS << 20) as f64 * 6.0,
+        bytes > (22 * 368_640) as f64,
         "far more than the 1 MiB pool moved: {bytes}"
     );
     // Released after each pull: the context worker's cache is all free, nothing pinned.
