@@ -265,12 +265,11 @@ async fn context_and_decode_workers_reproduce_worker_generate_over_ucx() {
     ];
     for (i, (prompt, seed)) in cases.iter().enumerate() {
         let expected = reference(prompt, 24, *seed);
-        let (ids, text, pulled) = disaggregated(
-            &client,
-            job(&format!("r{i}"), prompt_ids(&expected), 24, *seed),
-            None,
-        )
-        .await;
+        // Each under its own salt: the prompts share the chat template's first tokens, which
+        // the decode worker would otherwise hold cached from the first case and not pull.
+        let mut job = job(&format!("r{i}"), prompt_ids(&expected), 24, *seed);
+        job.cache_salt = Some(format!("case-{i}"));
+        let (ids, text, pulled) = disaggregated(&client, job, None).await;
         assert_eq!(ids, output_ids(&expected), "{prompt}");
         assert_eq!(text, expected["text"], "{prompt}");
         let StreamMessage::KvPulled { bytes, outcome, .. } = pulled else {
