@@ -154,6 +154,31 @@ impl Probe<'_> {
         Ok(prefill)
     }
 
+    /// The inter-token gaps of `batch` requests of `output_tokens` each sent at once: those
+    /// of the steady state, or (when the prefills outlast the first requests) those of each
+    /// request's second half, which decodes with fewer prefills beside it.
+    fn decode_gaps(&self, batch: usize, output_tokens: usize) -> anyhow::Result<Vec<f64>> {
+        let sent = self
+            .send_at_once(self.requests(batch, output_tokens), Instant::now())
+            .with_context(|| format!("decoding at batch {batch}"))?;
+        let timelines: Vec<Timeline> = sent.iter().map(Sent::timeline).collect();
+        let gaps = window::steady_gaps(&timelines);
+        if gaps.len() >= batch {
+            return Ok(gaps);
+        }
+        self.say(format!(
+            "decode batch {batch}: no steady state in {output_tokens} tokens; using each \
+             request's second half"
+        ));
+        Ok(timelines
+            .iter()
+            .filter(|t| t.len() >= 2)
+            .flat_map(|t| {
+                window::gaps_within(std::slice::from_ref(t), t[t.len() / 2], f64::INFINITY)
+            })
+            .collect())
+    }
+
     /// Step 2: the steady-state ITL at each batch of the ladder.
     pub fn decode(
         &self,
@@ -165,34 +190,34 @@ impl Probe<'_> {
             self.progress.set_message(format!("decode batch {batch}"));
             let step_s = self.step_estimate_s(points.last().map(|p| p.itl_ms), prefill);
             let spread_s = (batch - 1) as f64 * service_s(prefill);
-            let wanted = steps.steady_tokens + (2.0 * spread_s / step_s).ceil() as usize;
-            let Some(output_tokens) = self.fit_output(batch, 0, wanted, steps.steady_tokens) else {
+            let mut wanted = steps.steady_tokens + (2.0 * spread_s / step_s).ceil() as usize;
+            // A fast model's tokens may reach the client a few to a message (a worker sends
+            // what it made since its last send): too few messages to time are measured again
+            // with more tokens, a few times.
+            let mut attempts = 0;
+            let (gaps, output_tokens) = loop {
+                let Some(output_tokens) = self.fit_output(batch, 0, wanted, steps.steady_tokens)
+                else {
+                    break (Vec::new(), 0);
+                };
+                let gaps = self.decode_gaps(batch, output_tokens)?;
+                attempts += 1;
+                if !gaps.is_empty() || attempts == 3 || output_tokens < wanted {
+                    break (gaps, output_tokens);
+                }
+                wanted = output_tokens * 4;
+                self.say(format!(
+                    "decode batch {batch}: {output_tokens} tokens a request streamed in too few \
+                     messages to time; again with up to {wanted}"
+                ));
+            };
+            if output_tokens == 0 {
                 self.say(format!(
                     "decode batch {batch} and up: not measured, the KV cache or the context \
                      length holds no {batch} requests of {} + {} tokens",
                     self.isl, steps.steady_tokens
                 ));
                 break;
-            };
-            let sent = self
-                .send_at_once(self.requests(batch, output_tokens), Instant::now())
-                .with_context(|| format!("decoding at batch {batch}"))?;
-            let timelines: Vec<Timeline> = sent.iter().map(Sent::timeline).collect();
-            let mut gaps = window::steady_gaps(&timelines);
-            if gaps.len() < batch {
-                // The prefills outlasted the first requests: the second half of each request
-                // decodes with fewer prefills beside it.
-                self.say(format!(
-                    "decode batch {batch}: no steady state in {output_tokens} tokens; using each \
-                     request's second half"
-                ));
-                gaps = timelines
-                    .iter()
-                    .filter(|t| t.len() >= 2)
-                    .flat_map(|t| {
-                        window::gaps_within(std::slice::from_ref(t), t[t.len() / 2], f64::INFINITY)
-                    })
-                    .collect();
             }
             let Some((itl_ms, itl_p90_ms)) = window::median_and_p90(&gaps) else {
                 bail!("decode batch {batch}: the replies streamed fewer than two tokens each");

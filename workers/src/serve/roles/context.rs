@@ -230,19 +230,32 @@ impl ContextRole {
                         };
                         match payload::encode_within(&ready, self.worker.max_payload()) {
                             Ok(_) => {
-                                locked(&self.ledger).hold(
+                                let held = locked(&self.ledger).hold(
                                     job.request_id.clone(),
                                     exported,
                                     prompt_tokens,
                                     blocks,
                                 );
-                                tracing::debug!(
-                                    request_id = job.request_id,
-                                    regions,
-                                    %backend,
-                                    "prefill done, KV exported"
-                                );
-                                vec![ready]
+                                match held {
+                                    Ok(()) => {
+                                        tracing::debug!(
+                                            request_id = job.request_id,
+                                            regions,
+                                            %backend,
+                                            "prefill done, KV exported"
+                                        );
+                                        vec![ready]
+                                    }
+                                    Err(cancelled) => {
+                                        // Nobody will pull it: freed now, and nobody listens.
+                                        drop(cancelled);
+                                        tracing::debug!(
+                                            request_id = job.request_id,
+                                            "cancelled while its KV was exported: freed"
+                                        );
+                                        Vec::new()
+                                    }
+                                }
                             }
                             Err(too_large) => {
                                 // Nobody can pull an export whose handle cannot be sent: it
@@ -296,6 +309,7 @@ impl ContextRole {
                 .await;
         }
         self.worker.in_flight.remove(&job.request_id);
+        locked(&self.ledger).prefill_over(&job.request_id);
     }
 
     /// Expires exports nobody released and starts waiting prefills that fit.
@@ -442,8 +456,9 @@ impl Role for ContextRole {
         if waiting {
             tracing::debug!(request_id, "cancelled while waiting for export budget");
         }
-        // An export nobody will pull any more.
-        if locked(&self.ledger).release(request_id) {
+        // An export nobody will pull any more, or (its prefill in flight) one being made.
+        let exporting = self.worker.in_flight.lock().contains_key(request_id);
+        if locked(&self.ledger).cancel(request_id, exporting) {
             self.sweep().await;
         }
     }

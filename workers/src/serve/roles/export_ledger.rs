@@ -17,8 +17,12 @@
 //! would find the export's seal changed and fail ([`crate::transfer::seal`]): the grace spares
 //! it that. Every way an export ends here (release, cancel, expiry, the worker leaving) drops
 //! its [`Exported`], whose keepalive clears the seal before the memory goes back.
+//!
+//! A request cancelled while its export is being made (its prefill done, the export not yet
+//! held) is remembered ([`ExportLedger::cancel`]), and its export is freed when it comes
+//! instead of held for a decode worker that will never pull it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tandem_protocol::messages::KvTransferStats;
@@ -49,6 +53,8 @@ pub struct ExportLedger {
     unmatched_releases: u64,
     /// Expired exports, when they may be unregistered, and the blocks they pin.
     lingering: Vec<(Instant, Exported, usize)>,
+    /// Requests cancelled while their export was being made.
+    cancelled_in_export: HashSet<String>,
 }
 
 impl ExportLedger {
@@ -62,6 +68,7 @@ impl ExportLedger {
             releases: 0,
             unmatched_releases: 0,
             lingering: Vec::new(),
+            cancelled_in_export: HashSet::new(),
         }
     }
 
@@ -88,7 +95,20 @@ impl ExportLedger {
     }
 
     /// Records the export of a reserved prefill; it expires [`Self::timeout`] from now.
-    pub fn hold(&mut self, request_id: String, exported: Exported, tokens: usize, blocks: usize) {
+    ///
+    /// A request cancelled meanwhile ([`Self::cancel`]) is not held: its tokens leave the
+    /// budget and the export comes back, for the caller to drop.
+    pub fn hold(
+        &mut self,
+        request_id: String,
+        exported: Exported,
+        tokens: usize,
+        blocks: usize,
+    ) -> Result<(), Exported> {
+        if self.cancelled_in_export.remove(&request_id) {
+            self.unreserve(tokens);
+            return Err(exported);
+        }
         let held = HeldExport {
             exported,
             tokens,
@@ -98,6 +118,24 @@ impl ExportLedger {
         if let Some(old) = self.held.insert(request_id, held) {
             self.unreserve(old.tokens);
         }
+        Ok(())
+    }
+
+    /// A cancel of `request_id`: frees its export if one is held (true). One still being made
+    /// (`exporting`: its prefill is in flight here) is remembered, and [`Self::hold`] gives
+    /// it back instead of holding it; otherwise the cancel counts as a release of nothing.
+    pub fn cancel(&mut self, request_id: &str, exporting: bool) -> bool {
+        if exporting && !self.held.contains_key(request_id) {
+            self.cancelled_in_export.insert(request_id.to_owned());
+            return false;
+        }
+        self.release(request_id)
+    }
+
+    /// `request_id`'s prefill is over here (held, answered or failed): a cancel remembered
+    /// for it is dropped.
+    pub fn prefill_over(&mut self, request_id: &str) {
+        self.cancelled_in_export.remove(request_id);
     }
 
     /// The decode worker has the K/V (or gave up on it): free it. False, and counted, if no
@@ -199,8 +237,16 @@ mod tests {
             flag.load(std::sync::atomic::Ordering::SeqCst)
         };
         assert!(ledger.try_reserve(50) && ledger.try_reserve(50));
-        ledger.hold("released".into(), flagged(&released), 50, 4);
-        ledger.hold("expired".into(), flagged(&expired), 50, 4);
+        assert!(
+            ledger
+                .hold("released".into(), flagged(&released), 50, 4)
+                .is_ok()
+        );
+        assert!(
+            ledger
+                .hold("expired".into(), flagged(&expired), 50, 4)
+                .is_ok()
+        );
         assert!(ledger.release("released"));
         assert!(is_set(&released), "a release unregisters at once");
         let at = Instant::now() + timeout * 2;
@@ -235,7 +281,7 @@ mod tests {
                 keepalive: Box::new(DropFlag(flag.clone())),
                 ..Exported::fixture()
             };
-            ledger.hold(format!("r{i}"), exported, 10, 1);
+            assert!(ledger.hold(format!("r{i}"), exported, 10, 1).is_ok());
             if i == 0 {
                 ledger.expire(Instant::now() + timeout * 2);
             }
@@ -256,8 +302,8 @@ mod tests {
         assert!(ledger.try_reserve(60));
         assert!(!ledger.try_reserve(50), "60 + 50 > 100");
         assert!(ledger.try_reserve(40));
-        ledger.hold("a".into(), Exported::fixture(), 60, 3);
-        ledger.hold("b".into(), Exported::fixture(), 40, 2);
+        assert!(ledger.hold("a".into(), Exported::fixture(), 60, 3).is_ok());
+        assert!(ledger.hold("b".into(), Exported::fixture(), 40, 2).is_ok());
         assert_eq!(ledger.stats().pinned_blocks, 5);
         assert!(ledger.release("a"));
         assert!(!ledger.release("a"), "released twice");
@@ -279,5 +325,38 @@ mod tests {
         // An oversized prompt passes when nothing else is held.
         assert!(ledger.try_reserve(500));
         assert!(!ledger.try_reserve(1));
+    }
+
+    #[test]
+    fn a_request_cancelled_while_its_export_is_made_is_never_held() {
+        let mut ledger = ExportLedger::new(100, Duration::from_secs(30));
+        assert!(ledger.try_reserve(60));
+        // The cancel comes between the prefill's end and the export's hold.
+        assert!(!ledger.cancel("gone", true));
+        let back = ledger.hold("gone".into(), Exported::fixture(), 60, 4);
+        assert!(back.is_err(), "a cancelled request's export comes back");
+        assert!(ledger.is_empty());
+        assert_eq!(ledger.stats().pinned_blocks, 0);
+        assert!(ledger.try_reserve(100), "its tokens left the budget");
+        ledger.unreserve(100);
+        // Cancelled once held: released as before; not in flight: a release of nothing.
+        assert!(ledger.try_reserve(10));
+        assert!(
+            ledger
+                .hold("held".into(), Exported::fixture(), 10, 1)
+                .is_ok()
+        );
+        assert!(ledger.cancel("held", true));
+        assert!(!ledger.cancel("elsewhere", false));
+        assert_eq!(ledger.stats().unmatched_releases, 1);
+        // A remembered cancel whose prefill ended without an export is dropped.
+        assert!(!ledger.cancel("answered", true));
+        ledger.prefill_over("answered");
+        assert!(ledger.try_reserve(10));
+        assert!(
+            ledger
+                .hold("answered".into(), Exported::fixture(), 10, 1)
+                .is_ok()
+        );
     }
 }
