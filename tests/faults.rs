@@ -297,7 +297,13 @@ fn a_context_worker_killed_between_kv_ready_and_the_pull_costs_a_retry_not_an_er
     let (text, usage) = in_flight.join().expect("stream thread");
     let took = killed.elapsed();
     assert_eq!(text, reference, "the undisturbed text");
-    assert_eq!(usage, reference_usage, "usage counted once");
+    // The retry reads the prompt's first blocks from a cache the reference filled: only
+    // the cached tokens may differ.
+    assert_eq!(
+        without_cached(&usage),
+        without_cached(&reference_usage),
+        "usage counted once"
+    );
     assert!(context.try_wait().is_some(), "the context worker is dead");
     let metrics = http.get("/metrics").body;
     assert_eq!(
