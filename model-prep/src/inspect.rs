@@ -12,7 +12,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tandem_model::random_weights::{Encoding, RandomWeights};
+use tandem_model::random_weights::RandomWeights;
 use tandem_model::tensor_names::expected_tensors;
 use tandem_model::{
     CONFIG_FILE, ConfigError, ModelConfig, RANDOM_WEIGHTS_FILE, RopeScaling,
@@ -162,11 +162,7 @@ fn inspect_weights(dir: &Path, config: &ModelConfig, problems: &mut Vec<String>)
             match read_json::<RandomWeights>(&dir.join(RANDOM_WEIGHTS_FILE)) {
                 Ok(spec) => {
                     let expected = expected_tensors(config);
-                    let name = match spec.dtype {
-                        Encoding::F32 => "F32",
-                        Encoding::F16 => "F16",
-                        Encoding::Bf16 => "BF16",
-                    };
+                    let name = spec.dtype.safetensors_name();
                     report.dtypes.insert(name.into(), expected.len());
                     report.parameters = config.parameter_count();
                     report.tensors_present = expected.len();
@@ -538,14 +534,14 @@ fn yes_no(value: bool) -> &'static str {
 mod tests {
     use super::*;
     use crate::random::{RandomOptions, generate};
-    use crate::safetensors_writer::DType;
+    use tandem_model::WeightDType;
 
     fn tiny(dir: &Path) {
         let options = RandomOptions {
             preset: "tiny".into(),
             shape: Default::default(),
             seed: 1,
-            dtype: DType::BF16,
+            dtype: WeightDType::Bf16,
             force: false,
             generate_at_load: false,
         };

@@ -13,7 +13,7 @@ use model_prep::fetch::{self, FetchOptions};
 use model_prep::import::{ImportOptions, ImportSummary, import_gguf};
 use model_prep::inspect::{self, human_bytes, human_count};
 use model_prep::random::{self, RandomOptions};
-use model_prep::safetensors_writer::DType;
+use tandem_model::WeightDType;
 use tandem_model::presets::PRESET_NAMES;
 
 #[derive(Debug, Parser)]
@@ -60,12 +60,12 @@ enum DtypeArg {
     F32,
 }
 
-impl From<DtypeArg> for DType {
-    fn from(arg: DtypeArg) -> DType {
+impl From<DtypeArg> for WeightDType {
+    fn from(arg: DtypeArg) -> WeightDType {
         match arg {
-            DtypeArg::Bf16 => DType::BF16,
-            DtypeArg::F16 => DType::F16,
-            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => WeightDType::Bf16,
+            DtypeArg::F16 => WeightDType::F16,
+            DtypeArg::F32 => WeightDType::F32,
         }
     }
 }
@@ -325,7 +325,7 @@ fn run_import(args: ImportGgufArgs) -> anyhow::Result<()> {
 }
 
 /// One line about an import: shapes, size, source tensor types.
-fn describe_import(summary: &ImportSummary, dtype: DType) -> String {
+fn describe_import(summary: &ImportSummary, dtype: WeightDType) -> String {
     let c = &summary.config;
     let types: Vec<String> = summary
         .source_types

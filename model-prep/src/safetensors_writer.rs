@@ -10,73 +10,14 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-/// Element types model-prep writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F16,
-    BF16,
-}
-
-impl DType {
-    pub fn size_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-        }
-    }
-
-    /// The name safetensors headers use.
-    pub fn safetensors_name(self) -> &'static str {
-        match self {
-            DType::F32 => "F32",
-            DType::F16 => "F16",
-            DType::BF16 => "BF16",
-        }
-    }
-
-    /// The name `config.json`'s `torch_dtype` uses.
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            DType::F32 => "float32",
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-        }
-    }
-
-    /// Parses `bf16|f16|f32` (the `--dtype` flag's values).
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "f32" | "float32" => Some(DType::F32),
-            "f16" | "float16" => Some(DType::F16),
-            "bf16" | "bfloat16" => Some(DType::BF16),
-            _ => None,
-        }
-    }
-
-    /// Encodes f32 values into this dtype's little-endian bytes (round to nearest even).
-    pub fn encode(self, values: &[f32]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(values.len() * self.size_bytes());
-        match self {
-            DType::F32 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::F16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-            DType::BF16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
-        }
-        out
-    }
-}
+/// The element type of [`TensorSpec::dtype`], re-exported for the writer's callers.
+pub use tandem_model::WeightDType;
 
 /// One tensor to be written: its name, dtype and shape.
 #[derive(Debug, Clone)]
 pub struct TensorSpec {
     pub name: String,
-    pub dtype: DType,
+    pub dtype: WeightDType,
     pub shape: Vec<usize>,
 }
 
@@ -234,12 +175,12 @@ mod tests {
         let specs = vec![
             TensorSpec {
                 name: "b".into(),
-                dtype: DType::F32,
+                dtype: WeightDType::F32,
                 shape: vec![2, 3],
             },
             TensorSpec {
                 name: "a".into(),
-                dtype: DType::BF16,
+                dtype: WeightDType::Bf16,
                 shape: vec![3],
             },
         ];
@@ -247,11 +188,13 @@ mod tests {
         meta.insert("format".to_string(), "pt".to_string());
         let mut writer = SafetensorsWriter::create(&path, specs, &meta).unwrap();
         let b: Vec<f32> = (0..6).map(|i| i as f32 * 0.5).collect();
-        writer.write_tensor("b", &DType::F32.encode(&b)).unwrap();
+        writer
+            .write_tensor("b", &WeightDType::F32.encode(&b))
+            .unwrap();
         let err = writer.write_tensor("b", &[0; 6]).unwrap_err();
         assert!(err.to_string().contains("expected to write a"), "{err}");
         writer
-            .write_tensor("a", &DType::BF16.encode(&[1.0, -2.0, 3.5]))
+            .write_tensor("a", &WeightDType::Bf16.encode(&[1.0, -2.0, 3.5]))
             .unwrap();
         writer.finish().unwrap();
 
@@ -259,10 +202,13 @@ mod tests {
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let tb = st.tensor("b").unwrap();
         assert_eq!(tb.shape(), &[2, 3]);
-        assert_eq!(tb.data(), DType::F32.encode(&b).as_slice());
+        assert_eq!(tb.data(), WeightDType::F32.encode(&b).as_slice());
         let ta = st.tensor("a").unwrap();
         assert_eq!(ta.dtype(), safetensors::Dtype::BF16);
-        assert_eq!(ta.data(), DType::BF16.encode(&[1.0, -2.0, 3.5]).as_slice());
+        assert_eq!(
+            ta.data(),
+            WeightDType::Bf16.encode(&[1.0, -2.0, 3.5]).as_slice()
+        );
     }
 
     #[test]
@@ -271,7 +217,7 @@ mod tests {
         let path = dir.path().join("m.safetensors");
         let specs = vec![TensorSpec {
             name: "x".into(),
-            dtype: DType::F16,
+            dtype: WeightDType::F16,
             shape: vec![4],
         }];
         let writer = SafetensorsWriter::create(&path, specs, &BTreeMap::new()).unwrap();

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use model_prep::import::{ImportError, ImportOptions, import_gguf};
-use model_prep::safetensors_writer::DType;
+use tandem_model::WeightDType;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -14,7 +14,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 const OPTIONS: ImportOptions = ImportOptions {
-    dtype: DType::BF16,
+    dtype: WeightDType::Bf16,
     force: false,
 };
 

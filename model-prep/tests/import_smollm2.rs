@@ -9,8 +9,8 @@
 use std::path::PathBuf;
 
 use model_prep::import::{ImportOptions, import_gguf};
-use model_prep::safetensors_writer::DType;
 use tandem_model::ModelConfig;
+use tandem_model::WeightDType;
 
 fn smollm2_gguf() -> PathBuf {
     let path = std::env::var_os("TANDEM_SMOLLM2_GGUF").map(PathBuf::from).expect(
@@ -45,7 +45,7 @@ fn smollm2_imports_with_real_shapes_and_transformers_values() {
     let root = tempfile::tempdir().unwrap();
     let out = root.path().join("smollm2");
     let options = ImportOptions {
-        dtype: DType::F32,
+        dtype: WeightDType::F32,
         force: false,
     };
     let summary = import_gguf(&gguf, &out, &options).unwrap();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use model_prep::gguf::names::unpermute_rows;
 use model_prep::gguf::{GgufFile, dequantize};
 use model_prep::import::{ImportOptions, import_gguf};
-use model_prep::safetensors_writer::DType;
+use tandem_model::WeightDType;
 use tandem_model::{GenerationConfig, ModelConfig, read_json};
 
 fn fixture(name: &str) -> PathBuf {
@@ -34,7 +34,7 @@ fn imports_a_complete_model_directory() {
     let out = root.path().join("tiny");
     let gguf = fixture("tiny.gguf");
     let options = ImportOptions {
-        dtype: DType::F32,
+        dtype: WeightDType::F32,
         force: false,
     };
     let summary = import_gguf(&gguf, &out, &options).unwrap();
@@ -78,7 +78,7 @@ fn imports_a_complete_model_directory() {
 
     // bf16: the same values rounded to nearest even; `--force` replaces the directory.
     let options = ImportOptions {
-        dtype: DType::BF16,
+        dtype: WeightDType::Bf16,
         force: true,
     };
     import_gguf(&gguf, &out, &options).unwrap();
@@ -87,7 +87,7 @@ fn imports_a_complete_model_directory() {
     let down = st.tensor("model.layers.0.mlp.down_proj.weight").unwrap();
     assert_eq!(down.dtype(), safetensors::Dtype::BF16);
     assert_eq!(down.shape(), &[32, 64]);
-    let want = DType::BF16.encode(&dequantized(&file, "blk.0.ffn_down.weight"));
+    let want = WeightDType::Bf16.encode(&dequantized(&file, "blk.0.ffn_down.weight"));
     assert_eq!(down.data(), want.as_slice());
     let leftovers: Vec<_> = std::fs::read_dir(root.path())
         .unwrap()

@@ -7,6 +7,7 @@
 //! random-weight presets and generator; it has no heavy dependencies so every crate can use it.
 
 mod config;
+mod dtype;
 mod files;
 mod generation;
 pub mod presets;
@@ -15,6 +16,7 @@ pub mod tensor_names;
 mod tokenizer_config;
 
 pub use config::{Architecture, ConfigError, ModelConfig, RopeParameters, RopeScaling, TokenIds};
+pub use dtype::WeightDType;
 pub use files::{
     CONFIG_FILE, GENERATION_CONFIG_FILE, RANDOM_WEIGHTS_FILE, SAFETENSORS_INDEX_FILE,
     TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_json, write_json,

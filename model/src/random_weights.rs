@@ -13,37 +13,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-/// How generated values are stored: the model's weight dtype.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Encoding {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Encoding {
-    pub fn size_bytes(self) -> usize {
-        match self {
-            Encoding::F32 => 4,
-            Encoding::F16 | Encoding::Bf16 => 2,
-        }
-    }
-
-    /// The little-endian bytes of `values` in this encoding.
-    pub fn encode(self, values: &[f32]) -> Vec<u8> {
-        let mut out = vec![0u8; values.len() * self.size_bytes()];
-        encode_into(self, values, &mut out);
-        out
-    }
-}
+use crate::WeightDType;
 
 /// What `random_weights.json` ([`crate::RANDOM_WEIGHTS_FILE`]) holds: the directory's weights
 /// are [`tensor_bytes`] of every tensor the config implies, with this seed and encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RandomWeights {
     pub seed: u64,
-    pub dtype: Encoding,
+    pub dtype: WeightDType,
     /// [`GENERATOR_VERSION`] of the generator that defines them.
     pub generator: u32,
 }
@@ -88,7 +65,7 @@ pub fn tensor_bytes(
     seed: u64,
     name: &str,
     init: Init,
-    dtype: Encoding,
+    dtype: WeightDType,
     elements: usize,
 ) -> Vec<u8> {
     tensor_bytes_range(seed, name, init, dtype, elements, 0..elements)
@@ -100,7 +77,7 @@ pub fn tensor_bytes_range(
     seed: u64,
     name: &str,
     init: Init,
-    dtype: Encoding,
+    dtype: WeightDType,
     elements: usize,
     range: std::ops::Range<usize>,
 ) -> Vec<u8> {
@@ -136,7 +113,7 @@ pub fn tensor_bytes_range(
                 fill_normal(&mut rng, std, &mut values);
             }
         }
-        encode_into(dtype, &values[skip..skip + out.len() / element_bytes], out);
+        dtype.encode_into(&values[skip..skip + out.len() / element_bytes], out);
     });
     bytes
 }
@@ -167,26 +144,6 @@ fn fill_normal(rng: &mut ChaCha8Rng, std: f32, out: &mut [f32]) {
     }
 }
 
-fn encode_into(dtype: Encoding, values: &[f32], out: &mut [u8]) {
-    match dtype {
-        Encoding::F32 => {
-            for (v, o) in values.iter().zip(out.chunks_exact_mut(4)) {
-                o.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        Encoding::F16 => {
-            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
-                o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-            }
-        }
-        Encoding::Bf16 => {
-            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
-                o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
-            }
-        }
-    }
-}
-
 /// FNV-1a: a stable hash (unlike `std`'s `DefaultHasher`, which may change between releases).
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &b| {
@@ -209,22 +166,22 @@ mod tests {
     fn same_seed_same_bytes_regardless_of_thread_count() {
         let elements = 3 * CHUNK_ELEMENTS + 17;
         let init = Init::Normal { std: 0.02 };
-        let a = tensor_bytes(7, "w", init, Encoding::Bf16, elements);
+        let a = tensor_bytes(7, "w", init, WeightDType::Bf16, elements);
         let one_thread = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
             .unwrap();
-        let b = one_thread.install(|| tensor_bytes(7, "w", init, Encoding::Bf16, elements));
+        let b = one_thread.install(|| tensor_bytes(7, "w", init, WeightDType::Bf16, elements));
         assert_eq!(a, b);
-        assert_ne!(a, tensor_bytes(8, "w", init, Encoding::Bf16, elements));
-        assert_ne!(a, tensor_bytes(7, "v", init, Encoding::Bf16, elements));
+        assert_ne!(a, tensor_bytes(8, "w", init, WeightDType::Bf16, elements));
+        assert_ne!(a, tensor_bytes(7, "v", init, WeightDType::Bf16, elements));
     }
 
     #[test]
     fn a_range_is_those_elements_of_the_whole_tensor() {
         let elements = 3 * CHUNK_ELEMENTS + 17;
         let init = Init::Normal { std: 0.02 };
-        let whole = tensor_bytes(5, "w", init, Encoding::Bf16, elements);
+        let whole = tensor_bytes(5, "w", init, WeightDType::Bf16, elements);
         for range in [
             0..elements,
             0..0,
@@ -234,10 +191,10 @@ mod tests {
             2 * CHUNK_ELEMENTS + 1..elements,
             elements - 1..elements,
         ] {
-            let part = tensor_bytes_range(5, "w", init, Encoding::Bf16, elements, range.clone());
+            let part = tensor_bytes_range(5, "w", init, WeightDType::Bf16, elements, range.clone());
             assert_eq!(part, whole[range.start * 2..range.end * 2], "{range:?}");
         }
-        let ones = tensor_bytes_range(5, "n", Init::Ones, Encoding::F32, 9, 2..5);
+        let ones = tensor_bytes_range(5, "n", Init::Ones, WeightDType::F32, 9, 2..5);
         assert_eq!(f32s(&ones), [1.0; 3]);
     }
 
@@ -247,7 +204,7 @@ mod tests {
             1,
             "model.layers.0.mlp.up_proj.weight",
             Init::Normal { std: 0.02 },
-            Encoding::F32,
+            WeightDType::F32,
             1 << 20,
         ));
         let n = values.len() as f64;
@@ -280,17 +237,17 @@ mod tests {
             Init::for_tensor("model.embed_tokens.weight"),
             Init::Normal { std: INIT_STD }
         );
-        let ones = tensor_bytes(0, "n", Init::Ones, Encoding::F16, 5);
-        assert_eq!(ones, Encoding::F16.encode(&[1.0; 5]));
-        let zeros = tensor_bytes(0, "b", Init::Zeros, Encoding::Bf16, 3);
+        let ones = tensor_bytes(0, "n", Init::Ones, WeightDType::F16, 5);
+        assert_eq!(ones, WeightDType::F16.encode(&[1.0; 5]));
+        let zeros = tensor_bytes(0, "b", Init::Zeros, WeightDType::Bf16, 3);
         assert_eq!(zeros, vec![0u8; 6]);
     }
 
     #[test]
     fn dtypes_encode_the_same_values() {
         let init = Init::Normal { std: 0.02 };
-        let f32_values = f32s(&tensor_bytes(3, "w", init, Encoding::F32, 1000));
-        let bf16 = tensor_bytes(3, "w", init, Encoding::Bf16, 1000);
-        assert_eq!(bf16, Encoding::Bf16.encode(&f32_values));
+        let f32_values = f32s(&tensor_bytes(3, "w", init, WeightDType::F32, 1000));
+        let bf16 = tensor_bytes(3, "w", init, WeightDType::Bf16, 1000);
+        assert_eq!(bf16, WeightDType::Bf16.encode(&f32_values));
     }
 }

@@ -1466,13 +1466,13 @@ fn bf16_activation(
     rng: &mut rand_chacha::ChaCha8Rng,
 ) -> (<CudaBackend as Backend>::Tensor, Vec<f32>) {
     use rand::RngExt;
-    use tandem_workers::backend::{BatchPlan, DType, HostTensor};
+    use tandem_workers::backend::{BatchPlan, HostTensor, WeightDType};
     let values: Vec<u8> = (0..rows * k)
         .flat_map(|_| half::bf16::from_f32(rng.random::<f32>() - 0.5).to_le_bytes())
         .collect();
     let table = gpu
         .upload_weight(&[HostTensor {
-            dtype: DType::Bf16,
+            dtype: WeightDType::Bf16,
             shape: &[rows, k],
             bytes: &values,
         }])
@@ -1480,7 +1480,7 @@ fn bf16_activation(
     let ones: Vec<u8> = (0..k).flat_map(|_| 1.0f32.to_le_bytes()).collect();
     let norm = gpu
         .upload_weight(&[HostTensor {
-            dtype: DType::F32,
+            dtype: WeightDType::F32,
             shape: &[k],
             bytes: &ones,
         }])
@@ -1504,7 +1504,7 @@ fn bf16_activation(
 #[test]
 fn projections_of_decode_batches_match_a_cpu_reference() {
     use rand::{RngExt, SeedableRng};
-    use tandem_workers::backend::{DType, HostTensor};
+    use tandem_workers::backend::{HostTensor, WeightDType};
     if no_gpu() {
         return;
     }
@@ -1541,7 +1541,7 @@ fn projections_of_decode_batches_match_a_cpu_reference() {
         let bytes: Vec<u8> = w_bf16.iter().flat_map(|v| v.to_le_bytes()).collect();
         let w = gpu
             .upload_weight(&[HostTensor {
-                dtype: DType::Bf16,
+                dtype: WeightDType::Bf16,
                 shape: &[n, k],
                 bytes: &bytes,
             }])

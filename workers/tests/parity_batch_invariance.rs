@@ -182,7 +182,10 @@ fn f32_qwen2_is_batch_invariant() {
 fn bf16_llama_is_batch_invariant() {
     let dir = bf16_copy("tiny-llama");
     let model = load_cpu(&dir);
-    assert_eq!(model.weight_dtype(), tandem_workers::backend::DType::Bf16);
+    assert_eq!(
+        model.weight_dtype(),
+        tandem_workers::backend::WeightDType::Bf16
+    );
     drop(model);
     check(&dir);
 }

@@ -14,8 +14,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
+use tandem_model::WeightDType;
 use tandem_model::presets::{PRESET_NAMES, preset};
-use tandem_model::random_weights::{self as weights, Encoding, GENERATOR_VERSION, RandomWeights};
+use tandem_model::random_weights::{self as weights, GENERATOR_VERSION, RandomWeights};
 use tandem_model::tensor_names::expected_tensors;
 use tandem_model::{
     CONFIG_FILE, ConfigError, GENERATION_CONFIG_FILE, GenerationConfig, ModelConfig,
@@ -24,7 +25,7 @@ use tandem_model::{
 
 use crate::output::{OutputError, StagedDir};
 use crate::progress;
-use crate::safetensors_writer::{DType, SafetensorsWriter, TensorSpec, WriteError};
+use crate::safetensors_writer::{SafetensorsWriter, TensorSpec, WriteError};
 
 /// Vocabulary of the `tiny` preset (whose shapes leave it open): big enough for merges that
 /// make text a few characters per token, small enough that its embedding is negligible.
@@ -37,22 +38,13 @@ pub struct RandomOptions {
     /// Shapes that differ from the preset's.
     pub shape: ShapeOverrides,
     pub seed: u64,
-    pub dtype: DType,
+    pub dtype: WeightDType,
     /// Replace a non-empty output directory.
     pub force: bool,
     /// Write no weight files, only the seed and dtype ([`RANDOM_WEIGHTS_FILE`]): the workers
     /// generate the same weights when they load the model. For shapes whose weights would not
     /// fit on the disk (a 70B model is 141 GB in bf16), and to skip writing them at all.
     pub generate_at_load: bool,
-}
-
-/// The generator's encoding of a dtype.
-fn encoding(dtype: DType) -> Encoding {
-    match dtype {
-        DType::F32 => Encoding::F32,
-        DType::F16 => Encoding::F16,
-        DType::BF16 => Encoding::Bf16,
-    }
 }
 
 /// Shapes that differ from a preset's (`model-prep random --layers 1 ...`), for models of
@@ -134,7 +126,7 @@ pub enum RandomError {
 pub fn preset_config(
     name: &str,
     shape: &ShapeOverrides,
-    dtype: DType,
+    dtype: WeightDType,
 ) -> Result<ModelConfig, RandomError> {
     let mut config = preset(name).ok_or_else(|| RandomError::UnknownPreset {
         name: name.to_string(),
@@ -185,7 +177,7 @@ pub fn generate(options: &RandomOptions, out: &Path) -> Result<RandomSummary, Ra
     let (tensors, weight_bytes) = if options.generate_at_load {
         let spec = RandomWeights {
             seed: options.seed,
-            dtype: encoding(options.dtype),
+            dtype: options.dtype,
             generator: GENERATOR_VERSION,
         };
         write_json(&dir.join(RANDOM_WEIGHTS_FILE), &spec)?;
@@ -239,13 +231,7 @@ fn write_weights(
         for spec in &specs {
             let elements = spec.shape.iter().product();
             let init = weights::Init::for_tensor(&spec.name);
-            let bytes = weights::tensor_bytes(
-                options.seed,
-                &spec.name,
-                init,
-                encoding(spec.dtype),
-                elements,
-            );
+            let bytes = weights::tensor_bytes(options.seed, &spec.name, init, spec.dtype, elements);
             if sender.send((spec.name.clone(), bytes)).is_err() {
                 // The writer stopped early; its error is reported below.
                 break;
@@ -271,7 +257,7 @@ mod tests {
             preset: "tiny".into(),
             shape: ShapeOverrides::default(),
             seed: 0,
-            dtype: DType::F32,
+            dtype: WeightDType::F32,
             force: false,
             generate_at_load: false,
         };
@@ -301,14 +287,16 @@ mod tests {
 
     #[test]
     fn unknown_preset_names_the_known_ones() {
-        let err = preset_config("gpt-5", &ShapeOverrides::default(), DType::BF16).unwrap_err();
+        let err =
+            preset_config("gpt-5", &ShapeOverrides::default(), WeightDType::Bf16).unwrap_err();
         assert!(err.to_string().contains("smollm2-135m"), "{err}");
     }
 
     #[test]
     fn every_preset_config_has_the_tokenizer_ids() {
         for name in PRESET_NAMES {
-            let config = preset_config(name, &ShapeOverrides::default(), DType::BF16).unwrap();
+            let config =
+                preset_config(name, &ShapeOverrides::default(), WeightDType::Bf16).unwrap();
             assert_eq!(config.eos_token_ids(), vec![tokenizer::EOS_ID]);
             assert!(config.vocab_size >= tokenizer::MIN_VOCAB_SIZE);
         }
@@ -316,14 +304,14 @@ mod tests {
 
     #[test]
     fn shape_overrides_change_only_what_they_name() {
-        let tiny = preset_config("tiny", &ShapeOverrides::default(), DType::F32).unwrap();
+        let tiny = preset_config("tiny", &ShapeOverrides::default(), WeightDType::F32).unwrap();
         let long = ShapeOverrides {
             num_hidden_layers: Some(1),
             max_position_embeddings: Some(131_072),
             vocab_size: Some(32_000),
             ..ShapeOverrides::default()
         };
-        let config = preset_config("tiny", &long, DType::F32).unwrap();
+        let config = preset_config("tiny", &long, WeightDType::F32).unwrap();
         assert_eq!(config.num_hidden_layers, 1);
         assert_eq!(config.max_position_embeddings, 131_072);
         assert_eq!(config.vocab_size, 32_000);
@@ -336,14 +324,14 @@ mod tests {
             num_key_value_heads: Some(1),
             ..ShapeOverrides::default()
         };
-        let config = preset_config("tiny", &narrow, DType::F32).unwrap();
+        let config = preset_config("tiny", &narrow, WeightDType::F32).unwrap();
         assert_eq!((config.head_dim(), config.num_kv_heads()), (8, 1));
         let explicit = ShapeOverrides {
             head_dim: Some(4),
             ..narrow
         };
         assert_eq!(
-            preset_config("tiny", &explicit, DType::F32)
+            preset_config("tiny", &explicit, WeightDType::F32)
                 .unwrap()
                 .head_dim(),
             4
@@ -353,7 +341,7 @@ mod tests {
             head_dim: Some(3),
             ..ShapeOverrides::default()
         };
-        let err = preset_config("tiny", &odd, DType::F32).unwrap_err();
+        let err = preset_config("tiny", &odd, WeightDType::F32).unwrap_err();
         assert!(err.to_string().contains("head_dim"), "{err}");
     }
 }

@@ -26,40 +26,15 @@ pub use kv_io::{
 };
 pub use plan::{BatchPlan, PlanSequence};
 
-use crate::kv_cache::KvLayout;
+pub use tandem_model::WeightDType;
+
+use crate::kv_cache::{KvDType, KvLayout};
 use crate::sampler::device::{RowRequest, RowSummary};
-
-/// Element type of a tensor read from a weight file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl DType {
-    pub fn size_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::Bf16 => 2,
-        }
-    }
-}
-
-impl std::fmt::Display for DType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::Bf16 => "bf16",
-        })
-    }
-}
 
 /// A tensor in host memory (typically a view into a memory-mapped weight file), little-endian.
 #[derive(Debug, Clone, Copy)]
 pub struct HostTensor<'a> {
-    pub dtype: DType,
+    pub dtype: WeightDType,
     /// `[len]` for vectors (norm weights, biases), `[out, in]` for matrices.
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
@@ -88,12 +63,21 @@ impl AttentionShape {
     }
 }
 
+/// The name a KV cache's element type goes by in errors.
+fn kv_dtype_name(dtype: KvDType) -> &'static str {
+    match dtype {
+        KvDType::F32 => "f32",
+        KvDType::F16 => "f16",
+        KvDType::Bf16 => "bf16",
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("{op}: shape mismatch: {detail}")]
     Shape { op: &'static str, detail: String },
-    #[error("{op}: {dtype} is not supported here")]
-    UnsupportedDType { op: &'static str, dtype: DType },
+    #[error("{op}: {} is not supported here", kv_dtype_name(*dtype))]
+    UnsupportedKvDType { op: &'static str, dtype: KvDType },
     #[error("KV block {block} is out of range (the cache has {num_blocks} blocks)")]
     BlockOutOfRange { block: u32, num_blocks: usize },
     #[error("{op}: {detail}")]

@@ -30,7 +30,7 @@ use tandem_model::ModelConfig;
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
 use tandem_workers::backend::cuda::{CudaBackend, CudaKvCache, CudaOptions};
 use tandem_workers::backend::{
-    AttentionShape, Backend, BatchPlan, DType, DeviceSampler, HostTensor, KvBlockIo,
+    AttentionShape, Backend, BatchPlan, DeviceSampler, HostTensor, KvBlockIo, WeightDType,
 };
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
@@ -599,14 +599,14 @@ fn ceilings(gpu: &CudaBackend) -> Result<Ceilings> {
     }
     let shape = [dim, dim];
     let t = HostTensor {
-        dtype: DType::Bf16,
+        dtype: WeightDType::Bf16,
         shape: &shape,
         bytes: &values,
     };
     let w = gpu.upload_weight(&[t])?;
     let ones: Vec<u8> = (0..dim).flat_map(|_| 1.0f32.to_le_bytes()).collect();
     let norm = gpu.upload_weight(&[HostTensor {
-        dtype: DType::F32,
+        dtype: WeightDType::F32,
         shape: &[dim],
         bytes: &ones,
     }])?;
@@ -650,13 +650,13 @@ fn activation(
         .collect();
     let shape = [rows, k];
     let table = gpu.upload_weight(&[HostTensor {
-        dtype: DType::Bf16,
+        dtype: WeightDType::Bf16,
         shape: &shape,
         bytes: &values,
     }])?;
     let ones: Vec<u8> = (0..k).flat_map(|_| 1.0f32.to_le_bytes()).collect();
     let norm = gpu.upload_weight(&[HostTensor {
-        dtype: DType::F32,
+        dtype: WeightDType::F32,
         shape: &[k],
         bytes: &ones,
     }])?;
@@ -954,7 +954,7 @@ fn projections(
             .collect();
         let shape = [n, k];
         let w = gpu.upload_weight(&[HostTensor {
-            dtype: DType::Bf16,
+            dtype: WeightDType::Bf16,
             shape: &shape,
             bytes: &values,
         }])?;

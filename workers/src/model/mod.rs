@@ -26,7 +26,7 @@ pub use batch::{ChainedToken, ForwardBatch, RowLogprobs, SequenceSlice, TokenLog
 use weights::Piece;
 pub use weights::WeightsError;
 
-use crate::backend::{AttentionShape, Backend, BackendError, BatchPlan, DType};
+use crate::backend::{AttentionShape, Backend, BackendError, BatchPlan, WeightDType};
 use crate::kv_cache::{KvDType, KvLayout};
 pub use shard::TensorParallel;
 
@@ -92,7 +92,7 @@ pub struct Model<B: Backend> {
     inv_freq: Vec<f32>,
     shape: AttentionShape,
     eps: f32,
-    weight_dtype: DType,
+    weight_dtype: WeightDType,
     kv_dtype: KvDType,
     /// The part of the model this one holds; with more than one rank, the outputs of
     /// `o_proj` and `down` are summed over the group ([`shard`]).
@@ -208,9 +208,9 @@ impl<B: Backend> Model<B> {
             });
         }
         let kv_dtype = options.kv_dtype.unwrap_or(match weight_dtype {
-            DType::F32 => KvDType::F32,
-            DType::Bf16 => KvDType::Bf16,
-            DType::F16 => KvDType::F16,
+            WeightDType::F32 => KvDType::F32,
+            WeightDType::Bf16 => KvDType::Bf16,
+            WeightDType::F16 => KvDType::F16,
         });
         let shape = AttentionShape {
             num_heads: heads.len(),
@@ -248,7 +248,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// The dtype of the weight files (of the embedding table).
-    pub fn weight_dtype(&self) -> DType {
+    pub fn weight_dtype(&self) -> WeightDType {
         self.weight_dtype
     }
 

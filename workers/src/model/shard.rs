@@ -14,7 +14,7 @@
 //! every rank holds the same residual stream and the same logits. A bias of `o_proj` is held by
 //! rank 0 alone, so the sum counts it once.
 
-use crate::backend::{DType, HostTensor};
+use crate::backend::{HostTensor, WeightDType};
 
 /// One rank's place in a tensor-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +55,7 @@ impl TensorParallel {
 /// A tensor copied out of a weight file's bytes (a shard of it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OwnedTensor {
-    pub dtype: DType,
+    pub dtype: WeightDType,
     pub shape: Vec<usize>,
     pub bytes: Vec<u8>,
 }
@@ -134,7 +134,7 @@ mod tests {
     fn row_and_column_shards_hold_the_right_elements() {
         let (shape, bytes) = matrix(3, 4);
         let t = HostTensor {
-            dtype: DType::F32,
+            dtype: WeightDType::F32,
             shape: &shape,
             bytes: &bytes,
         };

@@ -13,13 +13,13 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
-use tandem_model::random_weights::{self, Encoding, GENERATOR_VERSION, RandomWeights};
+use tandem_model::random_weights::{self, GENERATOR_VERSION, RandomWeights};
 use tandem_model::{
     ModelConfig, RANDOM_WEIGHTS_FILE, SAFETENSORS_INDEX_FILE, WEIGHTS_FILE, tensor_names,
 };
 
 use super::shard::OwnedTensor;
-use crate::backend::{DType, HostTensor};
+use crate::backend::{HostTensor, WeightDType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -59,7 +59,7 @@ pub enum WeightsError {
 /// One tensor: borrowed from a memory-mapped file, or generated when it is loaded.
 #[derive(Debug, Clone)]
 pub struct TensorEntry<'a> {
-    pub dtype: DType,
+    pub dtype: WeightDType,
     pub shape: Vec<usize>,
     bytes: TensorBytes<'a>,
 }
@@ -71,7 +71,7 @@ enum TensorBytes<'a> {
     Generated {
         name: String,
         seed: u64,
-        encoding: Encoding,
+        encoding: WeightDType,
     },
 }
 
@@ -298,11 +298,7 @@ impl WeightSource {
         match self {
             WeightSource::Files(files) => files.tensors(config),
             WeightSource::Generated(spec) => {
-                let dtype = match spec.dtype {
-                    Encoding::F32 => DType::F32,
-                    Encoding::F16 => DType::F16,
-                    Encoding::Bf16 => DType::Bf16,
-                };
+                let dtype = spec.dtype;
                 Ok(tensor_names::expected_tensors(config)
                     .into_iter()
                     .map(|(name, shape)| {
@@ -376,9 +372,9 @@ impl WeightFiles {
             })?;
             for (name, view) in st.iter() {
                 let dtype = match view.dtype() {
-                    Dtype::F32 => DType::F32,
-                    Dtype::F16 => DType::F16,
-                    Dtype::BF16 => DType::Bf16,
+                    Dtype::F32 => WeightDType::F32,
+                    Dtype::F16 => WeightDType::F16,
+                    Dtype::BF16 => WeightDType::Bf16,
                     other => {
                         return Err(WeightsError::DType {
                             name: name.to_string(),
@@ -484,7 +480,7 @@ mod tests {
 
     fn owned(value: u8) -> OwnedTensor {
         OwnedTensor {
-            dtype: DType::Bf16,
+            dtype: WeightDType::Bf16,
             shape: vec![2],
             bytes: vec![value; 4],
         }

@@ -22,7 +22,7 @@ use half::{bf16, f16};
 pub use kv::CpuKvCache;
 pub use matmul::PackedWeight;
 
-use super::{AttentionShape, Backend, BackendError, BatchPlan, DType, HostTensor};
+use super::{AttentionShape, Backend, BackendError, BatchPlan, HostTensor, WeightDType};
 use crate::kv_cache::KvLayout;
 
 /// Settings of [`CpuBackend`].
@@ -174,11 +174,13 @@ fn parse_parts<T>(parts: &[HostTensor<'_>], f: impl Fn(&HostTensor<'_>) -> Vec<T
 
 fn parse_f32(t: &HostTensor<'_>) -> Vec<f32> {
     match t.dtype {
-        DType::F32 => parse_elems(t.bytes, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        DType::Bf16 => parse_elems(t.bytes, 2, |b| {
+        WeightDType::F32 => {
+            parse_elems(t.bytes, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        }
+        WeightDType::Bf16 => parse_elems(t.bytes, 2, |b| {
             bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
         }),
-        DType::F16 => parse_elems(t.bytes, 2, |b| {
+        WeightDType::F16 => parse_elems(t.bytes, 2, |b| {
             f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
         }),
     }
@@ -268,11 +270,11 @@ impl Backend for CpuBackend {
                 let w: Vec<f32> = parse_parts(parts, parse_f32);
                 WeightData::F32(PackedWeight::pack(&w, rows, cols))
             }
-            DType::F32 => {
+            WeightDType::F32 => {
                 let w: Vec<f32> = parse_parts(parts, parse_f32);
                 WeightData::F32(PackedWeight::pack(&w, rows, cols))
             }
-            DType::Bf16 => {
+            WeightDType::Bf16 => {
                 let w: Vec<bf16> = parse_parts(parts, |p| {
                     parse_elems(p.bytes, 2, |b| {
                         bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))
@@ -280,7 +282,7 @@ impl Backend for CpuBackend {
                 });
                 WeightData::Bf16(PackedWeight::pack(&w, rows, cols))
             }
-            DType::F16 => {
+            WeightDType::F16 => {
                 let w: Vec<f16> = parse_parts(parts, |p| {
                     parse_elems(p.bytes, 2, |b| {
                         f16::from_bits(u16::from_le_bytes([b[0], b[1]]))

@@ -5,7 +5,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaKvCache, device_error, shape_err, staging};
 use crate::backend::{
-    BackendError, DType, DeviceRange, EXPORT_SLOT_BYTES, HostRange, KvBlockIo, KvBytes, KvBytesMut,
+    BackendError, DeviceRange, EXPORT_SLOT_BYTES, HostRange, KvBlockIo, KvBytes, KvBytesMut,
     KvCacheMemory,
 };
 use crate::kv_cache::{KvDType, KvLayout};
@@ -178,13 +178,9 @@ impl CudaBackend {
         num_blocks: usize,
     ) -> Result<CudaKvCache, BackendError> {
         if layout.dtype != KvDType::Bf16 {
-            return Err(BackendError::UnsupportedDType {
+            return Err(BackendError::UnsupportedKvDType {
                 op: "CUDA KV cache",
-                dtype: match layout.dtype {
-                    KvDType::F32 => DType::F32,
-                    KvDType::F16 => DType::F16,
-                    KvDType::Bf16 => DType::Bf16,
-                },
+                dtype: layout.dtype,
             });
         }
         // One block more than asked for: the scratch block CUDA-graph dummies write into

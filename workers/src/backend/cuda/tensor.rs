@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
 
-use crate::backend::{BackendError, DType, DeviceRange, HostTensor, KvCacheMemory, KvMemory};
+use crate::backend::{BackendError, DeviceRange, HostTensor, KvCacheMemory, KvMemory, WeightDType};
 use crate::kv_cache::KvLayout;
 
 /// Element storage: f32, or bf16 as its bit pattern (`u16`).
@@ -146,15 +146,15 @@ pub(super) fn upload_weight(
 fn to_f32(t: &HostTensor<'_>) -> Vec<f32> {
     let b = t.bytes;
     match t.dtype {
-        DType::F32 => b
+        WeightDType::F32 => b
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
-        DType::Bf16 => b
+        WeightDType::Bf16 => b
             .chunks_exact(2)
             .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        DType::F16 => b
+        WeightDType::F16 => b
             .chunks_exact(2)
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
@@ -164,12 +164,14 @@ fn to_f32(t: &HostTensor<'_>) -> Vec<f32> {
 fn extend_bf16_bits(out: &mut Vec<u16>, t: &HostTensor<'_>) {
     let b = t.bytes;
     match t.dtype {
-        DType::Bf16 => out.extend(b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]))),
-        DType::F32 => out.extend(
+        WeightDType::Bf16 => {
+            out.extend(b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])))
+        }
+        WeightDType::F32 => out.extend(
             b.chunks_exact(4)
                 .map(|c| bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_bits()),
         ),
-        DType::F16 => out.extend(
+        WeightDType::F16 => out.extend(
             b.chunks_exact(2)
                 .map(|c| bf16::from_f32(f16::from_le_bytes([c[0], c[1]]).to_f32()).to_bits()),
         ),
