@@ -1,13 +1,26 @@
-//! Prefix caching through the whole engine on the real model and CPU backend: requests that
-//! share a long prefix with earlier ones take its cached blocks instead of computing them, and
-//! generate exactly the tokens they generate with caching off, greedy and seeded, with room to
-//! spare and with a cache so small that blocks are evicted and requests preempted.
+//! Prefix caching through the whole engine on the real model, on the CPU backend and (where
+//! there is one) the GPU: requests that share a long prefix with earlier ones take its cached
+//! blocks instead of computing them, and generate exactly the tokens they generate with caching
+//! off, greedy and seeded, with room to spare and with a cache so small that blocks are evicted
+//! and requests preempted.
 
 mod engine_support;
 
 use engine_support::*;
-use tandem_workers::engine::{EngineConfig, FinishReason, GenerationRequest};
+use tandem_test_skip::skip;
+use tandem_workers::backend::cuda::{CudaBackend, CudaOptions, driver_present};
+use tandem_workers::engine::{
+    Engine, EngineConfig, FinishReason, GenerationRequest, ModelRunner, StepModel,
+};
+use tandem_workers::model::{Model, ModelOptions};
 use tandem_workers::sampler::SamplingParams;
+
+/// Where the engine runs.
+#[derive(Clone, Copy, Debug)]
+enum Device {
+    Cpu,
+    Cuda,
+}
 
 const NEW_TOKENS: usize = 10;
 const BLOCK: usize = 16;
@@ -42,25 +55,45 @@ fn sampling(i: usize) -> SamplingParams {
 /// Runs the first prompt alone, then the rest together; their tokens, and the prompt
 /// tokens found cached.
 fn run(
+    device: Device,
     model: &std::path::Path,
     prompts: &[Vec<u32>],
     num_blocks: usize,
     prefix_caching: bool,
 ) -> (Vec<Vec<u32>>, u64) {
-    let mut engine = cpu_engine(
-        model,
-        EngineConfig {
-            block_size: BLOCK,
-            num_blocks,
-            max_num_batched_tokens: 32,
-            max_num_seqs: 6,
-            max_model_len: None,
-            // Admission on the first chunk alone, so that the small cache preempts.
-            growth_reserve_tokens: None,
-            prefix_caching,
-            ..EngineConfig::default()
-        },
-    );
+    let config = EngineConfig {
+        block_size: BLOCK,
+        num_blocks,
+        max_num_batched_tokens: 32,
+        max_num_seqs: 6,
+        max_model_len: None,
+        // Admission on the first chunk alone, so that the small cache preempts.
+        growth_reserve_tokens: None,
+        prefix_caching,
+        ..EngineConfig::default()
+    };
+    match device {
+        Device::Cpu => drive(cpu_engine(model, config), prompts, num_blocks),
+        Device::Cuda => {
+            let gpu = CudaBackend::new(&CudaOptions::from_env(0)).expect("cuda backend");
+            let model = Model::load(model, gpu, &ModelOptions::default())
+                .unwrap_or_else(|e| panic!("loading {}: {e}", model.display()));
+            let runner = ModelRunner::new(model, BLOCK, num_blocks).expect("kv cache");
+            drive(
+                Engine::new(runner, config, None).expect("engine"),
+                prompts,
+                num_blocks,
+            )
+        }
+    }
+}
+
+/// The requests of [`run`] through `engine`.
+fn drive<M: StepModel>(
+    mut engine: Engine<M>,
+    prompts: &[Vec<u32>],
+    num_blocks: usize,
+) -> (Vec<Vec<u32>>, u64) {
     let mut rec = Recorder::default();
     let mut ids = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
@@ -88,20 +121,21 @@ fn run(
     (tokens, engine.prefix_cache_stats().hit_tokens)
 }
 
-fn check(model_name: &str) {
+fn check(device: Device, model_name: &str) {
     let model = test_model(model_name);
     let config = tandem_model::ModelConfig::load(&model).unwrap();
     let prompts = prompts(config.vocab_size as u32);
     // 64 blocks: everything stays cached. 9 blocks of 16 = 144 tokens for requests of up to
     // 90: eviction and preemption.
     for num_blocks in [64, 9] {
-        let (plain, plain_hits) = run(&model, &prompts, num_blocks, false);
-        let (cached, hits) = run(&model, &prompts, num_blocks, true);
+        let (plain, plain_hits) = run(device, &model, &prompts, num_blocks, false);
+        let (cached, hits) = run(device, &model, &prompts, num_blocks, true);
         assert_eq!(plain_hits, 0);
         for (i, (got, want)) in cached.iter().zip(&plain).enumerate() {
             assert_eq!(
                 got, want,
-                "{model_name}: request {i} with {num_blocks} blocks differs with prefix caching"
+                "{model_name} on {device:?}: request {i} with {num_blocks} blocks differs with \
+                 prefix caching"
             );
         }
         if num_blocks == 64 {
@@ -115,10 +149,19 @@ fn check(model_name: &str) {
 
 #[test]
 fn tiny_model_same_tokens_with_and_without_prefix_caching() {
-    check("tiny");
+    check(Device::Cpu, "tiny");
 }
 
 #[test]
 fn smollm2_bf16_same_tokens_with_and_without_prefix_caching() {
-    check("smollm2-bf16");
+    check(Device::Cpu, "smollm2-bf16");
+}
+
+#[test]
+fn on_the_gpu_tiny_model_same_tokens_with_and_without_prefix_caching() {
+    if !driver_present() {
+        skip("no CUDA driver on this machine");
+        return;
+    }
+    check(Device::Cuda, "tiny");
 }

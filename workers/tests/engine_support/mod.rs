@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
 use tandem_workers::engine::{
-    Engine, EngineConfig, EngineEvent, EventKind, FinishReason, ModelRunner, RequestId,
+    Engine, EngineConfig, EngineEvent, EventKind, FinishReason, ModelRunner, RequestId, StepModel,
     TokenizerText,
 };
 use tandem_workers::model::{Model, ModelOptions};
@@ -93,8 +93,8 @@ impl Recorder {
     }
 }
 
-/// Steps `engine` until it has no work, recording every event.
-pub fn run_to_idle(engine: &mut CpuEngine, recorder: &mut Recorder) -> usize {
+/// Steps `engine` (on any backend) until it has no work, recording every event.
+pub fn run_to_idle<M: StepModel>(engine: &mut Engine<M>, recorder: &mut Recorder) -> usize {
     let mut steps = 0;
     while engine.has_work() {
         recorder.record(engine.step());
