@@ -20,6 +20,6 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 export TANDEM=tandem MODEL=$llama8 DEVICES=${DEVICES:-cuda:0,cuda:1} OUT=$out
 export SP_GROUPS=${SP_GROUPS:-16} PER_GROUP=${PER_GROUP:-8} SYSTEM=${SYSTEM:-2048}
 export QUESTION=${QUESTION:-128} SP_RATES=${SP_RATES:-8,16,offline}
-export CONVS=${CONVS:-16} TURNS=${TURNS:-5} USER=${USER_WORDS:-256} MT_RATES=${MT_RATES:-2,4,offline}
+export CONVS=${CONVS:-16} TURNS=${TURNS:-5} USER_WORDS=${USER_WORDS:-256} MT_RATES=${MT_RATES:-2,4,offline}
 export OSL=${OSL:-128}
 exec "$root/scripts/bench/prefix-cache" "${1:-off,on-ll,on-kv}" "${2:-shared-prefix,multi-turn}"
