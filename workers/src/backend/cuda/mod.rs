@@ -96,7 +96,7 @@ use crate::backend::BackendError;
 pub use batch::CudaBatch;
 pub use nccl::{NcclRank, communicators as nccl_communicators, nccl_present};
 pub use options::CudaOptions;
-pub use tensor::{CudaKvCache, CudaTensor, CudaWeight};
+pub use tensor::{CudaKvCache, CudaTensor, CudaWeight, MatrixData};
 
 use gemm::Blas;
 use kernels::Kernels;

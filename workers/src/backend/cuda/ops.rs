@@ -5,7 +5,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::tensor::{self, DeviceData};
+use super::tensor::{self, DeviceData, MatrixData};
 use super::{
     CudaBackend, CudaBatch, CudaKvCache, CudaTensor, CudaWeight, row_threads, rows_config, sample,
     shape_err,
@@ -202,12 +202,15 @@ impl Backend for CudaBackend {
 
     fn embedding(&self, table: &CudaWeight, batch: &CudaBatch) -> Result<CudaTensor, BackendError> {
         let CudaWeight::Matrix {
-            data,
+            data: MatrixData::Bf16(data),
             rows: _,
             cols,
         } = table
         else {
-            return Err(shape_err("embedding", "the table is not a matrix".into()));
+            return Err(shape_err(
+                "embedding",
+                "the table is not a bf16 matrix".into(),
+            ));
         };
         let hidden = *cols;
         let mut out = self.alloc_f32(batch.num_tokens * hidden)?;

@@ -11,7 +11,7 @@
 
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaStream, DevicePtr};
+use cudarc::driver::CudaStream;
 
 use super::tensor::CudaWeight;
 
@@ -65,12 +65,12 @@ impl Prefetch {
         let CudaWeight::Matrix { data, .. } = weight else {
             return;
         };
-        if self.max_bytes == 0 || data.len() * 2 < 2 * self.max_bytes {
+        if self.max_bytes == 0 || data.size_bytes() < 2 * self.max_bytes {
             self.clear();
             return;
         }
-        let (ptr, _sync) = data.device_ptr(stream);
-        let bytes = (data.len() * 2).min(self.max_bytes);
+        let ptr = data.device_ptr(stream);
+        let bytes = data.size_bytes().min(self.max_bytes);
         *self.lock() = Some(PrefetchArgs {
             ptr,
             bytes: bytes as i64,

@@ -7,6 +7,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::tensor::DeviceData;
+use super::tensor::MatrixData;
 use super::{CudaBackend, CudaTensor, CudaWeight, elementwise_config, shape_err};
 use crate::backend::BackendError;
 
@@ -44,7 +45,7 @@ impl CudaBackend {
     ) -> Result<Option<CudaTensor>, BackendError> {
         let (
             CudaWeight::Matrix {
-                data: w,
+                data: MatrixData::Bf16(w),
                 rows: n,
                 cols: k,
             },
@@ -71,13 +72,15 @@ impl CudaBackend {
         bias: Option<&CudaWeight>,
     ) -> Result<CudaTensor, BackendError> {
         let CudaWeight::Matrix {
-            data: w,
+            data,
             rows: out_features,
             cols: in_features,
         } = weight
         else {
             return Err(shape_err("linear", "the weight is not a matrix".into()));
         };
+        // The kernels below read bf16 weights; another storage type brings its own arm here.
+        let MatrixData::Bf16(w) = data;
         if x.cols != *in_features {
             return Err(shape_err(
                 "linear",

@@ -66,11 +66,11 @@ fn not_f32(op: &'static str) -> BackendError {
     }
 }
 
-/// A weight: matrices in bf16 (the operand type of the projections), vectors (norm weights,
-/// biases) in f32.
+/// A weight: matrices in the element type their projections read ([`MatrixData`]), vectors
+/// (norm weights, biases) in f32.
 pub enum CudaWeight {
     Matrix {
-        data: CudaSlice<u16>,
+        data: MatrixData,
         rows: usize,
         cols: usize,
     },
@@ -83,8 +83,43 @@ pub enum CudaWeight {
 impl CudaWeight {
     pub(super) fn describe(&self) -> String {
         match self {
-            CudaWeight::Matrix { rows, cols, .. } => format!("a {rows}x{cols} matrix"),
+            CudaWeight::Matrix { rows, cols, data } => {
+                format!("a {rows}x{cols} {} matrix", data.dtype())
+            }
             CudaWeight::Vector { len, .. } => format!("a vector of {len}"),
+        }
+    }
+}
+
+/// A weight matrix's elements on the device, in the type its projections read. The projection
+/// (`projection.rs`) matches on it to pick its kernels, so a storage type with kernels of its
+/// own (FP8 with its scales) is one more variant here and one more arm there; bf16 is the one
+/// the GEMM, GEMV and skinny kernels take, and f32 and f16 files are converted to it at upload.
+pub enum MatrixData {
+    /// bf16 elements as their bit patterns.
+    Bf16(CudaSlice<u16>),
+}
+
+impl MatrixData {
+    /// The element type held.
+    pub fn dtype(&self) -> WeightDType {
+        match self {
+            MatrixData::Bf16(_) => WeightDType::Bf16,
+        }
+    }
+
+    /// Bytes on the device.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            MatrixData::Bf16(data) => data.len() * 2,
+        }
+    }
+
+    /// The device address of the first element, for reads that do not care about the type (an
+    /// L2 prefetch of the weight's first bytes).
+    pub(super) fn device_ptr(&self, stream: &CudaStream) -> u64 {
+        match self {
+            MatrixData::Bf16(data) => data.device_ptr(stream).0,
         }
     }
 }
@@ -134,7 +169,11 @@ pub(super) fn upload_weight(
                 extend_bf16_bits(&mut host, p);
             }
             let data = stream.clone_htod(&host).map_err(upload_err)?;
-            Ok(CudaWeight::Matrix { data, rows, cols })
+            Ok(CudaWeight::Matrix {
+                data: MatrixData::Bf16(data),
+                rows,
+                cols,
+            })
         }
         n => Err(BackendError::Shape {
             op: "upload_weight",
