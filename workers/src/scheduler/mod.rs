@@ -573,10 +573,25 @@ impl Scheduler {
         let mut step = SchedulerStep::default();
         let mut budget = self.config.max_num_batched_tokens;
         let mut scheduled: HashSet<SeqId> = HashSet::new();
+        self.schedule_decodes(&mut step, &mut budget, &mut scheduled);
+        self.schedule_prefills(&mut step, &mut budget, &mut scheduled);
+        // Admission never happens in a step that had to preempt.
+        if step.preempted.is_empty() {
+            self.admit_waiting(&mut step, &mut budget);
+        }
+        step
+    }
 
-        // 1. Decodes, oldest admission first.
+    /// 1. Decodes, oldest admission first; a decode that finds no block preempts the newest
+    /// running sequence (itself, last of all).
+    fn schedule_decodes(
+        &mut self,
+        step: &mut SchedulerStep,
+        budget: &mut usize,
+        scheduled: &mut HashSet<SeqId>,
+    ) {
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
             if self.remaining(id) != 1 {
                 i += 1;
@@ -599,13 +614,21 @@ impl Scheduler {
             }
             step.scheduled.push(self.take_chunk(id, 1));
             scheduled.insert(id);
-            budget -= 1;
+            *budget -= 1;
             i += 1;
         }
+    }
 
-        // 2. Running prefills (prompt or recompute not finished), oldest first.
+    /// 2. Running prefills (prompt or recompute not finished), oldest first, each a chunk of
+    /// what the budget and the free blocks allow.
+    fn schedule_prefills(
+        &mut self,
+        step: &mut SchedulerStep,
+        budget: &mut usize,
+        scheduled: &mut HashSet<SeqId>,
+    ) {
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
             // Nothing to compute: its last token awaits the engine's append_token or finish.
             if scheduled.contains(&id) || self.remaining(id) == 0 {
@@ -632,90 +655,89 @@ impl Scheduler {
                 }
                 continue;
             }
-            let chunk = self.remaining(id).min(budget).min(fit);
+            let chunk = self.remaining(id).min(*budget).min(fit);
             let target = self.seqs[&id].num_computed + chunk;
             let grown = self.kv.allocate_slots(id, target);
             debug_assert!(grown, "chunk was sized to the free blocks");
             step.scheduled.push(self.take_chunk(id, chunk));
             scheduled.insert(id);
-            budget -= chunk;
+            *budget -= chunk;
             i += 1;
         }
+    }
 
-        // 3. Admission, strict FIFO, never in a step that had to preempt, and only with room
-        // to grow for the admitted and the newcomer (module doc).
-        if step.preempted.is_empty() {
-            let mut admitted_growth = self.growth_blocks_of_admitted();
-            while let Some(&id) = self.waiting.front() {
-                if budget == 0 || self.slots_taken() >= self.config.max_num_seqs {
-                    break;
+    /// 3. Admission, strict FIFO, only with room to grow for the admitted and the newcomer
+    /// (module doc); a newcomer takes its cached prefix or a sibling's shared blocks first.
+    fn admit_waiting(&mut self, step: &mut SchedulerStep, budget: &mut usize) {
+        let mut admitted_growth = self.growth_blocks_of_admitted();
+        while let Some(&id) = self.waiting.front() {
+            if *budget == 0 || self.slots_taken() >= self.config.max_num_seqs {
+                break;
+            }
+            let prompt_tokens = self.seqs[&id].num_tokens;
+            let cached = self.kv.cached_prefix(id, prompt_tokens - 1);
+            let admission = if cached > 0 {
+                GroupAdmission::Cached { blocks: cached }
+            } else {
+                self.group_admission(id, step)
+            };
+            let shared = match admission {
+                GroupAdmission::Wait => break,
+                GroupAdmission::Cached { blocks } => {
+                    self.kv.take_cached_prefix(id, blocks);
+                    let tokens = blocks * self.config.block_size;
+                    let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
+                    seq.num_computed = tokens;
+                    Some(tokens)
                 }
-                let prompt_tokens = self.seqs[&id].num_tokens;
-                let cached = self.kv.cached_prefix(id, prompt_tokens - 1);
-                let admission = if cached > 0 {
-                    GroupAdmission::Cached { blocks: cached }
-                } else {
-                    self.group_admission(id, &step)
-                };
-                let shared = match admission {
-                    GroupAdmission::Wait => break,
-                    GroupAdmission::Cached { blocks } => {
-                        self.kv.take_cached_prefix(id, blocks);
-                        let tokens = blocks * self.config.block_size;
-                        let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
-                        seq.num_computed = tokens;
-                        Some(tokens)
+                GroupAdmission::Alone => None,
+                GroupAdmission::Share {
+                    from,
+                    blocks,
+                    tokens,
+                } => {
+                    if self.kv.share_prefix(id, from, blocks).is_err() {
+                        debug_assert!(false, "a running sibling's blocks are allocated");
+                        break;
                     }
-                    GroupAdmission::Alone => None,
-                    GroupAdmission::Share {
-                        from,
-                        blocks,
-                        tokens,
-                    } => {
-                        if self.kv.share_prefix(id, from, blocks).is_err() {
-                            debug_assert!(false, "a running sibling's blocks are allocated");
-                            break;
-                        }
-                        let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
-                        seq.num_computed = tokens;
-                        Some(tokens)
-                    }
-                };
-                let chunk = self.remaining(id).min(budget);
-                let target = self.seqs[&id].num_computed + chunk;
-                let room = admitted_growth
-                    .is_none_or(|admitted| admitted + self.growth_blocks(id) <= self.kv.num_free());
-                if !room || !self.kv.allocate_slots(id, target) {
-                    if shared.is_some() {
-                        // Waiting sequences hold no blocks: give the shares back.
-                        let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
-                        seq.num_computed = 0;
-                        let freed = self.kv.free(id);
-                        debug_assert!(freed.is_ok(), "shared blocks are held: {freed:?}");
-                    }
-                    break;
+                    let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
+                    seq.num_computed = tokens;
+                    Some(tokens)
                 }
-                let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
-                if seq.num_preemptions == 0 {
-                    seq.cached_tokens = shared.unwrap_or(0);
-                    if self.kv.is_tracked(id) {
-                        self.kv.record_lookup(prompt_tokens, seq.cached_tokens);
-                    }
+            };
+            let chunk = self.remaining(id).min(*budget);
+            let target = self.seqs[&id].num_computed + chunk;
+            let room = admitted_growth
+                .is_none_or(|admitted| admitted + self.growth_blocks(id) <= self.kv.num_free());
+            if !room || !self.kv.allocate_slots(id, target) {
+                if shared.is_some() {
+                    // Waiting sequences hold no blocks: give the shares back.
+                    let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
+                    seq.num_computed = 0;
+                    let freed = self.kv.free(id);
+                    debug_assert!(freed.is_ok(), "shared blocks are held: {freed:?}");
                 }
-                self.waiting.pop_front();
-                self.running.push(id);
-                if let Some(seq) = self.seqs.get_mut(&id) {
-                    seq.status = SeqStatus::Running;
-                }
-                step.scheduled.push(self.take_chunk(id, chunk));
-                budget -= chunk;
-                if self.config.growth_reserve_tokens.is_some() {
-                    let newcomer = self.growth_blocks(id);
-                    admitted_growth = Some(admitted_growth.unwrap_or(0) + newcomer);
+                break;
+            }
+            let seq = self.seqs.get_mut(&id).expect("waiting ids are known");
+            if seq.num_preemptions == 0 {
+                seq.cached_tokens = shared.unwrap_or(0);
+                if self.kv.is_tracked(id) {
+                    self.kv.record_lookup(prompt_tokens, seq.cached_tokens);
                 }
             }
+            self.waiting.pop_front();
+            self.running.push(id);
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.status = SeqStatus::Running;
+            }
+            step.scheduled.push(self.take_chunk(id, chunk));
+            *budget -= chunk;
+            if self.config.growth_reserve_tokens.is_some() {
+                let newcomer = self.growth_blocks(id);
+                admitted_growth = Some(admitted_growth.unwrap_or(0) + newcomer);
+            }
         }
-        step
     }
 
     fn remaining(&self, id: SeqId) -> usize {
