@@ -582,8 +582,8 @@ impl Scheduler {
         step
     }
 
-    /// 1. Decodes, oldest admission first; a decode that finds no block preempts the newest
-    /// running sequence (itself, last of all).
+    /// The step's decodes, first and oldest admission first; a decode that finds no block
+    /// preempts the newest running sequence (itself, last of all).
     fn schedule_decodes(
         &mut self,
         step: &mut SchedulerStep,
@@ -619,8 +619,8 @@ impl Scheduler {
         }
     }
 
-    /// 2. Running prefills (prompt or recompute not finished), oldest first, each a chunk of
-    /// what the budget and the free blocks allow.
+    /// Then running prefills (prompt or recompute not finished), oldest first, each a chunk
+    /// of what the budget and the free blocks allow.
     fn schedule_prefills(
         &mut self,
         step: &mut SchedulerStep,
@@ -666,8 +666,9 @@ impl Scheduler {
         }
     }
 
-    /// 3. Admission, strict FIFO, only with room to grow for the admitted and the newcomer
-    /// (module doc); a newcomer takes its cached prefix or a sibling's shared blocks first.
+    /// Last, admission: strict FIFO, only with room to grow for the admitted and the
+    /// newcomer (module doc); a newcomer takes its cached prefix or a sibling's shared blocks
+    /// first.
     fn admit_waiting(&mut self, step: &mut SchedulerStep, budget: &mut usize) {
         let mut admitted_growth = self.growth_blocks_of_admitted();
         while let Some(&id) = self.waiting.front() {
