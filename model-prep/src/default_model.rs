@@ -349,8 +349,9 @@ pub fn sha256_file(path: &Path) -> Result<String, DefaultError> {
 pub fn dtype_flag(dtype: WeightDType) -> &'static str {
     match dtype {
         WeightDType::F32 => "f32",
-        WeightDType::F16 => "f16",
         WeightDType::Bf16 => "bf16",
+        WeightDType::F8E4M3 => "fp8",
+        WeightDType::F16 => "f16",
     }
 }
 

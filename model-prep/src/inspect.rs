@@ -12,6 +12,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tandem_model::quantization;
 use tandem_model::random_weights::RandomWeights;
 use tandem_model::tensor_names::expected_tensors;
 use tandem_model::{
@@ -78,6 +79,11 @@ pub struct WeightsReport {
     pub extra: Vec<String>,
     /// `name: found [..], expected [..]`.
     pub wrong_shape: Vec<String>,
+    /// Scale tensors of an FP8 checkpoint (`*.weight_scale`, `*.input_scale`, KV cache
+    /// scales): part of the quantization, not extra.
+    pub quantization_scales: usize,
+    /// The FP8 scheme config.json declares, described.
+    pub quantization: Option<String>,
     /// Weights the workers generate when they load the model (`random --generate-at-load`):
     /// every expected tensor, from this seed and dtype; no weight files.
     pub generated_at_load: Option<RandomWeights>,
@@ -206,9 +212,30 @@ fn inspect_weights(dir: &Path, config: &ModelConfig, problems: &mut Vec<String>)
             Some(_) => {}
         }
     }
+    let is_scale = |name: &str| {
+        quantization::is_kv_cache_scale(name)
+            || quantization::scaled_weight(name).is_some_and(|w| present.contains_key(&w))
+    };
+    report.quantization_scales = present.keys().filter(|n| is_scale(n)).count();
+    report.quantization = config.quantization_config.as_ref().map(|q| {
+        match quantization::Fp8Scheme::from_config(q) {
+            Ok(s) => format!(
+                "fp8 ({}): {:?} weight scales, {:?} activations, {} kept in 16 bits",
+                s.method,
+                s.weights,
+                s.activations,
+                if s.ignored.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    s.ignored.join(", ")
+                }
+            ),
+            Err(reason) => format!("unsupported: {reason}"),
+        }
+    });
     report.extra = present
         .keys()
-        .filter(|name| !expected_names.contains(name.as_str()))
+        .filter(|name| !expected_names.contains(name.as_str()) && !is_scale(name))
         .cloned()
         .collect();
     if !report.missing.is_empty() {
@@ -431,6 +458,13 @@ impl fmt::Display for ModelReport {
                 f,
                 "weights           generated at load (seed {}, generator {}): no weight files",
                 spec.seed, spec.generator
+            )?;
+        }
+        if let Some(q) = &w.quantization {
+            writeln!(
+                f,
+                "quantization      {q}; {} scale tensors",
+                w.quantization_scales
             )?;
         }
         writeln!(f, "layers            {}", self.layers)?;

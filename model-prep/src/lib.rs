@@ -12,5 +12,6 @@ pub mod import;
 pub mod inspect;
 pub mod output;
 pub mod progress;
+pub mod quantize;
 pub mod random;
 pub mod safetensors_writer;

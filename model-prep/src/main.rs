@@ -15,6 +15,7 @@ use model_prep::inspect::{self, human_bytes, human_count};
 use model_prep::random::{self, RandomOptions};
 use tandem_model::WeightDType;
 use tandem_model::presets::PRESET_NAMES;
+use tandem_model::quantization::WeightScales;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,6 +47,7 @@ enum Command {
     Default(DefaultArgs),
     Fetch(FetchArgs),
     Random(RandomArgs),
+    Quantize(QuantizeArgs),
     Inspect(InspectArgs),
 }
 
@@ -58,6 +60,40 @@ enum DtypeArg {
     F16,
     /// float32: keeps dequantized values exactly (parity tests against float32 references).
     F32,
+}
+
+/// The dtype random weights are written in.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RandomDtypeArg {
+    /// bfloat16: what GPUs run.
+    Bf16,
+    /// float16.
+    F16,
+    /// float32.
+    F32,
+    /// FP8 e4m3 projections with a per-tensor scale (embeddings, norms and lm_head in bf16),
+    /// as an FP8 checkpoint stores them: for FP8 benchmarks.
+    Fp8,
+}
+
+impl From<RandomDtypeArg> for WeightDType {
+    fn from(arg: RandomDtypeArg) -> WeightDType {
+        match arg {
+            RandomDtypeArg::Bf16 => WeightDType::Bf16,
+            RandomDtypeArg::F16 => WeightDType::F16,
+            RandomDtypeArg::F32 => WeightDType::F32,
+            RandomDtypeArg::Fp8 => WeightDType::F8E4M3,
+        }
+    }
+}
+
+/// Scale granularity of `quantize`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ScalesArg {
+    /// One scale per output row: each row's largest weight maps to FP8's largest value.
+    PerChannel,
+    /// One scale per tensor (as ModelOpt's FP8 checkpoints store them).
+    PerTensor,
 }
 
 impl From<DtypeArg> for WeightDType {
@@ -204,7 +240,7 @@ struct RandomArgs {
     seed: u64,
     /// Dtype of the weights.
     #[arg(long, value_enum, default_value = "bf16")]
-    dtype: DtypeArg,
+    dtype: RandomDtypeArg,
     /// Replace the output directory if it is not empty.
     #[arg(long)]
     force: bool,
@@ -262,6 +298,31 @@ impl From<ShapeArgs> for random::ShapeOverrides {
     }
 }
 
+/// Write an FP8 copy of a model directory.
+///
+/// Stores every decoder projection (q/k/v/o, gate/up/down) in FP8 e4m3 with an f32
+/// `weight_scale` beside it, per output row (default) or per tensor, rounding to nearest
+/// without calibration data; embeddings, norms, biases and lm_head keep the source's dtype.
+/// config.json gets a compressed-tensors `quantization_config` (dynamic per-token activation
+/// scales), which vLLM and SGLang load as well. The projections' bytes halve (from bf16); on
+/// Hopper GPUs the workers run them as FP8 products, on the CPU they are dequantized.
+///
+/// Example: model-prep quantize models/smollm2 -o models/smollm2-fp8
+#[derive(Debug, Args)]
+struct QuantizeArgs {
+    /// The source model directory (f32, f16 or bf16 safetensors).
+    source: PathBuf,
+    /// Output directory (must be absent or empty unless --force).
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// One scale per output row or per tensor.
+    #[arg(long, value_enum, default_value = "per-channel")]
+    scales: ScalesArg,
+    /// Replace the output directory if it is not empty.
+    #[arg(long)]
+    force: bool,
+}
+
 /// Describe a model directory and check that it is complete.
 ///
 /// Prints the architecture, parameter count, dtype (from the safetensors headers), layers,
@@ -303,8 +364,32 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Default(args) => run_default(args),
         Command::Fetch(args) => run_fetch(args),
         Command::Random(args) => run_random(args),
+        Command::Quantize(args) => run_quantize(args),
         Command::Inspect(args) => run_inspect(args),
     }
+}
+
+fn run_quantize(args: QuantizeArgs) -> anyhow::Result<()> {
+    let scales = match args.scales {
+        ScalesArg::PerChannel => WeightScales::PerChannel,
+        ScalesArg::PerTensor => WeightScales::PerTensor,
+    };
+    let started = Instant::now();
+    let summary = model_prep::quantize::quantize(&args.source, &args.output, scales, args.force)
+        .with_context(|| format!("quantizing {}", args.source.display()))?;
+    println!(
+        "quantized {} into {} in {:.1} s: {} projections in fp8 ({:?} scales), {} tensors kept; \
+         weights {:.1} MB -> {:.1} MB",
+        args.source.display(),
+        summary.directory.display(),
+        started.elapsed().as_secs_f64(),
+        summary.quantized,
+        scales,
+        summary.kept,
+        summary.source_bytes as f64 / 1e6,
+        summary.weight_bytes as f64 / 1e6,
+    );
+    Ok(())
 }
 
 fn run_import(args: ImportGgufArgs) -> anyhow::Result<()> {

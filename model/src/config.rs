@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::quantization::Fp8Scheme;
 use crate::{CONFIG_FILE, read_json};
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +165,10 @@ pub struct ModelConfig {
     /// The dtype the weights are stored in (`bfloat16`, `float16`, `float32`).
     #[serde(default, alias = "dtype", skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
+    /// A quantized checkpoint's scheme as written (FP8 only: [`crate::quantization`]);
+    /// [`ModelConfig::validate`] refuses any other, [`ModelConfig::fp8_scheme`] reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -265,6 +270,10 @@ impl ModelConfig {
                 format!("{:?} is not supported (silu only)", self.hidden_act),
             ));
         }
+        if let Some(quantization) = &self.quantization_config {
+            Fp8Scheme::from_config(quantization)
+                .map_err(|reason| invalid("quantization_config", reason))?;
+        }
         if let Some(scaling) = &self.rope_scaling {
             match scaling.rope_type.as_str() {
                 "default" => {}
@@ -289,6 +298,14 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// The FP8 scheme of a quantized checkpoint; `None` for a 16/32-bit one. Valid after
+    /// [`ModelConfig::validate`].
+    pub fn fp8_scheme(&self) -> Option<Fp8Scheme> {
+        self.quantization_config.as_ref().map(|q| {
+            Fp8Scheme::from_config(q).expect("ModelConfig::validate checks quantization_config")
+        })
     }
 
     fn try_architecture(&self) -> Option<Architecture> {
@@ -370,6 +387,7 @@ impl ModelConfig {
             sliding_window: None,
             rope_parameters: None,
             torch_dtype: None,
+            quantization_config: None,
         }
     }
 }

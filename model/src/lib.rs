@@ -11,12 +11,13 @@ mod dtype;
 mod files;
 mod generation;
 pub mod presets;
+pub mod quantization;
 pub mod random_weights;
 pub mod tensor_names;
 mod tokenizer_config;
 
 pub use config::{Architecture, ConfigError, ModelConfig, RopeParameters, RopeScaling, TokenIds};
-pub use dtype::WeightDType;
+pub use dtype::{F8E4M3_MAX, WeightDType};
 pub use files::{
     CONFIG_FILE, GENERATION_CONFIG_FILE, RANDOM_WEIGHTS_FILE, SAFETENSORS_INDEX_FILE,
     TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_json, write_json,

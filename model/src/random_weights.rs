@@ -36,6 +36,21 @@ pub const CHUNK_ELEMENTS: usize = 1 << 16;
 /// Hugging Face's `initializer_range` for Llama models.
 pub const INIT_STD: f32 = 0.02;
 
+/// The per-tensor scale of FP8 random weights: `N(0, INIT_STD)` values quantized with six
+/// standard deviations at the largest FP8 value (beyond it they saturate: about two values
+/// in a billion). Fixed, so that any rows of a tensor are generated without a pass over all
+/// of them.
+pub const FP8_SCALE: f32 = 6.0 * INIT_STD / crate::F8E4M3_MAX;
+
+/// The storage type of tensor `name` in a random-weight model of `dtype`: an FP8 model stores
+/// its projections in FP8 (scale [`FP8_SCALE`]) and the rest in bf16, as FP8 checkpoints do.
+pub fn tensor_dtype(name: &str, dtype: WeightDType) -> WeightDType {
+    match dtype {
+        WeightDType::F8E4M3 if !crate::tensor_names::is_projection(name) => WeightDType::Bf16,
+        other => other,
+    }
+}
+
 /// How a tensor is initialised, following `LlamaPreTrainedModel._init_weights`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
@@ -113,7 +128,11 @@ pub fn tensor_bytes_range(
                 fill_normal(&mut rng, std, &mut values);
             }
         }
-        dtype.encode_into(&values[skip..skip + out.len() / element_bytes], out);
+        let values = &mut values[skip..skip + out.len() / element_bytes];
+        if dtype == WeightDType::F8E4M3 {
+            values.iter_mut().for_each(|v| *v /= FP8_SCALE);
+        }
+        dtype.encode_into(values, out);
     });
     bytes
 }

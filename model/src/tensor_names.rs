@@ -45,6 +45,14 @@ pub fn layer(layer: usize) -> LayerTensorNames {
     }
 }
 
+/// Whether `name` is the weight of a decoder layer's projection (q/k/v/o, gate/up/down): the
+/// tensors an FP8 checkpoint stores in FP8 (embeddings, norms, biases and lm_head stay 16-bit).
+pub fn is_projection(name: &str) -> bool {
+    name.starts_with("model.layers.")
+        && name.ends_with("_proj.weight")
+        && (name.contains(".self_attn.") || name.contains(".mlp."))
+}
+
 /// Every tensor a model of this config has, with its shape, in a stable order.
 /// `lm_head.weight` is absent when embeddings are tied.
 pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
@@ -78,4 +86,31 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         tensors.push((LM_HEAD.to_string(), vec![config.vocab_size, hidden]));
     }
     tensors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn projections_are_the_layers_linear_weights() {
+        let n = layer(3);
+        for name in [
+            &n.q_proj,
+            &n.k_proj,
+            &n.v_proj,
+            &n.o_proj,
+            &n.gate_proj,
+            &n.up_proj,
+            &n.down_proj,
+        ] {
+            assert!(is_projection(name), "{name}");
+        }
+        for name in [&n.q_bias, &n.input_norm, &n.post_attention_norm] {
+            assert!(!is_projection(name), "{name}");
+        }
+        assert!(
+            !is_projection(EMBED_TOKENS) && !is_projection(LM_HEAD) && !is_projection(FINAL_NORM)
+        );
+    }
 }

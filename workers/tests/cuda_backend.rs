@@ -1472,6 +1472,7 @@ fn bf16_activation(
         .collect();
     let table = gpu
         .upload_weight(&[HostTensor {
+            scales: Default::default(),
             dtype: WeightDType::Bf16,
             shape: &[rows, k],
             bytes: &values,
@@ -1480,6 +1481,7 @@ fn bf16_activation(
     let ones: Vec<u8> = (0..k).flat_map(|_| 1.0f32.to_le_bytes()).collect();
     let norm = gpu
         .upload_weight(&[HostTensor {
+            scales: Default::default(),
             dtype: WeightDType::F32,
             shape: &[k],
             bytes: &ones,
@@ -1541,6 +1543,7 @@ fn projections_of_decode_batches_match_a_cpu_reference() {
         let bytes: Vec<u8> = w_bf16.iter().flat_map(|v| v.to_le_bytes()).collect();
         let w = gpu
             .upload_weight(&[HostTensor {
+                scales: Default::default(),
                 dtype: WeightDType::Bf16,
                 shape: &[n, k],
                 bytes: &bytes,

@@ -231,6 +231,7 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
         sliding_window: None,
         rope_parameters: None,
         torch_dtype: None,
+        quantization_config: None,
     };
     if architecture == Architecture::Qwen2 {
         // Qwen2's HF config has no attention_bias key; its q/k/v biases are implied.

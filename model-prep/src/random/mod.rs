@@ -16,6 +16,7 @@ use std::sync::mpsc;
 
 use tandem_model::WeightDType;
 use tandem_model::presets::{PRESET_NAMES, preset};
+use tandem_model::quantization::{Fp8Scheme, WEIGHT_SCALE_SUFFIX, WeightScales};
 use tandem_model::random_weights::{self as weights, GENERATOR_VERSION, RandomWeights};
 use tandem_model::tensor_names::expected_tensors;
 use tandem_model::{
@@ -139,7 +140,17 @@ pub fn preset_config(
     // original model's (Llama 3's bos 128000 would be an ordinary merge here).
     config.bos_token_id = Some(TokenIds::One(tokenizer::BOS_ID));
     config.eos_token_id = Some(TokenIds::One(tokenizer::EOS_ID));
-    config.torch_dtype = Some(dtype.torch_name().to_string());
+    // An FP8 model's other tensors are bf16 (`torch_dtype` names those, as FP8 checkpoints do).
+    let unquantized = weights::tensor_dtype(tandem_model::tensor_names::EMBED_TOKENS, dtype);
+    config.torch_dtype = Some(unquantized.torch_name().to_string());
+    if dtype == WeightDType::F8E4M3 {
+        config.quantization_config = Some(Fp8Scheme::compressed_tensors_config(
+            WeightScales::PerTensor,
+            &[tandem_model::tensor_names::LM_HEAD
+                .trim_end_matches(".weight")
+                .to_string()],
+        ));
+    }
     config.validate(Path::new(CONFIG_FILE))?;
     Ok(config)
 }
@@ -201,14 +212,18 @@ fn write_weights(
     options: &RandomOptions,
     path: &Path,
 ) -> Result<(usize, u64), RandomError> {
-    let specs: Vec<TensorSpec> = expected_tensors(config)
-        .into_iter()
-        .map(|(name, shape)| TensorSpec {
-            name,
-            dtype: options.dtype,
-            shape,
-        })
-        .collect();
+    let mut specs: Vec<TensorSpec> = Vec::new();
+    for (name, shape) in expected_tensors(config) {
+        let dtype = weights::tensor_dtype(&name, options.dtype);
+        if dtype == WeightDType::F8E4M3 {
+            specs.push(TensorSpec {
+                name: scale_name(&name),
+                dtype: WeightDType::F32,
+                shape: vec![1],
+            });
+        }
+        specs.push(TensorSpec { name, dtype, shape });
+    }
     let total_bytes: u64 = specs.iter().map(|s| s.byte_len() as u64).sum();
     let mut metadata = BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
@@ -229,9 +244,13 @@ fn write_weights(
             writer.finish()
         });
         for spec in &specs {
-            let elements = spec.shape.iter().product();
-            let init = weights::Init::for_tensor(&spec.name);
-            let bytes = weights::tensor_bytes(options.seed, &spec.name, init, spec.dtype, elements);
+            let bytes = if spec.name.ends_with(WEIGHT_SCALE_SUFFIX) {
+                weights::FP8_SCALE.to_le_bytes().to_vec()
+            } else {
+                let elements = spec.shape.iter().product();
+                let init = weights::Init::for_tensor(&spec.name);
+                weights::tensor_bytes(options.seed, &spec.name, init, spec.dtype, elements)
+            };
             if sender.send((spec.name.clone(), bytes)).is_err() {
                 // The writer stopped early; its error is reported below.
                 break;
@@ -243,6 +262,14 @@ fn write_weights(
     bar.finish_and_clear();
     written.map_err(|_| RandomError::WriterPanicked)??;
     Ok((specs.len(), total_bytes))
+}
+
+/// `x.weight_scale` of weight `x.weight`.
+fn scale_name(weight: &str) -> String {
+    format!(
+        "{}{WEIGHT_SCALE_SUFFIX}",
+        weight.strip_suffix(".weight").unwrap_or(weight)
+    )
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod fp8;
 mod kv_io;
 mod plan;
 
@@ -38,12 +39,54 @@ pub struct HostTensor<'a> {
     /// `[len]` for vectors (norm weights, biases), `[out, in]` for matrices.
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
+    /// An FP8 weight's scales ([`WeightDType::F8E4M3`]); empty for the other types.
+    pub scales: QuantScales<'a>,
 }
 
-impl HostTensor<'_> {
+impl<'a> HostTensor<'a> {
+    /// A tensor of a type without scales.
+    pub fn new(dtype: WeightDType, shape: &'a [usize], bytes: &'a [u8]) -> Self {
+        HostTensor {
+            dtype,
+            shape,
+            bytes,
+            scales: QuantScales::default(),
+        }
+    }
+
     pub fn elems(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// The scale of row `row` of an FP8 matrix (1 for other types).
+    pub fn row_scale(&self, row: usize) -> f32 {
+        match self.scales.weight {
+            [] => 1.0,
+            [one] => *one,
+            rows => rows[row],
+        }
+    }
+}
+
+/// How an FP8 weight's stored values become its values, and how its input is quantized:
+/// [`tandem_model::quantization`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QuantScales<'a> {
+    /// One scale for the whole matrix, or one per row (output feature); empty: no scales.
+    pub weight: &'a [f32],
+    pub input: InputScale,
+}
+
+/// How the input of an FP8 product is quantized (the checkpoint's activation scheme).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum InputScale {
+    /// Each token's row by its own largest magnitude (dynamic).
+    #[default]
+    PerToken,
+    /// By the checkpoint's static scale, the same for every token.
+    Static(f32),
+    /// Not at all: a weight-only checkpoint, whose products run in 16 bits.
+    Unquantized,
 }
 
 /// Head geometry of the attention ops.

@@ -599,6 +599,7 @@ fn ceilings(gpu: &CudaBackend) -> Result<Ceilings> {
     }
     let shape = [dim, dim];
     let t = HostTensor {
+        scales: Default::default(),
         dtype: WeightDType::Bf16,
         shape: &shape,
         bytes: &values,
@@ -606,6 +607,7 @@ fn ceilings(gpu: &CudaBackend) -> Result<Ceilings> {
     let w = gpu.upload_weight(&[t])?;
     let ones: Vec<u8> = (0..dim).flat_map(|_| 1.0f32.to_le_bytes()).collect();
     let norm = gpu.upload_weight(&[HostTensor {
+        scales: Default::default(),
         dtype: WeightDType::F32,
         shape: &[dim],
         bytes: &ones,
@@ -650,12 +652,14 @@ fn activation(
         .collect();
     let shape = [rows, k];
     let table = gpu.upload_weight(&[HostTensor {
+        scales: Default::default(),
         dtype: WeightDType::Bf16,
         shape: &shape,
         bytes: &values,
     }])?;
     let ones: Vec<u8> = (0..k).flat_map(|_| 1.0f32.to_le_bytes()).collect();
     let norm = gpu.upload_weight(&[HostTensor {
+        scales: Default::default(),
         dtype: WeightDType::F32,
         shape: &[k],
         bytes: &ones,
@@ -954,6 +958,7 @@ fn projections(
             .collect();
         let shape = [n, k];
         let w = gpu.upload_weight(&[HostTensor {
+            scales: Default::default(),
             dtype: WeightDType::Bf16,
             shape: &shape,
             bytes: &values,

@@ -162,7 +162,13 @@ impl<B: Backend> Model<B> {
             }
         };
         let embed_entry = get(tensor_names::EMBED_TOKENS);
-        let weight_dtype = embed_entry.view().dtype;
+        // The projections' type names the model (`fp8` for an FP8 checkpoint); the
+        // embedding's is what its 16-bit parts are in.
+        let unquantized_dtype = embed_entry.view().dtype;
+        let weight_dtype = match config.num_hidden_layers {
+            0 => unquantized_dtype,
+            _ => entry(&tensor_names::layer(0).q_proj).dtype,
+        };
         let embed = backend.upload_weight(&[embed_entry.view()])?;
         let lm_head = if config.tie_word_embeddings {
             None
@@ -207,9 +213,9 @@ impl<B: Backend> Model<B> {
                 .view()])?,
             });
         }
-        let kv_dtype = options.kv_dtype.unwrap_or(match weight_dtype {
+        let kv_dtype = options.kv_dtype.unwrap_or(match unquantized_dtype {
             WeightDType::F32 => KvDType::F32,
-            WeightDType::Bf16 => KvDType::Bf16,
+            WeightDType::Bf16 | WeightDType::F8E4M3 => KvDType::Bf16,
             WeightDType::F16 => KvDType::F16,
         });
         let shape = AttentionShape {
@@ -247,7 +253,7 @@ impl<B: Backend> Model<B> {
         &self.backend
     }
 
-    /// The dtype of the weight files (of the embedding table).
+    /// The dtype of the projections (`fp8` for an FP8 checkpoint; else that of all weights).
     pub fn weight_dtype(&self) -> WeightDType {
         self.weight_dtype
     }

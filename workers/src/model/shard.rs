@@ -14,7 +14,7 @@
 //! every rank holds the same residual stream and the same logits. A bias of `o_proj` is held by
 //! rank 0 alone, so the sum counts it once.
 
-use crate::backend::{HostTensor, WeightDType};
+use crate::backend::{HostTensor, InputScale, QuantScales, WeightDType};
 
 /// One rank's place in a tensor-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,14 +58,32 @@ pub struct OwnedTensor {
     pub dtype: WeightDType,
     pub shape: Vec<usize>,
     pub bytes: Vec<u8>,
+    /// An FP8 weight's scales: one, or one per row of this tensor ([`QuantScales::weight`]).
+    pub weight_scales: Vec<f32>,
+    pub input_scale: InputScale,
 }
 
 impl OwnedTensor {
+    /// A tensor of a type without scales.
+    pub fn new(dtype: WeightDType, shape: Vec<usize>, bytes: Vec<u8>) -> Self {
+        OwnedTensor {
+            dtype,
+            shape,
+            bytes,
+            weight_scales: Vec::new(),
+            input_scale: InputScale::PerToken,
+        }
+    }
+
     pub fn view(&self) -> HostTensor<'_> {
         HostTensor {
             dtype: self.dtype,
             shape: &self.shape,
             bytes: &self.bytes,
+            scales: QuantScales {
+                weight: &self.weight_scales,
+                input: self.input_scale,
+            },
         }
     }
 }
@@ -76,10 +94,17 @@ pub fn rows(t: &HostTensor<'_>, range: std::ops::Range<usize>) -> OwnedTensor {
     let row_bytes = row_elems * t.dtype.size_bytes();
     let mut shape = t.shape.to_vec();
     shape[0] = range.len();
+    // Per-row scales follow their rows; one scale stays the tensor's.
+    let weight_scales = match t.scales.weight {
+        [] | [_] => t.scales.weight.to_vec(),
+        per_row => per_row[range.clone()].to_vec(),
+    };
     OwnedTensor {
         dtype: t.dtype,
         shape,
         bytes: t.bytes[range.start * row_bytes..range.end * row_bytes].to_vec(),
+        weight_scales,
+        input_scale: t.scales.input,
     }
 }
 
@@ -93,10 +118,13 @@ pub fn cols(t: &HostTensor<'_>, range: std::ops::Range<usize>) -> OwnedTensor {
         let row = &t.bytes[r * inputs * es..(r + 1) * inputs * es];
         bytes.extend_from_slice(&row[range.start * es..range.end * es]);
     }
+    // A row's scale covers every column of it.
     OwnedTensor {
         dtype: t.dtype,
         shape: vec![out, range.len()],
         bytes,
+        weight_scales: t.scales.weight.to_vec(),
+        input_scale: t.scales.input,
     }
 }
 
@@ -133,11 +161,7 @@ mod tests {
     #[test]
     fn row_and_column_shards_hold_the_right_elements() {
         let (shape, bytes) = matrix(3, 4);
-        let t = HostTensor {
-            dtype: WeightDType::F32,
-            shape: &shape,
-            bytes: &bytes,
-        };
+        let t = HostTensor::new(WeightDType::F32, &shape, &bytes);
         let r = rows(&t, 1..3);
         assert_eq!(r.shape, vec![2, 4]);
         assert_eq!(values(&r), vec![4., 5., 6., 7., 8., 9., 10., 11.]);
@@ -151,5 +175,26 @@ mod tests {
             .flat_map(|r| [&left[r * 2..r * 2 + 2], &right[r * 2..r * 2 + 2]].concat())
             .collect();
         assert_eq!(joined, (0..12).map(|i| i as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn per_row_scales_follow_their_rows_and_one_scale_stays() {
+        let shape = [3, 2];
+        let bytes = [0u8; 6];
+        let per_row = [0.5f32, 1.0, 2.0];
+        let mut t = HostTensor::new(WeightDType::F8E4M3, &shape, &bytes);
+        t.scales = QuantScales {
+            weight: &per_row,
+            input: InputScale::Static(0.25),
+        };
+        let r = rows(&t, 1..3);
+        assert_eq!(
+            (r.weight_scales.as_slice(), r.input_scale),
+            (&[1.0f32, 2.0][..], InputScale::Static(0.25))
+        );
+        assert_eq!(cols(&t, 0..1).weight_scales, per_row.to_vec());
+        let one = [0.5f32];
+        t.scales.weight = &one;
+        assert_eq!(rows(&t, 2..3).weight_scales, vec![0.5]);
     }
 }

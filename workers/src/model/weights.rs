@@ -13,13 +13,14 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
+use tandem_model::quantization::{self, ActivationScheme};
 use tandem_model::random_weights::{self, GENERATOR_VERSION, RandomWeights};
 use tandem_model::{
     ModelConfig, RANDOM_WEIGHTS_FILE, SAFETENSORS_INDEX_FILE, WEIGHTS_FILE, tensor_names,
 };
 
 use super::shard::OwnedTensor;
-use crate::backend::{HostTensor, WeightDType};
+use crate::backend::{HostTensor, InputScale, QuantScales, WeightDType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -50,8 +51,10 @@ pub enum WeightsError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
-    #[error("tensor {name} has dtype {dtype}; supported: F32, F16, BF16")]
+    #[error("tensor {name} has dtype {dtype}; supported: F32, F16, BF16, and F8_E4M3 projections")]
     DType { name: String, dtype: String },
+    #[error("FP8 tensor {name}: {reason}")]
+    Quantized { name: String, reason: String },
     #[error("tensor {name} is not part of a {arch} model of this config (check config.json)")]
     Unexpected { name: String, arch: &'static str },
 }
@@ -62,6 +65,28 @@ pub struct TensorEntry<'a> {
     pub dtype: WeightDType,
     pub shape: Vec<usize>,
     bytes: TensorBytes<'a>,
+    /// An FP8 weight's scales (one, or one per row); empty otherwise.
+    weight_scales: Vec<f32>,
+    input_scale: InputScale,
+}
+
+impl<'a> TensorEntry<'a> {
+    fn unscaled(dtype: WeightDType, shape: Vec<usize>, bytes: TensorBytes<'a>) -> Self {
+        TensorEntry {
+            dtype,
+            shape,
+            bytes,
+            weight_scales: Vec::new(),
+            input_scale: InputScale::PerToken,
+        }
+    }
+
+    fn scales(&self) -> QuantScales<'_> {
+        QuantScales {
+            weight: &self.weight_scales,
+            input: self.input_scale,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -206,6 +231,7 @@ impl TensorEntry<'_> {
                 dtype: self.dtype,
                 shape: &self.shape,
                 bytes,
+                scales: self.scales(),
             }),
             TensorBytes::Generated { .. } => Piece::Owned(self.load_rows(self.all_rows())),
         }
@@ -249,6 +275,9 @@ impl TensorEntry<'_> {
                         elements,
                         range.start * row..range.end * row,
                     ),
+                    // Generated FP8 weights have one scale for the tensor.
+                    weight_scales: self.weight_scales.clone(),
+                    input_scale: self.input_scale,
                 }
             }
         }
@@ -297,27 +326,22 @@ impl WeightSource {
     ) -> Result<HashMap<String, TensorEntry<'_>>, WeightsError> {
         match self {
             WeightSource::Files(files) => files.tensors(config),
-            WeightSource::Generated(spec) => {
-                let dtype = spec.dtype;
-                Ok(tensor_names::expected_tensors(config)
-                    .into_iter()
-                    .map(|(name, shape)| {
-                        let bytes = TensorBytes::Generated {
-                            name: name.clone(),
-                            seed: spec.seed,
-                            encoding: spec.dtype,
-                        };
-                        (
-                            name,
-                            TensorEntry {
-                                dtype,
-                                shape,
-                                bytes,
-                            },
-                        )
-                    })
-                    .collect())
-            }
+            WeightSource::Generated(spec) => Ok(tensor_names::expected_tensors(config)
+                .into_iter()
+                .map(|(name, shape)| {
+                    let dtype = random_weights::tensor_dtype(&name, spec.dtype);
+                    let bytes = TensorBytes::Generated {
+                        name: name.clone(),
+                        seed: spec.seed,
+                        encoding: dtype,
+                    };
+                    let mut entry = TensorEntry::unscaled(dtype, shape, bytes);
+                    if dtype == WeightDType::F8E4M3 {
+                        entry.weight_scales = vec![random_weights::FP8_SCALE];
+                    }
+                    (name, entry)
+                })
+                .collect()),
         }
     }
 }
@@ -365,6 +389,7 @@ impl WeightFiles {
         config: &ModelConfig,
     ) -> Result<HashMap<String, TensorEntry<'_>>, WeightsError> {
         let mut found = HashMap::new();
+        let mut scales: HashMap<String, Vec<f32>> = HashMap::new();
         for (path, map) in &self.files {
             let st = SafeTensors::deserialize(map).map_err(|source| WeightsError::Format {
                 path: path.clone(),
@@ -375,6 +400,7 @@ impl WeightFiles {
                     Dtype::F32 => WeightDType::F32,
                     Dtype::F16 => WeightDType::F16,
                     Dtype::BF16 => WeightDType::Bf16,
+                    Dtype::F8_E4M3 => WeightDType::F8E4M3,
                     other => {
                         return Err(WeightsError::DType {
                             name: name.to_string(),
@@ -382,19 +408,136 @@ impl WeightFiles {
                         });
                     }
                 };
+                if quantization::scaled_weight(name).is_some()
+                    || quantization::is_kv_cache_scale(name)
+                {
+                    let values = scale_values(name, dtype, view.data())?;
+                    scales.insert(name.to_string(), values);
+                    continue;
+                }
                 found.insert(
                     name.to_string(),
-                    TensorEntry {
+                    TensorEntry::unscaled(
                         dtype,
-                        shape: view.shape().to_vec(),
-                        bytes: TensorBytes::Mapped(view.data()),
-                    },
+                        view.shape().to_vec(),
+                        TensorBytes::Mapped(view.data()),
+                    ),
                 );
             }
         }
+        attach_scales(config, &mut found, scales)?;
         check(config, &mut found)?;
         Ok(found)
     }
+}
+
+/// A scale tensor's values as f32 (checkpoints store them in f32, sometimes bf16).
+fn scale_values(name: &str, dtype: WeightDType, bytes: &[u8]) -> Result<Vec<f32>, WeightsError> {
+    if dtype == WeightDType::F8E4M3 {
+        return Err(WeightsError::DType {
+            name: name.to_string(),
+            dtype: "F8_E4M3 (a scale must be f32, f16 or bf16)".into(),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(dtype.size_bytes())
+        .map(|b| dtype.decode(b))
+        .collect())
+}
+
+/// Gives each FP8 weight its scales and checks the checkpoint is one the workers run: FP8
+/// tensors only for projections, each with its `weight_scale` (one, or one per row), a config
+/// that declares the scheme, and static activation scales where the scheme says so. KV cache
+/// scales are for an FP8 KV cache, which reads them itself.
+fn attach_scales(
+    config: &ModelConfig,
+    found: &mut HashMap<String, TensorEntry<'_>>,
+    mut scales: HashMap<String, Vec<f32>>,
+) -> Result<(), WeightsError> {
+    let scheme = config.fp8_scheme();
+    let bad = |name: &str, reason: String| WeightsError::Quantized {
+        name: name.to_string(),
+        reason,
+    };
+    for (name, entry) in found.iter_mut() {
+        if entry.dtype != WeightDType::F8E4M3 {
+            continue;
+        }
+        let Some(scheme) = &scheme else {
+            return Err(bad(
+                name,
+                "config.json has no `quantization_config` describing the checkpoint's FP8 \
+                 scheme"
+                    .into(),
+            ));
+        };
+        if !tensor_names::is_projection(name) || entry.shape.len() != 2 {
+            return Err(bad(
+                name,
+                "only the decoder layers' projections may be FP8 (embeddings, norms and \
+                 lm_head must be 16 or 32-bit)"
+                    .into(),
+            ));
+        }
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        let weight_scale = scales
+            .remove(&format!("{module}{}", quantization::WEIGHT_SCALE_SUFFIX))
+            .ok_or_else(|| bad(name, "its `weight_scale` is missing".into()))?;
+        let rows = entry.shape[0];
+        if weight_scale.len() != 1 && weight_scale.len() != rows {
+            return Err(bad(
+                name,
+                format!(
+                    "{} weight scales for {rows} rows (one per tensor or one per row are \
+                     supported)",
+                    weight_scale.len()
+                ),
+            ));
+        }
+        if let Some(s) = weight_scale.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(bad(
+                name,
+                format!("weight scale {s} is not a positive number"),
+            ));
+        }
+        entry.weight_scales = weight_scale;
+        let input = scales.remove(&format!("{module}{}", quantization::INPUT_SCALE_SUFFIX));
+        entry.input_scale = match (scheme.activations, input) {
+            (ActivationScheme::StaticPerTensor, Some(values)) => match values[..] {
+                [s] if s.is_finite() && s > 0.0 => InputScale::Static(s),
+                _ => {
+                    return Err(bad(
+                        name,
+                        format!("`input_scale` must be one positive number, not {values:?}"),
+                    ));
+                }
+            },
+            (ActivationScheme::StaticPerTensor, None) => {
+                return Err(bad(
+                    name,
+                    format!(
+                        "the {} scheme has static activation scales and its `input_scale` is \
+                         missing",
+                        scheme.method
+                    ),
+                ));
+            }
+            // A dynamic scheme computes its scales; a stray static one is not used.
+            (ActivationScheme::DynamicPerToken, _) => InputScale::PerToken,
+            (ActivationScheme::None, _) => InputScale::Unquantized,
+        };
+    }
+    for name in scales.keys() {
+        if quantization::is_kv_cache_scale(name) {
+            tracing::debug!(tensor = %name, "KV cache scale: read by an FP8 KV cache only");
+            continue;
+        }
+        return Err(bad(
+            name,
+            "a scale of a weight that is not FP8 (or not in this checkpoint)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The distinct shard files of an index, in a stable order.
@@ -479,11 +622,7 @@ mod tests {
     }
 
     fn owned(value: u8) -> OwnedTensor {
-        OwnedTensor {
-            dtype: WeightDType::Bf16,
-            shape: vec![2],
-            bytes: vec![value; 4],
-        }
+        OwnedTensor::new(WeightDType::Bf16, vec![2], vec![value; 4])
     }
 
     #[test]

@@ -22,7 +22,9 @@ use half::{bf16, f16};
 pub use kv::CpuKvCache;
 pub use matmul::PackedWeight;
 
-use super::{AttentionShape, Backend, BackendError, BatchPlan, HostTensor, WeightDType};
+use super::{
+    AttentionShape, Backend, BackendError, BatchPlan, HostTensor, InputScale, WeightDType,
+};
 use crate::kv_cache::KvLayout;
 
 /// Settings of [`CpuBackend`].
@@ -63,6 +65,11 @@ pub enum WeightData {
     F32(PackedWeight<f32>),
     Bf16(PackedWeight<bf16>),
     F16(PackedWeight<f16>),
+    /// An FP8 matrix dequantized to f32, and how its input is quantized before the product.
+    Fp8 {
+        weight: PackedWeight<f32>,
+        input: InputScale,
+    },
 }
 
 /// A weight matrix `[rows, cols]` (`[out, in]`), or a vector (`rows == 1`).
@@ -183,6 +190,15 @@ fn parse_f32(t: &HostTensor<'_>) -> Vec<f32> {
         WeightDType::F16 => parse_elems(t.bytes, 2, |b| {
             f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
         }),
+        // Each code times its row's scale (exact in f32: a 4-bit significand times the scale).
+        WeightDType::F8E4M3 => {
+            let cols = t.shape.get(1).copied().unwrap_or(t.bytes.len()).max(1);
+            t.bytes
+                .iter()
+                .enumerate()
+                .map(|(i, &code)| float8::F8E4M3::from_bits(code).to_f32() * t.row_scale(i / cols))
+                .collect()
+        }
     }
 }
 
@@ -266,6 +282,16 @@ impl Backend for CpuBackend {
             });
         }
         let data = match first.dtype {
+            // Dequantized to f32 (the CPU has no FP8 arithmetic): what an FP8 product computes,
+            // with its input rounded through FP8 in `linear`.
+            WeightDType::F8E4M3 => {
+                let fused = super::fp8::fuse(parts)?;
+                let w: Vec<f32> = parse_parts(parts, parse_f32);
+                WeightData::Fp8 {
+                    weight: PackedWeight::pack(&w, rows, cols),
+                    input: fused.input,
+                }
+            }
             _ if self.widen_weights => {
                 let w: Vec<f32> = parse_parts(parts, parse_f32);
                 WeightData::F32(PackedWeight::pack(&w, rows, cols))
@@ -346,6 +372,12 @@ impl Backend for CpuBackend {
                 WeightData::F32(w) => w.row_f32(t, row),
                 WeightData::Bf16(w) => w.row_f32(t, row),
                 WeightData::F16(w) => w.row_f32(t, row),
+                WeightData::Fp8 { .. } => {
+                    return Err(shape_err(
+                        "embedding",
+                        "an FP8 table (checked at load)".into(),
+                    ));
+                }
             }
         }
         Ok(CpuTensor::new(batch.plan.num_tokens(), cols, out))
@@ -419,6 +451,14 @@ impl Backend for CpuBackend {
             }
             WeightData::F16(w) => {
                 matmul::linear(&x.data, rows, w, bias, &mut out);
+                Ok(())
+            }
+            WeightData::Fp8 { weight, input } => {
+                let mut quantized = x.data.clone();
+                for row in quantized.chunks_mut(x.cols.max(1)) {
+                    super::fp8::round_row_through_fp8(row, *input);
+                }
+                matmul::linear(&quantized, rows, weight, bias, &mut out);
                 Ok(())
             }
         })?;

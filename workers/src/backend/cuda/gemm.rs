@@ -388,7 +388,8 @@ impl Drop for ClusterFree {
 }
 
 /// `CUBLASLT_CLUSTER_SHAPE_1x1x1`: one block per cluster.
-const ONE_BLOCK_CLUSTERS: u64 = lt_sys::cublasLtClusterShape_t::CUBLASLT_CLUSTER_SHAPE_1x1x1 as u64;
+pub(super) const ONE_BLOCK_CLUSTERS: u64 =
+    lt_sys::cublasLtClusterShape_t::CUBLASLT_CLUSTER_SHAPE_1x1x1 as u64;
 
 /// The bytes of an algorithm's cluster shape attribute.
 fn cluster_shape_size(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<usize, String> {
@@ -407,7 +408,7 @@ fn cluster_shape_size(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<usize, Stri
 }
 
 /// The cluster shape id (`cublasLtClusterShape_t`) an algorithm launches with.
-fn cluster_shape(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<u64, String> {
+pub(super) fn cluster_shape(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<u64, String> {
     let attr = lt_sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID;
     let size = cluster_shape_size(algo)?;
     let mut bytes = [0u8; 8];

@@ -25,6 +25,8 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/attention.cu"),
     ),
     ("gemv.cu", include_str!("../../../kernels/gemv.cu")),
+    // After gemv.cu: it uses that file's bf16x8_to_f32.
+    ("fp8.cu", include_str!("../../../kernels/fp8.cu")),
     ("flash.cu", include_str!("../../../kernels/flash.cu")),
     // After flash.cu: it uses that file's ldmatrix, cp.async and mma helpers.
     (
@@ -203,6 +205,17 @@ const GEMV_NAMES: [&str; GEMV_MAX_ROWS] = [
     "gemv_bf16_m8",
 ];
 
+const GEMV_FP8_NAMES: [&str; GEMV_MAX_ROWS] = [
+    "gemv_fp8_m1",
+    "gemv_fp8_m2",
+    "gemv_fp8_m3",
+    "gemv_fp8_m4",
+    "gemv_fp8_m5",
+    "gemv_fp8_m6",
+    "gemv_fp8_m7",
+    "gemv_fp8_m8",
+];
+
 /// Rows up to which `skinny.cu`'s warpgroup GEMM is instantiated (`gpu_bench` compares it
 /// with cuBLAS up to here).
 pub const SKINNY_MAX_ROWS: usize = 256;
@@ -292,6 +305,10 @@ pub struct Kernels {
     pub flash_prefill_pairs: Vec<(usize, CudaFunction)>,
     /// `gemv_bf16_m{M}` for M = 1..=GEMV_MAX_ROWS (index M - 1).
     pub gemv: Vec<CudaFunction>,
+    /// `gemv_fp8_m{M}` (`fp8.cu`), as `gemv`.
+    pub gemv_fp8: Vec<CudaFunction>,
+    /// Quantizes activation rows to FP8 codes and per-row scales (`fp8.cu`).
+    pub quantize_fp8_rows: CudaFunction,
     /// The prefill attention kernels' tile settings (their shared memory).
     pub flash_config: FlashConfig,
     /// Prefill attention of head dim 128 on warpgroup instructions, where the kernels were
@@ -431,6 +448,11 @@ impl Kernels {
                 .iter()
                 .map(|&name| f(name))
                 .collect::<Result<_, KernelError>>()?,
+            gemv_fp8: GEMV_FP8_NAMES
+                .iter()
+                .map(|&name| f(name))
+                .collect::<Result<_, KernelError>>()?,
+            quantize_fp8_rows: f("quantize_fp8_rows")?,
             origin,
         })
     }

@@ -69,6 +69,8 @@ impl DeviceFault for cudarc::driver::DriverError {
 
 mod attention;
 mod batch;
+mod fp8_gemm;
+mod fp8_projection;
 mod gemm;
 mod graph;
 pub mod kernels;
@@ -107,6 +109,10 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: Blas,
+    /// cuBLASLt's FP8 products, on GPUs with FP8 tensor cores (compute capability 8.9+).
+    fp8_gemm: Option<fp8_gemm::Fp8Gemm>,
+    /// The device's compute capability (major, minor).
+    compute_capability: (i32, i32),
     kernels: Kernels,
     name: String,
     multiprocessors: usize,
@@ -230,6 +236,15 @@ impl CudaBackend {
                 detail: e.to_string(),
             })?;
         let name = dev!("cuda init", ctx.name())?;
+        let compute_capability = dev!("cuda init", ctx.compute_capability())?;
+        let fp8_gemm = if compute_capability >= (8, 9) {
+            Some(fp8_gemm::Fp8Gemm::new(
+                stream.clone(),
+                options.gemm_clusters,
+            )?)
+        } else {
+            None
+        };
         let graphs = graph::DecodeGraphs::default();
         graphs.set_enabled(options.cuda_graphs);
         let multiprocessors = dev!(
@@ -271,6 +286,8 @@ impl CudaBackend {
             ctx,
             stream,
             blas,
+            fp8_gemm,
+            compute_capability,
             kernels,
             name,
             multiprocessors,
@@ -304,6 +321,22 @@ impl CudaBackend {
             self.graphs.set_enabled(false);
         }
         self.group = Some(rank);
+    }
+
+    /// Whether this GPU runs FP8 weights: FP8 tensor cores (compute capability 8.9+) and
+    /// cuBLASLt's FP8 products; else why not, for the error that refuses an FP8 model.
+    fn fp8_support(&self) -> Result<(), String> {
+        let (major, minor) = self.compute_capability;
+        if self.fp8_gemm.is_some() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} (compute capability {major}.{minor}) has no FP8 tensor cores (8.9 or newer: \
+                 Ada, Hopper, Blackwell); serve this FP8 checkpoint on such a GPU or on the CPU, \
+                 or serve its 16-bit original",
+                self.name
+            ))
+        }
     }
 
     /// Bytes the device's default memory pool (the stream-ordered allocator every activation

@@ -145,7 +145,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_weight(&self, parts: &[HostTensor<'_>]) -> Result<CudaWeight, BackendError> {
-        tensor::upload_weight(&self.stream, parts)
+        tensor::upload_weight(&self.stream, parts, self.fp8_support())
     }
 
     fn alloc_kv_cache(

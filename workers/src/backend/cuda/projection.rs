@@ -1,11 +1,12 @@
 //! Projections (`x · wᵀ`): the one place that picks the kernel a projection runs for its
 //! weight and its batch's shape (the GEMV kernel for a few rows, `skinny.cu` for decode
 //! batches on Hopper where it is on, cuBLAS for the rest, and cuBLAS' bf16 output for the
-//! projections an elementwise op alone reads). Weights are bf16 today; a weight of another
-//! storage type is dispatched here.
+//! projections an elementwise op alone reads) for a bf16 weight; an FP8 weight's kernels are
+//! in `fp8_projection.rs`, dispatched here.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::fp8_projection::Fp8Weight;
 use super::tensor::DeviceData;
 use super::tensor::MatrixData;
 use super::{CudaBackend, CudaTensor, CudaWeight, elementwise_config, shape_err};
@@ -45,7 +46,7 @@ impl CudaBackend {
     ) -> Result<Option<CudaTensor>, BackendError> {
         let (
             CudaWeight::Matrix {
-                data: MatrixData::Bf16(w),
+                data,
                 rows: n,
                 cols: k,
             },
@@ -54,13 +55,40 @@ impl CudaBackend {
         else {
             return Ok(None);
         };
-        if x.cols != *k || self.projection_kernel(x.rows, *n, *k) != ProjectionKernel::Cublas {
+        if x.cols != *k {
             return Ok(None);
         }
-        self.prefetch.clear();
-        let mut out = self.alloc_bf16(x.rows * n)?;
-        self.blas.linear(xs, w, &mut out, x.rows, *k, *n)?;
-        Ok(Some(CudaTensor::from_bf16(x.rows, *n, out)))
+        match data {
+            MatrixData::Bf16(w) => {
+                if self.projection_kernel(x.rows, *n, *k) != ProjectionKernel::Cublas {
+                    return Ok(None);
+                }
+                self.prefetch.clear();
+                let mut out = self.alloc_bf16(x.rows * n)?;
+                self.blas.linear(xs, w, &mut out, x.rows, *k, *n)?;
+                Ok(Some(CudaTensor::from_bf16(x.rows, *n, out)))
+            }
+            MatrixData::Fp8 {
+                codes,
+                row_scales,
+                input,
+            } => {
+                if self.fp8_gemv_applies(x.rows, *k) {
+                    return Ok(None);
+                }
+                self.prefetch.clear();
+                let w = Fp8Weight {
+                    codes,
+                    row_scales,
+                    input: *input,
+                    n: *n,
+                    k: *k,
+                };
+                let mut out = self.alloc_bf16(x.rows * n)?;
+                self.fp8_gemm_into(xs, x.rows, &w, &mut out)?;
+                Ok(Some(CudaTensor::from_bf16(x.rows, *n, out)))
+            }
+        }
     }
 }
 
@@ -79,8 +107,6 @@ impl CudaBackend {
         else {
             return Err(shape_err("linear", "the weight is not a matrix".into()));
         };
-        // The kernels below read bf16 weights; another storage type brings its own arm here.
-        let MatrixData::Bf16(w) = data;
         if x.cols != *in_features {
             return Err(shape_err(
                 "linear",
@@ -99,6 +125,24 @@ impl CudaBackend {
         // The hint was for this projection (or one the ops before it did not take).
         self.prefetch.clear();
         let mut out = self.alloc_f32(x.rows * out_features)?;
+        let w = match data {
+            MatrixData::Bf16(w) => w,
+            MatrixData::Fp8 {
+                codes,
+                row_scales,
+                input,
+            } => {
+                let w = Fp8Weight {
+                    codes,
+                    row_scales,
+                    input: *input,
+                    n: *out_features,
+                    k: *in_features,
+                };
+                self.fp8_project(xs, x.rows, &w, &mut out)?;
+                return self.finish_projection(out, x.rows, *out_features, bias);
+            }
+        };
         let kernel = self.projection_kernel(x.rows, *out_features, *in_features);
         if kernel == ProjectionKernel::Gemv {
             let (n, k) = (*out_features as i32, *in_features as i32);
@@ -116,15 +160,26 @@ impl CudaBackend {
             self.blas
                 .linear(xs, w, &mut out, x.rows, *in_features, *out_features)?;
         }
+        self.finish_projection(out, x.rows, *out_features, bias)
+    }
+
+    /// A projection's f32 output with its bias added.
+    fn finish_projection(
+        &self,
+        mut out: cudarc::driver::CudaSlice<f32>,
+        rows: usize,
+        out_features: usize,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor, BackendError> {
         if let Some(bias) = bias {
-            let bv = Self::check_vector("linear bias", bias, *out_features)?;
-            let total = (x.rows * out_features) as i64;
-            let cols = *out_features as i32;
+            let bv = Self::check_vector("linear bias", bias, out_features)?;
+            let total = (rows * out_features) as i64;
+            let cols = out_features as i32;
             let mut b = self.stream.launch_builder(&self.kernels.add_bias);
             b.arg(&mut out).arg(bv).arg(&cols).arg(&total);
             self.launch(b, elementwise_config(total as usize), "add_bias")?;
         }
-        Ok(CudaTensor::from_f32(x.rows, *out_features, out))
+        Ok(CudaTensor::from_f32(rows, out_features, out))
     }
 
     /// A projection only the residual add reads: written in bf16 by cuBLAS at prefill sizes

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
 
-use crate::backend::{BackendError, DeviceRange, HostTensor, KvCacheMemory, KvMemory, WeightDType};
+use crate::backend::{
+    BackendError, DeviceRange, HostTensor, InputScale, KvCacheMemory, KvMemory, WeightDType,
+};
 use crate::kv_cache::KvLayout;
 
 /// Element storage: f32, or bf16 as its bit pattern (`u16`).
@@ -98,6 +100,13 @@ impl CudaWeight {
 pub enum MatrixData {
     /// bf16 elements as their bit patterns.
     Bf16(CudaSlice<u16>),
+    /// FP8 e4m3 codes with one f32 scale per row, and how the input is quantized (`fp8.cu`,
+    /// [`super::fp8_gemm`]).
+    Fp8 {
+        codes: CudaSlice<u8>,
+        row_scales: CudaSlice<f32>,
+        input: InputScale,
+    },
 }
 
 impl MatrixData {
@@ -105,6 +114,7 @@ impl MatrixData {
     pub fn dtype(&self) -> WeightDType {
         match self {
             MatrixData::Bf16(_) => WeightDType::Bf16,
+            MatrixData::Fp8 { .. } => WeightDType::F8E4M3,
         }
     }
 
@@ -112,6 +122,9 @@ impl MatrixData {
     pub fn size_bytes(&self) -> usize {
         match self {
             MatrixData::Bf16(data) => data.len() * 2,
+            MatrixData::Fp8 {
+                codes, row_scales, ..
+            } => codes.len() + row_scales.len() * 4,
         }
     }
 
@@ -120,14 +133,18 @@ impl MatrixData {
     pub(super) fn device_ptr(&self, stream: &CudaStream) -> u64 {
         match self {
             MatrixData::Bf16(data) => data.device_ptr(stream).0,
+            MatrixData::Fp8 { codes, .. } => codes.device_ptr(stream).0,
         }
     }
 }
 
-/// Converts `parts` (concatenated along dimension 0) and copies them to the device.
+/// Converts `parts` (concatenated along dimension 0) and copies them to the device; FP8
+/// matrices stay FP8 where `fp8` holds (the GPU has FP8 tensor cores), and are refused where
+/// it does not.
 pub(super) fn upload_weight(
     stream: &Arc<CudaStream>,
     parts: &[HostTensor<'_>],
+    fp8: Result<(), String>,
 ) -> Result<CudaWeight, BackendError> {
     let first = parts.first().ok_or_else(|| BackendError::Shape {
         op: "upload_weight",
@@ -161,6 +178,31 @@ pub(super) fn upload_weight(
             }
             let data = stream.clone_htod(&host).map_err(upload_err)?;
             Ok(CudaWeight::Vector { data, len: rows })
+        }
+        2 if first.dtype == WeightDType::F8E4M3 => {
+            fp8.map_err(|detail| BackendError::Device {
+                op: "upload_weight (fp8)",
+                detail,
+            })?;
+            let fused = crate::backend::fp8::fuse(parts)?;
+            if fused.input == InputScale::Unquantized {
+                return Err(BackendError::Device {
+                    op: "upload_weight (fp8)",
+                    detail: "a weight-only FP8 checkpoint (no input_activations): the CUDA \
+                             backend runs FP8 weights with FP8 activations only; run it on the \
+                             CPU, or quantize it with activations (model-prep quantize)"
+                        .into(),
+                });
+            }
+            Ok(CudaWeight::Matrix {
+                data: MatrixData::Fp8 {
+                    codes: stream.clone_htod(&fused.codes).map_err(upload_err)?,
+                    row_scales: stream.clone_htod(&fused.row_scales).map_err(upload_err)?,
+                    input: fused.input,
+                },
+                rows,
+                cols: first.shape[1],
+            })
         }
         2 => {
             let cols = first.shape[1];
@@ -197,6 +239,12 @@ fn to_f32(t: &HostTensor<'_>) -> Vec<f32> {
             .chunks_exact(2)
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
+        // Vectors are never FP8 (checked at load); dequantized should one come.
+        WeightDType::F8E4M3 => b
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| WeightDType::F8E4M3.decode(&[c]) * t.row_scale(i))
+            .collect(),
     }
 }
 
@@ -214,6 +262,13 @@ fn extend_bf16_bits(out: &mut Vec<u16>, t: &HostTensor<'_>) {
             b.chunks_exact(2)
                 .map(|c| bf16::from_f32(f16::from_le_bytes([c[0], c[1]]).to_f32()).to_bits()),
         ),
+        // FP8 matrices are uploaded as FP8; a bf16 copy of one (a mixed upload) dequantizes.
+        WeightDType::F8E4M3 => {
+            let cols = t.shape.get(1).copied().unwrap_or(1).max(1);
+            out.extend(b.iter().enumerate().map(|(i, &c)| {
+                bf16::from_f32(WeightDType::F8E4M3.decode(&[c]) * t.row_scale(i / cols)).to_bits()
+            }))
+        }
     }
 }
 

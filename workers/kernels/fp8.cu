@@ -1,0 +1,164 @@
+// FP8 (e4m3) projections: the activations' quantization and the GEMV of a few rows. Larger
+// products run on cuBLASLt's FP8 GEMM with the same scales (fp8_gemm.rs).
+//
+// A weight is its e4m3 codes and one f32 scale per output row; an activation row is its codes
+// and one scale per row (its largest magnitude mapped to 448, or the checkpoint's static
+// scale). y[m, n] = xs[m] * ws[n] * sum_k xq[m, k] * wq[n, k], the sum in f32.
+//
+// The conversions are sm_89+ instructions; built for an older GPU the kernels trap, and the
+// backend refuses FP8 weights there before any runs.
+
+#define FP8_MAX 448.0f
+
+// Two f32 to two e4m3 codes (round to nearest even, saturating at +-448); `lo` in the low byte.
+__device__ __forceinline__ unsigned short f32x2_to_e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+// Two e4m3 codes (low byte first) to f32.
+__device__ __forceinline__ void e4m3x2_to_f32x2(unsigned short v, float& lo, float& hi) {
+#if __CUDA_ARCH__ >= 890
+    u32 h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(v));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"((unsigned short)(h2 & 0xffffu)));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"((unsigned short)(h2 >> 16)));
+#else
+    __trap();
+#endif
+}
+
+// The largest value over the block (blockDim.x a multiple of 32); every thread gets it.
+__device__ __forceinline__ float fp8_block_max(float v) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    return warp_max(lane < warps ? partial[lane] : 0.0f);
+}
+
+// One block per row of x (bf16, `cols` even): the row's scale (static_scale where it is
+// positive, else the row's largest magnitude / 448; 1 for a row of zeros) into scales[row], and
+// its codes into q8 (e4m3 bytes, for cuBLASLt) or, where q8 is null, into q16 as the bf16
+// values of the codes (exact: for the GEMV kernel, which reads bf16 rows).
+extern "C" __global__ void quantize_fp8_rows(const bf16* __restrict__ x,
+                                             unsigned char* __restrict__ q8,
+                                             bf16* __restrict__ q16, float* __restrict__ scales,
+                                             int cols, float static_scale) {
+    const long long row = blockIdx.x;
+    const bf16* xr = x + row * cols;
+    float scale = static_scale;
+    if (!(scale > 0.0f)) {
+        float amax = 0.0f;
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(bf16_to_f32(xr[i])));
+        amax = fp8_block_max(amax);
+        scale = amax > 0.0f ? amax / FP8_MAX : 1.0f;
+    }
+    if (threadIdx.x == 0) scales[row] = scale;
+    const float inverse = 1.0f / scale;
+    for (int i = 2 * threadIdx.x; i < cols; i += 2 * blockDim.x) {
+        const unsigned short codes =
+            f32x2_to_e4m3x2(bf16_to_f32(xr[i]) * inverse, bf16_to_f32(xr[i + 1]) * inverse);
+        if (q8 != nullptr) {
+            *reinterpret_cast<unsigned short*>(q8 + row * cols + i) = codes;
+        } else {
+            float lo, hi;
+            e4m3x2_to_f32x2(codes, lo, hi);
+            q16[row * cols + i] = f32_to_bf16(lo);
+            q16[row * cols + i + 1] = f32_to_bf16(hi);
+        }
+    }
+}
+
+#define GEMV8_WARPS 8
+
+// 16 e4m3 codes (a 16-byte load) to f32.
+__device__ __forceinline__ void e4m3x16_to_f32(const uint4 v, float* f) {
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        e4m3x2_to_f32x2((unsigned short)(w[i] & 0xffffu), f[4 * i], f[4 * i + 1]);
+        e4m3x2_to_f32x2((unsigned short)(w[i] >> 16), f[4 * i + 2], f[4 * i + 3]);
+    }
+}
+
+// y[m, n] for m < M <= 8: each warp streams whole weight rows (16 codes a lane a load, two
+// loads in flight), x's code rows (bf16, from quantize_fp8_rows) re-read from L1/L2.
+template <int M>
+__device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
+                                              const float* __restrict__ xs,
+                                              const unsigned char* __restrict__ w,
+                                              const float* __restrict__ ws,
+                                              float* __restrict__ y, int n, int k) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * GEMV8_WARPS + (threadIdx.x >> 5);
+    if (row >= n) return;
+    const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)row * k);
+    const int chunks = k / 16;  // 16-byte chunks per weight row (k is a multiple of 16)
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+    int c = lane;
+    for (; c + 32 < chunks; c += 64) {
+        const uint4 wv[2] = {__ldcs(wr + c), __ldcs(wr + c + 32)};
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            float wf[16];
+            e4m3x16_to_f32(wv[u], wf);
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const uint4* xr = reinterpret_cast<const uint4*>(xq + (long long)m * k) + 2 * (c + 32 * u);
+                float xf[16];
+                bf16x8_to_f32(xr[0], xf);
+                bf16x8_to_f32(xr[1], xf + 8);
+#pragma unroll
+                for (int i = 0; i < 16; ++i) acc[m] += wf[i] * xf[i];
+            }
+        }
+    }
+    for (; c < chunks; c += 32) {
+        float wf[16];
+        e4m3x16_to_f32(__ldcs(wr + c), wf);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const uint4* xr = reinterpret_cast<const uint4*>(xq + (long long)m * k) + 2 * c;
+            float xf[16];
+            bf16x8_to_f32(xr[0], xf);
+            bf16x8_to_f32(xr[1], xf + 8);
+#pragma unroll
+            for (int i = 0; i < 16; ++i) acc[m] += wf[i] * xf[i];
+        }
+    }
+    const float w_scale = ws[row];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        const float s = warp_sum(acc[m]);
+        if (lane == 0) y[(long long)m * n + row] = s * (xs[m] * w_scale);
+    }
+}
+
+#define GEMV_FP8_KERNEL(M)                                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMV8_WARPS * 32)                                \
+        gemv_fp8_m##M(const bf16* __restrict__ xq, const float* __restrict__ xs,                  \
+                      const unsigned char* __restrict__ w, const float* __restrict__ ws,          \
+                      float* __restrict__ y, int n, int k) {                                      \
+        gemv_fp8_rows<M>(xq, xs, w, ws, y, n, k);                                                 \
+    }
+
+GEMV_FP8_KERNEL(1)
+GEMV_FP8_KERNEL(2)
+GEMV_FP8_KERNEL(3)
+GEMV_FP8_KERNEL(4)
+GEMV_FP8_KERNEL(5)
+GEMV_FP8_KERNEL(6)
+GEMV_FP8_KERNEL(7)
+GEMV_FP8_KERNEL(8)
