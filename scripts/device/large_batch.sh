@@ -11,12 +11,14 @@
 #                                       # TEMPERATURE, TOP_P: every request's sampling (greedy)
 #                                       # PREFIX_CACHING: false turns the worker's prefix
 #                                       # caching off (kv_cache_config.enable_block_reuse)
+#                                       # MODEL_DTYPE: fp8 serves the FP8 model of MODEL's
+#                                       # shapes (model-prep random --dtype fp8)
 # The GPU's SM clock, power and clock-limit reasons are sampled every second while the
 # requests run (large-batch-gpu.csv); the summary line averages the samples above 300 W.
 set -uo pipefail
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
-model=$(random_model "${MODEL:-llama-3.1-8b}")
+model=$(random_model "${MODEL:-llama-3.1-8b}" "${MODEL_DTYPE:-bf16}")
 cache_line=
 [ -n "${PREFIX_CACHING:-}" ] && cache_line="  kv_cache_config: { enable_block_reuse: $PREFIX_CACHING }"
 cat >/tmp/large-batch.yaml <<EOC

@@ -80,19 +80,40 @@ extern "C" __global__ void quantize_fp8_rows(const bf16* __restrict__ x,
 }
 
 #define GEMV8_WARPS 8
+#ifndef GEMV8_UNROLL
+#define GEMV8_UNROLL 4
+#endif
 
-// 16 e4m3 codes (a 16-byte load) to f32.
-__device__ __forceinline__ void e4m3x16_to_f32(const uint4 v, float* f) {
+// 2^120: an e4m3 code whose 7 exponent and mantissa bits are moved into a bf16's low exponent
+// and high mantissa bits (below) is the code's value times 2^-120, subnormals included; the
+// kernel folds the 2^120 back into its final scale.
+#define E4M3_IN_BF16_SCALE 1.329227995784916e36f
+
+// Codes b0, b1 (the low two bytes of `w`, or with `high` its high two) as two bf16 bit patterns
+// of their values times 2^-120: sign to bit 15, the other 7 bits to bits 4..10. Integer ops
+// only: the conversion instructions run at a quarter of the rate a GEMV needs.
+__device__ __forceinline__ u32 e4m3x2_to_scaled_bf16x2(u32 w, bool high) {
+    const u32 spread = __byte_perm(w, 0u, high ? 0x4342u : 0x4140u);  // [0, b1, 0, b0]
+    return ((spread & 0x007f007fu) << 4) | ((spread & 0x00800080u) << 8);
+}
+
+// 16 codes (a 16-byte load) to f32 values times 2^-120.
+__device__ __forceinline__ void e4m3x16_to_scaled_f32(const uint4 v, float* f) {
     const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        e4m3x2_to_f32x2((unsigned short)(w[i] & 0xffffu), f[4 * i], f[4 * i + 1]);
-        e4m3x2_to_f32x2((unsigned short)(w[i] >> 16), f[4 * i + 2], f[4 * i + 3]);
+        const u32 lo = e4m3x2_to_scaled_bf16x2(w[i], false);
+        const u32 hi = e4m3x2_to_scaled_bf16x2(w[i], true);
+        f[4 * i] = __uint_as_float(lo << 16);
+        f[4 * i + 1] = __uint_as_float(lo & 0xffff0000u);
+        f[4 * i + 2] = __uint_as_float(hi << 16);
+        f[4 * i + 3] = __uint_as_float(hi & 0xffff0000u);
     }
 }
 
-// y[m, n] for m < M <= 8: each warp streams whole weight rows (16 codes a lane a load, two
-// loads in flight), x's code rows (bf16, from quantize_fp8_rows) re-read from L1/L2.
+// y[m, n] for m < M <= 8: each warp streams whole weight rows (16 codes a lane a load,
+// GEMV8_UNROLL loads in flight), x's code rows (bf16, from quantize_fp8_rows) re-read from
+// L1/L2.
 template <int M>
 __device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
                                               const float* __restrict__ xs,
@@ -108,12 +129,14 @@ __device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.0f;
     int c = lane;
-    for (; c + 32 < chunks; c += 64) {
-        const uint4 wv[2] = {__ldcs(wr + c), __ldcs(wr + c + 32)};
+    for (; c + 32 * (GEMV8_UNROLL - 1) < chunks; c += 32 * GEMV8_UNROLL) {
+        uint4 wv[GEMV8_UNROLL];
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
+        for (int u = 0; u < GEMV8_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);
+#pragma unroll
+        for (int u = 0; u < GEMV8_UNROLL; ++u) {
             float wf[16];
-            e4m3x16_to_f32(wv[u], wf);
+            e4m3x16_to_scaled_f32(wv[u], wf);
 #pragma unroll
             for (int m = 0; m < M; ++m) {
                 const uint4* xr = reinterpret_cast<const uint4*>(xq + (long long)m * k) + 2 * (c + 32 * u);
@@ -127,7 +150,7 @@ __device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
     }
     for (; c < chunks; c += 32) {
         float wf[16];
-        e4m3x16_to_f32(__ldcs(wr + c), wf);
+        e4m3x16_to_scaled_f32(__ldcs(wr + c), wf);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
             const uint4* xr = reinterpret_cast<const uint4*>(xq + (long long)m * k) + 2 * c;
@@ -138,7 +161,7 @@ __device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
             for (int i = 0; i < 16; ++i) acc[m] += wf[i] * xf[i];
         }
     }
-    const float w_scale = ws[row];
+    const float w_scale = ws[row] * E4M3_IN_BF16_SCALE;
 #pragma unroll
     for (int m = 0; m < M; ++m) {
         const float s = warp_sum(acc[m]);
@@ -162,3 +185,30 @@ GEMV_FP8_KERNEL(5)
 GEMV_FP8_KERNEL(6)
 GEMV_FP8_KERNEL(7)
 GEMV_FP8_KERNEL(8)
+
+// y = x widened: the f32 copy of a bf16 product (cuBLASLt's FP8 GEMM with vector scales
+// writes bf16 only) for the ops that read f32 (rotary embedding of q/k/v, a bias add).
+extern "C" __global__ void widen_bf16(const bf16* __restrict__ x, float* __restrict__ y,
+                                      long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = bf16_to_f32(x[i]);
+}
+
+// The scales of an FP8 product applied to its unscaled f32 sums `acc` ([rows, n]): each
+// element times its token's and its output feature's scale, into `y32` (f32, may be `acc`
+// itself) or, where y32 is null, into `y16` (bf16). For GPUs whose cuBLASLt does not apply
+// vector scales itself.
+extern "C" __global__ void fp8_scale_rows_cols(const float* acc, float* y32,
+                                               bf16* __restrict__ y16,
+                                               const float* __restrict__ xs,
+                                               const float* __restrict__ ws, int n,
+                                               long long total) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const float v = acc[i] * (xs[i / n] * ws[i % n]);
+    if (y32 != nullptr) {
+        y32[i] = v;
+    } else {
+        y16[i] = f32_to_bf16(v);
+    }
+}

@@ -76,9 +76,17 @@ pub fn input_row_scale(row: &[f32], input: InputScale) -> Option<f32> {
 }
 
 /// Replaces `row` by the values its FP8 quantization represents (code times scale,
-/// saturating at ±448 times the scale), as an FP8 product sees it. The scale is applied as
-/// `v * (1 / scale)`, as the GPU kernel does.
+/// saturating at ±448 times the scale), as an FP8 product sees it. The values are rounded to
+/// bf16 first and the scale applied as `v * (1 / scale)`, as on the GPU, whose projection
+/// inputs are bf16 (written so by the norm, attention and SiLU kernels): both then quantize
+/// the same values, and an FP8 rounding boundary is not crossed by the bf16 rounding alone.
 pub fn round_row_through_fp8(row: &mut [f32], input: InputScale) {
+    if input == InputScale::Unquantized {
+        return;
+    }
+    for v in row.iter_mut() {
+        *v = half::bf16::from_f32(*v).to_f32();
+    }
     let Some(scale) = input_row_scale(row, input) else {
         return;
     };
@@ -132,7 +140,7 @@ mod tests {
     fn a_rounded_row_is_what_fp8_represents() {
         let mut row = vec![448.0f32 * 3.0, -1.0, 0.01, 0.0];
         round_row_through_fp8(&mut row, InputScale::PerToken);
-        // The largest maps to 448 exactly (scale 3); -1/3 and 0.01/3 round to e4m3 codes.
+        // The largest maps to 448 exactly (scale 3); -1/3 and bf16(0.01)/3 round to e4m3 codes.
         assert_eq!(row[0], 1344.0);
         assert!((row[1] + 1.0).abs() < 1.0 / 16.0);
         assert!((row[2] - 0.01).abs() < 0.01 / 8.0);

@@ -3,7 +3,15 @@
 //! (`CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F`: one scale per row of the weight, one per
 //! token of the activation; CUDA 12.9+ on Hopper), so per-channel weights and per-token
 //! activations cost no pass of their own. Measured by torch's `_scaled_mm` (the same library)
-//! at 1,343 TFLOP/s on Llama-3.1-8B shapes at 8,192 rows, 1.86x bf16.
+//! at 1,343 TFLOP/s on Llama-3.1-8B shapes at 8,192 rows, 1.86x bf16. With vector scales
+//! cuBLASLt writes bf16 only (an f32 D is refused as an invalid value, and torch's row-wise
+//! `_scaled_mm` asks for bf16 output too), so the result is bf16.
+//!
+//! Where cuBLASLt refuses vector scales (its heuristic answers "invalid value": seen with CUDA
+//! 13.0's cuBLASLt on an H100, for f32 and bf16 outputs alike), products run unscaled into f32
+//! ([`Fp8Gemm::unscaled`]) and the caller applies the scales in a pass of its own; which of
+//! the two this library does is found at the first product and kept
+//! ([`Fp8Gemm::vector_scales`]).
 //!
 //! One descriptor set and algorithm per shape (the heuristic's first, or with thread-block
 //! clusters off its first of one block per cluster, as [`super::gemm`] chooses for bf16),
@@ -18,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use super::gemm::{GemmOutput, ONE_BLOCK_CLUSTERS, cluster_shape};
+use super::gemm::{ONE_BLOCK_CLUSTERS, cluster_shape};
 use crate::backend::BackendError;
 
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -35,6 +43,8 @@ pub struct Fp8Gemm {
 struct Inner {
     handle: lt_sys::cublasLtHandle_t,
     plans: HashMap<Shape, Plan>,
+    /// Whether cuBLASLt applies vector scales; `None` until the first scaled product tried.
+    vector_scales: Option<bool>,
 }
 
 // SAFETY: a cuBLASLt handle may be used from any thread as long as calls are not concurrent;
@@ -46,7 +56,8 @@ struct Shape {
     rows: usize,
     k: usize,
     n: usize,
-    y_type: lt_sys::cudaDataType_t,
+    /// With vector scales and a bf16 result, or unscaled with an f32 one.
+    scaled: bool,
 }
 
 struct Plan {
@@ -81,6 +92,7 @@ impl Fp8Gemm {
             inner: Mutex::new(Inner {
                 handle,
                 plans: HashMap::new(),
+                vector_scales: None,
             }),
             stream,
             workspace,
@@ -88,79 +100,156 @@ impl Fp8Gemm {
         })
     }
 
-    /// `y = xs * ws * (xq · wqᵀ)` into `y` (`[rows, n]`, f32 or bf16).
-    pub fn linear<T: GemmOutput>(
+    /// Whether cuBLASLt applies vector scales (known after the first scaled product).
+    pub fn vector_scales(&self) -> Option<bool> {
+        self.lock().vector_scales
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `y = xs * ws * (xq · wqᵀ)` into `y` (`[rows, n]`, bf16), the scales applied by
+    /// cuBLASLt; `Ok(false)` (nothing done) where it does not take vector scales.
+    pub fn scaled(
         &self,
         ops: &Fp8Operands<'_>,
-        y: &mut CudaSlice<T>,
+        y: &mut CudaSlice<u16>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<bool, BackendError> {
+        check(ops, y.len(), rows, k, n)?;
+        let mut inner = self.lock();
+        if inner.vector_scales == Some(false) {
+            return Ok(false);
+        }
+        let (xsp, _sxs) = ops.x_scales.device_ptr(&self.stream);
+        let (wsp, _sws) = ops.w_scales.device_ptr(&self.stream);
+        let shape = Shape {
+            rows,
+            k,
+            n,
+            scaled: true,
+        };
+        match self.plan(&mut inner, shape, Some((wsp, xsp))) {
+            Ok(()) => inner.vector_scales = Some(true),
+            Err(e) if inner.vector_scales.is_none() => {
+                tracing::info!(
+                    reason = %e,
+                    "cuBLASLt takes no vector scales for FP8 products here: they run unscaled \
+                     and are scaled by a kernel of ours"
+                );
+                inner.vector_scales = Some(false);
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        let (yp, _sy) = y.device_ptr_mut(&self.stream);
+        self.run(&inner, shape, ops, yp, rows, k, n)?;
+        Ok(true)
+    }
+
+    /// `y = xq · wqᵀ` into `y` (`[rows, n]`, f32), unscaled: the caller applies the scales.
+    pub fn unscaled(
+        &self,
+        ops: &Fp8Operands<'_>,
+        y: &mut CudaSlice<f32>,
         rows: usize,
         k: usize,
         n: usize,
     ) -> Result<(), BackendError> {
-        if ops.x.len() < rows * k
-            || ops.x_scales.len() < rows
-            || ops.w.len() < n * k
-            || ops.w_scales.len() < n
-            || y.len() < rows * n
-        {
-            return Err(BackendError::Shape {
-                op: "linear (fp8)",
-                detail: format!("buffers too small for [{rows}x{k}]·[{n}x{k}]ᵀ"),
-            });
-        }
-        let y_type = match T::DATA_TYPE {
-            cudarc::cublas::sys::cudaDataType::CUDA_R_16BF => lt_sys::cudaDataType_t::CUDA_R_16BF,
-            _ => lt_sys::cudaDataType_t::CUDA_R_32F,
+        check(ops, y.len(), rows, k, n)?;
+        let mut inner = self.lock();
+        let shape = Shape {
+            rows,
+            k,
+            n,
+            scaled: false,
         };
-        let shape = Shape { rows, k, n, y_type };
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !inner.plans.contains_key(&shape) {
-            let descs = Descriptors::new(shape).map_err(|e| err(e.to_string()))?;
+        self.plan(&mut inner, shape, None)?;
+        let (yp, _sy) = y.device_ptr_mut(&self.stream);
+        self.run(&inner, shape, ops, yp, rows, k, n)
+    }
+
+    /// Builds `shape`'s descriptors and algorithm if it has none, and sets its scale
+    /// pointers (weight's, input's) where it is scaled: before the heuristic, which checks
+    /// them.
+    fn plan(
+        &self,
+        inner: &mut Inner,
+        shape: Shape,
+        scale_pointers: Option<(u64, u64)>,
+    ) -> Result<(), BackendError> {
+        let Shape { rows, k, n, .. } = shape;
+        let fresh = !inner.plans.contains_key(&shape);
+        let descs = if fresh {
+            Some(Descriptors::new(shape).map_err(|e| err(e.to_string()))?)
+        } else {
+            None
+        };
+        let matmul = descs
+            .as_ref()
+            .map_or_else(|| inner.plans[&shape].descs.matmul, |d| d.matmul);
+        if let Some((w_scales, x_scales)) = scale_pointers {
+            // A = W (scales per output row), B = x (scales per token): `Descriptors::new`.
+            for (attr, ptr) in [
+                (
+                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                    w_scales,
+                ),
+                (
+                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                    x_scales,
+                ),
+            ] {
+                let ptr = ptr as *const c_void;
+                // SAFETY: a live descriptor; the attribute takes a device pointer.
+                unsafe {
+                    lt::set_matmul_desc_attribute(
+                        matmul,
+                        attr,
+                        (&ptr as *const *const c_void).cast(),
+                        std::mem::size_of::<*const c_void>(),
+                    )
+                }
+                .map_err(|e| err(format!("scale pointer: {e}")))?;
+            }
+        }
+        if let Some(descs) = descs {
             // SAFETY: live handle and descriptors.
             let algo = unsafe { choose(inner.handle, &descs, self.cluster_free) }
                 .map_err(|e| err(format!("[{rows}x{k}]·[{n}x{k}]ᵀ: {e}")))?;
             inner.plans.insert(shape, Plan { descs, algo });
         }
-        let handle = inner.handle;
+        Ok(())
+    }
+
+    /// Runs `shape`'s plan into `yp`.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        inner: &Inner,
+        shape: Shape,
+        ops: &Fp8Operands<'_>,
+        yp: u64,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<(), BackendError> {
         let plan = &inner.plans[&shape];
         let (xp, _sx) = ops.x.device_ptr(&self.stream);
-        let (xsp, _sxs) = ops.x_scales.device_ptr(&self.stream);
         let (wp, _sw) = ops.w.device_ptr(&self.stream);
-        let (wsp, _sws) = ops.w_scales.device_ptr(&self.stream);
-        let (yp, _sy) = y.device_ptr_mut(&self.stream);
-        let (workspace, _sws2) = self.workspace.device_ptr(&self.stream);
-        // A = W (scales per output row), B = x (scales per token): see `Descriptors::new`.
-        for (attr, ptr) in [
-            (
-                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-                wsp,
-            ),
-            (
-                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                xsp,
-            ),
-        ] {
-            let ptr = ptr as *const c_void;
-            // SAFETY: a live descriptor; the attribute takes a device pointer.
-            unsafe {
-                lt::set_matmul_desc_attribute(
-                    plan.descs.matmul,
-                    attr,
-                    (&ptr as *const *const c_void).cast(),
-                    std::mem::size_of::<*const c_void>(),
-                )
-            }
-            .map_err(|e| err(format!("scale pointer: {e}")))?;
-        }
+        let (workspace, _sws) = self.workspace.device_ptr(&self.stream);
         let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: the pointers are live device buffers of the sizes checked above, the
-        // descriptors describe them, the workspace holds WORKSPACE_BYTES, all on the stream.
+        // SAFETY: the pointers are live device buffers of the sizes checked by the callers,
+        // the descriptors describe them, the workspace holds WORKSPACE_BYTES, all on the
+        // stream.
         unsafe {
             lt::matmul(
-                handle,
+                inner.handle,
                 plan.descs.matmul,
                 (&alpha as *const f32).cast(),
                 (&beta as *const f32).cast(),
@@ -180,6 +269,28 @@ impl Fp8Gemm {
         }
         .map_err(|e| err(format!("[{rows}x{k}]·[{n}x{k}]ᵀ: {e}")))
     }
+}
+
+/// The operands and a result of `y_len` elements hold a `[rows, k]·[n, k]ᵀ` product.
+fn check(
+    ops: &Fp8Operands<'_>,
+    y_len: usize,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), BackendError> {
+    if ops.x.len() < rows * k
+        || ops.x_scales.len() < rows
+        || ops.w.len() < n * k
+        || ops.w_scales.len() < n
+        || y_len < rows * n
+    {
+        return Err(BackendError::Shape {
+            op: "linear (fp8)",
+            detail: format!("buffers too small for [{rows}x{k}]·[{n}x{k}]ᵀ"),
+        });
+    }
+    Ok(())
 }
 
 impl Drop for Fp8Gemm {
@@ -268,9 +379,9 @@ struct Descriptors {
 impl Descriptors {
     /// Column-major view (as the bf16 GEMM): yᵀ[n, rows] = W[n, k] · xᵀ[k, rows]; A = W, a
     /// column-major [k, n] of codes, transposed (FP8 products on Hopper take A transposed and
-    /// B not: the "TN" layout); B = x, a column-major [k, rows]; C = D = y. Both scales are
-    /// outer vectors: A's over op(A)'s rows (the weight's n), B's over op(B)'s columns (the
-    /// tokens).
+    /// B not: the "TN" layout); B = x, a column-major [k, rows]; C = D = y, bf16 where scaled,
+    /// f32 where not. Scaled, both scales are outer vectors: A's over op(A)'s rows (the
+    /// weight's n), B's over op(B)'s columns (the tokens).
     fn new(shape: Shape) -> Result<Self, lt::CublasError> {
         let e4m3 = lt_sys::cudaDataType_t::CUDA_R_8F_E4M3;
         let (rows, k, n) = (shape.rows as u64, shape.k as u64, shape.n as u64);
@@ -287,20 +398,23 @@ impl Descriptors {
         let transpose = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32;
         let outer_vector =
             lt_sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F as i32;
-        for (attr, value) in [
-            (
-                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                transpose,
-            ),
-            (
-                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
-                outer_vector,
-            ),
-            (
-                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
-                outer_vector,
-            ),
-        ] {
+        let mut attributes = vec![(
+            lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+            transpose,
+        )];
+        if shape.scaled {
+            attributes.extend([
+                (
+                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                    outer_vector,
+                ),
+                (
+                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+                    outer_vector,
+                ),
+            ]);
+        }
+        for (attr, value) in attributes {
             // SAFETY: a live descriptor; these attributes take an int32.
             unsafe {
                 lt::set_matmul_desc_attribute(
@@ -313,7 +427,12 @@ impl Descriptors {
         }
         descs.a = lt::create_matrix_layout(e4m3, k, n, k as i64)?;
         descs.b = lt::create_matrix_layout(e4m3, k, rows, k as i64)?;
-        descs.c = lt::create_matrix_layout(shape.y_type, n, rows, n as i64)?;
+        let y_type = if shape.scaled {
+            lt_sys::cudaDataType_t::CUDA_R_16BF
+        } else {
+            lt_sys::cudaDataType_t::CUDA_R_32F
+        };
+        descs.c = lt::create_matrix_layout(y_type, n, rows, n as i64)?;
         Ok(descs)
     }
 }

@@ -7,7 +7,6 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::CudaBackend;
 use super::fp8_gemm::Fp8Operands;
-use super::gemm::GemmOutput;
 use super::kernels::GEMV_MAX_ROWS;
 use crate::backend::{BackendError, InputScale};
 
@@ -26,9 +25,12 @@ pub(super) struct Fp8Weight<'a> {
 }
 
 impl CudaBackend {
-    /// Whether a projection of `rows` rows runs on `gemv_fp8_m*` (else on cuBLASLt).
+    /// Whether a projection of `rows` rows runs on `gemv_fp8_m*` (else on cuBLASLt): up to
+    /// [`GEMV_MAX_ROWS`] whatever the bf16 GEMV's own limit (cuBLASLt's FP8 kernels read
+    /// weights at about half the copy rate at such sizes), unless GEMV kernels are off.
     pub(super) fn fp8_gemv_applies(&self, rows: usize, k: usize) -> bool {
-        (1..=GEMV_MAX_ROWS.min(self.switches.gemv_max_rows())).contains(&rows)
+        (1..=GEMV_MAX_ROWS).contains(&rows)
+            && self.switches.gemv_max_rows() > 0
             && k.is_multiple_of(16)
     }
 
@@ -113,17 +115,18 @@ impl CudaBackend {
             };
             return self.launch(b, cfg, "gemv_fp8");
         }
-        self.fp8_gemm_into(x, rows, w, out)
+        self.fp8_gemm_into(x, rows, w, Fp8Out::F32(out))
     }
 
-    /// `y = x · wᵀ` on cuBLASLt's FP8 GEMM, written as `T` (f32, or bf16 for an output only an
-    /// elementwise op reads).
-    pub(super) fn fp8_gemm_into<T: GemmOutput>(
+    /// `y = x · wᵀ` on cuBLASLt's FP8 GEMM, into `out` (bf16, or f32). With the scales
+    /// applied by cuBLASLt the product is bf16 (widened for an f32 `out`); without, it is
+    /// f32 and scaled by `fp8_scale_rows_cols` into `out`.
+    pub(super) fn fp8_gemm_into(
         &self,
         x: &CudaSlice<u16>,
         rows: usize,
         w: &Fp8Weight<'_>,
-        out: &mut CudaSlice<T>,
+        out: Fp8Out<'_>,
     ) -> Result<(), BackendError> {
         let gemm = self.fp8_gemm.as_ref().ok_or_else(|| BackendError::Device {
             op: "linear (fp8)",
@@ -138,8 +141,69 @@ impl CudaBackend {
             w: w.codes,
             w_scales: w.row_scales,
         };
-        gemm.linear(&ops, out, rows, w.k, w.n)
+        let total = (rows * w.n) as i64;
+        if gemm.vector_scales() != Some(false) {
+            match out {
+                Fp8Out::Bf16(y) => {
+                    if gemm.scaled(&ops, y, rows, w.k, w.n)? {
+                        return Ok(());
+                    }
+                    return self.fp8_unscaled_then_scale(gemm, &ops, &xs, w, rows, Fp8Out::Bf16(y));
+                }
+                Fp8Out::F32(y) => {
+                    let mut narrow = self.alloc_bf16(rows * w.n)?;
+                    if gemm.scaled(&ops, &mut narrow, rows, w.k, w.n)? {
+                        let mut b = self.stream.launch_builder(&self.kernels.widen_bf16);
+                        b.arg(&narrow).arg(y).arg(&total);
+                        return self.launch(b, super::elementwise_config(total as usize), "widen_bf16");
+                    }
+                    return self.fp8_unscaled_then_scale(gemm, &ops, &xs, w, rows, Fp8Out::F32(y));
+                }
+            }
+        }
+        self.fp8_unscaled_then_scale(gemm, &ops, &xs, w, rows, out)
     }
+
+    /// The unscaled product into f32, then the scales applied into `out`.
+    fn fp8_unscaled_then_scale(
+        &self,
+        gemm: &super::fp8_gemm::Fp8Gemm,
+        ops: &Fp8Operands<'_>,
+        xs: &CudaSlice<f32>,
+        w: &Fp8Weight<'_>,
+        rows: usize,
+        out: Fp8Out<'_>,
+    ) -> Result<(), BackendError> {
+        let total = (rows * w.n) as i64;
+        let n = w.n as i32;
+        let null: u64 = 0;
+        match out {
+            Fp8Out::F32(y) => {
+                gemm.unscaled(ops, y, rows, w.k, w.n)?;
+                // Scaled in place: `acc` and `y32` are the same buffer.
+                let acc = {
+                    use cudarc::driver::DevicePtr;
+                    y.device_ptr(&self.stream).0
+                };
+                let mut b = self.stream.launch_builder(&self.kernels.fp8_scale_rows_cols);
+                b.arg(&acc).arg(y).arg(&null).arg(xs).arg(w.row_scales).arg(&n).arg(&total);
+                self.launch(b, super::elementwise_config(total as usize), "fp8_scale_rows_cols")
+            }
+            Fp8Out::Bf16(y) => {
+                let mut acc = self.alloc_f32(rows * w.n)?;
+                gemm.unscaled(ops, &mut acc, rows, w.k, w.n)?;
+                let mut b = self.stream.launch_builder(&self.kernels.fp8_scale_rows_cols);
+                b.arg(&acc).arg(&null).arg(y).arg(xs).arg(w.row_scales).arg(&n).arg(&total);
+                self.launch(b, super::elementwise_config(total as usize), "fp8_scale_rows_cols")
+            }
+        }
+    }
+}
+
+/// Where an FP8 product goes: bf16 (an output only an elementwise op reads) or f32.
+pub(super) enum Fp8Out<'a> {
+    Bf16(&'a mut CudaSlice<u16>),
+    F32(&'a mut CudaSlice<f32>),
 }
 
 /// Quantized activation rows: e4m3 bytes (cuBLASLt) or the codes' bf16 values (GEMV).

@@ -309,6 +309,10 @@ pub struct Kernels {
     pub gemv_fp8: Vec<CudaFunction>,
     /// Quantizes activation rows to FP8 codes and per-row scales (`fp8.cu`).
     pub quantize_fp8_rows: CudaFunction,
+    /// bf16 to f32, elementwise (`fp8.cu`).
+    pub widen_bf16: CudaFunction,
+    /// An FP8 product's scales applied to its unscaled sums (`fp8.cu`).
+    pub fp8_scale_rows_cols: CudaFunction,
     /// The prefill attention kernels' tile settings (their shared memory).
     pub flash_config: FlashConfig,
     /// Prefill attention of head dim 128 on warpgroup instructions, where the kernels were
@@ -453,6 +457,8 @@ impl Kernels {
                 .map(|&name| f(name))
                 .collect::<Result<_, KernelError>>()?,
             quantize_fp8_rows: f("quantize_fp8_rows")?,
+            widen_bf16: f("widen_bf16")?,
+            fp8_scale_rows_cols: f("fp8_scale_rows_cols")?,
             origin,
         })
     }

@@ -6,7 +6,7 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::fp8_projection::Fp8Weight;
+use super::fp8_projection::{Fp8Out, Fp8Weight};
 use super::tensor::DeviceData;
 use super::tensor::MatrixData;
 use super::{CudaBackend, CudaTensor, CudaWeight, elementwise_config, shape_err};
@@ -85,7 +85,7 @@ impl CudaBackend {
                     k: *k,
                 };
                 let mut out = self.alloc_bf16(x.rows * n)?;
-                self.fp8_gemm_into(xs, x.rows, &w, &mut out)?;
+                self.fp8_gemm_into(xs, x.rows, &w, Fp8Out::Bf16(&mut out))?;
                 Ok(Some(CudaTensor::from_bf16(x.rows, *n, out)))
             }
         }
