@@ -57,6 +57,16 @@ for stage in "${stages[@]}"; do
       ;;
     offline-*)
       MODEL_DTYPE=fp8 TAG=${TAG:-fp8} "$root/scripts/device/one_gpu.sh" "$stage" || status=1
+      # The first errors the client saw, and the server's, where requests failed.
+      python3 - "$out" <<'PY'
+import glob, json, os, sys
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "offline-*-fp8*.json"))):
+    for level in json.load(open(path)).get("levels", []):
+        errors = level.get("errors") or []
+        if errors:
+            print(f"{os.path.basename(path)}: {len(errors)} errors, first: {errors[:3]}")
+PY
+      grep -iE "error|warn" "$out/large-batch-serve.log" | grep -v "error: stream" | head -5 | cut -c1-400
       ;;
     *)
       echo "unknown stage $stage (tests, check, bench, offline-128-128, offline-2048-128, offline-1000-1000)" >&2

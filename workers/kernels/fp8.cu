@@ -1,9 +1,12 @@
-// FP8 (e4m3) projections: the activations' quantization and the GEMV of a few rows. Larger
-// products run on cuBLASLt's FP8 GEMM with the same scales (fp8_gemm.rs).
+// FP8 (e4m3) projections: the activations' quantization for cuBLASLt's FP8 GEMM
+// (fp8_gemm.rs), and the GEMV of a few rows, which reads the bf16 activations as they are.
 //
-// A weight is its e4m3 codes and one f32 scale per output row; an activation row is its codes
-// and one scale per row (its largest magnitude mapped to 448, or the checkpoint's static
-// scale). y[m, n] = xs[m] * ws[n] * sum_k xq[m, k] * wq[n, k], the sum in f32.
+// A weight is its e4m3 codes and one f32 scale per output row; an activation row quantized is
+// its codes and one scale per row (its largest magnitude mapped to 448, or the checkpoint's
+// static scale): y[m, n] = xs[m] * ws[n] * sum_k xq[m, k] * wq[n, k], the sum in f32. The GEMV
+// computes y[m, n] = ws[n] * sum_k x[m, k] * wq[n, k]: at a decode step's few rows reading the
+// weights is the whole cost, and a quantization kernel of one block per row cost more than
+// the bytes FP8 saves (128 launches of a few microseconds per step of Llama-3.1-8B).
 //
 // The conversions are sm_89+ instructions; built for an older GPU the kernels trap, and the
 // backend refuses FP8 weights there before any runs.
@@ -22,18 +25,6 @@ __device__ __forceinline__ unsigned short f32x2_to_e4m3x2(float lo, float hi) {
 #endif
 }
 
-// Two e4m3 codes (low byte first) to f32.
-__device__ __forceinline__ void e4m3x2_to_f32x2(unsigned short v, float& lo, float& hi) {
-#if __CUDA_ARCH__ >= 890
-    u32 h2;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(v));
-    asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"((unsigned short)(h2 & 0xffffu)));
-    asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"((unsigned short)(h2 >> 16)));
-#else
-    __trap();
-#endif
-}
-
 // The largest value over the block (blockDim.x a multiple of 32); every thread gets it.
 __device__ __forceinline__ float fp8_block_max(float v) {
     __shared__ float partial[32];
@@ -48,12 +39,11 @@ __device__ __forceinline__ float fp8_block_max(float v) {
 
 // One block per row of x (bf16, `cols` even): the row's scale (static_scale where it is
 // positive, else the row's largest magnitude / 448; 1 for a row of zeros) into scales[row], and
-// its codes into q8 (e4m3 bytes, for cuBLASLt) or, where q8 is null, into q16 as the bf16
-// values of the codes (exact: for the GEMV kernel, which reads bf16 rows).
+// its e4m3 codes into q8.
 extern "C" __global__ void quantize_fp8_rows(const bf16* __restrict__ x,
                                              unsigned char* __restrict__ q8,
-                                             bf16* __restrict__ q16, float* __restrict__ scales,
-                                             int cols, float static_scale) {
+                                             float* __restrict__ scales, int cols,
+                                             float static_scale) {
     const long long row = blockIdx.x;
     const bf16* xr = x + row * cols;
     float scale = static_scale;
@@ -66,16 +56,8 @@ extern "C" __global__ void quantize_fp8_rows(const bf16* __restrict__ x,
     if (threadIdx.x == 0) scales[row] = scale;
     const float inverse = 1.0f / scale;
     for (int i = 2 * threadIdx.x; i < cols; i += 2 * blockDim.x) {
-        const unsigned short codes =
+        *reinterpret_cast<unsigned short*>(q8 + row * cols + i) =
             f32x2_to_e4m3x2(bf16_to_f32(xr[i]) * inverse, bf16_to_f32(xr[i + 1]) * inverse);
-        if (q8 != nullptr) {
-            *reinterpret_cast<unsigned short*>(q8 + row * cols + i) = codes;
-        } else {
-            float lo, hi;
-            e4m3x2_to_f32x2(codes, lo, hi);
-            q16[row * cols + i] = f32_to_bf16(lo);
-            q16[row * cols + i + 1] = f32_to_bf16(hi);
-        }
     }
 }
 
@@ -112,11 +94,9 @@ __device__ __forceinline__ void e4m3x16_to_scaled_f32(const uint4 v, float* f) {
 }
 
 // y[m, n] for m < M <= 8: each warp streams whole weight rows (16 codes a lane a load,
-// GEMV8_UNROLL loads in flight), x's code rows (bf16, from quantize_fp8_rows) re-read from
-// L1/L2.
+// GEMV8_UNROLL loads in flight), x's bf16 rows re-read from L1/L2.
 template <int M>
 __device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
-                                              const float* __restrict__ xs,
                                               const unsigned char* __restrict__ w,
                                               const float* __restrict__ ws,
                                               float* __restrict__ y, int n, int k) {
@@ -165,16 +145,15 @@ __device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
 #pragma unroll
     for (int m = 0; m < M; ++m) {
         const float s = warp_sum(acc[m]);
-        if (lane == 0) y[(long long)m * n + row] = s * (xs[m] * w_scale);
+        if (lane == 0) y[(long long)m * n + row] = s * w_scale;
     }
 }
 
 #define GEMV_FP8_KERNEL(M)                                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV8_WARPS * 32)                                \
-        gemv_fp8_m##M(const bf16* __restrict__ xq, const float* __restrict__ xs,                  \
-                      const unsigned char* __restrict__ w, const float* __restrict__ ws,          \
-                      float* __restrict__ y, int n, int k) {                                      \
-        gemv_fp8_rows<M>(xq, xs, w, ws, y, n, k);                                                 \
+        gemv_fp8_m##M(const bf16* __restrict__ x, const unsigned char* __restrict__ w,            \
+                      const float* __restrict__ ws, float* __restrict__ y, int n, int k) {        \
+        gemv_fp8_rows<M>(x, w, ws, y, n, k);                                                      \
     }
 
 GEMV_FP8_KERNEL(1)

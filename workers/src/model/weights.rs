@@ -850,7 +850,8 @@ mod tests {
             .collect();
         let extra: Vec<(&str, Vec<usize>, Dtype)> = names.iter().map(|n| (n.as_str(), vec![], Dtype::F32)).collect();
         let config = write_fp8(&dir, Some(modelopt), false, &extra);
-        let tensors = WeightFiles::open(&dir).unwrap().tensors(&config).unwrap();
+        let files = WeightFiles::open(&dir).unwrap();
+        let tensors = files.tensors(&config).unwrap();
         let input = tensors["model.layers.1.mlp.down_proj.weight"].load().view().scales.input;
         assert!(matches!(input, InputScale::Static(s) if s > 0.0), "{input:?}");
 

@@ -1,7 +1,10 @@
-//! Projections of FP8 weights: the input rows quantized to FP8 (`quantize_fp8_rows`, per token
-//! or by the checkpoint's static scale), then `gemv_fp8_m*` for a few rows (a decode step:
-//! reading the weight's codes is the whole cost) or cuBLASLt's FP8 GEMM ([`super::fp8_gemm`]).
-//! Both apply the input's and the weight's scales to the f32 sums.
+//! Projections of FP8 weights: `gemv_fp8_m*` for a few rows (a decode step: reading the
+//! weight's codes is the whole cost), which reads the bf16 input as it is (more precise than
+//! the checkpoint's quantized activations, and no quantization launch per projection, which
+//! cost more than FP8 saved at batch 1); else the input rows quantized to FP8
+//! (`quantize_fp8_rows`, per token or by the checkpoint's static scale) and cuBLASLt's FP8 GEMM
+//! ([`super::fp8_gemm`]). The CPU backend quantizes every row, so at decode sizes the two
+//! differ by FP8's rounding of the activations.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -34,16 +37,14 @@ impl CudaBackend {
             && k.is_multiple_of(16)
     }
 
-    /// Quantizes `rows` bf16 rows of `k` values: their scales, and their codes as e4m3 bytes
-    /// (`as_bf16` false) or as the bf16 values of the codes (`as_bf16`, for the GEMV kernel).
+    /// Quantizes `rows` bf16 rows of `k` values: their e4m3 codes and scales.
     fn quantize_rows(
         &self,
         x: &CudaSlice<u16>,
         rows: usize,
         k: usize,
         input: InputScale,
-        as_bf16: bool,
-    ) -> Result<(QuantizedRows, CudaSlice<f32>), BackendError> {
+    ) -> Result<(CudaSlice<u8>, CudaSlice<f32>), BackendError> {
         let mut scales = self.alloc_f32(rows)?;
         let static_scale = match input {
             InputScale::Static(s) => s,
@@ -56,34 +57,12 @@ impl CudaBackend {
             block_dim: (QUANTIZE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let null_u8: u64 = 0;
-        if as_bf16 {
-            let mut codes = self.alloc_bf16(rows * k)?;
-            let mut b = self.stream.launch_builder(&self.kernels.quantize_fp8_rows);
-            b.arg(x)
-                .arg(&null_u8)
-                .arg(&mut codes)
-                .arg(&mut scales)
-                .arg(&cols)
-                .arg(&static_scale);
-            self.launch(b, cfg, "quantize_fp8_rows")?;
-            Ok((QuantizedRows::Bf16(codes), scales))
-        } else {
-            // SAFETY: the kernel writes every code before anything reads them.
-            let mut codes = dev!("alloc", unsafe {
-                self.stream.alloc::<u8>((rows * k).max(1))
-            })?;
-            let null_u16: u64 = 0;
-            let mut b = self.stream.launch_builder(&self.kernels.quantize_fp8_rows);
-            b.arg(x)
-                .arg(&mut codes)
-                .arg(&null_u16)
-                .arg(&mut scales)
-                .arg(&cols)
-                .arg(&static_scale);
-            self.launch(b, cfg, "quantize_fp8_rows")?;
-            Ok((QuantizedRows::Fp8(codes), scales))
-        }
+        // SAFETY: the kernel writes every code before anything reads them.
+        let mut codes = dev!("alloc", unsafe { self.stream.alloc::<u8>((rows * k).max(1)) })?;
+        let mut b = self.stream.launch_builder(&self.kernels.quantize_fp8_rows);
+        b.arg(x).arg(&mut codes).arg(&mut scales).arg(&cols).arg(&static_scale);
+        self.launch(b, cfg, "quantize_fp8_rows")?;
+        Ok((codes, scales))
     }
 
     /// `y = x · wᵀ` in f32 for an FP8 weight.
@@ -95,19 +74,9 @@ impl CudaBackend {
         out: &mut CudaSlice<f32>,
     ) -> Result<(), BackendError> {
         if self.fp8_gemv_applies(rows, w.k) {
-            let (QuantizedRows::Bf16(xq), xs) = self.quantize_rows(x, rows, w.k, w.input, true)?
-            else {
-                unreachable!("quantize_rows gives bf16 codes when asked");
-            };
             let (n, k) = (w.n as i32, w.k as i32);
             let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8[rows - 1]);
-            b.arg(&xq)
-                .arg(&xs)
-                .arg(w.codes)
-                .arg(w.row_scales)
-                .arg(out)
-                .arg(&n)
-                .arg(&k);
+            b.arg(x).arg(w.codes).arg(w.row_scales).arg(out).arg(&n).arg(&k);
             let cfg = LaunchConfig {
                 grid_dim: (w.n.div_ceil(8) as u32, 1, 1),
                 block_dim: (256, 1, 1),
@@ -132,9 +101,7 @@ impl CudaBackend {
             op: "linear (fp8)",
             detail: self.fp8_support().err().unwrap_or_default(),
         })?;
-        let (QuantizedRows::Fp8(xq), xs) = self.quantize_rows(x, rows, w.k, w.input, false)? else {
-            unreachable!("quantize_rows gives e4m3 codes when asked");
-        };
+        let (xq, xs) = self.quantize_rows(x, rows, w.k, w.input)?;
         let ops = Fp8Operands {
             x: &xq,
             x_scales: &xs,
@@ -204,10 +171,4 @@ impl CudaBackend {
 pub(super) enum Fp8Out<'a> {
     Bf16(&'a mut CudaSlice<u16>),
     F32(&'a mut CudaSlice<f32>),
-}
-
-/// Quantized activation rows: e4m3 bytes (cuBLASLt) or the codes' bf16 values (GEMV).
-enum QuantizedRows {
-    Fp8(CudaSlice<u8>),
-    Bf16(CudaSlice<u16>),
 }
