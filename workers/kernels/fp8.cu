@@ -167,27 +167,31 @@ GEMV_FP8_KERNEL(8)
 
 // y = x widened: the f32 copy of a bf16 product (cuBLASLt's FP8 GEMM with vector scales
 // writes bf16 only) for the ops that read f32 (rotary embedding of q/k/v, a bias add).
+// Grid-stride: the launch's grid is capped (`elementwise_config`).
 extern "C" __global__ void widen_bf16(const bf16* __restrict__ x, float* __restrict__ y,
                                       long long n) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = bf16_to_f32(x[i]);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        y[i] = bf16_to_f32(x[i]);
+    }
 }
 
 // The scales of an FP8 product applied to its unscaled f32 sums `acc` ([rows, n]): each
 // element times its token's and its output feature's scale, into `y32` (f32, may be `acc`
 // itself) or, where y32 is null, into `y16` (bf16). For GPUs whose cuBLASLt does not apply
-// vector scales itself.
+// vector scales itself. Grid-stride, as `widen_bf16`.
 extern "C" __global__ void fp8_scale_rows_cols(const float* acc, float* y32,
                                                bf16* __restrict__ y16,
                                                const float* __restrict__ xs,
                                                const float* __restrict__ ws, int n,
                                                long long total) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    const float v = acc[i] * (xs[i / n] * ws[i % n]);
-    if (y32 != nullptr) {
-        y32[i] = v;
-    } else {
-        y16[i] = f32_to_bf16(v);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = acc[i] * (xs[i / n] * ws[i % n]);
+        if (y32 != nullptr) {
+            y32[i] = v;
+        } else {
+            y16[i] = f32_to_bf16(v);
+        }
     }
 }

@@ -221,6 +221,9 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
         (9, 256, 512, InputScale::PerToken),
         (130, 384, 1024, InputScale::PerToken),
         (300, 128, 256, InputScale::Static(0.002)),
+        // More elements than a capped elementwise grid covers in one pass (65,535 blocks of
+        // 256): the widening of cuBLASLt's bf16 result must stride.
+        (4200, 4096, 64, InputScale::PerToken),
     ] {
         // Codes of every finite e4m3 value (0x7f and 0xff are NaN), a scale per row.
         let codes: Vec<u8> = (0..n * k)
