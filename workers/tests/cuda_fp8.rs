@@ -200,7 +200,7 @@ fn bf16_activation(
 }
 
 /// One FP8 projection against the host's arithmetic on the same operands: the weight's codes
-/// and per-row scales times the input rows, summed in f64. Rows 1..=8 run the GEMV kernel,
+/// and per-row scales times the input rows, summed in f64. Rows 1..=4 run the GEMV kernel,
 /// which reads the bf16 input as it is; more run cuBLASLt on the input quantized as
 /// `round_row_through_fp8` does (per token, or by a static scale), whose bf16 output bounds
 /// the error.
@@ -245,7 +245,8 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
             }])
             .unwrap();
         let (x, mut xs) = bf16_activation(&gpu, rows, k, &mut rng);
-        if rows > 8 {
+        // The GEMV's rows (4 by default) read the bf16 input as it is.
+        if rows > 4 {
             for row in xs.chunks_mut(k) {
                 round_row_through_fp8(row, input);
             }
@@ -270,8 +271,8 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
         assert_eq!((y.len(), y[0].len()), (rows, n));
         let err = rel_l2(&y.concat(), &reference);
         eprintln!("{rows} rows, {n}x{k}, {input:?}: relative L2 {err:.2e}");
-        // f32 sums: ~1e-6; cuBLASLt's bf16 output: ~2e-3.
-        let bound = if rows <= 8 { 1e-4 } else { 4e-3 };
+        // f32 sums: ~1e-7; cuBLASLt's bf16 output: ~2e-3.
+        let bound = if rows <= 4 { 1e-4 } else { 4e-3 };
         assert!(err < bound, "{rows} rows, {n}x{k}: relative L2 {err:.2e} against the host");
     }
 }
