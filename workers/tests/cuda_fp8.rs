@@ -232,7 +232,9 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
                 if c & 0x7f == 0x7f { c - 1 } else { c }
             })
             .collect();
-        let row_scales: Vec<f32> = (0..n).map(|_| rng.random_range(0.5f32..2.0) / 448.0).collect();
+        let row_scales: Vec<f32> = (0..n)
+            .map(|_| rng.random_range(0.5f32..2.0) / 448.0)
+            .collect();
         let w = gpu
             .upload_weight(&[HostTensor {
                 dtype: WeightDType::F8E4M3,
@@ -273,6 +275,9 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
         eprintln!("{rows} rows, {n}x{k}, {input:?}: relative L2 {err:.2e}");
         // f32 sums: ~1e-7; cuBLASLt's bf16 output: ~2e-3.
         let bound = if rows <= 4 { 1e-4 } else { 4e-3 };
-        assert!(err < bound, "{rows} rows, {n}x{k}: relative L2 {err:.2e} against the host");
+        assert!(
+            err < bound,
+            "{rows} rows, {n}x{k}: relative L2 {err:.2e} against the host"
+        );
     }
 }

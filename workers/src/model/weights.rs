@@ -775,7 +775,12 @@ mod tests {
 
     /// Writes the tiny config's tensors with the projections in FP8 (per-row scales), plus
     /// `extra` tensors, and a config with `quantization`.
-    fn write_fp8(dir: &Path, quantization: Option<serde_json::Value>, drop_scale: bool, extra: &[(&str, Vec<usize>, Dtype)]) -> ModelConfig {
+    fn write_fp8(
+        dir: &Path,
+        quantization: Option<serde_json::Value>,
+        drop_scale: bool,
+        extra: &[(&str, Vec<usize>, Dtype)],
+    ) -> ModelConfig {
         let mut config = config();
         config.quantization_config = quantization;
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -785,7 +790,16 @@ mod tests {
                 let scale = name.replace(".weight", ".weight_scale");
                 if !(drop_scale && name.contains("layers.0.self_attn.q_proj")) {
                     let rows = shape[0];
-                    owned.push((scale, Dtype::F32, vec![rows, 1], [0.5f32].repeat(rows).iter().flat_map(|v| v.to_le_bytes()).collect()));
+                    owned.push((
+                        scale,
+                        Dtype::F32,
+                        vec![rows, 1],
+                        [0.5f32]
+                            .repeat(rows)
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect(),
+                    ));
                 }
                 owned.push((name, Dtype::F8_E4M3, shape, vec![0x38; elements]));
             } else {
@@ -793,7 +807,11 @@ mod tests {
             }
         }
         for (name, shape, dtype) in extra {
-            let bytes = vec![0x3f; shape.iter().product::<usize>().max(1) * if *dtype == Dtype::F32 { 4 } else { 1 }];
+            let bytes = vec![
+                0x3f;
+                shape.iter().product::<usize>().max(1)
+                    * if *dtype == Dtype::F32 { 4 } else { 1 }
+            ];
             owned.push((name.to_string(), *dtype, shape.clone(), bytes));
         }
         let views: Vec<(String, TensorView<'_>)> = owned
@@ -805,16 +823,27 @@ mod tests {
     }
 
     fn compressed_tensors() -> Option<serde_json::Value> {
-        Some(tandem_model::quantization::Fp8Scheme::compressed_tensors_config(
-            tandem_model::quantization::WeightScales::PerChannel,
-            &["lm_head".to_string()],
-        ))
+        Some(
+            tandem_model::quantization::Fp8Scheme::compressed_tensors_config(
+                tandem_model::quantization::WeightScales::PerChannel,
+                &["lm_head".to_string()],
+            ),
+        )
     }
 
     #[test]
     fn fp8_weights_get_their_scales_and_bad_checkpoints_are_named() {
         let dir = scratch("fp8");
-        let config = write_fp8(&dir, compressed_tensors(), false, &[("model.layers.1.self_attn.k_proj.k_scale", vec![], Dtype::F32)]);
+        let config = write_fp8(
+            &dir,
+            compressed_tensors(),
+            false,
+            &[(
+                "model.layers.1.self_attn.k_proj.k_scale",
+                vec![],
+                Dtype::F32,
+            )],
+        );
         let files = WeightFiles::open(&dir).unwrap();
         let tensors = files.tensors(&config).unwrap();
         let q = &tensors["model.layers.0.self_attn.q_proj.weight"];
@@ -829,18 +858,33 @@ mod tests {
 
         // No quantization_config: the FP8 tensors are refused by name.
         let config = write_fp8(&dir, None, false, &[]);
-        let err = WeightFiles::open(&dir).unwrap().tensors(&config).err().unwrap();
+        let err = WeightFiles::open(&dir)
+            .unwrap()
+            .tensors(&config)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("quantization_config"), "{err}");
 
         // A missing weight_scale.
         let config = write_fp8(&dir, compressed_tensors(), true, &[]);
-        let err = WeightFiles::open(&dir).unwrap().tensors(&config).err().unwrap();
-        assert!(err.to_string().contains("q_proj.weight") && err.to_string().contains("weight_scale"), "{err}");
+        let err = WeightFiles::open(&dir)
+            .unwrap()
+            .tensors(&config)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("q_proj.weight") && err.to_string().contains("weight_scale"),
+            "{err}"
+        );
 
         // Static activations need every input_scale.
         let mut modelopt = serde_json::json!({"quant_method": "modelopt", "quant_algo": "FP8"});
         let config = write_fp8(&dir, Some(modelopt.clone()), false, &[]);
-        let err = WeightFiles::open(&dir).unwrap().tensors(&config).err().unwrap();
+        let err = WeightFiles::open(&dir)
+            .unwrap()
+            .tensors(&config)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("input_scale"), "{err}");
         modelopt["exclude_modules"] = serde_json::json!(["lm_head"]);
         let names: Vec<String> = tensor_names::expected_tensors(&config)
@@ -848,16 +892,35 @@ mod tests {
             .filter(|(n, _)| tensor_names::is_projection(n))
             .map(|(n, _)| n.replace(".weight", ".input_scale"))
             .collect();
-        let extra: Vec<(&str, Vec<usize>, Dtype)> = names.iter().map(|n| (n.as_str(), vec![], Dtype::F32)).collect();
+        let extra: Vec<(&str, Vec<usize>, Dtype)> = names
+            .iter()
+            .map(|n| (n.as_str(), vec![], Dtype::F32))
+            .collect();
         let config = write_fp8(&dir, Some(modelopt), false, &extra);
         let files = WeightFiles::open(&dir).unwrap();
         let tensors = files.tensors(&config).unwrap();
-        let input = tensors["model.layers.1.mlp.down_proj.weight"].load().view().scales.input;
-        assert!(matches!(input, InputScale::Static(s) if s > 0.0), "{input:?}");
+        let input = tensors["model.layers.1.mlp.down_proj.weight"]
+            .load()
+            .view()
+            .scales
+            .input;
+        assert!(
+            matches!(input, InputScale::Static(s) if s > 0.0),
+            "{input:?}"
+        );
 
         // A scale of no FP8 weight.
-        let config = write_fp8(&dir, compressed_tensors(), false, &[("model.norm.weight_scale", vec![1], Dtype::F32)]);
-        let err = WeightFiles::open(&dir).unwrap().tensors(&config).err().unwrap();
+        let config = write_fp8(
+            &dir,
+            compressed_tensors(),
+            false,
+            &[("model.norm.weight_scale", vec![1], Dtype::F32)],
+        );
+        let err = WeightFiles::open(&dir)
+            .unwrap()
+            .tensors(&config)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("model.norm.weight_scale"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

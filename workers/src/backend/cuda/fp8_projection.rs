@@ -59,9 +59,15 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         // SAFETY: the kernel writes every code before anything reads them.
-        let mut codes = dev!("alloc", unsafe { self.stream.alloc::<u8>((rows * k).max(1)) })?;
+        let mut codes = dev!("alloc", unsafe {
+            self.stream.alloc::<u8>((rows * k).max(1))
+        })?;
         let mut b = self.stream.launch_builder(&self.kernels.quantize_fp8_rows);
-        b.arg(x).arg(&mut codes).arg(&mut scales).arg(&cols).arg(&static_scale);
+        b.arg(x)
+            .arg(&mut codes)
+            .arg(&mut scales)
+            .arg(&cols)
+            .arg(&static_scale);
         self.launch(b, cfg, "quantize_fp8_rows")?;
         Ok((codes, scales))
     }
@@ -77,7 +83,12 @@ impl CudaBackend {
         if self.fp8_gemv_applies(rows, w.k) {
             let (n, k) = (w.n as i32, w.k as i32);
             let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8[rows - 1]);
-            b.arg(x).arg(w.codes).arg(w.row_scales).arg(out).arg(&n).arg(&k);
+            b.arg(x)
+                .arg(w.codes)
+                .arg(w.row_scales)
+                .arg(out)
+                .arg(&n)
+                .arg(&k);
             let cfg = LaunchConfig {
                 grid_dim: (w.n.div_ceil(8) as u32, 1, 1),
                 block_dim: (256, 1, 1),
@@ -123,7 +134,11 @@ impl CudaBackend {
                     if gemm.scaled(&ops, &mut narrow, rows, w.k, w.n)? {
                         let mut b = self.stream.launch_builder(&self.kernels.widen_bf16);
                         b.arg(&narrow).arg(y).arg(&total);
-                        return self.launch(b, super::elementwise_config(total as usize), "widen_bf16");
+                        return self.launch(
+                            b,
+                            super::elementwise_config(total as usize),
+                            "widen_bf16",
+                        );
                     }
                     return self.fp8_unscaled_then_scale(gemm, &ops, &xs, w, rows, Fp8Out::F32(y));
                 }
@@ -153,16 +168,40 @@ impl CudaBackend {
                     use cudarc::driver::DevicePtr;
                     y.device_ptr(&self.stream).0
                 };
-                let mut b = self.stream.launch_builder(&self.kernels.fp8_scale_rows_cols);
-                b.arg(&acc).arg(y).arg(&null).arg(xs).arg(w.row_scales).arg(&n).arg(&total);
-                self.launch(b, super::elementwise_config(total as usize), "fp8_scale_rows_cols")
+                let mut b = self
+                    .stream
+                    .launch_builder(&self.kernels.fp8_scale_rows_cols);
+                b.arg(&acc)
+                    .arg(y)
+                    .arg(&null)
+                    .arg(xs)
+                    .arg(w.row_scales)
+                    .arg(&n)
+                    .arg(&total);
+                self.launch(
+                    b,
+                    super::elementwise_config(total as usize),
+                    "fp8_scale_rows_cols",
+                )
             }
             Fp8Out::Bf16(y) => {
                 let mut acc = self.alloc_f32(rows * w.n)?;
                 gemm.unscaled(ops, &mut acc, rows, w.k, w.n)?;
-                let mut b = self.stream.launch_builder(&self.kernels.fp8_scale_rows_cols);
-                b.arg(&acc).arg(&null).arg(y).arg(xs).arg(w.row_scales).arg(&n).arg(&total);
-                self.launch(b, super::elementwise_config(total as usize), "fp8_scale_rows_cols")
+                let mut b = self
+                    .stream
+                    .launch_builder(&self.kernels.fp8_scale_rows_cols);
+                b.arg(&acc)
+                    .arg(&null)
+                    .arg(y)
+                    .arg(xs)
+                    .arg(w.row_scales)
+                    .arg(&n)
+                    .arg(&total);
+                self.launch(
+                    b,
+                    super::elementwise_config(total as usize),
+                    "fp8_scale_rows_cols",
+                )
             }
         }
     }
