@@ -101,7 +101,7 @@ pub enum MatrixData {
     /// bf16 elements as their bit patterns.
     Bf16(CudaSlice<u16>),
     /// FP8 e4m3 codes with one f32 scale per row, and how the input is quantized (`fp8.cu`,
-    /// [`super::fp8_gemm`]).
+    /// `fp8_gemm.rs`).
     Fp8 {
         codes: CudaSlice<u8>,
         row_scales: CudaSlice<f32>,
