@@ -899,7 +899,7 @@ mod tests {
         let config = write_fp8(&dir, Some(modelopt), false, &extra);
         let files = WeightFiles::open(&dir).unwrap();
         let tensors = files.tensors(&config).unwrap();
-        let input = tensors["model.layers.1.mlp.down_proj.weight"]
+        let input = tensors["model.layers.0.mlp.down_proj.weight"]
             .load()
             .view()
             .scales
