@@ -432,6 +432,7 @@ fn group_args(
         role: Some(role),
         kv_cache_tokens: group.kv_cache_config.max_tokens,
         block_size: group.kv_cache_config.block_size,
+        kv_cache_dtype: group.kv_cache_config.dtype.unwrap_or_default(),
         tensor_parallel: group.tensor_parallel_size.unwrap_or(1),
         max_num_seqs: group.max_batch_size.unwrap_or(defaults.max_num_seqs),
         max_queued_requests: group.max_queued_requests,

@@ -154,6 +154,76 @@ pub struct KvCacheConfig {
     /// TensorRT-LLM's key for prefix caching: computed blocks stay cached for later requests
     /// with the same prefix (absent: on).
     pub enable_block_reuse: Option<bool>,
+    /// TensorRT-LLM's key for the cache's element type (vLLM's `--kv-cache-dtype`): `auto`
+    /// (absent: the model's own type, bf16 on a GPU) or `fp8`, which halves the bytes a token
+    /// takes (twice the tokens in the same memory, half the bytes a hand-over moves). Context
+    /// and decode workers handing prompts over need the same.
+    pub dtype: Option<KvCacheDtype>,
+    /// Keys of TensorRT-LLM's `kv_cache_config` tandem does not use, for the startup warning.
+    #[serde(flatten)]
+    pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
+}
+
+/// The element type of a KV cache as configurations name it (`kv_cache_config.dtype`, the
+/// workers' `--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    /// The model's: its weights' type on the CPU, bf16 on a GPU.
+    #[default]
+    Auto,
+    /// FP8 e4m3 codes (GPUs of compute capability 8.9 and later, and the CPU).
+    Fp8,
+    Bf16,
+    /// f16 (the CPU only).
+    F16,
+    /// f32 (the CPU only).
+    F32,
+}
+
+impl KvCacheDtype {
+    pub const ALL: [KvCacheDtype; 5] = [
+        KvCacheDtype::Auto,
+        KvCacheDtype::Fp8,
+        KvCacheDtype::Bf16,
+        KvCacheDtype::F16,
+        KvCacheDtype::F32,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCacheDtype::Auto => "auto",
+            KvCacheDtype::Fp8 => "fp8",
+            KvCacheDtype::Bf16 => "bf16",
+            KvCacheDtype::F16 => "f16",
+            KvCacheDtype::F32 => "f32",
+        }
+    }
+}
+
+impl std::fmt::Display for KvCacheDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for KvCacheDtype {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        // vLLM spells FP8 e4m3 both ways.
+        let name = if name == "fp8_e4m3" { "fp8" } else { name };
+        Self::ALL
+            .into_iter()
+            .find(|d| d.as_str() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|d| d.as_str()).collect();
+                format!(
+                    "{name:?} is not a KV cache type (one of {})",
+                    names.join(", ")
+                )
+            })
+    }
 }
 
 /// `context_servers` / `generation_servers`.
@@ -470,6 +540,13 @@ impl DeploymentConfig {
             ("generation_servers", &self.generation_servers),
         ] {
             keys.extend(config.ignored.keys().map(|k| format!("{group}.{k}")));
+            keys.extend(
+                config
+                    .kv_cache_config
+                    .ignored
+                    .keys()
+                    .map(|k| format!("{group}.kv_cache_config.{k}")),
+            );
         }
         keys
     }
@@ -548,6 +625,34 @@ kv_secret_file: /run/secrets/tandem-kv
             "{:?}",
             config.ignored_keys()
         );
+    }
+
+    #[test]
+    fn kv_cache_dtype_is_read_and_unknown_cache_keys_are_reported() {
+        let yaml = "context_servers: { kv_cache_config: { dtype: fp8, tokens_per_block: 32 } }\n\
+                    generation_servers: { kv_cache_config: { dtype: auto } }";
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        assert_eq!(
+            config.context_servers.kv_cache_config.dtype,
+            Some(KvCacheDtype::Fp8)
+        );
+        assert_eq!(
+            config.generation_servers.kv_cache_config.dtype,
+            Some(KvCacheDtype::Auto)
+        );
+        assert_eq!(
+            config.ignored_keys(),
+            vec!["context_servers.kv_cache_config.tokens_per_block".to_string()]
+        );
+        let err = DeploymentConfig::parse(
+            "context_servers: { kv_cache_config: { dtype: int4 } }",
+            "c.yaml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("dtype"), "{err}");
+        assert_eq!("fp8_e4m3".parse::<KvCacheDtype>(), Ok(KvCacheDtype::Fp8));
+        let err = "int4".parse::<KvCacheDtype>().unwrap_err();
+        assert!(err.contains("auto, fp8, bf16, f16, f32"), "{err}");
     }
 
     #[test]

@@ -483,6 +483,8 @@ wire_names! {
         F32 = "f32",
         Bf16 = "bf16",
         F16 = "f16",
+        /// FP8 e4m3 codes with a scale of 1 (`kv_cache_config.dtype: fp8`).
+        Fp8 = "fp8",
     }
 }
 
@@ -1202,7 +1204,8 @@ mod tests {
             (KvDTypeSpec::F32, "f32"),
             (KvDTypeSpec::Bf16, "bf16"),
             (KvDTypeSpec::F16, "f16"),
-            (KvDTypeSpec::Other("fp8".into()), "fp8"),
+            (KvDTypeSpec::Fp8, "fp8"),
+            (KvDTypeSpec::Other("nvfp4".into()), "nvfp4"),
         ] {
             let json = serde_json::to_string(&dtype).unwrap();
             assert_eq!(json, format!("\"{name}\""));
@@ -1238,10 +1241,10 @@ mod tests {
         assert_eq!(handle.model_fingerprint, "");
         // A newer peer's transport or dtype still reads, for the decode worker to refuse
         // (a local prefill, or a layout mismatch), and goes out again unchanged.
-        let json = handle_json("rdma", "fp8");
+        let json = handle_json("rdma", "nvfp4");
         let handle: KvHandle = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(handle.backend, KvTransportKind::Other("rdma".into()));
-        assert_eq!(handle.layout.dtype, KvDTypeSpec::Other("fp8".into()));
+        assert_eq!(handle.layout.dtype, KvDTypeSpec::Other("nvfp4".into()));
         assert_eq!(serde_json::to_value(&handle).unwrap(), json);
     }
 

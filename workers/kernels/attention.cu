@@ -8,10 +8,12 @@
 
 // Rotates q (in place) and k of each token's fused [q | k | v] row (rotate-half convention,
 // cos/sin per token precomputed on the host as Hugging Face does), then stores the token's
-// rotated k and its v into `layer` of the token's cache slot. One block per token.
-extern "C" __global__ void rope_cache_write(
+// rotated k and its v into `layer` of the token's cache slot, as bf16 or FP8 codes (`C`). One
+// block per token.
+template <typename C>
+__device__ __forceinline__ void rope_cache_write_impl(
     float* __restrict__ qkv, const float* __restrict__ cos_table, const float* __restrict__ sin_table,
-    const u32* __restrict__ slot_mapping, bf16* __restrict__ cache, int num_heads, int num_kv_heads,
+    const u32* __restrict__ slot_mapping, C* __restrict__ cache, int num_heads, int num_kv_heads,
     int head_dim, int block_size, long long block_elems, long long layer_offset) {
     const long long t = blockIdx.x;
     const int half = head_dim / 2;
@@ -22,9 +24,9 @@ extern "C" __global__ void rope_cache_write(
     const float* cs = cos_table + t * half;
     const float* sn = sin_table + t * half;
     const u32 slot = slot_mapping[t];
-    bf16* k_dst = cache + (long long)(slot / block_size) * block_elems + layer_offset +
-                  (long long)(slot % block_size) * token_stride;
-    bf16* v_dst = k_dst + kv_stride;
+    C* k_dst = cache + (long long)(slot / block_size) * block_elems + layer_offset +
+               (long long)(slot % block_size) * token_stride;
+    C* v_dst = k_dst + kv_stride;
 #ifndef ROPE_VEC
 #define ROPE_VEC 1
 #endif
@@ -46,19 +48,14 @@ extern "C" __global__ void rope_cache_write(
             *reinterpret_cast<float2*>(x + i) = ra;
             *reinterpret_cast<float2*>(x + i + half) = rb;
             if (head >= num_heads) {
-                bf16* k = k_dst + (head - num_heads) * head_dim + i;
-                *reinterpret_cast<u32*>(k) = (u32)f32_to_bf16(ra.x) | ((u32)f32_to_bf16(ra.y) << 16);
-                *reinterpret_cast<u32*>(k + half) =
-                    (u32)f32_to_bf16(rb.x) | ((u32)f32_to_bf16(rb.y) << 16);
+                C* k = k_dst + (head - num_heads) * head_dim + i;
+                kv_store2(k, ra.x, ra.y);
+                kv_store2(k + half, rb.x, rb.y);
             }
         }
         const float* v = row + (num_heads + num_kv_heads) * head_dim;
-        for (int j = 4 * threadIdx.x; j < token_stride; j += 4 * blockDim.x) {
-            const float4 x = *reinterpret_cast<const float4*>(v + j);
-            *reinterpret_cast<uint2*>(v_dst + j) =
-                make_uint2((u32)f32_to_bf16(x.x) | ((u32)f32_to_bf16(x.y) << 16),
-                           (u32)f32_to_bf16(x.z) | ((u32)f32_to_bf16(x.w) << 16));
-        }
+        for (int j = 4 * threadIdx.x; j < token_stride; j += 4 * blockDim.x)
+            kv_store4(v_dst + j, *reinterpret_cast<const float4*>(v + j));
         return;
     }
     const int pairs = (num_heads + num_kv_heads) * half;
@@ -72,13 +69,27 @@ extern "C" __global__ void rope_cache_write(
         x[i + half] = rb;
         if (head >= num_heads) {
             const int kh = head - num_heads;
-            k_dst[kh * head_dim + i] = f32_to_bf16(ra);
-            k_dst[kh * head_dim + i + half] = f32_to_bf16(rb);
+            kv_store1(k_dst + kh * head_dim + i, ra);
+            kv_store1(k_dst + kh * head_dim + i + half, rb);
         }
     }
     const float* v = row + (num_heads + num_kv_heads) * head_dim;
-    for (int j = threadIdx.x; j < token_stride; j += blockDim.x) v_dst[j] = f32_to_bf16(v[j]);
+    for (int j = threadIdx.x; j < token_stride; j += blockDim.x) kv_store1(v_dst + j, v[j]);
 }
+
+#define ROPE_CACHE_WRITE_KERNEL(NAME, C)                                                          \
+    extern "C" __global__ void NAME(float* __restrict__ qkv, const float* __restrict__ cos_table,  \
+                                    const float* __restrict__ sin_table,                          \
+                                    const u32* __restrict__ slot_mapping, C* __restrict__ cache,  \
+                                    int num_heads, int num_kv_heads, int head_dim,                \
+                                    int block_size, long long block_elems,                        \
+                                    long long layer_offset) {                                     \
+        rope_cache_write_impl<C>(qkv, cos_table, sin_table, slot_mapping, cache, num_heads,       \
+                                 num_kv_heads, head_dim, block_size, block_elems, layer_offset);  \
+    }
+
+ROPE_CACHE_WRITE_KERNEL(rope_cache_write, bf16)
+ROPE_CACHE_WRITE_KERNEL(rope_cache_write_fp8, fp8)
 
 #define ATTN_WARPS 4
 
@@ -104,16 +115,19 @@ __device__ __forceinline__ void store_attention(bf16* __restrict__ out,
 
 // A decode attention kernel `NAME##D` of `THREADS` threads running `BODY<D>`: every decode
 // kernel takes these arguments (and an L2 prefetch range) and writes the same outputs.
-#define DECODE_ATTENTION_KERNEL(NAME, THREADS, BODY, D)                                           \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME##D(                                \
-        const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \
+#define DECODE_ATTENTION_KERNEL(NAME, THREADS, BODY, D) \
+    DECODE_ATTENTION_KERNEL_OF(NAME##D, THREADS, BODY<D>, bf16)
+// The same over a cache of element type `C`, the kernel named `NAME`.
+#define DECODE_ATTENTION_KERNEL_OF(NAME, THREADS, BODY, C)                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                   \
+        const float* __restrict__ qkv, const C* __restrict__ cache,                               \
         const u32* __restrict__ positions, const u32* __restrict__ token_seq,                     \
         const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,            \
         bf16* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,  \
         int num_heads, int num_kv_heads, int block_size, long long block_elems,                   \
         long long layer_offset, float scale, const char* prefetch, long long prefetch_bytes) {    \
         prefetch_l2(prefetch, prefetch_bytes);                                                    \
-        BODY<D>(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,             \
+        BODY(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,                \
                 partial_acc, partial_ml, num_heads, num_kv_heads, block_size, block_elems,        \
                 layer_offset, scale);                                                             \
     }
@@ -243,9 +257,9 @@ __device__ __forceinline__ void attend(
 // reads 32/(D/8) keys per step and reduces each dot product in log2(D/8) shuffles. Every lane
 // group keeps its own online softmax; the groups of all warps are merged in shared memory.
 // Same grid, arguments and outputs as `attend`, with ATTN_VEC_GMAX query heads per block.
-template <int D>
+template <int D, typename C = bf16>
 __device__ __forceinline__ void attend_vec(
-    const float* __restrict__ qkv, const bf16* __restrict__ cache, const u32* __restrict__ positions,
+    const float* __restrict__ qkv, const C* __restrict__ cache, const u32* __restrict__ positions,
     const u32* __restrict__ token_seq, const u32* __restrict__ seq_block_start,
     const u32* __restrict__ block_tables, bf16* __restrict__ out, float* __restrict__ partial_acc,
     float* __restrict__ partial_ml, int num_heads, int num_kv_heads, int block_size,
@@ -290,32 +304,30 @@ __device__ __forceinline__ void attend_vec(
     constexpr int U = ATTN_VEC_UNROLL;
     constexpr int STRIDE = ATTN_WARPS * KPW;
     for (int j0 = k_begin + warp * KPW; j0 < k_end; j0 += U * STRIDE) {
-        uint4 kraw[U], vraw[U];
+        // Each lane's 8 elements of K and of V as they lie in the cache (16 bytes of bf16, 8 of
+        // FP8), widened only when used.
+        typedef typename KvRaw8<C>::type Raw;
+        Raw kraw[U], vraw[U];
         bool ok[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int j = j0 + sub + u * STRIDE;
             ok[u] = j < k_end;
-            kraw[u] = make_uint4(0, 0, 0, 0);
-            vraw[u] = make_uint4(0, 0, 0, 0);
+            kraw[u] = Raw{};
+            vraw[u] = Raw{};
             if (ok[u]) {
                 const u32 blk = table[j / block_size];
-                const bf16* kp = cache + (long long)blk * block_elems + layer_offset +
-                                 (long long)(j % block_size) * token_stride + kvh * D + part * 8;
-                kraw[u] = *reinterpret_cast<const uint4*>(kp);
-                vraw[u] = *reinterpret_cast<const uint4*>(kp + kv_stride);
+                const C* kp = cache + (long long)blk * block_elems + layer_offset +
+                              (long long)(j % block_size) * token_stride + kvh * D + part * 8;
+                kraw[u] = *reinterpret_cast<const Raw*>(kp);
+                vraw[u] = *reinterpret_cast<const Raw*>(kp + kv_stride);
             }
         }
         float dot[G][U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const u32 kw[4] = {kraw[u].x, kraw[u].y, kraw[u].z, kraw[u].w};
             float kf[8];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                kf[2 * i] = __uint_as_float(kw[i] << 16);
-                kf[2 * i + 1] = __uint_as_float(kw[i] & 0xffff0000u);
-            }
+            kv_widen8(kraw[u], kf);
 #pragma unroll
             for (int g = 0; g < G; ++g) {
                 float d = 0.0f;
@@ -350,12 +362,10 @@ __device__ __forceinline__ void attend_vec(
                     if (ok[u]) {
                         const float p = expf(dot[g][u] - m_new);
                         l[g] += p;
-                        const u32 vw[4] = {vraw[u].x, vraw[u].y, vraw[u].z, vraw[u].w};
+                        float vf[8];
+                        kv_widen8(vraw[u], vf);
 #pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            acc[g][2 * i] += p * __uint_as_float(vw[i] << 16);
-                            acc[g][2 * i + 1] += p * __uint_as_float(vw[i] & 0xffff0000u);
-                        }
+                        for (int e = 0; e < 8; ++e) acc[g][e] += p * vf[e];
                     }
                 }
                 m[g] = m_new;
@@ -398,6 +408,15 @@ __device__ __forceinline__ void attend_vec(
 ATTENTION_VEC_KERNEL(64)
 ATTENTION_VEC_KERNEL(128)
 ATTENTION_VEC_KERNEL(256)
+
+// The vectorized kernel over an FP8 cache: each lane loads its 8 codes of K and of V (8 bytes
+// each) and widens them exactly; the only decode attention of an FP8 cache.
+#define ATTENTION_VEC_FP8_KERNEL(D) \
+    DECODE_ATTENTION_KERNEL_OF(paged_attention_vec_fp8_d##D, ATTN_WARPS * 32, (attend_vec<D, fp8>), fp8)
+
+ATTENTION_VEC_FP8_KERNEL(64)
+ATTENTION_VEC_FP8_KERNEL(128)
+ATTENTION_VEC_FP8_KERNEL(256)
 
 #define ATTENTION_KERNEL(D) DECODE_ATTENTION_KERNEL(paged_attention_d, ATTN_WARPS * 32, attend, D)
 

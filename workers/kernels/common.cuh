@@ -23,6 +23,81 @@ __device__ __forceinline__ bf16 f32_to_bf16(float f) {
     return (bf16)(u >> 16);
 }
 
+// An FP8 e4m3 code (the KV cache's `fp8` element).
+typedef unsigned char fp8;
+
+// Two f32 to two e4m3 codes (round to nearest even, saturating at +-448); `lo` in the low byte.
+// The FP8 conversions are sm_89+ instructions; built for an older GPU the kernels using them
+// trap, and the backend refuses FP8 weights and FP8 KV caches there before any runs.
+__device__ __forceinline__ unsigned short f32x2_to_e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+// Two e4m3 codes (the low byte first) to their exact f32 values.
+__device__ __forceinline__ float2 e4m3x2_to_f32x2(unsigned short codes) {
+#if __CUDA_ARCH__ >= 890
+    u32 h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(codes));
+    float lo, hi;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"((unsigned short)(h2 & 0xffffu)));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"((unsigned short)(h2 >> 16)));
+    return make_float2(lo, hi);
+#else
+    __trap();
+    return make_float2(0.0f, 0.0f);
+#endif
+}
+
+// A KV-cache element type's stores and loads: bf16, or FP8 e4m3 codes (exact widening; stores
+// round to nearest and saturate).
+__device__ __forceinline__ void kv_store2(bf16* p, float a, float b) {
+    *reinterpret_cast<u32*>(p) = (u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16);
+}
+__device__ __forceinline__ void kv_store2(fp8* p, float a, float b) {
+    *reinterpret_cast<unsigned short*>(p) = f32x2_to_e4m3x2(a, b);
+}
+__device__ __forceinline__ void kv_store1(bf16* p, float a) { *p = f32_to_bf16(a); }
+__device__ __forceinline__ void kv_store1(fp8* p, float a) {
+    *p = (fp8)(f32x2_to_e4m3x2(a, 0.0f) & 0xffu);
+}
+__device__ __forceinline__ void kv_store4(bf16* p, float4 x) {
+    *reinterpret_cast<uint2*>(p) =
+        make_uint2((u32)f32_to_bf16(x.x) | ((u32)f32_to_bf16(x.y) << 16),
+                   (u32)f32_to_bf16(x.z) | ((u32)f32_to_bf16(x.w) << 16));
+}
+__device__ __forceinline__ void kv_store4(fp8* p, float4 x) {
+    *reinterpret_cast<u32*>(p) =
+        (u32)f32x2_to_e4m3x2(x.x, x.y) | ((u32)f32x2_to_e4m3x2(x.z, x.w) << 16);
+}
+// Eight consecutive elements of a cache as loaded (16 bytes of bf16, 8 of FP8 codes), and
+// their widening to f32.
+template <typename C> struct KvRaw8 { typedef uint4 type; };
+template <> struct KvRaw8<fp8> { typedef uint2 type; };
+__device__ __forceinline__ void kv_widen8(const uint4& raw, float* f) {
+    const u32 w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void kv_widen8(const uint2& raw, float* f) {
+    const u32 w[2] = {raw.x, raw.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const float2 a = e4m3x2_to_f32x2((unsigned short)(w[i] & 0xffffu));
+        const float2 b = e4m3x2_to_f32x2((unsigned short)(w[i] >> 16));
+        f[4 * i] = a.x, f[4 * i + 1] = a.y, f[4 * i + 2] = b.x, f[4 * i + 3] = b.y;
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -97,9 +97,9 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <int D, int H>
+template <int D, int H, typename C = bf16>
 __device__ __forceinline__ void flash_prefill(
-    const float* __restrict__ qkv, const bf16* __restrict__ cache, const u32* __restrict__ positions,
+    const float* __restrict__ qkv, const C* __restrict__ cache, const u32* __restrict__ positions,
     const u32* __restrict__ seq_token_start, const u32* __restrict__ seq_token_count,
     const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,
     const u32* __restrict__ tile_seq, const u32* __restrict__ tile_row, bf16* __restrict__ out,
@@ -208,7 +208,7 @@ __device__ __forceinline__ void flash_prefill(
     static_assert(LOAD_ROWS >= 1 && FA_KEYS % ROW_STEP == 0, "tile rows split evenly");
     const int c8 = threadIdx.x % CHUNKS, row0 = threadIdx.x / CHUNKS;
     auto load_tile = [&](int buf, int kt) {
-        const bf16* src[LOAD_ROWS];
+        const C* src[LOAD_ROWS];
 #pragma unroll
         for (int j = 0; j < LOAD_ROWS; ++j) {
             const int key = kt + row0 + j * ROW_STEP;
@@ -218,14 +218,38 @@ __device__ __forceinline__ void flash_prefill(
                                kvh * D + c8 * 8
                          : nullptr;
         }
+        if constexpr (sizeof(C) == 1) {
+            // FP8 codes: 8 a chunk, loaded and widened to bf16 (exact) on their way into the
+            // tile, which the tensor cores then read as they read a bf16 cache's. The loads are
+            // not asynchronous: the group committed below is empty, so the waits count the same.
 #pragma unroll
-        for (int j = 0; j < LOAD_ROWS; ++j) {
-            const int row = row0 + j * ROW_STEP;
-            const int bytes = src[j] != nullptr ? 16 : 0;
-            cp_async16(&k_tiles[buf * TILE + row * STRIDE + c8 * 8], bytes ? src[j] : cache,
-                       bytes);
-            cp_async16(&v_tiles[buf * TILE + row * STRIDE + c8 * 8],
-                       bytes ? src[j] + kv_stride : cache, bytes);
+            for (int j = 0; j < LOAD_ROWS; ++j) {
+                const int row = row0 + j * ROW_STEP;
+                uint2 kr = make_uint2(0, 0), vr = make_uint2(0, 0);
+                if (src[j] != nullptr) {
+                    kr = *reinterpret_cast<const uint2*>(src[j]);
+                    vr = *reinterpret_cast<const uint2*>(src[j] + kv_stride);
+                }
+                float kf[8], vf[8];
+                kv_widen8(kr, kf);
+                kv_widen8(vr, vf);
+                *reinterpret_cast<uint4*>(&k_tiles[buf * TILE + row * STRIDE + c8 * 8]) =
+                    make_uint4(pack_bf16(kf[0], kf[1]), pack_bf16(kf[2], kf[3]),
+                               pack_bf16(kf[4], kf[5]), pack_bf16(kf[6], kf[7]));
+                *reinterpret_cast<uint4*>(&v_tiles[buf * TILE + row * STRIDE + c8 * 8]) =
+                    make_uint4(pack_bf16(vf[0], vf[1]), pack_bf16(vf[2], vf[3]),
+                               pack_bf16(vf[4], vf[5]), pack_bf16(vf[6], vf[7]));
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < LOAD_ROWS; ++j) {
+                const int row = row0 + j * ROW_STEP;
+                const int bytes = src[j] != nullptr ? 16 : 0;
+                cp_async16(&k_tiles[buf * TILE + row * STRIDE + c8 * 8], bytes ? src[j] : cache,
+                           bytes);
+                cp_async16(&v_tiles[buf * TILE + row * STRIDE + c8 * 8],
+                           bytes ? src[j] + kv_stride : cache, bytes);
+            }
         }
         cp_async_commit();
     };
@@ -400,16 +424,17 @@ __device__ __forceinline__ void flash_prefill(
     }
 }
 
-#define FLASH_KERNEL(D, H, NAME)                                                                  \
+#define FLASH_KERNEL(D, H, NAME) FLASH_KERNEL_OF(D, H, NAME, bf16)
+#define FLASH_KERNEL_OF(D, H, NAME, C)                                                            \
     extern "C" __global__ void __launch_bounds__(FA_WARPS * 32 * H) NAME(                          \
-        const float* __restrict__ qkv, const bf16* __restrict__ cache,                            \
+        const float* __restrict__ qkv, const C* __restrict__ cache,                               \
         const u32* __restrict__ positions, const u32* __restrict__ seq_token_start,               \
         const u32* __restrict__ seq_token_count, const u32* __restrict__ seq_block_start,         \
         const u32* __restrict__ block_tables, const u32* __restrict__ tile_seq,                   \
         const u32* __restrict__ tile_row, bf16* __restrict__ out, int num_heads,                  \
         int num_kv_heads, int block_size, long long block_elems, long long layer_offset,          \
         float scale_log2) {                                                                       \
-        flash_prefill<D, H>(qkv, cache, positions, seq_token_start, seq_token_count,              \
+        flash_prefill<D, H, C>(qkv, cache, positions, seq_token_start, seq_token_count,           \
                             seq_block_start, block_tables, tile_seq, tile_row, out, num_heads,    \
                             num_kv_heads, block_size, block_elems, layer_offset, scale_log2);     \
     }
@@ -420,3 +445,9 @@ FLASH_KERNEL(64, 1, flash_prefill_d64)
 FLASH_KERNEL(128, 1, flash_prefill_d128)
 FLASH_KERNEL(64, 2, flash_prefill_d64_h2)
 FLASH_KERNEL(128, 2, flash_prefill_d128_h2)
+
+// The same over an FP8 cache (the warpgroup kernel reads bf16 tiles by TMA only).
+FLASH_KERNEL_OF(64, 1, flash_prefill_fp8_d64, fp8)
+FLASH_KERNEL_OF(128, 1, flash_prefill_fp8_d128, fp8)
+FLASH_KERNEL_OF(64, 2, flash_prefill_fp8_d64_h2, fp8)
+FLASH_KERNEL_OF(128, 2, flash_prefill_fp8_d128_h2, fp8)

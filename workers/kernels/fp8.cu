@@ -8,22 +8,10 @@
 // weights is the whole cost, and a quantization kernel of one block per row cost more than
 // the bytes FP8 saves (128 launches of a few microseconds per step of Llama-3.1-8B).
 //
-// The conversions are sm_89+ instructions; built for an older GPU the kernels trap, and the
-// backend refuses FP8 weights there before any runs.
+// The conversions (common.cuh) are sm_89+ instructions; built for an older GPU the kernels
+// trap, and the backend refuses FP8 weights there before any runs.
 
 #define FP8_MAX 448.0f
-
-// Two f32 to two e4m3 codes (round to nearest even, saturating at +-448); `lo` in the low byte.
-__device__ __forceinline__ unsigned short f32x2_to_e4m3x2(float lo, float hi) {
-#if __CUDA_ARCH__ >= 890
-    unsigned short r;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-    return r;
-#else
-    __trap();
-    return 0;
-#endif
-}
 
 // The largest value over the block (blockDim.x a multiple of 32); every thread gets it.
 __device__ __forceinline__ float fp8_block_max(float v) {

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 
 use tandem_cli::args::GpuArgs;
 use tandem_model::ModelConfig;
+use tandem_protocol::config::KvCacheDtype;
 use thiserror::Error;
 
 use crate::backend::cpu::group::{CpuGroup, GroupOptions};
@@ -119,17 +120,36 @@ pub enum LoadedModel {
     },
 }
 
+/// The KV cache's element type on `device` for `--kv-cache-dtype`: `None` leaves the CPU's to
+/// the model (its weights' type); a GPU computes from bf16 weights and keeps a bf16 cache
+/// whatever the files hold, unless told otherwise.
+pub fn kv_dtype_on(device: Device, asked: KvCacheDtype) -> Option<KvDType> {
+    match asked {
+        KvCacheDtype::Auto => match device {
+            Device::Cpu => None,
+            Device::Cuda(_) => Some(KvDType::Bf16),
+        },
+        KvCacheDtype::Fp8 => Some(KvDType::Fp8),
+        KvCacheDtype::Bf16 => Some(KvDType::Bf16),
+        KvCacheDtype::F16 => Some(KvDType::F16),
+        KvCacheDtype::F32 => Some(KvDType::F32),
+    }
+}
+
 /// Loads the weights of `dir` onto `device` (`threads` matters for the CPU only, `gpu` for a GPU
-/// only), split over `tensor_parallel` ranks when more than one.
+/// only), split over `tensor_parallel` ranks when more than one, with a KV cache of
+/// `kv_cache_dtype` ([`kv_dtype_on`]).
 pub fn load_model(
     dir: &Path,
     device: Device,
     threads: usize,
     gpu: &GpuArgs,
     tensor_parallel: usize,
+    kv_cache_dtype: KvCacheDtype,
 ) -> Result<LoadedModel, DeviceError> {
+    let kv_dtype = kv_dtype_on(device, kv_cache_dtype);
     if tensor_parallel > 1 {
-        return load_group(dir, device, threads, gpu, tensor_parallel);
+        return load_group(dir, device, threads, gpu, tensor_parallel, kv_dtype);
     }
     let backend_err = |source| DeviceError::Backend { device, source };
     let model_err = |source| DeviceError::Model {
@@ -143,15 +163,18 @@ pub fn load_model(
                 ..Default::default()
             })
             .map_err(backend_err)?;
-            Model::load(dir, backend, &ModelOptions::default())
+            let options = ModelOptions {
+                kv_dtype,
+                ..ModelOptions::default()
+            };
+            Model::load(dir, backend, &options)
                 .map(|m| LoadedModel::Cpu(Box::new(m)))
                 .map_err(model_err)
         }
         Device::Cuda(ordinal) => {
             let backend = CudaBackend::new(&cuda_options(ordinal, gpu)).map_err(backend_err)?;
-            // The GPU computes from bf16 weights and keeps a bf16 cache whatever the files hold.
             let options = ModelOptions {
-                kv_dtype: Some(KvDType::Bf16),
+                kv_dtype,
                 ..ModelOptions::default()
             };
             Model::load(dir, backend, &options)
@@ -190,6 +213,7 @@ fn load_group(
     threads: usize,
     gpu: &GpuArgs,
     size: usize,
+    kv_dtype: Option<KvDType>,
 ) -> Result<LoadedModel, DeviceError> {
     let backend_err = |source| DeviceError::Backend { device, source };
     /// Rank `rank` of `size`'s share of the model in `dir`, on `backend`.
@@ -248,7 +272,7 @@ fn load_group(
                     CpuBackend::in_group(&options, group.clone(), rank).map_err(backend_err)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let ranks = load_all(dir, backends, None)?;
+            let ranks = load_all(dir, backends, kv_dtype)?;
             Ok(LoadedModel::CpuGroup { ranks, group })
         }
         Device::Cuda(first) => {
@@ -274,8 +298,7 @@ fn load_group(
             for (backend, comm) in backends.iter_mut().zip(comms) {
                 backend.join_group(comm);
             }
-            // The GPU computes from bf16 weights and keeps a bf16 cache whatever the files hold.
-            let ranks = load_all(dir, backends, Some(KvDType::Bf16))?;
+            let ranks = load_all(dir, backends, kv_dtype)?;
             Ok(LoadedModel::CudaGroup { ranks })
         }
     }
@@ -850,6 +873,7 @@ mod tests {
             1,
             &GpuArgs::default(),
             1,
+            KvCacheDtype::Auto,
         )
         .err()
         .map(|e| e.to_string())
@@ -867,6 +891,7 @@ mod tests {
             1,
             &GpuArgs::default(),
             2,
+            KvCacheDtype::Auto,
         )
         .err()
         .map(|e| e.to_string())

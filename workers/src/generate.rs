@@ -17,6 +17,8 @@ use crate::engine::{
     DEFAULT_GROWTH_RESERVE_TOKENS, EngineConfig, EngineError, EngineSettings, EventKind,
     FinishReason, ForwardFaults, GenerationRequest,
 };
+use tandem_protocol::config::KvCacheDtype;
+
 use crate::model_dir::{ModelDirError, ModelText, check_model_dir};
 use crate::sampler::SamplingParams;
 
@@ -70,6 +72,11 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1, value_name = "N",
           value_parser = tandem_cli::args::parse_ranks)]
     pub tensor_parallel: usize,
+    /// Element type of the KV cache: `auto` (the model's; bf16 on a GPU) or `fp8` (FP8 e4m3,
+    /// half the bytes of bf16), or on the CPU `bf16`, `f16`, `f32`.
+    #[arg(long, default_value_t = KvCacheDtype::Auto, value_name = "TYPE",
+          value_parser = tandem_cli::args::kv_cache_dtype_parser())]
+    pub kv_cache_dtype: KvCacheDtype,
     #[command(flatten)]
     pub gpu: GpuArgs,
     #[command(flatten)]
@@ -119,6 +126,7 @@ pub fn generate(
         args.threads,
         &args.gpu,
         args.tensor_parallel,
+        args.kv_cache_dtype,
     )?;
     let config = EngineConfig {
         settings: EngineSettings::from_env().with_flags(&args.engine),

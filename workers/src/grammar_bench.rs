@@ -55,6 +55,7 @@ pub fn run(
         threads,
         &tandem_cli::args::GpuArgs::default(),
         1,
+        tandem_protocol::config::KvCacheDtype::Auto,
     )?;
     let vocab = loaded.config().vocab_size;
     let eos = crate::model_dir::ModelText::load(dir)?.stop_token_ids();

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use tandem_cli::args::GpuArgs;
 use tandem_model::ModelConfig;
+use tandem_protocol::config::KvCacheDtype;
 
 use crate::backend::Backend;
 use crate::backend::cuda::{CudaBackend, CudaOptions, nccl_communicators};
@@ -150,14 +151,16 @@ fn step_model(
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Box::new(TensorParallelRunner::spawn(runners, abort)?))
     }
-    Ok(match load_model(dir, device, 0, &gpu, ranks)? {
-        LoadedModel::Cuda(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
-        LoadedModel::Cpu(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
-        LoadedModel::CudaGroup { ranks } => group(ranks, num_blocks, Box::new(|_: &str| {}))?,
-        LoadedModel::CpuGroup { ranks, group: g } => {
-            group(ranks, num_blocks, Box::new(move |why: &str| g.abort(why)))?
-        }
-    })
+    Ok(
+        match load_model(dir, device, 0, &gpu, ranks, KvCacheDtype::Auto)? {
+            LoadedModel::Cuda(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
+            LoadedModel::Cpu(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
+            LoadedModel::CudaGroup { ranks } => group(ranks, num_blocks, Box::new(|_: &str| {}))?,
+            LoadedModel::CpuGroup { ranks, group: g } => {
+                group(ranks, num_blocks, Box::new(move |why: &str| g.abort(why)))?
+            }
+        },
+    )
 }
 
 /// How the logits of a group of GPUs compare with one GPU's over one prompt.

@@ -1,6 +1,6 @@
 //! A sequence's KV blocks copied byte for byte into other blocks of another cache (what KV
 //! transfer between workers does) continue the sequence exactly: the next decode step's logits
-//! are bitwise those of continuing on the original cache. f32 and bf16 caches.
+//! are bitwise those of continuing on the original cache. f32, bf16 and FP8 caches.
 
 mod parity_support;
 
@@ -73,4 +73,9 @@ fn transferred_f32_blocks_continue_the_sequence() {
 #[test]
 fn transferred_bf16_blocks_continue_the_sequence() {
     check(KvDType::Bf16);
+}
+
+#[test]
+fn transferred_fp8_blocks_continue_the_sequence() {
+    check(KvDType::Fp8);
 }

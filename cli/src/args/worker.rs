@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use clap::builder::{PossibleValue, PossibleValuesParser, RangedU64ValueParser, TypedValueParser};
+use tandem_protocol::config::KvCacheDtype;
 use tandem_protocol::messages::WorkerRole;
 
 use super::Argv;
@@ -86,6 +87,14 @@ pub struct WorkerArgs {
     /// deployment one).
     #[arg(long, value_name = "N")]
     pub block_size: Option<usize>,
+    /// Element type of the KV cache: `auto` is the model's (bf16 on a GPU); `fp8` stores K/V
+    /// as FP8 e4m3 (a scale of 1), half the bytes of bf16 a token: twice the tokens in the same
+    /// memory and half the bytes read per decode step and moved per hand-over, at some
+    /// accuracy (docs/benchmarks.md). GPUs need compute capability 8.9 (Ada, Hopper) for it.
+    /// A context and a decode worker handing K/V over need the same.
+    #[arg(long, default_value_t = KvCacheDtype::Auto, value_name = "TYPE",
+          value_parser = kv_cache_dtype_parser())]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Sequences in one batch at most.
     #[arg(long, default_value_t = DEFAULT_MAX_NUM_SEQS, value_name = "N")]
     pub max_num_seqs: usize,
@@ -231,6 +240,7 @@ impl Default for WorkerArgs {
             kv_cache_tokens: None,
             gpu_memory_fraction: DEFAULT_GPU_MEMORY_FRACTION,
             block_size: None,
+            kv_cache_dtype: KvCacheDtype::Auto,
             max_num_seqs: DEFAULT_MAX_NUM_SEQS,
             max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
             growth_reserve_tokens: DEFAULT_GROWTH_RESERVE_TOKENS,
@@ -288,6 +298,7 @@ impl WorkerArgs {
         argv.push_some("--kv-cache-tokens", self.kv_cache_tokens);
         argv.push_display("--gpu-memory-fraction", self.gpu_memory_fraction);
         argv.push_some("--block-size", self.block_size);
+        argv.push_display("--kv-cache-dtype", self.kv_cache_dtype);
         argv.push_display("--max-num-seqs", self.max_num_seqs);
         argv.push_display("--max-num-batched-tokens", self.max_num_batched_tokens);
         argv.push_display("--growth-reserve-tokens", self.growth_reserve_tokens);
@@ -335,6 +346,15 @@ impl EngineArgs {
 
 /// `--role`: the wire names of [`WorkerRole`], each with its help, in the order `--help`
 /// lists them.
+/// `--kv-cache-dtype`: the names of [`KvCacheDtype`].
+pub fn kv_cache_dtype_parser() -> impl TypedValueParser<Value = KvCacheDtype> {
+    let values = KvCacheDtype::ALL.map(|d| PossibleValue::new(d.as_str()));
+    PossibleValuesParser::new(values).map(|name| {
+        name.parse::<KvCacheDtype>()
+            .expect("the possible values are the types' names")
+    })
+}
+
 fn role_parser() -> impl TypedValueParser<Value = WorkerRole> {
     let values = [WorkerRole::Both, WorkerRole::Context, WorkerRole::Decode]
         .map(|role| PossibleValue::new(role.as_str()).help(role_help(role)));
@@ -385,6 +405,7 @@ mod tests {
             kv_cache_tokens: Some(4096),
             gpu_memory_fraction: 0.55,
             block_size: Some(32),
+            kv_cache_dtype: KvCacheDtype::Fp8,
             max_num_seqs: 8,
             max_num_batched_tokens: 256,
             growth_reserve_tokens: 0,

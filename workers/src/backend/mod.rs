@@ -106,20 +106,11 @@ impl AttentionShape {
     }
 }
 
-/// The name a KV cache's element type goes by in errors.
-fn kv_dtype_name(dtype: KvDType) -> &'static str {
-    match dtype {
-        KvDType::F32 => "f32",
-        KvDType::F16 => "f16",
-        KvDType::Bf16 => "bf16",
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("{op}: shape mismatch: {detail}")]
     Shape { op: &'static str, detail: String },
-    #[error("{op}: {} is not supported here", kv_dtype_name(*dtype))]
+    #[error("{op}: a KV cache of {} is not supported here", dtype.name())]
     UnsupportedKvDType { op: &'static str, dtype: KvDType },
     #[error("KV block {block} is out of range (the cache has {num_blocks} blocks)")]
     BlockOutOfRange { block: u32, num_blocks: usize },

@@ -169,6 +169,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         args.threads,
         &args.gpu,
         args.tensor_parallel,
+        args.kv_cache_dtype,
     )?;
     let host_id = crate::transfer::host_id();
     // A group's K/V lies on its ranks' GPUs, each rank's heads in its own cache: CUDA IPC

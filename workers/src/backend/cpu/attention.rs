@@ -74,6 +74,10 @@ pub fn rope_and_cache_write(
                 write_kv(c, k_start, k);
                 write_kv(c, v_start, v);
             }
+            KvData::Fp8(c) => {
+                write_kv(c, k_start, k);
+                write_kv(c, v_start, v);
+            }
         }
     }
 }
@@ -94,6 +98,7 @@ pub fn paged_attention(
             attention_typed(qkv, plan, seq_of_token, shape, cache.layout(), c, layer)
         }
         KvData::F16(c) => attention_typed(qkv, plan, seq_of_token, shape, cache.layout(), c, layer),
+        KvData::Fp8(c) => attention_typed(qkv, plan, seq_of_token, shape, cache.layout(), c, layer),
     }
 }
 

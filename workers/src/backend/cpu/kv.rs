@@ -2,7 +2,7 @@
 //!
 //! Element type: f32 for f32 models (so parity with a float32 reference is not limited by the
 //! cache), bf16 for bf16 models (half the memory and bytes read per attention step), f16 for f16
-//! models; the model picks (see `ModelOptions`). Blocks are contiguous byte ranges, which is
+//! models; the model picks (see `ModelOptions`) unless asked for FP8 (`--kv-cache-dtype fp8`). Blocks are contiguous byte ranges, which is
 //! what KV transfer registers and reads: the allocation ends with the export slab
 //! ([`KvCacheMemory`]), and a context worker registers the whole of it with UCX once so
 //! decode workers read a prompt's blocks straight out of it.
@@ -13,6 +13,7 @@
 //! writes nor frees until the export is released, and the slab, which the model never
 //! touches.
 
+use float8::F8E4M3;
 use half::{bf16, f16};
 
 use super::CpuBackend;
@@ -28,6 +29,7 @@ pub enum KvData {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
+    Fp8(Vec<F8E4M3>),
 }
 
 #[derive(Debug)]
@@ -52,12 +54,12 @@ fn zeroed<T: Clone>(
 
 /// Bytes of a plain-data slice.
 fn bytes_of<T: Copy>(s: &[T]) -> &[u8] {
-    // SAFETY: f32/bf16/f16 have no padding and every byte pattern is a valid u8.
+    // SAFETY: f32/bf16/f16/FP8 have no padding and every byte pattern is a valid u8.
     unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), std::mem::size_of_val(s)) }
 }
 
 fn bytes_of_mut<T: Copy>(s: &mut [T]) -> &mut [u8] {
-    // SAFETY: f32/bf16/f16 have no padding and every byte pattern is a valid value of them.
+    // SAFETY: f32/bf16/f16/FP8 have no padding and every byte pattern is a valid value of them.
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), std::mem::size_of_val(s)) }
 }
 
@@ -78,11 +80,13 @@ impl CpuKvCache {
             KvDType::F32 => KvData::F32(zeroed(elems, 0.0, too_large)?),
             KvDType::Bf16 => KvData::Bf16(zeroed(elems, bf16::ZERO, too_large)?),
             KvDType::F16 => KvData::F16(zeroed(elems, f16::ZERO, too_large)?),
+            KvDType::Fp8 => KvData::Fp8(zeroed(elems, F8E4M3::ZERO, too_large)?),
         };
         let base = match &mut data {
             KvData::F32(v) => v.as_mut_ptr() as usize,
             KvData::Bf16(v) => v.as_mut_ptr() as usize,
             KvData::F16(v) => v.as_mut_ptr() as usize,
+            KvData::Fp8(v) => v.as_mut_ptr() as usize,
         };
         Ok(CpuKvCache {
             layout,
@@ -150,6 +154,7 @@ impl CpuKvCache {
             KvData::F32(v) => bytes_of(v),
             KvData::Bf16(v) => bytes_of(v),
             KvData::F16(v) => bytes_of(v),
+            KvData::Fp8(v) => bytes_of(v),
         }
     }
 
@@ -158,6 +163,7 @@ impl CpuKvCache {
             KvData::F32(v) => bytes_of_mut(v),
             KvData::Bf16(v) => bytes_of_mut(v),
             KvData::F16(v) => bytes_of_mut(v),
+            KvData::Fp8(v) => bytes_of_mut(v),
         }
     }
 

@@ -1,5 +1,5 @@
 //! The inner loops of the CPU backend: dot products and dot-product tiles over f32 activations
-//! and f32/bf16/f16 weights, with AVX2+FMA code and a portable twin of identical arithmetic.
+//! and f32/bf16/f16 weights (and FP8 KV caches), with AVX2+FMA code and a portable twin of identical arithmetic.
 //!
 //! One fixed arithmetic per dot product, whatever kernel computes it: eight lanes, lane `l`
 //! accumulating `x[8c + l] * w[8c + l]` with a fused multiply-add in increasing `c`; then the
@@ -89,6 +89,40 @@ impl Elem for f16 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
+/// Every FP8 e4m3 code's value, for loads that widen by table (exact: each code is an f32).
+static FP8_VALUES: [f32; 256] = {
+    let mut table = [0f32; 256];
+    let mut code = 0;
+    while code < 256 {
+        table[code] = float8::F8E4M3::to_f32(&float8::F8E4M3::from_bits(code as u8));
+        code += 1;
+    }
+    table
+};
+
+/// FP8 e4m3 (the KV cache's `fp8`): stores round to nearest and saturate at +-448, as the
+/// GPU's `cvt.rn.satfinite` does.
+impl Elem for float8::F8E4M3 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        FP8_VALUES[self.to_bits() as usize]
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        float8::F8E4M3::from_f32(v)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        unsafe {
+            let codes = _mm_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
+            let high = _mm_cvtepu8_epi32(_mm_srli_si128::<4>(_mm_loadl_epi64(p.cast())));
+            let index = _mm256_set_m128i(high, codes);
+            _mm256_i32gather_ps::<4>(FP8_VALUES.as_ptr(), index)
+        }
     }
 }
 
@@ -223,6 +257,7 @@ unsafe fn axpy_avx2<E: Elem>(out: &mut [f32], a: f32, v: &[E]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use float8::F8E4M3;
     use rand::{RngExt, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -252,7 +287,39 @@ mod tests {
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
             let wh32: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
             assert_eq!(dot(&x, &wh).to_bits(), dot_portable(&x, &wh32).to_bits());
+            let w8: Vec<F8E4M3> = w.iter().map(|&v| Elem::from_f32(v)).collect();
+            let w832: Vec<f32> = w8.iter().map(|&v| Elem::to_f32(v)).collect();
+            assert_eq!(dot(&x, &w8).to_bits(), dot_portable(&x, &w832).to_bits());
         }
+    }
+
+    #[test]
+    fn fp8_elements_widen_exactly_and_store_saturating() {
+        for code in 0..=255u8 {
+            let v = F8E4M3::from_bits(code);
+            let exact = F8E4M3::to_f32(&v);
+            let ours = Elem::to_f32(v);
+            assert!(
+                ours.to_bits() == exact.to_bits() || (ours.is_nan() && exact.is_nan()),
+                "code {code:#04x}: {ours} vs {exact}"
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            let codes: Vec<F8E4M3> = (0..=255u8).map(F8E4M3::from_bits).collect();
+            for chunk in codes.chunks(8).filter(|c| !c[0].to_f32().is_nan()) {
+                let lanes: [f32; 8] =
+                    unsafe { std::mem::transmute(<F8E4M3 as Elem>::load8(chunk.as_ptr())) };
+                for (lane, &code) in lanes.iter().zip(chunk) {
+                    let exact = Elem::to_f32(code);
+                    assert!(lane.to_bits() == exact.to_bits() || (lane.is_nan() && exact.is_nan()));
+                }
+            }
+        }
+        // Past the largest finite value a store saturates (as the GPU's cvt.rn.satfinite).
+        assert_eq!(Elem::to_f32(<F8E4M3 as Elem>::from_f32(1e6)), 448.0);
+        assert_eq!(Elem::to_f32(<F8E4M3 as Elem>::from_f32(-500.0)), -448.0);
+        assert_eq!(Elem::to_f32(<F8E4M3 as Elem>::from_f32(0.3)), 0.3125);
     }
 
     #[cfg(target_arch = "x86_64")]

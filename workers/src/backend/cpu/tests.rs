@@ -123,12 +123,17 @@ fn paged_attention_matches_dense_reference_chunked_and_batched() {
 }
 
 #[test]
-fn half_precision_caches_stay_close_to_reference() {
+fn half_precision_and_fp8_caches_stay_close_to_reference() {
     let backend = CpuBackend::new(&CpuOptions::default()).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let qkv = random_rows(&mut rng, 9);
     let expected = reference(&qkv, 9);
-    for (dtype, tol) in [(KvDType::Bf16, 2e-2), (KvDType::F16, 3e-3)] {
+    // FP8 e4m3 keeps 3 bits of mantissa: each key and value is off by up to 1/16 of itself.
+    for (dtype, tol) in [
+        (KvDType::Bf16, 2e-2),
+        (KvDType::F16, 3e-3),
+        (KvDType::Fp8, 1e-1),
+    ] {
         let mut kv = CpuKvCache::new(layout(dtype), 3).unwrap();
         let mut batch = ForwardBatch::default();
         batch.push(&[0; 9], 0, vec![2, 0, 1], true);

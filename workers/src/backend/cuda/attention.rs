@@ -13,7 +13,7 @@ use super::{
     CudaBackend, CudaBatch, CudaKvCache, CudaTensor, kernels, rows_config, shape_err, tma,
 };
 use crate::backend::{AttentionShape, BackendError};
-use crate::kv_cache::KvLayout;
+use crate::kv_cache::{KvDType, KvLayout};
 
 /// K/V bytes of one KV head a decode attention split reads at least: see
 /// `CudaBackend::attn_split_keys`.
@@ -148,8 +148,10 @@ impl CudaBackend {
     /// head dim 128 on Hopper (`flash_wgmma` on); else `flash.cu`'s, with two heads of one KV
     /// head per block where the query group size is even (and `flash_head_pairs` is on), else
     /// one.
-    fn flash_kernel(&self, shape: &AttentionShape) -> Option<FlashLaunch<'_>> {
-        if self.switches.flash_wgmma()
+    fn flash_kernel(&self, shape: &AttentionShape, dtype: KvDType) -> Option<FlashLaunch<'_>> {
+        let fp8 = dtype == KvDType::Fp8;
+        if !fp8
+            && self.switches.flash_wgmma()
             && shape.head_dim == 128
             && let Some((kernel, config)) = &self.kernels.flash_wgmma
         {
@@ -163,12 +165,20 @@ impl CudaBackend {
             });
         }
         let group = shape.num_heads / shape.num_kv_heads;
+        let (singles, pairs) = if fp8 {
+            let k = &self.kernels.fp8_attention;
+            (&k.flash_prefill, &k.flash_prefill_pairs)
+        } else {
+            (
+                &self.kernels.flash_prefill,
+                &self.kernels.flash_prefill_pairs,
+            )
+        };
         let (kernel, heads_per_block) =
             if self.options.flash_head_pairs && group.is_multiple_of(kernels::FLASH_PAIR_HEADS) {
-                kernel_for(&self.kernels.flash_prefill_pairs, shape.head_dim)
-                    .map(|k| (k, kernels::FLASH_PAIR_HEADS))
+                kernel_for(pairs, shape.head_dim).map(|k| (k, kernels::FLASH_PAIR_HEADS))
             } else {
-                kernel_for(&self.kernels.flash_prefill, shape.head_dim).map(|k| (k, 1))
+                kernel_for(singles, shape.head_dim).map(|k| (k, 1))
             }?;
         Some(FlashLaunch {
             kernel,
@@ -243,11 +253,39 @@ impl CudaBackend {
     /// The decode attention kernel for `shape`: the tensor-core kernel where the head dim has
     /// one (and [`CudaOptions::decode_mma`](super::CudaOptions::decode_mma) is on), else the
     /// vectorized kernel, else the warp-per-key one.
-    fn decode_kernel(&self, shape: &AttentionShape) -> Result<DecodeLaunch<'_>, BackendError> {
+    fn decode_kernel(
+        &self,
+        shape: &AttentionShape,
+        dtype: KvDType,
+    ) -> Result<DecodeLaunch<'_>, BackendError> {
+        let split_keys = self.attn_split_keys(shape.head_dim);
+        if dtype == KvDType::Fp8 {
+            // An FP8 cache has the vectorized kernel only.
+            let dims = || -> Vec<usize> {
+                let list = &self.kernels.fp8_attention.decode_vec;
+                list.iter().map(|(d, _)| *d).collect()
+            };
+            let kernel = kernel_for(&self.kernels.fp8_attention.decode_vec, shape.head_dim)
+                .ok_or_else(|| {
+                    shape_err(
+                        "paged_attention",
+                        format!(
+                            "head_dim {} over an FP8 cache (its CUDA kernels cover {:?})",
+                            shape.head_dim,
+                            dims()
+                        ),
+                    )
+                })?;
+            return Ok(DecodeLaunch {
+                kernel,
+                heads_per_block: kernels::ATTN_VEC_HEADS,
+                shared_mem_bytes: 0,
+                split_keys,
+            });
+        }
         // The tensor-core kernel where the head dim has one, else the vectorized kernel, else
         // the warp-per-key one: (kernel, query heads per block, dynamic shared memory, fewest
         // keys per split).
-        let split_keys = self.attn_split_keys(shape.head_dim);
         let mma = kernel_for(&self.kernels.paged_decode_mma, shape.head_dim)
             .filter(|_| self.switches.decode_mma())
             .map(|kernel| {
@@ -311,7 +349,7 @@ impl CudaBackend {
             heads_per_block,
             shared_mem_bytes,
             split_keys,
-        } = self.decode_kernel(shape)?;
+        } = self.decode_kernel(shape, kv.layout.dtype)?;
         let layout = kv.layout;
         let q = qkv.as_f32("paged_attention")?;
         // One block per token, KV head and chunk of `heads_per_block` query heads; long contexts
@@ -443,7 +481,11 @@ impl CudaBackend {
         let block_elems = layout.block_elems() as i64;
         let layer_offset = layout.offset(layer, 0, 0) as i64;
         let pairs = (shape.num_heads + shape.num_kv_heads) * shape.head_dim / 2;
-        let mut b = self.stream.launch_builder(&self.kernels.rope_cache_write);
+        let kernel = match layout.dtype {
+            KvDType::Fp8 => &self.kernels.rope_cache_write_fp8,
+            _ => &self.kernels.rope_cache_write,
+        };
+        let mut b = self.stream.launch_builder(kernel);
         b.arg(q)
             .arg(batch.rope_cos())
             .arg(batch.rope_sin())
@@ -474,7 +516,7 @@ impl CudaBackend {
         let width = shape.num_heads * shape.head_dim;
         let mut out = self.alloc_bf16(qkv.rows * width)?;
         if batch.num_tokens > batch.num_seqs
-            && let Some(flash) = self.flash_kernel(shape)
+            && let Some(flash) = self.flash_kernel(shape, kv.layout.dtype)
         {
             // Prefill chunks through the tensor-core kernel; the decodes batched with them
             // through the decode kernel, which reads each KV head's context once for its

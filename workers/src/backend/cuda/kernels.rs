@@ -65,6 +65,13 @@ const VEC_ATTENTION_HEAD_DIMS: &[(usize, &str)] = &[
     (256, "paged_attention_vec_d256"),
 ];
 
+/// The same over an FP8 cache (`paged_attention_vec_fp8_d*`): the decode attention of one.
+const VEC_ATTENTION_FP8_HEAD_DIMS: &[(usize, &str)] = &[
+    (64, "paged_attention_vec_fp8_d64"),
+    (128, "paged_attention_vec_fp8_d128"),
+    (256, "paged_attention_vec_fp8_d256"),
+];
+
 /// Query heads per block of `paged_attention_vec_d*` (`ATTN_VEC_GMAX` in attention.cu).
 pub const ATTN_VEC_HEADS: usize = 4;
 
@@ -291,6 +298,10 @@ pub struct Kernels {
     /// Per-row sampling summaries (`sample.cu`).
     pub sample_rows: CudaFunction,
     pub rope_cache_write: CudaFunction,
+    /// The same into an FP8 cache.
+    pub rope_cache_write_fp8: CudaFunction,
+    /// The attention kernels over an FP8 cache.
+    pub fp8_attention: Fp8AttentionKernels,
     /// Paged attention by head dimension.
     pub paged_attention: Vec<(usize, CudaFunction)>,
     /// The vectorized decode attention, for the head dimensions it covers.
@@ -323,6 +334,15 @@ pub struct Kernels {
     pub skinny: Option<Vec<(usize, CudaFunction)>>,
     /// Where the cubin came from, for the start-up log.
     pub origin: String,
+}
+
+/// The attention kernels that read an FP8 KV cache (`kv_cache_config.dtype: fp8`), by head
+/// dimension: the vectorized decode kernel and `flash.cu`'s prefill kernels, widening the codes
+/// as they load them.
+pub struct Fp8AttentionKernels {
+    pub decode_vec: Vec<(usize, CudaFunction)>,
+    pub flash_prefill: Vec<(usize, CudaFunction)>,
+    pub flash_prefill_pairs: Vec<(usize, CudaFunction)>,
 }
 
 impl Kernels {
@@ -429,6 +449,18 @@ impl Kernels {
             argmax_rows: f("argmax_rows")?,
             sample_rows: f("sample_rows")?,
             rope_cache_write: f("rope_cache_write")?,
+            rope_cache_write_fp8: f("rope_cache_write_fp8")?,
+            fp8_attention: Fp8AttentionKernels {
+                decode_vec: VEC_ATTENTION_FP8_HEAD_DIMS
+                    .iter()
+                    .map(|&(d, name)| Ok((d, f(name)?)))
+                    .collect::<Result<_, KernelError>>()?,
+                flash_prefill: flash(&["flash_prefill_fp8_d64", "flash_prefill_fp8_d128"], 1)?,
+                flash_prefill_pairs: flash(
+                    &["flash_prefill_fp8_d64_h2", "flash_prefill_fp8_d128_h2"],
+                    FLASH_PAIR_HEADS,
+                )?,
+            },
             paged_attention: ATTENTION_HEAD_DIMS
                 .iter()
                 .map(|&(d, name)| Ok((d, f(name)?)))

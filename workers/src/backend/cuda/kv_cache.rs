@@ -177,11 +177,27 @@ impl CudaBackend {
         layout: &KvLayout,
         num_blocks: usize,
     ) -> Result<CudaKvCache, BackendError> {
-        if layout.dtype != KvDType::Bf16 {
-            return Err(BackendError::UnsupportedKvDType {
-                op: "CUDA KV cache",
-                dtype: layout.dtype,
-            });
+        match layout.dtype {
+            KvDType::Bf16 => {}
+            KvDType::Fp8 if self.compute_capability >= (8, 9) => {}
+            KvDType::Fp8 => {
+                let (major, minor) = self.compute_capability;
+                return Err(BackendError::Device {
+                    op: "CUDA KV cache",
+                    detail: format!(
+                        "an FP8 KV cache needs FP8 conversions, which {} (compute capability \
+                         {major}.{minor}) lacks (8.9 or newer: Ada, Hopper, Blackwell): use \
+                         --kv-cache-dtype auto (bf16) here",
+                        self.name
+                    ),
+                });
+            }
+            dtype => {
+                return Err(BackendError::UnsupportedKvDType {
+                    op: "CUDA KV cache (bf16 or fp8)",
+                    dtype,
+                });
+            }
         }
         // One block more than asked for: the scratch block CUDA-graph dummies write into
         // (`CudaKvCache::scratch_block`), which must lie inside the allocation; then the
@@ -190,11 +206,12 @@ impl CudaBackend {
             num_blocks,
             block_bytes: layout.block_bytes(),
         };
-        let slab_elems = num_blocks * EXPORT_SLOT_BYTES / 2;
-        let elems = layout
-            .block_elems()
+        // Counted in 16-bit words whatever the element type (blocks are a whole number of
+        // them: K and V of a layer make every block's element count even).
+        let slab_words = num_blocks * EXPORT_SLOT_BYTES / 2;
+        let elems = (layout.block_bytes() / 2)
             .checked_mul(num_blocks + 1)
-            .and_then(|blocks| blocks.checked_add(slab_elems))
+            .and_then(|blocks| blocks.checked_add(slab_words))
             .ok_or_else(too_large)?
             .max(1);
         self.ctx.bind_to_thread().map_err(|_| too_large())?;
@@ -212,7 +229,10 @@ impl CudaBackend {
         }
         // SAFETY: `ptr` holds `elems` u16s; the cache frees it with `free_sync` (`Drop`).
         let data = unsafe { self.stream.upgrade_device_ptr::<u16>(ptr, elems) };
-        let map = self.kv_tensor_map(layout, num_blocks + 1, &data);
+        // The warpgroup prefill kernel reads bf16 tiles only.
+        let map = (layout.dtype == KvDType::Bf16)
+            .then(|| self.kv_tensor_map(layout, num_blocks + 1, &data))
+            .flatten();
         let has_tensor_map = map.is_some();
         let tensor_map = self
             .stream

@@ -281,6 +281,7 @@ pub struct CudaKvCache {
     pub(super) num_blocks: usize,
     /// Freed by `Drop` with `cuMemFree` (the slice's own drop would free it stream-ordered,
     /// which is for memory of the stream-ordered allocator only).
+    /// The cache's bytes as 16-bit words (bf16 elements, or two FP8 codes each).
     pub(super) data: ManuallyDrop<CudaSlice<u16>>,
     /// The cache as a TMA tensor map in device memory (`flash_wgmma.cu` copies its tiles with
     /// it), where the kernels and the layout allow one; else 128 zero bytes.
@@ -305,7 +306,7 @@ impl Drop for CudaKvCache {
 }
 
 impl CudaKvCache {
-    /// Element range of `block`, checking that `bytes` is one block's size.
+    /// Range of `block` in the cache's 16-bit words, checking that `bytes` is one block's size.
     pub(super) fn block_range(
         &self,
         block: u32,
@@ -323,9 +324,9 @@ impl CudaKvCache {
                 detail: format!("{bytes} bytes for a block of {}", self.layout.block_bytes()),
             });
         }
-        let elems = self.layout.block_elems();
-        let start = block as usize * elems;
-        Ok(start..start + elems)
+        let words = self.layout.block_bytes() / 2;
+        let start = block as usize * words;
+        Ok(start..start + words)
     }
 
     /// Device address of `block`'s first byte (for device-to-device transfers).

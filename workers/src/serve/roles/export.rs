@@ -45,6 +45,7 @@ pub fn layout_spec(layout: &KvLayout) -> KvLayoutSpec {
             KvDType::F32 => KvDTypeSpec::F32,
             KvDType::Bf16 => KvDTypeSpec::Bf16,
             KvDType::F16 => KvDTypeSpec::F16,
+            KvDType::Fp8 => KvDTypeSpec::Fp8,
         },
         block_bytes: layout.block_bytes() as u64,
     }
