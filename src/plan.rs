@@ -318,6 +318,17 @@ pub fn plan(
         worker.args.block_size = Some(worker.args.block_size_on(any_gpu));
     }
 
+    // One KV element type for the deployment, since context workers hand K/V to decode
+    // workers as it lies in their caches: a group that leaves it unset takes the other's
+    // (the config's validation refuses two that differ).
+    let dtypes = [&config.context_servers, &config.generation_servers]
+        .map(|group| group.kv_cache_config.dtype);
+    if let [Some(dtype), None] | [None, Some(dtype)] = dtypes {
+        for worker in &mut workers {
+            worker.args.kv_cache_dtype = dtype;
+        }
+    }
+
     // CPU workers on one host share its cores rather than each taking all of them.
     let cpu_workers = workers.iter().filter(|w| w.device() == "cpu").count();
     if cpu_workers > 1 {
@@ -646,6 +657,42 @@ mod tests {
             ),
             [Some(64), Some(32)]
         );
+    }
+
+    #[test]
+    fn a_kv_cache_dtype_set_on_one_group_is_the_deployments() {
+        let dtypes = |yaml: &str| {
+            let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+            let plan = plan(Some(&config), "/m".into(), None, &Overrides::default(), 8).unwrap();
+            plan.workers
+                .iter()
+                .map(|w| (w.args.role, w.args.kv_cache_dtype.as_str()))
+                .collect::<Vec<_>>()
+        };
+        use tandem_protocol::messages::WorkerRole::{Context, Decode};
+        assert_eq!(
+            dtypes("context_servers: { kv_cache_config: { dtype: fp8 } }"),
+            [(Some(Context), "fp8"), (Some(Decode), "fp8")]
+        );
+        assert_eq!(
+            dtypes("port: 1"),
+            [(Some(Context), "auto"), (Some(Decode), "auto")]
+        );
+        // The flag reaches the workers' command lines.
+        let config = DeploymentConfig::parse(
+            "generation_servers: { kv_cache_config: { dtype: fp8 } }",
+            "c.yaml",
+        )
+        .unwrap();
+        let plan = plan(Some(&config), "/m".into(), None, &Overrides::default(), 8).unwrap();
+        let argv: Vec<String> = plan.workers[0]
+            .args
+            .to_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let at = argv.iter().position(|a| a == "--kv-cache-dtype").unwrap();
+        assert_eq!(argv[at + 1], "fp8");
     }
 
     #[test]

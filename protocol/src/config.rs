@@ -510,6 +510,21 @@ impl DeploymentConfig {
                 reason: "at least one generation (decode) worker is needed".into(),
             });
         }
+        if let (Some(context), Some(generation)) = (
+            self.context_servers.kv_cache_config.dtype,
+            self.generation_servers.kv_cache_config.dtype,
+        ) && context != generation
+            && self.context_servers.instances() > 0
+        {
+            return Err(ConfigError::Invalid {
+                key: "generation_servers.kv_cache_config.dtype".into(),
+                reason: format!(
+                    "{generation} differs from context_servers' {context}: decode workers refuse \
+                     every hand-over of another KV layout; give both groups one (or one group \
+                     only: the other takes it)"
+                ),
+            });
+        }
         if let Some(url) = &self.nats.url
             && !(url.starts_with("nats://") || url.starts_with("tls://"))
         {
@@ -630,7 +645,7 @@ kv_secret_file: /run/secrets/tandem-kv
     #[test]
     fn kv_cache_dtype_is_read_and_unknown_cache_keys_are_reported() {
         let yaml = "context_servers: { kv_cache_config: { dtype: fp8, tokens_per_block: 32 } }\n\
-                    generation_servers: { kv_cache_config: { dtype: auto } }";
+                    generation_servers: { kv_cache_config: { dtype: fp8 } }";
         let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
         assert_eq!(
             config.context_servers.kv_cache_config.dtype,
@@ -638,8 +653,9 @@ kv_secret_file: /run/secrets/tandem-kv
         );
         assert_eq!(
             config.generation_servers.kv_cache_config.dtype,
-            Some(KvCacheDtype::Auto)
+            Some(KvCacheDtype::Fp8)
         );
+        assert_eq!("auto".parse::<KvCacheDtype>(), Ok(KvCacheDtype::Auto));
         assert_eq!(
             config.ignored_keys(),
             vec!["context_servers.kv_cache_config.tokens_per_block".to_string()]
@@ -653,6 +669,24 @@ kv_secret_file: /run/secrets/tandem-kv
         assert_eq!("fp8_e4m3".parse::<KvCacheDtype>(), Ok(KvCacheDtype::Fp8));
         let err = "int4".parse::<KvCacheDtype>().unwrap_err();
         assert!(err.contains("auto, fp8, bf16, f16, f32"), "{err}");
+    }
+
+    #[test]
+    fn context_and_generation_kv_cache_dtypes_must_agree() {
+        let yaml = "context_servers: { kv_cache_config: { dtype: fp8 } }\n\
+                    generation_servers: { kv_cache_config: { dtype: bf16 } }";
+        let err = DeploymentConfig::parse(yaml, "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("generation_servers.kv_cache_config.dtype")
+                && err.contains("bf16 differs from context_servers' fp8"),
+            "{err}"
+        );
+        // Without context workers there is no hand-over.
+        let yaml = "context_servers: { num_instances: 0, kv_cache_config: { dtype: fp8 } }\n\
+                    generation_servers: { kv_cache_config: { dtype: bf16 } }";
+        DeploymentConfig::parse(yaml, "c.yaml").unwrap();
     }
 
     #[test]

@@ -13,6 +13,13 @@
 #            prefill of 2048 and 8192 tokens
 #   offline-128-128, offline-2048-128, offline-1000-1000
 #            one_gpu.sh's offline server runs with the FP8 model (N requests, TAG: fp8)
+#   kv-check gpu_bench check of llama-d128-2l and SmolLM2 shapes (bf16 weights) with an FP8 KV
+#            cache on both backends
+#   kv-bench gpu_bench bench on Llama-3.1-8B shapes with an FP8 KV cache, bf16 and FP8 weights,
+#            decode at batch 1, 32, 128, 256 at context 1024 and 4096, prefill of 2048 and 8192
+#   handover examples/configs/gpu-1.yaml (a context and a decode worker on the one GPU, K/V
+#            over CUDA IPC) with kv_cache_config.dtype fp8 on SmolLM2 shapes: requests, the
+#            transfer counters, and a decode worker of a bf16 cache refusing the FP8 handles
 #
 #   scripts/device/fp8.sh tests check bench
 #   N=4096 scripts/device/fp8.sh offline-128-128
@@ -30,8 +37,9 @@ for stage in "${stages[@]}"; do
       run_tests cuda_fp8 "$out/tests-fp8.log" \
         env TANDEM_TEST_MODELS="$models" \
         TANDEM_GPU_TEST_MODEL_FP8="$(random_model llama-d128-2l fp8)" \
+        TANDEM_GPU_TEST_MODELS_KV="$(random_model llama-d128-2l):$(random_model smollm2-135m)" \
         cuda_fp8_test --test-threads 1 --nocapture || status=1
-      grep -E "FP8 GPU against CPU" "$out/tests-fp8.log"
+      grep -E "FP8 GPU against CPU|FP8 KV cache" "$out/tests-fp8.log"
       echo "== bf16 GPU tests (tiny)"
       run_tests cuda_backend "$out/tests-bf16.log" \
         env TANDEM_TEST_MODELS="$models" TANDEM_WORKER_BIN="$root/.kit/bin/worker" \
@@ -55,6 +63,56 @@ for stage in "${stages[@]}"; do
           tee "$out/bench-$dtype.log" | grep -E "^ceilings|^FP8|^decode|^prefill"
       done
       ;;
+    kv-check)
+      for preset in llama-d128-2l smollm2-135m; do
+        echo "== check $preset, FP8 KV cache"
+        gpu_bench check --model "$(random_model "$preset")" --kv-cache-dtype fp8 \
+          --max-rel-l2 0.15 --min-top1 0.6 >"$out/check-$preset-fp8kv.log" 2>&1 ||
+          { echo "check $preset fp8 KV FAILED"; status=1; }
+        grep -iE "mean|top-1|PASS|FAIL" "$out/check-$preset-fp8kv.log"
+      done
+      ;;
+    kv-bench)
+      for dtype in bf16 fp8; do
+        for context in 1024 4096; do
+          for kv in fp8 bf16; do
+            # FP8 weights with a bf16 cache at 1024 are `bench`'s own rows.
+            [ "$dtype/$context/$kv" = fp8/1024/bf16 ] && continue
+            echo "== bench llama-3.1-8b weights $dtype, KV $kv, context $context"
+            prefill=2048,8192
+            [ "$context" = 4096 ] && prefill=2048
+            TANDEM_BENCH_BLOCK=64 gpu_bench bench --model "$(random_model llama-3.1-8b "$dtype" gen)" \
+              --kv-cache-dtype "$kv" --context "$context" --batches 1,32,128,256 \
+              --prefill "$prefill" --iters 10 --json "$out/bench-$dtype-kv$kv-c$context.json" 2>&1 |
+              tee "$out/bench-$dtype-kv$kv-c$context.log" | grep -E "^decode|^prefill|error|Error"
+          done
+        done
+      done
+      ;;
+    handover)
+      model=$(random_model smollm2-135m)
+      for decode_kv in fp8 bf16; do
+        echo "== gpu-1.yaml, context worker fp8, decode worker $decode_kv"
+        sed -e "s/    free_gpu_memory_fraction: 0.3/    free_gpu_memory_fraction: 0.3\n    dtype: fp8/" \
+          -e "s/    free_gpu_memory_fraction: 0.5/    free_gpu_memory_fraction: 0.5\n    dtype: $decode_kv/" \
+          "$root/examples/configs/gpu-1.yaml" >"$out/handover-$decode_kv.yaml"
+        tandem serve -c "$out/handover-$decode_kv.yaml" --model "$model" --port 8100 \
+          --ready-timeout-s 300 >"$out/handover-$decode_kv.log" 2>&1 &
+        pid=$!
+        for _ in $(seq 1 300); do grep -q "tandem: serving" "$out/handover-$decode_kv.log" && break; sleep 1; done
+        grep -q "tandem: serving" "$out/handover-$decode_kv.log" || { echo "NOT READY"; tail -20 "$out/handover-$decode_kv.log"; status=1; }
+        for prompt in "Once upon a time there was a small village by the sea where every morning" "Hi"; do
+          curl -sS -m 120 http://127.0.0.1:8100/v1/completions -H 'Content-Type: application/json' \
+            -d "{\"model\": \"smollm2-135m\", \"prompt\": \"$prompt\", \"max_tokens\": 16, \"temperature\": 0}" |
+            python3 -c 'import json,sys; r=json.load(sys.stdin); print(r.get("choices",[{}])[0].get("text"), r.get("usage"), r.get("error"))' ||
+            status=1
+        done
+        curl -sS http://127.0.0.1:8100/metrics | grep -E "^tandem_(requests_disaggregated_total|kv_transfer_bytes_total|kv_transfers_total|kv_transfer_fallbacks_total|kv_handles_refused_total|worker_total_kv_blocks)"
+        kill -TERM "$pid"
+        wait "$pid"
+        grep -iE "KV cache|refused|ERROR" "$out/handover-$decode_kv.log" | cut -c1-300 | head -8
+      done
+      ;;
     offline-*)
       MODEL_DTYPE=fp8 TAG=${TAG:-fp8} "$root/scripts/device/one_gpu.sh" "$stage" || status=1
       # The first errors the client saw, and the server's, where requests failed.
@@ -69,7 +127,7 @@ PY
       grep -iE "error|warn" "$out/large-batch-serve.log" | grep -v "error: stream" | head -5 | cut -c1-400
       ;;
     *)
-      echo "unknown stage $stage (tests, check, bench, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
+      echo "unknown stage $stage (tests, check, bench, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
       exit 2
       ;;
   esac

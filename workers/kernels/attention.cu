@@ -143,9 +143,9 @@ __device__ __forceinline__ void store_attention(bf16* __restrict__ out,
 // memory. With one split the normalized output goes to `out` (bf16, the o-projection's input);
 // with several, the unnormalized sum and its (max, denominator) go to the partial buffers for
 // `attention_combine`.
-template <int D>
+template <int D, typename C = bf16>
 __device__ __forceinline__ void attend(
-    const float* __restrict__ qkv, const bf16* __restrict__ cache, const u32* __restrict__ positions,
+    const float* __restrict__ qkv, const C* __restrict__ cache, const u32* __restrict__ positions,
     const u32* __restrict__ token_seq, const u32* __restrict__ seq_block_start,
     const u32* __restrict__ block_tables, bf16* __restrict__ out, float* __restrict__ partial_acc,
     float* __restrict__ partial_ml, int num_heads, int num_kv_heads, int block_size,
@@ -183,15 +183,15 @@ __device__ __forceinline__ void attend(
     }
     for (int j = k_begin + warp; j < k_end; j += ATTN_WARPS) {
         const u32 blk = table[j / block_size];
-        const bf16* kp = cache + (long long)blk * block_elems + layer_offset +
-                         (long long)(j % block_size) * token_stride + kvh * D + lane * E;
-        const bf16* vp = kp + kv_stride;
+        const C* kp = cache + (long long)blk * block_elems + layer_offset +
+                      (long long)(j % block_size) * token_stride + kvh * D + lane * E;
+        const C* vp = kp + kv_stride;
         float kf[E], vf[E];
 #pragma unroll
         for (int e = 0; e < E; ++e) {
             const bool on = lane * E + e < D;
-            kf[e] = on ? bf16_to_f32(kp[e]) : 0.0f;
-            vf[e] = on ? bf16_to_f32(vp[e]) : 0.0f;
+            kf[e] = on ? kv_to_f32(kp[e]) : 0.0f;
+            vf[e] = on ? kv_to_f32(vp[e]) : 0.0f;
         }
 #pragma unroll
         for (int g = 0; g < ATTN_GMAX; ++g) {
@@ -410,7 +410,8 @@ ATTENTION_VEC_KERNEL(128)
 ATTENTION_VEC_KERNEL(256)
 
 // The vectorized kernel over an FP8 cache: each lane loads its 8 codes of K and of V (8 bytes
-// each) and widens them exactly; the only decode attention of an FP8 cache.
+// each) and widens them exactly: the decode attention of an FP8 cache (the warp-per-key one
+// below covers the other head dims).
 #define ATTENTION_VEC_FP8_KERNEL(D) \
     DECODE_ATTENTION_KERNEL_OF(paged_attention_vec_fp8_d##D, ATTN_WARPS * 32, (attend_vec<D, fp8>), fp8)
 
@@ -427,6 +428,15 @@ ATTENTION_KERNEL(80)
 ATTENTION_KERNEL(96)
 ATTENTION_KERNEL(128)
 ATTENTION_KERNEL(256)
+
+// The warp-per-key kernel over an FP8 cache, for the head dims the vectorized one lacks.
+#define ATTENTION_FP8_KERNEL(D) \
+    DECODE_ATTENTION_KERNEL_OF(paged_attention_fp8_d##D, ATTN_WARPS * 32, (attend<D, fp8>), fp8)
+
+ATTENTION_FP8_KERNEL(16)
+ATTENTION_FP8_KERNEL(32)
+ATTENTION_FP8_KERNEL(80)
+ATTENTION_FP8_KERNEL(96)
 
 // Merges the splits of `paged_attention_d*`: grid (tokens, heads), one thread per dimension.
 extern "C" __global__ void attention_combine(const float* __restrict__ partial_acc,

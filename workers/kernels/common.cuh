@@ -76,6 +76,10 @@ __device__ __forceinline__ void kv_store4(fp8* p, float4 x) {
     *reinterpret_cast<u32*>(p) =
         (u32)f32x2_to_e4m3x2(x.x, x.y) | ((u32)f32x2_to_e4m3x2(x.z, x.w) << 16);
 }
+// One element of a cache as f32.
+__device__ __forceinline__ float kv_to_f32(bf16 x) { return bf16_to_f32(x); }
+__device__ __forceinline__ float kv_to_f32(fp8 x) { return e4m3x2_to_f32x2((unsigned short)x).x; }
+
 // Eight consecutive elements of a cache as loaded (16 bytes of bf16, 8 of FP8 codes), and
 // their widening to f32.
 template <typename C> struct KvRaw8 { typedef uint4 type; };

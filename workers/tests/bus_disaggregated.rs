@@ -53,6 +53,21 @@ fn reference(prompt: &str, max_tokens: u32, seed: Option<u64>) -> serde_json::Va
     reference_on(&model_dir(), "cpu", prompt, max_tokens, seed)
 }
 
+/// [`reference`] greedy, with a KV cache of `kv_dtype`.
+fn reference_with_kv(prompt: &str, max_tokens: u32, kv_dtype: &str) -> serde_json::Value {
+    let output = Command::new(bin("worker"))
+        .arg("generate")
+        .arg("--model")
+        .arg(model_dir())
+        .args(["--kv-cache-dtype", kv_dtype])
+        .args(["--chat", "--json", "--prompt", prompt])
+        .args(["--max-tokens", &max_tokens.to_string()])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 /// [`reference`] for the model in `model`, on `device`.
 fn reference_on(
     model: &Path,
@@ -508,6 +523,64 @@ async fn a_layout_mismatch_is_an_error_never_garbage() {
             assert!(message.contains("KV layout mismatch"), "{message}");
             assert!(
                 message.contains("block_size: 16") && message.contains("block_size: 32"),
+                "{message}"
+            );
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// Context and decode workers with FP8 KV caches hand prompts over as FP8 blocks, half the
+/// bytes of bf16 ones, and continue exactly as one worker generating with an FP8 cache alone.
+#[tokio::test]
+async fn fp8_caches_hand_over_fp8_blocks() {
+    let nats = Nats::start();
+    let url = &nats.url;
+    let _context = start_worker(url, "context", "ctx", &["--kv-cache-dtype", "fp8"]);
+    let _decode = start_worker(url, "decode", "dec", &["--kv-cache-dtype", "fp8"]);
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let prompt = "What is the capital of France?";
+    let expected = reference_with_kv(prompt, 24, "fp8");
+    let job = job("fp8", prompt_ids(&expected), 24, None);
+    let (ids, text, pulled) = disaggregated(&client, job, None).await;
+    assert_eq!(ids, output_ids(&expected));
+    assert_eq!(text, expected["text"]);
+    let StreamMessage::KvPulled { bytes, outcome, .. } = pulled else {
+        unreachable!()
+    };
+    assert!(matches!(outcome, PullOutcome::Pulled { .. }), "{outcome:?}");
+    // 30 layers x K,V x 3 heads x 64 dims x 1 byte per token, whole blocks.
+    let blocks = prompt_ids(&expected).len().div_ceil(16) as u64;
+    assert_eq!(bytes, blocks * 16 * 30 * 2 * 3 * 64);
+}
+
+/// A decode worker of a bf16 cache refuses a context worker's FP8 blocks by their layout,
+/// naming both element types, and reads nothing.
+#[tokio::test]
+async fn a_bf16_decode_worker_refuses_fp8_blocks() {
+    let nats = Nats::start();
+    let url = &nats.url;
+    let _context = start_worker(url, "context", "ctx", &["--kv-cache-dtype", "fp8"]);
+    let _decode = start_worker(url, "decode", "dec", &[]);
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let expected = reference("Hi", 4, None);
+    let mut job = job("fp8-to-bf16", prompt_ids(&expected), 4, None);
+    let mut stream = client.subscribe(job.stream_subject.clone()).await.unwrap();
+    let handle = prefill(&client, &mut stream, &job).await;
+    assert_eq!(handle.layout.dtype.as_str(), "fp8");
+    job.kv = Some(handle);
+    let decode = decode(&client, &mut stream, &job).await;
+    assert!(
+        !decode
+            .iter()
+            .any(|m| matches!(m, StreamMessage::Tokens { .. })),
+        "no token from a cache of another type: {decode:?}"
+    );
+    match decode.last() {
+        Some(StreamMessage::Error { message }) => {
+            assert!(message.contains("KV layout mismatch"), "{message}");
+            assert!(
+                message.contains(r#"dtype: "fp8""#) && message.contains(r#"dtype: "bf16""#),
                 "{message}"
             );
         }

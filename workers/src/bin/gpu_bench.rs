@@ -73,6 +73,9 @@ enum Command {
         /// Fail when teacher-forced top-1 agreement is below this.
         #[arg(long, default_value_t = 0.99)]
         min_top1: f64,
+        /// Element type of the KV cache (bf16 or fp8), on both backends.
+        #[arg(long, default_value = "bf16", value_parser = parse_kv_dtype)]
+        kv_cache_dtype: KvDType,
     },
     /// Time decode steps and prefills against the device's ceilings.
     Bench {
@@ -93,6 +96,9 @@ enum Command {
         /// Write the table as JSON here too.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Element type of the KV cache (bf16 or fp8), on both backends.
+        #[arg(long, default_value = "bf16", value_parser = parse_kv_dtype)]
+        kv_cache_dtype: KvDType,
     },
     /// Time one step that mixes decodes with prompt chunks, as a loaded server runs them
     /// (chunked prefill beside the running batch), against its decode and prefill parts run
@@ -202,8 +208,15 @@ fn main() -> Result<()> {
             threads,
             max_rel_l2,
             min_top1,
+            kv_cache_dtype,
         } => check(
-            &model, ordinal, steps, &prompts, threads, max_rel_l2, min_top1,
+            &model,
+            ordinal,
+            steps,
+            &prompts,
+            threads,
+            (max_rel_l2, min_top1),
+            kv_cache_dtype,
         ),
         Command::Bench {
             model,
@@ -213,7 +226,17 @@ fn main() -> Result<()> {
             prefill,
             iters,
             json,
-        } => bench(&model, ordinal, &batches, context, &prefill, iters, json),
+            kv_cache_dtype,
+        } => bench(
+            &model,
+            ordinal,
+            &batches,
+            context,
+            &prefill,
+            iters,
+            json,
+            kv_cache_dtype,
+        ),
         Command::Mixed {
             model,
             ordinal,
@@ -372,20 +395,25 @@ fn random_tokens(rng: &mut ChaCha8Rng, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
 }
 
+/// A KV dtype by its wire name (`bf16`, `fp8`, ...).
+fn parse_kv_dtype(name: &str) -> Result<KvDType, String> {
+    serde_json::from_value(serde_json::Value::String(name.to_owned())).map_err(|e| e.to_string())
+}
+
 fn check(
     dir: &std::path::Path,
     ordinal: usize,
     steps: usize,
     prompt_lens: &[usize],
     threads: usize,
-    max_rel_l2: f64,
-    min_top1: f64,
+    (max_rel_l2, min_top1): (f64, f64),
+    kv_dtype: KvDType,
 ) -> Result<()> {
     let config = ModelConfig::load(dir)?;
-    // The CPU reference keeps a bf16 cache too, as the GPU does: the comparison is then of
-    // the arithmetic, not of the cache's number format.
+    // The CPU reference keeps the GPU's cache type too: the comparison is then of the
+    // arithmetic, not of the cache's number format.
     let options = ModelOptions {
-        kv_dtype: Some(KvDType::Bf16),
+        kv_dtype: Some(kv_dtype),
         ..ModelOptions::default()
     };
     let cpu = Model::load(
@@ -1272,6 +1300,7 @@ fn bench(
     prefill: &[usize],
     iters: usize,
     json: Option<PathBuf>,
+    kv_dtype: KvDType,
 ) -> Result<()> {
     let config = ModelConfig::load(dir)?;
     let backend = CudaBackend::new(&CudaOptions::from_env(ordinal))?;
@@ -1293,8 +1322,15 @@ fn bench(
     if fp8 {
         println!("FP8 model: floors count 1 byte per projection weight, 2 per lm_head weight");
     }
+    if kv_dtype != KvDType::Bf16 {
+        println!(
+            "KV cache: {} ({} byte(s) an element in the floors)",
+            kv_dtype.name(),
+            kv_dtype.size_bytes()
+        );
+    }
     let options = ModelOptions {
-        kv_dtype: Some(KvDType::Bf16),
+        kv_dtype: Some(kv_dtype),
         ..ModelOptions::default()
     };
     let model = Model::load(dir, backend, &options).context("loading the model")?;
@@ -1401,8 +1437,9 @@ fn bench(
         let enqueue = median(device.iter().map(|d| d.1).collect());
         let eager_ms = median(eager.iter().map(|d| d.0).collect()) * 1e3;
         let t = median(device.iter().map(|d| d.0).collect());
-        let kv_bytes =
-            (batch_size * (context + 1) * layout.num_layers * 2 * layout.token_stride() * 2) as f64;
+        let kv_bytes = (batch_size * (context + 1) * layout.num_layers * 2 * layout.token_stride())
+            as f64
+            * layout.dtype.size_bytes() as f64;
         let bytes_floor = (weight_bytes + kv_bytes) / ceil.copy_bytes_per_s;
         let flops_floor = 2.0 * batch_size as f64 * layer_params as f64 / layer_flops_per_s
             + 2.0 * batch_size as f64 * lm_head as f64 / ceil.gemm_flops_per_s;

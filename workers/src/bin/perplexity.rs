@@ -81,7 +81,7 @@ struct Args {
     /// CPU threads; 0 uses every core.
     #[arg(long, value_name = "N", default_value_t = 2)]
     threads: usize,
-    /// KV cache element type of --model (f32, bf16, f16); by default the model's own (f32 for
+    /// KV cache element type of --model (f32, bf16, f16, fp8); by default the model's own (f32 for
     /// f32 weights, bf16 for bf16, f16 for f16).
     #[arg(long, value_name = "DTYPE", value_parser = parse_kv_dtype)]
     kv_dtype: Option<KvDType>,

@@ -260,25 +260,27 @@ impl CudaBackend {
     ) -> Result<DecodeLaunch<'_>, BackendError> {
         let split_keys = self.attn_split_keys(shape.head_dim);
         if dtype == KvDType::Fp8 {
-            // An FP8 cache has the vectorized kernel only.
-            let dims = || -> Vec<usize> {
-                let list = &self.kernels.fp8_attention.decode_vec;
-                list.iter().map(|(d, _)| *d).collect()
+            // An FP8 cache: the vectorized kernel where the head dim has one, else the
+            // warp-per-key one.
+            let fp8 = &self.kernels.fp8_attention;
+            let launch = kernel_for(&fp8.decode_vec, shape.head_dim)
+                .map(|kernel| (kernel, kernels::ATTN_VEC_HEADS))
+                .or_else(|| kernel_for(&fp8.decode, shape.head_dim).map(|k| (k, ATTN_GMAX)));
+            let Some((kernel, heads_per_block)) = launch else {
+                let dims: Vec<usize> = (fp8.decode_vec.iter().chain(&fp8.decode))
+                    .map(|(d, _)| *d)
+                    .collect();
+                return Err(shape_err(
+                    "paged_attention",
+                    format!(
+                        "head_dim {} over an FP8 cache (its CUDA kernels cover {dims:?})",
+                        shape.head_dim
+                    ),
+                ));
             };
-            let kernel = kernel_for(&self.kernels.fp8_attention.decode_vec, shape.head_dim)
-                .ok_or_else(|| {
-                    shape_err(
-                        "paged_attention",
-                        format!(
-                            "head_dim {} over an FP8 cache (its CUDA kernels cover {:?})",
-                            shape.head_dim,
-                            dims()
-                        ),
-                    )
-                })?;
             return Ok(DecodeLaunch {
                 kernel,
-                heads_per_block: kernels::ATTN_VEC_HEADS,
+                heads_per_block,
                 shared_mem_bytes: 0,
                 split_keys,
             });

@@ -72,6 +72,15 @@ const VEC_ATTENTION_FP8_HEAD_DIMS: &[(usize, &str)] = &[
     (256, "paged_attention_vec_fp8_d256"),
 ];
 
+/// The warp-per-key kernel over an FP8 cache (`paged_attention_fp8_d*`), for the head dims the
+/// vectorized one lacks.
+const ATTENTION_FP8_HEAD_DIMS: &[(usize, &str)] = &[
+    (16, "paged_attention_fp8_d16"),
+    (32, "paged_attention_fp8_d32"),
+    (80, "paged_attention_fp8_d80"),
+    (96, "paged_attention_fp8_d96"),
+];
+
 /// Query heads per block of `paged_attention_vec_d*` (`ATTN_VEC_GMAX` in attention.cu).
 pub const ATTN_VEC_HEADS: usize = 4;
 
@@ -341,6 +350,8 @@ pub struct Kernels {
 /// as they load them.
 pub struct Fp8AttentionKernels {
     pub decode_vec: Vec<(usize, CudaFunction)>,
+    /// The warp-per-key decode kernel, for the head dims `decode_vec` lacks.
+    pub decode: Vec<(usize, CudaFunction)>,
     pub flash_prefill: Vec<(usize, CudaFunction)>,
     pub flash_prefill_pairs: Vec<(usize, CudaFunction)>,
 }
@@ -452,6 +463,10 @@ impl Kernels {
             rope_cache_write_fp8: f("rope_cache_write_fp8")?,
             fp8_attention: Fp8AttentionKernels {
                 decode_vec: VEC_ATTENTION_FP8_HEAD_DIMS
+                    .iter()
+                    .map(|&(d, name)| Ok((d, f(name)?)))
+                    .collect::<Result<_, KernelError>>()?,
+                decode: ATTENTION_FP8_HEAD_DIMS
                     .iter()
                     .map(|&(d, name)| Ok((d, f(name)?)))
                     .collect::<Result<_, KernelError>>()?,
