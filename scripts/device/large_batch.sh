@@ -13,14 +13,19 @@
 #                                       # caching off (kv_cache_config.enable_block_reuse)
 #                                       # MODEL_DTYPE: fp8 serves the FP8 model of MODEL's
 #                                       # shapes (model-prep random --dtype fp8)
+#                                       # KV_DTYPE: fp8 gives the worker an FP8 KV cache
+#                                       # (kv_cache_config.dtype)
 # The GPU's SM clock, power and clock-limit reasons are sampled every second while the
 # requests run (large-batch-gpu.csv); the summary line averages the samples above 300 W.
 set -uo pipefail
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
 model=$(random_model "${MODEL:-llama-3.1-8b}" "${MODEL_DTYPE:-bf16}")
+cache_keys=()
+[ -n "${PREFIX_CACHING:-}" ] && cache_keys+=("enable_block_reuse: $PREFIX_CACHING")
+[ -n "${KV_DTYPE:-}" ] && cache_keys+=("dtype: $KV_DTYPE")
 cache_line=
-[ -n "${PREFIX_CACHING:-}" ] && cache_line="  kv_cache_config: { enable_block_reuse: $PREFIX_CACHING }"
+[ ${#cache_keys[@]} -gt 0 ] && cache_line="  kv_cache_config: { $(IFS=,; echo "${cache_keys[*]}") }"
 cat >/tmp/large-batch.yaml <<EOC
 hostname: 127.0.0.1
 context_servers:

@@ -39,9 +39,12 @@
 // Query heads per block: rows 0-7 of the mma's 16-row A tile (rows 8-15 stay zero).
 #define DM_HEADS 8
 
-template <int D>
+// Over an FP8 cache (`C` = fp8) the stages hold the tiles' codes (16 a copy, unswizzled), and
+// each tile is widened (exactly) into one bf16 tile laid out as a bf16 stage before the
+// products read it: half the bytes from memory, one more pass through shared memory.
+template <int D, typename C = bf16>
 __device__ __forceinline__ void decode_mma(
-    const float* __restrict__ qkv, const bf16* __restrict__ cache, const u32* __restrict__ positions,
+    const float* __restrict__ qkv, const C* __restrict__ cache, const u32* __restrict__ positions,
     const u32* __restrict__ token_seq, const u32* __restrict__ seq_block_start,
     const u32* __restrict__ block_tables, bf16* __restrict__ out, float* __restrict__ partial_acc,
     float* __restrict__ partial_ml, int num_heads, int num_kv_heads, int block_size,
@@ -53,7 +56,10 @@ __device__ __forceinline__ void decode_mma(
     // [stage][K | V][key][D], each row's 16-byte chunks XOR-swizzled by (row % 8) so that the
     // eight rows an ldmatrix reads at one column fall in different banks.
     extern __shared__ __align__(128) unsigned char dm_smem[];
+    constexpr bool FP8 = sizeof(C) == 1;
+    // bf16: the stages. FP8: the widened tile, then the stages of codes.
     bf16* const smem = reinterpret_cast<bf16*>(dm_smem);
+    fp8* const codes = reinterpret_cast<fp8*>(dm_smem + 2 * TILE * sizeof(bf16));
 
     const int t = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -71,10 +77,29 @@ __device__ __forceinline__ void decode_mma(
     const int tile_begin = min(n_tiles, split * per_split);
     const int tile_end = min(n_tiles, tile_begin + per_split);
     const u32* table = block_tables + seq_block_start[token_seq[t]];
-    const bf16* head = cache + layer_offset + kvh * D;
+    const C* head = cache + layer_offset + kvh * D;
 
     // Copies tile `tile`'s K and V rows into `stage`; keys past the end are zero-filled.
     auto load_tile = [&](int tile, int stage) {
+        if constexpr (FP8) {
+            constexpr int CH8 = D / 16;  // 16-byte copies per row of codes
+            fp8* ks = codes + stage * 2 * TILE;
+            fp8* vs = ks + TILE;
+#pragma unroll
+            for (int j = 0; j < DM_KEYS * CH8 / (DM_WARPS * 32); ++j) {
+                const int i = threadIdx.x + j * DM_WARPS * 32;
+                const int row = i / CH8, c = i % CH8;
+                const int key = tile * DM_KEYS + row;
+                const bool on = key < n_keys;
+                const C* src = head;
+                if (on)
+                    src = head + (long long)table[key / block_size] * block_elems +
+                          (long long)(key % block_size) * token_stride + c * 16;
+                cp_async16(ks + row * D + c * 16, src, on ? 16 : 0);
+                cp_async16(vs + row * D + c * 16, on ? src + kv_stride : src, on ? 16 : 0);
+            }
+            return;
+        }
         bf16* ks = smem + stage * 2 * TILE;
         bf16* vs = ks + TILE;
 #pragma unroll
@@ -83,13 +108,35 @@ __device__ __forceinline__ void decode_mma(
             const int row = i / CH, c = i % CH;
             const int key = tile * DM_KEYS + row;
             const bool on = key < n_keys;
-            const bf16* src = head;
+            const C* src = head;
             if (on)
                 src = head + (long long)table[key / block_size] * block_elems +
                       (long long)(key % block_size) * token_stride + c * 8;
             const int at = row * D + ((c ^ (row & 7)) << 3);
-            cp_async16(ks + at, src, on ? 16 : 0);
-            cp_async16(vs + at, on ? src + kv_stride : src, on ? 16 : 0);
+            cp_async16(ks + at, reinterpret_cast<const bf16*>(src), on ? 16 : 0);
+            cp_async16(vs + at, reinterpret_cast<const bf16*>(on ? src + kv_stride : src),
+                       on ? 16 : 0);
+        }
+    };
+
+    // FP8: widens `stage`'s codes into the bf16 tile, in the bf16 stages' swizzled layout.
+    auto widen_tile = [&](int stage) {
+        constexpr int CH8 = D / 16;
+        const fp8* k8 = codes + stage * 2 * TILE;
+#pragma unroll
+        for (int j = 0; j < 2 * DM_KEYS * CH8 / (DM_WARPS * 32); ++j) {
+            const int i = threadIdx.x + j * DM_WARPS * 32;  // over K's rows, then V's
+            const int row = (i / CH8) % DM_KEYS, c = i % CH8, kv = i / (CH8 * DM_KEYS);
+            const uint4 raw = *reinterpret_cast<const uint4*>(k8 + kv * TILE + row * D + c * 16);
+            float f[16];
+            kv_widen8(make_uint2(raw.x, raw.y), f);
+            kv_widen8(make_uint2(raw.z, raw.w), f + 8);
+            bf16* dst = smem + kv * TILE + row * D;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                *reinterpret_cast<uint4*>(dst + (((2 * c + h) ^ (row & 7)) << 3)) =
+                    make_uint4(pack_bf16(f[8 * h], f[8 * h + 1]), pack_bf16(f[8 * h + 2], f[8 * h + 3]),
+                               pack_bf16(f[8 * h + 4], f[8 * h + 5]), pack_bf16(f[8 * h + 6], f[8 * h + 7]));
         }
     };
 
@@ -137,7 +184,12 @@ __device__ __forceinline__ void decode_mma(
         if (tile + DM_STAGES - 1 < tile_end)
             load_tile(tile + DM_STAGES - 1, (it + DM_STAGES - 1) % DM_STAGES);
         cp_async_commit();
-        const bf16* ks = smem + (it % DM_STAGES) * 2 * TILE;
+        if constexpr (FP8) {
+            // Every warp is done with the last tile's widened copy (the barrier above).
+            widen_tile(it % DM_STAGES);
+            __syncthreads();
+        }
+        const bf16* ks = smem + (FP8 ? 0 : (it % DM_STAGES) * 2 * TILE);
         const bf16* vs = ks + TILE;
 
         // S = Q K^T for this warp's keys 16w .. 16w + 15: two n-tiles of 8 keys; one ldmatrix
@@ -252,3 +304,9 @@ __device__ __forceinline__ void decode_mma(
 
 DECODE_MMA_KERNEL(64)
 DECODE_MMA_KERNEL(128)
+
+#define DECODE_MMA_FP8_KERNEL(D) \
+    DECODE_ATTENTION_KERNEL_OF(paged_decode_mma_fp8_d##D, DM_WARPS * 32, (decode_mma<D, fp8>), fp8)
+
+DECODE_MMA_FP8_KERNEL(64)
+DECODE_MMA_FP8_KERNEL(128)

@@ -260,9 +260,26 @@ impl CudaBackend {
     ) -> Result<DecodeLaunch<'_>, BackendError> {
         let split_keys = self.attn_split_keys(shape.head_dim);
         if dtype == KvDType::Fp8 {
-            // An FP8 cache: the vectorized kernel where the head dim has one, else the
-            // warp-per-key one.
+            // An FP8 cache: the tensor-core kernel where the head dim has one (and it is on),
+            // else the vectorized kernel, else the warp-per-key one.
             let fp8 = &self.kernels.fp8_attention;
+            if let Some(kernel) =
+                kernel_for(&fp8.decode_mma, shape.head_dim).filter(|_| self.switches.decode_mma())
+            {
+                return Ok(DecodeLaunch {
+                    kernel,
+                    heads_per_block: kernels::DecodeMmaConfig::HEADS,
+                    shared_mem_bytes: self
+                        .kernels
+                        .decode_mma_config
+                        .smem_bytes_fp8(shape.head_dim),
+                    split_keys: self
+                        .options
+                        .attn_split_keys
+                        .unwrap_or(DECODE_MMA_SPLIT_KEYS)
+                        .max(kernels::DecodeMmaConfig::KEYS),
+                });
+            }
             let launch = kernel_for(&fp8.decode_vec, shape.head_dim)
                 .map(|kernel| (kernel, kernels::ATTN_VEC_HEADS))
                 .or_else(|| kernel_for(&fp8.decode, shape.head_dim).map(|k| (k, ATTN_GMAX)));

@@ -112,6 +112,12 @@ impl DecodeMmaConfig {
     pub fn smem_bytes(&self, head_dim: usize) -> usize {
         self.stages * 2 * Self::KEYS * head_dim * 2
     }
+
+    /// The same over an FP8 cache: the stages hold codes (one byte each), and one bf16 tile
+    /// holds the tile being worked on, widened.
+    pub fn smem_bytes_fp8(&self, head_dim: usize) -> usize {
+        self.stages * 2 * Self::KEYS * head_dim + 2 * Self::KEYS * head_dim * 2
+    }
 }
 
 /// The prefill attention kernel's tile settings (`flash.cu`), which decide its dynamic shared
@@ -349,6 +355,8 @@ pub struct Kernels {
 /// dimension: the vectorized decode kernel and `flash.cu`'s prefill kernels, widening the codes
 /// as they load them.
 pub struct Fp8AttentionKernels {
+    /// The tensor-core decode kernel (`decode_mma.cu`), preferred where the head dim has one.
+    pub decode_mma: Vec<(usize, CudaFunction)>,
     pub decode_vec: Vec<(usize, CudaFunction)>,
     /// The warp-per-key decode kernel, for the head dims `decode_vec` lacks.
     pub decode: Vec<(usize, CudaFunction)>,
@@ -462,6 +470,13 @@ impl Kernels {
             rope_cache_write: f("rope_cache_write")?,
             rope_cache_write_fp8: f("rope_cache_write_fp8")?,
             fp8_attention: Fp8AttentionKernels {
+                decode_mma: [
+                    (64, "paged_decode_mma_fp8_d64"),
+                    (128, "paged_decode_mma_fp8_d128"),
+                ]
+                .into_iter()
+                .map(|(d, name)| Ok((d, with_smem(name, decode_mma_config.smem_bytes_fp8(d))?)))
+                .collect::<Result<_, KernelError>>()?,
                 decode_vec: VEC_ATTENTION_FP8_HEAD_DIMS
                     .iter()
                     .map(|&(d, name)| Ok((d, f(name)?)))
