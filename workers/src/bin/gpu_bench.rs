@@ -1293,6 +1293,7 @@ struct Row {
     ratio: f64,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench(
     dir: &std::path::Path,
     ordinal: usize,
