@@ -74,10 +74,18 @@ fn bench_measures_a_live_server() {
     assert_eq!(levels.len(), 2);
     // What the server counted per level, from its /metrics: nothing preempted, nothing
     // fell back.
-    assert!(stdout.contains("server: preemptions 0;"), "{stdout}");
+    assert!(stdout.contains("preemptions 0;"), "{stdout}");
+    // And the number formats its workers serve in (the tiny model's f32 weights and cache on
+    // the CPU), leading the line.
+    assert!(stdout.contains("server: workers "), "{stdout}");
     for level in levels {
         let server = &level["server"];
         assert_eq!(server["preemptions"], 0, "{level}");
+        let workers = server["workers"].as_object().unwrap();
+        assert!(
+            !workers.is_empty() && workers.keys().all(|k| k.ends_with("f32 weights, f32 KV")),
+            "{level}"
+        );
         assert_eq!(
             server["kv_transfer_fallbacks"],
             serde_json::json!({}),

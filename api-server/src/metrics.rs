@@ -206,6 +206,12 @@ pub struct Metrics {
     worker_total_kv_blocks: IntGaugeVec,
     /// A worker's queue bound (absent: none).
     worker_max_queued: IntGaugeVec,
+    /// 1 for each worker, labelled with its number formats (`weights`, `kv_cache`).
+    worker_info: IntGaugeVec,
+    /// The `worker_info` labels each worker was last seen with, to remove its series when it
+    /// changes them (a restart with another model) or leaves.
+    worker_info_labels:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, [String; 4]>>>,
     live_workers: IntGaugeVec,
     /// KV cache bytes decode workers pulled from context workers (`kv_pulled.bytes`).
     kv_transfer_bytes: IntCounter,
@@ -336,6 +342,15 @@ impl Metrics {
             "tandem_worker_max_queued",
             "Jobs a worker queues at most before refusing more (last heartbeat; absent: no bound)",
         );
+        let worker_info = IntGaugeVec::new(
+            Opts::new(
+                "tandem_worker_info",
+                "1 for each worker with a recent heartbeat, labelled with the number formats it \
+                 serves in: weights (fp8, bf16, f16, f32) and kv_cache (fp8, bf16, f16, f32)",
+            ),
+            &["worker_id", "role", "weights", "kv_cache"],
+        )
+        .expect("metric options are static and valid");
         let live_workers = IntGaugeVec::new(
             Opts::new(
                 "tandem_live_workers",
@@ -539,6 +554,8 @@ impl Metrics {
             worker_free_kv_blocks,
             worker_total_kv_blocks,
             worker_max_queued,
+            worker_info,
+            worker_info_labels: Default::default(),
             live_workers,
             kv_transfer_bytes,
             kv_transfer_seconds,
@@ -582,6 +599,7 @@ impl Metrics {
             Box::new(metrics.worker_free_kv_blocks.clone()),
             Box::new(metrics.worker_total_kv_blocks.clone()),
             Box::new(metrics.worker_max_queued.clone()),
+            Box::new(metrics.worker_info.clone()),
             Box::new(metrics.live_workers.clone()),
             Box::new(metrics.kv_transfer_bytes.clone()),
             Box::new(metrics.kv_transfer_seconds.clone()),
@@ -779,6 +797,28 @@ impl Metrics {
                 let _ = self.worker_max_queued.remove_label_values(&labels);
             }
         }
+        if let Some(numerics) = &heartbeat.numerics {
+            let info = [
+                heartbeat.worker_id.clone(),
+                heartbeat.role.as_str().to_owned(),
+                numerics.weights.clone(),
+                numerics.kv_cache.as_str().to_owned(),
+            ];
+            let mut seen = self
+                .worker_info_labels
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(old) = seen.insert(heartbeat.worker_id.clone(), info.clone())
+                && old != info
+            {
+                let _ = self
+                    .worker_info
+                    .remove_label_values(&old.each_ref().map(String::as_str));
+            }
+            self.worker_info
+                .with_label_values(&info.each_ref().map(String::as_str))
+                .set(1);
+        }
         if let Some(engine) = heartbeat.engine {
             let worker = [heartbeat.worker_id.as_str()];
             mirror_counter(&self.worker_preemptions, &worker, engine.preemptions);
@@ -826,6 +866,16 @@ impl Metrics {
     }
 
     fn worker_left(&self, worker_id: &str, role: WorkerRole) {
+        let info = self
+            .worker_info_labels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(worker_id);
+        if let Some(info) = info {
+            let _ = self
+                .worker_info
+                .remove_label_values(&info.each_ref().map(String::as_str));
+        }
         // Absent label sets are fine: the worker may never have reported them.
         let labels = [worker_id, role.as_str()];
         for gauge in [
@@ -1029,6 +1079,10 @@ mod tests {
     fn a_worker_leaving_takes_its_series_along() {
         let metrics = Metrics::new();
         let heartbeat = Heartbeat {
+            numerics: Some(tandem_protocol::messages::WorkerNumerics {
+                weights: "fp8".into(),
+                kv_cache: tandem_protocol::messages::KvDTypeSpec::Fp8,
+            }),
             worker_id: "w".into(),
             role: WorkerRole::Decode,
             model: "m".into(),
@@ -1077,6 +1131,7 @@ mod tests {
             "tandem_kv_handles_refused_total{worker_id=\"w\"} 2",
             "tandem_kv_exports_gone_total{worker_id=\"w\"} 1",
             "tandem_worker_preemptions_total{worker_id=\"w\"} 5",
+            "tandem_worker_info{kv_cache=\"fp8\",role=\"decode\",weights=\"fp8\",worker_id=\"w\"} 1",
             "tandem_live_workers{role=\"decode\"} 1",
             "tandem_live_workers{role=\"context\"} 0",
         ] {

@@ -762,6 +762,21 @@ pub struct Heartbeat {
     /// events. Absent: no prefix cache (or an older worker), so nothing of a prompt is held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_cache: Option<PrefixCacheInfo>,
+    /// What the worker computes with: its weights' and its KV cache's types (the api-server's
+    /// `tandem_worker_info`, which `tandem bench` reports). Absent from older workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numerics: Option<WorkerNumerics>,
+}
+
+/// The number formats a worker serves in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerNumerics {
+    /// The projections' weights as the worker computes with them: `fp8` (an FP8 checkpoint),
+    /// `bf16` (any 16/32-bit checkpoint on a GPU), or the checkpoint's type on the CPU (`bf16`,
+    /// `f16`, `f32`).
+    pub weights: String,
+    /// The KV cache's element type.
+    pub kv_cache: KvDTypeSpec,
 }
 
 /// A worker's prefix cache as routers see it, in its heartbeats: enough to name a prompt's
@@ -1428,6 +1443,7 @@ mod tests {
     #[test]
     fn heartbeats_carry_the_queue_bound_and_the_pulls() {
         let heartbeat = Heartbeat {
+            numerics: None,
             worker_id: "dec".into(),
             role: WorkerRole::Decode,
             model: "m".into(),
@@ -1471,6 +1487,7 @@ mod tests {
         assert_eq!((older.refused_handles, older.exports_gone), (0, 0));
         // With a prefix cache, the heartbeat says how to name its blocks and follow its events.
         let cached = Heartbeat {
+            numerics: None,
             prefix_cache: Some(PrefixCacheInfo {
                 block_size: 16,
                 namespace: "fp".into(),

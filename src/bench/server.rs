@@ -2,8 +2,9 @@
 //! and after: for tandem, the KV hand-overs by transport, the hand-overs that fell back (and
 //! why), the requests a context worker prefilled, the sequences workers preempted, and where
 //! the time to first token of the handed-over requests went (the mean of each part of
-//! `tandem_ttft_part_seconds`, from its sums and counts). Another server (no `/metrics`, or
-//! none of these families) gives nothing, and the bench says nothing about it.
+//! `tandem_ttft_part_seconds`, from its sums and counts), and the number formats its workers
+//! serve in (`tandem_worker_info`: weights and KV cache, fp8 or 16-bit). Another server (no
+//! `/metrics`, or none of these families) gives nothing, and the bench says nothing about it.
 
 use std::collections::BTreeMap;
 
@@ -33,15 +34,23 @@ const TTFT_PARTS: [&str; 5] = [
     "other",
 ];
 
-/// The counters of `FAMILIES` at one moment: (family, label value or "") to value.
+/// The workers' number formats (`tandem_worker_info{role, weights, kv_cache}`).
+const WORKER_INFO: &str = "tandem_worker_info";
+
+/// The counters of `FAMILIES` at one moment: (family, label value or "") to value; and how
+/// many workers serve in each role and number formats.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Counters(BTreeMap<(String, String), f64>);
+pub struct Counters {
+    values: BTreeMap<(String, String), f64>,
+    workers: BTreeMap<String, u64>,
+}
 
 impl Counters {
     /// The counters in a Prometheus text exposition; `None` when it has none of them (not a
     /// tandem server).
     pub fn parse(text: &str) -> Option<Self> {
         let mut counters = BTreeMap::new();
+        let mut workers = BTreeMap::new();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let Some((series, value)) = line.rsplit_once(' ') else {
                 continue;
@@ -53,6 +62,17 @@ impl Counters {
                 Some((name, labels)) => (name, labels.trim_end_matches('}')),
                 None => (series, ""),
             };
+            if name == WORKER_INFO && value > 0.0 {
+                let of = |l| label(labels, l).unwrap_or("?");
+                let formats = format!(
+                    "{} {} weights, {} KV",
+                    of("role"),
+                    of("weights"),
+                    of("kv_cache")
+                );
+                *workers.entry(formats).or_insert(0) += 1;
+                continue;
+            }
             let Some((family, split)) = FAMILIES.iter().find(|(f, _)| *f == name) else {
                 continue;
             };
@@ -61,17 +81,23 @@ impl Counters {
                 .entry(((*family).to_owned(), key.to_owned()))
                 .or_insert(0.0) += value;
         }
-        (!counters.is_empty()).then_some(Counters(counters))
+        (!counters.is_empty()).then_some(Counters {
+            values: counters,
+            workers,
+        })
     }
 
     /// What was counted from `before` to `self`. A series that went down (a worker restarted
     /// and its mirrored counter started over) counts from zero.
     pub fn since(&self, before: &Counters) -> Delta {
-        let mut delta = Delta::default();
+        let mut delta = Delta {
+            workers: self.workers.clone(),
+            ..Delta::default()
+        };
         // Per part: seconds and requests.
         let mut parts: BTreeMap<String, (f64, u64)> = BTreeMap::new();
-        for ((family, key), &after) in &self.0 {
-            let start = before.0.get(&(family.clone(), key.clone())).copied();
+        for ((family, key), &after) in &self.values {
+            let start = before.values.get(&(family.clone(), key.clone())).copied();
             let moved = match start {
                 Some(start) if after >= start => after - start,
                 _ => after,
@@ -114,6 +140,10 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
 /// What the server counted during one level.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Delta {
+    /// Workers serving at the level's end, by role and number formats (`decode fp8 weights,
+    /// fp8 KV`); empty for workers too old to say.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub workers: BTreeMap<String, u64>,
     /// KV hand-overs from context to decode workers, by transport (`cuda-ipc`, `ucx`).
     pub kv_transfers: BTreeMap<String, u64>,
     /// Hand-overs that fell back to a local prefill, by reason.
@@ -143,7 +173,16 @@ impl Delta {
                     .join(", ")
             }
         };
-        let mut line = format!(
+        let mut line = String::new();
+        if !self.workers.is_empty() {
+            let workers: Vec<String> = self
+                .workers
+                .iter()
+                .map(|(formats, n)| format!("{formats} x{n}"))
+                .collect();
+            line.push_str(&format!("workers {}; ", workers.join(", ")));
+        }
+        line += &format!(
             "preemptions {}; requests disaggregated {}; KV transfers {}; fallbacks {}",
             self.preemptions,
             self.requests_disaggregated,
@@ -191,6 +230,29 @@ tandem_ttft_part_seconds_count{part=\"kv_transfer\"} 4
 tandem_ttft_part_seconds_sum{part=\"other\"} 0.02
 tandem_ttft_part_seconds_count{part=\"other\"} 4
 ";
+
+    #[test]
+    fn the_workers_number_formats_lead_the_line() {
+        let info = "tandem_worker_info{kv_cache=\"fp8\",role=\"decode\",weights=\"fp8\",worker_id=\"d1\"} 1\n\
+                    tandem_worker_info{kv_cache=\"fp8\",role=\"decode\",weights=\"fp8\",worker_id=\"d2\"} 1\n\
+                    tandem_worker_info{kv_cache=\"fp8\",role=\"context\",weights=\"bf16\",worker_id=\"c\"} 1\n";
+        let before = Counters::parse(BEFORE).unwrap();
+        let after = Counters::parse(&format!("{BEFORE}{info}")).unwrap();
+        let delta = after.since(&before);
+        assert_eq!(delta.workers.len(), 2);
+        assert!(
+            delta.line().starts_with(
+                "workers context bf16 weights, fp8 KV x1, decode fp8 weights, fp8 KV x2; \
+                 preemptions 0;"
+            ),
+            "{}",
+            delta.line()
+        );
+        let json = serde_json::to_value(&delta).unwrap();
+        assert_eq!(json["workers"]["decode fp8 weights, fp8 KV"], 2);
+        // A server whose workers do not say has no such part.
+        assert!(!before.since(&before).line().starts_with("workers"));
+    }
 
     #[test]
     fn a_level_counts_what_moved_between_two_scrapes() {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tandem_cli::args::GpuArgs;
-use tandem_model::ModelConfig;
+use tandem_model::{ModelConfig, WeightDType};
 use tandem_protocol::config::KvCacheDtype;
 use thiserror::Error;
 
@@ -353,6 +353,22 @@ impl LoadedModel {
             LoadedModel::Cuda(m) => m.config(),
             LoadedModel::CpuGroup { ranks, .. } => ranks[0].config(),
             LoadedModel::CudaGroup { ranks } => ranks[0].config(),
+        }
+    }
+
+    /// The projections' weights as this model computes with them: `fp8` for an FP8
+    /// checkpoint; on a GPU `bf16` for any other; on the CPU the checkpoint's type.
+    pub fn weights_name(&self) -> String {
+        let (dtype, gpu) = match self {
+            LoadedModel::Cpu(m) => (m.weight_dtype(), false),
+            LoadedModel::Cuda(m) => (m.weight_dtype(), true),
+            LoadedModel::CpuGroup { ranks, .. } => (ranks[0].weight_dtype(), false),
+            LoadedModel::CudaGroup { ranks } => (ranks[0].weight_dtype(), true),
+        };
+        match dtype {
+            WeightDType::F8E4M3 => "fp8".to_owned(),
+            _ if gpu => "bf16".to_owned(),
+            other => other.to_string(),
         }
     }
 

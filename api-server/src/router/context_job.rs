@@ -90,6 +90,7 @@ mod tests {
         registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), now);
         // Runs 2 prompts at most and queues 1; idle at its heartbeat.
         let context = Heartbeat {
+            numerics: None,
             max_queued: Some(1),
             max_running: Some(2),
             ..heartbeat("ctx", WorkerRole::Context, 0, 0)
@@ -135,6 +136,7 @@ mod tests {
         // The heartbeat that saw the answered jobs leave starts the count afresh.
         registry.observe(
             Heartbeat {
+                numerics: None,
                 max_queued: Some(1),
                 max_running: Some(2),
                 ..heartbeat("ctx", WorkerRole::Context, 2, 1)

@@ -402,6 +402,7 @@ mod tests {
         let metrics = Metrics::new();
         let registry = WorkerRegistry::new(settings(RouterPolicy::KvAware, 0), metrics.clone());
         let beat = |seq| Heartbeat {
+            numerics: None,
             prefix_cache: Some(PrefixCacheInfo {
                 block_size: 16,
                 namespace: "fp".into(),

@@ -250,6 +250,7 @@ mod tests {
         let registry = registry(RouterPolicy::LeastLoaded);
         registry.observe(heartbeat("dec", WorkerRole::Decode, 0, 0), now);
         let full = Heartbeat {
+            numerics: None,
             max_queued: Some(1),
             ..heartbeat("ctx-a", WorkerRole::Context, 0, 1)
         };
@@ -309,6 +310,7 @@ mod tests {
         };
         registry.observe(
             Heartbeat {
+                numerics: None,
                 kv_peer: Some(peer.clone()),
                 ..heartbeat("dec", WorkerRole::Decode, 0, 0)
             },
@@ -321,6 +323,7 @@ mod tests {
         // A later heartbeat that withdraws CUDA IPC (its reads failed) is what routes see.
         registry.observe(
             Heartbeat {
+                numerics: None,
                 kv_peer: Some(KvPeer {
                     host_id: "boot-1".into(),
                     cuda_ipc: false,
@@ -391,6 +394,7 @@ mod kv_aware_tests {
     /// A `both` worker caching prompts in 16-token blocks, `used` of its 1,000 blocks in use.
     fn caching(id: &str, used: u32) -> Heartbeat {
         Heartbeat {
+            numerics: None,
             free_kv_blocks: 1000 - used,
             total_kv_blocks: 1000,
             prefix_cache: Some(PrefixCacheInfo {
@@ -496,6 +500,7 @@ mod kv_aware_tests {
         let registry = WorkerRegistry::new(settings(RouterPolicy::KvAware, 256), Metrics::new());
         registry.observe(
             Heartbeat {
+                numerics: None,
                 role: WorkerRole::Decode,
                 ..caching("dec", 0)
             },

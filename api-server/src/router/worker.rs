@@ -203,6 +203,7 @@ mod tests {
         let registry = registry(RouterPolicy::LeastLoaded);
         // Runs 2 at most, 1 now; queues 2 at most.
         let bounded = |queued| Heartbeat {
+            numerics: None,
             max_queued: Some(2),
             max_running: Some(2),
             ..heartbeat("w", WorkerRole::Decode, 1, queued)

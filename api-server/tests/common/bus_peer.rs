@@ -275,6 +275,7 @@ impl ScriptedBusPeer {
             while beating.load(Ordering::SeqCst) {
                 let (queued, max_queued) = *reported.lock().expect("queue lock");
                 let heartbeat = Heartbeat {
+                    numerics: None,
                     worker_id: worker_id.clone(),
                     role,
                     model: model_name.clone(),

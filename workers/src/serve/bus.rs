@@ -26,14 +26,14 @@ use std::time::{Duration, Instant};
 
 use async_nats::Subscriber;
 use futures::StreamExt;
-use tandem_protocol::messages::{self, CancelRequest, WorkerRole};
+use tandem_protocol::messages::{self, CancelRequest, WorkerNumerics, WorkerRole};
 use tandem_protocol::subjects::Subjects;
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use super::connection::{BusError, BusSettings};
 use super::connection::{subscribe, subscribe_error, unsubscribe};
 use super::kv_events::PrefixCacheBus;
-use super::roles::{ContextRole, GenerationRole, Role};
+use super::roles::{ContextRole, GenerationRole, Role, layout_spec};
 use super::worker::{Identity, InFlight, PUBLISH_TIMEOUT, QueueBound, RoleLoad, Worker};
 use crate::engine::EngineHandle;
 
@@ -67,6 +67,10 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
             total_kv_blocks: settings.total_kv_blocks,
             heartbeat: settings.heartbeat,
             max_running: settings.max_running,
+            numerics: WorkerNumerics {
+                weights: settings.weights.clone(),
+                kv_cache: layout_spec(&settings.layout).dtype,
+            },
         },
         engine,
         model_stop_ids: Arc::clone(&settings.model_stop_ids),

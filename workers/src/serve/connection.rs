@@ -70,6 +70,8 @@ pub struct BusSettings {
     pub kv_transfer_timeout: Duration,
     /// Sequences the engine runs at once at most (`--max-num-seqs`).
     pub max_running: usize,
+    /// The projections' weights as the model computes with them (`fp8`, `bf16`, ...).
+    pub weights: String,
     /// Jobs accepted and not started at most; past it, jobs are refused (`rejected`). `None`:
     /// no bound.
     pub max_queued: Option<usize>,

@@ -202,6 +202,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         settings: EngineSettings::from_env().with_flags(&args.engine),
     };
     let backend = model.describe();
+    let weights = model.weights_name();
     let StartedEngine {
         handle,
         thread,
@@ -301,6 +302,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         max_tokens_in_buffer: args.max_tokens_in_buffer,
         kv_transfer_timeout: std::time::Duration::from_millis(args.kv_transfer_timeout_ms),
         max_running: args.max_num_seqs,
+        weights,
         max_queued: args.queue_bound(),
         prefix_caching: args.prefix_caching,
         kv_secret,

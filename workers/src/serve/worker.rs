@@ -42,6 +42,8 @@ pub(super) struct Identity {
     pub heartbeat: Duration,
     /// Sequences the engine runs at once at most (`--max-num-seqs`).
     pub max_running: usize,
+    /// Its weights' and KV cache's number formats.
+    pub numerics: messages::WorkerNumerics,
 }
 
 /// The bound on a worker's queue: the jobs it has accepted and not started (waiting in the
@@ -389,6 +391,7 @@ impl Worker {
                 }
             }),
             prefix_cache: role.prefix_cache,
+            numerics: Some(identity.numerics.clone()),
         };
         let subject = self.subjects.heartbeat(identity.role, &identity.worker_id);
         publish_bounded(

@@ -29,6 +29,7 @@ pub(super) use context::ContextRole;
 /// Handles as a context worker makes them, for the tests of what signs and reads them.
 #[cfg(test)]
 pub(super) use export::fixtures;
+pub(super) use export::layout_spec;
 pub(super) use generation::GenerationRole;
 
 use super::connection::{BusError, BusSettings};

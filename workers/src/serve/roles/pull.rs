@@ -970,6 +970,10 @@ mod tests {
             total_kv_blocks: 8,
             heartbeat: Duration::from_secs(1),
             max_running: 4,
+            numerics: tandem_protocol::messages::WorkerNumerics {
+                weights: "bf16".into(),
+                kv_cache: tandem_protocol::messages::KvDTypeSpec::Bf16,
+            },
         };
         assert_eq!(
             model_mismatch(&handle, &own(&handle.model_fingerprint)),
