@@ -1243,7 +1243,9 @@ fn decode_attention(
     }
     let plan = BatchPlan::new(&b, *BLOCK_SIZE, &vec![1.0f32; shape.head_dim / 2]);
     let meta = gpu.prepare_batch(&plan)?;
-    let bytes = (batch * (context + 1) * shape.num_kv_heads * shape.head_dim * 2 * 2) as f64;
+    // K and V of every key, at the cache's element size.
+    let bytes = (batch * (context + 1) * shape.num_kv_heads * shape.head_dim * 2) as f64
+        * kv.layout().dtype.size_bytes() as f64;
     let mut outputs = Vec::new();
     let mut line = format!("decode attention batch {batch}, context {context} (one layer):");
     let was_on = gpu.options().decode_mma;
