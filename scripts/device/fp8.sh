@@ -15,6 +15,10 @@
 #            prefill of 2048 and 8192 tokens
 #   offline-128-128, offline-2048-128, offline-1000-1000
 #            one_gpu.sh's offline server runs with the FP8 model (N requests, TAG: fp8)
+#   skinny   gpu_bench bench on Llama-3.1-8B shapes in FP8 (FP8 KV cache), decode projections on
+#            cuBLASLt (TANDEM_SKINNY_FP8=0) and then on skinny.cu's FP8 kernel (the default on
+#            Hopper): decode at batch 1, 16, 32, 64, 128, 256 (context 1024), and the
+#            projection table of the two kernels (weight TB/s, relative L2)
 #   kv-check gpu_bench check of llama-d128-2l and SmolLM2 shapes (bf16 weights) with an FP8 KV
 #            cache on both backends
 #   kv-bench gpu_bench bench on Llama-3.1-8B shapes, an FP8 against a bf16 KV cache: decode at
@@ -65,6 +69,18 @@ for stage in "${stages[@]}"; do
           --batches 1,32,128,256 --prefill 2048,8192 --iters 10 --json "$out/bench-$dtype.json" 2>&1 |
           tee "$out/bench-$dtype.log" | grep -E "^ceilings|^FP8|^decode|^prefill"
       done
+      ;;
+    skinny)
+      for on in 0 1; do
+        echo "== bench llama-3.1-8b fp8, fp8 KV, TANDEM_SKINNY_FP8=$on"
+        TANDEM_SKINNY_FP8=$on TANDEM_BENCH_BLOCK=64 gpu_bench bench \
+          --model "$(random_model llama-3.1-8b fp8 gen)" --kv-cache-dtype fp8 --context 1024 \
+          --batches 1,16,32,64,128,256 --prefill 2048 --iters 10 \
+          --json "$out/bench-skinny$on.json" >"$out/bench-skinny$on.log" 2>&1 ||
+          { echo "bench TANDEM_SKINNY_FP8=$on FAILED"; status=1; }
+        grep -E "^decode|^prefill|rror|disagrees" "$out/bench-skinny$on.log"
+      done
+      sed -n '/projections of FP8 weights/,/^[^ ]/p' "$out/bench-skinny1.log" | head -6
       ;;
     kv-check)
       for preset in llama-d128-2l smollm2-135m; do
@@ -126,7 +142,7 @@ PY
       grep -iE "error|warn" "$out/large-batch-serve.log" | grep -v "error: stream" | head -5 | cut -c1-400
       ;;
     *)
-      echo "unknown stage $stage (tests, check, bench, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
+      echo "unknown stage $stage (tests, check, bench, skinny, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
       exit 2
       ;;
   esac

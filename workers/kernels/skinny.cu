@@ -27,14 +27,22 @@
 // (skinny.rs), so, as with cuBLAS's choice of kernel, a row's outputs may differ in rounding
 // between batch sizes.
 //
+// FP8 weights (`skinny_fp8_n*`): the same kernel over e4m3 codes of W and of x (x quantized per
+// row beforehand, fp8.cu's `quantize_fp8_rows`), wgmma's e4m3 form (K 32 an instruction: a
+// stage's 128 bytes a row are 128 inputs), both scales applied as the outputs are written.
+// cuBLASLt's FP8 GEMM read these weights at about half the copy rate at decode sizes.
+//
 // Accumulator fragments (PTX ISA, wgmma .m64nNk16, D 64 x N): warp w of the warpgroup holds
 // rows 16w..16w+15 (features here), g = lane / 4, c = lane % 4:
 //   d[4j + 0/1] = (g, 8j + 2c + 0/1), d[4j + 2/3] = (g + 8, 8j + 2c + 0/1) (columns: x rows).
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-// wgmma with both operands in shared memory (descriptors), K-major, f32 += bf16 · bf16, one per
-// width the kernel is instantiated for (generated: the operand lists are long).
+// wgmma with both operands in shared memory (descriptors), K-major: f32 += bf16 · bf16 (K 16 an
+// instruction) and f32 += e4m3 · e4m3 (K 32: the same 32 bytes of each row), one per width
+// the kernel is instantiated for (generated: the operand lists are long). The e4m3 form has
+// no transpose operands: FP8 operands are K-major only.
+
 __device__ __forceinline__ void wgmma_ss_n16(float* d, u64 a, u64 b, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
@@ -44,6 +52,7 @@ __device__ __forceinline__ void wgmma_ss_n16(float* d, u64 a, u64 b, int scale_d
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
         : "l"(a), "l"(b), "r"(scale_d));
 }
+
 __device__ __forceinline__ void wgmma_ss_n32(float* d, u64 a, u64 b, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
@@ -54,6 +63,7 @@ __device__ __forceinline__ void wgmma_ss_n32(float* d, u64 a, u64 b, int scale_d
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
         : "l"(a), "l"(b), "r"(scale_d));
 }
+
 __device__ __forceinline__ void wgmma_ss_n64(float* d, u64 a, u64 b, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
@@ -67,6 +77,7 @@ __device__ __forceinline__ void wgmma_ss_n64(float* d, u64 a, u64 b, int scale_d
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(a), "l"(b), "r"(scale_d));
 }
+
 __device__ __forceinline__ void wgmma_ss_n96(float* d, u64 a, u64 b, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
@@ -83,6 +94,7 @@ __device__ __forceinline__ void wgmma_ss_n96(float* d, u64 a, u64 b, int scale_d
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
         : "l"(a), "l"(b), "r"(scale_d));
 }
+
 __device__ __forceinline__ void wgmma_ss_n128(float* d, u64 a, u64 b, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -102,6 +114,7 @@ __device__ __forceinline__ void wgmma_ss_n128(float* d, u64 a, u64 b, int scale_
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(a), "l"(b), "r"(scale_d));
 }
+
 __device__ __forceinline__ void wgmma_ss_n192(float* d, u64 a, u64 b, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
@@ -127,6 +140,7 @@ __device__ __forceinline__ void wgmma_ss_n192(float* d, u64 a, u64 b, int scale_
           "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
         : "l"(a), "l"(b), "r"(scale_d));
 }
+
 __device__ __forceinline__ void wgmma_ss_n256(float* d, u64 a, u64 b, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
@@ -159,15 +173,167 @@ __device__ __forceinline__ void wgmma_ss_n256(float* d, u64 a, u64 b, int scale_
         : "l"(a), "l"(b), "r"(scale_d));
 }
 
-template <int NP>
+__device__ __forceinline__ void wgmma_ss_fp8_n16(float* d, u64 a, u64 b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7 "
+        "}, %8, %9, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "l"(a), "l"(b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_ss_fp8_n32(float* d, u64 a, u64 b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15 "
+        "}, %16, %17, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_ss_fp8_n64(float* d, u64 a, u64 b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
+        "}, %32, %33, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_ss_fp8_n96(float* d, u64 a, u64 b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47 "
+        "}, %48, %49, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+        : "l"(a), "l"(b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_ss_fp8_n128(float* d, u64 a, u64 b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
+        "}, %64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_ss_fp8_n192(float* d, u64 a, u64 b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95 "
+        "}, %96, %97, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+        : "l"(a), "l"(b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_ss_fp8_n256(float* d, u64 a, u64 b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127 "
+        "}, %128, %129, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(a), "l"(b), "r"(scale_d));
+}
+
+// One instruction of 32 bytes of K per row: bf16 (16 elements) or e4m3 (32).
+template <int NP, bool FP8>
 __device__ __forceinline__ void wgmma_ss(float* d, u64 a, u64 b, int scale_d) {
-    if constexpr (NP == 16) wgmma_ss_n16(d, a, b, scale_d);
-    else if constexpr (NP == 32) wgmma_ss_n32(d, a, b, scale_d);
-    else if constexpr (NP == 64) wgmma_ss_n64(d, a, b, scale_d);
-    else if constexpr (NP == 96) wgmma_ss_n96(d, a, b, scale_d);
-    else if constexpr (NP == 128) wgmma_ss_n128(d, a, b, scale_d);
-    else if constexpr (NP == 192) wgmma_ss_n192(d, a, b, scale_d);
-    else wgmma_ss_n256(d, a, b, scale_d);
+    if constexpr (NP == 16) {
+        if constexpr (FP8) wgmma_ss_fp8_n16(d, a, b, scale_d);
+        else wgmma_ss_n16(d, a, b, scale_d);
+    }
+    else if constexpr (NP == 32) {
+        if constexpr (FP8) wgmma_ss_fp8_n32(d, a, b, scale_d);
+        else wgmma_ss_n32(d, a, b, scale_d);
+    }
+    else if constexpr (NP == 64) {
+        if constexpr (FP8) wgmma_ss_fp8_n64(d, a, b, scale_d);
+        else wgmma_ss_n64(d, a, b, scale_d);
+    }
+    else if constexpr (NP == 96) {
+        if constexpr (FP8) wgmma_ss_fp8_n96(d, a, b, scale_d);
+        else wgmma_ss_n96(d, a, b, scale_d);
+    }
+    else if constexpr (NP == 128) {
+        if constexpr (FP8) wgmma_ss_fp8_n128(d, a, b, scale_d);
+        else wgmma_ss_n128(d, a, b, scale_d);
+    }
+    else if constexpr (NP == 192) {
+        if constexpr (FP8) wgmma_ss_fp8_n192(d, a, b, scale_d);
+        else wgmma_ss_n192(d, a, b, scale_d);
+    }
+    else {
+        if constexpr (FP8) wgmma_ss_fp8_n256(d, a, b, scale_d);
+        else wgmma_ss_n256(d, a, b, scale_d);
+    }
 }
 
 // A TMA tensor map (CUtensorMap: 128 bytes; 64-byte aligned for TMA, 128 in CUDA 13's
@@ -203,11 +369,15 @@ __device__ __forceinline__ void tma_2d(u32 dst, const TmaMap* map, int c0, int c
 #define SK_CONSUMER_REGS 232
 #endif
 
-template <int NP>
+// FP8: W and x are e4m3 codes (a step's 128 bytes are 128 inputs, not 64), and each output is
+// scaled by its row's and its feature's scales (x_scales[m], w_scales[n]) as it is written.
+template <int NP, bool FP8>
 __device__ __forceinline__ void skinny_gemm(const TmaMap* wmap, const TmaMap* xmap,
                                             float* __restrict__ out, float* __restrict__ partial,
                                             u32* __restrict__ counters, int m, int n, int k_steps,
-                                            int splits, int steps_per_split) {
+                                            int splits, int steps_per_split,
+                                            const float* __restrict__ x_scales,
+                                            const float* __restrict__ w_scales) {
     constexpr int STAGES = SK_STAGES(NP);
     constexpr int STAGE = SK_STAGE_BYTES(NP);
     constexpr int ACC = NP / 2;  // accumulator registers a consumer thread holds
@@ -242,7 +412,7 @@ __device__ __forceinline__ void skinny_gemm(const TmaMap* wmap, const TmaMap* xm
             const u32 bar = full0 + 8 * st;
             mbar_arrive_expect_tx(bar, STAGE);
             const u32 dst = base + st * STAGE;
-            const int k0 = (s0 + i) * 64;
+            const int k0 = (s0 + i) * (FP8 ? 128 : 64);  // elements: 128 bytes either way
             tma_2d(dst, wmap, k0, tile * SK_FEATURES, bar);
             tma_2d(dst + SK_W_BYTES, xmap, k0, 0, bar);
             if (++st == STAGES) {
@@ -267,7 +437,7 @@ __device__ __forceinline__ void skinny_gemm(const TmaMap* wmap, const TmaMap* xm
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-            wgmma_ss<NP>(acc, wg_desc(a0 + kk * 32, 16, 1024), wg_desc(b0 + kk * 32, 16, 1024), 1);
+            wgmma_ss<NP, FP8>(acc, wg_desc(a0 + kk * 32, 16, 1024), wg_desc(b0 + kk * 32, 16, 1024), 1);
         wgmma_commit();
         wgmma_wait<1>();
 #pragma unroll
@@ -325,16 +495,26 @@ __device__ __forceinline__ void skinny_gemm(const TmaMap* wmap, const TmaMap* xm
         }
     }
     const int fa = tile * SK_FEATURES + wg * 64 + wi * 16 + g, fb = fa + 8;
+    float sa = 1.0f, sb = 1.0f;
+    if constexpr (FP8) {
+        sa = fa < n ? w_scales[fa] : 0.0f;
+        sb = fb < n ? w_scales[fb] : 0.0f;
+    }
 #pragma unroll
     for (int j = 0; j < NP / 8; ++j) {
         const int r = 8 * j + 2 * c;
+        float x0 = 1.0f, x1 = 1.0f;
+        if constexpr (FP8) {
+            x0 = r < m ? x_scales[r] : 0.0f;
+            x1 = r + 1 < m ? x_scales[r + 1] : 0.0f;
+        }
         if (r < m) {
-            if (fa < n) out[(long long)r * n + fa] = acc[4 * j];
-            if (fb < n) out[(long long)r * n + fb] = acc[4 * j + 2];
+            if (fa < n) out[(long long)r * n + fa] = FP8 ? acc[4 * j] * (x0 * sa) : acc[4 * j];
+            if (fb < n) out[(long long)r * n + fb] = FP8 ? acc[4 * j + 2] * (x0 * sb) : acc[4 * j + 2];
         }
         if (r + 1 < m) {
-            if (fa < n) out[(long long)(r + 1) * n + fa] = acc[4 * j + 1];
-            if (fb < n) out[(long long)(r + 1) * n + fb] = acc[4 * j + 3];
+            if (fa < n) out[(long long)(r + 1) * n + fa] = FP8 ? acc[4 * j + 1] * (x1 * sa) : acc[4 * j + 1];
+            if (fb < n) out[(long long)(r + 1) * n + fb] = FP8 ? acc[4 * j + 3] * (x1 * sb) : acc[4 * j + 3];
         }
     }
 }
@@ -343,22 +523,33 @@ __device__ __forceinline__ void skinny_gemm(const TmaMap* wmap, const TmaMap* xm
 // SK_STAGE_BYTES(NP) + 1024 bytes of dynamic shared memory. `wmap`: W as [n][k] bf16, boxes of
 // 64 x 128; `xmap`: x as [m][k] bf16, boxes of 64 x NP; both in the 128-byte swizzle.
 // `partial`: splits * ceil(n / 128) * 128 * NP floats (unused with one split); `counters`: one
-// zero u32 per tile, left zero.
+// zero u32 per tile, left zero. `skinny_fp8_n*`: the same with W and x as e4m3 codes (boxes of
+// 128 x 128 and 128 x NP bytes, `k_steps` steps of 128 inputs) and their f32 scales, one per
+// feature of W and one per row of x.
 #define SKINNY_KERNEL(NP)                                                                         \
     extern "C" __global__ void __launch_bounds__(SK_THREADS, 1) skinny_gemm_n##NP(                \
         const __grid_constant__ TmaMap wmap, const __grid_constant__ TmaMap xmap,                 \
         float* __restrict__ out, float* __restrict__ partial, u32* __restrict__ counters, int m,  \
         int n, int k_steps, int splits, int steps_per_split) {                                    \
-        skinny_gemm<NP>(&wmap, &xmap, out, partial, counters, m, n, k_steps, splits,              \
-                        steps_per_split);                                                         \
+        skinny_gemm<NP, false>(&wmap, &xmap, out, partial, counters, m, n, k_steps, splits,       \
+                               steps_per_split, nullptr, nullptr);                                \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(SK_THREADS, 1) skinny_fp8_n##NP(                 \
+        const __grid_constant__ TmaMap wmap, const __grid_constant__ TmaMap xmap,                 \
+        float* __restrict__ out, float* __restrict__ partial, u32* __restrict__ counters, int m,  \
+        int n, int k_steps, int splits, int steps_per_split, const float* __restrict__ x_scales,  \
+        const float* __restrict__ w_scales) {                                                     \
+        skinny_gemm<NP, true>(&wmap, &xmap, out, partial, counters, m, n, k_steps, splits,        \
+                              steps_per_split, x_scales, w_scales);                               \
     }
 
 #else
 
 // Not built for sm_90a: the symbols exist so the module loads the same everywhere; the host
 // launches them only on a device it compiled the kernels for sm_90a for.
-#define SKINNY_KERNEL(NP) \
-    extern "C" __global__ void skinny_gemm_n##NP() {}
+#define SKINNY_KERNEL(NP)                            \
+    extern "C" __global__ void skinny_gemm_n##NP() {} \
+    extern "C" __global__ void skinny_fp8_n##NP() {}
 
 #endif
 

@@ -1129,6 +1129,104 @@ fn projections(
     Ok(failed)
 }
 
+/// Each projection shape of the model with FP8 weights (random codes, per-channel scales,
+/// activations quantized per token) at decode sizes: `skinny.cu`'s FP8 kernel against
+/// cuBLASLt's FP8 GEMM, weight TB/s (one byte a weight) and the relative L2 between the two.
+/// Returns the failed checks (the caller fails after its table); nothing where the kernels
+/// have no `skinny.cu` (not Hopper: FP8 on sm_90a is a given).
+fn fp8_projections(
+    gpu: &CudaBackend,
+    c: &ModelConfig,
+    rows_list: &[usize],
+    iters: usize,
+) -> Result<Vec<String>> {
+    use tandem_workers::backend::{InputScale, QuantScales};
+    let mut failed = Vec::new();
+    if !gpu.skinny_compiled() {
+        return Ok(failed);
+    }
+    let hd = c.head_dim();
+    let q = c.num_attention_heads * hd;
+    let kv = c.num_kv_heads() * hd;
+    let h = c.hidden_size;
+    let shapes = [
+        ("qkv", h, q + 2 * kv),
+        ("o", q, h),
+        ("gate_up", h, 2 * c.intermediate_size),
+        ("down", c.intermediate_size, h),
+    ];
+    let mut rows: Vec<usize> = rows_list
+        .iter()
+        .copied()
+        .chain([5, 8, 16, 17, 32, 64, 128, 200, 256])
+        .filter(|&r| (5..=tandem_workers::backend::cuda::kernels::SKINNY_MAX_ROWS).contains(&r))
+        .collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let before = gpu.options();
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    println!(
+        "projections of FP8 weights, skinny.cu vs cuBLASLt by rows: weight TB/s skinny | \
+         cuBLASLt (skinny ms), relative L2 of skinny against cuBLASLt (fails above \
+         {FP8_SKINNY_MAX_REL_L2:.0e})"
+    );
+    for (name, k, n) in shapes {
+        let codes: Vec<u8> = (0..n * k)
+            .map(|_| {
+                // Finite e4m3 codes of magnitude at most 1 (exponent field below 8).
+                let c: u8 = rng.random();
+                c & 0xbf
+            })
+            .collect();
+        let row_scales: Vec<f32> = (0..n)
+            .map(|_| rng.random_range(0.5f32..2.0) / 64.0)
+            .collect();
+        let shape = [n, k];
+        let w = gpu.upload_weight(&[HostTensor {
+            dtype: WeightDType::F8E4M3,
+            shape: &shape,
+            bytes: &codes,
+            scales: QuantScales {
+                weight: &row_scales,
+                input: InputScale::PerToken,
+            },
+        }])?;
+        let mut line = format!("  {name:<8} {k:>6}x{n:<7}");
+        for &r in &rows {
+            let x = activation(gpu, r, k, &mut rng)?;
+            let mut times = [0.0f64; 2];
+            let mut outs = Vec::new();
+            for (i, on) in [true, false].into_iter().enumerate() {
+                retune(gpu, |o| {
+                    o.skinny_fp8 = on;
+                    // Every row count it has, past the rows it is dispatched for.
+                    o.skinny_everywhere = true;
+                })?;
+                times[i] = time_linear(gpu, &x, &w, iters)?;
+                outs.push(gpu.to_host(&gpu.linear(&x, &w, None)?)?.concat());
+            }
+            let diff = rel_l2(&outs[0], &outs[1]);
+            let bytes = (n * k) as f64;
+            line += &format!(
+                " {r}: {:.2}|{:.2} ({:.3}) {diff:.1e}",
+                bytes / times[0] / 1e12,
+                bytes / times[1] / 1e12,
+                times[0] * 1e3
+            );
+            if diff.is_nan() || diff > FP8_SKINNY_MAX_REL_L2 {
+                failed.push(format!("fp8 {name} at {r} rows: relative L2 {diff:.2e}"));
+            }
+        }
+        println!("{line}");
+    }
+    gpu.set_options(&before)?;
+    Ok(failed)
+}
+
+/// Largest relative L2 of `skinny.cu`'s FP8 projections against cuBLASLt's that `bench`
+/// accepts: the same quantized operands, f32 sums in both, but cuBLASLt's result is bf16.
+const FP8_SKINNY_MAX_REL_L2: f64 = 1e-2;
+
 /// Changes `gpu`'s run-time settings ([`CudaBackend::set_options`]) as `change` does: kernels
 /// compared on one loaded model, whose weights and KV cache a second backend would have to
 /// load and fill again.
@@ -1518,7 +1616,15 @@ fn bench(
         .filter(|&b| b >= 16)
         .chain(prefill.iter().copied())
         .collect();
-    let skinny_failures = projections(model.backend(), &config, &large_rows, iters)?;
+    let mut skinny_failures = projections(model.backend(), &config, &large_rows, iters)?;
+    if fp8 {
+        skinny_failures.extend(fp8_projections(
+            model.backend(),
+            &config,
+            &large_rows,
+            iters,
+        )?);
+    }
     kv_copies(model.backend(), &mut kv, &base, iters)?;
     println!("model {} — {}", dir.display(), model.backend().describe());
     println!(

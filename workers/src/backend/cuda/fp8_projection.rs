@@ -2,9 +2,11 @@
 //! weight's codes is the whole cost), which reads the bf16 input as it is (more precise than
 //! the checkpoint's quantized activations, and no quantization launch per projection, which
 //! cost more than FP8 saved at batch 1); else the input rows quantized to FP8
-//! (`quantize_fp8_rows`, per token or by the checkpoint's static scale) and cuBLASLt's FP8 GEMM
-//! ([`super::fp8_gemm`]). The CPU backend quantizes every row, so at decode sizes the two
-//! differ by FP8's rounding of the activations.
+//! (`quantize_fp8_rows`, per token or by the checkpoint's static scale) and, on Hopper up to
+//! 256 rows (decode batches), `skinny.cu`'s FP8 kernel (weights streamed by TMA, f32 result
+//! scaled as it is written: cuBLASLt read the weights at about half the copy rate there), or
+//! cuBLASLt's FP8 GEMM ([`super::fp8_gemm`]). The CPU backend quantizes every row, so at the
+//! GEMV's sizes the two differ by FP8's rounding of the activations.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -96,7 +98,13 @@ impl CudaBackend {
             };
             return self.launch(b, cfg, "gemv_fp8");
         }
-        self.fp8_gemm_into(x, rows, w, Fp8Out::F32(out))
+        let (xq, xs) = self.quantize_rows(x, rows, w.k, w.input)?;
+        if self.skinny_fp8_applies(rows, w.n, w.k)
+            && self.skinny_fp8_linear(&xq, &xs, w.codes, w.row_scales, out, rows, w.n, w.k)?
+        {
+            return Ok(());
+        }
+        self.fp8_gemm_quantized(&xq, &xs, rows, w, Fp8Out::F32(out))
     }
 
     /// `y = x · wᵀ` on cuBLASLt's FP8 GEMM, into `out` (bf16, or f32). With the scales
@@ -109,14 +117,26 @@ impl CudaBackend {
         w: &Fp8Weight<'_>,
         out: Fp8Out<'_>,
     ) -> Result<(), BackendError> {
+        let (xq, xs) = self.quantize_rows(x, rows, w.k, w.input)?;
+        self.fp8_gemm_quantized(&xq, &xs, rows, w, out)
+    }
+
+    /// [`Self::fp8_gemm_into`] of rows already quantized: their codes `xq` and scales `xs`.
+    fn fp8_gemm_quantized(
+        &self,
+        xq: &CudaSlice<u8>,
+        xs: &CudaSlice<f32>,
+        rows: usize,
+        w: &Fp8Weight<'_>,
+        out: Fp8Out<'_>,
+    ) -> Result<(), BackendError> {
         let gemm = self.fp8_gemm.as_ref().ok_or_else(|| BackendError::Device {
             op: "linear (fp8)",
             detail: self.fp8_support().err().unwrap_or_default(),
         })?;
-        let (xq, xs) = self.quantize_rows(x, rows, w.k, w.input)?;
         let ops = Fp8Operands {
-            x: &xq,
-            x_scales: &xs,
+            x: xq,
+            x_scales: xs,
             w: w.codes,
             w_scales: w.row_scales,
         };
@@ -127,7 +147,7 @@ impl CudaBackend {
                     if gemm.scaled(&ops, y, rows, w.k, w.n)? {
                         return Ok(());
                     }
-                    return self.fp8_unscaled_then_scale(gemm, &ops, &xs, w, rows, Fp8Out::Bf16(y));
+                    return self.fp8_unscaled_then_scale(gemm, &ops, xs, w, rows, Fp8Out::Bf16(y));
                 }
                 Fp8Out::F32(y) => {
                     let mut narrow = self.alloc_bf16(rows * w.n)?;
@@ -140,11 +160,11 @@ impl CudaBackend {
                             "widen_bf16",
                         );
                     }
-                    return self.fp8_unscaled_then_scale(gemm, &ops, &xs, w, rows, Fp8Out::F32(y));
+                    return self.fp8_unscaled_then_scale(gemm, &ops, xs, w, rows, Fp8Out::F32(y));
                 }
             }
         }
-        self.fp8_unscaled_then_scale(gemm, &ops, &xs, w, rows, out)
+        self.fp8_unscaled_then_scale(gemm, &ops, xs, w, rows, out)
     }
 
     /// The unscaled product into f32, then the scales applied into `out`.

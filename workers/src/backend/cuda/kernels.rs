@@ -249,6 +249,13 @@ pub const SKINNY_DISPATCH_ROWS: usize = 32;
 /// up to 128 rows.
 pub const SKINNY_WIDE_OUTPUTS: usize = 32_768;
 pub const SKINNY_WIDE_DISPATCH_ROWS: usize = 128;
+/// Rows up to which projections of FP8 weights on Hopper use `skinny.cu`'s FP8 kernel instead
+/// of cuBLASLt (above the FP8 GEMV's rows), and the outputs from which it takes every row it
+/// has: measured on an H100 (Llama-3.1-8B shapes, docs/benchmarks.md), it is faster for every
+/// projection up to 64 rows, and for gate_up (28,672 outputs) up to 256, while at 128-256 rows
+/// cuBLASLt is faster for qkv, o and down.
+pub const SKINNY_FP8_DISPATCH_ROWS: usize = 64;
+pub const SKINNY_FP8_WIDE_OUTPUTS: usize = 16_384;
 /// Output features per block of `skinny_gemm_n*` (`SK_FEATURES`).
 pub const SKINNY_FEATURES: usize = 128;
 /// Threads per block of `skinny_gemm_n*` (`SK_THREADS`): two consumer warpgroups, a producer.
@@ -263,6 +270,16 @@ const SKINNY_NAMES: [&str; 7] = [
     "skinny_gemm_n128",
     "skinny_gemm_n192",
     "skinny_gemm_n256",
+];
+/// `skinny_fp8_n*`: the same widths over FP8 weights (stages of the same bytes).
+const SKINNY_FP8_NAMES: [&str; 7] = [
+    "skinny_fp8_n16",
+    "skinny_fp8_n32",
+    "skinny_fp8_n64",
+    "skinny_fp8_n96",
+    "skinny_fp8_n128",
+    "skinny_fp8_n192",
+    "skinny_fp8_n256",
 ];
 
 /// Dynamic shared memory of `skinny_gemm_n{width}`: its stages (`SK_STAGES`, `SK_STAGE_BYTES`:
@@ -347,6 +364,8 @@ pub struct Kernels {
     /// `skinny_gemm_n{width}` by [`SKINNY_WIDTHS`], where the kernels were compiled for
     /// `sm_90a` (Hopper).
     pub skinny: Option<Vec<(usize, CudaFunction)>>,
+    /// `skinny_fp8_n{width}` (FP8 weights, activations quantized per row), as `skinny`.
+    pub skinny_fp8: Option<Vec<(usize, CudaFunction)>>,
     /// Where the cubin came from, for the start-up log.
     pub origin: String,
 }
@@ -442,16 +461,19 @@ impl Kernels {
         } else {
             None
         };
-        let skinny = if arch == "sm_90a" {
+        let skinny_family = |names: [&'static str; 7]| -> Result<_, KernelError> {
+            if arch != "sm_90a" {
+                return Ok(None);
+            }
             let kernels = SKINNY_WIDTHS
                 .iter()
-                .zip(SKINNY_NAMES)
+                .zip(names)
                 .map(|(&width, name)| Ok((width, with_smem(name, skinny_smem_bytes(width))?)))
                 .collect::<Result<Vec<_>, KernelError>>()?;
-            Some(kernels)
-        } else {
-            None
+            Ok(Some(kernels))
         };
+        let skinny = skinny_family(SKINNY_NAMES)?;
+        let skinny_fp8 = skinny_family(SKINNY_FP8_NAMES)?;
         Ok(Kernels {
             embedding: f("embedding")?,
             chain_tokens: f("chain_tokens")?,
@@ -510,6 +532,7 @@ impl Kernels {
             flash_config,
             flash_wgmma,
             skinny,
+            skinny_fp8,
             gemv: GEMV_NAMES
                 .iter()
                 .map(|&name| f(name))
@@ -707,7 +730,10 @@ mod tests {
             return;
         }
         let defines = super::super::CudaOptions::from_env(0).kernel_defines;
-        let cubin = super::compile_for("sm_90", &defines).unwrap_or_else(|e| panic!("{e}"));
-        assert!(cubin.starts_with(b"\x7fELF"), "a cubin is an ELF file");
+        // sm_90a compiles the warpgroup kernels (flash_wgmma.cu, skinny.cu) that sm_90 stubs.
+        for arch in ["sm_90", "sm_90a"] {
+            let cubin = super::compile_for(arch, &defines).unwrap_or_else(|e| panic!("{e}"));
+            assert!(cubin.starts_with(b"\x7fELF"), "a cubin is an ELF file");
+        }
     }
 }

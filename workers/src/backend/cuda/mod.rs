@@ -421,6 +421,12 @@ impl CudaBackend {
         self.kernels.skinny.is_some() && self.switches.skinny_gemm()
     }
 
+    /// Whether projections of FP8 weights at decode sizes run `skinny.cu`'s FP8 kernel
+    /// (compiled for `sm_90a` and [`CudaOptions::skinny_fp8`] on).
+    pub fn has_skinny_fp8(&self) -> bool {
+        self.kernels.skinny_fp8.is_some() && self.switches.skinny_fp8()
+    }
+
     /// `(free, total)` device memory in bytes.
     pub fn memory_info(&self) -> Result<(usize, usize), BackendError> {
         dev!("memory info", self.ctx.mem_get_info())

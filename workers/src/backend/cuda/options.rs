@@ -52,6 +52,10 @@ pub struct CudaOptions {
     /// faster than cuBLAS: `gpu_bench`'s comparison of the two at every row count. No
     /// environment variable.
     pub skinny_everywhere: bool,
+    /// Projections of FP8 weights at decode sizes (more rows than the FP8 GEMV takes, up to
+    /// [`SKINNY_MAX_ROWS`](super::kernels::SKINNY_MAX_ROWS)) run `skinny.cu`'s FP8 kernel on
+    /// Hopper instead of cuBLASLt (`TANDEM_SKINNY_FP8=0`: cuBLASLt, to compare the two).
+    pub skinny_fp8: bool,
     /// Projections of at most this many rows run the GEMV kernel, larger ones `skinny.cu` or
     /// cuBLAS; 0 sends every projection past them (at most
     /// [`GEMV_MAX_ROWS`](super::kernels::GEMV_MAX_ROWS)). No environment variable: benchmarks
@@ -113,6 +117,7 @@ impl Default for CudaOptions {
             flash_wgmma: true,
             skinny_gemm: false,
             skinny_everywhere: false,
+            skinny_fp8: true,
             gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
             gate_up_bf16: true,
             residual_bf16: true,
@@ -154,6 +159,7 @@ impl CudaOptions {
             // Off unless set to something other than `0`.
             skinny_gemm: var("TANDEM_SKINNY_GEMM").is_some_and(|v| v != "0"),
             skinny_everywhere: false,
+            skinny_fp8: switch("TANDEM_SKINNY_FP8"),
             gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
             gate_up_bf16: match var("TANDEM_GATE_UP_BF16") {
                 Some(v) => v != "0",
@@ -243,6 +249,7 @@ mod tests {
                 flash_wgmma: false,
                 skinny_gemm: true,
                 skinny_everywhere: false,
+                skinny_fp8: false,
                 gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
                 gate_up_bf16: true,
                 residual_bf16: true,

@@ -2,7 +2,8 @@
 //! weight and its batch's shape (the GEMV kernel for a few rows, `skinny.cu` for decode
 //! batches on Hopper where it is on, cuBLAS for the rest, and cuBLAS' bf16 output for the
 //! projections an elementwise op alone reads) for a bf16 weight; an FP8 weight's kernels are
-//! in `fp8_projection.rs`, dispatched here.
+//! in `fp8_projection.rs`, dispatched here (its GEMV and `skinny.cu` write f32, so the bf16
+//! output is cuBLASLt's only).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -73,7 +74,7 @@ impl CudaBackend {
                 row_scales,
                 input,
             } => {
-                if self.fp8_gemv_applies(x.rows, *k) {
+                if self.fp8_gemv_applies(x.rows, *k) || self.skinny_fp8_applies(x.rows, *n, *k) {
                     return Ok(None);
                 }
                 self.prefetch.clear();

@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::kernels::{SKINNY_FEATURES, SKINNY_THREADS, SKINNY_WIDTHS, skinny_smem_bytes};
+use super::tma::TmaElement;
 use super::{CudaBackend, device_error};
 use crate::backend::BackendError;
 
@@ -35,20 +36,20 @@ pub(super) struct TmaParam([u64; 16]);
 // SAFETY: plain bytes with the size and alignment of the kernel's `TmaMap` parameter.
 unsafe impl DeviceRepr for TmaParam {}
 
-/// Weights' tensor maps by (device address, outputs, inputs); `None`: the driver refused one
-/// (cuBLAS runs that weight).
+/// Weights' tensor maps by (device address, element type, outputs, inputs); `None`: the
+/// driver refused one (cuBLAS runs that weight).
 #[derive(Default)]
-pub(super) struct WeightMaps(Mutex<HashMap<(u64, usize, usize), Option<TmaParam>>>);
+pub(super) struct WeightMaps(Mutex<HashMap<(u64, TmaElement, usize, usize), Option<TmaParam>>>);
 
 impl WeightMaps {
-    fn get(&self, ptr: u64, n: usize, k: usize) -> Option<TmaParam> {
+    fn get(&self, element: TmaElement, ptr: u64, n: usize, k: usize) -> Option<TmaParam> {
         let mut maps = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *maps
-            .entry((ptr, n, k))
-            .or_insert_with(|| tensor_map_2d(ptr, n, k, SKINNY_FEATURES))
+            .entry((ptr, element, n, k))
+            .or_insert_with(|| tensor_map_2d(element, ptr, n, k, SKINNY_FEATURES))
     }
 }
 
@@ -107,15 +108,23 @@ pub fn skinny_splits(
     (k_steps.div_ceil(per).max(1), per)
 }
 
-/// `rows x cols` bf16, row-major at `ptr`, as a 2-D TMA tensor map: boxes of 64 columns (128
-/// bytes) by `box_rows` rows in the 128-byte swizzle, zero fill past the edges. `None` where
-/// the driver refuses it (an address or row pitch not 16-byte aligned).
-fn tensor_map_2d(ptr: u64, rows: usize, cols: usize, box_rows: usize) -> Option<TmaParam> {
-    super::tma::encode_bf16_swizzled(
+/// `rows x cols` `element`s, row-major at `ptr`, as a 2-D TMA tensor map: boxes of 128 bytes
+/// of columns (64 bf16, 128 FP8 codes) by `box_rows` rows in the 128-byte swizzle, zero fill
+/// past the edges. `None` where the driver refuses it (an address or row pitch not 16-byte
+/// aligned).
+fn tensor_map_2d(
+    element: TmaElement,
+    ptr: u64,
+    rows: usize,
+    cols: usize,
+    box_rows: usize,
+) -> Option<TmaParam> {
+    super::tma::encode_swizzled(
+        element,
         ptr,
         &[cols as u64, rows as u64],
-        &[cols as u64 * 2],
-        &[64, box_rows as u32],
+        &[cols as u64 * element.bytes()],
+        &[(128 / element.bytes()) as u32, box_rows as u32],
     )
     .map(TmaParam)
     .map_err(|result| {
@@ -163,31 +172,115 @@ impl CudaBackend {
         n: usize,
         k: usize,
     ) -> Result<bool, BackendError> {
-        let Some(kernels) = self.kernels.skinny.as_ref() else {
-            return Ok(false);
-        };
-        let Some((index, width)) = width_for(rows) else {
-            return Ok(false);
-        };
         if x.len() < rows * k || w.len() < n * k || out.len() < rows * n {
             return Err(BackendError::Shape {
                 op: "linear",
                 detail: format!("buffers too small for [{rows}x{k}]·[{n}x{k}]ᵀ"),
             });
         }
-        let (wmap, xmap) = {
-            let (wp, _sw) = w.device_ptr(&self.stream);
-            let (xp, _sx) = x.device_ptr(&self.stream);
-            match (
-                self.skinny_weight_maps.get(wp, n, k),
-                tensor_map_2d(xp, rows, k, width),
-            ) {
-                (Some(wm), Some(xm)) => (wm, xm),
-                _ => return Ok(false),
-            }
+        let ptr = |s: &CudaSlice<u16>| s.device_ptr(&self.stream).0;
+        let operands = SkinnyOperands {
+            element: TmaElement::Bf16,
+            x: ptr(x),
+            w: ptr(w),
+            scales: None,
+        };
+        self.skinny_launch(self.kernels.skinny.as_deref(), &operands, out, rows, n, k)
+    }
+
+    /// Whether an FP8 projection of `rows` rows, `n` outputs and `k` inputs runs `skinny.cu`'s
+    /// FP8 kernel: on ([`CudaOptions::skinny_fp8`](super::CudaOptions::skinny_fp8)), compiled
+    /// for `sm_90a`, more rows than the FP8 GEMV takes and at most
+    /// [`SKINNY_FP8_DISPATCH_ROWS`](super::kernels::SKINNY_FP8_DISPATCH_ROWS) (or
+    /// [`SKINNY_MAX_ROWS`](super::kernels::SKINNY_MAX_ROWS) for outputs of at least
+    /// [`SKINNY_FP8_WIDE_OUTPUTS`](super::kernels::SKINNY_FP8_WIDE_OUTPUTS), or everywhere
+    /// with `skinny_everywhere`), `k` a multiple of 16 (TMA's 16-byte row pitch of the codes).
+    pub(super) fn skinny_fp8_applies(&self, rows: usize, n: usize, k: usize) -> bool {
+        use super::kernels::{SKINNY_FP8_DISPATCH_ROWS, SKINNY_FP8_WIDE_OUTPUTS, SKINNY_MAX_ROWS};
+        let max_rows = if self.switches.skinny_everywhere() || n >= SKINNY_FP8_WIDE_OUTPUTS {
+            SKINNY_MAX_ROWS
+        } else {
+            SKINNY_FP8_DISPATCH_ROWS
+        };
+        self.switches.skinny_fp8()
+            && self.kernels.skinny_fp8.is_some()
+            && !self.fp8_gemv_applies(rows, k)
+            && (1..=max_rows).contains(&rows)
+            && k.is_multiple_of(16)
+    }
+
+    /// `out[rows, n] = (x_codes[rows, k] · w_codes[n, k]ᵀ) · x_scales[row] · w_scales[n]`
+    /// through `skinny.cu`'s FP8 kernel. `Ok(false)`: not launched (a tensor map the driver
+    /// refused), the caller uses cuBLASLt.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn skinny_fp8_linear(
+        &self,
+        x_codes: &CudaSlice<u8>,
+        x_scales: &CudaSlice<f32>,
+        w_codes: &CudaSlice<u8>,
+        w_scales: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<bool, BackendError> {
+        if x_codes.len() < rows * k
+            || x_scales.len() < rows
+            || w_codes.len() < n * k
+            || w_scales.len() < n
+            || out.len() < rows * n
+        {
+            return Err(BackendError::Shape {
+                op: "linear (fp8)",
+                detail: format!("buffers too small for [{rows}x{k}]·[{n}x{k}]ᵀ"),
+            });
+        }
+        let ptr = |s: &CudaSlice<u8>| s.device_ptr(&self.stream).0;
+        let scale_ptr = |s: &CudaSlice<f32>| s.device_ptr(&self.stream).0;
+        let operands = SkinnyOperands {
+            element: TmaElement::Byte,
+            x: ptr(x_codes),
+            w: ptr(w_codes),
+            scales: Some((scale_ptr(x_scales), scale_ptr(w_scales))),
+        };
+        self.skinny_launch(
+            self.kernels.skinny_fp8.as_deref(),
+            &operands,
+            out,
+            rows,
+            n,
+            k,
+        )
+    }
+
+    /// One launch of a `skinny.cu` kernel of `family` (by width) on `operands`, whose buffers
+    /// the caller checked to hold `[rows, k]` and `[n, k]` (and their scales).
+    fn skinny_launch(
+        &self,
+        family: Option<&[(usize, cudarc::driver::CudaFunction)]>,
+        operands: &SkinnyOperands,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<bool, BackendError> {
+        let Some(kernels) = family else {
+            return Ok(false);
+        };
+        let Some((index, width)) = width_for(rows) else {
+            return Ok(false);
+        };
+        let element = operands.element;
+        let (wmap, xmap) = match (
+            self.skinny_weight_maps.get(element, operands.w, n, k),
+            tensor_map_2d(element, operands.x, rows, k, width),
+        ) {
+            (Some(wm), Some(xm)) => (wm, xm),
+            _ => return Ok(false),
         };
         let tiles = n.div_ceil(SKINNY_FEATURES);
-        let k_steps = k.div_ceil(64);
+        // A step is 128 bytes of every row: 64 bf16 inputs or 128 FP8 codes.
+        let k_steps = k.div_ceil(128 / element.bytes() as usize);
         let (splits, per) = skinny_splits(
             tiles,
             k_steps,
@@ -220,18 +313,34 @@ impl CudaBackend {
             .arg(&steps32)
             .arg(&splits32)
             .arg(&per32);
+        if let Some((x_scales, w_scales)) = &operands.scales {
+            b.arg(x_scales).arg(w_scales);
+        }
         let cfg = LaunchConfig {
             grid_dim: (tiles as u32, splits as u32, 1),
             block_dim: (SKINNY_THREADS, 1, 1),
             shared_mem_bytes: skinny_smem_bytes(width) as u32,
         };
-        // SAFETY: the arguments are the kernel's (skinny.cu's SKINNY_KERNEL); the tensor maps
-        // describe `w` ([n, k]) and `x` ([rows, k]), checked above to hold those shapes;
-        // `out` holds rows x n, `partial` splits x tiles x 128 x width where split, and the
-        // counters one per tile (`skinny_splits` splits only up to SKINNY_COUNTERS tiles).
+        // SAFETY: the arguments are the kernel's (skinny.cu's SKINNY_KERNEL: the FP8 kernels
+        // take the two scale pointers after the others); the tensor maps describe `w` ([n, k])
+        // and `x` ([rows, k]) of the element type the family reads, which the callers checked
+        // to hold those shapes (and the scales n and rows values); `out` holds rows x n,
+        // `partial` splits x tiles x 128 x width where split, and the counters one per tile
+        // (`skinny_splits` splits only up to SKINNY_COUNTERS tiles).
         unsafe { b.launch(cfg) }.map_err(|e| device_error("skinny gemm", &e))?;
         Ok(true)
     }
+}
+
+/// The device addresses a `skinny.cu` launch reads.
+struct SkinnyOperands {
+    element: TmaElement,
+    /// `[rows, k]`, row-major.
+    x: u64,
+    /// `[n, k]`, row-major.
+    w: u64,
+    /// FP8: the rows' scales (`rows` f32) and the weight's (`n` f32).
+    scales: Option<(u64, u64)>,
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub(super) struct Switches {
     flash_wgmma: AtomicBool,
     skinny_gemm: AtomicBool,
     skinny_everywhere: AtomicBool,
+    skinny_fp8: AtomicBool,
     /// On only where the backend has its side stream.
     concurrent_attention: AtomicBool,
     /// At most [`GEMV_MAX_ROWS`].
@@ -34,6 +35,7 @@ impl Switches {
             flash_wgmma: AtomicBool::new(false),
             skinny_gemm: AtomicBool::new(false),
             skinny_everywhere: AtomicBool::new(false),
+            skinny_fp8: AtomicBool::new(false),
             concurrent_attention: AtomicBool::new(false),
             gemv_max_rows: AtomicUsize::new(0),
         };
@@ -49,6 +51,7 @@ impl Switches {
         self.skinny_gemm.store(options.skinny_gemm, relaxed);
         self.skinny_everywhere
             .store(options.skinny_everywhere, relaxed);
+        self.skinny_fp8.store(options.skinny_fp8, relaxed);
         self.concurrent_attention
             .store(options.concurrent_attention && has_side_stream, relaxed);
         self.gemv_max_rows
@@ -61,6 +64,7 @@ impl Switches {
         options.flash_wgmma = self.flash_wgmma();
         options.skinny_gemm = self.skinny_gemm();
         options.skinny_everywhere = self.skinny_everywhere();
+        options.skinny_fp8 = self.skinny_fp8();
         options.concurrent_attention = self.concurrent_attention();
         options.gemv_max_rows = self.gemv_max_rows();
     }
@@ -85,6 +89,11 @@ impl Switches {
         self.skinny_everywhere.load(Ordering::Relaxed)
     }
 
+    /// [`CudaOptions::skinny_fp8`].
+    pub(super) fn skinny_fp8(&self) -> bool {
+        self.skinny_fp8.load(Ordering::Relaxed)
+    }
+
     /// [`CudaOptions::concurrent_attention`], and the backend has its side stream.
     pub(super) fn concurrent_attention(&self) -> bool {
         self.concurrent_attention.load(Ordering::Relaxed)
@@ -105,6 +114,7 @@ pub(super) fn with_run_time_settings_of(options: &CudaOptions, from: &CudaOption
         flash_wgmma: from.flash_wgmma,
         skinny_gemm: from.skinny_gemm,
         skinny_everywhere: from.skinny_everywhere,
+        skinny_fp8: from.skinny_fp8,
         concurrent_attention: from.concurrent_attention,
         gemv_max_rows: from.gemv_max_rows,
         ..options.clone()
@@ -121,6 +131,7 @@ mod tests {
             decode_mma: false,
             skinny_gemm: true,
             skinny_everywhere: true,
+            skinny_fp8: false,
             gemv_max_rows: 2,
             ..CudaOptions::default()
         };

@@ -1,15 +1,52 @@
-//! TMA tensor maps (`cuTensorMapEncodeTiled`): how the Hopper kernels describe a bf16 tensor
-//! in device memory so that one instruction copies a box of it into shared memory, in the
-//! 128-byte swizzle their `wgmma` operands use. Encoding reads no device memory.
+//! TMA tensor maps (`cuTensorMapEncodeTiled`): how the Hopper kernels describe a tensor in
+//! device memory (bf16, or FP8 codes as bytes) so that one instruction copies a box of it into
+//! shared memory, in the 128-byte swizzle their `wgmma` operands use. Encoding reads no device
+//! memory.
 
 use cudarc::driver::sys;
 
-/// A bf16 tensor at `ptr` of `dims` elements (innermost first), `strides` the bytes between
-/// consecutive indices of every dimension but the innermost (`dims.len() - 1` of them), copied
-/// in boxes of `boxes` elements (the innermost 64: 128 bytes, the swizzle's width), zero fill
-/// past the edges. `Err` with the driver's result where it refuses (an address or stride not
-/// 16-byte aligned, a box too large, more than 5 dimensions).
+/// The element type of a tensor map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum TmaElement {
+    Bf16,
+    /// One-byte elements (FP8 codes: TMA copies them as they are).
+    Byte,
+}
+
+impl TmaElement {
+    /// Bytes an element.
+    pub(super) fn bytes(self) -> u64 {
+        match self {
+            TmaElement::Bf16 => 2,
+            TmaElement::Byte => 1,
+        }
+    }
+
+    fn data_type(self) -> sys::CUtensorMapDataType {
+        match self {
+            TmaElement::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            TmaElement::Byte => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        }
+    }
+}
+
+/// A bf16 tensor at `ptr`: [`encode_swizzled`] of [`TmaElement::Bf16`].
 pub(super) fn encode_bf16_swizzled(
+    ptr: u64,
+    dims: &[u64],
+    strides: &[u64],
+    boxes: &[u32],
+) -> Result<[u64; 16], sys::CUresult> {
+    encode_swizzled(TmaElement::Bf16, ptr, dims, strides, boxes)
+}
+
+/// A tensor of `element`s at `ptr` of `dims` elements (innermost first), `strides` the bytes
+/// between consecutive indices of every dimension but the innermost (`dims.len() - 1` of them),
+/// copied in boxes of `boxes` elements (the innermost 128 bytes: the swizzle's width), zero
+/// fill past the edges. `Err` with the driver's result where it refuses (an address or stride
+/// not 16-byte aligned, a box too large, more than 5 dimensions).
+pub(super) fn encode_swizzled(
+    element: TmaElement,
     ptr: u64,
     dims: &[u64],
     strides: &[u64],
@@ -27,7 +64,7 @@ pub(super) fn encode_bf16_swizzled(
     let result = unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            element.data_type(),
             rank as u32,
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
