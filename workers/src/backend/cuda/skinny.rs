@@ -39,7 +39,10 @@ unsafe impl DeviceRepr for TmaParam {}
 /// Weights' tensor maps by (device address, element type, outputs, inputs); `None`: the
 /// driver refused one (cuBLAS runs that weight).
 #[derive(Default)]
-pub(super) struct WeightMaps(Mutex<HashMap<(u64, TmaElement, usize, usize), Option<TmaParam>>>);
+pub(super) struct WeightMaps(Mutex<HashMap<WeightKey, Option<TmaParam>>>);
+
+/// A weight's device address, element type, outputs and inputs.
+type WeightKey = (u64, TmaElement, usize, usize);
 
 impl WeightMaps {
     fn get(&self, element: TmaElement, ptr: u64, n: usize, k: usize) -> Option<TmaParam> {
