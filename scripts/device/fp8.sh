@@ -19,6 +19,10 @@
 #            cuBLASLt (TANDEM_SKINNY_FP8=0) and then on skinny.cu's FP8 kernel (the default on
 #            Hopper): decode at batch 1, 16, 32, 64, 128, 256 (context 1024), and the
 #            projection table of the two kernels (weight TB/s, relative L2)
+#   attn-stages
+#            gpu_bench bench on Llama-3.1-8B shapes in FP8 with an FP8 KV cache, once per count
+#            of the FP8 decode attention's shared-memory stages (STAGES_LIST, default "3 4 5":
+#            TANDEM_KERNEL_DEFINES=DM_STAGES_FP8=n): decode at batch 1, 32, 128, 256
 #   kv-check gpu_bench check of llama-d128-2l and SmolLM2 shapes (bf16 weights) with an FP8 KV
 #            cache on both backends
 #   kv-bench gpu_bench bench on Llama-3.1-8B shapes, an FP8 against a bf16 KV cache: decode at
@@ -82,6 +86,17 @@ for stage in "${stages[@]}"; do
       done
       sed -n '/projections of FP8 weights/,/^[^ ]/p' "$out/bench-skinny1.log" | head -6
       ;;
+    attn-stages)
+      for n in ${STAGES_LIST:-3 4 5}; do
+        echo "== bench llama-3.1-8b fp8, fp8 KV, DM_STAGES_FP8=$n"
+        TANDEM_KERNEL_DEFINES="DM_STAGES_FP8=$n" TANDEM_BENCH_BLOCK=64 gpu_bench bench \
+          --model "$(random_model llama-3.1-8b fp8 gen)" --kv-cache-dtype fp8 --context 1024 \
+          --batches 1,32,128,256 --prefill 2048 --iters 10 \
+          --json "$out/bench-stages$n.json" >"$out/bench-stages$n.log" 2>&1 ||
+          { echo "bench DM_STAGES_FP8=$n FAILED"; status=1; }
+        grep -E "^decode|^prefill 2048 tokens |rror|disagrees" "$out/bench-stages$n.log"
+      done
+      ;;
     kv-check)
       for preset in llama-d128-2l smollm2-135m; do
         echo "== check $preset, FP8 KV cache"
@@ -142,7 +157,7 @@ PY
       grep -iE "error|warn" "$out/large-batch-serve.log" | grep -v "error: stream" | head -5 | cut -c1-400
       ;;
     *)
-      echo "unknown stage $stage (tests, check, bench, skinny, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
+      echo "unknown stage $stage (tests, check, bench, skinny, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
       exit 2
       ;;
   esac

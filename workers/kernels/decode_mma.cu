@@ -24,6 +24,13 @@
 #ifndef DM_STAGES
 #define DM_STAGES 3
 #endif
+// Stages over an FP8 cache: a stage of codes is half a bf16 stage, so as many bytes in flight
+// as the bf16 kernel's take more of them (two blocks a multiprocessor still fit, with the
+// widened tile). Measured on an H100 (Llama-3.1-8B shapes, batch 256, context 1024): with the
+// bf16 kernel's 3 the FP8 kernel read 1.9 TB/s of codes; docs/benchmarks.md has the others.
+#ifndef DM_STAGES_FP8
+#define DM_STAGES_FP8 5
+#endif
 // 1: the query as a bf16 pair (see below); 0 (default): its bf16 rounding alone, as
 // FlashAttention's kernels take it. Measured on an H100 (Llama-3.1-8B shapes, context 1024;
 // docs/benchmarks.md): the pair costs 4-5% of a whole decode step at batch 32-256 (the kernel
@@ -90,6 +97,7 @@ __device__ __forceinline__ void decode_mma(
     // eight rows an ldmatrix reads at one column fall in different banks.
     extern __shared__ __align__(128) unsigned char dm_smem[];
     constexpr bool FP8 = sizeof(C) == 1;
+    constexpr int STAGES = FP8 ? DM_STAGES_FP8 : DM_STAGES;
     // bf16: the stages. FP8: the widened tile, then the stages of codes.
     bf16* const smem = reinterpret_cast<bf16*>(dm_smem);
     fp8* const codes = reinterpret_cast<fp8*>(dm_smem + 2 * TILE * sizeof(bf16));
@@ -216,23 +224,23 @@ __device__ __forceinline__ void decode_mma(
     float m_run = NEG_INF, l_run = 0.0f;
 
 #pragma unroll
-    for (int s = 0; s < DM_STAGES - 1; ++s) {
+    for (int s = 0; s < STAGES - 1; ++s) {
         if (tile_begin + s < tile_end) load_tile(tile_begin + s, s);
         cp_async_commit();
     }
     for (int tile = tile_begin, it = 0; tile < tile_end; ++tile, ++it) {
-        cp_async_wait<DM_STAGES - 2>();
+        cp_async_wait<STAGES - 2>();
         // This tile is in, and every warp is done with the stage the next copy overwrites.
         __syncthreads();
-        if (tile + DM_STAGES - 1 < tile_end)
-            load_tile(tile + DM_STAGES - 1, (it + DM_STAGES - 1) % DM_STAGES);
+        if (tile + STAGES - 1 < tile_end)
+            load_tile(tile + STAGES - 1, (it + STAGES - 1) % STAGES);
         cp_async_commit();
         if constexpr (FP8) {
             // Every warp is done with the last tile's widened copy (the barrier above).
-            widen_tile(it % DM_STAGES);
+            widen_tile(it % STAGES);
             __syncthreads();
         }
-        const bf16* ks = smem + (FP8 ? 0 : (it % DM_STAGES) * 2 * TILE);
+        const bf16* ks = smem + (FP8 ? 0 : (it % STAGES) * 2 * TILE);
         const bf16* vs = ks + TILE;
 
         // S = Q K^T for this warp's keys 16w .. 16w + 15: two n-tiles of 8 keys; one ldmatrix

@@ -328,11 +328,9 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
         (9, 256, 512, InputScale::PerToken),
         (130, 384, 1024, InputScale::PerToken),
         // skinny.cu on Hopper: K split over blocks (2 tiles of 128 outputs, 64 steps of 128
-        // inputs), a partial tile and a K tail of 16 inputs; and wide outputs, which it takes
-        // up to 256 rows.
+        // inputs), a partial tile and a K tail of 16 inputs.
         (17, 256, 8192, InputScale::PerToken),
         (64, 200, 1040, InputScale::PerToken),
-        (256, 16_512, 256, InputScale::Static(0.003)),
         (300, 128, 256, InputScale::Static(0.002)),
         // More elements than a capped elementwise grid covers in one pass (65,535 blocks of
         // 256): the widening of cuBLASLt's bf16 result must stride.
@@ -391,7 +389,7 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
         // them); cuBLASLt's bf16 output: ~2e-3.
         let bound = if rows <= 4 {
             1e-4
-        } else if gpu.has_skinny_fp8() && (rows <= 64 || n >= 16_384) {
+        } else if gpu.has_skinny_fp8() && rows <= 64 {
             1e-3
         } else {
             4e-3

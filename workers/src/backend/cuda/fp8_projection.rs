@@ -99,7 +99,7 @@ impl CudaBackend {
             return self.launch(b, cfg, "gemv_fp8");
         }
         let (xq, xs) = self.quantize_rows(x, rows, w.k, w.input)?;
-        if self.skinny_fp8_applies(rows, w.n, w.k)
+        if self.skinny_fp8_applies(rows, w.k)
             && self.skinny_fp8_linear(&xq, &xs, w.codes, w.row_scales, out, rows, w.n, w.k)?
         {
             return Ok(());

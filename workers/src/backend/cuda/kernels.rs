@@ -94,6 +94,8 @@ const DECODE_MMA_HEAD_DIMS: &[(usize, &str)] =
 pub struct DecodeMmaConfig {
     /// Shared-memory stages of K/V tiles (`DM_STAGES`): tiles in flight plus the one in use.
     pub stages: usize,
+    /// The same over an FP8 cache (`DM_STAGES_FP8`).
+    pub fp8_stages: usize,
 }
 
 impl DecodeMmaConfig {
@@ -105,6 +107,7 @@ impl DecodeMmaConfig {
     fn from_defines(defines: &[String]) -> Self {
         DecodeMmaConfig {
             stages: define_value(defines, "DM_STAGES").unwrap_or(3).max(2),
+            fp8_stages: define_value(defines, "DM_STAGES_FP8").unwrap_or(5).max(2),
         }
     }
 
@@ -113,10 +116,10 @@ impl DecodeMmaConfig {
         self.stages * 2 * Self::KEYS * head_dim * 2
     }
 
-    /// The same over an FP8 cache: the stages hold codes (one byte each), and one bf16 tile
-    /// holds the tile being worked on, widened.
+    /// The same over an FP8 cache: `fp8_stages` stages of codes (one byte each), and one
+    /// 16-bit tile holding the tile being worked on, widened.
     pub fn smem_bytes_fp8(&self, head_dim: usize) -> usize {
-        self.stages * 2 * Self::KEYS * head_dim + 2 * Self::KEYS * head_dim * 2
+        self.fp8_stages * 2 * Self::KEYS * head_dim + 2 * Self::KEYS * head_dim * 2
     }
 }
 
@@ -250,12 +253,11 @@ pub const SKINNY_DISPATCH_ROWS: usize = 32;
 pub const SKINNY_WIDE_OUTPUTS: usize = 32_768;
 pub const SKINNY_WIDE_DISPATCH_ROWS: usize = 128;
 /// Rows up to which projections of FP8 weights on Hopper use `skinny.cu`'s FP8 kernel instead
-/// of cuBLASLt (above the FP8 GEMV's rows), and the outputs from which it takes every row it
-/// has: measured on an H100 (Llama-3.1-8B shapes, docs/benchmarks.md), it is faster for every
-/// projection up to 64 rows, and for gate_up (28,672 outputs) up to 256, while at 128-256 rows
-/// cuBLASLt is faster for qkv, o and down.
+/// of cuBLASLt (above the FP8 GEMV's rows): measured on an H100 (Llama-3.1-8B shapes,
+/// docs/benchmarks.md), it is faster for every projection up to 64 rows; at 128-256 rows
+/// cuBLASLt is faster for qkv, o and down, and whole decode steps were slower with it for
+/// gate_up too (whose cuBLASLt output is bf16, half the bytes of its f32 one).
 pub const SKINNY_FP8_DISPATCH_ROWS: usize = 64;
-pub const SKINNY_FP8_WIDE_OUTPUTS: usize = 16_384;
 /// Output features per block of `skinny_gemm_n*` (`SK_FEATURES`).
 pub const SKINNY_FEATURES: usize = 128;
 /// Threads per block of `skinny_gemm_n*` (`SK_THREADS`): two consumer warpgroups, a producer.
@@ -701,9 +703,19 @@ mod tests {
             DecodeMmaConfig::from_defines(&["DM_STAGES=1".into()]).stages,
             2
         );
+        // Over an FP8 cache: 5 stages of codes and the widened tile, two blocks a
+        // multiprocessor on an H100 (228 KiB, 1 KiB of it reserved per block).
+        assert_eq!(default.fp8_stages, 5);
+        assert_eq!(default.smem_bytes_fp8(128), 5 * 16_384 + 32_768);
+        assert!(2 * (default.smem_bytes_fp8(128) + 1024) <= 228 * 1024);
         for d in [64, 128] {
             let merge = 4 * DecodeMmaConfig::HEADS * d * 4 + 2 * 4 * DecodeMmaConfig::HEADS * 4;
-            assert!(DecodeMmaConfig { stages: 2 }.smem_bytes(d) >= merge, "{d}");
+            let two = DecodeMmaConfig {
+                stages: 2,
+                fp8_stages: 2,
+            };
+            assert!(two.smem_bytes(d) >= merge, "{d}");
+            assert!(two.smem_bytes_fp8(d) >= merge, "{d}");
         }
     }
 

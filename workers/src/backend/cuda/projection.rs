@@ -74,7 +74,7 @@ impl CudaBackend {
                 row_scales,
                 input,
             } => {
-                if self.fp8_gemv_applies(x.rows, *k) || self.skinny_fp8_applies(x.rows, *n, *k) {
+                if self.fp8_gemv_applies(x.rows, *k) || self.skinny_fp8_applies(x.rows, *k) {
                     return Ok(None);
                 }
                 self.prefetch.clear();

@@ -195,12 +195,11 @@ impl CudaBackend {
     /// FP8 kernel: on ([`CudaOptions::skinny_fp8`](super::CudaOptions::skinny_fp8)), compiled
     /// for `sm_90a`, more rows than the FP8 GEMV takes and at most
     /// [`SKINNY_FP8_DISPATCH_ROWS`](super::kernels::SKINNY_FP8_DISPATCH_ROWS) (or
-    /// [`SKINNY_MAX_ROWS`](super::kernels::SKINNY_MAX_ROWS) for outputs of at least
-    /// [`SKINNY_FP8_WIDE_OUTPUTS`](super::kernels::SKINNY_FP8_WIDE_OUTPUTS), or everywhere
-    /// with `skinny_everywhere`), `k` a multiple of 16 (TMA's 16-byte row pitch of the codes).
-    pub(super) fn skinny_fp8_applies(&self, rows: usize, n: usize, k: usize) -> bool {
-        use super::kernels::{SKINNY_FP8_DISPATCH_ROWS, SKINNY_FP8_WIDE_OUTPUTS, SKINNY_MAX_ROWS};
-        let max_rows = if self.switches.skinny_everywhere() || n >= SKINNY_FP8_WIDE_OUTPUTS {
+    /// [`SKINNY_MAX_ROWS`](super::kernels::SKINNY_MAX_ROWS) with `skinny_everywhere`), `k` a
+    /// multiple of 16 (TMA's 16-byte row pitch of the codes).
+    pub(super) fn skinny_fp8_applies(&self, rows: usize, k: usize) -> bool {
+        use super::kernels::{SKINNY_FP8_DISPATCH_ROWS, SKINNY_MAX_ROWS};
+        let max_rows = if self.switches.skinny_everywhere() {
             SKINNY_MAX_ROWS
         } else {
             SKINNY_FP8_DISPATCH_ROWS
