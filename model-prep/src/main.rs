@@ -318,6 +318,13 @@ struct QuantizeArgs {
     /// One scale per output row or per tensor.
     #[arg(long, value_enum, default_value = "per-channel")]
     scales: ScalesArg,
+    /// Keep the projections of these modules in the source's dtype (repeatable): a module
+    /// name (`model.layers.0.mlp.down_proj`) or a glob (`model.layers.*.mlp.down_proj`).
+    /// They are listed in `quantization_config.ignore`, as llm-compressor keeps a model's
+    /// most sensitive layers in 16 bits; a layer's q/k/v, and its gate/up, are multiplied as
+    /// one product, so they are kept together or not at all.
+    #[arg(long, value_name = "MODULE")]
+    keep: Vec<String>,
     /// Replace the output directory if it is not empty.
     #[arg(long)]
     force: bool,
@@ -375,10 +382,15 @@ fn run_quantize(args: QuantizeArgs) -> anyhow::Result<()> {
         ScalesArg::PerTensor => WeightScales::PerTensor,
     };
     let started = Instant::now();
-    let summary = model_prep::quantize::quantize(&args.source, &args.output, scales, args.force)
+    let options = model_prep::quantize::QuantizeOptions {
+        scales,
+        keep: args.keep,
+        force: args.force,
+    };
+    let summary = model_prep::quantize::quantize(&args.source, &args.output, &options)
         .with_context(|| format!("quantizing {}", args.source.display()))?;
     println!(
-        "quantized {} into {} in {:.1} s: {} projections in fp8 ({:?} scales), {} tensors kept; \
+        "quantized {} into {} in {:.1} s: {} projections in fp8 ({:?} scales), {} tensors kept as they were; \
          weights {:.1} MB -> {:.1} MB",
         args.source.display(),
         summary.directory.display(),

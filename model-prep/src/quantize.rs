@@ -8,6 +8,11 @@
 //! activations, the form vLLM and SGLang load too. The tokenizer and the other files are
 //! copied. This is round-to-nearest without calibration, as llm-compressor's FP8_DYNAMIC
 //! scheme does: no data is needed.
+//!
+//! Projections the caller names ([`QuantizeOptions::keep`]: module names or globs) stay in the
+//! source's type and are listed in the config's `ignore`, as llm-compressor's `ignore` keeps a
+//! model's most sensitive layers in 16 bits. The workers fuse a layer's q/k/v, and its
+//! gate/up, into one product of one type, so those are kept or quantized together.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -54,15 +59,101 @@ pub enum QuantizeError {
     Output(#[from] OutputError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error("--keep {pattern}: {reason}")]
+    Keep { pattern: String, reason: String },
 }
 
-/// Writes the FP8 copy of `source` into `out` (atomically), with `scales` per row or tensor.
+/// How `quantize` writes the copy.
+#[derive(Debug, Clone)]
+pub struct QuantizeOptions {
+    /// One scale per output row, or per tensor.
+    pub scales: WeightScales,
+    /// Projections kept in the source's type: module names (`model.layers.0.mlp.down_proj`)
+    /// or globs of them (`model.layers.*.mlp.down_proj`); each must match a projection.
+    pub keep: Vec<String>,
+    /// Replace a non-empty output directory.
+    pub force: bool,
+}
+
+/// The projections (`<module>.weight` names) `patterns` keep, checked: every pattern matches
+/// a projection, and a fused group (a layer's q/k/v, its gate/up) is kept whole or not at all.
+fn kept_projections(
+    projections: &[&str],
+    patterns: &[String],
+) -> Result<std::collections::BTreeSet<String>, QuantizeError> {
+    let mut kept = std::collections::BTreeSet::new();
+    for pattern in patterns {
+        let glob = globset::GlobBuilder::new(pattern)
+            .literal_separator(false)
+            .build()
+            .map_err(|e| QuantizeError::Keep {
+                pattern: pattern.clone(),
+                reason: e.to_string(),
+            })?
+            .compile_matcher();
+        let mut matched = false;
+        for name in projections {
+            if glob.is_match(strip_weight(name)) {
+                matched = true;
+                kept.insert(name.to_string());
+            }
+        }
+        if !matched {
+            return Err(QuantizeError::Keep {
+                pattern: pattern.clone(),
+                reason: format!(
+                    "matches no projection (modules are named like {})",
+                    projections
+                        .first()
+                        .map_or("model.layers.0.mlp.down_proj", |n| strip_weight(n))
+                ),
+            });
+        }
+    }
+    for group in [
+        ["q_proj", "k_proj", "v_proj"].as_slice(),
+        &["gate_proj", "up_proj"],
+    ] {
+        for name in &kept {
+            let module = strip_weight(name);
+            let Some((layer, last)) = module.rsplit_once('.') else {
+                continue;
+            };
+            if !group.contains(&last) {
+                continue;
+            }
+            let missing: Vec<String> = group
+                .iter()
+                .map(|p| format!("{layer}.{p}.weight"))
+                .filter(|n| projections.contains(&n.as_str()) && !kept.contains(n))
+                .collect();
+            if !missing.is_empty() {
+                return Err(QuantizeError::Keep {
+                    pattern: patterns.join(" --keep "),
+                    reason: format!(
+                        "keeps {module} but not {}: the workers multiply {} as one product, \
+                         kept or quantized together",
+                        missing
+                            .iter()
+                            .map(|n| strip_weight(n))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        group.join("/"),
+                    ),
+                });
+            }
+        }
+    }
+    Ok(kept)
+}
+
+/// Writes the FP8 copy of `source` into `out` (atomically), as `options` say.
 pub fn quantize(
     source: &Path,
     out: &Path,
-    scales: WeightScales,
-    force: bool,
+    options: &QuantizeOptions,
 ) -> Result<QuantizeSummary, QuantizeError> {
+    let (scales, force) = (options.scales, options.force);
     let mut config = ModelConfig::load(source)?;
     if config.quantization_config.is_some() {
         return Err(QuantizeError::AlreadyQuantized {
@@ -92,10 +183,19 @@ pub fn quantize(
         }
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let projections: Vec<&str> = tensors
+        .iter()
+        .filter(|(name, _, shape, _)| tensor_names::is_projection(name) && shape.len() == 2)
+        .map(|(name, ..)| name.as_str())
+        .collect();
+    let kept_16 = kept_projections(&projections, &options.keep)?;
+    let quantized_here = |name: &str, shape: &[usize]| {
+        tensor_names::is_projection(name) && shape.len() == 2 && !kept_16.contains(name)
+    };
 
     let mut specs = Vec::new();
     for (name, dtype, shape, _) in &tensors {
-        if tensor_names::is_projection(name) && shape.len() == 2 {
+        if quantized_here(name, shape) {
             let scale_shape = match scales {
                 WeightScales::PerTensor => vec![1],
                 WeightScales::PerChannel => vec![shape[0], 1],
@@ -121,11 +221,12 @@ pub fn quantize(
     let staged = StagedDir::new(out, force)?;
     let dir = staged.path().to_path_buf();
     copy_other_files(source, &dir)?;
-    let ignored = vec![
+    let mut ignored = vec![
         tensor_names::LM_HEAD
             .trim_end_matches(".weight")
             .to_string(),
     ];
+    ignored.extend(kept_16.iter().map(|n| strip_weight(n).to_string()));
     config.quantization_config = Some(Fp8Scheme::compressed_tensors_config(scales, &ignored));
     write_json(&dir.join(CONFIG_FILE), &config)?;
 
@@ -138,7 +239,7 @@ pub fn quantize(
     let (mut quantized, mut kept) = (0, 0);
     // The writer takes tensors in name order: a projection's scale comes before it.
     for (name, dtype, shape, bytes) in &tensors {
-        if tensor_names::is_projection(name) && shape.len() == 2 {
+        if quantized_here(name, shape) {
             let (fp8, row_scales) = quantize_matrix(*dtype, bytes, shape[0], shape[1], scales);
             let scale_bytes: Vec<u8> = row_scales.iter().flat_map(|s| s.to_le_bytes()).collect();
             writer.write_tensor(
@@ -297,5 +398,75 @@ mod tests {
             quantize_matrix(WeightDType::F32, &zeros, 1, 3, WeightScales::PerChannel).1,
             vec![1.0]
         );
+    }
+
+    fn two_layers() -> Vec<String> {
+        let mut names = Vec::new();
+        for layer in 0..2 {
+            for p in [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+            ] {
+                names.push(format!("model.layers.{layer}.{p}.weight"));
+            }
+            for p in ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
+                names.push(format!("model.layers.{layer}.{p}.weight"));
+            }
+        }
+        names
+    }
+
+    fn keep(patterns: &[&str]) -> Result<Vec<String>, QuantizeError> {
+        let names = two_layers();
+        let projections: Vec<&str> = names.iter().map(String::as_str).collect();
+        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        kept_projections(&projections, &patterns).map(|k| k.into_iter().collect())
+    }
+
+    #[test]
+    fn kept_projections_by_name_and_glob() {
+        assert_eq!(keep(&[]).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            keep(&["model.layers.1.mlp.down_proj"]).unwrap(),
+            vec!["model.layers.1.mlp.down_proj.weight"]
+        );
+        assert_eq!(
+            keep(&["model.layers.*.mlp.down_proj"]).unwrap(),
+            vec![
+                "model.layers.0.mlp.down_proj.weight",
+                "model.layers.1.mlp.down_proj.weight"
+            ]
+        );
+        // A whole layer: every projection of it, fused groups whole.
+        assert_eq!(keep(&["model.layers.0.*"]).unwrap().len(), 7);
+        assert_eq!(
+            keep(&["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"])
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn kept_projections_refuse_typos_and_split_groups() {
+        let e = keep(&["model.layers.7.mlp.down_proj"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("matches no projection"), "{e}");
+        let e = keep(&["model.layers.0.self_attn.q_proj"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj"),
+            "{e}"
+        );
+        let e = keep(&["model.layers.*.mlp.up_proj"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gate_proj/up_proj"), "{e}");
+        let e = keep(&["model.layers.[0"]).unwrap_err().to_string();
+        assert!(e.starts_with("--keep model.layers.[0:"), "{e}");
     }
 }

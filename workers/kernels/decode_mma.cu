@@ -24,12 +24,12 @@
 #ifndef DM_STAGES
 #define DM_STAGES 3
 #endif
-// Stages over an FP8 cache: a stage of codes is half a bf16 stage, so as many bytes in flight
-// as the bf16 kernel's take more of them (two blocks a multiprocessor still fit, with the
-// widened tile). Measured on an H100 (Llama-3.1-8B shapes, batch 256, context 1024): with the
-// bf16 kernel's 3 the FP8 kernel read 1.9 TB/s of codes; docs/benchmarks.md has the others.
+// Stages over an FP8 cache (a stage of codes is half a bf16 stage). Measured on an H100
+// (Llama-3.1-8B shapes, context 1024, docs/benchmarks.md): 5 stages, as many bytes in flight as
+// the bf16 kernel's 3, read no faster than 3 (1.87 against 1.89 TB/s of codes at batch 256):
+// the widening pass, not the copies in flight, bounds this kernel.
 #ifndef DM_STAGES_FP8
-#define DM_STAGES_FP8 5
+#define DM_STAGES_FP8 3
 #endif
 // 1: the query as a bf16 pair (see below); 0 (default): its bf16 rounding alone, as
 // FlashAttention's kernels take it. Measured on an H100 (Llama-3.1-8B shapes, context 1024;

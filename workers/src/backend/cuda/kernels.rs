@@ -107,7 +107,7 @@ impl DecodeMmaConfig {
     fn from_defines(defines: &[String]) -> Self {
         DecodeMmaConfig {
             stages: define_value(defines, "DM_STAGES").unwrap_or(3).max(2),
-            fp8_stages: define_value(defines, "DM_STAGES_FP8").unwrap_or(5).max(2),
+            fp8_stages: define_value(defines, "DM_STAGES_FP8").unwrap_or(3).max(2),
         }
     }
 
@@ -703,11 +703,12 @@ mod tests {
             DecodeMmaConfig::from_defines(&["DM_STAGES=1".into()]).stages,
             2
         );
-        // Over an FP8 cache: 5 stages of codes and the widened tile, two blocks a
+        // Over an FP8 cache: 3 stages of codes and the widened tile; up to 5 keep two blocks a
         // multiprocessor on an H100 (228 KiB, 1 KiB of it reserved per block).
-        assert_eq!(default.fp8_stages, 5);
-        assert_eq!(default.smem_bytes_fp8(128), 5 * 16_384 + 32_768);
-        assert!(2 * (default.smem_bytes_fp8(128) + 1024) <= 228 * 1024);
+        assert_eq!(default.fp8_stages, 3);
+        assert_eq!(default.smem_bytes_fp8(128), 3 * 16_384 + 32_768);
+        let five = DecodeMmaConfig::from_defines(&["DM_STAGES_FP8=5".into()]);
+        assert!(2 * (five.smem_bytes_fp8(128) + 1024) <= 228 * 1024);
         for d in [64, 128] {
             let merge = 4 * DecodeMmaConfig::HEADS * d * 4 + 2 * 4 * DecodeMmaConfig::HEADS * 4;
             let two = DecodeMmaConfig {
