@@ -10,6 +10,9 @@
 #            (cuda_backend.rs) on the tiny model, which share the projection code
 #            (tests-fp8: the first part only)
 #   check    gpu_bench check of llama-d128-2l and SmolLM2 shapes in FP8 against the CPU
+#   check-mixed
+#            gpu_bench check of SmolLM2 shapes quantized to FP8 but for their first and last
+#            layers (`model-prep quantize --keep`), against the CPU on the same weights
 #   bench    gpu_bench bench on Llama-3.1-8B shapes in FP8, then in bf16 on the same GPU:
 #            decode at batch 1, 32, 128, 256 (context 1024) against each one's bytes floor,
 #            prefill of 2048 and 8192 tokens
@@ -65,6 +68,14 @@ for stage in "${stages[@]}"; do
           >"$out/check-$preset-fp8.log" 2>&1 || { echo "check $preset fp8 FAILED"; status=1; }
         grep -iE "mean|top-1|PASS|FAIL" "$out/check-$preset-fp8.log"
       done
+      ;;
+    check-mixed)
+      mixed=/tmp/tandem-models/smollm2-135m-fp8-ends
+      [ -d "$mixed" ] || model-prep quantize "$(random_model smollm2-135m)" -o "$mixed" \
+        --keep 'model.layers.0.*' --keep 'model.layers.29.*' >"$out/check-mixed.log" 2>&1
+      gpu_bench check --model "$mixed" --max-rel-l2 0.15 --min-top1 0.6 >>"$out/check-mixed.log" 2>&1 ||
+        { echo "check mixed FAILED"; status=1; }
+      grep -iE "quantized|mean|top-1|PASS|FAIL" "$out/check-mixed.log"
       ;;
     bench)
       for dtype in fp8 bf16; do
@@ -157,7 +168,7 @@ PY
       grep -iE "error|warn" "$out/large-batch-serve.log" | grep -v "error: stream" | head -5 | cut -c1-400
       ;;
     *)
-      echo "unknown stage $stage (tests, check, bench, skinny, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
+      echo "unknown stage $stage (tests, check, check-mixed, bench, skinny, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
       exit 2
       ;;
   esac

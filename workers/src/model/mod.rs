@@ -162,13 +162,20 @@ impl<B: Backend> Model<B> {
             }
         };
         let embed_entry = get(tensor_names::EMBED_TOKENS);
-        // The projections' type names the model (`fp8` for an FP8 checkpoint); the
-        // embedding's is what its 16-bit parts are in.
+        // The projections' type names the model (`fp8` for an FP8 checkpoint, also where it
+        // keeps some layers in 16 bits); the embedding's is what its 16-bit parts are in.
         let unquantized_dtype = embed_entry.view().dtype;
-        let weight_dtype = match config.num_hidden_layers {
-            0 => unquantized_dtype,
-            _ => entry(&tensor_names::layer(0).q_proj).dtype,
-        };
+        let weight_dtype = (0..config.num_hidden_layers)
+            .flat_map(|i| {
+                let n = tensor_names::layer(i);
+                [n.q_proj, n.o_proj, n.gate_proj, n.down_proj]
+            })
+            .map(|name| entry(&name).dtype)
+            .find(|&dtype| dtype == WeightDType::F8E4M3)
+            .unwrap_or(match config.num_hidden_layers {
+                0 => unquantized_dtype,
+                _ => entry(&tensor_names::layer(0).q_proj).dtype,
+            });
         let embed = backend.upload_weight(&[embed_entry.view()])?;
         let lm_head = if config.tie_word_embeddings {
             None
