@@ -24,10 +24,8 @@
 #ifndef DM_STAGES
 #define DM_STAGES 3
 #endif
-// Stages over an FP8 cache (a stage of codes is half a bf16 stage). Measured on an H100
-// (Llama-3.1-8B shapes, context 1024, docs/benchmarks.md): 5 stages, as many bytes in flight as
-// the bf16 kernel's 3, read no faster than 3 (1.87 against 1.89 TB/s of codes at batch 256):
-// the widening pass, not the copies in flight, bounds this kernel.
+// Stages over an FP8 cache (a stage of codes is half a bf16 stage, so twice the blocks fit a
+// multiprocessor).
 #ifndef DM_STAGES_FP8
 #define DM_STAGES_FP8 3
 #endif
@@ -46,14 +44,24 @@
 // Query heads per block: rows 0-7 of the mma's 16-row A tile (rows 8-15 stay zero).
 #define DM_HEADS 8
 
-// Over an FP8 cache (`C` = fp8) the stages hold the tiles' codes (16 a copy, unswizzled), and
-// each tile is widened (exactly) into one 16-bit tile laid out as a bf16 stage before the
-// products read it: half the bytes from memory, one more pass through shared memory. The
-// widened tile is f16, not bf16: every e4m3 value is an f16 (normal, at that), one instruction
-// converts two codes (bf16 took four: through f32), and the products run in f16 (the query and
-// the probabilities rounded to f16, 3 more bits than bf16; the query's range, pre-scaled by the
-// softmax scale, is far inside f16's). Measured on an H100 (Llama-3.1-8B shapes): the widening
-// through f32 held the kernel to 1.8 TB/s of codes where the bf16 one reads 2.8.
+// Over an FP8 cache (`C` = fp8) the stages hold the tiles' codes (half the bytes), and each
+// lane widens the codes of its own mma fragments as it reads them: there is no widened tile
+// (a pass through shared memory and a barrier per tile, which held an earlier version to 1.9
+// TB/s of codes where the bf16 kernel reads 2.8). The products run in f16: every e4m3 value is
+// an f16, one instruction converts two codes, and the query and the probabilities rounded to
+// f16 keep 3 more bits than bf16 (the query, pre-scaled by the softmax scale, is far inside
+// f16's range). How the codes become fragments:
+// - K (the B operand of S = Q K^T, k = head dim, n = key): a dot product does not care in which
+//   order its dims are summed, so lane (g, c) takes the D/4 contiguous codes at c * D/4 of its
+//   key's row, 16 bytes a load, and each 4 codes are one 16-dim step's k slots (2c, 2c+1) and
+//   (2c+8, 2c+9); its query fragment is gathered in the same order.
+// - V (the B operand of O = P V, k = key, n = head dim): `ldmatrix.trans` of 8x8 matrices of
+//   16-bit elements, each a pair of codes, gives lane (g, c) codes (2c, dims 2g, 2g+1) and
+//   (2c + 1, the same dims) of a 16-dim chunk; a byte permute makes the two keys' pair of one
+//   dim, so a chunk is two n-tiles, of its even and of its odd dims: O's columns come out
+//   interleaved, and the merge below writes them back in order.
+// 16-byte chunks of a key's row of codes are XOR-swizzled by the row (FP8_SWIZZLE) so that
+// both reads are free of bank conflicts.
 
 // Two floats as f16x2 (lo in the low half), round to nearest even.
 __device__ __forceinline__ u32 pack_f16(float lo, float hi) {
@@ -98,9 +106,14 @@ __device__ __forceinline__ void decode_mma(
     extern __shared__ __align__(128) unsigned char dm_smem[];
     constexpr bool FP8 = sizeof(C) == 1;
     constexpr int STAGES = FP8 ? DM_STAGES_FP8 : DM_STAGES;
-    // bf16: the stages. FP8: the widened tile, then the stages of codes.
+    // bf16: the stages. FP8: the stages of codes.
     bf16* const smem = reinterpret_cast<bf16*>(dm_smem);
-    fp8* const codes = reinterpret_cast<fp8*>(dm_smem + 2 * TILE * sizeof(bf16));
+    fp8* const codes = reinterpret_cast<fp8*>(dm_smem);
+    // FP8: a row of codes is CH8 chunks of 16 bytes; 128 / D rows share a 128-byte line of
+    // banks. Chunk q of row `row` sits at chunk FP8_SWIZZLE(q, row): the eight rows an
+    // ldmatrix reads at one chunk, and the rows a K read takes at once, land on distinct banks.
+    constexpr int CH8 = D / 16;
+    auto fp8_chunk = [](int q, int row) { return q ^ ((row / (128 / D)) & (CH8 - 1)); };
 
     const int t = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -123,7 +136,6 @@ __device__ __forceinline__ void decode_mma(
     // Copies tile `tile`'s K and V rows into `stage`; keys past the end are zero-filled.
     auto load_tile = [&](int tile, int stage) {
         if constexpr (FP8) {
-            constexpr int CH8 = D / 16;  // 16-byte copies per row of codes
             fp8* ks = codes + stage * 2 * TILE;
             fp8* vs = ks + TILE;
 #pragma unroll
@@ -136,8 +148,9 @@ __device__ __forceinline__ void decode_mma(
                 if (on)
                     src = head + (long long)table[key / block_size] * block_elems +
                           (long long)(key % block_size) * token_stride + c * 16;
-                cp_async16(ks + row * D + c * 16, src, on ? 16 : 0);
-                cp_async16(vs + row * D + c * 16, on ? src + kv_stride : src, on ? 16 : 0);
+                const int at = row * D + fp8_chunk(c, row) * 16;
+                cp_async16(ks + at, src, on ? 16 : 0);
+                cp_async16(vs + at, on ? src + kv_stride : src, on ? 16 : 0);
             }
             return;
         }
@@ -160,29 +173,6 @@ __device__ __forceinline__ void decode_mma(
         }
     };
 
-    // FP8: widens `stage`'s codes into the f16 tile, in the bf16 stages' swizzled layout.
-    auto widen_tile = [&](int stage) {
-        constexpr int CH8 = D / 16;
-        const fp8* k8 = codes + stage * 2 * TILE;
-#pragma unroll
-        for (int j = 0; j < 2 * DM_KEYS * CH8 / (DM_WARPS * 32); ++j) {
-            const int i = threadIdx.x + j * DM_WARPS * 32;  // over K's rows, then V's
-            const int row = (i / CH8) % DM_KEYS, c = i % CH8, kv = i / (CH8 * DM_KEYS);
-            const uint4 raw = *reinterpret_cast<const uint4*>(k8 + kv * TILE + row * D + c * 16);
-            const u32 w[4] = {raw.x, raw.y, raw.z, raw.w};
-            u32 h[8];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                h[2 * q] = e4m3x2_to_f16x2(w[q] & 0xffffu);
-                h[2 * q + 1] = e4m3x2_to_f16x2(w[q] >> 16);
-            }
-            bf16* dst = smem + kv * TILE + row * D;
-#pragma unroll
-            for (int x = 0; x < 2; ++x)
-                *reinterpret_cast<uint4*>(dst + (((2 * c + x) ^ (row & 7)) << 3)) =
-                    make_uint4(h[4 * x], h[4 * x + 1], h[4 * x + 2], h[4 * x + 3]);
-        }
-    };
     // The products' input type: f16 over an FP8 cache (above), else bf16.
     auto pack2 = [](float lo, float hi) -> u32 { return FP8 ? pack_f16(lo, hi) : pack_bf16(lo, hi); };
     auto mma = [](float* acc, const u32* a, u32 b0, u32 b1) {
@@ -205,13 +195,20 @@ __device__ __forceinline__ void decode_mma(
             hi = pack2(a, b);
             lo = FP8 ? 0u : pack_bf16(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
         };
+        // FP8: the dims in the order lane c reads K's codes (above): step k's slots are
+        // dims c * D/4 + 4k + 0..3.
+        const float* qf = qkv + (long long)t * width + (long long)(h0 + r) * D + (lane & 3) * (D / 4);
 #pragma unroll
         for (int k = 0; k < D / 16; ++k) {
-            if (r < nh) {
+            if (r >= nh) {
+                qa[k][0] = qa[k][1] = qa[k][2] = qa[k][3] = 0u;
+            } else if constexpr (FP8) {
+                qa[k][0] = pack_f16(qf[4 * k] * qs, qf[4 * k + 1] * qs);
+                qa[k][1] = pack_f16(qf[4 * k + 2] * qs, qf[4 * k + 3] * qs);
+                qa[k][2] = qa[k][3] = 0u;
+            } else {
                 split(qp[k * 16] * qs, qp[k * 16 + 1] * qs, qa[k][0], qa[k][2]);
                 split(qp[k * 16 + 8] * qs, qp[k * 16 + 9] * qs, qa[k][1], qa[k][3]);
-            } else {
-                qa[k][0] = qa[k][1] = qa[k][2] = qa[k][3] = 0u;
             }
         }
     }
@@ -235,18 +232,34 @@ __device__ __forceinline__ void decode_mma(
         if (tile + STAGES - 1 < tile_end)
             load_tile(tile + STAGES - 1, (it + STAGES - 1) % STAGES);
         cp_async_commit();
-        if constexpr (FP8) {
-            // Every warp is done with the last tile's widened copy (the barrier above).
-            widen_tile(it % STAGES);
-            __syncthreads();
-        }
-        const bf16* ks = smem + (FP8 ? 0 : (it % STAGES) * 2 * TILE);
+        const bf16* ks = smem + (it % STAGES) * 2 * TILE;
         const bf16* vs = ks + TILE;
+        const fp8* k8 = codes + (it % STAGES) * 2 * TILE;
+        const fp8* v8 = k8 + TILE;
 
         // S = Q K^T for this warp's keys 16w .. 16w + 15: two n-tiles of 8 keys; one ldmatrix
         // gives both tiles' B fragments for 16 dims.
         float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        {
+        if constexpr (FP8) {
+            // Lane (g, c): key 16w + 8j + g of n-tile j, its codes c * D/4 .. + D/4, 16 a load
+            // (four 16-dim steps).
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int row = warp * 16 + 8 * j + r;
+#pragma unroll
+                for (int h = 0; h < D / 64; ++h) {
+                    const uint4 raw = *reinterpret_cast<const uint4*>(
+                        k8 + row * D + fp8_chunk((lane & 3) * (D / 64) + h, row) * 16);
+                    const u32 w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int k = 4 * h + i;
+                        const u32 a[4] = {qa[k][0], 0u, qa[k][1], 0u};
+                        mma(s[j], a, e4m3x2_to_f16x2(w[i] & 0xffffu), e4m3x2_to_f16x2(w[i] >> 16));
+                    }
+                }
+            }
+        } else {
             const int row = warp * 16 + (lane & 7) + ((lane >> 4) << 3);
             const int half = (lane >> 3) & 1;
 #pragma unroll
@@ -299,7 +312,27 @@ __device__ __forceinline__ void decode_mma(
         // O += P V: P's C layout is the A fragment of the next product (keys 0-7 from the first
         // n-tile, 8-15 from the second); V's rows are the same 16 keys, read transposed.
         const u32 pa[4] = {pack2(p[0][0], p[0][1]), 0u, pack2(p[1][0], p[1][1]), 0u};
-        {
+        if constexpr (FP8) {
+            // Matrices 0-3: keys 0-7 and 8-15 of this warp's 16, at chunks 2q and 2q + 1; a
+            // register's bytes are codes (key 2c, dim 2g), (2c, 2g+1), (2c+1, 2g), (2c+1, 2g+1).
+            const int m = lane >> 3;
+            const int row = warp * 16 + ((m & 1) << 3) + (lane & 7);
+#pragma unroll
+            for (int q = 0; q < D / 32; ++q) {
+                u32 b[4];
+                ldmatrix_x4_trans(b, reinterpret_cast<const bf16*>(
+                                         v8 + row * D + fp8_chunk(2 * q + (m >> 1), row) * 16));
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const u32 sel = e ? 0x3131u : 0x2020u;  // dims 2g + e of both keys
+#pragma unroll
+                    for (int x = 0; x < 2; ++x)
+                        mma(o[2 * (2 * q + x) + e], pa,
+                            e4m3x2_to_f16x2(__byte_perm(b[2 * x], 0u, sel)),
+                            e4m3x2_to_f16x2(__byte_perm(b[2 * x + 1], 0u, sel)));
+                }
+            }
+        } else {
             const int row = warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
             const int half = lane >> 4;
 #pragma unroll
@@ -323,8 +356,12 @@ __device__ __forceinline__ void decode_mma(
     if (r < nh) {
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
-            s_o[(warp * DM_HEADS + r) * D + n * 8 + c2] = o[n][0];
-            s_o[(warp * DM_HEADS + r) * D + n * 8 + c2 + 1] = o[n][1];
+            // FP8: n-tile n is chunk n / 2's dims of parity n % 2 (see above), columns 2c and
+            // 2c + 1 its dims 4c and 4c + 2 (+ the parity).
+            const int d0 = FP8 ? (n >> 1) * 16 + 4 * (lane & 3) + (n & 1) : n * 8 + c2;
+            const int d1 = FP8 ? d0 + 2 : d0 + 1;
+            s_o[(warp * DM_HEADS + r) * D + d0] = o[n][0];
+            s_o[(warp * DM_HEADS + r) * D + d1] = o[n][1];
         }
         if ((lane & 3) == 0) {
             s_m[warp * DM_HEADS + r] = m_run;

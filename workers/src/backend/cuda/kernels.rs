@@ -116,10 +116,10 @@ impl DecodeMmaConfig {
         self.stages * 2 * Self::KEYS * head_dim * 2
     }
 
-    /// The same over an FP8 cache: `fp8_stages` stages of codes (one byte each), and one
-    /// 16-bit tile holding the tile being worked on, widened.
+    /// The same over an FP8 cache: `fp8_stages` stages of codes (one byte each), widened by
+    /// each lane as it reads its fragments.
     pub fn smem_bytes_fp8(&self, head_dim: usize) -> usize {
-        self.fp8_stages * 2 * Self::KEYS * head_dim + 2 * Self::KEYS * head_dim * 2
+        self.fp8_stages * 2 * Self::KEYS * head_dim
     }
 }
 
@@ -703,12 +703,10 @@ mod tests {
             DecodeMmaConfig::from_defines(&["DM_STAGES=1".into()]).stages,
             2
         );
-        // Over an FP8 cache: 3 stages of codes and the widened tile; up to 5 keep two blocks a
-        // multiprocessor on an H100 (228 KiB, 1 KiB of it reserved per block).
+        // Over an FP8 cache: 3 stages of codes, half the bf16 kernel's shared memory.
         assert_eq!(default.fp8_stages, 3);
-        assert_eq!(default.smem_bytes_fp8(128), 3 * 16_384 + 32_768);
-        let five = DecodeMmaConfig::from_defines(&["DM_STAGES_FP8=5".into()]);
-        assert!(2 * (five.smem_bytes_fp8(128) + 1024) <= 228 * 1024);
+        assert_eq!(default.smem_bytes_fp8(128), 3 * 16_384);
+        assert_eq!(default.smem_bytes_fp8(128) * 2, default.smem_bytes(128));
         for d in [64, 128] {
             let merge = 4 * DecodeMmaConfig::HEADS * d * 4 + 2 * 4 * DecodeMmaConfig::HEADS * 4;
             let two = DecodeMmaConfig {
