@@ -22,6 +22,8 @@
 #            cuBLASLt (TANDEM_SKINNY_FP8=0) and then on skinny.cu's FP8 kernel (the default on
 #            Hopper): decode at batch 1, 16, 32, 64, 128, 256 (context 1024), and the
 #            projection table of the two kernels (weight TB/s, relative L2)
+#   fused    the same bench with the FP8 projections' input quantized by the norms and silu_mul
+#            (the default) and by a kernel of its own (TANDEM_FP8_FUSED_QUANT=0)
 #   attn-stages
 #            gpu_bench bench on Llama-3.1-8B shapes in FP8 with an FP8 KV cache, once per count
 #            of the FP8 decode attention's shared-memory stages (STAGES_LIST, default "3 4 5":
@@ -85,17 +87,19 @@ for stage in "${stages[@]}"; do
           tee "$out/bench-$dtype.log" | grep -E "^ceilings|^FP8|^decode|^prefill"
       done
       ;;
-    skinny)
+    skinny|fused)
+      var=TANDEM_SKINNY_FP8
+      [ "$stage" = fused ] && var=TANDEM_FP8_FUSED_QUANT
       for on in 0 1; do
-        echo "== bench llama-3.1-8b fp8, fp8 KV, TANDEM_SKINNY_FP8=$on"
-        TANDEM_SKINNY_FP8=$on TANDEM_BENCH_BLOCK=64 gpu_bench bench \
+        echo "== bench llama-3.1-8b fp8, fp8 KV, $var=$on"
+        env "$var=$on" TANDEM_BENCH_BLOCK=64 gpu_bench bench \
           --model "$(random_model llama-3.1-8b fp8 gen)" --kv-cache-dtype fp8 --context 1024 \
           --batches 1,16,32,64,128,256 --prefill 2048 --iters 10 \
-          --json "$out/bench-skinny$on.json" >"$out/bench-skinny$on.log" 2>&1 ||
-          { echo "bench TANDEM_SKINNY_FP8=$on FAILED"; status=1; }
-        grep -E "^decode|^prefill|rror|disagrees" "$out/bench-skinny$on.log"
+          --json "$out/bench-$stage$on.json" >"$out/bench-$stage$on.log" 2>&1 ||
+          { echo "bench $var=$on FAILED"; status=1; }
+        grep -E "^decode|^prefill|rror|disagrees" "$out/bench-$stage$on.log"
       done
-      sed -n '/projections of FP8 weights/,/^[^ ]/p' "$out/bench-skinny1.log" | head -6
+      [ "$stage" = skinny ] && sed -n '/projections of FP8 weights/,/^[^ ]/p' "$out/bench-skinny1.log" | head -6
       ;;
     attn-stages)
       for n in ${STAGES_LIST:-3 4 5}; do
@@ -168,7 +172,7 @@ PY
       grep -iE "error|warn" "$out/large-batch-serve.log" | grep -v "error: stream" | head -5 | cut -c1-400
       ;;
     *)
-      echo "unknown stage $stage (tests, check, check-mixed, bench, skinny, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
+      echo "unknown stage $stage (tests, check, check-mixed, bench, skinny, fused, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
       exit 2
       ;;
   esac

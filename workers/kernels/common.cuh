@@ -127,6 +127,24 @@ __device__ __forceinline__ float block_sum(float v) {
     return warp_sum(total);
 }
 
+// Largest value over the whole block (blockDim.x a multiple of 32); every thread gets it.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float partial_max[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial_max[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    return warp_max(lane < warps ? partial_max[lane] : 0.0f);
+}
+
+// FP8 e4m3's largest finite value, and the scale that maps a row's largest magnitude `amax` to
+// it (1 for a row of zeros): the per-token quantization of a projection's input rows, the same
+// wherever it is done (fp8.cu's quantize_fp8_rows, the norms and silu_mul that write it).
+#define FP8_MAX 448.0f
+__device__ __forceinline__ float fp8_row_scale(float amax) { return amax > 0.0f ? amax / FP8_MAX : 1.0f; }
+
 // Largest value and the lowest index holding it, over a warp (indices of -inf-only lanes are
 // INT_MAX so any real index wins the tie).
 __device__ __forceinline__ void warp_argmax(float& v, int& idx) {

@@ -56,11 +56,41 @@ __device__ __forceinline__ bool norm_vectorized(int cols) {
     return NORM_VEC > 0 && (cols & 3) == 0 && cols <= 4 * NORM_VEC * (int)blockDim.x;
 }
 
-// Four bf16 of `v * inv * w`, as one 8-byte store.
-__device__ __forceinline__ void store4_normed(bf16* out, float4 v, float inv, float4 w) {
+// Four bf16 of `v * inv * w`, as one 8-byte store; returns them.
+__device__ __forceinline__ uint2 store4_normed(bf16* out, float4 v, float inv, float4 w) {
     const u32 lo = (u32)f32_to_bf16(v.x * inv * w.x) | ((u32)f32_to_bf16(v.y * inv * w.y) << 16);
     const u32 hi = (u32)f32_to_bf16(v.z * inv * w.z) | ((u32)f32_to_bf16(v.w * inv * w.w) << 16);
     *reinterpret_cast<uint2*>(out) = make_uint2(lo, hi);
+    return make_uint2(lo, hi);
+}
+
+// The largest magnitude of four packed bf16.
+__device__ __forceinline__ float amax4_bf16(uint2 p) {
+    return fmaxf(fmaxf(fabsf(__uint_as_float(p.x << 16)), fabsf(__uint_as_float(p.x & 0xffff0000u))),
+                 fmaxf(fabsf(__uint_as_float(p.y << 16)), fabsf(__uint_as_float(p.y & 0xffff0000u))));
+}
+
+// Four packed bf16 times `inverse` as e4m3 codes (the first in the low byte).
+__device__ __forceinline__ u32 e4m3x4_of_bf16(uint2 p, float inverse) {
+    const u32 lo = f32x2_to_e4m3x2(__uint_as_float(p.x << 16) * inverse,
+                                   __uint_as_float(p.x & 0xffff0000u) * inverse);
+    const u32 hi = f32x2_to_e4m3x2(__uint_as_float(p.y << 16) * inverse,
+                                   __uint_as_float(p.y & 0xffff0000u) * inverse);
+    return (lo & 0xffffu) | (hi << 16);
+}
+
+// A norm's or silu_mul's bf16 output row quantized for an FP8 projection, where the caller asks
+// (`q8` not null: the row's codes, `q_scale` its scale), exactly as fp8.cu's quantize_fp8_rows
+// would from the stored row: its largest magnitude to 448. Every thread of the block calls it
+// (a block reduction); `amax` is the thread's share, `row` the row as stored, of which this
+// thread wrote (and now reads back) the values at its `c = threadIdx.x + k * blockDim.x`.
+__device__ __forceinline__ void quantize_own_row(const bf16* row, unsigned char* q8, float* q_scale,
+                                                 int cols, float amax) {
+    const float scale = fp8_row_scale(block_max(amax));
+    if (threadIdx.x == 0) *q_scale = scale;
+    const float inverse = 1.0f / scale;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        q8[c] = (unsigned char)(f32x2_to_e4m3x2(bf16_to_f32(row[c]) * inverse, 0.0f) & 0xffu);
 }
 
 __device__ __forceinline__ float sum_squares(float4 v) {
@@ -68,27 +98,58 @@ __device__ __forceinline__ float sum_squares(float4 v) {
 }
 
 // Writes `out` row r from the row's values `v` (thread's float4s), given the row's sum of
-// squares over the thread's share.
+// squares over the thread's share; and its FP8 codes into `q8` (its scale into `q_scale`)
+// where `q8` is not null.
 __device__ __forceinline__ void write_normed4(const float4 (&v)[NORM_REGS], float ss,
-                                              const float* weight, bf16* out, int cols, float eps) {
+                                              const float* weight, bf16* out, int cols, float eps,
+                                              unsigned char* q8, float* q_scale) {
     const float inv = rsqrtf(block_sum(ss) / cols + eps);
     const int n4 = cols >> 2;
+    uint2 stored[NORM_REGS];
+    float amax = 0.0f;
 #pragma unroll
     for (int i = 0; i < NORM_REGS; i++) {
         const int c4 = threadIdx.x + i * blockDim.x;
+        stored[i] = make_uint2(0u, 0u);
         if (c4 < n4)
-            store4_normed(out + 4 * c4, v[i], inv, reinterpret_cast<const float4*>(weight)[c4]);
+            stored[i] = store4_normed(out + 4 * c4, v[i], inv, reinterpret_cast<const float4*>(weight)[c4]);
+        amax = fmaxf(amax, amax4_bf16(stored[i]));
+    }
+    if (q8 == nullptr) return;
+    const float scale = fp8_row_scale(block_max(amax));
+    if (threadIdx.x == 0) *q_scale = scale;
+    const float inverse = 1.0f / scale;
+#pragma unroll
+    for (int i = 0; i < NORM_REGS; i++) {
+        const int c4 = threadIdx.x + i * blockDim.x;
+        if (c4 < n4) reinterpret_cast<u32*>(q8)[c4] = e4m3x4_of_bf16(stored[i], inverse);
     }
 }
 
-// out = x / sqrt(mean(x^2) + eps) * weight, per row (one block per row).
+// The scalar loops' tail: out[c] = x[c] * inv * w[c], then the FP8 codes where asked.
+__device__ __forceinline__ void write_normed_scalar(const float* row, float inv, const float* weight,
+                                                    bf16* out, int cols, unsigned char* q8,
+                                                    float* q_scale) {
+    float amax = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        out[c] = f32_to_bf16(row[c] * inv * weight[c]);
+        amax = fmaxf(amax, fabsf(bf16_to_f32(out[c])));
+    }
+    if (q8 != nullptr) quantize_own_row(out, q8, q_scale, cols, amax);
+}
+
+// out = x / sqrt(mean(x^2) + eps) * weight, per row (one block per row). With `q8` not null,
+// also the rows' FP8 codes and per-row scales (`q_scales`) for the FP8 projection that reads
+// them (as `quantize_fp8_rows` would make them from `out`).
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
                                     bf16* __restrict__ out, int rows, int cols, float eps,
-                                    const char* prefetch, long long prefetch_bytes) {
+                                    const char* prefetch, long long prefetch_bytes,
+                                    unsigned char* __restrict__ q8, float* __restrict__ q_scales) {
     prefetch_l2(prefetch, prefetch_bytes);
     const long long r = blockIdx.x;
     if (r >= rows) return;
     const float* row = x + r * cols;
+    unsigned char* q8_row = q8 != nullptr ? q8 + r * cols : nullptr;
     if (norm_vectorized(cols)) {
         const int n4 = cols >> 2;
         float4 v[NORM_REGS];
@@ -99,14 +160,13 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
             v[i] = c4 < n4 ? reinterpret_cast<const float4*>(row)[c4] : make_float4(0, 0, 0, 0);
             ss += sum_squares(v[i]);
         }
-        write_normed4(v, ss, weight, out + r * cols, cols, eps);
+        write_normed4(v, ss, weight, out + r * cols, cols, eps, q8_row, q_scales + r);
         return;
     }
     float ss = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += row[c] * row[c];
     const float inv = rsqrtf(block_sum(ss) / cols + eps);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x)
-        out[r * cols + c] = f32_to_bf16(row[c] * inv * weight[c]);
+    write_normed_scalar(row, inv, weight, out + r * cols, cols, q8_row, q_scales + r);
 }
 
 // residual += x, then out = rms_norm(residual) (one block per row). x is a projection's
@@ -118,11 +178,13 @@ __device__ __forceinline__ void add_rms_norm_row(float* __restrict__ residual,
                                                  const T* __restrict__ x,
                                                  const float* __restrict__ weight,
                                                  bf16* __restrict__ out, int rows, int cols,
-                                                 float eps) {
+                                                 float eps, unsigned char* __restrict__ q8,
+                                                 float* __restrict__ q_scales) {
     const long long r = blockIdx.x;
     if (r >= rows) return;
     float* row = residual + r * cols;
     const T* add = x + r * cols;
+    unsigned char* q8_row = q8 != nullptr ? q8 + r * cols : nullptr;
     if (norm_vectorized(cols)) {
         const int n4 = cols >> 2;
         float4 v[NORM_REGS];
@@ -140,7 +202,7 @@ __device__ __forceinline__ void add_rms_norm_row(float* __restrict__ residual,
             }
             ss += sum_squares(v[i]);
         }
-        write_normed4(v, ss, weight, out + r * cols, cols, eps);
+        write_normed4(v, ss, weight, out + r * cols, cols, eps, q8_row, q_scales + r);
         return;
     }
     float ss = 0.0f;
@@ -150,17 +212,17 @@ __device__ __forceinline__ void add_rms_norm_row(float* __restrict__ residual,
         ss += v * v;
     }
     const float inv = rsqrtf(block_sum(ss) / cols + eps);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x)
-        out[r * cols + c] = f32_to_bf16(row[c] * inv * weight[c]);
+    write_normed_scalar(row, inv, weight, out + r * cols, cols, q8_row, q_scales + r);
 }
 
 // x in f32 (the GEMV and skinny kernels of decode batches, a tensor-parallel all-reduce).
 extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const float* __restrict__ x,
                                         const float* __restrict__ weight, bf16* __restrict__ out,
                                         int rows, int cols, float eps, const char* prefetch,
-                                        long long prefetch_bytes) {
+                                        long long prefetch_bytes, unsigned char* __restrict__ q8,
+                                        float* __restrict__ q_scales) {
     prefetch_l2(prefetch, prefetch_bytes);
-    add_rms_norm_row(residual, x, weight, out, rows, cols, eps);
+    add_rms_norm_row(residual, x, weight, out, rows, cols, eps, q8, q_scales);
 }
 
 // x in bf16 (cuBLAS's o_proj and down at prefill sizes).
@@ -169,9 +231,10 @@ extern "C" __global__ void add_rms_norm_bf16(float* __restrict__ residual,
                                              const float* __restrict__ weight,
                                              bf16* __restrict__ out, int rows, int cols,
                                              float eps, const char* prefetch,
-                                             long long prefetch_bytes) {
+                                             long long prefetch_bytes, unsigned char* __restrict__ q8,
+                                             float* __restrict__ q_scales) {
     prefetch_l2(prefetch, prefetch_bytes);
-    add_rms_norm_row(residual, x, weight, out, rows, cols, eps);
+    add_rms_norm_row(residual, x, weight, out, rows, cols, eps, q8, q_scales);
 }
 
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
@@ -219,6 +282,43 @@ extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate_up, bf16*
                                          long long prefetch_bytes) {
     prefetch_l2(prefetch, prefetch_bytes);
     silu_mul_rows(gate_up, out, rows, f);
+}
+
+// silu_mul_rows with the rows' FP8 codes and scales for the FP8 down projection that reads
+// them: one block per row (grid x over rows), its bf16 output written, then quantized from what
+// was written (quantize_own_row).
+template <typename T>
+__device__ __forceinline__ void silu_mul_quant_rows(const T* __restrict__ gate_up,
+                                                    bf16* __restrict__ out,
+                                                    unsigned char* __restrict__ q8,
+                                                    float* __restrict__ q_scales, int rows, int f) {
+    const long long r = blockIdx.x;
+    if (r >= rows) return;
+    const T* gate = gate_up + r * 2 * f;
+    bf16* dst = out + r * f;
+    float amax = 0.0f;
+    for (int c = threadIdx.x; c < f; c += blockDim.x) {
+        dst[c] = f32_to_bf16(silu_times(load1_bf16(gate + c), load1_bf16(gate + f + c)));
+        amax = fmaxf(amax, fabsf(bf16_to_f32(dst[c])));
+    }
+    quantize_own_row(dst, q8 + r * f, q_scales + r, f, amax);
+}
+
+extern "C" __global__ void silu_mul_quant(const float* __restrict__ gate_up, bf16* __restrict__ out,
+                                          unsigned char* __restrict__ q8, float* __restrict__ q_scales,
+                                          int rows, int f, const char* prefetch,
+                                          long long prefetch_bytes) {
+    prefetch_l2(prefetch, prefetch_bytes);
+    silu_mul_quant_rows(gate_up, out, q8, q_scales, rows, f);
+}
+
+extern "C" __global__ void silu_mul_quant_bf16(const bf16* __restrict__ gate_up,
+                                               bf16* __restrict__ out,
+                                               unsigned char* __restrict__ q8,
+                                               float* __restrict__ q_scales, int rows, int f,
+                                               const char* prefetch, long long prefetch_bytes) {
+    prefetch_l2(prefetch, prefetch_bytes);
+    silu_mul_quant_rows(gate_up, out, q8, q_scales, rows, f);
 }
 
 // y[r, c] += bias[c]

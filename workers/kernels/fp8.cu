@@ -11,19 +11,6 @@
 // The conversions (common.cuh) are sm_89+ instructions; built for an older GPU the kernels
 // trap, and the backend refuses FP8 weights there before any runs.
 
-#define FP8_MAX 448.0f
-
-// The largest value over the block (blockDim.x a multiple of 32); every thread gets it.
-__device__ __forceinline__ float fp8_block_max(float v) {
-    __shared__ float partial[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    const int warps = blockDim.x >> 5;
-    return warp_max(lane < warps ? partial[lane] : 0.0f);
-}
 
 // One block per row of x (bf16, `cols` even): the row's scale (static_scale where it is
 // positive, else the row's largest magnitude / 448; 1 for a row of zeros) into scales[row], and
@@ -38,8 +25,7 @@ extern "C" __global__ void quantize_fp8_rows(const bf16* __restrict__ x,
     if (!(scale > 0.0f)) {
         float amax = 0.0f;
         for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(bf16_to_f32(xr[i])));
-        amax = fp8_block_max(amax);
-        scale = amax > 0.0f ? amax / FP8_MAX : 1.0f;
+        scale = fp8_row_scale(block_max(amax));
     }
     if (threadIdx.x == 0) scales[row] = scale;
     const float inverse = 1.0f / scale;

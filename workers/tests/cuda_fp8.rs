@@ -400,3 +400,56 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
         );
     }
 }
+
+/// The norms and silu_mul quantize their output rows for the FP8 projections that read them
+/// (`fp8_fused_quant`) into the very codes the projection's own quantization makes: the logits
+/// of a prefill of 600 tokens (quantized rows, silu_mul's among them) and of decode steps (the
+/// GEMV's bf16 rows) are bitwise the same with it on and off, on the tiny FP8 model and the
+/// extra one the device script passes.
+#[test]
+fn fused_fp8_quantization_gives_the_projections_the_same_codes() {
+    if no_gpu() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let extra = std::env::var_os("TANDEM_GPU_TEST_MODEL_FP8").map(PathBuf::from);
+    for dir in std::iter::once(tiny_fp8(scratch.path())).chain(extra) {
+        let options = ModelOptions {
+            kv_dtype: Some(KvDType::Bf16),
+            ..ModelOptions::default()
+        };
+        let gpu = Model::load(
+            &dir,
+            CudaBackend::new(&CudaOptions {
+                fp8_fused_quant: true,
+                ..CudaOptions::from_env(0)
+            })
+            .unwrap(),
+            &options,
+        )
+        .unwrap();
+        let vocab = gpu.config().vocab_size as u32;
+        // Past the rows from which silu_mul quantizes too (512).
+        let prompt: Vec<u32> = (0..600).map(|i| (i * 11 + 5) % vocab.min(300)).collect();
+        let forced = [3u32, 7, 1];
+        let fused = logits_along(&gpu, &prompt, &forced);
+        let mut options = gpu.backend().options();
+        options.fp8_fused_quant = false;
+        gpu.backend().set_options(&options).unwrap();
+        let separate = logits_along(&gpu, &prompt, &forced);
+        assert_eq!(fused.len(), separate.len());
+        for (step, (a, b)) in fused.iter().zip(&separate).enumerate() {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{}: logits of step {step} differ with fused quantization (relative L2 {:.2e})",
+                dir.display(),
+                rel_l2(a, b)
+            );
+        }
+        eprintln!(
+            "{}: fused FP8 quantization, {} steps bitwise equal",
+            dir.display(),
+            fused.len()
+        );
+    }
+}

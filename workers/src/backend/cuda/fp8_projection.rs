@@ -13,6 +13,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::CudaBackend;
 use super::fp8_gemm::Fp8Operands;
 use super::kernels::GEMV_MAX_ROWS;
+use super::tensor::Fp8Rows;
 use crate::backend::{BackendError, InputScale};
 
 /// Threads of a `quantize_fp8_rows` block (one block per row).
@@ -38,6 +39,28 @@ impl CudaBackend {
     pub(super) fn fp8_gemv_applies(&self, rows: usize, k: usize) -> bool {
         (1..=GEMV_MAX_ROWS.min(self.switches.gemv_max_rows())).contains(&rows)
             && k.is_multiple_of(16)
+    }
+
+    /// `rows` bf16 rows of `k` values as e4m3 codes and scales: `pre` where the kernel that
+    /// wrote `x` made them (per token, which is what `input` must be to use them), else
+    /// quantized here.
+    fn quantized_rows<'a>(
+        &self,
+        x: &CudaSlice<u16>,
+        pre: Option<&'a Fp8Rows>,
+        rows: usize,
+        k: usize,
+        input: InputScale,
+    ) -> Result<QuantizedRows<'a>, BackendError> {
+        match pre {
+            Some(pre) if input == InputScale::PerToken && pre.scales.len() >= rows => {
+                Ok(QuantizedRows::Borrowed(&pre.codes, &pre.scales))
+            }
+            _ => {
+                let (codes, scales) = self.quantize_rows(x, rows, k, input)?;
+                Ok(QuantizedRows::Owned(codes, scales))
+            }
+        }
     }
 
     /// Quantizes `rows` bf16 rows of `k` values: their e4m3 codes and scales.
@@ -74,10 +97,12 @@ impl CudaBackend {
         Ok((codes, scales))
     }
 
-    /// `y = x · wᵀ` in f32 for an FP8 weight.
+    /// `y = x · wᵀ` in f32 for an FP8 weight; `pre`: `x`'s rows quantized by the kernel that
+    /// wrote it, if it did.
     pub(super) fn fp8_project(
         &self,
         x: &CudaSlice<u16>,
+        pre: Option<&Fp8Rows>,
         rows: usize,
         w: &Fp8Weight<'_>,
         out: &mut CudaSlice<f32>,
@@ -98,13 +123,14 @@ impl CudaBackend {
             };
             return self.launch(b, cfg, "gemv_fp8");
         }
-        let (xq, xs) = self.quantize_rows(x, rows, w.k, w.input)?;
+        let quantized = self.quantized_rows(x, pre, rows, w.k, w.input)?;
+        let (xq, xs) = quantized.parts();
         if self.skinny_fp8_applies(rows, w.k)
-            && self.skinny_fp8_linear(&xq, &xs, w.codes, w.row_scales, out, rows, w.n, w.k)?
+            && self.skinny_fp8_linear(xq, xs, w.codes, w.row_scales, out, rows, w.n, w.k)?
         {
             return Ok(());
         }
-        self.fp8_gemm_quantized(&xq, &xs, rows, w, Fp8Out::F32(out))
+        self.fp8_gemm_quantized(xq, xs, rows, w, Fp8Out::F32(out))
     }
 
     /// `y = x · wᵀ` on cuBLASLt's FP8 GEMM, into `out` (bf16, or f32). With the scales
@@ -113,12 +139,14 @@ impl CudaBackend {
     pub(super) fn fp8_gemm_into(
         &self,
         x: &CudaSlice<u16>,
+        pre: Option<&Fp8Rows>,
         rows: usize,
         w: &Fp8Weight<'_>,
         out: Fp8Out<'_>,
     ) -> Result<(), BackendError> {
-        let (xq, xs) = self.quantize_rows(x, rows, w.k, w.input)?;
-        self.fp8_gemm_quantized(&xq, &xs, rows, w, out)
+        let quantized = self.quantized_rows(x, pre, rows, w.k, w.input)?;
+        let (xq, xs) = quantized.parts();
+        self.fp8_gemm_quantized(xq, xs, rows, w, out)
     }
 
     /// [`Self::fp8_gemm_into`] of rows already quantized: their codes `xq` and scales `xs`.
@@ -223,6 +251,22 @@ impl CudaBackend {
                     "fp8_scale_rows_cols",
                 )
             }
+        }
+    }
+}
+
+/// A projection's input rows in FP8: made by the kernel that wrote them, or here.
+enum QuantizedRows<'a> {
+    Borrowed(&'a CudaSlice<u8>, &'a CudaSlice<f32>),
+    Owned(CudaSlice<u8>, CudaSlice<f32>),
+}
+
+impl QuantizedRows<'_> {
+    /// The codes and the scales.
+    fn parts(&self) -> (&CudaSlice<u8>, &CudaSlice<f32>) {
+        match self {
+            QuantizedRows::Borrowed(codes, scales) => (codes, scales),
+            QuantizedRows::Owned(codes, scales) => (codes, scales),
         }
     }
 }

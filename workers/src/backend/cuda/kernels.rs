@@ -322,6 +322,9 @@ pub struct Kernels {
     pub add_rms_norm_bf16: CudaFunction,
     pub silu_mul: CudaFunction,
     pub silu_mul_bf16: CudaFunction,
+    /// `silu_mul` and `silu_mul_bf16` that also write the rows' FP8 codes and scales.
+    pub silu_mul_quant: CudaFunction,
+    pub silu_mul_quant_bf16: CudaFunction,
     pub add_bias: CudaFunction,
     pub gather_rows: CudaFunction,
     pub gather_rows_bf16: CudaFunction,
@@ -484,6 +487,8 @@ impl Kernels {
             add_rms_norm_bf16: f("add_rms_norm_bf16")?,
             silu_mul: f("silu_mul")?,
             silu_mul_bf16: f("silu_mul_bf16")?,
+            silu_mul_quant: f("silu_mul_quant")?,
+            silu_mul_quant_bf16: f("silu_mul_quant_bf16")?,
             add_bias: f("add_bias")?,
             gather_rows: f("gather_rows")?,
             gather_rows_bf16: f("gather_rows_bf16")?,

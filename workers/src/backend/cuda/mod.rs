@@ -132,6 +132,9 @@ pub struct CudaBackend {
     /// Weights' TMA tensor maps for `skinny.cu`, by (address, outputs, inputs): encoded at a
     /// weight's first projection, then looked up.
     skinny_weight_maps: skinny::WeightMaps,
+    /// Some FP8 weight quantizes its input per token: the norms and silu_mul write their rows'
+    /// FP8 form for it ([`CudaOptions::fp8_fused_quant`]). Set at upload.
+    fp8_per_token_inputs: std::sync::atomic::AtomicBool,
     /// Sampling summaries queued for the host, and the picks chained tokens read.
     summaries: sample::SummaryQueue,
     /// Pinned memory the batches' metadata is uploaded from.
@@ -301,6 +304,7 @@ impl CudaBackend {
             side,
             skinny_counters,
             skinny_weight_maps: skinny::WeightMaps::default(),
+            fp8_per_token_inputs: std::sync::atomic::AtomicBool::new(false),
             group: None,
         })
     }

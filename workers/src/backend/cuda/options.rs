@@ -56,6 +56,11 @@ pub struct CudaOptions {
     /// [`SKINNY_MAX_ROWS`](super::kernels::SKINNY_MAX_ROWS)) run `skinny.cu`'s FP8 kernel on
     /// Hopper instead of cuBLASLt (`TANDEM_SKINNY_FP8=0`: cuBLASLt, to compare the two).
     pub skinny_fp8: bool,
+    /// The norms and silu_mul write their rows' FP8 codes and per-token scales beside their
+    /// bf16 output where an FP8 projection of more rows than the FP8 GEMV takes reads them,
+    /// so that projection launches no quantization of its own (`TANDEM_FP8_FUSED_QUANT=0`:
+    /// the projection quantizes, to compare; the codes are the same either way).
+    pub fp8_fused_quant: bool,
     /// Projections of at most this many rows run the GEMV kernel, larger ones `skinny.cu` or
     /// cuBLAS; 0 sends every projection past them (at most
     /// [`GEMV_MAX_ROWS`](super::kernels::GEMV_MAX_ROWS)). No environment variable: benchmarks
@@ -118,6 +123,7 @@ impl Default for CudaOptions {
             skinny_gemm: false,
             skinny_everywhere: false,
             skinny_fp8: true,
+            fp8_fused_quant: true,
             gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
             gate_up_bf16: true,
             residual_bf16: true,
@@ -160,6 +166,7 @@ impl CudaOptions {
             skinny_gemm: var("TANDEM_SKINNY_GEMM").is_some_and(|v| v != "0"),
             skinny_everywhere: false,
             skinny_fp8: switch("TANDEM_SKINNY_FP8"),
+            fp8_fused_quant: switch("TANDEM_FP8_FUSED_QUANT"),
             gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
             gate_up_bf16: match var("TANDEM_GATE_UP_BF16") {
                 Some(v) => v != "0",
@@ -228,6 +235,8 @@ mod tests {
             ("TANDEM_FLASH_PAIRS", "0"),
             ("TANDEM_FLASH_WGMMA", "0"),
             ("TANDEM_SKINNY_GEMM", "1"),
+            ("TANDEM_SKINNY_FP8", "0"),
+            ("TANDEM_FP8_FUSED_QUANT", "0"),
             ("TANDEM_CONCURRENT_ATTENTION", "0"),
             ("TANDEM_SKINNY_SPLITS", "3"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
@@ -250,6 +259,7 @@ mod tests {
                 skinny_gemm: true,
                 skinny_everywhere: false,
                 skinny_fp8: false,
+                fp8_fused_quant: false,
                 gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
                 gate_up_bf16: true,
                 residual_bf16: true,

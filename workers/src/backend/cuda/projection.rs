@@ -86,7 +86,7 @@ impl CudaBackend {
                     k: *k,
                 };
                 let mut out = self.alloc_bf16(x.rows * n)?;
-                self.fp8_gemm_into(xs, x.rows, &w, Fp8Out::Bf16(&mut out))?;
+                self.fp8_gemm_into(xs, x.fp8.as_ref(), x.rows, &w, Fp8Out::Bf16(&mut out))?;
                 Ok(Some(CudaTensor::from_bf16(x.rows, *n, out)))
             }
         }
@@ -140,7 +140,7 @@ impl CudaBackend {
                     n: *out_features,
                     k: *in_features,
                 };
-                self.fp8_project(xs, x.rows, &w, &mut out)?;
+                self.fp8_project(xs, x.fp8.as_ref(), x.rows, &w, &mut out)?;
                 return self.finish_projection(out, x.rows, *out_features, bias);
             }
         };

@@ -20,6 +20,7 @@ pub(super) struct Switches {
     skinny_gemm: AtomicBool,
     skinny_everywhere: AtomicBool,
     skinny_fp8: AtomicBool,
+    fp8_fused_quant: AtomicBool,
     /// On only where the backend has its side stream.
     concurrent_attention: AtomicBool,
     /// At most [`GEMV_MAX_ROWS`].
@@ -36,6 +37,7 @@ impl Switches {
             skinny_gemm: AtomicBool::new(false),
             skinny_everywhere: AtomicBool::new(false),
             skinny_fp8: AtomicBool::new(false),
+            fp8_fused_quant: AtomicBool::new(false),
             concurrent_attention: AtomicBool::new(false),
             gemv_max_rows: AtomicUsize::new(0),
         };
@@ -52,6 +54,7 @@ impl Switches {
         self.skinny_everywhere
             .store(options.skinny_everywhere, relaxed);
         self.skinny_fp8.store(options.skinny_fp8, relaxed);
+        self.fp8_fused_quant.store(options.fp8_fused_quant, relaxed);
         self.concurrent_attention
             .store(options.concurrent_attention && has_side_stream, relaxed);
         self.gemv_max_rows
@@ -65,6 +68,7 @@ impl Switches {
         options.skinny_gemm = self.skinny_gemm();
         options.skinny_everywhere = self.skinny_everywhere();
         options.skinny_fp8 = self.skinny_fp8();
+        options.fp8_fused_quant = self.fp8_fused_quant();
         options.concurrent_attention = self.concurrent_attention();
         options.gemv_max_rows = self.gemv_max_rows();
     }
@@ -94,6 +98,11 @@ impl Switches {
         self.skinny_fp8.load(Ordering::Relaxed)
     }
 
+    /// [`CudaOptions::fp8_fused_quant`].
+    pub(super) fn fp8_fused_quant(&self) -> bool {
+        self.fp8_fused_quant.load(Ordering::Relaxed)
+    }
+
     /// [`CudaOptions::concurrent_attention`], and the backend has its side stream.
     pub(super) fn concurrent_attention(&self) -> bool {
         self.concurrent_attention.load(Ordering::Relaxed)
@@ -115,6 +124,7 @@ pub(super) fn with_run_time_settings_of(options: &CudaOptions, from: &CudaOption
         skinny_gemm: from.skinny_gemm,
         skinny_everywhere: from.skinny_everywhere,
         skinny_fp8: from.skinny_fp8,
+        fp8_fused_quant: from.fp8_fused_quant,
         concurrent_attention: from.concurrent_attention,
         gemv_max_rows: from.gemv_max_rows,
         ..options.clone()
@@ -132,6 +142,7 @@ mod tests {
             skinny_gemm: true,
             skinny_everywhere: true,
             skinny_fp8: false,
+            fp8_fused_quant: false,
             gemv_max_rows: 2,
             ..CudaOptions::default()
         };

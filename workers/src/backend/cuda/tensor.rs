@@ -24,6 +24,16 @@ pub struct CudaTensor {
     pub rows: usize,
     pub cols: usize,
     pub(super) data: DeviceData,
+    /// The rows quantized for an FP8 projection (per token), where the kernel that wrote
+    /// `data` made them too: the projection then skips its own quantization.
+    pub(super) fp8: Option<Fp8Rows>,
+}
+
+/// Activation rows as FP8 e4m3 codes `[rows, cols]` and one f32 scale per row: what
+/// `quantize_fp8_rows` makes of bf16 rows with per-token scales.
+pub struct Fp8Rows {
+    pub(super) codes: CudaSlice<u8>,
+    pub(super) scales: CudaSlice<f32>,
 }
 
 impl CudaTensor {
@@ -32,6 +42,7 @@ impl CudaTensor {
             rows,
             cols,
             data: DeviceData::F32(data),
+            fp8: None,
         }
     }
 
@@ -40,7 +51,14 @@ impl CudaTensor {
             rows,
             cols,
             data: DeviceData::Bf16(data),
+            fp8: None,
         }
+    }
+
+    /// This tensor with its rows' FP8 form (`None`: without).
+    pub(super) fn with_fp8(mut self, fp8: Option<Fp8Rows>) -> Self {
+        self.fp8 = fp8;
+        self
     }
 
     pub(super) fn as_f32(&self, op: &'static str) -> Result<&CudaSlice<f32>, BackendError> {
