@@ -6,9 +6,11 @@
     python examples/openai_client.py "What is the capital of France?"
     python examples/openai_client.py --no-stream --max-tokens 64 "Write a haiku about the sea."
 
-The model name is optional for tandem (it serves one model); it is read from /v1/models here
-so the same script works against any OpenAI-compatible server. A deployment with API keys
-(`api_keys` in its config, or TANDEM_API_KEY) wants one: `export OPENAI_API_KEY=...` first.
+The server is OPENAI_BASE_URL where it is set, as the official client takes it (else
+http://127.0.0.1:8000/v1; `--base-url` overrides both). The model name is optional for tandem
+(it serves one model); it is read from /v1/models here so the same script works against any
+OpenAI-compatible server. A deployment with API keys (`api_keys` in its config, or
+TANDEM_API_KEY) wants one: `export OPENAI_API_KEY=...` first.
 """
 
 import argparse
@@ -21,7 +23,8 @@ import openai
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", default="What is the capital of France?")
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1",
+                        help="the server's /v1 URL (default: $OPENAI_BASE_URL, else http://127.0.0.1:8000/v1)")
     parser.add_argument("--system", default=None, help="an optional system message")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)

@@ -72,11 +72,11 @@ fn openai_client_works_unchanged_against_tandem_serve() {
         tandem.output()
     );
 
-    // The example client too.
+    // The example client too, given the server as the official client takes it.
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/openai_client.py");
     let output = python()
         .arg(&example)
-        .args(["--base-url", &format!("http://127.0.0.1:{port}/v1")])
+        .env("OPENAI_BASE_URL", format!("http://127.0.0.1:{port}/v1"))
         .args(["--max-tokens", "16", "What is the capital of France?"])
         .output()
         .expect("python3 runs");
