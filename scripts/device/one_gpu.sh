@@ -74,7 +74,11 @@ for stage in "${stages[@]}"; do
       ;;
     offline-128-128) offline "128-128-n${N:-30000}${TAG:+-$TAG}" 1024 1024 "${N:-30000}" 128 128 ;;
     offline-2048-128) offline "2048-128-n${N:-3000}${TAG:+-$TAG}" 512 512 "${N:-3000}" 2048 128 ;;
-    offline-1000-1000) offline "1000-1000-n${N:-3000}${TAG:+-$TAG}" 256 256 "${N:-3000}" 1000 1000 ;;
+    offline-1000-1000)
+      # MAX_BATCH: sequences at once (256 by default; an FP8 cache has room for twice that).
+      batch=${MAX_BATCH:-256}
+      offline "1000-1000-n${N:-3000}-b$batch${TAG:+-$TAG}" "$batch" "$batch" "${N:-3000}" 1000 1000
+      ;;
     *)
       echo "unknown stage $stage (tests, check, bench, offline, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
       exit 2

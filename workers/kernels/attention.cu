@@ -9,8 +9,116 @@
 // Rotates q (in place) and k of each token's fused [q | k | v] row (rotate-half convention,
 // cos/sin per token precomputed on the host as Hugging Face does), then stores the token's
 // rotated k and its v into `layer` of the token's cache slot, as bf16 or FP8 codes (`C`). One
-// block per token.
+// block per token. With ROTATE_KEYS (the FP8 cache), q and k are then turned by the normalized
+// Walsh-Hadamard transform of `hadamard_rotate_heads` before k is stored, as the CPU backend
+// does (workers/src/kv_cache/key_rotation.rs): scores are unchanged and the codes' rounding no
+// longer gathers in the keys' few large channels.
+//
+// The transform runs in place on the row in global memory, one butterfly stage at a time, the
+// block's threads synchronized between stages (the row is a few KiB, read from L1).
+__device__ __forceinline__ void hadamard_rotate_heads(float* __restrict__ x, int n, int block) {
+    const float norm = rsqrtf((float)block);
+    for (int half = 1; half < block; half <<= 1) {
+        __syncthreads();
+        const bool last = 2 * half == block;
+        for (int p = threadIdx.x; p < n / 2; p += blockDim.x) {
+            const int i = (p / half) * 2 * half + p % half;
+            const float a = x[i], b = x[i + half];
+            x[i] = last ? (a + b) * norm : a + b;
+            x[i + half] = last ? (a - b) * norm : a - b;
+        }
+    }
+    __syncthreads();
+}
+
+// Head dims up to this many go through `rope_rotate_heads_warp` (a lane holds dim / 32 values).
+#define ROTATE_MAX_DIM 256
+
+// The rotary embedding and the rotation of each head of one token's row in registers, a warp
+// per head, no block-wide synchronization (at batch 1 the staged version's barriers cost ~5 us
+// a layer): lane l holds dims e * 32 + l (E = dim / 32 of them), so a rope pair (i, i + dim/2)
+// sits in one lane when dim is a multiple of 64, the rotation's butterflies below 32 dims are
+// lane shuffles and the wider ones swap a lane's own registers. q heads go back to the row; k
+// heads go back to the row too and, as codes, into the cache at `k_dst`.
+template <typename C, int E>
+__device__ __forceinline__ void rope_rotate_heads_warp_e(float* __restrict__ row,
+                                                         const float* __restrict__ cs,
+                                                         const float* __restrict__ sn,
+                                                         C* __restrict__ k_dst, int num_heads,
+                                                         int num_kv_heads, int block) {
+    constexpr int D = E * 32;
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const float norm = rsqrtf((float)block);
+    for (int head = threadIdx.x >> 5; head < num_heads + num_kv_heads; head += warps) {
+        float* x = row + head * D;
+        float v[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) v[e] = x[e * 32 + lane];
+#pragma unroll
+        for (int e = 0; e < E / 2; ++e) {
+            const int i = e * 32 + lane;
+            const float a = v[e], b = v[e + E / 2];
+            v[e] = a * cs[i] - b * sn[i];
+            v[e + E / 2] = b * cs[i] + a * sn[i];
+        }
+        // Butterflies of span 1..16 (partner: lane ^ span), then 32.. (partner: e ^ span/32),
+        // up to the rotation block; the element with the span's bit clear keeps a + b, its
+        // partner b' = a - b.
+#pragma unroll
+        for (int span = 1; span < 32; span <<= 1) {
+            const bool upper = lane & span;
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+                const float other = __shfl_xor_sync(0xffffffffu, v[e], span);
+                v[e] = upper ? other - v[e] : v[e] + other;
+            }
+        }
+#pragma unroll
+        for (int span = 1; span < E; span <<= 1) {
+            if (span < block / 32) {
+#pragma unroll
+                for (int e = 0; e < E; ++e) {
+                    if (!(e & span)) {
+                        const float a = v[e], b = v[e ^ span];
+                        v[e] = a + b;
+                        v[e ^ span] = a - b;
+                    }
+                }
+            }
+        }
+        const bool key = head >= num_heads;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const float r = v[e] * norm;
+            x[e * 32 + lane] = r;
+            if (key) kv_store1(k_dst + (head - num_heads) * D + e * 32 + lane, r);
+        }
+    }
+}
+
+// `rope_rotate_heads_warp_e` for head dims 64, 128, 192, 256 (multiples of 64 up to
+// ROTATE_MAX_DIM).
 template <typename C>
+__device__ __forceinline__ void rope_rotate_heads_warp(float* __restrict__ row,
+                                                       const float* __restrict__ cs,
+                                                       const float* __restrict__ sn,
+                                                       C* __restrict__ k_dst, int num_heads,
+                                                       int num_kv_heads, int head_dim,
+                                                       int block) {
+#define ROTATE_WARP_CASE(DIM)                                                                     \
+    case DIM:                                                                                     \
+        rope_rotate_heads_warp_e<C, DIM / 32>(row, cs, sn, k_dst, num_heads, num_kv_heads, block); \
+        break;
+    switch (head_dim) {
+        ROTATE_WARP_CASE(64)
+        ROTATE_WARP_CASE(128)
+        ROTATE_WARP_CASE(192)
+        ROTATE_WARP_CASE(256)
+    }
+#undef ROTATE_WARP_CASE
+}
+
+template <typename C, bool ROTATE_KEYS>
 __device__ __forceinline__ void rope_cache_write_impl(
     float* __restrict__ qkv, const float* __restrict__ cos_table, const float* __restrict__ sin_table,
     const u32* __restrict__ slot_mapping, C* __restrict__ cache, int num_heads, int num_kv_heads,
@@ -20,6 +128,8 @@ __device__ __forceinline__ void rope_cache_write_impl(
     const int width = (num_heads + 2 * num_kv_heads) * head_dim;
     const int token_stride = num_kv_heads * head_dim;
     const long long kv_stride = (long long)block_size * token_stride;
+    // Every head's rotation block: the largest power of two dividing head_dim.
+    const int rotation_block = head_dim & -head_dim;
     float* row = qkv + t * width;
     const float* cs = cos_table + t * half;
     const float* sn = sin_table + t * half;
@@ -27,6 +137,13 @@ __device__ __forceinline__ void rope_cache_write_impl(
     C* k_dst = cache + (long long)(slot / block_size) * block_elems + layer_offset +
                (long long)(slot % block_size) * token_stride;
     C* v_dst = k_dst + kv_stride;
+    if (ROTATE_KEYS && head_dim % 64 == 0 && head_dim <= ROTATE_MAX_DIM) {
+        rope_rotate_heads_warp<C>(row, cs, sn, k_dst, num_heads, num_kv_heads, head_dim,
+                                  rotation_block);
+        const float* v = row + (num_heads + num_kv_heads) * head_dim;
+        for (int j = threadIdx.x; j < token_stride; j += blockDim.x) kv_store1(v_dst + j, v[j]);
+        return;
+    }
 #ifndef ROPE_VEC
 #define ROPE_VEC 1
 #endif
@@ -47,11 +164,17 @@ __device__ __forceinline__ void rope_cache_write_impl(
             const float2 rb = make_float2(b.x * c.x + a.x * sn2.x, b.y * c.y + a.y * sn2.y);
             *reinterpret_cast<float2*>(x + i) = ra;
             *reinterpret_cast<float2*>(x + i + half) = rb;
-            if (head >= num_heads) {
+            if (!ROTATE_KEYS && head >= num_heads) {
                 C* k = k_dst + (head - num_heads) * head_dim + i;
                 kv_store2(k, ra.x, ra.y);
                 kv_store2(k + half, rb.x, rb.y);
             }
+        }
+        if (ROTATE_KEYS) {
+            hadamard_rotate_heads(row, (num_heads + num_kv_heads) * head_dim, rotation_block);
+            const float* k = row + num_heads * head_dim;
+            for (int j = 4 * threadIdx.x; j < token_stride; j += 4 * blockDim.x)
+                kv_store4(k_dst + j, *reinterpret_cast<const float4*>(k + j));
         }
         const float* v = row + (num_heads + num_kv_heads) * head_dim;
         for (int j = 4 * threadIdx.x; j < token_stride; j += 4 * blockDim.x)
@@ -67,29 +190,35 @@ __device__ __forceinline__ void rope_cache_write_impl(
         const float rb = b * cs[i] + a * sn[i];
         x[i] = ra;
         x[i + half] = rb;
-        if (head >= num_heads) {
+        if (!ROTATE_KEYS && head >= num_heads) {
             const int kh = head - num_heads;
             kv_store1(k_dst + kh * head_dim + i, ra);
             kv_store1(k_dst + kh * head_dim + i + half, rb);
         }
     }
+    if (ROTATE_KEYS) {
+        hadamard_rotate_heads(row, (num_heads + num_kv_heads) * head_dim, rotation_block);
+        const float* k = row + num_heads * head_dim;
+        for (int j = threadIdx.x; j < token_stride; j += blockDim.x) kv_store1(k_dst + j, k[j]);
+    }
     const float* v = row + (num_heads + num_kv_heads) * head_dim;
     for (int j = threadIdx.x; j < token_stride; j += blockDim.x) kv_store1(v_dst + j, v[j]);
 }
 
-#define ROPE_CACHE_WRITE_KERNEL(NAME, C)                                                          \
+#define ROPE_CACHE_WRITE_KERNEL(NAME, C, ROTATE_KEYS)                                              \
     extern "C" __global__ void NAME(float* __restrict__ qkv, const float* __restrict__ cos_table,  \
-                                    const float* __restrict__ sin_table,                          \
-                                    const u32* __restrict__ slot_mapping, C* __restrict__ cache,  \
-                                    int num_heads, int num_kv_heads, int head_dim,                \
-                                    int block_size, long long block_elems,                        \
-                                    long long layer_offset) {                                     \
-        rope_cache_write_impl<C>(qkv, cos_table, sin_table, slot_mapping, cache, num_heads,       \
-                                 num_kv_heads, head_dim, block_size, block_elems, layer_offset);  \
+                                    const float* __restrict__ sin_table,                           \
+                                    const u32* __restrict__ slot_mapping, C* __restrict__ cache,   \
+                                    int num_heads, int num_kv_heads, int head_dim,                 \
+                                    int block_size, long long block_elems,                         \
+                                    long long layer_offset) {                                      \
+        rope_cache_write_impl<C, ROTATE_KEYS>(qkv, cos_table, sin_table, slot_mapping, cache,      \
+                                              num_heads, num_kv_heads, head_dim, block_size,       \
+                                              block_elems, layer_offset);                          \
     }
 
-ROPE_CACHE_WRITE_KERNEL(rope_cache_write, bf16)
-ROPE_CACHE_WRITE_KERNEL(rope_cache_write_fp8, fp8)
+ROPE_CACHE_WRITE_KERNEL(rope_cache_write, bf16, false)
+ROPE_CACHE_WRITE_KERNEL(rope_cache_write_fp8, fp8, true)
 
 #define ATTN_WARPS 4
 

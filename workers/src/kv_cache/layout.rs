@@ -21,7 +21,9 @@ pub enum KvDType {
     Bf16,
     /// FP8 e4m3 codes of the values themselves (a scale of 1, vLLM's default where a
     /// checkpoint has no KV scales): half the bytes of bf16 per token, so twice the tokens in
-    /// the same memory and half the bytes a hand-over moves. Writes saturate at +-448.
+    /// the same memory and half the bytes a hand-over moves. Writes saturate at +-448. Keys
+    /// are stored under a Walsh-Hadamard rotation of each head, which queries take too
+    /// ([`super::key_rotation`]): the codes of an unrotated key read as garbage.
     Fp8,
 }
 

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::kv::{CpuKvCache, KvData};
 use super::simd::Elem;
 use crate::backend::{AttentionShape, BatchPlan};
-use crate::kv_cache::KvLayout;
+use crate::kv_cache::{KvDType, KvLayout, key_rotation};
 
 /// Rotates one head in place: Hugging Face's `x * cos + rotate_half(x) * sin`, where
 /// `rotate_half([a, b]) = [-b, a]` over the two halves of the head.
@@ -35,7 +35,8 @@ fn write_kv<E: Elem>(cache: &mut [E], start: usize, src: &[f32]) {
 }
 
 /// Applies rope to q (in place) and k of every token's fused row, and stores k and v into the
-/// token's slot of `layer`.
+/// token's slot of `layer`. Over an FP8 cache, q and k are then rotated in place as
+/// [`key_rotation`] says, which leaves their scores unchanged.
 pub fn rope_and_cache_write(
     qkv: &mut [f32],
     plan: &BatchPlan,
@@ -51,8 +52,12 @@ pub fn rope_and_cache_write(
     for (t, row) in qkv.chunks_mut(width).enumerate() {
         let cos = &plan.rope_cos[t * half..(t + 1) * half];
         let sin = &plan.rope_sin[t * half..(t + 1) * half];
-        for head in row[..(shape.num_heads + shape.num_kv_heads) * d].chunks_mut(d) {
+        let qk = &mut row[..(shape.num_heads + shape.num_kv_heads) * d];
+        for head in qk.chunks_mut(d) {
             rotate_half_in_place(head, cos, sin);
+        }
+        if layout.dtype == KvDType::Fp8 {
+            key_rotation::rotate_heads(qk, d);
         }
         let slot = plan.slot_mapping[t] as usize;
         let (block, offset) = (slot / layout.block_size, slot % layout.block_size);
