@@ -24,6 +24,9 @@
 #            projection table of the two kernels (weight TB/s, relative L2)
 #   fused    the same bench with the FP8 projections' input quantized by the norms and silu_mul
 #            (the default) and by a kernel of its own (TANDEM_FP8_FUSED_QUANT=0)
+#   widen    the same bench with prefill attention over the FP8 cache on flash.cu's FP8 kernel
+#            (TANDEM_FP8_PREFILL_WIDEN=0) and on the warpgroup kernel over a bf16 copy of the
+#            blocks (the default)
 #   attn-stages
 #            gpu_bench bench on Llama-3.1-8B shapes in FP8 with an FP8 KV cache, once per count
 #            of the FP8 decode attention's shared-memory stages (STAGES_LIST, default "3 4 5":
@@ -87,9 +90,10 @@ for stage in "${stages[@]}"; do
           tee "$out/bench-$dtype.log" | grep -E "^ceilings|^FP8|^decode|^prefill"
       done
       ;;
-    skinny|fused)
+    skinny|fused|widen)
       var=TANDEM_SKINNY_FP8
       [ "$stage" = fused ] && var=TANDEM_FP8_FUSED_QUANT
+      [ "$stage" = widen ] && var=TANDEM_FP8_PREFILL_WIDEN
       for on in 0 1; do
         echo "== bench llama-3.1-8b fp8, fp8 KV, $var=$on"
         env "$var=$on" TANDEM_BENCH_BLOCK=64 gpu_bench bench \
@@ -172,7 +176,7 @@ PY
       grep -iE "error|warn" "$out/large-batch-serve.log" | grep -v "error: stream" | head -5 | cut -c1-400
       ;;
     *)
-      echo "unknown stage $stage (tests, check, check-mixed, bench, skinny, fused, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
+      echo "unknown stage $stage (tests, check, check-mixed, bench, skinny, fused, widen, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
       exit 2
       ;;
   esac

@@ -220,6 +220,34 @@ __device__ __forceinline__ void rope_cache_write_impl(
 ROPE_CACHE_WRITE_KERNEL(rope_cache_write, bf16, false)
 ROPE_CACHE_WRITE_KERNEL(rope_cache_write_fp8, fp8, true)
 
+// One layer's K and V of each listed block of an FP8 cache, widened exactly to bf16 (an e4m3
+// value is a bf16 one) into a compact copy: copy block i is cache block `blocks[i]`, and a
+// block of the copy is that layer's `layer_elems` values (K then V), so the copy reads as a
+// one-layer bf16 cache. The warpgroup prefill kernel, bf16-only, then runs over it. Grid
+// (chunks of a block, listed blocks); eight codes a thread a step.
+extern "C" __global__ void widen_fp8_kv_blocks(const fp8* __restrict__ cache,
+                                               const u32* __restrict__ blocks, int num_blocks,
+                                               bf16* __restrict__ out, long long block_elems,
+                                               long long layer_offset, long long layer_elems) {
+    const long long vecs = layer_elems / 8;
+    for (int i = blockIdx.y; i < num_blocks; i += gridDim.y) {
+        const uint2* src =
+            reinterpret_cast<const uint2*>(cache + (long long)blocks[i] * block_elems + layer_offset);
+        uint4* dst = reinterpret_cast<uint4*>(out + (long long)i * layer_elems);
+        for (long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x; v < vecs;
+             v += (long long)gridDim.x * blockDim.x) {
+            float f[8];
+            kv_widen8(src[v], f);
+            u32 w[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                w[j] = (__float_as_uint(f[2 * j]) >> 16) |
+                       (__float_as_uint(f[2 * j + 1]) & 0xffff0000u);
+            dst[v] = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    }
+}
+
 #define ATTN_WARPS 4
 
 // One output element of a decode attention block, its query head `th` (token x heads + head)

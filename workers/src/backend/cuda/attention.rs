@@ -73,6 +73,16 @@ impl CacheArgs {
     }
 }
 
+/// Where a prefill attention reads K/V: the paged cache itself, or a widened copy of its
+/// prefill blocks ([`super::widened_kv`]) with the block tables that index the copy.
+struct PrefillKv<'a> {
+    data: &'a CudaSlice<u16>,
+    block_tables: &'a u64,
+    cache: CacheArgs,
+    tensor_map: &'a CudaSlice<u64>,
+    use_tma: bool,
+}
+
 /// Query heads per block of the decode attention kernel (`ATTN_GMAX` in attention.cu).
 const ATTN_GMAX: usize = 8;
 
@@ -110,15 +120,10 @@ impl CudaBackend {
         blocks: usize,
         data: &CudaSlice<u16>,
     ) -> Option<[u64; 16]> {
-        let (_, config) = self.kernels.flash_wgmma.as_ref()?;
-        let bs = layout.block_size;
-        if layout.head_dim != 128
-            || !(8..=64).contains(&bs)
-            || !config.keys.is_multiple_of(bs)
-            || !bs.is_power_of_two()
-        {
+        if !self.kv_tensor_map_fits(layout) {
             return None;
         }
+        let bs = layout.block_size;
         let elem = 2u64;
         let dims = [
             layout.head_dim as u64,
@@ -144,25 +149,41 @@ impl CudaBackend {
             .ok()
     }
 
+    /// Whether the warpgroup kernel is there and `layout` fits its tensor map (head dim 128; a
+    /// block of 8 to 64 tokens, a power of two, dividing its 64-key tiles).
+    pub(super) fn kv_tensor_map_fits(&self, layout: &KvLayout) -> bool {
+        let Some((_, config)) = self.kernels.flash_wgmma.as_ref() else {
+            return false;
+        };
+        let bs = layout.block_size;
+        layout.head_dim == 128
+            && (8..=64).contains(&bs)
+            && config.keys.is_multiple_of(bs)
+            && bs.is_power_of_two()
+    }
+
+    /// The warpgroup prefill kernel's launch, for head dim 128 on Hopper with `flash_wgmma`
+    /// on.
+    fn wgmma_launch(&self, shape: &AttentionShape) -> Option<FlashLaunch<'_>> {
+        let (kernel, config) = self.kernels.flash_wgmma.as_ref()?;
+        (self.switches.flash_wgmma() && shape.head_dim == 128).then(|| FlashLaunch {
+            kernel,
+            heads_per_block: 1,
+            threads: kernels::WgmmaFlashConfig::THREADS,
+            smem_bytes: config.smem_bytes() as u32,
+            wgmma: true,
+            persistent: config.persistent,
+        })
+    }
+
     /// The prefill attention kernel for `shape` and how to launch it: the warpgroup kernel for
     /// head dim 128 on Hopper (`flash_wgmma` on); else `flash.cu`'s, with two heads of one KV
     /// head per block where the query group size is even (and `flash_head_pairs` is on), else
     /// one.
     fn flash_kernel(&self, shape: &AttentionShape, dtype: KvDType) -> Option<FlashLaunch<'_>> {
         let fp8 = dtype == KvDType::Fp8;
-        if !fp8
-            && self.switches.flash_wgmma()
-            && shape.head_dim == 128
-            && let Some((kernel, config)) = &self.kernels.flash_wgmma
-        {
-            return Some(FlashLaunch {
-                kernel,
-                heads_per_block: 1,
-                threads: kernels::WgmmaFlashConfig::THREADS,
-                smem_bytes: config.smem_bytes() as u32,
-                wgmma: true,
-                persistent: config.persistent,
-            });
+        if !fp8 && let Some(launch) = self.wgmma_launch(shape) {
+            return Some(launch);
         }
         let group = shape.num_heads / shape.num_kv_heads;
         let (singles, pairs) = if fp8 {
@@ -194,7 +215,7 @@ impl CudaBackend {
     }
 
     /// Attention of the query rows the prefill tiles of `batch` cover, into their rows of
-    /// `out`, on the tensor cores (`flash.cu`).
+    /// `out`, on the tensor cores (`flash.cu`), reading K/V from `src`.
     #[allow(clippy::too_many_arguments)]
     fn flash_prefill(
         &self,
@@ -204,24 +225,22 @@ impl CudaBackend {
         out: &mut CudaSlice<u16>,
         batch: &CudaBatch,
         shape: &AttentionShape,
-        kv: &CudaKvCache,
-        layer: usize,
+        src: PrefillKv<'_>,
     ) -> Result<(), BackendError> {
         if batch.num_tiles == 0 {
             return Ok(());
         }
-        let layout = kv.layout;
         let q = qkv.as_f32("flash_prefill")?;
-        let cache = CacheArgs::new(shape, &layout, layer);
+        let cache = src.cache;
         let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
         let mut b = stream.launch_builder(launch.kernel);
         b.arg(q)
-            .arg(&*kv.data)
+            .arg(src.data)
             .arg(batch.positions())
             .arg(batch.seq_token_start())
             .arg(batch.seq_token_count())
             .arg(batch.seq_block_start())
-            .arg(batch.block_tables())
+            .arg(src.block_tables)
             .arg(batch.tile_seq())
             .arg(batch.tile_row())
             .arg(out)
@@ -231,10 +250,10 @@ impl CudaBackend {
             .arg(&cache.block_elems)
             .arg(&cache.layer_offset)
             .arg(&scale_log2);
-        let use_tma = i32::from(kv.has_tensor_map);
+        let use_tma = i32::from(src.use_tma);
         let num_tiles = batch.num_tiles as i32;
         if launch.wgmma {
-            b.arg(&kv.tensor_map).arg(&use_tma).arg(&num_tiles);
+            b.arg(src.tensor_map).arg(&use_tma).arg(&num_tiles);
         }
         let heads = (shape.num_heads / launch.heads_per_block) as u32;
         let items = batch.num_tiles as u32 * heads;
@@ -534,9 +553,22 @@ impl CudaBackend {
         check_attention(qkv, batch, shape, kv, layer)?;
         let width = shape.num_heads * shape.head_dim;
         let mut out = self.alloc_bf16(qkv.rows * width)?;
-        if batch.num_tokens > batch.num_seqs
-            && let Some(flash) = self.flash_kernel(shape, kv.layout.dtype)
-        {
+        // Over an FP8 cache, the warpgroup kernel reads a bf16 copy of the prefill blocks
+        // where it can ([`CudaOptions::fp8_prefill_widen`](super::CudaOptions::fp8_prefill_widen)).
+        let prefill = batch.num_tokens > batch.num_seqs;
+        let mut widened = None;
+        if prefill && kv.layout.dtype == KvDType::Fp8 && self.switches.fp8_prefill_widen() {
+            widened = self
+                .wgmma_launch(shape)
+                .filter(|_| self.kv_tensor_map_fits(&kv.layout))
+                .and_then(|launch| Some((launch, self.widened_kv(kv, batch)?)));
+        }
+        let flash = match widened {
+            Some((launch, copy)) => Some((launch, Some(copy))),
+            None if prefill => self.flash_kernel(shape, kv.layout.dtype).map(|l| (l, None)),
+            None => None,
+        };
+        if let Some((flash, mut copy)) = flash {
             // Prefill chunks through the tensor-core kernel; the decodes batched with them
             // through the decode kernel, which reads each KV head's context once for its
             // whole query group (the prefill kernel would read it once per query head). With
@@ -549,16 +581,26 @@ impl CudaBackend {
                 Some(side) => dev!("paged_attention", side.fork(&self.stream))?,
                 None => &self.stream,
             };
-            self.flash_prefill(
-                prefill_stream,
-                flash,
-                qkv,
-                &mut out,
-                batch,
-                shape,
-                kv,
-                layer,
-            )?;
+            let src = match copy.as_deref_mut().and_then(Option::as_mut) {
+                Some(copy) => {
+                    self.widen_blocks(prefill_stream, copy, kv, batch, layer)?;
+                    PrefillKv {
+                        data: &copy.data,
+                        block_tables: batch.prefill_tables(),
+                        cache: CacheArgs::new(shape, &copy.layout, 0),
+                        tensor_map: &copy.tensor_map,
+                        use_tma: true,
+                    }
+                }
+                None => PrefillKv {
+                    data: &kv.data,
+                    block_tables: batch.block_tables(),
+                    cache: CacheArgs::new(shape, &kv.layout, layer),
+                    tensor_map: &kv.tensor_map,
+                    use_tma: kv.has_tensor_map,
+                },
+            };
+            self.flash_prefill(prefill_stream, flash, qkv, &mut out, batch, shape, src)?;
             if batch.decode_rows > 0 {
                 self.decode_attention(qkv, &mut out, batch.decode_rows, batch, shape, kv, layer)?;
             }

@@ -31,7 +31,7 @@ pub(super) struct GraphShape {
 /// Host-side packing of a plan (padded to `shape` when given).
 struct Packed {
     ints: Vec<u32>,
-    offsets: [usize; 11],
+    offsets: [usize; INT_ARRAYS],
     floats: Vec<f32>,
     rope_len: usize,
     decode_rows: usize,
@@ -40,6 +40,32 @@ struct Packed {
     num_tiles: usize,
     num_logits: usize,
     max_context: usize,
+    num_prefill_blocks: usize,
+}
+
+/// Integer arrays a batch packs (see `pack`).
+const INT_ARRAYS: usize = 13;
+
+/// The cache blocks the prefill sequences (those after `decode_rows`) read, each once, in
+/// order of first use, and the batch's block tables with those sequences' entries replaced by
+/// their block's index in that list (other entries 0): the tables of a compact copy of just
+/// those blocks, which a prefill attention over an FP8 cache reads widened to bf16.
+fn prefill_blocks(plan: &BatchPlan, decode_rows: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut blocks = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    let mut tables = vec![0u32; plan.block_tables.len()];
+    for seq in plan.sequences.iter().skip(decode_rows) {
+        let start = seq.block_table_start;
+        for (i, &block) in plan.block_table(seq).iter().enumerate() {
+            let next = blocks.len() as u32;
+            let at = *index.entry(block).or_insert_with(|| {
+                blocks.push(block);
+                next
+            });
+            tables[start + i] = at;
+        }
+    }
+    (blocks, tables)
 }
 
 /// The prefill attention's tiles (`FLASH_ROWS` query rows of one sequence each) as (sequence,
@@ -111,6 +137,14 @@ fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendE
         0
     };
     let (mut tile_seq, mut tile_row) = prefill_tiles(plan, decode_rows);
+    // Only a batch with prompt chunks has prefill tiles to read a widened copy; a decode step
+    // (the graph-replayed shape too) lists none.
+    let (prefill_blocks, prefill_tables) = if shape.is_none() && tokens.len() > plan.sequences.len()
+    {
+        prefill_blocks(plan, decode_rows)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let mut cos = plan.rope_cos.clone();
     let mut sin = plan.rope_sin.clone();
     let mut max_context = plan
@@ -151,7 +185,7 @@ fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendE
         seq_block_start = (0..shape.batch).map(|s| (s * bps) as u32).collect();
         max_context = shape.context;
     }
-    let arrays: [&[u32]; 11] = [
+    let arrays: [&[u32]; INT_ARRAYS] = [
         &tokens,
         &positions,
         &token_seq,
@@ -163,9 +197,11 @@ fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendE
         &seq_token_count,
         &tile_seq,
         &tile_row,
+        &prefill_blocks,
+        &prefill_tables,
     ];
     let mut ints = Vec::with_capacity(arrays.iter().map(|a| a.len()).sum::<usize>() + 1);
-    let mut offsets = [0usize; 11];
+    let mut offsets = [0usize; INT_ARRAYS];
     for (i, a) in arrays.iter().enumerate() {
         offsets[i] = ints.len();
         ints.extend_from_slice(a);
@@ -183,6 +219,7 @@ fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendE
         num_tiles: tile_seq.len(),
         num_logits: logits_rows.len(),
         max_context,
+        num_prefill_blocks: prefill_blocks.len(),
         ints,
         offsets,
         floats,
@@ -206,8 +243,10 @@ pub struct CudaBatch {
     pub(super) max_context: usize,
     pub(super) block_size: usize,
     pub(super) rope_half: usize,
+    /// Cache blocks the prefill sequences read (see [`Self::prefill_blocks`]).
+    pub(super) num_prefill_blocks: usize,
     /// Device addresses of the sub-arrays, in `pack`'s order, then cos and sin.
-    addr: [u64; 13],
+    addr: [u64; INT_ARRAYS + 2],
 }
 
 fn upload_err(e: cudarc::driver::DriverError) -> BackendError {
@@ -355,12 +394,12 @@ impl CudaBatch {
             let (p, _sync) = floats.device_ptr(stream);
             p
         };
-        let mut addr = [0u64; 13];
+        let mut addr = [0u64; INT_ARRAYS + 2];
         for (i, off) in packed.offsets.iter().enumerate() {
             addr[i] = ibase + 4 * *off as u64;
         }
-        addr[11] = fbase;
-        addr[12] = fbase + 4 * packed.rope_len as u64;
+        addr[INT_ARRAYS] = fbase;
+        addr[INT_ARRAYS + 1] = fbase + 4 * packed.rope_len as u64;
         CudaBatch {
             ints,
             floats,
@@ -372,6 +411,7 @@ impl CudaBatch {
             max_context: packed.max_context,
             block_size: plan.block_size,
             rope_half: plan.rope_half,
+            num_prefill_blocks: packed.num_prefill_blocks,
             addr,
         }
     }
@@ -409,11 +449,20 @@ impl CudaBatch {
     pub(super) fn tile_row(&self) -> &u64 {
         &self.addr[10]
     }
-    pub(super) fn rope_cos(&self) -> &u64 {
+    /// The cache blocks of the prefill sequences, `num_prefill_blocks` of them, each once.
+    pub(super) fn prefill_blocks(&self) -> &u64 {
         &self.addr[11]
     }
-    pub(super) fn rope_sin(&self) -> &u64 {
+    /// The block tables with the prefill sequences' entries as indexes into
+    /// [`Self::prefill_blocks`].
+    pub(super) fn prefill_tables(&self) -> &u64 {
         &self.addr[12]
+    }
+    pub(super) fn rope_cos(&self) -> &u64 {
+        &self.addr[INT_ARRAYS]
+    }
+    pub(super) fn rope_sin(&self) -> &u64 {
+        &self.addr[INT_ARRAYS + 1]
     }
 }
 
@@ -457,6 +506,28 @@ mod tests {
         let tile_row = &packed.ints[packed.offsets[10]..packed.offsets[10] + 4];
         assert_eq!(tile_seq, [0, 0, 0, 1]);
         assert_eq!(tile_row, [0, 128, 256, 0]);
+    }
+
+    #[test]
+    fn prefill_sequences_list_their_blocks_once_and_tables_index_that_list() {
+        // A decode (blocks 0-1), then two chunks: 40 tokens (blocks 100-102) and 20 after 10
+        // cached (blocks 200-201), the second sharing its first block with the first chunk.
+        let mut batch = ForwardBatch::default();
+        batch.push(&[1], 30, vec![0, 1], true);
+        batch.push(&[1; 40], 0, vec![100, 101, 102], true);
+        batch.push(&[1; 20], 10, vec![100, 201], true);
+        let packed = pack(&BatchPlan::new(&batch, 16, &[1.0, 0.5]), None).unwrap();
+        assert_eq!(packed.decode_rows, 1);
+        assert_eq!(packed.num_prefill_blocks, 4);
+        let at = |i: usize, n: usize| &packed.ints[packed.offsets[i]..packed.offsets[i] + n];
+        assert_eq!(at(11, 4), [100, 101, 102, 201]);
+        assert_eq!(
+            at(12, 7),
+            [0, 0, 0, 1, 2, 0, 3],
+            "the decode's entries are not read"
+        );
+        let decode_only = pack(&plan(&[(1, 30), (1, 5)]), None).unwrap();
+        assert_eq!(decode_only.num_prefill_blocks, 0);
     }
 
     #[test]

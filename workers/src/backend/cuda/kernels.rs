@@ -386,6 +386,9 @@ pub struct Fp8AttentionKernels {
     pub decode: Vec<(usize, CudaFunction)>,
     pub flash_prefill: Vec<(usize, CudaFunction)>,
     pub flash_prefill_pairs: Vec<(usize, CudaFunction)>,
+    /// One layer's K/V of a list of blocks widened to a compact bf16 copy, which the
+    /// warpgroup prefill kernel reads.
+    pub widen_blocks: CudaFunction,
 }
 
 impl Kernels {
@@ -519,6 +522,7 @@ impl Kernels {
                     &["flash_prefill_fp8_d64_h2", "flash_prefill_fp8_d128_h2"],
                     FLASH_PAIR_HEADS,
                 )?,
+                widen_blocks: f("widen_fp8_kv_blocks")?,
             },
             paged_attention: ATTENTION_HEAD_DIMS
                 .iter()

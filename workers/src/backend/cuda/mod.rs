@@ -88,6 +88,7 @@ mod staging;
 mod switches;
 mod tensor;
 mod tma;
+mod widened_kv;
 
 use std::sync::Arc;
 
@@ -144,6 +145,8 @@ pub struct CudaBackend {
     side: Option<side_stream::SideStream>,
     /// This backend's place in a tensor-parallel group of GPUs ([`Self::join_group`]).
     group: Option<NcclRank>,
+    /// The bf16 copy of FP8 cache blocks the warpgroup prefill kernel reads.
+    widened: widened_kv::WidenedKvSlot,
 }
 
 /// Whether the CUDA driver library can be loaded (a GPU machine), without touching a device.
@@ -306,6 +309,7 @@ impl CudaBackend {
             skinny_weight_maps: skinny::WeightMaps::default(),
             fp8_per_token_inputs: std::sync::atomic::AtomicBool::new(false),
             group: None,
+            widened: widened_kv::WidenedKvSlot::default(),
         })
     }
 

@@ -61,6 +61,11 @@ pub struct CudaOptions {
     /// so that projection launches no quantization of its own (`TANDEM_FP8_FUSED_QUANT=0`:
     /// the projection quantizes, to compare; the codes are the same either way).
     pub fp8_fused_quant: bool,
+    /// Prefill attention over an FP8 cache copies the blocks its chunks read, one layer at a
+    /// time, widened to bf16, and runs the warpgroup kernel (`flash_wgmma`, head dim 128 on
+    /// Hopper) over the copy instead of `flash.cu`'s FP8 kernel, which widens as it loads
+    /// (`TANDEM_FP8_PREFILL_WIDEN=0`: the FP8 kernel, to compare; the values are the same).
+    pub fp8_prefill_widen: bool,
     /// Projections of at most this many rows run the GEMV kernel, larger ones `skinny.cu` or
     /// cuBLAS; 0 sends every projection past them (at most
     /// [`GEMV_MAX_ROWS`](super::kernels::GEMV_MAX_ROWS)). No environment variable: benchmarks
@@ -124,6 +129,7 @@ impl Default for CudaOptions {
             skinny_everywhere: false,
             skinny_fp8: true,
             fp8_fused_quant: true,
+            fp8_prefill_widen: true,
             gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
             gate_up_bf16: true,
             residual_bf16: true,
@@ -167,6 +173,7 @@ impl CudaOptions {
             skinny_everywhere: false,
             skinny_fp8: switch("TANDEM_SKINNY_FP8"),
             fp8_fused_quant: switch("TANDEM_FP8_FUSED_QUANT"),
+            fp8_prefill_widen: switch("TANDEM_FP8_PREFILL_WIDEN"),
             gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
             gate_up_bf16: match var("TANDEM_GATE_UP_BF16") {
                 Some(v) => v != "0",
@@ -237,6 +244,7 @@ mod tests {
             ("TANDEM_SKINNY_GEMM", "1"),
             ("TANDEM_SKINNY_FP8", "0"),
             ("TANDEM_FP8_FUSED_QUANT", "0"),
+            ("TANDEM_FP8_PREFILL_WIDEN", "0"),
             ("TANDEM_CONCURRENT_ATTENTION", "0"),
             ("TANDEM_SKINNY_SPLITS", "3"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
@@ -260,6 +268,7 @@ mod tests {
                 skinny_everywhere: false,
                 skinny_fp8: false,
                 fp8_fused_quant: false,
+                fp8_prefill_widen: false,
                 gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
                 gate_up_bf16: true,
                 residual_bf16: true,

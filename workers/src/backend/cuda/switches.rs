@@ -21,6 +21,7 @@ pub(super) struct Switches {
     skinny_everywhere: AtomicBool,
     skinny_fp8: AtomicBool,
     fp8_fused_quant: AtomicBool,
+    fp8_prefill_widen: AtomicBool,
     /// On only where the backend has its side stream.
     concurrent_attention: AtomicBool,
     /// At most [`GEMV_MAX_ROWS`].
@@ -38,6 +39,7 @@ impl Switches {
             skinny_everywhere: AtomicBool::new(false),
             skinny_fp8: AtomicBool::new(false),
             fp8_fused_quant: AtomicBool::new(false),
+            fp8_prefill_widen: AtomicBool::new(false),
             concurrent_attention: AtomicBool::new(false),
             gemv_max_rows: AtomicUsize::new(0),
         };
@@ -55,6 +57,8 @@ impl Switches {
             .store(options.skinny_everywhere, relaxed);
         self.skinny_fp8.store(options.skinny_fp8, relaxed);
         self.fp8_fused_quant.store(options.fp8_fused_quant, relaxed);
+        self.fp8_prefill_widen
+            .store(options.fp8_prefill_widen, relaxed);
         self.concurrent_attention
             .store(options.concurrent_attention && has_side_stream, relaxed);
         self.gemv_max_rows
@@ -69,6 +73,7 @@ impl Switches {
         options.skinny_everywhere = self.skinny_everywhere();
         options.skinny_fp8 = self.skinny_fp8();
         options.fp8_fused_quant = self.fp8_fused_quant();
+        options.fp8_prefill_widen = self.fp8_prefill_widen();
         options.concurrent_attention = self.concurrent_attention();
         options.gemv_max_rows = self.gemv_max_rows();
     }
@@ -103,6 +108,11 @@ impl Switches {
         self.fp8_fused_quant.load(Ordering::Relaxed)
     }
 
+    /// [`CudaOptions::fp8_prefill_widen`].
+    pub(super) fn fp8_prefill_widen(&self) -> bool {
+        self.fp8_prefill_widen.load(Ordering::Relaxed)
+    }
+
     /// [`CudaOptions::concurrent_attention`], and the backend has its side stream.
     pub(super) fn concurrent_attention(&self) -> bool {
         self.concurrent_attention.load(Ordering::Relaxed)
@@ -125,6 +135,7 @@ pub(super) fn with_run_time_settings_of(options: &CudaOptions, from: &CudaOption
         skinny_everywhere: from.skinny_everywhere,
         skinny_fp8: from.skinny_fp8,
         fp8_fused_quant: from.fp8_fused_quant,
+        fp8_prefill_widen: from.fp8_prefill_widen,
         concurrent_attention: from.concurrent_attention,
         gemv_max_rows: from.gemv_max_rows,
         ..options.clone()
@@ -143,6 +154,7 @@ mod tests {
             skinny_everywhere: true,
             skinny_fp8: false,
             fp8_fused_quant: false,
+            fp8_prefill_widen: false,
             gemv_max_rows: 2,
             ..CudaOptions::default()
         };
