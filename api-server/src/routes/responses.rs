@@ -338,6 +338,7 @@ mod tests {
             max_model_len: 100,
             vocab_size: 10,
             tool_support: None,
+            sampling_defaults: Default::default(),
         };
         let mut settings = validate_responses(&request, &limits).unwrap().echo;
         settings.include_logprobs = include_logprobs;

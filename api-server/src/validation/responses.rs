@@ -466,6 +466,7 @@ mod tests {
             max_model_len: 100,
             vocab_size: 1000,
             tool_support: None,
+            sampling_defaults: Default::default(),
         }
     }
 
@@ -483,6 +484,22 @@ mod tests {
 
     fn turn(role: Role, content: &str) -> Turn {
         Turn::text(role, content)
+    }
+
+    #[test]
+    fn the_echoed_sampling_is_what_the_request_ran_with_model_defaults_included() {
+        let limits = ModelLimits {
+            sampling_defaults: crate::validation::SamplingDefaults {
+                temperature: Some(0.2),
+                top_p: Some(0.9),
+                ..Default::default()
+            },
+            ..limits()
+        };
+        let request: ResponsesRequest = serde_json::from_value(json!({"input": "x"})).unwrap();
+        let valid = validate_responses(&request, &limits).unwrap();
+        assert_eq!((valid.echo.temperature, valid.echo.top_p), (0.2, 0.9));
+        assert_eq!(valid.request.sampling.temperature, 0.2);
     }
 
     #[test]

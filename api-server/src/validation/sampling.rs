@@ -35,8 +35,88 @@ pub(super) struct ValidGeneration {
     pub(super) cache_salt: Option<String>,
 }
 
-/// Checks `fields` and turns them into the job's values; absent fields take OpenAI's
-/// defaults (one choice, [`SamplingSpec::default`], no stop sequence).
+/// Sampling values for requests that omit them, from the model directory's
+/// `generation_config.json` (`temperature`, `top_p`, `top_k`, `repetition_penalty`), as vLLM
+/// takes them by default: a model whose card recommends, say, temperature 0.2 answers a request
+/// without one at 0.2, not at OpenAI's 1.0. A field the file lacks keeps OpenAI's default;
+/// `do_sample` is not read (vLLM does not either); a request's own value always wins.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl SamplingDefaults {
+    /// The defaults `generation` gives, checked against the ranges a request's values must
+    /// meet; the error names the key and its value.
+    pub fn from_generation_config(
+        generation: &tandem_model::GenerationConfig,
+    ) -> Result<Self, String> {
+        let check = |value: Option<f64>, low: f64, high: f64, open_low: bool, key: &str| {
+            value
+                .map(|v| {
+                    in_range(v, low, high, open_low, key)
+                        .map_err(|_| format!("{key} {v} is outside the range requests may ask for"))
+                })
+                .transpose()
+        };
+        Ok(SamplingDefaults {
+            temperature: check(generation.temperature, 0.0, 2.0, false, "temperature")?,
+            top_p: check(generation.top_p, 0.0, 1.0, true, "top_p")?,
+            // As in a request, 0 means no top-k limit.
+            top_k: generation.top_k,
+            repetition_penalty: check(
+                generation.repetition_penalty,
+                0.0,
+                10.0,
+                true,
+                "repetition_penalty",
+            )?,
+        })
+    }
+
+    /// OpenAI's defaults with these in their place.
+    pub fn spec(&self) -> SamplingSpec {
+        let mut spec = SamplingSpec::default();
+        if let Some(t) = self.temperature {
+            spec.temperature = t;
+        }
+        if let Some(p) = self.top_p {
+            spec.top_p = p;
+        }
+        if let Some(k) = self.top_k {
+            spec.top_k = k;
+        }
+        if let Some(r) = self.repetition_penalty {
+            spec.repetition_penalty = r;
+        }
+        spec
+    }
+
+    /// `temperature=0.2 top_p=0.9`, for the startup log; empty where the file sets none.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(t) = self.temperature {
+            parts.push(format!("temperature={t}"));
+        }
+        if let Some(p) = self.top_p {
+            parts.push(format!("top_p={p}"));
+        }
+        if let Some(k) = self.top_k {
+            parts.push(format!("top_k={k}"));
+        }
+        if let Some(r) = self.repetition_penalty {
+            parts.push(format!("repetition_penalty={r}"));
+        }
+        parts.join(" ")
+    }
+}
+
+/// Checks `fields` and turns them into the job's values; absent fields take the model's
+/// sampling defaults ([`SamplingDefaults`]), else OpenAI's (one choice,
+/// [`SamplingSpec::default`], no stop sequence).
 pub(super) fn validate_generation(
     fields: &GenerationFields,
     limits: &ModelLimits,
@@ -51,7 +131,7 @@ pub(super) fn validate_generation(
             ));
         }
     };
-    let mut sampling = SamplingSpec::default();
+    let mut sampling = limits.sampling_defaults.spec();
     if let Some(t) = fields.sampling.temperature {
         sampling.temperature = in_range(t, 0.0, 2.0, false, "temperature")?;
     }
