@@ -3,8 +3,9 @@
 //! real shapes); and an FP8 KV cache on the GPU against the CPU's FP8 cache on the same 16-bit
 //! weights (the `tiny` model, and the models `TANDEM_GPU_TEST_MODELS_KV` lists). The CPU dequantizes the weights and rounds each projection's input through
 //! FP8 as the GPU quantizes it, so the two compute the same products up to f32 summation
-//! order and the GPU's bf16 activations. Prompts of 3 tokens and decode steps run the FP8 GEMV
-//! kernel, a prompt of 150 tokens cuBLASLt's FP8 GEMM. Needs an NVIDIA GPU with FP8 (compute
+//! order and the GPU's bf16 activations. Decode steps of one sequence run the FP8 GEMV kernel,
+//! prompts of 3 tokens `skinny.cu`'s FP8 kernel on Hopper (elsewhere cuBLASLt), a prompt of 150
+//! tokens cuBLASLt's FP8 GEMM. Needs an NVIDIA GPU with FP8 (compute
 //! capability 8.9+); skipped visibly without a CUDA driver.
 
 use std::path::{Path, PathBuf};
@@ -306,8 +307,9 @@ fn bf16_activation(
 }
 
 /// One FP8 projection against the host's arithmetic on the same operands: the weight's codes
-/// and per-row scales times the input rows, summed in f64. Rows 1..=4 run the GEMV kernel,
-/// which reads the bf16 input as it is; more run, on the input quantized as
+/// and per-row scales times the input rows, summed in f64. Rows up to the FP8 GEMV's limit
+/// (`CudaOptions::fp8_gemv_max_rows`, 2 by default) run the GEMV kernel, which reads the bf16
+/// input as it is; more run, on the input quantized as
 /// `round_row_through_fp8` does (per token, or by a static scale), `skinny.cu`'s FP8 kernel on
 /// Hopper up to 64 rows (f32 sums), and cuBLASLt past that and elsewhere (its bf16 output
 /// bounds the error).
@@ -319,10 +321,13 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
     if no_gpu() {
         return;
     }
-    let gpu = CudaBackend::new(&CudaOptions::from_env(0)).unwrap();
+    let options = CudaOptions::from_env(0);
+    let gemv_rows = options.fp8_gemv_max_rows.min(options.gemv_max_rows);
+    let gpu = CudaBackend::new(&options).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
     for (rows, n, k, input) in [
         (1, 256, 512, InputScale::PerToken),
+        (2, 128, 4096, InputScale::PerToken),
         (3, 128, 4096, InputScale::PerToken),
         (8, 96, 1024, InputScale::Static(0.004)),
         (9, 256, 512, InputScale::PerToken),
@@ -358,8 +363,8 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
             }])
             .unwrap();
         let (x, mut xs) = bf16_activation(&gpu, rows, k, &mut rng);
-        // The GEMV's rows (4 by default) read the bf16 input as it is.
-        if rows > 4 {
+        // The GEMV's rows read the bf16 input as it is.
+        if rows > gemv_rows {
             for row in xs.chunks_mut(k) {
                 round_row_through_fp8(row, input);
             }
@@ -387,7 +392,7 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
         // The GEMV's f32 sums: ~1e-7; skinny.cu's f32 sums of the quantized input: ~5e-4 (a
         // few inputs the host and the device round to neighbouring codes, subnormals among
         // them); cuBLASLt's bf16 output: ~2e-3.
-        let bound = if rows <= 4 {
+        let bound = if rows <= gemv_rows {
             1e-4
         } else if gpu.has_skinny_fp8() && rows <= 64 {
             1e-3

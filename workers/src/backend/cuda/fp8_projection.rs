@@ -31,14 +31,16 @@ pub(super) struct Fp8Weight<'a> {
 }
 
 impl CudaBackend {
-    /// Whether a projection of `rows` rows runs on `gemv_fp8_m*` (else on cuBLASLt): up to the
-    /// bf16 GEMV's rows ([`CudaOptions::gemv_max_rows`](super::CudaOptions::gemv_max_rows),
-    /// 4 by default). Measured on an H100 (Llama-3.1-8B shapes): a decode step of 8 rows took
-    /// 10.8 ms on the GEMV against 7.5 ms for 32 rows on cuBLASLt, the GEMV's unpacking of
-    /// eight rows being compute-bound.
+    /// Whether a projection of `rows` rows runs on `gemv_fp8_m*` (else on `skinny.cu` or
+    /// cuBLASLt): up to [`CudaOptions::fp8_gemv_max_rows`](super::CudaOptions::fp8_gemv_max_rows)
+    /// (2 by default) and the bf16 GEMV's limit. The GEMV's unpacking of the codes is
+    /// compute-bound past a couple of rows: on an H100 (Llama-3.1-8B shapes) a decode step of
+    /// 3-4 rows took 5.7 ms on it against 4.9 on `skinny.cu`, of 8 rows 10.8 ms.
     pub(super) fn fp8_gemv_applies(&self, rows: usize, k: usize) -> bool {
-        (1..=GEMV_MAX_ROWS.min(self.switches.gemv_max_rows())).contains(&rows)
-            && k.is_multiple_of(16)
+        let max_rows = GEMV_MAX_ROWS
+            .min(self.switches.gemv_max_rows())
+            .min(self.options.fp8_gemv_max_rows);
+        (1..=max_rows).contains(&rows) && k.is_multiple_of(16)
     }
 
     /// `rows` bf16 rows of `k` values as e4m3 codes and scales: `pre` where the kernel that

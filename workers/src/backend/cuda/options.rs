@@ -11,6 +11,10 @@ use std::path::PathBuf;
 
 /// Default of [`CudaOptions::gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
 const DEFAULT_GEMV_MAX_ROWS: usize = 4;
+/// Default of [`CudaOptions::fp8_gemv_max_rows`]: on an H100 (Llama-3.1-8B shapes in FP8, FP8
+/// cache) decode steps of 3 and 4 rows took 5.68 and 5.67 ms on the FP8 GEMV against 4.88 and
+/// 4.89 on `skinny.cu`, of 2 rows 4.20 against 4.78 (docs/benchmarks.md).
+const DEFAULT_FP8_GEMV_MAX_ROWS: usize = 2;
 
 /// Settings of one CUDA backend. [`Default`] is device 0 with every setting at its default and
 /// no kernel cache.
@@ -71,6 +75,10 @@ pub struct CudaOptions {
     /// [`GEMV_MAX_ROWS`](super::kernels::GEMV_MAX_ROWS)). No environment variable: benchmarks
     /// set it to compare the GEMV kernel with cuBLAS.
     pub gemv_max_rows: usize,
+    /// Projections of FP8 weights of at most this many rows (and at most `gemv_max_rows`) run
+    /// the FP8 GEMV (`gemv_fp8_m*`), larger ones `skinny.cu`'s FP8 kernel or cuBLASLt
+    /// (`TANDEM_FP8_GEMV_MAX_ROWS`, 0: never).
+    pub fp8_gemv_max_rows: usize,
     /// cuBLAS writes the MLP's gate/up projection in bf16 at prefill sizes; off, in f32
     /// (`TANDEM_GATE_UP_BF16`: `0` off, anything else on). Unset, on except in an MPS client
     /// limited to a share of the SMs (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` below 100): there
@@ -131,6 +139,7 @@ impl Default for CudaOptions {
             fp8_fused_quant: true,
             fp8_prefill_widen: true,
             gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
+            fp8_gemv_max_rows: DEFAULT_FP8_GEMV_MAX_ROWS,
             gate_up_bf16: true,
             residual_bf16: true,
             gemm_clusters: true,
@@ -175,6 +184,9 @@ impl CudaOptions {
             fp8_fused_quant: switch("TANDEM_FP8_FUSED_QUANT"),
             fp8_prefill_widen: switch("TANDEM_FP8_PREFILL_WIDEN"),
             gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
+            fp8_gemv_max_rows: text("TANDEM_FP8_GEMV_MAX_ROWS")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(DEFAULT_FP8_GEMV_MAX_ROWS),
             gate_up_bf16: match var("TANDEM_GATE_UP_BF16") {
                 Some(v) => v != "0",
                 None => all_sms,
@@ -245,6 +257,7 @@ mod tests {
             ("TANDEM_SKINNY_FP8", "0"),
             ("TANDEM_FP8_FUSED_QUANT", "0"),
             ("TANDEM_FP8_PREFILL_WIDEN", "0"),
+            ("TANDEM_FP8_GEMV_MAX_ROWS", "2"),
             ("TANDEM_CONCURRENT_ATTENTION", "0"),
             ("TANDEM_SKINNY_SPLITS", "3"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
@@ -270,6 +283,7 @@ mod tests {
                 fp8_fused_quant: false,
                 fp8_prefill_widen: false,
                 gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
+                fp8_gemv_max_rows: 2,
                 gate_up_bf16: true,
                 residual_bf16: true,
                 gemm_clusters: true,
