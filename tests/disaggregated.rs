@@ -81,7 +81,10 @@ fn chat(i: usize, max_tokens: u32) -> Value {
     });
     match seed(i) {
         Some(seed) => {
+            // All of `worker generate`'s settings: top_p 1 too, where the model's default
+            // (its generation_config.json) is 0.9.
             request["temperature"] = json!(0.8);
+            request["top_p"] = json!(1.0);
             request["seed"] = json!(seed);
         }
         None => request["temperature"] = json!(0),
