@@ -6,13 +6,18 @@
 # cuProfilerStart/Stop) and the kernels are summed by name. Binaries come in .kit/bin.
 #
 #   scripts/device/ncu_mixed.sh       # DECODES (214), CONTEXT (2112), CHUNKS ("2048,1500+560")
-#   EXTRA="..." adds gpu_bench arguments; TAG names the output files
+#   EXTRA="..." adds gpu_bench arguments (--kv-cache-dtype fp8); TAG names the output files;
+#   WEIGHTS=fp8 times FP8 weights (generated at load); CHUNKS='' times decodes alone
 set -uo pipefail
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
-model=$(random_model llama-3.1-8b)
+if [ "${WEIGHTS:-bf16}" = bf16 ]; then
+  model=$(random_model llama-3.1-8b)
+else
+  model=$(random_model llama-3.1-8b "$WEIGHTS" gen)
+fi
 args=(mixed --model "$model" --decodes "${DECODES:-214}" --context "${CONTEXT:-2112}"
-  --chunks "${CHUNKS:-2048,1500+560}")
+  --chunks "${CHUNKS-2048,1500+560}")
 name="mixed${TAG:+-$TAG}"
 export TANDEM_BENCH_BLOCK=64
 # shellcheck disable=SC2086 # EXTRA is a list of arguments

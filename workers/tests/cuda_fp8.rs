@@ -307,9 +307,10 @@ fn bf16_activation(
 }
 
 /// One FP8 projection against the host's arithmetic on the same operands: the weight's codes
-/// and per-row scales times the input rows, summed in f64. Rows up to the FP8 GEMV's limit
-/// (`CudaOptions::fp8_gemv_max_rows`, 2 by default) run the GEMV kernel, which reads the bf16
-/// input as it is; more run, on the input quantized as
+/// and per-row scales times the input rows, summed in f64. Rows up to the FP8 GEMVs' limits
+/// run a GEMV kernel, which reads the bf16 input as it is: `gemv_fp8_mma` (2-8 rows, inputs a
+/// multiple of 64; one row too with `TANDEM_FP8_GEMV_MMA_ONE_ROW=1`), else `gemv_fp8_m*` (up
+/// to 2 rows, and all with `TANDEM_FP8_GEMV_MMA=0`); more run, on the input quantized as
 /// `round_row_through_fp8` does (per token, or by a static scale), `skinny.cu`'s FP8 kernel on
 /// Hopper up to 64 rows (f32 sums), and cuBLASLt past that and elsewhere (its bf16 output
 /// bounds the error).
@@ -322,12 +323,26 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
         return;
     }
     let options = CudaOptions::from_env(0);
-    let gemv_rows = options.fp8_gemv_max_rows.min(options.gemv_max_rows);
+    // Rows an FP8 GEMV kernel takes for `k` inputs (`fp8_projection.rs`): up to 8 on the
+    // tensor-core one (inputs a multiple of 64), 2 on the plain one.
+    let gemv_rows = |k: usize| {
+        let kernel_rows = if options.fp8_gemv_mma && k.is_multiple_of(64) {
+            8
+        } else {
+            2
+        };
+        options.fp8_gemv_max_rows.min(kernel_rows)
+    };
     let gpu = CudaBackend::new(&options).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
     for (rows, n, k, input) in [
         (1, 256, 512, InputScale::PerToken),
         (2, 128, 4096, InputScale::PerToken),
+        // The tensor-core GEMV: a partial tile of 16 rows, 9 chunks of 64 inputs over 8 warps;
+        // more rows than one pass of its grid... and inputs not a multiple of 64 (the plain GEMV).
+        (1, 200, 576, InputScale::PerToken),
+        (2, 4100, 1024, InputScale::PerToken),
+        (2, 72, 1040, InputScale::PerToken),
         (3, 128, 4096, InputScale::PerToken),
         (8, 96, 1024, InputScale::Static(0.004)),
         (9, 256, 512, InputScale::PerToken),
@@ -364,7 +379,7 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
             .unwrap();
         let (x, mut xs) = bf16_activation(&gpu, rows, k, &mut rng);
         // The GEMV's rows read the bf16 input as it is.
-        if rows > gemv_rows {
+        if rows > gemv_rows(k) {
             for row in xs.chunks_mut(k) {
                 round_row_through_fp8(row, input);
             }
@@ -392,7 +407,7 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
         // The GEMV's f32 sums: ~1e-7; skinny.cu's f32 sums of the quantized input: ~5e-4 (a
         // few inputs the host and the device round to neighbouring codes, subnormals among
         // them); cuBLASLt's bf16 output: ~2e-3.
-        let bound = if rows <= gemv_rows {
+        let bound = if rows <= gemv_rows(k) {
             1e-4
         } else if gpu.has_skinny_fp8() && rows <= 64 {
             1e-3

@@ -125,6 +125,9 @@ enum Command {
         /// Bracket the timed mixed steps with cuProfilerStart/Stop.
         #[arg(long)]
         profile: bool,
+        /// The KV cache's element type: `bf16` or `fp8`.
+        #[arg(long, default_value = "bf16", value_parser = parse_kv_dtype)]
+        kv_cache_dtype: KvDType,
     },
     /// Decode steps of the model split over tensor-parallel ranks against one GPU: each step
     /// against the bytes one GPU reads at the copy rate plus the step's all-reduces alone.
@@ -245,12 +248,21 @@ fn main() -> Result<()> {
             chunks,
             iters,
             profile,
+            kv_cache_dtype,
         } => {
+            // `--chunks ''`: decodes only.
             let chunks = chunks
                 .iter()
+                .filter(|c| !c.is_empty())
                 .map(|c| parse_chunk(c))
                 .collect::<Result<Vec<_>>>()?;
-            mixed(&model, ordinal, decodes, context, &chunks, iters, profile)
+            let what = MixedStep {
+                decodes,
+                context,
+                chunks: &chunks,
+                kv_dtype: kv_cache_dtype,
+            };
+            mixed(&model, ordinal, &what, iters, profile)
         }
         Command::Tp {
             model,
@@ -1702,19 +1714,31 @@ fn parse_chunk(text: &str) -> Result<(usize, usize)> {
 /// alone, so the table says what the mix costs beyond its parts. Every decoding sequence has
 /// blocks of its own (copies of one prefilled context), so the decode attention reads as many
 /// bytes from memory as in a server.
+/// The step `gpu_bench mixed` times.
+struct MixedStep<'a> {
+    decodes: usize,
+    context: usize,
+    chunks: &'a [(usize, usize)],
+    kv_dtype: KvDType,
+}
+
 fn mixed(
     dir: &std::path::Path,
     ordinal: usize,
-    decodes: usize,
-    context: usize,
-    chunks: &[(usize, usize)],
+    what: &MixedStep,
     iters: usize,
     profile: bool,
 ) -> Result<()> {
+    let &MixedStep {
+        decodes,
+        context,
+        chunks,
+        kv_dtype,
+    } = what;
     let config = ModelConfig::load(dir)?;
     let backend = CudaBackend::new(&CudaOptions::from_env(ordinal))?;
     let options = ModelOptions {
-        kv_dtype: Some(KvDType::Bf16),
+        kv_dtype: Some(kv_dtype),
         ..ModelOptions::default()
     };
     let model = Model::load(dir, backend, &options).context("loading the model")?;
@@ -1839,7 +1863,12 @@ fn mixed(
     let one_stream_queued = pipelined(&mut kv)?;
     retune(model.backend(), |o| o.concurrent_attention = true)?;
     let decodes_ms = time(&mut kv, true, false, false)?;
-    let chunks_ms = time(&mut kv, false, true, false)?;
+    // No chunks: the step is its decodes.
+    let chunks_ms = if chunks.is_empty() {
+        0.0
+    } else {
+        time(&mut kv, false, true, false)?
+    };
     let prompt_tokens: usize = chunks.iter().map(|c| c.1).sum();
     println!("model {} — {}", dir.display(), model.backend().describe());
     println!(

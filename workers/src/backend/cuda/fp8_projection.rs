@@ -1,5 +1,5 @@
-//! Projections of FP8 weights: `gemv_fp8_m*` for a few rows (a decode step: reading the
-//! weight's codes is the whole cost), which reads the bf16 input as it is (more precise than
+//! Projections of FP8 weights: `gemv_fp8_mma` (tensor cores) or `gemv_fp8_m*` for a few rows
+//! (a decode step: reading the weight's codes is the whole cost), which reads the bf16 input as it is (more precise than
 //! the checkpoint's quantized activations, and no quantization launch per projection, which
 //! cost more than FP8 saved at batch 1); else the input rows quantized to FP8
 //! (`quantize_fp8_rows`, per token or by the checkpoint's static scale) and, on Hopper up to
@@ -12,12 +12,27 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::CudaBackend;
 use super::fp8_gemm::Fp8Operands;
-use super::kernels::GEMV_MAX_ROWS;
+use super::kernels::{GEMV_FP8_MMA_CHUNK, GEMV_FP8_MMA_ROWS, GEMV_FP8_MMA_THREADS, GEMV_MAX_ROWS};
 use super::tensor::Fp8Rows;
 use crate::backend::{BackendError, InputScale};
 
 /// Threads of a `quantize_fp8_rows` block (one block per row).
 const QUANTIZE_THREADS: u32 = 256;
+
+/// Most rows the plain FP8 GEMV (`gemv_fp8_m*`) takes: its unpacking of the codes (about six
+/// instructions a code, products in f32 per row) is compute-bound past a couple of rows: on an
+/// H100 (Llama-3.1-8B shapes, FP8 cache) decode steps of 3 and 4 rows took 5.68 and 5.67 ms on
+/// it against 4.88 and 4.89 on `skinny.cu` (docs/benchmarks.md).
+const PLAIN_FP8_GEMV_MAX_ROWS: usize = 2;
+
+/// The FP8 GEMV kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fp8Gemv {
+    /// `gemv_fp8_mma`: codes unpacked to bf16 once for all rows, products on the tensor cores.
+    TensorCores,
+    /// `gemv_fp8_m{rows}`: f32 products per row.
+    Plain,
+}
 
 /// An FP8 weight as the projection reads it.
 pub(super) struct Fp8Weight<'a> {
@@ -31,16 +46,34 @@ pub(super) struct Fp8Weight<'a> {
 }
 
 impl CudaBackend {
-    /// Whether a projection of `rows` rows runs on `gemv_fp8_m*` (else on `skinny.cu` or
-    /// cuBLASLt): up to [`CudaOptions::fp8_gemv_max_rows`](super::CudaOptions::fp8_gemv_max_rows)
-    /// (2 by default) and the bf16 GEMV's limit. The GEMV's unpacking of the codes is
-    /// compute-bound past a couple of rows: on an H100 (Llama-3.1-8B shapes) a decode step of
-    /// 3-4 rows took 5.7 ms on it against 4.9 on `skinny.cu`, of 8 rows 10.8 ms.
+    /// The FP8 GEMV kernel a projection of `rows` rows of `k` inputs runs on, if any (else
+    /// `skinny.cu` or cuBLASLt): up to
+    /// [`CudaOptions::fp8_gemv_max_rows`](super::CudaOptions::fp8_gemv_max_rows) rows (8 by
+    /// default) on the tensor-core GEMV where `k` is a multiple of its chunk, else up to
+    /// [`PLAIN_FP8_GEMV_MAX_ROWS`] on the plain one; one row on the plain one where
+    /// [`CudaOptions::fp8_gemv_mma_one_row`](super::CudaOptions::fp8_gemv_mma_one_row) is off.
+    fn fp8_gemv_kernel(&self, rows: usize, k: usize) -> Option<Fp8Gemv> {
+        let mma = self.options.fp8_gemv_mma && k.is_multiple_of(GEMV_FP8_MMA_CHUNK);
+        let kernel_rows = if mma {
+            GEMV_MAX_ROWS
+        } else {
+            PLAIN_FP8_GEMV_MAX_ROWS
+        };
+        if !(1..=kernel_rows.min(self.options.fp8_gemv_max_rows)).contains(&rows)
+            || !k.is_multiple_of(16)
+        {
+            return None;
+        }
+        Some(if mma && (rows > 1 || self.options.fp8_gemv_mma_one_row) {
+            Fp8Gemv::TensorCores
+        } else {
+            Fp8Gemv::Plain
+        })
+    }
+
+    /// Whether a projection of `rows` rows of `k` inputs runs on an FP8 GEMV kernel.
     pub(super) fn fp8_gemv_applies(&self, rows: usize, k: usize) -> bool {
-        let max_rows = GEMV_MAX_ROWS
-            .min(self.switches.gemv_max_rows())
-            .min(self.options.fp8_gemv_max_rows);
-        (1..=max_rows).contains(&rows) && k.is_multiple_of(16)
+        self.fp8_gemv_kernel(rows, k).is_some()
     }
 
     /// `rows` bf16 rows of `k` values as e4m3 codes and scales: `pre` where the kernel that
@@ -109,21 +142,41 @@ impl CudaBackend {
         w: &Fp8Weight<'_>,
         out: &mut CudaSlice<f32>,
     ) -> Result<(), BackendError> {
-        if self.fp8_gemv_applies(rows, w.k) {
-            let (n, k) = (w.n as i32, w.k as i32);
-            let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8[rows - 1]);
-            b.arg(x)
-                .arg(w.codes)
-                .arg(w.row_scales)
-                .arg(out)
-                .arg(&n)
-                .arg(&k);
-            let cfg = LaunchConfig {
-                grid_dim: (w.n.div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            return self.launch(b, cfg, "gemv_fp8");
+        match self.fp8_gemv_kernel(rows, w.k) {
+            Some(Fp8Gemv::TensorCores) => {
+                let (m, n, k) = (rows as i32, w.n as i32, w.k as i32);
+                let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8_mma);
+                b.arg(x)
+                    .arg(w.codes)
+                    .arg(w.row_scales)
+                    .arg(out)
+                    .arg(&m)
+                    .arg(&n)
+                    .arg(&k);
+                let cfg = LaunchConfig {
+                    grid_dim: (w.n.div_ceil(GEMV_FP8_MMA_ROWS) as u32, 1, 1),
+                    block_dim: (GEMV_FP8_MMA_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                return self.launch(b, cfg, "gemv_fp8_mma");
+            }
+            Some(Fp8Gemv::Plain) => {
+                let (n, k) = (w.n as i32, w.k as i32);
+                let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8[rows - 1]);
+                b.arg(x)
+                    .arg(w.codes)
+                    .arg(w.row_scales)
+                    .arg(out)
+                    .arg(&n)
+                    .arg(&k);
+                let cfg = LaunchConfig {
+                    grid_dim: (w.n.div_ceil(8) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                return self.launch(b, cfg, "gemv_fp8");
+            }
+            None => {}
         }
         let quantized = self.quantized_rows(x, pre, rows, w.k, w.input)?;
         let (xq, xs) = quantized.parts();

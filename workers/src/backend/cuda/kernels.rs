@@ -230,6 +230,12 @@ const GEMV_NAMES: [&str; GEMV_MAX_ROWS] = [
     "gemv_bf16_m8",
 ];
 
+/// Input features `gemv_fp8_mma`'s warps take at a time: the weights' input features must be
+/// a multiple of it.
+pub const GEMV_FP8_MMA_CHUNK: usize = 64;
+/// Output rows of a `gemv_fp8_mma` block, and its threads.
+pub const GEMV_FP8_MMA_ROWS: usize = 16;
+pub const GEMV_FP8_MMA_THREADS: u32 = 256;
 const GEMV_FP8_NAMES: [&str; GEMV_MAX_ROWS] = [
     "gemv_fp8_m1",
     "gemv_fp8_m2",
@@ -355,6 +361,9 @@ pub struct Kernels {
     pub gemv: Vec<CudaFunction>,
     /// `gemv_fp8_m{M}` (`fp8.cu`), as `gemv`.
     pub gemv_fp8: Vec<CudaFunction>,
+    /// The FP8 GEMV on the tensor cores (`fp8.cu`): any rows up to 8, input features a
+    /// multiple of [`GEMV_FP8_MMA_CHUNK`].
+    pub gemv_fp8_mma: CudaFunction,
     /// Quantizes activation rows to FP8 codes and per-row scales (`fp8.cu`).
     pub quantize_fp8_rows: CudaFunction,
     /// bf16 to f32, elementwise (`fp8.cu`).
@@ -552,6 +561,7 @@ impl Kernels {
                 .iter()
                 .map(|&name| f(name))
                 .collect::<Result<_, KernelError>>()?,
+            gemv_fp8_mma: f("gemv_fp8_mma")?,
             quantize_fp8_rows: f("quantize_fp8_rows")?,
             widen_bf16: f("widen_bf16")?,
             fp8_scale_rows_cols: f("fp8_scale_rows_cols")?,

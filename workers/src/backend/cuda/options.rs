@@ -12,9 +12,9 @@ use std::path::PathBuf;
 /// Default of [`CudaOptions::gemv_max_rows`]: measured on an H100 (docs/benchmarks.md).
 const DEFAULT_GEMV_MAX_ROWS: usize = 4;
 /// Default of [`CudaOptions::fp8_gemv_max_rows`]: on an H100 (Llama-3.1-8B shapes in FP8, FP8
-/// cache) decode steps of 3 and 4 rows took 5.68 and 5.67 ms on the FP8 GEMV against 4.88 and
-/// 4.89 on `skinny.cu`, of 2 rows 4.20 against 4.78 (docs/benchmarks.md).
-const DEFAULT_FP8_GEMV_MAX_ROWS: usize = 2;
+/// cache) decode steps of 4 and 8 rows took 3.90 and 4.04 ms on the tensor-core FP8 GEMV
+/// against 4.93 and 4.91 on `skinny.cu` (docs/benchmarks.md).
+const DEFAULT_FP8_GEMV_MAX_ROWS: usize = 8;
 
 /// Settings of one CUDA backend. [`Default`] is device 0 with every setting at its default and
 /// no kernel cache.
@@ -75,10 +75,19 @@ pub struct CudaOptions {
     /// [`GEMV_MAX_ROWS`](super::kernels::GEMV_MAX_ROWS)). No environment variable: benchmarks
     /// set it to compare the GEMV kernel with cuBLAS.
     pub gemv_max_rows: usize,
-    /// Projections of FP8 weights of at most this many rows (and at most `gemv_max_rows`) run
-    /// the FP8 GEMV (`gemv_fp8_m*`), larger ones `skinny.cu`'s FP8 kernel or cuBLASLt
-    /// (`TANDEM_FP8_GEMV_MAX_ROWS`, 0: never).
+    /// Projections of FP8 weights of at most this many rows run an FP8 GEMV kernel (the
+    /// tensor-core one takes up to 8, the plain one 2), larger ones `skinny.cu`'s FP8 kernel
+    /// or cuBLASLt (`TANDEM_FP8_GEMV_MAX_ROWS`, 0: never).
     pub fp8_gemv_max_rows: usize,
+    /// The FP8 GEMV runs on the tensor cores (`gemv_fp8_mma`) where the input features are a
+    /// multiple of 64, else on `gemv_fp8_m*` (`TANDEM_FP8_GEMV_MMA=0`: always the latter, to
+    /// compare; the products are the same, summed in another order).
+    pub fp8_gemv_mma: bool,
+    /// Projections of one row run the tensor-core FP8 GEMV too; off (the default), the plain
+    /// one, which was 2-3% faster there on an H100: a decode step of Llama-3.1-8B shapes in
+    /// FP8 at batch 1 took 3.67 ms on it against 3.75-3.79 (`TANDEM_FP8_GEMV_MMA_ONE_ROW`:
+    /// set and not `0`, on).
+    pub fp8_gemv_mma_one_row: bool,
     /// cuBLAS writes the MLP's gate/up projection in bf16 at prefill sizes; off, in f32
     /// (`TANDEM_GATE_UP_BF16`: `0` off, anything else on). Unset, on except in an MPS client
     /// limited to a share of the SMs (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` below 100): there
@@ -140,6 +149,8 @@ impl Default for CudaOptions {
             fp8_prefill_widen: true,
             gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
             fp8_gemv_max_rows: DEFAULT_FP8_GEMV_MAX_ROWS,
+            fp8_gemv_mma: true,
+            fp8_gemv_mma_one_row: false,
             gate_up_bf16: true,
             residual_bf16: true,
             gemm_clusters: true,
@@ -187,6 +198,9 @@ impl CudaOptions {
             fp8_gemv_max_rows: text("TANDEM_FP8_GEMV_MAX_ROWS")
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(DEFAULT_FP8_GEMV_MAX_ROWS),
+            fp8_gemv_mma: switch("TANDEM_FP8_GEMV_MMA"),
+            // Off unless set to something other than `0`.
+            fp8_gemv_mma_one_row: var("TANDEM_FP8_GEMV_MMA_ONE_ROW").is_some_and(|v| v != "0"),
             gate_up_bf16: match var("TANDEM_GATE_UP_BF16") {
                 Some(v) => v != "0",
                 None => all_sms,
@@ -258,6 +272,8 @@ mod tests {
             ("TANDEM_FP8_FUSED_QUANT", "0"),
             ("TANDEM_FP8_PREFILL_WIDEN", "0"),
             ("TANDEM_FP8_GEMV_MAX_ROWS", "2"),
+            ("TANDEM_FP8_GEMV_MMA", "0"),
+            ("TANDEM_FP8_GEMV_MMA_ONE_ROW", "1"),
             ("TANDEM_CONCURRENT_ATTENTION", "0"),
             ("TANDEM_SKINNY_SPLITS", "3"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
@@ -284,6 +300,8 @@ mod tests {
                 fp8_prefill_widen: false,
                 gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
                 fp8_gemv_max_rows: 2,
+                fp8_gemv_mma: false,
+                fp8_gemv_mma_one_row: true,
                 gate_up_bf16: true,
                 residual_bf16: true,
                 gemm_clusters: true,
