@@ -3,7 +3,8 @@
 # context 1024) under several settings, one `gpu_bench bench` each, to compare kernels.
 # Binaries come in .kit/bin.
 #
-#   RUNS="name:VAR=VALUE[,VAR=VALUE] ..." (a '+' in a value is a space), BATCHES (1,2,4,8)
+#   RUNS="name:VAR=VALUE[,VAR=VALUE] ..." (a '+' in a value is a space; GPU_BENCH=program runs
+#   another build's gpu_bench, carried in .kit/bin), BATCHES (1,2,4,8)
 #   RUNS="plain:TANDEM_FP8_GEMV_MMA=0 u4:TANDEM_KERNEL_DEFINES=GEMV8_MMA_UNROLL=4" \
 #     scripts/device/gemv_variants.sh
 set -uo pipefail
@@ -14,7 +15,9 @@ for run in ${RUNS:-"plain:TANDEM_FP8_GEMV_MMA=0 default:TANDEM_FP8_GEMV_MMA=1"};
   name=${run%%:*} setting=${run#*:}
   IFS=, read -ra vars <<<"${setting//+/ }"
   echo "== $name: ${vars[*]}"
-  env "${vars[@]}" TANDEM_BENCH_BLOCK=64 gpu_bench bench --model "$model" --kv-cache-dtype fp8 \
+  program=gpu_bench
+  for v in "${vars[@]}"; do [[ $v == GPU_BENCH=* ]] && program=${v#GPU_BENCH=}; done
+  env "${vars[@]}" TANDEM_BENCH_BLOCK=64 "$program" bench --model "$model" --kv-cache-dtype fp8 \
     --context 1024 --batches "${BATCHES:-1,2,4,8}" --prefill 512 --iters 10 2>&1 |
     grep -E "^decode batch|rror"
 done

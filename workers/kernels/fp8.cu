@@ -99,24 +99,25 @@ extern "C" __global__ void quantize_fp8_rows(const bf16* __restrict__ x,
 // kernel folds the 2^120 back into its final scale.
 #define E4M3_IN_BF16_SCALE 1.329227995784916e36f
 
-// Codes b0, b1 (the low two bytes of `w`, or with `high` its high two) as two bf16 bit patterns
-// of their values times 2^-120: sign to bit 15, the other 7 bits to bits 4..10. Integer ops
-// only: the conversion instructions run at a quarter of the rate a GEMV needs.
-__device__ __forceinline__ u32 e4m3x2_to_scaled_bf16x2(u32 w, bool high) {
-    const u32 spread = __byte_perm(w, 0u, high ? 0x4342u : 0x4140u);  // [0, b1, 0, b0]
-    return ((spread & 0x007f007fu) << 4) | ((spread & 0x00800080u) << 8);
+// Four codes (bytes b0..b3 of `w`) as two pairs of bf16 bit patterns of their values times
+// 2^-120: sign to bit 15, the other 7 bits to bits 4..10 of each half; lo = (b0, b2),
+// hi = (b1, b3), the first of each pair in the low half. Integer ops only (7 for 4 codes): the
+// conversion instructions run at a quarter of the rate a GEMV needs.
+__device__ __forceinline__ void e4m3x4_to_scaled_bf16x2x2(u32 w, u32& lo, u32& hi) {
+    hi = (w & 0x80008000u) | ((w >> 4) & 0x07f007f0u);
+    lo = ((w << 8) & 0x80008000u) | ((w << 4) & 0x07f007f0u);
 }
 
-// 16 codes (a 16-byte load) to f32 values times 2^-120.
+// 16 codes (a 16-byte load) to f32 values times 2^-120, in order.
 __device__ __forceinline__ void e4m3x16_to_scaled_f32(const uint4 v, float* f) {
     const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const u32 lo = e4m3x2_to_scaled_bf16x2(w[i], false);
-        const u32 hi = e4m3x2_to_scaled_bf16x2(w[i], true);
+        u32 lo, hi;
+        e4m3x4_to_scaled_bf16x2x2(w[i], lo, hi);
         f[4 * i] = __uint_as_float(lo << 16);
-        f[4 * i + 1] = __uint_as_float(lo & 0xffff0000u);
-        f[4 * i + 2] = __uint_as_float(hi << 16);
+        f[4 * i + 1] = __uint_as_float(hi << 16);
+        f[4 * i + 2] = __uint_as_float(lo & 0xffff0000u);
         f[4 * i + 3] = __uint_as_float(hi & 0xffff0000u);
     }
 }
@@ -133,9 +134,10 @@ __device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
     if (row >= n) return;
     const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)row * k);
     const int chunks = k / 16;  // 16-byte chunks per weight row (k is a multiple of 16)
-    float acc[M];
+    // Two sums per row (even and odd codes): shorter chains of dependent adds.
+    float acc[M][2];
 #pragma unroll
-    for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = 0.0f;
     int c = lane;
     for (; c + 32 * (GEMV8_UNROLL - 1) < chunks; c += 32 * GEMV8_UNROLL) {
         uint4 wv[GEMV8_UNROLL];
@@ -152,7 +154,7 @@ __device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
                 bf16x8_to_f32(xr[0], xf);
                 bf16x8_to_f32(xr[1], xf + 8);
 #pragma unroll
-                for (int i = 0; i < 16; ++i) acc[m] += wf[i] * xf[i];
+                for (int i = 0; i < 16; ++i) acc[m][i & 1] += wf[i] * xf[i];
             }
         }
     }
@@ -166,13 +168,13 @@ __device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
             bf16x8_to_f32(xr[0], xf);
             bf16x8_to_f32(xr[1], xf + 8);
 #pragma unroll
-            for (int i = 0; i < 16; ++i) acc[m] += wf[i] * xf[i];
+            for (int i = 0; i < 16; ++i) acc[m][i & 1] += wf[i] * xf[i];
         }
     }
     const float w_scale = ws[row] * E4M3_IN_BF16_SCALE;
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-        const float s = warp_sum(acc[m]);
+        const float s = warp_sum(acc[m][0] + acc[m][1]);
         if (lane == 0) y[(long long)m * n + row] = s * w_scale;
     }
 }
@@ -222,13 +224,14 @@ __device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
     return d;
 }
 
-// Four codes (bytes b0..b3 of `w`) as two bf16 pairs of their exact values: lo = (b0, b2),
-// hi = (b1, b3), the first of each pair in the low half. The bit patterns are the values times
-// 2^-120 (as `e4m3x2_to_scaled_bf16x2`), subnormal for e4m3's subnormals; a bf16 multiply by
-// 2^120 makes them the values, so the tensor cores see normal numbers only.
+// Four codes (bytes b0..b3 of `w`) as two bf16 pairs of their exact values, paired as
+// `e4m3x4_to_scaled_bf16x2x2` does: its patterns are the values times 2^-120, subnormal for
+// e4m3's subnormals; a bf16 multiply by 2^120 makes them the values, so the tensor cores see
+// normal numbers only.
 __device__ __forceinline__ void e4m3x4_to_bf16x2x2(u32 w, u32& lo, u32& hi) {
-    hi = bf16x2_mul((w & 0x80008000u) | ((w >> 4) & 0x07f007f0u), BF16X2_2POW120);
-    lo = bf16x2_mul(((w << 8) & 0x80008000u) | ((w << 4) & 0x07f007f0u), BF16X2_2POW120);
+    e4m3x4_to_scaled_bf16x2x2(w, lo, hi);
+    hi = bf16x2_mul(hi, BF16X2_2POW120);
+    lo = bf16x2_mul(lo, BF16X2_2POW120);
 }
 
 __device__ __forceinline__ void mma_bf16_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3,
