@@ -210,6 +210,8 @@ pub struct Plan {
     pub migration_limit: Option<u32>,
     /// The config's `tool_call_parser` (absent: the api-server's default, `auto`).
     pub tool_call_parser: Option<tandem_protocol::config::ToolCallParser>,
+    /// The config's `generation_config` (absent: the api-server's default, `auto`).
+    pub generation_config: Option<tandem_protocol::config::GenerationConfigSource>,
     /// The workers' KV secret.
     pub kv_secret: KvSecretSource,
     /// Things the operator should know (keys without effect, groups not started).
@@ -395,6 +397,7 @@ pub fn plan(
         max_pending_requests: config.max_pending_requests,
         migration_limit: config.migration_limit,
         tool_call_parser: config.tool_call_parser,
+        generation_config: config.generation_config.clone(),
         kv_secret,
         warnings,
     })
@@ -519,6 +522,7 @@ impl Plan {
                 .migration_limit
                 .unwrap_or(tandem_cli::args::DEFAULT_MIGRATION_LIMIT),
             tool_call_parser: self.tool_call_parser.unwrap_or_default(),
+            generation_config: self.generation_config.clone().unwrap_or_default(),
             ..ApiServerArgs::new(self.model.clone())
         }
     }
@@ -982,6 +986,7 @@ generation_servers: { device: "cuda:1" }
         let yaml = r#"
 router: { policy: round_robin, worker_timeout_ms: 1500, max_local_prefill_length: 16 }
 tool_call_parser: llama3_json
+generation_config: none
 cache_transceiver_config: { max_tokens_in_buffer: 4096, transfer_pool_mb: 64 }
 context_servers: { num_instances: 2, device: ["cuda:0", "cuda:1"], cuda_graphs: false }
 generation_servers:
@@ -1001,6 +1006,10 @@ generation_servers:
         assert_eq!(
             args.tool_call_parser,
             tandem_protocol::config::ToolCallParser::Llama3Json
+        );
+        assert_eq!(
+            args.generation_config,
+            tandem_protocol::config::GenerationConfigSource::None
         );
         let argv = std::iter::once("api-server".into()).chain(args.to_args());
         let parsed = ApiServer::try_parse_from(argv).unwrap().args;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use actix_web::{App, HttpServer, web};
 use futures::StreamExt;
 use tandem_model::ModelConfig;
+use tandem_protocol::config::GenerationConfigSource;
 use tandem_protocol::messages::{Heartbeat, decode};
 use tandem_protocol::messages::{KvEvents, KvSnapshot, KvSnapshotRequest};
 use tandem_protocol::subjects::Subjects;
@@ -38,28 +39,40 @@ pub enum StartError {
     ApiKeys(#[from] crate::auth::KeyFileError),
 }
 
-/// The model's limits from its config.json, and its sampling defaults from
-/// generation_config.json (none where it has no such file).
+/// The model's limits from its config.json, and its sampling defaults from the
+/// generation_config.json `--generation-config` names (none where it says `none`, or where the
+/// model directory has no such file).
 pub fn model_limits(config: &ServerConfig) -> Result<ModelLimits, StartError> {
     let model = ModelConfig::load(&config.model).map_err(|err| StartError::Model {
         dir: config.model.display().to_string(),
         detail: err.to_string(),
     })?;
-    let generation_path = config.model.join(tandem_model::GENERATION_CONFIG_FILE);
-    let sampling_defaults = if generation_path.exists() {
-        let generation: tandem_model::GenerationConfig = tandem_model::read_json(&generation_path)
-            .map_err(|err| StartError::GenerationConfig {
-                path: generation_path.display().to_string(),
-                detail: err.to_string(),
-            })?;
-        SamplingDefaults::from_generation_config(&generation).map_err(|detail| {
-            StartError::GenerationConfig {
-                path: generation_path.display().to_string(),
-                detail,
-            }
-        })?
-    } else {
-        SamplingDefaults::default()
+    let generation_path = match &config.generation_config {
+        GenerationConfigSource::Auto => {
+            Some(config.model.join(tandem_model::GENERATION_CONFIG_FILE))
+                .filter(|path| path.exists())
+        }
+        GenerationConfigSource::None => None,
+        // Named on purpose: a missing file is an error, not OpenAI's defaults.
+        GenerationConfigSource::Dir(dir) => Some(dir.join(tandem_model::GENERATION_CONFIG_FILE)),
+    };
+    let sampling_defaults = match generation_path {
+        Some(generation_path) => {
+            let generation: tandem_model::GenerationConfig =
+                tandem_model::read_json(&generation_path).map_err(|err| {
+                    StartError::GenerationConfig {
+                        path: generation_path.display().to_string(),
+                        detail: err.to_string(),
+                    }
+                })?;
+            SamplingDefaults::from_generation_config(&generation).map_err(|detail| {
+                StartError::GenerationConfig {
+                    path: generation_path.display().to_string(),
+                    detail,
+                }
+            })?
+        }
+        None => SamplingDefaults::default(),
     };
     Ok(ModelLimits {
         served_model_name: config.served_name(),
@@ -213,6 +226,13 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
     let mut limits = model_limits(&config)?;
     limits.tool_support = codec.tool_support();
     match limits.sampling_defaults.describe() {
+        none if none.is_empty() && config.generation_config == GenerationConfigSource::None => {
+            tracing::info!(
+                "--generation-config none: requests that omit sampling fields get OpenAI's \
+                 defaults (temperature 1, top_p 1), whatever the model's \
+                 generation_config.json says"
+            )
+        }
         none if none.is_empty() => tracing::info!(
             "the model sets no sampling defaults: requests that omit them get OpenAI's \
              (temperature 1, top_p 1)"
@@ -321,4 +341,61 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
         tracing::info!("api-server listening on http://{bound}");
     }
     server.run().await.map_err(StartError::Http)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model directory of `config.json` only, with `generation` as its
+    /// generation_config.json where given.
+    fn model_dir(generation: Option<&str>) -> std::path::PathBuf {
+        let dir = tandem_test_kit::temp_dir("generation-config");
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+                "rms_norm_eps": 0.00001, "max_position_embeddings": 1024}"#,
+        )
+        .unwrap();
+        if let Some(text) = generation {
+            std::fs::write(dir.join(tandem_model::GENERATION_CONFIG_FILE), text).unwrap();
+        }
+        dir
+    }
+
+    fn limits(model: &std::path::Path, source: GenerationConfigSource) -> ModelLimits {
+        let config = ServerConfig {
+            generation_config: source,
+            ..ServerConfig::new(model.to_path_buf())
+        };
+        model_limits(&config).unwrap()
+    }
+
+    #[test]
+    fn the_generation_config_flag_picks_where_sampling_defaults_come_from() {
+        let model = model_dir(Some(r#"{"temperature": 0.2, "top_p": 0.9}"#));
+        let auto = limits(&model, GenerationConfigSource::Auto).sampling_defaults;
+        assert_eq!(auto.describe(), "temperature=0.2 top_p=0.9");
+        let none = limits(&model, GenerationConfigSource::None).sampling_defaults;
+        assert_eq!(none, SamplingDefaults::default());
+        let other = model_dir(Some(r#"{"temperature": 0.7, "top_k": 20}"#));
+        let from_dir = limits(&model, GenerationConfigSource::Dir(other)).sampling_defaults;
+        assert_eq!(from_dir.describe(), "temperature=0.7 top_k=20");
+        // `auto` over a model without the file: OpenAI's defaults; a named directory without
+        // it: an error that names the file.
+        let bare = model_dir(None);
+        let auto = limits(&bare, GenerationConfigSource::Auto).sampling_defaults;
+        assert_eq!(auto, SamplingDefaults::default());
+        let config = ServerConfig {
+            generation_config: GenerationConfigSource::Dir(bare.clone()),
+            ..ServerConfig::new(model.clone())
+        };
+        let err = model_limits(&config).unwrap_err().to_string();
+        assert!(
+            err.contains(&bare.join("generation_config.json").display().to_string()),
+            "{err}"
+        );
+    }
 }

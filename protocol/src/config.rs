@@ -92,6 +92,53 @@ impl ToolCallParser {
     }
 }
 
+/// Where the api-server takes the sampling defaults of requests that omit them
+/// (`--generation-config`, config key `generation_config`; vLLM's flag of the same name).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum GenerationConfigSource {
+    /// The model directory's `generation_config.json`, where it has one.
+    #[default]
+    Auto,
+    /// None: requests that omit a field get OpenAI's default (vLLM's `vllm`).
+    None,
+    /// The `generation_config.json` of this directory (which must have one).
+    Dir(std::path::PathBuf),
+}
+
+impl GenerationConfigSource {
+    /// `auto`, `none`, or a directory.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "" => Err("give `auto`, `none` or a directory".into()),
+            "auto" => Ok(GenerationConfigSource::Auto),
+            "none" => Ok(GenerationConfigSource::None),
+            dir => Ok(GenerationConfigSource::Dir(dir.into())),
+        }
+    }
+
+    /// The spelling [`Self::parse`] reads back.
+    pub fn name(&self) -> String {
+        match self {
+            GenerationConfigSource::Auto => "auto".into(),
+            GenerationConfigSource::None => "none".into(),
+            GenerationConfigSource::Dir(dir) => dir.display().to_string(),
+        }
+    }
+}
+
+impl Serialize for GenerationConfigSource {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for GenerationConfigSource {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        GenerationConfigSource::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RouterConfig {
@@ -433,6 +480,10 @@ pub struct DeploymentConfig {
     /// (tandem) Which tool-call markup the api-server parses: `auto` (from the chat
     /// template), `hermes`, `llama3_json`, `mistral` or `none`. Absent: `auto`.
     pub tool_call_parser: Option<ToolCallParser>,
+    /// (tandem) Where requests that omit sampling fields take their defaults from: `auto`
+    /// (the model directory's generation_config.json), `none` (OpenAI's defaults) or a
+    /// directory holding a generation_config.json. Absent: `auto`.
+    pub generation_config: Option<GenerationConfigSource>,
     /// (tandem) A file holding the deployment's KV secret, with which context workers sign KV
     /// handles and decode workers check them (the same file on every host). Absent: the
     /// launcher makes a fresh secret for a deployment it starts whole.
@@ -473,6 +524,7 @@ impl Default for DeploymentConfig {
             max_pending_requests: None,
             migration_limit: None,
             tool_call_parser: None,
+            generation_config: None,
             kv_secret_file: None,
             ignored: BTreeMap::new(),
         }

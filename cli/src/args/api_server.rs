@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use tandem_protocol::config::{RouterPolicy, ToolCallParser};
+use tandem_protocol::config::{GenerationConfigSource, RouterPolicy, ToolCallParser};
 
 use super::Argv;
 
@@ -115,6 +115,19 @@ pub struct ApiServerArgs {
         value_parser = one_of(ToolCallParser::ALL, ToolCallParser::name)
     )]
     pub tool_call_parser: ToolCallParser,
+    /// Where requests that omit `temperature`, `top_p`, `top_k` or `repetition_penalty` take
+    /// them from: `auto`, the model directory's generation_config.json (as vLLM does; OpenAI's
+    /// defaults where it has none); `none`, OpenAI's defaults (temperature 1, top_p 1) whatever
+    /// the model says; or a directory, its generation_config.json. The config's
+    /// `generation_config`.
+    #[arg(
+        long,
+        env = "TANDEM_GENERATION_CONFIG",
+        value_name = "auto|none|DIR",
+        default_value = "auto",
+        value_parser = GenerationConfigSource::parse
+    )]
+    pub generation_config: GenerationConfigSource,
     /// An API key (repeat for several; TANDEM_API_KEY takes them comma-separated). With any
     /// key set, every /v1 request must carry `Authorization: Bearer KEY`, else 401. Prefer
     /// the environment or --api-key-file: a command line is visible to every local user.
@@ -196,6 +209,7 @@ impl ApiServerArgs {
             max_pending_requests: DEFAULT_MAX_PENDING_REQUESTS,
             migration_limit: DEFAULT_MIGRATION_LIMIT,
             tool_call_parser: ToolCallParser::default(),
+            generation_config: GenerationConfigSource::Auto,
             api_keys: Vec::new(),
             api_key_file: None,
             metrics_require_key: false,
@@ -267,6 +281,9 @@ impl ApiServerArgs {
         }
         if self.tool_call_parser != ToolCallParser::default() {
             argv.push("--tool-call-parser", self.tool_call_parser.name());
+        }
+        if self.generation_config != GenerationConfigSource::Auto {
+            argv.push("--generation-config", self.generation_config.name());
         }
         argv.push_some(
             "--api-key-file",
@@ -350,6 +367,7 @@ mod tests {
             max_pending_requests: 7,
             migration_limit: 0,
             tool_call_parser: ToolCallParser::Mistral,
+            generation_config: GenerationConfigSource::Dir("/etc/tandem/sampling".into()),
             api_keys: Vec::new(),
             api_key_file: Some("/run/secrets/keys".into()),
             metrics_require_key: true,
@@ -365,6 +383,13 @@ mod tests {
         for router_policy in RouterPolicy::ALL {
             let args = ApiServerArgs {
                 router_policy,
+                ..args.clone()
+            };
+            assert_eq!(parse(&args.to_args()), args);
+        }
+        for generation_config in [GenerationConfigSource::Auto, GenerationConfigSource::None] {
+            let args = ApiServerArgs {
+                generation_config,
                 ..args.clone()
             };
             assert_eq!(parse(&args.to_args()), args);
