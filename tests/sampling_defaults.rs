@@ -7,6 +7,9 @@
 //! - a request's own temperature wins over the model's (temperature 1.5 with a seed gives
 //!   another text than greedy decoding: 24 tokens sampled at 1.5 from a 49k-token vocabulary);
 //! - the Responses API echoes the temperature the request ran with, the model's;
+//! - a second api-server on the same bus with `--generation-config none` ignores the model's
+//!   file: its requests without a temperature sample at OpenAI's 1 (seeds give other texts
+//!   than greedy decoding), and its Responses API echoes 1;
 //! - an out-of-range default stops the api-server at startup, naming the file and the key.
 
 mod support;
@@ -16,7 +19,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{SERVED_NAME, start_api_server};
-use tandem_test_kit::{Http, Nats, model_dir, temp_dir};
+use tandem_test_kit::{ApiServer, Http, Nats, model_dir, temp_dir};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -107,6 +110,35 @@ fn requests_without_a_temperature_take_the_models() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     let body = reply.json();
     assert_eq!(body["temperature"], json!(0.0), "{body}");
+
+    // The same model and worker behind an api-server told to ignore the model's defaults.
+    let openai_defaults = ApiServer::start(
+        &nats,
+        &model,
+        SERVED_NAME,
+        &["--worker-timeout-ms", "1500", "--generation-config", "none"],
+    );
+    let plain = &openai_defaults.http;
+    plain.wait_for_workers(1, Duration::from_secs(30));
+    assert_eq!(
+        chat_text(plain, json!({"temperature": 0})),
+        greedy,
+        "same worker, same greedy text"
+    );
+    let sampled: Vec<String> = [1, 2, 3]
+        .into_iter()
+        .map(|seed| chat_text(plain, json!({"seed": seed})))
+        .collect();
+    assert!(
+        sampled.iter().any(|text| *text != greedy),
+        "no temperature sent and the model's ignored: OpenAI's 1 samples ({sampled:?})"
+    );
+    let reply = plain.post(
+        "/v1/responses",
+        &json!({"model": SERVED_NAME, "input": "Hi", "max_output_tokens": 4}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["temperature"], json!(1.0), "{}", reply.body);
 }
 
 #[test]
