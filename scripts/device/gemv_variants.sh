@@ -4,7 +4,9 @@
 # Binaries come in .kit/bin.
 #
 #   RUNS="name:VAR=VALUE[,VAR=VALUE] ..." (a '+' in a value is a space; GPU_BENCH=program runs
-#   another build's gpu_bench, carried in .kit/bin), BATCHES (1,2,4,8)
+#   another build's gpu_bench, carried in .kit/bin), BATCHES (1,2,4,8), PREFILL (512: prompt
+#   lengths timed whole), SHOW (the lines printed, an extended regex; default the decode
+#   rows); each run's whole output is kept in $OUT/variants-NAME.log
 #   RUNS="plain:TANDEM_FP8_GEMV_MMA=0 u4:TANDEM_KERNEL_DEFINES=GEMV8_MMA_UNROLL=4" \
 #     scripts/device/gemv_variants.sh
 set -uo pipefail
@@ -18,6 +20,6 @@ for run in ${RUNS:-"plain:TANDEM_FP8_GEMV_MMA=0 default:TANDEM_FP8_GEMV_MMA=1"};
   program=gpu_bench
   for v in "${vars[@]}"; do [[ $v == GPU_BENCH=* ]] && program=${v#GPU_BENCH=}; done
   env "${vars[@]}" TANDEM_BENCH_BLOCK=64 "$program" bench --model "$model" --kv-cache-dtype fp8 \
-    --context 1024 --batches "${BATCHES:-1,2,4,8}" --prefill 512 --iters 10 2>&1 |
-    grep -E "^decode batch|rror"
+    --context 1024 --batches "${BATCHES:-1,2,4,8}" --prefill "${PREFILL:-512}" --iters 10 2>&1 |
+    tee "$out/variants-$name.log" | grep -E "${SHOW:-^decode batch|rror}"
 done

@@ -118,11 +118,16 @@ __device__ __forceinline__ void rope_rotate_heads_warp(float* __restrict__ row,
 #undef ROTATE_WARP_CASE
 }
 
+// `src` null: the rows are qkv's own (f32), rotated in place. Else the projection wrote them in
+// bf16 (cuBLASLt's FP8 product writes bf16 only) into `src`: each row is first widened into
+// qkv, then rotated there, so the rows are read from memory as bf16 once instead of widened
+// by a kernel of their own and read back as f32.
 template <typename C, bool ROTATE_KEYS>
 __device__ __forceinline__ void rope_cache_write_impl(
     float* __restrict__ qkv, const float* __restrict__ cos_table, const float* __restrict__ sin_table,
     const u32* __restrict__ slot_mapping, C* __restrict__ cache, int num_heads, int num_kv_heads,
-    int head_dim, int block_size, long long block_elems, long long layer_offset) {
+    int head_dim, int block_size, long long block_elems, long long layer_offset,
+    const bf16* __restrict__ src) {
     const long long t = blockIdx.x;
     const int half = head_dim / 2;
     const int width = (num_heads + 2 * num_kv_heads) * head_dim;
@@ -131,6 +136,21 @@ __device__ __forceinline__ void rope_cache_write_impl(
     // Every head's rotation block: the largest power of two dividing head_dim.
     const int rotation_block = head_dim & -head_dim;
     float* row = qkv + t * width;
+    if (src != nullptr) {
+        const bf16* from = src + t * width;
+        if ((width & 7) == 0) {
+            for (int j = 8 * threadIdx.x; j < width; j += 8 * blockDim.x) {
+                float f[8];
+                bf16x8_to_f32(*reinterpret_cast<const uint4*>(from + j), f);
+                reinterpret_cast<float4*>(row + j)[0] = make_float4(f[0], f[1], f[2], f[3]);
+                reinterpret_cast<float4*>(row + j)[1] = make_float4(f[4], f[5], f[6], f[7]);
+            }
+        } else {
+            for (int j = threadIdx.x; j < width; j += blockDim.x) row[j] = bf16_to_f32(from[j]);
+        }
+        // The block's writes to `row` are visible to all its threads past the barrier.
+        __syncthreads();
+    }
     const float* cs = cos_table + t * half;
     const float* sn = sin_table + t * half;
     const u32 slot = slot_mapping[t];
@@ -211,10 +231,10 @@ __device__ __forceinline__ void rope_cache_write_impl(
                                     const u32* __restrict__ slot_mapping, C* __restrict__ cache,   \
                                     int num_heads, int num_kv_heads, int head_dim,                 \
                                     int block_size, long long block_elems,                         \
-                                    long long layer_offset) {                                      \
+                                    long long layer_offset, const bf16* __restrict__ src) {        \
         rope_cache_write_impl<C, ROTATE_KEYS>(qkv, cos_table, sin_table, slot_mapping, cache,      \
                                               num_heads, num_kv_heads, head_dim, block_size,       \
-                                              block_elems, layer_offset);                          \
+                                              block_elems, layer_offset, src);                     \
     }
 
 ROPE_CACHE_WRITE_KERNEL(rope_cache_write, bf16, false)

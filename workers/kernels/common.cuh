@@ -145,6 +145,36 @@ __device__ __forceinline__ float block_max(float v) {
 #define FP8_MAX 448.0f
 __device__ __forceinline__ float fp8_row_scale(float amax) { return amax > 0.0f ? amax / FP8_MAX : 1.0f; }
 
+// Eight bf16 values (one 16-byte load) as f32.
+__device__ __forceinline__ void bf16x8_to_f32(const uint4 v, float* f) {
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// Eight bf16 values' largest magnitude, and their e4m3 codes times `inverse` (the low byte
+// first): the per-token quantization of rows kept in registers.
+__device__ __forceinline__ float bf16x8_amax(const uint4 v) {
+    float f[8];
+    bf16x8_to_f32(v, f);
+    float m = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(f[i]));
+    return m;
+}
+__device__ __forceinline__ uint2 bf16x8_to_e4m3x8(const uint4 v, float inverse) {
+    float f[8];
+    bf16x8_to_f32(v, f);
+    const u32 c0 = f32x2_to_e4m3x2(f[0] * inverse, f[1] * inverse);
+    const u32 c1 = f32x2_to_e4m3x2(f[2] * inverse, f[3] * inverse);
+    const u32 c2 = f32x2_to_e4m3x2(f[4] * inverse, f[5] * inverse);
+    const u32 c3 = f32x2_to_e4m3x2(f[6] * inverse, f[7] * inverse);
+    return make_uint2(c0 | (c1 << 16), c2 | (c3 << 16));
+}
+
 // Largest value and the lowest index holding it, over a warp (indices of -inf-only lanes are
 // INT_MAX so any real index wins the tie).
 __device__ __forceinline__ void warp_argmax(float& v, int& idx) {

@@ -284,9 +284,30 @@ extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate_up, bf16*
     silu_mul_rows(gate_up, out, rows, f);
 }
 
+// 16-byte vectors of a row's bf16 output a thread of `silu_mul_quant*` keeps in registers:
+// rows of up to 8 * SILU_QUANT_VECS * blockDim.x values (16,384 at 256 threads) are written
+// and quantized from registers, 16 bytes a load and a store (0: never, to compare).
+#ifndef SILU_QUANT_VECS
+#define SILU_QUANT_VECS 8
+#endif
+
+// Eight consecutive values at `p` (16-byte aligned) as f32.
+__device__ __forceinline__ void load8_f32(const bf16* p, float* f) {
+    bf16x8_to_f32(*reinterpret_cast<const uint4*>(p), f);
+}
+__device__ __forceinline__ void load8_f32(const float* p, float* f) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w;
+    f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
 // silu_mul_rows with the rows' FP8 codes and scales for the FP8 down projection that reads
-// them: one block per row (grid x over rows), its bf16 output written, then quantized from what
-// was written (quantize_own_row).
+// them: one block per row (grid x over rows), its bf16 output written, then quantized from the
+// bf16 values written (the codes are those quantize_fp8_rows makes of the output). Rows of a
+// multiple of 8 values that fit the block's registers are read once and quantized from
+// registers: a first version wrote a value at a time and read the row back to quantize it,
+// ~1.45 TB/s on an H100 (0.52 ms a layer for 7,592 rows of Llama-3.1-8B's 14,336).
 template <typename T>
 __device__ __forceinline__ void silu_mul_quant_rows(const T* __restrict__ gate_up,
                                                     bf16* __restrict__ out,
@@ -296,6 +317,40 @@ __device__ __forceinline__ void silu_mul_quant_rows(const T* __restrict__ gate_u
     if (r >= rows) return;
     const T* gate = gate_up + r * 2 * f;
     bf16* dst = out + r * f;
+#if SILU_QUANT_VECS > 0
+    if ((f & 7) == 0 && f <= 8 * SILU_QUANT_VECS * (int)blockDim.x) {
+        const int vecs = f / 8;
+        uint4 v[SILU_QUANT_VECS];
+        float amax = 0.0f;
+#pragma unroll
+        for (int j = 0; j < SILU_QUANT_VECS; ++j) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < vecs) {
+                float g[8], u[8];
+                load8_f32(gate + 8 * i, g);
+                load8_f32(gate + f + 8 * i, u);
+                u32 w[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    w[e] = (u32)f32_to_bf16(silu_times(g[2 * e], u[2 * e])) |
+                           ((u32)f32_to_bf16(silu_times(g[2 * e + 1], u[2 * e + 1])) << 16);
+                v[j] = make_uint4(w[0], w[1], w[2], w[3]);
+                reinterpret_cast<uint4*>(dst)[i] = v[j];
+                amax = fmaxf(amax, bf16x8_amax(v[j]));
+            }
+        }
+        const float scale = fp8_row_scale(block_max(amax));
+        if (threadIdx.x == 0) q_scales[r] = scale;
+        const float inverse = 1.0f / scale;
+        uint2* codes = reinterpret_cast<uint2*>(q8 + r * f);
+#pragma unroll
+        for (int j = 0; j < SILU_QUANT_VECS; ++j) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < vecs) codes[i] = bf16x8_to_e4m3x8(v[j], inverse);
+        }
+        return;
+    }
+#endif
     float amax = 0.0f;
     for (int c = threadIdx.x; c < f; c += blockDim.x) {
         dst[c] = f32_to_bf16(silu_times(load1_bf16(gate + c), load1_bf16(gate + f + c)));

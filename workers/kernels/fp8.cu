@@ -19,25 +19,6 @@
 #define QUANT_MAX_VECS 8
 #endif
 
-// Eight values' largest magnitude, and their e4m3 codes times `inverse` (the low byte first).
-__device__ __forceinline__ float bf16x8_amax(const uint4 v) {
-    float f[8];
-    bf16x8_to_f32(v, f);
-    float m = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(f[i]));
-    return m;
-}
-__device__ __forceinline__ uint2 bf16x8_to_e4m3x8(const uint4 v, float inverse) {
-    float f[8];
-    bf16x8_to_f32(v, f);
-    const u32 c0 = f32x2_to_e4m3x2(f[0] * inverse, f[1] * inverse);
-    const u32 c1 = f32x2_to_e4m3x2(f[2] * inverse, f[3] * inverse);
-    const u32 c2 = f32x2_to_e4m3x2(f[4] * inverse, f[5] * inverse);
-    const u32 c3 = f32x2_to_e4m3x2(f[6] * inverse, f[7] * inverse);
-    return make_uint2(c0 | (c1 << 16), c2 | (c3 << 16));
-}
-
 // One block per row of x (bf16, `cols` even): the row's scale (static_scale where it is
 // positive, else the row's largest magnitude / 448; 1 for a row of zeros) into scales[row], and
 // its e4m3 codes into q8. Rows of a multiple of 8 values that fit the block's registers are

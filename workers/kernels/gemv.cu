@@ -9,15 +9,6 @@
 #define GEMV_UNROLL 4
 #endif
 
-__device__ __forceinline__ void bf16x8_to_f32(const uint4 v, float* f) {
-    const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-
 template <int M>
 __device__ __forceinline__ void gemv_rows(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                           float* __restrict__ y, int n, int k) {

@@ -266,8 +266,23 @@ pub trait Backend: Send + Sync {
         self.linear(x, weight, bias)
     }
 
+    /// [`Self::linear`] for the fused q/k/v projection, whose output
+    /// [`Self::rope_and_cache_write`] reads first: a backend may write it narrower where that
+    /// op widens it as it reads (the CUDA backend, for FP8 weights at prefill sizes, where
+    /// cuBLASLt writes only bf16 with the scales applied).
+    fn linear_qkv(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Result<Self::Tensor, BackendError> {
+        self.linear(x, weight, bias)
+    }
+
     /// On fused q/k/v rows (`[tokens, qkv_width]`): applies the rotary embedding to q (in
     /// place) and k, and writes the rotated k and v of every token into `layer` of its KV slot.
+    /// Rows [`Self::linear_qkv`] wrote narrower are widened first: after it, `qkv` holds them
+    /// as [`Self::linear`] would have written them, rotated.
     fn rope_and_cache_write(
         &self,
         qkv: &mut Self::Tensor,

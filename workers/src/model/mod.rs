@@ -409,7 +409,7 @@ impl<B: Backend> Model<B> {
                 None => b.rms_norm(&residual, &layer.input_norm, self.eps)?,
                 Some(m) => b.add_rms_norm(&mut residual, m, &layer.input_norm, self.eps)?,
             };
-            let mut qkv = b.linear(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
+            let mut qkv = b.linear_qkv(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
             b.rope_and_cache_write(&mut qkv, meta, &self.shape, kv, i)?;
             b.prefetch_weight(&layer.o_proj);
             let attn = b.paged_attention(&qkv, meta, &self.shape, kv, i)?;

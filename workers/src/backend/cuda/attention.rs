@@ -7,8 +7,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
+use super::tensor::DeviceData;
 use super::{
     CudaBackend, CudaBatch, CudaKvCache, CudaTensor, kernels, rows_config, shape_err, tma,
 };
@@ -509,6 +510,17 @@ impl CudaBackend {
         check_attention(qkv, batch, shape, kv, layer)?;
         let layout = kv.layout;
         let rows = qkv.rows;
+        // Rows written in bf16 (`project_qkv`) are widened into f32 rows by the kernel.
+        let narrow = if let DeviceData::Bf16(_) = &qkv.data {
+            let wide = DeviceData::F32(self.alloc_f32(rows * qkv.cols)?);
+            Some(std::mem::replace(&mut qkv.data, wide))
+        } else {
+            None
+        };
+        let src: u64 = match &narrow {
+            Some(DeviceData::Bf16(x)) => x.device_ptr(&self.stream).0,
+            _ => 0,
+        };
         let q = qkv.as_f32_mut("rope_and_cache_write")?;
         let (heads, kv_heads, dim, bs) = (
             shape.num_heads as i32,
@@ -534,12 +546,16 @@ impl CudaBackend {
             .arg(&dim)
             .arg(&bs)
             .arg(&block_elems)
-            .arg(&layer_offset);
+            .arg(&layer_offset)
+            .arg(&src);
         self.launch(
             b,
             rows_config(rows, (pairs.next_multiple_of(32) as u32).clamp(32, 512)),
             "rope_cache_write",
-        )
+        )?;
+        // The bf16 rows are freed once the kernel that reads them has run (stream order).
+        drop(narrow);
+        Ok(())
     }
 
     pub(super) fn attention(

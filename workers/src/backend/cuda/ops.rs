@@ -389,6 +389,15 @@ impl Backend for CudaBackend {
         self.project(x, weight, bias)
     }
 
+    fn linear_qkv(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor, BackendError> {
+        self.project_qkv(x, weight, bias)
+    }
+
     fn rope_and_cache_write(
         &self,
         qkv: &mut CudaTensor,

@@ -96,6 +96,11 @@ pub struct CudaOptions {
     /// H200) while returning success, so the output is left unwritten and the
     /// logits come out NaN. The f32 output never picked it.
     pub gate_up_bf16: bool,
+    /// The fused q/k/v projection of FP8 weights is left in the bf16 cuBLASLt writes at
+    /// prefill sizes, and the rotary kernel widens its rows as it reads them; off, a kernel of
+    /// its own widens them first (`TANDEM_FP8_QKV_BF16=0`, to compare; the values are the
+    /// same).
+    pub fp8_qkv_bf16: bool,
     /// cuBLAS writes o_proj and down, the projections only the residual add reads, in bf16
     /// at prefill sizes; off, in f32 (`TANDEM_RESIDUAL_BF16`: `0` off, anything else on).
     /// Half the bytes written and read back: ~46 MB a layer for a step of 2,822 rows of
@@ -152,6 +157,7 @@ impl Default for CudaOptions {
             fp8_gemv_mma: true,
             fp8_gemv_mma_one_row: false,
             gate_up_bf16: true,
+            fp8_qkv_bf16: true,
             residual_bf16: true,
             gemm_clusters: true,
             concurrent_attention: true,
@@ -205,6 +211,7 @@ impl CudaOptions {
                 Some(v) => v != "0",
                 None => all_sms,
             },
+            fp8_qkv_bf16: switch("TANDEM_FP8_QKV_BF16"),
             residual_bf16: match var("TANDEM_RESIDUAL_BF16") {
                 Some(v) => v != "0",
                 None => all_sms,
@@ -271,6 +278,7 @@ mod tests {
             ("TANDEM_SKINNY_FP8", "0"),
             ("TANDEM_FP8_FUSED_QUANT", "0"),
             ("TANDEM_FP8_PREFILL_WIDEN", "0"),
+            ("TANDEM_FP8_QKV_BF16", "0"),
             ("TANDEM_FP8_GEMV_MAX_ROWS", "2"),
             ("TANDEM_FP8_GEMV_MMA", "0"),
             ("TANDEM_FP8_GEMV_MMA_ONE_ROW", "1"),
@@ -303,6 +311,7 @@ mod tests {
                 fp8_gemv_mma: false,
                 fp8_gemv_mma_one_row: true,
                 gate_up_bf16: true,
+                fp8_qkv_bf16: false,
                 residual_bf16: true,
                 gemm_clusters: true,
                 concurrent_attention: false,

@@ -201,6 +201,34 @@ impl CudaBackend {
         self.project(x, weight, bias)
     }
 
+    /// The fused q/k/v projection of FP8 weights: left in the bf16 cuBLASLt writes at
+    /// prefill sizes where [`CudaOptions::fp8_qkv_bf16`](super::CudaOptions::fp8_qkv_bf16) is
+    /// on and there is no bias (the rotary kernel widens the rows as it reads them), else as
+    /// [`Self::project`] writes it (which widens cuBLASLt's bf16 in a pass of its own). A bf16
+    /// weight's cuBLAS writes f32 itself.
+    pub(super) fn project_qkv(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor, BackendError> {
+        let fp8 = matches!(
+            weight,
+            CudaWeight::Matrix {
+                data: MatrixData::Fp8 { .. },
+                ..
+            }
+        );
+        if fp8
+            && bias.is_none()
+            && self.options.fp8_qkv_bf16
+            && let Some(out) = self.cublas_bf16_projection(x, weight)?
+        {
+            return Ok(out);
+        }
+        self.project(x, weight, bias)
+    }
+
     /// The MLP's `[gate | up]` projection: written in bf16 by cuBLAS at prefill sizes where
     /// [`CudaOptions::gate_up_bf16`](super::CudaOptions::gate_up_bf16) is on, else as [`Self::project`] writes it.
     pub(super) fn project_gate_up(
