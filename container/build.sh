@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds tandem's container image (container/Dockerfile) from the repository root.
 #
-#   container/build.sh                          # tandem:latest
+#   container/build.sh                          # tandem:latest, with docker or podman
 #   container/build.sh --tag v0.1 --no-default-model
-#   container/build.sh --dry-run                # print the docker command, run nothing
+#   container/build.sh --local-base             # no registry: a Debian base made here
+#   container/build.sh --dry-run                # print the build command, run nothing
 #
 # Run `container/build.sh --help` for every option.
 set -euo pipefail
@@ -13,25 +14,39 @@ usage() {
 Usage: container/build.sh [OPTIONS]
 
 Builds the tandem image from container/Dockerfile, with the repository root as the build
-context (BuildKit; `docker buildx` is used when plain `docker build` lacks BuildKit).
+context: with docker (BuildKit; `docker buildx` for --push) or podman, whichever works.
 
 Options:
   -n, --name NAME          image name (default: tandem; env TANDEM_IMAGE_NAME)
   -t, --tag TAG            image tag (default: latest; env TANDEM_IMAGE_TAG)
+      --engine ENGINE      docker, podman, or auto (default: docker when its daemon answers,
+                           else podman when installed; env TANDEM_CONTAINER_ENGINE)
       --cuda-image IMAGE   runtime base image (default: nvidia/cuda:13.0.0-runtime-ubuntu24.04)
+      --build-image IMAGE  base image of the build stage (default: ubuntu:24.04)
+      --cuda-libs FROM     where NVRTC, cuBLAS, cuBLASLt and NCCL come from: base (the runtime
+                           base image has them, as NVIDIA's CUDA images do) or wheels (NVIDIA's
+                           PyPI wheels, for a base without them; default: base)
+      --local-base         build with no registry at all: make a Debian bookworm base image
+                           here (container/base-image.sh: debootstrap, podman import) and build
+                           both stages on it with --cuda-libs wheels (with podman, whose image
+                           store holds the base)
+      --ca-bundle FILE     CA certificates the build's downloads trust (a build secret: for
+                           a network whose proxy has a CA of its own; env TANDEM_BUILD_CA_BUNDLE)
       --rust-version V     Rust toolchain of the build stage (default: 1.95.0)
       --no-default-model   leave the embedded default model out of the image
       --platform P         target platform, e.g. linux/amd64
       --build-arg K=V      another build argument (repeatable)
       --no-cache           build every step again
       --push               push the image after building (docker buildx --push)
-      --docker CMD         the docker program (default: docker; env DOCKER)
-      --dry-run            print the docker command instead of running it
+      --docker CMD         the docker program (default: docker; env DOCKER); implies
+                           --engine docker
+      --dry-run            print the build command instead of running it
   -h, --help               show this help
 
 Examples:
   container/build.sh --name registry.example.com/tandem --tag 0.1.0 --push
   container/build.sh --cuda-image nvidia/cuda:13.0.1-runtime-ubuntu24.04 --dry-run
+  container/build.sh --local-base --ca-bundle /etc/ssl/certs/ca-certificates.crt
 EOF
 }
 
@@ -69,9 +84,18 @@ print_command() {
 }
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=container/engine.sh
+source "$repo_root/container/engine.sh"
 name="${TANDEM_IMAGE_NAME:-tandem}"
 tag="${TANDEM_IMAGE_TAG:-latest}"
 docker_cmd="${DOCKER:-docker}"
+engine="${TANDEM_CONTAINER_ENGINE:-auto}"
+if [ -n "${DOCKER:-}" ]; then
+  engine=docker
+fi
+local_base=0
+engine_option=""
+ca_bundle="${TANDEM_BUILD_CA_BUNDLE:-}"
 dry_run=0
 push=0
 no_cache=0
@@ -93,6 +117,34 @@ while [ $# -gt 0 ]; do
     --cuda-image)
       need_value "$1" $#
       build_args+=("CUDA_IMAGE=$2")
+      shift 2
+      ;;
+    --build-image)
+      need_value "$1" $#
+      build_args+=("BUILD_IMAGE=$2")
+      shift 2
+      ;;
+    --cuda-libs)
+      need_value "$1" $#
+      case "$2" in
+        base | wheels) build_args+=("CUDA_LIBS=$2") ;;
+        *) die "--cuda-libs takes base or wheels, not '$2'" ;;
+      esac
+      shift 2
+      ;;
+    --ca-bundle)
+      need_value "$1" $#
+      ca_bundle="$2"
+      shift 2
+      ;;
+    --local-base)
+      local_base=1
+      shift
+      ;;
+    --engine)
+      need_value "$1" $#
+      engine="$2"
+      engine_option="$2"
       shift 2
       ;;
     --rust-version)
@@ -128,6 +180,8 @@ while [ $# -gt 0 ]; do
     --docker)
       need_value "$1" $#
       docker_cmd="$2"
+      engine=docker
+      engine_option=docker
       shift 2
       ;;
     --dry-run)
@@ -148,9 +202,32 @@ if [ -z "$name" ] || [ -z "$tag" ]; then
   die "the image name and tag must not be empty"
 fi
 
-# --push needs buildx; a plain build uses `docker build`, which is BuildKit by default since
-# Docker 23 (DOCKER_BUILDKIT=1 covers older engines).
-if [ "$push" -eq 1 ]; then
+# The local base lives in podman's image store: --local-base builds with podman unless the
+# command line asked for docker.
+if [ "$local_base" -eq 1 ] && [ "$engine_option" != docker ]; then
+  engine=podman
+fi
+engine=$(pick_engine "$engine") || die "--engine takes docker, podman or auto"
+if [ "$local_base" -eq 1 ]; then
+  if [ "$engine" != podman ]; then
+    die "--local-base imports its base image with podman, not $engine"
+  fi
+  base_image=$("$repo_root/container/base-image.sh" --print-name)
+  build_args=("BUILD_IMAGE=$base_image" "CUDA_IMAGE=$base_image" "CUDA_LIBS=wheels"
+    ${build_args[@]+"${build_args[@]}"})
+fi
+
+if [ "$engine" = podman ]; then
+  if [ "$push" -eq 1 ]; then
+    die "--push is docker's (buildx); with podman, run: podman push $name:$tag"
+  fi
+  # The docker image format keeps the HEALTHCHECK (OCI's has none); RUN steps reach the
+  # package registries through the host's network.
+  cmd=(podman build --format docker --network host)
+  while IFS= read -r arg; do cmd+=("$arg"); done < <(podman_host_args)
+elif [ "$push" -eq 1 ]; then
+  # --push needs buildx; a plain build uses `docker build`, which is BuildKit by default since
+  # Docker 23 (DOCKER_BUILDKIT=1 covers older engines).
   cmd=("$docker_cmd" buildx build --push)
 else
   cmd=("$docker_cmd" build)
@@ -162,19 +239,31 @@ fi
 if [ "$no_cache" -eq 1 ]; then
   cmd+=(--no-cache)
 fi
+if [ -n "$ca_bundle" ]; then
+  [ -f "$ca_bundle" ] || die "--ca-bundle: no file '$ca_bundle'"
+  cmd+=(--secret "id=ca_bundle,src=$ca_bundle")
+fi
 for arg in ${build_args[@]+"${build_args[@]}"}; do
   cmd+=(--build-arg "$arg")
 done
 cmd+=("$repo_root")
 
 if [ "$dry_run" -eq 1 ]; then
-  print_command env DOCKER_BUILDKIT=1 "${cmd[@]}"
+  if [ "$engine" = podman ]; then
+    print_command "${cmd[@]}"
+  else
+    print_command env DOCKER_BUILDKIT=1 "${cmd[@]}"
+  fi
   exit 0
 fi
 
-if ! command -v "$docker_cmd" >/dev/null 2>&1; then
-  echo "build.sh: '$docker_cmd' is not installed (see https://docs.docker.com/engine/install/)" >&2
+if [ "$local_base" -eq 1 ]; then
+  "$repo_root/container/base-image.sh"
+fi
+if ! command -v "${cmd[0]}" >/dev/null 2>&1; then
+  echo "build.sh: '${cmd[0]}' is not installed (docker: https://docs.docker.com/engine/install/;" \
+    "podman: apt-get install podman runc)" >&2
   exit 1
 fi
-echo "build.sh: building $name:$tag" >&2
+echo "build.sh: building $name:$tag with $engine" >&2
 DOCKER_BUILDKIT=1 exec "${cmd[@]}"

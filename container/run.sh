@@ -37,8 +37,13 @@ Options:
       --shm-size SIZE      /dev/shm size; UCX moves the KV cache through it (default: 16g)
       --host-network       use the host's network (UCX between hosts, NATS on the host)
       --user-host          run as your own uid:gid (files written to the mounts are yours)
-      --docker CMD         the docker program (default: docker; env DOCKER)
-      --dry-run            print the docker command instead of running it
+      --engine ENGINE      docker, podman, or auto (default: docker when its daemon answers,
+                           else podman when installed; env TANDEM_CONTAINER_ENGINE). With
+                           podman, GPUs are CDI devices (nvidia.com/gpu=N: `nvidia-ctk cdi
+                           generate` makes their spec)
+      --docker CMD         the docker program (default: docker; env DOCKER); implies
+                           --engine docker
+      --dry-run            print the command instead of running it
   -h, --help               show this help
 
 Examples:
@@ -91,8 +96,14 @@ print_command() {
 }
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=container/engine.sh
+source "$repo_root/container/engine.sh"
 image="${TANDEM_IMAGE:-tandem:latest}"
 docker_cmd="${DOCKER:-docker}"
+engine="${TANDEM_CONTAINER_ENGINE:-auto}"
+if [ -n "${DOCKER:-}" ]; then
+  engine=docker
+fi
 interactive=0
 gpus=""
 workspace="$repo_root"
@@ -187,6 +198,12 @@ while [ $# -gt 0 ]; do
     --docker)
       need_value "$1" $#
       docker_cmd="$2"
+      engine=docker
+      shift 2
+      ;;
+    --engine)
+      need_value "$1" $#
+      engine="$2"
       shift 2
       ;;
     --dry-run)
@@ -239,17 +256,38 @@ if [ "$hf_cache_set" -eq 0 ]; then
   fi
 fi
 
-cmd=("$docker_cmd" run --rm)
+engine=$(pick_engine "$engine") || die "--engine takes docker, podman or auto"
+if [ "$engine" = podman ]; then
+  cmd=(podman run --rm)
+  while IFS= read -r arg; do cmd+=("$arg"); done < <(podman_host_args)
+else
+  cmd=("$docker_cmd" run --rm)
+fi
 if [ "$interactive" -eq 1 ]; then
   cmd+=(-i -t)
 fi
 if [ -n "$name" ]; then
   cmd+=(--name "$name")
 fi
-if [ -n "$gpu_flag" ]; then
+if [ -n "$gpu_flag" ] && [ "$engine" = podman ]; then
+  # The NVIDIA container toolkit's CDI devices: nvidia.com/gpu=all, or one per GPU.
+  case "$gpus" in
+    all) cmd+=(--device nvidia.com/gpu=all) ;;
+    device=*)
+      IFS=, read -ra listed <<<"${gpus#device=}"
+      for gpu in "${listed[@]}"; do cmd+=(--device "nvidia.com/gpu=$gpu"); done
+      ;;
+    *) for ((gpu = 0; gpu < gpus; gpu++)); do cmd+=(--device "nvidia.com/gpu=$gpu"); done ;;
+  esac
+elif [ -n "$gpu_flag" ]; then
   cmd+=(--gpus "$gpu_flag")
 fi
-cmd+=(--shm-size "$shm_size" --ulimit memlock=-1)
+cmd+=(--shm-size "$shm_size")
+if [ "$engine" = podman ]; then
+  while IFS= read -r arg; do cmd+=("$arg"); done < <(podman_memlock_args)
+else
+  cmd+=(--ulimit memlock=-1)
+fi
 if [ "$host_network" -eq 1 ]; then
   cmd+=(--network host)
 elif [ -n "$port" ]; then
@@ -286,8 +324,9 @@ if [ "$dry_run" -eq 1 ]; then
   exit 0
 fi
 
-if ! command -v "$docker_cmd" >/dev/null 2>&1; then
-  echo "run.sh: '$docker_cmd' is not installed (see https://docs.docker.com/engine/install/)" >&2
+if ! command -v "${cmd[0]}" >/dev/null 2>&1; then
+  echo "run.sh: '${cmd[0]}' is not installed (docker: https://docs.docker.com/engine/install/;" \
+    "podman: apt-get install podman runc)" >&2
   exit 1
 fi
 exec "${cmd[@]}"

@@ -2,7 +2,8 @@
 //!
 //! - `build.sh` and `run.sh` print, with `--dry-run`, exactly the docker command they would
 //!   run: checked word by word (the printed line is evaluated by bash, so it is also
-//!   copy-pasteable), and checked against what a fake `docker` receives without `--dry-run`.
+//!   copy-pasteable), and checked against what a fake `docker` receives without `--dry-run`;
+//!   and the podman commands they give with `--engine podman`.
 //! - Every flag the Dockerfile, the compose file and the Kubernetes manifests give to `tandem`,
 //!   `worker`, `api-server`, `model-prep` and `nats-server` exists: the workspace binaries are
 //!   run with those very arguments plus `--help` (clap rejects an unknown flag or a bad value
@@ -37,6 +38,9 @@ impl Script {
         command.env("PATH", std::env::var_os("PATH").unwrap_or_default());
         // A home without a Hugging Face cache unless a test makes one.
         command.env("HOME", temp_dir("home"));
+        // docker's commands unless a test asks for podman: `auto` would pick podman on a
+        // machine that has it and no docker daemon.
+        command.env("TANDEM_CONTAINER_ENGINE", "docker");
         Script { command }
     }
 
@@ -484,10 +488,22 @@ fn build_sh_build_args_are_ones_the_dockerfile_declares() {
             "--rust-version",
             "1",
             "--no-default-model",
+            "--build-image",
+            "y",
+            "--cuda-libs",
+            "wheels",
         ],
     )
     .dry_run();
+    let podman = Script::new(
+        "build.sh",
+        &["--dry-run", "--engine", "podman", "--local-base"],
+    )
+    .dry_run();
     for arg in got
+        .iter()
+        .chain(&podman)
+        .collect::<Vec<_>>()
         .windows(2)
         .filter(|w| w[0] == "--build-arg")
         .map(|w| &w[1])
@@ -539,6 +555,123 @@ fn build_sh_refuses_bad_options_and_runs_what_it_prints() {
     // `env DOCKER_BUILDKIT=1 <docker> ARGS`: the fake got ARGS, with BuildKit on.
     assert_eq!(received(&dir), printed[3..]);
     assert_eq!(std::fs::read_to_string(dir.join("buildkit")).unwrap(), "1");
+}
+
+#[test]
+fn build_sh_with_podman_and_no_registry() {
+    let dockerfile = format!("{}/container/Dockerfile", repo_str());
+    let got = Script::new(
+        "build.sh",
+        &["--dry-run", "--local-base", "-t", "x"],
+    )
+    .dry_run();
+    // podman, with the docker format (HEALTHCHECK) and the host's network for the RUN steps;
+    // then the arguments of this host (runtime, limits), which vary.
+    assert_eq!(
+        got[..6],
+        words(&["podman", "build", "--format", "docker", "--network", "host"])
+    );
+    let file = got.iter().position(|w| w == "--file").expect("--file");
+    assert!(
+        got[6..file]
+            .chunks(2)
+            .all(|pair| pair[0] == "--runtime" || pair[0] == "--ulimit"),
+        "{got:?}"
+    );
+    assert_eq!(
+        got[file..],
+        words(&[
+            "--file",
+            &dockerfile,
+            "--tag",
+            "tandem:x",
+            "--build-arg",
+            "BUILD_IMAGE=localhost/tandem-base:bookworm",
+            "--build-arg",
+            "CUDA_IMAGE=localhost/tandem-base:bookworm",
+            "--build-arg",
+            "CUDA_LIBS=wheels",
+            &repo_str(),
+        ])
+    );
+    // A CA bundle is a build secret with either engine.
+    let bundle = temp_dir("ca").join("ca.crt");
+    std::fs::write(&bundle, "-----BEGIN CERTIFICATE-----\n").unwrap();
+    let secret = format!("id=ca_bundle,src={}", bundle.display());
+    for engine in ["docker", "podman"] {
+        let got = Script::new(
+            "build.sh",
+            &[
+                "--dry-run",
+                "--engine",
+                engine,
+                "--ca-bundle",
+                bundle.to_str().unwrap(),
+            ],
+        )
+        .dry_run();
+        let at = got.iter().position(|w| w == "--secret").expect("--secret");
+        assert_eq!(got[at + 1], secret, "{engine}: {got:?}");
+    }
+    for (args, message) in [
+        (&["--cuda-libs", "conda"][..], "--cuda-libs takes base or wheels"),
+        (&["--engine", "lxc"][..], "--engine takes docker, podman or auto"),
+        (
+            &["--local-base", "--engine", "docker"][..],
+            "--local-base imports its base image with podman",
+        ),
+        (&["--ca-bundle", "/no/such/file"][..], "--ca-bundle: no file"),
+        (&["--engine", "podman", "--push"][..], "podman push tandem:latest"),
+    ] {
+        let mut all = vec!["--dry-run"];
+        all.extend_from_slice(args);
+        let (code, stderr) = failure(Script::new("build.sh", &all));
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn run_sh_with_podman_names_gpus_as_cdi_devices() {
+    let got = Script::new(
+        "run.sh",
+        &[
+            "--dry-run",
+            "--engine",
+            "podman",
+            "--gpus",
+            "device=0,2",
+            "--no-workspace",
+            "--",
+            "nvidia-smi",
+        ],
+    )
+    .dry_run();
+    assert_eq!(got[..3], words(&["podman", "run", "--rm"]));
+    assert!(!got.contains(&"--gpus".to_string()), "{got:?}");
+    let devices: Vec<&str> = got
+        .windows(2)
+        .filter(|w| w[0] == "--device")
+        .map(|w| w[1].as_str())
+        .collect();
+    assert_eq!(devices, ["nvidia.com/gpu=0", "nvidia.com/gpu=2"]);
+    let limits: Vec<&str> = got
+        .windows(2)
+        .filter(|w| w[0] == "--ulimit")
+        .map(|w| w[1].split('=').next().unwrap())
+        .collect();
+    assert!(limits.contains(&"memlock"), "{got:?}");
+    assert_eq!(
+        got[got.len() - 4..],
+        words(&["-p", "8000:8000", "tandem:latest", "nvidia-smi"])
+    );
+    let all = Script::new(
+        "run.sh",
+        &["--dry-run", "--engine", "podman", "--gpus", "2", "--no-workspace"],
+    )
+    .dry_run();
+    let devices = all.windows(2).filter(|w| w[0] == "--device").count();
+    assert_eq!(devices, 2, "{all:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
