@@ -58,3 +58,17 @@ podman_memlock_args() {
     printf '%s\n' --ulimit "memlock=$((kib * 1024)):$((kib * 1024))"
   fi
 }
+
+# A containers.conf (printed) that starts podman's containers with the limits
+# `podman_host_args` gives, for tools that run podman themselves (podman-compose): pass its
+# path in CONTAINERS_CONF.
+podman_containers_conf() {
+  local limits=() arg
+  while IFS= read -r arg; do
+    case "$arg" in
+      nofile=* | nproc=*) limits+=("\"$arg\"") ;;
+    esac
+  done < <(podman_host_args)
+  local IFS=,
+  printf '[containers]\ndefault_ulimits = [%s]\n' "${limits[*]}"
+}

@@ -780,7 +780,12 @@ fn strings(value: &Value) -> Vec<String> {
 }
 
 fn compose() -> Value {
-    let path = repo().join("container/compose/compose.yaml");
+    compose_file("compose.yaml")
+}
+
+/// A compose file of container/compose/, merge keys resolved.
+fn compose_file(name: &str) -> Value {
+    let path = repo().join("container/compose").join(name);
     let text = std::fs::read_to_string(&path).unwrap();
     let mut value: Value =
         serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -850,14 +855,16 @@ fn all_invocations() -> Vec<Invocation> {
             found.extend(invocations_in_script("Dockerfile RUN", script));
         }
     }
-    // Compose services.
-    let compose = compose();
-    for (name, service) in compose["services"].as_mapping().expect("services") {
-        let name = name.as_str().unwrap();
-        found.extend(invocations_in_list(
-            &format!("compose service {name}"),
-            &strings(&service["command"]),
-        ));
+    // Compose services, of the GPU and the CPU deployments.
+    for file in ["compose.yaml", "compose.cpu.yaml"] {
+        let compose = compose_file(file);
+        for (name, service) in compose["services"].as_mapping().expect("services") {
+            let name = name.as_str().unwrap();
+            found.extend(invocations_in_list(
+                &format!("{file} service {name}"),
+                &strings(&service["command"]),
+            ));
+        }
     }
     // Kubernetes containers.
     for (origin, doc) in manifests() {
