@@ -128,6 +128,11 @@ struct ImportGgufArgs {
     /// Replace the output directory if it is not empty.
     #[arg(long)]
     force: bool,
+    /// Keep Q8_0, Q4_0, Q4_1, Q4_K and Q6_K matrices as their GGUF blocks (config.json's
+    /// `quantization_config` names each one's type): the CPU backend multiplies them
+    /// quantized, a third of bf16's bytes for Q4_1. GPU workers refuse such a directory.
+    #[arg(long)]
+    keep_quant: bool,
 }
 
 /// Prepare the embedded default model, SmolLM2-135M-Instruct.
@@ -163,6 +168,10 @@ struct DefaultArgs {
     /// Replace the output directory even if it holds something else.
     #[arg(long)]
     force: bool,
+    /// Keep the GGUF's Q4_1 and Q8_0 matrices as blocks (see import-gguf --keep-quant): the
+    /// CPU serves them quantized; GPU workers refuse the directory.
+    #[arg(long)]
+    keep_quant: bool,
 }
 
 /// Download a model from the Hugging Face Hub.
@@ -408,6 +417,7 @@ fn run_import(args: ImportGgufArgs) -> anyhow::Result<()> {
     let options = ImportOptions {
         dtype: args.dtype.into(),
         force: args.force,
+        keep_quant: args.keep_quant,
     };
     let started = Instant::now();
     let summary = import_gguf(&args.file, &args.output, &options)?;
@@ -453,6 +463,7 @@ fn run_default(args: DefaultArgs) -> anyhow::Result<()> {
     };
     let options = DefaultOptions {
         dtype: args.dtype.into(),
+        keep_quant: args.keep_quant,
         wheel: args.wheel,
         cache_dir,
         python: args.python,
@@ -463,6 +474,7 @@ fn run_default(args: DefaultArgs) -> anyhow::Result<()> {
         let import_options = ImportOptions {
             dtype,
             force: false,
+            keep_quant: args.keep_quant,
         };
         import_gguf(gguf, out, &import_options).map(|summary| describe_import(&summary, dtype))
     })?;

@@ -16,6 +16,7 @@ fn fixture(name: &str) -> PathBuf {
 const OPTIONS: ImportOptions = ImportOptions {
     dtype: WeightDType::Bf16,
     force: false,
+    keep_quant: false,
 };
 
 /// Imports `gguf` into `root/model`, expects failure, checks nothing was left in `root`

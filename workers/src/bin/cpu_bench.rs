@@ -177,12 +177,16 @@ fn bench_model(
     let prefill_tps = prompt_tokens as f64 / prefill_s;
     let decode_tps = decode_tokens as f64 / decode_s;
     let backend = model.backend().describe();
+    let weights = match model.gguf_quant() {
+        Some(quant) => format!("gguf {quant} (norms {})", model.weight_dtype()),
+        None => model.weight_dtype().to_string(),
+    };
     if json {
         println!(
             "{}",
             serde_json::json!({
                 "model": dir.display().to_string(),
-                "weights": model.weight_dtype().to_string(),
+                "weights": weights,
                 "backend": backend,
                 "threads": threads,
                 "load_s": load_s,
@@ -194,9 +198,8 @@ fn bench_model(
         );
     } else {
         println!(
-            "{} ({} weights, {backend}): load {load_s:.2} s, prefill {prompt_tokens} tokens {prefill_tps:.1} tok/s, decode {decode_tokens} tokens {decode_tps:.1} tok/s",
+            "{} ({weights} weights, {backend}): load {load_s:.2} s, prefill {prompt_tokens} tokens {prefill_tps:.1} tok/s, decode {decode_tokens} tokens {decode_tps:.1} tok/s",
             dir.display(),
-            model.weight_dtype(),
         );
     }
     Ok(())
