@@ -20,6 +20,9 @@ pub struct QuantRows {
     pub k: usize,
     /// `[rows][k]` codes.
     pub codes: Vec<i8>,
+    /// `[rows][k]` codes plus 128 (as unsigned bytes): the unsigned operand of products with
+    /// signed weight codes where the instruction set has no byte sign (AVX-512).
+    pub offset_codes: Vec<u8>,
     /// `[rows][k / 32]` block scales.
     pub scales: Vec<f32>,
     /// `[rows][k / 32]`: each block's scale times the sum of its codes.
@@ -42,6 +45,7 @@ impl QuantRows {
             rows,
             k,
             codes: vec![0; rows * k],
+            offset_codes: Vec::new(),
             scales: vec![0.0; rows * nb],
             sums: vec![0.0; rows * nb],
         };
@@ -57,6 +61,7 @@ impl QuantRows {
                 .zip(q.sums.par_chunks_mut(ROWS_PER_TASK * nb))
                 .for_each(|(((x, codes), scales), sums)| quantize_rows(x, k, codes, scales, sums));
         }
+        q.offset_codes = q.codes.iter().map(|&c| (c as u8) ^ 0x80).collect();
         q
     }
 
@@ -66,6 +71,10 @@ impl QuantRows {
 
     pub fn row_codes(&self, r: usize) -> &[i8] {
         &self.codes[r * self.k..(r + 1) * self.k]
+    }
+
+    pub fn row_offset_codes(&self, r: usize) -> &[u8] {
+        &self.offset_codes[r * self.k..(r + 1) * self.k]
     }
 
     pub fn row_scales(&self, r: usize) -> &[f32] {

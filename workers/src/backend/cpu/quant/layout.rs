@@ -1,6 +1,9 @@
 //! GGUF blocks repacked at load into the layout the quantized kernels read: output columns in
-//! groups of [`GROUP`], and for each group and each block of 32 inputs, the group's codes side
-//! by side followed by their scales (and minimums) as f32.
+//! groups of [`GROUP`], and for each group and each block of 32 inputs, the group's codes
+//! interleaved four inputs at a time (a 32-byte run holds four consecutive inputs of each of
+//! the 8 columns, so one vector product against four activation codes broadcast to every lane
+//! leaves each column's partial sum in its own lane: no horizontal sums), followed by their
+//! scales (and minimums) as f32.
 //!
 //! Every supported GGUF type becomes one of three layouts, each value kept exactly (the
 //! dequantized value of a repacked code is bitwise ggml's own):
@@ -10,9 +13,8 @@
 //! - [`Layout::Bytes`] (Q8_0): signed 8-bit codes, value `s * q`;
 //! - [`Layout::BytesHalves`] (Q6_K): signed codes `q - 32`, a scale for each half of 16.
 //!
-//! Why repack rather than read the GGUF blocks in place: eight columns' codes for the same 32
-//! inputs in one run let a kernel multiply one activation block by eight columns and reduce
-//! the eight sums together, and f32 scales (Q4_K's scale products do not fit an f16) need no
+//! Why repack rather than read the GGUF blocks in place: the interleaved runs let a kernel
+//! multiply eight columns at once with each column's sum in its own lane, and f32 scales (Q4_K's scale products do not fit an f16) need no
 //! conversion in the inner loop. The cost is memory: 24 bytes per 32 values for Q4_1 instead
 //! of 20, 36 instead of 34 for Q8_0, 40 instead of 26.25 for Q6_K.
 
@@ -27,12 +29,12 @@ pub const GROUP: usize = 8;
 /// How a group's block is laid out ([`super::kernels`] has one kernel family per layout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
-    /// `codes [8][16]` (byte `i`: value `i` in the low nibble, `i + 16` in the high), then
-    /// `scale [8]`, `min [8]`.
+    /// `codes [4][8][4]` (run `i`, column `j`, byte `l`: value `4 i + l` of column `j` in the
+    /// low nibble, value `16 + 4 i + l` in the high), then `scale [8]`, `min [8]`.
     Nibbles,
-    /// `codes [8][32]` (i8), then `scale [8]`.
+    /// `codes [8][8][4]` (run `i`, column `j`, byte `l`: value `4 i + l`, i8), then `scale [8]`.
     Bytes,
-    /// `codes [8][32]` (i8), then `scale of values 0..16 [8]`, `scale of 16..32 [8]`.
+    /// `codes` as [`Layout::Bytes`], then `scale of values 0..16 [8]`, `scale of 16..32 [8]`.
     BytesHalves,
 }
 
@@ -171,18 +173,24 @@ pub fn split_block(quant: GgufQuant, block: &[u8], out: &mut Vec<SubBlock>) {
     }
 }
 
+/// The byte of a group's block that holds value `e` of column `j` (for nibbles, `e < 16`; value
+/// `e + 16` is the same byte's high nibble).
+fn code_byte(j: usize, e: usize) -> usize {
+    32 * (e / 4) + 4 * j + e % 4
+}
+
 /// Writes `sub` as column `j` of a group's block `dst` (`layout.block_stride()` bytes).
 pub fn put(layout: Layout, dst: &mut [u8], j: usize, sub: &SubBlock) {
     match layout {
         Layout::Nibbles => {
-            let codes = &mut dst[16 * j..16 * j + 16];
-            for (i, c) in codes.iter_mut().enumerate() {
-                *c = (sub.codes[i] as u8 & 0x0f) | ((sub.codes[i + 16] as u8) << 4);
+            for e in 0..BLOCK / 2 {
+                dst[code_byte(j, e)] =
+                    (sub.codes[e] as u8 & 0x0f) | ((sub.codes[e + 16] as u8) << 4);
             }
         }
         Layout::Bytes | Layout::BytesHalves => {
-            for (c, &q) in dst[32 * j..32 * j + 32].iter_mut().zip(&sub.codes) {
-                *c = q as u8;
+            for (e, &q) in sub.codes.iter().enumerate() {
+                dst[code_byte(j, e)] = q as u8;
             }
         }
     }
@@ -199,14 +207,15 @@ pub fn get(layout: Layout, src: &[u8], j: usize) -> SubBlock {
     let mut codes = [0i8; BLOCK];
     match layout {
         Layout::Nibbles => {
-            for (i, &b) in src[16 * j..16 * j + 16].iter().enumerate() {
-                codes[i] = (b & 0x0f) as i8;
-                codes[i + 16] = (b >> 4) as i8;
+            for e in 0..BLOCK / 2 {
+                let b = src[code_byte(j, e)];
+                codes[e] = (b & 0x0f) as i8;
+                codes[e + 16] = (b >> 4) as i8;
             }
         }
         Layout::Bytes | Layout::BytesHalves => {
-            for (c, &b) in codes.iter_mut().zip(&src[32 * j..32 * j + 32]) {
-                *c = b as i8;
+            for (e, c) in codes.iter_mut().enumerate() {
+                *c = src[code_byte(j, e)] as i8;
             }
         }
     }

@@ -27,11 +27,13 @@ use tandem_model::GgufQuant;
 
 pub use act::QuantRows;
 pub use kernels::Isa;
-use kernels::{MAX_ROWS, Tile};
+use kernels::{MAX_ROWS, PairTile, Tile};
 use layout::{GROUP, Layout, SubBlock};
 
 /// Rows per task when a batch is split along rows as well as column groups.
 const ROW_BLOCK: usize = 128;
+/// Rows from which a task runs two groups at once where the ISA can ([`Isa::pairs_groups`]).
+const PAIR_MIN_ROWS: usize = 4;
 
 /// A GGUF-quantized weight matrix `[n, k]`, repacked into groups of 8 columns.
 #[derive(Debug, Clone)]
@@ -193,7 +195,11 @@ pub fn linear_with(
     // task hand-offs.
     let want = rayon::current_num_threads() * 4;
     let tasks_per_rb = groups.min(want.div_ceil(row_blocks).max(1));
-    let per_task = groups.div_ceil(tasks_per_rb);
+    let mut per_task = groups.div_ceil(tasks_per_rb);
+    if isa.pairs_groups() && rows >= PAIR_MIN_ROWS && per_task > 1 {
+        // Whole pairs per task, so no task is left a lone group it could have paired.
+        per_task = per_task.next_multiple_of(2);
+    }
     let tasks_per_rb = groups.div_ceil(per_task);
     let out_ptr = OutPtr(out.as_mut_ptr());
     (0..row_blocks * tasks_per_rb)
@@ -206,29 +212,59 @@ pub fn linear_with(
             let g1 = (g0 + per_task).min(groups);
             let out = out_ptr;
             let mut tile: Tile = [[0f32; GROUP]; MAX_ROWS];
-            for g in g0..g1 {
-                let group = w.group(g);
+            let mut pair: PairTile = [[0f32; 2 * GROUP]; MAX_ROWS];
+            let mut g = g0;
+            while g < g1 {
+                // Pairs for batches only: at a row or three (decode) the 256-bit kernel,
+                // whose block loads are half the width, measured faster. Every kernel computes
+                // the same bits, so the choice leaves results as they are.
+                let paired = isa.pairs_groups() && g + 1 < g1 && r1 - r0 >= PAIR_MIN_ROWS;
                 let mut i = r0;
                 while i < r1 {
                     let mr = MAX_ROWS.min(r1 - i);
-                    kernels::group_dot(isa, w.layout, group, &xq, i, mr, &mut tile);
-                    let c0 = g * GROUP;
-                    let c1 = (c0 + GROUP).min(n);
-                    for (r, tile_row) in tile.iter().enumerate().take(mr) {
-                        for (c, &v) in (c0..c1).zip(tile_row) {
-                            let v = match bias {
-                                Some(b) => v + b[c],
-                                None => v,
-                            };
-                            // SAFETY: (i + r, c) is inside the output, in this task's rows
-                            // and groups.
-                            unsafe { *out.0.add((i + r) * n + c) = v };
-                        }
+                    if paired {
+                        kernels::group_pair_dot(
+                            isa,
+                            w.layout,
+                            [w.group(g), w.group(g + 1)],
+                            &xq,
+                            i,
+                            mr,
+                            &mut pair,
+                        );
+                        store(&pair, i, mr, g * GROUP, n, bias, out);
+                    } else {
+                        kernels::group_dot(isa, w.layout, w.group(g), &xq, i, mr, &mut tile);
+                        store(&tile, i, mr, g * GROUP, n, bias, out);
                     }
                     i += mr;
                 }
+                g += if paired { 2 } else { 1 };
             }
         });
+}
+
+/// Writes rows `i..i + mr` of a computed tile (columns from `c0`) with bias into the output.
+fn store<const W: usize>(
+    tile: &[[f32; W]; MAX_ROWS],
+    i: usize,
+    mr: usize,
+    c0: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: OutPtr,
+) {
+    let c1 = (c0 + W).min(n);
+    for (r, row) in tile.iter().enumerate().take(mr) {
+        for (c, &v) in (c0..c1).zip(row.iter()) {
+            let v = match bias {
+                Some(b) => v + b[c],
+                None => v,
+            };
+            // SAFETY: (i + r, c) is inside the output, in the calling task's rows and groups.
+            unsafe { *out.0.add((i + r) * n + c) = v };
+        }
+    }
 }
 
 #[cfg(test)]
