@@ -19,6 +19,12 @@
 //!   it ran at 51-113 GFLOP/s against gemm's 54-117, close enough, and gemm's blocking depends
 //!   on the matrix sizes, which would make a sequence's logits depend on the batch it runs in
 //!   (see `backend::cpu::matmul`).
+//! - GGUF blocks kept quantized (`model-prep import-gguf --keep-quant`, `backend::cpu::quant`),
+//!   SmolLM2 Q4_1 on 2 threads of the AVX-512 VNNI EPYC (2026-11-27, shared machine): a first
+//!   kernel that reduced each column's sums with horizontal adds prefilled 840 tok/s; runs of
+//!   four inputs of 8 columns (a lane per column, no horizontal adds) 1150; AVX-512 VNNI on two
+//!   groups per pass 1440-1530. The AVX-512 kernel at 1-3 rows decoded slower than the
+//!   AVX-VNNI one (159 against 254 tok/s, one run each), so decode keeps 256-bit registers.
 
 use std::path::PathBuf;
 use std::time::Instant;
