@@ -29,6 +29,8 @@ pub enum GgufQuant {
     Q4_0,
     /// 32 values: `d: f16`, `m: f16`, `qs: [u8; 16]`; `y = d * q + m`.
     Q4_1,
+    /// 32 values: `d: f16`, `qh: u32` (fifth bits), `qs: [u8; 16]`; `y = d * (q - 16)`.
+    Q5_0,
     /// 256 values in 8 sub-blocks of 32 with 6-bit scales and mins.
     Q4_K,
     /// 256 values of 6 bits in 16 groups of 16 with 8-bit scales.
@@ -36,10 +38,11 @@ pub enum GgufQuant {
 }
 
 impl GgufQuant {
-    pub const ALL: [GgufQuant; 5] = [
+    pub const ALL: [GgufQuant; 6] = [
         GgufQuant::Q8_0,
         GgufQuant::Q4_0,
         GgufQuant::Q4_1,
+        GgufQuant::Q5_0,
         GgufQuant::Q4_K,
         GgufQuant::Q6_K,
     ];
@@ -50,6 +53,7 @@ impl GgufQuant {
             GgufQuant::Q8_0 => "Q8_0",
             GgufQuant::Q4_0 => "Q4_0",
             GgufQuant::Q4_1 => "Q4_1",
+            GgufQuant::Q5_0 => "Q5_0",
             GgufQuant::Q4_K => "Q4_K",
             GgufQuant::Q6_K => "Q6_K",
         }
@@ -67,6 +71,7 @@ impl GgufQuant {
         match self {
             GgufQuant::Q4_0 => 2,
             GgufQuant::Q4_1 => 3,
+            GgufQuant::Q5_0 => 6,
             GgufQuant::Q8_0 => 8,
             GgufQuant::Q4_K => 12,
             GgufQuant::Q6_K => 14,
@@ -76,7 +81,7 @@ impl GgufQuant {
     /// Values per block.
     pub fn block_elems(self) -> usize {
         match self {
-            GgufQuant::Q8_0 | GgufQuant::Q4_0 | GgufQuant::Q4_1 => 32,
+            GgufQuant::Q8_0 | GgufQuant::Q4_0 | GgufQuant::Q4_1 | GgufQuant::Q5_0 => 32,
             GgufQuant::Q4_K | GgufQuant::Q6_K => 256,
         }
     }
@@ -87,6 +92,7 @@ impl GgufQuant {
             GgufQuant::Q8_0 => 34,
             GgufQuant::Q4_0 => 18,
             GgufQuant::Q4_1 => 20,
+            GgufQuant::Q5_0 => 22,
             GgufQuant::Q4_K => 144,
             GgufQuant::Q6_K => 210,
         }
@@ -184,7 +190,7 @@ mod tests {
         for t in GgufQuant::ALL {
             assert_eq!(GgufQuant::parse(&t.to_string().to_lowercase()), Some(t));
         }
-        assert_eq!(GgufQuant::parse("Q5_0"), None);
+        assert_eq!(GgufQuant::parse("Q5_1"), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! - [`Layout::Nibbles`] (Q4_0, Q4_1, Q4_K): 4-bit codes `q`, value `s * q + m` (Q4_0:
 //!   `m = -8 d`; Q4_K: each sub-block's `s = d * scale`, `m = -(dmin * min)`, what ggml
 //!   computes before the product);
-//! - [`Layout::Bytes`] (Q8_0): signed 8-bit codes, value `s * q`;
+//! - [`Layout::Bytes`] (Q8_0, Q5_0): signed 8-bit codes, value `s * q` (Q5_0: `q - 16`);
 //! - [`Layout::BytesHalves`] (Q6_K): signed codes `q - 32`, a scale for each half of 16.
 //!
 //! Why repack rather than read the GGUF blocks in place: the interleaved runs let a kernel
@@ -42,7 +42,7 @@ impl Layout {
     pub fn for_quant(quant: GgufQuant) -> Self {
         match quant {
             GgufQuant::Q4_0 | GgufQuant::Q4_1 | GgufQuant::Q4_K => Layout::Nibbles,
-            GgufQuant::Q8_0 => Layout::Bytes,
+            GgufQuant::Q8_0 | GgufQuant::Q5_0 => Layout::Bytes,
             GgufQuant::Q6_K => Layout::BytesHalves,
         }
     }
@@ -117,6 +117,17 @@ pub fn split_block(quant: GgufQuant, block: &[u8], out: &mut Vec<SubBlock>) {
             sub.scale = half_at(block, 0);
             for (c, &q) in sub.codes.iter_mut().zip(&block[2..34]) {
                 *c = q as i8;
+            }
+            out.push(sub);
+        }
+        GgufQuant::Q5_0 => {
+            sub.scale = half_at(block, 0);
+            let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+            for (j, &q) in block[6..22].iter().enumerate() {
+                let high0 = (((qh >> j) << 4) & 0x10) as u8;
+                let high1 = ((qh >> (j + 12)) & 0x10) as u8;
+                sub.codes[j] = ((q & 0x0f) | high0) as i8 - 16;
+                sub.codes[j + 16] = ((q >> 4) | high1) as i8 - 16;
             }
             out.push(sub);
         }

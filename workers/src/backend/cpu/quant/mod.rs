@@ -1,4 +1,4 @@
-//! GGUF block-quantized weights on the CPU (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), multiplied as they
+//! GGUF block-quantized weights on the CPU (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K), multiplied as they
 //! are: `linear` quantizes each activation row to 8-bit blocks of 32 ([`act`]) and runs integer
 //! dot products against the weights' codes ([`kernels`]), as llama.cpp does, over weights
 //! repacked at load into groups of 8 output columns ([`layout`]).

@@ -15,7 +15,9 @@ fn random_blocks(rng: &mut ChaCha8Rng, quant: GgufQuant, rows: usize, k: usize) 
     for _ in 0..blocks {
         let mut block: Vec<u8> = (0..quant.block_bytes()).map(|_| rng.random()).collect();
         match quant {
-            GgufQuant::Q8_0 | GgufQuant::Q4_0 => block[..2].copy_from_slice(&half(rng, 1e-3, 2e-2)),
+            GgufQuant::Q8_0 | GgufQuant::Q4_0 | GgufQuant::Q5_0 => {
+                block[..2].copy_from_slice(&half(rng, 1e-3, 2e-2))
+            }
             GgufQuant::Q4_1 => {
                 block[..2].copy_from_slice(&half(rng, 1e-3, 2e-2));
                 block[2..4].copy_from_slice(&half(rng, -0.1, 0.0));
@@ -55,6 +57,17 @@ fn ggml_dequantize(quant: GgufQuant, row: &[u8]) -> Vec<f32> {
                         v[i] = d * f32::from(q & 15) + h(b, 2);
                         v[i + 16] = d * f32::from(q >> 4) + h(b, 2);
                     }
+                }
+                y.extend(v);
+            }
+            GgufQuant::Q5_0 => {
+                let d = h(b, 0);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let mut v = [0f32; 32];
+                for j in 0..16 {
+                    let fifth = |bit: usize| ((qh >> bit) & 1) as i32 * 16;
+                    v[j] = (((b[6 + j] & 15) as i32 + fifth(j) - 16) as f32) * d;
+                    v[j + 16] = (((b[6 + j] >> 4) as i32 + fifth(j + 16) - 16) as f32) * d;
                 }
                 y.extend(v);
             }
