@@ -440,7 +440,7 @@ fn describe_import(summary: &ImportSummary, dtype: WeightDType) -> String {
         .map(|(t, n)| format!("{t} x{n}"))
         .collect();
     format!(
-        "{} {} parameters: {} layers, hidden {}, {} heads ({} kv), ffn {}, vocab {}; {} tensors, {} in {} (from {})",
+        "{} {} parameters: {} layers, hidden {}, {} heads ({} kv), ffn {}, vocab {}; {} tensors, {} in {}{} (from {})",
         c.architecture().hf_class(),
         human_count(summary.parameter_count),
         c.num_hidden_layers,
@@ -452,6 +452,13 @@ fn describe_import(summary: &ImportSummary, dtype: WeightDType) -> String {
         summary.tensor_count,
         human_bytes(summary.weights_bytes),
         default_model::dtype_flag(dtype),
+        match summary.config.gguf_quant() {
+            Some(gguf) => format!(
+                " and GGUF blocks ({} tensors kept quantized)",
+                gguf.tensor_types.len()
+            ),
+            None => String::new(),
+        },
         types.join(", ")
     )
 }

@@ -122,6 +122,9 @@ fn smollm2_kept_quantized_holds_the_gguf_blocks_in_hugging_face_row_order() {
     };
     let kept = import("kept", WeightDType::Bf16, true);
     let f32_dir = import("f32", WeightDType::F32, false);
+    let report = model_prep::inspect::inspect(&kept).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.weights.parameters, 134_515_008);
     let config = ModelConfig::load(&kept).unwrap();
     let types = config.gguf_quant().unwrap().tensor_types;
     assert_eq!(types.len(), 30 * 7 + 1);
