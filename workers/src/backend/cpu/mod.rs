@@ -39,6 +39,10 @@ pub struct CpuOptions {
     /// bytes decode reads per token, and prefill already widens blocks into a scratch
     /// ([`matmul`]); kept for measuring (`cpu_bench --widen-weights`).
     pub widen_weights: bool,
+    /// The quantized kernels' instruction set ([`quant::Isa`]); `None` takes the best this CPU
+    /// has. Every choice computes the same bits; kept for measuring (`cpu_bench
+    /// --quant-kernels`).
+    pub quant_isa: Option<quant::Isa>,
 }
 
 /// Activations: row-major `[rows, cols]` f32.
@@ -111,6 +115,7 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
     widen_weights: bool,
+    quant_isa: quant::Isa,
     /// The tensor-parallel group this backend is a rank of, and its rank.
     group: Option<(std::sync::Arc<group::CpuGroup>, usize)>,
 }
@@ -140,6 +145,7 @@ impl CpuBackend {
             pool,
             threads,
             widen_weights: options.widen_weights,
+            quant_isa: options.quant_isa.unwrap_or_else(quant::Isa::detect),
             group: None,
         })
     }
@@ -222,7 +228,7 @@ impl Backend for CpuBackend {
             } else {
                 "portable kernels"
             },
-            quant::Isa::detect().name(),
+            self.quant_isa.name(),
             if self.widen_weights {
                 ", weights widened to f32"
             } else {
@@ -497,7 +503,7 @@ impl Backend for CpuBackend {
                 Ok(())
             }
             WeightData::Gguf(w) => {
-                quant::linear(&x.data, rows, w, bias, &mut out);
+                quant::linear_with(self.quant_isa, &x.data, rows, w, bias, &mut out);
                 Ok(())
             }
         })?;

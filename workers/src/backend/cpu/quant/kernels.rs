@@ -93,7 +93,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Vnni => "avx2+avx-vnni",
+            Isa::Avx2Vnni => "avx2-vnni",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => "avx512-vnni",
         }

@@ -215,9 +215,9 @@ pub fn linear_with(
             let mut pair: PairTile = [[0f32; 2 * GROUP]; MAX_ROWS];
             let mut g = g0;
             while g < g1 {
-                // Pairs for batches only: at a row or three (decode) the 256-bit kernel,
-                // whose block loads are half the width, measured faster. Every kernel computes
-                // the same bits, so the choice leaves results as they are.
+                // Pairs for batches only: at one row (decode) the 256-bit kernel measured
+                // 15-35% faster (`cpu_bench`'s notes). Every kernel computes the same bits, so
+                // the choice leaves results as they are.
                 let paired = isa.pairs_groups() && g + 1 < g1 && r1 - r0 >= PAIR_MIN_ROWS;
                 let mut i = r0;
                 while i < r1 {
