@@ -91,6 +91,7 @@ fn prepare_default_model() -> anyhow::Result<PathBuf> {
     let out = cache_dir.join("models").join(DEFAULT_MODEL_NAME);
     let options = DefaultOptions {
         dtype: WeightDType::Bf16,
+        keep_quant: false,
         wheel: std::env::var_os("TANDEM_SMOLLM2_WHEEL")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from),
@@ -114,6 +115,7 @@ fn prepare_default_model() -> anyhow::Result<PathBuf> {
             &ImportOptions {
                 dtype,
                 force: false,
+                keep_quant: false,
             },
         )
         .map(|summary| format!("{} tensors", summary.tensor_count))

@@ -42,6 +42,8 @@ pub const SAMPLING_TOP_P: f64 = 0.9;
 #[derive(Debug, Clone)]
 pub struct DefaultOptions {
     pub dtype: WeightDType,
+    /// Keep the GGUF's quantized matrices as blocks (`import-gguf --keep-quant`).
+    pub keep_quant: bool,
     /// The wheel, when the caller has it; must exist.
     pub wheel: Option<PathBuf>,
     /// Holds the downloaded wheel and the extracted GGUF.
@@ -65,11 +67,16 @@ pub struct SourceMarker {
     /// prepared before they were, which are prepared again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling: Option<String>,
+    /// `gguf` when the GGUF's quantized matrices were kept as blocks; absent when dequantized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_quantization: Option<String>,
 }
 
 impl SourceMarker {
-    fn new(dtype: WeightDType) -> Self {
+    fn new(dtype: WeightDType, keep_quant: bool) -> Self {
         SourceMarker {
+            kept_quantization: keep_quant
+                .then(|| tandem_model::gguf_quant::GGUF_QUANT_METHOD.into()),
             source: format!("pypi:{PIP_REQUIREMENT}!{GGUF_ENTRY}"),
             sha256: GGUF_SHA256.to_string(),
             dtype: dtype_flag(dtype).to_string(),
@@ -87,6 +94,7 @@ impl SourceMarker {
             && self.sha256 == wanted.sha256
             && self.dtype == wanted.dtype
             && self.sampling == wanted.sampling
+            && self.kept_quantization == wanted.kept_quantization
     }
 }
 
@@ -172,7 +180,7 @@ pub fn prepare_default<E: std::fmt::Display>(
     {
         return Err(DefaultError::WheelMissing(wheel.clone()));
     }
-    let wanted = SourceMarker::new(options.dtype);
+    let wanted = SourceMarker::new(options.dtype, options.keep_quant);
     let existing = read_marker(out);
     if let Some(marker) = &existing
         && marker.same_import(&wanted)
@@ -400,6 +408,7 @@ mod tests {
     fn options(cache: &Path) -> DefaultOptions {
         DefaultOptions {
             dtype: WeightDType::Bf16,
+            keep_quant: false,
             wheel: None,
             cache_dir: cache.to_path_buf(),
             python: "python3".into(),
@@ -478,7 +487,7 @@ mod tests {
             std::fs::rename(entry.path(), out.join(entry.file_name())).unwrap();
         }
         std::fs::remove_dir(out.join("sub")).unwrap();
-        let marker = SourceMarker::new(WeightDType::Bf16);
+        let marker = SourceMarker::new(WeightDType::Bf16, false);
         std::fs::write(
             out.join(MARKER_FILE),
             serde_json::to_string(&marker).unwrap(),
@@ -519,7 +528,7 @@ mod tests {
             Some(tandem_model::TokenIds::One(2))
         );
         // A marker from before the sampling defaults: not this import.
-        let wanted = SourceMarker::new(WeightDType::Bf16);
+        let wanted = SourceMarker::new(WeightDType::Bf16, false);
         let older = SourceMarker {
             sampling: None,
             ..wanted.clone()

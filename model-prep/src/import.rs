@@ -24,8 +24,8 @@ use crate::gguf::{
 use crate::gguf_tokenizer::{TokenizerBuildError, build_tokenizer};
 use crate::output::{OutputError, StagedDir};
 use crate::progress::bytes_bar;
-use crate::safetensors_writer::{SafetensorsWriter, TensorSpec, WriteError};
-use tandem_model::WeightDType;
+use crate::safetensors_writer::{SafetensorsWriter, StoredDType, TensorSpec, WriteError};
+use tandem_model::{GgufQuant, GgufQuantConfig, WeightDType};
 
 /// How to import.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +34,10 @@ pub struct ImportOptions {
     pub dtype: WeightDType,
     /// Replace a non-empty output directory.
     pub force: bool,
+    /// Keep matrices of the GGUF types the CPU backend multiplies quantized (Q8_0, Q4_0, Q4_1,
+    /// Q5_0, Q4_K, Q6_K) as their GGUF blocks ([`tandem_model::gguf_quant`]); other tensors (norms,
+    /// other types) are dequantized into `dtype` as usual.
+    pub keep_quant: bool,
 }
 
 /// What an import produced.
@@ -109,6 +113,31 @@ pub fn import_gguf(
         *source_types.entry(info.ggml_type.name()).or_insert(0) += 1;
     }
 
+    // The tensors kept as GGUF blocks: matrices of a type the workers multiply quantized,
+    // whose rows are whole blocks.
+    let kept: Vec<Option<GgufQuant>> = plans
+        .iter()
+        .map(|plan| {
+            let info = &file.tensors()[plan.gguf_index];
+            let quant = GgufQuant::ALL
+                .into_iter()
+                .find(|q| q.ggml_id() == info.ggml_type.0)?;
+            let keep = options.keep_quant
+                && plan.shape.len() == 2
+                && quant.row_bytes(plan.shape[1]).is_some();
+            keep.then_some(quant)
+        })
+        .collect();
+    if kept.iter().any(Option::is_some) {
+        let mut gguf = GgufQuantConfig::default();
+        for (plan, quant) in plans.iter().zip(&kept) {
+            if let Some(quant) = quant {
+                gguf.tensor_types.insert(plan.hf_name.clone(), *quant);
+            }
+        }
+        config.quantization_config = Some(gguf.to_config());
+    }
+
     let staged = StagedDir::new(out, options.force)?;
     let tokenizer = build_tokenizer(&vocab).map_err(|source| ImportError::Tokenizer {
         path: path(),
@@ -117,16 +146,27 @@ pub fn import_gguf(
 
     let specs: Vec<TensorSpec> = plans
         .iter()
-        .map(|plan| TensorSpec {
-            name: plan.hf_name.clone(),
-            dtype: options.dtype,
-            shape: plan.shape.clone(),
+        .zip(&kept)
+        .map(|(plan, quant)| match quant {
+            Some(quant) => TensorSpec {
+                name: plan.hf_name.clone(),
+                dtype: StoredDType::U8,
+                shape: vec![
+                    plan.shape[0],
+                    quant.row_bytes(plan.shape[1]).expect("kept: whole blocks"),
+                ],
+            },
+            None => TensorSpec {
+                name: plan.hf_name.clone(),
+                dtype: options.dtype.into(),
+                shape: plan.shape.clone(),
+            },
         })
         .collect();
     let weights_bytes = specs.iter().map(|s| s.byte_len() as u64).sum();
-    let parameter_count = specs
+    let parameter_count = plans
         .iter()
-        .map(|s| s.shape.iter().product::<usize>() as u64)
+        .map(|p| p.shape.iter().product::<usize>() as u64)
         .sum();
     let mut st_metadata = BTreeMap::new();
     st_metadata.insert("format".to_string(), "pt".to_string());
@@ -144,8 +184,23 @@ pub fn import_gguf(
         .map(|p| file.tensors()[p.gguf_index].n_bytes)
         .sum();
     let bar = bytes_bar(total_bytes, "converting tensors");
-    for plan in &plans {
+    for (plan, quant) in plans.iter().zip(&kept) {
         let info = &file.tensors()[plan.gguf_index];
+        if quant.is_some() {
+            let mut bytes = file.tensor_data(info).to_vec();
+            if let Some(heads) = plan.unpermute_heads {
+                bytes =
+                    unpermute_rows(&info.name, &bytes, plan.shape[0], heads).map_err(|source| {
+                        ImportError::Tensors {
+                            path: path(),
+                            source,
+                        }
+                    })?;
+            }
+            writer.write_tensor(&plan.hf_name, &bytes)?;
+            bar.inc(info.n_bytes);
+            continue;
+        }
         let dequant_error = |source| ImportError::Dequant {
             path: path(),
             source,

@@ -186,10 +186,19 @@ fn inspect_weights(dir: &Path, config: &ModelConfig, problems: &mut Vec<String>)
         }
     };
     let mut present: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    // GGUF blocks kept as U8 `[rows, row bytes]`: their shape in values is what is checked.
+    let gguf = config.gguf_quant().unwrap_or_default().tensor_types;
     for file in &files {
         match read_header(&dir.join(file)) {
             Ok(entries) => {
-                for (name, entry) in entries {
+                for (name, mut entry) in entries {
+                    if let (Some(quant), "U8", &[rows, row_bytes]) =
+                        (gguf.get(&name), entry.dtype.as_str(), &entry.shape[..])
+                        && let Some(cols) = quant.row_elems(row_bytes)
+                    {
+                        entry.shape = vec![rows, cols];
+                        entry.dtype = format!("U8 ({quant} blocks)");
+                    }
                     *report.dtypes.entry(entry.dtype.clone()).or_default() += 1;
                     report.parameters += entry.shape.iter().map(|&d| d as u64).product::<u64>();
                     present.insert(name, entry.shape);

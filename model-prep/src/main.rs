@@ -109,7 +109,7 @@ impl From<DtypeArg> for WeightDType {
 /// Convert a GGUF file (llama.cpp's format) into a model directory.
 ///
 /// Reads a GGUF (v2 or v3) of a Llama-family model, dequantizes its tensors (F32, F16, BF16,
-/// Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) into safetensors with Hugging Face tensor names (undoing
+/// Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K) into safetensors with Hugging Face tensor names (undoing
 /// llama.cpp's Q/K row permutation), writes config.json from the GGUF metadata, and rebuilds
 /// the tokenizer (byte-level BPE or SentencePiece-style) as tokenizer.json with the chat
 /// template and special tokens in tokenizer_config.json.
@@ -128,6 +128,11 @@ struct ImportGgufArgs {
     /// Replace the output directory if it is not empty.
     #[arg(long)]
     force: bool,
+    /// Keep Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K matrices as their GGUF blocks (config.json's
+    /// `quantization_config` names each one's type): the CPU backend multiplies them
+    /// quantized, a third of bf16's bytes for Q4_1. GPU workers refuse such a directory.
+    #[arg(long)]
+    keep_quant: bool,
 }
 
 /// Prepare the embedded default model, SmolLM2-135M-Instruct.
@@ -163,6 +168,10 @@ struct DefaultArgs {
     /// Replace the output directory even if it holds something else.
     #[arg(long)]
     force: bool,
+    /// Keep the GGUF's Q4_1 and Q8_0 matrices as blocks (see import-gguf --keep-quant): the
+    /// CPU serves them quantized; GPU workers refuse the directory.
+    #[arg(long)]
+    keep_quant: bool,
 }
 
 /// Download a model from the Hugging Face Hub.
@@ -408,6 +417,7 @@ fn run_import(args: ImportGgufArgs) -> anyhow::Result<()> {
     let options = ImportOptions {
         dtype: args.dtype.into(),
         force: args.force,
+        keep_quant: args.keep_quant,
     };
     let started = Instant::now();
     let summary = import_gguf(&args.file, &args.output, &options)?;
@@ -430,7 +440,7 @@ fn describe_import(summary: &ImportSummary, dtype: WeightDType) -> String {
         .map(|(t, n)| format!("{t} x{n}"))
         .collect();
     format!(
-        "{} {} parameters: {} layers, hidden {}, {} heads ({} kv), ffn {}, vocab {}; {} tensors, {} in {} (from {})",
+        "{} {} parameters: {} layers, hidden {}, {} heads ({} kv), ffn {}, vocab {}; {} tensors, {} in {}{} (from {})",
         c.architecture().hf_class(),
         human_count(summary.parameter_count),
         c.num_hidden_layers,
@@ -442,6 +452,13 @@ fn describe_import(summary: &ImportSummary, dtype: WeightDType) -> String {
         summary.tensor_count,
         human_bytes(summary.weights_bytes),
         default_model::dtype_flag(dtype),
+        match summary.config.gguf_quant() {
+            Some(gguf) => format!(
+                " and GGUF blocks ({} tensors kept quantized)",
+                gguf.tensor_types.len()
+            ),
+            None => String::new(),
+        },
         types.join(", ")
     )
 }
@@ -453,6 +470,7 @@ fn run_default(args: DefaultArgs) -> anyhow::Result<()> {
     };
     let options = DefaultOptions {
         dtype: args.dtype.into(),
+        keep_quant: args.keep_quant,
         wheel: args.wheel,
         cache_dir,
         python: args.python,
@@ -463,6 +481,7 @@ fn run_default(args: DefaultArgs) -> anyhow::Result<()> {
         let import_options = ImportOptions {
             dtype,
             force: false,
+            keep_quant: args.keep_quant,
         };
         import_gguf(gguf, out, &import_options).map(|summary| describe_import(&summary, dtype))
     })?;

@@ -202,18 +202,18 @@ pub fn quantize(
             };
             specs.push(TensorSpec {
                 name: format!("{}{WEIGHT_SCALE_SUFFIX}", strip_weight(name)),
-                dtype: WeightDType::F32,
+                dtype: WeightDType::F32.into(),
                 shape: scale_shape,
             });
             specs.push(TensorSpec {
                 name: name.clone(),
-                dtype: WeightDType::F8E4M3,
+                dtype: WeightDType::F8E4M3.into(),
                 shape: shape.clone(),
             });
         } else {
             specs.push(TensorSpec {
                 name: name.clone(),
-                dtype: *dtype,
+                dtype: (*dtype).into(),
                 shape: shape.clone(),
             });
         }

@@ -13,11 +13,41 @@ use std::path::{Path, PathBuf};
 /// The element type of [`TensorSpec::dtype`], re-exported for the writer's callers.
 pub use tandem_model::WeightDType;
 
+/// What a tensor's bytes are: elements of a weight type, or raw bytes (`U8`: GGUF blocks,
+/// [`tandem_model::gguf_quant`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDType {
+    Elem(WeightDType),
+    U8,
+}
+
+impl From<WeightDType> for StoredDType {
+    fn from(dtype: WeightDType) -> Self {
+        StoredDType::Elem(dtype)
+    }
+}
+
+impl StoredDType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            StoredDType::Elem(d) => d.size_bytes(),
+            StoredDType::U8 => 1,
+        }
+    }
+
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            StoredDType::Elem(d) => d.safetensors_name(),
+            StoredDType::U8 => "U8",
+        }
+    }
+}
+
 /// One tensor to be written: its name, dtype and shape.
 #[derive(Debug, Clone)]
 pub struct TensorSpec {
     pub name: String,
-    pub dtype: WeightDType,
+    pub dtype: StoredDType,
     pub shape: Vec<usize>,
 }
 
@@ -175,12 +205,12 @@ mod tests {
         let specs = vec![
             TensorSpec {
                 name: "b".into(),
-                dtype: WeightDType::F32,
+                dtype: WeightDType::F32.into(),
                 shape: vec![2, 3],
             },
             TensorSpec {
                 name: "a".into(),
-                dtype: WeightDType::Bf16,
+                dtype: WeightDType::Bf16.into(),
                 shape: vec![3],
             },
         ];
@@ -217,7 +247,7 @@ mod tests {
         let path = dir.path().join("m.safetensors");
         let specs = vec![TensorSpec {
             name: "x".into(),
-            dtype: WeightDType::F16,
+            dtype: WeightDType::F16.into(),
             shape: vec![4],
         }];
         let writer = SafetensorsWriter::create(&path, specs, &BTreeMap::new()).unwrap();

@@ -16,6 +16,7 @@ fn fixture(name: &str) -> PathBuf {
 const OPTIONS: ImportOptions = ImportOptions {
     dtype: WeightDType::Bf16,
     force: false,
+    keep_quant: false,
 };
 
 /// Imports `gguf` into `root/model`, expects failure, checks nothing was left in `root`
@@ -93,9 +94,9 @@ fn corrupt_magic_and_version() {
 #[test]
 fn unsupported_tensor_type() {
     let root = tempfile::tempdir().unwrap();
-    let msg = import_fails(&fixture("tiny_q5_0.gguf"), root.path(), &[]);
+    let msg = import_fails(&fixture("tiny_q5_1.gguf"), root.path(), &[]);
     assert!(
-        msg.contains("blk.0.ffn_up.weight") && msg.contains("Q5_0"),
+        msg.contains("blk.0.ffn_up.weight") && msg.contains("Q5_1"),
         "{msg}"
     );
 }

@@ -47,6 +47,7 @@ fn smollm2_imports_with_real_shapes_and_transformers_values() {
     let options = ImportOptions {
         dtype: WeightDType::F32,
         force: false,
+        keep_quant: false,
     };
     let summary = import_gguf(&gguf, &out, &options).unwrap();
     assert_eq!(summary.parameter_count, 134_515_008);
@@ -100,4 +101,75 @@ fn smollm2_imports_with_real_shapes_and_transformers_values() {
             );
         }
     }
+}
+
+#[test]
+fn smollm2_kept_quantized_holds_the_gguf_blocks_in_hugging_face_row_order() {
+    // `--keep-quant`: every Q4_1/Q8_0 matrix is a U8 tensor of its blocks, named in the
+    // config; dequantized, each equals the f32 import's tensor bit for bit (so q/k rows were
+    // un-permuted like the values); the norms are dequantized as usual.
+    let gguf = smollm2_gguf();
+    let root = tempfile::tempdir().unwrap();
+    let import = |name: &str, dtype: WeightDType, keep_quant: bool| {
+        let out = root.path().join(name);
+        let options = ImportOptions {
+            dtype,
+            force: false,
+            keep_quant,
+        };
+        import_gguf(&gguf, &out, &options).unwrap();
+        out
+    };
+    let kept = import("kept", WeightDType::Bf16, true);
+    let f32_dir = import("f32", WeightDType::F32, false);
+    let report = model_prep::inspect::inspect(&kept).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.weights.parameters, 134_515_008);
+    let config = ModelConfig::load(&kept).unwrap();
+    let types = config.gguf_quant().unwrap().tensor_types;
+    assert_eq!(types.len(), 30 * 7 + 1);
+    assert_eq!(
+        types["model.embed_tokens.weight"],
+        tandem_model::GgufQuant::Q8_0
+    );
+    assert_eq!(
+        config.gguf_quant().unwrap().main_type(),
+        Some(tandem_model::GgufQuant::Q4_1)
+    );
+
+    let kept_bytes = std::fs::read(kept.join("model.safetensors")).unwrap();
+    let f32_bytes = std::fs::read(f32_dir.join("model.safetensors")).unwrap();
+    let kept_st = safetensors::SafeTensors::deserialize(&kept_bytes).unwrap();
+    let f32_st = safetensors::SafeTensors::deserialize(&f32_bytes).unwrap();
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.7.self_attn.k_proj.weight",
+        "model.layers.29.mlp.down_proj.weight",
+    ] {
+        let quant = types[name];
+        let tensor = kept_st.tensor(name).unwrap();
+        assert_eq!(tensor.dtype(), safetensors::Dtype::U8, "{name}");
+        let reference = f32_st.tensor(name).unwrap();
+        let (rows, cols) = (reference.shape()[0], reference.shape()[1]);
+        assert_eq!(
+            tensor.shape(),
+            [rows, quant.row_bytes(cols).unwrap()],
+            "{name}"
+        );
+        let ggml_type = model_prep::gguf::GgmlType(quant.ggml_id());
+        let values = model_prep::gguf::dequantize(name, ggml_type, tensor.data()).unwrap();
+        let want: Vec<u32> = reference
+            .data()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let got: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        assert!(
+            got == want,
+            "{name}: kept blocks differ from the f32 import"
+        );
+    }
+    let norm = kept_st.tensor("model.norm.weight").unwrap();
+    assert_eq!(norm.dtype(), safetensors::Dtype::BF16);
 }

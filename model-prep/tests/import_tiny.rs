@@ -36,6 +36,7 @@ fn imports_a_complete_model_directory() {
     let options = ImportOptions {
         dtype: WeightDType::F32,
         force: false,
+        keep_quant: false,
     };
     let summary = import_gguf(&gguf, &out, &options).unwrap();
     assert_eq!(summary.output, out);
@@ -80,6 +81,7 @@ fn imports_a_complete_model_directory() {
     let options = ImportOptions {
         dtype: WeightDType::Bf16,
         force: true,
+        keep_quant: false,
     };
     import_gguf(&gguf, &out, &options).unwrap();
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();

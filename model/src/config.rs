@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::gguf_quant::GgufQuantConfig;
 use crate::quantization::Fp8Scheme;
 use crate::{CONFIG_FILE, read_json};
 
@@ -165,8 +166,9 @@ pub struct ModelConfig {
     /// The dtype the weights are stored in (`bfloat16`, `float16`, `float32`).
     #[serde(default, alias = "dtype", skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
-    /// A quantized checkpoint's scheme as written (FP8 only: [`crate::quantization`]);
-    /// [`ModelConfig::validate`] refuses any other, [`ModelConfig::fp8_scheme`] reads it.
+    /// A quantized checkpoint's scheme as written: FP8 ([`crate::quantization`], read by
+    /// [`ModelConfig::fp8_scheme`]) or GGUF blocks kept as they are ([`crate::gguf_quant`], read
+    /// by [`ModelConfig::gguf_quant`]); [`ModelConfig::validate`] refuses any other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization_config: Option<serde_json::Value>,
 }
@@ -271,8 +273,13 @@ impl ModelConfig {
             ));
         }
         if let Some(quantization) = &self.quantization_config {
-            Fp8Scheme::from_config(quantization)
-                .map_err(|reason| invalid("quantization_config", reason))?;
+            if GgufQuantConfig::is_gguf(quantization) {
+                GgufQuantConfig::from_config(quantization)
+                    .map_err(|reason| invalid("quantization_config", reason))?;
+            } else {
+                Fp8Scheme::from_config(quantization)
+                    .map_err(|reason| invalid("quantization_config", reason))?;
+            }
         }
         if let Some(scaling) = &self.rope_scaling {
             match scaling.rope_type.as_str() {
@@ -303,9 +310,24 @@ impl ModelConfig {
     /// The FP8 scheme of a quantized checkpoint; `None` for a 16/32-bit one. Valid after
     /// [`ModelConfig::validate`].
     pub fn fp8_scheme(&self) -> Option<Fp8Scheme> {
-        self.quantization_config.as_ref().map(|q| {
-            Fp8Scheme::from_config(q).expect("ModelConfig::validate checks quantization_config")
-        })
+        self.quantization_config
+            .as_ref()
+            .filter(|q| !GgufQuantConfig::is_gguf(q))
+            .map(|q| {
+                Fp8Scheme::from_config(q).expect("ModelConfig::validate checks quantization_config")
+            })
+    }
+
+    /// The GGUF block types of a directory that keeps a GGUF's quantization; `None` for any
+    /// other. Valid after [`ModelConfig::validate`].
+    pub fn gguf_quant(&self) -> Option<GgufQuantConfig> {
+        self.quantization_config
+            .as_ref()
+            .filter(|q| GgufQuantConfig::is_gguf(q))
+            .map(|q| {
+                GgufQuantConfig::from_config(q)
+                    .expect("ModelConfig::validate checks quantization_config")
+            })
     }
 
     fn try_architecture(&self) -> Option<Architecture> {

@@ -10,6 +10,7 @@ mod config;
 mod dtype;
 mod files;
 mod generation;
+pub mod gguf_quant;
 pub mod presets;
 pub mod quantization;
 pub mod random_weights;
@@ -23,4 +24,5 @@ pub use files::{
     TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_json, write_json,
 };
 pub use generation::GenerationConfig;
+pub use gguf_quant::{GgufQuant, GgufQuantConfig};
 pub use tokenizer_config::{AddedTokenEntry, TokenizerConfig};

@@ -773,7 +773,7 @@ pub struct Heartbeat {
 pub struct WorkerNumerics {
     /// The projections' weights as the worker computes with them: `fp8` (an FP8 checkpoint),
     /// `bf16` (any 16/32-bit checkpoint on a GPU), or the checkpoint's type on the CPU (`bf16`,
-    /// `f16`, `f32`).
+    /// `f16`, `f32`, or `gguf-q4_1` and the like for GGUF blocks kept quantized).
     pub weights: String,
     /// The KV cache's element type.
     pub kv_cache: KvDTypeSpec,

@@ -357,8 +357,17 @@ impl LoadedModel {
     }
 
     /// The projections' weights as this model computes with them: `fp8` for an FP8
-    /// checkpoint; on a GPU `bf16` for any other; on the CPU the checkpoint's type.
+    /// checkpoint; on a GPU `bf16` for any other; on the CPU the checkpoint's type, or
+    /// `gguf-q4_1` (the main type) for GGUF blocks kept quantized.
     pub fn weights_name(&self) -> String {
+        let gguf = match self {
+            LoadedModel::Cpu(m) => m.gguf_quant(),
+            LoadedModel::CpuGroup { ranks, .. } => ranks[0].gguf_quant(),
+            _ => None,
+        };
+        if let Some(quant) = gguf {
+            return format!("gguf-{}", quant.name().to_lowercase());
+        }
         let (dtype, gpu) = match self {
             LoadedModel::Cpu(m) => (m.weight_dtype(), false),
             LoadedModel::Cuda(m) => (m.weight_dtype(), true),

@@ -62,6 +62,7 @@ pub fn dequantize(
         GgmlType::Q8_0 => blocks::<34, 32>(data, &mut out, q8_0),
         GgmlType::Q4_0 => blocks::<18, 32>(data, &mut out, q4_0),
         GgmlType::Q4_1 => blocks::<20, 32>(data, &mut out, q4_1),
+        GgmlType::Q5_0 => blocks::<22, 32>(data, &mut out, q5_0),
         GgmlType::Q4_K => blocks::<144, 256>(data, &mut out, q4_k),
         GgmlType::Q6_K => blocks::<210, 256>(data, &mut out, q6_k),
         _ => return Err(unsupported()),
@@ -120,6 +121,19 @@ fn q4_1(block: &[u8; 20], y: &mut [f32; 32]) {
     for (i, &q) in block[4..].iter().enumerate() {
         y[i] = d * f32::from(q & 0x0f) + m;
         y[i + 16] = d * f32::from(q >> 4) + m;
+    }
+}
+
+/// `d: f16, qh: u32, qs: [u8; 16]`: nibbles as Q4_0, element `j`'s fifth bit is bit `j` of
+/// `qh`; `y = d * (q - 16)`.
+fn q5_0(block: &[u8; 22], y: &mut [f32; 32]) {
+    let d = half_at(block, 0);
+    let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+    for (j, &q) in block[6..].iter().enumerate() {
+        let high0 = (((qh >> j) << 4) & 0x10) as u8;
+        let high1 = ((qh >> (j + 12)) & 0x10) as u8;
+        y[j] = f32::from(((q & 0x0f) | high0) as i8 - 16) * d;
+        y[j + 16] = f32::from(((q >> 4) | high1) as i8 - 16) * d;
     }
 }
 
@@ -207,6 +221,17 @@ mod tests {
     }
 
     #[test]
+    fn q5_0_takes_the_fifth_bits_from_qh() {
+        let mut b = vec![];
+        b.extend(f16_bytes(1.0));
+        b.extend((1u32 << 3 | 1 << 19).to_le_bytes()); // element 3 and element 16 + 3
+        b.extend([0x21; 16]); // low nibbles 1, high nibbles 2
+        let y = dequantize("t", GgmlType::Q5_0, &b).unwrap();
+        assert_eq!((y[0], y[3]), (1.0 - 16.0, 17.0 - 16.0));
+        assert_eq!((y[16], y[19]), (2.0 - 16.0, 18.0 - 16.0));
+    }
+
+    #[test]
     fn q4_k_scale_packing() {
         // Sub-block 5 takes its scale from byte 9's low nibble and byte 1's top bits.
         let mut scales = [0u8; 12];
@@ -231,10 +256,10 @@ mod tests {
 
     #[test]
     fn unsupported_type_and_partial_block_are_named() {
-        let err = dequantize("blk.0.attn_q.weight", GgmlType(6), &[0; 22]).unwrap_err();
+        let err = dequantize("blk.0.attn_q.weight", GgmlType(7), &[0; 24]).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("blk.0.attn_q.weight") && msg.contains("Q5_0"),
+            msg.contains("blk.0.attn_q.weight") && msg.contains("Q5_1"),
             "{msg}"
         );
         let err = dequantize("x", GgmlType::Q8_0, &[0; 35]).unwrap_err();

@@ -175,12 +175,12 @@ fn summarize(names: &[&str]) -> String {
 /// llama.cpp views the rows as `[heads, 2, head_dim / 2]` and swaps the last two axes; within
 /// each head GGUF row `2 d + p` is Hugging Face row `p * head_dim / 2 + d`. (transformers'
 /// `reverse_permute_weights` when it loads a GGUF does the same.)
-pub fn unpermute_rows(
+pub fn unpermute_rows<T: Copy + Default>(
     name: &str,
-    values: &[f32],
+    values: &[T],
     rows: usize,
     heads: usize,
-) -> Result<Vec<f32>, NameError> {
+) -> Result<Vec<T>, NameError> {
     let error = || NameError::Permutation {
         name: name.to_string(),
         rows,
@@ -196,7 +196,7 @@ pub fn unpermute_rows(
     let head_dim = rows / heads;
     let half = head_dim / 2;
     let row_len = values.len() / rows;
-    let mut out = vec![0f32; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for h in 0..heads {
         for p in 0..2 {
             for d in 0..half {

@@ -218,11 +218,15 @@ fn write_weights(
         if dtype == WeightDType::F8E4M3 {
             specs.push(TensorSpec {
                 name: scale_name(&name),
-                dtype: WeightDType::F32,
+                dtype: WeightDType::F32.into(),
                 shape: vec![1],
             });
         }
-        specs.push(TensorSpec { name, dtype, shape });
+        specs.push(TensorSpec {
+            name,
+            dtype: dtype.into(),
+            shape,
+        });
     }
     let total_bytes: u64 = specs.iter().map(|s| s.byte_len() as u64).sum();
     let mut metadata = BTreeMap::new();
@@ -249,7 +253,8 @@ fn write_weights(
             } else {
                 let elements = spec.shape.iter().product();
                 let init = weights::Init::for_tensor(&spec.name);
-                weights::tensor_bytes(options.seed, &spec.name, init, spec.dtype, elements)
+                let dtype = weights::tensor_dtype(&spec.name, options.dtype);
+                weights::tensor_bytes(options.seed, &spec.name, init, dtype, elements)
             };
             if sender.send((spec.name.clone(), bytes)).is_err() {
                 // The writer stopped early; its error is reported below.

@@ -27,7 +27,7 @@ pub use kv_io::{
 };
 pub use plan::{BatchPlan, PlanSequence};
 
-pub use tandem_model::WeightDType;
+pub use tandem_model::{GgufQuant, WeightDType};
 
 use crate::kv_cache::{KvDType, KvLayout};
 use crate::sampler::device::{RowRequest, RowSummary};
@@ -66,6 +66,16 @@ impl<'a> HostTensor<'a> {
             rows => rows[row],
         }
     }
+}
+
+/// A GGUF block-quantized matrix in host memory: `rows` rows of `cols` values, each row its
+/// ggml blocks of `quant` as the file holds them ([`tandem_model::gguf_quant`]).
+#[derive(Debug, Clone, Copy)]
+pub struct GgufTensor<'a> {
+    pub quant: GgufQuant,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: &'a [u8],
 }
 
 /// How an FP8 weight's stored values become its values, and how its input is quantized:
@@ -184,6 +194,22 @@ pub trait Backend: Send + Sync {
     /// Uploads `parts` concatenated along dimension 0 (all parts have the same dtype and the
     /// same trailing dimensions).
     fn upload_weight(&self, parts: &[HostTensor<'_>]) -> Result<Self::Weight, BackendError>;
+
+    /// Uploads GGUF block-quantized `parts` (one type, the same `cols`) concatenated along
+    /// rows, kept quantized. A backend without kernels for the type refuses it by name (the
+    /// default: none).
+    fn upload_gguf_weight(&self, parts: &[GgufTensor<'_>]) -> Result<Self::Weight, BackendError> {
+        let quant = parts
+            .first()
+            .map_or("no tensors".into(), |p| p.quant.to_string());
+        Err(BackendError::Device {
+            op: "upload_weight",
+            detail: format!(
+                "GGUF {quant} weights are run quantized by the CPU backend only; import the GGUF \
+                 without --keep-quant (bf16) for this device"
+            ),
+        })
+    }
 
     /// Allocates a zeroed cache of `num_blocks` blocks of `layout`.
     fn alloc_kv_cache(

@@ -19,6 +19,15 @@
 //!   it ran at 51-113 GFLOP/s against gemm's 54-117, close enough, and gemm's blocking depends
 //!   on the matrix sizes, which would make a sequence's logits depend on the batch it runs in
 //!   (see `backend::cpu::matmul`).
+//! - GGUF blocks kept quantized (`model-prep import-gguf --keep-quant`, `backend::cpu::quant`),
+//!   SmolLM2 on 2 threads of the AVX-512 VNNI EPYC (2026-11-27, shared machine): a first
+//!   kernel that reduced each column's sums with horizontal adds prefilled Q4_1 at 840 tok/s;
+//!   runs of four inputs of 8 columns (a lane per column, no horizontal adds) at 1150. By
+//!   `--quant-kernels`, two rounds, prefill 512 tokens (Q4_1 / Q8_0): avx2 970-1009 / 896-920,
+//!   avx2-vnni 1159-1180 / 1000-1019, avx512-vnni (two groups per pass) 1508-1510 /
+//!   1452-1459 tok/s. Decode at one row with the paired AVX-512 kernel against the AVX-VNNI
+//!   one, three alternating rounds, 256 tokens after a 64-token prompt: Q4_1 201-276 against
+//!   289-343 tok/s, Q8_0 122-217 against 186-276, so rows below 4 keep 256-bit registers.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,6 +35,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tandem_workers::backend::Backend;
+use tandem_workers::backend::cpu::quant::Isa;
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions, matmul};
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 
@@ -54,6 +64,10 @@ enum Command {
         /// Widen bf16/f16 weights to f32 at load.
         #[arg(long)]
         widen_weights: bool,
+        /// The quantized kernels' instruction set (portable, avx2, avx2-vnni, avx512-vnni;
+        /// default: the best this CPU has). Every choice computes the same bits.
+        #[arg(long, value_parser = parse_isa)]
+        quant_kernels: Option<Isa>,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -95,14 +109,18 @@ fn main() -> Result<()> {
             decode_tokens,
             prefill_runs,
             widen_weights,
+            quant_kernels,
             json,
         } => bench_model(
             &model,
-            threads,
+            &CpuOptions {
+                threads,
+                widen_weights,
+                quant_isa: quant_kernels,
+            },
             prompt_tokens,
             decode_tokens,
             prefill_runs,
-            widen_weights,
             json,
         ),
         Command::Matmul { threads, rows } => bench_matmul(threads, rows),
@@ -132,17 +150,14 @@ fn main() -> Result<()> {
 
 fn bench_model(
     dir: &std::path::Path,
-    threads: usize,
+    options: &CpuOptions,
     prompt_tokens: usize,
     decode_tokens: usize,
     prefill_runs: usize,
-    widen_weights: bool,
     json: bool,
 ) -> Result<()> {
-    let backend = CpuBackend::new(&CpuOptions {
-        threads,
-        widen_weights,
-    })?;
+    let threads = options.threads;
+    let backend = CpuBackend::new(options)?;
     let started = Instant::now();
     let model = Model::load(dir, backend, &ModelOptions::default())
         .with_context(|| format!("loading {}", dir.display()))?;
@@ -177,12 +192,16 @@ fn bench_model(
     let prefill_tps = prompt_tokens as f64 / prefill_s;
     let decode_tps = decode_tokens as f64 / decode_s;
     let backend = model.backend().describe();
+    let weights = match model.gguf_quant() {
+        Some(quant) => format!("gguf {quant} (norms {})", model.weight_dtype()),
+        None => model.weight_dtype().to_string(),
+    };
     if json {
         println!(
             "{}",
             serde_json::json!({
                 "model": dir.display().to_string(),
-                "weights": model.weight_dtype().to_string(),
+                "weights": weights,
                 "backend": backend,
                 "threads": threads,
                 "load_s": load_s,
@@ -194,12 +213,24 @@ fn bench_model(
         );
     } else {
         println!(
-            "{} ({} weights, {backend}): load {load_s:.2} s, prefill {prompt_tokens} tokens {prefill_tps:.1} tok/s, decode {decode_tokens} tokens {decode_tps:.1} tok/s",
+            "{} ({weights} weights, {backend}): load {load_s:.2} s, prefill {prompt_tokens} tokens {prefill_tps:.1} tok/s, decode {decode_tokens} tokens {decode_tps:.1} tok/s",
             dir.display(),
-            model.weight_dtype(),
         );
     }
     Ok(())
+}
+
+/// `--quant-kernels`: an instruction set this CPU has.
+fn parse_isa(name: &str) -> std::result::Result<Isa, String> {
+    let available = Isa::available();
+    available
+        .iter()
+        .copied()
+        .find(|isa| isa.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = available.iter().map(|i| i.name()).collect();
+            format!("{name:?}: this CPU runs {}", names.join(", "))
+        })
 }
 
 fn argmax(row: &[f32]) -> u32 {

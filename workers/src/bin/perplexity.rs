@@ -305,7 +305,7 @@ fn max_positions(dir: &Path) -> Result<usize> {
 fn score(dir: &Path, kv_dtype: Option<KvDType>, tokens: &[u32], args: &Args) -> Result<Scores> {
     let backend = CpuBackend::new(&CpuOptions {
         threads: args.threads,
-        widen_weights: false,
+        ..Default::default()
     })
     .context("starting the CPU backend")?;
     let started = Instant::now();

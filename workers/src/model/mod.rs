@@ -93,6 +93,8 @@ pub struct Model<B: Backend> {
     shape: AttentionShape,
     eps: f32,
     weight_dtype: WeightDType,
+    /// The GGUF block type most matrices keep, for a GGUF-quantized model.
+    gguf_quant: Option<crate::backend::GgufQuant>,
     kv_dtype: KvDType,
     /// The part of the model this one holds; with more than one rank, the outputs of
     /// `o_proj` and `down` are summed over the group ([`shard`]).
@@ -161,10 +163,39 @@ impl<B: Backend> Model<B> {
                 Split::Cols(range) => Piece::Owned(shard::cols(&get(name).view(), range)),
             }
         };
+        // GGUF block-quantized tensors go to the backend as blocks (one type per matrix).
+        let gguf = config.gguf_quant();
+        if gguf.is_some() && tp.size > 1 {
+            return Err(ModelError::TensorParallel(
+                "a GGUF-quantized model is not split over ranks; import it in bf16 for \
+                 tensor parallelism"
+                    .into(),
+            ));
+        }
+        let gguf_parts = |names: &[&str]| -> Option<Vec<crate::backend::GgufTensor<'_>>> {
+            names.iter().map(|n| entry(n).gguf_view()).collect()
+        };
+        let matrix = |names: &[&str], pieces: &[Piece<'_>]| -> Result<B::Weight, ModelError> {
+            if let Some(parts) = gguf_parts(names) {
+                return Ok(backend.upload_gguf_weight(&parts)?);
+            }
+            if let Some(name) = names.iter().find(|n| entry(n).gguf.is_some()) {
+                return Err(ModelError::Weights(WeightsError::Gguf {
+                    name: name.to_string(),
+                    reason: "fused with tensors of another type".into(),
+                }));
+            }
+            let views: Vec<_> = pieces.iter().map(Piece::view).collect();
+            Ok(backend.upload_weight(&views)?)
+        };
         let embed_entry = get(tensor_names::EMBED_TOKENS);
         // The projections' type names the model (`fp8` for an FP8 checkpoint, also where it
-        // keeps some layers in 16 bits); the embedding's is what its 16-bit parts are in.
-        let unquantized_dtype = embed_entry.view().dtype;
+        // keeps some layers in 16 bits); the embedding's is what its 16-bit parts are in (the
+        // final norm's where the embedding is GGUF blocks).
+        let unquantized_dtype = match entry(tensor_names::EMBED_TOKENS).gguf {
+            Some(_) => entry(tensor_names::FINAL_NORM).dtype,
+            None => embed_entry.view().dtype,
+        };
         let weight_dtype = (0..config.num_hidden_layers)
             .flat_map(|i| {
                 let n = tensor_names::layer(i);
@@ -174,13 +205,17 @@ impl<B: Backend> Model<B> {
             .find(|&dtype| dtype == WeightDType::F8E4M3)
             .unwrap_or(match config.num_hidden_layers {
                 0 => unquantized_dtype,
+                _ if gguf.is_some() => unquantized_dtype,
                 _ => entry(&tensor_names::layer(0).q_proj).dtype,
             });
-        let embed = backend.upload_weight(&[embed_entry.view()])?;
+        let embed = matrix(&[tensor_names::EMBED_TOKENS], &[embed_entry])?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(backend.upload_weight(&[get(tensor_names::LM_HEAD).view()])?)
+            Some(matrix(
+                &[tensor_names::LM_HEAD],
+                &[get(tensor_names::LM_HEAD)],
+            )?)
         };
         let final_norm = backend.upload_weight(&[get(tensor_names::FINAL_NORM).view()])?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -193,7 +228,10 @@ impl<B: Backend> Model<B> {
             let up = part(&n.up_proj, Split::Rows(channels.clone()));
             layers.push(Layer {
                 input_norm: backend.upload_weight(&[get(&n.input_norm).view()])?,
-                qkv: backend.upload_weight(&[q.view(), k.view(), v.view()])?,
+                qkv: matrix(
+                    &[n.q_proj.as_str(), n.k_proj.as_str(), n.v_proj.as_str()],
+                    &[q, k, v],
+                )?,
                 qkv_bias: if config.qkv_bias() {
                     let q = part(&n.q_bias, Split::Rows(q_rows.clone()));
                     let k = part(&n.k_bias, Split::Rows(kv_rows.clone()));
@@ -202,8 +240,10 @@ impl<B: Backend> Model<B> {
                 } else {
                     None
                 },
-                o_proj: backend
-                    .upload_weight(&[part(&n.o_proj, Split::Cols(q_rows.clone())).view()])?,
+                o_proj: matrix(
+                    &[n.o_proj.as_str()],
+                    &[part(&n.o_proj, Split::Cols(q_rows.clone()))],
+                )?,
                 // Added once to the ranks' sum: rank 0 holds it.
                 o_bias: if config.o_bias() && tp.rank == 0 {
                     Some(backend.upload_weight(&[get(&n.o_bias).view()])?)
@@ -212,12 +252,11 @@ impl<B: Backend> Model<B> {
                 },
                 post_attention_norm: backend
                     .upload_weight(&[get(&n.post_attention_norm).view()])?,
-                gate_up: backend.upload_weight(&[gate.view(), up.view()])?,
-                down: backend.upload_weight(&[part(
-                    &n.down_proj,
-                    Split::Cols(channels.clone()),
-                )
-                .view()])?,
+                gate_up: matrix(&[n.gate_proj.as_str(), n.up_proj.as_str()], &[gate, up])?,
+                down: matrix(
+                    &[n.down_proj.as_str()],
+                    &[part(&n.down_proj, Split::Cols(channels.clone()))],
+                )?,
             });
         }
         let kv_dtype = options.kv_dtype.unwrap_or(match unquantized_dtype {
@@ -242,6 +281,7 @@ impl<B: Backend> Model<B> {
             layers,
             shape,
             weight_dtype,
+            gguf_quant: gguf.and_then(|g| g.main_type()),
             kv_dtype,
             tensor_parallel: tp,
         })
@@ -263,6 +303,12 @@ impl<B: Backend> Model<B> {
     /// The dtype of the projections (`fp8` for an FP8 checkpoint; else that of all weights).
     pub fn weight_dtype(&self) -> WeightDType {
         self.weight_dtype
+    }
+
+    /// The GGUF block type most matrices are kept in (`Q4_1` for the default model imported
+    /// with `--keep-quant`); `None` for a model that is not GGUF-quantized.
+    pub fn gguf_quant(&self) -> Option<crate::backend::GgufQuant> {
+        self.gguf_quant
     }
 
     /// The layout of this model's KV blocks of `block_size` tokens.

@@ -20,7 +20,7 @@ use tandem_model::{
 };
 
 use super::shard::OwnedTensor;
-use crate::backend::{HostTensor, InputScale, QuantScales, WeightDType};
+use crate::backend::{GgufQuant, GgufTensor, HostTensor, InputScale, QuantScales, WeightDType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -55,6 +55,8 @@ pub enum WeightsError {
     DType { name: String, dtype: String },
     #[error("FP8 tensor {name}: {reason}")]
     Quantized { name: String, reason: String },
+    #[error("GGUF-quantized tensor {name}: {reason}")]
+    Gguf { name: String, reason: String },
     #[error("tensor {name} is not part of a {arch} model of this config (check config.json)")]
     Unexpected { name: String, arch: &'static str },
 }
@@ -62,8 +64,13 @@ pub enum WeightsError {
 /// One tensor: borrowed from a memory-mapped file, or generated when it is loaded.
 #[derive(Debug, Clone)]
 pub struct TensorEntry<'a> {
+    /// The element type; for a GGUF block-quantized tensor (`gguf`), which has none, `F32`
+    /// (what its values dequantize to).
     pub dtype: WeightDType,
+    /// `[rows, cols]` in values (a GGUF tensor's file shape is `[rows, row bytes]`).
     pub shape: Vec<usize>,
+    /// The GGUF block type of a tensor kept quantized ([`tandem_model::gguf_quant`]).
+    pub gguf: Option<GgufQuant>,
     bytes: TensorBytes<'a>,
     /// An FP8 weight's scales (one, or one per row); empty otherwise.
     weight_scales: Vec<f32>,
@@ -75,9 +82,23 @@ impl<'a> TensorEntry<'a> {
         TensorEntry {
             dtype,
             shape,
+            gguf: None,
             bytes,
             weight_scales: Vec::new(),
             input_scale: InputScale::PerToken,
+        }
+    }
+
+    /// The tensor as GGUF blocks, if it is GGUF-quantized (always mapped from a file).
+    pub fn gguf_view(&self) -> Option<GgufTensor<'_>> {
+        match (&self.bytes, self.gguf, &self.shape[..]) {
+            (TensorBytes::Mapped(bytes), Some(quant), &[rows, cols]) => Some(GgufTensor {
+                quant,
+                rows,
+                cols,
+                bytes,
+            }),
+            _ => None,
         }
     }
 
@@ -390,12 +411,49 @@ impl WeightFiles {
     ) -> Result<HashMap<String, TensorEntry<'_>>, WeightsError> {
         let mut found = HashMap::new();
         let mut scales: HashMap<String, Vec<f32>> = HashMap::new();
+        let mut gguf_types = config.gguf_quant().unwrap_or_default().tensor_types;
+        let gguf_err = |name: &str, reason: String| WeightsError::Gguf {
+            name: name.to_string(),
+            reason,
+        };
         for (path, map) in &self.files {
             let st = SafeTensors::deserialize(map).map_err(|source| WeightsError::Format {
                 path: path.clone(),
                 source,
             })?;
             for (name, view) in st.iter() {
+                if view.dtype() == Dtype::U8 {
+                    let quant = gguf_types.remove(name).ok_or_else(|| {
+                        gguf_err(
+                            name,
+                            "a U8 tensor that config.json's `quantization_config.tensor_types` \
+                             does not list"
+                                .into(),
+                        )
+                    })?;
+                    let &[rows, row_bytes] = view.shape() else {
+                        return Err(gguf_err(
+                            name,
+                            format!("file shape {:?} is not [rows, row bytes]", view.shape()),
+                        ));
+                    };
+                    let cols = quant.row_elems(row_bytes).ok_or_else(|| {
+                        gguf_err(
+                            name,
+                            format!(
+                                "{row_bytes} bytes a row is not a whole number of {quant} blocks"
+                            ),
+                        )
+                    })?;
+                    let mut entry = TensorEntry::unscaled(
+                        WeightDType::F32,
+                        vec![rows, cols],
+                        TensorBytes::Mapped(view.data()),
+                    );
+                    entry.gguf = Some(quant);
+                    found.insert(name.to_string(), entry);
+                    continue;
+                }
                 let dtype = match view.dtype() {
                     Dtype::F32 => WeightDType::F32,
                     Dtype::F16 => WeightDType::F16,
@@ -424,6 +482,14 @@ impl WeightFiles {
                     ),
                 );
             }
+        }
+        if let Some(name) = gguf_types.keys().next() {
+            return Err(gguf_err(
+                name,
+                "listed in `quantization_config.tensor_types` but not a U8 tensor of the \
+                 checkpoint"
+                    .into(),
+            ));
         }
         attach_scales(config, &mut found, scales)?;
         check(config, &mut found)?;
@@ -699,6 +765,62 @@ mod tests {
             })
             .collect();
         safetensors::serialize_to_file(views, None, &dir.join(file)).unwrap();
+    }
+
+    #[test]
+    fn gguf_blocks_load_where_the_config_names_their_type() {
+        let mut config = ModelConfig::llama(32, 64, 1, 2, 1, 10);
+        let q = tensor_names::layer(0).q_proj;
+        let write_with = |dir: &Path, u8_tensor: &str| {
+            let expected = tensor_names::expected_tensors(&config);
+            let f32_bytes: Vec<Vec<u8>> = expected
+                .iter()
+                .map(|(_, shape)| vec![0u8; shape.iter().product::<usize>() * 4])
+                .collect();
+            let blocks = vec![0u8; 32 * 34];
+            let views: Vec<(String, TensorView<'_>)> = expected
+                .iter()
+                .zip(&f32_bytes)
+                .map(|((name, shape), bytes)| {
+                    let view = if name == u8_tensor {
+                        TensorView::new(Dtype::U8, vec![32, 34], &blocks).unwrap()
+                    } else {
+                        TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap()
+                    };
+                    (name.clone(), view)
+                })
+                .collect();
+            safetensors::serialize_to_file(views, None, &dir.join(WEIGHTS_FILE)).unwrap();
+        };
+        let dir = scratch("gguf");
+        write_with(&dir, &q);
+        // Not named in the config: refused by name.
+        let files = WeightFiles::open(&dir).unwrap();
+        let err = files.tensors(&config).unwrap_err().to_string();
+        assert!(err.contains(&q) && err.contains("does not list"), "{err}");
+        // Named: a [rows, cols] tensor of Q8_0 blocks.
+        let mut types = tandem_model::GgufQuantConfig::default();
+        types.tensor_types.insert(q.clone(), GgufQuant::Q8_0);
+        config.quantization_config = Some(types.to_config());
+        let tensors = files.tensors(&config).unwrap();
+        let entry = &tensors[&q];
+        assert_eq!(entry.shape, [32, 32]);
+        let view = entry.gguf_view().unwrap();
+        assert_eq!(
+            (view.quant, view.rows, view.cols),
+            (GgufQuant::Q8_0, 32, 32)
+        );
+        // Named but absent as blocks: refused.
+        types
+            .tensor_types
+            .insert(tensor_names::layer(0).k_proj, GgufQuant::Q4_1);
+        config.quantization_config = Some(types.to_config());
+        let err = files.tensors(&config).unwrap_err().to_string();
+        assert!(
+            err.contains("k_proj") && err.contains("not a U8 tensor"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

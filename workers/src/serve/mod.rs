@@ -224,6 +224,8 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         backend,
         kv_blocks = total_blocks,
         block_size,
+        weights = %weights,
+        rss_mb = resident_bytes().map(|b| b / (1 << 20)),
         "model loaded in {:.1} s",
         started.elapsed().as_secs_f64()
     );
@@ -407,6 +409,15 @@ fn default_worker_id(role: WorkerRole) -> String {
         tandem_protocol::subjects::subject_token(&host),
         std::process::id()
     )
+}
+
+/// The process's resident memory (Linux's `/proc/self/status`), for the start-up log: the
+/// weights as the backend holds them plus the KV cache and everything else.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

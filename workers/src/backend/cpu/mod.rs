@@ -3,6 +3,7 @@
 //!
 //! - [`simd`]: dot products with one fixed arithmetic (the root of batch invariance).
 //! - [`matmul`]: `linear`, GEMV and GEMM in one kernel family.
+//! - [`quant`]: GGUF block-quantized weights kept quantized, with integer dot-product kernels.
 //! - [`norm`]: RMSNorm, residual-add + RMSNorm, SiLU-and-multiply.
 //! - [`attention`]: rope fused with the KV-cache write, paged attention.
 //! - [`kv`]: the paged KV cache in host memory.
@@ -15,6 +16,7 @@ pub mod group;
 pub mod kv;
 pub mod matmul;
 pub mod norm;
+pub mod quant;
 pub mod simd;
 
 use half::{bf16, f16};
@@ -23,7 +25,8 @@ pub use kv::CpuKvCache;
 pub use matmul::PackedWeight;
 
 use super::{
-    AttentionShape, Backend, BackendError, BatchPlan, HostTensor, InputScale, WeightDType,
+    AttentionShape, Backend, BackendError, BatchPlan, GgufTensor, HostTensor, InputScale,
+    WeightDType,
 };
 use crate::kv_cache::KvLayout;
 
@@ -36,6 +39,10 @@ pub struct CpuOptions {
     /// bytes decode reads per token, and prefill already widens blocks into a scratch
     /// ([`matmul`]); kept for measuring (`cpu_bench --widen-weights`).
     pub widen_weights: bool,
+    /// The quantized kernels' instruction set ([`quant::Isa`]); `None` takes the best this CPU
+    /// has. Every choice computes the same bits; kept for measuring (`cpu_bench
+    /// --quant-kernels`).
+    pub quant_isa: Option<quant::Isa>,
 }
 
 /// Activations: row-major `[rows, cols]` f32.
@@ -70,6 +77,8 @@ pub enum WeightData {
         weight: PackedWeight<f32>,
         input: InputScale,
     },
+    /// GGUF blocks, repacked and multiplied quantized ([`quant`]).
+    Gguf(quant::QuantMatrix),
 }
 
 /// A weight matrix `[rows, cols]` (`[out, in]`), or a vector (`rows == 1`).
@@ -106,6 +115,7 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
     widen_weights: bool,
+    quant_isa: quant::Isa,
     /// The tensor-parallel group this backend is a rank of, and its rank.
     group: Option<(std::sync::Arc<group::CpuGroup>, usize)>,
 }
@@ -135,6 +145,7 @@ impl CpuBackend {
             pool,
             threads,
             widen_weights: options.widen_weights,
+            quant_isa: options.quant_isa.unwrap_or_else(quant::Isa::detect),
             group: None,
         })
     }
@@ -210,13 +221,14 @@ impl Backend for CpuBackend {
 
     fn describe(&self) -> String {
         format!(
-            "cpu ({} threads, {}{})",
+            "cpu ({} threads, {}, quantized kernels {}{})",
             self.threads,
             if simd::has_avx2() {
                 "avx2+fma"
             } else {
                 "portable kernels"
             },
+            self.quant_isa.name(),
             if self.widen_weights {
                 ", weights widened to f32"
             } else {
@@ -320,6 +332,34 @@ impl Backend for CpuBackend {
         Ok(CpuWeight { rows, cols, data })
     }
 
+    fn upload_gguf_weight(&self, parts: &[GgufTensor<'_>]) -> Result<CpuWeight, BackendError> {
+        let first = parts
+            .first()
+            .ok_or_else(|| shape_err("upload_gguf_weight", "no tensors".into()))?;
+        if let Some(p) = parts
+            .iter()
+            .find(|p| p.quant != first.quant || p.cols != first.cols)
+        {
+            return Err(shape_err(
+                "upload_gguf_weight",
+                format!(
+                    "parts differ: {} x{} and {} x{}",
+                    first.quant, first.cols, p.quant, p.cols
+                ),
+            ));
+        }
+        let pieces: Vec<(&[u8], usize)> = parts.iter().map(|p| (p.bytes, p.rows)).collect();
+        let matrix = self
+            .pool
+            .install(|| quant::QuantMatrix::from_gguf(first.quant, &pieces, first.cols))
+            .map_err(|e| shape_err("upload_gguf_weight", e.to_string()))?;
+        Ok(CpuWeight {
+            rows: matrix.n,
+            cols: matrix.k,
+            data: WeightData::Gguf(matrix),
+        })
+    }
+
     fn alloc_kv_cache(
         &self,
         layout: &KvLayout,
@@ -372,6 +412,7 @@ impl Backend for CpuBackend {
                 WeightData::F32(w) => w.row_f32(t, row),
                 WeightData::Bf16(w) => w.row_f32(t, row),
                 WeightData::F16(w) => w.row_f32(t, row),
+                WeightData::Gguf(w) => w.row_f32(t, row),
                 WeightData::Fp8 { .. } => {
                     return Err(shape_err(
                         "embedding",
@@ -459,6 +500,10 @@ impl Backend for CpuBackend {
                     super::fp8::round_row_through_fp8(row, *input);
                 }
                 matmul::linear(&quantized, rows, weight, bias, &mut out);
+                Ok(())
+            }
+            WeightData::Gguf(w) => {
+                quant::linear_with(self.quant_isa, &x.data, rows, w, bias, &mut out);
                 Ok(())
             }
         })?;

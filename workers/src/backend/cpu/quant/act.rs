@@ -1,0 +1,236 @@
+//! Activation rows quantized to 8 bits in blocks of 32, the other operand of the quantized
+//! dot products ([`super::kernels`]).
+//!
+//! Each block of 32 values of a row gets its own scale `d = max|x| / 127`, codes
+//! `q = round_ties_even(x * (1 / d))` in `-127..=127` (never -128, so the kernels may negate
+//! a code), and `s = d * sum(q)` (what a weight type with a per-block minimum adds). A row's
+//! blocks depend on that row alone, so quantizing activations keeps the forward
+//! batch-invariant; the AVX2 twin computes the same codes bitwise (the same f32 operations,
+//! and a maximum is exact in any order).
+
+use rayon::prelude::*;
+
+/// Values per activation block (the block size of every weight layout).
+pub const BLOCK: usize = 32;
+
+/// `rows` rows of `k` values (`k` a multiple of [`BLOCK`]) as 8-bit blocks.
+#[derive(Debug, Clone, Default)]
+pub struct QuantRows {
+    pub rows: usize,
+    pub k: usize,
+    /// `[rows][k]` codes.
+    pub codes: Vec<i8>,
+    /// `[rows][k]` codes plus 128 (as unsigned bytes): the unsigned operand of products with
+    /// signed weight codes where the instruction set has no byte sign (AVX-512).
+    pub offset_codes: Vec<u8>,
+    /// `[rows][k / 32]` block scales.
+    pub scales: Vec<f32>,
+    /// `[rows][k / 32]`: each block's scale times the sum of its codes.
+    pub sums: Vec<f32>,
+}
+
+/// Rows per rayon task when quantizing a batch.
+const ROWS_PER_TASK: usize = 16;
+
+impl QuantRows {
+    /// Quantizes `x` (`[rows, k]`) on the current rayon pool.
+    pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
+        assert!(
+            k.is_multiple_of(BLOCK),
+            "quantize: k={k} is not whole blocks"
+        );
+        assert_eq!(x.len(), rows * k, "quantize: x is not [rows, k]");
+        let nb = k / BLOCK;
+        let mut q = QuantRows {
+            rows,
+            k,
+            codes: vec![0; rows * k],
+            offset_codes: Vec::new(),
+            scales: vec![0.0; rows * nb],
+            sums: vec![0.0; rows * nb],
+        };
+        if rows == 0 || k == 0 {
+            return q;
+        }
+        if rows <= ROWS_PER_TASK {
+            quantize_rows(x, k, &mut q.codes, &mut q.scales, &mut q.sums);
+        } else {
+            x.par_chunks(ROWS_PER_TASK * k)
+                .zip(q.codes.par_chunks_mut(ROWS_PER_TASK * k))
+                .zip(q.scales.par_chunks_mut(ROWS_PER_TASK * nb))
+                .zip(q.sums.par_chunks_mut(ROWS_PER_TASK * nb))
+                .for_each(|(((x, codes), scales), sums)| quantize_rows(x, k, codes, scales, sums));
+        }
+        q.offset_codes = q.codes.iter().map(|&c| (c as u8) ^ 0x80).collect();
+        q
+    }
+
+    pub fn blocks_per_row(&self) -> usize {
+        self.k / BLOCK
+    }
+
+    pub fn row_codes(&self, r: usize) -> &[i8] {
+        &self.codes[r * self.k..(r + 1) * self.k]
+    }
+
+    pub fn row_offset_codes(&self, r: usize) -> &[u8] {
+        &self.offset_codes[r * self.k..(r + 1) * self.k]
+    }
+
+    pub fn row_scales(&self, r: usize) -> &[f32] {
+        let nb = self.blocks_per_row();
+        &self.scales[r * nb..(r + 1) * nb]
+    }
+
+    pub fn row_sums(&self, r: usize) -> &[f32] {
+        let nb = self.blocks_per_row();
+        &self.sums[r * nb..(r + 1) * nb]
+    }
+}
+
+/// Whole rows of `k` values.
+fn quantize_rows(x: &[f32], k: usize, codes: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
+    let nb = k / BLOCK;
+    for (((x, codes), scales), sums) in x
+        .chunks_exact(k)
+        .zip(codes.chunks_exact_mut(k))
+        .zip(scales.chunks_exact_mut(nb))
+        .zip(sums.chunks_exact_mut(nb))
+    {
+        quantize_row(x, codes, scales, sums);
+    }
+}
+
+/// One row: `codes` `[k]`, `scales` and `sums` `[k / 32]`.
+fn quantize_row(x: &[f32], codes: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::super::simd::has_avx2() {
+        for (((x, codes), d), s) in x
+            .chunks_exact(BLOCK)
+            .zip(codes.chunks_exact_mut(BLOCK))
+            .zip(scales.iter_mut())
+            .zip(sums.iter_mut())
+        {
+            // SAFETY: features checked; each chunk holds 32 values.
+            (*d, *s) = unsafe { quantize_block_avx2(x, codes) };
+        }
+        return;
+    }
+    for (((x, codes), d), s) in x
+        .chunks_exact(BLOCK)
+        .zip(codes.chunks_exact_mut(BLOCK))
+        .zip(scales.iter_mut())
+        .zip(sums.iter_mut())
+    {
+        (*d, *s) = quantize_block_portable(x, codes);
+    }
+}
+
+/// The block's scale and `scale * sum(codes)`.
+pub(super) fn quantize_block_portable(x: &[f32], codes: &mut [i8]) -> (f32, f32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+    let mut sum = 0i32;
+    for (c, &v) in codes.iter_mut().zip(x) {
+        let q = (v * inv).round_ties_even() as i32;
+        *c = q as i8;
+        sum += q;
+    }
+    (d, d * sum as f32)
+}
+
+/// [`quantize_block_portable`] with AVX2: the same operations on 8 lanes.
+///
+/// # Safety
+/// `x` and `codes` hold 32 values; the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_avx2(x: &[f32], codes: &mut [i8]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() == BLOCK && codes.len() == BLOCK);
+    let sign = _mm256_set1_ps(-0.0);
+    // SAFETY: 32 values in x.
+    let v: [__m256; 4] = unsafe {
+        let p = x.as_ptr();
+        [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ]
+    };
+    let mut m = _mm256_andnot_ps(sign, v[0]);
+    for v in &v[1..] {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *v));
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
+    let amax = _mm_cvtss_f32(m1);
+    let d = amax / 127.0;
+    let inv = _mm256_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
+    let mut q = [_mm256_setzero_si256(); 4];
+    for (q, v) in q.iter_mut().zip(v) {
+        let scaled = _mm256_mul_ps(v, inv);
+        *q = _mm256_cvtps_epi32(_mm256_round_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(scaled));
+    }
+    let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s4 = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256::<1>(sum),
+    );
+    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b01_00_11_10>(s4));
+    let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b10_11_00_01>(s2));
+    let total = _mm_cvtsi128_si32(s1);
+    // Pack to bytes; packs interleave 128-bit lanes, so put them back in order.
+    let w01 = _mm256_packs_epi32(q[0], q[1]);
+    let w23 = _mm256_packs_epi32(q[2], q[3]);
+    let b = _mm256_packs_epi16(w01, w23);
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: 32 bytes in codes.
+    unsafe { _mm256_storeu_si256(codes.as_mut_ptr().cast(), b) };
+    (d, d * total as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_round_and_sum() {
+        let mut x = vec![0f32; 64];
+        x[0] = 127.0;
+        x[1] = -63.5; // a tie: to even, -64
+        x[2] = 0.5; // a tie: to even, 0
+        x[3] = 1.5; // 2
+        let q = QuantRows::quantize(&x, 1, 64);
+        assert_eq!(q.scales, [1.0, 0.0]);
+        assert_eq!(&q.codes[..4], &[127, -64, 0, 2]);
+        assert_eq!(q.sums[0], (127 - 64 + 2) as f32);
+        assert_eq!(q.sums[1], 0.0);
+        assert!(q.codes[32..].iter().all(|&c| c == 0));
+    }
+
+    #[test]
+    fn simd_and_portable_agree_bitwise() {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for scale in [1e-6f32, 0.3, 40.0] {
+            let x: Vec<f32> = (0..BLOCK * 40)
+                .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+                .collect();
+            let q = QuantRows::quantize(&x, 40, BLOCK);
+            for (r, x) in x.chunks_exact(BLOCK).enumerate() {
+                let mut codes = [0i8; BLOCK];
+                let (d, s) = quantize_block_portable(x, &mut codes);
+                assert_eq!(q.row_codes(r), codes);
+                assert_eq!(q.scales[r].to_bits(), d.to_bits());
+                assert_eq!(q.sums[r].to_bits(), s.to_bits());
+                assert!(codes.iter().all(|&c| c != i8::MIN));
+            }
+        }
+    }
+}

@@ -1,0 +1,579 @@
+//! The quantized dot-product kernels: one group of 8 output columns ([`super::layout`]) against
+//! `R` quantized activation rows ([`super::act`]), all `k` inputs.
+//!
+//! One fixed arithmetic per output element, whatever kernel computes it: for each block `b` of
+//! 32 inputs, the exact integer sum `isum = sum(w_code * x_code)` (over the whole block, or over
+//! each half of 16 for [`Layout::BytesHalves`]), then in f32
+//! - `acc = fma(w_scale * x_scale, isum, acc)`, and for [`Layout::Nibbles`]
+//!   `acc = fma(w_min, x_scale * sum(x_codes), acc)`;
+//! - for [`Layout::BytesHalves`], two accumulators (one per half) added at the end,
+//!
+//! in increasing `b`. Integer sums are exact in any order and a fused multiply-add is exactly
+//! rounded, so the AVX2 kernels (with or without AVX-VNNI) and the portable one agree bitwise,
+//! and a row's outputs do not depend on the rows that share its tile: the forward stays
+//! batch-invariant.
+//!
+//! The AVX2 kernels multiply a 32-byte run of weight codes (four inputs of each of 8 columns,
+//! [`super::layout`]) by four activation codes broadcast to every lane (`maddubs` + `madd`, or
+//! one `vpdpbusd` with AVX-VNNI: unsigned times signed bytes, so signed weight codes take their
+//! absolute value and lend their sign to the activation), so each column's sum stays in its
+//! own lane, and accumulate eight columns with one fused multiply-add per block. A tile of
+//! several rows loads (and unpacks) each weight block once for all of them.
+
+use super::act::{BLOCK, QuantRows};
+use super::layout::{GROUP, Layout};
+
+/// Rows a kernel call handles at most.
+pub const MAX_ROWS: usize = 4;
+
+/// Outputs of one kernel call: `[row][column of the group]`.
+pub type Tile = [[f32; GROUP]; MAX_ROWS];
+
+/// Which instructions the kernels use, chosen once at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx2Vnni,
+    /// AVX-512 VNNI on two groups (16 columns) at once; a lone group takes the AVX-VNNI kernel.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vnni() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avxvnni")
+}
+
+impl Isa {
+    /// The best this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::super::simd::has_avx2() {
+                if has_avx512_vnni() {
+                    return Isa::Avx512Vnni;
+                }
+                if is_x86_feature_detected!("avxvnni") {
+                    return Isa::Avx2Vnni;
+                }
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Every kernel family this CPU can run (the tests compare them).
+    pub fn available() -> Vec<Self> {
+        let mut all = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::super::simd::has_avx2() {
+                all.push(Isa::Avx2);
+                if is_x86_feature_detected!("avxvnni") {
+                    all.push(Isa::Avx2Vnni);
+                }
+                if has_avx512_vnni() {
+                    all.push(Isa::Avx512Vnni);
+                }
+            }
+        }
+        all
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Vnni => "avx2-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// Whether [`group_pair_dot`] runs two groups in one pass (else the caller takes them one
+    /// at a time).
+    pub fn pairs_groups(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self == Isa::Avx512Vnni
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
+/// Outputs of one paired kernel call: `[row][column of the two groups]`.
+pub type PairTile = [[f32; 2 * GROUP]; MAX_ROWS];
+
+/// [`group_dot`] of two groups at once (16 columns: the first group's, then the second's),
+/// for an `isa` that [`Isa::pairs_groups`].
+pub fn group_pair_dot(
+    isa: Isa,
+    layout: Layout,
+    [first, second]: [&[u8]; 2],
+    x: &QuantRows,
+    r0: usize,
+    rows: usize,
+    tile: &mut PairTile,
+) {
+    let nb = x.blocks_per_row();
+    assert!(
+        isa.pairs_groups(),
+        "group_pair_dot: {} has no paired kernel",
+        isa.name()
+    );
+    assert!(
+        (1..=MAX_ROWS).contains(&rows) && r0 + rows <= x.rows,
+        "group_pair_dot: rows {r0}+{rows} of {}",
+        x.rows
+    );
+    assert!(
+        first.len() == nb * layout.block_stride() && second.len() == first.len(),
+        "group_pair_dot: the groups are not k / 32 blocks"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! go {
+            ($l:expr, $r:literal) => {
+                // SAFETY: the ISA was detected; each group holds nb blocks; x rows r0..r0+R.
+                unsafe {
+                    avx512::pair_vnni::<$l, $r>(first.as_ptr(), second.as_ptr(), nb, x, r0, tile)
+                }
+            };
+        }
+        macro_rules! rows {
+            ($l:expr) => {
+                match rows {
+                    1 => go!($l, 1),
+                    2 => go!($l, 2),
+                    3 => go!($l, 3),
+                    _ => go!($l, 4),
+                }
+            };
+        }
+        match layout {
+            Layout::Nibbles => rows!(NIBBLES),
+            Layout::Bytes => rows!(BYTES),
+            Layout::BytesHalves => rows!(HALVES),
+        }
+    }
+}
+
+/// `tile[r][j] = dot(row r0 + r of x, column j of the group)` for `rows` rows (1..=4);
+/// `group` is the group's blocks (`k / 32` of `layout.block_stride()` bytes).
+pub fn group_dot(
+    isa: Isa,
+    layout: Layout,
+    group: &[u8],
+    x: &QuantRows,
+    r0: usize,
+    rows: usize,
+    tile: &mut Tile,
+) {
+    let nb = x.blocks_per_row();
+    assert!(
+        (1..=MAX_ROWS).contains(&rows) && r0 + rows <= x.rows,
+        "group_dot: rows {r0}+{rows} of {}",
+        x.rows
+    );
+    assert_eq!(
+        group.len(),
+        nb * layout.block_stride(),
+        "group_dot: the group is not k / 32 blocks"
+    );
+    match isa {
+        Isa::Portable => portable(layout, group, x, r0, rows, tile),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512Vnni => {
+            let vnni = isa != Isa::Avx2;
+            macro_rules! go {
+                ($l:expr, $r:literal) => {
+                    // SAFETY: the ISA was detected; `group` holds nb blocks and x rows r0..r0+R.
+                    unsafe {
+                        if vnni {
+                            avx2::group_vnni::<$l, $r>(group.as_ptr(), nb, x, r0, tile)
+                        } else {
+                            avx2::group_avx2::<$l, $r>(group.as_ptr(), nb, x, r0, tile)
+                        }
+                    }
+                };
+            }
+            macro_rules! rows {
+                ($l:expr) => {
+                    match rows {
+                        1 => go!($l, 1),
+                        2 => go!($l, 2),
+                        3 => go!($l, 3),
+                        _ => go!($l, 4),
+                    }
+                };
+            }
+            match layout {
+                Layout::Nibbles => rows!(NIBBLES),
+                Layout::Bytes => rows!(BYTES),
+                Layout::BytesHalves => rows!(HALVES),
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+const NIBBLES: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+const BYTES: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+const HALVES: u8 = 2;
+
+/// The portable twin: the same arithmetic, one column and row at a time.
+fn portable(layout: Layout, group: &[u8], x: &QuantRows, r0: usize, rows: usize, tile: &mut Tile) {
+    let stride = layout.block_stride();
+    for (r, out) in tile.iter_mut().enumerate().take(rows) {
+        let codes = x.row_codes(r0 + r);
+        let scales = x.row_scales(r0 + r);
+        let sums = x.row_sums(r0 + r);
+        for (j, out) in out.iter_mut().enumerate() {
+            let (mut acc, mut acc_hi) = (0f32, 0f32);
+            for (b, block) in group.chunks_exact(stride).enumerate() {
+                let w = super::layout::get(layout, block, j);
+                let xc = &codes[b * BLOCK..(b + 1) * BLOCK];
+                let dot = |range: std::ops::Range<usize>| -> i32 {
+                    range
+                        .map(|i| i32::from(w.codes[i]) * i32::from(xc[i]))
+                        .sum()
+                };
+                let dx = scales[b];
+                match layout {
+                    Layout::Nibbles => {
+                        acc = (w.scale * dx).mul_add(dot(0..BLOCK) as f32, acc);
+                        acc = w.second.mul_add(sums[b], acc);
+                    }
+                    Layout::Bytes => acc = (w.scale * dx).mul_add(dot(0..BLOCK) as f32, acc),
+                    Layout::BytesHalves => {
+                        acc = (w.scale * dx).mul_add(dot(0..BLOCK / 2) as f32, acc);
+                        acc_hi = (w.second * dx).mul_add(dot(BLOCK / 2..BLOCK) as f32, acc_hi);
+                    }
+                }
+            }
+            *out = if layout == Layout::BytesHalves {
+                acc + acc_hi
+            } else {
+                acc
+            };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BYTES, HALVES, NIBBLES, Tile};
+    use crate::backend::cpu::quant::act::{BLOCK, QuantRows};
+    use crate::backend::cpu::quant::layout::Layout;
+
+    const fn layout_of(l: u8) -> Layout {
+        match l {
+            NIBBLES => Layout::Nibbles,
+            BYTES => Layout::Bytes,
+            _ => Layout::BytesHalves,
+        }
+    }
+
+    macro_rules! kernel {
+        ($name:ident, $features:literal, $dot:ident) => {
+            /// # Safety
+            /// `w` holds `nb` blocks of the layout; `x` has rows `r0..r0 + R`; the CPU has the
+            /// function's features.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const L: u8, const R: usize>(
+                w: *const u8,
+                nb: usize,
+                x: &QuantRows,
+                r0: usize,
+                tile: &mut Tile,
+            ) {
+                let layout = layout_of(L);
+                let stride = layout.block_stride();
+                let codes_bytes = layout.codes_bytes();
+                let low = _mm256_set1_epi8(0x0f);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut acc_hi = [_mm256_setzero_ps(); R];
+                let xc: [*const i8; R] = std::array::from_fn(|r| x.row_codes(r0 + r).as_ptr());
+                let xs: [&[f32]; R] = std::array::from_fn(|r| x.row_scales(r0 + r));
+                let xsum: [&[f32]; R] = std::array::from_fn(|r| x.row_sums(r0 + r));
+                for b in 0..nb {
+                    // SAFETY: block b of nb.
+                    let blk = unsafe { w.add(b * stride) };
+                    // Runs of codes: nibbles unpacked into values 0..16 (`lo`) and 16..32
+                    // (`hi`) of each run; bytes as they are.
+                    let mut runs = [_mm256_setzero_si256(); 8];
+                    for (i, run) in runs.iter_mut().enumerate() {
+                        if L == NIBBLES {
+                            if i < 4 {
+                                // SAFETY: run i of 4.
+                                let v = unsafe { _mm256_loadu_si256(blk.add(32 * i).cast()) };
+                                *run = _mm256_and_si256(v, low);
+                            } else {
+                                // SAFETY: run i - 4 of 4.
+                                let v = unsafe { _mm256_loadu_si256(blk.add(32 * (i - 4)).cast()) };
+                                *run = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                            }
+                        } else {
+                            // SAFETY: run i of 8.
+                            *run = unsafe { _mm256_loadu_si256(blk.add(32 * i).cast()) };
+                        }
+                    }
+                    // Unsigned operands: nibbles as they are, |code| for signed codes.
+                    let mut unsigned = runs;
+                    if L != NIBBLES {
+                        for u in unsigned.iter_mut() {
+                            *u = _mm256_sign_epi8(*u, *u);
+                        }
+                    }
+                    // SAFETY: the scales (and the second run of them) follow the codes.
+                    let (s, second) = unsafe {
+                        let s = _mm256_loadu_ps(blk.add(codes_bytes).cast());
+                        let second = if L == BYTES {
+                            _mm256_setzero_ps()
+                        } else {
+                            _mm256_loadu_ps(blk.add(codes_bytes + 32).cast())
+                        };
+                        (s, second)
+                    };
+                    for r in 0..R {
+                        // SAFETY: block b of row r's codes: 8 runs of 4 bytes.
+                        let xb = unsafe { xc[r].add(b * BLOCK) };
+                        let mut lo = _mm256_setzero_si256();
+                        let mut hi = _mm256_setzero_si256();
+                        for i in 0..8 {
+                            // SAFETY: 4 bytes of the block's 32.
+                            let quad = unsafe { (xb.add(4 * i) as *const i32).read_unaligned() };
+                            let xv = _mm256_set1_epi32(quad);
+                            let xv = if L == NIBBLES {
+                                xv
+                            } else {
+                                _mm256_sign_epi8(xv, runs[i])
+                            };
+                            if i < 4 {
+                                lo = $dot(lo, unsigned[i], xv);
+                            } else {
+                                hi = $dot(hi, unsigned[i], xv);
+                            }
+                        }
+                        let dx = _mm256_set1_ps(xs[r][b]);
+                        if L == HALVES {
+                            acc[r] = _mm256_fmadd_ps(
+                                _mm256_mul_ps(s, dx),
+                                _mm256_cvtepi32_ps(lo),
+                                acc[r],
+                            );
+                            acc_hi[r] = _mm256_fmadd_ps(
+                                _mm256_mul_ps(second, dx),
+                                _mm256_cvtepi32_ps(hi),
+                                acc_hi[r],
+                            );
+                        } else {
+                            let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
+                            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, dx), isum, acc[r]);
+                            if L == NIBBLES {
+                                acc[r] =
+                                    _mm256_fmadd_ps(second, _mm256_set1_ps(xsum[r][b]), acc[r]);
+                            }
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let v = if L == HALVES {
+                        _mm256_add_ps(acc[r], acc_hi[r])
+                    } else {
+                        acc[r]
+                    };
+                    // SAFETY: 8 floats in tile[r].
+                    unsafe { _mm256_storeu_ps(tile[r].as_mut_ptr(), v) };
+                }
+            }
+        };
+    }
+
+    /// `acc` plus 32 unsigned-by-signed byte products summed in fours: `maddubs` (pairs into i16, which
+    /// never saturates here: at most 2 * 128 * 127 for |code| <= 128, activations |q| <= 127)
+    /// then `madd` by ones.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot_avx2(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+        _mm256_add_epi32(acc, sums)
+    }
+
+    /// The same with one AVX-VNNI instruction.
+    #[inline]
+    #[target_feature(enable = "avx2,avxvnni")]
+    fn dot_vnni(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, a, b)
+    }
+
+    kernel!(group_avx2, "avx2,fma", dot_avx2);
+    kernel!(group_vnni, "avx2,fma,avxvnni", dot_vnni);
+}
+
+/// Two groups (16 columns) per pass in 512-bit registers. AVX-512 has no byte sign, so signed
+/// weight codes meet the activations plus 128 (unsigned) and the product loses
+/// `128 * sum(weight codes)`, an integer correction that keeps every sum exact.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{BYTES, HALVES, NIBBLES, PairTile};
+    use crate::backend::cpu::quant::act::{BLOCK, QuantRows};
+    use crate::backend::cpu::quant::layout::Layout;
+
+    const fn layout_of(l: u8) -> Layout {
+        match l {
+            NIBBLES => Layout::Nibbles,
+            BYTES => Layout::Bytes,
+            _ => Layout::BytesHalves,
+        }
+    }
+
+    /// 32 bytes of each group side by side.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_pair(a: *const u8, b: *const u8) -> __m512i {
+        // SAFETY: the caller's pointers hold 32 bytes each.
+        unsafe {
+            let lo = _mm256_loadu_si256(a.cast());
+            let hi = _mm256_loadu_si256(b.cast());
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        }
+    }
+
+    /// # Safety
+    /// `w0` and `w1` hold `nb` blocks of the layout; `x` has rows `r0..r0 + R`; the CPU has
+    /// AVX-512 F, BW, VL and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+    pub unsafe fn pair_vnni<const L: u8, const R: usize>(
+        w0: *const u8,
+        w1: *const u8,
+        nb: usize,
+        x: &QuantRows,
+        r0: usize,
+        tile: &mut PairTile,
+    ) {
+        let layout = layout_of(L);
+        let stride = layout.block_stride();
+        let codes_bytes = layout.codes_bytes();
+        let low = _mm512_set1_epi8(0x0f);
+        let ones = _mm512_set1_epi8(1);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc_hi = [_mm512_setzero_ps(); R];
+        let xc: [*const i8; R] = std::array::from_fn(|r| x.row_codes(r0 + r).as_ptr());
+        let xu: [*const u8; R] = std::array::from_fn(|r| x.row_offset_codes(r0 + r).as_ptr());
+        let xs: [&[f32]; R] = std::array::from_fn(|r| x.row_scales(r0 + r));
+        let xsum: [&[f32]; R] = std::array::from_fn(|r| x.row_sums(r0 + r));
+        for b in 0..nb {
+            // SAFETY: block b of nb in both groups.
+            let (b0, b1) = unsafe { (w0.add(b * stride), w1.add(b * stride)) };
+            let mut runs = [_mm512_setzero_si512(); 8];
+            for (i, run) in runs.iter_mut().enumerate() {
+                if L == NIBBLES {
+                    let at = 32 * (i % 4);
+                    // SAFETY: run i % 4 of 4 in both groups.
+                    let v = unsafe { load_pair(b0.add(at), b1.add(at)) };
+                    *run = if i < 4 {
+                        _mm512_and_si512(v, low)
+                    } else {
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), low)
+                    };
+                } else {
+                    // SAFETY: run i of 8 in both groups.
+                    *run = unsafe { load_pair(b0.add(32 * i), b1.add(32 * i)) };
+                }
+            }
+            // `128 * sum(codes)` of each column's two halves (signed codes only).
+            let (mut fix_lo, mut fix_hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            if L != NIBBLES {
+                for (i, run) in runs.iter().enumerate() {
+                    if i < 4 {
+                        fix_lo = _mm512_dpbusd_epi32(fix_lo, ones, *run);
+                    } else {
+                        fix_hi = _mm512_dpbusd_epi32(fix_hi, ones, *run);
+                    }
+                }
+                fix_lo = _mm512_slli_epi32::<7>(fix_lo);
+                fix_hi = _mm512_slli_epi32::<7>(fix_hi);
+            }
+            // SAFETY: the scales (and the second run of them) follow the codes.
+            let (s, second) = unsafe {
+                let s = _mm512_castsi512_ps(load_pair(b0.add(codes_bytes), b1.add(codes_bytes)));
+                let second = if L == BYTES {
+                    _mm512_setzero_ps()
+                } else {
+                    _mm512_castsi512_ps(load_pair(
+                        b0.add(codes_bytes + 32),
+                        b1.add(codes_bytes + 32),
+                    ))
+                };
+                (s, second)
+            };
+            for r in 0..R {
+                let mut lo = _mm512_setzero_si512();
+                let mut hi = _mm512_setzero_si512();
+                for (i, run) in runs.iter().enumerate() {
+                    let sum = if i < 4 { &mut lo } else { &mut hi };
+                    if L == NIBBLES {
+                        // SAFETY: 4 bytes of block b's 32 in row r.
+                        let quad = unsafe {
+                            (xc[r].add(b * BLOCK + 4 * i) as *const i32).read_unaligned()
+                        };
+                        *sum = _mm512_dpbusd_epi32(*sum, *run, _mm512_set1_epi32(quad));
+                    } else {
+                        // SAFETY: as above, of the offset codes.
+                        let quad = unsafe {
+                            (xu[r].add(b * BLOCK + 4 * i) as *const i32).read_unaligned()
+                        };
+                        *sum = _mm512_dpbusd_epi32(*sum, _mm512_set1_epi32(quad), *run);
+                    }
+                }
+                if L != NIBBLES {
+                    lo = _mm512_sub_epi32(lo, fix_lo);
+                    hi = _mm512_sub_epi32(hi, fix_hi);
+                }
+                let dx = _mm512_set1_ps(xs[r][b]);
+                if L == HALVES {
+                    acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(s, dx), _mm512_cvtepi32_ps(lo), acc[r]);
+                    acc_hi[r] = _mm512_fmadd_ps(
+                        _mm512_mul_ps(second, dx),
+                        _mm512_cvtepi32_ps(hi),
+                        acc_hi[r],
+                    );
+                } else {
+                    let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+                    acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(s, dx), isum, acc[r]);
+                    if L == NIBBLES {
+                        acc[r] = _mm512_fmadd_ps(second, _mm512_set1_ps(xsum[r][b]), acc[r]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            let v = if L == HALVES {
+                _mm512_add_ps(acc[r], acc_hi[r])
+            } else {
+                acc[r]
+            };
+            // SAFETY: 16 floats in tile[r].
+            unsafe { _mm512_storeu_ps(tile[r].as_mut_ptr(), v) };
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! GGUF block-quantized weights on the CPU (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K), multiplied as they
+//! are: `linear` quantizes each activation row to 8-bit blocks of 32 ([`act`]) and runs integer
+//! dot products against the weights' codes ([`kernels`]), as llama.cpp does, over weights
+//! repacked at load into groups of 8 output columns ([`layout`]).
+//!
+//! Guarantees: a row's outputs depend on that row alone (activation blocks are per row, and
+//! every kernel shape computes each output with the same operations in the same order), so the
+//! forward stays bitwise batch-invariant; the portable, AVX2 and AVX-VNNI kernels agree
+//! bitwise. Against the dequantized weights in f32 the products differ by the activations'
+//! 8-bit rounding (relative L2 about 1e-2 per projection; tests beside the code bound it).
+//!
+//! Why our own kernels and not a crate: candle-core's `quantized` module has the same block
+//! types and AVX2 `vec_dot`s, but it brings candle's whole tensor stack (gemm, safetensors,
+//! its own thread pool) for one function, computes one output at a time (no tile of several
+//! columns or rows that reuses an unpacked block, which is where prefill's speed comes from)
+//! and sums lanes in vector accumulators whose order a portable twin would have to mimic;
+//! ggml through bindings (llama-cpp-sys and the like) needs a C/C++ build with cmake and
+//! brings ggml's own threading, which would not run inside the backend's rayon pool.
+//! What ggml defines is the block formats, which [`layout`] reads.
+
+pub mod act;
+pub mod kernels;
+pub mod layout;
+
+use rayon::prelude::*;
+use tandem_model::GgufQuant;
+
+pub use act::QuantRows;
+pub use kernels::Isa;
+use kernels::{MAX_ROWS, PairTile, Tile};
+use layout::{GROUP, Layout, SubBlock};
+
+/// Rows per task when a batch is split along rows as well as column groups.
+const ROW_BLOCK: usize = 128;
+/// Rows from which a task runs two groups at once where the ISA can ([`Isa::pairs_groups`]).
+const PAIR_MIN_ROWS: usize = 4;
+
+/// A GGUF-quantized weight matrix `[n, k]`, repacked into groups of 8 columns.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    /// The GGUF type the file stored.
+    pub quant: GgufQuant,
+    pub layout: Layout,
+    pub n: usize,
+    pub k: usize,
+    /// `[group][block]` of `layout.block_stride()` bytes; columns past `n` are zeros.
+    data: Vec<u8>,
+}
+
+/// A quantized matrix that cannot be built from the bytes given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{quant} matrix: {detail}")]
+pub struct QuantShapeError {
+    pub quant: GgufQuant,
+    pub detail: String,
+}
+
+impl QuantMatrix {
+    /// Repacks row-major GGUF blocks: `parts` (each `[rows, k]` of `quant`, as the file's row
+    /// bytes) stacked along rows, as fused projections (q, k and v) are.
+    pub fn from_gguf(
+        quant: GgufQuant,
+        parts: &[(&[u8], usize)],
+        k: usize,
+    ) -> Result<Self, QuantShapeError> {
+        let err = |detail: String| QuantShapeError { quant, detail };
+        let row_bytes = quant.row_bytes(k).ok_or_else(|| {
+            err(format!(
+                "{k} inputs are not a whole number of {}-value blocks",
+                quant.block_elems()
+            ))
+        })?;
+        let mut rows: Vec<&[u8]> = Vec::new();
+        for (bytes, n_rows) in parts {
+            if bytes.len() != n_rows * row_bytes {
+                return Err(err(format!(
+                    "{} bytes for {n_rows} rows of {k} ({row_bytes} bytes a row)",
+                    bytes.len()
+                )));
+            }
+            rows.extend(bytes.chunks_exact(row_bytes.max(1)).take(*n_rows));
+        }
+        let n = rows.len();
+        let layout = Layout::for_quant(quant);
+        let nb = k / act::BLOCK;
+        let group_bytes = nb * layout.block_stride();
+        let mut data = vec![0u8; n.div_ceil(GROUP) * group_bytes];
+        data.par_chunks_mut(group_bytes.max(1))
+            .enumerate()
+            .for_each(|(g, group)| {
+                let mut subs: Vec<SubBlock> = Vec::with_capacity(nb);
+                for j in 0..GROUP {
+                    let Some(row) = rows.get(g * GROUP + j) else {
+                        break;
+                    };
+                    subs.clear();
+                    for block in row.chunks_exact(quant.block_bytes()) {
+                        layout::split_block(quant, block, &mut subs);
+                    }
+                    for (b, sub) in subs.iter().enumerate() {
+                        let stride = layout.block_stride();
+                        layout::put(layout, &mut group[b * stride..(b + 1) * stride], j, sub);
+                    }
+                }
+            });
+        Ok(QuantMatrix {
+            quant,
+            layout,
+            n,
+            k,
+            data,
+        })
+    }
+
+    pub fn groups(&self) -> usize {
+        self.n.div_ceil(GROUP)
+    }
+
+    fn group_bytes(&self) -> usize {
+        self.k / act::BLOCK * self.layout.block_stride()
+    }
+
+    fn group(&self, g: usize) -> &[u8] {
+        let size = self.group_bytes();
+        &self.data[g * size..(g + 1) * size]
+    }
+
+    /// Bytes held (what a decode step reads).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Row `c` dequantized, bitwise as ggml dequantizes it (embedding lookups of a quantized
+    /// table).
+    pub fn row_f32(&self, c: usize, out: &mut [f32]) {
+        assert!(c < self.n && out.len() == self.k, "row_f32 out of range");
+        let group = self.group(c / GROUP);
+        let stride = self.layout.block_stride();
+        for (block, out) in group
+            .chunks_exact(stride)
+            .zip(out.chunks_exact_mut(act::BLOCK))
+        {
+            let sub = layout::get(self.layout, block, c % GROUP);
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = sub.value(self.layout, i);
+            }
+        }
+    }
+
+    /// The whole matrix dequantized, row-major `[n, k]` (tests and references).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.n * self.k];
+        for (c, row) in out.chunks_exact_mut(self.k.max(1)).enumerate() {
+            self.row_f32(c, row);
+        }
+        out
+    }
+}
+
+/// Output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes only its own (row range x group range) of the output.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out = x @ w^T + bias` with the best kernels this CPU has; `x` is `[rows, k]`, `out`
+/// `[rows, n]`. Runs on the current rayon pool.
+pub fn linear(x: &[f32], rows: usize, w: &QuantMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
+    linear_with(Isa::detect(), x, rows, w, bias, out);
+}
+
+/// [`linear`] with the kernels of `isa` (which the CPU must have: [`Isa::available`]).
+pub fn linear_with(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    w: &QuantMatrix,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (k, n) = (w.k, w.n);
+    assert_eq!(x.len(), rows * k, "linear: x is not [rows, k]");
+    assert_eq!(out.len(), rows * n, "linear: out is not [rows, n]");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "linear: bias is not [n]");
+    }
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let xq = QuantRows::quantize(x, rows, k);
+    let groups = w.groups();
+    let row_blocks = rows.div_ceil(ROW_BLOCK);
+    // Enough tasks to balance the threads, few enough that a decode step is not dominated by
+    // task hand-offs.
+    let want = rayon::current_num_threads() * 4;
+    let tasks_per_rb = groups.min(want.div_ceil(row_blocks).max(1));
+    let mut per_task = groups.div_ceil(tasks_per_rb);
+    if isa.pairs_groups() && rows >= PAIR_MIN_ROWS && per_task > 1 {
+        // Whole pairs per task, so no task is left a lone group it could have paired.
+        per_task = per_task.next_multiple_of(2);
+    }
+    let tasks_per_rb = groups.div_ceil(per_task);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..row_blocks * tasks_per_rb)
+        .into_par_iter()
+        .for_each(|task| {
+            let (rb, t) = (task / tasks_per_rb, task % tasks_per_rb);
+            let r0 = rb * ROW_BLOCK;
+            let r1 = (r0 + ROW_BLOCK).min(rows);
+            let g0 = t * per_task;
+            let g1 = (g0 + per_task).min(groups);
+            let out = out_ptr;
+            let mut tile: Tile = [[0f32; GROUP]; MAX_ROWS];
+            let mut pair: PairTile = [[0f32; 2 * GROUP]; MAX_ROWS];
+            let mut g = g0;
+            while g < g1 {
+                // Pairs for batches only: at one row (decode) the 256-bit kernel measured
+                // 15-35% faster (`cpu_bench`'s notes). Every kernel computes the same bits, so
+                // the choice leaves results as they are.
+                let paired = isa.pairs_groups() && g + 1 < g1 && r1 - r0 >= PAIR_MIN_ROWS;
+                let mut i = r0;
+                while i < r1 {
+                    let mr = MAX_ROWS.min(r1 - i);
+                    if paired {
+                        kernels::group_pair_dot(
+                            isa,
+                            w.layout,
+                            [w.group(g), w.group(g + 1)],
+                            &xq,
+                            i,
+                            mr,
+                            &mut pair,
+                        );
+                        store(&pair, i, mr, g * GROUP, n, bias, out);
+                    } else {
+                        kernels::group_dot(isa, w.layout, w.group(g), &xq, i, mr, &mut tile);
+                        store(&tile, i, mr, g * GROUP, n, bias, out);
+                    }
+                    i += mr;
+                }
+                g += if paired { 2 } else { 1 };
+            }
+        });
+}
+
+/// Writes rows `i..i + mr` of a computed tile (columns from `c0`) with bias into the output.
+fn store<const W: usize>(
+    tile: &[[f32; W]; MAX_ROWS],
+    i: usize,
+    mr: usize,
+    c0: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: OutPtr,
+) {
+    let c1 = (c0 + W).min(n);
+    for (r, row) in tile.iter().enumerate().take(mr) {
+        for (c, &v) in (c0..c1).zip(row.iter()) {
+            let v = match bias {
+                Some(b) => v + b[c],
+                None => v,
+            };
+            // SAFETY: (i + r, c) is inside the output, in the calling task's rows and groups.
+            unsafe { *out.0.add((i + r) * n + c) = v };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

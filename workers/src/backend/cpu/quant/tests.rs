@@ -1,0 +1,259 @@
+use half::f16;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tandem_model::GgufQuant;
+
+use super::*;
+
+/// Random but well-formed GGUF blocks of `quant`: random codes, small positive scales.
+fn random_blocks(rng: &mut ChaCha8Rng, quant: GgufQuant, rows: usize, k: usize) -> Vec<u8> {
+    let blocks = rows * k / quant.block_elems();
+    let mut out = Vec::with_capacity(blocks * quant.block_bytes());
+    let half = |rng: &mut ChaCha8Rng, lo: f32, hi: f32| {
+        f16::from_f32(rng.random_range(lo..hi)).to_le_bytes()
+    };
+    for _ in 0..blocks {
+        let mut block: Vec<u8> = (0..quant.block_bytes()).map(|_| rng.random()).collect();
+        match quant {
+            GgufQuant::Q8_0 | GgufQuant::Q4_0 | GgufQuant::Q5_0 => {
+                block[..2].copy_from_slice(&half(rng, 1e-3, 2e-2))
+            }
+            GgufQuant::Q4_1 => {
+                block[..2].copy_from_slice(&half(rng, 1e-3, 2e-2));
+                block[2..4].copy_from_slice(&half(rng, -0.1, 0.0));
+            }
+            GgufQuant::Q4_K => {
+                block[..2].copy_from_slice(&half(rng, 1e-4, 1e-3));
+                block[2..4].copy_from_slice(&half(rng, 1e-4, 1e-3));
+            }
+            GgufQuant::Q6_K => block[208..210].copy_from_slice(&half(rng, 1e-4, 1e-3)),
+        }
+        out.extend(block);
+    }
+    out
+}
+
+/// ggml's dequantization of one row, written from the block formats independently of
+/// [`layout`] (the reference the repacked values must equal bitwise).
+fn ggml_dequantize(quant: GgufQuant, row: &[u8]) -> Vec<f32> {
+    let h = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+    let mut y = Vec::new();
+    for b in row.chunks_exact(quant.block_bytes()) {
+        match quant {
+            GgufQuant::Q8_0 => y.extend(b[2..].iter().map(|&q| f32::from(q as i8) * h(b, 0))),
+            GgufQuant::Q4_0 | GgufQuant::Q4_1 => {
+                let d = h(b, 0);
+                let qs = if quant == GgufQuant::Q4_0 {
+                    &b[2..18]
+                } else {
+                    &b[4..20]
+                };
+                let mut v = [0f32; 32];
+                for (i, &q) in qs.iter().enumerate() {
+                    if quant == GgufQuant::Q4_0 {
+                        v[i] = d * f32::from((q & 15) as i8 - 8);
+                        v[i + 16] = d * f32::from((q >> 4) as i8 - 8);
+                    } else {
+                        v[i] = d * f32::from(q & 15) + h(b, 2);
+                        v[i + 16] = d * f32::from(q >> 4) + h(b, 2);
+                    }
+                }
+                y.extend(v);
+            }
+            GgufQuant::Q5_0 => {
+                let d = h(b, 0);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let mut v = [0f32; 32];
+                for j in 0..16 {
+                    let fifth = |bit: usize| ((qh >> bit) & 1) as i32 * 16;
+                    v[j] = (((b[6 + j] & 15) as i32 + fifth(j) - 16) as f32) * d;
+                    v[j + 16] = (((b[6 + j] >> 4) as i32 + fifth(j + 16) - 16) as f32) * d;
+                }
+                y.extend(v);
+            }
+            GgufQuant::Q4_K => {
+                let (d, dmin, sc, qs) = (h(b, 0), h(b, 2), &b[4..16], &b[16..]);
+                for j in 0..8 {
+                    let (s, m) = if j < 4 {
+                        (sc[j] & 63, sc[j + 4] & 63)
+                    } else {
+                        (
+                            (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4),
+                            (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+                        )
+                    };
+                    let (dl, ml) = (d * f32::from(s), dmin * f32::from(m));
+                    for l in 0..32 {
+                        let q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
+                        y.push(dl * f32::from(q) - ml);
+                    }
+                }
+            }
+            GgufQuant::Q6_K => {
+                let (ql, qh, sc, d) = (&b[..128], &b[128..192], &b[192..208], h(b, 208));
+                let mut v = [0f32; 256];
+                for half in 0..2 {
+                    for l in 0..32 {
+                        let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+                        let q = [
+                            (ql[l] & 15) | ((qh[l] & 3) << 4),
+                            (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4),
+                            (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                            (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                        ];
+                        for (part, q) in q.into_iter().enumerate() {
+                            let i = 128 * half + 32 * part + l;
+                            v[i] = d * f32::from(sc[i / 16] as i8) * f32::from(q as i8 - 32);
+                        }
+                    }
+                }
+                y.extend(v);
+            }
+        }
+    }
+    y
+}
+
+fn random_x(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * rng.random_range(0.1f32..3.0))
+        .collect()
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn matmul_f64(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * n];
+    for r in 0..rows {
+        for c in 0..n {
+            let acc: f64 = (0..k)
+                .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
+                .sum();
+            out[r * n + c] = acc as f32;
+        }
+    }
+    out
+}
+
+fn pool() -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn repacked_values_are_ggml_dequantization_bitwise() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for quant in GgufQuant::ALL {
+        let (n, k) = (13, 512);
+        let bytes = random_blocks(&mut rng, quant, n, k);
+        // Two parts stacked, as q, k and v are.
+        let row_bytes = quant.row_bytes(k).unwrap();
+        let (a, b) = bytes.split_at(5 * row_bytes);
+        let m = QuantMatrix::from_gguf(quant, &[(a, 5), (b, 8)], k).unwrap();
+        let expected: Vec<u32> = bytes
+            .chunks_exact(row_bytes)
+            .flat_map(|row| ggml_dequantize(quant, row))
+            .map(f32::to_bits)
+            .collect();
+        let got: Vec<u32> = m.dequantize().into_iter().map(f32::to_bits).collect();
+        assert_eq!(got, expected, "{quant}");
+    }
+}
+
+#[test]
+fn products_match_dequantized_f32_arithmetic() {
+    // Against the dequantized weights with the activations as they are: off by the
+    // activations' 8-bit rounding only. Against the dequantized weights times the
+    // dequantized activations: the same products, off by f32 summation only.
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let pool = pool();
+    for quant in GgufQuant::ALL {
+        for (rows, n, k) in [(1, 40, 256), (7, 33, 512), (19, 64, 768)] {
+            let w = QuantMatrix::from_gguf(quant, &[(&random_blocks(&mut rng, quant, n, k), n)], k)
+                .unwrap();
+            let x = random_x(&mut rng, rows * k);
+            let wf = w.dequantize();
+            let mut out = vec![0f32; rows * n];
+            pool.install(|| linear(&x, rows, &w, None, &mut out));
+            let exact = matmul_f64(&x, rows, k, &wf, n);
+            let err = rel_l2(&out, &exact);
+            assert!(err < 1.5e-2, "{quant} {rows}x{n}x{k}: relative L2 {err}");
+
+            let xq = QuantRows::quantize(&x, rows, k);
+            let xd: Vec<f32> = (0..rows * k)
+                .map(|i| f32::from(xq.codes[i]) * xq.scales[i / act::BLOCK])
+                .collect();
+            let same_inputs = matmul_f64(&xd, rows, k, &wf, n);
+            let err = rel_l2(&out, &same_inputs);
+            assert!(
+                err < 1e-5,
+                "{quant} {rows}x{n}x{k}: kernel arithmetic off by {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_isa_gives_the_same_bits() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let isas = Isa::available();
+    for quant in GgufQuant::ALL {
+        let (rows, n, k) = (9, 21, 512);
+        let w = QuantMatrix::from_gguf(quant, &[(&random_blocks(&mut rng, quant, n, k), n)], k)
+            .unwrap();
+        let x = random_x(&mut rng, rows * k);
+        let bias = random_x(&mut rng, n);
+        let mut reference = vec![0f32; rows * n];
+        linear_with(Isa::Portable, &x, rows, &w, Some(&bias), &mut reference);
+        for &isa in &isas {
+            let mut out = vec![0f32; rows * n];
+            linear_with(isa, &x, rows, &w, Some(&bias), &mut out);
+            assert_eq!(out, reference, "{quant} with {}", isa.name());
+        }
+    }
+}
+
+#[test]
+fn rows_are_batch_invariant() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let pool = pool();
+    for quant in GgufQuant::ALL {
+        let (n, k, total) = (45, 256, 300);
+        let w = QuantMatrix::from_gguf(quant, &[(&random_blocks(&mut rng, quant, n, k), n)], k)
+            .unwrap();
+        let x = random_x(&mut rng, total * k);
+        let mut alone = vec![0f32; total * n];
+        for r in 0..total {
+            linear(
+                &x[r * k..(r + 1) * k],
+                1,
+                &w,
+                None,
+                &mut alone[r * n..(r + 1) * n],
+            );
+        }
+        for rows in [2, 3, 5, 8, 17, 130, 300] {
+            let mut out = vec![0f32; rows * n];
+            pool.install(|| linear(&x[..rows * k], rows, &w, None, &mut out));
+            assert_eq!(out, alone[..rows * n], "{quant}, batch of {rows}");
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let err = QuantMatrix::from_gguf(GgufQuant::Q4_K, &[(&[0; 144], 1)], 128).unwrap_err();
+    assert!(err.to_string().contains("Q4_K"), "{err}");
+    let err = QuantMatrix::from_gguf(GgufQuant::Q8_0, &[(&[0; 34], 2)], 32).unwrap_err();
+    assert!(err.to_string().contains("2 rows"), "{err}");
+}
