@@ -560,11 +560,7 @@ fn build_sh_refuses_bad_options_and_runs_what_it_prints() {
 #[test]
 fn build_sh_with_podman_and_no_registry() {
     let dockerfile = format!("{}/container/Dockerfile", repo_str());
-    let got = Script::new(
-        "build.sh",
-        &["--dry-run", "--local-base", "-t", "x"],
-    )
-    .dry_run();
+    let got = Script::new("build.sh", &["--dry-run", "--local-base", "-t", "x"]).dry_run();
     // podman, with the docker format (HEALTHCHECK) and the host's network for the RUN steps;
     // then the arguments of this host (runtime, limits), which vary.
     assert_eq!(
@@ -614,14 +610,26 @@ fn build_sh_with_podman_and_no_registry() {
         assert_eq!(got[at + 1], secret, "{engine}: {got:?}");
     }
     for (args, message) in [
-        (&["--cuda-libs", "conda"][..], "--cuda-libs takes base or wheels"),
-        (&["--engine", "lxc"][..], "--engine takes docker, podman or auto"),
+        (
+            &["--cuda-libs", "conda"][..],
+            "--cuda-libs takes base or wheels",
+        ),
+        (
+            &["--engine", "lxc"][..],
+            "--engine takes docker, podman or auto",
+        ),
         (
             &["--local-base", "--engine", "docker"][..],
             "--local-base imports its base image with podman",
         ),
-        (&["--ca-bundle", "/no/such/file"][..], "--ca-bundle: no file"),
-        (&["--engine", "podman", "--push"][..], "podman push tandem:latest"),
+        (
+            &["--ca-bundle", "/no/such/file"][..],
+            "--ca-bundle: no file",
+        ),
+        (
+            &["--engine", "podman", "--push"][..],
+            "podman push tandem:latest",
+        ),
     ] {
         let mut all = vec!["--dry-run"];
         all.extend_from_slice(args);
@@ -667,7 +675,14 @@ fn run_sh_with_podman_names_gpus_as_cdi_devices() {
     );
     let all = Script::new(
         "run.sh",
-        &["--dry-run", "--engine", "podman", "--gpus", "2", "--no-workspace"],
+        &[
+            "--dry-run",
+            "--engine",
+            "podman",
+            "--gpus",
+            "2",
+            "--no-workspace",
+        ],
     )
     .dry_run();
     let devices = all.windows(2).filter(|w| w[0] == "--device").count();

@@ -3,7 +3,8 @@
 # out of the image here (too large to travel whole: see container/README.md), serving
 # examples/configs/gpu-1.yaml (a context and a decode worker on cuda:0, K/V over CUDA IPC) on
 # SmolLM2-135M shapes with random weights: one request, and which libnvrtc / libcublas /
-# libcublasLt each worker process mapped. Carried in .kit/image: bin/binaries.tar.xz (tandem,
+# libcublasLt each worker process mapped (the prompt's prefill, tens of rows, runs its
+# projections on cuBLAS). Carried in .kit/image: bin/binaries.tar.xz (tandem,
 # worker, api-server, model-prep from /usr/local/bin of the image) and cuda-lib/*.xz (from
 # /opt/tandem/cuda-lib of the image); .kit/env.sh and .kit/debs for nats-server.
 #
@@ -15,9 +16,17 @@ image=$root/.kit/image
 mkdir -p "$out" /tmp/image-lib
 mkdir -p /tmp/image-bin && tar -C /tmp/image-bin -xJf "$image/bin/binaries.tar.xz"
 for xz in "$image"/cuda-lib/*.xz; do xz -dkc "$xz" >"/tmp/image-lib/$(basename "${xz%.xz}")"; done
-# cudarc opens the unversioned name first: in the image there is none, so it falls to the
-# image's libnvrtc.so.13; here the machine's CUDA has one, which would answer first.
-ln -sf libnvrtc.so.13 /tmp/image-lib/libnvrtc.so
+# The image's cuBLAS and cuBLASLt (390 MB compressed) travel in parts over several calls to
+# one warm machine, each call moving its part (.kit/part.NN) to /tmp/image-parts: where they
+# are all there, they are unpacked beside NVRTC.
+if compgen -G "/tmp/image-parts/part.*" >/dev/null; then
+  cat /tmp/image-parts/part.* | xz -d | tar -C /tmp/image-lib -x
+fi
+# cudarc opens the unversioned names first: in the image there are none, so it falls to the
+# image's libNAME.so.13; here the machine's CUDA has them, which would answer first.
+for lib in /tmp/image-lib/lib*.so.13; do
+  ln -sf "$(basename "$lib")" "${lib%.13}"
+done
 export PATH="/tmp/image-bin:$PATH"
 # The image's libraries first, as its ldconfig entry puts them; what did not travel comes from
 # the machine's own CUDA.
@@ -36,7 +45,7 @@ pid=$!
 for _ in $(seq 1 600); do grep -q "tandem: serving" "$out/image-gpu-1.log" && break; sleep 0.5; done
 grep "tandem: serving" "$out/image-gpu-1.log" || { echo "NOT READY"; tail -30 "$out/image-gpu-1.log"; }
 curl -sS -m 120 http://127.0.0.1:8100/v1/completions -H 'Content-Type: application/json' \
-  -d '{"model": "m", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0}' | cut -c1-300
+  -d '{"model": "m", "prompt": "Once upon a time there was a small village by the sea where every morning the fishermen went out before dawn and came back at noon with their boats full", "max_tokens": 16, "temperature": 0}' | cut -c1-400
 echo
 curl -sS http://127.0.0.1:8100/metrics |
   grep -E "^tandem_(requests_disaggregated_total|kv_transfers_total|kv_transfer_fallbacks_total)"
