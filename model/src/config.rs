@@ -454,6 +454,25 @@ mod tests {
     }
 
     #[test]
+    fn gguf_quantization_config_is_read_apart_from_fp8() {
+        let mut config: ModelConfig = serde_json::from_str(smollm2_json()).unwrap();
+        config.quantization_config = Some(serde_json::json!({
+            "quant_method": "gguf",
+            "tensor_types": {"model.embed_tokens.weight": "Q8_0"}
+        }));
+        config.validate(Path::new("config.json")).unwrap();
+        assert_eq!(config.fp8_scheme(), None);
+        let gguf = config.gguf_quant().unwrap();
+        assert_eq!(gguf.main_type(), Some(crate::GgufQuant::Q8_0));
+        config.quantization_config = Some(serde_json::json!({
+            "quant_method": "gguf",
+            "tensor_types": {"model.embed_tokens.weight": "IQ2_XS"}
+        }));
+        let err = config.validate(Path::new("config.json")).unwrap_err();
+        assert!(err.to_string().contains("IQ2_XS"), "{err}");
+    }
+
+    #[test]
     fn llama3_rope_scaling_needs_all_its_fields() {
         let mut config: ModelConfig = serde_json::from_str(smollm2_json()).unwrap();
         config.rope_scaling = Some(RopeScaling {

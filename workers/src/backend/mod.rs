@@ -195,9 +195,9 @@ pub trait Backend: Send + Sync {
     /// same trailing dimensions).
     fn upload_weight(&self, parts: &[HostTensor<'_>]) -> Result<Self::Weight, BackendError>;
 
-    /// Uploads GGUF block-quantized `parts` (one type, the same `cols`) concatenated along
-    /// rows, kept quantized. A backend without kernels for the type refuses it by name (the
-    /// default: none).
+    /// Uploads GGUF block-quantized `parts` (the same `cols`; their types may differ, as a
+    /// Q4_K_M file's q/k and v do) concatenated along rows, kept quantized. A backend without
+    /// kernels for the type refuses it by name (the default: none).
     fn upload_gguf_weight(&self, parts: &[GgufTensor<'_>]) -> Result<Self::Weight, BackendError> {
         let quant = parts
             .first()

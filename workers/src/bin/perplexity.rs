@@ -317,7 +317,10 @@ fn score(dir: &Path, kv_dtype: Option<KvDType>, tokens: &[u32], args: &Args) -> 
         .with_context(|| format!("loading {}", dir.display()))?;
     let load_s = started.elapsed().as_secs_f64();
     let kv_dtype = model.kv_layout(BLOCK_SIZE).dtype;
-    let weights = model.weight_dtype().to_string();
+    let weights = match model.gguf_quant() {
+        Some(quant) => format!("gguf-{}", quant.name().to_lowercase()),
+        None => model.weight_dtype().to_string(),
+    };
     eprintln!(
         "scoring {} ({weights} weights, {} KV, {}): {} tokens in chunks of {}",
         dir.display(),

@@ -77,8 +77,9 @@ pub enum WeightData {
         weight: PackedWeight<f32>,
         input: InputScale,
     },
-    /// GGUF blocks, repacked and multiplied quantized ([`quant`]).
-    Gguf(quant::QuantMatrix),
+    /// GGUF blocks, repacked and multiplied quantized ([`quant`]); fused parts may differ in
+    /// type.
+    Gguf(quant::QuantWeight),
 }
 
 /// A weight matrix `[rows, cols]` (`[out, in]`), or a vector (`rows == 1`).
@@ -336,27 +337,21 @@ impl Backend for CpuBackend {
         let first = parts
             .first()
             .ok_or_else(|| shape_err("upload_gguf_weight", "no tensors".into()))?;
-        if let Some(p) = parts
-            .iter()
-            .find(|p| p.quant != first.quant || p.cols != first.cols)
-        {
+        if let Some(p) = parts.iter().find(|p| p.cols != first.cols) {
             return Err(shape_err(
                 "upload_gguf_weight",
-                format!(
-                    "parts differ: {} x{} and {} x{}",
-                    first.quant, first.cols, p.quant, p.cols
-                ),
+                format!("parts of {} and {} columns", first.cols, p.cols),
             ));
         }
-        let pieces: Vec<(&[u8], usize)> = parts.iter().map(|p| (p.bytes, p.rows)).collect();
-        let matrix = self
+        let pieces: Vec<_> = parts.iter().map(|p| (p.quant, p.bytes, p.rows)).collect();
+        let weight = self
             .pool
-            .install(|| quant::QuantMatrix::from_gguf(first.quant, &pieces, first.cols))
+            .install(|| quant::QuantWeight::from_gguf(&pieces, first.cols))
             .map_err(|e| shape_err("upload_gguf_weight", e.to_string()))?;
         Ok(CpuWeight {
-            rows: matrix.n,
-            cols: matrix.k,
-            data: WeightData::Gguf(matrix),
+            rows: weight.n(),
+            cols: first.cols,
+            data: WeightData::Gguf(weight),
         })
     }
 
@@ -503,7 +498,7 @@ impl Backend for CpuBackend {
                 Ok(())
             }
             WeightData::Gguf(w) => {
-                quant::linear_with(self.quant_isa, &x.data, rows, w, bias, &mut out);
+                quant::linear_stacked(self.quant_isa, &x.data, rows, w, bias, &mut out);
                 Ok(())
             }
         })?;

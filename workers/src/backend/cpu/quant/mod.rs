@@ -164,6 +164,62 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// Quantized matrices stacked along rows and multiplied as one: a fused projection whose parts
+/// have different GGUF types (q and k in Q4_K with v in Q6_K, as llama.cpp's Q4_K_M files
+/// mix them). Consecutive parts of one type are repacked as one matrix.
+#[derive(Debug, Clone)]
+pub struct QuantWeight {
+    pub parts: Vec<QuantMatrix>,
+}
+
+impl QuantWeight {
+    /// Repacks `parts` (`(type, row bytes of rows, rows)`, all `k` inputs wide), in order.
+    pub fn from_gguf(
+        parts: &[(GgufQuant, &[u8], usize)],
+        k: usize,
+    ) -> Result<Self, QuantShapeError> {
+        let mut matrices = Vec::new();
+        let mut i = 0;
+        while i < parts.len() {
+            let quant = parts[i].0;
+            let run: Vec<(&[u8], usize)> = parts[i..]
+                .iter()
+                .take_while(|p| p.0 == quant)
+                .map(|p| (p.1, p.2))
+                .collect();
+            i += run.len();
+            matrices.push(QuantMatrix::from_gguf(quant, &run, k)?);
+        }
+        Ok(QuantWeight { parts: matrices })
+    }
+
+    /// Output features (rows of the stacked matrix).
+    pub fn n(&self) -> usize {
+        self.parts.iter().map(|p| p.n).sum()
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.parts.first().map_or(0, |p| p.k)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(QuantMatrix::bytes).sum()
+    }
+
+    /// Row `c` of the stacked matrix, dequantized ([`QuantMatrix::row_f32`]).
+    pub fn row_f32(&self, mut c: usize, out: &mut [f32]) {
+        for part in &self.parts {
+            if c < part.n {
+                return part.row_f32(c, out);
+            }
+            c -= part.n;
+        }
+        panic!("row_f32: row out of range");
+    }
+}
+
 /// `out = x @ w^T + bias` with the best kernels this CPU has; `x` is `[rows, k]`, `out`
 /// `[rows, n]`. Runs on the current rayon pool.
 pub fn linear(x: &[f32], rows: usize, w: &QuantMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
@@ -179,7 +235,33 @@ pub fn linear_with(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let (k, n) = (w.k, w.n);
+    let stacked = std::slice::from_ref(w);
+    linear_parts(isa, x, rows, stacked, bias, out);
+}
+
+/// [`linear_with`] of a stacked weight: each part's outputs are their columns of `out`.
+pub fn linear_stacked(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    w: &QuantWeight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    linear_parts(isa, x, rows, &w.parts, bias, out);
+}
+
+fn linear_parts(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    parts: &[QuantMatrix],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let k = parts.first().map_or(0, |p| p.k);
+    let n: usize = parts.iter().map(|p| p.n).sum();
+    assert!(parts.iter().all(|p| p.k == k), "linear: parts differ in k");
     assert_eq!(x.len(), rows * k, "linear: x is not [rows, k]");
     assert_eq!(out.len(), rows * n, "linear: out is not [rows, n]");
     if let Some(b) = bias {
@@ -189,6 +271,35 @@ pub fn linear_with(
         return;
     }
     let xq = QuantRows::quantize(x, rows, k);
+    let out = Output {
+        ptr: OutPtr(out.as_mut_ptr()),
+        stride: n,
+    };
+    let mut col0 = 0;
+    for part in parts {
+        let bias = bias.map(|b| &b[col0..col0 + part.n]);
+        multiply(isa, &xq, part, bias, out, col0);
+        col0 += part.n;
+    }
+}
+
+/// Where a part's outputs go: rows of `stride` values, its columns from an offset.
+#[derive(Clone, Copy)]
+struct Output {
+    ptr: OutPtr,
+    stride: usize,
+}
+
+/// Columns `col0..col0 + w.n` of `out` = the quantized rows times `w`, plus `bias`.
+fn multiply(
+    isa: Isa,
+    xq: &QuantRows,
+    w: &QuantMatrix,
+    bias: Option<&[f32]>,
+    out: Output,
+    col0: usize,
+) {
+    let rows = xq.rows;
     let groups = w.groups();
     let row_blocks = rows.div_ceil(ROW_BLOCK);
     // Enough tasks to balance the threads, few enough that a decode step is not dominated by
@@ -201,7 +312,12 @@ pub fn linear_with(
         per_task = per_task.next_multiple_of(2);
     }
     let tasks_per_rb = groups.div_ceil(per_task);
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let target = Target {
+        out,
+        col0,
+        n: w.n,
+        bias,
+    };
     (0..row_blocks * tasks_per_rb)
         .into_par_iter()
         .for_each(|task| {
@@ -210,7 +326,6 @@ pub fn linear_with(
             let r1 = (r0 + ROW_BLOCK).min(rows);
             let g0 = t * per_task;
             let g1 = (g0 + per_task).min(groups);
-            let out = out_ptr;
             let mut tile: Tile = [[0f32; GROUP]; MAX_ROWS];
             let mut pair: PairTile = [[0f32; 2 * GROUP]; MAX_ROWS];
             let mut g = g0;
@@ -227,15 +342,15 @@ pub fn linear_with(
                             isa,
                             w.layout,
                             [w.group(g), w.group(g + 1)],
-                            &xq,
+                            xq,
                             i,
                             mr,
                             &mut pair,
                         );
-                        store(&pair, i, mr, g * GROUP, n, bias, out);
+                        target.store(&pair, i, mr, g * GROUP);
                     } else {
-                        kernels::group_dot(isa, w.layout, w.group(g), &xq, i, mr, &mut tile);
-                        store(&tile, i, mr, g * GROUP, n, bias, out);
+                        kernels::group_dot(isa, w.layout, w.group(g), xq, i, mr, &mut tile);
+                        target.store(&tile, i, mr, g * GROUP);
                     }
                     i += mr;
                 }
@@ -244,25 +359,36 @@ pub fn linear_with(
         });
 }
 
-/// Writes rows `i..i + mr` of a computed tile (columns from `c0`) with bias into the output.
-fn store<const W: usize>(
-    tile: &[[f32; W]; MAX_ROWS],
-    i: usize,
-    mr: usize,
-    c0: usize,
+/// One part's place in the output.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    out: Output,
+    col0: usize,
+    /// The part's columns.
     n: usize,
-    bias: Option<&[f32]>,
-    out: OutPtr,
-) {
-    let c1 = (c0 + W).min(n);
-    for (r, row) in tile.iter().enumerate().take(mr) {
-        for (c, &v) in (c0..c1).zip(row.iter()) {
-            let v = match bias {
-                Some(b) => v + b[c],
-                None => v,
-            };
-            // SAFETY: (i + r, c) is inside the output, in the calling task's rows and groups.
-            unsafe { *out.0.add((i + r) * n + c) = v };
+    bias: Option<&'a [f32]>,
+}
+
+impl Target<'_> {
+    /// Writes rows `i..i + mr` of a computed tile (the part's columns from `c0`) with bias.
+    fn store<const W: usize>(&self, tile: &[[f32; W]; MAX_ROWS], i: usize, mr: usize, c0: usize) {
+        let c1 = (c0 + W).min(self.n);
+        for (r, row) in tile.iter().enumerate().take(mr) {
+            for (c, &v) in (c0..c1).zip(row.iter()) {
+                let v = match self.bias {
+                    Some(b) => v + b[c],
+                    None => v,
+                };
+                // SAFETY: (i + r, col0 + c) is inside the output, in the calling task's rows
+                // and groups (tasks write disjoint elements).
+                unsafe {
+                    *self
+                        .out
+                        .ptr
+                        .0
+                        .add((i + r) * self.out.stride + self.col0 + c) = v
+                };
+            }
         }
     }
 }

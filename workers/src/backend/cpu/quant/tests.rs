@@ -257,3 +257,54 @@ fn bad_shapes_are_errors() {
     let err = QuantMatrix::from_gguf(GgufQuant::Q8_0, &[(&[0; 34], 2)], 32).unwrap_err();
     assert!(err.to_string().contains("2 rows"), "{err}");
 }
+
+#[test]
+fn stacked_parts_of_mixed_types_compute_each_part_s_columns() {
+    // q and k in Q4_K, v in Q6_K (a Q4_K_M file's fused qkv): the stacked product is each
+    // part's product in its columns, bias included, bit for bit.
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let (rows, k) = (6, 512);
+    let shapes = [
+        (GgufQuant::Q4_K, 24),
+        (GgufQuant::Q4_K, 8),
+        (GgufQuant::Q6_K, 8),
+    ];
+    let blocks: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|&(q, n)| random_blocks(&mut rng, q, n, k))
+        .collect();
+    let parts: Vec<(GgufQuant, &[u8], usize)> = shapes
+        .iter()
+        .zip(&blocks)
+        .map(|(&(q, n), b)| (q, &b[..], n))
+        .collect();
+    let stacked = QuantWeight::from_gguf(&parts, k).unwrap();
+    assert_eq!(stacked.parts.len(), 2, "the two Q4_K parts are one matrix");
+    let n = stacked.n();
+    let x = random_x(&mut rng, rows * k);
+    let bias = random_x(&mut rng, n);
+    for isa in Isa::available() {
+        let mut out = vec![0f32; rows * n];
+        linear_stacked(isa, &x, rows, &stacked, Some(&bias), &mut out);
+        let mut col0 = 0;
+        for part in &stacked.parts {
+            let mut alone = vec![0f32; rows * part.n];
+            let b = &bias[col0..col0 + part.n];
+            linear_with(isa, &x, rows, part, Some(b), &mut alone);
+            for r in 0..rows {
+                assert_eq!(
+                    out[r * n + col0..r * n + col0 + part.n],
+                    alone[r * part.n..(r + 1) * part.n],
+                    "{} row {r}, part at column {col0}",
+                    isa.name()
+                );
+            }
+            col0 += part.n;
+        }
+        let mut row = vec![0f32; k];
+        stacked.row_f32(24 + 8 + 3, &mut row);
+        let mut expected = vec![0f32; k];
+        stacked.parts[1].row_f32(3, &mut expected);
+        assert_eq!(row, expected);
+    }
+}
