@@ -26,7 +26,10 @@ in flight if given), or all at once (--offline: maximum throughput). Prompts are
 (--input-len words drawn from common English words, about one token each; the server's usage
 counts are reported), exactly --input-tokens random token ids (the completions endpoint: the
 fixed shapes of published throughput tables), or come from --prompts FILE (a JSON list of
-strings, of {\"prompt\": ...} objects, or ShareGPT records). Every request asks for
+strings, of {\"prompt\": ...} objects, or ShareGPT records). Synthetic prompts are drawn
+afresh for each level (--seed plus the level's index), so a prefix cache does not serve a
+level from the prompts of the one before; a --prompts file sends the same at every level.
+Every request asks for
 --output-len tokens with `ignore_eos` (servers that do not know the field stop at their end of
 sequence token; the token counts reported are the server's).
 

@@ -69,7 +69,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         top_p: args.top_p,
         ignore_eos: args.ignore_eos,
     };
-    let sends = Sends::of(&workload, args.endpoint, template, args.seed)?;
     let slo = args.goodput.unwrap_or_default();
 
     let progress = ProgressBar::new((levels.len() * workload.requests()) as u64);
@@ -80,7 +79,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .expect("a valid template"),
     );
     let mut summaries = Vec::new();
-    for level in &levels {
+    let mut rate_unit = "req/s";
+    for (index, level) in levels.iter().enumerate() {
+        let sends = Sends::of(&workload, args.endpoint, template.clone(), args.seed, index)?;
+        rate_unit = sends.rate_unit();
         progress.set_prefix(match level.rate {
             Some(r) => format!("{r} {}", sends.rate_unit()),
             None => format!("{} in flight", level.concurrency),
@@ -115,7 +117,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         &args.url,
         args.endpoint,
         &described,
-        sends.rate_unit(),
+        rate_unit,
         &summaries,
     );
     if let Some(path) = &args.output_json {
@@ -203,7 +205,10 @@ fn describe(workload: &Workload) -> String {
     }
 }
 
-/// What every level sends, built once: the same prompts at every level.
+/// What one level sends. Synthetic prompts (words or token ids) are drawn afresh for each level
+/// (from the seed plus the level's index), so that a server's prefix cache cannot serve one
+/// level's prompts from what an earlier level sent; prompts from a file, shared-prefix groups
+/// and conversations are the same at every level (the `cached` column shows what that gives).
 enum Sends {
     /// Independent requests, each an arrival of its own.
     Requests(Vec<Request>),
@@ -217,7 +222,9 @@ impl Sends {
         endpoint: Endpoint,
         template: Request,
         seed: u64,
+        level_index: usize,
     ) -> anyhow::Result<Self> {
+        let level_seed = seed.wrapping_add(level_index as u64);
         let with = |prompt: Prompt| Request {
             prompt,
             ..template.clone()
@@ -234,12 +241,17 @@ impl Sends {
                     RandomPrompts::TokenIds {
                         input_tokens,
                         token_ids,
-                    } => workload::synthetic_tokens(count, *input_tokens, token_ids.clone(), seed)
-                        .into_iter()
-                        .map(Prompt::Tokens)
-                        .collect(),
+                    } => workload::synthetic_tokens(
+                        count,
+                        *input_tokens,
+                        token_ids.clone(),
+                        level_seed,
+                    )
+                    .into_iter()
+                    .map(Prompt::Tokens)
+                    .collect(),
                     RandomPrompts::Words { input_len } => {
-                        workload::synthetic(count, *input_len, seed)
+                        workload::synthetic(count, *input_len, level_seed)
                             .into_iter()
                             .map(Prompt::Text)
                             .collect()
