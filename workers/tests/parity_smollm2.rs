@@ -47,12 +47,15 @@ fn smollm2_f32_logits_and_greedy_tokens_match_transformers() {
 /// The GGUF's Q4_1/Q8_0 blocks kept quantized (`model-prep default --keep-quant`,
 /// `$TANDEM_TEST_MODELS/smollm2-q4_1`): the same weights as the f32 import, with activations
 /// rounded to 8-bit blocks before each product, against the same transformers reference.
-/// Measured on this model: relative L2 of the last position's logits 2e-2 to 7.2e-2 (bf16 weights: 3e-3 to 2e-2), bound 1e-1,
+/// Measured on this model: relative L2 of the last position's logits 1.6e-2 to 1.0e-1 (bf16 weights: 3e-3 to 2e-2), bound 1.5e-1.
+/// The spread is the 8-bit activations': a last-bit change upstream (the softmax's exp and
+/// summation order, measured with three variants of them) moves a few values across a
+/// rounding step, and one prompt's error ranged from 1.7e-2 to 1.0e-1 between the variants;
 /// the top token and greedy continuations the reference's except at near ties (two logits
 /// within 0.5: the first token of `chat_france`, measured 25.24 against 25.33).
 #[test]
 fn smollm2_kept_quantized_logits_stay_close_to_the_dequantized_model() {
-    const MAX_QUANT_REL_L2: f64 = 1e-1;
+    const MAX_QUANT_REL_L2: f64 = 1.5e-1;
     let reference = read_reference(&fixture_dir("smollm2"));
     let model = load_cpu(&test_model_dir("smollm2-q4_1"));
     let bf16 = load_cpu(&test_model_dir("smollm2-bf16"));

@@ -122,19 +122,29 @@ fn attention_typed<E: Elem>(
     let tokens = plan.num_tokens();
     let avx = super::simd::has_avx2();
     let mut out = vec![0f32; tokens * shape.num_heads * d];
-    // One task per (token, query head): a decode step still has num_heads tasks to spread
-    // over the threads. (Grouping a kv head's query heads would read each key once instead of
-    // `group` times, but from L1/L2 that is cheaper than idle threads.)
-    out.par_chunks_mut(d)
+    // One task per (token, kv head) covers the kv head's query heads, which then read each key
+    // and value once; a batch too small for that to keep every thread busy (a decode step of a
+    // few sequences) takes one task per (token, query head) instead. Both compute each query
+    // head's result with the same arithmetic, so the split changes no bits.
+    let heads_per_task = if tokens * shape.num_kv_heads >= 4 * rayon::current_num_threads() {
+        group
+    } else {
+        1
+    };
+    let tasks_per_token = shape.num_heads / heads_per_task;
+    out.par_chunks_mut(heads_per_task * d)
         .enumerate()
-        .with_min_len(4)
+        .with_min_len(4usize.div_ceil(heads_per_task))
         .for_each(|(item, out)| {
-            let (t, h) = (item / shape.num_heads, item % shape.num_heads);
+            let (t, h) = (
+                item / tasks_per_token,
+                item % tasks_per_token * heads_per_task,
+            );
             let g = h / group;
             let seq = &plan.sequences[seq_of_token[t] as usize];
             let task = Task {
-                q: &qkv[t * width + h * d..][..d],
-                group: 1,
+                q: &qkv[t * width + h * d..][..heads_per_task * d],
+                group: heads_per_task,
                 head_dim: d,
                 scale: shape.scale,
                 context: seq.cached_len + (t - seq.token_start) + 1,
@@ -178,8 +188,10 @@ unsafe fn attend_avx2<E: Elem>(task: &Task<'_>, cache: &[E], out: &mut [f32]) {
 }
 
 /// Scores of every query head of the group against each key, block by block; softmax as
-/// Hugging Face computes it; values accumulated in position order. `AVX` selects intrinsics
-/// (only instantiated inside [`attend_avx2`]) or the portable twins of identical arithmetic.
+/// Hugging Face computes it (`exp(s - max) / sum`, with [`exp_shifted`]); values accumulated in
+/// position order. `AVX` selects intrinsics (only instantiated inside [`attend_avx2`]), which
+/// read each key and value once for all the group's heads, or the portable twins of identical
+/// arithmetic, one head at a time.
 #[inline(always)]
 fn attend<E: Elem, const AVX: bool>(task: &Task<'_>, cache: &[E], out: &mut [f32]) {
     let (d, group, context) = (task.head_dim, task.group, task.context);
@@ -194,27 +206,40 @@ fn attend<E: Elem, const AVX: bool>(task: &Task<'_>, cache: &[E], out: &mut [f32
         let n_in = layout.block_size.min(context - j);
         let base = block as usize * layout.block_elems() + task.k_offset;
         let keys = &cache[base..base + (n_in - 1) * stride + d];
+        #[cfg(target_arch = "x86_64")]
+        if AVX && d.is_multiple_of(8) {
+            // SAFETY: only instantiated with AVX inside `attend_avx2`.
+            unsafe {
+                dots_group_avx(
+                    task.q,
+                    group,
+                    d,
+                    keys,
+                    stride,
+                    n_in,
+                    &mut scores,
+                    context,
+                    j,
+                )
+            };
+            j += n_in;
+            continue;
+        }
         for hh in 0..group {
             let q = &task.q[hh * d..(hh + 1) * d];
             let row = &mut scores[hh * context + j..hh * context + j + n_in];
             dots_k::<E, AVX>(q, keys, stride, row);
-            for s in row.iter_mut() {
-                *s *= task.scale;
-            }
         }
         j += n_in;
     }
     for hh in 0..group {
-        let s = &mut scores[hh * context..(hh + 1) * context];
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in s.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        for v in s.iter_mut() {
-            *v /= sum;
-        }
+        softmax_k::<AVX>(&mut scores[hh * context..(hh + 1) * context], task.scale);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if AVX && d.is_multiple_of(8) {
+        // SAFETY: only instantiated with AVX inside `attend_avx2`.
+        unsafe { weighted_sums_group_avx(task, cache, &scores, out) };
+        return;
     }
     // Values: one head and up to 32 dimensions at a time, so the accumulators stay in
     // registers across all positions (each element still sums positions in order). With 64
@@ -227,6 +252,309 @@ fn attend<E: Elem, const AVX: bool>(task: &Task<'_>, cache: &[E], out: &mut [f32
             weighted_sum_k::<E, AVX>(task, cache, probs, c0, &mut out[c0..c0 + width]);
             c0 += width;
         }
+    }
+}
+
+/// `row <- softmax(row * scale)`: the scaled scores' maximum, [`exp_shifted`] of each score less
+/// it, their sum in 8 lanes (then [`super::simd::hsum_lanes`], then the tail in order), and
+/// each divided by the sum. The AVX and portable paths compute the same bits.
+#[inline(always)]
+fn softmax_k<const AVX: bool>(row: &mut [f32], scale: f32) {
+    let n8 = row.len() / 8 * 8;
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        use std::arch::x86_64::*;
+        // SAFETY: only instantiated with AVX inside `attend_avx2`; every access is below n8
+        // or checked.
+        unsafe {
+            let p = row.as_mut_ptr();
+            let vscale = _mm256_set1_ps(scale);
+            let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+            for c in (0..n8).step_by(8) {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(c)), vscale);
+                _mm256_storeu_ps(p.add(c), v);
+                vmax = _mm256_max_ps(vmax, v);
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
+            let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for v in &mut row[n8..] {
+                *v *= scale;
+                max = max.max(*v);
+            }
+            let vm = _mm256_set1_ps(max);
+            let mut vsum = _mm256_setzero_ps();
+            for c in (0..n8).step_by(8) {
+                let e = exp_shifted_avx(_mm256_sub_ps(_mm256_loadu_ps(p.add(c)), vm));
+                _mm256_storeu_ps(p.add(c), e);
+                vsum = _mm256_add_ps(vsum, e);
+            }
+            let mut sum = super::simd::hsum_avx(vsum);
+            for v in &mut row[n8..] {
+                *v = exp_shifted(*v - max);
+                sum += *v;
+            }
+            let vs = _mm256_set1_ps(sum);
+            for c in (0..n8).step_by(8) {
+                _mm256_storeu_ps(p.add(c), _mm256_div_ps(_mm256_loadu_ps(p.add(c)), vs));
+            }
+            for v in &mut row[n8..] {
+                *v /= sum;
+            }
+        }
+        return;
+    }
+    let mut max = f32::NEG_INFINITY;
+    for v in row.iter_mut() {
+        *v *= scale;
+        max = max.max(*v);
+    }
+    let mut lanes = [0f32; 8];
+    for (c, v) in row[..n8].iter_mut().enumerate() {
+        *v = exp_shifted(*v - max);
+        lanes[c % 8] += *v;
+    }
+    let mut sum = super::simd::hsum_lanes(lanes);
+    for v in &mut row[n8..] {
+        *v = exp_shifted(*v - max);
+        sum += *v;
+    }
+    for v in row.iter_mut() {
+        *v /= sum;
+    }
+}
+
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 in two parts, the first exact in f32 with trailing zeros, so that `x - n ln 2` loses
+/// nothing for the `n` a softmax meets.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// e^x is below f32's smallest normal number for x under this; softmax takes such terms as
+/// the smallest normal (a part in 1e38 of the maximum's term).
+const EXP_MIN_ARG: f32 = -87.33;
+/// 1/k! for k = 7 down to 2: Taylor's series of e^r on |r| <= ln 2 / 2 to within 6e-9.
+const EXP_TAYLOR: [f32; 6] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+];
+
+/// e^x for a softmax's shifted score (x <= 0), within about 2 ulp of the exact value: x split
+/// into n ln 2 + r, e^r by its Taylor polynomial (fused multiply-adds), times 2^n. The
+/// vector twin [`exp_shifted_avx`] computes the same bits, which libm's scalar `expf` leaves
+/// no way to do in a vector.
+#[inline(always)]
+fn exp_shifted(x: f32) -> f32 {
+    let x = x.max(EXP_MIN_ARG);
+    let n = (x * LOG2_E).round_ties_even();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let mut p = EXP_TAYLOR[0];
+    for c in &EXP_TAYLOR[1..] {
+        p = p.mul_add(r, *c);
+    }
+    let p = p.mul_add(r, 1.0).mul_add(r, 1.0);
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp_shifted_avx(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    unsafe {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN_ARG));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(LOG2_E)),
+        );
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_TAYLOR[0]);
+        for c in &EXP_TAYLOR[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
+        let one = _mm256_set1_ps(1.0);
+        let p = _mm256_fmadd_ps(_mm256_fmadd_ps(p, r, one), r, one);
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+    }
+}
+
+/// The scores of the group's `group` query heads (`q`, `[group][d]`) against the block's `n`
+/// keys (`stride` apart), into `scores[hh * context + j..][..n]`: each key's 8 values loaded
+/// once for every head; each score has [`dots_k`]'s arithmetic.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dots_group_avx<E: Elem>(
+    q: &[f32],
+    group: usize,
+    d: usize,
+    keys: &[E],
+    stride: usize,
+    n: usize,
+    scores: &mut [f32],
+    context: usize,
+    j: usize,
+) {
+    // SAFETY (all arms): AVX2+FMA present (the caller's contract); reads checked below.
+    unsafe {
+        match group {
+            1 => dots_tile::<E, 1, 4>(q, d, keys, stride, n, scores, context, j),
+            2 => dots_tile::<E, 2, 4>(q, d, keys, stride, n, scores, context, j),
+            3 => dots_tile::<E, 3, 4>(q, d, keys, stride, n, scores, context, j),
+            4 => dots_tile::<E, 4, 3>(q, d, keys, stride, n, scores, context, j),
+            _ => {
+                for hh in 0..group {
+                    let row = &mut scores[hh * context + j..hh * context + j + n];
+                    dots_k::<E, true>(&q[hh * d..(hh + 1) * d], keys, stride, row);
+                }
+            }
+        }
+    }
+}
+
+/// [`dots_group_avx`] for `G` heads, `KU` keys at a time (`G * KU` accumulators in registers).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dots_tile<E: Elem, const G: usize, const KU: usize>(
+    q: &[f32],
+    d: usize,
+    keys: &[E],
+    stride: usize,
+    n: usize,
+    scores: &mut [f32],
+    context: usize,
+    j: usize,
+) {
+    use std::arch::x86_64::*;
+    assert!(q.len() >= G * d && (n == 0 || keys.len() >= (n - 1) * stride + d));
+    let mut t = 0;
+    // SAFETY: key t + u < n spans keys[(t + u) * stride..][..d] and query head hh spans
+    // q[hh * d..][..d], both inside the slices checked above.
+    unsafe {
+        while t + KU <= n {
+            let mut acc = [[_mm256_setzero_ps(); KU]; G];
+            let mut c = 0;
+            while c < d {
+                for u in 0..KU {
+                    let k = E::load8(keys.as_ptr().add((t + u) * stride + c));
+                    for (hh, acc) in acc.iter_mut().enumerate() {
+                        let qv = _mm256_loadu_ps(q.as_ptr().add(hh * d + c));
+                        acc[u] = _mm256_fmadd_ps(qv, k, acc[u]);
+                    }
+                }
+                c += 8;
+            }
+            for (hh, acc) in acc.iter().enumerate() {
+                for (u, acc) in acc.iter().enumerate() {
+                    scores[hh * context + j + t + u] = super::simd::hsum_avx(*acc);
+                }
+            }
+            t += KU;
+        }
+    }
+    for u in t..n {
+        for hh in 0..G {
+            scores[hh * context + j + u] =
+                dot_k::<E, true>(&q[hh * d..(hh + 1) * d], &keys[u * stride..u * stride + d]);
+        }
+    }
+}
+
+/// Every head's `out[hh][c] = sum_j probs[hh][j] * V_j[c]`, each value vector read once for all
+/// the group's heads: `W8` groups of 8 dimensions at a time, positions in order (the bits of
+/// [`weighted_sum_k`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weighted_sums_group_avx<E: Elem>(
+    task: &Task<'_>,
+    cache: &[E],
+    scores: &[f32],
+    out: &mut [f32],
+) {
+    // SAFETY (all arms): AVX2+FMA present (the caller's contract).
+    unsafe {
+        match task.group {
+            1 => weighted_sums_tile::<E, 1, 4>(task, cache, scores, out),
+            2 => weighted_sums_tile::<E, 2, 4>(task, cache, scores, out),
+            3 => weighted_sums_tile::<E, 3, 2>(task, cache, scores, out),
+            4 => weighted_sums_tile::<E, 4, 2>(task, cache, scores, out),
+            _ => {
+                let (d, context) = (task.head_dim, task.context);
+                for (hh, out) in out.chunks_mut(d).enumerate() {
+                    let probs = &scores[hh * context..(hh + 1) * context];
+                    let mut c0 = 0;
+                    while c0 < d {
+                        let width = 32.min(d - c0);
+                        weighted_sum_k::<E, true>(task, cache, probs, c0, &mut out[c0..c0 + width]);
+                        c0 += width;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`weighted_sums_group_avx`] for `G` heads, `W8 * 8` dimensions at a time (`G * W8`
+/// accumulators), then the last multiple of 8 dimensions if `d` is not one of `W8 * 8`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `acc[head][i]`: the register tile reads clearest indexed
+unsafe fn weighted_sums_tile<E: Elem, const G: usize, const W8: usize>(
+    task: &Task<'_>,
+    cache: &[E],
+    scores: &[f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (d, context) = (task.head_dim, task.context);
+    let layout = &task.layout;
+    let stride = layout.token_stride();
+    assert!(scores.len() >= G * context && out.len() >= G * d && d.is_multiple_of(8));
+    let mut c0 = 0;
+    while c0 < d {
+        let w8 = W8.min((d - c0) / 8);
+        // SAFETY: the value of position j + tok spans cache[base + tok * stride..][..d - c0]
+        // (checked by the slice below); heads' probabilities and outputs are inside the
+        // slices checked above.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); W8]; G];
+            let mut j = 0;
+            for &block in task.table {
+                if j >= context {
+                    break;
+                }
+                let n_in = layout.block_size.min(context - j);
+                let base = block as usize * layout.block_elems() + task.v_offset + c0;
+                let values = &cache[base..base + (n_in - 1) * stride + w8 * 8];
+                for tok in 0..n_in {
+                    let v = values.as_ptr().add(tok * stride);
+                    let mut p = [_mm256_setzero_ps(); G];
+                    for (hh, p) in p.iter_mut().enumerate() {
+                        *p = _mm256_set1_ps(*scores.get_unchecked(hh * context + j + tok));
+                    }
+                    for i in 0..w8 {
+                        let value = E::load8(v.add(i * 8));
+                        for hh in 0..G {
+                            acc[hh][i] = _mm256_fmadd_ps(p[hh], value, acc[hh][i]);
+                        }
+                    }
+                }
+                j += n_in;
+            }
+            for (hh, acc) in acc.iter().enumerate() {
+                for (i, acc) in acc.iter().enumerate().take(w8) {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(hh * d + c0 + i * 8), *acc);
+                }
+            }
+        }
+        c0 += w8 * 8;
     }
 }
 
@@ -417,4 +745,153 @@ pub fn attention_slow(qkv: &[f32], tokens: usize, shape: &AttentionShape) -> Vec
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use half::bf16;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    #[test]
+    fn exp_shifted_is_within_two_ulp_of_exp() {
+        let mut worst = 0f64;
+        for i in 0..200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let exact = (x as f64).exp();
+            let got = exp_shifted(x) as f64;
+            worst = worst.max(((got - exact) / exact).abs());
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        assert_eq!(exp_shifted(0.0), 1.0);
+        assert!(exp_shifted(-1000.0) > 0.0 && exp_shifted(-1000.0) < 1.2e-38);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_shifted_vector_twin_computes_the_same_bits() {
+        if !super::super::simd::has_avx2() {
+            eprintln!("SKIPPED: exp_shifted_vector_twin_computes_the_same_bits: no AVX2");
+            return;
+        }
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn eight(x: &[f32; 8]) -> [f32; 8] {
+            let mut out = [0f32; 8];
+            // SAFETY: features enabled; 8 values each way.
+            unsafe {
+                _mm256_storeu_ps(
+                    out.as_mut_ptr(),
+                    exp_shifted_avx(_mm256_loadu_ps(x.as_ptr())),
+                )
+            };
+            out
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..20_000 {
+            let x: [f32; 8] = std::array::from_fn(|_| -rng.random_range(0.0f32..100.0));
+            // SAFETY: AVX2 checked above.
+            let vector = unsafe { eight(&x) };
+            for (v, x) in vector.iter().zip(&x) {
+                assert_eq!(v.to_bits(), exp_shifted(*x).to_bits(), "x = {x}");
+            }
+        }
+    }
+
+    /// Query heads `q` of kv head 1 of layer 1, attending to `context` positions.
+    fn task_of<'a>(
+        q: &'a [f32],
+        group: usize,
+        context: usize,
+        table: &'a [u32],
+        layout: KvLayout,
+    ) -> Task<'a> {
+        let d = layout.head_dim;
+        Task {
+            q,
+            group,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            context,
+            table,
+            layout,
+            k_offset: layout.offset(1, 0, 0) + d,
+            v_offset: layout.offset(1, 1, 0) + d,
+        }
+    }
+
+    /// One kv head's `group` query heads over a scattered, partly filled block table, by the
+    /// vector path with all heads in one task, by it one head at a time, and by the portable
+    /// path: all the same bits, for group sizes the tiles specialize and one they do not.
+    #[test]
+    fn grouped_per_head_and_portable_attention_compute_the_same_bits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for (group, d, context) in [
+            (1usize, 64usize, 37usize),
+            (2, 16, 5),
+            (3, 64, 70),
+            (3, 64, 1),
+            (4, 128, 33),
+            (5, 24, 19),
+            (3, 12, 9),
+        ] {
+            let layout = KvLayout {
+                num_layers: 2,
+                num_kv_heads: 2,
+                head_dim: d,
+                block_size: 16,
+                dtype: KvDType::Bf16,
+            };
+            let blocks = context.div_ceil(layout.block_size);
+            let table: Vec<u32> = (0..blocks as u32).rev().map(|b| 2 * b + 1).collect();
+            let cache: Vec<bf16> = (0..(2 * blocks + 1) * layout.block_elems())
+                .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)))
+                .collect();
+            let q: Vec<f32> = (0..group * d)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
+            let mut portable = vec![0f32; group * d];
+            for (hh, out) in portable.chunks_mut(d).enumerate() {
+                attend::<bf16, false>(
+                    &task_of(&q[hh * d..(hh + 1) * d], 1, context, &table, layout),
+                    &cache,
+                    out,
+                );
+            }
+            let mut grouped_portable = vec![0f32; group * d];
+            attend::<bf16, false>(
+                &task_of(&q, group, context, &table, layout),
+                &cache,
+                &mut grouped_portable,
+            );
+            assert_eq!(grouped_portable, portable, "group {group} d {d}");
+            #[cfg(target_arch = "x86_64")]
+            if super::super::simd::has_avx2() {
+                let mut grouped = vec![0f32; group * d];
+                // SAFETY: AVX2 checked.
+                unsafe {
+                    attend_avx2(
+                        &task_of(&q, group, context, &table, layout),
+                        &cache,
+                        &mut grouped,
+                    )
+                };
+                assert_eq!(grouped, portable, "group {group} d {d} context {context}");
+                let mut per_head = vec![0f32; group * d];
+                for (hh, out) in per_head.chunks_mut(d).enumerate() {
+                    // SAFETY: AVX2 checked.
+                    unsafe {
+                        attend_avx2(
+                            &task_of(&q[hh * d..(hh + 1) * d], 1, context, &table, layout),
+                            &cache,
+                            out,
+                        )
+                    };
+                }
+                assert_eq!(per_head, portable, "group {group} d {d} context {context}");
+            }
+        }
+    }
 }
