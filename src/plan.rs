@@ -45,6 +45,48 @@ impl Group {
 }
 
 /// The launcher-side name of instance `i` of a role (`worker-0` for aggregated workers).
+/// How much lower CPU decode workers run than the CPU context workers beside them (Linux
+/// `nice`): enough that a prefill takes the cores first (a weight of a third of theirs).
+pub const CPU_DECODE_NICE: u8 = 5;
+
+/// The thread pools (and priorities) of the CPU workers started on this host, which share its
+/// `cores`. Workers of one role split the cores among themselves. Context and decode workers
+/// of a disaggregated deployment each take all of their role's share, since a request's
+/// prefill and its decode come one after the other: one alone (a single request) runs on every
+/// core, and under load the decode workers yield to the prefills ([`CPU_DECODE_NICE`]), since
+/// a decode step of a few sequences would take the cores for little work while prompts queue,
+/// and every queued prompt joins the decode batch once prefilled. Aggregated workers (role
+/// `both`) beside others split the cores with all of them.
+fn share_cpu_cores(workers: &mut [WorkerSpec], cores: usize) {
+    let on_cpu = |w: &&mut WorkerSpec| w.device() == "cpu";
+    let count = |role| {
+        workers
+            .iter()
+            .filter(|w| w.device() == "cpu" && w.role() == role)
+            .count()
+    };
+    let (context, decode, both) = (
+        count(WorkerRole::Context),
+        count(WorkerRole::Decode),
+        count(WorkerRole::Both),
+    );
+    if both == 0 && context > 0 && decode > 0 {
+        for worker in workers.iter_mut().filter(on_cpu) {
+            if worker.role() == WorkerRole::Decode {
+                worker.args.threads = (cores / decode).max(1);
+                worker.args.nice = CPU_DECODE_NICE;
+            } else {
+                worker.args.threads = (cores / context).max(1);
+            }
+        }
+    } else if context + decode + both > 1 {
+        let threads = (cores / (context + decode + both)).max(1);
+        for worker in workers.iter_mut().filter(on_cpu) {
+            worker.args.threads = threads;
+        }
+    }
+}
+
 fn instance_name(role: WorkerRole, i: usize) -> String {
     match role {
         WorkerRole::Both => format!("worker-{i}"),
@@ -331,14 +373,7 @@ pub fn plan(
         }
     }
 
-    // CPU workers on one host share its cores rather than each taking all of them.
-    let cpu_workers = workers.iter().filter(|w| w.device() == "cpu").count();
-    if cpu_workers > 1 {
-        let threads = (cores / cpu_workers).max(1);
-        for worker in workers.iter_mut().filter(|w| w.device() == "cpu") {
-            worker.args.threads = threads;
-        }
-    }
+    share_cpu_cores(&mut workers, cores);
     // Heartbeats well inside the api-server's timeout, so one late beat never drops a worker.
     let heartbeat_ms = (config.router.worker_timeout_ms / 3).clamp(50, 1000);
     for worker in &mut workers {
@@ -621,12 +656,17 @@ mod tests {
                 "smol"
             ]
         );
-        // The two CPU workers share the host's cores.
-        let threads = args
-            .iter()
-            .position(|a| a == "--threads")
-            .map(|i| &args[i + 1]);
-        assert_eq!(threads.map(String::as_str), Some("4"), "{args:?}");
+        // The context and the decode worker each take every core, the decode worker at a
+        // lower priority.
+        let flag = |args: &[String], name: &str| {
+            let at = args.iter().position(|a| a == name);
+            at.map(|i| args[i + 1].clone())
+        };
+        assert_eq!(flag(&args, "--threads").as_deref(), Some("8"), "{args:?}");
+        assert_eq!(flag(&args, "--nice").as_deref(), Some("5"), "{args:?}");
+        let context = args_of(&plan, 0);
+        assert_eq!(flag(&context, "--threads").as_deref(), Some("8"));
+        assert_eq!(flag(&context, "--nice").as_deref(), Some("0"));
         assert_eq!(plan.describe_workers(), "1 context + 1 decode workers");
         let api: Vec<String> = plan
             .api_server_args("nats://n:1")
@@ -1087,7 +1127,8 @@ generation_servers:
         )
         .unwrap();
         assert_eq!(plan.describe_workers(), "no workers");
-        // Three CPU decode workers on this host share its cores among themselves.
+        // Three CPU decode workers on this host share its cores among themselves, at the
+        // normal priority (no context worker beside them).
         let plan = super::plan(
             Some(&config),
             "/m/x".into(),
@@ -1096,7 +1137,41 @@ generation_servers:
             6,
         )
         .unwrap();
-        assert!(args_of(&plan, 0).join(" ").contains("--threads 2"));
+        assert!(args_of(&plan, 0).join(" ").contains("--threads 2 --nice 0"));
+    }
+
+    #[test]
+    fn cpu_workers_of_each_role_split_the_cores_and_decode_yields() {
+        let threads_and_nice = |yaml: &str| -> Vec<(WorkerRole, usize, u8)> {
+            let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+            let plan =
+                super::plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 8).unwrap();
+            let workers = plan.workers.iter();
+            workers
+                .map(|w| (w.role(), w.args.threads, w.args.nice))
+                .collect()
+        };
+        use WorkerRole::*;
+        assert_eq!(
+            threads_and_nice("context_servers: { num_instances: 2 }"),
+            [
+                (Context, 4, 0),
+                (Context, 4, 0),
+                (Decode, 8, CPU_DECODE_NICE)
+            ]
+        );
+        // Aggregated workers split the cores among all; no priorities.
+        assert_eq!(
+            threads_and_nice(
+                "context_servers: { num_instances: 0 }\ngeneration_servers: { num_instances: 2 }"
+            ),
+            [(Both, 4, 0), (Both, 4, 0)]
+        );
+        // A GPU context worker leaves the CPU decode worker every core, at normal priority.
+        assert_eq!(
+            threads_and_nice("context_servers: { device: cuda:0 }"),
+            [(Context, 0, 0), (Decode, 0, 0)]
+        );
     }
 
     #[test]

@@ -63,6 +63,13 @@ pub struct WorkerArgs {
     /// CPU threads for the model; 0 uses every core.
     #[arg(long, default_value_t = DEFAULT_THREADS, value_name = "N")]
     pub threads: usize,
+    /// Lower the worker's CPU scheduling priority by N (Linux `nice`, 0 to 19) for all its
+    /// threads. `tandem serve` gives CPU decode workers 5 where CPU context workers share
+    /// their cores: a decode step of a few sequences then yields the cores to a prefill rather
+    /// than taking them for little work while prompts queue.
+    #[arg(long, default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub nice: u8,
     /// Split the model over N tensor-parallel ranks (its heads and MLP channels, summed after
     /// each layer's attention and MLP). On the CPU the ranks are threads sharing --threads; on
     /// --device cuda:K they take cuda:K to cuda:K+N-1, one GPU each, and sum over NCCL
@@ -236,6 +243,7 @@ impl Default for WorkerArgs {
             served_model_name: None,
             worker_id: None,
             threads: DEFAULT_THREADS,
+            nice: 0,
             tensor_parallel: 1,
             kv_cache_tokens: None,
             gpu_memory_fraction: DEFAULT_GPU_MEMORY_FRACTION,
@@ -294,6 +302,7 @@ impl WorkerArgs {
         argv.push_some("--served-model-name", self.served_model_name.as_ref());
         argv.push_some("--worker-id", self.worker_id.as_ref());
         argv.push_display("--threads", self.threads);
+        argv.push_display("--nice", self.nice);
         argv.push_display("--tensor-parallel", self.tensor_parallel);
         argv.push_some("--kv-cache-tokens", self.kv_cache_tokens);
         argv.push_display("--gpu-memory-fraction", self.gpu_memory_fraction);
@@ -401,6 +410,7 @@ mod tests {
             served_model_name: Some("smol".into()),
             worker_id: Some("context-a".into()),
             threads: 3,
+            nice: 5,
             tensor_parallel: 2,
             kv_cache_tokens: Some(4096),
             gpu_memory_fraction: 0.55,

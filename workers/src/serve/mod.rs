@@ -129,6 +129,35 @@ pub enum ServeError {
     Bus(#[from] bus::BusError),
     #[error(transparent)]
     KvSecret(#[from] kv_auth::KvSecretError),
+    #[error("lowering the CPU priority by --nice {nice}: {source}")]
+    Nice { nice: u8, source: std::io::Error },
+}
+
+/// Lowers the CPU scheduling priority of this thread by `nice` (to at most 19), before any other thread starts:
+/// Linux keeps a nice value per thread, and threads inherit their creator's, so every thread
+/// of the worker (the runtime's, the engine's, the CPU backend's pool) runs at it.
+fn lower_priority(nice: u8) -> Result<(), ServeError> {
+    if nice == 0 {
+        return Ok(());
+    }
+    // SAFETY: system calls on this thread's own priority; no memory is shared. (Reading its
+    // own priority cannot fail; -1 is a valid nice value.)
+    let done = unsafe {
+        let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            0,
+            (now + libc::c_int::from(nice)).min(19),
+        )
+    };
+    if done != 0 {
+        return Err(ServeError::Nice {
+            nice,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    tracing::info!(nice, "running at a lower CPU priority");
+    Ok(())
 }
 
 /// Loads the model, starts the engine and serves on the bus until SIGTERM/SIGINT and the
@@ -137,6 +166,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
     let role = args.role.ok_or(ServeError::MissingRole)?;
     let model_dir = args.model.clone().ok_or(ServeError::MissingModel)?;
     let device: Device = args.device.parse()?;
+    lower_priority(args.nice)?;
     let block_size = args.block_size_on(matches!(device, Device::Cuda(_)));
     if let Some(tokens) = args.kv_cache_tokens.filter(|&t| t < block_size) {
         return Err(ServeError::CacheTooSmall { tokens, block_size });
