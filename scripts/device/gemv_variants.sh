@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a one-GPU device machine: decode steps of Llama-3.1-8B shapes in FP8 (FP8 KV cache,
-# context 1024) under several settings, one `gpu_bench bench` each, to compare kernels.
+# context 1024, or CONTEXT) under several settings, one `gpu_bench bench` each, to compare kernels.
 # Binaries come in .kit/bin.
 #
 #   RUNS="name:VAR=VALUE[,VAR=VALUE] ..." (a '+' in a value is a space; GPU_BENCH=program runs
@@ -20,6 +20,6 @@ for run in ${RUNS:-"plain:TANDEM_FP8_GEMV_MMA=0 default:TANDEM_FP8_GEMV_MMA=1"};
   program=gpu_bench
   for v in "${vars[@]}"; do [[ $v == GPU_BENCH=* ]] && program=${v#GPU_BENCH=}; done
   env "${vars[@]}" TANDEM_BENCH_BLOCK=64 "$program" bench --model "$model" --kv-cache-dtype fp8 \
-    --context 1024 --batches "${BATCHES:-1,2,4,8}" --prefill "${PREFILL:-512}" --iters 10 2>&1 |
+    --context "${CONTEXT:-1024}" --batches "${BATCHES:-1,2,4,8}" --prefill "${PREFILL:-512}" --iters 10 2>&1 |
     tee "$out/variants-$name.log" | grep -E "${SHOW:-^decode batch|rror}"
 done
