@@ -46,8 +46,12 @@ impl Group {
 
 /// The launcher-side name of instance `i` of a role (`worker-0` for aggregated workers).
 /// How much lower CPU decode workers run than the CPU context workers beside them (Linux
-/// `nice`): enough that a prefill takes the cores first (a weight of a third of theirs).
-pub const CPU_DECODE_NICE: u8 = 5;
+/// `nice`): the scheduler then gives a prefill about 60% of contended cores, the decode steps
+/// the rest. Measured on 2 cores (`tandem bench` 256/64 at concurrency 16, docs/benchmarks.md):
+/// 5 (decode a third of a prefill's weight) made the bf16 default's inter-token latency p50
+/// 56 ms for 6% more output than 2 (22 ms); 2 keeps both the bf16 and the GGUF-block models
+/// under 50 ms.
+pub const CPU_DECODE_NICE: u8 = 2;
 
 /// The thread pools (and priorities) of the CPU workers started on this host, which share its
 /// `cores`. Workers of one role split the cores among themselves. Context and decode workers
@@ -663,7 +667,7 @@ mod tests {
             at.map(|i| args[i + 1].clone())
         };
         assert_eq!(flag(&args, "--threads").as_deref(), Some("8"), "{args:?}");
-        assert_eq!(flag(&args, "--nice").as_deref(), Some("5"), "{args:?}");
+        assert_eq!(flag(&args, "--nice").as_deref(), Some("2"), "{args:?}");
         let context = args_of(&plan, 0);
         assert_eq!(flag(&context, "--threads").as_deref(), Some("8"));
         assert_eq!(flag(&context, "--nice").as_deref(), Some("0"));

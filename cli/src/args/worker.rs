@@ -64,7 +64,7 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = DEFAULT_THREADS, value_name = "N")]
     pub threads: usize,
     /// Lower the worker's CPU scheduling priority by N (Linux `nice`, 0 to 19) for all its
-    /// threads. `tandem serve` gives CPU decode workers 5 where CPU context workers share
+    /// threads. `tandem serve` gives CPU decode workers 2 where CPU context workers share
     /// their cores: a decode step of a few sequences then yields the cores to a prefill rather
     /// than taking them for little work while prompts queue.
     #[arg(long, default_value_t = 0, value_name = "N",
