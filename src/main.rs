@@ -87,6 +87,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let model = model::resolve(
         args.model.as_deref(),
         config.as_ref().and_then(|c| c.model.as_deref()),
+        model::DefaultForm::for_deployment(config.as_ref()),
     )
     .await?;
     // Taken over only now: until here nothing runs that needs stopping, and a Ctrl-C during a

@@ -504,6 +504,9 @@ fn group_args(
             .kv_cache_config
             .free_gpu_memory_fraction
             .unwrap_or(defaults.gpu_memory_fraction),
+        quant_activation_bits: group
+            .quant_activation_bits
+            .unwrap_or(defaults.quant_activation_bits),
         ..defaults
     };
     args.gpu.cuda_graphs = group.cuda_graphs;
@@ -995,6 +998,23 @@ generation_servers: { num_instances: 2, device: ["cuda:0", "cpu"], mps_sm_percen
         assert_eq!(
             plan.warnings,
             ["`generation_servers.mps_sm_percent` has no effect on the CPU worker decode-1"]
+        );
+    }
+
+    #[test]
+    fn the_quant_activation_bits_key_goes_to_the_groups_workers() {
+        let yaml = "context_servers: { quant_activation_bits: 8 }";
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 2).unwrap();
+        assert!(
+            args_of(&plan, 0)
+                .join(" ")
+                .contains("--quant-activation-bits 8")
+        );
+        assert!(
+            args_of(&plan, 1)
+                .join(" ")
+                .contains("--quant-activation-bits 16")
         );
     }
 

@@ -216,14 +216,15 @@ fn an_unobtainable_default_model_is_a_clear_error() {
 fn the_default_model_is_reused_from_the_cache() {
     let cache = temp_dir("default");
     std::fs::create_dir_all(cache.join("models")).expect("the temp dir is writable");
-    // `model-prep default` output (scripts/test-models), with its source marker.
-    let prepared = model_dir("smollm2-bf16");
+    // `model-prep default --keep-quant` output (scripts/test-models), with its source marker:
+    // the form served where every worker is on the CPU.
+    let prepared = model_dir("smollm2-q4_1");
     assert!(
         prepared.join("tandem-source.json").is_file(),
         "{} has no tandem-source.json: rerun scripts/test-models",
         prepared.display()
     );
-    std::os::unix::fs::symlink(&prepared, cache.join("models/SmolLM2-135M-Instruct"))
+    std::os::unix::fs::symlink(&prepared, cache.join("models/SmolLM2-135M-Instruct-gguf"))
         .expect("the temp dir is writable");
     let port = free_port();
     let mut command = tandem();

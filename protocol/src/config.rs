@@ -309,6 +309,11 @@ pub struct ServerGroupConfig {
     /// worker on one GPU cannot take each other's: it needs an MPS control daemon on the host
     /// (`nvidia-cuda-mps-control -d`), and does nothing without one.
     pub mps_sm_percent: Option<u32>,
+    /// (tandem) CPU workers of this group, models with GGUF blocks kept quantized: the bits
+    /// each activation keeps in the integer products, 16 (the default: the dequantized
+    /// weights' results) or 8 (llama.cpp's rounding, faster prefill); the workers'
+    /// `--quant-activation-bits`.
+    pub quant_activation_bits: Option<u8>,
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
 }
@@ -402,6 +407,15 @@ impl ServerGroupConfig {
             return Err(invalid(
                 "mps_sm_percent",
                 format!("{percent} is not a percentage of the SMs (1 to 100)"),
+            ));
+        }
+        if let Some(bits) = self.quant_activation_bits
+            && bits != 8
+            && bits != 16
+        {
+            return Err(invalid(
+                "quant_activation_bits",
+                format!("{bits} is not 8 or 16"),
             ));
         }
         if self.kv_cache_config.block_size == Some(0) {
@@ -739,6 +753,21 @@ kv_secret_file: /run/secrets/tandem-kv
         let yaml = "context_servers: { num_instances: 0, kv_cache_config: { dtype: fp8 } }\n\
                     generation_servers: { kv_cache_config: { dtype: bf16 } }";
         DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+    }
+
+    #[test]
+    fn quant_activation_bits_is_a_group_key_of_8_or_16() {
+        let yaml = "context_servers: { quant_activation_bits: 8 }";
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        assert_eq!(config.context_servers.quant_activation_bits, Some(8));
+        assert_eq!(config.generation_servers.quant_activation_bits, None);
+        assert!(config.ignored_keys().is_empty());
+        let err =
+            DeploymentConfig::parse("generation_servers: { quant_activation_bits: 4 }", "c.yaml")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("quant_activation_bits"), "{err}");
+        assert!(err.contains("8 or 16"), "{err}");
     }
 
     #[test]

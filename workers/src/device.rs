@@ -8,12 +8,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tandem_cli::args::GpuArgs;
+use tandem_cli::args::{GpuArgs, WorkerArgs};
 use tandem_model::{ModelConfig, WeightDType};
 use tandem_protocol::config::KvCacheDtype;
 use thiserror::Error;
 
 use crate::backend::cpu::group::{CpuGroup, GroupOptions};
+use crate::backend::cpu::quant::ActivationCodes;
 use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::{Backend, BackendError};
@@ -136,20 +137,20 @@ pub fn kv_dtype_on(device: Device, asked: KvCacheDtype) -> Option<KvDType> {
     }
 }
 
-/// Loads the weights of `dir` onto `device` (`threads` matters for the CPU only, `gpu` for a GPU
-/// only), split over `tensor_parallel` ranks when more than one, with a KV cache of
-/// `kv_cache_dtype` ([`kv_dtype_on`]).
+/// Loads the weights of `dir` onto `device` (`cpu` matters for the CPU only, `gpu` for a GPU
+/// only), split over `tensor_parallel` ranks when more than one (sharing `cpu.threads` on the
+/// CPU), with a KV cache of `kv_cache_dtype` ([`kv_dtype_on`]).
 pub fn load_model(
     dir: &Path,
     device: Device,
-    threads: usize,
+    cpu: &CpuOptions,
     gpu: &GpuArgs,
     tensor_parallel: usize,
     kv_cache_dtype: KvCacheDtype,
 ) -> Result<LoadedModel, DeviceError> {
     let kv_dtype = kv_dtype_on(device, kv_cache_dtype);
     if tensor_parallel > 1 {
-        return load_group(dir, device, threads, gpu, tensor_parallel, kv_dtype);
+        return load_group(dir, device, cpu, gpu, tensor_parallel, kv_dtype);
     }
     let backend_err = |source| DeviceError::Backend { device, source };
     let model_err = |source| DeviceError::Model {
@@ -158,11 +159,7 @@ pub fn load_model(
     };
     match device {
         Device::Cpu => {
-            let backend = CpuBackend::new(&CpuOptions {
-                threads,
-                ..Default::default()
-            })
-            .map_err(backend_err)?;
+            let backend = CpuBackend::new(cpu).map_err(backend_err)?;
             let options = ModelOptions {
                 kv_dtype,
                 ..ModelOptions::default()
@@ -181,6 +178,16 @@ pub fn load_model(
                 .map(|m| LoadedModel::Cuda(Box::new(m)))
                 .map_err(model_err)
         }
+    }
+}
+
+/// A worker's CPU settings from its flags.
+pub fn cpu_options(args: &WorkerArgs) -> CpuOptions {
+    CpuOptions {
+        threads: args.threads,
+        quant_activations: ActivationCodes::from_bits(u32::from(args.quant_activation_bits))
+            .expect("clap takes 8 or 16 bits"),
+        ..CpuOptions::default()
     }
 }
 
@@ -210,7 +217,7 @@ pub fn cuda_options(ordinal: usize, gpu: &GpuArgs) -> CudaOptions {
 fn load_group(
     dir: &Path,
     device: Device,
-    threads: usize,
+    cpu: &CpuOptions,
     gpu: &GpuArgs,
     size: usize,
     kv_dtype: Option<KvDType>,
@@ -254,10 +261,10 @@ fn load_group(
     }
     match device {
         Device::Cpu => {
-            let threads = if threads == 0 {
+            let threads = if cpu.threads == 0 {
                 std::thread::available_parallelism().map_or(1, |n| n.get())
             } else {
-                threads
+                cpu.threads
             };
             let group = Arc::new(CpuGroup::new(GroupOptions {
                 size,
@@ -267,7 +274,7 @@ fn load_group(
                 .map(|rank| {
                     let options = CpuOptions {
                         threads: (threads / size).max(1),
-                        ..Default::default()
+                        ..cpu.clone()
                     };
                     CpuBackend::in_group(&options, group.clone(), rank).map_err(backend_err)
                 })
@@ -895,7 +902,7 @@ mod tests {
         let err = load_model(
             Path::new("/nonexistent"),
             Device::Cuda(0),
-            1,
+            &CpuOptions::default(),
             &GpuArgs::default(),
             1,
             KvCacheDtype::Auto,
@@ -913,7 +920,7 @@ mod tests {
         let err = load_model(
             Path::new("/nonexistent"),
             Device::Cuda(90),
-            1,
+            &CpuOptions::default(),
             &GpuArgs::default(),
             2,
             KvCacheDtype::Auto,

@@ -12,6 +12,8 @@ use serde::Serialize;
 use tandem_cli::args::{EngineArgs, GpuArgs};
 use thiserror::Error;
 
+use crate::backend::cpu::CpuOptions;
+use crate::backend::cpu::quant::ActivationCodes;
 use crate::device::{DeviceError, StartedEngine, load_model};
 use crate::engine::{
     DEFAULT_GROWTH_RESERVE_TOKENS, EngineConfig, EngineError, EngineSettings, EventKind,
@@ -66,6 +68,10 @@ pub struct GenerateArgs {
     /// CPU threads; 0 uses every core.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
+    /// CPU, GGUF blocks kept quantized: bits each activation keeps in the integer products,
+    /// 16 (two 8-bit codes: the dequantized weights' results) or 8 (llama.cpp's rounding).
+    #[arg(long, default_value_t = ActivationCodes::default(), value_name = "BITS")]
+    pub quant_activation_bits: ActivationCodes,
     /// Split the model over N tensor-parallel ranks (heads and MLP channels): threads sharing
     /// --threads on the CPU; on --device cuda:K, cuda:K to cuda:K+N-1 summing over NCCL. The
     /// heads, KV heads and MLP width must divide by N.
@@ -123,7 +129,11 @@ pub fn generate(
     let model = load_model(
         &args.model,
         args.device.parse()?,
-        args.threads,
+        &CpuOptions {
+            threads: args.threads,
+            quant_activations: args.quant_activation_bits,
+            ..CpuOptions::default()
+        },
         &args.gpu,
         args.tensor_parallel,
         args.kv_cache_dtype,

@@ -52,7 +52,10 @@ pub fn run(
     let loaded = load_model(
         dir,
         device,
-        threads,
+        &crate::backend::cpu::CpuOptions {
+            threads,
+            ..Default::default()
+        },
         &tandem_cli::args::GpuArgs::default(),
         1,
         tandem_protocol::config::KvCacheDtype::Auto,

@@ -152,7 +152,14 @@ fn step_model(
         Ok(Box::new(TensorParallelRunner::spawn(runners, abort)?))
     }
     Ok(
-        match load_model(dir, device, 0, &gpu, ranks, KvCacheDtype::Auto)? {
+        match load_model(
+            dir,
+            device,
+            &crate::backend::cpu::CpuOptions::default(),
+            &gpu,
+            ranks,
+            KvCacheDtype::Auto,
+        )? {
             LoadedModel::Cuda(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
             LoadedModel::Cpu(m) => Box::new(ModelRunner::new(*m, BLOCK_SIZE, num_blocks)?),
             LoadedModel::CudaGroup { ranks } => group(ranks, num_blocks, Box::new(|_: &str| {}))?,

@@ -35,7 +35,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tandem_workers::backend::Backend;
-use tandem_workers::backend::cpu::quant::Isa;
+use tandem_workers::backend::cpu::quant::{ActivationCodes, Isa};
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions, matmul};
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 
@@ -68,6 +68,10 @@ enum Command {
         /// default: the best this CPU has). Every choice computes the same bits.
         #[arg(long, value_parser = parse_isa)]
         quant_kernels: Option<Isa>,
+        /// Bits each activation keeps in the quantized kernels: 16 (two 8-bit codes, the
+        /// workers' default) or 8 (one, llama.cpp's rounding).
+        #[arg(long, default_value_t = ActivationCodes::default())]
+        quant_activation_bits: ActivationCodes,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -110,6 +114,7 @@ fn main() -> Result<()> {
             prefill_runs,
             widen_weights,
             quant_kernels,
+            quant_activation_bits,
             json,
         } => bench_model(
             &model,
@@ -117,6 +122,7 @@ fn main() -> Result<()> {
                 threads,
                 widen_weights,
                 quant_isa: quant_kernels,
+                quant_activations: quant_activation_bits,
             },
             prompt_tokens,
             decode_tokens,

@@ -38,6 +38,7 @@ use clap::builder::RangedU64ValueParser;
 use serde::Serialize;
 use tandem_model::ModelConfig;
 use tandem_workers::backend::Backend;
+use tandem_workers::backend::cpu::quant::ActivationCodes;
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions, RowLogprobs};
@@ -81,6 +82,10 @@ struct Args {
     /// CPU threads; 0 uses every core.
     #[arg(long, value_name = "N", default_value_t = 2)]
     threads: usize,
+    /// Bits each activation keeps in products with GGUF blocks kept quantized (both models):
+    /// 16 (two 8-bit codes, the workers' default) or 8 (one, llama.cpp's rounding).
+    #[arg(long, value_name = "BITS", default_value_t = ActivationCodes::default())]
+    quant_activation_bits: ActivationCodes,
     /// KV cache element type of --model (f32, bf16, f16, fp8); by default the model's own (f32 for
     /// f32 weights, bf16 for bf16, f16 for f16).
     #[arg(long, value_name = "DTYPE", value_parser = parse_kv_dtype)]
@@ -305,6 +310,7 @@ fn max_positions(dir: &Path) -> Result<usize> {
 fn score(dir: &Path, kv_dtype: Option<KvDType>, tokens: &[u32], args: &Args) -> Result<Scores> {
     let backend = CpuBackend::new(&CpuOptions {
         threads: args.threads,
+        quant_activations: args.quant_activation_bits,
         ..Default::default()
     })
     .context("starting the CPU backend")?;

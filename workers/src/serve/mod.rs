@@ -196,7 +196,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
     let model = load_model(
         &model_dir,
         device,
-        args.threads,
+        &crate::device::cpu_options(args),
         &args.gpu,
         args.tensor_parallel,
         args.kv_cache_dtype,

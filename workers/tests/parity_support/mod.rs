@@ -63,8 +63,18 @@ pub fn read_reference(dir: &Path) -> Reference {
 }
 
 pub fn load_cpu(dir: &Path) -> Model<CpuBackend> {
+    load_cpu_with(dir, CpuOptions::default().quant_activations)
+}
+
+/// [`load_cpu`] with `codes` per activation in products with GGUF blocks kept.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub fn load_cpu_with(
+    dir: &Path,
+    codes: tandem_workers::backend::cpu::quant::ActivationCodes,
+) -> Model<CpuBackend> {
     let backend = CpuBackend::new(&CpuOptions {
         threads: 2,
+        quant_activations: codes,
         ..Default::default()
     })
     .expect("cpu backend");

@@ -43,6 +43,10 @@ pub struct CpuOptions {
     /// has. Every choice computes the same bits; kept for measuring (`cpu_bench
     /// --quant-kernels`).
     pub quant_isa: Option<quant::Isa>,
+    /// The 8-bit codes each activation gets in the quantized (GGUF) products: two by default
+    /// (about 15 bits: the f32 model's answers), one for llama.cpp's rounding and more
+    /// prefill speed ([`quant::ActivationCodes`]).
+    pub quant_activations: quant::ActivationCodes,
 }
 
 /// Activations: row-major `[rows, cols]` f32.
@@ -117,6 +121,7 @@ pub struct CpuBackend {
     threads: usize,
     widen_weights: bool,
     quant_isa: quant::Isa,
+    quant_activations: quant::ActivationCodes,
     /// The tensor-parallel group this backend is a rank of, and its rank.
     group: Option<(std::sync::Arc<group::CpuGroup>, usize)>,
 }
@@ -147,6 +152,7 @@ impl CpuBackend {
             threads,
             widen_weights: options.widen_weights,
             quant_isa: options.quant_isa.unwrap_or_else(quant::Isa::detect),
+            quant_activations: options.quant_activations,
             group: None,
         })
     }
@@ -222,7 +228,7 @@ impl Backend for CpuBackend {
 
     fn describe(&self) -> String {
         format!(
-            "cpu ({} threads, {}, quantized kernels {}{})",
+            "cpu ({} threads, {}, quantized kernels {} with {}-bit activations{})",
             self.threads,
             if simd::has_avx2() {
                 "avx2+fma"
@@ -230,6 +236,7 @@ impl Backend for CpuBackend {
                 "portable kernels"
             },
             self.quant_isa.name(),
+            self.quant_activations.bits(),
             if self.widen_weights {
                 ", weights widened to f32"
             } else {
@@ -498,7 +505,15 @@ impl Backend for CpuBackend {
                 Ok(())
             }
             WeightData::Gguf(w) => {
-                quant::linear_stacked(self.quant_isa, &x.data, rows, w, bias, &mut out);
+                quant::linear_stacked(
+                    self.quant_isa,
+                    self.quant_activations,
+                    &x.data,
+                    rows,
+                    w,
+                    bias,
+                    &mut out,
+                );
                 Ok(())
             }
         })?;

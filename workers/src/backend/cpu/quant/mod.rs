@@ -25,7 +25,7 @@ pub mod layout;
 use rayon::prelude::*;
 use tandem_model::GgufQuant;
 
-pub use act::QuantRows;
+pub use act::{ActivationCodes, QuantRows};
 pub use kernels::Isa;
 use kernels::{MAX_ROWS, PairTile, Tile};
 use layout::{GROUP, Layout, SubBlock};
@@ -220,15 +220,26 @@ impl QuantWeight {
     }
 }
 
-/// `out = x @ w^T + bias` with the best kernels this CPU has; `x` is `[rows, k]`, `out`
-/// `[rows, n]`. Runs on the current rayon pool.
+/// `out = x @ w^T + bias` with the best kernels this CPU has and two codes an activation
+/// ([`ActivationCodes`]); `x` is `[rows, k]`, `out` `[rows, n]`. Runs on the current rayon
+/// pool.
 pub fn linear(x: &[f32], rows: usize, w: &QuantMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
-    linear_with(Isa::detect(), x, rows, w, bias, out);
+    linear_with(
+        Isa::detect(),
+        ActivationCodes::default(),
+        x,
+        rows,
+        w,
+        bias,
+        out,
+    );
 }
 
-/// [`linear`] with the kernels of `isa` (which the CPU must have: [`Isa::available`]).
+/// [`linear`] with the kernels of `isa` (which the CPU must have: [`Isa::available`]) and
+/// `codes` per activation.
 pub fn linear_with(
     isa: Isa,
+    codes: ActivationCodes,
     x: &[f32],
     rows: usize,
     w: &QuantMatrix,
@@ -236,23 +247,25 @@ pub fn linear_with(
     out: &mut [f32],
 ) {
     let stacked = std::slice::from_ref(w);
-    linear_parts(isa, x, rows, stacked, bias, out);
+    linear_parts(isa, codes, x, rows, stacked, bias, out);
 }
 
 /// [`linear_with`] of a stacked weight: each part's outputs are their columns of `out`.
 pub fn linear_stacked(
     isa: Isa,
+    codes: ActivationCodes,
     x: &[f32],
     rows: usize,
     w: &QuantWeight,
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    linear_parts(isa, x, rows, &w.parts, bias, out);
+    linear_parts(isa, codes, x, rows, &w.parts, bias, out);
 }
 
 fn linear_parts(
     isa: Isa,
+    codes: ActivationCodes,
     x: &[f32],
     rows: usize,
     parts: &[QuantMatrix],
@@ -270,16 +283,40 @@ fn linear_parts(
     if rows == 0 || n == 0 {
         return;
     }
-    let xq = QuantRows::quantize(x, rows, k);
-    let out = Output {
-        ptr: OutPtr(out.as_mut_ptr()),
-        stride: n,
+    let multiply_parts = |xq: &QuantRows, bias: Option<&[f32]>, out: &mut [f32]| {
+        let out = Output {
+            ptr: OutPtr(out.as_mut_ptr()),
+            stride: n,
+        };
+        let mut col0 = 0;
+        for part in parts {
+            let bias = bias.map(|b| &b[col0..col0 + part.n]);
+            multiply(isa, xq, part, bias, out, col0);
+            col0 += part.n;
+        }
     };
-    let mut col0 = 0;
-    for part in parts {
-        let bias = bias.map(|b| &b[col0..col0 + part.n]);
-        multiply(isa, &xq, part, bias, out, col0);
-        col0 += part.n;
+    match codes {
+        ActivationCodes::Single => multiply_parts(&QuantRows::quantize(x, rows, k), bias, out),
+        ActivationCodes::WithResidual => {
+            // Rows 2r and 2r + 1 of the product are row r's codes' and its residual's; a row's
+            // sum, then its bias, in that order whatever the batch.
+            let mut halves = vec![0f32; 2 * rows * n];
+            multiply_parts(
+                &QuantRows::quantize_with_residual(x, rows, k),
+                None,
+                &mut halves,
+            );
+            for (out, halves) in out.chunks_exact_mut(n).zip(halves.chunks_exact(2 * n)) {
+                let (high, low) = halves.split_at(n);
+                for (c, o) in out.iter_mut().enumerate() {
+                    let v = high[c] + low[c];
+                    *o = match bias {
+                        Some(b) => v + b[c],
+                        None => v,
+                    };
+                }
+            }
+        }
     }
 }
 

@@ -170,11 +170,14 @@ fn repacked_values_are_ggml_dequantization_bitwise() {
     }
 }
 
+const BOTH_CODES: [ActivationCodes; 2] = [ActivationCodes::Single, ActivationCodes::WithResidual];
+
 #[test]
 fn products_match_dequantized_f32_arithmetic() {
     // Against the dequantized weights with the activations as they are: off by the
-    // activations' 8-bit rounding only. Against the dequantized weights times the
-    // dequantized activations: the same products, off by f32 summation only.
+    // activations' rounding only (8 bits with one code, about 15 with two). Against the
+    // dequantized weights times the dequantized activations: the same products, off by f32
+    // summation only.
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let pool = pool();
     for quant in GgufQuant::ALL {
@@ -183,24 +186,69 @@ fn products_match_dequantized_f32_arithmetic() {
                 .unwrap();
             let x = random_x(&mut rng, rows * k);
             let wf = w.dequantize();
-            let mut out = vec![0f32; rows * n];
-            pool.install(|| linear(&x, rows, &w, None, &mut out));
             let exact = matmul_f64(&x, rows, k, &wf, n);
-            let err = rel_l2(&out, &exact);
+            let product = |codes| {
+                let mut out = vec![0f32; rows * n];
+                pool.install(|| linear_with(Isa::detect(), codes, &x, rows, &w, None, &mut out));
+                out
+            };
+            let single = product(ActivationCodes::Single);
+            let err = rel_l2(&single, &exact);
             assert!(err < 1.5e-2, "{quant} {rows}x{n}x{k}: relative L2 {err}");
+            let two = product(ActivationCodes::WithResidual);
+            let err_two = rel_l2(&two, &exact);
+            assert!(
+                err_two < 1e-4 && err_two * 50.0 < err,
+                "{quant} {rows}x{n}x{k}: relative L2 {err_two} with two codes, {err} with one"
+            );
 
             let xq = QuantRows::quantize(&x, rows, k);
             let xd: Vec<f32> = (0..rows * k)
                 .map(|i| f32::from(xq.codes[i]) * xq.scales[i / act::BLOCK])
                 .collect();
             let same_inputs = matmul_f64(&xd, rows, k, &wf, n);
-            let err = rel_l2(&out, &same_inputs);
+            let err = rel_l2(&single, &same_inputs);
             assert!(
                 err < 1e-5,
                 "{quant} {rows}x{n}x{k}: kernel arithmetic off by {err}"
             );
         }
     }
+}
+
+#[test]
+fn residual_codes_hold_what_the_first_rounding_left() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let (rows, k) = (3, 96);
+    let x = random_x(&mut rng, rows * k);
+    let both = QuantRows::quantize_with_residual(&x, rows, k);
+    let one = QuantRows::quantize(&x, rows, k);
+    assert_eq!((both.rows, both.k), (2 * rows, k));
+    for r in 0..rows {
+        assert_eq!(both.row_codes(2 * r), one.row_codes(r));
+        assert_eq!(both.row_scales(2 * r), one.row_scales(r));
+        for i in 0..k {
+            let b = i / act::BLOCK;
+            let high = f32::from(both.row_codes(2 * r)[i]) * both.row_scales(2 * r)[b];
+            let low = f32::from(both.row_codes(2 * r + 1)[i]) * both.row_scales(2 * r + 1)[b];
+            let block_max = x[r * k + b * act::BLOCK..r * k + (b + 1) * act::BLOCK]
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()));
+            let err = (x[r * k + i] - (high + low)).abs();
+            assert!(
+                err <= block_max / 60_000.0,
+                "row {r} value {i}: {} as {high} + {low}, off by {err}",
+                x[r * k + i]
+            );
+        }
+    }
+    assert_eq!(
+        both.offset_codes,
+        both.codes
+            .iter()
+            .map(|&c| (c as u8) ^ 0x80)
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -213,12 +261,22 @@ fn every_isa_gives_the_same_bits() {
             .unwrap();
         let x = random_x(&mut rng, rows * k);
         let bias = random_x(&mut rng, n);
-        let mut reference = vec![0f32; rows * n];
-        linear_with(Isa::Portable, &x, rows, &w, Some(&bias), &mut reference);
-        for &isa in &isas {
-            let mut out = vec![0f32; rows * n];
-            linear_with(isa, &x, rows, &w, Some(&bias), &mut out);
-            assert_eq!(out, reference, "{quant} with {}", isa.name());
+        for codes in BOTH_CODES {
+            let mut reference = vec![0f32; rows * n];
+            linear_with(
+                Isa::Portable,
+                codes,
+                &x,
+                rows,
+                &w,
+                Some(&bias),
+                &mut reference,
+            );
+            for &isa in &isas {
+                let mut out = vec![0f32; rows * n];
+                linear_with(isa, codes, &x, rows, &w, Some(&bias), &mut out);
+                assert_eq!(out, reference, "{quant} with {}, {codes:?}", isa.name());
+            }
         }
     }
 }
@@ -227,25 +285,34 @@ fn every_isa_gives_the_same_bits() {
 fn rows_are_batch_invariant() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let pool = pool();
+    let isa = Isa::detect();
     for quant in GgufQuant::ALL {
         let (n, k, total) = (45, 256, 300);
         let w = QuantMatrix::from_gguf(quant, &[(&random_blocks(&mut rng, quant, n, k), n)], k)
             .unwrap();
         let x = random_x(&mut rng, total * k);
-        let mut alone = vec![0f32; total * n];
-        for r in 0..total {
-            linear(
-                &x[r * k..(r + 1) * k],
-                1,
-                &w,
-                None,
-                &mut alone[r * n..(r + 1) * n],
-            );
-        }
-        for rows in [2, 3, 5, 8, 17, 130, 300] {
-            let mut out = vec![0f32; rows * n];
-            pool.install(|| linear(&x[..rows * k], rows, &w, None, &mut out));
-            assert_eq!(out, alone[..rows * n], "{quant}, batch of {rows}");
+        for codes in BOTH_CODES {
+            let mut alone = vec![0f32; total * n];
+            for r in 0..total {
+                linear_with(
+                    isa,
+                    codes,
+                    &x[r * k..(r + 1) * k],
+                    1,
+                    &w,
+                    None,
+                    &mut alone[r * n..(r + 1) * n],
+                );
+            }
+            for rows in [2, 3, 5, 8, 17, 130, 300] {
+                let mut out = vec![0f32; rows * n];
+                pool.install(|| linear_with(isa, codes, &x[..rows * k], rows, &w, None, &mut out));
+                assert_eq!(
+                    out,
+                    alone[..rows * n],
+                    "{quant}, batch of {rows}, {codes:?}"
+                );
+            }
         }
     }
 }
@@ -283,19 +350,22 @@ fn stacked_parts_of_mixed_types_compute_each_part_s_columns() {
     let n = stacked.n();
     let x = random_x(&mut rng, rows * k);
     let bias = random_x(&mut rng, n);
-    for isa in Isa::available() {
+    for (isa, codes) in Isa::available()
+        .into_iter()
+        .flat_map(|isa| BOTH_CODES.map(|codes| (isa, codes)))
+    {
         let mut out = vec![0f32; rows * n];
-        linear_stacked(isa, &x, rows, &stacked, Some(&bias), &mut out);
+        linear_stacked(isa, codes, &x, rows, &stacked, Some(&bias), &mut out);
         let mut col0 = 0;
         for part in &stacked.parts {
             let mut alone = vec![0f32; rows * part.n];
             let b = &bias[col0..col0 + part.n];
-            linear_with(isa, &x, rows, part, Some(b), &mut alone);
+            linear_with(isa, codes, &x, rows, part, Some(b), &mut alone);
             for r in 0..rows {
                 assert_eq!(
                     out[r * n + col0..r * n + col0 + part.n],
                     alone[r * part.n..(r + 1) * part.n],
-                    "{} row {r}, part at column {col0}",
+                    "{} {codes:?} row {r}, part at column {col0}",
                     isa.name()
                 );
             }
