@@ -22,7 +22,7 @@ pub const DEFAULT_KEPT_DIR_NAME: &str = "SmolLM2-135M-Instruct-gguf";
 /// Which form of the default model to prepare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefaultForm {
-    /// The GGUF's Q4_1 and Q8_0 blocks as they are, for CPU workers: 1.9x the bf16 decode
+    /// The GGUF's Q4_1 and Q8_0 blocks as they are, for CPU workers: twice the bf16 decode
     /// speed in three quarters of the memory, the dequantized weights' results
     /// (docs/benchmarks.md).
     KeptBlocks,
