@@ -18,8 +18,8 @@ use tandem_model::{
 
 use crate::gguf::names::unpermute_rows;
 use crate::gguf::{
-    ConfigFromGgufError, DequantError, GgufError, GgufFile, NameError, dequantize, model_config,
-    plan_tensors, vocab,
+    ConfigFromGgufError, DequantError, GgmlType, GgufError, GgufFile, NameError, dequantize,
+    model_config, plan_tensors, vocab,
 };
 use crate::gguf_tokenizer::{TokenizerBuildError, build_tokenizer};
 use crate::output::{OutputError, StagedDir};
@@ -35,7 +35,7 @@ pub struct ImportOptions {
     /// Replace a non-empty output directory.
     pub force: bool,
     /// Keep matrices of the GGUF types the CPU backend multiplies quantized (Q8_0, Q4_0, Q4_1,
-    /// Q5_0, Q4_K, Q6_K) as their GGUF blocks ([`tandem_model::gguf_quant`]); other tensors (norms,
+    /// Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) as their GGUF blocks ([`tandem_model::gguf_quant`]); other tensors (norms,
     /// other types) are dequantized into `dtype` as usual.
     pub keep_quant: bool,
 }
@@ -51,6 +51,9 @@ pub struct ImportSummary {
     pub weights_bytes: u64,
     /// GGUF tensor types converted, with how many tensors had each.
     pub source_types: BTreeMap<String, usize>,
+    /// With `keep_quant`: the quantized types of matrices dequantized all the same (types
+    /// the workers do not multiply as blocks), with how many matrices had each.
+    pub dequantized_quant_types: BTreeMap<String, usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +131,16 @@ pub fn import_gguf(
             keep.then_some(quant)
         })
         .collect();
+    let mut dequantized_quant_types = BTreeMap::new();
+    if options.keep_quant {
+        for (plan, quant) in plans.iter().zip(&kept) {
+            let ggml_type = file.tensors()[plan.gguf_index].ggml_type;
+            let quantized = ![GgmlType::F32, GgmlType::F16, GgmlType::BF16].contains(&ggml_type);
+            if quant.is_none() && quantized && plan.shape.len() == 2 {
+                *dequantized_quant_types.entry(ggml_type.name()).or_insert(0) += 1;
+            }
+        }
+    }
     if kept.iter().any(Option::is_some) {
         let mut gguf = GgufQuantConfig::default();
         for (plan, quant) in plans.iter().zip(&kept) {
@@ -241,6 +254,7 @@ pub fn import_gguf(
         parameter_count,
         weights_bytes,
         source_types,
+        dequantized_quant_types,
     })
 }
 

@@ -91,14 +91,54 @@ fn corrupt_magic_and_version() {
     assert!(msg.contains("tensor count"), "{msg}");
 }
 
+/// The byte offset of tensor `name`'s ggml type in a GGUF file's tensor table: its name
+/// (after a u64 length), then u32 dimensions, that many u64 sizes, the u32 type.
+fn type_offset(bytes: &[u8], name: &str) -> usize {
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name.as_bytes())
+        .unwrap_or_else(|| panic!("{name} not in the file"));
+    let dims_at = at + name.len();
+    let dims = u32::from_le_bytes(bytes[dims_at..dims_at + 4].try_into().unwrap()) as usize;
+    dims_at + 4 + 8 * dims
+}
+
 #[test]
 fn unsupported_tensor_type() {
+    let inputs = tempfile::tempdir().unwrap();
     let root = tempfile::tempdir().unwrap();
-    let msg = import_fails(&fixture("tiny_q5_1.gguf"), root.path(), &[]);
+    // blk.0.ffn_up.weight as IQ4_NL (id 20: 18 bytes a block of 32, within the Q8_0 data).
+    let gguf = edited(inputs.path(), |b| {
+        let at = type_offset(b, "blk.0.ffn_up.weight");
+        assert_eq!(b[at..at + 4], 8u32.to_le_bytes(), "Q8_0 in the fixture");
+        b[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
+    });
+    let msg = import_fails(&gguf, root.path(), &[]);
     assert!(
-        msg.contains("blk.0.ffn_up.weight") && msg.contains("Q5_1"),
+        msg.contains("blk.0.ffn_up.weight") && msg.contains("IQ4_NL"),
         "{msg}"
     );
+}
+
+#[test]
+fn a_q5_1_tensor_among_q8_0_ones_is_dequantized_or_kept() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("model");
+    let summary = import_gguf(&fixture("tiny_q5_1.gguf"), &out, &OPTIONS).unwrap();
+    assert_eq!(summary.source_types.get("Q5_1"), Some(&1));
+    assert!(summary.config.gguf_quant().is_none());
+    let kept = root.path().join("kept");
+    let options = ImportOptions {
+        keep_quant: true,
+        ..OPTIONS
+    };
+    let summary = import_gguf(&fixture("tiny_q5_1.gguf"), &kept, &options).unwrap();
+    let types = summary.config.gguf_quant().unwrap().tensor_types;
+    assert_eq!(
+        types.get("model.layers.0.mlp.up_proj.weight"),
+        Some(&tandem_model::GgufQuant::Q5_1)
+    );
+    assert!(summary.dequantized_quant_types.is_empty());
 }
 
 #[test]

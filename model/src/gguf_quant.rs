@@ -31,19 +31,25 @@ pub enum GgufQuant {
     Q4_1,
     /// 32 values: `d: f16`, `qh: u32` (fifth bits), `qs: [u8; 16]`; `y = d * (q - 16)`.
     Q5_0,
+    /// 32 values: `d: f16`, `m: f16`, `qh: u32` (fifth bits), `qs: [u8; 16]`; `y = d * q + m`.
+    Q5_1,
     /// 256 values in 8 sub-blocks of 32 with 6-bit scales and mins.
     Q4_K,
+    /// Q4_K's sub-blocks, scales and mins, with a fifth bit a code.
+    Q5_K,
     /// 256 values of 6 bits in 16 groups of 16 with 8-bit scales.
     Q6_K,
 }
 
 impl GgufQuant {
-    pub const ALL: [GgufQuant; 6] = [
+    pub const ALL: [GgufQuant; 8] = [
         GgufQuant::Q8_0,
         GgufQuant::Q4_0,
         GgufQuant::Q4_1,
         GgufQuant::Q5_0,
+        GgufQuant::Q5_1,
         GgufQuant::Q4_K,
+        GgufQuant::Q5_K,
         GgufQuant::Q6_K,
     ];
 
@@ -54,7 +60,9 @@ impl GgufQuant {
             GgufQuant::Q4_0 => "Q4_0",
             GgufQuant::Q4_1 => "Q4_1",
             GgufQuant::Q5_0 => "Q5_0",
+            GgufQuant::Q5_1 => "Q5_1",
             GgufQuant::Q4_K => "Q4_K",
+            GgufQuant::Q5_K => "Q5_K",
             GgufQuant::Q6_K => "Q6_K",
         }
     }
@@ -72,8 +80,10 @@ impl GgufQuant {
             GgufQuant::Q4_0 => 2,
             GgufQuant::Q4_1 => 3,
             GgufQuant::Q5_0 => 6,
+            GgufQuant::Q5_1 => 7,
             GgufQuant::Q8_0 => 8,
             GgufQuant::Q4_K => 12,
+            GgufQuant::Q5_K => 13,
             GgufQuant::Q6_K => 14,
         }
     }
@@ -81,8 +91,12 @@ impl GgufQuant {
     /// Values per block.
     pub fn block_elems(self) -> usize {
         match self {
-            GgufQuant::Q8_0 | GgufQuant::Q4_0 | GgufQuant::Q4_1 | GgufQuant::Q5_0 => 32,
-            GgufQuant::Q4_K | GgufQuant::Q6_K => 256,
+            GgufQuant::Q8_0
+            | GgufQuant::Q4_0
+            | GgufQuant::Q4_1
+            | GgufQuant::Q5_0
+            | GgufQuant::Q5_1 => 32,
+            GgufQuant::Q4_K | GgufQuant::Q5_K | GgufQuant::Q6_K => 256,
         }
     }
 
@@ -93,7 +107,9 @@ impl GgufQuant {
             GgufQuant::Q4_0 => 18,
             GgufQuant::Q4_1 => 20,
             GgufQuant::Q5_0 => 22,
+            GgufQuant::Q5_1 => 24,
             GgufQuant::Q4_K => 144,
+            GgufQuant::Q5_K => 176,
             GgufQuant::Q6_K => 210,
         }
     }
@@ -190,7 +206,7 @@ mod tests {
         for t in GgufQuant::ALL {
             assert_eq!(GgufQuant::parse(&t.to_string().to_lowercase()), Some(t));
         }
-        assert_eq!(GgufQuant::parse("Q5_1"), None);
+        assert_eq!(GgufQuant::parse("Q3_K"), None);
     }
 
     #[test]

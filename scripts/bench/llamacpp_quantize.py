@@ -14,12 +14,14 @@ import sys
 
 import llama_cpp
 
-# llama.h's `llama_ftype` values of the types scripts/bench-cpu uses.
+# llama.h's `llama_ftype` values of the types scripts/bench-cpu and the import checks use.
 FTYPES = {
     "q4_0": 2,
     "q4_1": 3,
     "q8_0": 7,
+    "q5_1": 9,
     "q4_k_m": 15,
+    "q5_k_m": 17,
     "q6_k": 18,
 }
 

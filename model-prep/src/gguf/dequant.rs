@@ -63,7 +63,9 @@ pub fn dequantize(
         GgmlType::Q4_0 => blocks::<18, 32>(data, &mut out, q4_0),
         GgmlType::Q4_1 => blocks::<20, 32>(data, &mut out, q4_1),
         GgmlType::Q5_0 => blocks::<22, 32>(data, &mut out, q5_0),
+        GgmlType::Q5_1 => blocks::<24, 32>(data, &mut out, q5_1),
         GgmlType::Q4_K => blocks::<144, 256>(data, &mut out, q4_k),
+        GgmlType::Q5_K => blocks::<176, 256>(data, &mut out, q5_k),
         GgmlType::Q6_K => blocks::<210, 256>(data, &mut out, q6_k),
         _ => return Err(unsupported()),
     }
@@ -137,6 +139,19 @@ fn q5_0(block: &[u8; 22], y: &mut [f32; 32]) {
     }
 }
 
+/// `d: f16, m: f16, qh: u32, qs: [u8; 16]`: codes as Q5_0's, unsigned; `y = d * q + m`.
+fn q5_1(block: &[u8; 24], y: &mut [f32; 32]) {
+    let d = half_at(block, 0);
+    let m = half_at(block, 2);
+    let qh = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
+    for (j, &q) in block[8..].iter().enumerate() {
+        let high0 = (((qh >> j) << 4) & 0x10) as u8;
+        let high1 = ((qh >> (j + 12)) & 0x10) as u8;
+        y[j] = d * f32::from((q & 0x0f) | high0) + m;
+        y[j + 16] = d * f32::from((q >> 4) | high1) + m;
+    }
+}
+
 /// The 6-bit scale and min of sub-block `j` of a Q4_K block, packed in 12 bytes
 /// (ggml's `get_scale_min_k4`).
 fn scale_min_k4(j: usize, scales: &[u8]) -> (u8, u8) {
@@ -166,6 +181,28 @@ fn q4_k(block: &[u8; 144], y: &mut [f32; 256]) {
         let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
         for (l, &q) in bytes.iter().enumerate() {
             y[32 * j + l] = dl * f32::from((q >> shift) & 0x0f) - ml;
+        }
+    }
+}
+
+/// `d: f16, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`: Q4_K's sub-blocks,
+/// scales and nibbles, and each code's fifth bit: bit `j` of `qh[l]` for element `l` of
+/// sub-block `j`; `y = (d * scale) * q - (dmin * min)`.
+fn q5_k(block: &[u8; 176], y: &mut [f32; 256]) {
+    let d = half_at(block, 0);
+    let dmin = half_at(block, 2);
+    let scales = &block[4..16];
+    let qh = &block[16..48];
+    let qs = &block[48..];
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, scales);
+        let dl = d * f32::from(sc);
+        let ml = dmin * f32::from(m);
+        let shift = 4 * (j % 2);
+        let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+        for (l, &q) in bytes.iter().enumerate() {
+            let code = ((q >> shift) & 0x0f) | (((qh[l] >> j) & 1) << 4);
+            y[32 * j + l] = dl * f32::from(code) - ml;
         }
     }
 }
@@ -232,6 +269,31 @@ mod tests {
     }
 
     #[test]
+    fn q5_1_takes_the_fifth_bits_from_qh_and_adds_the_min() {
+        let mut b = vec![];
+        b.extend(f16_bytes(0.5));
+        b.extend(f16_bytes(-2.0));
+        b.extend((1u32 << 3 | 1 << 19).to_le_bytes()); // element 3 and element 16 + 3
+        b.extend([0x21; 16]); // low nibbles 1, high nibbles 2
+        let y = dequantize("t", GgmlType::Q5_1, &b).unwrap();
+        assert_eq!((y[0], y[3]), (0.5 - 2.0, 8.5 - 2.0));
+        assert_eq!((y[16], y[19]), (1.0 - 2.0, 9.0 - 2.0));
+    }
+
+    #[test]
+    fn q5_k_fifth_bits_follow_the_sub_block() {
+        let mut b = [0u8; 176];
+        b[0..2].copy_from_slice(&f16_bytes(1.0));
+        b[4] = 1; // sub-block 0: scale 1, min 0
+        b[5] = 2; // sub-block 1: scale 2
+        b[16 + 7] = 0b10; // element 7 of sub-block 1: fifth bit
+        b[48 + 7] = 0x53; // element 7: sub-block 0 low nibble 3, sub-block 1 high nibble 5
+        let y = dequantize("t", GgmlType::Q5_K, &b).unwrap();
+        assert_eq!(y[7], 3.0);
+        assert_eq!(y[32 + 7], 2.0 * f32::from(0x15u8));
+    }
+
+    #[test]
     fn q4_k_scale_packing() {
         // Sub-block 5 takes its scale from byte 9's low nibble and byte 1's top bits.
         let mut scales = [0u8; 12];
@@ -256,10 +318,10 @@ mod tests {
 
     #[test]
     fn unsupported_type_and_partial_block_are_named() {
-        let err = dequantize("blk.0.attn_q.weight", GgmlType(7), &[0; 24]).unwrap_err();
+        let err = dequantize("blk.0.attn_q.weight", GgmlType(11), &[0; 110]).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("blk.0.attn_q.weight") && msg.contains("Q5_1"),
+            msg.contains("blk.0.attn_q.weight") && msg.contains("Q3_K"),
             "{msg}"
         );
         let err = dequantize("x", GgmlType::Q8_0, &[0; 35]).unwrap_err();

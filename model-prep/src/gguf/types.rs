@@ -52,13 +52,15 @@ impl GgmlType {
     pub const Q4_0: GgmlType = GgmlType(2);
     pub const Q4_1: GgmlType = GgmlType(3);
     pub const Q5_0: GgmlType = GgmlType(6);
+    pub const Q5_1: GgmlType = GgmlType(7);
     pub const Q8_0: GgmlType = GgmlType(8);
     pub const Q4_K: GgmlType = GgmlType(12);
+    pub const Q5_K: GgmlType = GgmlType(13);
     pub const Q6_K: GgmlType = GgmlType(14);
     pub const BF16: GgmlType = GgmlType(30);
 
     /// The types [`crate::gguf::dequant::dequantize`] converts.
-    pub const SUPPORTED: [GgmlType; 9] = [
+    pub const SUPPORTED: [GgmlType; 11] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -66,7 +68,9 @@ impl GgmlType {
         Self::Q4_0,
         Self::Q4_1,
         Self::Q5_0,
+        Self::Q5_1,
         Self::Q4_K,
+        Self::Q5_K,
         Self::Q6_K,
     ];
 
@@ -121,7 +125,8 @@ mod tests {
         assert_eq!(GgmlType::Q4_K.block_layout(), Some((256, 144)));
         assert_eq!(GgmlType(6).name(), "Q5_0");
         assert!(GgmlType(6).is_supported());
-        assert!(!GgmlType(7).is_supported());
+        assert!(GgmlType(7).is_supported() && GgmlType(13).is_supported());
+        assert!(!GgmlType(11).is_supported());
         assert_eq!(GgmlType(4).name(), "type 4");
         assert!(!GgmlType(4).is_known());
         assert!(GgmlType::SUPPORTED.iter().all(|t| t.is_known()));

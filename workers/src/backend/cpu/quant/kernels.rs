@@ -4,8 +4,8 @@
 //! One fixed arithmetic per output element, whatever kernel computes it: for each block `b` of
 //! 32 inputs, the exact integer sum `isum = sum(w_code * x_code)` (over the whole block, or over
 //! each half of 16 for [`Layout::BytesHalves`]), then in f32
-//! - `acc = fma(w_scale * x_scale, isum, acc)`, and for [`Layout::Nibbles`]
-//!   `acc = fma(w_min, x_scale * sum(x_codes), acc)`;
+//! - `acc = fma(w_scale * x_scale, isum, acc)`, and for [`Layout::Nibbles`] and
+//!   [`Layout::BytesMin`] `acc = fma(w_min, x_scale * sum(x_codes), acc)`;
 //! - for [`Layout::BytesHalves`], two accumulators (one per half) added at the end,
 //!
 //! in increasing `b`. Integer sums are exact in any order and a fused multiply-add is exactly
@@ -166,6 +166,7 @@ pub fn group_pair_dot(
             Layout::Nibbles => rows!(NIBBLES),
             Layout::Bytes => rows!(BYTES),
             Layout::BytesHalves => rows!(HALVES),
+            Layout::BytesMin => rows!(BYTES_MIN),
         }
     }
 }
@@ -223,6 +224,7 @@ pub fn group_dot(
                 Layout::Nibbles => rows!(NIBBLES),
                 Layout::Bytes => rows!(BYTES),
                 Layout::BytesHalves => rows!(HALVES),
+                Layout::BytesMin => rows!(BYTES_MIN),
             }
         }
     }
@@ -234,6 +236,26 @@ const NIBBLES: u8 = 0;
 const BYTES: u8 = 1;
 #[cfg(target_arch = "x86_64")]
 const HALVES: u8 = 2;
+#[cfg(target_arch = "x86_64")]
+const BYTES_MIN: u8 = 3;
+
+/// Whether layout `l`'s codes are unsigned (the weight is `vpdpbusd`'s unsigned operand as it
+/// is) and its blocks have a minimum (`fma(w_min, x_scale * sum(x_codes), acc)`).
+#[cfg(target_arch = "x86_64")]
+const fn unsigned_with_min(l: u8) -> bool {
+    l == NIBBLES || l == BYTES_MIN
+}
+
+/// Layout `l` of the kernels' const parameter.
+#[cfg(target_arch = "x86_64")]
+const fn layout_of(l: u8) -> Layout {
+    match l {
+        NIBBLES => Layout::Nibbles,
+        BYTES => Layout::Bytes,
+        BYTES_MIN => Layout::BytesMin,
+        _ => Layout::BytesHalves,
+    }
+}
 
 /// The portable twin: the same arithmetic, one column and row at a time.
 fn portable(layout: Layout, group: &[u8], x: &QuantRows, r0: usize, rows: usize, tile: &mut Tile) {
@@ -254,7 +276,7 @@ fn portable(layout: Layout, group: &[u8], x: &QuantRows, r0: usize, rows: usize,
                 };
                 let dx = scales[b];
                 match layout {
-                    Layout::Nibbles => {
+                    Layout::Nibbles | Layout::BytesMin => {
                         acc = (w.scale * dx).mul_add(dot(0..BLOCK) as f32, acc);
                         acc = w.second.mul_add(sums[b], acc);
                     }
@@ -278,17 +300,8 @@ fn portable(layout: Layout, group: &[u8], x: &QuantRows, r0: usize, rows: usize,
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BYTES, HALVES, NIBBLES, Tile};
+    use super::{BYTES, HALVES, NIBBLES, Tile, layout_of, unsigned_with_min};
     use crate::backend::cpu::quant::act::{BLOCK, QuantRows};
-    use crate::backend::cpu::quant::layout::Layout;
-
-    const fn layout_of(l: u8) -> Layout {
-        match l {
-            NIBBLES => Layout::Nibbles,
-            BYTES => Layout::Bytes,
-            _ => Layout::BytesHalves,
-        }
-    }
 
     macro_rules! kernel {
         ($name:ident, $features:literal, $dot:ident) => {
@@ -334,9 +347,9 @@ mod avx2 {
                             *run = unsafe { _mm256_loadu_si256(blk.add(32 * i).cast()) };
                         }
                     }
-                    // Unsigned operands: nibbles as they are, |code| for signed codes.
+                    // Unsigned operands: unsigned codes as they are, |code| for signed codes.
                     let mut unsigned = runs;
-                    if L != NIBBLES {
+                    if !unsigned_with_min(L) {
                         for u in unsigned.iter_mut() {
                             *u = _mm256_sign_epi8(*u, *u);
                         }
@@ -360,7 +373,7 @@ mod avx2 {
                             // SAFETY: 4 bytes of the block's 32.
                             let quad = unsafe { (xb.add(4 * i) as *const i32).read_unaligned() };
                             let xv = _mm256_set1_epi32(quad);
-                            let xv = if L == NIBBLES {
+                            let xv = if unsigned_with_min(L) {
                                 xv
                             } else {
                                 _mm256_sign_epi8(xv, runs[i])
@@ -386,7 +399,7 @@ mod avx2 {
                         } else {
                             let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
                             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, dx), isum, acc[r]);
-                            if L == NIBBLES {
+                            if unsigned_with_min(L) {
                                 acc[r] =
                                     _mm256_fmadd_ps(second, _mm256_set1_ps(xsum[r][b]), acc[r]);
                             }
@@ -434,17 +447,8 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{BYTES, HALVES, NIBBLES, PairTile};
+    use super::{BYTES, HALVES, NIBBLES, PairTile, layout_of, unsigned_with_min};
     use crate::backend::cpu::quant::act::{BLOCK, QuantRows};
-    use crate::backend::cpu::quant::layout::Layout;
-
-    const fn layout_of(l: u8) -> Layout {
-        match l {
-            NIBBLES => Layout::Nibbles,
-            BYTES => Layout::Bytes,
-            _ => Layout::BytesHalves,
-        }
-    }
 
     /// 32 bytes of each group side by side.
     #[inline]
@@ -502,7 +506,7 @@ mod avx512 {
             }
             // `128 * sum(codes)` of each column's two halves (signed codes only).
             let (mut fix_lo, mut fix_hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-            if L != NIBBLES {
+            if !unsigned_with_min(L) {
                 for (i, run) in runs.iter().enumerate() {
                     if i < 4 {
                         fix_lo = _mm512_dpbusd_epi32(fix_lo, ones, *run);
@@ -531,7 +535,7 @@ mod avx512 {
                 let mut hi = _mm512_setzero_si512();
                 for (i, run) in runs.iter().enumerate() {
                     let sum = if i < 4 { &mut lo } else { &mut hi };
-                    if L == NIBBLES {
+                    if unsigned_with_min(L) {
                         // SAFETY: 4 bytes of block b's 32 in row r.
                         let quad = unsafe {
                             (xc[r].add(b * BLOCK + 4 * i) as *const i32).read_unaligned()
@@ -545,7 +549,7 @@ mod avx512 {
                         *sum = _mm512_dpbusd_epi32(*sum, _mm512_set1_epi32(quad), *run);
                     }
                 }
-                if L != NIBBLES {
+                if !unsigned_with_min(L) {
                     lo = _mm512_sub_epi32(lo, fix_lo);
                     hi = _mm512_sub_epi32(hi, fix_hi);
                 }
@@ -560,7 +564,7 @@ mod avx512 {
                 } else {
                     let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
                     acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(s, dx), isum, acc[r]);
-                    if L == NIBBLES {
+                    if unsigned_with_min(L) {
                         acc[r] = _mm512_fmadd_ps(second, _mm512_set1_ps(xsum[r][b]), acc[r]);
                     }
                 }

@@ -5,18 +5,21 @@
 //! leaves each column's partial sum in its own lane: no horizontal sums), followed by their
 //! scales (and minimums) as f32.
 //!
-//! Every supported GGUF type becomes one of three layouts, each value kept exactly (the
+//! Every supported GGUF type becomes one of four layouts, each value kept exactly (the
 //! dequantized value of a repacked code is bitwise ggml's own):
 //! - [`Layout::Nibbles`] (Q4_0, Q4_1, Q4_K): 4-bit codes `q`, value `s * q + m` (Q4_0:
 //!   `m = -8 d`; Q4_K: each sub-block's `s = d * scale`, `m = -(dmin * min)`, what ggml
 //!   computes before the product);
 //! - [`Layout::Bytes`] (Q8_0, Q5_0): signed 8-bit codes, value `s * q` (Q5_0: `q - 16`);
-//! - [`Layout::BytesHalves`] (Q6_K): signed codes `q - 32`, a scale for each half of 16.
+//! - [`Layout::BytesHalves`] (Q6_K): signed codes `q - 32`, a scale for each half of 16;
+//! - [`Layout::BytesMin`] (Q5_1, Q5_K): unsigned 5-bit codes in bytes, value `s * q + m` as
+//!   Nibbles' (shifting them to signed codes, `q - 16` with `m + 16 s`, would round `m`
+//!   differently from ggml).
 //!
 //! Why repack rather than read the GGUF blocks in place: the interleaved runs let a kernel
 //! multiply eight columns at once with each column's sum in its own lane, and f32 scales (Q4_K's scale products do not fit an f16) need no
 //! conversion in the inner loop. The cost is memory: 24 bytes per 32 values for Q4_1 instead
-//! of 20, 36 instead of 34 for Q8_0, 40 instead of 26.25 for Q6_K.
+//! of 20, 36 instead of 34 for Q8_0, 40 instead of 26.25 for Q6_K, 24 for Q5_1 or 22 for Q5_K.
 
 use half::f16;
 use tandem_model::GgufQuant;
@@ -36,6 +39,8 @@ pub enum Layout {
     Bytes,
     /// `codes` as [`Layout::Bytes`], then `scale of values 0..16 [8]`, `scale of 16..32 [8]`.
     BytesHalves,
+    /// `codes` as [`Layout::Bytes`] (values 0..32), then `scale [8]`, `min [8]`.
+    BytesMin,
 }
 
 impl Layout {
@@ -44,6 +49,7 @@ impl Layout {
             GgufQuant::Q4_0 | GgufQuant::Q4_1 | GgufQuant::Q4_K => Layout::Nibbles,
             GgufQuant::Q8_0 | GgufQuant::Q5_0 => Layout::Bytes,
             GgufQuant::Q6_K => Layout::BytesHalves,
+            GgufQuant::Q5_1 | GgufQuant::Q5_K => Layout::BytesMin,
         }
     }
 
@@ -51,7 +57,7 @@ impl Layout {
     pub const fn codes_bytes(self) -> usize {
         match self {
             Layout::Nibbles => GROUP * BLOCK / 2,
-            Layout::Bytes | Layout::BytesHalves => GROUP * BLOCK,
+            Layout::Bytes | Layout::BytesHalves | Layout::BytesMin => GROUP * BLOCK,
         }
     }
 
@@ -59,7 +65,9 @@ impl Layout {
     pub const fn block_stride(self) -> usize {
         match self {
             Layout::Bytes => self.codes_bytes() + 4 * GROUP,
-            Layout::Nibbles | Layout::BytesHalves => self.codes_bytes() + 8 * GROUP,
+            Layout::Nibbles | Layout::BytesHalves | Layout::BytesMin => {
+                self.codes_bytes() + 8 * GROUP
+            }
         }
     }
 }
@@ -67,10 +75,11 @@ impl Layout {
 /// One block of 32 values of one row, as the layouts hold it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SubBlock {
-    /// Nibbles: 0..=15; bytes: signed codes.
+    /// Nibbles: 0..=15; bytes with a minimum: 0..=31; bytes: signed codes.
     pub codes: [i8; BLOCK],
     pub scale: f32,
-    /// Nibbles: the minimum; halves: the scale of values 16..32; bytes: unused (0).
+    /// Nibbles and bytes with a minimum: the minimum; halves: the scale of values 16..32;
+    /// bytes: unused (0).
     pub second: f32,
 }
 
@@ -79,7 +88,7 @@ impl SubBlock {
     pub fn value(&self, layout: Layout, i: usize) -> f32 {
         let q = f32::from(self.codes[i]);
         match layout {
-            Layout::Nibbles => self.scale * q + self.second,
+            Layout::Nibbles | Layout::BytesMin => self.scale * q + self.second,
             Layout::Bytes => self.scale * q,
             Layout::BytesHalves if i < BLOCK / 2 => self.scale * q,
             Layout::BytesHalves => self.second * q,
@@ -131,6 +140,18 @@ pub fn split_block(quant: GgufQuant, block: &[u8], out: &mut Vec<SubBlock>) {
             }
             out.push(sub);
         }
+        GgufQuant::Q5_1 => {
+            sub.scale = half_at(block, 0);
+            sub.second = half_at(block, 2);
+            let qh = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
+            for (j, &q) in block[8..24].iter().enumerate() {
+                let high0 = (((qh >> j) << 4) & 0x10) as u8;
+                let high1 = ((qh >> (j + 12)) & 0x10) as u8;
+                sub.codes[j] = ((q & 0x0f) | high0) as i8;
+                sub.codes[j + 16] = ((q >> 4) | high1) as i8;
+            }
+            out.push(sub);
+        }
         GgufQuant::Q4_0 | GgufQuant::Q4_1 => {
             let d = half_at(block, 0);
             let (m, qs) = if quant == GgufQuant::Q4_0 {
@@ -157,6 +178,24 @@ pub fn split_block(quant: GgufQuant, block: &[u8], out: &mut Vec<SubBlock>) {
                 let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
                 for (c, &q) in sub.codes.iter_mut().zip(bytes) {
                     *c = ((q >> shift) & 0x0f) as i8;
+                }
+                sub.scale = d * f32::from(sc);
+                sub.second = -(dmin * f32::from(mn));
+                out.push(sub);
+            }
+        }
+        GgufQuant::Q5_K => {
+            let d = half_at(block, 0);
+            let dmin = half_at(block, 2);
+            let scales = &block[4..16];
+            let qh = &block[16..48];
+            let qs = &block[48..176];
+            for j in 0..8 {
+                let (sc, mn) = scale_min_k4(j, scales);
+                let shift = 4 * (j % 2);
+                let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+                for (l, (c, &q)) in sub.codes.iter_mut().zip(bytes).enumerate() {
+                    *c = (((q >> shift) & 0x0f) | (((qh[l] >> j) & 1) << 4)) as i8;
                 }
                 sub.scale = d * f32::from(sc);
                 sub.second = -(dmin * f32::from(mn));
@@ -199,7 +238,7 @@ pub fn put(layout: Layout, dst: &mut [u8], j: usize, sub: &SubBlock) {
                     (sub.codes[e] as u8 & 0x0f) | ((sub.codes[e + 16] as u8) << 4);
             }
         }
-        Layout::Bytes | Layout::BytesHalves => {
+        Layout::Bytes | Layout::BytesHalves | Layout::BytesMin => {
             for (e, &q) in sub.codes.iter().enumerate() {
                 dst[code_byte(j, e)] = q as u8;
             }
@@ -224,7 +263,7 @@ pub fn get(layout: Layout, src: &[u8], j: usize) -> SubBlock {
                 codes[e + 16] = (b >> 4) as i8;
             }
         }
-        Layout::Bytes | Layout::BytesHalves => {
+        Layout::Bytes | Layout::BytesHalves | Layout::BytesMin => {
             for (e, c) in codes.iter_mut().enumerate() {
                 *c = src[code_byte(j, e)] as i8;
             }

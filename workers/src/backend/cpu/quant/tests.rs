@@ -18,11 +18,11 @@ fn random_blocks(rng: &mut ChaCha8Rng, quant: GgufQuant, rows: usize, k: usize) 
             GgufQuant::Q8_0 | GgufQuant::Q4_0 | GgufQuant::Q5_0 => {
                 block[..2].copy_from_slice(&half(rng, 1e-3, 2e-2))
             }
-            GgufQuant::Q4_1 => {
+            GgufQuant::Q4_1 | GgufQuant::Q5_1 => {
                 block[..2].copy_from_slice(&half(rng, 1e-3, 2e-2));
                 block[2..4].copy_from_slice(&half(rng, -0.1, 0.0));
             }
-            GgufQuant::Q4_K => {
+            GgufQuant::Q4_K | GgufQuant::Q5_K => {
                 block[..2].copy_from_slice(&half(rng, 1e-4, 1e-3));
                 block[2..4].copy_from_slice(&half(rng, 1e-4, 1e-3));
             }
@@ -70,6 +70,49 @@ fn ggml_dequantize(quant: GgufQuant, row: &[u8]) -> Vec<f32> {
                     v[j + 16] = (((b[6 + j] >> 4) as i32 + fifth(j + 16) - 16) as f32) * d;
                 }
                 y.extend(v);
+            }
+            GgufQuant::Q5_1 => {
+                let (d, m) = (h(b, 0), h(b, 2));
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                let mut v = [0f32; 32];
+                for j in 0..16 {
+                    let fifth = |bit: usize| ((qh >> bit) & 1) as i32 * 16;
+                    v[j] = ((b[8 + j] & 15) as i32 + fifth(j)) as f32 * d + m;
+                    v[j + 16] = ((b[8 + j] >> 4) as i32 + fifth(j + 16)) as f32 * d + m;
+                }
+                y.extend(v);
+            }
+            GgufQuant::Q5_K => {
+                // As ggml's dequantize_row_q5_K: 64 values a pass, two scales and two bits.
+                let (d, dmin, sc, qh) = (h(b, 0), h(b, 2), &b[4..16], &b[16..48]);
+                let scale_min = |j: usize| {
+                    if j < 4 {
+                        (sc[j] & 63, sc[j + 4] & 63)
+                    } else {
+                        (
+                            (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4),
+                            (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+                        )
+                    }
+                };
+                let (mut u1, mut u2) = (1u8, 2u8);
+                for pass in 0..4 {
+                    let ql = &b[48 + 32 * pass..48 + 32 * pass + 32];
+                    let (s1, m1) = scale_min(2 * pass);
+                    let (s2, m2) = scale_min(2 * pass + 1);
+                    let (d1, m1) = (d * f32::from(s1), dmin * f32::from(m1));
+                    let (d2, m2) = (d * f32::from(s2), dmin * f32::from(m2));
+                    for l in 0..32 {
+                        let q = (ql[l] & 15) + if qh[l] & u1 != 0 { 16 } else { 0 };
+                        y.push(d1 * f32::from(q) - m1);
+                    }
+                    for l in 0..32 {
+                        let q = (ql[l] >> 4) + if qh[l] & u2 != 0 { 16 } else { 0 };
+                        y.push(d2 * f32::from(q) - m2);
+                    }
+                    u1 <<= 2;
+                    u2 <<= 2;
+                }
             }
             GgufQuant::Q4_K => {
                 let (d, dmin, sc, qs) = (h(b, 0), h(b, 2), &b[4..16], &b[16..]);
