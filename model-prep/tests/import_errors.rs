@@ -107,15 +107,15 @@ fn type_offset(bytes: &[u8], name: &str) -> usize {
 fn unsupported_tensor_type() {
     let inputs = tempfile::tempdir().unwrap();
     let root = tempfile::tempdir().unwrap();
-    // blk.0.ffn_up.weight as IQ4_NL (id 20: 18 bytes a block of 32, within the Q8_0 data).
+    // blk.0.ffn_up.weight as MXFP4 (id 39: 17 bytes a block of 32, within the Q8_0 data).
     let gguf = edited(inputs.path(), |b| {
         let at = type_offset(b, "blk.0.ffn_up.weight");
         assert_eq!(b[at..at + 4], 8u32.to_le_bytes(), "Q8_0 in the fixture");
-        b[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
+        b[at..at + 4].copy_from_slice(&39u32.to_le_bytes());
     });
     let msg = import_fails(&gguf, root.path(), &[]);
     assert!(
-        msg.contains("blk.0.ffn_up.weight") && msg.contains("IQ4_NL"),
+        msg.contains("blk.0.ffn_up.weight") && msg.contains("MXFP4"),
         "{msg}"
     );
 }

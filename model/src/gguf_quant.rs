@@ -39,10 +39,15 @@ pub enum GgufQuant {
     Q5_K,
     /// 256 values of 6 bits in 16 groups of 16 with 8-bit scales.
     Q6_K,
+    /// 32 values: `d: f16`, `qs: [u8; 16]` (nibbles), each an index into a table of 16 i8
+    /// values; `y = d * table[q]`.
+    IQ4_NL,
+    /// 256 values in 8 sub-blocks of 32 with 6-bit scales, IQ4_NL's table.
+    IQ4_XS,
 }
 
 impl GgufQuant {
-    pub const ALL: [GgufQuant; 8] = [
+    pub const ALL: [GgufQuant; 10] = [
         GgufQuant::Q8_0,
         GgufQuant::Q4_0,
         GgufQuant::Q4_1,
@@ -51,6 +56,8 @@ impl GgufQuant {
         GgufQuant::Q4_K,
         GgufQuant::Q5_K,
         GgufQuant::Q6_K,
+        GgufQuant::IQ4_NL,
+        GgufQuant::IQ4_XS,
     ];
 
     /// ggml's name (`Q4_1`).
@@ -64,6 +71,8 @@ impl GgufQuant {
             GgufQuant::Q4_K => "Q4_K",
             GgufQuant::Q5_K => "Q5_K",
             GgufQuant::Q6_K => "Q6_K",
+            GgufQuant::IQ4_NL => "IQ4_NL",
+            GgufQuant::IQ4_XS => "IQ4_XS",
         }
     }
 
@@ -85,6 +94,8 @@ impl GgufQuant {
             GgufQuant::Q4_K => 12,
             GgufQuant::Q5_K => 13,
             GgufQuant::Q6_K => 14,
+            GgufQuant::IQ4_NL => 20,
+            GgufQuant::IQ4_XS => 23,
         }
     }
 
@@ -95,8 +106,9 @@ impl GgufQuant {
             | GgufQuant::Q4_0
             | GgufQuant::Q4_1
             | GgufQuant::Q5_0
-            | GgufQuant::Q5_1 => 32,
-            GgufQuant::Q4_K | GgufQuant::Q5_K | GgufQuant::Q6_K => 256,
+            | GgufQuant::Q5_1
+            | GgufQuant::IQ4_NL => 32,
+            GgufQuant::Q4_K | GgufQuant::Q5_K | GgufQuant::Q6_K | GgufQuant::IQ4_XS => 256,
         }
     }
 
@@ -111,6 +123,8 @@ impl GgufQuant {
             GgufQuant::Q4_K => 144,
             GgufQuant::Q5_K => 176,
             GgufQuant::Q6_K => 210,
+            GgufQuant::IQ4_NL => 18,
+            GgufQuant::IQ4_XS => 136,
         }
     }
 
@@ -225,9 +239,9 @@ mod tests {
         assert!(GgufQuantConfig::is_gguf(&value));
         assert_eq!(GgufQuantConfig::from_config(&value).unwrap(), config);
         assert_eq!(config.main_type(), Some(GgufQuant::Q4_1));
-        let bad = json!({"quant_method": "gguf", "tensor_types": {"x.weight": "Q5_K"}});
+        let bad = json!({"quant_method": "gguf", "tensor_types": {"x.weight": "Q3_K"}});
         let err = GgufQuantConfig::from_config(&bad).unwrap_err();
-        assert!(err.contains("x.weight") && err.contains("Q5_K"), "{err}");
+        assert!(err.contains("x.weight") && err.contains("Q3_K"), "{err}");
         assert!(GgufQuantConfig::from_config(&json!({"quant_method": "gguf"})).is_err());
     }
 }

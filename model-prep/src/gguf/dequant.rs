@@ -67,6 +67,8 @@ pub fn dequantize(
         GgmlType::Q4_K => blocks::<144, 256>(data, &mut out, q4_k),
         GgmlType::Q5_K => blocks::<176, 256>(data, &mut out, q5_k),
         GgmlType::Q6_K => blocks::<210, 256>(data, &mut out, q6_k),
+        GgmlType::IQ4_NL => blocks::<18, 32>(data, &mut out, iq4_nl),
+        GgmlType::IQ4_XS => blocks::<136, 256>(data, &mut out, iq4_xs),
         _ => return Err(unsupported()),
     }
     Ok(out)
@@ -223,6 +225,40 @@ fn q6_k(block: &[u8; 210], y: &mut [f32; 256]) {
         let q = (low | (high << 4)) as i8 - 32;
         let dl = d * f32::from(scales[i / 16] as i8);
         *y = dl * f32::from(q);
+    }
+}
+
+/// The 16 values IQ4_NL and IQ4_XS codes stand for (ggml's `kvalues_iq4nl`).
+pub const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// `d: f16, qs: [u8; 16]`: nibbles as Q4_0 (low nibbles elements 0..16), each an index into
+/// [`IQ4_VALUES`]; `y = d * value`.
+fn iq4_nl(block: &[u8; 18], y: &mut [f32; 32]) {
+    let d = half_at(block, 0);
+    for (i, &q) in block[2..].iter().enumerate() {
+        y[i] = d * f32::from(IQ4_VALUES[usize::from(q & 0x0f)]);
+        y[i + 16] = d * f32::from(IQ4_VALUES[usize::from(q >> 4)]);
+    }
+}
+
+/// `d: f16, scales_h: u16, scales_l: [u8; 4], qs: [u8; 128]`: eight sub-blocks of 32, each
+/// with a 6-bit scale `ls` (low 4 bits from `scales_l`, high 2 from `scales_h`) and IQ4_NL's
+/// codes in 16 bytes; `y = (d * (ls - 32)) * value`.
+fn iq4_xs(block: &[u8; 136], y: &mut [f32; 256]) {
+    let d = half_at(block, 0);
+    let scales_h = u16::from_le_bytes([block[2], block[3]]);
+    let scales_l = &block[4..8];
+    let qs = &block[8..];
+    for j in 0..8 {
+        let low = (scales_l[j / 2] >> (4 * (j % 2))) & 0x0f;
+        let high = ((scales_h >> (2 * j)) & 3) as u8;
+        let dl = d * f32::from((low | (high << 4)) as i8 - 32);
+        for (l, &q) in qs[16 * j..16 * j + 16].iter().enumerate() {
+            y[32 * j + l] = dl * f32::from(IQ4_VALUES[usize::from(q & 0x0f)]);
+            y[32 * j + l + 16] = dl * f32::from(IQ4_VALUES[usize::from(q >> 4)]);
+        }
     }
 }
 

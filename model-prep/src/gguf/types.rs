@@ -57,10 +57,12 @@ impl GgmlType {
     pub const Q4_K: GgmlType = GgmlType(12);
     pub const Q5_K: GgmlType = GgmlType(13);
     pub const Q6_K: GgmlType = GgmlType(14);
+    pub const IQ4_NL: GgmlType = GgmlType(20);
+    pub const IQ4_XS: GgmlType = GgmlType(23);
     pub const BF16: GgmlType = GgmlType(30);
 
     /// The types [`crate::gguf::dequant::dequantize`] converts.
-    pub const SUPPORTED: [GgmlType; 11] = [
+    pub const SUPPORTED: [GgmlType; 13] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -72,6 +74,8 @@ impl GgmlType {
         Self::Q4_K,
         Self::Q5_K,
         Self::Q6_K,
+        Self::IQ4_NL,
+        Self::IQ4_XS,
     ];
 
     fn entry(self) -> Option<&'static (u32, &'static str, u64, u64)> {

@@ -10,7 +10,9 @@
 //! - [`Layout::Nibbles`] (Q4_0, Q4_1, Q4_K): 4-bit codes `q`, value `s * q + m` (Q4_0:
 //!   `m = -8 d`; Q4_K: each sub-block's `s = d * scale`, `m = -(dmin * min)`, what ggml
 //!   computes before the product);
-//! - [`Layout::Bytes`] (Q8_0, Q5_0): signed 8-bit codes, value `s * q` (Q5_0: `q - 16`);
+//! - [`Layout::Bytes`] (Q8_0, Q5_0, IQ4_NL, IQ4_XS): signed 8-bit codes, value `s * q` (Q5_0:
+//!   `q - 16`; the IQ4 types: the value their 4-bit index stands for, IQ4_XS's `s` each
+//!   sub-block's `d * (scale - 32)`, what ggml computes before the product);
 //! - [`Layout::BytesHalves`] (Q6_K): signed codes `q - 32`, a scale for each half of 16;
 //! - [`Layout::BytesMin`] (Q5_1, Q5_K): unsigned 5-bit codes in bytes, value `s * q + m` as
 //!   Nibbles' (shifting them to signed codes, `q - 16` with `m + 16 s`, would round `m`
@@ -19,7 +21,8 @@
 //! Why repack rather than read the GGUF blocks in place: the interleaved runs let a kernel
 //! multiply eight columns at once with each column's sum in its own lane, and f32 scales (Q4_K's scale products do not fit an f16) need no
 //! conversion in the inner loop. The cost is memory: 24 bytes per 32 values for Q4_1 instead
-//! of 20, 36 instead of 34 for Q8_0, 40 instead of 26.25 for Q6_K, 24 for Q5_1 or 22 for Q5_K.
+//! of 20, 36 instead of 34 for Q8_0 (and 18 or 17 for the IQ4 types), 40 instead of 26.25 for
+//! Q6_K, 24 for Q5_1 or 22 for Q5_K.
 
 use half::f16;
 use tandem_model::GgufQuant;
@@ -47,7 +50,9 @@ impl Layout {
     pub fn for_quant(quant: GgufQuant) -> Self {
         match quant {
             GgufQuant::Q4_0 | GgufQuant::Q4_1 | GgufQuant::Q4_K => Layout::Nibbles,
-            GgufQuant::Q8_0 | GgufQuant::Q5_0 => Layout::Bytes,
+            GgufQuant::Q8_0 | GgufQuant::Q5_0 | GgufQuant::IQ4_NL | GgufQuant::IQ4_XS => {
+                Layout::Bytes
+            }
             GgufQuant::Q6_K => Layout::BytesHalves,
             GgufQuant::Q5_1 | GgufQuant::Q5_K => Layout::BytesMin,
         }
@@ -96,6 +101,11 @@ impl SubBlock {
     }
 }
 
+/// The 16 values IQ4_NL and IQ4_XS codes stand for (ggml's `kvalues_iq4nl`).
+const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
 fn half_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
@@ -139,6 +149,30 @@ pub fn split_block(quant: GgufQuant, block: &[u8], out: &mut Vec<SubBlock>) {
                 sub.codes[j + 16] = ((q >> 4) | high1) as i8 - 16;
             }
             out.push(sub);
+        }
+        GgufQuant::IQ4_NL => {
+            sub.scale = half_at(block, 0);
+            for (i, &q) in block[2..18].iter().enumerate() {
+                sub.codes[i] = IQ4_VALUES[usize::from(q & 0x0f)];
+                sub.codes[i + 16] = IQ4_VALUES[usize::from(q >> 4)];
+            }
+            out.push(sub);
+        }
+        GgufQuant::IQ4_XS => {
+            let d = half_at(block, 0);
+            let scales_h = u16::from_le_bytes([block[2], block[3]]);
+            let scales_l = &block[4..8];
+            let qs = &block[8..136];
+            for j in 0..8 {
+                let low = (scales_l[j / 2] >> (4 * (j % 2))) & 0x0f;
+                let high = ((scales_h >> (2 * j)) & 3) as u8;
+                sub.scale = d * f32::from((low | (high << 4)) as i8 - 32);
+                for (l, &q) in qs[16 * j..16 * j + 16].iter().enumerate() {
+                    sub.codes[l] = IQ4_VALUES[usize::from(q & 0x0f)];
+                    sub.codes[l + 16] = IQ4_VALUES[usize::from(q >> 4)];
+                }
+                out.push(sub);
+            }
         }
         GgufQuant::Q5_1 => {
             sub.scale = half_at(block, 0);

@@ -27,6 +27,8 @@ fn random_blocks(rng: &mut ChaCha8Rng, quant: GgufQuant, rows: usize, k: usize) 
                 block[2..4].copy_from_slice(&half(rng, 1e-4, 1e-3));
             }
             GgufQuant::Q6_K => block[208..210].copy_from_slice(&half(rng, 1e-4, 1e-3)),
+            GgufQuant::IQ4_NL => block[..2].copy_from_slice(&half(rng, 1e-4, 2e-4)),
+            GgufQuant::IQ4_XS => block[..2].copy_from_slice(&half(rng, 1e-5, 1e-4)),
         }
         out.extend(block);
     }
@@ -130,6 +132,31 @@ fn ggml_dequantize(quant: GgufQuant, row: &[u8]) -> Vec<f32> {
                         let q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
                         y.push(dl * f32::from(q) - ml);
                     }
+                }
+            }
+            GgufQuant::IQ4_NL | GgufQuant::IQ4_XS => {
+                // As ggml's dequantize_row_iq4_nl / _iq4_xs.
+                const K: [i8; 16] = [
+                    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+                ];
+                let d = h(b, 0);
+                let (subs, qs) = if quant == GgufQuant::IQ4_NL {
+                    (1, &b[2..])
+                } else {
+                    (8, &b[8..])
+                };
+                for ib in 0..subs {
+                    let dl = if quant == GgufQuant::IQ4_NL {
+                        d
+                    } else {
+                        let scales_h = u16::from_le_bytes([b[2], b[3]]) as i32;
+                        let ls = ((b[4 + ib / 2] as i32 >> (4 * (ib % 2))) & 0xf)
+                            | (((scales_h >> (2 * ib)) & 3) << 4);
+                        d * (ls - 32) as f32
+                    };
+                    let q = &qs[16 * ib..16 * ib + 16];
+                    y.extend(q.iter().map(|&q| dl * f32::from(K[(q & 0xf) as usize])));
+                    y.extend(q.iter().map(|&q| dl * f32::from(K[(q >> 4) as usize])));
                 }
             }
             GgufQuant::Q6_K => {
