@@ -18,7 +18,9 @@
 //! one `vpdpbusd` with AVX-VNNI: unsigned times signed bytes, so signed weight codes take their
 //! absolute value and lend their sign to the activation), so each column's sum stays in its
 //! own lane, and accumulate eight columns with one fused multiply-add per block. A tile of
-//! several rows loads (and unpacks) each weight block once for all of them.
+//! several rows loads (and unpacks) each weight block once for all of them. IQ4's indices
+//! ([`Layout::Indices`]) are unpacked as nibbles and turned into their signed values by one
+//! byte shuffle (`pshufb` within each 128-bit lane), then taken as signed codes.
 
 use super::act::{BLOCK, QuantRows};
 use super::layout::{GROUP, Layout};
@@ -167,6 +169,7 @@ pub fn group_pair_dot(
             Layout::Bytes => rows!(BYTES),
             Layout::BytesHalves => rows!(HALVES),
             Layout::BytesMin => rows!(BYTES_MIN),
+            Layout::Indices => rows!(INDICES),
         }
     }
 }
@@ -225,6 +228,7 @@ pub fn group_dot(
                 Layout::Bytes => rows!(BYTES),
                 Layout::BytesHalves => rows!(HALVES),
                 Layout::BytesMin => rows!(BYTES_MIN),
+                Layout::Indices => rows!(INDICES),
             }
         }
     }
@@ -238,6 +242,20 @@ const BYTES: u8 = 1;
 const HALVES: u8 = 2;
 #[cfg(target_arch = "x86_64")]
 const BYTES_MIN: u8 = 3;
+#[cfg(target_arch = "x86_64")]
+const INDICES: u8 = 4;
+
+/// Whether layout `l`'s codes are packed in nibbles (4-bit codes, or indices).
+#[cfg(target_arch = "x86_64")]
+const fn nibbles(l: u8) -> bool {
+    l == NIBBLES || l == INDICES
+}
+
+/// Whether layout `l`'s blocks have a scale and no second run of f32s.
+#[cfg(target_arch = "x86_64")]
+const fn scale_only(l: u8) -> bool {
+    l == BYTES || l == INDICES
+}
 
 /// Whether layout `l`'s codes are unsigned (the weight is `vpdpbusd`'s unsigned operand as it
 /// is) and its blocks have a minimum (`fma(w_min, x_scale * sum(x_codes), acc)`).
@@ -253,6 +271,7 @@ const fn layout_of(l: u8) -> Layout {
         NIBBLES => Layout::Nibbles,
         BYTES => Layout::Bytes,
         BYTES_MIN => Layout::BytesMin,
+        INDICES => Layout::Indices,
         _ => Layout::BytesHalves,
     }
 }
@@ -280,7 +299,9 @@ fn portable(layout: Layout, group: &[u8], x: &QuantRows, r0: usize, rows: usize,
                         acc = (w.scale * dx).mul_add(dot(0..BLOCK) as f32, acc);
                         acc = w.second.mul_add(sums[b], acc);
                     }
-                    Layout::Bytes => acc = (w.scale * dx).mul_add(dot(0..BLOCK) as f32, acc),
+                    Layout::Bytes | Layout::Indices => {
+                        acc = (w.scale * dx).mul_add(dot(0..BLOCK) as f32, acc)
+                    }
                     Layout::BytesHalves => {
                         acc = (w.scale * dx).mul_add(dot(0..BLOCK / 2) as f32, acc);
                         acc_hi = (w.second * dx).mul_add(dot(BLOCK / 2..BLOCK) as f32, acc_hi);
@@ -300,8 +321,9 @@ fn portable(layout: Layout, group: &[u8], x: &QuantRows, r0: usize, rows: usize,
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BYTES, HALVES, NIBBLES, Tile, layout_of, unsigned_with_min};
+    use super::{HALVES, INDICES, Tile, layout_of, nibbles, scale_only, unsigned_with_min};
     use crate::backend::cpu::quant::act::{BLOCK, QuantRows};
+    use crate::backend::cpu::quant::layout::IQ4_VALUES;
 
     macro_rules! kernel {
         ($name:ident, $features:literal, $dot:ident) => {
@@ -320,6 +342,11 @@ mod avx2 {
                 let stride = layout.block_stride();
                 let codes_bytes = layout.codes_bytes();
                 let low = _mm256_set1_epi8(0x0f);
+                // IQ4's 16 values in each 128-bit lane, for the byte shuffle of indices.
+                let table = _mm256_broadcastsi128_si256(unsafe {
+                    // SAFETY: 16 bytes.
+                    _mm_loadu_si128(IQ4_VALUES.as_ptr().cast())
+                });
                 let mut acc = [_mm256_setzero_ps(); R];
                 let mut acc_hi = [_mm256_setzero_ps(); R];
                 let xc: [*const i8; R] = std::array::from_fn(|r| x.row_codes(r0 + r).as_ptr());
@@ -332,7 +359,7 @@ mod avx2 {
                     // (`hi`) of each run; bytes as they are.
                     let mut runs = [_mm256_setzero_si256(); 8];
                     for (i, run) in runs.iter_mut().enumerate() {
-                        if L == NIBBLES {
+                        if nibbles(L) {
                             if i < 4 {
                                 // SAFETY: run i of 4.
                                 let v = unsafe { _mm256_loadu_si256(blk.add(32 * i).cast()) };
@@ -346,6 +373,9 @@ mod avx2 {
                             // SAFETY: run i of 8.
                             *run = unsafe { _mm256_loadu_si256(blk.add(32 * i).cast()) };
                         }
+                        if L == INDICES {
+                            *run = _mm256_shuffle_epi8(table, *run);
+                        }
                     }
                     // Unsigned operands: unsigned codes as they are, |code| for signed codes.
                     let mut unsigned = runs;
@@ -357,7 +387,7 @@ mod avx2 {
                     // SAFETY: the scales (and the second run of them) follow the codes.
                     let (s, second) = unsafe {
                         let s = _mm256_loadu_ps(blk.add(codes_bytes).cast());
-                        let second = if L == BYTES {
+                        let second = if scale_only(L) {
                             _mm256_setzero_ps()
                         } else {
                             _mm256_loadu_ps(blk.add(codes_bytes + 32).cast())
@@ -447,8 +477,9 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{BYTES, HALVES, NIBBLES, PairTile, layout_of, unsigned_with_min};
+    use super::{HALVES, INDICES, PairTile, layout_of, nibbles, scale_only, unsigned_with_min};
     use crate::backend::cpu::quant::act::{BLOCK, QuantRows};
+    use crate::backend::cpu::quant::layout::IQ4_VALUES;
 
     /// 32 bytes of each group side by side.
     #[inline]
@@ -479,6 +510,9 @@ mod avx512 {
         let codes_bytes = layout.codes_bytes();
         let low = _mm512_set1_epi8(0x0f);
         let ones = _mm512_set1_epi8(1);
+        // IQ4's 16 values in each 128-bit lane, for the byte shuffle of indices.
+        // SAFETY: 16 bytes.
+        let table = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(IQ4_VALUES.as_ptr().cast()) });
         let mut acc = [_mm512_setzero_ps(); R];
         let mut acc_hi = [_mm512_setzero_ps(); R];
         let xc: [*const i8; R] = std::array::from_fn(|r| x.row_codes(r0 + r).as_ptr());
@@ -490,7 +524,7 @@ mod avx512 {
             let (b0, b1) = unsafe { (w0.add(b * stride), w1.add(b * stride)) };
             let mut runs = [_mm512_setzero_si512(); 8];
             for (i, run) in runs.iter_mut().enumerate() {
-                if L == NIBBLES {
+                if nibbles(L) {
                     let at = 32 * (i % 4);
                     // SAFETY: run i % 4 of 4 in both groups.
                     let v = unsafe { load_pair(b0.add(at), b1.add(at)) };
@@ -502,6 +536,9 @@ mod avx512 {
                 } else {
                     // SAFETY: run i of 8 in both groups.
                     *run = unsafe { load_pair(b0.add(32 * i), b1.add(32 * i)) };
+                }
+                if L == INDICES {
+                    *run = _mm512_shuffle_epi8(table, *run);
                 }
             }
             // `128 * sum(codes)` of each column's two halves (signed codes only).
@@ -520,7 +557,7 @@ mod avx512 {
             // SAFETY: the scales (and the second run of them) follow the codes.
             let (s, second) = unsafe {
                 let s = _mm512_castsi512_ps(load_pair(b0.add(codes_bytes), b1.add(codes_bytes)));
-                let second = if L == BYTES {
+                let second = if scale_only(L) {
                     _mm512_setzero_ps()
                 } else {
                     _mm512_castsi512_ps(load_pair(

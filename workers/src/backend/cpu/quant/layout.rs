@@ -5,14 +5,16 @@
 //! leaves each column's partial sum in its own lane: no horizontal sums), followed by their
 //! scales (and minimums) as f32.
 //!
-//! Every supported GGUF type becomes one of four layouts, each value kept exactly (the
+//! Every supported GGUF type becomes one of five layouts, each value kept exactly (the
 //! dequantized value of a repacked code is bitwise ggml's own):
 //! - [`Layout::Nibbles`] (Q4_0, Q4_1, Q4_K): 4-bit codes `q`, value `s * q + m` (Q4_0:
 //!   `m = -8 d`; Q4_K: each sub-block's `s = d * scale`, `m = -(dmin * min)`, what ggml
 //!   computes before the product);
-//! - [`Layout::Bytes`] (Q8_0, Q5_0, IQ4_NL, IQ4_XS): signed 8-bit codes, value `s * q` (Q5_0:
-//!   `q - 16`; the IQ4 types: the value their 4-bit index stands for, IQ4_XS's `s` each
-//!   sub-block's `d * (scale - 32)`, what ggml computes before the product);
+//! - [`Layout::Bytes`] (Q8_0, Q5_0): signed 8-bit codes, value `s * q` (Q5_0: `q - 16`);
+//! - [`Layout::Indices`] (IQ4_NL, IQ4_XS): 4-bit indices into [`IQ4_VALUES`], packed as
+//!   Nibbles' codes, value `s * IQ4_VALUES[i]` (IQ4_XS's `s` each sub-block's
+//!   `d * (scale - 32)`, what ggml computes before the product); the kernels turn the indices
+//!   into their signed values with one byte shuffle and go on as for bytes;
 //! - [`Layout::BytesHalves`] (Q6_K): signed codes `q - 32`, a scale for each half of 16;
 //! - [`Layout::BytesMin`] (Q5_1, Q5_K): unsigned 5-bit codes in bytes, value `s * q + m` as
 //!   Nibbles' (shifting them to signed codes, `q - 16` with `m + 16 s`, would round `m`
@@ -21,7 +23,7 @@
 //! Why repack rather than read the GGUF blocks in place: the interleaved runs let a kernel
 //! multiply eight columns at once with each column's sum in its own lane, and f32 scales (Q4_K's scale products do not fit an f16) need no
 //! conversion in the inner loop. The cost is memory: 24 bytes per 32 values for Q4_1 instead
-//! of 20, 36 instead of 34 for Q8_0 (and 18 or 17 for the IQ4 types), 40 instead of 26.25 for
+//! of 20 (and 18 or 17 for the IQ4 types), 36 instead of 34 for Q8_0, 40 instead of 26.25 for
 //! Q6_K, 24 for Q5_1 or 22 for Q5_K.
 
 use half::f16;
@@ -44,15 +46,16 @@ pub enum Layout {
     BytesHalves,
     /// `codes` as [`Layout::Bytes`] (values 0..32), then `scale [8]`, `min [8]`.
     BytesMin,
+    /// `codes` as [`Layout::Nibbles`], each an index into [`IQ4_VALUES`], then `scale [8]`.
+    Indices,
 }
 
 impl Layout {
     pub fn for_quant(quant: GgufQuant) -> Self {
         match quant {
             GgufQuant::Q4_0 | GgufQuant::Q4_1 | GgufQuant::Q4_K => Layout::Nibbles,
-            GgufQuant::Q8_0 | GgufQuant::Q5_0 | GgufQuant::IQ4_NL | GgufQuant::IQ4_XS => {
-                Layout::Bytes
-            }
+            GgufQuant::Q8_0 | GgufQuant::Q5_0 => Layout::Bytes,
+            GgufQuant::IQ4_NL | GgufQuant::IQ4_XS => Layout::Indices,
             GgufQuant::Q6_K => Layout::BytesHalves,
             GgufQuant::Q5_1 | GgufQuant::Q5_K => Layout::BytesMin,
         }
@@ -61,7 +64,7 @@ impl Layout {
     /// Bytes of the group's codes in one block.
     pub const fn codes_bytes(self) -> usize {
         match self {
-            Layout::Nibbles => GROUP * BLOCK / 2,
+            Layout::Nibbles | Layout::Indices => GROUP * BLOCK / 2,
             Layout::Bytes | Layout::BytesHalves | Layout::BytesMin => GROUP * BLOCK,
         }
     }
@@ -69,7 +72,7 @@ impl Layout {
     /// Bytes of one group's block: codes, then two or one runs of 8 f32.
     pub const fn block_stride(self) -> usize {
         match self {
-            Layout::Bytes => self.codes_bytes() + 4 * GROUP,
+            Layout::Bytes | Layout::Indices => self.codes_bytes() + 4 * GROUP,
             Layout::Nibbles | Layout::BytesHalves | Layout::BytesMin => {
                 self.codes_bytes() + 8 * GROUP
             }
@@ -80,11 +83,12 @@ impl Layout {
 /// One block of 32 values of one row, as the layouts hold it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SubBlock {
-    /// Nibbles: 0..=15; bytes with a minimum: 0..=31; bytes: signed codes.
+    /// Nibbles: 0..=15; bytes with a minimum: 0..=31; bytes: signed codes; indices: the
+    /// values of [`IQ4_VALUES`] they stand for.
     pub codes: [i8; BLOCK],
     pub scale: f32,
     /// Nibbles and bytes with a minimum: the minimum; halves: the scale of values 16..32;
-    /// bytes: unused (0).
+    /// bytes and indices: unused (0).
     pub second: f32,
 }
 
@@ -94,7 +98,7 @@ impl SubBlock {
         let q = f32::from(self.codes[i]);
         match layout {
             Layout::Nibbles | Layout::BytesMin => self.scale * q + self.second,
-            Layout::Bytes => self.scale * q,
+            Layout::Bytes | Layout::Indices => self.scale * q,
             Layout::BytesHalves if i < BLOCK / 2 => self.scale * q,
             Layout::BytesHalves => self.second * q,
         }
@@ -102,7 +106,7 @@ impl SubBlock {
 }
 
 /// The 16 values IQ4_NL and IQ4_XS codes stand for (ggml's `kvalues_iq4nl`).
-const IQ4_VALUES: [i8; 16] = [
+pub const IQ4_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
@@ -277,10 +281,21 @@ pub fn put(layout: Layout, dst: &mut [u8], j: usize, sub: &SubBlock) {
                 dst[code_byte(j, e)] = q as u8;
             }
         }
+        Layout::Indices => {
+            let index = |v: i8| {
+                IQ4_VALUES
+                    .iter()
+                    .position(|&t| t == v)
+                    .expect("an IQ4 value") as u8
+            };
+            for e in 0..BLOCK / 2 {
+                dst[code_byte(j, e)] = index(sub.codes[e]) | (index(sub.codes[e + 16]) << 4);
+            }
+        }
     }
     let at = layout.codes_bytes() + 4 * j;
     dst[at..at + 4].copy_from_slice(&sub.scale.to_le_bytes());
-    if layout != Layout::Bytes {
+    if !matches!(layout, Layout::Bytes | Layout::Indices) {
         let at = at + 4 * GROUP;
         dst[at..at + 4].copy_from_slice(&sub.second.to_le_bytes());
     }
@@ -302,13 +317,20 @@ pub fn get(layout: Layout, src: &[u8], j: usize) -> SubBlock {
                 *c = src[code_byte(j, e)] as i8;
             }
         }
+        Layout::Indices => {
+            for e in 0..BLOCK / 2 {
+                let b = src[code_byte(j, e)];
+                codes[e] = IQ4_VALUES[usize::from(b & 0x0f)];
+                codes[e + 16] = IQ4_VALUES[usize::from(b >> 4)];
+            }
+        }
     }
     let f = |at: usize| f32::from_le_bytes([src[at], src[at + 1], src[at + 2], src[at + 3]]);
     let at = layout.codes_bytes() + 4 * j;
     SubBlock {
         codes,
         scale: f(at),
-        second: if layout == Layout::Bytes {
+        second: if matches!(layout, Layout::Bytes | Layout::Indices) {
             0.0
         } else {
             f(at + 4 * GROUP)
@@ -322,16 +344,24 @@ mod tests {
 
     #[test]
     fn put_and_get_round_trip() {
-        for layout in [Layout::Nibbles, Layout::Bytes, Layout::BytesHalves] {
+        for layout in [
+            Layout::Nibbles,
+            Layout::Bytes,
+            Layout::BytesHalves,
+            Layout::BytesMin,
+            Layout::Indices,
+        ] {
             let mut dst = vec![0u8; layout.block_stride()];
             let subs: Vec<SubBlock> = (0..GROUP)
                 .map(|j| SubBlock {
                     codes: std::array::from_fn(|i| match layout {
                         Layout::Nibbles => ((i + j) % 16) as i8,
+                        Layout::BytesMin => ((i + 3 * j) % 32) as i8,
+                        Layout::Indices => IQ4_VALUES[(i * 7 + j) % 16],
                         _ => (i as i8 - 16) * (j as i8 - 3),
                     }),
                     scale: j as f32 + 0.5,
-                    second: if layout == Layout::Bytes {
+                    second: if matches!(layout, Layout::Bytes | Layout::Indices) {
                         0.0
                     } else {
                         -(j as f32)
