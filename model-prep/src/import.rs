@@ -35,7 +35,7 @@ pub struct ImportOptions {
     /// Replace a non-empty output directory.
     pub force: bool,
     /// Keep matrices of the GGUF types the CPU backend multiplies quantized (Q8_0, Q4_0, Q4_1,
-    /// Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) as their GGUF blocks
+    /// Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) as their GGUF blocks
     /// ([`tandem_model::gguf_quant`]); other tensors (norms, other types) are dequantized into
     /// `dtype` as usual.
     pub keep_quant: bool,

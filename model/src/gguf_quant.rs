@@ -33,6 +33,9 @@ pub enum GgufQuant {
     Q5_0,
     /// 32 values: `d: f16`, `m: f16`, `qh: u32` (fifth bits), `qs: [u8; 16]`; `y = d * q + m`.
     Q5_1,
+    /// 256 values of 3 bits (2 low, 1 in a high-bit mask) in 16 groups of 16 with 6-bit
+    /// scales; `y = d * (scale - 32) * (q - 4)`.
+    Q3_K,
     /// 256 values in 8 sub-blocks of 32 with 6-bit scales and mins.
     Q4_K,
     /// Q4_K's sub-blocks, scales and mins, with a fifth bit a code.
@@ -47,7 +50,7 @@ pub enum GgufQuant {
 }
 
 impl GgufQuant {
-    pub const ALL: [GgufQuant; 10] = [
+    pub const ALL: [GgufQuant; 11] = [
         GgufQuant::Q8_0,
         GgufQuant::Q4_0,
         GgufQuant::Q4_1,
@@ -58,6 +61,7 @@ impl GgufQuant {
         GgufQuant::Q6_K,
         GgufQuant::IQ4_NL,
         GgufQuant::IQ4_XS,
+        GgufQuant::Q3_K,
     ];
 
     /// ggml's name (`Q4_1`).
@@ -73,6 +77,7 @@ impl GgufQuant {
             GgufQuant::Q6_K => "Q6_K",
             GgufQuant::IQ4_NL => "IQ4_NL",
             GgufQuant::IQ4_XS => "IQ4_XS",
+            GgufQuant::Q3_K => "Q3_K",
         }
     }
 
@@ -96,6 +101,7 @@ impl GgufQuant {
             GgufQuant::Q6_K => 14,
             GgufQuant::IQ4_NL => 20,
             GgufQuant::IQ4_XS => 23,
+            GgufQuant::Q3_K => 11,
         }
     }
 
@@ -108,7 +114,11 @@ impl GgufQuant {
             | GgufQuant::Q5_0
             | GgufQuant::Q5_1
             | GgufQuant::IQ4_NL => 32,
-            GgufQuant::Q4_K | GgufQuant::Q5_K | GgufQuant::Q6_K | GgufQuant::IQ4_XS => 256,
+            GgufQuant::Q3_K
+            | GgufQuant::Q4_K
+            | GgufQuant::Q5_K
+            | GgufQuant::Q6_K
+            | GgufQuant::IQ4_XS => 256,
         }
     }
 
@@ -125,6 +135,7 @@ impl GgufQuant {
             GgufQuant::Q6_K => 210,
             GgufQuant::IQ4_NL => 18,
             GgufQuant::IQ4_XS => 136,
+            GgufQuant::Q3_K => 110,
         }
     }
 
@@ -220,7 +231,7 @@ mod tests {
         for t in GgufQuant::ALL {
             assert_eq!(GgufQuant::parse(&t.to_string().to_lowercase()), Some(t));
         }
-        assert_eq!(GgufQuant::parse("Q3_K"), None);
+        assert_eq!(GgufQuant::parse("Q2_K"), None);
     }
 
     #[test]
@@ -239,9 +250,9 @@ mod tests {
         assert!(GgufQuantConfig::is_gguf(&value));
         assert_eq!(GgufQuantConfig::from_config(&value).unwrap(), config);
         assert_eq!(config.main_type(), Some(GgufQuant::Q4_1));
-        let bad = json!({"quant_method": "gguf", "tensor_types": {"x.weight": "Q3_K"}});
+        let bad = json!({"quant_method": "gguf", "tensor_types": {"x.weight": "Q2_K"}});
         let err = GgufQuantConfig::from_config(&bad).unwrap_err();
-        assert!(err.contains("x.weight") && err.contains("Q3_K"), "{err}");
+        assert!(err.contains("x.weight") && err.contains("Q2_K"), "{err}");
         assert!(GgufQuantConfig::from_config(&json!({"quant_method": "gguf"})).is_err());
     }
 }

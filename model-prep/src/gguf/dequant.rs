@@ -69,6 +69,7 @@ pub fn dequantize(
         GgmlType::Q6_K => blocks::<210, 256>(data, &mut out, q6_k),
         GgmlType::IQ4_NL => blocks::<18, 32>(data, &mut out, iq4_nl),
         GgmlType::IQ4_XS => blocks::<136, 256>(data, &mut out, iq4_xs),
+        GgmlType::Q3_K => blocks::<110, 256>(data, &mut out, q3_k),
         _ => return Err(unsupported()),
     }
     Ok(out)
@@ -228,6 +229,26 @@ fn q6_k(block: &[u8; 210], y: &mut [f32; 256]) {
     }
 }
 
+/// `hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12], d: f16`: 16 groups of 16 with 6-bit
+/// scales (low 4 bits: nibble `i / 8` of byte `i % 8`; high 2: bits `2 (i / 4)` of byte
+/// `8 + i % 4`); element `e` takes 2 bits from `qs[32 (e / 128) + e % 32]` at bits
+/// `2 ((e / 32) % 4)` and subtracts 4 unless bit `e / 32` of `hmask[e % 32]` is set;
+/// `y = (d * (scale - 32)) * q`.
+fn q3_k(block: &[u8; 110], y: &mut [f32; 256]) {
+    let (hmask, qs, scales) = (&block[..32], &block[32..96], &block[96..108]);
+    let d = half_at(block, 108);
+    for (e, y) in y.iter_mut().enumerate() {
+        let i = e / 16;
+        let low = (scales[i % 8] >> (4 * (i / 8))) & 0x0f;
+        let high = (scales[8 + i % 4] >> (2 * (i / 4))) & 3;
+        let dl = d * f32::from((low | (high << 4)) as i8 - 32);
+        let (b, l) = (e / 32, e % 32);
+        let q = (qs[32 * (b / 4) + l] >> (2 * (b % 4))) & 3;
+        let offset = if (hmask[l] >> b) & 1 == 1 { 0 } else { 4 };
+        *y = dl * f32::from(q as i8 - offset);
+    }
+}
+
 /// The 16 values IQ4_NL and IQ4_XS codes stand for (ggml's `kvalues_iq4nl`).
 pub const IQ4_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
@@ -354,10 +375,10 @@ mod tests {
 
     #[test]
     fn unsupported_type_and_partial_block_are_named() {
-        let err = dequantize("blk.0.attn_q.weight", GgmlType(11), &[0; 110]).unwrap_err();
+        let err = dequantize("blk.0.attn_q.weight", GgmlType(10), &[0; 84]).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("blk.0.attn_q.weight") && msg.contains("Q3_K"),
+            msg.contains("blk.0.attn_q.weight") && msg.contains("Q2_K"),
             "{msg}"
         );
         let err = dequantize("x", GgmlType::Q8_0, &[0; 35]).unwrap_err();

@@ -15,7 +15,8 @@
 //!   Nibbles' codes, value `s * IQ4_VALUES[i]` (IQ4_XS's `s` each sub-block's
 //!   `d * (scale - 32)`, what ggml computes before the product); the kernels turn the indices
 //!   into their signed values with one byte shuffle and go on as for bytes;
-//! - [`Layout::BytesHalves`] (Q6_K): signed codes `q - 32`, a scale for each half of 16;
+//! - [`Layout::BytesHalves`] (Q6_K, Q3_K): signed codes (`q - 32`; Q3_K's `q - 4`), a scale
+//!   for each half of 16 (Q3_K's `d * (scale - 32)`);
 //! - [`Layout::BytesMin`] (Q5_1, Q5_K): unsigned 5-bit codes in bytes, value `s * q + m` as
 //!   Nibbles' (shifting them to signed codes, `q - 16` with `m + 16 s`, would round `m`
 //!   differently from ggml).
@@ -24,7 +25,7 @@
 //! multiply eight columns at once with each column's sum in its own lane, and f32 scales (Q4_K's scale products do not fit an f16) need no
 //! conversion in the inner loop. The cost is memory: 24 bytes per 32 values for Q4_1 instead
 //! of 20 (and 18 or 17 for the IQ4 types), 36 instead of 34 for Q8_0, 40 instead of 26.25 for
-//! Q6_K, 24 for Q5_1 or 22 for Q5_K.
+//! Q6_K (or 13.75 for Q3_K), 24 for Q5_1 or 22 for Q5_K.
 
 use half::f16;
 use tandem_model::GgufQuant;
@@ -56,7 +57,7 @@ impl Layout {
             GgufQuant::Q4_0 | GgufQuant::Q4_1 | GgufQuant::Q4_K => Layout::Nibbles,
             GgufQuant::Q8_0 | GgufQuant::Q5_0 => Layout::Bytes,
             GgufQuant::IQ4_NL | GgufQuant::IQ4_XS => Layout::Indices,
-            GgufQuant::Q6_K => Layout::BytesHalves,
+            GgufQuant::Q6_K | GgufQuant::Q3_K => Layout::BytesHalves,
             GgufQuant::Q5_1 | GgufQuant::Q5_K => Layout::BytesMin,
         }
     }
@@ -237,6 +238,25 @@ pub fn split_block(quant: GgufQuant, block: &[u8], out: &mut Vec<SubBlock>) {
                 }
                 sub.scale = d * f32::from(sc);
                 sub.second = -(dmin * f32::from(mn));
+                out.push(sub);
+            }
+        }
+        GgufQuant::Q3_K => {
+            let (hmask, qs, scales) = (&block[..32], &block[32..96], &block[96..108]);
+            let d = half_at(block, 108);
+            let scale = |i: usize| {
+                let low = (scales[i % 8] >> (4 * (i / 8))) & 0x0f;
+                let high = (scales[8 + i % 4] >> (2 * (i / 4))) & 3;
+                d * f32::from((low | (high << 4)) as i8 - 32)
+            };
+            for b in 0..8 {
+                for (l, c) in sub.codes.iter_mut().enumerate() {
+                    let q = (qs[32 * (b / 4) + l] >> (2 * (b % 4))) & 3;
+                    let offset = if (hmask[l] >> b) & 1 == 1 { 0 } else { 4 };
+                    *c = q as i8 - offset;
+                }
+                sub.scale = scale(2 * b);
+                sub.second = scale(2 * b + 1);
                 out.push(sub);
             }
         }

@@ -27,6 +27,7 @@ fn random_blocks(rng: &mut ChaCha8Rng, quant: GgufQuant, rows: usize, k: usize) 
                 block[2..4].copy_from_slice(&half(rng, 1e-4, 1e-3));
             }
             GgufQuant::Q6_K => block[208..210].copy_from_slice(&half(rng, 1e-4, 1e-3)),
+            GgufQuant::Q3_K => block[108..110].copy_from_slice(&half(rng, 1e-4, 1e-3)),
             GgufQuant::IQ4_NL => block[..2].copy_from_slice(&half(rng, 1e-4, 2e-4)),
             GgufQuant::IQ4_XS => block[..2].copy_from_slice(&half(rng, 1e-5, 1e-4)),
         }
@@ -131,6 +132,42 @@ fn ggml_dequantize(quant: GgufQuant, row: &[u8]) -> Vec<f32> {
                     for l in 0..32 {
                         let q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
                         y.push(dl * f32::from(q) - ml);
+                    }
+                }
+            }
+            GgufQuant::Q3_K => {
+                // As ggml's dequantize_row_q3_K: the scales unpacked through four u32 words.
+                let (hm, q, d_all) = (&b[..32], &b[32..96], h(b, 108));
+                let word =
+                    |i: usize| u32::from_le_bytes(b[96 + 4 * i..100 + 4 * i].try_into().unwrap());
+                let (kmask1, kmask2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
+                let (a0, a1, tmp) = (word(0), word(1), word(2));
+                let aux = [
+                    (a0 & kmask2) | ((tmp & kmask1) << 4),
+                    (a1 & kmask2) | (((tmp >> 2) & kmask1) << 4),
+                    ((a0 >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4),
+                    ((a1 >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4),
+                ];
+                let scales: Vec<i8> = aux
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .map(|v| v as i8)
+                    .collect();
+                let (mut is, mut m) = (0usize, 1u8);
+                for n in 0..2 {
+                    let q = &q[32 * n..];
+                    for j in 0..4 {
+                        let shift = 2 * j;
+                        for half in 0..2 {
+                            let dl = d_all * f32::from(scales[is] - 32);
+                            is += 1;
+                            for l in 16 * half..16 * half + 16 {
+                                let v = ((q[l] >> shift) & 3) as i8
+                                    - if hm[l] & m != 0 { 0 } else { 4 };
+                                y.push(dl * f32::from(v));
+                            }
+                        }
+                        m <<= 1;
                     }
                 }
             }
