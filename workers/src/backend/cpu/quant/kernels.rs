@@ -20,7 +20,8 @@
 //! own lane, and accumulate eight columns with one fused multiply-add per block. A tile of
 //! several rows loads (and unpacks) each weight block once for all of them. IQ4's indices
 //! ([`Layout::Indices`]) are unpacked as nibbles and turned into their signed values by one
-//! byte shuffle (`pshufb` within each 128-bit lane), then taken as signed codes.
+//! byte shuffle (`pshufb` within each 128-bit lane), then taken as signed codes. The NEON
+//! kernels (aarch64) do the same on 128-bit registers, four columns a register.
 
 use super::act::{BLOCK, QuantRows};
 use super::layout::{GROUP, Layout};
@@ -42,6 +43,12 @@ pub enum Isa {
     /// AVX-512 VNNI on two groups (16 columns) at once; a lone group takes the AVX-VNNI kernel.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// NEON (every aarch64 CPU): widening byte products, summed in pairs.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+    /// NEON with the dot-product extension (`sdot`: four byte products summed a lane).
+    #[cfg(target_arch = "aarch64")]
+    NeonDotprod,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -68,6 +75,14 @@ impl Isa {
                 return Isa::Avx2;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                return Isa::NeonDotprod;
+            }
+            return Isa::Neon;
+        }
+        #[allow(unreachable_code)]
         Isa::Portable
     }
 
@@ -86,6 +101,13 @@ impl Isa {
                 }
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            all.push(Isa::Neon);
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                all.push(Isa::NeonDotprod);
+            }
+        }
         all
     }
 
@@ -98,6 +120,10 @@ impl Isa {
             Isa::Avx2Vnni => "avx2-vnni",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => "avx512-vnni",
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => "neon",
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDotprod => "neon-dotprod",
         }
     }
 
@@ -172,6 +198,9 @@ pub fn group_pair_dot(
             Layout::Indices => rows!(INDICES),
         }
     }
+    // No paired kernel elsewhere: the assertion above has refused every ISA.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (first, second, r0, tile);
 }
 
 /// `tile[r][j] = dot(row r0 + r of x, column j of the group)` for `rows` rows (1..=4);
@@ -231,41 +260,74 @@ pub fn group_dot(
                 Layout::Indices => rows!(INDICES),
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonDotprod => {
+            let dotprod = isa == Isa::NeonDotprod;
+            macro_rules! go {
+                ($l:expr, $r:literal) => {
+                    // SAFETY: the ISA was detected; `group` holds nb blocks and x rows r0..r0+R.
+                    unsafe {
+                        if dotprod {
+                            neon::group_dotprod::<$l, $r>(group.as_ptr(), nb, x, r0, tile)
+                        } else {
+                            neon::group_neon::<$l, $r>(group.as_ptr(), nb, x, r0, tile)
+                        }
+                    }
+                };
+            }
+            macro_rules! rows {
+                ($l:expr) => {
+                    match rows {
+                        1 => go!($l, 1),
+                        2 => go!($l, 2),
+                        3 => go!($l, 3),
+                        _ => go!($l, 4),
+                    }
+                };
+            }
+            match layout {
+                Layout::Nibbles => rows!(NIBBLES),
+                Layout::Bytes => rows!(BYTES),
+                Layout::BytesHalves => rows!(HALVES),
+                Layout::BytesMin => rows!(BYTES_MIN),
+                Layout::Indices => rows!(INDICES),
+            }
+        }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const NIBBLES: u8 = 0;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const BYTES: u8 = 1;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const HALVES: u8 = 2;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const BYTES_MIN: u8 = 3;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const INDICES: u8 = 4;
 
 /// Whether layout `l`'s codes are packed in nibbles (4-bit codes, or indices).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const fn nibbles(l: u8) -> bool {
     l == NIBBLES || l == INDICES
 }
 
 /// Whether layout `l`'s blocks have a scale and no second run of f32s.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const fn scale_only(l: u8) -> bool {
     l == BYTES || l == INDICES
 }
 
 /// Whether layout `l`'s codes are unsigned (the weight is `vpdpbusd`'s unsigned operand as it
 /// is) and its blocks have a minimum (`fma(w_min, x_scale * sum(x_codes), acc)`).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const fn unsigned_with_min(l: u8) -> bool {
     l == NIBBLES || l == BYTES_MIN
 }
 
 /// Layout `l` of the kernels' const parameter.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const fn layout_of(l: u8) -> Layout {
     match l {
         NIBBLES => Layout::Nibbles,
@@ -315,6 +377,169 @@ fn portable(layout: Layout, group: &[u8], x: &QuantRows, r0: usize, rows: usize,
             };
         }
     }
+}
+
+/// The NEON kernels: the AVX2 kernels' scheme on 128-bit registers, a group's 8 columns in two
+/// halves of 4. A 16-byte half of a run holds four inputs of each of 4 columns; four activation
+/// codes repeated in every 32-bit lane multiply it so that each column's four products are
+/// summed in its own lane: `sdot` with the dot-product extension, else widening products
+/// (`smull`) summed in pairs (`addp`, at most 2 * 128 * 127: no i16 overflow) and pairs again
+/// into the i32 lanes (`sadalp`). Codes are multiplied as signed bytes (unsigned ones are at
+/// most 31), so no sign juggling is needed. The f32 steps are the portable kernel's, in the
+/// same order, so every kernel gives the same bits.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{HALVES, INDICES, Tile, layout_of, nibbles, scale_only, unsigned_with_min};
+    use crate::backend::cpu::quant::act::{BLOCK, QuantRows};
+    use crate::backend::cpu::quant::layout::IQ4_VALUES;
+
+    macro_rules! kernel {
+        ($name:ident, $features:literal, $dot:ident) => {
+            /// # Safety
+            /// `w` holds `nb` blocks of the layout; `x` has rows `r0..r0 + R`; the CPU has the
+            /// function's features.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const L: u8, const R: usize>(
+                w: *const u8,
+                nb: usize,
+                x: &QuantRows,
+                r0: usize,
+                tile: &mut Tile,
+            ) {
+                let layout = layout_of(L);
+                let stride = layout.block_stride();
+                let codes_bytes = layout.codes_bytes();
+                let low = vdupq_n_u8(0x0f);
+                // SAFETY: 16 bytes.
+                let table = unsafe { vld1q_s8(IQ4_VALUES.as_ptr()) };
+                let zero = vdupq_n_f32(0.0);
+                let mut acc = [[zero; 2]; R];
+                let mut acc_hi = [[zero; 2]; R];
+                let xc: [*const i8; R] = std::array::from_fn(|r| x.row_codes(r0 + r).as_ptr());
+                let xs: [&[f32]; R] = std::array::from_fn(|r| x.row_scales(r0 + r));
+                let xsum: [&[f32]; R] = std::array::from_fn(|r| x.row_sums(r0 + r));
+                for b in 0..nb {
+                    // SAFETY: block b of nb.
+                    let blk = unsafe { w.add(b * stride) };
+                    // runs[i][h]: inputs 4i..4i+3 of columns 4h..4h+3 (nibbles: values 0..16
+                    // in the low nibbles of the first 4 packed runs, 16..32 in the high).
+                    let mut runs = [[vdupq_n_s8(0); 2]; 8];
+                    for (i, run) in runs.iter_mut().enumerate() {
+                        for (h, half) in run.iter_mut().enumerate() {
+                            *half = if nibbles(L) {
+                                // SAFETY: half h of packed run i % 4.
+                                let v = unsafe { vld1q_u8(blk.add(32 * (i % 4) + 16 * h)) };
+                                let n = if i < 4 {
+                                    vandq_u8(v, low)
+                                } else {
+                                    vshrq_n_u8::<4>(v)
+                                };
+                                if L == INDICES {
+                                    vqtbl1q_s8(table, n)
+                                } else {
+                                    vreinterpretq_s8_u8(n)
+                                }
+                            } else {
+                                // SAFETY: half h of run i of 8.
+                                unsafe { vld1q_s8(blk.add(32 * i + 16 * h).cast()) }
+                            };
+                        }
+                    }
+                    // SAFETY: the scales (and the second run of them) follow the codes.
+                    let (s, second) = unsafe {
+                        let at = |o: usize| vld1q_f32(blk.add(codes_bytes + o).cast());
+                        let s = [at(0), at(16)];
+                        let second = if scale_only(L) {
+                            [zero; 2]
+                        } else {
+                            [at(32), at(48)]
+                        };
+                        (s, second)
+                    };
+                    for r in 0..R {
+                        // SAFETY: block b of row r's codes: 8 runs of 4 bytes.
+                        let xb = unsafe { xc[r].add(b * BLOCK) };
+                        let mut lo = [vdupq_n_s32(0); 2];
+                        let mut hi = [vdupq_n_s32(0); 2];
+                        for (i, run) in runs.iter().enumerate() {
+                            // SAFETY: 4 bytes of the block's 32.
+                            let quad = unsafe { (xb.add(4 * i) as *const i32).read_unaligned() };
+                            let xv = vreinterpretq_s8_s32(vdupq_n_s32(quad));
+                            for h in 0..2 {
+                                if i < 4 {
+                                    lo[h] = $dot(lo[h], run[h], xv);
+                                } else {
+                                    hi[h] = $dot(hi[h], run[h], xv);
+                                }
+                            }
+                        }
+                        let dx = vdupq_n_f32(xs[r][b]);
+                        for h in 0..2 {
+                            if L == HALVES {
+                                acc[r][h] =
+                                    vfmaq_f32(acc[r][h], vmulq_f32(s[h], dx), vcvtq_f32_s32(lo[h]));
+                                acc_hi[r][h] = vfmaq_f32(
+                                    acc_hi[r][h],
+                                    vmulq_f32(second[h], dx),
+                                    vcvtq_f32_s32(hi[h]),
+                                );
+                            } else {
+                                let isum = vcvtq_f32_s32(vaddq_s32(lo[h], hi[h]));
+                                acc[r][h] = vfmaq_f32(acc[r][h], vmulq_f32(s[h], dx), isum);
+                                if unsigned_with_min(L) {
+                                    acc[r][h] =
+                                        vfmaq_f32(acc[r][h], second[h], vdupq_n_f32(xsum[r][b]));
+                                }
+                            }
+                        }
+                    }
+                }
+                for r in 0..R {
+                    for h in 0..2 {
+                        let v = if L == HALVES {
+                            vaddq_f32(acc[r][h], acc_hi[r][h])
+                        } else {
+                            acc[r][h]
+                        };
+                        // SAFETY: 4 floats of tile[r]'s 8.
+                        unsafe { vst1q_f32(tile[r].as_mut_ptr().add(4 * h), v) };
+                    }
+                }
+            }
+        };
+    }
+
+    /// `acc` plus each lane's four byte products: widening products summed in pairs twice.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn dot_neon(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let first = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+        let second = vmull_high_s8(a, b);
+        vpadalq_s16(acc, vpaddq_s16(first, second))
+    }
+
+    /// The same with one `sdot` (its intrinsic is not stable Rust yet).
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    fn dot_sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        // SAFETY: a register-only instruction of the enabled extension.
+        unsafe {
+            std::arch::asm!(
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        acc
+    }
+
+    kernel!(group_neon, "neon", dot_neon);
+    kernel!(group_dotprod, "neon,dotprod", dot_sdot);
 }
 
 #[cfg(target_arch = "x86_64")]
