@@ -70,6 +70,7 @@ pub fn dequantize(
         GgmlType::IQ4_NL => blocks::<18, 32>(data, &mut out, iq4_nl),
         GgmlType::IQ4_XS => blocks::<136, 256>(data, &mut out, iq4_xs),
         GgmlType::Q3_K => blocks::<110, 256>(data, &mut out, q3_k),
+        GgmlType::Q2_K => blocks::<84, 256>(data, &mut out, q2_k),
         _ => return Err(unsupported()),
     }
     Ok(out)
@@ -249,6 +250,22 @@ fn q3_k(block: &[u8; 110], y: &mut [f32; 256]) {
     }
 }
 
+/// `scales: [u8; 16], qs: [u8; 64], d: f16, dmin: f16`: 16 groups of 16, each with a 4-bit
+/// scale (low nibble of `scales[i]`) and a 4-bit minimum (high nibble); element `e` takes 2
+/// bits from `qs[32 (e / 128) + e % 32]` at bits `2 ((e / 32) % 4)`;
+/// `y = (d * scale) * q - dmin * min`, the product and the difference rounded apart.
+fn q2_k(block: &[u8; 84], y: &mut [f32; 256]) {
+    let (scales, qs) = (&block[..16], &block[16..80]);
+    let (d, dmin) = (half_at(block, 80), half_at(block, 82));
+    for (e, y) in y.iter_mut().enumerate() {
+        let sc = scales[e / 16];
+        let dl = d * f32::from(sc & 0x0f);
+        let ml = dmin * f32::from(sc >> 4);
+        let q = (qs[32 * (e / 128) + e % 32] >> (2 * ((e / 32) % 4))) & 3;
+        *y = dl * f32::from(q) - ml;
+    }
+}
+
 /// The 16 values IQ4_NL and IQ4_XS codes stand for (ggml's `kvalues_iq4nl`).
 pub const IQ4_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
@@ -374,11 +391,27 @@ mod tests {
     }
 
     #[test]
+    fn q2_k_scales_minimums_and_two_bit_codes() {
+        let mut b = [0u8; 84];
+        b[0] = 0x31; // group 0: scale 1, minimum 3
+        b[16] = 0x02; // element 0: bits 0..2 of qs[0]
+        // Element 229 = 128 + 3 * 32 + 5: bits 6..8 of qs[32 + 5], group 14.
+        b[14] = 0x52;
+        b[16 + 37] = 0xc0;
+        b[80..82].copy_from_slice(&f16_bytes(1.0));
+        b[82..84].copy_from_slice(&f16_bytes(0.5));
+        let y = dequantize("t", GgmlType::Q2_K, &b).unwrap();
+        assert_eq!(y[0], 2.0 - 1.5);
+        assert_eq!(y[229], 2.0 * 3.0 - 2.5);
+        assert_eq!(y[1], -1.5);
+    }
+
+    #[test]
     fn unsupported_type_and_partial_block_are_named() {
-        let err = dequantize("blk.0.attn_q.weight", GgmlType(10), &[0; 84]).unwrap_err();
+        let err = dequantize("blk.0.attn_q.weight", GgmlType(16), &[0; 66]).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("blk.0.attn_q.weight") && msg.contains("Q2_K"),
+            msg.contains("blk.0.attn_q.weight") && msg.contains("IQ2_XXS"),
             "{msg}"
         );
         let err = dequantize("x", GgmlType::Q8_0, &[0; 35]).unwrap_err();

@@ -54,6 +54,7 @@ impl GgmlType {
     pub const Q5_0: GgmlType = GgmlType(6);
     pub const Q5_1: GgmlType = GgmlType(7);
     pub const Q8_0: GgmlType = GgmlType(8);
+    pub const Q2_K: GgmlType = GgmlType(10);
     pub const Q3_K: GgmlType = GgmlType(11);
     pub const Q4_K: GgmlType = GgmlType(12);
     pub const Q5_K: GgmlType = GgmlType(13);
@@ -63,7 +64,7 @@ impl GgmlType {
     pub const BF16: GgmlType = GgmlType(30);
 
     /// The types [`crate::gguf::dequant::dequantize`] converts.
-    pub const SUPPORTED: [GgmlType; 14] = [
+    pub const SUPPORTED: [GgmlType; 15] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -78,6 +79,7 @@ impl GgmlType {
         Self::IQ4_NL,
         Self::IQ4_XS,
         Self::Q3_K,
+        Self::Q2_K,
     ];
 
     fn entry(self) -> Option<&'static (u32, &'static str, u64, u64)> {
@@ -132,7 +134,7 @@ mod tests {
         assert_eq!(GgmlType(6).name(), "Q5_0");
         assert!(GgmlType(6).is_supported());
         assert!(GgmlType(7).is_supported() && GgmlType(13).is_supported());
-        assert!(!GgmlType(10).is_supported());
+        assert!(GgmlType(10).is_supported() && !GgmlType(16).is_supported());
         assert_eq!(GgmlType(4).name(), "type 4");
         assert!(!GgmlType(4).is_known());
         assert!(GgmlType::SUPPORTED.iter().all(|t| t.is_known()));
