@@ -106,13 +106,11 @@ __device__ __forceinline__ void e4m3x16_to_scaled_f32(const uint4 v, float* f) {
 // y[m, n] for m < M <= 8: each warp streams whole weight rows (16 codes a lane a load,
 // GEMV8_UNROLL loads in flight), x's bf16 rows re-read from L1/L2.
 template <int M>
-__device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
-                                              const unsigned char* __restrict__ w,
-                                              const float* __restrict__ ws,
-                                              float* __restrict__ y, int n, int k) {
+__device__ __forceinline__ void gemv_fp8_row_sums(const bf16* __restrict__ xq,
+                                                  const unsigned char* __restrict__ w,
+                                                  const float* __restrict__ ws, int row, int k,
+                                                  float* __restrict__ sums) {
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * GEMV8_WARPS + (threadIdx.x >> 5);
-    if (row >= n) return;
     const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)row * k);
     const int chunks = k / 16;  // 16-byte chunks per weight row (k is a multiple of 16)
     // Two sums per row (even and odd codes): shorter chains of dependent adds.
@@ -154,9 +152,21 @@ __device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
     }
     const float w_scale = ws[row] * E4M3_IN_BF16_SCALE;
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-        const float s = warp_sum(acc[m][0] + acc[m][1]);
-        if (lane == 0) y[(long long)m * n + row] = s * w_scale;
+    for (int m = 0; m < M; ++m) sums[m] = warp_sum(acc[m][0] + acc[m][1]) * w_scale;
+}
+
+template <int M>
+__device__ __forceinline__ void gemv_fp8_rows(const bf16* __restrict__ xq,
+                                              const unsigned char* __restrict__ w,
+                                              const float* __restrict__ ws,
+                                              float* __restrict__ y, int n, int k) {
+    const int row = blockIdx.x * GEMV8_WARPS + (threadIdx.x >> 5);
+    if (row >= n) return;
+    float sums[M];
+    gemv_fp8_row_sums<M>(xq, w, ws, row, k, sums);
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) y[(long long)m * n + row] = sums[m];
     }
 }
 
@@ -175,6 +185,20 @@ GEMV_FP8_KERNEL(5)
 GEMV_FP8_KERNEL(6)
 GEMV_FP8_KERNEL(7)
 GEMV_FP8_KERNEL(8)
+
+// `gemv_silu_bf16_m*` over FP8 weights: the [gate | up] projection with the SiLU product
+// taken as it is written (GEMV8_WARPS is GEMV_WARPS).
+#define GEMV_FP8_SILU_KERNEL(M)                                                                   \
+    extern "C" __global__ void __launch_bounds__(GEMV8_WARPS * 32)                                \
+        gemv_fp8_silu_m##M(const bf16* __restrict__ x, const unsigned char* __restrict__ w,       \
+                           const float* __restrict__ ws, bf16* __restrict__ out, int f, int k) {  \
+        gemv_silu_pairs<M>(out, f, [&](int row, float* sums) {                                    \
+            gemv_fp8_row_sums<M>(x, w, ws, row, k, sums);                                         \
+        });                                                                                       \
+    }
+
+GEMV_FP8_SILU_KERNEL(1)
+GEMV_FP8_SILU_KERNEL(2)
 
 // The same product on the tensor cores, for decode rows (m <= 8) of weights whose input
 // features are a multiple of 64: each code is turned into its bf16 value by integer ops and
@@ -244,16 +268,25 @@ __device__ __forceinline__ void gemv_mma_chunk(const uint4 ra, const uint4 rb, c
 }
 
 // y[r, j] = ws[j] * sum_k x[r, k] * wq[j, k] for rows r < m <= 8 (k a multiple of 64).
+// SILU: w is the MLP's [gate | up] (n = 2f rows) and the block's 16 weight rows are 8 gate
+// rows j and their up rows f + j (the sums of a row do not depend on the rows beside it in the
+// tile), written as out[r, j] = silu(gate) * up in bf16, as `silu_mul` makes of y.
 // (Asking for 2-4 resident blocks in the launch bounds made it slower, not faster.)
-extern "C" __global__ void __launch_bounds__(GEMV8_MMA_WARPS * 32)
-    gemv_fp8_mma(const bf16* __restrict__ x, const unsigned char* __restrict__ w,
-                 const float* __restrict__ ws, float* __restrict__ y, int m, int n, int k) {
+template <bool SILU>
+__device__ __forceinline__ void gemv_fp8_mma_tile(const bf16* __restrict__ x,
+                                                  const unsigned char* __restrict__ w,
+                                                  const float* __restrict__ ws,
+                                                  float* __restrict__ y, bf16* __restrict__ out,
+                                                  int m, int n, int k) {
     __shared__ float partial[GEMV8_MMA_WARPS][8][16];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
-    const int row0 = blockIdx.x * 16;
-    // Rows past n read the last row; their sums are not written.
-    const long long row_a = min(row0 + g, n - 1), row_b = min(row0 + g + 8, n - 1);
+    // SILU: f gate rows, 8 a block.
+    const int f = n / 2;
+    const int row0 = SILU ? blockIdx.x * 8 : blockIdx.x * 16;
+    // Rows past the last read the last row; their sums are not written.
+    const long long row_a = SILU ? min(row0 + g, f - 1) : min(row0 + g, n - 1);
+    const long long row_b = SILU ? f + row_a : min(row0 + g + 8, n - 1);
     const uint4* wa = reinterpret_cast<const uint4*>(w + row_a * k) + q;
     const uint4* wb = reinterpret_cast<const uint4*>(w + row_b * k) + q;
     const bool has_x = g < m;
@@ -299,7 +332,23 @@ extern "C" __global__ void __launch_bounds__(GEMV8_MMA_WARPS * 32)
     partial[warp][2 * q][g + 8] = d[0][2];
     partial[warp][2 * q + 1][g + 8] = d[0][3];
     __syncthreads();
-    if (threadIdx.x < 128) {
+    if (SILU) {
+        if (threadIdx.x < 64) {
+            const int token = threadIdx.x >> 3, r = threadIdx.x & 7, j = row0 + r;
+            if (token < m && j < f) {
+                float gate = 0.0f, up = 0.0f;
+#pragma unroll
+                for (int i = 0; i < GEMV8_MMA_WARPS; ++i) {
+                    gate += partial[i][token][r];
+                    up += partial[i][token][r + 8];
+                }
+                gate *= ws[j];
+                up *= ws[f + j];
+                out[(long long)token * f + j] =
+                    f32_to_bf16(silu_times(bf16_round(gate), bf16_round(up)));
+            }
+        }
+    } else if (threadIdx.x < 128) {
         const int token = threadIdx.x >> 4, r = threadIdx.x & 15, row = row0 + r;
         if (token < m && row < n) {
             float s = 0.0f;
@@ -308,6 +357,20 @@ extern "C" __global__ void __launch_bounds__(GEMV8_MMA_WARPS * 32)
             y[(long long)token * n + row] = s * ws[row];
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV8_MMA_WARPS * 32)
+    gemv_fp8_mma(const bf16* __restrict__ x, const unsigned char* __restrict__ w,
+                 const float* __restrict__ ws, float* __restrict__ y, int m, int n, int k) {
+    gemv_fp8_mma_tile<false>(x, w, ws, y, nullptr, m, n, k);
+}
+
+// `gemv_fp8_mma` of the MLP's [gate | up] (n = 2f rows) with the SiLU product taken as it is
+// written into `out` ([m, f], bf16). Grid: f / 8 blocks, rounded up.
+extern "C" __global__ void __launch_bounds__(GEMV8_MMA_WARPS * 32)
+    gemv_fp8_mma_silu(const bf16* __restrict__ x, const unsigned char* __restrict__ w,
+                      const float* __restrict__ ws, bf16* __restrict__ out, int m, int n, int k) {
+    gemv_fp8_mma_tile<true>(x, w, ws, nullptr, out, m, n, k);
 }
 
 // y = x widened: the f32 copy of a bf16 product (cuBLASLt's FP8 GEMM with vector scales

@@ -9,12 +9,11 @@
 #define GEMV_UNROLL 4
 #endif
 
+// The sums of weight row `row` against the M rows of x, in every lane of the warp.
 template <int M>
-__device__ __forceinline__ void gemv_rows(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                          float* __restrict__ y, int n, int k) {
+__device__ __forceinline__ void gemv_row_sums(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                              int row, int k, float* __restrict__ sums) {
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (row >= n) return;
     const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)row * k);
     const int chunks = k / 8;  // 16-byte chunks per row (k is a multiple of 8)
     float acc[M];
@@ -50,9 +49,47 @@ __device__ __forceinline__ void gemv_rows(const bf16* __restrict__ x, const bf16
         }
     }
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-        const float s = warp_sum(acc[m]);
-        if (lane == 0) y[(long long)m * n + row] = s;
+    for (int m = 0; m < M; ++m) sums[m] = warp_sum(acc[m]);
+}
+
+template <int M>
+__device__ __forceinline__ void gemv_rows(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                          float* __restrict__ y, int n, int k) {
+    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (row >= n) return;
+    float sums[M];
+    gemv_row_sums<M>(x, w, row, k, sums);
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) y[(long long)m * n + row] = sums[m];
+    }
+}
+
+// The MLP's [gate | up] projection (w: 2f rows, gate's then up's) with the SiLU product taken
+// as it is written: out[m, j] = silu(gate_j) * up_j in bf16, what the projection into f32 and
+// `silu_mul` after it give (both values rounded to bf16 first), without the second launch and
+// the f32 round trip. A block's first half of warps takes gate rows j, the second half the up
+// rows f + j of the same j; the up sums reach the gate warps through shared memory. Grid:
+// f / (GEMV_WARPS / 2) blocks, rounded up.
+template <int M, typename RowSums>
+__device__ __forceinline__ void gemv_silu_pairs(bf16* __restrict__ out, int f, RowSums row_sums) {
+    constexpr int HALF = GEMV_WARPS / 2;
+    __shared__ float up_sums[HALF][M];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const bool up = warp >= HALF;
+    const int j = blockIdx.x * HALF + (warp % HALF);
+    float sums[M];
+    if (j < f) row_sums(up ? f + j : j, sums);
+    if (up && lane == 0 && j < f) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) up_sums[warp - HALF][m] = sums[m];
+    }
+    __syncthreads();
+    if (!up && lane == 0 && j < f) {
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+            out[(long long)m * f + j] =
+                f32_to_bf16(silu_times(bf16_round(sums[m]), bf16_round(up_sums[warp][m])));
     }
 }
 
@@ -71,3 +108,21 @@ GEMV_KERNEL(5)
 GEMV_KERNEL(6)
 GEMV_KERNEL(7)
 GEMV_KERNEL(8)
+
+#define GEMV_SILU_KERNEL(M)                                                                       \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                 \
+        gemv_silu_bf16_m##M(const bf16* __restrict__ x, const bf16* __restrict__ w,               \
+                            bf16* __restrict__ out, int f, int k) {                               \
+        gemv_silu_pairs<M>(out, f, [&](int row, float* sums) {                                    \
+            gemv_row_sums<M>(x, w, row, k, sums);                                                 \
+        });                                                                                       \
+    }
+
+GEMV_SILU_KERNEL(1)
+GEMV_SILU_KERNEL(2)
+GEMV_SILU_KERNEL(3)
+GEMV_SILU_KERNEL(4)
+GEMV_SILU_KERNEL(5)
+GEMV_SILU_KERNEL(6)
+GEMV_SILU_KERNEL(7)
+GEMV_SILU_KERNEL(8)

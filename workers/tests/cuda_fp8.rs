@@ -8,6 +8,7 @@
 //! tokens cuBLASLt's FP8 GEMM. Needs an NVIDIA GPU with FP8 (compute
 //! capability 8.9+); skipped visibly without a CUDA driver.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use tandem_model::quantization::{Fp8Scheme, WeightScales};
@@ -471,5 +472,119 @@ fn fused_fp8_quantization_gives_the_projections_the_same_codes() {
             dir.display(),
             fused.len()
         );
+    }
+}
+
+/// Logits of `steps` decode steps of `seqs` sequences at once (prompts of 300 + 7i tokens,
+/// prefilled one at a time; forced tokens), in 16-token blocks, with the kernel launches of
+/// the decode steps by operation.
+fn batch_decode_logits(
+    model: &Model<CudaBackend>,
+    seqs: usize,
+    steps: usize,
+) -> (Vec<Vec<Vec<f32>>>, HashMap<&'static str, u64>) {
+    const BLOCKS_PER_SEQ: usize = 32;
+    let mut kv = model.alloc_kv_cache(16, seqs * BLOCKS_PER_SEQ).unwrap();
+    let vocab = model.config().vocab_size.min(150);
+    let table = |i: usize| -> Vec<u32> {
+        ((i * BLOCKS_PER_SEQ) as u32..((i + 1) * BLOCKS_PER_SEQ) as u32).collect()
+    };
+    let lens: Vec<usize> = (0..seqs).map(|i| 300 + 7 * i).collect();
+    for (i, &n) in lens.iter().enumerate() {
+        let prompt: Vec<u32> = (0..n)
+            .map(|j| ((j * 13 + i * 5 + 1) % vocab) as u32)
+            .collect();
+        let mut batch = ForwardBatch::default();
+        batch.push(&prompt, 0, table(i), false);
+        model.forward(&batch, &mut kv).unwrap();
+    }
+    model.backend().count_launches(true);
+    let logits = (0..steps)
+        .map(|step| {
+            let mut batch = ForwardBatch::default();
+            for (i, &n) in lens.iter().enumerate() {
+                let token = ((step * 31 + i * 7 + 2) % vocab) as u32;
+                batch.push(&[token], n + step, table(i), true);
+            }
+            model.forward(&batch, &mut kv).unwrap()
+        })
+        .collect();
+    let launches = model.backend().launch_counts();
+    model.backend().count_launches(false);
+    (logits, launches)
+}
+
+/// The [gate | up] GEMV writing silu(gate) * up (`gemv_silu`: bf16 GEMVs up to 4 rows, the
+/// plain FP8 GEMV at 1 row, the tensor-core FP8 GEMV at 2-8) gives the bits of the projection
+/// and `silu_mul` after it, and runs wherever the step's projections ran on a GEMV (no
+/// `silu_mul` left there). Decode steps of 1, 2, 3, 4 and 8 sequences, eager, captured and
+/// replayed, on the tiny model in bf16 and FP8 (and the FP8 model the device script names),
+/// with a bf16 and an FP8 cache.
+#[test]
+fn the_gate_up_gemv_with_silu_gives_the_bits_of_the_two_launches() {
+    if no_gpu() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let extra = std::env::var_os("TANDEM_GPU_TEST_MODEL_FP8").map(PathBuf::from);
+    let dirs = [tandem_test_kit::model_dir("tiny"), tiny_fp8(scratch.path())];
+    for dir in dirs.into_iter().chain(extra) {
+        for kv_dtype in [KvDType::Bf16, KvDType::Fp8] {
+            let options = ModelOptions {
+                kv_dtype: Some(kv_dtype),
+                ..ModelOptions::default()
+            };
+            let gpu = Model::load(
+                &dir,
+                CudaBackend::new(&CudaOptions::from_env(0)).unwrap(),
+                &options,
+            )
+            .unwrap();
+            let mut on = gpu.backend().options();
+            on.gemv_silu = true;
+            let off = CudaOptions {
+                gemv_silu: false,
+                ..on.clone()
+            };
+            for seqs in [1, 2, 3, 4, 8] {
+                let what = format!("{}, {kv_dtype:?} cache, {seqs} sequences", dir.display());
+                gpu.backend().set_options(&on).unwrap();
+                let (fused, fused_launches) = batch_decode_logits(&gpu, seqs, 4);
+                gpu.backend().set_options(&off).unwrap();
+                let (separate, separate_launches) = batch_decode_logits(&gpu, seqs, 4);
+                let count = |launches: &HashMap<&str, u64>, op: &str| {
+                    launches.get(op).copied().unwrap_or(0)
+                };
+                let on_gemv = ["gemv", "gemv_fp8", "gemv_fp8_mma"]
+                    .iter()
+                    .any(|op| count(&separate_launches, op) > 0);
+                if on_gemv {
+                    let fused_silu: u64 = ["gemv_silu", "gemv_fp8_silu", "gemv_fp8_mma_silu"]
+                        .iter()
+                        .map(|op| count(&fused_launches, op))
+                        .sum();
+                    assert!(fused_silu > 0, "{what}: {fused_launches:?}");
+                    assert_eq!(
+                        count(&fused_launches, "silu_mul"),
+                        0,
+                        "{what}: {fused_launches:?}"
+                    );
+                }
+                for (step, (a, b)) in fused.iter().zip(&separate).enumerate() {
+                    let (a, b) = (a.concat(), b.concat());
+                    assert!(
+                        !a.is_empty() && a.iter().all(|x| x.is_finite()),
+                        "{what}: step {step}'s logits"
+                    );
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{what}: step {step}'s logits differ with the fused kernel (relative L2 \
+                         {:.2e})",
+                        rel_l2(&a, &b)
+                    );
+                }
+                eprintln!("{what}: bitwise equal; fused launches {fused_launches:?}");
+            }
+        }
     }
 }

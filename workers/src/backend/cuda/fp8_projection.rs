@@ -27,7 +27,7 @@ const PLAIN_FP8_GEMV_MAX_ROWS: usize = 2;
 
 /// The FP8 GEMV kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fp8Gemv {
+pub(super) enum Fp8Gemv {
     /// `gemv_fp8_mma`: codes unpacked to bf16 once for all rows, products on the tensor cores.
     TensorCores,
     /// `gemv_fp8_m{rows}`: f32 products per row.
@@ -52,7 +52,7 @@ impl CudaBackend {
     /// default) on the tensor-core GEMV where `k` is a multiple of its chunk, else up to
     /// [`PLAIN_FP8_GEMV_MAX_ROWS`] on the plain one; one row on the plain one where
     /// [`CudaOptions::fp8_gemv_mma_one_row`](super::CudaOptions::fp8_gemv_mma_one_row) is off.
-    fn fp8_gemv_kernel(&self, rows: usize, k: usize) -> Option<Fp8Gemv> {
+    pub(super) fn fp8_gemv_kernel(&self, rows: usize, k: usize) -> Option<Fp8Gemv> {
         let mma = self.options.fp8_gemv_mma && k.is_multiple_of(GEMV_FP8_MMA_CHUNK);
         let kernel_rows = if mma {
             GEMV_MAX_ROWS

@@ -65,6 +65,15 @@ impl DecodeGraphs {
             .store(!enabled, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Drops every captured graph: their kernels are those of the settings they were captured
+    /// under, and a replay after a switch would run the old ones.
+    pub(super) fn clear(&self) {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
     pub(super) fn enabled(&self) -> bool {
         !self.disabled.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -230,6 +230,24 @@ const GEMV_NAMES: [&str; GEMV_MAX_ROWS] = [
     "gemv_bf16_m8",
 ];
 
+/// `gemv_silu_bf16_m*`: the [gate | up] GEMV with the SiLU product taken as it is written.
+const GEMV_SILU_NAMES: [&str; GEMV_MAX_ROWS] = [
+    "gemv_silu_bf16_m1",
+    "gemv_silu_bf16_m2",
+    "gemv_silu_bf16_m3",
+    "gemv_silu_bf16_m4",
+    "gemv_silu_bf16_m5",
+    "gemv_silu_bf16_m6",
+    "gemv_silu_bf16_m7",
+    "gemv_silu_bf16_m8",
+];
+/// Gate rows (and as many up rows) of a `gemv_silu_*` block: half its warps.
+pub const GEMV_SILU_PAIRS: usize = 4;
+/// Gate rows of a `gemv_fp8_mma_silu` block.
+pub const GEMV_FP8_MMA_SILU_PAIRS: usize = 8;
+/// `gemv_fp8_silu_m*`: the plain FP8 GEMV's rows (up to 2) of the same.
+pub const GEMV_FP8_SILU_NAMES: [&str; 2] = ["gemv_fp8_silu_m1", "gemv_fp8_silu_m2"];
+
 /// Input features `gemv_fp8_mma`'s warps take at a time: the weights' input features must be
 /// a multiple of it.
 pub const GEMV_FP8_MMA_CHUNK: usize = 64;
@@ -364,6 +382,13 @@ pub struct Kernels {
     /// The FP8 GEMV on the tensor cores (`fp8.cu`): any rows up to 8, input features a
     /// multiple of [`GEMV_FP8_MMA_CHUNK`].
     pub gemv_fp8_mma: CudaFunction,
+    /// `gemv_silu_bf16_m{M}` (index M - 1): `gemv` of the MLP's [gate | up] weight writing
+    /// silu(gate) * up.
+    pub gemv_silu: Vec<CudaFunction>,
+    /// `gemv_fp8_silu_m{M}`, M = 1, 2: the same over FP8 codes.
+    pub gemv_fp8_silu: Vec<CudaFunction>,
+    /// `gemv_fp8_mma` writing silu(gate) * up.
+    pub gemv_fp8_mma_silu: CudaFunction,
     /// Quantizes activation rows to FP8 codes and per-row scales (`fp8.cu`).
     pub quantize_fp8_rows: CudaFunction,
     /// bf16 to f32, elementwise (`fp8.cu`).
@@ -562,6 +587,15 @@ impl Kernels {
                 .map(|&name| f(name))
                 .collect::<Result<_, KernelError>>()?,
             gemv_fp8_mma: f("gemv_fp8_mma")?,
+            gemv_silu: GEMV_SILU_NAMES
+                .iter()
+                .map(|&name| f(name))
+                .collect::<Result<_, KernelError>>()?,
+            gemv_fp8_silu: GEMV_FP8_SILU_NAMES
+                .iter()
+                .map(|&name| f(name))
+                .collect::<Result<_, KernelError>>()?,
+            gemv_fp8_mma_silu: f("gemv_fp8_mma_silu")?,
             quantize_fp8_rows: f("quantize_fp8_rows")?,
             widen_bf16: f("widen_bf16")?,
             fp8_scale_rows_cols: f("fp8_scale_rows_cols")?,

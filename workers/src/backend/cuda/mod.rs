@@ -75,6 +75,7 @@ mod gemm;
 mod graph;
 pub mod kernels;
 mod kv_cache;
+mod launch_count;
 mod nccl;
 mod ops;
 mod options;
@@ -147,6 +148,8 @@ pub struct CudaBackend {
     group: Option<NcclRank>,
     /// The bf16 copy of FP8 cache blocks the warpgroup prefill kernel reads.
     widened: widened_kv::WidenedKvSlot,
+    /// Launches by operation, while a test counts them ([`Self::count_launches`]).
+    launch_count: launch_count::LaunchCount,
 }
 
 /// Whether the CUDA driver library can be loaded (a GPU machine), without touching a device.
@@ -310,6 +313,7 @@ impl CudaBackend {
             fp8_per_token_inputs: std::sync::atomic::AtomicBool::new(false),
             group: None,
             widened: widened_kv::WidenedKvSlot::default(),
+            launch_count: launch_count::LaunchCount::default(),
         })
     }
 
@@ -397,9 +401,10 @@ impl CudaBackend {
     /// [`skinny_gemm`](CudaOptions::skinny_gemm),
     /// [`skinny_everywhere`](CudaOptions::skinny_everywhere),
     /// [`concurrent_attention`](CudaOptions::concurrent_attention) (on only where the backend
-    /// was built with it, which makes its side stream) and
-    /// [`gemv_max_rows`](CudaOptions::gemv_max_rows). Every other setting is fixed when the
-    /// backend is built: `options` must have the values [`Self::options`] returns for them.
+    /// was built with it, which makes its side stream),
+    /// [`gemv_max_rows`](CudaOptions::gemv_max_rows) and [`gemv_silu`](CudaOptions::gemv_silu).
+    /// Every other setting is fixed when the backend is built: `options` must have the values
+    /// [`Self::options`] returns for them. A change drops the captured decode graphs.
     pub fn set_options(&self, options: &CudaOptions) -> Result<(), BackendError> {
         if switches::with_run_time_settings_of(options, &self.options) != self.options {
             return Err(BackendError::Device {
@@ -409,9 +414,25 @@ impl CudaBackend {
                     .into(),
             });
         }
+        if *options != self.options() {
+            self.graphs.clear();
+        }
         self.switches.set(options, self.side.is_some());
         self.graphs.set_enabled(options.cuda_graphs);
         Ok(())
+    }
+
+    /// Starts counting this backend's kernel launches by operation from zero (`true`), or
+    /// stops (`false`): tests check which kernels a step ran ([`Self::launch_counts`]).
+    /// Replays of captured graphs launch nothing and count nothing.
+    pub fn count_launches(&self, on: bool) {
+        self.launch_count.set(on);
+    }
+
+    /// The launches of each operation (the name its errors carry) since
+    /// [`Self::count_launches`] started counting.
+    pub fn launch_counts(&self) -> std::collections::HashMap<&'static str, u64> {
+        self.launch_count.counts()
     }
 
     /// Whether prefill attention of head dim 128 runs the warpgroup kernel.
@@ -499,6 +520,7 @@ impl CudaBackend {
         cfg: LaunchConfig,
         op: &'static str,
     ) -> Result<(), BackendError> {
+        self.launch_count.record(op);
         // SAFETY: each caller passes the argument list its kernel's signature declares, with
         // buffers of the sizes the kernel indexes (checked by the caller against the shapes).
         unsafe { builder.launch(cfg) }

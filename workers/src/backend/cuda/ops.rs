@@ -480,6 +480,11 @@ impl Backend for CudaBackend {
         gate_up: &CudaWeight,
         next: &CudaWeight,
     ) -> Result<CudaTensor, BackendError> {
+        // In one launch at decode sizes: there the next weight is not read ahead (the
+        // projection's own stream keeps the memory busy; a prefetch would only move bytes).
+        if let Some(act) = self.gemv_silu(x, gate_up)? {
+            return Ok(act);
+        }
         let projected = self.project_gate_up(x, gate_up)?;
         self.prefetch_weight(next);
         self.silu_mul(&projected)

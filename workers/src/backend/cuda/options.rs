@@ -88,6 +88,11 @@ pub struct CudaOptions {
     /// FP8 at batch 1 took 3.67 ms on it against 3.75-3.79 (`TANDEM_FP8_GEMV_MMA_ONE_ROW`:
     /// set and not `0`, on).
     pub fp8_gemv_mma_one_row: bool,
+    /// The MLP's [gate | up] projection of a decode step on a GEMV kernel writes
+    /// silu(gate) * up itself (its blocks take gate rows and their up rows together), where a
+    /// projection into f32 and `silu_mul` after it ran: one launch and an f32 round trip fewer
+    /// a layer, the same bits (`TANDEM_GEMV_SILU=0`: the two launches, to compare).
+    pub gemv_silu: bool,
     /// cuBLAS writes the MLP's gate/up projection in bf16 at prefill sizes; off, in f32
     /// (`TANDEM_GATE_UP_BF16`: `0` off, anything else on). Unset, on except in an MPS client
     /// limited to a share of the SMs (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` below 100): there
@@ -156,6 +161,7 @@ impl Default for CudaOptions {
             fp8_gemv_max_rows: DEFAULT_FP8_GEMV_MAX_ROWS,
             fp8_gemv_mma: true,
             fp8_gemv_mma_one_row: false,
+            gemv_silu: true,
             gate_up_bf16: true,
             fp8_qkv_bf16: true,
             residual_bf16: true,
@@ -207,6 +213,7 @@ impl CudaOptions {
             fp8_gemv_mma: switch("TANDEM_FP8_GEMV_MMA"),
             // Off unless set to something other than `0`.
             fp8_gemv_mma_one_row: var("TANDEM_FP8_GEMV_MMA_ONE_ROW").is_some_and(|v| v != "0"),
+            gemv_silu: switch("TANDEM_GEMV_SILU"),
             gate_up_bf16: match var("TANDEM_GATE_UP_BF16") {
                 Some(v) => v != "0",
                 None => all_sms,
@@ -282,6 +289,7 @@ mod tests {
             ("TANDEM_FP8_GEMV_MAX_ROWS", "2"),
             ("TANDEM_FP8_GEMV_MMA", "0"),
             ("TANDEM_FP8_GEMV_MMA_ONE_ROW", "1"),
+            ("TANDEM_GEMV_SILU", "0"),
             ("TANDEM_CONCURRENT_ATTENTION", "0"),
             ("TANDEM_SKINNY_SPLITS", "3"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
@@ -310,6 +318,7 @@ mod tests {
                 fp8_gemv_max_rows: 2,
                 fp8_gemv_mma: false,
                 fp8_gemv_mma_one_row: true,
+                gemv_silu: false,
                 gate_up_bf16: true,
                 fp8_qkv_bf16: false,
                 residual_bf16: true,

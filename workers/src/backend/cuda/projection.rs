@@ -7,7 +7,8 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::fp8_projection::{Fp8Out, Fp8Weight};
+use super::fp8_projection::{Fp8Gemv, Fp8Out, Fp8Weight};
+use super::kernels::{GEMV_FP8_MMA_SILU_PAIRS, GEMV_FP8_MMA_THREADS, GEMV_SILU_PAIRS};
 use super::tensor::DeviceData;
 use super::tensor::MatrixData;
 use super::{CudaBackend, CudaTensor, CudaWeight, elementwise_config, shape_err};
@@ -245,5 +246,93 @@ impl CudaBackend {
             Some(projected) => Ok(projected),
             None => self.project(x, gate_up, None),
         }
+    }
+
+    /// The MLP's `[gate | up]` projection and the SiLU product in one launch, `silu(gate) *
+    /// up` in bf16 (what [`Self::project_gate_up`] and `silu_mul` after it write, bit for
+    /// bit), where the projection runs on a GEMV kernel and
+    /// [`CudaOptions::gemv_silu`](super::CudaOptions::gemv_silu) is on; `None` elsewhere.
+    pub(super) fn gemv_silu(
+        &self,
+        x: &CudaTensor,
+        gate_up: &CudaWeight,
+    ) -> Result<Option<CudaTensor>, BackendError> {
+        let (
+            CudaWeight::Matrix {
+                data,
+                rows: n,
+                cols: k,
+            },
+            DeviceData::Bf16(xs),
+        ) = (gate_up, &x.data)
+        else {
+            return Ok(None);
+        };
+        let (rows, n, k) = (x.rows, *n, *k);
+        if !self.switches.gemv_silu() || x.cols != k || !n.is_multiple_of(2) || rows == 0 {
+            return Ok(None);
+        }
+        let f = n / 2;
+        let (fi, ni, ki, mi) = (f as i32, n as i32, k as i32, rows as i32);
+        let pairs_config = |blocks: usize, threads: u32| LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut out;
+        match data {
+            MatrixData::Bf16(w) => {
+                if self.projection_kernel(rows, n, k) != ProjectionKernel::Gemv {
+                    return Ok(None);
+                }
+                out = self.alloc_bf16(rows * f)?;
+                let mut b = self
+                    .stream
+                    .launch_builder(&self.kernels.gemv_silu[rows - 1]);
+                b.arg(xs).arg(w).arg(&mut out).arg(&fi).arg(&ki);
+                self.prefetch.clear();
+                self.launch(
+                    b,
+                    pairs_config(f.div_ceil(GEMV_SILU_PAIRS), 256),
+                    "gemv_silu",
+                )?;
+            }
+            MatrixData::Fp8 {
+                codes, row_scales, ..
+            } => match self.fp8_gemv_kernel(rows, k) {
+                Some(Fp8Gemv::TensorCores) => {
+                    out = self.alloc_bf16(rows * f)?;
+                    let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8_mma_silu);
+                    b.arg(xs)
+                        .arg(codes)
+                        .arg(row_scales)
+                        .arg(&mut out)
+                        .arg(&mi)
+                        .arg(&ni)
+                        .arg(&ki);
+                    let cfg =
+                        pairs_config(f.div_ceil(GEMV_FP8_MMA_SILU_PAIRS), GEMV_FP8_MMA_THREADS);
+                    self.prefetch.clear();
+                    self.launch(b, cfg, "gemv_fp8_mma_silu")?;
+                }
+                Some(Fp8Gemv::Plain) if rows <= self.kernels.gemv_fp8_silu.len() => {
+                    out = self.alloc_bf16(rows * f)?;
+                    let mut b = self
+                        .stream
+                        .launch_builder(&self.kernels.gemv_fp8_silu[rows - 1]);
+                    b.arg(xs)
+                        .arg(codes)
+                        .arg(row_scales)
+                        .arg(&mut out)
+                        .arg(&fi)
+                        .arg(&ki);
+                    let cfg = pairs_config(f.div_ceil(GEMV_SILU_PAIRS), 256);
+                    self.prefetch.clear();
+                    self.launch(b, cfg, "gemv_fp8_silu")?;
+                }
+                _ => return Ok(None),
+            },
+        }
+        Ok(Some(CudaTensor::from_bf16(rows, f, out)))
     }
 }

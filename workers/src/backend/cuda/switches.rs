@@ -22,6 +22,7 @@ pub(super) struct Switches {
     skinny_fp8: AtomicBool,
     fp8_fused_quant: AtomicBool,
     fp8_prefill_widen: AtomicBool,
+    gemv_silu: AtomicBool,
     /// On only where the backend has its side stream.
     concurrent_attention: AtomicBool,
     /// At most [`GEMV_MAX_ROWS`].
@@ -40,6 +41,7 @@ impl Switches {
             skinny_fp8: AtomicBool::new(false),
             fp8_fused_quant: AtomicBool::new(false),
             fp8_prefill_widen: AtomicBool::new(false),
+            gemv_silu: AtomicBool::new(false),
             concurrent_attention: AtomicBool::new(false),
             gemv_max_rows: AtomicUsize::new(0),
         };
@@ -59,6 +61,7 @@ impl Switches {
         self.fp8_fused_quant.store(options.fp8_fused_quant, relaxed);
         self.fp8_prefill_widen
             .store(options.fp8_prefill_widen, relaxed);
+        self.gemv_silu.store(options.gemv_silu, relaxed);
         self.concurrent_attention
             .store(options.concurrent_attention && has_side_stream, relaxed);
         self.gemv_max_rows
@@ -74,6 +77,7 @@ impl Switches {
         options.skinny_fp8 = self.skinny_fp8();
         options.fp8_fused_quant = self.fp8_fused_quant();
         options.fp8_prefill_widen = self.fp8_prefill_widen();
+        options.gemv_silu = self.gemv_silu();
         options.concurrent_attention = self.concurrent_attention();
         options.gemv_max_rows = self.gemv_max_rows();
     }
@@ -113,6 +117,11 @@ impl Switches {
         self.fp8_prefill_widen.load(Ordering::Relaxed)
     }
 
+    /// [`CudaOptions::gemv_silu`].
+    pub(super) fn gemv_silu(&self) -> bool {
+        self.gemv_silu.load(Ordering::Relaxed)
+    }
+
     /// [`CudaOptions::concurrent_attention`], and the backend has its side stream.
     pub(super) fn concurrent_attention(&self) -> bool {
         self.concurrent_attention.load(Ordering::Relaxed)
@@ -136,6 +145,7 @@ pub(super) fn with_run_time_settings_of(options: &CudaOptions, from: &CudaOption
         skinny_fp8: from.skinny_fp8,
         fp8_fused_quant: from.fp8_fused_quant,
         fp8_prefill_widen: from.fp8_prefill_widen,
+        gemv_silu: from.gemv_silu,
         concurrent_attention: from.concurrent_attention,
         gemv_max_rows: from.gemv_max_rows,
         ..options.clone()
@@ -155,6 +165,7 @@ mod tests {
             skinny_fp8: false,
             fp8_fused_quant: false,
             fp8_prefill_widen: false,
+            gemv_silu: false,
             gemv_max_rows: 2,
             ..CudaOptions::default()
         };
@@ -180,6 +191,7 @@ mod tests {
         let switched = CudaOptions {
             cuda_graphs: false,
             decode_mma: false,
+            gemv_silu: false,
             concurrent_attention: false,
             gemv_max_rows: 0,
             ..built.clone()
