@@ -191,10 +191,11 @@ GEMV_FP8_KERNEL(8)
 #define GEMV_FP8_SILU_KERNEL(M)                                                                   \
     extern "C" __global__ void __launch_bounds__(GEMV8_WARPS * 32)                                \
         gemv_fp8_silu_m##M(const bf16* __restrict__ x, const unsigned char* __restrict__ w,       \
-                           const float* __restrict__ ws, bf16* __restrict__ out, int f, int k) {  \
-        gemv_silu_pairs<M>(out, f, [&](int row, float* sums) {                                    \
-            gemv_fp8_row_sums<M>(x, w, ws, row, k, sums);                                         \
-        });                                                                                       \
+                           const float* __restrict__ ws, bf16* __restrict__ out, int f, int k,    \
+                           const char* prefetch, long long prefetch_bytes) {                      \
+        gemv_silu_pairs<M>(                                                                       \
+            out, f, [&](int row, float* sums) { gemv_fp8_row_sums<M>(x, w, ws, row, k, sums); },  \
+            prefetch, prefetch_bytes);                                                            \
     }
 
 GEMV_FP8_SILU_KERNEL(1)
@@ -277,7 +278,9 @@ __device__ __forceinline__ void gemv_fp8_mma_tile(const bf16* __restrict__ x,
                                                   const unsigned char* __restrict__ w,
                                                   const float* __restrict__ ws,
                                                   float* __restrict__ y, bf16* __restrict__ out,
-                                                  int m, int n, int k) {
+                                                  int m, int n, int k, const char* prefetch,
+                                                  long long prefetch_bytes) {
+    if (SILU && GEMV_SILU_PREFETCH == 1) prefetch_l2(prefetch, prefetch_bytes);
     __shared__ float partial[GEMV8_MMA_WARPS][8][16];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
@@ -357,20 +360,22 @@ __device__ __forceinline__ void gemv_fp8_mma_tile(const bf16* __restrict__ x,
             y[(long long)token * n + row] = s * ws[row];
         }
     }
+    if (SILU && GEMV_SILU_PREFETCH == 2) prefetch_l2(prefetch, prefetch_bytes);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV8_MMA_WARPS * 32)
     gemv_fp8_mma(const bf16* __restrict__ x, const unsigned char* __restrict__ w,
                  const float* __restrict__ ws, float* __restrict__ y, int m, int n, int k) {
-    gemv_fp8_mma_tile<false>(x, w, ws, y, nullptr, m, n, k);
+    gemv_fp8_mma_tile<false>(x, w, ws, y, nullptr, m, n, k, nullptr, 0);
 }
 
 // `gemv_fp8_mma` of the MLP's [gate | up] (n = 2f rows) with the SiLU product taken as it is
 // written into `out` ([m, f], bf16). Grid: f / 8 blocks, rounded up.
 extern "C" __global__ void __launch_bounds__(GEMV8_MMA_WARPS * 32)
     gemv_fp8_mma_silu(const bf16* __restrict__ x, const unsigned char* __restrict__ w,
-                      const float* __restrict__ ws, bf16* __restrict__ out, int m, int n, int k) {
-    gemv_fp8_mma_tile<true>(x, w, ws, nullptr, out, m, n, k);
+                      const float* __restrict__ ws, bf16* __restrict__ out, int m, int n, int k,
+                      const char* prefetch, long long prefetch_bytes) {
+    gemv_fp8_mma_tile<true>(x, w, ws, nullptr, out, m, n, k, prefetch, prefetch_bytes);
 }
 
 // y = x widened: the f32 copy of a bf16 product (cuBLASLt's FP8 GEMM with vector scales

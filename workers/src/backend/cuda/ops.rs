@@ -480,9 +480,8 @@ impl Backend for CudaBackend {
         gate_up: &CudaWeight,
         next: &CudaWeight,
     ) -> Result<CudaTensor, BackendError> {
-        // In one launch at decode sizes: there the next weight is not read ahead (the
-        // projection's own stream keeps the memory busy; a prefetch would only move bytes).
-        if let Some(act) = self.gemv_silu(x, gate_up)? {
+        // In one launch at decode sizes.
+        if let Some(act) = self.gemv_silu(x, gate_up, next)? {
             return Ok(act);
         }
         let projected = self.project_gate_up(x, gate_up)?;

@@ -250,12 +250,14 @@ impl CudaBackend {
 
     /// The MLP's `[gate | up]` projection and the SiLU product in one launch, `silu(gate) *
     /// up` in bf16 (what [`Self::project_gate_up`] and `silu_mul` after it write, bit for
-    /// bit), where the projection runs on a GEMV kernel and
-    /// [`CudaOptions::gemv_silu`](super::CudaOptions::gemv_silu) is on; `None` elsewhere.
+    /// bit), where the projection runs on a GEMV kernel (an FP8 weight's, or a bf16 weight's
+    /// at one row) and [`CudaOptions::gemv_silu`](super::CudaOptions::gemv_silu) is on; `None`
+    /// elsewhere. `next` is the down projection's weight.
     pub(super) fn gemv_silu(
         &self,
         x: &CudaTensor,
         gate_up: &CudaWeight,
+        next: &CudaWeight,
     ) -> Result<Option<CudaTensor>, BackendError> {
         let (
             CudaWeight::Matrix {
@@ -274,23 +276,46 @@ impl CudaBackend {
         }
         let f = n / 2;
         let (fi, ni, ki, mi) = (f as i32, n as i32, k as i32, rows as i32);
+        // bf16 weights at one row only: at 2 rows the fused GEMV made an H200's decode step
+        // of Llama-3.1-8B shapes 3-4% slower (4 rows: even), where FP8 weights lost nothing
+        // at 2-8 rows (docs/benchmarks.md).
+        let applies = match data {
+            MatrixData::Bf16(_) => {
+                rows == 1 && self.projection_kernel(rows, n, k) == ProjectionKernel::Gemv
+            }
+            MatrixData::Fp8 { .. } => match self.fp8_gemv_kernel(rows, k) {
+                Some(Fp8Gemv::TensorCores) => true,
+                Some(Fp8Gemv::Plain) => rows <= self.kernels.gemv_fp8_silu.len(),
+                None => false,
+            },
+        };
+        if !applies {
+            return Ok(None);
+        }
+        // The next projection's weight, read ahead by the kernel where GEMV_SILU_PREFETCH asks
+        // for it (before or after its rows; default: not at all, which measured fastest), as
+        // `silu_mul` does after an unfused projection.
+        self.prefetch.clear();
+        self.prefetch.announce(&self.stream, next);
+        let pf = self.take_prefetch(rows);
         let pairs_config = |blocks: usize, threads: u32| LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut out;
+        let mut out = self.alloc_bf16(rows * f)?;
         match data {
             MatrixData::Bf16(w) => {
-                if self.projection_kernel(rows, n, k) != ProjectionKernel::Gemv {
-                    return Ok(None);
-                }
-                out = self.alloc_bf16(rows * f)?;
                 let mut b = self
                     .stream
                     .launch_builder(&self.kernels.gemv_silu[rows - 1]);
-                b.arg(xs).arg(w).arg(&mut out).arg(&fi).arg(&ki);
-                self.prefetch.clear();
+                b.arg(xs)
+                    .arg(w)
+                    .arg(&mut out)
+                    .arg(&fi)
+                    .arg(&ki)
+                    .arg(&pf.ptr)
+                    .arg(&pf.bytes);
                 self.launch(
                     b,
                     pairs_config(f.div_ceil(GEMV_SILU_PAIRS), 256),
@@ -299,9 +324,8 @@ impl CudaBackend {
             }
             MatrixData::Fp8 {
                 codes, row_scales, ..
-            } => match self.fp8_gemv_kernel(rows, k) {
-                Some(Fp8Gemv::TensorCores) => {
-                    out = self.alloc_bf16(rows * f)?;
+            } => {
+                if self.fp8_gemv_kernel(rows, k) == Some(Fp8Gemv::TensorCores) {
                     let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8_mma_silu);
                     b.arg(xs)
                         .arg(codes)
@@ -309,14 +333,13 @@ impl CudaBackend {
                         .arg(&mut out)
                         .arg(&mi)
                         .arg(&ni)
-                        .arg(&ki);
+                        .arg(&ki)
+                        .arg(&pf.ptr)
+                        .arg(&pf.bytes);
                     let cfg =
                         pairs_config(f.div_ceil(GEMV_FP8_MMA_SILU_PAIRS), GEMV_FP8_MMA_THREADS);
-                    self.prefetch.clear();
                     self.launch(b, cfg, "gemv_fp8_mma_silu")?;
-                }
-                Some(Fp8Gemv::Plain) if rows <= self.kernels.gemv_fp8_silu.len() => {
-                    out = self.alloc_bf16(rows * f)?;
+                } else {
                     let mut b = self
                         .stream
                         .launch_builder(&self.kernels.gemv_fp8_silu[rows - 1]);
@@ -325,13 +348,13 @@ impl CudaBackend {
                         .arg(row_scales)
                         .arg(&mut out)
                         .arg(&fi)
-                        .arg(&ki);
+                        .arg(&ki)
+                        .arg(&pf.ptr)
+                        .arg(&pf.bytes);
                     let cfg = pairs_config(f.div_ceil(GEMV_SILU_PAIRS), 256);
-                    self.prefetch.clear();
                     self.launch(b, cfg, "gemv_fp8_silu")?;
                 }
-                _ => return Ok(None),
-            },
+            }
         }
         Ok(Some(CudaTensor::from_bf16(rows, f, out)))
     }
