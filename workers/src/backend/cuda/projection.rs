@@ -46,36 +46,25 @@ impl CudaBackend {
         x: &CudaTensor,
         weight: &CudaWeight,
     ) -> Result<Option<CudaTensor>, BackendError> {
-        let (
-            CudaWeight::Matrix {
-                data,
-                rows: n,
-                cols: k,
-            },
-            DeviceData::Bf16(xs),
-        ) = (weight, &x.data)
-        else {
+        let Some((data, n, k, xs)) = matrix_of_bf16_rows(weight, x) else {
             return Ok(None);
         };
-        if x.cols != *k {
-            return Ok(None);
-        }
         match data {
             MatrixData::Bf16(w) => {
-                if self.projection_kernel(x.rows, *n, *k) != ProjectionKernel::Cublas {
+                if self.projection_kernel(x.rows, n, k) != ProjectionKernel::Cublas {
                     return Ok(None);
                 }
                 self.prefetch.clear();
                 let mut out = self.alloc_bf16(x.rows * n)?;
-                self.blas.linear(xs, w, &mut out, x.rows, *k, *n)?;
-                Ok(Some(CudaTensor::from_bf16(x.rows, *n, out)))
+                self.blas.linear(xs, w, &mut out, x.rows, k, n)?;
+                Ok(Some(CudaTensor::from_bf16(x.rows, n, out)))
             }
             MatrixData::Fp8 {
                 codes,
                 row_scales,
                 input,
             } => {
-                if self.fp8_gemv_applies(x.rows, *k) || self.skinny_fp8_applies(x.rows, *k) {
+                if self.fp8_gemv_applies(x.rows, k) || self.skinny_fp8_applies(x.rows, k) {
                     return Ok(None);
                 }
                 self.prefetch.clear();
@@ -83,12 +72,12 @@ impl CudaBackend {
                     codes,
                     row_scales,
                     input: *input,
-                    n: *n,
-                    k: *k,
+                    n,
+                    k,
                 };
                 let mut out = self.alloc_bf16(x.rows * n)?;
                 self.fp8_gemm_into(xs, x.fp8.as_ref(), x.rows, &w, Fp8Out::Bf16(&mut out))?;
-                Ok(Some(CudaTensor::from_bf16(x.rows, *n, out)))
+                Ok(Some(CudaTensor::from_bf16(x.rows, n, out)))
             }
         }
     }
@@ -259,19 +248,11 @@ impl CudaBackend {
         gate_up: &CudaWeight,
         next: &CudaWeight,
     ) -> Result<Option<CudaTensor>, BackendError> {
-        let (
-            CudaWeight::Matrix {
-                data,
-                rows: n,
-                cols: k,
-            },
-            DeviceData::Bf16(xs),
-        ) = (gate_up, &x.data)
-        else {
+        let Some((data, n, k, xs)) = matrix_of_bf16_rows(gate_up, x) else {
             return Ok(None);
         };
-        let (rows, n, k) = (x.rows, *n, *k);
-        if !self.switches.gemv_silu() || x.cols != k || !n.is_multiple_of(2) || rows == 0 {
+        let rows = x.rows;
+        if !self.switches.gemv_silu() || !n.is_multiple_of(2) || rows == 0 {
             return Ok(None);
         }
         let f = n / 2;
@@ -357,5 +338,27 @@ impl CudaBackend {
             }
         }
         Ok(Some(CudaTensor::from_bf16(rows, f, out)))
+    }
+}
+
+/// `weight`'s matrix, its output and input features, and `x`'s bf16 rows, where `weight` is a
+/// matrix whose input features are `x`'s columns and `x` is bf16: what the projections with
+/// an output of their own choosing take (shape errors are [`Backend::linear`]'s to report).
+///
+/// [`Backend::linear`]: crate::backend::Backend::linear
+fn matrix_of_bf16_rows<'a>(
+    weight: &'a CudaWeight,
+    x: &'a CudaTensor,
+) -> Option<(
+    &'a MatrixData,
+    usize,
+    usize,
+    &'a cudarc::driver::CudaSlice<u16>,
+)> {
+    match (weight, &x.data) {
+        (CudaWeight::Matrix { data, rows, cols }, DeviceData::Bf16(xs)) if x.cols == *cols => {
+            Some((data, *rows, *cols, xs))
+        }
+        _ => None,
     }
 }
