@@ -109,7 +109,8 @@ impl From<DtypeArg> for WeightDType {
 /// Convert a GGUF file (llama.cpp's format) into a model directory.
 ///
 /// Reads a GGUF (v2 or v3) of a Llama-family model, dequantizes its tensors (F32, F16, BF16,
-/// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) into safetensors with
+/// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, IQ3_S, IQ3_XXS,
+/// IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S) into safetensors with
 /// Hugging Face tensor names (undoing llama.cpp's Q/K row permutation), writes config.json from the GGUF metadata, and rebuilds
 /// the tokenizer (byte-level BPE or SentencePiece-style) as tokenizer.json with the chat
 /// template and special tokens in tokenizer_config.json.
@@ -131,8 +132,8 @@ struct ImportGgufArgs {
     /// Keep Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS matrices as
     /// their GGUF blocks (config.json's `quantization_config` names each one's type): the CPU
     /// backend multiplies them quantized, a third of bf16's bytes for Q4_1. Any other quantized matrix (or one
-    /// whose rows are not whole blocks, and Q2_K's) is written dequantized, and the summary says
-    /// which.
+    /// whose rows are not whole blocks; Q2_K's and the IQ1/IQ2/IQ3 types') is written
+    /// dequantized, and the summary says which.
     /// GPU workers refuse such a directory.
     #[arg(long)]
     keep_quant: bool,

@@ -9,6 +9,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::iq;
 use super::types::GgmlType;
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,13 @@ pub fn dequantize(
         GgmlType::IQ4_XS => blocks::<136, 256>(data, &mut out, iq4_xs),
         GgmlType::Q3_K => blocks::<110, 256>(data, &mut out, q3_k),
         GgmlType::Q2_K => blocks::<84, 256>(data, &mut out, q2_k),
+        GgmlType::IQ2_XXS => blocks::<66, 256>(data, &mut out, iq::iq2_xxs),
+        GgmlType::IQ2_XS => blocks::<74, 256>(data, &mut out, iq::iq2_xs),
+        GgmlType::IQ2_S => blocks::<82, 256>(data, &mut out, iq::iq2_s),
+        GgmlType::IQ3_XXS => blocks::<98, 256>(data, &mut out, iq::iq3_xxs),
+        GgmlType::IQ3_S => blocks::<110, 256>(data, &mut out, iq::iq3_s),
+        GgmlType::IQ1_S => blocks::<50, 256>(data, &mut out, iq::iq1_s),
+        GgmlType::IQ1_M => blocks::<56, 256>(data, &mut out, iq::iq1_m),
         _ => return Err(unsupported()),
     }
     Ok(out)
@@ -408,10 +416,10 @@ mod tests {
 
     #[test]
     fn unsupported_type_and_partial_block_are_named() {
-        let err = dequantize("blk.0.attn_q.weight", GgmlType(16), &[0; 66]).unwrap_err();
+        let err = dequantize("blk.0.attn_q.weight", GgmlType(34), &[0; 54]).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("blk.0.attn_q.weight") && msg.contains("IQ2_XXS"),
+            msg.contains("blk.0.attn_q.weight") && msg.contains("TQ1_0"),
             "{msg}"
         );
         let err = dequantize("x", GgmlType::Q8_0, &[0; 35]).unwrap_err();

@@ -12,6 +12,8 @@
 
 pub mod config;
 pub mod dequant;
+mod iq;
+mod iq_grids;
 pub mod names;
 pub mod reader;
 pub mod types;

@@ -59,12 +59,19 @@ impl GgmlType {
     pub const Q4_K: GgmlType = GgmlType(12);
     pub const Q5_K: GgmlType = GgmlType(13);
     pub const Q6_K: GgmlType = GgmlType(14);
+    pub const IQ2_XXS: GgmlType = GgmlType(16);
+    pub const IQ2_XS: GgmlType = GgmlType(17);
+    pub const IQ3_XXS: GgmlType = GgmlType(18);
+    pub const IQ1_S: GgmlType = GgmlType(19);
     pub const IQ4_NL: GgmlType = GgmlType(20);
+    pub const IQ3_S: GgmlType = GgmlType(21);
+    pub const IQ2_S: GgmlType = GgmlType(22);
     pub const IQ4_XS: GgmlType = GgmlType(23);
+    pub const IQ1_M: GgmlType = GgmlType(29);
     pub const BF16: GgmlType = GgmlType(30);
 
     /// The types [`crate::gguf::dequant::dequantize`] converts.
-    pub const SUPPORTED: [GgmlType; 15] = [
+    pub const SUPPORTED: [GgmlType; 22] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -80,6 +87,13 @@ impl GgmlType {
         Self::IQ4_XS,
         Self::Q3_K,
         Self::Q2_K,
+        Self::IQ2_XXS,
+        Self::IQ2_XS,
+        Self::IQ2_S,
+        Self::IQ3_XXS,
+        Self::IQ3_S,
+        Self::IQ1_S,
+        Self::IQ1_M,
     ];
 
     fn entry(self) -> Option<&'static (u32, &'static str, u64, u64)> {
@@ -134,7 +148,8 @@ mod tests {
         assert_eq!(GgmlType(6).name(), "Q5_0");
         assert!(GgmlType(6).is_supported());
         assert!(GgmlType(7).is_supported() && GgmlType(13).is_supported());
-        assert!(GgmlType(10).is_supported() && !GgmlType(16).is_supported());
+        assert!(GgmlType(10).is_supported() && GgmlType(16).is_supported());
+        assert!(!GgmlType(34).is_supported() && !GgmlType(39).is_supported());
         assert_eq!(GgmlType(4).name(), "type 4");
         assert!(!GgmlType(4).is_known());
         assert!(GgmlType::SUPPORTED.iter().all(|t| t.is_known()));
