@@ -38,6 +38,10 @@
 #ifndef DM_Q_SPLIT
 #define DM_Q_SPLIT 0
 #endif
+// 0: the `_tiles` kernels below look each key's block up as the others do (same bits).
+#ifndef DM_WHOLE_TILES
+#define DM_WHOLE_TILES 1
+#endif
 // Keys per tile: 16 per warp.
 #define DM_KEYS 64
 #define DM_WARPS 4
@@ -90,7 +94,7 @@ __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 codes) {
     return 0u;
 #endif
 }
-template <int D, typename C = bf16>
+template <int D, typename C = bf16, bool WHOLE_TILES = false>
 __device__ __forceinline__ void decode_mma(
     const float* __restrict__ qkv, const C* __restrict__ cache, const u32* __restrict__ positions,
     const u32* __restrict__ token_seq, const u32* __restrict__ seq_block_start,
@@ -133,11 +137,38 @@ __device__ __forceinline__ void decode_mma(
     const u32* table = block_tables + seq_block_start[token_seq[t]];
     const C* head = cache + layer_offset + kvh * D;
 
+    // WHOLE_TILES: the cache's blocks hold whole tiles (block sizes that are multiples of
+    // DM_KEYS, the GPU default among them), so a tile's keys are consecutive rows of one block:
+    // one table read and one division a tile, where each 16-byte copy looks its key's block up
+    // (on an H200, half of the loop's instructions). Rows past the last key are still inside
+    // the block. The kernels of both kinds are instantiated; the launch picks by block size.
+    // `-D DM_WHOLE_TILES=0` gives those kernels the lookup per key (a test compares the two).
+    constexpr bool tile_in_one_block = WHOLE_TILES && DM_WHOLE_TILES;
+    auto tile_rows = [&](int tile) -> const C* {
+        const int key0 = tile * DM_KEYS;
+        return head + (long long)table[key0 / block_size] * block_elems +
+               (long long)(key0 % block_size) * token_stride;
+    };
+
     // Copies tile `tile`'s K and V rows into `stage`; keys past the end are zero-filled.
     auto load_tile = [&](int tile, int stage) {
         if constexpr (FP8) {
             fp8* ks = codes + stage * 2 * TILE;
             fp8* vs = ks + TILE;
+            if constexpr (tile_in_one_block) {
+                const C* rows = tile_rows(tile);
+#pragma unroll
+                for (int j = 0; j < DM_KEYS * CH8 / (DM_WARPS * 32); ++j) {
+                    const int i = threadIdx.x + j * DM_WARPS * 32;
+                    const int row = i / CH8, c = i % CH8;
+                    const bool on = tile * DM_KEYS + row < n_keys;
+                    const C* src = rows + row * token_stride + c * 16;
+                    const int at = row * D + fp8_chunk(c, row) * 16;
+                    cp_async16(ks + at, src, on ? 16 : 0);
+                    cp_async16(vs + at, src + kv_stride, on ? 16 : 0);
+                }
+                return;
+            }
 #pragma unroll
             for (int j = 0; j < DM_KEYS * CH8 / (DM_WARPS * 32); ++j) {
                 const int i = threadIdx.x + j * DM_WARPS * 32;
@@ -156,6 +187,20 @@ __device__ __forceinline__ void decode_mma(
         }
         bf16* ks = smem + stage * 2 * TILE;
         bf16* vs = ks + TILE;
+        if constexpr (tile_in_one_block) {
+            const C* rows = tile_rows(tile);
+#pragma unroll
+            for (int j = 0; j < DM_KEYS * CH / (DM_WARPS * 32); ++j) {
+                const int i = threadIdx.x + j * DM_WARPS * 32;
+                const int row = i / CH, c = i % CH;
+                const bool on = tile * DM_KEYS + row < n_keys;
+                const C* src = rows + row * token_stride + c * 8;
+                const int at = row * D + ((c ^ (row & 7)) << 3);
+                cp_async16(ks + at, reinterpret_cast<const bf16*>(src), on ? 16 : 0);
+                cp_async16(vs + at, reinterpret_cast<const bf16*>(src + kv_stride), on ? 16 : 0);
+            }
+            return;
+        }
 #pragma unroll
         for (int j = 0; j < DM_KEYS * CH / (DM_WARPS * 32); ++j) {
             const int i = threadIdx.x + j * DM_WARPS * 32;
@@ -303,10 +348,14 @@ __device__ __forceinline__ void decode_mma(
             for (int e = 0; e < 2; ++e) p[n][e] = none ? 0.0f : fast_exp2(s[n][e] - m_new);
         }
         l_run = l_run * corr + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
+        // Past the first tiles a row's max rarely moves: the rescale (a multiply by exactly 1
+        // where it did not) is skipped unless some row of the warp needs it.
+        if (__any_sync(0xffffffffu, corr != 1.0f)) {
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            o[n][0] *= corr;
-            o[n][1] *= corr;
+            for (int n = 0; n < D / 8; ++n) {
+                o[n][0] *= corr;
+                o[n][1] *= corr;
+            }
         }
 
         // O += P V: P's C layout is the A fragment of the next product (keys 0-7 from the first
@@ -388,13 +437,20 @@ __device__ __forceinline__ void decode_mma(
     }
 }
 
-#define DECODE_MMA_KERNEL(D) DECODE_ATTENTION_KERNEL(paged_decode_mma_d, DM_WARPS * 32, decode_mma, D)
+// `paged_decode_mma[_fp8]_d*` read caches of any block size; `..._tiles_d*` only those whose
+// blocks hold whole tiles.
+#define DECODE_MMA_KERNEL(D)                                                                      \
+    DECODE_ATTENTION_KERNEL(paged_decode_mma_d, DM_WARPS * 32, decode_mma, D)                     \
+    DECODE_ATTENTION_KERNEL_OF(paged_decode_mma_tiles_d##D, DM_WARPS * 32,                        \
+                               (decode_mma<D, bf16, true>), bf16)
 
 DECODE_MMA_KERNEL(64)
 DECODE_MMA_KERNEL(128)
 
-#define DECODE_MMA_FP8_KERNEL(D) \
-    DECODE_ATTENTION_KERNEL_OF(paged_decode_mma_fp8_d##D, DM_WARPS * 32, (decode_mma<D, fp8>), fp8)
+#define DECODE_MMA_FP8_KERNEL(D)                                                                  \
+    DECODE_ATTENTION_KERNEL_OF(paged_decode_mma_fp8_d##D, DM_WARPS * 32, (decode_mma<D, fp8>), fp8) \
+    DECODE_ATTENTION_KERNEL_OF(paged_decode_mma_fp8_tiles_d##D, DM_WARPS * 32,                    \
+                               (decode_mma<D, fp8, true>), fp8)
 
 DECODE_MMA_FP8_KERNEL(64)
 DECODE_MMA_FP8_KERNEL(128)

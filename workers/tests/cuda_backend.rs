@@ -213,6 +213,53 @@ fn decode_attention_on_tensor_cores_matches_the_cpu() {
     }
 }
 
+/// The tensor-core decode kernels for caches of whole 64-key tiles (the GPU's default block
+/// size) find a tile's block once; built with `DM_WHOLE_TILES=0` they look every key's block
+/// up as the kernels for other block sizes do. Same keys, same order, same arithmetic: the
+/// logits of decode steps over sequences that end inside, at and past a block's edge are the
+/// same bits, over a bf16 and an FP8 cache. Runs on `TANDEM_GPU_TEST_MODEL` (and
+/// `TANDEM_GPU_TEST_MODEL_D128`); skipped without either.
+#[test]
+fn decode_attention_over_whole_tiles_gives_the_bits_of_the_lookup_per_key() {
+    if no_gpu() {
+        return;
+    }
+    let dirs: Vec<PathBuf> = ["TANDEM_GPU_TEST_MODEL", "TANDEM_GPU_TEST_MODEL_D128"]
+        .into_iter()
+        .filter_map(std::env::var_os)
+        .map(PathBuf::from)
+        .collect();
+    if dirs.is_empty() {
+        skip("neither TANDEM_GPU_TEST_MODEL nor TANDEM_GPU_TEST_MODEL_D128 is set");
+        return;
+    }
+    for dir in dirs {
+        for kv_dtype in [KvDType::Bf16, KvDType::Fp8] {
+            let options = ModelOptions {
+                kv_dtype: Some(kv_dtype),
+                ..ModelOptions::default()
+            };
+            let logits = |defines: Vec<String>| {
+                let backend = CudaBackend::new(&CudaOptions {
+                    decode_mma: true,
+                    kernel_defines: defines,
+                    ..CudaOptions::from_env(0)
+                })
+                .unwrap();
+                decode_batch_logits(&Model::load(&dir, backend, &options).unwrap())
+            };
+            let whole_tiles = logits(Vec::new());
+            let per_key = logits(vec!["DM_WHOLE_TILES=0".to_owned()]);
+            assert!(
+                whole_tiles == per_key,
+                "{} with a {kv_dtype:?} cache: the whole-tile kernel's logits differ",
+                dir.display()
+            );
+            eprintln!("{} {kv_dtype:?}: bitwise equal", dir.display());
+        }
+    }
+}
+
 /// Logits of 8 decode steps of six sequences at once (prompts of 1, 63, 64, 65, 200 and 700
 /// tokens, prefilled together; forced tokens), in 64-token blocks.
 fn decode_batch_logits<B: Backend>(model: &Model<B>) -> Vec<Vec<Vec<f32>>> {

@@ -276,15 +276,17 @@ impl CudaBackend {
     fn decode_kernel(
         &self,
         shape: &AttentionShape,
-        dtype: KvDType,
+        layout: &KvLayout,
     ) -> Result<DecodeLaunch<'_>, BackendError> {
+        let dtype = layout.dtype;
         let split_keys = self.attn_split_keys(shape.head_dim);
         if dtype == KvDType::Fp8 {
             // An FP8 cache: the tensor-core kernel where the head dim has one (and it is on),
             // else the vectorized kernel, else the warp-per-key one.
             let fp8 = &self.kernels.fp8_attention;
-            if let Some(kernel) =
-                kernel_for(&fp8.decode_mma, shape.head_dim).filter(|_| self.switches.decode_mma())
+            if let Some(kernel) = (fp8.decode_mma)
+                .for_shape(shape.head_dim, layout.block_size)
+                .filter(|_| self.switches.decode_mma())
             {
                 return Ok(DecodeLaunch {
                     kernel,
@@ -325,7 +327,8 @@ impl CudaBackend {
         // The tensor-core kernel where the head dim has one, else the vectorized kernel, else
         // the warp-per-key one: (kernel, query heads per block, dynamic shared memory, fewest
         // keys per split).
-        let mma = kernel_for(&self.kernels.paged_decode_mma, shape.head_dim)
+        let mma = (self.kernels.paged_decode_mma)
+            .for_shape(shape.head_dim, layout.block_size)
             .filter(|_| self.switches.decode_mma())
             .map(|kernel| {
                 let config = self.kernels.decode_mma_config;
@@ -388,7 +391,7 @@ impl CudaBackend {
             heads_per_block,
             shared_mem_bytes,
             split_keys,
-        } = self.decode_kernel(shape, kv.layout.dtype)?;
+        } = self.decode_kernel(shape, &kv.layout)?;
         let layout = kv.layout;
         let q = qkv.as_f32("paged_attention")?;
         // One block per token, KV head and chunk of `heads_per_block` query heads; long contexts

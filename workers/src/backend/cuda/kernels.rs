@@ -88,6 +88,40 @@ pub const ATTN_VEC_HEADS: usize = 4;
 /// (`decode_mma.cu`), preferred over the vectorized kernel where it exists.
 const DECODE_MMA_HEAD_DIMS: &[(usize, &str)] =
     &[(64, "paged_decode_mma_d64"), (128, "paged_decode_mma_d128")];
+/// The same kernels for caches whose blocks hold whole tiles ([`DecodeMmaKernels`]).
+const DECODE_MMA_TILES_HEAD_DIMS: &[(usize, &str)] = &[
+    (64, "paged_decode_mma_tiles_d64"),
+    (128, "paged_decode_mma_tiles_d128"),
+];
+/// The tensor-core decode attention over an FP8 cache, as the two lists above.
+const DECODE_MMA_FP8_HEAD_DIMS: &[(usize, &str)] = &[
+    (64, "paged_decode_mma_fp8_d64"),
+    (128, "paged_decode_mma_fp8_d128"),
+];
+const DECODE_MMA_FP8_TILES_HEAD_DIMS: &[(usize, &str)] = &[
+    (64, "paged_decode_mma_fp8_tiles_d64"),
+    (128, "paged_decode_mma_fp8_tiles_d128"),
+];
+
+/// The tensor-core decode attention by head dimension, in two builds: one for any block size,
+/// and one for caches whose blocks are whole multiples of its 64-key tiles (the GPU default of
+/// 64 tokens among them), which finds each tile's block once instead of once per key.
+pub struct DecodeMmaKernels {
+    pub any_block: Vec<(usize, CudaFunction)>,
+    pub whole_tiles: Vec<(usize, CudaFunction)>,
+}
+
+impl DecodeMmaKernels {
+    /// The kernel for `head_dim` over a cache of `block_size`-token blocks, if there is one.
+    pub fn for_shape(&self, head_dim: usize, block_size: usize) -> Option<&CudaFunction> {
+        let list = if block_size.is_multiple_of(DecodeMmaConfig::KEYS) {
+            &self.whole_tiles
+        } else {
+            &self.any_block
+        };
+        list.iter().find(|(d, _)| *d == head_dim).map(|(_, k)| k)
+    }
+}
 
 /// The tensor-core decode attention's settings (`decode_mma.cu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,7 +402,7 @@ pub struct Kernels {
     /// The vectorized decode attention, for the head dimensions it covers.
     pub paged_attention_vec: Vec<(usize, CudaFunction)>,
     /// The tensor-core decode attention, for the head dimensions it covers, and its settings.
-    pub paged_decode_mma: Vec<(usize, CudaFunction)>,
+    pub paged_decode_mma: DecodeMmaKernels,
     pub decode_mma_config: DecodeMmaConfig,
     pub attention_combine: CudaFunction,
     /// Prefill attention on the tensor cores, by head dimension: one query head per block.
@@ -414,7 +448,7 @@ pub struct Kernels {
 /// as they load them.
 pub struct Fp8AttentionKernels {
     /// The tensor-core decode kernel (`decode_mma.cu`), preferred where the head dim has one.
-    pub decode_mma: Vec<(usize, CudaFunction)>,
+    pub decode_mma: DecodeMmaKernels,
     pub decode_vec: Vec<(usize, CudaFunction)>,
     /// The warp-per-key decode kernel, for the head dims `decode_vec` lacks.
     pub decode: Vec<(usize, CudaFunction)>,
@@ -493,10 +527,24 @@ impl Kernels {
                 .collect()
         };
         let decode_mma_config = DecodeMmaConfig::from_defines(defines);
-        let paged_decode_mma = DECODE_MMA_HEAD_DIMS
-            .iter()
-            .map(|&(d, name)| Ok((d, with_smem(name, decode_mma_config.smem_bytes(d))?)))
-            .collect::<Result<_, KernelError>>()?;
+        let decode_mma = |any_block: &[(usize, &'static str)],
+                          whole_tiles: &[(usize, &'static str)],
+                          smem: &dyn Fn(usize) -> usize|
+         -> Result<DecodeMmaKernels, KernelError> {
+            let load = |list: &[(usize, &'static str)]| {
+                list.iter()
+                    .map(|&(d, name)| Ok((d, with_smem(name, smem(d))?)))
+                    .collect::<Result<Vec<_>, KernelError>>()
+            };
+            Ok(DecodeMmaKernels {
+                any_block: load(any_block)?,
+                whole_tiles: load(whole_tiles)?,
+            })
+        };
+        let paged_decode_mma =
+            decode_mma(DECODE_MMA_HEAD_DIMS, DECODE_MMA_TILES_HEAD_DIMS, &|d| {
+                decode_mma_config.smem_bytes(d)
+            })?;
         let flash_wgmma = if arch == "sm_90a" {
             let config = WgmmaFlashConfig::from_defines(defines);
             Some((with_smem("flash_wgmma_d128", config.smem_bytes())?, config))
@@ -536,13 +584,11 @@ impl Kernels {
             rope_cache_write: f("rope_cache_write")?,
             rope_cache_write_fp8: f("rope_cache_write_fp8")?,
             fp8_attention: Fp8AttentionKernels {
-                decode_mma: [
-                    (64, "paged_decode_mma_fp8_d64"),
-                    (128, "paged_decode_mma_fp8_d128"),
-                ]
-                .into_iter()
-                .map(|(d, name)| Ok((d, with_smem(name, decode_mma_config.smem_bytes_fp8(d))?)))
-                .collect::<Result<_, KernelError>>()?,
+                decode_mma: decode_mma(
+                    DECODE_MMA_FP8_HEAD_DIMS,
+                    DECODE_MMA_FP8_TILES_HEAD_DIMS,
+                    &|d| decode_mma_config.smem_bytes_fp8(d),
+                )?,
                 decode_vec: VEC_ATTENTION_FP8_HEAD_DIMS
                     .iter()
                     .map(|&(d, name)| Ok((d, f(name)?)))
