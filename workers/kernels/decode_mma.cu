@@ -10,9 +10,10 @@
 //   HBM busy, and the vectorized kernel, which loads into registers and then computes, leaves
 //   gaps while its warps compute;
 // - the products run on `mma.sync` (m16n8k16, bf16 in, f32 out) with the query heads as the rows
-//   of the A tile (rows past the group's heads are zeros): a key is multiplied once for all of
-//   its query heads, in a handful of instructions, where the vectorized kernel spends shuffles,
-//   FMAs and exponentials per key and head.
+//   of the A tile (rows past the group's heads are zeros; over an FP8 cache the keys are the
+//   rows instead, below): a key is multiplied once for all of its query heads, in a handful of
+//   instructions, where the vectorized kernel spends shuffles, FMAs and exponentials per key
+//   and head.
 // Each warp takes 16 keys of a tile (S = Q K^T for them, an online softmax per query head in
 // base 2, O += P V), keeps its own running max and sum, and the four warps are merged at the
 // end through shared memory, as in the vectorized kernel.
@@ -45,7 +46,8 @@
 // Keys per tile: 16 per warp.
 #define DM_KEYS 64
 #define DM_WARPS 4
-// Query heads per block: rows 0-7 of the mma's 16-row A tile (rows 8-15 stay zero).
+// Query heads per block: rows 0-7 of the mma's 16-row A tile (rows 8-15 stay zero), or over an
+// FP8 cache the 8 columns of its B tile.
 #define DM_HEADS 8
 
 // Over an FP8 cache (`C` = fp8) the stages hold the tiles' codes (half the bytes), and each
@@ -54,17 +56,21 @@
 // TB/s of codes where the bf16 kernel reads 2.8). The products run in f16: every e4m3 value is
 // an f16, one instruction converts two codes, and the query and the probabilities rounded to
 // f16 keep 3 more bits than bf16 (the query, pre-scaled by the softmax scale, is far inside
-// f16's range). How the codes become fragments:
-// - K (the B operand of S = Q K^T, k = head dim, n = key): a dot product does not care in which
-//   order its dims are summed, so lane (g, c) takes the D/4 contiguous codes at c * D/4 of its
-//   key's row, 16 bytes a load, and each 4 codes are one 16-dim step's k slots (2c, 2c+1) and
-//   (2c+8, 2c+9); its query fragment is gathered in the same order.
-// - V (the B operand of O = P V, k = key, n = head dim): `ldmatrix.trans` of 8x8 matrices of
+// f16's range). The keys are the mma's rows there (S^T = K Q^T, O^T = V^T P^T: `fp8_tile`),
+// which fills the 16-row A tile with a warp's 16 keys where the query heads fill 8 or 4 of
+// its rows; on an H200 that took the FP8 kernel from 168 to 126 registers (4 blocks a
+// multiprocessor instead of 3) and 14% of its instructions. How the codes become fragments:
+// - K (the A operand of S^T, rows = keys, k = head dim): a dot product does not care in which
+//   order its dims are summed, so lane (g, c) takes the D/4 contiguous codes at c * D/4 of
+//   keys g and g + 8, 16 bytes a load, and each 4 codes are one 16-dim step's k slots
+//   (2c, 2c+1) and (2c+8, 2c+9); the query's fragment (B, column g = head g) is gathered in
+//   the same order.
+// - V (the A operand of O^T, rows = head dims, k = key): `ldmatrix.trans` of 8x8 matrices of
 //   16-bit elements, each a pair of codes, gives lane (g, c) codes (2c, dims 2g, 2g+1) and
 //   (2c + 1, the same dims) of a 16-dim chunk; a byte permute makes the two keys' pair of one
-//   dim, so a chunk is two n-tiles, of its even and of its odd dims: O's columns come out
-//   interleaved, and the merge below writes them back in order.
-// 16-byte chunks of a key's row of codes are XOR-swizzled by the row (FP8_SWIZZLE) so that
+//   dim, so a chunk's rows are its even dims (g) and its odd ones (g + 8): O^T's rows come
+//   out interleaved, and the merge below writes them back in order.
+// 16-byte chunks of a key's row of codes are XOR-swizzled by the row (`fp8_chunk`) so that
 // both reads are free of bank conflicts.
 
 // Two floats as f16x2 (lo in the low half), round to nearest even.
@@ -81,6 +87,14 @@ __device__ __forceinline__ void mma_f16(float* c, const u32* a, u32 b0, u32 b1) 
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The 8x8 matrix of 16-bit values a warp holds as an mma fragment (lane (g, c): row g, columns
+// 2c and 2c + 1), transposed.
+__device__ __forceinline__ u32 movmatrix_trans(u32 x) {
+    u32 r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(x));
+    return r;
 }
 
 // Two e4m3 codes (low byte first) as f16x2, exactly.
@@ -114,7 +128,7 @@ __device__ __forceinline__ void decode_mma(
     bf16* const smem = reinterpret_cast<bf16*>(dm_smem);
     fp8* const codes = reinterpret_cast<fp8*>(dm_smem);
     // FP8: a row of codes is CH8 chunks of 16 bytes; 128 / D rows share a 128-byte line of
-    // banks. Chunk q of row `row` sits at chunk FP8_SWIZZLE(q, row): the eight rows an
+    // banks. Chunk q of row `row` sits at chunk `fp8_chunk(q, row)`: the eight rows an
     // ldmatrix reads at one chunk, and the rows a K read takes at once, land on distinct banks.
     constexpr int CH8 = D / 16;
     auto fp8_chunk = [](int q, int row) { return q ^ ((row / (128 / D)) & (CH8 - 1)); };
@@ -143,11 +157,21 @@ __device__ __forceinline__ void decode_mma(
     // (on an H200, half of the loop's instructions). Rows past the last key are still inside
     // the block. The kernels of both kinds are instantiated; the launch picks by block size.
     // `-D DM_WHOLE_TILES=0` gives those kernels the lookup per key (a test compares the two).
+    // Tiles are loaded once each, in order, so the next one's block (its index in the table)
+    // and its place in that block are stepped along: no division in the loop.
     constexpr bool tile_in_one_block = WHOLE_TILES && DM_WHOLE_TILES;
-    auto tile_rows = [&](int tile) -> const C* {
-        const int key0 = tile * DM_KEYS;
-        return head + (long long)table[key0 / block_size] * block_elems +
-               (long long)(key0 % block_size) * token_stride;
+    const int tiles_per_block = tile_in_one_block ? block_size / DM_KEYS : 1;
+    int load_block = tile_in_one_block ? tile_begin / tiles_per_block : 0;
+    int load_sub = tile_begin - load_block * tiles_per_block;
+    // The first row of the next tile to load, then a step to the one after.
+    auto next_tile_rows = [&]() -> const C* {
+        const C* rows = head + (long long)table[load_block] * block_elems +
+                        (long long)(load_sub * DM_KEYS) * token_stride;
+        if (++load_sub == tiles_per_block) {
+            load_sub = 0;
+            ++load_block;
+        }
+        return rows;
     };
 
     // Copies tile `tile`'s K and V rows into `stage`; keys past the end are zero-filled.
@@ -156,7 +180,7 @@ __device__ __forceinline__ void decode_mma(
             fp8* ks = codes + stage * 2 * TILE;
             fp8* vs = ks + TILE;
             if constexpr (tile_in_one_block) {
-                const C* rows = tile_rows(tile);
+                const C* rows = next_tile_rows();
 #pragma unroll
                 for (int j = 0; j < DM_KEYS * CH8 / (DM_WARPS * 32); ++j) {
                     const int i = threadIdx.x + j * DM_WARPS * 32;
@@ -188,7 +212,7 @@ __device__ __forceinline__ void decode_mma(
         bf16* ks = smem + stage * 2 * TILE;
         bf16* vs = ks + TILE;
         if constexpr (tile_in_one_block) {
-            const C* rows = tile_rows(tile);
+            const C* rows = next_tile_rows();
 #pragma unroll
             for (int j = 0; j < DM_KEYS * CH / (DM_WARPS * 32); ++j) {
                 const int i = threadIdx.x + j * DM_WARPS * 32;
@@ -229,7 +253,8 @@ __device__ __forceinline__ void decode_mma(
     // 2(lane % 4) and + 8 of each 16-dim step, pre-scaled by scale * log2(e): the softmax below
     // is in base 2. With DM_Q_SPLIT the query is two bf16 tiles, its rounding and what the
     // rounding left (hi + lo carries 16 bits of mantissa), multiplied by K separately: a bf16
-    // query alone errs by up to 2^-9 of each score.
+    // query alone errs by up to 2^-9 of each score. Over an FP8 cache the same registers
+    // (`qa[k][0]`, `qa[k][1]`) are the B fragment of S^T: column r = head h0 + r.
     const int r = lane >> 2, c2 = (lane & 3) * 2;
     u32 qa[D / 16][4];
     {
@@ -265,6 +290,91 @@ __device__ __forceinline__ void decode_mma(
     // Row r's running max (base 2) and this lane's share of its sum.
     float m_run = NEG_INF, l_run = 0.0f;
 
+    // Over an FP8 cache the warp's keys are the mma's rows instead: S^T = K Q^T and
+    // O^T = V^T P^T, the group's query heads the 8 columns. The query-rows form above fills 8
+    // of its 16 rows (4 for groups of 4), so this runs half its products into half its
+    // accumulators. Lane (g, c) holds the scores of keys 16w + g and + 8 for heads 2c and
+    // 2c + 1 (their running max and sum: `m8`, `l8`), and O^T for those two heads at dims
+    // 16q + 2g (elements 0, 1 of `o8[q]`) and 16q + 2g + 1 (2, 3) of each 16-dim chunk q.
+    float o8[FP8 ? D / 16 : 1][4];
+#pragma unroll
+    for (int q = 0; q < (FP8 ? D / 16 : 1); ++q) o8[q][0] = o8[q][1] = o8[q][2] = o8[q][3] = 0.0f;
+    float m8[2] = {NEG_INF, NEG_INF}, l8[2] = {0.0f, 0.0f};
+    auto fp8_tile = [&](const fp8* k8, const fp8* v8, int tile) {
+        const int g = lane >> 2, c = lane & 3;
+        // S^T: A = keys g and g + 8, lane c taking their codes c * D/4 .. + D/4 in the order
+        // the query's fragment `qa` gathers its dims (a 16-dim step's columns 2c, 2c + 1 the
+        // first two codes of a word, 2c + 8, 2c + 9 the last two); B = the query, column g =
+        // head h0 + g.
+        float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const int row_a = warp * 16 + g, row_b = row_a + 8;
+#pragma unroll
+        for (int h = 0; h < D / 64; ++h) {
+            const int chunk = c * (D / 64) + h;
+            const uint4 ra = *reinterpret_cast<const uint4*>(k8 + row_a * D + fp8_chunk(chunk, row_a) * 16);
+            const uint4 rb = *reinterpret_cast<const uint4*>(k8 + row_b * D + fp8_chunk(chunk, row_b) * 16);
+            const u32 wa[4] = {ra.x, ra.y, ra.z, ra.w}, wb[4] = {rb.x, rb.y, rb.z, rb.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const u32 a[4] = {e4m3x2_to_f16x2(wa[i] & 0xffffu), e4m3x2_to_f16x2(wb[i] & 0xffffu),
+                                  e4m3x2_to_f16x2(wa[i] >> 16), e4m3x2_to_f16x2(wb[i] >> 16)};
+                mma_f16(st, a, qa[4 * h + i][0], qa[4 * h + i][1]);
+            }
+        }
+        // Online softmax of heads 2c + j over these 16 keys: each of the 8 lanes of a c holds 2.
+        const int key_a = tile * DM_KEYS + row_a;
+        if (key_a >= n_keys) st[0] = st[1] = NEG_INF;
+        if (key_a + 8 >= n_keys) st[2] = st[3] = NEG_INF;
+        float corr[2], p[4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            float mx = fmaxf(st[j], st[2 + j]);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            const float m_new = fmaxf(m8[j], mx);
+            const bool none = m_new == NEG_INF;
+            corr[j] = none ? 1.0f : fast_exp2(m8[j] - m_new);
+            m8[j] = m_new;
+            p[j] = none ? 0.0f : fast_exp2(st[j] - m_new);
+            p[2 + j] = none ? 0.0f : fast_exp2(st[2 + j] - m_new);
+            l8[j] = l8[j] * corr[j] + (p[j] + p[2 + j]);
+        }
+        if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
+#pragma unroll
+            for (int q = 0; q < D / 16; ++q) {
+                o8[q][0] *= corr[0];
+                o8[q][1] *= corr[1];
+                o8[q][2] *= corr[0];
+                o8[q][3] *= corr[1];
+            }
+        }
+        // O^T += V^T P^T. B = P^T: the scores' C fragment (row = key, columns = heads) is an
+        // 8x8 matrix a half of keys, transposed in registers to B's (rows = keys by pairs,
+        // column g = head g). A = V^T, 16 dims of one chunk a tile: `ldmatrix.trans` of the
+        // codes as 16-bit pairs gives lane (g, c) codes (key 2c, dims 2g, 2g + 1) and (key
+        // 2c + 1, the same dims); a byte permute makes dim 2g's pair of keys (row g) and dim
+        // 2g + 1's (row g + 8).
+        const u32 b0 = movmatrix_trans(pack_f16(p[0], p[1]));
+        const u32 b1 = movmatrix_trans(pack_f16(p[2], p[3]));
+        const int m = lane >> 3;
+        const int row = warp * 16 + ((m & 1) << 3) + (lane & 7);
+#pragma unroll
+        for (int q = 0; q < D / 32; ++q) {
+            u32 v[4];
+            ldmatrix_x4_trans(v, reinterpret_cast<const bf16*>(v8 + row * D + fp8_chunk(2 * q + (m >> 1), row) * 16));
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                // v[2x]: keys 0-7 of chunk 2q + x; v[2x + 1]: keys 8-15.
+                const u32 a[4] = {e4m3x2_to_f16x2(__byte_perm(v[2 * x], 0u, 0x2020u)),
+                                  e4m3x2_to_f16x2(__byte_perm(v[2 * x], 0u, 0x3131u)),
+                                  e4m3x2_to_f16x2(__byte_perm(v[2 * x + 1], 0u, 0x2020u)),
+                                  e4m3x2_to_f16x2(__byte_perm(v[2 * x + 1], 0u, 0x3131u))};
+                mma_f16(o8[2 * q + x], a, b0, b1);
+            }
+        }
+    };
+
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (tile_begin + s < tile_end) load_tile(tile_begin + s, s);
@@ -282,29 +392,14 @@ __device__ __forceinline__ void decode_mma(
         const fp8* k8 = codes + (it % STAGES) * 2 * TILE;
         const fp8* v8 = k8 + TILE;
 
+        if constexpr (FP8) {
+            fp8_tile(k8, v8, tile);
+            continue;
+        }
         // S = Q K^T for this warp's keys 16w .. 16w + 15: two n-tiles of 8 keys; one ldmatrix
         // gives both tiles' B fragments for 16 dims.
         float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        if constexpr (FP8) {
-            // Lane (g, c): key 16w + 8j + g of n-tile j, its codes c * D/4 .. + D/4, 16 a load
-            // (four 16-dim steps).
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int row = warp * 16 + 8 * j + r;
-#pragma unroll
-                for (int h = 0; h < D / 64; ++h) {
-                    const uint4 raw = *reinterpret_cast<const uint4*>(
-                        k8 + row * D + fp8_chunk((lane & 3) * (D / 64) + h, row) * 16);
-                    const u32 w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int k = 4 * h + i;
-                        const u32 a[4] = {qa[k][0], 0u, qa[k][1], 0u};
-                        mma(s[j], a, e4m3x2_to_f16x2(w[i] & 0xffffu), e4m3x2_to_f16x2(w[i] >> 16));
-                    }
-                }
-            }
-        } else {
+        {
             const int row = warp * 16 + (lane & 7) + ((lane >> 4) << 3);
             const int half = (lane >> 3) & 1;
 #pragma unroll
@@ -361,27 +456,7 @@ __device__ __forceinline__ void decode_mma(
         // O += P V: P's C layout is the A fragment of the next product (keys 0-7 from the first
         // n-tile, 8-15 from the second); V's rows are the same 16 keys, read transposed.
         const u32 pa[4] = {pack2(p[0][0], p[0][1]), 0u, pack2(p[1][0], p[1][1]), 0u};
-        if constexpr (FP8) {
-            // Matrices 0-3: keys 0-7 and 8-15 of this warp's 16, at chunks 2q and 2q + 1; a
-            // register's bytes are codes (key 2c, dim 2g), (2c, 2g+1), (2c+1, 2g), (2c+1, 2g+1).
-            const int m = lane >> 3;
-            const int row = warp * 16 + ((m & 1) << 3) + (lane & 7);
-#pragma unroll
-            for (int q = 0; q < D / 32; ++q) {
-                u32 b[4];
-                ldmatrix_x4_trans(b, reinterpret_cast<const bf16*>(
-                                         v8 + row * D + fp8_chunk(2 * q + (m >> 1), row) * 16));
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const u32 sel = e ? 0x3131u : 0x2020u;  // dims 2g + e of both keys
-#pragma unroll
-                    for (int x = 0; x < 2; ++x)
-                        mma(o[2 * (2 * q + x) + e], pa,
-                            e4m3x2_to_f16x2(__byte_perm(b[2 * x], 0u, sel)),
-                            e4m3x2_to_f16x2(__byte_perm(b[2 * x + 1], 0u, sel)));
-                }
-            }
-        } else {
+        {
             const int row = warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
             const int half = lane >> 4;
 #pragma unroll
@@ -397,24 +472,42 @@ __device__ __forceinline__ void decode_mma(
     // Merge the four warps through shared memory (the stages are idle now).
     cp_async_wait<0>();
     __syncthreads();
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
     float* s_o = reinterpret_cast<float*>(dm_smem);  // [warp][head][D]
     float* s_m = s_o + DM_WARPS * DM_HEADS * D;       // [warp][head]
     float* s_l = s_m + DM_WARPS * DM_HEADS;
-    if (r < nh) {
+    if constexpr (FP8) {
+        const int g = lane >> 2, c = lane & 3;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            // FP8: n-tile n is chunk n / 2's dims of parity n % 2 (see above), columns 2c and
-            // 2c + 1 its dims 4c and 4c + 2 (+ the parity).
-            const int d0 = FP8 ? (n >> 1) * 16 + 4 * (lane & 3) + (n & 1) : n * 8 + c2;
-            const int d1 = FP8 ? d0 + 2 : d0 + 1;
-            s_o[(warp * DM_HEADS + r) * D + d0] = o[n][0];
-            s_o[(warp * DM_HEADS + r) * D + d1] = o[n][1];
+        for (int j = 0; j < 2; ++j) {
+            l8[j] += __shfl_xor_sync(0xffffffffu, l8[j], 4);
+            l8[j] += __shfl_xor_sync(0xffffffffu, l8[j], 8);
+            l8[j] += __shfl_xor_sync(0xffffffffu, l8[j], 16);
+            const int hd = 2 * c + j;
+            if (hd >= nh) continue;
+            float* row = s_o + (warp * DM_HEADS + hd) * D;
+#pragma unroll
+            for (int q = 0; q < D / 16; ++q) {
+                row[16 * q + 2 * g] = o8[q][j];
+                row[16 * q + 2 * g + 1] = o8[q][2 + j];
+            }
+            if (g == 0) {
+                s_m[warp * DM_HEADS + hd] = m8[j];
+                s_l[warp * DM_HEADS + hd] = l8[j];
+            }
         }
-        if ((lane & 3) == 0) {
-            s_m[warp * DM_HEADS + r] = m_run;
-            s_l[warp * DM_HEADS + r] = l_run;
+    } else {
+        l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+        l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+        if (r < nh) {
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                s_o[(warp * DM_HEADS + r) * D + n * 8 + c2] = o[n][0];
+                s_o[(warp * DM_HEADS + r) * D + n * 8 + c2 + 1] = o[n][1];
+            }
+            if ((lane & 3) == 0) {
+                s_m[warp * DM_HEADS + r] = m_run;
+                s_l[warp * DM_HEADS + r] = l_run;
+            }
         }
     }
     __syncthreads();
