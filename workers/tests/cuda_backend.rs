@@ -148,6 +148,25 @@ fn cuda_matches_cpu_on(dir: &std::path::Path, gemm_clusters: bool) {
     }
 }
 
+/// The models the decode attention tests run on: `TANDEM_GPU_TEST_MODEL` (head dim 64 or 128)
+/// and `TANDEM_GPU_TEST_MODEL_D128`, those set; `None` (the test skipped, saying why) without
+/// a GPU or either.
+fn decode_attention_models() -> Option<Vec<PathBuf>> {
+    if no_gpu() {
+        return None;
+    }
+    let dirs: Vec<PathBuf> = ["TANDEM_GPU_TEST_MODEL", "TANDEM_GPU_TEST_MODEL_D128"]
+        .into_iter()
+        .filter_map(std::env::var_os)
+        .map(PathBuf::from)
+        .collect();
+    if dirs.is_empty() {
+        skip("neither TANDEM_GPU_TEST_MODEL nor TANDEM_GPU_TEST_MODEL_D128 is set");
+        return None;
+    }
+    Some(dirs)
+}
+
 /// The tensor-core decode attention (`decode_mma.cu`) and the vectorized kernel it replaces,
 /// each against the CPU on the same weights: a decode batch of sequences whose contexts end
 /// before, on and after a 64-key tile's edge and span up to a dozen tiles, in 64-token blocks,
@@ -159,18 +178,9 @@ fn cuda_matches_cpu_on(dir: &std::path::Path, gemm_clusters: bool) {
 /// that `TANDEM_GPU_TEST_MODEL_D128` may name; skipped without either.
 #[test]
 fn decode_attention_on_tensor_cores_matches_the_cpu() {
-    if no_gpu() {
+    let Some(dirs) = decode_attention_models() else {
         return;
-    }
-    let dirs: Vec<PathBuf> = ["TANDEM_GPU_TEST_MODEL", "TANDEM_GPU_TEST_MODEL_D128"]
-        .into_iter()
-        .filter_map(std::env::var_os)
-        .map(PathBuf::from)
-        .collect();
-    if dirs.is_empty() {
-        skip("neither TANDEM_GPU_TEST_MODEL nor TANDEM_GPU_TEST_MODEL_D128 is set");
-        return;
-    }
+    };
     let options = bf16_kv();
     for dir in dirs {
         eprintln!("model {}", dir.display());
@@ -221,18 +231,9 @@ fn decode_attention_on_tensor_cores_matches_the_cpu() {
 /// `TANDEM_GPU_TEST_MODEL_D128`); skipped without either.
 #[test]
 fn decode_attention_over_whole_tiles_gives_the_bits_of_the_lookup_per_key() {
-    if no_gpu() {
+    let Some(dirs) = decode_attention_models() else {
         return;
-    }
-    let dirs: Vec<PathBuf> = ["TANDEM_GPU_TEST_MODEL", "TANDEM_GPU_TEST_MODEL_D128"]
-        .into_iter()
-        .filter_map(std::env::var_os)
-        .map(PathBuf::from)
-        .collect();
-    if dirs.is_empty() {
-        skip("neither TANDEM_GPU_TEST_MODEL nor TANDEM_GPU_TEST_MODEL_D128 is set");
-        return;
-    }
+    };
     for dir in dirs {
         for kv_dtype in [KvDType::Bf16, KvDType::Fp8] {
             let options = ModelOptions {
