@@ -56,11 +56,11 @@ __device__ __forceinline__ bool norm_vectorized(int cols) {
     return NORM_VEC > 0 && (cols & 3) == 0 && cols <= 4 * NORM_VEC * (int)blockDim.x;
 }
 
-// Four bf16 of `v * inv * w`, as one 8-byte store; returns them.
+// Four bf16 of `v * inv * w`, as one 8-byte store where `out` is not null; returns them.
 __device__ __forceinline__ uint2 store4_normed(bf16* out, float4 v, float inv, float4 w) {
     const u32 lo = (u32)f32_to_bf16(v.x * inv * w.x) | ((u32)f32_to_bf16(v.y * inv * w.y) << 16);
     const u32 hi = (u32)f32_to_bf16(v.z * inv * w.z) | ((u32)f32_to_bf16(v.w * inv * w.w) << 16);
-    *reinterpret_cast<uint2*>(out) = make_uint2(lo, hi);
+    if (out != nullptr) *reinterpret_cast<uint2*>(out) = make_uint2(lo, hi);
     return make_uint2(lo, hi);
 }
 
@@ -112,7 +112,8 @@ __device__ __forceinline__ void write_normed4(const float4 (&v)[NORM_REGS], floa
         const int c4 = threadIdx.x + i * blockDim.x;
         stored[i] = make_uint2(0u, 0u);
         if (c4 < n4)
-            stored[i] = store4_normed(out + 4 * c4, v[i], inv, reinterpret_cast<const float4*>(weight)[c4]);
+            stored[i] = store4_normed(out != nullptr ? out + 4 * c4 : nullptr, v[i], inv,
+                                      reinterpret_cast<const float4*>(weight)[c4]);
         amax = fmaxf(amax, amax4_bf16(stored[i]));
     }
     if (q8 == nullptr) return;
@@ -126,11 +127,24 @@ __device__ __forceinline__ void write_normed4(const float4 (&v)[NORM_REGS], floa
     }
 }
 
-// The scalar loops' tail: out[c] = x[c] * inv * w[c], then the FP8 codes where asked.
+// The scalar loops' tail: out[c] = x[c] * inv * w[c], then the FP8 codes where asked. `out`
+// null (codes only): each value is computed twice, for the row's largest magnitude and for
+// its code, instead of being read back.
 __device__ __forceinline__ void write_normed_scalar(const float* row, float inv, const float* weight,
                                                     bf16* out, int cols, unsigned char* q8,
                                                     float* q_scale) {
     float amax = 0.0f;
+    if (out == nullptr) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x)
+            amax = fmaxf(amax, fabsf(bf16_round(row[c] * inv * weight[c])));
+        const float scale = fp8_row_scale(block_max(amax));
+        if (threadIdx.x == 0) *q_scale = scale;
+        const float inverse = 1.0f / scale;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x)
+            q8[c] = (unsigned char)(f32x2_to_e4m3x2(bf16_round(row[c] * inv * weight[c]) * inverse,
+                                                    0.0f) & 0xffu);
+        return;
+    }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         out[c] = f32_to_bf16(row[c] * inv * weight[c]);
         amax = fmaxf(amax, fabsf(bf16_to_f32(out[c])));
@@ -150,6 +164,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     if (r >= rows) return;
     const float* row = x + r * cols;
     unsigned char* q8_row = q8 != nullptr ? q8 + r * cols : nullptr;
+    bf16* out_row = out != nullptr ? out + r * cols : nullptr;
     if (norm_vectorized(cols)) {
         const int n4 = cols >> 2;
         float4 v[NORM_REGS];
@@ -160,13 +175,13 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
             v[i] = c4 < n4 ? reinterpret_cast<const float4*>(row)[c4] : make_float4(0, 0, 0, 0);
             ss += sum_squares(v[i]);
         }
-        write_normed4(v, ss, weight, out + r * cols, cols, eps, q8_row, q_scales + r);
+        write_normed4(v, ss, weight, out_row, cols, eps, q8_row, q_scales + r);
         return;
     }
     float ss = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += row[c] * row[c];
     const float inv = rsqrtf(block_sum(ss) / cols + eps);
-    write_normed_scalar(row, inv, weight, out + r * cols, cols, q8_row, q_scales + r);
+    write_normed_scalar(row, inv, weight, out_row, cols, q8_row, q_scales + r);
 }
 
 // residual += x, then out = rms_norm(residual) (one block per row). x is a projection's
@@ -185,6 +200,7 @@ __device__ __forceinline__ void add_rms_norm_row(float* __restrict__ residual,
     float* row = residual + r * cols;
     const T* add = x + r * cols;
     unsigned char* q8_row = q8 != nullptr ? q8 + r * cols : nullptr;
+    bf16* out_row = out != nullptr ? out + r * cols : nullptr;
     if (norm_vectorized(cols)) {
         const int n4 = cols >> 2;
         float4 v[NORM_REGS];
@@ -202,7 +218,7 @@ __device__ __forceinline__ void add_rms_norm_row(float* __restrict__ residual,
             }
             ss += sum_squares(v[i]);
         }
-        write_normed4(v, ss, weight, out + r * cols, cols, eps, q8_row, q_scales + r);
+        write_normed4(v, ss, weight, out_row, cols, eps, q8_row, q_scales + r);
         return;
     }
     float ss = 0.0f;
@@ -212,7 +228,7 @@ __device__ __forceinline__ void add_rms_norm_row(float* __restrict__ residual,
         ss += v * v;
     }
     const float inv = rsqrtf(block_sum(ss) / cols + eps);
-    write_normed_scalar(row, inv, weight, out + r * cols, cols, q8_row, q_scales + r);
+    write_normed_scalar(row, inv, weight, out_row, cols, q8_row, q_scales + r);
 }
 
 // x in f32 (the GEMV and skinny kernels of decode batches, a tensor-parallel all-reduce).
@@ -316,7 +332,7 @@ __device__ __forceinline__ void silu_mul_quant_rows(const T* __restrict__ gate_u
     const long long r = blockIdx.x;
     if (r >= rows) return;
     const T* gate = gate_up + r * 2 * f;
-    bf16* dst = out + r * f;
+    bf16* dst = out != nullptr ? out + r * f : nullptr;
 #if SILU_QUANT_VECS > 0
     if ((f & 7) == 0 && f <= 8 * SILU_QUANT_VECS * (int)blockDim.x) {
         const int vecs = f / 8;
@@ -335,7 +351,7 @@ __device__ __forceinline__ void silu_mul_quant_rows(const T* __restrict__ gate_u
                     w[e] = (u32)f32_to_bf16(silu_times(g[2 * e], u[2 * e])) |
                            ((u32)f32_to_bf16(silu_times(g[2 * e + 1], u[2 * e + 1])) << 16);
                 v[j] = make_uint4(w[0], w[1], w[2], w[3]);
-                reinterpret_cast<uint4*>(dst)[i] = v[j];
+                if (dst != nullptr) reinterpret_cast<uint4*>(dst)[i] = v[j];
                 amax = fmaxf(amax, bf16x8_amax(v[j]));
             }
         }
@@ -352,6 +368,19 @@ __device__ __forceinline__ void silu_mul_quant_rows(const T* __restrict__ gate_u
     }
 #endif
     float amax = 0.0f;
+    if (dst == nullptr) {
+        // Codes only: each value computed twice, for the row's largest magnitude and its code.
+        for (int c = threadIdx.x; c < f; c += blockDim.x)
+            amax = fmaxf(amax, fabsf(bf16_round(silu_times(load1_bf16(gate + c), load1_bf16(gate + f + c)))));
+        const float scale = fp8_row_scale(block_max(amax));
+        if (threadIdx.x == 0) q_scales[r] = scale;
+        const float inverse = 1.0f / scale;
+        for (int c = threadIdx.x; c < f; c += blockDim.x) {
+            const float v = bf16_round(silu_times(load1_bf16(gate + c), load1_bf16(gate + f + c)));
+            q8[r * f + c] = (unsigned char)(f32x2_to_e4m3x2(v * inverse, 0.0f) & 0xffu);
+        }
+        return;
+    }
     for (int c = threadIdx.x; c < f; c += blockDim.x) {
         dst[c] = f32_to_bf16(silu_times(load1_bf16(gate + c), load1_bf16(gate + f + c)));
         amax = fmaxf(amax, fabsf(bf16_to_f32(dst[c])));

@@ -423,10 +423,12 @@ fn fp8_projections_match_the_same_arithmetic_on_the_host() {
 }
 
 /// The norms and silu_mul quantize their output rows for the FP8 projections that read them
-/// (`fp8_fused_quant`) into the very codes the projection's own quantization makes: the logits
-/// of a prefill of 600 tokens (quantized rows, silu_mul's among them) and of decode steps (the
+/// (`fp8_fused_quant`) into the very codes the projection's own quantization makes, with
+/// their bf16 rows beside the codes and without them (`fp8_codes_only`): the logits of a
+/// prefill of 600 tokens (quantized rows, silu_mul's among them) and of decode steps (the
 /// GEMV's bf16 rows) are bitwise the same with it on and off, on the tiny FP8 model and the
-/// extra one the device script passes.
+/// extra one the device script passes; and with `fp8_codes_only`, every norm and silu_mul of
+/// the prefill writes only the codes.
 #[test]
 fn fused_fp8_quantization_gives_the_projections_the_same_codes() {
     if no_gpu() {
@@ -434,15 +436,19 @@ fn fused_fp8_quantization_gives_the_projections_the_same_codes() {
     }
     let scratch = tempfile::tempdir().unwrap();
     let extra = std::env::var_os("TANDEM_GPU_TEST_MODEL_FP8").map(PathBuf::from);
-    for dir in std::iter::once(tiny_fp8(scratch.path())).chain(extra) {
+    let models: Vec<PathBuf> = std::iter::once(tiny_fp8(scratch.path()))
+        .chain(extra)
+        .collect();
+    for (dir, codes_only) in models.iter().flat_map(|d| [(d, true), (d, false)]) {
         let options = ModelOptions {
             kv_dtype: Some(KvDType::Bf16),
             ..ModelOptions::default()
         };
         let gpu = Model::load(
-            &dir,
+            dir,
             CudaBackend::new(&CudaOptions {
                 fp8_fused_quant: true,
+                fp8_codes_only: codes_only,
                 ..CudaOptions::from_env(0)
             })
             .unwrap(),
@@ -453,7 +459,28 @@ fn fused_fp8_quantization_gives_the_projections_the_same_codes() {
         // Past the rows from which silu_mul quantizes too (512).
         let prompt: Vec<u32> = (0..600).map(|i| (i * 11 + 5) % vocab.min(300)).collect();
         let forced = [3u32, 7, 1];
+        gpu.backend().count_launches(true);
         let fused = logits_along(&gpu, &prompt, &forced);
+        let launches = gpu.backend().launch_counts();
+        gpu.backend().count_launches(false);
+        let count = |op: &str| launches.get(op).copied().unwrap_or(0);
+        let layers = gpu.config().num_hidden_layers as u64;
+        let codes = (
+            count("rms_norm_codes") + count("add_rms_norm_codes"),
+            count("silu_mul_quant_codes"),
+        );
+        let expected = if codes_only {
+            (2 * layers, layers)
+        } else {
+            (0, 0)
+        };
+        assert_eq!(
+            codes,
+            expected,
+            "{}: (norms, silu_mul) writing FP8 codes only, codes_only {codes_only}; launches \
+             {launches:?}",
+            dir.display()
+        );
         let mut options = gpu.backend().options();
         options.fp8_fused_quant = false;
         gpu.backend().set_options(&options).unwrap();
@@ -462,13 +489,14 @@ fn fused_fp8_quantization_gives_the_projections_the_same_codes() {
         for (step, (a, b)) in fused.iter().zip(&separate).enumerate() {
             assert!(
                 a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{}: logits of step {step} differ with fused quantization (relative L2 {:.2e})",
+                "{}: logits of step {step} differ with fused quantization, codes_only \
+                 {codes_only} (relative L2 {:.2e})",
                 dir.display(),
                 rel_l2(a, b)
             );
         }
         eprintln!(
-            "{}: fused FP8 quantization, {} steps bitwise equal",
+            "{}: fused FP8 quantization (codes only: {codes_only}), {} steps bitwise equal",
             dir.display(),
             fused.len()
         );

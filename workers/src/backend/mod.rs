@@ -264,8 +264,10 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor, BackendError>;
 
     /// A hint that the next [`Self::linear`] reads `weight`: a backend whose ops in between
-    /// (norms, attention, SiLU) leave memory bandwidth idle may start loading it. The default
-    /// ignores it.
+    /// (norms, attention, SiLU) leave memory bandwidth idle may start loading it, and one
+    /// whose norms can write their rows in the form that projection reads (FP8 codes) may
+    /// write only that form, so the norm's output must go to that projection and nowhere
+    /// else. The default ignores it.
     fn prefetch_weight(&self, weight: &Self::Weight) {
         let _ = weight;
     }

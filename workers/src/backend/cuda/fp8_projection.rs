@@ -81,7 +81,7 @@ impl CudaBackend {
     /// quantized here.
     fn quantized_rows<'a>(
         &self,
-        x: &CudaSlice<u16>,
+        x: Option<&CudaSlice<u16>>,
         pre: Option<&'a Fp8Rows>,
         rows: usize,
         k: usize,
@@ -92,7 +92,7 @@ impl CudaBackend {
                 Ok(QuantizedRows::Borrowed(&pre.codes, &pre.scales))
             }
             _ => {
-                let (codes, scales) = self.quantize_rows(x, rows, k, input)?;
+                let (codes, scales) = self.quantize_rows(values_of(x)?, rows, k, input)?;
                 Ok(QuantizedRows::Owned(codes, scales))
             }
         }
@@ -136,7 +136,7 @@ impl CudaBackend {
     /// wrote it, if it did.
     pub(super) fn fp8_project(
         &self,
-        x: &CudaSlice<u16>,
+        x: Option<&CudaSlice<u16>>,
         pre: Option<&Fp8Rows>,
         rows: usize,
         w: &Fp8Weight<'_>,
@@ -144,6 +144,7 @@ impl CudaBackend {
     ) -> Result<(), BackendError> {
         match self.fp8_gemv_kernel(rows, w.k) {
             Some(Fp8Gemv::TensorCores) => {
+                let x = values_of(x)?;
                 let (m, n, k) = (rows as i32, w.n as i32, w.k as i32);
                 let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8_mma);
                 b.arg(x)
@@ -161,6 +162,7 @@ impl CudaBackend {
                 return self.launch(b, cfg, "gemv_fp8_mma");
             }
             Some(Fp8Gemv::Plain) => {
+                let x = values_of(x)?;
                 let (n, k) = (w.n as i32, w.k as i32);
                 let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8[rows - 1]);
                 b.arg(x)
@@ -193,7 +195,7 @@ impl CudaBackend {
     /// f32 and scaled by `fp8_scale_rows_cols` into `out`.
     pub(super) fn fp8_gemm_into(
         &self,
-        x: &CudaSlice<u16>,
+        x: Option<&CudaSlice<u16>>,
         pre: Option<&Fp8Rows>,
         rows: usize,
         w: &Fp8Weight<'_>,
@@ -330,4 +332,15 @@ impl QuantizedRows<'_> {
 pub(super) enum Fp8Out<'a> {
     Bf16(&'a mut CudaSlice<u16>),
     F32(&'a mut CudaSlice<f32>),
+}
+
+/// An FP8 projection's input rows as bf16 values, for the kernels that read those (the
+/// GEMVs, and quantizing here): rows held only as FP8 codes are an error, which the codes'
+/// writer avoids by writing them only for a projection that reads the codes
+/// ([`super::prefetch::Prefetch::next_reads_codes`]).
+fn values_of(x: Option<&CudaSlice<u16>>) -> Result<&CudaSlice<u16>, BackendError> {
+    x.ok_or_else(|| BackendError::Shape {
+        op: "linear (fp8)",
+        detail: "the input rows are held only as FP8 codes this projection does not read".into(),
+    })
 }

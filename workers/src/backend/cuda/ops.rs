@@ -7,7 +7,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::tensor::{self, DeviceData, Fp8Rows, MatrixData};
 use super::{
-    CudaBackend, CudaBatch, CudaKvCache, CudaTensor, CudaWeight, row_threads, rows_config, sample,
+    CudaBackend, CudaBatch, CudaKvCache, CudaTensor, CudaWeight, norm_threads, rows_config, sample,
     shape_err,
 };
 use crate::backend::{
@@ -87,30 +87,50 @@ impl CudaBackend {
     }
 
     /// `launch_silu_mul` through a `silu_mul_quant*` kernel (one block per row), which also
-    /// writes the rows' FP8 form into `fp8`.
+    /// writes the rows' FP8 form (`written.fp8`, which must be there), and their bf16 values
+    /// where `written` has room for them.
     fn launch_silu_mul_quant<T: cudarc::driver::DeviceRepr>(
         &self,
         kernel: &cudarc::driver::CudaFunction,
         x: &CudaSlice<T>,
         rows: usize,
         f: usize,
-        mut fp8: Fp8Rows,
+        mut written: RowsOut,
     ) -> Result<CudaTensor, BackendError> {
-        let mut out = self.alloc_bf16(rows * f)?;
         let (rows_i, fi) = (rows as i32, f as i32);
         let pf = self.take_prefetch(rows);
+        let (out, q8, q_scales) = written.pointers(&self.stream);
         let mut b = self.stream.launch_builder(kernel);
         b.arg(x)
-            .arg(&mut out)
-            .arg(&mut fp8.codes)
-            .arg(&mut fp8.scales)
+            .arg(&out)
+            .arg(&q8)
+            .arg(&q_scales)
             .arg(&rows_i)
             .arg(&fi)
             .arg(&pf.ptr)
             .arg(&pf.bytes);
         let cfg = rows_config(self.row_blocks(rows, pf), 256);
-        self.launch(b, cfg, "silu_mul_quant")?;
-        Ok(CudaTensor::from_bf16(rows, f, out).with_fp8(Some(fp8)))
+        self.launch(b, cfg, written.op("silu_mul_quant", "silu_mul_quant_codes"))?;
+        Ok(written.into_tensor(rows, f))
+    }
+
+    /// Where a norm or silu_mul writes `rows` rows of `cols`: bf16 values, with the FP8 codes
+    /// of `fp8` ([`Self::fused_fp8_rows`]) beside them where given, and without the values
+    /// where the projection announced next reads only the codes.
+    fn rows_out(
+        &self,
+        rows: usize,
+        cols: usize,
+        fp8: Option<Fp8Rows>,
+    ) -> Result<RowsOut, BackendError> {
+        let codes_only =
+            fp8.is_some() && self.options.fp8_codes_only && self.prefetch.next_reads_codes(cols);
+        let values = if codes_only {
+            None
+        } else {
+            Some(self.alloc_bf16(rows * cols)?)
+        };
+        Ok(RowsOut { values, fp8 })
     }
 
     /// Buffers for the FP8 form of `rows` rows of `cols` that a norm or silu_mul writes beside
@@ -157,6 +177,10 @@ impl CudaBackend {
                 self.launch(b, cfg, op)?;
                 Ok(CudaTensor::from_bf16(n, x.cols, out))
             }
+            DeviceData::Fp8CodesOnly => Err(shape_err(
+                op,
+                "the rows are held only as FP8 codes, not values".into(),
+            )),
         }
     }
 
@@ -178,16 +202,47 @@ impl CudaBackend {
 /// Rows from which `silu_mul` also quantizes its output for an FP8 down projection.
 const SILU_QUANT_MIN_ROWS: usize = 512;
 
-/// The device addresses of `fp8`'s codes and scales for a norm kernel's `q8` and `q_scales`
-/// arguments, or two nulls (the kernel writes no FP8 form).
-fn fp8_row_pointers(stream: &cudarc::driver::CudaStream, fp8: Option<&mut Fp8Rows>) -> (u64, u64) {
-    use cudarc::driver::DevicePtrMut;
-    match fp8 {
-        Some(rows) => (
-            rows.codes.device_ptr_mut(stream).0,
-            rows.scales.device_ptr_mut(stream).0,
-        ),
-        None => (0, 0),
+/// What a norm or silu_mul writes of its rows: their bf16 values, their FP8 codes and
+/// per-token scales beside them ([`CudaBackend::fused_fp8_rows`]), or the codes alone where
+/// the projection announced next reads nothing else ([`CudaOptions::fp8_codes_only`]).
+///
+/// [`CudaOptions::fp8_codes_only`]: super::CudaOptions::fp8_codes_only
+struct RowsOut {
+    values: Option<CudaSlice<u16>>,
+    fp8: Option<Fp8Rows>,
+}
+
+impl RowsOut {
+    /// The device addresses for a kernel's `out`, `q8` and `q_scales` arguments, null for
+    /// what is not written.
+    fn pointers(&mut self, stream: &cudarc::driver::CudaStream) -> (u64, u64, u64) {
+        use cudarc::driver::DevicePtrMut;
+        let out = self
+            .values
+            .as_mut()
+            .map_or(0, |v| v.device_ptr_mut(stream).0);
+        match self.fp8.as_mut() {
+            Some(rows) => (
+                out,
+                rows.codes.device_ptr_mut(stream).0,
+                rows.scales.device_ptr_mut(stream).0,
+            ),
+            None => (out, 0, 0),
+        }
+    }
+
+    /// The operation's name for its launch: `codes` where only the FP8 codes are written
+    /// (tests count those launches apart), else `plain`.
+    fn op(&self, plain: &'static str, codes: &'static str) -> &'static str {
+        if self.values.is_none() { codes } else { plain }
+    }
+
+    fn into_tensor(self, rows: usize, cols: usize) -> CudaTensor {
+        match (self.values, self.fp8) {
+            (Some(values), fp8) => CudaTensor::from_bf16(rows, cols, values).with_fp8(fp8),
+            (None, Some(fp8)) => CudaTensor::from_fp8_codes(rows, cols, fp8),
+            (None, None) => unreachable!("RowsOut holds values, codes or both"),
+        }
     }
 }
 
@@ -305,15 +360,15 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor, BackendError> {
         let w = Self::check_vector("rms_norm", weight, x.cols)?;
         let xs = x.as_f32("rms_norm")?;
-        let mut out = self.alloc_bf16(x.rows * x.cols)?;
         let (rows, cols) = (x.rows as i32, x.cols as i32);
         let pf = self.take_prefetch(x.rows);
-        let mut fp8 = self.fused_fp8_rows(x.rows, x.cols)?;
-        let (q8, q_scales) = fp8_row_pointers(&self.stream, fp8.as_mut());
+        let fp8 = self.fused_fp8_rows(x.rows, x.cols)?;
+        let mut written = self.rows_out(x.rows, x.cols, fp8)?;
+        let (out, q8, q_scales) = written.pointers(&self.stream);
         let mut b = self.stream.launch_builder(&self.kernels.rms_norm);
         b.arg(xs)
             .arg(w)
-            .arg(&mut out)
+            .arg(&out)
             .arg(&rows)
             .arg(&cols)
             .arg(&eps)
@@ -321,9 +376,12 @@ impl Backend for CudaBackend {
             .arg(&pf.bytes)
             .arg(&q8)
             .arg(&q_scales);
-        let cfg = rows_config(self.row_blocks(x.rows, pf), row_threads(x.cols));
-        self.launch(b, cfg, "rms_norm")?;
-        Ok(CudaTensor::from_bf16(x.rows, x.cols, out).with_fp8(fp8))
+        let cfg = rows_config(
+            self.row_blocks(x.rows, pf),
+            norm_threads(x.cols, self.norm_block_is_wide(x.rows, pf)),
+        );
+        self.launch(b, cfg, written.op("rms_norm", "rms_norm_codes"))?;
+        Ok(written.into_tensor(x.rows, x.cols))
     }
 
     fn add_rms_norm(
@@ -345,11 +403,11 @@ impl Backend for CudaBackend {
         let w = Self::check_vector("add_rms_norm", weight, x.cols)?;
         let (rows, cols_n) = (residual.rows, residual.cols);
         let res = residual.as_f32_mut("add_rms_norm")?;
-        let mut out = self.alloc_bf16(rows * cols_n)?;
         let (rows_i, cols) = (rows as i32, cols_n as i32);
         let pf = self.take_prefetch(rows);
-        let mut fp8 = self.fused_fp8_rows(rows, cols_n)?;
-        let (q8, q_scales) = fp8_row_pointers(&self.stream, fp8.as_mut());
+        let fp8 = self.fused_fp8_rows(rows, cols_n)?;
+        let mut written = self.rows_out(rows, cols_n, fp8)?;
+        let (out, q8, q_scales) = written.pointers(&self.stream);
         let mut b = match &x.data {
             DeviceData::F32(xs) => {
                 let mut b = self.stream.launch_builder(&self.kernels.add_rms_norm);
@@ -361,9 +419,15 @@ impl Backend for CudaBackend {
                 b.arg(res).arg(xs);
                 b
             }
+            DeviceData::Fp8CodesOnly => {
+                return Err(shape_err(
+                    "add_rms_norm",
+                    "x is held only as FP8 codes, not values".into(),
+                ));
+            }
         };
         b.arg(w)
-            .arg(&mut out)
+            .arg(&out)
             .arg(&rows_i)
             .arg(&cols)
             .arg(&eps)
@@ -371,9 +435,12 @@ impl Backend for CudaBackend {
             .arg(&pf.bytes)
             .arg(&q8)
             .arg(&q_scales);
-        let cfg = rows_config(self.row_blocks(rows, pf), row_threads(cols_n));
-        self.launch(b, cfg, "add_rms_norm")?;
-        Ok(CudaTensor::from_bf16(rows, cols_n, out).with_fp8(fp8))
+        let cfg = rows_config(
+            self.row_blocks(rows, pf),
+            norm_threads(cols_n, self.norm_block_is_wide(rows, pf)),
+        );
+        self.launch(b, cfg, written.op("add_rms_norm", "add_rms_norm_codes"))?;
+        Ok(written.into_tensor(rows, cols_n))
     }
 
     fn prefetch_weight(&self, weight: &CudaWeight) {
@@ -434,27 +501,35 @@ impl Backend for CudaBackend {
         // The quantizing kernel takes a block per row: below prefill sizes the plain kernel
         // (a block per four columns' share of every row) and a quantization of its own were
         // faster (H100, Llama-3.1-8B shapes: decode steps of 16-256 rows 1-3% slower fused).
+        let codes_only = || {
+            shape_err(
+                "silu_mul",
+                "gate_up is held only as FP8 codes, not values".into(),
+            )
+        };
         let fused = if gate_up.rows >= SILU_QUANT_MIN_ROWS {
             self.fused_fp8_rows(gate_up.rows, f)?
         } else {
             None
         };
-        if let Some(fp8) = fused {
+        if fused.is_some() {
+            let written = self.rows_out(gate_up.rows, f, fused)?;
             return match &gate_up.data {
                 DeviceData::F32(x) => self.launch_silu_mul_quant(
                     &self.kernels.silu_mul_quant,
                     x,
                     gate_up.rows,
                     f,
-                    fp8,
+                    written,
                 ),
                 DeviceData::Bf16(x) => self.launch_silu_mul_quant(
                     &self.kernels.silu_mul_quant_bf16,
                     x,
                     gate_up.rows,
                     f,
-                    fp8,
+                    written,
                 ),
+                DeviceData::Fp8CodesOnly => Err(codes_only()),
             };
         }
         match &gate_up.data {
@@ -462,6 +537,7 @@ impl Backend for CudaBackend {
             DeviceData::Bf16(x) => {
                 self.launch_silu_mul(&self.kernels.silu_mul_bf16, x, gate_up.rows, f)
             }
+            DeviceData::Fp8CodesOnly => Err(codes_only()),
         }
     }
 
@@ -549,6 +625,12 @@ impl Backend for CudaBackend {
                 .into_iter()
                 .map(|b| half::bf16::from_bits(b).to_f32())
                 .collect(),
+            DeviceData::Fp8CodesOnly => {
+                return Err(shape_err(
+                    "to_host",
+                    "the rows are held only as FP8 codes, not values".into(),
+                ));
+            }
         };
         Ok(flat
             .chunks(x.cols.max(1))

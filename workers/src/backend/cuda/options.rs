@@ -107,6 +107,12 @@ pub struct CudaOptions {
     /// its own widens them first (`TANDEM_FP8_QKV_BF16=0`, to compare; the values are the
     /// same).
     pub fp8_qkv_bf16: bool,
+    /// Where a norm or silu_mul writes FP8 codes for the FP8 projection that reads its rows
+    /// ([`Self::fp8_fused_quant`]) and nothing else reads them, it writes only the codes, not
+    /// the bf16 rows beside them: a quarter of an add_rms_norm's bytes and two fifths of a
+    /// silu_mul's at prefill sizes (`TANDEM_FP8_CODES_ONLY=0`: both, to compare; the codes
+    /// are the same).
+    pub fp8_codes_only: bool,
     /// cuBLAS writes o_proj and down, the projections only the residual add reads, in bf16
     /// at prefill sizes; off, in f32 (`TANDEM_RESIDUAL_BF16`: `0` off, anything else on).
     /// Half the bytes written and read back: ~46 MB a layer for a step of 2,822 rows of
@@ -165,6 +171,7 @@ impl Default for CudaOptions {
             gemv_silu: true,
             gate_up_bf16: true,
             fp8_qkv_bf16: true,
+            fp8_codes_only: true,
             residual_bf16: true,
             gemm_clusters: true,
             concurrent_attention: true,
@@ -220,6 +227,7 @@ impl CudaOptions {
                 None => all_sms,
             },
             fp8_qkv_bf16: switch("TANDEM_FP8_QKV_BF16"),
+            fp8_codes_only: switch("TANDEM_FP8_CODES_ONLY"),
             residual_bf16: match var("TANDEM_RESIDUAL_BF16") {
                 Some(v) => v != "0",
                 None => all_sms,
@@ -287,6 +295,7 @@ mod tests {
             ("TANDEM_FP8_FUSED_QUANT", "0"),
             ("TANDEM_FP8_PREFILL_WIDEN", "0"),
             ("TANDEM_FP8_QKV_BF16", "0"),
+            ("TANDEM_FP8_CODES_ONLY", "0"),
             ("TANDEM_FP8_GEMV_MAX_ROWS", "2"),
             ("TANDEM_FP8_GEMV_MMA", "0"),
             ("TANDEM_FP8_GEMV_MMA_ONE_ROW", "1"),
@@ -322,6 +331,7 @@ mod tests {
                 gemv_silu: false,
                 gate_up_bf16: true,
                 fp8_qkv_bf16: false,
+                fp8_codes_only: false,
                 residual_bf16: true,
                 gemm_clusters: true,
                 concurrent_attention: false,

@@ -7,19 +7,29 @@
 //! those ops that launches a kernel passes the weight's first bytes to it, and its threads ask
 //! L2 for them (`prefetch_l2` in `kernels/common.cuh`). The projection then finds them there.
 //!
+//! The same announcement says what the projection reads: an FP8 weight that quantizes its
+//! input per token reads only the FP8 codes a norm or silu_mul writes for it, so those write
+//! no bf16 rows beside them ([`Prefetch::next_reads_codes`]).
+//!
 //! [`Backend::prefetch_weight`]: crate::backend::Backend::prefetch_weight
 
 use std::sync::Mutex;
 
 use cudarc::driver::CudaStream;
 
-use super::tensor::CudaWeight;
+use super::tensor::{CudaWeight, MatrixData};
+use crate::backend::InputScale;
 
 /// The pending hint and how much of a weight to read ahead.
 pub(super) struct Prefetch {
     /// Most bytes of one weight read ahead; 0 turns prefetching off.
     max_bytes: usize,
     pending: Mutex<Option<PrefetchArgs>>,
+    /// The announced projection's input features where its weight is FP8 and quantizes its
+    /// input per token: it then reads only the FP8 codes a norm or silu_mul can write for it,
+    /// and their bf16 rows need not be written. Kept (not taken by a kernel) until the
+    /// projection runs.
+    codes_input: Mutex<Option<usize>>,
 }
 
 /// The kernel arguments of a prefetch: `(address, bytes)`, bytes 0 for none.
@@ -50,6 +60,7 @@ impl Prefetch {
         Prefetch {
             max_bytes,
             pending: Mutex::new(None),
+            codes_input: Mutex::new(None),
         }
     }
 
@@ -62,11 +73,19 @@ impl Prefetch {
     /// bandwidth, and the prefetching blocks cost more than they save (SmolLM2-135M decode at
     /// batch 1 on an H100: 1.34 ms without prefetch, 1.40 with).
     pub fn announce(&self, stream: &CudaStream, weight: &CudaWeight) {
-        let CudaWeight::Matrix { data, .. } = weight else {
+        let CudaWeight::Matrix { data, cols, .. } = weight else {
             return;
         };
+        let per_token_fp8 = matches!(
+            data,
+            MatrixData::Fp8 {
+                input: InputScale::PerToken,
+                ..
+            }
+        );
+        *lock(&self.codes_input) = per_token_fp8.then_some(*cols);
         if self.max_bytes == 0 || data.size_bytes() < 2 * self.max_bytes {
-            self.clear();
+            *self.lock() = None;
             return;
         }
         let ptr = data.device_ptr(stream);
@@ -80,6 +99,14 @@ impl Prefetch {
     /// Forgets the hint: its projection has run.
     pub fn clear(&self) {
         *self.lock() = None;
+        *lock(&self.codes_input) = None;
+    }
+
+    /// Whether the announced projection reads rows of `cols` values only as FP8 codes with
+    /// per-token scales (where the rows are many enough that it quantizes them at all: the
+    /// caller's to know).
+    pub fn next_reads_codes(&self, cols: usize) -> bool {
+        *lock(&self.codes_input) == Some(cols)
     }
 
     /// The hint for the kernel about to launch, taken so that one kernel reads it ahead; none
@@ -94,6 +121,10 @@ impl Prefetch {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<PrefetchArgs>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.pending)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

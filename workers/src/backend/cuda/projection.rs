@@ -51,6 +51,9 @@ impl CudaBackend {
         };
         match data {
             MatrixData::Bf16(w) => {
+                let Some(xs) = xs else {
+                    return Ok(None);
+                };
                 if self.projection_kernel(x.rows, n, k) != ProjectionKernel::Cublas {
                     return Ok(None);
                 }
@@ -107,12 +110,7 @@ impl CudaBackend {
                 ),
             ));
         }
-        let DeviceData::Bf16(xs) = &x.data else {
-            return Err(shape_err(
-                "linear",
-                "the input must be bf16 (written by a norm, attention or silu_mul)".into(),
-            ));
-        };
+        let xs = x.bf16_rows("linear")?;
         // The hint was for this projection (or one the ops before it did not take).
         self.prefetch.clear();
         let mut out = self.alloc_f32(x.rows * out_features)?;
@@ -134,6 +132,12 @@ impl CudaBackend {
                 return self.finish_projection(out, x.rows, *out_features, bias);
             }
         };
+        let xs = xs.ok_or_else(|| {
+            shape_err(
+                "linear",
+                "the input rows are held only as FP8 codes, for a bf16 weight".into(),
+            )
+        })?;
         let kernel = self.projection_kernel(x.rows, *out_features, *in_features);
         if kernel == ProjectionKernel::Gemv {
             let (n, k) = (*out_features as i32, *in_features as i32);
@@ -252,6 +256,9 @@ impl CudaBackend {
             return Ok(None);
         };
         let rows = x.rows;
+        let Some(xs) = xs else {
+            return Ok(None);
+        };
         if !self.switches.gemv_silu() || !n.is_multiple_of(2) || rows == 0 {
             return Ok(None);
         }
@@ -341,9 +348,10 @@ impl CudaBackend {
     }
 }
 
-/// `weight`'s matrix, its output and input features, and `x`'s bf16 rows, where `weight` is a
-/// matrix whose input features are `x`'s columns and `x` is bf16: what the projections with
-/// an output of their own choosing take (shape errors are [`Backend::linear`]'s to report).
+/// `weight`'s matrix, its output and input features, and `x`'s bf16 rows (`None` where `x`
+/// is held only as FP8 codes), where `weight` is a matrix whose input features are `x`'s
+/// columns and `x` is bf16 or codes: what the projections with an output of their own
+/// choosing take (shape errors are [`Backend::linear`]'s to report).
 ///
 /// [`Backend::linear`]: crate::backend::Backend::linear
 fn matrix_of_bf16_rows<'a>(
@@ -353,11 +361,14 @@ fn matrix_of_bf16_rows<'a>(
     &'a MatrixData,
     usize,
     usize,
-    &'a cudarc::driver::CudaSlice<u16>,
+    Option<&'a cudarc::driver::CudaSlice<u16>>,
 )> {
     match (weight, &x.data) {
         (CudaWeight::Matrix { data, rows, cols }, DeviceData::Bf16(xs)) if x.cols == *cols => {
-            Some((data, *rows, *cols, xs))
+            Some((data, *rows, *cols, Some(xs)))
+        }
+        (CudaWeight::Matrix { data, rows, cols }, DeviceData::Fp8CodesOnly) if x.cols == *cols => {
+            Some((data, *rows, *cols, None))
         }
         _ => None,
     }

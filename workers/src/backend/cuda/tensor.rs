@@ -13,10 +13,13 @@ use crate::backend::{
 };
 use crate::kv_cache::KvLayout;
 
-/// Element storage: f32, or bf16 as its bit pattern (`u16`).
+/// Element storage: f32, or bf16 as its bit pattern (`u16`), or none: rows that a norm or
+/// silu_mul wrote only as FP8 codes ([`CudaTensor::fp8`]) for the FP8 projection that reads
+/// them, which is all that reads them (their bf16 form would be written and never read).
 pub enum DeviceData {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<u16>),
+    Fp8CodesOnly,
 }
 
 /// Activations `[rows, cols]`, row-major.
@@ -55,6 +58,31 @@ impl CudaTensor {
         }
     }
 
+    /// Rows held only as their FP8 codes and per-token scales.
+    pub(super) fn from_fp8_codes(rows: usize, cols: usize, fp8: Fp8Rows) -> Self {
+        CudaTensor {
+            rows,
+            cols,
+            data: DeviceData::Fp8CodesOnly,
+            fp8: Some(fp8),
+        }
+    }
+
+    /// The rows' bf16 values; `None` where they are held only as FP8 codes; an error for f32.
+    pub(super) fn bf16_rows(
+        &self,
+        op: &'static str,
+    ) -> Result<Option<&CudaSlice<u16>>, BackendError> {
+        match &self.data {
+            DeviceData::Bf16(d) => Ok(Some(d)),
+            DeviceData::Fp8CodesOnly => Ok(None),
+            DeviceData::F32(_) => Err(BackendError::Shape {
+                op,
+                detail: "the input must be bf16 (written by a norm, attention or silu_mul)".into(),
+            }),
+        }
+    }
+
     /// This tensor with its rows' FP8 form (`None`: without).
     pub(super) fn with_fp8(mut self, fp8: Option<Fp8Rows>) -> Self {
         self.fp8 = fp8;
@@ -64,7 +92,7 @@ impl CudaTensor {
     pub(super) fn as_f32(&self, op: &'static str) -> Result<&CudaSlice<f32>, BackendError> {
         match &self.data {
             DeviceData::F32(d) => Ok(d),
-            DeviceData::Bf16(_) => Err(not_f32(op)),
+            DeviceData::Bf16(_) | DeviceData::Fp8CodesOnly => Err(not_f32(op)),
         }
     }
 
@@ -74,7 +102,7 @@ impl CudaTensor {
     ) -> Result<&mut CudaSlice<f32>, BackendError> {
         match &mut self.data {
             DeviceData::F32(d) => Ok(d),
-            DeviceData::Bf16(_) => Err(not_f32(op)),
+            DeviceData::Bf16(_) | DeviceData::Fp8CodesOnly => Err(not_f32(op)),
         }
     }
 }
@@ -82,7 +110,7 @@ impl CudaTensor {
 fn not_f32(op: &'static str) -> BackendError {
     BackendError::Shape {
         op,
-        detail: "expects f32 activations, got bf16".into(),
+        detail: "expects f32 activations, got bf16 or FP8 codes".into(),
     }
 }
 
