@@ -108,6 +108,194 @@ __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 codes) {
     return 0u;
 #endif
 }
+
+// Over an FP8 cache a key's row of codes is D/16 chunks of 16 bytes, 128 / D rows sharing a
+// 128-byte line of banks; chunk q of row `row` sits at chunk `fp8_chunk<D>(q, row)`, so that
+// the eight rows an ldmatrix reads at one chunk, and the rows a K read takes at once, land on
+// distinct banks.
+template <int D>
+__device__ __forceinline__ int fp8_chunk(int q, int row) {
+    return q ^ ((row / (128 / D)) & (D / 16 - 1));
+}
+
+// Copies one whole tile's K and V codes (DM_KEYS consecutive rows from `rows`, the tile's
+// first key being key `first_key` of the sequence) into the stage at `ks` (V at ks + TILE);
+// rows from `n_keys` on are zero-filled.
+template <int D>
+__device__ __forceinline__ void fp8_load_whole_tile(fp8* ks, const fp8* rows, int first_key,
+                                                    int n_keys, int token_stride,
+                                                    long long kv_stride) {
+    constexpr int CH8 = D / 16;
+    fp8* vs = ks + DM_KEYS * D;
+#pragma unroll
+    for (int j = 0; j < DM_KEYS * CH8 / (DM_WARPS * 32); ++j) {
+        const int i = threadIdx.x + j * DM_WARPS * 32;
+        const int row = i / CH8, c = i % CH8;
+        const bool on = first_key + row < n_keys;
+        const fp8* src = rows + row * token_stride + c * 16;
+        const int at = row * D + fp8_chunk<D>(c, row) * 16;
+        cp_async16(ks + at, src, on ? 16 : 0);
+        cp_async16(vs + at, src + kv_stride, on ? 16 : 0);
+    }
+}
+
+// The query's B fragments of S^T over an FP8 cache (column g = head g of the `nh` heads whose
+// rows start at `q_heads`; columns past them zero), pre-scaled by `qs` and in f16, the dims in
+// the order lane c reads K's codes: step k's slots are dims c * D/4 + 4k + 0..3.
+template <int D>
+__device__ __forceinline__ void fp8_query(const float* q_heads, int nh, float qs,
+                                          u32 (&qa)[D / 16][4]) {
+    const int r = (threadIdx.x & 31) >> 2;
+    const float* qf = q_heads + r * D + (threadIdx.x & 3) * (D / 4);
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+        if (r >= nh) {
+            qa[k][0] = qa[k][1] = 0u;
+        } else {
+            qa[k][0] = pack_f16(qf[4 * k] * qs, qf[4 * k + 1] * qs);
+            qa[k][1] = pack_f16(qf[4 * k + 2] * qs, qf[4 * k + 3] * qs);
+        }
+        qa[k][2] = qa[k][3] = 0u;
+    }
+}
+
+// One warp's share of a tile over an FP8 cache (keys 16w .. 16w + 15 of the tile whose first
+// key is `first_key`; the sequence has `n_keys`): S^T = K Q^T, the online softmax, O^T +=
+// V^T P^T. Lane (g, c) holds the scores of keys 16w + g and + 8 for heads 2c and 2c + 1 (their
+// running max and sum: `m8`, `l8`), and O^T for those two heads at dims 16q + 2g (elements 0,
+// 1 of `o8[q]`) and 16q + 2g + 1 (2, 3) of each 16-dim chunk q.
+template <int D>
+__device__ __forceinline__ void fp8_tile(const fp8* k8, const fp8* v8, int first_key, int n_keys,
+                                         const u32 (&qa)[D / 16][4], float (&o8)[D / 16][4],
+                                         float (&m8)[2], float (&l8)[2]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    // S^T: A = keys g and g + 8, lane c taking their codes c * D/4 .. + D/4 in the order
+    // the query's fragment `qa` gathers its dims (a 16-dim step's columns 2c, 2c + 1 the
+    // first two codes of a word, 2c + 8, 2c + 9 the last two); B = the query, column g =
+    // head h0 + g.
+    float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int row_a = warp * 16 + g, row_b = row_a + 8;
+#pragma unroll
+    for (int h = 0; h < D / 64; ++h) {
+        const int chunk = c * (D / 64) + h;
+        const uint4 ra = *reinterpret_cast<const uint4*>(k8 + row_a * D + fp8_chunk<D>(chunk, row_a) * 16);
+        const uint4 rb = *reinterpret_cast<const uint4*>(k8 + row_b * D + fp8_chunk<D>(chunk, row_b) * 16);
+        const u32 wa[4] = {ra.x, ra.y, ra.z, ra.w}, wb[4] = {rb.x, rb.y, rb.z, rb.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const u32 a[4] = {e4m3x2_to_f16x2(wa[i] & 0xffffu), e4m3x2_to_f16x2(wb[i] & 0xffffu),
+                              e4m3x2_to_f16x2(wa[i] >> 16), e4m3x2_to_f16x2(wb[i] >> 16)};
+            mma_f16(st, a, qa[4 * h + i][0], qa[4 * h + i][1]);
+        }
+    }
+    // Online softmax of heads 2c + j over these 16 keys: each of the 8 lanes of a c holds 2.
+    const int key_a = first_key + row_a;
+    if (key_a >= n_keys) st[0] = st[1] = NEG_INF;
+    if (key_a + 8 >= n_keys) st[2] = st[3] = NEG_INF;
+    float corr[2], p[4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        float mx = fmaxf(st[j], st[2 + j]);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        const float m_new = fmaxf(m8[j], mx);
+        const bool none = m_new == NEG_INF;
+        corr[j] = none ? 1.0f : fast_exp2(m8[j] - m_new);
+        m8[j] = m_new;
+        p[j] = none ? 0.0f : fast_exp2(st[j] - m_new);
+        p[2 + j] = none ? 0.0f : fast_exp2(st[2 + j] - m_new);
+        l8[j] = l8[j] * corr[j] + (p[j] + p[2 + j]);
+    }
+    if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
+#pragma unroll
+        for (int q = 0; q < D / 16; ++q) {
+            o8[q][0] *= corr[0];
+            o8[q][1] *= corr[1];
+            o8[q][2] *= corr[0];
+            o8[q][3] *= corr[1];
+        }
+    }
+    // O^T += V^T P^T. B = P^T: the scores' C fragment (row = key, columns = heads) is an
+    // 8x8 matrix a half of keys, transposed in registers to B's (rows = keys by pairs,
+    // column g = head g). A = V^T, 16 dims of one chunk a tile: `ldmatrix.trans` of the
+    // codes as 16-bit pairs gives lane (g, c) codes (key 2c, dims 2g, 2g + 1) and (key
+    // 2c + 1, the same dims); a byte permute makes dim 2g's pair of keys (row g) and dim
+    // 2g + 1's (row g + 8).
+    const u32 b0 = movmatrix_trans(pack_f16(p[0], p[1]));
+    const u32 b1 = movmatrix_trans(pack_f16(p[2], p[3]));
+    const int m = lane >> 3;
+    const int row = warp * 16 + ((m & 1) << 3) + (lane & 7);
+#pragma unroll
+    for (int q = 0; q < D / 32; ++q) {
+        u32 v[4];
+        ldmatrix_x4_trans(v, reinterpret_cast<const bf16*>(v8 + row * D + fp8_chunk<D>(2 * q + (m >> 1), row) * 16));
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+            // v[2x]: keys 0-7 of chunk 2q + x; v[2x + 1]: keys 8-15.
+            const u32 a[4] = {e4m3x2_to_f16x2(__byte_perm(v[2 * x], 0u, 0x2020u)),
+                              e4m3x2_to_f16x2(__byte_perm(v[2 * x], 0u, 0x3131u)),
+                              e4m3x2_to_f16x2(__byte_perm(v[2 * x + 1], 0u, 0x2020u)),
+                              e4m3x2_to_f16x2(__byte_perm(v[2 * x + 1], 0u, 0x3131u))};
+            mma_f16(o8[2 * q + x], a, b0, b1);
+        }
+    }
+}
+
+// A warp's running sums over an FP8 cache (`fp8_tile`'s layout) into shared memory for the
+// merge: O rows `s_o[(warp * DM_HEADS + head) * D ...]`, max and sum `s_m`, `s_l`.
+template <int D>
+__device__ __forceinline__ void fp8_warp_partials(const float (&o8)[D / 16][4], const float (&m8)[2],
+                                                  float (&l8)[2], int nh, float* s_o, float* s_m,
+                                                  float* s_l) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        l8[j] += __shfl_xor_sync(0xffffffffu, l8[j], 4);
+        l8[j] += __shfl_xor_sync(0xffffffffu, l8[j], 8);
+        l8[j] += __shfl_xor_sync(0xffffffffu, l8[j], 16);
+        const int hd = 2 * c + j;
+        if (hd >= nh) continue;
+        float* row = s_o + (warp * DM_HEADS + hd) * D;
+#pragma unroll
+        for (int q = 0; q < D / 16; ++q) {
+            row[16 * q + 2 * g] = o8[q][j];
+            row[16 * q + 2 * g + 1] = o8[q][2 + j];
+        }
+        if (g == 0) {
+            s_m[warp * DM_HEADS + hd] = m8[j];
+            s_l[warp * DM_HEADS + hd] = l8[j];
+        }
+    }
+}
+
+// Merges the warps' partial sums in shared memory (max in base 2) and stores heads
+// `th0 .. th0 + nh` (token x head rows) of the block's split.
+template <int D>
+__device__ __forceinline__ void merge_warps_store(const float* s_o, const float* s_m,
+                                                  const float* s_l, int nh, bf16* out,
+                                                  float* partial_acc, float* partial_ml,
+                                                  long long th0, int split, int splits) {
+    for (int idx = threadIdx.x; idx < nh * D; idx += DM_WARPS * 32) {
+        const int g = idx / D, d = idx % D;
+        float m_all = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < DM_WARPS; ++w) m_all = fmaxf(m_all, s_m[w * DM_HEADS + g]);
+        float l_all = 0.0f, sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < DM_WARPS; ++w) {
+            const float l = s_l[w * DM_HEADS + g];
+            const float wt = l > 0.0f ? fast_exp2(s_m[w * DM_HEADS + g] - m_all) : 0.0f;
+            l_all += l * wt;
+            sum += s_o[(w * DM_HEADS + g) * D + d] * wt;
+        }
+        // m_all is in base 2; `store_attention` takes natural-log units.
+        store_attention(out, partial_acc, partial_ml, th0 + g, D, d, split, splits, sum,
+                        m_all * 0.6931471805599453f, l_all);
+    }
+}
 template <int D, typename C = bf16, bool WHOLE_TILES = false>
 __device__ __forceinline__ void decode_mma(
     const float* __restrict__ qkv, const C* __restrict__ cache, const u32* __restrict__ positions,
@@ -127,11 +315,8 @@ __device__ __forceinline__ void decode_mma(
     // bf16: the stages. FP8: the stages of codes.
     bf16* const smem = reinterpret_cast<bf16*>(dm_smem);
     fp8* const codes = reinterpret_cast<fp8*>(dm_smem);
-    // FP8: a row of codes is CH8 chunks of 16 bytes; 128 / D rows share a 128-byte line of
-    // banks. Chunk q of row `row` sits at chunk `fp8_chunk(q, row)`: the eight rows an
-    // ldmatrix reads at one chunk, and the rows a K read takes at once, land on distinct banks.
+    // FP8: a row of codes is CH8 chunks of 16 bytes, swizzled by `fp8_chunk`.
     constexpr int CH8 = D / 16;
-    auto fp8_chunk = [](int q, int row) { return q ^ ((row / (128 / D)) & (CH8 - 1)); };
 
     const int t = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -180,17 +365,8 @@ __device__ __forceinline__ void decode_mma(
             fp8* ks = codes + stage * 2 * TILE;
             fp8* vs = ks + TILE;
             if constexpr (tile_in_one_block) {
-                const C* rows = next_tile_rows();
-#pragma unroll
-                for (int j = 0; j < DM_KEYS * CH8 / (DM_WARPS * 32); ++j) {
-                    const int i = threadIdx.x + j * DM_WARPS * 32;
-                    const int row = i / CH8, c = i % CH8;
-                    const bool on = tile * DM_KEYS + row < n_keys;
-                    const C* src = rows + row * token_stride + c * 16;
-                    const int at = row * D + fp8_chunk(c, row) * 16;
-                    cp_async16(ks + at, src, on ? 16 : 0);
-                    cp_async16(vs + at, src + kv_stride, on ? 16 : 0);
-                }
+                fp8_load_whole_tile<D>(ks, next_tile_rows(), tile * DM_KEYS, n_keys,
+                                       token_stride, kv_stride);
                 return;
             }
 #pragma unroll
@@ -203,7 +379,7 @@ __device__ __forceinline__ void decode_mma(
                 if (on)
                     src = head + (long long)table[key / block_size] * block_elems +
                           (long long)(key % block_size) * token_stride + c * 16;
-                const int at = row * D + fp8_chunk(c, row) * 16;
+                const int at = row * D + fp8_chunk<D>(c, row) * 16;
                 cp_async16(ks + at, src, on ? 16 : 0);
                 cp_async16(vs + at, on ? src + kv_stride : src, on ? 16 : 0);
             }
@@ -260,25 +436,22 @@ __device__ __forceinline__ void decode_mma(
     {
         const float qs = scale * 1.4426950408889634f;
         const float* qp = qkv + (long long)t * width + (long long)(h0 + r) * D + c2;
-        // (With an f16 query, FP8, the pair's low part is left zero: f16 carries 11 bits.)
+        // (An f16 query, FP8, has no low part: f16 carries 11 bits.)
         auto split = [&](float a, float b, u32& hi, u32& lo) {
-            hi = pack2(a, b);
-            lo = FP8 ? 0u : pack_bf16(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
+            hi = pack_bf16(a, b);
+            lo = pack_bf16(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
         };
-        // FP8: the dims in the order lane c reads K's codes (above): step k's slots are
-        // dims c * D/4 + 4k + 0..3.
-        const float* qf = qkv + (long long)t * width + (long long)(h0 + r) * D + (lane & 3) * (D / 4);
+        if constexpr (FP8) {
+            fp8_query<D>(qkv + (long long)t * width + (long long)h0 * D, nh, qs, qa);
+        } else {
 #pragma unroll
-        for (int k = 0; k < D / 16; ++k) {
-            if (r >= nh) {
-                qa[k][0] = qa[k][1] = qa[k][2] = qa[k][3] = 0u;
-            } else if constexpr (FP8) {
-                qa[k][0] = pack_f16(qf[4 * k] * qs, qf[4 * k + 1] * qs);
-                qa[k][1] = pack_f16(qf[4 * k + 2] * qs, qf[4 * k + 3] * qs);
-                qa[k][2] = qa[k][3] = 0u;
-            } else {
-                split(qp[k * 16] * qs, qp[k * 16 + 1] * qs, qa[k][0], qa[k][2]);
-                split(qp[k * 16 + 8] * qs, qp[k * 16 + 9] * qs, qa[k][1], qa[k][3]);
+            for (int k = 0; k < D / 16; ++k) {
+                if (r >= nh) {
+                    qa[k][0] = qa[k][1] = qa[k][2] = qa[k][3] = 0u;
+                } else {
+                    split(qp[k * 16] * qs, qp[k * 16 + 1] * qs, qa[k][0], qa[k][2]);
+                    split(qp[k * 16 + 8] * qs, qp[k * 16 + 9] * qs, qa[k][1], qa[k][3]);
+                }
             }
         }
     }
@@ -291,90 +464,13 @@ __device__ __forceinline__ void decode_mma(
     float m_run = NEG_INF, l_run = 0.0f;
 
     // Over an FP8 cache the warp's keys are the mma's rows instead: S^T = K Q^T and
-    // O^T = V^T P^T, the group's query heads the 8 columns. The query-rows form above fills 8
-    // of its 16 rows (4 for groups of 4), so this runs half its products into half its
-    // accumulators. Lane (g, c) holds the scores of keys 16w + g and + 8 for heads 2c and
-    // 2c + 1 (their running max and sum: `m8`, `l8`), and O^T for those two heads at dims
-    // 16q + 2g (elements 0, 1 of `o8[q]`) and 16q + 2g + 1 (2, 3) of each 16-dim chunk q.
+    // O^T = V^T P^T, the group's query heads the 8 columns (`fp8_tile`). The query-rows form
+    // above fills 8 of its 16 rows (4 for groups of 4), so this runs half its products into
+    // half its accumulators.
     float o8[FP8 ? D / 16 : 1][4];
 #pragma unroll
     for (int q = 0; q < (FP8 ? D / 16 : 1); ++q) o8[q][0] = o8[q][1] = o8[q][2] = o8[q][3] = 0.0f;
     float m8[2] = {NEG_INF, NEG_INF}, l8[2] = {0.0f, 0.0f};
-    auto fp8_tile = [&](const fp8* k8, const fp8* v8, int tile) {
-        const int g = lane >> 2, c = lane & 3;
-        // S^T: A = keys g and g + 8, lane c taking their codes c * D/4 .. + D/4 in the order
-        // the query's fragment `qa` gathers its dims (a 16-dim step's columns 2c, 2c + 1 the
-        // first two codes of a word, 2c + 8, 2c + 9 the last two); B = the query, column g =
-        // head h0 + g.
-        float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        const int row_a = warp * 16 + g, row_b = row_a + 8;
-#pragma unroll
-        for (int h = 0; h < D / 64; ++h) {
-            const int chunk = c * (D / 64) + h;
-            const uint4 ra = *reinterpret_cast<const uint4*>(k8 + row_a * D + fp8_chunk(chunk, row_a) * 16);
-            const uint4 rb = *reinterpret_cast<const uint4*>(k8 + row_b * D + fp8_chunk(chunk, row_b) * 16);
-            const u32 wa[4] = {ra.x, ra.y, ra.z, ra.w}, wb[4] = {rb.x, rb.y, rb.z, rb.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const u32 a[4] = {e4m3x2_to_f16x2(wa[i] & 0xffffu), e4m3x2_to_f16x2(wb[i] & 0xffffu),
-                                  e4m3x2_to_f16x2(wa[i] >> 16), e4m3x2_to_f16x2(wb[i] >> 16)};
-                mma_f16(st, a, qa[4 * h + i][0], qa[4 * h + i][1]);
-            }
-        }
-        // Online softmax of heads 2c + j over these 16 keys: each of the 8 lanes of a c holds 2.
-        const int key_a = tile * DM_KEYS + row_a;
-        if (key_a >= n_keys) st[0] = st[1] = NEG_INF;
-        if (key_a + 8 >= n_keys) st[2] = st[3] = NEG_INF;
-        float corr[2], p[4];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            float mx = fmaxf(st[j], st[2 + j]);
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-            const float m_new = fmaxf(m8[j], mx);
-            const bool none = m_new == NEG_INF;
-            corr[j] = none ? 1.0f : fast_exp2(m8[j] - m_new);
-            m8[j] = m_new;
-            p[j] = none ? 0.0f : fast_exp2(st[j] - m_new);
-            p[2 + j] = none ? 0.0f : fast_exp2(st[2 + j] - m_new);
-            l8[j] = l8[j] * corr[j] + (p[j] + p[2 + j]);
-        }
-        if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
-#pragma unroll
-            for (int q = 0; q < D / 16; ++q) {
-                o8[q][0] *= corr[0];
-                o8[q][1] *= corr[1];
-                o8[q][2] *= corr[0];
-                o8[q][3] *= corr[1];
-            }
-        }
-        // O^T += V^T P^T. B = P^T: the scores' C fragment (row = key, columns = heads) is an
-        // 8x8 matrix a half of keys, transposed in registers to B's (rows = keys by pairs,
-        // column g = head g). A = V^T, 16 dims of one chunk a tile: `ldmatrix.trans` of the
-        // codes as 16-bit pairs gives lane (g, c) codes (key 2c, dims 2g, 2g + 1) and (key
-        // 2c + 1, the same dims); a byte permute makes dim 2g's pair of keys (row g) and dim
-        // 2g + 1's (row g + 8).
-        const u32 b0 = movmatrix_trans(pack_f16(p[0], p[1]));
-        const u32 b1 = movmatrix_trans(pack_f16(p[2], p[3]));
-        const int m = lane >> 3;
-        const int row = warp * 16 + ((m & 1) << 3) + (lane & 7);
-#pragma unroll
-        for (int q = 0; q < D / 32; ++q) {
-            u32 v[4];
-            ldmatrix_x4_trans(v, reinterpret_cast<const bf16*>(v8 + row * D + fp8_chunk(2 * q + (m >> 1), row) * 16));
-#pragma unroll
-            for (int x = 0; x < 2; ++x) {
-                // v[2x]: keys 0-7 of chunk 2q + x; v[2x + 1]: keys 8-15.
-                const u32 a[4] = {e4m3x2_to_f16x2(__byte_perm(v[2 * x], 0u, 0x2020u)),
-                                  e4m3x2_to_f16x2(__byte_perm(v[2 * x], 0u, 0x3131u)),
-                                  e4m3x2_to_f16x2(__byte_perm(v[2 * x + 1], 0u, 0x2020u)),
-                                  e4m3x2_to_f16x2(__byte_perm(v[2 * x + 1], 0u, 0x3131u))};
-                mma_f16(o8[2 * q + x], a, b0, b1);
-            }
-        }
-    };
-
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (tile_begin + s < tile_end) load_tile(tile_begin + s, s);
@@ -393,7 +489,7 @@ __device__ __forceinline__ void decode_mma(
         const fp8* v8 = k8 + TILE;
 
         if constexpr (FP8) {
-            fp8_tile(k8, v8, tile);
+            fp8_tile<D>(k8, v8, tile * DM_KEYS, n_keys, qa, o8, m8, l8);
             continue;
         }
         // S = Q K^T for this warp's keys 16w .. 16w + 15: two n-tiles of 8 keys; one ldmatrix
@@ -476,25 +572,7 @@ __device__ __forceinline__ void decode_mma(
     float* s_m = s_o + DM_WARPS * DM_HEADS * D;       // [warp][head]
     float* s_l = s_m + DM_WARPS * DM_HEADS;
     if constexpr (FP8) {
-        const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            l8[j] += __shfl_xor_sync(0xffffffffu, l8[j], 4);
-            l8[j] += __shfl_xor_sync(0xffffffffu, l8[j], 8);
-            l8[j] += __shfl_xor_sync(0xffffffffu, l8[j], 16);
-            const int hd = 2 * c + j;
-            if (hd >= nh) continue;
-            float* row = s_o + (warp * DM_HEADS + hd) * D;
-#pragma unroll
-            for (int q = 0; q < D / 16; ++q) {
-                row[16 * q + 2 * g] = o8[q][j];
-                row[16 * q + 2 * g + 1] = o8[q][2 + j];
-            }
-            if (g == 0) {
-                s_m[warp * DM_HEADS + hd] = m8[j];
-                s_l[warp * DM_HEADS + hd] = l8[j];
-            }
-        }
+        fp8_warp_partials<D>(o8, m8, l8, nh, s_o, s_m, s_l);
     } else {
         l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
         l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
@@ -511,23 +589,8 @@ __device__ __forceinline__ void decode_mma(
         }
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < nh * D; idx += DM_WARPS * 32) {
-        const int g = idx / D, d = idx % D;
-        float m_all = NEG_INF;
-#pragma unroll
-        for (int w = 0; w < DM_WARPS; ++w) m_all = fmaxf(m_all, s_m[w * DM_HEADS + g]);
-        float l_all = 0.0f, sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < DM_WARPS; ++w) {
-            const float l = s_l[w * DM_HEADS + g];
-            const float wt = l > 0.0f ? fast_exp2(s_m[w * DM_HEADS + g] - m_all) : 0.0f;
-            l_all += l * wt;
-            sum += s_o[(w * DM_HEADS + g) * D + d] * wt;
-        }
-        // m_all is in base 2; `store_attention` takes natural-log units.
-        store_attention(out, partial_acc, partial_ml, (long long)t * num_heads + h0 + g, D, d,
-                        split, splits, sum, m_all * 0.6931471805599453f, l_all);
-    }
+    merge_warps_store<D>(s_o, s_m, s_l, nh, out, partial_acc, partial_ml,
+                         (long long)t * num_heads + h0, split, splits);
 }
 
 // `paged_decode_mma[_fp8]_d*` read caches of any block size; `..._tiles_d*` only those whose

@@ -261,6 +261,71 @@ fn decode_attention_over_whole_tiles_gives_the_bits_of_the_lookup_per_key() {
     }
 }
 
+/// The persistent decode attention over an FP8 cache (`decode_mma_persistent.cu`: blocks that
+/// walk the (token, KV head) items, their copies running on from one item's tiles into the
+/// next's) gives the bits of a block per item: the same decode steps as above with no context
+/// split (the launches it takes), its blocks capped at 3 (each walks a dozen or more items of
+/// 1 to 12 tiles) and at what the multiprocessors hold; and it runs there (its launches
+/// counted), and not when it is off. Runs on `TANDEM_GPU_TEST_MODEL` (and
+/// `TANDEM_GPU_TEST_MODEL_D128`); skipped without either.
+#[test]
+fn persistent_fp8_decode_attention_gives_the_bits_of_a_block_per_item() {
+    let Some(dirs) = decode_attention_models() else {
+        return;
+    };
+    let options = ModelOptions {
+        kv_dtype: Some(KvDType::Fp8),
+        ..ModelOptions::default()
+    };
+    for dir in dirs {
+        let run = |persistent: bool, blocks: Option<usize>| {
+            let backend = CudaBackend::new(&CudaOptions {
+                decode_mma: true,
+                decode_persistent: persistent,
+                decode_persistent_blocks: blocks,
+                // No context split: every decode launch is one the persistent kernel takes.
+                attn_split_keys: Some(1 << 20),
+                ..CudaOptions::from_env(0)
+            })
+            .unwrap();
+            let model = Model::load(&dir, backend, &options).unwrap();
+            model.backend().count_launches(true);
+            let logits = decode_batch_logits(&model);
+            let launches = model.backend().launch_counts();
+            model.backend().count_launches(false);
+            let persistent_launches = launches
+                .get("paged_attention_persistent")
+                .copied()
+                .unwrap_or(0);
+            (logits, persistent_launches)
+        };
+        let (per_item, none) = run(false, None);
+        assert_eq!(
+            none,
+            0,
+            "{}: persistent launches while it is off",
+            dir.display()
+        );
+        for blocks in [Some(3), None] {
+            let (logits, launches) = run(true, blocks);
+            assert!(
+                launches > 0,
+                "{} (blocks {blocks:?}): the persistent kernel never ran",
+                dir.display()
+            );
+            assert!(
+                logits == per_item,
+                "{} (blocks {blocks:?}): the persistent kernel's logits differ",
+                dir.display()
+            );
+            eprintln!(
+                "{} blocks {blocks:?}: bitwise equal over {launches} persistent launches",
+                dir.display()
+            );
+        }
+    }
+}
+
 /// Logits of 8 decode steps of six sequences at once (prompts of 1, 63, 64, 65, 200 and 700
 /// tokens, prefilled together; forced tokens), in 64-token blocks.
 fn decode_batch_logits<B: Backend>(model: &Model<B>) -> Vec<Vec<Vec<f32>>> {

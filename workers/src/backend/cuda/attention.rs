@@ -51,6 +51,10 @@ struct DecodeLaunch<'a> {
     shared_mem_bytes: usize,
     /// Fewest keys per split of the context.
     split_keys: usize,
+    /// The kernel's persistent-block form, where there is one for this cache
+    /// ([`CudaOptions::decode_persistent`](super::CudaOptions::decode_persistent)): it runs
+    /// the launches whose contexts are not split.
+    persistent: Option<&'a cudarc::driver::CudaFunction>,
 }
 
 /// The attention kernels' scalar arguments that locate `layer`'s K/V in the paged cache.
@@ -288,6 +292,11 @@ impl CudaBackend {
                 .for_shape(shape.head_dim, layout.block_size)
                 .filter(|_| self.switches.decode_mma())
             {
+                let whole_tiles = layout
+                    .block_size
+                    .is_multiple_of(kernels::DecodeMmaConfig::KEYS);
+                let persistent = kernel_for(&fp8.decode_mma_persistent, shape.head_dim)
+                    .filter(|_| whole_tiles && self.options.decode_persistent);
                 return Ok(DecodeLaunch {
                     kernel,
                     heads_per_block: kernels::DecodeMmaConfig::HEADS,
@@ -300,6 +309,7 @@ impl CudaBackend {
                         .attn_split_keys
                         .unwrap_or(DECODE_MMA_SPLIT_KEYS)
                         .max(kernels::DecodeMmaConfig::KEYS),
+                    persistent,
                 });
             }
             let launch = kernel_for(&fp8.decode_vec, shape.head_dim)
@@ -322,6 +332,7 @@ impl CudaBackend {
                 heads_per_block,
                 shared_mem_bytes: 0,
                 split_keys,
+                persistent: None,
             });
         }
         // The tensor-core kernel where the head dim has one, else the vectorized kernel, else
@@ -370,6 +381,7 @@ impl CudaBackend {
             heads_per_block,
             shared_mem_bytes,
             split_keys,
+            persistent: None,
         })
     }
 
@@ -391,6 +403,7 @@ impl CudaBackend {
             heads_per_block,
             shared_mem_bytes,
             split_keys,
+            persistent,
         } = self.decode_kernel(shape, &kv.layout)?;
         let layout = kv.layout;
         let q = qkv.as_f32("paged_attention")?;
@@ -409,6 +422,9 @@ impl CudaBackend {
                 .min(batch.max_context.div_ceil(split_keys))
                 .clamp(1, 64)
         };
+        if let Some(kernel) = persistent.filter(|_| splits == 1) {
+            return self.decode_attention_persistent(kernel, q, out, rows, batch, shape, kv, layer);
+        }
         let heads_total = rows * shape.num_heads;
         let partial_acc = self.alloc_f32(if splits > 1 {
             heads_total * splits * shape.head_dim
@@ -462,6 +478,93 @@ impl CudaBackend {
             self.launch(b, cfg, "attention_combine")?;
         }
         Ok(())
+    }
+}
+
+impl CudaBackend {
+    /// [`Self::decode_attention`] by the persistent FP8 kernel (`decode_mma_persistent.cu`):
+    /// as many blocks as the multiprocessors hold at once (or the
+    /// [`CudaOptions::decode_persistent_blocks`](super::CudaOptions::decode_persistent_blocks)
+    /// cap), each walking every `blocks`-th (token, KV head, head chunk) item.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention_persistent(
+        &self,
+        kernel: &cudarc::driver::CudaFunction,
+        q: &CudaSlice<f32>,
+        out: &mut CudaSlice<u16>,
+        rows: usize,
+        batch: &CudaBatch,
+        shape: &AttentionShape,
+        kv: &CudaKvCache,
+        layer: usize,
+    ) -> Result<(), BackendError> {
+        const THREADS: u32 = 128;
+        let group = shape.num_heads / shape.num_kv_heads;
+        let heads = kernels::DecodeMmaConfig::HEADS;
+        let items = rows * shape.num_kv_heads * group.div_ceil(heads);
+        let smem =
+            (self.kernels.decode_mma_config).smem_bytes_fp8_persistent(shape.head_dim, group);
+        let per_multiprocessor =
+            self.persistent_occupancy(kernel, shape.head_dim, THREADS, smem)?;
+        let resident = (per_multiprocessor * self.multiprocessors).max(1);
+        let blocks = items
+            .min(resident)
+            .min(self.options.decode_persistent_blocks.unwrap_or(usize::MAX))
+            .max(1);
+        let cache = CacheArgs::new(shape, &kv.layout, layer);
+        let pf = self.take_prefetch(rows);
+        // Unused: nothing is split.
+        let partial = self.alloc_f32(1)?;
+        let rows_arg = rows as i32;
+        let mut b = self.stream.launch_builder(kernel);
+        b.arg(q)
+            .arg(&*kv.data)
+            .arg(batch.positions())
+            .arg(batch.token_seq())
+            .arg(batch.seq_block_start())
+            .arg(batch.block_tables())
+            .arg(&mut *out)
+            .arg(&partial)
+            .arg(&partial)
+            .arg(&cache.heads)
+            .arg(&cache.kv_heads)
+            .arg(&cache.block_size)
+            .arg(&cache.block_elems)
+            .arg(&cache.layer_offset)
+            .arg(&shape.scale)
+            .arg(&pf.ptr)
+            .arg(&pf.bytes)
+            .arg(&rows_arg);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        self.launch(b, cfg, "paged_attention_persistent")
+    }
+
+    /// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that one
+    /// multiprocessor holds at once running `kernel`: asked of the driver once per shape.
+    fn persistent_occupancy(
+        &self,
+        kernel: &cudarc::driver::CudaFunction,
+        head_dim: usize,
+        threads: u32,
+        smem: usize,
+    ) -> Result<usize, BackendError> {
+        let mut known = self
+            .persistent_occupancy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(&(_, blocks)) = known.iter().find(|(key, _)| *key == (head_dim, smem)) {
+            return Ok(blocks);
+        }
+        let blocks = dev!(
+            "occupancy of paged_decode_mma_fp8_persistent",
+            kernel.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+        )? as usize;
+        known.push(((head_dim, smem), blocks));
+        Ok(blocks)
     }
 }
 

@@ -33,6 +33,11 @@ const SOURCES: &[(&str, &str)] = &[
         "decode_mma.cu",
         include_str!("../../../kernels/decode_mma.cu"),
     ),
+    // After decode_mma.cu: it runs that file's FP8 tile, query and merge.
+    (
+        "decode_mma_persistent.cu",
+        include_str!("../../../kernels/decode_mma_persistent.cu"),
+    ),
     (
         "flash_wgmma.cu",
         include_str!("../../../kernels/flash_wgmma.cu"),
@@ -102,6 +107,12 @@ const DECODE_MMA_FP8_TILES_HEAD_DIMS: &[(usize, &str)] = &[
     (64, "paged_decode_mma_fp8_tiles_d64"),
     (128, "paged_decode_mma_fp8_tiles_d128"),
 ];
+/// The same over an FP8 cache by persistent blocks (`decode_mma_persistent.cu`), for caches
+/// whose blocks hold whole tiles and steps whose contexts are not split.
+const DECODE_MMA_FP8_PERSISTENT_HEAD_DIMS: &[(usize, &str)] = &[
+    (64, "paged_decode_mma_fp8_persistent_d64"),
+    (128, "paged_decode_mma_fp8_persistent_d128"),
+];
 
 /// The tensor-core decode attention by head dimension, in two builds: one for any block size,
 /// and one for caches whose blocks are whole multiples of its 64-key tiles (the GPU default of
@@ -154,6 +165,13 @@ impl DecodeMmaConfig {
     /// each lane as it reads its fragments.
     pub fn smem_bytes_fp8(&self, head_dim: usize) -> usize {
         self.fp8_stages * 2 * Self::KEYS * head_dim
+    }
+
+    /// The persistent FP8 kernel's: the stages of codes, and a query slot of `query_heads`
+    /// (at most [`Self::HEADS`]) f32 rows a stage.
+    pub fn smem_bytes_fp8_persistent(&self, head_dim: usize, query_heads: usize) -> usize {
+        self.smem_bytes_fp8(head_dim)
+            + self.fp8_stages * query_heads.min(Self::HEADS) * head_dim * 4
     }
 }
 
@@ -449,6 +467,8 @@ pub struct Kernels {
 pub struct Fp8AttentionKernels {
     /// The tensor-core decode kernel (`decode_mma.cu`), preferred where the head dim has one.
     pub decode_mma: DecodeMmaKernels,
+    /// Its persistent-block form (`decode_mma_persistent.cu`), by head dimension.
+    pub decode_mma_persistent: Vec<(usize, CudaFunction)>,
     pub decode_vec: Vec<(usize, CudaFunction)>,
     /// The warp-per-key decode kernel, for the head dims `decode_vec` lacks.
     pub decode: Vec<(usize, CudaFunction)>,
@@ -589,6 +609,14 @@ impl Kernels {
                     DECODE_MMA_FP8_TILES_HEAD_DIMS,
                     &|d| decode_mma_config.smem_bytes_fp8(d),
                 )?,
+                decode_mma_persistent: DECODE_MMA_FP8_PERSISTENT_HEAD_DIMS
+                    .iter()
+                    .map(|&(d, name)| {
+                        let most =
+                            decode_mma_config.smem_bytes_fp8_persistent(d, DecodeMmaConfig::HEADS);
+                        Ok((d, with_smem(name, most)?))
+                    })
+                    .collect::<Result<_, KernelError>>()?,
                 decode_vec: VEC_ATTENTION_FP8_HEAD_DIMS
                     .iter()
                     .map(|&(d, name)| Ok((d, f(name)?)))

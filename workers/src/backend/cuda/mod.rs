@@ -150,6 +150,9 @@ pub struct CudaBackend {
     widened: widened_kv::WidenedKvSlot,
     /// Launches by operation, while a test counts them ([`Self::count_launches`]).
     launch_count: launch_count::LaunchCount,
+    /// Blocks a multiprocessor holds of the persistent decode attention, by (head dim, shared
+    /// memory), as the driver reported them.
+    persistent_occupancy: std::sync::Mutex<Vec<((usize, usize), usize)>>,
 }
 
 /// Whether the CUDA driver library can be loaded (a GPU machine), without touching a device.
@@ -314,6 +317,7 @@ impl CudaBackend {
             group: None,
             widened: widened_kv::WidenedKvSlot::default(),
             launch_count: launch_count::LaunchCount::default(),
+            persistent_occupancy: std::sync::Mutex::new(Vec::new()),
         })
     }
 

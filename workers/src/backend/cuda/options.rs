@@ -38,6 +38,16 @@ pub struct CudaOptions {
     /// through shared memory (`decode_mma.cu`); off, the kernels above
     /// (`TANDEM_DECODE_MMA=0`: to compare).
     pub decode_mma: bool,
+    /// Decode attention over an FP8 cache whose blocks hold whole 64-key tiles, where a
+    /// token's keys are not split over blocks, runs as persistent blocks that walk the
+    /// (token, KV head) items with their copies running from one item into the next
+    /// (`decode_mma_persistent.cu`); off, a block per item (`TANDEM_DECODE_PERSISTENT=0`: to
+    /// compare; the same bits).
+    pub decode_persistent: bool,
+    /// At most this many blocks for [`Self::decode_persistent`]'s kernel; `None`: as many as
+    /// the multiprocessors hold at once (`TANDEM_DECODE_PERSISTENT_BLOCKS`: tests make blocks
+    /// walk many items with it).
+    pub decode_persistent_blocks: Option<usize>,
     /// Prefill attention runs two query heads of one KV head per block, sharing its K/V
     /// tiles, where the query group size is even; off, one head per block
     /// (`TANDEM_FLASH_PAIRS=0`: to compare the two).
@@ -157,6 +167,8 @@ impl Default for CudaOptions {
             device_sampling: true,
             vec_attention: true,
             decode_mma: true,
+            decode_persistent: true,
+            decode_persistent_blocks: None,
             flash_head_pairs: true,
             flash_wgmma: true,
             skinny_gemm: false,
@@ -206,6 +218,10 @@ impl CudaOptions {
             device_sampling: switch("TANDEM_DEVICE_SAMPLING"),
             vec_attention: switch("TANDEM_ATTN_VEC"),
             decode_mma: switch("TANDEM_DECODE_MMA"),
+            decode_persistent: switch("TANDEM_DECODE_PERSISTENT"),
+            decode_persistent_blocks: text("TANDEM_DECODE_PERSISTENT_BLOCKS")
+                .and_then(|v| v.trim().parse().ok())
+                .filter(|&blocks| blocks > 0),
             flash_head_pairs: switch("TANDEM_FLASH_PAIRS"),
             flash_wgmma: switch("TANDEM_FLASH_WGMMA"),
             // Off unless set to something other than `0`.
@@ -288,6 +304,8 @@ mod tests {
             ("TANDEM_DEVICE_SAMPLING", "0"),
             ("TANDEM_ATTN_VEC", "0"),
             ("TANDEM_DECODE_MMA", "0"),
+            ("TANDEM_DECODE_PERSISTENT", "0"),
+            ("TANDEM_DECODE_PERSISTENT_BLOCKS", "5"),
             ("TANDEM_FLASH_PAIRS", "0"),
             ("TANDEM_FLASH_WGMMA", "0"),
             ("TANDEM_SKINNY_GEMM", "1"),
@@ -317,6 +335,8 @@ mod tests {
                 device_sampling: false,
                 vec_attention: false,
                 decode_mma: false,
+                decode_persistent: false,
+                decode_persistent_blocks: Some(5),
                 flash_head_pairs: false,
                 flash_wgmma: false,
                 skinny_gemm: true,
