@@ -13,8 +13,8 @@
 #             2048/128 (1,536, 512 at once) and 1000/1000 (256 at once) prompt/output tokens
 #             (random prompt ids), with their engine step logs
 #   offline-128-128, offline-2048-128, offline-1000-1000
-#             one of them at the published request count (30,000; 3,000; 3,000) or N, each
-#             about 4-7 minutes: one device call each; TAG names the run's files
+#             one of them at the published request count (30,000; 3,000; 3,000) or N, MAX_BATCH
+#             at once (1,024; 512; 256), each about 4-7 minutes: one device call each; TAG names the run's files
 #             (GROWTH_RESERVE and PREFIX_CACHING pass through to large_batch.sh)
 #
 #   scripts/device/one_gpu.sh                 # everything (about 9 minutes: split it)
@@ -72,8 +72,15 @@ for stage in "${stages[@]}"; do
       offline 2048-128 512 512 1536 2048 128
       offline 1000-1000 256 256 256 1000 1000
       ;;
-    offline-128-128) offline "128-128-n${N:-30000}${TAG:+-$TAG}" 1024 1024 "${N:-30000}" 128 128 ;;
-    offline-2048-128) offline "2048-128-n${N:-3000}${TAG:+-$TAG}" 512 512 "${N:-3000}" 2048 128 ;;
+    # MAX_BATCH: sequences at once (1,024 and 512 by default).
+    offline-128-128)
+      batch=${MAX_BATCH:-1024}
+      offline "128-128-n${N:-30000}${MAX_BATCH:+-b$batch}${TAG:+-$TAG}" "$batch" "$batch" "${N:-30000}" 128 128
+      ;;
+    offline-2048-128)
+      batch=${MAX_BATCH:-512}
+      offline "2048-128-n${N:-3000}${MAX_BATCH:+-b$batch}${TAG:+-$TAG}" "$batch" "$batch" "${N:-3000}" 2048 128
+      ;;
     offline-1000-1000)
       # MAX_BATCH: sequences at once (256 by default; an FP8 cache has room for twice that).
       batch=${MAX_BATCH:-256}
