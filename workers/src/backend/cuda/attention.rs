@@ -88,6 +88,9 @@ struct PrefillKv<'a> {
     use_tma: bool,
 }
 
+/// Threads of a decode attention block (every decode kernel's).
+const DECODE_THREADS: u32 = 128;
+
 /// Query heads per block of the decode attention kernel (`ATTN_GMAX` in attention.cu).
 const ATTN_GMAX: usize = 8;
 
@@ -422,9 +425,7 @@ impl CudaBackend {
                 .min(batch.max_context.div_ceil(split_keys))
                 .clamp(1, 64)
         };
-        if let Some(kernel) = persistent.filter(|_| splits == 1) {
-            return self.decode_attention_persistent(kernel, q, out, rows, batch, shape, kv, layer);
-        }
+        let persistent = persistent.filter(|_| splits == 1);
         let heads_total = rows * shape.num_heads;
         let partial_acc = self.alloc_f32(if splits > 1 {
             heads_total * splits * shape.head_dim
@@ -438,6 +439,24 @@ impl CudaBackend {
         })?;
         let cache = CacheArgs::new(shape, &layout, layer);
         let pf = self.take_prefetch(rows);
+        let (kernel, cfg, op) = match persistent {
+            Some(kernel) => (
+                kernel,
+                self.persistent_decode_config(kernel, rows, head_blocks, shape)?,
+                "paged_attention_persistent",
+            ),
+            None => (
+                kernel,
+                LaunchConfig {
+                    grid_dim: (rows as u32, head_blocks as u32, splits as u32),
+                    block_dim: (DECODE_THREADS, 1, 1),
+                    shared_mem_bytes: shared_mem_bytes as u32,
+                },
+                "paged_attention",
+            ),
+        };
+        // The persistent kernel also takes the token rows.
+        let rows_arg = rows as i32;
         let mut b = self.stream.launch_builder(kernel);
         b.arg(q)
             .arg(&*kv.data)
@@ -456,12 +475,10 @@ impl CudaBackend {
             .arg(&shape.scale)
             .arg(&pf.ptr)
             .arg(&pf.bytes);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, head_blocks as u32, splits as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: shared_mem_bytes as u32,
-        };
-        self.launch(b, cfg, "paged_attention")?;
+        if persistent.is_some() {
+            b.arg(&rows_arg);
+        }
+        self.launch(b, cfg, op)?;
         if splits > 1 {
             let (dim, s) = (shape.head_dim as i32, splits as i32);
             let mut b = self.stream.launch_builder(&self.kernels.attention_combine);
@@ -482,65 +499,32 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
-    /// [`Self::decode_attention`] by the persistent FP8 kernel (`decode_mma_persistent.cu`):
-    /// as many blocks as the multiprocessors hold at once (or the
+    /// The launch of the persistent FP8 decode attention (`decode_mma_persistent.cu`) over
+    /// `rows` tokens of `head_blocks` items each: as many blocks as the multiprocessors hold at
+    /// once (or the
     /// [`CudaOptions::decode_persistent_blocks`](super::CudaOptions::decode_persistent_blocks)
     /// cap), each walking every `blocks`-th (token, KV head, head chunk) item.
-    #[allow(clippy::too_many_arguments)]
-    fn decode_attention_persistent(
+    fn persistent_decode_config(
         &self,
         kernel: &cudarc::driver::CudaFunction,
-        q: &CudaSlice<f32>,
-        out: &mut CudaSlice<u16>,
         rows: usize,
-        batch: &CudaBatch,
+        head_blocks: usize,
         shape: &AttentionShape,
-        kv: &CudaKvCache,
-        layer: usize,
-    ) -> Result<(), BackendError> {
-        const THREADS: u32 = 128;
+    ) -> Result<LaunchConfig, BackendError> {
         let group = shape.num_heads / shape.num_kv_heads;
-        let heads = kernels::DecodeMmaConfig::HEADS;
-        let items = rows * shape.num_kv_heads * group.div_ceil(heads);
         let smem =
             (self.kernels.decode_mma_config).smem_bytes_fp8_persistent(shape.head_dim, group);
         let per_multiprocessor =
-            self.persistent_occupancy(kernel, shape.head_dim, THREADS, smem)?;
-        let resident = (per_multiprocessor * self.multiprocessors).max(1);
-        let blocks = items
-            .min(resident)
+            self.persistent_occupancy(kernel, shape.head_dim, DECODE_THREADS, smem)?;
+        let blocks = (rows * head_blocks)
+            .min((per_multiprocessor * self.multiprocessors).max(1))
             .min(self.options.decode_persistent_blocks.unwrap_or(usize::MAX))
             .max(1);
-        let cache = CacheArgs::new(shape, &kv.layout, layer);
-        let pf = self.take_prefetch(rows);
-        // Unused: nothing is split.
-        let partial = self.alloc_f32(1)?;
-        let rows_arg = rows as i32;
-        let mut b = self.stream.launch_builder(kernel);
-        b.arg(q)
-            .arg(&*kv.data)
-            .arg(batch.positions())
-            .arg(batch.token_seq())
-            .arg(batch.seq_block_start())
-            .arg(batch.block_tables())
-            .arg(&mut *out)
-            .arg(&partial)
-            .arg(&partial)
-            .arg(&cache.heads)
-            .arg(&cache.kv_heads)
-            .arg(&cache.block_size)
-            .arg(&cache.block_elems)
-            .arg(&cache.layer_offset)
-            .arg(&shape.scale)
-            .arg(&pf.ptr)
-            .arg(&pf.bytes)
-            .arg(&rows_arg);
-        let cfg = LaunchConfig {
+        Ok(LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
-        };
-        self.launch(b, cfg, "paged_attention_persistent")
+        })
     }
 
     /// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that one
