@@ -1,9 +1,8 @@
 //! Attention dispatch: which kernel runs a batch's attention and how it is launched. Prefill
 //! chunks go to the tensor-core kernels (`flash.cu`, or `flash_wgmma.cu` on Hopper), decodes
-//! to `decode_mma.cu`, the vectorized or the warp-per-key kernel (split over the context when
-//! the batch alone leaves the device idle), a mixed batch's two halves on two streams where
-//! [`CudaOptions::concurrent_attention`](super::CudaOptions::concurrent_attention) allows; and the rotary embedding that writes K/V into
-//! the paged cache.
+//! to [`super::decode_attention`], a mixed batch's two halves on two streams where
+//! [`CudaOptions::concurrent_attention`](super::CudaOptions::concurrent_attention) allows; and
+//! the rotary embedding that writes K/V into the paged cache.
 
 use std::sync::Arc;
 
@@ -15,15 +14,6 @@ use super::{
 };
 use crate::backend::{AttentionShape, BackendError};
 use crate::kv_cache::{KvDType, KvLayout};
-
-/// K/V bytes of one KV head a decode attention split reads at least: see
-/// `CudaBackend::attn_split_keys`.
-const ATTN_SPLIT_BYTES: usize = 16 << 10;
-
-/// Fewest keys per split of the tensor-core decode attention (`decode_mma.cu`), whose splits
-/// are whole 64-key tiles: two tiles, so that each split has a copy in flight while it works
-/// on the first (`TANDEM_ATTN_SPLIT_KEYS` overrides it, never below one tile).
-const DECODE_MMA_SPLIT_KEYS: usize = 128;
 
 /// A prefill attention kernel and its launch shape ([`CudaBackend::flash_kernel`]): every
 /// one takes `flash.cu`'s arguments and covers a batch's 128-row tiles.
@@ -40,34 +30,17 @@ struct FlashLaunch<'a> {
     persistent: bool,
 }
 
-/// A decode attention kernel and its launch shape ([`CudaBackend::decode_kernel`]): every one
-/// takes `attention.cu`'s arguments, one block per token, KV head and `heads_per_block` query
-/// heads of its group, and split over the context by `split_keys` keys at least.
-struct DecodeLaunch<'a> {
-    kernel: &'a cudarc::driver::CudaFunction,
-    /// Query heads per block.
-    heads_per_block: usize,
-    /// Dynamic shared memory of a block.
-    shared_mem_bytes: usize,
-    /// Fewest keys per split of the context.
-    split_keys: usize,
-    /// The kernel's persistent-block form, where there is one for this cache
-    /// ([`CudaOptions::decode_persistent`](super::CudaOptions::decode_persistent)): it runs
-    /// the launches whose contexts are not split.
-    persistent: Option<&'a cudarc::driver::CudaFunction>,
-}
-
 /// The attention kernels' scalar arguments that locate `layer`'s K/V in the paged cache.
-struct CacheArgs {
-    heads: i32,
-    kv_heads: i32,
-    block_size: i32,
-    block_elems: i64,
-    layer_offset: i64,
+pub(super) struct CacheArgs {
+    pub(super) heads: i32,
+    pub(super) kv_heads: i32,
+    pub(super) block_size: i32,
+    pub(super) block_elems: i64,
+    pub(super) layer_offset: i64,
 }
 
 impl CacheArgs {
-    fn new(shape: &AttentionShape, layout: &KvLayout, layer: usize) -> Self {
+    pub(super) fn new(shape: &AttentionShape, layout: &KvLayout, layer: usize) -> Self {
         Self {
             heads: shape.num_heads as i32,
             kv_heads: shape.num_kv_heads as i32,
@@ -88,14 +61,8 @@ struct PrefillKv<'a> {
     use_tma: bool,
 }
 
-/// Threads of a decode attention block (every decode kernel's).
-const DECODE_THREADS: u32 = 128;
-
-/// Query heads per block of the decode attention kernel (`ATTN_GMAX` in attention.cu).
-const ATTN_GMAX: usize = 8;
-
 /// The kernel of `list` (kernels by head dimension) for `head_dim`.
-fn kernel_for(
+pub(super) fn kernel_for(
     list: &[(usize, cudarc::driver::CudaFunction)],
     head_dim: usize,
 ) -> Option<&cudarc::driver::CudaFunction> {
@@ -105,18 +72,6 @@ fn kernel_for(
 }
 
 impl CudaBackend {
-    /// Fewest keys per split when a decode attention is split over the context to fill the
-    /// device: each warp walks its share one key after another, so shorter splits mean shorter
-    /// dependent chains, but more partial results to merge. 16 KiB of K/V per split (32 keys of
-    /// head_dim 128, 64 of head_dim 64) was the best measured on an H100 at batch 1, context
-    /// 1024: Llama-3.1-8B 6.45 ms with 128 keys, 6.30 with 64, 6.14-6.21 with 32, no better
-    /// with 16; SmolLM2-135M 1.27 ms with 128 keys, 1.20-1.23 with 64, 1.34 with 32.
-    fn attn_split_keys(&self, head_dim: usize) -> usize {
-        self.options
-            .attn_split_keys
-            .unwrap_or((ATTN_SPLIT_BYTES / (4 * head_dim)).max(16))
-    }
-
     /// The TMA tensor map `flash_wgmma.cu` copies K/V tiles with: the cache (`blocks` blocks
     /// of `layout` at `data`) as a 5-D tensor, innermost first [dimension, KV head, token,
     /// K/V of each layer, block], boxes of 64 dimensions of one head for a block's tokens, in
@@ -275,280 +230,6 @@ impl CudaBackend {
             shared_mem_bytes: launch.smem_bytes,
         };
         self.launch(b, cfg, "flash_prefill")
-    }
-
-    /// The decode attention kernel for `shape`: the tensor-core kernel where the head dim has
-    /// one (and [`CudaOptions::decode_mma`](super::CudaOptions::decode_mma) is on), else the
-    /// vectorized kernel, else the warp-per-key one.
-    fn decode_kernel(
-        &self,
-        shape: &AttentionShape,
-        layout: &KvLayout,
-    ) -> Result<DecodeLaunch<'_>, BackendError> {
-        let dtype = layout.dtype;
-        let split_keys = self.attn_split_keys(shape.head_dim);
-        if dtype == KvDType::Fp8 {
-            // An FP8 cache: the tensor-core kernel where the head dim has one (and it is on),
-            // else the vectorized kernel, else the warp-per-key one.
-            let fp8 = &self.kernels.fp8_attention;
-            if let Some(kernel) = (fp8.decode_mma)
-                .for_shape(shape.head_dim, layout.block_size)
-                .filter(|_| self.switches.decode_mma())
-            {
-                let whole_tiles = layout
-                    .block_size
-                    .is_multiple_of(kernels::DecodeMmaConfig::KEYS);
-                let persistent = kernel_for(&fp8.decode_mma_persistent, shape.head_dim)
-                    .filter(|_| whole_tiles && self.options.decode_persistent);
-                return Ok(DecodeLaunch {
-                    kernel,
-                    heads_per_block: kernels::DecodeMmaConfig::HEADS,
-                    shared_mem_bytes: self
-                        .kernels
-                        .decode_mma_config
-                        .smem_bytes_fp8(shape.head_dim),
-                    split_keys: self
-                        .options
-                        .attn_split_keys
-                        .unwrap_or(DECODE_MMA_SPLIT_KEYS)
-                        .max(kernels::DecodeMmaConfig::KEYS),
-                    persistent,
-                });
-            }
-            let launch = kernel_for(&fp8.decode_vec, shape.head_dim)
-                .map(|kernel| (kernel, kernels::ATTN_VEC_HEADS))
-                .or_else(|| kernel_for(&fp8.decode, shape.head_dim).map(|k| (k, ATTN_GMAX)));
-            let Some((kernel, heads_per_block)) = launch else {
-                let dims: Vec<usize> = (fp8.decode_vec.iter().chain(&fp8.decode))
-                    .map(|(d, _)| *d)
-                    .collect();
-                return Err(shape_err(
-                    "paged_attention",
-                    format!(
-                        "head_dim {} over an FP8 cache (its CUDA kernels cover {dims:?})",
-                        shape.head_dim
-                    ),
-                ));
-            };
-            return Ok(DecodeLaunch {
-                kernel,
-                heads_per_block,
-                shared_mem_bytes: 0,
-                split_keys,
-                persistent: None,
-            });
-        }
-        // The tensor-core kernel where the head dim has one, else the vectorized kernel, else
-        // the warp-per-key one: (kernel, query heads per block, dynamic shared memory, fewest
-        // keys per split).
-        let mma = (self.kernels.paged_decode_mma)
-            .for_shape(shape.head_dim, layout.block_size)
-            .filter(|_| self.switches.decode_mma())
-            .map(|kernel| {
-                let config = self.kernels.decode_mma_config;
-                (
-                    kernel,
-                    kernels::DecodeMmaConfig::HEADS,
-                    config.smem_bytes(shape.head_dim),
-                    self.options
-                        .attn_split_keys
-                        .unwrap_or(DECODE_MMA_SPLIT_KEYS)
-                        .max(kernels::DecodeMmaConfig::KEYS),
-                )
-            });
-        let vectorized = kernel_for(&self.kernels.paged_attention_vec, shape.head_dim)
-            .filter(|_| self.options.vec_attention)
-            .map(|kernel| (kernel, kernels::ATTN_VEC_HEADS, 0, split_keys));
-        let Some((kernel, heads_per_block, shared_mem_bytes, split_keys)) =
-            mma.or(vectorized).or_else(|| {
-                kernel_for(&self.kernels.paged_attention, shape.head_dim)
-                    .map(|k| (k, ATTN_GMAX, 0, split_keys))
-            })
-        else {
-            let dims: Vec<usize> = self
-                .kernels
-                .paged_attention
-                .iter()
-                .map(|(d, _)| *d)
-                .collect();
-            return Err(shape_err(
-                "paged_attention",
-                format!(
-                    "head_dim {} (the CUDA kernels cover {dims:?})",
-                    shape.head_dim
-                ),
-            ));
-        };
-        Ok(DecodeLaunch {
-            kernel,
-            heads_per_block,
-            shared_mem_bytes,
-            split_keys,
-            persistent: None,
-        })
-    }
-
-    /// Decode attention (one query token per sequence) of token rows `0..rows` of `batch`,
-    /// into those rows of `out`.
-    #[allow(clippy::too_many_arguments)]
-    fn decode_attention(
-        &self,
-        qkv: &CudaTensor,
-        out: &mut CudaSlice<u16>,
-        rows: usize,
-        batch: &CudaBatch,
-        shape: &AttentionShape,
-        kv: &CudaKvCache,
-        layer: usize,
-    ) -> Result<(), BackendError> {
-        let DecodeLaunch {
-            kernel,
-            heads_per_block,
-            shared_mem_bytes,
-            split_keys,
-            persistent,
-        } = self.decode_kernel(shape, &kv.layout)?;
-        let layout = kv.layout;
-        let q = qkv.as_f32("paged_attention")?;
-        // One block per token, KV head and chunk of `heads_per_block` query heads; long contexts
-        // are split over several blocks when the batch alone would leave most multiprocessors
-        // idle.
-        let group = shape.num_heads / shape.num_kv_heads;
-        let head_blocks = shape.num_kv_heads * group.div_ceil(heads_per_block);
-        let blocks = rows * head_blocks;
-        let target = 2 * self.multiprocessors;
-        let splits = if blocks >= target || batch.max_context <= 256 {
-            1
-        } else {
-            target
-                .div_ceil(blocks)
-                .min(batch.max_context.div_ceil(split_keys))
-                .clamp(1, 64)
-        };
-        let persistent = persistent.filter(|_| splits == 1);
-        let heads_total = rows * shape.num_heads;
-        let partial_acc = self.alloc_f32(if splits > 1 {
-            heads_total * splits * shape.head_dim
-        } else {
-            1
-        })?;
-        let partial_ml = self.alloc_f32(if splits > 1 {
-            heads_total * splits * 2
-        } else {
-            1
-        })?;
-        let cache = CacheArgs::new(shape, &layout, layer);
-        let pf = self.take_prefetch(rows);
-        let (kernel, cfg, op) = match persistent {
-            Some(kernel) => (
-                kernel,
-                self.persistent_decode_config(kernel, rows, head_blocks, shape)?,
-                "paged_attention_persistent",
-            ),
-            None => (
-                kernel,
-                LaunchConfig {
-                    grid_dim: (rows as u32, head_blocks as u32, splits as u32),
-                    block_dim: (DECODE_THREADS, 1, 1),
-                    shared_mem_bytes: shared_mem_bytes as u32,
-                },
-                "paged_attention",
-            ),
-        };
-        // The persistent kernel also takes the token rows.
-        let rows_arg = rows as i32;
-        let mut b = self.stream.launch_builder(kernel);
-        b.arg(q)
-            .arg(&*kv.data)
-            .arg(batch.positions())
-            .arg(batch.token_seq())
-            .arg(batch.seq_block_start())
-            .arg(batch.block_tables())
-            .arg(&mut *out)
-            .arg(&partial_acc)
-            .arg(&partial_ml)
-            .arg(&cache.heads)
-            .arg(&cache.kv_heads)
-            .arg(&cache.block_size)
-            .arg(&cache.block_elems)
-            .arg(&cache.layer_offset)
-            .arg(&shape.scale)
-            .arg(&pf.ptr)
-            .arg(&pf.bytes);
-        if persistent.is_some() {
-            b.arg(&rows_arg);
-        }
-        self.launch(b, cfg, op)?;
-        if splits > 1 {
-            let (dim, s) = (shape.head_dim as i32, splits as i32);
-            let mut b = self.stream.launch_builder(&self.kernels.attention_combine);
-            b.arg(&partial_acc)
-                .arg(&partial_ml)
-                .arg(out)
-                .arg(&dim)
-                .arg(&s);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, shape.num_heads as u32, 1),
-                block_dim: (shape.head_dim as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.launch(b, cfg, "attention_combine")?;
-        }
-        Ok(())
-    }
-}
-
-impl CudaBackend {
-    /// The launch of the persistent FP8 decode attention (`decode_mma_persistent.cu`) over
-    /// `rows` tokens of `head_blocks` items each: as many blocks as the multiprocessors hold at
-    /// once (or the
-    /// [`CudaOptions::decode_persistent_blocks`](super::CudaOptions::decode_persistent_blocks)
-    /// cap), each walking every `blocks`-th (token, KV head, head chunk) item.
-    fn persistent_decode_config(
-        &self,
-        kernel: &cudarc::driver::CudaFunction,
-        rows: usize,
-        head_blocks: usize,
-        shape: &AttentionShape,
-    ) -> Result<LaunchConfig, BackendError> {
-        let group = shape.num_heads / shape.num_kv_heads;
-        let smem =
-            (self.kernels.decode_mma_config).smem_bytes_fp8_persistent(shape.head_dim, group);
-        let per_multiprocessor =
-            self.persistent_occupancy(kernel, shape.head_dim, DECODE_THREADS, smem)?;
-        let blocks = (rows * head_blocks)
-            .min((per_multiprocessor * self.multiprocessors).max(1))
-            .min(self.options.decode_persistent_blocks.unwrap_or(usize::MAX))
-            .max(1);
-        Ok(LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (DECODE_THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        })
-    }
-
-    /// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that one
-    /// multiprocessor holds at once running `kernel`: asked of the driver once per shape.
-    fn persistent_occupancy(
-        &self,
-        kernel: &cudarc::driver::CudaFunction,
-        head_dim: usize,
-        threads: u32,
-        smem: usize,
-    ) -> Result<usize, BackendError> {
-        let mut known = self
-            .persistent_occupancy
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(&(_, blocks)) = known.iter().find(|(key, _)| *key == (head_dim, smem)) {
-            return Ok(blocks);
-        }
-        let blocks = dev!(
-            "occupancy of paged_decode_mma_fp8_persistent",
-            kernel.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
-        )? as usize;
-        known.push(((head_dim, smem), blocks));
-        Ok(blocks)
     }
 }
 

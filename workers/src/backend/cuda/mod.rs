@@ -69,6 +69,7 @@ impl DeviceFault for cudarc::driver::DriverError {
 
 mod attention;
 mod batch;
+mod decode_attention;
 mod fp8_gemm;
 mod fp8_projection;
 mod gemm;
