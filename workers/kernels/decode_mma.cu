@@ -169,6 +169,9 @@ __device__ __forceinline__ void fp8_tile(const fp8* k8, const fp8* v8, int first
                                          const u32 (&qa)[D / 16][4], float (&o8)[D / 16][4],
                                          float (&m8)[2], float (&l8)[2]) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // A warp whose 16 keys all lie past the end (in a token's last tile) has nothing to add:
+    // its scores would all be -inf and its probabilities 0, leaving its sums as they are.
+    if (first_key + warp * 16 >= n_keys) return;
     const int g = lane >> 2, c = lane & 3;
     // S^T: A = keys g and g + 8, lane c taking their codes c * D/4 .. + D/4 in the order
     // the query's fragment `qa` gathers its dims (a 16-dim step's columns 2c, 2c + 1 the

@@ -56,18 +56,31 @@ __device__ __forceinline__ void decode_mma_fp8_persistent(
     const long long kv_stride = (long long)block_size * token_stride;
     const int tiles_per_block = block_size / DM_KEYS;
 
+    // This thread's copies of a tile: rows c_row + p * ROWS_PER_PASS, 16-byte chunk c_chunk of
+    // each. The swizzle of a row's chunks repeats every ROWS_PER_PASS rows, so a pass's
+    // source and stage offsets are the first pass's plus a multiple of constants.
+    constexpr int CH8 = D / 16;
+    constexpr int ROWS_PER_PASS = DM_WARPS * 32 / CH8;
+    static_assert(DM_KEYS % ROWS_PER_PASS == 0 && ROWS_PER_PASS % (128 / D * (D / 16)) == 0,
+                  "a pass keeps the rows' swizzle");
+    const int c_row = threadIdx.x / CH8, c_chunk = threadIdx.x % CH8;
+    const int c_src = c_row * token_stride + c_chunk * 16;
+    const int c_at = c_row * D + fp8_chunk<D>(c_chunk, c_row) * 16;
+    const int pass_src = ROWS_PER_PASS * token_stride;
+
     // The copies' place: item, its tile, and where that tile's rows are (the same in every
-    // thread).
+    // thread). The item's token and head block follow from the last item's by the grid's
+    // stride, without a division an item.
     int l_item = blockIdx.x;
-    int l_t = 0, l_h0 = 0, l_nh = 0, l_keys = 0, l_tiles = 0, l_tile = 0, l_block = 0, l_sub = 0;
+    int l_t = blockIdx.x / head_blocks, l_hb = blockIdx.x % head_blocks;
+    const int step_t = gridDim.x / head_blocks, step_hb = gridDim.x % head_blocks;
+    int l_h0 = 0, l_nh = 0, l_keys = 0, l_tiles = 0, l_tile = 0, l_block = 0, l_sub = 0;
     const u32* l_table = block_tables;
     const fp8* l_head = cache;
     auto start_item = [&]() {
         if (l_item >= items) return;
-        l_t = l_item / head_blocks;
-        const int hb = l_item % head_blocks;
-        const int kvh = hb / chunks;
-        l_h0 = kvh * group + (hb % chunks) * DM_HEADS;
+        const int kvh = chunks == 1 ? l_hb : l_hb / chunks;
+        l_h0 = kvh * group + (chunks == 1 ? 0 : l_hb % chunks) * DM_HEADS;
         l_nh = min(DM_HEADS, kvh * group + group - l_h0);
         l_keys = (int)positions[l_t] + 1;
         l_tiles = (l_keys + DM_KEYS - 1) / DM_KEYS;
@@ -90,16 +103,29 @@ __device__ __forceinline__ void decode_mma_fp8_persistent(
                 cp_async16(reinterpret_cast<bf16*>(dst + 4 * i),
                            reinterpret_cast<const bf16*>(src + 4 * i), 16);
         }
-        const fp8* tile_rows = l_head + (long long)l_table[l_block] * block_elems +
-                               (long long)(l_sub * DM_KEYS) * token_stride;
-        fp8_load_whole_tile<D>(codes + stage * 2 * TILE, tile_rows, l_tile * DM_KEYS, l_keys,
-                               token_stride, kv_stride);
+        // `fp8_load_whole_tile`'s copies, by this thread's offsets.
+        const fp8* src = l_head + (long long)l_table[l_block] * block_elems +
+                         (l_sub * DM_KEYS * token_stride + c_src);
+        fp8* dst = codes + stage * 2 * TILE + c_at;
+        const int past = l_keys - l_tile * DM_KEYS - c_row;
+#pragma unroll
+        for (int p = 0; p < DM_KEYS / ROWS_PER_PASS; ++p) {
+            const int bytes = p * ROWS_PER_PASS < past ? 16 : 0;
+            cp_async16(dst + p * ROWS_PER_PASS * D, src + p * pass_src, bytes);
+            cp_async16(dst + TILE + p * ROWS_PER_PASS * D, src + p * pass_src + kv_stride, bytes);
+        }
         if (++l_sub == tiles_per_block) {
             l_sub = 0;
             ++l_block;
         }
         if (++l_tile == l_tiles) {
             l_item += gridDim.x;
+            l_t += step_t;
+            l_hb += step_hb;
+            if (l_hb >= head_blocks) {
+                l_hb -= head_blocks;
+                ++l_t;
+            }
             start_item();
         }
     };
