@@ -41,6 +41,9 @@
 #
 #   scripts/device/fp8.sh tests check bench
 #   N=4096 scripts/device/fp8.sh offline-128-128
+#   KV_DTYPE=fp8 N=30000 MAX_BATCH=4096 scripts/device/fp8.sh offline-128-128
+#            (an H200's FP8 cache holds 4,096 sequences of 256 tokens: the best 128/128 run
+#            measured, docs/benchmarks.md)
 set -uo pipefail
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
