@@ -1,5 +1,6 @@
 // Row-wise and element-wise ops of the forward pass. Activations between ops are f32
-// (residual stream, projections' outputs); inputs of matrix products are bf16.
+// (projections' outputs; the residual stream, or bf16 with `residual_stream_bf16`); inputs of
+// matrix products are bf16.
 
 // out[t, :] = table[tokens[t], :]   (one block per token)
 extern "C" __global__ void embedding(const bf16* __restrict__ table, const u32* __restrict__ tokens,
@@ -7,6 +8,16 @@ extern "C" __global__ void embedding(const bf16* __restrict__ table, const u32* 
     const long long t = blockIdx.x;
     const bf16* row = table + (long long)tokens[t] * hidden;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[t * hidden + c] = bf16_to_f32(row[c]);
+}
+
+// The same rows kept in bf16: the first values of a residual stream held in bf16
+// (`residual_stream_bf16`).
+extern "C" __global__ void embedding_bf16(const bf16* __restrict__ table,
+                                          const u32* __restrict__ tokens, bf16* __restrict__ out,
+                                          int hidden) {
+    const long long t = blockIdx.x;
+    const bf16* row = table + (long long)tokens[t] * hidden;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[t * hidden + c] = row[c];
 }
 
 // tokens[chained[2i]] = picks[chained[2i+1] * 4 + 1]: a decode token the host does not know yet,
@@ -51,6 +62,36 @@ __device__ __forceinline__ float4 load4_bf16(const bf16* p) {
 }
 __device__ __forceinline__ float load1_bf16(const float* p) { return bf16_round(*p); }
 __device__ __forceinline__ float load1_bf16(const bf16* p) { return bf16_to_f32(*p); }
+
+// A residual stream's values as stored: f32 as they are, bf16 widened.
+__device__ __forceinline__ float4 load4_value(const float* p) {
+    return *reinterpret_cast<const float4*>(p);
+}
+__device__ __forceinline__ float4 load4_value(const bf16* p) { return load4_bf16(p); }
+__device__ __forceinline__ float load1_value(const float* p) { return *p; }
+__device__ __forceinline__ float load1_value(const bf16* p) { return bf16_to_f32(*p); }
+
+// Stores a residual sum and returns what the stream now holds: f32 unchanged, bf16 rounded
+// (as transformers' bf16 models add their residuals), so the norm that follows reads the
+// stream's own values.
+__device__ __forceinline__ float4 store4_value(float* p, float4 v) {
+    *reinterpret_cast<float4*>(p) = v;
+    return v;
+}
+__device__ __forceinline__ float4 store4_value(bf16* p, float4 v) {
+    const bf16 a = f32_to_bf16(v.x), b = f32_to_bf16(v.y), c = f32_to_bf16(v.z),
+               d = f32_to_bf16(v.w);
+    *reinterpret_cast<uint2*>(p) = make_uint2((u32)a | ((u32)b << 16), (u32)c | ((u32)d << 16));
+    return make_float4(bf16_to_f32(a), bf16_to_f32(b), bf16_to_f32(c), bf16_to_f32(d));
+}
+__device__ __forceinline__ float store1_value(float* p, float v) {
+    *p = v;
+    return v;
+}
+__device__ __forceinline__ float store1_value(bf16* p, float v) {
+    *p = f32_to_bf16(v);
+    return bf16_to_f32(*p);
+}
 
 __device__ __forceinline__ bool norm_vectorized(int cols) {
     return NORM_VEC > 0 && (cols & 3) == 0 && cols <= 4 * NORM_VEC * (int)blockDim.x;
@@ -130,23 +171,25 @@ __device__ __forceinline__ void write_normed4(const float4 (&v)[NORM_REGS], floa
 // The scalar loops' tail: out[c] = x[c] * inv * w[c], then the FP8 codes where asked. `out`
 // null (codes only): each value is computed twice, for the row's largest magnitude and for
 // its code, instead of being read back.
-__device__ __forceinline__ void write_normed_scalar(const float* row, float inv, const float* weight,
+template <typename R>
+__device__ __forceinline__ void write_normed_scalar(const R* row, float inv, const float* weight,
                                                     bf16* out, int cols, unsigned char* q8,
                                                     float* q_scale) {
     float amax = 0.0f;
     if (out == nullptr) {
         for (int c = threadIdx.x; c < cols; c += blockDim.x)
-            amax = fmaxf(amax, fabsf(bf16_round(row[c] * inv * weight[c])));
+            amax = fmaxf(amax, fabsf(bf16_round(load1_value(row + c) * inv * weight[c])));
         const float scale = fp8_row_scale(block_max(amax));
         if (threadIdx.x == 0) *q_scale = scale;
         const float inverse = 1.0f / scale;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x)
-            q8[c] = (unsigned char)(f32x2_to_e4m3x2(bf16_round(row[c] * inv * weight[c]) * inverse,
-                                                    0.0f) & 0xffu);
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float value = bf16_round(load1_value(row + c) * inv * weight[c]);
+            q8[c] = (unsigned char)(f32x2_to_e4m3x2(value * inverse, 0.0f) & 0xffu);
+        }
         return;
     }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        out[c] = f32_to_bf16(row[c] * inv * weight[c]);
+        out[c] = f32_to_bf16(load1_value(row + c) * inv * weight[c]);
         amax = fmaxf(amax, fabsf(bf16_to_f32(out[c])));
     }
     if (q8 != nullptr) quantize_own_row(out, q8, q_scale, cols, amax);
@@ -155,14 +198,15 @@ __device__ __forceinline__ void write_normed_scalar(const float* row, float inv,
 // out = x / sqrt(mean(x^2) + eps) * weight, per row (one block per row). With `q8` not null,
 // also the rows' FP8 codes and per-row scales (`q_scales`) for the FP8 projection that reads
 // them (as `quantize_fp8_rows` would make them from `out`).
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
-                                    bf16* __restrict__ out, int rows, int cols, float eps,
-                                    const char* prefetch, long long prefetch_bytes,
-                                    unsigned char* __restrict__ q8, float* __restrict__ q_scales) {
-    prefetch_l2(prefetch, prefetch_bytes);
+template <typename X>
+__device__ __forceinline__ void rms_norm_row(const X* __restrict__ x,
+                                             const float* __restrict__ weight,
+                                             bf16* __restrict__ out, int rows, int cols, float eps,
+                                             unsigned char* __restrict__ q8,
+                                             float* __restrict__ q_scales) {
     const long long r = blockIdx.x;
     if (r >= rows) return;
-    const float* row = x + r * cols;
+    const X* row = x + r * cols;
     unsigned char* q8_row = q8 != nullptr ? q8 + r * cols : nullptr;
     bf16* out_row = out != nullptr ? out + r * cols : nullptr;
     if (norm_vectorized(cols)) {
@@ -172,24 +216,45 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 #pragma unroll
         for (int i = 0; i < NORM_REGS; i++) {
             const int c4 = threadIdx.x + i * blockDim.x;
-            v[i] = c4 < n4 ? reinterpret_cast<const float4*>(row)[c4] : make_float4(0, 0, 0, 0);
+            v[i] = c4 < n4 ? load4_value(row + 4 * c4) : make_float4(0, 0, 0, 0);
             ss += sum_squares(v[i]);
         }
         write_normed4(v, ss, weight, out_row, cols, eps, q8_row, q_scales + r);
         return;
     }
     float ss = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += row[c] * row[c];
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float v = load1_value(row + c);
+        ss += v * v;
+    }
     const float inv = rsqrtf(block_sum(ss) / cols + eps);
     write_normed_scalar(row, inv, weight, out_row, cols, q8_row, q_scales + r);
+}
+
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
+                                    bf16* __restrict__ out, int rows, int cols, float eps,
+                                    const char* prefetch, long long prefetch_bytes,
+                                    unsigned char* __restrict__ q8, float* __restrict__ q_scales) {
+    prefetch_l2(prefetch, prefetch_bytes);
+    rms_norm_row(x, weight, out, rows, cols, eps, q8, q_scales);
+}
+
+// x in bf16: a residual stream held in bf16 (`residual_stream_bf16`).
+extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x,
+                                         const float* __restrict__ weight, bf16* __restrict__ out,
+                                         int rows, int cols, float eps, const char* prefetch,
+                                         long long prefetch_bytes, unsigned char* __restrict__ q8,
+                                         float* __restrict__ q_scales) {
+    prefetch_l2(prefetch, prefetch_bytes);
+    rms_norm_row(x, weight, out, rows, cols, eps, q8, q_scales);
 }
 
 // residual += x, then out = rms_norm(residual) (one block per row). x is a projection's
 // output as bf16 values (`load4_bf16`): prefill-sized batches have cuBLAS write o_proj and
 // down in bf16 (`add_rms_norm_bf16`), and the f32 path rounds the same way, so that a
 // request's tokens do not depend on the size of the batch it ran in.
-template <typename T>
-__device__ __forceinline__ void add_rms_norm_row(float* __restrict__ residual,
+template <typename R, typename T>
+__device__ __forceinline__ void add_rms_norm_row(R* __restrict__ residual,
                                                  const T* __restrict__ x,
                                                  const float* __restrict__ weight,
                                                  bf16* __restrict__ out, int rows, int cols,
@@ -197,7 +262,7 @@ __device__ __forceinline__ void add_rms_norm_row(float* __restrict__ residual,
                                                  float* __restrict__ q_scales) {
     const long long r = blockIdx.x;
     if (r >= rows) return;
-    float* row = residual + r * cols;
+    R* row = residual + r * cols;
     const T* add = x + r * cols;
     unsigned char* q8_row = q8 != nullptr ? q8 + r * cols : nullptr;
     bf16* out_row = out != nullptr ? out + r * cols : nullptr;
@@ -209,10 +274,10 @@ __device__ __forceinline__ void add_rms_norm_row(float* __restrict__ residual,
         for (int i = 0; i < NORM_REGS; i++) {
             const int c4 = threadIdx.x + i * blockDim.x;
             if (c4 < n4) {
-                const float4 a = reinterpret_cast<const float4*>(row)[c4];
+                const float4 a = load4_value(row + 4 * c4);
                 const float4 b = load4_bf16(add + 4 * c4);
-                v[i] = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-                reinterpret_cast<float4*>(row)[c4] = v[i];
+                v[i] = store4_value(row + 4 * c4,
+                                    make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w));
             } else {
                 v[i] = make_float4(0, 0, 0, 0);
             }
@@ -223,8 +288,7 @@ __device__ __forceinline__ void add_rms_norm_row(float* __restrict__ residual,
     }
     float ss = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float v = row[c] + load1_bf16(add + c);
-        row[c] = v;
+        const float v = store1_value(row + c, load1_value(row + c) + load1_bf16(add + c));
         ss += v * v;
     }
     const float inv = rsqrtf(block_sum(ss) / cols + eps);
@@ -249,6 +313,32 @@ extern "C" __global__ void add_rms_norm_bf16(float* __restrict__ residual,
                                              float eps, const char* prefetch,
                                              long long prefetch_bytes, unsigned char* __restrict__ q8,
                                              float* __restrict__ q_scales) {
+    prefetch_l2(prefetch, prefetch_bytes);
+    add_rms_norm_row(residual, x, weight, out, rows, cols, eps, q8, q_scales);
+}
+
+// The residual stream held in bf16 (`residual_stream_bf16`): x in f32 ...
+extern "C" __global__ void add_rms_norm_rbf16(bf16* __restrict__ residual,
+                                              const float* __restrict__ x,
+                                              const float* __restrict__ weight,
+                                              bf16* __restrict__ out, int rows, int cols,
+                                              float eps, const char* prefetch,
+                                              long long prefetch_bytes,
+                                              unsigned char* __restrict__ q8,
+                                              float* __restrict__ q_scales) {
+    prefetch_l2(prefetch, prefetch_bytes);
+    add_rms_norm_row(residual, x, weight, out, rows, cols, eps, q8, q_scales);
+}
+
+// ... and x in bf16.
+extern "C" __global__ void add_rms_norm_bf16_rbf16(bf16* __restrict__ residual,
+                                                   const bf16* __restrict__ x,
+                                                   const float* __restrict__ weight,
+                                                   bf16* __restrict__ out, int rows, int cols,
+                                                   float eps, const char* prefetch,
+                                                   long long prefetch_bytes,
+                                                   unsigned char* __restrict__ q8,
+                                                   float* __restrict__ q_scales) {
     prefetch_l2(prefetch, prefetch_bytes);
     add_rms_norm_row(residual, x, weight, out, rows, cols, eps, q8, q_scales);
 }

@@ -390,12 +390,18 @@ pub enum KernelError {
 /// Every kernel the backend launches.
 pub struct Kernels {
     pub embedding: CudaFunction,
+    /// `embedding` into a residual stream held in bf16.
+    pub embedding_bf16: CudaFunction,
     /// Writes the tokens picked by the previous step's sampling summaries into a batch.
     pub chain_tokens: CudaFunction,
     pub rms_norm: CudaFunction,
     pub add_rms_norm: CudaFunction,
     /// `add_rms_norm` of a projection written in bf16.
     pub add_rms_norm_bf16: CudaFunction,
+    /// `rms_norm` and the two `add_rms_norm`s of a residual stream held in bf16.
+    pub rms_norm_bf16: CudaFunction,
+    pub add_rms_norm_rbf16: CudaFunction,
+    pub add_rms_norm_bf16_rbf16: CudaFunction,
     pub silu_mul: CudaFunction,
     pub silu_mul_bf16: CudaFunction,
     /// `silu_mul` and `silu_mul_bf16` that also write the rows' FP8 codes and scales.
@@ -586,10 +592,14 @@ impl Kernels {
         let skinny_fp8 = skinny_family(SKINNY_FP8_NAMES)?;
         Ok(Kernels {
             embedding: f("embedding")?,
+            embedding_bf16: f("embedding_bf16")?,
             chain_tokens: f("chain_tokens")?,
             rms_norm: f("rms_norm")?,
             add_rms_norm: f("add_rms_norm")?,
             add_rms_norm_bf16: f("add_rms_norm_bf16")?,
+            rms_norm_bf16: f("rms_norm_bf16")?,
+            add_rms_norm_rbf16: f("add_rms_norm_rbf16")?,
+            add_rms_norm_bf16_rbf16: f("add_rms_norm_bf16_rbf16")?,
             silu_mul: f("silu_mul")?,
             silu_mul_bf16: f("silu_mul_bf16")?,
             silu_mul_quant: f("silu_mul_quant")?,

@@ -344,11 +344,19 @@ impl Backend for CudaBackend {
             ));
         };
         let hidden = *cols;
-        let mut out = self.alloc_f32(batch.num_tokens * hidden)?;
         let h = hidden as i32;
+        let cfg = rows_config(batch.num_tokens, 256);
+        if self.options.residual_stream_bf16 {
+            let mut out = self.alloc_bf16(batch.num_tokens * hidden)?;
+            let mut b = self.stream.launch_builder(&self.kernels.embedding_bf16);
+            b.arg(data).arg(batch.tokens()).arg(&mut out).arg(&h);
+            self.launch(b, cfg, "embedding_bf16")?;
+            return Ok(CudaTensor::from_bf16(batch.num_tokens, hidden, out));
+        }
+        let mut out = self.alloc_f32(batch.num_tokens * hidden)?;
         let mut b = self.stream.launch_builder(&self.kernels.embedding);
         b.arg(data).arg(batch.tokens()).arg(&mut out).arg(&h);
-        self.launch(b, rows_config(batch.num_tokens, 256), "embedding")?;
+        self.launch(b, cfg, "embedding")?;
         Ok(CudaTensor::from_f32(batch.num_tokens, hidden, out))
     }
 
@@ -359,15 +367,30 @@ impl Backend for CudaBackend {
         eps: f32,
     ) -> Result<CudaTensor, BackendError> {
         let w = Self::check_vector("rms_norm", weight, x.cols)?;
-        let xs = x.as_f32("rms_norm")?;
         let (rows, cols) = (x.rows as i32, x.cols as i32);
         let pf = self.take_prefetch(x.rows);
         let fp8 = self.fused_fp8_rows(x.rows, x.cols)?;
         let mut written = self.rows_out(x.rows, x.cols, fp8)?;
         let (out, q8, q_scales) = written.pointers(&self.stream);
-        let mut b = self.stream.launch_builder(&self.kernels.rms_norm);
-        b.arg(xs)
-            .arg(w)
+        let mut b = match &x.data {
+            DeviceData::F32(xs) => {
+                let mut b = self.stream.launch_builder(&self.kernels.rms_norm);
+                b.arg(xs);
+                b
+            }
+            DeviceData::Bf16(xs) => {
+                let mut b = self.stream.launch_builder(&self.kernels.rms_norm_bf16);
+                b.arg(xs);
+                b
+            }
+            DeviceData::Fp8CodesOnly => {
+                return Err(shape_err(
+                    "rms_norm",
+                    "x is held only as FP8 codes, not values".into(),
+                ));
+            }
+        };
+        b.arg(w)
             .arg(&out)
             .arg(&rows)
             .arg(&cols)
@@ -402,28 +425,38 @@ impl Backend for CudaBackend {
         }
         let w = Self::check_vector("add_rms_norm", weight, x.cols)?;
         let (rows, cols_n) = (residual.rows, residual.cols);
-        let res = residual.as_f32_mut("add_rms_norm")?;
         let (rows_i, cols) = (rows as i32, cols_n as i32);
         let pf = self.take_prefetch(rows);
         let fp8 = self.fused_fp8_rows(rows, cols_n)?;
         let mut written = self.rows_out(rows, cols_n, fp8)?;
         let (out, q8, q_scales) = written.pointers(&self.stream);
-        let mut b = match &x.data {
-            DeviceData::F32(xs) => {
-                let mut b = self.stream.launch_builder(&self.kernels.add_rms_norm);
-                b.arg(res).arg(xs);
-                b
-            }
-            DeviceData::Bf16(xs) => {
-                let mut b = self.stream.launch_builder(&self.kernels.add_rms_norm_bf16);
-                b.arg(res).arg(xs);
-                b
-            }
-            DeviceData::Fp8CodesOnly => {
+        let k = &self.kernels;
+        let mut b = match (&mut residual.data, &x.data) {
+            (_, DeviceData::Fp8CodesOnly) | (DeviceData::Fp8CodesOnly, _) => {
                 return Err(shape_err(
                     "add_rms_norm",
-                    "x is held only as FP8 codes, not values".into(),
+                    "the residual or x is held only as FP8 codes, not values".into(),
                 ));
+            }
+            (DeviceData::F32(res), DeviceData::F32(xs)) => {
+                let mut b = self.stream.launch_builder(&k.add_rms_norm);
+                b.arg(res).arg(xs);
+                b
+            }
+            (DeviceData::F32(res), DeviceData::Bf16(xs)) => {
+                let mut b = self.stream.launch_builder(&k.add_rms_norm_bf16);
+                b.arg(res).arg(xs);
+                b
+            }
+            (DeviceData::Bf16(res), DeviceData::F32(xs)) => {
+                let mut b = self.stream.launch_builder(&k.add_rms_norm_rbf16);
+                b.arg(res).arg(xs);
+                b
+            }
+            (DeviceData::Bf16(res), DeviceData::Bf16(xs)) => {
+                let mut b = self.stream.launch_builder(&k.add_rms_norm_bf16_rbf16);
+                b.arg(res).arg(xs);
+                b
             }
         };
         b.arg(w)

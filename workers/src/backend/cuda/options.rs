@@ -129,6 +129,13 @@ pub struct CudaOptions {
     /// Llama-3.1-8B. Either way the residual add rounds them to bf16 first, so the tokens are
     /// the same. Unset, as `gate_up_bf16` (off in an MPS client with a share of the SMs).
     pub residual_bf16: bool,
+    /// The residual stream itself is held in bf16 between layers, as transformers' bf16
+    /// models, vLLM and TensorRT-LLM hold it: each residual add rounds its sum to bf16 and
+    /// the norm reads the rounded values; off (the default), f32
+    /// (`TANDEM_RESIDUAL_STREAM_BF16`: set and not `0`, on). An add_rms_norm moves 7 bytes a
+    /// value instead of 11 (residual read and written, bf16 projection read, bf16 written);
+    /// the tokens may differ from the f32 stream's.
+    pub residual_stream_bf16: bool,
     /// cuBLAS may pick kernels that launch thread-block clusters; off, every projection runs
     /// through cuBLASLt with the best algorithm of one block per cluster
     /// (`TANDEM_GEMM_CLUSTERS`: `0` off, anything else on). Unset, on except in an MPS client
@@ -185,6 +192,7 @@ impl Default for CudaOptions {
             fp8_qkv_bf16: true,
             fp8_codes_only: true,
             residual_bf16: true,
+            residual_stream_bf16: false,
             gemm_clusters: true,
             concurrent_attention: true,
             skinny_splits: None,
@@ -248,6 +256,8 @@ impl CudaOptions {
                 Some(v) => v != "0",
                 None => all_sms,
             },
+            // Off unless set to something other than `0`.
+            residual_stream_bf16: var("TANDEM_RESIDUAL_STREAM_BF16").is_some_and(|v| v != "0"),
             gemm_clusters: match var("TANDEM_GEMM_CLUSTERS") {
                 Some(v) => v != "0",
                 None => all_sms,
@@ -319,6 +329,7 @@ mod tests {
             ("TANDEM_FP8_GEMV_MMA_ONE_ROW", "1"),
             ("TANDEM_GEMV_SILU", "0"),
             ("TANDEM_CONCURRENT_ATTENTION", "0"),
+            ("TANDEM_RESIDUAL_STREAM_BF16", "1"),
             ("TANDEM_SKINNY_SPLITS", "3"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
             ("TANDEM_L2_PREFETCH_MB", " 8 "),
@@ -353,6 +364,7 @@ mod tests {
                 fp8_qkv_bf16: false,
                 fp8_codes_only: false,
                 residual_bf16: true,
+                residual_stream_bf16: true,
                 gemm_clusters: true,
                 concurrent_attention: false,
                 skinny_splits: Some(3),
