@@ -159,31 +159,35 @@ __device__ __forceinline__ void fp8_query(const float* q_heads, int nh, float qs
     }
 }
 
-// One warp's share of a tile over an FP8 cache (keys 16w .. 16w + 15 of the tile whose first
-// key is `first_key`; the sequence has `n_keys`): S^T = K Q^T, the online softmax, O^T +=
-// V^T P^T. Lane (g, c) holds the scores of keys 16w + g and + 8 for heads 2c and 2c + 1 (their
-// running max and sum: `m8`, `l8`), and O^T for those two heads at dims 16q + 2g (elements 0,
-// 1 of `o8[q]`) and 16q + 2g + 1 (2, 3) of each 16-dim chunk q.
+// A warp's 16 keys over an FP8 cache (rows 0-15 of codes at `k16` and `v16`, D bytes a row,
+// swizzled by `fp8_chunk`, which repeats every 16 rows: a tile's rows 16w .. 16w + 15 are
+// such a run; row 0 is key `first_key`, the sequence has `n_keys`): S^T = K Q^T, the online
+// softmax, O^T += V^T P^T. Lane (g, c) holds the scores of keys g and g + 8 for heads 2c and
+// 2c + 1 (their running max and sum: `m8`, `l8`), and O^T for those two heads at dims
+// 16q + 2g (elements 0, 1 of `o8[q]`) and 16q + 2g + 1 (2, 3) of each 16-dim chunk q.
 template <int D>
-__device__ __forceinline__ void fp8_tile(const fp8* k8, const fp8* v8, int first_key, int n_keys,
-                                         const u32 (&qa)[D / 16][4], float (&o8)[D / 16][4],
-                                         float (&m8)[2], float (&l8)[2]) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // A warp whose 16 keys all lie past the end (in a token's last tile) has nothing to add:
-    // its scores would all be -inf and its probabilities 0, leaving its sums as they are.
-    if (first_key + warp * 16 >= n_keys) return;
+__device__ __forceinline__ void fp8_keys16(const fp8* k16, const fp8* v16, int first_key,
+                                           int n_keys, const u32 (&qa)[D / 16][4],
+                                           float (&o8)[D / 16][4], float (&m8)[2],
+                                           float (&l8)[2]) {
+    const int lane = threadIdx.x & 31;
+    // 16 keys all past the end (in a token's last tile) add nothing: their scores would all
+    // be -inf and their probabilities 0, leaving the sums as they are.
+    if (first_key >= n_keys) return;
     const int g = lane >> 2, c = lane & 3;
     // S^T: A = keys g and g + 8, lane c taking their codes c * D/4 .. + D/4 in the order
     // the query's fragment `qa` gathers its dims (a 16-dim step's columns 2c, 2c + 1 the
     // first two codes of a word, 2c + 8, 2c + 9 the last two); B = the query, column g =
     // head h0 + g.
     float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const int row_a = warp * 16 + g, row_b = row_a + 8;
+    const int row_a = g, row_b = g + 8;
 #pragma unroll
     for (int h = 0; h < D / 64; ++h) {
         const int chunk = c * (D / 64) + h;
-        const uint4 ra = *reinterpret_cast<const uint4*>(k8 + row_a * D + fp8_chunk<D>(chunk, row_a) * 16);
-        const uint4 rb = *reinterpret_cast<const uint4*>(k8 + row_b * D + fp8_chunk<D>(chunk, row_b) * 16);
+        const uint4 ra =
+            *reinterpret_cast<const uint4*>(k16 + row_a * D + fp8_chunk<D>(chunk, row_a) * 16);
+        const uint4 rb =
+            *reinterpret_cast<const uint4*>(k16 + row_b * D + fp8_chunk<D>(chunk, row_b) * 16);
         const u32 wa[4] = {ra.x, ra.y, ra.z, ra.w}, wb[4] = {rb.x, rb.y, rb.z, rb.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -229,11 +233,12 @@ __device__ __forceinline__ void fp8_tile(const fp8* k8, const fp8* v8, int first
     const u32 b0 = movmatrix_trans(pack_f16(p[0], p[1]));
     const u32 b1 = movmatrix_trans(pack_f16(p[2], p[3]));
     const int m = lane >> 3;
-    const int row = warp * 16 + ((m & 1) << 3) + (lane & 7);
+    const int row = ((m & 1) << 3) + (lane & 7);
 #pragma unroll
     for (int q = 0; q < D / 32; ++q) {
         u32 v[4];
-        ldmatrix_x4_trans(v, reinterpret_cast<const bf16*>(v8 + row * D + fp8_chunk<D>(2 * q + (m >> 1), row) * 16));
+        ldmatrix_x4_trans(v, reinterpret_cast<const bf16*>(
+                                 v16 + row * D + fp8_chunk<D>(2 * q + (m >> 1), row) * 16));
 #pragma unroll
         for (int x = 0; x < 2; ++x) {
             // v[2x]: keys 0-7 of chunk 2q + x; v[2x + 1]: keys 8-15.
@@ -244,6 +249,17 @@ __device__ __forceinline__ void fp8_tile(const fp8* k8, const fp8* v8, int first
             mma_f16(o8[2 * q + x], a, b0, b1);
         }
     }
+}
+
+// One warp's share of a tile over an FP8 cache: keys 16w .. 16w + 15 of the tile whose first
+// key is `first_key` (`fp8_keys16` over the warp's rows; the same addresses, the same bits).
+template <int D>
+__device__ __forceinline__ void fp8_tile(const fp8* k8, const fp8* v8, int first_key, int n_keys,
+                                         const u32 (&qa)[D / 16][4], float (&o8)[D / 16][4],
+                                         float (&m8)[2], float (&l8)[2]) {
+    const int warp = threadIdx.x >> 5;
+    fp8_keys16<D>(k8 + warp * 16 * D, v8 + warp * 16 * D, first_key + warp * 16, n_keys, qa, o8,
+                  m8, l8);
 }
 
 // A warp's running sums over an FP8 cache (`fp8_tile`'s layout) into shared memory for the

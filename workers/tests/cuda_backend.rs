@@ -315,6 +315,8 @@ fn persistent_fp8_decode_attention_gives_the_bits_of_a_block_per_item() {
             let backend = CudaBackend::new(&CudaOptions {
                 decode_mma: true,
                 decode_persistent: persistent,
+                // The persistent blocks, not the persistent warps that would replace them.
+                decode_warps: false,
                 decode_persistent_blocks: blocks,
                 // No context split: every decode launch is one the persistent kernel takes.
                 attn_split_keys: Some(1 << 20),
@@ -356,6 +358,106 @@ fn persistent_fp8_decode_attention_gives_the_bits_of_a_block_per_item() {
                 dir.display()
             );
         }
+    }
+}
+
+/// The persistent-warp decode attention over an FP8 cache (`decode_mma_warps.cu`: each warp
+/// walks its (token, KV head) items alone, 16 keys at a time) against the per-item kernel on
+/// the decode steps above with no context split: its sums run in another order, so within
+/// 2e-2 (relative L2) of the per-item kernel's logits at every step and sequence, and no
+/// further from the CPU's (same FP8 cache) than 1.25x the per-item kernel's worst; its blocks
+/// capped at 3 (each warp walks several items) and at what the multiprocessors hold; and it
+/// runs there (its launches counted), in place of the persistent-block kernel, which runs when
+/// it is off. Runs on `TANDEM_GPU_TEST_MODEL` (and `TANDEM_GPU_TEST_MODEL_D128`); skipped
+/// without either.
+#[test]
+fn persistent_warp_fp8_decode_attention_matches_the_per_block_kernels() {
+    let Some(dirs) = decode_attention_models() else {
+        return;
+    };
+    let options = ModelOptions {
+        kv_dtype: Some(KvDType::Fp8),
+        ..ModelOptions::default()
+    };
+    for dir in dirs {
+        let cpu = Model::load(
+            &dir,
+            CpuBackend::new(&CpuOptions::default()).unwrap(),
+            &options,
+        )
+        .unwrap();
+        let reference = decode_batch_logits(&cpu);
+        let run = |persistent: bool, warps: bool, blocks: Option<usize>| {
+            let backend = CudaBackend::new(&CudaOptions {
+                decode_mma: true,
+                decode_persistent: persistent,
+                decode_warps: warps,
+                decode_persistent_blocks: blocks,
+                // No context split: every decode launch is one the persistent kernels take.
+                attn_split_keys: Some(1 << 20),
+                ..CudaOptions::from_env(0)
+            })
+            .unwrap();
+            let model = Model::load(&dir, backend, &options).unwrap();
+            model.backend().count_launches(true);
+            let logits = decode_batch_logits(&model);
+            let launches = model.backend().launch_counts();
+            model.backend().count_launches(false);
+            let count = |op| launches.get(op).copied().unwrap_or(0);
+            (
+                logits,
+                count("paged_attention_warps"),
+                count("paged_attention_persistent"),
+            )
+        };
+        let worst_against = |got: &[Vec<Vec<f32>>], want: &[Vec<Vec<f32>>]| {
+            assert_eq!(got.len(), want.len());
+            got.iter()
+                .zip(want)
+                .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| rel_l2(x, y)))
+                .fold(0f64, f64::max)
+        };
+        let (per_item, none, _) = run(false, true, None);
+        assert_eq!(
+            none,
+            0,
+            "{}: warp launches while the persistent kernels are off",
+            dir.display()
+        );
+        let per_item_from_cpu = worst_against(&per_item, &reference);
+        for blocks in [Some(3), None] {
+            let (logits, warps, persistent) = run(true, true, blocks);
+            assert!(
+                warps > 0 && persistent == 0,
+                "{} (blocks {blocks:?}): {warps} warp launches, {persistent} persistent-block ones",
+                dir.display()
+            );
+            let from_per_item = worst_against(&logits, &per_item);
+            let from_cpu = worst_against(&logits, &reference);
+            eprintln!(
+                "{} blocks {blocks:?}: {warps} warp launches, worst relative L2 {from_per_item:.3e} \
+                 from the per-item kernel, {from_cpu:.3e} from the CPU (per-item kernel \
+                 {per_item_from_cpu:.3e})",
+                dir.display()
+            );
+            assert!(
+                from_per_item < 2e-2,
+                "{}: {from_per_item:.3e}",
+                dir.display()
+            );
+            assert!(
+                from_cpu <= 1.25 * per_item_from_cpu,
+                "{}: {from_cpu:.3e} from the CPU against the per-item kernel's {per_item_from_cpu:.3e}",
+                dir.display()
+            );
+        }
+        // Off: the persistent blocks.
+        let (_, warps, persistent) = run(true, false, None);
+        assert!(
+            warps == 0 && persistent > 0,
+            "{}: {warps} warp launches while they are off",
+            dir.display()
+        );
     }
 }
 

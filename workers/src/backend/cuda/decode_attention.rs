@@ -1,7 +1,7 @@
 //! Decode attention: which kernel runs the decode rows of a batch (one query token a
 //! sequence) and how it is launched. `decode_mma.cu`'s tensor-core kernels where the head dim
-//! has one (over an FP8 cache by persistent blocks where no context is split:
-//! `decode_mma_persistent.cu`), else the vectorized or the warp-per-key kernel of
+//! has one (over an FP8 cache by persistent warps where no context is split:
+//! `decode_mma_warps.cu`, or persistent blocks, `decode_mma_persistent.cu`), else the vectorized or the warp-per-key kernel of
 //! `attention.cu`; each token's keys split over several blocks, merged by
 //! `attention_combine`, when the batch alone would leave the device idle.
 
@@ -36,6 +36,10 @@ struct DecodeLaunch<'a> {
     /// ([`CudaOptions::decode_persistent`](super::CudaOptions::decode_persistent)): it runs
     /// the launches whose contexts are not split.
     persistent: Option<&'a cudarc::driver::CudaFunction>,
+    /// Its persistent-warp form, where there is one and
+    /// [`CudaOptions::decode_warps`](super::CudaOptions::decode_warps) is on: it runs in place
+    /// of `persistent`.
+    warps: Option<&'a cudarc::driver::CudaFunction>,
 }
 
 /// Threads of a decode attention block (every decode kernel's).
@@ -80,6 +84,8 @@ impl CudaBackend {
                     .is_multiple_of(kernels::DecodeMmaConfig::KEYS);
                 let persistent = kernel_for(&fp8.decode_mma_persistent, shape.head_dim)
                     .filter(|_| whole_tiles && self.options.decode_persistent);
+                let warps = kernel_for(&fp8.decode_mma_warps, shape.head_dim)
+                    .filter(|_| persistent.is_some() && self.options.decode_warps);
                 return Ok(DecodeLaunch {
                     kernel,
                     heads_per_block: kernels::DecodeMmaConfig::HEADS,
@@ -93,6 +99,7 @@ impl CudaBackend {
                         .unwrap_or(DECODE_MMA_SPLIT_KEYS)
                         .max(kernels::DecodeMmaConfig::KEYS),
                     persistent,
+                    warps,
                 });
             }
             let launch = kernel_for(&fp8.decode_vec, shape.head_dim)
@@ -116,6 +123,7 @@ impl CudaBackend {
                 shared_mem_bytes: 0,
                 split_keys,
                 persistent: None,
+                warps: None,
             });
         }
         // The tensor-core kernel where the head dim has one, else the vectorized kernel, else
@@ -165,6 +173,7 @@ impl CudaBackend {
             shared_mem_bytes,
             split_keys,
             persistent: None,
+            warps: None,
         })
     }
 
@@ -187,6 +196,7 @@ impl CudaBackend {
             shared_mem_bytes,
             split_keys,
             persistent,
+            warps,
         } = self.decode_kernel(shape, &kv.layout)?;
         let layout = kv.layout;
         let q = qkv.as_f32("paged_attention")?;
@@ -206,6 +216,7 @@ impl CudaBackend {
                 .clamp(1, 64)
         };
         let persistent = persistent.filter(|_| splits == 1);
+        let warps = warps.filter(|_| persistent.is_some());
         let heads_total = rows * shape.num_heads;
         let partial_acc = self.alloc_f32(if splits > 1 {
             heads_total * splits * shape.head_dim
@@ -219,13 +230,18 @@ impl CudaBackend {
         })?;
         let cache = CacheArgs::new(shape, &layout, layer);
         let pf = self.take_prefetch(rows);
-        let (kernel, cfg, op) = match persistent {
-            Some(kernel) => (
+        let (kernel, cfg, op) = match (warps, persistent) {
+            (Some(kernel), _) => (
+                kernel,
+                self.warp_decode_config(kernel, rows, head_blocks, shape)?,
+                "paged_attention_warps",
+            ),
+            (None, Some(kernel)) => (
                 kernel,
                 self.persistent_decode_config(kernel, rows, head_blocks, shape)?,
                 "paged_attention_persistent",
             ),
-            None => (
+            (None, None) => (
                 kernel,
                 LaunchConfig {
                     grid_dim: (rows as u32, head_blocks as u32, splits as u32),
@@ -235,7 +251,7 @@ impl CudaBackend {
                 "paged_attention",
             ),
         };
-        // The persistent kernel also takes the token rows.
+        // The persistent kernels also take the token rows.
         let rows_arg = rows as i32;
         let mut b = self.stream.launch_builder(kernel);
         b.arg(q)
@@ -292,8 +308,12 @@ impl CudaBackend {
         let group = shape.num_heads / shape.num_kv_heads;
         let smem =
             (self.kernels.decode_mma_config).smem_bytes_fp8_persistent(shape.head_dim, group);
-        let per_multiprocessor =
-            self.persistent_occupancy(kernel, shape.head_dim, DECODE_THREADS, smem)?;
+        let per_multiprocessor = self.persistent_occupancy(
+            kernel,
+            "paged_decode_mma_fp8_persistent",
+            shape.head_dim,
+            smem,
+        )?;
         let blocks = (rows * head_blocks)
             .min((per_multiprocessor * self.multiprocessors).max(1))
             .min(self.options.decode_persistent_blocks.unwrap_or(usize::MAX))
@@ -305,27 +325,75 @@ impl CudaBackend {
         })
     }
 
-    /// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that one
-    /// multiprocessor holds at once running `kernel`: asked of the driver once per shape.
+    /// The launch of the persistent-warp FP8 decode attention (`decode_mma_warps.cu`) over
+    /// `rows` tokens of `head_blocks` items each: as many blocks as the multiprocessors hold at
+    /// once, no more than the items' warps need (or the
+    /// [`CudaOptions::decode_persistent_blocks`](super::CudaOptions::decode_persistent_blocks)
+    /// cap), each warp walking every `warps`-th item.
+    fn warp_decode_config(
+        &self,
+        kernel: &cudarc::driver::CudaFunction,
+        rows: usize,
+        head_blocks: usize,
+        shape: &AttentionShape,
+    ) -> Result<LaunchConfig, BackendError> {
+        let smem = (self.kernels.decode_mma_config).smem_bytes_fp8_warps(shape.head_dim);
+        let per_multiprocessor =
+            self.persistent_occupancy(kernel, "paged_decode_mma_fp8_warps", shape.head_dim, smem)?;
+        let blocks = (rows * head_blocks)
+            .div_ceil(kernels::DecodeMmaConfig::WARPS)
+            .min((per_multiprocessor * self.multiprocessors).max(1))
+            .min(self.options.decode_persistent_blocks.unwrap_or(usize::MAX))
+            .max(1);
+        Ok(LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (DECODE_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        })
+    }
+
+    /// Blocks of [`DECODE_THREADS`] threads and `smem` bytes of dynamic shared memory that one
+    /// multiprocessor holds at once running `kernel` (`name`): asked of the driver once per
+    /// kernel and shape.
     fn persistent_occupancy(
         &self,
         kernel: &cudarc::driver::CudaFunction,
+        name: &'static str,
         head_dim: usize,
-        threads: u32,
         smem: usize,
     ) -> Result<usize, BackendError> {
+        let key = OccupancyKey {
+            kernel: name,
+            head_dim,
+            smem,
+        };
         let mut known = self
             .persistent_occupancy
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(&(_, blocks)) = known.iter().find(|(key, _)| *key == (head_dim, smem)) {
+        if let Some(&(_, blocks)) = known.iter().find(|(k, _)| *k == key) {
             return Ok(blocks);
         }
         let blocks = dev!(
-            "occupancy of paged_decode_mma_fp8_persistent",
-            kernel.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+            "occupancy of a persistent decode attention",
+            kernel.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, smem, None)
         )? as usize;
-        known.push(((head_dim, smem), blocks));
+        tracing::debug!(
+            kernel = name,
+            head_dim,
+            smem,
+            blocks,
+            "blocks a multiprocessor holds"
+        );
+        known.push((key, blocks));
         Ok(blocks)
     }
+}
+
+/// A persistent decode kernel's shape, by which the driver's occupancy is remembered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct OccupancyKey {
+    kernel: &'static str,
+    head_dim: usize,
+    smem: usize,
 }

@@ -38,6 +38,11 @@ const SOURCES: &[(&str, &str)] = &[
         "decode_mma_persistent.cu",
         include_str!("../../../kernels/decode_mma_persistent.cu"),
     ),
+    // After decode_mma.cu: it runs that file's 16-key step and query.
+    (
+        "decode_mma_warps.cu",
+        include_str!("../../../kernels/decode_mma_warps.cu"),
+    ),
     (
         "flash_wgmma.cu",
         include_str!("../../../kernels/flash_wgmma.cu"),
@@ -113,6 +118,12 @@ const DECODE_MMA_FP8_PERSISTENT_HEAD_DIMS: &[(usize, &str)] = &[
     (64, "paged_decode_mma_fp8_persistent_d64"),
     (128, "paged_decode_mma_fp8_persistent_d128"),
 ];
+/// The same by persistent warps (`decode_mma_warps.cu`), each walking its items 16 keys at a
+/// time: where the persistent blocks would run, unless `TANDEM_DECODE_WARPS=0`.
+const DECODE_MMA_FP8_WARPS_HEAD_DIMS: &[(usize, &str)] = &[
+    (64, "paged_decode_mma_fp8_warps_d64"),
+    (128, "paged_decode_mma_fp8_warps_d128"),
+];
 
 /// The tensor-core decode attention by head dimension, in two builds: one for any block size,
 /// and one for caches whose blocks are whole multiples of its 64-key tiles (the GPU default of
@@ -141,6 +152,8 @@ pub struct DecodeMmaConfig {
     pub stages: usize,
     /// The same over an FP8 cache (`DM_STAGES_FP8`).
     pub fp8_stages: usize,
+    /// Stages of 16-key chunks of each warp of the persistent-warp FP8 kernel (`DW_STAGES`).
+    pub warp_stages: usize,
 }
 
 impl DecodeMmaConfig {
@@ -148,11 +161,14 @@ impl DecodeMmaConfig {
     pub const KEYS: usize = 64;
     /// Query heads per block (`DM_HEADS`).
     pub const HEADS: usize = 8;
+    /// Warps per block (`DM_WARPS`).
+    pub const WARPS: usize = 4;
 
     fn from_defines(defines: &[String]) -> Self {
         DecodeMmaConfig {
             stages: define_value(defines, "DM_STAGES").unwrap_or(3).max(2),
             fp8_stages: define_value(defines, "DM_STAGES_FP8").unwrap_or(3).max(2),
+            warp_stages: define_value(defines, "DW_STAGES").unwrap_or(3).max(2),
         }
     }
 
@@ -172,6 +188,12 @@ impl DecodeMmaConfig {
     pub fn smem_bytes_fp8_persistent(&self, head_dim: usize, query_heads: usize) -> usize {
         self.smem_bytes_fp8(head_dim)
             + self.fp8_stages * query_heads.min(Self::HEADS) * head_dim * 4
+    }
+
+    /// The persistent-warp FP8 kernel's: each of a block's [`Self::WARPS`] warps has
+    /// `warp_stages` stages of a K and a V chunk of 16 keys' codes.
+    pub fn smem_bytes_fp8_warps(&self, head_dim: usize) -> usize {
+        Self::WARPS * self.warp_stages * 2 * 16 * head_dim
     }
 }
 
@@ -475,6 +497,8 @@ pub struct Fp8AttentionKernels {
     pub decode_mma: DecodeMmaKernels,
     /// Its persistent-block form (`decode_mma_persistent.cu`), by head dimension.
     pub decode_mma_persistent: Vec<(usize, CudaFunction)>,
+    /// Its persistent-warp form (`decode_mma_warps.cu`), by head dimension.
+    pub decode_mma_warps: Vec<(usize, CudaFunction)>,
     pub decode_vec: Vec<(usize, CudaFunction)>,
     /// The warp-per-key decode kernel, for the head dims `decode_vec` lacks.
     pub decode: Vec<(usize, CudaFunction)>,
@@ -625,6 +649,15 @@ impl Kernels {
                         let most =
                             decode_mma_config.smem_bytes_fp8_persistent(d, DecodeMmaConfig::HEADS);
                         Ok((d, with_smem(name, most)?))
+                    })
+                    .collect::<Result<_, KernelError>>()?,
+                decode_mma_warps: DECODE_MMA_FP8_WARPS_HEAD_DIMS
+                    .iter()
+                    .map(|&(d, name)| {
+                        Ok((
+                            d,
+                            with_smem(name, decode_mma_config.smem_bytes_fp8_warps(d))?,
+                        ))
                     })
                     .collect::<Result<_, KernelError>>()?,
                 decode_vec: VEC_ATTENTION_FP8_HEAD_DIMS
@@ -844,11 +877,21 @@ mod tests {
         assert_eq!(default.fp8_stages, 3);
         assert_eq!(default.smem_bytes_fp8(128), 3 * 16_384);
         assert_eq!(default.smem_bytes_fp8(128) * 2, default.smem_bytes(128));
+        // The persistent warps: each of 4 warps 3 stages of a K and a V chunk of 16 keys,
+        // as much as the per-block kernel's 3 stages of 64-key tiles.
+        assert_eq!(default.warp_stages, 3);
+        assert_eq!(default.smem_bytes_fp8_warps(128), 4 * 3 * 2 * 16 * 128);
+        assert_eq!(default.smem_bytes_fp8_warps(64), default.smem_bytes_fp8(64));
+        assert_eq!(
+            DecodeMmaConfig::from_defines(&["DW_STAGES=4".into()]).smem_bytes_fp8_warps(128),
+            4 * 16_384
+        );
         for d in [64, 128] {
             let merge = 4 * DecodeMmaConfig::HEADS * d * 4 + 2 * 4 * DecodeMmaConfig::HEADS * 4;
             let two = DecodeMmaConfig {
                 stages: 2,
                 fp8_stages: 2,
+                warp_stages: 2,
             };
             assert!(two.smem_bytes(d) >= merge, "{d}");
             assert!(two.smem_bytes_fp8(d) >= merge, "{d}");
