@@ -1,6 +1,8 @@
 // Decode attention over an FP8 cache by persistent blocks: the arithmetic of
 // `paged_decode_mma_fp8_tiles_d*` (decode_mma.cu), but a block walks many (token, KV head,
 // head chunk) items, so that its ring of copies runs on from one item's tiles into the next.
+// By default persistent warps (`decode_mma_warps.cu`) run in its place; this kernel runs with
+// `TANDEM_DECODE_WARPS=0`, and is the one whose bits equal the per-item kernel's.
 //
 // Why: a block of the per-item kernel spends about as long on the fixed part of its item as
 // on its keys at short contexts: the chain of index reads before its first copy (the token's
