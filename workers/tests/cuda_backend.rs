@@ -34,6 +34,14 @@ fn bf16_kv() -> ModelOptions {
     }
 }
 
+/// An FP8 KV cache (e4m3 codes, keys rotated), on either backend.
+fn fp8_kv() -> ModelOptions {
+    ModelOptions {
+        kv_dtype: Some(KvDType::Fp8),
+        ..ModelOptions::default()
+    }
+}
+
 fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
     let num: f64 = a
         .iter()
@@ -306,33 +314,11 @@ fn persistent_fp8_decode_attention_gives_the_bits_of_a_block_per_item() {
     let Some(dirs) = decode_attention_models() else {
         return;
     };
-    let options = ModelOptions {
-        kv_dtype: Some(KvDType::Fp8),
-        ..ModelOptions::default()
-    };
     for dir in dirs {
         let run = |persistent: bool, blocks: Option<usize>| {
-            let backend = CudaBackend::new(&CudaOptions {
-                decode_mma: true,
-                decode_persistent: persistent,
-                // The persistent blocks, not the persistent warps that would replace them.
-                decode_warps: false,
-                decode_persistent_blocks: blocks,
-                // No context split: every decode launch is one the persistent kernel takes.
-                attn_split_keys: Some(1 << 20),
-                ..CudaOptions::from_env(0)
-            })
-            .unwrap();
-            let model = Model::load(&dir, backend, &options).unwrap();
-            model.backend().count_launches(true);
-            let logits = decode_batch_logits(&model);
-            let launches = model.backend().launch_counts();
-            model.backend().count_launches(false);
-            let persistent_launches = launches
-                .get("paged_attention_persistent")
-                .copied()
-                .unwrap_or(0);
-            (logits, persistent_launches)
+            // The persistent blocks, not the persistent warps that would replace them.
+            let (logits, launches) = unsplit_fp8_decode(&dir, persistent, false, blocks);
+            (logits, launches.persistent)
         };
         let (per_item, none) = run(false, None);
         assert_eq!(
@@ -361,6 +347,46 @@ fn persistent_fp8_decode_attention_gives_the_bits_of_a_block_per_item() {
     }
 }
 
+/// Launches of the persistent decode attention kernels a run counted.
+struct PersistentLaunches {
+    /// `decode_mma_persistent.cu`'s.
+    persistent: u64,
+    /// `decode_mma_warps.cu`'s.
+    warps: u64,
+}
+
+/// [`decode_batch_logits`] of the model in `dir` on the GPU over an FP8 cache with the
+/// tensor-core decode attention, no context split (every decode launch is one the persistent
+/// kernels take), the persistent kernels as given (`blocks`: their cap), and the launches of
+/// those kernels.
+fn unsplit_fp8_decode(
+    dir: &std::path::Path,
+    persistent: bool,
+    warps: bool,
+    blocks: Option<usize>,
+) -> (Vec<Vec<Vec<f32>>>, PersistentLaunches) {
+    let backend = CudaBackend::new(&CudaOptions {
+        decode_mma: true,
+        decode_persistent: persistent,
+        decode_warps: warps,
+        decode_persistent_blocks: blocks,
+        attn_split_keys: Some(1 << 20),
+        ..CudaOptions::from_env(0)
+    })
+    .unwrap();
+    let model = Model::load(dir, backend, &fp8_kv()).unwrap();
+    model.backend().count_launches(true);
+    let logits = decode_batch_logits(&model);
+    let counts = model.backend().launch_counts();
+    model.backend().count_launches(false);
+    let count = |op| counts.get(op).copied().unwrap_or(0);
+    let launches = PersistentLaunches {
+        persistent: count("paged_attention_persistent"),
+        warps: count("paged_attention_warps"),
+    };
+    (logits, launches)
+}
+
 /// The persistent-warp decode attention over an FP8 cache (`decode_mma_warps.cu`: each warp
 /// walks its (token, KV head) items alone, 16 keys at a time) against the per-item kernel on
 /// the decode steps above with no context split: its sums run in another order, so within
@@ -375,40 +401,17 @@ fn persistent_warp_fp8_decode_attention_matches_the_per_block_kernels() {
     let Some(dirs) = decode_attention_models() else {
         return;
     };
-    let options = ModelOptions {
-        kv_dtype: Some(KvDType::Fp8),
-        ..ModelOptions::default()
-    };
     for dir in dirs {
         let cpu = Model::load(
             &dir,
             CpuBackend::new(&CpuOptions::default()).unwrap(),
-            &options,
+            &fp8_kv(),
         )
         .unwrap();
         let reference = decode_batch_logits(&cpu);
         let run = |persistent: bool, warps: bool, blocks: Option<usize>| {
-            let backend = CudaBackend::new(&CudaOptions {
-                decode_mma: true,
-                decode_persistent: persistent,
-                decode_warps: warps,
-                decode_persistent_blocks: blocks,
-                // No context split: every decode launch is one the persistent kernels take.
-                attn_split_keys: Some(1 << 20),
-                ..CudaOptions::from_env(0)
-            })
-            .unwrap();
-            let model = Model::load(&dir, backend, &options).unwrap();
-            model.backend().count_launches(true);
-            let logits = decode_batch_logits(&model);
-            let launches = model.backend().launch_counts();
-            model.backend().count_launches(false);
-            let count = |op| launches.get(op).copied().unwrap_or(0);
-            (
-                logits,
-                count("paged_attention_warps"),
-                count("paged_attention_persistent"),
-            )
+            let (logits, launches) = unsplit_fp8_decode(&dir, persistent, warps, blocks);
+            (logits, launches.warps, launches.persistent)
         };
         let worst_against = |got: &[Vec<Vec<f32>>], want: &[Vec<Vec<f32>>]| {
             assert_eq!(got.len(), want.len());

@@ -1,9 +1,10 @@
 //! Decode attention: which kernel runs the decode rows of a batch (one query token a
 //! sequence) and how it is launched. `decode_mma.cu`'s tensor-core kernels where the head dim
-//! has one (over an FP8 cache by persistent warps where no context is split:
-//! `decode_mma_warps.cu`, or persistent blocks, `decode_mma_persistent.cu`), else the vectorized or the warp-per-key kernel of
-//! `attention.cu`; each token's keys split over several blocks, merged by
-//! `attention_combine`, when the batch alone would leave the device idle.
+//! has one (over an FP8 cache, where no context is split, by persistent warps,
+//! `decode_mma_warps.cu`, or persistent blocks, `decode_mma_persistent.cu`), else the
+//! vectorized or the warp-per-key kernel of `attention.cu`; each token's keys split over
+//! several blocks, merged by `attention_combine`, when the batch alone would leave the device
+//! idle.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -32,14 +33,56 @@ struct DecodeLaunch<'a> {
     shared_mem_bytes: usize,
     /// Fewest keys per split of the context.
     split_keys: usize,
-    /// The kernel's persistent-block form, where there is one for this cache
+    /// The kernel's persistent form, where there is one for this cache
     /// ([`CudaOptions::decode_persistent`](super::CudaOptions::decode_persistent)): it runs
     /// the launches whose contexts are not split.
-    persistent: Option<&'a cudarc::driver::CudaFunction>,
-    /// Its persistent-warp form, where there is one and
-    /// [`CudaOptions::decode_warps`](super::CudaOptions::decode_warps) is on: it runs in place
-    /// of `persistent`.
-    warps: Option<&'a cudarc::driver::CudaFunction>,
+    persistent: Option<(&'a cudarc::driver::CudaFunction, Persistent)>,
+}
+
+/// Which persistent FP8 decode attention runs: every launch walks the (token, KV head, head
+/// chunk) items, as many blocks as the multiprocessors hold at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Persistent {
+    /// `decode_mma_persistent.cu`: a block walks items, its warps sharing each tile.
+    Blocks,
+    /// `decode_mma_warps.cu` ([`CudaOptions::decode_warps`](super::CudaOptions::decode_warps)):
+    /// each warp walks items alone.
+    Warps,
+}
+
+impl Persistent {
+    /// The kernel family's name (its occupancy is remembered by it).
+    fn kernel_name(self) -> &'static str {
+        match self {
+            Persistent::Blocks => "paged_decode_mma_fp8_persistent",
+            Persistent::Warps => "paged_decode_mma_fp8_warps",
+        }
+    }
+
+    /// The op its launches are counted under.
+    fn op(self) -> &'static str {
+        match self {
+            Persistent::Blocks => "paged_attention_persistent",
+            Persistent::Warps => "paged_attention_warps",
+        }
+    }
+
+    /// Items a block takes at once.
+    fn items_per_block(self) -> usize {
+        match self {
+            Persistent::Blocks => 1,
+            Persistent::Warps => kernels::DecodeMmaConfig::WARPS,
+        }
+    }
+
+    /// A block's dynamic shared memory for `shape`.
+    fn smem_bytes(self, config: &kernels::DecodeMmaConfig, shape: &AttentionShape) -> usize {
+        match self {
+            Persistent::Blocks => config
+                .smem_bytes_fp8_persistent(shape.head_dim, shape.num_heads / shape.num_kv_heads),
+            Persistent::Warps => config.smem_bytes_fp8_warps(shape.head_dim),
+        }
+    }
 }
 
 /// Threads of a decode attention block (every decode kernel's).
@@ -82,10 +125,13 @@ impl CudaBackend {
                 let whole_tiles = layout
                     .block_size
                     .is_multiple_of(kernels::DecodeMmaConfig::KEYS);
-                let persistent = kernel_for(&fp8.decode_mma_persistent, shape.head_dim)
+                let blocks = kernel_for(&fp8.decode_mma_persistent, shape.head_dim)
                     .filter(|_| whole_tiles && self.options.decode_persistent);
                 let warps = kernel_for(&fp8.decode_mma_warps, shape.head_dim)
-                    .filter(|_| persistent.is_some() && self.options.decode_warps);
+                    .filter(|_| blocks.is_some() && self.options.decode_warps);
+                let persistent = warps
+                    .map(|kernel| (kernel, Persistent::Warps))
+                    .or(blocks.map(|kernel| (kernel, Persistent::Blocks)));
                 return Ok(DecodeLaunch {
                     kernel,
                     heads_per_block: kernels::DecodeMmaConfig::HEADS,
@@ -99,7 +145,6 @@ impl CudaBackend {
                         .unwrap_or(DECODE_MMA_SPLIT_KEYS)
                         .max(kernels::DecodeMmaConfig::KEYS),
                     persistent,
-                    warps,
                 });
             }
             let launch = kernel_for(&fp8.decode_vec, shape.head_dim)
@@ -123,7 +168,6 @@ impl CudaBackend {
                 shared_mem_bytes: 0,
                 split_keys,
                 persistent: None,
-                warps: None,
             });
         }
         // The tensor-core kernel where the head dim has one, else the vectorized kernel, else
@@ -173,7 +217,6 @@ impl CudaBackend {
             shared_mem_bytes,
             split_keys,
             persistent: None,
-            warps: None,
         })
     }
 
@@ -196,7 +239,6 @@ impl CudaBackend {
             shared_mem_bytes,
             split_keys,
             persistent,
-            warps,
         } = self.decode_kernel(shape, &kv.layout)?;
         let layout = kv.layout;
         let q = qkv.as_f32("paged_attention")?;
@@ -216,7 +258,6 @@ impl CudaBackend {
                 .clamp(1, 64)
         };
         let persistent = persistent.filter(|_| splits == 1);
-        let warps = warps.filter(|_| persistent.is_some());
         let heads_total = rows * shape.num_heads;
         let partial_acc = self.alloc_f32(if splits > 1 {
             heads_total * splits * shape.head_dim
@@ -230,18 +271,13 @@ impl CudaBackend {
         })?;
         let cache = CacheArgs::new(shape, &layout, layer);
         let pf = self.take_prefetch(rows);
-        let (kernel, cfg, op) = match (warps, persistent) {
-            (Some(kernel), _) => (
+        let (kernel, cfg, op) = match persistent {
+            Some((kernel, form)) => (
                 kernel,
-                self.warp_decode_config(kernel, rows, head_blocks, shape)?,
-                "paged_attention_warps",
+                self.persistent_decode_config(kernel, form, rows, head_blocks, shape)?,
+                form.op(),
             ),
-            (None, Some(kernel)) => (
-                kernel,
-                self.persistent_decode_config(kernel, rows, head_blocks, shape)?,
-                "paged_attention_persistent",
-            ),
-            (None, None) => (
+            None => (
                 kernel,
                 LaunchConfig {
                     grid_dim: (rows as u32, head_blocks as u32, splits as u32),
@@ -293,55 +329,24 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The launch of the persistent FP8 decode attention (`decode_mma_persistent.cu`) over
-    /// `rows` tokens of `head_blocks` items each: as many blocks as the multiprocessors hold at
-    /// once (or the
+    /// The launch of a persistent FP8 decode attention (`form`) over `rows` tokens of
+    /// `head_blocks` items each: as many blocks as the multiprocessors hold at once, no more
+    /// than the items need (or the
     /// [`CudaOptions::decode_persistent_blocks`](super::CudaOptions::decode_persistent_blocks)
-    /// cap), each walking every `blocks`-th (token, KV head, head chunk) item.
+    /// cap), each block (or warp) walking every n-th (token, KV head, head chunk) item.
     fn persistent_decode_config(
         &self,
         kernel: &cudarc::driver::CudaFunction,
+        form: Persistent,
         rows: usize,
         head_blocks: usize,
         shape: &AttentionShape,
     ) -> Result<LaunchConfig, BackendError> {
-        let group = shape.num_heads / shape.num_kv_heads;
-        let smem =
-            (self.kernels.decode_mma_config).smem_bytes_fp8_persistent(shape.head_dim, group);
-        let per_multiprocessor = self.persistent_occupancy(
-            kernel,
-            "paged_decode_mma_fp8_persistent",
-            shape.head_dim,
-            smem,
-        )?;
-        let blocks = (rows * head_blocks)
-            .min((per_multiprocessor * self.multiprocessors).max(1))
-            .min(self.options.decode_persistent_blocks.unwrap_or(usize::MAX))
-            .max(1);
-        Ok(LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (DECODE_THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        })
-    }
-
-    /// The launch of the persistent-warp FP8 decode attention (`decode_mma_warps.cu`) over
-    /// `rows` tokens of `head_blocks` items each: as many blocks as the multiprocessors hold at
-    /// once, no more than the items' warps need (or the
-    /// [`CudaOptions::decode_persistent_blocks`](super::CudaOptions::decode_persistent_blocks)
-    /// cap), each warp walking every `warps`-th item.
-    fn warp_decode_config(
-        &self,
-        kernel: &cudarc::driver::CudaFunction,
-        rows: usize,
-        head_blocks: usize,
-        shape: &AttentionShape,
-    ) -> Result<LaunchConfig, BackendError> {
-        let smem = (self.kernels.decode_mma_config).smem_bytes_fp8_warps(shape.head_dim);
+        let smem = form.smem_bytes(&self.kernels.decode_mma_config, shape);
         let per_multiprocessor =
-            self.persistent_occupancy(kernel, "paged_decode_mma_fp8_warps", shape.head_dim, smem)?;
+            self.persistent_occupancy(kernel, form.kernel_name(), shape.head_dim, smem)?;
         let blocks = (rows * head_blocks)
-            .div_ceil(kernels::DecodeMmaConfig::WARPS)
+            .div_ceil(form.items_per_block())
             .min((per_multiprocessor * self.multiprocessors).max(1))
             .min(self.options.decode_persistent_blocks.unwrap_or(usize::MAX))
             .max(1);
