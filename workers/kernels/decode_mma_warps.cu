@@ -2,13 +2,15 @@
 // head chunk) items alone, 16 keys at a time (`fp8_keys16`, the arithmetic of a warp's share
 // of a tile in the per-block kernels), through a ring of DW_STAGES chunks of its own copies.
 //
-// Why: at the short contexts of a 128/128 server (~200 keys) the persistent-block kernel
-// (`decode_mma_persistent.cu`) holds a block's four warps together: each 64-key tile waits on
-// a block barrier, a token's last tile leaves the warps past its end idle, and each item ends
-// in a merge of the four warps through shared memory (two more barriers). Here a warp waits
-// only on its own copies (`__syncwarp`), an item's last chunk leaves at most 15 keys unused,
-// and there is no merge: the warp's sums are the item's. The copies of the warp's next item
-// run while it multiplies the last chunks of this one, as in the persistent blocks.
+// Why: a block of the per-item kernel (`decode_mma.cu`) spends about as long on the fixed
+// part of its item as on its keys at the short contexts of a 128/128 server (~200 keys): the
+// chain of index reads before its first copy, the first tiles' latency with nothing else in
+// flight, and the merge of its four warps. Blocks that walk many items (measured first) still
+// held their four warps together: each 64-key tile behind a block barrier, a token's last tile
+// leaving the warps past its end idle, and each item ending in a merge through shared memory.
+// Here a warp waits only on its own copies (`__syncwarp`), an item's last chunk leaves at most
+// 15 keys unused, there is no merge (the warp's sums are the item's), and the copies of the
+// warp's next item run while it multiplies the last chunks of this one.
 //
 // Grid (blocks, 1, 1) of DM_WARPS warps, as many blocks as the multiprocessors hold (the
 // launch sizes it); global warp w takes items w, w + warps, ... of the `rows` x (KV heads x

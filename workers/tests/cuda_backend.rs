@@ -302,73 +302,18 @@ fn decode_attention_over_whole_tiles_gives_the_bits_of_the_lookup_per_key() {
     }
 }
 
-/// The persistent decode attention over an FP8 cache (`decode_mma_persistent.cu`: blocks that
-/// walk the (token, KV head) items, their copies running on from one item's tiles into the
-/// next's) gives the bits of a block per item: the same decode steps as above with no context
-/// split (the launches it takes), its blocks capped at 3 (each walks a dozen or more items of
-/// 1 to 12 tiles) and at what the multiprocessors hold; and it runs there (its launches
-/// counted), and not when it is off. Runs on `TANDEM_GPU_TEST_MODEL` (and
-/// `TANDEM_GPU_TEST_MODEL_D128`); skipped without either.
-#[test]
-fn persistent_fp8_decode_attention_gives_the_bits_of_a_block_per_item() {
-    let Some(dirs) = decode_attention_models() else {
-        return;
-    };
-    for dir in dirs {
-        let run = |persistent: bool, blocks: Option<usize>| {
-            // The persistent blocks, not the persistent warps that would replace them.
-            let (logits, launches) = unsplit_fp8_decode(&dir, persistent, false, blocks);
-            (logits, launches.persistent)
-        };
-        let (per_item, none) = run(false, None);
-        assert_eq!(
-            none,
-            0,
-            "{}: persistent launches while it is off",
-            dir.display()
-        );
-        for blocks in [Some(3), None] {
-            let (logits, launches) = run(true, blocks);
-            assert!(
-                launches > 0,
-                "{} (blocks {blocks:?}): the persistent kernel never ran",
-                dir.display()
-            );
-            assert!(
-                logits == per_item,
-                "{} (blocks {blocks:?}): the persistent kernel's logits differ",
-                dir.display()
-            );
-            eprintln!(
-                "{} blocks {blocks:?}: bitwise equal over {launches} persistent launches",
-                dir.display()
-            );
-        }
-    }
-}
-
-/// Launches of the persistent decode attention kernels a run counted.
-struct PersistentLaunches {
-    /// `decode_mma_persistent.cu`'s.
-    persistent: u64,
-    /// `decode_mma_warps.cu`'s.
-    warps: u64,
-}
-
 /// [`decode_batch_logits`] of the model in `dir` on the GPU over an FP8 cache with the
 /// tensor-core decode attention, no context split (every decode launch is one the persistent
-/// kernels take), the persistent kernels as given (`blocks`: their cap), and the launches of
-/// those kernels.
+/// kernel takes), the persistent kernel on or off (`blocks`: its cap), and how many times the
+/// persistent kernel ran.
 fn unsplit_fp8_decode(
     dir: &std::path::Path,
     persistent: bool,
-    warps: bool,
     blocks: Option<usize>,
-) -> (Vec<Vec<Vec<f32>>>, PersistentLaunches) {
+) -> (Vec<Vec<Vec<f32>>>, u64) {
     let backend = CudaBackend::new(&CudaOptions {
         decode_mma: true,
         decode_persistent: persistent,
-        decode_warps: warps,
         decode_persistent_blocks: blocks,
         attn_split_keys: Some(1 << 20),
         ..CudaOptions::from_env(0)
@@ -379,11 +324,7 @@ fn unsplit_fp8_decode(
     let logits = decode_batch_logits(&model);
     let counts = model.backend().launch_counts();
     model.backend().count_launches(false);
-    let count = |op| counts.get(op).copied().unwrap_or(0);
-    let launches = PersistentLaunches {
-        persistent: count("paged_attention_persistent"),
-        warps: count("paged_attention_warps"),
-    };
+    let launches = counts.get("paged_attention_warps").copied().unwrap_or(0);
     (logits, launches)
 }
 
@@ -393,9 +334,8 @@ fn unsplit_fp8_decode(
 /// 2e-2 (relative L2) of the per-item kernel's logits at every step and sequence, and no
 /// further from the CPU's (same FP8 cache) than 1.25x the per-item kernel's worst; its blocks
 /// capped at 3 (each warp walks several items) and at what the multiprocessors hold; and it
-/// runs there (its launches counted), in place of the persistent-block kernel, which runs when
-/// it is off. Runs on `TANDEM_GPU_TEST_MODEL` (and `TANDEM_GPU_TEST_MODEL_D128`); skipped
-/// without either.
+/// runs there (its launches counted), and not when it is off. Runs on `TANDEM_GPU_TEST_MODEL`
+/// (and `TANDEM_GPU_TEST_MODEL_D128`); skipped without either.
 #[test]
 fn persistent_warp_fp8_decode_attention_matches_the_per_block_kernels() {
     let Some(dirs) = decode_attention_models() else {
@@ -409,10 +349,6 @@ fn persistent_warp_fp8_decode_attention_matches_the_per_block_kernels() {
         )
         .unwrap();
         let reference = decode_batch_logits(&cpu);
-        let run = |persistent: bool, warps: bool, blocks: Option<usize>| {
-            let (logits, launches) = unsplit_fp8_decode(&dir, persistent, warps, blocks);
-            (logits, launches.warps, launches.persistent)
-        };
         let worst_against = |got: &[Vec<Vec<f32>>], want: &[Vec<Vec<f32>>]| {
             assert_eq!(got.len(), want.len());
             got.iter()
@@ -420,19 +356,19 @@ fn persistent_warp_fp8_decode_attention_matches_the_per_block_kernels() {
                 .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| rel_l2(x, y)))
                 .fold(0f64, f64::max)
         };
-        let (per_item, none, _) = run(false, true, None);
+        let (per_item, none) = unsplit_fp8_decode(&dir, false, None);
         assert_eq!(
             none,
             0,
-            "{}: warp launches while the persistent kernels are off",
+            "{}: warp launches while the persistent kernel is off",
             dir.display()
         );
         let per_item_from_cpu = worst_against(&per_item, &reference);
         for blocks in [Some(3), None] {
-            let (logits, warps, persistent) = run(true, true, blocks);
+            let (logits, warps) = unsplit_fp8_decode(&dir, true, blocks);
             assert!(
-                warps > 0 && persistent == 0,
-                "{} (blocks {blocks:?}): {warps} warp launches, {persistent} persistent-block ones",
+                warps > 0,
+                "{} (blocks {blocks:?}): the persistent warps never ran",
                 dir.display()
             );
             let from_per_item = worst_against(&logits, &per_item);
@@ -454,13 +390,6 @@ fn persistent_warp_fp8_decode_attention_matches_the_per_block_kernels() {
                 dir.display()
             );
         }
-        // Off: the persistent blocks.
-        let (_, warps, persistent) = run(true, false, None);
-        assert!(
-            warps == 0 && persistent > 0,
-            "{}: {warps} warp launches while they are off",
-            dir.display()
-        );
     }
 }
 

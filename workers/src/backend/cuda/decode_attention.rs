@@ -1,7 +1,7 @@
 //! Decode attention: which kernel runs the decode rows of a batch (one query token a
 //! sequence) and how it is launched. `decode_mma.cu`'s tensor-core kernels where the head dim
 //! has one (over an FP8 cache, where no context is split, by persistent warps,
-//! `decode_mma_warps.cu`, or persistent blocks, `decode_mma_persistent.cu`), else the
+//! `decode_mma_warps.cu`), else the
 //! vectorized or the warp-per-key kernel of `attention.cu`; each token's keys split over
 //! several blocks, merged by `attention_combine`, when the batch alone would leave the device
 //! idle.
@@ -36,53 +36,7 @@ struct DecodeLaunch<'a> {
     /// The kernel's persistent form, where there is one for this cache
     /// ([`CudaOptions::decode_persistent`](super::CudaOptions::decode_persistent)): it runs
     /// the launches whose contexts are not split.
-    persistent: Option<(&'a cudarc::driver::CudaFunction, Persistent)>,
-}
-
-/// Which persistent FP8 decode attention runs: every launch walks the (token, KV head, head
-/// chunk) items, as many blocks as the multiprocessors hold at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Persistent {
-    /// `decode_mma_persistent.cu`: a block walks items, its warps sharing each tile.
-    Blocks,
-    /// `decode_mma_warps.cu` ([`CudaOptions::decode_warps`](super::CudaOptions::decode_warps)):
-    /// each warp walks items alone.
-    Warps,
-}
-
-impl Persistent {
-    /// The kernel family's name (its occupancy is remembered by it).
-    fn kernel_name(self) -> &'static str {
-        match self {
-            Persistent::Blocks => "paged_decode_mma_fp8_persistent",
-            Persistent::Warps => "paged_decode_mma_fp8_warps",
-        }
-    }
-
-    /// The op its launches are counted under.
-    fn op(self) -> &'static str {
-        match self {
-            Persistent::Blocks => "paged_attention_persistent",
-            Persistent::Warps => "paged_attention_warps",
-        }
-    }
-
-    /// Items a block takes at once.
-    fn items_per_block(self) -> usize {
-        match self {
-            Persistent::Blocks => 1,
-            Persistent::Warps => kernels::DecodeMmaConfig::WARPS,
-        }
-    }
-
-    /// A block's dynamic shared memory for `shape`.
-    fn smem_bytes(self, config: &kernels::DecodeMmaConfig, shape: &AttentionShape) -> usize {
-        match self {
-            Persistent::Blocks => config
-                .smem_bytes_fp8_persistent(shape.head_dim, shape.num_heads / shape.num_kv_heads),
-            Persistent::Warps => config.smem_bytes_fp8_warps(shape.head_dim),
-        }
-    }
+    persistent: Option<&'a cudarc::driver::CudaFunction>,
 }
 
 /// Threads of a decode attention block (every decode kernel's).
@@ -125,13 +79,8 @@ impl CudaBackend {
                 let whole_tiles = layout
                     .block_size
                     .is_multiple_of(kernels::DecodeMmaConfig::KEYS);
-                let blocks = kernel_for(&fp8.decode_mma_persistent, shape.head_dim)
+                let persistent = kernel_for(&fp8.decode_mma_warps, shape.head_dim)
                     .filter(|_| whole_tiles && self.options.decode_persistent);
-                let warps = kernel_for(&fp8.decode_mma_warps, shape.head_dim)
-                    .filter(|_| blocks.is_some() && self.options.decode_warps);
-                let persistent = warps
-                    .map(|kernel| (kernel, Persistent::Warps))
-                    .or(blocks.map(|kernel| (kernel, Persistent::Blocks)));
                 return Ok(DecodeLaunch {
                     kernel,
                     heads_per_block: kernels::DecodeMmaConfig::HEADS,
@@ -272,10 +221,10 @@ impl CudaBackend {
         let cache = CacheArgs::new(shape, &layout, layer);
         let pf = self.take_prefetch(rows);
         let (kernel, cfg, op) = match persistent {
-            Some((kernel, form)) => (
+            Some(kernel) => (
                 kernel,
-                self.persistent_decode_config(kernel, form, rows, head_blocks, shape)?,
-                form.op(),
+                self.persistent_decode_config(kernel, rows, head_blocks, shape)?,
+                "paged_attention_warps",
             ),
             None => (
                 kernel,
@@ -287,7 +236,7 @@ impl CudaBackend {
                 "paged_attention",
             ),
         };
-        // The persistent kernels also take the token rows.
+        // The persistent kernel also takes the token rows.
         let rows_arg = rows as i32;
         let mut b = self.stream.launch_builder(kernel);
         b.arg(q)
@@ -329,24 +278,25 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The launch of a persistent FP8 decode attention (`form`) over `rows` tokens of
-    /// `head_blocks` items each: as many blocks as the multiprocessors hold at once, no more
-    /// than the items need (or the
+    /// The launch of the persistent FP8 decode attention over `rows` tokens of `head_blocks`
+    /// items each: as many blocks as the multiprocessors hold at once, no more than the items
+    /// need (or the
     /// [`CudaOptions::decode_persistent_blocks`](super::CudaOptions::decode_persistent_blocks)
-    /// cap), each block (or warp) walking every n-th (token, KV head, head chunk) item.
+    /// cap), each warp walking every n-th (token, KV head, head chunk) item.
     fn persistent_decode_config(
         &self,
         kernel: &cudarc::driver::CudaFunction,
-        form: Persistent,
         rows: usize,
         head_blocks: usize,
         shape: &AttentionShape,
     ) -> Result<LaunchConfig, BackendError> {
-        let smem = form.smem_bytes(&self.kernels.decode_mma_config, shape);
-        let per_multiprocessor =
-            self.persistent_occupancy(kernel, form.kernel_name(), shape.head_dim, smem)?;
+        let smem = self
+            .kernels
+            .decode_mma_config
+            .smem_bytes_fp8_warps(shape.head_dim);
+        let per_multiprocessor = self.persistent_occupancy(kernel, shape.head_dim, smem)?;
         let blocks = (rows * head_blocks)
-            .div_ceil(form.items_per_block())
+            .div_ceil(kernels::DecodeMmaConfig::WARPS)
             .min((per_multiprocessor * self.multiprocessors).max(1))
             .min(self.options.decode_persistent_blocks.unwrap_or(usize::MAX))
             .max(1);
@@ -358,20 +308,15 @@ impl CudaBackend {
     }
 
     /// Blocks of [`DECODE_THREADS`] threads and `smem` bytes of dynamic shared memory that one
-    /// multiprocessor holds at once running `kernel` (`name`): asked of the driver once per
-    /// kernel and shape.
+    /// multiprocessor holds at once running the persistent decode attention `kernel` of
+    /// `head_dim`: asked of the driver once per shape.
     fn persistent_occupancy(
         &self,
         kernel: &cudarc::driver::CudaFunction,
-        name: &'static str,
         head_dim: usize,
         smem: usize,
     ) -> Result<usize, BackendError> {
-        let key = OccupancyKey {
-            kernel: name,
-            head_dim,
-            smem,
-        };
+        let key = OccupancyKey { head_dim, smem };
         let mut known = self
             .persistent_occupancy
             .lock()
@@ -384,7 +329,7 @@ impl CudaBackend {
             kernel.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, smem, None)
         )? as usize;
         tracing::debug!(
-            kernel = name,
+            kernel = "paged_decode_mma_fp8_warps",
             head_dim,
             smem,
             blocks,
@@ -395,10 +340,9 @@ impl CudaBackend {
     }
 }
 
-/// A persistent decode kernel's shape, by which the driver's occupancy is remembered.
+/// The persistent decode kernel's shape, by which the driver's occupancy is remembered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct OccupancyKey {
-    kernel: &'static str,
     head_dim: usize,
     smem: usize,
 }

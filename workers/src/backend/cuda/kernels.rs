@@ -33,11 +33,6 @@ const SOURCES: &[(&str, &str)] = &[
         "decode_mma.cu",
         include_str!("../../../kernels/decode_mma.cu"),
     ),
-    // After decode_mma.cu: it runs that file's FP8 tile, query and merge.
-    (
-        "decode_mma_persistent.cu",
-        include_str!("../../../kernels/decode_mma_persistent.cu"),
-    ),
     // After decode_mma.cu: it runs that file's 16-key step and query.
     (
         "decode_mma_warps.cu",
@@ -112,14 +107,9 @@ const DECODE_MMA_FP8_TILES_HEAD_DIMS: &[(usize, &str)] = &[
     (64, "paged_decode_mma_fp8_tiles_d64"),
     (128, "paged_decode_mma_fp8_tiles_d128"),
 ];
-/// The same over an FP8 cache by persistent blocks (`decode_mma_persistent.cu`), for caches
-/// whose blocks hold whole tiles and steps whose contexts are not split.
-const DECODE_MMA_FP8_PERSISTENT_HEAD_DIMS: &[(usize, &str)] = &[
-    (64, "paged_decode_mma_fp8_persistent_d64"),
-    (128, "paged_decode_mma_fp8_persistent_d128"),
-];
-/// The same by persistent warps (`decode_mma_warps.cu`), each walking its items 16 keys at a
-/// time: where the persistent blocks would run, unless `TANDEM_DECODE_WARPS=0`.
+/// The same over an FP8 cache by persistent warps (`decode_mma_warps.cu`), each walking its
+/// items 16 keys at a time, for caches whose blocks hold whole tiles and steps whose contexts
+/// are not split.
 const DECODE_MMA_FP8_WARPS_HEAD_DIMS: &[(usize, &str)] = &[
     (64, "paged_decode_mma_fp8_warps_d64"),
     (128, "paged_decode_mma_fp8_warps_d128"),
@@ -181,13 +171,6 @@ impl DecodeMmaConfig {
     /// each lane as it reads its fragments.
     pub fn smem_bytes_fp8(&self, head_dim: usize) -> usize {
         self.fp8_stages * 2 * Self::KEYS * head_dim
-    }
-
-    /// The persistent FP8 kernel's: the stages of codes, and a query slot of `query_heads`
-    /// (at most [`Self::HEADS`]) f32 rows a stage.
-    pub fn smem_bytes_fp8_persistent(&self, head_dim: usize, query_heads: usize) -> usize {
-        self.smem_bytes_fp8(head_dim)
-            + self.fp8_stages * query_heads.min(Self::HEADS) * head_dim * 4
     }
 
     /// The persistent-warp FP8 kernel's: each of a block's [`Self::WARPS`] warps has
@@ -495,8 +478,6 @@ pub struct Kernels {
 pub struct Fp8AttentionKernels {
     /// The tensor-core decode kernel (`decode_mma.cu`), preferred where the head dim has one.
     pub decode_mma: DecodeMmaKernels,
-    /// Its persistent-block form (`decode_mma_persistent.cu`), by head dimension.
-    pub decode_mma_persistent: Vec<(usize, CudaFunction)>,
     /// Its persistent-warp form (`decode_mma_warps.cu`), by head dimension.
     pub decode_mma_warps: Vec<(usize, CudaFunction)>,
     pub decode_vec: Vec<(usize, CudaFunction)>,
@@ -643,14 +624,6 @@ impl Kernels {
                     DECODE_MMA_FP8_TILES_HEAD_DIMS,
                     &|d| decode_mma_config.smem_bytes_fp8(d),
                 )?,
-                decode_mma_persistent: DECODE_MMA_FP8_PERSISTENT_HEAD_DIMS
-                    .iter()
-                    .map(|&(d, name)| {
-                        let most =
-                            decode_mma_config.smem_bytes_fp8_persistent(d, DecodeMmaConfig::HEADS);
-                        Ok((d, with_smem(name, most)?))
-                    })
-                    .collect::<Result<_, KernelError>>()?,
                 decode_mma_warps: DECODE_MMA_FP8_WARPS_HEAD_DIMS
                     .iter()
                     .map(|&(d, name)| {

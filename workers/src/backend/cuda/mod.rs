@@ -151,8 +151,8 @@ pub struct CudaBackend {
     widened: widened_kv::WidenedKvSlot,
     /// Launches by operation, while a test counts them ([`Self::count_launches`]).
     launch_count: launch_count::LaunchCount,
-    /// Blocks a multiprocessor holds of the persistent decode attention kernels, by kernel,
-    /// head dim and shared memory, as the driver reported them.
+    /// Blocks a multiprocessor holds of the persistent decode attention kernel, by head dim
+    /// and shared memory, as the driver reported them.
     persistent_occupancy: std::sync::Mutex<Vec<(decode_attention::OccupancyKey, usize)>>,
 }
 

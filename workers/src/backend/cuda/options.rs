@@ -39,22 +39,18 @@ pub struct CudaOptions {
     /// (`TANDEM_DECODE_MMA=0`: to compare).
     pub decode_mma: bool,
     /// Decode attention over an FP8 cache whose blocks hold whole 64-key tiles, where a
-    /// token's keys are not split over blocks, runs as persistent blocks that walk the
-    /// (token, KV head) items with their copies running from one item into the next
-    /// (`decode_mma_persistent.cu`); off, a block per item (`TANDEM_DECODE_PERSISTENT=0`: to
-    /// compare; the same bits).
+    /// token's keys are not split over blocks, runs as persistent warps that walk the (token,
+    /// KV head) items alone, 16 keys at a time, with their copies running from one item into
+    /// the next (`decode_mma_warps.cu`); off, a block per item (`TANDEM_DECODE_PERSISTENT=0`:
+    /// to compare; sums in another order, so close, not the same bits). On an H200
+    /// (Llama-3.1-8B shapes, FP8 weights and cache) persistent blocks made decode steps 2.2%
+    /// faster than a block per item at 1,024 sequences of 192 keys and 1.7% at 512 of 1,500,
+    /// and these warps 2.7% and 2.8% faster than those blocks (docs/benchmarks.md).
     pub decode_persistent: bool,
     /// At most this many blocks for [`Self::decode_persistent`]'s kernel; `None`: as many as
-    /// the multiprocessors hold at once (`TANDEM_DECODE_PERSISTENT_BLOCKS`: tests make blocks
+    /// the multiprocessors hold at once (`TANDEM_DECODE_PERSISTENT_BLOCKS`: tests make warps
     /// walk many items with it).
     pub decode_persistent_blocks: Option<usize>,
-    /// Where [`Self::decode_persistent`]'s kernel would run, persistent *warps* run instead
-    /// (`decode_mma_warps.cu`: a warp walks its items alone, 16 keys at a time, with no block
-    /// barrier and no merge of warps; sums in another order, so not the same bits). On an
-    /// H200 (Llama-3.1-8B shapes, FP8 weights and cache) decode steps took 21.7 against 22.3
-    /// ms at 1,024 x 192 keys, 27.8 against 28.2 at 1,024 x 640 and 21.2 against 21.8 at 512 x
-    /// 1,500 (`TANDEM_DECODE_WARPS=0`: the persistent blocks, to compare).
-    pub decode_warps: bool,
     /// Prefill attention runs two query heads of one KV head per block, sharing its K/V
     /// tiles, where the query group size is even; off, one head per block
     /// (`TANDEM_FLASH_PAIRS=0`: to compare the two).
@@ -183,7 +179,6 @@ impl Default for CudaOptions {
             decode_mma: true,
             decode_persistent: true,
             decode_persistent_blocks: None,
-            decode_warps: true,
             flash_head_pairs: true,
             flash_wgmma: true,
             skinny_gemm: false,
@@ -238,7 +233,6 @@ impl CudaOptions {
             decode_persistent_blocks: text("TANDEM_DECODE_PERSISTENT_BLOCKS")
                 .and_then(|v| v.trim().parse().ok())
                 .filter(|&blocks| blocks > 0),
-            decode_warps: switch("TANDEM_DECODE_WARPS"),
             flash_head_pairs: switch("TANDEM_FLASH_PAIRS"),
             flash_wgmma: switch("TANDEM_FLASH_WGMMA"),
             // Off unless set to something other than `0`.
@@ -339,7 +333,6 @@ mod tests {
             ("TANDEM_GEMV_SILU", "0"),
             ("TANDEM_CONCURRENT_ATTENTION", "0"),
             ("TANDEM_RESIDUAL_STREAM_BF16", "1"),
-            ("TANDEM_DECODE_WARPS", "0"),
             ("TANDEM_SKINNY_SPLITS", "3"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
             ("TANDEM_L2_PREFETCH_MB", " 8 "),
@@ -358,7 +351,6 @@ mod tests {
                 decode_mma: false,
                 decode_persistent: false,
                 decode_persistent_blocks: Some(5),
-                decode_warps: false,
                 flash_head_pairs: false,
                 flash_wgmma: false,
                 skinny_gemm: true,
