@@ -41,6 +41,9 @@ pub struct Fp8Gemm {
     workspace: CudaSlice<u8>,
     /// Only algorithms of one block per cluster ([`super::gemm`]'s module doc).
     cluster_free: bool,
+    /// FP8 products accumulate without the periodic promotion of their partial sums to f32
+    /// ([`CudaOptions::fp8_fast_accum`](super::CudaOptions::fp8_fast_accum)).
+    fast_accum: bool,
 }
 
 struct Inner {
@@ -86,7 +89,11 @@ fn err(detail: String) -> BackendError {
 }
 
 impl Fp8Gemm {
-    pub fn new(stream: Arc<CudaStream>, clusters: bool) -> Result<Self, BackendError> {
+    pub fn new(
+        stream: Arc<CudaStream>,
+        clusters: bool,
+        fast_accum: bool,
+    ) -> Result<Self, BackendError> {
         let handle = lt::create_handle().map_err(|e| err(format!("cublasLtCreate: {e}")))?;
         let workspace = stream
             .alloc_zeros::<u8>(WORKSPACE_BYTES)
@@ -100,6 +107,7 @@ impl Fp8Gemm {
             stream,
             workspace,
             cluster_free: !clusters,
+            fast_accum,
         })
     }
 
@@ -189,7 +197,7 @@ impl Fp8Gemm {
         let Shape { rows, k, n, .. } = shape;
         let fresh = !inner.plans.contains_key(&shape);
         let descs = if fresh {
-            Some(Descriptors::new(shape).map_err(|e| err(e.to_string()))?)
+            Some(Descriptors::new(shape, self.fast_accum).map_err(|e| err(e.to_string()))?)
         } else {
             None
         };
@@ -439,8 +447,9 @@ impl Descriptors {
     /// column-major [k, n] of codes, transposed (FP8 products on Hopper take A transposed and
     /// B not: the "TN" layout); B = x, a column-major [k, rows]; C = D = y, bf16 where scaled,
     /// f32 where not. Scaled, both scales are outer vectors: A's over op(A)'s rows (the
-    /// weight's n), B's over op(B)'s columns (the tokens).
-    fn new(shape: Shape) -> Result<Self, lt::CublasError> {
+    /// weight's n), B's over op(B)'s columns (the tokens). `fast_accum`: cuBLASLt's FP8 fast
+    /// accumulation.
+    fn new(shape: Shape, fast_accum: bool) -> Result<Self, lt::CublasError> {
         let e4m3 = lt_sys::cudaDataType_t::CUDA_R_8F_E4M3;
         let (rows, k, n) = (shape.rows as u64, shape.k as u64, shape.n as u64);
         let matmul = lt::create_matmul_desc(
@@ -480,6 +489,18 @@ impl Descriptors {
                     attr,
                     (&value as *const i32).cast(),
                     std::mem::size_of::<i32>(),
+                )?;
+            }
+        }
+        if fast_accum {
+            let on: i8 = 1;
+            // SAFETY: a live descriptor; this attribute takes an int8.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    descs.matmul,
+                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_FAST_ACCUM,
+                    (&on as *const i8).cast(),
+                    std::mem::size_of::<i8>(),
                 )?;
             }
         }

@@ -254,6 +254,7 @@ impl CudaBackend {
             Some(fp8_gemm::Fp8Gemm::new(
                 stream.clone(),
                 options.gemm_clusters,
+                options.fp8_fast_accum,
             )?)
         } else {
             None

@@ -146,6 +146,12 @@ pub struct CudaOptions {
     /// (the bf16 gate/up above, and f32 projections of multi-prompt prefills of 2-4k tokens on
     /// an H100 at 80%) return success without writing their output.
     pub gemm_clusters: bool,
+    /// cuBLASLt's FP8 products accumulate without promoting their partial sums to f32 every
+    /// few steps of K (`CUBLASLT_MATMUL_DESC_FAST_ACCUM`, the "fast accumulation" vLLM's and
+    /// torch's FP8 GEMMs offer): faster where the tensor cores' own accumulator is the bound,
+    /// at the cost of its narrower sums (`TANDEM_FP8_FAST_ACCUM`: set and not `0`, on; off by
+    /// default until its speed and its logits are measured on a GPU).
+    pub fp8_fast_accum: bool,
     /// In a batch mixing decodes with prompt chunks, the chunks' prefill attention runs on a
     /// second stream of higher priority beside the decode attention (`side_stream.rs`);
     /// off, one after the other on the one stream (`TANDEM_CONCURRENT_ATTENTION=0`: to compare).
@@ -197,6 +203,7 @@ impl Default for CudaOptions {
             residual_bf16: true,
             residual_stream_bf16: false,
             gemm_clusters: true,
+            fp8_fast_accum: false,
             concurrent_attention: true,
             skinny_splits: None,
             attn_split_keys: None,
@@ -265,6 +272,8 @@ impl CudaOptions {
                 Some(v) => v != "0",
                 None => all_sms,
             },
+            // Off unless set to something other than `0`.
+            fp8_fast_accum: var("TANDEM_FP8_FAST_ACCUM").is_some_and(|v| v != "0"),
             concurrent_attention: switch("TANDEM_CONCURRENT_ATTENTION"),
             skinny_splits: text("TANDEM_SKINNY_SPLITS")
                 .and_then(|v| v.trim().parse().ok())
@@ -333,6 +342,7 @@ mod tests {
             ("TANDEM_GEMV_SILU", "0"),
             ("TANDEM_CONCURRENT_ATTENTION", "0"),
             ("TANDEM_RESIDUAL_STREAM_BF16", "1"),
+            ("TANDEM_FP8_FAST_ACCUM", "1"),
             ("TANDEM_SKINNY_SPLITS", "3"),
             ("TANDEM_ATTN_SPLIT_KEYS", "32"),
             ("TANDEM_L2_PREFETCH_MB", " 8 "),
@@ -369,6 +379,7 @@ mod tests {
                 residual_bf16: true,
                 residual_stream_bf16: true,
                 gemm_clusters: true,
+                fp8_fast_accum: true,
                 concurrent_attention: false,
                 skinny_splits: Some(3),
                 attn_split_keys: Some(32),
