@@ -27,6 +27,9 @@
 #   widen    the same bench with prefill attention over the FP8 cache on flash.cu's FP8 kernel
 #            (TANDEM_FP8_PREFILL_WIDEN=0) and on the warpgroup kernel over a bf16 copy of the
 #            blocks (the default)
+#   fast-accum
+#            cuBLASLt's FP8 fast accumulation (TANDEM_FP8_FAST_ACCUM): the FP8 GPU tests with it
+#            on, then a 2048/128 server step (gpu_bench mixed) off and on, alternating twice
 #   attn-stages
 #            gpu_bench bench on Llama-3.1-8B shapes in FP8 with an FP8 KV cache, once per count
 #            of the FP8 decode attention's shared-memory stages (STAGES_LIST, default "3 4 5":
@@ -108,6 +111,25 @@ for stage in "${stages[@]}"; do
       done
       [ "$stage" = skinny ] && sed -n '/projections of FP8 weights/,/^[^ ]/p' "$out/bench-skinny1.log" | head -6
       ;;
+    fast-accum)
+      # cuBLASLt's FP8 fast accumulation: correct first (the FP8 GPU tests with it on), then a
+      # 2048/128 server step (480 decodes beside 7,712 prompt tokens) off and on, alternating.
+      random_model tiny >/dev/null
+      echo "== FP8 GPU tests, TANDEM_FP8_FAST_ACCUM=1"
+      run_tests cuda_fp8 "$out/tests-fp8-fast-accum.log" \
+        env TANDEM_FP8_FAST_ACCUM=1 TANDEM_TEST_MODELS="$models" \
+        TANDEM_GPU_TEST_MODEL_FP8="$(random_model llama-d128-2l fp8)" \
+        TANDEM_GPU_TEST_MODELS_KV="$(random_model llama-d128-2l):$(random_model smollm2-135m)" \
+        cuda_fp8_test --test-threads 1 --nocapture || status=1
+      grep -E "FP8 GPU against CPU|relative L2" "$out/tests-fp8-fast-accum.log" | head -12
+      for on in 0 1 0 1; do
+        echo "== 2048/128 step, TANDEM_FP8_FAST_ACCUM=$on"
+        TANDEM_FP8_FAST_ACCUM=$on TANDEM_BENCH_BLOCK=64 gpu_bench mixed \
+          --model "$(random_model llama-3.1-8b fp8 gen)" --decodes 480 --context 2100 \
+          --chunks 2048,2048,2048,1568 --kv-cache-dtype fp8 2>&1 |
+          grep -E "whole step|chunks alone|decodes alone|rror"
+      done
+      ;;
     attn-stages)
       for n in ${STAGES_LIST:-3 4 5}; do
         echo "== bench llama-3.1-8b fp8, fp8 KV, DM_STAGES_FP8=$n"
@@ -179,7 +201,7 @@ PY
       grep -iE "error|warn" "$out/large-batch-serve.log" | grep -v "error: stream" | head -5 | cut -c1-400
       ;;
     *)
-      echo "unknown stage $stage (tests, check, check-mixed, bench, skinny, fused, widen, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
+      echo "unknown stage $stage (tests, check, check-mixed, bench, skinny, fused, widen, fast-accum, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
       exit 2
       ;;
   esac
