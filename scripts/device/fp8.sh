@@ -30,6 +30,9 @@
 #   fast-accum
 #            cuBLASLt's FP8 fast accumulation (TANDEM_FP8_FAST_ACCUM): the FP8 GPU tests with it
 #            on, then a 2048/128 server step (gpu_bench mixed) off and on, alternating twice
+#   tactics  gpu_bench fp8-tactics: every configuration cuBLASLt accepts for the FP8 projections
+#            of Llama-3.1-8B (TACTIC_ROWS rows: 8192,768) timed against the heuristic's answer,
+#            with fast accumulation off and on
 #   attn-stages
 #            gpu_bench bench on Llama-3.1-8B shapes in FP8 with an FP8 KV cache, once per count
 #            of the FP8 decode attention's shared-memory stages (STAGES_LIST, default "3 4 5":
@@ -130,6 +133,17 @@ for stage in "${stages[@]}"; do
           grep -E "whole step|chunks alone|decodes alone|rror"
       done
       ;;
+    tactics)
+      # Every configuration cuBLASLt accepts for the FP8 projections against the heuristic's
+      # single answer, with fast accumulation off and on.
+      for on in 0 1; do
+        echo "== cuBLASLt FP8 configurations, TANDEM_FP8_FAST_ACCUM=$on"
+        TANDEM_FP8_FAST_ACCUM=$on gpu_bench fp8-tactics --rows "${TACTIC_ROWS:-8192,768}" \
+          --iters 10 --top "${TOP:-4}" >"$out/tactics-fast-accum$on.log" 2>&1 ||
+          { echo "fp8-tactics FAILED"; status=1; }
+        grep -vE "^\s*$" "$out/tactics-fast-accum$on.log" | cut -c1-220
+      done
+      ;;
     attn-stages)
       for n in ${STAGES_LIST:-3 4 5}; do
         echo "== bench llama-3.1-8b fp8, fp8 KV, DM_STAGES_FP8=$n"
@@ -201,7 +215,7 @@ PY
       grep -iE "error|warn" "$out/large-batch-serve.log" | grep -v "error: stream" | head -5 | cut -c1-400
       ;;
     *)
-      echo "unknown stage $stage (tests, check, check-mixed, bench, skinny, fused, widen, fast-accum, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
+      echo "unknown stage $stage (tests, check, check-mixed, bench, skinny, fused, widen, fast-accum, tactics, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
       exit 2
       ;;
   esac

@@ -186,6 +186,23 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Every algorithm configuration cuBLASLt accepts for the scaled FP8 products of
+    /// Llama-3.1-8B's projections (qkv, o, gate_up, down), each timed, against the heuristic's
+    /// answer that the projections run; random e4m3 operands with per-row and per-token
+    /// scales. `TANDEM_FP8_FAST_ACCUM=1` times them with fast accumulation.
+    Fp8Tactics {
+        #[arg(long, default_value_t = 0)]
+        ordinal: usize,
+        /// Activation rows of each product.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![8192, 768])]
+        rows: Vec<usize>,
+        /// Timed runs of each configuration (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// The fastest configurations listed per product.
+        #[arg(long, default_value_t = 6)]
+        top: usize,
+    },
     /// Engine decode step time with and without a JSON-schema grammar.
     Grammar {
         #[arg(long)]
@@ -338,6 +355,12 @@ fn main() -> Result<()> {
             println!("PASS");
             Ok(())
         }
+        Command::Fp8Tactics {
+            ordinal,
+            rows,
+            iters,
+            top,
+        } => fp8_tactics(ordinal, &rows, iters, top),
         Command::Grammar {
             model,
             ordinal,
@@ -1893,5 +1916,95 @@ fn mixed(
         decodes_ms + chunks_ms,
         whole - decodes_ms - chunks_ms
     );
+    Ok(())
+}
+
+/// Llama-3.1-8B's FP8 projections as (name, n, k): output features, input features.
+const LLAMA_8B_PROJECTIONS: [(&str, usize, usize); 4] = [
+    ("qkv", 6144, 4096),
+    ("o", 4096, 4096),
+    ("gate_up", 28672, 4096),
+    ("down", 4096, 14336),
+];
+
+/// `gpu_bench fp8-tactics`: each projection at each row count, cuBLASLt's configurations
+/// timed against the heuristic's; then what the four would take with the fastest of each.
+fn fp8_tactics(ordinal: usize, rows: &[usize], iters: usize, top: usize) -> Result<()> {
+    let gpu = CudaBackend::new(&CudaOptions::from_env(ordinal))?;
+    let stream = gpu.stream();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut codes = |len: usize| -> Result<cudarc::driver::CudaSlice<u8>> {
+        let values: Vec<f32> = (0..len)
+            .map(|_| 4.0 * (rng.random::<f32>() - 0.5))
+            .collect();
+        Ok(stream.clone_htod(&WeightDType::F8E4M3.encode(&values))?)
+    };
+    let most_rows = rows.iter().copied().max().unwrap_or(0);
+    let most_k = LLAMA_8B_PROJECTIONS.iter().map(|p| p.2).max().unwrap_or(0);
+    let x = codes(most_rows * most_k)?;
+    let x_scales = stream.clone_htod(&vec![1.0f32 / 64.0; most_rows])?;
+    println!(
+        "cuBLASLt FP8 configurations (fast accumulation {}), median of {iters} runs each",
+        if std::env::var("TANDEM_FP8_FAST_ACCUM").is_ok_and(|v| v != "0") {
+            "on"
+        } else {
+            "off"
+        }
+    );
+    for &m in rows {
+        let (mut heuristic_total, mut best_total) = (0f64, 0f64);
+        for (name, n, k) in LLAMA_8B_PROJECTIONS {
+            let w = codes(n * k)?;
+            let w_scales = stream.clone_htod(&vec![1.0f32 / 64.0; n])?;
+            let x_rows = x.slice(0..m * k);
+            let x_part = stream.clone_dtod(&x_rows)?;
+            let tactics =
+                gpu.fp8_gemm_tactics(&x_part, &x_scales, &w, &w_scales, m, k, n, iters)?;
+            let flops = 2.0 * (m * n * k) as f64;
+            let Some(heuristic) = tactics.iter().find(|t| t.heuristic) else {
+                println!("{name} {m}x{n}x{k}: the heuristic's algorithm did not run");
+                continue;
+            };
+            let mut ranked: Vec<_> = tactics.iter().filter(|t| t.rel_l2 < 1e-2).collect();
+            ranked.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+            let best = ranked.first().copied().unwrap_or(heuristic);
+            heuristic_total += heuristic.seconds;
+            best_total += best.seconds;
+            println!(
+                "{name} [{m}x{k}]·[{n}x{k}]ᵀ: {} configurations ran ({} within 1e-2 of the heuristic's \
+                 result); heuristic {:.1} us {:.0} TFLOP/s (algo {} tile {} stages {} cluster {})",
+                tactics.len(),
+                ranked.len(),
+                heuristic.seconds * 1e6,
+                flops / heuristic.seconds / 1e12,
+                heuristic.algo_id,
+                heuristic.tile,
+                heuristic.stages,
+                heuristic.cluster
+            );
+            for t in ranked.iter().take(top) {
+                println!(
+                    "  algo {:>3} tile {:>3} stages {:>3} cluster {:>2}: {:>8.1} us {:>6.0} TFLOP/s \
+                     {:>5.3}x the heuristic's time, rel L2 {:.1e}{}",
+                    t.algo_id,
+                    t.tile,
+                    t.stages,
+                    t.cluster,
+                    t.seconds * 1e6,
+                    flops / t.seconds / 1e12,
+                    t.seconds / heuristic.seconds,
+                    t.rel_l2,
+                    if t.heuristic { " (heuristic)" } else { "" }
+                );
+            }
+        }
+        println!(
+            "rows {m}: the four projections {:.1} us with the heuristic's algorithms, {:.1} us with \
+             the fastest of each ({:.3}x)",
+            heuristic_total * 1e6,
+            best_total * 1e6,
+            best_total / heuristic_total.max(f64::MIN_POSITIVE)
+        );
+    }
     Ok(())
 }

@@ -32,6 +32,9 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use super::gemm::{ONE_BLOCK_CLUSTERS, cluster_shape};
 use crate::backend::BackendError;
 
+mod tactics;
+pub use tactics::Fp8Tactic;
+
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// cuBLASLt's FP8 products on one stream.
@@ -205,29 +208,8 @@ impl Fp8Gemm {
             .as_ref()
             .map_or_else(|| inner.plans[&shape].descs.matmul, |d| d.matmul);
         if let Some((w_scales, x_scales)) = scale_pointers {
-            // A = W (scales per output row), B = x (scales per token): `Descriptors::new`.
-            for (attr, ptr) in [
-                (
-                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-                    w_scales,
-                ),
-                (
-                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                    x_scales,
-                ),
-            ] {
-                let ptr = ptr as *const c_void;
-                // SAFETY: a live descriptor; the attribute takes a device pointer.
-                unsafe {
-                    lt::set_matmul_desc_attribute(
-                        matmul,
-                        attr,
-                        (&ptr as *const *const c_void).cast(),
-                        std::mem::size_of::<*const c_void>(),
-                    )
-                }
-                .map_err(|e| err(format!("scale pointer: {e}")))?;
-            }
+            // SAFETY: a live descriptor; the scales are the product's device buffers.
+            unsafe { set_scale_pointers(matmul, w_scales, x_scales) }.map_err(err)?;
         }
         if let Some(descs) = descs {
             // SAFETY: live handle and descriptors.
@@ -370,6 +352,36 @@ impl Drop for Fp8Gemm {
         // SAFETY: created in `new`, destroyed once.
         let _ = unsafe { lt::destroy_handle(inner.handle) };
     }
+}
+
+/// Sets the weight's and the activation's scale pointers on `matmul`: A = W (scales per
+/// output row), B = x (scales per token), as `Descriptors::new` lays them out.
+///
+/// # Safety
+/// `matmul` must be live, the pointers device buffers of the product's scales.
+unsafe fn set_scale_pointers(
+    matmul: lt_sys::cublasLtMatmulDesc_t,
+    w_scales: u64,
+    x_scales: u64,
+) -> Result<(), String> {
+    use lt_sys::cublasLtMatmulDescAttributes_t as Attr;
+    for (attr, ptr) in [
+        (Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scales),
+        (Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_scales),
+    ] {
+        let ptr = ptr as *const c_void;
+        // SAFETY: a live descriptor; the attribute takes a device pointer.
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                matmul,
+                attr,
+                (&ptr as *const *const c_void).cast(),
+                std::mem::size_of::<*const c_void>(),
+            )
+        }
+        .map_err(|e| format!("scale pointer: {e}"))?;
+    }
+    Ok(())
 }
 
 /// The heuristic's best algorithm for `descs` (of one block per cluster where `cluster_free`).

@@ -99,6 +99,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig};
 use crate::backend::BackendError;
 
 pub use batch::CudaBatch;
+pub use fp8_gemm::Fp8Tactic;
 pub use nccl::{NcclRank, communicators as nccl_communicators, nccl_present};
 pub use options::CudaOptions;
 pub use tensor::{CudaKvCache, CudaTensor, CudaWeight, MatrixData};

@@ -1,0 +1,424 @@
+//! Every algorithm configuration cuBLASLt accepts for one scaled FP8 product, each timed on the
+//! device: a benchmark (`gpu_bench fp8-tactics`) of what the projections run, the heuristic's
+//! answer, against what else the library holds.
+//!
+//! Why: with vector scales the heuristic answers with a single algorithm for each of
+//! Llama-3.1-8B's projection shapes (128x128 tiles, no thread-block cluster), so asking it for
+//! more chooses nothing. The library has more configurations than it offers: each algorithm id
+//! (`cublasLtMatmulAlgoGetIds`) with each of its tiles and stages (its capabilities) and a
+//! cluster shape, as `cublasLtMatmulAlgoCheck` accepts them. TensorRT-LLM times its GEMM
+//! tactics per shape when it builds an engine; this measures whether such a choice would pay
+//! here before the projections are given one.
+
+use std::ffi::c_void;
+use std::mem::MaybeUninit;
+
+use cudarc::cublaslt::{result as lt, sys as lt_sys};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+use super::super::gemm::cluster_shape;
+use super::{
+    Descriptors, Fp8Gemm, Fp8Operands, Shape, WORKSPACE_BYTES, check, choose, err,
+    set_scale_pointers,
+};
+use crate::backend::BackendError;
+use crate::backend::cuda::CudaBackend;
+
+/// The most configurations timed for one shape.
+const MOST_TACTICS: usize = 400;
+
+/// Cluster shapes tried with each tile and stages: one block, two along either dimension.
+const CLUSTERS: [lt_sys::cublasLtClusterShape_t; 3] = [
+    lt_sys::cublasLtClusterShape_t::CUBLASLT_CLUSTER_SHAPE_1x1x1,
+    lt_sys::cublasLtClusterShape_t::CUBLASLT_CLUSTER_SHAPE_2x1x1,
+    lt_sys::cublasLtClusterShape_t::CUBLASLT_CLUSTER_SHAPE_1x2x1,
+];
+
+/// One configuration of a product and what it took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8Tactic {
+    /// cuBLASLt's algorithm id (`CUBLASLT_ALGO_CONFIG_ID`).
+    pub algo_id: i32,
+    /// `cublasLtMatmulTile_t`, `cublasLtMatmulStages_t` and `cublasLtClusterShape_t` ids.
+    pub tile: u32,
+    pub stages: u32,
+    pub cluster: u64,
+    /// The heuristic's answer: what the projections run.
+    pub heuristic: bool,
+    /// Median seconds of one product.
+    pub seconds: f64,
+    /// Relative L2 of its result against the heuristic's (a configuration that runs but
+    /// computes something else shows here).
+    pub rel_l2: f64,
+}
+
+impl CudaBackend {
+    /// Times every configuration cuBLASLt accepts for the scaled FP8 product
+    /// `y[rows, n] = xs * ws * (x[rows, k] · w[n, k]ᵀ)` of these operands (`iters` runs each,
+    /// the median), the heuristic's first; configurations that fail to launch are left out.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_gemm_tactics(
+        &self,
+        x: &CudaSlice<u8>,
+        x_scales: &CudaSlice<f32>,
+        w: &CudaSlice<u8>,
+        w_scales: &CudaSlice<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+        iters: usize,
+    ) -> Result<Vec<Fp8Tactic>, BackendError> {
+        let gemm = self.fp8_gemm.as_ref().ok_or_else(|| BackendError::Device {
+            op: "fp8 tactics",
+            detail: "this GPU has no FP8 tensor cores (compute capability 8.9+)".into(),
+        })?;
+        let ops = Fp8Operands {
+            x,
+            x_scales,
+            w,
+            w_scales,
+        };
+        let mut y = dev!("fp8 tactics", self.stream.alloc_zeros::<u16>(rows * n))?;
+        gemm.time_tactics(&ops, &mut y, rows, k, n, iters.max(1))
+    }
+}
+
+impl Fp8Gemm {
+    fn time_tactics(
+        &self,
+        ops: &Fp8Operands<'_>,
+        y: &mut CudaSlice<u16>,
+        rows: usize,
+        k: usize,
+        n: usize,
+        iters: usize,
+    ) -> Result<Vec<Fp8Tactic>, BackendError> {
+        check(ops, y.len(), rows, k, n)?;
+        let inner = self.lock();
+        let shape = Shape {
+            rows,
+            k,
+            n,
+            scaled: true,
+        };
+        let descs = Descriptors::new(shape, self.fast_accum).map_err(|e| err(e.to_string()))?;
+        let (xsp, _sxs) = ops.x_scales.device_ptr(&self.stream);
+        let (wsp, _sws) = ops.w_scales.device_ptr(&self.stream);
+        // SAFETY: a live descriptor; the scales are live device buffers.
+        unsafe { set_scale_pointers(descs.matmul, wsp, xsp) }.map_err(err)?;
+        // SAFETY: live handle and descriptors.
+        let heuristic = unsafe { choose(inner.handle, &descs, self.cluster_free) }.map_err(err)?;
+        let mut candidates = vec![(heuristic, true)];
+        // SAFETY: live handle and descriptors.
+        let others = unsafe { configurations(inner.handle, &descs) }.map_err(err)?;
+        candidates.extend(others.into_iter().map(|algo| (algo, false)));
+
+        let ctx = self.stream.context();
+        let mut reference: Option<Vec<f32>> = None;
+        let mut timed = Vec::new();
+        for (algo, is_heuristic) in candidates {
+            // Twice untimed (the first may load the kernel), then `iters` times one by one.
+            let handle = &inner.handle;
+            if (0..2).any(|_| self.matmul_with(handle, &descs, &algo, ops, y).is_err()) {
+                continue;
+            }
+            let mut times = Vec::with_capacity(iters);
+            for _ in 0..iters {
+                let start = dev!(
+                    "fp8 tactics",
+                    ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                )?;
+                let end = dev!(
+                    "fp8 tactics",
+                    ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                )?;
+                dev!("fp8 tactics", start.record(&self.stream))?;
+                self.matmul_with(handle, &descs, &algo, ops, y)?;
+                dev!("fp8 tactics", end.record(&self.stream))?;
+                dev!("fp8 tactics", end.synchronize())?;
+                times.push(dev!("fp8 tactics", start.elapsed_ms(&end))? as f64 / 1e3);
+            }
+            times.sort_by(f64::total_cmp);
+            let values: Vec<f32> = dev!("fp8 tactics", self.stream.clone_dtoh(&*y))?
+                .into_iter()
+                .map(|bits| half::bf16::from_bits(bits).to_f32())
+                .collect();
+            let rel_l2 = reference.as_ref().map_or(0.0, |r| relative_l2(&values, r));
+            if reference.is_none() {
+                reference = Some(values);
+            }
+            timed.push(Fp8Tactic {
+                algo_id: config_u32(&algo, ConfigAttr::CUBLASLT_ALGO_CONFIG_ID) as i32,
+                tile: config_u32(&algo, ConfigAttr::CUBLASLT_ALGO_CONFIG_TILE_ID),
+                stages: config_u32(&algo, ConfigAttr::CUBLASLT_ALGO_CONFIG_STAGES_ID),
+                cluster: cluster_shape(&algo).unwrap_or(0),
+                heuristic: is_heuristic,
+                seconds: times[times.len() / 2],
+                rel_l2,
+            });
+        }
+        Ok(timed)
+    }
+
+    /// One product of `ops` into `y` (bf16, `[rows, n]` as `descs` says) by `algo`.
+    fn matmul_with(
+        &self,
+        handle: &lt_sys::cublasLtHandle_t,
+        descs: &Descriptors,
+        algo: &lt_sys::cublasLtMatmulAlgo_t,
+        ops: &Fp8Operands<'_>,
+        y: &mut CudaSlice<u16>,
+    ) -> Result<(), BackendError> {
+        let (xp, _sx) = ops.x.device_ptr(&self.stream);
+        let (wp, _sw) = ops.w.device_ptr(&self.stream);
+        let (yp, _sy) = y.device_ptr_mut(&self.stream);
+        let (workspace, _sws) = self.workspace.device_ptr(&self.stream);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: live handle, descriptors and buffers of the sizes `check` saw; the
+        // workspace holds WORKSPACE_BYTES, which `configurations` held each algorithm to.
+        unsafe {
+            lt::matmul(
+                *handle,
+                descs.matmul,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                wp as *const c_void,
+                descs.a,
+                xp as *const c_void,
+                descs.b,
+                yp as *const c_void,
+                descs.c,
+                yp as *mut c_void,
+                descs.c,
+                algo,
+                workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                self.stream.cu_stream().cast(),
+            )
+        }
+        .map_err(|e| err(format!("a tactic's product: {e}")))
+    }
+}
+
+type ConfigAttr = lt_sys::cublasLtMatmulAlgoConfigAttributes_t;
+
+/// Every (algorithm id, tile, stages, cluster shape) cuBLASLt accepts for `descs` with a
+/// workspace of at most WORKSPACE_BYTES, up to [`MOST_TACTICS`].
+///
+/// # Safety
+/// `handle` and `descs` must be live.
+unsafe fn configurations(
+    handle: lt_sys::cublasLtHandle_t,
+    descs: &Descriptors,
+) -> Result<Vec<lt_sys::cublasLtMatmulAlgo_t>, String> {
+    use lt_sys::cudaDataType_t as T;
+    let compute = lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+    let types = (
+        T::CUDA_R_32F,
+        T::CUDA_R_8F_E4M3,
+        T::CUDA_R_8F_E4M3,
+        T::CUDA_R_16BF,
+    );
+    let mut ids = [0i32; 256];
+    let mut count = 0i32;
+    // SAFETY: a live handle; `ids` holds the count asked for.
+    unsafe {
+        lt_sys::cublasLtMatmulAlgoGetIds(
+            handle,
+            compute,
+            types.0,
+            types.1,
+            types.2,
+            types.3,
+            types.3,
+            ids.len() as i32,
+            ids.as_mut_ptr(),
+            &mut count,
+        )
+    }
+    .result()
+    .map_err(|e| format!("cublasLtMatmulAlgoGetIds: {e}"))?;
+    let mut accepted = Vec::new();
+    for &id in &ids[..count.clamp(0, ids.len() as i32) as usize] {
+        let mut algo = MaybeUninit::<lt_sys::cublasLtMatmulAlgo_t>::zeroed();
+        // SAFETY: a live handle; `algo` is written on success.
+        let init = unsafe {
+            lt_sys::cublasLtMatmulAlgoInit(
+                handle,
+                compute,
+                types.0,
+                types.1,
+                types.2,
+                types.3,
+                types.3,
+                id,
+                algo.as_mut_ptr(),
+            )
+        };
+        if init != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            continue;
+        }
+        // SAFETY: written by the successful init.
+        let algo = unsafe { algo.assume_init() };
+        let or_undefined = |ids: Vec<u32>| if ids.is_empty() { vec![0] } else { ids };
+        let tiles = or_undefined(capability_u32s(&algo, CapAttr::CUBLASLT_ALGO_CAP_TILE_IDS));
+        let stages = or_undefined(capability_u32s(
+            &algo,
+            CapAttr::CUBLASLT_ALGO_CAP_STAGES_IDS,
+        ));
+        for &tile in &tiles {
+            for &stage in &stages {
+                for cluster in CLUSTERS {
+                    let mut candidate = algo;
+                    let set = set_config(
+                        &mut candidate,
+                        ConfigAttr::CUBLASLT_ALGO_CONFIG_TILE_ID,
+                        tile as u64,
+                    ) && set_config(
+                        &mut candidate,
+                        ConfigAttr::CUBLASLT_ALGO_CONFIG_STAGES_ID,
+                        stage as u64,
+                    ) && set_config(
+                        &mut candidate,
+                        ConfigAttr::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID,
+                        cluster as u64,
+                    );
+                    // SAFETY: live handle and descriptors.
+                    if set && unsafe { accepts(handle, descs, &candidate) } {
+                        accepted.push(candidate);
+                        if accepted.len() == MOST_TACTICS {
+                            return Ok(accepted);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(accepted)
+}
+
+type CapAttr = lt_sys::cublasLtMatmulAlgoCapAttributes_t;
+
+/// An array capability of `algo` (tile or stages ids), empty where it has none.
+fn capability_u32s(algo: &lt_sys::cublasLtMatmulAlgo_t, attr: CapAttr) -> Vec<u32> {
+    let mut bytes = 0usize;
+    // SAFETY: a size query (no buffer written) of a live algorithm.
+    let status = unsafe {
+        lt_sys::cublasLtMatmulAlgoCapGetAttribute(algo, attr, std::ptr::null_mut(), 0, &mut bytes)
+    };
+    if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || bytes == 0 {
+        return Vec::new();
+    }
+    let mut ids = vec![0u32; bytes.div_ceil(4)];
+    let mut written = 0usize;
+    // SAFETY: `ids` holds `bytes` bytes.
+    let status = unsafe {
+        lt_sys::cublasLtMatmulAlgoCapGetAttribute(
+            algo,
+            attr,
+            ids.as_mut_ptr().cast(),
+            bytes,
+            &mut written,
+        )
+    };
+    if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return Vec::new();
+    }
+    ids.truncate(written / 4);
+    ids
+}
+
+/// Sets a configuration attribute of `algo` to `value`, in the attribute's own width (asked
+/// of the library: 2 or 4 bytes for these ids); false where it refuses.
+fn set_config(algo: &mut lt_sys::cublasLtMatmulAlgo_t, attr: ConfigAttr, value: u64) -> bool {
+    let mut size = 0usize;
+    // SAFETY: a size query (no buffer written) of a live algorithm.
+    let status = unsafe {
+        lt_sys::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, std::ptr::null_mut(), 0, &mut size)
+    };
+    if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || size == 0 || size > 8 {
+        return false;
+    }
+    let bytes = value.to_le_bytes();
+    // SAFETY: `bytes` holds at least `size` (at most 8) bytes.
+    let status = unsafe {
+        lt_sys::cublasLtMatmulAlgoConfigSetAttribute(algo, attr, bytes.as_ptr().cast(), size)
+    };
+    status == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+}
+
+/// A configuration attribute of `algo` read as an unsigned number (0 where unreadable).
+fn config_u32(algo: &lt_sys::cublasLtMatmulAlgo_t, attr: ConfigAttr) -> u32 {
+    let mut bytes = [0u8; 8];
+    let mut written = 0usize;
+    let mut size = 0usize;
+    // SAFETY: a size query, then a read of at most 8 bytes into `bytes`.
+    unsafe {
+        if lt_sys::cublasLtMatmulAlgoConfigGetAttribute(
+            algo,
+            attr,
+            std::ptr::null_mut(),
+            0,
+            &mut size,
+        ) != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            || size == 0
+            || size > 8
+        {
+            return 0;
+        }
+        if lt_sys::cublasLtMatmulAlgoConfigGetAttribute(
+            algo,
+            attr,
+            bytes.as_mut_ptr().cast(),
+            size,
+            &mut written,
+        ) != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+        {
+            return 0;
+        }
+    }
+    u64::from_le_bytes(bytes) as u32
+}
+
+/// Whether cuBLASLt runs `descs` by `algo` with at most WORKSPACE_BYTES of workspace.
+///
+/// # Safety
+/// `handle` and `descs` must be live.
+unsafe fn accepts(
+    handle: lt_sys::cublasLtHandle_t,
+    descs: &Descriptors,
+    algo: &lt_sys::cublasLtMatmulAlgo_t,
+) -> bool {
+    let mut result = MaybeUninit::<lt_sys::cublasLtMatmulHeuristicResult_t>::uninit();
+    // SAFETY: live handle, descriptors and algorithm; `result` is written on success.
+    let status = unsafe {
+        lt_sys::cublasLtMatmulAlgoCheck(
+            handle,
+            descs.matmul,
+            descs.a,
+            descs.b,
+            descs.c,
+            descs.c,
+            algo,
+            result.as_mut_ptr(),
+        )
+    };
+    if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return false;
+    }
+    // SAFETY: written by the successful check.
+    let result = unsafe { result.assume_init() };
+    result.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+        && result.workspaceSize <= WORKSPACE_BYTES
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        diff += f64::from(x - y).powi(2);
+        norm += f64::from(*y).powi(2);
+    }
+    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+}
