@@ -343,36 +343,17 @@ impl ClusterFree {
         descs: &Descriptors,
         algo: &mut lt_sys::cublasLtMatmulAlgo_t,
     ) -> Result<bool, String> {
-        let attr =
-            lt_sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID;
-        let size = cluster_shape_size(algo)?;
-        let bytes = ONE_BLOCK_CLUSTERS.to_le_bytes();
-        // SAFETY: `bytes` holds at least `size` (at most 8) bytes.
-        let set = unsafe {
-            lt_sys::cublasLtMatmulAlgoConfigSetAttribute(algo, attr, bytes.as_ptr().cast(), size)
-        };
-        if set != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        let attr = ConfigAttr::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID;
+        config_size(algo, attr)?;
+        if set_config_value(algo, attr, ONE_BLOCK_CLUSTERS).is_err() {
             return Ok(false);
         }
-        let mut check = MaybeUninit::<lt_sys::cublasLtMatmulHeuristicResult_t>::uninit();
-        // SAFETY: live handle, descriptors and algorithm; `check` is written on success.
-        let status = unsafe {
-            lt_sys::cublasLtMatmulAlgoCheck(
-                self.handle,
-                descs.matmul,
-                descs.a,
-                descs.b,
-                descs.c,
-                descs.c,
-                algo,
-                check.as_mut_ptr(),
-            )
-        };
-        if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        // SAFETY: live handle, descriptors and algorithm.
+        let Some(check) =
+            (unsafe { algo_check(self.handle, descs.matmul, [descs.a, descs.b, descs.c], algo) })
+        else {
             return Ok(false);
-        }
-        // SAFETY: written by the successful check.
-        let check = unsafe { check.assume_init() };
+        };
         Ok(check.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
             && cluster_shape(algo)? == ONE_BLOCK_CLUSTERS)
     }
@@ -391,26 +372,50 @@ impl Drop for ClusterFree {
 pub(super) const ONE_BLOCK_CLUSTERS: u64 =
     lt_sys::cublasLtClusterShape_t::CUBLASLT_CLUSTER_SHAPE_1x1x1 as u64;
 
-/// The bytes of an algorithm's cluster shape attribute.
-fn cluster_shape_size(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<usize, String> {
-    let attr = lt_sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID;
+/// What cuBLASLt says of running `matmul` over layouts A, B and C (D = C) by `algo`
+/// (`cublasLtMatmulAlgoCheck`): its result (state, workspace), or `None` where it refuses.
+///
+/// # Safety
+/// `handle`, `matmul`, the layouts and `algo` must be live.
+pub(super) unsafe fn algo_check(
+    handle: lt_sys::cublasLtHandle_t,
+    matmul: lt_sys::cublasLtMatmulDesc_t,
+    [a, b, c]: [lt_sys::cublasLtMatrixLayout_t; 3],
+    algo: &lt_sys::cublasLtMatmulAlgo_t,
+) -> Option<lt_sys::cublasLtMatmulHeuristicResult_t> {
+    let mut check = MaybeUninit::<lt_sys::cublasLtMatmulHeuristicResult_t>::uninit();
+    // SAFETY: live handle, descriptors and algorithm; `check` is written on success.
+    let status = unsafe {
+        lt_sys::cublasLtMatmulAlgoCheck(handle, matmul, a, b, c, c, algo, check.as_mut_ptr())
+    };
+    // SAFETY: written by the successful check.
+    (status == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+        .then(|| unsafe { check.assume_init() })
+}
+
+type ConfigAttr = lt_sys::cublasLtMatmulAlgoConfigAttributes_t;
+
+/// The bytes of one of an algorithm's configuration attributes (1 to 8: the ids are 2 or 4).
+fn config_size(algo: &lt_sys::cublasLtMatmulAlgo_t, attr: ConfigAttr) -> Result<usize, String> {
     let mut size = 0usize;
     // SAFETY: a size query (no buffer written) of a live algorithm.
     unsafe {
         lt_sys::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, std::ptr::null_mut(), 0, &mut size)
     }
     .result()
-    .map_err(|e| format!("the cluster shape's size: {e}"))?;
+    .map_err(|e| format!("the size of {attr:?}: {e}"))?;
     if size == 0 || size > 8 {
-        return Err(format!("a cluster shape of {size} bytes"));
+        return Err(format!("{attr:?} of {size} bytes"));
     }
     Ok(size)
 }
 
-/// The cluster shape id (`cublasLtClusterShape_t`) an algorithm launches with.
-pub(super) fn cluster_shape(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<u64, String> {
-    let attr = lt_sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID;
-    let size = cluster_shape_size(algo)?;
+/// One of an algorithm's configuration attributes, as a number.
+pub(super) fn config_value(
+    algo: &lt_sys::cublasLtMatmulAlgo_t,
+    attr: ConfigAttr,
+) -> Result<u64, String> {
+    let size = config_size(algo, attr)?;
     let mut bytes = [0u8; 8];
     let mut written = 0usize;
     // SAFETY: `bytes` holds `size` bytes.
@@ -424,8 +429,27 @@ pub(super) fn cluster_shape(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<u64, 
         )
     }
     .result()
-    .map_err(|e| format!("the cluster shape: {e}"))?;
+    .map_err(|e| format!("{attr:?}: {e}"))?;
     Ok(u64::from_le_bytes(bytes))
+}
+
+/// Sets one of an algorithm's configuration attributes to `value`, in the attribute's width.
+pub(super) fn set_config_value(
+    algo: &mut lt_sys::cublasLtMatmulAlgo_t,
+    attr: ConfigAttr,
+    value: u64,
+) -> Result<(), String> {
+    let size = config_size(algo, attr)?;
+    let bytes = value.to_le_bytes();
+    // SAFETY: `bytes` holds at least `size` (at most 8) bytes.
+    unsafe { lt_sys::cublasLtMatmulAlgoConfigSetAttribute(algo, attr, bytes.as_ptr().cast(), size) }
+        .result()
+        .map_err(|e| format!("{attr:?} = {value}: {e}"))
+}
+
+/// The cluster shape id (`cublasLtClusterShape_t`) an algorithm launches with.
+pub(super) fn cluster_shape(algo: &lt_sys::cublasLtMatmulAlgo_t) -> Result<u64, String> {
+    config_value(algo, ConfigAttr::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID)
 }
 
 /// The matmul and matrix-layout descriptors of one shape, destroyed on drop.

@@ -17,7 +17,7 @@ use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
-use super::super::gemm::cluster_shape;
+use super::super::gemm::{algo_check, cluster_shape, config_value, set_config_value};
 use super::{
     Descriptors, Fp8Gemm, Fp8Operands, Shape, WORKSPACE_BYTES, check, choose, err,
     set_scale_pointers,
@@ -149,9 +149,12 @@ impl Fp8Gemm {
                 reference = Some(values);
             }
             timed.push(Fp8Tactic {
-                algo_id: config_u32(&algo, ConfigAttr::CUBLASLT_ALGO_CONFIG_ID) as i32,
-                tile: config_u32(&algo, ConfigAttr::CUBLASLT_ALGO_CONFIG_TILE_ID),
-                stages: config_u32(&algo, ConfigAttr::CUBLASLT_ALGO_CONFIG_STAGES_ID),
+                algo_id: config_value(&algo, ConfigAttr::CUBLASLT_ALGO_CONFIG_ID).unwrap_or(0)
+                    as i32,
+                tile: config_value(&algo, ConfigAttr::CUBLASLT_ALGO_CONFIG_TILE_ID).unwrap_or(0)
+                    as u32,
+                stages: config_value(&algo, ConfigAttr::CUBLASLT_ALGO_CONFIG_STAGES_ID).unwrap_or(0)
+                    as u32,
                 cluster: cluster_shape(&algo).unwrap_or(0),
                 heuristic: is_heuristic,
                 seconds: times[times.len() / 2],
@@ -271,19 +274,16 @@ unsafe fn configurations(
             for &stage in &stages {
                 for cluster in CLUSTERS {
                     let mut candidate = algo;
-                    let set = set_config(
-                        &mut candidate,
-                        ConfigAttr::CUBLASLT_ALGO_CONFIG_TILE_ID,
-                        tile as u64,
-                    ) && set_config(
-                        &mut candidate,
-                        ConfigAttr::CUBLASLT_ALGO_CONFIG_STAGES_ID,
-                        stage as u64,
-                    ) && set_config(
-                        &mut candidate,
-                        ConfigAttr::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID,
-                        cluster as u64,
-                    );
+                    let set = [
+                        (ConfigAttr::CUBLASLT_ALGO_CONFIG_TILE_ID, u64::from(tile)),
+                        (ConfigAttr::CUBLASLT_ALGO_CONFIG_STAGES_ID, u64::from(stage)),
+                        (
+                            ConfigAttr::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID,
+                            cluster as u64,
+                        ),
+                    ]
+                    .into_iter()
+                    .all(|(attr, value)| set_config_value(&mut candidate, attr, value).is_ok());
                     // SAFETY: live handle and descriptors.
                     if set && unsafe { accepts(handle, descs, &candidate) } {
                         accepted.push(candidate);
@@ -329,58 +329,6 @@ fn capability_u32s(algo: &lt_sys::cublasLtMatmulAlgo_t, attr: CapAttr) -> Vec<u3
     ids
 }
 
-/// Sets a configuration attribute of `algo` to `value`, in the attribute's own width (asked
-/// of the library: 2 or 4 bytes for these ids); false where it refuses.
-fn set_config(algo: &mut lt_sys::cublasLtMatmulAlgo_t, attr: ConfigAttr, value: u64) -> bool {
-    let mut size = 0usize;
-    // SAFETY: a size query (no buffer written) of a live algorithm.
-    let status = unsafe {
-        lt_sys::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, std::ptr::null_mut(), 0, &mut size)
-    };
-    if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || size == 0 || size > 8 {
-        return false;
-    }
-    let bytes = value.to_le_bytes();
-    // SAFETY: `bytes` holds at least `size` (at most 8) bytes.
-    let status = unsafe {
-        lt_sys::cublasLtMatmulAlgoConfigSetAttribute(algo, attr, bytes.as_ptr().cast(), size)
-    };
-    status == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-}
-
-/// A configuration attribute of `algo` read as an unsigned number (0 where unreadable).
-fn config_u32(algo: &lt_sys::cublasLtMatmulAlgo_t, attr: ConfigAttr) -> u32 {
-    let mut bytes = [0u8; 8];
-    let mut written = 0usize;
-    let mut size = 0usize;
-    // SAFETY: a size query, then a read of at most 8 bytes into `bytes`.
-    unsafe {
-        if lt_sys::cublasLtMatmulAlgoConfigGetAttribute(
-            algo,
-            attr,
-            std::ptr::null_mut(),
-            0,
-            &mut size,
-        ) != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-            || size == 0
-            || size > 8
-        {
-            return 0;
-        }
-        if lt_sys::cublasLtMatmulAlgoConfigGetAttribute(
-            algo,
-            attr,
-            bytes.as_mut_ptr().cast(),
-            size,
-            &mut written,
-        ) != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-        {
-            return 0;
-        }
-    }
-    u64::from_le_bytes(bytes) as u32
-}
-
 /// Whether cuBLASLt runs `descs` by `algo` with at most WORKSPACE_BYTES of workspace.
 ///
 /// # Safety
@@ -390,27 +338,13 @@ unsafe fn accepts(
     descs: &Descriptors,
     algo: &lt_sys::cublasLtMatmulAlgo_t,
 ) -> bool {
-    let mut result = MaybeUninit::<lt_sys::cublasLtMatmulHeuristicResult_t>::uninit();
-    // SAFETY: live handle, descriptors and algorithm; `result` is written on success.
-    let status = unsafe {
-        lt_sys::cublasLtMatmulAlgoCheck(
-            handle,
-            descs.matmul,
-            descs.a,
-            descs.b,
-            descs.c,
-            descs.c,
-            algo,
-            result.as_mut_ptr(),
-        )
-    };
-    if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        return false;
-    }
-    // SAFETY: written by the successful check.
-    let result = unsafe { result.assume_init() };
-    result.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-        && result.workspaceSize <= WORKSPACE_BYTES
+    // SAFETY: live handle, descriptors and algorithm.
+    unsafe { algo_check(handle, descs.matmul, [descs.a, descs.b, descs.c], algo) }.is_some_and(
+        |result| {
+            result.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                && result.workspaceSize <= WORKSPACE_BYTES
+        },
+    )
 }
 
 /// ‖a − b‖ / ‖b‖.
