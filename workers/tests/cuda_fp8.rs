@@ -620,3 +620,59 @@ fn the_gate_up_gemv_with_silu_gives_the_bits_of_the_two_launches() {
         }
     }
 }
+
+/// The sweep of cuBLASLt's FP8 configurations behind `gpu_bench fp8-tactics`: the heuristic's
+/// configuration (what the projections run) comes first, alone of its kind, and is the
+/// reference of the others' results; every configuration listed ran and was timed; and some
+/// configuration beside the heuristic's computes the same product (within 1e-2, relative L2),
+/// or the sweep would compare nothing.
+#[test]
+fn fp8_gemm_tactics_time_the_heuristics_configuration_against_others() {
+    use rand::{RngExt, SeedableRng};
+    if no_gpu() {
+        return;
+    }
+    let gpu = CudaBackend::new(&CudaOptions::from_env(0)).unwrap();
+    let stream = gpu.stream();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(33);
+    let mut codes = |len: usize| {
+        let values: Vec<f32> = (0..len)
+            .map(|_| 4.0 * (rng.random::<f32>() - 0.5))
+            .collect();
+        stream
+            .clone_htod(&WeightDType::F8E4M3.encode(&values))
+            .unwrap()
+    };
+    let (rows, k, n) = (256, 1024, 512);
+    let (x, w) = (codes(rows * k), codes(n * k));
+    let x_scales = stream.clone_htod(&vec![1.0f32 / 64.0; rows]).unwrap();
+    let w_scales = stream.clone_htod(&vec![1.0f32 / 32.0; n]).unwrap();
+    let tactics = gpu
+        .fp8_gemm_tactics(&x, &x_scales, &w, &w_scales, rows, k, n, 2)
+        .unwrap();
+    let agreeing = tactics.iter().filter(|t| t.rel_l2 < 1e-2).count();
+    eprintln!(
+        "[{rows}x{k}]·[{n}x{k}]ᵀ: {} configurations ran, {agreeing} within 1e-2 of the \
+         heuristic's result; heuristic {:?}",
+        tactics.len(),
+        tactics.first()
+    );
+    assert!(
+        tactics
+            .first()
+            .is_some_and(|t| t.heuristic && t.rel_l2 == 0.0),
+        "the heuristic's configuration is not the first timed: {:?}",
+        tactics.first()
+    );
+    assert_eq!(tactics.iter().filter(|t| t.heuristic).count(), 1);
+    assert!(
+        tactics
+            .iter()
+            .all(|t| t.seconds > 0.0 && t.rel_l2.is_finite())
+    );
+    assert!(
+        agreeing > 1,
+        "no configuration but the heuristic's computes its product ({} ran)",
+        tactics.len()
+    );
+}

@@ -48,8 +48,9 @@ pub struct Fp8Tactic {
     pub heuristic: bool,
     /// Median seconds of one product.
     pub seconds: f64,
-    /// Relative L2 of its result against the heuristic's (a configuration that runs but
-    /// computes something else shows here).
+    /// Relative L2 of its result against the heuristic's, over a sample of the result's
+    /// start, middle and end (a configuration that runs but computes something else shows
+    /// here).
     pub rel_l2: f64,
 }
 
@@ -140,10 +141,11 @@ impl Fp8Gemm {
                 times.push(dev!("fp8 tactics", start.elapsed_ms(&end))? as f64 / 1e3);
             }
             times.sort_by(f64::total_cmp);
-            let values: Vec<f32> = dev!("fp8 tactics", self.stream.clone_dtoh(&*y))?
-                .into_iter()
-                .map(|bits| half::bf16::from_bits(bits).to_f32())
-                .collect();
+            let mut values = Vec::new();
+            for range in sample_ranges(y.len()) {
+                let part = dev!("fp8 tactics", self.stream.clone_dtoh(&y.slice(range)))?;
+                values.extend(part.into_iter().map(|b| half::bf16::from_bits(b).to_f32()));
+            }
             let rel_l2 = reference.as_ref().map_or(0.0, |r| relative_l2(&values, r));
             if reference.is_none() {
                 reference = Some(values);
@@ -347,6 +349,21 @@ unsafe fn accepts(
     )
 }
 
+/// Elements of a result compared with the reference's at each of its start, middle and end:
+/// a configuration that skips or misplaces tiles shows there, without copying and comparing
+/// hundreds of MB a configuration.
+const SAMPLE: usize = 1 << 20;
+
+/// The ranges of a result of `len` elements that are compared ([`SAMPLE`] at its start,
+/// middle and end; the whole where it is shorter than three of them).
+fn sample_ranges(len: usize) -> Vec<std::ops::Range<usize>> {
+    if len <= 3 * SAMPLE {
+        return std::iter::once(0..len).collect();
+    }
+    let middle = (len - SAMPLE) / 2;
+    vec![0..SAMPLE, middle..middle + SAMPLE, len - SAMPLE..len]
+}
+
 /// ‖a − b‖ / ‖b‖.
 fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
     let (mut diff, mut norm) = (0f64, 0f64);
@@ -355,4 +372,31 @@ fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
         norm += f64::from(*y).powi(2);
     }
     (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_covers_short_results_whole_and_long_ones_at_three_places() {
+        for len in [10, 3 * SAMPLE] {
+            let whole = sample_ranges(len);
+            assert_eq!((whole.len(), whole[0].start, whole[0].end), (1, 0, len));
+        }
+        let len = 10 * SAMPLE + 7;
+        let ranges = sample_ranges(len);
+        assert_eq!(ranges.len(), 3);
+        assert_eq!(ranges[0], 0..SAMPLE);
+        assert_eq!(ranges[2], len - SAMPLE..len);
+        assert!(ranges[1].start > SAMPLE && ranges[1].end < len - SAMPLE);
+        assert!(ranges.iter().all(|r| r.len() == SAMPLE));
+    }
+
+    #[test]
+    fn relative_l2_is_zero_for_equal_results_and_scales_with_the_difference() {
+        let b = [3.0f32, 4.0];
+        assert_eq!(relative_l2(&b, &b), 0.0);
+        assert!((relative_l2(&[3.0, 4.5], &b) - 0.1).abs() < 1e-12);
+    }
 }
