@@ -25,8 +25,10 @@ use super::{
 use crate::backend::BackendError;
 use crate::backend::cuda::CudaBackend;
 
-/// The most configurations timed for one shape.
+/// The most configurations timed for one shape, and for one algorithm id of it (so that the
+/// ids listed last are reached too).
 const MOST_TACTICS: usize = 400;
+const MOST_PER_ALGORITHM: usize = 48;
 
 /// Cluster shapes tried with each tile and stages: one block, two along either dimension.
 const CLUSTERS: [lt_sys::cublasLtClusterShape_t; 3] = [
@@ -209,7 +211,8 @@ impl Fp8Gemm {
 type ConfigAttr = lt_sys::cublasLtMatmulAlgoConfigAttributes_t;
 
 /// Every (algorithm id, tile, stages, cluster shape) cuBLASLt accepts for `descs` with a
-/// workspace of at most WORKSPACE_BYTES, up to [`MOST_TACTICS`].
+/// workspace of at most WORKSPACE_BYTES, up to [`MOST_PER_ALGORITHM`] an id and
+/// [`MOST_TACTICS`] in all.
 ///
 /// # Safety
 /// `handle` and `descs` must be live.
@@ -272,9 +275,13 @@ unsafe fn configurations(
             &algo,
             CapAttr::CUBLASLT_ALGO_CAP_STAGES_IDS,
         ));
+        let mut of_this_id = 0;
         for &tile in &tiles {
             for &stage in &stages {
                 for cluster in CLUSTERS {
+                    if of_this_id == MOST_PER_ALGORITHM {
+                        break;
+                    }
                     let mut candidate = algo;
                     let set = [
                         (ConfigAttr::CUBLASLT_ALGO_CONFIG_TILE_ID, u64::from(tile)),
@@ -289,6 +296,7 @@ unsafe fn configurations(
                     // SAFETY: live handle and descriptors.
                     if set && unsafe { accepts(handle, descs, &candidate) } {
                         accepted.push(candidate);
+                        of_this_id += 1;
                         if accepted.len() == MOST_TACTICS {
                             return Ok(accepted);
                         }
