@@ -28,8 +28,12 @@
 #            (TANDEM_FP8_PREFILL_WIDEN=0) and on the warpgroup kernel over a bf16 copy of the
 #            blocks (the default)
 #   fast-accum
-#            cuBLASLt's FP8 fast accumulation (TANDEM_FP8_FAST_ACCUM): the FP8 GPU tests with it
-#            on, then a 2048/128 server step (gpu_bench mixed) off and on, alternating twice
+#            cuBLASLt's FP8 fast accumulation (TANDEM_FP8_FAST_ACCUM, on by default): the FP8
+#            GPU tests with it on, then a 2048/128 server step (gpu_bench mixed) off and on,
+#            alternating twice
+#   tune     the FP8 products' configurations chosen by timing (TANDEM_FP8_TUNE, on by
+#            default) against the heuristic's: a 2048/128 server step and a decode step of 768
+#            sequences at context 1500 (a 1000/1000 run's), off and on, alternating twice
 #   tactics  gpu_bench fp8-tactics: every configuration cuBLASLt accepts for the FP8 projections
 #            of Llama-3.1-8B (TACTIC_ROWS rows: 8192,768) timed against the heuristic's answer,
 #            with fast accumulation off and on
@@ -131,6 +135,20 @@ for stage in "${stages[@]}"; do
           --model "$(random_model llama-3.1-8b fp8 gen)" --decodes 480 --context 2100 \
           --chunks 2048,2048,2048,1568 --kv-cache-dtype fp8 2>&1 |
           grep -E "whole step|chunks alone|decodes alone|rror"
+      done
+      ;;
+    tune)
+      for on in 0 1 0 1; do
+        echo "== 2048/128 step, TANDEM_FP8_TUNE=$on"
+        TANDEM_FP8_TUNE=$on TANDEM_BENCH_BLOCK=64 gpu_bench mixed \
+          --model "$(random_model llama-3.1-8b fp8 gen)" --decodes 480 --context 2100 \
+          --chunks 2048,2048,2048,1568 --kv-cache-dtype fp8 2>&1 |
+          grep -E "whole step|chunks alone|decodes alone|rror"
+        echo "== 768 decodes at context 1500, TANDEM_FP8_TUNE=$on"
+        TANDEM_FP8_TUNE=$on TANDEM_BENCH_BLOCK=64 gpu_bench mixed \
+          --model "$(random_model llama-3.1-8b fp8 gen)" --decodes 768 --context 1500 \
+          --chunks '' --kv-cache-dtype fp8 2>&1 |
+          grep -E "whole step|decodes alone|rror"
       done
       ;;
     tactics)

@@ -14,7 +14,8 @@
 //! ([`Fp8Gemm::vector_scales`]).
 //!
 //! One descriptor set and algorithm per shape (the heuristic's first, or with thread-block
-//! clusters off its first of one block per cluster, as [`super::gemm`] chooses for bf16),
+//! clusters off its first of one block per cluster, as [`super::gemm`] chooses for bf16; then
+//! the fastest of every configuration cuBLASLt accepts, timed at that product: `tune.rs`),
 //! built at the shape's first product, for the row count rounded up to a power of two: a
 //! serving step's row count changes at nearly every step, and asking the heuristic each time
 //! cost a 128/128 server more host time per step (51.7 ms of 76.4) than its device work. A
@@ -33,6 +34,7 @@ use super::gemm::{ONE_BLOCK_CLUSTERS, cluster_shape};
 use crate::backend::BackendError;
 
 mod tactics;
+mod tune;
 pub use tactics::Fp8Tactic;
 
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -47,6 +49,8 @@ pub struct Fp8Gemm {
     /// FP8 products accumulate without the periodic promotion of their partial sums to f32
     /// ([`CudaOptions::fp8_fast_accum`](super::CudaOptions::fp8_fast_accum)).
     fast_accum: bool,
+    /// Each shape's configuration chosen by timing ([`CudaOptions::fp8_tune`](super::CudaOptions::fp8_tune)).
+    tune: bool,
 }
 
 struct Inner {
@@ -72,6 +76,8 @@ struct Shape {
 struct Plan {
     descs: Descriptors,
     algo: lt_sys::cublasLtMatmulAlgo_t,
+    /// `algo` was chosen by timing (`tune.rs`), not only by the heuristic.
+    tuned: bool,
 }
 
 /// The operands of one product.
@@ -96,6 +102,7 @@ impl Fp8Gemm {
         stream: Arc<CudaStream>,
         clusters: bool,
         fast_accum: bool,
+        tune: bool,
     ) -> Result<Self, BackendError> {
         let handle = lt::create_handle().map_err(|e| err(format!("cublasLtCreate: {e}")))?;
         let workspace = stream
@@ -111,6 +118,7 @@ impl Fp8Gemm {
             workspace,
             cluster_free: !clusters,
             fast_accum,
+            tune,
         })
     }
 
@@ -162,6 +170,9 @@ impl Fp8Gemm {
             Err(e) => return Err(e),
         }
         let (yp, _sy) = y.device_ptr_mut(&self.stream);
+        if self.tune && !inner.plans[&shape].tuned {
+            self.tune(&mut inner, shape, ops, yp, rows)?;
+        }
         self.run(&inner, shape, ops, yp, rows, k, n)?;
         Ok(true)
     }
@@ -185,6 +196,9 @@ impl Fp8Gemm {
         };
         self.plan(&mut inner, shape, None)?;
         let (yp, _sy) = y.device_ptr_mut(&self.stream);
+        if self.tune && !inner.plans[&shape].tuned {
+            self.tune(&mut inner, shape, ops, yp, rows)?;
+        }
         self.run(&inner, shape, ops, yp, rows, k, n)
     }
 
@@ -215,7 +229,14 @@ impl Fp8Gemm {
             // SAFETY: live handle and descriptors.
             let algo = unsafe { choose(inner.handle, &descs, self.cluster_free) }
                 .map_err(|e| err(format!("[{rows}x{k}]·[{n}x{k}]ᵀ: {e}")))?;
-            inner.plans.insert(shape, Plan { descs, algo });
+            inner.plans.insert(
+                shape,
+                Plan {
+                    descs,
+                    algo,
+                    tuned: false,
+                },
+            );
         }
         Ok(())
     }

@@ -256,6 +256,7 @@ impl CudaBackend {
                 stream.clone(),
                 options.gemm_clusters,
                 options.fp8_fast_accum,
+                options.fp8_tune,
             )?)
         } else {
             None

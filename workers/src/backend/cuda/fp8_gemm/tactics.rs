@@ -20,7 +20,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use super::super::gemm::{algo_check, cluster_shape, config_value, set_config_value};
 use super::{
     Descriptors, Fp8Gemm, Fp8Operands, Shape, WORKSPACE_BYTES, check, choose, err,
-    set_scale_pointers,
+    set_scale_pointers, y_type,
 };
 use crate::backend::BackendError;
 use crate::backend::cuda::CudaBackend;
@@ -114,7 +114,7 @@ impl Fp8Gemm {
         let heuristic = unsafe { choose(inner.handle, &descs, self.cluster_free) }.map_err(err)?;
         let mut candidates = vec![(heuristic, true)];
         // SAFETY: live handle and descriptors.
-        let others = unsafe { configurations(inner.handle, &descs) }.map_err(err)?;
+        let others = unsafe { configurations(inner.handle, &descs, shape.scaled) }.map_err(err)?;
         candidates.extend(others.into_iter().map(|algo| (algo, false)));
 
         let ctx = self.stream.context();
@@ -122,8 +122,13 @@ impl Fp8Gemm {
         let mut timed = Vec::new();
         for (algo, is_heuristic) in candidates {
             // Twice untimed (the first may load the kernel), then `iters` times one by one.
-            let handle = &inner.handle;
-            if (0..2).any(|_| self.matmul_with(handle, &descs, &algo, ops, y).is_err()) {
+            let layouts = [descs.a, descs.b, descs.c];
+            let yp = {
+                let (yp, _sy) = y.device_ptr_mut(&self.stream);
+                yp
+            };
+            let product = || self.matmul_with(inner.handle, descs.matmul, layouts, &algo, ops, yp);
+            if (0..2).any(|_| product().is_err()) {
                 continue;
             }
             let mut times = Vec::with_capacity(iters);
@@ -137,7 +142,7 @@ impl Fp8Gemm {
                     ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
                 )?;
                 dev!("fp8 tactics", start.record(&self.stream))?;
-                self.matmul_with(handle, &descs, &algo, ops, y)?;
+                product()?;
                 dev!("fp8 tactics", end.record(&self.stream))?;
                 dev!("fp8 tactics", end.synchronize())?;
                 times.push(dev!("fp8 tactics", start.elapsed_ms(&end))? as f64 / 1e3);
@@ -168,36 +173,37 @@ impl Fp8Gemm {
         Ok(timed)
     }
 
-    /// One product of `ops` into `y` (bf16, `[rows, n]` as `descs` says) by `algo`.
-    fn matmul_with(
+    /// One product of `ops` into `yp` by `algo`, with `matmul`'s attributes and the layouts
+    /// of A (the weight), B (the activation) and C = D (the result).
+    pub(super) fn matmul_with(
         &self,
-        handle: &lt_sys::cublasLtHandle_t,
-        descs: &Descriptors,
+        handle: lt_sys::cublasLtHandle_t,
+        matmul: lt_sys::cublasLtMatmulDesc_t,
+        [a, b, c]: [lt_sys::cublasLtMatrixLayout_t; 3],
         algo: &lt_sys::cublasLtMatmulAlgo_t,
         ops: &Fp8Operands<'_>,
-        y: &mut CudaSlice<u16>,
+        yp: u64,
     ) -> Result<(), BackendError> {
         let (xp, _sx) = ops.x.device_ptr(&self.stream);
         let (wp, _sw) = ops.w.device_ptr(&self.stream);
-        let (yp, _sy) = y.device_ptr_mut(&self.stream);
         let (workspace, _sws) = self.workspace.device_ptr(&self.stream);
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: live handle, descriptors and buffers of the sizes `check` saw; the
         // workspace holds WORKSPACE_BYTES, which `configurations` held each algorithm to.
         unsafe {
             lt::matmul(
-                *handle,
-                descs.matmul,
+                handle,
+                matmul,
                 (&alpha as *const f32).cast(),
                 (&beta as *const f32).cast(),
                 wp as *const c_void,
-                descs.a,
+                a,
                 xp as *const c_void,
-                descs.b,
+                b,
                 yp as *const c_void,
-                descs.c,
+                c,
                 yp as *mut c_void,
-                descs.c,
+                c,
                 algo,
                 workspace as *mut c_void,
                 WORKSPACE_BYTES,
@@ -210,15 +216,16 @@ impl Fp8Gemm {
 
 type ConfigAttr = lt_sys::cublasLtMatmulAlgoConfigAttributes_t;
 
-/// Every (algorithm id, tile, stages, cluster shape) cuBLASLt accepts for `descs` with a
-/// workspace of at most WORKSPACE_BYTES, up to [`MOST_PER_ALGORITHM`] an id and
-/// [`MOST_TACTICS`] in all.
+/// Every (algorithm id, tile, stages, cluster shape) cuBLASLt accepts for `descs` (a bf16
+/// result where `scaled`, else f32) with a workspace of at most WORKSPACE_BYTES, up to
+/// [`MOST_PER_ALGORITHM`] an id and [`MOST_TACTICS`] in all.
 ///
 /// # Safety
 /// `handle` and `descs` must be live.
-unsafe fn configurations(
+pub(super) unsafe fn configurations(
     handle: lt_sys::cublasLtHandle_t,
     descs: &Descriptors,
+    scaled: bool,
 ) -> Result<Vec<lt_sys::cublasLtMatmulAlgo_t>, String> {
     use lt_sys::cudaDataType_t as T;
     let compute = lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
@@ -226,7 +233,7 @@ unsafe fn configurations(
         T::CUDA_R_32F,
         T::CUDA_R_8F_E4M3,
         T::CUDA_R_8F_E4M3,
-        T::CUDA_R_16BF,
+        y_type(scaled),
     );
     let mut ids = [0i32; 256];
     let mut count = 0i32;
