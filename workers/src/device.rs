@@ -77,6 +77,11 @@ pub enum DeviceError {
         sequences: usize,
         source: ModelError,
     },
+    #[error(
+        "a prefill of {tokens} tokens, run at start-up to choose the FP8 products' \
+         configurations, failed: {source} (TANDEM_FP8_TUNE=0 skips it)"
+    )]
+    Fp8Tuning { tokens: usize, source: ModelError },
 }
 
 impl std::str::FromStr for Device {
@@ -485,7 +490,7 @@ impl LoadedModel {
             let mut kv = m.alloc_kv_cache(block_size, num_blocks).map_err(err)?;
             m.forward(&prefill, &mut kv).map_err(err)?;
             m.forward(&decode, &mut kv).map_err(err)?;
-            Ok(())
+            tune_fp8_row_buckets(m, &mut kv, tokens, block_size)
         })?;
         tracing::info!(
             tokens,
@@ -560,6 +565,61 @@ impl LoadedModel {
             }
         }
     }
+}
+
+/// Prefills of one power of two of tokens each, from [`FIRST_TUNED_ROWS`] to below `largest`
+/// (whose step ran already), on a model of FP8 projections whose products choose their
+/// configuration by timing: each product shape is timed at its first eager product (a few
+/// milliseconds to a second each), and without this the first steps of each new size in
+/// service would pay it, at every size a server meets for the first time. The products'
+/// shapes depend only on the rows, so prefills cover decode batches of the same rows too.
+fn tune_fp8_row_buckets(
+    m: &Model<CudaBackend>,
+    kv: &mut <CudaBackend as Backend>::KvCache,
+    largest: usize,
+    block_size: usize,
+) -> Result<(), DeviceError> {
+    if m.weight_dtype() != WeightDType::F8E4M3 || !m.backend().tunes_fp8_products() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let config = m.config();
+    let buckets = tuned_row_buckets(largest);
+    for &rows in &buckets {
+        let step = LargestStep::new(
+            rows,
+            1,
+            config.max_position_embeddings,
+            config.vocab_size,
+            block_size,
+        );
+        m.forward(&step.prefill, kv)
+            .map_err(|source| DeviceError::Fp8Tuning {
+                tokens: rows,
+                source,
+            })?;
+    }
+    if let (Some(first), Some(last)) = (buckets.first(), buckets.last()) {
+        tracing::info!(
+            first,
+            last,
+            ms = started.elapsed().as_millis() as u64,
+            "chose the FP8 products' configurations by timing for steps of {first} to {last} \
+             tokens"
+        );
+    }
+    Ok(())
+}
+
+/// The fewest rows [`tune_fp8_row_buckets`] prefills: the FP8 products' smallest row bucket.
+const FIRST_TUNED_ROWS: usize = 16;
+
+/// The row counts prefilled to tune the FP8 products beside a largest step of `largest`
+/// tokens: each power of two from [`FIRST_TUNED_ROWS`] below it.
+fn tuned_row_buckets(largest: usize) -> Vec<usize> {
+    std::iter::successors(Some(FIRST_TUNED_ROWS), |b| Some(b * 2))
+        .take_while(|&b| b < largest)
+        .collect()
 }
 
 /// The step [`LoadedModel::reserve_activations`] runs: a prefill of `tokens` new tokens over
@@ -743,6 +803,19 @@ fn check_prefill_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fp8_tuning_prefills_every_row_bucket_below_the_largest_step() {
+        assert_eq!(
+            tuned_row_buckets(8192),
+            [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+        );
+        // The largest step's own bucket (8,192 for 5,000 tokens) ran already.
+        assert_eq!(tuned_row_buckets(5000).last(), Some(&4096));
+        assert_eq!(tuned_row_buckets(17), [16]);
+        assert!(tuned_row_buckets(16).is_empty());
+        assert!(tuned_row_buckets(1).is_empty());
+    }
 
     #[test]
     fn the_largest_step_spreads_its_tokens_within_the_context_on_blocks_of_their_own() {

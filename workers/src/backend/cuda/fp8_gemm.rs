@@ -122,6 +122,11 @@ impl Fp8Gemm {
         })
     }
 
+    /// Whether each shape's configuration is chosen by timing (`tune.rs`).
+    pub fn tunes(&self) -> bool {
+        self.tune
+    }
+
     /// Whether cuBLASLt applies vector scales (known after the first scaled product).
     pub fn vector_scales(&self) -> Option<bool> {
         self.lock().vector_scales

@@ -464,6 +464,12 @@ impl CudaBackend {
         self.kernels.skinny_fp8.is_some() && self.switches.skinny_fp8()
     }
 
+    /// Whether FP8 products choose their configuration by timing at a shape's first eager
+    /// product (an FP8-capable GPU and [`CudaOptions::fp8_tune`] on).
+    pub fn tunes_fp8_products(&self) -> bool {
+        self.fp8_gemm.as_ref().is_some_and(|g| g.tunes())
+    }
+
     /// `(free, total)` device memory in bytes.
     pub fn memory_info(&self) -> Result<(usize, usize), BackendError> {
         dev!("memory info", self.ctx.mem_get_info())
