@@ -34,6 +34,7 @@
 #   tune     the FP8 products' configurations chosen by timing (TANDEM_FP8_TUNE, on by
 #            default) against the heuristic's: a 2048/128 server step and a decode step of 768
 #            sequences at context 1500 (a 1000/1000 run's), off and on, alternating twice
+#            (the workers' start-up prefills, which tune every row bucket, are not gpu_bench's)
 #   tactics  gpu_bench fp8-tactics: every configuration cuBLASLt accepts for the FP8 projections
 #            of Llama-3.1-8B (TACTIC_ROWS rows: 8192,768) timed against the heuristic's answer,
 #            with fast accumulation off and on
@@ -58,6 +59,15 @@ set -uo pipefail
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
 status=0
+
+# One mixed server step on Llama-3.1-8B shapes in FP8 with an FP8 cache, the switch given
+# (NAME=VALUE) set: `mixed_step SWITCH DECODES CONTEXT CHUNKS` ('' chunks: decodes alone).
+mixed_step() {
+  env "$1" TANDEM_BENCH_BLOCK=64 gpu_bench mixed --model "$(random_model llama-3.1-8b fp8 gen)" \
+    --decodes "$2" --context "$3" --chunks "$4" --kv-cache-dtype fp8 2>&1 |
+    grep -E "whole step|chunks alone|decodes alone|rror"
+}
+
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests check bench)
 for stage in "${stages[@]}"; do
@@ -131,24 +141,15 @@ for stage in "${stages[@]}"; do
       grep -E "FP8 GPU against CPU|relative L2" "$out/tests-fp8-fast-accum.log" | head -12
       for on in 0 1 0 1; do
         echo "== 2048/128 step, TANDEM_FP8_FAST_ACCUM=$on"
-        TANDEM_FP8_FAST_ACCUM=$on TANDEM_BENCH_BLOCK=64 gpu_bench mixed \
-          --model "$(random_model llama-3.1-8b fp8 gen)" --decodes 480 --context 2100 \
-          --chunks 2048,2048,2048,1568 --kv-cache-dtype fp8 2>&1 |
-          grep -E "whole step|chunks alone|decodes alone|rror"
+        mixed_step "TANDEM_FP8_FAST_ACCUM=$on" 480 2100 2048,2048,2048,1568
       done
       ;;
     tune)
       for on in 0 1 0 1; do
         echo "== 2048/128 step, TANDEM_FP8_TUNE=$on"
-        TANDEM_FP8_TUNE=$on TANDEM_BENCH_BLOCK=64 gpu_bench mixed \
-          --model "$(random_model llama-3.1-8b fp8 gen)" --decodes 480 --context 2100 \
-          --chunks 2048,2048,2048,1568 --kv-cache-dtype fp8 2>&1 |
-          grep -E "whole step|chunks alone|decodes alone|rror"
+        mixed_step "TANDEM_FP8_TUNE=$on" 480 2100 2048,2048,2048,1568
         echo "== 768 decodes at context 1500, TANDEM_FP8_TUNE=$on"
-        TANDEM_FP8_TUNE=$on TANDEM_BENCH_BLOCK=64 gpu_bench mixed \
-          --model "$(random_model llama-3.1-8b fp8 gen)" --decodes 768 --context 1500 \
-          --chunks '' --kv-cache-dtype fp8 2>&1 |
-          grep -E "whole step|decodes alone|rror"
+        mixed_step "TANDEM_FP8_TUNE=$on" 768 1500 ''
       done
       ;;
     tactics)
@@ -233,7 +234,7 @@ PY
       grep -iE "error|warn" "$out/large-batch-serve.log" | grep -v "error: stream" | head -5 | cut -c1-400
       ;;
     *)
-      echo "unknown stage $stage (tests, check, check-mixed, bench, skinny, fused, widen, fast-accum, tactics, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
+      echo "unknown stage $stage (tests, check, check-mixed, bench, skinny, fused, widen, fast-accum, tune, tactics, attn-stages, kv-check, kv-bench, handover, offline-128-128, offline-2048-128, offline-1000-1000)" >&2
       exit 2
       ;;
   esac
