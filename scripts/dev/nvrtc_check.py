@@ -81,9 +81,12 @@ def sass(cubin, kernel, full):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        listing = subprocess.run(
-            [cuobjdump, "-sass", "-fun", kernel, f.name], capture_output=True, text=True, check=True
-        ).stdout
+        run = subprocess.run(
+            [cuobjdump, "-sass", "-fun", kernel, f.name], capture_output=True, text=True
+        )
+        if run.returncode != 0:
+            sys.exit(f"cuobjdump failed ({run.returncode}): {run.stderr.strip()}")
+        listing = run.stdout
     # Instruction lines: /*0a10*/  [@P0] OPCODE.MODIFIERS operands ;
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", listing, re.M)
     if not ops:

@@ -35,6 +35,10 @@
 #            default) against the heuristic's: a 2048/128 server step and a decode step of 768
 #            sequences at context 1500 (a 1000/1000 run's), off and on, alternating twice
 #            (the workers' start-up prefills, which tune every row bucket, are not gpu_bench's)
+#   rope     rope_cache_write in shared memory and the prefill rows' q in bf16 (both on by
+#            default), and silu on the special-function unit (SILU_FAST): a 2048/128 server
+#            step with TANDEM_ROPE_SHARED=0 (neither), TANDEM_PREFILL_Q_BF16=0 (shared memory
+#            alone), TANDEM_KERNEL_DEFINES=SILU_FAST=0 and the defaults, alternating twice
 #   tactics  gpu_bench fp8-tactics: every configuration cuBLASLt accepts for the FP8 projections
 #            of Llama-3.1-8B (TACTIC_ROWS rows: 8192,768) timed against the heuristic's answer,
 #            with fast accumulation off and on
@@ -150,6 +154,14 @@ for stage in "${stages[@]}"; do
         mixed_step "TANDEM_FP8_TUNE=$on" 480 2100 2048,2048,2048,1568
         echo "== 768 decodes at context 1500, TANDEM_FP8_TUNE=$on"
         mixed_step "TANDEM_FP8_TUNE=$on" 768 1500 ''
+      done
+      ;;
+    rope)
+      for setting in TANDEM_ROPE_SHARED=0 TANDEM_PREFILL_Q_BF16=0 TANDEM_KERNEL_DEFINES=SILU_FAST=0 \
+        TANDEM_DEFAULTS=1 TANDEM_ROPE_SHARED=0 TANDEM_PREFILL_Q_BF16=0 \
+        TANDEM_KERNEL_DEFINES=SILU_FAST=0 TANDEM_DEFAULTS=1; do
+        echo "== 2048/128 step, $setting"
+        mixed_step "$setting" 480 2100 2048,2048,2048,1568
       done
       ;;
     tactics)

@@ -49,6 +49,10 @@ __device__ __forceinline__ void rope_rotate_heads_warp_e(float* __restrict__ row
     constexpr int D = E * 32;
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const float norm = rsqrtf((float)block);
+    // The token's cos and sin at this lane's pairs, the same for every head.
+    float c[E / 2], s[E / 2];
+#pragma unroll
+    for (int e = 0; e < E / 2; ++e) c[e] = cs[e * 32 + lane], s[e] = sn[e * 32 + lane];
     for (int head = threadIdx.x >> 5; head < num_heads + num_kv_heads; head += warps) {
         float* x = row + head * D;
         float v[E];
@@ -56,21 +60,22 @@ __device__ __forceinline__ void rope_rotate_heads_warp_e(float* __restrict__ row
         for (int e = 0; e < E; ++e) v[e] = x[e * 32 + lane];
 #pragma unroll
         for (int e = 0; e < E / 2; ++e) {
-            const int i = e * 32 + lane;
             const float a = v[e], b = v[e + E / 2];
-            v[e] = a * cs[i] - b * sn[i];
-            v[e + E / 2] = b * cs[i] + a * sn[i];
+            v[e] = a * c[e] - b * s[e];
+            v[e + E / 2] = b * c[e] + a * s[e];
         }
         // Butterflies of span 1..16 (partner: lane ^ span), then 32.. (partner: e ^ span/32),
         // up to the rotation block; the element with the span's bit clear keeps a + b, its
         // partner b' = a - b.
 #pragma unroll
-        for (int span = 1; span < 32; span <<= 1) {
-            const bool upper = lane & span;
+        for (int k = 0; k < 5; ++k) {
+            // +1 where this lane keeps a + b (its bit k clear), -1 where it keeps b - a, b its
+            // partner's value: fmaf(sign, a, b) is either, rounded once, in one instruction.
+            const float sign = (lane >> k) & 1 ? -1.0f : 1.0f;
 #pragma unroll
             for (int e = 0; e < E; ++e) {
-                const float other = __shfl_xor_sync(0xffffffffu, v[e], span);
-                v[e] = upper ? other - v[e] : v[e] + other;
+                const float other = __shfl_xor_sync(0xffffffffu, v[e], 1 << k);
+                v[e] = fmaf(sign, v[e], other);
             }
         }
 #pragma unroll
@@ -118,50 +123,42 @@ __device__ __forceinline__ void rope_rotate_heads_warp(float* __restrict__ row,
 #undef ROTATE_WARP_CASE
 }
 
-// `src` null: the rows are qkv's own (f32), rotated in place. Else the projection wrote them in
-// bf16 (cuBLASLt's FP8 product writes bf16 only) into `src`: each row is first widened into
-// qkv, then rotated there, so the rows are read from memory as bf16 once instead of widened
-// by a kernel of their own and read back as f32.
+// A fused q/k/v row of bf16 at `from` widened into f32 at `to` (global or shared memory): four
+// values a thread (8-byte loads, 16-byte stores, consecutive across the warp so that shared
+// stores meet no bank conflict) where the width allows it.
+__device__ __forceinline__ void widen_row(const bf16* __restrict__ from, float* __restrict__ to,
+                                          int width) {
+    if ((width & 3) == 0) {
+        for (int j = 4 * threadIdx.x; j < width; j += 4 * blockDim.x) {
+            const uint2 p = *reinterpret_cast<const uint2*>(from + j);
+            *reinterpret_cast<float4*>(to + j) =
+                make_float4(__uint_as_float(p.x << 16), __uint_as_float(p.x & 0xffff0000u),
+                            __uint_as_float(p.y << 16), __uint_as_float(p.y & 0xffff0000u));
+        }
+    } else {
+        for (int j = threadIdx.x; j < width; j += blockDim.x) to[j] = bf16_to_f32(from[j]);
+    }
+}
+
+// The rotation and cache write of one token's row at `row` (f32: in global memory, or the
+// block's shared copy of it), K and V into the cache at `k_dst` and `v_dst`.
 template <typename C, bool ROTATE_KEYS>
-__device__ __forceinline__ void rope_cache_write_impl(
-    float* __restrict__ qkv, const float* __restrict__ cos_table, const float* __restrict__ sin_table,
-    const u32* __restrict__ slot_mapping, C* __restrict__ cache, int num_heads, int num_kv_heads,
-    int head_dim, int block_size, long long block_elems, long long layer_offset,
-    const bf16* __restrict__ src) {
-    const long long t = blockIdx.x;
+__device__ __forceinline__ void rope_cache_write_row(float* __restrict__ row,
+                                                     const float* __restrict__ cs,
+                                                     const float* __restrict__ sn,
+                                                     C* __restrict__ k_dst, C* __restrict__ v_dst,
+                                                     int num_heads, int num_kv_heads,
+                                                     int head_dim) {
     const int half = head_dim / 2;
-    const int width = (num_heads + 2 * num_kv_heads) * head_dim;
     const int token_stride = num_kv_heads * head_dim;
-    const long long kv_stride = (long long)block_size * token_stride;
     // Every head's rotation block: the largest power of two dividing head_dim.
     const int rotation_block = head_dim & -head_dim;
-    float* row = qkv + t * width;
-    if (src != nullptr) {
-        const bf16* from = src + t * width;
-        if ((width & 7) == 0) {
-            for (int j = 8 * threadIdx.x; j < width; j += 8 * blockDim.x) {
-                float f[8];
-                bf16x8_to_f32(*reinterpret_cast<const uint4*>(from + j), f);
-                reinterpret_cast<float4*>(row + j)[0] = make_float4(f[0], f[1], f[2], f[3]);
-                reinterpret_cast<float4*>(row + j)[1] = make_float4(f[4], f[5], f[6], f[7]);
-            }
-        } else {
-            for (int j = threadIdx.x; j < width; j += blockDim.x) row[j] = bf16_to_f32(from[j]);
-        }
-        // The block's writes to `row` are visible to all its threads past the barrier.
-        __syncthreads();
-    }
-    const float* cs = cos_table + t * half;
-    const float* sn = sin_table + t * half;
-    const u32 slot = slot_mapping[t];
-    C* k_dst = cache + (long long)(slot / block_size) * block_elems + layer_offset +
-               (long long)(slot % block_size) * token_stride;
-    C* v_dst = k_dst + kv_stride;
     if (ROTATE_KEYS && head_dim % 64 == 0 && head_dim <= ROTATE_MAX_DIM) {
         rope_rotate_heads_warp<C>(row, cs, sn, k_dst, num_heads, num_kv_heads, head_dim,
                                   rotation_block);
         const float* v = row + (num_heads + num_kv_heads) * head_dim;
-        for (int j = threadIdx.x; j < token_stride; j += blockDim.x) kv_store1(v_dst + j, v[j]);
+        for (int j = 4 * threadIdx.x; j < token_stride; j += 4 * blockDim.x)
+            kv_store4(v_dst + j, *reinterpret_cast<const float4*>(v + j));
         return;
     }
 #ifndef ROPE_VEC
@@ -225,16 +222,95 @@ __device__ __forceinline__ void rope_cache_write_impl(
     for (int j = threadIdx.x; j < token_stride; j += blockDim.x) kv_store1(v_dst + j, v[j]);
 }
 
+// `src` null: the rows are qkv's own (f32), rotated in place. Else the projection wrote them in
+// bf16 (cuBLASLt's FP8 product writes bf16 only) into `src`, and each row is widened as it is
+// read: with `staged` (the launch gives the block the row's width of f32 in shared memory)
+// into shared memory, rotated there, and only the rotated q heads go back to `qkv` (k and v
+// go to the cache and nothing reads them from qkv: at 6,144 values a row, 8 KB of f32 a token
+// not written and ~2.5x less time at prefill sizes than rotating in global memory); else into
+// qkv's row, rotated there.
+//
+// `q16` not null (staged only): rows from `q16_first` on (a batch's prefill rows, for the
+// warpgroup prefill kernel) write their q heads instead as bf16 of q * `q16_scale` (the
+// kernel's score scale) into `q16` ([rows - q16_first, num_heads * head_dim]), the very
+// values the kernel would round f32 q to, at half the bytes written and read.
+template <typename C, bool ROTATE_KEYS>
+__device__ __forceinline__ void rope_cache_write_impl(
+    float* __restrict__ qkv, const float* __restrict__ cos_table, const float* __restrict__ sin_table,
+    const u32* __restrict__ slot_mapping, C* __restrict__ cache, int num_heads, int num_kv_heads,
+    int head_dim, int block_size, long long block_elems, long long layer_offset,
+    const bf16* __restrict__ src, int staged, bf16* __restrict__ q16, int q16_first,
+    float q16_scale) {
+    extern __shared__ __align__(16) float rope_staged_row[];
+    const long long t = blockIdx.x;
+    const int half = head_dim / 2;
+    const int width = (num_heads + 2 * num_kv_heads) * head_dim;
+    const int token_stride = num_kv_heads * head_dim;
+    const long long kv_stride = (long long)block_size * token_stride;
+    float* const qkv_row = qkv + t * width;
+    const float* cs = cos_table + t * half;
+    const float* sn = sin_table + t * half;
+    const u32 slot = slot_mapping[t];
+    C* k_dst = cache + (long long)(slot / block_size) * block_elems + layer_offset +
+               (long long)(slot % block_size) * token_stride;
+    C* v_dst = k_dst + kv_stride;
+    if (src == nullptr || !staged) {
+        if (src != nullptr) {
+            widen_row(src + t * width, qkv_row, width);
+            // The block's writes to the row are visible to all its threads past the barrier.
+            __syncthreads();
+        }
+        rope_cache_write_row<C, ROTATE_KEYS>(qkv_row, cs, sn, k_dst, v_dst, num_heads,
+                                             num_kv_heads, head_dim);
+        return;
+    }
+    // The row in shared memory (the compiler sees the address space: shared loads and stores).
+    widen_row(src + t * width, rope_staged_row, width);
+    __syncthreads();
+    rope_cache_write_row<C, ROTATE_KEYS>(rope_staged_row, cs, sn, k_dst, v_dst, num_heads,
+                                         num_kv_heads, head_dim);
+    // The rotated q heads, from shared memory to qkv (or q16), four consecutive values a
+    // thread (16-byte shared loads without bank conflicts).
+    __syncthreads();
+    const int q_width = num_heads * head_dim;
+    const float* row = rope_staged_row;
+    const bool vec = (q_width & 3) == 0;
+    if (q16 != nullptr && t >= q16_first) {
+        bf16* dst = q16 + (t - q16_first) * (long long)q_width;
+        if (vec) {
+            for (int j = 4 * threadIdx.x; j < q_width; j += 4 * blockDim.x) {
+                const float4 v = *reinterpret_cast<const float4*>(row + j);
+                *reinterpret_cast<uint2*>(dst + j) =
+                    make_uint2(f32x2_to_bf16x2(v.x * q16_scale, v.y * q16_scale),
+                               f32x2_to_bf16x2(v.z * q16_scale, v.w * q16_scale));
+            }
+        } else {
+            for (int j = threadIdx.x; j < q_width; j += blockDim.x)
+                dst[j] = f32_to_bf16(row[j] * q16_scale);
+        }
+        return;
+    }
+    if (vec) {
+        for (int j = 4 * threadIdx.x; j < q_width; j += 4 * blockDim.x)
+            *reinterpret_cast<float4*>(qkv_row + j) = *reinterpret_cast<const float4*>(row + j);
+    } else {
+        for (int j = threadIdx.x; j < q_width; j += blockDim.x) qkv_row[j] = row[j];
+    }
+}
+
 #define ROPE_CACHE_WRITE_KERNEL(NAME, C, ROTATE_KEYS)                                              \
-    extern "C" __global__ void NAME(float* __restrict__ qkv, const float* __restrict__ cos_table,  \
+    extern "C" __global__ void __launch_bounds__(512, 3) NAME(float* __restrict__ qkv, const float* __restrict__ cos_table, \
                                     const float* __restrict__ sin_table,                           \
                                     const u32* __restrict__ slot_mapping, C* __restrict__ cache,   \
                                     int num_heads, int num_kv_heads, int head_dim,                 \
                                     int block_size, long long block_elems,                         \
-                                    long long layer_offset, const bf16* __restrict__ src) {        \
+                                    long long layer_offset, const bf16* __restrict__ src,          \
+                                    int staged, bf16* __restrict__ q16, int q16_first,             \
+                                    float q16_scale) {                                             \
         rope_cache_write_impl<C, ROTATE_KEYS>(qkv, cos_table, sin_table, slot_mapping, cache,      \
                                               num_heads, num_kv_heads, head_dim, block_size,       \
-                                              block_elems, layer_offset, src);                     \
+                                              block_elems, layer_offset, src, staged, q16,         \
+                                              q16_first, q16_scale);                               \
     }
 
 ROPE_CACHE_WRITE_KERNEL(rope_cache_write, bf16, false)

@@ -23,6 +23,14 @@ __device__ __forceinline__ bf16 f32_to_bf16(float f) {
     return (bf16)(u >> 16);
 }
 
+// Two f32 as packed bf16 (`lo` in the low half) in one instruction, rounded to nearest even
+// as f32_to_bf16 rounds (a NaN comes out as the canonical quiet NaN).
+__device__ __forceinline__ u32 f32x2_to_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 // An FP8 e4m3 code (the KV cache's `fp8` element).
 typedef unsigned char fp8;
 

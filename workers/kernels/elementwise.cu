@@ -343,7 +343,22 @@ extern "C" __global__ void add_rms_norm_bf16_rbf16(bf16* __restrict__ residual,
     add_rms_norm_row(residual, x, weight, out, rows, cols, eps, q8, q_scales);
 }
 
-__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+// silu(g) * u on the special-function unit's exponential and reciprocal (`__expf`,
+// `__fdividef`), a few f32 ulp from the IEEE expression, whose result is then rounded to bf16
+// anyway: the IEEE division and expf's range handling took ~25 instructions a value, and
+// silu_mul_quant at prefill sizes was bound by them (74% of issue slots on an H200, DRAM at
+// 59%). For g below about -87 the sum is past 2^126 and this gives 0 where silu is -0 or a
+// value under 1e-36. `-D SILU_FAST=0` (TANDEM_KERNEL_DEFINES): the IEEE expression, to compare.
+#ifndef SILU_FAST
+#define SILU_FAST 1
+#endif
+__device__ __forceinline__ float silu_times(float g, float u) {
+#if SILU_FAST
+    return __fdividef(g, 1.0f + __expf(-g)) * u;
+#else
+    return g / (1.0f + expf(-g)) * u;
+#endif
+}
 
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, f + i], gate and up as bf16 values
 // (`load4_bf16`). Grid: x over a row's columns (four per
@@ -363,10 +378,8 @@ __device__ __forceinline__ void silu_mul_rows(const T* __restrict__ gate_up, bf1
             const float4 g = load4_bf16(gate + c);
             const float4 u = load4_bf16(gate + f + c);
             uint2 packed;
-            packed.x = (u32)f32_to_bf16(silu_times(g.x, u.x)) |
-                       ((u32)f32_to_bf16(silu_times(g.y, u.y)) << 16);
-            packed.y = (u32)f32_to_bf16(silu_times(g.z, u.z)) |
-                       ((u32)f32_to_bf16(silu_times(g.w, u.w)) << 16);
+            packed.x = f32x2_to_bf16x2(silu_times(g.x, u.x), silu_times(g.y, u.y));
+            packed.y = f32x2_to_bf16x2(silu_times(g.z, u.z), silu_times(g.w, u.w));
             *reinterpret_cast<uint2*>(dst + c) = packed;
         } else {
             dst[c] = f32_to_bf16(silu_times(load1_bf16(gate + c), load1_bf16(gate + f + c)));
@@ -438,8 +451,8 @@ __device__ __forceinline__ void silu_mul_quant_rows(const T* __restrict__ gate_u
                 u32 w[4];
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    w[e] = (u32)f32_to_bf16(silu_times(g[2 * e], u[2 * e])) |
-                           ((u32)f32_to_bf16(silu_times(g[2 * e + 1], u[2 * e + 1])) << 16);
+                    w[e] = f32x2_to_bf16x2(silu_times(g[2 * e], u[2 * e]),
+                                           silu_times(g[2 * e + 1], u[2 * e + 1]));
                 v[j] = make_uint4(w[0], w[1], w[2], w[3]);
                 if (dst != nullptr) reinterpret_cast<uint4*>(dst)[i] = v[j];
                 amax = fmaxf(amax, bf16x8_amax(v[j]));

@@ -213,7 +213,8 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
     const u32* __restrict__ seq_block_start, const u32* __restrict__ block_tables,
     const u32* __restrict__ tile_seq, const u32* __restrict__ tile_row, bf16* __restrict__ out,
     int num_heads, int num_kv_heads, int block_size, long long block_elems, long long layer_offset,
-    float scale_log2, const unsigned char* __restrict__ kv_tensor_map, int use_tma, int num_tiles) {
+    float scale_log2, const unsigned char* __restrict__ kv_tensor_map, int use_tma, int num_tiles,
+    const bf16* __restrict__ q16, int q16_first) {
     constexpr int D = 128;
     constexpr int KC = D / 16;        // 16-wide k steps of S = Q Kᵀ
     constexpr int NT = WG_KEYS / 8;   // 8-key column blocks of S
@@ -383,7 +384,20 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
     const int first_pos = cached + r0 + wg_row0;
 
     u32 qa[KC][4];
-    {
+    if (q16 != nullptr) {
+        // q already scaled and rounded to bf16 by rope_cache_write: pairs as they stand.
+        const long long q_width = (long long)num_heads * D;
+        const bf16* qra = q16 + (long long)(t_start + r0 + la - q16_first) * q_width + h * D;
+        const bf16* qrb = q16 + (long long)(t_start + r0 + lb - q16_first) * q_width + h * D;
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) {
+            const int d0 = kc * 16 + 2 * c;
+            qa[kc][0] = *reinterpret_cast<const u32*>(qra + d0);
+            qa[kc][1] = *reinterpret_cast<const u32*>(qrb + d0);
+            qa[kc][2] = *reinterpret_cast<const u32*>(qra + d0 + 8);
+            qa[kc][3] = *reinterpret_cast<const u32*>(qrb + d0 + 8);
+        }
+    } else {
         const float* qra = qkv + (long long)(t_start + r0 + la) * width + h * D;
         const float* qrb = qkv + (long long)(t_start + r0 + lb) * width + h * D;
 #pragma unroll

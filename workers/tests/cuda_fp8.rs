@@ -506,6 +506,129 @@ fn fused_fp8_quantization_gives_the_projections_the_same_codes() {
     }
 }
 
+/// Logits of a batch mixing decodes with prompt chunks (FP8 weights): two prompts
+/// prefilled alone, then twice their decodes beside a chunk of a third prompt (the second chunk
+/// reads the first from the cache), every row's logits.
+fn mixed_batch_logits(model: &Model<CudaBackend>) -> Vec<Vec<f32>> {
+    const BLOCKS_PER_SEQ: usize = 48;
+    let mut kv = model.alloc_kv_cache(16, 3 * BLOCKS_PER_SEQ).unwrap();
+    let vocab = model.config().vocab_size.min(250);
+    let table = |i: usize| -> Vec<u32> {
+        ((i * BLOCKS_PER_SEQ) as u32..((i + 1) * BLOCKS_PER_SEQ) as u32).collect()
+    };
+    let prompt = |i: usize, n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|j| ((j * 17 + i * 3 + 2) % vocab) as u32)
+            .collect()
+    };
+    let mut logits = Vec::new();
+    let lens = [200usize, 150];
+    for (i, &n) in lens.iter().enumerate() {
+        let mut batch = ForwardBatch::default();
+        batch.push(&prompt(i, n), 0, table(i), true);
+        logits.extend(model.forward(&batch, &mut kv).unwrap());
+    }
+    let third = prompt(2, 560);
+    for (step, chunk) in third.chunks(280).enumerate() {
+        let mut batch = ForwardBatch::default();
+        for (i, &n) in lens.iter().enumerate() {
+            batch.push(&[(step * 5 + i + 1) as u32], n + step, table(i), true);
+        }
+        batch.push(chunk, step * 280, table(2), true);
+        logits.extend(model.forward(&batch, &mut kv).unwrap());
+    }
+    logits
+}
+
+/// `rope_cache_write` rotating rows in shared memory (`rope_shared`), and writing the prefill
+/// rows' q as the warpgroup kernel's bf16 (`prefill_q_bf16`), give the bits of rows rotated in
+/// global memory: the logits of prompts alone and of batches mixing decodes with prompt
+/// chunks, over an FP8 and a bf16 cache, on the tiny FP8 model and the head-dim-128 one the
+/// device script names (where, on Hopper over the FP8 cache, the warpgroup kernel reads the
+/// bf16 q).
+#[test]
+fn rope_in_shared_memory_and_bf16_prefill_q_give_the_same_bits() {
+    if no_gpu() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let extra = std::env::var_os("TANDEM_GPU_TEST_MODEL_FP8").map(PathBuf::from);
+    let models: Vec<PathBuf> = std::iter::once(tiny_fp8(scratch.path()))
+        .chain(extra)
+        .collect();
+    for (dir, kv_dtype) in models
+        .iter()
+        .flat_map(|d| [(d, KvDType::Fp8), (d, KvDType::Bf16)])
+    {
+        let run = |rope_shared: bool, prefill_q_bf16: bool| {
+            let gpu = Model::load(
+                dir,
+                CudaBackend::new(&CudaOptions {
+                    rope_shared,
+                    prefill_q_bf16,
+                    ..CudaOptions::from_env(0)
+                })
+                .unwrap(),
+                &ModelOptions {
+                    kv_dtype: Some(kv_dtype),
+                    ..ModelOptions::default()
+                },
+            )
+            .unwrap();
+            gpu.backend().count_launches(true);
+            let logits = mixed_batch_logits(&gpu);
+            let launches = gpu.backend().launch_counts();
+            let count = |op: &str| launches.get(op).copied().unwrap_or(0);
+            let counts = (
+                count("rope_cache_write"),
+                count("rope_cache_write_shared"),
+                count("rope_cache_write_prefill_q_bf16"),
+            );
+            let wgmma = gpu.backend().has_flash_wgmma()
+                && gpu.config().head_dim() == 128
+                && kv_dtype == KvDType::Fp8;
+            (logits, counts, wgmma)
+        };
+        let (global, counts, _) = run(false, false);
+        assert_eq!(
+            (counts.1, counts.2),
+            (0, 0),
+            "{}: {counts:?}",
+            dir.display()
+        );
+        let (shared, counts, _) = run(true, false);
+        assert!(
+            counts.1 > 0 && counts.2 == 0,
+            "{}: {counts:?}",
+            dir.display()
+        );
+        let (q16, counts, wgmma) = run(true, true);
+        if wgmma {
+            assert!(counts.2 > 0, "{}: {counts:?}", dir.display());
+        } else {
+            assert_eq!(counts.2, 0, "{}: {counts:?}", dir.display());
+        }
+        for (name, other) in [("shared", &shared), ("prefill q bf16", &q16)] {
+            assert_eq!(global.len(), other.len());
+            for (row, (a, b)) in global.iter().zip(other).enumerate() {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{}: logits row {row} differ with {name} (relative L2 {:.2e})",
+                    dir.display(),
+                    rel_l2(a, b)
+                );
+            }
+        }
+        eprintln!(
+            "{}, {kv_dtype:?} cache: rope in shared memory{}: {} logits rows bitwise equal; \
+             launches {counts:?}",
+            dir.display(),
+            if wgmma { " and bf16 prefill q" } else { "" },
+            global.len()
+        );
+    }
+}
+
 /// Logits of `steps` decode steps of `seqs` sequences at once (prompts of 300 + 7i tokens,
 /// prefilled one at a time; forced tokens), in 16-token blocks, with the kernel launches of
 /// the decode steps by operation.

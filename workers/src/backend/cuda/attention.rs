@@ -4,16 +4,21 @@
 //! [`CudaOptions::concurrent_attention`](super::CudaOptions::concurrent_attention) allows; and
 //! the rotary embedding that writes K/V into the paged cache.
 
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::tensor::DeviceData;
+use super::tensor::{DeviceData, PrefillQuery};
+use super::widened_kv::WidenedKv;
 use super::{
     CudaBackend, CudaBatch, CudaKvCache, CudaTensor, kernels, rows_config, shape_err, tma,
 };
 use crate::backend::{AttentionShape, BackendError};
 use crate::kv_cache::{KvDType, KvLayout};
+
+/// Most shared memory `rope_cache_write` stages a row's f32 values in (the default limit of a
+/// block without opting in): fused q/k/v rows of up to 12,288 values.
+const ROPE_SHARED_MAX_BYTES: usize = 48 * 1024;
 
 /// A prefill attention kernel and its launch shape ([`CudaBackend::flash_kernel`]): every
 /// one takes `flash.cu`'s arguments and covers a batch's 128-row tiles.
@@ -215,8 +220,17 @@ impl CudaBackend {
             .arg(&scale_log2);
         let use_tma = i32::from(src.use_tma);
         let num_tiles = batch.num_tiles as i32;
+        // The prefill rows' q in bf16 where rope wrote it so (null: f32 in `q`).
+        let (q16, q16_first): (u64, i32) = match &qkv.prefill_q {
+            Some(pq) => (pq.data.device_ptr(stream).0, pq.first_row as i32),
+            None => (0, 0),
+        };
         if launch.wgmma {
-            b.arg(src.tensor_map).arg(&use_tma).arg(&num_tiles);
+            b.arg(src.tensor_map)
+                .arg(&use_tma)
+                .arg(&num_tiles)
+                .arg(&q16)
+                .arg(&q16_first);
         }
         let heads = (shape.num_heads / launch.heads_per_block) as u32;
         let items = batch.num_tiles as u32 * heads;
@@ -283,6 +297,8 @@ impl CudaBackend {
         let rows = qkv.rows;
         // Rows written in bf16 (`project_qkv`) are widened into f32 rows by the kernel.
         let narrow = if let DeviceData::Bf16(_) = &qkv.data {
+            // SAFETY of the allocation (`alloc_f32`): rotated in shared memory, rows keep only
+            // q here, and nothing reads their k and v from it.
             let wide = DeviceData::F32(self.alloc_f32(rows * qkv.cols)?);
             Some(std::mem::replace(&mut qkv.data, wide))
         } else {
@@ -292,6 +308,30 @@ impl CudaBackend {
             Some(DeviceData::Bf16(x)) => x.device_ptr(&self.stream).0,
             _ => 0,
         };
+        let staged_bytes = qkv.cols * std::mem::size_of::<f32>();
+        let staged =
+            narrow.is_some() && self.options.rope_shared && staged_bytes <= ROPE_SHARED_MAX_BYTES;
+        // The prefill rows' q in bf16, where the warpgroup kernel will read it.
+        let q_width = shape.num_heads * shape.head_dim;
+        let prefill_q = if staged
+            && self.options.prefill_q_bf16
+            && layout.dtype == KvDType::Fp8
+            && rows > batch.decode_rows
+            && self.wgmma_over_widened(shape, kv, batch).is_some()
+        {
+            Some(PrefillQuery {
+                first_row: batch.decode_rows,
+                data: self.alloc_bf16((rows - batch.decode_rows) * q_width)?,
+            })
+        } else {
+            None
+        };
+        let (q16, q16_first): (u64, i32) = match &prefill_q {
+            Some(pq) => (pq.data.device_ptr(&self.stream).0, pq.first_row as i32),
+            None => (0, 0),
+        };
+        let q16_scale = shape.scale * std::f32::consts::LOG2_E;
+        let staged_flag = i32::from(staged);
         let q = qkv.as_f32_mut("rope_and_cache_write")?;
         let (heads, kv_heads, dim, bs) = (
             shape.num_heads as i32,
@@ -318,15 +358,43 @@ impl CudaBackend {
             .arg(&bs)
             .arg(&block_elems)
             .arg(&layer_offset)
-            .arg(&src);
-        self.launch(
-            b,
-            rows_config(rows, (pairs.next_multiple_of(32) as u32).clamp(32, 512)),
-            "rope_cache_write",
-        )?;
+            .arg(&src)
+            .arg(&staged_flag)
+            .arg(&q16)
+            .arg(&q16_first)
+            .arg(&q16_scale);
+        let mut cfg = rows_config(rows, (pairs.next_multiple_of(32) as u32).clamp(32, 512));
+        if staged {
+            cfg.shared_mem_bytes = staged_bytes as u32;
+        }
+        let label = match (staged, &prefill_q) {
+            (true, Some(_)) => "rope_cache_write_prefill_q_bf16",
+            (true, None) => "rope_cache_write_shared",
+            (false, _) => "rope_cache_write",
+        };
+        self.launch(b, cfg, label)?;
         // The bf16 rows are freed once the kernel that reads them has run (stream order).
         drop(narrow);
+        qkv.prefill_q = prefill_q;
         Ok(())
+    }
+
+    /// The warpgroup kernel and the bf16 copy of the FP8 cache's prefill blocks it reads,
+    /// where `batch`'s prefill attention runs so: a batch with prompt rows, over an FP8 cache
+    /// whose layout fits the kernel's tensor map, with the copy allowed and allocated.
+    fn wgmma_over_widened(
+        &self,
+        shape: &AttentionShape,
+        kv: &CudaKvCache,
+        batch: &CudaBatch,
+    ) -> Option<(FlashLaunch<'_>, MutexGuard<'_, Option<WidenedKv>>)> {
+        let prefill = batch.num_tokens > batch.num_seqs;
+        if !(prefill && kv.layout.dtype == KvDType::Fp8 && self.switches.fp8_prefill_widen()) {
+            return None;
+        }
+        self.wgmma_launch(shape)
+            .filter(|_| self.kv_tensor_map_fits(&kv.layout))
+            .and_then(|launch| Some((launch, self.widened_kv(kv, batch)?)))
     }
 
     pub(super) fn attention(
@@ -343,12 +411,16 @@ impl CudaBackend {
         // Over an FP8 cache, the warpgroup kernel reads a bf16 copy of the prefill blocks
         // where it can ([`CudaOptions::fp8_prefill_widen`](super::CudaOptions::fp8_prefill_widen)).
         let prefill = batch.num_tokens > batch.num_seqs;
-        let mut widened = None;
-        if prefill && kv.layout.dtype == KvDType::Fp8 && self.switches.fp8_prefill_widen() {
-            widened = self
-                .wgmma_launch(shape)
-                .filter(|_| self.kv_tensor_map_fits(&kv.layout))
-                .and_then(|launch| Some((launch, self.widened_kv(kv, batch)?)));
+        let widened = self.wgmma_over_widened(shape, kv, batch);
+        // Rope wrote the prefill rows' q for the warpgroup kernel alone only where this same
+        // choice was made; the copy, once allocated for the batch, stays.
+        if qkv.prefill_q.is_some() && widened.is_none() {
+            return Err(shape_err(
+                "attention",
+                "the prefill rows' q was written in bf16 for the warpgroup kernel, which \
+                 cannot run this batch"
+                    .into(),
+            ));
         }
         let flash = match widened {
             Some((launch, copy)) => Some((launch, Some(copy))),

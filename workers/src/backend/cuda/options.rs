@@ -83,6 +83,16 @@ pub struct CudaOptions {
     /// Hopper) over the copy instead of `flash.cu`'s FP8 kernel, which widens as it loads
     /// (`TANDEM_FP8_PREFILL_WIDEN=0`: the FP8 kernel, to compare; the values are the same).
     pub fp8_prefill_widen: bool,
+    /// `rope_cache_write` rotates rows the q/k/v projection wrote in bf16 in shared memory
+    /// and writes back only q, the part attention reads (k and v go to the cache); off, it
+    /// widens each row into global memory and rotates it there (`TANDEM_ROPE_SHARED=0`: to
+    /// compare; the same values).
+    pub rope_shared: bool,
+    /// With [`Self::rope_shared`], over an FP8 cache where the warpgroup kernel runs the
+    /// prefill attention, `rope_cache_write` writes the prefill rows' q as the bf16 that
+    /// kernel reads (q times its score scale) instead of f32: half the bytes written and read
+    /// back (`TANDEM_PREFILL_Q_BF16=0`: f32, to compare; the same scores).
+    pub prefill_q_bf16: bool,
     /// Projections of at most this many rows run the GEMV kernel, larger ones `skinny.cu` or
     /// cuBLAS; 0 sends every projection past them (at most
     /// [`GEMV_MAX_ROWS`](super::kernels::GEMV_MAX_ROWS)). No environment variable: benchmarks
@@ -198,6 +208,8 @@ impl Default for CudaOptions {
             skinny_fp8: true,
             fp8_fused_quant: true,
             fp8_prefill_widen: true,
+            rope_shared: true,
+            prefill_q_bf16: true,
             gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
             fp8_gemv_max_rows: DEFAULT_FP8_GEMV_MAX_ROWS,
             fp8_gemv_mma: true,
@@ -255,6 +267,8 @@ impl CudaOptions {
             skinny_fp8: switch("TANDEM_SKINNY_FP8"),
             fp8_fused_quant: switch("TANDEM_FP8_FUSED_QUANT"),
             fp8_prefill_widen: switch("TANDEM_FP8_PREFILL_WIDEN"),
+            rope_shared: switch("TANDEM_ROPE_SHARED"),
+            prefill_q_bf16: switch("TANDEM_PREFILL_Q_BF16"),
             gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
             fp8_gemv_max_rows: text("TANDEM_FP8_GEMV_MAX_ROWS")
                 .and_then(|v| v.trim().parse().ok())
@@ -341,6 +355,8 @@ mod tests {
             ("TANDEM_SKINNY_FP8", "0"),
             ("TANDEM_FP8_FUSED_QUANT", "0"),
             ("TANDEM_FP8_PREFILL_WIDEN", "0"),
+            ("TANDEM_ROPE_SHARED", "0"),
+            ("TANDEM_PREFILL_Q_BF16", "0"),
             ("TANDEM_FP8_QKV_BF16", "0"),
             ("TANDEM_FP8_CODES_ONLY", "0"),
             ("TANDEM_FP8_GEMV_MAX_ROWS", "2"),
@@ -376,6 +392,8 @@ mod tests {
                 skinny_fp8: false,
                 fp8_fused_quant: false,
                 fp8_prefill_widen: false,
+                rope_shared: false,
+                prefill_q_bf16: false,
                 gemv_max_rows: DEFAULT_GEMV_MAX_ROWS,
                 fp8_gemv_max_rows: 2,
                 fp8_gemv_mma: false,

@@ -30,6 +30,18 @@ pub struct CudaTensor {
     /// The rows quantized for an FP8 projection (per token), where the kernel that wrote
     /// `data` made them too: the projection then skips its own quantization.
     pub(super) fp8: Option<Fp8Rows>,
+    /// Fused q/k/v rows after the rotary embedding over an FP8 cache, where the warpgroup
+    /// prefill kernel runs: the prefill rows' q heads, pre-scaled and in bf16, which that
+    /// kernel reads in place of their f32 rows in `data` (left unwritten).
+    pub(super) prefill_q: Option<PrefillQuery>,
+}
+
+/// The q heads of a batch's prefill rows (`first_row..`) as bf16 of q times the prefill
+/// kernel's score scale, `[rows - first_row, num_heads * head_dim]`: the values that kernel
+/// rounds f32 q to, written once by `rope_cache_write` at half the bytes.
+pub struct PrefillQuery {
+    pub(super) first_row: usize,
+    pub(super) data: CudaSlice<u16>,
 }
 
 /// Activation rows as FP8 e4m3 codes `[rows, cols]` and one f32 scale per row: what
@@ -46,6 +58,7 @@ impl CudaTensor {
             cols,
             data: DeviceData::F32(data),
             fp8: None,
+            prefill_q: None,
         }
     }
 
@@ -55,6 +68,7 @@ impl CudaTensor {
             cols,
             data: DeviceData::Bf16(data),
             fp8: None,
+            prefill_q: None,
         }
     }
 
@@ -65,6 +79,7 @@ impl CudaTensor {
             cols,
             data: DeviceData::Fp8CodesOnly,
             fp8: Some(fp8),
+            prefill_q: None,
         }
     }
 
