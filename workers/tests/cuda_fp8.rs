@@ -57,6 +57,13 @@ fn tiny_fp8(dir: &Path) -> PathBuf {
     out
 }
 
+/// The FP8 models the tests run: the tiny one (written under `dir`), and the model of real
+/// shapes `TANDEM_GPU_TEST_MODEL_FP8` names, if any.
+fn fp8_models(dir: &Path) -> Vec<PathBuf> {
+    let extra = std::env::var_os("TANDEM_GPU_TEST_MODEL_FP8").map(PathBuf::from);
+    std::iter::once(tiny_fp8(dir)).chain(extra).collect()
+}
+
 fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
     let num: f64 = a
         .iter()
@@ -92,8 +99,7 @@ fn fp8_logits_on_the_gpu_match_the_cpu_on_the_same_fp8_weights() {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
-    let extra = std::env::var_os("TANDEM_GPU_TEST_MODEL_FP8").map(PathBuf::from);
-    for dir in std::iter::once(tiny_fp8(scratch.path())).chain(extra) {
+    for dir in fp8_models(scratch.path()) {
         let options = ModelOptions {
             kv_dtype: Some(KvDType::Bf16),
             ..ModelOptions::default()
@@ -438,10 +444,7 @@ fn fused_fp8_quantization_gives_the_projections_the_same_codes() {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
-    let extra = std::env::var_os("TANDEM_GPU_TEST_MODEL_FP8").map(PathBuf::from);
-    let models: Vec<PathBuf> = std::iter::once(tiny_fp8(scratch.path()))
-        .chain(extra)
-        .collect();
+    let models = fp8_models(scratch.path());
     for (dir, codes_only) in models.iter().flat_map(|d| [(d, true), (d, false)]) {
         let options = ModelOptions {
             kv_dtype: Some(KvDType::Bf16),
@@ -552,10 +555,7 @@ fn rope_in_shared_memory_and_bf16_prefill_q_give_the_same_bits() {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
-    let extra = std::env::var_os("TANDEM_GPU_TEST_MODEL_FP8").map(PathBuf::from);
-    let models: Vec<PathBuf> = std::iter::once(tiny_fp8(scratch.path()))
-        .chain(extra)
-        .collect();
+    let models = fp8_models(scratch.path());
     for (dir, kv_dtype) in models
         .iter()
         .flat_map(|d| [(d, KvDType::Fp8), (d, KvDType::Bf16)])
