@@ -11,9 +11,12 @@ usage: nvrtc_check.py [--repo DIR] [--arch sm_90|sm_90a] [--filter TEXT] [--sass
     paged_decode_mma_fp8_persistent_d128) with cuobjdump and print its opcodes by count;
     --full prints the listing too.
 
-Libraries, found under $NVRTC_DIR (default /tmp/nvrtc), else installed there:
-  python3 -m pip install --target /tmp/nvrtc nvidia-cuda-nvrtc-cu12 nvidia-cuda-cuobjdump
-(the wheels of NVIDIA's CUDA components; nothing else of CUDA is needed).
+Libraries, found under $NVRTC_DIR (default /tmp/nvrtc), else installed there, all in one
+command into an empty folder (pip --target skips, or with --upgrade replaces, the `nvidia`
+folder an earlier install left there):
+  python3 -m pip install --target /tmp/nvrtc nvidia-cuda-nvrtc-cu12 nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+(the wheels of NVIDIA's CUDA components; nothing else of CUDA is needed; nvdisasm is what
+cuobjdump runs for --sass).
 """
 import argparse
 import collections
@@ -78,11 +81,14 @@ def report(log, rc, want):
 
 def sass(cubin, kernel, full):
     cuobjdump = find(["cuobjdump"], "cuobjdump")
+    # cuobjdump -sass runs nvdisasm, looked for on PATH or at NVDISASM_PATH.
+    env = dict(os.environ)
+    env.setdefault("NVDISASM_PATH", os.path.dirname(find(["nvdisasm"], "nvdisasm")))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         run = subprocess.run(
-            [cuobjdump, "-sass", "-fun", kernel, f.name], capture_output=True, text=True
+            [cuobjdump, "-sass", "-fun", kernel, f.name], capture_output=True, text=True, env=env
         )
         if run.returncode != 0:
             sys.exit(f"cuobjdump failed ({run.returncode}): {run.stderr.strip()}")
