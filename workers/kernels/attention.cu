@@ -281,8 +281,8 @@ __device__ __forceinline__ void rope_cache_write_impl(
             for (int j = 4 * threadIdx.x; j < q_width; j += 4 * blockDim.x) {
                 const float4 v = *reinterpret_cast<const float4*>(row + j);
                 *reinterpret_cast<uint2*>(dst + j) =
-                    make_uint2(f32x2_to_bf16x2(v.x * q16_scale, v.y * q16_scale),
-                               f32x2_to_bf16x2(v.z * q16_scale, v.w * q16_scale));
+                    make_uint2(pack_bf16(v.x * q16_scale, v.y * q16_scale),
+                               pack_bf16(v.z * q16_scale, v.w * q16_scale));
             }
         } else {
             for (int j = threadIdx.x; j < q_width; j += blockDim.x)

@@ -23,9 +23,11 @@ __device__ __forceinline__ bf16 f32_to_bf16(float f) {
     return (bf16)(u >> 16);
 }
 
-// Two f32 as packed bf16 (`lo` in the low half) in one instruction, rounded to nearest even
-// as f32_to_bf16 rounds (a NaN comes out as the canonical quiet NaN).
-__device__ __forceinline__ u32 f32x2_to_bf16x2(float lo, float hi) {
+// Two f32 as packed bf16 (`lo` in the low half), rounded to nearest even as f32_to_bf16
+// rounds each value (a NaN comes out as the canonical quiet NaN), in one instruction for the
+// pair: where a kernel converts every value it writes, the integer rounding sequence made the
+// ALU its busiest pipe (flash.cu's score tiles).
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;

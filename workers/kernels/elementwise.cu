@@ -378,8 +378,8 @@ __device__ __forceinline__ void silu_mul_rows(const T* __restrict__ gate_up, bf1
             const float4 g = load4_bf16(gate + c);
             const float4 u = load4_bf16(gate + f + c);
             uint2 packed;
-            packed.x = f32x2_to_bf16x2(silu_times(g.x, u.x), silu_times(g.y, u.y));
-            packed.y = f32x2_to_bf16x2(silu_times(g.z, u.z), silu_times(g.w, u.w));
+            packed.x = pack_bf16(silu_times(g.x, u.x), silu_times(g.y, u.y));
+            packed.y = pack_bf16(silu_times(g.z, u.z), silu_times(g.w, u.w));
             *reinterpret_cast<uint2*>(dst + c) = packed;
         } else {
             dst[c] = f32_to_bf16(silu_times(load1_bf16(gate + c), load1_bf16(gate + f + c)));
@@ -451,7 +451,7 @@ __device__ __forceinline__ void silu_mul_quant_rows(const T* __restrict__ gate_u
                 u32 w[4];
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    w[e] = f32x2_to_bf16x2(silu_times(g[2 * e], u[2 * e]),
+                    w[e] = pack_bf16(silu_times(g[2 * e], u[2 * e]),
                                            silu_times(g[2 * e + 1], u[2 * e + 1]));
                 v[j] = make_uint4(w[0], w[1], w[2], w[3]);
                 if (dst != nullptr) reinterpret_cast<uint4*>(dst)[i] = v[j];

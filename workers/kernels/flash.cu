@@ -38,15 +38,6 @@
 #define FA_Q_SMEM 0
 #endif
 
-// Two floats as bf16x2 (lo in the low half), round to nearest even: the conversion
-// f32_to_bf16 does per value, in one instruction for the pair (the score tile is converted
-// every iteration, and the integer rounding sequence made the ALU this kernel's busiest pipe).
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 // 2^x by the special-function unit (exp2f without fast math adds range handling per call);
 // 2^-inf = 0, which the causal mask relies on.
 __device__ __forceinline__ float fast_exp2(float x) {
