@@ -40,7 +40,8 @@ pub enum Isa {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx2Vnni,
-    /// AVX-512 VNNI on two groups (16 columns) at once; a lone group takes the AVX-VNNI kernel.
+    /// AVX-512 VNNI on two groups (16 columns) at once; a lone group takes the 256-bit kernel
+    /// of AVX-VNNI, on AVX-512 VNNI's encoding of its instruction.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
     /// NEON (every aarch64 CPU): widening byte products, summed in pairs.
@@ -51,13 +52,15 @@ pub enum Isa {
     NeonDotprod,
 }
 
+/// AVX-512 VNNI with the 256-bit forms of its instructions (`avx512vl`): the paired kernel, and
+/// the one-group kernel's `vpdpbusd` on 256-bit registers in its EVEX encoding, which CPUs
+/// without AVX-VNNI's VEX encoding run too (AMD Zen 4, Intel Ice Lake and Cascade Lake).
 #[cfg(target_arch = "x86_64")]
 fn has_avx512_vnni() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
-        && is_x86_feature_detected!("avxvnni")
 }
 
 impl Isa {
@@ -229,15 +232,18 @@ pub fn group_dot(
         Isa::Portable => portable(layout, group, x, r0, rows, tile),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512Vnni => {
-            let vnni = isa != Isa::Avx2;
             macro_rules! go {
                 ($l:expr, $r:literal) => {
                     // SAFETY: the ISA was detected; `group` holds nb blocks and x rows r0..r0+R.
                     unsafe {
-                        if vnni {
-                            avx2::group_vnni::<$l, $r>(group.as_ptr(), nb, x, r0, tile)
-                        } else {
-                            avx2::group_avx2::<$l, $r>(group.as_ptr(), nb, x, r0, tile)
+                        match isa {
+                            Isa::Avx2Vnni => {
+                                avx2::group_vnni::<$l, $r>(group.as_ptr(), nb, x, r0, tile)
+                            }
+                            Isa::Avx512Vnni => {
+                                avx2::group_vnni_evex::<$l, $r>(group.as_ptr(), nb, x, r0, tile)
+                            }
+                            _ => avx2::group_avx2::<$l, $r>(group.as_ptr(), nb, x, r0, tile),
                         }
                     }
                 };
@@ -691,8 +697,21 @@ mod avx2 {
         _mm256_dpbusd_avx_epi32(acc, a, b)
     }
 
+    /// The same instruction in AVX-512 VNNI's encoding (256-bit registers through
+    /// `avx512vl`), for CPUs that have AVX-512 VNNI and not AVX-VNNI.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    fn dot_vnni_evex(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, a, b)
+    }
+
     kernel!(group_avx2, "avx2,fma", dot_avx2);
     kernel!(group_vnni, "avx2,fma,avxvnni", dot_vnni);
+    kernel!(
+        group_vnni_evex,
+        "avx2,fma,avx512f,avx512vl,avx512vnni",
+        dot_vnni_evex
+    );
 }
 
 /// Two groups (16 columns) per pass in 512-bit registers. AVX-512 has no byte sign, so signed
