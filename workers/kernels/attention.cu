@@ -307,6 +307,7 @@ __device__ __forceinline__ void rope_cache_write_impl(
                                     long long layer_offset, const bf16* __restrict__ src,          \
                                     int staged, bf16* __restrict__ q16, int q16_first,             \
                                     float q16_scale) {                                             \
+        pdl_enter();                                                                               \
         rope_cache_write_impl<C, ROTATE_KEYS>(qkv, cos_table, sin_table, slot_mapping, cache,      \
                                               num_heads, num_kv_heads, head_dim, block_size,       \
                                               block_elems, layer_offset, src, staged, q16,         \
@@ -325,6 +326,7 @@ extern "C" __global__ void widen_fp8_kv_blocks(const fp8* __restrict__ cache,
                                                const u32* __restrict__ blocks, int num_blocks,
                                                bf16* __restrict__ out, long long block_elems,
                                                long long layer_offset, long long layer_elems) {
+    pdl_enter();
     const long long vecs = layer_elems / 8;
     for (int i = blockIdx.y; i < num_blocks; i += gridDim.y) {
         const uint2* src =
@@ -379,6 +381,7 @@ __device__ __forceinline__ void store_attention(bf16* __restrict__ out,
         bf16* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,  \
         int num_heads, int num_kv_heads, int block_size, long long block_elems,                   \
         long long layer_offset, float scale, const char* prefetch, long long prefetch_bytes) {    \
+        pdl_enter();                                                                              \
         prefetch_l2(prefetch, prefetch_bytes);                                                    \
         BODY(qkv, cache, positions, token_seq, seq_block_start, block_tables, out,                \
                 partial_acc, partial_ml, num_heads, num_kv_heads, block_size, block_elems,        \
@@ -695,6 +698,7 @@ ATTENTION_FP8_KERNEL(96)
 extern "C" __global__ void attention_combine(const float* __restrict__ partial_acc,
                                              const float* __restrict__ partial_ml,
                                              bf16* __restrict__ out, int head_dim, int splits) {
+    pdl_enter();
     const long long th = (long long)blockIdx.x * gridDim.y + blockIdx.y;
     const float* ml = partial_ml + th * splits * 2;
     float m_all = NEG_INF;

@@ -192,6 +192,7 @@ __device__ __forceinline__ void decode_mma_fp8_warps(
             float* __restrict__ partial_ml, int num_heads, int num_kv_heads, int block_size,      \
             long long block_elems, long long layer_offset, float scale, const char* prefetch,    \
             long long prefetch_bytes, int rows) {                                                 \
+        pdl_enter();                                                                              \
         prefetch_l2(prefetch, prefetch_bytes);                                                    \
         decode_mma_fp8_warps<D>(qkv, cache, positions, token_seq, seq_block_start, block_tables, \
                                 out, num_heads, num_kv_heads, block_size, block_elems,            \

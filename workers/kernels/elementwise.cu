@@ -5,6 +5,7 @@
 // out[t, :] = table[tokens[t], :]   (one block per token)
 extern "C" __global__ void embedding(const bf16* __restrict__ table, const u32* __restrict__ tokens,
                                      float* __restrict__ out, int hidden) {
+    pdl_enter();
     const long long t = blockIdx.x;
     const bf16* row = table + (long long)tokens[t] * hidden;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[t * hidden + c] = bf16_to_f32(row[c]);
@@ -15,6 +16,7 @@ extern "C" __global__ void embedding(const bf16* __restrict__ table, const u32* 
 extern "C" __global__ void embedding_bf16(const bf16* __restrict__ table,
                                           const u32* __restrict__ tokens, bf16* __restrict__ out,
                                           int hidden) {
+    pdl_enter();
     const long long t = blockIdx.x;
     const bf16* row = table + (long long)tokens[t] * hidden;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[t * hidden + c] = row[c];
@@ -25,6 +27,7 @@ extern "C" __global__ void embedding_bf16(const bf16* __restrict__ table,
 // token at r * 4 + 1), so the step can be queued before those summaries reach the host.
 extern "C" __global__ void chain_tokens(u32* __restrict__ tokens, const u32* __restrict__ chained,
                                         int n, const u32* __restrict__ picks) {
+    pdl_enter();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) tokens[chained[2 * i]] = picks[chained[2 * i + 1] * 4 + 1];
 }
@@ -235,6 +238,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
                                     bf16* __restrict__ out, int rows, int cols, float eps,
                                     const char* prefetch, long long prefetch_bytes,
                                     unsigned char* __restrict__ q8, float* __restrict__ q_scales) {
+    pdl_enter();
     prefetch_l2(prefetch, prefetch_bytes);
     rms_norm_row(x, weight, out, rows, cols, eps, q8, q_scales);
 }
@@ -245,6 +249,7 @@ extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x,
                                          int rows, int cols, float eps, const char* prefetch,
                                          long long prefetch_bytes, unsigned char* __restrict__ q8,
                                          float* __restrict__ q_scales) {
+    pdl_enter();
     prefetch_l2(prefetch, prefetch_bytes);
     rms_norm_row(x, weight, out, rows, cols, eps, q8, q_scales);
 }
@@ -301,6 +306,7 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const floa
                                         int rows, int cols, float eps, const char* prefetch,
                                         long long prefetch_bytes, unsigned char* __restrict__ q8,
                                         float* __restrict__ q_scales) {
+    pdl_enter();
     prefetch_l2(prefetch, prefetch_bytes);
     add_rms_norm_row(residual, x, weight, out, rows, cols, eps, q8, q_scales);
 }
@@ -313,6 +319,7 @@ extern "C" __global__ void add_rms_norm_bf16(float* __restrict__ residual,
                                              float eps, const char* prefetch,
                                              long long prefetch_bytes, unsigned char* __restrict__ q8,
                                              float* __restrict__ q_scales) {
+    pdl_enter();
     prefetch_l2(prefetch, prefetch_bytes);
     add_rms_norm_row(residual, x, weight, out, rows, cols, eps, q8, q_scales);
 }
@@ -326,6 +333,7 @@ extern "C" __global__ void add_rms_norm_rbf16(bf16* __restrict__ residual,
                                               long long prefetch_bytes,
                                               unsigned char* __restrict__ q8,
                                               float* __restrict__ q_scales) {
+    pdl_enter();
     prefetch_l2(prefetch, prefetch_bytes);
     add_rms_norm_row(residual, x, weight, out, rows, cols, eps, q8, q_scales);
 }
@@ -339,6 +347,7 @@ extern "C" __global__ void add_rms_norm_bf16_rbf16(bf16* __restrict__ residual,
                                                    long long prefetch_bytes,
                                                    unsigned char* __restrict__ q8,
                                                    float* __restrict__ q_scales) {
+    pdl_enter();
     prefetch_l2(prefetch, prefetch_bytes);
     add_rms_norm_row(residual, x, weight, out, rows, cols, eps, q8, q_scales);
 }
@@ -391,6 +400,7 @@ __device__ __forceinline__ void silu_mul_rows(const T* __restrict__ gate_up, bf1
 extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, bf16* __restrict__ out,
                                     int rows, int f, const char* prefetch,
                                     long long prefetch_bytes) {
+    pdl_enter();
     prefetch_l2(prefetch, prefetch_bytes);
     silu_mul_rows(gate_up, out, rows, f);
 }
@@ -399,6 +409,7 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, bf16* __r
 extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate_up, bf16* __restrict__ out,
                                          int rows, int f, const char* prefetch,
                                          long long prefetch_bytes) {
+    pdl_enter();
     prefetch_l2(prefetch, prefetch_bytes);
     silu_mul_rows(gate_up, out, rows, f);
 }
@@ -495,6 +506,7 @@ extern "C" __global__ void silu_mul_quant(const float* __restrict__ gate_up, bf1
                                           unsigned char* __restrict__ q8, float* __restrict__ q_scales,
                                           int rows, int f, const char* prefetch,
                                           long long prefetch_bytes) {
+    pdl_enter();
     prefetch_l2(prefetch, prefetch_bytes);
     silu_mul_quant_rows(gate_up, out, q8, q_scales, rows, f);
 }
@@ -504,6 +516,7 @@ extern "C" __global__ void silu_mul_quant_bf16(const bf16* __restrict__ gate_up,
                                                unsigned char* __restrict__ q8,
                                                float* __restrict__ q_scales, int rows, int f,
                                                const char* prefetch, long long prefetch_bytes) {
+    pdl_enter();
     prefetch_l2(prefetch, prefetch_bytes);
     silu_mul_quant_rows(gate_up, out, q8, q_scales, rows, f);
 }
@@ -511,6 +524,7 @@ extern "C" __global__ void silu_mul_quant_bf16(const bf16* __restrict__ gate_up,
 // y[r, c] += bias[c]
 extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restrict__ bias, int cols,
                                     long long total) {
+    pdl_enter();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x)
         y[i] += bias[i % cols];
@@ -519,6 +533,7 @@ extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restri
 // out[i, :] = x[rows[i], :]  (one block per output row)
 extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* __restrict__ rows,
                                        float* __restrict__ out, int cols) {
+    pdl_enter();
     const long long i = blockIdx.x;
     const float* src = x + (long long)rows[i] * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
@@ -527,6 +542,7 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* _
 // gather_rows of bf16 rows (a projection's output written in bf16).
 extern "C" __global__ void gather_rows_bf16(const bf16* __restrict__ x, const u32* __restrict__ rows,
                                             bf16* __restrict__ out, int cols) {
+    pdl_enter();
     const long long i = blockIdx.x;
     const bf16* src = x + (long long)rows[i] * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
@@ -539,6 +555,7 @@ extern "C" __global__ void gather_masked_rows(const float* __restrict__ x,
                                               const u32* __restrict__ rows,
                                               const u32* __restrict__ masks, int words,
                                               float* __restrict__ out, int cols) {
+    pdl_enter();
     const long long i = blockIdx.x;
     const float* src = x + (long long)rows[i] * cols;
     const u32* mask = masks + i * words;
@@ -553,6 +570,7 @@ extern "C" __global__ void gather_masked_rows(const float* __restrict__ x,
 // one block per row.
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __restrict__ out,
                                        int cols) {
+    pdl_enter();
     const float* row = logits + (long long)blockIdx.x * cols;
     float v = NEG_INF;
     int idx = 0x7fffffff;
@@ -570,6 +588,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __
 extern "C" __global__ void copy_kv_blocks(uint4* __restrict__ cache, uint4* __restrict__ range,
                                           const u32* __restrict__ blocks, int num_blocks,
                                           long long block_vecs, int to_range) {
+    pdl_enter();
     for (int i = blockIdx.y; i < num_blocks; i += gridDim.y) {
         uint4* cached = cache + (long long)blocks[i] * block_vecs;
         uint4* other = range + (long long)i * block_vecs;

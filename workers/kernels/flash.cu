@@ -430,6 +430,7 @@ __device__ __forceinline__ void flash_prefill(
         const u32* __restrict__ tile_row, bf16* __restrict__ out, int num_heads,                  \
         int num_kv_heads, int block_size, long long block_elems, long long layer_offset,          \
         float scale_log2) {                                                                       \
+        pdl_enter();                                                                              \
         flash_prefill<D, H, C>(qkv, cache, positions, seq_token_start, seq_token_count,           \
                             seq_block_start, block_tables, tile_seq, tile_row, out, num_heads,    \
                             num_kv_heads, block_size, block_elems, layer_offset, scale_log2);     \

@@ -215,6 +215,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS) flash_wgmma_d128(
     int num_heads, int num_kv_heads, int block_size, long long block_elems, long long layer_offset,
     float scale_log2, const unsigned char* __restrict__ kv_tensor_map, int use_tma, int num_tiles,
     const bf16* __restrict__ q16, int q16_first) {
+    pdl_enter();
     constexpr int D = 128;
     constexpr int KC = D / 16;        // 16-wide k steps of S = Q Kᵀ
     constexpr int NT = WG_KEYS / 8;   // 8-key column blocks of S

@@ -28,6 +28,7 @@ extern "C" __global__ void quantize_fp8_rows(const bf16* __restrict__ x,
                                              unsigned char* __restrict__ q8,
                                              float* __restrict__ scales, int cols,
                                              float static_scale) {
+    pdl_enter();
     const long long row = blockIdx.x;
     const bf16* xr = x + row * cols;
     float scale = static_scale;
@@ -113,15 +114,35 @@ __device__ __forceinline__ void gemv_fp8_row_sums(const bf16* __restrict__ xq,
     const int lane = threadIdx.x & 31;
     const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)row * k);
     const int chunks = k / 16;  // 16-byte chunks per weight row (k is a multiple of 16)
+#if GEMV_PDL_EARLY == 1
+    prefetch_row_l2(wr, k);
+#endif
+#if GEMV_PDL_EARLY != 2
+    pdl_enter();
+#endif
     // Two sums per row (even and odd codes): shorter chains of dependent adds.
     float acc[M][2];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = 0.0f;
     int c = lane;
+#if GEMV_PDL_EARLY == 2
+    uint4 wv[GEMV8_UNROLL];
+    if (c + 32 * (GEMV8_UNROLL - 1) < chunks) {
+#pragma unroll
+        for (int u = 0; u < GEMV8_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);
+    }
+    pdl_enter();
+    for (bool first = true; c + 32 * (GEMV8_UNROLL - 1) < chunks; c += 32 * GEMV8_UNROLL, first = false) {
+        if (!first) {
+#pragma unroll
+            for (int u = 0; u < GEMV8_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);
+        }
+#else
     for (; c + 32 * (GEMV8_UNROLL - 1) < chunks; c += 32 * GEMV8_UNROLL) {
         uint4 wv[GEMV8_UNROLL];
 #pragma unroll
         for (int u = 0; u < GEMV8_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);
+#endif
 #pragma unroll
         for (int u = 0; u < GEMV8_UNROLL; ++u) {
             float wf[16];
@@ -366,6 +387,7 @@ __device__ __forceinline__ void gemv_fp8_mma_tile(const bf16* __restrict__ x,
 extern "C" __global__ void __launch_bounds__(GEMV8_MMA_WARPS * 32)
     gemv_fp8_mma(const bf16* __restrict__ x, const unsigned char* __restrict__ w,
                  const float* __restrict__ ws, float* __restrict__ y, int m, int n, int k) {
+    pdl_enter();
     gemv_fp8_mma_tile<false>(x, w, ws, y, nullptr, m, n, k, nullptr, 0);
 }
 
@@ -375,6 +397,7 @@ extern "C" __global__ void __launch_bounds__(GEMV8_MMA_WARPS * 32)
     gemv_fp8_mma_silu(const bf16* __restrict__ x, const unsigned char* __restrict__ w,
                       const float* __restrict__ ws, bf16* __restrict__ out, int m, int n, int k,
                       const char* prefetch, long long prefetch_bytes) {
+    pdl_enter();
     gemv_fp8_mma_tile<true>(x, w, ws, nullptr, out, m, n, k, prefetch, prefetch_bytes);
 }
 
@@ -383,6 +406,7 @@ extern "C" __global__ void __launch_bounds__(GEMV8_MMA_WARPS * 32)
 // Grid-stride: the launch's grid is capped (`elementwise_config`).
 extern "C" __global__ void widen_bf16(const bf16* __restrict__ x, float* __restrict__ y,
                                       long long n) {
+    pdl_enter();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         y[i] = bf16_to_f32(x[i]);
@@ -398,6 +422,7 @@ extern "C" __global__ void fp8_scale_rows_cols(const float* acc, float* y32,
                                                const float* __restrict__ xs,
                                                const float* __restrict__ ws, int n,
                                                long long total) {
+    pdl_enter();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         const float v = acc[i] * (xs[i / n] * ws[i % n]);

@@ -35,6 +35,7 @@ sample_rows(const float* __restrict__ logits, int cols, const float* __restrict_
             const float* __restrict__ truncation,
             float* __restrict__ out_f32, u32* __restrict__ out_u32, double* __restrict__ out_f64,
             float* __restrict__ cand_logit, u32* __restrict__ cand_id) {
+    pdl_enter();
     __shared__ u32 bad_count;
     __shared__ float row_max;
     __shared__ int row_argmax;

@@ -531,6 +531,7 @@ __device__ __forceinline__ void skinny_gemm(const TmaMap* wmap, const TmaMap* xm
         const __grid_constant__ TmaMap wmap, const __grid_constant__ TmaMap xmap,                 \
         float* __restrict__ out, float* __restrict__ partial, u32* __restrict__ counters, int m,  \
         int n, int k_steps, int splits, int steps_per_split) {                                    \
+        pdl_enter();                                                                              \
         skinny_gemm<NP, false>(&wmap, &xmap, out, partial, counters, m, n, k_steps, splits,       \
                                steps_per_split, nullptr, nullptr);                                \
     }                                                                                             \
@@ -539,6 +540,7 @@ __device__ __forceinline__ void skinny_gemm(const TmaMap* wmap, const TmaMap* xm
         float* __restrict__ out, float* __restrict__ partial, u32* __restrict__ counters, int m,  \
         int n, int k_steps, int splits, int steps_per_split, const float* __restrict__ x_scales,  \
         const float* __restrict__ w_scales) {                                                     \
+        pdl_enter();                                                                              \
         skinny_gemm<NP, true>(&wmap, &xmap, out, partial, counters, m, n, k_steps, splits,        \
                               steps_per_split, x_scales, w_scales);                               \
     }

@@ -6,7 +6,8 @@
 
 use std::sync::{Arc, MutexGuard};
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use super::launch::{KernelArgs, PushArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
 use super::tensor::{DeviceData, PrefillQuery};
 use super::widened_kv::WidenedKv;
@@ -201,7 +202,7 @@ impl CudaBackend {
         let q = qkv.as_f32("flash_prefill")?;
         let cache = src.cache;
         let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
-        let mut b = stream.launch_builder(launch.kernel);
+        let mut b = KernelArgs::new(stream, launch.kernel);
         b.arg(q)
             .arg(src.data)
             .arg(batch.positions())
@@ -346,7 +347,7 @@ impl CudaBackend {
             KvDType::Fp8 => &self.kernels.rope_cache_write_fp8,
             _ => &self.kernels.rope_cache_write,
         };
-        let mut b = self.stream.launch_builder(kernel);
+        let mut b = self.kernel_args(kernel);
         b.arg(q)
             .arg(batch.rope_cos())
             .arg(batch.rope_sin())

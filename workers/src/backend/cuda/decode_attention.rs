@@ -6,7 +6,8 @@
 //! several blocks, merged by `attention_combine`, when the batch alone would leave the device
 //! idle.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use super::launch::PushArg;
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::attention::{CacheArgs, kernel_for};
 use super::{CudaBackend, CudaBatch, CudaKvCache, CudaTensor, kernels, shape_err};
@@ -238,7 +239,7 @@ impl CudaBackend {
         };
         // The persistent kernel also takes the token rows.
         let rows_arg = rows as i32;
-        let mut b = self.stream.launch_builder(kernel);
+        let mut b = self.kernel_args(kernel);
         b.arg(q)
             .arg(&*kv.data)
             .arg(batch.positions())
@@ -262,7 +263,7 @@ impl CudaBackend {
         self.launch(b, cfg, op)?;
         if splits > 1 {
             let (dim, s) = (shape.head_dim as i32, splits as i32);
-            let mut b = self.stream.launch_builder(&self.kernels.attention_combine);
+            let mut b = self.kernel_args(&self.kernels.attention_combine);
             b.arg(&partial_acc)
                 .arg(&partial_ml)
                 .arg(out)

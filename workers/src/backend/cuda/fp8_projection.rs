@@ -8,7 +8,8 @@
 //! cuBLASLt's FP8 GEMM ([`super::fp8_gemm`]). The CPU backend quantizes every row, so at the
 //! GEMV's sizes the two differ by FP8's rounding of the activations.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use super::launch::PushArg;
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::CudaBackend;
 use super::fp8_gemm::Fp8Operands;
@@ -122,7 +123,7 @@ impl CudaBackend {
         let mut codes = dev!("alloc", unsafe {
             self.stream.alloc::<u8>((rows * k).max(1))
         })?;
-        let mut b = self.stream.launch_builder(&self.kernels.quantize_fp8_rows);
+        let mut b = self.kernel_args(&self.kernels.quantize_fp8_rows);
         b.arg(x)
             .arg(&mut codes)
             .arg(&mut scales)
@@ -146,7 +147,7 @@ impl CudaBackend {
             Some(Fp8Gemv::TensorCores) => {
                 let x = values_of(x)?;
                 let (m, n, k) = (rows as i32, w.n as i32, w.k as i32);
-                let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8_mma);
+                let mut b = self.kernel_args(&self.kernels.gemv_fp8_mma);
                 b.arg(x)
                     .arg(w.codes)
                     .arg(w.row_scales)
@@ -164,7 +165,7 @@ impl CudaBackend {
             Some(Fp8Gemv::Plain) => {
                 let x = values_of(x)?;
                 let (n, k) = (w.n as i32, w.k as i32);
-                let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8[rows - 1]);
+                let mut b = self.kernel_args(&self.kernels.gemv_fp8[rows - 1]);
                 b.arg(x)
                     .arg(w.codes)
                     .arg(w.row_scales)
@@ -237,7 +238,7 @@ impl CudaBackend {
                 Fp8Out::F32(y) => {
                     let mut narrow = self.alloc_bf16(rows * w.n)?;
                     if gemm.scaled(&ops, &mut narrow, rows, w.k, w.n)? {
-                        let mut b = self.stream.launch_builder(&self.kernels.widen_bf16);
+                        let mut b = self.kernel_args(&self.kernels.widen_bf16);
                         b.arg(&narrow).arg(y).arg(&total);
                         return self.launch(
                             b,
@@ -273,9 +274,7 @@ impl CudaBackend {
                     use cudarc::driver::DevicePtr;
                     y.device_ptr(&self.stream).0
                 };
-                let mut b = self
-                    .stream
-                    .launch_builder(&self.kernels.fp8_scale_rows_cols);
+                let mut b = self.kernel_args(&self.kernels.fp8_scale_rows_cols);
                 b.arg(&acc)
                     .arg(y)
                     .arg(&null)
@@ -292,9 +291,7 @@ impl CudaBackend {
             Fp8Out::Bf16(y) => {
                 let mut acc = self.alloc_f32(rows * w.n)?;
                 gemm.unscaled(ops, &mut acc, rows, w.k, w.n)?;
-                let mut b = self
-                    .stream
-                    .launch_builder(&self.kernels.fp8_scale_rows_cols);
+                let mut b = self.kernel_args(&self.kernels.fp8_scale_rows_cols);
                 b.arg(&acc)
                     .arg(&null)
                     .arg(y)

@@ -13,10 +13,11 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice};
+use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::CUstreamCaptureMode;
 
 use super::CudaBackend;
+use super::graph_chain::{CHAIN_MAX_BATCH, StepGraph};
 use super::batch::{CudaBatch, GraphShape};
 use super::tensor::{CudaKvCache, CudaTensor, DeviceData};
 use crate::backend::{BackendError, BatchPlan, ForwardLayers};
@@ -43,7 +44,7 @@ pub(super) struct GraphKey {
 
 struct GraphSlot {
     meta: CudaBatch,
-    graph: Option<CudaGraph>,
+    graph: Option<StepGraph>,
     /// Logits of every (real and dummy) sequence, `[batch, cols]`.
     out: Option<(CudaSlice<f32>, usize)>,
 }
@@ -190,16 +191,31 @@ impl CudaBackend {
                     detail: "the step returned no logits".into(),
                 }),
             });
-            // End the capture whatever happened, so the stream is usable again.
-            let graph = dev!(
+            // End the capture whatever happened, so the stream is usable again. Under
+            // programmatic launches a small step is rewired into a chain of kernels
+            // (graph_chain.rs).
+            let chain = (self.programmatic_launch && key.shape.batch <= CHAIN_MAX_BATCH)
+                .then(|| self.kernels_module())
+                .flatten();
+            let ended = dev!(
                 "graph capture",
-                self.stream.end_capture(CUgraphInstantiate_flags(0))
+                StepGraph::end_capture(&self.stream, chain)
             );
             captured?;
-            let graph = graph?.ok_or_else(|| BackendError::Device {
+            let (graph, summary) = ended?.ok_or_else(|| BackendError::Device {
                 op: "graph capture",
                 detail: "nothing was captured".into(),
             })?;
+            tracing::debug!(
+                batch = key.shape.batch,
+                context = key.shape.context,
+                chained = chain.is_some(),
+                kernels = summary.kernels,
+                other_nodes = summary.other_nodes,
+                edges = summary.edges,
+                programmatic_edges = summary.programmatic_edges,
+                "decode step captured"
+            );
             slot.graph = Some(graph);
         }
         let graph = slot.graph.as_ref().expect("captured above");
@@ -214,6 +230,19 @@ impl CudaBackend {
         Ok(Some(CudaTensor::from_f32(real_rows, cols, result)))
     }
 
+    /// The module of the backend's own kernels (one NVRTC program: `kernels.rs`); `None` if
+    /// the driver does not say.
+    fn kernels_module(&self) -> Option<cudarc::driver::sys::CUmodule> {
+        let mut module = std::ptr::null_mut();
+        // SAFETY: the function is alive (the backend holds its module).
+        unsafe {
+            cudarc::driver::sys::cuFuncGetModule(&mut module, self.kernels.add_bias.cu_function())
+        }
+        .result()
+        .ok()
+        .map(|()| module)
+    }
+
     /// The first `rows` rows of `t` (f32) in a new tensor.
     fn first_rows(&self, t: &CudaTensor, rows: usize) -> Result<CudaTensor, BackendError> {
         let src = t.as_f32("graph output")?;
@@ -226,3 +255,4 @@ impl CudaBackend {
         Ok(CudaTensor::from_f32(rows, t.cols, result))
     }
 }
+

@@ -884,6 +884,70 @@ mod tests {
             assert!((bytes - 1024) / (16_384 + width * 128) >= 4, "{width}");
         }
     }
+    /// Every kernel waits for the kernel before it ahead of any memory access but weight
+    /// loads (`pdl_enter` in its body, or in the row sums of the GEMVs, which ask L2 for their
+    /// weight rows before it), as a programmatic dependent launch of any of them needs
+    /// ([`launch`](super::super::launch)): a kernel without it could read what the previous
+    /// kernel has not written yet.
+    #[test]
+    fn every_kernel_waits_for_the_one_before() {
+        let mut kernels = 0;
+        for (file, source) in super::SOURCES {
+            let mut rest = *source;
+            while let Some(at) = rest.find("__global__") {
+                rest = &rest[at + "__global__".len()..];
+                // The body: from the first brace after the parameters to its match.
+                let params = rest.find(')').expect("a parameter list");
+                let open = params + rest[params..].find('{').expect("a body");
+                let mut depth = 0;
+                let mut end = open;
+                for (i, ch) in rest[open..].char_indices() {
+                    match ch {
+                        '{' => depth += 1,
+                        '}' => depth -= 1,
+                        _ => {}
+                    }
+                    if depth == 0 {
+                        end = open + i;
+                        break;
+                    }
+                }
+                let body = &rest[open + 1..end];
+                let head = &rest[..open];
+                if body.trim().is_empty() {
+                    continue; // a stub for architectures the kernel does not build on
+                }
+                kernels += 1;
+                let waits = body.contains("pdl_enter()")
+                    || body.contains("gemv_rows<")
+                    || body.contains("gemv_fp8_rows<")
+                    || body.contains("row_sums<");
+                assert!(waits, "{file}: kernel `{}` has no pdl_enter()", head.trim());
+            }
+        }
+        assert!(kernels >= 30, "found only {kernels} kernels");
+    }
+
+    /// The GEMV row sums the test above lets through do wait (after asking L2 for their weight
+    /// row).
+    #[test]
+    fn gemv_row_sums_wait_before_they_sum() {
+        for (file, name) in [
+            ("gemv.cu", "gemv_row_sums("),
+            ("fp8.cu", "gemv_fp8_row_sums("),
+        ] {
+            let source = super::SOURCES
+                .iter()
+                .find(|(f, _)| *f == file)
+                .expect("a source")
+                .1;
+            let body = &source[source.find(name).expect("the function")..];
+            let wait = body.find("pdl_enter()").expect("a wait");
+            let first_sum = body.find("+= wf").expect("a sum");
+            assert!(wait < first_sum, "{file}: {name} sums before its wait");
+        }
+    }
+
     /// The `.cu` files compile for Hopper. Runs wherever `libnvrtc` loads (a GPU machine, or
     /// here with the `nvidia-cuda-nvrtc` wheel's library on LD_LIBRARY_PATH); skipped elsewhere.
     #[test]

@@ -1,7 +1,8 @@
 //! The paged KV cache in device memory: its allocation (one `cuMemAlloc`, shareable through
 //! CUDA IPC), copies of whole blocks on the device and to or from transfers ([`KvBlockIo`]).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use super::launch::PushArg;
+use cudarc::driver::LaunchConfig;
 
 use super::{CudaBackend, CudaKvCache, device_error, shape_err, staging};
 use crate::backend::{
@@ -108,7 +109,7 @@ impl CudaBackend {
             (block_bytes / 16) as i64,
             i32::from(to_range),
         );
-        let mut b = self.stream.launch_builder(&self.kernels.copy_kv_blocks);
+        let mut b = self.kernel_args(&self.kernels.copy_kv_blocks);
         b.arg(&cache)
             .arg(&range.ptr)
             .arg(&table)

@@ -74,8 +74,10 @@ mod fp8_gemm;
 mod fp8_projection;
 mod gemm;
 mod graph;
+mod graph_chain;
 pub mod kernels;
 mod kv_cache;
+mod launch;
 mod launch_count;
 mod nccl;
 mod ops;
@@ -120,6 +122,9 @@ pub struct CudaBackend {
     kernels: Kernels,
     name: String,
     multiprocessors: usize,
+    /// Kernels are launched as programmatic dependent launches
+    /// ([`CudaOptions::programmatic_launch`], on a device that has them).
+    programmatic_launch: bool,
     /// The settings this backend was built with. Those it can change while it runs are read
     /// from `switches` and `graphs` instead ([`Self::set_options`]).
     options: CudaOptions,
@@ -307,6 +312,7 @@ impl CudaBackend {
             kernels,
             name,
             multiprocessors,
+            programmatic_launch: options.programmatic_launch && compute_capability >= (9, 0),
             options: options.clone(),
             switches,
             graphs,
@@ -540,18 +546,26 @@ impl CudaBackend {
         }
     }
 
+    /// The arguments of a launch of `kernel` on the backend's stream.
+    fn kernel_args<'a>(
+        &'a self,
+        kernel: &'a cudarc::driver::CudaFunction,
+    ) -> launch::KernelArgs<'a> {
+        launch::KernelArgs::new(&self.stream, kernel)
+    }
+
     fn launch(
         &self,
-        mut builder: cudarc::driver::LaunchArgs<'_>,
+        mut args: launch::KernelArgs<'_>,
         cfg: LaunchConfig,
         op: &'static str,
     ) -> Result<(), BackendError> {
         self.launch_count.record(op);
         // SAFETY: each caller passes the argument list its kernel's signature declares, with
-        // buffers of the sizes the kernel indexes (checked by the caller against the shapes).
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| device_error(op, &e))
+        // buffers of the sizes the kernel indexes (checked by the caller against the shapes);
+        // every kernel of `workers/kernels/` waits for the previous one before touching memory
+        // (`pdl_wait`), as a programmatic launch needs.
+        unsafe { args.launch(cfg, self.programmatic_launch) }.map_err(|e| device_error(op, &e))
     }
 }
 

@@ -3,7 +3,8 @@
 //! ([`super::projection`]), attention ([`super::attention`]) and the KV cache
 //! ([`super::kv_cache`]) delegated to the modules that own them.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use super::launch::PushArg;
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::tensor::{self, DeviceData, Fp8Rows, MatrixData};
 use super::{
@@ -22,7 +23,7 @@ impl CudaBackend {
         let x = logits.as_f32("argmax_rows")?;
         let mut out = self.alloc_u32(logits.rows)?;
         let cols = logits.cols as i32;
-        let mut b = self.stream.launch_builder(&self.kernels.argmax_rows);
+        let mut b = self.kernel_args(&self.kernels.argmax_rows);
         b.arg(x).arg(&mut out).arg(&cols);
         self.launch(b, rows_config(logits.rows, 1024), "argmax_rows")?;
         dev!("argmax_rows", self.stream.clone_dtoh(&out))
@@ -63,7 +64,7 @@ impl CudaBackend {
         let mut out = self.alloc_bf16(rows * f)?;
         let (rows_i, fi) = (rows as i32, f as i32);
         let pf = self.take_prefetch(rows);
-        let mut b = self.stream.launch_builder(kernel);
+        let mut b = self.kernel_args(kernel);
         b.arg(x)
             .arg(&mut out)
             .arg(&rows_i)
@@ -100,7 +101,7 @@ impl CudaBackend {
         let (rows_i, fi) = (rows as i32, f as i32);
         let pf = self.take_prefetch(rows);
         let (out, q8, q_scales) = written.pointers(&self.stream);
-        let mut b = self.stream.launch_builder(kernel);
+        let mut b = self.kernel_args(kernel);
         b.arg(x)
             .arg(&out)
             .arg(&q8)
@@ -165,14 +166,14 @@ impl CudaBackend {
         match &x.data {
             DeviceData::F32(xs) => {
                 let mut out = self.alloc_f32(n * x.cols)?;
-                let mut b = self.stream.launch_builder(&self.kernels.gather_rows);
+                let mut b = self.kernel_args(&self.kernels.gather_rows);
                 b.arg(xs).arg(indices).arg(&mut out).arg(&cols);
                 self.launch(b, cfg, op)?;
                 Ok(CudaTensor::from_f32(n, x.cols, out))
             }
             DeviceData::Bf16(xs) => {
                 let mut out = self.alloc_bf16(n * x.cols)?;
-                let mut b = self.stream.launch_builder(&self.kernels.gather_rows_bf16);
+                let mut b = self.kernel_args(&self.kernels.gather_rows_bf16);
                 b.arg(xs).arg(indices).arg(&mut out).arg(&cols);
                 self.launch(b, cfg, op)?;
                 Ok(CudaTensor::from_bf16(n, x.cols, out))
@@ -348,13 +349,13 @@ impl Backend for CudaBackend {
         let cfg = rows_config(batch.num_tokens, 256);
         if self.options.residual_stream_bf16 {
             let mut out = self.alloc_bf16(batch.num_tokens * hidden)?;
-            let mut b = self.stream.launch_builder(&self.kernels.embedding_bf16);
+            let mut b = self.kernel_args(&self.kernels.embedding_bf16);
             b.arg(data).arg(batch.tokens()).arg(&mut out).arg(&h);
             self.launch(b, cfg, "embedding_bf16")?;
             return Ok(CudaTensor::from_bf16(batch.num_tokens, hidden, out));
         }
         let mut out = self.alloc_f32(batch.num_tokens * hidden)?;
-        let mut b = self.stream.launch_builder(&self.kernels.embedding);
+        let mut b = self.kernel_args(&self.kernels.embedding);
         b.arg(data).arg(batch.tokens()).arg(&mut out).arg(&h);
         self.launch(b, cfg, "embedding")?;
         Ok(CudaTensor::from_f32(batch.num_tokens, hidden, out))
@@ -374,12 +375,12 @@ impl Backend for CudaBackend {
         let (out, q8, q_scales) = written.pointers(&self.stream);
         let mut b = match &x.data {
             DeviceData::F32(xs) => {
-                let mut b = self.stream.launch_builder(&self.kernels.rms_norm);
+                let mut b = self.kernel_args(&self.kernels.rms_norm);
                 b.arg(xs);
                 b
             }
             DeviceData::Bf16(xs) => {
-                let mut b = self.stream.launch_builder(&self.kernels.rms_norm_bf16);
+                let mut b = self.kernel_args(&self.kernels.rms_norm_bf16);
                 b.arg(xs);
                 b
             }
@@ -439,22 +440,22 @@ impl Backend for CudaBackend {
                 ));
             }
             (DeviceData::F32(res), DeviceData::F32(xs)) => {
-                let mut b = self.stream.launch_builder(&k.add_rms_norm);
+                let mut b = self.kernel_args(&k.add_rms_norm);
                 b.arg(res).arg(xs);
                 b
             }
             (DeviceData::F32(res), DeviceData::Bf16(xs)) => {
-                let mut b = self.stream.launch_builder(&k.add_rms_norm_bf16);
+                let mut b = self.kernel_args(&k.add_rms_norm_bf16);
                 b.arg(res).arg(xs);
                 b
             }
             (DeviceData::Bf16(res), DeviceData::F32(xs)) => {
-                let mut b = self.stream.launch_builder(&k.add_rms_norm_rbf16);
+                let mut b = self.kernel_args(&k.add_rms_norm_rbf16);
                 b.arg(res).arg(xs);
                 b
             }
             (DeviceData::Bf16(res), DeviceData::Bf16(xs)) => {
-                let mut b = self.stream.launch_builder(&k.add_rms_norm_bf16_rbf16);
+                let mut b = self.kernel_args(&k.add_rms_norm_bf16_rbf16);
                 b.arg(res).arg(xs);
                 b
             }

@@ -117,6 +117,10 @@ pub struct CudaOptions {
     /// launch and an f32 round trip fewer a layer, the same bits; FP8 decode at batch 1 on an
     /// H200 3.03 ms a step against 3.12-3.15 (`TANDEM_GEMV_SILU=0`: the two launches).
     pub gemv_silu: bool,
+    /// Kernels are launched as programmatic dependent launches on Hopper and later (compute
+    /// capability 9.0+): a kernel's blocks start, and its weight loads begin, while the kernel
+    /// before it finishes ([`launch`](super::launch)) (`TANDEM_PDL`: set and not `0`, on).
+    pub programmatic_launch: bool,
     /// cuBLAS writes the MLP's gate/up projection in bf16 at prefill sizes; off, in f32
     /// (`TANDEM_GATE_UP_BF16`: `0` off, anything else on). Unset, on except in an MPS client
     /// limited to a share of the SMs (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` below 100): there
@@ -215,6 +219,7 @@ impl Default for CudaOptions {
             fp8_gemv_mma: true,
             fp8_gemv_mma_one_row: false,
             gemv_silu: true,
+            programmatic_launch: false,
             gate_up_bf16: true,
             fp8_qkv_bf16: true,
             fp8_codes_only: true,
@@ -277,6 +282,8 @@ impl CudaOptions {
             // Off unless set to something other than `0`.
             fp8_gemv_mma_one_row: var("TANDEM_FP8_GEMV_MMA_ONE_ROW").is_some_and(|v| v != "0"),
             gemv_silu: switch("TANDEM_GEMV_SILU"),
+            // Off unless set to something other than `0`.
+            programmatic_launch: var("TANDEM_PDL").is_some_and(|v| v != "0"),
             gate_up_bf16: match var("TANDEM_GATE_UP_BF16") {
                 Some(v) => v != "0",
                 None => all_sms,
@@ -399,6 +406,7 @@ mod tests {
                 fp8_gemv_mma: false,
                 fp8_gemv_mma_one_row: true,
                 gemv_silu: false,
+                programmatic_launch: false,
                 gate_up_bf16: true,
                 fp8_qkv_bf16: false,
                 fp8_codes_only: false,

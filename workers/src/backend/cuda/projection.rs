@@ -5,7 +5,8 @@
 //! in `fp8_projection.rs`, dispatched here (its GEMV and `skinny.cu` write f32, so the bf16
 //! output is cuBLASLt's only).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use super::launch::PushArg;
+use cudarc::driver::LaunchConfig;
 
 use super::fp8_projection::{Fp8Gemv, Fp8Out, Fp8Weight};
 use super::kernels::{GEMV_FP8_MMA_SILU_PAIRS, GEMV_FP8_MMA_THREADS, GEMV_SILU_PAIRS};
@@ -141,7 +142,7 @@ impl CudaBackend {
         let kernel = self.projection_kernel(x.rows, *out_features, *in_features);
         if kernel == ProjectionKernel::Gemv {
             let (n, k) = (*out_features as i32, *in_features as i32);
-            let mut b = self.stream.launch_builder(&self.kernels.gemv[x.rows - 1]);
+            let mut b = self.kernel_args(&self.kernels.gemv[x.rows - 1]);
             b.arg(xs).arg(w).arg(&mut out).arg(&n).arg(&k);
             let cfg = LaunchConfig {
                 grid_dim: (out_features.div_ceil(8) as u32, 1, 1),
@@ -170,7 +171,7 @@ impl CudaBackend {
             let bv = Self::check_vector("linear bias", bias, out_features)?;
             let total = (rows * out_features) as i64;
             let cols = out_features as i32;
-            let mut b = self.stream.launch_builder(&self.kernels.add_bias);
+            let mut b = self.kernel_args(&self.kernels.add_bias);
             b.arg(&mut out).arg(bv).arg(&cols).arg(&total);
             self.launch(b, elementwise_config(total as usize), "add_bias")?;
         }
@@ -294,9 +295,7 @@ impl CudaBackend {
         let mut out = self.alloc_bf16(rows * f)?;
         match data {
             MatrixData::Bf16(w) => {
-                let mut b = self
-                    .stream
-                    .launch_builder(&self.kernels.gemv_silu[rows - 1]);
+                let mut b = self.kernel_args(&self.kernels.gemv_silu[rows - 1]);
                 b.arg(xs)
                     .arg(w)
                     .arg(&mut out)
@@ -314,7 +313,7 @@ impl CudaBackend {
                 codes, row_scales, ..
             } => {
                 if self.fp8_gemv_kernel(rows, k) == Some(Fp8Gemv::TensorCores) {
-                    let mut b = self.stream.launch_builder(&self.kernels.gemv_fp8_mma_silu);
+                    let mut b = self.kernel_args(&self.kernels.gemv_fp8_mma_silu);
                     b.arg(xs)
                         .arg(codes)
                         .arg(row_scales)
@@ -328,9 +327,7 @@ impl CudaBackend {
                         pairs_config(f.div_ceil(GEMV_FP8_MMA_SILU_PAIRS), GEMV_FP8_MMA_THREADS);
                     self.launch(b, cfg, "gemv_fp8_mma_silu")?;
                 } else {
-                    let mut b = self
-                        .stream
-                        .launch_builder(&self.kernels.gemv_fp8_silu[rows - 1]);
+                    let mut b = self.kernel_args(&self.kernels.gemv_fp8_silu[rows - 1]);
                     b.arg(xs)
                         .arg(codes)
                         .arg(row_scales)

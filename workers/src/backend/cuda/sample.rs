@@ -9,7 +9,8 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaEvent, CudaSlice, PinnedHostSlice, PushKernelArg};
+use super::launch::{KernelArgs, PushArg};
+use cudarc::driver::{CudaEvent, CudaSlice, PinnedHostSlice};
 
 use super::pinned::{self, lock};
 use super::{CudaBackend, CudaTensor, rows_config, shape_err};
@@ -92,7 +93,7 @@ fn launch(
         cand_id: backend.alloc_u32(rows * DEVICE_CANDIDATES)?,
     };
     let cols = logits.cols as i32;
-    let mut b = stream.launch_builder(&backend.kernels.sample_rows);
+    let mut b = KernelArgs::new(stream, &backend.kernels.sample_rows);
     b.arg(x)
         .arg(&cols)
         .arg(&temperature)
@@ -317,7 +318,7 @@ pub(super) fn chain_tokens(
     let stream = &backend.stream;
     let pairs = dev!("chain_tokens upload", stream.clone_htod(&pairs))?;
     let n = chained.len() as i32;
-    let mut b = stream.launch_builder(&backend.kernels.chain_tokens);
+    let mut b = KernelArgs::new(stream, &backend.kernels.chain_tokens);
     b.arg(&tokens).arg(&pairs).arg(&n).arg(picks);
     backend.launch(
         b,
@@ -393,7 +394,7 @@ impl DeviceSampler<CudaTensor> for CudaBackend {
         let mut out = self.alloc_f32(rows.len() * logits.cols)?;
         let cols = logits.cols as i32;
         let words = words as i32;
-        let mut b = self.stream.launch_builder(&self.kernels.gather_masked_rows);
+        let mut b = self.kernel_args(&self.kernels.gather_masked_rows);
         b.arg(x)
             .arg(&row_ids)
             .arg(&packed)

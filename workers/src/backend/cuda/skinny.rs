@@ -16,7 +16,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use super::launch::PushArg;
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig};
 
 use super::kernels::{SKINNY_FEATURES, SKINNY_THREADS, SKINNY_WIDTHS, skinny_smem_bytes};
 use super::tma::TmaElement;
@@ -304,7 +305,7 @@ impl CudaBackend {
             splits as i32,
             per as i32,
         );
-        let mut b = self.stream.launch_builder(&kernels[index].1);
+        let mut b = self.kernel_args(&kernels[index].1);
         b.arg(&wmap)
             .arg(&xmap)
             .arg(out)
@@ -329,7 +330,8 @@ impl CudaBackend {
         // to hold those shapes (and the scales n and rows values); `out` holds rows x n,
         // `partial` splits x tiles x 128 x width where split, and the counters one per tile
         // (`skinny_splits` splits only up to SKINNY_COUNTERS tiles).
-        unsafe { b.launch(cfg) }.map_err(|e| device_error("skinny gemm", &e))?;
+        unsafe { b.launch(cfg, self.programmatic_launch) }
+            .map_err(|e| device_error("skinny gemm", &e))?;
         Ok(true)
     }
 }

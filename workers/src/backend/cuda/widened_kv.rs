@@ -12,7 +12,8 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use super::launch::{KernelArgs, PushArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig};
 
 use super::{CudaBackend, CudaBatch, CudaKvCache};
 use crate::backend::BackendError;
@@ -117,7 +118,7 @@ impl CudaBackend {
         let block_elems = layout.block_elems() as i64;
         let layer_offset = layout.offset(layer, 0, 0) as i64;
         let blocks = batch.num_prefill_blocks as i32;
-        let mut b = stream.launch_builder(&self.kernels.fp8_attention.widen_blocks);
+        let mut b = KernelArgs::new(stream, &self.kernels.fp8_attention.widen_blocks);
         b.arg(&*kv.data)
             .arg(batch.prefill_blocks())
             .arg(&blocks)
