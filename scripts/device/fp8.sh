@@ -39,6 +39,8 @@
 #            default), and silu on the special-function unit (SILU_FAST): a 2048/128 server
 #            step with TANDEM_ROPE_SHARED=0 (neither), TANDEM_PREFILL_Q_BF16=0 (shared memory
 #            alone), TANDEM_KERNEL_DEFINES=SILU_FAST=0 and the defaults, alternating twice
+#   pdl      programmatic dependent launch (TANDEM_PDL) off and on, alternating twice: a 2048/128
+#            server step, 768 decodes at context 1500 and 8 at 1024 (gpu_bench mixed)
 #   tactics  gpu_bench fp8-tactics: every configuration cuBLASLt accepts for the FP8 projections
 #            of Llama-3.1-8B (TACTIC_ROWS rows: 8192,768) timed against the heuristic's answer,
 #            with fast accumulation off and on
@@ -146,6 +148,19 @@ for stage in "${stages[@]}"; do
       for on in 0 1 0 1; do
         echo "== 2048/128 step, TANDEM_FP8_FAST_ACCUM=$on"
         mixed_step "TANDEM_FP8_FAST_ACCUM=$on" 480 2100 2048,2048,2048,1568
+      done
+      ;;
+    pdl)
+      # Programmatic dependent launch (TANDEM_PDL): a 2048/128 server step (eager: prefill
+      # chunks and decodes), 768 decodes at context 1500 (a 1000/1000 run's step, past the
+      # graphs' batches) and 8 decodes at context 1024 (a graph), off and on, alternating twice.
+      for on in 0 1 0 1; do
+        echo "== 2048/128 step, TANDEM_PDL=$on"
+        mixed_step "TANDEM_PDL=$on" 480 2100 2048,2048,2048,1568
+        echo "== 768 decodes at context 1500, TANDEM_PDL=$on"
+        mixed_step "TANDEM_PDL=$on" 768 1500 ''
+        echo "== 8 decodes at context 1024, TANDEM_PDL=$on"
+        mixed_step "TANDEM_PDL=$on" 8 1024 ''
       done
       ;;
     tune)

@@ -13,11 +13,10 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use cudarc::driver::CudaSlice;
-use cudarc::driver::sys::CUstreamCaptureMode;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice};
 
 use super::CudaBackend;
-use super::graph_chain::{CHAIN_MAX_BATCH, StepGraph};
 use super::batch::{CudaBatch, GraphShape};
 use super::tensor::{CudaKvCache, CudaTensor, DeviceData};
 use crate::backend::{BackendError, BatchPlan, ForwardLayers};
@@ -44,7 +43,7 @@ pub(super) struct GraphKey {
 
 struct GraphSlot {
     meta: CudaBatch,
-    graph: Option<StepGraph>,
+    graph: Option<CudaGraph>,
     /// Logits of every (real and dummy) sequence, `[batch, cols]`.
     out: Option<(CudaSlice<f32>, usize)>,
 }
@@ -191,25 +190,20 @@ impl CudaBackend {
                     detail: "the step returned no logits".into(),
                 }),
             });
-            // End the capture whatever happened, so the stream is usable again. Under
-            // programmatic launches a small step is rewired into a chain of kernels
-            // (graph_chain.rs).
-            let chain = (self.programmatic_launch && key.shape.batch <= CHAIN_MAX_BATCH)
-                .then(|| self.kernels_module())
-                .flatten();
-            let ended = dev!(
+            // End the capture whatever happened, so the stream is usable again.
+            let graph = dev!(
                 "graph capture",
-                StepGraph::end_capture(&self.stream, chain)
+                self.stream.end_capture(CUgraphInstantiate_flags(0))
             );
             captured?;
-            let (graph, summary) = ended?.ok_or_else(|| BackendError::Device {
+            let graph = graph?.ok_or_else(|| BackendError::Device {
                 op: "graph capture",
                 detail: "nothing was captured".into(),
             })?;
+            let summary = GraphSummary::of(&graph);
             tracing::debug!(
                 batch = key.shape.batch,
                 context = key.shape.context,
-                chained = chain.is_some(),
                 kernels = summary.kernels,
                 other_nodes = summary.other_nodes,
                 edges = summary.edges,
@@ -230,19 +224,6 @@ impl CudaBackend {
         Ok(Some(CudaTensor::from_f32(real_rows, cols, result)))
     }
 
-    /// The module of the backend's own kernels (one NVRTC program: `kernels.rs`); `None` if
-    /// the driver does not say.
-    fn kernels_module(&self) -> Option<cudarc::driver::sys::CUmodule> {
-        let mut module = std::ptr::null_mut();
-        // SAFETY: the function is alive (the backend holds its module).
-        unsafe {
-            cudarc::driver::sys::cuFuncGetModule(&mut module, self.kernels.add_bias.cu_function())
-        }
-        .result()
-        .ok()
-        .map(|()| module)
-    }
-
     /// The first `rows` rows of `t` (f32) in a new tensor.
     fn first_rows(&self, t: &CudaTensor, rows: usize) -> Result<CudaTensor, BackendError> {
         let src = t.as_f32("graph output")?;
@@ -256,3 +237,83 @@ impl CudaBackend {
     }
 }
 
+/// What a captured step holds: its kernels, its other nodes (the activations' allocations and
+/// frees, copies), and of its edges those that are programmatic. A programmatic launch
+/// ([`launch`](super::launch)) stays programmatic in the graph only where two kernels follow
+/// each other directly; an allocation or a free between them makes the edge an ordinary one
+/// (64 of a Llama-3.1-8B step's ~880 edges), and the driver refuses to rewire a graph that
+/// holds memory nodes (`CUDA_ERROR_NOT_SUPPORTED`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct GraphSummary {
+    kernels: usize,
+    other_nodes: usize,
+    edges: usize,
+    programmatic_edges: usize,
+}
+
+impl GraphSummary {
+    /// The summary of `graph`; zeros where the driver does not answer.
+    fn of(graph: &CudaGraph) -> Self {
+        use cudarc::driver::sys;
+        let mut summary = GraphSummary::default();
+        let cu_graph = graph.cu_graph();
+        // SAFETY: the graph is alive (owned by `graph`); each query asks for the count first,
+        // then fills arrays of that length.
+        unsafe {
+            let mut count = 0usize;
+            if sys::cuGraphGetNodes(cu_graph, std::ptr::null_mut(), &mut count)
+                .result()
+                .is_ok()
+            {
+                let mut nodes = vec![std::ptr::null_mut(); count];
+                if sys::cuGraphGetNodes(cu_graph, nodes.as_mut_ptr(), &mut count)
+                    .result()
+                    .is_ok()
+                {
+                    for &node in nodes.iter().take(count) {
+                        let mut kind = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+                        if sys::cuGraphNodeGetType(node, &mut kind).result().is_ok()
+                            && kind == sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL
+                        {
+                            summary.kernels += 1;
+                        } else {
+                            summary.other_nodes += 1;
+                        }
+                    }
+                }
+            }
+            let mut edges = 0usize;
+            let (no_nodes, no_data) = (std::ptr::null_mut(), std::ptr::null_mut());
+            if sys::cuGraphGetEdges_v2(cu_graph, no_nodes, no_nodes, no_data, &mut edges)
+                .result()
+                .is_ok()
+            {
+                let mut from = vec![std::ptr::null_mut(); edges];
+                let mut to = vec![std::ptr::null_mut(); edges];
+                let mut data: Vec<sys::CUgraphEdgeData> = vec![std::mem::zeroed(); edges];
+                if sys::cuGraphGetEdges_v2(
+                    cu_graph,
+                    from.as_mut_ptr(),
+                    to.as_mut_ptr(),
+                    data.as_mut_ptr(),
+                    &mut edges,
+                )
+                .result()
+                .is_ok()
+                {
+                    summary.edges = edges;
+                    summary.programmatic_edges = data
+                        .iter()
+                        .take(edges)
+                        .filter(|d| {
+                            u32::from(d.type_)
+                                == sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
+                                    as u32
+                        })
+                        .count();
+                }
+            }
+        }
+        summary
+    }
+}

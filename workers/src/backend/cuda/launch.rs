@@ -10,8 +10,10 @@
 //! loads of a GEMV) then overlap the previous kernel's tail instead of following it. Every
 //! kernel of `workers/kernels/` waits before it touches what another kernel wrote (a test
 //! checks the sources), so any of them may be launched this way; a launch that is not marked,
-//! or a kernel of cuBLAS or NCCL, is ordered as usual. Stream capture keeps the programmatic
-//! edges in the graph.
+//! or a kernel of cuBLAS or NCCL, is ordered as usual. In a captured decode step the edge
+//! stays programmatic only where two kernels follow each other directly: an activation's
+//! allocation or free between them, which most pairs have, makes it an ordinary one
+//! (graph.rs), so eager steps gain most.
 //!
 //! [`KernelArgs`] mirrors cudarc's `LaunchArgs` (`arg` for scalars and device buffers) but
 //! owns copies of its arguments, so that they can be handed to the driver as one array.

@@ -74,7 +74,6 @@ mod fp8_gemm;
 mod fp8_projection;
 mod gemm;
 mod graph;
-mod graph_chain;
 pub mod kernels;
 mod kv_cache;
 mod launch;
