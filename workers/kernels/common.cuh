@@ -10,10 +10,9 @@ typedef unsigned long long u64;
 // Programmatic dependent launch (compute capability 9.0+; workers/src/backend/cuda/launch.rs).
 // A kernel launched programmatically may start before the kernel ahead of it on the stream has
 // finished, so every kernel here runs `pdl_wait` before it reads or writes memory another
-// kernel touches (what it does before is limited to reading weights, which no kernel writes);
-// without such a launch the wait returns at once. `pdl_trigger` lets the next kernel's blocks
-// start: every kernel gives it right after its wait, so the next one is resident and has begun
-// its weight loads when this one ends. Both compile to nothing before Hopper.
+// kernel touches; without such a launch the wait returns at once. `pdl_trigger` lets the next
+// kernel's blocks start: every kernel gives it right after its wait, so the next one is
+// resident when this one ends. Both compile to nothing before Hopper.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -238,16 +237,6 @@ __device__ __forceinline__ void block_argmax(float& v, int& idx) {
 // memory bandwidth a short latency-bound kernel (norm, attention, SiLU) leaves idle is spent
 // reading ahead. The 128-byte lines are spread over every thread of the grid; nothing waits for
 // them and nothing depends on them (a hint: the projection reads the same bytes either way).
-// A warp's weight row of `bytes` into L2, a 128-byte line a lane at a time: what a GEMV warp
-// asks for ahead of its wait (`pdl_enter`: no kernel writes weights), so that under a
-// programmatic launch the row is on its way while the kernel before ends.
-__device__ __forceinline__ void prefetch_row_l2(const void* row, long long bytes) {
-    const char* p = static_cast<const char*>(row) + (threadIdx.x & 31) * 128;
-    const char* end = static_cast<const char*>(row) + bytes;
-#pragma unroll 1
-    for (; p < end; p += 32 * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 __device__ __forceinline__ void prefetch_l2(const char* ptr, long long bytes) {
     if (bytes <= 0) return;
     const long long block =

@@ -114,35 +114,16 @@ __device__ __forceinline__ void gemv_fp8_row_sums(const bf16* __restrict__ xq,
     const int lane = threadIdx.x & 31;
     const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)row * k);
     const int chunks = k / 16;  // 16-byte chunks per weight row (k is a multiple of 16)
-#if GEMV_PDL_EARLY == 1
-    prefetch_row_l2(wr, k);
-#endif
-#if GEMV_PDL_EARLY != 2
     pdl_enter();
-#endif
     // Two sums per row (even and odd codes): shorter chains of dependent adds.
     float acc[M][2];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = 0.0f;
     int c = lane;
-#if GEMV_PDL_EARLY == 2
-    uint4 wv[GEMV8_UNROLL];
-    if (c + 32 * (GEMV8_UNROLL - 1) < chunks) {
-#pragma unroll
-        for (int u = 0; u < GEMV8_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);
-    }
-    pdl_enter();
-    for (bool first = true; c + 32 * (GEMV8_UNROLL - 1) < chunks; c += 32 * GEMV8_UNROLL, first = false) {
-        if (!first) {
-#pragma unroll
-            for (int u = 0; u < GEMV8_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);
-        }
-#else
     for (; c + 32 * (GEMV8_UNROLL - 1) < chunks; c += 32 * GEMV8_UNROLL) {
         uint4 wv[GEMV8_UNROLL];
 #pragma unroll
         for (int u = 0; u < GEMV8_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);
-#endif
 #pragma unroll
         for (int u = 0; u < GEMV8_UNROLL; ++u) {
             float wf[16];

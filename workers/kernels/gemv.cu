@@ -5,11 +5,6 @@
 // the copy bandwidth on these shapes.
 
 #define GEMV_WARPS 8
-// What a GEMV warp does ahead of its wait (`pdl_enter`) for the kernel before: 0 nothing,
-// 1 ask L2 for its weight row, 2 load its first weights into registers.
-#ifndef GEMV_PDL_EARLY
-#define GEMV_PDL_EARLY 0
-#endif
 #ifndef GEMV_UNROLL
 #define GEMV_UNROLL 4
 #endif
@@ -21,34 +16,15 @@ __device__ __forceinline__ void gemv_row_sums(const bf16* __restrict__ x, const 
     const int lane = threadIdx.x & 31;
     const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)row * k);
     const int chunks = k / 8;  // 16-byte chunks per row (k is a multiple of 8)
-#if GEMV_PDL_EARLY == 1
-    prefetch_row_l2(wr, 2LL * k);
-#endif
-#if GEMV_PDL_EARLY != 2
     pdl_enter();
-#endif
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.0f;
     int c = lane;
-#if GEMV_PDL_EARLY == 2
-    uint4 wv[GEMV_UNROLL];
-    if (c + 32 * (GEMV_UNROLL - 1) < chunks) {
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);
-    }
-    pdl_enter();
-    for (bool first = true; c + 32 * (GEMV_UNROLL - 1) < chunks; c += 32 * GEMV_UNROLL, first = false) {
-        if (!first) {
-#pragma unroll
-            for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);
-        }
-#else
     for (; c + 32 * (GEMV_UNROLL - 1) < chunks; c += 32 * GEMV_UNROLL) {
         uint4 wv[GEMV_UNROLL];
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);
-#endif
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
             float wf[8];
