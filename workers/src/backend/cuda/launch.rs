@@ -26,8 +26,6 @@ use cudarc::driver::{
     LaunchConfig,
 };
 
-use super::skinny::TmaParam;
-
 /// Room for one kernel argument: the largest is a TMA tensor map (128 bytes, 128-byte aligned).
 #[repr(C, align(128))]
 struct ArgSlot([u8; 128]);
@@ -61,9 +59,8 @@ impl<'a> KernelArgs<'a> {
         self
     }
 
-    fn push_value<T: Copy>(&mut self, value: &T) -> &mut Self {
-        // SAFETY: `T` is a plain value (`Copy`, no padding read: the kernel parameters pushed
-        // are integers, floats, device addresses and `TmaParam`'s words).
+    fn push_value<T: KernelParam>(&mut self, value: &T) -> &mut Self {
+        // SAFETY: `T` is plain bytes without padding (`KernelParam`).
         let bytes = unsafe {
             std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
         };
@@ -132,18 +129,26 @@ pub(super) trait PushArg<T> {
     fn arg(&mut self, arg: T) -> &mut Self;
 }
 
-macro_rules! push_scalars {
-    ($($t:ty),*) => {$(
-        impl PushArg<&$t> for KernelArgs<'_> {
-            #[inline]
-            fn arg(&mut self, arg: &$t) -> &mut Self {
-                self.push_value(arg)
-            }
-        }
-    )*};
-}
+/// A value a kernel takes as its bytes (a scalar, or a struct such as a TMA tensor map).
+///
+/// # Safety
+/// The type must be plain bytes with the size and layout of the kernel's parameter, at most
+/// 128 bytes, with no padding.
+pub(super) unsafe trait KernelParam: Copy {}
 
-push_scalars!(i32, u32, i64, u64, f32, TmaParam);
+// SAFETY: C's int, unsigned, long long, unsigned long long and float.
+unsafe impl KernelParam for i32 {}
+unsafe impl KernelParam for u32 {}
+unsafe impl KernelParam for i64 {}
+unsafe impl KernelParam for u64 {}
+unsafe impl KernelParam for f32 {}
+
+impl<T: KernelParam> PushArg<&T> for KernelArgs<'_> {
+    #[inline]
+    fn arg(&mut self, arg: &T) -> &mut Self {
+        self.push_value(arg)
+    }
+}
 
 impl<T> PushArg<&CudaSlice<T>> for KernelArgs<'_> {
     #[inline]
@@ -189,14 +194,11 @@ impl<T> PushArg<&CudaViewMut<'_, T>> for KernelArgs<'_> {
 mod tests {
     use super::ArgSlot;
 
-    /// Slots keep a tensor map's alignment, so the driver reads every argument from where its
-    /// type would put it.
+    /// A slot holds the largest argument, a TMA tensor map (128 bytes, 128-byte aligned), with
+    /// its alignment.
     #[test]
     fn a_slot_holds_a_tensor_map() {
         assert_eq!(std::mem::align_of::<ArgSlot>(), 128);
-        assert_eq!(
-            std::mem::size_of::<super::TmaParam>(),
-            std::mem::size_of::<ArgSlot>()
-        );
+        assert_eq!(std::mem::size_of::<ArgSlot>(), 128);
     }
 }

@@ -16,8 +16,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::launch::PushArg;
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig};
+use super::launch::{KernelParam, PushArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
 use super::kernels::{SKINNY_FEATURES, SKINNY_THREADS, SKINNY_WIDTHS, skinny_smem_bytes};
 use super::tma::TmaElement;
@@ -35,7 +35,7 @@ pub(super) const SKINNY_COUNTERS: usize = 1024;
 pub(super) struct TmaParam([u64; 16]);
 
 // SAFETY: plain bytes with the size and alignment of the kernel's `TmaMap` parameter.
-unsafe impl DeviceRepr for TmaParam {}
+unsafe impl KernelParam for TmaParam {}
 
 /// Weights' tensor maps by (device address, element type, outputs, inputs); `None`: the
 /// driver refused one (cuBLAS runs that weight).
