@@ -516,11 +516,28 @@ fn overload_past_the_admission_bounds_gets_429_and_every_accepted_request_comple
             sample(&metrics, "tandem_jobs_rejected_total{pool=\"generation\"}").unwrap_or(0.0);
     }
     assert_eq!(overloaded, refused as f64, "every 429 counted");
+    // The worker took at most what it holds, and refused what reached it past that. How many
+    // reached it depends on the routers' view of its queue: a heartbeat that lands during the
+    // burst (its running and queued sequences) can have a router refuse the rest itself, so
+    // some runs send the worker no more than it holds.
+    let queued_in_burst = worker.count_lines("job queued") - references.len();
     assert!(
-        rejected >= 1.0 && worker.count_lines("queue full: refusing jobs") >= 1,
-        "the worker refused jobs itself: {rejected} counted\n{}",
+        queued_in_burst <= 4,
+        "the worker queued {queued_in_burst} jobs of the burst, past the 4 it holds\n{}",
         worker.output()
     );
+    if rejected >= 1.0 {
+        assert!(
+            worker.count_lines("queue full: refusing jobs") >= 1,
+            "{rejected} refusals counted, none in the worker's log\n{}",
+            worker.output()
+        );
+    } else {
+        eprintln!(
+            "the routers refused every job past the worker's {queued_in_burst}: none reached it \
+             to be refused"
+        );
+    }
     // And both serve normally after.
     for api in &apis {
         let start = Instant::now();

@@ -24,7 +24,11 @@ const BLOCK_TOKENS: usize = 16;
 
 /// The cached prompt tokens of a completion of `prompt` sent with `key` (and `salt`).
 fn cached_tokens(base: &str, key: &str, prompt: &[u32], salt: Option<&str>) -> u64 {
-    let mut body = json!({"model": "cached", "prompt": prompt, "max_tokens": 2});
+    // Two tokens, the second from the decode worker: a first token that ends the request
+    // (end of sequence, which the tiny model's random weights can sample) would leave the
+    // context worker's answer the whole request and nothing to hand over.
+    let mut body =
+        json!({"model": "cached", "prompt": prompt, "max_tokens": 2, "ignore_eos": true});
     if let Some(salt) = salt {
         body["cache_salt"] = json!(salt);
     }
