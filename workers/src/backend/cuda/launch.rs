@@ -6,8 +6,8 @@
 //! passed `griddepcontrol.launch_dependents` (`pdl_trigger` in common.cuh), and they wait in
 //! `griddepcontrol.wait` (`pdl_wait`) until that kernel has finished and its writes are
 //! visible. A decode step of a small batch is a chain of ~300 kernels, each a few microseconds
-//! long; the launch, the block dispatch and whatever a kernel does before its wait (the weight
-//! loads of a GEMV) then overlap the previous kernel's tail instead of following it. Every
+//! long; a kernel's launch and block dispatch then overlap the previous kernel's tail instead
+//! of following it. Every
 //! kernel of `workers/kernels/` waits before it touches what another kernel wrote (a test
 //! checks the sources), so any of them may be launched this way; a launch that is not marked,
 //! or a kernel of cuBLAS or NCCL, is ordered as usual. In a captured decode step the edge
