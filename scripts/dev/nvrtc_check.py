@@ -3,13 +3,15 @@ report, and (with --sass) a kernel's machine code and its instruction mix, so th
 change can be weighed (registers, occupancy, instructions a loop) before device time is spent.
 
 usage: nvrtc_check.py [--repo DIR] [--arch sm_90|sm_90a] [--filter TEXT] [--sass KERNEL [--full]]
-                      [DEFINE ...]
+                      [--extra FILE] [DEFINE ...]
 
   DEFINE: NAME=VALUE, as TANDEM_KERNEL_DEFINES passes them (e.g. DM_STAGES_FP8=4).
   --filter: the kernels whose report lines are printed (a substring; default: all).
   --sass KERNEL: disassemble that kernel (its exact name, e.g.
     paged_decode_mma_fp8_persistent_d128) with cuobjdump and print its opcodes by count;
     --full prints the listing too.
+  --extra FILE: a kernel file compiled after the workers' own (an experiment that calls their
+    device functions, e.g. scripts/device/persistent_step.cu).
 
 Libraries, found under $NVRTC_DIR (default /tmp/nvrtc), else installed there, all in one
 command into an empty folder (pip --target skips, or with --upgrade replaces, the `nvidia`
@@ -112,10 +114,14 @@ def main():
     parser.add_argument("--filter", default="")
     parser.add_argument("--sass")
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--extra")
     parser.add_argument("defines", nargs="*")
     args = parser.parse_args()
     lib = ctypes.CDLL(find(["libnvrtc.so.1[0-9]", "libnvrtc.so"], "libnvrtc"))
-    rc, log, cubin = compile_program(lib, sources(args.repo), args.arch, args.defines)
+    source = sources(args.repo)
+    if args.extra:
+        source += f"// ---- {args.extra}\n{open(args.extra).read()}\n"
+    rc, log, cubin = compile_program(lib, source, args.arch, args.defines)
     report(log, rc, args.filter if not args.sass else args.sass)
     print("rc", rc)
     if rc != 0:
