@@ -31,6 +31,10 @@
 #                                        # cache holds ~56k tokens: MAX_BATCH=32
 #                                        # CONCURRENCY=32 N=64 (the run in docs/benchmarks.md)
 #
+# WEIGHTS=fp8 serves FP8 weights of the same shapes (generated at load) and KV_DTYPE=fp8 an FP8
+# KV cache in every worker (`kv_cache_config.dtype`: hand-overs move FP8 blocks, half the bytes);
+# both apply to the ipc and goodput stages, whose outputs then carry a `-fp8` / `-kvfp8` tag.
+#
 # Prompt lengths are in words for `tandem bench`; on the random Llama-3.1-8B tokenizer a word is
 # about 1.66 tokens (the bench reports the real token counts). Output: stdout and $OUT. A failed
 # test or check fails the script once its stage is done; each test binary's run ends in a line
@@ -41,7 +45,17 @@ stage=${1:?usage: two_gpu.sh ipc | goodput disaggregated|aggregated | tp | tp-gr
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
 status=0
 
-llama=$(random_model llama-3.1-8b)
+weights=${WEIGHTS:-bf16} kv_dtype=${KV_DTYPE:-bf16}
+case "$weights" in
+  bf16) llama=$(random_model llama-3.1-8b) tag="" ;;
+  fp8) llama=$(random_model llama-3.1-8b fp8 gen) tag="-fp8" ;;
+  *) echo "WEIGHTS: bf16 or fp8, not $weights" >&2; exit 2 ;;
+esac
+case "$kv_dtype" in
+  bf16) kv_line="" kv_token_bytes=131072 ;;
+  fp8) kv_line="    dtype: fp8" tag="$tag-kvfp8" kv_token_bytes=65536 ;;
+  *) echo "KV_DTYPE: bf16 or fp8, not $kv_dtype" >&2; exit 2 ;;
+esac
 port=8300
 
 wait_line() { # file needle seconds
@@ -73,7 +87,7 @@ stop() { # log
 # The configs: gpu-2.yaml's deployment (context on cuda:0, decode on cuda:1), with CUDA IPC
 # pools large enough for an 8k-token prompt of Llama-3.1-8B (1 GiB of K/V), and its aggregated
 # counterpart (a `both` worker on each GPU, 128 sequences, prefill chunks of 2048 tokens).
-cat >/tmp/disaggregated.yaml <<'EOF'
+cat >/tmp/disaggregated.yaml <<EOF
 hostname: 127.0.0.1
 context_servers:
   num_instances: 1
@@ -81,6 +95,7 @@ context_servers:
   max_num_tokens: 4096
   kv_cache_config:
     free_gpu_memory_fraction: 0.9
+$kv_line
   cache_transceiver_config:
     max_tokens_in_buffer: 65536
     cuda_ipc_pool_mb: 2048
@@ -90,6 +105,7 @@ generation_servers:
   max_batch_size: 128
   kv_cache_config:
     free_gpu_memory_fraction: 0.9
+$kv_line
   cache_transceiver_config:
     cuda_ipc_pool_mb: 2048
 router:
@@ -107,6 +123,7 @@ generation_servers:
   max_num_tokens: ${AGGREGATED_MAX_NUM_TOKENS:-2048}
   kv_cache_config:
     free_gpu_memory_fraction: 0.9
+$kv_line
 router:
   policy: least_loaded
 EOF
@@ -146,34 +163,34 @@ EOF
 
     echo "== hand-over of 2k- and 8k-token prompts, Llama-3.1-8B shapes (context cuda:0, decode cuda:1)"
     export RUST_LOG="info,tandem_workers::serve::roles::pull=debug"
-    if serve /tmp/disaggregated.yaml "$out/serve-ipc.log"; then
+    if serve /tmp/disaggregated.yaml "$out/serve-ipc$tag.log"; then
       for words in 1233 4935; do
         tandem bench --url "http://127.0.0.1:$port/v1" --endpoint completions --concurrency 1 \
           --num-prompts 4 --input-len $words --output-len 8 2>&1 | tail -4
       done
-      grep "KV pulled" "$out/serve-ipc.log" | sed -E 's/.*(bytes=[0-9]+) (micros=[0-9]+).*(backend=[a-z-]+).*/\1 \2 \3/' |
-        awk '{split($1,b,"="); split($2,m,"="); printf "%s %s %s tokens=%d GB/s=%.1f\n", $1, $2, $3, b[2]/131072, b[2]/m[2]/1e3}'
+      grep "KV pulled" "$out/serve-ipc$tag.log" | sed -E 's/.*(bytes=[0-9]+) (micros=[0-9]+).*(backend=[a-z-]+).*/\1 \2 \3/' |
+        awk -v per_token="$kv_token_bytes" '{split($1,b,"="); split($2,m,"="); printf "%s %s %s tokens=%d GB/s=%.1f\n", $1, $2, $3, b[2]/per_token, b[2]/m[2]/1e3}'
       curl -sS "http://127.0.0.1:$port/metrics" | grep -E "^tandem_(kv_transfers_total|kv_transfer_fallbacks_total)"
-      stop "$out/serve-ipc.log"
+      stop "$out/serve-ipc$tag.log"
     fi
     ;;
   goodput)
     deployment=${2:?disaggregated or aggregated}
     nvidia-smi --query-gpu=index,name --format=csv,noheader
-    if serve "/tmp/$deployment.yaml" "$out/serve-$deployment.log"; then
+    if serve "/tmp/$deployment.yaml" "$out/serve-$deployment$tag.log"; then
       bench() { # name words output_len rates
         echo "== $deployment, $1: --input-len $2 words, --output-len $3, rates $4"
         tandem bench --url "http://127.0.0.1:$port/v1" --endpoint completions \
           --request-rate "$4" --num-prompts "${NUM_PROMPTS:-40}" --input-len "$2" --output-len "$3" \
           --goodput ttft:1000,itl:50 --timeout-s 120 \
-          --output-json "$out/goodput-$deployment-$1.json" 2>&1 | tee "$out/goodput-$deployment-$1.log" |
+          --output-json "$out/goodput-$deployment$tag-$1.json" 2>&1 | tee "$out/goodput-$deployment$tag-$1.log" |
           grep -vE "^\s*$" | tail -14
       }
       bench prefill-heavy 2467 256 "${PREFILL_RATES:-1,2,4,6,8}"
       bench decode-heavy 308 1024 "${DECODE_RATES:-1,2,4,8}"
       curl -sS "http://127.0.0.1:$port/metrics" |
         grep -E "^tandem_(kv_transfers_total|kv_transfer_fallbacks_total|requests_disaggregated_total)"
-      stop "$out/serve-$deployment.log"
+      stop "$out/serve-$deployment$tag.log"
     fi
     ;;
   tp)
