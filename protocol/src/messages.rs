@@ -366,6 +366,15 @@ pub struct CudaIpcSource {
     pub mem_handle: String,
     /// Bytes of that allocation (regions are checked against it).
     pub alloc_bytes: u64,
+    /// Where in the allocation the exporter keeps a liveness word (16 bytes it rewrites with
+    /// a new count every second while it runs): a reader keeps its mapping of the allocation
+    /// open while the word moves and closes it soon after the word stops (the exporter is
+    /// gone, and the mapping would keep its memory allocated). Absent from older exporters:
+    /// their mappings close after a minute without a pull. Not covered by the handle's MAC
+    /// (a hint about a mapping's lifetime, bounded by the mapping; an older api-server drops
+    /// it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_offset: Option<u64>,
 }
 
 /// One contiguous remote region: one KV block, or a run of whole blocks
@@ -1163,6 +1172,7 @@ mod tests {
                 device: "GPU-0".into(),
                 mem_handle: "00".repeat(64),
                 alloc_bytes: 1 << 20,
+                liveness_offset: None,
             })),
             cuda_ipc_ranks: Vec::new(),
             seal: Some(KvSeal {
@@ -1183,6 +1193,7 @@ mod tests {
             device: device.into(),
             mem_handle: "00".repeat(64),
             alloc_bytes: 1 << 20,
+            liveness_offset: None,
         };
         let ranked = KvHandle {
             cuda_ipc: None,

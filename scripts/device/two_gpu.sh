@@ -8,6 +8,9 @@
 #                                        # decode worker on cuda:1, a plain peer-to-peer copy
 #                                        # (torch) and the hand-over of 2k- and 8k-token
 #                                        # Llama-3.1-8B prompts through `tandem serve`
+#   scripts/device/two_gpu.sh mapping    # the decode worker's CUDA IPC mapping of the context
+#                                        # worker's cache: a pull after 75 idle seconds, then the
+#                                        # context worker killed and restarted (memory, logs)
 #   scripts/device/two_gpu.sh goodput disaggregated|aggregated
 #                                        # Llama-3.1-8B shapes, 1 context + 1 decode worker or 2
 #                                        # aggregated workers (one GPU each): `tandem bench` at
@@ -40,7 +43,7 @@
 # test or check fails the script once its stage is done; each test binary's run ends in a line
 # of how many tests ran, were skipped and failed, and, both GPUs being here, a skip fails it.
 set -uo pipefail
-stage=${1:?usage: two_gpu.sh ipc | goodput disaggregated|aggregated | tp | tp-graphs | tp70b}
+stage=${1:?usage: two_gpu.sh ipc | mapping | goodput disaggregated|aggregated | tp | tp-graphs | tp70b}
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
 status=0
@@ -175,6 +178,46 @@ EOF
       curl -sS "http://127.0.0.1:$port/metrics" | grep -E "^tandem_(kv_transfers_total|kv_transfer_fallbacks_total)"
       stop "$out/serve-ipc$tag.log"
     fi
+    ;;
+  mapping)
+    # The decode worker's mapping of the context worker's KV cache (CUDA IPC): a pull after
+    # IDLE_S (75) idle seconds, then the context worker killed (SIGKILL) and restarted by the
+    # launcher: when the decode worker closes its mapping, and the KV cache the restarted
+    # worker finds room for. TANDEM=path runs another build's launcher (its workers beside it).
+    export RUST_LOG="info,tandem_workers::serve::roles::pull=debug"
+    launcher=${TANDEM:-tandem}
+    log="$out/serve-mapping$tag${MAPPING_TAG:-}.log"
+    "$launcher" serve -c /tmp/disaggregated.yaml --model "$llama" --port $port --ready-timeout-s 300 >"$log" 2>&1 &
+    serve_pid=$!
+    if ! wait_line "$log" "tandem: serving" 300; then
+      echo "NOT READY"
+      tail -20 "$log"
+      kill -TERM "$serve_pid"
+      exit 1
+    fi
+    one() {
+      "$launcher" bench --url "http://127.0.0.1:$port/v1" --endpoint completions --concurrency 1 \
+        --num-prompts 1 --input-len 1233 --output-len 8 2>&1 | grep -E "^ +c=1" | cut -c1-110
+    }
+    one
+    sleep "${IDLE_S:-75}"
+    one
+    echo "pulls (the second after ${IDLE_S:-75} s idle):"
+    grep "KV pulled" "$log" | sed -E 's/.*(bytes=[0-9]+) (micros=[0-9]+).*/  \1 \2/'
+    nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
+    ctx=$(pgrep -f -- "--role context" | head -1)
+    echo "killing the context worker (pid $ctx) at $(date +%T)"
+    kill -KILL "$ctx"
+    for s in 5 10 15 20 30 45; do
+      sleep $((s - ${prev:-0}))
+      prev=$s
+      echo "$s s after: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader | tr '\n' ' ')"
+    done
+    grep -E "closing the CUDA IPC mapping|KV cache shared over CUDA IPC|KV cache:|exited|restart" "$log" |
+      cut -c1-260 | tail -12
+    wait_line "$log" "KV cache shared over CUDA IPC.*" 120
+    one
+    stop "$log"
     ;;
   goodput)
     deployment=${2:?disaggregated or aggregated}

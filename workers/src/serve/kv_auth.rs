@@ -315,6 +315,10 @@ impl Encoder {
             device,
             mem_handle,
             alloc_bytes,
+            // Not signed: only when to close a mapping depends on it (a reader bounds it by
+            // the mapping and at worst maps again later), and an api-server of an older build
+            // drops it on the way, which must not make the handle's MAC fail.
+            liveness_offset: _,
         } = source;
         self.str(host_id);
         self.str(device);
@@ -455,6 +459,7 @@ mod tests {
                         device: "GPU-0".into(),
                         mem_handle: "00".repeat(64),
                         alloc_bytes: 1 << 20,
+                        liveness_offset: None,
                     }))
                 }),
             ),
@@ -466,6 +471,7 @@ mod tests {
                         device: "GPU-1".into(),
                         mem_handle: "00".repeat(64),
                         alloc_bytes: 1 << 20,
+                        liveness_offset: None,
                     }]
                 }),
             ),
@@ -502,6 +508,28 @@ mod tests {
             verify(&other_key, &a),
             Err(MacError::Mismatch { .. })
         ));
+    }
+
+    #[test]
+    fn the_liveness_offset_is_not_signed_so_an_older_api_server_may_drop_it() {
+        let key = secret(SECRET);
+        let prompt = [1u32, 2, 3];
+        let a = binding("a", &prompt);
+        let mut handle = fixtures::handle_of(true, 7, 1_000);
+        handle.cuda_ipc = Some(Box::new(CudaIpcSource {
+            host_id: "h".into(),
+            device: "GPU-0".into(),
+            mem_handle: "00".repeat(64),
+            alloc_bytes: 1 << 20,
+            liveness_offset: Some(4096),
+        }));
+        key.sign(&mut handle, &a);
+        let mut dropped = handle.clone();
+        dropped.cuda_ipc.as_mut().unwrap().liveness_offset = None;
+        assert_eq!(
+            key.verify(&Canonical::of(&dropped, &a), &dropped.mac, &a),
+            Ok(())
+        );
     }
 
     #[test]

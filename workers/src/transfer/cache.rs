@@ -97,6 +97,18 @@ impl ExposedCache {
         }
     }
 
+    /// The same cache with slab slot `slot` kept out of exports, for a word of the transport's
+    /// own that readers reach like a seal (the CUDA IPC exporter's liveness word); returns
+    /// the slot's offset from the allocation's start. Exports then find a slot for every
+    /// block but one: only if every block were pinned by a one-block export at once would an
+    /// export find none, and fail as it would with no slot left.
+    pub fn reserve_slot(mut self, slot: usize) -> (Self, usize) {
+        let slots = self.free_slots.get_mut().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|&s| s != slot);
+        let offset = self.cache.slot_offset(slot);
+        (self, offset)
+    }
+
     /// The cache as the engine described it.
     pub fn cache(&self) -> &KvCacheMemory {
         &self.cache
@@ -256,6 +268,35 @@ pub(crate) mod tests {
             "the seal is zeroed before the blocks are unpinned"
         );
         assert_eq!(cache.live_exports(), 0);
+    }
+
+    #[test]
+    fn a_reserved_slot_is_never_an_exports() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let seals = Arc::clone(&log);
+        let (cache, offset) = ExposedCache::new(
+            RemoteMemory::Registered {
+                address: vec![1],
+                rkey: vec![2],
+            },
+            0,
+            cache(2),
+            Box::new(move |_| Box::new(Recorded(Arc::clone(&seals)))),
+            Box::new(()),
+            Box::new(()),
+        )
+        .reserve_slot(0);
+        assert_eq!(offset, 2 * 128, "slot 0, after the blocks");
+        let cache = Arc::new(cache);
+        let a = cache.export(&[0], Box::new(())).unwrap();
+        assert_eq!(a.seal.unwrap().addr, 2 * 128 + 16, "slot 1");
+        assert!(
+            cache.export(&[1], Box::new(())).is_err(),
+            "slot 0 is reserved, slot 1 taken"
+        );
+        drop(a);
+        let b = cache.export(&[1], Box::new(())).unwrap();
+        assert_eq!(b.seal.unwrap().addr, 2 * 128 + 16);
     }
 
     #[test]

@@ -17,8 +17,9 @@
 //!   that is synchronized before anything else happens. No export copy, no export pool, so no
 //!   cap: any prompt the cache holds goes device to device.
 //! - A decode worker on the same host maps the exporter's cache (`cuIpcOpenMemHandle`, once
-//!   per exporter and device, closed when unused for [`IDLE_MAPPING_CLOSE`]; a restarted
-//!   exporter has a new handle) and copies the blocks straight into the blocks its engine
+//!   per exporter and device, kept open while the exporter's liveness word moves and closed
+//!   soon after it stops, [`super::ipc_liveness`]; a restarted exporter has a new handle) and
+//!   copies the blocks straight into the blocks its engine
 //!   reserved for the request ([`CudaIpcTransport::pull_into_cache`]): copies queued back to
 //!   back on one stream per destination GPU (across GPUs, over NVLink or PCIe peer to peer, by
 //!   the copy engines, so the decode steps running beside them keep every SM), synchronized,
@@ -54,6 +55,7 @@ use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaStream};
 
 use super::cache::ExposedCache;
+use super::ipc_liveness::{self, LIVENESS_PERIOD, LivenessWriter, MappingWatch, WORD_BYTES, Word};
 use super::pool::SlicePool;
 use super::relayout::{self, Copy2d, HeadSplit};
 use super::seal::{Nonce, SEAL_BYTES, Seal, SealMemory, SealSlot};
@@ -64,9 +66,8 @@ use super::{
 use crate::backend::KvMemory;
 use crate::kv_cache::KvLayout;
 
-/// A peer's pool mapped into this process is closed after this long without a pull: a
-/// context worker that left must not keep its memory alive through our mapping.
-pub const IDLE_MAPPING_CLOSE: Duration = Duration::from_secs(60);
+/// The export slab slot of a shared cache that holds its liveness word ([`ipc_liveness`]).
+const LIVENESS_SLOT: usize = 0;
 
 /// Bytes of a CUDA IPC memory handle.
 const HANDLE_BYTES: usize = 64;
@@ -96,8 +97,9 @@ struct DeviceSide {
     /// most; serializing them keeps one stream's synchronize meaning one pull).
     stream: Mutex<Arc<CudaStream>>,
     uuid: String,
-    /// Exporters' memory mapped into this device's context, by IPC handle, with their last use.
-    peers: Mutex<HashMap<HandleBytes, (Arc<PeerMapping>, Instant)>>,
+    /// Exporters' memory mapped into this device's context, by IPC handle, with what says
+    /// when to close it.
+    peers: Mutex<HashMap<HandleBytes, (Arc<PeerMapping>, MappingWatch)>>,
 }
 
 /// This worker's device memory for transfers: one allocation, its IPC handle, its slices.
@@ -301,13 +303,20 @@ impl CudaIpcTransport {
             devices = %devices.iter().map(|d| d.uuid.as_str()).collect::<Vec<_>>().join(","),
             "CUDA IPC ready: K/V moves device to device between GPU workers of this host"
         );
-        Ok(Self {
-            shared: Arc::new(Shared {
-                devices,
-                pool,
-                host_id,
-            }),
+        let shared = Arc::new(Shared {
+            devices,
+            pool,
+            host_id,
+        });
+        ipc_liveness::spawn_watcher(Arc::downgrade(&shared), |shared: &Shared| {
+            for device in &shared.devices {
+                device.check_mappings();
+            }
         })
+        .map_err(|e| {
+            TransferError::Backend(format!("starting the CUDA IPC mappings' watcher: {e}"))
+        })?;
+        Ok(Self { shared })
     }
 }
 
@@ -377,8 +386,11 @@ impl Shared {
             )));
         }
         let first = ranks[0];
+        // Slot 0 of every rank's export slab holds its liveness word, not a seal.
+        let liveness_offset = first.slot_offset(LIVENESS_SLOT);
         let mut sources = Vec::with_capacity(ranks.len());
         let mut registrations = Vec::with_capacity(ranks.len());
+        let mut words = Vec::with_capacity(ranks.len());
         let mut first_ptr = 0;
         for (r, (rank, device)) in ranks.iter().zip(&self.devices).enumerate() {
             let KvMemory::Device(range) = rank.memory else {
@@ -405,7 +417,8 @@ impl Shared {
             let handle: HandleBytes = raw.reserved.map(|b| b as u8);
             lock(local_pools()).insert(handle, (range.ptr, range.len));
             registrations.push(LocalCache { handle });
-            sources.push(self.source(r, &handle, range.len));
+            sources.push(self.source(r, &handle, range.len, Some(liveness_offset as u64)));
+            words.push(range.ptr + liveness_offset as u64);
             if r == 0 {
                 first_ptr = range.ptr;
             }
@@ -416,8 +429,17 @@ impl Shared {
             "KV cache shared over CUDA IPC: GPU decode workers of this host read exports \
              straight out of it"
         );
+        // Stopped (and waited for) when the exposure is dropped, before `owner` frees the
+        // memory it writes.
+        let writer = Arc::clone(self);
+        let liveness = LivenessWriter::spawn(LIVENESS_PERIOD, move |word| {
+            writer.write_liveness(&words, word)
+        })
+        .map_err(|e| {
+            TransferError::Backend(format!("starting the KV cache's liveness writer: {e}"))
+        })?;
         let seals = Arc::clone(self);
-        Ok(Arc::new(ExposedCache::new(
+        let (exposed, reserved) = ExposedCache::new(
             RemoteMemory::CudaIpc(sources),
             0,
             first,
@@ -427,9 +449,29 @@ impl Shared {
                     ptr: first_ptr + offset as u64,
                 })
             }),
-            Box::new(registrations),
+            Box::new((liveness, registrations)),
             owner,
-        )))
+        )
+        .reserve_slot(LIVENESS_SLOT);
+        debug_assert_eq!(reserved, liveness_offset);
+        Ok(Arc::new(exposed))
+    }
+
+    /// Writes `word` at each rank's liveness word (`ptrs[r]`, on the transport's `r`-th GPU).
+    fn write_liveness(&self, ptrs: &[CUdeviceptr], word: &Word) -> Result<(), String> {
+        for (&ptr, device) in ptrs.iter().zip(&self.devices) {
+            device.bind().map_err(|e| e.to_string())?;
+            let stream = lock(&device.stream);
+            // SAFETY: `ptr` is the liveness slot of this rank's cache allocation, which the
+            // exposure keeps allocated until after this writer has stopped; `word` outlives
+            // the copy, which is synchronized below.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(ptr, &word[..], stream.cu_stream())
+            }
+            .map_err(|e| e.to_string())?;
+            stream.synchronize().map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 }
 
@@ -459,15 +501,18 @@ impl DeviceSide {
             .map_err(|e| cuda_error("CUDA context", e))
     }
 
-    /// The exporter's allocation mapped into this device's context (opened once, reused while
-    /// in use). The caller has bound the context.
-    fn map_peer(&self, handle: HandleBytes) -> Result<Arc<PeerMapping>, TransferError> {
+    /// The exporter's allocation mapped into this device's context (opened once, kept open
+    /// while its exporter runs: [`ipc_liveness`]), its liveness word at `word_offset` where
+    /// the handle names one. The caller has bound the context.
+    fn map_peer(
+        &self,
+        handle: HandleBytes,
+        word_offset: Option<u64>,
+    ) -> Result<Arc<PeerMapping>, TransferError> {
         let mut peers = lock(&self.peers);
         let now = Instant::now();
-        // Close mappings nobody used for a while (an in-flight pull keeps its own `Arc`).
-        peers.retain(|_, (_, used)| now.duration_since(*used) < IDLE_MAPPING_CLOSE);
-        if let Some((mapping, used)) = peers.get_mut(&handle) {
-            *used = now;
+        if let Some((mapping, watch)) = peers.get_mut(&handle) {
+            watch.used(now, word_offset);
             return Ok(Arc::clone(mapping));
         }
         let mapping = match lock(local_pools()).get(&handle) {
@@ -518,8 +563,89 @@ impl DeviceSide {
             }
         };
         let mapping = Arc::new(mapping);
-        peers.insert(handle, (Arc::clone(&mapping), now));
+        // A word outside the mapping (a handle that misstates it) is not watched.
+        let word_offset = word_offset.filter(|&offset| {
+            offset
+                .checked_add(WORD_BYTES as u64)
+                .is_some_and(|end| end <= mapping.len as u64)
+        });
+        peers.insert(
+            handle,
+            (Arc::clone(&mapping), MappingWatch::new(now, word_offset)),
+        );
         Ok(mapping)
+    }
+
+    /// Reads the liveness words of the exporters mapped here, then closes the mappings whose
+    /// exporters stopped (or, without a word, that no pull used for a minute). A mapping a
+    /// pull is copying through stays mapped until that pull drops it.
+    fn check_mappings(&self) {
+        let watched: Vec<(HandleBytes, Arc<PeerMapping>, u64)> = lock(&self.peers)
+            .iter()
+            .filter(|(_, (mapping, _))| !mapping.local)
+            .filter_map(|(handle, (mapping, watch))| {
+                watch
+                    .word_offset()
+                    .map(|offset| (*handle, Arc::clone(mapping), offset))
+            })
+            .collect();
+        let mut words = Vec::with_capacity(watched.len());
+        if !watched.is_empty() && self.bind().is_ok() {
+            for (handle, mapping, offset) in &watched {
+                match self.read_word(mapping, *offset) {
+                    Ok(word) => words.push((*handle, word)),
+                    Err(e) => tracing::debug!("reading a KV exporter's liveness word: {e}"),
+                }
+            }
+        }
+        drop(watched);
+        let now = Instant::now();
+        let mut closed = Vec::new();
+        {
+            let mut peers = lock(&self.peers);
+            for (handle, word) in words {
+                if let Some((_, watch)) = peers.get_mut(&handle) {
+                    watch.saw(word, now);
+                }
+            }
+            peers.retain(|_, (mapping, watch)| match watch.close_reason(now) {
+                Some(reason) => {
+                    closed.push((Arc::clone(mapping), reason));
+                    false
+                }
+                None => true,
+            });
+        }
+        // Unmapping a large allocation takes a while: outside the lock.
+        for (mapping, reason) in closed {
+            tracing::info!(
+                device = %self.uuid,
+                mib = mapping.len >> 20,
+                "closing the CUDA IPC mapping of a context worker's KV cache: {reason}"
+            );
+            drop(mapping);
+        }
+    }
+
+    /// The liveness word at `offset` in `mapping`, read on this device's copy stream. The
+    /// caller has bound the context.
+    fn read_word(&self, mapping: &PeerMapping, offset: u64) -> Result<Word, TransferError> {
+        let stream = lock(&self.stream);
+        let mut word: Word = [0; WORD_BYTES];
+        // SAFETY: the word lies inside the mapping (checked when it was watched); `word`
+        // outlives the copy, which is synchronized before it is looked at.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut word,
+                mapping.base + offset,
+                stream.cu_stream(),
+            )
+        }
+        .map_err(|e| cuda_error("reading a liveness word", e))?;
+        stream
+            .synchronize()
+            .map_err(|e| cuda_error("reading a liveness word", e))?;
+        Ok(word)
     }
 }
 
@@ -563,13 +689,20 @@ impl Shared {
     }
 
     /// How a reader reaches the allocation on device `device` whose IPC handle is `handle`,
-    /// of `len` bytes.
-    fn source(&self, device: usize, handle: &HandleBytes, len: usize) -> CudaIpcSource {
+    /// of `len` bytes, with its liveness word at `liveness_offset` (a shared cache's).
+    fn source(
+        &self,
+        device: usize,
+        handle: &HandleBytes,
+        len: usize,
+        liveness_offset: Option<u64>,
+    ) -> CudaIpcSource {
         CudaIpcSource {
             host_id: self.host_id.clone(),
             device: self.devices[device].uuid.clone(),
             mem_handle: to_hex(handle),
             alloc_bytes: len as u64,
+            liveness_offset,
         }
     }
 
@@ -700,7 +833,7 @@ impl Shared {
         check_regions(&read, source.alloc_bytes, "the exported allocation")?;
         let device = self.first();
         device.bind()?;
-        let peer = device.map_peer(handle)?;
+        let peer = device.map_peer(handle, source.liveness_offset)?;
         // The handle's `alloc_bytes` is its word; the mapping's size is the driver's.
         check_regions(&read, peer.len as u64, "the memory the handle maps")?;
         let len = remote.total_len() as usize;
@@ -812,7 +945,8 @@ impl Shared {
                 if let std::collections::hash_map::Entry::Vacant(entry) =
                     mapped.entry(copy.src_shard)
                 {
-                    let mapping = device.map_peer(sources[copy.src_shard].1)?;
+                    let (source, handle) = sources[copy.src_shard];
+                    let mapping = device.map_peer(handle, source.liveness_offset)?;
                     check_regions(
                         &reads[copy.src_shard],
                         mapping.len as u64,
@@ -837,7 +971,8 @@ impl Shared {
                 first_mapping = Some(match mapped.get(&0) {
                     Some(mapping) => Arc::clone(mapping),
                     None => {
-                        let mapping = device.map_peer(sources[0].1)?;
+                        let mapping =
+                            device.map_peer(sources[0].1, sources[0].0.liveness_offset)?;
                         check_regions(&reads[0], mapping.len as u64, "the memory the handle maps")?;
                         mapping
                     }
@@ -952,7 +1087,7 @@ impl KvTransport for CudaIpcTransport {
             };
             let offset = slice.ptr - pool.base;
             let exported = Exported {
-                memory: RemoteMemory::CudaIpc(vec![shared.source(0, &pool.handle, pool.len)]),
+                memory: RemoteMemory::CudaIpc(vec![shared.source(0, &pool.handle, pool.len, None)]),
                 regions: vec![(offset, len as u64)],
                 seal: None,
                 keepalive: Box::new(guard),

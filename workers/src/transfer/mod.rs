@@ -41,6 +41,7 @@
 pub mod cache;
 pub mod cuda_ipc;
 pub mod in_process;
+pub mod ipc_liveness;
 pub mod pool;
 pub mod relayout;
 pub mod seal;
@@ -676,6 +677,7 @@ mod tests {
             device: "GPU-0".into(),
             mem_handle: "00".repeat(64),
             alloc_bytes: 1 << 20,
+            liveness_offset: None,
         };
         let remote =
             RemoteKv::from_handle(&handle(KvTransportKind::CudaIpc, Some(source.clone()))).unwrap();

@@ -394,6 +394,7 @@ mod tests {
             device: device.into(),
             mem_handle: "00".repeat(64),
             alloc_bytes: 1 << 20,
+            liveness_offset: None,
         };
         // Two ranks: a block is 128 bytes of the whole layout, 64 in each rank's cache.
         let exported = Exported {

@@ -1003,6 +1003,7 @@ mod tests {
             device: device.into(),
             mem_handle: "0".repeat(CUDA_IPC_HANDLE_HEX),
             alloc_bytes: 1 << 20,
+            liveness_offset: None,
         };
         handle.backend = KvTransportKind::CudaIpc;
         handle.address.clear();
@@ -1098,6 +1099,7 @@ mod tests {
                 device: "GPU-0".into(),
                 mem_handle: "0".repeat(hex),
                 alloc_bytes,
+                liveness_offset: None,
             }));
         };
         let mut on_gpu = good.clone();
