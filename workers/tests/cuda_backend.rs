@@ -1162,7 +1162,8 @@ fn kv_blocks_move_through_cuda_ipc_pools_device_to_device() {
 /// once and an export is the prompt's blocks where they lie, one region per block, its seal in
 /// the cache's export slab. A reader gathers the blocks into its own memory, device to device,
 /// and they arrive unchanged; dropping the export clears its seal before the blocks are
-/// unpinned, and a later export in the same slot carries another nonce.
+/// unpinned, and a later export in the same slot carries another nonce. Slot 0 of the slab is
+/// the exporter's liveness word, rewritten every second until the exposure is dropped.
 #[test]
 fn kv_blocks_are_read_in_place_out_of_a_cache_shared_over_cuda_ipc() {
     use std::sync::Arc;
@@ -1170,6 +1171,7 @@ fn kv_blocks_are_read_in_place_out_of_a_cache_shared_over_cuda_ipc() {
 
     use tandem_workers::backend::KvMemory;
     use tandem_workers::transfer::cuda_ipc::CudaIpcTransport;
+    use tandem_workers::transfer::ipc_liveness;
     use tandem_workers::transfer::{KvTransport, RemoteKv, RemoteMemory, TransferError};
 
     struct Unpinned(Arc<AtomicUsize>);
@@ -1232,7 +1234,31 @@ fn kv_blocks_are_read_in_place_out_of_a_cache_shared_over_cuda_ipc() {
         "block offsets in the cache"
     );
     let seal = exported.seal.expect("sealed");
-    assert_eq!(seal.addr as usize, memory.slot_offset(0));
+    assert_eq!(
+        seal.addr as usize,
+        memory.slot_offset(1),
+        "slot 0 holds the liveness word"
+    );
+    assert_eq!(source.liveness_offset, Some(memory.slot_offset(0) as u64));
+    // The exporter rewrites its liveness word every second while it runs.
+    let liveness = |what: &str| {
+        backend.context().bind_to_thread().unwrap();
+        let mut word = [0u8; ipc_liveness::WORD_BYTES];
+        // SAFETY: the slot lies inside the cache allocation, alive until `kv` is dropped.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_sync(
+                &mut word,
+                range.ptr + memory.slot_offset(0) as u64,
+            )
+        }
+        .unwrap();
+        let count = u64::from_le_bytes(word[..8].try_into().unwrap());
+        assert_eq!(word, ipc_liveness::word(count), "{what}: a liveness word");
+        count
+    };
+    let first = liveness("at the exposure");
+    std::thread::sleep(ipc_liveness::LIVENESS_PERIOD + std::time::Duration::from_millis(500));
+    assert!(liveness("a period later") > first, "the word moves");
 
     let puller = CudaIpcTransport::start(0, bytes.len(), "this-host".into()).unwrap();
     let remote = RemoteKv {
@@ -1265,6 +1291,10 @@ fn kv_blocks_are_read_in_place_out_of_a_cache_shared_over_cuda_ipc() {
     let err = pull(remote).unwrap_err();
     assert!(err.to_string().contains("another"), "{err}");
     drop((again, exposed));
+    // Dropping the exposure stops the writer: the word stays still from then on.
+    let last = liveness("once the exposure is dropped");
+    std::thread::sleep(ipc_liveness::LIVENESS_PERIOD + std::time::Duration::from_millis(500));
+    assert_eq!(liveness("a period after the drop"), last, "nothing writes it");
     drop(kv);
 }
 

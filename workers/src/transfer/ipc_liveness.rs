@@ -54,24 +54,28 @@ pub struct LivenessWriter {
 }
 
 impl LivenessWriter {
-    /// Starts writing: the first word at once, then one every `period`. A failed write is
-    /// logged and the next one tried.
+    /// Starts writing: the first word before this returns (a reader that maps the memory
+    /// right after finds it written), then one every `period` from a thread of its own. A
+    /// failed write is logged and the next one tried.
     pub fn spawn<F>(period: Duration, mut write: F) -> std::io::Result<Self>
     where
         F: FnMut(&Word) -> Result<(), String> + Send + 'static,
     {
+        let failed = |e: String| tracing::debug!("writing the KV cache's liveness word: {e}");
+        let mut count = 1u64;
+        write(&word(count)).unwrap_or_else(failed);
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("kv-liveness".into())
             .spawn(move || {
-                let mut count = 0u64;
-                while !stopped.load(Ordering::Acquire) {
-                    count += 1;
-                    if let Err(e) = write(&word(count)) {
-                        tracing::debug!("writing the KV cache's liveness word: {e}");
-                    }
+                loop {
                     std::thread::park_timeout(period);
+                    if stopped.load(Ordering::Acquire) {
+                        return;
+                    }
+                    count += 1;
+                    write(&word(count)).unwrap_or_else(failed);
                 }
             })?;
         Ok(Self {
@@ -276,6 +280,11 @@ mod tests {
             Ok(())
         })
         .unwrap();
+        assert_eq!(
+            *written.lock().unwrap(),
+            [word(1)],
+            "the first word before spawn returns"
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         while written.lock().unwrap().len() < 3 {
             assert!(Instant::now() < deadline, "no three writes in 30 s");
