@@ -1294,7 +1294,11 @@ fn kv_blocks_are_read_in_place_out_of_a_cache_shared_over_cuda_ipc() {
     // Dropping the exposure stops the writer: the word stays still from then on.
     let last = liveness("once the exposure is dropped");
     std::thread::sleep(ipc_liveness::LIVENESS_PERIOD + std::time::Duration::from_millis(500));
-    assert_eq!(liveness("a period after the drop"), last, "nothing writes it");
+    assert_eq!(
+        liveness("a period after the drop"),
+        last,
+        "nothing writes it"
+    );
     drop(kv);
 }
 
