@@ -274,6 +274,12 @@ pub struct KvPeer {
     /// context worker exports for them through host memory (UCX).
     #[serde(default)]
     pub cuda_ipc_ranks: bool,
+    /// A context worker that shares its KV cache over CUDA IPC: the cache's allocations (one
+    /// per rank, in rank order), so that GPU readers of its host map them as soon as they
+    /// hear of it, not at its first hand-over (mapping a whole cache takes most of a second).
+    /// Empty for other workers, and from older ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cuda_ipc_cache: Vec<CudaIpcSource>,
 }
 
 /// Where a prefilled prompt's KV cache lies and how to read it: the context worker's answer to
@@ -957,6 +963,7 @@ mod tests {
                 cuda_ipc: true,
                 coalesced_regions: true,
                 cuda_ipc_ranks: true,
+                cuda_ipc_cache: Vec::new(),
             }),
             resume_ids: vec![9, 8],
             samples: Some(SampleGroup {
@@ -1131,6 +1138,26 @@ mod tests {
         // Nor one that predates tensor-parallel exports: a group exports for it through host
         // memory.
         assert!(!peer.cuda_ipc_ranks);
+        // Nor one that predates shared caches in heartbeats: nothing to map ahead; and a
+        // worker sharing none leaves the key out.
+        assert!(peer.cuda_ipc_cache.is_empty());
+        assert!(
+            !serde_json::to_string(&peer)
+                .unwrap()
+                .contains("cuda_ipc_cache")
+        );
+        let sharing = KvPeer {
+            cuda_ipc_cache: vec![CudaIpcSource {
+                host_id: "h".into(),
+                device: "GPU-0".into(),
+                mem_handle: "00".repeat(64),
+                alloc_bytes: 1 << 30,
+                liveness_offset: Some(4096),
+            }],
+            ..peer.clone()
+        };
+        let text = serde_json::to_string(&sharing).unwrap();
+        assert_eq!(serde_json::from_str::<KvPeer>(&text).unwrap(), sharing);
         // A pull report without `transport`: such a build could only pull over UCX.
         let pulled = br#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3}"#;
         assert!(matches!(

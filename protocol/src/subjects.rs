@@ -113,6 +113,11 @@ impl Subjects {
         )
     }
 
+    /// Wildcard matching the heartbeats of every worker of `role`.
+    pub fn heartbeats_of(&self, role: crate::messages::WorkerRole) -> String {
+        format!("{}.heartbeat.{}.*", self.base, role.as_str())
+    }
+
     /// Wildcard matching every worker's heartbeat.
     pub fn heartbeat_all(&self) -> String {
         format!("{}.heartbeat.>", self.base)
@@ -140,5 +145,9 @@ mod tests {
             "tandem.org_model_v1.heartbeat.context.w1"
         );
         assert_eq!(s.heartbeat_all(), "tandem.org_model_v1.heartbeat.>");
+        assert_eq!(
+            s.heartbeats_of(WorkerRole::Context),
+            "tandem.org_model_v1.heartbeat.context.*"
+        );
     }
 }

@@ -115,6 +115,7 @@ fn job(request_id: &str, prompt_ids: &[u32]) -> GenerateJob {
             cuda_ipc: false,
             coalesced_regions: true,
             cuda_ipc_ranks: false,
+            cuda_ipc_cache: Vec::new(),
         }),
         resume_ids: Vec::new(),
         samples: None,

@@ -307,6 +307,7 @@ mod tests {
             cuda_ipc: true,
             coalesced_regions: true,
             cuda_ipc_ranks: true,
+            cuda_ipc_cache: Vec::new(),
         };
         registry.observe(
             Heartbeat {
@@ -329,6 +330,7 @@ mod tests {
                     cuda_ipc: false,
                     coalesced_regions: true,
                     cuda_ipc_ranks: false,
+                    cuda_ipc_cache: Vec::new(),
                 }),
                 ..heartbeat("dec", WorkerRole::Decode, 0, 0)
             },

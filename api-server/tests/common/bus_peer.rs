@@ -186,6 +186,7 @@ pub fn scripted_kv_peer(worker_id: &str) -> KvPeer {
         cuda_ipc: true,
         coalesced_regions: true,
         cuda_ipc_ranks: true,
+        cuda_ipc_cache: Vec::new(),
     }
 }
 

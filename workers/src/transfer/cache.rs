@@ -109,6 +109,11 @@ impl ExposedCache {
         (self, offset)
     }
 
+    /// How readers reach the cache's memory.
+    pub fn memory(&self) -> &RemoteMemory {
+        &self.memory
+    }
+
     /// The cache as the engine described it.
     pub fn cache(&self) -> &KvCacheMemory {
         &self.cache

@@ -366,6 +366,37 @@ impl CudaIpcTransport {
     pub fn devices(&self) -> usize {
         self.shared.devices.len()
     }
+
+    /// Maps a context worker's shared cache (`sources`, one allocation per rank, from its
+    /// heartbeat) before its first hand-over, on the devices that will read it
+    /// ([`premap_pairs`]); mappings already open are reused, so calling it again costs a
+    /// lookup. Blocking: mapping a whole cache takes most of a second. Returns how many
+    /// (source, device) pairs are mapped.
+    pub fn premap(&self, sources: &[CudaIpcSource]) -> Result<usize, TransferError> {
+        let sources = self.shared.parse_sources(sources)?;
+        let pairs = premap_pairs(sources.len(), self.shared.devices.len());
+        for &(source, device) in &pairs {
+            let device = &self.shared.devices[device];
+            device.bind()?;
+            let (source, handle) = sources[source];
+            device.map_peer(handle, source.liveness_offset)?;
+        }
+        Ok(pairs.len())
+    }
+}
+
+/// Which (source rank, device) pairs a pull from an exporter of `sources` ranks into a reader
+/// of `devices` GPUs reads: rank `r` on device `r` where the two splits are equal (each rank's
+/// heads go to the same rank), every source on every device otherwise (a conservative set
+/// for unequal splits, where a device reads the ranks whose heads overlap its own).
+pub fn premap_pairs(sources: usize, devices: usize) -> Vec<(usize, usize)> {
+    if sources == devices {
+        (0..sources).map(|r| (r, r)).collect()
+    } else {
+        (0..sources)
+            .flat_map(|s| (0..devices).map(move |d| (s, d)))
+            .collect()
+    }
 }
 
 impl Shared {
@@ -769,6 +800,14 @@ impl Shared {
                 "a CUDA IPC handle without its allocation".into(),
             ));
         }
+        self.parse_sources(sources)
+    }
+
+    /// Each source with its IPC handle, once checked to be of this host.
+    fn parse_sources<'a>(
+        &self,
+        sources: &'a [CudaIpcSource],
+    ) -> Result<Vec<(&'a CudaIpcSource, HandleBytes)>, TransferError> {
         sources
             .iter()
             .map(|source| {
@@ -1146,6 +1185,14 @@ impl KvTransport for CudaIpcTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equal_splits_premap_rank_to_rank_and_others_every_pair() {
+        assert_eq!(premap_pairs(1, 1), [(0, 0)]);
+        assert_eq!(premap_pairs(2, 2), [(0, 0), (1, 1)]);
+        assert_eq!(premap_pairs(1, 2), [(0, 0), (0, 1)]);
+        assert_eq!(premap_pairs(2, 1), [(0, 0), (1, 0)]);
+    }
 
     #[test]
     fn uuids_read_like_nvidia_smi() {

@@ -17,6 +17,7 @@ use super::KvTransports;
 use crate::engine::{EngineHandle, RequestId};
 use crate::kv_cache::{KvDType, KvLayout};
 use crate::serve::connection::BusSettings;
+use crate::transfer::cache::ExposedCache;
 use crate::transfer::{Exported, KvTransport, RemoteMemory, to_hex};
 
 /// Unpins an export's blocks when dropped (the engine's blocks of a prefill-only request,
@@ -185,6 +186,10 @@ impl Exporter {
             cuda_ipc: self.kv.device_cache.is_some(),
             coalesced_regions: false,
             cuda_ipc_ranks: false,
+            cuda_ipc_cache: match self.kv.device_cache.as_deref().map(ExposedCache::memory) {
+                Some(RemoteMemory::CudaIpc(sources)) => sources.clone(),
+                _ => Vec::new(),
+            },
         }
     }
 
@@ -303,6 +308,7 @@ mod tests {
             cuda_ipc,
             coalesced_regions: true,
             cuda_ipc_ranks: true,
+            cuda_ipc_cache: Vec::new(),
         };
         let whole = SharedCache::Whole;
         assert!(exports_on_device(Some(&reader("h1", true)), "h1", whole));

@@ -9,15 +9,18 @@
 //! context worker on its host can export into GPU memory for it; a `both` worker's does not,
 //! and gets host-memory exports.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use tandem_protocol::messages::{GenerateJob, KvPeer, KvPullStats, KvTransferStats, WorkerRole};
+use async_nats::Subscriber;
+use futures::StreamExt;
+use tandem_protocol::messages::{
+    self, GenerateJob, Heartbeat, KvPeer, KvPullStats, KvTransferStats, WorkerRole,
+};
 use tandem_protocol::subjects::DECODE_QUEUE_GROUP;
 
 use super::pull::KvPuller;
 use super::{JobSubjects, Role};
-use crate::serve::connection::{BusError, BusSettings};
+use crate::serve::connection::{self, BusError, BusSettings};
 use crate::serve::job::generation_request;
 use crate::serve::worker::Worker;
 
@@ -39,9 +42,10 @@ impl GenerationRole {
 }
 
 impl Role for GenerationRole {
-    /// Everything arrives as a job or a cancel.
-    type Inbox = ();
-    type Input = Infallible;
+    /// Jobs and cancels; and, for a decode worker that reads CUDA IPC, the heartbeats of
+    /// context workers, whose shared caches it maps before their first hand-over.
+    type Inbox = Option<Subscriber>;
+    type Input = async_nats::Message;
 
     fn job_subjects(&self) -> JobSubjects {
         let subjects = &self.worker.subjects;
@@ -52,19 +56,44 @@ impl Role for GenerationRole {
         }
     }
 
-    async fn open_inbox(&self) -> Result<(), BusError> {
-        Ok(())
+    async fn open_inbox(&self) -> Result<Option<Subscriber>, BusError> {
+        if !self.advertises_kv_peer || !self.puller.premaps() {
+            return Ok(None);
+        }
+        let subject = self.worker.subjects.heartbeats_of(WorkerRole::Context);
+        connection::subscribe(&self.worker.client, subject)
+            .await
+            .map(Some)
     }
 
-    async fn next_input(_: &mut ()) -> Infallible {
-        std::future::pending().await
+    async fn next_input(inbox: &mut Option<Subscriber>) -> async_nats::Message {
+        match inbox {
+            Some(heartbeats) => match heartbeats.next().await {
+                Some(message) => message,
+                // The subscription ended (the connection closed): nothing more comes.
+                None => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
     }
 
-    async fn handle_input(self: &Arc<Self>, input: Infallible) {
-        match input {}
+    async fn handle_input(self: &Arc<Self>, message: async_nats::Message) {
+        match messages::decode::<Heartbeat>("heartbeat", &message.payload) {
+            Ok(Heartbeat {
+                worker_id,
+                kv_peer: Some(peer),
+                ..
+            }) => self.puller.premap(&worker_id, peer),
+            Ok(_) => {}
+            Err(e) => tracing::debug!("ignoring a malformed context heartbeat: {e}"),
+        }
     }
 
-    async fn close_inbox(_: ()) {}
+    async fn close_inbox(inbox: Option<Subscriber>) {
+        if let Some(heartbeats) = inbox {
+            connection::unsubscribe(heartbeats).await;
+        }
+    }
 
     async fn start(self: &Arc<Self>, job: GenerateJob) {
         match job.kv.clone() {

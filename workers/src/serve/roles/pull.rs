@@ -421,6 +421,48 @@ impl KvPuller {
         locked(&self.in_progress).len()
     }
 
+    /// Whether this worker maps GPU context workers' caches ahead of their hand-overs (it
+    /// reads CUDA IPC), so wants to hear their heartbeats.
+    pub fn premaps(&self) -> bool {
+        self.kv.cuda_ipc.is_some()
+    }
+
+    /// A context worker's heartbeat: where it shares its cache over CUDA IPC on this host
+    /// (`peer.cuda_ipc_cache`), maps the cache now, off the request path, so that its first
+    /// hand-over does not wait most of a second for the mapping. Later heartbeats find the
+    /// mapping open and cost a lookup.
+    pub fn premap(&self, worker_id: &str, peer: KvPeer) {
+        let Some(transport) = &self.kv.cuda_ipc else {
+            return;
+        };
+        if peer.cuda_ipc_cache.is_empty()
+            || peer.host_id != self.kv.host_id
+            || !self.cuda_ipc_reads.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let transport = Arc::clone(transport);
+        let worker_id = worker_id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            match transport.premap(&peer.cuda_ipc_cache) {
+                // Mapping a cache takes hundreds of milliseconds; a lookup, microseconds.
+                Ok(pairs) if started.elapsed() > Duration::from_millis(5) => tracing::info!(
+                    context_worker = worker_id,
+                    pairs,
+                    ms = started.elapsed().as_millis() as u64,
+                    "mapped a context worker's KV cache (CUDA IPC) ahead of its hand-overs"
+                ),
+                Ok(_) => {}
+                // The first pull maps it (or fails and falls back) as before.
+                Err(e) => tracing::debug!(
+                    context_worker = worker_id,
+                    "mapping a context worker's KV cache ahead: {e}"
+                ),
+            }
+        });
+    }
+
     /// How this worker reads K/V, for its heartbeat.
     pub fn kv_peer(&self) -> KvPeer {
         KvPeer {
@@ -428,6 +470,7 @@ impl KvPuller {
             cuda_ipc: self.cuda_ipc_reads.load(Ordering::Relaxed),
             coalesced_regions: true,
             cuda_ipc_ranks: true,
+            cuda_ipc_cache: Vec::new(),
         }
     }
 
