@@ -371,17 +371,18 @@ impl CudaIpcTransport {
     /// heartbeat) before its first hand-over, on the devices that will read it
     /// ([`premap_pairs`]); mappings already open are reused, so calling it again costs a
     /// lookup. Blocking: mapping a whole cache takes most of a second. Returns how many
-    /// (source, device) pairs are mapped.
+    /// mappings this call opened.
     pub fn premap(&self, sources: &[CudaIpcSource]) -> Result<usize, TransferError> {
         let sources = self.shared.parse_sources(sources)?;
-        let pairs = premap_pairs(sources.len(), self.shared.devices.len());
-        for &(source, device) in &pairs {
+        let mut opened = 0;
+        for (source, device) in premap_pairs(sources.len(), self.shared.devices.len()) {
             let device = &self.shared.devices[device];
             device.bind()?;
             let (source, handle) = sources[source];
-            device.map_peer(handle, source.liveness_offset)?;
+            let (_, new) = device.open_peer(handle, source.liveness_offset)?;
+            opened += usize::from(new);
         }
-        Ok(pairs.len())
+        Ok(opened)
     }
 }
 
@@ -540,11 +541,21 @@ impl DeviceSide {
         handle: HandleBytes,
         word_offset: Option<u64>,
     ) -> Result<Arc<PeerMapping>, TransferError> {
+        self.open_peer(handle, word_offset)
+            .map(|(mapping, _)| mapping)
+    }
+
+    /// [`Self::map_peer`], and whether this call opened the mapping (it was not open).
+    fn open_peer(
+        &self,
+        handle: HandleBytes,
+        word_offset: Option<u64>,
+    ) -> Result<(Arc<PeerMapping>, bool), TransferError> {
         let mut peers = lock(&self.peers);
         let now = Instant::now();
         if let Some((mapping, watch)) = peers.get_mut(&handle) {
             watch.used(now, word_offset);
-            return Ok(Arc::clone(mapping));
+            return Ok((Arc::clone(mapping), false));
         }
         let mapping = match lock(local_pools()).get(&handle) {
             Some(&(base, len)) => PeerMapping {
@@ -604,7 +615,7 @@ impl DeviceSide {
             handle,
             (Arc::clone(&mapping), MappingWatch::new(now, word_offset)),
         );
-        Ok(mapping)
+        Ok((mapping, true))
     }
 
     /// Reads the liveness words of the exporters mapped here, then closes the mappings whose

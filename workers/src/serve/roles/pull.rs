@@ -446,14 +446,13 @@ impl KvPuller {
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             match transport.premap(&peer.cuda_ipc_cache) {
-                // Mapping a cache takes hundreds of milliseconds; a lookup, microseconds.
-                Ok(pairs) if started.elapsed() > Duration::from_millis(5) => tracing::info!(
+                Ok(0) => {}
+                Ok(mappings) => tracing::info!(
                     context_worker = worker_id,
-                    pairs,
+                    mappings,
                     ms = started.elapsed().as_millis() as u64,
                     "mapped a context worker's KV cache (CUDA IPC) ahead of its hand-overs"
                 ),
-                Ok(_) => {}
                 // The first pull maps it (or fails and falls back) as before.
                 Err(e) => tracing::debug!(
                     context_worker = worker_id,
