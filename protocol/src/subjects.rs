@@ -9,7 +9,7 @@
 //! | `tandem.{model}.stream.{request_id}` | the api-server | a request's token stream |
 //! | `tandem.{model}.cancel` | every worker | cancel a request |
 //! | `tandem.{model}.kv.release.{worker_id}` | that context worker | release pinned KV blocks |
-//! | `tandem.{model}.heartbeat.{role}.{worker_id}` | api-servers | load and liveness |
+//! | `tandem.{model}.heartbeat.{role}.{worker_id}` | api-servers; decode workers (context workers' shared caches) | load and liveness |
 //! | `tandem.{model}.kv_events.{worker_id}` | api-servers | blocks a worker cached and evicted |
 //! | `tandem.{model}.kv_snapshot.{worker_id}` | that worker (request-reply) | every block it holds |
 
