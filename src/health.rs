@@ -3,7 +3,9 @@
 //!
 //! The api-server answers 200 once at least one live worker takes generation jobs, with the
 //! live counts in the body (`{"workers": {"context": N, "accepting_generate": M, ...}}`); the
-//! launcher waits until every worker it started is counted.
+//! launcher waits until every worker it started is counted, and then until decode workers
+//! have mapped the KV caches context workers of their host share over CUDA IPC
+//! (`workers.cuda_ipc_unmapped`), so that the first requests pay no mapping.
 
 use std::time::Duration;
 
@@ -22,6 +24,9 @@ pub enum Probe {
         context: Option<u64>,
         /// Live workers taking generation jobs, when the body says.
         accepting_generate: Option<u64>,
+        /// Decode and context workers of one host whose cache is not mapped yet (absent from
+        /// older api-servers: none).
+        cuda_ipc_unmapped: Option<u64>,
         body: String,
     },
 }
@@ -43,6 +48,17 @@ impl Probe {
             _ => false,
         }
     }
+
+    /// Pairs of a decode worker and a context worker of one host still to map the context
+    /// worker's KV cache (CUDA IPC); 0 when the answer does not say.
+    pub fn cuda_ipc_unmapped(&self) -> u64 {
+        match self {
+            Probe::Answered {
+                cuda_ipc_unmapped, ..
+            } => cuda_ipc_unmapped.unwrap_or(0),
+            Probe::Unreachable(_) => 0,
+        }
+    }
 }
 
 /// `GET http://host:port/health`, bounded by `timeout`.
@@ -57,6 +73,7 @@ pub async fn probe(host: &str, port: u16, timeout: Duration) -> Probe {
                 status,
                 context: count("context"),
                 accepting_generate: count("accepting_generate"),
+                cuda_ipc_unmapped: count("cuda_ipc_unmapped"),
                 body,
             }
         }
@@ -138,6 +155,7 @@ mod tests {
             status,
             context,
             accepting_generate: generate,
+            cuda_ipc_unmapped: None,
             body: String::new(),
         };
         assert!(answer(200, Some(0), Some(2)).ready(0, 2));
@@ -148,6 +166,8 @@ mod tests {
         assert!(!answer(200, Some(1), Some(1)).ready(2, 1));
         assert!(!answer(200, None, Some(1)).ready(2, 1));
         assert!(!Probe::Unreachable("refused".into()).ready(0, 0));
+        // An api-server that predates the mapping count has none to wait for.
+        assert_eq!(answer(200, Some(1), Some(1)).cuda_ipc_unmapped(), 0);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -159,7 +179,7 @@ mod tests {
             let mut request = [0u8; 1024];
             let n = socket.read(&mut request).await.unwrap();
             assert!(request[..n].starts_with(b"GET /health HTTP/1.1\r\n"));
-            let body = r#"{"status":"ok","workers":{"context":1,"accepting_generate":3}}"#;
+            let body = r#"{"status":"ok","workers":{"context":1,"accepting_generate":3,"cuda_ipc_unmapped":2}}"#;
             let response = format!(
                 "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
                 body.len()
@@ -169,6 +189,7 @@ mod tests {
         let probe = probe("127.0.0.1", port, Duration::from_secs(5)).await;
         server.await.unwrap();
         assert!(probe.ready(1, 3), "{probe:?}");
+        assert_eq!(probe.cuda_ipc_unmapped(), 2);
         assert!(!probe.ready(1, 4));
         assert!(!probe.ready(2, 3));
     }

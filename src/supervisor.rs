@@ -52,6 +52,10 @@ pub struct Timing {
 
 /// How often children and /health are looked at.
 const TICK: Duration = Duration::from_millis(100);
+/// How long start-up waits, once every worker is counted, for decode workers to map the KV
+/// caches context workers of their host share over CUDA IPC (under a second per cache on an
+/// H200; a mapping that fails is retried at each heartbeat and never arrives).
+const CUDA_IPC_MAPPING_WAIT: Duration = Duration::from_secs(30);
 /// A second stop signal this soon after the first is the same request delivered twice.
 const DUPLICATE_SIGNAL_WINDOW: Duration = Duration::from_secs(1);
 /// How long the nats-server gets to stop before SIGKILL.
@@ -319,6 +323,9 @@ async fn start_and_supervise(
     let (context, generation) = plan.expected_workers();
     let alone = plan.workers.is_empty();
     let deadline = Instant::now() + timing.ready_timeout;
+    // Once every worker is counted: since when decode workers have been mapping the caches
+    // context workers of their host share (CUDA IPC).
+    let mut mapping_since: Option<Instant> = None;
     loop {
         tokio::select! {
             name = signals.next() => {
@@ -334,8 +341,39 @@ async fn start_and_supervise(
             );
         }
         let probe = health::probe(plan.client_host(), plan.port, Duration::from_secs(2)).await;
-        if probe.ready(context, generation) || (alone && matches!(probe, Probe::Answered { .. })) {
+        if alone && matches!(probe, Probe::Answered { .. }) {
             break;
+        }
+        if probe.ready(context, generation) {
+            let unmapped = probe.cuda_ipc_unmapped();
+            if unmapped == 0 {
+                if let Some(since) = mapping_since {
+                    tracing::info!(
+                        ms = since.elapsed().as_millis() as u64,
+                        "decode workers mapped the KV caches of their host's context workers"
+                    );
+                }
+                break;
+            }
+            let since = *mapping_since.get_or_insert_with(|| {
+                tracing::info!(
+                    pairs = unmapped,
+                    "waiting for decode workers to map the KV caches context workers of their \
+                     host share (CUDA IPC), so that no first request waits for a mapping"
+                );
+                Instant::now()
+            });
+            if since.elapsed() >= CUDA_IPC_MAPPING_WAIT || Instant::now() >= deadline {
+                tracing::warn!(
+                    pairs = unmapped,
+                    "decode workers have not mapped every context worker's KV cache after {} \
+                     s; serving anyway: the first hand-over of each such pair maps it (most of \
+                     a second), or falls back to host memory if the mapping fails",
+                    since.elapsed().as_secs()
+                );
+                break;
+            }
+            continue;
         }
         if Instant::now() >= deadline {
             let seen = match probe {

@@ -14,8 +14,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tandem_protocol::messages::{Heartbeat, Usage, WorkerRole};
 
@@ -213,6 +213,8 @@ pub struct Metrics {
     worker_info_labels:
         std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, [String; 4]>>>,
     live_workers: IntGaugeVec,
+    /// [`LiveCounts::cuda_ipc_unmapped`].
+    cuda_ipc_unmapped: IntGauge,
     /// KV cache bytes decode workers pulled from context workers (`kv_pulled.bytes`).
     kv_transfer_bytes: IntCounter,
     /// Duration of each successful pull (`kv_pulled.micros`).
@@ -357,6 +359,13 @@ impl Metrics {
                 "Workers with a recent heartbeat, by role",
             ),
             &["role"],
+        )
+        .expect("metric options are static and valid");
+        let cuda_ipc_unmapped = IntGauge::new(
+            "tandem_cuda_ipc_unmapped_pairs",
+            "Pairs of one host, a decode worker reading CUDA IPC and a context worker sharing its \
+             KV cache, where the decode worker has not mapped that cache yet (their first \
+             hand-over would wait for the mapping)",
         )
         .expect("metric options are static and valid");
         let kv_transfer_bytes = IntCounter::new(
@@ -557,6 +566,7 @@ impl Metrics {
             worker_info,
             worker_info_labels: Default::default(),
             live_workers,
+            cuda_ipc_unmapped,
             kv_transfer_bytes,
             kv_transfer_seconds,
             kv_transfers,
@@ -601,6 +611,7 @@ impl Metrics {
             Box::new(metrics.worker_max_queued.clone()),
             Box::new(metrics.worker_info.clone()),
             Box::new(metrics.live_workers.clone()),
+            Box::new(metrics.cuda_ipc_unmapped.clone()),
             Box::new(metrics.kv_transfer_bytes.clone()),
             Box::new(metrics.kv_transfer_seconds.clone()),
             Box::new(metrics.kv_transfers.clone()),
@@ -693,6 +704,7 @@ impl Metrics {
                         .with_label_values(&[role])
                         .set(count as i64);
                 }
+                self.cuda_ipc_unmapped.set(counts.cuda_ipc_unmapped as i64);
             }
             Event::Tokens {
                 endpoint,
@@ -1116,6 +1128,7 @@ mod tests {
         metrics.record(Event::LiveWorkers(LiveCounts {
             decode: 1,
             accepting_generate: 1,
+            cuda_ipc_unmapped: 2,
             ..LiveCounts::default()
         }));
         let text = metrics.render();
@@ -1133,6 +1146,7 @@ mod tests {
             "tandem_worker_preemptions_total{worker_id=\"w\"} 5",
             "tandem_worker_info{kv_cache=\"fp8\",role=\"decode\",weights=\"fp8\",worker_id=\"w\"} 1",
             "tandem_live_workers{role=\"decode\"} 1",
+            "tandem_cuda_ipc_unmapped_pairs 2",
             "tandem_live_workers{role=\"context\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");

@@ -114,4 +114,9 @@ pub struct LiveCounts {
     pub accepting_generate: u32,
     /// Live, not draining context workers: requests are disaggregated while this is above 0.
     pub accepting_prefill: u32,
+    /// Pairs of one host, a decode worker that reads CUDA IPC and a context worker that
+    /// shares its cache over it, where the decode worker has not yet said it mapped that cache
+    /// (`kv_peer.cuda_ipc_mapped`): the pair's first hand-over would wait for the mapping
+    /// (most of a second for a whole GPU's cache). The launcher reports ready at 0.
+    pub cuda_ipc_unmapped: u32,
 }

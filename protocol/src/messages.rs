@@ -280,6 +280,13 @@ pub struct KvPeer {
     /// Empty for other workers, and from older ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cuda_ipc_cache: Vec<CudaIpcSource>,
+    /// A decode worker that reads CUDA IPC: the context workers (ids) whose shared caches, as
+    /// their latest heartbeats describe them, it has mapped, so that their hand-overs to it
+    /// pay no mapping. The api-server counts the pairs of one host still missing
+    /// (`/health`'s `workers.cuda_ipc_unmapped`), and the launcher reports a deployment ready
+    /// once none is. Empty for other workers, and from older ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cuda_ipc_mapped: Vec<String>,
 }
 
 /// Where a prefilled prompt's KV cache lies and how to read it: the context worker's answer to
@@ -964,6 +971,7 @@ mod tests {
                 coalesced_regions: true,
                 cuda_ipc_ranks: true,
                 cuda_ipc_cache: Vec::new(),
+                cuda_ipc_mapped: Vec::new(),
             }),
             resume_ids: vec![9, 8],
             samples: Some(SampleGroup {
@@ -1158,6 +1166,17 @@ mod tests {
         };
         let text = serde_json::to_string(&sharing).unwrap();
         assert_eq!(serde_json::from_str::<KvPeer>(&text).unwrap(), sharing);
+        // Nor one that predates saying which caches it mapped: it lists none, and a reader
+        // that mapped none leaves the key out.
+        assert!(peer.cuda_ipc_mapped.is_empty());
+        assert!(!text.contains("cuda_ipc_mapped"));
+        let mapped = KvPeer {
+            cuda_ipc_mapped: vec!["ctx-1".into()],
+            ..peer.clone()
+        };
+        let text = serde_json::to_string(&mapped).unwrap();
+        assert!(text.contains(r#""cuda_ipc_mapped":["ctx-1"]"#), "{text}");
+        assert_eq!(serde_json::from_str::<KvPeer>(&text).unwrap(), mapped);
         // A pull report without `transport`: such a build could only pull over UCX.
         let pulled = br#"{"v":1,"type":"kv_pulled","worker_id":"w","bytes":8,"micros":3}"#;
         assert!(matches!(

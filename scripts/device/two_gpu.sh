@@ -199,6 +199,8 @@ EOF
       "$launcher" bench --url "http://127.0.0.1:$port/v1" --endpoint completions --concurrency 1 \
         --num-prompts 1 --input-len 1233 --output-len 8 2>&1 | grep -E "^ +c=1" | cut -c1-110
     }
+    echo "at readiness: $(curl -sS "http://127.0.0.1:$port/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["workers"])')"
+    grep -E "map the KV caches|mapped the KV caches|KV cache \(CUDA IPC\) ahead" "$log" | cut -c1-220
     one
     sleep "${IDLE_S:-75}"
     one

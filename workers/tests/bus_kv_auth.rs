@@ -116,6 +116,7 @@ fn job(request_id: &str, prompt_ids: &[u32]) -> GenerateJob {
             coalesced_regions: true,
             cuda_ipc_ranks: false,
             cuda_ipc_cache: Vec::new(),
+            cuda_ipc_mapped: Vec::new(),
         }),
         resume_ids: Vec::new(),
         samples: None,

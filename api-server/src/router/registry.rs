@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use tandem_protocol::config::RouterPolicy;
-use tandem_protocol::messages::{Heartbeat, KvEvents, KvSnapshot, WorkerRole};
+use tandem_protocol::messages::{Heartbeat, KvEvents, KvPeer, KvSnapshot, WorkerRole};
 
 use super::RouterSettings;
 use super::policy::Policy;
@@ -382,7 +382,33 @@ fn counts_of(inner: &Inner) -> LiveCounts {
             counts.accepting_prefill += 1;
         }
     }
+    counts.cuda_ipc_unmapped = cuda_ipc_unmapped(inner.workers.iter().filter_map(|(id, w)| {
+        let taking = w.takes(Pool::Context) || w.takes(Pool::Generate);
+        let peer = w.heartbeat.kv_peer.as_ref().filter(|_| taking)?;
+        Some((id.as_str(), w.heartbeat.role, peer))
+    }));
     counts
+}
+
+/// [`LiveCounts::cuda_ipc_unmapped`] of the workers taking jobs (id, role, `kv_peer`).
+fn cuda_ipc_unmapped<'a>(
+    workers: impl Iterator<Item = (&'a str, WorkerRole, &'a KvPeer)> + Clone,
+) -> u32 {
+    let sharing = workers
+        .clone()
+        .filter(|(_, role, peer)| *role == WorkerRole::Context && !peer.cuda_ipc_cache.is_empty());
+    let readers = workers.filter(|(_, role, peer)| *role == WorkerRole::Decode && peer.cuda_ipc);
+    let mut unmapped = 0;
+    for (_, _, reader) in readers {
+        unmapped += sharing
+            .clone()
+            .filter(|(id, _, peer)| {
+                peer.host_id == reader.host_id
+                    && !reader.cuda_ipc_mapped.iter().any(|m| m.as_str() == *id)
+            })
+            .count() as u32;
+    }
+    unmapped
 }
 
 #[cfg(test)]
@@ -455,6 +481,65 @@ mod tests {
             "tandem_prefix_view_lag_batches{worker_id=\"w\"} 2",
             "tandem_prefix_view_resyncs_total{worker_id=\"w\"} 2",
         ]);
+    }
+
+    #[test]
+    fn pairs_of_one_host_count_until_the_decode_worker_maps_the_context_cache() {
+        let now = Instant::now();
+        let registry = registry(RouterPolicy::LeastLoaded);
+        let peer = |host: &str, cuda_ipc: bool| KvPeer {
+            host_id: host.into(),
+            cuda_ipc,
+            coalesced_regions: true,
+            cuda_ipc_ranks: true,
+            cuda_ipc_cache: Vec::new(),
+            cuda_ipc_mapped: Vec::new(),
+        };
+        let sharing = |id: &str, host: &str| {
+            let mut hb = heartbeat(id, WorkerRole::Context, 0, 0);
+            let mut kv_peer = peer(host, true);
+            kv_peer.cuda_ipc_cache = vec![tandem_protocol::messages::CudaIpcSource {
+                host_id: host.into(),
+                device: "GPU-0".into(),
+                mem_handle: format!("{id:0>128}"),
+                alloc_bytes: 1 << 30,
+                liveness_offset: Some(0),
+            }];
+            hb.kv_peer = Some(kv_peer);
+            hb
+        };
+        let reader = |id: &str, host: &str, cuda_ipc: bool, mapped: &[&str]| {
+            let mut hb = heartbeat(id, WorkerRole::Decode, 0, 0);
+            let mut kv_peer = peer(host, cuda_ipc);
+            kv_peer.cuda_ipc_mapped = mapped.iter().map(|m| m.to_string()).collect();
+            hb.kv_peer = Some(kv_peer);
+            hb
+        };
+        let unmapped = || registry.live_counts().cuda_ipc_unmapped;
+        registry.observe(sharing("ctx-a", "h1"), now);
+        registry.observe(sharing("ctx-b", "h1"), now);
+        registry.observe(sharing("ctx-far", "h2"), now);
+        assert_eq!(unmapped(), 0, "no reader yet");
+        registry.observe(reader("dec-1", "h1", true, &[]), now);
+        assert_eq!(
+            unmapped(),
+            2,
+            "two caches of its host, the other host's not counted"
+        );
+        // A reader without CUDA IPC pulls over UCX: nothing to map.
+        registry.observe(reader("dec-ucx", "h1", false, &[]), now);
+        assert_eq!(unmapped(), 2);
+        registry.observe(reader("dec-1", "h1", true, &["ctx-a"]), now);
+        assert_eq!(unmapped(), 1);
+        registry.observe(reader("dec-1", "h1", true, &["ctx-a", "ctx-b"]), now);
+        assert_eq!(unmapped(), 0);
+        // A second reader on the far host has one cache to map; a draining one none.
+        registry.observe(reader("dec-2", "h2", true, &[]), now);
+        assert_eq!(unmapped(), 1);
+        let mut draining = reader("dec-2", "h2", true, &[]);
+        draining.draining = true;
+        registry.observe(draining, now);
+        assert_eq!(unmapped(), 0);
     }
 
     #[test]

@@ -308,6 +308,7 @@ mod tests {
             coalesced_regions: true,
             cuda_ipc_ranks: true,
             cuda_ipc_cache: Vec::new(),
+            cuda_ipc_mapped: Vec::new(),
         };
         registry.observe(
             Heartbeat {
@@ -331,6 +332,7 @@ mod tests {
                     coalesced_regions: true,
                     cuda_ipc_ranks: false,
                     cuda_ipc_cache: Vec::new(),
+                    cuda_ipc_mapped: Vec::new(),
                 }),
                 ..heartbeat("dec", WorkerRole::Decode, 0, 0)
             },

@@ -187,6 +187,7 @@ pub fn scripted_kv_peer(worker_id: &str) -> KvPeer {
         coalesced_regions: true,
         cuda_ipc_ranks: true,
         cuda_ipc_cache: Vec::new(),
+        cuda_ipc_mapped: Vec::new(),
     }
 }
 

@@ -190,6 +190,7 @@ impl Exporter {
                 Some(RemoteMemory::CudaIpc(sources)) => sources.clone(),
                 _ => Vec::new(),
             },
+            cuda_ipc_mapped: Vec::new(),
         }
     }
 
@@ -309,6 +310,7 @@ mod tests {
             coalesced_regions: true,
             cuda_ipc_ranks: true,
             cuda_ipc_cache: Vec::new(),
+            cuda_ipc_mapped: Vec::new(),
         };
         let whole = SharedCache::Whole;
         assert!(exports_on_device(Some(&reader("h1", true)), "h1", whole));

@@ -5,7 +5,8 @@
 //!   jobs, prefill and generate locally, and pull a disaggregated request's K/V first
 //!   ([`pull`]: the handle authenticated for its job and taken once ([`spent_handles`]), the
 //!   wait for room in the engine, the pull, its cancellation token, and the local prefill a
-//!   refused handle or a failed pull falls back to).
+//!   refused handle or a failed pull falls back to), and the context workers' shared caches
+//!   it has mapped ahead of their hand-overs ([`premapped`]).
 //! - [`ContextRole`] (`context.rs`): context workers. They take prefill jobs, export the K/V
 //!   ([`export`]: the copy out of the engine and the handle that describes it, signed with the
 //!   deployment's KV secret, [`super::kv_auth`]) and hold the exports until released or
@@ -18,6 +19,7 @@ mod context;
 mod export;
 mod export_ledger;
 mod generation;
+mod premapped;
 mod pull;
 mod spent_handles;
 

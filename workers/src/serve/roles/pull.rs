@@ -45,6 +45,7 @@ use tokio::sync::mpsc;
 
 use super::KvTransports;
 use super::export::layout_spec;
+use super::premapped::{PremappedCaches, cache_key};
 use super::spent_handles::SpentHandles;
 use crate::backend::{KvBuffer, KvBytes, KvBytesMut};
 use crate::engine::{EngineEvent, EngineHandle, EventKind, ImportedKv, ImportedPrefill, RequestId};
@@ -166,6 +167,9 @@ pub(in crate::serve) struct KvPuller {
     refusal_warned_ms: AtomicU64,
     /// [`DELAY_PULL_VAR`].
     test_delay: Option<Duration>,
+    /// Context workers' shared caches heard of, and which are mapped (the heartbeat's
+    /// `kv_peer.cuda_ipc_mapped`).
+    premapped: Arc<Mutex<PremappedCaches>>,
 }
 
 /// Why a decode job's handle is not read. The job is served all the same: its prompt is
@@ -269,6 +273,7 @@ impl KvPuller {
             exports_gone: AtomicU64::new(0),
             refusal_warned_ms: AtomicU64::new(0),
             test_delay: settings.test_hooks.pull_delay,
+            premapped: Arc::default(),
         }
     }
 
@@ -441,11 +446,16 @@ impl KvPuller {
         {
             return;
         }
+        let handles = cache_key(&peer.cuda_ipc_cache);
+        locked(&self.premapped).heard(worker_id, handles.clone(), Instant::now());
         let transport = Arc::clone(transport);
+        let premapped = Arc::clone(&self.premapped);
         let worker_id = worker_id.to_owned();
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            match transport.premap(&peer.cuda_ipc_cache) {
+            let result = transport.premap(&peer.cuda_ipc_cache);
+            let news = locked(&premapped).mapped(&worker_id, &handles, result.is_ok());
+            match result {
                 Ok(0) => {}
                 Ok(mappings) => tracing::info!(
                     context_worker = worker_id,
@@ -454,9 +464,14 @@ impl KvPuller {
                     "mapped a context worker's KV cache (CUDA IPC) ahead of its hand-overs"
                 ),
                 // The first pull maps it (or fails and falls back) as before.
+                Err(e) if news => tracing::warn!(
+                    context_worker = worker_id,
+                    "could not map a context worker's KV cache (CUDA IPC) ahead of its \
+                     hand-overs; its first hand-over will try again: {e}"
+                ),
                 Err(e) => tracing::debug!(
                     context_worker = worker_id,
-                    "mapping a context worker's KV cache ahead: {e}"
+                    "mapping a context worker's KV cache ahead, again: {e}"
                 ),
             }
         });
@@ -470,6 +485,7 @@ impl KvPuller {
             coalesced_regions: true,
             cuda_ipc_ranks: true,
             cuda_ipc_cache: Vec::new(),
+            cuda_ipc_mapped: locked(&self.premapped).mapped_workers(Instant::now()),
         }
     }
 
