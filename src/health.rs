@@ -5,9 +5,9 @@
 //! live counts in the body (`{"workers": {"context": N, "accepting_generate": M, ...}}`); the
 //! launcher waits until every worker it started is counted, and then until decode workers
 //! have mapped the KV caches context workers of their host share over CUDA IPC
-//! (`workers.cuda_ipc_unmapped`), so that the first requests pay no mapping.
+//! (`workers.cuda_ipc_unmapped`), so that the first requests pay no mapping ([`StartUp`]).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -58,6 +58,96 @@ impl Probe {
             } => cuda_ipc_unmapped.unwrap_or(0),
             Probe::Unreachable(_) => 0,
         }
+    }
+}
+
+/// How long start-up waits, once every worker is counted, for decode workers to map the KV
+/// caches context workers of their host share over CUDA IPC (under a second per cache on an
+/// H200; a mapping that fails is retried at each heartbeat and never arrives).
+pub const CUDA_IPC_MAPPING_WAIT: Duration = Duration::from_secs(30);
+
+/// What start-up makes of the latest probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not ready yet: probe again.
+    Wait,
+    /// Serving: every worker counted and, where decode workers read CUDA IPC, the caches of
+    /// their host mapped (or [`CUDA_IPC_MAPPING_WAIT`] spent on them, with a warning).
+    Ready,
+    /// The workers were not all counted by the deadline.
+    TimedOut,
+}
+
+/// The launcher's wait for a deployment it started: the workers counted, then the caches
+/// mapped.
+#[derive(Debug)]
+pub struct StartUp {
+    context: usize,
+    generation: usize,
+    /// An api-server without workers of this launcher: ready once it answers.
+    alone: bool,
+    deadline: Instant,
+    /// Since when every worker has been counted while caches were still unmapped.
+    mapping_since: Option<Instant>,
+}
+
+impl StartUp {
+    pub fn new(context: usize, generation: usize, alone: bool, deadline: Instant) -> Self {
+        Self {
+            context,
+            generation,
+            alone,
+            deadline,
+            mapping_since: None,
+        }
+    }
+
+    /// Judges `probe`, seen at `now`.
+    pub fn judge(&mut self, probe: &Probe, now: Instant) -> Verdict {
+        if self.alone {
+            return match probe {
+                Probe::Answered { .. } => Verdict::Ready,
+                Probe::Unreachable(_) if now >= self.deadline => Verdict::TimedOut,
+                Probe::Unreachable(_) => Verdict::Wait,
+            };
+        }
+        if !probe.ready(self.context, self.generation) {
+            return if now >= self.deadline {
+                Verdict::TimedOut
+            } else {
+                Verdict::Wait
+            };
+        }
+        let unmapped = probe.cuda_ipc_unmapped();
+        if unmapped == 0 {
+            if let Some(since) = self.mapping_since {
+                tracing::info!(
+                    ms = now.saturating_duration_since(since).as_millis() as u64,
+                    "decode workers mapped the KV caches of their host's context workers"
+                );
+            }
+            return Verdict::Ready;
+        }
+        let since = *self.mapping_since.get_or_insert_with(|| {
+            tracing::info!(
+                pairs = unmapped,
+                "waiting for decode workers to map the KV caches context workers of their host \
+                 share (CUDA IPC), so that no first request waits for a mapping"
+            );
+            now
+        });
+        let waited = now.saturating_duration_since(since);
+        if waited >= CUDA_IPC_MAPPING_WAIT || now >= self.deadline {
+            tracing::warn!(
+                pairs = unmapped,
+                "decode workers have not mapped every context worker's KV cache after {} s; \
+                 serving anyway: the first hand-over of each such pair maps it (most of a \
+                 second), or falls back to host memory if the mapping fails",
+                waited.as_secs()
+            );
+            return Verdict::Ready;
+        }
+        Verdict::Wait
     }
 }
 
@@ -168,6 +258,99 @@ mod tests {
         assert!(!Probe::Unreachable("refused".into()).ready(0, 0));
         // An api-server that predates the mapping count has none to wait for.
         assert_eq!(answer(200, Some(1), Some(1)).cuda_ipc_unmapped(), 0);
+    }
+
+    fn answer_with(context: u64, generate: u64, unmapped: Option<u64>) -> Probe {
+        Probe::Answered {
+            status: 200,
+            context: Some(context),
+            accepting_generate: Some(generate),
+            cuda_ipc_unmapped: unmapped,
+            body: String::new(),
+        }
+    }
+
+    #[test]
+    fn start_up_waits_for_the_workers_then_for_the_caches_to_be_mapped() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut start_up = StartUp::new(1, 1, false, at(300));
+        assert_eq!(
+            start_up.judge(&answer_with(1, 0, None), at(1)),
+            Verdict::Wait
+        );
+        // Both workers counted, one pair of one host unmapped: wait for it.
+        assert_eq!(
+            start_up.judge(&answer_with(1, 1, Some(1)), at(2)),
+            Verdict::Wait
+        );
+        assert_eq!(
+            start_up.judge(&answer_with(1, 1, Some(1)), at(3)),
+            Verdict::Wait
+        );
+        assert_eq!(
+            start_up.judge(&answer_with(1, 1, Some(0)), at(3)),
+            Verdict::Ready
+        );
+        // An api-server that does not count mappings (older) is ready with the workers.
+        let mut older = StartUp::new(1, 1, false, at(300));
+        assert_eq!(older.judge(&answer_with(1, 1, None), at(1)), Verdict::Ready);
+    }
+
+    #[test]
+    fn a_mapping_that_never_comes_delays_readiness_by_a_bounded_wait() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let wait = CUDA_IPC_MAPPING_WAIT.as_secs();
+        let mut start_up = StartUp::new(1, 1, false, at(300));
+        assert_eq!(
+            start_up.judge(&answer_with(1, 1, Some(2)), at(10)),
+            Verdict::Wait
+        );
+        assert_eq!(
+            start_up.judge(&answer_with(1, 1, Some(2)), at(10 + wait - 1)),
+            Verdict::Wait
+        );
+        assert_eq!(
+            start_up.judge(&answer_with(1, 1, Some(2)), at(10 + wait)),
+            Verdict::Ready,
+            "serves anyway, the first hand-over maps"
+        );
+        // Nor past the deadline: the workers are all there.
+        let mut late = StartUp::new(1, 1, false, at(20));
+        assert_eq!(
+            late.judge(&answer_with(1, 1, Some(1)), at(19)),
+            Verdict::Wait
+        );
+        assert_eq!(
+            late.judge(&answer_with(1, 1, Some(1)), at(20)),
+            Verdict::Ready
+        );
+    }
+
+    #[test]
+    fn start_up_times_out_only_while_workers_are_missing() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut start_up = StartUp::new(2, 1, false, at(60));
+        assert_eq!(
+            start_up.judge(&answer_with(1, 1, None), at(59)),
+            Verdict::Wait
+        );
+        assert_eq!(
+            start_up.judge(&answer_with(1, 1, None), at(60)),
+            Verdict::TimedOut
+        );
+        let unreachable = Probe::Unreachable("refused".into());
+        assert_eq!(start_up.judge(&unreachable, at(61)), Verdict::TimedOut);
+        // An api-server alone is ready as soon as it answers, whatever it counts.
+        let mut alone = StartUp::new(0, 0, true, at(60));
+        assert_eq!(alone.judge(&unreachable, at(1)), Verdict::Wait);
+        assert_eq!(
+            alone.judge(&answer_with(0, 0, Some(3)), at(2)),
+            Verdict::Ready
+        );
+        assert_eq!(alone.judge(&unreachable, at(60)), Verdict::TimedOut);
     }
 
     #[tokio::test(flavor = "current_thread")]

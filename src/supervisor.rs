@@ -28,7 +28,7 @@ use anyhow::bail;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::child::{Child, Echo, describe};
-use crate::health::{self, Probe};
+use crate::health::{self, Probe, StartUp, Verdict};
 use crate::nats;
 use crate::plan::{KvSecretSource, Plan};
 use crate::restart::{AfterExit, RestartPolicy, Restarts};
@@ -52,10 +52,6 @@ pub struct Timing {
 
 /// How often children and /health are looked at.
 const TICK: Duration = Duration::from_millis(100);
-/// How long start-up waits, once every worker is counted, for decode workers to map the KV
-/// caches context workers of their host share over CUDA IPC (under a second per cache on an
-/// H200; a mapping that fails is retried at each heartbeat and never arrives).
-const CUDA_IPC_MAPPING_WAIT: Duration = Duration::from_secs(30);
 /// A second stop signal this soon after the first is the same request delivered twice.
 const DUPLICATE_SIGNAL_WINDOW: Duration = Duration::from_secs(1);
 /// How long the nats-server gets to stop before SIGKILL.
@@ -322,10 +318,12 @@ async fn start_and_supervise(
 
     let (context, generation) = plan.expected_workers();
     let alone = plan.workers.is_empty();
-    let deadline = Instant::now() + timing.ready_timeout;
-    // Once every worker is counted: since when decode workers have been mapping the caches
-    // context workers of their host share (CUDA IPC).
-    let mut mapping_since: Option<Instant> = None;
+    let mut start_up = StartUp::new(
+        context,
+        generation,
+        alone,
+        Instant::now() + timing.ready_timeout,
+    );
     loop {
         tokio::select! {
             name = signals.next() => {
@@ -341,51 +339,23 @@ async fn start_and_supervise(
             );
         }
         let probe = health::probe(plan.client_host(), plan.port, Duration::from_secs(2)).await;
-        if alone && matches!(probe, Probe::Answered { .. }) {
-            break;
-        }
-        if probe.ready(context, generation) {
-            let unmapped = probe.cuda_ipc_unmapped();
-            if unmapped == 0 {
-                if let Some(since) = mapping_since {
-                    tracing::info!(
-                        ms = since.elapsed().as_millis() as u64,
-                        "decode workers mapped the KV caches of their host's context workers"
-                    );
-                }
-                break;
-            }
-            let since = *mapping_since.get_or_insert_with(|| {
-                tracing::info!(
-                    pairs = unmapped,
-                    "waiting for decode workers to map the KV caches context workers of their \
-                     host share (CUDA IPC), so that no first request waits for a mapping"
+        match start_up.judge(&probe, Instant::now()) {
+            Verdict::Wait => {}
+            Verdict::Ready => break,
+            Verdict::TimedOut => {
+                let seen = match probe {
+                    Probe::Unreachable(reason) => format!("no answer from /health ({reason})"),
+                    Probe::Answered { status, body, .. } => {
+                        format!("/health said {status}: {body}")
+                    }
+                };
+                bail!(
+                    "the deployment was not ready within {} s ({} expected; {seen}); stopping it \
+                     (raise --ready-timeout-s for a slow model load)",
+                    timing.ready_timeout.as_secs(),
+                    plan.describe_workers()
                 );
-                Instant::now()
-            });
-            if since.elapsed() >= CUDA_IPC_MAPPING_WAIT || Instant::now() >= deadline {
-                tracing::warn!(
-                    pairs = unmapped,
-                    "decode workers have not mapped every context worker's KV cache after {} \
-                     s; serving anyway: the first hand-over of each such pair maps it (most of \
-                     a second), or falls back to host memory if the mapping fails",
-                    since.elapsed().as_secs()
-                );
-                break;
             }
-            continue;
-        }
-        if Instant::now() >= deadline {
-            let seen = match probe {
-                Probe::Unreachable(reason) => format!("no answer from /health ({reason})"),
-                Probe::Answered { status, body, .. } => format!("/health said {status}: {body}"),
-            };
-            bail!(
-                "the deployment was not ready within {} s ({} expected; {seen}); stopping it \
-                 (raise --ready-timeout-s for a slow model load)",
-                timing.ready_timeout.as_secs(),
-                plan.describe_workers()
-            );
         }
     }
     if alone {
