@@ -63,7 +63,9 @@ What starts, in order:
      `router.worker_timeout_ms`.
 `worker` and `api-server` are taken from the directory of this `tandem` executable, else PATH.
 
-Ready when GET /health answers 200 counting every worker: then one line on stdout,
+Ready when GET /health answers 200 counting every worker and, where decode workers read
+CUDA IPC, once they have mapped the KV caches of their host's context workers (at most 30 s
+more, then with a warning; `workers.cuda_ipc_unmapped` in /health): then one line on stdout,
   tandem: serving NAME at http://127.0.0.1:8000/v1 (1 worker)
   tandem: serving NAME at http://127.0.0.1:8000/v1 (2 context + 1 decode workers)
 Children's output is re-emitted with a `[worker-0] `, `[api-server] ` prefix (nats-server's only
