@@ -243,6 +243,8 @@ pub struct Plan {
     pub worker_timeout_ms: u64,
     /// Prompts shorter than this are prefilled by the decode worker itself.
     pub max_local_prefill_length: usize,
+    /// `router.kv_overlap_weight`.
+    pub kv_overlap_weight: f64,
     /// The api-server's API keys (config `api_keys`), passed in its environment.
     pub api_keys: Vec<tandem_cli::args::ApiKey>,
     /// The config's `api_key_file`, passed as `--api-key-file`.
@@ -423,6 +425,7 @@ pub fn plan(
         router_policy: config.router.policy,
         worker_timeout_ms: config.router.worker_timeout_ms,
         max_local_prefill_length: config.router.max_local_prefill_length,
+        kv_overlap_weight: config.router.kv_overlap_weight,
         api_keys: config
             .api_keys
             .0
@@ -553,6 +556,7 @@ impl Plan {
             router_policy: self.router_policy,
             worker_timeout_ms: self.worker_timeout_ms,
             max_local_prefill_length: self.max_local_prefill_length,
+            router_kv_overlap_weight: self.kv_overlap_weight,
             api_keys: self.api_keys.clone(),
             api_key_file: self.api_key_file.clone(),
             metrics_require_key: self.metrics_require_key,

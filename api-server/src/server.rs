@@ -274,6 +274,7 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
             policy: config.router_policy,
             worker_timeout,
             max_local_prefill_length: config.max_local_prefill_length,
+            kv_overlap_weight: config.router_kv_overlap_weight,
         },
         metrics.clone(),
     ));

@@ -147,6 +147,28 @@ pub struct RouterConfig {
     pub max_local_prefill_length: usize,
     /// A worker whose heartbeat is older than this is considered gone.
     pub worker_timeout_ms: u64,
+    /// `kv_aware`: the weight of a prompt block a worker would have to prefill against a block
+    /// its running work holds (Dynamo's `kv_overlap_score_weight`). Higher favours the worker
+    /// holding the prompt's prefix over the less loaded one; 0 routes by held blocks alone.
+    pub kv_overlap_weight: f64,
+}
+
+/// The default [`RouterConfig::kv_overlap_weight`].
+pub const DEFAULT_KV_OVERLAP_WEIGHT: f64 = 1.0;
+
+/// The largest [`RouterConfig::kv_overlap_weight`] accepted (past it the load term no longer
+/// counts at all).
+pub const MAX_KV_OVERLAP_WEIGHT: f64 = 1000.0;
+
+/// Why a `kv_overlap_weight` is refused, if it is.
+pub fn check_kv_overlap_weight(weight: f64) -> Result<(), String> {
+    if weight.is_finite() && (0.0..=MAX_KV_OVERLAP_WEIGHT).contains(&weight) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{weight} is not a weight from 0 to {MAX_KV_OVERLAP_WEIGHT}"
+        ))
+    }
 }
 
 impl Default for RouterConfig {
@@ -155,6 +177,7 @@ impl Default for RouterConfig {
             policy: RouterPolicy::default(),
             max_local_prefill_length: 0,
             worker_timeout_ms: 3_000,
+            kv_overlap_weight: DEFAULT_KV_OVERLAP_WEIGHT,
         }
     }
 }
@@ -591,6 +614,12 @@ impl DeploymentConfig {
                 ),
             });
         }
+        check_kv_overlap_weight(self.router.kv_overlap_weight).map_err(|reason| {
+            ConfigError::Invalid {
+                key: "router.kv_overlap_weight".into(),
+                reason,
+            }
+        })?;
         if let Some(url) = &self.nats.url
             && !(url.starts_with("nats://") || url.starts_with("tls://"))
         {
@@ -827,11 +856,25 @@ kv_secret_file: /run/secrets/tandem-kv
                 "cache_transceiver_config.backend",
             ),
             ("nats: { url: \"localhost:4222\" }", "nats.url"),
+            (
+                "router: { kv_overlap_weight: -1 }",
+                "router.kv_overlap_weight",
+            ),
+            (
+                "router: { kv_overlap_weight: .nan }",
+                "router.kv_overlap_weight",
+            ),
+            (
+                "router: { kv_overlap_weight: 1e6 }",
+                "router.kv_overlap_weight",
+            ),
         ];
         for (yaml, key) in cases {
             let err = DeploymentConfig::parse(yaml, "c.yaml").unwrap_err();
             assert!(err.to_string().contains(key), "{yaml}: {err}");
         }
+        let weighted = DeploymentConfig::parse("router: { kv_overlap_weight: 2.5 }", "c.yaml");
+        assert_eq!(weighted.unwrap().router.kv_overlap_weight, 2.5);
         let err = DeploymentConfig::parse("port: [1", "c.yaml").unwrap_err();
         assert!(err.to_string().contains("c.yaml"), "{err}");
     }

@@ -34,7 +34,7 @@ use tandem_protocol::config::RouterPolicy;
 pub use crate::outcomes::LiveCounts;
 pub use context_job::{ContextJob, GenerationBlocks};
 pub use prefix_index::Source as PrefixSource;
-pub use registry::{OVERLAP_WEIGHT, STUCK_AFTER_TIMEOUTS, WorkerRegistry};
+pub use registry::{STUCK_AFTER_TIMEOUTS, WorkerRegistry};
 pub use route::{LocalPrefill, NoRoute, Prefill, Route};
 pub use worker::WorkerStatus;
 
@@ -47,4 +47,7 @@ pub struct RouterSettings {
     /// Prompts with fewer tokens are prefilled by the generation worker itself (no transfer);
     /// 0 disaggregates every request a context worker can take.
     pub max_local_prefill_length: usize,
+    /// `kv_aware`: the weight of a prompt block to prefill against a block held by running
+    /// work (`--router-kv-overlap-weight`).
+    pub kv_overlap_weight: f64,
 }

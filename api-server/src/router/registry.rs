@@ -46,17 +46,19 @@ pub(super) struct Inner {
     pub(super) prefix: PrefixIndex,
 }
 
-/// Weight of a prompt block a worker would have to compute, against a block its running work
-/// holds, in the `kv_aware` cost.
-pub const OVERLAP_WEIGHT: u64 = 1;
-
-/// The `kv_aware` policy's cost of sending `prompt` to worker `id` (entry `w`), in KV blocks:
-/// [`OVERLAP_WEIGHT`] x the prompt's blocks it does not hold cached (what its prefill would
-/// compute), plus the blocks its work holds (its last heartbeat's used blocks and the blocks
-/// of the prompts sent to it since). The load term is always there, so one hot prefix cannot
-/// pile every request onto the worker that holds it: once its blocks in use outweigh the
-/// prefill saved, others get the next requests.
-fn kv_cost(index: &PrefixIndex, id: &str, w: &WorkerEntry, prompt: &mut PromptBlocks<'_>) -> u64 {
+/// The `kv_aware` policy's cost of sending `prompt` to worker `id` (entry `w`), in
+/// thousandths of a KV block: `overlap_weight` x the prompt's blocks it does not hold cached
+/// (what its prefill would compute), plus the blocks its work holds (its last heartbeat's used
+/// blocks and the blocks of the prompts sent to it since). The load term is always there, so
+/// one hot prefix cannot pile every request onto the worker that holds it: once its blocks in
+/// use outweigh the prefill saved, others get the next requests.
+fn kv_cost(
+    index: &PrefixIndex,
+    id: &str,
+    w: &WorkerEntry,
+    prompt: &mut PromptBlocks<'_>,
+    overlap_weight: f64,
+) -> u64 {
     let (prompt_blocks, held) = match index.info(id) {
         Some(info) => {
             let block_size = info.block_size.max(1) as usize;
@@ -66,7 +68,8 @@ fn kv_cost(index: &PrefixIndex, id: &str, w: &WorkerEntry, prompt: &mut PromptBl
         // A worker that caches nothing: its blocks are the CPU default's 16 tokens.
         None => (prompt.len().div_ceil(16) as u64, 0),
     };
-    OVERLAP_WEIGHT * (prompt_blocks - held.min(prompt_blocks)) + w.active_blocks()
+    let weight_milli = (overlap_weight * 1000.0).round() as u64;
+    weight_milli * (prompt_blocks - held.min(prompt_blocks)) + 1000 * w.active_blocks()
 }
 
 pub struct WorkerRegistry {
@@ -251,7 +254,13 @@ impl WorkerRegistry {
             .filter(|(_, w)| !w.is_full())
             .map(|(id, w)| {
                 let weight = match prompt.as_deref_mut() {
-                    Some(prompt) if kv_aware => kv_cost(&inner.prefix, id, w, prompt),
+                    Some(prompt) if kv_aware => kv_cost(
+                        &inner.prefix,
+                        id,
+                        w,
+                        prompt,
+                        self.settings.kv_overlap_weight,
+                    ),
                     _ => w.load(),
                 };
                 (*id, weight)

@@ -391,6 +391,7 @@ mod kv_aware_tests {
 
     use super::*;
     use crate::metrics::Metrics;
+    use crate::router::RouterSettings;
     use crate::router::testing::{heartbeat, settings};
 
     const BLOCK: u32 = 16;
@@ -496,6 +497,35 @@ mod kv_aware_tests {
         // b and c now take the hot prefix too.
         let late = &picks[picks.len() - 6..];
         assert!(late.iter().any(|p| p != "a"), "{picks:?}");
+    }
+
+    #[test]
+    fn the_overlap_weight_trades_a_held_prefix_against_the_holder_s_load() {
+        let now = Instant::now();
+        // b holds the conversation's 40 blocks and its running work holds 50; a holds
+        // nothing and runs nothing. The next turn has 44 blocks, 4 of them new.
+        let route_with = |weight: f64| {
+            let registry = WorkerRegistry::new(
+                RouterSettings {
+                    kv_overlap_weight: weight,
+                    ..settings(RouterPolicy::KvAware, 0)
+                },
+                Metrics::new(),
+            );
+            registry.observe(caching("a", 0), now);
+            registry.observe(caching("b", 50), now);
+            let first_turn = conversation(1, 640);
+            stores(&registry, "b", 1, &first_turn);
+            let mut second_turn = first_turn.clone();
+            second_turn.extend(conversation(2, 64));
+            registry.route(&second_turn, now).unwrap().generate_id
+        };
+        // Weight 1: a costs 44, b 4 + 50 = 54.
+        assert_eq!(route_with(1.0), "a");
+        // Weight 1.5: a 66, b 56.
+        assert_eq!(route_with(1.5), "b");
+        // Weight 0: held blocks alone.
+        assert_eq!(route_with(0.0), "a");
     }
 
     #[test]

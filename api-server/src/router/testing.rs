@@ -37,6 +37,7 @@ pub(super) fn settings(policy: RouterPolicy, max_local_prefill_length: usize) ->
         policy,
         worker_timeout: Duration::from_millis(1000),
         max_local_prefill_length,
+        kv_overlap_weight: tandem_protocol::config::DEFAULT_KV_OVERLAP_WEIGHT,
     }
 }
 

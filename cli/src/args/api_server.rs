@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use tandem_protocol::config::{GenerationConfigSource, RouterPolicy, ToolCallParser};
+use tandem_protocol::config::{
+    DEFAULT_KV_OVERLAP_WEIGHT, GenerationConfigSource, RouterPolicy, ToolCallParser,
+    check_kv_overlap_weight,
+};
 
 use super::Argv;
 
@@ -80,6 +83,18 @@ pub struct ApiServerArgs {
         default_value_t = DEFAULT_MAX_LOCAL_PREFILL_LENGTH
     )]
     pub max_local_prefill_length: usize,
+    /// `kv_aware` routing: the weight of a prompt block a worker would have to prefill (it
+    /// does not hold it cached) against a block its running work holds. Higher favours the
+    /// worker holding the prompt's prefix over the less loaded one; 0 routes by held blocks
+    /// alone. The config's `router.kv_overlap_weight`.
+    #[arg(
+        long,
+        env = "TANDEM_ROUTER_KV_OVERLAP_WEIGHT",
+        value_name = "W",
+        default_value_t = DEFAULT_KV_OVERLAP_WEIGHT,
+        value_parser = parse_kv_overlap_weight
+    )]
+    pub router_kv_overlap_weight: f64,
     /// HTTP worker threads (actix); 0 = one per core.
     #[arg(long, env = "TANDEM_HTTP_WORKERS", default_value_t = DEFAULT_HTTP_WORKERS)]
     pub http_workers: usize,
@@ -205,6 +220,7 @@ impl ApiServerArgs {
             worker_timeout_ms: DEFAULT_WORKER_TIMEOUT_MS,
             router_policy: RouterPolicy::default(),
             max_local_prefill_length: DEFAULT_MAX_LOCAL_PREFILL_LENGTH,
+            router_kv_overlap_weight: DEFAULT_KV_OVERLAP_WEIGHT,
             http_workers: DEFAULT_HTTP_WORKERS,
             max_pending_requests: DEFAULT_MAX_PENDING_REQUESTS,
             migration_limit: DEFAULT_MIGRATION_LIMIT,
@@ -270,6 +286,9 @@ impl ApiServerArgs {
         argv.push_display("--worker-timeout-ms", self.worker_timeout_ms);
         argv.push("--router-policy", router_policy_name(self.router_policy));
         argv.push_display("--max-local-prefill-length", self.max_local_prefill_length);
+        if self.router_kv_overlap_weight != DEFAULT_KV_OVERLAP_WEIGHT {
+            argv.push_display("--router-kv-overlap-weight", self.router_kv_overlap_weight);
+        }
         if self.http_workers != DEFAULT_HTTP_WORKERS {
             argv.push_display("--http-workers", self.http_workers);
         }
@@ -320,6 +339,15 @@ fn router_policy_name(policy: RouterPolicy) -> &'static str {
 
 /// A flag's parser that takes one of `all`'s names (`name` of each) and gives the value so
 /// named; `--help` lists the names.
+/// `--router-kv-overlap-weight`: a finite weight from 0 to the config's maximum.
+fn parse_kv_overlap_weight(text: &str) -> Result<f64, String> {
+    let weight: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    check_kv_overlap_weight(weight)?;
+    Ok(weight)
+}
+
 fn one_of<T, const N: usize>(
     all: [T; N],
     name: fn(T) -> &'static str,
@@ -363,6 +391,7 @@ mod tests {
             worker_timeout_ms: 1500,
             router_policy: RouterPolicy::RoundRobin,
             max_local_prefill_length: 64,
+            router_kv_overlap_weight: 2.5,
             http_workers: 3,
             max_pending_requests: 7,
             migration_limit: 0,
