@@ -154,7 +154,7 @@ pub struct RouterConfig {
 }
 
 /// The default [`RouterConfig::kv_overlap_weight`].
-pub const DEFAULT_KV_OVERLAP_WEIGHT: f64 = 1.0;
+pub const DEFAULT_KV_OVERLAP_WEIGHT: f64 = 4.0;
 
 /// The largest [`RouterConfig::kv_overlap_weight`] accepted (past it the load term no longer
 /// counts at all).
