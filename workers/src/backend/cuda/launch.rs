@@ -13,7 +13,10 @@
 //! or a kernel of cuBLAS or NCCL, is ordered as usual. In a captured decode step the edge
 //! stays programmatic only where two kernels follow each other directly: an activation's
 //! allocation or free between them, which most pairs have, makes it an ordinary one
-//! (graph.rs), so eager steps gain most.
+//! (graph.rs), so eager steps gain most. Keeping every edge programmatic would not pay there:
+//! on a captured chain of batch-1 GEMVs the kernels' early trigger made it 11% slower (the next
+//! kernel's blocks take slots while the current one still has waves to place), and a trigger
+//! at exit gained about 0.25 us an edge (docs/benchmarks.md).
 //!
 //! [`KernelArgs`] mirrors cudarc's `LaunchArgs` (`arg` for scalars and device buffers) but
 //! owns copies of its arguments, so that they can be handed to the driver as one array.
