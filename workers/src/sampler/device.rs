@@ -122,19 +122,21 @@ impl Sampler {
         }
         let params = &self.params;
         let log_normalizer = f64::from(summary.max_logit) + summary.sum_exp.ln();
-        let top_logprobs = match params.logprobs {
-            Some(n) => {
-                let candidates = summary.candidates.as_ref()?;
-                let n = (n as usize).min(vocab_size);
-                if candidates.len() < n {
-                    return None;
-                }
-                candidates[..n]
-                    .iter()
-                    .map(|&(logit, id)| (id, logprobs::logprob(logit, log_normalizer)))
-                    .collect()
+        // `logprobs` with no top alternatives (OpenAI's `logprobs: true` alone) needs only the
+        // drawn token's log-probability, which the normalizer gives: no candidates were asked
+        // of the device for it (`device_request`).
+        let top = params.logprobs.map_or(0, |n| (n as usize).min(vocab_size));
+        let top_logprobs = if top == 0 {
+            Vec::new()
+        } else {
+            let candidates = summary.candidates.as_ref()?;
+            if candidates.len() < top {
+                return None;
             }
-            None => Vec::new(),
+            candidates[..top]
+                .iter()
+                .map(|&(logit, id)| (id, logprobs::logprob(logit, log_normalizer)))
+                .collect()
         };
         let (id, logit) = if params.is_greedy() {
             (summary.argmax, summary.max_logit)
@@ -232,6 +234,16 @@ mod tests {
                 logprobs: Some(5),
                 ..SamplingParams::greedy()
             },
+            // `logprobs: true` without `top_logprobs`: the chosen token's log-probability only.
+            SamplingParams {
+                logprobs: Some(0),
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                temperature: 0.8,
+                logprobs: Some(0),
+                ..SamplingParams::default()
+            },
             SamplingParams {
                 temperature: 0.8,
                 ..SamplingParams::default()
@@ -284,7 +296,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(decided, 120, "every case is decided from the summary");
+        assert_eq!(decided, 160, "every case is decided from the summary");
     }
 
     #[test]
