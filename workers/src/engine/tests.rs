@@ -1919,7 +1919,8 @@ fn run_overlapped(e: &mut Engine<SummarizingModel>, out: &mut Outcomes) -> usize
 /// Steps queued before the previous one is collected give every request the tokens it gets
 /// without overlap and with host sampling: across EOS found a step late, preemptions of a
 /// small cache, batches with truncated draws (top-p, top-k, min-p: decided on the device too,
-/// so they overlap), and every block is free at the end.
+/// so they overlap) and with the drawn tokens' log-probabilities asked for, and every block is
+/// free at the end.
 #[test]
 fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
     let config = EngineConfig {
@@ -1957,6 +1958,12 @@ fn overlapped_steps_give_every_request_the_tokens_of_steps_run_one_at_a_time() {
             params[7] = SamplingParams {
                 min_p: 0.2,
                 ..hot(7)
+            };
+            // `logprobs: true` without top alternatives: decided on the device as well.
+            params[3].logprobs = Some(0);
+            params[8] = SamplingParams {
+                logprobs: Some(0),
+                ..hot(8)
             };
         }
         let requests: Vec<GenerationRequest> = params
