@@ -15,6 +15,8 @@
 //!   fit get 429 with `Retry-After` (refused by an api-server's bound, by its router, or by the
 //!   worker itself), every accepted one completes with the undisturbed text, and the
 //!   deployment serves normally after.
+//! - A worker that holds 2 requests, sent 10 short ones one after another between two of its
+//!   heartbeats: all are served (the api-server counts each ended request off its queue).
 //! - Clients that half-close (FIN) or reset (RST) their connection, streaming or not, before
 //!   or after their first token: the worker's running sequences and KV blocks are back to
 //!   idle within 2 s.
@@ -559,6 +561,56 @@ fn overload_past_the_admission_bounds_gets_429_and_every_accepted_request_comple
         }
     }
     eprintln!("{served} served, {refused} refused (429), {rejected} by the worker itself");
+}
+
+#[test]
+fn a_bounded_worker_takes_requests_one_after_another_however_many_fall_between_heartbeats() {
+    let nats = Nats::start();
+    // Heartbeats 5 s apart: between them the api-server knows the worker's queue only by
+    // what it counts itself, the jobs it sent and those that ended.
+    let api = ApiServer::start(
+        &nats,
+        &model_dir(MODEL),
+        support::SERVED_NAME,
+        &["--worker-timeout-ms", "15000"],
+    );
+    let spec = WorkerSpec {
+        role: "both",
+        worker_id: "w",
+        served_model_name: support::SERVED_NAME,
+        threads: 2,
+        heartbeat_ms: 5000,
+        extra: &["--max-num-seqs", "1", "--max-queued-requests", "1"],
+    };
+    let mut worker = Proc::spawn("w", spec.command(&nats.url, &model_dir(MODEL)));
+    worker.wait_for_line("joined the deployment", Duration::from_secs(60));
+    api.http.wait_for_workers(1, Duration::from_secs(30));
+    // The worker holds 2 at once. Ten short requests one after another, most of them within
+    // one heartbeat interval: every one is served, since each that ended counted its job off.
+    let started = Instant::now();
+    for i in 0..10 {
+        let request = json!({
+            "messages": [{"role": "user", "content": format!("Say {i}.")}],
+            "max_tokens": 2, "temperature": 0, "stream": i % 2 == 0,
+        });
+        match answer(&api.http, &request) {
+            Answer::Text(_) => {}
+            refused => panic!(
+                "request {i} of 10, one after another to an idle worker, {:?} after the first: \
+                 {refused:?}\n{}",
+                started.elapsed(),
+                api.proc.output()
+            ),
+        }
+    }
+    eprintln!("ten requests one after another in {:?}", started.elapsed());
+    assert_eq!(
+        api.proc
+            .count_lines("every generation worker's queue is full"),
+        0,
+        "{}",
+        api.proc.output()
+    );
 }
 
 /// How a test client leaves.

@@ -4,7 +4,7 @@
 //! until its stream ends, since the client still waits for it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::error::ApiError;
 
@@ -13,6 +13,10 @@ use crate::error::ApiError;
 pub struct Admission {
     in_flight: Arc<AtomicUsize>,
     max: usize,
+    /// Requests refused since the last one admitted: a run of refusals is logged as it begins
+    /// and as it ends, not once per request (a 429 is the client's to retry, but the operator
+    /// should know the bound is being met).
+    refused_in_a_row: Arc<AtomicU64>,
 }
 
 /// A request's place; given back when dropped (the response is complete, or the client left).
@@ -32,6 +36,7 @@ impl Admission {
         Self {
             in_flight: Arc::new(AtomicUsize::new(0)),
             max,
+            refused_in_a_row: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -42,8 +47,19 @@ impl Admission {
             in_flight: Arc::clone(&self.in_flight),
         };
         if self.max != 0 && before >= self.max {
+            if self.refused_in_a_row.fetch_add(1, Ordering::AcqRel) == 0 {
+                tracing::warn!(
+                    max_pending_requests = self.max,
+                    "this api-server holds as many requests as --max-pending-requests allows: \
+                     answering 429 (with Retry-After) until one ends"
+                );
+            }
             // Dropping `admitted` gives the place back.
             return Err(ApiError::Overloaded { max: self.max });
+        }
+        let refused = self.refused_in_a_row.swap(0, Ordering::AcqRel);
+        if refused > 0 {
+            tracing::info!(refused, "admitting requests again");
         }
         Ok(admitted)
     }

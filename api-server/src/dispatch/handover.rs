@@ -123,8 +123,8 @@ impl Generation {
     }
 
     /// `chosen` while it is live, else another generation worker (the chosen one may have
-    /// gone while the context worker prefilled).
-    pub(super) fn live_generate_worker(&self, chosen: String) -> Result<String, ApiError> {
+    /// gone while the context worker prefilled), which the job is then counted against.
+    pub(super) fn live_generate_worker(&mut self, chosen: String) -> Result<String, ApiError> {
         let now = Instant::now();
         if self.registry.is_live(&chosen, now) {
             return Ok(chosen);
@@ -135,6 +135,7 @@ impl Generation {
             .ok_or(ApiError::NoLiveWorker)?;
         tracing::warn!(request_id = %self.request_id, gone = %chosen, %other,
             "the chosen generation worker left; using another");
+        self.generation_job.moved_to(other.clone());
         Ok(other)
     }
 

@@ -113,6 +113,7 @@ impl Generation {
                 "no other live generation worker to migrate to: the request fails");
             return Err(err);
         };
+        self.generation_job.moved_to(worker_id.clone());
         self.migrations += 1;
         tracing::warn!(request_id = %self.request_id, %failed, to = %worker_id,
             reason = reason.label(), resumed_tokens = self.received_ids.len(),

@@ -52,7 +52,7 @@ pub use record::RequestRecord;
 
 use crate::error::ApiError;
 use crate::metrics::{Event, Metrics};
-use crate::router::{ContextJob, GenerationBlocks, LocalPrefill, NoRoute, Prefill, WorkerRegistry};
+use crate::router::{ContextJob, GenerationJob, LocalPrefill, NoRoute, Prefill, WorkerRegistry};
 use cancel::CancelGuard;
 use handover::Phase;
 use migrate::MigrationReason;
@@ -145,8 +145,9 @@ pub struct Generation {
     /// The prefill job a context worker holds while the phase is [`Phase::Prefill`]: dropped
     /// when the phase ends, which tells the registry the worker's queue has room again.
     context_job: Option<ContextJob>,
-    /// The prompt's blocks counted against the generation worker's load, until this ends.
-    _generate_blocks: GenerationBlocks,
+    /// The job (and its prompt's blocks) counted against its generation worker's load, until
+    /// this ends or the job moves to another worker.
+    generation_job: GenerationJob,
     subscriber: async_nats::Subscriber,
     /// Messages read while waiting for `Accepted` that belong to the stream proper.
     pending: VecDeque<StreamMessage>,
@@ -300,7 +301,7 @@ impl Generation {
             Ok(subscriber) => subscriber,
             Err(err) => return Err(fail(err, record)),
         };
-        let generate_blocks = GenerationBlocks::new(
+        let generation_job = GenerationJob::new(
             Arc::clone(dispatch.registry),
             route.generate_id.clone(),
             route.generate_blocks,
@@ -343,7 +344,7 @@ impl Generation {
             refused: Vec::new(),
             phase,
             context_job,
-            _generate_blocks: generate_blocks,
+            generation_job,
             subscriber,
             pending: VecDeque::new(),
             cancel,

@@ -78,6 +78,8 @@ impl Generation {
                 };
             }
             Phase::Generate { .. } => {
+                // The refusing worker never held the job: its end is not counted there.
+                self.generation_job.refused();
                 let Some(other) = self.registry.pick_generate_excluding(&self.refused, now) else {
                     tracing::warn!(request_id = %self.request_id, refused_by = ?self.refused,
                         %reason, "every generation worker refused the job or is full");
@@ -85,6 +87,7 @@ impl Generation {
                 };
                 tracing::info!(request_id = %self.request_id, refused_by = %worker_id, to = %other,
                     %reason, "a generation worker refused the job: sending it to another");
+                self.generation_job.moved_to(other.clone());
                 let encoded = encode(self)?;
                 self.publish_generate_job(other, encoded, "publishing a refused job")
                     .await?;

@@ -1,5 +1,5 @@
-//! The ticket of a prefill job on a context worker, which counts the job off the worker's
-//! load when the job leaves its queue.
+//! The tickets of a request's jobs on its workers (a prefill job on a context worker, its
+//! generation job), which count each job off its worker's load when the job leaves it.
 
 use std::sync::Arc;
 
@@ -44,31 +44,64 @@ impl Drop for ContextJob {
     }
 }
 
-/// The KV blocks of a request's prompt counted against its generation worker's load (the
-/// `kv_aware` policy's) since the worker's last heartbeat: dropping it, as the request ends,
-/// counts them off, so that requests that finished between two heartbeats stop weighing on
-/// the worker.
-pub struct GenerationBlocks {
+/// A request's generation job as counted against its generation worker: one job, and the
+/// KV blocks of its prompt (the `kv_aware` policy's load) since the worker's last heartbeat.
+/// Dropping it, as the request ends, counts both off, so that requests that finished between
+/// two heartbeats stop weighing on the worker and stop filling its queue in the registry's
+/// count: without that a worker serving many short requests looked full to the router (429)
+/// a heartbeat interval's worth of requests after its heartbeat, however idle it was.
+pub struct GenerationJob {
     registry: Arc<WorkerRegistry>,
     worker_id: String,
     blocks: u64,
+    /// Whether its end is counted off `worker_id`: not once the worker refused it (it never
+    /// held it; [`WorkerRegistry::refused`] marks the worker full instead).
+    armed: bool,
 }
 
-impl GenerationBlocks {
+impl GenerationJob {
+    /// The job counted against `worker_id` (with `blocks` of its prompt) when the request was
+    /// routed.
     pub fn new(registry: Arc<WorkerRegistry>, worker_id: String, blocks: u64) -> Self {
-        GenerationBlocks {
+        GenerationJob {
             registry,
             worker_id,
             blocks,
+            armed: true,
+        }
+    }
+
+    /// The worker it is counted against.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// The worker refused the job: it never held it, so its end is not counted there.
+    pub fn refused(&mut self) {
+        self.armed = false;
+    }
+
+    /// The job was sent again to `worker_id`, which a pick just counted it against (a
+    /// migration, a refused job sent on, a generation worker that left while the prompt was
+    /// prefilled): the worker it leaves counts it off.
+    pub fn moved_to(&mut self, worker_id: String) {
+        self.count_off();
+        self.worker_id = worker_id;
+        self.blocks = 0;
+        self.armed = true;
+    }
+
+    fn count_off(&mut self) {
+        if self.armed {
+            self.registry.generation_ended(&self.worker_id, self.blocks);
+            self.armed = false;
         }
     }
 }
 
-impl Drop for GenerationBlocks {
+impl Drop for GenerationJob {
     fn drop(&mut self) {
-        if self.blocks > 0 {
-            self.registry.generation_ended(&self.worker_id, self.blocks);
-        }
+        self.count_off();
     }
 }
 
@@ -81,7 +114,7 @@ mod tests {
 
     use super::*;
     use crate::router::testing::{context_of, heartbeat, prompt, registry};
-    use crate::router::{LocalPrefill, Prefill};
+    use crate::router::{LocalPrefill, NoRoute, Prefill};
 
     #[test]
     fn a_context_worker_answering_its_jobs_has_room_before_its_next_heartbeat() {
@@ -146,5 +179,63 @@ mod tests {
         drop(jobs);
         assert_eq!(registry.statuses()[0].worker_id, "ctx");
         assert!(!registry.statuses()[0].full);
+    }
+
+    #[test]
+    fn a_generation_worker_whose_requests_end_has_room_before_its_next_heartbeat() {
+        let now = Instant::now();
+        let registry = Arc::new(registry(RouterPolicy::LeastLoaded));
+        // Runs 1 at most and queues 1; idle at its heartbeat.
+        let bounded = |id| Heartbeat {
+            numerics: None,
+            max_queued: Some(1),
+            max_running: Some(1),
+            ..heartbeat(id, WorkerRole::Decode, 0, 0)
+        };
+        registry.observe(bounded("a"), now);
+        let job = |registry: &Arc<WorkerRegistry>| {
+            let route = registry.route(&prompt(5), now).unwrap();
+            GenerationJob::new(
+                Arc::clone(registry),
+                route.generate_id,
+                route.generate_blocks,
+            )
+        };
+        // Many requests one after another, each ended before the next: never full.
+        for _ in 0..50 {
+            drop(job(&registry));
+        }
+        // One running and one queued: full until one ends.
+        let mut held = vec![job(&registry), job(&registry)];
+        assert_eq!(registry.route(&prompt(5), now), Err(NoRoute::AllFull));
+        drop(held.pop());
+        held.push(job(&registry));
+        assert_eq!(registry.route(&prompt(5), now), Err(NoRoute::AllFull));
+
+        // A job that moves counts off the worker it leaves and onto the one it goes to.
+        registry.observe(bounded("b"), now);
+        let mut moving = held.pop().unwrap();
+        assert_eq!(moving.worker_id(), "a");
+        let other = registry.pick_generate_other_than("a", now).unwrap();
+        assert_eq!(other, "b");
+        moving.moved_to(other);
+        // A job `b` refuses counts nothing off it: full until its next heartbeat, even after
+        // the job it holds ends.
+        let mut refused = GenerationJob::new(
+            Arc::clone(&registry),
+            registry.pick_generate_other_than("a", now).unwrap(),
+            0,
+        );
+        assert_eq!(registry.refused("b"), Some(WorkerRole::Decode));
+        refused.refused();
+        drop(refused);
+        drop(moving);
+        // `a` holds one: room for one more, then every worker is full.
+        held.push(job(&registry));
+        assert_eq!(held[1].worker_id(), "a");
+        assert_eq!(registry.route(&prompt(5), now), Err(NoRoute::AllFull));
+        // `a`'s jobs end: it takes jobs again, before any heartbeat.
+        held.clear();
+        assert_eq!(registry.route(&prompt(5), now).unwrap().generate_id, "a");
     }
 }

@@ -32,7 +32,7 @@ use std::time::Duration;
 use tandem_protocol::config::RouterPolicy;
 
 pub use crate::outcomes::LiveCounts;
-pub use context_job::{ContextJob, GenerationBlocks};
+pub use context_job::{ContextJob, GenerationJob};
 pub use prefix_index::Source as PrefixSource;
 pub use registry::{STUCK_AFTER_TIMEOUTS, WorkerRegistry};
 pub use route::{LocalPrefill, NoRoute, Prefill, Route};

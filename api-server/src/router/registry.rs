@@ -44,6 +44,15 @@ pub(super) struct Inner {
     policy: Policy,
     /// What each worker holds in its prefix cache.
     pub(super) prefix: PrefixIndex,
+    /// Since when, and for how many requests, every live generation worker has been full:
+    /// logged as it begins and as it ends, not once per refused request.
+    generation_full: Option<FullEpisode>,
+}
+
+/// A run of requests refused (429) because every live generation worker was full.
+struct FullEpisode {
+    since: Instant,
+    refused: u64,
 }
 
 /// The `kv_aware` policy's cost of sending `prompt` to worker `id` (entry `w`), in
@@ -70,6 +79,25 @@ fn kv_cost(
     };
     let weight_milli = (overlap_weight * 1000.0).round() as u64;
     weight_milli * (prompt_blocks - held.min(prompt_blocks)) + 1000 * w.active_blocks()
+}
+
+/// Counts a request refused because every live generation worker is full (`queues`: how
+/// each one's queue looks from here), logging the first of a run of them.
+fn note_generation_full(inner: &mut Inner, now: Instant, queues: Vec<String>) {
+    match &mut inner.generation_full {
+        Some(episode) => episode.refused += 1,
+        None => {
+            tracing::warn!(
+                workers = %queues.join("; "),
+                "every generation worker's queue is full: answering 429 (with Retry-After) \
+                 until one has room"
+            );
+            inner.generation_full = Some(FullEpisode {
+                since: now,
+                refused: 1,
+            });
+        }
+    }
 }
 
 pub struct WorkerRegistry {
@@ -103,6 +131,7 @@ impl WorkerRegistry {
                 workers: HashMap::new(),
                 policy: Policy::new(settings.policy),
                 prefix: PrefixIndex::default(),
+                generation_full: None,
             }),
             settings,
             metrics,
@@ -198,11 +227,12 @@ impl WorkerRegistry {
         Some(entry.heartbeat.role)
     }
 
-    /// A request generated on `worker_id` ended: its prompt's `blocks` no longer count
-    /// against the worker (those sent since its last heartbeat; the next heartbeat counts
-    /// what it really holds).
+    /// A request's generation job on `worker_id` ended (or moved to another worker): it no
+    /// longer counts against the worker, nor do its prompt's `blocks` (those sent since its
+    /// last heartbeat; the next heartbeat counts what it really holds).
     pub(super) fn generation_ended(&self, worker_id: &str, blocks: u64) {
         if let Some(entry) = self.lock().workers.get_mut(worker_id) {
+            entry.count_ended();
             entry.count_ended_blocks(blocks);
         }
     }
@@ -267,11 +297,26 @@ impl WorkerRegistry {
             })
             .collect();
         if candidates.is_empty() {
-            return if live.is_empty() {
-                Pick::NoneLive
-            } else {
-                Pick::AllFull
-            };
+            if live.is_empty() {
+                return Pick::NoneLive;
+            }
+            if pool == Pool::Generate && exclude.is_empty() {
+                let queues: Vec<String> = live
+                    .iter()
+                    .map(|(id, w)| format!("{id}: {}", w.queue_view()))
+                    .collect();
+                note_generation_full(inner, now, queues);
+            }
+            return Pick::AllFull;
+        }
+        if pool == Pool::Generate
+            && let Some(episode) = inner.generation_full.take()
+        {
+            tracing::info!(
+                refused = episode.refused,
+                after_ms = now.saturating_duration_since(episode.since).as_millis() as u64,
+                "a generation worker has room again: requests are routed again"
+            );
         }
         let chosen = inner.policy.choose(pool, candidates);
         let sent_blocks = match (prompt, inner.prefix.info(&chosen).cloned()) {

@@ -68,7 +68,7 @@ pub struct Route {
     pub generate_kv_peer: Option<KvPeer>,
     pub prefill: Prefill,
     /// The prompt's KV blocks counted against the generation worker's load until the request
-    /// ends ([`super::GenerationBlocks`]).
+    /// ends ([`super::GenerationJob`]).
     pub generate_blocks: u64,
 }
 

@@ -2,10 +2,13 @@
 //! it since, from which its load and whether its queue is full follow.
 //!
 //! A heartbeat is a snapshot; between two of them the entry counts what this api-server did:
-//! the jobs it sent ([`WorkerEntry::count_assigned`]), the prefill jobs the worker answered
-//! ([`WorkerEntry::count_answered`], through [`super::context_job::ContextJob`]) and a refused
+//! the jobs it sent ([`WorkerEntry::count_assigned`]), the jobs that left the worker since
+//! (prefill jobs it answered, [`WorkerEntry::count_answered`] through
+//! [`super::context_job::ContextJob`]; generation jobs that ended or moved elsewhere,
+//! [`WorkerEntry::count_ended`] through [`super::context_job::GenerationJob`]) and a refused
 //! job ([`WorkerEntry::mark_refused`]). The next heartbeat replaces the entry and the counts
-//! start again from what it says.
+//! start again from what it says. Without the jobs that left, a worker serving short requests
+//! quickly would look full after a heartbeat interval's worth of them, idle as it may be.
 
 use std::time::Instant;
 
@@ -59,11 +62,11 @@ pub(super) struct WorkerEntry {
     /// [`super::registry::STUCK_AFTER_TIMEOUTS`] worker timeouts: it takes nothing new.
     pub(super) stuck: bool,
     assigned_since_heartbeat: u32,
-    /// Prefill jobs this api-server sent it that it has answered (a KV handle, an error) or
-    /// that were given up since its last heartbeat: each left its queue, so the jobs counted
-    /// against it are its heartbeat's plus those assigned since, less these
-    /// ([`super::context_job::ContextJob`]).
-    answered_since_heartbeat: u32,
+    /// Jobs this api-server sent it that left it since its last heartbeat: prefill jobs it
+    /// answered (a KV handle, an error) or that were given up, generation jobs that ended or
+    /// moved to another worker. Each freed a place, so the jobs counted against it are its
+    /// heartbeat's plus those assigned since, less these ([`super::context_job`]).
+    left_since_heartbeat: u32,
     /// KV blocks of the prompts sent to it since its last heartbeat (the `kv_aware` load).
     blocks_assigned_since_heartbeat: u64,
     /// It refused a job since its last heartbeat (its queue is full).
@@ -85,7 +88,7 @@ impl WorkerEntry {
             stuck,
             assigned_since_heartbeat: 0,
             blocks_assigned_since_heartbeat: 0,
-            answered_since_heartbeat: 0,
+            left_since_heartbeat: 0,
             refused_since_heartbeat: false,
         }
     }
@@ -117,10 +120,17 @@ impl WorkerEntry {
     }
 
     /// Counts a prefill job it answered (or that was given up): the job left its queue, which
-    /// has room again.
+    /// has room again, and a context worker that refused a job takes jobs again.
     pub(super) fn count_answered(&mut self) {
-        self.answered_since_heartbeat += 1;
+        self.count_ended();
         self.refused_since_heartbeat = false;
+    }
+
+    /// Counts a generation job that ended on it (or moved to another worker): its place is
+    /// free. A refusal still holds until the next heartbeat: the worker counts its queue its
+    /// own way (jobs waiting for KV room, say), and one job's end says little about that.
+    pub(super) fn count_ended(&mut self) {
+        self.left_since_heartbeat += 1;
     }
 
     /// It refused a job: full until its next heartbeat (or, a context worker, its next
@@ -130,17 +140,17 @@ impl WorkerEntry {
     }
 
     /// The jobs it holds as far as this api-server knows: its last heartbeat's running and
-    /// queued sequences, plus the jobs sent to it since, less those it answered since.
+    /// queued sequences, plus the jobs sent to it since, less those that left it since.
     pub(super) fn load(&self) -> u64 {
         (self.heartbeat.running as u64
             + self.heartbeat.queued as u64
             + self.assigned_since_heartbeat as u64)
-            .saturating_sub(self.answered_since_heartbeat as u64)
+            .saturating_sub(self.left_since_heartbeat as u64)
     }
 
-    /// Whether its queue is full: it refused a job since its last heartbeat (and answered
-    /// none since), or the jobs sent to it since then, beyond its free running slots and less
-    /// those it answered since, fill its queue up to its bound.
+    /// Whether its queue is full: it refused a job since its last heartbeat (and, a context
+    /// worker, answered none since), or the jobs sent to it since then, beyond its free
+    /// running slots and less those that left it since, fill its queue up to its bound.
     pub(super) fn is_full(&self) -> bool {
         let Some(max_queued) = self.heartbeat.max_queued else {
             return false;
@@ -149,16 +159,37 @@ impl WorkerEntry {
             self.heartbeat
                 .max_running
                 .map_or(0, |max| max.saturating_sub(self.heartbeat.running)) as i64;
-        let sent_less_answered =
-            self.assigned_since_heartbeat as i64 - self.answered_since_heartbeat as i64;
+        let sent_less_left =
+            self.assigned_since_heartbeat as i64 - self.left_since_heartbeat as i64;
         let queued = self.heartbeat.queued as i64
-            + if sent_less_answered >= 0 {
-                (sent_less_answered - free_slots).max(0)
+            + if sent_less_left >= 0 {
+                (sent_less_left - free_slots).max(0)
             } else {
-                // Answers free running slots, which its queue fills first.
-                sent_less_answered
+                // Jobs that left free running slots, which its queue fills first.
+                sent_less_left
             };
         self.refused_since_heartbeat || queued >= max_queued as i64
+    }
+
+    /// Its queue as this api-server counts it, for a log line: its last heartbeat's running
+    /// and queued sequences and their bounds, the jobs sent to it and that left it since, and
+    /// whether it refused one since.
+    pub(super) fn queue_view(&self) -> String {
+        let bound = |max: Option<u32>| max.map_or("unbounded".to_owned(), |m| m.to_string());
+        format!(
+            "running {} of {}, queued {} of {} at its heartbeat; {} sent and {} left since{}",
+            self.heartbeat.running,
+            bound(self.heartbeat.max_running),
+            self.heartbeat.queued,
+            bound(self.heartbeat.max_queued),
+            self.assigned_since_heartbeat,
+            self.left_since_heartbeat,
+            if self.refused_since_heartbeat {
+                "; refused a job since"
+            } else {
+                ""
+            }
+        )
     }
 
     /// Takes new jobs of `pool`.
