@@ -3,20 +3,21 @@
 //! that grows as long as clients keep sending. A streamed request holds its place
 //! until its stream ends, since the client still waits for it.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::error::ApiError;
+use crate::refusals::RefusalRun;
 
 /// The count of requests in flight and its bound (0: none).
 #[derive(Debug, Clone)]
 pub struct Admission {
     in_flight: Arc<AtomicUsize>,
     max: usize,
-    /// Requests refused since the last one admitted: a run of refusals is logged as it begins
-    /// and as it ends, not once per request (a 429 is the client's to retry, but the operator
-    /// should know the bound is being met).
-    refused_in_a_row: Arc<AtomicU64>,
+    /// The run of refusals under way, for the log (a 429 is the client's to retry, but the
+    /// operator should know the bound is being met).
+    refusals: Arc<Mutex<RefusalRun>>,
 }
 
 /// A request's place; given back when dropped (the response is complete, or the client left).
@@ -36,7 +37,7 @@ impl Admission {
         Self {
             in_flight: Arc::new(AtomicUsize::new(0)),
             max,
-            refused_in_a_row: Arc::new(AtomicU64::new(0)),
+            refusals: Arc::new(Mutex::new(RefusalRun::new("--max-pending-requests"))),
         }
     }
 
@@ -47,7 +48,7 @@ impl Admission {
             in_flight: Arc::clone(&self.in_flight),
         };
         if self.max != 0 && before >= self.max {
-            if self.refused_in_a_row.fetch_add(1, Ordering::AcqRel) == 0 {
+            if self.refusals().refused(Instant::now()) {
                 tracing::warn!(
                     max_pending_requests = self.max,
                     "this api-server holds as many requests as --max-pending-requests allows: \
@@ -57,11 +58,17 @@ impl Admission {
             // Dropping `admitted` gives the place back.
             return Err(ApiError::Overloaded { max: self.max });
         }
-        let refused = self.refused_in_a_row.swap(0, Ordering::AcqRel);
-        if refused > 0 {
-            tracing::info!(refused, "admitting requests again");
+        if self.max != 0 {
+            self.refusals().taken(Instant::now());
         }
         Ok(admitted)
+    }
+
+    fn refusals(&self) -> std::sync::MutexGuard<'_, RefusalRun> {
+        // Counters only: a panic under the lock leaves nothing inconsistent.
+        self.refusals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Requests holding a place now.

@@ -18,7 +18,8 @@
 //!
 //! At the bottom, importing nothing of the crate: [`openai`] (the wire types), [`outcomes`]
 //! (the fallback and migration reasons and live-worker counts that dispatch and the router
-//! report and [`metrics`] exports) and [`event_stream`] (the `data:` frames of a stream).
+//! report and [`metrics`] exports), [`event_stream`] (the `data:` frames of a stream) and
+//! [`refusals`] (runs of 429s as the log tells them).
 //! Modules import only downward: no module imports one that imports it back.
 //! The bus contract itself is the `tandem-protocol` crate; see docs/protocol.md.
 
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod openai;
 pub mod outcomes;
 pub mod prompt;
+pub mod refusals;
 pub mod router;
 pub mod routes;
 pub mod server;

@@ -33,6 +33,7 @@ use super::prefix_index::{PrefixIndex, PromptBlocks, Source};
 use super::worker::{Pool, WorkerEntry, WorkerStatus};
 use crate::metrics::{Event, Metrics};
 use crate::outcomes::LiveCounts;
+use crate::refusals::RefusalRun;
 
 /// Worker timeouts without an engine step, while a worker has work, after which it is taken
 /// out of rotation: its bus task heartbeats, but its engine answers nothing (its requests
@@ -44,15 +45,9 @@ pub(super) struct Inner {
     policy: Policy,
     /// What each worker holds in its prefix cache.
     pub(super) prefix: PrefixIndex,
-    /// Since when, and for how many requests, every live generation worker has been full:
-    /// logged as it begins and as it ends, not once per refused request.
-    generation_full: Option<FullEpisode>,
-}
-
-/// A run of requests refused (429) because every live generation worker was full.
-struct FullEpisode {
-    since: Instant,
-    refused: u64,
+    /// Requests refused (429) because every live generation worker was full: logged as a
+    /// run, not once per request.
+    generation_full: RefusalRun,
 }
 
 /// The `kv_aware` policy's cost of sending `prompt` to worker `id` (entry `w`), in
@@ -79,25 +74,6 @@ fn kv_cost(
     };
     let weight_milli = (overlap_weight * 1000.0).round() as u64;
     weight_milli * (prompt_blocks - held.min(prompt_blocks)) + 1000 * w.active_blocks()
-}
-
-/// Counts a request refused because every live generation worker is full (`queues`: how
-/// each one's queue looks from here), logging the first of a run of them.
-fn note_generation_full(inner: &mut Inner, now: Instant, queues: Vec<String>) {
-    match &mut inner.generation_full {
-        Some(episode) => episode.refused += 1,
-        None => {
-            tracing::warn!(
-                workers = %queues.join("; "),
-                "every generation worker's queue is full: answering 429 (with Retry-After) \
-                 until one has room"
-            );
-            inner.generation_full = Some(FullEpisode {
-                since: now,
-                refused: 1,
-            });
-        }
-    }
 }
 
 pub struct WorkerRegistry {
@@ -131,7 +107,7 @@ impl WorkerRegistry {
                 workers: HashMap::new(),
                 policy: Policy::new(settings.policy),
                 prefix: PrefixIndex::default(),
-                generation_full: None,
+                generation_full: RefusalRun::new("the generation workers' queues"),
             }),
             settings,
             metrics,
@@ -300,23 +276,21 @@ impl WorkerRegistry {
             if live.is_empty() {
                 return Pick::NoneLive;
             }
-            if pool == Pool::Generate && exclude.is_empty() {
+            if pool == Pool::Generate && exclude.is_empty() && inner.generation_full.refused(now) {
                 let queues: Vec<String> = live
                     .iter()
                     .map(|(id, w)| format!("{id}: {}", w.queue_view()))
                     .collect();
-                note_generation_full(inner, now, queues);
+                tracing::warn!(
+                    workers = %queues.join("; "),
+                    "every generation worker's queue is full: answering 429 (with \
+                     Retry-After) until one has room"
+                );
             }
             return Pick::AllFull;
         }
-        if pool == Pool::Generate
-            && let Some(episode) = inner.generation_full.take()
-        {
-            tracing::info!(
-                refused = episode.refused,
-                after_ms = now.saturating_duration_since(episode.since).as_millis() as u64,
-                "a generation worker has room again: requests are routed again"
-            );
+        if pool == Pool::Generate {
+            inner.generation_full.taken(now);
         }
         let chosen = inner.policy.choose(pool, candidates);
         let sent_blocks = match (prompt, inner.prefix.info(&chosen).cloned()) {
