@@ -6,7 +6,8 @@
 #       # no kills: once with .kit/bin's api-server and, when .kit/bin/api-server-old.gz was
 #       # carried, once with that one (how a lone generation worker's queue is counted)
 #   scripts/device/soak_gpu.sh kills [MINUTES]       # 1 context + 2 decode workers, 100 streams,
-#       # a SIGKILL every 20 s, greedy ties within TIE_MARGIN nats (default 0.05) allowed
+#       # a SIGKILL every 20 s, greedy ties within TIE_MARGIN nats (default 0.05) allowed, in
+#       # ROUNDS rounds (default 2), each ending idle with the RSS of every process
 #   scripts/device/soak_gpu.sh two-gpu [MINUTES]     # the same with the context worker on cuda:0
 #       # and both decode workers on cuda:1 (every hand-over crosses GPUs: CUDA IPC)
 #
@@ -55,7 +56,7 @@ case "${1:-}" in
     fi
     ;;
   kills)
-    soak kills tandem --device cuda:0 --minutes "${2:-4}" --kill-every 20
+    soak kills tandem --device cuda:0 --minutes "${2:-4}" --kill-every 20 --rounds "${ROUNDS:-2}"
     ;;
   two-gpu)
     soak two-gpu tandem --device cuda:0 --decode-device cuda:1 --minutes "${2:-4}" \
