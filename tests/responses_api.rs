@@ -287,9 +287,8 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
         ),
         (
             "/v1/responses",
-            json!({"input": "x", "tools": [{"type": "function", "name": "f",
-                                            "parameters": {"type": "object"}}]}),
-            "tools",
+            json!({"input": "x", "tools": [{"type": "web_search"}]}),
+            "tools[0].type",
             "unsupported_parameter",
         ),
     ] {

@@ -8,10 +8,15 @@
 //!   tool (its arguments validated with `jsonschema`), streamed or not. This one needs the
 //!   workers to enforce `SamplingSpec.grammar` (llguidance).
 //!
-//! The script's checks raise (never `assert`, which `python -O` drops) and it exits non-zero
+//! - function tools on `/v1/responses` (tests/python/responses_tools.py): `function_call` output
+//!   items, streamed as typed events, the round trip through `function_call_output`, required
+//!   and named choices, the 400s; and an OpenAI Agents SDK agent whose function tool the SDK
+//!   runs.
+//!
+//! The scripts' checks raise (never `assert`, which `python -O` drops) and it exits non-zero
 //! on the first that fails, which fails the test.
 //!
-//! Needs Python 3 with `openai`, `langchain-openai` and `jsonschema` importable: scripts/test
+//! Needs Python 3 with `openai`, `openai-agents`, `langchain-openai` and `jsonschema` importable: scripts/test
 //! installs them into `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
 
 mod support;
@@ -37,22 +42,24 @@ fn check_importable(modules: &str) {
     );
 }
 
-/// Runs tests/python/tool_calls.py in `mode` against a fresh deployment.
-fn run_script(mode: &str) {
+/// Runs tests/python/SCRIPT with `args` against a fresh deployment.
+fn run_script(script: &str, args: &[&str]) {
     let nats = Nats::start();
     let _worker = start_worker(&nats, &model_dir(MODEL), "tools-w0", &[]);
     let server = start_api_server(&nats, &model_dir(MODEL));
     server.http.wait_for_workers(1, Duration::from_secs(30));
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/tool_calls.py");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
     let output = python()
-        .arg(&script)
+        .arg(&path)
         .arg(format!("{}/v1", server.http.base))
-        .arg(mode)
+        .args(args)
         .output()
         .expect("python3 runs");
     assert!(
         output.status.success(),
-        "tool_calls.py {mode} failed:\n{}\n{}",
+        "{script} {args:?} failed:\n{}\n{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr),
     );
@@ -61,12 +68,18 @@ fn run_script(mode: &str) {
 #[test]
 fn tool_round_trips_with_openai_and_langchain() {
     check_importable("openai, langchain_openai");
-    run_script("auto");
+    run_script("tool_calls.py", &["auto"]);
 }
 
 /// Needs grammar-constrained decoding on the workers (`SamplingSpec.grammar`).
 #[test]
 fn required_and_named_tool_choice_always_call_a_declared_tool() {
     check_importable("openai, jsonschema");
-    run_script("required");
+    run_script("tool_calls.py", &["required"]);
+}
+
+#[test]
+fn function_tools_on_the_responses_api_with_openai_and_the_agents_sdk() {
+    check_importable("openai, agents, jsonschema");
+    run_script("responses_tools.py", &[]);
 }

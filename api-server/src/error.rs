@@ -86,6 +86,17 @@ impl ApiError {
         }
     }
 
+    /// A 400 with code `unknown_parameter`: `param` is a field the object it sits in does not
+    /// have (a misspelling, a field of another shape).
+    pub fn unknown_field(what: &str, param: &str) -> Self {
+        let name = param.rsplit('.').next().unwrap_or(param);
+        ApiError::InvalidRequest {
+            message: format!("Unknown parameter: '{param}'. {what} has no field {name:?}."),
+            param: Some(param.to_string()),
+            code: Some("unknown_parameter"),
+        }
+    }
+
     /// A 400 with code `unsupported_parameter`: `param` asks for something tandem does not
     /// serve (a feature, not a malformed value).
     pub fn unsupported(message: impl Into<String>, param: &str) -> Self {

@@ -49,15 +49,17 @@ impl GrammarCheck {
     /// [`Self::check`] of the grammar `tools` were made into (`tool_choice` required or a named
     /// function): each callable tool's `parameters` schema is compiled alone first, on the
     /// same blocking thread, so that one llguidance cannot compile is a 400 naming that tool's
-    /// field; then the whole grammar, a 400 naming `tools` if it does not compile.
+    /// field (`parameters_param` of its index); then the whole grammar, a 400 naming `tools` if
+    /// it does not compile.
     pub async fn check_tool_calls(
         self: &Arc<Self>,
         spec: &GrammarSpec,
         tools: &ToolRequest,
+        parameters_param: fn(usize) -> String,
     ) -> Result<(), ApiError> {
         let tools = tools.clone();
         self.compile_after(spec, "tools", move || {
-            crate::tools::grammar::check_schemas(&tools)
+            crate::tools::grammar::check_schemas(&tools, parameters_param)
         })
         .await
     }

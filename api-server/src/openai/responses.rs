@@ -1,10 +1,11 @@
 //! `/v1/responses`: the request, the `response` object and the typed stream events.
 //!
-//! tandem serves the Responses API for text in and text out, statelessly: one `message` output
-//! item with one `output_text` part. The shapes follow OpenAI's reference field for field, with
-//! the fields a stateless text server has no use for set to what they mean here (`store`
-//! false, no tools, `previous_response_id` null), so the official SDKs and the Agents SDK read
-//! them unchanged. `output_text` is not sent: like OpenAI, the SDKs compute it from `output`.
+//! tandem serves the Responses API for text in and text out, statelessly: a `message` output
+//! item with one `output_text` part, and a `function_call` item for each call of a declared
+//! function tool. The shapes follow OpenAI's reference field for field, with the fields a
+//! stateless text server has no use for set to what they mean here (`store` false,
+//! `previous_response_id` null), so the official SDKs and the Agents SDK read them unchanged.
+//! `output_text` is not sent: like OpenAI, the SDKs compute it from `output`.
 
 use std::collections::BTreeMap;
 
@@ -122,7 +123,7 @@ pub struct ResponseObject {
     pub max_output_tokens: Option<u32>,
     pub max_tool_calls: Option<i64>,
     pub model: String,
-    pub output: Vec<OutputMessage>,
+    pub output: Vec<OutputItem>,
     pub parallel_tool_calls: bool,
     pub previous_response_id: Option<String>,
     pub prompt_cache_key: Option<String>,
@@ -155,7 +156,41 @@ pub struct IncompleteDetails {
     pub reason: &'static str,
 }
 
-/// The one output item tandem generates: the assistant's message.
+/// An item of a response's `output`: the assistant's message, or a call of a function tool.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum OutputItem {
+    Message(OutputMessage),
+    FunctionCall(FunctionCallItem),
+}
+
+impl OutputItem {
+    pub fn id(&self) -> &str {
+        match self {
+            OutputItem::Message(message) => &message.id,
+            OutputItem::FunctionCall(call) => &call.id,
+        }
+    }
+}
+
+/// A `function_call` output item: the model calls a declared function tool; the client runs
+/// it and sends the result back as a `function_call_output` input item with the same
+/// `call_id`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionCallItem {
+    /// The item's id (`fc_...`).
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub status: ResponseStatus,
+    /// The call's id (`call_...`), which its output names.
+    pub call_id: String,
+    pub name: String,
+    /// The arguments' JSON text, as the model wrote it.
+    pub arguments: String,
+}
+
+/// The assistant's message.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OutputMessage {
     pub id: String,
@@ -256,10 +291,7 @@ pub enum ResponseEvent {
     #[serde(rename = "response.in_progress")]
     InProgress { response: ResponseObject },
     #[serde(rename = "response.output_item.added")]
-    OutputItemAdded {
-        output_index: u32,
-        item: OutputMessage,
-    },
+    OutputItemAdded { output_index: u32, item: OutputItem },
     #[serde(rename = "response.content_part.added")]
     ContentPartAdded {
         item_id: String,
@@ -291,9 +323,20 @@ pub enum ResponseEvent {
         part: OutputText,
     },
     #[serde(rename = "response.output_item.done")]
-    OutputItemDone {
+    OutputItemDone { output_index: u32, item: OutputItem },
+    /// More of a function call's arguments.
+    #[serde(rename = "response.function_call_arguments.delta")]
+    FunctionCallArgumentsDelta {
+        item_id: String,
         output_index: u32,
-        item: OutputMessage,
+        delta: String,
+    },
+    /// A function call's whole arguments, once written.
+    #[serde(rename = "response.function_call_arguments.done")]
+    FunctionCallArgumentsDone {
+        item_id: String,
+        output_index: u32,
+        arguments: String,
     },
     /// The last event of a response that finished.
     #[serde(rename = "response.completed")]
@@ -318,6 +361,12 @@ impl ResponseEvent {
             ResponseEvent::OutputTextDone { .. } => "response.output_text.done",
             ResponseEvent::ContentPartDone { .. } => "response.content_part.done",
             ResponseEvent::OutputItemDone { .. } => "response.output_item.done",
+            ResponseEvent::FunctionCallArgumentsDelta { .. } => {
+                "response.function_call_arguments.delta"
+            }
+            ResponseEvent::FunctionCallArgumentsDone { .. } => {
+                "response.function_call_arguments.done"
+            }
             ResponseEvent::Completed { .. } => "response.completed",
             ResponseEvent::Incomplete { .. } => "response.incomplete",
             ResponseEvent::Failed { .. } => "response.failed",
@@ -344,13 +393,13 @@ mod tests {
             max_output_tokens: Some(16),
             max_tool_calls: None,
             model: "m".into(),
-            output: vec![OutputMessage {
+            output: vec![OutputItem::Message(OutputMessage {
                 id: "msg_1".into(),
                 kind: "message",
                 status,
                 role: "assistant",
                 content: vec![OutputText::new(text.into(), vec![])],
-            }],
+            })],
             parallel_tool_calls: true,
             previous_response_id: None,
             prompt_cache_key: None,

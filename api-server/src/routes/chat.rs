@@ -46,7 +46,12 @@ pub async fn chat_completions(
         // came from `response_format`.
         let checked = match (grammar, &valid.tools) {
             (GrammarSpec::Lark { .. }, Some(tools)) => {
-                state.grammars.check_tool_calls(grammar, tools).await
+                state
+                    .grammars
+                    .check_tool_calls(grammar, tools, |i| {
+                        format!("tools[{i}].function.parameters")
+                    })
+                    .await
             }
             (GrammarSpec::Lark { .. }, None) => state.grammars.check(grammar, "tools").await,
             (GrammarSpec::JsonSchema { .. }, _) => {
@@ -103,7 +108,7 @@ pub struct ChatChunks {
 
 /// The output text of `tokens` as the tool-call parser reads it: with the text of the
 /// markup's special tokens, which the workers' detokenizer leaves out.
-fn parser_text(codec: &dyn PromptCodec, tokens: &[TokenEvent]) -> String {
+pub(super) fn parser_text(codec: &dyn PromptCodec, tokens: &[TokenEvent]) -> String {
     tokens
         .iter()
         .map(|t| match codec.marker_text(t.id) {
@@ -113,26 +118,30 @@ fn parser_text(codec: &dyn PromptCodec, tokens: &[TokenEvent]) -> String {
         .collect()
 }
 
+/// Counts a reply's calls (`tandem_tool_calls_total`) and logs call markup the model wrote
+/// that did not parse (returned to the client as content): an operator seeing it often may
+/// have the wrong `--tool-call-parser`.
+pub(super) fn record_tool_calls(metrics: &Metrics, request_id: &str, parser: &CallParser) {
+    metrics.record(Event::ToolCalls {
+        parsed: parser.calls(),
+        malformed: parser.malformed(),
+    });
+    if parser.malformed() > 0 {
+        tracing::warn!(
+            request_id = %request_id,
+            malformed = parser.malformed(),
+            parsed = parser.calls(),
+            "the model wrote tool-call markup that is not a call (a JSON object with a name \
+             and arguments); it was returned as content"
+        );
+    }
+}
+
 impl ChatChunks {
-    /// Counts the reply's calls (`tandem_tool_calls_total`) and logs call markup the model
-    /// wrote that did not parse (returned to the client as content): an operator seeing it
-    /// often may have the wrong `--tool-call-parser`.
+    /// [`record_tool_calls`] of this choice's parser.
     fn record_calls(&self) {
-        let Some(parser) = &self.calls else {
-            return;
-        };
-        self.metrics.record(Event::ToolCalls {
-            parsed: parser.calls(),
-            malformed: parser.malformed(),
-        });
-        if parser.malformed() > 0 {
-            tracing::warn!(
-                request_id = %self.id,
-                malformed = parser.malformed(),
-                parsed = parser.calls(),
-                "the model wrote tool-call markup that is not a call (a JSON object with a \
-                 name and arguments); it was returned as content"
-            );
+        if let Some(parser) = &self.calls {
+            record_tool_calls(&self.metrics, &self.id, parser);
         }
     }
 

@@ -8,8 +8,11 @@ use std::sync::Arc;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, delete, get, post, web};
 use bytes::Bytes;
 use serde_json::Value;
-use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
+use tandem_protocol::messages::{
+    FinishReason as WireFinish, GrammarSpec, TokenEvent, Usage as WireUsage,
+};
 
+use super::chat::{parser_text, record_tool_calls};
 use super::logprobs::chat_entry;
 use super::{client_left, start_generation, unless_client_leaves};
 use crate::auth::TenantSalt;
@@ -17,14 +20,17 @@ use crate::disconnect::ClientSocket;
 use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
 use crate::fields::RESPONSES;
-use crate::metrics::Endpoint;
+use crate::metrics::{Endpoint, Metrics};
 use crate::openai::{
-    IncompleteDetails, OutputMessage, OutputText, ReasoningConfig, ResponseError, ResponseEvent,
-    ResponseObject, ResponseStatus, ResponseUsage, ResponsesRequest, StreamEvent, TokenLogprob,
+    FunctionCallItem, IncompleteDetails, OutputItem, OutputMessage, OutputText, ReasoningConfig,
+    ResponseError, ResponseEvent, ResponseObject, ResponseStatus, ResponseUsage, ResponsesRequest,
+    StreamEvent, TokenLogprob,
 };
 use crate::prompt::PromptCodec;
 use crate::sse::{ChunkFormat, sse_response};
 use crate::state::{AppState, unix_now_s};
+use crate::tools::parser::{CallParser, ParseEvent};
+use crate::tools::{ToolRequest, new_call_id};
 use crate::validation::responses::{ResponseSettings, validate_responses};
 
 #[post("/v1/responses")]
@@ -40,11 +46,18 @@ pub async fn create_response(
         .and_then(|body| validate_responses(&body, &state.limits))
         .inspect_err(|err| record.fail(err))?;
     if let Some(grammar) = &valid.request.sampling.grammar {
-        state
-            .grammars
-            .check(grammar, "text.format.schema")
-            .await
-            .inspect_err(|err| record.fail(err))?;
+        // A required or named function call's grammar (Lark) was built from `tools`; a JSON
+        // schema came from `text.format`.
+        let checked = match (grammar, &valid.request.tools) {
+            (GrammarSpec::Lark { .. }, Some(tools)) => {
+                state
+                    .grammars
+                    .check_tool_calls(grammar, tools, |i| format!("tools[{i}].parameters"))
+                    .await
+            }
+            _ => state.grammars.check(grammar, "text.format.schema").await,
+        };
+        checked.inspect_err(|err| record.fail(err))?;
     }
     let id = format!("resp_{}", uuid::Uuid::new_v4().simple());
     let tenant = request.extensions().get::<TenantSalt>().cloned();
@@ -56,17 +69,7 @@ pub async fn create_response(
     let Ok::<[_; 1], _>([generation]) = generation?.try_into() else {
         unreachable!("a validated Responses request asks for one choice");
     };
-    let events = ResponseEvents {
-        message_id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
-        id,
-        created_at: unix_now_s(),
-        model: state.limits.served_model_name.clone(),
-        settings: valid.echo,
-        codec: Arc::clone(&state.codec),
-        text: String::new(),
-        logprobs: Vec::new(),
-        sequence_number: 0,
-    };
+    let events = ResponseEvents::new(id, &state, valid.echo, valid.request.tools.as_ref());
     if valid.request.stream {
         return Ok(sse_response(vec![(generation, events)], socket));
     }
@@ -103,27 +106,91 @@ pub async fn cancel_response(id: web::Path<String>) -> Result<HttpResponse, ApiE
 }
 
 /// One response: its events when streamed (numbered by `sequence_number`), or the whole
-/// `response` object when not.
+/// `response` object when not. Both are built by the same steps, so they agree.
+///
+/// Without tools the output is one message, opened before the first token. With tools the
+/// model's text goes through the tool-call parser: text becomes a message item, each call a
+/// `function_call` item, in the order the model wrote them, each item finished (its `.done`
+/// events) before the next is added.
 pub struct ResponseEvents {
     id: String,
-    /// The output message's id.
-    message_id: String,
     created_at: u64,
     model: String,
     settings: ResponseSettings,
     codec: Arc<dyn PromptCodec>,
-    /// The text and logprobs streamed so far, for the `.done` events.
-    text: String,
-    logprobs: Vec<TokenLogprob>,
+    metrics: Metrics,
+    /// The tool-call parser, when the request lets the model call tools.
+    calls: Option<CallParser>,
+    /// Output items finished so far.
+    items: Vec<OutputItem>,
+    /// The item being written, at `output_index` `items.len()`.
+    open: Option<OpenItem>,
+    /// Logprobs of tokens whose text the parser holds back, for the text delta that carries
+    /// it (dropped if the text turns out to be a call's markup).
+    pending_logprobs: Vec<TokenLogprob>,
     sequence_number: u64,
 }
 
+/// The output item being written.
+enum OpenItem {
+    Message {
+        id: String,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Call(FunctionCallItem),
+}
+
+impl OpenItem {
+    fn item(&self, status: ResponseStatus) -> OutputItem {
+        match self {
+            OpenItem::Message { id, text, logprobs } => OutputItem::Message(OutputMessage {
+                id: id.clone(),
+                kind: "message",
+                status,
+                role: "assistant",
+                content: vec![OutputText::new(text.clone(), logprobs.clone())],
+            }),
+            OpenItem::Call(call) => OutputItem::FunctionCall(FunctionCallItem {
+                status,
+                ..call.clone()
+            }),
+        }
+    }
+}
+
 impl ResponseEvents {
+    fn new(
+        id: String,
+        state: &AppState,
+        settings: ResponseSettings,
+        tools: Option<&ToolRequest>,
+    ) -> Self {
+        ResponseEvents {
+            id,
+            created_at: unix_now_s(),
+            model: state.limits.served_model_name.clone(),
+            settings,
+            codec: Arc::clone(&state.codec),
+            metrics: state.metrics.clone(),
+            calls: match (tools, state.limits.tool_support) {
+                (Some(tools), Some(support)) if tools.active() => {
+                    Some(CallParser::new(support.format, tools.parallel))
+                }
+                _ => None,
+            },
+            items: Vec::new(),
+            open: None,
+            pending_logprobs: Vec::new(),
+            sequence_number: 0,
+        }
+    }
+
     /// The `response` object of a generation that is not streamed.
     fn completed(mut self, completed: Completed) -> ResponseObject {
-        self.text = completed.text();
-        self.logprobs = self.logprobs_of(&completed.tokens);
-        self.finish(completed.reason, completed.usage)
+        self.start();
+        self.add_tokens(&completed.tokens);
+        self.finish(completed.reason, completed.usage).1
     }
 
     fn logprobs_of(&self, tokens: &[TokenEvent]) -> Vec<TokenLogprob> {
@@ -136,25 +203,15 @@ impl ResponseEvents {
             .collect()
     }
 
-    fn part(&self) -> OutputText {
-        OutputText::new(self.text.clone(), self.logprobs.clone())
-    }
-
-    fn message(&self, status: ResponseStatus, content: Vec<OutputText>) -> OutputMessage {
-        OutputMessage {
-            id: self.message_id.clone(),
-            kind: "message",
-            status,
-            role: "assistant",
-            content,
-        }
+    fn output_index(&self) -> u32 {
+        self.items.len() as u32
     }
 
     /// The response object in `status`, with `output` and `usage` as they stand.
     fn object(
         &self,
         status: ResponseStatus,
-        output: Vec<OutputMessage>,
+        output: Vec<OutputItem>,
         usage: Option<ResponseUsage>,
     ) -> ResponseObject {
         let s = &self.settings;
@@ -190,7 +247,7 @@ impl ResponseEvents {
             temperature: s.temperature,
             text: s.text.clone(),
             tool_choice: s.tool_choice.clone(),
-            tools: Vec::new(),
+            tools: s.tools.clone(),
             top_logprobs: s.top_logprobs,
             top_p: s.top_p,
             truncation: "disabled",
@@ -200,123 +257,262 @@ impl ResponseEvents {
         }
     }
 
-    /// The finished response: `completed`, or `incomplete` when the token limit cut it.
-    fn finish(&self, reason: WireFinish, usage: WireUsage) -> ResponseObject {
+    /// The lifecycle's first events; without tools, the message is opened with them.
+    fn start(&mut self) -> Vec<ResponseEvent> {
+        let response = self.object(ResponseStatus::InProgress, Vec::new(), None);
+        let mut out = vec![
+            ResponseEvent::Created {
+                response: response.clone(),
+            },
+            ResponseEvent::InProgress { response },
+        ];
+        if self.calls.is_none() {
+            self.open_message(&mut out);
+        }
+        out
+    }
+
+    fn open_message(&mut self, out: &mut Vec<ResponseEvent>) {
+        let open = OpenItem::Message {
+            id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
+            text: String::new(),
+            logprobs: Vec::new(),
+        };
+        let OutputItem::Message(mut message) = open.item(ResponseStatus::InProgress) else {
+            unreachable!("a message item");
+        };
+        let part = message.content.pop().expect("a message has its part");
+        let item_id = message.id.clone();
+        out.push(ResponseEvent::OutputItemAdded {
+            output_index: self.output_index(),
+            item: OutputItem::Message(message),
+        });
+        out.push(ResponseEvent::ContentPartAdded {
+            item_id,
+            output_index: self.output_index(),
+            content_index: 0,
+            part,
+        });
+        self.open = Some(open);
+    }
+
+    /// Finishes the open item in `status`: its `.done` events, and it joins `items`.
+    fn close(&mut self, status: ResponseStatus, out: &mut Vec<ResponseEvent>) {
+        let Some(open) = self.open.take() else {
+            return;
+        };
+        let output_index = self.output_index();
+        let item = open.item(status);
+        match &open {
+            OpenItem::Message { id, text, logprobs } => {
+                out.push(ResponseEvent::OutputTextDone {
+                    item_id: id.clone(),
+                    output_index,
+                    content_index: 0,
+                    text: text.clone(),
+                    logprobs: logprobs.clone(),
+                });
+                out.push(ResponseEvent::ContentPartDone {
+                    item_id: id.clone(),
+                    output_index,
+                    content_index: 0,
+                    part: OutputText::new(text.clone(), logprobs.clone()),
+                });
+            }
+            OpenItem::Call(call) => out.push(ResponseEvent::FunctionCallArgumentsDone {
+                item_id: call.id.clone(),
+                output_index,
+                arguments: call.arguments.clone(),
+            }),
+        }
+        out.push(ResponseEvent::OutputItemDone {
+            output_index,
+            item: item.clone(),
+        });
+        self.items.push(item);
+    }
+
+    /// Text for the message (opened, after any call, if need be), with the logprobs of the
+    /// tokens that carried it.
+    fn text(&mut self, delta: String, logprobs: Vec<TokenLogprob>, out: &mut Vec<ResponseEvent>) {
+        if !matches!(self.open, Some(OpenItem::Message { .. })) {
+            self.close(ResponseStatus::Completed, out);
+            self.open_message(out);
+        }
+        let output_index = self.output_index();
+        let Some(OpenItem::Message {
+            id,
+            text,
+            logprobs: all,
+        }) = &mut self.open
+        else {
+            unreachable!("a message is open");
+        };
+        text.push_str(&delta);
+        all.extend(logprobs.iter().cloned());
+        out.push(ResponseEvent::OutputTextDelta {
+            item_id: id.clone(),
+            output_index,
+            content_index: 0,
+            delta,
+            logprobs,
+        });
+    }
+
+    /// The parser's events as output items and their events.
+    fn parsed(&mut self, events: Vec<ParseEvent>, out: &mut Vec<ResponseEvent>) {
+        for event in events {
+            match event {
+                ParseEvent::Content(delta) => {
+                    let logprobs = std::mem::take(&mut self.pending_logprobs);
+                    self.text(delta, logprobs, out);
+                }
+                ParseEvent::CallStart { name, .. } => {
+                    // What the parser held back was this call's markup.
+                    self.pending_logprobs.clear();
+                    self.close(ResponseStatus::Completed, out);
+                    let call = FunctionCallItem {
+                        id: format!("fc_{}", uuid::Uuid::new_v4().simple()),
+                        kind: "function_call",
+                        status: ResponseStatus::InProgress,
+                        call_id: new_call_id(),
+                        name,
+                        arguments: String::new(),
+                    };
+                    out.push(ResponseEvent::OutputItemAdded {
+                        output_index: self.output_index(),
+                        item: OutputItem::FunctionCall(call.clone()),
+                    });
+                    self.open = Some(OpenItem::Call(call));
+                }
+                ParseEvent::Arguments { text, .. } => {
+                    let output_index = self.output_index();
+                    if let Some(OpenItem::Call(call)) = &mut self.open {
+                        call.arguments.push_str(&text);
+                        out.push(ResponseEvent::FunctionCallArgumentsDelta {
+                            item_id: call.id.clone(),
+                            output_index,
+                            delta: text,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn add_tokens(&mut self, tokens: &[TokenEvent]) -> Vec<ResponseEvent> {
+        let mut out = Vec::new();
+        let logprobs = self.logprobs_of(tokens);
+        match self.calls.as_mut() {
+            None => {
+                let delta: String = tokens.iter().map(|t| t.text.as_str()).collect();
+                // Tokens held back by the worker (a partial character) carry no text yet.
+                if !delta.is_empty() || !logprobs.is_empty() {
+                    self.text(delta, logprobs, &mut out);
+                }
+            }
+            Some(parser) => {
+                let events = parser.push(&parser_text(self.codec.as_ref(), tokens));
+                self.pending_logprobs.extend(logprobs);
+                self.parsed(events, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The last events, and the finished response: `completed`, or `incomplete` when the
+    /// token limit cut it (the last item too).
+    fn finish(
+        &mut self,
+        reason: WireFinish,
+        usage: WireUsage,
+    ) -> (Vec<ResponseEvent>, ResponseObject) {
+        let mut out = Vec::new();
+        if let Some(parser) = self.calls.as_mut() {
+            let events = parser.finish();
+            record_tool_calls(&self.metrics, &self.id, parser);
+            self.parsed(events, &mut out);
+            let logprobs = std::mem::take(&mut self.pending_logprobs);
+            if !logprobs.is_empty() && matches!(self.open, Some(OpenItem::Message { .. })) {
+                self.text(String::new(), logprobs, &mut out);
+            }
+        }
         let status = match reason {
             WireFinish::Length => ResponseStatus::Incomplete,
             WireFinish::Stop | WireFinish::Cancelled | WireFinish::Error => {
                 ResponseStatus::Completed
             }
         };
-        let usage = ResponseUsage::from(usage);
-        self.object(
-            status,
-            vec![self.message(status, vec![self.part()])],
-            Some(usage),
-        )
+        // A reply of nothing is an empty message, as without tools.
+        if self.open.is_none() && self.items.is_empty() {
+            self.open_message(&mut out);
+        }
+        self.close(status, &mut out);
+        let response = self.object(status, self.items.clone(), Some(ResponseUsage::from(usage)));
+        out.push(match status {
+            ResponseStatus::Incomplete => ResponseEvent::Incomplete {
+                response: response.clone(),
+            },
+            _ => ResponseEvent::Completed {
+                response: response.clone(),
+            },
+        });
+        (out, response)
     }
 
-    /// `event: <type>` and `data: <json>`, numbered.
-    fn event(&mut self, event: ResponseEvent) -> Bytes {
-        let kind = event.kind();
-        let numbered = StreamEvent {
-            event,
-            sequence_number: self.sequence_number,
-        };
-        self.sequence_number += 1;
-        let json = serde_json::to_string(&numbered).expect("response events are JSON");
-        Bytes::from(format!("event: {kind}\ndata: {json}\n\n"))
+    /// `event: <type>` and `data: <json>` of each event, numbered.
+    fn sse(&mut self, events: Vec<ResponseEvent>) -> Bytes {
+        let mut bytes = String::new();
+        for event in events {
+            let kind = event.kind();
+            let numbered = StreamEvent {
+                event,
+                sequence_number: self.sequence_number,
+            };
+            self.sequence_number += 1;
+            let json = serde_json::to_string(&numbered).expect("response events are JSON");
+            bytes.push_str(&format!("event: {kind}\ndata: {json}\n\n"));
+        }
+        Bytes::from(bytes)
     }
 }
 
 impl ChunkFormat for ResponseEvents {
     fn opening(&mut self) -> Vec<Bytes> {
-        let response = self.object(ResponseStatus::InProgress, Vec::new(), None);
-        let item = self.message(ResponseStatus::InProgress, Vec::new());
-        let part = self.part();
-        let item_id = self.message_id.clone();
-        vec![
-            self.event(ResponseEvent::Created {
-                response: response.clone(),
-            }),
-            self.event(ResponseEvent::InProgress { response }),
-            self.event(ResponseEvent::OutputItemAdded {
-                output_index: 0,
-                item,
-            }),
-            self.event(ResponseEvent::ContentPartAdded {
-                item_id,
-                output_index: 0,
-                content_index: 0,
-                part,
-            }),
-        ]
+        let events = self.start();
+        vec![self.sse(events)]
     }
 
     fn tokens(&mut self, tokens: &[TokenEvent]) -> Option<Bytes> {
-        let delta: String = tokens.iter().map(|t| t.text.as_str()).collect();
-        let logprobs = self.logprobs_of(tokens);
-        // Tokens held back by the worker (a partial character) carry no text yet.
-        if delta.is_empty() && logprobs.is_empty() {
-            return None;
-        }
-        self.text.push_str(&delta);
-        self.logprobs.extend(logprobs.iter().cloned());
-        Some(self.event(ResponseEvent::OutputTextDelta {
-            item_id: self.message_id.clone(),
-            output_index: 0,
-            content_index: 0,
-            delta,
-            logprobs,
-        }))
+        let events = self.add_tokens(tokens);
+        (!events.is_empty()).then(|| self.sse(events))
     }
 
     fn finished(&mut self, reason: WireFinish, usage: WireUsage) -> Vec<Bytes> {
-        let response = self.finish(reason, usage);
-        let item = response.output[0].clone();
-        let part = self.part();
-        let item_id = self.message_id.clone();
-        let last = match response.status {
-            ResponseStatus::Incomplete => ResponseEvent::Incomplete { response },
-            _ => ResponseEvent::Completed { response },
-        };
-        vec![
-            self.event(ResponseEvent::OutputTextDone {
-                item_id: item_id.clone(),
-                output_index: 0,
-                content_index: 0,
-                text: self.text.clone(),
-                logprobs: self.logprobs.clone(),
-            }),
-            self.event(ResponseEvent::ContentPartDone {
-                item_id,
-                output_index: 0,
-                content_index: 0,
-                part,
-            }),
-            self.event(ResponseEvent::OutputItemDone {
-                output_index: 0,
-                item,
-            }),
-            self.event(last),
-        ]
+        let (events, _) = self.finish(reason, usage);
+        vec![self.sse(events)]
     }
 
-    /// `response.failed`, with the error and whatever text came before it.
+    /// `response.failed`, with the error and the output so far (the item being written
+    /// marked incomplete).
     fn failed(&mut self, err: &ApiError) -> Vec<Bytes> {
         err.log();
         let body = err.public_body().error;
-        let output = if self.text.is_empty() {
-            Vec::new()
-        } else {
-            vec![self.message(ResponseStatus::Incomplete, vec![self.part()])]
-        };
+        let mut output = self.items.clone();
+        output.extend(
+            self.open
+                .as_ref()
+                .map(|open| open.item(ResponseStatus::Incomplete))
+                .filter(
+                    |item| !matches!(item, OutputItem::Message(m) if m.content[0].text.is_empty()),
+                ),
+        );
         let mut response = self.object(ResponseStatus::Failed, output, None);
         response.error = Some(ResponseError {
             code: body.code.unwrap_or("server_error"),
             message: body.message,
         });
-        vec![self.event(ResponseEvent::Failed { response })]
+        vec![self.sse(vec![ResponseEvent::Failed { response }])]
     }
 
     /// The Responses API ends with its last event, without `data: [DONE]`.
@@ -329,30 +525,60 @@ impl ChunkFormat for ResponseEvents {
 mod tests {
     use super::*;
     use crate::prompt::test_codec::Codec;
+    use crate::tools::{ToolFormat, ToolSupport};
+    use crate::validation::ModelLimits;
     use serde_json::json;
 
-    fn events(include_logprobs: bool) -> ResponseEvents {
-        let request: ResponsesRequest = serde_json::from_value(json!({"input": "x"})).unwrap();
-        let limits = crate::validation::ModelLimits {
+    fn limits() -> ModelLimits {
+        ModelLimits {
             served_model_name: "m".into(),
             max_model_len: 100,
             vocab_size: 10,
-            tool_support: None,
+            tool_support: Some(ToolSupport {
+                format: ToolFormat::Hermes,
+                native: false,
+            }),
             sampling_defaults: Default::default(),
-        };
-        let mut settings = validate_responses(&request, &limits).unwrap().echo;
-        settings.include_logprobs = include_logprobs;
+        }
+    }
+
+    /// The events of a response to `body` (validated as a request would be).
+    fn events_for(body: Value) -> ResponseEvents {
+        let request: ResponsesRequest = serde_json::from_value(body).unwrap();
+        let valid = validate_responses(&request, &limits()).unwrap();
+        let calls = valid
+            .request
+            .tools
+            .as_ref()
+            .filter(|tools| tools.active())
+            .map(|tools| CallParser::new(ToolFormat::Hermes, tools.parallel));
         ResponseEvents {
             id: "resp_1".into(),
-            message_id: "msg_1".into(),
             created_at: 1,
             model: "m".into(),
-            settings,
+            settings: valid.echo,
             codec: Arc::new(Codec),
-            text: String::new(),
-            logprobs: Vec::new(),
+            metrics: Metrics::new(),
+            calls,
+            items: Vec::new(),
+            open: None,
+            pending_logprobs: Vec::new(),
             sequence_number: 0,
         }
+    }
+
+    fn events(include_logprobs: bool) -> ResponseEvents {
+        let mut events = events_for(json!({"input": "x"}));
+        events.settings.include_logprobs = include_logprobs;
+        events
+    }
+
+    fn with_tools() -> ResponseEvents {
+        events_for(json!({"input": "x", "tools": [
+            {"type": "function", "name": "get_weather", "description": "Weather in a city",
+             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+             "strict": true}
+        ]}))
     }
 
     fn token(id: u32, text: &str) -> TokenEvent {
@@ -364,13 +590,36 @@ mod tests {
         }
     }
 
-    /// `event:` line, then the JSON whose `type` repeats it.
-    fn parse(bytes: &Bytes) -> Value {
+    fn usage(prompt_tokens: u32, completion_tokens: u32) -> WireUsage {
+        WireUsage {
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens: 0,
+        }
+    }
+
+    /// Each `event:` line, then the JSON whose `type` repeats it.
+    fn parse(bytes: &Bytes) -> Vec<Value> {
         let text = std::str::from_utf8(bytes).unwrap();
-        let (event, data) = text.strip_suffix("\n\n").unwrap().split_once('\n').unwrap();
-        let value: Value = serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
-        assert_eq!(event.strip_prefix("event: ").unwrap(), value["type"]);
-        value
+        text.strip_suffix("\n\n")
+            .unwrap()
+            .split("\n\n")
+            .map(|one| {
+                let (event, data) = one.split_once('\n').unwrap();
+                let value: Value =
+                    serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+                assert_eq!(event.strip_prefix("event: ").unwrap(), value["type"]);
+                value
+            })
+            .collect()
+    }
+
+    fn parse_all(sent: &[Bytes]) -> Vec<Value> {
+        sent.iter().flat_map(parse).collect()
+    }
+
+    fn kinds(events: &[Value]) -> Vec<&str> {
+        events.iter().map(|e| e["type"].as_str().unwrap()).collect()
     }
 
     /// The whole stream of a response cut by its token limit: the documented event order,
@@ -382,19 +631,11 @@ mod tests {
         sent.extend(format.tokens(&[token(1, "Hel")]));
         assert!(format.tokens(&[]).is_none());
         sent.extend(format.tokens(&[token(2, "lo")]));
-        sent.extend(format.finished(
-            WireFinish::Length,
-            WireUsage {
-                prompt_tokens: 5,
-                completion_tokens: 2,
-                cached_tokens: 0,
-            },
-        ));
+        sent.extend(format.finished(WireFinish::Length, usage(5, 2)));
         assert!(format.closing().is_none(), "no [DONE]");
-        let events: Vec<Value> = sent.iter().map(parse).collect();
-        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        let events = parse_all(&sent);
         assert_eq!(
-            kinds,
+            kinds(&events),
             [
                 "response.created",
                 "response.in_progress",
@@ -434,13 +675,14 @@ mod tests {
         let mut format = events(false);
         format.opening();
         format.tokens(&[token(1, "Hi")]).unwrap();
-        let sent = format.failed(&ApiError::Stalled { timeout_ms: 5 });
+        let sent = parse_all(&format.failed(&ApiError::Stalled { timeout_ms: 5 }));
         assert_eq!(sent.len(), 1);
-        let event = parse(&sent[0]);
+        let event = &sent[0];
         assert_eq!(event["type"], "response.failed");
         assert_eq!(event["sequence_number"], 5);
         assert_eq!(event["response"]["status"], "failed");
         assert_eq!(event["response"]["error"]["code"], "timeout");
+        assert_eq!(event["response"]["output"][0]["status"], "incomplete");
         assert_eq!(event["response"]["output"][0]["content"][0]["text"], "Hi");
         assert_eq!(
             event["response"]["output"][0]["content"][0]["logprobs"],
@@ -454,11 +696,7 @@ mod tests {
             prompt_logprobs: Vec::new(),
             tokens: vec![token(1, "Hi"), token(2, ".")],
             reason: WireFinish::Stop,
-            usage: WireUsage {
-                prompt_tokens: 3,
-                completion_tokens: 2,
-                cached_tokens: 0,
-            },
+            usage: usage(3, 2),
         });
         let value = serde_json::to_value(object).unwrap();
         assert_eq!(value["status"], "completed");
@@ -466,6 +704,166 @@ mod tests {
         assert_eq!(value["output"][0]["status"], "completed");
         assert_eq!(value["output"][0]["content"][0]["text"], "Hi.");
         assert_eq!(value["store"], false);
+        assert_eq!(value["tools"], json!([]));
         assert!(value["completed_at"].is_u64());
+    }
+
+    /// Output of a model that speaks, then calls a tool (Hermes markup), in pieces.
+    const SPOKEN_CALL: [&str; 6] = [
+        "Let me check.",
+        "\n<tool_",
+        "call>\n{\"name\": \"get_weather\", ",
+        "\"arguments\": {\"city\": ",
+        "\"Paris\"}}\n</tool_call>",
+        "\n",
+    ];
+
+    /// Text then a call, streamed: the message is finished before the call's item is added,
+    /// the call's arguments come as deltas, and the last response holds both items, the
+    /// declared tool echoed.
+    #[test]
+    fn a_streamed_call_is_a_function_call_item_after_the_text() {
+        let mut format = with_tools();
+        let mut sent = format.opening();
+        for (i, piece) in SPOKEN_CALL.iter().enumerate() {
+            sent.extend(format.tokens(&[token(i as u32, piece)]));
+        }
+        sent.extend(format.finished(WireFinish::Stop, usage(9, 6)));
+        let events = parse_all(&sent);
+        assert_eq!(
+            kinds(&events),
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event["sequence_number"], i as u64);
+        }
+        assert_eq!(events[4]["delta"], "Let me check.");
+        assert_eq!(events[7]["item"]["status"], "completed");
+        let added = &events[8];
+        assert_eq!(added["output_index"], 1);
+        assert_eq!(added["item"]["type"], "function_call");
+        assert_eq!(added["item"]["status"], "in_progress");
+        assert_eq!(added["item"]["name"], "get_weather");
+        assert_eq!(added["item"]["arguments"], "");
+        let item_id = added["item"]["id"].as_str().unwrap();
+        assert!(item_id.starts_with("fc_"), "{item_id}");
+        let call_id = added["item"]["call_id"].as_str().unwrap();
+        assert!(call_id.starts_with("call_"), "{call_id}");
+        let deltas: String = events[9..11]
+            .iter()
+            .map(|e| {
+                assert_eq!(e["item_id"], item_id);
+                assert_eq!(e["output_index"], 1);
+                e["delta"].as_str().unwrap()
+            })
+            .collect();
+        assert_eq!(deltas, "{\"city\": \"Paris\"}");
+        assert_eq!(events[11]["arguments"], deltas);
+        assert_eq!(
+            events[12]["item"],
+            json!({"id": item_id, "type": "function_call", "status": "completed",
+                   "call_id": call_id, "name": "get_weather", "arguments": deltas})
+        );
+        let response = &events[13]["response"];
+        assert_eq!(response["status"], "completed");
+        assert_eq!(response["output"].as_array().unwrap().len(), 2);
+        assert_eq!(response["output"][0]["content"][0]["text"], "Let me check.");
+        assert_eq!(response["output"][1], events[12]["item"]);
+        assert_eq!(
+            response["tools"],
+            json!([{"type": "function", "name": "get_weather",
+                    "description": "Weather in a city",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                    "strict": true}])
+        );
+    }
+
+    /// The same output whole: the same items as the stream's last event (ids aside).
+    #[test]
+    fn a_whole_response_has_the_streamed_items() {
+        let tokens: Vec<TokenEvent> = SPOKEN_CALL
+            .iter()
+            .enumerate()
+            .map(|(i, piece)| token(i as u32, piece))
+            .collect();
+        let object = with_tools().completed(Completed {
+            prompt_logprobs: Vec::new(),
+            tokens,
+            reason: WireFinish::Stop,
+            usage: usage(9, 6),
+        });
+        let value = serde_json::to_value(object).unwrap();
+        assert_eq!(value["status"], "completed");
+        let output = value["output"].as_array().unwrap();
+        assert_eq!(output.len(), 2);
+        assert_eq!(output[0]["type"], "message");
+        assert_eq!(output[0]["content"][0]["text"], "Let me check.");
+        assert_eq!(output[1]["type"], "function_call");
+        assert_eq!(output[1]["name"], "get_weather");
+        assert_eq!(output[1]["arguments"], "{\"city\": \"Paris\"}");
+        assert_eq!(output[1]["status"], "completed");
+    }
+
+    /// A reply that is only calls has no message item; a call cut by the token limit is an
+    /// incomplete item in an incomplete response.
+    #[test]
+    fn calls_alone_have_no_message_and_a_cut_call_is_incomplete() {
+        let object = with_tools().completed(Completed {
+            prompt_logprobs: Vec::new(),
+            tokens: vec![token(
+                1,
+                "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"ci",
+            )],
+            reason: WireFinish::Length,
+            usage: usage(9, 1),
+        });
+        let value = serde_json::to_value(object).unwrap();
+        assert_eq!(value["status"], "incomplete");
+        let output = value["output"].as_array().unwrap();
+        assert_eq!(output.len(), 1, "{output:?}");
+        assert_eq!(output[0]["type"], "function_call");
+        assert_eq!(output[0]["status"], "incomplete");
+        assert_eq!(output[0]["arguments"], "{\"ci");
+    }
+
+    /// With tools, text the parser holds back (a possible call marker) keeps its logprobs
+    /// until it is sent; a call's own tokens carry none.
+    #[test]
+    fn logprobs_follow_the_text_they_belong_to() {
+        let mut format = events_for(
+            json!({"input": "x", "include": ["message.output_text.logprobs"],
+                                           "tools": [{"type": "function", "name": "f"}]}),
+        );
+        let mut sent = format.opening();
+        sent.extend(format.tokens(&[token(1, "Hi <tool")]));
+        sent.extend(format.tokens(&[token(2, "box>")]));
+        sent.extend(format.finished(WireFinish::Stop, usage(3, 2)));
+        let events = parse_all(&sent);
+        let text: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["type"] == "response.output_text.delta")
+            .collect();
+        let all: Vec<Value> = text
+            .iter()
+            .flat_map(|e| e["logprobs"].as_array().unwrap().clone())
+            .collect();
+        assert_eq!(all.len(), 2, "{text:?}");
+        let whole: String = text.iter().map(|e| e["delta"].as_str().unwrap()).collect();
+        assert_eq!(whole, "Hi <toolbox>");
     }
 }

@@ -34,8 +34,9 @@ pub fn constrain(
     }
     if sampling.grammar.is_some() {
         return Err(ApiError::invalid(
-            "tool_choice \"required\" or a named function cannot be combined with \
-             response_format: both constrain the whole reply",
+            "tool_choice \"required\" or a named function cannot be combined with a JSON \
+             output format (response_format, or text.format on /v1/responses): both \
+             constrain the whole reply",
             "tool_choice",
         ));
     }
@@ -49,8 +50,12 @@ pub fn constrain(
 }
 
 /// Compiles each callable tool's `parameters` schema alone (CPU work: on a blocking thread);
-/// one llguidance cannot compile is a 400 naming `tools[i].function.parameters`.
-pub fn check_schemas(tools: &ToolRequest) -> Result<(), ApiError> {
+/// one llguidance cannot compile is a 400 naming the field `parameters_param` gives for the
+/// tool's index (`tools[i].function.parameters` on chat completions).
+pub fn check_schemas(
+    tools: &ToolRequest,
+    parameters_param: fn(usize) -> String,
+) -> Result<(), ApiError> {
     for tool in tools.callable() {
         if let Err(reason) = compile(&format!("start: {}", json_rule(tool))) {
             let index = tools
@@ -63,7 +68,7 @@ pub fn check_schemas(tools: &ToolRequest) -> Result<(), ApiError> {
                     "the parameters schema of function {:?} cannot be enforced: {reason}",
                     tool.name
                 ),
-                &format!("tools[{index}].function.parameters"),
+                &parameters_param(index),
             ));
         }
     }
@@ -315,7 +320,8 @@ mod tests {
             choice: ToolChoice::Required,
             parallel: true,
         };
-        let err = check_schemas(&request).unwrap_err();
+        let err =
+            check_schemas(&request, |i| format!("tools[{i}].function.parameters")).unwrap_err();
         match err {
             ApiError::InvalidRequest { param, message, .. } => {
                 assert_eq!(

@@ -79,31 +79,16 @@ pub fn validate_tools(
         let function = tool.function.as_ref().ok_or_else(|| {
             ApiError::invalid("a tool needs `function`", &format!("{param}.function"))
         })?;
-        let name_param = format!("{param}.function.name");
-        let name = function
-            .name
-            .as_deref()
-            .ok_or_else(|| ApiError::invalid("a function needs a name", &name_param))?;
-        check_function_name(name, &name_param)?;
-        if !names.insert(name.to_string()) {
-            return Err(ApiError::invalid(
-                format!("function name {name:?} is declared twice; tool names must be unique"),
-                &name_param,
-            ));
-        }
-        let parameters = match &function.parameters {
-            None => serde_json::json!({"type": "object", "properties": {}}),
-            Some(schema) => {
-                check_parameters_schema(schema, &format!("{param}.function.parameters"))?;
-                schema.clone()
-            }
-        };
-        defs.push(ToolDef {
-            name: name.to_string(),
-            description: function.description.clone(),
-            parameters,
-            strict: function.strict.unwrap_or(false),
-        });
+        defs.push(function_def(
+            FunctionFields {
+                name: function.name.as_deref(),
+                description: function.description.as_deref(),
+                parameters: function.parameters.as_ref(),
+                strict: function.strict,
+            },
+            &format!("{param}.function"),
+            &mut names,
+        )?);
     }
     let choice = match &request.tool_choice {
         None => ToolChoice::Auto,
@@ -147,6 +132,69 @@ pub fn validate_tools(
             ToolChoice::Named(name.to_string())
         }
     };
+    tool_request(
+        defs,
+        choice,
+        request.parallel_tool_calls.unwrap_or(true),
+        tool_calling,
+    )
+    .map(Some)
+}
+
+/// A declared function's fields, as either endpoint's request shape carries them (nested
+/// under `function` on chat completions, flat on `/v1/responses`).
+#[derive(Debug, Clone, Copy)]
+pub struct FunctionFields<'a> {
+    pub name: Option<&'a str>,
+    pub description: Option<&'a str>,
+    pub parameters: Option<&'a serde_json::Value>,
+    pub strict: Option<bool>,
+}
+
+/// One declared function, checked: a valid name not declared before (`names` collects
+/// them) and a parameters schema of an object. `param` is the object holding the fields
+/// (`tools[1].function`, or `tools[1]` on `/v1/responses`).
+pub fn function_def(
+    fields: FunctionFields<'_>,
+    param: &str,
+    names: &mut HashSet<String>,
+) -> Result<ToolDef, ApiError> {
+    let name_param = format!("{param}.name");
+    let name = fields
+        .name
+        .ok_or_else(|| ApiError::invalid("a function needs a name", &name_param))?;
+    check_function_name(name, &name_param)?;
+    if !names.insert(name.to_string()) {
+        return Err(ApiError::invalid(
+            format!("function name {name:?} is declared twice; tool names must be unique"),
+            &name_param,
+        ));
+    }
+    let parameters = match fields.parameters {
+        None | Some(serde_json::Value::Null) => {
+            serde_json::json!({"type": "object", "properties": {}})
+        }
+        Some(schema) => {
+            check_parameters_schema(schema, &format!("{param}.parameters"))?;
+            schema.clone()
+        }
+    };
+    Ok(ToolDef {
+        name: name.to_string(),
+        description: fields.description.map(str::to_string),
+        parameters,
+        strict: fields.strict.unwrap_or(false),
+    })
+}
+
+/// The request's tools once declared and chosen; refused when the server parses no calls
+/// (`--tool-call-parser none`) unless the choice is `none`.
+pub fn tool_request(
+    tools: Vec<ToolDef>,
+    choice: ToolChoice,
+    parallel: bool,
+    tool_calling: bool,
+) -> Result<ToolRequest, ApiError> {
     if choice != ToolChoice::None && !tool_calling {
         return Err(ApiError::invalid(
             "tool calling is turned off on this server (--tool-call-parser none); send \
@@ -154,14 +202,14 @@ pub fn validate_tools(
             "tools",
         ));
     }
-    Ok(Some(ToolRequest {
-        tools: defs,
+    Ok(ToolRequest {
+        tools,
         choice,
-        parallel: request.parallel_tool_calls.unwrap_or(true),
-    }))
+        parallel,
+    })
 }
 
-fn check_function_name(name: &str, param: &str) -> Result<(), ApiError> {
+pub fn check_function_name(name: &str, param: &str) -> Result<(), ApiError> {
     let valid_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');

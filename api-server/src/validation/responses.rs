@@ -4,10 +4,12 @@
 //! tandem is stateless: it stores no response, so `store` is accepted (OpenAI's default is
 //! true and SDKs send it) and answered with `store: false`, and what needs a stored response
 //! (`previous_response_id`, `conversation`) is a 400 that says to send the whole conversation
-//! in `input`. Tools are served on `/v1/chat/completions`; here only an empty tool list is
-//! accepted, so an agent without tools runs unchanged.
+//! in `input`. Function tools are served as on chat completions (the same rendering, parser
+//! and grammar): declared flat (`{"type": "function", "name", "parameters"}`), called in
+//! `function_call` output items, answered by `function_call_output` input items; hosted
+//! tools (web search, file search, ...) are a 400 naming them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use serde_json::Value;
 use tandem_protocol::messages::GrammarSpec;
@@ -18,6 +20,8 @@ use super::{
 };
 use crate::error::ApiError;
 use crate::openai::{GenerationFields, ResponseInput, ResponsesRequest, TextConfig, TextFormat};
+use crate::tools::validate::{FunctionFields, check_function_name, function_def, tool_request};
+use crate::tools::{ToolCallRecord, ToolChoice, ToolRequest};
 
 /// OpenAI's limits on `metadata`.
 pub const MAX_METADATA_PAIRS: usize = 16;
@@ -48,6 +52,8 @@ pub struct ResponseSettings {
     pub top_logprobs: u32,
     pub text: TextConfig,
     pub tool_choice: Value,
+    /// The declared function tools, as the response echoes them.
+    pub tools: Vec<Value>,
     pub user: Option<String>,
     pub safety_identifier: Option<String>,
     pub prompt_cache_key: Option<String>,
@@ -72,7 +78,7 @@ pub fn validate_responses(
         limits,
     )?;
     refuse_state(request)?;
-    check_tools(request)?;
+    let tools = check_tools(request, limits.tool_support.is_some())?;
     check_reasoning(request)?;
     match request.truncation.as_deref() {
         None | Some("disabled") => {}
@@ -110,8 +116,9 @@ pub fn validate_responses(
             if items.is_empty() {
                 return Err(ApiError::invalid("input must not be empty", "input"));
             }
+            let mut calls = CallsSoFar::default();
             for (i, item) in items.iter().enumerate() {
-                turns.push(input_item(i, item)?);
+                input_item(i, item, &mut turns, &mut calls)?;
             }
         }
     }
@@ -139,6 +146,10 @@ pub fn validate_responses(
     let logprobs = include_logprobs.then_some(top);
     sampling.logprobs = logprobs;
     sampling.grammar = grammar;
+    // text.format first: the tools' grammar refuses to stack on a JSON format's.
+    if let (Some(tools), Some(support)) = (&tools, limits.tool_support) {
+        crate::tools::grammar::constrain(tools, support.format, &mut sampling)?;
+    }
     let echo = ResponseSettings {
         instructions: request.instructions.clone(),
         max_output_tokens,
@@ -153,6 +164,7 @@ pub fn validate_responses(
             .clone()
             .filter(|c| !c.is_null())
             .unwrap_or_else(|| Value::from("auto")),
+        tools: echoed_tools(request),
         user: request.user.clone(),
         safety_identifier: request.safety_identifier.clone(),
         prompt_cache_key: request.prompt_cache_key.clone(),
@@ -172,8 +184,7 @@ pub fn validate_responses(
             logprobs_format: LogprobsFormat::Chat,
             prompt_param: "input",
             n: 1,
-            // Tools on /v1/responses are refused at the edge (docs/api.md).
-            tools: None,
+            tools,
             candidates: 1,
             echo: false,
             cache_salt: super::sampling::cache_salt(request.cache_salt.as_deref())?,
@@ -201,25 +212,249 @@ fn refuse_state(request: &ResponsesRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_tools(request: &ResponsesRequest) -> Result<(), ApiError> {
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::unsupported(
-            "tools are not served on /v1/responses: tandem serves tool calling on \
-             /v1/chat/completions; here tools may only be empty",
-            "tools",
+/// Keys of a function tool: the declaration, and settings whose default tandem serves.
+const FUNCTION_TOOL_KEYS: &[&str] = &[
+    "type",
+    "name",
+    "description",
+    "parameters",
+    "strict",
+    "defer_loading",
+    "allowed_callers",
+    "output_schema",
+    "async",
+];
+
+/// `tools`, `tool_choice` and `parallel_tool_calls`: `None` when no tool is declared (then
+/// only `tool_choice` "none" or "auto" is accepted, as an agent without tools sends).
+fn check_tools(
+    request: &ResponsesRequest,
+    tool_calling: bool,
+) -> Result<Option<ToolRequest>, ApiError> {
+    let declared = request.tools.as_deref().unwrap_or_default();
+    if declared.is_empty() {
+        return match &request.tool_choice {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(choice)) if choice == "none" || choice == "auto" => Ok(None),
+            Some(other) => Err(ApiError::invalid(
+                format!("tool_choice {other} needs a tool, and tools declares none"),
+                "tool_choice",
+            )),
+        };
+    }
+    let mut names = HashSet::new();
+    let mut defs = Vec::with_capacity(declared.len());
+    for (i, tool) in declared.iter().enumerate() {
+        let param = format!("tools[{i}]");
+        let Some(object) = tool.as_object() else {
+            return Err(ApiError::invalid(
+                "a tool must be an object ({\"type\": \"function\", \"name\": ...})",
+                &param,
+            ));
+        };
+        match object.get("type").and_then(Value::as_str) {
+            Some("function") => {}
+            Some(other) => {
+                return Err(ApiError::unsupported(
+                    format!(
+                        "{param}.type {other:?} is not supported: tandem serves function tools \
+                         (\"function\"), not hosted ones"
+                    ),
+                    &format!("{param}.type"),
+                ));
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    "a tool needs `type`: \"function\"",
+                    &format!("{param}.type"),
+                ));
+            }
+        }
+        if let Some(key) = object
+            .keys()
+            .find(|k| !FUNCTION_TOOL_KEYS.contains(&k.as_str()))
+        {
+            return Err(ApiError::unknown_field(
+                "A function tool",
+                &format!("{param}.{key}"),
+            ));
+        }
+        function_tool_settings(object, &param)?;
+        let text = |key: &str| -> Result<Option<&str>, ApiError> {
+            match object.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s)),
+                Some(_) => Err(ApiError::invalid(
+                    format!("{key} must be a string"),
+                    &format!("{param}.{key}"),
+                )),
+            }
+        };
+        let strict = match object.get("strict") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "strict must be a boolean",
+                    &format!("{param}.strict"),
+                ));
+            }
+        };
+        defs.push(function_def(
+            FunctionFields {
+                name: text("name")?,
+                description: text("description")?,
+                parameters: object.get("parameters"),
+                strict,
+            },
+            &param,
+            &mut names,
+        )?);
+    }
+    let choice = tool_choice(request.tool_choice.as_ref(), &names)?;
+    tool_request(
+        defs,
+        choice,
+        request.parallel_tool_calls.unwrap_or(true),
+        tool_calling,
+    )
+    .map(Some)
+}
+
+/// A function tool's settings beyond its declaration: accepted at the values that ask for
+/// what tandem does (the tool is shown to the model and called by it directly), refused by
+/// name otherwise.
+fn function_tool_settings(
+    tool: &serde_json::Map<String, Value>,
+    param: &str,
+) -> Result<(), ApiError> {
+    let refuse = |key: &str, why: &str| {
+        Err(ApiError::unsupported(
+            format!("{key} is not supported: {why}"),
+            &format!("{param}.{key}"),
+        ))
+    };
+    for key in ["defer_loading", "async"] {
+        match tool.get(key) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(Value::Bool(true)) if key == "defer_loading" => {
+                return refuse(
+                    key,
+                    "tandem has no tool search; every tool is shown to the model",
+                );
+            }
+            Some(Value::Bool(true)) => {
+                return refuse(key, "a call's output is awaited before the model goes on");
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    format!("{key} must be a boolean"),
+                    &format!("{param}.{key}"),
+                ));
+            }
+        }
+    }
+    match tool.get("allowed_callers") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(callers)) if callers.iter().all(|c| c == "direct") => {}
+        Some(_) => {
+            return refuse(
+                "allowed_callers",
+                "the model calls tools directly (only [\"direct\"])",
+            );
+        }
+    }
+    match tool.get("output_schema") {
+        None | Some(Value::Null) => Ok(()),
+        Some(_) => refuse(
+            "output_schema",
+            "the model is not shown a schema of the tool's output; describe it in description",
+        ),
+    }
+}
+
+/// `tool_choice` with tools declared (`names`).
+fn tool_choice(choice: Option<&Value>, names: &HashSet<String>) -> Result<ToolChoice, ApiError> {
+    let named = match choice {
+        None | Some(Value::Null) => return Ok(ToolChoice::Auto),
+        Some(Value::String(mode)) => {
+            return match mode.as_str() {
+                "none" => Ok(ToolChoice::None),
+                "auto" => Ok(ToolChoice::Auto),
+                "required" => Ok(ToolChoice::Required),
+                other => Err(ApiError::invalid(
+                    format!(
+                        "tool_choice must be \"none\", \"auto\", \"required\" or \
+                         {{\"type\": \"function\", \"name\": ...}}, got {other:?}"
+                    ),
+                    "tool_choice",
+                )),
+            };
+        }
+        Some(Value::Object(named)) => named,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("tool_choice must be a string or an object, got {other}"),
+                "tool_choice",
+            ));
+        }
+    };
+    match named.get("type").and_then(Value::as_str) {
+        Some("function") => {}
+        Some(other) => {
+            return Err(ApiError::unsupported(
+                format!(
+                    "tool_choice type {other:?} is not supported: tandem serves function tools \
+                     (\"none\", \"auto\", \"required\" or a named function)"
+                ),
+                "tool_choice.type",
+            ));
+        }
+        None => {
+            return Err(ApiError::invalid(
+                "a named tool_choice needs `type`: \"function\"",
+                "tool_choice.type",
+            ));
+        }
+    }
+    if let Some(key) = named
+        .keys()
+        .find(|k| !["type", "name"].contains(&k.as_str()))
+    {
+        return Err(ApiError::unknown_field(
+            "A named tool_choice",
+            &format!("tool_choice.{key}"),
         ));
     }
-    match &request.tool_choice {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(choice)) if choice == "none" || choice == "auto" => Ok(()),
-        Some(other) => Err(ApiError::invalid(
-            format!(
-                "tool_choice {other} needs a tool, and tools are not served on /v1/responses \
-                 (only \"none\" or \"auto\")"
-            ),
-            "tool_choice",
-        )),
+    let name = named
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid("a named tool_choice needs name", "tool_choice.name"))?;
+    if !names.contains(name) {
+        return Err(ApiError::invalid(
+            format!("tool_choice names function {name:?}, which is not in tools"),
+            "tool_choice.name",
+        ));
     }
+    Ok(ToolChoice::Named(name.to_string()))
+}
+
+/// The declared tools as the response echoes them (OpenAI's flat function shape).
+fn echoed_tools(request: &ResponsesRequest) -> Vec<Value> {
+    request
+        .tools
+        .iter()
+        .flatten()
+        .map(|tool| {
+            serde_json::json!({
+                "type": "function",
+                "name": tool.get("name"),
+                "description": tool.get("description"),
+                "parameters": tool.get("parameters"),
+                "strict": tool.get("strict"),
+            })
+        })
+        .collect()
 }
 
 fn check_reasoning(request: &ResponsesRequest) -> Result<(), ApiError> {
@@ -354,30 +589,175 @@ const MESSAGE_KEYS: &[&str] = &["type", "role", "content", "id", "status", "phas
 /// Keys of a text content part: `input_text`, or an `output_text` sent back.
 const TEXT_PART_KEYS: &[&str] = &["type", "text", "annotations", "logprobs"];
 
-/// One input item: a message (`type` "message" or absent) with text content.
-fn input_item(index: usize, item: &Value) -> Result<Turn, ApiError> {
+/// Keys of a `function_call` item (a call the model made, sent back with the conversation).
+const FUNCTION_CALL_KEYS: &[&str] = &["type", "id", "call_id", "name", "arguments", "status"];
+/// Keys of a `function_call_output` item (the result of a call).
+const FUNCTION_CALL_OUTPUT_KEYS: &[&str] = &["type", "id", "call_id", "output", "status"];
+
+/// The calls the input has made so far, by call id: a `function_call_output` must answer
+/// one, and takes its function's name from it.
+#[derive(Debug, Default)]
+struct CallsSoFar {
+    names: BTreeMap<String, String>,
+}
+
+/// One input item, onto `turns`: a message (`type` "message" or absent) with text content; a
+/// `function_call`, which joins the assistant turn before it (its text, or calls made in the
+/// same turn) or starts one; a `function_call_output`, a tool turn answering a call made
+/// earlier in the input.
+fn input_item(
+    index: usize,
+    item: &Value,
+    turns: &mut Vec<Turn>,
+    calls: &mut CallsSoFar,
+) -> Result<(), ApiError> {
     let param = format!("input[{index}]");
     let Some(object) = item.as_object() else {
         return Err(ApiError::invalid(
-            "an input item must be an object (a message with role and content)",
+            "an input item must be an object (a message with role and content, or a \
+             function_call or function_call_output)",
             &param,
         ));
     };
     match object.get("type").and_then(Value::as_str) {
-        None | Some("message") => {}
-        Some(other) => {
-            return Err(ApiError::unsupported(
-                format!(
-                    "input item type {other:?} is not supported: /v1/responses serves messages \
-                     with text content (no tool calls, reasoning or item references)"
-                ),
-                &format!("{param}.type"),
+        None | Some("message") => {
+            turns.push(message_item(&param, object)?);
+            Ok(())
+        }
+        Some("function_call") => {
+            let call = function_call_item(&param, object)?;
+            if calls.names.contains_key(&call.id) {
+                return Err(ApiError::invalid(
+                    format!("call_id {:?} is used by an earlier function_call", call.id),
+                    &format!("{param}.call_id"),
+                ));
+            }
+            calls.names.insert(call.id.clone(), call.name.clone());
+            match turns.last_mut() {
+                Some(turn) if turn.role == Role::Assistant => turn.tool_calls.push(call),
+                _ => {
+                    let mut turn = Turn::text(Role::Assistant, "");
+                    turn.tool_calls.push(call);
+                    turns.push(turn);
+                }
+            }
+            Ok(())
+        }
+        Some("function_call_output") => {
+            turns.push(function_call_output_item(&param, object, calls)?);
+            Ok(())
+        }
+        Some(other) => Err(ApiError::unsupported(
+            format!(
+                "input item type {other:?} is not supported: /v1/responses serves messages \
+                 with text content, function_call and function_call_output (no reasoning, \
+                 hosted tool calls or item references)"
+            ),
+            &format!("{param}.type"),
+        )),
+    }
+}
+
+/// A string field of an input item, required.
+fn required_text<'a>(
+    object: &'a serde_json::Map<String, Value>,
+    key: &str,
+    param: &str,
+    what: &str,
+) -> Result<&'a str, ApiError> {
+    match object.get(key) {
+        Some(Value::String(text)) => Ok(text),
+        _ => Err(ApiError::invalid(
+            format!("{what} needs {key} (a string)"),
+            &format!("{param}.{key}"),
+        )),
+    }
+}
+
+/// A `function_call` item: the call as the history records it.
+fn function_call_item(
+    param: &str,
+    object: &serde_json::Map<String, Value>,
+) -> Result<ToolCallRecord, ApiError> {
+    if let Some(key) = object
+        .keys()
+        .find(|k| !FUNCTION_CALL_KEYS.contains(&k.as_str()))
+    {
+        return Err(ApiError::unknown_field(
+            "A function_call item",
+            &format!("{param}.{key}"),
+        ));
+    }
+    let call_id = required_text(object, "call_id", param, "a function_call")?;
+    if call_id.is_empty() {
+        return Err(ApiError::invalid(
+            "call_id must not be empty",
+            &format!("{param}.call_id"),
+        ));
+    }
+    let name = required_text(object, "name", param, "a function_call")?;
+    check_function_name(name, &format!("{param}.name"))?;
+    let arguments = required_text(object, "arguments", param, "a function_call")?;
+    Ok(ToolCallRecord {
+        id: call_id.to_string(),
+        name: name.to_string(),
+        arguments: arguments.to_string(),
+    })
+}
+
+/// A `function_call_output` item: a tool turn answering a call of the input.
+fn function_call_output_item(
+    param: &str,
+    object: &serde_json::Map<String, Value>,
+    calls: &CallsSoFar,
+) -> Result<Turn, ApiError> {
+    if let Some(key) = object
+        .keys()
+        .find(|k| !FUNCTION_CALL_OUTPUT_KEYS.contains(&k.as_str()))
+    {
+        return Err(ApiError::unknown_field(
+            "A function_call_output item",
+            &format!("{param}.{key}"),
+        ));
+    }
+    let call_id = required_text(object, "call_id", param, "a function_call_output")?;
+    let Some(name) = calls.names.get(call_id) else {
+        return Err(ApiError::invalid(
+            format!(
+                "call_id {call_id:?} answers no function_call earlier in input (tandem stores \
+                 no responses: send the call's function_call item before its output)"
+            ),
+            &format!("{param}.call_id"),
+        ));
+    };
+    let output = match object.get("output") {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (i, part) in parts.iter().enumerate() {
+                texts.push(text_part(&format!("{param}.output[{i}]"), part)?);
+            }
+            texts.join("\n")
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "a function_call_output needs output: a string or a list of input_text parts",
+                &format!("{param}.output"),
             ));
         }
-    }
+    };
+    let mut turn = Turn::text(Role::Tool, output);
+    turn.tool_call_id = Some(call_id.to_string());
+    turn.name = Some(name.clone());
+    Ok(turn)
+}
+
+/// A message item with text content.
+fn message_item(param: &str, object: &serde_json::Map<String, Value>) -> Result<Turn, ApiError> {
+    let param = param.to_string();
     if let Some(key) = object.keys().find(|k| !MESSAGE_KEYS.contains(&k.as_str())) {
-        return Err(ApiError::invalid(
-            format!("unknown field {key:?} in an input message"),
+        return Err(ApiError::unknown_field(
+            "An input message",
             &format!("{param}.{key}"),
         ));
     }
@@ -441,8 +821,8 @@ fn text_part(param: &str, part: &Value) -> Result<String, ApiError> {
         .as_object()
         .and_then(|o| o.keys().find(|k| !TEXT_PART_KEYS.contains(&k.as_str())))
     {
-        return Err(ApiError::invalid(
-            format!("unknown field {key:?} in a text content part"),
+        return Err(ApiError::unknown_field(
+            "A text content part",
             &format!("{param}.{key}"),
         ));
     }
@@ -593,6 +973,245 @@ mod tests {
         ));
     }
 
+    fn tool_limits() -> ModelLimits {
+        ModelLimits {
+            tool_support: Some(crate::tools::ToolSupport {
+                format: crate::tools::ToolFormat::Hermes,
+                native: false,
+            }),
+            ..limits()
+        }
+    }
+
+    fn validate_with_tools(body: Value) -> Result<ValidResponses, ApiError> {
+        let request: ResponsesRequest = serde_json::from_value(body).unwrap();
+        validate_responses(&request, &tool_limits())
+    }
+
+    fn weather() -> Value {
+        json!({"type": "function", "name": "get_weather", "description": "Weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                              "required": ["city"]},
+               "strict": true})
+    }
+
+    /// A conversation as the Agents SDK sends its second turn: the question, the model's text
+    /// and call (items of the first response), the call's output.
+    #[test]
+    fn function_calls_and_their_outputs_become_tool_turns() {
+        let valid = validate_with_tools(json!({"input": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": "Let me check.", "annotations": []}]},
+            {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "get_weather",
+             "arguments": "{\"city\": \"Paris\"}", "status": "completed"},
+            {"type": "function_call", "call_id": "call_2", "name": "get_weather",
+             "arguments": "{\"city\": \"Lyon\"}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "21 C"},
+            {"type": "function_call_output", "call_id": "call_2",
+             "output": [{"type": "input_text", "text": "19 C"}]},
+        ], "tools": [weather()], "tool_choice": "auto", "parallel_tool_calls": true}))
+        .unwrap();
+        let PromptInput::Chat(turns) = &valid.request.prompt else {
+            panic!("a chat prompt");
+        };
+        assert_eq!(turns.len(), 4, "{turns:?}");
+        assert_eq!(turns[1].role, Role::Assistant);
+        assert_eq!(turns[1].content, "Let me check.");
+        let calls: Vec<(&str, &str, &str)> = turns[1]
+            .tool_calls
+            .iter()
+            .map(|c| (c.id.as_str(), c.name.as_str(), c.arguments.as_str()))
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                ("call_1", "get_weather", "{\"city\": \"Paris\"}"),
+                ("call_2", "get_weather", "{\"city\": \"Lyon\"}")
+            ]
+        );
+        for (turn, (id, content)) in turns[2..]
+            .iter()
+            .zip([("call_1", "21 C"), ("call_2", "19 C")])
+        {
+            assert_eq!(turn.role, Role::Tool);
+            assert_eq!(turn.tool_call_id.as_deref(), Some(id));
+            assert_eq!(turn.name.as_deref(), Some("get_weather"));
+            assert_eq!(turn.content, content);
+        }
+        let tools = valid.request.tools.expect("tools");
+        assert_eq!(tools.tools[0].name, "get_weather");
+        assert!(tools.tools[0].strict);
+        assert_eq!(tools.choice, ToolChoice::Auto);
+        assert!(valid.request.sampling.grammar.is_none());
+        assert_eq!(valid.echo.tools, vec![weather()]);
+
+        // A call with no text before it starts an assistant turn of its own.
+        let valid = validate_with_tools(json!({"input": [
+            {"role": "user", "content": "Weather?"},
+            {"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": "{}"},
+        ], "tools": [weather()]}))
+        .unwrap();
+        let PromptInput::Chat(turns) = &valid.request.prompt else {
+            panic!("a chat prompt");
+        };
+        assert_eq!(
+            (turns[1].role, turns[1].content.as_str()),
+            (Role::Assistant, "")
+        );
+        assert_eq!(turns[1].tool_calls.len(), 1);
+    }
+
+    #[test]
+    fn required_and_named_choices_become_a_grammar() {
+        for choice in [
+            json!("required"),
+            json!({"type": "function", "name": "get_weather"}),
+        ] {
+            let valid = validate_with_tools(json!({"input": "x", "tools": [weather()],
+                                                   "tool_choice": choice}))
+            .unwrap();
+            assert!(
+                matches!(
+                    valid.request.sampling.grammar,
+                    Some(GrammarSpec::Lark { .. })
+                ),
+                "{choice}"
+            );
+            assert_eq!(valid.echo.tool_choice, choice);
+        }
+        let valid =
+            validate_with_tools(json!({"input": "x", "tools": [weather()], "tool_choice": "none"}))
+                .unwrap();
+        assert!(!valid.request.tools.unwrap().active());
+        assert!(valid.request.sampling.grammar.is_none());
+    }
+
+    #[test]
+    fn refused_tools_name_their_field() {
+        let cases = [
+            (json!({"tools": [{"type": "web_search"}]}), "tools[0].type"),
+            (json!({"tools": [{"name": "f"}]}), "tools[0].type"),
+            (json!({"tools": ["f"]}), "tools[0]"),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+                "tools[0].function",
+            ),
+            (json!({"tools": [{"type": "function"}]}), "tools[0].name"),
+            (
+                json!({"tools": [{"type": "function", "name": "a b"}]}),
+                "tools[0].name",
+            ),
+            (json!({"tools": [weather(), weather()]}), "tools[1].name"),
+            (
+                json!({"tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]}),
+                "tools[0].parameters",
+            ),
+            (
+                json!({"tools": [{"type": "function", "name": "f", "strict": "yes"}]}),
+                "tools[0].strict",
+            ),
+            (
+                json!({"tools": [{"type": "function", "name": "f", "defer_loading": true}]}),
+                "tools[0].defer_loading",
+            ),
+            (
+                json!({"tools": [{"type": "function", "name": "f", "allowed_callers": ["programmatic"]}]}),
+                "tools[0].allowed_callers",
+            ),
+            (
+                json!({"tools": [{"type": "function", "name": "f", "output_schema": {"type": "string"}}]}),
+                "tools[0].output_schema",
+            ),
+            (
+                json!({"tools": [weather()], "tool_choice": "sometimes"}),
+                "tool_choice",
+            ),
+            (
+                json!({"tools": [weather()], "tool_choice": {"type": "function", "name": "g"}}),
+                "tool_choice.name",
+            ),
+            (
+                json!({"tools": [weather()], "tool_choice": {"type": "file_search"}}),
+                "tool_choice.type",
+            ),
+            (
+                json!({"tools": [weather()], "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}),
+                "tool_choice.type",
+            ),
+            (
+                json!({"tools": [weather()], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+                "tool_choice.function",
+            ),
+            (
+                json!({"tools": [weather()], "tool_choice": "required",
+                       "text": {"format": {"type": "json_object"}}}),
+                "tool_choice",
+            ),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (
+                json!({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}),
+                "input[0].arguments",
+            ),
+            (
+                json!({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}),
+                "input[0].call_id",
+            ),
+            (
+                json!({"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                                  "arguments": "{}", "colour": 1}]}),
+                "input[0].colour",
+            ),
+            (
+                json!({"input": [
+                    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]}),
+                "input[1].call_id",
+            ),
+            (
+                json!({"input": [
+                    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "c"}]}),
+                "input[1].output",
+            ),
+            (
+                json!({"input": [
+                    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "c",
+                     "output": [{"type": "input_image", "image_url": "u"}]}]}),
+                "input[1].output[0].type",
+            ),
+        ];
+        for (mut body, param) in cases {
+            body.as_object_mut()
+                .unwrap()
+                .entry("input")
+                .or_insert(json!("x"));
+            assert_eq!(param_of(validate_with_tools(body.clone())), param, "{body}");
+        }
+        // Hosted tools and unknown tool fields say which kind of refusal they are.
+        let code = |body: Value| match validate_with_tools(body) {
+            Err(ApiError::InvalidRequest { code, .. }) => code,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(
+            code(json!({"input": "x", "tools": [{"type": "web_search"}]})),
+            Some("unsupported_parameter")
+        );
+        assert_eq!(
+            code(json!({"input": "x", "tools": [{"type": "function", "name": "f", "colour": 1}]})),
+            Some("unknown_parameter")
+        );
+        // With tool calling off on the server, declared tools are refused unless unused.
+        assert_eq!(
+            param_of(validate(json!({"input": "x", "tools": [weather()]}))),
+            "tools"
+        );
+        assert!(
+            validate(json!({"input": "x", "tools": [weather()], "tool_choice": "none"})).is_ok()
+        );
+    }
+
     #[test]
     fn refused_values_name_their_field() {
         let cases = [
@@ -650,6 +1269,10 @@ mod tests {
             (json!({"input": [{"role": "user"}]}), "input[0].content"),
             (
                 json!({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}),
+                "input[0].call_id",
+            ),
+            (
+                json!({"input": [{"type": "reasoning", "summary": []}]}),
                 "input[0].type",
             ),
             (
