@@ -333,6 +333,40 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
         );
     }
 
+    // The served model by its id; another id, an endpoint tandem does not serve, a route
+    // asked with another method: OpenAI's error bodies, never an empty answer.
+    let models = http.get("/v1/models").json();
+    let served = models["data"][0]["id"].as_str().unwrap().to_string();
+    let card = http.get(&format!("/v1/models/{served}"));
+    assert_eq!(card.status, 200, "{}", card.body);
+    assert_eq!(card.json(), models["data"][0]);
+    for (method, path, status, code, header) in [
+        (
+            "GET",
+            "/v1/models/org/other-model",
+            404,
+            "model_not_found",
+            None,
+        ),
+        ("POST", "/v1/embeddings", 404, "unknown_url", None),
+        ("GET", "/v2/chat", 404, "unknown_url", None),
+        (
+            "GET",
+            "/v1/chat/completions",
+            405,
+            "method_not_allowed",
+            Some("POST"),
+        ),
+    ] {
+        let reply = match method {
+            "GET" => http.get(path),
+            _ => http.post(path, &json!({})),
+        };
+        assert_eq!(reply.status, status, "{method} {path}: {}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], code, "{method} {path}");
+        assert_eq!(reply.header("allow"), header, "{method} {path}");
+    }
+
     // The requests are counted under their endpoint.
     let metrics = http.get("/metrics").body;
     assert!(

@@ -32,6 +32,21 @@ pub enum ApiError {
     /// A stored-response route (`GET /v1/responses/{id}`, ...): tandem stores no response.
     #[error("no stored response `{id}`: tandem stores no responses")]
     ResponseNotFound { id: String },
+    /// No route has this path ([`crate::routes::unrouted`]); `served` says what the path is
+    /// when OpenAI's API has it (`/v1/embeddings`: "embeddings").
+    #[error("no route {method} {path}")]
+    UnknownRoute {
+        method: String,
+        path: String,
+        served: Option<&'static str>,
+    },
+    /// The path is a route, not for this method.
+    #[error("{method} is not allowed on {path} (allowed: {allowed})")]
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allowed: &'static str,
+    },
     #[error("no live worker is serving this model")]
     NoLiveWorker,
     #[error("worker {worker_id} did not accept the request within {timeout_ms} ms")]
@@ -150,9 +165,10 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::ModelNotFound { .. } | ApiError::ResponseNotFound { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            ApiError::ModelNotFound { .. }
+            | ApiError::ResponseNotFound { .. }
+            | ApiError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NoLiveWorker | ApiError::NotAccepted { .. } | ApiError::Bus { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -175,7 +191,8 @@ impl ApiError {
         match self {
             ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::ModelNotFound { .. } => "model_not_found",
-            ApiError::ResponseNotFound { .. } => "not_found",
+            ApiError::ResponseNotFound { .. } | ApiError::UnknownRoute { .. } => "not_found",
+            ApiError::MethodNotAllowed { .. } => "invalid_request",
             ApiError::NoLiveWorker | ApiError::NotAccepted { .. } => "unavailable",
             ApiError::FirstTokenTimeout { .. }
             | ApiError::Stalled { .. }
@@ -220,6 +237,36 @@ impl ApiError {
                      response says store: false), so none can be retrieved, listed, cancelled \
                      or deleted. Keep what you need from the response you received."
                 ),
+            ),
+            ApiError::UnknownRoute {
+                method,
+                path,
+                served,
+            } => (
+                "invalid_request_error",
+                None,
+                Some("unknown_url"),
+                match served {
+                    Some(what) => format!(
+                        "Invalid URL ({method} {path}): tandem serves text generation from one \
+                         language model; {what} is not served. docs/api.md lists the endpoints."
+                    ),
+                    None => format!(
+                        "Invalid URL ({method} {path}): no such route. tandem serves POST \
+                         /v1/chat/completions, POST /v1/completions, POST /v1/responses and GET \
+                         /v1/models (docs/api.md lists every endpoint)."
+                    ),
+                },
+            ),
+            ApiError::MethodNotAllowed {
+                method,
+                path,
+                allowed,
+            } => (
+                "invalid_request_error",
+                None,
+                Some("method_not_allowed"),
+                format!("{method} is not allowed on {path}; use {allowed}."),
             ),
             ApiError::NoLiveWorker => (
                 "server_error",
@@ -344,6 +391,9 @@ impl ResponseError for ApiError {
             ApiError::Overloaded { .. } | ApiError::WorkersFull { .. }
         ) {
             response.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
+        }
+        if let ApiError::MethodNotAllowed { allowed, .. } = self {
+            response.insert_header((actix_web::http::header::ALLOW, *allowed));
         }
         response.json(self.public_body())
     }

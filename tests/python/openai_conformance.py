@@ -23,6 +23,18 @@ client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeo
 models = client.models.list().data
 check(len(models) == 1, models)
 model = models[0].id
+retrieved = client.models.retrieve(model)
+check(retrieved.id == model and retrieved.object == "model", retrieved)
+try:
+    client.models.retrieve("no-such-model")
+    raise AssertionError("retrieved a model that is not served")
+except openai.NotFoundError as err:
+    check((err.body or {}).get("code") == "model_not_found", err.body)
+try:
+    client.embeddings.create(model=model, input="x")
+    raise AssertionError("embeddings answered")
+except openai.NotFoundError as err:
+    check((err.body or {}).get("code") == "unknown_url", err.body)
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 
 # A streamed chat completion: a role chunk, content deltas, a finish reason, usage at the end.

@@ -9,6 +9,7 @@ pub mod health;
 pub mod metrics;
 pub mod models;
 pub mod responses;
+pub mod unrouted;
 
 mod logprobs;
 
@@ -59,8 +60,10 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(responses::list_input_items)
         .service(responses::cancel_response)
         .service(models::list_models)
+        .service(models::retrieve_model)
         .service(health::health)
-        .service(metrics::metrics);
+        .service(metrics::metrics)
+        .default_service(web::to(unrouted::unrouted_request));
 }
 
 /// Runs `work` (a request's dispatch and generation) unless the client on `socket` leaves
