@@ -1,4 +1,5 @@
-//! `echo`, prompt logprobs, `max_tokens: 0` and `best_of` > `n` on `/v1/completions` end to end
+//! `echo`, prompt logprobs, `max_tokens: 0`, `best_of` > `n` and batched prompts on
+//! `/v1/completions` end to end
 //!: nats-server, CPU workers with SmolLM2 prefilling in chunks of 32 tokens
 //! (`--max-num-batched-tokens 32`), and the api-server as processes, aggregated and
 //! disaggregated (where prompt logprobs are computed by the generation worker's own prefill).
@@ -15,6 +16,8 @@
 //! - streamed echo: the prompt in the first chunk, the same text and logprobs as not streamed;
 //! - `best_of: 3, n: 1` returns the candidate with the highest mean token logprob among the
 //!   three the same seeded request gives with `n: 3`, and usage counts all three;
+//! - a batch of prompts: choices numbered prompt by prompt, each the text of its prompt alone,
+//!   usage counting each prompt once, streamed alike, lm-eval's batched loglikelihood;
 //! - the 400s: `max_tokens: 0` without echo, `best_of` streamed or below `n`;
 //! - disaggregated, the requests without prompt logprobs that those checks compare with
 //!   prompt-logprob requests (prefilled by the decode worker) are handed over from the
@@ -408,6 +411,94 @@ fn best_of_works(http: &Http) {
     );
 }
 
+/// A batch of prompts (`prompt` as a list): its choices numbered prompt by prompt, each
+/// greedy choice the text of its prompt sent alone, the usage the sum of theirs (each prompt
+/// once); streamed, the same texts by index and the same usage; lm-evaluation-harness's
+/// loglikelihood request with `batch_size` 2 (`prompt: [[ids], [ids]]`), each prompt's logprobs
+/// those of it alone; `best_of` keeping each prompt's best.
+fn batch_works(http: &Http) {
+    let texts = ["The capital of France is", "One, two, three,"];
+    let alone: Vec<Value> = texts
+        .iter()
+        .map(|prompt| {
+            completion(
+                http,
+                &json!({"prompt": prompt, "max_tokens": 6, "temperature": 0}),
+            )
+        })
+        .collect();
+    let batch = completion(
+        http,
+        &json!({"prompt": texts, "n": 2, "max_tokens": 6, "temperature": 0}),
+    );
+    let choices = batch["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4, "{batch}");
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i, "{batch}");
+        assert_eq!(
+            choice["text"],
+            alone[i / 2]["choices"][0]["text"],
+            "choice {i}"
+        );
+    }
+    let (prompt_tokens, completion_tokens) = alone
+        .iter()
+        .map(usage)
+        .fold((0, 0), |(p, c), (p1, c1)| (p + p1, c + 2 * c1));
+    assert_eq!(usage(&batch), (prompt_tokens, completion_tokens));
+
+    // Streamed: each index's text, and the usage at the end.
+    let mut streamed = vec![String::new(); 4];
+    let (status, events) = http.post_stream(
+        "/v1/completions",
+        &json!({"prompt": texts, "n": 2, "max_tokens": 6, "temperature": 0, "stream": true,
+                "stream_options": {"include_usage": true}}),
+        |_| {},
+    );
+    assert_eq!(status, 200);
+    for event in &events {
+        for choice in event["choices"].as_array().unwrap() {
+            streamed[choice["index"].as_u64().unwrap() as usize]
+                .push_str(choice["text"].as_str().unwrap());
+        }
+    }
+    let texts_whole: Vec<&str> = choices
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, texts_whole);
+    let last = events.last().unwrap();
+    assert_eq!(usage(last), usage(&batch), "{last}");
+
+    // lm-evaluation-harness with batch_size 2.
+    let prompts = [id_prompt(9, 1), id_prompt(14, 2)];
+    let loglikelihood = |prompt: Value| {
+        json!({"prompt": prompt, "echo": true, "max_tokens": 1, "logprobs": 1,
+               "temperature": 0, "seed": 1234})
+    };
+    let both = completion(http, &loglikelihood(json!(prompts)));
+    for (i, prompt) in prompts.iter().enumerate() {
+        let one = completion(http, &loglikelihood(json!([prompt])));
+        let (a, b) = (&both["choices"][i], &one["choices"][0]);
+        assert_eq!(tokens(a), tokens(b), "prompt {i}");
+        for (x, y) in token_logprobs(a).iter().zip(token_logprobs(b)) {
+            assert!(
+                x.zip(y).is_none_or(|(x, y)| close(x, y)) && x.is_some() == y.is_some(),
+                "prompt {i}: {x:?} against {y:?}"
+            );
+        }
+    }
+
+    // best_of per prompt: each prompt's best of two, usage counting all four candidates.
+    let best = completion(
+        http,
+        &json!({"prompt": texts, "best_of": 2, "max_tokens": 4, "temperature": 1.0,
+                "seed": 5}),
+    );
+    assert_eq!(best["choices"].as_array().unwrap().len(), 2, "{best}");
+    assert_eq!(usage(&best).0, prompt_tokens);
+}
+
 /// tests/python/openai_echo.py against the api-server at `base`.
 fn openai_client_echo(base: &str) {
     let script =
@@ -435,6 +526,7 @@ fn echo_and_best_of_on_an_aggregated_deployment() {
     http.wait_for_workers(1, Duration::from_secs(30));
     echo_works(http);
     best_of_works(http);
+    batch_works(http);
     openai_client_echo(&http.base);
 }
 

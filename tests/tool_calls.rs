@@ -10,14 +10,15 @@
 //!
 //! - function tools on `/v1/responses` (tests/python/responses_tools.py): `function_call` output
 //!   items, streamed as typed events, the round trip through `function_call_output`, required
-//!   and named choices, the 400s; and an OpenAI Agents SDK agent whose function tool the SDK
-//!   runs.
+//!   and named choices, the 400s; langchain-openai's `bind_tools` through the Responses API;
+//!   and an OpenAI Agents SDK agent whose function tool the SDK runs.
 //!
 //! The scripts' checks raise (never `assert`, which `python -O` drops) and it exits non-zero
 //! on the first that fails, which fails the test.
 //!
-//! Needs Python 3 with `openai`, `openai-agents`, `langchain-openai` and `jsonschema` importable: scripts/test
-//! installs them into `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
+//! Needs Python 3 with `openai`, `openai-agents`, `langchain-openai` and `jsonschema`
+//! importable: scripts/test installs them into `target/pylib` and points
+//! `TANDEM_TEST_PYTHONPATH` there.
 
 mod support;
 
@@ -80,6 +81,6 @@ fn required_and_named_tool_choice_always_call_a_declared_tool() {
 
 #[test]
 fn function_tools_on_the_responses_api_with_openai_and_the_agents_sdk() {
-    check_importable("openai, agents, jsonschema");
+    check_importable("openai, agents, langchain_openai, jsonschema");
     run_script("responses_tools.py", &[]);
 }

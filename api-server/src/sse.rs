@@ -16,7 +16,7 @@ use futures::StreamExt;
 use futures::stream::{LocalBoxStream, SelectAll};
 
 use crate::disconnect::{ClientSocket, client_gone};
-use crate::dispatch::samples::total_usage;
+use crate::dispatch::samples::batch_usage;
 use crate::dispatch::{GenEvent, Generation};
 use crate::error::ApiError;
 pub use crate::event_stream::{SSE_DONE, sse_data};
@@ -37,6 +37,11 @@ pub trait ChunkFormat: 'static {
     /// With `include_usage`, the last chunk: the usage of the whole request (every choice).
     fn usage(&self, _usage: Usage) -> Option<Bytes> {
         None
+    }
+    /// The prompt this choice answers, in a batch of prompts (`/v1/completions`): the usage
+    /// counts each prompt once, however many choices answer it.
+    fn prompt_index(&self) -> usize {
+        0
     }
     /// What the client sees when a choice fails after the stream has started.
     fn failed(&mut self, err: &ApiError) -> Vec<Bytes> {
@@ -121,7 +126,12 @@ pub fn sse_body<F: ChunkFormat>(
                         .extend(body.formats[index].finished(reason, usage));
                     body.usages[index] = Some(usage);
                     if body.usages.iter().all(Option::is_some) {
-                        let total = total_usage(body.usages.iter().flatten().copied());
+                        let total = batch_usage(
+                            body.formats
+                                .iter()
+                                .map(ChunkFormat::prompt_index)
+                                .zip(body.usages.iter().flatten().copied()),
+                        );
                         body.queue.extend(body.formats[0].usage(total));
                         body.queue.extend(body.formats[0].closing());
                         body.events = None;

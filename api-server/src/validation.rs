@@ -550,10 +550,17 @@ fn token_ids(ids: &[i64], limits: &ModelLimits) -> Result<Vec<u32>, ApiError> {
         .collect()
 }
 
+/// Most prompts in one `/v1/completions` request (a batch: `prompt` as a list).
+pub const MAX_BATCH_PROMPTS: usize = 256;
+/// Most choices one `/v1/completions` request generates: prompts x `best_of` (or `n`).
+pub const MAX_BATCH_CHOICES: usize = 1024;
+
+/// One validated request per prompt: one, or each of a batch (`prompt` as a list of strings
+/// or of token lists), with the same settings; their choices are numbered prompt by prompt.
 pub fn validate_completion(
     request: &CompletionRequest,
     limits: &ModelLimits,
-) -> Result<ValidRequest, ApiError> {
+) -> Result<Vec<ValidRequest>, ApiError> {
     let common = validate_common(
         CommonFields {
             model: &request.model,
@@ -593,25 +600,34 @@ pub fn validate_completion(
             "best_of",
         ));
     }
-    let batch_error = || {
-        ApiError::invalid(
-            "batched prompts are not supported; send one prompt per request",
-            "prompt",
-        )
-    };
-    let prompt = match &request.prompt {
+    let prompts = match &request.prompt {
         None => return Err(ApiError::invalid("prompt is required", "prompt")),
-        Some(PromptField::Text(text)) => PromptInput::Text(text.clone()),
-        Some(PromptField::Tokens(ids)) => PromptInput::Tokens(token_ids(ids, limits)?),
-        Some(PromptField::Texts(texts)) => match texts.as_slice() {
-            [text] => PromptInput::Text(text.clone()),
-            _ => return Err(batch_error()),
-        },
-        Some(PromptField::TokenBatches(batches)) => match batches.as_slice() {
-            [ids] => PromptInput::Tokens(token_ids(ids, limits)?),
-            _ => return Err(batch_error()),
-        },
+        Some(PromptField::Text(text)) => vec![PromptInput::Text(text.clone())],
+        Some(PromptField::Tokens(ids)) => vec![PromptInput::Tokens(token_ids(ids, limits)?)],
+        Some(PromptField::Texts(texts)) => texts.iter().cloned().map(PromptInput::Text).collect(),
+        Some(PromptField::TokenBatches(batches)) => batches
+            .iter()
+            .map(|ids| token_ids(ids, limits).map(PromptInput::Tokens))
+            .collect::<Result<_, _>>()?,
     };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt must not be an empty list",
+            "prompt",
+        ));
+    }
+    if prompts.len() > MAX_BATCH_PROMPTS || prompts.len() * candidates as usize > MAX_BATCH_CHOICES
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "a batch of {} prompts with {candidates} choices each is too large: at most \
+                 {MAX_BATCH_PROMPTS} prompts and {MAX_BATCH_CHOICES} choices (prompts x best_of \
+                 or n) in one request",
+                prompts.len()
+            ),
+            "prompt",
+        ));
+    }
     let max_tokens = match request.max_tokens {
         // OpenAI's legacy contract: the prompt echoed (with its logprobs), nothing generated
         // (lm-evaluation-harness scores prompts this way). Without echo there would be
@@ -644,8 +660,8 @@ pub fn validate_completion(
         // The ranking reads each token's logprob; the response shows none unless asked.
         sampling.logprobs = Some(0);
     }
-    Ok(ValidRequest {
-        prompt,
+    let first = ValidRequest {
+        prompt: prompts[0].clone(),
         max_tokens: Some(max_tokens),
         sampling,
         stop_strings: common.stop_strings,
@@ -660,7 +676,14 @@ pub fn validate_completion(
         candidates,
         echo,
         cache_salt: common.cache_salt,
-    })
+    };
+    Ok(prompts
+        .into_iter()
+        .map(|prompt| ValidRequest {
+            prompt,
+            ..first.clone()
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -686,9 +709,10 @@ mod tests {
         validate_chat(&request, &limits())
     }
 
+    /// The first (or only) prompt's validated request.
     fn completion(body: Value) -> Result<ValidRequest, ApiError> {
         let request: CompletionRequest = serde_json::from_value(body).unwrap();
-        validate_completion(&request, &limits())
+        validate_completion(&request, &limits()).map(|mut batch| batch.remove(0))
     }
 
     fn param_of(result: Result<ValidRequest, ApiError>) -> String {
@@ -777,8 +801,7 @@ mod tests {
         // Completions too.
         let request: CompletionRequest = serde_json::from_value(json!({"prompt": "x"})).unwrap();
         assert_eq!(
-            validate_completion(&request, &model)
-                .unwrap()
+            validate_completion(&request, &model).unwrap()[0]
                 .sampling
                 .temperature,
             0.2
@@ -1137,7 +1160,12 @@ mod tests {
         for (body, param) in [
             (json!({"prompt": [1, 1000]}), "prompt"),
             (json!({"prompt": [-1]}), "prompt"),
-            (json!({"prompt": ["a", "b"]}), "prompt"),
+            (json!({"prompt": [[1], [1000]]}), "prompt"),
+            (json!({"prompt": vec!["a"; 257]}), "prompt"),
+            (
+                json!({"prompt": vec!["a"; 9], "n": 2, "best_of": 128}),
+                "prompt",
+            ),
             (json!({}), "prompt"),
             (json!({"prompt": "x", "n": 2, "best_of": 1}), "best_of"),
             (json!({"prompt": "x", "n": -1}), "n"),
@@ -1145,6 +1173,29 @@ mod tests {
         ] {
             assert_eq!(param_of(completion(body.clone())), param, "{body}");
         }
+    }
+
+    /// A batch: one request per prompt, in order, with the same settings.
+    #[test]
+    fn a_batch_of_prompts_is_one_request_each() {
+        let batch = |body: Value| {
+            let request: CompletionRequest = serde_json::from_value(body).unwrap();
+            validate_completion(&request, &limits()).unwrap()
+        };
+        let texts = batch(json!({"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 5}));
+        let prompts: Vec<&PromptInput> = texts.iter().map(|v| &v.prompt).collect();
+        assert_eq!(
+            prompts,
+            [
+                &PromptInput::Text("a".into()),
+                &PromptInput::Text("b".into()),
+                &PromptInput::Text("c".into())
+            ]
+        );
+        assert!(texts.iter().all(|v| v.n == 2 && v.max_tokens == Some(5)));
+        let ids = batch(json!({"prompt": [[1, 2], [3]], "echo": true, "logprobs": 1}));
+        assert_eq!(ids[1].prompt, PromptInput::Tokens(vec![3]));
+        assert!(ids[1].echo && ids[1].sampling.prompt_logprobs == Some(1));
     }
 
     #[test]

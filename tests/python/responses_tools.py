@@ -10,6 +10,8 @@ usage: responses_tools.py BASE_URL
   the model answers in text carrying the result), `tool_choice` "none", "required" and a named
   function (every reply a call whose arguments validate against the tool's schema), and the
   400s that name the field.
+- langchain-openai's `ChatOpenAI(use_responses_api=True).bind_tools`: a named call, streamed
+  and not, and its `ToolMessage` back.
 - an Agents SDK agent with a `function_tool`: the SDK runs the call the model makes and sends
   its output back, streamed and not.
 
@@ -225,8 +227,35 @@ async def agents_sdk():
     print("agents sdk: function tool run, streamed and not, its items sent back: ok")
 
 
+def langchain():
+    """langchain-openai's `ChatOpenAI(use_responses_api=True)` with `bind_tools`: a named call,
+    streamed alike, and its `ToolMessage` sent back (LangChain's own function_call items)."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=base_url, api_key="unused", model=model, temperature=0, max_tokens=64,
+                     max_retries=0, use_responses_api=True)
+    tool = {"type": "function", "function": {"name": "get_weather", "description": WEATHER["description"],
+                                             "parameters": WEATHER_PARAMETERS}}
+    bound = llm.bind_tools([tool], tool_choice="get_weather")
+    question = [HumanMessage("What is the weather in Paris?")]
+    ai = bound.invoke(question)
+    check(len(ai.tool_calls) == 1 and ai.tool_calls[0]["name"] == "get_weather", ai)
+    jsonschema.validate(ai.tool_calls[0]["args"], WEATHER_PARAMETERS)
+    streamed = None
+    for chunk in bound.stream(question):
+        streamed = chunk if streamed is None else streamed + chunk
+    check([(c["name"], c["args"]) for c in streamed.tool_calls] == [(c["name"], c["args"]) for c in ai.tool_calls],
+          (streamed.tool_calls, ai.tool_calls))
+    answer = llm.bind_tools([tool], tool_choice="none").invoke(
+        question + [ai, ToolMessage(content="21 degrees Celsius", tool_call_id=ai.tool_calls[0]["id"])])
+    check(not answer.tool_calls and answer.content, answer)
+    print("langchain-openai responses: bind_tools, a named call streamed and not, its result back: ok")
+
+
 auto()
 required()
 refusals()
+langchain()
 asyncio.run(agents_sdk())
 print("responses tools: all checks passed")

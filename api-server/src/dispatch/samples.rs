@@ -110,6 +110,23 @@ pub fn mean_logprob(candidate: &Completed) -> f64 {
     logprobs.iter().sum::<f64>() / logprobs.len() as f64
 }
 
+/// The usage of a batch's choices, each tagged with the prompt it answers: each prompt's
+/// [`total_usage`], added up.
+pub fn batch_usage(choices: impl IntoIterator<Item = (usize, Usage)>) -> Usage {
+    let mut by_prompt: std::collections::BTreeMap<usize, Vec<Usage>> = Default::default();
+    for (prompt, usage) in choices {
+        by_prompt.entry(prompt).or_default().push(usage);
+    }
+    by_prompt
+        .into_values()
+        .map(total_usage)
+        .fold(Usage::default(), |sum, one| Usage {
+            prompt_tokens: sum.prompt_tokens + one.prompt_tokens,
+            completion_tokens: sum.completion_tokens + one.completion_tokens,
+            cached_tokens: sum.cached_tokens + one.cached_tokens,
+        })
+}
+
 /// The usage of a request's choices: the prompt once, every choice's completion tokens.
 pub fn total_usage(usages: impl IntoIterator<Item = Usage>) -> Usage {
     usages
@@ -140,6 +157,30 @@ mod tests {
         assert_eq!(choice_seed(42, 3), choice_seed(42, 3));
         assert_ne!(choice_seed(42, 1), choice_seed(43, 1));
         assert_eq!(choice_job_id("cmpl-9", 2), "cmpl-9-c2");
+    }
+
+    /// Each prompt of a batch is counted once, with its choices' completions; the prompts
+    /// (and what of each was cached) add up.
+    #[test]
+    fn a_batch_counts_each_prompt_once() {
+        let usage = |prompt_tokens, completion_tokens, cached_tokens| Usage {
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+        };
+        assert_eq!(
+            batch_usage([
+                (0, usage(10, 3, 4)),
+                (0, usage(10, 5, 4)),
+                (1, usage(7, 2, 0)),
+                (1, usage(7, 1, 0)),
+            ]),
+            usage(17, 11, 4)
+        );
+        assert_eq!(
+            batch_usage([(0, usage(10, 3, 4)), (0, usage(10, 5, 4))]),
+            total_usage([usage(10, 3, 4), usage(10, 5, 4)])
+        );
     }
 
     #[test]

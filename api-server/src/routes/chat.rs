@@ -86,7 +86,7 @@ pub async fn chat_completions(
         call_ids: Vec::new(),
         metrics: state.metrics.clone(),
     };
-    reply_choices(generations, valid.stream, socket, chunks).await
+    reply_choices(generations, valid.stream, socket, chunks, valid.n as usize).await
 }
 
 /// The chunks of one streamed chat completion, or the whole completion of one that is not.

@@ -9,6 +9,11 @@
 //!
 //! `best_of` > `n`: `best_of` candidates generated as choices are, the `n` with the highest
 //! mean token logprob returned ([`samples::best_of`]), usage counting every candidate.
+//!
+//! A batch (`prompt` as a list of several strings or token lists): each prompt is started as a
+//! request of its own (admitted, routed and counted as choices of this one), and its choices
+//! come in order, prompt by prompt (choice `i` answers prompt `i / n`), each prompt counted
+//! once in the usage; streamed, the choices' chunks interleave as `n`'s do.
 
 use std::sync::Arc;
 
@@ -44,49 +49,84 @@ pub async fn completions(
 ) -> Result<HttpResponse, ApiError> {
     let socket = ClientSocket::of(&request);
     let mut record = RequestRecord::new(state.metrics.clone(), Endpoint::Completions);
-    let valid = crate::fields::COMPLETIONS
+    let batch = crate::fields::COMPLETIONS
         .parse::<CompletionRequest>(body.into_inner())
         .and_then(|body| validate_completion(&body, &state.limits))
         .inspect_err(|err| record.fail(err))?;
+    let valid = batch[0].clone();
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let tenant = request.extensions().get::<TenantSalt>().cloned();
-    let started = start_generation(&state, &valid, record, id.clone(), tenant);
+    // Each prompt of a batch is started as a request of its own (its jobs named after the
+    // prompt), counted as choices of this one.
+    let records: Vec<RequestRecord> = (1..batch.len()).map(|_| record.extra_choice()).collect();
+    let starts = batch
+        .iter()
+        .zip(std::iter::once(record).chain(records))
+        .enumerate()
+        .map(|(i, (prompt, record))| {
+            let request_id = match batch.len() {
+                1 => id.clone(),
+                _ => format!("{id}-p{i}"),
+            };
+            start_generation(&state, prompt, record, request_id, tenant.clone())
+        });
+    let started = futures::future::try_join_all(starts);
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
         return Ok(client_left());
     };
-    let generations = generation?;
-    let echo = match (valid.echo, generations.first()) {
-        (true, Some(first)) => Some(Arc::new(EchoedPrompt {
-            text: match &valid.prompt {
-                PromptInput::Text(text) => text.clone(),
-                _ => state
-                    .codec
-                    .decode_text(first.prompt_ids())
-                    .map_err(|err| naming_prompt_param(err.into(), valid.prompt_param()))?,
-            },
-            ids: first.prompt_ids().to_vec(),
-        })),
-        _ => None,
-    };
+    let per_prompt = generation?;
+    let mut echoes = Vec::with_capacity(per_prompt.len());
+    for (prompt, generations) in batch.iter().zip(&per_prompt) {
+        echoes.push(match (prompt.echo, generations.first()) {
+            (true, Some(first)) => Some(Arc::new(EchoedPrompt {
+                text: match &prompt.prompt {
+                    PromptInput::Text(text) => text.clone(),
+                    _ => state
+                        .codec
+                        .decode_text(first.prompt_ids())
+                        .map_err(|err| naming_prompt_param(err.into(), prompt.prompt_param()))?,
+                },
+                ids: first.prompt_ids().to_vec(),
+            })),
+            _ => None,
+        });
+    }
+    let generations: Vec<_> = per_prompt.into_iter().flatten().collect();
     let created = unix_now_s();
+    // Choice `index` answers prompt `index / n` (OpenAI numbers a batch's choices prompt by
+    // prompt); streamed, the generations are the choices.
+    let n = valid.n as usize;
     let chunks = |index: usize| CompletionChunks {
         id: id.clone(),
         index: index as u32,
+        prompt_index: index / n,
         created,
         model: state.limits.served_model_name.clone(),
         include_usage: valid.include_usage,
         logprobs: valid.logprobs.is_some(),
         offsets: CompletionLogprobsBuilder::default(),
         codec: Arc::clone(&state.codec),
-        echo: echo.clone(),
+        echo: echoes[index / n].clone(),
         prompt_logprobs: Vec::new(),
     };
     if valid.candidates > valid.n {
-        // best_of: never streamed (validated); every candidate whole, then the best n.
-        let best = |completed| samples::best_of(completed, valid.n as usize);
-        return reply_whole(generations, socket, chunks, best).await;
+        // best_of: never streamed (validated); every candidate whole, then each prompt's
+        // best n.
+        let candidates = valid.candidates as usize;
+        let best = |completed: Vec<Completed>| {
+            let mut completed = completed.into_iter();
+            let mut kept = Vec::new();
+            loop {
+                let prompt: Vec<Completed> = completed.by_ref().take(candidates).collect();
+                if prompt.is_empty() {
+                    return kept;
+                }
+                kept.extend(samples::best_of(prompt, n));
+            }
+        };
+        return reply_whole(generations, socket, chunks, candidates, best).await;
     }
-    reply_choices(generations, valid.stream, socket, chunks).await
+    reply_choices(generations, valid.stream, socket, chunks, n).await
 }
 
 /// The prompt `echo` puts before each choice: its token ids and its text (as sent, or the
@@ -102,6 +142,8 @@ pub struct CompletionChunks {
     pub id: String,
     /// The choice these chunks carry.
     pub index: u32,
+    /// The prompt it answers (a batch's).
+    pub prompt_index: usize,
     pub created: u64,
     pub model: String,
     pub include_usage: bool,
@@ -190,6 +232,10 @@ impl CompletionChunks {
 impl ChunkFormat for CompletionChunks {
     fn opening(&mut self) -> Vec<Bytes> {
         Vec::new()
+    }
+
+    fn prompt_index(&self) -> usize {
+        self.prompt_index
     }
 
     fn prompt_logprobs(&mut self, logprobs: Vec<PromptLogprob>) {

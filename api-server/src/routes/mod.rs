@@ -153,12 +153,14 @@ pub(crate) trait ChoiceFormat: ChunkFormat + Sized {
 
 /// The answer to a chat or text completion request with one generation per choice: the
 /// choices streamed as `format(index)`'s chunks, or collected into one response object
-/// (the prompt counted once in its usage). A client that leaves cancels every choice.
+/// (each prompt counted once in its usage: the choices come `per_prompt` to a prompt). A
+/// client that leaves cancels every choice.
 pub(crate) async fn reply_choices<F: ChoiceFormat>(
     generations: Vec<Generation>,
     stream: bool,
     socket: Option<Arc<ClientSocket>>,
     format: impl Fn(usize) -> F,
+    per_prompt: usize,
 ) -> Result<HttpResponse, ApiError> {
     if stream {
         let choices = generations
@@ -168,17 +170,22 @@ pub(crate) async fn reply_choices<F: ChoiceFormat>(
             .collect();
         return Ok(sse_response(choices, socket));
     }
-    reply_whole(generations, socket, format, |completed| completed).await
+    reply_whole(generations, socket, format, per_prompt, |completed| {
+        completed
+    })
+    .await
 }
 
 /// The response object of a request that is not streamed: every generation whole (the first
 /// error fails them all; the others are dropped, which cancels them), the usage of them all
-/// (the prompt counted once), and as choices those `keep` returns, in its order (all of them,
-/// or `best_of`'s best `n`).
+/// (each prompt counted once: the generations come `per_prompt` to a prompt, prompt by
+/// prompt), and as choices those `keep` returns, in its order (all of them, or `best_of`'s best
+/// `n` of each prompt).
 pub(crate) async fn reply_whole<F: ChoiceFormat>(
     generations: Vec<Generation>,
     socket: Option<Arc<ClientSocket>>,
     format: impl Fn(usize) -> F,
+    per_prompt: usize,
     keep: impl FnOnce(Vec<Completed>) -> Vec<Completed>,
 ) -> Result<HttpResponse, ApiError> {
     let collected = futures::future::try_join_all(generations.into_iter().map(Generation::collect));
@@ -186,7 +193,12 @@ pub(crate) async fn reply_whole<F: ChoiceFormat>(
         return Ok(client_left());
     };
     let completed = completed?;
-    let usage = samples::total_usage(completed.iter().map(|c| c.usage));
+    let usage = samples::batch_usage(
+        completed
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i / per_prompt.max(1), c.usage)),
+    );
     let choices = keep(completed)
         .into_iter()
         .enumerate()
