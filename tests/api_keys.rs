@@ -85,7 +85,9 @@ fn api_keys_guard_v1_and_never_show() {
     let completion = json!({"model": "keyed", "prompt": "Hi", "max_tokens": 2});
     let chat = json!({"model": "keyed", "messages": [{"role": "user", "content": "Hi"}],
                       "max_tokens": 2});
-    // No key, a wrong key, a key of the wrong scheme: 401 on every /v1 route.
+    let tokenize = json!({"prompt": "Hi"});
+    // No key, a wrong key, a key of the wrong scheme: 401 on every /v1 route and the
+    // tokenizer's.
     for client in [
         Http::new(&base),
         Http::new(&base).with_bearer("sk-wrong"),
@@ -94,6 +96,7 @@ fn api_keys_guard_v1_and_never_show() {
         for (path, body) in [
             ("/v1/completions", &completion),
             ("/v1/chat/completions", &chat),
+            ("/tokenize", &tokenize),
         ] {
             let reply = client.post(path, body);
             assert_eq!(reply.status, 401, "{path}: {}", reply.body);
@@ -133,7 +136,7 @@ fn api_keys_guard_v1_and_never_show() {
     openai_client_with_and_without_the_key(&base);
     let metrics = Http::new(&base).get("/metrics").body;
     assert!(
-        metrics.contains("tandem_unauthorized_requests_total 10"),
+        metrics.contains("tandem_unauthorized_requests_total 13"),
         "{}",
         metrics
             .lines()

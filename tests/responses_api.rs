@@ -367,6 +367,96 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
         assert_eq!(reply.header("allow"), header, "{method} {path}");
     }
 
+    // vLLM's /tokenize counts the tokens a request is prefilled with: a chat's messages
+    // (with tools), a completion's prompt; /detokenize reads them back.
+    let messages = json!([{"role": "user", "content": "What is the capital of France?"}]);
+    let weather = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    for body in [
+        json!({"messages": messages}),
+        json!({"messages": messages, "tools": weather}),
+    ] {
+        let counted = http.post("/tokenize", &body);
+        assert_eq!(counted.status, 200, "{}", counted.body);
+        let counted = counted.json();
+        let mut chat = body.clone();
+        chat["max_tokens"] = json!(1);
+        let served = http.post("/v1/chat/completions", &chat).json();
+        assert_eq!(
+            counted["count"], served["usage"]["prompt_tokens"],
+            "{body}: {counted} against {served}"
+        );
+        assert_eq!(
+            counted["tokens"].as_array().unwrap().len() as u64,
+            counted["count"]
+        );
+        assert!(counted["max_model_len"].as_u64().unwrap() > 0);
+    }
+    let prompt = "The capital of France is";
+    let counted = http
+        .post(
+            "/tokenize",
+            &json!({"prompt": prompt, "return_token_strs": true}),
+        )
+        .json();
+    let served = http
+        .post(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 1}),
+        )
+        .json();
+    assert_eq!(counted["count"], served["usage"]["prompt_tokens"]);
+    assert_eq!(
+        counted["token_strs"].as_array().unwrap().len() as u64,
+        counted["count"]
+    );
+    let plain = http
+        .post(
+            "/tokenize",
+            &json!({"prompt": prompt, "add_special_tokens": false}),
+        )
+        .json();
+    let read = http
+        .post("/detokenize", &json!({"tokens": plain["tokens"]}))
+        .json();
+    assert_eq!(read["prompt"], prompt, "{read}");
+    for (path, body, param, code) in [
+        (
+            "/tokenize",
+            json!({"prompt": "x", "messages": messages}),
+            "prompt",
+            Value::Null,
+        ),
+        (
+            "/tokenize",
+            json!({"prompt": "x", "chat_template": "{{x}}"}),
+            "chat_template",
+            json!("unsupported_parameter"),
+        ),
+        (
+            "/tokenize",
+            json!({"prompt": "x", "tokens": [1]}),
+            "tokens",
+            json!("unknown_parameter"),
+        ),
+        (
+            "/detokenize",
+            json!({"tokens": [1, 1_000_000]}),
+            "tokens[1]",
+            Value::Null,
+        ),
+    ] {
+        let reply = http.post(path, &body);
+        assert_eq!(reply.status, 400, "{path} {body}: {}", reply.body);
+        assert_eq!(reply.json()["error"]["param"], param, "{path} {body}");
+        assert_eq!(reply.json()["error"]["code"], code, "{path} {body}");
+    }
+    assert_eq!(
+        http.post("/tokenize", &json!({"model": "other", "prompt": "x"}))
+            .status,
+        404
+    );
+
     // The requests are counted under their endpoint.
     let metrics = http.get("/metrics").body;
     assert!(

@@ -107,10 +107,12 @@ impl ApiKeys {
         self.keys.is_empty()
     }
 
-    /// Whether `path` needs a key.
+    /// Whether `path` needs a key: the API, and vLLM's tokenizer routes beside it.
     fn guards(&self, path: &str) -> bool {
         path == "/v1"
             || path.starts_with("/v1/")
+            || path == "/tokenize"
+            || path == "/detokenize"
             || (self.metrics_require_key && path == "/metrics")
     }
 
@@ -256,6 +258,8 @@ mod tests {
         assert!(open_metrics.guards("/v1/chat/completions"));
         assert!(open_metrics.guards("/v1/models"));
         assert!(open_metrics.guards("/v1"));
+        assert!(open_metrics.guards("/tokenize"));
+        assert!(open_metrics.guards("/detokenize"));
         assert!(!open_metrics.guards("/health"));
         assert!(!open_metrics.guards("/metrics"));
         assert!(!open_metrics.guards("/v10"));

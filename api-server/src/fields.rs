@@ -368,6 +368,60 @@ pub const RESPONSES: EndpointFields = EndpointFields {
     nested: &[("stream_options", &RESPONSES_STREAM_OPTIONS)],
 };
 
+/// `POST /tokenize` (vLLM's).
+pub const TOKENIZE: EndpointFields = EndpointFields {
+    path: "/tokenize",
+    fields: &[
+        ("model", Served),
+        ("prompt", Served),
+        ("messages", Served),
+        ("tools", Served),
+        ("add_special_tokens", Served),
+        ("add_generation_prompt", Served),
+        ("return_token_strs", Served),
+        (
+            "continue_final_message",
+            Refused {
+                why: "messages are rendered as a chat request's are, ending with the \
+                      assistant's generation prompt",
+                allowed: is_false,
+            },
+        ),
+        (
+            "chat_template",
+            Refused {
+                why: "the model directory's chat template is the one requests use",
+                allowed: never,
+            },
+        ),
+        (
+            "chat_template_kwargs",
+            Refused {
+                why: "the chat template is rendered as a chat request's is, without extra \
+                      variables",
+                allowed: never,
+            },
+        ),
+        (
+            "mm_processor_kwargs",
+            Refused {
+                why: "tandem serves text models",
+                allowed: never,
+            },
+        ),
+    ],
+    shared: &[],
+    nested: &[("messages", &CHAT_MESSAGE)],
+};
+
+/// `POST /detokenize` (vLLM's).
+pub const DETOKENIZE: EndpointFields = EndpointFields {
+    path: "/detokenize",
+    fields: &[("model", Served), ("tokens", Served)],
+    shared: &[],
+    nested: &[],
+};
+
 impl EndpointFields {
     /// Every field of the endpoint and its support.
     pub fn entries(&self) -> impl Iterator<Item = &(&'static str, Support)> {
@@ -469,20 +523,22 @@ fn first_unreadable_field<T: DeserializeOwned>(body: &Value) -> Option<serde_jso
 mod tests {
     use super::*;
     use crate::openai::{
-        ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationFields, ResponsesRequest,
-        ResponsesStreamOptions, SamplingFields, StreamOptions,
+        ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, GenerationFields,
+        ResponsesRequest, ResponsesStreamOptions, SamplingFields, StreamOptions, TokenizeRequest,
     };
     use serde_json::json;
     use std::collections::BTreeSet;
 
     /// Every table, and so every name a request type may declare.
-    const TABLES: [&EndpointFields; 6] = [
+    const TABLES: [&EndpointFields; 8] = [
         &CHAT_COMPLETIONS,
         &COMPLETIONS,
         &RESPONSES,
         &CHAT_MESSAGE,
         &STREAM_OPTIONS,
         &RESPONSES_STREAM_OPTIONS,
+        &TOKENIZE,
+        &DETOKENIZE,
     ];
 
     /// The field names a derived `Deserialize` struct reads itself: those it hands to
@@ -629,6 +685,8 @@ mod tests {
             served(&RESPONSES_STREAM_OPTIONS),
             declared_fields::<ResponsesStreamOptions>()
         );
+        assert_eq!(served(&TOKENIZE), declared_fields::<TokenizeRequest>());
+        assert_eq!(served(&DETOKENIZE), declared_fields::<DetokenizeRequest>());
     }
 
     /// The shared groups are the structs the request types flatten, so a sampling parameter
@@ -642,14 +700,7 @@ mod tests {
 
     #[test]
     fn each_name_is_listed_once() {
-        for endpoint in [
-            &CHAT_COMPLETIONS,
-            &COMPLETIONS,
-            &RESPONSES,
-            &CHAT_MESSAGE,
-            &STREAM_OPTIONS,
-            &RESPONSES_STREAM_OPTIONS,
-        ] {
+        for endpoint in TABLES {
             let names: BTreeSet<_> = endpoint.entries().map(|(n, _)| n).collect();
             assert_eq!(names.len(), endpoint.entries().count(), "{}", endpoint.path);
         }

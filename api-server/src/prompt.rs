@@ -66,6 +66,9 @@ pub trait PromptCodec: Send + Sync + 'static {
     /// Tokenizes a completion prompt, adding the tokenizer's special tokens (BOS) as
     /// Hugging Face's `encode` does by default.
     fn encode_text(&self, text: &str) -> Result<Vec<u32>, PromptError>;
+    /// Tokenizes text without adding the tokenizer's special tokens (`/tokenize` with
+    /// `add_special_tokens: false`).
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>, PromptError>;
     /// The text of one token, for logprobs (`token` and `bytes`).
     fn token_text(&self, id: u32) -> String;
     /// The text of a prompt given as token ids (special tokens included), for `echo`.
@@ -229,6 +232,12 @@ impl PromptCodec for TextCodec {
             .map_err(|e| PromptError::Tokenizer(e.to_string()))
     }
 
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>, PromptError> {
+        self.tokenizer
+            .encode_templated(text)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))
+    }
+
     fn token_text(&self, id: u32) -> String {
         self.tokenizer
             .token_bytes(id)
@@ -291,6 +300,9 @@ pub(crate) mod test_codec {
             unreachable!()
         }
         fn encode_text(&self, _: &str) -> Result<Vec<u32>, PromptError> {
+            unreachable!()
+        }
+        fn encode_plain(&self, _: &str) -> Result<Vec<u32>, PromptError> {
             unreachable!()
         }
         fn token_text(&self, id: u32) -> String {

@@ -7,6 +7,7 @@
 
 pub mod responses;
 pub mod sampling;
+pub mod tokenize;
 
 use tandem_protocol::messages::{GrammarSpec, SamplingSpec, StopSpec};
 
@@ -197,7 +198,7 @@ struct CommonValues {
     cache_salt: Option<String>,
 }
 
-fn check_model(model: &Option<String>, limits: &ModelLimits) -> Result<(), ApiError> {
+pub fn check_model(model: &Option<String>, limits: &ModelLimits) -> Result<(), ApiError> {
     match model {
         Some(name) if name != &limits.served_model_name => Err(ApiError::ModelNotFound {
             model: name.clone(),

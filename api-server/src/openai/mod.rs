@@ -14,6 +14,7 @@ pub mod completions;
 pub mod models;
 pub mod responses;
 pub mod sampling;
+pub mod tokenize;
 pub mod tools;
 
 pub use chat::*;
@@ -22,4 +23,5 @@ pub use completions::*;
 pub use models::*;
 pub use responses::*;
 pub use sampling::*;
+pub use tokenize::*;
 pub use tools::*;

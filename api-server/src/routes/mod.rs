@@ -9,6 +9,7 @@ pub mod health;
 pub mod metrics;
 pub mod models;
 pub mod responses;
+pub mod tokenize;
 pub mod unrouted;
 
 mod logprobs;
@@ -37,15 +38,17 @@ pub fn configure(config: &mut web::ServiceConfig) {
     let json = web::JsonConfig::default()
         .limit(MAX_BODY_BYTES)
         .error_handler(|err, req| {
-            let endpoint = if req.path().ends_with("/chat/completions") {
-                Endpoint::Chat
-            } else if req.path().ends_with("/responses") {
-                Endpoint::Responses
-            } else {
-                Endpoint::Completions
+            // Counted under the generation endpoint it was meant for (the tokenizer routes
+            // are not counted).
+            let endpoint = match req.path() {
+                "/v1/chat/completions" => Some(Endpoint::Chat),
+                "/v1/responses" => Some(Endpoint::Responses),
+                "/v1/completions" => Some(Endpoint::Completions),
+                _ => None,
             };
             let err = ApiError::InvalidJson(err.to_string());
-            if let Some(state) = req.app_data::<web::Data<AppState>>() {
+            if let (Some(state), Some(endpoint)) = (req.app_data::<web::Data<AppState>>(), endpoint)
+            {
                 RequestRecord::new(state.metrics.clone(), endpoint).fail(&err);
             }
             err.into()
@@ -61,6 +64,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(responses::cancel_response)
         .service(models::list_models)
         .service(models::retrieve_model)
+        .service(tokenize::tokenize_prompt)
+        .service(tokenize::detokenize_tokens)
         .service(health::health)
         .service(metrics::metrics)
         .default_service(web::to(unrouted::unrouted_request));

@@ -19,6 +19,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/v1/responses/{}/cancel", "POST"),
     ("/v1/models", "GET"),
     ("/v1/models/{..}", "GET"),
+    ("/tokenize", "POST"),
+    ("/detokenize", "POST"),
     ("/health", "GET"),
     ("/metrics", "GET"),
 ];
