@@ -457,6 +457,54 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
         404
     );
 
+    // vLLM's stop_token_ids: a greedy completion stops at the first of them it samples, the
+    // token's own text left out, finish_reason "stop".
+    let prompt = "One, two, three,";
+    let greedy = http
+        .post(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 8, "temperature": 0}),
+        )
+        .json();
+    let text = greedy["choices"][0]["text"].as_str().unwrap().to_string();
+    let ids = |text: &str| -> Vec<u64> {
+        let counted = http.post(
+            "/tokenize",
+            &json!({"prompt": text, "add_special_tokens": false}),
+        );
+        serde_json::from_value(counted.json()["tokens"].clone()).unwrap()
+    };
+    let generated = ids(&format!("{prompt}{text}"))[ids(prompt).len()..].to_vec();
+    // The first generated token unlike every one before it.
+    let at = (1..generated.len())
+        .find(|&i| !generated[..i].contains(&generated[i]))
+        .expect("a token unlike those before it");
+    let stopped = http
+        .post(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 8, "temperature": 0,
+                    "stop_token_ids": [generated[at]]}),
+        )
+        .json();
+    let read = http
+        .post("/detokenize", &json!({"tokens": generated[..at]}))
+        .json();
+    assert_eq!(stopped["choices"][0]["text"], read["prompt"], "{stopped}");
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+    assert_eq!(stopped["usage"]["completion_tokens"], at + 1);
+    let chat = http.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
+                "stop_token_ids": [1, 2]}),
+    );
+    assert_eq!(chat.status, 200, "{}", chat.body);
+    let reply = http.post(
+        "/v1/completions",
+        &json!({"prompt": "x", "stop_token_ids": [5, -1]}),
+    );
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["param"], "stop_token_ids[1]");
+
     // The requests are counted under their endpoint.
     let metrics = http.get("/metrics").body;
     assert!(

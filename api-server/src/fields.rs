@@ -112,6 +112,7 @@ const GENERATION: &[(&str, Support)] = &[
     ("top_k", Served),
     ("repetition_penalty", Served),
     ("ignore_eos", Served),
+    ("stop_token_ids", Served),
     // Served through the "grammar" path.
     ("logit_bias", Served),
     ("cache_salt", Served),

@@ -117,6 +117,9 @@ pub struct ValidRequest {
     pub max_tokens: Option<u32>,
     pub sampling: SamplingSpec,
     pub stop_strings: Vec<String>,
+    /// Ids that end the completion as the model's end of sequence does (vLLM's
+    /// `stop_token_ids`; they stop it with `ignore_eos` too).
+    pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     pub stream: bool,
     pub include_usage: bool,
@@ -171,7 +174,7 @@ impl ValidRequest {
         };
         Ok(StopSpec {
             max_tokens,
-            token_ids: Vec::new(),
+            token_ids: self.stop_token_ids.clone(),
             strings: self.stop_strings.clone(),
             ignore_eos: self.ignore_eos,
         })
@@ -192,6 +195,7 @@ struct CommonValues {
     n: u32,
     sampling: SamplingSpec,
     stop_strings: Vec<String>,
+    stop_token_ids: Vec<u32>,
     ignore_eos: bool,
     stream: bool,
     include_usage: bool,
@@ -224,6 +228,7 @@ fn validate_common(
         n: generation.n,
         sampling: generation.sampling,
         stop_strings: generation.stop_strings,
+        stop_token_ids: generation.stop_token_ids,
         ignore_eos: generation.ignore_eos,
         stream,
         include_usage: fields.include_usage.unwrap_or(false),
@@ -519,6 +524,7 @@ pub fn validate_chat(
         max_tokens,
         sampling,
         stop_strings: common.stop_strings,
+        stop_token_ids: common.stop_token_ids,
         ignore_eos: common.ignore_eos,
         stream: common.stream,
         include_usage: common.include_usage,
@@ -533,18 +539,30 @@ pub fn validate_chat(
     })
 }
 
+/// A prompt's token ids, each in the vocabulary.
 fn token_ids(ids: &[i64], limits: &ModelLimits) -> Result<Vec<u32>, ApiError> {
+    vocabulary_ids(ids, limits, |_| "prompt".to_string())
+}
+
+/// Token ids a request sends, each in the vocabulary; one outside it is a 400 naming
+/// `param(index)` (`prompt`, `stop_token_ids[2]`, `tokens[0]`).
+pub fn vocabulary_ids(
+    ids: &[i64],
+    limits: &ModelLimits,
+    param: impl Fn(usize) -> String,
+) -> Result<Vec<u32>, ApiError> {
     ids.iter()
-        .map(|&id| {
+        .enumerate()
+        .map(|(i, &id)| {
             if id >= 0 && id < limits.vocab_size as i64 {
                 Ok(id as u32)
             } else {
                 Err(ApiError::invalid(
                     format!(
-                        "token id {id} is outside the vocabulary (0..{})",
-                        limits.vocab_size
+                        "token id {id} is outside the vocabulary (0 to {})",
+                        limits.vocab_size - 1
                     ),
-                    "prompt",
+                    &param(i),
                 ))
             }
         })
@@ -666,6 +684,7 @@ pub fn validate_completion(
         max_tokens: Some(max_tokens),
         sampling,
         stop_strings: common.stop_strings,
+        stop_token_ids: common.stop_token_ids,
         ignore_eos: common.ignore_eos,
         stream: common.stream,
         include_usage: common.include_usage,
@@ -1151,6 +1170,14 @@ mod tests {
         assert_eq!(
             completion(json!({"prompt": [[3]]})).unwrap().prompt,
             PromptInput::Tokens(vec![3])
+        );
+        assert_eq!(
+            completion(json!({"prompt": "x", "stop_token_ids": [7, 3]}))
+                .unwrap()
+                .stop_spec(1, &limits())
+                .unwrap()
+                .token_ids,
+            [7, 3]
         );
         assert_eq!(
             completion(json!({"prompt": ["x"], "logprobs": 3}))

@@ -36,6 +36,8 @@ pub struct GenerationFields {
     pub top_k: Option<i64>,
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
+    /// Token ids that end the completion as the model's end of sequence does.
+    pub stop_token_ids: Option<Vec<i64>>,
     /// `{"token id": bias}`, token ids as strings (OpenAI's shape).
     pub logit_bias: Option<LogitBiasField>,
     /// vLLM's: isolates the request's prompt in the workers' prefix caches.

@@ -177,6 +177,7 @@ pub fn validate_responses(
             max_tokens: max_output_tokens,
             sampling,
             stop_strings: Vec::new(),
+            stop_token_ids: Vec::new(),
             ignore_eos: false,
             stream: common.stream,
             include_usage: false,

@@ -24,6 +24,8 @@ pub const MAX_STOP_BYTES: usize = 4096;
 /// OpenAI's bounds on `logit_bias`: entries, and the bias of one.
 pub const MAX_LOGIT_BIAS_ENTRIES: usize = 300;
 pub const MAX_LOGIT_BIAS: f64 = 100.0;
+/// `stop_token_ids` at most (vLLM sets none; they travel in every job message).
+pub const MAX_STOP_TOKEN_IDS: usize = 256;
 
 /// The generation parameters with concrete values.
 pub(super) struct ValidGeneration {
@@ -31,6 +33,7 @@ pub(super) struct ValidGeneration {
     pub(super) n: u32,
     pub(super) sampling: SamplingSpec,
     pub(super) stop_strings: Vec<String>,
+    pub(super) stop_token_ids: Vec<u32>,
     pub(super) ignore_eos: bool,
     pub(super) cache_salt: Option<String>,
 }
@@ -200,10 +203,24 @@ pub(super) fn validate_generation(
         ));
     }
 
+    let stop_token_ids = fields.stop_token_ids.as_deref().unwrap_or_default();
+    if stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(ApiError::invalid(
+            format!(
+                "stop_token_ids has {} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+                stop_token_ids.len()
+            ),
+            "stop_token_ids",
+        ));
+    }
+    let stop_token_ids =
+        super::vocabulary_ids(stop_token_ids, limits, |i| format!("stop_token_ids[{i}]"))?;
+
     Ok(ValidGeneration {
         n,
         sampling,
         stop_strings,
+        stop_token_ids,
         ignore_eos: fields.ignore_eos.unwrap_or(false),
         cache_salt: cache_salt(fields.cache_salt.as_deref())?,
     })

@@ -6,7 +6,7 @@ use crate::error::ApiError;
 use crate::openai::{ChatCompletionRequest, DetokenizeRequest, TokenizeRequest};
 use crate::tools::ToolRequest;
 
-use super::{ModelLimits, PromptInput, check_model, validate_chat};
+use super::{ModelLimits, PromptInput, check_model, validate_chat, vocabulary_ids};
 
 /// A validated `/tokenize` request.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,23 +97,7 @@ pub fn validate_detokenize(
         .tokens
         .as_ref()
         .ok_or_else(|| ApiError::invalid("tokens is required", "tokens"))?;
-    tokens
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| {
-            if id >= 0 && id < limits.vocab_size as i64 {
-                Ok(id as u32)
-            } else {
-                Err(ApiError::invalid(
-                    format!(
-                        "token id {id} is outside the vocabulary (0 to {})",
-                        limits.vocab_size - 1
-                    ),
-                    &format!("tokens[{i}]"),
-                ))
-            }
-        })
-        .collect()
+    vocabulary_ids(tokens, limits, |i| format!("tokens[{i}]"))
 }
 
 #[cfg(test)]
