@@ -841,6 +841,35 @@ mod tests {
         assert_eq!(output[0]["arguments"], "{\"ci");
     }
 
+    /// Text after a call is a message item of its own, after the call's.
+    #[test]
+    fn text_after_a_call_is_a_new_message_item() {
+        let object = with_tools().completed(Completed {
+            prompt_logprobs: Vec::new(),
+            tokens: vec![
+                token(
+                    1,
+                    "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}",
+                ),
+                token(2, "\n</tool_call>\nDone."),
+            ],
+            reason: WireFinish::Stop,
+            usage: usage(3, 2),
+        });
+        let value = serde_json::to_value(object).unwrap();
+        let kinds: Vec<&str> = value["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["function_call", "message"], "{value}");
+        assert_eq!(value["output"][0]["arguments"], "{}");
+        // The whitespace before text is the text's (the parser's rule, as on chat).
+        assert_eq!(value["output"][1]["content"][0]["text"], "\nDone.");
+        assert_ne!(value["output"][0]["id"], value["output"][1]["id"]);
+    }
+
     /// With tools, text the parser holds back (a possible call marker) keeps its logprobs
     /// until it is sent; a call's own tokens carry none.
     #[test]
