@@ -565,6 +565,70 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
     assert!(!output_text(&last["response"]).is_empty(), "{last}");
 }
 
+/// `truncation: "auto"` on the tiny model (a context of 1,024 tokens): a conversation longer
+/// than the context is answered from its latest turns that fit, the instructions kept, where
+/// `"disabled"` is a 400; `/tokenize` of the kept turns counts the response's input tokens, and
+/// one more exchange would not have fit.
+#[test]
+fn truncation_auto_keeps_the_latest_turns_that_fit() {
+    let nats = Nats::start();
+    let _worker = support::start_worker(&nats, &model_dir("tiny"), "w0", &[]);
+    let api = start_api_server(&nats, &model_dir("tiny"));
+    let http = &api.http;
+    http.wait_for_workers(1, Duration::from_secs(30));
+    let context = http.get("/v1/models").json()["data"][0]["max_model_len"]
+        .as_u64()
+        .unwrap();
+    let instructions = "Answer briefly.";
+    let count = |turns: &[Value]| -> u64 {
+        let mut messages = vec![json!({"role": "system", "content": instructions})];
+        messages.extend_from_slice(turns);
+        let counted = http.post("/tokenize", &json!({"messages": messages}));
+        assert_eq!(counted.status, 200, "{}", counted.body);
+        counted.json()["count"].as_u64().unwrap()
+    };
+    // Exchanges of distinct text until the whole passes the context by half.
+    let mut turns: Vec<Value> = Vec::new();
+    for i in 0.. {
+        let text = |who: &str| format!("{who} {i}: {}", "the quick brown fox ".repeat(6));
+        turns.push(json!({"role": "user", "content": text("question")}));
+        turns.push(json!({"role": "assistant", "content": text("answer")}));
+        if count(&turns) > context * 3 / 2 {
+            break;
+        }
+    }
+    turns.push(json!({"role": "user", "content": "And now?"}));
+    let request = |truncation: &str| {
+        json!({"instructions": instructions, "input": turns, "max_output_tokens": 4,
+               "truncation": truncation})
+    };
+    let refused = http.post("/v1/responses", &request("disabled"));
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "context_length_exceeded");
+
+    let reply = http.post("/v1/responses", &request("auto"));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let response = reply.json();
+    assert_eq!(response["truncation"], "auto");
+    let input_tokens = response["usage"]["input_tokens"].as_u64().unwrap();
+    assert!(input_tokens + 4 <= context, "{input_tokens} of {context}");
+    // The kept turns start at a question: those from that question on count the input, and
+    // one exchange more would not fit.
+    let kept = (0..turns.len())
+        .step_by(2)
+        .find(|&start| count(&turns[start..]) == input_tokens)
+        .unwrap_or_else(|| panic!("no question starts the {input_tokens} input tokens"));
+    assert!(kept > 0, "nothing was dropped");
+    assert!(count(&turns[kept - 2..]) + 4 > context);
+
+    // A last message longer than the context alone cannot be truncated to fit.
+    let long = json!({"input": "the quick brown fox ".repeat(400), "max_output_tokens": 4,
+                      "truncation": "auto"});
+    let reply = http.post("/v1/responses", &long);
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "context_length_exceeded");
+}
+
 /// Runs tests/python/SCRIPT against `base_url` (`http://host:port/v1`).
 fn run_python(script: &str, base_url: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

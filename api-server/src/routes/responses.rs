@@ -27,11 +27,15 @@ use crate::openai::{
     StreamEvent, TokenLogprob,
 };
 use crate::prompt::PromptCodec;
+use crate::prompt::tokenize;
 use crate::sse::{ChunkFormat, sse_response};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::parser::{CallParser, ParseEvent};
 use crate::tools::{ToolRequest, new_call_id};
-use crate::validation::responses::{ResponseSettings, validate_responses};
+use crate::validation::responses::{
+    ResponseSettings, Truncation, truncation_starts, validate_responses,
+};
+use crate::validation::{PromptInput, Role, Turn, ValidRequest};
 
 #[post("/v1/responses")]
 pub async fn create_response(
@@ -41,10 +45,17 @@ pub async fn create_response(
 ) -> Result<HttpResponse, ApiError> {
     let socket = ClientSocket::of(&request);
     let mut record = RequestRecord::new(state.metrics.clone(), Endpoint::Responses);
-    let valid = RESPONSES
+    let mut valid = RESPONSES
         .parse::<ResponsesRequest>(body.into_inner())
         .and_then(|body| validate_responses(&body, &state.limits))
         .inspect_err(|err| record.fail(err))?;
+    if valid.echo.truncation == Truncation::Auto
+        && let Some(prompt) = fit_context(&state, &valid.request)
+            .await
+            .inspect_err(|err| record.fail(err))?
+    {
+        valid.request.prompt = prompt;
+    }
     if let Some(grammar) = &valid.request.sampling.grammar {
         // A required or named function call's grammar (Lark) was built from `tools`; a JSON
         // schema came from `text.format`.
@@ -78,6 +89,58 @@ pub async fn create_response(
     };
     let completed = completed?;
     Ok(HttpResponse::Ok().json(events.completed(completed)))
+}
+
+/// `truncation: "auto"`: the conversation from its earliest start (a user turn after the
+/// system ones: [`truncation_starts`]) at which it and the token limit still fit the context,
+/// found by bisection over the starts (fewer turns, fewer tokens); `None` when it fits whole.
+/// From its last start when nothing fits (the context error then says so).
+async fn fit_context(
+    state: &AppState,
+    request: &ValidRequest,
+) -> Result<Option<PromptInput>, ApiError> {
+    let PromptInput::Chat(turns) = &request.prompt else {
+        return Ok(None);
+    };
+    let system = turns.iter().take_while(|t| t.role == Role::System).count();
+    // The first candidate is the whole conversation.
+    let mut starts = vec![system];
+    starts.extend(truncation_starts(turns).into_iter().filter(|&s| s > system));
+    let from = |start: usize| -> Vec<Turn> {
+        turns[..system]
+            .iter()
+            .chain(&turns[start..])
+            .cloned()
+            .collect()
+    };
+    let fits = |start: usize| {
+        let turns = from(start);
+        let codec = Arc::clone(&state.codec);
+        let tools = request.tools.clone();
+        async move {
+            let ids = tokenize(codec, PromptInput::Chat(turns), tools).await?;
+            Ok::<_, ApiError>(request.stop_spec(ids.len(), &state.limits).is_ok())
+        }
+    };
+    if fits(starts[0]).await? {
+        return Ok(None);
+    }
+    // starts[low] does not fit; starts[high] is the first that does (or the last start).
+    let (mut low, mut high) = (0, starts.len() - 1);
+    while high - low > 1 {
+        let middle = (low + high) / 2;
+        if fits(starts[middle]).await? {
+            high = middle;
+        } else {
+            low = middle;
+        }
+    }
+    tracing::debug!(
+        dropped = starts[high] - system,
+        of = turns.len() - system,
+        "truncation auto: the oldest input items dropped to fit the context"
+    );
+    Ok(Some(PromptInput::Chat(from(starts[high]))))
 }
 
 /// Why a stored-response route answers 404 (tandem keeps nothing to find).
@@ -250,7 +313,7 @@ impl ResponseEvents {
             tools: s.tools.clone(),
             top_logprobs: s.top_logprobs,
             top_p: s.top_p,
-            truncation: "disabled",
+            truncation: s.truncation.as_str(),
             usage,
             user: s.user.clone(),
             metadata: s.metadata.clone(),

@@ -60,6 +60,37 @@ pub struct ResponseSettings {
     pub metadata: BTreeMap<String, String>,
     /// `include` asked for the output's logprobs.
     pub include_logprobs: bool,
+    pub truncation: Truncation,
+}
+
+/// `truncation`: what an input longer than the context gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Truncation {
+    /// A 400 `context_length_exceeded` (OpenAI's default).
+    Disabled,
+    /// Its oldest items dropped until it fits (the instructions and system messages at its
+    /// start kept), as OpenAI does.
+    Auto,
+}
+
+impl Truncation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Truncation::Disabled => "disabled",
+            Truncation::Auto => "auto",
+        }
+    }
+}
+
+/// Where a conversation truncated from its start may begin: after its leading system turns,
+/// at a user turn (a template may require the turns after the system ones to start with the
+/// user, and a tool result or an assistant turn alone would answer nothing), the earliest
+/// first. Empty when no user turn follows the system ones.
+pub fn truncation_starts(turns: &[Turn]) -> Vec<usize> {
+    let system = turns.iter().take_while(|t| t.role == Role::System).count();
+    (system..turns.len())
+        .filter(|&i| turns[i].role == Role::User)
+        .collect()
 }
 
 pub fn validate_responses(
@@ -80,22 +111,16 @@ pub fn validate_responses(
     refuse_state(request)?;
     let tools = check_tools(request, limits.tool_support.is_some())?;
     check_reasoning(request)?;
-    match request.truncation.as_deref() {
-        None | Some("disabled") => {}
-        Some("auto") => {
-            return Err(ApiError::invalid(
-                "truncation \"auto\" is not supported: an input longer than the context is a \
-                 400 (truncation \"disabled\"); shorten the input",
-                "truncation",
-            ));
-        }
+    let truncation = match request.truncation.as_deref() {
+        None | Some("disabled") => Truncation::Disabled,
+        Some("auto") => Truncation::Auto,
         Some(other) => {
             return Err(ApiError::invalid(
                 format!("truncation must be \"auto\" or \"disabled\", got {other:?}"),
                 "truncation",
             ));
         }
-    }
+    };
     if let Some(n) = request.max_tool_calls
         && n < 0
     {
@@ -170,6 +195,7 @@ pub fn validate_responses(
         prompt_cache_key: request.prompt_cache_key.clone(),
         metadata,
         include_logprobs,
+        truncation,
     };
     Ok(ValidResponses {
         request: ValidRequest {
@@ -1214,6 +1240,34 @@ mod tests {
     }
 
     #[test]
+    fn truncation_starts_at_user_turns_after_the_system_ones() {
+        let valid = validate(
+            json!({"instructions": "sys", "truncation": "auto", "input": [
+                {"role": "system", "content": "s2"},
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "d"},
+                {"role": "user", "content": "e"},
+            ]}),
+        )
+        .unwrap();
+        assert_eq!(valid.echo.truncation, Truncation::Auto);
+        let PromptInput::Chat(turns) = &valid.request.prompt else {
+            panic!("a chat prompt");
+        };
+        assert_eq!(truncation_starts(turns), [2, 4, 6]);
+        assert_eq!(
+            truncation_starts(&[turn(Role::System, "s"), turn(Role::Assistant, "x")]),
+            Vec::<usize>::new()
+        );
+        assert_eq!(
+            validate(json!({"input": "x"})).unwrap().echo.truncation,
+            Truncation::Disabled
+        );
+    }
+
+    #[test]
     fn refused_values_name_their_field() {
         let cases = [
             (json!({}), "input"),
@@ -1238,7 +1292,10 @@ mod tests {
                 json!({"input": "x", "reasoning": {"effort": "high"}}),
                 "reasoning.effort",
             ),
-            (json!({"input": "x", "truncation": "auto"}), "truncation"),
+            (
+                json!({"input": "x", "truncation": "sometimes"}),
+                "truncation",
+            ),
             (
                 json!({"input": "x", "max_output_tokens": 0}),
                 "max_output_tokens",
