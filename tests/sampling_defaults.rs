@@ -11,6 +11,11 @@
 //!   file: its requests without a temperature sample at OpenAI's 1 (seeds give other texts
 //!   than greedy decoding), and its Responses API echoes 1;
 //! - an out-of-range default stops the api-server at startup, naming the file and the key.
+//!
+//! And vLLM's `min_p` and `min_tokens` on a disaggregated deployment (a context worker samples
+//! each request's first token, a decode worker the rest): tokens less likely than `min_p`
+//! times the top one never drawn; no stop token or string ending a completion before
+//! `min_tokens`, on either worker.
 
 mod support;
 
@@ -19,7 +24,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{SERVED_NAME, start_api_server};
-use tandem_test_kit::{ApiServer, Http, Nats, model_dir, temp_dir};
+use tandem_test_kit::{ApiServer, HandOvers, Http, Nats, model_dir, temp_dir};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -155,4 +160,149 @@ fn an_out_of_range_default_stops_the_api_server_naming_it() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("generation_config.json"), "{stderr}");
     assert!(stderr.contains("top_p 1.5"), "{stderr}");
+}
+
+/// The `choices[0]` of a completion, and its usage's `completion_tokens`.
+fn completion_choice(http: &Http, request: Value) -> (Value, u64) {
+    let reply = http.post("/v1/completions", &request);
+    assert_eq!(reply.status, 200, "{request}: {}", reply.body);
+    let body = reply.json();
+    let tokens = body["usage"]["completion_tokens"].as_u64().unwrap();
+    (body["choices"][0].clone(), tokens)
+}
+
+#[test]
+fn min_p_and_min_tokens_on_a_disaggregated_deployment() {
+    let nats = Nats::start();
+    let model = model_dir(MODEL);
+    let api = start_api_server(&nats, &model);
+    let _context = support::start_worker_as(&nats, &model, "context", "ctx", &[]);
+    let _decode = support::start_worker_as(&nats, &model, "decode", "dec", &[]);
+    let http = &api.http;
+    http.wait_for_role("context", 1, Duration::from_secs(30));
+    http.wait_for_role("decode", 1, Duration::from_secs(30));
+
+    // A greedy chat answer that ends on its own (the model's end of sequence), then the same
+    // question with min_tokens past that end: the answer goes on from where it ended.
+    let chat = |extra: Value| {
+        let mut request = json!({"model": SERVED_NAME, "temperature": 0, "max_tokens": 96,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+        for (key, value) in extra.as_object().unwrap() {
+            request[key] = value.clone();
+        }
+        let reply = http.post("/v1/chat/completions", &request);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        reply.json()
+    };
+    let natural = chat(json!({}));
+    assert_eq!(natural["choices"][0]["finish_reason"], "stop", "{natural}");
+    let ended_at = natural["usage"]["completion_tokens"].as_u64().unwrap();
+    let answer = natural["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
+    let before = HandOvers::read(http);
+    let longer = chat(json!({"min_tokens": ended_at + 8}));
+    HandOvers::read(http).assert_handed_over_since(&before, 1, "ucx", "the chat with min_tokens");
+    let more = longer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        longer["usage"]["completion_tokens"].as_u64().unwrap() >= ended_at + 8,
+        "{longer}"
+    );
+    assert!(
+        more.starts_with(answer) && more.len() > answer.len(),
+        "{answer:?} then {more:?}"
+    );
+
+    // The first token, sampled by the context worker, held back too: a completion asked to
+    // stop at its own first greedy token ends at once without min_tokens, and goes on with it.
+    let prompt = "One, two, three,";
+    let greedy = |extra: Value| {
+        let mut request =
+            json!({"model": SERVED_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0});
+        for (key, value) in extra.as_object().unwrap() {
+            request[key] = value.clone();
+        }
+        completion_choice(http, request)
+    };
+    let (plain, _) = greedy(json!({}));
+    let text = plain["text"].as_str().unwrap();
+    let ids = |text: &str| -> Vec<u64> {
+        let counted = http.post(
+            "/tokenize",
+            &json!({"prompt": text, "add_special_tokens": false}),
+        );
+        serde_json::from_value(counted.json()["tokens"].clone()).unwrap()
+    };
+    let first = ids(&format!("{prompt}{text}"))[ids(prompt).len()];
+    let (stopped, tokens) = greedy(json!({"stop_token_ids": [first]}));
+    assert_eq!(
+        (stopped["text"].as_str(), tokens),
+        (Some(""), 1),
+        "{stopped}"
+    );
+    let before = HandOvers::read(http);
+    let (held, tokens) = greedy(json!({"stop_token_ids": [first], "min_tokens": 4}));
+    HandOvers::read(http).assert_handed_over_since(&before, 1, "ucx", "a first token held");
+    assert!(tokens >= 4, "{held}");
+    assert_ne!(held["text"], "", "{held}");
+
+    // Stop strings are looked for after the first min_tokens tokens only.
+    assert!(text.contains(','), "{text:?}");
+    let (cut, _) = greedy(json!({"stop": ","}));
+    let (later, _) = greedy(json!({"stop": ",", "min_tokens": 3}));
+    let (cut, later) = (
+        cut["text"].as_str().unwrap(),
+        later["text"].as_str().unwrap(),
+    );
+    assert_eq!(cut, &text[..text.find(',').unwrap()]);
+    assert!(
+        later.len() > cut.len() && later.contains(',') && text.starts_with(later),
+        "{cut:?} and {later:?} of {text:?}"
+    );
+
+    // min_p: every token drawn at temperature 1 is at least min_p times as likely as the
+    // top one (the reported logprobs are the untruncated distribution's); without it, some
+    // are not.
+    let min_p: f64 = 0.2;
+    let below_min_p = |extra: Value| {
+        let mut request = json!({"model": SERVED_NAME, "prompt": "Once upon a time",
+            "max_tokens": 32, "temperature": 1.0, "logprobs": 1});
+        for (key, value) in extra.as_object().unwrap() {
+            request[key] = value.clone();
+        }
+        let (choice, _) = completion_choice(http, request);
+        let drawn = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+        let best = choice["logprobs"]["top_logprobs"].as_array().unwrap();
+        drawn
+            .iter()
+            .zip(best)
+            .filter(|(drawn, best)| {
+                let top = best.as_object().unwrap().values().next().unwrap();
+                drawn.as_f64().unwrap() < top.as_f64().unwrap() + min_p.ln() - 1e-3
+            })
+            .count()
+    };
+    let mut unconstrained = 0;
+    for seed in 1..=4 {
+        assert_eq!(
+            below_min_p(json!({"seed": seed, "min_p": min_p})),
+            0,
+            "seed {seed}"
+        );
+        unconstrained += below_min_p(json!({"seed": seed}));
+    }
+    assert!(unconstrained > 0, "without min_p some draws fall below it");
+
+    for (body, param) in [
+        (json!({"prompt": "x", "min_p": 2}), "min_p"),
+        (json!({"prompt": "x", "min_tokens": -2}), "min_tokens"),
+        (
+            json!({"prompt": "x", "max_tokens": 4, "min_tokens": 5}),
+            "min_tokens",
+        ),
+    ] {
+        let reply = http.post("/v1/completions", &body);
+        assert_eq!(reply.status, 400, "{body}: {}", reply.body);
+        assert_eq!(reply.json()["error"]["param"], param, "{body}");
+    }
 }

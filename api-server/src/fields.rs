@@ -110,6 +110,8 @@ const GENERATION: &[(&str, Support)] = &[
     ("seed", Served),
     // vLLM's extensions.
     ("top_k", Served),
+    ("min_p", Served),
+    ("min_tokens", Served),
     ("repetition_penalty", Served),
     ("ignore_eos", Served),
     ("stop_token_ids", Served),

@@ -121,6 +121,9 @@ pub struct ValidRequest {
     /// `stop_token_ids`; they stop it with `ignore_eos` too).
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// vLLM's `min_tokens`: no stop token or string ends the completion before it has this
+    /// many tokens (at most the token limit).
+    pub min_tokens: u32,
     pub stream: bool,
     pub include_usage: bool,
     /// Alternatives per token when logprobs were asked for (0 = only the chosen token's).
@@ -177,6 +180,9 @@ impl ValidRequest {
             token_ids: self.stop_token_ids.clone(),
             strings: self.stop_strings.clone(),
             ignore_eos: self.ignore_eos,
+            // Without a token limit the context's end may come first: the completion ends
+            // there (`length`), as it would with `ignore_eos`.
+            min_tokens: self.min_tokens.min(max_tokens),
         })
     }
 }
@@ -197,9 +203,22 @@ struct CommonValues {
     stop_strings: Vec<String>,
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
+    min_tokens: u32,
     stream: bool,
     include_usage: bool,
     cache_salt: Option<String>,
+}
+
+/// `min_tokens` may not ask for more than the token limit (`limit_param`'s value, or its
+/// default), as vLLM checks it.
+fn check_min_tokens(min_tokens: u32, limit: u32, limit_param: &str) -> Result<(), ApiError> {
+    if min_tokens > limit {
+        return Err(ApiError::invalid(
+            format!("min_tokens ({min_tokens}) must be at most {limit_param} ({limit})"),
+            "min_tokens",
+        ));
+    }
+    Ok(())
 }
 
 pub fn check_model(model: &Option<String>, limits: &ModelLimits) -> Result<(), ApiError> {
@@ -230,6 +249,7 @@ fn validate_common(
         stop_strings: generation.stop_strings,
         stop_token_ids: generation.stop_token_ids,
         ignore_eos: generation.ignore_eos,
+        min_tokens: generation.min_tokens,
         stream,
         include_usage: fields.include_usage.unwrap_or(false),
         cache_salt: generation.cache_salt,
@@ -496,6 +516,14 @@ pub fn validate_chat(
         (None, Some(n)) => Some(token_limit(n, "max_tokens")?),
         (None, None) => None,
     };
+    if let Some(limit) = max_tokens {
+        let param = if request.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        check_min_tokens(common.min_tokens, limit, param)?;
+    }
     let logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
         (true, top) => Some(
             top.map(|n| top_logprobs(n, "top_logprobs"))
@@ -526,6 +554,7 @@ pub fn validate_chat(
         stop_strings: common.stop_strings,
         stop_token_ids: common.stop_token_ids,
         ignore_eos: common.ignore_eos,
+        min_tokens: common.min_tokens,
         stream: common.stream,
         include_usage: common.include_usage,
         logprobs,
@@ -662,6 +691,7 @@ pub fn validate_completion(
         Some(n) => token_limit(n, "max_tokens")?,
         None => DEFAULT_COMPLETION_MAX_TOKENS,
     };
+    check_min_tokens(common.min_tokens, max_tokens, "max_tokens")?;
     let logprobs = request
         .logprobs
         .map(|n| top_logprobs(n, "logprobs"))
@@ -686,6 +716,7 @@ pub fn validate_completion(
         stop_strings: common.stop_strings,
         stop_token_ids: common.stop_token_ids,
         ignore_eos: common.ignore_eos,
+        min_tokens: common.min_tokens,
         stream: common.stream,
         include_usage: common.include_usage,
         logprobs,
@@ -788,11 +819,15 @@ mod tests {
     #[test]
     fn omitted_sampling_fields_take_the_models_defaults() {
         let generation: tandem_model::GenerationConfig = serde_json::from_value(
-            json!({"temperature": 0.2, "top_p": 0.9, "top_k": 40, "do_sample": true}),
+            json!({"temperature": 0.2, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
+                   "do_sample": true}),
         )
         .unwrap();
         let defaults = SamplingDefaults::from_generation_config(&generation).unwrap();
-        assert_eq!(defaults.describe(), "temperature=0.2 top_p=0.9 top_k=40");
+        assert_eq!(
+            defaults.describe(),
+            "temperature=0.2 top_p=0.9 top_k=40 min_p=0.05"
+        );
         let model = ModelLimits {
             sampling_defaults: defaults,
             ..limits()
@@ -808,15 +843,18 @@ mod tests {
             ),
             (0.2, 0.9, 40)
         );
+        assert_eq!(valid.sampling.min_p, 0.05);
         assert_eq!(
             valid.sampling.repetition_penalty, 1.0,
             "not in the file: OpenAI's"
         );
-        let request: ChatCompletionRequest =
-            serde_json::from_value(json!({"messages": user("x"), "temperature": 1.5, "top_k": -1}))
-                .unwrap();
+        let request: ChatCompletionRequest = serde_json::from_value(
+            json!({"messages": user("x"), "temperature": 1.5, "top_k": -1, "min_p": 0}),
+        )
+        .unwrap();
         let valid = validate_chat(&request, &model).unwrap();
         assert_eq!((valid.sampling.temperature, valid.sampling.top_k), (1.5, 0));
+        assert_eq!(valid.sampling.min_p, 0.0, "the request's value wins");
         assert_eq!(valid.sampling.top_p, 0.9);
         // Completions too.
         let request: CompletionRequest = serde_json::from_value(json!({"prompt": "x"})).unwrap();
@@ -831,6 +869,10 @@ mod tests {
             serde_json::from_value(json!({"temperature": 0.7, "top_p": 1.5})).unwrap();
         let err = SamplingDefaults::from_generation_config(&bad).unwrap_err();
         assert!(err.contains("top_p 1.5"), "{err}");
+        let bad: tandem_model::GenerationConfig =
+            serde_json::from_value(json!({"min_p": 2})).unwrap();
+        let err = SamplingDefaults::from_generation_config(&bad).unwrap_err();
+        assert!(err.contains("min_p 2"), "{err}");
         let none = SamplingDefaults::from_generation_config(&Default::default()).unwrap();
         assert_eq!(none.spec(), SamplingSpec::default());
     }
@@ -1155,6 +1197,48 @@ mod tests {
         assert!(
             matches!(err, ApiError::ModelNotFound { ref model } if model == "gpt-4"),
             "{err:?}"
+        );
+    }
+
+    #[test]
+    fn min_p_and_min_tokens_reach_the_job_and_their_ranges_are_checked() {
+        let valid = chat(json!({"messages": user("x"), "min_p": 0.1, "min_tokens": 5,
+                                "max_tokens": 8}))
+        .unwrap();
+        assert_eq!(valid.sampling.min_p, 0.1);
+        let stop = valid.stop_spec(3, &limits()).unwrap();
+        assert_eq!((stop.min_tokens, stop.max_tokens), (5, 8));
+        // Without a token limit the context bounds it (100 tokens, 98 after the prompt).
+        let long = chat(json!({"messages": user("x"), "min_tokens": 500})).unwrap();
+        assert_eq!(long.stop_spec(2, &limits()).unwrap().min_tokens, 98);
+        let plain = completion(json!({"prompt": "x", "min_tokens": 16})).unwrap();
+        assert_eq!(plain.stop_spec(1, &limits()).unwrap().min_tokens, 16);
+        assert_eq!(plain.sampling.min_p, 0.0);
+
+        for (body, param) in [
+            (json!({"messages": user("x"), "min_p": 1.5}), "min_p"),
+            (json!({"messages": user("x"), "min_p": -0.1}), "min_p"),
+            (
+                json!({"messages": user("x"), "min_tokens": -1}),
+                "min_tokens",
+            ),
+            (
+                json!({"messages": user("x"), "min_tokens": 9, "max_tokens": 8}),
+                "min_tokens",
+            ),
+            (
+                json!({"messages": user("x"), "min_tokens": 9, "max_completion_tokens": 8}),
+                "min_tokens",
+            ),
+        ] {
+            assert_eq!(param_of(chat(body.clone())), param, "{body}");
+        }
+        // The completions' default limit (16) bounds it too, as in vLLM.
+        let err = completion(json!({"prompt": "x", "min_tokens": 17})).unwrap_err();
+        assert!(err.to_string().contains("max_tokens (16)"), "{err}");
+        assert_eq!(
+            param_of(completion(json!({"prompt": "x", "min_tokens": 17}))),
+            "min_tokens"
         );
     }
 

@@ -121,6 +121,10 @@ pub struct SamplingSpec {
     pub top_p: f32,
     /// 0 means no top-k limit.
     pub top_k: u32,
+    /// Drop tokens less likely than `min_p` times the most likely one (vLLM's `min_p`, in
+    /// `[0, 1]`); 0 keeps them all.
+    #[serde(default, skip_serializing_if = "is_zero_f32")]
+    pub min_p: f32,
     /// Same seed + same prompt => same tokens, on any worker, in any batch.
     pub seed: Option<u64>,
     pub presence_penalty: f32,
@@ -166,6 +170,7 @@ impl Default for SamplingSpec {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
             seed: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
@@ -192,6 +197,11 @@ pub struct StopSpec {
     /// Keep generating past the model's end-of-sequence ids (benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// vLLM's `min_tokens`: the first this many tokens can be neither a stop token (the
+    /// model's end-of-sequence ids and `token_ids`) nor the end of a stop string; the
+    /// completion then ends as usual. At most `max_tokens`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_tokens: u32,
 }
 
 /// A generation job: prompt in, tokens out on `stream_subject`.
@@ -567,6 +577,10 @@ pub struct Usage {
     /// (OpenAI's `prompt_tokens_details.cached_tokens`). Absent when 0, and from older workers.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cached_tokens: u32,
+}
+
+fn is_zero_f32(x: &f32) -> bool {
+    *x == 0.0
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -955,11 +969,13 @@ mod tests {
             sampling: SamplingSpec {
                 temperature: 0.0,
                 seed: Some(7),
+                min_p: 0.05,
                 ..SamplingSpec::default()
             },
             stop: StopSpec {
                 max_tokens: 16,
                 strings: vec!["\n\n".into()],
+                min_tokens: 3,
                 ..StopSpec::default()
             },
             stream_subject: "tandem.m.stream.r1".into(),
@@ -1060,6 +1076,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(old.prompt_logprobs, None);
+        assert_eq!(
+            old.min_p, 0.0,
+            "no min-p from an api-server that predates it"
+        );
+        assert!(
+            !serde_json::to_string(&old).unwrap().contains("min_p"),
+            "left out when off"
+        );
 
         let message = StreamMessage::PromptLogprobs {
             start: 1,

@@ -52,6 +52,13 @@ pub struct GenerateArgs {
     /// Keep only the K most likely tokens.
     #[arg(long, value_name = "K")]
     pub top_k: Option<u32>,
+    /// Drop tokens less likely than P times the most likely one, [0, 1]; 0 keeps them all.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub min_p: f32,
+    /// Generate at least N tokens before an end-of-sequence token or a stop string may end
+    /// the output.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub min_tokens: u32,
     /// Random seed: the same seed and prompt give the same output (drawn at random if unset).
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
@@ -160,6 +167,8 @@ pub fn generate(
             temperature: args.temperature,
             top_p: args.top_p,
             top_k: args.top_k,
+            min_p: args.min_p,
+            min_tokens: args.min_tokens,
             seed: args.seed,
             ..SamplingParams::default()
         },

@@ -9,7 +9,9 @@
 //!    pass broke, and a token drawn from them would be silent garbage. `-inf` is allowed (it
 //!    masks a token) but at least one logit must be finite.
 //! 2. `logit_bias` (OpenAI), added to the raw logits in place; the engine has already set the
-//!    logits a request's grammar forbids to `-inf` (a bias leaves them there).
+//!    logits a request's grammar forbids to `-inf` (a bias leaves them there). Then, before
+//!    `min_tokens` tokens are generated, the stop tokens' logits to `-inf` (unless that would
+//!    leave no token to draw: a grammar that allows only its end, say).
 //!    Penalties, in place (see `sampler/penalties.rs`): repetition (HF, prompt + generated), then
 //!    presence and frequency (OpenAI, generated only).
 //! 3. Log-probabilities: the log-softmax of the penalised logits at temperature 1, before any
@@ -79,6 +81,9 @@ pub struct Sampler {
     rng: ChaCha12Rng,
     /// Reused for penalty counting, so a step allocates nothing for it.
     scratch: Vec<u32>,
+    /// The tokens that end the sequence, held back until `min_tokens` are generated; empty
+    /// when `min_tokens` is 0.
+    stop_tokens: Vec<u32>,
 }
 
 impl Sampler {
@@ -91,7 +96,41 @@ impl Sampler {
             seed,
             rng: ChaCha12Rng::seed_from_u64(seed),
             scratch: Vec::new(),
+            stop_tokens: Vec::new(),
         })
+    }
+
+    /// The tokens that end this sequence (the model's end-of-sequence ids and the request's
+    /// stop tokens): [`SamplingParams::min_tokens`] keeps them from being drawn early.
+    pub fn set_stop_tokens(&mut self, stop_tokens: &[u32]) {
+        if self.params.min_tokens > 0 {
+            self.stop_tokens = stop_tokens.to_vec();
+        }
+    }
+
+    /// Whether the token at generated position `step` must not be a stop token.
+    fn holds_stops_at(&self, step: usize) -> bool {
+        step < self.params.min_tokens as usize && !self.stop_tokens.is_empty()
+    }
+
+    /// Sets the stop tokens' logits to `-inf`, unless every other token's is `-inf` already
+    /// (then nothing but a stop token can follow, and the row is left as it was).
+    fn hold_stops(&self, logits: &mut [f32]) -> Result<(), SamplingError> {
+        let mut saved = Vec::with_capacity(self.stop_tokens.len());
+        for &token in &self.stop_tokens {
+            let vocab_size = logits.len();
+            let logit = logits
+                .get_mut(token as usize)
+                .ok_or(SamplingError::TokenOutOfRange { token, vocab_size })?;
+            saved.push((token, *logit));
+            *logit = f32::NEG_INFINITY;
+        }
+        if logits.iter().all(|&l| l == f32::NEG_INFINITY) {
+            for (token, logit) in saved {
+                logits[token as usize] = logit;
+            }
+        }
+        Ok(())
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -115,6 +154,9 @@ impl Sampler {
         generated: &[u32],
     ) -> Result<SampledToken, SamplingError> {
         apply_logit_bias(&self.params.logit_bias, logits)?;
+        if self.holds_stops_at(generated.len()) {
+            self.hold_stops(logits)?;
+        }
         if self.params.has_penalties() {
             penalties::apply(
                 &self.params,
@@ -682,6 +724,62 @@ mod tests {
             let id = sample_once(&mut s, &row, &vec![0; step]).id;
             assert!(id <= 2, "token {id} is below min_p");
         }
+    }
+
+    #[test]
+    fn min_tokens_holds_the_stop_tokens_back_until_reached() {
+        // Token 0 is the top token and a stop token; 2 is the next best.
+        let row = [3.0f32, 1.0, 2.0, 0.5];
+        let mut params = SamplingParams::greedy();
+        params.min_tokens = 2;
+        params.logprobs = Some(2);
+        let mut s = sampler(params);
+        s.set_stop_tokens(&[0, 3]);
+        for step in 0..2 {
+            let mut logits = row.to_vec();
+            let token = s.sample(&mut logits, &[], &vec![1; step]).unwrap();
+            assert_eq!(
+                token.id, 2,
+                "step {step} draws the best token that is no stop"
+            );
+            // The held tokens leave the reported distribution, as logit_bias would.
+            assert!(token.top_logprobs.iter().all(|&(id, _)| id != 0 && id != 3));
+            assert_eq!(
+                s.device_request(step as u64, 4),
+                None,
+                "the row is rewritten"
+            );
+        }
+        assert_eq!(
+            sample_once(&mut s, &row, &[1, 1]).id,
+            0,
+            "reached: stops again"
+        );
+        assert!(s.device_request(2, 4).is_some());
+
+        // Sampled draws never land on a stop token before min_tokens either.
+        let mut params = seeded(2.0, 9);
+        params.min_tokens = 50;
+        let mut s = sampler(params);
+        s.set_stop_tokens(&[0]);
+        for step in 0..50 {
+            assert_ne!(sample_once(&mut s, &row, &vec![1; step]).id, 0);
+        }
+
+        // A row where only stop tokens remain (a grammar's end) is left as it is.
+        let mut only_stops = [f32::NEG_INFINITY; 4];
+        only_stops[3] = 0.0;
+        let mut params = SamplingParams::greedy();
+        params.min_tokens = 5;
+        let mut s = sampler(params);
+        s.set_stop_tokens(&[3]);
+        assert_eq!(s.sample(&mut only_stops, &[], &[]).unwrap().id, 3);
+
+        // Without min_tokens the stop tokens are not kept at all.
+        let mut s = sampler(SamplingParams::greedy());
+        s.set_stop_tokens(&[0]);
+        assert_eq!(sample_once(&mut s, &row, &[]).id, 0);
+        assert!(s.device_request(0, 4).is_some());
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct GenerationFields {
     pub seed: Option<i64>,
     /// vLLM's extensions, handy for benchmarks.
     pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    /// Tokens to generate before a stop token or string may end the completion.
+    pub min_tokens: Option<i64>,
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
     /// Token ids that end the completion as the model's end of sequence does.

@@ -205,6 +205,7 @@ pub fn validate_responses(
             stop_strings: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            min_tokens: 0,
             stream: common.stream,
             include_usage: false,
             logprobs,

@@ -35,11 +35,14 @@ pub(super) struct ValidGeneration {
     pub(super) stop_strings: Vec<String>,
     pub(super) stop_token_ids: Vec<u32>,
     pub(super) ignore_eos: bool,
+    /// vLLM's `min_tokens`: tokens generated before a stop token or string may end the
+    /// completion (checked against the token limit with it).
+    pub(super) min_tokens: u32,
     pub(super) cache_salt: Option<String>,
 }
 
 /// Sampling values for requests that omit them, from the model directory's
-/// `generation_config.json` (`temperature`, `top_p`, `top_k`, `repetition_penalty`), as vLLM
+/// `generation_config.json` (`temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`), as vLLM
 /// takes them by default: a model whose card recommends, say, temperature 0.2 answers a request
 /// without one at 0.2, not at OpenAI's 1.0. A field the file lacks keeps OpenAI's default;
 /// `do_sample` is not read (vLLM does not either); a request's own value always wins.
@@ -48,6 +51,7 @@ pub struct SamplingDefaults {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<u32>,
+    pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
 }
 
@@ -70,6 +74,7 @@ impl SamplingDefaults {
             top_p: check(generation.top_p, 0.0, 1.0, true, "top_p")?,
             // As in a request, 0 means no top-k limit.
             top_k: generation.top_k,
+            min_p: check(generation.min_p, 0.0, 1.0, false, "min_p")?,
             repetition_penalty: check(
                 generation.repetition_penalty,
                 0.0,
@@ -92,6 +97,9 @@ impl SamplingDefaults {
         if let Some(k) = self.top_k {
             spec.top_k = k;
         }
+        if let Some(p) = self.min_p {
+            spec.min_p = p;
+        }
         if let Some(r) = self.repetition_penalty {
             spec.repetition_penalty = r;
         }
@@ -109,6 +117,9 @@ impl SamplingDefaults {
         }
         if let Some(k) = self.top_k {
             parts.push(format!("top_k={k}"));
+        }
+        if let Some(p) = self.min_p {
+            parts.push(format!("min_p={p}"));
         }
         if let Some(r) = self.repetition_penalty {
             parts.push(format!("repetition_penalty={r}"));
@@ -163,6 +174,9 @@ pub(super) fn validate_generation(
             }
         };
     }
+    if let Some(p) = fields.min_p {
+        sampling.min_p = in_range(p, 0.0, 1.0, false, "min_p")?;
+    }
     // OpenAI's seed is any integer; the bit pattern is the worker's seed.
     sampling.seed = fields.seed.map(|s| s as u64);
     if let Some(bias) = &fields.logit_bias {
@@ -216,12 +230,24 @@ pub(super) fn validate_generation(
     let stop_token_ids =
         super::vocabulary_ids(stop_token_ids, limits, |i| format!("stop_token_ids[{i}]"))?;
 
+    let min_tokens = match fields.min_tokens {
+        None => 0,
+        Some(n) if (0..=i64::from(u32::MAX)).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                format!("min_tokens must be at least 0, got {n}"),
+                "min_tokens",
+            ));
+        }
+    };
+
     Ok(ValidGeneration {
         n,
         sampling,
         stop_strings,
         stop_token_ids,
         ignore_eos: fields.ignore_eos.unwrap_or(false),
+        min_tokens,
         cache_salt: cache_salt(fields.cache_salt.as_deref())?,
     })
 }

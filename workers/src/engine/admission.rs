@@ -142,11 +142,12 @@ impl<M: StepModel> Engine<M> {
         if request.prefill_only && request.prompt_logprobs.is_some() {
             return Err(EngineError::PromptLogprobsNeedLocalPrefill);
         }
-        let sampler = Sampler::new(request.sampling)?;
+        let min_tokens = request.sampling.min_tokens as usize;
+        let mut sampler = Sampler::new(request.sampling)?;
         let mut text = match &self.text {
             Some(decoder) => Some(
                 decoder
-                    .start(&request.prompt_ids, &request.stop_strings)
+                    .start(&request.prompt_ids, &request.stop_strings, min_tokens)
                     .map_err(EngineError::Text)?,
             ),
             None if !request.stop_strings.is_empty() => {
@@ -158,6 +159,7 @@ impl<M: StepModel> Engine<M> {
         if !request.ignore_eos {
             stop_token_ids.extend(&self.eos_token_ids);
         }
+        sampler.set_stop_tokens(&stop_token_ids);
         replay_resumed(
             &request.resume_ids,
             request.max_tokens,

@@ -1289,20 +1289,36 @@ struct Letters;
 struct LetterStream {
     held: String,
     stops: Vec<String>,
+    /// Letters still to come that no stop string may end in (`min_tokens`).
+    unchecked_tokens: usize,
 }
 
 impl TextDecoder for Letters {
-    fn start(&self, _: &[u32], stop_strings: &[String]) -> Result<Box<dyn TextStream>, String> {
+    fn start(
+        &self,
+        _: &[u32],
+        stop_strings: &[String],
+        min_tokens: usize,
+    ) -> Result<Box<dyn TextStream>, String> {
         Ok(Box::new(LetterStream {
             held: String::new(),
             stops: stop_strings.to_vec(),
+            unchecked_tokens: min_tokens,
         }))
     }
 }
 
 impl TextStream for LetterStream {
     fn push(&mut self, token: u32) -> Result<TextStep, String> {
-        self.held.push((b'a' + (token % 26) as u8) as char);
+        let letter = (b'a' + (token % 26) as u8) as char;
+        if self.unchecked_tokens > 0 {
+            self.unchecked_tokens -= 1;
+            return Ok(TextStep {
+                delta: letter.to_string(),
+                stopped: false,
+            });
+        }
+        self.held.push(letter);
         for stop in &self.stops {
             if let Some(at) = self.held.find(stop.as_str()) {
                 let delta = self.held[..at].to_owned();
@@ -1384,6 +1400,29 @@ fn stop_strings_cut_the_text_and_held_text_is_flushed_at_the_end() {
             ..
         }
     ));
+
+    // With min_tokens the first letters are not searched: a stop string they hold (here
+    // the first two letters) ends the text only where it occurs after them.
+    let opening = full[..2].to_owned();
+    let _ = e
+        .add_request(GenerationRequest {
+            stop_strings: vec![opening.clone()],
+            ..request(
+                prompt(4, 1),
+                8,
+                SamplingParams {
+                    min_tokens: 2,
+                    ..SamplingParams::greedy()
+                },
+            )
+        })
+        .unwrap();
+    let mut events = vec![];
+    while e.has_work() {
+        events.extend(e.step());
+    }
+    let after = full[2..].find(&opening).map_or(full.len(), |at| at + 2);
+    assert_eq!(text_of(&events), full[..after]);
 
     // A stop string that never completes: its held-back prefix comes out at the end.
     let last = &full[7..8];
@@ -1642,6 +1681,58 @@ fn sampling_on_the_device_matches_sampling_on_the_host() {
     // Only the penalised request sampled from host rows: one row per token.
     assert_eq!(device.model.rows_fetched, 12);
     assert_eq!(device.model.rows_masked, 0, "no request has a grammar");
+}
+
+/// `min_tokens` keeps a request's stop tokens from being drawn until it has that many tokens,
+/// on host rows and with sampling on the device alike (its held rows come to the host).
+#[test]
+fn min_tokens_holds_stop_tokens_back_on_the_host_and_the_device() {
+    let config = EngineConfig {
+        block_size: 4,
+        num_blocks: 64,
+        ..EngineConfig::default()
+    };
+    let mut host = Engine::new(FakeModel::new(4, 64), config.clone(), None).unwrap();
+    let probe = host
+        .add_request(request(prompt(5, 3), 1, SamplingParams::greedy()))
+        .unwrap();
+    let first = run(&mut host)[&probe].0[0];
+    let held = |min_tokens| GenerationRequest {
+        stop_token_ids: vec![first],
+        ..request(
+            prompt(5, 3),
+            10,
+            SamplingParams {
+                min_tokens,
+                ..SamplingParams::greedy()
+            },
+        )
+    };
+    let id = host.add_request(held(0)).unwrap();
+    assert_eq!(run(&mut host)[&id], (vec![first], FinishReason::Stop));
+
+    let id = host.add_request(held(3)).unwrap();
+    let (tokens, reason) = run(&mut host)[&id].clone();
+    assert!(tokens.len() >= 3, "{tokens:?}");
+    assert!(!tokens[..3].contains(&first), "{tokens:?}");
+    match reason {
+        FinishReason::Stop => assert_eq!(tokens.last(), Some(&first)),
+        FinishReason::Length => assert_eq!(tokens.len(), 10),
+        other => panic!("{other:?}"),
+    }
+
+    let mut device = summarizing_engine(config, true);
+    let id = device.add_request(held(3)).unwrap();
+    let mut device_out = Outcomes::new();
+    while device.has_work() {
+        absorb(&mut device_out, device.step());
+    }
+    assert_eq!(device_out[&id], (tokens, reason));
+    assert_eq!(
+        device.model.rows_fetched, 3,
+        "the held rows, and only those"
+    );
+    assert_eq!(host.free_blocks(), 64);
 }
 
 #[test]

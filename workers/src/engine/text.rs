@@ -33,11 +33,14 @@ pub trait TextStream: Send {
 /// Starts a [`TextStream`] per request.
 pub trait TextDecoder: Send + Sync {
     /// `prompt_ids` give the detokenizer its context (some tokenizers decode a token
-    /// differently after others); `stop_strings` are the request's.
+    /// differently after others); `stop_strings` are the request's, looked for only in the
+    /// text after its first `min_tokens` tokens (vLLM's `min_tokens`: the text those
+    /// tokens bring is released as it comes).
     fn start(
         &self,
         prompt_ids: &[u32],
         stop_strings: &[String],
+        min_tokens: usize,
     ) -> Result<Box<dyn TextStream>, String>;
 }
 
@@ -59,12 +62,14 @@ impl TextDecoder for TokenizerText {
         &self,
         prompt_ids: &[u32],
         stop_strings: &[String],
+        min_tokens: usize,
     ) -> Result<Box<dyn TextStream>, String> {
         Ok(Box::new(TokenizerStream {
             tokenizer: Arc::clone(&self.tokenizer),
             // The prompt's tail is context, so a first token's leading space survives.
             detokenizer: IncrementalDetokenizer::with_context(prompt_ids, true),
             stop: StopMatcher::new(stop_strings.iter().cloned()),
+            unchecked_tokens: min_tokens,
         }))
     }
 }
@@ -75,6 +80,8 @@ struct TokenizerStream {
     tokenizer: Arc<TextTokenizer>,
     detokenizer: IncrementalDetokenizer,
     stop: StopMatcher,
+    /// Tokens still to come whose text passes the stop matcher by (`min_tokens`).
+    unchecked_tokens: usize,
 }
 
 impl TextStream for TokenizerStream {
@@ -83,6 +90,14 @@ impl TextStream for TokenizerStream {
             .detokenizer
             .step(&self.tokenizer, token)
             .map_err(|e| e.to_string())?;
+        if self.unchecked_tokens > 0 {
+            // Nothing is held by the matcher yet: it sees only the text after these tokens.
+            self.unchecked_tokens -= 1;
+            return Ok(TextStep {
+                delta,
+                stopped: false,
+            });
+        }
         Ok(match self.stop.push(&delta) {
             StopOutcome::Continue { text } => TextStep {
                 delta: text,

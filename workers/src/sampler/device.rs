@@ -8,8 +8,8 @@
 //! and, for top log-probabilities, the [`DEVICE_CANDIDATES`] best-ranked logits. From those,
 //! [`Sampler::sample_from_summary`] takes the token [`Sampler::sample`] would pick from the
 //! full row (same uniform, same ranking, same walk), up to the order in which the device adds
-//! up f32 weights. Penalties and `logit_bias` rewrite the logits, so those requests take the
-//! full row.
+//! up f32 weights. Penalties, `logit_bias` and `min_tokens` (until it is reached) rewrite the
+//! logits, so those requests take the full row.
 
 use super::{
     SampledToken, Sampler, draw, logprobs, min_p_logit_offset, rank_candidates, sample_truncated,
@@ -78,13 +78,17 @@ pub struct RowSummary {
 
 impl Sampler {
     /// What the device must compute for this request's token at generated position `step`,
-    /// or `None` when only the full row will do: penalties and `logit_bias` rewrite the
-    /// logits, and more top log-probabilities than [`DEVICE_CANDIDATES`] need every logit. A
+    /// or `None` when only the full row will do: penalties, `logit_bias` and stop tokens held
+    /// back for `min_tokens` rewrite the logits, and more top log-probabilities than
+    /// [`DEVICE_CANDIDATES`] need every logit. A
     /// request under a grammar never asks: the engine copies its row to apply the grammar's
     /// mask, or masks it on the device and asks for the masked row.
     pub fn device_request(&mut self, step: u64, vocab_size: usize) -> Option<RowRequest> {
         let params = &self.params;
-        if params.has_penalties() || !params.logit_bias.is_empty() {
+        if params.has_penalties()
+            || !params.logit_bias.is_empty()
+            || self.holds_stops_at(step as usize)
+        {
             return None;
         }
         let logprobs = params.logprobs.map_or(0, |n| n as usize);

@@ -4,7 +4,7 @@
 //! plain mapping; the engine still refuses what it cannot run (a prompt longer than its cache,
 //! a token outside the vocabulary) with a `Finished` error the client sees.
 
-use tandem_protocol::messages::{GenerateJob, SamplingSpec};
+use tandem_protocol::messages::{GenerateJob, SamplingSpec, StopSpec};
 
 use crate::engine::GenerationRequest;
 use crate::sampler::SamplingParams;
@@ -24,7 +24,7 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
     }
     GenerationRequest {
         prompt_ids: job.prompt_ids.clone(),
-        sampling: sampling_params(&job.sampling),
+        sampling: sampling_params(&job.sampling, &job.stop),
         max_tokens: job.stop.max_tokens as usize,
         stop_token_ids,
         ignore_eos: job.stop.ignore_eos,
@@ -46,18 +46,19 @@ fn instant_of_unix_ms(unix_ms: u64) -> std::time::Instant {
     std::time::Instant::now() + std::time::Duration::from_millis(ahead)
 }
 
-fn sampling_params(spec: &SamplingSpec) -> SamplingParams {
+fn sampling_params(spec: &SamplingSpec, stop: &StopSpec) -> SamplingParams {
     SamplingParams {
         temperature: spec.temperature,
         top_k: (spec.top_k > 0).then_some(spec.top_k),
         top_p: spec.top_p,
+        min_p: spec.min_p,
         seed: spec.seed,
         repetition_penalty: spec.repetition_penalty,
         presence_penalty: spec.presence_penalty,
         frequency_penalty: spec.frequency_penalty,
         logprobs: spec.logprobs,
         logit_bias: spec.logit_bias.clone(),
-        ..SamplingParams::default()
+        min_tokens: stop.min_tokens,
     }
 }
 
@@ -90,6 +91,7 @@ mod tests {
             token_ids: vec![9, 2],
             strings: vec!["\n".into()],
             ignore_eos: false,
+            min_tokens: 0,
         };
         let request = generation_request(&job(stop.clone(), SamplingSpec::default()), &[2, 0]);
         assert_eq!(request.stop_token_ids, vec![2, 0, 9]);
@@ -136,14 +138,20 @@ mod tests {
             frequency_penalty: -0.5,
             repetition_penalty: 1.1,
             logprobs: Some(3),
+            min_p: 0.05,
             ..SamplingSpec::default()
         };
-        let params = sampling_params(&spec);
+        let stop = StopSpec {
+            min_tokens: 4,
+            ..StopSpec::default()
+        };
+        let params = sampling_params(&spec, &stop);
         assert_eq!(params.top_k, None);
         assert_eq!(
-            (params.temperature, params.top_p, params.seed),
-            (0.7, 0.9, Some(5))
+            (params.temperature, params.top_p, params.min_p, params.seed),
+            (0.7, 0.9, 0.05, Some(5))
         );
+        assert_eq!(params.min_tokens, 4);
         assert_eq!(
             (
                 params.presence_penalty,
@@ -154,7 +162,7 @@ mod tests {
         );
         assert_eq!(params.logprobs, Some(3));
         assert!(params.validate().is_ok());
-        let with_k = sampling_params(&SamplingSpec { top_k: 40, ..spec });
+        let with_k = sampling_params(&SamplingSpec { top_k: 40, ..spec }, &stop);
         assert_eq!(with_k.top_k, Some(40));
     }
 }
