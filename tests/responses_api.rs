@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::{SERVED_NAME, start_api_server};
-use tandem_test_kit::{Http, Nats, model_dir, prometheus, python};
+use tandem_test_kit::{Http, Nats, model_dir, prometheus, python, temp_dir};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -569,6 +569,129 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
 /// than the context is answered from its latest turns that fit, the instructions kept, where
 /// `"disabled"` is a 400; `/tokenize` of the kept turns counts the response's input tokens, and
 /// one more exchange would not have fit.
+/// `dir` as a view of the test model whose chat template first writes a system turn from a
+/// `house_rules` template variable when one is given: every file linked but
+/// tokenizer_config.json.
+fn model_with_house_rules(dir: &std::path::Path) {
+    let source = model_dir(MODEL);
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "tokenizer_config.json" {
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let own = std::fs::read(source.join("tokenizer_config.json")).unwrap();
+    let mut config: Value = serde_json::from_slice(&own).unwrap();
+    let template = config["chat_template"].as_str().unwrap();
+    config["chat_template"] = json!(format!(
+        "{{% if house_rules %}}<|im_start|>system\n{{{{ house_rules }}}}<|im_end|>\n{{% endif %}}{template}"
+    ));
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+}
+
+/// vLLM's chat template options: `add_generation_prompt: false` leaves the assistant's
+/// header out; `continue_final_message` ends the prompt inside the last (assistant) message,
+/// which the model continues; `chat_template_kwargs` reach the template (here a variable the
+/// api-server's copy of the template renders). `/tokenize` renders each as the chat request
+/// is prefilled.
+#[test]
+fn chat_template_options_on_a_live_deployment() {
+    let model = temp_dir("house-rules").join("model");
+    model_with_house_rules(&model);
+    let nats = Nats::start();
+    let _worker = support::start_worker(&nats, &model_dir(MODEL), "w0", &[]);
+    let api = start_api_server(&nats, &model);
+    let http = &api.http;
+    http.wait_for_workers(1, Duration::from_secs(30));
+
+    let question = json!({"role": "user", "content": "What is the capital of France?"});
+    let prefill = "The capital of France is";
+    let begun = json!([question, {"role": "assistant", "content": prefill}]);
+    // The prompt a /tokenize body renders: its token count and text.
+    let rendered = |body: Value| -> (u64, String) {
+        let counted = http.post("/tokenize", &body);
+        assert_eq!(counted.status, 200, "{body}: {}", counted.body);
+        let counted = counted.json();
+        let read = http
+            .post("/detokenize", &json!({"tokens": counted["tokens"]}))
+            .json();
+        (
+            counted["count"].as_u64().unwrap(),
+            read["prompt"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (_, answering) = rendered(json!({"messages": [question]}));
+    assert!(answering.ends_with("<|im_start|>assistant\n"), "{answering:?}");
+    let (_, bare) = rendered(json!({"messages": [question], "add_generation_prompt": false}));
+    assert_eq!(format!("{bare}<|im_start|>assistant\n"), answering);
+    let (continued_count, continued) =
+        rendered(json!({"messages": begun, "continue_final_message": true}));
+    assert!(
+        continued.ends_with(&format!("<|im_start|>assistant\n{prefill}")),
+        "{continued:?}"
+    );
+    let rules = "Answer in one word.";
+    let (ruled_count, ruled) = rendered(
+        json!({"messages": [question], "chat_template_kwargs": {"house_rules": rules}}),
+    );
+    assert!(
+        ruled.contains(&format!("<|im_start|>system\n{rules}<|im_end|>")),
+        "{ruled:?}"
+    );
+
+    let chat = |extra: Value| -> Value {
+        let mut request = json!({"model": SERVED_NAME, "temperature": 0, "max_tokens": 6});
+        for (key, value) in extra.as_object().unwrap() {
+            request[key] = value.clone();
+        }
+        let reply = http.post("/v1/chat/completions", &request);
+        assert_eq!(reply.status, 200, "{request}: {}", reply.body);
+        reply.json()
+    };
+    // The model goes on from the assistant's words: the answer's next word, not a new turn.
+    let going_on = chat(json!({"messages": begun, "continue_final_message": true}));
+    assert_eq!(going_on["usage"]["prompt_tokens"], continued_count);
+    let words = going_on["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(words.trim_start().starts_with("Paris"), "{words:?}");
+    let ruled_reply = chat(json!({"messages": [question],
+        "chat_template_kwargs": {"house_rules": rules}}));
+    assert_eq!(ruled_reply["usage"]["prompt_tokens"], ruled_count);
+
+    for (body, param, code) in [
+        (
+            json!({"messages": begun, "continue_final_message": true,
+                   "add_generation_prompt": true}),
+            "continue_final_message",
+            Value::Null,
+        ),
+        (
+            json!({"messages": [question], "continue_final_message": true}),
+            "continue_final_message",
+            Value::Null,
+        ),
+        (
+            json!({"messages": [question], "chat_template_kwargs": {"tools": []}}),
+            "chat_template_kwargs.tools",
+            Value::Null,
+        ),
+        (
+            json!({"messages": [question], "chat_template": "{{ messages }}"}),
+            "chat_template",
+            json!("unsupported_parameter"),
+        ),
+    ] {
+        let reply = http.post("/v1/chat/completions", &body);
+        assert_eq!(reply.status, 400, "{body}: {}", reply.body);
+        assert_eq!(reply.json()["error"]["param"], param, "{body}");
+        assert_eq!(reply.json()["error"]["code"], code, "{body}");
+    }
+}
+
 #[test]
 fn truncation_auto_keeps_the_latest_turns_that_fit() {
     let nats = Nats::start();

@@ -120,6 +120,24 @@ const GENERATION: &[(&str, Support)] = &[
     ("cache_salt", Served),
 ];
 
+/// vLLM's chat template fields, of chat completions and `/tokenize`: the fields of
+/// [`ChatTemplateFields`], which both request types flatten. A template of the request's own
+/// is refused: the model directory's is the one the tool parser and the tests know.
+///
+/// [`ChatTemplateFields`]: crate::openai::ChatTemplateFields
+const CHAT_TEMPLATE: &[(&str, Support)] = &[
+    ("add_generation_prompt", Served),
+    ("continue_final_message", Served),
+    ("chat_template_kwargs", Served),
+    (
+        "chat_template",
+        Refused {
+            why: "the model directory's chat template is the one requests use",
+            allowed: never,
+        },
+    ),
+];
+
 /// Fields chat and text completions accept: tags and hints about OpenAI's own accounting,
 /// caching and storage, which mean nothing to a server that stores nothing and has one service
 /// tier (docs/api.md says what each means here).
@@ -203,7 +221,7 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
             },
         ),
     ],
-    shared: &[SAMPLING, GENERATION, ACCEPTED_HINTS],
+    shared: &[SAMPLING, GENERATION, ACCEPTED_HINTS, CHAT_TEMPLATE],
     nested: &[
         ("messages", &CHAT_MESSAGE),
         ("stream_options", &STREAM_OPTIONS),
@@ -380,31 +398,7 @@ pub const TOKENIZE: EndpointFields = EndpointFields {
         ("messages", Served),
         ("tools", Served),
         ("add_special_tokens", Served),
-        ("add_generation_prompt", Served),
         ("return_token_strs", Served),
-        (
-            "continue_final_message",
-            Refused {
-                why: "messages are rendered as a chat request's are, ending with the \
-                      assistant's generation prompt",
-                allowed: is_false,
-            },
-        ),
-        (
-            "chat_template",
-            Refused {
-                why: "the model directory's chat template is the one requests use",
-                allowed: never,
-            },
-        ),
-        (
-            "chat_template_kwargs",
-            Refused {
-                why: "the chat template is rendered as a chat request's is, without extra \
-                      variables",
-                allowed: never,
-            },
-        ),
         (
             "mm_processor_kwargs",
             Refused {
@@ -413,7 +407,7 @@ pub const TOKENIZE: EndpointFields = EndpointFields {
             },
         ),
     ],
-    shared: &[],
+    shared: &[CHAT_TEMPLATE],
     nested: &[("messages", &CHAT_MESSAGE)],
 };
 
@@ -526,8 +520,9 @@ fn first_unreadable_field<T: DeserializeOwned>(body: &Value) -> Option<serde_jso
 mod tests {
     use super::*;
     use crate::openai::{
-        ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, GenerationFields,
-        ResponsesRequest, ResponsesStreamOptions, SamplingFields, StreamOptions, TokenizeRequest,
+        ChatCompletionRequest, ChatMessage, ChatTemplateFields, CompletionRequest,
+        DetokenizeRequest, GenerationFields, ResponsesRequest, ResponsesStreamOptions,
+        SamplingFields, StreamOptions, TokenizeRequest,
     };
     use serde_json::json;
     use std::collections::BTreeSet;
@@ -670,9 +665,10 @@ mod tests {
     fn served_fields_are_exactly_the_request_types_fields() {
         let sampling = declared_fields::<SamplingFields>();
         let generation = &declared_fields::<GenerationFields>() | &sampling;
+        let template = declared_fields::<ChatTemplateFields>();
         assert_eq!(
             served(&CHAT_COMPLETIONS),
-            &declared_fields::<ChatCompletionRequest>() | &generation
+            &(&declared_fields::<ChatCompletionRequest>() | &generation) | &template
         );
         assert_eq!(
             served(&COMPLETIONS),
@@ -688,7 +684,10 @@ mod tests {
             served(&RESPONSES_STREAM_OPTIONS),
             declared_fields::<ResponsesStreamOptions>()
         );
-        assert_eq!(served(&TOKENIZE), declared_fields::<TokenizeRequest>());
+        assert_eq!(
+            served(&TOKENIZE),
+            &declared_fields::<TokenizeRequest>() | &template
+        );
         assert_eq!(served(&DETOKENIZE), declared_fields::<DetokenizeRequest>());
     }
 
@@ -698,6 +697,12 @@ mod tests {
     fn shared_groups_are_the_flattened_structs() {
         assert_eq!(names(SAMPLING), declared_fields::<SamplingFields>());
         assert_eq!(names(GENERATION), declared_fields::<GenerationFields>());
+        let template_served: BTreeSet<_> = CHAT_TEMPLATE
+            .iter()
+            .filter(|(_, s)| matches!(s, Served))
+            .map(|&(name, _)| name)
+            .collect();
+        assert_eq!(template_served, declared_fields::<ChatTemplateFields>());
         assert!(declared_fields::<ChatCompletionRequest>().is_disjoint(&names(GENERATION)));
     }
 

@@ -14,7 +14,8 @@ use tandem_text::tokenizer::TextTokenizer;
 use crate::error::ApiError;
 use crate::tools::render::template_input;
 use crate::tools::{ToolFormat, ToolRequest, ToolSupport};
-use crate::validation::{PromptInput, Turn};
+use crate::validation::chat_rendering::cut_after_final_message;
+use crate::validation::{ChatRendering, PromptInput, Turn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromptError {
@@ -56,12 +57,14 @@ pub fn naming_prompt_param(err: ApiError, prompt_param: &str) -> ApiError {
 /// [`tokenize`] moves the call to a blocking thread.
 pub trait PromptCodec: Send + Sync + 'static {
     /// Renders `turns` (and `tools`, when the request lets the model call them) with the
-    /// model's chat template, ending with the assistant's generation prompt, and tokenizes the
-    /// result without adding special tokens a second time.
+    /// model's chat template as `rendering` says (by default ending with the assistant's
+    /// generation prompt), and tokenizes the result without adding special tokens a second
+    /// time.
     fn encode_chat(
         &self,
         turns: &[Turn],
         tools: Option<&ToolRequest>,
+        rendering: &ChatRendering,
     ) -> Result<Vec<u32>, PromptError>;
     /// Tokenizes a completion prompt, adding the tokenizer's special tokens (BOS) as
     /// Hugging Face's `encode` does by default.
@@ -86,6 +89,7 @@ pub async fn tokenize(
     codec: Arc<dyn PromptCodec>,
     prompt: PromptInput,
     tools: Option<ToolRequest>,
+    rendering: ChatRendering,
 ) -> Result<Vec<u32>, ApiError> {
     match prompt {
         PromptInput::Tokens(ids) => Ok(ids),
@@ -93,12 +97,12 @@ pub async fn tokenize(
             .await
             .map_err(|err| ApiError::Internal(format!("tokenizer task failed: {err}")))?
             .map_err(ApiError::from),
-        PromptInput::Chat(turns) => {
-            tokio::task::spawn_blocking(move || codec.encode_chat(&turns, tools.as_ref()))
-                .await
-                .map_err(|err| ApiError::Internal(format!("tokenizer task failed: {err}")))?
-                .map_err(ApiError::from)
-        }
+        PromptInput::Chat(turns) => tokio::task::spawn_blocking(move || {
+            codec.encode_chat(&turns, tools.as_ref(), &rendering)
+        })
+        .await
+        .map_err(|err| ApiError::Internal(format!("tokenizer task failed: {err}")))?
+        .map_err(ApiError::from),
     }
 }
 
@@ -205,22 +209,44 @@ impl PromptCodec for TextCodec {
         &self,
         turns: &[Turn],
         tools: Option<&ToolRequest>,
+        rendering: &ChatRendering,
     ) -> Result<Vec<u32>, PromptError> {
         let template = self.template.as_ref().ok_or_else(|| {
             PromptError::Template("this model has no chat template; use /v1/completions".into())
         })?;
         let input = template_input(turns, tools, self.tool_support);
+        let mut variables = rendering.variables.clone();
+        // The tools' rendering after the request's variables (which validation keeps apart
+        // from these names anyway).
+        variables.extend(input.variables);
         let options = RenderOptions {
-            add_generation_prompt: true,
-            variables: input.variables,
+            add_generation_prompt: rendering.add_generation_prompt,
+            variables,
         };
-        let text = template
+        let mut text = template
             .render(&input.messages, &options)
             .map_err(|err| match err {
                 ChatTemplateError::Raised { message } => PromptError::Template(message),
                 ChatTemplateError::InvalidMessage { .. } => PromptError::Template(err.to_string()),
+                // A variable of the request's may be of a type the template cannot use.
+                ChatTemplateError::Render(err) if !rendering.variables.is_empty() => {
+                    PromptError::Template(format!(
+                        "the chat template failed with the request's chat_template_kwargs: {err}"
+                    ))
+                }
                 other => PromptError::Tokenizer(other.to_string()),
             })?;
+        if rendering.continue_final_message {
+            let content = turns.last().map_or("", |turn| turn.content.as_str());
+            let end = cut_after_final_message(&text, content).ok_or_else(|| {
+                PromptError::Template(
+                    "continue_final_message: the chat template does not render the last \
+                     message's content as sent, so the prompt cannot end inside it"
+                        .into(),
+                )
+            })?;
+            text.truncate(end);
+        }
         self.tokenizer
             .encode_templated(&text)
             .map_err(|e| PromptError::Tokenizer(e.to_string()))
@@ -296,6 +322,7 @@ pub(crate) mod test_codec {
             &self,
             _: &[Turn],
             _: Option<&crate::tools::ToolRequest>,
+            _: &crate::validation::ChatRendering,
         ) -> Result<Vec<u32>, PromptError> {
             unreachable!()
         }

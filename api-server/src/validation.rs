@@ -5,6 +5,7 @@
 //! length). Defaults follow OpenAI and vLLM: chat requests without a token limit may fill the
 //! context, text completions default to 16 tokens, a missing `model` means the served one.
 
+pub mod chat_rendering;
 pub mod responses;
 pub mod sampling;
 pub mod tokenize;
@@ -17,6 +18,7 @@ use crate::openai::{
     PromptField, ResponseFormat,
 };
 use crate::tools::{ToolCallRecord, ToolRequest, ToolSupport};
+pub use chat_rendering::ChatRendering;
 use sampling::validate_generation;
 pub use sampling::{
     MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_N, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
@@ -136,6 +138,8 @@ pub struct ValidRequest {
     pub n: u32,
     /// A chat request's tools (`None`: none declared).
     pub tools: Option<ToolRequest>,
+    /// How a chat prompt is rendered beyond its turns (the default for other prompts).
+    pub rendering: ChatRendering,
     /// Completions generated: `n`, or `best_of` (`/v1/completions`) when larger, of which
     /// the `n` with the highest mean token logprob are returned (never streamed).
     pub candidates: u32,
@@ -508,6 +512,7 @@ pub fn validate_chat(
         .map(|(i, m)| validate_message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
     link_tool_results(&mut turns)?;
+    let rendering = chat_rendering::chat_rendering(&request.template, &turns)?;
     let tools = crate::tools::validate::validate_tools(request, limits.tool_support.is_some())?;
 
     // max_completion_tokens is OpenAI's current name; when both are sent it wins.
@@ -562,6 +567,7 @@ pub fn validate_chat(
         prompt_param: "messages",
         n: common.n,
         tools,
+        rendering,
         candidates: common.n,
         echo: false,
         cache_salt: common.cache_salt,
@@ -724,6 +730,7 @@ pub fn validate_completion(
         prompt_param: "prompt",
         n: common.n,
         tools: None,
+        rendering: ChatRendering::default(),
         candidates,
         echo,
         cache_salt: common.cache_salt,

@@ -30,6 +30,21 @@ pub struct ChatCompletionRequest {
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
     pub response_format: Option<ResponseFormat>,
+    #[serde(flatten)]
+    pub template: ChatTemplateFields,
+}
+
+/// vLLM's extensions for how messages are rendered through the model's chat template, on
+/// `/v1/chat/completions` and `/tokenize`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct ChatTemplateFields {
+    /// End the prompt with the assistant's header, so that the model answers (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Continue the last message (an assistant's) instead of answering it: the prompt ends
+    /// inside that message, right after its content (default false).
+    pub continue_final_message: Option<bool>,
+    /// Further variables for the chat template (`enable_thinking`, `documents`, ...).
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// `response_format`: `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::chat::ChatMessage;
+use super::chat::{ChatMessage, ChatTemplateFields};
 use super::tools::Tool;
 
 /// `POST /tokenize`: a completion's `prompt`, or a chat's `messages` (and `tools`).
@@ -16,7 +16,9 @@ pub struct TokenizeRequest {
     /// Whether the tokenizer adds its special tokens (BOS): a prompt's default is true, as on
     /// `/v1/completions`; messages are rendered with theirs and take none more.
     pub add_special_tokens: Option<bool>,
-    pub add_generation_prompt: Option<bool>,
+    /// How `messages` are rendered, as on chat completions.
+    #[serde(flatten)]
+    pub template: ChatTemplateFields,
     pub return_token_strs: Option<bool>,
 }
 

@@ -113,6 +113,7 @@ pub(crate) async fn start_generation(
             state.codec.clone(),
             valid.prompt.clone(),
             valid.tools.clone(),
+            valid.rendering.clone(),
         )
         .await
         .map_err(|err| naming_prompt_param(err, valid.prompt_param()))?;

@@ -118,7 +118,13 @@ async fn fit_context(
         let codec = Arc::clone(&state.codec);
         let tools = request.tools.clone();
         async move {
-            let ids = tokenize(codec, PromptInput::Chat(turns), tools).await?;
+            let ids = tokenize(
+                codec,
+                PromptInput::Chat(turns),
+                tools,
+                request.rendering.clone(),
+            )
+            .await?;
             Ok::<_, ApiError>(request.stop_spec(ids.len(), &state.limits).is_ok())
         }
     };

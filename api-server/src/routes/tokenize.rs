@@ -33,7 +33,7 @@ pub async fn tokenize_prompt(
         (PromptInput::Text(text), false) => {
             blocking(move || codec.encode_plain(&text).map_err(ApiError::from)).await?
         }
-        (prompt, _) => tokenize(codec, prompt, valid.tools).await?,
+        (prompt, _) => tokenize(codec, prompt, valid.tools, valid.rendering).await?,
     };
     let token_strs = valid.return_token_strs.then(|| {
         tokens

@@ -213,6 +213,7 @@ pub fn validate_responses(
             prompt_param: "input",
             n: 1,
             tools,
+            rendering: super::ChatRendering::default(),
             candidates: 1,
             echo: false,
             cache_salt: super::sampling::cache_salt(request.cache_salt.as_deref())?,

@@ -6,13 +6,15 @@ use crate::error::ApiError;
 use crate::openai::{ChatCompletionRequest, DetokenizeRequest, TokenizeRequest};
 use crate::tools::ToolRequest;
 
-use super::{ModelLimits, PromptInput, check_model, validate_chat, vocabulary_ids};
+use super::{ChatRendering, ModelLimits, PromptInput, check_model, validate_chat, vocabulary_ids};
 
 /// A validated `/tokenize` request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidTokenize {
     pub prompt: PromptInput,
     pub tools: Option<ToolRequest>,
+    /// How messages are rendered (the default for a prompt).
+    pub rendering: ChatRendering,
     /// A prompt's: whether the tokenizer adds its special tokens.
     pub add_special_tokens: bool,
     pub return_token_strs: bool,
@@ -23,21 +25,23 @@ pub fn validate_tokenize(
     limits: &ModelLimits,
 ) -> Result<ValidTokenize, ApiError> {
     check_model(&request.model, limits)?;
-    if request.add_generation_prompt == Some(false) {
-        return Err(ApiError::unsupported(
-            "add_generation_prompt false is not supported: messages are rendered as a chat \
-             request's are, ending with the assistant's generation prompt",
-            "add_generation_prompt",
-        ));
-    }
     let return_token_strs = request.return_token_strs.unwrap_or(false);
     match (&request.prompt, &request.messages) {
         (Some(prompt), None) => {
+            let template = &request.template;
             for (set, param) in [
                 (request.tools.is_some(), "tools"),
                 (
-                    request.add_generation_prompt.is_some(),
+                    template.add_generation_prompt.is_some(),
                     "add_generation_prompt",
+                ),
+                (
+                    template.continue_final_message.is_some(),
+                    "continue_final_message",
+                ),
+                (
+                    template.chat_template_kwargs.is_some(),
+                    "chat_template_kwargs",
                 ),
             ] {
                 if set {
@@ -50,6 +54,7 @@ pub fn validate_tokenize(
             Ok(ValidTokenize {
                 prompt: PromptInput::Text(prompt.clone()),
                 tools: None,
+                rendering: ChatRendering::default(),
                 add_special_tokens: request.add_special_tokens.unwrap_or(true),
                 return_token_strs,
             })
@@ -66,12 +71,14 @@ pub fn validate_tokenize(
                 model: request.model.clone(),
                 messages: Some(messages.clone()),
                 tools: request.tools.clone(),
+                template: request.template.clone(),
                 ..Default::default()
             };
             let valid = validate_chat(&chat, limits)?;
             Ok(ValidTokenize {
                 prompt: valid.prompt,
                 tools: valid.tools,
+                rendering: valid.rendering,
                 add_special_tokens: false,
                 return_token_strs,
             })
@@ -163,8 +170,16 @@ mod tests {
                 "add_generation_prompt",
             ),
             (
-                json!({"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": false}),
-                "add_generation_prompt",
+                json!({"prompt": "x", "continue_final_message": false}),
+                "continue_final_message",
+            ),
+            (
+                json!({"prompt": "x", "chat_template_kwargs": {}}),
+                "chat_template_kwargs",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}], "continue_final_message": true}),
+                "continue_final_message",
             ),
             (
                 json!({"messages": [{"role": "user", "content": "x"}], "add_special_tokens": true}),
