@@ -626,7 +626,10 @@ fn chat_template_options_on_a_live_deployment() {
         )
     };
     let (_, answering) = rendered(json!({"messages": [question]}));
-    assert!(answering.ends_with("<|im_start|>assistant\n"), "{answering:?}");
+    assert!(
+        answering.ends_with("<|im_start|>assistant\n"),
+        "{answering:?}"
+    );
     let (_, bare) = rendered(json!({"messages": [question], "add_generation_prompt": false}));
     assert_eq!(format!("{bare}<|im_start|>assistant\n"), answering);
     let (continued_count, continued) =
@@ -636,9 +639,8 @@ fn chat_template_options_on_a_live_deployment() {
         "{continued:?}"
     );
     let rules = "Answer in one word.";
-    let (ruled_count, ruled) = rendered(
-        json!({"messages": [question], "chat_template_kwargs": {"house_rules": rules}}),
-    );
+    let (ruled_count, ruled) =
+        rendered(json!({"messages": [question], "chat_template_kwargs": {"house_rules": rules}}));
     assert!(
         ruled.contains(&format!("<|im_start|>system\n{rules}<|im_end|>")),
         "{ruled:?}"
@@ -656,7 +658,9 @@ fn chat_template_options_on_a_live_deployment() {
     // The model goes on from the assistant's words: the answer's next word, not a new turn.
     let going_on = chat(json!({"messages": begun, "continue_final_message": true}));
     assert_eq!(going_on["usage"]["prompt_tokens"], continued_count);
-    let words = going_on["choices"][0]["message"]["content"].as_str().unwrap();
+    let words = going_on["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
     assert!(words.trim_start().starts_with("Paris"), "{words:?}");
     let ruled_reply = chat(json!({"messages": [question],
         "chat_template_kwargs": {"house_rules": rules}}));

@@ -13,6 +13,10 @@
 //!   request handed over there).
 //! - A schema llguidance cannot compile is a 400 naming `response_format.json_schema.schema`
 //!   with llguidance's message; a `response_format` of another type is a 400 naming it.
+//! - vLLM's `structured_outputs` (`choice`, `regex`, `json` as an object and as a string,
+//!   `json_object`, a Lark `grammar`) on chat and completions, aggregated and disaggregated;
+//!   vLLM's removed `guided_*` fields and the options tandem does not serve are 400s naming
+//!   them.
 //!
 //! Needs Python 3 with `openai`, `langchain-openai` and `jsonschema` importable: scripts/test
 //! installs them into `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
@@ -219,6 +223,171 @@ fn check_refusals(http: &Http) {
     assert_eq!(bias.json()["error"]["param"], "logit_bias");
 }
 
+/// The reply text of a chat (or, with `prompt`, a completion) request with `extra` fields,
+/// and its finish reason. Chat requests without `messages` ask `question` (each a prompt of
+/// its own, so that no decode worker finds it in its prefix cache instead of pulling it).
+fn constrained_text(http: &Http, question: &str, extra: Value) -> (String, String) {
+    let completion = extra.get("prompt").is_some();
+    let mut request = if completion {
+        json!({"max_tokens": 24, "temperature": 0})
+    } else {
+        json!({"max_tokens": 24, "temperature": 0,
+               "messages": [{"role": "user", "content": question}]})
+    };
+    for (key, value) in extra.as_object().unwrap() {
+        request[key] = value.clone();
+    }
+    let path = if completion {
+        "/v1/completions"
+    } else {
+        "/v1/chat/completions"
+    };
+    let reply = http.post(path, &request);
+    assert_eq!(reply.status, 200, "{request}: {}", reply.body);
+    let choice = &reply.json()["choices"][0];
+    let text = if completion {
+        &choice["text"]
+    } else {
+        &choice["message"]["content"]
+    };
+    (
+        text.as_str().unwrap().to_owned(),
+        choice["finish_reason"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// vLLM's `structured_outputs`: each kind of constraint holds on chat and on completions, and
+/// the fields vLLM removed or tandem does not serve are 400s naming them.
+fn check_vllm_structured_outputs(deployment: &Deployment) {
+    let http = deployment.http();
+    // The choices are one token each: the context worker's first token completes the grammar
+    // and ends the request there, with nothing to hand over.
+    let (answer, finish) = constrained_text(
+        http,
+        "We are checking facts about European geography for a school quiz today. Is Paris in France?",
+        json!({"structured_outputs": {"choice": ["yes", "no"]}}),
+    );
+    assert!(answer == "yes" || answer == "no", "{answer:?}");
+    assert_eq!(finish, "stop");
+    let colours = ["blue", "green", "grey"];
+    let (colour, _) = constrained_text(
+        http,
+        "",
+        json!({"prompt": "On a clear summer afternoon, far from the city lights and the clouds, the colour of the sky is", "structured_outputs": {"choice": colours}}),
+    );
+    assert!(colours.contains(&colour.as_str()), "{colour:?}");
+
+    let before = deployment.hand_overs();
+
+    let (email, finish) = constrained_text(
+        http,
+        "",
+        json!({"messages": [{"role": "user",
+                "content": "Alan Turing works at a company called Enigma. Write an email address for Alan Turing at Enigma, in lower case."}],
+               "structured_outputs": {"regex": "[a-z]{1,12}@[a-z]{1,12}\\.com"}}),
+    );
+    let (user, domain) = email.split_once('@').expect("an @");
+    let host = domain.strip_suffix(".com").expect("ends in .com");
+    for part in [user, host] {
+        assert!(
+            (1..=12).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_lowercase()),
+            "{email:?}"
+        );
+    }
+    assert_eq!(finish, "stop");
+
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"},
+        "country": {"type": "string"}}, "required": ["city", "country"],
+        "additionalProperties": false});
+    // vLLM takes the schema as an object or as a string holding it.
+    for (json, city) in [
+        (schema.clone(), "Lyon"),
+        (json!(schema.to_string()), "Turin"),
+    ] {
+        let (text, _) = constrained_text(
+            http,
+            &format!(
+                "We are planning a long train journey across Europe next spring. Where is {city}? Answer with its city and country."
+            ),
+            json!({"max_tokens": 48, "structured_outputs": {"json": json}}),
+        );
+        let value: Value = serde_json::from_str(&text).expect("JSON");
+        assert!(
+            value["city"].is_string() && value["country"].is_string(),
+            "{value}"
+        );
+        assert_eq!(value.as_object().unwrap().len(), 2, "{value}");
+    }
+    let (object, _) = constrained_text(
+        http,
+        "",
+        json!({"max_tokens": 40, "structured_outputs": {"json_object": true},
+               "prompt": "Pets of the house, one JSON object each.\nA cat named Tom as JSON: {\"name\": \"Tom\"}\nA dog named Rex as JSON:"}),
+    );
+    assert!(
+        serde_json::from_str::<Value>(&object).unwrap().is_object(),
+        "{object}"
+    );
+    let (sentence, _) = constrained_text(
+        http,
+        "We are checking facts about European geography for a school quiz tomorrow. Is Rome in Spain?",
+        json!({"structured_outputs": {
+            "grammar": "start: \"The answer is \" (\"yes\" | \"no\") \".\""}}),
+    );
+    assert!(
+        ["The answer is yes.", "The answer is no."].contains(&sentence.as_str()),
+        "{sentence:?}"
+    );
+    deployment.assert_handed_over_since(&before, 5, "the longer structured_outputs requests");
+
+    let chat = |extra: Value| {
+        let mut request = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4});
+        for (key, value) in extra.as_object().unwrap() {
+            request[key] = value.clone();
+        }
+        http.post("/v1/chat/completions", &request)
+    };
+    for (extra, param, code) in [
+        (
+            json!({"guided_choice": ["a"]}),
+            "guided_choice",
+            json!("unsupported_parameter"),
+        ),
+        (
+            json!({"structured_outputs": {}}),
+            "structured_outputs",
+            Value::Null,
+        ),
+        (
+            json!({"structured_outputs": {"choice": ["a"]},
+                   "response_format": {"type": "json_object"}}),
+            "structured_outputs",
+            Value::Null,
+        ),
+        (
+            json!({"structured_outputs": {"grammar": "root ::= \"a\""}}),
+            "structured_outputs.grammar",
+            Value::Null,
+        ),
+        (
+            json!({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}),
+            "structured_outputs.whitespace_pattern",
+            json!("unsupported_parameter"),
+        ),
+        (
+            json!({"structured_outputs": {"regex": "a", "regexp": "b"}}),
+            "structured_outputs.regexp",
+            json!("unknown_parameter"),
+        ),
+    ] {
+        let reply = chat(extra.clone());
+        assert_eq!(reply.status, 400, "{extra}: {}", reply.body);
+        let error = &reply.json()["error"];
+        assert_eq!(error["param"], param, "{extra}: {error}");
+        assert_eq!(error["code"], code, "{extra}: {error}");
+    }
+}
+
 #[test]
 fn structured_outputs_and_logit_bias_aggregated_and_disaggregated() {
     check_python_clients();
@@ -229,6 +398,8 @@ fn structured_outputs_and_logit_bias_aggregated_and_disaggregated() {
     let (prompt_ids, greedy) = greedy_ids("The capital of France is", 3);
     check_logit_bias(&aggregated, &prompt_ids, &greedy);
     check_logit_bias(&disaggregated, &prompt_ids, &greedy);
+    check_vllm_structured_outputs(&aggregated);
+    check_vllm_structured_outputs(&disaggregated);
 
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/structured_outputs.py");

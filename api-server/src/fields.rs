@@ -118,7 +118,95 @@ const GENERATION: &[(&str, Support)] = &[
     // Served through the "grammar" path.
     ("logit_bias", Served),
     ("cache_salt", Served),
+    ("structured_outputs", Served),
 ];
+
+/// vLLM's constrained-decoding fields before 0.12, which replaced them with
+/// `structured_outputs`: refused with a 400 that says what to send instead.
+const VLLM_GUIDED: &[(&str, Support)] = &[
+    (
+        "guided_json",
+        Refused {
+            why: "guided_json is vLLM's name before 0.12: send structured_outputs: {\"json\": ...}",
+            allowed: never,
+        },
+    ),
+    (
+        "guided_regex",
+        Refused {
+            why: "guided_regex is vLLM's name before 0.12: send structured_outputs: {\"regex\": ...}",
+            allowed: never,
+        },
+    ),
+    (
+        "guided_choice",
+        Refused {
+            why: "guided_choice is vLLM's name before 0.12: send structured_outputs: {\"choice\": [...]}",
+            allowed: never,
+        },
+    ),
+    (
+        "guided_grammar",
+        Refused {
+            why: "guided_grammar is vLLM's name before 0.12: send structured_outputs: {\"grammar\": ...}",
+            allowed: never,
+        },
+    ),
+    (
+        "guided_decoding_backend",
+        Refused {
+            why: "tandem has one constrained-decoding backend (llguidance): leave it out",
+            allowed: never,
+        },
+    ),
+    (
+        "guided_whitespace_pattern",
+        Refused {
+            why: "tandem's JSON output is compact: no whitespace pattern is read",
+            allowed: never,
+        },
+    ),
+];
+
+/// vLLM's `structured_outputs` object of chat and text completions.
+pub const STRUCTURED_OUTPUTS: EndpointFields = EndpointFields {
+    path: "structured_outputs",
+    fields: &[
+        ("json", Served),
+        ("regex", Served),
+        ("choice", Served),
+        ("grammar", Served),
+        ("json_object", Served),
+        // JSON is written compact whatever it says: whitespace is allowed there, never needed.
+        ("disable_any_whitespace", Served),
+        // llguidance is the one backend: there is nothing to fall back to, or from.
+        ("disable_fallback", Served),
+        (
+            "disable_additional_properties",
+            Refused {
+                why: "a schema's additionalProperties are as the schema says: set \
+                      \"additionalProperties\": false in it",
+                allowed: is_false,
+            },
+        ),
+        (
+            "whitespace_pattern",
+            Refused {
+                why: "tandem's JSON output is compact: no whitespace pattern is read",
+                allowed: never,
+            },
+        ),
+        (
+            "structural_tag",
+            Refused {
+                why: "structural tags are not served: use json, regex, choice or grammar",
+                allowed: never,
+            },
+        ),
+    ],
+    shared: &[],
+    nested: &[],
+};
 
 /// vLLM's chat template fields, of chat completions and `/tokenize`: the fields of
 /// [`ChatTemplateFields`], which both request types flatten. A template of the request's own
@@ -221,10 +309,17 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
             },
         ),
     ],
-    shared: &[SAMPLING, GENERATION, ACCEPTED_HINTS, CHAT_TEMPLATE],
+    shared: &[
+        SAMPLING,
+        GENERATION,
+        VLLM_GUIDED,
+        ACCEPTED_HINTS,
+        CHAT_TEMPLATE,
+    ],
     nested: &[
         ("messages", &CHAT_MESSAGE),
         ("stream_options", &STREAM_OPTIONS),
+        ("structured_outputs", &STRUCTURED_OUTPUTS),
     ],
 };
 
@@ -300,8 +395,11 @@ pub const COMPLETIONS: EndpointFields = EndpointFields {
     ],
     // OpenAI's reference lists only `user` of the hints here; the others are accepted too, as
     // clients that share settings between endpoints send them.
-    shared: &[SAMPLING, GENERATION, ACCEPTED_HINTS],
-    nested: &[("stream_options", &STREAM_OPTIONS)],
+    shared: &[SAMPLING, GENERATION, VLLM_GUIDED, ACCEPTED_HINTS],
+    nested: &[
+        ("stream_options", &STREAM_OPTIONS),
+        ("structured_outputs", &STRUCTURED_OUTPUTS),
+    ],
 };
 
 /// `POST /v1/responses`.
@@ -522,18 +620,19 @@ mod tests {
     use crate::openai::{
         ChatCompletionRequest, ChatMessage, ChatTemplateFields, CompletionRequest,
         DetokenizeRequest, GenerationFields, ResponsesRequest, ResponsesStreamOptions,
-        SamplingFields, StreamOptions, TokenizeRequest,
+        SamplingFields, StreamOptions, StructuredOutputs, TokenizeRequest,
     };
     use serde_json::json;
     use std::collections::BTreeSet;
 
     /// Every table, and so every name a request type may declare.
-    const TABLES: [&EndpointFields; 8] = [
+    const TABLES: [&EndpointFields; 9] = [
         &CHAT_COMPLETIONS,
         &COMPLETIONS,
         &RESPONSES,
         &CHAT_MESSAGE,
         &STREAM_OPTIONS,
+        &STRUCTURED_OUTPUTS,
         &RESPONSES_STREAM_OPTIONS,
         &TOKENIZE,
         &DETOKENIZE,
@@ -680,6 +779,10 @@ mod tests {
         );
         assert_eq!(served(&CHAT_MESSAGE), declared_fields::<ChatMessage>());
         assert_eq!(served(&STREAM_OPTIONS), declared_fields::<StreamOptions>());
+        assert_eq!(
+            served(&STRUCTURED_OUTPUTS),
+            declared_fields::<StructuredOutputs>()
+        );
         assert_eq!(
             served(&RESPONSES_STREAM_OPTIONS),
             declared_fields::<ResponsesStreamOptions>()

@@ -8,6 +8,7 @@
 pub mod chat_rendering;
 pub mod responses;
 pub mod sampling;
+pub mod structured_outputs;
 pub mod tokenize;
 
 use tandem_protocol::messages::{GrammarSpec, SamplingSpec, StopSpec};
@@ -140,6 +141,10 @@ pub struct ValidRequest {
     pub tools: Option<ToolRequest>,
     /// How a chat prompt is rendered beyond its turns (the default for other prompts).
     pub rendering: ChatRendering,
+    /// The request field `sampling.grammar` came from (`response_format.json_schema.schema`,
+    /// `structured_outputs.regex`, ...), which a grammar that does not compile is a 400
+    /// naming; `None` for a grammar made from `tools`, or none.
+    pub grammar_param: Option<&'static str>,
     /// Completions generated: `n`, or `best_of` (`/v1/completions`) when larger, of which
     /// the `n` with the highest mean token logprob are returned (never streamed).
     pub candidates: u32,
@@ -208,6 +213,7 @@ struct CommonValues {
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
     min_tokens: u32,
+    grammar_param: Option<&'static str>,
     stream: bool,
     include_usage: bool,
     cache_salt: Option<String>,
@@ -254,6 +260,7 @@ fn validate_common(
         stop_token_ids: generation.stop_token_ids,
         ignore_eos: generation.ignore_eos,
         min_tokens: generation.min_tokens,
+        grammar_param: generation.grammar_param,
         stream,
         include_usage: fields.include_usage.unwrap_or(false),
         cache_salt: generation.cache_salt,
@@ -546,8 +553,23 @@ pub fn validate_chat(
     let mut sampling = common.sampling;
     sampling.logprobs = logprobs;
     // response_format first: the tools' grammar refuses to stack on a response_format one.
-    if let Some(format) = &request.response_format {
-        sampling.grammar = response_format(format)?;
+    let mut grammar_param = common.grammar_param;
+    if let Some(grammar) = request
+        .response_format
+        .as_ref()
+        .map(response_format)
+        .transpose()?
+        .flatten()
+    {
+        if grammar_param.is_some() {
+            return Err(ApiError::invalid(
+                "structured_outputs cannot be combined with a JSON response_format: both \
+                 constrain the whole reply",
+                "structured_outputs",
+            ));
+        }
+        sampling.grammar = Some(grammar);
+        grammar_param = Some(JSON_SCHEMA_PARAM);
     }
     if let (Some(tools), Some(support)) = (&tools, limits.tool_support) {
         crate::tools::grammar::constrain(tools, support.format, &mut sampling)?;
@@ -568,6 +590,7 @@ pub fn validate_chat(
         n: common.n,
         tools,
         rendering,
+        grammar_param,
         candidates: common.n,
         echo: false,
         cache_salt: common.cache_salt,
@@ -731,6 +754,7 @@ pub fn validate_completion(
         n: common.n,
         tools: None,
         rendering: ChatRendering::default(),
+        grammar_param: common.grammar_param,
         candidates,
         echo,
         cache_salt: common.cache_salt,

@@ -16,7 +16,8 @@ n=next((i for i,(x,y) in enumerate(zip(a,b)) if x!=y), min(len(a),len(b))); prin
 }
 for prompt in "the sea and the sky" "Once upon a time there was"; do
   for sampling in "--temperature 0.8 --top-p 0.9 --seed 7" "--temperature 1.0 --top-k 40 --seed 3" \
-    "--temperature 1.2 --top-k 200 --top-p 0.95 --seed 11" "--temperature 0.7 --top-p 0.5 --seed 5"; do
+    "--temperature 1.2 --top-k 200 --top-p 0.95 --seed 11" "--temperature 0.7 --top-p 0.5 --seed 5" \
+    "--temperature 1.0 --min-p 0.3 --seed 4" "--temperature 0.9 --min-p 0.05 --min-tokens 24 --seed 9"; do
     # shellcheck disable=SC2086 # the sampling flags are words
     worker generate --model "$dir" --prompt "$prompt" --max-tokens 48 --json --device cuda:0 $sampling \
       >"$out/device.json" 2>"$out/device.log"

@@ -45,6 +45,24 @@ pub struct GenerationFields {
     pub logit_bias: Option<LogitBiasField>,
     /// vLLM's: isolates the request's prompt in the workers' prefix caches.
     pub cache_salt: Option<String>,
+    /// vLLM's constrained decoding: the output matches a JSON schema, a regular expression,
+    /// one of a list of strings or a grammar.
+    pub structured_outputs: Option<StructuredOutputs>,
+}
+
+/// vLLM's `structured_outputs`: one constraint, and options of its JSON. Fields tandem does
+/// not serve are refused by [`crate::fields`]' table for it before this is read.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct StructuredOutputs {
+    /// A JSON schema, or a string holding one.
+    pub json: Option<serde_json::Value>,
+    pub regex: Option<String>,
+    pub choice: Option<Vec<String>>,
+    /// A grammar in llguidance's Lark dialect.
+    pub grammar: Option<String>,
+    pub json_object: Option<bool>,
+    pub disable_any_whitespace: Option<bool>,
+    pub disable_fallback: Option<bool>,
 }
 
 /// `logit_bias`: token ids (as JSON object keys, so strings) to a bias in [-100, 100].

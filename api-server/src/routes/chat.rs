@@ -4,9 +4,7 @@ use std::sync::Arc;
 
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, post, web};
 use bytes::Bytes;
-use tandem_protocol::messages::{
-    FinishReason as WireFinish, GrammarSpec, TokenEvent, Usage as WireUsage,
-};
+use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
 
 use super::logprobs::chat_entry;
 use super::{
@@ -27,7 +25,7 @@ use crate::sse::{ChunkFormat, sse_data};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::new_call_id;
 use crate::tools::parser::{CallParser, ParseEvent, ParsedReply};
-use crate::validation::{JSON_SCHEMA_PARAM, validate_chat};
+use crate::validation::validate_chat;
 
 #[post("/v1/chat/completions")]
 pub async fn chat_completions(
@@ -42,10 +40,11 @@ pub async fn chat_completions(
         .and_then(|body| validate_chat(&body, &state.limits))
         .inspect_err(|err| record.fail(err))?;
     if let Some(grammar) = &valid.sampling.grammar {
-        // A required or named tool call's grammar (Lark) was built from `tools`; a JSON schema
-        // came from `response_format`.
-        let checked = match (grammar, &valid.tools) {
-            (GrammarSpec::Lark { .. }, Some(tools)) => {
+        // From `response_format` or `structured_outputs` (which name themselves), or else
+        // built from `tools` for a required or named tool call.
+        let checked = match (valid.grammar_param, &valid.tools) {
+            (Some(param), _) => state.grammars.check(grammar, param).await,
+            (None, Some(tools)) => {
                 state
                     .grammars
                     .check_tool_calls(grammar, tools, |i| {
@@ -53,10 +52,7 @@ pub async fn chat_completions(
                     })
                     .await
             }
-            (GrammarSpec::Lark { .. }, None) => state.grammars.check(grammar, "tools").await,
-            (GrammarSpec::JsonSchema { .. }, _) => {
-                state.grammars.check(grammar, JSON_SCHEMA_PARAM).await
-            }
+            (None, None) => state.grammars.check(grammar, "tools").await,
         };
         checked.inspect_err(|err| record.fail(err))?;
     }

@@ -54,6 +54,14 @@ pub async fn completions(
         .and_then(|body| validate_completion(&body, &state.limits))
         .inspect_err(|err| record.fail(err))?;
     let valid = batch[0].clone();
+    // Every prompt of a batch carries the same grammar (`structured_outputs`).
+    if let (Some(grammar), Some(param)) = (&valid.sampling.grammar, valid.grammar_param) {
+        state
+            .grammars
+            .check(grammar, param)
+            .await
+            .inspect_err(|err| record.fail(err))?;
+    }
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let tenant = request.extensions().get::<TenantSalt>().cloned();
     // Each prompt of a batch is started as a request of its own (its jobs named after the

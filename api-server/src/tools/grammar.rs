@@ -34,9 +34,9 @@ pub fn constrain(
     }
     if sampling.grammar.is_some() {
         return Err(ApiError::invalid(
-            "tool_choice \"required\" or a named function cannot be combined with a JSON \
-             output format (response_format, or text.format on /v1/responses): both \
-             constrain the whole reply",
+            "tool_choice \"required\" or a named function cannot be combined with a \
+             constrained output (response_format, structured_outputs, or text.format on \
+             /v1/responses): both constrain the whole reply",
             "tool_choice",
         ));
     }

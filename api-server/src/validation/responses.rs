@@ -214,6 +214,8 @@ pub fn validate_responses(
             n: 1,
             tools,
             rendering: super::ChatRendering::default(),
+            // The route names `text.format.schema` itself.
+            grammar_param: None,
             candidates: 1,
             echo: false,
             cache_salt: super::sampling::cache_salt(request.cache_salt.as_deref())?,

@@ -38,6 +38,8 @@ pub(super) struct ValidGeneration {
     /// vLLM's `min_tokens`: tokens generated before a stop token or string may end the
     /// completion (checked against the token limit with it).
     pub(super) min_tokens: u32,
+    /// The request field `sampling.grammar` came from (`structured_outputs.regex`, ...).
+    pub(super) grammar_param: Option<&'static str>,
     pub(super) cache_salt: Option<String>,
 }
 
@@ -182,6 +184,12 @@ pub(super) fn validate_generation(
     if let Some(bias) = &fields.logit_bias {
         sampling.logit_bias = logit_bias(bias, limits)?;
     }
+    let mut grammar_param = None;
+    if let Some(constraint) = &fields.structured_outputs {
+        let (grammar, param) = super::structured_outputs::structured_outputs(constraint)?;
+        sampling.grammar = Some(grammar);
+        grammar_param = Some(param);
+    }
 
     let stop_strings = match &fields.stop {
         None => Vec::new(),
@@ -248,6 +256,7 @@ pub(super) fn validate_generation(
         stop_token_ids,
         ignore_eos: fields.ignore_eos.unwrap_or(false),
         min_tokens,
+        grammar_param,
         cache_salt: cache_salt(fields.cache_salt.as_deref())?,
     })
 }

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Runs on a one-GPU device machine: vLLM's `min_p` and `min_tokens` through `tandem serve -c
+# examples/configs/gpu-1.yaml` (a context and a decode worker on one GPU, SmolLM2-135M shapes,
+# random weights, sampling on the device), as tests/sampling_defaults.rs checks them on the CPU:
+# - a completion asked to stop at its own first greedy token ends at once, and with
+#   `min_tokens` goes on past it (the first token is the context worker's);
+# - `min_tokens` holds the stop token on the decode worker too (no stop before the count);
+# - every token drawn with `min_p` is at least that share of the top token's probability, on
+#   requests batched together (seeded, 16 at once), and without it some are not.
+# Prints one line a check and a last line `sampling extensions: N of M checks passed`.
+# Binaries from .kit/bin.
+#   source .kit/env.sh; scripts/device/sampling_extensions.sh
+set -uo pipefail
+# shellcheck source=scripts/device/kit-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
+dir=$(random_model "${PRESET:-smollm2-135m}")
+tandem serve -c examples/configs/gpu-1.yaml --model "$dir" --port 8101 --ready-timeout-s 300 \
+  >"$out/sampling-extensions-serve.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 1500); do grep -q "tandem: serving" "$out/sampling-extensions-serve.log" && break; sleep 0.2; done
+grep "tandem: serving" "$out/sampling-extensions-serve.log" || {
+  echo "NOT READY"
+  tail -30 "$out/sampling-extensions-serve.log"
+  kill "$pid"
+  exit 1
+}
+python3 - <<'PY' | tee "$out/sampling-extensions.txt"
+import concurrent.futures, json, math, urllib.request
+
+BASE = "http://127.0.0.1:8101"
+
+def post(path, body):
+    request = urllib.request.Request(BASE + path, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.load(reply)
+
+def ids(text):
+    return post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
+
+passed, total = 0, 0
+def check(ok, what):
+    global passed, total
+    total += 1
+    passed += bool(ok)
+    print(("ok   " if ok else "FAIL ") + what)
+
+for prompt in ["One, two, three,", "the sea and the sky", "Once upon a time there was"]:
+    base = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    plain = post("/v1/completions", base)["choices"][0]["text"]
+    generated = ids(prompt + plain)[len(ids(prompt)):]
+    if not generated:
+        check(False, f"{prompt!r}: the greedy text {plain!r} tokenizes to nothing after the prompt")
+        continue
+    first = generated[0]
+    stopped = post("/v1/completions", dict(base, stop_token_ids=[first]))
+    check(stopped["usage"]["completion_tokens"] == 1 and stopped["choices"][0]["text"] == "",
+          f"{prompt!r}: stop at the first greedy token {first}: {stopped['usage']['completion_tokens']} token(s)")
+    held = post("/v1/completions", dict(base, stop_token_ids=[first], min_tokens=4, logprobs=0))
+    tokens = held["usage"]["completion_tokens"]
+    check(tokens >= 4 and held["choices"][0]["text"] != "",
+          f"{prompt!r}: with min_tokens 4, {tokens} tokens ({held['choices'][0]['finish_reason']})")
+
+def below(seed, min_p):
+    body = {"prompt": f"Story {seed}: once upon a time", "max_tokens": 32, "temperature": 1.0,
+            "logprobs": 1, "seed": seed}
+    if min_p is not None:
+        body["min_p"] = min_p
+    lp = post("/v1/completions", body)["choices"][0]["logprobs"]
+    count = 0
+    for drawn, best in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        top = next(iter(best.values()))
+        count += drawn < top + math.log(min_p or 0.9) - 1e-3
+    return count
+
+MIN_P = 0.9
+with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    held = list(pool.map(lambda s: below(s, MIN_P), range(16)))
+    free = list(pool.map(lambda s: below(s, None), range(16)))
+check(sum(held) == 0, f"min_p {MIN_P}: draws below it in 16 batched requests: {sum(held)}")
+check(sum(free) > 0, f"without min_p: draws below {MIN_P} of the top: {sum(free)}")
+print(f"sampling extensions: {passed} of {total} checks passed")
+PY
+kill -INT "$pid"
+wait "$pid"
+echo "launcher exit: $?"
