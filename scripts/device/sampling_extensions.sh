@@ -6,7 +6,8 @@
 #   `min_tokens` goes on past it (the first token is the context worker's);
 # - `min_tokens` holds the stop token on the decode worker too (no stop before the count);
 # - every token drawn with `min_p` is at least that share of the top token's probability, on
-#   requests batched together (seeded, 16 at once), and without it some are not.
+#   requests batched together (seeded, 16 at once), and without it some are not;
+# - vLLM's structured_outputs `choice` and `regex` hold on 16 sampled requests at once.
 # Prints one line a check and a last line `sampling extensions: N of M checks passed`.
 # Binaries from .kit/bin.
 #   source .kit/env.sh; scripts/device/sampling_extensions.sh
@@ -79,6 +80,22 @@ with concurrent.futures.ThreadPoolExecutor(16) as pool:
     free = list(pool.map(lambda s: below(s, None), range(16)))
 check(sum(held) == 0, f"min_p {MIN_P}: draws below it in 16 batched requests: {sum(held)}")
 check(sum(free) > 0, f"without min_p: draws below {MIN_P} of the top: {sum(free)}")
+
+# structured_outputs on the GPU's masks: 16 requests at once, sampled, each constraint held.
+COLOURS = ["red", "green", "blue"]
+def constrained(i):
+    body = {"prompt": f"Item {i}:", "max_tokens": 24, "temperature": 0.8, "seed": i}
+    body["structured_outputs"] = {"choice": COLOURS} if i % 2 else {"regex": "[a-z]{2,8}-[0-9]{1,3}"}
+    return i, post("/v1/completions", body)["choices"][0]["text"]
+def holds(i, text):
+    if i % 2:
+        return text in COLOURS
+    word, _, number = text.partition("-")
+    return 2 <= len(word) <= 8 and word.isalpha() and word.islower() and 1 <= len(number) <= 3 and number.isdigit()
+with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    replies = list(pool.map(constrained, range(16)))
+bad = [(i, text) for i, text in replies if not holds(i, text)]
+check(not bad, f"structured_outputs choice and regex, 16 at once: {16 - len(bad)} of 16 hold {bad[:3]}")
 print(f"sampling extensions: {passed} of {total} checks passed")
 PY
 kill -INT "$pid"
