@@ -2,9 +2,8 @@
 # Runs on a one-GPU device machine: vLLM's `min_p` and `min_tokens` through `tandem serve -c
 # examples/configs/gpu-1.yaml` (a context and a decode worker on one GPU, SmolLM2-135M shapes,
 # random weights, sampling on the device), as tests/sampling_defaults.rs checks them on the CPU:
-# - a completion asked to stop at its own first greedy token ends at once, and with
-#   `min_tokens` goes on past it (the first token is the context worker's);
-# - `min_tokens` holds the stop token on the decode worker too (no stop before the count);
+# - a stop token forced by `logit_bias` ends a completion at once, and with `min_tokens` 4 is
+#   held back on the context worker (the first token) and the decode worker, ending the 5th;
 # - every token drawn with `min_p` is at least that share of the top token's probability, on
 #   requests batched together (seeded, 16 at once), and without it some are not;
 # - vLLM's structured_outputs `choice` and `regex` hold on 16 sampled requests at once.
@@ -36,9 +35,6 @@ def post(path, body):
     with urllib.request.urlopen(request, timeout=120) as reply:
         return json.load(reply)
 
-def ids(text):
-    return post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
-
 passed, total = 0, 0
 def check(ok, what):
     global passed, total
@@ -46,21 +42,21 @@ def check(ok, what):
     passed += bool(ok)
     print(("ok   " if ok else "FAIL ") + what)
 
+# A token forced by logit_bias (+100) and made a stop token: without min_tokens the completion
+# is that one token (the context worker's); with min_tokens 4 it is held back for 4 tokens
+# (one on the context worker, three on the decode worker) and ends the 5th.
+FORCED = 1000
 for prompt in ["One, two, three,", "the sea and the sky", "Once upon a time there was"]:
-    base = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
-    plain = post("/v1/completions", base)["choices"][0]["text"]
-    generated = ids(prompt + plain)[len(ids(prompt)):]
-    if not generated:
-        check(False, f"{prompt!r}: the greedy text {plain!r} tokenizes to nothing after the prompt")
-        continue
-    first = generated[0]
-    stopped = post("/v1/completions", dict(base, stop_token_ids=[first]))
-    check(stopped["usage"]["completion_tokens"] == 1 and stopped["choices"][0]["text"] == "",
-          f"{prompt!r}: stop at the first greedy token {first}: {stopped['usage']['completion_tokens']} token(s)")
-    held = post("/v1/completions", dict(base, stop_token_ids=[first], min_tokens=4, logprobs=0))
-    tokens = held["usage"]["completion_tokens"]
-    check(tokens >= 4 and held["choices"][0]["text"] != "",
-          f"{prompt!r}: with min_tokens 4, {tokens} tokens ({held['choices'][0]['finish_reason']})")
+    base = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "logit_bias": {str(FORCED): 100},
+            "stop_token_ids": [FORCED]}
+    stopped = post("/v1/completions", base)
+    check((stopped["usage"]["completion_tokens"], stopped["choices"][0]["finish_reason"]) == (1, "stop"),
+          f"{prompt!r}: forced stop token first: {stopped['usage']['completion_tokens']} token(s), "
+          f"{stopped['choices'][0]['finish_reason']}")
+    held = post("/v1/completions", dict(base, min_tokens=4))
+    check((held["usage"]["completion_tokens"], held["choices"][0]["finish_reason"]) == (5, "stop"),
+          f"{prompt!r}: with min_tokens 4: {held['usage']['completion_tokens']} tokens, "
+          f"{held['choices'][0]['finish_reason']}")
 
 def below(seed, min_p):
     body = {"prompt": f"Story {seed}: once upon a time", "max_tokens": 32, "temperature": 1.0,
