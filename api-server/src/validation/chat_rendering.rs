@@ -29,7 +29,7 @@ pub struct ChatRendering {
     /// The prompt ends right after the last message's content (an assistant's, not empty),
     /// which the completion continues: the template's end of that turn is cut off.
     pub continue_final_message: bool,
-    /// Extra template variables, none of [`RESERVED_VARIABLES`].
+    /// Extra template variables, none of the names tandem sets itself.
     pub variables: Map<String, Value>,
 }
 
