@@ -15,7 +15,10 @@
 //! And vLLM's `min_p` and `min_tokens` on a disaggregated deployment (a context worker samples
 //! each request's first token, a decode worker the rest): tokens less likely than `min_p`
 //! times the top one never drawn; no stop token or string ending a completion before
-//! `min_tokens`, on either worker.
+//! `min_tokens`, on either worker. Then vLLM's output options there: the stop string kept
+//! (`include_stop_str_in_output`), tokens named by id in logprobs
+//! (`return_tokens_as_token_ids`), only `allowed_token_ids` drawn, a special token's text
+//! written with `skip_special_tokens: false`, and `truncate_prompt_tokens`.
 
 mod support;
 
@@ -293,7 +296,77 @@ fn min_p_and_min_tokens_on_a_disaggregated_deployment() {
     }
     assert!(unconstrained > 0, "without min_p some draws fall below it");
 
+    // vLLM's output options. The stop string kept at the end of the text:
+    let (kept, _) = greedy(json!({"stop": ",", "include_stop_str_in_output": true}));
+    assert_eq!(kept["text"], format!("{cut},"), "{kept}");
+    // Logprobs naming tokens by id, which allowed_token_ids then limits: greedy decoding
+    // among three tokens of a text unlike the greedy one's.
+    let named = |extra: Value| -> Vec<u64> {
+        let mut request = json!({"logprobs": 2, "return_tokens_as_token_ids": true});
+        for (key, value) in extra.as_object().unwrap() {
+            request[key] = value.clone();
+        }
+        let (choice, _) = greedy(request);
+        let names = choice["logprobs"]["tokens"].as_array().unwrap();
+        for alternatives in choice["logprobs"]["top_logprobs"].as_array().unwrap() {
+            for name in alternatives.as_object().unwrap().keys() {
+                assert!(name.starts_with("token_id:"), "{choice}");
+            }
+        }
+        names
+            .iter()
+            .map(|name| name.as_str().unwrap()["token_id:".len()..].parse().unwrap())
+            .collect()
+    };
+    let greedy_ids = named(json!({}));
+    assert_eq!(
+        greedy_ids,
+        ids(&format!("{prompt}{text}"))[ids(prompt).len()..]
+    );
+    let allowed = ids(" red green blue");
+    let limited = named(json!({"allowed_token_ids": allowed}));
+    assert_eq!(limited.len(), 8);
+    assert!(limited.iter().all(|id| allowed.contains(id)), "{limited:?}");
+    assert!(greedy_ids.iter().any(|id| !allowed.contains(id)));
+    // A special token's text, written only when asked: `<|im_start|>` forced by logit_bias.
+    let special = ids("<|im_start|>");
+    assert_eq!(special.len(), 1, "one special token");
+    let forced = |skip: bool| {
+        greedy(
+            json!({"max_tokens": 1, "logit_bias": {special[0].to_string(): 100},
+                      "skip_special_tokens": skip}),
+        )
+        .0["text"]
+            .clone()
+    };
+    assert_eq!(forced(true), "");
+    assert_eq!(forced(false), "<|im_start|>");
+    // Only the prompt's last tokens.
+    let reply = http.post(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 2, "truncate_prompt_tokens": 3}),
+    );
+    assert_eq!(reply.json()["usage"]["prompt_tokens"], 3, "{}", reply.body);
+    let reply = http.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 2, "truncate_prompt_tokens": 10}),
+    );
+    assert_eq!(reply.json()["usage"]["prompt_tokens"], 10, "{}", reply.body);
+
     for (body, param) in [
+        (
+            json!({"prompt": "x", "allowed_token_ids": []}),
+            "allowed_token_ids",
+        ),
+        (
+            json!({"prompt": "x", "truncate_prompt_tokens": 0}),
+            "truncate_prompt_tokens",
+        ),
+        (
+            json!({"prompt": "x", "spaces_between_special_tokens": false}),
+            "spaces_between_special_tokens",
+        ),
         (json!({"prompt": "x", "min_p": 2}), "min_p"),
         (json!({"prompt": "x", "min_tokens": -2}), "min_tokens"),
         (

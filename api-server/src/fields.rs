@@ -119,11 +119,30 @@ const GENERATION: &[(&str, Support)] = &[
     ("logit_bias", Served),
     ("cache_salt", Served),
     ("structured_outputs", Served),
+    ("allowed_token_ids", Served),
+    ("include_stop_str_in_output", Served),
+    ("skip_special_tokens", Served),
+    ("return_tokens_as_token_ids", Served),
+    ("truncate_prompt_tokens", Served),
 ];
 
-/// vLLM's constrained-decoding fields before 0.12, which replaced them with
-/// `structured_outputs`: refused with a 400 that says what to send instead.
+/// vLLM's detokenizer option for slow tokenizers: tandem's are Hugging Face's fast ones,
+/// which never put spaces between special tokens, so only the value that matches is taken.
+fn is_true(value: &Value) -> bool {
+    value == &Value::Bool(true)
+}
+
+/// vLLM's fields tandem refuses with a 400 that says why: its constrained-decoding fields
+/// before 0.12, which replaced them with `structured_outputs`, and a detokenizer option.
 const VLLM_GUIDED: &[(&str, Support)] = &[
+    (
+        "spaces_between_special_tokens",
+        Refused {
+            why: "tandem's tokenizers put no spaces between special tokens: only true (vLLM's \
+                  default, which its fast tokenizers do the same way) is taken",
+            allowed: is_true,
+        },
+    ),
     (
         "guided_json",
         Refused {

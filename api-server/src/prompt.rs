@@ -15,7 +15,7 @@ use crate::error::ApiError;
 use crate::tools::render::template_input;
 use crate::tools::{ToolFormat, ToolRequest, ToolSupport};
 use crate::validation::chat_rendering::cut_after_final_message;
-use crate::validation::{ChatRendering, PromptInput, Turn};
+use crate::validation::{ChatRendering, OutputOptions, PromptInput, Turn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromptError {
@@ -82,6 +82,62 @@ pub trait PromptCodec: Send + Sync + 'static {
     /// `[TOOL_CALLS]`, Llama's `<|python_tag|>`): the workers' detokenizer skips special
     /// tokens, so the parser gets their text from here.
     fn marker_text(&self, id: u32) -> Option<&str>;
+}
+
+/// The codec a request's reply is written with: `codec`, except that with vLLM's
+/// `return_tokens_as_token_ids` a token's logprobs text is `token_id:<id>`, and with
+/// `skip_special_tokens: false` (the workers' text has the special tokens already) the tool
+/// parser is given no marker text of its own.
+pub fn reply_codec(codec: &Arc<dyn PromptCodec>, output: OutputOptions) -> Arc<dyn PromptCodec> {
+    if output == OutputOptions::default() {
+        return Arc::clone(codec);
+    }
+    Arc::new(ReplyCodec {
+        model: Arc::clone(codec),
+        output,
+    })
+}
+
+struct ReplyCodec {
+    model: Arc<dyn PromptCodec>,
+    output: OutputOptions,
+}
+
+impl PromptCodec for ReplyCodec {
+    fn encode_chat(
+        &self,
+        turns: &[Turn],
+        tools: Option<&ToolRequest>,
+        rendering: &ChatRendering,
+    ) -> Result<Vec<u32>, PromptError> {
+        self.model.encode_chat(turns, tools, rendering)
+    }
+    fn encode_text(&self, text: &str) -> Result<Vec<u32>, PromptError> {
+        self.model.encode_text(text)
+    }
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>, PromptError> {
+        self.model.encode_plain(text)
+    }
+    fn token_text(&self, id: u32) -> String {
+        if self.output.tokens_as_ids {
+            format!("token_id:{id}")
+        } else {
+            self.model.token_text(id)
+        }
+    }
+    fn decode_text(&self, ids: &[u32]) -> Result<String, PromptError> {
+        self.model.decode_text(ids)
+    }
+    fn tool_support(&self) -> Option<ToolSupport> {
+        self.model.tool_support()
+    }
+    fn marker_text(&self, id: u32) -> Option<&str> {
+        if self.output.skip_special_tokens {
+            self.model.marker_text(id)
+        } else {
+            None
+        }
+    }
 }
 
 /// Tokenizes `prompt` on a blocking thread.

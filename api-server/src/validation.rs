@@ -25,6 +25,7 @@ pub use sampling::{
     MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_N, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
     SamplingDefaults,
 };
+pub use sampling::{OutputOptions, PromptTruncation};
 
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// The param a `json_schema` response format's schema is named by in errors (the worker's
@@ -145,6 +146,10 @@ pub struct ValidRequest {
     /// `structured_outputs.regex`, ...), which a grammar that does not compile is a 400
     /// naming; `None` for a grammar made from `tools`, or none.
     pub grammar_param: Option<&'static str>,
+    /// How the text and logprobs are written (vLLM's options).
+    pub output: OutputOptions,
+    /// vLLM's `truncate_prompt_tokens`, applied once the prompt is tokenized.
+    pub truncate_prompt: Option<PromptTruncation>,
     /// Completions generated: `n`, or `best_of` (`/v1/completions`) when larger, of which
     /// the `n` with the highest mean token logprob are returned (never streamed).
     pub candidates: u32,
@@ -158,6 +163,22 @@ impl ValidRequest {
     /// The request field that holds the prompt, for errors about it.
     pub fn prompt_param(&self) -> &'static str {
         self.prompt_param
+    }
+
+    /// Drops the first prompt tokens that `truncate_prompt_tokens` leaves out: all but the
+    /// last `n`, or (-1) all but as many as fit the context with the token limit (one token
+    /// when there is none).
+    pub fn truncate_prompt(&self, prompt_ids: &mut Vec<u32>, limits: &ModelLimits) {
+        let keep = match self.truncate_prompt {
+            None => return,
+            Some(PromptTruncation::Last(n)) => n as usize,
+            Some(PromptTruncation::ToFit) => (limits.max_model_len as usize)
+                .saturating_sub(self.max_tokens.unwrap_or(1) as usize)
+                .max(1),
+        };
+        if prompt_ids.len() > keep {
+            prompt_ids.drain(..prompt_ids.len() - keep);
+        }
     }
 
     /// The job's stop settings once the prompt has `prompt_len` tokens, checking that prompt and
@@ -192,6 +213,8 @@ impl ValidRequest {
             // Without a token limit the context's end may come first: the completion ends
             // there (`length`), as it would with `ignore_eos`.
             min_tokens: self.min_tokens.min(max_tokens),
+            include_stop_str_in_output: self.output.include_stop_str_in_output,
+            skip_special_tokens: self.output.skip_special_tokens,
         })
     }
 }
@@ -214,6 +237,8 @@ struct CommonValues {
     ignore_eos: bool,
     min_tokens: u32,
     grammar_param: Option<&'static str>,
+    output: OutputOptions,
+    truncate_prompt: Option<PromptTruncation>,
     stream: bool,
     include_usage: bool,
     cache_salt: Option<String>,
@@ -261,6 +286,8 @@ fn validate_common(
         ignore_eos: generation.ignore_eos,
         min_tokens: generation.min_tokens,
         grammar_param: generation.grammar_param,
+        output: generation.output,
+        truncate_prompt: generation.truncate_prompt,
         stream,
         include_usage: fields.include_usage.unwrap_or(false),
         cache_salt: generation.cache_salt,
@@ -591,6 +618,8 @@ pub fn validate_chat(
         tools,
         rendering,
         grammar_param,
+        output: common.output,
+        truncate_prompt: common.truncate_prompt,
         candidates: common.n,
         echo: false,
         cache_salt: common.cache_salt,
@@ -652,6 +681,13 @@ pub fn validate_completion(
         limits,
     )?;
     let echo = request.echo.unwrap_or(false);
+    if echo && common.truncate_prompt.is_some() {
+        // The echo writes the prompt as sent; a truncated one would not match its logprobs.
+        return Err(ApiError::invalid(
+            "truncate_prompt_tokens cannot be combined with echo",
+            "truncate_prompt_tokens",
+        ));
+    }
     if request.suffix.is_some() {
         return Err(ApiError::invalid("suffix is not supported", "suffix"));
     }
@@ -755,6 +791,8 @@ pub fn validate_completion(
         tools: None,
         rendering: ChatRendering::default(),
         grammar_param: common.grammar_param,
+        output: common.output,
+        truncate_prompt: common.truncate_prompt,
         candidates,
         echo,
         cache_salt: common.cache_salt,
@@ -1270,6 +1308,71 @@ mod tests {
         assert_eq!(
             param_of(completion(json!({"prompt": "x", "min_tokens": 17}))),
             "min_tokens"
+        );
+    }
+
+    #[test]
+    fn vllm_output_options_and_prompt_truncation() {
+        let valid = chat(
+            json!({"messages": user("x"), "allowed_token_ids": [9, 3, 9],
+            "include_stop_str_in_output": true, "skip_special_tokens": false,
+            "return_tokens_as_token_ids": true, "truncate_prompt_tokens": 4}),
+        )
+        .unwrap();
+        assert_eq!(
+            valid.sampling.allowed_token_ids,
+            [3, 9],
+            "sorted, once each"
+        );
+        assert_eq!(
+            valid.output,
+            OutputOptions {
+                include_stop_str_in_output: true,
+                skip_special_tokens: false,
+                tokens_as_ids: true,
+            }
+        );
+        let stop = valid.stop_spec(4, &limits()).unwrap();
+        assert!(stop.include_stop_str_in_output && !stop.skip_special_tokens);
+        let mut ids = vec![1, 2, 3, 4, 5, 6];
+        valid.truncate_prompt(&mut ids, &limits());
+        assert_eq!(ids, [3, 4, 5, 6], "the last 4");
+        // -1: as many as leave room for the token limit (context 100).
+        let fit = chat(json!({"messages": user("x"), "truncate_prompt_tokens": -1,
+            "max_tokens": 90}))
+        .unwrap();
+        let mut ids: Vec<u32> = (0..50).collect();
+        fit.truncate_prompt(&mut ids, &limits());
+        assert_eq!(ids, (40..50).collect::<Vec<u32>>());
+        let plain = chat(json!({"messages": user("x")})).unwrap();
+        assert_eq!(plain.output, OutputOptions::default());
+        assert!(plain.stop_spec(4, &limits()).unwrap().skip_special_tokens);
+
+        for (body, param) in [
+            (
+                json!({"messages": user("x"), "allowed_token_ids": []}),
+                "allowed_token_ids",
+            ),
+            (
+                json!({"messages": user("x"), "allowed_token_ids": [1, 1000]}),
+                "allowed_token_ids[1]",
+            ),
+            (
+                json!({"messages": user("x"), "truncate_prompt_tokens": 0}),
+                "truncate_prompt_tokens",
+            ),
+            (
+                json!({"messages": user("x"), "truncate_prompt_tokens": -2}),
+                "truncate_prompt_tokens",
+            ),
+        ] {
+            assert_eq!(param_of(chat(body.clone())), param, "{body}");
+        }
+        assert_eq!(
+            param_of(completion(
+                json!({"prompt": "x", "echo": true, "truncate_prompt_tokens": 2})
+            )),
+            "truncate_prompt_tokens"
         );
     }
 

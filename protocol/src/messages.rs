@@ -136,6 +136,10 @@ pub struct SamplingSpec {
     /// (-100 bans a token, 100 forces it). Ids checked against the vocabulary at the edge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logit_bias: Vec<(u32, f32)>,
+    /// vLLM's `allowed_token_ids`: only these tokens may be drawn (their logits kept, every
+    /// other one `-inf`, after `logit_bias`). Empty: any token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_token_ids: Vec<u32>,
     /// What the output must match (structured outputs, forced tool calls): the worker
     /// compiles it with llguidance and masks every token that would leave it. Absent: free text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,14 +181,15 @@ impl Default for SamplingSpec {
             repetition_penalty: 1.0,
             logprobs: None,
             logit_bias: Vec::new(),
+            allowed_token_ids: Vec::new(),
             grammar: None,
             prompt_logprobs: None,
         }
     }
 }
 
-/// When to stop.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// When to stop, and what the text keeps of stop strings and special tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StopSpec {
     /// New tokens at most.
     pub max_tokens: u32,
@@ -202,6 +207,40 @@ pub struct StopSpec {
     /// completion then ends as usual. At most `max_tokens`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub min_tokens: u32,
+    /// vLLM's `include_stop_str_in_output`: the text ends with the stop string that ended it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub include_stop_str_in_output: bool,
+    /// vLLM's `skip_special_tokens` (default true): the text leaves out special tokens (the
+    /// chat template's markers); false writes them. The stop token's own text is never
+    /// written.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub skip_special_tokens: bool,
+}
+
+impl Default for StopSpec {
+    fn default() -> Self {
+        StopSpec {
+            max_tokens: 0,
+            token_ids: Vec::new(),
+            strings: Vec::new(),
+            ignore_eos: false,
+            min_tokens: 0,
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A generation job: prompt in, tokens out on `stream_subject`.
@@ -976,6 +1015,8 @@ mod tests {
                 max_tokens: 16,
                 strings: vec!["\n\n".into()],
                 min_tokens: 3,
+                include_stop_str_in_output: true,
+                skip_special_tokens: false,
                 ..StopSpec::default()
             },
             stream_subject: "tandem.m.stream.r1".into(),

@@ -176,6 +176,8 @@ pub fn generate(
         stop_token_ids: text.stop_token_ids(),
         ignore_eos: false,
         stop_strings: args.stop.clone(),
+        include_stop_str_in_output: false,
+        skip_special_tokens: true,
         prefill_only: false,
         deadline: None,
         resume_ids: Vec::new(),

@@ -9,7 +9,8 @@
 //!    pass broke, and a token drawn from them would be silent garbage. `-inf` is allowed (it
 //!    masks a token) but at least one logit must be finite.
 //! 2. `logit_bias` (OpenAI), added to the raw logits in place; the engine has already set the
-//!    logits a request's grammar forbids to `-inf` (a bias leaves them there). Then, before
+//!    logits a request's grammar forbids to `-inf` (a bias leaves them there). Then vLLM's
+//!    `allowed_token_ids` (every other logit `-inf`). Then, before
 //!    `min_tokens` tokens are generated, the stop tokens' logits to `-inf` (unless that would
 //!    leave no token to draw: a grammar that allows only its end, say).
 //!    Penalties, in place (see `sampler/penalties.rs`): repetition (HF, prompt + generated), then
@@ -81,6 +82,8 @@ pub struct Sampler {
     rng: ChaCha12Rng,
     /// Reused for penalty counting, so a step allocates nothing for it.
     scratch: Vec<u32>,
+    /// Reused for the logits `allowed_token_ids` keeps.
+    scratch_logits: Vec<f32>,
     /// The tokens that end the sequence, held back until `min_tokens` are generated; empty
     /// when `min_tokens` is 0.
     stop_tokens: Vec<u32>,
@@ -96,6 +99,7 @@ impl Sampler {
             seed,
             rng: ChaCha12Rng::seed_from_u64(seed),
             scratch: Vec::new(),
+            scratch_logits: Vec::new(),
             stop_tokens: Vec::new(),
         })
     }
@@ -154,6 +158,13 @@ impl Sampler {
         generated: &[u32],
     ) -> Result<SampledToken, SamplingError> {
         apply_logit_bias(&self.params.logit_bias, logits)?;
+        if !self.params.allowed_token_ids.is_empty() {
+            keep_only(
+                &self.params.allowed_token_ids,
+                logits,
+                &mut self.scratch_logits,
+            )?;
+        }
         if self.holds_stops_at(generated.len()) {
             self.hold_stops(logits)?;
         }
@@ -208,6 +219,27 @@ fn apply_logit_bias(bias: &[(u32, f32)], logits: &mut [f32]) -> Result<(), Sampl
             .get_mut(token as usize)
             .ok_or(SamplingError::TokenOutOfRange { token, vocab_size })?;
         *logit += b;
+    }
+    Ok(())
+}
+
+/// Sets every logit but those of `allowed` to `-inf` (vLLM's `allowed_token_ids`).
+fn keep_only(
+    allowed: &[u32],
+    logits: &mut [f32],
+    kept: &mut Vec<f32>,
+) -> Result<(), SamplingError> {
+    let vocab_size = logits.len();
+    kept.clear();
+    for &token in allowed {
+        let logit = logits
+            .get(token as usize)
+            .ok_or(SamplingError::TokenOutOfRange { token, vocab_size })?;
+        kept.push(*logit);
+    }
+    logits.fill(f32::NEG_INFINITY);
+    for (&token, &logit) in allowed.iter().zip(kept.iter()) {
+        logits[token as usize] = logit;
     }
     Ok(())
 }
@@ -780,6 +812,42 @@ mod tests {
         s.set_stop_tokens(&[0]);
         assert_eq!(sample_once(&mut s, &row, &[]).id, 0);
         assert!(s.device_request(0, 4).is_some());
+    }
+
+    #[test]
+    fn allowed_token_ids_keep_only_their_logits() {
+        let row = [3.0f32, 1.0, 2.0, 0.5, 2.5];
+        let mut params = SamplingParams::greedy();
+        params.allowed_token_ids = vec![1, 3];
+        params.logprobs = Some(5);
+        let mut s = sampler(params);
+        let token = sample_once(&mut s, &row, &[]);
+        assert_eq!(token.id, 1, "the best allowed token");
+        // The others leave the reported distribution: two tokens share it.
+        let reported: Vec<u32> = token.top_logprobs.iter().map(|&(id, _)| id).collect();
+        assert_eq!(reported[..2], [1, 3]);
+        assert!(
+            token.top_logprobs[2..]
+                .iter()
+                .all(|&(_, l)| l == f32::NEG_INFINITY)
+        );
+        assert_eq!(
+            s.device_request(0, 5),
+            None,
+            "the row is rewritten on the host"
+        );
+        let mut params = seeded(2.0, 3);
+        params.allowed_token_ids = vec![4];
+        let mut s = sampler(params);
+        for step in 0..20 {
+            assert_eq!(sample_once(&mut s, &row, &vec![0; step]).id, 4);
+        }
+        let mut params = SamplingParams::greedy();
+        params.allowed_token_ids = vec![9];
+        assert!(matches!(
+            sampler(params).sample(&mut row.to_vec(), &[], &[]),
+            Err(SamplingError::TokenOutOfRange { token: 9, .. })
+        ));
     }
 
     #[test]

@@ -48,6 +48,16 @@ pub struct GenerationFields {
     /// vLLM's constrained decoding: the output matches a JSON schema, a regular expression,
     /// one of a list of strings or a grammar.
     pub structured_outputs: Option<StructuredOutputs>,
+    /// vLLM's: only these token ids may be generated.
+    pub allowed_token_ids: Option<Vec<i64>>,
+    /// vLLM's: the text ends with the stop string that ended it.
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM's (default true): special tokens write no text.
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM's: logprobs name tokens `token_id:<id>` instead of by their text.
+    pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM's: only the last this many prompt tokens are used (-1: as many as fit).
+    pub truncate_prompt_tokens: Option<i64>,
 }
 
 /// vLLM's `structured_outputs`: one constraint, and options of its JSON. Fields tandem does

@@ -72,7 +72,7 @@ pub async fn chat_completions(
         model: state.limits.served_model_name.clone(),
         include_usage: valid.include_usage,
         logprobs: valid.logprobs.is_some(),
-        codec: Arc::clone(&state.codec),
+        codec: crate::prompt::reply_codec(&state.codec, valid.output),
         calls: match (&valid.tools, state.limits.tool_support) {
             (Some(tools), Some(support)) if tools.active() => {
                 Some(CallParser::new(support.format, tools.parallel))

@@ -113,7 +113,7 @@ pub async fn completions(
         include_usage: valid.include_usage,
         logprobs: valid.logprobs.is_some(),
         offsets: CompletionLogprobsBuilder::default(),
-        codec: Arc::clone(&state.codec),
+        codec: crate::prompt::reply_codec(&state.codec, valid.output),
         echo: echoes[index / n].clone(),
         prompt_logprobs: Vec::new(),
     };

@@ -5,6 +5,20 @@ use tandem_protocol::messages::{PromptLogprob, TokenEvent};
 use crate::openai::{CompletionLogprobs, TokenLogprob, TopLogprob, TopLogprobMap};
 use crate::prompt::PromptCodec;
 
+/// The lowest logprob written, as vLLM writes it: a token a grammar, `allowed_token_ids` or a
+/// held stop token rules out has logprob `-inf`, which JSON cannot carry (serde writes
+/// `null`, which OpenAI's clients refuse where a number is due).
+pub const LOWEST_LOGPROB: f32 = -9999.0;
+
+/// `logprob` as written: at least [`LOWEST_LOGPROB`].
+fn shown(logprob: f32) -> f32 {
+    if logprob < LOWEST_LOGPROB {
+        LOWEST_LOGPROB
+    } else {
+        logprob
+    }
+}
+
 /// The chat form of one token; `None` when the worker sent no logprob for it.
 pub fn chat_entry(codec: &dyn PromptCodec, token: &TokenEvent) -> Option<TokenLogprob> {
     let logprob = token.logprob?;
@@ -12,7 +26,7 @@ pub fn chat_entry(codec: &dyn PromptCodec, token: &TokenEvent) -> Option<TokenLo
     Some(TokenLogprob {
         bytes: Some(text.as_bytes().to_vec()),
         token: text,
-        logprob,
+        logprob: shown(logprob),
         top_logprobs: token
             .top_logprobs
             .iter()
@@ -21,7 +35,7 @@ pub fn chat_entry(codec: &dyn PromptCodec, token: &TokenEvent) -> Option<TokenLo
                 TopLogprob {
                     bytes: Some(text.as_bytes().to_vec()),
                     token: text,
-                    logprob,
+                    logprob: shown(logprob),
                 }
             })
             .collect(),
@@ -33,7 +47,7 @@ fn top_map(codec: &dyn PromptCodec, top_logprobs: &[(u32, f32)]) -> TopLogprobMa
     TopLogprobMap(
         top_logprobs
             .iter()
-            .map(|&(id, logprob)| (codec.token_text(id), logprob))
+            .map(|&(id, logprob)| (codec.token_text(id), shown(logprob)))
             .collect(),
     )
 }
@@ -68,7 +82,7 @@ impl CompletionLogprobsBuilder {
             offset += chars;
             match position.checked_sub(1).and_then(|i| logprobs.get(i)) {
                 Some(entry) => {
-                    into.token_logprobs.push(Some(entry.logprob));
+                    into.token_logprobs.push(Some(shown(entry.logprob)));
                     into.top_logprobs
                         .push(Some(top_map(codec, &entry.top_logprobs)));
                 }
@@ -90,7 +104,7 @@ impl CompletionLogprobsBuilder {
         for token in tokens {
             if let Some(logprob) = token.logprob {
                 into.tokens.push(codec.token_text(token.id));
-                into.token_logprobs.push(Some(logprob));
+                into.token_logprobs.push(Some(shown(logprob)));
                 into.top_logprobs
                     .push(Some(top_map(codec, &token.top_logprobs)));
                 into.text_offset.push(self.text_chars);
@@ -107,6 +121,24 @@ mod tests {
 
     /// An echoed prompt's tokens come first, the first with `null`, offsets through the
     /// prompt; the completion's tokens follow, their offsets counted from the prompt's end.
+    #[test]
+    fn ruled_out_tokens_are_written_at_the_lowest_logprob() {
+        let token = TokenEvent {
+            id: 3,
+            text: "t3".into(),
+            logprob: Some(-0.5),
+            top_logprobs: vec![(3, -0.5), (9, f32::NEG_INFINITY)],
+        };
+        let entry = chat_entry(&Codec, &token).unwrap();
+        assert_eq!(entry.top_logprobs[1].logprob, LOWEST_LOGPROB);
+        let json = serde_json::to_value(&entry).unwrap();
+        assert_eq!(json["top_logprobs"][1]["logprob"], -9999.0);
+        let mut into = CompletionLogprobs::default();
+        CompletionLogprobsBuilder::default().append(&Codec, &[token], &mut into);
+        let json = serde_json::to_value(&into).unwrap();
+        assert_eq!(json["top_logprobs"][0]["t9"], -9999.0);
+    }
+
     #[test]
     fn the_echoed_prompt_comes_first_with_a_null_first_logprob() {
         let mut builder = CompletionLogprobsBuilder::default();

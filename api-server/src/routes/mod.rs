@@ -109,7 +109,7 @@ pub(crate) async fn start_generation(
         .try_admit()
         .inspect_err(|err| record.fail(err))?;
     let prepared = async {
-        let prompt_ids = tokenize(
+        let mut prompt_ids = tokenize(
             state.codec.clone(),
             valid.prompt.clone(),
             valid.tools.clone(),
@@ -117,6 +117,7 @@ pub(crate) async fn start_generation(
         )
         .await
         .map_err(|err| naming_prompt_param(err, valid.prompt_param()))?;
+        valid.truncate_prompt(&mut prompt_ids, &state.limits);
         let stop = valid.stop_spec(prompt_ids.len(), &state.limits)?;
         Ok::<_, ApiError>(JobSpec {
             prompt_ids,

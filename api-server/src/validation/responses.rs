@@ -216,6 +216,8 @@ pub fn validate_responses(
             rendering: super::ChatRendering::default(),
             // The route names `text.format.schema` itself.
             grammar_param: None,
+            output: super::OutputOptions::default(),
+            truncate_prompt: None,
             candidates: 1,
             echo: false,
             cache_salt: super::sampling::cache_salt(request.cache_salt.as_deref())?,

@@ -40,8 +40,45 @@ pub(super) struct ValidGeneration {
     pub(super) min_tokens: u32,
     /// The request field `sampling.grammar` came from (`structured_outputs.regex`, ...).
     pub(super) grammar_param: Option<&'static str>,
+    pub(super) output: OutputOptions,
+    /// vLLM's `truncate_prompt_tokens`.
+    pub(super) truncate_prompt: Option<PromptTruncation>,
     pub(super) cache_salt: Option<String>,
 }
+
+/// How a completion's text and logprobs are written (vLLM's options; OpenAI's are the
+/// defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputOptions {
+    /// The text ends with the stop string that ended it.
+    pub include_stop_str_in_output: bool,
+    /// Special tokens write no text.
+    pub skip_special_tokens: bool,
+    /// Logprobs name each token `token_id:<id>`.
+    pub tokens_as_ids: bool,
+}
+
+impl Default for OutputOptions {
+    fn default() -> Self {
+        OutputOptions {
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
+            tokens_as_ids: false,
+        }
+    }
+}
+
+/// vLLM's `truncate_prompt_tokens`: the prompt's first tokens dropped, after tokenizing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptTruncation {
+    /// The last this many tokens.
+    Last(u32),
+    /// As many of the last tokens as leave room for the token limit (-1).
+    ToFit,
+}
+
+/// Most ids `allowed_token_ids` may list (they travel in every job message).
+pub const MAX_ALLOWED_TOKEN_IDS: usize = 16_384;
 
 /// Sampling values for requests that omit them, from the model directory's
 /// `generation_config.json` (`temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`), as vLLM
@@ -238,6 +275,37 @@ pub(super) fn validate_generation(
     let stop_token_ids =
         super::vocabulary_ids(stop_token_ids, limits, |i| format!("stop_token_ids[{i}]"))?;
 
+    if let Some(ids) = &fields.allowed_token_ids {
+        if ids.is_empty() || ids.len() > MAX_ALLOWED_TOKEN_IDS {
+            return Err(ApiError::invalid(
+                format!(
+                    "allowed_token_ids has {} ids; 1 to {MAX_ALLOWED_TOKEN_IDS} are allowed",
+                    ids.len()
+                ),
+                "allowed_token_ids",
+            ));
+        }
+        let mut ids = super::vocabulary_ids(ids, limits, |i| format!("allowed_token_ids[{i}]"))?;
+        ids.sort_unstable();
+        ids.dedup();
+        sampling.allowed_token_ids = ids;
+    }
+    let truncate_prompt = match fields.truncate_prompt_tokens {
+        None => None,
+        Some(-1) => Some(PromptTruncation::ToFit),
+        Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => Some(PromptTruncation::Last(n as u32)),
+        Some(n) => {
+            return Err(ApiError::invalid(
+                format!("truncate_prompt_tokens must be -1 or at least 1, got {n}"),
+                "truncate_prompt_tokens",
+            ));
+        }
+    };
+    let output = OutputOptions {
+        include_stop_str_in_output: fields.include_stop_str_in_output.unwrap_or(false),
+        skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
+        tokens_as_ids: fields.return_tokens_as_token_ids.unwrap_or(false),
+    };
     let min_tokens = match fields.min_tokens {
         None => 0,
         Some(n) if (0..=i64::from(u32::MAX)).contains(&n) => n as u32,
@@ -257,6 +325,8 @@ pub(super) fn validate_generation(
         ignore_eos: fields.ignore_eos.unwrap_or(false),
         min_tokens,
         grammar_param,
+        output,
+        truncate_prompt,
         cache_salt: cache_salt(fields.cache_salt.as_deref())?,
     })
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use super::{Engine, EngineError, GenerationRequest, RequestId, Sequence, StepModel, TextStream};
+use super::{
+    Engine, EngineError, GenerationRequest, RequestId, Sequence, StepModel, TextOptions, TextStream,
+};
 use crate::sampler::Sampler;
 use crate::scheduler::GroupId;
 use tandem_protocol::block_hash::BlockHash;
@@ -147,7 +149,15 @@ impl<M: StepModel> Engine<M> {
         let mut text = match &self.text {
             Some(decoder) => Some(
                 decoder
-                    .start(&request.prompt_ids, &request.stop_strings, min_tokens)
+                    .start(
+                        &request.prompt_ids,
+                        &TextOptions {
+                            stop_strings: &request.stop_strings,
+                            min_tokens,
+                            include_stop_strings: request.include_stop_str_in_output,
+                            skip_special_tokens: request.skip_special_tokens,
+                        },
+                    )
                     .map_err(EngineError::Text)?,
             ),
             None if !request.stop_strings.is_empty() => {

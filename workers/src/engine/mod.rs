@@ -83,7 +83,7 @@ pub use request::{
 pub use runner::{DeviceSampling, ForwardFaults, ModelRunner, StepModel};
 pub use settings::EngineSettings;
 pub use tensor_parallel::TensorParallelRunner;
-pub use text::{TextDecoder, TextStep, TextStream, TokenizerText};
+pub use text::{TextDecoder, TextOptions, TextStep, TextStream, TokenizerText};
 
 use crate::model::ForwardBatch;
 use crate::sampler::{Sampler, SamplingError};

@@ -21,9 +21,13 @@ pub struct GenerationRequest {
     /// Tokens that end generation. The model's EOS ids are added unless `ignore_eos`.
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
-    /// Strings that end generation; the text stops before the match. Needs an engine built
-    /// with a tokenizer.
+    /// Strings that end generation; the text stops before the match (after it with
+    /// `include_stop_str_in_output`). Needs an engine built with a tokenizer.
     pub stop_strings: Vec<String>,
+    /// The text ends with the stop string that ended it (vLLM's `include_stop_str_in_output`).
+    pub include_stop_str_in_output: bool,
+    /// The text leaves out special tokens (vLLM's `skip_special_tokens`, true by default).
+    pub skip_special_tokens: bool,
     /// Stop after the first generated token and keep the prompt's KV blocks allocated (see
     /// [`EventKind::Finished::retained_kv`]) until [`super::Engine::release_kv`]: the context
     /// worker's half of a disaggregated request.
@@ -71,6 +75,8 @@ impl GenerationRequest {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             stop_strings: Vec::new(),
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
             prefill_only: false,
             deadline: None,
             resume_ids: Vec::new(),

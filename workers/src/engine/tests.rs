@@ -1294,16 +1294,11 @@ struct LetterStream {
 }
 
 impl TextDecoder for Letters {
-    fn start(
-        &self,
-        _: &[u32],
-        stop_strings: &[String],
-        min_tokens: usize,
-    ) -> Result<Box<dyn TextStream>, String> {
+    fn start(&self, _: &[u32], options: &TextOptions<'_>) -> Result<Box<dyn TextStream>, String> {
         Ok(Box::new(LetterStream {
             held: String::new(),
-            stops: stop_strings.to_vec(),
-            unchecked_tokens: min_tokens,
+            stops: options.stop_strings.to_vec(),
+            unchecked_tokens: options.min_tokens,
         }))
     }
 }

@@ -30,17 +30,28 @@ pub trait TextStream: Send {
     fn flush(&mut self) -> String;
 }
 
+/// What one request asks of its text.
+#[derive(Debug, Clone, Copy)]
+pub struct TextOptions<'a> {
+    /// Strings that end the text.
+    pub stop_strings: &'a [String],
+    /// Stop strings are looked for only in the text after the first this many tokens
+    /// (vLLM's `min_tokens`: the text those tokens bring is released as it comes).
+    pub min_tokens: usize,
+    /// The text ends with the stop string that ended it, rather than before it.
+    pub include_stop_strings: bool,
+    /// Special tokens write no text (the default); false writes theirs.
+    pub skip_special_tokens: bool,
+}
+
 /// Starts a [`TextStream`] per request.
 pub trait TextDecoder: Send + Sync {
     /// `prompt_ids` give the detokenizer its context (some tokenizers decode a token
-    /// differently after others); `stop_strings` are the request's, looked for only in the
-    /// text after its first `min_tokens` tokens (vLLM's `min_tokens`: the text those
-    /// tokens bring is released as it comes).
+    /// differently after others).
     fn start(
         &self,
         prompt_ids: &[u32],
-        stop_strings: &[String],
-        min_tokens: usize,
+        options: &TextOptions<'_>,
     ) -> Result<Box<dyn TextStream>, String>;
 }
 
@@ -61,15 +72,20 @@ impl TextDecoder for TokenizerText {
     fn start(
         &self,
         prompt_ids: &[u32],
-        stop_strings: &[String],
-        min_tokens: usize,
+        options: &TextOptions<'_>,
     ) -> Result<Box<dyn TextStream>, String> {
         Ok(Box::new(TokenizerStream {
             tokenizer: Arc::clone(&self.tokenizer),
             // The prompt's tail is context, so a first token's leading space survives.
-            detokenizer: IncrementalDetokenizer::with_context(prompt_ids, true),
-            stop: StopMatcher::new(stop_strings.iter().cloned()),
-            unchecked_tokens: min_tokens,
+            detokenizer: IncrementalDetokenizer::with_context(
+                prompt_ids,
+                options.skip_special_tokens,
+            ),
+            stop: StopMatcher::new(options.stop_strings.iter().cloned()),
+            stop_strings: options
+                .include_stop_strings
+                .then(|| options.stop_strings.to_vec()),
+            unchecked_tokens: options.min_tokens,
         }))
     }
 }
@@ -80,8 +96,20 @@ struct TokenizerStream {
     tokenizer: Arc<TextTokenizer>,
     detokenizer: IncrementalDetokenizer,
     stop: StopMatcher,
+    /// The request's stop strings when the text keeps the one that ends it.
+    stop_strings: Option<Vec<String>>,
     /// Tokens still to come whose text passes the stop matcher by (`min_tokens`).
     unchecked_tokens: usize,
+}
+
+impl TokenizerStream {
+    /// The text before stop string `stop_index`, and the string itself when kept.
+    fn stopped(&self, mut text: String, stop_index: usize) -> String {
+        if let Some(stop) = self.stop_strings.as_ref().and_then(|s| s.get(stop_index)) {
+            text.push_str(stop);
+        }
+        text
+    }
 }
 
 impl TextStream for TokenizerStream {
@@ -103,8 +131,8 @@ impl TextStream for TokenizerStream {
                 delta: text,
                 stopped: false,
             },
-            StopOutcome::Stopped { text, .. } => TextStep {
-                delta: text,
+            StopOutcome::Stopped { text, stop_index } => TextStep {
+                delta: self.stopped(text, stop_index),
                 stopped: true,
             },
         })
@@ -123,7 +151,7 @@ impl TextStream for TokenizerStream {
                 text.push_str(&self.stop.finish());
                 text
             }
-            StopOutcome::Stopped { text, .. } => text,
+            StopOutcome::Stopped { text, stop_index } => self.stopped(text, stop_index),
         }
     }
 }

@@ -87,6 +87,7 @@ impl Sampler {
         let params = &self.params;
         if params.has_penalties()
             || !params.logit_bias.is_empty()
+            || !params.allowed_token_ids.is_empty()
             || self.holds_stops_at(step as usize)
         {
             return None;

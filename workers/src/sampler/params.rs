@@ -42,6 +42,9 @@ pub struct SamplingParams {
     /// else (penalties, temperature, truncation, logprobs). -100 bans a token in practice,
     /// +100 forces it.
     pub logit_bias: Vec<(u32, f32)>,
+    /// vLLM's `allowed_token_ids`: when not empty, every other token's logit is `-inf` (after
+    /// `logit_bias`), so only these can be drawn or reported.
+    pub allowed_token_ids: Vec<u32>,
     /// vLLM's `min_tokens`: while fewer tokens than this have been generated, the sequence's
     /// stop tokens (given by the engine, [`super::Sampler::set_stop_tokens`]) cannot be drawn:
     /// their logits are `-inf`, unless no other token could be drawn at all.
@@ -62,6 +65,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             logprobs: None,
             logit_bias: Vec::new(),
+            allowed_token_ids: Vec::new(),
             min_tokens: 0,
         }
     }

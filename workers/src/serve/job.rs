@@ -29,6 +29,8 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         stop_token_ids,
         ignore_eos: job.stop.ignore_eos,
         stop_strings: job.stop.strings.clone(),
+        include_stop_str_in_output: job.stop.include_stop_str_in_output,
+        skip_special_tokens: job.stop.skip_special_tokens,
         prefill_only: false,
         deadline: job.deadline_unix_ms.map(instant_of_unix_ms),
         resume_ids: job.resume_ids.clone(),
@@ -58,6 +60,7 @@ fn sampling_params(spec: &SamplingSpec, stop: &StopSpec) -> SamplingParams {
         frequency_penalty: spec.frequency_penalty,
         logprobs: spec.logprobs,
         logit_bias: spec.logit_bias.clone(),
+        allowed_token_ids: spec.allowed_token_ids.clone(),
         min_tokens: stop.min_tokens,
     }
 }
@@ -91,7 +94,7 @@ mod tests {
             token_ids: vec![9, 2],
             strings: vec!["\n".into()],
             ignore_eos: false,
-            min_tokens: 0,
+            ..StopSpec::default()
         };
         let request = generation_request(&job(stop.clone(), SamplingSpec::default()), &[2, 0]);
         assert_eq!(request.stop_token_ids, vec![2, 0, 9]);
