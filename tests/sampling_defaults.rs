@@ -18,7 +18,8 @@
 //! `min_tokens`, on either worker. Then vLLM's output options there: the stop string kept
 //! (`include_stop_str_in_output`), tokens named by id in logprobs
 //! (`return_tokens_as_token_ids`), only `allowed_token_ids` drawn, a special token's text
-//! written with `skip_special_tokens: false`, and `truncate_prompt_tokens`.
+//! written with `skip_special_tokens: false`, `truncate_prompt_tokens`, and `prompt_logprobs`
+//! (the logprobs echo gives, with ranks and alternatives).
 
 mod support;
 
@@ -354,7 +355,79 @@ fn min_p_and_min_tokens_on_a_disaggregated_deployment() {
     );
     assert_eq!(reply.json()["usage"]["prompt_tokens"], 10, "{}", reply.body);
 
+    // vLLM's prompt_logprobs: each prompt token's logprob (as echo's logprobs give it), rank
+    // and alternatives, keyed by id; on chat at the response's top level.
+    let reply = http.post(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let shown = reply.json()["choices"][0]["prompt_logprobs"].clone();
+    let prompt_ids: Vec<u64> = serde_json::from_value(
+        http.post("/tokenize", &json!({"prompt": prompt})).json()["tokens"].clone(),
+    )
+    .unwrap();
+    let shown = shown.as_array().unwrap();
+    assert_eq!(shown.len(), prompt_ids.len());
+    assert!(shown[0].is_null());
+    let echoed = http
+        .post(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 2}),
+        )
+        .json();
+    let echoed = echoed["choices"][0]["logprobs"]["token_logprobs"].clone();
+    for (position, (entry, id)) in shown.iter().zip(&prompt_ids).enumerate().skip(1) {
+        let entry = entry.as_object().unwrap();
+        let own = &entry[&id.to_string()];
+        assert!(own["rank"].as_u64().unwrap() >= 1, "{own}");
+        let logprob = own["logprob"].as_f64().unwrap();
+        assert!(
+            (logprob - echoed[position].as_f64().unwrap()).abs() < 1e-4,
+            "position {position}: {own} against echo's {}",
+            echoed[position]
+        );
+        assert!((1..=3).contains(&entry.len()), "{entry:?}");
+        let ranks: Vec<u64> = entry
+            .values()
+            .map(|v| v["rank"].as_u64().unwrap())
+            .collect();
+        assert!(ranks.contains(&1) && ranks.contains(&2), "{entry:?}");
+    }
+    let reply = http.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1,
+                "prompt_logprobs": 0}),
+    );
+    let body = reply.json();
+    let shown = body["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(
+        shown.len() as u64,
+        body["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert!(
+        shown[1..]
+            .iter()
+            .all(|entry| entry.as_object().unwrap().len() == 1)
+    );
+    assert!(
+        body["choices"][0].get("prompt_logprobs").is_none(),
+        "{body}"
+    );
+
     for (body, param) in [
+        (
+            json!({"prompt": "x", "prompt_logprobs": 21}),
+            "prompt_logprobs",
+        ),
+        (
+            json!({"prompt": "x", "prompt_logprobs": 1, "stream": true}),
+            "prompt_logprobs",
+        ),
+        (
+            json!({"prompt": "x", "prompt_logprobs": 1, "echo": true}),
+            "prompt_logprobs",
+        ),
         (
             json!({"prompt": "x", "allowed_token_ids": []}),
             "allowed_token_ids",

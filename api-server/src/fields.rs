@@ -124,6 +124,7 @@ const GENERATION: &[(&str, Support)] = &[
     ("skip_special_tokens", Served),
     ("return_tokens_as_token_ids", Served),
     ("truncate_prompt_tokens", Served),
+    ("prompt_logprobs", Served),
 ];
 
 /// vLLM's detokenizer option for slow tokenizers: tandem's are Hugging Face's fast ones,

@@ -150,6 +150,9 @@ pub struct ValidRequest {
     pub output: OutputOptions,
     /// vLLM's `truncate_prompt_tokens`, applied once the prompt is tokenized.
     pub truncate_prompt: Option<PromptTruncation>,
+    /// vLLM's `prompt_logprobs`: the reply shows each prompt token's logprob and rank with
+    /// this many alternatives (never streamed).
+    pub prompt_logprobs: Option<u32>,
     /// Completions generated: `n`, or `best_of` (`/v1/completions`) when larger, of which
     /// the `n` with the highest mean token logprob are returned (never streamed).
     pub candidates: u32,
@@ -239,6 +242,7 @@ struct CommonValues {
     grammar_param: Option<&'static str>,
     output: OutputOptions,
     truncate_prompt: Option<PromptTruncation>,
+    prompt_logprobs: Option<u32>,
     stream: bool,
     include_usage: bool,
     cache_salt: Option<String>,
@@ -272,6 +276,12 @@ fn validate_common(
     check_model(fields.model, limits)?;
     let generation = validate_generation(fields.generation, limits)?;
     let stream = fields.stream.unwrap_or(false);
+    if stream && generation.prompt_logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "prompt_logprobs are not streamed: send it with stream false",
+            "prompt_logprobs",
+        ));
+    }
     if fields.has_stream_options && !stream {
         return Err(ApiError::invalid(
             "stream_options is only allowed when stream is true",
@@ -288,6 +298,7 @@ fn validate_common(
         grammar_param: generation.grammar_param,
         output: generation.output,
         truncate_prompt: generation.truncate_prompt,
+        prompt_logprobs: generation.prompt_logprobs,
         stream,
         include_usage: fields.include_usage.unwrap_or(false),
         cache_salt: generation.cache_salt,
@@ -620,6 +631,7 @@ pub fn validate_chat(
         grammar_param,
         output: common.output,
         truncate_prompt: common.truncate_prompt,
+        prompt_logprobs: common.prompt_logprobs,
         candidates: common.n,
         echo: false,
         cache_salt: common.cache_salt,
@@ -681,6 +693,13 @@ pub fn validate_completion(
         limits,
     )?;
     let echo = request.echo.unwrap_or(false);
+    if echo && common.prompt_logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "prompt_logprobs cannot be combined with echo: echo with logprobs shows the \
+             prompt's logprobs already",
+            "prompt_logprobs",
+        ));
+    }
     if echo && common.truncate_prompt.is_some() {
         // The echo writes the prompt as sent; a truncated one would not match its logprobs.
         return Err(ApiError::invalid(
@@ -793,6 +812,7 @@ pub fn validate_completion(
         grammar_param: common.grammar_param,
         output: common.output,
         truncate_prompt: common.truncate_prompt,
+        prompt_logprobs: common.prompt_logprobs,
         candidates,
         echo,
         cache_salt: common.cache_salt,

@@ -591,6 +591,10 @@ pub struct TokenEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromptLogprob {
     pub logprob: f32,
+    /// The token's rank in the model's distribution at its position: 1 + the tokens more
+    /// likely (vLLM's `rank`). Absent (0) from workers that predate it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rank: u32,
     /// `(token id, logprob)` alternatives, best first (ties to the lower id).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top_logprobs: Vec<(u32, f32)>,
@@ -1131,10 +1135,12 @@ mod tests {
             logprobs: vec![
                 PromptLogprob {
                     logprob: -1.5,
+                    rank: 1,
                     top_logprobs: vec![(7, -0.25), (3, -1.5)],
                 },
                 PromptLogprob {
                     logprob: -0.125,
+                    rank: 1,
                     top_logprobs: Vec::new(),
                 },
             ],

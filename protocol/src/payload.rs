@@ -333,6 +333,7 @@ mod tests {
         let logprobs: Vec<PromptLogprob> = (0..300)
             .map(|i| PromptLogprob {
                 logprob: -(i as f32) / 7.0,
+                rank: 1,
                 top_logprobs: (0..20).map(|k| (i * 20 + k, -(k as f32) / 3.0)).collect(),
             })
             .collect();

@@ -261,6 +261,9 @@ fn check_finite(logits: &[f32]) -> Result<(), SamplingError> {
 pub struct TokenLogprob {
     /// Of the row's target token; NaN when the row's logits were not finite.
     pub logprob: f32,
+    /// The target's rank in the row: 1 + the tokens with a larger logit (vLLM's `rank`);
+    /// 0 when the row's logits were not finite.
+    pub rank: u32,
     /// The `top_k` best tokens, best first (ties to the lower id).
     pub top_logprobs: Vec<(u32, f32)>,
 }
@@ -272,6 +275,7 @@ pub struct TokenLogprob {
 pub fn token_logprob(row: &[f32], target: u32, top_k: usize) -> TokenLogprob {
     let invalid = TokenLogprob {
         logprob: f32::NAN,
+        rank: 0,
         top_logprobs: Vec::new(),
     };
     let Ok(max_logit) = max_finite(row) else {
@@ -283,6 +287,7 @@ pub fn token_logprob(row: &[f32], target: u32, top_k: usize) -> TokenLogprob {
     let log_normalizer = logprobs::log_normalizer(row, max_logit);
     TokenLogprob {
         logprob: logprobs::logprob(logit, log_normalizer),
+        rank: 1 + row.iter().filter(|&&l| l > logit).count() as u32,
         top_logprobs: logprobs::top_n(row, top_k, log_normalizer),
     }
 }
@@ -812,6 +817,27 @@ mod tests {
         s.set_stop_tokens(&[0]);
         assert_eq!(sample_once(&mut s, &row, &[]).id, 0);
         assert!(s.device_request(0, 4).is_some());
+    }
+
+    #[test]
+    fn a_prompt_tokens_logprob_has_its_rank() {
+        let row = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let ranks: Vec<u32> = (0..5).map(|t| token_logprob(&row, t, 2).rank).collect();
+        // Ties share a rank: 1 + the logits strictly above.
+        assert_eq!(ranks, [4, 1, 3, 1, 5]);
+        let best = token_logprob(&row, 2, 2);
+        assert_eq!(
+            best.top_logprobs
+                .iter()
+                .map(|&(id, _)| id)
+                .collect::<Vec<_>>(),
+            [1, 3]
+        );
+        assert_eq!(
+            token_logprob(&[f32::NAN, 1.0], 1, 1).rank,
+            0,
+            "an invalid row"
+        );
     }
 
     #[test]

@@ -860,6 +860,7 @@ mod tests {
             (from..from + count)
                 .map(|p| PromptLogprob {
                     logprob: -(p as f32),
+                    rank: 1,
                     top_logprobs: Vec::new(),
                 })
                 .collect()

@@ -105,7 +105,14 @@ pub struct ChatCompletion {
     pub system_fingerprint: Option<String>,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// vLLM's `prompt_logprobs`, when asked for (`routes::logprobs::vllm_prompt_logprobs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
+
+/// vLLM's prompt logprobs: per prompt token, `null` or `{"<id>": {"logprob", "rank",
+/// "decoded_token"}, ...}`.
+pub type PromptLogprobs = Vec<Option<serde_json::Map<String, serde_json::Value>>>;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatChoice {
@@ -113,6 +120,10 @@ pub struct ChatChoice {
     pub message: AssistantMessage,
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: FinishReason,
+    /// The prompt's logprobs this choice's generation carried, shown once in the response
+    /// ([`ChatCompletion::prompt_logprobs`]): every choice has the same prompt.
+    #[serde(skip)]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -255,8 +266,10 @@ mod tests {
                 },
                 logprobs: None,
                 finish_reason: FinishReason::Stop,
+                prompt_logprobs: None,
             }],
             usage: Usage::new(9, 12),
+            prompt_logprobs: None,
         };
         assert_eq!(
             serde_json::to_value(&completion).unwrap(),

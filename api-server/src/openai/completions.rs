@@ -54,6 +54,9 @@ pub struct CompletionChoice {
     pub index: u32,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<FinishReason>,
+    /// vLLM's `prompt_logprobs` of the prompt this choice answers, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<super::PromptLogprobs>,
 }
 
 /// The legacy logprobs form: parallel lists. With `echo` the prompt's tokens come first, the
@@ -122,6 +125,7 @@ mod tests {
                     text_offset: vec![0, 2],
                 }),
                 finish_reason: Some(FinishReason::Length),
+                prompt_logprobs: None,
             }],
             usage: Some(Some(Usage::new(5, 2))),
         };

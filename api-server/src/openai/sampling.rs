@@ -58,6 +58,8 @@ pub struct GenerationFields {
     pub return_tokens_as_token_ids: Option<bool>,
     /// vLLM's: only the last this many prompt tokens are used (-1: as many as fit).
     pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM's: the logprob and rank of every prompt token, with this many alternatives.
+    pub prompt_logprobs: Option<i64>,
 }
 
 /// vLLM's `structured_outputs`: one constraint, and options of its JSON. Fields tandem does

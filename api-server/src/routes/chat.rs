@@ -6,7 +6,7 @@ use actix_web::{HttpMessage, HttpRequest, HttpResponse, post, web};
 use bytes::Bytes;
 use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
 
-use super::logprobs::chat_entry;
+use super::logprobs::{chat_entry, vllm_prompt_logprobs};
 use super::{
     ChoiceFormat, client_left, finish_reason, reply_choices, start_generation, unless_client_leaves,
 };
@@ -64,8 +64,13 @@ pub async fn chat_completions(
     };
     let generations = generation?;
     let created = unix_now_s();
+    let prompt_logprobs = valid.prompt_logprobs.and_then(|top| {
+        let prompt_ids: Arc<[u32]> = Arc::from(generations.first()?.prompt_ids());
+        Some((prompt_ids, top as usize))
+    });
     // One format per choice: each choice's tool calls are parsed from its own text.
     let chunks = |index: usize| ChatChunks {
+        prompt_logprobs: prompt_logprobs.clone(),
         id: id.clone(),
         index: index as u32,
         created,
@@ -97,6 +102,8 @@ pub struct ChatChunks {
     pub codec: Arc<dyn PromptCodec>,
     /// The tool-call parser, when the request lets the model call tools.
     pub calls: Option<CallParser>,
+    /// vLLM's `prompt_logprobs`: the prompt's ids and the alternatives to show, when asked.
+    pub prompt_logprobs: Option<(Arc<[u32]>, usize)>,
     /// The ids of the calls parsed so far, by index.
     pub call_ids: Vec<String>,
     pub metrics: Metrics,
@@ -216,6 +223,7 @@ impl ChoiceFormat for ChatChunks {
             created: self.created,
             model: self.model,
             system_fingerprint: None,
+            prompt_logprobs: choices.iter().find_map(|c| c.prompt_logprobs.clone()),
             choices,
             usage: Usage::from(usage),
         }
@@ -261,6 +269,9 @@ impl ChoiceFormat for ChatChunks {
             },
             logprobs: self.logprobs.then_some(logprobs),
             finish_reason: finish,
+            prompt_logprobs: self.prompt_logprobs.as_ref().map(|(ids, top)| {
+                vllm_prompt_logprobs(self.codec.as_ref(), ids, &completed.prompt_logprobs, *top)
+            }),
         }
     }
 }

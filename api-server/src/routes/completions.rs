@@ -23,7 +23,7 @@ use tandem_protocol::messages::{
     FinishReason as WireFinish, PromptLogprob, TokenEvent, Usage as WireUsage,
 };
 
-use super::logprobs::CompletionLogprobsBuilder;
+use super::logprobs::{CompletionLogprobsBuilder, vllm_prompt_logprobs};
 use super::{
     ChoiceFormat, client_left, finish_reason, reply_choices, reply_whole, start_generation,
     unless_client_leaves,
@@ -99,6 +99,11 @@ pub async fn completions(
             _ => None,
         });
     }
+    // Each prompt's ids, for vLLM's `prompt_logprobs`.
+    let per_prompt_ids: Vec<Vec<u32>> = per_prompt
+        .iter()
+        .filter_map(|generations| Some(generations.first()?.prompt_ids().to_vec()))
+        .collect();
     let generations: Vec<_> = per_prompt.into_iter().flatten().collect();
     let created = unix_now_s();
     // Choice `index` answers prompt `index / n` (OpenAI numbers a batch's choices prompt by
@@ -114,6 +119,10 @@ pub async fn completions(
         logprobs: valid.logprobs.is_some(),
         offsets: CompletionLogprobsBuilder::default(),
         codec: crate::prompt::reply_codec(&state.codec, valid.output),
+        shown_prompt_logprobs: valid.prompt_logprobs.and_then(|top| {
+            let prompt_ids: Arc<[u32]> = Arc::from(per_prompt_ids.get(index / n)?.as_slice());
+            Some((prompt_ids, top as usize))
+        }),
         echo: echoes[index / n].clone(),
         prompt_logprobs: Vec::new(),
     };
@@ -162,6 +171,8 @@ pub struct CompletionChunks {
     echo: Option<Arc<EchoedPrompt>>,
     /// The prompt's logprobs, when the job asked for them (streamed: until echoed).
     prompt_logprobs: Vec<PromptLogprob>,
+    /// vLLM's `prompt_logprobs`: the prompt's ids and the alternatives to show, when asked.
+    shown_prompt_logprobs: Option<(Arc<[u32]>, usize)>,
 }
 
 impl ChoiceFormat for CompletionChunks {
@@ -177,6 +188,9 @@ impl ChoiceFormat for CompletionChunks {
     /// This choice of a request that is not streamed.
     fn choice(mut self, mut completed: Completed) -> CompletionChoice {
         let mut logprobs = CompletionLogprobs::default();
+        let prompt_logprobs = self.shown_prompt_logprobs.as_ref().map(|(ids, top)| {
+            vllm_prompt_logprobs(self.codec.as_ref(), ids, &completed.prompt_logprobs, *top)
+        });
         self.prompt_logprobs = std::mem::take(&mut completed.prompt_logprobs);
         let mut text = self.take_echo(&mut logprobs);
         self.offsets
@@ -187,6 +201,7 @@ impl ChoiceFormat for CompletionChunks {
             index: self.index,
             logprobs: self.logprobs.then_some(logprobs),
             finish_reason: Some(finish_reason(completed.reason)),
+            prompt_logprobs,
         }
     }
 }
@@ -232,6 +247,8 @@ impl CompletionChunks {
             index: self.index,
             logprobs,
             finish_reason: finish,
+            // Not streamed (refused with stream at the edge).
+            prompt_logprobs: None,
         };
         sse_data(&self.object(vec![choice], self.include_usage.then_some(None)))
     }

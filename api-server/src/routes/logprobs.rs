@@ -19,6 +19,47 @@ fn shown(logprob: f32) -> f32 {
     }
 }
 
+/// vLLM's `prompt_logprobs` form: for each prompt token, `null` for the first (nothing
+/// precedes it), then an object keyed by token id (as a string) holding the prompt token and
+/// its `top` best alternatives, each `{"logprob", "rank", "decoded_token"}` (the alternatives
+/// ranked 1 .. in order, the prompt token by its rank in the distribution).
+pub fn vllm_prompt_logprobs(
+    codec: &dyn PromptCodec,
+    prompt_ids: &[u32],
+    logprobs: &[PromptLogprob],
+    top: usize,
+) -> Vec<Option<serde_json::Map<String, serde_json::Value>>> {
+    let entry = |id: u32, logprob: f32, rank: u32| {
+        serde_json::json!({
+            "logprob": shown(logprob),
+            "rank": rank,
+            "decoded_token": codec.token_text(id),
+        })
+    };
+    std::iter::once(None)
+        .chain(
+            prompt_ids
+                .iter()
+                .skip(1)
+                .zip(logprobs)
+                .map(|(&id, position)| {
+                    let mut map = serde_json::Map::new();
+                    for (rank, &(alternative, logprob)) in
+                        position.top_logprobs.iter().take(top).enumerate()
+                    {
+                        map.insert(
+                            alternative.to_string(),
+                            entry(alternative, logprob, rank as u32 + 1),
+                        );
+                    }
+                    map.insert(id.to_string(), entry(id, position.logprob, position.rank));
+                    Some(map)
+                }),
+        )
+        .take(prompt_ids.len())
+        .collect()
+}
+
 /// The chat form of one token; `None` when the worker sent no logprob for it.
 pub fn chat_entry(codec: &dyn PromptCodec, token: &TokenEvent) -> Option<TokenLogprob> {
     let logprob = token.logprob?;
@@ -122,6 +163,37 @@ mod tests {
     /// An echoed prompt's tokens come first, the first with `null`, offsets through the
     /// prompt; the completion's tokens follow, their offsets counted from the prompt's end.
     #[test]
+    fn prompt_logprobs_in_vllms_form() {
+        let logprobs = [
+            PromptLogprob {
+                logprob: -1.0,
+                rank: 2,
+                top_logprobs: vec![(7, -0.5), (22, -1.0), (9, -3.0)],
+            },
+            PromptLogprob {
+                logprob: -0.25,
+                rank: 1,
+                top_logprobs: vec![(333, -0.25), (8, -2.0)],
+            },
+        ];
+        let shown = vllm_prompt_logprobs(&Codec, &[1, 22, 333], &logprobs, 2);
+        let json = serde_json::to_value(&shown).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!([
+                null,
+                {"7": {"logprob": -0.5, "rank": 1, "decoded_token": "t7"},
+                 "22": {"logprob": -1.0, "rank": 2, "decoded_token": "t22"}},
+                {"333": {"logprob": -0.25, "rank": 1, "decoded_token": "t333"},
+                 "8": {"logprob": -2.0, "rank": 2, "decoded_token": "t8"}},
+            ])
+        );
+        // No alternatives: the prompt token alone.
+        let alone = vllm_prompt_logprobs(&Codec, &[1, 22, 333], &logprobs, 0);
+        assert_eq!(alone[1].as_ref().unwrap().len(), 1);
+    }
+
+    #[test]
     fn ruled_out_tokens_are_written_at_the_lowest_logprob() {
         let token = TokenEvent {
             id: 3,
@@ -147,10 +219,12 @@ mod tests {
         let logprobs = [
             PromptLogprob {
                 logprob: -1.0,
+                rank: 1,
                 top_logprobs: vec![(7, -0.5)],
             },
             PromptLogprob {
                 logprob: -2.0,
+                rank: 1,
                 top_logprobs: vec![(8, -0.25)],
             },
         ];

@@ -218,6 +218,7 @@ pub fn validate_responses(
             grammar_param: None,
             output: super::OutputOptions::default(),
             truncate_prompt: None,
+            prompt_logprobs: None,
             candidates: 1,
             echo: false,
             cache_salt: super::sampling::cache_salt(request.cache_salt.as_deref())?,

@@ -43,6 +43,8 @@ pub(super) struct ValidGeneration {
     pub(super) output: OutputOptions,
     /// vLLM's `truncate_prompt_tokens`.
     pub(super) truncate_prompt: Option<PromptTruncation>,
+    /// vLLM's `prompt_logprobs`: alternatives shown per prompt token.
+    pub(super) prompt_logprobs: Option<u32>,
     pub(super) cache_salt: Option<String>,
 }
 
@@ -76,6 +78,9 @@ pub enum PromptTruncation {
     /// As many of the last tokens as leave room for the token limit (-1).
     ToFit,
 }
+
+/// Most alternatives `prompt_logprobs` may ask for per token (as `top_logprobs`).
+pub const MAX_PROMPT_LOGPROBS: i64 = 20;
 
 /// Most ids `allowed_token_ids` may list (they travel in every job message).
 pub const MAX_ALLOWED_TOKEN_IDS: usize = 16_384;
@@ -301,6 +306,21 @@ pub(super) fn validate_generation(
             ));
         }
     };
+    let prompt_logprobs = match fields.prompt_logprobs {
+        None => None,
+        Some(k) if (0..=MAX_PROMPT_LOGPROBS).contains(&k) => Some(k as u32),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "prompt_logprobs must be between 0 and {MAX_PROMPT_LOGPROBS} (alternatives \
+                     per prompt token), got {k}"
+                ),
+                "prompt_logprobs",
+            ));
+        }
+    };
+    // Computed by the worker that prefills the prompt (docs/protocol.md, "Prompt logprobs").
+    sampling.prompt_logprobs = prompt_logprobs;
     let output = OutputOptions {
         include_stop_str_in_output: fields.include_stop_str_in_output.unwrap_or(false),
         skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
@@ -327,6 +347,7 @@ pub(super) fn validate_generation(
         grammar_param,
         output,
         truncate_prompt,
+        prompt_logprobs,
         cache_salt: cache_salt(fields.cache_salt.as_deref())?,
     })
 }

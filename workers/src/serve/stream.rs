@@ -89,6 +89,7 @@ pub fn stream_messages(
                         .into_iter()
                         .map(|l| PromptLogprob {
                             logprob: l.logprob,
+                            rank: l.rank,
                             top_logprobs: l.top_logprobs,
                         })
                         .collect(),
@@ -211,6 +212,7 @@ mod tests {
                 start,
                 logprobs: vec![crate::model::TokenLogprob {
                     logprob: -2.0,
+                    rank: 3,
                     top_logprobs: vec![(4, -0.5)],
                 }],
             },
@@ -232,6 +234,7 @@ mod tests {
                 start: 1,
                 logprobs: vec![PromptLogprob {
                     logprob: -2.0,
+                    rank: 3,
                     top_logprobs: vec![(4, -0.5)],
                 }],
             }
