@@ -570,8 +570,8 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
 /// `"disabled"` is a 400; `/tokenize` of the kept turns counts the response's input tokens, and
 /// one more exchange would not have fit.
 /// `dir` as a view of the test model whose chat template first writes a system turn from a
-/// `house_rules` template variable when one is given: every file linked but
-/// tokenizer_config.json.
+/// `house_rules` template variable, and one from `documents`, when given: every file linked
+/// but tokenizer_config.json.
 fn model_with_house_rules(dir: &std::path::Path) {
     let source = model_dir(MODEL);
     std::fs::create_dir_all(dir).unwrap();
@@ -585,7 +585,9 @@ fn model_with_house_rules(dir: &std::path::Path) {
     let mut config: Value = serde_json::from_slice(&own).unwrap();
     let template = config["chat_template"].as_str().unwrap();
     config["chat_template"] = json!(format!(
-        "{{% if house_rules %}}<|im_start|>system\n{{{{ house_rules }}}}<|im_end|>\n{{% endif %}}{template}"
+        "{{% if house_rules %}}<|im_start|>system\n{{{{ house_rules }}}}<|im_end|>\n{{% endif %}}\
+         {{% if documents %}}<|im_start|>system\n{{% for d in documents %}}{{{{ d.text }}}}\n\
+         {{% endfor %}}<|im_end|>\n{{% endif %}}{template}"
     ));
     std::fs::write(
         dir.join("tokenizer_config.json"),
@@ -596,9 +598,9 @@ fn model_with_house_rules(dir: &std::path::Path) {
 
 /// vLLM's chat template options: `add_generation_prompt: false` leaves the assistant's
 /// header out; `continue_final_message` ends the prompt inside the last (assistant) message,
-/// which the model continues; `chat_template_kwargs` reach the template (here a variable the
-/// api-server's copy of the template renders). `/tokenize` renders each as the chat request
-/// is prefilled.
+/// which the model continues; `chat_template_kwargs` and `documents` reach the template (here
+/// variables the api-server's copy of the template renders). `/tokenize` renders each as the
+/// chat request is prefilled. vLLM's fields tandem does not serve are 400s naming them.
 #[test]
 fn chat_template_options_on_a_live_deployment() {
     let model = temp_dir("house-rules").join("model");
@@ -646,6 +648,14 @@ fn chat_template_options_on_a_live_deployment() {
         "{ruled:?}"
     );
 
+    // vLLM's `documents`: the template's variable of that name.
+    let (_, grounded) = rendered(json!({"messages": [question],
+        "documents": [{"title": "Atlas", "text": "Paris is the capital of France."}]}));
+    assert!(
+        grounded.contains("<|im_start|>system\nParis is the capital of France.\n<|im_end|>"),
+        "{grounded:?}"
+    );
+
     let chat = |extra: Value| -> Value {
         let mut request = json!({"model": SERVED_NAME, "temperature": 0, "max_tokens": 6});
         for (key, value) in extra.as_object().unwrap() {
@@ -686,6 +696,22 @@ fn chat_template_options_on_a_live_deployment() {
         (
             json!({"messages": [question], "chat_template": "{{ messages }}"}),
             "chat_template",
+            json!("unsupported_parameter"),
+        ),
+        // vLLM's fields tandem does not serve, refused by name.
+        (
+            json!({"messages": [question], "add_special_tokens": true}),
+            "add_special_tokens",
+            json!("unsupported_parameter"),
+        ),
+        (
+            json!({"messages": [question], "priority": 1}),
+            "priority",
+            json!("unsupported_parameter"),
+        ),
+        (
+            json!({"messages": [question], "use_beam_search": true}),
+            "use_beam_search",
             json!("unsupported_parameter"),
         ),
     ] {

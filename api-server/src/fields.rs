@@ -86,6 +86,14 @@ fn is_false(value: &Value) -> bool {
     value == &Value::Bool(false)
 }
 
+fn is_zero(value: &Value) -> bool {
+    value.as_f64() == Some(0.0)
+}
+
+fn is_one(value: &Value) -> bool {
+    value.as_f64() == Some(1.0)
+}
+
 fn empty_list(value: &Value) -> bool {
     value.as_array().is_some_and(Vec::is_empty)
 }
@@ -135,7 +143,64 @@ fn is_true(value: &Value) -> bool {
 
 /// vLLM's fields tandem refuses with a 400 that says why: its constrained-decoding fields
 /// before 0.12, which replaced them with `structured_outputs`, and a detokenizer option.
-const VLLM_GUIDED: &[(&str, Support)] = &[
+const VLLM_REFUSED: &[(&str, Support)] = &[
+    (
+        "priority",
+        Refused {
+            why: "tandem serves requests first come, first served: priority may only be 0",
+            allowed: is_zero,
+        },
+    ),
+    (
+        "request_id",
+        Refused {
+            why: "tandem names each request itself (the response's id, and the id its logs \
+                  and metrics use)",
+            allowed: never,
+        },
+    ),
+    (
+        "use_beam_search",
+        Refused {
+            why: "beam search is not served: use n or best_of",
+            allowed: is_false,
+        },
+    ),
+    (
+        "length_penalty",
+        Refused {
+            why: "length_penalty applies to beam search, which is not served: only 1",
+            allowed: is_one,
+        },
+    ),
+    (
+        "bad_words",
+        Refused {
+            why: "bad_words are not served: ban single tokens with logit_bias",
+            allowed: empty_list,
+        },
+    ),
+    (
+        "logits_processors",
+        Refused {
+            why: "tandem runs no request-supplied logits processors",
+            allowed: never,
+        },
+    ),
+    (
+        "vllm_xargs",
+        Refused {
+            why: "tandem runs no vLLM plugins",
+            allowed: never,
+        },
+    ),
+    (
+        "kv_transfer_params",
+        Refused {
+            why: "tandem hands KV caches over between its own workers: no request sets it",
+            allowed: never,
+        },
+    ),
     (
         "spaces_between_special_tokens",
         Refused {
@@ -237,6 +302,14 @@ const CHAT_TEMPLATE: &[(&str, Support)] = &[
     ("add_generation_prompt", Served),
     ("continue_final_message", Served),
     ("chat_template_kwargs", Served),
+    ("documents", Served),
+    (
+        "mm_processor_kwargs",
+        Refused {
+            why: "tandem serves text models",
+            allowed: never,
+        },
+    ),
     (
         "chat_template",
         Refused {
@@ -279,6 +352,14 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
         ("functions", Served),
         ("function_call", Served),
         ("response_format", Served),
+        (
+            "add_special_tokens",
+            Refused {
+                why: "the chat template writes the special tokens: a chat prompt takes none \
+                      more (only false)",
+                allowed: is_false,
+            },
+        ),
         (
             "modalities",
             Refused {
@@ -332,7 +413,7 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
     shared: &[
         SAMPLING,
         GENERATION,
-        VLLM_GUIDED,
+        VLLM_REFUSED,
         ACCEPTED_HINTS,
         CHAT_TEMPLATE,
     ],
@@ -415,7 +496,7 @@ pub const COMPLETIONS: EndpointFields = EndpointFields {
     ],
     // OpenAI's reference lists only `user` of the hints here; the others are accepted too, as
     // clients that share settings between endpoints send them.
-    shared: &[SAMPLING, GENERATION, VLLM_GUIDED, ACCEPTED_HINTS],
+    shared: &[SAMPLING, GENERATION, VLLM_REFUSED, ACCEPTED_HINTS],
     nested: &[
         ("stream_options", &STREAM_OPTIONS),
         ("structured_outputs", &STRUCTURED_OUTPUTS),
@@ -517,13 +598,6 @@ pub const TOKENIZE: EndpointFields = EndpointFields {
         ("tools", Served),
         ("add_special_tokens", Served),
         ("return_token_strs", Served),
-        (
-            "mm_processor_kwargs",
-            Refused {
-                why: "tandem serves text models",
-                allowed: never,
-            },
-        ),
     ],
     shared: &[CHAT_TEMPLATE],
     nested: &[("messages", &CHAT_MESSAGE)],

@@ -43,8 +43,10 @@ pub struct ChatTemplateFields {
     /// Continue the last message (an assistant's) instead of answering it: the prompt ends
     /// inside that message, right after its content (default false).
     pub continue_final_message: Option<bool>,
-    /// Further variables for the chat template (`enable_thinking`, `documents`, ...).
+    /// Further variables for the chat template (`enable_thinking`, ...).
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Documents for a retrieval-augmented template (its `documents` variable).
+    pub documents: Option<Vec<serde_json::Value>>,
 }
 
 /// `response_format`: `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.

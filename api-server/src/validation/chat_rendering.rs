@@ -78,7 +78,16 @@ pub fn chat_rendering(
             }
         }
     }
-    let variables = fields.chat_template_kwargs.clone().unwrap_or_default();
+    let mut variables = fields.chat_template_kwargs.clone().unwrap_or_default();
+    if let Some(documents) = &fields.documents {
+        if variables.contains_key("documents") {
+            return Err(ApiError::invalid(
+                "documents is sent twice: as a field and in chat_template_kwargs",
+                "documents",
+            ));
+        }
+        variables.insert("documents".into(), Value::Array(documents.clone()));
+    }
     if let Some(reserved) = variables
         .keys()
         .find(|key| RESERVED_VARIABLES.contains(&key.as_str()))
@@ -143,6 +152,15 @@ mod tests {
         let bare =
             chat_rendering(&fields(json!({"add_generation_prompt": false})), &answered).unwrap();
         assert!(!bare.add_generation_prompt && !bare.continue_final_message);
+        let with_documents = chat_rendering(
+            &fields(json!({"documents": [{"title": "a", "text": "b"}]})),
+            &answered,
+        )
+        .unwrap();
+        assert_eq!(
+            with_documents.variables["documents"],
+            json!([{"title": "a", "text": "b"}])
+        );
         let with_variables = chat_rendering(
             &fields(json!({"chat_template_kwargs": {"enable_thinking": false}})),
             &answered,
@@ -180,6 +198,11 @@ mod tests {
                 json!({"chat_template_kwargs": {"messages": []}}),
                 &answered[..],
                 "chat_template_kwargs.messages",
+            ),
+            (
+                json!({"documents": [], "chat_template_kwargs": {"documents": []}}),
+                &answered[..],
+                "documents",
             ),
         ] {
             assert_eq!(

@@ -43,6 +43,7 @@ pub fn validate_tokenize(
                     template.chat_template_kwargs.is_some(),
                     "chat_template_kwargs",
                 ),
+                (template.documents.is_some(), "documents"),
             ] {
                 if set {
                     return Err(ApiError::invalid(
