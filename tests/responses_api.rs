@@ -600,7 +600,8 @@ fn model_with_house_rules(dir: &std::path::Path) {
 /// header out; `continue_final_message` ends the prompt inside the last (assistant) message,
 /// which the model continues; `chat_template_kwargs` and `documents` reach the template (here
 /// variables the api-server's copy of the template renders). `/tokenize` renders each as the
-/// chat request is prefilled. vLLM's fields tandem does not serve are 400s naming them.
+/// chat request is prefilled. vLLM's chat `echo` starts the reply with the assistant's words
+/// it continues. vLLM's fields tandem does not serve are 400s naming them.
 #[test]
 fn chat_template_options_on_a_live_deployment() {
     let model = temp_dir("house-rules").join("model");
@@ -672,6 +673,40 @@ fn chat_template_options_on_a_live_deployment() {
         .as_str()
         .unwrap();
     assert!(words.trim_start().starts_with("Paris"), "{words:?}");
+    // vLLM's chat `echo`: the reply starts with the assistant's words it continues, whole
+    // and streamed (the first chunk carries them).
+    let echoed = chat(json!({"messages": begun, "continue_final_message": true, "echo": true}));
+    assert_eq!(
+        echoed["choices"][0]["message"]["content"],
+        format!("{prefill}{words}")
+    );
+    let streamed = http.post(
+        "/v1/chat/completions",
+        &json!({"model": SERVED_NAME, "temperature": 0, "max_tokens": 6, "stream": true,
+                "messages": begun, "continue_final_message": true, "echo": true}),
+    );
+    let deltas: Vec<String> = streamed
+        .body
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .filter_map(|data| {
+            let chunk: Value = serde_json::from_str(data).unwrap();
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(deltas[0], prefill, "{deltas:?}");
+    assert_eq!(deltas.concat(), format!("{prefill}{words}"));
+    let plain = chat(json!({"messages": [question], "echo": true}));
+    assert!(
+        !plain["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("What is"),
+        "nothing echoed after a user message: {plain}"
+    );
     let ruled_reply = chat(json!({"messages": [question],
         "chat_template_kwargs": {"house_rules": rules}}));
     assert_eq!(ruled_reply["usage"]["prompt_tokens"], ruled_count);

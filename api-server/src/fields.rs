@@ -352,6 +352,7 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
         ("functions", Served),
         ("function_call", Served),
         ("response_format", Served),
+        ("echo", Served),
         (
             "add_special_tokens",
             Refused {

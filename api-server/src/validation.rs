@@ -158,6 +158,9 @@ pub struct ValidRequest {
     pub candidates: u32,
     /// `/v1/completions`' `echo`: each choice's text (and logprobs) starts with the prompt.
     pub echo: bool,
+    /// vLLM's `echo` on chat: the text each choice's content starts with (the last message's,
+    /// an assistant's), `None` when there is none to echo.
+    pub chat_echo: Option<String>,
     /// The request's `cache_salt` (vLLM's): its prompt is cached apart from other salts'.
     pub cache_salt: Option<String>,
 }
@@ -558,6 +561,10 @@ pub fn validate_chat(
         .collect::<Result<Vec<_>, _>>()?;
     link_tool_results(&mut turns)?;
     let rendering = chat_rendering::chat_rendering(&request.template, &turns)?;
+    let chat_echo = match (request.echo, turns.last()) {
+        (Some(true), Some(last)) if last.role == Role::Assistant => Some(last.content.clone()),
+        _ => None,
+    };
     let tools = crate::tools::validate::validate_tools(request, limits.tool_support.is_some())?;
 
     // max_completion_tokens is OpenAI's current name; when both are sent it wins.
@@ -627,6 +634,7 @@ pub fn validate_chat(
         prompt_param: "messages",
         n: common.n,
         tools,
+        chat_echo,
         rendering,
         grammar_param,
         output: common.output,
@@ -808,6 +816,7 @@ pub fn validate_completion(
         prompt_param: "prompt",
         n: common.n,
         tools: None,
+        chat_echo: None,
         rendering: ChatRendering::default(),
         grammar_param: common.grammar_param,
         output: common.output,

@@ -30,6 +30,8 @@ pub struct ChatCompletionRequest {
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
     pub response_format: Option<ResponseFormat>,
+    /// vLLM's: the reply starts with the last message's content when that is an assistant's.
+    pub echo: Option<bool>,
     #[serde(flatten)]
     pub template: ChatTemplateFields,
 }

@@ -71,6 +71,7 @@ pub async fn chat_completions(
     // One format per choice: each choice's tool calls are parsed from its own text.
     let chunks = |index: usize| ChatChunks {
         prompt_logprobs: prompt_logprobs.clone(),
+        echo: valid.chat_echo.clone(),
         id: id.clone(),
         index: index as u32,
         created,
@@ -104,6 +105,8 @@ pub struct ChatChunks {
     pub calls: Option<CallParser>,
     /// vLLM's `prompt_logprobs`: the prompt's ids and the alternatives to show, when asked.
     pub prompt_logprobs: Option<(Arc<[u32]>, usize)>,
+    /// vLLM's `echo`: the text the content starts with (the last, assistant, message's).
+    pub echo: Option<String>,
     /// The ids of the calls parsed so far, by index.
     pub call_ids: Vec<String>,
     pub metrics: Metrics,
@@ -250,6 +253,13 @@ impl ChoiceFormat for ChatChunks {
             }
         };
         self.record_calls();
+        let content = match self.echo.take() {
+            Some(mut echoed) => {
+                echoed.push_str(content.as_deref().unwrap_or_default());
+                Some(echoed)
+            }
+            None => content,
+        };
         let finish = self.reply_finish(completed.reason);
         let logprobs = ChatLogprobs {
             content: completed
@@ -282,7 +292,7 @@ impl ChunkFormat for ChatChunks {
             index: self.index,
             delta: Delta {
                 role: Some("assistant"),
-                content: Some(String::new()),
+                content: Some(self.echo.take().unwrap_or_default()),
                 tool_calls: None,
             },
             logprobs: None,

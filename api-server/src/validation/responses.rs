@@ -213,6 +213,7 @@ pub fn validate_responses(
             prompt_param: "input",
             n: 1,
             tools,
+            chat_echo: None,
             rendering: super::ChatRendering::default(),
             // The route names `text.format.schema` itself.
             grammar_param: None,
