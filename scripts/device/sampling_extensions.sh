@@ -6,7 +6,9 @@
 #   held back on the context worker (the first token) and the decode worker, ending the 5th;
 # - every token drawn with `min_p` is at least that share of the top token's probability, on
 #   requests batched together (seeded, 16 at once), and without it some are not;
-# - vLLM's structured_outputs `choice` and `regex` hold on 16 sampled requests at once.
+# - vLLM's structured_outputs `choice` and `regex` hold on 16 sampled requests at once;
+# - only `allowed_token_ids` are drawn (read back by `return_tokens_as_token_ids`);
+# - `prompt_logprobs` equal the logprobs `echo` gives, each with a rank.
 # Prints one line a check and a last line `sampling extensions: N of M checks passed`.
 # Binaries from .kit/bin.
 #   source .kit/env.sh; scripts/device/sampling_extensions.sh
@@ -92,6 +94,29 @@ with concurrent.futures.ThreadPoolExecutor(16) as pool:
     replies = list(pool.map(constrained, range(16)))
 bad = [(i, text) for i, text in replies if not holds(i, text)]
 check(not bad, f"structured_outputs choice and regex, 16 at once: {16 - len(bad)} of 16 hold {bad[:3]}")
+# allowed_token_ids, read back through return_tokens_as_token_ids, on sampled requests at once.
+ALLOWED = [1000, 2000, 3000, 4000]
+def limited(i):
+    body = {"prompt": f"Row {i}:", "max_tokens": 16, "temperature": 1.0, "seed": i, "logprobs": 0,
+            "allowed_token_ids": ALLOWED, "return_tokens_as_token_ids": True}
+    names = post("/v1/completions", body)["choices"][0]["logprobs"]["tokens"]
+    return [int(name.split(":")[1]) for name in names]
+with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    drawn = [t for ids in pool.map(limited, range(8)) for t in ids]
+check(len(drawn) == 128 and set(drawn) <= set(ALLOWED) and len(set(drawn)) > 1,
+      f"allowed_token_ids: {len(drawn)} tokens drawn, ids {sorted(set(drawn))}")
+
+# prompt_logprobs from the GPU's rows: the logprobs echo gives, each with a rank.
+prompt = "The quick brown fox jumps over the lazy dog and runs into the forest"
+shown = post("/v1/completions", {"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 3})
+shown = shown["choices"][0]["prompt_logprobs"]
+echoed = post("/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 3})
+echoed = echoed["choices"][0]["logprobs"]["token_logprobs"]
+ids = post("/tokenize", {"prompt": prompt})["tokens"]
+worst = max(abs(shown[p][str(ids[p])]["logprob"] - echoed[p]) for p in range(1, len(ids)))
+ranked = all(shown[p][str(ids[p])]["rank"] >= 1 for p in range(1, len(ids)))
+check(shown[0] is None and len(shown) == len(ids) and worst < 1e-3 and ranked,
+      f"prompt_logprobs: {len(shown)} positions, largest difference from echo {worst:.2e}, ranks set: {ranked}")
 print(f"sampling extensions: {passed} of {total} checks passed")
 PY
 kill -INT "$pid"
