@@ -14,9 +14,9 @@
 //! - A schema llguidance cannot compile is a 400 naming `response_format.json_schema.schema`
 //!   with llguidance's message; a `response_format` of another type is a 400 naming it.
 //! - vLLM's `structured_outputs` (`choice`, `regex`, `json` as an object and as a string,
-//!   `json_object`, a Lark `grammar`) on chat and completions, aggregated and disaggregated;
-//!   vLLM's removed `guided_*` fields and the options tandem does not serve are 400s naming
-//!   them.
+//!   `json_object`, a Lark `grammar`) on chat and completions, and vLLM's `response_format`
+//!   on completions, aggregated and disaggregated; vLLM's removed `guided_*` fields and the
+//!   options tandem does not serve are 400s naming them.
 //!
 //! Needs Python 3 with `openai`, `langchain-openai` and `jsonschema` importable: scripts/test
 //! installs them into `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
@@ -338,7 +338,19 @@ fn check_vllm_structured_outputs(deployment: &Deployment) {
         ["The answer is yes.", "The answer is no."].contains(&sentence.as_str()),
         "{sentence:?}"
     );
-    deployment.assert_handed_over_since(&before, 5, "the longer structured_outputs requests");
+    // vLLM's response_format on completions.
+    let (pet, _) = constrained_text(
+        http,
+        "",
+        json!({"max_tokens": 40, "prompt": "Pets of the house, one JSON object each.\nA cat \
+               named Tom as JSON: {\"name\": \"Tom\"}\nA bird named Kiwi as JSON:",
+               "response_format": {"type": "json_schema", "json_schema": {"name": "pet",
+                   "schema": {"type": "object", "properties": {"name": {"type": "string"}},
+                              "required": ["name"], "additionalProperties": false}}}}),
+    );
+    let pet: Value = serde_json::from_str(&pet).expect("JSON");
+    assert!(pet["name"].is_string(), "{pet}");
+    deployment.assert_handed_over_since(&before, 6, "the longer structured_outputs requests");
 
     let chat = |extra: Value| {
         let mut request = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4});

@@ -494,6 +494,7 @@ pub const COMPLETIONS: EndpointFields = EndpointFields {
         ("logprobs", Served),
         ("echo", Served),
         ("suffix", Served),
+        ("response_format", Served),
     ],
     // OpenAI's reference lists only `user` of the hints here; the others are accepted too, as
     // clients that share settings between endpoints send them.

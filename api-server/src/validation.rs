@@ -251,6 +251,28 @@ struct CommonValues {
     cache_salt: Option<String>,
 }
 
+/// Sets `sampling.grammar` from `format` (chat's and vLLM's completions' `response_format`),
+/// refusing it beside `structured_outputs` (whose field `grammar_param` names); the field the
+/// grammar comes from after.
+fn with_response_format(
+    format: Option<&ResponseFormat>,
+    sampling: &mut SamplingSpec,
+    grammar_param: Option<&'static str>,
+) -> Result<Option<&'static str>, ApiError> {
+    let Some(grammar) = format.map(response_format).transpose()?.flatten() else {
+        return Ok(grammar_param);
+    };
+    if grammar_param.is_some() {
+        return Err(ApiError::invalid(
+            "structured_outputs cannot be combined with a JSON response_format: both \
+             constrain the whole reply",
+            "structured_outputs",
+        ));
+    }
+    sampling.grammar = Some(grammar);
+    Ok(Some(JSON_SCHEMA_PARAM))
+}
+
 /// `min_tokens` may not ask for more than the token limit (`limit_param`'s value, or its
 /// default), as vLLM checks it.
 fn check_min_tokens(min_tokens: u32, limit: u32, limit_param: &str) -> Result<(), ApiError> {
@@ -598,24 +620,11 @@ pub fn validate_chat(
     let mut sampling = common.sampling;
     sampling.logprobs = logprobs;
     // response_format first: the tools' grammar refuses to stack on a response_format one.
-    let mut grammar_param = common.grammar_param;
-    if let Some(grammar) = request
-        .response_format
-        .as_ref()
-        .map(response_format)
-        .transpose()?
-        .flatten()
-    {
-        if grammar_param.is_some() {
-            return Err(ApiError::invalid(
-                "structured_outputs cannot be combined with a JSON response_format: both \
-                 constrain the whole reply",
-                "structured_outputs",
-            ));
-        }
-        sampling.grammar = Some(grammar);
-        grammar_param = Some(JSON_SCHEMA_PARAM);
-    }
+    let grammar_param = with_response_format(
+        request.response_format.as_ref(),
+        &mut sampling,
+        common.grammar_param,
+    )?;
     if let (Some(tools), Some(support)) = (&tools, limits.tool_support) {
         crate::tools::grammar::constrain(tools, support.format, &mut sampling)?;
     }
@@ -797,6 +806,11 @@ pub fn validate_completion(
         // prompt logprobs: asked for (none shown), so echo without logprobs works too.
         sampling.prompt_logprobs = Some(0);
     }
+    let grammar_param = with_response_format(
+        request.response_format.as_ref(),
+        &mut sampling,
+        common.grammar_param,
+    )?;
     if candidates > common.n && sampling.logprobs.is_none() {
         // The ranking reads each token's logprob; the response shows none unless asked.
         sampling.logprobs = Some(0);
@@ -818,7 +832,7 @@ pub fn validate_completion(
         tools: None,
         chat_echo: None,
         rendering: ChatRendering::default(),
-        grammar_param: common.grammar_param,
+        grammar_param,
         output: common.output,
         truncate_prompt: common.truncate_prompt,
         prompt_logprobs: common.prompt_logprobs,
@@ -1402,6 +1416,22 @@ mod tests {
                 json!({"prompt": "x", "echo": true, "truncate_prompt_tokens": 2})
             )),
             "truncate_prompt_tokens"
+        );
+        // vLLM's response_format on completions, as on chat; not beside structured_outputs.
+        let formatted =
+            completion(json!({"prompt": "x", "response_format": {"type": "json_object"}})).unwrap();
+        assert_eq!(
+            formatted.sampling.grammar,
+            Some(GrammarSpec::JsonSchema {
+                schema: json!({"type": "object"})
+            })
+        );
+        assert_eq!(formatted.grammar_param, Some(JSON_SCHEMA_PARAM));
+        assert_eq!(
+            param_of(completion(json!({"prompt": "x",
+                "response_format": {"type": "json_object"},
+                "structured_outputs": {"regex": "a"}}))),
+            "structured_outputs"
         );
     }
 

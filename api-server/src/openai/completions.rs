@@ -21,6 +21,8 @@ pub struct CompletionRequest {
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
+    /// vLLM's: `json_object` or `json_schema`, as on chat completions.
+    pub response_format: Option<super::ResponseFormat>,
 }
 
 /// `prompt`: a string, token ids, or a batch of either (only batches of one are served).
