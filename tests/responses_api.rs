@@ -565,35 +565,22 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
     assert!(!output_text(&last["response"]).is_empty(), "{last}");
 }
 
-/// `truncation: "auto"` on the tiny model (a context of 1,024 tokens): a conversation longer
-/// than the context is answered from its latest turns that fit, the instructions kept, where
-/// `"disabled"` is a 400; `/tokenize` of the kept turns counts the response's input tokens, and
-/// one more exchange would not have fit.
 /// `dir` as a view of the test model whose chat template first writes a system turn from a
-/// `house_rules` template variable, and one from `documents`, when given: every file linked
-/// but tokenizer_config.json.
+/// `house_rules` template variable, and one from `documents`, when given.
 fn model_with_house_rules(dir: &std::path::Path) {
-    let source = model_dir(MODEL);
-    std::fs::create_dir_all(dir).unwrap();
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() != "tokenizer_config.json" {
-            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
-        }
-    }
-    let own = std::fs::read(source.join("tokenizer_config.json")).unwrap();
-    let mut config: Value = serde_json::from_slice(&own).unwrap();
-    let template = config["chat_template"].as_str().unwrap();
-    config["chat_template"] = json!(format!(
-        "{{% if house_rules %}}<|im_start|>system\n{{{{ house_rules }}}}<|im_end|>\n{{% endif %}}\
-         {{% if documents %}}<|im_start|>system\n{{% for d in documents %}}{{{{ d.text }}}}\n\
-         {{% endfor %}}<|im_end|>\n{{% endif %}}{template}"
-    ));
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        serde_json::to_vec_pretty(&config).unwrap(),
-    )
-    .unwrap();
+    tandem_test_kit::model_with_edited_json(
+        &model_dir(MODEL),
+        dir,
+        "tokenizer_config.json",
+        |config| {
+            let template = config["chat_template"].as_str().unwrap().to_owned();
+            config["chat_template"] = json!(format!(
+                "{{% if house_rules %}}<|im_start|>system\n{{{{ house_rules }}}}<|im_end|>\n{{% endif %}}\
+             {{% if documents %}}<|im_start|>system\n{{% for d in documents %}}{{{{ d.text }}}}\n\
+             {{% endfor %}}<|im_end|>\n{{% endif %}}{template}"
+            ));
+        },
+    );
 }
 
 /// vLLM's chat template options: `add_generation_prompt: false` leaves the assistant's
@@ -757,6 +744,10 @@ fn chat_template_options_on_a_live_deployment() {
     }
 }
 
+/// `truncation: "auto"` on the tiny model (a context of 1,024 tokens): a conversation longer
+/// than the context is answered from its latest turns that fit, the instructions kept, where
+/// `"disabled"` is a 400; `/tokenize` of the kept turns counts the response's input tokens, and
+/// one more exchange would not have fit.
 #[test]
 fn truncation_auto_keeps_the_latest_turns_that_fit() {
     let nats = Nats::start();

@@ -32,27 +32,18 @@ use tandem_test_kit::{ApiServer, HandOvers, Http, Nats, model_dir, temp_dir};
 
 const MODEL: &str = "smollm2-bf16";
 
-/// `dir` as a view of the test model: every file linked, but for a generation_config.json
-/// with `set` merged into the model's own.
+/// `dir` as a view of the test model with `set` merged into its generation_config.json.
 fn model_with_generation_config(dir: &Path, set: Value) {
-    let source = model_dir(MODEL);
-    std::fs::create_dir_all(dir).unwrap();
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() != "generation_config.json" {
-            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
-        }
-    }
-    let own = std::fs::read(source.join("generation_config.json")).unwrap();
-    let mut generation: Value = serde_json::from_slice(&own).unwrap();
-    for (key, value) in set.as_object().unwrap() {
-        generation[key] = value.clone();
-    }
-    std::fs::write(
-        dir.join("generation_config.json"),
-        serde_json::to_vec_pretty(&generation).unwrap(),
-    )
-    .unwrap();
+    tandem_test_kit::model_with_edited_json(
+        &model_dir(MODEL),
+        dir,
+        "generation_config.json",
+        |generation| {
+            for (key, value) in set.as_object().unwrap() {
+                generation[key] = value.clone();
+            }
+        },
+    );
 }
 
 fn chat_text(http: &Http, extra: Value) -> String {

@@ -50,7 +50,10 @@ pub mod servers;
 
 pub use handovers::HandOvers;
 pub use http::{Http, Response, SseStream};
-pub use paths::{bin, model_dir, nats_server_path, profile_dir, python, temp_dir, temp_file};
+pub use paths::{
+    bin, model_dir, model_with_edited_json, nats_server_path, profile_dir, python, temp_dir,
+    temp_file,
+};
 pub use ports::free_port;
 pub use process::{
     Proc, assert_all_gone, assert_no_command_line_shows, children_of, clear_tandem_env, cmdline,

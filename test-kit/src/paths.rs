@@ -100,6 +100,33 @@ fn is_executable(path: &Path) -> bool {
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// `dir` made a view of the model directory `source` with its JSON file `file` edited:
+/// every other file linked, `file` written as `edit` leaves the source's (a test's own
+/// chat template or sampling defaults over the test model's weights).
+pub fn model_with_edited_json(
+    source: &Path,
+    dir: &Path,
+    file: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    for entry in std::fs::read_dir(source).expect("the model directory reads") {
+        let entry = entry.expect("a directory entry");
+        if entry.file_name() != file {
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name()))
+                .expect("linking a model file");
+        }
+    }
+    let own = std::fs::read(source.join(file)).expect("the model's JSON file reads");
+    let mut value: serde_json::Value = serde_json::from_slice(&own).expect("the file is JSON");
+    edit(&mut value);
+    std::fs::write(
+        dir.join(file),
+        serde_json::to_vec_pretty(&value).expect("JSON serializes"),
+    )
+    .expect("writing the edited file");
+}
+
 /// A fresh, empty directory `<workspace>/target/e2e-tmp/<name>-<pid>-<n>`, never the same
 /// twice. Left in place after the test (for a look after a failure); under `target/`, so
 /// `cargo clean` removes it.
