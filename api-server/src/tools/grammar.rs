@@ -164,10 +164,22 @@ fn compile(grammar: &str) -> Result<(), String> {
         .map_err(|err| format!("{err:#}"))
 }
 
+/// Whether the Lark `grammar` accepts `text` whole on the byte vocabulary (byte tokens, then
+/// the end of sequence): how the tests of the grammars the api-server writes check them.
+#[cfg(test)]
+pub(crate) fn accepts_bytes(grammar: &str, text: &str) -> bool {
+    let parser = factory().create_parser(TopLevelGrammar::from_lark(grammar.to_string()));
+    let mut matcher = llguidance::Matcher::new(parser);
+    assert!(!matcher.is_error(), "{grammar}: {:?}", matcher.get_error());
+    let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
+    matcher.validate_tokens(&tokens).unwrap() == tokens.len()
+        && matcher.consume_tokens(&tokens).is_ok()
+        && matcher.is_accepting().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llguidance::Matcher;
     use serde_json::json;
 
     fn tools() -> Vec<ToolDef> {
@@ -192,15 +204,8 @@ mod tests {
         ]
     }
 
-    /// Whether the grammar accepts `text` whole (byte tokens, then end of sequence).
     fn accepts(grammar: &str, text: &str) -> bool {
-        let parser = factory().create_parser(TopLevelGrammar::from_lark(grammar.to_string()));
-        let mut matcher = Matcher::new(parser);
-        assert!(!matcher.is_error(), "{grammar}: {:?}", matcher.get_error());
-        let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
-        matcher.validate_tokens(&tokens).unwrap() == tokens.len()
-            && matcher.consume_tokens(&tokens).is_ok()
-            && matcher.is_accepting().unwrap()
+        accepts_bytes(grammar, text)
     }
 
     #[test]

@@ -128,9 +128,6 @@ fn choices(choices: &[String]) -> Result<String, ApiError> {
 
 #[cfg(test)]
 mod tests {
-    use llguidance::api::TopLevelGrammar;
-    use llguidance::toktrie::{ApproximateTokEnv, InferenceCapabilities};
-    use llguidance::{Matcher, ParserFactory};
     use serde_json::json;
 
     use super::*;
@@ -146,20 +143,7 @@ mod tests {
         }
     }
 
-    /// Whether the Lark `grammar` accepts `text` whole, on a byte-level vocabulary (byte
-    /// tokens, then the end).
-    fn accepts(grammar: &str, text: &str) -> bool {
-        let env = ApproximateTokEnv::single_byte_env();
-        let mut factory = ParserFactory::new(&env, InferenceCapabilities::default(), &[]).unwrap();
-        factory.quiet();
-        let parser = factory.create_parser(TopLevelGrammar::from_lark(grammar.to_string()));
-        let mut matcher = Matcher::new(parser);
-        assert!(!matcher.is_error(), "{grammar}: {:?}", matcher.get_error());
-        let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
-        matcher.validate_tokens(&tokens).unwrap() == tokens.len()
-            && matcher.consume_tokens(&tokens).is_ok()
-            && matcher.is_accepting().unwrap()
-    }
+    use crate::tools::grammar::accepts_bytes as accepts;
 
     fn lark(value: Value) -> String {
         match structured_outputs(&fields(value)).unwrap().0 {
