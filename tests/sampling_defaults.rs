@@ -19,7 +19,7 @@
 //! (`include_stop_str_in_output`), tokens named by id in logprobs
 //! (`return_tokens_as_token_ids`), only `allowed_token_ids` drawn, a special token's text
 //! written with `skip_special_tokens: false`, `truncate_prompt_tokens`, and `prompt_logprobs`
-//! (the logprobs echo gives, with ranks and alternatives).
+//! (the logprobs echo gives, with ranks and alternatives), and `continuous_usage_stats`.
 
 mod support;
 
@@ -405,6 +405,56 @@ fn min_p_and_min_tokens_on_a_disaggregated_deployment() {
         body["choices"][0].get("prompt_logprobs").is_none(),
         "{body}"
     );
+
+    // vLLM's continuous_usage_stats: every streamed chunk carries the usage so far, its
+    // completion tokens counting up to the final usage.
+    for (path, request) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hello"}]}),
+        ),
+        ("/v1/completions", json!({"prompt": prompt})),
+    ] {
+        let mut request = request;
+        for (key, value) in json!({"max_tokens": 6, "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": true, "continuous_usage_stats": true}})
+        .as_object()
+        .unwrap()
+        {
+            request[key] = value.clone();
+        }
+        let streamed = http.post(path, &request);
+        assert_eq!(streamed.status, 200, "{}", streamed.body);
+        let chunks: Vec<Value> = streamed
+            .body
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter(|data| *data != "[DONE]")
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect();
+        let counts: Vec<u64> = chunks
+            .iter()
+            .map(|chunk| {
+                chunk["usage"]["completion_tokens"]
+                    .as_u64()
+                    .expect("a usage")
+            })
+            .collect();
+        let last = chunks.last().unwrap();
+        assert!(last["choices"].as_array().unwrap().is_empty(), "{last}");
+        assert!(
+            counts.windows(2).all(|w| w[0] <= w[1]),
+            "{path}: {counts:?}"
+        );
+        assert_eq!(*counts.last().unwrap(), 6, "{path}: {counts:?}");
+        let prompt_tokens = last["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(
+            chunks
+                .iter()
+                .all(|chunk| chunk["usage"]["prompt_tokens"] == prompt_tokens),
+            "{path}"
+        );
+    }
 
     for (body, param) in [
         (

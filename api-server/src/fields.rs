@@ -466,6 +466,7 @@ pub const STREAM_OPTIONS: EndpointFields = EndpointFields {
     path: "stream_options",
     fields: &[
         ("include_usage", Served),
+        ("continuous_usage_stats", Served),
         // OpenAI pads deltas against side channels when this is true; tandem never does.
         ("include_obfuscation", Accepted(Kind::Bool)),
     ],

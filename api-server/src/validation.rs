@@ -16,7 +16,7 @@ use tandem_protocol::messages::{GrammarSpec, SamplingSpec, StopSpec};
 use crate::error::ApiError;
 use crate::openai::{
     ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationFields, MessageContent,
-    PromptField, ResponseFormat,
+    PromptField, ResponseFormat, StreamOptions,
 };
 use crate::tools::{ToolCallRecord, ToolRequest, ToolSupport};
 pub use chat_rendering::ChatRendering;
@@ -130,6 +130,8 @@ pub struct ValidRequest {
     pub min_tokens: u32,
     pub stream: bool,
     pub include_usage: bool,
+    /// vLLM's `stream_options.continuous_usage_stats`: every chunk carries the usage so far.
+    pub continuous_usage: bool,
     /// Alternatives per token when logprobs were asked for (0 = only the chosen token's).
     pub logprobs: Option<u32>,
     pub logprobs_format: LogprobsFormat,
@@ -231,7 +233,9 @@ struct CommonFields<'a> {
     model: &'a Option<String>,
     generation: &'a GenerationFields,
     stream: Option<bool>,
-    include_usage: Option<bool>,
+    /// Chat's and completions' (the Responses API's has other fields: `None`).
+    stream_options: Option<&'a StreamOptions>,
+    /// Whether the request has `stream_options` (only allowed when streaming).
     has_stream_options: bool,
 }
 
@@ -248,6 +252,7 @@ struct CommonValues {
     prompt_logprobs: Option<u32>,
     stream: bool,
     include_usage: bool,
+    continuous_usage: bool,
     cache_salt: Option<String>,
 }
 
@@ -307,6 +312,21 @@ fn validate_common(
             "prompt_logprobs",
         ));
     }
+    let include_usage = fields
+        .stream_options
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let continuous_usage = fields
+        .stream_options
+        .and_then(|o| o.continuous_usage_stats)
+        .unwrap_or(false);
+    if continuous_usage && !include_usage {
+        return Err(ApiError::invalid(
+            "stream_options.continuous_usage_stats needs include_usage: true (the usage it \
+             puts in every chunk is the usage include_usage reports at the end)",
+            "stream_options.continuous_usage_stats",
+        ));
+    }
     if fields.has_stream_options && !stream {
         return Err(ApiError::invalid(
             "stream_options is only allowed when stream is true",
@@ -325,7 +345,8 @@ fn validate_common(
         truncate_prompt: generation.truncate_prompt,
         prompt_logprobs: generation.prompt_logprobs,
         stream,
-        include_usage: fields.include_usage.unwrap_or(false),
+        include_usage,
+        continuous_usage,
         cache_salt: generation.cache_salt,
     })
 }
@@ -561,10 +582,7 @@ pub fn validate_chat(
             model: &request.model,
             generation: &request.generation,
             stream: request.stream,
-            include_usage: request
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage),
+            stream_options: request.stream_options.as_ref(),
             has_stream_options: request.stream_options.is_some(),
         },
         limits,
@@ -638,6 +656,7 @@ pub fn validate_chat(
         min_tokens: common.min_tokens,
         stream: common.stream,
         include_usage: common.include_usage,
+        continuous_usage: common.continuous_usage,
         logprobs,
         logprobs_format: LogprobsFormat::Chat,
         prompt_param: "messages",
@@ -701,10 +720,7 @@ pub fn validate_completion(
             model: &request.model,
             generation: &request.generation,
             stream: request.stream,
-            include_usage: request
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage),
+            stream_options: request.stream_options.as_ref(),
             has_stream_options: request.stream_options.is_some(),
         },
         limits,
@@ -825,6 +841,7 @@ pub fn validate_completion(
         min_tokens: common.min_tokens,
         stream: common.stream,
         include_usage: common.include_usage,
+        continuous_usage: common.continuous_usage,
         logprobs,
         logprobs_format: LogprobsFormat::Completion,
         prompt_param: "prompt",
@@ -1416,6 +1433,16 @@ mod tests {
                 json!({"prompt": "x", "echo": true, "truncate_prompt_tokens": 2})
             )),
             "truncate_prompt_tokens"
+        );
+        // vLLM's continuous_usage_stats, with include_usage only.
+        let running = chat(json!({"messages": user("x"), "stream": true,
+            "stream_options": {"include_usage": true, "continuous_usage_stats": true}}))
+        .unwrap();
+        assert!(running.include_usage && running.continuous_usage);
+        assert_eq!(
+            param_of(chat(json!({"messages": user("x"), "stream": true,
+                "stream_options": {"continuous_usage_stats": true}}))),
+            "stream_options.continuous_usage_stats"
         );
         // vLLM's response_format on completions, as on chat; not beside structured_outputs.
         let formatted =

@@ -14,6 +14,8 @@ pub enum StopField {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
+    /// vLLM's: with `include_usage`, every chunk carries the usage so far.
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// `usage` of a response or of the last stream chunk.

@@ -64,6 +64,7 @@ pub async fn chat_completions(
     };
     let generations = generation?;
     let created = unix_now_s();
+    let prompt_len = generations.first().map_or(0, |g| g.prompt_ids().len());
     let prompt_logprobs = valid.prompt_logprobs.and_then(|top| {
         let prompt_ids: Arc<[u32]> = Arc::from(generations.first()?.prompt_ids());
         Some((prompt_ids, top as usize))
@@ -72,6 +73,9 @@ pub async fn chat_completions(
     let chunks = |index: usize| ChatChunks {
         prompt_logprobs: prompt_logprobs.clone(),
         echo: valid.chat_echo.clone(),
+        running: valid
+            .continuous_usage
+            .then(|| super::RunningUsage::new(prompt_len)),
         id: id.clone(),
         index: index as u32,
         created,
@@ -107,6 +111,8 @@ pub struct ChatChunks {
     pub prompt_logprobs: Option<(Arc<[u32]>, usize)>,
     /// vLLM's `echo`: the text the content starts with (the last, assistant, message's).
     pub echo: Option<String>,
+    /// vLLM's `continuous_usage_stats`: this choice's usage so far, in every chunk.
+    pub running: Option<super::RunningUsage>,
     /// The ids of the calls parsed so far, by index.
     pub call_ids: Vec<String>,
     pub metrics: Metrics,
@@ -209,7 +215,9 @@ impl ChatChunks {
             model: self.model.clone(),
             system_fingerprint: None,
             choices,
-            usage: self.include_usage.then_some(usage),
+            usage: self
+                .include_usage
+                .then_some(usage.or(self.running.map(|r| r.usage()))),
         }
     }
 }
@@ -302,6 +310,9 @@ impl ChunkFormat for ChatChunks {
     }
 
     fn tokens(&mut self, tokens: &[TokenEvent]) -> Option<Bytes> {
+        if let Some(running) = &mut self.running {
+            running.completion_tokens += tokens.len() as u32;
+        }
         let (text, calls) = match self.calls.as_mut() {
             None => (tokens.iter().map(|t| t.text.as_str()).collect(), Vec::new()),
             Some(parser) => {
@@ -338,7 +349,10 @@ impl ChunkFormat for ChatChunks {
         Some(sse_data(&self.chunk(vec![choice], None)))
     }
 
-    fn finished(&mut self, reason: WireFinish, _usage: WireUsage) -> Vec<Bytes> {
+    fn finished(&mut self, reason: WireFinish, usage: WireUsage) -> Vec<Bytes> {
+        if let Some(running) = &mut self.running {
+            running.completion_tokens = usage.completion_tokens;
+        }
         let mut chunks = Vec::new();
         // What the parser held back (a possible marker, an unfinished call) is decided now.
         if let Some(parser) = self.calls.as_mut() {

@@ -119,6 +119,9 @@ pub async fn completions(
         logprobs: valid.logprobs.is_some(),
         offsets: CompletionLogprobsBuilder::default(),
         codec: crate::prompt::reply_codec(&state.codec, valid.output),
+        running: valid
+            .continuous_usage
+            .then(|| super::RunningUsage::new(per_prompt_ids.get(index / n).map_or(0, Vec::len))),
         shown_prompt_logprobs: valid.prompt_logprobs.and_then(|top| {
             let prompt_ids: Arc<[u32]> = Arc::from(per_prompt_ids.get(index / n)?.as_slice());
             Some((prompt_ids, top as usize))
@@ -173,6 +176,8 @@ pub struct CompletionChunks {
     prompt_logprobs: Vec<PromptLogprob>,
     /// vLLM's `prompt_logprobs`: the prompt's ids and the alternatives to show, when asked.
     shown_prompt_logprobs: Option<(Arc<[u32]>, usize)>,
+    /// vLLM's `continuous_usage_stats`: this choice's usage so far, in every chunk.
+    running: Option<super::RunningUsage>,
 }
 
 impl ChoiceFormat for CompletionChunks {
@@ -250,7 +255,8 @@ impl CompletionChunks {
             // Not streamed (refused with stream at the edge).
             prompt_logprobs: None,
         };
-        sse_data(&self.object(vec![choice], self.include_usage.then_some(None)))
+        let usage = self.running.map(|r| r.usage());
+        sse_data(&self.object(vec![choice], self.include_usage.then_some(usage)))
     }
 }
 
@@ -268,6 +274,9 @@ impl ChunkFormat for CompletionChunks {
     }
 
     fn tokens(&mut self, tokens: &[TokenEvent]) -> Option<Bytes> {
+        if let Some(running) = &mut self.running {
+            running.completion_tokens += tokens.len() as u32;
+        }
         let mut logprobs = CompletionLogprobs::default();
         let mut text = self.take_echo(&mut logprobs);
         text.extend(tokens.iter().map(|t| t.text.as_str()));
@@ -280,7 +289,10 @@ impl ChunkFormat for CompletionChunks {
         Some(self.chunk(text, logprobs, None))
     }
 
-    fn finished(&mut self, reason: WireFinish, _usage: WireUsage) -> Vec<Bytes> {
+    fn finished(&mut self, reason: WireFinish, usage: WireUsage) -> Vec<Bytes> {
+        if let Some(running) = &mut self.running {
+            running.completion_tokens = usage.completion_tokens;
+        }
         // A choice that generated nothing (`max_tokens` 0) echoes its prompt here.
         let mut logprobs = CompletionLogprobs::default();
         let text = self.take_echo(&mut logprobs);

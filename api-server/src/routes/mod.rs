@@ -94,6 +94,27 @@ pub(crate) fn client_left() -> HttpResponse {
     )
 }
 
+/// vLLM's `continuous_usage_stats`: the usage of one choice so far, which each of its streamed
+/// chunks carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunningUsage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+impl RunningUsage {
+    pub fn new(prompt_tokens: usize) -> Self {
+        RunningUsage {
+            prompt_tokens: prompt_tokens as u32,
+            completion_tokens: 0,
+        }
+    }
+
+    pub fn usage(&self) -> crate::openai::Usage {
+        crate::openai::Usage::new(self.prompt_tokens, self.completion_tokens)
+    }
+}
+
 /// Tokenizes a validated request, checks it against the context and dispatches it: one
 /// generation per choice (`n`, or `best_of` candidates), all on one worker when there are
 /// several ([`crate::dispatch::samples`]).

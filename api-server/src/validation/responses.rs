@@ -103,7 +103,7 @@ pub fn validate_responses(
             // The Responses API takes only the sampling parameters every endpoint shares.
             generation: &GenerationFields::from(request.sampling.clone()),
             stream: request.stream,
-            include_usage: None,
+            stream_options: None,
             has_stream_options: request.stream_options.is_some(),
         },
         limits,
@@ -208,6 +208,7 @@ pub fn validate_responses(
             min_tokens: 0,
             stream: common.stream,
             include_usage: false,
+            continuous_usage: false,
             logprobs,
             logprobs_format: LogprobsFormat::Chat,
             prompt_param: "input",
