@@ -1135,12 +1135,13 @@ mod tests {
             logprobs: vec![
                 PromptLogprob {
                     logprob: -1.5,
-                    rank: 1,
+                    rank: 2,
                     top_logprobs: vec![(7, -0.25), (3, -1.5)],
                 },
+                // A worker that predates the rank sends none.
                 PromptLogprob {
                     logprob: -0.125,
-                    rank: 1,
+                    rank: 0,
                     top_logprobs: Vec::new(),
                 },
             ],
@@ -1148,7 +1149,7 @@ mod tests {
         let bytes = encode(&message);
         assert_eq!(
             std::str::from_utf8(&bytes).unwrap(),
-            r#"{"v":1,"type":"prompt_logprobs","start":1,"logprobs":[{"logprob":-1.5,"top_logprobs":[[7,-0.25],[3,-1.5]]},{"logprob":-0.125}]}"#
+            r#"{"v":1,"type":"prompt_logprobs","start":1,"logprobs":[{"logprob":-1.5,"rank":2,"top_logprobs":[[7,-0.25],[3,-1.5]]},{"logprob":-0.125}]}"#
         );
         assert_eq!(decode::<StreamMessage>("stream", &bytes).unwrap(), message);
     }
