@@ -19,7 +19,8 @@
 //! (`include_stop_str_in_output`), tokens named by id in logprobs
 //! (`return_tokens_as_token_ids`), only `allowed_token_ids` drawn, a special token's text
 //! written with `skip_special_tokens: false`, `truncate_prompt_tokens`, and `prompt_logprobs`
-//! (the logprobs echo gives, with ranks and alternatives), and `continuous_usage_stats`.
+//! (the logprobs echo gives, with ranks and alternatives), and `continuous_usage_stats`; and
+//! `bad_words`, a word's ban on the context worker and a phrase's on the decode worker.
 
 mod support;
 
@@ -320,6 +321,79 @@ fn min_p_and_min_tokens_on_a_disaggregated_deployment() {
     assert_eq!(limited.len(), 8);
     assert!(limited.iter().all(|id| allowed.contains(id)), "{limited:?}");
     assert!(greedy_ids.iter().any(|id| !allowed.contains(id)));
+    // vLLM's bad_words: no word's tokens (as the word tokenizes alone and after a space)
+    // among the drawn ones, the last token banned only where the others were just drawn. A
+    // one-word ban changes the first token, which the context worker draws; a phrase's
+    // changes a later one, which the decode worker draws, and what came before stays.
+    let sequences = |word: &str| [ids(word), ids(&format!(" {word}"))];
+    let holds = |drawn: &[u64], sequence: &[u64]| {
+        drawn
+            .windows(sequence.len())
+            .any(|window| window == sequence)
+    };
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let word = words[0].trim_matches(|c: char| !c.is_alphanumeric());
+    assert!(
+        sequences(word).iter().any(|s| s[..] == greedy_ids[..1]),
+        "{word:?} is the greedy text's first token: {text:?}"
+    );
+    let phrase = format!("{} {}", words[0], words[1]);
+    let before = HandOvers::read(http);
+    for (banned, kept) in [(word.to_string(), 0), (phrase, 1)] {
+        let drawn = named(json!({"bad_words": [banned]}));
+        assert_eq!(drawn.len(), 8);
+        assert!(
+            sequences(&banned).iter().any(|s| holds(&greedy_ids, s)),
+            "{banned:?} is in the greedy tokens {greedy_ids:?}"
+        );
+        for sequence in sequences(&banned) {
+            assert!(!holds(&drawn, &sequence), "{banned:?} in {drawn:?}");
+        }
+        assert_ne!(drawn, greedy_ids, "{banned:?}");
+        assert_eq!(drawn[..kept], greedy_ids[..kept], "{banned:?}");
+    }
+    HandOvers::read(http).assert_handed_over_since(&before, 2, "ucx", "requests with bad_words");
+    // Bans that leave no allowed token are the request's error, a 400 naming `bad_words`
+    // (not a worker's failure, which would move the request to another worker): on the
+    // context worker's first token (only " four" allowed and banned), and on the decode
+    // worker's second (" four" and "," allowed, "four," and "four four" banned after it).
+    assert_eq!(
+        ids(&format!(" {word} {word}")),
+        [greedy_ids[0], greedy_ids[0]]
+    );
+    let migrations = |http: &Http| {
+        let metrics = http.get("/metrics").body;
+        tandem_test_kit::prometheus::total(&metrics, "tandem_request_migrations_total")
+    };
+    let migrated = migrations(http);
+    for (allowed, banned) in [
+        (vec![greedy_ids[0]], vec![word.to_string()]),
+        (
+            greedy_ids[..2].to_vec(),
+            vec![words[0].to_string(), format!("{word} {word}")],
+        ),
+    ] {
+        let reply = http.post(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 4, "temperature": 0,
+                    "allowed_token_ids": allowed, "bad_words": banned}),
+        );
+        assert_eq!(reply.status, 400, "{banned:?}: {}", reply.body);
+        let error = &reply.json()["error"];
+        assert_eq!(error["param"], "bad_words", "{error}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("rules out every token"),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        migrations(http),
+        migrated,
+        "nothing moved to another worker"
+    );
     // A special token's text, written only when asked: `<|im_start|>` forced by logit_bias.
     let special = ids("<|im_start|>");
     assert_eq!(special.len(), 1, "one special token");

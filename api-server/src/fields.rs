@@ -128,6 +128,7 @@ const GENERATION: &[(&str, Support)] = &[
     ("cache_salt", Served),
     ("structured_outputs", Served),
     ("allowed_token_ids", Served),
+    ("bad_words", Served),
     ("include_stop_str_in_output", Served),
     ("skip_special_tokens", Served),
     ("return_tokens_as_token_ids", Served),
@@ -171,13 +172,6 @@ const VLLM_REFUSED: &[(&str, Support)] = &[
         Refused {
             why: "length_penalty applies to beam search, which is not served: only 1",
             allowed: is_one,
-        },
-    ),
-    (
-        "bad_words",
-        Refused {
-            why: "bad_words are not served: ban single tokens with logit_bias",
-            allowed: empty_list,
         },
     ),
     (

@@ -162,6 +162,59 @@ pub async fn tokenize(
     }
 }
 
+/// Tokens all of a request's `bad_words` sequences may hold together: the workers match each
+/// against the generated tokens' tail at every step.
+pub const MAX_BAD_WORDS_TOKENS: usize = 4096;
+
+/// [`bad_words_token_ids`] on a blocking thread; more than [`MAX_BAD_WORDS_TOKENS`] tokens
+/// in all is a 400 naming `bad_words`.
+pub async fn tokenize_bad_words(
+    codec: Arc<dyn PromptCodec>,
+    words: Vec<String>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    if words.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sequences = tokio::task::spawn_blocking(move || bad_words_token_ids(&*codec, &words))
+        .await
+        .map_err(|err| ApiError::Internal(format!("tokenizer task failed: {err}")))?
+        .map_err(ApiError::from)?;
+    let tokens: usize = sequences.iter().map(Vec::len).sum();
+    if tokens > MAX_BAD_WORDS_TOKENS {
+        return Err(ApiError::invalid(
+            format!(
+                "bad_words tokenize to {tokens} tokens (with and without a leading space); at \
+                 most {MAX_BAD_WORDS_TOKENS} are allowed"
+            ),
+            "bad_words",
+        ));
+    }
+    Ok(sequences)
+}
+
+/// vLLM's `bad_words` as the token sequences the workers ban: each word with its leading
+/// whitespace dropped, and again after one space (the form it takes inside a text) where that
+/// tokenizes to as many tokens starting with another one, without special tokens added.
+pub fn bad_words_token_ids(
+    codec: &dyn PromptCodec,
+    words: &[String],
+) -> Result<Vec<Vec<u32>>, PromptError> {
+    let mut sequences = Vec::with_capacity(2 * words.len());
+    for word in words {
+        let word = word.trim_start();
+        let alone = codec.encode_plain(word)?;
+        let spaced = codec.encode_plain(&format!(" {word}"))?;
+        let distinct = spaced.len() == alone.len() && spaced.first() != alone.first();
+        if !alone.is_empty() {
+            sequences.push(alone);
+        }
+        if distinct && !spaced.is_empty() {
+            sequences.push(spaced);
+        }
+    }
+    Ok(sequences)
+}
+
 /// Loads the model directory's tokenizer and chat template (tandem-text), and decides how
 /// tool calls are rendered and parsed (`parser`, `--tool-call-parser`).
 pub fn load_codec(
@@ -361,6 +414,87 @@ mod tests {
             naming_prompt_param(other, "input"),
             ApiError::InvalidRequest { param: Some(p), .. } if p == "stop"
         ));
+    }
+
+    /// Tokenizes whole words: as byte-level BPE vocabularies do (a word and the one space
+    /// before it make one token, `" dog"`), or, `spaces_dropped`, with spaces dropped as
+    /// some tokenizers' normalizers do. A token's id is its text's bytes summed.
+    struct WordCodec {
+        spaces_dropped: bool,
+    }
+
+    fn word_id(piece: &str) -> u32 {
+        piece.bytes().map(u32::from).sum()
+    }
+
+    impl PromptCodec for WordCodec {
+        fn encode_chat(
+            &self,
+            _: &[Turn],
+            _: Option<&ToolRequest>,
+            _: &ChatRendering,
+        ) -> Result<Vec<u32>, PromptError> {
+            unreachable!()
+        }
+        fn encode_text(&self, _: &str) -> Result<Vec<u32>, PromptError> {
+            unreachable!()
+        }
+        fn encode_plain(&self, text: &str) -> Result<Vec<u32>, PromptError> {
+            if self.spaces_dropped {
+                return Ok(text.split_whitespace().map(word_id).collect());
+            }
+            let mut ids = Vec::new();
+            let mut piece = String::new();
+            for c in text.chars() {
+                if c == ' ' && !piece.trim().is_empty() {
+                    ids.push(word_id(&piece));
+                    piece.clear();
+                }
+                piece.push(c);
+            }
+            if !piece.is_empty() {
+                ids.push(word_id(&piece));
+            }
+            Ok(ids)
+        }
+        fn token_text(&self, _: u32) -> String {
+            unreachable!()
+        }
+        fn decode_text(&self, _: &[u32]) -> Result<String, PromptError> {
+            unreachable!()
+        }
+        fn tool_support(&self) -> Option<ToolSupport> {
+            None
+        }
+        fn marker_text(&self, _: u32) -> Option<&str> {
+            None
+        }
+    }
+
+    #[test]
+    fn bad_words_are_banned_alone_and_after_a_space() {
+        let words = ["the end".to_string(), "  dog".to_string()];
+        let bpe = WordCodec {
+            spaces_dropped: false,
+        };
+        assert_eq!(
+            bad_words_token_ids(&bpe, &words).unwrap(),
+            [
+                vec![word_id("the"), word_id(" end")],
+                vec![word_id(" the"), word_id(" end")],
+                vec![word_id("dog")],
+                vec![word_id(" dog")],
+            ],
+            "leading whitespace dropped, then each word with one space before it"
+        );
+        // Where the space changes nothing, each word is banned once.
+        let dropping = WordCodec {
+            spaces_dropped: true,
+        };
+        assert_eq!(
+            bad_words_token_ids(&dropping, &words).unwrap(),
+            [vec![word_id("the"), word_id("end")], vec![word_id("dog")]]
+        );
     }
 }
 

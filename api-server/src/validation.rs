@@ -155,6 +155,8 @@ pub struct ValidRequest {
     /// vLLM's `prompt_logprobs`: the reply shows each prompt token's logprob and rank with
     /// this many alternatives (never streamed).
     pub prompt_logprobs: Option<u32>,
+    /// vLLM's `bad_words`, as sent: tokenized with the prompt into `sampling.bad_words`.
+    pub bad_words: Vec<String>,
     /// Completions generated: `n`, or `best_of` (`/v1/completions`) when larger, of which
     /// the `n` with the highest mean token logprob are returned (never streamed).
     pub candidates: u32,
@@ -250,6 +252,7 @@ struct CommonValues {
     output: OutputOptions,
     truncate_prompt: Option<PromptTruncation>,
     prompt_logprobs: Option<u32>,
+    bad_words: Vec<String>,
     stream: bool,
     include_usage: bool,
     continuous_usage: bool,
@@ -344,6 +347,7 @@ fn validate_common(
         output: generation.output,
         truncate_prompt: generation.truncate_prompt,
         prompt_logprobs: generation.prompt_logprobs,
+        bad_words: generation.bad_words,
         stream,
         include_usage,
         continuous_usage,
@@ -668,6 +672,7 @@ pub fn validate_chat(
         output: common.output,
         truncate_prompt: common.truncate_prompt,
         prompt_logprobs: common.prompt_logprobs,
+        bad_words: common.bad_words,
         candidates: common.n,
         echo: false,
         cache_salt: common.cache_salt,
@@ -853,6 +858,7 @@ pub fn validate_completion(
         output: common.output,
         truncate_prompt: common.truncate_prompt,
         prompt_logprobs: common.prompt_logprobs,
+        bad_words: common.bad_words,
         candidates,
         echo,
         cache_salt: common.cache_salt,
@@ -1406,6 +1412,9 @@ mod tests {
         assert_eq!(ids, (40..50).collect::<Vec<u32>>());
         let plain = chat(json!({"messages": user("x")})).unwrap();
         assert_eq!(plain.output, OutputOptions::default());
+        assert!(plain.bad_words.is_empty());
+        let banning = completion(json!({"prompt": "x", "bad_words": [" Paris", "the end"]}));
+        assert_eq!(banning.unwrap().bad_words, [" Paris", "the end"]);
         assert!(plain.stop_spec(4, &limits()).unwrap().skip_special_tokens);
 
         for (body, param) in [
@@ -1420,6 +1429,18 @@ mod tests {
             (
                 json!({"messages": user("x"), "truncate_prompt_tokens": 0}),
                 "truncate_prompt_tokens",
+            ),
+            (
+                json!({"messages": user("x"), "bad_words": ["ok", "  "]}),
+                "bad_words[1]",
+            ),
+            (
+                json!({"messages": user("x"), "bad_words": ["x".repeat(1025)]}),
+                "bad_words[0]",
+            ),
+            (
+                json!({"messages": user("x"), "bad_words": vec!["w"; 129]}),
+                "bad_words",
             ),
             (
                 json!({"messages": user("x"), "truncate_prompt_tokens": -2}),

@@ -140,6 +140,11 @@ pub struct SamplingSpec {
     /// other one `-inf`, after `logit_bias`). Empty: any token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_token_ids: Vec<u32>,
+    /// vLLM's `bad_words`, tokenized by the api-server: each a token sequence whose last
+    /// token is not drawn where the generated tokens end with the ones before it (a
+    /// one-token word is never drawn). Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bad_words: Vec<Vec<u32>>,
     /// What the output must match (structured outputs, forced tool calls): the worker
     /// compiles it with llguidance and masks every token that would leave it. Absent: free text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -182,6 +187,7 @@ impl Default for SamplingSpec {
             logprobs: None,
             logit_bias: Vec::new(),
             allowed_token_ids: Vec::new(),
+            bad_words: Vec::new(),
             grammar: None,
             prompt_logprobs: None,
         }
@@ -665,7 +671,15 @@ pub enum StreamMessage {
     /// The last message of a successful or cancelled request.
     Finished { reason: FinishReason, usage: Usage },
     /// The request failed on the worker; `message` is safe to show to the client.
-    Error { message: String },
+    Error {
+        message: String,
+        /// Set when the request itself is at fault (its constraints leave no token to draw):
+        /// the request field to name. The api-server answers it as a bad request and moves
+        /// nothing to another worker, which would fail it the same way. Absent: the worker's
+        /// failure.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        param: Option<String>,
+    },
     /// From a context worker: the prompt is prefilled and its KV cache is held for a decode
     /// worker (the last message of a prefill job that continues).
     KvReady {
@@ -1013,6 +1027,7 @@ mod tests {
                 temperature: 0.0,
                 seed: Some(7),
                 min_p: 0.05,
+                bad_words: vec![vec![5], vec![6, 7]],
                 ..SamplingSpec::default()
             },
             stop: StopSpec {
@@ -1050,6 +1065,33 @@ mod tests {
             text.contains(r#""samples":{"group_id":"r1","index":2,"n":3}"#),
             "{text}"
         );
+        assert!(text.contains(r#""bad_words":[[5],[6,7]]"#), "{text}");
+
+        // An error names the request's field only when the request is at fault; one from an
+        // older worker reads as the worker's failure.
+        let refused = StreamMessage::Error {
+            message: "no token".into(),
+            param: Some("bad_words".into()),
+        };
+        let json = String::from_utf8(encode(&refused)).unwrap();
+        assert!(json.contains(r#""param":"bad_words""#), "{json}");
+        assert_eq!(
+            decode::<StreamMessage>("stream", json.as_bytes()).unwrap(),
+            refused
+        );
+        let old: StreamMessage = decode(
+            "stream",
+            br#"{"v":1,"type":"error","message":"engine stopped"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            old,
+            StreamMessage::Error {
+                message: "engine stopped".into(),
+                param: None
+            }
+        );
+        assert!(!String::from_utf8(encode(&old)).unwrap().contains("param"));
 
         let msg = StreamMessage::Finished {
             reason: FinishReason::Length,
@@ -1129,6 +1171,8 @@ mod tests {
             !serde_json::to_string(&old).unwrap().contains("min_p"),
             "left out when off"
         );
+        assert!(old.bad_words.is_empty());
+        assert!(!serde_json::to_string(&old).unwrap().contains("bad_words"));
 
         let message = StreamMessage::PromptLogprobs {
             start: 1,

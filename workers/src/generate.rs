@@ -212,7 +212,9 @@ pub fn generate(
     // The thread exits once the last handle is gone; a panic there is a failed generation.
     let joined = thread.join();
     match finish {
-        Some(FinishReason::Error(message)) => Err(GenerateError::Failed(message)),
+        Some(FinishReason::Error(message) | FinishReason::Refused { message, .. }) => {
+            Err(GenerateError::Failed(message))
+        }
         Some(_) => Ok(output),
         None if joined.is_err() => Err(GenerateError::Failed("the engine thread panicked".into())),
         None => Err(GenerateError::Failed("the engine stopped early".into())),

@@ -10,7 +10,8 @@
 //!    masks a token) but at least one logit must be finite.
 //! 2. `logit_bias` (OpenAI), added to the raw logits in place; the engine has already set the
 //!    logits a request's grammar forbids to `-inf` (a bias leaves them there). Then vLLM's
-//!    `allowed_token_ids` (every other logit `-inf`). Then, before
+//!    `allowed_token_ids` (every other logit `-inf`), and `bad_words` (the last token of each
+//!    word whose other tokens end the generated ones `-inf`). Then, before
 //!    `min_tokens` tokens are generated, the stop tokens' logits to `-inf` (unless that would
 //!    leave no token to draw: a grammar that allows only its end, say).
 //!    Penalties, in place (see `sampler/penalties.rs`): repetition (HF, prompt + generated), then
@@ -59,6 +60,10 @@ pub enum SamplingError {
     NonFiniteLogits { count: usize, first_token: u32 },
     #[error("no token can be sampled: the logits are empty or all -inf")]
     NoCandidates,
+    /// The request's own constraint left no token to draw (with its grammar, if any): the
+    /// request is at fault, not the worker.
+    #[error("no token can be drawn: `{param}` rules out every token the request allows here")]
+    Unsatisfiable { param: &'static str },
     #[error("token id {token} in the history is outside the vocabulary of {vocab_size} logits")]
     TokenOutOfRange { token: u32, vocab_size: usize },
 }
@@ -158,12 +163,23 @@ impl Sampler {
         generated: &[u32],
     ) -> Result<SampledToken, SamplingError> {
         apply_logit_bias(&self.params.logit_bias, logits)?;
+        // The request field that left no token to draw, if one did.
+        let mut emptied_by = None;
         if !self.params.allowed_token_ids.is_empty() {
             keep_only(
                 &self.params.allowed_token_ids,
                 logits,
                 &mut self.scratch_logits,
             )?;
+            if self.scratch_logits.iter().all(|&l| l == f32::NEG_INFINITY) {
+                emptied_by = Some("allowed_token_ids");
+            }
+        }
+        if ban_bad_words(&self.params.bad_words, generated, logits)?
+            && emptied_by.is_none()
+            && logits.iter().all(|&l| l == f32::NEG_INFINITY)
+        {
+            emptied_by = Some("bad_words");
         }
         if self.holds_stops_at(generated.len()) {
             self.hold_stops(logits)?;
@@ -181,7 +197,10 @@ impl Sampler {
         // one pass both validates and finds the maximum.
         let max_logit = max_finite(logits)?;
         if max_logit == f32::NEG_INFINITY {
-            return Err(SamplingError::NoCandidates);
+            return Err(match emptied_by {
+                Some(param) => SamplingError::Unsatisfiable { param },
+                None => SamplingError::NoCandidates,
+            });
         }
         let log_normalizer = logprobs::log_normalizer(logits, max_logit);
         // Drawn even when greedy, so the stream never depends on the path taken.
@@ -242,6 +261,36 @@ fn keep_only(
         logits[token as usize] = logit;
     }
     Ok(())
+}
+
+/// The tokens `bad_words` bans after `generated`: each word's last token where the generated
+/// tokens end with the word's others (vLLM's rule; a one-token word is banned everywhere).
+fn banned_by_bad_words<'a>(
+    bad_words: &'a [Vec<u32>],
+    generated: &'a [u32],
+) -> impl Iterator<Item = u32> + 'a {
+    bad_words.iter().filter_map(move |word| {
+        let (&last, before) = word.split_last()?;
+        generated.ends_with(before).then_some(last)
+    })
+}
+
+/// Sets the logits of the tokens [`banned_by_bad_words`] names to `-inf`; whether it named
+/// any.
+fn ban_bad_words(
+    bad_words: &[Vec<u32>],
+    generated: &[u32],
+    logits: &mut [f32],
+) -> Result<bool, SamplingError> {
+    let vocab_size = logits.len();
+    let mut banned = false;
+    for token in banned_by_bad_words(bad_words, generated) {
+        *logits
+            .get_mut(token as usize)
+            .ok_or(SamplingError::TokenOutOfRange { token, vocab_size })? = f32::NEG_INFINITY;
+        banned = true;
+    }
+    Ok(banned)
 }
 
 fn check_finite(logits: &[f32]) -> Result<(), SamplingError> {
@@ -782,7 +831,7 @@ mod tests {
             // The held tokens leave the reported distribution, as logit_bias would.
             assert!(token.top_logprobs.iter().all(|&(id, _)| id != 0 && id != 3));
             assert_eq!(
-                s.device_request(step as u64, 4),
+                s.device_request(&vec![1; step], 4),
                 None,
                 "the row is rewritten"
             );
@@ -792,7 +841,7 @@ mod tests {
             0,
             "reached: stops again"
         );
-        assert!(s.device_request(2, 4).is_some());
+        assert!(s.device_request(&[1, 1], 4).is_some());
 
         // Sampled draws never land on a stop token before min_tokens either.
         let mut params = seeded(2.0, 9);
@@ -816,7 +865,7 @@ mod tests {
         let mut s = sampler(SamplingParams::greedy());
         s.set_stop_tokens(&[0]);
         assert_eq!(sample_once(&mut s, &row, &[]).id, 0);
-        assert!(s.device_request(0, 4).is_some());
+        assert!(s.device_request(&[], 4).is_some());
     }
 
     #[test]
@@ -858,7 +907,7 @@ mod tests {
                 .all(|&(_, l)| l == f32::NEG_INFINITY)
         );
         assert_eq!(
-            s.device_request(0, 5),
+            s.device_request(&[], 5),
             None,
             "the row is rewritten on the host"
         );
@@ -873,6 +922,86 @@ mod tests {
         assert!(matches!(
             sampler(params).sample(&mut row.to_vec(), &[], &[]),
             Err(SamplingError::TokenOutOfRange { token: 9, .. })
+        ));
+        // Allowed tokens a grammar has masked: the request's error, naming the field.
+        let mut params = SamplingParams::greedy();
+        params.allowed_token_ids = vec![1];
+        let mut masked = row.to_vec();
+        masked[1] = f32::NEG_INFINITY;
+        assert!(matches!(
+            sampler(params).sample(&mut masked, &[], &[]),
+            Err(SamplingError::Unsatisfiable {
+                param: "allowed_token_ids"
+            })
+        ));
+    }
+
+    #[test]
+    fn bad_words_ban_their_last_token_where_the_rest_was_generated() {
+        let row = [3.0f32, 1.0, 2.0, 0.5, 2.5];
+        let mut params = SamplingParams::greedy();
+        // Token 0 alone; 4 after 2 then 1; 2 after 3.
+        params.bad_words = vec![vec![0], vec![2, 1, 4], vec![3, 2]];
+        params.logprobs = Some(5);
+        let mut s = sampler(params);
+        let first = sample_once(&mut s, &row, &[]);
+        assert_eq!(first.id, 4, "0 is banned everywhere: the next best");
+        assert!(
+            first
+                .top_logprobs
+                .iter()
+                .any(|&(id, l)| id == 0 && l == f32::NEG_INFINITY),
+            "a banned token leaves the reported distribution"
+        );
+        assert_eq!(
+            s.device_request(&[], 5),
+            None,
+            "a word that applies rewrites the row on the host"
+        );
+        assert_eq!(
+            sample_once(&mut s, &row, &[2, 1]).id,
+            2,
+            "4 would finish `2 1 4`"
+        );
+        assert_eq!(
+            sample_once(&mut s, &row, &[1]).id,
+            4,
+            "a partial prefix bans nothing but token 0"
+        );
+        assert_eq!(sample_once(&mut s, &row, &[3]).id, 4);
+
+        // Words whose last token cannot follow leave the row to the device.
+        let mut params = SamplingParams::greedy();
+        params.bad_words = vec![vec![2, 1, 4]];
+        let mut s = sampler(params);
+        assert!(s.device_request(&[], 5).is_some());
+        assert!(s.device_request(&[7, 2], 5).is_some());
+        assert_eq!(s.device_request(&[7, 2, 1], 5), None);
+
+        let mut params = SamplingParams::greedy();
+        params.bad_words = vec![vec![9]];
+        assert!(matches!(
+            sampler(params).sample(&mut row.to_vec(), &[], &[]),
+            Err(SamplingError::TokenOutOfRange { token: 9, .. })
+        ));
+        // Banning every token the request allows is the request's error, naming the field.
+        let mut params = SamplingParams::greedy();
+        params.allowed_token_ids = vec![1, 3];
+        params.bad_words = vec![vec![1], vec![2, 3]];
+        let mut s = sampler(params);
+        assert_eq!(sample_once(&mut s, &row, &[]).id, 3);
+        assert!(matches!(
+            s.sample(&mut row.to_vec(), &[], &[2]),
+            Err(SamplingError::Unsatisfiable { param: "bad_words" })
+        ));
+        let mut params = SamplingParams::greedy();
+        params.bad_words = vec![vec![1], vec![]];
+        assert!(matches!(
+            Sampler::new(params),
+            Err(SamplingError::InvalidParam {
+                name: "bad_words",
+                ..
+            })
         ));
     }
 

@@ -246,7 +246,7 @@ async fn disaggregated(
                 }
             }
             StreamMessage::KvPulled { .. } => pulled = Some(message),
-            StreamMessage::Error { message } => panic!("decode failed: {message}"),
+            StreamMessage::Error { message, .. } => panic!("decode failed: {message}"),
             _ => {}
         }
     }
@@ -519,7 +519,7 @@ async fn a_layout_mismatch_is_an_error_never_garbage() {
         "no token from a mismatched cache: {decode:?}"
     );
     match decode.last() {
-        Some(StreamMessage::Error { message }) => {
+        Some(StreamMessage::Error { message, .. }) => {
             assert!(message.contains("KV layout mismatch"), "{message}");
             assert!(
                 message.contains("block_size: 16") && message.contains("block_size: 32"),
@@ -577,7 +577,7 @@ async fn a_bf16_decode_worker_refuses_fp8_blocks() {
         "no token from a cache of another type: {decode:?}"
     );
     match decode.last() {
-        Some(StreamMessage::Error { message }) => {
+        Some(StreamMessage::Error { message, .. }) => {
             assert!(message.contains("KV layout mismatch"), "{message}");
             assert!(
                 message.contains(r#"dtype: "fp8""#) && message.contains(r#"dtype: "bf16""#),
@@ -628,7 +628,7 @@ async fn a_grammar_that_does_not_compile_ends_the_job_with_an_error() {
         })
         .await;
         match answer.last() {
-            Some(StreamMessage::Error { message }) => assert!(
+            Some(StreamMessage::Error { message, .. }) => assert!(
                 message.contains("does not compile") && message.contains("undefined_rule"),
                 "{name}: {message}"
             ),
@@ -691,7 +691,7 @@ async fn a_handle_of_another_model_is_refused_and_the_worker_serves_on() {
         "no token from another model's cache: {refused:?}"
     );
     match refused.last() {
-        Some(StreamMessage::Error { message }) => {
+        Some(StreamMessage::Error { message, .. }) => {
             assert!(message.contains("KV of another model"), "{message}")
         }
         other => panic!("expected an error, got {other:?}"),
@@ -825,7 +825,7 @@ async fn disaggregated_between(
         match message {
             StreamMessage::Tokens { tokens, .. } => ids.extend(tokens.iter().map(|t| t.id)),
             StreamMessage::KvPulled { .. } => pulled = Some(message),
-            StreamMessage::Error { message } => panic!("decode failed: {message}"),
+            StreamMessage::Error { message, .. } => panic!("decode failed: {message}"),
             _ => {}
         }
     }

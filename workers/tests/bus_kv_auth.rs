@@ -190,7 +190,7 @@ async fn decode(client: &async_nats::Client, worker: &str, job: &GenerateJob) ->
         match message {
             StreamMessage::KvPulled { outcome: o, .. } => outcome = Some(o),
             StreamMessage::Tokens { tokens, .. } => ids.extend(tokens.iter().map(|t| t.id)),
-            StreamMessage::Error { message } => {
+            StreamMessage::Error { message, .. } => {
                 panic!("{}: the request failed: {message}", job.request_id)
             }
             _ => {}

@@ -98,8 +98,9 @@ impl Generation {
     }
 
     /// What went wrong, when `message` is the context worker's recoverable failure. Any failed
-    /// end of the context worker's job before a token is retried once as a local prefill; if
-    /// the request itself is at fault, the generation worker fails it the same way and its
+    /// end of the context worker's job before a token is retried once as a local prefill,
+    /// but an error that names the request's field at fault, which goes to the client; for
+    /// other faults of the request the generation worker fails it the same way, and its
     /// error is the one the client gets.
     pub(super) fn context_failure(&self, message: &StreamMessage) -> Option<String> {
         if !self.context_failure_recoverable() {
@@ -110,7 +111,11 @@ impl Generation {
                 reason: reason @ (FinishReason::Cancelled | FinishReason::Error),
                 ..
             } => Some(format!("it ended the prefill with {reason:?}")),
-            StreamMessage::Error { message } => Some(message.clone()),
+            // Not when the request is at fault: a local prefill would fail it the same way.
+            StreamMessage::Error {
+                message,
+                param: None,
+            } => Some(message.clone()),
             _ => None,
         }
     }

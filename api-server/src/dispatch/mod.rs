@@ -688,7 +688,18 @@ impl Generation {
                         }
                     };
                 }
-                StreamMessage::Error { message } => {
+                // The request's own fault: any worker would refuse it the same way.
+                StreamMessage::Error {
+                    message,
+                    param: Some(param),
+                } => {
+                    self.cancel.disarm();
+                    return Err(ApiError::invalid(message, &param));
+                }
+                StreamMessage::Error {
+                    message,
+                    param: None,
+                } => {
                     self.cancel.disarm();
                     self.migrate_on(ApiError::Worker { message }).await?;
                     continue;

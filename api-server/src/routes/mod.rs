@@ -140,9 +140,12 @@ pub(crate) async fn start_generation(
         .map_err(|err| naming_prompt_param(err, valid.prompt_param()))?;
         valid.truncate_prompt(&mut prompt_ids, &state.limits);
         let stop = valid.stop_spec(prompt_ids.len(), &state.limits)?;
+        let mut sampling = valid.sampling.clone();
+        sampling.bad_words =
+            crate::prompt::tokenize_bad_words(state.codec.clone(), valid.bad_words.clone()).await?;
         Ok::<_, ApiError>(JobSpec {
             prompt_ids,
-            sampling: valid.sampling.clone(),
+            sampling,
             stop,
             prompt_param: valid.prompt_param(),
             samples: None,

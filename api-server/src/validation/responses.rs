@@ -221,6 +221,7 @@ pub fn validate_responses(
             output: super::OutputOptions::default(),
             truncate_prompt: None,
             prompt_logprobs: None,
+            bad_words: Vec::new(),
             candidates: 1,
             echo: false,
             cache_salt: super::sampling::cache_salt(request.cache_salt.as_deref())?,

@@ -45,6 +45,8 @@ pub(super) struct ValidGeneration {
     pub(super) truncate_prompt: Option<PromptTruncation>,
     /// vLLM's `prompt_logprobs`: alternatives shown per prompt token.
     pub(super) prompt_logprobs: Option<u32>,
+    /// vLLM's `bad_words`, tokenized with the prompt ([`crate::prompt::bad_words_token_ids`]).
+    pub(super) bad_words: Vec<String>,
     pub(super) cache_salt: Option<String>,
 }
 
@@ -84,6 +86,11 @@ pub const MAX_PROMPT_LOGPROBS: i64 = 20;
 
 /// Most ids `allowed_token_ids` may list (they travel in every job message).
 pub const MAX_ALLOWED_TOKEN_IDS: usize = 16_384;
+
+/// Most words `bad_words` may list, and bytes of one: vLLM's GPU runner takes 128 words.
+/// Each is matched against the tail of the generated tokens at every step.
+pub const MAX_BAD_WORDS: usize = 128;
+pub const MAX_BAD_WORD_BYTES: usize = 1024;
 
 /// Sampling values for requests that omit them, from the model directory's
 /// `generation_config.json` (`temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`), as vLLM
@@ -337,6 +344,8 @@ pub(super) fn validate_generation(
         }
     };
 
+    let bad_words = bad_words(fields.bad_words.as_deref().unwrap_or_default())?;
+
     Ok(ValidGeneration {
         n,
         sampling,
@@ -348,8 +357,41 @@ pub(super) fn validate_generation(
         output,
         truncate_prompt,
         prompt_logprobs,
+        bad_words,
         cache_salt: cache_salt(fields.cache_salt.as_deref())?,
     })
+}
+
+/// `bad_words` with their checks: at most [`MAX_BAD_WORDS`], each with text beside its
+/// leading whitespace (which the tokenization drops) and at most [`MAX_BAD_WORD_BYTES`].
+fn bad_words(words: &[String]) -> Result<Vec<String>, ApiError> {
+    if words.len() > MAX_BAD_WORDS {
+        return Err(ApiError::invalid(
+            format!(
+                "bad_words has {} words; at most {MAX_BAD_WORDS} are allowed",
+                words.len()
+            ),
+            "bad_words",
+        ));
+    }
+    for (i, word) in words.iter().enumerate() {
+        if word.trim_start().is_empty() {
+            return Err(ApiError::invalid(
+                "a bad word must have text besides whitespace",
+                &format!("bad_words[{i}]"),
+            ));
+        }
+        if word.len() > MAX_BAD_WORD_BYTES {
+            return Err(ApiError::invalid(
+                format!(
+                    "a bad word is {} bytes long; at most {MAX_BAD_WORD_BYTES} are allowed",
+                    word.len()
+                ),
+                &format!("bad_words[{i}]"),
+            ));
+        }
+    }
+    Ok(words.to_vec())
 }
 
 /// Bytes of a `cache_salt` at most: it travels in every job message and is hashed into the

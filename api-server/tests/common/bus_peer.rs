@@ -437,6 +437,7 @@ impl Answerer {
                     &job,
                     StreamMessage::Error {
                         message: "scripted failure".into(),
+                        param: None,
                     },
                 )
                 .await;
@@ -447,6 +448,7 @@ impl Answerer {
                     &job,
                     StreamMessage::Error {
                         message: CONTEXT_ERROR.into(),
+                        param: None,
                     },
                 )
                 .await;
@@ -501,6 +503,7 @@ impl Answerer {
                     &job,
                     StreamMessage::Error {
                         message: format!("the KV handle changed in transit: {handle:?}"),
+                        param: None,
                     },
                 )
                 .await;
@@ -539,6 +542,7 @@ impl Answerer {
                     &job,
                     StreamMessage::Error {
                         message: "scripted failure".into(),
+                        param: None,
                     },
                 )
                 .await;

@@ -99,6 +99,12 @@ pub enum FinishReason {
     Cancelled,
     /// The request could not continue; the message is fit for the client.
     Error(String),
+    /// The request's own settings left it nothing to do (every token ruled out): the
+    /// client's error, naming the request field `param`, which another worker would meet too.
+    Refused {
+        message: String,
+        param: &'static str,
+    },
 }
 
 /// Token counts of a finished request.

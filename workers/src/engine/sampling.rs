@@ -8,8 +8,8 @@ use super::logprobs::AskedLogprobs;
 use super::{
     Engine, EngineEvent, FinishReason, ForwardBatch, RequestId, StepModel, masks, overlap,
 };
-use crate::sampler::SampledToken;
 use crate::sampler::device::{RowRequest, RowSummary};
+use crate::sampler::{SampledToken, SamplingError};
 use crate::scheduler::ScheduledSeq;
 
 impl<M: StepModel> Engine<M> {
@@ -83,8 +83,8 @@ impl<M: StepModel> Engine<M> {
                     // Its row comes to the host for the grammar's mask.
                     return None;
                 }
-                let step = seq.generated().len() as u64;
-                seq.sampler.device_request(step, self.vocab_size)
+                seq.sampler
+                    .device_request(&seq.tokens[seq.prompt_len..], self.vocab_size)
             })
             .collect();
         let summary_requests: Vec<RowRequest> =
@@ -312,8 +312,10 @@ impl<M: StepModel> Engine<M> {
             if !seq.constrained || !matches!(seq.mask, Some(Ok(_))) {
                 continue;
             }
-            let step = seq.generated().len() as u64;
-            if let Some(request) = seq.sampler.device_request(step, self.vocab_size) {
+            if let Some(request) = seq
+                .sampler
+                .device_request(&seq.tokens[seq.prompt_len..], self.vocab_size)
+            {
                 rows.push(i);
                 requests.push(request);
             }
@@ -439,6 +441,11 @@ impl<M: StepModel> Engine<M> {
             .sample(logits, &seq.tokens, &seq.tokens[seq.prompt_len..])
         {
             Ok(sampled) => sampled,
+            Err(e @ SamplingError::Unsatisfiable { param }) => {
+                let message = e.to_string();
+                self.end(id, FinishReason::Refused { message, param }, events);
+                return;
+            }
             Err(e) => {
                 self.end(id, FinishReason::Error(format!("sampling: {e}")), events);
                 return;

@@ -77,18 +77,23 @@ pub struct RowSummary {
 }
 
 impl Sampler {
-    /// What the device must compute for this request's token at generated position `step`,
-    /// or `None` when only the full row will do: penalties, `logit_bias` and stop tokens held
-    /// back for `min_tokens` rewrite the logits, and more top log-probabilities than
+    /// What the device must compute for this request's next token, after the `generated`
+    /// ones, or `None` when only the full row will do: penalties, `logit_bias`,
+    /// `allowed_token_ids`, a bad word this token could complete and stop tokens held back
+    /// for `min_tokens` rewrite the logits, and more top log-probabilities than
     /// [`DEVICE_CANDIDATES`] need every logit. A
     /// request under a grammar never asks: the engine copies its row to apply the grammar's
     /// mask, or masks it on the device and asks for the masked row.
-    pub fn device_request(&mut self, step: u64, vocab_size: usize) -> Option<RowRequest> {
+    pub fn device_request(&mut self, generated: &[u32], vocab_size: usize) -> Option<RowRequest> {
         let params = &self.params;
+        let step = generated.len();
         if params.has_penalties()
             || !params.logit_bias.is_empty()
             || !params.allowed_token_ids.is_empty()
-            || self.holds_stops_at(step as usize)
+            || super::banned_by_bad_words(&params.bad_words, generated)
+                .next()
+                .is_some()
+            || self.holds_stops_at(step)
         {
             return None;
         }
@@ -106,7 +111,7 @@ impl Sampler {
         });
         Some(RowRequest {
             temperature: if greedy { 0.0 } else { params.temperature },
-            uniform: self.uniform(step),
+            uniform: self.uniform(step as u64),
             candidates: logprobs > 0,
             truncation,
         })
@@ -282,12 +287,11 @@ mod tests {
                 };
                 let mut device = Sampler::new(params.clone()).unwrap();
                 let mut host = Sampler::new(params.clone()).unwrap();
-                let step = seed % 5;
+                let generated = vec![0u32; (seed % 5) as usize];
                 let request = device
-                    .device_request(step, vocab)
+                    .device_request(&generated, vocab)
                     .unwrap_or_else(|| panic!("case {case} is decided on the device"));
                 let summary = summarize_row(&row, &request);
-                let generated = vec![0u32; step as usize];
                 let expected = host.sample(&mut row.clone(), &[], &generated).unwrap();
                 if let Some(got) = device.sample_from_summary(&summary, vocab) {
                     decided += 1;
@@ -323,10 +327,10 @@ mod tests {
         ];
         for params in full_row {
             let mut sampler = Sampler::new(params.clone()).unwrap();
-            assert_eq!(sampler.device_request(0, vocab), None, "{params:?}");
+            assert_eq!(sampler.device_request(&[], vocab), None, "{params:?}");
         }
         let mut untruncated = Sampler::new(SamplingParams::default()).unwrap();
-        let request = untruncated.device_request(0, vocab).unwrap();
+        let request = untruncated.device_request(&[], vocab).unwrap();
         assert!(!request.candidates && request.temperature == 1.0);
         assert_eq!(request.truncation, None);
     }
@@ -373,7 +377,7 @@ mod tests {
         ];
         for (params, truncation) in cases {
             let mut sampler = Sampler::new(params.clone()).unwrap();
-            let request = sampler.device_request(0, vocab).unwrap();
+            let request = sampler.device_request(&[], vocab).unwrap();
             assert_eq!(request.truncation, Some(truncation), "{params:?}");
             assert!(!request.candidates, "{params:?}");
         }
@@ -382,7 +386,11 @@ mod tests {
             ..SamplingParams::greedy()
         });
         assert_eq!(
-            greedy.unwrap().device_request(0, vocab).unwrap().truncation,
+            greedy
+                .unwrap()
+                .device_request(&[], vocab)
+                .unwrap()
+                .truncation,
             None
         );
     }
@@ -390,7 +398,7 @@ mod tests {
     #[test]
     fn non_finite_rows_fall_back_to_the_full_row() {
         let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
-        let request = sampler.device_request(0, 4).unwrap();
+        let request = sampler.device_request(&[], 4).unwrap();
         let mut summary = summarize_row(&[0.0, 1.0, 2.0, 3.0], &request);
         summary.non_finite = 1;
         assert_eq!(sampler.sample_from_summary(&summary, 4), None);

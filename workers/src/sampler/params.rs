@@ -45,6 +45,10 @@ pub struct SamplingParams {
     /// vLLM's `allowed_token_ids`: when not empty, every other token's logit is `-inf` (after
     /// `logit_bias`), so only these can be drawn or reported.
     pub allowed_token_ids: Vec<u32>,
+    /// vLLM's `bad_words` as token sequences: a word's last token gets logit `-inf` wherever
+    /// the generated tokens end with the tokens before it (a one-token word: always). The
+    /// prompt does not count, as in vLLM: a word is banned from what the model writes.
+    pub bad_words: Vec<Vec<u32>>,
     /// vLLM's `min_tokens`: while fewer tokens than this have been generated, the sequence's
     /// stop tokens (given by the engine, [`super::Sampler::set_stop_tokens`]) cannot be drawn:
     /// their logits are `-inf`, unless no other token could be drawn at all.
@@ -66,6 +70,7 @@ impl Default for SamplingParams {
             logprobs: None,
             logit_bias: Vec::new(),
             allowed_token_ids: Vec::new(),
+            bad_words: Vec::new(),
             min_tokens: 0,
         }
     }
@@ -143,6 +148,9 @@ impl SamplingParams {
                 "logit_bias",
                 format!("the bias of token {token} is {bias}, not finite"),
             );
+        }
+        if let Some(i) = self.bad_words.iter().position(Vec::is_empty) {
+            return invalid("bad_words", format!("word {i} has no tokens"));
         }
         Ok(())
     }

@@ -61,6 +61,7 @@ fn sampling_params(spec: &SamplingSpec, stop: &StopSpec) -> SamplingParams {
         logprobs: spec.logprobs,
         logit_bias: spec.logit_bias.clone(),
         allowed_token_ids: spec.allowed_token_ids.clone(),
+        bad_words: spec.bad_words.clone(),
         min_tokens: stop.min_tokens,
     }
 }

@@ -75,7 +75,14 @@ pub fn stream_messages(
                         reason: messages::FinishReason::Cancelled,
                         usage,
                     },
-                    FinishReason::Error(message) => StreamMessage::Error { message },
+                    FinishReason::Error(message) => StreamMessage::Error {
+                        message,
+                        param: None,
+                    },
+                    FinishReason::Refused { message, param } => StreamMessage::Error {
+                        message,
+                        param: Some(param.to_string()),
+                    },
                 });
                 return out;
             }
@@ -263,7 +270,20 @@ mod tests {
         assert_eq!(
             messages,
             vec![StreamMessage::Error {
-                message: "too long".into()
+                message: "too long".into(),
+                param: None,
+            }]
+        );
+        // The request's own fault names its field, so the api-server answers a 400.
+        let refused = FinishReason::Refused {
+            message: "no token".into(),
+            param: "bad_words",
+        };
+        assert_eq!(
+            stream_messages(vec![finished(refused)], false, &mut 0),
+            vec![StreamMessage::Error {
+                message: "no token".into(),
+                param: Some("bad_words".into()),
             }]
         );
     }

@@ -242,6 +242,7 @@ impl Worker {
             job.stream_subject.clone(),
             &StreamMessage::Error {
                 message: "the request's deadline passed before a worker started it".into(),
+                param: None,
             },
         )
         .await;
@@ -302,7 +303,10 @@ impl Worker {
                 tracing::info!(request_id = job.request_id, "{message}");
                 self.publish(
                     job.stream_subject.clone(),
-                    &StreamMessage::Error { message },
+                    &StreamMessage::Error {
+                        message,
+                        param: None,
+                    },
                 )
                 .await;
                 Err(())
@@ -316,6 +320,7 @@ impl Worker {
             job.stream_subject.clone(),
             &StreamMessage::Error {
                 message: format!("the worker cannot take the request: {error}"),
+                param: None,
             },
         )
         .await;
@@ -465,6 +470,7 @@ async fn forward(
                         "a generated token with its log-probabilities is {too_large}; ask \
                          for fewer top_logprobs"
                     ),
+                    param: None,
                 };
                 let _ = publish_stream(&client, &subject, message).await;
                 ended = true;
@@ -479,6 +485,7 @@ async fn forward(
         // The engine thread went away without a last event (it panicked).
         let message = StreamMessage::Error {
             message: "the worker's engine stopped unexpectedly".into(),
+            param: None,
         };
         publish_bounded(&client, subject, messages::encode(&message), "an error").await;
     }

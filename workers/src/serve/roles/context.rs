@@ -133,6 +133,7 @@ impl ContextRole {
                         job.stream_subject.clone(),
                         &StreamMessage::Error {
                             message: format!("the context worker cannot take the request: {e}"),
+                            param: None,
                         },
                     )
                     .await;
@@ -272,6 +273,7 @@ impl ContextRole {
                                         "the context worker's KV handle ({regions} regions) is \
                                          {too_large}"
                                     ),
+                                    param: None,
                                 }]
                             }
                         }
@@ -287,6 +289,7 @@ impl ContextRole {
                             message: format!(
                                 "the context worker could not export the KV cache: {detail}"
                             ),
+                            param: None,
                         }]
                     }
                 }
@@ -300,6 +303,7 @@ impl ContextRole {
                 locked(&self.ledger).unreserve(prompt_tokens);
                 vec![StreamMessage::Error {
                     message: "the worker's engine stopped unexpectedly".into(),
+                    param: None,
                 }]
             }
         };

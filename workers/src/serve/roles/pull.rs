@@ -321,7 +321,10 @@ impl KvPuller {
             worker
                 .publish(
                     job.stream_subject.clone(),
-                    &StreamMessage::Error { message: mismatch },
+                    &StreamMessage::Error {
+                        message: mismatch,
+                        param: None,
+                    },
                 )
                 .await;
             return;
