@@ -2,7 +2,9 @@
 //! api-server, on SmolLM2 (bf16, imported from the default model's GGUF).
 //!
 //! What these show: the API's temperature-0 output is `worker generate`'s; 64
-//! concurrent streams each get exactly the tokens they get alone; workers started by hand
+//! concurrent streams each get exactly the tokens they get alone, also when every client
+//! names its request with the same id (vLLM's `request_id`, or a gateway's `X-Request-Id`,
+//! which the response's `id` and header carry); workers started by hand
 //! join and take traffic, and SIGTERM drains one without failing a request; with migration
 //! off, a killed worker fails its requests quickly (never a hang) and traffic moves to the
 //! others (with it on, they migrate: tests/faults.rs).
@@ -136,8 +138,35 @@ fn concurrent_streams_each_get_the_tokens_they_get_alone() {
         collect_stream(&events)
     };
     let alone: Vec<Streamed> = (0..REQUESTS).map(run).collect();
+    // Together, every client names its request the same, half by the body's field and half
+    // by a gateway's header: the ids are the reply's, never the jobs' on the bus.
+    let gateway = http.clone().with_header("X-Request-Id", "gw-same");
+    let named = |i: usize| -> Streamed {
+        let mut request = concurrent_request(i);
+        let (client, expected) = if i.is_multiple_of(2) {
+            request["request_id"] = json!("same");
+            (http, "same")
+        } else {
+            (&gateway, "gw-same")
+        };
+        let mut stream = client.open_stream("/v1/chat/completions", &request);
+        assert_eq!(stream.status(), 200, "request {i}");
+        assert_eq!(stream.header("x-request-id"), Some(expected));
+        let mut events = Vec::new();
+        while let Some(data) = stream.next_data() {
+            if data == "[DONE]" {
+                break;
+            }
+            let event: Value = serde_json::from_str(&data).unwrap();
+            assert_eq!(event["id"], format!("chatcmpl-{expected}"), "{event}");
+            events.push(event);
+        }
+        collect_stream(&events)
+    };
     let together: Vec<Streamed> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..REQUESTS).map(|i| scope.spawn(move || run(i))).collect();
+        let handles: Vec<_> = (0..REQUESTS)
+            .map(|i| scope.spawn(move || named(i)))
+            .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("a request thread panicked"))

@@ -129,6 +129,7 @@ const GENERATION: &[(&str, Support)] = &[
     ("structured_outputs", Served),
     ("allowed_token_ids", Served),
     ("bad_words", Served),
+    ("request_id", Served),
     ("include_stop_str_in_output", Served),
     ("skip_special_tokens", Served),
     ("return_tokens_as_token_ids", Served),
@@ -150,14 +151,6 @@ const VLLM_REFUSED: &[(&str, Support)] = &[
         Refused {
             why: "tandem serves requests first come, first served: priority may only be 0",
             allowed: is_zero,
-        },
-    ),
-    (
-        "request_id",
-        Refused {
-            why: "tandem names each request itself (the response's id, and the id its logs \
-                  and metrics use)",
-            allowed: never,
         },
     ),
     (

@@ -14,7 +14,8 @@
 //! follows heartbeats; [`state`] is what the routes share; [`config`] the command line;
 //! [`disconnect`] notices clients that leave mid-request; [`tools`] is tool calling (request
 //! checks, template inputs, the calls parsed from the output, the grammar of a required call).
-//! [`grammar`] compiles a request's `response_format` grammar at the edge.
+//! [`grammar`] compiles a request's `response_format` grammar at the edge; [`reply_id`] is
+//! the id a reply carries (the client's, if it named its request) apart from its jobs' id.
 //!
 //! At the bottom, importing nothing of the crate: [`openai`] (the wire types), [`outcomes`]
 //! (the fallback and migration reasons and live-worker counts that dispatch and the router
@@ -37,6 +38,7 @@ pub mod openai;
 pub mod outcomes;
 pub mod prompt;
 pub mod refusals;
+pub mod reply_id;
 pub mod router;
 pub mod routes;
 pub mod server;

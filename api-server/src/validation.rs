@@ -157,6 +157,8 @@ pub struct ValidRequest {
     pub prompt_logprobs: Option<u32>,
     /// vLLM's `bad_words`, as sent: tokenized with the prompt into `sampling.bad_words`.
     pub bad_words: Vec<String>,
+    /// vLLM's `request_id`: the response's id is made of it ([`crate::reply_id`]).
+    pub client_request_id: Option<String>,
     /// Completions generated: `n`, or `best_of` (`/v1/completions`) when larger, of which
     /// the `n` with the highest mean token logprob are returned (never streamed).
     pub candidates: u32,
@@ -253,6 +255,7 @@ struct CommonValues {
     truncate_prompt: Option<PromptTruncation>,
     prompt_logprobs: Option<u32>,
     bad_words: Vec<String>,
+    client_request_id: Option<String>,
     stream: bool,
     include_usage: bool,
     continuous_usage: bool,
@@ -348,6 +351,7 @@ fn validate_common(
         truncate_prompt: generation.truncate_prompt,
         prompt_logprobs: generation.prompt_logprobs,
         bad_words: generation.bad_words,
+        client_request_id: generation.client_request_id,
         stream,
         include_usage,
         continuous_usage,
@@ -673,6 +677,7 @@ pub fn validate_chat(
         truncate_prompt: common.truncate_prompt,
         prompt_logprobs: common.prompt_logprobs,
         bad_words: common.bad_words,
+        client_request_id: common.client_request_id,
         candidates: common.n,
         echo: false,
         cache_salt: common.cache_salt,
@@ -859,6 +864,7 @@ pub fn validate_completion(
         truncate_prompt: common.truncate_prompt,
         prompt_logprobs: common.prompt_logprobs,
         bad_words: common.bad_words,
+        client_request_id: common.client_request_id,
         candidates,
         echo,
         cache_salt: common.cache_salt,

@@ -24,6 +24,8 @@ pub struct Http {
     read_timeout: Duration,
     /// An API key sent as `Authorization: Bearer`.
     bearer: Option<String>,
+    /// Further headers sent with every request (a gateway's `X-Request-Id`, say).
+    headers: Vec<(String, String)>,
 }
 
 /// A whole response.
@@ -67,12 +69,19 @@ impl Http {
             address,
             read_timeout: Duration::from_secs(300),
             bearer: None,
+            headers: Vec::new(),
         }
     }
 
     /// The same client sending `Authorization: Bearer <key>` with every request.
     pub fn with_bearer(mut self, key: &str) -> Self {
         self.bearer = Some(key.to_owned());
+        self
+    }
+
+    /// The same client sending header `name: value` with every request.
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -169,9 +178,14 @@ impl Http {
             .as_ref()
             .map(|key| format!("Authorization: Bearer {key}\r\n"))
             .unwrap_or_default();
+        let extra: String = self
+            .headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .collect();
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             {authorization}Content-Length: {}\r\nConnection: close\r\n\r\n",
+             {authorization}{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
             self.address,
             body.len()
         );

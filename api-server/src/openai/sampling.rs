@@ -50,6 +50,9 @@ pub struct GenerationFields {
     pub structured_outputs: Option<StructuredOutputs>,
     /// vLLM's: only these token ids may be generated.
     pub allowed_token_ids: Option<Vec<i64>>,
+    /// vLLM's: the id the response carries (`chatcmpl-<id>`, `cmpl-<id>`); the request's
+    /// jobs keep an id of tandem's own.
+    pub request_id: Option<String>,
     /// vLLM's: words the completion may not contain (each tokenized with and without a
     /// leading space; the last token of each is banned where the others were just generated).
     pub bad_words: Option<Vec<String>>,

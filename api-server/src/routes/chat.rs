@@ -56,9 +56,12 @@ pub async fn chat_completions(
         };
         checked.inspect_err(|err| record.fail(err))?;
     }
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let ids =
+        crate::reply_id::ReplyId::of(&request, "chatcmpl", valid.client_request_id.as_deref())
+            .inspect_err(|err| record.fail(err))?;
+    let id = ids.response.clone();
     let tenant = request.extensions().get::<TenantSalt>().cloned();
-    let started = start_generation(&state, &valid, record, id.clone(), tenant);
+    let started = start_generation(&state, &valid, record, ids.internal.clone(), tenant);
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
         return Ok(client_left());
     };
@@ -92,7 +95,8 @@ pub async fn chat_completions(
         call_ids: Vec::new(),
         metrics: state.metrics.clone(),
     };
-    reply_choices(generations, valid.stream, socket, chunks, valid.n as usize).await
+    let reply = reply_choices(generations, valid.stream, socket, chunks, valid.n as usize).await?;
+    Ok(ids.echoed(reply))
 }
 
 /// The chunks of one streamed chat completion, or the whole completion of one that is not.

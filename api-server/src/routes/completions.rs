@@ -62,7 +62,9 @@ pub async fn completions(
             .await
             .inspect_err(|err| record.fail(err))?;
     }
-    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let ids = crate::reply_id::ReplyId::of(&request, "cmpl", valid.client_request_id.as_deref())
+        .inspect_err(|err| record.fail(err))?;
+    let id = ids.response.clone();
     let tenant = request.extensions().get::<TenantSalt>().cloned();
     // Each prompt of a batch is started as a request of its own (its jobs named after the
     // prompt), counted as choices of this one.
@@ -73,8 +75,8 @@ pub async fn completions(
         .enumerate()
         .map(|(i, (prompt, record))| {
             let request_id = match batch.len() {
-                1 => id.clone(),
-                _ => format!("{id}-p{i}"),
+                1 => ids.internal.clone(),
+                _ => format!("{}-p{i}", ids.internal),
             };
             start_generation(&state, prompt, record, request_id, tenant.clone())
         });
@@ -144,9 +146,11 @@ pub async fn completions(
                 kept.extend(samples::best_of(prompt, n));
             }
         };
-        return reply_whole(generations, socket, chunks, candidates, best).await;
+        let reply = reply_whole(generations, socket, chunks, candidates, best).await?;
+        return Ok(ids.echoed(reply));
     }
-    reply_choices(generations, valid.stream, socket, chunks, n).await
+    let reply = reply_choices(generations, valid.stream, socket, chunks, n).await?;
+    Ok(ids.echoed(reply))
 }
 
 /// The prompt `echo` puts before each choice: its token ids and its text (as sent, or the

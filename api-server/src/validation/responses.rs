@@ -222,6 +222,7 @@ pub fn validate_responses(
             truncate_prompt: None,
             prompt_logprobs: None,
             bad_words: Vec::new(),
+            client_request_id: None,
             candidates: 1,
             echo: false,
             cache_salt: super::sampling::cache_salt(request.cache_salt.as_deref())?,

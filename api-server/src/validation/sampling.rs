@@ -47,6 +47,8 @@ pub(super) struct ValidGeneration {
     pub(super) prompt_logprobs: Option<u32>,
     /// vLLM's `bad_words`, tokenized with the prompt ([`crate::prompt::bad_words_token_ids`]).
     pub(super) bad_words: Vec<String>,
+    /// vLLM's `request_id`, checked ([`crate::reply_id::checked`]).
+    pub(super) client_request_id: Option<String>,
     pub(super) cache_salt: Option<String>,
 }
 
@@ -358,6 +360,11 @@ pub(super) fn validate_generation(
         truncate_prompt,
         prompt_logprobs,
         bad_words,
+        client_request_id: fields
+            .request_id
+            .as_deref()
+            .map(|id| crate::reply_id::checked(id, "request_id"))
+            .transpose()?,
         cache_salt: cache_salt(fields.cache_salt.as_deref())?,
     })
 }
