@@ -8,7 +8,12 @@
 #   requests batched together (seeded, 16 at once), and without it some are not;
 # - vLLM's structured_outputs `choice` and `regex` hold on 16 sampled requests at once;
 # - only `allowed_token_ids` are drawn (read back by `return_tokens_as_token_ids`);
-# - `prompt_logprobs` equal the logprobs `echo` gives, each with a rank.
+# - `prompt_logprobs` equal the logprobs `echo` gives, each with a rank;
+# - `bad_words`: a banned word's tokens never drawn on 16 sampled requests at once (one word,
+#   and a two-word phrase whose second token is banned only after its first), a greedy
+#   completion changed exactly where a banned phrase would have been completed (the rows
+#   before it on the device's path), and a ban that leaves nothing allowed a 400 naming it;
+# - `request_id`: the response's id and `X-Request-Id` header carry it.
 # Prints one line a check and a last line `sampling extensions: N of M checks passed`.
 # Binaries from .kit/bin.
 #   source .kit/env.sh; scripts/device/sampling_extensions.sh
@@ -27,7 +32,7 @@ grep "tandem: serving" "$out/sampling-extensions-serve.log" || {
   exit 1
 }
 python3 - <<'PY' | tee "$out/sampling-extensions.txt"
-import concurrent.futures, json, math, urllib.request
+import concurrent.futures, json, math, urllib.error, urllib.request
 
 BASE = "http://127.0.0.1:8101"
 
@@ -117,6 +122,76 @@ worst = max(abs(shown[p][str(ids[p])]["logprob"] - echoed[p]) for p in range(1, 
 ranked = all(shown[p][str(ids[p])]["rank"] >= 1 for p in range(1, len(ids)))
 check(shown[0] is None and len(shown) == len(ids) and worst < 1e-3 and ranked,
       f"prompt_logprobs: {len(shown)} positions, largest difference from echo {worst:.2e}, ranks set: {ranked}")
+
+# bad_words. Among four allowed tokens (" red", " green", "red", "green"), "red" banned: only
+# the green ones drawn; "red green" banned: " green" and "green" never right after a red one,
+# which without the ban they are (16 sampled requests at once each).
+def single(text):
+    ids = post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+R, G, r, g = single(" red"), single(" green"), single("red"), single("green")
+def drawn_with(i, extra):
+    body = {"prompt": f"Row {i}:", "max_tokens": 16, "temperature": 1.0, "seed": i, "logprobs": 0,
+            "allowed_token_ids": [R, G, r, g], "return_tokens_as_token_ids": True, **extra}
+    names = post("/v1/completions", body)["choices"][0]["logprobs"]["tokens"]
+    return [int(name.split(":")[1]) for name in names]
+def pairs(ids):
+    return sum(a in (R, r) and b in (G, g) for a, b in zip(ids, ids[1:]))
+with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    word = list(pool.map(lambda i: drawn_with(i, {"bad_words": ["red"]}), range(16)))
+    phrase = list(pool.map(lambda i: drawn_with(i, {"bad_words": ["red green"]}), range(16)))
+    free = list(pool.map(lambda i: drawn_with(i, {}), range(16)))
+check(all(set(ids) <= {G, g} and len(ids) == 16 for ids in word),
+      f"bad_words ['red']: ids drawn {sorted({t for ids in word for t in ids})}, allowed {[R, G, r, g]}")
+check(sum(map(pairs, phrase)) == 0 and sum(map(pairs, free)) > 0,
+      f"bad_words ['red green']: a red then a green {sum(map(pairs, phrase))} times, "
+      f"without the ban {sum(map(pairs, free))} times")
+# A greedy completion whose tokens k, k+1 spell a phrase that tokenizes back to them: banned,
+# the completion keeps its first k+1 tokens and changes the next (random weights rarely write
+# text that tokenizes back to their tokens: the prompts are tried until a phrase does).
+def greedy_ids(prompt, extra={}):
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 0,
+            "return_tokens_as_token_ids": True, **extra}
+    names = post("/v1/completions", body)["choices"][0]["logprobs"]["tokens"]
+    return [int(name.split(":")[1]) for name in names]
+found = None
+for n in range(40):
+    prompt = f"Note {n}: the"
+    ids = greedy_ids(prompt)
+    for k in range(len(ids) - 1):
+        text = post("/detokenize", {"tokens": ids[k:k + 2]})["prompt"].lstrip()
+        forms = [post("/tokenize", {"prompt": t, "add_special_tokens": False})["tokens"]
+                 for t in (text, " " + text)]
+        if text and ids[k:k + 2] in forms and ids[k] not in ids[:k]:
+            found = (prompt, ids, k, text)
+            break
+    if found:
+        break
+if found:
+    prompt, ids, k, text = found
+    banned = greedy_ids(prompt, {"bad_words": [text]})
+    check(banned[:k + 1] == ids[:k + 1] and banned[k + 1] != ids[k + 1],
+          f"bad_words [{text!r}] on a greedy completion: tokens {ids} became {banned} (changed at {k + 1})")
+else:
+    check(False, "bad_words on a greedy completion: no phrase of 40 completions tokenizes back")
+try:
+    post("/v1/completions", {"prompt": "x", "max_tokens": 2, "allowed_token_ids": [R, r],
+                             "bad_words": ["red"]})
+    check(False, "bad_words leaving no allowed token: answered 200")
+except urllib.error.HTTPError as err:
+    body = json.load(err)
+    check(err.code == 400 and body["error"]["param"] == "bad_words",
+          f"bad_words leaving no allowed token: {err.code} naming {body['error']['param']!r}")
+
+# request_id: the reply's id and header.
+request = urllib.request.Request(BASE + "/v1/chat/completions",
+    json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                "request_id": "gpu-check-1"}).encode(), {"Content-Type": "application/json"})
+with urllib.request.urlopen(request, timeout=120) as reply:
+    header, reply_id = reply.headers.get("X-Request-Id"), json.load(reply)["id"]
+check((reply_id, header) == ("chatcmpl-gpu-check-1", "gpu-check-1"),
+      f"request_id: id {reply_id!r}, X-Request-Id {header!r}")
 print(f"sampling extensions: {passed} of {total} checks passed")
 PY
 kill -INT "$pid"
