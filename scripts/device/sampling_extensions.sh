@@ -123,29 +123,33 @@ ranked = all(shown[p][str(ids[p])]["rank"] >= 1 for p in range(1, len(ids)))
 check(shown[0] is None and len(shown) == len(ids) and worst < 1e-3 and ranked,
       f"prompt_logprobs: {len(shown)} positions, largest difference from echo {worst:.2e}, ranks set: {ranked}")
 
-# bad_words. Among four allowed tokens (" red", " green", "red", "green"), "red" banned: only
-# the green ones drawn; "red green" banned: " green" and "green" never right after a red one,
-# which without the ban they are (16 sampled requests at once each).
-def single(text):
-    ids = post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
-    assert len(ids) == 1, (text, ids)
-    return ids[0]
-R, G, r, g = single(" red"), single(" green"), single("red"), single("green")
+# bad_words. Two words each one token alone and after a space (say "red" and "green"); among
+# those four allowed tokens, "red" banned: only the green ones drawn; "red green" banned:
+# " green" never right after either red one, which without the ban it is (16 sampled
+# requests at once each).
+def ids_of(text):
+    return post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
+# Two words that are one token alone and one after a space, in this model's tokenizer.
+WORDS = [w for w in ["red", "green", "blue", "cat", "dog", "sun", "one", "two", "the", "and", "to", "in"]
+         if len(ids_of(w)) == 1 and len(ids_of(" " + w)) == 1][:2]
+RED, GREEN = WORDS
+R, G, r, g = (ids_of(t)[0] for t in (" " + RED, " " + GREEN, RED, GREEN))
 def drawn_with(i, extra):
     body = {"prompt": f"Row {i}:", "max_tokens": 16, "temperature": 1.0, "seed": i, "logprobs": 0,
             "allowed_token_ids": [R, G, r, g], "return_tokens_as_token_ids": True, **extra}
     names = post("/v1/completions", body)["choices"][0]["logprobs"]["tokens"]
     return [int(name.split(":")[1]) for name in names]
 def pairs(ids):
-    return sum(a in (R, r) and b in (G, g) for a, b in zip(ids, ids[1:]))
+    # "red green" tokenizes to [red, " green"] alone and [" red", " green"] after a space.
+    return sum(a in (R, r) and b == G for a, b in zip(ids, ids[1:]))
 with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    word = list(pool.map(lambda i: drawn_with(i, {"bad_words": ["red"]}), range(16)))
-    phrase = list(pool.map(lambda i: drawn_with(i, {"bad_words": ["red green"]}), range(16)))
+    word = list(pool.map(lambda i: drawn_with(i, {"bad_words": [RED]}), range(16)))
+    phrase = list(pool.map(lambda i: drawn_with(i, {"bad_words": [f"{RED} {GREEN}"]}), range(16)))
     free = list(pool.map(lambda i: drawn_with(i, {}), range(16)))
 check(all(set(ids) <= {G, g} and len(ids) == 16 for ids in word),
-      f"bad_words ['red']: ids drawn {sorted({t for ids in word for t in ids})}, allowed {[R, G, r, g]}")
+      f"bad_words [{RED!r}]: ids drawn {sorted({t for ids in word for t in ids})}, allowed {[R, G, r, g]}")
 check(sum(map(pairs, phrase)) == 0 and sum(map(pairs, free)) > 0,
-      f"bad_words ['red green']: a red then a green {sum(map(pairs, phrase))} times, "
+      f"bad_words [{RED + ' ' + GREEN!r}]: {RED} then {GREEN} {sum(map(pairs, phrase))} times, "
       f"without the ban {sum(map(pairs, free))} times")
 # A greedy completion whose tokens k, k+1 spell a phrase that tokenizes back to them: banned,
 # the completion keeps its first k+1 tokens and changes the next (random weights rarely write
@@ -177,7 +181,7 @@ else:
     check(False, "bad_words on a greedy completion: no phrase of 40 completions tokenizes back")
 try:
     post("/v1/completions", {"prompt": "x", "max_tokens": 2, "allowed_token_ids": [R, r],
-                             "bad_words": ["red"]})
+                             "bad_words": [RED]})
     check(False, "bad_words leaving no allowed token: answered 200")
 except urllib.error.HTTPError as err:
     body = json.load(err)
