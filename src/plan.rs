@@ -256,6 +256,8 @@ pub struct Plan {
     pub max_pending_requests: Option<usize>,
     /// The config's `migration_limit` (absent: the api-server's default).
     pub migration_limit: Option<u32>,
+    /// The config's `response_store_mib` (absent: the api-server's default).
+    pub response_store_mib: Option<usize>,
     /// The config's `tool_call_parser` (absent: the api-server's default, `auto`).
     pub tool_call_parser: Option<tandem_protocol::config::ToolCallParser>,
     /// The config's `generation_config` (absent: the api-server's default, `auto`).
@@ -438,6 +440,7 @@ pub fn plan(
         cache_salt_by_api_key: config.cache_salt_by_api_key,
         max_pending_requests: config.max_pending_requests,
         migration_limit: config.migration_limit,
+        response_store_mib: config.response_store_mib,
         tool_call_parser: config.tool_call_parser,
         generation_config: config.generation_config.clone(),
         kv_secret,
@@ -567,6 +570,9 @@ impl Plan {
             migration_limit: self
                 .migration_limit
                 .unwrap_or(tandem_cli::args::DEFAULT_MIGRATION_LIMIT),
+            response_store_mib: self
+                .response_store_mib
+                .unwrap_or(tandem_cli::args::DEFAULT_RESPONSE_STORE_MIB),
             tool_call_parser: self.tool_call_parser.unwrap_or_default(),
             generation_config: self.generation_config.clone().unwrap_or_default(),
             ..ApiServerArgs::new(self.model.clone())

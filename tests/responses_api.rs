@@ -111,7 +111,7 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
     assert!(response["created_at"].is_u64() && response["completed_at"].is_u64());
     assert_eq!(response["metadata"], json!({"team": "infra"}));
     assert_eq!(response["user"], "u-1");
-    assert_eq!(response["store"], false, "tandem stores nothing");
+    assert_eq!(response["store"], true, "kept, as store: true asked");
     assert_eq!(response["temperature"], 0.0);
     assert_eq!(response["max_output_tokens"], 24);
     assert_eq!(response["text"], json!({"format": {"type": "text"}}));
@@ -275,8 +275,8 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
         ),
         (
             "/v1/responses",
-            json!({"input": "x", "previous_response_id": "resp_123"}),
-            "previous_response_id",
+            json!({"input": "x", "conversation": "conv_123"}),
+            "conversation",
             "unsupported_parameter",
         ),
         (
@@ -312,7 +312,7 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
 
-    // Stored-response routes: 404, saying why.
+    // Stored-response routes for a response that is not stored: 404, saying why.
     for (method, path) in [
         ("GET", "/v1/responses/resp_123"),
         ("DELETE", "/v1/responses/resp_123"),
@@ -328,7 +328,10 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
         let error = &reply.json()["error"];
         assert_eq!(error["code"], "response_not_found", "{error}");
         assert!(
-            error["message"].as_str().unwrap().contains("stores no"),
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("the api-server that made it"),
             "{error}"
         );
     }
@@ -567,6 +570,174 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
 
 /// `dir` as a view of the test model whose chat template first writes a system turn from a
 /// `house_rules` template variable, and one from `documents`, when given.
+/// Stored responses (`store: true`, the default) with real processes, on an api-server with two
+/// API keys: a response is found again (`GET`, the object as returned) by its key only; the
+/// next turn by `previous_response_id`, streamed, gives the text chat completions give for the
+/// whole conversation and is stored as its last event had it; a third turn carries both
+/// earlier ones; `input_items` lists a response's own input with ids, paged; `store: false`
+/// keeps nothing; deleting a response breaks the chains that continue it, with a 400 that
+/// names the missing response.
+#[test]
+fn stored_responses_continue_a_conversation_for_their_key_only() {
+    let nats = Nats::start();
+    let model = model_dir(MODEL);
+    let api = tandem_test_kit::ApiServer::start(
+        &nats,
+        &model,
+        SERVED_NAME,
+        &[
+            "--worker-timeout-ms",
+            "1500",
+            "--api-key",
+            "sk-store-a",
+            "--api-key",
+            "sk-store-b",
+        ],
+    );
+    let _worker = support::start_worker(&nats, &model, "w0", &[]);
+    api.http.wait_for_workers(1, Duration::from_secs(30));
+    let a = &api.http.clone().with_bearer("sk-store-a");
+    let b = &api.http.clone().with_bearer("sk-store-b");
+    let turn = |http: &Http, body: Value| {
+        let reply = http.post("/v1/responses", &body);
+        assert_eq!(reply.status, 200, "{body}: {}", reply.body);
+        reply.json()
+    };
+    let first_question = "My name is Ada. Say hello to me.";
+    let first = turn(
+        a,
+        json!({"input": first_question, "max_output_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(first["store"], true, "{first}");
+    let first_id = first["id"].as_str().unwrap();
+    let stored = a.get(&format!("/v1/responses/{first_id}"));
+    assert_eq!(stored.status, 200, "{}", stored.body);
+    assert_eq!(stored.json(), first, "the object as it was returned");
+    // Another key finds nothing, and cannot continue it.
+    let other = b.get(&format!("/v1/responses/{first_id}"));
+    assert_eq!(other.status, 404, "{}", other.body);
+    let other = b.post(
+        "/v1/responses",
+        &json!({"input": "x", "previous_response_id": first_id, "max_output_tokens": 1}),
+    );
+    assert_eq!(other.status, 400, "{}", other.body);
+    assert_eq!(other.json()["error"]["param"], "previous_response_id");
+
+    // The next turn by previous_response_id, streamed: the whole conversation's text.
+    let second_question = "What is my name?";
+    let events = response_events(
+        a,
+        &json!({"input": second_question, "previous_response_id": first_id,
+                "max_output_tokens": 12, "temperature": 0, "stream": true}),
+    );
+    let second = events.last().unwrap()["response"].clone();
+    assert_eq!(second["previous_response_id"], first_id, "{second}");
+    assert_eq!(second["store"], true);
+    let expected = chat_text(
+        a,
+        json!([
+            {"role": "user", "content": first_question},
+            {"role": "assistant", "content": output_text(&first)},
+            {"role": "user", "content": second_question},
+        ]),
+        12,
+    );
+    assert_eq!(output_text(&second), expected);
+    let second_id = second["id"].as_str().unwrap();
+    assert_eq!(a.get(&format!("/v1/responses/{second_id}")).json(), second);
+    // A third turn carries both: its prompt holds the second's prompt and answer.
+    let third = turn(
+        a,
+        json!({"input": "Thanks.", "previous_response_id": second_id,
+               "max_output_tokens": 4, "temperature": 0}),
+    );
+    let tokens = |response: &Value, key: &str| response["usage"][key].as_u64().unwrap();
+    assert!(
+        tokens(&third, "input_tokens")
+            > tokens(&second, "input_tokens") + tokens(&second, "output_tokens"),
+        "{third}"
+    );
+
+    // The second response's own input: one message with an id; paged.
+    let items = a
+        .get(&format!("/v1/responses/{second_id}/input_items"))
+        .json();
+    assert_eq!(items["object"], "list");
+    let data = items["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1, "{items}");
+    assert_eq!(data[0]["content"], second_question);
+    assert!(data[0]["id"].as_str().unwrap().starts_with("msg_"));
+    assert_eq!(items["first_id"], data[0]["id"]);
+    assert_eq!(items["has_more"], false);
+    let listed = json!({"input": [
+        {"role": "user", "content": "one"},
+        {"role": "user", "content": "two"},
+        {"role": "user", "content": "three"},
+    ], "max_output_tokens": 1});
+    let listed_id = turn(a, listed)["id"].as_str().unwrap().to_string();
+    let page = |query: &str| {
+        let reply = a.get(&format!("/v1/responses/{listed_id}/input_items?{query}"));
+        assert_eq!(reply.status, 200, "{query}: {}", reply.body);
+        let body = reply.json();
+        let texts: Vec<String> = body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["content"].as_str().unwrap().to_string())
+            .collect();
+        (
+            texts,
+            body["has_more"].as_bool().unwrap(),
+            body["last_id"].clone(),
+        )
+    };
+    let (newest, more, last) = page("limit=2");
+    assert_eq!(
+        (newest, more),
+        (vec!["three".to_string(), "two".to_string()], true)
+    );
+    let (rest, more, _) = page(&format!("limit=2&after={}", last.as_str().unwrap()));
+    assert_eq!((rest, more), (vec!["one".to_string()], false));
+    assert_eq!(page("order=asc").0, ["one", "two", "three"]);
+    let bad = a.get(&format!("/v1/responses/{listed_id}/input_items?limit=0"));
+    assert_eq!(bad.json()["error"]["param"], "limit", "{}", bad.body);
+
+    // store: false keeps nothing.
+    let unkept = turn(
+        a,
+        json!({"input": "x", "max_output_tokens": 1, "store": false}),
+    );
+    assert_eq!(unkept["store"], false);
+    let id = unkept["id"].as_str().unwrap();
+    assert_eq!(a.get(&format!("/v1/responses/{id}")).status, 404);
+
+    // Deleting the first response breaks the chains after it.
+    assert_eq!(b.delete(&format!("/v1/responses/{first_id}")).status, 404);
+    let deleted = a.delete(&format!("/v1/responses/{first_id}"));
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eq!(deleted.json()["deleted"], true);
+    assert_eq!(a.get(&format!("/v1/responses/{first_id}")).status, 404);
+    let broken = a.post(
+        "/v1/responses",
+        &json!({"input": "x", "previous_response_id": second_id, "max_output_tokens": 1}),
+    );
+    assert_eq!(broken.status, 400, "{}", broken.body);
+    let error = &broken.json()["error"];
+    assert_eq!(error["param"], "previous_response_id");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains(first_id) && message.contains("no longer stored"),
+        "{error}"
+    );
+    // Four kept (three turns and the listed one), one deleted.
+    let metrics = api.http.get("/metrics").body;
+    assert_eq!(
+        prometheus::metric(&metrics, "tandem_response_store_responses", ""),
+        Some(3.0),
+        "{metrics}"
+    );
+}
+
 fn model_with_house_rules(dir: &std::path::Path) {
     tandem_test_kit::model_with_edited_json(
         &model_dir(MODEL),

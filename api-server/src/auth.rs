@@ -30,6 +30,24 @@ pub struct ApiKeys {
     metrics_require_key: bool,
     /// Each key's cache salt, in the order of `keys`, when requests are salted by key.
     salts: Option<Vec<TenantSalt>>,
+    /// Each key's owner name, in the order of `keys`.
+    owners: Vec<KeyOwner>,
+}
+
+/// Who a request's API key makes it (a request extension, set whenever keys are configured):
+/// a digest of the key, never the key. What a key stores (the Responses API's responses)
+/// only the same key finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyOwner(pub String);
+
+impl KeyOwner {
+    fn of(key: &ApiKey) -> Self {
+        let digest = Sha256::new()
+            .chain_update(b"tandem response owner\0")
+            .chain_update(key.as_bytes())
+            .finalize();
+        KeyOwner(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+    }
 }
 
 /// The prefix-cache salt of the API key a request came with (a request extension): a digest of
@@ -93,6 +111,7 @@ impl ApiKeys {
             .cache_salt_by_api_key
             .then(|| keys.iter().map(TenantSalt::of).collect());
         Ok((!keys.is_empty()).then_some(ApiKeys {
+            owners: keys.iter().map(KeyOwner::of).collect(),
             keys,
             metrics_require_key: config.metrics_require_key,
             salts,
@@ -189,6 +208,7 @@ pub async fn require_key(
         if let Some(salt) = keys.salt(key).cloned() {
             request.extensions_mut().insert(salt);
         }
+        request.extensions_mut().insert(keys.owners[key].clone());
     }
     next.call(request).await
 }
@@ -198,8 +218,10 @@ mod tests {
     use super::*;
 
     fn keys(list: &[&str], metrics_require_key: bool) -> ApiKeys {
+        let keys: Vec<ApiKey> = list.iter().map(|k| ApiKey::parse(k).unwrap()).collect();
         ApiKeys {
-            keys: list.iter().map(|k| ApiKey::parse(k).unwrap()).collect(),
+            owners: keys.iter().map(KeyOwner::of).collect(),
+            keys,
             metrics_require_key,
             salts: None,
         }
@@ -236,6 +258,9 @@ mod tests {
             ApiKey::parse("sk-tenant-b").unwrap(),
         );
         let (salt_a, salt_b) = (TenantSalt::of(&a), TenantSalt::of(&b));
+        // A key's owner name is a digest of its own, apart from its salt.
+        assert_ne!(KeyOwner::of(&a), KeyOwner::of(&b));
+        assert!(!salt_a.0.contains(&KeyOwner::of(&a).0));
         assert_ne!(salt_a, salt_b);
         assert_eq!(salt_a, TenantSalt::of(&a), "the same key, the same salt");
         assert!(!salt_a.0.contains("tenant"), "{}", salt_a.0);

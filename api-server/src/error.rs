@@ -233,9 +233,9 @@ impl ApiError {
                 None,
                 Some("response_not_found"),
                 format!(
-                    "No response found with id '{id}': tandem stores no responses (every \
-                     response says store: false), so none can be retrieved, listed, cancelled \
-                     or deleted. Keep what you need from the response you received."
+                    "No response found with id '{id}'. tandem keeps a response (store: true) \
+                     in the memory of the api-server that made it, for the API key that made \
+                     it, until its response store needs the room or the server restarts."
                 ),
             ),
             ApiError::UnknownRoute {

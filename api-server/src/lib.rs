@@ -15,7 +15,8 @@
 //! [`disconnect`] notices clients that leave mid-request; [`tools`] is tool calling (request
 //! checks, template inputs, the calls parsed from the output, the grammar of a required call).
 //! [`grammar`] compiles a request's `response_format` grammar at the edge; [`reply_id`] is
-//! the id a reply carries (the client's, if it named its request) apart from its jobs' id.
+//! the id a reply carries (the client's, if it named its request) apart from its jobs' id;
+//! [`response_store`] keeps the Responses API's stored responses.
 //!
 //! At the bottom, importing nothing of the crate: [`openai`] (the wire types), [`outcomes`]
 //! (the fallback and migration reasons and live-worker counts that dispatch and the router
@@ -39,6 +40,7 @@ pub mod outcomes;
 pub mod prompt;
 pub mod refusals;
 pub mod reply_id;
+pub mod response_store;
 pub mod router;
 pub mod routes;
 pub mod server;

@@ -132,6 +132,8 @@ pub enum Event<'a> {
     },
     /// The live workers per role, after a heartbeat or a worker leaving.
     LiveWorkers(LiveCounts),
+    /// What the Responses API's response store holds, after a change.
+    ResponseStore(crate::response_store::StoreStats),
     /// `count` tokens (at least one) of one request arrived at once (a worker publishes what
     /// it produced since its last publish).
     Tokens {
@@ -215,6 +217,10 @@ pub struct Metrics {
     live_workers: IntGaugeVec,
     /// [`LiveCounts::cuda_ipc_unmapped`].
     cuda_ipc_unmapped: IntGauge,
+    /// The response store's responses and bytes, and its evictions.
+    response_store_responses: IntGauge,
+    response_store_bytes: IntGauge,
+    response_store_evictions: IntCounter,
     /// KV cache bytes decode workers pulled from context workers (`kv_pulled.bytes`).
     kv_transfer_bytes: IntCounter,
     /// Duration of each successful pull (`kv_pulled.micros`).
@@ -366,6 +372,21 @@ impl Metrics {
             "Pairs of one host, a decode worker reading CUDA IPC and a context worker sharing its \
              KV cache, where the decode worker has not mapped that cache yet (their first \
              hand-over would wait for the mapping)",
+        )
+        .expect("metric options are static and valid");
+        let response_store_responses = IntGauge::new(
+            "tandem_response_store_responses",
+            "Responses API responses this api-server keeps (store: true)",
+        )
+        .expect("metric options are static and valid");
+        let response_store_bytes = IntGauge::new(
+            "tandem_response_store_bytes",
+            "Bytes of JSON the response store holds (bounded by --response-store-mib)",
+        )
+        .expect("metric options are static and valid");
+        let response_store_evictions = IntCounter::new(
+            "tandem_response_store_evictions_total",
+            "Stored responses dropped, least recently used first, to make room for new ones",
         )
         .expect("metric options are static and valid");
         let kv_transfer_bytes = IntCounter::new(
@@ -567,6 +588,9 @@ impl Metrics {
             worker_info_labels: Default::default(),
             live_workers,
             cuda_ipc_unmapped,
+            response_store_responses,
+            response_store_bytes,
+            response_store_evictions,
             kv_transfer_bytes,
             kv_transfer_seconds,
             kv_transfers,
@@ -612,6 +636,9 @@ impl Metrics {
             Box::new(metrics.worker_info.clone()),
             Box::new(metrics.live_workers.clone()),
             Box::new(metrics.cuda_ipc_unmapped.clone()),
+            Box::new(metrics.response_store_responses.clone()),
+            Box::new(metrics.response_store_bytes.clone()),
+            Box::new(metrics.response_store_evictions.clone()),
             Box::new(metrics.kv_transfer_bytes.clone()),
             Box::new(metrics.kv_transfer_seconds.clone()),
             Box::new(metrics.kv_transfers.clone()),
@@ -705,6 +732,13 @@ impl Metrics {
                         .set(count as i64);
                 }
                 self.cuda_ipc_unmapped.set(counts.cuda_ipc_unmapped as i64);
+            }
+            Event::ResponseStore(stats) => {
+                self.response_store_responses.set(stats.responses as i64);
+                self.response_store_bytes.set(stats.bytes as i64);
+                let counted = self.response_store_evictions.get();
+                self.response_store_evictions
+                    .inc_by(stats.evicted.saturating_sub(counted));
             }
             Event::Tokens {
                 endpoint,

@@ -320,6 +320,9 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
         admission: crate::admission::Admission::new(config.max_pending_requests),
         migration_limit: config.migration_limit,
         grammars,
+        responses: Arc::new(crate::response_store::ResponseStore::new(
+            config.response_store_mib.saturating_mul(1 << 20),
+        )),
     });
     let address = format!("{}:{}", config.host, config.port);
     let mut server = HttpServer::new(move || {

@@ -23,6 +23,8 @@ pub struct AppState {
     pub admission: crate::admission::Admission,
     /// Compiles `response_format` grammars at the edge.
     pub grammars: Arc<crate::grammar::GrammarCheck>,
+    /// The Responses API's stored responses (`--response-store-mib`).
+    pub responses: Arc<crate::response_store::ResponseStore>,
 }
 
 impl AppState {

@@ -514,6 +514,10 @@ pub struct DeploymentConfig {
     /// (tandem) How often one request may move to another worker when its worker fails
     /// mid-stream. Absent: the api-server's default (3); 0: never.
     pub migration_limit: Option<u32>,
+    /// (tandem) MiB of stored Responses API responses the api-server keeps in memory (for
+    /// `previous_response_id` and `GET /v1/responses/{id}`). Absent: the api-server's
+    /// default (256); 0: none.
+    pub response_store_mib: Option<usize>,
     /// (tandem) Which tool-call markup the api-server parses: `auto` (from the chat
     /// template), `hermes`, `llama3_json`, `mistral` or `none`. Absent: `auto`.
     pub tool_call_parser: Option<ToolCallParser>,
@@ -560,6 +564,7 @@ impl Default for DeploymentConfig {
             cache_salt_by_api_key: false,
             max_pending_requests: None,
             migration_limit: None,
+            response_store_mib: None,
             tool_call_parser: None,
             generation_config: None,
             kv_secret_file: None,

@@ -55,22 +55,39 @@ chat = client.chat.completions.create(model=model, max_tokens=16, temperature=0,
 check(response.output_text == chat.choices[0].message.content, (response.output_text, chat))
 check(response.instructions == instructions, response.instructions)
 
-# A conversation carried by the client (tandem stores nothing): the earlier output sent back.
+# A conversation carried by the client: the earlier output sent back.
 follow_up = client.responses.create(
     model=model, max_output_tokens=16, temperature=0, instructions=instructions,
     input=messages + [item.model_dump() for item in response.output]
     + [{"role": "user", "content": [{"type": "input_text", "text": "And at night?"}]}])
 check(follow_up.status in ("completed", "incomplete") and follow_up.output_text, follow_up)
 
-# Typed errors: an unknown field, what needs stored state, an unknown model, stored responses.
+# The same conversation kept by the server (store defaults to true): the response retrieved,
+# its input items listed, the next turn by previous_response_id (instructions are not carried
+# over, as with OpenAI), which gives the text of the conversation sent whole.
+check(response.store is True, response.store)
+stored = client.responses.retrieve(response.id)
+check(stored.id == response.id and stored.output_text == response.output_text, stored)
+items = client.responses.input_items.list(response.id)
+check([item.type for item in items.data] == ["message"] and items.data[0].id.startswith("msg_"), items)
+chained = client.responses.create(
+    model=model, max_output_tokens=16, temperature=0, instructions=instructions,
+    previous_response_id=response.id,
+    input=[{"role": "user", "content": [{"type": "input_text", "text": "And at night?"}]}])
+check(chained.previous_response_id == response.id, chained)
+check(chained.output_text == follow_up.output_text, (chained.output_text, follow_up.output_text))
+check(chained.usage.input_tokens == follow_up.usage.input_tokens, (chained.usage, follow_up.usage))
+client.responses.delete(response.id)
+
+# Typed errors: an unknown field, a response not stored, an unknown model, a deleted response.
 try:
     client.responses.create(model=model, input="x", extra_body={"frobnicate": True})
     raise AssertionError("an unknown field was accepted")
 except openai.BadRequestError as e:
     check(e.body["param"] == "frobnicate" and e.body["code"] == "unknown_parameter", e.body)
 try:
-    client.responses.create(model=model, input="x", previous_response_id=response.id)
-    raise AssertionError("previous_response_id was accepted")
+    client.responses.create(model=model, input="x", previous_response_id="resp_not_stored")
+    raise AssertionError("an unknown previous_response_id was accepted")
 except openai.BadRequestError as e:
     check(e.body["param"] == "previous_response_id", e.body)
 try:
@@ -81,7 +98,7 @@ except openai.NotFoundError as e:
 for call in (lambda: client.responses.retrieve(response.id), lambda: client.responses.delete(response.id)):
     try:
         call()
-        raise AssertionError("a stored response was found")
+        raise AssertionError("a deleted response was found")
     except openai.NotFoundError as e:
         check(e.body["code"] == "response_not_found", e.body)
 

@@ -1,7 +1,8 @@
 //! `POST /v1/responses` (the Responses API, text in and out), streamed as typed events or not,
 //! through the same dispatch as chat completions (admission, migration, disconnects, metrics);
-//! and the stored-response routes (`GET`/`DELETE /v1/responses/{id}`, its `input_items` and
-//! `cancel`), which answer 404 because tandem stores no response.
+//! a finished response kept in the api-server's [`ResponseStore`] (`store: true`), which
+//! `previous_response_id` continues; and the stored-response routes (`GET`/`DELETE
+//! /v1/responses/{id}`, its `input_items`, and `cancel`, which no response here needs).
 
 use std::sync::Arc;
 
@@ -15,12 +16,13 @@ use tandem_protocol::messages::{
 use super::chat::{parser_text, record_tool_calls};
 use super::logprobs::chat_entry;
 use super::{client_left, start_generation, unless_client_leaves};
-use crate::auth::TenantSalt;
+use crate::auth::{KeyOwner, TenantSalt};
 use crate::disconnect::ClientSocket;
 use crate::dispatch::{Completed, RequestRecord};
 use crate::error::ApiError;
 use crate::fields::RESPONSES;
 use crate::metrics::{Endpoint, Metrics};
+use crate::openai::ResponseInput;
 use crate::openai::{
     FunctionCallItem, IncompleteDetails, OutputItem, OutputMessage, OutputText, ReasoningConfig,
     ResponseError, ResponseEvent, ResponseObject, ResponseStatus, ResponseUsage, ResponsesRequest,
@@ -28,6 +30,7 @@ use crate::openai::{
 };
 use crate::prompt::PromptCodec;
 use crate::prompt::tokenize;
+use crate::response_store::ResponseStore;
 use crate::sse::{ChunkFormat, sse_response};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::parser::{CallParser, ParseEvent};
@@ -45,10 +48,20 @@ pub async fn create_response(
 ) -> Result<HttpResponse, ApiError> {
     let socket = ClientSocket::of(&request);
     let mut record = RequestRecord::new(state.metrics.clone(), Endpoint::Responses);
-    let mut valid = RESPONSES
+    let tenant = request.extensions().get::<TenantSalt>().cloned();
+    let owner = owner_of(&request);
+    let (mut valid, previous, input_items) = RESPONSES
         .parse::<ResponsesRequest>(body.into_inner())
-        .and_then(|body| validate_responses(&body, &state.limits))
+        .and_then(|body| continued(body, &state.responses, owner.as_deref()))
+        .and_then(|(body, previous, items)| {
+            Ok((validate_responses(&body, &state.limits)?, previous, items))
+        })
         .inspect_err(|err| record.fail(err))?;
+    let keep = (valid.store && state.responses.enabled()).then(|| Keep {
+        store: Arc::clone(&state.responses),
+        owner,
+        input_items,
+    });
     if valid.echo.truncation == Truncation::Auto
         && let Some(prompt) = fit_context(&state, &valid.request)
             .await
@@ -71,7 +84,6 @@ pub async fn create_response(
         checked.inspect_err(|err| record.fail(err))?;
     }
     let id = format!("resp_{}", uuid::Uuid::new_v4().simple());
-    let tenant = request.extensions().get::<TenantSalt>().cloned();
     let started = start_generation(&state, &valid.request, record, id.clone(), tenant);
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
         return Ok(client_left());
@@ -80,7 +92,9 @@ pub async fn create_response(
     let Ok::<[_; 1], _>([generation]) = generation?.try_into() else {
         unreachable!("a validated Responses request asks for one choice");
     };
-    let events = ResponseEvents::new(id, &state, valid.echo, valid.request.tools.as_ref());
+    let mut events = ResponseEvents::new(id, &state, valid.echo, valid.request.tools.as_ref());
+    events.previous_response_id = previous;
+    events.keep = keep;
     if valid.request.stream {
         return Ok(sse_response(vec![(generation, events)], socket));
     }
@@ -149,29 +163,225 @@ async fn fit_context(
     Ok(Some(PromptInput::Chat(from(starts[high]))))
 }
 
-/// Why a stored-response route answers 404 (tandem keeps nothing to find).
-fn not_stored(id: &str) -> ApiError {
-    ApiError::ResponseNotFound { id: id.to_string() }
+/// `body` with `previous_response_id` followed: its chain's items, then the request's own,
+/// as its `input`; also the id it continues and the request's own input items as stored
+/// (each with an `id`).
+fn continued(
+    mut body: ResponsesRequest,
+    store: &ResponseStore,
+    owner: Option<&str>,
+) -> Result<(ResponsesRequest, Option<String>, Vec<Value>), ApiError> {
+    let own = stored_input_items(body.input.as_ref());
+    let Some(previous) = body.previous_response_id.take() else {
+        return Ok((body, None, own));
+    };
+    if !store.enabled() {
+        return Err(ApiError::unsupported(
+            "this api-server stores no responses (--response-store-mib 0), so \
+             previous_response_id cannot be followed: send the earlier turns in input",
+            "previous_response_id",
+        ));
+    }
+    let mut items = store.context(owner, &previous).map_err(|err| {
+        ApiError::invalid(
+            format!("previous_response_id: {err}"),
+            "previous_response_id",
+        )
+    })?;
+    items.extend(own.iter().cloned());
+    body.input = Some(ResponseInput::Items(items));
+    Ok((body, Some(previous), own))
+}
+
+/// The request's input items as a stored response keeps them: a string as one user message,
+/// and each item with an `id` (OpenAI's `input_items` list has one on every item).
+fn stored_input_items(input: Option<&ResponseInput>) -> Vec<Value> {
+    let items = match input {
+        None => Vec::new(),
+        Some(ResponseInput::Text(text)) => {
+            vec![serde_json::json!({"type": "message", "role": "user", "content": text})]
+        }
+        Some(ResponseInput::Items(items)) => items.clone(),
+    };
+    items
+        .into_iter()
+        .map(|mut item| {
+            if let Some(object) = item.as_object_mut() {
+                let kind = object
+                    .entry("type")
+                    .or_insert_with(|| Value::from("message"))
+                    .as_str()
+                    .unwrap_or("message")
+                    .to_string();
+                if !object.contains_key("id") {
+                    let prefix = match kind.as_str() {
+                        "function_call" => "fc",
+                        "function_call_output" => "fco",
+                        _ => "msg",
+                    };
+                    let id = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+                    object.insert("id".into(), Value::from(id));
+                }
+            }
+            item
+        })
+        .collect()
+}
+
+/// Where a finished response goes (`store: true`, the store on): the store, the key that made
+/// it and its request's own input items.
+struct Keep {
+    store: Arc<ResponseStore>,
+    owner: Option<String>,
+    input_items: Vec<Value>,
+}
+
+/// Who stores and finds responses: the request's API key (its digest), `None` without keys.
+fn owner_of(request: &HttpRequest) -> Option<String> {
+    request
+        .extensions()
+        .get::<KeyOwner>()
+        .map(|owner| owner.0.clone())
+}
+
+/// Refuses every query parameter of a route that takes none.
+fn no_query(request: &HttpRequest) -> Result<(), ApiError> {
+    match request.query_string().split('&').find(|p| !p.is_empty()) {
+        None => Ok(()),
+        Some(pair) => {
+            let name = pair.split('=').next().unwrap_or(pair);
+            Err(ApiError::unsupported(
+                format!("query parameter {name} is not supported on this route"),
+                name,
+            ))
+        }
+    }
 }
 
 #[get("/v1/responses/{id}")]
-pub async fn get_response(id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    Err(not_stored(&id))
+pub async fn get_response(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    no_query(&request)?;
+    match state.responses.response(owner_of(&request).as_deref(), &id) {
+        Some(response) => Ok(HttpResponse::Ok().json(response)),
+        None => Err(ApiError::ResponseNotFound {
+            id: id.into_inner(),
+        }),
+    }
 }
 
 #[delete("/v1/responses/{id}")]
-pub async fn delete_response(id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    Err(not_stored(&id))
+pub async fn delete_response(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    no_query(&request)?;
+    if !state.responses.delete(owner_of(&request).as_deref(), &id) {
+        return Err(ApiError::ResponseNotFound {
+            id: id.into_inner(),
+        });
+    }
+    state.metrics.record(crate::metrics::Event::ResponseStore(
+        state.responses.stats(),
+    ));
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "id": id.into_inner(), "object": "response", "deleted": true,
+    })))
 }
 
+/// `GET /v1/responses/{id}/input_items`' query: OpenAI's paging.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ItemsQuery {
+    limit: Option<i64>,
+    order: Option<String>,
+    after: Option<String>,
+}
+
+/// Items per page at most, and by default (OpenAI's).
+const MAX_ITEMS_PAGE: i64 = 100;
+const DEFAULT_ITEMS_PAGE: i64 = 20;
+
 #[get("/v1/responses/{id}/input_items")]
-pub async fn list_input_items(id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    Err(not_stored(&id))
+pub async fn list_input_items(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let query = web::Query::<ItemsQuery>::from_query(request.query_string()).map_err(|err| {
+        ApiError::invalid(
+            format!("query: {err} (input_items takes limit, order and after)"),
+            "query",
+        )
+    })?;
+    let limit = query.limit.unwrap_or(DEFAULT_ITEMS_PAGE);
+    if !(1..=MAX_ITEMS_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(
+            format!("limit must be between 1 and {MAX_ITEMS_PAGE}, got {limit}"),
+            "limit",
+        ));
+    }
+    let ascending = match query.order.as_deref() {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("order must be asc or desc, got {other:?}"),
+                "order",
+            ));
+        }
+    };
+    let Some(mut items) = state
+        .responses
+        .input_items(owner_of(&request).as_deref(), &id)
+    else {
+        return Err(ApiError::ResponseNotFound {
+            id: id.into_inner(),
+        });
+    };
+    if !ascending {
+        items.reverse();
+    }
+    if let Some(after) = &query.after {
+        let Some(at) = items.iter().position(|item| item["id"] == after.as_str()) else {
+            return Err(ApiError::invalid(
+                format!("after: no input item of response {id} has the id {after:?}"),
+                "after",
+            ));
+        };
+        items.drain(..=at);
+    }
+    let has_more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "object": "list",
+        "first_id": items.first().map(|item| item["id"].clone()),
+        "last_id": items.last().map(|item| item["id"].clone()),
+        "has_more": has_more,
+        "data": items,
+    })))
 }
 
 #[post("/v1/responses/{id}/cancel")]
-pub async fn cancel_response(id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    Err(not_stored(&id))
+pub async fn cancel_response(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    match state.responses.response(owner_of(&request).as_deref(), &id) {
+        Some(_) => Err(ApiError::invalid(
+            "only a background response can be cancelled, and tandem runs every response in \
+             the foreground (a client cancels one by closing its connection)",
+            "id",
+        )),
+        None => Err(ApiError::ResponseNotFound {
+            id: id.into_inner(),
+        }),
+    }
 }
 
 /// One response: its events when streamed (numbered by `sequence_number`), or the whole
@@ -198,6 +408,10 @@ pub struct ResponseEvents {
     /// it (dropped if the text turns out to be a call's markup).
     pending_logprobs: Vec<TokenLogprob>,
     sequence_number: u64,
+    /// The response this one continues, echoed.
+    previous_response_id: Option<String>,
+    /// Where the finished response is stored, when it is.
+    keep: Option<Keep>,
 }
 
 /// The output item being written.
@@ -252,7 +466,39 @@ impl ResponseEvents {
             open: None,
             pending_logprobs: Vec::new(),
             sequence_number: 0,
+            previous_response_id: None,
+            keep: None,
         }
+    }
+
+    /// Stores the finished `response` (when asked) with its output items, which a follow-up
+    /// takes as input.
+    fn store(&mut self, response: &ResponseObject) {
+        let Some(keep) = self.keep.take() else {
+            return;
+        };
+        // Through the JSON text, so that numbers read back as the response wrote them (an f32
+        // `top_p` of 0.9 would become 0.8999999761581421 as a value).
+        fn json(value: &impl serde::Serialize) -> Value {
+            serde_json::to_string(value)
+                .and_then(|text| serde_json::from_str(&text))
+                .expect("a response object is JSON")
+        }
+        let output = response.output.iter().map(json).collect();
+        let kept = keep.store.put(
+            keep.owner,
+            &self.id,
+            self.previous_response_id.clone(),
+            json(response),
+            keep.input_items,
+            output,
+        );
+        if !kept {
+            tracing::warn!(response_id = %self.id,
+                "a response larger than the whole response store was not stored");
+        }
+        self.metrics
+            .record(crate::metrics::Event::ResponseStore(keep.store.stats()));
     }
 
     /// The `response` object of a generation that is not streamed.
@@ -307,12 +553,12 @@ impl ResponseEvents {
             model: self.model.clone(),
             output,
             parallel_tool_calls: s.parallel_tool_calls,
-            previous_response_id: None,
+            previous_response_id: self.previous_response_id.clone(),
             prompt_cache_key: s.prompt_cache_key.clone(),
             reasoning: ReasoningConfig::default(),
             safety_identifier: s.safety_identifier.clone(),
             service_tier: "default",
-            store: false,
+            store: self.keep.is_some(),
             temperature: s.temperature,
             text: s.text.clone(),
             tool_choice: s.tool_choice.clone(),
@@ -518,6 +764,7 @@ impl ResponseEvents {
         }
         self.close(status, &mut out);
         let response = self.object(status, self.items.clone(), Some(ResponseUsage::from(usage)));
+        self.store(&response);
         out.push(match status {
             ResponseStatus::Incomplete => ResponseEvent::Incomplete {
                 response: response.clone(),
@@ -633,6 +880,8 @@ mod tests {
             open: None,
             pending_logprobs: Vec::new(),
             sequence_number: 0,
+            previous_response_id: None,
+            keep: None,
         }
     }
 

@@ -1,10 +1,11 @@
 //! `/v1/responses` requests → the same [`ValidRequest`] chat completions produce, plus the
 //! settings the `response` object echoes back.
 //!
-//! tandem is stateless: it stores no response, so `store` is accepted (OpenAI's default is
-//! true and SDKs send it) and answered with `store: false`, and what needs a stored response
-//! (`previous_response_id`, `conversation`) is a 400 that says to send the whole conversation
-//! in `input`. Function tools are served as on chat completions (the same rendering, parser
+//! `store` (OpenAI's default true) asks the api-server to keep the response
+//! ([`crate::response_store`]); `previous_response_id` is followed before validation (the
+//! route puts the stored conversation in `input`), and `conversation` (the Conversations
+//! API, which tandem does not serve) is a 400 that says to send the conversation in `input`
+//! or to continue it by `previous_response_id`. Function tools are served as on chat completions (the same rendering, parser
 //! and grammar): declared flat (`{"type": "function", "name", "parameters"}`), called in
 //! `function_call` output items, answered by `function_call_output` input items; hosted
 //! tools (web search, file search, ...) are a 400 naming them.
@@ -38,6 +39,8 @@ pub const INCLUDE_REASONING: &str = "reasoning.encrypted_content";
 pub struct ValidResponses {
     pub request: ValidRequest,
     pub echo: ResponseSettings,
+    /// `store` (default true, as OpenAI's): keep the finished response.
+    pub store: bool,
 }
 
 /// What the `response` object reports about the request's settings.
@@ -198,6 +201,7 @@ pub fn validate_responses(
         truncation,
     };
     Ok(ValidResponses {
+        store: request.store.unwrap_or(true),
         request: ValidRequest {
             prompt: PromptInput::Chat(turns),
             max_tokens: max_output_tokens,
@@ -231,19 +235,20 @@ pub fn validate_responses(
     })
 }
 
-/// What would need a stored response or conversation.
+/// What would need a stored conversation (the route has followed `previous_response_id`
+/// already: a request that still has one names a response it could not find).
 fn refuse_state(request: &ResponsesRequest) -> Result<(), ApiError> {
     if request.previous_response_id.is_some() {
         return Err(ApiError::unsupported(
-            "tandem stores no responses, so previous_response_id cannot be followed: \
-             send the earlier turns in input (as messages)",
+            "previous_response_id is followed by the route, not here",
             "previous_response_id",
         ));
     }
     if request.conversation.as_ref().is_some_and(|c| !c.is_null()) {
         return Err(ApiError::unsupported(
-            "tandem stores no conversations: send the earlier turns in input (as \
-             messages)",
+            "conversation is not served (tandem has no Conversations API): send the \
+             earlier turns in input (as messages), or continue a stored response by \
+             previous_response_id",
             "conversation",
         ));
     }

@@ -31,6 +31,8 @@ pub const DEFAULT_MAX_PENDING_REQUESTS: usize = 4096;
 /// a worker lost and a second failure, without passing a request that kills workers around
 /// the whole deployment.
 pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
+/// MiB of stored Responses API responses an api-server keeps by default.
+pub const DEFAULT_RESPONSE_STORE_MIB: usize = 256;
 
 /// The api-server's settings.
 #[derive(Debug, Clone, PartialEq, Args)]
@@ -118,6 +120,19 @@ pub struct ApiServerArgs {
         default_value_t = DEFAULT_MIGRATION_LIMIT
     )]
     pub migration_limit: u32,
+    /// Memory for stored Responses API responses (`store: true`, OpenAI's default), in MiB:
+    /// what `previous_response_id`, `GET`/`DELETE /v1/responses/{id}` and its `input_items`
+    /// find. Past it the least recently used responses go first (a conversation being
+    /// continued counts as used). Kept by this api-server only, in memory: a follow-up must
+    /// reach the api-server that made the response it continues, and a restart forgets them.
+    /// 0: nothing is stored (responses say `store: false`). The config's `response_store_mib`.
+    #[arg(
+        long,
+        env = "TANDEM_RESPONSE_STORE_MIB",
+        value_name = "MIB",
+        default_value_t = DEFAULT_RESPONSE_STORE_MIB
+    )]
+    pub response_store_mib: usize,
     /// Which markup the model writes tool calls in, parsed into OpenAI `tool_calls`: `auto`
     /// reads it from the model's chat template (`<tool_call>`: hermes, `[TOOL_CALLS]`:
     /// mistral, `<|python_tag|>`: llama3_json; a template that shows no tools gets them in its
@@ -224,6 +239,7 @@ impl ApiServerArgs {
             http_workers: DEFAULT_HTTP_WORKERS,
             max_pending_requests: DEFAULT_MAX_PENDING_REQUESTS,
             migration_limit: DEFAULT_MIGRATION_LIMIT,
+            response_store_mib: DEFAULT_RESPONSE_STORE_MIB,
             tool_call_parser: ToolCallParser::default(),
             generation_config: GenerationConfigSource::Auto,
             api_keys: Vec::new(),
@@ -297,6 +313,9 @@ impl ApiServerArgs {
         }
         if self.migration_limit != DEFAULT_MIGRATION_LIMIT {
             argv.push_display("--migration-limit", self.migration_limit);
+        }
+        if self.response_store_mib != DEFAULT_RESPONSE_STORE_MIB {
+            argv.push_display("--response-store-mib", self.response_store_mib);
         }
         if self.tool_call_parser != ToolCallParser::default() {
             argv.push("--tool-call-parser", self.tool_call_parser.name());
@@ -395,6 +414,7 @@ mod tests {
             http_workers: 3,
             max_pending_requests: 7,
             migration_limit: 0,
+            response_store_mib: 0,
             tool_call_parser: ToolCallParser::Mistral,
             generation_config: GenerationConfigSource::Dir("/etc/tandem/sampling".into()),
             api_keys: Vec::new(),

@@ -17,6 +17,7 @@ use std::fmt::Display;
 
 pub use api_server::{
     ApiKey, ApiServerArgs, DEFAULT_MAX_PENDING_REQUESTS, DEFAULT_MIGRATION_LIMIT,
+    DEFAULT_RESPONSE_STORE_MIB,
 };
 pub use nats_auth::{NatsAuthArgs, NatsAuthError, TOKEN_VAR as NATS_TOKEN_VAR};
 pub use worker::{

@@ -1,0 +1,325 @@
+//! The Responses API's stored responses, in this api-server's memory: what `store: true`
+//! (OpenAI's default) keeps, so that `previous_response_id` can continue a conversation and
+//! `GET`/`DELETE /v1/responses/{id}` and its `input_items` can find it.
+//!
+//! Each response keeps its own input items and output items and the id of the response it
+//! continued; a follow-up's context is its chain's items, oldest first, rebuilt by walking the
+//! chain. The store is bounded in bytes (the JSON it holds): past the bound the least
+//! recently used responses go first, and following a chain uses every response on it, so a
+//! conversation in progress keeps its earlier turns. A response is found only with the API
+//! key it was made with (its owner, the key's digest; `None` when the server takes no keys).
+//! Several api-servers keep separate stores: a follow-up must reach the api-server that made
+//! its previous response (docs/api.md says so).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use serde_json::Value;
+
+/// One stored response.
+#[derive(Debug, Clone)]
+struct Entry {
+    owner: Option<String>,
+    /// The response this one continued (`previous_response_id`).
+    previous: Option<String>,
+    /// The `response` object as returned.
+    response: Value,
+    /// This request's own input items, each with an `id`.
+    input_items: Vec<Value>,
+    /// The response's output items, as a follow-up's input takes them.
+    output_items: Vec<Value>,
+    bytes: usize,
+    /// When it was last used (a tick of the store's clock), its key in `by_use`.
+    last_use: u64,
+}
+
+/// Why a chain could not be followed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("no stored response has the id {id}")]
+    NotFound { id: String },
+    /// An earlier response of the chain was deleted or evicted.
+    #[error(
+        "response {id} continues {missing}, which is no longer stored (deleted, or evicted \
+         from the api-server's response store): send the conversation in input instead"
+    )]
+    Broken { id: String, missing: String },
+}
+
+/// What the store holds, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    pub responses: usize,
+    pub bytes: usize,
+    /// Responses dropped to stay under the bound, since the start.
+    pub evicted: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: HashMap<String, Entry>,
+    /// Ids by their last use, oldest first.
+    by_use: BTreeMap<u64, String>,
+    clock: u64,
+    bytes: usize,
+    evicted: u64,
+}
+
+impl Inner {
+    fn touch(&mut self, id: &str) {
+        self.clock += 1;
+        let now = self.clock;
+        if let Some(entry) = self.entries.get_mut(id) {
+            self.by_use.remove(&entry.last_use);
+            entry.last_use = now;
+            self.by_use.insert(now, id.to_string());
+        }
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        let entry = self.entries.remove(id)?;
+        self.by_use.remove(&entry.last_use);
+        self.bytes -= entry.bytes;
+        Some(entry)
+    }
+
+    /// The entry `id` when `owner` may see it.
+    fn owned(&self, owner: Option<&str>, id: &str) -> Option<&Entry> {
+        self.entries
+            .get(id)
+            .filter(|entry| entry.owner.as_deref() == owner)
+    }
+}
+
+/// The stored responses of this api-server, at most `limit_bytes` of JSON.
+#[derive(Debug)]
+pub struct ResponseStore {
+    limit_bytes: usize,
+    inner: Mutex<Inner>,
+}
+
+impl ResponseStore {
+    /// A store of at most `limit_bytes`; 0 keeps nothing (`store: true` is then answered
+    /// `store: false`, and `previous_response_id` refused).
+    pub fn new(limit_bytes: usize) -> Self {
+        ResponseStore {
+            limit_bytes,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.limit_bytes > 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves whole entries (every change is one insert
+        // or removal): the data is still consistent enough to serve.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Keeps response `id`, evicting the least recently used others past the bound; false
+    /// when it alone is larger than the bound (then nothing is kept).
+    pub fn put(
+        &self,
+        owner: Option<String>,
+        id: &str,
+        previous: Option<String>,
+        response: Value,
+        input_items: Vec<Value>,
+        output_items: Vec<Value>,
+    ) -> bool {
+        let bytes = json_len(&response)
+            + input_items.iter().map(json_len).sum::<usize>()
+            + output_items.iter().map(json_len).sum::<usize>();
+        if bytes > self.limit_bytes {
+            return false;
+        }
+        let mut inner = self.lock();
+        inner.remove(id);
+        while inner.bytes + bytes > self.limit_bytes {
+            let Some((_, oldest)) = inner.by_use.pop_first() else {
+                break;
+            };
+            if let Some(entry) = inner.entries.remove(&oldest) {
+                inner.bytes -= entry.bytes;
+                inner.evicted += 1;
+            }
+        }
+        inner.clock += 1;
+        let last_use = inner.clock;
+        inner.by_use.insert(last_use, id.to_string());
+        inner.bytes += bytes;
+        inner.entries.insert(
+            id.to_string(),
+            Entry {
+                owner,
+                previous,
+                response,
+                input_items,
+                output_items,
+                bytes,
+                last_use,
+            },
+        );
+        true
+    }
+
+    /// The `response` object of `id`, if `owner` stored it.
+    pub fn response(&self, owner: Option<&str>, id: &str) -> Option<Value> {
+        let mut inner = self.lock();
+        let response = inner.owned(owner, id)?.response.clone();
+        inner.touch(id);
+        Some(response)
+    }
+
+    /// The input items of `id`'s own request, if `owner` stored it.
+    pub fn input_items(&self, owner: Option<&str>, id: &str) -> Option<Vec<Value>> {
+        let mut inner = self.lock();
+        let items = inner.owned(owner, id)?.input_items.clone();
+        inner.touch(id);
+        Some(items)
+    }
+
+    /// Forgets `id`; whether `owner` had stored it.
+    pub fn delete(&self, owner: Option<&str>, id: &str) -> bool {
+        let mut inner = self.lock();
+        if inner.owned(owner, id).is_none() {
+            return false;
+        }
+        inner.remove(id);
+        true
+    }
+
+    /// The items a response continuing `id` starts from: every input and output item of
+    /// `id`'s chain, oldest first. Each response on the chain counts as used.
+    pub fn context(&self, owner: Option<&str>, id: &str) -> Result<Vec<Value>, ChainError> {
+        let mut inner = self.lock();
+        let mut chain = Vec::new();
+        let mut next = Some(id.to_string());
+        while let Some(current) = next {
+            let Some(entry) = inner.owned(owner, &current) else {
+                return Err(match chain.is_empty() {
+                    true => ChainError::NotFound { id: current },
+                    false => ChainError::Broken {
+                        id: id.to_string(),
+                        missing: current,
+                    },
+                });
+            };
+            next = entry.previous.clone();
+            chain.push(current);
+            // A chain cannot loop (each response names one made before it), but a bound
+            // keeps a bug from hanging the server.
+            if chain.len() > inner.entries.len() {
+                break;
+            }
+        }
+        let mut items = Vec::new();
+        for link in chain.iter().rev() {
+            let entry = &inner.entries[link];
+            items.extend(entry.input_items.iter().cloned());
+            items.extend(entry.output_items.iter().cloned());
+        }
+        for link in &chain {
+            inner.touch(link);
+        }
+        Ok(items)
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let inner = self.lock();
+        StoreStats {
+            responses: inner.entries.len(),
+            bytes: inner.bytes,
+            evicted: inner.evicted,
+        }
+    }
+}
+
+fn json_len(value: &Value) -> usize {
+    serde_json::to_vec(value).map_or(0, |bytes| bytes.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn message(text: &str) -> Value {
+        json!({"type": "message", "role": "user", "content": text})
+    }
+
+    fn put(store: &ResponseStore, id: &str, previous: Option<&str>, said: &str) -> bool {
+        store.put(
+            Some("key:a".into()),
+            id,
+            previous.map(str::to_string),
+            json!({"id": id}),
+            vec![message(said)],
+            vec![json!({"type": "message", "role": "assistant", "content": format!("re {said}")})],
+        )
+    }
+
+    #[test]
+    fn a_chain_gives_its_items_oldest_first_to_its_owner_only() {
+        let store = ResponseStore::new(1 << 20);
+        assert!(put(&store, "r1", None, "one"));
+        assert!(put(&store, "r2", Some("r1"), "two"));
+        let items = store.context(Some("key:a"), "r2").unwrap();
+        let texts: Vec<&str> = items
+            .iter()
+            .map(|i| i["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(texts, ["one", "re one", "two", "re two"]);
+        assert_eq!(store.response(Some("key:a"), "r1").unwrap()["id"], "r1");
+        assert_eq!(store.input_items(Some("key:a"), "r2").unwrap().len(), 1);
+        // Another key, or none, finds nothing.
+        assert_eq!(store.response(Some("key:b"), "r1"), None);
+        assert_eq!(store.response(None, "r1"), None);
+        assert_eq!(
+            store.context(Some("key:b"), "r2"),
+            Err(ChainError::NotFound { id: "r2".into() })
+        );
+        assert!(!store.delete(Some("key:b"), "r1"));
+        // Deleting a link breaks the chain after it, naming the missing response.
+        assert!(store.delete(Some("key:a"), "r1"));
+        assert_eq!(
+            store.context(Some("key:a"), "r2"),
+            Err(ChainError::Broken {
+                id: "r2".into(),
+                missing: "r1".into()
+            })
+        );
+        assert_eq!(store.stats().responses, 1);
+    }
+
+    #[test]
+    fn the_least_recently_used_go_first_and_a_followed_chain_stays() {
+        let one = {
+            let store = ResponseStore::new(1 << 20);
+            put(&store, "r1", None, "x");
+            store.stats().bytes
+        };
+        // Room for three responses of this size.
+        let store = ResponseStore::new(3 * one + one / 2);
+        put(&store, "a1", None, "x");
+        put(&store, "b1", None, "x");
+        put(&store, "a2", Some("a1"), "x");
+        // Following a2's chain uses a1: b1 is now the least recently used.
+        store.context(Some("key:a"), "a2").unwrap();
+        put(&store, "c1", None, "x");
+        assert!(store.response(Some("key:a"), "b1").is_none(), "evicted");
+        assert!(store.context(Some("key:a"), "a2").is_ok());
+        let stats = store.stats();
+        assert_eq!((stats.responses, stats.evicted), (3, 1));
+        assert!(stats.bytes <= 3 * one + one / 2);
+        // A response larger than the whole store is not kept; an empty store keeps nothing.
+        let tiny = ResponseStore::new(8);
+        assert!(!put(&tiny, "r", None, "x"));
+        assert!(!ResponseStore::new(0).enabled());
+    }
+}
