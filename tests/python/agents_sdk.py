@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Runs an OpenAI Agents SDK agent (no tools) against a running tandem deployment through the
 SDK's Responses model, its default (run by tests/responses_api.rs; usage: agents_sdk.py
-BASE_URL): a run, a streamed run, and a second turn built from the first run's items; then the
+BASE_URL): a run, a streamed run, and a second turn built from the first run's items and again
+chained by `previous_response_id`; then the
 same agent through the SDK's chat completions model. Exits non-zero with a message on the first
 failed check."""
 
@@ -48,6 +49,10 @@ async def main():
     # A second turn: the first run's items (its output message included) sent back.
     second = await Runner.run(agent, result.to_input_list() + [{"role": "user", "content": "And of Italy?"}])
     check(second.final_output, second)
+    # The same turn chained by id (the server keeps the first run's response): the same text.
+    chained = await Runner.run(agent, [{"role": "user", "content": "And of Italy?"}],
+                               previous_response_id=result.last_response_id)
+    check(chained.final_output == second.final_output, (chained.final_output, second.final_output))
 
     # The SDK's chat completions model sends its own set of fields; same prompt, same text.
     chat_agent = agent.clone(model=OpenAIChatCompletionsModel(model=model, openai_client=client))
