@@ -4,7 +4,9 @@
 //!
 //! Each response keeps its own input items and output items and the id of the response it
 //! continued; a follow-up's context is its chain's items, oldest first, rebuilt by walking the
-//! chain. The store is bounded in bytes (the JSON it holds): past the bound the least
+//! chain. Everything is held as JSON text, so the bound is close to the memory used (a parsed
+//! `serde_json::Value` takes several times its text), parsed again only to be used. The
+//! store is bounded in bytes (the JSON it holds): past the bound the least
 //! recently used responses go first, and following a chain uses every response on it, so a
 //! conversation in progress keeps its earlier turns. A response is found only with the API
 //! key it was made with (its owner, the key's digest; `None` when the server takes no keys).
@@ -22,15 +24,25 @@ struct Entry {
     owner: Option<String>,
     /// The response this one continued (`previous_response_id`).
     previous: Option<String>,
-    /// The `response` object as returned.
-    response: Value,
-    /// This request's own input items, each with an `id`.
-    input_items: Vec<Value>,
-    /// The response's output items, as a follow-up's input takes them.
-    output_items: Vec<Value>,
-    bytes: usize,
+    /// The `response` object as returned (JSON).
+    response: String,
+    /// This request's own input items, each with an `id` (a JSON array).
+    input_items: String,
+    /// The response's output items, as a follow-up's input takes them (a JSON array).
+    output_items: String,
     /// When it was last used (a tick of the store's clock), its key in `by_use`.
     last_use: u64,
+}
+
+impl Entry {
+    fn bytes(&self) -> usize {
+        self.response.len() + self.input_items.len() + self.output_items.len()
+    }
+}
+
+/// The items of a JSON array the store wrote.
+fn items(array: &str) -> Vec<Value> {
+    serde_json::from_str(array).expect("the store holds the JSON arrays it wrote")
 }
 
 /// Why a chain could not be followed.
@@ -79,7 +91,7 @@ impl Inner {
     fn remove(&mut self, id: &str) -> Option<Entry> {
         let entry = self.entries.remove(id)?;
         self.by_use.remove(&entry.last_use);
-        self.bytes -= entry.bytes;
+        self.bytes -= entry.bytes();
         Some(entry)
     }
 
@@ -120,20 +132,30 @@ impl ResponseStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Keeps response `id`, evicting the least recently used others past the bound; false
-    /// when it alone is larger than the bound (then nothing is kept).
+    /// Keeps response `id` (its object as JSON text, its request's input items and its
+    /// output items), evicting the least recently used others past the bound; false when it
+    /// alone is larger than the bound (then nothing is kept).
     pub fn put(
         &self,
         owner: Option<String>,
         id: &str,
         previous: Option<String>,
-        response: Value,
-        input_items: Vec<Value>,
-        output_items: Vec<Value>,
+        response: String,
+        input_items: &[Value],
+        output_items: &[Value],
     ) -> bool {
-        let bytes = json_len(&response)
-            + input_items.iter().map(json_len).sum::<usize>()
-            + output_items.iter().map(json_len).sum::<usize>();
+        let array = |items: &[Value]| {
+            serde_json::to_string(items).expect("JSON values serialize to JSON text")
+        };
+        let mut entry = Entry {
+            owner,
+            previous,
+            response,
+            input_items: array(input_items),
+            output_items: array(output_items),
+            last_use: 0,
+        };
+        let bytes = entry.bytes();
         if bytes > self.limit_bytes {
             return false;
         }
@@ -143,32 +165,21 @@ impl ResponseStore {
             let Some((_, oldest)) = inner.by_use.pop_first() else {
                 break;
             };
-            if let Some(entry) = inner.entries.remove(&oldest) {
-                inner.bytes -= entry.bytes;
+            if let Some(evicted) = inner.entries.remove(&oldest) {
+                inner.bytes -= evicted.bytes();
                 inner.evicted += 1;
             }
         }
         inner.clock += 1;
-        let last_use = inner.clock;
-        inner.by_use.insert(last_use, id.to_string());
+        entry.last_use = inner.clock;
+        inner.by_use.insert(entry.last_use, id.to_string());
         inner.bytes += bytes;
-        inner.entries.insert(
-            id.to_string(),
-            Entry {
-                owner,
-                previous,
-                response,
-                input_items,
-                output_items,
-                bytes,
-                last_use,
-            },
-        );
+        inner.entries.insert(id.to_string(), entry);
         true
     }
 
-    /// The `response` object of `id`, if `owner` stored it.
-    pub fn response(&self, owner: Option<&str>, id: &str) -> Option<Value> {
+    /// The `response` object of `id` (JSON text), if `owner` stored it.
+    pub fn response(&self, owner: Option<&str>, id: &str) -> Option<String> {
         let mut inner = self.lock();
         let response = inner.owned(owner, id)?.response.clone();
         inner.touch(id);
@@ -178,9 +189,9 @@ impl ResponseStore {
     /// The input items of `id`'s own request, if `owner` stored it.
     pub fn input_items(&self, owner: Option<&str>, id: &str) -> Option<Vec<Value>> {
         let mut inner = self.lock();
-        let items = inner.owned(owner, id)?.input_items.clone();
+        let listed = items(&inner.owned(owner, id)?.input_items);
         inner.touch(id);
-        Some(items)
+        Some(listed)
     }
 
     /// Forgets `id`; whether `owner` had stored it.
@@ -217,16 +228,16 @@ impl ResponseStore {
                 break;
             }
         }
-        let mut items = Vec::new();
+        let mut context = Vec::new();
         for link in chain.iter().rev() {
             let entry = &inner.entries[link];
-            items.extend(entry.input_items.iter().cloned());
-            items.extend(entry.output_items.iter().cloned());
+            context.extend(items(&entry.input_items));
+            context.extend(items(&entry.output_items));
         }
         for link in &chain {
             inner.touch(link);
         }
-        Ok(items)
+        Ok(context)
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -237,10 +248,6 @@ impl ResponseStore {
             evicted: inner.evicted,
         }
     }
-}
-
-fn json_len(value: &Value) -> usize {
-    serde_json::to_vec(value).map_or(0, |bytes| bytes.len())
 }
 
 #[cfg(test)]
@@ -258,9 +265,9 @@ mod tests {
             Some("key:a".into()),
             id,
             previous.map(str::to_string),
-            json!({"id": id}),
-            vec![message(said)],
-            vec![json!({"type": "message", "role": "assistant", "content": format!("re {said}")})],
+            json!({"id": id}).to_string(),
+            &[message(said)],
+            &[json!({"type": "message", "role": "assistant", "content": format!("re {said}")})],
         )
     }
 
@@ -275,7 +282,10 @@ mod tests {
             .map(|i| i["content"].as_str().unwrap())
             .collect();
         assert_eq!(texts, ["one", "re one", "two", "re two"]);
-        assert_eq!(store.response(Some("key:a"), "r1").unwrap()["id"], "r1");
+        assert_eq!(
+            store.response(Some("key:a"), "r1").unwrap(),
+            r#"{"id":"r1"}"#
+        );
         assert_eq!(store.input_items(Some("key:a"), "r2").unwrap().len(), 1);
         // Another key, or none, finds nothing.
         assert_eq!(store.response(Some("key:b"), "r1"), None);

@@ -266,7 +266,9 @@ pub async fn get_response(
 ) -> Result<HttpResponse, ApiError> {
     no_query(&request)?;
     match state.responses.response(owner_of(&request).as_deref(), &id) {
-        Some(response) => Ok(HttpResponse::Ok().json(response)),
+        Some(response) => Ok(HttpResponse::Ok()
+            .content_type(actix_web::http::header::ContentType::json())
+            .body(response)),
         None => Err(ApiError::ResponseNotFound {
             id: id.into_inner(),
         }),
@@ -479,19 +481,16 @@ impl ResponseEvents {
         };
         // Through the JSON text, so that numbers read back as the response wrote them (an f32
         // `top_p` of 0.9 would become 0.8999999761581421 as a value).
-        fn json(value: &impl serde::Serialize) -> Value {
-            serde_json::to_string(value)
-                .and_then(|text| serde_json::from_str(&text))
-                .expect("a response object is JSON")
-        }
-        let output = response.output.iter().map(json).collect();
+        let output: Vec<Value> = serde_json::to_string(&response.output)
+            .and_then(|text| serde_json::from_str(&text))
+            .expect("output items are JSON");
         let kept = keep.store.put(
             keep.owner,
             &self.id,
             self.previous_response_id.clone(),
-            json(response),
-            keep.input_items,
-            output,
+            serde_json::to_string(response).expect("a response object is JSON"),
+            &keep.input_items,
+            &output,
         );
         if !kept {
             tracing::warn!(response_id = %self.id,
