@@ -7,7 +7,8 @@ usage: responses_tools.py BASE_URL
 - `responses.create` with a function tool: the call as a `function_call` output item (no
   message beside it), the same call streamed (typed events: the item added, argument deltas,
   the item done), the round trip (the call and a `function_call_output` sent back in `input`:
-  the model answers in text carrying the result), `tool_choice` "none", "required" and a named
+  the model answers in text carrying the result; again chained by `previous_response_id`, the
+  same answer), `tool_choice` "none", "required" and a named
   function (every reply a call whose arguments validate against the tool's schema), and the
   400s that name the field.
 - langchain-openai's `ChatOpenAI(use_responses_api=True).bind_tools`: a named call, streamed
@@ -122,6 +123,14 @@ def auto():
     check(not calls_of(answer), f"an answer, not another call: {answer.output}")
     check("21" in answer.output_text, f"the answer carries the tool's result (21): {answer.output_text!r}")
     check(answer.usage.input_tokens > response.usage.input_tokens, (answer.usage, response.usage))
+    # The same round trip chained by previous_response_id, as agent loops send it: only the
+    # call's output goes in `input`, and the server puts the question and the call before it.
+    chained = client.responses.create(
+        model=model, previous_response_id=response.id, tools=[WEATHER], temperature=0, max_output_tokens=32,
+        input=[{"type": "function_call_output", "call_id": call.call_id,
+                "output": json.dumps({"temperature_c": 21})}])
+    check(chained.output_text == answer.output_text, (chained.output_text, answer.output_text))
+    check(chained.usage.input_tokens == answer.usage.input_tokens, (chained.usage, answer.usage))
 
     # tool_choice "none": a message, tools not shown, nothing parsed.
     plain = client.responses.create(model=model, input=question, tools=[WEATHER], tool_choice="none",
