@@ -29,8 +29,9 @@ pub enum ApiError {
     },
     #[error("the model `{model}` does not exist")]
     ModelNotFound { model: String },
-    /// A stored-response route (`GET /v1/responses/{id}`, ...): tandem stores no response.
-    #[error("no stored response `{id}`: tandem stores no responses")]
+    /// A stored-response route (`GET /v1/responses/{id}`, ...) for a response this api-server
+    /// does not hold for the request's key.
+    #[error("no stored response `{id}` for this key on this api-server")]
     ResponseNotFound { id: String },
     /// No route has this path ([`crate::routes::unrouted`]); `served` says what the path is
     /// when OpenAI's API has it (`/v1/embeddings`: "embeddings").

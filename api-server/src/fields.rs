@@ -307,8 +307,8 @@ const CHAT_TEMPLATE: &[(&str, Support)] = &[
 ];
 
 /// Fields chat and text completions accept: tags and hints about OpenAI's own accounting,
-/// caching and storage, which mean nothing to a server that stores nothing and has one service
-/// tier (docs/api.md says what each means here).
+/// caching and storage, which mean nothing to a server that stores no chat completions and has
+/// one service tier (docs/api.md says what each means here).
 const ACCEPTED_HINTS: &[(&str, Support)] = &[
     ("user", Accepted(Kind::String)),
     ("safety_identifier", Accepted(Kind::String)),

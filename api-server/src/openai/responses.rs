@@ -1,10 +1,11 @@
 //! `/v1/responses`: the request, the `response` object and the typed stream events.
 //!
-//! tandem serves the Responses API for text in and text out, statelessly: a `message` output
-//! item with one `output_text` part, and a `function_call` item for each call of a declared
-//! function tool. The shapes follow OpenAI's reference field for field, with the fields a
-//! stateless text server has no use for set to what they mean here (`store` false,
-//! `previous_response_id` null), so the official SDKs and the Agents SDK read them unchanged.
+//! tandem serves the Responses API for text in and text out: a `message` output item with one
+//! `output_text` part, and a `function_call` item for each call of a declared function tool;
+//! responses kept in the api-server's store are continued by `previous_response_id`
+//! (`crate::response_store`). The shapes follow OpenAI's reference field for field, with the
+//! fields a text server has no use for set to what they mean here (no reasoning, one service
+//! tier), so the official SDKs and the Agents SDK read them unchanged.
 //! `output_text` is not sent: like OpenAI, the SDKs compute it from `output`.
 
 use std::collections::BTreeMap;
