@@ -73,6 +73,21 @@ result = client.completions.create(model=model, prompt="The capital of France is
 check(result.object == "text_completion" and result.choices[0].text, result)
 check(result.usage.completion_tokens > 0, result.usage)
 
+# vLLM's request_id and bad_words through the client's extra_body: the reply named by the id
+# (in its `id` and X-Request-Id), and a banned word's tokens never drawn.
+raw = client.chat.completions.with_raw_response.create(
+    model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8,
+    temperature=0, extra_body={"request_id": "conformance-1"})
+named = raw.parse()
+check(named.id == "chatcmpl-conformance-1", named.id)
+check(raw.headers.get("x-request-id") == "conformance-1", raw.headers)
+answer = named.choices[0].message.content
+check("Paris" in answer, answer)
+banned = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8,
+    temperature=0, extra_body={"bad_words": ["Paris"]})
+check(" Paris" not in banned.choices[0].message.content, banned.choices[0].message.content)
+
 # Bad input: typed errors from the client, OpenAI error bodies.
 try:
     client.chat.completions.create(model=model, messages=[], max_tokens=4)
