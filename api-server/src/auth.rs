@@ -42,12 +42,18 @@ pub struct KeyOwner(pub String);
 
 impl KeyOwner {
     fn of(key: &ApiKey) -> Self {
-        let digest = Sha256::new()
-            .chain_update(b"tandem response owner\0")
-            .chain_update(key.as_bytes())
-            .finalize();
-        KeyOwner(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+        KeyOwner(key_digest(b"tandem response owner\0", key))
     }
+}
+
+/// The first 16 bytes of SHA-256 over `domain` and `key`, in hex: a name of the key for one
+/// use (`domain`), from which neither the key nor its names for other uses can be read.
+fn key_digest(domain: &[u8], key: &ApiKey) -> String {
+    let digest = Sha256::new()
+        .chain_update(domain)
+        .chain_update(key.as_bytes())
+        .finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The prefix-cache salt of the API key a request came with (a request extension): a digest of
@@ -57,12 +63,10 @@ pub struct TenantSalt(pub String);
 
 impl TenantSalt {
     fn of(key: &ApiKey) -> Self {
-        let digest = Sha256::new()
-            .chain_update(b"tandem prefix-cache salt\0")
-            .chain_update(key.as_bytes())
-            .finalize();
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        TenantSalt(format!("key:{hex}"))
+        TenantSalt(format!(
+            "key:{}",
+            key_digest(b"tandem prefix-cache salt\0", key)
+        ))
     }
 
     /// The salt of a request that also sent `cache_salt` (`None`: it did not): the key's salt
