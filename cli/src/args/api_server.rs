@@ -145,8 +145,8 @@ pub struct ApiServerArgs {
         value_parser = one_of(ToolCallParser::ALL, ToolCallParser::name)
     )]
     pub tool_call_parser: ToolCallParser,
-    /// Where requests that omit `temperature`, `top_p`, `top_k` or `repetition_penalty` take
-    /// them from: `auto`, the model directory's generation_config.json (as vLLM does; OpenAI's
+    /// Where requests that omit `temperature`, `top_p`, `top_k`, `min_p` or
+    /// `repetition_penalty` take them from: `auto`, the model directory's generation_config.json (as vLLM does; OpenAI's
     /// defaults where it has none); `none`, OpenAI's defaults (temperature 1, top_p 1) whatever
     /// the model says; or a directory, its generation_config.json. The config's
     /// `generation_config`.
