@@ -144,9 +144,16 @@ impl ResponseStore {
         input_items: &[Value],
         output_items: &[Value],
     ) -> bool {
+        // Serializing grows a buffer by doubling: without its slack a text takes its length,
+        // so the bound counts about what the store takes.
         let array = |items: &[Value]| {
-            serde_json::to_string(items).expect("JSON values serialize to JSON text")
+            let mut text =
+                serde_json::to_string(items).expect("JSON values serialize to JSON text");
+            text.shrink_to_fit();
+            text
         };
+        let mut response = response;
+        response.shrink_to_fit();
         let mut entry = Entry {
             owner,
             previous,
