@@ -298,9 +298,10 @@ fn publish_as(port: u16, user: &str, password: &str, subject: &str) -> String {
 
 /// The least-privilege users of `examples/nats/permissions.conf` (docs/security.md), for this
 /// test's served name and with the passwords written in: an api-server, a context worker and
-/// a decode worker, each connecting as its own user, serve a disaggregated request; the
-/// decode worker's user cannot publish the context worker's heartbeat or a job, and may
-/// publish on a request's stream.
+/// a decode worker, each connecting as its own user, serve a disaggregated request, and a
+/// second api-server on the api-server's user finds the first's stored response, with no
+/// permission violation in the nats-server's log; the decode worker's user cannot publish the
+/// context worker's heartbeat or a job, and may publish on a request's stream.
 #[test]
 fn least_privilege_users_serve_and_cannot_pose_as_another_worker() {
     let dir = temp_dir("nats-permissions");
@@ -382,6 +383,29 @@ fn least_privilege_users_serve_and_cannot_pose_as_another_worker() {
         "the context worker prefilled it and the decode worker pulled it: {metrics}"
     );
 
+    // A second api-server on the same user finds the first's stored response through it.
+    let second_api = ApiServer::start(
+        &nats,
+        &model,
+        served,
+        &["--nats-user", "api", "--nats-password-file", &files[0]],
+    );
+    let stored = api.http.post(
+        "/v1/responses",
+        &json!({"model": served, "input": "Hello there", "max_output_tokens": 2}),
+    );
+    assert_eq!(stored.status, 200, "{}", stored.body);
+    let id = stored.json()["id"].as_str().unwrap().to_string();
+    let found = second_api.http.get(&format!("/v1/responses/{id}"));
+    assert_eq!(found.status, 200, "{}", found.body);
+    assert_eq!(found.json()["id"], id.as_str());
+    // Everything the components did was allowed: the example's permissions cover it all
+    // (KV events and snapshots, stored responses' request-reply).
+    let log = nats.output();
+    assert!(
+        !log.contains("Violation"),
+        "the example's permissions refused something a component does:\n{log}"
+    );
     let (user, password) = passwords[2];
     let heartbeat = format!("tandem.{served}.heartbeat.context.ctx-a");
     let job = format!("tandem.{served}.prefill.ctx-a");

@@ -738,6 +738,191 @@ fn stored_responses_continue_a_conversation_for_their_key_only() {
     );
 }
 
+/// Two api-servers of one model share their stored responses over NATS: a response made on
+/// one is retrieved, continued, listed and deleted through the other; a conversation whose
+/// turns alternate between them is rebuilt whole (the same text as chat completions give for
+/// it); another key finds nothing on either. When the api-server holding a response is
+/// killed, the other says that response is gone with it (a 404 for the stored-response
+/// routes, a 400 naming `previous_response_id` for a follow-up), and still serves.
+#[test]
+fn stored_responses_are_reached_through_any_api_server() {
+    let nats = Nats::start();
+    let model = model_dir(MODEL);
+    let flags = [
+        "--worker-timeout-ms",
+        "1500",
+        "--api-key",
+        "sk-share-a",
+        "--api-key",
+        "sk-share-b",
+    ];
+    let api_one = tandem_test_kit::ApiServer::start(&nats, &model, SERVED_NAME, &flags);
+    let mut api_two = tandem_test_kit::ApiServer::start(&nats, &model, SERVED_NAME, &flags);
+    let _worker = support::start_worker(&nats, &model, "w0", &[]);
+    api_one.http.wait_for_workers(1, Duration::from_secs(30));
+    api_two.http.wait_for_workers(1, Duration::from_secs(30));
+    let one = &api_one.http.clone().with_bearer("sk-share-a");
+    let two = &api_two.http.clone().with_bearer("sk-share-a");
+    let other_key = &api_two.http.clone().with_bearer("sk-share-b");
+    let turn = |http: &Http, body: Value| {
+        let reply = http.post("/v1/responses", &body);
+        assert_eq!(reply.status, 200, "{body}: {}", reply.body);
+        reply.json()
+    };
+    let id_of = |response: &Value| response["id"].as_str().unwrap().to_string();
+
+    let first_question = "My name is Ada. Say hello to me.";
+    let first = turn(
+        one,
+        json!({"input": first_question, "max_output_tokens": 12, "temperature": 0}),
+    );
+    let first_id = id_of(&first);
+    let digits = first_id.strip_prefix("resp_").unwrap();
+    assert!(
+        digits.len() == 48 && digits.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{first_id}"
+    );
+    // Retrieved through the other api-server, as it was returned; not with another key.
+    let stored = two.get(&format!("/v1/responses/{first_id}"));
+    assert_eq!(stored.status, 200, "{}", stored.body);
+    assert_eq!(stored.json(), first);
+    assert_eq!(
+        other_key.get(&format!("/v1/responses/{first_id}")).status,
+        404
+    );
+
+    // Continued on the second api-server, then on the first again: the whole conversation.
+    let second_question = "What is my name?";
+    let second = turn(
+        two,
+        json!({"input": second_question, "previous_response_id": first_id,
+               "max_output_tokens": 12, "temperature": 0}),
+    );
+    let second_id = id_of(&second);
+    assert_ne!(
+        &second_id[5..21],
+        &first_id[5..21],
+        "made by another api-server"
+    );
+    let expected = chat_text(
+        one,
+        json!([
+            {"role": "user", "content": first_question},
+            {"role": "assistant", "content": output_text(&first)},
+            {"role": "user", "content": second_question},
+        ]),
+        12,
+    );
+    assert_eq!(output_text(&second), expected);
+    let third_question = "And what did I ask first?";
+    let third = turn(
+        one,
+        json!({"input": third_question, "previous_response_id": second_id,
+               "max_output_tokens": 8, "temperature": 0}),
+    );
+    let expected = chat_text(
+        two,
+        json!([
+            {"role": "user", "content": first_question},
+            {"role": "assistant", "content": output_text(&first)},
+            {"role": "user", "content": second_question},
+            {"role": "assistant", "content": output_text(&second)},
+            {"role": "user", "content": third_question},
+        ]),
+        8,
+    );
+    assert_eq!(output_text(&third), expected);
+    let third_id = id_of(&third);
+    let items = one
+        .get(&format!("/v1/responses/{second_id}/input_items"))
+        .json();
+    assert_eq!(items["data"][0]["content"], second_question, "{items}");
+    let refused = other_key.post(
+        "/v1/responses",
+        &json!({"input": "x", "previous_response_id": second_id, "max_output_tokens": 1}),
+    );
+    assert_eq!(refused.status, 400, "{}", refused.body);
+
+    // Deleted through the second api-server: gone from the first, and the chain is broken
+    // there.
+    let deleted = two.delete(&format!("/v1/responses/{first_id}"));
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eq!(one.get(&format!("/v1/responses/{first_id}")).status, 404);
+    let broken = two.post(
+        "/v1/responses",
+        &json!({"input": "x", "previous_response_id": third_id, "max_output_tokens": 1}),
+    );
+    assert_eq!(broken.status, 400, "{}", broken.body);
+    let message = broken.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains(&first_id) && message.contains("no longer stored"),
+        "{message}"
+    );
+    let metrics = api_two.http.get("/metrics").body;
+    assert!(
+        prometheus::metric(
+            &metrics,
+            "tandem_response_store_peer_requests_total",
+            "outcome=\"found\""
+        )
+        .unwrap()
+            >= 3.0,
+        "{metrics}"
+    );
+
+    // The second api-server dies: its responses go with it, and the first says so.
+    api_two.proc.kill();
+    let started = Instant::now();
+    let gone = loop {
+        let reply = one.get(&format!("/v1/responses/{second_id}"));
+        if reply.status == 404 || started.elapsed() > Duration::from_secs(10) {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(gone.status, 404, "{}", gone.body);
+    let error = &gone.json()["error"];
+    assert_eq!(error["code"], "response_not_found");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("no longer answers"),
+        "{error}"
+    );
+    let follow_up = one.post(
+        "/v1/responses",
+        &json!({"input": "x", "previous_response_id": third_id, "max_output_tokens": 1}),
+    );
+    assert_eq!(follow_up.status, 400, "{}", follow_up.body);
+    let error = &follow_up.json()["error"];
+    assert_eq!(error["param"], "previous_response_id");
+    assert!(
+        error["message"].as_str().unwrap().contains(&second_id),
+        "{error}"
+    );
+    // It still serves, and stores.
+    let fresh = id_of(&turn(
+        one,
+        json!({"input": "Hello", "max_output_tokens": 2}),
+    ));
+    assert_eq!(one.get(&format!("/v1/responses/{fresh}")).status, 200);
+    let metrics = api_one.http.get("/metrics").body;
+    assert!(
+        prometheus::metric(
+            &metrics,
+            "tandem_response_store_peer_requests_total",
+            "outcome=\"gone\""
+        )
+        .unwrap()
+            >= 2.0,
+        "{metrics}"
+    );
+}
+
 fn model_with_house_rules(dir: &std::path::Path) {
     tandem_test_kit::model_with_edited_json(
         &model_dir(MODEL),

@@ -33,6 +33,10 @@ pub enum ApiError {
     /// does not hold for the request's key.
     #[error("no stored response `{id}` for this key on this api-server")]
     ResponseNotFound { id: String },
+    /// A stored-response route for a response another api-server made, which cannot be
+    /// reached now (it stopped): `detail` says so.
+    #[error("{detail}")]
+    ResponseGone { detail: String },
     /// No route has this path ([`crate::routes::unrouted`]); `served` says what the path is
     /// when OpenAI's API has it (`/v1/embeddings`: "embeddings").
     #[error("no route {method} {path}")]
@@ -168,6 +172,7 @@ impl ApiError {
             ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound { .. }
             | ApiError::ResponseNotFound { .. }
+            | ApiError::ResponseGone { .. }
             | ApiError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NoLiveWorker | ApiError::NotAccepted { .. } | ApiError::Bus { .. } => {
@@ -192,7 +197,9 @@ impl ApiError {
         match self {
             ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::ModelNotFound { .. } => "model_not_found",
-            ApiError::ResponseNotFound { .. } | ApiError::UnknownRoute { .. } => "not_found",
+            ApiError::ResponseNotFound { .. }
+            | ApiError::ResponseGone { .. }
+            | ApiError::UnknownRoute { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "invalid_request",
             ApiError::NoLiveWorker | ApiError::NotAccepted { .. } => "unavailable",
             ApiError::FirstTokenTimeout { .. }
@@ -235,9 +242,16 @@ impl ApiError {
                 Some("response_not_found"),
                 format!(
                     "No response found with id '{id}'. tandem keeps a response (store: true) \
-                     in the memory of the api-server that made it, for the API key that made \
-                     it, until its response store needs the room or the server restarts."
+                     in the memory of the api-server that made it (where every api-server of \
+                     the deployment finds it), for the API key that made it, until its \
+                     response store needs the room or that server stops."
                 ),
+            ),
+            ApiError::ResponseGone { detail } => (
+                "invalid_request_error",
+                None,
+                Some("response_not_found"),
+                detail.clone(),
             ),
             ApiError::UnknownRoute {
                 method,

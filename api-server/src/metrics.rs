@@ -134,6 +134,10 @@ pub enum Event<'a> {
     LiveWorkers(LiveCounts),
     /// What the Responses API's response store holds, after a change.
     ResponseStore(crate::response_store::StoreStats),
+    /// This api-server asked another about a response that one stored: `outcome` is
+    /// `found`, `not_found`, `gone` (no api-server of that name answers), `timeout`,
+    /// `too_large` or `error`.
+    ResponsePeer { outcome: &'static str },
     /// `count` tokens (at least one) of one request arrived at once (a worker publishes what
     /// it produced since its last publish).
     Tokens {
@@ -191,6 +195,16 @@ pub enum Event<'a> {
     PrefixResync { worker_id: &'a str },
 }
 
+/// [`Event::ResponsePeer`]'s outcomes.
+const RESPONSE_PEER_OUTCOMES: [&str; 6] = [
+    "found",
+    "not_found",
+    "gone",
+    "timeout",
+    "too_large",
+    "error",
+];
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -221,6 +235,8 @@ pub struct Metrics {
     response_store_responses: IntGauge,
     response_store_bytes: IntGauge,
     response_store_evictions: IntCounter,
+    /// `outcome`: [`Event::ResponsePeer`]'s.
+    response_store_peer_requests: IntCounterVec,
     /// KV cache bytes decode workers pulled from context workers (`kv_pulled.bytes`).
     kv_transfer_bytes: IntCounter,
     /// Duration of each successful pull (`kv_pulled.micros`).
@@ -387,6 +403,15 @@ impl Metrics {
         let response_store_evictions = IntCounter::new(
             "tandem_response_store_evictions_total",
             "Stored responses dropped, least recently used first, to make room for new ones",
+        )
+        .expect("metric options are static and valid");
+        let response_store_peer_requests = IntCounterVec::new(
+            Opts::new(
+                "tandem_response_store_peer_requests_total",
+                "Questions this api-server asked another about a response that one stored \
+                 (a follow-up, retrieval or deletion of it), by outcome",
+            ),
+            &["outcome"],
         )
         .expect("metric options are static and valid");
         let kv_transfer_bytes = IntCounter::new(
@@ -591,6 +616,7 @@ impl Metrics {
             response_store_responses,
             response_store_bytes,
             response_store_evictions,
+            response_store_peer_requests,
             kv_transfer_bytes,
             kv_transfer_seconds,
             kv_transfers,
@@ -639,6 +665,7 @@ impl Metrics {
             Box::new(metrics.response_store_responses.clone()),
             Box::new(metrics.response_store_bytes.clone()),
             Box::new(metrics.response_store_evictions.clone()),
+            Box::new(metrics.response_store_peer_requests.clone()),
             Box::new(metrics.kv_transfer_bytes.clone()),
             Box::new(metrics.kv_transfer_seconds.clone()),
             Box::new(metrics.kv_transfers.clone()),
@@ -713,6 +740,11 @@ impl Metrics {
         for outcome in ["parsed", "malformed"] {
             metrics.tool_calls.with_label_values(&[outcome]);
         }
+        for outcome in RESPONSE_PEER_OUTCOMES {
+            metrics
+                .response_store_peer_requests
+                .with_label_values(&[outcome]);
+        }
         metrics
     }
 
@@ -740,6 +772,10 @@ impl Metrics {
                 self.response_store_evictions
                     .inc_by(stats.evicted.saturating_sub(counted));
             }
+            Event::ResponsePeer { outcome } => self
+                .response_store_peer_requests
+                .with_label_values(&[outcome])
+                .inc(),
             Event::Tokens {
                 endpoint,
                 count,

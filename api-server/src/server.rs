@@ -17,6 +17,7 @@ use crate::config::ServerConfig;
 use crate::dispatch::{Bus, Timeouts};
 use crate::metrics::Metrics;
 use crate::prompt::PromptCodec;
+use crate::response_store::{ResponseStore, StoredResponses};
 use crate::router::{RouterSettings, WorkerRegistry};
 use crate::state::{AppState, unix_now_s};
 use crate::validation::{ModelLimits, SamplingDefaults};
@@ -29,7 +30,7 @@ pub enum StartError {
     GenerationConfig { path: String, detail: String },
     #[error("cannot connect to NATS at {url}: {detail}")]
     Nats { url: String, detail: String },
-    #[error("cannot subscribe to heartbeats: {0}")]
+    #[error("cannot subscribe to the bus (heartbeats, KV events, stored responses): {0}")]
     Subscribe(String),
     #[error("cannot serve HTTP on {address}: {source}")]
     Bind { address: String, source: io::Error },
@@ -300,6 +301,20 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
         worker_timeout,
         limits.served_model_name.clone(),
     ));
+    let responses = Arc::new(StoredResponses::new(
+        ResponseStore::new(config.response_store_mib.saturating_mul(1 << 20)),
+        client.clone(),
+        subjects.clone(),
+        metrics.clone(),
+    ));
+    let questions = client
+        .subscribe(subjects.responses(responses.instance().as_str()))
+        .await
+        .map_err(|err| StartError::Subscribe(err.to_string()))?;
+    tokio::spawn(Arc::clone(&responses).answer_peers(questions));
+    tracing::info!(instance = %responses.instance(), store_mib = config.response_store_mib,
+        "stored responses: this api-server's ids start resp_{}; it answers the other \
+         api-servers of the model about them", responses.instance());
     let grammars = Arc::new(crate::grammar::GrammarCheck::new(
         config.model.clone(),
         limits.vocab_size as usize,
@@ -320,9 +335,7 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
         admission: crate::admission::Admission::new(config.max_pending_requests),
         migration_limit: config.migration_limit,
         grammars,
-        responses: Arc::new(crate::response_store::ResponseStore::new(
-            config.response_store_mib.saturating_mul(1 << 20),
-        )),
+        responses,
     });
     let address = format!("{}:{}", config.host, config.port);
     let mut server = HttpServer::new(move || {

@@ -23,8 +23,9 @@ pub struct AppState {
     pub admission: crate::admission::Admission,
     /// Compiles `response_format` grammars at the edge.
     pub grammars: Arc<crate::grammar::GrammarCheck>,
-    /// The Responses API's stored responses (`--response-store-mib`).
-    pub responses: Arc<crate::response_store::ResponseStore>,
+    /// The Responses API's stored responses: this api-server's (`--response-store-mib`),
+    /// and the other api-servers' through the bus.
+    pub responses: Arc<crate::response_store::StoredResponses>,
 }
 
 impl AppState {

@@ -934,6 +934,65 @@ pub struct KvSnapshot {
     pub next_offset: Option<u64>,
 }
 
+/// One api-server's question to the api-server that stored a Responses API response (the
+/// store is in each api-server's memory; a response's id names the api-server that made it),
+/// on `tandem.{model}.responses.{instance}`, answered with a [`StoredResponseReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredResponseRequest {
+    /// The response's id (`resp_...`).
+    pub id: String,
+    /// The digest of the API key the client asking holds (`None` where the api-servers take
+    /// no keys): a response is found only with the key that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    pub op: StoredResponseOp,
+}
+
+/// What is asked of a stored response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoredResponseOp {
+    /// The `response` object as it was returned.
+    Response,
+    /// The input items of its own request.
+    InputItems,
+    /// Forget it.
+    Delete,
+    /// The items a follow-up continuing it starts from, as far back along its chain of
+    /// `previous_response_id`s as the api-server asked stored them.
+    Context,
+}
+
+/// The answer to a [`StoredResponseRequest`]. JSON documents travel as their text, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum StoredResponseReply {
+    /// `op: response`: the `response` object (JSON text).
+    Response { response: String },
+    /// `op: input_items`: a JSON array of items, each with its `id`.
+    InputItems { items: String },
+    /// `op: delete`: it is forgotten.
+    Deleted,
+    /// `op: context`: the input and output items (a JSON array, oldest first) of the
+    /// responses on the chain that this api-server stored, from the one asked for back to
+    /// the first whose previous response another api-server made; `continues` names that
+    /// one (absent: the chain starts here).
+    Context {
+        items: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        continues: Option<String>,
+    },
+    /// No response of that id and key is stored there (never, deleted or evicted); for
+    /// `context`, `missing` names the response of the chain that is not, when it is not the
+    /// one asked for.
+    NotFound {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        missing: Option<String>,
+    },
+    /// The answer would not fit in one message of the NATS server (`max_payload`).
+    TooLarge { bytes: usize, max_payload: usize },
+}
+
 /// A generation worker's pulls of prompts' K/V (a decode job starts its pull only once its
 /// engine has reserved the prompt's blocks and a sequence slot), for /metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -1715,6 +1774,45 @@ mod tests {
             decode::<KvSnapshot>("kv snapshot", json.as_bytes()).unwrap(),
             page
         );
+    }
+
+    #[test]
+    fn stored_response_questions_and_answers_round_trip() {
+        let request = StoredResponseRequest {
+            id: "resp_1".into(),
+            owner: None,
+            op: StoredResponseOp::InputItems,
+        };
+        let json = String::from_utf8(encode(&request)).unwrap();
+        assert_eq!(json, r#"{"v":1,"id":"resp_1","op":"input_items"}"#);
+        assert_eq!(
+            decode::<StoredResponseRequest>("stored response request", json.as_bytes()).unwrap(),
+            request
+        );
+        for reply in [
+            StoredResponseReply::Response {
+                response: r#"{"id":"resp_1"}"#.into(),
+            },
+            StoredResponseReply::Context {
+                items: "[]".into(),
+                continues: Some("resp_0".into()),
+            },
+            StoredResponseReply::NotFound { missing: None },
+            StoredResponseReply::TooLarge {
+                bytes: 2,
+                max_payload: 1,
+            },
+            StoredResponseReply::Deleted,
+        ] {
+            let json = encode(&reply);
+            assert_eq!(
+                decode::<StoredResponseReply>("stored response reply", &json).unwrap(),
+                reply
+            );
+        }
+        let json =
+            String::from_utf8(encode(&StoredResponseReply::NotFound { missing: None })).unwrap();
+        assert_eq!(json, r#"{"v":1,"status":"not_found"}"#);
     }
 
     #[test]

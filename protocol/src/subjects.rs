@@ -12,6 +12,7 @@
 //! | `tandem.{model}.heartbeat.{role}.{worker_id}` | api-servers; decode workers (context workers' shared caches) | load and liveness |
 //! | `tandem.{model}.kv_events.{worker_id}` | api-servers | blocks a worker cached and evicted |
 //! | `tandem.{model}.kv_snapshot.{worker_id}` | that worker (request-reply) | every block it holds |
+//! | `tandem.{model}.responses.{instance}` | that api-server (request-reply) | the Responses API responses it stored |
 
 /// Queue group of context (prefill) workers.
 pub const CONTEXT_QUEUE_GROUP: &str = "context";
@@ -92,6 +93,13 @@ impl Subjects {
         format!("{}.kv_snapshot.{}", self.base, subject_token(worker_id))
     }
 
+    /// Where the api-server `instance` answers
+    /// [`StoredResponseRequest`](crate::messages::StoredResponseRequest)s about the responses
+    /// it stored.
+    pub fn responses(&self, instance: &str) -> String {
+        format!("{}.responses.{}", self.base, subject_token(instance))
+    }
+
     pub fn stream(&self, request_id: &str) -> String {
         format!("{}.stream.{}", self.base, subject_token(request_id))
     }
@@ -145,6 +153,10 @@ mod tests {
             "tandem.org_model_v1.heartbeat.context.w1"
         );
         assert_eq!(s.heartbeat_all(), "tandem.org_model_v1.heartbeat.>");
+        assert_eq!(
+            s.responses("0a1b2c3d4e5f6a7b"),
+            "tandem.org_model_v1.responses.0a1b2c3d4e5f6a7b"
+        );
         assert_eq!(
             s.heartbeats_of(WorkerRole::Context),
             "tandem.org_model_v1.heartbeat.context.*"

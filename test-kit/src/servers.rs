@@ -111,6 +111,11 @@ impl Nats {
         self.proc.pid()
     }
 
+    /// What the server has logged so far.
+    pub fn output(&self) -> String {
+        self.proc.output()
+    }
+
     /// Kills the server (-9: clients see the connection drop, nothing is flushed) and, after
     /// `down`, starts a plain one on the same port; returns once it greets. Fault tests of
     /// reconnection.

@@ -1,6 +1,6 @@
 //! `POST /v1/responses` (the Responses API, text in and out), streamed as typed events or not,
 //! through the same dispatch as chat completions (admission, migration, disconnects, metrics);
-//! a finished response kept in the api-server's [`ResponseStore`] (`store: true`), which
+//! a finished response kept in the api-server's [`StoredResponses`] (`store: true`), which
 //! `previous_response_id` continues; and the stored-response routes (`GET`/`DELETE
 //! /v1/responses/{id}`, its `input_items`, and `cancel`, which no response here needs).
 
@@ -30,7 +30,7 @@ use crate::openai::{
 };
 use crate::prompt::PromptCodec;
 use crate::prompt::tokenize;
-use crate::response_store::ResponseStore;
+use crate::response_store::{ContextError, PeerError, StoredResponses};
 use crate::sse::{ChunkFormat, sse_response};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::parser::{CallParser, ParseEvent};
@@ -50,13 +50,13 @@ pub async fn create_response(
     let mut record = RequestRecord::new(state.metrics.clone(), Endpoint::Responses);
     let tenant = request.extensions().get::<TenantSalt>().cloned();
     let owner = owner_of(&request);
-    let (mut valid, previous, input_items) = RESPONSES
+    let body = RESPONSES
         .parse::<ResponsesRequest>(body.into_inner())
-        .and_then(|body| continued(body, &state.responses, owner.as_deref()))
-        .and_then(|(body, previous, items)| {
-            Ok((validate_responses(&body, &state.limits)?, previous, items))
-        })
         .inspect_err(|err| record.fail(err))?;
+    let (body, previous, input_items) = continued(body, &state.responses, owner.as_deref())
+        .await
+        .inspect_err(|err| record.fail(err))?;
+    let mut valid = validate_responses(&body, &state.limits).inspect_err(|err| record.fail(err))?;
     let keep = (valid.store && state.responses.enabled()).then(|| Keep {
         store: Arc::clone(&state.responses),
         owner,
@@ -83,7 +83,7 @@ pub async fn create_response(
         };
         checked.inspect_err(|err| record.fail(err))?;
     }
-    let id = format!("resp_{}", uuid::Uuid::new_v4().simple());
+    let id = state.responses.new_id();
     let started = start_generation(&state, &valid.request, record, id.clone(), tenant);
     let Some(generation) = unless_client_leaves(socket.clone(), started).await else {
         return Ok(client_left());
@@ -166,31 +166,53 @@ async fn fit_context(
 /// `body` with `previous_response_id` followed: its chain's items, then the request's own,
 /// as its `input`; also the id it continues and the request's own input items as stored
 /// (each with an `id`).
-fn continued(
+async fn continued(
     mut body: ResponsesRequest,
-    store: &ResponseStore,
+    store: &StoredResponses,
     owner: Option<&str>,
 ) -> Result<(ResponsesRequest, Option<String>, Vec<Value>), ApiError> {
     let own = stored_input_items(body.input.as_ref());
     let Some(previous) = body.previous_response_id.take() else {
         return Ok((body, None, own));
     };
-    if !store.enabled() {
+    if !store.enabled() && !store.made_by_another(&previous) {
         return Err(ApiError::unsupported(
             "this api-server stores no responses (--response-store-mib 0), so \
              previous_response_id cannot be followed: send the earlier turns in input",
             "previous_response_id",
         ));
     }
-    let mut items = store.context(owner, &previous).map_err(|err| {
-        ApiError::invalid(
-            format!("previous_response_id: {err}"),
-            "previous_response_id",
-        )
-    })?;
+    let mut items = store
+        .context(owner, &previous)
+        .await
+        .map_err(|err| match err {
+            ContextError::Peer(peer) => peer_error(peer, "previous_response_id"),
+            ContextError::Chain(chain) => ApiError::invalid(
+                format!("previous_response_id: {chain}"),
+                "previous_response_id",
+            ),
+        })?;
     items.extend(own.iter().cloned());
     body.input = Some(ResponseInput::Items(items));
     Ok((body, Some(previous), own))
+}
+
+/// What a client sees when another api-server could not say what it stored: its response
+/// gone with it (404; a 400 naming `param` for a follow-up), its answer too large for the bus
+/// (400 naming `param`), or the bus failing (503).
+fn peer_error(err: PeerError, param: &str) -> ApiError {
+    match err {
+        PeerError::Gone { .. } if param == "previous_response_id" => {
+            ApiError::invalid(format!("previous_response_id: {err}"), param)
+        }
+        PeerError::Gone { .. } => ApiError::ResponseGone {
+            detail: err.to_string(),
+        },
+        PeerError::TooLarge { .. } => ApiError::invalid(err.to_string(), param),
+        PeerError::Timeout { .. } | PeerError::Bus { .. } => {
+            ApiError::bus("asking another api-server about a response it stored", err)
+        }
+    }
 }
 
 /// The request's input items as a stored response keeps them: a string as one user message,
@@ -231,7 +253,7 @@ fn stored_input_items(input: Option<&ResponseInput>) -> Vec<Value> {
 /// Where a finished response goes (`store: true`, the store on): the store, the key that made
 /// it and its request's own input items.
 struct Keep {
-    store: Arc<ResponseStore>,
+    store: Arc<StoredResponses>,
     owner: Option<String>,
     input_items: Vec<Value>,
 }
@@ -265,14 +287,25 @@ pub async fn get_response(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     no_query(&request)?;
-    match state.responses.response(owner_of(&request).as_deref(), &id) {
-        Some(response) => Ok(HttpResponse::Ok()
-            .content_type(actix_web::http::header::ContentType::json())
-            .body(response)),
-        None => Err(ApiError::ResponseNotFound {
-            id: id.into_inner(),
-        }),
-    }
+    let response = stored_response(&state, &request, &id).await?;
+    Ok(HttpResponse::Ok()
+        .content_type(actix_web::http::header::ContentType::json())
+        .body(response))
+}
+
+/// The stored `response` object `id` (JSON text) the request's key made, on whichever
+/// api-server holds it; a 404 when none does.
+async fn stored_response(
+    state: &AppState,
+    request: &HttpRequest,
+    id: &str,
+) -> Result<String, ApiError> {
+    state
+        .responses
+        .response(owner_of(request).as_deref(), id)
+        .await
+        .map_err(|err| peer_error(err, "id"))?
+        .ok_or_else(|| ApiError::ResponseNotFound { id: id.to_string() })
 }
 
 #[delete("/v1/responses/{id}")]
@@ -282,14 +315,16 @@ pub async fn delete_response(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     no_query(&request)?;
-    if !state.responses.delete(owner_of(&request).as_deref(), &id) {
+    let deleted = state
+        .responses
+        .delete(owner_of(&request).as_deref(), &id)
+        .await
+        .map_err(|err| peer_error(err, "id"))?;
+    if !deleted {
         return Err(ApiError::ResponseNotFound {
             id: id.into_inner(),
         });
     }
-    state.metrics.record(crate::metrics::Event::ResponseStore(
-        state.responses.stats(),
-    ));
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "id": id.into_inner(), "object": "response", "deleted": true,
     })))
@@ -340,6 +375,8 @@ pub async fn list_input_items(
     let Some(mut items) = state
         .responses
         .input_items(owner_of(&request).as_deref(), &id)
+        .await
+        .map_err(|err| peer_error(err, "id"))?
     else {
         return Err(ApiError::ResponseNotFound {
             id: id.into_inner(),
@@ -374,16 +411,12 @@ pub async fn cancel_response(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    match state.responses.response(owner_of(&request).as_deref(), &id) {
-        Some(_) => Err(ApiError::invalid(
-            "only a background response can be cancelled, and tandem runs every response in \
-             the foreground (a client cancels one by closing its connection)",
-            "id",
-        )),
-        None => Err(ApiError::ResponseNotFound {
-            id: id.into_inner(),
-        }),
-    }
+    stored_response(&state, &request, &id).await?;
+    Err(ApiError::invalid(
+        "only a background response can be cancelled, and tandem runs every response in the \
+         foreground (a client cancels one by closing its connection)",
+        "id",
+    ))
 }
 
 /// One response: its events when streamed (numbered by `sequence_number`), or the whole
@@ -496,8 +529,6 @@ impl ResponseEvents {
             tracing::warn!(response_id = %self.id,
                 "a response larger than the whole response store was not stored");
         }
-        self.metrics
-            .record(crate::metrics::Event::ResponseStore(keep.store.stats()));
     }
 
     /// The `response` object of a generation that is not streamed.

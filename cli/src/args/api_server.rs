@@ -123,9 +123,10 @@ pub struct ApiServerArgs {
     /// Memory for stored Responses API responses (`store: true`, OpenAI's default), in MiB:
     /// what `previous_response_id`, `GET`/`DELETE /v1/responses/{id}` and its `input_items`
     /// find. Past it the least recently used responses go first (a conversation being
-    /// continued counts as used). Kept by this api-server only, in memory: a follow-up must
-    /// reach the api-server that made the response it continues, and a restart forgets them.
-    /// 0: nothing is stored (responses say `store: false`). The config's `response_store_mib`.
+    /// continued counts as used). Kept in this api-server's memory, where the other
+    /// api-servers of the model find them (they ask it over NATS), until it stops. 0: nothing
+    /// is stored here (responses say `store: false`; the others' are still found). The
+    /// config's `response_store_mib`.
     #[arg(
         long,
         env = "TANDEM_RESPONSE_STORE_MIB",

@@ -175,7 +175,9 @@ impl NatsAuthArgs {
             }
             Some(Credential::Token(token)) => async_nats::ConnectOptions::with_token(token),
         };
-        let mut options = options.name(name);
+        let mut options = options
+            .name(name)
+            .event_callback(|event| async move { log_bus_event(&event) });
         if let Some(ca) = &self.nats_tls_ca {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
@@ -186,6 +188,28 @@ impl NatsAuthArgs {
             options = options.require_tls(true);
         }
         Ok(options)
+    }
+}
+
+/// Logs what the NATS connection reports: the server refusing something (a subject the
+/// user's permissions do not allow, most often: then a publish is dropped or a subscription
+/// gets nothing) and losing the connection are warnings an operator must see.
+fn log_bus_event(event: &async_nats::Event) {
+    use async_nats::{Event, ServerError};
+    match event {
+        Event::Connected => tracing::debug!("connected to NATS"),
+        Event::ServerError(ServerError::Other(message)) if message.contains("Permissions") => {
+            tracing::warn!(
+                "the NATS server refused: {message} (this component's NATS user lacks a \
+                 permission it needs: see docs/security.md and examples/nats/permissions.conf)"
+            )
+        }
+        Event::Disconnected
+        | Event::LameDuckMode
+        | Event::SlowConsumer(_)
+        | Event::ServerError(_)
+        | Event::ClientError(_) => tracing::warn!("NATS: {event}"),
+        Event::Draining | Event::Closed => tracing::info!("NATS: {event}"),
     }
 }
 

@@ -1,6 +1,4 @@
-//! The Responses API's stored responses, in this api-server's memory: what `store: true`
-//! (OpenAI's default) keeps, so that `previous_response_id` can continue a conversation and
-//! `GET`/`DELETE /v1/responses/{id}` and its `input_items` can find it.
+//! This api-server's stored responses, in its memory.
 //!
 //! Each response keeps its own input items and output items and the id of the response it
 //! continued; a follow-up's context is its chain's items, oldest first, rebuilt by walking the
@@ -10,8 +8,8 @@
 //! recently used responses go first, and following a chain uses every response on it, so a
 //! conversation in progress keeps its earlier turns. A response is found only with the API
 //! key it was made with (its owner, the key's digest; `None` when the server takes no keys).
-//! Several api-servers keep separate stores: a follow-up must reach the api-server that made
-//! its previous response (docs/api.md says so).
+//! A chain may pass through other api-servers' responses: the walk here stops at the first
+//! link another store holds ([`Segment::continues`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -56,6 +54,15 @@ pub enum ChainError {
          from the api-server's response store): send the conversation in input instead"
     )]
     Broken { id: String, missing: String },
+}
+
+/// The part of a chain one store holds ([`ResponseStore::segment`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    /// The input and output items of its responses, oldest first.
+    pub items: Vec<Value>,
+    /// The response before the segment's oldest, held by another store.
+    pub continues: Option<String>,
 }
 
 /// What the store holds, for the metrics.
@@ -211,13 +218,20 @@ impl ResponseStore {
         true
     }
 
-    /// The items a response continuing `id` starts from: every input and output item of
-    /// `id`'s chain, oldest first. Each response on the chain counts as used.
-    pub fn context(&self, owner: Option<&str>, id: &str) -> Result<Vec<Value>, ChainError> {
+    /// The items of `id`'s chain that this store holds, oldest first: from `id` back to the
+    /// start of the chain, or to the first link whose previous response `is_here` says is
+    /// another store's ([`Segment::continues`]). Each response walked counts as used.
+    pub fn segment(
+        &self,
+        owner: Option<&str>,
+        id: &str,
+        is_here: impl Fn(&str) -> bool,
+    ) -> Result<Segment, ChainError> {
         let mut inner = self.lock();
         let mut chain = Vec::new();
         let mut next = Some(id.to_string());
-        while let Some(current) = next {
+        let mut continues = None;
+        while let Some(current) = next.take() {
             let Some(entry) = inner.owned(owner, &current) else {
                 return Err(match chain.is_empty() {
                     true => ChainError::NotFound { id: current },
@@ -227,7 +241,10 @@ impl ResponseStore {
                     },
                 });
             };
-            next = entry.previous.clone();
+            match entry.previous.clone() {
+                Some(previous) if !is_here(&previous) => continues = Some(previous),
+                previous => next = previous,
+            }
             chain.push(current);
             // A chain cannot loop (each response names one made before it), but a bound
             // keeps a bug from hanging the server.
@@ -235,16 +252,19 @@ impl ResponseStore {
                 break;
             }
         }
-        let mut context = Vec::new();
+        let mut items_oldest_first = Vec::new();
         for link in chain.iter().rev() {
             let entry = &inner.entries[link];
-            context.extend(items(&entry.input_items));
-            context.extend(items(&entry.output_items));
+            items_oldest_first.extend(items(&entry.input_items));
+            items_oldest_first.extend(items(&entry.output_items));
         }
         for link in &chain {
             inner.touch(link);
         }
-        Ok(context)
+        Ok(Segment {
+            items: items_oldest_first,
+            continues,
+        })
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -262,6 +282,14 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// The whole chain of `id`, every link held here.
+    fn context(store: &ResponseStore, owner: &str, id: &str) -> Result<Vec<Value>, ChainError> {
+        store.segment(Some(owner), id, |_| true).map(|segment| {
+            assert_eq!(segment.continues, None);
+            segment.items
+        })
+    }
 
     fn message(text: &str) -> Value {
         json!({"type": "message", "role": "user", "content": text})
@@ -283,7 +311,7 @@ mod tests {
         let store = ResponseStore::new(1 << 20);
         assert!(put(&store, "r1", None, "one"));
         assert!(put(&store, "r2", Some("r1"), "two"));
-        let items = store.context(Some("key:a"), "r2").unwrap();
+        let items = context(&store, "key:a", "r2").unwrap();
         let texts: Vec<&str> = items
             .iter()
             .map(|i| i["content"].as_str().unwrap())
@@ -298,14 +326,14 @@ mod tests {
         assert_eq!(store.response(Some("key:b"), "r1"), None);
         assert_eq!(store.response(None, "r1"), None);
         assert_eq!(
-            store.context(Some("key:b"), "r2"),
+            context(&store, "key:b", "r2"),
             Err(ChainError::NotFound { id: "r2".into() })
         );
         assert!(!store.delete(Some("key:b"), "r1"));
         // Deleting a link breaks the chain after it, naming the missing response.
         assert!(store.delete(Some("key:a"), "r1"));
         assert_eq!(
-            store.context(Some("key:a"), "r2"),
+            context(&store, "key:a", "r2"),
             Err(ChainError::Broken {
                 id: "r2".into(),
                 missing: "r1".into()
@@ -327,10 +355,10 @@ mod tests {
         put(&store, "b1", None, "x");
         put(&store, "a2", Some("a1"), "x");
         // Following a2's chain uses a1: b1 is now the least recently used.
-        store.context(Some("key:a"), "a2").unwrap();
+        context(&store, "key:a", "a2").unwrap();
         put(&store, "c1", None, "x");
         assert!(store.response(Some("key:a"), "b1").is_none(), "evicted");
-        assert!(store.context(Some("key:a"), "a2").is_ok());
+        assert!(context(&store, "key:a", "a2").is_ok());
         let stats = store.stats();
         assert_eq!((stats.responses, stats.evicted), (3, 1));
         assert!(stats.bytes <= 3 * one + one / 2);
@@ -338,5 +366,29 @@ mod tests {
         let tiny = ResponseStore::new(8);
         assert!(!put(&tiny, "r", None, "x"));
         assert!(!ResponseStore::new(0).enabled());
+    }
+
+    #[test]
+    fn a_walk_stops_at_the_first_link_another_store_holds() {
+        let store = ResponseStore::new(1 << 20);
+        // r1 is elsewhere; r2 continues it, r3 continues r2.
+        assert!(put(&store, "r2", Some("r1"), "two"));
+        assert!(put(&store, "r3", Some("r2"), "three"));
+        let segment = store.segment(Some("key:a"), "r3", |id| id != "r1").unwrap();
+        assert_eq!(segment.continues.as_deref(), Some("r1"));
+        let texts: Vec<&str> = segment
+            .items
+            .iter()
+            .map(|i| i["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(texts, ["two", "re two", "three", "re three"]);
+        // Taken as held here, r1 is missing: the chain is broken there.
+        assert_eq!(
+            store.segment(Some("key:a"), "r3", |_| true),
+            Err(ChainError::Broken {
+                id: "r3".into(),
+                missing: "r1".into()
+            })
+        );
     }
 }

@@ -1,0 +1,16 @@
+//! The Responses API's stored responses: what `store: true` (OpenAI's default) keeps, so that
+//! `previous_response_id` can continue a conversation and `GET`/`DELETE /v1/responses/{id}`
+//! and its `input_items` can find it.
+//!
+//! Each api-server keeps the responses it made in its own memory ([`local`]), and answers
+//! the other api-servers of its model about them over NATS ([`shared`]): a response's id names
+//! the api-server that made it, so a follow-up, a retrieval or a deletion can reach any
+//! api-server of the deployment, and a conversation's turns may have been served by several.
+//! A response goes with the api-server that made it (a restart forgets it).
+
+pub mod ids;
+pub mod local;
+pub mod shared;
+
+pub use local::{ChainError, ResponseStore, Segment, StoreStats};
+pub use shared::{ContextError, PeerError, StoredResponses};
