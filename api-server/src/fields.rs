@@ -86,10 +86,6 @@ fn is_false(value: &Value) -> bool {
     value == &Value::Bool(false)
 }
 
-fn is_zero(value: &Value) -> bool {
-    value.as_f64() == Some(0.0)
-}
-
 fn is_one(value: &Value) -> bool {
     value.as_f64() == Some(1.0)
 }
@@ -135,6 +131,7 @@ const GENERATION: &[(&str, Support)] = &[
     ("return_tokens_as_token_ids", Served),
     ("truncate_prompt_tokens", Served),
     ("prompt_logprobs", Served),
+    ("priority", Served),
 ];
 
 /// vLLM's detokenizer option for slow tokenizers: tandem's are Hugging Face's fast ones,
@@ -146,13 +143,6 @@ fn is_true(value: &Value) -> bool {
 /// vLLM's fields tandem refuses with a 400 that says why: its constrained-decoding fields
 /// before 0.12, which replaced them with `structured_outputs`, and a detokenizer option.
 const VLLM_REFUSED: &[(&str, Support)] = &[
-    (
-        "priority",
-        Refused {
-            why: "tandem serves requests first come, first served: priority may only be 0",
-            allowed: is_zero,
-        },
-    ),
     (
         "use_beam_search",
         Refused {
@@ -521,6 +511,7 @@ pub const RESPONSES: EndpointFields = EndpointFields {
         ("safety_identifier", Served),
         ("prompt_cache_key", Served),
         ("cache_salt", Served),
+        ("priority", Served),
         ("prompt_cache_retention", Accepted(Kind::String)),
         ("prompt_cache_options", Accepted(Kind::Object)),
         (

@@ -527,7 +527,8 @@ impl Metrics {
         let worker_preemptions = context_counter(
             "tandem_worker_preemptions_total",
             "Sequences a worker preempted (their K/V freed, prompt and generated tokens to be \
-             recomputed) because its KV cache ran out of blocks (since its start)",
+             recomputed) because its KV cache ran out of blocks or a request of a higher \
+             priority needed the room (since its start)",
         );
         let kv_pulls_waited = context_counter(
             "tandem_kv_pulls_waited_total",

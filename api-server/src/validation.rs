@@ -169,6 +169,8 @@ pub struct ValidRequest {
     pub chat_echo: Option<String>,
     /// The request's `cache_salt` (vLLM's): its prompt is cached apart from other salts'.
     pub cache_salt: Option<String>,
+    /// vLLM's `priority`: the workers serve lower values first (0 by default).
+    pub priority: i32,
 }
 
 impl ValidRequest {
@@ -260,6 +262,7 @@ struct CommonValues {
     include_usage: bool,
     continuous_usage: bool,
     cache_salt: Option<String>,
+    priority: i32,
 }
 
 /// Sets `sampling.grammar` from `format` (chat's and vLLM's completions' `response_format`),
@@ -356,6 +359,7 @@ fn validate_common(
         include_usage,
         continuous_usage,
         cache_salt: generation.cache_salt,
+        priority: generation.priority,
     })
 }
 
@@ -681,6 +685,7 @@ pub fn validate_chat(
         candidates: common.n,
         echo: false,
         cache_salt: common.cache_salt,
+        priority: common.priority,
     })
 }
 
@@ -868,6 +873,7 @@ pub fn validate_completion(
         candidates,
         echo,
         cache_salt: common.cache_salt,
+        priority: common.priority,
     };
     Ok(prompts
         .into_iter()

@@ -292,6 +292,14 @@ pub struct GenerateJob {
     /// the api-server salts by API key). Absent: the unsalted cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_salt: Option<String>,
+    /// The request's scheduling priority (vLLM's `priority`): lower is served first, and a
+    /// job that waits for room preempts running jobs of a strictly lower priority. Absent: 0.
+    #[serde(default, skip_serializing_if = "is_zero_priority")]
+    pub priority: i32,
+}
+
+fn is_zero_priority(priority: &i32) -> bool {
+    *priority == 0
 }
 
 /// Which choice of a request with `n` > 1 a job is ([`GenerateJob::samples`]).
@@ -1115,6 +1123,7 @@ mod tests {
                 n: 3,
             }),
             cache_salt: Some("key:ab12/conversation-1".into()),
+            priority: 0,
         };
         let bytes = encode(&job);
         let text = std::str::from_utf8(&bytes).unwrap();

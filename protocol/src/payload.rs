@@ -195,6 +195,7 @@ mod tests {
             resume_ids: vec![],
             samples: None,
             cache_salt: None,
+            priority: 0,
         }
     }
 

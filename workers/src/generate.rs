@@ -183,6 +183,7 @@ pub fn generate(
         resume_ids: Vec::new(),
         prompt_logprobs: None,
         cache_salt: None,
+        priority: 0,
         sample_group: None,
         grammar: None,
     };

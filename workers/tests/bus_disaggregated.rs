@@ -112,6 +112,7 @@ fn job(request_id: &str, prompt_ids: Vec<u32>, max_tokens: u32, seed: Option<u64
         resume_ids: Vec::new(),
         samples: None,
         cache_salt: None,
+        priority: 0,
     }
 }
 

@@ -121,6 +121,7 @@ fn job(request_id: &str, prompt_ids: &[u32]) -> GenerateJob {
         resume_ids: Vec::new(),
         samples: None,
         cache_salt: None,
+        priority: 0,
     }
 }
 

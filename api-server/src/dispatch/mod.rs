@@ -129,6 +129,8 @@ pub struct JobSpec {
     /// The salt of its prompt in the workers' prefix caches (its `cache_salt`, after its API
     /// key's when salted by key).
     pub cache_salt: Option<String>,
+    /// The request's scheduling priority on the workers (vLLM's `priority`).
+    pub priority: i32,
 }
 
 /// One request on the bus, from its first job to its last token.
@@ -280,6 +282,7 @@ impl Generation {
             resume_ids: Vec::new(),
             samples: job.samples,
             cache_salt: job.cache_salt,
+            priority: job.priority,
             // The context worker exports where the chosen generation worker reads fastest.
             kv_reader: match route.prefill {
                 Prefill::Remote { .. } => route.generate_kv_peer.clone(),

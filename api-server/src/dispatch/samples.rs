@@ -70,6 +70,7 @@ pub async fn start_choices(
                 n,
             }),
             cache_salt: job.cache_salt.clone(),
+            priority: job.priority,
         };
         Generation::start_on(
             dispatch,

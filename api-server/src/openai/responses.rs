@@ -47,6 +47,8 @@ pub struct ResponsesRequest {
     pub prompt_cache_key: Option<String>,
     /// vLLM's: isolates the request's prompt in the workers' prefix caches.
     pub cache_salt: Option<String>,
+    /// vLLM's: the request's scheduling priority, lower served first (0 by default).
+    pub priority: Option<i64>,
 }
 
 /// `input`: a string (one user message) or a list of input items.

@@ -66,6 +66,8 @@ pub struct GenerationFields {
     pub truncate_prompt_tokens: Option<i64>,
     /// vLLM's: the logprob and rank of every prompt token, with this many alternatives.
     pub prompt_logprobs: Option<i64>,
+    /// vLLM's: the request's scheduling priority, lower served first (0 by default).
+    pub priority: Option<i64>,
 }
 
 /// vLLM's `structured_outputs`: one constraint, and options of its JSON. Fields tandem does

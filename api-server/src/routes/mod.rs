@@ -153,6 +153,7 @@ pub(crate) async fn start_generation(
                 Some(tenant) => Some(tenant.with_request_salt(valid.cache_salt.as_deref())),
                 None => valid.cache_salt.clone(),
             },
+            priority: valid.priority,
         })
     }
     .await;

@@ -230,6 +230,7 @@ pub fn validate_responses(
             candidates: 1,
             echo: false,
             cache_salt: super::sampling::cache_salt(request.cache_salt.as_deref())?,
+            priority: super::sampling::priority(request.priority)?,
         },
         echo,
     })

@@ -50,6 +50,8 @@ pub(super) struct ValidGeneration {
     /// vLLM's `request_id`, checked ([`crate::reply_id::checked`]).
     pub(super) client_request_id: Option<String>,
     pub(super) cache_salt: Option<String>,
+    /// vLLM's `priority`: lower is served first.
+    pub(super) priority: i32,
 }
 
 /// How a completion's text and logprobs are written (vLLM's options; OpenAI's are the
@@ -366,6 +368,23 @@ pub(super) fn validate_generation(
             .map(|id| crate::reply_id::checked(id, "request_id"))
             .transpose()?,
         cache_salt: cache_salt(fields.cache_salt.as_deref())?,
+        priority: priority(fields.priority)?,
+    })
+}
+
+/// vLLM's `priority`, 0 when absent: any 32-bit signed integer (vLLM takes any integer; the
+/// workers order by it, lower first).
+pub(crate) fn priority(priority: Option<i64>) -> Result<i32, ApiError> {
+    let priority = priority.unwrap_or(0);
+    i32::try_from(priority).map_err(|_| {
+        ApiError::invalid(
+            format!(
+                "priority must be an integer from {} to {}, got {priority}",
+                i32::MIN,
+                i32::MAX
+            ),
+            "priority",
+        )
     })
 }
 

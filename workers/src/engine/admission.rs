@@ -95,6 +95,7 @@ impl<M: StepModel> Engine<M> {
             self.scheduler.track(id, root, &seq.tokens);
         }
         self.scheduler.set_max_len(id, seq.max_len())?;
+        self.scheduler.set_priority(id, seq.priority)?;
         self.seqs.insert(id, seq);
         Ok(())
     }
@@ -211,6 +212,7 @@ impl<M: StepModel> Engine<M> {
             arrived: Instant::now(),
             first_forward: None,
             cache_root,
+            priority: request.priority,
         })
     }
 }

@@ -1,7 +1,9 @@
 //! Prompts prefilled elsewhere: an import with its K/V at hand, or a reservation whose K/V
-//! the caller pulls once room is reserved. Both wait in arrival order for a sequence slot and
-//! the prompt's blocks; a reservation's blocks are lent to the caller until it hands the
-//! request back, so no transfer writes blocks that another request was given.
+//! the caller pulls once room is reserved. Both wait in order of priority, then arrival, for
+//! a sequence slot and the prompt's blocks, preempting running requests of a strictly lower
+//! priority for them (as the scheduler's waiting queue does); a reservation's blocks are lent
+//! to the caller until it hands the request back, so no transfer writes blocks that another
+//! request was given.
 
 use std::sync::atomic::Ordering;
 
@@ -101,7 +103,7 @@ impl<M: StepModel> Engine<M> {
             ));
         }
         let seq = self.import_sequence(request)?;
-        self.pending_imports.push_back(PendingImport {
+        self.queue_import(PendingImport {
             id,
             seq,
             arrived: Some(ArrivedKv {
@@ -111,6 +113,15 @@ impl<M: StepModel> Engine<M> {
             waited: false,
         });
         Ok(())
+    }
+
+    /// Queues an import behind every one of its priority or a higher one.
+    fn queue_import(&mut self, import: PendingImport) {
+        let priority = import.seq.priority;
+        let at = self
+            .pending_imports
+            .partition_point(|queued| queued.seq.priority <= priority);
+        self.pending_imports.insert(at, import);
     }
 
     /// Queues a request whose prompt is prefilled elsewhere and whose K/V the caller pulls
@@ -133,7 +144,7 @@ impl<M: StepModel> Engine<M> {
     ) -> Result<(), EngineError> {
         self.check_device()?;
         let seq = self.import_sequence(request)?;
-        self.pending_imports.push_back(PendingImport {
+        self.queue_import(PendingImport {
             id,
             seq,
             arrived: None,
@@ -191,7 +202,10 @@ impl<M: StepModel> Engine<M> {
                 .expect("position is in range");
             let prompt_len = import.seq.prompt_len;
             let added = self.scheduler.add(id, prompt_len);
-            match added.and_then(|()| self.scheduler.set_max_len(id, import.seq.max_len())) {
+            match added
+                .and_then(|()| self.scheduler.set_max_len(id, import.seq.max_len()))
+                .and_then(|()| self.scheduler.set_priority(id, import.seq.priority))
+            {
                 Ok(()) => {
                     self.seqs.insert(id, import.seq);
                 }
@@ -267,10 +281,31 @@ impl<M: StepModel> Engine<M> {
     /// to pull.
     pub(super) fn admit_imports(&mut self, events: &mut Vec<EngineEvent>) {
         while let Some(front) = self.pending_imports.front_mut() {
+            // A request queued here (a local prefill, or one preempted) of a higher priority,
+            // or of the same one and older, goes first: imports do not overtake it.
+            let queued_ahead = self
+                .scheduler
+                .first_waiting()
+                .and_then(|head| self.seqs.get(&head))
+                .is_some_and(|head| {
+                    (head.priority, head.arrived) <= (front.seq.priority, front.seq.arrived)
+                });
+            if queued_ahead {
+                front.waited = true;
+                break;
+            }
             if !self
                 .scheduler
                 .can_add_computed(front.seq.prompt_len, front.seq.max_len())
             {
+                if let Some(victim) = self.scheduler.preempt_below(front.seq.priority) {
+                    self.progress.preemptions += 1;
+                    tracing::debug!(
+                        preempted = victim,
+                        "preempted for an import of a higher priority"
+                    );
+                    continue;
+                }
                 front.waited = true;
                 break;
             }
@@ -289,7 +324,10 @@ impl<M: StepModel> Engine<M> {
             let blocks = match self
                 .scheduler
                 .add_computed(id, import.seq.prompt_len, max_len)
-            {
+                .and_then(|blocks| {
+                    self.scheduler.set_priority(id, import.seq.priority)?;
+                    Ok(blocks)
+                }) {
                 Ok(blocks) => blocks,
                 Err(e) => {
                     events.push(finished_without_tokens(
@@ -324,7 +362,11 @@ impl<M: StepModel> Engine<M> {
             .map(|root| (root, &seq.tokens[..seq.prompt_len]));
         let reserved = self
             .scheduler
-            .reserve(id, seq.prompt_len, seq.max_len(), naming);
+            .reserve(id, seq.prompt_len, seq.max_len(), naming)
+            .and_then(|cached_blocks| {
+                self.scheduler.set_priority(id, seq.priority)?;
+                Ok(cached_blocks)
+            });
         let cached_blocks = match reserved {
             Ok(cached_blocks) => cached_blocks,
             Err(e) => {

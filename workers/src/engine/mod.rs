@@ -210,6 +210,8 @@ struct Sequence {
     /// The root its blocks' names chain from (model and salt), when it takes part in prefix
     /// caching: not with prompt logprobs (every prompt row must be computed here).
     cache_root: Option<BlockHash>,
+    /// [`GenerationRequest::priority`].
+    priority: i32,
 }
 
 impl Sequence {

@@ -63,6 +63,10 @@ pub struct GenerationRequest {
     /// only by requests with the same salt, and it finds only theirs. `None` shares with every
     /// other unsalted request.
     pub cache_salt: Option<String>,
+    /// Its scheduling priority: lower is served first, and it preempts running requests of
+    /// a strictly lower priority when it waits for room (the scheduler's module doc,
+    /// "Priorities"). 0 by default.
+    pub priority: i32,
 }
 
 impl GenerationRequest {
@@ -84,6 +88,7 @@ impl GenerationRequest {
             grammar: None,
             prompt_logprobs: None,
             cache_salt: None,
+            priority: 0,
         }
     }
 }

@@ -50,8 +50,12 @@ impl<M: StepModel> Engine<M> {
         self.drop_expired(&mut events);
         let mut decision = self.scheduler.schedule();
         self.progress.preemptions += decision.preempted.len() as u64;
-        if !decision.preempted.is_empty() {
+        if decision.preempted.len() > decision.preempted_for_priority {
             tracing::debug!(preempted = ?decision.preempted, "KV cache full: preempted for recompute");
+        }
+        if decision.preempted_for_priority > 0 {
+            tracing::debug!(preempted = ?decision.preempted,
+                "preempted for a waiting request of a higher priority");
         }
         if decision.is_empty() {
             self.collect_in_flight(&mut events);

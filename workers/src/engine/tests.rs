@@ -2370,3 +2370,88 @@ fn requests_with_different_salts_never_share_cached_blocks() {
     let (_, usage, _) = run_after_first(&mut e, vec![salted("a")]);
     assert_eq!(usage[0].cached_tokens, 16);
 }
+
+/// A request of a higher priority (a lower number) is served before the requests it finds
+/// running or queued: with one sequence slot, it preempts the running request of a lower
+/// priority and finishes first; the preempted request later recomputes and generates what
+/// it would have alone. An import of a higher priority makes room the same way on a decode
+/// engine.
+#[test]
+fn a_request_of_a_higher_priority_is_served_first_and_the_preempted_lose_nothing() {
+    let low = |salt| GenerationRequest {
+        priority: 1,
+        ..request(prompt(9, salt), 12, sampled(salt as u64))
+    };
+    let mut alone = engine(64, 64);
+    let id = alone.add_request(low(1)).unwrap();
+    let reference = run(&mut alone).remove(&id).unwrap();
+
+    let config = EngineConfig {
+        max_num_seqs: 1,
+        ..first_chunk_admission(64, 64)
+    };
+    let mut e = Engine::new(FakeModel::new(4, 64), config.clone(), None).unwrap();
+    let first = e.add_request(low(1)).unwrap();
+    let queued = e.add_request(low(2)).unwrap();
+    let mut finished = Vec::new();
+    let mut out = Outcomes::new();
+    let mut step = |e: &mut Engine<FakeModel>, out: &mut Outcomes| {
+        let events = e.step();
+        for ev in &events {
+            if matches!(ev.kind, EventKind::Finished { .. }) {
+                finished.push(ev.request_id);
+            }
+        }
+        absorb(out, events);
+    };
+    for _ in 0..3 {
+        step(&mut e, &mut out);
+    }
+    let urgent = e
+        .add_request(GenerationRequest {
+            priority: -1,
+            ..request(prompt(5, 3), 4, SamplingParams::greedy())
+        })
+        .unwrap();
+    while e.has_work() {
+        step(&mut e, &mut out);
+    }
+    assert_eq!(finished, [urgent, first, queued]);
+    assert_eq!(out[&first], reference, "the preempted request lost nothing");
+    assert!(e.num_preemptions() >= 1);
+    assert_eq!(e.free_blocks(), 64);
+
+    // On a decode engine: an import of a higher priority preempts the running request.
+    let mut context = engine(64, 64);
+    let (token, kv) = prefill_and_take(
+        &mut context,
+        request(prompt(7, 4), 4, SamplingParams::greedy()),
+    );
+    let mut decode = Engine::new(FakeModel::new(4, 64), config, None).unwrap();
+    let busy = decode.add_request(low(1)).unwrap();
+    let mut out = Outcomes::new();
+    absorb(&mut out, decode.step());
+    let import = decode
+        .import_request(
+            GenerationRequest {
+                priority: -1,
+                ..request(prompt(7, 4), 4, SamplingParams::greedy())
+            },
+            ImportedPrefill {
+                kv: ImportedKv::Bytes(Box::new(kv)),
+                num_tokens: 7,
+                first_token: token,
+            },
+        )
+        .unwrap();
+    absorb(&mut out, decode.step());
+    assert!(
+        out.get(&import)
+            .is_some_and(|(tokens, _)| !tokens.is_empty()),
+        "imported at once: {out:?}"
+    );
+    run_into(&mut decode, &mut out);
+    assert_eq!(out[&import].0.len(), 4);
+    assert_eq!(out[&busy], reference);
+    assert!(decode.num_preemptions() >= 1);
+}

@@ -23,6 +23,18 @@ impl Scheduler {
         self.slots_taken() < self.config.max_num_seqs && self.kv.num_free() >= needed
     }
 
+    /// Preempts the least urgent running sequence when its priority is strictly lower than
+    /// `priority` (an import waiting for room: the scheduler's module doc, "Priorities"); its
+    /// id, `None` when there is none.
+    pub fn preempt_below(&mut self, priority: i32) -> Option<SeqId> {
+        let victim = *self.running.last()?;
+        if self.seqs[&victim].priority <= priority {
+            return None;
+        }
+        self.preempt(victim);
+        Some(victim)
+    }
+
     /// Admits a sequence whose prompt K/V are already computed elsewhere, straight into the
     /// running set with the prompt's blocks allocated (the caller writes them). Its first
     /// generated token is appended next ([`Self::append_token`]) and decoded in the next step.
@@ -40,6 +52,7 @@ impl Scheduler {
                 num_tokens: prompt_tokens,
                 num_computed: prompt_tokens,
                 arrival: self.next_arrival,
+                priority: 0,
                 status: SeqStatus::Running,
                 num_preemptions: 0,
                 cached_tokens: 0,
@@ -48,7 +61,7 @@ impl Scheduler {
             },
         );
         self.next_arrival += 1;
-        self.running.push(id);
+        self.enter_running(id);
         Ok(blocks)
     }
 
@@ -98,6 +111,7 @@ impl Scheduler {
                 num_tokens: prompt_tokens,
                 num_computed: 0,
                 arrival: self.next_arrival,
+                priority: 0,
                 status: SeqStatus::Reserved,
                 num_preemptions: 0,
                 cached_tokens: cached_blocks * self.config.block_size,
@@ -135,7 +149,7 @@ impl Scheduler {
         seq.arrival = self.next_arrival;
         self.next_arrival += 1;
         self.num_reserved -= 1;
-        self.running.push(id);
+        self.enter_running(id);
         Ok(self.kv.blocks(id).to_vec())
     }
 

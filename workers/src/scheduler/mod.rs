@@ -18,10 +18,22 @@
 //!    all decodes always fit.)
 //! 2. **Then running prefills** (admitted, prompt not fully computed), oldest first, each a
 //!    chunk of `min(remaining, budget left)` tokens, shrunk to the blocks that are free.
-//! 3. **Then admission** of waiting sequences in strict FIFO order: the head of the queue is
+//! 3. **Then admission** of waiting sequences in strict queue order: the head of the queue is
 //!    admitted only when the pool has the blocks for its first chunk; if it cannot be, nothing
 //!    behind it is either (no overtaking, so a long prompt is never starved by short ones).
-//!    Nothing is admitted in a step that had to preempt, so memory pressure is not made worse.
+//!    Nothing is admitted in a step that had to preempt for memory, so memory pressure is not
+//!    made worse.
+//!
+//! # Priorities
+//! Every sequence has a priority ([`Scheduler::set_priority`], vLLM's request `priority`:
+//! lower is served first, 0 by default). The waiting queue is ordered by priority, then
+//! arrival; the running set by priority, then admission. So "oldest" and "newest" below
+//! read "most urgent" and "least urgent" where priorities differ, and with one priority the
+//! policy is first come, first served. When the head of the queue cannot be admitted (no
+//! sequence slot, or not the blocks it needs) while sequences of a strictly lower priority
+//! run, the least urgent of them are preempted, one at a time, until it can
+//! ([`Scheduler::schedule`]'s first phase, as vLLM's priority policy does); they recompute
+//! later like any preempted sequence. Equal priorities never preempt each other this way.
 //!
 //! Blocks are reserved step by step: a sequence holds blocks for its computed tokens plus the
 //! chunk scheduled now, and its block table grows as it does.
@@ -129,8 +141,10 @@ pub enum SeqStatus {
 struct Sequence {
     num_tokens: usize,
     num_computed: usize,
-    /// Arrival order; the waiting queue is kept sorted by it.
+    /// Arrival order; the waiting queue is kept sorted by priority, then by it.
     arrival: u64,
+    /// Lower is served first (module doc, "Priorities").
+    priority: i32,
     status: SeqStatus,
     num_preemptions: u32,
     /// The most tokens it can reach (prompt plus `max_tokens`; `usize::MAX` until the engine
@@ -165,6 +179,9 @@ pub struct SchedulerStep {
     pub scheduled: Vec<ScheduledSeq>,
     /// Sequences that lost their blocks in this step and went back to the queue.
     pub preempted: Vec<SeqId>,
+    /// How many of `preempted` made room for a waiting sequence of a higher priority (the
+    /// others: the cache ran out of blocks).
+    pub preempted_for_priority: usize,
 }
 
 impl SchedulerStep {
@@ -184,9 +201,9 @@ pub struct Scheduler {
     /// The blocks each sequence holds.
     kv: KvCacheManager,
     seqs: HashMap<SeqId, Sequence>,
-    /// Sorted by arrival.
+    /// Sorted by priority, then arrival.
     waiting: VecDeque<SeqId>,
-    /// In admission order, oldest first: preemption takes from the back.
+    /// By priority, then admission order, oldest first: preemption takes from the back.
     running: Vec<SeqId>,
     /// Sequences in [`SeqStatus::Reserved`]: each holds a slot of `max_num_seqs`.
     num_reserved: usize,
@@ -363,6 +380,7 @@ impl Scheduler {
                 num_tokens: prompt_tokens,
                 num_computed: 0,
                 arrival: self.next_arrival,
+                priority: 0,
                 status: SeqStatus::Waiting,
                 num_preemptions: 0,
                 cached_tokens: 0,
@@ -371,8 +389,51 @@ impl Scheduler {
             },
         );
         self.next_arrival += 1;
-        self.waiting.push_back(id);
+        self.enter_waiting(id);
         Ok(())
+    }
+
+    /// Sets the priority of `id` (lower is served first; sequences start at 0), moving it to
+    /// its place in the queue or the running set.
+    pub fn set_priority(&mut self, id: SeqId, priority: i32) -> Result<(), SchedulerError> {
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(SchedulerError::UnknownSequence(id))?;
+        if seq.priority == priority {
+            return Ok(());
+        }
+        seq.priority = priority;
+        match seq.status {
+            SeqStatus::Waiting => {
+                self.waiting.retain(|&w| w != id);
+                self.enter_waiting(id);
+            }
+            SeqStatus::Running => {
+                self.running.retain(|&r| r != id);
+                self.enter_running(id);
+            }
+            SeqStatus::Reserved | SeqStatus::Pinned => {}
+        }
+        Ok(())
+    }
+
+    /// Puts waiting `id` in its place in the queue: after every sequence of its priority or
+    /// a higher one that arrived before it.
+    fn enter_waiting(&mut self, id: SeqId) {
+        let rank = |seq: &Sequence| (seq.priority, seq.arrival);
+        let own = rank(&self.seqs[&id]);
+        let at = self.waiting.partition_point(|w| rank(&self.seqs[w]) < own);
+        self.waiting.insert(at, id);
+    }
+
+    /// Adds `id` to the running set as the newest of its priority.
+    fn enter_running(&mut self, id: SeqId) {
+        let priority = self.seqs[&id].priority;
+        let at = self
+            .running
+            .partition_point(|r| self.seqs[r].priority <= priority);
+        self.running.insert(at, id);
     }
 
     /// Names the full blocks of `id` from its tokens so far (prompt, and any tokens to replay)
@@ -548,6 +609,11 @@ impl Scheduler {
         self.seqs.get(&id).map(|s| s.num_computed)
     }
 
+    /// The sequence admission takes next, if any waits.
+    pub fn first_waiting(&self) -> Option<SeqId> {
+        self.waiting.front().copied()
+    }
+
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
@@ -573,13 +639,52 @@ impl Scheduler {
         let mut step = SchedulerStep::default();
         let mut budget = self.config.max_num_batched_tokens;
         let mut scheduled: HashSet<SeqId> = HashSet::new();
+        self.preempt_for_priority(&mut step);
         self.schedule_decodes(&mut step, &mut budget, &mut scheduled);
         self.schedule_prefills(&mut step, &mut budget, &mut scheduled);
-        // Admission never happens in a step that had to preempt.
-        if step.preempted.is_empty() {
+        // Admission never happens in a step that had to preempt for memory.
+        if step.preempted.len() == step.preempted_for_priority {
             self.admit_waiting(&mut step, &mut budget);
         }
         step
+    }
+
+    /// Preempts the least urgent running sequences, while the head of the queue cannot be
+    /// admitted and they have a strictly lower priority than it (module doc, "Priorities").
+    fn preempt_for_priority(&mut self, step: &mut SchedulerStep) {
+        let Some(&head) = self.waiting.front() else {
+            return;
+        };
+        let priority = self.seqs[&head].priority;
+        // A sample waiting for its sibling's prompt is not admitted whatever the room.
+        if matches!(self.group_admission(head, step), GroupAdmission::Wait) {
+            return;
+        }
+        while !self.could_admit(head) {
+            let Some(&victim) = self.running.last() else {
+                return;
+            };
+            if self.seqs[&victim].priority <= priority {
+                return;
+            }
+            self.preempt(victim);
+            step.preempted.push(victim);
+            step.preempted_for_priority += 1;
+        }
+    }
+
+    /// Whether waiting `id` has a sequence slot, the blocks of its first chunk and room to
+    /// grow (admission's rule, without a cached prefix, which only lowers what it needs).
+    fn could_admit(&self, id: SeqId) -> bool {
+        let seq = &self.seqs[&id];
+        let first_chunk_end = seq.num_tokens.min(self.config.max_num_batched_tokens);
+        let free = self.kv.num_free();
+        let room = self
+            .growth_blocks_of_admitted()
+            .is_none_or(|admitted| admitted + self.growth_blocks(id) <= free);
+        self.slots_taken() < self.config.max_num_seqs
+            && self.kv.missing_blocks(id, first_chunk_end) <= free
+            && room
     }
 
     /// The step's decodes, first and oldest admission first; a decode that finds no block
@@ -728,10 +833,10 @@ impl Scheduler {
                 }
             }
             self.waiting.pop_front();
-            self.running.push(id);
             if let Some(seq) = self.seqs.get_mut(&id) {
                 seq.status = SeqStatus::Running;
             }
+            self.enter_running(id);
             step.scheduled.push(self.take_chunk(id, chunk));
             *budget -= chunk;
             if self.config.growth_reserve_tokens.is_some() {
@@ -764,12 +869,8 @@ impl Scheduler {
         seq.num_computed = 0;
         seq.status = SeqStatus::Waiting;
         seq.num_preemptions += 1;
-        let arrival = seq.arrival;
         self.running.retain(|&r| r != id);
-        let at = self
-            .waiting
-            .partition_point(|w| self.seqs[w].arrival < arrival);
-        self.waiting.insert(at, id);
+        self.enter_waiting(id);
         // Shared blocks stay with their other holders.
         let freed = self.kv.free(id);
         debug_assert!(

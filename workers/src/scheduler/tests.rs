@@ -1056,3 +1056,97 @@ fn random_shared_prefixes_never_write_a_named_or_shared_block_and_return_every_b
         }
     }
 }
+
+/// The ids a step schedules, in batch order.
+fn scheduled_ids(step: &SchedulerStep) -> Vec<SeqId> {
+    step.scheduled.iter().map(|item| item.id).collect()
+}
+
+#[test]
+fn the_queue_is_ordered_by_priority_then_arrival() {
+    // One sequence slot: the order of admission is the order of the queue.
+    let mut s = Scheduler::new(config(64, 1, 4, 64)).unwrap();
+    for (id, priority) in [(1, 0), (2, 5), (3, -1), (4, 5), (5, 0)] {
+        s.add(id, 4).unwrap();
+        s.set_priority(id, priority).unwrap();
+    }
+    let mut admitted = Vec::new();
+    while s.has_work() {
+        let step = step_and_append(&mut s);
+        for item in &step.scheduled {
+            if item.cached_len == 0 {
+                admitted.push(item.id);
+            }
+            // Each is done after its first token.
+            if item.wants_logits {
+                s.finish(item.id).unwrap();
+            }
+        }
+    }
+    assert_eq!(admitted, [3, 1, 5, 2, 4]);
+    assert_eq!(
+        s.set_priority(9, 1),
+        Err(SchedulerError::UnknownSequence(9))
+    );
+}
+
+#[test]
+fn a_waiting_sequence_preempts_running_ones_of_a_lower_priority_only() {
+    // Two slots, both taken by sequences of priority 1.
+    let mut s = Scheduler::new(config(64, 2, 4, 64)).unwrap();
+    for id in [1, 2] {
+        s.add(id, 4).unwrap();
+        s.set_priority(id, 1).unwrap();
+    }
+    step_and_append(&mut s);
+    // Another of the same priority waits: nobody is preempted.
+    s.add(3, 4).unwrap();
+    s.set_priority(3, 1).unwrap();
+    let step = step_and_append(&mut s);
+    assert!(step.preempted.is_empty(), "{step:?}");
+    assert_eq!(scheduled_ids(&step), [1, 2]);
+    // A more urgent one preempts the newest of the least urgent (2) and runs in the same
+    // step, decoded first from then on.
+    s.add(4, 4).unwrap();
+    s.set_priority(4, 0).unwrap();
+    let step = step_and_append(&mut s);
+    assert_eq!(step.preempted, [2]);
+    assert_eq!(step.preempted_for_priority, 1);
+    assert_eq!(scheduled_ids(&step), [1, 4]);
+    assert_eq!(s.status(2), Some(SeqStatus::Waiting));
+    let step = step_and_append(&mut s);
+    assert_eq!(scheduled_ids(&step), [4, 1]);
+    // The preempted one waits ahead of the later arrival of its priority, and comes back
+    // (recomputing) when a slot frees.
+    s.finish(4).unwrap();
+    let step = step_and_append(&mut s);
+    assert_eq!(scheduled_ids(&step), [1, 2]);
+    assert_eq!(
+        (step.scheduled[1].cached_len, step.scheduled[1].token_count),
+        (0, 6),
+        "its prompt and its two tokens recomputed"
+    );
+    assert_eq!(s.num_preemptions(2), Some(1));
+    assert_eq!(s.num_waiting(), 1);
+}
+
+#[test]
+fn a_waiting_sequence_preempts_for_blocks_too() {
+    // Room for slots, not blocks: 4 blocks of 4 tokens, two sequences of 8 hold them all.
+    let mut s = Scheduler::new(config(64, 4, 4, 4)).unwrap();
+    for id in [1, 2] {
+        s.add(id, 8).unwrap();
+        s.set_priority(id, 3).unwrap();
+    }
+    step_and_append(&mut s);
+    s.add(3, 4).unwrap();
+    s.set_priority(3, -3).unwrap();
+    let step = step_and_append(&mut s);
+    assert_eq!(step.preempted, [2]);
+    assert!(scheduled_ids(&step).contains(&3), "{step:?}");
+    // An import of a higher priority makes room the same way.
+    assert!(!s.can_add_computed(8, 9));
+    assert_eq!(s.preempt_below(3), None, "no priority lower than 3 runs");
+    assert_eq!(s.preempt_below(0), Some(1));
+    assert_eq!(s.status(1), Some(SeqStatus::Waiting));
+}

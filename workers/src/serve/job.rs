@@ -39,6 +39,7 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         grammar: None,
         prompt_logprobs: job.sampling.prompt_logprobs,
         cache_salt: job.cache_salt.clone(),
+        priority: job.priority,
     }
 }
 
@@ -85,6 +86,7 @@ mod tests {
             resume_ids: Vec::new(),
             samples: None,
             cache_salt: None,
+            priority: 0,
         }
     }
 

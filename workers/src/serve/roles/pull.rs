@@ -1242,6 +1242,7 @@ mod tests {
             resume_ids: Vec::new(),
             samples: None,
             cache_salt: None,
+            priority: 0,
         }
     }
 
