@@ -514,17 +514,11 @@ pub const RESPONSES: EndpointFields = EndpointFields {
         ("priority", Served),
         ("prompt_cache_retention", Accepted(Kind::String)),
         ("prompt_cache_options", Accepted(Kind::Object)),
-        (
-            "background",
-            Refused {
-                why: "tandem runs every response in the foreground: background may only be false",
-                allowed: is_false,
-            },
-        ),
+        ("background", Served),
         (
             "background_options",
             Refused {
-                why: "tandem runs every response in the foreground",
+                why: "background responses take no options",
                 allowed: never,
             },
         ),
@@ -929,8 +923,8 @@ mod tests {
         );
         let (param, _, _) = refusal(&CHAT_COMPLETIONS, json!({"user": 7}));
         assert_eq!(param, "user");
-        let (param, _, _) = refusal(&RESPONSES, json!({"background": true}));
-        assert_eq!(param, "background");
+        let (param, _, _) = refusal(&RESPONSES, json!({"background_options": {}}));
+        assert_eq!(param, "background_options");
 
         // Inside the body: a message's fields, stream_options.
         let (param, message, code) = refusal(

@@ -235,6 +235,8 @@ pub struct Metrics {
     response_store_responses: IntGauge,
     response_store_bytes: IntGauge,
     response_store_evictions: IntCounter,
+    /// Background responses running on this api-server.
+    responses_background: IntGauge,
     /// `outcome`: [`Event::ResponsePeer`]'s.
     response_store_peer_requests: IntCounterVec,
     /// KV cache bytes decode workers pulled from context workers (`kv_pulled.bytes`).
@@ -403,6 +405,11 @@ impl Metrics {
         let response_store_evictions = IntCounter::new(
             "tandem_response_store_evictions_total",
             "Stored responses dropped, least recently used first, to make room for new ones",
+        )
+        .expect("metric options are static and valid");
+        let responses_background = IntGauge::new(
+            "tandem_responses_background_running",
+            "Background Responses API responses (background: true) this api-server is running",
         )
         .expect("metric options are static and valid");
         let response_store_peer_requests = IntCounterVec::new(
@@ -617,6 +624,7 @@ impl Metrics {
             response_store_responses,
             response_store_bytes,
             response_store_evictions,
+            responses_background,
             response_store_peer_requests,
             kv_transfer_bytes,
             kv_transfer_seconds,
@@ -667,6 +675,7 @@ impl Metrics {
             Box::new(metrics.response_store_bytes.clone()),
             Box::new(metrics.response_store_evictions.clone()),
             Box::new(metrics.response_store_peer_requests.clone()),
+            Box::new(metrics.responses_background.clone()),
             Box::new(metrics.kv_transfer_bytes.clone()),
             Box::new(metrics.kv_transfer_seconds.clone()),
             Box::new(metrics.kv_transfers.clone()),
@@ -769,6 +778,7 @@ impl Metrics {
             Event::ResponseStore(stats) => {
                 self.response_store_responses.set(stats.responses as i64);
                 self.response_store_bytes.set(stats.bytes as i64);
+                self.responses_background.set(stats.background as i64);
                 let counted = self.response_store_evictions.get();
                 self.response_store_evictions
                     .inc_by(stats.evicted.saturating_sub(counted));

@@ -969,18 +969,24 @@ pub enum StoredResponseOp {
     /// The items a follow-up continuing it starts from, as far back along its chain of
     /// `previous_response_id`s as the api-server asked stored them.
     Context,
+    /// Cancel it, if it is a background response still running.
+    Cancel,
 }
 
 /// The answer to a [`StoredResponseRequest`]. JSON documents travel as their text, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum StoredResponseReply {
-    /// `op: response`: the `response` object (JSON text).
+    /// `op: response`: the `response` object (JSON text); `op: cancel`: the object after the
+    /// cancellation (or as it finished, when it had).
     Response { response: String },
     /// `op: input_items`: a JSON array of items, each with its `id`.
     InputItems { items: String },
     /// `op: delete`: it is forgotten.
     Deleted,
+    /// `op: context`: it is a background response still running, which nothing can continue
+    /// yet.
+    InProgress,
     /// `op: context`: the input and output items (a JSON array, oldest first) of the
     /// responses on the chain that this api-server stored, from the one asked for back to
     /// the first whose previous response another api-server made; `continues` names that

@@ -4,6 +4,7 @@ tests/responses_api.rs; usage: responses_conformance.py BASE_URL). Exits non-zer
 on the first failed check."""
 
 import sys
+import time
 
 import openai
 
@@ -78,6 +79,28 @@ check(chained.previous_response_id == response.id, chained)
 check(chained.output_text == follow_up.output_text, (chained.output_text, follow_up.output_text))
 check(chained.usage.input_tokens == follow_up.usage.input_tokens, (chained.usage, follow_up.usage))
 client.responses.delete(response.id)
+
+# Background, as OpenAI's guide polls it: created queued, retrieved until it has finished, with the
+# text of the same request in the foreground; a long one cancelled while it runs.
+background = client.responses.create(model=model, input=question, max_output_tokens=24, temperature=0,
+                                     background=True)
+check(background.background is True and background.status == "queued", background)
+deadline = time.time() + 60
+while background.status in ("queued", "in_progress"):
+    check(time.time() < deadline, background)
+    time.sleep(0.05)
+    background = client.responses.retrieve(background.id)
+first_text = client.responses.create(model=model, input=question, max_output_tokens=24,
+                                     temperature=0).output_text
+check(background.output_text == first_text, (background.output_text, first_text))
+numbers = {"type": "json_schema", "name": "numbers", "schema": {
+    "type": "object", "properties": {"n": {"type": "array", "items": {"type": "integer"}, "minItems": 300}},
+    "required": ["n"]}}
+long = client.responses.create(model=model, input="List numbers.", max_output_tokens=3000, temperature=0,
+                               background=True, text={"format": numbers})
+cancelled = client.responses.cancel(long.id)
+check(cancelled.id == long.id and cancelled.status == "cancelled", cancelled)
+check(client.responses.retrieve(long.id).status == "cancelled", long.id)
 
 # Typed errors: an unknown field, a response not stored, an unknown model, a deleted response.
 try:

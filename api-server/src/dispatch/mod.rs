@@ -535,13 +535,24 @@ impl Generation {
     }
 
     /// Every event up to the last, gathered.
-    pub async fn collect(mut self) -> Result<Completed, ApiError> {
+    pub async fn collect(self) -> Result<Completed, ApiError> {
+        self.collect_watching(|_| {}).await
+    }
+
+    /// Every event up to the last, gathered; `arrived` sees each batch of tokens as it comes.
+    pub async fn collect_watching(
+        mut self,
+        mut arrived: impl FnMut(&[TokenEvent]),
+    ) -> Result<Completed, ApiError> {
         let mut collected = Vec::new();
         let mut prompt_logprobs = Vec::new();
         loop {
             match self.next().await {
                 Some(Ok(GenEvent::PromptLogprobs(logprobs))) => prompt_logprobs = logprobs,
-                Some(Ok(GenEvent::Tokens(tokens))) => collected.extend(tokens),
+                Some(Ok(GenEvent::Tokens(tokens))) => {
+                    arrived(&tokens);
+                    collected.extend(tokens);
+                }
                 Some(Ok(GenEvent::Finished { reason, usage })) => {
                     return Ok(Completed {
                         prompt_logprobs,

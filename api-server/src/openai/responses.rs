@@ -42,6 +42,9 @@ pub struct ResponsesRequest {
     pub metadata: Option<BTreeMap<String, Value>>,
     pub user: Option<String>,
     pub store: Option<bool>,
+    /// Run the response after answering: the client polls it (`GET /v1/responses/{id}`) and
+    /// may cancel it.
+    pub background: Option<bool>,
     pub service_tier: Option<String>,
     pub safety_identifier: Option<String>,
     pub prompt_cache_key: Option<String>,
@@ -105,10 +108,14 @@ pub struct ReasoningConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseStatus {
+    /// A background response not started yet (as created).
+    Queued,
     InProgress,
     Completed,
     Incomplete,
     Failed,
+    /// A background response cancelled before it finished.
+    Cancelled,
 }
 
 /// A `response` object, as answered and as carried by the stream's lifecycle events.

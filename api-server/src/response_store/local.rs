@@ -54,6 +54,12 @@ pub enum ChainError {
          from the api-server's response store): send the conversation in input instead"
     )]
     Broken { id: String, missing: String },
+    /// A background response still running: nothing can continue it yet.
+    #[error(
+        "response {id} is a background response still in progress: continue it once it has \
+         finished (poll GET /v1/responses/{id})"
+    )]
+    InProgress { id: String },
 }
 
 /// The part of a chain one store holds ([`ResponseStore::segment`]).
@@ -72,6 +78,9 @@ pub struct StoreStats {
     pub bytes: usize,
     /// Responses dropped to stay under the bound, since the start.
     pub evicted: u64,
+    /// Background responses running ([`super::StoredResponses`] counts them; not in
+    /// `responses` until they finish).
+    pub background: usize,
 }
 
 #[derive(Debug, Default)]
@@ -273,6 +282,7 @@ impl ResponseStore {
             responses: inner.entries.len(),
             bytes: inner.bytes,
             evicted: inner.evicted,
+            background: 0,
         }
     }
 }

@@ -13,4 +13,4 @@ pub mod local;
 pub mod shared;
 
 pub use local::{ChainError, ResponseStore, Segment, StoreStats};
-pub use shared::{ContextError, PeerError, StoredResponses};
+pub use shared::{Cancelled, ContextError, PeerError, StoredResponses};

@@ -8,8 +8,13 @@
 //! api-server of the deployment, and a conversation continued on several api-servers is
 //! rebuilt by asking each for the part of the chain it holds. An api-server that has stopped
 //! answers nothing: NATS says no one listens, and its responses are reported gone.
+//!
+//! Background responses (`background: true`) run in the api-server that accepted them; until
+//! they finish they are kept beside the store ([`StoredResponses::start_background`]), found
+//! and cancelled through any api-server the same way, and moved into the store when they end.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -79,6 +84,17 @@ struct Peers {
     subjects: Subjects,
 }
 
+/// A background response this api-server runs.
+struct Running {
+    owner: Option<String>,
+    previous: Option<String>,
+    /// The `response` object as it stands (queued, then in progress).
+    response: Value,
+    input_items: Vec<Value>,
+    /// Stops its generation (set once its task is spawned).
+    abort: Option<tokio::task::AbortHandle>,
+}
+
 /// Every api-server's stored responses, from this one.
 pub struct StoredResponses {
     local: ResponseStore,
@@ -86,6 +102,18 @@ pub struct StoredResponses {
     /// `None`: no bus (unit tests); other api-servers' responses are then gone.
     peers: Option<Peers>,
     metrics: Metrics,
+    /// Background responses running here, by id.
+    running: Mutex<HashMap<String, Running>>,
+}
+
+/// What cancelling a response found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancelled {
+    /// A background response that was running: the `response` object as cancelled (JSON).
+    Now(String),
+    /// A response that had finished: its object as stored (JSON); cancelling a background
+    /// one again returns it, a foreground one cannot be cancelled.
+    Finished(String),
 }
 
 /// Where a response is kept.
@@ -110,6 +138,7 @@ impl StoredResponses {
             instance: Instance::random(),
             peers: Some(Peers { client, subjects }),
             metrics,
+            running: Mutex::default(),
         }
     }
 
@@ -120,6 +149,7 @@ impl StoredResponses {
             instance: Instance::random(),
             peers: None,
             metrics,
+            running: Mutex::default(),
         }
     }
 
@@ -137,9 +167,140 @@ impl StoredResponses {
         self.instance.new_id()
     }
 
-    /// What this api-server's store holds.
+    /// What this api-server's store holds, and the background responses it runs.
     pub fn stats(&self) -> StoreStats {
-        self.local.stats()
+        StoreStats {
+            background: self.lock_running().len(),
+            ..self.local.stats()
+        }
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        // Every change is one insert or removal: what a panic leaves is consistent.
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn record_stats(&self) {
+        self.metrics.record(Event::ResponseStore(self.stats()));
+    }
+
+    /// Keeps background response `id` (its `response` object as created, queued) while it
+    /// runs; its task's abort handle follows ([`Self::set_abort`]).
+    pub fn start_background(
+        &self,
+        owner: Option<String>,
+        id: &str,
+        previous: Option<String>,
+        response: &str,
+        input_items: Vec<Value>,
+    ) {
+        let response = serde_json::from_str(response).expect("a response object is JSON");
+        self.lock_running().insert(
+            id.to_string(),
+            Running {
+                owner,
+                previous,
+                response,
+                input_items,
+                abort: None,
+            },
+        );
+        self.record_stats();
+    }
+
+    /// How to stop background response `id`'s generation; aborted at once when it was
+    /// cancelled before its task was spawned.
+    pub fn set_abort(&self, id: &str, abort: tokio::task::AbortHandle) {
+        match self.lock_running().get_mut(id) {
+            Some(running) => running.abort = Some(abort),
+            None => abort.abort(),
+        }
+    }
+
+    /// Background response `id` produced its first tokens: its status is `in_progress`.
+    pub fn mark_in_progress(&self, id: &str) {
+        if let Some(running) = self.lock_running().get_mut(id) {
+            running.response["status"] = Value::from("in_progress");
+        }
+    }
+
+    /// Background response `id` finished: false when it was cancelled or deleted meanwhile
+    /// (then its result is not stored).
+    pub fn finish_background(&self, id: &str) -> bool {
+        let finished = self.lock_running().remove(id).is_some();
+        self.record_stats();
+        finished
+    }
+
+    /// The running background response `id`, if `owner` started it.
+    fn running_of<'a>(
+        running: &'a HashMap<String, Running>,
+        owner: Option<&str>,
+        id: &str,
+    ) -> Option<&'a Running> {
+        running
+            .get(id)
+            .filter(|running| running.owner.as_deref() == owner)
+    }
+
+    /// Cancels background response `id` here: stops its generation and stores it as
+    /// cancelled. `None` when no response of `owner` has that id here.
+    fn cancel_here(&self, owner: Option<&str>, id: &str) -> Option<Cancelled> {
+        let mut running = self.lock_running();
+        if Self::running_of(&running, owner, id).is_none() {
+            drop(running);
+            return self.local.response(owner, id).map(Cancelled::Finished);
+        }
+        let mut cancelled = running.remove(id).expect("found above");
+        drop(running);
+        if let Some(abort) = &cancelled.abort {
+            abort.abort();
+        }
+        cancelled.response["status"] = Value::from("cancelled");
+        let response = cancelled.response.to_string();
+        self.local.put(
+            cancelled.owner,
+            id,
+            cancelled.previous,
+            response.clone(),
+            &cancelled.input_items,
+            &[],
+        );
+        self.record_stats();
+        Some(Cancelled::Now(response))
+    }
+
+    /// Cancels response `id` wherever it runs ([`Cancelled`]); `None` when `owner` has no
+    /// response of that id.
+    pub async fn cancel(
+        &self,
+        owner: Option<&str>,
+        id: &str,
+    ) -> Result<Option<Cancelled>, PeerError> {
+        let instance = match self.home(id) {
+            Home::Here => return Ok(self.cancel_here(owner, id)),
+            Home::Nowhere => return Ok(None),
+            Home::Peer(instance) => instance,
+        };
+        match self
+            .ask(instance, owner, id, StoredResponseOp::Cancel)
+            .await?
+        {
+            Some(StoredResponseReply::Response { response }) => {
+                // The object says which: a cancelled one was running.
+                let status = serde_json::from_str::<Value>(&response)
+                    .ok()
+                    .and_then(|object| object["status"].as_str().map(str::to_string));
+                Ok(Some(match status.as_deref() {
+                    Some("cancelled") => Cancelled::Now(response),
+                    _ => Cancelled::Finished(response),
+                }))
+            }
+            None => Ok(None),
+            Some(other) => Err(odd_answer(instance, id, other)),
+        }
     }
 
     /// Keeps a response this api-server made ([`ResponseStore::put`]).
@@ -168,6 +329,52 @@ impl StoredResponses {
         }
     }
 
+    /// `response` here: a running background response's object as it stands, else the
+    /// stored one.
+    fn response_here(&self, owner: Option<&str>, id: &str) -> Option<String> {
+        let running = self.lock_running();
+        if let Some(running) = Self::running_of(&running, owner, id) {
+            return Some(running.response.to_string());
+        }
+        drop(running);
+        self.local.response(owner, id)
+    }
+
+    fn input_items_here(&self, owner: Option<&str>, id: &str) -> Option<Vec<Value>> {
+        let running = self.lock_running();
+        if let Some(running) = Self::running_of(&running, owner, id) {
+            return Some(running.input_items.clone());
+        }
+        drop(running);
+        self.local.input_items(owner, id)
+    }
+
+    /// Forgets `id` here; a running background response is stopped first.
+    fn delete_here(&self, owner: Option<&str>, id: &str) -> bool {
+        let mut running = self.lock_running();
+        let deleted = if Self::running_of(&running, owner, id).is_some() {
+            let stopped = running.remove(id).expect("found above");
+            drop(running);
+            if let Some(abort) = stopped.abort {
+                abort.abort();
+            }
+            true
+        } else {
+            drop(running);
+            self.local.delete(owner, id)
+        };
+        self.record_stats();
+        deleted
+    }
+
+    /// The part of `id`'s chain this api-server holds; none while `id` still runs.
+    fn segment_here(&self, owner: Option<&str>, id: &str) -> Result<Segment, ChainError> {
+        if Self::running_of(&self.lock_running(), owner, id).is_some() {
+            return Err(ChainError::InProgress { id: id.to_string() });
+        }
+        self.local.segment(owner, id, |link| self.is_here(link))
+    }
+
     /// Whether another api-server made response `id` (so it is asked, whether or not this
     /// one stores responses).
     pub fn made_by_another(&self, id: &str) -> bool {
@@ -185,7 +392,7 @@ impl StoredResponses {
         id: &str,
     ) -> Result<Option<String>, PeerError> {
         let instance = match self.home(id) {
-            Home::Here => return Ok(self.local.response(owner, id)),
+            Home::Here => return Ok(self.response_here(owner, id)),
             Home::Nowhere => return Ok(None),
             Home::Peer(instance) => instance,
         };
@@ -204,7 +411,7 @@ impl StoredResponses {
         id: &str,
     ) -> Result<Option<Vec<Value>>, PeerError> {
         let instance = match self.home(id) {
-            Home::Here => return Ok(self.local.input_items(owner, id)),
+            Home::Here => return Ok(self.input_items_here(owner, id)),
             Home::Nowhere => return Ok(None),
             Home::Peer(instance) => instance,
         };
@@ -221,12 +428,7 @@ impl StoredResponses {
     /// Forgets `id` wherever it is kept; whether `owner` had stored it.
     pub async fn delete(&self, owner: Option<&str>, id: &str) -> Result<bool, PeerError> {
         let instance = match self.home(id) {
-            Home::Here => {
-                let deleted = self.local.delete(owner, id);
-                self.metrics
-                    .record(Event::ResponseStore(self.local.stats()));
-                return Ok(deleted);
-            }
+            Home::Here => return Ok(self.delete_here(owner, id)),
             Home::Nowhere => return Ok(false),
             Home::Peer(instance) => instance,
         };
@@ -276,7 +478,7 @@ impl StoredResponses {
     /// The part of `id`'s chain the api-server that made `id` holds.
     async fn segment(&self, owner: Option<&str>, id: &str) -> Result<Segment, ContextError> {
         let instance = match self.home(id) {
-            Home::Here => return Ok(self.local.segment(owner, id, |link| self.is_here(link))?),
+            Home::Here => return Ok(self.segment_here(owner, id)?),
             Home::Nowhere => {
                 return Err(ChainError::NotFound { id: id.to_string() }.into());
             }
@@ -297,6 +499,9 @@ impl StoredResponses {
                 missing,
             }
             .into()),
+            Some(StoredResponseReply::InProgress) => {
+                Err(ChainError::InProgress { id: id.to_string() }.into())
+            }
             None => Err(ChainError::NotFound { id: id.to_string() }.into()),
             Some(other) => Err(odd_answer(instance, id, other).into()),
         }
@@ -433,37 +638,37 @@ impl StoredResponses {
             return not_found;
         }
         match question.op {
-            StoredResponseOp::Response => match self.local.response(owner, id) {
+            StoredResponseOp::Response => match self.response_here(owner, id) {
                 Some(response) => StoredResponseReply::Response { response },
                 None => not_found,
             },
-            StoredResponseOp::InputItems => match self.local.input_items(owner, id) {
+            StoredResponseOp::InputItems => match self.input_items_here(owner, id) {
                 Some(items) => StoredResponseReply::InputItems {
                     items: Value::Array(items).to_string(),
                 },
                 None => not_found,
             },
-            StoredResponseOp::Delete => {
-                let deleted = self.local.delete(owner, id);
-                self.metrics
-                    .record(Event::ResponseStore(self.local.stats()));
-                match deleted {
-                    true => StoredResponseReply::Deleted,
-                    false => not_found,
+            StoredResponseOp::Delete => match self.delete_here(owner, id) {
+                true => StoredResponseReply::Deleted,
+                false => not_found,
+            },
+            StoredResponseOp::Cancel => match self.cancel_here(owner, id) {
+                Some(Cancelled::Now(response) | Cancelled::Finished(response)) => {
+                    StoredResponseReply::Response { response }
                 }
-            }
-            StoredResponseOp::Context => {
-                match self.local.segment(owner, id, |link| self.is_here(link)) {
-                    Ok(segment) => StoredResponseReply::Context {
-                        items: Value::Array(segment.items).to_string(),
-                        continues: segment.continues,
-                    },
-                    Err(ChainError::NotFound { .. }) => not_found,
-                    Err(ChainError::Broken { missing, .. }) => StoredResponseReply::NotFound {
-                        missing: Some(missing),
-                    },
-                }
-            }
+                None => not_found,
+            },
+            StoredResponseOp::Context => match self.segment_here(owner, id) {
+                Ok(segment) => StoredResponseReply::Context {
+                    items: Value::Array(segment.items).to_string(),
+                    continues: segment.continues,
+                },
+                Err(ChainError::NotFound { .. }) => not_found,
+                Err(ChainError::Broken { missing, .. }) => StoredResponseReply::NotFound {
+                    missing: Some(missing),
+                },
+                Err(ChainError::InProgress { .. }) => StoredResponseReply::InProgress,
+            },
         }
     }
 }
@@ -598,5 +803,64 @@ mod tests {
             ask(&foreign, Some("key:a"), StoredResponseOp::Response),
             StoredResponseReply::NotFound { missing: None }
         );
+    }
+
+    #[tokio::test]
+    async fn a_background_response_is_found_while_it_runs_and_cancelled_once() {
+        let store = StoredResponses::alone(ResponseStore::new(1 << 20), Metrics::new());
+        let id = store.new_id();
+        let queued = json!({"id": id, "status": "queued", "background": true}).to_string();
+        let input = vec![json!({"type": "message", "role": "user", "content": "hi"})];
+        store.start_background(Some("key:a".into()), &id, None, &queued, input.clone());
+        let task = tokio::spawn(std::future::pending::<()>());
+        store.set_abort(&id, task.abort_handle());
+        assert_eq!(store.stats().background, 1);
+        let status = |store: &StoredResponses| {
+            let found = store.response_here(Some("key:a"), &id).unwrap();
+            serde_json::from_str::<Value>(&found).unwrap()["status"].clone()
+        };
+        assert_eq!(status(&store), "queued");
+        store.mark_in_progress(&id);
+        assert_eq!(status(&store), "in_progress");
+        assert_eq!(store.input_items_here(Some("key:a"), &id), Some(input));
+        assert_eq!(
+            store.response_here(Some("key:b"), &id),
+            None,
+            "another key's"
+        );
+        // Nothing continues it yet.
+        assert_eq!(
+            store.context(Some("key:a"), &id).await,
+            Err(ContextError::Chain(ChainError::InProgress {
+                id: id.clone()
+            }))
+        );
+        // Cancelled: its generation stopped, stored as cancelled; cancelling again finds it
+        // finished; its task's result is not stored over it.
+        let Some(Cancelled::Now(cancelled)) = store.cancel(Some("key:a"), &id).await.unwrap()
+        else {
+            panic!("a running response is cancelled");
+        };
+        assert_eq!(
+            serde_json::from_str::<Value>(&cancelled).unwrap()["status"],
+            "cancelled"
+        );
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert_eq!(status(&store), "cancelled");
+        assert_eq!(
+            store.cancel(Some("key:a"), &id).await.unwrap(),
+            Some(Cancelled::Finished(cancelled))
+        );
+        assert!(!store.finish_background(&id));
+        assert_eq!(store.stats().background, 0);
+        assert_eq!(store.context(Some("key:a"), &id).await.unwrap().len(), 1);
+        // Deleting one that runs stops it too.
+        let other = store.new_id();
+        store.start_background(None, &other, None, &queued, Vec::new());
+        let task = tokio::spawn(std::future::pending::<()>());
+        store.set_abort(&other, task.abort_handle());
+        assert!(store.delete(None, &other).await.unwrap());
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert_eq!(store.response(None, &other).await.unwrap(), None);
     }
 }

@@ -18,7 +18,7 @@ use super::logprobs::chat_entry;
 use super::{client_left, start_generation, unless_client_leaves};
 use crate::auth::{KeyOwner, TenantSalt};
 use crate::disconnect::ClientSocket;
-use crate::dispatch::{Completed, RequestRecord};
+use crate::dispatch::{Completed, Generation, RequestRecord};
 use crate::error::ApiError;
 use crate::fields::RESPONSES;
 use crate::metrics::{Endpoint, Metrics};
@@ -30,7 +30,7 @@ use crate::openai::{
 };
 use crate::prompt::PromptCodec;
 use crate::prompt::tokenize;
-use crate::response_store::{ContextError, PeerError, StoredResponses};
+use crate::response_store::{Cancelled, ContextError, PeerError, StoredResponses};
 use crate::sse::{ChunkFormat, sse_response};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::parser::{CallParser, ParseEvent};
@@ -57,9 +57,19 @@ pub async fn create_response(
         .await
         .inspect_err(|err| record.fail(err))?;
     let mut valid = validate_responses(&body, &state.limits).inspect_err(|err| record.fail(err))?;
+    if valid.background && !state.responses.enabled() {
+        let err = ApiError::unsupported(
+            "this api-server stores no responses (--response-store-mib 0), and a background \
+             response is stored to be polled: background is not served here",
+            "background",
+        );
+        record.fail(&err);
+        return Err(err);
+    }
+    let background_items = valid.background.then(|| input_items.clone());
     let keep = (valid.store && state.responses.enabled()).then(|| Keep {
         store: Arc::clone(&state.responses),
-        owner,
+        owner: owner.clone(),
         input_items,
     });
     if valid.echo.truncation == Truncation::Auto
@@ -93,8 +103,20 @@ pub async fn create_response(
         unreachable!("a validated Responses request asks for one choice");
     };
     let mut events = ResponseEvents::new(id, &state, valid.echo, valid.request.tools.as_ref());
-    events.previous_response_id = previous;
+    events.previous_response_id = previous.clone();
     events.keep = keep;
+    if let Some(input_items) = background_items {
+        events.background = true;
+        let queued = serde_json::to_string(&events.queued()).expect("a response object is JSON");
+        let responses = Arc::clone(&state.responses);
+        let id = events.id.clone();
+        responses.start_background(owner, &id, previous, &queued, input_items);
+        let task = actix_web::rt::spawn(run_background(generation, events));
+        responses.set_abort(&id, task.abort_handle());
+        return Ok(HttpResponse::Ok()
+            .content_type(actix_web::http::header::ContentType::json())
+            .body(queued));
+    }
     if valid.request.stream {
         return Ok(sse_response(vec![(generation, events)], socket));
     }
@@ -103,6 +125,36 @@ pub async fn create_response(
     };
     let completed = completed?;
     Ok(HttpResponse::Ok().json(events.completed(completed)))
+}
+
+/// Runs a background response to its end and stores it (completed, incomplete or failed),
+/// unless it was cancelled or deleted meanwhile; its first tokens make it `in_progress`.
+async fn run_background(generation: Generation, mut events: ResponseEvents) {
+    let store = Arc::clone(
+        &events
+            .keep
+            .as_ref()
+            .expect("a background response is kept")
+            .store,
+    );
+    let mut started = false;
+    let ended = generation
+        .collect_watching(|_| {
+            if !started {
+                started = true;
+                store.mark_in_progress(&events.id);
+            }
+        })
+        .await;
+    match ended {
+        Ok(completed) => {
+            events.completed(completed);
+        }
+        Err(err) => {
+            let response = events.failed_object(&err);
+            events.store(&response);
+        }
+    }
 }
 
 /// `truncation: "auto"`: the conversation from its earliest start (a user turn after the
@@ -405,18 +457,44 @@ pub async fn list_input_items(
     })))
 }
 
+/// Cancels a background response that is still running (OpenAI's): its generation stops and
+/// it is stored as `cancelled`; a background response that had finished is returned as it is
+/// (cancelling again is idempotent); a foreground response cannot be cancelled (400).
 #[post("/v1/responses/{id}/cancel")]
 pub async fn cancel_response(
     request: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    stored_response(&state, &request, &id).await?;
-    Err(ApiError::invalid(
-        "only a background response can be cancelled, and tandem runs every response in the \
-         foreground (a client cancels one by closing its connection)",
-        "id",
-    ))
+    no_query(&request)?;
+    let cancelled = state
+        .responses
+        .cancel(owner_of(&request).as_deref(), &id)
+        .await
+        .map_err(|err| peer_error(err, "id"))?;
+    let response = match cancelled {
+        None => {
+            return Err(ApiError::ResponseNotFound {
+                id: id.into_inner(),
+            });
+        }
+        Some(Cancelled::Now(response)) => response,
+        Some(Cancelled::Finished(response)) => {
+            let background = serde_json::from_str::<Value>(&response)
+                .is_ok_and(|object| object["background"] == true);
+            if !background {
+                return Err(ApiError::invalid(
+                    "only a background response can be cancelled (background: true); a \
+                     foreground one is cancelled by closing its connection",
+                    "id",
+                ));
+            }
+            response
+        }
+    };
+    Ok(HttpResponse::Ok()
+        .content_type(actix_web::http::header::ContentType::json())
+        .body(response))
 }
 
 /// One response: its events when streamed (numbered by `sequence_number`), or the whole
@@ -447,6 +525,9 @@ pub struct ResponseEvents {
     previous_response_id: Option<String>,
     /// Where the finished response is stored, when it is.
     keep: Option<Keep>,
+    /// A background response: it runs after the reply, and is stored only if it was not
+    /// cancelled meanwhile.
+    background: bool,
 }
 
 /// The output item being written.
@@ -503,6 +584,7 @@ impl ResponseEvents {
             sequence_number: 0,
             previous_response_id: None,
             keep: None,
+            background: false,
         }
     }
 
@@ -512,6 +594,10 @@ impl ResponseEvents {
         let Some(keep) = self.keep.take() else {
             return;
         };
+        if self.background && !keep.store.finish_background(&self.id) {
+            // Cancelled or deleted while it ran: what it was is stored already, or nothing.
+            return;
+        }
         // Through the JSON text, so that numbers read back as the response wrote them (an f32
         // `top_p` of 0.9 would become 0.8999999761581421 as a value).
         let output: Vec<Value> = serde_json::to_string(&response.output)
@@ -570,7 +656,7 @@ impl ResponseEvents {
             created_at: self.created_at,
             status,
             completed_at: done.then(unix_now_s),
-            background: false,
+            background: self.background,
             error: None,
             incomplete_details: (status == ResponseStatus::Incomplete).then_some(
                 IncompleteDetails {
@@ -600,6 +686,33 @@ impl ResponseEvents {
             user: s.user.clone(),
             metadata: s.metadata.clone(),
         }
+    }
+
+    /// A background response's object as created: queued, no output yet.
+    fn queued(&self) -> ResponseObject {
+        self.object(ResponseStatus::Queued, Vec::new(), None)
+    }
+
+    /// The object of a response that failed with `err`, with the output so far (the item
+    /// being written marked incomplete).
+    fn failed_object(&self, err: &ApiError) -> ResponseObject {
+        err.log();
+        let body = err.public_body().error;
+        let mut output = self.items.clone();
+        output.extend(
+            self.open
+                .as_ref()
+                .map(|open| open.item(ResponseStatus::Incomplete))
+                .filter(
+                    |item| !matches!(item, OutputItem::Message(m) if m.content[0].text.is_empty()),
+                ),
+        );
+        let mut response = self.object(ResponseStatus::Failed, output, None);
+        response.error = Some(ResponseError {
+            code: body.code.unwrap_or("server_error"),
+            message: body.message,
+        });
+        response
     }
 
     /// The lifecycle's first events; without tools, the message is opened with them.
@@ -842,22 +955,7 @@ impl ChunkFormat for ResponseEvents {
     /// `response.failed`, with the error and the output so far (the item being written
     /// marked incomplete).
     fn failed(&mut self, err: &ApiError) -> Vec<Bytes> {
-        err.log();
-        let body = err.public_body().error;
-        let mut output = self.items.clone();
-        output.extend(
-            self.open
-                .as_ref()
-                .map(|open| open.item(ResponseStatus::Incomplete))
-                .filter(
-                    |item| !matches!(item, OutputItem::Message(m) if m.content[0].text.is_empty()),
-                ),
-        );
-        let mut response = self.object(ResponseStatus::Failed, output, None);
-        response.error = Some(ResponseError {
-            code: body.code.unwrap_or("server_error"),
-            message: body.message,
-        });
+        let response = self.failed_object(err);
         vec![self.sse(vec![ResponseEvent::Failed { response }])]
     }
 
@@ -912,6 +1010,7 @@ mod tests {
             sequence_number: 0,
             previous_response_id: None,
             keep: None,
+            background: false,
         }
     }
 

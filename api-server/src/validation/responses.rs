@@ -41,6 +41,9 @@ pub struct ValidResponses {
     pub echo: ResponseSettings,
     /// `store` (default true, as OpenAI's): keep the finished response.
     pub store: bool,
+    /// `background`: answer at once, run the response after (it is polled, and may be
+    /// cancelled); stored, never streamed.
+    pub background: bool,
 }
 
 /// What the `response` object reports about the request's settings.
@@ -200,8 +203,25 @@ pub fn validate_responses(
         include_logprobs,
         truncation,
     };
+    let store = request.store.unwrap_or(true);
+    let background = request.background.unwrap_or(false);
+    if background && !store {
+        return Err(ApiError::invalid(
+            "a background response is stored, to be polled with GET /v1/responses/{id}: \
+             background needs store true",
+            "background",
+        ));
+    }
+    if background && request.stream == Some(true) {
+        return Err(ApiError::unsupported(
+            "streaming a background response is not served: poll it with GET \
+             /v1/responses/{id} (or stream it in the foreground)",
+            "stream",
+        ));
+    }
     Ok(ValidResponses {
-        store: request.store.unwrap_or(true),
+        store,
+        background,
         request: ValidRequest {
             prompt: PromptInput::Chat(turns),
             max_tokens: max_output_tokens,
