@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, delete, get, post, web};
 use bytes::Bytes;
+use futures::StreamExt;
 use serde_json::Value;
 use tandem_protocol::messages::{
     FinishReason as WireFinish, GrammarSpec, TokenEvent, Usage as WireUsage,
@@ -31,7 +32,7 @@ use crate::openai::{
 use crate::prompt::PromptCodec;
 use crate::prompt::tokenize;
 use crate::response_store::{Cancelled, ContextError, PeerError, StoredResponses};
-use crate::sse::{ChunkFormat, sse_response};
+use crate::sse::{ChunkFormat, sse_body, sse_response};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::parser::{CallParser, ParseEvent};
 use crate::tools::{ToolRequest, new_call_id};
@@ -111,6 +112,12 @@ pub async fn create_response(
         let responses = Arc::clone(&state.responses);
         let id = events.id.clone();
         responses.start_background(owner, &id, previous, &queued, input_items);
+        if valid.request.stream {
+            responses.mark_in_progress(&id);
+            let (task, reply) = stream_background(generation, events);
+            responses.set_abort(&id, task.abort_handle());
+            return Ok(reply);
+        }
         let task = actix_web::rt::spawn(run_background(generation, events));
         responses.set_abort(&id, task.abort_handle());
         return Ok(HttpResponse::Ok()
@@ -125,6 +132,30 @@ pub async fn create_response(
     };
     let completed = completed?;
     Ok(HttpResponse::Ok().json(events.completed(completed)))
+}
+
+/// A background response streamed: its events as a foreground stream has them, produced by a
+/// task that runs it to its end and stores it whether or not the client stays (a client that
+/// leaves polls it, or cancels it, by id).
+fn stream_background(
+    generation: Generation,
+    events: ResponseEvents,
+) -> (tokio::task::JoinHandle<()>, HttpResponse) {
+    let (sender, receiver) = futures::channel::mpsc::unbounded::<Bytes>();
+    let task = actix_web::rt::spawn(async move {
+        let mut body = std::pin::pin!(sse_body(vec![(generation, events)]));
+        while let Some(chunk) = body.next().await {
+            // A client gone takes nothing more; the response runs on regardless.
+            if let Ok(chunk) = chunk {
+                let _ = sender.unbounded_send(chunk);
+            }
+        }
+    });
+    let reply = HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(receiver.map(Ok::<Bytes, actix_web::Error>));
+    (task, reply)
 }
 
 /// Runs a background response to its end and stores it (completed, incomplete or failed),
@@ -956,6 +987,10 @@ impl ChunkFormat for ResponseEvents {
     /// marked incomplete).
     fn failed(&mut self, err: &ApiError) -> Vec<Bytes> {
         let response = self.failed_object(err);
+        if self.background {
+            // Polled later: kept as it failed.
+            self.store(&response);
+        }
         vec![self.sse(vec![ResponseEvent::Failed { response }])]
     }
 

@@ -41,8 +41,8 @@ pub struct ValidResponses {
     pub echo: ResponseSettings,
     /// `store` (default true, as OpenAI's): keep the finished response.
     pub store: bool,
-    /// `background`: answer at once, run the response after (it is polled, and may be
-    /// cancelled); stored, never streamed.
+    /// `background`: run the response whether or not the client stays (it is polled, and may
+    /// be cancelled); stored; answered at once with the response queued, or streamed.
     pub background: bool,
 }
 
@@ -210,13 +210,6 @@ pub fn validate_responses(
             "a background response is stored, to be polled with GET /v1/responses/{id}: \
              background needs store true",
             "background",
-        ));
-    }
-    if background && request.stream == Some(true) {
-        return Err(ApiError::unsupported(
-            "streaming a background response is not served: poll it with GET \
-             /v1/responses/{id} (or stream it in the foreground)",
-            "stream",
         ));
     }
     Ok(ValidResponses {
