@@ -275,8 +275,8 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
         ),
         (
             "/v1/responses",
-            json!({"input": "x", "conversation": "conv_123"}),
-            "conversation",
+            json!({"input": "x", "prompt": {"id": "pmpt_123"}}),
+            "prompt",
             "unsupported_parameter",
         ),
         (

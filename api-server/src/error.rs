@@ -37,6 +37,16 @@ pub enum ApiError {
     /// reached now (it stopped): `detail` says so.
     #[error("{detail}")]
     ResponseGone { detail: String },
+    /// A conversation route (`/v1/conversations/{id}`, ...) or a response's `conversation`
+    /// naming a conversation no api-server holds for the request's key.
+    #[error("no conversation `{id}` for this key")]
+    ConversationNotFound { id: String },
+    /// A conversation's item route for an item the conversation does not have.
+    #[error("conversation `{conversation}` has no item `{item}`")]
+    ConversationItemNotFound { conversation: String, item: String },
+    /// A conversation another api-server made, which cannot be reached now: `detail` says so.
+    #[error("{detail}")]
+    ConversationGone { detail: String },
     /// No route has this path ([`crate::routes::unrouted`]); `served` says what the path is
     /// when OpenAI's API has it (`/v1/embeddings`: "embeddings").
     #[error("no route {method} {path}")]
@@ -173,6 +183,9 @@ impl ApiError {
             ApiError::ModelNotFound { .. }
             | ApiError::ResponseNotFound { .. }
             | ApiError::ResponseGone { .. }
+            | ApiError::ConversationNotFound { .. }
+            | ApiError::ConversationItemNotFound { .. }
+            | ApiError::ConversationGone { .. }
             | ApiError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NoLiveWorker | ApiError::NotAccepted { .. } | ApiError::Bus { .. } => {
@@ -199,6 +212,9 @@ impl ApiError {
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::ResponseNotFound { .. }
             | ApiError::ResponseGone { .. }
+            | ApiError::ConversationNotFound { .. }
+            | ApiError::ConversationItemNotFound { .. }
+            | ApiError::ConversationGone { .. }
             | ApiError::UnknownRoute { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "invalid_request",
             ApiError::NoLiveWorker | ApiError::NotAccepted { .. } => "unavailable",
@@ -251,6 +267,29 @@ impl ApiError {
                 "invalid_request_error",
                 None,
                 Some("response_not_found"),
+                detail.clone(),
+            ),
+            ApiError::ConversationNotFound { id } => (
+                "invalid_request_error",
+                None,
+                Some("conversation_not_found"),
+                format!(
+                    "Conversation with id '{id}' not found. tandem keeps a conversation in the \
+                     memory of the api-server that made it (where every api-server of the \
+                     deployment finds it), for the API key that made it, until it is deleted, \
+                     its store (--response-store-mib) needs the room, or that server stops."
+                ),
+            ),
+            ApiError::ConversationItemNotFound { conversation, item } => (
+                "invalid_request_error",
+                None,
+                Some("item_not_found"),
+                format!("Item with id '{item}' not found in conversation '{conversation}'."),
+            ),
+            ApiError::ConversationGone { detail } => (
+                "invalid_request_error",
+                None,
+                Some("conversation_not_found"),
                 detail.clone(),
             ),
             ApiError::UnknownRoute {

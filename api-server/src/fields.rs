@@ -563,6 +563,30 @@ pub const RESPONSES: EndpointFields = EndpointFields {
     nested: &[("stream_options", &RESPONSES_STREAM_OPTIONS)],
 };
 
+/// `POST /v1/conversations`. Items are walked by validation, as a response's input items.
+pub const CONVERSATION_CREATE: EndpointFields = EndpointFields {
+    path: "/v1/conversations",
+    fields: &[("items", Served), ("metadata", Served)],
+    shared: &[],
+    nested: &[],
+};
+
+/// `POST /v1/conversations/{id}`.
+pub const CONVERSATION_UPDATE: EndpointFields = EndpointFields {
+    path: "/v1/conversations/{id}",
+    fields: &[("metadata", Served)],
+    shared: &[],
+    nested: &[],
+};
+
+/// `POST /v1/conversations/{id}/items`.
+pub const CONVERSATION_ITEMS: EndpointFields = EndpointFields {
+    path: "/v1/conversations/{id}/items",
+    fields: &[("items", Served)],
+    shared: &[],
+    nested: &[],
+};
+
 /// `POST /tokenize` (vLLM's).
 pub const TOKENIZE: EndpointFields = EndpointFields {
     path: "/tokenize",
@@ -687,15 +711,16 @@ fn first_unreadable_field<T: DeserializeOwned>(body: &Value) -> Option<serde_jso
 mod tests {
     use super::*;
     use crate::openai::{
-        ChatCompletionRequest, ChatMessage, ChatTemplateFields, CompletionRequest,
-        DetokenizeRequest, GenerationFields, ResponsesRequest, ResponsesStreamOptions,
-        SamplingFields, StreamOptions, StructuredOutputs, TokenizeRequest,
+        AddItemsRequest, ChatCompletionRequest, ChatMessage, ChatTemplateFields, CompletionRequest,
+        CreateConversationRequest, DetokenizeRequest, GenerationFields, ResponsesRequest,
+        ResponsesStreamOptions, SamplingFields, StreamOptions, StructuredOutputs, TokenizeRequest,
+        UpdateConversationRequest,
     };
     use serde_json::json;
     use std::collections::BTreeSet;
 
     /// Every table, and so every name a request type may declare.
-    const TABLES: [&EndpointFields; 9] = [
+    const TABLES: [&EndpointFields; 12] = [
         &CHAT_COMPLETIONS,
         &COMPLETIONS,
         &RESPONSES,
@@ -705,6 +730,9 @@ mod tests {
         &RESPONSES_STREAM_OPTIONS,
         &TOKENIZE,
         &DETOKENIZE,
+        &CONVERSATION_CREATE,
+        &CONVERSATION_UPDATE,
+        &CONVERSATION_ITEMS,
     ];
 
     /// The field names a derived `Deserialize` struct reads itself: those it hands to
@@ -861,6 +889,18 @@ mod tests {
             &declared_fields::<TokenizeRequest>() | &template
         );
         assert_eq!(served(&DETOKENIZE), declared_fields::<DetokenizeRequest>());
+        assert_eq!(
+            served(&CONVERSATION_CREATE),
+            declared_fields::<CreateConversationRequest>()
+        );
+        assert_eq!(
+            served(&CONVERSATION_UPDATE),
+            declared_fields::<UpdateConversationRequest>()
+        );
+        assert_eq!(
+            served(&CONVERSATION_ITEMS),
+            declared_fields::<AddItemsRequest>()
+        );
     }
 
     /// The shared groups are the structs the request types flatten, so a sampling parameter

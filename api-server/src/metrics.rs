@@ -233,6 +233,7 @@ pub struct Metrics {
     cuda_ipc_unmapped: IntGauge,
     /// The response store's responses and bytes, and its evictions.
     response_store_responses: IntGauge,
+    response_store_conversations: IntGauge,
     response_store_bytes: IntGauge,
     response_store_evictions: IntCounter,
     /// Background responses running on this api-server.
@@ -397,9 +398,15 @@ impl Metrics {
             "Responses API responses this api-server keeps (store: true)",
         )
         .expect("metric options are static and valid");
+        let response_store_conversations = IntGauge::new(
+            "tandem_response_store_conversations",
+            "Conversations (the Conversations API) this api-server keeps",
+        )
+        .expect("metric options are static and valid");
         let response_store_bytes = IntGauge::new(
             "tandem_response_store_bytes",
-            "Bytes of JSON the response store holds (bounded by --response-store-mib)",
+            "Bytes of JSON the response store holds, responses and conversations (bounded by \
+             --response-store-mib)",
         )
         .expect("metric options are static and valid");
         let response_store_evictions = IntCounter::new(
@@ -622,6 +629,7 @@ impl Metrics {
             live_workers,
             cuda_ipc_unmapped,
             response_store_responses,
+            response_store_conversations,
             response_store_bytes,
             response_store_evictions,
             responses_background,
@@ -672,6 +680,7 @@ impl Metrics {
             Box::new(metrics.live_workers.clone()),
             Box::new(metrics.cuda_ipc_unmapped.clone()),
             Box::new(metrics.response_store_responses.clone()),
+            Box::new(metrics.response_store_conversations.clone()),
             Box::new(metrics.response_store_bytes.clone()),
             Box::new(metrics.response_store_evictions.clone()),
             Box::new(metrics.response_store_peer_requests.clone()),
@@ -777,6 +786,8 @@ impl Metrics {
             }
             Event::ResponseStore(stats) => {
                 self.response_store_responses.set(stats.responses as i64);
+                self.response_store_conversations
+                    .set(stats.conversations as i64);
                 self.response_store_bytes.set(stats.bytes as i64);
                 self.responses_background.set(stats.background as i64);
                 let counted = self.response_store_evictions.get();

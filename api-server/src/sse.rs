@@ -59,7 +59,15 @@ pub fn sse_response<F: ChunkFormat>(
     choices: Vec<(Generation, F)>,
     socket: Option<Arc<ClientSocket>>,
 ) -> HttpResponse {
-    let body = sse_body(choices).take_until(Box::pin(client_gone(socket)));
+    sse_stream_response(sse_body(choices), socket)
+}
+
+/// [`sse_response`] of a `body` made from [`sse_body`] (with more done between its chunks).
+pub fn sse_stream_response<S>(body: S, socket: Option<Arc<ClientSocket>>) -> HttpResponse
+where
+    S: futures::Stream<Item = Result<Bytes, actix_web::Error>> + 'static,
+{
+    let body = body.take_until(Box::pin(client_gone(socket)));
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))

@@ -942,9 +942,10 @@ pub struct KvSnapshot {
     pub next_offset: Option<u64>,
 }
 
-/// One api-server's question to the api-server that stored a Responses API response (the
-/// store is in each api-server's memory; a response's id names the api-server that made it),
-/// on `tandem.{model}.responses.{instance}`, answered with a [`StoredResponseReply`].
+/// One api-server's question to the api-server that stored a Responses API response or a
+/// conversation (the store is in each api-server's memory; their ids name the api-server that
+/// made them), on `tandem.{model}.responses.{instance}`, answered with a
+/// [`StoredResponseReply`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredResponseRequest {
     /// The response's id (`resp_...`).
@@ -954,6 +955,13 @@ pub struct StoredResponseRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
     pub op: StoredResponseOp,
+    /// `op: item` and `delete_item`: the conversation item's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<String>,
+    /// `op: update_conversation`: the new metadata (a JSON object, as text); `add_items`: the
+    /// items (a JSON array, each with its `id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
 }
 
 /// What is asked of a stored response.
@@ -971,6 +979,20 @@ pub enum StoredResponseOp {
     Context,
     /// Cancel it, if it is a background response still running.
     Cancel,
+    /// A conversation's `conversation` object.
+    Conversation,
+    /// Replace a conversation's metadata (`body`).
+    UpdateConversation,
+    /// Forget a conversation and its items.
+    DeleteConversation,
+    /// Every item of a conversation, oldest first.
+    ConversationItems,
+    /// Add items (`body`) after a conversation's last.
+    AddItems,
+    /// One item (`item`) of a conversation.
+    Item,
+    /// Delete one item (`item`) of a conversation.
+    DeleteItem,
 }
 
 /// The answer to a [`StoredResponseRequest`]. JSON documents travel as their text, as stored.
@@ -982,8 +1004,20 @@ pub enum StoredResponseReply {
     Response { response: String },
     /// `op: input_items`: a JSON array of items, each with its `id`.
     InputItems { items: String },
-    /// `op: delete`: it is forgotten.
+    /// `op: delete` or `delete_conversation`: it is forgotten.
     Deleted,
+    /// `op: conversation`, `update_conversation` or `delete_item`: the `conversation` object
+    /// (JSON text) after it.
+    Conversation { conversation: String },
+    /// `op: conversation_items`: a JSON array of the items, oldest first.
+    ConversationItems { items: String },
+    /// `op: item`: the item (JSON text).
+    Item { item: String },
+    /// `op: add_items`: they are added.
+    Added,
+    /// `op: add_items` or `update_conversation`: the conversation would hold `bytes` of JSON,
+    /// over the `limit` of that api-server's store; nothing changed.
+    ConversationTooLarge { bytes: usize, limit: usize },
     /// `op: context`: it is a background response still running, which nothing can continue
     /// yet.
     InProgress,
@@ -996,9 +1030,10 @@ pub enum StoredResponseReply {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         continues: Option<String>,
     },
-    /// No response of that id and key is stored there (never, deleted or evicted); for
-    /// `context`, `missing` names the response of the chain that is not, when it is not the
-    /// one asked for.
+    /// No response or conversation of that id and key is stored there (never, deleted or
+    /// evicted); for `context`, `missing` names the response of the chain that is not, when it
+    /// is not the one asked for, and for `item` and `delete_item` the item the conversation
+    /// does not have.
     NotFound {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         missing: Option<String>,
@@ -1797,6 +1832,8 @@ mod tests {
             id: "resp_1".into(),
             owner: None,
             op: StoredResponseOp::InputItems,
+            item: None,
+            body: None,
         };
         let json = String::from_utf8(encode(&request)).unwrap();
         assert_eq!(json, r#"{"v":1,"id":"resp_1","op":"input_items"}"#);
@@ -1818,6 +1855,13 @@ mod tests {
                 max_payload: 1,
             },
             StoredResponseReply::Deleted,
+            StoredResponseReply::Conversation {
+                conversation: r#"{"id":"conv_1"}"#.into(),
+            },
+            StoredResponseReply::ConversationItems { items: "[]".into() },
+            StoredResponseReply::Item { item: "{}".into() },
+            StoredResponseReply::Added,
+            StoredResponseReply::ConversationTooLarge { bytes: 2, limit: 1 },
         ] {
             let json = encode(&reply);
             assert_eq!(
@@ -1825,6 +1869,22 @@ mod tests {
                 reply
             );
         }
+        let question = StoredResponseRequest {
+            id: "conv_1".into(),
+            owner: Some("key".into()),
+            op: StoredResponseOp::DeleteItem,
+            item: Some("msg_1".into()),
+            body: None,
+        };
+        let json = String::from_utf8(encode(&question)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"v":1,"id":"conv_1","owner":"key","op":"delete_item","item":"msg_1"}"#
+        );
+        assert_eq!(
+            decode::<StoredResponseRequest>("stored response request", json.as_bytes()).unwrap(),
+            question
+        );
         let json =
             String::from_utf8(encode(&StoredResponseReply::NotFound { missing: None })).unwrap();
         assert_eq!(json, r#"{"v":1,"status":"not_found"}"#);

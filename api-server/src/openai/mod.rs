@@ -11,6 +11,7 @@
 pub mod chat;
 pub mod common;
 pub mod completions;
+pub mod conversations;
 pub mod models;
 pub mod responses;
 pub mod sampling;
@@ -20,6 +21,7 @@ pub mod tools;
 pub use chat::*;
 pub use common::*;
 pub use completions::*;
+pub use conversations::*;
 pub use models::*;
 pub use responses::*;
 pub use sampling::*;

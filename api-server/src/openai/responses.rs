@@ -136,6 +136,10 @@ pub struct ResponseObject {
     pub output: Vec<OutputItem>,
     pub parallel_tool_calls: bool,
     pub previous_response_id: Option<String>,
+    /// The conversation the response's items were added to (`conversation`); absent when it
+    /// named none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<ConversationRef>,
     pub prompt_cache_key: Option<String>,
     pub reasoning: ReasoningConfig,
     pub safety_identifier: Option<String>,
@@ -151,6 +155,12 @@ pub struct ResponseObject {
     pub usage: Option<ResponseUsage>,
     pub user: Option<String>,
     pub metadata: BTreeMap<String, String>,
+}
+
+/// `conversation` of a response object.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConversationRef {
+    pub id: String,
 }
 
 /// `error` of a failed response.
@@ -412,6 +422,7 @@ mod tests {
             })],
             parallel_tool_calls: true,
             previous_response_id: None,
+            conversation: None,
             prompt_cache_key: None,
             reasoning: ReasoningConfig::default(),
             safety_identifier: None,

@@ -18,8 +18,7 @@ use serde_json::Value;
 
 /// One stored response.
 #[derive(Debug, Clone)]
-struct Entry {
-    owner: Option<String>,
+pub(super) struct Entry {
     /// The response this one continued (`previous_response_id`).
     previous: Option<String>,
     /// The `response` object as returned (JSON).
@@ -28,14 +27,37 @@ struct Entry {
     input_items: String,
     /// The response's output items, as a follow-up's input takes them (a JSON array).
     output_items: String,
-    /// When it was last used (a tick of the store's clock), its key in `by_use`.
-    last_use: u64,
 }
 
 impl Entry {
     fn bytes(&self) -> usize {
         self.response.len() + self.input_items.len() + self.output_items.len()
     }
+}
+
+/// What one id holds: a response, or a conversation ([`super::conversations`]).
+#[derive(Debug, Clone)]
+pub(super) enum Kept {
+    Response(Entry),
+    Conversation(super::conversations::Conversation),
+}
+
+impl Kept {
+    fn bytes(&self) -> usize {
+        match self {
+            Kept::Response(entry) => entry.bytes(),
+            Kept::Conversation(conversation) => conversation.bytes(),
+        }
+    }
+}
+
+/// One stored object, with who may see it and when it was last used.
+#[derive(Debug, Clone)]
+pub(super) struct Stored {
+    pub(super) owner: Option<String>,
+    pub(super) kept: Kept,
+    /// When it was last used (a tick of the store's clock), its key in `by_use`.
+    last_use: u64,
 }
 
 /// The items of a JSON array the store wrote.
@@ -75,6 +97,8 @@ pub struct Segment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StoreStats {
     pub responses: usize,
+    /// Conversations ([`super::conversations`]), in the same bound as the responses.
+    pub conversations: usize,
     pub bytes: usize,
     /// Responses dropped to stay under the bound, since the start.
     pub evicted: u64,
@@ -84,8 +108,8 @@ pub struct StoreStats {
 }
 
 #[derive(Debug, Default)]
-struct Inner {
-    entries: HashMap<String, Entry>,
+pub(super) struct Inner {
+    entries: HashMap<String, Stored>,
     /// Ids by their last use, oldest first.
     by_use: BTreeMap<u64, String>,
     clock: u64,
@@ -94,7 +118,7 @@ struct Inner {
 }
 
 impl Inner {
-    fn touch(&mut self, id: &str) {
+    pub(super) fn touch(&mut self, id: &str) {
         self.clock += 1;
         let now = self.clock;
         if let Some(entry) = self.entries.get_mut(id) {
@@ -104,18 +128,100 @@ impl Inner {
         }
     }
 
-    fn remove(&mut self, id: &str) -> Option<Entry> {
-        let entry = self.entries.remove(id)?;
-        self.by_use.remove(&entry.last_use);
-        self.bytes -= entry.bytes();
-        Some(entry)
+    pub(super) fn remove(&mut self, id: &str) -> Option<Stored> {
+        let stored = self.entries.remove(id)?;
+        self.by_use.remove(&stored.last_use);
+        self.bytes -= stored.kept.bytes();
+        Some(stored)
     }
 
-    /// The entry `id` when `owner` may see it.
-    fn owned(&self, owner: Option<&str>, id: &str) -> Option<&Entry> {
+    /// What `id` holds when `owner` may see it.
+    pub(super) fn owned(&self, owner: Option<&str>, id: &str) -> Option<&Stored> {
         self.entries
             .get(id)
-            .filter(|entry| entry.owner.as_deref() == owner)
+            .filter(|stored| stored.owner.as_deref() == owner)
+    }
+
+    /// The response `id` when `owner` may see it.
+    fn owned_response(&self, owner: Option<&str>, id: &str) -> Option<&Entry> {
+        match &self.owned(owner, id)?.kept {
+            Kept::Response(entry) => Some(entry),
+            Kept::Conversation(_) => None,
+        }
+    }
+
+    /// Drops the least recently used objects other than `keeping` until `bytes` more fit
+    /// under `limit`.
+    fn make_room(&mut self, bytes: usize, limit: usize, keeping: Option<&str>) {
+        let mut kept_aside = None;
+        while self.bytes + bytes > limit {
+            let Some((last_use, oldest)) = self.by_use.pop_first() else {
+                break;
+            };
+            if Some(oldest.as_str()) == keeping {
+                kept_aside = Some((last_use, oldest));
+                continue;
+            }
+            if let Some(evicted) = self.entries.remove(&oldest) {
+                self.bytes -= evicted.kept.bytes();
+                self.evicted += 1;
+            }
+        }
+        if let Some((last_use, id)) = kept_aside {
+            self.by_use.insert(last_use, id);
+        }
+    }
+
+    /// Keeps `kept` as `id` for `owner` (replacing what `id` held), dropping the least
+    /// recently used others past `limit`; false when it alone is over `limit`.
+    pub(super) fn insert(
+        &mut self,
+        limit: usize,
+        owner: Option<String>,
+        id: &str,
+        kept: Kept,
+    ) -> bool {
+        let bytes = kept.bytes();
+        if bytes > limit {
+            return false;
+        }
+        self.remove(id);
+        self.make_room(bytes, limit, None);
+        self.clock += 1;
+        let last_use = self.clock;
+        self.by_use.insert(last_use, id.to_string());
+        self.bytes += bytes;
+        self.entries.insert(
+            id.to_string(),
+            Stored {
+                owner,
+                kept,
+                last_use,
+            },
+        );
+        true
+    }
+
+    /// Changes what `id` holds in place (it counts as used), dropping the least recently
+    /// used others when it grows: `change`'s result, or `None` when `owner` holds no `id`.
+    /// `change` is given the bound, and must not take `id` alone over it.
+    pub(super) fn change<T>(
+        &mut self,
+        limit: usize,
+        owner: Option<&str>,
+        id: &str,
+        change: impl FnOnce(&mut Kept, usize) -> T,
+    ) -> Option<T> {
+        self.owned(owner, id)?;
+        let stored = self.entries.get_mut(id).expect("found above");
+        let before = stored.kept.bytes();
+        let result = change(&mut stored.kept, limit);
+        let after = stored.kept.bytes();
+        self.bytes -= before;
+        self.touch(id);
+        self.make_room(after, limit, Some(id));
+        self.bytes += after;
+        Some(result)
     }
 }
 
@@ -140,7 +246,11 @@ impl ResponseStore {
         self.limit_bytes > 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    pub(super) fn limit_bytes(&self) -> usize {
+        self.limit_bytes
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves whole entries (every change is one insert
         // or removal): the data is still consistent enough to serve.
         self.inner
@@ -170,41 +280,20 @@ impl ResponseStore {
         };
         let mut response = response;
         response.shrink_to_fit();
-        let mut entry = Entry {
-            owner,
+        let entry = Entry {
             previous,
             response,
             input_items: array(input_items),
             output_items: array(output_items),
-            last_use: 0,
         };
-        let bytes = entry.bytes();
-        if bytes > self.limit_bytes {
-            return false;
-        }
-        let mut inner = self.lock();
-        inner.remove(id);
-        while inner.bytes + bytes > self.limit_bytes {
-            let Some((_, oldest)) = inner.by_use.pop_first() else {
-                break;
-            };
-            if let Some(evicted) = inner.entries.remove(&oldest) {
-                inner.bytes -= evicted.bytes();
-                inner.evicted += 1;
-            }
-        }
-        inner.clock += 1;
-        entry.last_use = inner.clock;
-        inner.by_use.insert(entry.last_use, id.to_string());
-        inner.bytes += bytes;
-        inner.entries.insert(id.to_string(), entry);
-        true
+        self.lock()
+            .insert(self.limit_bytes, owner, id, Kept::Response(entry))
     }
 
     /// The `response` object of `id` (JSON text), if `owner` stored it.
     pub fn response(&self, owner: Option<&str>, id: &str) -> Option<String> {
         let mut inner = self.lock();
-        let response = inner.owned(owner, id)?.response.clone();
+        let response = inner.owned_response(owner, id)?.response.clone();
         inner.touch(id);
         Some(response)
     }
@@ -212,7 +301,7 @@ impl ResponseStore {
     /// The input items of `id`'s own request, if `owner` stored it.
     pub fn input_items(&self, owner: Option<&str>, id: &str) -> Option<Vec<Value>> {
         let mut inner = self.lock();
-        let listed = items(&inner.owned(owner, id)?.input_items);
+        let listed = items(&inner.owned_response(owner, id)?.input_items);
         inner.touch(id);
         Some(listed)
     }
@@ -220,7 +309,7 @@ impl ResponseStore {
     /// Forgets `id`; whether `owner` had stored it.
     pub fn delete(&self, owner: Option<&str>, id: &str) -> bool {
         let mut inner = self.lock();
-        if inner.owned(owner, id).is_none() {
+        if inner.owned_response(owner, id).is_none() {
             return false;
         }
         inner.remove(id);
@@ -241,7 +330,7 @@ impl ResponseStore {
         let mut next = Some(id.to_string());
         let mut continues = None;
         while let Some(current) = next.take() {
-            let Some(entry) = inner.owned(owner, &current) else {
+            let Some(entry) = inner.owned_response(owner, &current) else {
                 return Err(match chain.is_empty() {
                     true => ChainError::NotFound { id: current },
                     false => ChainError::Broken {
@@ -263,7 +352,7 @@ impl ResponseStore {
         }
         let mut items_oldest_first = Vec::new();
         for link in chain.iter().rev() {
-            let entry = &inner.entries[link];
+            let entry = inner.owned_response(owner, link).expect("walked above");
             items_oldest_first.extend(items(&entry.input_items));
             items_oldest_first.extend(items(&entry.output_items));
         }
@@ -278,8 +367,14 @@ impl ResponseStore {
 
     pub fn stats(&self) -> StoreStats {
         let inner = self.lock();
+        let conversations = inner
+            .entries
+            .values()
+            .filter(|stored| matches!(stored.kept, Kept::Conversation(_)))
+            .count();
         StoreStats {
-            responses: inner.entries.len(),
+            responses: inner.entries.len() - conversations,
+            conversations,
             bytes: inner.bytes,
             evicted: inner.evicted,
             background: 0,

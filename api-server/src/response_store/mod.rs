@@ -7,10 +7,17 @@
 //! the api-server that made it, so a follow-up, a retrieval or a deletion can reach any
 //! api-server of the deployment, and a conversation's turns may have been served by several.
 //! A response goes with the api-server that made it (a restart forgets it).
+//!
+//! Conversations (OpenAI's Conversations API, [`conversations`]) are kept the same way, in
+//! the same bound, and reached through any api-server alike.
 
+pub mod conversations;
 pub mod ids;
 pub mod local;
 pub mod shared;
+pub mod shared_conversations;
 
+pub use conversations::ConversationError;
 pub use local::{ChainError, ResponseStore, Segment, StoreStats};
 pub use shared::{Cancelled, ContextError, PeerError, StoredResponses};
+pub use shared_conversations::ConversationOpError;

@@ -41,25 +41,25 @@ const MAX_SEGMENTS: usize = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PeerError {
     #[error(
-        "response {id} was stored by api-server {instance}, which no longer answers (a stored \
-         response lives in the memory of the api-server that made it and goes with it)"
+        "{id} was stored by api-server {instance}, which no longer answers (a stored response \
+         or conversation lives in the memory of the api-server that made it and goes with it)"
     )]
     Gone { id: String, instance: String },
-    #[error("api-server {instance}, which stored response {id}, did not answer within {timeout:?}")]
+    #[error("api-server {instance}, which stored {id}, did not answer within {timeout:?}")]
     Timeout {
         id: String,
         instance: String,
         timeout: Duration,
     },
-    #[error("asking api-server {instance} about response {id}: {detail}")]
+    #[error("asking api-server {instance} about {id}: {detail}")]
     Bus {
         id: String,
         instance: String,
         detail: String,
     },
     #[error(
-        "what api-server {instance} stores of response {id} is {bytes} bytes of JSON, over the \
-         NATS server's max_payload of {max_payload}: send the conversation in input instead"
+        "what api-server {instance} stores of {id} is {bytes} bytes of JSON, over the NATS \
+         server's max_payload of {max_payload}: send the conversation in input instead"
     )]
     TooLarge {
         id: String,
@@ -97,7 +97,7 @@ struct Running {
 
 /// Every api-server's stored responses, from this one.
 pub struct StoredResponses {
-    local: ResponseStore,
+    pub(super) local: ResponseStore,
     instance: Instance,
     /// `None`: no bus (unit tests); other api-servers' responses are then gone.
     peers: Option<Peers>,
@@ -117,7 +117,7 @@ pub enum Cancelled {
 }
 
 /// Where a response is kept.
-enum Home<'a> {
+pub(super) enum Home<'a> {
     Here,
     Peer(&'a str),
     /// Not an id any api-server makes: no stored response has it.
@@ -182,7 +182,7 @@ impl StoredResponses {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn record_stats(&self) {
+    pub(super) fn record_stats(&self) {
         self.metrics.record(Event::ResponseStore(self.stats()));
     }
 
@@ -321,7 +321,7 @@ impl StoredResponses {
         kept
     }
 
-    fn home<'a>(&self, id: &'a str) -> Home<'a> {
+    pub(super) fn home<'a>(&self, id: &'a str) -> Home<'a> {
         match instance_of(id) {
             Some(instance) if instance == self.instance.as_str() => Home::Here,
             Some(instance) => Home::Peer(instance),
@@ -381,7 +381,7 @@ impl StoredResponses {
         matches!(self.home(id), Home::Peer(_))
     }
 
-    fn is_here(&self, id: &str) -> bool {
+    pub(super) fn is_here(&self, id: &str) -> bool {
         matches!(self.home(id), Home::Here)
     }
 
@@ -516,8 +516,29 @@ impl StoredResponses {
         id: &str,
         op: StoredResponseOp,
     ) -> Result<Option<StoredResponseReply>, PeerError> {
+        self.ask_about(instance, owner, id, op, None, None).await
+    }
+
+    /// [`Self::ask`], with the item (`item`) or the new content (`body`) some questions
+    /// about conversations carry.
+    pub(super) async fn ask_about(
+        &self,
+        instance: &str,
+        owner: Option<&str>,
+        id: &str,
+        op: StoredResponseOp,
+        item: Option<&str>,
+        body: Option<String>,
+    ) -> Result<Option<StoredResponseReply>, PeerError> {
+        let question = StoredResponseRequest {
+            id: id.to_string(),
+            owner: owner.map(str::to_string),
+            op,
+            item: item.map(str::to_string),
+            body,
+        };
         let answer = self
-            .ask_peer(instance, owner, id, op)
+            .ask_peer(instance, &question)
             .await
             .and_then(|reply| match reply {
                 StoredResponseReply::TooLarge { bytes, max_payload } => Err(PeerError::TooLarge {
@@ -538,8 +559,8 @@ impl StoredResponses {
         };
         self.metrics.record(Event::ResponsePeer { outcome });
         if let Err(err) = &answer {
-            tracing::warn!(response_id = %id, peer = %instance, %err,
-                "a stored response of another api-server could not be reached");
+            tracing::warn!(id = %id, peer = %instance, %err,
+                "a response or conversation another api-server stores could not be reached");
         }
         answer.map(|reply| match reply {
             StoredResponseReply::NotFound { missing: None } => None,
@@ -550,10 +571,9 @@ impl StoredResponses {
     async fn ask_peer(
         &self,
         instance: &str,
-        owner: Option<&str>,
-        id: &str,
-        op: StoredResponseOp,
+        question: &StoredResponseRequest,
     ) -> Result<StoredResponseReply, PeerError> {
+        let id = question.id.as_str();
         let gone = || PeerError::Gone {
             id: id.to_string(),
             instance: instance.to_string(),
@@ -566,13 +586,8 @@ impl StoredResponses {
             instance: instance.to_string(),
             detail,
         };
-        let question = encode(&StoredResponseRequest {
-            id: id.to_string(),
-            owner: owner.map(str::to_string),
-            op,
-        });
         let request = async_nats::Request::new()
-            .payload(Bytes::from(question))
+            .payload(Bytes::from(encode(question)))
             .timeout(Some(PEER_ANSWER_TIMEOUT));
         let message = peers
             .client
@@ -658,6 +673,13 @@ impl StoredResponses {
                 }
                 None => not_found,
             },
+            StoredResponseOp::Conversation
+            | StoredResponseOp::UpdateConversation
+            | StoredResponseOp::DeleteConversation
+            | StoredResponseOp::ConversationItems
+            | StoredResponseOp::AddItems
+            | StoredResponseOp::Item
+            | StoredResponseOp::DeleteItem => self.answer_about_conversation(question),
             StoredResponseOp::Context => match self.segment_here(owner, id) {
                 Ok(segment) => StoredResponseReply::Context {
                     items: Value::Array(segment.items).to_string(),
@@ -674,7 +696,7 @@ impl StoredResponses {
 }
 
 /// The items of the JSON array `instance` sent about `id`.
-fn json_array(instance: &str, id: &str, text: &str) -> Result<Vec<Value>, PeerError> {
+pub(super) fn json_array(instance: &str, id: &str, text: &str) -> Result<Vec<Value>, PeerError> {
     serde_json::from_str(text).map_err(|err| PeerError::Bus {
         id: id.to_string(),
         instance: instance.to_string(),
@@ -683,7 +705,7 @@ fn json_array(instance: &str, id: &str, text: &str) -> Result<Vec<Value>, PeerEr
 }
 
 /// An answer `instance` gave about `id` that is not one to the question asked.
-fn odd_answer(instance: &str, id: &str, reply: StoredResponseReply) -> PeerError {
+pub(super) fn odd_answer(instance: &str, id: &str, reply: StoredResponseReply) -> PeerError {
     PeerError::Bus {
         id: id.to_string(),
         instance: instance.to_string(),
@@ -763,6 +785,8 @@ mod tests {
                 id: id.to_string(),
                 owner: owner.map(str::to_string),
                 op,
+                item: None,
+                body: None,
             })
         };
         let StoredResponseReply::Context { items, continues } =

@@ -5,10 +5,12 @@
 
 pub mod chat;
 pub mod completions;
+pub mod conversations;
 pub mod health;
 pub mod metrics;
 pub mod models;
 pub mod responses;
+mod stored;
 pub mod tokenize;
 pub mod unrouted;
 
@@ -62,6 +64,14 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(responses::delete_response)
         .service(responses::list_input_items)
         .service(responses::cancel_response)
+        .service(conversations::create_conversation)
+        .service(conversations::get_conversation)
+        .service(conversations::update_conversation)
+        .service(conversations::delete_conversation)
+        .service(conversations::add_items)
+        .service(conversations::list_items)
+        .service(conversations::get_item)
+        .service(conversations::delete_item)
         .service(models::list_models)
         .service(models::retrieve_model)
         .service(tokenize::tokenize_prompt)

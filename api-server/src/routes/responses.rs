@@ -15,9 +15,11 @@ use tandem_protocol::messages::{
 };
 
 use super::chat::{parser_text, record_tool_calls};
+use super::conversations::conversation_error;
 use super::logprobs::chat_entry;
+use super::stored::{self, Paging, conversation_item, no_query, owner_of, with_ids};
 use super::{client_left, start_generation, unless_client_leaves};
-use crate::auth::{KeyOwner, TenantSalt};
+use crate::auth::TenantSalt;
 use crate::disconnect::ClientSocket;
 use crate::dispatch::{Completed, Generation, RequestRecord};
 use crate::error::ApiError;
@@ -25,14 +27,14 @@ use crate::fields::RESPONSES;
 use crate::metrics::{Endpoint, Metrics};
 use crate::openai::ResponseInput;
 use crate::openai::{
-    FunctionCallItem, IncompleteDetails, OutputItem, OutputMessage, OutputText, ReasoningConfig,
-    ResponseError, ResponseEvent, ResponseObject, ResponseStatus, ResponseUsage, ResponsesRequest,
-    StreamEvent, TokenLogprob,
+    ConversationRef, FunctionCallItem, IncompleteDetails, OutputItem, OutputMessage, OutputText,
+    ReasoningConfig, ResponseError, ResponseEvent, ResponseObject, ResponseStatus, ResponseUsage,
+    ResponsesRequest, StreamEvent, TokenLogprob,
 };
 use crate::prompt::PromptCodec;
 use crate::prompt::tokenize;
 use crate::response_store::{Cancelled, ContextError, PeerError, StoredResponses};
-use crate::sse::{ChunkFormat, sse_body, sse_response};
+use crate::sse::{ChunkFormat, sse_body, sse_stream_response};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::parser::{CallParser, ParseEvent};
 use crate::tools::{ToolRequest, new_call_id};
@@ -54,7 +56,12 @@ pub async fn create_response(
     let body = RESPONSES
         .parse::<ResponsesRequest>(body.into_inner())
         .inspect_err(|err| record.fail(err))?;
-    let (body, previous, input_items) = continued(body, &state.responses, owner.as_deref())
+    let Continued {
+        body,
+        previous,
+        conversation,
+        input_items,
+    } = continued(body, &state.responses, owner.as_deref())
         .await
         .inspect_err(|err| record.fail(err))?;
     let mut valid = validate_responses(&body, &state.limits).inspect_err(|err| record.fail(err))?;
@@ -68,6 +75,13 @@ pub async fn create_response(
         return Err(err);
     }
     let background_items = valid.background.then(|| input_items.clone());
+    let conversation = conversation.map(|id| ConversationTurn {
+        store: Arc::clone(&state.responses),
+        owner: owner.clone(),
+        id,
+        input_items: input_items.iter().cloned().map(conversation_item).collect(),
+        finished: Arc::default(),
+    });
     let keep = (valid.store && state.responses.enabled()).then(|| Keep {
         store: Arc::clone(&state.responses),
         owner: owner.clone(),
@@ -106,6 +120,7 @@ pub async fn create_response(
     let mut events = ResponseEvents::new(id, &state, valid.echo, valid.request.tools.as_ref());
     events.previous_response_id = previous.clone();
     events.keep = keep;
+    events.conversation = conversation.clone();
     if let Some(input_items) = background_items {
         events.background = true;
         let queued = serde_json::to_string(&events.queued()).expect("a response object is JSON");
@@ -114,7 +129,7 @@ pub async fn create_response(
         responses.start_background(owner, &id, previous, &queued, input_items);
         if valid.request.stream {
             responses.mark_in_progress(&id);
-            let (task, reply) = stream_background(generation, events);
+            let (task, reply) = stream_background(generation, events, conversation);
             responses.set_abort(&id, task.abort_handle());
             return Ok(reply);
         }
@@ -125,13 +140,96 @@ pub async fn create_response(
             .body(queued));
     }
     if valid.request.stream {
-        return Ok(sse_response(vec![(generation, events)], socket));
+        let body = sse_body(vec![(generation, events)]);
+        return Ok(match conversation {
+            None => sse_stream_response(body, socket),
+            Some(turn) => sse_stream_response(turn.added_before_the_end(body), socket),
+        });
     }
     let Some(completed) = unless_client_leaves(socket, generation.collect()).await else {
         return Ok(client_left());
     };
-    let completed = completed?;
-    Ok(HttpResponse::Ok().json(events.completed(completed)))
+    let object = events.completed(completed?);
+    if let Some(turn) = conversation {
+        turn.add().await;
+    }
+    Ok(HttpResponse::Ok().json(object))
+}
+
+/// A response's turn of the conversation it names (`conversation`): its own input items, and
+/// once it has finished (completed or incomplete) its output items, which are added to the
+/// conversation before the client sees it finished, so that whatever the client sends next,
+/// through any api-server, finds them.
+#[derive(Clone)]
+struct ConversationTurn {
+    store: Arc<StoredResponses>,
+    owner: Option<String>,
+    id: String,
+    /// The request's own input items, as the conversation lists them.
+    input_items: Vec<Value>,
+    /// The items to add, once the response has finished.
+    finished: Arc<std::sync::Mutex<Option<Vec<Value>>>>,
+}
+
+impl ConversationTurn {
+    /// The response finished with `output`: its items are to be added.
+    fn finish(&self, output: &[Value]) {
+        let mut items = self.input_items.clone();
+        items.extend(output.iter().cloned());
+        *self.lock() = Some(items);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Value>>> {
+        self.finished
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds the finished response's items to the conversation (nothing if it did not finish).
+    /// A conversation deleted meanwhile, grown past the store or on an api-server gone takes
+    /// nothing: the response stands, and the log says why its turn is missing.
+    async fn add(&self) {
+        let Some(items) = self.lock().take() else {
+            return;
+        };
+        if let Err(err) = self
+            .store
+            .add_items(self.owner.as_deref(), &self.id, &items)
+            .await
+        {
+            tracing::warn!(conversation = %self.id, %err,
+                "a response's items could not be added to its conversation");
+        }
+    }
+
+    /// `body` with the items added, once the response has finished, before the chunk that
+    /// carries its last event goes out.
+    fn added_before_the_end<S>(
+        self,
+        body: S,
+    ) -> impl futures::Stream<Item = Result<Bytes, actix_web::Error>> + 'static
+    where
+        S: futures::Stream<Item = Result<Bytes, actix_web::Error>> + 'static,
+    {
+        body.then(move |chunk| {
+            let turn = self.clone();
+            async move {
+                turn.add().await;
+                chunk
+            }
+        })
+    }
+}
+
+/// A request with what it continues followed ([`continued`]).
+struct Continued {
+    body: ResponsesRequest,
+    /// The response it continues (`previous_response_id`).
+    previous: Option<String>,
+    /// The conversation it continues (`conversation`).
+    conversation: Option<String>,
+    /// The request's own input items as stored (each with an `id`).
+    input_items: Vec<Value>,
 }
 
 /// A background response streamed: its events as a foreground stream has them, produced by a
@@ -140,10 +238,15 @@ pub async fn create_response(
 fn stream_background(
     generation: Generation,
     events: ResponseEvents,
+    conversation: Option<ConversationTurn>,
 ) -> (tokio::task::JoinHandle<()>, HttpResponse) {
     let (sender, receiver) = futures::channel::mpsc::unbounded::<Bytes>();
     let task = actix_web::rt::spawn(async move {
-        let mut body = std::pin::pin!(sse_body(vec![(generation, events)]));
+        let body = sse_body(vec![(generation, events)]);
+        let mut body = match conversation {
+            None => body.boxed_local(),
+            Some(turn) => turn.added_before_the_end(body).boxed_local(),
+        };
         while let Some(chunk) = body.next().await {
             // A client gone takes nothing more; the response runs on regardless.
             if let Ok(chunk) = chunk {
@@ -177,9 +280,13 @@ async fn run_background(generation: Generation, mut events: ResponseEvents) {
             }
         })
         .await;
+    let conversation = events.conversation.clone();
     match ended {
         Ok(completed) => {
             events.completed(completed);
+            if let Some(turn) = conversation {
+                turn.add().await;
+            }
         }
         Err(err) => {
             let response = events.failed_object(&err);
@@ -246,27 +353,83 @@ async fn fit_context(
     Ok(Some(PromptInput::Chat(from(starts[high]))))
 }
 
-/// `body` with `previous_response_id` followed: its chain's items, then the request's own,
-/// as its `input`; also the id it continues and the request's own input items as stored
-/// (each with an `id`).
+/// `body` with what it continues followed, its items then the request's own as its `input`:
+/// `previous_response_id`'s chain, or `conversation`'s items.
 async fn continued(
     mut body: ResponsesRequest,
     store: &StoredResponses,
     owner: Option<&str>,
-) -> Result<(ResponsesRequest, Option<String>, Vec<Value>), ApiError> {
+) -> Result<Continued, ApiError> {
     let own = stored_input_items(body.input.as_ref());
-    let Some(previous) = body.previous_response_id.take() else {
-        return Ok((body, None, own));
+    let conversation = conversation_id(body.conversation.take())?;
+    let previous = body.previous_response_id.take();
+    let mut items = match (&previous, &conversation) {
+        (None, None) => {
+            return Ok(Continued {
+                body,
+                previous,
+                conversation,
+                input_items: own,
+            });
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "conversation and previous_response_id cannot be used together: a response \
+                 continues either a conversation or a stored response",
+                "conversation",
+            ));
+        }
+        (Some(previous), None) => chain(store, owner, previous).await?,
+        (None, Some(conversation)) => store
+            .conversation_items(owner, conversation)
+            .await
+            .map_err(|err| conversation_error(err, "conversation"))?,
     };
-    if !store.enabled() && !store.made_by_another(&previous) {
+    items.extend(own.iter().cloned());
+    body.input = Some(ResponseInput::Items(items));
+    Ok(Continued {
+        body,
+        previous,
+        conversation,
+        input_items: own,
+    })
+}
+
+/// `conversation`: a conversation's id, or an object with its `id` (OpenAI takes both).
+fn conversation_id(conversation: Option<Value>) -> Result<Option<String>, ApiError> {
+    match conversation {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) => Ok(Some(id)),
+        Some(Value::Object(object)) => match (object.get("id"), object.len()) {
+            (Some(Value::String(id)), 1) => Ok(Some(id.clone())),
+            _ => Err(ApiError::invalid(
+                "conversation must be a conversation's id, or an object with only its id \
+                 ({\"id\": \"conv_...\"})",
+                "conversation",
+            )),
+        },
+        Some(other) => Err(ApiError::invalid(
+            format!("conversation must be a conversation's id (a string), got {other}"),
+            "conversation",
+        )),
+    }
+}
+
+/// The items of `previous`'s chain, oldest first.
+async fn chain(
+    store: &StoredResponses,
+    owner: Option<&str>,
+    previous: &str,
+) -> Result<Vec<Value>, ApiError> {
+    if !store.enabled() && !store.made_by_another(previous) {
         return Err(ApiError::unsupported(
             "this api-server stores no responses (--response-store-mib 0), so \
              previous_response_id cannot be followed: send the earlier turns in input",
             "previous_response_id",
         ));
     }
-    let mut items = store
-        .context(owner, &previous)
+    store
+        .context(owner, previous)
         .await
         .map_err(|err| match err {
             ContextError::Peer(peer) => peer_error(peer, "previous_response_id"),
@@ -274,63 +437,24 @@ async fn continued(
                 format!("previous_response_id: {chain}"),
                 "previous_response_id",
             ),
-        })?;
-    items.extend(own.iter().cloned());
-    body.input = Some(ResponseInput::Items(items));
-    Ok((body, Some(previous), own))
+        })
 }
 
-/// What a client sees when another api-server could not say what it stored: its response
-/// gone with it (404; a 400 naming `param` for a follow-up), its answer too large for the bus
-/// (400 naming `param`), or the bus failing (503).
+/// What a client sees when another api-server could not say what it stored of a response.
 fn peer_error(err: PeerError, param: &str) -> ApiError {
-    match err {
-        PeerError::Gone { .. } if param == "previous_response_id" => {
-            ApiError::invalid(format!("previous_response_id: {err}"), param)
-        }
-        PeerError::Gone { .. } => ApiError::ResponseGone {
-            detail: err.to_string(),
-        },
-        PeerError::TooLarge { .. } => ApiError::invalid(err.to_string(), param),
-        PeerError::Timeout { .. } | PeerError::Bus { .. } => {
-            ApiError::bus("asking another api-server about a response it stored", err)
-        }
-    }
+    stored::peer_error(err, param, |detail| ApiError::ResponseGone { detail })
 }
 
 /// The request's input items as a stored response keeps them: a string as one user message,
-/// and each item with an `id` (OpenAI's `input_items` list has one on every item).
+/// and each item with an `id` ([`with_ids`]).
 fn stored_input_items(input: Option<&ResponseInput>) -> Vec<Value> {
-    let items = match input {
+    with_ids(match input {
         None => Vec::new(),
         Some(ResponseInput::Text(text)) => {
             vec![serde_json::json!({"type": "message", "role": "user", "content": text})]
         }
         Some(ResponseInput::Items(items)) => items.clone(),
-    };
-    items
-        .into_iter()
-        .map(|mut item| {
-            if let Some(object) = item.as_object_mut() {
-                let kind = object
-                    .entry("type")
-                    .or_insert_with(|| Value::from("message"))
-                    .as_str()
-                    .unwrap_or("message")
-                    .to_string();
-                if !object.contains_key("id") {
-                    let prefix = match kind.as_str() {
-                        "function_call" => "fc",
-                        "function_call_output" => "fco",
-                        _ => "msg",
-                    };
-                    let id = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
-                    object.insert("id".into(), Value::from(id));
-                }
-            }
-            item
-        })
-        .collect()
+    })
 }
 
 /// Where a finished response goes (`store: true`, the store on): the store, the key that made
@@ -339,28 +463,6 @@ struct Keep {
     store: Arc<StoredResponses>,
     owner: Option<String>,
     input_items: Vec<Value>,
-}
-
-/// Who stores and finds responses: the request's API key (its digest), `None` without keys.
-fn owner_of(request: &HttpRequest) -> Option<String> {
-    request
-        .extensions()
-        .get::<KeyOwner>()
-        .map(|owner| owner.0.clone())
-}
-
-/// Refuses every query parameter of a route that takes none.
-fn no_query(request: &HttpRequest) -> Result<(), ApiError> {
-    match request.query_string().split('&').find(|p| !p.is_empty()) {
-        None => Ok(()),
-        Some(pair) => {
-            let name = pair.split('=').next().unwrap_or(pair);
-            Err(ApiError::unsupported(
-                format!("query parameter {name} is not supported on this route"),
-                name,
-            ))
-        }
-    }
 }
 
 #[get("/v1/responses/{id}")]
@@ -413,49 +515,14 @@ pub async fn delete_response(
     })))
 }
 
-/// `GET /v1/responses/{id}/input_items`' query: OpenAI's paging.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ItemsQuery {
-    limit: Option<i64>,
-    order: Option<String>,
-    after: Option<String>,
-}
-
-/// Items per page at most, and by default (OpenAI's).
-const MAX_ITEMS_PAGE: i64 = 100;
-const DEFAULT_ITEMS_PAGE: i64 = 20;
-
 #[get("/v1/responses/{id}/input_items")]
 pub async fn list_input_items(
     request: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let query = web::Query::<ItemsQuery>::from_query(request.query_string()).map_err(|err| {
-        ApiError::invalid(
-            format!("query: {err} (input_items takes limit, order and after)"),
-            "query",
-        )
-    })?;
-    let limit = query.limit.unwrap_or(DEFAULT_ITEMS_PAGE);
-    if !(1..=MAX_ITEMS_PAGE).contains(&limit) {
-        return Err(ApiError::invalid(
-            format!("limit must be between 1 and {MAX_ITEMS_PAGE}, got {limit}"),
-            "limit",
-        ));
-    }
-    let ascending = match query.order.as_deref() {
-        None | Some("desc") => false,
-        Some("asc") => true,
-        Some(other) => {
-            return Err(ApiError::invalid(
-                format!("order must be asc or desc, got {other:?}"),
-                "order",
-            ));
-        }
-    };
-    let Some(mut items) = state
+    let paging = Paging::of(&request)?;
+    let Some(items) = state
         .responses
         .input_items(owner_of(&request).as_deref(), &id)
         .await
@@ -465,27 +532,7 @@ pub async fn list_input_items(
             id: id.into_inner(),
         });
     };
-    if !ascending {
-        items.reverse();
-    }
-    if let Some(after) = &query.after {
-        let Some(at) = items.iter().position(|item| item["id"] == after.as_str()) else {
-            return Err(ApiError::invalid(
-                format!("after: no input item of response {id} has the id {after:?}"),
-                "after",
-            ));
-        };
-        items.drain(..=at);
-    }
-    let has_more = items.len() > limit as usize;
-    items.truncate(limit as usize);
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "object": "list",
-        "first_id": items.first().map(|item| item["id"].clone()),
-        "last_id": items.last().map(|item| item["id"].clone()),
-        "has_more": has_more,
-        "data": items,
-    })))
+    paging.page(items, &format!("response {id}"))
 }
 
 /// Cancels a background response that is still running (OpenAI's): its generation stops and
@@ -559,6 +606,8 @@ pub struct ResponseEvents {
     /// A background response: it runs after the reply, and is stored only if it was not
     /// cancelled meanwhile.
     background: bool,
+    /// The conversation the response's items are added to, when it names one.
+    conversation: Option<ConversationTurn>,
 }
 
 /// The output item being written.
@@ -616,24 +665,37 @@ impl ResponseEvents {
             previous_response_id: None,
             keep: None,
             background: false,
+            conversation: None,
         }
     }
 
     /// Stores the finished `response` (when asked) with its output items, which a follow-up
     /// takes as input.
     fn store(&mut self, response: &ResponseObject) {
-        let Some(keep) = self.keep.take() else {
-            return;
-        };
-        if self.background && !keep.store.finish_background(&self.id) {
-            // Cancelled or deleted while it ran: what it was is stored already, or nothing.
-            return;
+        if self.background {
+            let keep = self.keep.as_ref().expect("a background response is kept");
+            if !keep.store.finish_background(&self.id) {
+                // Cancelled or deleted while it ran: what it was is stored already, or
+                // nothing, and its conversation takes nothing.
+                self.keep = None;
+                return;
+            }
         }
         // Through the JSON text, so that numbers read back as the response wrote them (an f32
         // `top_p` of 0.9 would become 0.8999999761581421 as a value).
         let output: Vec<Value> = serde_json::to_string(&response.output)
             .and_then(|text| serde_json::from_str(&text))
             .expect("output items are JSON");
+        let finished = matches!(
+            response.status,
+            ResponseStatus::Completed | ResponseStatus::Incomplete
+        );
+        if finished && let Some(turn) = &self.conversation {
+            turn.finish(&output);
+        }
+        let Some(keep) = self.keep.take() else {
+            return;
+        };
         let kept = keep.store.put(
             keep.owner,
             &self.id,
@@ -701,6 +763,9 @@ impl ResponseEvents {
             output,
             parallel_tool_calls: s.parallel_tool_calls,
             previous_response_id: self.previous_response_id.clone(),
+            conversation: self.conversation.as_ref().map(|turn| ConversationRef {
+                id: turn.id.clone(),
+            }),
             prompt_cache_key: s.prompt_cache_key.clone(),
             reasoning: ReasoningConfig::default(),
             safety_identifier: s.safety_identifier.clone(),
@@ -1046,6 +1111,7 @@ mod tests {
             previous_response_id: None,
             keep: None,
             background: false,
+            conversation: None,
         }
     }
 

@@ -17,6 +17,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/v1/responses/{}", "GET, DELETE"),
     ("/v1/responses/{}/input_items", "GET"),
     ("/v1/responses/{}/cancel", "POST"),
+    ("/v1/conversations", "POST"),
+    ("/v1/conversations/{}", "GET, POST, DELETE"),
+    ("/v1/conversations/{}/items", "GET, POST"),
+    ("/v1/conversations/{}/items/{}", "GET, DELETE"),
     ("/v1/models", "GET"),
     ("/v1/models/{..}", "GET"),
     ("/tokenize", "POST"),
@@ -39,7 +43,6 @@ const NOT_SERVED: &[(&str, &str)] = &[
     ("threads", "the Assistants API (/v1/threads)"),
     ("vector_stores", "vector stores (/v1/vector_stores)"),
     ("realtime", "the Realtime API (/v1/realtime)"),
-    ("conversations", "stored conversations (/v1/conversations)"),
     ("evals", "evals (/v1/evals)"),
     ("containers", "containers (/v1/containers)"),
 ];

@@ -2,10 +2,8 @@
 //! settings the `response` object echoes back.
 //!
 //! `store` (OpenAI's default true) asks the api-server to keep the response
-//! ([`crate::response_store`]); `previous_response_id` is followed before validation (the
-//! route puts the stored conversation in `input`), and `conversation` (the Conversations
-//! API, which tandem does not serve) is a 400 that says to send the conversation in `input`
-//! or to continue it by `previous_response_id`. Function tools are served as on chat completions (the same rendering, parser
+//! ([`crate::response_store`]); `previous_response_id` and `conversation` are followed before
+//! validation (the route puts the stored items in `input`). Function tools are served as on chat completions (the same rendering, parser
 //! and grammar): declared flat (`{"type": "function", "name", "parameters"}`), called in
 //! `function_call` output items, answered by `function_call_output` input items; hosted
 //! tools (web search, file search, ...) are a 400 naming them.
@@ -149,7 +147,7 @@ pub fn validate_responses(
             }
             let mut calls = CallsSoFar::default();
             for (i, item) in items.iter().enumerate() {
-                input_item(i, item, &mut turns, &mut calls)?;
+                input_item(format!("input[{i}]"), item, &mut turns, &mut calls)?;
             }
         }
     }
@@ -249,8 +247,8 @@ pub fn validate_responses(
     })
 }
 
-/// What would need a stored conversation (the route has followed `previous_response_id`
-/// already: a request that still has one names a response it could not find).
+/// What the route follows before validation (`previous_response_id`, `conversation`): a
+/// request that still has one was not followed.
 fn refuse_state(request: &ResponsesRequest) -> Result<(), ApiError> {
     if request.previous_response_id.is_some() {
         return Err(ApiError::unsupported(
@@ -260,9 +258,7 @@ fn refuse_state(request: &ResponsesRequest) -> Result<(), ApiError> {
     }
     if request.conversation.as_ref().is_some_and(|c| !c.is_null()) {
         return Err(ApiError::unsupported(
-            "conversation is not served (tandem has no Conversations API): send the \
-             earlier turns in input (as messages), or continue a stored response by \
-             previous_response_id",
+            "conversation is followed by the route, not here",
             "conversation",
         ));
     }
@@ -598,7 +594,9 @@ fn text_format(text: Option<&TextConfig>) -> Result<(TextConfig, Option<GrammarS
     Ok((echo, grammar))
 }
 
-fn metadata(
+/// `metadata` checked against OpenAI's limits (16 pairs of strings, keys of at most 64
+/// characters, values of at most 512).
+pub fn metadata(
     metadata: Option<&BTreeMap<String, Value>>,
 ) -> Result<BTreeMap<String, String>, ApiError> {
     let Some(metadata) = metadata else {
@@ -663,12 +661,11 @@ struct CallsSoFar {
 /// same turn) or starts one; a `function_call_output`, a tool turn answering a call made
 /// earlier in the input.
 fn input_item(
-    index: usize,
+    param: String,
     item: &Value,
     turns: &mut Vec<Turn>,
     calls: &mut CallsSoFar,
 ) -> Result<(), ApiError> {
-    let param = format!("input[{index}]");
     let Some(object) = item.as_object() else {
         return Err(ApiError::invalid(
             "an input item must be an object (a message with role and content, or a \
@@ -713,6 +710,21 @@ fn input_item(
             &format!("{param}.type"),
         )),
     }
+}
+
+/// Item `index` of a conversation's `items` (`POST /v1/conversations` or its `/items`), as
+/// a response's input takes items: a message with text content, a `function_call` or a
+/// `function_call_output`. An output's call may be anywhere earlier in the conversation, so
+/// it is not looked for here (a response whose input answers no call is refused then).
+pub fn check_conversation_item(index: usize, item: &Value) -> Result<(), ApiError> {
+    let mut calls = CallsSoFar::default();
+    if item.get("type").and_then(Value::as_str) == Some("function_call_output")
+        && let Some(call_id) = item.get("call_id").and_then(Value::as_str)
+    {
+        calls.names.insert(call_id.to_string(), String::new());
+    }
+    let mut turns = Vec::new();
+    input_item(format!("items[{index}]"), item, &mut turns, &mut calls)
 }
 
 /// A string field of an input item, required.
