@@ -226,6 +226,12 @@ impl StoredResponses {
         }
     }
 
+    /// Whether background response `id` is still running here (not finished, cancelled or
+    /// deleted).
+    pub fn is_running(&self, id: &str) -> bool {
+        self.lock_running().contains_key(id)
+    }
+
     /// Background response `id` finished: false when it was cancelled or deleted meanwhile
     /// (then its result is not stored).
     pub fn finish_background(&self, id: &str) -> bool {

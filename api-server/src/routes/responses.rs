@@ -167,31 +167,39 @@ struct ConversationTurn {
     id: String,
     /// The request's own input items, as the conversation lists them.
     input_items: Vec<Value>,
-    /// The items to add, once the response has finished.
-    finished: Arc<std::sync::Mutex<Option<Vec<Value>>>>,
+    /// What the finished response leaves to do.
+    finished: Arc<std::sync::Mutex<Option<FinishedTurn>>>,
 }
 
+/// The items a finished response adds to its conversation, and its storing, which waits for
+/// them.
+type FinishedTurn = (Vec<Value>, Option<StoreJob>);
+
 impl ConversationTurn {
-    /// The response finished with `output`: its items are to be added.
-    fn finish(&self, output: &[Value]) {
+    /// The response finished with `output`: its items are to be added, then `job` run.
+    fn finish(&self, output: &[Value], job: Option<StoreJob>) {
         let mut items = self.input_items.clone();
         items.extend(output.iter().cloned());
-        *self.lock() = Some(items);
+        *self.lock() = Some((items, job));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Value>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<FinishedTurn>> {
         self.finished
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds the finished response's items to the conversation (nothing if it did not finish).
-    /// A conversation deleted meanwhile, grown past the store or on an api-server gone takes
-    /// nothing: the response stands, and the log says why its turn is missing.
+    /// Adds the finished response's items to the conversation (nothing if it did not finish,
+    /// or was cancelled), then stores the response. A conversation deleted meanwhile, grown
+    /// past the store or on an api-server gone takes nothing: the response stands, and the
+    /// log says why its turn is missing.
     async fn add(&self) {
-        let Some(items) = self.lock().take() else {
+        let Some((items, job)) = self.lock().take() else {
             return;
         };
+        if job.as_ref().is_some_and(StoreJob::cancelled) {
+            return;
+        }
         if let Err(err) = self
             .store
             .add_items(self.owner.as_deref(), &self.id, &items)
@@ -199,6 +207,9 @@ impl ConversationTurn {
         {
             tracing::warn!(conversation = %self.id, %err,
                 "a response's items could not be added to its conversation");
+        }
+        if let Some(job) = job {
+            job.run();
         }
     }
 
@@ -218,6 +229,44 @@ impl ConversationTurn {
                 chunk
             }
         })
+    }
+}
+
+/// A finished response to store ([`Keep`]), with what it continues and its output items.
+struct StoreJob {
+    keep: Keep,
+    id: String,
+    background: bool,
+    previous: Option<String>,
+    /// The `response` object (JSON text).
+    response: String,
+    output: Vec<Value>,
+}
+
+impl StoreJob {
+    /// Whether a background response was cancelled or deleted while it ran (then what it was
+    /// is stored already, or nothing, and it stores nothing more).
+    fn cancelled(&self) -> bool {
+        self.background && !self.keep.store.is_running(&self.id)
+    }
+
+    fn run(self) {
+        let keep = self.keep;
+        if self.background && !keep.store.finish_background(&self.id) {
+            return;
+        }
+        let kept = keep.store.put(
+            keep.owner,
+            &self.id,
+            self.previous,
+            self.response,
+            &keep.input_items,
+            &self.output,
+        );
+        if !kept {
+            tracing::warn!(response_id = %self.id,
+                "a response larger than the whole response store was not stored");
+        }
     }
 }
 
@@ -672,41 +721,32 @@ impl ResponseEvents {
     /// Stores the finished `response` (when asked) with its output items, which a follow-up
     /// takes as input.
     fn store(&mut self, response: &ResponseObject) {
-        if self.background {
-            let keep = self.keep.as_ref().expect("a background response is kept");
-            if !keep.store.finish_background(&self.id) {
-                // Cancelled or deleted while it ran: what it was is stored already, or
-                // nothing, and its conversation takes nothing.
-                self.keep = None;
-                return;
-            }
-        }
         // Through the JSON text, so that numbers read back as the response wrote them (an f32
         // `top_p` of 0.9 would become 0.8999999761581421 as a value).
         let output: Vec<Value> = serde_json::to_string(&response.output)
             .and_then(|text| serde_json::from_str(&text))
             .expect("output items are JSON");
+        let job = self.keep.take().map(|keep| StoreJob {
+            id: self.id.clone(),
+            background: self.background,
+            previous: self.previous_response_id.clone(),
+            response: serde_json::to_string(response).expect("a response object is JSON"),
+            output: output.clone(),
+            keep,
+        });
         let finished = matches!(
             response.status,
             ResponseStatus::Completed | ResponseStatus::Incomplete
         );
-        if finished && let Some(turn) = &self.conversation {
-            turn.finish(&output);
-        }
-        let Some(keep) = self.keep.take() else {
-            return;
-        };
-        let kept = keep.store.put(
-            keep.owner,
-            &self.id,
-            self.previous_response_id.clone(),
-            serde_json::to_string(response).expect("a response object is JSON"),
-            &keep.input_items,
-            &output,
-        );
-        if !kept {
-            tracing::warn!(response_id = %self.id,
-                "a response larger than the whole response store was not stored");
+        match &self.conversation {
+            // Stored once its items are in the conversation ([`ConversationTurn::add`]), so
+            // that whoever sees it finished finds them there.
+            Some(turn) if finished => turn.finish(&output, job),
+            _ => {
+                if let Some(job) = job {
+                    job.run();
+                }
+            }
         }
     }
 
