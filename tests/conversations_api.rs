@@ -12,12 +12,11 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::SERVED_NAME;
-use tandem_test_kit::{ApiServer, Http, Nats, model_dir, prometheus, python};
+use tandem_test_kit::{ApiServer, Http, Nats, model_dir, prometheus};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -405,17 +404,9 @@ fn the_official_client_and_the_agents_sdk_use_conversations() {
     let api = ApiServer::start(&nats, &model, SERVED_NAME, &["--worker-timeout-ms", "1500"]);
     let _worker = support::start_worker(&nats, &model, "w0", &[]);
     api.http.wait_for_workers(1, Duration::from_secs(30));
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/conversations.py");
-    let output = python()
-        .arg(&script)
-        .arg(format!("http://127.0.0.1:{}/v1", api.port))
-        .output()
-        .expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "conversations.py failed (scripts/test installs openai and openai-agents into \
-         target/pylib and sets TANDEM_TEST_PYTHONPATH):\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    support::run_python_script(
+        "conversations.py",
+        &format!("http://127.0.0.1:{}/v1", api.port),
+        &[],
     );
 }

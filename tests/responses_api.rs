@@ -12,12 +12,11 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::{SERVED_NAME, start_api_server};
-use tandem_test_kit::{Http, Nats, model_dir, prometheus, python, temp_dir};
+use tandem_test_kit::{Http, Nats, model_dir, prometheus, temp_dir};
 
 const MODEL: &str = "smollm2-bf16";
 
@@ -1277,19 +1276,5 @@ fn truncation_auto_keeps_the_latest_turns_that_fit() {
 
 /// Runs tests/python/SCRIPT against `base_url` (`http://host:port/v1`).
 fn run_python(script: &str, base_url: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/python")
-        .join(script);
-    let output = python()
-        .arg(&path)
-        .arg(base_url)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "{script} failed (scripts/test installs openai, openai-agents and langchain-openai \
-         into target/pylib and sets TANDEM_TEST_PYTHONPATH):\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    support::run_python_script(script, base_url, &[]);
 }

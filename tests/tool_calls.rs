@@ -22,7 +22,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use support::{start_api_server, start_worker};
@@ -49,21 +48,7 @@ fn run_script(script: &str, args: &[&str]) {
     let _worker = start_worker(&nats, &model_dir(MODEL), "tools-w0", &[]);
     let server = start_api_server(&nats, &model_dir(MODEL));
     server.http.wait_for_workers(1, Duration::from_secs(30));
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/python")
-        .join(script);
-    let output = python()
-        .arg(&path)
-        .arg(format!("{}/v1", server.http.base))
-        .args(args)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "{script} {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    );
+    support::run_python_script(script, &format!("{}/v1", server.http.base), args);
 }
 
 #[test]

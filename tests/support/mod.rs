@@ -1,6 +1,7 @@
 //! The end-to-end tests' own deployment defaults, on top of the test kit (`tandem-test-kit`,
 //! which starts and reaps the processes): the served model name, workers and an api-server
-//! set up as these tests run them, and the reading of a streamed OpenAI answer.
+//! set up as these tests run them, the reading of a streamed OpenAI answer, and the Python
+//! clients' scripts under tests/python.
 
 #![allow(dead_code)] // each test file uses a different part
 
@@ -11,6 +12,29 @@ use serde_json::Value;
 use tandem_test_kit::{ApiServer, Nats, Proc, WorkerSpec, bin};
 
 pub const SERVED_NAME: &str = "e2e-model";
+
+/// Runs tests/python/SCRIPT against the OpenAI API at `base_url` (`http://HOST:PORT/v1`)
+/// with `args`, failing with its output unless it succeeds. The scripts need `openai`,
+/// `openai-agents`, `langchain-openai` and `jsonschema` importable: scripts/test installs them
+/// into `target/pylib` and points `TANDEM_TEST_PYTHONPATH` there.
+pub fn run_python_script(script: &str, base_url: &str, args: &[&str]) {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let output = tandem_test_kit::python()
+        .arg(&path)
+        .arg(base_url)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{script} {args:?} failed (scripts/test installs the Python clients into target/pylib \
+         and sets TANDEM_TEST_PYTHONPATH):\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
 
 /// The `tandem` launcher, logging at info. It finds `worker` and `api-server` beside itself:
 /// this makes sure they are built.

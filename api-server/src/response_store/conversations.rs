@@ -9,45 +9,8 @@
 
 use serde_json::{Map, Value};
 
-use super::local::{Kept, ResponseStore};
-
-/// One conversation.
-#[derive(Debug, Clone)]
-pub struct Conversation {
-    created_at: u64,
-    /// `metadata`: a JSON object of strings, as text.
-    metadata: String,
-    /// Its items, oldest first: each one's id and JSON text.
-    items: Vec<(String, String)>,
-}
-
-/// What the store counts for a conversation beside its text.
-const CONVERSATION_OVERHEAD: usize = 16;
-
-impl Conversation {
-    pub(super) fn bytes(&self) -> usize {
-        CONVERSATION_OVERHEAD
-            + self.metadata.len()
-            + self
-                .items
-                .iter()
-                .map(|(id, item)| id.len() + item.len())
-                .sum::<usize>()
-    }
-
-    /// The `conversation` object (JSON text).
-    fn object(&self, id: &str) -> String {
-        let metadata: Value =
-            serde_json::from_str(&self.metadata).expect("the store holds the JSON it wrote");
-        serde_json::json!({
-            "id": id,
-            "object": "conversation",
-            "created_at": self.created_at,
-            "metadata": metadata,
-        })
-        .to_string()
-    }
-}
+use super::kept::{Conversation, Kept};
+use super::local::ResponseStore;
 
 /// Why a conversation, or one of its items, could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -16,40 +16,7 @@ use std::sync::Mutex;
 
 use serde_json::Value;
 
-/// One stored response.
-#[derive(Debug, Clone)]
-pub(super) struct Entry {
-    /// The response this one continued (`previous_response_id`).
-    previous: Option<String>,
-    /// The `response` object as returned (JSON).
-    response: String,
-    /// This request's own input items, each with an `id` (a JSON array).
-    input_items: String,
-    /// The response's output items, as a follow-up's input takes them (a JSON array).
-    output_items: String,
-}
-
-impl Entry {
-    fn bytes(&self) -> usize {
-        self.response.len() + self.input_items.len() + self.output_items.len()
-    }
-}
-
-/// What one id holds: a response, or a conversation ([`super::conversations`]).
-#[derive(Debug, Clone)]
-pub(super) enum Kept {
-    Response(Entry),
-    Conversation(super::conversations::Conversation),
-}
-
-impl Kept {
-    fn bytes(&self) -> usize {
-        match self {
-            Kept::Response(entry) => entry.bytes(),
-            Kept::Conversation(conversation) => conversation.bytes(),
-        }
-    }
-}
+use super::kept::{Entry, Kept};
 
 /// One stored object, with who may see it and when it was last used.
 #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@
 
 pub mod conversations;
 pub mod ids;
+mod kept;
 pub mod local;
 pub mod shared;
 pub mod shared_conversations;
