@@ -975,12 +975,88 @@ fn stored_responses_are_reached_through_any_api_server() {
         two.get(&format!("/v1/responses/{left_id}")).json()["status"],
         "in_progress"
     );
+    // Its stream resumed through the other api-server after its first two events, while it
+    // runs: the events from 2 on, as they come.
+    let mut resumed = two.open_get_stream(&format!(
+        "/v1/responses/{left_id}?stream=true&starting_after=1"
+    ));
+    assert_eq!(resumed.status(), 200);
+    let mut seen = Vec::new();
+    while seen.len() < 12 {
+        let event: Value = serde_json::from_str(&resumed.next_data().unwrap()).unwrap();
+        seen.push(event);
+    }
+    let numbers: Vec<u64> = seen
+        .iter()
+        .map(|event| event["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (2..14).collect::<Vec<u64>>(), "{seen:?}");
+    assert_eq!(seen[0]["type"], "response.output_item.added", "{seen:?}");
+    assert_eq!(seen[2]["type"], "response.output_text.delta", "{seen:?}");
+    // Cancelled meanwhile: the resumed stream ends with the events made before.
     let cancelled = two.post(&format!("/v1/responses/{left_id}/cancel"), &json!({}));
     assert_eq!(
         cancelled.json()["status"],
         "cancelled",
         "{}",
         cancelled.body
+    );
+    let rest = resumed.collect();
+    let last_number = rest
+        .last()
+        .map(|data| serde_json::from_str::<Value>(data).unwrap()["sequence_number"].clone());
+    assert!(
+        last_number.is_none_or(|n| n.as_u64().unwrap() >= 13),
+        "{rest:?}"
+    );
+    // A whole stream, once ended, is resumed the same through either api-server: every
+    // event from the start, or those after one.
+    let whole = response_events(
+        one,
+        &json!({"input": "Say hi.", "max_output_tokens": 6, "temperature": 0,
+                "background": true, "stream": true}),
+    );
+    let whole_id = whole[0]["response"]["id"].as_str().unwrap().to_string();
+    let replayed = |http: &Http, query: &str| -> Vec<Value> {
+        let reply = http.get(&format!("/v1/responses/{whole_id}?stream=true{query}"));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        reply
+            .body
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect()
+    };
+    let started = Instant::now();
+    while two.get(&format!("/v1/responses/{whole_id}")).json()["status"] == "in_progress" {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(replayed(two, ""), whole);
+    assert_eq!(replayed(one, "&starting_after=3"), whole[4..]);
+    // Refused: a response that was not streamed in the background, starting_after without
+    // stream, include, a stream that is not a boolean.
+    let refusal = |http: &Http, path: String| {
+        let reply = http.get(&path);
+        assert_eq!(reply.status, 400, "{path}: {}", reply.body);
+        reply.json()["error"]["param"].as_str().unwrap().to_string()
+    };
+    let foreground = id_of(&turn(one, json!({"input": "Hi", "max_output_tokens": 2})));
+    assert_eq!(
+        refusal(two, format!("/v1/responses/{foreground}?stream=true")),
+        "stream"
+    );
+    assert_eq!(
+        refusal(two, format!("/v1/responses/{whole_id}?starting_after=2")),
+        "starting_after"
+    );
+    assert_eq!(
+        refusal(one, format!("/v1/responses/{whole_id}?include=x")),
+        "include"
+    );
+    assert_eq!(
+        refusal(one, format!("/v1/responses/{whole_id}?stream=maybe")),
+        "query"
     );
 
     // The second api-server dies: its responses go with it, and the first says so.

@@ -962,6 +962,9 @@ pub struct StoredResponseRequest {
     /// items (a JSON array, each with its `id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
+    /// `op: events`: the sequence number of the last event the asker has (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
 }
 
 /// What is asked of a stored response.
@@ -979,6 +982,9 @@ pub enum StoredResponseOp {
     Context,
     /// Cancel it, if it is a background response still running.
     Cancel,
+    /// The events of a streamed background response after `after`, waiting a moment for
+    /// more while it runs.
+    Events,
     /// A conversation's `conversation` object.
     Conversation,
     /// Replace a conversation's metadata (`body`).
@@ -1015,6 +1021,12 @@ pub enum StoredResponseReply {
     Item { item: String },
     /// `op: add_items`: they are added.
     Added,
+    /// `op: events`: the events after the one asked for (their SSE text, in order; empty
+    /// when none came), and whether the response has ended (then they are the last).
+    Events { events: String, done: bool },
+    /// `op: events`: the response was not streamed in the background, so it has no events
+    /// to resume.
+    NotStreamed,
     /// `op: add_items` or `update_conversation`: the conversation would hold `bytes` of JSON,
     /// over the `limit` of that api-server's store; nothing changed.
     ConversationTooLarge { bytes: usize, limit: usize },
@@ -1834,6 +1846,7 @@ mod tests {
             op: StoredResponseOp::InputItems,
             item: None,
             body: None,
+            after: None,
         };
         let json = String::from_utf8(encode(&request)).unwrap();
         assert_eq!(json, r#"{"v":1,"id":"resp_1","op":"input_items"}"#);
@@ -1861,6 +1874,11 @@ mod tests {
             StoredResponseReply::ConversationItems { items: "[]".into() },
             StoredResponseReply::Item { item: "{}".into() },
             StoredResponseReply::Added,
+            StoredResponseReply::Events {
+                events: "event: a\ndata: {}\n\n".into(),
+                done: false,
+            },
+            StoredResponseReply::NotStreamed,
             StoredResponseReply::ConversationTooLarge { bytes: 2, limit: 1 },
         ] {
             let json = encode(&reply);
@@ -1875,6 +1893,7 @@ mod tests {
             op: StoredResponseOp::DeleteItem,
             item: Some("msg_1".into()),
             body: None,
+            after: None,
         };
         let json = String::from_utf8(encode(&question)).unwrap();
         assert_eq!(

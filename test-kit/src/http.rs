@@ -118,6 +118,14 @@ impl Http {
         }
     }
 
+    /// GETs `path` and returns the response with its body unread, to read as SSE.
+    pub fn open_get_stream(&self, path: &str) -> SseStream {
+        SseStream {
+            body: self.send("GET", path, ""),
+            buffer: Vec::new(),
+        }
+    }
+
     /// POSTs a streaming request and returns the status and the `data:` payloads of its SSE
     /// events as JSON, read as they arrive, up to and excluding `[DONE]`. `on_event` sees each
     /// one as it comes.

@@ -102,6 +102,23 @@ cancelled = client.responses.cancel(long.id)
 check(cancelled.id == long.id and cancelled.status == "cancelled", cancelled)
 check(client.responses.retrieve(long.id).status == "cancelled", long.id)
 
+# A background stream left after its first events, resumed by the client's retrieve: the
+# events after the last one read, to the end, the same text as the foreground's.
+stream = client.responses.create(model=model, input=question, max_output_tokens=24, temperature=0,
+                                 background=True, stream=True)
+read = []
+for event in stream:
+    read.append(event)
+    if len(read) == 3:
+        break
+stream.close()
+rest = list(client.responses.retrieve(read[0].response.id, stream=True,
+                                      starting_after=read[-1].sequence_number))
+numbers = [event.sequence_number for event in read + rest]
+check(numbers == list(range(len(numbers))), numbers)
+check(rest[-1].type == "response.completed" or rest[-1].type == "response.incomplete", rest[-1])
+check(rest[-1].response.output_text == first_text, (rest[-1].response.output_text, first_text))
+
 # Typed errors: an unknown field, a response not stored, an unknown model, a deleted response.
 try:
     client.responses.create(model=model, input="x", extra_body={"frobnicate": True})

@@ -346,6 +346,7 @@ mod tests {
             "{}".into(),
             &[],
             &[],
+            None,
         );
         assert!(store.conversation(OWNER, "resp_1").is_err());
         assert!(!store.delete_conversation(OWNER, "resp_1"));

@@ -14,11 +14,17 @@ pub(super) struct Entry {
     pub(super) input_items: String,
     /// The response's output items, as a follow-up's input takes them (a JSON array).
     pub(super) output_items: String,
+    /// A background response's stream, each event's SSE text in order, for clients resuming
+    /// it; `None` when it was not streamed in the background.
+    pub(super) events: Option<String>,
 }
 
 impl Entry {
     pub(super) fn bytes(&self) -> usize {
-        self.response.len() + self.input_items.len() + self.output_items.len()
+        self.response.len()
+            + self.input_items.len()
+            + self.output_items.len()
+            + self.events.as_ref().map_or(0, String::len)
     }
 }
 

@@ -228,6 +228,7 @@ impl ResponseStore {
     /// Keeps response `id` (its object as JSON text, its request's input items and its
     /// output items), evicting the least recently used others past the bound; false when it
     /// alone is larger than the bound (then nothing is kept).
+    #[allow(clippy::too_many_arguments)]
     pub fn put(
         &self,
         owner: Option<String>,
@@ -236,6 +237,7 @@ impl ResponseStore {
         response: String,
         input_items: &[Value],
         output_items: &[Value],
+        events: Option<String>,
     ) -> bool {
         // Serializing grows a buffer by doubling: without its slack a text takes its length,
         // so the bound counts about what the store takes.
@@ -252,6 +254,10 @@ impl ResponseStore {
             response,
             input_items: array(input_items),
             output_items: array(output_items),
+            events: events.map(|mut events| {
+                events.shrink_to_fit();
+                events
+            }),
         };
         self.lock()
             .insert(self.limit_bytes, owner, id, Kept::Response(entry))
@@ -263,6 +269,15 @@ impl ResponseStore {
         let response = inner.owned_response(owner, id)?.response.clone();
         inner.touch(id);
         Some(response)
+    }
+
+    /// The events of `id`'s stream (SSE text), if `owner` stored it: `Some(None)` when it
+    /// was not streamed in the background.
+    pub fn events(&self, owner: Option<&str>, id: &str) -> Option<Option<String>> {
+        let mut inner = self.lock();
+        let events = inner.owned_response(owner, id)?.events.clone();
+        inner.touch(id);
+        Some(events)
     }
 
     /// The input items of `id`'s own request, if `owner` stored it.
@@ -375,6 +390,7 @@ mod tests {
             json!({"id": id}).to_string(),
             &[message(said)],
             &[json!({"type": "message", "role": "assistant", "content": format!("re {said}")})],
+            None,
         )
     }
 

@@ -15,10 +15,12 @@ pub mod conversations;
 pub mod ids;
 mod kept;
 pub mod local;
+pub mod resume;
 pub mod shared;
 pub mod shared_conversations;
 
 pub use conversations::ConversationError;
 pub use local::{ChainError, ResponseStore, Segment, StoreStats};
+pub use resume::EventsAfter;
 pub use shared::{Cancelled, ContextError, PeerError, StoredResponses};
 pub use shared_conversations::ConversationOpError;

@@ -85,14 +85,19 @@ struct Peers {
 }
 
 /// A background response this api-server runs.
-struct Running {
-    owner: Option<String>,
+pub(super) struct Running {
+    pub(super) owner: Option<String>,
     previous: Option<String>,
     /// The `response` object as it stands (queued, then in progress).
     response: Value,
     input_items: Vec<Value>,
     /// Stops its generation (set once its task is spawned).
     abort: Option<tokio::task::AbortHandle>,
+    /// A streamed one's events so far, each one SSE event's text, for clients resuming its
+    /// stream ([`super::resume`]); `None` when it is not streamed.
+    pub(super) events: Option<Vec<String>>,
+    /// How many events it has, for those waiting for more.
+    pub(super) progress: tokio::sync::watch::Sender<usize>,
 }
 
 /// Every api-server's stored responses, from this one.
@@ -175,7 +180,7 @@ impl StoredResponses {
         }
     }
 
-    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+    pub(super) fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
         // Every change is one insert or removal: what a panic leaves is consistent.
         self.running
             .lock()
@@ -187,7 +192,8 @@ impl StoredResponses {
     }
 
     /// Keeps background response `id` (its `response` object as created, queued) while it
-    /// runs; its task's abort handle follows ([`Self::set_abort`]).
+    /// runs; its task's abort handle follows ([`Self::set_abort`]). A `streamed` one keeps
+    /// its events too ([`Self::record_events`]).
     pub fn start_background(
         &self,
         owner: Option<String>,
@@ -195,6 +201,7 @@ impl StoredResponses {
         previous: Option<String>,
         response: &str,
         input_items: Vec<Value>,
+        streamed: bool,
     ) {
         let response = serde_json::from_str(response).expect("a response object is JSON");
         self.lock_running().insert(
@@ -205,6 +212,8 @@ impl StoredResponses {
                 response,
                 input_items,
                 abort: None,
+                events: streamed.then(Vec::new),
+                progress: tokio::sync::watch::Sender::new(0),
             },
         );
         self.record_stats();
@@ -232,16 +241,44 @@ impl StoredResponses {
         self.lock_running().contains_key(id)
     }
 
-    /// Background response `id` finished: false when it was cancelled or deleted meanwhile
-    /// (then its result is not stored).
-    pub fn finish_background(&self, id: &str) -> bool {
-        let finished = self.lock_running().remove(id).is_some();
+    /// Background response `id` finished: stored (with its events when it was streamed) in
+    /// the same step as it stops running, so that whoever asks finds it running or stored,
+    /// never neither. False when it was cancelled or deleted meanwhile (then its result is not
+    /// stored).
+    pub fn store_finished_background(
+        &self,
+        owner: Option<String>,
+        id: &str,
+        previous: Option<String>,
+        response: String,
+        input_items: &[Value],
+        output_items: &[Value],
+    ) -> bool {
+        let mut running = self.lock_running();
+        let Some(finished) = running.remove(id) else {
+            return false;
+        };
+        let events = finished.events.map(|events| events.concat());
+        let kept = self.local.put(
+            owner,
+            id,
+            previous,
+            response,
+            input_items,
+            output_items,
+            events,
+        );
+        drop(running);
         self.record_stats();
-        finished
+        if !kept {
+            tracing::warn!(response_id = %id,
+                "a response larger than the whole response store was not stored");
+        }
+        true
     }
 
     /// The running background response `id`, if `owner` started it.
-    fn running_of<'a>(
+    pub(super) fn running_of<'a>(
         running: &'a HashMap<String, Running>,
         owner: Option<&str>,
         id: &str,
@@ -260,12 +297,12 @@ impl StoredResponses {
             return self.local.response(owner, id).map(Cancelled::Finished);
         }
         let mut cancelled = running.remove(id).expect("found above");
-        drop(running);
         if let Some(abort) = &cancelled.abort {
             abort.abort();
         }
         cancelled.response["status"] = Value::from("cancelled");
         let response = cancelled.response.to_string();
+        // Stored before the running entry's lock is let go: found running or stored.
         self.local.put(
             cancelled.owner,
             id,
@@ -273,7 +310,9 @@ impl StoredResponses {
             response.clone(),
             &cancelled.input_items,
             &[],
+            cancelled.events.map(|events| events.concat()),
         );
+        drop(running);
         self.record_stats();
         Some(Cancelled::Now(response))
     }
@@ -310,6 +349,7 @@ impl StoredResponses {
     }
 
     /// Keeps a response this api-server made ([`ResponseStore::put`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn put(
         &self,
         owner: Option<String>,
@@ -318,10 +358,17 @@ impl StoredResponses {
         response: String,
         input_items: &[Value],
         output_items: &[Value],
+        events: Option<String>,
     ) -> bool {
-        let kept = self
-            .local
-            .put(owner, id, previous, response, input_items, output_items);
+        let kept = self.local.put(
+            owner,
+            id,
+            previous,
+            response,
+            input_items,
+            output_items,
+            events,
+        );
         self.metrics
             .record(Event::ResponseStore(self.local.stats()));
         kept
@@ -522,27 +569,17 @@ impl StoredResponses {
         id: &str,
         op: StoredResponseOp,
     ) -> Result<Option<StoredResponseReply>, PeerError> {
-        self.ask_about(instance, owner, id, op, None, None).await
+        self.ask_about(instance, question(owner, id, op)).await
     }
 
-    /// [`Self::ask`], with the item (`item`) or the new content (`body`) some questions
-    /// about conversations carry.
+    /// [`Self::ask`] a whole `question` (with the item, the new content or the place in a
+    /// stream some questions carry).
     pub(super) async fn ask_about(
         &self,
         instance: &str,
-        owner: Option<&str>,
-        id: &str,
-        op: StoredResponseOp,
-        item: Option<&str>,
-        body: Option<String>,
+        question: StoredResponseRequest,
     ) -> Result<Option<StoredResponseReply>, PeerError> {
-        let question = StoredResponseRequest {
-            id: id.to_string(),
-            owner: owner.map(str::to_string),
-            op,
-            item: item.map(str::to_string),
-            body,
-        };
+        let id = question.id.as_str();
         let answer = self
             .ask_peer(instance, &question)
             .await
@@ -614,40 +651,60 @@ impl StoredResponses {
 
     /// Answers the other api-servers' questions about the responses this one stored, on its
     /// own subject, until the subscription ends.
+    /// Questions are answered one at a time, in the order they come (so a conversation's
+    /// changes are made in order), except the events of a stream, which may wait a moment for
+    /// more and are answered beside the others.
     pub async fn answer_peers(self: Arc<Self>, mut questions: async_nats::Subscriber) {
-        let Some(peers) = &self.peers else {
+        if self.peers.is_none() {
             return;
-        };
+        }
         while let Some(message) = questions.next().await {
             let Some(reply_to) = message.reply else {
                 continue;
             };
-            let answer = match decode::<StoredResponseRequest>(
+            let question = match decode::<StoredResponseRequest>(
                 "stored response request",
                 &message.payload,
             ) {
-                Ok(question) => self.answer(&question),
+                Ok(question) => question,
                 Err(err) => {
                     tracing::warn!(%err, "ignoring a bad question about a stored response");
                     continue;
                 }
             };
-            let mut bytes = encode(&answer);
-            let max_payload = peers.client.max_payload();
-            if bytes.len() > max_payload {
-                bytes = encode(&StoredResponseReply::TooLarge {
-                    bytes: bytes.len(),
-                    max_payload,
+            if question.op == StoredResponseOp::Events {
+                let this = Arc::clone(&self);
+                tokio::spawn(async move {
+                    let answer = this.answer_events(&question).await;
+                    this.send_answer(reply_to, &answer).await;
                 });
+                continue;
             }
-            if let Err(err) = peers.client.publish(reply_to, bytes.into()).await {
-                tracing::warn!(%err, "could not answer another api-server about a stored response");
-            }
+            let answer = self.answer(&question);
+            self.send_answer(reply_to, &answer).await;
         }
         tracing::error!(
             "the subscription for other api-servers' questions closed: they can no longer \
              reach the responses this api-server stored"
         );
+    }
+
+    /// Sends `answer` to the api-server that asked (on `reply_to`), or says it is too large.
+    async fn send_answer(&self, reply_to: async_nats::Subject, answer: &StoredResponseReply) {
+        let Some(peers) = &self.peers else {
+            return;
+        };
+        let mut bytes = encode(answer);
+        let max_payload = peers.client.max_payload();
+        if bytes.len() > max_payload {
+            bytes = encode(&StoredResponseReply::TooLarge {
+                bytes: bytes.len(),
+                max_payload,
+            });
+        }
+        if let Err(err) = peers.client.publish(reply_to, bytes.into()).await {
+            tracing::warn!(%err, "could not answer another api-server about a stored response");
+        }
     }
 
     /// The answer to another api-server's `question`, from this api-server's store.
@@ -686,6 +743,8 @@ impl StoredResponses {
             | StoredResponseOp::AddItems
             | StoredResponseOp::Item
             | StoredResponseOp::DeleteItem => self.answer_about_conversation(question),
+            // Answered beside the others ([`Self::answer_peers`]).
+            StoredResponseOp::Events => StoredResponseReply::NotFound { missing: None },
             StoredResponseOp::Context => match self.segment_here(owner, id) {
                 Ok(segment) => StoredResponseReply::Context {
                     items: Value::Array(segment.items).to_string(),
@@ -698,6 +757,22 @@ impl StoredResponses {
                 Err(ChainError::InProgress { .. }) => StoredResponseReply::InProgress,
             },
         }
+    }
+}
+
+/// The question `op` about `id` for `owner`, carrying nothing more.
+pub(super) fn question(
+    owner: Option<&str>,
+    id: &str,
+    op: StoredResponseOp,
+) -> StoredResponseRequest {
+    StoredResponseRequest {
+        id: id.to_string(),
+        owner: owner.map(str::to_string),
+        op,
+        item: None,
+        body: None,
+        after: None,
     }
 }
 
@@ -733,6 +808,7 @@ mod tests {
             json!({"id": id}).to_string(),
             &[json!({"type": "message", "role": "user", "content": said})],
             &[json!({"type": "message", "role": "assistant", "content": format!("re {said}")})],
+            None,
         ));
     }
 
@@ -786,15 +862,7 @@ mod tests {
         let second = store.new_id();
         put(&store, &first, None, "one");
         put(&store, &second, Some(&first), "two");
-        let ask = |id: &str, owner: Option<&str>, op| {
-            store.answer(&StoredResponseRequest {
-                id: id.to_string(),
-                owner: owner.map(str::to_string),
-                op,
-                item: None,
-                body: None,
-            })
-        };
+        let ask = |id: &str, owner: Option<&str>, op| store.answer(&question(owner, id, op));
         let StoredResponseReply::Context { items, continues } =
             ask(&second, Some("key:a"), StoredResponseOp::Context)
         else {
@@ -841,7 +909,14 @@ mod tests {
         let id = store.new_id();
         let queued = json!({"id": id, "status": "queued", "background": true}).to_string();
         let input = vec![json!({"type": "message", "role": "user", "content": "hi"})];
-        store.start_background(Some("key:a".into()), &id, None, &queued, input.clone());
+        store.start_background(
+            Some("key:a".into()),
+            &id,
+            None,
+            &queued,
+            input.clone(),
+            false,
+        );
         let task = tokio::spawn(std::future::pending::<()>());
         store.set_abort(&id, task.abort_handle());
         assert_eq!(store.stats().background, 1);
@@ -881,12 +956,12 @@ mod tests {
             store.cancel(Some("key:a"), &id).await.unwrap(),
             Some(Cancelled::Finished(cancelled))
         );
-        assert!(!store.finish_background(&id));
+        assert!(!store.store_finished_background(None, &id, None, "{}".into(), &[], &[]));
         assert_eq!(store.stats().background, 0);
         assert_eq!(store.context(Some("key:a"), &id).await.unwrap().len(), 1);
         // Deleting one that runs stops it too.
         let other = store.new_id();
-        store.start_background(None, &other, None, &queued, Vec::new());
+        store.start_background(None, &other, None, &queued, Vec::new(), false);
         let task = tokio::spawn(std::future::pending::<()>());
         store.set_abort(&other, task.abort_handle());
         assert!(store.delete(None, &other).await.unwrap());

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use tandem_protocol::messages::{StoredResponseOp, StoredResponseReply, StoredResponseRequest};
 
 use super::conversations::ConversationError;
-use super::shared::{Home, PeerError, StoredResponses, json_array, odd_answer};
+use super::shared::{Home, PeerError, StoredResponses, json_array, odd_answer, question};
 
 /// Why a conversation could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -176,22 +176,18 @@ impl StoredResponses {
         item: Option<&str>,
         body: Option<String>,
     ) -> Result<StoredResponseReply, ConversationOpError> {
+        let question = StoredResponseRequest {
+            item: item.map(str::to_string),
+            body,
+            ..question(owner, id, op)
+        };
         let reply = match self.home(id) {
             Home::Nowhere => None,
-            Home::Here => {
-                let reply = self.answer_about_conversation(&StoredResponseRequest {
-                    id: id.to_string(),
-                    owner: owner.map(str::to_string),
-                    op,
-                    item: item.map(str::to_string),
-                    body,
-                });
-                match reply {
-                    StoredResponseReply::NotFound { missing: None } => None,
-                    reply => Some(reply),
-                }
-            }
-            Home::Peer(instance) => self.ask_about(instance, owner, id, op, item, body).await?,
+            Home::Here => match self.answer_about_conversation(&question) {
+                StoredResponseReply::NotFound { missing: None } => None,
+                reply => Some(reply),
+            },
+            Home::Peer(instance) => self.ask_about(instance, question).await?,
         };
         match reply {
             None => Err(ConversationError::NotFound { id: id.to_string() }.into()),
@@ -269,7 +265,8 @@ impl StoredResponses {
             | StoredResponseOp::InputItems
             | StoredResponseOp::Delete
             | StoredResponseOp::Context
-            | StoredResponseOp::Cancel => {
+            | StoredResponseOp::Cancel
+            | StoredResponseOp::Events => {
                 return bad_question(question, "a question about a response");
             }
         };
@@ -408,11 +405,9 @@ mod tests {
             .to_string();
         let ask = |op, item: Option<&str>, body: Option<Value>| {
             store.answer_about_conversation(&StoredResponseRequest {
-                id: id.clone(),
-                owner: OWNER.map(str::to_string),
-                op,
                 item: item.map(str::to_string),
                 body: body.map(|b| b.to_string()),
+                ..question(OWNER, &id, op)
             })
         };
         assert_eq!(

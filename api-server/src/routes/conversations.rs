@@ -168,7 +168,7 @@ pub async fn add_items(
     id: web::Path<String>,
     body: web::Json<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    no_query_but_include(&request)?;
+    no_query_but_include(&request, &[])?;
     let body: AddItemsRequest = CONVERSATION_ITEMS.parse(body.into_inner())?;
     let Some(items) = body.items.filter(|items| !items.is_empty()) else {
         return Err(ApiError::invalid(
@@ -206,7 +206,7 @@ pub async fn get_item(
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    no_query_but_include(&request)?;
+    no_query_but_include(&request, &[])?;
     let (id, item) = path.into_inner();
     let item = state
         .responses

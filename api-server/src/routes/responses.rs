@@ -17,7 +17,9 @@ use tandem_protocol::messages::{
 use super::chat::{parser_text, record_tool_calls};
 use super::conversations::conversation_error;
 use super::logprobs::chat_entry;
-use super::stored::{self, Paging, conversation_item, no_query, owner_of, with_ids};
+use super::stored::{
+    self, Paging, conversation_item, no_query, no_query_but_include, owner_of, with_ids,
+};
 use super::{client_left, start_generation, unless_client_leaves};
 use crate::auth::TenantSalt;
 use crate::disconnect::ClientSocket;
@@ -33,7 +35,7 @@ use crate::openai::{
 };
 use crate::prompt::PromptCodec;
 use crate::prompt::tokenize;
-use crate::response_store::{Cancelled, ContextError, PeerError, StoredResponses};
+use crate::response_store::{Cancelled, ContextError, EventsAfter, PeerError, StoredResponses};
 use crate::sse::{ChunkFormat, sse_body, sse_stream_response};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::parser::{CallParser, ParseEvent};
@@ -126,7 +128,14 @@ pub async fn create_response(
         let queued = serde_json::to_string(&events.queued()).expect("a response object is JSON");
         let responses = Arc::clone(&state.responses);
         let id = events.id.clone();
-        responses.start_background(owner, &id, previous, &queued, input_items);
+        responses.start_background(
+            owner,
+            &id,
+            previous,
+            &queued,
+            input_items,
+            valid.request.stream,
+        );
         if valid.request.stream {
             responses.mark_in_progress(&id);
             let (task, reply) = stream_background(generation, events, conversation);
@@ -252,7 +261,15 @@ impl StoreJob {
 
     fn run(self) {
         let keep = self.keep;
-        if self.background && !keep.store.finish_background(&self.id) {
+        if self.background {
+            keep.store.store_finished_background(
+                keep.owner,
+                &self.id,
+                self.previous,
+                self.response,
+                &keep.input_items,
+                &self.output,
+            );
             return;
         }
         let kept = keep.store.put(
@@ -262,6 +279,7 @@ impl StoreJob {
             self.response,
             &keep.input_items,
             &self.output,
+            None,
         );
         if !kept {
             tracing::warn!(response_id = %self.id,
@@ -514,17 +532,138 @@ struct Keep {
     input_items: Vec<Value>,
 }
 
+/// `GET /v1/responses/{id}`'s query.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetrieveQuery {
+    stream: Option<bool>,
+    starting_after: Option<u64>,
+    /// Accepted: tandem never pads its events.
+    #[allow(dead_code)]
+    include_obfuscation: Option<bool>,
+}
+
+/// The response object, or with `stream=true` the events of a background response that was
+/// streamed, after `starting_after` (all of them without it), to its end: a client that lost
+/// the stream resumes it, through any api-server.
 #[get("/v1/responses/{id}")]
 pub async fn get_response(
     request: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    no_query(&request)?;
+    no_query_but_include(
+        &request,
+        &["stream", "starting_after", "include_obfuscation"],
+    )?;
+    let query = web::Query::<RetrieveQuery>::from_query(request.query_string()).map_err(|err| {
+        ApiError::invalid(
+            format!("query: {err} (stream is true or false, starting_after a number)"),
+            "query",
+        )
+    })?;
+    if query.stream == Some(true) {
+        let socket = ClientSocket::of(&request);
+        return resume_stream(
+            &state,
+            owner_of(&request),
+            id.into_inner(),
+            query.starting_after,
+            socket,
+        )
+        .await;
+    }
+    if query.starting_after.is_some() {
+        return Err(ApiError::invalid(
+            "starting_after resumes a stream: it needs stream=true",
+            "starting_after",
+        ));
+    }
     let response = stored_response(&state, &request, &id).await?;
     Ok(HttpResponse::Ok()
         .content_type(actix_web::http::header::ContentType::json())
         .body(response))
+}
+
+/// The events of background response `id`'s stream after `starting_after`, as they come,
+/// until its last.
+async fn resume_stream(
+    state: &AppState,
+    owner: Option<String>,
+    id: String,
+    starting_after: Option<u64>,
+    socket: Option<Arc<ClientSocket>>,
+) -> Result<HttpResponse, ApiError> {
+    let store = Arc::clone(&state.responses);
+    let first = store
+        .events_after(owner.as_deref(), &id, starting_after)
+        .await
+        .map_err(|err| peer_error(err, "id"))?;
+    let (events, done) = match first {
+        None => return Err(ApiError::ResponseNotFound { id }),
+        Some(EventsAfter::NotStreamed) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "response {id} was not streamed in the background (background and stream \
+                     true): it has no stream to resume; GET it without stream"
+                ),
+                "stream",
+            ));
+        }
+        Some(EventsAfter::Events { events, done }) => (events, done),
+    };
+    /// Where the resumed stream stands: the last event sent, and whether it has ended.
+    struct Resumed {
+        store: Arc<StoredResponses>,
+        owner: Option<String>,
+        id: String,
+        last: Option<u64>,
+        pending: Vec<String>,
+        done: bool,
+    }
+    let advance = |last: Option<u64>, sent: usize| match (last, sent) {
+        (last, 0) => last,
+        (None, sent) => Some(sent as u64 - 1),
+        (Some(last), sent) => Some(last + sent as u64),
+    };
+    let start = Resumed {
+        store,
+        owner,
+        id,
+        last: starting_after,
+        pending: events,
+        done,
+    };
+    let body = futures::stream::unfold(start, move |mut at| async move {
+        loop {
+            if !at.pending.is_empty() {
+                let events = std::mem::take(&mut at.pending);
+                at.last = advance(at.last, events.len());
+                let chunk = Bytes::from(events.concat());
+                return Some((Ok::<Bytes, actix_web::Error>(chunk), at));
+            }
+            if at.done {
+                return None;
+            }
+            match at
+                .store
+                .events_after(at.owner.as_deref(), &at.id, at.last)
+                .await
+            {
+                Ok(Some(EventsAfter::Events { events, done })) => {
+                    at.pending = events;
+                    at.done = done;
+                }
+                // Deleted meanwhile, or its api-server gone: the stream ends where it is.
+                other => {
+                    tracing::warn!(response_id = %at.id, ?other,
+                        "a resumed stream ended before its response did");
+                    return None;
+                }
+            }
+        }
+    });
+    Ok(sse_stream_response(body, socket))
 }
 
 /// The stored `response` object `id` (JSON text) the request's key made, on whichever
@@ -754,7 +893,9 @@ impl ResponseEvents {
     fn completed(mut self, completed: Completed) -> ResponseObject {
         self.start();
         self.add_tokens(&completed.tokens);
-        self.finish(completed.reason, completed.usage).1
+        let (_, response) = self.finish(completed.reason, completed.usage);
+        self.store(&response);
+        response
     }
 
     fn logprobs_of(&self, tokens: &[TokenEvent]) -> Vec<TokenLogprob> {
@@ -1043,7 +1184,6 @@ impl ResponseEvents {
         }
         self.close(status, &mut out);
         let response = self.object(status, self.items.clone(), Some(ResponseUsage::from(usage)));
-        self.store(&response);
         out.push(match status {
             ResponseStatus::Incomplete => ResponseEvent::Incomplete {
                 response: response.clone(),
@@ -1055,7 +1195,8 @@ impl ResponseEvents {
         (out, response)
     }
 
-    /// `event: <type>` and `data: <json>` of each event, numbered.
+    /// `event: <type>` and `data: <json>` of each event, numbered; a streamed background
+    /// response's are kept for clients resuming its stream.
     fn sse(&mut self, events: Vec<ResponseEvent>) -> Bytes {
         let mut bytes = String::new();
         for event in events {
@@ -1067,6 +1208,11 @@ impl ResponseEvents {
             self.sequence_number += 1;
             let json = serde_json::to_string(&numbered).expect("response events are JSON");
             bytes.push_str(&format!("event: {kind}\ndata: {json}\n\n"));
+        }
+        if self.background
+            && let Some(keep) = &self.keep
+        {
+            keep.store.record_events(&self.id, &bytes);
         }
         Bytes::from(bytes)
     }
@@ -1083,20 +1229,27 @@ impl ChunkFormat for ResponseEvents {
         (!events.is_empty()).then(|| self.sse(events))
     }
 
+    /// The last events; the response is stored after they are made, so that a streamed
+    /// background response is stored with them.
     fn finished(&mut self, reason: WireFinish, usage: WireUsage) -> Vec<Bytes> {
-        let (events, _) = self.finish(reason, usage);
-        vec![self.sse(events)]
+        let (events, response) = self.finish(reason, usage);
+        let bytes = self.sse(events);
+        self.store(&response);
+        vec![bytes]
     }
 
     /// `response.failed`, with the error and the output so far (the item being written
     /// marked incomplete).
     fn failed(&mut self, err: &ApiError) -> Vec<Bytes> {
         let response = self.failed_object(err);
+        let bytes = self.sse(vec![ResponseEvent::Failed {
+            response: response.clone(),
+        }]);
         if self.background {
             // Polled later: kept as it failed.
             self.store(&response);
         }
-        vec![self.sse(vec![ResponseEvent::Failed { response }])]
+        vec![bytes]
     }
 
     /// The Responses API ends with its last event, without `data: [DONE]`.

@@ -20,7 +20,17 @@ pub fn owner_of(request: &HttpRequest) -> Option<String> {
 
 /// Refuses every query parameter of a route that takes none.
 pub fn no_query(request: &HttpRequest) -> Result<(), ApiError> {
-    match request.query_string().split('&').find(|p| !p.is_empty()) {
+    takes_only(request, &[])
+}
+
+/// Refuses every query parameter but those `taken`.
+fn takes_only(request: &HttpRequest, taken: &[&str]) -> Result<(), ApiError> {
+    let unknown = request
+        .query_string()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .find(|pair| !taken.contains(&pair.split('=').next().unwrap_or(pair)));
+    match unknown {
         None => Ok(()),
         Some(pair) => {
             let name = pair.split('=').next().unwrap_or(pair);
@@ -49,10 +59,10 @@ fn refuse_include(request: &HttpRequest) -> Result<(), ApiError> {
     }
 }
 
-/// Refuses every query parameter but `include`, which is refused by name.
-pub fn no_query_but_include(request: &HttpRequest) -> Result<(), ApiError> {
+/// Refuses `include` by name, and every query parameter but those `taken`.
+pub fn no_query_but_include(request: &HttpRequest, taken: &[&str]) -> Result<(), ApiError> {
     refuse_include(request)?;
-    no_query(request)
+    takes_only(request, taken)
 }
 
 /// A list route's query: OpenAI's paging.
