@@ -252,7 +252,7 @@ mod tests {
     async fn a_response_not_streamed_in_the_background_has_no_events() {
         let store = StoredResponses::alone(ResponseStore::new(1 << 20), Metrics::new());
         let id = store.new_id();
-        store.put(None, &id, None, "{}".into(), &[], &[], None);
+        store.put(None, &id, None, "{}".into(), &[], &[]);
         assert_eq!(
             store.events_after(None, &id, None).await.unwrap(),
             Some(EventsAfter::NotStreamed)

@@ -269,11 +269,7 @@ impl StoredResponses {
             events,
         );
         drop(running);
-        self.record_stats();
-        if !kept {
-            tracing::warn!(response_id = %id,
-                "a response larger than the whole response store was not stored");
-        }
+        self.after_put(id, kept);
         true
     }
 
@@ -348,8 +344,8 @@ impl StoredResponses {
         }
     }
 
-    /// Keeps a response this api-server made ([`ResponseStore::put`]).
-    #[allow(clippy::too_many_arguments)]
+    /// Keeps a foreground response this api-server made ([`ResponseStore::put`]); a
+    /// background one is kept by [`Self::store_finished_background`].
     pub fn put(
         &self,
         owner: Option<String>,
@@ -358,7 +354,6 @@ impl StoredResponses {
         response: String,
         input_items: &[Value],
         output_items: &[Value],
-        events: Option<String>,
     ) -> bool {
         let kept = self.local.put(
             owner,
@@ -367,10 +362,18 @@ impl StoredResponses {
             response,
             input_items,
             output_items,
-            events,
+            None,
         );
-        self.metrics
-            .record(Event::ResponseStore(self.local.stats()));
+        self.after_put(id, kept)
+    }
+
+    /// Metrics and the log after response `id` was stored, or was not (`kept`).
+    fn after_put(&self, id: &str, kept: bool) -> bool {
+        self.record_stats();
+        if !kept {
+            tracing::warn!(response_id = %id,
+                "a response larger than the whole response store was not stored");
+        }
         kept
     }
 
@@ -808,7 +811,6 @@ mod tests {
             json!({"id": id}).to_string(),
             &[json!({"type": "message", "role": "user", "content": said})],
             &[json!({"type": "message", "role": "assistant", "content": format!("re {said}")})],
-            None,
         ));
     }
 

@@ -261,30 +261,19 @@ impl StoreJob {
 
     fn run(self) {
         let keep = self.keep;
-        if self.background {
-            keep.store.store_finished_background(
-                keep.owner,
-                &self.id,
-                self.previous,
-                self.response,
-                &keep.input_items,
-                &self.output,
-            );
-            return;
-        }
-        let kept = keep.store.put(
+        let store = match self.background {
+            true => StoredResponses::store_finished_background,
+            false => StoredResponses::put,
+        };
+        store(
+            &keep.store,
             keep.owner,
             &self.id,
             self.previous,
             self.response,
             &keep.input_items,
             &self.output,
-            None,
         );
-        if !kept {
-            tracing::warn!(response_id = %self.id,
-                "a response larger than the whole response store was not stored");
-        }
     }
 }
 
