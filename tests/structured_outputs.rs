@@ -256,6 +256,27 @@ fn constrained_text(http: &Http, question: &str, extra: Value) -> (String, Strin
     )
 }
 
+/// Checks that every `<call>` in `text` goes on with `{"country": "IT"|"FR"}` and `</call>`
+/// (the last one may be cut when the token limit ended the reply); how many there are.
+fn check_calls(text: &str, finish: &str) -> usize {
+    let mut calls = 0;
+    for (i, after) in text.split("<call>").enumerate().skip(1) {
+        let Some((json, _)) = after.split_once("</call>") else {
+            assert_eq!(finish, "length", "a call without its end: {text:?}");
+            assert_eq!(i, text.split("<call>").count() - 1, "{text:?}");
+            continue;
+        };
+        let value: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        let country = value["country"].as_str().unwrap_or_default();
+        assert!(
+            ["IT", "FR"].contains(&country) && value.as_object().unwrap().len() == 1,
+            "{text:?}"
+        );
+        calls += 1;
+    }
+    calls
+}
+
 /// vLLM's `structured_outputs`: each kind of constraint holds on chat and on completions, and
 /// the fields vLLM removed or tandem does not serve are 400s naming them.
 fn check_vllm_structured_outputs(deployment: &Deployment) {
@@ -350,7 +371,32 @@ fn check_vllm_structured_outputs(deployment: &Deployment) {
     );
     let pet: Value = serde_json::from_str(&pet).expect("JSON");
     assert!(pet["name"].is_string(), "{pet}");
-    deployment.assert_handed_over_since(&before, 6, "the longer structured_outputs requests");
+    // vLLM's structural tags: free text, but each "<call>" the reply writes must go on with
+    // the structure's JSON (here a key the examples do not use) and "</call>".
+    let tag = json!({"type": "structural_tag", "triggers": ["<call>"], "structures": [
+        {"begin": "<call>", "end": "</call>", "schema": {"type": "object",
+         "properties": {"country": {"type": "string", "enum": ["IT", "FR"]}},
+         "required": ["country"], "additionalProperties": false}}]});
+    let calls = "Weather lookups, one call each.\nQ: weather in Paris?\nA: <call>{\"city\": \
+                 \"Paris\"}</call>\nQ: weather in Lyon?\nA: <call>{\"city\": \"Lyon\"}</call>\n\
+                 Q: weather in Rome?\nA:";
+    let (text, finish) = constrained_text(
+        http,
+        "",
+        json!({"max_tokens": 40, "prompt": calls, "response_format": tag}),
+    );
+    assert!(
+        check_calls(&text, &finish) >= 1,
+        "the reply wrote no call: {text:?}"
+    );
+    let (text, finish) = constrained_text(
+        http,
+        "",
+        json!({"max_tokens": 40, "prompt": calls,
+               "structured_outputs": {"structural_tag": tag.to_string()}}),
+    );
+    check_calls(&text, &finish);
+    deployment.assert_handed_over_since(&before, 8, "the longer structured_outputs requests");
 
     let chat = |extra: Value| {
         let mut request = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4});
@@ -390,6 +436,17 @@ fn check_vllm_structured_outputs(deployment: &Deployment) {
             json!({"structured_outputs": {"regex": "a", "regexp": "b"}}),
             "structured_outputs.regexp",
             json!("unknown_parameter"),
+        ),
+        (
+            json!({"response_format": {"type": "structural_tag", "format": {}}}),
+            "response_format.format",
+            Value::Null,
+        ),
+        (
+            json!({"structured_outputs": {"structural_tag": "{\"triggers\": [\"<a\"], \
+                   \"structures\": [{\"begin\": \"<b>\", \"end\": \"\"}]}"}}),
+            "structured_outputs.structural_tag.structures[0].begin",
+            Value::Null,
         ),
     ] {
         let reply = chat(extra.clone());

@@ -258,13 +258,7 @@ pub const STRUCTURED_OUTPUTS: EndpointFields = EndpointFields {
                 allowed: never,
             },
         ),
-        (
-            "structural_tag",
-            Refused {
-                why: "structural tags are not served: use json, regex, choice or grammar",
-                allowed: never,
-            },
-        ),
+        ("structural_tag", Served),
     ],
     shared: &[],
     nested: &[],

@@ -8,6 +8,7 @@
 pub mod chat_rendering;
 pub mod responses;
 pub mod sampling;
+pub mod structural_tag;
 pub mod structured_outputs;
 pub mod tokenize;
 
@@ -273,18 +274,18 @@ fn with_response_format(
     sampling: &mut SamplingSpec,
     grammar_param: Option<&'static str>,
 ) -> Result<Option<&'static str>, ApiError> {
-    let Some(grammar) = format.map(response_format).transpose()?.flatten() else {
+    let Some((grammar, param)) = format.map(response_format).transpose()?.flatten() else {
         return Ok(grammar_param);
     };
     if grammar_param.is_some() {
         return Err(ApiError::invalid(
-            "structured_outputs cannot be combined with a JSON response_format: both \
-             constrain the whole reply",
+            "structured_outputs cannot be combined with a JSON or structural tag \
+             response_format: both constrain the whole reply",
             "structured_outputs",
         ));
     }
     sampling.grammar = Some(grammar);
-    Ok(Some(JSON_SCHEMA_PARAM))
+    Ok(Some(param))
 }
 
 /// `min_tokens` may not ask for more than the token limit (`limit_param`'s value, or its
@@ -363,10 +364,26 @@ fn validate_common(
     })
 }
 
-/// `response_format` as the grammar the output must match: none for `text`, any JSON object
-/// for `json_object`, the schema for `json_schema`. Whether the schema compiles is checked
-/// where the tokenizer is ([`crate::grammar`]).
-pub fn response_format(format: &ResponseFormat) -> Result<Option<GrammarSpec>, ApiError> {
+/// `response_format` as the grammar the output must match, and the field a grammar that does
+/// not compile is a 400 naming: none for `text`, any JSON object for `json_object`, the
+/// schema for `json_schema`, and vLLM's `structural_tag` ([`structural_tag`]). Whether it
+/// compiles is checked where the tokenizer is ([`crate::grammar`]).
+pub fn response_format(
+    format: &ResponseFormat,
+) -> Result<Option<(GrammarSpec, &'static str)>, ApiError> {
+    if format.kind.as_deref() == Some("structural_tag") {
+        if format.json_schema.is_some() {
+            return Err(ApiError::invalid(
+                "response_format.json_schema is only allowed with type json_schema, not \
+                 structural_tag",
+                "response_format.json_schema",
+            ));
+        }
+        let mut tag = format.other.clone();
+        tag.insert("type".into(), "structural_tag".into());
+        let grammar = structural_tag::structural_tag(&tag, "response_format")?;
+        return Ok(Some((grammar, "response_format.structures")));
+    }
     if let Some(field) = format.other.keys().next() {
         return Err(ApiError::invalid(
             format!("response_format.{field} is not a response_format field"),
@@ -375,7 +392,7 @@ pub fn response_format(format: &ResponseFormat) -> Result<Option<GrammarSpec>, A
     }
     let kind = format.kind.as_deref().ok_or_else(|| {
         ApiError::invalid(
-            "response_format needs a type (text, json_object or json_schema)",
+            "response_format needs a type (text, json_object, json_schema or structural_tag)",
             "response_format.type",
         )
     })?;
@@ -389,9 +406,12 @@ pub fn response_format(format: &ResponseFormat) -> Result<Option<GrammarSpec>, A
     }
     match kind {
         "text" => Ok(None),
-        "json_object" => Ok(Some(GrammarSpec::JsonSchema {
-            schema: serde_json::json!({"type": "object"}),
-        })),
+        "json_object" => Ok(Some((
+            GrammarSpec::JsonSchema {
+                schema: serde_json::json!({"type": "object"}),
+            },
+            JSON_SCHEMA_PARAM,
+        ))),
         "json_schema" => {
             let format = format.json_schema.as_ref().ok_or_else(|| {
                 ApiError::invalid(
@@ -422,9 +442,12 @@ pub fn response_format(format: &ResponseFormat) -> Result<Option<GrammarSpec>, A
             }
             match &format.schema {
                 Some(schema @ (serde_json::Value::Object(_) | serde_json::Value::Bool(_))) => {
-                    Ok(Some(GrammarSpec::JsonSchema {
-                        schema: schema.clone(),
-                    }))
+                    Ok(Some((
+                        GrammarSpec::JsonSchema {
+                            schema: schema.clone(),
+                        },
+                        JSON_SCHEMA_PARAM,
+                    )))
                 }
                 Some(other) => Err(ApiError::invalid(
                     format!("the schema must be a JSON Schema object, got {other}"),
@@ -438,8 +461,8 @@ pub fn response_format(format: &ResponseFormat) -> Result<Option<GrammarSpec>, A
         }
         other => Err(ApiError::invalid(
             format!(
-                "response_format type {other:?} is not supported (text, json_object or \
-                 json_schema)"
+                "response_format type {other:?} is not supported (text, json_object, \
+                 json_schema or structural_tag)"
             ),
             "response_format.type",
         )),

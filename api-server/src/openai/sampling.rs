@@ -81,6 +81,8 @@ pub struct StructuredOutputs {
     /// A grammar in llguidance's Lark dialect.
     pub grammar: Option<String>,
     pub json_object: Option<bool>,
+    /// vLLM's structural tag: a string holding its JSON (or the object).
+    pub structural_tag: Option<serde_json::Value>,
     pub disable_any_whitespace: Option<bool>,
     pub disable_fallback: Option<bool>,
 }

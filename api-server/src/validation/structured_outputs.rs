@@ -20,6 +20,7 @@ pub fn structured_outputs(
         ("choice", fields.choice.is_some()),
         ("grammar", fields.grammar.is_some()),
         ("json_object", fields.json_object == Some(true)),
+        ("structural_tag", fields.structural_tag.is_some()),
     ]
     .into_iter()
     .filter_map(|(name, set)| set.then_some(name))
@@ -28,8 +29,8 @@ pub fn structured_outputs(
         [one] => *one,
         [] => {
             return Err(ApiError::invalid(
-                "structured_outputs needs one constraint: json, regex, choice, grammar or \
-                 json_object",
+                "structured_outputs needs one constraint: json, regex, choice, grammar, \
+                 json_object or structural_tag",
                 "structured_outputs",
             ));
         }
@@ -77,6 +78,12 @@ pub fn structured_outputs(
                 grammar: grammar.to_owned(),
             }
         }
+        "structural_tag" => structural_tag(
+            fields
+                .structural_tag
+                .as_ref()
+                .expect("structural_tag is set"),
+        )?,
         _ => unreachable!("one of the kinds listed above"),
     };
     let param = match kind {
@@ -84,9 +91,27 @@ pub fn structured_outputs(
         "json_object" => "structured_outputs.json_object",
         "regex" => "structured_outputs.regex",
         "choice" => "structured_outputs.choice",
+        "structural_tag" => "structured_outputs.structural_tag",
         _ => "structured_outputs.grammar",
     };
     Ok((grammar, param))
+}
+
+/// `structural_tag`: vLLM takes the tag as a string holding its JSON; an object is taken too.
+fn structural_tag(value: &Value) -> Result<GrammarSpec, ApiError> {
+    const PARAM: &str = "structured_outputs.structural_tag";
+    let tag = match value {
+        Value::String(text) => serde_json::from_str(text)
+            .map_err(|e| ApiError::invalid(format!("{PARAM} is not JSON: {e}"), PARAM))?,
+        other => other.clone(),
+    };
+    let Value::Object(tag) = tag else {
+        return Err(ApiError::invalid(
+            format!("{PARAM} must be a structural tag (an object with structures and triggers)"),
+            PARAM,
+        ));
+    };
+    super::structural_tag::structural_tag(&tag, PARAM)
 }
 
 /// `json`: a schema (an object, or `true`/`false`), or a string holding one (vLLM takes both).
@@ -150,6 +175,34 @@ mod tests {
             GrammarSpec::Lark { grammar } => grammar,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_structural_tag_is_taken_as_a_string_or_an_object() {
+        let tag = json!({"structures": [{"begin": "<f>", "end": "</f>",
+                                         "schema": {"type": "integer"}}],
+                         "triggers": ["<f>"]});
+        for value in [tag.clone(), json!(tag.to_string())] {
+            let grammar = lark(json!({"structural_tag": value}));
+            assert!(accepts(&grammar, "x <f>12</f> y"), "{grammar}");
+            assert!(!accepts(&grammar, "x <f>\"a\"</f>"), "{grammar}");
+        }
+        assert_eq!(
+            structured_outputs(&fields(json!({"structural_tag": tag})))
+                .unwrap()
+                .1,
+            "structured_outputs.structural_tag"
+        );
+        assert_eq!(
+            param_of(structured_outputs(&fields(json!({"structural_tag": "{"})))),
+            "structured_outputs.structural_tag"
+        );
+        assert_eq!(
+            param_of(structured_outputs(&fields(
+                json!({"structural_tag": "{}", "regex": "a"})
+            ))),
+            "structured_outputs"
+        );
     }
 
     #[test]
