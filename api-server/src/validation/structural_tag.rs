@@ -8,7 +8,9 @@
 //!
 //! It becomes llguidance's Lark dialect, the tool-calling pattern llguidance documents: each
 //! structure a rule whose head is lazy free text up to its trigger, so the text ends at the
-//! first trigger written and the structure is enforced from there.
+//! first trigger written and the structure is enforced from there. Its JSON is written compact
+//! (no whitespace between JSON tokens) unless the schema sets llguidance's own `x-guidance`
+//! options, as tool calls' arguments are.
 
 use serde_json::{Map, Value};
 use tandem_protocol::messages::GrammarSpec;
@@ -142,9 +144,9 @@ fn structure_rule(
             &format!("{param}.begin"),
         ));
     };
-    let schema = match fields.get("schema") {
-        None | Some(Value::Null) => Value::Object(Map::new()),
-        Some(schema @ (Value::Object(_) | Value::Bool(_))) => schema.clone(),
+    let mut schema = match fields.get("schema") {
+        None | Some(Value::Null) | Some(Value::Bool(true)) => Value::Object(Map::new()),
+        Some(schema @ (Value::Object(_) | Value::Bool(false))) => schema.clone(),
         Some(other) => {
             return Err(ApiError::invalid(
                 format!("a structure's schema is a JSON schema (an object), got {other}"),
@@ -152,6 +154,13 @@ fn structure_rule(
             ));
         }
     };
+    // Compact JSON unless the schema says otherwise, as for tool calls: with llguidance's
+    // default a small model may spend its tokens on whitespace.
+    if let Some(object) = schema.as_object_mut() {
+        object
+            .entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
+    }
     let mut body = vec![format!("tag_{index}_head")];
     let rest = &begin[trigger.len()..];
     if !rest.is_empty() {
@@ -207,7 +216,7 @@ mod tests {
         for ok in [
             "",
             "No call here.",
-            "Let me check.<function=get_weather>{\"city\": \"Paris\"}</function>",
+            "Let me check.<function=get_weather>{\"city\":\"Paris\"}</function>",
             "A<function=now>{}</function> then B<function=get_weather>{\"city\":\"x\"}\
              </function> done",
         ] {
@@ -216,8 +225,8 @@ mod tests {
         for wrong in [
             // A trigger must go on into a structure.
             "Let me check.<function=weather>{}</function>",
-            "<function=get_weather>{\"town\": \"Paris\"}</function>",
-            "<function=get_weather>{\"city\": \"Paris\"}",
+            "<function=get_weather>{\"town\":\"Paris\"}</function>",
+            "<function=get_weather>{\"city\":\"Paris\"}",
             "<function=now>[]</function>",
         ] {
             assert!(!accepts(&grammar, wrong), "{wrong}\n{grammar}");
