@@ -343,6 +343,43 @@ fn conversations_are_kept_and_continued_through_any_api_server() {
         "{metrics}"
     );
 
+    // A conversation deleted while a response naming it runs takes nothing: the response
+    // stands, and the api-server running it counts the lost turn.
+    let doomed = ok(one.post("/v1/conversations", &json!({})), "create");
+    let doomed_id = doomed["id"].as_str().unwrap();
+    let running = ok(
+        one.post(
+            "/v1/responses",
+            &json!({"conversation": doomed_id, "input": "List numbers.",
+                    "max_output_tokens": 400, "temperature": 0, "background": true,
+                    "text": {"format": {"type": "json_schema", "name": "numbers", "schema": {
+                        "type": "object", "properties": {"n": {"type": "array",
+                        "items": {"type": "integer"}, "minItems": 40}}, "required": ["n"]}}}}),
+        ),
+        "background",
+    );
+    ok(
+        two.delete(&format!("/v1/conversations/{doomed_id}")),
+        "delete",
+    );
+    let running_id = running["id"].as_str().unwrap();
+    let started = Instant::now();
+    let finished = loop {
+        let object = ok(two.get(&format!("/v1/responses/{running_id}")), "poll");
+        if ["completed", "incomplete"].contains(&object["status"].as_str().unwrap()) {
+            break object;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{object}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(finished["conversation"]["id"], doomed_id, "{finished}");
+    let metrics = api_one.http.get("/metrics").body;
+    assert_eq!(
+        prometheus::metric(&metrics, "tandem_conversation_turns_lost_total", ""),
+        Some(1.0),
+        "{metrics}"
+    );
+
     // Deleted through the second api-server: gone everywhere, and a response naming it is
     // refused.
     let deleted = ok(two.delete(&path), "delete");

@@ -138,6 +138,9 @@ pub enum Event<'a> {
     /// `found`, `not_found`, `gone` (no api-server of that name answers), `timeout`,
     /// `too_large` or `error`.
     ResponsePeer { outcome: &'static str },
+    /// A finished response's items could not be added to the conversation it named (deleted
+    /// meanwhile, grown past the store, or its api-server gone).
+    ConversationTurnLost,
     /// `count` tokens (at least one) of one request arrived at once (a worker publishes what
     /// it produced since its last publish).
     Tokens {
@@ -236,6 +239,7 @@ pub struct Metrics {
     response_store_conversations: IntGauge,
     response_store_bytes: IntGauge,
     response_store_evictions: IntCounter,
+    conversation_turns_lost: IntCounter,
     /// Background responses running on this api-server.
     responses_background: IntGauge,
     /// `outcome`: [`Event::ResponsePeer`]'s.
@@ -407,6 +411,11 @@ impl Metrics {
             "tandem_response_store_bytes",
             "Bytes of JSON the response store holds, responses and conversations (bounded by \
              --response-store-mib)",
+        )
+        .expect("metric options are static and valid");
+        let conversation_turns_lost = IntCounter::new(
+            "tandem_conversation_turns_lost_total",
+            "Finished responses whose items could not be added to the conversation they named",
         )
         .expect("metric options are static and valid");
         let response_store_evictions = IntCounter::new(
@@ -632,6 +641,7 @@ impl Metrics {
             response_store_conversations,
             response_store_bytes,
             response_store_evictions,
+            conversation_turns_lost,
             responses_background,
             response_store_peer_requests,
             kv_transfer_bytes,
@@ -683,6 +693,7 @@ impl Metrics {
             Box::new(metrics.response_store_conversations.clone()),
             Box::new(metrics.response_store_bytes.clone()),
             Box::new(metrics.response_store_evictions.clone()),
+            Box::new(metrics.conversation_turns_lost.clone()),
             Box::new(metrics.response_store_peer_requests.clone()),
             Box::new(metrics.responses_background.clone()),
             Box::new(metrics.kv_transfer_bytes.clone()),
@@ -794,6 +805,7 @@ impl Metrics {
                 self.response_store_evictions
                     .inc_by(stats.evicted.saturating_sub(counted));
             }
+            Event::ConversationTurnLost => self.conversation_turns_lost.inc(),
             Event::ResponsePeer { outcome } => self
                 .response_store_peer_requests
                 .with_label_values(&[outcome])

@@ -106,7 +106,7 @@ pub struct StoredResponses {
     instance: Instance,
     /// `None`: no bus (unit tests); other api-servers' responses are then gone.
     peers: Option<Peers>,
-    metrics: Metrics,
+    pub(super) metrics: Metrics,
     /// Background responses running here, by id.
     running: Mutex<HashMap<String, Running>>,
 }

@@ -156,6 +156,15 @@ impl StoredResponses {
         conversation_object(id, reply)
     }
 
+    /// A finished response's items could not be added to conversation `id` (`err`): counted
+    /// and logged (the response stands).
+    pub fn turn_lost(&self, id: &str, err: &ConversationOpError) {
+        self.metrics
+            .record(crate::metrics::Event::ConversationTurnLost);
+        tracing::warn!(conversation = %id, %err,
+            "a response's items could not be added to its conversation");
+    }
+
     /// The instance an id names, for errors.
     fn instance_holding(&self, id: &str) -> String {
         match self.home(id) {

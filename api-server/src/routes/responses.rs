@@ -200,8 +200,8 @@ impl ConversationTurn {
 
     /// Adds the finished response's items to the conversation (nothing if it did not finish,
     /// or was cancelled), then stores the response. A conversation deleted meanwhile, grown
-    /// past the store or on an api-server gone takes nothing: the response stands, and the
-    /// log says why its turn is missing.
+    /// past the store or on an api-server gone takes nothing: the response stands, the log
+    /// says why its turn is missing, and `tandem_conversation_turns_lost_total` counts it.
     async fn add(&self) {
         let Some((items, job)) = self.lock().take() else {
             return;
@@ -214,8 +214,7 @@ impl ConversationTurn {
             .add_items(self.owner.as_deref(), &self.id, &items)
             .await
         {
-            tracing::warn!(conversation = %self.id, %err,
-                "a response's items could not be added to its conversation");
+            self.store.turn_lost(&self.id, &err);
         }
         if let Some(job) = job {
             job.run();
