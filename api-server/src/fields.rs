@@ -346,13 +346,7 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
                 allowed: never,
             },
         ),
-        (
-            "prediction",
-            Refused {
-                why: "predicted outputs are not supported",
-                allowed: never,
-            },
-        ),
+        ("prediction", Served),
         (
             "reasoning_effort",
             Refused {

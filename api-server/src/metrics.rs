@@ -1143,6 +1143,7 @@ mod tests {
                 prompt_tokens: 7,
                 completion_tokens: 5,
                 cached_tokens: 0,
+                ..Default::default()
             },
         });
         metrics.record(Event::RequestEnded {
@@ -1215,6 +1216,7 @@ mod tests {
                 steps: 40,
                 failed_steps: 0,
                 preemptions: 5,
+                ..Default::default()
             }),
             max_queued: Some(8),
             max_running: Some(4),

@@ -192,6 +192,22 @@ pub async fn tokenize_bad_words(
     Ok(sequences)
 }
 
+/// A chat request's `prediction` as the token ids its decoding worker drafts from: the text
+/// tokenized alone, without special tokens (a draft is compared token by token with what the
+/// model picks, so a boundary tokenized differently only costs that draft). Empty: none.
+pub async fn tokenize_prediction(
+    codec: Arc<dyn PromptCodec>,
+    prediction: Option<String>,
+) -> Result<Vec<u32>, ApiError> {
+    let Some(text) = prediction.filter(|t| !t.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    tokio::task::spawn_blocking(move || codec.encode_plain(&text))
+        .await
+        .map_err(|err| ApiError::Internal(format!("tokenizer task failed: {err}")))?
+        .map_err(|err| ApiError::invalid(format!("tokenizing prediction: {err}"), "prediction"))
+}
+
 /// vLLM's `bad_words` as the token sequences the workers ban: each word with its leading
 /// whitespace dropped, and again after one space (the form it takes inside a text) where that
 /// tokenizes to as many tokens starting with another one, without special tokens added.

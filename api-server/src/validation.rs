@@ -6,6 +6,7 @@
 //! context, text completions default to 16 tokens, a missing `model` means the served one.
 
 pub mod chat_rendering;
+pub mod prediction;
 pub mod responses;
 pub mod sampling;
 pub mod structural_tag;
@@ -172,6 +173,9 @@ pub struct ValidRequest {
     pub cache_salt: Option<String>,
     /// vLLM's `priority`: the workers serve lower values first (0 by default).
     pub priority: i32,
+    /// OpenAI's `prediction` on chat: the text the answer is expected to repeat, tokenized
+    /// with the prompt into the job's draft source ([`prediction`]).
+    pub prediction: Option<String>,
 }
 
 impl ValidRequest {
@@ -709,6 +713,7 @@ pub fn validate_chat(
         echo: false,
         cache_salt: common.cache_salt,
         priority: common.priority,
+        prediction: prediction::prediction_text(request.prediction.as_ref())?,
     })
 }
 
@@ -897,6 +902,7 @@ pub fn validate_completion(
         echo,
         cache_salt: common.cache_salt,
         priority: common.priority,
+        prediction: None,
     };
     Ok(prompts
         .into_iter()

@@ -296,6 +296,11 @@ pub struct GenerateJob {
     /// job that waits for room preempts running jobs of a strictly lower priority. Absent: 0.
     #[serde(default, skip_serializing_if = "is_zero_priority")]
     pub priority: i32,
+    /// The client's predicted output, tokenized by the api-server (OpenAI's `prediction`):
+    /// the worker that decodes verifies drafts read from it (speculative decoding), which
+    /// changes how fast tokens come, never which. Absent: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prediction_ids: Vec<u32>,
 }
 
 fn is_zero_priority(priority: &i32) -> bool {
@@ -634,6 +639,13 @@ pub struct Usage {
     /// (OpenAI's `prompt_tokens_details.cached_tokens`). Absent when 0, and from older workers.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cached_tokens: u32,
+    /// Draft tokens read from the job's prediction that the worker kept and threw away
+    /// (OpenAI's `completion_tokens_details.accepted_prediction_tokens` and
+    /// `rejected_prediction_tokens`). Absent when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub accepted_prediction_tokens: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rejected_prediction_tokens: u32,
 }
 
 fn is_zero_f32(x: &f32) -> bool {
@@ -1093,6 +1105,17 @@ pub struct EngineProgress {
     /// cache too small for the load it admits. Absent from older workers (0).
     #[serde(default)]
     pub preemptions: u64,
+    /// Draft tokens decodes verified (speculative decoding: clients' predictions and the
+    /// worker's own n-gram drafts) since the worker started, and those of them kept. Absent
+    /// from older workers (0).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub draft_tokens: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub accepted_draft_tokens: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A context worker's transfer bookkeeping, for /metrics.

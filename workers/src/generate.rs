@@ -186,6 +186,7 @@ pub fn generate(
         priority: 0,
         sample_group: None,
         grammar: None,
+        prediction: Vec::new(),
     };
     let stream = handle.submit(request)?;
     let mut output = GenerateOutput {

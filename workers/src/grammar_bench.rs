@@ -94,6 +94,7 @@ fn bench<B: KvBlockIo + 'static>(
         cache_namespace: String::new(),
         // The benchmark takes the engine's variables alone, e.g. `TANDEM_DEVICE_MASKS=0`.
         settings: EngineSettings::from_env(),
+        speculation: None,
     };
     let vocab = model.config().vocab_size;
     let runner = ModelRunner::new(model, config.block_size, config.num_blocks).map_err(|e| {

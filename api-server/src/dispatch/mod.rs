@@ -131,6 +131,8 @@ pub struct JobSpec {
     pub cache_salt: Option<String>,
     /// The request's scheduling priority on the workers (vLLM's `priority`).
     pub priority: i32,
+    /// The request's `prediction`, tokenized: the decoding worker's draft source.
+    pub prediction_ids: Vec<u32>,
 }
 
 /// One request on the bus, from its first job to its last token.
@@ -283,6 +285,7 @@ impl Generation {
             samples: job.samples,
             cache_salt: job.cache_salt,
             priority: job.priority,
+            prediction_ids: job.prediction_ids,
             // The context worker exports where the chosen generation worker reads fastest.
             kv_reader: match route.prefill {
                 Prefill::Remote { .. } => route.generate_kv_peer.clone(),
@@ -864,6 +867,7 @@ mod tests {
             prompt_tokens: 9,
             completion_tokens,
             cached_tokens: 0,
+            ..Default::default()
         };
         assert!(lost_tail(5, usage(5)).is_none());
         assert!(

@@ -376,6 +376,7 @@ mod tests {
             prompt_tokens: 10,
             completion_tokens: 4,
             cached_tokens: 0,
+            ..Default::default()
         };
         // Every choice succeeds: one success, the prompt counted once.
         let metrics = Metrics::new();

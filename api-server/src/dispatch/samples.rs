@@ -71,6 +71,7 @@ pub async fn start_choices(
             }),
             cache_salt: job.cache_salt.clone(),
             priority: job.priority,
+            prediction_ids: job.prediction_ids.clone(),
         };
         Generation::start_on(
             dispatch,
@@ -125,6 +126,10 @@ pub fn batch_usage(choices: impl IntoIterator<Item = (usize, Usage)>) -> Usage {
             prompt_tokens: sum.prompt_tokens + one.prompt_tokens,
             completion_tokens: sum.completion_tokens + one.completion_tokens,
             cached_tokens: sum.cached_tokens + one.cached_tokens,
+            accepted_prediction_tokens: sum.accepted_prediction_tokens
+                + one.accepted_prediction_tokens,
+            rejected_prediction_tokens: sum.rejected_prediction_tokens
+                + one.rejected_prediction_tokens,
         })
 }
 
@@ -140,6 +145,11 @@ pub fn total_usage(usages: impl IntoIterator<Item = Usage>) -> Usage {
                     completion_tokens: total.completion_tokens + usage.completion_tokens,
                     // The prompt is counted once, and so is what of it was cached.
                     cached_tokens: total.cached_tokens.max(usage.cached_tokens),
+                    // Every choice drafts from the prediction on its own.
+                    accepted_prediction_tokens: total.accepted_prediction_tokens
+                        + usage.accepted_prediction_tokens,
+                    rejected_prediction_tokens: total.rejected_prediction_tokens
+                        + usage.rejected_prediction_tokens,
                 },
             })
         })
@@ -168,6 +178,7 @@ mod tests {
             prompt_tokens,
             completion_tokens,
             cached_tokens,
+            ..Default::default()
         };
         assert_eq!(
             batch_usage([
@@ -204,6 +215,7 @@ mod tests {
                 prompt_tokens: 4,
                 completion_tokens: logprobs.len() as u32,
                 cached_tokens: 0,
+                ..Default::default()
             },
         };
         // Sums -3, -1.5, -4 (the sum would pick the second); means -1.5, -1.5, -0.8.
@@ -227,6 +239,7 @@ mod tests {
             prompt_tokens: 12,
             completion_tokens,
             cached_tokens: 8,
+            ..Default::default()
         };
         assert_eq!(
             total_usage([usage(5), usage(7), usage(1)]),
@@ -234,6 +247,7 @@ mod tests {
                 prompt_tokens: 12,
                 completion_tokens: 13,
                 cached_tokens: 8,
+                ..Default::default()
             }
         );
     }

@@ -32,6 +32,9 @@ pub struct ChatCompletionRequest {
     pub response_format: Option<ResponseFormat>,
     /// vLLM's: the reply starts with the last message's content when that is an assistant's.
     pub echo: Option<bool>,
+    /// OpenAI's Predicted Outputs: `{"type": "content", "content"}`, checked by
+    /// `validation::prediction`.
+    pub prediction: Option<serde_json::Value>,
     #[serde(flatten)]
     pub template: ChatTemplateFields,
 }
@@ -290,7 +293,9 @@ mod tests {
                     "finish_reason": "stop"
                 }],
                 "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21,
-                          "prompt_tokens_details": {"cached_tokens": 0}}
+                          "prompt_tokens_details": {"cached_tokens": 0},
+                          "completion_tokens_details": {"reasoning_tokens": 0,
+                              "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
             })
         );
     }
@@ -371,7 +376,9 @@ mod tests {
             json!({"id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1694268190,
                    "model": "m", "system_fingerprint": null, "choices": [],
                    "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
-                             "prompt_tokens_details": {"cached_tokens": 0}}})
+                             "prompt_tokens_details": {"cached_tokens": 0},
+                          "completion_tokens_details": {"reasoning_tokens": 0,
+                              "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}})
         );
     }
 }

@@ -25,6 +25,18 @@ pub struct Usage {
     pub completion_tokens: u32,
     pub total_tokens: u32,
     pub prompt_tokens_details: PromptTokensDetails,
+    pub completion_tokens_details: CompletionTokensDetails,
+}
+
+/// `usage.completion_tokens_details`: no reasoning tokens (the served models do not reason
+/// apart from their answer), and the draft tokens read from the request's `prediction` that
+/// the worker kept and threw away (0 without one). `completion_tokens` counts the answer's
+/// tokens only: thrown-away drafts cost a forward pass's rows, not tokens of the answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CompletionTokensDetails {
+    pub reasoning_tokens: u32,
+    pub accepted_prediction_tokens: u32,
+    pub rejected_prediction_tokens: u32,
 }
 
 /// `usage.prompt_tokens_details`: the prompt tokens a worker took from its prefix cache
@@ -41,6 +53,7 @@ impl Usage {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             prompt_tokens_details: PromptTokensDetails::default(),
+            completion_tokens_details: CompletionTokensDetails::default(),
         }
     }
 }
@@ -50,6 +63,11 @@ impl From<tandem_protocol::messages::Usage> for Usage {
         Usage {
             prompt_tokens_details: PromptTokensDetails {
                 cached_tokens: usage.cached_tokens,
+            },
+            completion_tokens_details: CompletionTokensDetails {
+                reasoning_tokens: 0,
+                accepted_prediction_tokens: usage.accepted_prediction_tokens,
+                rejected_prediction_tokens: usage.rejected_prediction_tokens,
             },
             ..Usage::new(usage.prompt_tokens, usage.completion_tokens)
         }

@@ -149,7 +149,9 @@ mod tests {
                     "finish_reason": "length"
                 }],
                 "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
-                          "prompt_tokens_details": {"cached_tokens": 0}}
+                          "prompt_tokens_details": {"cached_tokens": 0},
+                          "completion_tokens_details": {"reasoning_tokens": 0,
+                              "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
             })
         );
     }

@@ -153,6 +153,9 @@ pub(crate) async fn start_generation(
         let mut sampling = valid.sampling.clone();
         sampling.bad_words =
             crate::prompt::tokenize_bad_words(state.codec.clone(), valid.bad_words.clone()).await?;
+        let prediction_ids =
+            crate::prompt::tokenize_prediction(state.codec.clone(), valid.prediction.clone())
+                .await?;
         Ok::<_, ApiError>(JobSpec {
             prompt_ids,
             sampling,
@@ -164,6 +167,7 @@ pub(crate) async fn start_generation(
                 None => valid.cache_salt.clone(),
             },
             priority: valid.priority,
+            prediction_ids,
         })
     }
     .await;

@@ -1324,6 +1324,7 @@ mod tests {
             prompt_tokens,
             completion_tokens,
             cached_tokens: 0,
+            ..Default::default()
         }
     }
 

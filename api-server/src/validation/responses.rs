@@ -242,6 +242,7 @@ pub fn validate_responses(
             echo: false,
             cache_salt: super::sampling::cache_salt(request.cache_salt.as_deref())?,
             priority: super::sampling::priority(request.priority)?,
+            prediction: None,
         },
         echo,
     })

@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::{
     Engine, EngineError, GenerationRequest, RequestId, Sequence, StepModel, TextOptions, TextStream,
 };
+use super::drafter::{DraftConfig, DraftSource, Drafter};
 use crate::sampler::Sampler;
 use crate::scheduler::GroupId;
 use tandem_protocol::block_hash::BlockHash;
@@ -191,6 +192,16 @@ impl<M: StepModel> Engine<M> {
         }
         let cache_root = (self.scheduler.prefix_caching() && request.prompt_logprobs.is_none())
             .then(|| BlockHash::root(&self.cache_namespace, request.cache_salt.as_deref()));
+        let drafter = if !request.prediction.is_empty() {
+            Some(Drafter::new(
+                DraftSource::Prediction(request.prediction),
+                DraftConfig::PREDICTION,
+            ))
+        } else {
+            self.speculation
+                .filter(|_| !request.prefill_only)
+                .map(|config| Drafter::new(DraftSource::OwnTokens, config))
+        };
         let prompt_len = request.prompt_ids.len();
         let mut tokens = request.prompt_ids;
         tokens.extend(&request.resume_ids);
@@ -213,6 +224,9 @@ impl<M: StepModel> Engine<M> {
             first_forward: None,
             cache_root,
             priority: request.priority,
+            drafter,
+            draft: Vec::new(),
+            drafts: Default::default(),
         })
     }
 }

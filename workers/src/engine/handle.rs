@@ -87,6 +87,8 @@ pub struct EngineHandle {
     steps: Arc<AtomicU64>,
     failed_steps: Arc<AtomicU64>,
     preemptions: Arc<AtomicU64>,
+    draft_tokens: Arc<AtomicU64>,
+    accepted_draft_tokens: Arc<AtomicU64>,
     prefix_stats: Arc<Mutex<PrefixCacheStats>>,
     /// The receiving end of the engine's KV events until a caller takes it
     /// ([`Self::take_kv_events`]); until then the engine thread drops them.
@@ -145,6 +147,8 @@ impl EngineHandle {
             steps: Arc::new(AtomicU64::new(0)),
             failed_steps: Arc::new(AtomicU64::new(0)),
             preemptions: Arc::new(AtomicU64::new(0)),
+            draft_tokens: Arc::new(AtomicU64::new(0)),
+            accepted_draft_tokens: Arc::new(AtomicU64::new(0)),
             prefix_stats: Arc::new(Mutex::new(engine.prefix_cache_stats())),
             kv_events: Arc::new(Mutex::new(Some(kv_events_rx))),
             kv_events_wanted: Arc::new(AtomicBool::new(false)),
@@ -160,6 +164,8 @@ impl EngineHandle {
             steps: Arc::clone(&handle.steps),
             failed_steps: Arc::clone(&handle.failed_steps),
             preemptions: Arc::clone(&handle.preemptions),
+            draft_tokens: Arc::clone(&handle.draft_tokens),
+            accepted_draft_tokens: Arc::clone(&handle.accepted_draft_tokens),
             prefix_stats: Arc::clone(&handle.prefix_stats),
             kv_events: kv_events_tx,
             kv_events_wanted: Arc::clone(&handle.kv_events_wanted),
@@ -366,6 +372,8 @@ impl EngineHandle {
             steps: self.steps.load(Ordering::Relaxed),
             failed_steps: self.failed_steps.load(Ordering::Relaxed),
             preemptions: self.preemptions.load(Ordering::Relaxed),
+            draft_tokens: self.draft_tokens.load(Ordering::Relaxed),
+            accepted_draft_tokens: self.accepted_draft_tokens.load(Ordering::Relaxed),
         }
     }
 }
@@ -385,6 +393,8 @@ struct Counters {
     steps: Arc<AtomicU64>,
     failed_steps: Arc<AtomicU64>,
     preemptions: Arc<AtomicU64>,
+    draft_tokens: Arc<AtomicU64>,
+    accepted_draft_tokens: Arc<AtomicU64>,
 }
 
 impl Counters {
@@ -487,6 +497,12 @@ fn run<M: StepModel>(mut engine: Engine<M>, commands: Receiver<Command>, counter
         counters
             .preemptions
             .store(progress.preemptions, Ordering::Relaxed);
+        counters
+            .draft_tokens
+            .store(progress.draft_tokens, Ordering::Relaxed);
+        counters
+            .accepted_draft_tokens
+            .store(progress.accepted_draft_tokens, Ordering::Relaxed);
         if let Some(reason) = engine.device_lost()
             && counters.device_lost.get().is_none()
         {

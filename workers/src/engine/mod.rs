@@ -15,6 +15,7 @@
 //! - `failures`: failed forward passes and the lost device.
 //! - `kv_access`: K/V handed out: retained prefills read and released, the cache's memory.
 //! - [`overlap`]: steps queued before the previous one is collected.
+//! - `speculation`: drafts proposed by [`drafter`], verified by a decode's extra rows.
 //! - [`profile`]: where the steps' time goes.
 //! - [`settings`]: the engine's switches (overlap, device masks, the profile's interval),
 //!   read from the environment only where a binary builds its config.
@@ -51,6 +52,7 @@
 
 mod accept;
 mod admission;
+pub mod drafter;
 mod failures;
 pub mod handle;
 mod imports;
@@ -63,6 +65,7 @@ pub mod request;
 pub mod runner;
 mod sampling;
 pub mod settings;
+mod speculation;
 mod step;
 pub mod tensor_parallel;
 pub mod text;
@@ -82,6 +85,7 @@ pub use request::{
 };
 pub use runner::{DeviceSampling, ForwardFaults, ModelRunner, StepModel};
 pub use settings::EngineSettings;
+pub use speculation::DraftCounts;
 pub use tensor_parallel::TensorParallelRunner;
 pub use text::{TextDecoder, TextOptions, TextStep, TextStream, TokenizerText};
 
@@ -120,6 +124,9 @@ pub struct EngineConfig {
     pub cache_namespace: String,
     /// Switches of the step loop, set by the binary's flags and environment.
     pub settings: EngineSettings,
+    /// Speculative decoding from every sequence's own tokens (n-gram lookup, [`drafter`]);
+    /// `None`: only requests with a prediction draft.
+    pub speculation: Option<drafter::DraftConfig>,
 }
 
 impl Default for EngineConfig {
@@ -134,6 +141,7 @@ impl Default for EngineConfig {
             prefix_caching: true,
             cache_namespace: String::new(),
             settings: EngineSettings::default(),
+            speculation: None,
         }
     }
 }
@@ -212,6 +220,12 @@ struct Sequence {
     cache_root: Option<BlockHash>,
     /// [`GenerationRequest::priority`].
     priority: i32,
+    /// Proposes its drafts ([`GenerationRequest::prediction`], or the engine's
+    /// [`EngineConfig::speculation`]); `None`: plain decodes.
+    drafter: Option<drafter::Drafter>,
+    /// The draft proposed for the next step, until its rows are sampled.
+    draft: Vec<u32>,
+    drafts: DraftCounts,
 }
 
 impl Sequence {
@@ -230,10 +244,15 @@ impl Sequence {
     }
 
     fn usage(&self, cached_tokens: usize) -> Usage {
+        let prediction = self
+            .drafter
+            .as_ref()
+            .is_some_and(|d| matches!(d.source(), drafter::DraftSource::Prediction(_)));
         Usage {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.tokens.len() - self.prompt_len,
             cached_tokens: cached_tokens.min(self.prompt_len),
+            prediction: prediction.then_some(self.drafts),
         }
     }
 }
@@ -293,6 +312,8 @@ pub struct Engine<M: StepModel> {
     /// What the K/V depend on besides tokens (a model fingerprint): part of every cached
     /// block's name ([`EngineConfig::cache_namespace`]).
     cache_namespace: String,
+    /// [`EngineConfig::speculation`].
+    speculation: Option<drafter::DraftConfig>,
 }
 
 /// Forward passes that ran and that failed, and sequences preempted, since the engine
@@ -302,6 +323,9 @@ pub struct EngineProgress {
     pub steps: u64,
     pub failed_steps: u64,
     pub preemptions: u64,
+    /// Draft tokens verified (speculative decoding), and those of them kept.
+    pub draft_tokens: u64,
+    pub accepted_draft_tokens: u64,
 }
 
 impl<M: StepModel> Engine<M> {
@@ -349,6 +373,7 @@ impl<M: StepModel> Engine<M> {
             cache_namespace: config.cache_namespace.clone(),
             device_masks: config.settings.device_masks,
             overlap: overlap::Overlap::new(config.settings.overlap),
+            speculation: config.speculation,
         })
     }
 
@@ -479,6 +504,7 @@ pub(crate) fn finished_without_tokens(
                 prompt_tokens,
                 completion_tokens: 0,
                 cached_tokens: 0,
+                prediction: None,
             },
             retained_kv: None,
         },

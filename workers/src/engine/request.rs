@@ -67,6 +67,10 @@ pub struct GenerationRequest {
     /// a strictly lower priority when it waits for room (the scheduler's module doc,
     /// "Priorities"). 0 by default.
     pub priority: i32,
+    /// The client's predicted output, tokenized (OpenAI's `prediction`): decodes verify
+    /// drafts read from it ([`super::drafter`]), which changes how fast tokens come, never
+    /// which. Empty: none (the engine's own speculation, if configured, applies).
+    pub prediction: Vec<u32>,
 }
 
 impl GenerationRequest {
@@ -89,6 +93,7 @@ impl GenerationRequest {
             prompt_logprobs: None,
             cache_salt: None,
             priority: 0,
+            prediction: Vec::new(),
         }
     }
 }
@@ -120,6 +125,9 @@ pub struct Usage {
     /// Prompt tokens found computed (prefix cache, or a sibling sample's blocks) rather than
     /// prefilled here; OpenAI's `prompt_tokens_details.cached_tokens`.
     pub cached_tokens: usize,
+    /// The draft tokens read from the request's prediction, kept and thrown away; `None`
+    /// without a prediction.
+    pub prediction: Option<super::DraftCounts>,
 }
 
 /// KV blocks a prefill-only request left allocated for a transfer.

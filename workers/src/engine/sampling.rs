@@ -43,9 +43,14 @@ impl<M: StepModel> Engine<M> {
             }
         };
         self.report_prompt_logprobs(asked, events);
-        let wanting = scheduled.iter().filter(|s| s.wants_logits);
-        for (item, mut logits) in wanting.zip(rows) {
-            self.on_logits(item.id, &mut logits, events);
+        let mut rows = rows.into_iter();
+        for item in scheduled.iter().filter(|s| s.wants_logits) {
+            if item.draft > 0 {
+                let verified = rows.by_ref().take(1 + item.draft).collect();
+                self.verify_draft(item.id, verified, events);
+            } else if let Some(mut logits) = rows.next() {
+                self.on_logits(item.id, &mut logits, events);
+            }
         }
     }
 
@@ -418,9 +423,21 @@ impl<M: StepModel> Engine<M> {
 
     /// Samples the next token of `id` and applies the stop conditions.
     fn on_logits(&mut self, id: RequestId, logits: &mut [f32], events: &mut Vec<EngineEvent>) {
-        let Some(seq) = self.seqs.get_mut(&id) else {
-            return;
-        };
+        if let Some(sampled) = self.sample_row(id, logits, events) {
+            self.accept_token(id, sampled, events);
+        }
+    }
+
+    /// The next token of `id` from its logits row (under its grammar's mask, computed now if
+    /// the mask thread did not); `None` when the request has ended (here, when its grammar or
+    /// its sampling settings failed).
+    pub(super) fn sample_row(
+        &mut self,
+        id: RequestId,
+        logits: &mut [f32],
+        events: &mut Vec<EngineEvent>,
+    ) -> Option<SampledToken> {
+        let seq = self.seqs.get_mut(&id)?;
         if seq.constrained {
             let mask = match (seq.mask.take(), seq.grammar.as_mut()) {
                 (Some(mask), _) => mask,
@@ -432,25 +449,24 @@ impl<M: StepModel> Engine<M> {
                 Ok(mask) => mask.apply(logits),
                 Err(e) => {
                     self.end(id, FinishReason::Error(format!("grammar: {e}")), events);
-                    return;
+                    return None;
                 }
             }
         }
-        let sampled = match seq
+        match seq
             .sampler
             .sample(logits, &seq.tokens, &seq.tokens[seq.prompt_len..])
         {
-            Ok(sampled) => sampled,
+            Ok(sampled) => Some(sampled),
             Err(e @ SamplingError::Unsatisfiable { param }) => {
                 let message = e.to_string();
                 self.end(id, FinishReason::Refused { message, param }, events);
-                return;
+                None
             }
             Err(e) => {
                 self.end(id, FinishReason::Error(format!("sampling: {e}")), events);
-                return;
+                None
             }
-        };
-        self.accept_token(id, sampled, events);
+        }
     }
 }

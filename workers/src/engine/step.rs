@@ -48,6 +48,7 @@ impl<M: StepModel> Engine<M> {
         self.write_arrived_imports(&mut events);
         self.admit_imports(&mut events);
         self.drop_expired(&mut events);
+        self.propose_drafts();
         let mut decision = self.scheduler.schedule();
         self.progress.preemptions += decision.preempted.len() as u64;
         if decision.preempted.len() > decision.preempted_for_priority {
@@ -78,8 +79,12 @@ impl<M: StepModel> Engine<M> {
             schedule: scheduled_at - start,
             ..Default::default()
         };
-        if self.model.device_sampling().is_some() {
-            let overlap = self.overlap.enabled && prompt_done.is_empty();
+        // A step verifying drafts samples on the host: each row's pick decides whether the
+        // next row counts, which a summary per row cannot.
+        if self.model.device_sampling().is_some() && !batch.has_drafts() {
+            let overlap = self.overlap.enabled
+                && prompt_done.is_empty()
+                && !self.any_drafter(decision.scheduled.iter().map(|s| s.id));
             self.forward_and_sample_on_device(
                 &batch,
                 decision.scheduled,
@@ -142,6 +147,16 @@ impl<M: StepModel> Engine<M> {
                 item.wants_logits = false;
                 step.prompt_done.push(item.id);
             }
+            if item.draft > 0 {
+                // The last token, then the draft the scheduler took (all or its first part).
+                seq.draft.truncate(item.draft);
+                let mut verifying = vec![*seq.tokens.last().expect("a decode has tokens")];
+                verifying.extend_from_slice(&seq.draft);
+                step.batch
+                    .push_verifying(&verifying, item.cached_len, item.block_table.clone());
+                continue;
+            }
+            seq.draft.clear();
             let new_tokens = &seq.tokens[item.cached_len..item.cached_len + item.token_count];
             match seq.pending_row {
                 // The decode of the token the in-flight step picks: the device fills it in.

@@ -160,7 +160,9 @@ impl StepModel for FakeModel {
                 self.row_logprobs.push(list);
             }
             if seq.wants_logits {
-                rows.push(self.logits_after(seq, seq.context_len() - 1)?);
+                for last in seq.context_len() - 1 - seq.draft_rows..seq.context_len() {
+                    rows.push(self.logits_after(seq, last)?);
+                }
             }
         }
         Ok(rows)
@@ -571,7 +573,8 @@ fn a_prompt_only_request_ends_after_its_prompt() {
                 Usage {
                     cached_tokens: 0,
                     prompt_tokens: 10,
-                    completion_tokens: 0
+                    completion_tokens: 0,
+                    prediction: None,
                 }
             ))
         );
@@ -2454,4 +2457,147 @@ fn a_request_of_a_higher_priority_is_served_first_and_the_preempted_lose_nothing
     assert_eq!(out[&import].0.len(), 4);
     assert_eq!(out[&busy], reference);
     assert!(decode.num_preemptions() >= 1);
+}
+
+/// Runs `request` alone to its end: its tokens, its finish reason, its usage and the steps
+/// it took.
+fn run_alone(
+    e: &mut Engine<FakeModel>,
+    request: GenerationRequest,
+) -> (Vec<u32>, FinishReason, Usage, usize) {
+    let id = e.add_request(request).unwrap();
+    let (mut tokens, mut reason, mut usage, mut steps) =
+        (Vec::new(), FinishReason::Cancelled, None, 0);
+    while e.has_work() {
+        steps += 1;
+        for ev in e.step() {
+            assert_eq!(ev.request_id, id);
+            match ev.kind {
+                EventKind::Token { id, .. } => tokens.push(id),
+                EventKind::Finished {
+                    reason: r,
+                    usage: u,
+                    ..
+                } => (reason, usage) = (r, Some(u)),
+                _ => {}
+            }
+        }
+        assert!(steps < 10_000);
+    }
+    (tokens, reason, usage.expect("finished"), steps)
+}
+
+/// A decode verifying a prediction gives the tokens the request gets without one, whatever
+/// the prediction: right (fewer steps, every draft token kept), wrong (every one thrown
+/// away), or right for a while; greedy and sampled; and gives every block back.
+#[test]
+fn a_prediction_changes_the_steps_never_the_tokens() {
+    for params in [SamplingParams::greedy(), sampled(77)] {
+        let plain = request(prompt(9, 3), 40, params.clone());
+        let mut e = engine(64, 64);
+        let (reference, reason, usage, steps) = run_alone(&mut e, plain.clone());
+        assert_eq!(usage.prediction, None, "no prediction, no counts");
+        assert!(reference.len() > 20, "{reference:?}");
+        let mut wrong = reference.iter().map(|t| (t % 31) + 1).collect::<Vec<_>>();
+        wrong.rotate_left(3);
+        let mut half = reference[..reference.len() / 2].to_vec();
+        half.extend(&wrong[..10]);
+        for (name, prediction) in [("right", reference.clone()), ("wrong", wrong), ("half", half)]
+        {
+            let mut e = engine(64, 64);
+            let with = GenerationRequest {
+                prediction: prediction.clone(),
+                ..plain.clone()
+            };
+            let (tokens, r, u, s) = run_alone(&mut e, with);
+            assert_eq!(tokens, reference, "{name}, {params:?}");
+            assert_eq!(r, reason, "{name}");
+            assert_eq!(u.completion_tokens, usage.completion_tokens);
+            let counts = u.prediction.expect("a prediction is counted");
+            match name {
+                "right" => {
+                    // Every token after the first (the prefill's) comes from a draft but the
+                    // rows' own picks: at most 8 drafted and one picked a step.
+                    assert!(s * 3 < steps, "{s} steps against {steps}");
+                    assert_eq!(counts.rejected, 0, "{counts:?}");
+                    assert!(counts.accepted + s >= reference.len(), "{counts:?}");
+                }
+                "half" => {
+                    assert!(s < steps, "{s} steps against {steps}");
+                    // The right half, less the first token and the steps' own picks.
+                    assert!(counts.accepted >= reference.len() / 2 - 4, "{counts:?}");
+                }
+                // A 32-token vocabulary: a wrong draft token is sometimes drawn anyway.
+                _ => assert!(counts.accepted * 10 < counts.rejected, "{counts:?}"),
+            }
+            assert_eq!(e.free_blocks(), 64, "{name}: blocks leaked");
+            let progress = e.progress();
+            assert_eq!(
+                progress.draft_tokens as usize,
+                counts.accepted + counts.rejected
+            );
+            assert_eq!(progress.accepted_draft_tokens as usize, counts.accepted);
+        }
+    }
+}
+
+/// Drafts in a busy engine: batched with plain requests and prompt chunks under a small
+/// token budget (drafts cut short or left out), preempted and recomputed in a small cache,
+/// with stop tokens and `max_tokens` ending requests in the middle of a draft; every request
+/// gets its tokens alone, and a later request finds the kept drafts' blocks cached.
+#[test]
+fn drafts_in_a_busy_engine_keep_every_requests_tokens() {
+    let lens = [5usize, 30, 1, 17, 9, 2, 22, 13];
+    let requests: Vec<GenerationRequest> = lens
+        .iter()
+        .enumerate()
+        .map(|(k, &len)| request(prompt(len, k as u32), 12 + 3 * k, sampled(k as u64)))
+        .collect();
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| run_alone(&mut engine(64, 64), r.clone()).0)
+        .collect();
+    for (budget, num_blocks) in [(64, 64), (12, 64), (6, 20)] {
+        let mut e = engine(budget, num_blocks);
+        let ids: Vec<RequestId> = requests
+            .iter()
+            .zip(&alone)
+            .enumerate()
+            .map(|(k, (r, tokens))| {
+                // Odd requests predict their output, with a wrong token in the middle.
+                let mut prediction = tokens.clone();
+                if k % 2 == 1 {
+                    let middle = prediction.len() / 2;
+                    prediction[middle] = (prediction[middle] % 31) + 1;
+                    e.add_request(GenerationRequest {
+                        prediction,
+                        ..r.clone()
+                    })
+                    .unwrap()
+                } else {
+                    e.add_request(r.clone()).unwrap()
+                }
+            })
+            .collect();
+        let out = run(&mut e);
+        for (k, id) in ids.iter().enumerate() {
+            assert_eq!(out[id].0, alone[k], "request {k}, budget {budget}, {num_blocks} blocks");
+        }
+        assert!(e.progress().accepted_draft_tokens > 0);
+        assert_eq!(e.free_blocks(), num_blocks, "blocks leaked");
+    }
+    // The blocks a decode filled by kept drafts are named by their tokens: the same prompt
+    // and output as a new prompt finds them cached.
+    let mut e = engine(64, 64);
+    let (tokens, ..) = run_alone(
+        &mut e,
+        GenerationRequest {
+            prediction: alone[1].clone(),
+            ..requests[1].clone()
+        },
+    );
+    let mut again = requests[1].prompt_ids.clone();
+    again.extend(&tokens);
+    let (_, _, usage, _) = run_alone(&mut e, request(again.clone(), 2, SamplingParams::greedy()));
+    assert_eq!(usage.cached_tokens, (again.len() - 1) / 4 * 4);
 }

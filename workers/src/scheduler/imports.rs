@@ -58,6 +58,7 @@ impl Scheduler {
                 cached_tokens: 0,
                 max_len,
                 group: None,
+                unconfirmed_draft: 0,
             },
         );
         self.next_arrival += 1;
@@ -117,6 +118,7 @@ impl Scheduler {
                 cached_tokens: cached_blocks * self.config.block_size,
                 max_len,
                 group: None,
+                unconfirmed_draft: 0,
             },
         );
         self.next_arrival += 1;

@@ -156,6 +156,8 @@ struct Sequence {
     /// prompt tokens its members may share (whole blocks, at least one token short of the
     /// prompt). `None` for a sequence on its own.
     group: Option<(GroupId, usize)>,
+    /// Draft tokens of its last step not confirmed yet ([`Scheduler::draft_token_computed`]).
+    unconfirmed_draft: usize,
 }
 
 /// One sequence's part of a step.
@@ -170,6 +172,11 @@ pub struct ScheduledSeq {
     pub block_table: Vec<BlockId>,
     /// The chunk ends at the sequence's last known token, so its logits give the next token.
     pub wants_logits: bool,
+    /// Draft tokens this decode verifies ([`Scheduler::propose_draft`]): the chunk is the
+    /// last known token followed by them (`token_count` is `1 + draft`), and only the first
+    /// token counts as computed until the engine confirms drafts one by one
+    /// ([`Scheduler::draft_token_computed`]).
+    pub draft: usize,
 }
 
 /// The decision of one step.
@@ -210,6 +217,9 @@ pub struct Scheduler {
     next_arrival: u64,
     /// The members of each samples group.
     groups: HashMap<GroupId, Vec<SeqId>>,
+    /// Draft lengths proposed for the next step's decodes ([`Self::propose_draft`]), taken by
+    /// [`Self::schedule`].
+    drafts: HashMap<SeqId, usize>,
 }
 
 /// What a waiting group member does at admission.
@@ -244,6 +254,7 @@ impl Scheduler {
             num_reserved: 0,
             next_arrival: 0,
             groups: HashMap::new(),
+            drafts: HashMap::new(),
         })
     }
 
@@ -386,6 +397,7 @@ impl Scheduler {
                 cached_tokens: 0,
                 max_len: usize::MAX,
                 group,
+                unconfirmed_draft: 0,
             },
         );
         self.next_arrival += 1;
@@ -450,12 +462,50 @@ impl Scheduler {
     }
 
     /// The forward pass of `scheduled` ran: their chunks' K/V are in the cache, so their full
-    /// blocks may be named and found by later sequences.
+    /// blocks may be named and found by later sequences (a draft's only once confirmed).
     pub fn commit(&mut self, scheduled: &[ScheduledSeq]) {
         for item in scheduled {
             self.kv
-                .commit_computed(item.id, item.cached_len + item.token_count);
+                .commit_computed(item.id, item.cached_len + item.token_count - item.draft);
         }
+    }
+
+    /// Asks that running `id`'s next decode verify `tokens` draft tokens besides its last
+    /// token. Taken by the next [`Self::schedule`] only: it schedules the draft (or a
+    /// shorter one) when `id` decodes in that step and the token budget and the free blocks
+    /// allow it without preempting anyone; else a plain decode.
+    pub fn propose_draft(&mut self, id: SeqId, tokens: usize) {
+        if tokens > 0 {
+            self.drafts.insert(id, tokens);
+        }
+    }
+
+    /// Whether `id` runs and its next step is a decode (one token to compute): the step a
+    /// draft can join.
+    pub fn is_decoding(&self, id: SeqId) -> bool {
+        self.seqs
+            .get(&id)
+            .is_some_and(|s| s.status == SeqStatus::Running && s.num_tokens == s.num_computed + 1)
+    }
+
+    /// The next draft token of `id`'s last step was accepted: its K/V, computed in that step,
+    /// count. Call after appending the token before it ([`Self::append_token`]), one draft
+    /// token at a time and at most as many as the step verified.
+    pub fn draft_token_computed(&mut self, id: SeqId) -> Result<(), SchedulerError> {
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(SchedulerError::UnknownSequence(id))?;
+        if seq.unconfirmed_draft == 0
+            || seq.num_computed + 1 != seq.num_tokens
+            || self.kv.missing_blocks(id, seq.num_tokens) > 0
+        {
+            return Err(SchedulerError::NotComputed(id));
+        }
+        seq.unconfirmed_draft -= 1;
+        seq.num_computed += 1;
+        self.kv.commit_computed(id, seq.num_computed);
+        Ok(())
     }
 
     /// `id`'s computed tokens are in its blocks (a prompt imported from elsewhere, written):
@@ -641,6 +691,7 @@ impl Scheduler {
         let mut scheduled: HashSet<SeqId> = HashSet::new();
         self.preempt_for_priority(&mut step);
         self.schedule_decodes(&mut step, &mut budget, &mut scheduled);
+        self.extend_decodes_with_drafts(&mut step, &mut budget);
         self.schedule_prefills(&mut step, &mut budget, &mut scheduled);
         // Admission never happens in a step that had to preempt for memory.
         if step.preempted.len() == step.preempted_for_priority {
@@ -721,6 +772,41 @@ impl Scheduler {
             scheduled.insert(id);
             *budget -= 1;
             i += 1;
+        }
+    }
+
+    /// Then the drafts proposed for the step's decodes, oldest first, each as long as the
+    /// budget left and the free blocks allow (never preempting: a draft is only a guess);
+    /// the decodes with a draft go after the plain ones, so that a backend's decode kernel
+    /// takes the one-token rows together.
+    fn extend_decodes_with_drafts(&mut self, step: &mut SchedulerStep, budget: &mut usize) {
+        let mut drafts = std::mem::take(&mut self.drafts);
+        if drafts.is_empty() {
+            return;
+        }
+        let mut extended = false;
+        for item in &mut step.scheduled {
+            let Some(wanted) = drafts.remove(&item.id) else {
+                continue;
+            };
+            let draft = wanted.min(*budget);
+            // `num_computed` counts the decode's own token already.
+            let end = self.seqs[&item.id].num_computed + draft;
+            if draft == 0 || !self.kv.allocate_slots(item.id, end) {
+                continue;
+            }
+            item.token_count += draft;
+            item.draft = draft;
+            self.seqs
+                .get_mut(&item.id)
+                .expect("scheduled ids are known")
+                .unconfirmed_draft = draft;
+            item.block_table = self.kv.blocks(item.id).to_vec();
+            *budget -= draft;
+            extended = true;
+        }
+        if extended {
+            step.scheduled.sort_by_key(|item| item.draft > 0);
         }
     }
 
@@ -855,12 +941,14 @@ impl Scheduler {
         let seq = self.seqs.get_mut(&id).expect("scheduled ids are known");
         let cached_len = seq.num_computed;
         seq.num_computed += token_count;
+        seq.unconfirmed_draft = 0;
         ScheduledSeq {
             id,
             cached_len,
             token_count,
             block_table: self.kv.blocks(id).to_vec(),
             wants_logits: seq.num_computed == seq.num_tokens,
+            draft: 0,
         }
     }
 

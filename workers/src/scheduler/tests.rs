@@ -1150,3 +1150,53 @@ fn a_waiting_sequence_preempts_for_blocks_too() {
     assert_eq!(s.preempt_below(0), Some(1));
     assert_eq!(s.status(1), Some(SeqStatus::Waiting));
 }
+
+/// A decode carries the draft proposed for it when the budget and the free blocks allow,
+/// cut to what the budget leaves (decodes first, then drafts, then prefills), and goes after
+/// the plain decodes; only its first token counts as computed until drafts are confirmed.
+#[test]
+fn a_decode_carries_its_draft_as_the_budget_and_blocks_allow() {
+    // Six blocks of 4 tokens: the three sequences fill them by the last step.
+    let mut s = Scheduler::new(config(8, 4, 4, 6)).unwrap();
+    for id in [1, 2, 3] {
+        s.add(id, 3).unwrap();
+    }
+    step_and_append(&mut s);
+    assert!((1..=3).all(|id| s.is_decoding(id)));
+    s.propose_draft(1, 4);
+    s.propose_draft(2, 6);
+    let step = s.schedule();
+    // Budget 8: three decodes, then 4 of the first draft and 1 of the second.
+    let order: Vec<(SeqId, usize, usize)> = step
+        .scheduled
+        .iter()
+        .map(|i| (i.id, i.token_count, i.draft))
+        .collect();
+    assert_eq!(order, vec![(3, 1, 0), (1, 5, 4), (2, 2, 1)]);
+    assert_eq!(chunk_of(&step, 1).block_table.len(), 2, "8 tokens: two blocks");
+    assert_eq!(s.num_computed(1), Some(4), "only the decode's own token");
+    // Two of the four drafted tokens kept: each appended, then confirmed.
+    for _ in 0..2 {
+        s.append_token(1).unwrap();
+        s.draft_token_computed(1).unwrap();
+    }
+    s.append_token(1).unwrap();
+    assert_eq!(s.num_computed(1), Some(6));
+    // The second decode's one draft token, kept; no more to confirm.
+    s.append_token(2).unwrap();
+    s.draft_token_computed(2).unwrap();
+    s.append_token(2).unwrap();
+    assert!(s.draft_token_computed(2).is_err(), "its draft was one token");
+    // A draft is forgotten after the step it was proposed for; one that needs a block no
+    // one has left is dropped, not paid for by a preemption.
+    s.append_token(3).unwrap();
+    let step = s.schedule();
+    assert!(step.scheduled.iter().all(|i| i.draft == 0));
+    for id in [1, 2, 3] {
+        s.append_token(id).unwrap();
+    }
+    s.propose_draft(3, 8);
+    let step = s.schedule();
+    assert_eq!(chunk_of(&step, 3).draft, 0, "no free block for it");
+    assert!(step.preempted.is_empty());
+}

@@ -40,6 +40,7 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         prompt_logprobs: job.sampling.prompt_logprobs,
         cache_salt: job.cache_salt.clone(),
         priority: job.priority,
+        prediction: job.prediction_ids.clone(),
     }
 }
 
@@ -87,6 +88,7 @@ mod tests {
             samples: None,
             cache_salt: None,
             priority: 0,
+            prediction_ids: Vec::new(),
         }
     }
 

@@ -230,6 +230,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         prefix_caching: args.prefix_caching,
         cache_namespace: model_fingerprint.clone(),
         settings: EngineSettings::from_env().with_flags(&args.engine),
+        speculation: None,
     };
     let backend = model.describe();
     let weights = model.weights_name();

@@ -61,6 +61,8 @@ pub fn stream_messages(
                     prompt_tokens: usage.prompt_tokens as u32,
                     completion_tokens: usage.completion_tokens as u32,
                     cached_tokens: usage.cached_tokens as u32,
+                    accepted_prediction_tokens: usage.prediction.map_or(0, |p| p.accepted as u32),
+                    rejected_prediction_tokens: usage.prediction.map_or(0, |p| p.rejected as u32),
                 };
                 out.push(match reason {
                     FinishReason::Stop => StreamMessage::Finished {
@@ -166,6 +168,10 @@ mod tests {
                     prompt_tokens: 4,
                     completion_tokens: 2,
                     cached_tokens: 3,
+                    prediction: Some(crate::engine::DraftCounts {
+                        accepted: 5,
+                        rejected: 1,
+                    }),
                 },
                 retained_kv: None,
             },
@@ -205,6 +211,8 @@ mod tests {
                     prompt_tokens: 4,
                     completion_tokens: 2,
                     cached_tokens: 3,
+                    accepted_prediction_tokens: 5,
+                    rejected_prediction_tokens: 1,
                 }
             }
         );

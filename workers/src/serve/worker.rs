@@ -393,6 +393,8 @@ impl Worker {
                     steps: progress.steps,
                     failed_steps: progress.failed_steps,
                     preemptions: progress.preemptions,
+                    draft_tokens: progress.draft_tokens,
+                    accepted_draft_tokens: progress.accepted_draft_tokens,
                 }
             }),
             prefix_cache: role.prefix_cache,

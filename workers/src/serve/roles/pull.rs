@@ -1243,6 +1243,7 @@ mod tests {
             samples: None,
             cache_salt: None,
             priority: 0,
+            prediction_ids: Vec::new(),
         }
     }
 
