@@ -277,6 +277,9 @@ pub struct Metrics {
     kv_pull_peak_held_blocks: IntGaugeVec,
     kv_pulls_waited: IntCounterVec,
     worker_preemptions: IntCounterVec,
+    /// Per worker (`worker_id`), from heartbeats' `engine`: speculative decoding's drafts.
+    worker_draft_tokens: IntCounterVec,
+    worker_accepted_draft_tokens: IntCounterVec,
     kv_handles_refused: IntCounterVec,
     kv_exports_gone: IntCounterVec,
     /// Per worker with a prefix cache (`worker_id`), from heartbeats' `prefix_cache`.
@@ -553,6 +556,16 @@ impl Metrics {
              recomputed) because its KV cache ran out of blocks or a request of a higher \
              priority needed the room (since its start)",
         );
+        let worker_draft_tokens = context_counter(
+            "tandem_worker_spec_decode_draft_tokens_total",
+            "Draft tokens a worker's decodes verified (speculative decoding from requests' \
+             predictions or the worker's n-gram lookup), since its start",
+        );
+        let worker_accepted_draft_tokens = context_counter(
+            "tandem_worker_spec_decode_accepted_tokens_total",
+            "Draft tokens a worker's decodes verified and kept (each a forward pass's row that \
+             saved a step), since its start",
+        );
         let kv_pulls_waited = context_counter(
             "tandem_kv_pulls_waited_total",
             "Decode jobs that waited for room in a generation worker's KV cache before their \
@@ -663,6 +676,8 @@ impl Metrics {
             kv_pull_peak_held_blocks,
             kv_pulls_waited,
             worker_preemptions,
+            worker_draft_tokens,
+            worker_accepted_draft_tokens,
             kv_handles_refused,
             kv_exports_gone,
             prefix_queried_tokens,
@@ -715,6 +730,8 @@ impl Metrics {
             Box::new(metrics.kv_pull_peak_held_blocks.clone()),
             Box::new(metrics.kv_pulls_waited.clone()),
             Box::new(metrics.worker_preemptions.clone()),
+            Box::new(metrics.worker_draft_tokens.clone()),
+            Box::new(metrics.worker_accepted_draft_tokens.clone()),
             Box::new(metrics.kv_handles_refused.clone()),
             Box::new(metrics.kv_exports_gone.clone()),
             Box::new(metrics.prefix_queried_tokens.clone()),
@@ -938,6 +955,12 @@ impl Metrics {
         if let Some(engine) = heartbeat.engine {
             let worker = [heartbeat.worker_id.as_str()];
             mirror_counter(&self.worker_preemptions, &worker, engine.preemptions);
+            mirror_counter(&self.worker_draft_tokens, &worker, engine.draft_tokens);
+            mirror_counter(
+                &self.worker_accepted_draft_tokens,
+                &worker,
+                engine.accepted_draft_tokens,
+            );
         }
         if let Some(pulls) = heartbeat.kv_pull {
             let worker = [heartbeat.worker_id.as_str()];
@@ -1022,6 +1045,8 @@ impl Metrics {
             &self.kv_unmatched_releases,
             &self.kv_pulls_waited,
             &self.worker_preemptions,
+            &self.worker_draft_tokens,
+            &self.worker_accepted_draft_tokens,
             &self.kv_handles_refused,
             &self.kv_exports_gone,
             &self.prefix_queried_tokens,
@@ -1216,7 +1241,8 @@ mod tests {
                 steps: 40,
                 failed_steps: 0,
                 preemptions: 5,
-                ..Default::default()
+                draft_tokens: 30,
+                accepted_draft_tokens: 21,
             }),
             max_queued: Some(8),
             max_running: Some(4),
@@ -1248,6 +1274,8 @@ mod tests {
             "tandem_kv_pulls_waited_total{worker_id=\"w\"} 6",
             "tandem_kv_pull_peak_held_blocks{worker_id=\"w\"} 12",
             "tandem_kv_handles_refused_total{worker_id=\"w\"} 2",
+            "tandem_worker_spec_decode_draft_tokens_total{worker_id=\"w\"} 30",
+            "tandem_worker_spec_decode_accepted_tokens_total{worker_id=\"w\"} 21",
             "tandem_kv_exports_gone_total{worker_id=\"w\"} 1",
             "tandem_worker_preemptions_total{worker_id=\"w\"} 5",
             "tandem_worker_info{kv_cache=\"fp8\",role=\"decode\",weights=\"fp8\",worker_id=\"w\"} 1",

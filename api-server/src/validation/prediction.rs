@@ -75,16 +75,16 @@ fn text_part(part: &Value, index: usize) -> Result<&str, ApiError> {
             &param,
         ));
     };
-    if let Some(name) = fields.keys().find(|k| *k != "type" && *k != "text") {
-        return Err(ApiError::invalid(
-            format!("a prediction part has no field {name:?} (only type and text)"),
-            &format!("{param}.{name}"),
-        ));
-    }
     if fields.get("type").and_then(Value::as_str) != Some("text") {
         return Err(ApiError::invalid(
             "a prediction part's type must be \"text\"",
             &format!("{param}.type"),
+        ));
+    }
+    if let Some(name) = fields.keys().find(|k| *k != "type" && *k != "text") {
+        return Err(ApiError::invalid(
+            format!("a prediction part has no field {name:?} (only type and text)"),
+            &format!("{param}.{name}"),
         ));
     }
     fields.get("text").and_then(Value::as_str).ok_or_else(|| {
@@ -128,9 +128,15 @@ mod tests {
     fn a_malformed_prediction_is_refused_by_the_field_at_fault() {
         assert_eq!(param(json!("text")), "prediction");
         assert_eq!(param(json!({"content": "x"})), "prediction.type");
-        assert_eq!(param(json!({"type": "audio", "content": "x"})), "prediction.type");
+        assert_eq!(
+            param(json!({"type": "audio", "content": "x"})),
+            "prediction.type"
+        );
         assert_eq!(param(json!({"type": "content"})), "prediction.content");
-        assert_eq!(param(json!({"type": "content", "content": 3})), "prediction.content");
+        assert_eq!(
+            param(json!({"type": "content", "content": 3})),
+            "prediction.content"
+        );
         assert_eq!(
             param(json!({"type": "content", "content": "x", "extra": 1})),
             "prediction.extra"

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use super::drafter::{DraftConfig, DraftSource, Drafter};
 use super::{
     Engine, EngineError, GenerationRequest, RequestId, Sequence, StepModel, TextOptions, TextStream,
 };
-use super::drafter::{DraftConfig, DraftSource, Drafter};
 use crate::sampler::Sampler;
 use crate::scheduler::GroupId;
 use tandem_protocol::block_hash::BlockHash;

@@ -97,9 +97,8 @@ impl Drafter {
         let start = match &self.source {
             DraftSource::Prediction(prediction) => {
                 let aligned = self.next.filter(|_| self.aligned_at == tokens.len());
-                aligned.or_else(|| {
-                    lookup(prediction, tokens, &self.config, self.resume_from, false)
-                })
+                aligned
+                    .or_else(|| lookup(prediction, tokens, &self.config, self.resume_from, false))
             }
             DraftSource::OwnTokens => lookup(tokens, tokens, &self.config, 0, true),
         };
@@ -187,10 +186,16 @@ mod tests {
         assert_eq!(d.propose(&[1, 2, 3, 10], 4), vec![11, 12, 13, 14]);
         // All four kept and the next pick is the prediction's 15: aligned, no lookup needed.
         d.verified(4, 4, 15, 9);
-        assert_eq!(d.propose(&[1, 2, 3, 10, 11, 12, 13, 14, 15], 3), vec![16, 17, 18]);
+        assert_eq!(
+            d.propose(&[1, 2, 3, 10, 11, 12, 13, 14, 15], 3),
+            vec![16, 17, 18]
+        );
         // Two kept, then 99 instead of 18: lost; 99 occurs nowhere, so no draft.
         d.verified(3, 2, 99, 12);
-        assert_eq!(d.propose(&[1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 99], 8), Vec::<u32>::new());
+        assert_eq!(
+            d.propose(&[1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 99], 8),
+            Vec::<u32>::new()
+        );
         // The output rejoins the prediction at 19: the draft follows from 20.
         let tokens = [1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 99, 19];
         assert_eq!(d.propose(&tokens, 8), vec![20]);

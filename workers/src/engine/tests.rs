@@ -2502,8 +2502,11 @@ fn a_prediction_changes_the_steps_never_the_tokens() {
         wrong.rotate_left(3);
         let mut half = reference[..reference.len() / 2].to_vec();
         half.extend(&wrong[..10]);
-        for (name, prediction) in [("right", reference.clone()), ("wrong", wrong), ("half", half)]
-        {
+        for (name, prediction) in [
+            ("right", reference.clone()),
+            ("wrong", wrong),
+            ("half", half),
+        ] {
             let mut e = engine(64, 64);
             let with = GenerationRequest {
                 prediction: prediction.clone(),
@@ -2581,7 +2584,10 @@ fn drafts_in_a_busy_engine_keep_every_requests_tokens() {
             .collect();
         let out = run(&mut e);
         for (k, id) in ids.iter().enumerate() {
-            assert_eq!(out[id].0, alone[k], "request {k}, budget {budget}, {num_blocks} blocks");
+            assert_eq!(
+                out[id].0, alone[k],
+                "request {k}, budget {budget}, {num_blocks} blocks"
+            );
         }
         assert!(e.progress().accepted_draft_tokens > 0);
         assert_eq!(e.free_blocks(), num_blocks, "blocks leaked");

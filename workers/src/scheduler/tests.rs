@@ -1173,7 +1173,11 @@ fn a_decode_carries_its_draft_as_the_budget_and_blocks_allow() {
         .map(|i| (i.id, i.token_count, i.draft))
         .collect();
     assert_eq!(order, vec![(3, 1, 0), (1, 5, 4), (2, 2, 1)]);
-    assert_eq!(chunk_of(&step, 1).block_table.len(), 2, "8 tokens: two blocks");
+    assert_eq!(
+        chunk_of(&step, 1).block_table.len(),
+        2,
+        "8 tokens: two blocks"
+    );
     assert_eq!(s.num_computed(1), Some(4), "only the decode's own token");
     // Two of the four drafted tokens kept: each appended, then confirmed.
     for _ in 0..2 {
@@ -1186,7 +1190,10 @@ fn a_decode_carries_its_draft_as_the_budget_and_blocks_allow() {
     s.append_token(2).unwrap();
     s.draft_token_computed(2).unwrap();
     s.append_token(2).unwrap();
-    assert!(s.draft_token_computed(2).is_err(), "its draft was one token");
+    assert!(
+        s.draft_token_computed(2).is_err(),
+        "its draft was one token"
+    );
     // A draft is forgotten after the step it was proposed for; one that needs a block no
     // one has left is dropped, not paid for by a preemption.
     s.append_token(3).unwrap();
