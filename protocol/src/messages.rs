@@ -1200,6 +1200,7 @@ mod tests {
             }),
             cache_salt: Some("key:ab12/conversation-1".into()),
             priority: 0,
+            prediction_ids: Vec::new(),
         };
         let bytes = encode(&job);
         let text = std::str::from_utf8(&bytes).unwrap();
@@ -1243,6 +1244,7 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 16,
                 cached_tokens: 0,
+                ..Default::default()
             },
         };
         let json = String::from_utf8(encode(&msg)).unwrap();

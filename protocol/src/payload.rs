@@ -196,6 +196,7 @@ mod tests {
             samples: None,
             cache_salt: None,
             priority: 0,
+            prediction_ids: Vec::new(),
         }
     }
 

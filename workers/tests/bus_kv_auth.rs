@@ -122,6 +122,7 @@ fn job(request_id: &str, prompt_ids: &[u32]) -> GenerateJob {
         samples: None,
         cache_salt: None,
         priority: 0,
+        prediction_ids: Vec::new(),
     }
 }
 

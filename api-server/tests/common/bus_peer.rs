@@ -471,6 +471,7 @@ impl Answerer {
                             prompt_tokens: job.prompt_ids.len() as u32,
                             completion_tokens: 1,
                             cached_tokens: 0,
+                            ..Default::default()
                         },
                     },
                 )
@@ -568,6 +569,7 @@ impl Answerer {
                             prompt_tokens,
                             completion_tokens: tokens.len() as u32,
                             cached_tokens: 0,
+                            ..Default::default()
                         },
                     },
                 )
@@ -660,6 +662,7 @@ impl Answerer {
                             prompt_tokens,
                             completion_tokens: tokens.len() as u32,
                             cached_tokens: 0,
+                            ..Default::default()
                         },
                     },
                 )
