@@ -513,6 +513,21 @@ fn group_args(
         quant_activation_bits: group
             .quant_activation_bits
             .unwrap_or(defaults.quant_activation_bits),
+        speculation: match &group.speculative_config {
+            Some(config) => {
+                let max_match = config
+                    .max_matching_ngram_size
+                    .unwrap_or(defaults.speculation.ngram_max_match);
+                tandem_cli::args::SpeculationArgs {
+                    ngram_draft_tokens: config.max_draft_len,
+                    ngram_max_match: max_match,
+                    ngram_min_match: config
+                        .min_matching_ngram_size
+                        .unwrap_or(defaults.speculation.ngram_min_match.min(max_match)),
+                }
+            }
+            None => defaults.speculation,
+        },
         ..defaults
     };
     args.gpu.cuda_graphs = group.cuda_graphs;
@@ -1026,6 +1041,21 @@ generation_servers: { num_instances: 2, device: ["cuda:0", "cpu"], mps_sm_percen
                 .join(" ")
                 .contains("--quant-activation-bits 16")
         );
+    }
+
+    #[test]
+    fn the_speculative_config_goes_to_the_groups_workers() {
+        let yaml = "generation_servers: { speculative_config: { decoding_type: NGram, \
+                    max_draft_len: 6, max_matching_ngram_size: 3 } }";
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let plan = plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 2).unwrap();
+        let decode = args_of(&plan, 1).join(" ");
+        assert!(
+            decode.contains("--ngram-draft-tokens 6 --ngram-max-match 3 --ngram-min-match 2"),
+            "{decode}"
+        );
+        let context = args_of(&plan, 0).join(" ");
+        assert!(context.contains("--ngram-draft-tokens 0"), "{context}");
     }
 
     #[test]

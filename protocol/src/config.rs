@@ -337,8 +337,61 @@ pub struct ServerGroupConfig {
     /// weights' results) or 8 (llama.cpp's rounding, faster prefill); the workers'
     /// `--quant-activation-bits`.
     pub quant_activation_bits: Option<u8>,
+    /// TensorRT-LLM's `speculative_config`, n-gram decoding only: the group's workers draft
+    /// from each request's own tokens (their `--ngram-*` flags).
+    pub speculative_config: Option<SpeculativeConfig>,
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
+}
+
+/// `speculative_config` of a server group: `{decoding_type: NGram, max_draft_len,
+/// max_matching_ngram_size}` (TensorRT-LLM's keys) and tandem's `min_matching_ngram_size`.
+/// Decoding types that need a draft model or extra heads (`Eagle`, `MTP`, `Medusa`,
+/// `DraftTarget`, ...) are refused: tandem runs none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeculativeConfig {
+    pub decoding_type: String,
+    /// Draft tokens a decode verifies at most (1 to 64).
+    pub max_draft_len: usize,
+    /// The longest run of a sequence's last tokens looked up (default 4).
+    pub max_matching_ngram_size: Option<usize>,
+    /// The shortest run that still drafts (default 2).
+    pub min_matching_ngram_size: Option<usize>,
+}
+
+impl SpeculativeConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            key: format!("{key}.{field}"),
+            reason,
+        };
+        if self.decoding_type != "NGram" {
+            return Err(invalid(
+                "decoding_type",
+                format!(
+                    "{:?} is not served: tandem drafts by n-gram lookup only (NGram), with no \
+                     draft model or extra heads",
+                    self.decoding_type
+                ),
+            ));
+        }
+        if !(1..=64).contains(&self.max_draft_len) {
+            return Err(invalid(
+                "max_draft_len",
+                format!("{} is not 1 to 64", self.max_draft_len),
+            ));
+        }
+        let max = self.max_matching_ngram_size.unwrap_or(4);
+        let min = self.min_matching_ngram_size.unwrap_or(2.min(max));
+        if !(1..=64).contains(&max) || !(1..=max).contains(&min) {
+            return Err(invalid(
+                "min_matching_ngram_size",
+                format!("1 <= min ({min}) <= max_matching_ngram_size ({max}) <= 64 does not hold"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One device for every instance, or a list with one per instance.
@@ -449,6 +502,9 @@ impl ServerGroupConfig {
         }
         if let Some(transceiver) = &self.cache_transceiver_config {
             validate_transceiver(transceiver, &format!("{group}.cache_transceiver_config"))?;
+        }
+        if let Some(speculative) = &self.speculative_config {
+            speculative.validate(&format!("{group}.speculative_config"))?;
         }
         Ok(())
     }
@@ -787,6 +843,41 @@ kv_secret_file: /run/secrets/tandem-kv
         let yaml = "context_servers: { num_instances: 0, kv_cache_config: { dtype: fp8 } }\n\
                     generation_servers: { kv_cache_config: { dtype: bf16 } }";
         DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+    }
+
+    #[test]
+    fn speculative_config_is_ngram_decoding_with_its_limits() {
+        let yaml = "generation_servers: { speculative_config: { decoding_type: NGram, \
+                    max_draft_len: 5, max_matching_ngram_size: 3 } }";
+        let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+        let speculative = config.generation_servers.speculative_config.clone().unwrap();
+        assert_eq!(speculative.max_draft_len, 5);
+        assert_eq!(speculative.max_matching_ngram_size, Some(3));
+        assert!(config.ignored_keys().is_empty());
+        for (yaml, key) in [
+            (
+                "decoding_type: Eagle, max_draft_len: 3",
+                "generation_servers.speculative_config.decoding_type",
+            ),
+            (
+                "decoding_type: NGram, max_draft_len: 0",
+                "generation_servers.speculative_config.max_draft_len",
+            ),
+            (
+                "decoding_type: NGram, max_draft_len: 4, min_matching_ngram_size: 5",
+                "generation_servers.speculative_config.min_matching_ngram_size",
+            ),
+        ] {
+            let yaml = format!("generation_servers: {{ speculative_config: {{ {yaml} }} }}");
+            let err = DeploymentConfig::parse(&yaml, "c.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+        let unknown = "generation_servers: { speculative_config: { decoding_type: NGram, \
+                       max_draft_len: 4, speculative_model: x } }";
+        let err = DeploymentConfig::parse(unknown, "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("speculative_model"), "{err}");
     }
 
     #[test]

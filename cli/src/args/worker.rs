@@ -178,7 +178,62 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
+    pub speculation: SpeculationArgs,
+    #[command(flatten)]
     pub nats_auth: super::NatsAuthArgs,
+}
+
+/// Speculative decoding from every request's own tokens (n-gram prompt lookup, as vLLM's
+/// `ngram` method and TensorRT-LLM's `NGram` decoding): a decode also verifies the tokens that
+/// followed the last place its latest tokens occurred in its prompt or output, keeping them up
+/// to the first the sampler does not pick. The answers stay the same; copies, quotes and edits
+/// of the prompt come faster, free text pays for the rows it verifies in vain. A request's
+/// own `prediction` drafts from that instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
+#[command(next_help_heading = "Speculative decoding")]
+pub struct SpeculationArgs {
+    /// Draft tokens a decode verifies at most (vLLM's num_speculative_tokens); 0 turns n-gram
+    /// speculation off.
+    #[arg(long, default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(0..=64).map(usize::from))]
+    pub ngram_draft_tokens: usize,
+    /// The longest run of a sequence's last tokens looked up (vLLM's prompt_lookup_max).
+    #[arg(long, default_value_t = DEFAULT_NGRAM_MAX_MATCH, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=64).map(usize::from))]
+    pub ngram_max_match: usize,
+    /// The shortest run that still drafts (vLLM's prompt_lookup_min); at most
+    /// --ngram-max-match.
+    #[arg(long, default_value_t = DEFAULT_NGRAM_MIN_MATCH, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=64).map(usize::from))]
+    pub ngram_min_match: usize,
+}
+
+/// `--ngram-max-match` when not given.
+pub const DEFAULT_NGRAM_MAX_MATCH: usize = 4;
+/// `--ngram-min-match` when not given.
+pub const DEFAULT_NGRAM_MIN_MATCH: usize = 2;
+
+impl Default for SpeculationArgs {
+    fn default() -> Self {
+        SpeculationArgs {
+            ngram_draft_tokens: 0,
+            ngram_max_match: DEFAULT_NGRAM_MAX_MATCH,
+            ngram_min_match: DEFAULT_NGRAM_MIN_MATCH,
+        }
+    }
+}
+
+impl SpeculationArgs {
+    fn push_args(&self, argv: &mut Argv) {
+        let SpeculationArgs {
+            ngram_draft_tokens,
+            ngram_max_match,
+            ngram_min_match,
+        } = *self;
+        argv.push_display("--ngram-draft-tokens", ngram_draft_tokens);
+        argv.push_display("--ngram-max-match", ngram_max_match);
+        argv.push_display("--ngram-min-match", ngram_min_match);
+    }
 }
 
 /// GPU settings of a worker on a `cuda:N` device (the CPU backend ignores them). A flag left
@@ -273,6 +328,7 @@ impl Default for WorkerArgs {
             kv_secret_file: None,
             gpu: GpuArgs::default(),
             engine: EngineArgs::default(),
+            speculation: SpeculationArgs::default(),
             nats_auth: super::NatsAuthArgs::default(),
         }
     }
@@ -346,6 +402,7 @@ impl WorkerArgs {
         argv.push_some("--attn-split-keys", attn_split_keys);
         argv.push_some("--l2-prefetch-mb", l2_prefetch_mb);
         self.engine.push_args(&mut argv);
+        self.speculation.push_args(&mut argv);
         self.nats_auth.push_args(&mut argv);
         argv.0
     }
@@ -455,6 +512,11 @@ mod tests {
                 overlap: Some(false),
                 device_masks: Some(true),
                 engine_log_secs: Some(2.5),
+            },
+            speculation: SpeculationArgs {
+                ngram_draft_tokens: 6,
+                ngram_max_match: 5,
+                ngram_min_match: 3,
             },
             nats_auth: super::super::NatsAuthArgs {
                 nats_creds: Some("/run/secrets/w.creds".into()),

@@ -32,13 +32,13 @@ impl DraftConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.max_draft_tokens == 0 || self.max_draft_tokens > 64 {
             return Err(format!(
-                "num_speculative_tokens must be 1 to 64, not {}",
+                "draft tokens must be 1 to 64, not {}",
                 self.max_draft_tokens
             ));
         }
         if self.min_match == 0 || self.min_match > self.max_match || self.max_match > 64 {
             return Err(format!(
-                "prompt lookup lengths must satisfy 1 <= min ({}) <= max ({}) <= 64",
+                "the lengths looked up must satisfy 1 <= min ({}) <= max ({}) <= 64",
                 self.min_match, self.max_match
             ));
         }

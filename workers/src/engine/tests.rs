@@ -2607,3 +2607,51 @@ fn drafts_in_a_busy_engine_keep_every_requests_tokens() {
     let (_, _, usage, _) = run_alone(&mut e, request(again.clone(), 2, SamplingParams::greedy()));
     assert_eq!(usage.cached_tokens, (again.len() - 1) / 4 * 4);
 }
+
+/// The engine's own n-gram speculation drafts from each sequence's prompt and output: the
+/// same tokens as without it, and drafts kept where the output repeats earlier tokens.
+#[test]
+fn ngram_speculation_keeps_every_requests_tokens() {
+    let speculating = |budget, num_blocks| {
+        let config = EngineConfig {
+            speculation: Some(drafter::DraftConfig {
+                max_draft_tokens: 4,
+                max_match: 3,
+                min_match: 1,
+            }),
+            ..first_chunk_admission(budget, num_blocks)
+        };
+        Engine::new(FakeModel::new(4, num_blocks), config, None).unwrap()
+    };
+    for params in [SamplingParams::greedy(), sampled(5)] {
+        let requests: Vec<GenerationRequest> = (0..6)
+            .map(|k| request(prompt(3 + 5 * k, k as u32), 40, params.clone()))
+            .collect();
+        let alone: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|r| run_alone(&mut engine(64, 64), r.clone()).0)
+            .collect();
+        for (budget, num_blocks) in [(64, 64), (8, 40)] {
+            let mut e = speculating(budget, num_blocks);
+            let ids: Vec<RequestId> = requests
+                .iter()
+                .map(|r| e.add_request(r.clone()).unwrap())
+                .collect();
+            let out = run(&mut e);
+            for (k, id) in ids.iter().enumerate() {
+                assert_eq!(out[id].0, alone[k], "request {k}, {params:?}");
+            }
+            // A 32-token vocabulary repeats itself: some drafts are right.
+            let progress = e.progress();
+            assert!(progress.draft_tokens > 0, "{progress:?}");
+            assert!(progress.accepted_draft_tokens > 0, "{progress:?}");
+            assert_eq!(e.free_blocks(), num_blocks, "blocks leaked");
+        }
+    }
+    // Usage reports only a client's prediction.
+    let (_, _, usage, _) = run_alone(
+        &mut speculating(64, 64),
+        request(prompt(9, 1), 20, SamplingParams::greedy()),
+    );
+    assert_eq!(usage.prediction, None);
+}

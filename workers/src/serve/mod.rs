@@ -131,6 +131,8 @@ pub enum ServeError {
     KvSecret(#[from] kv_auth::KvSecretError),
     #[error("lowering the CPU priority by --nice {nice}: {source}")]
     Nice { nice: u8, source: std::io::Error },
+    #[error("n-gram speculation: {0}")]
+    Speculation(String),
 }
 
 /// Lowers the CPU scheduling priority of this thread by `nice` (to at most 19), before any other thread starts:
@@ -230,7 +232,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         prefix_caching: args.prefix_caching,
         cache_namespace: model_fingerprint.clone(),
         settings: EngineSettings::from_env().with_flags(&args.engine),
-        speculation: None,
+        speculation: ngram_speculation(&args.speculation)?,
     };
     let backend = model.describe();
     let weights = model.weights_name();
@@ -523,4 +525,20 @@ mod tests {
         }
         assert!(!cuda_ipc_enabled(WorkerRole::Both, None));
     }
+}
+
+/// The engine's n-gram speculation from the worker's flags; `None` when off.
+fn ngram_speculation(
+    args: &tandem_cli::args::SpeculationArgs,
+) -> Result<Option<crate::engine::drafter::DraftConfig>, ServeError> {
+    if args.ngram_draft_tokens == 0 {
+        return Ok(None);
+    }
+    let config = crate::engine::drafter::DraftConfig {
+        max_draft_tokens: args.ngram_draft_tokens,
+        max_match: args.ngram_max_match,
+        min_match: args.ngram_min_match,
+    };
+    config.validate().map_err(ServeError::Speculation)?;
+    Ok(Some(config))
 }
