@@ -94,15 +94,25 @@ impl Drafter {
         if limit == 0 {
             return Vec::new();
         }
-        let start = match &self.source {
+        let found = match &self.source {
             DraftSource::Prediction(prediction) => {
-                let aligned = self.next.filter(|_| self.aligned_at == tokens.len());
-                aligned
-                    .or_else(|| lookup(prediction, tokens, &self.config, self.resume_from, false))
+                match self.next.filter(|_| self.aligned_at == tokens.len()) {
+                    Some(next) => Some((next, limit)),
+                    // Found by a lookup: as many tokens as twice the run that matched (a
+                    // lone common word is a weak clue, a long run a strong one), unless the
+                    // run is the prediction's start (an answer that begins as predicted).
+                    None => lookup(prediction, tokens, &self.config, self.resume_from, false)
+                        .map(|(start, matched)| {
+                            let at_start = start == matched;
+                            (start, if at_start { limit } else { limit.min(2 * matched) })
+                        }),
+                }
             }
-            DraftSource::OwnTokens => lookup(tokens, tokens, &self.config, 0, true),
+            DraftSource::OwnTokens => {
+                lookup(tokens, tokens, &self.config, 0, true).map(|(start, _)| (start, limit))
+            }
         };
-        let Some(start) = start else {
+        let Some((start, limit)) = found else {
             return Vec::new();
         };
         self.proposed_at = start;
@@ -136,14 +146,14 @@ impl Drafter {
 /// wins. In a prediction (`own` false) the first occurrence whose continuation starts at
 /// `from` or later is taken, else the first of all; in the sequence's own tokens (`own`) the
 /// latest occurrence before the suffix itself. `None` when no suffix occurs with a token
-/// after it.
+/// after it; else the start and the length of the run that matched.
 fn lookup(
     reference: &[u32],
     tokens: &[u32],
     config: &DraftConfig,
     from: usize,
     own: bool,
-) -> Option<usize> {
+) -> Option<(usize, usize)> {
     let longest = config.max_match.min(tokens.len());
     for n in (config.min_match..=longest).rev() {
         let suffix = &tokens[tokens.len() - n..];
@@ -162,7 +172,7 @@ fn lookup(
                 .or_else(|| (0..first).find(|&i| matches_at(i)))
         };
         if let Some(i) = found {
-            return Some(i + n);
+            return Some((i + n, n));
         }
     }
     None
@@ -204,6 +214,9 @@ mod tests {
         // The limit caps every draft.
         assert_eq!(d.propose(&[10], 0), Vec::<u32>::new());
         assert_eq!(d.propose(&[10], 2), vec![11, 12]);
+        // One token matched in the middle: a short draft; a longer run, a longer one.
+        assert_eq!(d.propose(&[5, 13], 8), vec![14, 15]);
+        assert_eq!(d.propose(&[12, 13], 8), vec![14, 15, 16, 17]);
     }
 
     #[test]
