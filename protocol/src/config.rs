@@ -850,7 +850,11 @@ kv_secret_file: /run/secrets/tandem-kv
         let yaml = "generation_servers: { speculative_config: { decoding_type: NGram, \
                     max_draft_len: 5, max_matching_ngram_size: 3 } }";
         let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
-        let speculative = config.generation_servers.speculative_config.clone().unwrap();
+        let speculative = config
+            .generation_servers
+            .speculative_config
+            .clone()
+            .unwrap();
         assert_eq!(speculative.max_draft_len, 5);
         assert_eq!(speculative.max_matching_ngram_size, Some(3));
         assert!(config.ignored_keys().is_empty());
@@ -876,7 +880,9 @@ kv_secret_file: /run/secrets/tandem-kv
         }
         let unknown = "generation_servers: { speculative_config: { decoding_type: NGram, \
                        max_draft_len: 4, speculative_model: x } }";
-        let err = DeploymentConfig::parse(unknown, "c.yaml").unwrap_err().to_string();
+        let err = DeploymentConfig::parse(unknown, "c.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("speculative_model"), "{err}");
     }
 

@@ -21,8 +21,8 @@ pub use api_server::{
 };
 pub use nats_auth::{NatsAuthArgs, NatsAuthError, TOKEN_VAR as NATS_TOKEN_VAR};
 pub use worker::{
-    DEFAULT_GROWTH_RESERVE_TOKENS, EngineArgs, GpuArgs, KV_SECRET_VAR, SpeculationArgs,
-    WorkerArgs, kv_cache_dtype_parser, parse_ranks,
+    DEFAULT_GROWTH_RESERVE_TOKENS, EngineArgs, GpuArgs, KV_SECRET_VAR, SpeculationArgs, WorkerArgs,
+    kv_cache_dtype_parser, parse_ranks,
 };
 
 /// An argument list, built flag by flag.

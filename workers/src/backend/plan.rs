@@ -34,8 +34,7 @@ pub struct BatchPlan {
     pub sequences: Vec<PlanSequence>,
     pub block_tables: Vec<u32>,
     pub block_size: usize,
-    /// Rows (token indices) whose logits the forward returns: each wanting sequence's last,
-    /// preceded by its draft rows when it verifies a draft.
+    /// Rows (token indices) whose logits the forward returns: each wanting sequence's last.
     pub logits_rows: Vec<u32>,
     /// Some sequence asks for row log-probabilities (prompt logprobs): the pass copies them
     /// to the host as it goes, so it is never captured into a graph.
@@ -76,8 +75,7 @@ impl BatchPlan {
             });
             block_tables.extend_from_slice(&seq.block_table[..num_blocks]);
             if seq.wants_logits {
-                let end = seq.token_start + seq.token_count;
-                logits_rows.extend((end - 1 - seq.draft_rows..end).map(|row| row as u32));
+                logits_rows.push((seq.token_start + seq.token_count - 1) as u32);
             }
         }
         let mut rope_cos = Vec::with_capacity(tokens.len() * rope_half);
@@ -137,14 +135,16 @@ mod tests {
     }
 
     #[test]
-    fn a_verified_draft_returns_every_row_of_its_decode() {
+    fn a_verified_draft_is_a_decode_per_token_over_the_sequences_blocks() {
         let mut batch = ForwardBatch::default();
         batch.push(&[1], 6, vec![2, 3], true);
         batch.push_verifying(&[5, 6, 7], 4, vec![8, 9]);
         batch.push(&[4, 4], 0, vec![1], true);
         let plan = BatchPlan::new(&batch, 4, &[1.0]);
         assert_eq!(plan.logits_rows, vec![0, 1, 2, 3, 5]);
+        assert_eq!(plan.positions, vec![6, 4, 5, 6, 0, 1]);
+        assert_eq!(plan.slot_mapping[1..4], [9 * 4, 9 * 4 + 1, 9 * 4 + 2]);
+        assert_eq!(plan.sequences[3].cached_len, 6);
         assert_eq!(batch.logits_rows(), 5);
-        assert!(batch.has_drafts());
     }
 }

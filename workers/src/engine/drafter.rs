@@ -101,11 +101,19 @@ impl Drafter {
                     // Found by a lookup: as many tokens as twice the run that matched (a
                     // lone common word is a weak clue, a long run a strong one), unless the
                     // run is the prediction's start (an answer that begins as predicted).
-                    None => lookup(prediction, tokens, &self.config, self.resume_from, false)
-                        .map(|(start, matched)| {
+                    None => lookup(prediction, tokens, &self.config, self.resume_from, false).map(
+                        |(start, matched)| {
                             let at_start = start == matched;
-                            (start, if at_start { limit } else { limit.min(2 * matched) })
-                        }),
+                            (
+                                start,
+                                if at_start {
+                                    limit
+                                } else {
+                                    limit.min(2 * matched)
+                                },
+                            )
+                        },
+                    ),
                 }
             }
             DraftSource::OwnTokens => {

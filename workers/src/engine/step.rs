@@ -81,7 +81,8 @@ impl<M: StepModel> Engine<M> {
         };
         // A step verifying drafts samples on the host: each row's pick decides whether the
         // next row counts, which a summary per row cannot.
-        if self.model.device_sampling().is_some() && !batch.has_drafts() {
+        let drafts = decision.scheduled.iter().any(|item| item.draft > 0);
+        if self.model.device_sampling().is_some() && !drafts {
             let overlap = self.overlap.enabled
                 && prompt_done.is_empty()
                 && !self.any_drafter(decision.scheduled.iter().map(|s| s.id));

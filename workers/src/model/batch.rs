@@ -20,10 +20,6 @@ pub struct SequenceSlice {
     /// Whether to return logits for this sequence's last new token (false for a prefill
     /// chunk that is not the prompt's last).
     pub wants_logits: bool,
-    /// Rows before the last that return logits too: a decode that verifies a draft of `k`
-    /// tokens (its last token, then the draft) returns the logits of all `k + 1` rows, in
-    /// order. 0 for every other slice.
-    pub draft_rows: usize,
     /// Log-probabilities of the sequence's own next tokens at some of its rows (prompt
     /// logprobs), reduced on the way out so no full logits row is kept ([`RowLogprobs`]).
     pub row_logprobs: Option<RowLogprobs>,
@@ -89,19 +85,20 @@ impl ForwardBatch {
             cached_len,
             block_table,
             wants_logits,
-            draft_rows: 0,
             row_logprobs: None,
         });
         self.tokens.extend_from_slice(new_tokens);
     }
 
-    /// Appends a decode that verifies a draft: the sequence's last token followed by the
-    /// draft tokens (`tokens`, at least 2), every row returning its logits.
+    /// Appends a decode that verifies a draft: the sequence's last token, then the draft
+    /// tokens (`tokens`), each as a one-token slice of its own at its position, over the
+    /// sequence's blocks, every one returning its logits. Each row is then computed as the
+    /// plain decode of that token would compute it (a backend's decode kernels, its CUDA
+    /// graphs), reading the K/V the rows before it write in the same pass.
     pub fn push_verifying(&mut self, tokens: &[u32], cached_len: usize, block_table: Vec<u32>) {
-        debug_assert!(tokens.len() >= 2, "a draft has at least one token");
-        self.push(tokens, cached_len, block_table, true);
-        let seq = self.sequences.last_mut().expect("just pushed");
-        seq.draft_rows = tokens.len() - 1;
+        for (i, token) in tokens.iter().enumerate() {
+            self.push(&[*token], cached_len + i, block_table.clone(), true);
+        }
     }
 
     /// Appends a sequence's one new token, which is the token the device picked for logits row
@@ -144,18 +141,8 @@ impl ForwardBatch {
         positions
     }
 
-    /// Number of logits rows the forward returns: one per sequence that wants logits, and
-    /// one more per draft token a decode verifies ([`SequenceSlice::draft_rows`]).
+    /// Number of sequences that want logits: the number of rows the forward returns.
     pub fn logits_rows(&self) -> usize {
-        self.sequences
-            .iter()
-            .filter(|s| s.wants_logits)
-            .map(|s| 1 + s.draft_rows)
-            .sum()
-    }
-
-    /// Whether a decode in the batch verifies a draft.
-    pub fn has_drafts(&self) -> bool {
-        self.sequences.iter().any(|s| s.draft_rows > 0)
+        self.sequences.iter().filter(|s| s.wants_logits).count()
     }
 }
