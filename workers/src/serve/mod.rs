@@ -453,6 +453,22 @@ fn resident_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The engine's n-gram speculation from the worker's flags; `None` when off.
+fn ngram_speculation(
+    args: &tandem_cli::args::SpeculationArgs,
+) -> Result<Option<crate::engine::drafter::DraftConfig>, ServeError> {
+    if args.ngram_draft_tokens == 0 {
+        return Ok(None);
+    }
+    let config = crate::engine::drafter::DraftConfig {
+        max_draft_tokens: args.ngram_draft_tokens,
+        max_match: args.ngram_max_match,
+        min_match: args.ngram_min_match,
+    };
+    config.validate().map_err(ServeError::Speculation)?;
+    Ok(Some(config))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,20 +541,4 @@ mod tests {
         }
         assert!(!cuda_ipc_enabled(WorkerRole::Both, None));
     }
-}
-
-/// The engine's n-gram speculation from the worker's flags; `None` when off.
-fn ngram_speculation(
-    args: &tandem_cli::args::SpeculationArgs,
-) -> Result<Option<crate::engine::drafter::DraftConfig>, ServeError> {
-    if args.ngram_draft_tokens == 0 {
-        return Ok(None);
-    }
-    let config = crate::engine::drafter::DraftConfig {
-        max_draft_tokens: args.ngram_draft_tokens,
-        max_match: args.ngram_max_match,
-        min_match: args.ngram_min_match,
-    };
-    config.validate().map_err(ServeError::Speculation)?;
-    Ok(Some(config))
 }
