@@ -88,6 +88,18 @@ banned = client.chat.completions.create(
     temperature=0, extra_body={"bad_words": ["Paris"]})
 check(" Paris" not in banned.choices[0].message.content, banned.choices[0].message.content)
 
+# Predicted outputs: the client's typed `prediction`; the same answer as without it, and the
+# usage's completion_tokens_details counting the draft tokens kept.
+copy = [{"role": "user", "content": "Repeat exactly: The quick brown fox jumps over the lazy dog."}]
+plain = client.chat.completions.create(model=model, messages=copy, max_tokens=24, temperature=0)
+predicted = client.chat.completions.create(
+    model=model, messages=copy, max_tokens=24, temperature=0,
+    prediction={"type": "content", "content": plain.choices[0].message.content})
+check(predicted.choices[0].message.content == plain.choices[0].message.content, predicted)
+details = predicted.usage.completion_tokens_details
+check(details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens == 0, details)
+check(plain.usage.completion_tokens_details.accepted_prediction_tokens == 0, plain.usage)
+
 # Bad input: typed errors from the client, OpenAI error bodies.
 try:
     client.chat.completions.create(model=model, messages=[], max_tokens=4)
