@@ -1507,9 +1507,25 @@ fn cuda_engine_tokens(
     max_tokens: impl Fn(usize) -> usize,
     sampling: impl Fn(usize) -> tandem_workers::sampler::SamplingParams,
 ) -> (Vec<Vec<u32>>, u64) {
+    let (tokens, overlapped, _) =
+        cuda_engine_tokens_predicted(prompts, run, max_tokens, sampling, &[], true);
+    (tokens, overlapped)
+}
+
+/// [`cuda_engine_tokens`] with request `i` predicting `predictions[i]` (none past the list's
+/// end), sampling on the device or from host rows; also the engine's progress.
+fn cuda_engine_tokens_predicted(
+    prompts: &[Vec<u32>],
+    run: EngineRun,
+    max_tokens: impl Fn(usize) -> usize,
+    sampling: impl Fn(usize) -> tandem_workers::sampler::SamplingParams,
+    predictions: &[Vec<u32>],
+    device_sampling: bool,
+) -> (Vec<Vec<u32>>, u64, tandem_workers::engine::EngineProgress) {
     use tandem_workers::engine::{Engine, EngineConfig, EventKind, GenerationRequest, ModelRunner};
     let options = CudaOptions {
         cuda_graphs: run.graphs,
+        device_sampling,
         ..CudaOptions::from_env(0)
     };
     let gpu = CudaBackend::new(&options).unwrap();
@@ -1561,13 +1577,76 @@ fn cuda_engine_tokens(
                 // Random weights: EOS may come early; the comparison wants every token.
                 ignore_eos: true,
                 sampling: sampling(i),
+                prediction: predictions.get(i).cloned().unwrap_or_default(),
                 ..GenerationRequest::greedy(prompts[i].clone(), max_tokens(i))
             };
             ids.insert(engine.add_request(request).unwrap(), i);
         }
         run_all(&mut engine, &mut ids);
     }
-    (tokens, engine.steps_overlapped())
+    (tokens, engine.steps_overlapped(), engine.progress())
+}
+
+/// Predictions on the GPU: each request predicting its own tokens verifies drafts of up to 8
+/// in one-token decodes over its blocks, sampled from device summaries (and, to compare, from
+/// host rows), and gets the tokens it gets without a prediction; greedy and seeded, batched.
+#[test]
+fn predicted_tokens_are_the_tokens_without_a_prediction_on_the_gpu() {
+    use tandem_workers::sampler::SamplingParams;
+    if no_gpu() {
+        return;
+    }
+    let prompts: Vec<Vec<u32>> = (0..12)
+        .map(|s: usize| {
+            let len = 3 + (s * 11) % 30;
+            (0..len)
+                .map(|i| ((i * 13 + s * 41 + 7) % 512) as u32)
+                .collect()
+        })
+        .collect();
+    let sampling = |i: usize| match i % 2 {
+        0 => SamplingParams::greedy(),
+        _ => SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: Some(i as u64),
+            ..SamplingParams::default()
+        },
+    };
+    let max_tokens = |i: usize| 24 + i % 5;
+    let run = EngineRun {
+        max_seqs: 4,
+        overlap: true,
+        graphs: true,
+        all_at_once: true,
+    };
+    let (plain, _, none) =
+        cuda_engine_tokens_predicted(&prompts, run, max_tokens, sampling, &[], true);
+    assert_eq!(none.draft_tokens, 0);
+    for device_sampling in [true, false] {
+        let (predicted, _, progress) = cuda_engine_tokens_predicted(
+            &prompts,
+            run,
+            max_tokens,
+            sampling,
+            &plain,
+            device_sampling,
+        );
+        let differing: Vec<usize> = (0..prompts.len())
+            .filter(|&i| predicted[i] != plain[i])
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "device sampling {device_sampling}: {differing:?} differ, first {:?} vs {:?}",
+            differing.first().map(|&i| &predicted[i]),
+            differing.first().map(|&i| &plain[i]),
+        );
+        assert!(
+            progress.accepted_draft_tokens * 10 > progress.draft_tokens * 9,
+            "device sampling {device_sampling}: {progress:?}"
+        );
+        eprintln!("device sampling {device_sampling}: {progress:?}");
+    }
 }
 
 /// Steps queued before the previous one is collected (their decodes' tokens written on the

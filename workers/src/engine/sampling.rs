@@ -5,6 +5,7 @@
 //! thread while the forward pass runs. Every path gives a request the same tokens.
 
 use super::logprobs::AskedLogprobs;
+use super::speculation::RowPick;
 use super::{
     Engine, EngineEvent, FinishReason, ForwardBatch, RequestId, StepModel, masks, overlap,
 };
@@ -46,8 +47,8 @@ impl<M: StepModel> Engine<M> {
         let mut rows = rows.into_iter();
         for item in scheduled.iter().filter(|s| s.wants_logits) {
             if item.draft > 0 {
-                let verified = rows.by_ref().take(1 + item.draft).collect();
-                self.verify_draft(item.id, verified, events);
+                let verified = rows.by_ref().take(1 + item.draft).map(RowPick::Logits);
+                self.verify_draft(item.id, verified.collect(), events);
             } else if let Some(mut logits) = rows.next() {
                 self.on_logits(item.id, &mut logits, events);
             }
@@ -68,11 +69,30 @@ impl<M: StepModel> Engine<M> {
         overlap: bool,
         events: &mut Vec<EngineEvent>,
     ) {
-        let wanting: Vec<RequestId> = scheduled
-            .iter()
-            .filter(|s| s.wants_logits)
-            .map(|s| s.id)
-            .collect();
+        // One entry per logits row: a decode verifying a draft has a row per draft token too,
+        // each asked for as the decode at its position would be (the draft before it taken as
+        // generated, which it is whenever that row's token counts).
+        let mut wanting = Vec::new();
+        let mut requests: Vec<Option<RowRequest>> = Vec::new();
+        for item in scheduled.iter().filter(|s| s.wants_logits) {
+            let mut seq = self.seqs.get_mut(&item.id);
+            for row in 0..=item.draft {
+                wanting.push(item.id);
+                requests.push(seq.as_deref_mut().and_then(|seq| {
+                    if seq.constrained {
+                        // Its row comes to the host for the grammar's mask.
+                        return None;
+                    }
+                    let generated = &seq.tokens[seq.prompt_len..];
+                    if row == 0 {
+                        return seq.sampler.device_request(generated, self.vocab_size);
+                    }
+                    let before: Vec<u32> =
+                        generated.iter().chain(&seq.draft[..row]).copied().collect();
+                    seq.sampler.device_request(&before, self.vocab_size)
+                }));
+            }
+        }
         // Requests that need their full row still get a summary row (the cheapest kind).
         let placeholder = RowRequest {
             temperature: 0.0,
@@ -80,18 +100,6 @@ impl<M: StepModel> Engine<M> {
             candidates: false,
             truncation: None,
         };
-        let requests: Vec<Option<RowRequest>> = wanting
-            .iter()
-            .map(|id| {
-                let seq = self.seqs.get_mut(id)?;
-                if seq.constrained {
-                    // Its row comes to the host for the grammar's mask.
-                    return None;
-                }
-                seq.sampler
-                    .device_request(&seq.tokens[seq.prompt_len..], self.vocab_size)
-            })
-            .collect();
         let summary_requests: Vec<RowRequest> =
             requests.iter().map(|r| r.unwrap_or(placeholder)).collect();
         let submitted = self
@@ -161,14 +169,26 @@ impl<M: StepModel> Engine<M> {
             return;
         };
         let mut host_rows = on_host.iter().zip(host_rows).peekable();
-        for (i, (id, token)) in wanting.into_iter().zip(sampled).enumerate() {
-            match token {
-                Some(token) => self.accept_token(id, token, events),
-                None => {
-                    if let Some((_, mut row)) = host_rows.next_if(|(row, _)| **row == i) {
-                        self.on_logits(id, &mut row, events);
-                    }
-                }
+        let mut picks = sampled.into_iter().enumerate();
+        for item in scheduled.iter().filter(|s| s.wants_logits) {
+            let rows: Vec<RowPick> = picks
+                .by_ref()
+                .take(1 + item.draft)
+                .filter_map(|(i, token)| match token {
+                    Some(token) => Some(RowPick::Picked(token)),
+                    None => host_rows
+                        .next_if(|(row, _)| **row == i)
+                        .map(|(_, row)| RowPick::Logits(row)),
+                })
+                .collect();
+            if item.draft > 0 {
+                self.verify_draft(item.id, rows, events);
+                continue;
+            }
+            match rows.into_iter().next() {
+                Some(RowPick::Picked(token)) => self.accept_token(item.id, token, events),
+                Some(RowPick::Logits(mut row)) => self.on_logits(item.id, &mut row, events),
+                None => {}
             }
         }
     }
@@ -314,7 +334,9 @@ impl<M: StepModel> Engine<M> {
             let Some(seq) = self.seqs.get_mut(id) else {
                 continue;
             };
-            if !seq.constrained || !matches!(seq.mask, Some(Ok(_))) {
+            // A decode verifying a draft takes its rows from the host: the mask of a row after
+            // the first follows from the tokens before it, known only as they are taken.
+            if !seq.constrained || !matches!(seq.mask, Some(Ok(_))) || !seq.draft.is_empty() {
                 continue;
             }
             if let Some(request) = seq

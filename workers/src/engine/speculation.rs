@@ -3,7 +3,10 @@
 //! carry them ([`crate::scheduler::Scheduler::propose_draft`]); the forward pass returns a
 //! logits row for the decode's own token and one per draft token; then the rows are sampled
 //! in order, each exactly as a plain decode would sample it (same filters, grammar mask,
-//! penalties and seeded draw for its position), until a pick differs from the draft.
+//! penalties and seeded draw for its position), until a pick differs from the draft. With
+//! sampling on the device, each row's summary is asked for as its position's decode would ask
+//! (the draft before it taken as generated), and decides the row's token where it can; the
+//! other rows come to the host.
 //!
 //! Sampling every row with the sampler itself is the rejection rule of speculative sampling
 //! for a draft that is certain (a draft token is kept with the probability the model gives
@@ -14,7 +17,14 @@
 //! others are overwritten later (the scheduler never counted them).
 
 use super::{Engine, EngineEvent, FinishReason, RequestId, StepModel};
+use crate::sampler::SampledToken;
 
+/// Where a verified row's token comes from: picked from the row's summary on the device, or
+/// to be sampled from the row itself on the host.
+pub(super) enum RowPick {
+    Picked(SampledToken),
+    Logits(Vec<f32>),
+}
 /// Draft tokens of one sequence: verified and kept, verified and thrown away. Usage reports
 /// those of a client's prediction (OpenAI's `accepted_prediction_tokens` and
 /// `rejected_prediction_tokens`); heartbeats carry every sequence's in the engine's
@@ -58,35 +68,42 @@ impl<M: StepModel> Engine<M> {
         ids.any(|id| self.seqs.get(&id).is_some_and(|s| s.drafter.is_some()))
     }
 
-    /// Samples a decode's rows (its own token's, then one per draft token) in order until a
+    /// Takes a decode's rows (its own token's, then one per draft token) in order until a
     /// pick differs from the draft or the request ends; the kept draft tokens' K/V count as
     /// computed.
     pub(super) fn verify_draft(
         &mut self,
         id: RequestId,
-        rows: Vec<Vec<f32>>,
+        rows: Vec<RowPick>,
         events: &mut Vec<EngineEvent>,
     ) {
         let Some(seq) = self.seqs.get_mut(&id) else {
             return;
         };
         let draft = std::mem::take(&mut seq.draft);
-        debug_assert_eq!(rows.len(), draft.len() + 1, "a row per draft token and one");
+        debug_assert!(
+            rows.len() <= draft.len() + 1,
+            "a row per draft token and one"
+        );
         // Counted as thrown away until kept, so the usage of a request that ends on the way
         // is right.
         seq.drafts.rejected += draft.len();
         self.progress.draft_tokens += draft.len() as u64;
         let mut accepted = 0;
         let mut last = None;
-        for (i, mut row) in rows.into_iter().enumerate() {
+        for (i, row) in rows.into_iter().enumerate() {
             if i > 0
                 && let Err(e) = self.scheduler.draft_token_computed(id)
             {
                 self.end(id, FinishReason::Error(e.to_string()), events);
                 return;
             }
-            let Some(sampled) = self.sample_row(id, &mut row, events) else {
-                return;
+            let sampled = match row {
+                RowPick::Picked(sampled) => sampled,
+                RowPick::Logits(mut row) => match self.sample_row(id, &mut row, events) {
+                    Some(sampled) => sampled,
+                    None => return,
+                },
             };
             let kept = draft.get(i) == Some(&sampled.id);
             if kept && let Some(seq) = self.seqs.get_mut(&id) {

@@ -79,10 +79,7 @@ impl<M: StepModel> Engine<M> {
             schedule: scheduled_at - start,
             ..Default::default()
         };
-        // A step verifying drafts samples on the host: each row's pick decides whether the
-        // next row counts, which a summary per row cannot.
-        let drafts = decision.scheduled.iter().any(|item| item.draft > 0);
-        if self.model.device_sampling().is_some() && !drafts {
+        if self.model.device_sampling().is_some() {
             let overlap = self.overlap.enabled
                 && prompt_done.is_empty()
                 && !self.any_drafter(decision.scheduled.iter().map(|s| s.id));

@@ -2653,3 +2653,82 @@ fn ngram_speculation_keeps_every_requests_tokens() {
     );
     assert_eq!(usage.prediction, None);
 }
+
+/// Drafts verified from device summaries: each row's summary asked for as its position's
+/// decode would be, and only undecided rows (a penalised request's) copied to the host. Every
+/// request gets the tokens host sampling gives it without a prediction, with overlap on (steps
+/// of drafting sequences are never left in flight) and off.
+#[test]
+fn drafts_verified_from_device_summaries_keep_every_requests_tokens() {
+    let params = [
+        SamplingParams::greedy(),
+        sampled(7),
+        SamplingParams {
+            temperature: 0.7,
+            top_k: Some(5),
+            seed: Some(9),
+            logprobs: Some(2),
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            repetition_penalty: 1.3,
+            seed: Some(11),
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            min_tokens: 6,
+            ..SamplingParams::greedy()
+        },
+    ];
+    let config = EngineConfig {
+        block_size: 4,
+        num_blocks: 96,
+        max_num_batched_tokens: 24,
+        max_num_seqs: 8,
+        ..EngineConfig::default()
+    };
+    let requests: Vec<GenerationRequest> = params
+        .iter()
+        .enumerate()
+        .map(|(k, p)| request(prompt(3 + 4 * k, k as u32), 20, p.clone()))
+        .collect();
+    let mut host = Engine::new(FakeModel::new(4, 96), config.clone(), None).unwrap();
+    let host_ids: Vec<RequestId> = requests
+        .iter()
+        .map(|r| host.add_request(r.clone()).unwrap())
+        .collect();
+    let host_out = run(&mut host);
+    for overlap in [true, false] {
+        let mut device = summarizing_engine(config.clone(), overlap);
+        let ids: Vec<RequestId> = requests
+            .iter()
+            .zip(&host_ids)
+            .map(|(r, h)| {
+                let with = GenerationRequest {
+                    prediction: host_out[h].0.clone(),
+                    ..r.clone()
+                };
+                device.add_request(with).unwrap()
+            })
+            .collect();
+        let mut out = Outcomes::new();
+        run_overlapped(&mut device, &mut out);
+        for (k, (h, d)) in host_ids.iter().zip(&ids).enumerate() {
+            assert_eq!(out[d], host_out[h], "request {k}, overlap {overlap}");
+        }
+        let progress = device.progress();
+        assert!(
+            progress.accepted_draft_tokens * 2 > progress.draft_tokens,
+            "{progress:?}"
+        );
+        // Only the penalised request's rows came to the host: fewer than its 20 tokens'
+        // worth of rows and drafts.
+        assert!(device.model.rows_fetched > 0, "the penalised rows");
+        assert!(
+            device.model.rows_fetched < 40,
+            "{}",
+            device.model.rows_fetched
+        );
+        assert_eq!(device.free_blocks(), 96, "blocks leaked");
+    }
+}
