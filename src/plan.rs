@@ -1055,7 +1055,7 @@ generation_servers: { num_instances: 2, device: ["cuda:0", "cpu"], mps_sm_percen
             "{decode}"
         );
         let context = args_of(&plan, 0).join(" ");
-        assert!(context.contains("--ngram-draft-tokens 0"), "{context}");
+        assert!(!context.contains("--ngram"), "off: no flag, {context}");
     }
 
     #[test]

@@ -102,7 +102,9 @@ fn streamed_chat_has_openai_framing_usage_and_done() {
     assert_eq!(
         usage["usage"],
         json!({"prompt_tokens": prompt_tokens, "completion_tokens": 3, "total_tokens": prompt_tokens + 3,
-              "prompt_tokens_details": {"cached_tokens": 0}})
+              "prompt_tokens_details": {"cached_tokens": 0},
+              "completion_tokens_details": {"reasoning_tokens": 0,
+                  "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}})
     );
     // The job carried the validated request.
     let job = &peer.jobs()[0];
@@ -163,7 +165,9 @@ fn non_streamed_chat_and_completion_carry_text_usage_and_logprobs() {
     assert_eq!(
         body["usage"],
         json!({"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
-              "prompt_tokens_details": {"cached_tokens": 0}})
+              "prompt_tokens_details": {"cached_tokens": 0},
+              "completion_tokens_details": {"reasoning_tokens": 0,
+                  "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}})
     );
     assert_eq!(
         body["choices"][0]["logprobs"]["text_offset"],

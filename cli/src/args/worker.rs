@@ -224,12 +224,17 @@ impl Default for SpeculationArgs {
 }
 
 impl SpeculationArgs {
+    /// The flags when n-gram speculation is on; none when off (the lookup lengths then mean
+    /// nothing).
     fn push_args(&self, argv: &mut Argv) {
         let SpeculationArgs {
             ngram_draft_tokens,
             ngram_max_match,
             ngram_min_match,
         } = *self;
+        if ngram_draft_tokens == 0 {
+            return;
+        }
         argv.push_display("--ngram-draft-tokens", ngram_draft_tokens);
         argv.push_display("--ngram-max-match", ngram_max_match);
         argv.push_display("--ngram-min-match", ngram_min_match);
