@@ -52,6 +52,8 @@ pub struct ModelReport {
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
     pub qkv_bias: bool,
+    /// Whether each q and k head is RMS-normed before rotation (Qwen3).
+    pub qk_norm: bool,
     /// `torch_dtype` in config.json.
     pub config_dtype: Option<String>,
     /// The parameters config.json implies.
@@ -150,6 +152,7 @@ pub fn inspect(dir: &Path) -> Result<ModelReport, InspectError> {
         rms_norm_eps: config.rms_norm_eps,
         tie_word_embeddings: config.tie_word_embeddings,
         qkv_bias: config.qkv_bias(),
+        qk_norm: config.qk_norm(),
         config_dtype: config.torch_dtype.clone(),
         expected_parameters: config.parameter_count(),
         weights,
@@ -502,6 +505,7 @@ impl fmt::Display for ModelReport {
         writeln!(f, "rms norm eps      {}", self.rms_norm_eps)?;
         writeln!(f, "tied embeddings   {}", yes_no(self.tie_word_embeddings))?;
         writeln!(f, "qkv bias          {}", yes_no(self.qkv_bias))?;
+        writeln!(f, "q/k head norms    {}", yes_no(self.qk_norm))?;
         writeln!(
             f,
             "tensors           {} present, {} expected, {} missing, {} extra, {} wrong shape",

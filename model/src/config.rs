@@ -21,7 +21,7 @@ pub enum ConfigError {
         source: serde_json::Error,
     },
     #[error(
-        "{path}: unsupported architecture {found:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
+        "{path}: unsupported architecture {found:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
     )]
     UnsupportedArchitecture { path: PathBuf, found: String },
     #[error("{path}: invalid value for `{key}`: {reason}")]
@@ -33,12 +33,15 @@ pub enum ConfigError {
 }
 
 /// The Llama family the engine implements. They differ only in details the model definition
-/// switches on (Qwen2's q/k/v bias, Mistral's sliding window), not in structure.
+/// switches on (Qwen2's q/k/v bias, Qwen3's RMS norm of each q and k head), not in structure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen3's dense models: Qwen2's shapes without the q/k/v bias (unless `attention_bias`),
+    /// each q and k head RMS-normed before rotation.
+    Qwen3,
 }
 
 impl Architecture {
@@ -48,6 +51,7 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 
@@ -57,6 +61,7 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
         }
     }
 
@@ -65,6 +70,7 @@ impl Architecture {
             "LlamaForCausalLM" | "llama" => Some(Architecture::Llama),
             "MistralForCausalLM" | "mistral" => Some(Architecture::Mistral),
             "Qwen2ForCausalLM" | "qwen2" => Some(Architecture::Qwen2),
+            "Qwen3ForCausalLM" | "qwen3" => Some(Architecture::Qwen3),
             _ => None,
         }
     }
@@ -151,7 +157,8 @@ pub struct ModelConfig {
     pub bos_token_id: Option<TokenIds>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<TokenIds>,
-    /// Llama's switch for biases on q/k/v/o (Qwen2 always has q/k/v biases and no o bias).
+    /// Llama's and Qwen3's switch for biases on q/k/v/o (Qwen2 always has q/k/v biases and no
+    /// o bias).
     #[serde(default)]
     pub attention_bias: bool,
     #[serde(default = "default_hidden_act")]
@@ -352,14 +359,20 @@ impl ModelConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    /// Whether q/k/v projections carry a bias (Qwen2 always; Llama when `attention_bias`).
+    /// Whether q/k/v projections carry a bias (Qwen2 always; Llama and Qwen3 when
+    /// `attention_bias`).
     pub fn qkv_bias(&self) -> bool {
         self.architecture() == Architecture::Qwen2 || self.attention_bias
     }
 
-    /// Whether the output projection carries a bias (Llama with `attention_bias` only).
+    /// Whether the output projection carries a bias (Llama and Qwen3 with `attention_bias`).
     pub fn o_bias(&self) -> bool {
         self.architecture() != Architecture::Qwen2 && self.attention_bias
+    }
+
+    /// Whether each q and k head is RMS-normed (weights of `head_dim`) before rotation: Qwen3.
+    pub fn qk_norm(&self) -> bool {
+        self.architecture() == Architecture::Qwen3
     }
 
     pub fn eos_token_ids(&self) -> Vec<u32> {

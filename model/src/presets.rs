@@ -3,7 +3,7 @@
 //! Real shapes matter for benchmarks (bytes moved, FLOPs) and `tiny` keeps tests fast while
 //! still exercising GQA (heads > kv heads) and several layers.
 
-use crate::{ModelConfig, RopeScaling, TokenIds};
+use crate::{Architecture, ModelConfig, RopeScaling, TokenIds};
 
 /// Preset names, in the order `--help` lists them.
 pub const PRESET_NAMES: &[&str] = &[
@@ -13,6 +13,9 @@ pub const PRESET_NAMES: &[&str] = &[
     "llama-3.1-8b",
     "llama-3.1-70b",
     "llama-d128-2l",
+    "qwen3-0.6b",
+    "qwen3-8b",
+    "qwen3-d128-2l",
 ];
 
 /// The config of a preset, or `None` for an unknown name.
@@ -79,6 +82,32 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
             c.eos_token_id = Some(TokenIds::One(2));
             c
         }
+        "qwen3-0.6b" | "qwen3-8b" | "qwen3-d128-2l" => {
+            // Qwen3's dense models: q/k head norms, head_dim 128 whatever hidden/heads is
+            // (1024/16 = 64 for 0.6B). `qwen3-d128-2l`: two layers of 8B's with a 32k
+            // vocabulary, small enough for `gpu_bench check`'s CPU reference.
+            let (hidden, ffn, layers, heads, vocab) = match name {
+                "qwen3-0.6b" => (1024, 3072, 28, 16, 151936),
+                "qwen3-8b" => (4096, 12288, 36, 32, 151936),
+                _ => (4096, 12288, 2, 32, 32000),
+            };
+            let mut c = ModelConfig::llama(hidden, ffn, layers, heads, 8, vocab);
+            c.architectures = vec![Architecture::Qwen3.hf_class().into()];
+            c.model_type = Architecture::Qwen3.model_type().into();
+            c.head_dim = Some(128);
+            c.rms_norm_eps = 1e-6;
+            c.rope_theta = 1_000_000.0;
+            c.max_position_embeddings = 40960;
+            c.tie_word_embeddings = name == "qwen3-0.6b";
+            if vocab == 151936 {
+                c.bos_token_id = Some(TokenIds::One(151643));
+                c.eos_token_id = Some(TokenIds::One(151645));
+            } else {
+                c.bos_token_id = Some(TokenIds::One(1));
+                c.eos_token_id = Some(TokenIds::One(2));
+            }
+            c
+        }
         _ => return None,
     };
     Some(config)
@@ -98,6 +127,15 @@ mod tests {
             config.validate(std::path::Path::new(name)).unwrap();
         }
         assert!(preset("gpt-5").is_none());
+    }
+
+    #[test]
+    fn qwen3_presets_have_the_published_parameter_counts() {
+        // Qwen3-0.6B's card: 0.6B (0.44B without embeddings); Qwen3-8B's: 8.2B (6.95B).
+        let small = preset("qwen3-0.6b").unwrap();
+        assert!(small.qk_norm());
+        assert_eq!(small.parameter_count(), 596_049_920);
+        assert_eq!(preset("qwen3-8b").unwrap().parameter_count(), 8_190_735_360);
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub struct LayerTensorNames {
     pub k_bias: String,
     pub v_bias: String,
     pub o_bias: String,
+    /// Qwen3's per-head norms of q and k ([`ModelConfig::qk_norm`]), `[head_dim]` each.
+    pub q_norm: String,
+    pub k_norm: String,
     pub post_attention_norm: String,
     pub gate_proj: String,
     pub up_proj: String,
@@ -38,6 +41,8 @@ pub fn layer(layer: usize) -> LayerTensorNames {
         k_bias: format!("{p}.self_attn.k_proj.bias"),
         v_bias: format!("{p}.self_attn.v_proj.bias"),
         o_bias: format!("{p}.self_attn.o_proj.bias"),
+        q_norm: format!("{p}.self_attn.q_norm.weight"),
+        k_norm: format!("{p}.self_attn.k_norm.weight"),
         post_attention_norm: format!("{p}.post_attention_layernorm.weight"),
         gate_proj: format!("{p}.mlp.gate_proj.weight"),
         up_proj: format!("{p}.mlp.up_proj.weight"),
@@ -76,6 +81,10 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         if config.o_bias() {
             tensors.push((n.o_bias, vec![hidden]));
         }
+        if config.qk_norm() {
+            tensors.push((n.q_norm, vec![config.head_dim()]));
+            tensors.push((n.k_norm, vec![config.head_dim()]));
+        }
         tensors.push((n.post_attention_norm, vec![hidden]));
         tensors.push((n.gate_proj, vec![ffn, hidden]));
         tensors.push((n.up_proj, vec![ffn, hidden]));
@@ -106,7 +115,7 @@ mod tests {
         ] {
             assert!(is_projection(name), "{name}");
         }
-        for name in [&n.q_bias, &n.input_norm, &n.post_attention_norm] {
+        for name in [&n.q_bias, &n.input_norm, &n.post_attention_norm, &n.q_norm] {
             assert!(!is_projection(name), "{name}");
         }
         assert!(

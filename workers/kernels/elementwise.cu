@@ -521,6 +521,43 @@ extern "C" __global__ void silu_mul_quant_bf16(const bf16* __restrict__ gate_up,
     silu_mul_quant_rows(gate_up, out, q8, q_scales, rows, f);
 }
 
+// Qwen3's RMS norm of each q and k head of fused q/k/v rows, in place, v untouched: one warp a
+// head (`q_heads` heads by `q_w`, then `k_heads` by `k_w`, `d` values each), blockDim.x / 32
+// heads a block, grid (rows, head groups). bf16 rows are rounded once, after the weight.
+template <typename T>
+__device__ __forceinline__ void head_rms_norm_warp(T* __restrict__ qkv,
+                                                   const float* __restrict__ q_w,
+                                                   const float* __restrict__ k_w, int cols,
+                                                   int q_heads, int k_heads, int d, float eps) {
+    const int h = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (h >= q_heads + k_heads) return;
+    T* head = qkv + (long long)blockIdx.x * cols + (long long)h * d;
+    const float* w = h < q_heads ? q_w : k_w;
+    float ss = 0.0f;
+    for (int c = lane; c < d; c += 32) {
+        const float v = load1_value(head + c);
+        ss += v * v;
+    }
+    const float inv = rsqrtf(warp_sum(ss) / d + eps);
+    for (int c = lane; c < d; c += 32) store1_value(head + c, load1_value(head + c) * inv * w[c]);
+}
+
+extern "C" __global__ void head_rms_norm(float* __restrict__ qkv, const float* __restrict__ q_w,
+                                         const float* __restrict__ k_w, int cols, int q_heads,
+                                         int k_heads, int d, float eps) {
+    pdl_enter();
+    head_rms_norm_warp(qkv, q_w, k_w, cols, q_heads, k_heads, d, eps);
+}
+
+extern "C" __global__ void head_rms_norm_bf16(bf16* __restrict__ qkv,
+                                              const float* __restrict__ q_w,
+                                              const float* __restrict__ k_w, int cols,
+                                              int q_heads, int k_heads, int d, float eps) {
+    pdl_enter();
+    head_rms_norm_warp(qkv, q_w, k_w, cols, q_heads, k_heads, d, eps);
+}
+
 // y[r, c] += bias[c]
 extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restrict__ bias, int cols,
                                     long long total) {

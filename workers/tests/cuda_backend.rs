@@ -4,6 +4,8 @@
 //! (tandem-test-skip) that the device scripts count; on the device machine they run (see
 //! docs/benchmarks.md, "GPU").
 
+mod parity_support;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -95,6 +97,28 @@ fn cuda_logits_and_greedy_tokens_match_the_cpu() {
             cuda_matches_cpu_on(&dir, &cuda, 1.5e-2);
         }
     }
+}
+
+/// Qwen3's per-head q/k norms (the committed tiny Qwen3, its norms random, head_dim 32 apart
+/// from hidden/heads, weights rounded to bf16 for both backends): the GPU's prefill and
+/// decode steps against the CPU's, in f32 rows (decode sizes) and bf16 rows (the 150-token
+/// prompt), with the norm kernel launched once a layer a forward.
+#[test]
+fn qwen3_head_norms_on_the_gpu_match_the_cpu() {
+    if no_gpu() {
+        return;
+    }
+    let dir = parity_support::bf16_copy("tiny-qwen3");
+    let launches = cuda_matches_cpu_on(&dir, &CudaOptions::from_env(0), 1.5e-2);
+    let norms = launches.get("head_rms_norm").copied().unwrap_or(0);
+    let forwards = launches.get("embedding").copied().unwrap_or(0)
+        + launches.get("embedding_bf16").copied().unwrap_or(0);
+    assert!(forwards > 0, "no forward counted");
+    assert_eq!(
+        norms,
+        2 * forwards,
+        "two layers: one norm launch each a forward"
+    );
 }
 
 /// The residual stream held in bf16 between layers (`residual_stream_bf16`): the same

@@ -7,9 +7,8 @@
 
 mod parity_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use half::bf16;
 use parity_support::*;
 use tandem_workers::backend::cpu::CpuBackend;
 use tandem_workers::model::{ForwardBatch, Model};
@@ -134,40 +133,6 @@ fn check(model_dir: &Path) {
     }
 }
 
-/// A bf16 copy of a committed f32 fixture model (weights rounded to bf16), in the test tmpdir.
-fn bf16_copy(name: &str) -> PathBuf {
-    let src = fixture_dir(name);
-    let dst = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-bf16"));
-    std::fs::create_dir_all(&dst).expect("tmp dir");
-    let bytes = std::fs::read(src.join("model.safetensors")).expect("fixture weights");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("fixture safetensors");
-    let mut converted = Vec::new();
-    for (name, view) in st.iter() {
-        assert_eq!(view.dtype(), safetensors::Dtype::F32);
-        let data: Vec<u8> = view
-            .data()
-            .chunks_exact(4)
-            .flat_map(|b| {
-                bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes()
-            })
-            .collect();
-        converted.push((name.to_string(), view.shape().to_vec(), data));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = converted
-        .iter()
-        .map(|(n, shape, data)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), data)
-                    .expect("view");
-            (n.clone(), view)
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors"))
-        .expect("write bf16");
-    std::fs::copy(src.join("config.json"), dst.join("config.json")).expect("config");
-    dst
-}
-
 #[test]
 fn f32_llama_is_batch_invariant() {
     check(&fixture_dir("tiny-llama"));
@@ -176,6 +141,11 @@ fn f32_llama_is_batch_invariant() {
 #[test]
 fn f32_qwen2_is_batch_invariant() {
     check(&fixture_dir("tiny-qwen2"));
+}
+
+#[test]
+fn f32_qwen3_is_batch_invariant() {
+    check(&fixture_dir("tiny-qwen3"));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Logit and greedy parity of the CPU model with Hugging Face transformers (float32) on tiny
 //! random models committed with their reference outputs: Llama, Llama with llama3 rope scaling,
-//! and Qwen2 (q/k/v bias, tied embeddings); regenerate with
+//! Qwen2 (q/k/v bias, tied embeddings) and Qwen3 (q and k heads RMS-normed, head_dim 32 where
+//! hidden/heads is 16); regenerate with
 //! `scripts/fixtures/parity_reference.py tiny`. And our own `model-prep random --preset tiny
 //! --seed 0` model (`$TANDEM_TEST_MODELS/tiny`), whose reference is committed; regenerate it
 //! with `scripts/fixtures/parity_reference.py dir --model target/test-models/tiny --name
@@ -69,6 +70,11 @@ fn tiny_llama3_rope_scaling_matches_transformers() {
 #[test]
 fn tiny_qwen2_with_qkv_bias_matches_transformers() {
     check_model("tiny-qwen2");
+}
+
+#[test]
+fn tiny_qwen3_with_head_norms_matches_transformers() {
+    check_model("tiny-qwen3");
 }
 
 #[test]

@@ -100,7 +100,7 @@ fn check(name: &str, dir: &Path, reference: &Path) {
 
 #[test]
 fn two_ranks_match_the_reference_and_the_whole_model() {
-    for name in ["tiny-llama", "tiny-llama3-rope", "tiny-qwen2"] {
+    for name in ["tiny-llama", "tiny-llama3-rope", "tiny-qwen2", "tiny-qwen3"] {
         check(name, &fixture_dir(name), &fixture_dir(name));
     }
     // model-prep's own tiny model (bf16 checkpoints are covered by the same split).

@@ -159,6 +159,7 @@ pub fn architecture(file: &GgufFile) -> Result<Architecture> {
     match arch {
         "llama" => Ok(Architecture::Llama),
         "qwen2" => Ok(Architecture::Qwen2),
+        "qwen3" => Ok(Architecture::Qwen3),
         other => Err(ConfigFromGgufError::UnknownArchitecture(other.to_string())),
     }
 }
@@ -226,7 +227,8 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
         eos_token_id: meta
             .opt_u32("tokenizer.ggml.eos_token_id")?
             .map(TokenIds::One),
-        attention_bias: architecture == Architecture::Llama && has("blk.0.attn_q.bias"),
+        attention_bias: matches!(architecture, Architecture::Llama | Architecture::Qwen3)
+            && has("blk.0.attn_q.bias"),
         hidden_act: "silu".into(),
         sliding_window: None,
         rope_parameters: None,

@@ -80,6 +80,8 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
         "attn_k.bias" => n.k_bias,
         "attn_v.bias" => n.v_bias,
         "attn_output.bias" => n.o_bias,
+        "attn_q_norm.weight" => n.q_norm,
+        "attn_k_norm.weight" => n.k_norm,
         "ffn_norm.weight" => n.post_attention_norm,
         "ffn_gate.weight" => n.gate_proj,
         "ffn_up.weight" => n.up_proj,

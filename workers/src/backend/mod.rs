@@ -307,6 +307,18 @@ pub trait Backend: Send + Sync {
         self.linear(x, weight, bias)
     }
 
+    /// On fused q/k/v rows as [`Self::linear_qkv`] wrote them: RMS-normalizes each q head by
+    /// `q_norm` and each k head by `k_norm` (vectors of `head_dim`), in place, leaving v as
+    /// it is (Qwen3's norms, before rotation). Rows keep the width and type they had.
+    fn head_rms_norm(
+        &self,
+        qkv: &mut Self::Tensor,
+        q_norm: &Self::Weight,
+        k_norm: &Self::Weight,
+        shape: &AttentionShape,
+        eps: f32,
+    ) -> Result<(), BackendError>;
+
     /// On fused q/k/v rows (`[tokens, qkv_width]`): applies the rotary embedding to q (in
     /// place) and k, and writes the rotated k and v of every token into `layer` of its KV slot.
     /// Rows [`Self::linear_qkv`] wrote narrower are widened first: after it, `qkv` holds them

@@ -1,5 +1,6 @@
 //! The Llama-family model (Llama 2/3 with llama3 rope scaling, Mistral, Qwen2 with q/k/v bias,
-//! tied embeddings), written once against [`crate::backend::Backend`].
+//! Qwen3 with per-head q/k norms, tied embeddings), written once against
+//! [`crate::backend::Backend`].
 //!
 //! - [`batch`]: the input of one forward (flattened tokens of several sequences).
 //! - [`weights`]: the memory-mapped safetensors and their checks.
@@ -73,6 +74,8 @@ struct Layer<B: Backend> {
     input_norm: B::Weight,
     qkv: B::Weight,
     qkv_bias: Option<B::Weight>,
+    /// Qwen3's norms of each q and of each k head, `[head_dim]` each (whole on every rank).
+    qk_norm: Option<(B::Weight, B::Weight)>,
     o_proj: B::Weight,
     o_bias: Option<B::Weight>,
     post_attention_norm: B::Weight,
@@ -237,6 +240,14 @@ impl<B: Backend> Model<B> {
                     let k = part(&n.k_bias, Split::Rows(kv_rows.clone()));
                     let v = part(&n.v_bias, Split::Rows(kv_rows.clone()));
                     Some(backend.upload_weight(&[q.view(), k.view(), v.view()])?)
+                } else {
+                    None
+                },
+                qk_norm: if config.qk_norm() {
+                    Some((
+                        backend.upload_weight(&[get(&n.q_norm).view()])?,
+                        backend.upload_weight(&[get(&n.k_norm).view()])?,
+                    ))
                 } else {
                     None
                 },
@@ -456,6 +467,9 @@ impl<B: Backend> Model<B> {
                 Some(m) => b.add_rms_norm(&mut residual, m, &layer.input_norm, self.eps)?,
             };
             let mut qkv = b.linear_qkv(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
+            if let Some((q_norm, k_norm)) = &layer.qk_norm {
+                b.head_rms_norm(&mut qkv, q_norm, k_norm, &self.shape, self.eps)?;
+            }
             b.rope_and_cache_write(&mut qkv, meta, &self.shape, kv, i)?;
             b.prefetch_weight(&layer.o_proj);
             let attn = b.paged_attention(&qkv, meta, &self.shape, kv, i)?;

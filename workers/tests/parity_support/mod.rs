@@ -39,6 +39,40 @@ pub fn fixture_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A bf16 copy of a committed f32 fixture model (weights rounded to bf16), in the test tmpdir.
+pub fn bf16_copy(name: &str) -> PathBuf {
+    let src = fixture_dir(name);
+    let dst = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-bf16"));
+    std::fs::create_dir_all(&dst).expect("tmp dir");
+    let bytes = std::fs::read(src.join("model.safetensors")).expect("fixture weights");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("fixture safetensors");
+    let mut converted = Vec::new();
+    for (name, view) in st.iter() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32);
+        let data: Vec<u8> = view
+            .data()
+            .chunks_exact(4)
+            .flat_map(|b| {
+                half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes()
+            })
+            .collect();
+        converted.push((name.to_string(), view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = converted
+        .iter()
+        .map(|(n, shape, data)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), data)
+                    .expect("view");
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors"))
+        .expect("write bf16");
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).expect("config");
+    dst
+}
+
 /// `$TANDEM_TEST_MODELS/<name>` (default `<workspace>/target/test-models/<name>`), which
 /// `scripts/test-models` prepares; panics with that instruction when it is missing.
 pub fn test_model_dir(name: &str) -> PathBuf {

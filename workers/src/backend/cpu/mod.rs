@@ -520,6 +520,32 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(rows, n, out))
     }
 
+    fn head_rms_norm(
+        &self,
+        qkv: &mut CpuTensor,
+        q_norm: &CpuWeight,
+        k_norm: &CpuWeight,
+        shape: &AttentionShape,
+        eps: f32,
+    ) -> Result<(), BackendError> {
+        let d = shape.head_dim;
+        let (q, k) = (
+            q_norm.as_vector("head_rms_norm", d)?,
+            k_norm.as_vector("head_rms_norm", d)?,
+        );
+        let width = (shape.num_heads + 2 * shape.num_kv_heads) * d;
+        if qkv.cols != width {
+            return Err(shape_err(
+                "head_rms_norm",
+                format!("rows of {} where q/k/v rows are {width} wide", qkv.cols),
+            ));
+        }
+        let heads = (shape.num_heads, shape.num_kv_heads);
+        self.pool
+            .install(|| norm::head_rms_norm(&mut qkv.data, width, heads, q, k, eps));
+        Ok(())
+    }
+
     fn rope_and_cache_write(
         &self,
         qkv: &mut CpuTensor,

@@ -46,6 +46,39 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     });
 }
 
+/// RMSNorm of each head of the q and k parts of fused q/k/v rows (`[rows, cols]`, q's
+/// `q_heads` heads then k's `k_heads`, `head_dim` values each; v untouched), in place: q heads
+/// by `q_weight`, k heads by `k_weight` (Qwen3's `q_norm` and `k_norm`).
+pub fn head_rms_norm(
+    qkv: &mut [f32],
+    cols: usize,
+    (q_heads, k_heads): (usize, usize),
+    q_weight: &[f32],
+    k_weight: &[f32],
+    eps: f32,
+) {
+    let head_dim = q_weight.len();
+    assert_eq!(
+        k_weight.len(),
+        head_dim,
+        "head_rms_norm: q and k norms differ"
+    );
+    assert!(
+        (q_heads + k_heads) * head_dim <= cols,
+        "head_rms_norm: {q_heads} + {k_heads} heads of {head_dim} in rows of {cols}"
+    );
+    let normed = (q_heads + k_heads) * head_dim;
+    for_rows(qkv, cols, |_, row| {
+        for (h, head) in row[..normed].chunks_mut(head_dim).enumerate() {
+            let weight = if h < q_heads { q_weight } else { k_weight };
+            let inv = 1.0 / (dot(head, head) / head_dim as f32 + eps).sqrt();
+            for (v, &w) in head.iter_mut().zip(weight) {
+                *v = (*v * inv) * w;
+            }
+        }
+    });
+}
+
 /// `residual += x`, then `out = rms_norm(residual)`, row by row in one pass.
 pub fn add_rms_norm(residual: &mut [f32], x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let cols = weight.len();
@@ -173,6 +206,30 @@ mod tests {
             rms_norm(&summed, &w, 1e-6, &mut expected);
             assert_eq!(out, expected);
             close(&out, &rms_norm_slow(&summed, &w, 1e-6), 1e-5);
+        }
+    }
+
+    #[test]
+    fn head_rms_norm_norms_each_q_and_k_head_and_leaves_v() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let (q_heads, k_heads, d) = (4, 2, 16);
+        let cols = (q_heads + 2 * k_heads) * d;
+        for rows in [1, 20] {
+            let x = random(&mut rng, rows * cols);
+            let (qw, kw) = (random(&mut rng, d), random(&mut rng, d));
+            let mut y = x.clone();
+            head_rms_norm(&mut y, cols, (q_heads, k_heads), &qw, &kw, 1e-6);
+            for (xr, yr) in x.chunks(cols).zip(y.chunks(cols)) {
+                for h in 0..q_heads + 2 * k_heads {
+                    let (head, out) = (&xr[h * d..(h + 1) * d], &yr[h * d..(h + 1) * d]);
+                    if h < q_heads + k_heads {
+                        let w = if h < q_heads { &qw } else { &kw };
+                        close(out, &rms_norm_slow(head, w, 1e-6), 1e-5);
+                    } else {
+                        assert_eq!(out, head, "v head {h} changed");
+                    }
+                }
+            }
         }
     }
 

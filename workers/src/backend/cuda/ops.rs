@@ -499,6 +499,72 @@ impl Backend for CudaBackend {
         self.project_qkv(x, weight, bias)
     }
 
+    fn head_rms_norm(
+        &self,
+        qkv: &mut CudaTensor,
+        q_norm: &CudaWeight,
+        k_norm: &CudaWeight,
+        shape: &AttentionShape,
+        eps: f32,
+    ) -> Result<(), BackendError> {
+        let d = shape.head_dim;
+        let (qw, kw) = (
+            Self::check_vector("head_rms_norm", q_norm, d)?,
+            Self::check_vector("head_rms_norm", k_norm, d)?,
+        );
+        let width = (shape.num_heads + 2 * shape.num_kv_heads) * d;
+        if qkv.cols != width {
+            return Err(shape_err(
+                "head_rms_norm",
+                format!("rows of {} where q/k/v rows are {width} wide", qkv.cols),
+            ));
+        }
+        let heads = shape.num_heads + shape.num_kv_heads;
+        let (cols, q_heads, k_heads, dim) = (
+            width as i32,
+            shape.num_heads as i32,
+            shape.num_kv_heads as i32,
+            d as i32,
+        );
+        // One warp a head, four heads a block.
+        const HEADS_PER_BLOCK: usize = 4;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                qkv.rows.max(1) as u32,
+                heads.div_ceil(HEADS_PER_BLOCK) as u32,
+                1,
+            ),
+            block_dim: (32 * HEADS_PER_BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = match &mut qkv.data {
+            DeviceData::F32(x) => {
+                let mut b = self.kernel_args(&self.kernels.head_rms_norm);
+                b.arg(x);
+                b
+            }
+            DeviceData::Bf16(x) => {
+                let mut b = self.kernel_args(&self.kernels.head_rms_norm_bf16);
+                b.arg(x);
+                b
+            }
+            DeviceData::Fp8CodesOnly => {
+                return Err(shape_err(
+                    "head_rms_norm",
+                    "q/k/v rows held only as FP8 codes, not values".into(),
+                ));
+            }
+        };
+        b.arg(qw)
+            .arg(kw)
+            .arg(&cols)
+            .arg(&q_heads)
+            .arg(&k_heads)
+            .arg(&dim)
+            .arg(&eps);
+        self.launch(b, cfg, "head_rms_norm")
+    }
+
     fn rope_and_cache_write(
         &self,
         qkv: &mut CudaTensor,
