@@ -260,6 +260,8 @@ pub struct Plan {
     pub response_store_mib: Option<usize>,
     /// The config's `tool_call_parser` (absent: the api-server's default, `auto`).
     pub tool_call_parser: Option<tandem_protocol::config::ToolCallParser>,
+    /// The config's `reasoning_parser` (absent: none).
+    pub reasoning_parser: Option<tandem_protocol::config::ReasoningParser>,
     /// The config's `generation_config` (absent: the api-server's default, `auto`).
     pub generation_config: Option<tandem_protocol::config::GenerationConfigSource>,
     /// The workers' KV secret.
@@ -442,6 +444,7 @@ pub fn plan(
         migration_limit: config.migration_limit,
         response_store_mib: config.response_store_mib,
         tool_call_parser: config.tool_call_parser,
+        reasoning_parser: config.reasoning_parser,
         generation_config: config.generation_config.clone(),
         kv_secret,
         warnings,
@@ -589,6 +592,7 @@ impl Plan {
                 .response_store_mib
                 .unwrap_or(tandem_cli::args::DEFAULT_RESPONSE_STORE_MIB),
             tool_call_parser: self.tool_call_parser.unwrap_or_default(),
+            reasoning_parser: self.reasoning_parser.unwrap_or_default(),
             generation_config: self.generation_config.clone().unwrap_or_default(),
             ..ApiServerArgs::new(self.model.clone())
         }
@@ -1090,6 +1094,7 @@ generation_servers: { device: "cuda:1" }
         let yaml = r#"
 router: { policy: round_robin, worker_timeout_ms: 1500, max_local_prefill_length: 16 }
 tool_call_parser: llama3_json
+reasoning_parser: deepseek_r1
 generation_config: none
 cache_transceiver_config: { max_tokens_in_buffer: 4096, transfer_pool_mb: 64 }
 context_servers: { num_instances: 2, device: ["cuda:0", "cuda:1"], cuda_graphs: false }
@@ -1110,6 +1115,10 @@ generation_servers:
         assert_eq!(
             args.tool_call_parser,
             tandem_protocol::config::ToolCallParser::Llama3Json
+        );
+        assert_eq!(
+            args.reasoning_parser,
+            tandem_protocol::config::ReasoningParser::DeepseekR1
         );
         assert_eq!(
             args.generation_config,

@@ -407,6 +407,8 @@ pub const CHAT_MESSAGE: EndpointFields = EndpointFields {
         ),
         ("tool_calls", Served),
         ("tool_call_id", Served),
+        ("reasoning", Served),
+        ("reasoning_content", Served),
         (
             "function_call",
             Refused {

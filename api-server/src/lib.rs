@@ -20,8 +20,9 @@
 //!
 //! At the bottom, importing nothing of the crate: [`openai`] (the wire types), [`outcomes`]
 //! (the fallback and migration reasons and live-worker counts that dispatch and the router
-//! report and [`metrics`] exports), [`event_stream`] (the `data:` frames of a stream) and
-//! [`refusals`] (runs of 429s as the log tells them).
+//! report and [`metrics`] exports), [`event_stream`] (the `data:` frames of a stream),
+//! [`refusals`] (runs of 429s as the log tells them) and [`reasoning`] (a reasoning model's
+//! thinking split from its answer).
 //! Modules import only downward: no module imports one that imports it back.
 //! The bus contract itself is the `tandem-protocol` crate; see docs/protocol.md.
 
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod openai;
 pub mod outcomes;
 pub mod prompt;
+pub mod reasoning;
 pub mod refusals;
 pub mod reply_id;
 pub mod response_store;

@@ -21,8 +21,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: ServerConfig) -> anyhow::Result<()> {
-    let codec = api_server::prompt::load_codec(&config.model, config.tool_call_parser)
-        .with_context(|| format!("loading the tokenizer of {}", config.model.display()))?;
+    let codec = api_server::prompt::load_codec(
+        &config.model,
+        config.tool_call_parser,
+        config.reasoning_parser,
+    )
+    .with_context(|| format!("loading the tokenizer of {}", config.model.display()))?;
     api_server::server::serve(config, Arc::from(codec)).await?;
     Ok(())
 }

@@ -7,11 +7,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tandem_protocol::config::ToolCallParser;
+use tandem_protocol::config::{ReasoningParser, ToolCallParser};
 use tandem_text::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, RenderOptions};
 use tandem_text::tokenizer::TextTokenizer;
 
 use crate::error::ApiError;
+use crate::reasoning::{THINK_END, THINK_START};
 use crate::tools::render::template_input;
 use crate::tools::{ToolFormat, ToolRequest, ToolSupport};
 use crate::validation::chat_rendering::cut_after_final_message;
@@ -79,8 +80,8 @@ pub trait PromptCodec: Send + Sync + 'static {
     /// How this model's tool calls are rendered and parsed; `None`: tool calling is off.
     fn tool_support(&self) -> Option<ToolSupport>;
     /// The text of `id` when it is a special token of the tool-call markup (Mistral's
-    /// `[TOOL_CALLS]`, Llama's `<|python_tag|>`): the workers' detokenizer skips special
-    /// tokens, so the parser gets their text from here.
+    /// `[TOOL_CALLS]`, Llama's `<|python_tag|>`) or, with a reasoning parser, a think marker:
+    /// the workers' detokenizer skips special tokens, so the parsers get their text from here.
     fn marker_text(&self, id: u32) -> Option<&str>;
 }
 
@@ -232,10 +233,12 @@ pub fn bad_words_token_ids(
 }
 
 /// Loads the model directory's tokenizer and chat template (tandem-text), and decides how
-/// tool calls are rendered and parsed (`parser`, `--tool-call-parser`).
+/// tool calls are rendered and parsed (`parser`, `--tool-call-parser`) and whether replies'
+/// think markers are read (`reasoning`, `--reasoning-parser`).
 pub fn load_codec(
     model_dir: &std::path::Path,
     parser: ToolCallParser,
+    reasoning: ReasoningParser,
 ) -> Result<Box<dyn PromptCodec>, PromptError> {
     let tokenizer =
         TextTokenizer::load(model_dir).map_err(|e| PromptError::Tokenizer(e.to_string()))?;
@@ -263,9 +266,13 @@ pub fn load_codec(
         ),
         None => tracing::info!("tool calling off (--tool-call-parser none, or no chat template)"),
     }
-    let markers = tool_support
-        .map(|support| marker_tokens(&tokenizer, support.format))
+    let mut wanted: Vec<&'static str> = tool_support
+        .map(|support| support.format.markers().to_vec())
         .unwrap_or_default();
+    if reasoning != ReasoningParser::None {
+        wanted.extend([THINK_START, THINK_END]);
+    }
+    let markers = marker_tokens(&tokenizer, &wanted);
     Ok(Box::new(TextCodec {
         tokenizer,
         template,
@@ -305,11 +312,13 @@ pub fn tool_support(
     Some(ToolSupport { format, native })
 }
 
-/// The markers of `format` that are special tokens of this tokenizer (skipped when
-/// detokenized), by id.
-fn marker_tokens(tokenizer: &TextTokenizer, format: ToolFormat) -> HashMap<u32, &'static str> {
-    format
-        .markers()
+/// The `markers` that are special tokens of this tokenizer (skipped when detokenized), by
+/// id.
+fn marker_tokens(
+    tokenizer: &TextTokenizer,
+    markers: &[&'static str],
+) -> HashMap<u32, &'static str> {
+    markers
         .iter()
         .filter_map(|&marker| {
             let id = tokenizer.token_to_id(marker)?;

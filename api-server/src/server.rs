@@ -82,6 +82,7 @@ pub fn model_limits(config: &ServerConfig) -> Result<ModelLimits, StartError> {
         // Filled from the prompt codec in `serve`.
         tool_support: None,
         sampling_defaults,
+        reasoning_parser: config.reasoning_parser,
     })
 }
 

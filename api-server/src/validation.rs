@@ -48,6 +48,8 @@ pub struct ModelLimits {
     pub tool_support: Option<ToolSupport>,
     /// What requests that omit sampling fields get (the model's `generation_config.json`).
     pub sampling_defaults: SamplingDefaults,
+    /// Which reasoning markup chat replies are split by (`--reasoning-parser`).
+    pub reasoning_parser: tandem_protocol::config::ReasoningParser,
 }
 
 /// A chat role we serve. `developer` (OpenAI's newer name for system) maps to system.
@@ -82,6 +84,10 @@ pub struct Turn {
     /// A tool turn: the function that was called (the message's `name`, else the name of the
     /// call with `tool_call_id`).
     pub name: Option<String>,
+    /// An assistant turn's reasoning, sent back as a reply gave it (`reasoning` or
+    /// `reasoning_content`): given to the chat template as `reasoning_content`, which
+    /// reasoning models' templates read (Qwen3's keeps the last turns' thinking).
+    pub reasoning: Option<String>,
 }
 
 impl Turn {
@@ -93,6 +99,7 @@ impl Turn {
             tool_calls: Vec::new(),
             tool_call_id: None,
             name: None,
+            reasoning: None,
         }
     }
 }
@@ -573,12 +580,34 @@ fn validate_message(index: usize, message: &ChatMessage) -> Result<Turn, ApiErro
             ));
         }
     };
+    let reasoning = match (&message.reasoning, &message.reasoning_content) {
+        (None, None) => None,
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::invalid(
+                "reasoning and reasoning_content are two names of one text: they differ",
+                &format!("{param}.reasoning_content"),
+            ));
+        }
+        (Some(text), _) | (None, Some(text)) if role == Role::Assistant => Some(text.clone()),
+        (reasoning, _) => {
+            let field = if reasoning.is_some() {
+                "reasoning"
+            } else {
+                "reasoning_content"
+            };
+            return Err(ApiError::invalid(
+                "only assistant messages carry reasoning",
+                &format!("{param}.{field}"),
+            ));
+        }
+    };
     Ok(Turn {
         role,
         content,
         tool_calls,
         tool_call_id,
         name: message.name.clone().filter(|_| role == Role::Tool),
+        reasoning,
     })
 }
 
@@ -928,6 +957,7 @@ mod tests {
                 native: false,
             }),
             sampling_defaults: SamplingDefaults::default(),
+            reasoning_parser: Default::default(),
         }
     }
 

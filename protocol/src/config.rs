@@ -92,6 +92,39 @@ impl ToolCallParser {
     }
 }
 
+/// Which reasoning markup the api-server splits out of chat replies (`--reasoning-parser`,
+/// config key `reasoning_parser`; vLLM's names). Both read `<think>...</think>`: the text
+/// inside is the reply's `reasoning`, the rest its answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasoningParser {
+    /// Replies are all answer: thinking stays in `content`.
+    #[default]
+    None,
+    /// Qwen3 (and QwQ): `<think>` opens the reply, or the prompt when its template does.
+    Qwen3,
+    /// DeepSeek-R1 and its distills: the template opens `<think>` in the prompt.
+    DeepseekR1,
+}
+
+impl ReasoningParser {
+    /// Every choice, in declaration order.
+    pub const ALL: [ReasoningParser; 3] = [
+        ReasoningParser::None,
+        ReasoningParser::Qwen3,
+        ReasoningParser::DeepseekR1,
+    ];
+
+    /// The name on the command line and in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReasoningParser::None => "none",
+            ReasoningParser::Qwen3 => "qwen3",
+            ReasoningParser::DeepseekR1 => "deepseek_r1",
+        }
+    }
+}
+
 /// Where the api-server takes the sampling defaults of requests that omit them
 /// (`--generation-config`, config key `generation_config`; vLLM's flag of the same name).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -577,6 +610,9 @@ pub struct DeploymentConfig {
     /// (tandem) Which tool-call markup the api-server parses: `auto` (from the chat
     /// template), `hermes`, `llama3_json`, `mistral` or `none`. Absent: `auto`.
     pub tool_call_parser: Option<ToolCallParser>,
+    /// Which reasoning markup the api-server splits out of chat replies into `reasoning`:
+    /// `qwen3`, `deepseek_r1` or `none` (vLLM's `--reasoning-parser`). Absent: `none`.
+    pub reasoning_parser: Option<ReasoningParser>,
     /// (tandem) Where requests that omit sampling fields take their defaults from: `auto`
     /// (the model directory's generation_config.json), `none` (OpenAI's defaults) or a
     /// directory holding a generation_config.json. Absent: `auto`.
@@ -622,6 +658,7 @@ impl Default for DeploymentConfig {
             migration_limit: None,
             response_store_mib: None,
             tool_call_parser: None,
+            reasoning_parser: None,
             generation_config: None,
             kv_secret_file: None,
             ignored: BTreeMap::new(),

@@ -85,6 +85,10 @@ pub struct ChatMessage {
     pub tool_calls: Option<Vec<RequestToolCall>>,
     /// A `tool` message: the call it answers.
     pub tool_call_id: Option<String>,
+    /// An assistant message's reasoning, as a reply with a reasoning parser gave it (vLLM's
+    /// name, and the older `reasoning_content`).
+    pub reasoning: Option<String>,
+    pub reasoning_content: Option<String>,
 }
 
 /// `content`: a string, or a list of typed parts of which only `text` parts are served.
@@ -136,8 +140,16 @@ pub struct ChatChoice {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    /// `null` when the reply is only tool calls.
+    /// `null` when the reply is only tool calls (or, with a reasoning parser, only
+    /// reasoning: cut off before its answer).
     pub content: Option<String>,
+    /// With a reasoning parser, the thinking the model wrote before its answer (vLLM's
+    /// field); absent for a reply that did not reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// The same text under its older name (DeepSeek's API, vLLM before 0.11).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     pub refusal: Option<String>,
     /// Present only when the model called tools.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -197,6 +209,23 @@ pub struct Delta {
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallDelta>>,
+    /// Reasoning text of this chunk ([`AssistantMessage::reasoning`]), under both names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+}
+
+impl Delta {
+    /// A delta with `text` as its reasoning (both names); none when it is empty.
+    pub fn reasoning(text: String) -> Delta {
+        let text = (!text.is_empty()).then_some(text);
+        Delta {
+            reasoning_content: text.clone(),
+            reasoning: text,
+            ..Delta::default()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -268,6 +297,8 @@ mod tests {
                 message: AssistantMessage {
                     role: "assistant",
                     content: Some("Hello there.".into()),
+                    reasoning: None,
+                    reasoning_content: None,
                     refusal: None,
                     tool_calls: Vec::new(),
                 },
@@ -315,7 +346,7 @@ mod tests {
                 delta: Delta {
                     role: Some("assistant"),
                     content: Some(String::new()),
-                    tool_calls: None,
+                    ..Delta::default()
                 },
                 logprobs: None,
                 finish_reason: None,
@@ -335,7 +366,7 @@ mod tests {
                 delta: Delta {
                     role: None,
                     content: Some("Hi".into()),
-                    tool_calls: None,
+                    ..Delta::default()
                 },
                 logprobs: Some(ChatLogprobs {
                     content: vec![TokenLogprob {

@@ -1,9 +1,12 @@
 //! `POST /v1/chat/completions`, streamed (`chat.completion.chunk` events) or not.
 
+use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, post, web};
 use bytes::Bytes;
+use tandem_protocol::config::ReasoningParser;
 use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
 
 use super::logprobs::{chat_entry, vllm_prompt_logprobs};
@@ -21,6 +24,7 @@ use crate::openai::{
     ToolCallDelta, Usage,
 };
 use crate::prompt::PromptCodec;
+use crate::reasoning::{ReasoningSplitter, THINK_END, THINK_START, prompt_opens_thinking};
 use crate::sse::{ChunkFormat, sse_data};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::new_call_id;
@@ -72,8 +76,26 @@ pub async fn chat_completions(
         let prompt_ids: Arc<[u32]> = Arc::from(generations.first()?.prompt_ids());
         Some((prompt_ids, top as usize))
     });
+    // With a reasoning parser, whether the prompt left a think block open for the reply.
+    let reasoning = (state.limits.reasoning_parser != ReasoningParser::None).then(|| {
+        let tail = generations.first().map_or(&[][..], |g| {
+            let ids = g.prompt_ids();
+            &ids[ids.len().saturating_sub(PROMPT_TAIL_TOKENS)..]
+        });
+        let opened = state
+            .codec
+            .decode_text(tail)
+            .is_ok_and(|text| prompt_opens_thinking(&text));
+        (opened, Arc::new(AtomicU32::new(0)))
+    });
     // One format per choice: each choice's tool calls are parsed from its own text.
     let chunks = |index: usize| ChatChunks {
+        reasoning: reasoning
+            .as_ref()
+            .map(|(opened, _)| ReasoningSplitter::new(*opened)),
+        reasoning_tokens: reasoning
+            .as_ref()
+            .map_or_else(Default::default, |(_, total)| total.clone()),
         prompt_logprobs: prompt_logprobs.clone(),
         echo: valid.chat_echo.clone(),
         running: valid
@@ -99,8 +121,17 @@ pub async fn chat_completions(
     Ok(ids.echoed(reply))
 }
 
+/// Prompt tokens read back to see whether the prompt ends inside an open think block (its
+/// generation prompt's `<think>` and the newline after it).
+const PROMPT_TAIL_TOKENS: usize = 8;
+
 /// The chunks of one streamed chat completion, or the whole completion of one that is not.
 pub struct ChatChunks {
+    /// Splits the reply's reasoning from its answer (`--reasoning-parser`).
+    pub reasoning: Option<ReasoningSplitter>,
+    /// The reasoning tokens of every choice of the request, added as each finishes; the
+    /// usage (sent once, after them all) reads it.
+    pub reasoning_tokens: Arc<AtomicU32>,
     pub id: String,
     /// The choice these chunks carry.
     pub index: u32,
@@ -134,6 +165,18 @@ pub(super) fn parser_text(codec: &dyn PromptCodec, tokens: &[TokenEvent]) -> Str
         .collect()
 }
 
+/// The text of one output token as the reasoning splitter reads it: with the text of a
+/// special `<think>` or `</think>` (which the workers' detokenizer leaves out), and, for the
+/// tool-call parser (`tools`), of the call markup's special tokens.
+fn piece_text<'t>(codec: &dyn PromptCodec, token: &'t TokenEvent, tools: bool) -> Cow<'t, str> {
+    match codec.marker_text(token.id) {
+        Some(marker) if tools || marker == THINK_START || marker == THINK_END => {
+            Cow::Owned(format!("{marker}{}", token.text))
+        }
+        _ => Cow::Borrowed(&token.text),
+    }
+}
+
 /// Counts a reply's calls (`tandem_tool_calls_total`) and logs call markup the model wrote
 /// that did not parse (returned to the client as content): an operator seeing it often may
 /// have the wrong `--tool-call-parser`.
@@ -154,6 +197,58 @@ pub(super) fn record_tool_calls(metrics: &Metrics, request_id: &str, parser: &Ca
 }
 
 impl ChatChunks {
+    /// The reply text of `tokens` that is answer (what the tool-call parser reads, or the
+    /// content), and the reasoning among them (empty without a reasoning parser).
+    fn answer_text(&mut self, tokens: &[TokenEvent]) -> (String, String) {
+        let tools = self.calls.is_some();
+        let codec = self.codec.as_ref();
+        match self.reasoning.as_mut() {
+            Some(splitter) => {
+                let (mut reasoning, mut answer) = (String::new(), String::new());
+                for token in tokens {
+                    let split = splitter.push_token(&piece_text(codec, token, tools));
+                    reasoning.push_str(&split.reasoning);
+                    answer.push_str(&split.content);
+                }
+                (answer, reasoning)
+            }
+            None if tools => (parser_text(codec, tokens), String::new()),
+            None => (
+                tokens.iter().map(|t| t.text.as_str()).collect(),
+                String::new(),
+            ),
+        }
+    }
+
+    /// The end of the reply for the reasoning splitter: what it held back, split, and its
+    /// reasoning tokens added to the request's.
+    fn finish_reasoning(&mut self) -> (String, String) {
+        match self.reasoning.as_mut() {
+            Some(splitter) => {
+                let split = splitter.finish();
+                self.reasoning_tokens
+                    .fetch_add(splitter.reasoning_tokens(), Ordering::Relaxed);
+                (split.content, split.reasoning)
+            }
+            None => (String::new(), String::new()),
+        }
+    }
+
+    /// Whether this reply reasoned (it then has a `reasoning`, maybe empty).
+    fn reasoned(&self) -> bool {
+        self.reasoning
+            .as_ref()
+            .is_some_and(ReasoningSplitter::reasoned)
+    }
+
+    /// The request's usage with the reasoning tokens of its replies.
+    fn with_reasoning(&self, usage: WireUsage) -> Usage {
+        let mut usage = Usage::from(usage);
+        usage.completion_tokens_details.reasoning_tokens =
+            self.reasoning_tokens.load(Ordering::Relaxed);
+        usage
+    }
+
     /// [`record_tool_calls`] of this choice's parser.
     fn record_calls(&self) {
         if let Some(parser) = &self.calls {
@@ -232,6 +327,7 @@ impl ChoiceFormat for ChatChunks {
 
     /// The `chat.completion` object of a request that is not streamed, with its choices.
     fn completion(self, choices: Vec<ChatChoice>, usage: WireUsage) -> ChatCompletion {
+        let usage = self.with_reasoning(usage);
         ChatCompletion {
             id: self.id,
             object: "chat.completion",
@@ -240,17 +336,30 @@ impl ChoiceFormat for ChatChunks {
             system_fingerprint: None,
             prompt_logprobs: choices.iter().find_map(|c| c.prompt_logprobs.clone()),
             choices,
-            usage: Usage::from(usage),
+            usage,
         }
     }
 
     /// This choice of a request that is not streamed.
     fn choice(mut self, completed: Completed) -> ChatChoice {
+        let (answer, reasoning) = if self.reasoning.is_some() {
+            let (mut answer, mut reasoning) = self.answer_text(&completed.tokens);
+            let (answer_tail, reasoning_tail) = self.finish_reasoning();
+            answer.push_str(&answer_tail);
+            reasoning.push_str(&reasoning_tail);
+            (answer, self.reasoned().then_some(reasoning))
+        } else if self.calls.is_some() {
+            (parser_text(self.codec.as_ref(), &completed.tokens), None)
+        } else {
+            (completed.text(), None)
+        };
         let (content, tool_calls) = match self.calls.as_mut() {
-            None => (Some(completed.text()), Vec::new()),
+            // A reply that only reasoned (cut off before its answer) has no content.
+            None if reasoning.is_some() && answer.is_empty() => (None, Vec::new()),
+            None => (Some(answer), Vec::new()),
             Some(parser) => {
                 let mut reply = ParsedReply::default();
-                reply.add(parser.push(&parser_text(self.codec.as_ref(), &completed.tokens)));
+                reply.add(parser.push(&answer));
                 reply.add(parser.finish());
                 let calls = reply
                     .calls
@@ -286,6 +395,8 @@ impl ChoiceFormat for ChatChunks {
             message: AssistantMessage {
                 role: "assistant",
                 content,
+                reasoning_content: reasoning.clone(),
+                reasoning,
                 refusal: None,
                 tool_calls,
             },
@@ -305,7 +416,7 @@ impl ChunkFormat for ChatChunks {
             delta: Delta {
                 role: Some("assistant"),
                 content: Some(self.echo.take().unwrap_or_default()),
-                tool_calls: None,
+                ..Delta::default()
             },
             logprobs: None,
             finish_reason: None,
@@ -317,10 +428,11 @@ impl ChunkFormat for ChatChunks {
         if let Some(running) = &mut self.running {
             running.completion_tokens += tokens.len() as u32;
         }
+        let (answer, reasoning) = self.answer_text(tokens);
         let (text, calls) = match self.calls.as_mut() {
-            None => (tokens.iter().map(|t| t.text.as_str()).collect(), Vec::new()),
+            None => (answer, Vec::new()),
             Some(parser) => {
-                let events = parser.push(&parser_text(self.codec.as_ref(), tokens));
+                let events = parser.push(&answer);
                 let (content, calls) = self.deltas(events);
                 (content.unwrap_or_default(), calls)
             }
@@ -336,6 +448,7 @@ impl ChunkFormat for ChatChunks {
         // no text; send nothing unless their logprobs are wanted.
         if text.is_empty()
             && calls.is_empty()
+            && reasoning.is_empty()
             && logprobs.as_ref().is_none_or(|l| l.content.is_empty())
         {
             return None;
@@ -344,8 +457,10 @@ impl ChunkFormat for ChatChunks {
             index: self.index,
             delta: Delta {
                 role: None,
-                content: (!text.is_empty() || calls.is_empty()).then_some(text),
+                content: (!text.is_empty() || (calls.is_empty() && reasoning.is_empty()))
+                    .then_some(text),
                 tool_calls: (!calls.is_empty()).then_some(calls),
+                ..Delta::reasoning(reasoning)
             },
             logprobs,
             finish_reason: None,
@@ -358,24 +473,31 @@ impl ChunkFormat for ChatChunks {
             running.completion_tokens = usage.completion_tokens;
         }
         let mut chunks = Vec::new();
-        // What the parser held back (a possible marker, an unfinished call) is decided now.
-        if let Some(parser) = self.calls.as_mut() {
-            let events = parser.finish();
-            self.record_calls();
-            let (content, calls) = self.deltas(events);
-            if content.is_some() || !calls.is_empty() {
-                let choice = ChunkChoice {
-                    index: self.index,
-                    delta: Delta {
-                        role: None,
-                        content,
-                        tool_calls: (!calls.is_empty()).then_some(calls),
-                    },
-                    logprobs: None,
-                    finish_reason: None,
-                };
-                chunks.push(sse_data(&self.chunk(vec![choice], None)));
+        // What the splitter and the parser held back (a possible marker, an unfinished
+        // call) is decided now.
+        let (answer, reasoning) = self.finish_reasoning();
+        let (content, calls) = match self.calls.as_mut() {
+            Some(parser) => {
+                let mut events = parser.push(&answer);
+                events.extend(parser.finish());
+                self.record_calls();
+                self.deltas(events)
             }
+            None => ((!answer.is_empty()).then_some(answer), Vec::new()),
+        };
+        if content.is_some() || !calls.is_empty() || !reasoning.is_empty() {
+            let choice = ChunkChoice {
+                index: self.index,
+                delta: Delta {
+                    role: None,
+                    content,
+                    tool_calls: (!calls.is_empty()).then_some(calls),
+                    ..Delta::reasoning(reasoning)
+                },
+                logprobs: None,
+                finish_reason: None,
+            };
+            chunks.push(sse_data(&self.chunk(vec![choice], None)));
         }
         let choice = ChunkChoice {
             index: self.index,
@@ -388,7 +510,7 @@ impl ChunkFormat for ChatChunks {
     }
 
     fn usage(&self, usage: WireUsage) -> Option<Bytes> {
-        let usage = Usage::from(usage);
+        let usage = self.with_reasoning(usage);
         self.include_usage
             .then(|| sse_data(&self.chunk(Vec::new(), Some(usage))))
     }

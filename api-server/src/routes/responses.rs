@@ -1264,6 +1264,7 @@ mod tests {
                 native: false,
             }),
             sampling_defaults: Default::default(),
+            reasoning_parser: Default::default(),
         }
     }
 

@@ -88,6 +88,11 @@ fn native_message(turn: &Turn, format: Option<ToolFormat>) -> ChatMessage {
     if let Some(name) = &turn.name {
         message.extra.insert("name".into(), name.clone().into());
     }
+    if let Some(reasoning) = &turn.reasoning {
+        message
+            .extra
+            .insert("reasoning_content".into(), reasoning.clone().into());
+    }
     message
 }
 

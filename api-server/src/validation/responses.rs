@@ -917,6 +917,7 @@ mod tests {
             vocab_size: 1000,
             tool_support: None,
             sampling_defaults: Default::default(),
+            reasoning_parser: Default::default(),
         }
     }
 

@@ -124,6 +124,7 @@ mod tests {
                 native: false,
             }),
             sampling_defaults: Default::default(),
+            reasoning_parser: Default::default(),
         }
     }
 

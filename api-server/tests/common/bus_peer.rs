@@ -66,6 +66,12 @@ pub const SCRIPT_EXPORT_GONE: u32 = 28;
 /// A generation peer answers with [`tool_call_tokens`] (a Hermes tool call, its markup split
 /// across tokens and messages), then `Finished(stop)`.
 pub const SCRIPT_TOOL_CALL: u32 = 30;
+/// A generation peer answers with [`reasoning_tokens`] (a think block, then an answer), then
+/// `Finished(stop)`.
+pub const SCRIPT_REASONING: u32 = 31;
+/// A generation peer answers with [`reasoning_tokens`]'s think block followed by
+/// [`tool_call_tokens`], then `Finished(stop)`.
+pub const SCRIPT_REASONING_TOOL_CALL: u32 = 32;
 
 /// What a context peer says for [`SCRIPT_CONTEXT_ERROR`].
 pub const CONTEXT_ERROR: &str = "the context worker could not export the KV cache: scripted";
@@ -136,6 +142,36 @@ pub fn tool_call_tokens() -> Vec<TokenEvent> {
     })
     .collect()
 }
+
+/// The tokens of [`SCRIPT_REASONING`]: a think block, its markers cut across tokens, then the
+/// answer [`REASONING_ANSWER`]; its first [`REASONING_TOKEN_COUNT`] tokens are the thinking.
+pub fn reasoning_tokens() -> Vec<TokenEvent> {
+    [
+        "<th",
+        "ink>\nThe user",
+        " asks <b>why</b>.",
+        "\nThink",
+        " twice.\n</th",
+        "ink>\n\nBecause",
+        " it is.",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, text)| TokenEvent {
+        id: 200 + i as u32,
+        text: text.to_string(),
+        logprob: None,
+        top_logprobs: Vec::new(),
+    })
+    .collect()
+}
+
+/// The thinking of [`reasoning_tokens`], as a reply's `reasoning`.
+pub const REASONING_TEXT: &str = "The user asks <b>why</b>.\nThink twice.";
+/// The answer of [`reasoning_tokens`].
+pub const REASONING_ANSWER: &str = "Because it is.";
+/// The tokens of [`reasoning_tokens`] up to the one that closes the think block.
+pub const REASONING_TOKEN_COUNT: u32 = 6;
 
 /// The arguments of the call in [`tool_call_tokens`], as written.
 pub const TOOL_CALL_ARGUMENTS: &str = "{\"city\": \"Paris\"}";
@@ -548,9 +584,20 @@ impl Answerer {
                 )
                 .await;
             }
-            SCRIPT_TOOL_CALL => {
+            SCRIPT_TOOL_CALL | SCRIPT_REASONING | SCRIPT_REASONING_TOOL_CALL => {
                 self.send(&job, self.accepted()).await;
-                let tokens = tool_call_tokens();
+                let tokens = match job.stop.max_tokens {
+                    SCRIPT_TOOL_CALL => tool_call_tokens(),
+                    SCRIPT_REASONING => reasoning_tokens(),
+                    _ => {
+                        // The think block alone (its answer left out), then the call.
+                        let mut tokens = reasoning_tokens();
+                        tokens.truncate(REASONING_TOKEN_COUNT as usize);
+                        tokens.last_mut().unwrap().text = "ink>\n\n".into();
+                        tokens.extend(tool_call_tokens());
+                        tokens
+                    }
+                };
                 for (index, batch) in [(0, &tokens[..2]), (2, &tokens[2..4]), (4, &tokens[4..])] {
                     self.send(
                         &job,

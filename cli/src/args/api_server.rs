@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::Args;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use tandem_protocol::config::{
-    DEFAULT_KV_OVERLAP_WEIGHT, GenerationConfigSource, RouterPolicy, ToolCallParser,
-    check_kv_overlap_weight,
+    DEFAULT_KV_OVERLAP_WEIGHT, GenerationConfigSource, ReasoningParser, RouterPolicy,
+    ToolCallParser, check_kv_overlap_weight,
 };
 
 use super::Argv;
@@ -146,6 +146,19 @@ pub struct ApiServerArgs {
         value_parser = one_of(ToolCallParser::ALL, ToolCallParser::name)
     )]
     pub tool_call_parser: ToolCallParser,
+    /// Which reasoning markup to split out of chat replies: with `qwen3` or `deepseek_r1`
+    /// (vLLM's names; both read `<think>...</think>`), the thinking a reasoning model writes
+    /// before its answer is returned as the message's `reasoning` (and `reasoning_content`)
+    /// and counted in `usage.completion_tokens_details.reasoning_tokens`, and tool calls are
+    /// parsed from the answer only; `none` leaves it in `content`. The config's
+    /// `reasoning_parser`.
+    #[arg(
+        long,
+        env = "TANDEM_REASONING_PARSER",
+        default_value = ReasoningParser::default().name(),
+        value_parser = one_of(ReasoningParser::ALL, ReasoningParser::name)
+    )]
+    pub reasoning_parser: ReasoningParser,
     /// Where requests that omit `temperature`, `top_p`, `top_k`, `min_p` or
     /// `repetition_penalty` take them from: `auto`, the model directory's generation_config.json (as vLLM does; OpenAI's
     /// defaults where it has none); `none`, OpenAI's defaults (temperature 1, top_p 1) whatever
@@ -242,6 +255,7 @@ impl ApiServerArgs {
             migration_limit: DEFAULT_MIGRATION_LIMIT,
             response_store_mib: DEFAULT_RESPONSE_STORE_MIB,
             tool_call_parser: ToolCallParser::default(),
+            reasoning_parser: ReasoningParser::default(),
             generation_config: GenerationConfigSource::Auto,
             api_keys: Vec::new(),
             api_key_file: None,
@@ -320,6 +334,9 @@ impl ApiServerArgs {
         }
         if self.tool_call_parser != ToolCallParser::default() {
             argv.push("--tool-call-parser", self.tool_call_parser.name());
+        }
+        if self.reasoning_parser != ReasoningParser::default() {
+            argv.push("--reasoning-parser", self.reasoning_parser.name());
         }
         if self.generation_config != GenerationConfigSource::Auto {
             argv.push("--generation-config", self.generation_config.name());
@@ -417,6 +434,7 @@ mod tests {
             migration_limit: 0,
             response_store_mib: 0,
             tool_call_parser: ToolCallParser::Mistral,
+            reasoning_parser: ReasoningParser::Qwen3,
             generation_config: GenerationConfigSource::Dir("/etc/tandem/sampling".into()),
             api_keys: Vec::new(),
             api_key_file: Some("/run/secrets/keys".into()),
