@@ -350,7 +350,9 @@ pub const CHAT_COMPLETIONS: EndpointFields = EndpointFields {
         (
             "reasoning_effort",
             Refused {
-                why: "the served model is not a reasoning model",
+                why: "tandem has no reasoning effort setting: a reasoning model's thinking is \
+                      switched by its chat template (chat_template_kwargs, such as Qwen3's \
+                      enable_thinking)",
                 allowed: never,
             },
         ),

@@ -41,9 +41,10 @@ fn stream_events(server: &tandem_test_kit::ApiServer, body: &Value) -> Vec<Value
 #[test]
 fn thinking_is_the_reasoning_and_the_rest_the_content() {
     let (_nats, _peer, server) = start_with_peer(&PARSER);
-    let response = server
-        .http
-        .post("/v1/chat/completions", &chat(SCRIPT_REASONING, json!({"n": 2})));
+    let response = server.http.post(
+        "/v1/chat/completions",
+        &chat(SCRIPT_REASONING, json!({"n": 2})),
+    );
     assert_eq!(response.status, 200, "{}", response.body);
     let body = response.json();
     for choice in body["choices"].as_array().unwrap() {
@@ -195,6 +196,11 @@ fn assistant_messages_send_their_reasoning_back_and_malformed_ones_are_refused()
             .http
             .post("/v1/chat/completions", &turns(assistant, user));
         assert_eq!(response.status, 400, "{}", response.body);
-        assert_eq!(response.json()["error"]["param"], param, "{}", response.body);
+        assert_eq!(
+            response.json()["error"]["param"],
+            param,
+            "{}",
+            response.body
+        );
     }
 }

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs on the device machine (see ../shared/device/README.md and docs/benchmarks.md): Qwen3's
+# per-head q/k norms on the GPU, with the binaries carried in .kit/bin.
+#
+#   scripts/device/qwen3.sh [STAGE...]     (default: tests check bench)
+#
+#   tests    the GPU tests of the norms (workers/tests/cuda_backend.rs: the committed tiny
+#            Qwen3 against the CPU) and the tiny Llama's, for comparison
+#   check    gpu_bench check of qwen3-d128-2l (two layers of Qwen3-8B: head dim 128, 32 q and
+#            8 KV heads) against the CPU, bf16 weights, then FP8 weights
+#   bench    gpu_bench bench on Qwen3-8B shapes, bf16 then FP8 weights: decode at batch 1, 32,
+#            128, 256 (context 1024) against each one's bytes floor, prefill of 2048 and 8192
+#            tokens
+#
+# Output goes to stdout and, when $OUT is set, to $OUT/<stage>.log and JSON files; a failed
+# test or check fails the script after the other stages have run.
+set -euo pipefail
+# shellcheck source=scripts/device/kit-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
+status=0
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests check bench)
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    tests)
+      random_model tiny >/dev/null
+      echo "== GPU tests: Qwen3 head norms"
+      run_tests cuda_backend "$out/tests-qwen3.log" \
+        env TANDEM_TEST_MODELS="$models" cuda_backend_test --test-threads 1 --nocapture \
+        qwen3_head_norms cuda_logits_and_greedy_tokens_match_the_cpu || status=1
+      grep -E "relative L2|test result" "$out/tests-qwen3.log"
+      ;;
+    check)
+      for dtype in bf16 fp8; do
+        echo "== check qwen3-d128-2l $dtype"
+        bounds=(--min-top1 0)
+        # FP8 noise between two implementations: the bounds catch a broken kernel.
+        [ "$dtype" = fp8 ] && bounds=(--max-rel-l2 0.15 --min-top1 0.6)
+        gpu_bench check --model "$(random_model qwen3-d128-2l "$dtype")" "${bounds[@]}" \
+          >"$out/check-qwen3-$dtype.log" 2>&1 || { echo "check qwen3 $dtype FAILED"; status=1; }
+        grep -iE "mean|top-1|PASS|FAIL" "$out/check-qwen3-$dtype.log"
+      done
+      ;;
+    bench)
+      for dtype in bf16 fp8; do
+        echo "== bench qwen3-8b $dtype"
+        TANDEM_BENCH_BLOCK=64 gpu_bench bench --model "$(random_model qwen3-8b "$dtype" gen)" \
+          --batches 1,32,128,256 --prefill 2048,8192 --iters 10 \
+          --json "$out/bench-qwen3-$dtype.json" 2>&1 |
+          tee "$out/bench-qwen3-$dtype.log" | grep -E "^ceilings|^FP8|^decode|^prefill"
+      done
+      ;;
+    *)
+      echo "unknown stage $stage" >&2
+      exit 2
+      ;;
+  esac
+done
+exit "$status"
