@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs on a one-GPU device machine: every kernel of one decode step of Llama-3.1-8B shapes
-# (random weights, 64-token blocks) under `ncu`, each launch's time and DRAM bytes read, summed
+# Runs on a one-GPU device machine: every kernel of one decode step of Llama-3.1-8B shapes (or
+# PRESET's: random weights, 64-token blocks) under `ncu`, each launch's time and DRAM bytes read, summed
 # by kernel and grid: which kernels read at what rate. Binaries come in .kit/bin.
 #
 #   WEIGHTS (fp8), DECODES (1), CONTEXT (1024), EXTRA (gpu_bench arguments, default
@@ -10,7 +10,7 @@
 set -uo pipefail
 # shellcheck source=scripts/device/kit-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kit-env.sh"
-model=$(random_model llama-3.1-8b "${WEIGHTS:-fp8}" gen)
+model=$(random_model "${PRESET:-llama-3.1-8b}" "${WEIGHTS:-fp8}" gen)
 export TANDEM_BENCH_BLOCK=64
 for run in ${RUNS:-"default:TANDEM_BENCH_BLOCK=64"}; do
   name=${run%%:*} setting=${run#*:}

@@ -33,8 +33,10 @@ for stage in "${stages[@]}"; do
     check)
       for dtype in bf16 fp8; do
         echo "== check qwen3-d128-2l $dtype"
-        bounds=(--min-top1 0)
-        # FP8 noise between two implementations: the bounds catch a broken kernel.
+        # bf16: llama-d128-2l's own check gives 1.24e-2 on an H200 (gpu_bench's default limit
+        # of 1e-2 is the tiny model's), so the bound is twice that. FP8: noise between two
+        # implementations. The bounds catch a broken kernel (errors of the logits' spread).
+        bounds=(--max-rel-l2 0.025 --min-top1 0)
         [ "$dtype" = fp8 ] && bounds=(--max-rel-l2 0.15 --min-top1 0.6)
         gpu_bench check --model "$(random_model qwen3-d128-2l "$dtype")" "${bounds[@]}" \
           >"$out/check-qwen3-$dtype.log" 2>&1 || { echo "check qwen3 $dtype FAILED"; status=1; }
