@@ -42,7 +42,7 @@ enum State {
 }
 
 /// Splits one reply's text into reasoning and answer as it streams.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ReasoningSplitter {
     state: State,
     /// Text not given yet: the reply's start while it may become `<think>`; or, while
@@ -152,6 +152,11 @@ impl ReasoningSplitter {
             State::Reasoning => out.reasoning = held.trim_end_matches('\n').to_string(),
         }
         out
+    }
+
+    /// Whether the reply has reached its answer (text given now is content).
+    pub fn answering(&self) -> bool {
+        self.state == State::Answer
     }
 
     /// Whether the reply reasoned: it then has a `reasoning` (maybe empty).

@@ -204,3 +204,75 @@ fn assistant_messages_send_their_reasoning_back_and_malformed_ones_are_refused()
         );
     }
 }
+
+#[test]
+fn a_response_has_its_thinking_as_a_reasoning_item_that_a_follow_up_takes_back() {
+    let (_nats, _peer, server) = start_with_peer(&PARSER);
+    let request = json!({"model": SERVED_NAME, "input": "Why?",
+                         "max_output_tokens": SCRIPT_REASONING});
+    let response = server.http.post("/v1/responses", &request);
+    assert_eq!(response.status, 200, "{}", response.body);
+    let body = response.json();
+    let output = body["output"].as_array().unwrap();
+    assert_eq!(output.len(), 2, "{body}");
+    assert_eq!(output[0]["type"], "reasoning");
+    assert!(output[0]["id"].as_str().unwrap().starts_with("rs_"));
+    assert_eq!(
+        output[0]["content"],
+        json!([{"type": "reasoning_text", "text": REASONING_TEXT}])
+    );
+    assert_eq!(output[1]["type"], "message");
+    assert_eq!(output[1]["content"][0]["text"], REASONING_ANSWER);
+    assert_eq!(
+        body["usage"]["output_tokens_details"]["reasoning_tokens"],
+        REASONING_TOKEN_COUNT
+    );
+
+    // The stored output (a reasoning item first) is the next request's history, and so is
+    // the same output sent back by a client that keeps its own.
+    let follow_up = json!({"model": SERVED_NAME, "input": "And then?",
+                           "previous_response_id": body["id"], "max_output_tokens": 16});
+    let response = server.http.post("/v1/responses", &follow_up);
+    assert_eq!(response.status, 200, "{}", response.body);
+    let mut input = body["output"].as_array().unwrap().clone();
+    input.insert(0, json!({"role": "user", "content": "Why?"}));
+    input.push(json!({"role": "user", "content": "And then?"}));
+    let stateless = json!({"model": SERVED_NAME, "input": input, "max_output_tokens": 16});
+    let response = server.http.post("/v1/responses", &stateless);
+    assert_eq!(response.status, 200, "{}", response.body);
+
+    // No effort setting to honour: with a reasoning model even `none` is refused by name.
+    let mut effort = request.clone();
+    effort["reasoning"] = json!({"effort": "none"});
+    let response = server.http.post("/v1/responses", &effort);
+    assert_eq!(response.status, 400, "{}", response.body);
+    assert_eq!(response.json()["error"]["param"], "reasoning.effort");
+
+    // Streamed: the reasoning item's events, then the message's.
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    let stream = server.http.open_stream("/v1/responses", &streamed);
+    assert_eq!(stream.status(), 200);
+    let events: Vec<Value> = stream
+        .collect()
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let thinking: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.reasoning_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(thinking, REASONING_TEXT);
+    let done = events
+        .iter()
+        .find(|e| e["type"] == "response.reasoning_text.done")
+        .expect("reasoning_text.done");
+    assert_eq!(done["text"], REASONING_TEXT);
+    let answer: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(answer, REASONING_ANSWER);
+}

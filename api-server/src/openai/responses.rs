@@ -180,6 +180,7 @@ pub struct IncompleteDetails {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum OutputItem {
+    Reasoning(ReasoningItem),
     Message(OutputMessage),
     FunctionCall(FunctionCallItem),
 }
@@ -187,8 +188,50 @@ pub enum OutputItem {
 impl OutputItem {
     pub fn id(&self) -> &str {
         match self {
+            OutputItem::Reasoning(reasoning) => &reasoning.id,
             OutputItem::Message(message) => &message.id,
             OutputItem::FunctionCall(call) => &call.id,
+        }
+    }
+}
+
+/// A `reasoning` output item (with `--reasoning-parser`): the thinking a reasoning model
+/// wrote before its answer, whole, as `reasoning_text` content (the form OpenAI's
+/// open-weight models' items take); no summary, never encrypted.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReasoningItem {
+    /// The item's id (`rs_...`).
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub status: ResponseStatus,
+    /// Always empty: tandem writes no summaries.
+    pub summary: Vec<Value>,
+    pub content: Vec<ReasoningText>,
+    /// Always null: the text is in `content`.
+    pub encrypted_content: Option<String>,
+}
+
+/// A `reasoning_text` content part.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReasoningText {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub text: String,
+}
+
+impl ReasoningItem {
+    pub fn new(id: String, status: ResponseStatus, text: String) -> Self {
+        ReasoningItem {
+            id,
+            kind: "reasoning",
+            status,
+            summary: Vec::new(),
+            content: vec![ReasoningText {
+                kind: "reasoning_text",
+                text,
+            }],
+            encrypted_content: None,
         }
     }
 }
@@ -262,7 +305,8 @@ pub struct InputTokensDetails {
     pub cache_write_tokens: u32,
 }
 
-/// Reasoning tokens: 0, the served models do not reason before answering.
+/// Reasoning tokens: the reply's tokens up to the end of its thinking, with a reasoning
+/// parser (0 otherwise).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct OutputTokensDetails {
     pub reasoning_tokens: u32,
@@ -344,6 +388,22 @@ pub enum ResponseEvent {
     },
     #[serde(rename = "response.output_item.done")]
     OutputItemDone { output_index: u32, item: OutputItem },
+    /// More of a reasoning item's text.
+    #[serde(rename = "response.reasoning_text.delta")]
+    ReasoningTextDelta {
+        item_id: String,
+        output_index: u32,
+        content_index: u32,
+        delta: String,
+    },
+    /// A reasoning item's whole text, once written.
+    #[serde(rename = "response.reasoning_text.done")]
+    ReasoningTextDone {
+        item_id: String,
+        output_index: u32,
+        content_index: u32,
+        text: String,
+    },
     /// More of a function call's arguments.
     #[serde(rename = "response.function_call_arguments.delta")]
     FunctionCallArgumentsDelta {
@@ -381,6 +441,8 @@ impl ResponseEvent {
             ResponseEvent::OutputTextDone { .. } => "response.output_text.done",
             ResponseEvent::ContentPartDone { .. } => "response.content_part.done",
             ResponseEvent::OutputItemDone { .. } => "response.output_item.done",
+            ResponseEvent::ReasoningTextDelta { .. } => "response.reasoning_text.delta",
+            ResponseEvent::ReasoningTextDone { .. } => "response.reasoning_text.done",
             ResponseEvent::FunctionCallArgumentsDelta { .. } => {
                 "response.function_call_arguments.delta"
             }

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, post, web};
 use bytes::Bytes;
-use tandem_protocol::config::ReasoningParser;
 use tandem_protocol::messages::{FinishReason as WireFinish, TokenEvent, Usage as WireUsage};
 
 use super::logprobs::{chat_entry, vllm_prompt_logprobs};
 use super::{
-    ChoiceFormat, client_left, finish_reason, reply_choices, start_generation, unless_client_leaves,
+    ChoiceFormat, client_left, finish_reason, reasoning_splitter, reply_choices, start_generation,
+    unless_client_leaves,
 };
 use crate::auth::TenantSalt;
 use crate::disconnect::ClientSocket;
@@ -24,7 +24,7 @@ use crate::openai::{
     ToolCallDelta, Usage,
 };
 use crate::prompt::PromptCodec;
-use crate::reasoning::{ReasoningSplitter, THINK_END, THINK_START, prompt_opens_thinking};
+use crate::reasoning::{ReasoningSplitter, THINK_END, THINK_START};
 use crate::sse::{ChunkFormat, sse_data};
 use crate::state::{AppState, unix_now_s};
 use crate::tools::new_call_id;
@@ -76,26 +76,15 @@ pub async fn chat_completions(
         let prompt_ids: Arc<[u32]> = Arc::from(generations.first()?.prompt_ids());
         Some((prompt_ids, top as usize))
     });
-    // With a reasoning parser, whether the prompt left a think block open for the reply.
-    let reasoning = (state.limits.reasoning_parser != ReasoningParser::None).then(|| {
-        let tail = generations.first().map_or(&[][..], |g| {
-            let ids = g.prompt_ids();
-            &ids[ids.len().saturating_sub(PROMPT_TAIL_TOKENS)..]
-        });
-        let opened = state
-            .codec
-            .decode_text(tail)
-            .is_ok_and(|text| prompt_opens_thinking(&text));
-        (opened, Arc::new(AtomicU32::new(0)))
-    });
+    // With a reasoning parser, each choice's reply is split (the same prompt for all).
+    let splitter = generations
+        .first()
+        .and_then(|g| reasoning_splitter(&state, g.prompt_ids()));
+    let reasoning_tokens = Arc::new(AtomicU32::new(0));
     // One format per choice: each choice's tool calls are parsed from its own text.
     let chunks = |index: usize| ChatChunks {
-        reasoning: reasoning
-            .as_ref()
-            .map(|(opened, _)| ReasoningSplitter::new(*opened)),
-        reasoning_tokens: reasoning
-            .as_ref()
-            .map_or_else(Default::default, |(_, total)| total.clone()),
+        reasoning: splitter.clone(),
+        reasoning_tokens: reasoning_tokens.clone(),
         prompt_logprobs: prompt_logprobs.clone(),
         echo: valid.chat_echo.clone(),
         running: valid
@@ -120,10 +109,6 @@ pub async fn chat_completions(
     let reply = reply_choices(generations, valid.stream, socket, chunks, valid.n as usize).await?;
     Ok(ids.echoed(reply))
 }
-
-/// Prompt tokens read back to see whether the prompt ends inside an open think block (its
-/// generation prompt's `<think>` and the newline after it).
-const PROMPT_TAIL_TOKENS: usize = 8;
 
 /// The chunks of one streamed chat completion, or the whole completion of one that is not.
 pub struct ChatChunks {
@@ -168,7 +153,11 @@ pub(super) fn parser_text(codec: &dyn PromptCodec, tokens: &[TokenEvent]) -> Str
 /// The text of one output token as the reasoning splitter reads it: with the text of a
 /// special `<think>` or `</think>` (which the workers' detokenizer leaves out), and, for the
 /// tool-call parser (`tools`), of the call markup's special tokens.
-fn piece_text<'t>(codec: &dyn PromptCodec, token: &'t TokenEvent, tools: bool) -> Cow<'t, str> {
+pub(super) fn piece_text<'t>(
+    codec: &dyn PromptCodec,
+    token: &'t TokenEvent,
+    tools: bool,
+) -> Cow<'t, str> {
     match codec.marker_text(token.id) {
         Some(marker) if tools || marker == THINK_START || marker == THINK_END => {
             Cow::Owned(format!("{marker}{}", token.text))

@@ -125,6 +125,28 @@ impl RunningUsage {
     }
 }
 
+/// Prompt tokens read back to see whether the prompt ends inside an open think block (its
+/// generation prompt's `<think>` and the newline after it).
+const PROMPT_TAIL_TOKENS: usize = 8;
+
+/// The reasoning splitter of a reply to `prompt_ids`, with a reasoning parser
+/// (`--reasoning-parser`): whether the reply starts inside its thinking is read from the
+/// prompt's last tokens (a template that opened the think block itself).
+pub(crate) fn reasoning_splitter(
+    state: &AppState,
+    prompt_ids: &[u32],
+) -> Option<crate::reasoning::ReasoningSplitter> {
+    if state.limits.reasoning_parser == tandem_protocol::config::ReasoningParser::None {
+        return None;
+    }
+    let tail = &prompt_ids[prompt_ids.len().saturating_sub(PROMPT_TAIL_TOKENS)..];
+    let opened = state
+        .codec
+        .decode_text(tail)
+        .is_ok_and(|text| crate::reasoning::prompt_opens_thinking(&text));
+    Some(crate::reasoning::ReasoningSplitter::new(opened))
+}
+
 /// Tokenizes a validated request, checks it against the context and dispatches it: one
 /// generation per choice (`n`, or `best_of` candidates), all on one worker when there are
 /// several ([`crate::dispatch::samples`]).

@@ -14,13 +14,13 @@ use tandem_protocol::messages::{
     FinishReason as WireFinish, GrammarSpec, TokenEvent, Usage as WireUsage,
 };
 
-use super::chat::{parser_text, record_tool_calls};
+use super::chat::{parser_text, piece_text, record_tool_calls};
 use super::conversations::conversation_error;
 use super::logprobs::chat_entry;
 use super::stored::{
     self, Paging, conversation_item, no_query, no_query_but_include, owner_of, with_ids,
 };
-use super::{client_left, start_generation, unless_client_leaves};
+use super::{client_left, reasoning_splitter, start_generation, unless_client_leaves};
 use crate::auth::TenantSalt;
 use crate::disconnect::ClientSocket;
 use crate::dispatch::{Completed, Generation, RequestRecord};
@@ -30,11 +30,12 @@ use crate::metrics::{Endpoint, Metrics};
 use crate::openai::ResponseInput;
 use crate::openai::{
     ConversationRef, FunctionCallItem, IncompleteDetails, OutputItem, OutputMessage, OutputText,
-    ReasoningConfig, ResponseError, ResponseEvent, ResponseObject, ResponseStatus, ResponseUsage,
-    ResponsesRequest, StreamEvent, TokenLogprob,
+    ReasoningConfig, ReasoningItem, ResponseError, ResponseEvent, ResponseObject, ResponseStatus,
+    ResponseUsage, ResponsesRequest, StreamEvent, TokenLogprob,
 };
 use crate::prompt::PromptCodec;
 use crate::prompt::tokenize;
+use crate::reasoning::ReasoningSplitter;
 use crate::response_store::{Cancelled, ContextError, EventsAfter, PeerError, StoredResponses};
 use crate::sse::{ChunkFormat, sse_body, sse_stream_response};
 use crate::state::{AppState, unix_now_s};
@@ -120,6 +121,7 @@ pub async fn create_response(
         unreachable!("a validated Responses request asks for one choice");
     };
     let mut events = ResponseEvents::new(id, &state, valid.echo, valid.request.tools.as_ref());
+    events.reasoning = reasoning_splitter(&state, generation.prompt_ids());
     events.previous_response_id = previous.clone();
     events.keep = keep;
     events.conversation = conversation.clone();
@@ -767,6 +769,9 @@ pub struct ResponseEvents {
     metrics: Metrics,
     /// The tool-call parser, when the request lets the model call tools.
     calls: Option<CallParser>,
+    /// Splits the reply's thinking (a `reasoning` item) from its answer, with
+    /// `--reasoning-parser`.
+    reasoning: Option<ReasoningSplitter>,
     /// Output items finished so far.
     items: Vec<OutputItem>,
     /// The item being written, at `output_index` `items.len()`.
@@ -788,6 +793,10 @@ pub struct ResponseEvents {
 
 /// The output item being written.
 enum OpenItem {
+    Reasoning {
+        id: String,
+        text: String,
+    },
     Message {
         id: String,
         text: String,
@@ -799,6 +808,9 @@ enum OpenItem {
 impl OpenItem {
     fn item(&self, status: ResponseStatus) -> OutputItem {
         match self {
+            OpenItem::Reasoning { id, text } => {
+                OutputItem::Reasoning(ReasoningItem::new(id.clone(), status, text.clone()))
+            }
             OpenItem::Message { id, text, logprobs } => OutputItem::Message(OutputMessage {
                 id: id.clone(),
                 kind: "message",
@@ -834,6 +846,7 @@ impl ResponseEvents {
                 }
                 _ => None,
             },
+            reasoning: None,
             items: Vec::new(),
             open: None,
             pending_logprobs: Vec::new(),
@@ -989,7 +1002,8 @@ impl ResponseEvents {
             },
             ResponseEvent::InProgress { response },
         ];
-        if self.calls.is_none() {
+        // With a reasoning parser the first item may be the thinking: it opens with its text.
+        if self.calls.is_none() && self.reasoning.is_none() {
             self.open_message(&mut out);
         }
         out
@@ -1027,6 +1041,12 @@ impl ResponseEvents {
         let output_index = self.output_index();
         let item = open.item(status);
         match &open {
+            OpenItem::Reasoning { id, text } => out.push(ResponseEvent::ReasoningTextDone {
+                item_id: id.clone(),
+                output_index,
+                content_index: 0,
+                text: text.clone(),
+            }),
             OpenItem::Message { id, text, logprobs } => {
                 out.push(ResponseEvent::OutputTextDone {
                     item_id: id.clone(),
@@ -1082,6 +1102,57 @@ impl ResponseEvents {
         });
     }
 
+    /// Thinking for the reasoning item (opened, as the first item, if need be).
+    fn reasoning_text(&mut self, delta: String, out: &mut Vec<ResponseEvent>) {
+        if delta.is_empty() {
+            return;
+        }
+        if !matches!(self.open, Some(OpenItem::Reasoning { .. })) {
+            self.close(ResponseStatus::Completed, out);
+            let id = format!("rs_{}", uuid::Uuid::new_v4().simple());
+            out.push(ResponseEvent::OutputItemAdded {
+                output_index: self.output_index(),
+                item: OutputItem::Reasoning(ReasoningItem::new(
+                    id.clone(),
+                    ResponseStatus::InProgress,
+                    String::new(),
+                )),
+            });
+            self.open = Some(OpenItem::Reasoning {
+                id,
+                text: String::new(),
+            });
+        }
+        let output_index = self.output_index();
+        let Some(OpenItem::Reasoning { id, text }) = &mut self.open else {
+            unreachable!("a reasoning item is open");
+        };
+        text.push_str(&delta);
+        out.push(ResponseEvent::ReasoningTextDelta {
+            item_id: id.clone(),
+            output_index,
+            content_index: 0,
+            delta,
+        });
+    }
+
+    /// Answer text (after any thinking): into the message, or through the tool-call parser.
+    fn answer(&mut self, text: String, logprobs: Vec<TokenLogprob>, out: &mut Vec<ResponseEvent>) {
+        match self.calls.as_mut() {
+            None => {
+                // Tokens held back by the worker (a partial character) carry no text yet.
+                if !text.is_empty() || !logprobs.is_empty() {
+                    self.text(text, logprobs, out);
+                }
+            }
+            Some(parser) => {
+                let events = parser.push(&text);
+                self.pending_logprobs.extend(logprobs);
+                self.parsed(events, out);
+            }
+        }
+    }
+
     /// The parser's events as output items and their events.
     fn parsed(&mut self, events: Vec<ParseEvent>, out: &mut Vec<ResponseEvent>) {
         for event in events {
@@ -1125,20 +1196,32 @@ impl ResponseEvents {
 
     fn add_tokens(&mut self, tokens: &[TokenEvent]) -> Vec<ResponseEvent> {
         let mut out = Vec::new();
-        let logprobs = self.logprobs_of(tokens);
-        match self.calls.as_mut() {
-            None => {
-                let delta: String = tokens.iter().map(|t| t.text.as_str()).collect();
-                // Tokens held back by the worker (a partial character) carry no text yet.
-                if !delta.is_empty() || !logprobs.is_empty() {
-                    self.text(delta, logprobs, &mut out);
-                }
+        let tools = self.calls.is_some();
+        let Some(splitter) = self.reasoning.as_mut() else {
+            let logprobs = self.logprobs_of(tokens);
+            let text = match tools {
+                true => parser_text(self.codec.as_ref(), tokens),
+                false => tokens.iter().map(|t| t.text.as_str()).collect(),
+            };
+            self.answer(text, logprobs, &mut out);
+            return out;
+        };
+        // Token by token: the thinking's tokens carry no logprobs into the answer.
+        let (mut thinking, mut answer, mut answer_tokens) =
+            (String::new(), String::new(), Vec::new());
+        for token in tokens {
+            let answering = splitter.answering();
+            let split = splitter.push_token(&piece_text(self.codec.as_ref(), token, tools));
+            if answering || !split.content.is_empty() {
+                answer_tokens.push(token.clone());
             }
-            Some(parser) => {
-                let events = parser.push(&parser_text(self.codec.as_ref(), tokens));
-                self.pending_logprobs.extend(logprobs);
-                self.parsed(events, &mut out);
-            }
+            thinking.push_str(&split.reasoning);
+            answer.push_str(&split.content);
+        }
+        self.reasoning_text(thinking, &mut out);
+        let logprobs = self.logprobs_of(&answer_tokens);
+        if !answer.is_empty() || !logprobs.is_empty() {
+            self.answer(answer, logprobs, &mut out);
         }
         out
     }
@@ -1151,6 +1234,15 @@ impl ResponseEvents {
         usage: WireUsage,
     ) -> (Vec<ResponseEvent>, ResponseObject) {
         let mut out = Vec::new();
+        let mut reasoning_tokens = 0;
+        if let Some(splitter) = self.reasoning.as_mut() {
+            let split = splitter.finish();
+            reasoning_tokens = splitter.reasoning_tokens();
+            self.reasoning_text(split.reasoning, &mut out);
+            if !split.content.is_empty() {
+                self.answer(split.content, Vec::new(), &mut out);
+            }
+        }
         if let Some(parser) = self.calls.as_mut() {
             let events = parser.finish();
             record_tool_calls(&self.metrics, &self.id, parser);
@@ -1171,7 +1263,9 @@ impl ResponseEvents {
             self.open_message(&mut out);
         }
         self.close(status, &mut out);
-        let response = self.object(status, self.items.clone(), Some(ResponseUsage::from(usage)));
+        let mut usage = ResponseUsage::from(usage);
+        usage.output_tokens_details.reasoning_tokens = reasoning_tokens;
+        let response = self.object(status, self.items.clone(), Some(usage));
         out.push(match status {
             ResponseStatus::Incomplete => ResponseEvent::Incomplete {
                 response: response.clone(),
@@ -1286,6 +1380,7 @@ mod tests {
             codec: Arc::new(Codec),
             metrics: Metrics::new(),
             calls,
+            reasoning: None,
             items: Vec::new(),
             open: None,
             pending_logprobs: Vec::new(),
@@ -1399,6 +1494,87 @@ mod tests {
         assert_eq!(last["incomplete_details"]["reason"], "max_output_tokens");
         assert_eq!(last["output"][0]["content"][0]["text"], "Hello");
         assert_eq!(last["usage"]["total_tokens"], 7);
+    }
+
+    /// With a reasoning parser: the thinking is a `reasoning` item before the message, its
+    /// text streamed in `reasoning_text` deltas without the markers (cut across tokens), the
+    /// answer's tokens alone carrying logprobs; the whole response has the same items and
+    /// counts the thinking's tokens.
+    #[test]
+    fn thinking_is_a_reasoning_item_before_the_message() {
+        let reply = [
+            token(1, "<th"),
+            token(2, "ink>\nHmm"),
+            token(3, ", yes.\n</think>"),
+            token(4, "\n\nYes"),
+            token(5, "."),
+        ];
+        let mut format = events(true);
+        format.reasoning = Some(ReasoningSplitter::new(false));
+        let mut sent = format.opening();
+        for t in &reply {
+            sent.extend(format.tokens(std::slice::from_ref(t)));
+        }
+        sent.extend(format.finished(WireFinish::Stop, usage(5, 5)));
+        let streamed = parse_all(&sent);
+        assert_eq!(
+            kinds(&streamed),
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        assert_eq!(streamed[2]["item"]["type"], "reasoning");
+        assert_eq!(streamed[3]["delta"], "Hmm");
+        assert_eq!(streamed[4]["delta"], ", yes.");
+        assert_eq!(streamed[5]["text"], "Hmm, yes.");
+        assert_eq!(streamed[6]["output_index"], 0);
+        assert_eq!(streamed[7]["output_index"], 1);
+        assert_eq!(streamed[9]["delta"], "Yes");
+        // The answer's tokens carry logprobs; the thinking's do not reach the message.
+        let logprobs = &streamed[11]["logprobs"];
+        assert_eq!(logprobs.as_array().unwrap().len(), 2, "{logprobs}");
+        let last = &streamed[14]["response"];
+        let reasoning = &last["output"][0];
+        assert_eq!(reasoning["type"], "reasoning");
+        assert_eq!(reasoning["status"], "completed");
+        assert_eq!(
+            reasoning["content"],
+            json!([{"type": "reasoning_text", "text": "Hmm, yes."}])
+        );
+        assert_eq!(reasoning["summary"], json!([]));
+        assert_eq!(reasoning["encrypted_content"], Value::Null);
+        assert_eq!(last["output"][1]["content"][0]["text"], "Yes.");
+        assert_eq!(
+            last["usage"]["output_tokens_details"]["reasoning_tokens"],
+            3
+        );
+
+        // Not streamed: the same items.
+        let mut whole = events(true);
+        whole.reasoning = Some(ReasoningSplitter::new(false));
+        let object = whole.completed(Completed {
+            tokens: reply.to_vec(),
+            reason: WireFinish::Stop,
+            usage: usage(5, 5),
+            prompt_logprobs: Vec::new(),
+        });
+        let object = serde_json::to_value(&object).unwrap();
+        assert_eq!(object["output"][0]["content"], reasoning["content"]);
+        assert_eq!(object["output"][1]["content"][0]["text"], "Yes.");
     }
 
     #[test]

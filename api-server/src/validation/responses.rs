@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use serde_json::Value;
+use tandem_protocol::config::ReasoningParser;
 use tandem_protocol::messages::GrammarSpec;
 
 use super::{
@@ -114,7 +115,7 @@ pub fn validate_responses(
     )?;
     refuse_state(request)?;
     let tools = check_tools(request, limits.tool_support.is_some())?;
-    check_reasoning(request)?;
+    check_reasoning(request, limits.reasoning_parser)?;
     let truncation = match request.truncation.as_deref() {
         None | Some("disabled") => Truncation::Disabled,
         Some("auto") => Truncation::Auto,
@@ -511,7 +512,7 @@ fn echoed_tools(request: &ResponsesRequest) -> Vec<Value> {
         .collect()
 }
 
-fn check_reasoning(request: &ResponsesRequest) -> Result<(), ApiError> {
+fn check_reasoning(request: &ResponsesRequest, parser: ReasoningParser) -> Result<(), ApiError> {
     let Some(reasoning) = &request.reasoning else {
         return Ok(());
     };
@@ -520,18 +521,20 @@ fn check_reasoning(request: &ResponsesRequest) -> Result<(), ApiError> {
         ("summary", &reasoning.summary),
         ("generate_summary", &reasoning.generate_summary),
     ] {
-        // `none` asks for no reasoning, which is what the served model does.
-        if let Some(value) = value
-            && value != "none"
-        {
-            return Err(ApiError::unsupported(
-                format!(
-                    "reasoning.{name} {value:?} is not supported: the served model is not a \
-                     reasoning model"
-                ),
-                &format!("reasoning.{name}"),
-            ));
+        let Some(value) = value else {
+            continue;
+        };
+        // `none` asks for no reasoning: what a model served without a reasoning parser does.
+        if value == "none" && parser == ReasoningParser::None {
+            continue;
         }
+        return Err(ApiError::unsupported(
+            format!(
+                "reasoning.{name} {value:?} is not supported: tandem has no reasoning effort or \
+                 summary setting (a reasoning model's thinking is switched by its chat template)"
+            ),
+            &format!("reasoning.{name}"),
+        ));
     }
     Ok(())
 }
@@ -676,7 +679,30 @@ fn input_item(
     };
     match object.get("type").and_then(Value::as_str) {
         None | Some("message") => {
-            turns.push(message_item(&param, object)?);
+            let turn = message_item(&param, object)?;
+            match turns.last_mut() {
+                // The answer of the turn a reasoning item began.
+                Some(last) if turn.role == Role::Assistant && is_thinking_alone(last) => {
+                    last.content = turn.content;
+                }
+                _ => turns.push(turn),
+            }
+            Ok(())
+        }
+        Some("reasoning") => {
+            let text = reasoning_item(&param, object)?;
+            match turns.last_mut() {
+                Some(last) if is_thinking_alone(last) => {
+                    let thinking = last.reasoning.get_or_insert_with(String::new);
+                    thinking.push_str("\n\n");
+                    thinking.push_str(&text);
+                }
+                _ => {
+                    let mut turn = Turn::text(Role::Assistant, "");
+                    turn.reasoning = Some(text);
+                    turns.push(turn);
+                }
+            }
             Ok(())
         }
         Some("function_call") => {
@@ -705,7 +731,7 @@ fn input_item(
         Some(other) => Err(ApiError::unsupported(
             format!(
                 "input item type {other:?} is not supported: /v1/responses serves messages \
-                 with text content, function_call and function_call_output (no reasoning, \
+                 with text content, reasoning, function_call and function_call_output (no \
                  hosted tool calls or item references)"
             ),
             &format!("{param}.type"),
@@ -726,6 +752,84 @@ pub fn check_conversation_item(index: usize, item: &Value) -> Result<(), ApiErro
     }
     let mut turns = Vec::new();
     input_item(format!("items[{index}]"), item, &mut turns, &mut calls)
+}
+
+/// Keys of a `reasoning` item (an earlier response's thinking, sent back).
+const REASONING_KEYS: &[&str] = &[
+    "type",
+    "id",
+    "summary",
+    "content",
+    "encrypted_content",
+    "status",
+];
+
+/// Whether `turn` is an assistant turn begun by a reasoning item, with no answer or call yet.
+fn is_thinking_alone(turn: &Turn) -> bool {
+    turn.role == Role::Assistant
+        && turn.reasoning.is_some()
+        && turn.content.is_empty()
+        && turn.tool_calls.is_empty()
+}
+
+/// A `reasoning` item's text: its `reasoning_text` content parts (a tandem response's), else
+/// its `summary_text` parts, joined. It begins the assistant turn the next message or call
+/// items finish, and reaches the chat template as that turn's `reasoning_content`.
+fn reasoning_item(
+    param: &str,
+    object: &serde_json::Map<String, Value>,
+) -> Result<String, ApiError> {
+    if let Some(key) = object
+        .keys()
+        .find(|k| !REASONING_KEYS.contains(&k.as_str()))
+    {
+        return Err(ApiError::unknown_field(
+            "A reasoning item",
+            &format!("{param}.{key}"),
+        ));
+    }
+    if !matches!(object.get("encrypted_content"), None | Some(Value::Null)) {
+        return Err(ApiError::invalid(
+            "encrypted reasoning cannot be read here: tandem's reasoning items carry their \
+             text in content",
+            &format!("{param}.encrypted_content"),
+        ));
+    }
+    let parts = |key: &str, kind: &str| -> Result<Vec<String>, ApiError> {
+        let Some(value) = object.get(key).filter(|v| !v.is_null()) else {
+            return Ok(Vec::new());
+        };
+        let Some(parts) = value.as_array() else {
+            return Err(ApiError::invalid(
+                format!("{key} must be a list of {kind} parts"),
+                &format!("{param}.{key}"),
+            ));
+        };
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| {
+                let at = format!("{param}.{key}[{i}]");
+                match (
+                    part.get("type").and_then(Value::as_str),
+                    part.get("text").and_then(Value::as_str),
+                ) {
+                    (Some(t), Some(text)) if t == kind => Ok(text.to_string()),
+                    (Some(t), _) if t == kind => Err(ApiError::invalid(
+                        format!("a {kind} part needs text (a string)"),
+                        &format!("{at}.text"),
+                    )),
+                    _ => Err(ApiError::invalid(
+                        format!("{key} holds {kind} parts"),
+                        &format!("{at}.type"),
+                    )),
+                }
+            })
+            .collect()
+    };
+    let content = parts("content", "reasoning_text")?;
+    let summary = parts("summary", "summary_text")?;
+    Ok(if content.is_empty() { summary } else { content }.join("\n\n"))
 }
 
 /// A string field of an input item, required.
@@ -1069,6 +1173,65 @@ mod tests {
     /// A conversation as the Agents SDK sends its second turn: the question, the model's text
     /// and call (items of the first response), the call's output.
     #[test]
+    fn reasoning_items_begin_the_assistant_turn_their_answer_or_calls_finish() {
+        let valid = validate_with_tools(json!({"input": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"id": "rs_1", "type": "reasoning", "summary": [], "status": "completed",
+             "encrypted_content": null,
+             "content": [{"type": "reasoning_text", "text": "Need the tool."}]},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+             "arguments": "{\"city\": \"Paris\"}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "21 C"},
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Warm."}]},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "21 C.", "annotations": []}]},
+            {"role": "user", "content": "Thanks"},
+        ], "tools": [weather()]}))
+        .unwrap();
+        let PromptInput::Chat(turns) = &valid.request.prompt else {
+            panic!("a chat prompt");
+        };
+        let shape: Vec<(Role, &str, Option<&str>, usize)> = turns
+            .iter()
+            .map(|t| {
+                (
+                    t.role,
+                    t.content.as_str(),
+                    t.reasoning.as_deref(),
+                    t.tool_calls.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (Role::User, "Weather in Paris?", None, 0),
+                (Role::Assistant, "", Some("Need the tool."), 1),
+                (Role::Tool, "21 C", None, 0),
+                (Role::Assistant, "21 C.", Some("Warm."), 0),
+                (Role::User, "Thanks", None, 0),
+            ]
+        );
+        for (item, param) in [
+            (
+                json!({"type": "reasoning", "summary": [], "encrypted_content": "gAAAA"}),
+                "input[0].encrypted_content",
+            ),
+            (
+                json!({"type": "reasoning", "summary": [], "signature": "x"}),
+                "input[0].signature",
+            ),
+            (
+                json!({"type": "reasoning", "content": [{"type": "output_text", "text": "x"}]}),
+                "input[0].content[0].type",
+            ),
+        ] {
+            let err = validate_with_tools(json!({"input": [item], "tools": [weather()]}));
+            assert_eq!(param_of(err), param);
+        }
+    }
+
+    #[test]
     fn function_calls_and_their_outputs_become_tool_turns() {
         let valid = validate_with_tools(json!({"input": [
             {"role": "user", "content": "Weather in Paris?"},
@@ -1374,7 +1537,7 @@ mod tests {
                 "input[0].call_id",
             ),
             (
-                json!({"input": [{"type": "reasoning", "summary": []}]}),
+                json!({"input": [{"type": "web_search_call", "id": "ws_1"}]}),
                 "input[0].type",
             ),
             (
