@@ -77,7 +77,7 @@ pub fn model_limits(config: &ServerConfig) -> Result<ModelLimits, StartError> {
     };
     Ok(ModelLimits {
         served_model_name: config.served_name(),
-        max_model_len: u32::try_from(model.max_position_embeddings).unwrap_or(u32::MAX),
+        max_model_len: u32::try_from(model.max_context()).unwrap_or(u32::MAX),
         vocab_size: u32::try_from(model.vocab_size).unwrap_or(u32::MAX),
         // Filled from the prompt codec in `serve`.
         tool_support: None,

@@ -40,7 +40,8 @@ pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
 #[derive(Debug, Clone)]
 pub struct ModelLimits {
     pub served_model_name: String,
-    /// Prompt plus completion tokens at most (`max_position_embeddings`).
+    /// Prompt plus completion tokens at most (the model's `max_context`: `max_position_embeddings`,
+    /// capped at an attention window in use).
     pub max_model_len: u32,
     pub vocab_size: u32,
     /// How tool calls are rendered and parsed for this model; `None`: tool calling is off

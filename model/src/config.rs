@@ -163,8 +163,12 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
+    /// Mistral's attention window (each token attends to this many before it); Qwen's
+    /// configs carry one too, in use only with `use_sliding_window` ([`Self::max_context`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
     /// transformers >= 5 writes `rope_theta` and the scaling inside this object instead of
     /// the top-level keys; [`ModelConfig::load`] folds it into `rope_theta`/`rope_scaling` so
     /// such a config never runs with a silently wrong rotary base.
@@ -375,6 +379,30 @@ impl ModelConfig {
         self.architecture() == Architecture::Qwen3
     }
 
+    /// The attention window the model was trained with, where it has one in use (Mistral's
+    /// `sliding_window`; Qwen's with `use_sliding_window`); `None`: full attention.
+    pub fn attention_window(&self) -> Option<usize> {
+        match self.architecture() {
+            Architecture::Mistral => self.sliding_window,
+            Architecture::Qwen2 | Architecture::Qwen3 if self.use_sliding_window == Some(true) => {
+                self.sliding_window
+            }
+            _ => None,
+        }
+    }
+
+    /// The longest context served: `max_position_embeddings`, capped at the attention window
+    /// where the model has one. The engine attends over the whole context, which equals
+    /// sliding-window attention for contexts up to the window and differs beyond it, so no
+    /// longer context is served (vLLM capped its context the same way before it implemented
+    /// windows).
+    pub fn max_context(&self) -> usize {
+        match self.attention_window() {
+            Some(window) if window > 0 => self.max_position_embeddings.min(window),
+            _ => self.max_position_embeddings,
+        }
+    }
+
     pub fn eos_token_ids(&self) -> Vec<u32> {
         self.eos_token_id
             .as_ref()
@@ -420,6 +448,7 @@ impl ModelConfig {
             attention_bias: false,
             hidden_act: default_hidden_act(),
             sliding_window: None,
+            use_sliding_window: None,
             rope_parameters: None,
             torch_dtype: None,
             quantization_config: None,
@@ -519,6 +548,25 @@ mod tests {
         assert_eq!(scaling.rope_type, "llama3");
         assert_eq!(scaling.factor, Some(8.0));
         assert!(config.rope_parameters.is_none());
+    }
+
+    #[test]
+    fn an_attention_window_in_use_caps_the_context() {
+        let mut config = ModelConfig::llama(64, 128, 2, 4, 2, 256);
+        config.max_position_embeddings = 32768;
+        config.sliding_window = Some(4096);
+        // Llama has no window; Qwen's is off unless use_sliding_window.
+        assert_eq!(config.max_context(), 32768);
+        config.architectures = vec!["Qwen2ForCausalLM".into()];
+        assert_eq!(config.max_context(), 32768);
+        config.use_sliding_window = Some(true);
+        assert_eq!(config.max_context(), 4096);
+        config.architectures = vec!["MistralForCausalLM".into()];
+        config.use_sliding_window = None;
+        assert_eq!(config.attention_window(), Some(4096));
+        assert_eq!(config.max_context(), 4096);
+        config.sliding_window = Some(65536);
+        assert_eq!(config.max_context(), 32768);
     }
 
     #[test]

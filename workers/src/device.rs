@@ -475,7 +475,7 @@ impl LoadedModel {
         } = LargestStep::new(
             tokens,
             sequences,
-            config.max_position_embeddings,
+            config.max_context(),
             config.vocab_size,
             block_size,
         );
@@ -586,13 +586,7 @@ fn tune_fp8_row_buckets(
     let config = m.config();
     let buckets = tuned_row_buckets(largest);
     for &rows in &buckets {
-        let step = LargestStep::new(
-            rows,
-            1,
-            config.max_position_embeddings,
-            config.vocab_size,
-            block_size,
-        );
+        let step = LargestStep::new(rows, 1, config.max_context(), config.vocab_size, block_size);
         m.forward(&step.prefill, kv)
             .map_err(|source| DeviceError::Fp8Tuning {
                 tokens: rows,

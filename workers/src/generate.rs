@@ -150,7 +150,7 @@ pub fn generate(
         ..engine_config(
             prompt_ids.len(),
             args.max_tokens,
-            model.config().max_position_embeddings,
+            model.config().max_context(),
         )
     };
     // The test hooks are the serving worker's: none here.

@@ -231,6 +231,7 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
             && has("blk.0.attn_q.bias"),
         hidden_act: "silu".into(),
         sliding_window: None,
+        use_sliding_window: None,
         rope_parameters: None,
         torch_dtype: None,
         quantization_config: None,

@@ -302,7 +302,7 @@ fn check_same_tokens(model: &Path, ids: &[u32], reference: &Path, ref_ids: &[u32
 fn max_positions(dir: &Path) -> Result<usize> {
     Ok(ModelConfig::load(dir)
         .with_context(|| format!("reading the config of {}", dir.display()))?
-        .max_position_embeddings)
+        .max_context())
 }
 
 /// Runs `tokens` through the model in `dir` as one sequence, `--chunk` tokens per forward, and

@@ -108,7 +108,7 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     /// Requests scheduled at once.
     pub max_num_seqs: usize,
-    /// Context limit; `None` is the model's `max_position_embeddings`. Also capped by the
+    /// Context limit; `None` is the model's [`tandem_model::ModelConfig::max_context`]. Also capped by the
     /// cache size.
     pub max_model_len: Option<usize>,
     /// Tokens of growth the scheduler keeps free for every admitted request, so that it is

@@ -238,7 +238,7 @@ impl<B: KvBlockIo> StepModel for ModelRunner<B> {
     }
 
     fn max_model_len(&self) -> usize {
-        self.model.config().max_position_embeddings
+        self.model.config().max_context()
     }
 
     fn eos_token_ids(&self) -> Vec<u32> {

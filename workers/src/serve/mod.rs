@@ -212,7 +212,17 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         }
         Device::Cuda(_) | Device::Cpu => None,
     };
-    let max_model_len = model.config().max_position_embeddings;
+    let max_model_len = model.config().max_context();
+    if let Some(window) = model.config().attention_window()
+        && max_model_len < model.config().max_position_embeddings
+    {
+        tracing::warn!(
+            window,
+            max_position_embeddings = model.config().max_position_embeddings,
+            "the model was trained with sliding-window attention, which the engine does not \
+             implement: contexts are capped at the window, where full attention equals it"
+        );
+    }
     let vocab_size = model.config().vocab_size;
     let budget = KvBudget {
         tokens: args.kv_cache_tokens,
