@@ -28,6 +28,10 @@ pub fn source(spec: &GrammarSpec) -> GrammarSource<'_> {
     match spec {
         GrammarSpec::JsonSchema { schema } => GrammarSource::JsonSchema(schema),
         GrammarSpec::Lark { grammar } => GrammarSource::Lark(grammar),
+        GrammarSpec::AfterThinking { opened, then } => GrammarSource::AfterThinking {
+            opened: *opened,
+            then: Box::new(source(then)),
+        },
     }
 }
 

@@ -171,6 +171,28 @@ pub enum GrammarSpec {
     /// A grammar in llguidance's Lark dialect (which may embed `%json { schema }`), e.g. a
     /// tool call in the model family's markup.
     Lark { grammar: String },
+    /// `then` after a reasoning model's thinking (the api-server's `--reasoning-parser`):
+    /// the output may open with a `<think>...</think>` block of free text (`opened`: the
+    /// prompt opened it, so the output starts inside it and must close it), and only what
+    /// follows is held to `then` (a schema or a Lark grammar).
+    AfterThinking {
+        opened: bool,
+        then: Box<GrammarSpec>,
+    },
+}
+
+impl GrammarSpec {
+    /// `self` after a reasoning model's thinking ([`GrammarSpec::AfterThinking`]); a grammar
+    /// that already allows the thinking is kept.
+    pub fn after_thinking(self, opened: bool) -> GrammarSpec {
+        match self {
+            GrammarSpec::AfterThinking { .. } => self,
+            then => GrammarSpec::AfterThinking {
+                opened,
+                then: Box::new(then),
+            },
+        }
+    }
 }
 
 impl Default for SamplingSpec {

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use llguidance::api::TopLevelGrammar;
+use llguidance::api::{GrammarWithLexer, TopLevelGrammar};
 use llguidance::{Matcher, ParserFactory, TokenParser};
 use toktrie::SimpleVob;
 
@@ -31,13 +31,24 @@ pub fn json_options() -> serde_json::Value {
 }
 
 /// What the output must match.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum GrammarSource<'a> {
     /// One JSON value valid against this JSON schema.
     JsonSchema(&'a serde_json::Value),
     /// A grammar in llguidance's Lark dialect (which may embed `%json { schema }`).
     Lark(&'a str),
+    /// `then`, after a reasoning model's thinking: the output may start with a think block
+    /// (`<think>`, any text, `</think>`, whitespace), whose text is free; `opened`: the prompt
+    /// opened the block, so the output starts inside it and must close it. Only `then` (a
+    /// schema or a Lark grammar) is constrained.
+    AfterThinking {
+        opened: bool,
+        then: Box<GrammarSource<'a>>,
+    },
 }
+
+/// The name the answer's grammar has in [`GrammarSource::AfterThinking`]'s list.
+const ANSWER_GRAMMAR: &str = "answer";
 
 impl GrammarSource<'_> {
     /// The cache key: the kind and the exact text of the grammar.
@@ -45,11 +56,40 @@ impl GrammarSource<'_> {
         match self {
             GrammarSource::JsonSchema(schema) => format!("json_schema:{schema}"),
             GrammarSource::Lark(grammar) => format!("lark:{grammar}"),
+            GrammarSource::AfterThinking { opened, then } => {
+                format!("after_thinking:{opened}:{}", then.key())
+            }
         }
+    }
+
+    /// The Lark grammar of the thinking before the answer (`@answer`, the second grammar):
+    /// the thought is lazy free text, so it ends at the first `</think>`.
+    fn thinking_lark(opened: bool) -> String {
+        let start = if opened {
+            "start: thought SPACE? @answer"
+        } else {
+            "start: (\"<think>\" thought SPACE?)? @answer"
+        };
+        format!(
+            "{start}\nthought[lazy]: TEXT \"</think>\"\nTEXT: /(.|\\n)*/\nSPACE: /[ \\t\\r\\n]+/\n"
+        )
     }
 
     fn top_level(&self) -> TopLevelGrammar {
         match self {
+            GrammarSource::AfterThinking { opened, then } => {
+                let mut answer = then.top_level();
+                let mut grammars = vec![GrammarWithLexer::from_lark(Self::thinking_lark(*opened))];
+                // A nested list (never built) would need its references renumbered.
+                debug_assert_eq!(answer.grammars.len(), 1, "one answer grammar");
+                let mut first = answer.grammars.remove(0);
+                first.name = Some(ANSWER_GRAMMAR.into());
+                grammars.push(first);
+                TopLevelGrammar {
+                    grammars,
+                    max_tokens: None,
+                }
+            }
             GrammarSource::JsonSchema(schema) => {
                 let mut schema = (*schema).clone();
                 // llguidance's options ride in the schema; a client's own are kept.
@@ -402,6 +442,76 @@ call: %json {"x-guidance": {"whitespace_flexible": false},
         assert!(call["arguments"]["city"].is_string(), "{out}");
     }
 
+    /// Whether `constraint` takes `text` (tokenized without special tokens) and may end there.
+    fn takes_whole(
+        constraint: &mut Constraint,
+        tokenizer: &crate::tokenizer::TextTokenizer,
+        text: &str,
+    ) -> bool {
+        let ids = tokenizer.encode_with(text, false).unwrap();
+        ids.iter().all(|&id| {
+            constraint
+                .compute_mask()
+                .is_ok_and(|mask| mask.is_allowed(id))
+                && constraint.advance(id).is_ok()
+        }) && (constraint.is_finished()
+            || constraint
+                .compute_mask()
+                .is_ok_and(|mask| mask.is_allowed(tokenizer.stop_token_ids()[0])))
+    }
+
+    #[test]
+    fn the_answer_after_a_think_block_is_constrained_and_the_thinking_is_free() {
+        let tokenizer = tokenizer();
+        let compiler = compiler(&tokenizer);
+        let schema = serde_json::json!({"type": "object", "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"], "additionalProperties": false});
+        let answer = GrammarSource::JsonSchema(&schema);
+        let after = |opened| GrammarSource::AfterThinking {
+            opened,
+            then: Box::new(answer.clone()),
+        };
+        for (opened, text, taken) in [
+            (
+                false,
+                "<think>\nIs it {ok}? Yes.\n</think>\n\n{\"ok\":true}",
+                true,
+            ),
+            (false, "<think></think>{\"ok\":false}", true),
+            (false, "{\"ok\":true}", true),
+            (false, "<think>\nfree\n</think>\n\nnot json", false),
+            (false, "Sure: {\"ok\":true}", false),
+            (true, "\nIs it? Yes.\n</think>\n\n{\"ok\":true}", true),
+            (true, "{\"ok\":true}", false),
+        ] {
+            let mut constraint = compiler.compile(after(opened)).unwrap();
+            assert_eq!(
+                takes_whole(&mut constraint, &tokenizer, text),
+                taken,
+                "opened {opened}: {text:?}"
+            );
+        }
+        // A Lark answer too; and the thinking's source is cached apart from the answer's.
+        let lark = GrammarSource::Lark(r#"start: "yes" | "no""#);
+        let mut constraint = compiler
+            .compile(GrammarSource::AfterThinking {
+                opened: false,
+                then: Box::new(lark.clone()),
+            })
+            .unwrap();
+        assert!(takes_whole(
+            &mut constraint,
+            &tokenizer,
+            "<think>hm</think> yes"
+        ));
+        let mut plain = compiler.compile(lark).unwrap();
+        assert!(!takes_whole(
+            &mut plain,
+            &tokenizer,
+            "<think>hm</think> yes"
+        ));
+    }
+
     #[test]
     fn json_schemas_constrain_and_bad_ones_are_refused_with_llguidance_message() {
         let tokenizer = tokenizer();
@@ -432,7 +542,7 @@ call: %json {"x-guidance": {"whitespace_flexible": false},
         let tokenizer = tokenizer();
         let compiler = compiler(&tokenizer);
         let grammar = GrammarSource::Lark(r#"start: "yes""#);
-        let mut first = compiler.compile(grammar).unwrap();
+        let mut first = compiler.compile(grammar.clone()).unwrap();
         let mut second = compiler.compile(grammar).unwrap();
         assert_eq!(first, second);
         for id in tokenizer.encode_templated("yes").unwrap() {

@@ -30,7 +30,7 @@ use crate::openai::FinishReason;
 use crate::prompt::{naming_prompt_param, tokenize};
 use crate::sse::{ChunkFormat, sse_response};
 use crate::state::AppState;
-use crate::validation::ValidRequest;
+use crate::validation::{PromptInput, ValidRequest};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -139,12 +139,19 @@ pub(crate) fn reasoning_splitter(
     if state.limits.reasoning_parser == tandem_protocol::config::ReasoningParser::None {
         return None;
     }
+    Some(crate::reasoning::ReasoningSplitter::new(
+        prompt_opens_thinking(state, prompt_ids),
+    ))
+}
+
+/// Whether the prompt ends inside a think block its template opened (its last tokens
+/// decoded with their special tokens).
+fn prompt_opens_thinking(state: &AppState, prompt_ids: &[u32]) -> bool {
     let tail = &prompt_ids[prompt_ids.len().saturating_sub(PROMPT_TAIL_TOKENS)..];
-    let opened = state
+    state
         .codec
         .decode_text(tail)
-        .is_ok_and(|text| crate::reasoning::prompt_opens_thinking(&text));
-    Some(crate::reasoning::ReasoningSplitter::new(opened))
+        .is_ok_and(|text| crate::reasoning::prompt_opens_thinking(&text))
 }
 
 /// Tokenizes a validated request, checks it against the context and dispatches it: one
@@ -173,6 +180,14 @@ pub(crate) async fn start_generation(
         valid.truncate_prompt(&mut prompt_ids, &state.limits);
         let stop = valid.stop_spec(prompt_ids.len(), &state.limits)?;
         let mut sampling = valid.sampling.clone();
+        // A reasoning model thinks before the answer a grammar constrains: with a reasoning
+        // parser, a chat reply's grammar starts after its think block, which is free text.
+        if state.limits.reasoning_parser != tandem_protocol::config::ReasoningParser::None
+            && matches!(valid.prompt, PromptInput::Chat(_))
+        {
+            let opened = prompt_opens_thinking(state, &prompt_ids);
+            sampling.grammar = sampling.grammar.take().map(|g| g.after_thinking(opened));
+        }
         sampling.bad_words =
             crate::prompt::tokenize_bad_words(state.codec.clone(), valid.bad_words.clone()).await?;
         let prediction_ids =

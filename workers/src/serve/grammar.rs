@@ -58,12 +58,20 @@ impl WorkerGrammars {
                     .map_err(|e| e.to_string())
             })
             .as_ref()?;
-        let source = match spec {
-            GrammarSpec::JsonSchema { schema } => GrammarSource::JsonSchema(schema),
-            GrammarSpec::Lark { grammar } => GrammarSource::Lark(grammar),
-        };
         compiler
-            .compile(source)
+            .compile(source(spec))
             .map_err(|e| format!("the request's grammar does not compile: {e}"))
+    }
+}
+
+/// The llguidance source of a wire grammar.
+fn source(spec: &GrammarSpec) -> GrammarSource<'_> {
+    match spec {
+        GrammarSpec::JsonSchema { schema } => GrammarSource::JsonSchema(schema),
+        GrammarSpec::Lark { grammar } => GrammarSource::Lark(grammar),
+        GrammarSpec::AfterThinking { opened, then } => GrammarSource::AfterThinking {
+            opened: *opened,
+            then: Box::new(source(then)),
+        },
     }
 }
