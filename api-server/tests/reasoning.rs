@@ -276,3 +276,38 @@ fn a_response_has_its_thinking_as_a_reasoning_item_that_a_follow_up_takes_back()
         .collect();
     assert_eq!(answer, REASONING_ANSWER);
 }
+
+#[test]
+fn a_chat_replys_grammar_starts_after_the_thinking_and_a_completions_does_not() {
+    use tandem_protocol::messages::GrammarSpec;
+    let (_nats, peer, server) = start_with_peer(&PARSER);
+    let schema = json!({"type": "object"});
+    let format = json!({"response_format": {"type": "json_schema",
+                        "json_schema": {"name": "o", "schema": schema}}});
+    let response = server.http.post(
+        "/v1/chat/completions",
+        &chat(SCRIPT_REASONING, format.clone()),
+    );
+    assert_eq!(response.status, 200, "{}", response.body);
+    let mut completion = json!({"model": SERVED_NAME, "prompt": "Why?",
+                                "max_tokens": SCRIPT_REASONING});
+    completion["response_format"] = format["response_format"].clone();
+    let response = server.http.post("/v1/completions", &completion);
+    assert_eq!(response.status, 200, "{}", response.body);
+    let grammars: Vec<Option<GrammarSpec>> = peer
+        .jobs()
+        .into_iter()
+        .map(|job| job.sampling.grammar)
+        .collect();
+    let json_schema = GrammarSpec::JsonSchema {
+        schema: json!({"type": "object"}),
+    };
+    assert_eq!(
+        grammars,
+        [
+            // The test model's template opens no think block: the reply may.
+            Some(json_schema.clone().after_thinking(false)),
+            Some(json_schema),
+        ]
+    );
+}

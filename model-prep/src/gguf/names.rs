@@ -285,6 +285,33 @@ mod tests {
         let plan = plan_tensors(&tensors, &config).unwrap();
         assert!(plan.iter().all(|p| p.unpermute_heads.is_none()));
         assert!(plan.iter().any(|p| p.hf_name.ends_with("k_proj.bias")));
+
+        // Qwen3: no biases, each layer's q and k head norms, nothing permuted.
+        config.architectures = vec!["Qwen3ForCausalLM".into()];
+        config.model_type = "qwen3".into();
+        let mut tensors = tiny_tensors(&config, true);
+        let head_dim = config.head_dim() as u64;
+        for i in 0..2 {
+            tensors.push(info(&format!("blk.{i}.attn_q_norm.weight"), &[head_dim]));
+            tensors.push(info(&format!("blk.{i}.attn_k_norm.weight"), &[head_dim]));
+        }
+        let plan = plan_tensors(&tensors, &config).unwrap();
+        assert!(plan.iter().all(|p| p.unpermute_heads.is_none()));
+        let names: Vec<_> = plan.iter().map(|p| p.hf_name.as_str()).collect();
+        assert!(
+            names.contains(&"model.layers.1.self_attn.q_norm.weight"),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"model.layers.0.self_attn.k_norm.weight"),
+            "{names:?}"
+        );
+        assert!(!names.iter().any(|n| n.ends_with(".bias")), "{names:?}");
+        // A Qwen3 GGUF without them is refused, naming what is missing.
+        let err = plan_tensors(&tiny_tensors(&config, true), &config)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("q_norm"), "{err}");
     }
 
     #[test]
