@@ -101,14 +101,8 @@ impl ReasoningSplitter {
                     }
                 }
                 State::Reasoning => {
-                    if self.skip_newlines {
-                        let rest = self.held.trim_start_matches('\n');
-                        if rest.is_empty() {
-                            self.held.clear();
-                            return out;
-                        }
-                        self.held = rest.to_string();
-                        self.skip_newlines = false;
+                    if !self.drop_layout_newlines() {
+                        return out;
                     }
                     if let Some(end) = self.held.find(THINK_END) {
                         out.reasoning
@@ -125,14 +119,8 @@ impl ReasoningSplitter {
                     return out;
                 }
                 State::Answer => {
-                    if self.skip_newlines {
-                        let rest = self.held.trim_start_matches('\n');
-                        if rest.is_empty() {
-                            self.held.clear();
-                            return out;
-                        }
-                        self.held = rest.to_string();
-                        self.skip_newlines = false;
+                    if !self.drop_layout_newlines() {
+                        return out;
                     }
                     out.content.push_str(&self.held);
                     self.held.clear();
@@ -140,6 +128,22 @@ impl ReasoningSplitter {
                 }
             }
         }
+    }
+
+    /// Drops the newlines just after a marker from the held text; false while nothing else
+    /// has come (they may go on in the next piece).
+    fn drop_layout_newlines(&mut self) -> bool {
+        if !self.skip_newlines {
+            return true;
+        }
+        let rest = self.held.trim_start_matches('\n');
+        if rest.is_empty() {
+            self.held.clear();
+            return false;
+        }
+        self.held = rest.to_string();
+        self.skip_newlines = false;
+        true
     }
 
     /// The end of the reply: what was held back, decided. A reply cut off while reasoning
