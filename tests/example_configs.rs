@@ -54,6 +54,15 @@ fn example_configs_parse_and_validate() {
     assert_eq!(one_gpu.context_servers.mps_sm_percent, Some(80));
     assert_eq!(one_gpu.generation_servers.mps_sm_percent, None);
 
+    // A reasoning model on one GPU: one aggregated worker, the thinking split out.
+    let qwen3 = load("gpu-1-qwen3.yaml");
+    assert_eq!(qwen3.context_servers.instances(), 0);
+    assert_eq!(devices(&qwen3.generation_servers), ["cuda:0"]);
+    assert_eq!(
+        qwen3.reasoning_parser,
+        Some(tandem_protocol::config::ReasoningParser::Qwen3)
+    );
+
     // Two GPUs: one each.
     let two_gpus = load("gpu-2.yaml");
     assert_eq!(devices(&two_gpus.context_servers), ["cuda:0"]);
