@@ -11,6 +11,12 @@
 #   bench    gpu_bench bench on Qwen3-8B shapes, bf16 then FP8 weights: decode at batch 1, 32,
 #            128, 256 (context 1024) against each one's bytes floor, prefill of 2048 and 8192
 #            tokens
+#   serve    `tandem serve -c examples/configs/gpu-1-qwen3.yaml` (reasoning_parser: qwen3) on
+#            Qwen3-8B shapes (random bf16 weights generated at load): chat requests with a JSON
+#            schema, greedy and sampled, streamed and not (the grammar after the thinking,
+#            compiled by the GPU worker; every answer must parse and match the schema), then
+#            `tandem bench --offline` at 128/128 with 1024 requests; the same bench on
+#            Llama-3.1-8B shapes for comparison
 #
 # Output goes to stdout and, when $OUT is set, to $OUT/<stage>.log and JSON files; a failed
 # test or check fails the script after the other stages have run.
@@ -50,6 +56,23 @@ for stage in "${stages[@]}"; do
           --batches 1,32,128,256 --prefill 2048,8192 --iters 10 \
           --json "$out/bench-qwen3-$dtype.json" 2>&1 |
           tee "$out/bench-qwen3-$dtype.log" | grep -E "^ceilings|^FP8|^decode|^prefill"
+      done
+      ;;
+    serve)
+      for preset in qwen3-8b llama-3.1-8b; do
+        model=$(random_model "$preset" bf16 gen)
+        serve_and_wait "$root/examples/configs/gpu-1-qwen3.yaml" "$model" 8420 \
+          "$out/serve-$preset.log" || { status=1; continue; }
+        if [ "$preset" = qwen3-8b ]; then
+          python3 "$root/scripts/device/json_after_thinking.py" http://127.0.0.1:8420/v1 \
+            2>&1 | tee "$out/json-after-thinking.log" || { echo "JSON answers FAILED"; status=1; }
+        fi
+        tandem bench --url http://127.0.0.1:8420/v1 --endpoint completions --offline \
+          --num-prompts 1024 --input-tokens 128 --output-len 128 --temperature 0 \
+          --timeout-s 500 --output-json "$out/offline-$preset.json" 2>&1 | tail -4
+        echo "worker errors: $(grep -c 'ERROR' "$out/serve-$preset.log")"
+        kill "$served_pid"
+        while kill -0 "$served_pid" 2>/dev/null; do sleep 1; done
       done
       ;;
     *)
