@@ -178,6 +178,8 @@ pub enum Event<'a> {
     /// A chat reply with tools was parsed: `parsed` calls, and `malformed` pieces of call
     /// markup that did not parse (returned as content).
     ToolCalls { parsed: u32, malformed: u32 },
+    /// A reply split by the reasoning parser thought for `tokens` output tokens.
+    Reasoning { tokens: u32 },
     /// A worker of `pool` was chosen for a prompt of `prompt_blocks` KV blocks, of which it
     /// holds the first `cached_blocks` in its prefix cache as this api-server knows.
     Routed {
@@ -260,6 +262,10 @@ pub struct Metrics {
     /// `outcome`: `parsed` (calls returned as `tool_calls`) or `malformed` (call markup that
     /// did not parse, returned as content).
     tool_calls: IntCounterVec,
+    /// Output tokens replies spent thinking (with a reasoning parser), and the replies that
+    /// thought.
+    reasoning_tokens: IntCounter,
+    reasoning_replies: IntCounter,
     /// Requests whose prefill ran on a context worker.
     requests_disaggregated: IntCounter,
     /// Requests refused without a valid API key.
@@ -496,6 +502,17 @@ impl Metrics {
             &["outcome"],
         )
         .expect("metric options are static and valid");
+        let reasoning_tokens = IntCounter::new(
+            "tandem_reasoning_tokens_total",
+            "Output tokens chat and Responses replies spent thinking, up to the end of their \
+             think block (--reasoning-parser); the rest of tandem_completion_tokens_total is answer",
+        )
+        .expect("metric options are static and valid");
+        let reasoning_replies = IntCounter::new(
+            "tandem_reasoning_replies_total",
+            "Replies that thought (opened a think block, or began in one the prompt opened)",
+        )
+        .expect("metric options are static and valid");
         let requests_disaggregated = IntCounter::new(
             "tandem_requests_disaggregated_total",
             "Requests whose prompt a context worker prefilled",
@@ -664,6 +681,8 @@ impl Metrics {
             request_migrations,
             jobs_rejected,
             tool_calls,
+            reasoning_tokens,
+            reasoning_replies,
             requests_disaggregated,
             unauthorized,
             kv_pinned_blocks,
@@ -718,6 +737,8 @@ impl Metrics {
             Box::new(metrics.request_migrations.clone()),
             Box::new(metrics.jobs_rejected.clone()),
             Box::new(metrics.tool_calls.clone()),
+            Box::new(metrics.reasoning_tokens.clone()),
+            Box::new(metrics.reasoning_replies.clone()),
             Box::new(metrics.requests_disaggregated.clone()),
             Box::new(metrics.unauthorized.clone()),
             Box::new(metrics.kv_pinned_blocks.clone()),
@@ -875,6 +896,10 @@ impl Metrics {
                 self.tool_calls
                     .with_label_values(&["malformed"])
                     .inc_by(u64::from(malformed));
+            }
+            Event::Reasoning { tokens } => {
+                self.reasoning_tokens.inc_by(u64::from(tokens));
+                self.reasoning_replies.inc();
             }
             Event::Routed {
                 pool,
@@ -1141,6 +1166,8 @@ mod tests {
             "tandem_requests_disaggregated_total 0",
             "tandem_jobs_rejected_total{pool=\"generation\"} 0",
             "tandem_tool_calls_total{outcome=\"malformed\"} 0",
+            "tandem_reasoning_tokens_total 0",
+            "tandem_reasoning_replies_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

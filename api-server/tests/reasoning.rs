@@ -54,6 +54,17 @@ fn thinking_is_the_reasoning_and_the_rest_the_content() {
         assert_eq!(message["content"], REASONING_ANSWER, "{body}");
         assert_eq!(choice["finish_reason"], "stop");
     }
+    // Both replies thought: counted on /metrics too.
+    let metrics = server.http.get("/metrics").body;
+    let expected_tokens = format!(
+        "tandem_reasoning_tokens_total {}",
+        2 * REASONING_TOKEN_COUNT
+    );
+    assert!(metrics.contains(&expected_tokens), "{metrics}");
+    assert!(
+        metrics.contains("tandem_reasoning_replies_total 2"),
+        "{metrics}"
+    );
     let usage = &body["usage"];
     let tokens = reasoning_tokens().len() as u64;
     assert_eq!(usage["completion_tokens"], 2 * tokens, "{usage}");

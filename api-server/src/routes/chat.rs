@@ -215,8 +215,11 @@ impl ChatChunks {
         match self.reasoning.as_mut() {
             Some(splitter) => {
                 let split = splitter.finish();
-                self.reasoning_tokens
-                    .fetch_add(splitter.reasoning_tokens(), Ordering::Relaxed);
+                let tokens = splitter.reasoning_tokens();
+                self.reasoning_tokens.fetch_add(tokens, Ordering::Relaxed);
+                if splitter.reasoned() {
+                    self.metrics.record(Event::Reasoning { tokens });
+                }
                 (split.content, split.reasoning)
             }
             None => (String::new(), String::new()),

@@ -26,7 +26,7 @@ use crate::disconnect::ClientSocket;
 use crate::dispatch::{Completed, Generation, RequestRecord};
 use crate::error::ApiError;
 use crate::fields::RESPONSES;
-use crate::metrics::{Endpoint, Metrics};
+use crate::metrics::{Endpoint, Event, Metrics};
 use crate::openai::ResponseInput;
 use crate::openai::{
     ConversationRef, FunctionCallItem, IncompleteDetails, OutputItem, OutputMessage, OutputText,
@@ -1238,6 +1238,11 @@ impl ResponseEvents {
         if let Some(splitter) = self.reasoning.as_mut() {
             let split = splitter.finish();
             reasoning_tokens = splitter.reasoning_tokens();
+            if splitter.reasoned() {
+                self.metrics.record(Event::Reasoning {
+                    tokens: reasoning_tokens,
+                });
+            }
             self.reasoning_text(split.reasoning, &mut out);
             if !split.content.is_empty() {
                 self.answer(split.content, Vec::new(), &mut out);
