@@ -500,6 +500,7 @@ mod tests {
             cache_salt: None,
             priority: 0,
             prediction_ids: Vec::new(),
+            embedding: false,
         }
     }
 

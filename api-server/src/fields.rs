@@ -475,6 +475,30 @@ pub const COMPLETIONS: EndpointFields = EndpointFields {
     ],
 };
 
+/// `POST /v1/embeddings`.
+pub const EMBEDDINGS: EndpointFields = EndpointFields {
+    path: "/v1/embeddings",
+    fields: &[
+        ("model", Served),
+        ("input", Served),
+        ("encoding_format", Served),
+        ("dimensions", Served),
+        ("user", Accepted(Kind::String)),
+        ("truncate_prompt_tokens", Served),
+        ("priority", Served),
+        (
+            "add_special_tokens",
+            Refused {
+                why: "inputs are tokenized with the tokenizer's special tokens (as the model's \
+                      pooling expects them): only true",
+                allowed: is_true,
+            },
+        ),
+    ],
+    shared: &[],
+    nested: &[],
+};
+
 /// `POST /v1/responses`.
 pub const RESPONSES: EndpointFields = EndpointFields {
     path: "/v1/responses",

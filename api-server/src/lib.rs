@@ -38,6 +38,7 @@ pub mod grammar;
 pub mod metrics;
 pub mod openai;
 pub mod outcomes;
+pub mod pooling;
 pub mod prompt;
 pub mod reasoning;
 pub mod refusals;

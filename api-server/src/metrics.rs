@@ -30,9 +30,12 @@ pub enum Endpoint {
     Completions,
     /// `POST /v1/responses`.
     Responses,
+    /// `POST /v1/embeddings` (no tokens: its requests, outcomes and prompt tokens only).
+    Embeddings,
 }
 
 impl Endpoint {
+    /// The endpoints that generate tokens (the token-timing families' label sets).
     pub const ALL: [Endpoint; 3] = [Endpoint::Chat, Endpoint::Completions, Endpoint::Responses];
 
     pub fn label(self) -> &'static str {
@@ -40,6 +43,7 @@ impl Endpoint {
             Endpoint::Chat => "chat",
             Endpoint::Completions => "completions",
             Endpoint::Responses => "responses",
+            Endpoint::Embeddings => "embeddings",
         }
     }
 }

@@ -227,6 +227,12 @@ async fn follow_heartbeats(
 pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<(), StartError> {
     let mut limits = model_limits(&config)?;
     limits.tool_support = codec.tool_support();
+    let hidden_size = ModelConfig::load(&config.model)
+        .map_err(|err| StartError::Model {
+            dir: config.model.display().to_string(),
+            detail: err.to_string(),
+        })?
+        .hidden_size;
     match limits.sampling_defaults.describe() {
         none if none.is_empty() && config.generation_config == GenerationConfigSource::None => {
             tracing::info!(
@@ -320,8 +326,18 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
         config.model.clone(),
         limits.vocab_size as usize,
     ));
+    let embeddings = crate::pooling::EmbeddingConfig::read(&config.model, hidden_size);
+    match &embeddings.not_served {
+        None => tracing::info!(
+            dimensions = embeddings.hidden_size,
+            normalize = embeddings.normalize,
+            "embeddings: the last token's hidden state"
+        ),
+        Some(why) => tracing::info!("embeddings not served: {why}"),
+    }
     let state = web::Data::new(AppState {
         limits,
+        embeddings,
         codec,
         bus: Bus { client, subjects },
         registry,

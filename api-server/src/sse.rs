@@ -126,6 +126,8 @@ pub fn sse_body<F: ChunkFormat>(
                 Some((index, Ok(GenEvent::PromptLogprobs(logprobs)))) => {
                     body.formats[index].prompt_logprobs(logprobs);
                 }
+                // Embedding jobs are never streamed.
+                Some((_, Ok(GenEvent::Embedding(_)))) => {}
                 Some((index, Ok(GenEvent::Tokens(tokens)))) => {
                     body.queue.extend(body.formats[index].tokens(&tokens));
                 }

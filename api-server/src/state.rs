@@ -10,6 +10,8 @@ use crate::validation::ModelLimits;
 
 pub struct AppState {
     pub limits: ModelLimits,
+    /// How `/v1/embeddings` pools the model's hidden states (its model directory's modules).
+    pub embeddings: crate::pooling::EmbeddingConfig,
     pub codec: Arc<dyn PromptCodec>,
     pub bus: Bus,
     pub registry: Arc<WorkerRegistry>,

@@ -6,6 +6,7 @@
 //! context, text completions default to 16 tokens, a missing `model` means the served one.
 
 pub mod chat_rendering;
+pub mod embeddings;
 pub mod prediction;
 pub mod responses;
 pub mod sampling;

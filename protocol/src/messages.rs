@@ -323,6 +323,12 @@ pub struct GenerateJob {
     /// changes how fast tokens come, never which. Absent: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prediction_ids: Vec<u32>,
+    /// An embedding job (`/v1/embeddings`): the worker prefills the prompt and answers with
+    /// the final-normed hidden state of its last token ([`StreamMessage::Embedding`]), then
+    /// `finished` with `length` and no token; `stop.max_tokens` is 0. Sent to generation
+    /// workers only (it prefills locally). Absent: false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub embedding: bool,
 }
 
 fn is_zero_priority(priority: &i32) -> bool {
@@ -710,6 +716,10 @@ pub enum StreamMessage {
         start: u32,
         logprobs: Vec<PromptLogprob>,
     },
+    /// The answer of an embedding job ([`GenerateJob::embedding`]): the final-normed hidden
+    /// state of the prompt's last token, `hidden_size` floats, not normalized (the
+    /// api-server pools and normalizes as the model directory says). Just before `finished`.
+    Embedding { vector: Vec<f32> },
     /// The last message of a successful or cancelled request.
     Finished { reason: FinishReason, usage: Usage },
     /// The request failed on the worker; `message` is safe to show to the client.
@@ -1223,6 +1233,7 @@ mod tests {
             cache_salt: Some("key:ab12/conversation-1".into()),
             priority: 0,
             prediction_ids: Vec::new(),
+            embedding: true,
         };
         let bytes = encode(&job);
         let text = std::str::from_utf8(&bytes).unwrap();
@@ -1233,6 +1244,25 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#""bad_words":[[5],[6,7]]"#), "{text}");
+        assert!(text.contains(r#""embedding":true"#), "{text}");
+        let plain = encode(&GenerateJob {
+            embedding: false,
+            ..job.clone()
+        });
+        assert!(!std::str::from_utf8(&plain).unwrap().contains("embedding"));
+        let answer = StreamMessage::Embedding {
+            vector: vec![0.5, -1.25],
+        };
+        let bytes = encode(&answer);
+        assert!(
+            std::str::from_utf8(&bytes)
+                .unwrap()
+                .contains(r#""type":"embedding","vector":[0.5,-1.25]"#)
+        );
+        assert_eq!(
+            decode::<StreamMessage>("stream message", &bytes).unwrap(),
+            answer
+        );
 
         // An error names the request's field only when the request is at fault; one from an
         // older worker reads as the worker's failure.

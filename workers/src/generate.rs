@@ -182,6 +182,7 @@ pub fn generate(
         deadline: None,
         resume_ids: Vec::new(),
         prompt_logprobs: None,
+        embedding: false,
         cache_salt: None,
         priority: 0,
         sample_group: None,
@@ -206,8 +207,10 @@ pub fn generate(
             }
             EventKind::Finished { reason, .. } => finish = Some(reason),
             // Only requests queued for an import have room reserved, and only requests that
-            // ask for them get prompt logprobs.
-            EventKind::RoomReserved { .. } | EventKind::PromptLogprobs { .. } => {}
+            // ask for them get prompt logprobs or a hidden state.
+            EventKind::RoomReserved { .. }
+            | EventKind::PromptLogprobs { .. }
+            | EventKind::Hidden { .. } => {}
         }
     }
     drop(handle);

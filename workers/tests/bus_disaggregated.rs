@@ -114,6 +114,7 @@ fn job(request_id: &str, prompt_ids: Vec<u32>, max_tokens: u32, seed: Option<u64
         cache_salt: None,
         priority: 0,
         prediction_ids: Vec::new(),
+        embedding: false,
     }
 }
 

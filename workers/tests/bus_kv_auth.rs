@@ -123,6 +123,7 @@ fn job(request_id: &str, prompt_ids: &[u32]) -> GenerateJob {
         cache_salt: None,
         priority: 0,
         prediction_ids: Vec::new(),
+        embedding: false,
     }
 }
 

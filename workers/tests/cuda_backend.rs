@@ -470,13 +470,13 @@ fn row_logprobs<B: Backend>(
         targets: prompt[1..].to_vec(),
         top_k,
     });
-    let mut out = Vec::new();
+    let mut out = tandem_workers::model::RowOutputs::default();
     let logits = model
-        .forward_with_row_logprobs(&batch, &mut kv, &mut out)
+        .forward_with_row_outputs(&batch, &mut kv, &mut out)
         .unwrap();
     assert_eq!(logits.len(), 1, "the last row's logits as well");
-    assert_eq!(out.len(), 1);
-    out.remove(0)
+    assert_eq!(out.logprobs.len(), 1);
+    out.logprobs.remove(0)
 }
 
 fn log_softmax(row: &[f32], token: usize) -> f64 {
@@ -1586,6 +1586,7 @@ fn cuda_engine_tokens_predicted(
                     ),
                     EventKind::RoomReserved { .. } => panic!("room reserved for a plain request"),
                     EventKind::PromptLogprobs { .. } => panic!("prompt logprobs not asked for"),
+                    EventKind::Hidden { .. } => panic!("a hidden state not asked for"),
                 }
             }
         }

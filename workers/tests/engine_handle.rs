@@ -67,6 +67,7 @@ fn concurrent_submissions_stream_the_same_tokens_as_alone() {
                         match event.kind {
                             EventKind::Token { id, .. } => tokens.push(id),
                             EventKind::Finished { reason: r, .. } => reason = Some(r),
+                            EventKind::Hidden { .. } => panic!("a hidden state not asked for"),
                             EventKind::RoomReserved { .. } => {
                                 panic!("room reserved for a plain request")
                             }

@@ -110,7 +110,9 @@ async fn a_prefill_is_handed_over_in_place_and_its_blocks_stay_pinned_until_the_
                 retained = retained_kv;
                 break;
             }
-            EventKind::RoomReserved { .. } | EventKind::PromptLogprobs { .. } => {}
+            EventKind::RoomReserved { .. }
+            | EventKind::PromptLogprobs { .. }
+            | EventKind::Hidden { .. } => {}
         }
     }
     let (first, retained) = (first.expect("a first token"), retained.expect("retained"));

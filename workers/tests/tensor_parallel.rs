@@ -193,10 +193,10 @@ fn a_batch_every_rank_refuses_leaves_the_group_serving() {
 /// Prompt logprobs (`echo` with `logprobs`) come from rank 0 of the group: the same targets'
 /// log-probabilities and alternatives as the whole model's, taken once.
 #[test]
-fn the_group_reports_the_row_logprobs_of_its_forward() {
+fn the_group_reports_the_row_outputs_of_its_forward() {
     let (mut tp, mut whole) = runners("tiny-llama", 2);
     let prompt: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 256).collect();
-    let logprobs = |model: &mut dyn StepModel| {
+    let outputs = |model: &mut dyn StepModel| {
         let mut batch = ForwardBatch::default();
         batch.push(&prompt, 0, vec![0, 1], true);
         batch.want_row_logprobs(RowLogprobs {
@@ -204,12 +204,30 @@ fn the_group_reports_the_row_logprobs_of_its_forward() {
             targets: prompt[1..].to_vec(),
             top_k: 3,
         });
+        batch.want_hidden();
         model.forward(&batch).unwrap();
-        let rows = model.take_row_logprobs();
-        assert!(model.take_row_logprobs().is_empty(), "taken once");
-        rows
+        let outputs = model.take_row_outputs();
+        assert!(model.take_row_outputs().is_empty(), "taken once");
+        outputs
     };
-    let (from_group, from_whole) = (logprobs(&mut tp), logprobs(&mut whole));
+    let (group, whole) = (outputs(&mut tp), outputs(&mut whole));
+    // The last token's hidden state: the whole model's, from the group's rank 0.
+    assert_eq!((group.hidden.len(), whole.hidden.len()), (1, 1));
+    let (g, w) = (&group.hidden[0], &whole.hidden[0]);
+    assert_eq!(g.len(), w.len());
+    let diff: f32 = g
+        .iter()
+        .zip(w)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f32>()
+        .sqrt();
+    let norm: f32 = w.iter().map(|b| b * b).sum::<f32>().sqrt();
+    assert!(
+        norm > 0.0 && diff / norm < 1e-4,
+        "relative L2 {}",
+        diff / norm
+    );
+    let (from_group, from_whole) = (group.logprobs, whole.logprobs);
     assert_eq!(from_group.len(), 1);
     assert_eq!(from_group[0].len(), prompt.len() - 1);
     for (g, w) in from_group[0].iter().zip(&from_whole[0]) {

@@ -80,6 +80,9 @@ pub enum GenEvent {
     /// them, once, before the first `Tokens` (or `Finished`, with `max_tokens` 0).
     PromptLogprobs(Vec<PromptLogprob>),
     Tokens(Vec<TokenEvent>),
+    /// An embedding job's answer ([`JobSpec::embedding`]): the prompt's last hidden state,
+    /// once, just before `Finished`.
+    Embedding(Vec<f32>),
     /// The last event: `reason` is `Stop` or `Length`.
     Finished {
         reason: FinishReason,
@@ -97,6 +100,8 @@ pub struct Completed {
     /// `Stop` or `Length`.
     pub reason: FinishReason,
     pub usage: Usage,
+    /// An embedding job's answer.
+    pub embedding: Option<Vec<f32>>,
 }
 
 impl Completed {
@@ -133,6 +138,9 @@ pub struct JobSpec {
     pub priority: i32,
     /// The request's `prediction`, tokenized: the decoding worker's draft source.
     pub prediction_ids: Vec<u32>,
+    /// An embedding job (`/v1/embeddings`): the prompt's last hidden state comes back
+    /// ([`GenEvent::Embedding`]), nothing is generated (`stop.max_tokens` 0).
+    pub embedding: bool,
 }
 
 /// One request on the bus, from its first job to its last token.
@@ -188,6 +196,8 @@ pub struct Generation {
     prompt_logprobs_delivered: bool,
     /// An event held back while the prompt logprobs go first.
     held: Option<GenEvent>,
+    /// An embedding job's answer, from its `embedding` message until its `finished`.
+    embedding: Option<Vec<f32>>,
     /// The request's place under `--max-pending-requests`, given back when the generation
     /// (and with it a streamed response's body) is dropped.
     /// (Shared by the choices of a request with `n` > 1: given back when the last ends.)
@@ -228,11 +238,16 @@ impl Generation {
         job: JobSpec,
         mut record: RequestRecord,
     ) -> Result<Generation, ApiError> {
-        // Prompt logprobs are computed where the prompt is prefilled: the generation worker.
+        // Prompt logprobs and embeddings are computed where the prompt is prefilled: the
+        // generation worker.
         let route = if job.sampling.prompt_logprobs.is_some() {
             dispatch
                 .registry
                 .route_local(1, LocalPrefill::PromptLogprobs, Instant::now())
+        } else if job.embedding {
+            dispatch
+                .registry
+                .route_local(1, LocalPrefill::Embedding, Instant::now())
         } else {
             dispatch.registry.route_salted(
                 &job.prompt_ids,
@@ -291,6 +306,7 @@ impl Generation {
                 Prefill::Remote { .. } => route.generate_kv_peer.clone(),
                 Prefill::Local(_) => None,
             },
+            embedding: job.embedding,
         };
         // Sized before anything is sent: a job the bus cannot carry is the client's 400.
         let encoded = match bus.encode_job(&message) {
@@ -373,6 +389,7 @@ impl Generation {
             prompt_logprobs_received: 0,
             prompt_logprobs_delivered: false,
             held: None,
+            embedding: None,
             admitted: None,
         };
         let accepted = match generation.await_accepted().await {
@@ -519,7 +536,7 @@ impl Generation {
         }
         let result = self.next_inner().await;
         match &result {
-            Ok(GenEvent::PromptLogprobs(_)) => {}
+            Ok(GenEvent::PromptLogprobs(_) | GenEvent::Embedding(_)) => {}
             Ok(GenEvent::Tokens(tokens)) => self.record.tokens(tokens.len(), Instant::now()),
             Ok(GenEvent::Finished { usage, .. }) => {
                 self.done = true;
@@ -549,9 +566,11 @@ impl Generation {
     ) -> Result<Completed, ApiError> {
         let mut collected = Vec::new();
         let mut prompt_logprobs = Vec::new();
+        let mut embedding = None;
         loop {
             match self.next().await {
                 Some(Ok(GenEvent::PromptLogprobs(logprobs))) => prompt_logprobs = logprobs,
+                Some(Ok(GenEvent::Embedding(vector))) => embedding = Some(vector),
                 Some(Ok(GenEvent::Tokens(tokens))) => {
                     arrived(&tokens);
                     collected.extend(tokens);
@@ -562,6 +581,7 @@ impl Generation {
                         tokens: collected,
                         reason,
                         usage,
+                        embedding,
                     });
                 }
                 Some(Err(err)) => return Err(err),
@@ -633,6 +653,15 @@ impl Generation {
                     }
                     continue;
                 }
+                StreamMessage::Embedding { vector } => {
+                    if self.job.embedding {
+                        self.embedding = Some(vector);
+                    } else {
+                        tracing::warn!(request_id = %self.request_id,
+                            "ignoring an embedding for a job that asked for none");
+                    }
+                    continue;
+                }
                 StreamMessage::Tokens { tokens, index } => {
                     self.unnumbered |= index.is_none();
                     let received = self.received_ids.len();
@@ -684,6 +713,20 @@ impl Generation {
                                 // The context worker answered it all (it ended at its
                                 // first token).
                                 self.metrics.record(Event::Disaggregated);
+                            }
+                            if self.job.embedding {
+                                let Some(vector) = self.embedding.take() else {
+                                    self.cancel.disarm();
+                                    let err = ApiError::Worker {
+                                        message: "the worker finished the embedding job without \
+                                                  its embedding"
+                                            .into(),
+                                    };
+                                    self.migrate_on(err).await?;
+                                    continue;
+                                };
+                                self.held = Some(GenEvent::Finished { reason, usage });
+                                return Ok(GenEvent::Embedding(vector));
                             }
                             Ok(self.after_prompt_logprobs(GenEvent::Finished { reason, usage }))
                         }

@@ -72,6 +72,7 @@ pub async fn start_choices(
             cache_salt: job.cache_salt.clone(),
             priority: job.priority,
             prediction_ids: job.prediction_ids.clone(),
+            embedding: job.embedding,
         };
         Generation::start_on(
             dispatch,
@@ -217,6 +218,7 @@ mod tests {
                 cached_tokens: 0,
                 ..Default::default()
             },
+            embedding: None,
         };
         // Sums -3, -1.5, -4 (the sum would pick the second); means -1.5, -1.5, -0.8.
         let candidates = vec![

@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod completions;
 pub mod conversations;
+pub mod embeddings;
 pub mod health;
 pub mod metrics;
 pub mod models;
@@ -46,6 +47,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
                 "/v1/chat/completions" => Some(Endpoint::Chat),
                 "/v1/responses" => Some(Endpoint::Responses),
                 "/v1/completions" => Some(Endpoint::Completions),
+                "/v1/embeddings" => Some(Endpoint::Embeddings),
                 _ => None,
             };
             let err = ApiError::InvalidJson(err.to_string());
@@ -59,6 +61,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .app_data(json)
         .service(chat::chat_completions)
         .service(completions::completions)
+        .service(embeddings::embeddings)
         .service(responses::create_response)
         .service(responses::get_response)
         .service(responses::delete_response)
@@ -205,6 +208,7 @@ pub(crate) async fn start_generation(
             },
             priority: valid.priority,
             prediction_ids,
+            embedding: false,
         })
     }
     .await;

@@ -1576,6 +1576,7 @@ mod tests {
             reason: WireFinish::Stop,
             usage: usage(5, 5),
             prompt_logprobs: Vec::new(),
+            embedding: None,
         });
         let object = serde_json::to_value(&object).unwrap();
         assert_eq!(object["output"][0]["content"], reasoning["content"]);
@@ -1609,6 +1610,7 @@ mod tests {
             tokens: vec![token(1, "Hi"), token(2, ".")],
             reason: WireFinish::Stop,
             usage: usage(3, 2),
+            embedding: None,
         });
         let value = serde_json::to_value(object).unwrap();
         assert_eq!(value["status"], "completed");
@@ -1718,6 +1720,7 @@ mod tests {
             tokens,
             reason: WireFinish::Stop,
             usage: usage(9, 6),
+            embedding: None,
         });
         let value = serde_json::to_value(object).unwrap();
         assert_eq!(value["status"], "completed");
@@ -1743,6 +1746,7 @@ mod tests {
             )],
             reason: WireFinish::Length,
             usage: usage(9, 1),
+            embedding: None,
         });
         let value = serde_json::to_value(object).unwrap();
         assert_eq!(value["status"], "incomplete");
@@ -1767,6 +1771,7 @@ mod tests {
             ],
             reason: WireFinish::Stop,
             usage: usage(3, 2),
+            embedding: None,
         });
         let value = serde_json::to_value(object).unwrap();
         let kinds: Vec<&str> = value["output"]

@@ -1,6 +1,6 @@
 //! What a request no route takes is answered: OpenAI's error body, never an empty 404. A path
 //! tandem serves asked with another method is a 405 naming the methods (and an `Allow`
-//! header); a path of OpenAI's API that tandem does not serve (`/v1/embeddings`) is a 404 that
+//! header); a path of OpenAI's API that tandem does not serve (`/v1/audio/speech`) is a 404 that
 //! says so; any other path is a 404 listing the endpoints.
 
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
@@ -13,6 +13,7 @@ use crate::error::ApiError;
 pub const ROUTES: &[(&str, &str)] = &[
     ("/v1/chat/completions", "POST"),
     ("/v1/completions", "POST"),
+    ("/v1/embeddings", "POST"),
     ("/v1/responses", "POST"),
     ("/v1/responses/{}", "GET, DELETE"),
     ("/v1/responses/{}/input_items", "GET"),
@@ -31,7 +32,6 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// Paths of OpenAI's API that tandem does not serve, by their first segments after `/v1`.
 const NOT_SERVED: &[(&str, &str)] = &[
-    ("embeddings", "embeddings (/v1/embeddings)"),
     ("audio", "audio (/v1/audio)"),
     ("images", "image generation (/v1/images)"),
     ("moderations", "moderation (/v1/moderations)"),
@@ -164,13 +164,15 @@ mod tests {
             let status = test::call_service(&app, request).await.status();
             assert_eq!(status, 405, "PATCH {path}");
         }
-        let request = test::TestRequest::get().uri("/v1/embeddings").to_request();
+        let request = test::TestRequest::post()
+            .uri("/v1/audio/speech")
+            .to_request();
         assert_eq!(test::call_service(&app, request).await.status(), 404);
     }
 
     #[test]
     fn an_unknown_path_is_404_saying_what_is_served() {
-        let err = unrouted("POST", "/v1/embeddings");
+        let err = unrouted("POST", "/v1/audio/speech");
         assert_eq!(err.status_code(), actix_web::http::StatusCode::NOT_FOUND);
         let body = err.public_body().error;
         assert_eq!(
@@ -179,13 +181,12 @@ mod tests {
         );
         assert!(
             body.message
-                .starts_with("Invalid URL (POST /v1/embeddings)"),
+                .starts_with("Invalid URL (POST /v1/audio/speech)"),
             "{}",
             body.message
         );
         assert!(
-            body.message
-                .contains("embeddings (/v1/embeddings) is not served"),
+            body.message.contains("audio (/v1/audio) is not served"),
             "{}",
             body.message
         );

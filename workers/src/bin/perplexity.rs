@@ -344,7 +344,7 @@ fn score(dir: &Path, kv_dtype: Option<KvDType>, tokens: &[u32], args: &Args) -> 
     let scored = tokens.len() - 1;
     let mut logprobs = Vec::with_capacity(scored);
     let mut top1 = Vec::with_capacity(scored);
-    let mut rows = Vec::new();
+    let mut outputs = tandem_workers::model::RowOutputs::default();
     let started = Instant::now();
     for start in (0..tokens.len()).step_by(args.chunk) {
         let end = (start + args.chunk).min(tokens.len());
@@ -364,12 +364,12 @@ fn score(dir: &Path, kv_dtype: Option<KvDType>, tokens: &[u32], args: &Args) -> 
             top_k: 1,
         });
         model
-            .forward_with_row_logprobs(&batch, &mut kv, &mut rows)
+            .forward_with_row_outputs(&batch, &mut kv, &mut outputs)
             .with_context(|| format!("forward of tokens {start}..{end} of {}", dir.display()))?;
-        let [rows] = rows.as_slice() else {
+        let [rows] = outputs.logprobs.as_slice() else {
             bail!(
                 "the forward returned {} row log-prob lists for one sequence",
-                rows.len()
+                outputs.logprobs.len()
             );
         };
         ensure!(

@@ -140,8 +140,13 @@ impl<M: StepModel> Engine<M> {
                 vocab_size: self.vocab_size,
             });
         }
-        if request.max_tokens == 0 && request.prompt_logprobs.is_none() {
+        if request.max_tokens == 0 && request.prompt_logprobs.is_none() && !request.embedding {
             return Err(EngineError::ZeroMaxTokens);
+        }
+        if request.embedding
+            && (request.max_tokens != 0 || request.prefill_only || !request.resume_ids.is_empty())
+        {
+            return Err(EngineError::EmbeddingGenerates);
         }
         if request.prefill_only && request.prompt_logprobs.is_some() {
             return Err(EngineError::PromptLogprobsNeedLocalPrefill);
@@ -219,6 +224,7 @@ impl<M: StepModel> Engine<M> {
             mask: None,
             prompt_logprobs: request.prompt_logprobs.map(|k| k as usize),
             prompt_logprobs_next: 1,
+            embedding: request.embedding,
             pending_row: None,
             arrived: Instant::now(),
             first_forward: None,

@@ -1,9 +1,26 @@
-//! Prompt logprobs: which rows of a prefill chunk score prompt positions not reported yet
-//! (a recompute after a preemption skips those reported before it), and their report once the
-//! forward pass has computed them, before any token of the request.
+//! What a forward computes besides logits: prompt logprobs (which rows of a prefill chunk
+//! score prompt positions not reported yet: a recompute after a preemption skips those
+//! reported before it) and the prompt's last hidden state of an embedding request; their
+//! report once the forward pass has computed them, before any token of the request.
 
 use super::{Engine, EngineEvent, EventKind, FinishReason, RequestId, Sequence, StepModel};
 use crate::model::RowLogprobs;
+
+/// What the sequences of a step ask of its forward besides logits, in batch order.
+#[derive(Default)]
+pub(super) struct AskedRows {
+    /// The prompt positions each sequence reports ([`AskedLogprobs`]).
+    pub(super) logprobs: Vec<AskedLogprobs>,
+    /// The embedding requests whose prompt the step completes: each gets its last token's
+    /// final-normed hidden state ([`crate::model::SequenceSlice::wants_hidden`]).
+    pub(super) hidden: Vec<RequestId>,
+}
+
+impl AskedRows {
+    pub(super) fn is_empty(&self) -> bool {
+        self.logprobs.is_empty() && self.hidden.is_empty()
+    }
+}
 
 /// The prompt positions a sequence reports in a step: `count` positions from `start`.
 pub(super) struct AskedLogprobs {
@@ -13,19 +30,61 @@ pub(super) struct AskedLogprobs {
 }
 
 impl<M: StepModel> Engine<M> {
+    /// Emits what the forward computed for the sequences that asked ([`AskedRows`]), before
+    /// any token of theirs.
+    pub(super) fn report_row_outputs(&mut self, asked: &AskedRows, events: &mut Vec<EngineEvent>) {
+        if asked.is_empty() {
+            return;
+        }
+        let outputs = self.model.take_row_outputs();
+        self.report_prompt_logprobs(&asked.logprobs, outputs.logprobs, events);
+        self.report_hidden(&asked.hidden, outputs.hidden, events);
+    }
+
+    /// Emits each embedding request's hidden state ([`EventKind::Hidden`]). One that did not
+    /// come back, or came back not finite, ends with an error.
+    fn report_hidden(
+        &mut self,
+        asked: &[RequestId],
+        vectors: Vec<Vec<f32>>,
+        events: &mut Vec<EngineEvent>,
+    ) {
+        let mut vectors = vectors.into_iter();
+        for &id in asked {
+            let failure = match vectors.next() {
+                None => Some("the model computed no hidden state for the prompt".to_string()),
+                Some(v) if v.iter().any(|x| !x.is_finite()) => {
+                    Some("the forward pass produced an invalid hidden state".to_string())
+                }
+                Some(v) => {
+                    events.push(EngineEvent {
+                        request_id: id,
+                        kind: EventKind::Hidden { vector: v },
+                    });
+                    None
+                }
+            };
+            if let Some(message) = failure {
+                tracing::error!(request_id = id, "embedding: {message}");
+                self.end(id, FinishReason::Error(message), events);
+            }
+        }
+    }
+
     /// Emits the prompt logprobs the forward computed for the sequences that asked (before
     /// any token of theirs), and moves each one's next position past them. A sequence whose
     /// rows did not come back, or came back not finite, ends with an error: never a response
     /// with positions missing.
-    pub(super) fn report_prompt_logprobs(
+    fn report_prompt_logprobs(
         &mut self,
         asked: &[AskedLogprobs],
+        lists: Vec<Vec<crate::model::TokenLogprob>>,
         events: &mut Vec<EngineEvent>,
     ) {
         if asked.is_empty() {
             return;
         }
-        let mut lists = self.model.take_row_logprobs().into_iter();
+        let mut lists = lists.into_iter();
         for ask in asked {
             let list = lists.next().unwrap_or_default();
             let failure = if list.len() != ask.count {

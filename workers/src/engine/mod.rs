@@ -153,8 +153,13 @@ pub enum EngineError {
     Config(#[from] SchedulerError),
     #[error("prompt token {token} is outside the model's vocabulary of {vocab_size}")]
     TokenOutOfRange { token: u32, vocab_size: usize },
-    #[error("max_tokens must be at least 1 (0 only with prompt logprobs)")]
+    #[error("max_tokens must be at least 1 (0 only with prompt logprobs or an embedding)")]
     ZeroMaxTokens,
+    /// An embedding request that would also generate, or that is not computed here whole.
+    #[error(
+        "an embedding request generates nothing (max_tokens 0) and prefills its prompt here: not prefill-only, an import or a resumed request"
+    )]
+    EmbeddingGenerates,
     #[error(
         "prompt logprobs are computed where the prompt is prefilled in full: not by a prefill-only request or an import"
     )]
@@ -204,6 +209,9 @@ struct Sequence {
     mask: Option<Result<TokenMask, String>>,
     /// [`GenerationRequest::prompt_logprobs`]: alternatives per prompt position.
     prompt_logprobs: Option<usize>,
+    /// [`GenerationRequest::embedding`]: the prompt's last hidden state is reported when the
+    /// step that completes the prompt runs.
+    embedding: bool,
     /// The next prompt position whose logprob is to be reported (1 at the start: position 0
     /// has none); a recompute after a preemption skips the rows of positions before it.
     prompt_logprobs_next: usize,

@@ -36,7 +36,7 @@ pub(super) struct DeviceStep {
     pub wanting: Vec<RequestId>,
     /// What each row's summary was asked for; `None` where the row goes to the host.
     pub requests: Vec<Option<RowRequest>>,
-    pub asked: Vec<super::logprobs::AskedLogprobs>,
+    pub asked: super::logprobs::AskedRows,
 }
 
 impl DeviceStep {

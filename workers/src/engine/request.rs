@@ -59,6 +59,11 @@ pub struct GenerationRequest {
     /// prefill-only), and may have `max_tokens` 0: it ends after its prompt, with
     /// `FinishReason::Length` and no token (OpenAI's `echo` with `max_tokens: 0`).
     pub prompt_logprobs: Option<u32>,
+    /// An embedding request: its prompt's last token's hidden state after the final norm is
+    /// reported ([`EventKind::Hidden`]) by the step that completes the prompt, and it ends
+    /// there (`max_tokens` 0, `FinishReason::Length`, no token). The last token is computed
+    /// whatever the prefix cache holds, so such a request uses the cache as any other.
+    pub embedding: bool,
     /// Isolates this request's cached prefixes (vLLM's `cache_salt`): its blocks are found
     /// only by requests with the same salt, and it finds only theirs. `None` shares with every
     /// other unsalted request.
@@ -91,6 +96,7 @@ impl GenerationRequest {
             sample_group: None,
             grammar: None,
             prompt_logprobs: None,
+            embedding: false,
             cache_salt: None,
             priority: 0,
             prediction: Vec::new(),
@@ -170,6 +176,9 @@ pub enum EventKind {
         start: usize,
         logprobs: Vec<crate::model::TokenLogprob>,
     },
+    /// The final-normed hidden state (`hidden_size` floats) of an embedding request's last
+    /// prompt token ([`GenerationRequest::embedding`]), just before its `Finished`.
+    Hidden { vector: Vec<f32> },
     /// A request queued with [`super::Engine::reserve_import`] has its prompt's blocks and a
     /// sequence slot reserved: its K/V may be pulled now ([`super::Engine::import_reserved`]).
     /// No text and no token: what the client sees starts with the imported first token.

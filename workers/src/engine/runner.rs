@@ -10,7 +10,7 @@ use crate::backend::{
 };
 use crate::kv_cache::KvLayout;
 use crate::kv_cache::block_pool::BlockId;
-use crate::model::{ForwardBatch, Model, ModelError, TokenLogprob};
+use crate::model::{ForwardBatch, Model, ModelError, RowOutputs};
 use crate::sampler::device::{RowRequest, RowSummary};
 
 use super::profile::ForwardTiming;
@@ -26,11 +26,11 @@ pub trait StepModel: Send {
     /// Runs `batch`, writing the new tokens' K/V into the cache; one logits row per sequence
     /// with `wants_logits`, in batch order.
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError>;
-    /// The row log-probabilities the last forward computed for the sequences that asked
-    /// ([`crate::model::SequenceSlice::row_logprobs`]): one list per asking sequence, in batch
-    /// order. Taken once; empty for a model that computes none.
-    fn take_row_logprobs(&mut self) -> Vec<Vec<TokenLogprob>> {
-        Vec::new()
+    /// What the last forward computed besides its logits for the sequences that asked
+    /// ([`crate::model::SequenceSlice::row_logprobs`], [`crate::model::SequenceSlice::wants_hidden`]):
+    /// each list in batch order. Taken once; empty for a model that computes none.
+    fn take_row_outputs(&mut self) -> RowOutputs {
+        RowOutputs::default()
     }
     /// Sampling on the device, where the model's backend can ([`DeviceSampling`]); `None`:
     /// the engine samples from the rows [`Self::forward`] returns.
@@ -85,7 +85,7 @@ pub trait DeviceSampling {
     ) -> Result<(), ModelError>;
     /// The summaries of the oldest submitted pass not collected yet, once on the host. Its
     /// rows become those [`Self::last_logits_rows`] and [`Self::summarize_last_masked`] read,
-    /// and its row log-probabilities those [`StepModel::take_row_logprobs`] returns.
+    /// and its row outputs those [`StepModel::take_row_outputs`] returns.
     fn collect_summarized(&mut self) -> Result<Vec<RowSummary>, ModelError>;
     /// [`Self::submit_summarized`] and [`Self::collect_summarized`] of one pass.
     fn forward_summarized(
@@ -114,7 +114,7 @@ pub trait DeviceSampling {
 struct SubmittedForward<T> {
     /// `None` when no row wanted logits (nothing was summarized).
     logits: Option<T>,
-    row_logprobs: Vec<Vec<TokenLogprob>>,
+    row_outputs: RowOutputs,
 }
 
 /// A loaded model and a KV cache of `num_blocks` blocks of `block_size` tokens.
@@ -127,7 +127,7 @@ pub struct ModelRunner<B: Backend> {
     /// Summarized forwards submitted and not collected yet, oldest first.
     submitted: std::collections::VecDeque<SubmittedForward<B::Tensor>>,
     /// The row log-probabilities of the last forward, until taken.
-    last_row_logprobs: Vec<Vec<TokenLogprob>>,
+    last_row_outputs: RowOutputs,
     /// A fault test's failures ([`ForwardFaults`]); none unless injected.
     injected_loss: InjectedDeviceLoss,
     /// The summarized forward passes' time queueing their work and waiting for their results,
@@ -200,7 +200,7 @@ impl<B: Backend> ModelRunner<B> {
             kv,
             last_logits: None,
             submitted: std::collections::VecDeque::new(),
-            last_row_logprobs: Vec::new(),
+            last_row_outputs: RowOutputs::default(),
             injected_loss: InjectedDeviceLoss::default(),
             timing: None,
         })
@@ -247,14 +247,14 @@ impl<B: KvBlockIo> StepModel for ModelRunner<B> {
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
         self.timing = None;
-        self.last_row_logprobs.clear();
+        self.last_row_outputs.clear();
         self.injected_loss.check()?;
         self.model
-            .forward_with_row_logprobs(batch, &mut self.kv, &mut self.last_row_logprobs)
+            .forward_with_row_outputs(batch, &mut self.kv, &mut self.last_row_outputs)
     }
 
-    fn take_row_logprobs(&mut self) -> Vec<Vec<TokenLogprob>> {
-        std::mem::take(&mut self.last_row_logprobs)
+    fn take_row_outputs(&mut self) -> RowOutputs {
+        std::mem::take(&mut self.last_row_outputs)
     }
 
     fn take_forward_timing(&mut self) -> Option<ForwardTiming> {
@@ -329,10 +329,10 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
         let start = Instant::now();
         let backend = self.model.backend();
         let sampler = device_sampler(backend)?;
-        let mut row_logprobs = Vec::new();
+        let mut row_outputs = RowOutputs::default();
         let logits =
             self.model
-                .forward_logits_with_row_logprobs(batch, &mut self.kv, &mut row_logprobs)?;
+                .forward_logits_with_row_outputs(batch, &mut self.kv, &mut row_outputs)?;
         // The backend queues the whole pass and the sampling kernel without waiting; the
         // summaries' copy to the host is what `collect_summarized` waits for.
         let forward_queued = start.elapsed();
@@ -349,14 +349,14 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
         self.timing.get_or_insert_default().enqueue += start.elapsed();
         self.submitted.push_back(SubmittedForward {
             logits,
-            row_logprobs,
+            row_outputs,
         });
         Ok(())
     }
 
     fn collect_summarized(&mut self) -> Result<Vec<RowSummary>, ModelError> {
         self.last_logits = None;
-        self.last_row_logprobs.clear();
+        self.last_row_outputs.clear();
         let submitted = self.submitted.pop_front().ok_or_else(|| {
             ModelError::InvalidBatch("no summarized forward was submitted".into())
         })?;
@@ -371,7 +371,7 @@ impl<B: Backend> DeviceSampling for ModelRunner<B> {
         };
         self.timing.get_or_insert_default().device += start.elapsed();
         self.last_logits = submitted.logits;
-        self.last_row_logprobs = submitted.row_logprobs;
+        self.last_row_outputs = submitted.row_outputs;
         Ok(summaries)
     }
 

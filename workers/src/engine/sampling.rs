@@ -4,7 +4,7 @@
 //! device and sampled from a summary of the masked row. Grammar masks are computed on the mask
 //! thread while the forward pass runs. Every path gives a request the same tokens.
 
-use super::logprobs::AskedLogprobs;
+use super::logprobs::AskedRows;
 use super::speculation::RowPick;
 use super::{
     Engine, EngineEvent, FinishReason, ForwardBatch, RequestId, StepModel, masks, overlap,
@@ -19,7 +19,7 @@ impl<M: StepModel> Engine<M> {
         &mut self,
         batch: &ForwardBatch,
         scheduled: &[ScheduledSeq],
-        asked: &[AskedLogprobs],
+        asked: &AskedRows,
         events: &mut Vec<EngineEvent>,
     ) {
         let forward = self.model.forward(batch);
@@ -43,7 +43,7 @@ impl<M: StepModel> Engine<M> {
                 return;
             }
         };
-        self.report_prompt_logprobs(asked, events);
+        self.report_row_outputs(asked, events);
         let mut rows = rows.into_iter();
         for item in scheduled.iter().filter(|s| s.wants_logits) {
             if item.draft > 0 {
@@ -65,7 +65,7 @@ impl<M: StepModel> Engine<M> {
         &mut self,
         batch: &ForwardBatch,
         scheduled: Vec<ScheduledSeq>,
-        asked: Vec<AskedLogprobs>,
+        asked: AskedRows,
         overlap: bool,
         events: &mut Vec<EngineEvent>,
     ) {
@@ -156,7 +156,7 @@ impl<M: StepModel> Engine<M> {
             asked,
             ..
         } = step;
-        self.report_prompt_logprobs(&asked, events);
+        self.report_row_outputs(&asked, events);
         let mut sampled = self.sample_from_summaries(&wanting, &requests, &summaries);
         self.check_queued_picks(&wanting, &sampled, &summaries, events);
         if self.device_masks && !self.sample_constrained_on_device(&wanting, &mut sampled, events) {

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::logprobs::{AskedLogprobs, prompt_rows};
+use super::logprobs::{AskedLogprobs, AskedRows, prompt_rows};
 use super::{
     Engine, EngineEvent, FinishReason, ForwardBatch, RequestId, StepModel, finished_without_tokens,
     profile,
@@ -15,8 +15,8 @@ use crate::scheduler::{ScheduledSeq, SeqStatus};
 #[derive(Default)]
 struct StepBatch {
     batch: ForwardBatch,
-    /// The prompt positions each sequence reports ([`AskedLogprobs`]), in batch order.
-    asked: Vec<AskedLogprobs>,
+    /// What the sequences ask besides logits ([`AskedRows`]).
+    asked: AskedRows,
     /// Requests with `max_tokens` 0 whose prompt this step completes: they end after it,
     /// sampling nothing.
     prompt_done: Vec<RequestId>,
@@ -141,6 +141,7 @@ impl<M: StepModel> Engine<M> {
             } else {
                 step.prompt_tokens += item.token_count;
             }
+            let embeds = item.wants_logits && seq.embedding;
             if item.wants_logits && seq.max_tokens == 0 {
                 item.wants_logits = false;
                 step.prompt_done.push(item.id);
@@ -174,12 +175,16 @@ impl<M: StepModel> Engine<M> {
                 ),
             }
             if let Some(request) = prompt_rows(seq, item.cached_len, item.token_count) {
-                step.asked.push(AskedLogprobs {
+                step.asked.logprobs.push(AskedLogprobs {
                     id: item.id,
                     start: item.cached_len + request.first + 1,
                     count: request.targets.len(),
                 });
                 step.batch.want_row_logprobs(request);
+            }
+            if embeds {
+                step.asked.hidden.push(item.id);
+                step.batch.want_hidden();
             }
         }
         step

@@ -33,7 +33,7 @@ use super::runner::{DeviceSampling, ModelRunner, StepModel};
 use crate::backend::{BackendError, KvBlockIo, KvBytes, KvBytesMut};
 use crate::kv_cache::KvLayout;
 use crate::kv_cache::block_pool::BlockId;
-use crate::model::{ForwardBatch, ModelError, TokenLogprob};
+use crate::model::{ForwardBatch, ModelError, RowOutputs};
 use crate::sampler::device::{RowRequest, RowSummary};
 
 /// How long the group waits for a rank's answer before it declares the group broken: far
@@ -60,7 +60,7 @@ enum Command {
 /// left (only rank 0's are kept).
 struct Pass<T> {
     value: T,
-    row_logprobs: Vec<Vec<TokenLogprob>>,
+    row_outputs: RowOutputs,
     timing: Option<ForwardTiming>,
 }
 
@@ -97,7 +97,7 @@ pub struct TensorParallelRunner {
     /// Whether the ranks sample on their device.
     device_sampling: bool,
     /// Rank 0's row log-probabilities of the last forward or collected pass, until taken.
-    row_logprobs: Vec<Vec<TokenLogprob>>,
+    row_outputs: RowOutputs,
     /// Rank 0's forward timing since it was last taken.
     timing: Option<ForwardTiming>,
     /// Fails the group's pending collectives where the backend can.
@@ -153,7 +153,7 @@ impl TensorParallelRunner {
             max_model_len,
             eos_token_ids,
             device_sampling,
-            row_logprobs: Vec::new(),
+            row_outputs: RowOutputs::default(),
             timing: None,
             abort,
             broken: std::cell::RefCell::new(None),
@@ -245,11 +245,11 @@ impl TensorParallelRunner {
         self.ask(0..self.ranks.len(), command, take)
     }
 
-    /// Keeps rank 0's row log-probabilities and timing of a pass every rank ran (a forward or
-    /// a collected pass: what [`StepModel::take_row_logprobs`] returns next); its value.
+    /// Keeps rank 0's row outputs and timing of a pass every rank ran (a forward or
+    /// a collected pass: what [`StepModel::take_row_outputs`] returns next); its value.
     fn keep_first<T>(&mut self, passes: Vec<Pass<T>>) -> T {
         let first = passes.into_iter().next().expect("a group has a rank");
-        self.row_logprobs = first.row_logprobs;
+        self.row_outputs = first.row_outputs;
         self.add_timing(first.timing);
         first.value
     }
@@ -287,7 +287,7 @@ fn serve_rank<B: KvBlockIo>(
     reply_to: Sender<(usize, Reply)>,
 ) {
     let block_bytes = runner.kv_layout().block_bytes();
-    // The row log-probabilities and timing a pass left, taken with its value.
+    // The row outputs and timing a pass left, taken with its value.
     fn pass<T, B: KvBlockIo>(
         runner: &mut ModelRunner<B>,
         value: Result<T, ModelError>,
@@ -295,7 +295,7 @@ fn serve_rank<B: KvBlockIo>(
         let value = value?;
         Ok(Pass {
             value,
-            row_logprobs: runner.take_row_logprobs(),
+            row_outputs: runner.take_row_outputs(),
             timing: runner.take_forward_timing(),
         })
     }
@@ -331,7 +331,7 @@ fn serve_rank<B: KvBlockIo>(
                     .and_then(|s| s.summarize_last_masked(&rows, &masks, &requests));
                 Reply::Summaries(summaries.map(|value| Pass {
                     value,
-                    row_logprobs: Vec::new(),
+                    row_outputs: RowOutputs::default(),
                     timing: None,
                 }))
             }
@@ -419,14 +419,14 @@ impl StepModel for TensorParallelRunner {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.row_logprobs.clear();
+        self.row_outputs.clear();
         let batch = Arc::new(batch.clone());
         let passes = self.all(|_| Command::Forward(batch.clone()), expect_reply!(Logits))?;
         Ok(self.keep_first(passes))
     }
 
-    fn take_row_logprobs(&mut self) -> Vec<Vec<TokenLogprob>> {
-        std::mem::take(&mut self.row_logprobs)
+    fn take_row_outputs(&mut self) -> RowOutputs {
+        std::mem::take(&mut self.row_outputs)
     }
 
     fn take_forward_timing(&mut self) -> Option<ForwardTiming> {
@@ -515,7 +515,7 @@ impl DeviceSampling for TensorParallelRunner {
     }
 
     fn collect_summarized(&mut self) -> Result<Vec<RowSummary>, ModelError> {
-        self.row_logprobs.clear();
+        self.row_outputs.clear();
         let passes = self.all(|_| Command::Collect, expect_reply!(Summaries))?;
         Ok(self.keep_first(passes))
     }

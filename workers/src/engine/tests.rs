@@ -24,8 +24,8 @@ struct FakeModel {
     max_model_len: usize,
     /// Tokens run through forward passes, since the model was made.
     tokens_computed: usize,
-    /// The last forward's row log-probabilities, until taken.
-    row_logprobs: Vec<Vec<crate::model::TokenLogprob>>,
+    /// The last forward's row outputs, until taken.
+    row_outputs: crate::model::RowOutputs,
 }
 
 impl FakeModel {
@@ -37,7 +37,7 @@ impl FakeModel {
             lose_device_next: false,
             max_model_len: 1 << 20,
             tokens_computed: 0,
-            row_logprobs: Vec::new(),
+            row_outputs: Default::default(),
         }
     }
 
@@ -149,7 +149,7 @@ impl StepModel for FakeModel {
                 self.slots[block][pos % self.block_size] = Some(t);
             }
         }
-        self.row_logprobs.clear();
+        self.row_outputs.clear();
         for seq in &batch.sequences {
             if let Some(asked) = &seq.row_logprobs {
                 let mut list = Vec::new();
@@ -157,7 +157,12 @@ impl StepModel for FakeModel {
                     let row = self.logits_after(seq, seq.cached_len + asked.first + i)?;
                     list.push(crate::sampler::token_logprob(&row, target, asked.top_k));
                 }
-                self.row_logprobs.push(list);
+                self.row_outputs.logprobs.push(list);
+            }
+            if seq.wants_hidden {
+                // The fake's hidden state: its logits row, a hash of the whole context.
+                let hidden = self.logits_after(seq, seq.context_len() - 1)?;
+                self.row_outputs.hidden.push(hidden);
             }
             if seq.wants_logits {
                 rows.push(self.logits_after(seq, seq.context_len() - 1)?);
@@ -166,8 +171,8 @@ impl StepModel for FakeModel {
         Ok(rows)
     }
 
-    fn take_row_logprobs(&mut self) -> Vec<Vec<crate::model::TokenLogprob>> {
-        std::mem::take(&mut self.row_logprobs)
+    fn take_row_outputs(&mut self) -> crate::model::RowOutputs {
+        std::mem::take(&mut self.row_outputs)
     }
 }
 
@@ -230,7 +235,9 @@ fn absorb(out: &mut Outcomes, events: Vec<EngineEvent>) {
         match ev.kind {
             EventKind::Token { id, .. } => entry.0.push(id),
             EventKind::Finished { reason, .. } => entry.1 = reason,
-            EventKind::RoomReserved { .. } | EventKind::PromptLogprobs { .. } => {}
+            EventKind::RoomReserved { .. }
+            | EventKind::PromptLogprobs { .. }
+            | EventKind::Hidden { .. } => {}
         }
     }
 }
@@ -449,6 +456,8 @@ type PromptEntry = (usize, f32, Vec<(u32, f32)>);
 #[derive(Debug, Default)]
 struct Echoed {
     prompt: Vec<PromptEntry>,
+    /// An embedding request's hidden state ([`EventKind::Hidden`]).
+    hidden: Option<Vec<f32>>,
     tokens: Vec<(u32, f32)>,
     end: Option<(FinishReason, Usage)>,
     preempted: bool,
@@ -466,6 +475,11 @@ fn run_echoed(e: &mut Engine<FakeModel>) -> HashMap<RequestId, Echoed> {
                     for (i, l) in logprobs.into_iter().enumerate() {
                         entry.prompt.push((start + i, l.logprob, l.top_logprobs));
                     }
+                }
+                EventKind::Hidden { vector } => {
+                    assert!(entry.hidden.is_none(), "a second hidden state");
+                    assert!(entry.end.is_none(), "a hidden state after the end");
+                    entry.hidden = Some(vector);
                 }
                 EventKind::Token { id, logprob, .. } => entry.tokens.push((id, logprob)),
                 EventKind::Finished { reason, usage, .. } => entry.end = Some((reason, usage)),
@@ -489,6 +503,94 @@ fn echo_request(prompt_ids: Vec<u32>, max_tokens: usize, top: u32) -> Generation
         prompt_logprobs: Some(top),
         ..GenerationRequest::greedy(prompt_ids, max_tokens)
     }
+}
+
+fn embedding_request(prompt_ids: Vec<u32>) -> GenerationRequest {
+    GenerationRequest {
+        embedding: true,
+        ..GenerationRequest::greedy(prompt_ids, 0)
+    }
+}
+
+/// An embedding request reports its prompt's last hidden state once and ends (`Length`, no
+/// token, its prompt counted), with the same vector whether the prompt is one chunk or many,
+/// batched beside generations, preempted, or found in the prefix cache; and that vector is
+/// the one a generation of the same prompt samples its first token from (the fake's hidden
+/// state is its logits row).
+#[test]
+fn an_embedding_reports_its_prompt_s_last_hidden_state_and_ends() {
+    let long = prompt(23, 3);
+    let mut alone = engine(64, 64);
+    let id = alone.add_request(embedding_request(long.clone())).unwrap();
+    let first = alone
+        .add_request(GenerationRequest::greedy(long.clone(), 1))
+        .unwrap();
+    let mut out = run_echoed(&mut alone);
+    let reference = out.remove(&id).unwrap();
+    let hidden = reference.hidden.clone().expect("the hidden state");
+    assert!(reference.tokens.is_empty() && reference.prompt.is_empty());
+    let (reason, usage) = reference.end.clone().unwrap();
+    assert_eq!(
+        (reason, usage.prompt_tokens, usage.completion_tokens),
+        (FinishReason::Length, 23, 0)
+    );
+    let greedy = out.remove(&first).unwrap().tokens[0].0;
+    let argmax = (0..hidden.len())
+        .max_by(|&a, &b| hidden[a].total_cmp(&hidden[b]))
+        .unwrap();
+    assert_eq!(
+        greedy as usize, argmax,
+        "the generation's first token is the hidden state's argmax"
+    );
+    assert_eq!(alone.free_blocks(), 64);
+
+    // Chunks of 5 tokens beside generations, in a cache small enough to preempt; then again,
+    // the prompt's blocks cached by the first run.
+    for num_blocks in [64, 13] {
+        let mut e = engine(5, num_blocks);
+        for round in 0..2 {
+            let others: Vec<_> = [9usize, 14, 3]
+                .iter()
+                .enumerate()
+                .map(|(k, len)| {
+                    e.add_request(request(prompt(*len, k as u32 + 7), 12, sampled(k as u64)))
+                        .unwrap()
+                })
+                .collect();
+            let id = e.add_request(embedding_request(long.clone())).unwrap();
+            let mut out = run_echoed(&mut e);
+            let embedded = out.remove(&id).unwrap();
+            assert_eq!(
+                embedded.hidden.as_ref(),
+                Some(&hidden),
+                "blocks {num_blocks}, round {round}"
+            );
+            let (reason, usage) = embedded.end.unwrap();
+            assert_eq!(reason, FinishReason::Length);
+            assert_eq!(usage.prompt_tokens, 23);
+            if round == 1 && num_blocks == 64 {
+                assert!(
+                    usage.cached_tokens > 0,
+                    "the second round finds the prompt cached"
+                );
+            }
+            for other in others {
+                assert_eq!(out[&other].end.as_ref().unwrap().0, FinishReason::Length);
+            }
+            assert_eq!(e.free_blocks(), num_blocks);
+        }
+    }
+
+    // An embedding generates nothing.
+    let mut e = engine(64, 64);
+    let generating = GenerationRequest {
+        embedding: true,
+        ..GenerationRequest::greedy(long.clone(), 3)
+    };
+    assert!(matches!(
+        e.add_request(generating),
+        Err(EngineError::EmbeddingGenerates)
+    ));
 }
 
 /// Prompt logprobs: one per prompt position after the first, in order and exactly once,

@@ -23,6 +23,10 @@ pub struct SequenceSlice {
     /// Log-probabilities of the sequence's own next tokens at some of its rows (prompt
     /// logprobs), reduced on the way out so no full logits row is kept ([`RowLogprobs`]).
     pub row_logprobs: Option<RowLogprobs>,
+    /// Whether to return the hidden state of this sequence's last new token after the final
+    /// norm (what the lm_head reads): the last-token pooling of an embedding request
+    /// ([`RowOutputs::hidden`]).
+    pub wants_hidden: bool,
 }
 
 /// Which rows of a [`SequenceSlice`] report the log-probability of the token that follows
@@ -34,6 +38,27 @@ pub struct RowLogprobs {
     pub first: usize,
     pub targets: Vec<u32>,
     pub top_k: usize,
+}
+
+/// What a forward computes besides its logits rows, for the sequences that ask, each list in
+/// batch order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RowOutputs {
+    /// One list per sequence with [`SequenceSlice::row_logprobs`], one entry per asked row.
+    pub logprobs: Vec<Vec<TokenLogprob>>,
+    /// One vector (`hidden_size` floats) per sequence with [`SequenceSlice::wants_hidden`].
+    pub hidden: Vec<Vec<f32>>,
+}
+
+impl RowOutputs {
+    pub fn clear(&mut self) {
+        self.logprobs.clear();
+        self.hidden.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.logprobs.is_empty() && self.hidden.is_empty()
+    }
 }
 
 /// What one row of [`RowLogprobs`] reports (the sampler computes it, with the normalizer and
@@ -86,6 +111,7 @@ impl ForwardBatch {
             block_table,
             wants_logits,
             row_logprobs: None,
+            wants_hidden: false,
         });
         self.tokens.extend_from_slice(new_tokens);
     }
@@ -127,9 +153,25 @@ impl ForwardBatch {
         seq.row_logprobs = Some(request);
     }
 
+    /// Asks the last pushed sequence for its last token's hidden state
+    /// ([`SequenceSlice::wants_hidden`]).
+    pub fn want_hidden(&mut self) {
+        self.sequences
+            .last_mut()
+            .expect("want_hidden follows push")
+            .wants_hidden = true;
+    }
+
     /// Whether any sequence asks for row log-probabilities.
     pub fn has_row_logprobs(&self) -> bool {
         self.sequences.iter().any(|s| s.row_logprobs.is_some())
+    }
+
+    /// Whether any sequence asks for something besides its logits ([`RowOutputs`]).
+    pub fn has_row_outputs(&self) -> bool {
+        self.sequences
+            .iter()
+            .any(|s| s.row_logprobs.is_some() || s.wants_hidden)
     }
 
     /// Position of every token (`cached_len + i`), in token order.

@@ -23,7 +23,7 @@ use std::path::Path;
 
 use tandem_model::{ConfigError, ModelConfig, tensor_names};
 
-pub use batch::{ChainedToken, ForwardBatch, RowLogprobs, SequenceSlice, TokenLogprob};
+pub use batch::{ChainedToken, ForwardBatch, RowLogprobs, RowOutputs, SequenceSlice, TokenLogprob};
 use weights::Piece;
 pub use weights::WeightsError;
 
@@ -351,20 +351,19 @@ impl<B: Backend> Model<B> {
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.forward_with_row_logprobs(batch, kv, &mut Vec::new())
+        self.forward_with_row_outputs(batch, kv, &mut RowOutputs::default())
     }
 
-    /// [`Self::forward`] that also fills `row_logprobs` with what the batch's sequences ask
-    /// ([`SequenceSlice::row_logprobs`]): one list per asking sequence, in batch order, one
-    /// entry per asked row.
-    pub fn forward_with_row_logprobs(
+    /// [`Self::forward`] that also fills `outputs` with what the batch's sequences ask
+    /// ([`SequenceSlice::row_logprobs`], [`SequenceSlice::wants_hidden`]).
+    pub fn forward_with_row_outputs(
         &self,
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
-        row_logprobs: &mut Vec<Vec<TokenLogprob>>,
+        outputs: &mut RowOutputs,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         self.backend
-            .run(|| match self.forward_on_device(batch, kv, row_logprobs)? {
+            .run(|| match self.forward_on_device(batch, kv, outputs)? {
                 Some(logits) => Ok(self.backend.to_host(&logits)?),
                 None => Ok(Vec::new()),
             })
@@ -377,27 +376,27 @@ impl<B: Backend> Model<B> {
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
     ) -> Result<Option<B::Tensor>, ModelError> {
-        self.forward_logits_with_row_logprobs(batch, kv, &mut Vec::new())
+        self.forward_logits_with_row_outputs(batch, kv, &mut RowOutputs::default())
     }
 
-    /// [`Self::forward_logits`] with [`Self::forward_with_row_logprobs`]'s row log-probs.
-    pub fn forward_logits_with_row_logprobs(
+    /// [`Self::forward_logits`] with [`Self::forward_with_row_outputs`]'s row outputs.
+    pub fn forward_logits_with_row_outputs(
         &self,
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
-        row_logprobs: &mut Vec<Vec<TokenLogprob>>,
+        outputs: &mut RowOutputs,
     ) -> Result<Option<B::Tensor>, ModelError> {
         self.backend
-            .run(|| self.forward_on_device(batch, kv, row_logprobs))
+            .run(|| self.forward_on_device(batch, kv, outputs))
     }
 
     fn forward_on_device(
         &self,
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
-        row_logprobs: &mut Vec<Vec<TokenLogprob>>,
+        outputs: &mut RowOutputs,
     ) -> Result<Option<B::Tensor>, ModelError> {
-        row_logprobs.clear();
+        outputs.clear();
         let layout = self.backend.kv_cache_layout(kv);
         let expected = self.kv_layout(layout.block_size);
         if layout != expected {
@@ -418,7 +417,7 @@ impl<B: Backend> Model<B> {
             plan_ms = started.elapsed().as_secs_f64() * 1e3,
             "planned a forward"
         );
-        let mut rows = batch.has_row_logprobs().then_some((batch, row_logprobs));
+        let mut rows = batch.has_row_outputs().then_some((batch, outputs));
         let logits = b.run_forward(&plan, kv, &mut |meta, kv| {
             self.layers(
                 &plan,
@@ -434,14 +433,14 @@ impl<B: Backend> Model<B> {
     /// The ops of one forward over `meta` (the device copy of `plan`): every layer, then the
     /// final norm and lm_head for the rows that want logits.
     ///
-    /// With `row_logprobs` (a batch whose sequences ask for them), the asked rows' log-probs
-    /// are computed from the last hidden states too, before the logits.
+    /// With `row_outputs` (a batch whose sequences ask for them), the asked rows' log-probs
+    /// and hidden states are computed from the last hidden states too, before the logits.
     fn layers(
         &self,
         plan: &BatchPlan,
         meta: &B::Batch,
         kv: &mut B::KvCache,
-        row_logprobs: Option<(&ForwardBatch, &mut Vec<Vec<TokenLogprob>>)>,
+        row_outputs: Option<(&ForwardBatch, &mut RowOutputs)>,
     ) -> Result<Option<B::Tensor>, BackendError> {
         let b = &self.backend;
         // o_proj and down, whose outputs only the residual adds read. Each rank's give part of
@@ -480,8 +479,9 @@ impl<B: Backend> Model<B> {
             mlp_out = Some(to_residual(&act, &layer.down, None)?);
         }
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        if let Some((batch, out)) = row_logprobs {
-            *out = self.row_logprobs(batch, &residual, mlp_out.as_ref())?;
+        if let Some((batch, out)) = row_outputs {
+            out.logprobs = self.row_logprobs(batch, &residual, mlp_out.as_ref())?;
+            out.hidden = self.hidden_rows(batch, &residual, mlp_out.as_ref())?;
         }
         if plan.logits_rows.is_empty() {
             return Ok(None);
@@ -552,6 +552,35 @@ impl<B: Backend> Model<B> {
             for (entry, &(_, _, _, list)) in reduced.into_iter().zip(group) {
                 out[list].push(entry);
             }
+        }
+        Ok(out)
+    }
+
+    /// The final-normed hidden state of the last new token of each sequence that asks
+    /// ([`SequenceSlice::wants_hidden`]), in batch order: the vector the lm_head would read,
+    /// which an embedding request pools.
+    fn hidden_rows(
+        &self,
+        batch: &ForwardBatch,
+        residual: &B::Tensor,
+        mlp_out: Option<&B::Tensor>,
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        let b = &self.backend;
+        let rows: Vec<u32> = batch
+            .sequences
+            .iter()
+            .filter(|s| s.wants_hidden)
+            .map(|s| (s.token_start + s.token_count - 1) as u32)
+            .collect();
+        let mut out = Vec::with_capacity(rows.len());
+        for group in rows.chunks(ROW_LOGPROBS_GROUP) {
+            let mut last = b.gather_rows(residual, group)?;
+            let m = mlp_out.map(|m| b.gather_rows(m, group)).transpose()?;
+            let h = match &m {
+                Some(m) => b.add_rms_norm(&mut last, m, &self.final_norm, self.eps)?,
+                None => b.rms_norm(&last, &self.final_norm, self.eps)?,
+            };
+            out.extend(b.to_host(&h)?);
         }
         Ok(out)
     }

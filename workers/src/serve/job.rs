@@ -38,6 +38,7 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         // Compiled by the role (`super::grammar`), off the bus loop.
         grammar: None,
         prompt_logprobs: job.sampling.prompt_logprobs,
+        embedding: job.embedding,
         cache_salt: job.cache_salt.clone(),
         priority: job.priority,
         prediction: job.prediction_ids.clone(),
@@ -89,6 +90,7 @@ mod tests {
             cache_salt: None,
             priority: 0,
             prediction_ids: Vec::new(),
+            embedding: false,
         }
     }
 

@@ -104,6 +104,12 @@ pub fn stream_messages(
                         .collect(),
                 });
             }
+            EventKind::Hidden { vector } => {
+                if !tokens.is_empty() {
+                    out.push(tokens_message(std::mem::take(&mut tokens)));
+                }
+                out.push(StreamMessage::Embedding { vector });
+            }
             // The puller's business: nothing the api-server reads.
             EventKind::RoomReserved { .. } => {}
         }

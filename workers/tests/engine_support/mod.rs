@@ -81,6 +81,7 @@ impl Recorder {
                     out.reason = Some(reason);
                 }
                 EventKind::RoomReserved { .. } => panic!("room reserved for a plain request"),
+                EventKind::Hidden { .. } => panic!("a hidden state not asked for"),
                 EventKind::PromptLogprobs { .. } => {
                     panic!("prompt logprobs for a request that asked none")
                 }

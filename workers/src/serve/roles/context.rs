@@ -190,7 +190,8 @@ impl ContextRole {
                     )),
                     EventKind::Finished { .. }
                     | EventKind::RoomReserved { .. }
-                    | EventKind::PromptLogprobs { .. } => None,
+                    | EventKind::PromptLogprobs { .. }
+                    | EventKind::Hidden { .. } => None,
                 });
                 let exported = self
                     .exporter

@@ -1244,6 +1244,7 @@ mod tests {
             cache_salt: None,
             priority: 0,
             prediction_ids: Vec::new(),
+            embedding: false,
         }
     }
 
