@@ -36,8 +36,9 @@ pub struct BatchPlan {
     pub block_size: usize,
     /// Rows (token indices) whose logits the forward returns: each wanting sequence's last.
     pub logits_rows: Vec<u32>,
-    /// Some sequence asks for row log-probabilities (prompt logprobs): the pass copies them
-    /// to the host as it goes, so it is never captured into a graph.
+    /// Some sequence asks for row log-probabilities (prompt logprobs) or its last hidden state
+    /// (an embedding, [`crate::model::RowOutputs`]): the pass copies them to the host as it
+    /// goes, so it is never captured into a graph.
     pub row_logprobs: bool,
     /// `cos(position * inv_freq[i])`, `[tokens, rope_half]`.
     pub rope_cos: Vec<f32>,
@@ -96,7 +97,7 @@ impl BatchPlan {
             block_tables,
             block_size,
             logits_rows,
-            row_logprobs: batch.has_row_logprobs(),
+            row_logprobs: batch.has_row_outputs(),
             rope_cos,
             rope_sin,
             rope_half,
