@@ -129,6 +129,9 @@ pub enum FetchError {
     Config(#[from] ConfigError),
 }
 
+/// The sentence-transformers module list an embedding model's repository has.
+const SENTENCE_TRANSFORMERS_MODULES: &str = "modules.json";
+
 /// Fetches `options.repo_id` into `out`.
 pub fn fetch(options: &FetchOptions, out: &Path) -> Result<FetchSummary, FetchError> {
     let (owner, name) = split_id(&options.repo_id);
@@ -146,6 +149,12 @@ pub fn fetch(options: &FetchOptions, out: &Path) -> Result<FetchSummary, FetchEr
     let mut files = Vec::new();
     for (file, cached) in &downloaded.files {
         let target = staged.path().join(file);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| FetchError::Copy {
+                from: cached.clone(),
+                source,
+            })?;
+        }
         let bytes = std::fs::copy(cached, &target).map_err(|source| FetchError::Copy {
             from: cached.clone(),
             source,
@@ -263,6 +272,35 @@ async fn download_all(source: &Source) -> Result<Downloaded, FetchError> {
             }
             Err(e) => return Err(e),
         }
+    }
+    // An embedding model's sentence-transformers modules: how the api-server pools its
+    // embeddings (the Pooling module's config beside the list).
+    match get(source, SENTENCE_TRANSFORMERS_MODULES).await {
+        Ok(path) => {
+            #[derive(Deserialize)]
+            struct Module {
+                #[serde(rename = "type")]
+                kind: String,
+                #[serde(default)]
+                path: String,
+            }
+            let modules: Vec<Module> = read_json(&path).map_err(|e| {
+                FetchError::Invalid(format!("{SENTENCE_TRANSFORMERS_MODULES}: {e}"))
+            })?;
+            files.push((SENTENCE_TRANSFORMERS_MODULES.to_string(), path));
+            for module in modules.iter().filter(|m| m.kind.ends_with(".Pooling")) {
+                if module.path.contains("..") || module.path.starts_with('/') {
+                    return Err(FetchError::Invalid(format!(
+                        "{SENTENCE_TRANSFORMERS_MODULES} names a module outside the repository: {:?}",
+                        module.path
+                    )));
+                }
+                let file = format!("{}/config.json", module.path);
+                files.push((file.clone(), get(source, &file).await?));
+            }
+        }
+        Err(FetchError::FileNotFound { .. }) => {}
+        Err(e) => return Err(e),
     }
     match get(source, WEIGHTS_FILE).await {
         Ok(path) => files.push((WEIGHTS_FILE.to_string(), path)),

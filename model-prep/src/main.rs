@@ -182,8 +182,9 @@ struct DefaultArgs {
 ///
 /// Fetches config.json, tokenizer.json, tokenizer_config.json, generation_config.json and
 /// the safetensors weights (model.safetensors, or model.safetensors.index.json and its shards)
-/// of a Hub model repository, checks that they form a model tandem can run (Llama, Mistral or
-/// Qwen2 architecture), and writes them to DIR.
+/// of a Hub model repository, and an embedding model's sentence-transformers modules.json and
+/// Pooling config (how /v1/embeddings pools it), checks that they form a model tandem can run
+/// (Llama, Mistral, Qwen2 or Qwen3 architecture), and writes them to DIR.
 ///
 /// Files go through the standard Hugging Face cache (HF_HUB_CACHE, or HF_HOME/hub, default
 /// ~/.cache/huggingface/hub), so nothing is downloaded twice. HF_TOKEN (or the token saved by

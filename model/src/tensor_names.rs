@@ -4,6 +4,8 @@
 
 use crate::ModelConfig;
 
+/// The causal LM's prefix of the base model's tensors (a base model's own checkpoint has none).
+pub const MODEL_PREFIX: &str = "model.";
 pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 pub const FINAL_NORM: &str = "model.norm.weight";
 pub const LM_HEAD: &str = "lm_head.weight";

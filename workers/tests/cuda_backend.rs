@@ -1901,3 +1901,108 @@ fn projections_of_decode_batches_match_a_cpu_reference() {
         );
     }
 }
+
+/// The hidden states of embedding requests run through an engine on `backend` beside greedy
+/// generations, in two rounds (the second finding the first round's prompts cached), and
+/// each generation's tokens.
+fn engine_embeddings<B: tandem_workers::backend::KvBlockIo>(
+    backend: B,
+    prompts: &[Vec<u32>],
+) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
+    use tandem_workers::engine::{Engine, EngineConfig, EventKind, GenerationRequest, ModelRunner};
+    let model = Model::load(&model_dir(), backend, &bf16_kv()).unwrap();
+    let config = EngineConfig {
+        block_size: 16,
+        num_blocks: 256,
+        max_num_batched_tokens: 8192,
+        max_num_seqs: 16,
+        max_model_len: None,
+        prefix_caching: true,
+        ..EngineConfig::default()
+    };
+    let runner = ModelRunner::new(model, config.block_size, config.num_blocks).unwrap();
+    let mut engine = Engine::new(runner, config, None).unwrap();
+    engine.set_overlap(true);
+    let mut hidden = vec![Vec::new(); 2 * prompts.len()];
+    let mut tokens = vec![Vec::new(); prompts.len()];
+    for round in 0..2 {
+        let mut ids = std::collections::HashMap::new();
+        for (i, prompt) in prompts.iter().enumerate() {
+            if round == 0 {
+                let generate = GenerationRequest {
+                    ignore_eos: true,
+                    ..GenerationRequest::greedy(prompt.clone(), 8)
+                };
+                ids.insert(engine.add_request(generate).unwrap(), (false, i));
+            }
+            let embed = GenerationRequest {
+                embedding: true,
+                ..GenerationRequest::greedy(prompt.clone(), 0)
+            };
+            ids.insert(
+                engine.add_request(embed).unwrap(),
+                (true, round * prompts.len() + i),
+            );
+        }
+        while engine.has_work() {
+            for ev in engine.step() {
+                let (embedding, i) = ids[&ev.request_id];
+                match ev.kind {
+                    EventKind::Hidden { vector } => {
+                        assert!(embedding, "a hidden state for a generation");
+                        hidden[i] = vector;
+                    }
+                    EventKind::Token { id, .. } => {
+                        assert!(!embedding, "a token for an embedding");
+                        tokens[i].push(id);
+                    }
+                    EventKind::Finished { reason, .. } => {
+                        assert_eq!(reason, tandem_workers::engine::FinishReason::Length)
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+    }
+    (hidden, tokens)
+}
+
+/// Embedding requests on the GPU (device sampling, overlapped steps and decode graphs on for
+/// the generations beside them): each prompt's last hidden state matches the CPU's, the
+/// same in a round that finds the prompts cached, and the generations keep the tokens they
+/// have on the GPU without embeddings beside them.
+#[test]
+fn embeddings_on_the_gpu_match_the_cpu() {
+    if no_gpu() {
+        return;
+    }
+    let prompts: Vec<Vec<u32>> = [7usize, 40, 150]
+        .iter()
+        .enumerate()
+        .map(|(k, &len)| {
+            (0..len as u32)
+                .map(|i| (i * 13 + 7 * k as u32 + 1) % 200)
+                .collect()
+        })
+        .collect();
+    let (cpu, _) = engine_embeddings(CpuBackend::new(&CpuOptions::default()).unwrap(), &prompts);
+    let options = CudaOptions {
+        cuda_graphs: true,
+        device_sampling: true,
+        ..CudaOptions::from_env(0)
+    };
+    let (gpu, gpu_tokens) = engine_embeddings(CudaBackend::new(&options).unwrap(), &prompts);
+    for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+        assert_eq!(g.len(), c.len(), "input {i}");
+        let distance = rel_l2(g, c);
+        eprintln!("embedding {i}: GPU against CPU relative L2 {distance:.2e}");
+        assert!(distance < 3e-2, "input {i}: relative L2 {distance}");
+    }
+    let n = prompts.len();
+    for i in 0..n {
+        let cached = rel_l2(&gpu[n + i], &gpu[i]);
+        assert!(cached < 1e-2, "input {i}: cached round {cached}");
+    }
+    let alone = cuda_engine_greedy(&prompts, 16, 8);
+    assert_eq!(gpu_tokens, alone, "generations beside embeddings");
+}

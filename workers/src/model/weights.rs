@@ -491,10 +491,33 @@ impl WeightFiles {
                     .into(),
             ));
         }
+        if let Some(base) = tensor_names::EMBED_TOKENS.strip_prefix(tensor_names::MODEL_PREFIX)
+            && !found.contains_key(tensor_names::EMBED_TOKENS)
+            && found.contains_key(base)
+        {
+            // A base model's checkpoint (a `Qwen3Model` rather than a `Qwen3ForCausalLM`, as
+            // embedding models are saved) names its tensors without the causal LM's prefix.
+            found = with_model_prefix(found);
+            scales = with_model_prefix(scales);
+        }
         attach_scales(config, &mut found, scales)?;
         check(config, &mut found)?;
         Ok(found)
     }
+}
+
+/// `map`'s names given the causal LM's `model.` prefix (an lm_head, where a base model's
+/// checkpoint keeps one, has none either way).
+fn with_model_prefix<V>(map: HashMap<String, V>) -> HashMap<String, V> {
+    map.into_iter()
+        .map(|(name, v)| {
+            if name.starts_with("lm_head.") {
+                (name, v)
+            } else {
+                (format!("{}{name}", tensor_names::MODEL_PREFIX), v)
+            }
+        })
+        .collect()
 }
 
 /// A scale tensor's values as f32 (checkpoints store them in f32, sometimes bf16).
@@ -820,6 +843,31 @@ mod tests {
             err.contains("k_proj") && err.contains("not a U8 tensor"),
             "{err}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_base_model_s_tensors_are_read_under_the_causal_lm_s_names() {
+        let dir = scratch("base-model");
+        let expected = tensor_names::expected_tensors(&config());
+        let unprefixed: Vec<(String, Vec<usize>)> = expected
+            .iter()
+            .map(|(name, shape)| {
+                let name = name
+                    .strip_prefix(tensor_names::MODEL_PREFIX)
+                    .unwrap_or(name);
+                (name.to_string(), shape.clone())
+            })
+            .collect();
+        assert_ne!(unprefixed, expected, "the names lose their prefix");
+        write(&dir, WEIGHTS_FILE, &unprefixed);
+        let files = WeightFiles::open(&dir).unwrap();
+        let tensors = files.tensors(&config()).unwrap();
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let mut wanted: Vec<&String> = expected.iter().map(|(n, _)| n).collect();
+        wanted.sort();
+        assert_eq!(names, wanted);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
