@@ -1,7 +1,7 @@
 //! `/v1/embeddings` on a live disaggregated deployment (nats-server, a context and a decode
 //! worker and the api-server as real processes, SmolLM2 on the CPU): each input's vector is
-//! the final-normed hidden state of its last token, computed by the generation worker.
-//! Checked end to end:
+//! the final-normed hidden state of its last token, computed by the context worker the input
+//! is routed to, which answers it whole. Checked end to end:
 //! - the vector is the one the model's lm_head reads: its best row of the (tied) embedding
 //!   matrix, read here from the model's safetensors, is the token a greedy completion of the
 //!   same text writes first;
@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{SERVED_NAME, run_python_script, start_api_server, start_worker_as};
-use tandem_test_kit::prometheus::sample;
+use tandem_test_kit::prometheus::{sample, total};
 use tandem_test_kit::{Http, Nats, model_dir};
 
 const MODEL: &str = "smollm2-bf16";
@@ -94,6 +94,11 @@ fn embeddings_are_the_last_hidden_state_the_lm_head_reads() {
         "One, two, three, four,",
     ];
     let batch = embed(http, json!({"model": SERVED_NAME, "input": texts}));
+    // Each answered whole by the context worker: nothing handed over, nothing fell back.
+    let metrics = http.get("/metrics").body;
+    assert_eq!(sample(&metrics, "tandem_requests_disaggregated_total"), Some(3.0), "{metrics}");
+    assert_eq!(total(&metrics, "tandem_kv_transfers_total"), 0.0, "{metrics}");
+    assert_eq!(total(&metrics, "tandem_kv_transfer_fallbacks_total"), 0.0, "{metrics}");
     assert_eq!(batch["object"], "list");
     assert_eq!(batch["model"], SERVED_NAME);
     let data = batch["data"].as_array().unwrap();

@@ -325,8 +325,9 @@ pub struct GenerateJob {
     pub prediction_ids: Vec<u32>,
     /// An embedding job (`/v1/embeddings`): the worker prefills the prompt and answers with
     /// the final-normed hidden state of its last token ([`StreamMessage::Embedding`]), then
-    /// `finished` with `length` and no token; `stop.max_tokens` is 0. Sent to generation
-    /// workers only (it prefills locally). Absent: false.
+    /// `finished` with `length` and no token; `stop.max_tokens` is 0. Routed as any prompt:
+    /// a context worker answers it whole, as a request that ends at its first token. Absent:
+    /// false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub embedding: bool,
 }

@@ -8,7 +8,7 @@
 #           (the GPU's hidden states against the CPU's)
 #   serve   `tandem serve` on one GPU (PRESET's shapes, llama-3.1-8b unless set, random bf16
 #           weights generated at load), disaggregated (examples/configs/gpu-1.yaml: the
-#           embeddings go to the decode worker) and aggregated (one generation worker):
+#           context worker answers the embeddings) and aggregated (one generation worker):
 #           scripts/bench/embeddings.py's checks, then 2,048 inputs of about 200 words, 16 to
 #           a request, 8 requests at a time, then 64 inputs one at a time
 #

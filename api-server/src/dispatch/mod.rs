@@ -238,16 +238,13 @@ impl Generation {
         job: JobSpec,
         mut record: RequestRecord,
     ) -> Result<Generation, ApiError> {
-        // Prompt logprobs and embeddings are computed where the prompt is prefilled: the
-        // generation worker.
+        // Prompt logprobs are computed where the prompt is prefilled: the generation worker.
+        // An embedding is routed as any prompt: a context worker answers it whole (it has
+        // nothing to hand over), as it answers a request that ends at its first token.
         let route = if job.sampling.prompt_logprobs.is_some() {
             dispatch
                 .registry
                 .route_local(1, LocalPrefill::PromptLogprobs, Instant::now())
-        } else if job.embedding {
-            dispatch
-                .registry
-                .route_local(1, LocalPrefill::Embedding, Instant::now())
         } else {
             dispatch.registry.route_salted(
                 &job.prompt_ids,

@@ -47,9 +47,6 @@ pub enum LocalPrefill {
     /// the prompt is prefilled, and a context worker's prefill hands over K/V, not logprobs
     /// ([`WorkerRegistry::route_local`]; docs/protocol.md, "Prompt logprobs").
     PromptLogprobs,
-    /// An embedding request (`/v1/embeddings`): the prompt's last hidden state is computed
-    /// where the prompt is prefilled, and a context worker's prefill hands over K/V.
-    Embedding,
 }
 
 /// Why a request has no route.

@@ -1,5 +1,6 @@
-//! `POST /v1/embeddings`: each input prefilled by a generation worker, which answers with the
-//! final-normed hidden state of its last token (last-token pooling, [`crate::pooling`]); the
+//! `POST /v1/embeddings`: each input prefilled where any prompt is (a context worker of a
+//! disaggregated deployment, which answers it whole), and answered with the final-normed
+//! hidden state of its last token (last-token pooling, [`crate::pooling`]); the
 //! vector cut to `dimensions`, normalized where the model normalizes, and written as floats or
 //! base64.
 //!
