@@ -96,9 +96,21 @@ fn embeddings_are_the_last_hidden_state_the_lm_head_reads() {
     let batch = embed(http, json!({"model": SERVED_NAME, "input": texts}));
     // Each answered whole by the context worker: nothing handed over, nothing fell back.
     let metrics = http.get("/metrics").body;
-    assert_eq!(sample(&metrics, "tandem_requests_disaggregated_total"), Some(3.0), "{metrics}");
-    assert_eq!(total(&metrics, "tandem_kv_transfers_total"), 0.0, "{metrics}");
-    assert_eq!(total(&metrics, "tandem_kv_transfer_fallbacks_total"), 0.0, "{metrics}");
+    assert_eq!(
+        sample(&metrics, "tandem_requests_disaggregated_total"),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        total(&metrics, "tandem_kv_transfers_total"),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        total(&metrics, "tandem_kv_transfer_fallbacks_total"),
+        0.0,
+        "{metrics}"
+    );
     assert_eq!(batch["object"], "list");
     assert_eq!(batch["model"], SERVED_NAME);
     let data = batch["data"].as_array().unwrap();

@@ -14,9 +14,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
-
-/// The sentence-transformers module list of a model directory.
-pub const MODULES_FILE: &str = "modules.json";
+use tandem_model::sentence_transformers::{MODULES_FILE, Module};
 
 /// How embeddings are served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,14 +25,6 @@ pub struct EmbeddingConfig {
     pub normalize: bool,
     /// Why the model's embeddings are not served; `None`: served.
     pub not_served: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Module {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    path: String,
 }
 
 /// The Pooling module's `config.json`: which of its modes are on.
@@ -111,12 +101,11 @@ fn read_modules(model_dir: &Path, path: &Path) -> Result<bool, String> {
     let mut normalize = false;
     let mut pooled = false;
     for module in &modules {
-        let kind = module.kind.rsplit('.').next().unwrap_or(&module.kind);
-        match kind {
+        match module.class() {
             "Transformer" => {}
             "Normalize" => normalize = true,
             "Pooling" => {
-                let config = model_dir.join(&module.path).join("config.json");
+                let config = model_dir.join(module.config_file());
                 let modes: PoolingModes = serde_json::from_str(&read(&config)?)
                     .map_err(|e| format!("{} is not a pooling config: {e}", config.display()))?;
                 let on = modes.on();

@@ -29,6 +29,7 @@ use tandem_model::{
 
 use crate::output::{OutputError, StagedDir};
 use crate::progress;
+use tandem_model::sentence_transformers::{MODULES_FILE, Module};
 
 /// What to fetch and how.
 #[derive(Debug, Clone)]
@@ -128,9 +129,6 @@ pub enum FetchError {
     #[error(transparent)]
     Config(#[from] ConfigError),
 }
-
-/// The sentence-transformers module list an embedding model's repository has.
-const SENTENCE_TRANSFORMERS_MODULES: &str = "modules.json";
 
 /// Fetches `options.repo_id` into `out`.
 pub fn fetch(options: &FetchOptions, out: &Path) -> Result<FetchSummary, FetchError> {
@@ -275,27 +273,19 @@ async fn download_all(source: &Source) -> Result<Downloaded, FetchError> {
     }
     // An embedding model's sentence-transformers modules: how the api-server pools its
     // embeddings (the Pooling module's config beside the list).
-    match get(source, SENTENCE_TRANSFORMERS_MODULES).await {
+    match get(source, MODULES_FILE).await {
         Ok(path) => {
-            #[derive(Deserialize)]
-            struct Module {
-                #[serde(rename = "type")]
-                kind: String,
-                #[serde(default)]
-                path: String,
-            }
-            let modules: Vec<Module> = read_json(&path).map_err(|e| {
-                FetchError::Invalid(format!("{SENTENCE_TRANSFORMERS_MODULES}: {e}"))
-            })?;
-            files.push((SENTENCE_TRANSFORMERS_MODULES.to_string(), path));
-            for module in modules.iter().filter(|m| m.kind.ends_with(".Pooling")) {
+            let modules: Vec<Module> = read_json(&path)
+                .map_err(|e| FetchError::Invalid(format!("{MODULES_FILE}: {e}")))?;
+            files.push((MODULES_FILE.to_string(), path));
+            for module in modules.iter().filter(|m| m.class() == "Pooling") {
                 if module.path.contains("..") || module.path.starts_with('/') {
                     return Err(FetchError::Invalid(format!(
-                        "{SENTENCE_TRANSFORMERS_MODULES} names a module outside the repository: {:?}",
+                        "{MODULES_FILE} names a module outside the repository: {:?}",
                         module.path
                     )));
                 }
-                let file = format!("{}/config.json", module.path);
+                let file = module.config_file();
                 files.push((file.clone(), get(source, &file).await?));
             }
         }

@@ -14,6 +14,7 @@ pub mod gguf_quant;
 pub mod presets;
 pub mod quantization;
 pub mod random_weights;
+pub mod sentence_transformers;
 pub mod tensor_names;
 mod tokenizer_config;
 

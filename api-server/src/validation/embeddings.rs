@@ -1,6 +1,6 @@
 //! `POST /v1/embeddings`: the request checked into its inputs and how each vector is written.
 
-use super::sampling::priority;
+use super::sampling::{priority, prompt_truncation};
 use super::{ModelLimits, PromptInput, PromptTruncation, check_model, vocabulary_ids};
 use crate::error::ApiError;
 use crate::openai::{EmbeddingRequest, PromptField};
@@ -169,17 +169,7 @@ pub fn validate_embeddings(
             ));
         }
     };
-    let truncate_prompt = match request.truncate_prompt_tokens {
-        None => None,
-        Some(-1) => Some(PromptTruncation::ToFit),
-        Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => Some(PromptTruncation::Last(n as u32)),
-        Some(n) => {
-            return Err(ApiError::invalid(
-                format!("truncate_prompt_tokens must be -1 or at least 1, got {n}"),
-                "truncate_prompt_tokens",
-            ));
-        }
-    };
+    let truncate_prompt = prompt_truncation(request.truncate_prompt_tokens)?;
     Ok(ValidEmbeddings {
         inputs,
         encoding,

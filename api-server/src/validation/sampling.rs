@@ -306,17 +306,7 @@ pub(super) fn validate_generation(
         ids.dedup();
         sampling.allowed_token_ids = ids;
     }
-    let truncate_prompt = match fields.truncate_prompt_tokens {
-        None => None,
-        Some(-1) => Some(PromptTruncation::ToFit),
-        Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => Some(PromptTruncation::Last(n as u32)),
-        Some(n) => {
-            return Err(ApiError::invalid(
-                format!("truncate_prompt_tokens must be -1 or at least 1, got {n}"),
-                "truncate_prompt_tokens",
-            ));
-        }
-    };
+    let truncate_prompt = prompt_truncation(fields.truncate_prompt_tokens)?;
     let prompt_logprobs = match fields.prompt_logprobs {
         None => None,
         Some(k) if (0..=MAX_PROMPT_LOGPROBS).contains(&k) => Some(k as u32),
@@ -370,6 +360,21 @@ pub(super) fn validate_generation(
         cache_salt: cache_salt(fields.cache_salt.as_deref())?,
         priority: priority(fields.priority)?,
     })
+}
+
+/// vLLM's `truncate_prompt_tokens`: -1 (as many as fit) or a count of the prompt's last tokens.
+pub(crate) fn prompt_truncation(value: Option<i64>) -> Result<Option<PromptTruncation>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(-1) => Ok(Some(PromptTruncation::ToFit)),
+        Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => {
+            Ok(Some(PromptTruncation::Last(n as u32)))
+        }
+        Some(n) => Err(ApiError::invalid(
+            format!("truncate_prompt_tokens must be -1 or at least 1, got {n}"),
+            "truncate_prompt_tokens",
+        )),
+    }
 }
 
 /// vLLM's `priority`, 0 when absent: any 32-bit signed integer (vLLM takes any integer; the
