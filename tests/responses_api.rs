@@ -344,7 +344,14 @@ fn responses_api_and_field_checks_on_a_live_deployment() {
             "model_not_found",
             None,
         ),
-        ("POST", "/v1/embeddings", 404, "unknown_url", None),
+        ("POST", "/v1/moderations", 404, "unknown_url", None),
+        (
+            "GET",
+            "/v1/embeddings",
+            405,
+            "method_not_allowed",
+            Some("POST"),
+        ),
         ("GET", "/v2/chat", 404, "unknown_url", None),
         (
             "GET",

@@ -290,6 +290,14 @@ async fn download_all(source: &Source) -> Result<Downloaded, FetchError> {
             }
         }
         Err(FetchError::FileNotFound { .. }) => {}
+        // Offline, a list never cached is taken as absent: most repositories have none, and
+        // the api-server then pools as a decoder model's default (last token, normalized).
+        Err(FetchError::NotCached { .. }) => {
+            tracing::info!(
+                "{}: no {MODULES_FILE} in the local cache; continuing without it",
+                source.repo_id
+            );
+        }
         Err(e) => return Err(e),
     }
     match get(source, WEIGHTS_FILE).await {

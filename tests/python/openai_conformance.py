@@ -30,9 +30,12 @@ try:
     raise AssertionError("retrieved a model that is not served")
 except openai.NotFoundError as err:
     check((err.body or {}).get("code") == "model_not_found", err.body)
+embedded = client.embeddings.create(model=model, input=["x", "y z"])
+check([d.index for d in embedded.data] == [0, 1], embedded.data)
+check(embedded.usage.prompt_tokens == embedded.usage.total_tokens > 0, embedded.usage)
 try:
-    client.embeddings.create(model=model, input="x")
-    raise AssertionError("embeddings answered")
+    client.moderations.create(input="x")
+    raise AssertionError("moderations answered")
 except openai.NotFoundError as err:
     check((err.body or {}).get("code") == "unknown_url", err.body)
 messages = [{"role": "user", "content": "What is the capital of France?"}]
