@@ -88,6 +88,19 @@ impl ContextRole {
         }
     }
 
+    /// A job that ends at its first token or before (`max_tokens` 0 or 1): run as a whole
+    /// request of the engine, its answer streamed from here; no export, no budget.
+    async fn answer_whole(self: &Arc<Self>, job: GenerateJob) {
+        let Ok(grammar) = self.worker.job_grammar(&job).await else {
+            return;
+        };
+        let mut request = generation_request(&job, &self.worker.model_stop_ids);
+        request.grammar = grammar;
+        self.worker
+            .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
+            .await;
+    }
+
     /// Runs the prompt as a prefill-only request with a fixed seed; a task exports its K/V
     /// and answers `kv_ready` (or the whole answer, if it ends at once). The job's tokens are
     /// reserved in the ledger. The worker took the job at `received`.
@@ -101,7 +114,8 @@ impl ContextRole {
         // The first token is drawn under the grammar; the decode worker's grammar takes it.
         request.grammar = grammar;
         if job.stop.max_tokens <= 1 {
-            // Nothing is left for a decode worker: answer here.
+            // Nothing is left for a decode worker (a job that waited in the backlog before
+            // `start` answered such jobs at once): answer here.
             locked(&self.ledger).unreserve(prompt_tokens);
             self.worker
                 .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
@@ -439,6 +453,12 @@ impl Role for ContextRole {
     /// Reserves the prompt's tokens and prefills, or queues the job until there is room.
     async fn start(self: &Arc<Self>, job: GenerateJob) {
         let received = Instant::now();
+        if job.stop.max_tokens <= 1 {
+            // Answered here whole (an embedding, a one-token reply): nothing is exported, so
+            // it takes none of the export budget and never waits for releases.
+            self.answer_whole(job).await;
+            return;
+        }
         let admitted = locked(&self.ledger).try_reserve(job.prompt_ids.len());
         if admitted {
             self.start_prefill(job, received).await;
