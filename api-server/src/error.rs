@@ -501,6 +501,7 @@ mod tests {
             priority: 0,
             prediction_ids: Vec::new(),
             embedding: false,
+            lora: None,
         }
     }
 

@@ -35,6 +35,7 @@ pub mod error;
 pub mod event_stream;
 pub mod fields;
 pub mod grammar;
+pub mod lora;
 pub mod metrics;
 pub mod openai;
 pub mod outcomes;

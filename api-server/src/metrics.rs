@@ -1268,6 +1268,7 @@ mod tests {
             interval_ms: 500,
             kv_transfer: None,
             kv_peer: None,
+            lora_adapters: Vec::new(),
             engine: Some(tandem_protocol::messages::EngineProgress {
                 steps: 40,
                 failed_steps: 0,

@@ -83,6 +83,7 @@ pub fn model_limits(config: &ServerConfig) -> Result<ModelLimits, StartError> {
         tool_support: None,
         sampling_defaults,
         reasoning_parser: config.reasoning_parser,
+        adapters: Default::default(),
     })
 }
 
@@ -277,15 +278,18 @@ pub async fn serve(config: ServerConfig, codec: Arc<dyn PromptCodec>) -> Result<
     let subjects = Subjects::new(&limits.served_model_name);
     let metrics = Metrics::new();
     let worker_timeout = Duration::from_millis(config.worker_timeout_ms);
-    let registry = Arc::new(WorkerRegistry::new(
-        RouterSettings {
-            policy: config.router_policy,
-            worker_timeout,
-            max_local_prefill_length: config.max_local_prefill_length,
-            kv_overlap_weight: config.router_kv_overlap_weight,
-        },
-        metrics.clone(),
-    ));
+    let registry = Arc::new(
+        WorkerRegistry::new(
+            RouterSettings {
+                policy: config.router_policy,
+                worker_timeout,
+                max_local_prefill_length: config.max_local_prefill_length,
+                kv_overlap_weight: config.router_kv_overlap_weight,
+            },
+            metrics.clone(),
+        )
+        .with_adapters(limits.adapters.clone()),
+    );
     let heartbeats = client
         .subscribe(subjects.heartbeat_all())
         .await

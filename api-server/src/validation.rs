@@ -52,6 +52,9 @@ pub struct ModelLimits {
     pub sampling_defaults: SamplingDefaults,
     /// Which reasoning markup chat replies are split by (`--reasoning-parser`).
     pub reasoning_parser: tandem_protocol::config::ReasoningParser,
+    /// The LoRA adapters live workers serve: names a request's `model` may give besides
+    /// `served_model_name`.
+    pub adapters: crate::lora::ServedAdapters,
 }
 
 /// A chat role we serve. `developer` (OpenAI's newer name for system) maps to system.
@@ -185,6 +188,8 @@ pub struct ValidRequest {
     /// OpenAI's `prediction` on chat: the text the answer is expected to repeat, tokenized
     /// with the prompt into the job's draft source ([`prediction`]).
     pub prediction: Option<String>,
+    /// The LoRA adapter the request's `model` names (`None`: the served model).
+    pub lora: Option<String>,
 }
 
 impl ValidRequest {
@@ -277,6 +282,8 @@ struct CommonValues {
     continuous_usage: bool,
     cache_salt: Option<String>,
     priority: i32,
+    /// The LoRA adapter `model` names, if it names one.
+    lora: Option<String>,
 }
 
 /// Sets `sampling.grammar` from `format` (chat's and vLLM's completions' `response_format`),
@@ -313,12 +320,19 @@ fn check_min_tokens(min_tokens: u32, limit: u32, limit_param: &str) -> Result<()
     Ok(())
 }
 
-pub fn check_model(model: &Option<String>, limits: &ModelLimits) -> Result<(), ApiError> {
+/// `model`: absent or the served model (`None`), or a LoRA adapter a live worker serves (its
+/// name); anything else is 404 `model_not_found`.
+pub fn check_model(
+    model: &Option<String>,
+    limits: &ModelLimits,
+) -> Result<Option<String>, ApiError> {
     match model {
-        Some(name) if name != &limits.served_model_name => Err(ApiError::ModelNotFound {
+        Some(name) if name == &limits.served_model_name => Ok(None),
+        Some(name) if limits.adapters.contains(name) => Ok(Some(name.clone())),
+        Some(name) => Err(ApiError::ModelNotFound {
             model: name.clone(),
         }),
-        _ => Ok(()),
+        None => Ok(None),
     }
 }
 
@@ -326,7 +340,7 @@ fn validate_common(
     fields: CommonFields<'_>,
     limits: &ModelLimits,
 ) -> Result<CommonValues, ApiError> {
-    check_model(fields.model, limits)?;
+    let lora = check_model(fields.model, limits)?;
     let generation = validate_generation(fields.generation, limits)?;
     let stream = fields.stream.unwrap_or(false);
     if stream && generation.prompt_logprobs.is_some() {
@@ -374,6 +388,7 @@ fn validate_common(
         continuous_usage,
         cache_salt: generation.cache_salt,
         priority: generation.priority,
+        lora,
     })
 }
 
@@ -745,6 +760,7 @@ pub fn validate_chat(
         cache_salt: common.cache_salt,
         priority: common.priority,
         prediction: prediction::prediction_text(request.prediction.as_ref())?,
+        lora: common.lora,
     })
 }
 
@@ -934,6 +950,7 @@ pub fn validate_completion(
         cache_salt: common.cache_salt,
         priority: common.priority,
         prediction: None,
+        lora: common.lora,
     };
     Ok(prompts
         .into_iter()
@@ -951,6 +968,7 @@ mod tests {
 
     fn limits() -> ModelLimits {
         ModelLimits {
+            adapters: Default::default(),
             served_model_name: "smol".into(),
             max_model_len: 100,
             vocab_size: 1000,

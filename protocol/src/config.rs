@@ -568,6 +568,57 @@ fn validate_transceiver(config: &CacheTransceiverConfig, key: &str) -> Result<()
     Ok(())
 }
 
+/// A LoRA adapter to serve beside the model (vLLM's `--lora-modules`): a PEFT directory
+/// (`adapter_config.json`, `adapter_model.safetensors`) and the name requests ask for it by
+/// as their `model`. `{name, path}` in a config; `NAME=PATH` on a command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraModule {
+    pub name: String,
+    pub path: std::path::PathBuf,
+}
+
+impl LoraModule {
+    /// An adapter's name is what a request's `model` names: 1 to 256 visible ASCII
+    /// characters besides `=` (which separates it from the path on a command line).
+    pub fn check_name(name: &str) -> Result<(), String> {
+        if name.is_empty() || name.len() > 256 {
+            return Err(format!(
+                "adapter name `{name}`: 1 to 256 characters expected"
+            ));
+        }
+        if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic() || *c == '=') {
+            return Err(format!(
+                "adapter name `{name}`: {c:?} is not allowed (visible ASCII characters besides `=`)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The command-line form, `NAME=PATH`.
+    pub fn to_arg(&self) -> String {
+        format!("{}={}", self.name, self.path.display())
+    }
+}
+
+impl std::str::FromStr for LoraModule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, path) = s.split_once('=').ok_or_else(|| {
+            format!("`{s}`: expected NAME=PATH (an adapter's name and its directory)")
+        })?;
+        Self::check_name(name)?;
+        if path.is_empty() {
+            return Err(format!("`{s}`: the adapter's directory is empty"));
+        }
+        Ok(LoraModule {
+            name: name.to_string(),
+            path: path.into(),
+        })
+    }
+}
+
 /// The whole deployment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -621,6 +672,9 @@ pub struct DeploymentConfig {
     /// handles and decode workers check them (the same file on every host). Absent: the
     /// launcher makes a fresh secret for a deployment it starts whole.
     pub kv_secret_file: Option<String>,
+    /// (tandem) LoRA adapters every worker serves beside the model (`{name, path}` each; the
+    /// workers' `--lora-modules`): requests name one as their `model`. CPU workers only.
+    pub lora_modules: Vec<LoraModule>,
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_yaml_ng::Value>,
 }
@@ -661,6 +715,7 @@ impl Default for DeploymentConfig {
             reasoning_parser: None,
             generation_config: None,
             kv_secret_file: None,
+            lora_modules: Vec::new(),
             ignored: BTreeMap::new(),
         }
     }
@@ -762,6 +817,28 @@ impl DeploymentConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_lora_module_is_a_name_and_a_directory() {
+        let m: LoraModule = "sql=/adapters/sql".parse().unwrap();
+        assert_eq!(m.name, "sql");
+        assert_eq!(m.path, std::path::PathBuf::from("/adapters/sql"));
+        assert_eq!(m.to_arg(), "sql=/adapters/sql");
+        // The path may hold `=`; the name may not.
+        let m: LoraModule = "a=/x=y".parse().unwrap();
+        assert_eq!(m.path, std::path::PathBuf::from("/x=y"));
+        let long = format!("{}=/p", "x".repeat(257));
+        for bad in ["sql", "=/p", "sql=", "s ql=/p", long.as_str()] {
+            assert!(bad.parse::<LoraModule>().is_err(), "{bad}");
+        }
+        let config: DeploymentConfig =
+            serde_yaml_ng::from_str("lora_modules:\n  - {name: sql, path: /adapters/sql}\n")
+                .unwrap();
+        assert_eq!(
+            config.lora_modules,
+            vec!["sql=/adapters/sql".parse().unwrap()]
+        );
+    }
+
     use super::*;
 
     /// The example from TensorRT-LLM's disaggregated serving docs, as its users write it.

@@ -330,6 +330,12 @@ pub struct GenerateJob {
     /// false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub embedding: bool,
+    /// The LoRA adapter the job computes with, by the name the workers load it under
+    /// (`--lora-modules NAME=PATH`; their heartbeats' `lora_adapters`): every worker the
+    /// job reaches (the context and the decode worker of a disaggregated request) must have
+    /// it, and answers an error naming it otherwise. Absent: the base model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<String>,
 }
 
 fn is_zero_priority(priority: &i32) -> bool {
@@ -912,6 +918,22 @@ pub struct Heartbeat {
     /// `tandem_worker_info`, which `tandem bench` reports). Absent from older workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub numerics: Option<WorkerNumerics>,
+    /// The LoRA adapters the worker serves beside its model: jobs may name them
+    /// ([`GenerateJob::lora`]). Empty: none (or an older worker).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora_adapters: Vec<LoraAdapterInfo>,
+}
+
+/// One LoRA adapter a worker serves ([`Heartbeat::lora_adapters`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoraAdapterInfo {
+    /// The name jobs and requests use for it.
+    pub name: String,
+    /// The model its requests compute with (the base model's fingerprint and the adapter's
+    /// bytes, 32 hex digits): their KV handles carry it as their `model_fingerprint`, and their
+    /// cached blocks are named under it (a router names a prompt's blocks for this adapter
+    /// with it as [`PrefixCacheInfo::namespace`]).
+    pub fingerprint: String,
 }
 
 /// The number formats a worker serves in.
@@ -1197,6 +1219,7 @@ mod tests {
     #[test]
     fn messages_round_trip_with_their_version() {
         let job = GenerateJob {
+            lora: Some("sql".into()),
             request_id: "r1".into(),
             prompt_ids: vec![1, 2, 3],
             sampling: SamplingSpec {
@@ -1815,6 +1838,10 @@ mod tests {
     #[test]
     fn heartbeats_carry_the_queue_bound_and_the_pulls() {
         let heartbeat = Heartbeat {
+            lora_adapters: vec![LoraAdapterInfo {
+                name: "sql".into(),
+                fingerprint: "ab".repeat(16),
+            }],
             numerics: None,
             worker_id: "dec".into(),
             role: WorkerRole::Decode,

@@ -180,6 +180,7 @@ mod tests {
 
     fn job(prompt_ids: Vec<u32>) -> GenerateJob {
         GenerateJob {
+            lora: None,
             request_id: "chatcmpl-1".into(),
             prompt_ids,
             sampling: SamplingSpec::default(),

@@ -359,6 +359,46 @@ pub struct KvBudget {
 }
 
 impl LoadedModel {
+    /// Loads LoRA adapters beside the model ([`Model::load_adapters`]), whose fingerprint is
+    /// `base_fingerprint`. A tensor-parallel group refuses them.
+    pub fn load_adapters(
+        &mut self,
+        dir: &Path,
+        modules: &[crate::model::lora::LoraModule],
+        base_fingerprint: &str,
+    ) -> Result<(), DeviceError> {
+        let model_err = |source| DeviceError::Model {
+            path: dir.to_owned(),
+            source,
+        };
+        match self {
+            LoadedModel::Cpu(m) => m.load_adapters(modules, base_fingerprint),
+            LoadedModel::Cuda(m) => m.load_adapters(modules, base_fingerprint),
+            LoadedModel::CpuGroup { ranks, .. } => {
+                ranks[0].load_adapters(modules, base_fingerprint)
+            }
+            LoadedModel::CudaGroup { ranks } => ranks[0].load_adapters(modules, base_fingerprint),
+        }
+        .map_err(model_err)
+    }
+
+    /// The loaded LoRA adapters' names and fingerprints, in load order (a request's
+    /// [`crate::engine::AdapterRef::index`] is its place here).
+    pub fn adapters(&self) -> Vec<(String, String)> {
+        fn list<B: Backend>(adapters: &[crate::model::lora::Adapter<B>]) -> Vec<(String, String)> {
+            adapters
+                .iter()
+                .map(|a| (a.name.clone(), a.fingerprint.clone()))
+                .collect()
+        }
+        match self {
+            LoadedModel::Cpu(m) => list(m.adapters()),
+            LoadedModel::Cuda(m) => list(m.adapters()),
+            LoadedModel::CpuGroup { ranks, .. } => list(ranks[0].adapters()),
+            LoadedModel::CudaGroup { ranks } => list(ranks[0].adapters()),
+        }
+    }
+
     pub fn config(&self) -> &ModelConfig {
         match self {
             LoadedModel::Cpu(m) => m.config(),

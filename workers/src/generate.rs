@@ -188,6 +188,7 @@ pub fn generate(
         sample_group: None,
         grammar: None,
         prediction: Vec::new(),
+        adapter: None,
     };
     let stream = handle.submit(request)?;
     let mut output = GenerateOutput {

@@ -94,6 +94,7 @@ fn reference_on(
 
 fn job(request_id: &str, prompt_ids: Vec<u32>, max_tokens: u32, seed: Option<u64>) -> GenerateJob {
     GenerateJob {
+        lora: None,
         request_id: request_id.into(),
         prompt_ids,
         sampling: SamplingSpec {

@@ -96,6 +96,7 @@ fn reference(prompt: &str) -> (Vec<u32>, Vec<u32>) {
 
 fn job(request_id: &str, prompt_ids: &[u32]) -> GenerateJob {
     GenerateJob {
+        lora: None,
         request_id: request_id.into(),
         prompt_ids: prompt_ids.to_vec(),
         sampling: SamplingSpec {

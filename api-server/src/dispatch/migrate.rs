@@ -99,13 +99,16 @@ impl Generation {
         // request again when no other worker can.
         let worker_id = self
             .registry
-            .pick_generate_other_than(&failed, now)
+            .pick_generate_other_than(&failed, self.job.lora.as_deref(), now)
             .or_else(|| {
                 matches!(
                     reason,
                     MigrationReason::StreamGap | MigrationReason::Stalled
                 )
-                .then(|| self.registry.pick_generate(now))
+                .then(|| {
+                    self.registry
+                        .pick_generate_excluding(&[], self.job.lora.as_deref(), now)
+                })
                 .flatten()
             });
         let Some(worker_id) = worker_id else {

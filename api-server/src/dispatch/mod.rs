@@ -141,6 +141,9 @@ pub struct JobSpec {
     /// An embedding job (`/v1/embeddings`): the prompt's last hidden state comes back
     /// ([`GenEvent::Embedding`]), nothing is generated (`stop.max_tokens` 0).
     pub embedding: bool,
+    /// The LoRA adapter the request names as its `model` (only workers serving it take the
+    /// job); `None`: the base model.
+    pub lora: Option<String>,
 }
 
 /// One request on the bus, from its first job to its last token.
@@ -242,13 +245,17 @@ impl Generation {
         // An embedding is routed as any prompt: a context worker answers it whole (it has
         // nothing to hand over), as it answers a request that ends at its first token.
         let route = if job.sampling.prompt_logprobs.is_some() {
-            dispatch
-                .registry
-                .route_local(1, LocalPrefill::PromptLogprobs, Instant::now())
+            dispatch.registry.route_local(
+                1,
+                LocalPrefill::PromptLogprobs,
+                job.lora.as_deref(),
+                Instant::now(),
+            )
         } else {
             dispatch.registry.route_salted(
                 &job.prompt_ids,
                 job.cache_salt.as_deref(),
+                job.lora.as_deref(),
                 Instant::now(),
             )
         };
@@ -304,6 +311,7 @@ impl Generation {
                 Prefill::Local(_) => None,
             },
             embedding: job.embedding,
+            lora: job.lora,
         };
         // Sized before anything is sent: a job the bus cannot carry is the client's 400.
         let encoded = match bus.encode_job(&message) {

@@ -51,10 +51,12 @@ impl Generation {
         };
         match self.phase.clone() {
             Phase::Prefill { generate_id, .. } => {
-                let Some(other) =
-                    self.registry
-                        .pick_context_excluding(&self.job.prompt_ids, &self.refused, now)
-                else {
+                let Some(other) = self.registry.pick_context_excluding(
+                    &self.job.prompt_ids,
+                    &self.refused,
+                    self.job.lora.as_deref(),
+                    now,
+                ) else {
                     tracing::warn!(request_id = %self.request_id, refused_by = ?self.refused,
                         %reason, "every context worker refused the prefill job");
                     return Err(ApiError::WorkersFull { pool: "context" });
@@ -80,7 +82,11 @@ impl Generation {
             Phase::Generate { .. } => {
                 // The refusing worker never held the job: its end is not counted there.
                 self.generation_job.refused();
-                let Some(other) = self.registry.pick_generate_excluding(&self.refused, now) else {
+                let Some(other) = self.registry.pick_generate_excluding(
+                    &self.refused,
+                    self.job.lora.as_deref(),
+                    now,
+                ) else {
                     tracing::warn!(request_id = %self.request_id, refused_by = ?self.refused,
                         %reason, "every generation worker refused the job or is full");
                     return Err(ApiError::WorkersFull { pool: "generation" });

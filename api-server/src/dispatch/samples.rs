@@ -48,7 +48,7 @@ pub async fn start_choices(
 ) -> Result<Vec<Generation>, ApiError> {
     let route = dispatch
         .registry
-        .route_samples(n, Instant::now())
+        .route_samples(n, job.lora.as_deref(), Instant::now())
         .map_err(|no_route| {
             let err = no_route_error(no_route);
             record.fail(&err);
@@ -73,6 +73,7 @@ pub async fn start_choices(
             priority: job.priority,
             prediction_ids: job.prediction_ids.clone(),
             embedding: job.embedding,
+            lora: job.lora.clone(),
         };
         Generation::start_on(
             dispatch,

@@ -17,6 +17,10 @@ pub struct ModelCard {
     pub owned_by: &'static str,
     /// vLLM's extension: the context length, which clients use to size prompts.
     pub max_model_len: u32,
+    /// vLLM's extension, on a LoRA adapter's card: the model it adapts (absent on the served
+    /// model's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 impl ModelList {
@@ -29,7 +33,27 @@ impl ModelList {
                 created,
                 owned_by: "tandem",
                 max_model_len,
+                parent: None,
             }],
         }
+    }
+
+    /// The served model's card followed by one per LoRA adapter of it (`adapters`, by name).
+    pub fn with_adapters(
+        id: String,
+        created: u64,
+        max_model_len: u32,
+        adapters: Vec<String>,
+    ) -> Self {
+        let mut list = Self::single(id.clone(), created, max_model_len);
+        list.data.extend(adapters.into_iter().map(|name| ModelCard {
+            id: name,
+            object: "model",
+            created,
+            owned_by: "tandem",
+            max_model_len,
+            parent: Some(id.clone()),
+        }));
+        list
     }
 }

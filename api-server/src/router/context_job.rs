@@ -156,13 +156,13 @@ mod tests {
         assert_eq!(registry.refused("ctx"), Some(WorkerRole::Context));
         refused.refused();
         assert_eq!(
-            registry.pick_context_excluding(&prompt(3000), &[], now),
+            registry.pick_context_excluding(&prompt(3000), &[], None, now),
             None
         );
         drop(jobs.remove(0));
         assert_eq!(
             registry
-                .pick_context_excluding(&prompt(3000), &[], now)
+                .pick_context_excluding(&prompt(3000), &[], None, now)
                 .as_deref(),
             Some("ctx")
         );
@@ -216,14 +216,14 @@ mod tests {
         registry.observe(bounded("b"), now);
         let mut moving = held.pop().unwrap();
         assert_eq!(moving.worker_id(), "a");
-        let other = registry.pick_generate_other_than("a", now).unwrap();
+        let other = registry.pick_generate_other_than("a", None, now).unwrap();
         assert_eq!(other, "b");
         moving.moved_to(other);
         // A job `b` refuses counts nothing off it: full until its next heartbeat, even after
         // the job it holds ends.
         let mut refused = GenerationJob::new(
             Arc::clone(&registry),
-            registry.pick_generate_other_than("a", now).unwrap(),
+            registry.pick_generate_other_than("a", None, now).unwrap(),
             0,
         );
         assert_eq!(registry.refused("b"), Some(WorkerRole::Decode));

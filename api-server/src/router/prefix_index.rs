@@ -237,6 +237,9 @@ impl PrefixIndex {
 pub struct PromptBlocks<'a> {
     prompt_ids: &'a [u32],
     salt: Option<&'a str>,
+    /// Names the blocks under this in place of each worker's namespace: a LoRA adapter's
+    /// fingerprint, under which the workers serving it name its requests' blocks.
+    namespace: Option<String>,
     named: Vec<((u32, String), Vec<u64>)>,
 }
 
@@ -245,8 +248,15 @@ impl<'a> PromptBlocks<'a> {
         PromptBlocks {
             prompt_ids,
             salt,
+            namespace: None,
             named: Vec::new(),
         }
+    }
+
+    /// The same prompt named under `namespace` (a LoRA adapter's fingerprint) where given.
+    pub fn with_namespace(mut self, namespace: Option<String>) -> Self {
+        self.namespace = namespace;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -255,11 +265,12 @@ impl<'a> PromptBlocks<'a> {
 
     /// The names of the prompt's full blocks as a worker naming by `info` names them.
     pub fn names(&mut self, info: &PrefixCacheInfo) -> &[u64] {
-        let key = (info.block_size, info.namespace.clone());
+        let namespace = self.namespace.as_ref().unwrap_or(&info.namespace);
+        let key = (info.block_size, namespace.clone());
         let at = match self.named.iter().position(|(k, _)| *k == key) {
             Some(at) => at,
             None => {
-                let root = BlockHash::root(&info.namespace, self.salt);
+                let root = BlockHash::root(namespace, self.salt);
                 let block_size = (info.block_size as usize).max(1);
                 let names = BlockHashes::new(root, block_size, self.prompt_ids)
                     .full()

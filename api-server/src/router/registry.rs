@@ -80,6 +80,8 @@ pub struct WorkerRegistry {
     inner: Mutex<Inner>,
     pub(super) settings: RouterSettings,
     metrics: Metrics,
+    /// The LoRA adapters the live workers list, kept for validation and `/v1/models`.
+    adapters: crate::lora::ServedAdapters,
 }
 
 /// The outcome of choosing a worker of one pool.
@@ -111,6 +113,27 @@ impl WorkerRegistry {
             }),
             settings,
             metrics,
+            adapters: Default::default(),
+        }
+    }
+
+    /// Keeps `adapters` to the LoRA adapters the live workers list (the api-server's
+    /// [`crate::validation::ModelLimits::adapters`]).
+    pub fn with_adapters(mut self, adapters: crate::lora::ServedAdapters) -> Self {
+        self.adapters = adapters;
+        self
+    }
+
+    /// Sets the served adapters to those the workers in `inner` list.
+    fn update_adapters(&self, inner: &Inner) {
+        let names: std::collections::BTreeSet<String> = inner
+            .workers
+            .values()
+            .flat_map(|w| w.heartbeat.lora_adapters.iter().map(|a| a.name.clone()))
+            .collect();
+        let listed = names.iter().cloned().collect::<Vec<_>>().join(", ");
+        if self.adapters.set(names) {
+            tracing::info!(adapters = %listed, "LoRA adapters served by the live workers");
         }
     }
 
@@ -165,6 +188,7 @@ impl WorkerRegistry {
             WorkerEntry::new(heartbeat, now, progressed_at, stuck),
         );
         self.metrics.record(Event::LiveWorkers(counts_of(&inner)));
+        self.update_adapters(&inner);
         resync
     }
 
@@ -190,6 +214,7 @@ impl WorkerRegistry {
         }
         if !gone.is_empty() {
             self.metrics.record(Event::LiveWorkers(counts_of(&inner)));
+            self.update_adapters(&inner);
         }
         gone
     }
@@ -222,16 +247,30 @@ impl WorkerRegistry {
         }
     }
 
-    /// Chooses, by the policy, a live worker of `pool` not in `exclude` with room in its queue,
-    /// and counts the job against it.
+    /// Chooses, by the policy, a live worker of `pool` not in `exclude` with room in its queue
+    /// that serves `adapter` (a LoRA adapter's name; `None`: the base model), and counts the
+    /// job against it.
     pub(super) fn pick(
         &self,
         inner: &mut Inner,
         pool: Pool,
         exclude: &[String],
+        adapter: Option<&str>,
         now: Instant,
     ) -> Pick {
-        self.pick_for(inner, pool, exclude, now, None)
+        self.pick_for(inner, pool, exclude, adapter, now, None)
+    }
+
+    /// The fingerprint under which live workers name the blocks of LoRA adapter `adapter`'s
+    /// requests (their heartbeats' `lora_adapters`), if one lists it.
+    pub(super) fn adapter_fingerprint(inner: &Inner, adapter: &str) -> Option<String> {
+        inner.workers.values().find_map(|w| {
+            w.heartbeat
+                .lora_adapters
+                .iter()
+                .find(|a| a.name == adapter)
+                .map(|a| a.fingerprint.clone())
+        })
     }
 
     /// [`Self::pick`] for a job whose prompt is `prompt`: the `kv_aware` policy weighs what
@@ -241,6 +280,7 @@ impl WorkerRegistry {
         inner: &mut Inner,
         pool: Pool,
         exclude: &[String],
+        adapter: Option<&str>,
         now: Instant,
         mut prompt: Option<&mut PromptBlocks<'_>>,
     ) -> Pick {
@@ -250,6 +290,7 @@ impl WorkerRegistry {
             .iter()
             .filter(|(id, w)| {
                 w.takes(pool)
+                    && w.serves(adapter)
                     && now.saturating_duration_since(w.last_seen) <= timeout
                     && !exclude.contains(id)
             })

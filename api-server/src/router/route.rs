@@ -77,27 +77,37 @@ impl WorkerRegistry {
     /// against them; [`NoRoute`] when no live worker with room in its queue takes generation
     /// jobs.
     pub fn route(&self, prompt_ids: &[u32], now: Instant) -> Result<Route, NoRoute> {
-        self.route_salted(prompt_ids, None, now)
+        self.route_salted(prompt_ids, None, None, now)
     }
 
     /// [`Self::route`] for a prompt cached under `cache_salt` (the job's): the `kv_aware`
     /// policy names its blocks as the workers do, and then measures a prompt against
     /// `max_local_prefill_length` by the tokens the generation worker does not hold cached
-    /// (TensorRT-LLM's rule for conditional disaggregation).
+    /// (TensorRT-LLM's rule for conditional disaggregation). With `adapter` (a LoRA adapter's
+    /// name), only workers that serve it are chosen, and its blocks are named under its
+    /// fingerprint, as those workers name them.
     pub fn route_salted(
         &self,
         prompt_ids: &[u32],
         cache_salt: Option<&str>,
+        adapter: Option<&str>,
         now: Instant,
     ) -> Result<Route, NoRoute> {
         let mut inner = self.lock();
-        let mut prompt = PromptBlocks::new(prompt_ids, cache_salt);
-        let generate_id =
-            match self.pick_for(&mut inner, Pool::Generate, &[], now, Some(&mut prompt)) {
-                Pick::Chosen(id) => id,
-                Pick::AllFull => return Err(NoRoute::AllFull),
-                Pick::NoneLive => return Err(NoRoute::NoLiveWorker),
-            };
+        let namespace = adapter.and_then(|a| WorkerRegistry::adapter_fingerprint(&inner, a));
+        let mut prompt = PromptBlocks::new(prompt_ids, cache_salt).with_namespace(namespace);
+        let generate_id = match self.pick_for(
+            &mut inner,
+            Pool::Generate,
+            &[],
+            adapter,
+            now,
+            Some(&mut prompt),
+        ) {
+            Pick::Chosen(id) => id,
+            Pick::AllFull => return Err(NoRoute::AllFull),
+            Pick::NoneLive => return Err(NoRoute::NoLiveWorker),
+        };
         let generate_role = inner.workers[&generate_id].heartbeat.role;
         let generate_kv_peer = inner.workers[&generate_id].heartbeat.kv_peer.clone();
         let uncached = if WorkerRegistry::policy_kind_of(&inner) == RouterPolicy::KvAware {
@@ -113,7 +123,14 @@ impl WorkerRegistry {
         } else if uncached < self.settings.max_local_prefill_length {
             Prefill::Local(LocalPrefill::MostlyCached)
         } else {
-            match self.pick_for(&mut inner, Pool::Context, &[], now, Some(&mut prompt)) {
+            match self.pick_for(
+                &mut inner,
+                Pool::Context,
+                &[],
+                adapter,
+                now,
+                Some(&mut prompt),
+            ) {
                 Pick::Chosen(context_id) => Prefill::Remote { context_id },
                 Pick::AllFull => Prefill::Local(LocalPrefill::ContextFull),
                 Pick::NoneLive => Prefill::Local(LocalPrefill::NoContextWorker),
@@ -136,15 +153,26 @@ impl WorkerRegistry {
     /// blocks there, and it prefills the prompt itself (no context worker): computed once
     /// for all choices, the prompt costs what one local prefill costs, where a context worker
     /// would add a transfer per choice (docs/protocol.md, "Requests with n > 1").
-    pub fn route_samples(&self, n: u32, now: Instant) -> Result<Route, NoRoute> {
-        self.route_local(n, LocalPrefill::Samples, now)
+    pub fn route_samples(
+        &self,
+        n: u32,
+        adapter: Option<&str>,
+        now: Instant,
+    ) -> Result<Route, NoRoute> {
+        self.route_local(n, LocalPrefill::Samples, adapter, now)
     }
 
     /// Chooses a generation worker for `n` jobs that it prefills itself (`why`: the choices
     /// of one request, or prompt logprobs) and counts them against it.
-    pub fn route_local(&self, n: u32, why: LocalPrefill, now: Instant) -> Result<Route, NoRoute> {
+    pub fn route_local(
+        &self,
+        n: u32,
+        why: LocalPrefill,
+        adapter: Option<&str>,
+        now: Instant,
+    ) -> Result<Route, NoRoute> {
         let mut inner = self.lock();
-        let generate_id = self.pick_generation(&mut inner, now)?;
+        let generate_id = self.pick_generation(&mut inner, adapter, now)?;
         let entry = inner
             .workers
             .get_mut(&generate_id)
@@ -162,20 +190,30 @@ impl WorkerRegistry {
     /// Chooses a live worker with room for a generation job and counts the job against it;
     /// `None` when there is none.
     pub fn pick_generate(&self, now: Instant) -> Option<String> {
-        self.pick_generate_excluding(&[], now)
+        self.pick_generate_excluding(&[], None, now)
     }
 
     /// [`Self::pick_generate`] among the workers other than `failed` (a request migrating
     /// off it: it may still heartbeat, e.g. when its engine failed the request).
-    pub fn pick_generate_other_than(&self, failed: &str, now: Instant) -> Option<String> {
-        self.pick_generate_excluding(&[failed.to_owned()], now)
+    pub fn pick_generate_other_than(
+        &self,
+        failed: &str,
+        adapter: Option<&str>,
+        now: Instant,
+    ) -> Option<String> {
+        self.pick_generate_excluding(&[failed.to_owned()], adapter, now)
     }
 
     /// [`Self::pick_generate`] among the workers not in `excluded` (those that refused the
-    /// request's job).
-    pub fn pick_generate_excluding(&self, excluded: &[String], now: Instant) -> Option<String> {
+    /// request's job) that serve `adapter`.
+    pub fn pick_generate_excluding(
+        &self,
+        excluded: &[String],
+        adapter: Option<&str>,
+        now: Instant,
+    ) -> Option<String> {
         let mut inner = self.lock();
-        self.pick(&mut inner, Pool::Generate, excluded, now)
+        self.pick(&mut inner, Pool::Generate, excluded, adapter, now)
             .chosen()
     }
 
@@ -185,10 +223,11 @@ impl WorkerRegistry {
         &self,
         prompt_ids: &[u32],
         excluded: &[String],
+        adapter: Option<&str>,
         now: Instant,
     ) -> Option<String> {
         let mut inner = self.lock();
-        self.pick_context(&mut inner, prompt_ids, excluded, now)
+        self.pick_context(&mut inner, prompt_ids, excluded, adapter, now)
             .chosen()
     }
 
@@ -198,17 +237,23 @@ impl WorkerRegistry {
         inner: &mut Inner,
         prompt_ids: &[u32],
         excluded: &[String],
+        adapter: Option<&str>,
         now: Instant,
     ) -> Pick {
         // The policies weigh load alone, so any context worker prefills a prompt as well as
         // another; one that weighs the KV blocks a worker already holds reads `prompt_ids`.
         let _ = prompt_ids;
-        self.pick(inner, Pool::Context, excluded, now)
+        self.pick(inner, Pool::Context, excluded, adapter, now)
     }
 
     /// A request's generation worker (counted against it), or why there is none.
-    fn pick_generation(&self, inner: &mut Inner, now: Instant) -> Result<String, NoRoute> {
-        match self.pick(inner, Pool::Generate, &[], now) {
+    fn pick_generation(
+        &self,
+        inner: &mut Inner,
+        adapter: Option<&str>,
+        now: Instant,
+    ) -> Result<String, NoRoute> {
+        match self.pick(inner, Pool::Generate, &[], adapter, now) {
             Pick::Chosen(id) => Ok(id),
             Pick::AllFull => Err(NoRoute::AllFull),
             Pick::NoneLive => Err(NoRoute::NoLiveWorker),
@@ -233,11 +278,13 @@ mod tests {
         let now = Instant::now();
         let registry = registry(RouterPolicy::LeastLoaded);
         registry.observe(heartbeat("sick", WorkerRole::Both, 0, 0), now);
-        assert_eq!(registry.pick_generate_other_than("sick", now), None);
+        assert_eq!(registry.pick_generate_other_than("sick", None, now), None);
         registry.observe(heartbeat("busy", WorkerRole::Decode, 9, 0), now);
         for _ in 0..3 {
             assert_eq!(
-                registry.pick_generate_other_than("sick", now).as_deref(),
+                registry
+                    .pick_generate_other_than("sick", None, now)
+                    .as_deref(),
                 Some("busy"),
                 "the failed worker is skipped even when it is the least loaded"
             );
@@ -268,15 +315,15 @@ mod tests {
         );
         // A job refused by ctx-b has nowhere else to go: ctx-a is full.
         assert_eq!(
-            registry.pick_context_excluding(&prompt(5), &["ctx-b".to_owned()], now),
+            registry.pick_context_excluding(&prompt(5), &["ctx-b".to_owned()], None, now),
             None
         );
         assert_eq!(
-            registry.pick_generate_excluding(&["dec".to_owned()], now),
+            registry.pick_generate_excluding(&["dec".to_owned()], None, now),
             None
         );
         assert_eq!(
-            registry.pick_generate_excluding(&[], now).as_deref(),
+            registry.pick_generate_excluding(&[], None, now).as_deref(),
             Some("dec")
         );
     }
@@ -556,7 +603,9 @@ mod kv_aware_tests {
             }
         );
         // The same turn under another salt finds nothing cached.
-        let route = registry.route_salted(&next_turn, Some("t"), now).unwrap();
+        let route = registry
+            .route_salted(&next_turn, Some("t"), None, now)
+            .unwrap();
         assert!(matches!(route.prefill, Prefill::Remote { .. }));
     }
 }

@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 /// A heartbeat of `id` with `running` and `queued` sequences, no queue bound.
 pub(super) fn heartbeat(id: &str, role: WorkerRole, running: u32, queued: u32) -> Heartbeat {
     Heartbeat {
+        lora_adapters: Vec::new(),
         numerics: None,
         worker_id: id.into(),
         role,

@@ -193,6 +193,12 @@ impl WorkerEntry {
     }
 
     /// Takes new jobs of `pool`.
+    /// Whether the worker serves LoRA adapter `adapter` (any worker serves the base model,
+    /// `None`).
+    pub(super) fn serves(&self, adapter: Option<&str>) -> bool {
+        adapter.is_none_or(|name| self.heartbeat.lora_adapters.iter().any(|a| a.name == name))
+    }
+
     pub(super) fn takes(&self, pool: Pool) -> bool {
         let role_fits = match pool {
             Pool::Generate => matches!(self.heartbeat.role, WorkerRole::Both | WorkerRole::Decode),

@@ -93,7 +93,11 @@ pub async fn chat_completions(
         id: id.clone(),
         index: index as u32,
         created,
-        model: state.limits.served_model_name.clone(),
+        // The model the request named: the served model or a LoRA adapter.
+        model: valid
+            .lora
+            .clone()
+            .unwrap_or_else(|| state.limits.served_model_name.clone()),
         include_usage: valid.include_usage,
         logprobs: valid.logprobs.is_some(),
         codec: crate::prompt::reply_codec(&state.codec, valid.output),

@@ -116,7 +116,11 @@ pub async fn completions(
         index: index as u32,
         prompt_index: index / n,
         created,
-        model: state.limits.served_model_name.clone(),
+        // The model the request named: the served model or a LoRA adapter.
+        model: valid
+            .lora
+            .clone()
+            .unwrap_or_else(|| state.limits.served_model_name.clone()),
         include_usage: valid.include_usage,
         logprobs: valid.logprobs.is_some(),
         offsets: CompletionLogprobsBuilder::default(),

@@ -81,7 +81,10 @@ pub async fn embeddings(
     Ok(HttpResponse::Ok().json(EmbeddingList {
         object: "list",
         data,
-        model: state.limits.served_model_name.clone(),
+        model: valid
+            .lora
+            .clone()
+            .unwrap_or_else(|| state.limits.served_model_name.clone()),
         usage: EmbeddingUsage {
             prompt_tokens,
             total_tokens: prompt_tokens,
@@ -123,6 +126,7 @@ async fn embed_input(
             priority: valid.priority,
             prediction_ids: Vec::new(),
             embedding: true,
+            lora: valid.lora.clone(),
         })
     }
     .await;

@@ -209,6 +209,7 @@ pub(crate) async fn start_generation(
             priority: valid.priority,
             prediction_ids,
             embedding: false,
+            lora: valid.lora.clone(),
         })
     }
     .await;

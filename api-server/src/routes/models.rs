@@ -1,4 +1,5 @@
-//! `GET /v1/models`: the one served model; `GET /v1/models/{model}`: it by its id.
+//! `GET /v1/models`: the served model and the LoRA adapters its live workers serve;
+//! `GET /v1/models/{model}`: one of them by its id.
 
 use actix_web::{HttpResponse, get, web};
 
@@ -7,10 +8,11 @@ use crate::openai::ModelList;
 use crate::state::AppState;
 
 fn served(state: &AppState) -> ModelList {
-    ModelList::single(
+    ModelList::with_adapters(
         state.limits.served_model_name.clone(),
         state.started_unix_s,
         state.limits.max_model_len,
+        state.limits.adapters.names(),
     )
 }
 
@@ -26,12 +28,11 @@ pub async fn retrieve_model(
     state: web::Data<AppState>,
     model: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut list = served(&state);
-    let card = list.data.remove(0);
-    if *model != card.id {
-        return Err(ApiError::ModelNotFound {
+    let list = served(&state);
+    match list.data.into_iter().find(|card| card.id == *model) {
+        Some(card) => Ok(HttpResponse::Ok().json(card)),
+        None => Err(ApiError::ModelNotFound {
             model: model.into_inner(),
-        });
+        }),
     }
-    Ok(HttpResponse::Ok().json(card))
 }

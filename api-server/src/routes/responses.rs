@@ -121,6 +121,9 @@ pub async fn create_response(
         unreachable!("a validated Responses request asks for one choice");
     };
     let mut events = ResponseEvents::new(id, &state, valid.echo, valid.request.tools.as_ref());
+    if let Some(adapter) = &valid.request.lora {
+        events.model = adapter.clone();
+    }
     events.reasoning = reasoning_splitter(&state, generation.prompt_ids());
     events.previous_response_id = previous.clone();
     events.keep = keep;
@@ -1355,6 +1358,7 @@ mod tests {
 
     fn limits() -> ModelLimits {
         ModelLimits {
+            adapters: Default::default(),
             served_model_name: "m".into(),
             max_model_len: 100,
             vocab_size: 10,

@@ -29,6 +29,8 @@ pub struct ValidEmbeddings {
     pub normalize: bool,
     pub truncate_prompt: Option<PromptTruncation>,
     pub priority: i32,
+    /// The LoRA adapter `model` names (`None`: the served model).
+    pub lora: Option<String>,
 }
 
 impl ValidEmbeddings {
@@ -109,7 +111,7 @@ pub fn validate_embeddings(
     limits: &ModelLimits,
     pooling: &EmbeddingConfig,
 ) -> Result<ValidEmbeddings, ApiError> {
-    check_model(&request.model, limits)?;
+    let lora = check_model(&request.model, limits)?;
     if let Some(why) = &pooling.not_served {
         return Err(ApiError::InvalidRequest {
             message: format!("embeddings of this model are not served: {why}"),
@@ -177,6 +179,7 @@ pub fn validate_embeddings(
         normalize: pooling.normalize,
         truncate_prompt,
         priority: priority(request.priority)?,
+        lora,
     })
 }
 
@@ -187,6 +190,7 @@ mod tests {
 
     fn limits() -> ModelLimits {
         ModelLimits {
+            adapters: Default::default(),
             served_model_name: "m".into(),
             max_model_len: 8,
             vocab_size: 100,

@@ -244,6 +244,7 @@ pub fn validate_responses(
             cache_salt: super::sampling::cache_salt(request.cache_salt.as_deref())?,
             priority: super::sampling::priority(request.priority)?,
             prediction: None,
+            lora: common.lora,
         },
         echo,
     })
@@ -1016,6 +1017,7 @@ mod tests {
 
     fn limits() -> ModelLimits {
         ModelLimits {
+            adapters: Default::default(),
             served_model_name: "smol".into(),
             max_model_len: 100,
             vocab_size: 1000,

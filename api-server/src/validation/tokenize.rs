@@ -116,6 +116,7 @@ mod tests {
 
     fn limits() -> ModelLimits {
         ModelLimits {
+            adapters: Default::default(),
             served_model_name: "smol".into(),
             max_model_len: 100,
             vocab_size: 1000,

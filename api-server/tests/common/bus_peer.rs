@@ -313,6 +313,7 @@ impl ScriptedBusPeer {
             while beating.load(Ordering::SeqCst) {
                 let (queued, max_queued) = *reported.lock().expect("queue lock");
                 let heartbeat = Heartbeat {
+                    lora_adapters: Vec::new(),
                     numerics: None,
                     worker_id: worker_id.clone(),
                     role,

@@ -59,6 +59,14 @@ pub struct WorkerArgs {
     /// model directory's name).
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME", value_name = "NAME")]
     pub served_model_name: Option<String>,
+    /// LoRA adapters to serve beside the model, each `NAME=DIR` (a PEFT directory:
+    /// adapter_config.json and adapter_model.safetensors); a request asks for one by giving
+    /// NAME as its `model`, and computes with the model's weights plus the adapter's on the
+    /// projections it targets, in the same batches as every other request. CPU workers
+    /// only. Every worker of a served name that may take such a request (its context and
+    /// decode workers) must load the same adapters.
+    #[arg(long, value_name = "NAME=DIR", num_args = 1.., value_parser = parse_lora_module)]
+    pub lora_modules: Vec<tandem_protocol::config::LoraModule>,
     /// This worker's id on the bus (default: role, host name and process id).
     #[arg(long, value_name = "ID")]
     pub worker_id: Option<String>,
@@ -296,6 +304,10 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
 }
 
 /// A tensor-parallel group's size: a whole number, at least 1.
+fn parse_lora_module(s: &str) -> Result<tandem_protocol::config::LoraModule, String> {
+    s.parse()
+}
+
 pub fn parse_ranks(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),
@@ -311,6 +323,7 @@ impl Default for WorkerArgs {
             nats: DEFAULT_NATS.into(),
             device: DEFAULT_DEVICE.into(),
             served_model_name: None,
+            lora_modules: Vec::new(),
             worker_id: None,
             threads: DEFAULT_THREADS,
             nice: 0,
@@ -372,6 +385,9 @@ impl WorkerArgs {
         argv.push("--nats", &self.nats);
         argv.push("--device", &self.device);
         argv.push_some("--served-model-name", self.served_model_name.as_ref());
+        for module in &self.lora_modules {
+            argv.push("--lora-modules", module.to_arg());
+        }
         argv.push_some("--worker-id", self.worker_id.as_ref());
         argv.push_display("--threads", self.threads);
         argv.push_display("--nice", self.nice);
@@ -487,6 +503,10 @@ mod tests {
             nats: "nats://10.0.0.2:4222".into(),
             device: "cuda:1".into(),
             served_model_name: Some("smol".into()),
+            lora_modules: vec![
+                "sql=/adapters/sql".parse().unwrap(),
+                "chat=/adapters/my chat".parse().unwrap(),
+            ],
             worker_id: Some("context-a".into()),
             threads: 3,
             nice: 5,

@@ -383,6 +383,27 @@ pub trait Backend: Send + Sync {
     /// ([`crate::model::RowLogprobs`]).
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
 
+    /// `y[rows[i]] += delta[i]` for every `i` (rows distinct): a LoRA adapter's products
+    /// added to the rows of its requests ([`crate::model::lora`]). A backend that does not
+    /// serve adapters refuses ([`Self::serves_lora`] says so at load).
+    fn add_rows(
+        &self,
+        y: &mut Self::Tensor,
+        rows: &[u32],
+        delta: &Self::Tensor,
+    ) -> Result<(), BackendError> {
+        let _ = (y, rows, delta);
+        Err(BackendError::Device {
+            op: "add_rows",
+            detail: format!("LoRA adapters are not served by {}", self.describe()),
+        })
+    }
+
+    /// Whether [`Self::add_rows`] is implemented, so that a model with LoRA adapters loads.
+    fn serves_lora(&self) -> bool {
+        false
+    }
+
     /// Copies a tensor to the host: one `Vec` per row.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<Vec<f32>>, BackendError>;
 

@@ -196,7 +196,13 @@ impl<M: StepModel> Engine<M> {
             }
         }
         let cache_root = (self.scheduler.prefix_caching() && request.prompt_logprobs.is_none())
-            .then(|| BlockHash::root(&self.cache_namespace, request.cache_salt.as_deref()));
+            .then(|| {
+                let namespace = match &request.adapter {
+                    Some(adapter) => &adapter.fingerprint,
+                    None => &self.cache_namespace,
+                };
+                BlockHash::root(namespace, request.cache_salt.as_deref())
+            });
         let drafter = if !request.prediction.is_empty() {
             Some(Drafter::new(
                 DraftSource::Prediction(request.prediction),
@@ -230,6 +236,7 @@ impl<M: StepModel> Engine<M> {
             first_forward: None,
             cache_root,
             priority: request.priority,
+            adapter: request.adapter.as_ref().map(|a| a.index),
             drafter,
             draft: Vec::new(),
             drafts: Default::default(),

@@ -81,7 +81,8 @@ pub use failures::MAX_FAILED_FORWARDS_IN_A_ROW;
 pub use handle::{EngineHandle, EventSink, KvEventReceiver, RequestStream};
 pub use imports::{ImportedKv, ImportedPrefill};
 pub use request::{
-    EngineEvent, EventKind, FinishReason, GenerationRequest, RequestId, RetainedKv, Usage,
+    AdapterRef, EngineEvent, EventKind, FinishReason, GenerationRequest, RequestId, RetainedKv,
+    Usage,
 };
 pub use runner::{DeviceSampling, ForwardFaults, ModelRunner, StepModel};
 pub use settings::EngineSettings;
@@ -228,6 +229,8 @@ struct Sequence {
     cache_root: Option<BlockHash>,
     /// [`GenerationRequest::priority`].
     priority: i32,
+    /// [`GenerationRequest::adapter`]'s index: every forward of the sequence computes with it.
+    adapter: Option<u32>,
     /// Proposes its drafts ([`GenerationRequest::prediction`], or the engine's
     /// [`EngineConfig::speculation`]); `None`: plain decodes.
     drafter: Option<drafter::Drafter>,

@@ -76,6 +76,19 @@ pub struct GenerationRequest {
     /// drafts read from it ([`super::drafter`]), which changes how fast tokens come, never
     /// which. Empty: none (the engine's own speculation, if configured, applies).
     pub prediction: Vec<u32>,
+    /// The LoRA adapter the request computes with; `None`: the base model.
+    pub adapter: Option<AdapterRef>,
+}
+
+/// A LoRA adapter of the engine's model ([`crate::model::lora`]), as a request names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterRef {
+    /// Its index among the model's adapters ([`crate::model::Model::adapters`]).
+    pub index: u32,
+    /// The adapter's fingerprint: the root of its requests' cached block names in place of
+    /// the base model's ([`super::EngineConfig::cache_namespace`]), so that no request of
+    /// another adapter or of the base model finds their K/V.
+    pub fingerprint: String,
 }
 
 impl GenerationRequest {
@@ -100,6 +113,7 @@ impl GenerationRequest {
             cache_salt: None,
             priority: 0,
             prediction: Vec::new(),
+            adapter: None,
         }
     }
 }

@@ -146,6 +146,7 @@ impl<M: StepModel> Engine<M> {
                 item.wants_logits = false;
                 step.prompt_done.push(item.id);
             }
+            let first_slice = step.batch.sequences.len();
             if item.draft > 0 {
                 // The last token, then the draft the scheduler took (all or its first part).
                 seq.draft.truncate(item.draft);
@@ -153,6 +154,7 @@ impl<M: StepModel> Engine<M> {
                 verifying.extend_from_slice(&seq.draft);
                 step.batch
                     .push_verifying(&verifying, item.cached_len, item.block_table.clone());
+                step.batch.set_adapter_from(first_slice, seq.adapter);
                 continue;
             }
             seq.draft.clear();
@@ -174,6 +176,7 @@ impl<M: StepModel> Engine<M> {
                     item.wants_logits,
                 ),
             }
+            step.batch.set_adapter_from(first_slice, seq.adapter);
             if let Some(request) = prompt_rows(seq, item.cached_len, item.token_count) {
                 step.asked.logprobs.push(AskedLogprobs {
                     id: item.id,

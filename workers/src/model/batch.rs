@@ -27,6 +27,9 @@ pub struct SequenceSlice {
     /// norm (what the lm_head reads): the last-token pooling of an embedding request
     /// ([`RowOutputs::hidden`]).
     pub wants_hidden: bool,
+    /// The LoRA adapter this sequence computes with (an index into the model's adapters,
+    /// [`crate::model::lora`]); `None`: the base model.
+    pub adapter: Option<u32>,
 }
 
 /// Which rows of a [`SequenceSlice`] report the log-probability of the token that follows
@@ -112,6 +115,7 @@ impl ForwardBatch {
             wants_logits,
             row_logprobs: None,
             wants_hidden: false,
+            adapter: None,
         });
         self.tokens.extend_from_slice(new_tokens);
     }
@@ -160,6 +164,29 @@ impl ForwardBatch {
             .last_mut()
             .expect("want_hidden follows push")
             .wants_hidden = true;
+    }
+
+    /// Makes the sequences pushed from `first` on (one request's slices: a verified draft
+    /// pushes several) compute with `adapter`.
+    pub fn set_adapter_from(&mut self, first: usize, adapter: Option<u32>) {
+        for seq in &mut self.sequences[first..] {
+            seq.adapter = adapter;
+        }
+    }
+
+    /// The rows (token indices) of each adapter's sequences, by adapter index, ascending.
+    pub fn adapter_rows(&self) -> Vec<(u32, Vec<u32>)> {
+        let mut groups: Vec<(u32, Vec<u32>)> = Vec::new();
+        for seq in &self.sequences {
+            let Some(adapter) = seq.adapter else { continue };
+            let rows = (seq.token_start..seq.token_start + seq.token_count).map(|r| r as u32);
+            match groups.iter_mut().find(|(a, _)| *a == adapter) {
+                Some((_, group)) => group.extend(rows),
+                None => groups.push((adapter, rows.collect())),
+            }
+        }
+        groups.sort_by_key(|(a, _)| *a);
+        groups
     }
 
     /// Whether any sequence asks for row log-probabilities.

@@ -15,6 +15,7 @@
 //! that halves the number of passes (and of thread hand-offs) per layer.
 
 pub mod batch;
+pub mod lora;
 pub mod rope;
 pub mod shard;
 pub mod weights;
@@ -48,6 +49,8 @@ pub enum ModelError {
     KvLayout { expected: KvLayout, found: KvLayout },
     #[error("tensor parallelism: {0}")]
     TensorParallel(String),
+    #[error(transparent)]
+    Lora(#[from] lora::LoraError),
 }
 
 impl ModelError {
@@ -102,6 +105,8 @@ pub struct Model<B: Backend> {
     /// The part of the model this one holds; with more than one rank, the outputs of
     /// `o_proj` and `down` are summed over the group ([`shard`]).
     tensor_parallel: TensorParallel,
+    /// LoRA adapters a sequence may compute with ([`SequenceSlice::adapter`] indexes them).
+    adapters: Vec<lora::Adapter<B>>,
 }
 
 /// How a tensor is split over tensor-parallel ranks ([`shard`]).
@@ -295,7 +300,66 @@ impl<B: Backend> Model<B> {
             gguf_quant: gguf.and_then(|g| g.main_type()),
             kv_dtype,
             tensor_parallel: tp,
+            adapters: Vec::new(),
         })
+    }
+
+    /// Loads the LoRA adapters of `modules` (PEFT directories) for this model, whose
+    /// fingerprint is `base_fingerprint`: sequences then name them by their index in
+    /// [`Self::adapters`]. Refused for a tensor-parallel rank or a backend without
+    /// [`Backend::add_rows`], and for adapters whose shapes or options this model does not
+    /// compute, each by name.
+    pub fn load_adapters(
+        &mut self,
+        modules: &[lora::LoraModule],
+        base_fingerprint: &str,
+    ) -> Result<(), ModelError> {
+        if modules.is_empty() {
+            return Ok(());
+        }
+        let refuse = |module: &lora::LoraModule, reason: String| lora::LoraError {
+            adapter: module.name.clone(),
+            path: module.path.clone(),
+            reason,
+        };
+        if self.tensor_parallel.size > 1 {
+            return Err(refuse(
+                &modules[0],
+                "LoRA adapters are not served with tensor parallelism".into(),
+            )
+            .into());
+        }
+        if !self.backend.serves_lora() {
+            return Err(refuse(
+                &modules[0],
+                format!(
+                    "LoRA adapters are served by the CPU backend only, not {}",
+                    self.backend.describe()
+                ),
+            )
+            .into());
+        }
+        for (i, module) in modules.iter().enumerate() {
+            if modules[..i].iter().any(|m| m.name == module.name) {
+                return Err(refuse(module, "the name is given twice".into()).into());
+            }
+            let adapter = lora::load(module, &self.config, base_fingerprint, &self.backend)?;
+            tracing::info!(
+                adapter = adapter.name,
+                path = %module.path.display(),
+                rank = adapter.rank,
+                modules = adapter.modules,
+                fingerprint = adapter.fingerprint,
+                "LoRA adapter loaded"
+            );
+            self.adapters.push(adapter);
+        }
+        Ok(())
+    }
+
+    /// The loaded LoRA adapters, in the order of [`Self::load_adapters`]'s modules.
+    pub fn adapters(&self) -> &[lora::Adapter<B>] {
+        &self.adapters
     }
 
     /// The head geometry the attention ops run with.
@@ -418,12 +482,14 @@ impl<B: Backend> Model<B> {
             "planned a forward"
         );
         let mut rows = batch.has_row_outputs().then_some((batch, outputs));
+        let lora = batch.adapter_rows();
         let logits = b.run_forward(&plan, kv, &mut |meta, kv| {
             self.layers(
                 &plan,
                 meta,
                 kv,
                 rows.as_mut().map(|(b, out)| (*b, &mut **out)),
+                &lora,
             )
         })?;
         // Without logits rows there is nothing to return, but the K/V were written.
@@ -435,12 +501,16 @@ impl<B: Backend> Model<B> {
     ///
     /// With `row_outputs` (a batch whose sequences ask for them), the asked rows' log-probs
     /// and hidden states are computed from the last hidden states too, before the logits.
+    ///
+    /// `lora` lists the rows of each adapter's sequences ([`ForwardBatch::adapter_rows`]):
+    /// their adapter's products are added to each projection's output.
     fn layers(
         &self,
         plan: &BatchPlan,
         meta: &B::Batch,
         kv: &mut B::KvCache,
         row_outputs: Option<(&ForwardBatch, &mut RowOutputs)>,
+        lora: &[(u32, Vec<u32>)],
     ) -> Result<Option<B::Tensor>, BackendError> {
         let b = &self.backend;
         // o_proj and down, whose outputs only the residual adds read. Each rank's give part of
@@ -466,17 +536,27 @@ impl<B: Backend> Model<B> {
                 Some(m) => b.add_rms_norm(&mut residual, m, &layer.input_norm, self.eps)?,
             };
             let mut qkv = b.linear_qkv(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
+            self.add_lora(&mut qkv, &h, lora, i, |l| l.qkv.as_ref())?;
             if let Some((q_norm, k_norm)) = &layer.qk_norm {
                 b.head_rms_norm(&mut qkv, q_norm, k_norm, &self.shape, self.eps)?;
             }
             b.rope_and_cache_write(&mut qkv, meta, &self.shape, kv, i)?;
             b.prefetch_weight(&layer.o_proj);
             let attn = b.paged_attention(&qkv, meta, &self.shape, kv, i)?;
-            let o = to_residual(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
+            let mut o = to_residual(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
+            self.add_lora(&mut o, &attn, lora, i, |l| l.o_proj.as_ref())?;
             b.prefetch_weight(&layer.gate_up);
             let h = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, self.eps)?;
-            let act = b.linear_silu_mul(&h, &layer.gate_up, &layer.down)?;
-            mlp_out = Some(to_residual(&act, &layer.down, None)?);
+            let act = if lora.is_empty() {
+                b.linear_silu_mul(&h, &layer.gate_up, &layer.down)?
+            } else {
+                let mut gate_up = b.linear(&h, &layer.gate_up, None)?;
+                self.add_lora(&mut gate_up, &h, lora, i, |l| l.gate_up.as_ref())?;
+                b.silu_mul(&gate_up)?
+            };
+            let mut down = to_residual(&act, &layer.down, None)?;
+            self.add_lora(&mut down, &act, lora, i, |l| l.down.as_ref())?;
+            mlp_out = Some(down);
         }
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         if let Some((batch, out)) = row_outputs {
@@ -499,6 +579,30 @@ impl<B: Backend> Model<B> {
         };
         let logits = b.linear(&h, lm_head, None)?;
         Ok(Some(logits))
+    }
+
+    /// Adds to `y` (a projection's output over input `x`) each adapter's `B (A x)` at the
+    /// rows of its sequences, for the pair `pick` takes from layer `layer` (none where the
+    /// adapter leaves that projection alone).
+    fn add_lora(
+        &self,
+        y: &mut B::Tensor,
+        x: &B::Tensor,
+        lora: &[(u32, Vec<u32>)],
+        layer: usize,
+        pick: impl Fn(&lora::LayerLora<B::Weight>) -> Option<&lora::LoraPair<B::Weight>>,
+    ) -> Result<(), BackendError> {
+        let b = &self.backend;
+        for (adapter, rows) in lora {
+            let Some(pair) = pick(&self.adapters[*adapter as usize].layers[layer]) else {
+                continue;
+            };
+            let xa = b.gather_rows(x, rows)?;
+            let t = b.linear(&xa, &pair.a, None)?;
+            let delta = b.linear(&t, &pair.b, None)?;
+            b.add_rows(y, rows, &delta)?;
+        }
+        Ok(())
     }
 
     /// The log-probabilities the batch's sequences ask for at their rows
@@ -605,6 +709,12 @@ impl<B: Backend> Model<B> {
                 ));
             }
             next += seq.token_count;
+            if let Some(adapter) = seq.adapter.filter(|&a| a as usize >= self.adapters.len()) {
+                return bad(format!(
+                    "sequence {s}: LoRA adapter {adapter} of the model's {}",
+                    self.adapters.len()
+                ));
+            }
             let context = seq.context_len();
             if context > self.config.max_position_embeddings {
                 tracing::debug!(

@@ -71,6 +71,7 @@ pub async fn serve(settings: BusSettings, engine: EngineHandle) -> Result<(), Bu
                 weights: settings.weights.clone(),
                 kv_cache: layout_spec(&settings.layout).dtype,
             },
+            lora_adapters: settings.lora_adapters.clone(),
         },
         engine,
         model_stop_ids: Arc::clone(&settings.model_stop_ids),

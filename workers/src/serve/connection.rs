@@ -37,6 +37,8 @@ pub struct BusSettings {
     /// [`crate::model_dir::model_fingerprint`] of the served model: in every KV handle this
     /// worker exports, and what handles it pulls must name.
     pub model_fingerprint: String,
+    /// The LoRA adapters the model serves, in its order (heartbeats list them).
+    pub lora_adapters: Vec<tandem_protocol::messages::LoraAdapterInfo>,
     pub worker_id: String,
     pub role: WorkerRole,
     pub device: String,

@@ -42,6 +42,8 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
         cache_salt: job.cache_salt.clone(),
         priority: job.priority,
         prediction: job.prediction_ids.clone(),
+        // Resolved by the role from the job's `lora` name (`super::lora`).
+        adapter: None,
     }
 }
 
@@ -77,6 +79,7 @@ mod tests {
 
     fn job(stop: StopSpec, sampling: SamplingSpec) -> GenerateJob {
         GenerateJob {
+            lora: None,
             request_id: "r".into(),
             prompt_ids: vec![1, 2, 3],
             sampling,

@@ -195,7 +195,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
 
     let started = std::time::Instant::now();
     let text = ModelText::load(&model_dir)?;
-    let model = load_model(
+    let mut model = load_model(
         &model_dir,
         device,
         &crate::device::cpu_options(args),
@@ -203,6 +203,14 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         args.tensor_parallel,
         args.kv_cache_dtype,
     )?;
+    model
+        .load_adapters(&model_dir, &args.lora_modules, &model_fingerprint)
+        .map_err(ServeError::from)?;
+    let lora_adapters: Vec<_> = model
+        .adapters()
+        .into_iter()
+        .map(|(name, fingerprint)| tandem_protocol::messages::LoraAdapterInfo { name, fingerprint })
+        .collect();
     let host_id = crate::transfer::host_id();
     // A group's K/V lies on its ranks' GPUs, each rank's heads in its own cache: CUDA IPC
     // shares (or writes) every rank's part.
@@ -348,6 +356,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
         kv_transfer_timeout: std::time::Duration::from_millis(args.kv_transfer_timeout_ms),
         max_running: args.max_num_seqs,
         weights,
+        lora_adapters,
         max_queued: args.queue_bound(),
         prefix_caching: args.prefix_caching,
         kv_secret,

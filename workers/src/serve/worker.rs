@@ -21,8 +21,11 @@ use tandem_protocol::payload::{self, TooLarge};
 use tandem_protocol::subjects::Subjects;
 use tokio::sync::mpsc;
 
+use super::job::generation_request;
 use super::stream::{is_last, stream_messages};
-use crate::engine::{EngineError, EngineEvent, EngineHandle, RequestId};
+use crate::engine::{
+    AdapterRef, EngineError, EngineEvent, EngineHandle, GenerationRequest, RequestId,
+};
 
 /// How long one publish may wait. async-nats buffers publishes while it reconnects and makes
 /// callers wait once that buffer is full; a worker cut off from NATS must still notice signals
@@ -44,6 +47,8 @@ pub(super) struct Identity {
     pub max_running: usize,
     /// Its weights' and KV cache's number formats.
     pub numerics: messages::WorkerNumerics,
+    /// The LoRA adapters it serves, in the model's order (a job's adapter is its index here).
+    pub lora_adapters: Vec<messages::LoraAdapterInfo>,
 }
 
 /// The bound on a worker's queue: the jobs it has accepted and not started (waiting in the
@@ -291,27 +296,77 @@ impl Worker {
         }
     }
 
-    /// The job's grammar compiled (`None` without one). A grammar that does not compile
-    /// ends the request: its client is told why, and `Err` says there is nothing to run.
-    pub async fn job_grammar(
-        &self,
-        job: &GenerateJob,
-    ) -> Result<Option<tandem_text::grammar::Constraint>, ()> {
-        match self.grammars.compile(job).await {
-            Ok(grammar) => Ok(grammar),
-            Err(message) => {
-                tracing::info!(request_id = job.request_id, "{message}");
-                self.publish(
-                    job.stream_subject.clone(),
-                    &StreamMessage::Error {
-                        message,
-                        param: None,
-                    },
+    /// The engine request for `job`: its grammar compiled, its LoRA adapter found. A grammar
+    /// that does not compile or an adapter this worker does not serve ends the request: its
+    /// client is told why, and `Err` says there is nothing to run.
+    pub async fn job_request(&self, job: &GenerateJob) -> Result<GenerationRequest, ()> {
+        let adapter = match self.job_adapter(job) {
+            Ok(adapter) => adapter,
+            // Not the request's fault (an api-server sends a job only to workers that list
+            // its adapter): another worker may take it.
+            Err(message) => return Err(self.end_job(job, message).await),
+        };
+        let grammar = match self.grammars.compile(job).await {
+            Ok(grammar) => grammar,
+            Err(message) => return Err(self.end_job(job, message).await),
+        };
+        let mut request = generation_request(job, &self.model_stop_ids);
+        request.grammar = grammar;
+        request.adapter = adapter;
+        Ok(request)
+    }
+
+    /// The adapter `job` names, if any, as the engine knows it.
+    fn job_adapter(&self, job: &GenerateJob) -> Result<Option<AdapterRef>, String> {
+        let Some(name) = &job.lora else {
+            return Ok(None);
+        };
+        let index = self
+            .identity
+            .lora_adapters
+            .iter()
+            .position(|a| &a.name == name)
+            .ok_or_else(|| {
+                format!(
+                    "worker {} does not serve the LoRA adapter `{name}` (it serves {})",
+                    self.identity.worker_id,
+                    match self.identity.lora_adapters.len() {
+                        0 => "none".to_string(),
+                        _ => self
+                            .identity
+                            .lora_adapters
+                            .iter()
+                            .map(|a| format!("`{}`", a.name))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    }
                 )
-                .await;
-                Err(())
-            }
-        }
+            })?;
+        Ok(Some(AdapterRef {
+            index: index as u32,
+            fingerprint: self.identity.lora_adapters[index].fingerprint.clone(),
+        }))
+    }
+
+    /// The model fingerprint `job`'s K/V are computed with: its adapter's, or the model's.
+    pub fn job_fingerprint(&self, job: &GenerateJob) -> &str {
+        job.lora
+            .as_ref()
+            .and_then(|name| self.identity.lora_adapters.iter().find(|a| &a.name == name))
+            .map_or(&self.identity.model_fingerprint, |a| &a.fingerprint)
+    }
+
+    /// Ends `job` before it runs: its client is told `message`.
+    async fn end_job(&self, job: &GenerateJob, message: String) {
+        tracing::info!(request_id = job.request_id, "{message}");
+        self.publish(
+            job.stream_subject.clone(),
+            &StreamMessage::Error {
+                message,
+                param: None,
+            },
+        )
+        .await;
     }
 
     /// Answers a job the engine would not take with an error.
@@ -385,6 +440,7 @@ impl Worker {
             kv_transfer: role.kv_transfer,
             kv_peer: role.kv_peer,
             kv_pull: role.kv_pull,
+            lora_adapters: identity.lora_adapters.clone(),
             max_queued: self.queue.max().map(|max| max as u32),
             max_running: Some(identity.max_running as u32),
             engine: Some({

@@ -638,6 +638,42 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(rows.len(), x.cols, out))
     }
 
+    fn add_rows(
+        &self,
+        y: &mut CpuTensor,
+        rows: &[u32],
+        delta: &CpuTensor,
+    ) -> Result<(), BackendError> {
+        if delta.rows != rows.len() || delta.cols != y.cols {
+            return Err(shape_err(
+                "add_rows",
+                format!(
+                    "{} rows of {} columns added to {} rows of {} columns",
+                    delta.rows,
+                    delta.cols,
+                    rows.len(),
+                    y.cols
+                ),
+            ));
+        }
+        let cols = y.cols;
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            if r >= y.rows {
+                return Err(shape_err("add_rows", format!("row {r} of {}", y.rows)));
+            }
+            let src = &delta.data[i * cols..(i + 1) * cols];
+            for (out, d) in y.data[r * cols..(r + 1) * cols].iter_mut().zip(src) {
+                *out += d;
+            }
+        }
+        Ok(())
+    }
+
+    fn serves_lora(&self) -> bool {
+        true
+    }
+
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<Vec<f32>>, BackendError> {
         Ok(x.data.chunks(x.cols.max(1)).map(<[f32]>::to_vec).collect())
     }

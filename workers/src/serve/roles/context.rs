@@ -35,7 +35,6 @@ use super::export_ledger::ExportLedger;
 use super::{JobSubjects, Role};
 use crate::engine::{EngineEvent, EventKind, RequestId};
 use crate::serve::connection::{self, BusError, BusSettings};
-use crate::serve::job::generation_request;
 use crate::serve::kv_auth::{HandleBinding, KvSecret};
 use crate::serve::stream::{stream_messages, token_event};
 use crate::serve::worker::{Worker, locked, unix_ms};
@@ -91,11 +90,9 @@ impl ContextRole {
     /// A job that ends at its first token or before (`max_tokens` 0 or 1): run as a whole
     /// request of the engine, its answer streamed from here; no export, no budget.
     async fn answer_whole(self: &Arc<Self>, job: GenerateJob) {
-        let Ok(grammar) = self.worker.job_grammar(&job).await else {
+        let Ok(request) = self.worker.job_request(&job).await else {
             return;
         };
-        let mut request = generation_request(&job, &self.worker.model_stop_ids);
-        request.grammar = grammar;
         self.worker
             .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
             .await;
@@ -106,13 +103,11 @@ impl ContextRole {
     /// reserved in the ledger. The worker took the job at `received`.
     async fn start_prefill(self: &Arc<Self>, job: GenerateJob, received: Instant) {
         let prompt_tokens = job.prompt_ids.len();
-        let Ok(grammar) = self.worker.job_grammar(&job).await else {
+        // The first token is drawn under the grammar; the decode worker's grammar takes it.
+        let Ok(mut request) = self.worker.job_request(&job).await else {
             locked(&self.ledger).unreserve(prompt_tokens);
             return;
         };
-        let mut request = generation_request(&job, &self.worker.model_stop_ids);
-        // The first token is drawn under the grammar; the decode worker's grammar takes it.
-        request.grammar = grammar;
         if job.stop.max_tokens <= 1 {
             // Nothing is left for a decode worker (a job that waited in the backlog before
             // `start` answered such jobs at once): answer here.
@@ -224,7 +219,7 @@ impl ContextRole {
                         let mut handle = kv_handle(
                             &HandleSource {
                                 worker_id: &self.worker.identity.worker_id,
-                                model_fingerprint: &self.worker.identity.model_fingerprint,
+                                model_fingerprint: self.worker.job_fingerprint(&job),
                                 backend: &backend,
                                 layout: &self.exporter.kv.layout,
                             },

@@ -21,7 +21,6 @@ use tandem_protocol::subjects::DECODE_QUEUE_GROUP;
 use super::pull::KvPuller;
 use super::{JobSubjects, Role};
 use crate::serve::connection::{self, BusError, BusSettings};
-use crate::serve::job::generation_request;
 use crate::serve::worker::Worker;
 
 pub(in crate::serve) struct GenerationRole {
@@ -99,11 +98,9 @@ impl Role for GenerationRole {
         match job.kv.clone() {
             Some(handle) => self.puller.start(&self.worker, job, handle).await,
             None => {
-                let Ok(grammar) = self.worker.job_grammar(&job).await else {
+                let Ok(request) = self.worker.job_request(&job).await else {
                     return;
                 };
-                let mut request = generation_request(&job, &self.worker.model_stop_ids);
-                request.grammar = grammar;
                 self.worker
                     .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
                     .await;

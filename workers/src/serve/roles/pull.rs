@@ -51,7 +51,6 @@ use crate::backend::{KvBuffer, KvBytes, KvBytesMut};
 use crate::engine::{EngineEvent, EngineHandle, EventKind, ImportedKv, ImportedPrefill, RequestId};
 use crate::sampler::SampledToken;
 use crate::serve::connection::BusSettings;
-use crate::serve::job::generation_request;
 use crate::serve::kv_auth::{Canonical, HandleBinding, KvSecret, MacError};
 use crate::serve::test_hooks::DELAY_PULL_VAR;
 use crate::serve::worker::{Identity, Worker, locked, publish_bounded, unix_ms};
@@ -286,35 +285,32 @@ impl KvPuller {
     pub async fn start(self: &Arc<Self>, worker: &Arc<Worker>, job: GenerateJob, handle: KvHandle) {
         // Nothing a handle says is acted on before it is authenticated for this job.
         let authenticated = self.authenticate(&job, &handle);
-        let Ok(grammar) = worker.job_grammar(&job).await else {
+        let Ok(mut request) = worker.job_request(&job).await else {
             if authenticated.is_ok() {
                 publish_release(worker, &handle, &job.request_id).await;
             }
             return;
         };
         if let Err(refusal) = authenticated {
-            let mut request = generation_request(&job, &worker.model_stop_ids);
-            request.grammar = grammar;
             self.refuse(worker, &job, &handle, refusal).await;
             worker
                 .start_request(&job, |engine, sink| engine.submit_with_sink(request, sink))
                 .await;
             return;
         }
-        let mut request = generation_request(&job, &worker.model_stop_ids);
         request.sampling.seed = Some(handle.seed);
-        // Fed the imported first token when the K/V arrives, as a sampled one.
-        request.grammar = grammar;
+        // The grammar is fed the imported first token when the K/V arrives, as a sampled one.
         let own = layout_spec(&self.kv.layout);
-        let mismatch = model_mismatch(&handle, &worker.identity).or_else(|| {
-            (handle.layout != own).then(|| {
-                format!(
-                    "KV layout mismatch: context worker {} has {:?}, decode worker {} has {:?} \
+        let mismatch = model_mismatch(&handle, worker.job_fingerprint(&job), &worker.identity)
+            .or_else(|| {
+                (handle.layout != own).then(|| {
+                    format!(
+                        "KV layout mismatch: context worker {} has {:?}, decode worker {} has {:?} \
                      (both must serve the same model with the same block size and KV dtype)",
-                    handle.worker_id, handle.layout, worker.identity.worker_id, own
-                )
-            })
-        });
+                        handle.worker_id, handle.layout, worker.identity.worker_id, own
+                    )
+                })
+            });
         if let Some(mismatch) = mismatch {
             tracing::error!(request_id = job.request_id, "{mismatch}");
             publish_release(worker, &handle, &job.request_id).await;
@@ -800,7 +796,10 @@ const MAX_CUDA_IPC_RANKS: usize = 64;
 /// Why `handle` holds another model's K/V than `own` serves, if it names one. A handle without
 /// a fingerprint comes from a context worker, or through an api-server, older than the field
 /// (a rolling upgrade): it passes, with a warning, and its layout is all that is checked.
-fn model_mismatch(handle: &KvHandle, own: &Identity) -> Option<String> {
+///
+/// `expected` is the fingerprint of what the job computes with: the model's, or its LoRA
+/// adapter's ([`crate::model::lora`]), so K/V of another adapter are refused the same way.
+fn model_mismatch(handle: &KvHandle, expected: &str, own: &Identity) -> Option<String> {
     if handle.model_fingerprint.is_empty() {
         tracing::warn!(
             context_worker = handle.worker_id,
@@ -809,12 +808,12 @@ fn model_mismatch(handle: &KvHandle, own: &Identity) -> Option<String> {
         );
         return None;
     }
-    (handle.model_fingerprint != own.model_fingerprint).then(|| {
+    (handle.model_fingerprint != expected).then(|| {
         format!(
-            "KV of another model: context worker {} serves the model with fingerprint {:?}, \
-             decode worker {} the one with {:?} (workers of one served name must load the \
-             same model directory: same config and weights)",
-            handle.worker_id, handle.model_fingerprint, own.worker_id, own.model_fingerprint
+            "KV of another model: context worker {} computed it with fingerprint {:?}, \
+             decode worker {} computes the job with {:?} (workers of one served name must load \
+             the same model directory and LoRA adapters: same config and weights)",
+            handle.worker_id, handle.model_fingerprint, own.worker_id, expected
         )
     })
 }
@@ -1023,6 +1022,7 @@ mod tests {
     fn a_handle_of_another_model_is_refused_and_one_without_a_fingerprint_passes() {
         let (handle, _) = valid_handle();
         let own = |fingerprint: &str| Identity {
+            lora_adapters: Vec::new(),
             worker_id: "dec".into(),
             served_name: "m".into(),
             model_fingerprint: fingerprint.into(),
@@ -1036,20 +1036,26 @@ mod tests {
                 kv_cache: tandem_protocol::messages::KvDTypeSpec::Bf16,
             },
         };
+        let fingerprint = handle.model_fingerprint.clone();
         assert_eq!(
-            model_mismatch(&handle, &own(&handle.model_fingerprint)),
+            model_mismatch(&handle, &fingerprint, &own(&fingerprint)),
             None
         );
-        let refused = model_mismatch(&handle, &own("1234")).expect("another model");
+        let refused = model_mismatch(&handle, "1234", &own("1234")).expect("another model");
         assert!(
             refused.contains("KV of another model") && refused.contains("\"1234\""),
             "{refused}"
         );
+        // A job for a LoRA adapter expects the adapter's fingerprint: K/V of the base
+        // model (or another adapter) are refused.
+        let refused = model_mismatch(&handle, "adapter-fp", &own(&fingerprint))
+            .expect("the base model's K/V for an adapter's job");
+        assert!(refused.contains("\"adapter-fp\""), "{refused}");
         let older = KvHandle {
             model_fingerprint: String::new(),
             ..handle
         };
-        assert_eq!(model_mismatch(&older, &own("1234")), None);
+        assert_eq!(model_mismatch(&older, "1234", &own("1234")), None);
     }
 
     #[test]
@@ -1231,6 +1237,7 @@ mod tests {
     /// A decode job for `request_id` whose prompt is the fixture handle's 5 tokens.
     fn job_of(request_id: &str) -> GenerateJob {
         GenerateJob {
+            lora: None,
             request_id: request_id.into(),
             prompt_ids: vec![1, 2, 3, 4, 5],
             sampling: tandem_protocol::messages::SamplingSpec::default(),
