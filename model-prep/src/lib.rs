@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod import;
 pub mod inspect;
+pub mod lora;
 pub mod output;
 pub mod progress;
 pub mod quantize;

@@ -49,6 +49,78 @@ enum Command {
     Random(RandomArgs),
     Quantize(QuantizeArgs),
     Inspect(InspectArgs),
+    #[command(subcommand)]
+    Lora(LoraCommand),
+}
+
+/// LoRA adapters (PEFT's format: adapter_config.json, adapter_model.safetensors) for a model
+/// directory. Workers serve adapters beside the model with `--lora-modules NAME=DIR`.
+#[derive(Debug, Subcommand)]
+enum LoraCommand {
+    Random(LoraRandomArgs),
+    Merge(LoraMergeArgs),
+}
+
+/// Write an adapter of random factors for a model's shapes (benchmarks and tests).
+///
+/// Both factors are random (PEFT starts B at zero, an adapter that changes nothing), sized so
+/// that the adapter changes each targeted projection's output by about --strength times its
+/// size for weights of typical scale.
+///
+/// Example: model-prep lora random --model models/smollm2 -o adapters/smollm2-r16 --rank 16
+#[derive(Debug, Args)]
+struct LoraRandomArgs {
+    /// The model directory the adapter is for.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Output directory (must be absent or empty unless --force).
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// The adapter's rank r.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// lora_alpha (the products are scaled by alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Projections it targets, in every layer.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+          value_parser = PossibleValuesParser::new(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))]
+    targets: Vec<String>,
+    /// Seed of the factors.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The factors' dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// The change of a targeted projection's output against the output.
+    #[arg(long, default_value_t = 0.25)]
+    strength: f64,
+    /// Replace the output directory if it is not empty.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Write a copy of a model with an adapter folded into its weights.
+///
+/// Each projection the adapter targets becomes W + scale * B A (computed in f32, stored in
+/// the model's dtype); everything else is copied. The model must be f32, f16 or bf16
+/// safetensors. Serving the copy gives what serving the adapter gives, without its products.
+///
+/// Example: model-prep lora merge --model models/smollm2 --adapter adapters/sql -o models/smollm2-sql
+#[derive(Debug, Args)]
+struct LoraMergeArgs {
+    /// The model directory.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// The adapter directory.
+    #[arg(long, value_name = "DIR")]
+    adapter: PathBuf,
+    /// Output directory (must be absent or empty unless --force).
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// Replace the output directory if it is not empty.
+    #[arg(long)]
+    force: bool,
 }
 
 /// The dtype weights are written in.
@@ -387,7 +459,71 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Random(args) => run_random(args),
         Command::Quantize(args) => run_quantize(args),
         Command::Inspect(args) => run_inspect(args),
+        Command::Lora(command) => run_lora(command),
     }
+}
+
+fn run_lora(command: LoraCommand) -> anyhow::Result<()> {
+    use tandem_model::lora::Target;
+    let started = Instant::now();
+    match command {
+        LoraCommand::Random(args) => {
+            let targets = args
+                .targets
+                .iter()
+                .map(|name| {
+                    Target::ALL
+                        .into_iter()
+                        .find(|t| t.short_name() == name)
+                        .expect("clap takes the projections' names only")
+                })
+                .collect();
+            let options = model_prep::lora::RandomAdapterOptions {
+                rank: args.rank,
+                alpha: args.alpha,
+                targets,
+                seed: args.seed,
+                dtype: args.dtype.into(),
+                strength: args.strength,
+            };
+            let summary =
+                model_prep::lora::random_adapter(&args.model, &args.output, &options, args.force)
+                    .with_context(|| format!("a random adapter for {}", args.model.display()))?;
+            println!(
+                "wrote a random rank-{} adapter of {} projections ({:.1} MB) for {} into {} in {:.1} s",
+                args.rank,
+                summary.modules,
+                summary.bytes as f64 / 1e6,
+                args.model.display(),
+                summary.directory.display(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        LoraCommand::Merge(args) => {
+            let summary = model_prep::lora::merge_adapter(
+                &args.model,
+                &args.adapter,
+                &args.output,
+                args.force,
+            )
+            .with_context(|| {
+                format!(
+                    "merging {} into {}",
+                    args.adapter.display(),
+                    args.model.display()
+                )
+            })?;
+            println!(
+                "merged {} ({} projections) into a copy of {} at {} in {:.1} s",
+                args.adapter.display(),
+                summary.modules,
+                args.model.display(),
+                summary.directory.display(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn run_quantize(args: QuantizeArgs) -> anyhow::Result<()> {

@@ -303,7 +303,7 @@ pub fn quantize_matrix(
 }
 
 /// The source's weight files, memory-mapped.
-fn map_weight_files(source: &Path) -> Result<Vec<(PathBuf, Mmap)>, QuantizeError> {
+pub(crate) fn map_weight_files(source: &Path) -> Result<Vec<(PathBuf, Mmap)>, QuantizeError> {
     let mut paths = Vec::new();
     let index = source.join(SAFETENSORS_INDEX_FILE);
     if index.exists() {
@@ -350,7 +350,7 @@ fn map_weight_files(source: &Path) -> Result<Vec<(PathBuf, Mmap)>, QuantizeError
 
 /// Copies every file of `source` but its weights and config.json (tokenizer, generation
 /// config, chat template, markers).
-fn copy_other_files(source: &Path, out: &Path) -> Result<(), QuantizeError> {
+pub(crate) fn copy_other_files(source: &Path, out: &Path) -> Result<(), QuantizeError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| QuantizeError::Io { path, source }

@@ -11,6 +11,7 @@ mod dtype;
 mod files;
 mod generation;
 pub mod gguf_quant;
+pub mod lora;
 pub mod presets;
 pub mod quantization;
 pub mod random_weights;

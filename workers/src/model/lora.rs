@@ -24,14 +24,13 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use safetensors::{Dtype, SafeTensors};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tandem_model::ModelConfig;
+use tandem_model::lora::{
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterConfig, Factor, Target, parse_tensor_name,
+};
 
 use crate::backend::{Backend, HostTensor, WeightDType};
-
-pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
-pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 pub use tandem_protocol::config::LoraModule;
 
@@ -42,116 +41,6 @@ pub struct LoraError {
     pub adapter: String,
     pub path: PathBuf,
     pub reason: String,
-}
-
-/// The fields of PEFT's `adapter_config.json` that change the arithmetic; the others
-/// (`base_model_name_or_path`, `task_type`, `lora_dropout`, `init_lora_weights`, ...) do not.
-#[derive(Debug, Deserialize)]
-struct AdapterConfig {
-    #[serde(default)]
-    peft_type: Option<String>,
-    r: usize,
-    lora_alpha: f64,
-    #[serde(default)]
-    use_rslora: bool,
-    #[serde(default)]
-    use_dora: bool,
-    #[serde(default)]
-    fan_in_fan_out: bool,
-    #[serde(default)]
-    bias: Option<String>,
-    #[serde(default)]
-    modules_to_save: Option<Vec<String>>,
-    /// (`rank_pattern` needs nothing: each module's rank is its tensors' and scales it.)
-    #[serde(default)]
-    alpha_pattern: HashMap<String, serde_json::Value>,
-}
-
-impl AdapterConfig {
-    /// Refuses what this module does not compute (each a PEFT option that changes the
-    /// output), naming the field.
-    fn check(&self) -> Result<(), String> {
-        if let Some(kind) = self.peft_type.as_deref().filter(|k| *k != "LORA") {
-            return Err(format!("peft_type {kind}: only LORA adapters are served"));
-        }
-        if self.r == 0 {
-            return Err("r is 0".into());
-        }
-        if !(self.lora_alpha.is_finite()) {
-            return Err(format!("lora_alpha {} is not a number", self.lora_alpha));
-        }
-        if self.use_dora {
-            return Err("use_dora: DoRA adapters are not served".into());
-        }
-        if self.fan_in_fan_out {
-            return Err("fan_in_fan_out: transposed (Conv1D) adapters are not served".into());
-        }
-        if let Some(bias) = self.bias.as_deref().filter(|b| *b != "none") {
-            return Err(format!(
-                "bias `{bias}`: adapters that train biases are not served"
-            ));
-        }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(
-                "modules_to_save: adapters that replace whole modules are not served".into(),
-            );
-        }
-        if !self.alpha_pattern.is_empty() {
-            return Err("alpha_pattern: per-module alphas are not served".into());
-        }
-        Ok(())
-    }
-
-    /// The factor of `B A` for a module of rank `r` (PEFT's `scaling`).
-    fn scale(&self, r: usize) -> f32 {
-        let r = r as f64;
-        (if self.use_rslora {
-            self.lora_alpha / r.sqrt()
-        } else {
-            self.lora_alpha / r
-        }) as f32
-    }
-}
-
-/// The projections an adapter may target, in a layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Target {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Target {
-    fn parse(module: &str) -> Option<Self> {
-        Some(match module {
-            "self_attn.q_proj" => Target::Q,
-            "self_attn.k_proj" => Target::K,
-            "self_attn.v_proj" => Target::V,
-            "self_attn.o_proj" => Target::O,
-            "mlp.gate_proj" => Target::Gate,
-            "mlp.up_proj" => Target::Up,
-            "mlp.down_proj" => Target::Down,
-            _ => return None,
-        })
-    }
-
-    /// `[out, in]` of the base projection.
-    fn shape(self, config: &ModelConfig) -> (usize, usize) {
-        let d = config.head_dim();
-        let (hidden, ffn) = (config.hidden_size, config.intermediate_size);
-        let (q, kv) = (config.num_attention_heads * d, config.num_kv_heads() * d);
-        match self {
-            Target::Q => (q, hidden),
-            Target::K | Target::V => (kv, hidden),
-            Target::O => (hidden, q),
-            Target::Gate | Target::Up => (ffn, hidden),
-            Target::Down => (hidden, ffn),
-        }
-    }
 }
 
 /// One module's factors as f32: `a` is `[r, in]`, `b` is `[out, r]` times the scale.
@@ -303,7 +192,8 @@ fn read_modules(
         HashMap::new();
     let mut names: HashMap<(usize, Target, bool), String> = HashMap::new();
     for (name, view) in tensors.iter() {
-        let (layer, target, is_a) = parse_name(&name, config.num_hidden_layers)?;
+        let (layer, target, factor) = parse_tensor_name(&name, config.num_hidden_layers)?;
+        let is_a = factor == Factor::A;
         let entry = halves.entry((layer, target)).or_default();
         let shape = view.shape().to_vec();
         if is_a {
@@ -347,47 +237,6 @@ fn read_modules(
         out.insert((layer, target), HostFactors { r, a, b });
     }
     Ok(out)
-}
-
-/// `(layer, projection, is lora_A)` of a PEFT tensor name:
-/// `base_model.model.[model.]layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}[.default].weight`.
-fn parse_name(name: &str, num_layers: usize) -> Result<(usize, Target, bool), String> {
-    let unserved = |why: &str| Err(format!("tensor {name}: {why}"));
-    let rest = name.strip_prefix("base_model.model.").unwrap_or(name);
-    let rest = rest.strip_prefix("model.").unwrap_or(rest);
-    let Some(rest) = rest.strip_prefix("layers.") else {
-        return unserved(
-            "only the decoder layers' projections take adapters here (not the embeddings or \
-             lm_head)",
-        );
-    };
-    let Some((layer, rest)) = rest.split_once('.') else {
-        return unserved("no layer index");
-    };
-    let layer: usize = layer
-        .parse()
-        .map_err(|_| format!("tensor {name}: `{layer}` is no layer index"))?;
-    if layer >= num_layers {
-        return unserved(&format!("layer {layer} of a model of {num_layers}"));
-    }
-    let rest = rest.strip_suffix(".weight").unwrap_or(rest);
-    let rest = rest.strip_suffix(".default").unwrap_or(rest);
-    let (module, is_a) = if let Some(m) = rest.strip_suffix(".lora_A") {
-        (m, true)
-    } else if let Some(m) = rest.strip_suffix(".lora_B") {
-        (m, false)
-    } else if rest.ends_with("lora_magnitude_vector") {
-        return unserved("a DoRA magnitude: DoRA adapters are not served");
-    } else {
-        return unserved("neither a lora_A nor a lora_B weight");
-    };
-    let target = Target::parse(module).ok_or_else(|| {
-        format!(
-            "tensor {name}: module `{module}` is none of the projections q/k/v/o_proj, \
-             gate/up/down_proj"
-        )
-    })?;
-    Ok((layer, target, is_a))
 }
 
 /// A tensor's values as f32 (from F32, BF16 or F16).
@@ -456,84 +305,6 @@ fn fuse_parts(parts: &[(usize, usize, Option<&HostFactors>)]) -> Option<Fused> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn peft_names_map_to_layers_and_projections() {
-        assert_eq!(
-            parse_name(
-                "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight",
-                4
-            ),
-            Ok((3, Target::Q, true))
-        );
-        assert_eq!(
-            parse_name("base_model.model.layers.0.mlp.down_proj.lora_B.weight", 4),
-            Ok((0, Target::Down, false))
-        );
-        assert_eq!(
-            parse_name(
-                "base_model.model.model.layers.1.mlp.up_proj.lora_A.default.weight",
-                4
-            ),
-            Ok((1, Target::Up, true))
-        );
-        for (bad, says) in [
-            (
-                "base_model.model.model.layers.4.self_attn.q_proj.lora_A.weight",
-                "layer 4",
-            ),
-            (
-                "base_model.model.model.embed_tokens.lora_embedding_A",
-                "embeddings",
-            ),
-            ("base_model.model.lm_head.lora_A.weight", "lm_head"),
-            (
-                "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
-                "DoRA",
-            ),
-            (
-                "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight",
-                "qkv_proj",
-            ),
-        ] {
-            let err = parse_name(bad, 4).unwrap_err();
-            assert!(err.contains(says), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn options_that_change_the_output_are_refused_by_name() {
-        let parse = |json: &str| serde_json::from_str::<AdapterConfig>(json).unwrap();
-        assert!(parse(r#"{"r": 8, "lora_alpha": 16}"#).check().is_ok());
-        for (json, says) in [
-            (
-                r#"{"r": 8, "lora_alpha": 16, "use_dora": true}"#,
-                "use_dora",
-            ),
-            (r#"{"r": 8, "lora_alpha": 16, "bias": "all"}"#, "bias"),
-            (
-                r#"{"r": 8, "lora_alpha": 16, "fan_in_fan_out": true}"#,
-                "fan_in_fan_out",
-            ),
-            (
-                r#"{"r": 8, "lora_alpha": 16, "modules_to_save": ["lm_head"]}"#,
-                "modules_to_save",
-            ),
-            (
-                r#"{"r": 8, "lora_alpha": 16, "alpha_pattern": {"q_proj": 4}}"#,
-                "alpha_pattern",
-            ),
-            (r#"{"r": 8, "lora_alpha": 16, "peft_type": "IA3"}"#, "IA3"),
-            (r#"{"r": 0, "lora_alpha": 16}"#, "r is 0"),
-        ] {
-            let err = parse(json).check().unwrap_err();
-            assert!(err.contains(says), "{json}: {err}");
-        }
-        let plain = parse(r#"{"r": 16, "lora_alpha": 32}"#);
-        assert_eq!(plain.scale(16), 2.0);
-        let rs = parse(r#"{"r": 16, "lora_alpha": 32, "use_rslora": true}"#);
-        assert_eq!(rs.scale(16), 8.0);
-    }
 
     #[test]
     fn fused_parts_stack_a_and_place_b_on_the_diagonal() {
