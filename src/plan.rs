@@ -284,6 +284,54 @@ pub struct Overrides {
     pub kv_secret_in_env: bool,
 }
 
+/// The config's `lora_modules`, checked before anything starts: distinct names, none the
+/// served model's, each directory holding an adapter, and every worker of the config on the
+/// CPU (the backend that serves adapters).
+fn check_lora_modules(
+    config: &DeploymentConfig,
+    served_name: &str,
+) -> anyhow::Result<Vec<tandem_protocol::config::LoraModule>> {
+    let modules = &config.lora_modules;
+    for (i, module) in modules.iter().enumerate() {
+        let key = format!("lora_modules[{i}]");
+        if let Err(why) = tandem_protocol::config::LoraModule::check_name(&module.name) {
+            bail!("config key `{key}.name`: {why}");
+        }
+        if module.name == served_name {
+            bail!(
+                "config key `{key}.name`: `{}` is the served model's name; an adapter needs a \
+                 name of its own",
+                module.name
+            );
+        }
+        if modules[..i].iter().any(|m| m.name == module.name) {
+            bail!("config key `{key}.name`: `{}` is given twice", module.name);
+        }
+        let adapter_config = module.path.join(tandem_model::lora::ADAPTER_CONFIG_FILE);
+        if !adapter_config.is_file() {
+            bail!(
+                "config key `{key}.path`: {} holds no {} (a PEFT LoRA adapter directory)",
+                module.path.display(),
+                tandem_model::lora::ADAPTER_CONFIG_FILE
+            );
+        }
+    }
+    if !modules.is_empty() {
+        for group in [&config.context_servers, &config.generation_servers] {
+            if let Some(device) = (0..group.instances())
+                .map(|i| group.device_of(i).to_string())
+                .find(|d| d != "cpu")
+            {
+                bail!(
+                    "config key `lora_modules`: LoRA adapters are served by CPU workers only, \
+                     and a worker of this config runs on {device}"
+                );
+            }
+        }
+    }
+    Ok(modules.clone())
+}
+
 /// Builds the plan. `config` is `None` when no file was given: then the defaults of the config
 /// schema, one context and one decode worker on the CPU (disaggregated, as DESIGN.md fixes). `model` is already resolved (flag, config or default model); `model_name` is the
 /// served name used when neither the flag nor the config names one (else the directory's
@@ -313,6 +361,7 @@ pub fn plan(
         .or_else(|| model_name.map(str::to_string))
         .unwrap_or_else(|| tandem_protocol::subjects::default_served_name(&model));
 
+    let lora_modules = check_lora_modules(config, &served_name)?;
     let context_instances = config.context_servers.instances();
     let mut workers = Vec::new();
     let parts = overrides.parts;
@@ -354,6 +403,7 @@ pub fn plan(
                 args: WorkerArgs {
                     model: Some(model.clone()),
                     served_model_name: Some(served_name.clone()),
+                    lora_modules: lora_modules.clone(),
                     device,
                     ..args.clone()
                 },
@@ -790,6 +840,64 @@ mod tests {
         assert_eq!(name(None, Some("flag")), "flag");
         let config = DeploymentConfig::parse("served_model_name: cfg", "c.yaml").unwrap();
         assert_eq!(name(Some(&config), None), "cfg");
+    }
+
+    #[test]
+    fn lora_modules_reach_every_worker_and_are_checked_first() {
+        let dir = std::env::temp_dir().join(format!("tandem-plan-lora-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), "{}").unwrap();
+        let planned = |yaml: &str| {
+            let config = DeploymentConfig::parse(yaml, "c.yaml").unwrap();
+            plan(Some(&config), "/m/x".into(), None, &Overrides::default(), 4)
+        };
+        let ok = planned(&format!(
+            "served_model_name: base\nlora_modules: [{{name: sql, path: {}}}]",
+            dir.display()
+        ))
+        .unwrap();
+        assert_eq!(ok.workers.len(), 2);
+        for worker in &ok.workers {
+            let argv: Vec<String> = worker
+                .args
+                .to_args()
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect();
+            let at = argv.iter().position(|a| a == "--lora-modules").unwrap();
+            assert_eq!(argv[at + 1], format!("sql={}", dir.display()));
+        }
+        for (yaml, says) in [
+            (
+                format!(
+                    "served_model_name: base\nlora_modules: [{{name: base, path: {}}}]",
+                    dir.display()
+                ),
+                "served model's name",
+            ),
+            (
+                format!(
+                    "lora_modules: [{{name: a, path: {0}}}, {{name: a, path: {0}}}]",
+                    dir.display()
+                ),
+                "given twice",
+            ),
+            (
+                "lora_modules: [{name: a, path: /nonexistent/adapter}]".to_string(),
+                "lora_modules[0].path",
+            ),
+            (
+                format!(
+                    "lora_modules: [{{name: a, path: {}}}]\ngeneration_servers: {{device: cuda:0}}",
+                    dir.display()
+                ),
+                "CPU workers only",
+            ),
+        ] {
+            let err = planned(&yaml).unwrap_err().to_string();
+            assert!(err.contains(says), "{yaml}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

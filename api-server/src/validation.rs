@@ -966,6 +966,23 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
+    #[test]
+    fn model_names_the_served_model_or_a_served_adapter() {
+        let limits = limits();
+        assert_eq!(check_model(&None, &limits).unwrap(), None);
+        assert_eq!(check_model(&Some("smol".into()), &limits).unwrap(), None);
+        let unknown = check_model(&Some("sql".into()), &limits).unwrap_err();
+        assert!(
+            matches!(unknown, ApiError::ModelNotFound { .. }),
+            "{unknown:?}"
+        );
+        limits.adapters.set(["sql".to_string()].into());
+        assert_eq!(
+            check_model(&Some("sql".into()), &limits).unwrap(),
+            Some("sql".into())
+        );
+    }
+
     fn limits() -> ModelLimits {
         ModelLimits {
             adapters: Default::default(),

@@ -287,6 +287,24 @@ impl<'a> PromptBlocks<'a> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_adapters_prompt_is_named_under_its_fingerprint() {
+        use tandem_protocol::block_hash::{BlockHash, BlockHashes};
+        let prompt: Vec<u32> = (0..9).collect();
+        let expected = |ns: &str| -> Vec<u64> {
+            BlockHashes::new(BlockHash::root(ns, Some("s")), 4, &prompt)
+                .full()
+                .iter()
+                .map(BlockHash::short)
+                .collect()
+        };
+        let mut plain = PromptBlocks::new(&prompt, Some("s"));
+        assert_eq!(plain.names(&info("e", 0)), expected("fp"));
+        let mut adapted = PromptBlocks::new(&prompt, Some("s")).with_namespace(Some("lora".into()));
+        assert_eq!(adapted.names(&info("e", 0)), expected("lora"));
+        assert_ne!(expected("lora"), expected("fp"));
+    }
     use super::*;
 
     fn info(epoch: &str, seq: u64) -> PrefixCacheInfo {

@@ -274,6 +274,66 @@ mod tests {
     use crate::router::testing::{context_of, heartbeat, prompt, registry, settings};
 
     #[test]
+    fn a_lora_adapters_jobs_go_only_to_workers_that_serve_it() {
+        use tandem_protocol::messages::LoraAdapterInfo;
+        let now = Instant::now();
+        let adapters = crate::lora::ServedAdapters::default();
+        let registry = registry(RouterPolicy::LeastLoaded).with_adapters(adapters.clone());
+        let serving = |hb: Heartbeat| Heartbeat {
+            lora_adapters: vec![LoraAdapterInfo {
+                name: "sql".into(),
+                fingerprint: "f".repeat(32),
+            }],
+            ..hb
+        };
+        // The plain workers are idle, the adapter's busy: least-loaded still skips them.
+        registry.observe(heartbeat("plain-dec", WorkerRole::Decode, 0, 0), now);
+        registry.observe(heartbeat("plain-ctx", WorkerRole::Context, 0, 0), now);
+        assert!(!adapters.contains("sql"));
+        assert_eq!(
+            registry.route_salted(&prompt(40), None, Some("sql"), now),
+            Err(NoRoute::NoLiveWorker),
+            "no worker serves the adapter"
+        );
+        registry.observe(
+            serving(heartbeat("lora-dec", WorkerRole::Decode, 5, 0)),
+            now,
+        );
+        registry.observe(
+            serving(heartbeat("lora-ctx", WorkerRole::Context, 5, 0)),
+            now,
+        );
+        assert!(adapters.contains("sql"));
+        for _ in 0..4 {
+            let route = registry
+                .route_salted(&prompt(40), None, Some("sql"), now)
+                .unwrap();
+            assert_eq!(route.generate_id, "lora-dec");
+            assert_eq!(context_of(&route), Some("lora-ctx"));
+            let local = registry.route_samples(2, Some("sql"), now).unwrap();
+            assert_eq!(local.generate_id, "lora-dec");
+            assert_eq!(
+                registry
+                    .pick_generate_other_than("x", Some("sql"), now)
+                    .as_deref(),
+                Some("lora-dec")
+            );
+            assert_eq!(
+                registry
+                    .pick_context_excluding(&prompt(40), &[], Some("sql"), now)
+                    .as_deref(),
+                Some("lora-ctx")
+            );
+        }
+        // The base model's jobs go anywhere (here: the idle plain workers).
+        let route = registry.route_salted(&prompt(40), None, None, now).unwrap();
+        assert_eq!(route.generate_id, "plain-dec");
+        // The adapter's workers leave: so does the adapter.
+        registry.expire(now + Duration::from_secs(5));
+        assert!(!adapters.contains("sql"));
+    }
+
+    #[test]
     fn a_migration_never_goes_back_to_the_worker_it_leaves() {
         let now = Instant::now();
         let registry = registry(RouterPolicy::LeastLoaded);
