@@ -178,6 +178,9 @@ pub fn random_adapter(
 /// An adapter's factors in f32, by (layer, projection): `(r, A [r, in], B [out, r] scaled)`.
 type Factors = HashMap<(usize, Target), (usize, Vec<f32>, Vec<f32>)>;
 
+/// One factor's shape and values.
+type Factor32 = (Vec<usize>, Vec<f32>);
+
 /// Reads the adapter in `adapter_dir` for a model of `config`, checked against its shapes.
 fn read_adapter(adapter_dir: &Path, config: &ModelConfig) -> Result<Factors, LoraPrepError> {
     let fail = |reason: String| LoraPrepError::Adapter {
@@ -195,10 +198,10 @@ fn read_adapter(adapter_dir: &Path, config: &ModelConfig) -> Result<Factors, Lor
         .map_err(|e| fail(format!("reading {ADAPTER_WEIGHTS_FILE}: {e}")))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| fail(format!("{ADAPTER_WEIGHTS_FILE}: {e}")))?;
-    let mut halves: HashMap<(usize, Target), [Option<(Vec<usize>, Vec<f32>)>; 2]> = HashMap::new();
+    let mut halves: HashMap<(usize, Target), [Option<Factor32>; 2]> = HashMap::new();
     for (name, view) in st.iter() {
         let (layer, target, factor) =
-            parse_tensor_name(&name, config.num_hidden_layers).map_err(fail)?;
+            parse_tensor_name(name, config.num_hidden_layers).map_err(fail)?;
         let dtype = match view.dtype() {
             Dtype::F32 => WeightDType::F32,
             Dtype::BF16 => WeightDType::Bf16,

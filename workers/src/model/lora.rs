@@ -188,31 +188,31 @@ fn read_modules(
     config: &ModelConfig,
     adapter: &AdapterConfig,
 ) -> Result<HashMap<(usize, Target), HostFactors>, String> {
-    let mut halves: HashMap<(usize, Target), (Option<Vec<usize>>, Option<Vec<usize>>)> =
-        HashMap::new();
-    let mut names: HashMap<(usize, Target, bool), String> = HashMap::new();
+    // Each factor's name and shape, by (layer, projection, factor).
+    let mut found: HashMap<(usize, Target, Factor), (String, Vec<usize>)> = HashMap::new();
     for (name, view) in tensors.iter() {
-        let (layer, target, factor) = parse_tensor_name(&name, config.num_hidden_layers)?;
-        let is_a = factor == Factor::A;
-        let entry = halves.entry((layer, target)).or_default();
-        let shape = view.shape().to_vec();
-        if is_a {
-            entry.0 = Some(shape);
-        } else {
-            entry.1 = Some(shape);
-        }
-        names.insert((layer, target, is_a), name.to_string());
+        let (layer, target, factor) = parse_tensor_name(name, config.num_hidden_layers)?;
+        found.insert(
+            (layer, target, factor),
+            (name.to_string(), view.shape().to_vec()),
+        );
     }
+    let modules: std::collections::BTreeSet<(usize, Target)> = found
+        .keys()
+        .map(|&(layer, target, _)| (layer, target))
+        .collect();
     let mut out = HashMap::new();
-    for ((layer, target), (a_shape, b_shape)) in halves {
-        let (Some(a_shape), Some(b_shape)) = (a_shape, b_shape) else {
+    for (layer, target) in modules {
+        let (Some((a_name, a_shape)), Some((b_name, b_shape))) = (
+            found.get(&(layer, target, Factor::A)),
+            found.get(&(layer, target, Factor::B)),
+        ) else {
             return Err(format!(
-                "layer {layer}'s {target:?} projection has only one of lora_A and lora_B"
+                "layer {layer}'s {} has only one of lora_A and lora_B",
+                target.short_name()
             ));
         };
         let (out_rows, in_cols) = target.shape(config);
-        let a_name = &names[&(layer, target, true)];
-        let b_name = &names[&(layer, target, false)];
         let r = match a_shape[..] {
             [r, cols] if cols == in_cols && r > 0 => r,
             _ => {

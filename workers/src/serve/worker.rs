@@ -304,11 +304,17 @@ impl Worker {
             Ok(adapter) => adapter,
             // Not the request's fault (an api-server sends a job only to workers that list
             // its adapter): another worker may take it.
-            Err(message) => return Err(self.end_job(job, message).await),
+            Err(message) => {
+                self.end_job(job, message).await;
+                return Err(());
+            }
         };
         let grammar = match self.grammars.compile(job).await {
             Ok(grammar) => grammar,
-            Err(message) => return Err(self.end_job(job, message).await),
+            Err(message) => {
+                self.end_job(job, message).await;
+                return Err(());
+            }
         };
         let mut request = generation_request(job, &self.model_stop_ids);
         request.grammar = grammar;
