@@ -285,8 +285,8 @@ pub struct Overrides {
 }
 
 /// The config's `lora_modules`, checked before anything starts: distinct names, none the
-/// served model's, each directory holding an adapter, and every worker of the config on the
-/// CPU (the backend that serves adapters).
+/// served model's, each directory holding an adapter. (Whether the model and device serve
+/// them, each worker says as it loads.)
 fn check_lora_modules(
     config: &DeploymentConfig,
     served_name: &str,
@@ -314,19 +314,6 @@ fn check_lora_modules(
                 module.path.display(),
                 tandem_model::lora::ADAPTER_CONFIG_FILE
             );
-        }
-    }
-    if !modules.is_empty() {
-        for group in [&config.context_servers, &config.generation_servers] {
-            if let Some(device) = (0..group.instances())
-                .map(|i| group.device_of(i).to_string())
-                .find(|d| d != "cpu")
-            {
-                bail!(
-                    "config key `lora_modules`: LoRA adapters are served by CPU workers only, \
-                     and a worker of this config runs on {device}"
-                );
-            }
         }
     }
     Ok(modules.clone())
@@ -885,13 +872,6 @@ mod tests {
             (
                 "lora_modules: [{name: a, path: /nonexistent/adapter}]".to_string(),
                 "lora_modules[0].path",
-            ),
-            (
-                format!(
-                    "lora_modules: [{{name: a, path: {}}}]\ngeneration_servers: {{device: cuda:0}}",
-                    dir.display()
-                ),
-                "CPU workers only",
             ),
         ] {
             let err = planned(&yaml).unwrap_err().to_string();

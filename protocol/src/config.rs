@@ -673,7 +673,8 @@ pub struct DeploymentConfig {
     /// launcher makes a fresh secret for a deployment it starts whole.
     pub kv_secret_file: Option<String>,
     /// (tandem) LoRA adapters every worker serves beside the model (`{name, path}` each; the
-    /// workers' `--lora-modules`): requests name one as their `model`. CPU workers only.
+    /// workers' `--lora-modules`): requests name one as their `model`. CPU workers, and GPU
+    /// workers of 16-bit models.
     pub lora_modules: Vec<LoraModule>,
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_yaml_ng::Value>,

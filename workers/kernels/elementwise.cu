@@ -567,6 +567,35 @@ extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restri
         y[i] += bias[i % cols];
 }
 
+// y[rows[i], :] += delta[i, :]  (one block per row of delta): a LoRA adapter's products added
+// to a projection's output rows.
+extern "C" __global__ void add_rows(float* __restrict__ y, const u32* __restrict__ rows,
+                                    const float* __restrict__ delta, int cols) {
+    pdl_enter();
+    const long long i = blockIdx.x;
+    float* dst = y + (long long)rows[i] * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] += delta[i * cols + c];
+}
+
+// add_rows into bf16 rows (a projection's output written in bf16): rounded once, after the sum.
+extern "C" __global__ void add_rows_bf16(bf16* __restrict__ y, const u32* __restrict__ rows,
+                                         const float* __restrict__ delta, int cols) {
+    pdl_enter();
+    const long long i = blockIdx.x;
+    bf16* dst = y + (long long)rows[i] * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        dst[c] = f32_to_bf16(bf16_to_f32(dst[c]) + delta[i * cols + c]);
+}
+
+// out[i] = bf16(x[i]): f32 rows as a projection's bf16 input.
+extern "C" __global__ void cast_bf16(const float* __restrict__ x, bf16* __restrict__ out,
+                                     long long total) {
+    pdl_enter();
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = f32_to_bf16(x[i]);
+}
+
 // out[i, :] = x[rows[i], :]  (one block per output row)
 extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* __restrict__ rows,
                                        float* __restrict__ out, int cols) {

@@ -2006,3 +2006,211 @@ fn embeddings_on_the_gpu_match_the_cpu() {
     let alone = cuda_engine_greedy(&prompts, 16, 8);
     assert_eq!(gpu_tokens, alone, "generations beside embeddings");
 }
+
+/// Logits of `prompt` and then of each of `forced` fed one at a time, computing with
+/// `adapter` (an index into the model's LoRA adapters).
+fn logits_with_adapter<B: Backend>(
+    model: &Model<B>,
+    prompt: &[u32],
+    forced: &[u32],
+    adapter: Option<u32>,
+) -> Vec<Vec<f32>> {
+    let mut kv = model.alloc_kv_cache(16, 64).unwrap();
+    let table: Vec<u32> = (0..64).collect();
+    let mut batch = ForwardBatch::default();
+    batch.push(prompt, 0, table.clone(), true);
+    batch.set_adapter_from(0, adapter);
+    let mut all = model.forward(&batch, &mut kv).unwrap();
+    for (s, &token) in forced.iter().enumerate() {
+        let mut batch = ForwardBatch::default();
+        batch.push(&[token], prompt.len() + s, table.clone(), true);
+        batch.set_adapter_from(0, adapter);
+        all.push(model.forward(&batch, &mut kv).unwrap().remove(0));
+    }
+    all
+}
+
+/// A random rank-8 adapter of every projection of the `tiny` model.
+fn tiny_adapter() -> tandem_protocol::config::LoraModule {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-lora-adapter");
+    model_prep::lora::random_adapter(
+        &model_dir(),
+        &path,
+        &model_prep::lora::RandomAdapterOptions {
+            rank: 8,
+            alpha: 16.0,
+            targets: tandem_model::lora::Target::ALL.to_vec(),
+            seed: 3,
+            dtype: tandem_model::WeightDType::Bf16,
+            strength: 0.25,
+        },
+        true,
+    )
+    .unwrap();
+    tandem_protocol::config::LoraModule {
+        name: "a".into(),
+        path,
+    }
+}
+
+/// LoRA adapters on the GPU (bf16 products, added to f32 and bf16 projection outputs) against
+/// the CPU's f32 ones: teacher-forced logits of prompts of 7, 40 and 150 tokens and 8 decode
+/// steps each, alone and beside a sequence of the base model in one batch; an engine with
+/// graphs and overlapped steps gives an adapter's requests the tokens it gives them without
+/// graphs (their steps are never captured) and the base model's requests beside them the
+/// tokens they have alone.
+#[test]
+fn lora_adapters_on_the_gpu_match_the_cpu() {
+    if no_gpu() {
+        return;
+    }
+    let module = tiny_adapter();
+    let mut cpu = Model::load(
+        &model_dir(),
+        CpuBackend::new(&CpuOptions::default()).unwrap(),
+        &bf16_kv(),
+    )
+    .unwrap();
+    cpu.load_adapters(std::slice::from_ref(&module), "fp")
+        .unwrap();
+    let options = CudaOptions {
+        cuda_graphs: true,
+        ..CudaOptions::from_env(0)
+    };
+    let mut gpu = Model::load(
+        &model_dir(),
+        CudaBackend::new(&options).unwrap(),
+        &bf16_kv(),
+    )
+    .unwrap();
+    gpu.load_adapters(std::slice::from_ref(&module), "fp")
+        .unwrap();
+    let prompts: Vec<Vec<u32>> = [7usize, 40, 150]
+        .iter()
+        .enumerate()
+        .map(|(k, &len)| {
+            (0..len as u32)
+                .map(|i| (i * 17 + 5 * k as u32 + 2) % 200)
+                .collect()
+        })
+        .collect();
+    let (mut worst, mut agree, mut total) = (0f64, 0, 0);
+    for prompt in &prompts {
+        let forced: Vec<u32> = (0..8).map(|i| (i * 29 + 3) % 200).collect();
+        let want = logits_with_adapter(&cpu, prompt, &forced, Some(0));
+        let got = logits_with_adapter(&gpu, prompt, &forced, Some(0));
+        let base = logits_with_adapter(&gpu, prompt, &forced, None);
+        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+            let d = rel_l2(g, w);
+            worst = worst.max(d);
+            agree += usize::from(argmax(g) == argmax(w));
+            total += 1;
+            assert!(
+                d < 5e-2,
+                "prompt of {}: step {step} relative L2 {d}",
+                prompt.len()
+            );
+            let moved = rel_l2(&base[step], g);
+            assert!(
+                moved > 0.05,
+                "prompt of {}: the adapter moved the GPU's logits by {moved}",
+                prompt.len()
+            );
+        }
+    }
+    eprintln!(
+        "LoRA on the GPU against the CPU: worst relative L2 {worst:.2e}, top-1 {agree}/{total}"
+    );
+    assert!(agree * 10 >= total * 9, "top-1 {agree}/{total}");
+
+    // One batch: the adapter's sequence and the base model's, each against itself alone.
+    let mut kv = gpu.alloc_kv_cache(16, 64).unwrap();
+    let mut batch = ForwardBatch::default();
+    batch.push(&prompts[1], 0, (0..32).collect(), true);
+    batch.set_adapter_from(0, Some(0));
+    batch.push(&prompts[2], 0, (32..64).collect(), true);
+    let rows = gpu.forward(&batch, &mut kv).unwrap();
+    let alone_a = logits_with_adapter(&gpu, &prompts[1], &[], Some(0)).remove(0);
+    let alone_b = logits_with_adapter(&gpu, &prompts[2], &[], None).remove(0);
+    let (da, db) = (rel_l2(&rows[0], &alone_a), rel_l2(&rows[1], &alone_b));
+    eprintln!("batched against alone: adapter {da:.2e}, base {db:.2e}");
+    assert!(da < 1e-2 && db < 1e-2, "adapter {da}, base {db}");
+
+    // Through the engine: graphs and overlapped steps on, then off.
+    let engine_tokens = |graphs: bool| -> Vec<Vec<u32>> {
+        use tandem_workers::engine::{
+            AdapterRef, Engine, EngineConfig, EventKind, GenerationRequest, ModelRunner,
+        };
+        let options = CudaOptions {
+            cuda_graphs: graphs,
+            device_sampling: true,
+            ..CudaOptions::from_env(0)
+        };
+        let mut model = Model::load(
+            &model_dir(),
+            CudaBackend::new(&options).unwrap(),
+            &bf16_kv(),
+        )
+        .unwrap();
+        model
+            .load_adapters(std::slice::from_ref(&module), "fp")
+            .unwrap();
+        let fingerprint = model.adapters()[0].fingerprint.clone();
+        let config = EngineConfig {
+            block_size: 16,
+            num_blocks: 256,
+            max_num_batched_tokens: 8192,
+            max_num_seqs: 16,
+            max_model_len: None,
+            ..EngineConfig::default()
+        };
+        let runner = ModelRunner::new(model, config.block_size, config.num_blocks).unwrap();
+        let mut engine = Engine::new(runner, config, None).unwrap();
+        engine.set_overlap(graphs);
+        let mut ids = Vec::new();
+        for (i, prompt) in prompts.iter().chain(&prompts).enumerate() {
+            let adapter = (i < prompts.len()).then(|| AdapterRef {
+                index: 0,
+                fingerprint: fingerprint.clone(),
+            });
+            let request = GenerationRequest {
+                ignore_eos: true,
+                adapter,
+                ..GenerationRequest::greedy(prompt.clone(), 12)
+            };
+            ids.push(engine.add_request(request).unwrap());
+        }
+        let mut tokens = std::collections::HashMap::new();
+        while engine.has_work() {
+            for event in engine.step() {
+                if let EventKind::Token { id, .. } = event.kind {
+                    tokens
+                        .entry(event.request_id)
+                        .or_insert_with(Vec::new)
+                        .push(id);
+                }
+            }
+        }
+        ids.iter()
+            .map(|id| tokens.remove(id).unwrap_or_default())
+            .collect()
+    };
+    let with_graphs = engine_tokens(true);
+    let eager = engine_tokens(false);
+    assert_eq!(
+        with_graphs, eager,
+        "adapter and base requests, graphs on and off"
+    );
+    let n = prompts.len();
+    assert_ne!(
+        with_graphs[..n],
+        with_graphs[n..],
+        "the adapter changes the answers"
+    );
+    let alone = cuda_engine_greedy(&prompts, 16, 12);
+    assert_eq!(
+        with_graphs[n..],
+        alone[..],
+        "base requests beside the adapter's"
+    );
+}

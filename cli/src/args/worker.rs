@@ -62,8 +62,8 @@ pub struct WorkerArgs {
     /// LoRA adapters to serve beside the model, each `NAME=DIR` (a PEFT directory:
     /// adapter_config.json and adapter_model.safetensors); a request asks for one by giving
     /// NAME as its `model`, and computes with the model's weights plus the adapter's on the
-    /// projections it targets, in the same batches as every other request. CPU workers
-    /// only. Every worker of a served name that may take such a request (its context and
+    /// projections it targets, in the same batches as every other request. CPU workers, and
+    /// GPU workers of 16-bit models (not FP8). Every worker of a served name that may take such a request (its context and
     /// decode workers) must load the same adapters.
     #[arg(long, value_name = "NAME=DIR", num_args = 1.., value_parser = parse_lora_module)]
     pub lora_modules: Vec<tandem_protocol::config::LoraModule>,

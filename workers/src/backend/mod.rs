@@ -383,9 +383,8 @@ pub trait Backend: Send + Sync {
     /// ([`crate::model::RowLogprobs`]).
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
 
-    /// `y[rows[i]] += delta[i]` for every `i` (rows distinct): a LoRA adapter's products
-    /// added to the rows of its requests ([`crate::model::lora`]). A backend that does not
-    /// serve adapters refuses ([`Self::serves_lora`] says so at load).
+    /// `y[rows[i]] += delta[i]` for every `i` (rows distinct): what [`Self::add_lora`] adds.
+    /// A backend that does not serve adapters refuses ([`Self::lora_refusal`] says so at load).
     fn add_rows(
         &self,
         y: &mut Self::Tensor,
@@ -399,9 +398,31 @@ pub trait Backend: Send + Sync {
         })
     }
 
-    /// Whether [`Self::add_rows`] is implemented, so that a model with LoRA adapters loads.
-    fn serves_lora(&self) -> bool {
-        false
+    /// `y[rows] += B (A x[rows])`: a LoRA adapter's products (`a` `[r, in]`, `b` `[out, r]`,
+    /// scaled) over the rows of its sequences, added to the output `y` of the projection that
+    /// read `x` ([`crate::model::lora`]).
+    fn add_lora(
+        &self,
+        y: &mut Self::Tensor,
+        x: &Self::Tensor,
+        rows: &[u32],
+        a: &Self::Weight,
+        b: &Self::Weight,
+    ) -> Result<(), BackendError> {
+        let xa = self.gather_rows(x, rows)?;
+        let t = self.linear(&xa, a, None)?;
+        let delta = self.linear(&t, b, None)?;
+        self.add_rows(y, rows, &delta)
+    }
+
+    /// Why a model whose projections are `weights` cannot serve LoRA adapters here, if it
+    /// cannot ([`crate::model::Model::load_adapters`] refuses with it).
+    fn lora_refusal(&self, weights: WeightDType) -> Option<String> {
+        let _ = weights;
+        Some(format!(
+            "LoRA adapters are not served by {}",
+            self.describe()
+        ))
     }
 
     /// Copies a tensor to the host: one `Vec` per row.

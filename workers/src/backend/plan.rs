@@ -40,6 +40,10 @@ pub struct BatchPlan {
     /// (an embedding, [`crate::model::RowOutputs`]): the pass copies them to the host as it
     /// goes, so it is never captured into a graph.
     pub row_logprobs: bool,
+    /// Some sequence computes with a LoRA adapter ([`crate::model::SequenceSlice::adapter`]):
+    /// the pass runs the adapters' products over those rows, so it is never captured into a
+    /// graph (whose ops are fixed for a batch size).
+    pub lora: bool,
     /// `cos(position * inv_freq[i])`, `[tokens, rope_half]`.
     pub rope_cos: Vec<f32>,
     /// `sin(position * inv_freq[i])`, `[tokens, rope_half]`.
@@ -98,6 +102,7 @@ impl BatchPlan {
             block_size,
             logits_rows,
             row_logprobs: batch.has_row_outputs(),
+            lora: batch.sequences.iter().any(|s| s.adapter.is_some()),
             rope_cos,
             rope_sin,
             rope_half,

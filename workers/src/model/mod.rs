@@ -329,15 +329,8 @@ impl<B: Backend> Model<B> {
             )
             .into());
         }
-        if !self.backend.serves_lora() {
-            return Err(refuse(
-                &modules[0],
-                format!(
-                    "LoRA adapters are served by the CPU backend only, not {}",
-                    self.backend.describe()
-                ),
-            )
-            .into());
+        if let Some(why) = self.backend.lora_refusal(self.weight_dtype) {
+            return Err(refuse(&modules[0], why).into());
         }
         for (i, module) in modules.iter().enumerate() {
             if modules[..i].iter().any(|m| m.name == module.name) {
@@ -597,10 +590,7 @@ impl<B: Backend> Model<B> {
             let Some(pair) = pick(&self.adapters[*adapter as usize].layers[layer]) else {
                 continue;
             };
-            let xa = b.gather_rows(x, rows)?;
-            let t = b.linear(&xa, &pair.a, None)?;
-            let delta = b.linear(&t, &pair.b, None)?;
-            b.add_rows(y, rows, &delta)?;
+            b.add_lora(y, x, rows, &pair.a, &pair.b)?;
         }
         Ok(())
     }

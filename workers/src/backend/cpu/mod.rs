@@ -670,8 +670,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn serves_lora(&self) -> bool {
-        true
+    /// Every model the CPU loads computes from f32 activations, FP8 and GGUF blocks
+    /// included.
+    fn lora_refusal(&self, _weights: crate::backend::WeightDType) -> Option<String> {
+        None
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<Vec<f32>>, BackendError> {

@@ -91,6 +91,7 @@ impl DecodeGraphs {
         let seqs = &plan.sequences;
         if seqs.is_empty()
             || plan.row_logprobs
+            || plan.lora
             || plan.logits_rows.len() != seqs.len()
             || seqs.iter().any(|s| s.token_count != 1)
         {

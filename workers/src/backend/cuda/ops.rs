@@ -8,8 +8,8 @@ use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::tensor::{self, DeviceData, Fp8Rows, MatrixData};
 use super::{
-    CudaBackend, CudaBatch, CudaKvCache, CudaTensor, CudaWeight, norm_threads, rows_config, sample,
-    shape_err,
+    CudaBackend, CudaBatch, CudaKvCache, CudaTensor, CudaWeight, elementwise_config, norm_threads,
+    rows_config, sample, shape_err,
 };
 use crate::backend::{
     AttentionShape, Backend, BackendError, BatchPlan, DeviceSampler, ForwardLayers, HostTensor,
@@ -682,6 +682,89 @@ impl Backend for CudaBackend {
             batch.num_logits,
             "gather_logits_rows",
         )
+    }
+
+    fn add_rows(
+        &self,
+        y: &mut CudaTensor,
+        rows: &[u32],
+        delta: &CudaTensor,
+    ) -> Result<(), BackendError> {
+        if delta.rows != rows.len() || delta.cols != y.cols {
+            return Err(shape_err(
+                "add_rows",
+                format!(
+                    "{} rows of {} columns added to {} rows of {} columns",
+                    delta.rows,
+                    delta.cols,
+                    rows.len(),
+                    y.cols
+                ),
+            ));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= y.rows) {
+            return Err(shape_err("add_rows", format!("row {r} of {}", y.rows)));
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ds = delta.as_f32("add_rows")?;
+        // Copied from pageable memory before `clone_htod` returns; freed in stream order.
+        let indices = dev!("add_rows", self.stream.clone_htod(rows))?;
+        let cols = y.cols as i32;
+        let cfg = rows_config(rows.len(), 256);
+        match &mut y.data {
+            DeviceData::F32(ys) => {
+                let mut b = self.kernel_args(&self.kernels.add_rows);
+                b.arg(ys).arg(&indices).arg(ds).arg(&cols);
+                self.launch(b, cfg, "add_rows")
+            }
+            DeviceData::Bf16(ys) => {
+                let mut b = self.kernel_args(&self.kernels.add_rows_bf16);
+                b.arg(ys).arg(&indices).arg(ds).arg(&cols);
+                self.launch(b, cfg, "add_rows")
+            }
+            DeviceData::Fp8CodesOnly => Err(shape_err(
+                "add_rows",
+                "the rows are held only as FP8 codes, not values".into(),
+            )),
+        }
+    }
+
+    /// The products in bf16, as every projection of this backend reads its input: the gathered
+    /// rows as they are, their `A` product rounded to bf16 before `B` reads it.
+    fn add_lora(
+        &self,
+        y: &mut CudaTensor,
+        x: &CudaTensor,
+        rows: &[u32],
+        a: &CudaWeight,
+        b: &CudaWeight,
+    ) -> Result<(), BackendError> {
+        let xa = self.gather_rows(x, rows)?;
+        let t = self.project(&xa, a, None)?;
+        let n = t.rows * t.cols;
+        let mut narrow = self.alloc_bf16(n)?;
+        let total = n as i64;
+        let mut args = self.kernel_args(&self.kernels.cast_bf16);
+        args.arg(t.as_f32("add_lora")?).arg(&mut narrow).arg(&total);
+        self.launch(args, elementwise_config(n), "add_lora")?;
+        let t = CudaTensor::from_bf16(t.rows, t.cols, narrow);
+        let delta = self.project(&t, b, None)?;
+        self.add_rows(y, rows, &delta)
+    }
+
+    /// A 16-bit model's projections read bf16 rows, which the adapters' products read too; an
+    /// FP8 model's norms write only the FP8 codes its projections read.
+    fn lora_refusal(&self, weights: crate::backend::WeightDType) -> Option<String> {
+        (weights == crate::backend::WeightDType::F8E4M3).then(|| {
+            format!(
+                "LoRA adapters are not served with FP8 weights on {}: serve the model's \
+                 16-bit original (or the adapter merged into it, `model-prep lora merge`, \
+                 then quantized)",
+                self.describe()
+            )
+        })
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[u32]) -> Result<CudaTensor, BackendError> {
