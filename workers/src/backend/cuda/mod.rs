@@ -150,6 +150,9 @@ pub struct CudaBackend {
     /// Where a mixed batch's prefill attention runs beside its decode attention
     /// ([`CudaOptions::concurrent_attention`] at construction).
     side: Option<side_stream::SideStream>,
+    /// The rows of each LoRA adapter in the forward being queued, on the device: uploaded at
+    /// an adapter's first projection, read by its others (emptied by `prepare_batch`).
+    lora_rows: std::sync::Mutex<Vec<(Vec<u32>, CudaSlice<u32>)>>,
     /// This backend's place in a tensor-parallel group of GPUs ([`Self::join_group`]).
     group: Option<NcclRank>,
     /// The bf16 copy of FP8 cache blocks the warpgroup prefill kernel reads.
@@ -320,6 +323,7 @@ impl CudaBackend {
             summaries: sample::SummaryQueue::default(),
             meta_staging: batch::MetaStaging::default(),
             side,
+            lora_rows: Default::default(),
             skinny_counters,
             skinny_weight_maps: skinny::WeightMaps::default(),
             fp8_per_token_inputs: std::sync::atomic::AtomicBool::new(false),

@@ -185,6 +185,45 @@ impl CudaBackend {
         }
     }
 
+    /// `y[indices[i]] += delta[i]` for the `n` rows whose indices lie on the device at
+    /// `indices`.
+    fn add_rows_at(
+        &self,
+        y: &mut CudaTensor,
+        indices: &u64,
+        n: usize,
+        delta: &CudaTensor,
+    ) -> Result<(), BackendError> {
+        if delta.rows != n || delta.cols != y.cols {
+            return Err(shape_err(
+                "add_rows",
+                format!(
+                    "{} rows of {} columns added to {n} rows of {} columns",
+                    delta.rows, delta.cols, y.cols
+                ),
+            ));
+        }
+        let ds = delta.as_f32("add_rows")?;
+        let cols = y.cols as i32;
+        let cfg = rows_config(n, 256);
+        match &mut y.data {
+            DeviceData::F32(ys) => {
+                let mut b = self.kernel_args(&self.kernels.add_rows);
+                b.arg(ys).arg(indices).arg(ds).arg(&cols);
+                self.launch(b, cfg, "add_rows")
+            }
+            DeviceData::Bf16(ys) => {
+                let mut b = self.kernel_args(&self.kernels.add_rows_bf16);
+                b.arg(ys).arg(indices).arg(ds).arg(&cols);
+                self.launch(b, cfg, "add_rows")
+            }
+            DeviceData::Fp8CodesOnly => Err(shape_err(
+                "add_rows",
+                "the rows are held only as FP8 codes, not values".into(),
+            )),
+        }
+    }
+
     pub(super) fn check_vector<'w>(
         op: &'static str,
         weight: &'w CudaWeight,
@@ -297,6 +336,10 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_batch(&self, plan: &BatchPlan) -> Result<CudaBatch, BackendError> {
+        self.lora_rows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         CudaBatch::upload(&self.meta_upload(), plan)
     }
 
@@ -690,49 +733,22 @@ impl Backend for CudaBackend {
         rows: &[u32],
         delta: &CudaTensor,
     ) -> Result<(), BackendError> {
-        if delta.rows != rows.len() || delta.cols != y.cols {
-            return Err(shape_err(
-                "add_rows",
-                format!(
-                    "{} rows of {} columns added to {} rows of {} columns",
-                    delta.rows,
-                    delta.cols,
-                    rows.len(),
-                    y.cols
-                ),
-            ));
-        }
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= y.rows) {
             return Err(shape_err("add_rows", format!("row {r} of {}", y.rows)));
         }
         if rows.is_empty() {
             return Ok(());
         }
-        let ds = delta.as_f32("add_rows")?;
         // Copied from pageable memory before `clone_htod` returns; freed in stream order.
         let indices = dev!("add_rows", self.stream.clone_htod(rows))?;
-        let cols = y.cols as i32;
-        let cfg = rows_config(rows.len(), 256);
-        match &mut y.data {
-            DeviceData::F32(ys) => {
-                let mut b = self.kernel_args(&self.kernels.add_rows);
-                b.arg(ys).arg(&indices).arg(ds).arg(&cols);
-                self.launch(b, cfg, "add_rows")
-            }
-            DeviceData::Bf16(ys) => {
-                let mut b = self.kernel_args(&self.kernels.add_rows_bf16);
-                b.arg(ys).arg(&indices).arg(ds).arg(&cols);
-                self.launch(b, cfg, "add_rows")
-            }
-            DeviceData::Fp8CodesOnly => Err(shape_err(
-                "add_rows",
-                "the rows are held only as FP8 codes, not values".into(),
-            )),
-        }
+        let (address, _in_use) = cudarc::driver::DevicePtr::device_ptr(&indices, &self.stream);
+        self.add_rows_at(y, &address, rows.len(), delta)
     }
 
     /// The products in bf16, as every projection of this backend reads its input: the gathered
-    /// rows as they are, their `A` product rounded to bf16 before `B` reads it.
+    /// rows as they are, their `A` product rounded to bf16 before `B` reads it. The rows'
+    /// indices go to the device once a forward (at the adapter's first projection), and an
+    /// adapter whose rows are the whole batch reads the projection's input as it is.
     fn add_lora(
         &self,
         y: &mut CudaTensor,
@@ -741,8 +757,32 @@ impl Backend for CudaBackend {
         a: &CudaWeight,
         b: &CudaWeight,
     ) -> Result<(), BackendError> {
-        let xa = self.gather_rows(x, rows)?;
-        let t = self.project(&xa, a, None)?;
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= x.rows.min(y.rows)) {
+            return Err(shape_err("add_lora", format!("row {r} of {}", x.rows)));
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut cache = self.lora_rows.lock().unwrap_or_else(|p| p.into_inner());
+        let at = match cache.iter().position(|(r, _)| r == rows) {
+            Some(at) => at,
+            None => {
+                // Copied from pageable memory before `clone_htod` returns.
+                let indices = dev!("add_lora", self.stream.clone_htod(rows))?;
+                cache.push((rows.to_vec(), indices));
+                cache.len() - 1
+            }
+        };
+        let (address, _in_use) = cudarc::driver::DevicePtr::device_ptr(&cache[at].1, &self.stream);
+        let whole = rows.len() == x.rows && rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+        let gathered;
+        let xa = if whole {
+            x
+        } else {
+            gathered = self.gather(x, &address, rows.len(), "add_lora")?;
+            &gathered
+        };
+        let t = self.project(xa, a, None)?;
         let n = t.rows * t.cols;
         let mut narrow = self.alloc_bf16(n)?;
         let total = n as i64;
@@ -751,7 +791,7 @@ impl Backend for CudaBackend {
         self.launch(args, elementwise_config(n), "add_lora")?;
         let t = CudaTensor::from_bf16(t.rows, t.cols, narrow);
         let delta = self.project(&t, b, None)?;
-        self.add_rows(y, rows, &delta)
+        self.add_rows_at(y, &address, rows.len(), &delta)
     }
 
     /// A 16-bit model's projections read bf16 rows, which the adapters' products read too; an
