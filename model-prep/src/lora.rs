@@ -24,7 +24,7 @@ use tandem_model::{CONFIG_FILE, ModelConfig, WEIGHTS_FILE, WeightDType, write_js
 
 use crate::output::{OutputError, StagedDir};
 use crate::progress;
-use crate::quantize::{QuantizeError, copy_other_files, map_weight_files};
+use crate::quantize::{QuantizeError, copy_other_files, map_weight_files, sixteen_bit_tensors};
 use crate::safetensors_writer::{SafetensorsWriter, TensorSpec, WriteError};
 
 #[derive(Debug, thiserror::Error)]
@@ -271,28 +271,7 @@ pub fn merge_adapter(
         .map(|(&(layer, target), f)| (weight_name(layer, target), f))
         .collect();
     let maps = map_weight_files(model_dir)?;
-    let mut tensors = Vec::new();
-    for (path, map) in &maps {
-        let st = SafeTensors::deserialize(map).map_err(|e| LoraPrepError::Model {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        for (name, view) in st.tensors() {
-            let dtype = match view.dtype() {
-                Dtype::F32 => WeightDType::F32,
-                Dtype::F16 => WeightDType::F16,
-                Dtype::BF16 => WeightDType::Bf16,
-                other => {
-                    return Err(LoraPrepError::Model {
-                        path: path.clone(),
-                        reason: format!("tensor {name} is {other:?}; F32, F16 or BF16 expected"),
-                    });
-                }
-            };
-            tensors.push((name, dtype, view.shape().to_vec(), view.data()));
-        }
-    }
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensors = sixteen_bit_tensors(&maps)?;
     if let Some(missing) = by_weight
         .keys()
         .find(|name| !tensors.iter().any(|t| &t.0 == *name))

@@ -161,28 +161,7 @@ pub fn quantize(
         });
     }
     let maps = map_weight_files(source)?;
-    let mut tensors = Vec::new();
-    for (path, map) in &maps {
-        let st = SafeTensors::deserialize(map).map_err(|e| QuantizeError::Weights {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        for (name, view) in st.tensors() {
-            let dtype = match view.dtype() {
-                Dtype::F32 => WeightDType::F32,
-                Dtype::F16 => WeightDType::F16,
-                Dtype::BF16 => WeightDType::Bf16,
-                other => {
-                    return Err(QuantizeError::Weights {
-                        path: path.clone(),
-                        reason: format!("tensor {name} is {other:?}; F32, F16 or BF16 expected"),
-                    });
-                }
-            };
-            tensors.push((name, dtype, view.shape().to_vec(), view.data()));
-        }
-    }
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensors = sixteen_bit_tensors(&maps)?;
     let projections: Vec<&str> = tensors
         .iter()
         .filter(|(name, _, shape, _)| tensor_names::is_projection(name) && shape.len() == 2)
@@ -300,6 +279,39 @@ pub fn quantize_matrix(
             WeightDType::F8E4M3.encode_into(&scaled, o);
         });
     (out, row_scales)
+}
+
+/// One tensor of a 16/32-bit model's files: name, type, shape and bytes.
+pub(crate) type SourceTensor<'a> = (String, WeightDType, Vec<usize>, &'a [u8]);
+
+/// Every tensor of the mapped files (F32, F16 or BF16, anything else an error naming it), in
+/// name order.
+pub(crate) fn sixteen_bit_tensors(
+    maps: &[(PathBuf, Mmap)],
+) -> Result<Vec<SourceTensor<'_>>, QuantizeError> {
+    let mut tensors = Vec::new();
+    for (path, map) in maps {
+        let st = SafeTensors::deserialize(map).map_err(|e| QuantizeError::Weights {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                Dtype::F32 => WeightDType::F32,
+                Dtype::F16 => WeightDType::F16,
+                Dtype::BF16 => WeightDType::Bf16,
+                other => {
+                    return Err(QuantizeError::Weights {
+                        path: path.clone(),
+                        reason: format!("tensor {name} is {other:?}; F32, F16 or BF16 expected"),
+                    });
+                }
+            };
+            tensors.push((name, dtype, view.shape().to_vec(), view.data()));
+        }
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(tensors)
 }
 
 /// The source's weight files, memory-mapped.

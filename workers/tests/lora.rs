@@ -5,11 +5,13 @@
 //! model; and adapters that do not fit the model are refused by name.
 
 mod engine_support;
+mod parity_support;
 
 use std::path::{Path, PathBuf};
 
 use engine_support::{Recorder, run_to_idle};
 use model_prep::lora::{RandomAdapterOptions, merge_adapter, random_adapter};
+use parity_support::{argmax, rel_l2};
 use tandem_model::WeightDType;
 use tandem_model::lora::Target;
 use tandem_protocol::config::LoraModule;
@@ -80,22 +82,6 @@ fn prompt(len: usize, salt: u32) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (i * 37 + salt * 11 + 3) % 512)
         .collect()
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    (0..row.len())
-        .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-        .expect("a row") as u32
 }
 
 /// The logits of a prompt's last token, then of `steps` greedy decode steps, of one sequence
