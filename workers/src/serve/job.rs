@@ -47,9 +47,17 @@ pub fn generation_request(job: &GenerateJob, model_stop_ids: &[u32]) -> Generati
     }
 }
 
+/// The wall clock in unix milliseconds (0 before 1970).
+pub(super) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// The local instant of a wall-clock time in unix milliseconds (now, for one already past).
 fn instant_of_unix_ms(unix_ms: u64) -> std::time::Instant {
-    let ahead = unix_ms.saturating_sub(super::worker::unix_ms());
+    let ahead = unix_ms.saturating_sub(self::unix_ms());
     std::time::Instant::now() + std::time::Duration::from_millis(ahead)
 }
 

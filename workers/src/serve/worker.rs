@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::Client;
 use tandem_protocol::messages::{
@@ -22,6 +22,7 @@ use tandem_protocol::subjects::Subjects;
 use tokio::sync::mpsc;
 
 use super::job::generation_request;
+pub(super) use super::job::unix_ms;
 use super::stream::{is_last, stream_messages};
 use crate::engine::{
     AdapterRef, EngineError, EngineEvent, EngineHandle, GenerationRequest, RequestId,
@@ -613,13 +614,6 @@ pub(super) async fn publish_bounded(
             "publishing {what}: NATS did not take it within {PUBLISH_TIMEOUT:?}"
         ),
     }
-}
-
-pub(super) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Locks `mutex`, also after a panic elsewhere (the data is plain bookkeeping, valid between
