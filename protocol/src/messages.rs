@@ -1871,7 +1871,7 @@ mod tests {
         let json = String::from_utf8(encode(&heartbeat)).unwrap();
         assert!(
             json.ends_with(
-                r#""max_queued":8,"max_running":4,"kv_pull":{"waiting":3,"in_flight":1,"waited":5,"peak_held_blocks":7,"refused_handles":2,"exports_gone":1}}"#
+                r#""max_queued":8,"max_running":4,"kv_pull":{"waiting":3,"in_flight":1,"waited":5,"peak_held_blocks":7,"refused_handles":2,"exports_gone":1},"lora_adapters":[{"name":"sql","fingerprint":"abababababababababababababababab"}]}"#
             ),
             "{json}"
         );
