@@ -227,4 +227,56 @@ fn a_served_adapter_answers_as_its_merged_weights() {
         adapted["data"][0]["embedding"],
         base["data"][0]["embedding"]
     );
+
+    // The adapter's requests are counted under its name (the unknown name's 404 is not: only
+    // served adapters become labels), and both workers list it. A request's count is recorded
+    // as its last reply ends, so the scrape may come a moment early.
+    let asked = QUESTIONS.len() as f64 + 4.0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = http.get("/metrics").body;
+        let counted = total(&metrics, "tandem_lora_requests_total");
+        if counted >= asked || std::time::Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let series = |name: &str, labels: &str| sample(&metrics, &format!("{name}{{{labels}}}"));
+    assert_eq!(
+        series(
+            "tandem_lora_requests_total",
+            &format!("adapter=\"{ADAPTER}\",outcome=\"success\"")
+        ),
+        Some(asked),
+        "{metrics}"
+    );
+    assert_eq!(
+        total(&metrics, "tandem_lora_requests_total"),
+        asked,
+        "{metrics}"
+    );
+    let generated = series(
+        "tandem_lora_completion_tokens_total",
+        &format!("adapter=\"{ADAPTER}\""),
+    )
+    .unwrap_or(0.0);
+    assert!(generated >= 24.0, "{metrics}");
+    assert!(
+        generated < total(&metrics, "tandem_completion_tokens_total"),
+        "{metrics}"
+    );
+    assert!(
+        series(
+            "tandem_lora_prompt_tokens_total",
+            &format!("adapter=\"{ADAPTER}\"")
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        total(&metrics, "tandem_worker_lora_adapter"),
+        2.0,
+        "{metrics}"
+    );
 }

@@ -152,13 +152,19 @@ pub enum Event<'a> {
         count: usize,
         timing: TokenTiming,
     },
-    /// A request finished; `usage` as its worker counted it.
-    Finished { usage: Usage },
+    /// A request finished; `usage` as its worker counted it. `adapter`: the LoRA adapter the
+    /// request named (`None`: the served model).
+    Finished {
+        usage: Usage,
+        adapter: Option<&'a str>,
+    },
     /// A request ended, once per request: `outcome` is `success`, `client_disconnected` or an
-    /// [`ApiError::outcome`](crate::error::ApiError::outcome).
+    /// [`ApiError::outcome`](crate::error::ApiError::outcome). `adapter` as in
+    /// [`Self::Finished`].
     RequestEnded {
         endpoint: Endpoint,
         outcome: &'static str,
+        adapter: Option<&'a str>,
     },
     /// A context worker prefilled a request's prompt.
     Disaggregated,
@@ -231,6 +237,15 @@ pub struct Metrics {
     worker_total_kv_blocks: IntGaugeVec,
     /// A worker's queue bound (absent: none).
     worker_max_queued: IntGaugeVec,
+    /// Requests that named a LoRA adapter, by `adapter` and `outcome`, and their tokens.
+    lora_requests: IntCounterVec,
+    lora_prompt_tokens: IntCounterVec,
+    lora_completion_tokens: IntCounterVec,
+    /// 1 for each (`worker_id`, `adapter`) a worker's last heartbeat listed.
+    worker_lora_adapters: IntGaugeVec,
+    /// The adapters each worker was last seen with, to remove the series of those it drops.
+    worker_lora_labels:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>>,
     /// 1 for each worker, labelled with its number formats (`weights`, `kv_cache`).
     worker_info: IntGaugeVec,
     /// The `worker_info` labels each worker was last seen with, to remove its series when it
@@ -393,6 +408,40 @@ impl Metrics {
                  serves in: weights (fp8, bf16, f16, f32) and kv_cache (fp8, bf16, f16, f32)",
             ),
             &["worker_id", "role", "weights", "kv_cache"],
+        )
+        .expect("metric options are static and valid");
+        let lora_requests = IntCounterVec::new(
+            Opts::new(
+                "tandem_lora_requests_total",
+                "HTTP requests whose `model` named a LoRA adapter, by adapter and outcome (also \
+                 counted in tandem_requests_total)",
+            ),
+            &["adapter", "outcome"],
+        )
+        .expect("metric options are static and valid");
+        let lora_prompt_tokens = IntCounterVec::new(
+            Opts::new(
+                "tandem_lora_prompt_tokens_total",
+                "Prompt tokens of finished requests that named a LoRA adapter, by adapter",
+            ),
+            &["adapter"],
+        )
+        .expect("metric options are static and valid");
+        let lora_completion_tokens = IntCounterVec::new(
+            Opts::new(
+                "tandem_lora_completion_tokens_total",
+                "Generated tokens of finished requests that named a LoRA adapter, by adapter",
+            ),
+            &["adapter"],
+        )
+        .expect("metric options are static and valid");
+        let worker_lora_adapters = IntGaugeVec::new(
+            Opts::new(
+                "tandem_worker_lora_adapter",
+                "1 for each LoRA adapter a worker serves (its last heartbeat), by worker and \
+                 adapter",
+            ),
+            &["worker_id", "adapter"],
         )
         .expect("metric options are static and valid");
         let live_workers = IntGaugeVec::new(
@@ -667,6 +716,11 @@ impl Metrics {
             worker_free_kv_blocks,
             worker_total_kv_blocks,
             worker_max_queued,
+            lora_requests,
+            lora_prompt_tokens,
+            lora_completion_tokens,
+            worker_lora_adapters,
+            worker_lora_labels: Default::default(),
             worker_info,
             worker_info_labels: Default::default(),
             live_workers,
@@ -725,6 +779,10 @@ impl Metrics {
             Box::new(metrics.worker_total_kv_blocks.clone()),
             Box::new(metrics.worker_max_queued.clone()),
             Box::new(metrics.worker_info.clone()),
+            Box::new(metrics.lora_requests.clone()),
+            Box::new(metrics.lora_prompt_tokens.clone()),
+            Box::new(metrics.lora_completion_tokens.clone()),
+            Box::new(metrics.worker_lora_adapters.clone()),
             Box::new(metrics.live_workers.clone()),
             Box::new(metrics.cuda_ipc_unmapped.clone()),
             Box::new(metrics.response_store_responses.clone()),
@@ -857,15 +915,33 @@ impl Metrics {
                 count,
                 timing,
             } => self.tokens(endpoint, count, timing),
-            Event::Finished { usage } => {
+            Event::Finished { usage, adapter } => {
                 self.prompt_tokens.inc_by(usage.prompt_tokens as u64);
                 self.completion_tokens
                     .inc_by(usage.completion_tokens as u64);
+                if let Some(adapter) = adapter {
+                    self.lora_prompt_tokens
+                        .with_label_values(&[adapter])
+                        .inc_by(usage.prompt_tokens as u64);
+                    self.lora_completion_tokens
+                        .with_label_values(&[adapter])
+                        .inc_by(usage.completion_tokens as u64);
+                }
             }
-            Event::RequestEnded { endpoint, outcome } => self
-                .requests
-                .with_label_values(&[endpoint.label(), outcome])
-                .inc(),
+            Event::RequestEnded {
+                endpoint,
+                outcome,
+                adapter,
+            } => {
+                self.requests
+                    .with_label_values(&[endpoint.label(), outcome])
+                    .inc();
+                if let Some(adapter) = adapter {
+                    self.lora_requests
+                        .with_label_values(&[adapter, outcome])
+                        .inc();
+                }
+            }
             Event::Disaggregated => self.requests_disaggregated.inc(),
             Event::TtftParts(parts) => {
                 for (part, took) in parts.labeled() {
@@ -981,6 +1057,7 @@ impl Metrics {
                 .with_label_values(&info.each_ref().map(String::as_str))
                 .set(1);
         }
+        self.worker_adapters(&heartbeat.worker_id, &heartbeat.lora_adapters);
         if let Some(engine) = heartbeat.engine {
             let worker = [heartbeat.worker_id.as_str()];
             mirror_counter(&self.worker_preemptions, &worker, engine.preemptions);
@@ -1033,7 +1110,37 @@ impl Metrics {
         }
     }
 
+    /// `tandem_worker_lora_adapter` for `worker_id`: a series for each adapter it lists now,
+    /// none for those it listed before and no longer does.
+    fn worker_adapters(
+        &self,
+        worker_id: &str,
+        adapters: &[tandem_protocol::messages::LoraAdapterInfo],
+    ) {
+        let names: Vec<String> = adapters.iter().map(|a| a.name.clone()).collect();
+        let mut seen = self
+            .worker_lora_labels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let before = if names.is_empty() {
+            seen.remove(worker_id)
+        } else {
+            seen.insert(worker_id.to_owned(), names.clone())
+        };
+        for gone in before.iter().flatten().filter(|n| !names.contains(n)) {
+            let _ = self
+                .worker_lora_adapters
+                .remove_label_values(&[worker_id, gone.as_str()]);
+        }
+        for name in &names {
+            self.worker_lora_adapters
+                .with_label_values(&[worker_id, name.as_str()])
+                .set(1);
+        }
+    }
+
     fn worker_left(&self, worker_id: &str, role: WorkerRole) {
+        self.worker_adapters(worker_id, &[]);
         let info = self
             .worker_info_labels
             .lock()
@@ -1201,10 +1308,12 @@ mod tests {
                 cached_tokens: 0,
                 ..Default::default()
             },
+            adapter: None,
         });
         metrics.record(Event::RequestEnded {
             endpoint: Endpoint::Completions,
             outcome: "success",
+            adapter: None,
         });
         metrics.record(Event::Disaggregated);
         metrics.record(Event::KvPulled {
@@ -1246,6 +1355,49 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
+        assert!(
+            !text.contains("tandem_lora_"),
+            "no adapter was named:\n{text}"
+        );
+    }
+
+    #[test]
+    fn requests_that_name_an_adapter_are_counted_by_adapter_too() {
+        let metrics = Metrics::new();
+        for (adapter, prompt, outcome) in [
+            (Some("sql"), 7, "success"),
+            (Some("sql"), 5, "success"),
+            (Some("chat"), 3, "invalid_request"),
+            (None, 11, "success"),
+        ] {
+            if outcome == "success" {
+                metrics.record(Event::Finished {
+                    usage: Usage {
+                        prompt_tokens: prompt,
+                        completion_tokens: 2,
+                        ..Default::default()
+                    },
+                    adapter,
+                });
+            }
+            metrics.record(Event::RequestEnded {
+                endpoint: Endpoint::Chat,
+                outcome,
+                adapter,
+            });
+        }
+        let text = metrics.render();
+        for line in [
+            "tandem_requests_total{endpoint=\"chat\",outcome=\"success\"} 3",
+            "tandem_lora_requests_total{adapter=\"sql\",outcome=\"success\"} 2",
+            "tandem_lora_requests_total{adapter=\"chat\",outcome=\"invalid_request\"} 1",
+            "tandem_lora_prompt_tokens_total{adapter=\"sql\"} 12",
+            "tandem_lora_completion_tokens_total{adapter=\"sql\"} 4",
+            "tandem_prompt_tokens_total 23",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains("tandem_lora_prompt_tokens_total{adapter=\"chat\"}"));
     }
 
     #[test]
@@ -1268,7 +1420,12 @@ mod tests {
             interval_ms: 500,
             kv_transfer: None,
             kv_peer: None,
-            lora_adapters: Vec::new(),
+            lora_adapters: ["sql", "chat"]
+                .map(|name| tandem_protocol::messages::LoraAdapterInfo {
+                    name: name.into(),
+                    fingerprint: format!("{name}-fp"),
+                })
+                .to_vec(),
             engine: Some(tandem_protocol::messages::EngineProgress {
                 steps: 40,
                 failed_steps: 0,
@@ -1314,9 +1471,18 @@ mod tests {
             "tandem_live_workers{role=\"decode\"} 1",
             "tandem_cuda_ipc_unmapped_pairs 2",
             "tandem_live_workers{role=\"context\"} 0",
+            "tandem_worker_lora_adapter{adapter=\"sql\",worker_id=\"w\"} 1",
+            "tandem_worker_lora_adapter{adapter=\"chat\",worker_id=\"w\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
+        // A restart without one of its adapters: that series goes.
+        let mut fewer = heartbeat.clone();
+        fewer.lora_adapters.truncate(1);
+        metrics.record(Event::Heartbeat(&fewer));
+        let text = metrics.render();
+        assert!(text.contains("tandem_worker_lora_adapter{adapter=\"sql\",worker_id=\"w\"} 1"));
+        assert!(!text.contains("adapter=\"chat\""), "{text}");
         metrics.record(Event::WorkerLeft {
             worker_id: "w",
             role: WorkerRole::Decode,

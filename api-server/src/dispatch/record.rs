@@ -42,6 +42,9 @@ pub struct RequestRecord {
     extra_choice: bool,
     /// What the records of the request's choices know together.
     request: Arc<Mutex<RequestOutcome>>,
+    /// The LoRA adapter the request named (`None`: the served model), the `adapter` label of
+    /// the per-adapter families.
+    adapter: Option<Arc<str>>,
 }
 
 /// The workers' parts of a hand-over's time to first token, as their messages arrive.
@@ -103,6 +106,7 @@ impl RequestRecord {
                 choices: 1,
                 ..RequestOutcome::default()
             })),
+            adapter: None,
         }
     }
 
@@ -123,7 +127,14 @@ impl RequestRecord {
             context_cached_tokens: 0,
             extra_choice: true,
             request: Arc::clone(&self.request),
+            adapter: self.adapter.clone(),
         }
+    }
+
+    /// The request named LoRA adapter `adapter` (validated: one a live worker serves); set
+    /// before the records of its other choices are made.
+    pub fn set_adapter(&mut self, adapter: Option<&str>) {
+        self.adapter = adapter.map(Arc::from);
     }
 
     pub fn arrival(&self) -> Instant {
@@ -219,7 +230,10 @@ impl RequestRecord {
         if self.extra_choice {
             usage.prompt_tokens = 0;
         }
-        self.metrics.record(Event::Finished { usage });
+        self.metrics.record(Event::Finished {
+            usage,
+            adapter: self.adapter.as_deref(),
+        });
         self.outcome.get_or_insert("success");
     }
 }
@@ -243,6 +257,7 @@ impl Drop for RequestRecord {
         self.metrics.record(Event::RequestEnded {
             endpoint: self.endpoint,
             outcome,
+            adapter: self.adapter.as_deref(),
         });
     }
 }

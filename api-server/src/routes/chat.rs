@@ -43,6 +43,7 @@ pub async fn chat_completions(
         .parse::<ChatCompletionRequest>(body.into_inner())
         .and_then(|body| validate_chat(&body, &state.limits))
         .inspect_err(|err| record.fail(err))?;
+    record.set_adapter(valid.lora.as_deref());
     if let Some(grammar) = &valid.sampling.grammar {
         // From `response_format` or `structured_outputs` (which name themselves), or else
         // built from `tools` for a required or named tool call.

@@ -54,6 +54,7 @@ pub async fn completions(
         .and_then(|body| validate_completion(&body, &state.limits))
         .inspect_err(|err| record.fail(err))?;
     let valid = batch[0].clone();
+    record.set_adapter(valid.lora.as_deref());
     // Every prompt of a batch carries the same grammar (`structured_outputs`).
     if let (Some(grammar), Some(param)) = (&valid.sampling.grammar, valid.grammar_param) {
         state

@@ -40,6 +40,7 @@ pub async fn embeddings(
         .parse::<EmbeddingRequest>(body.into_inner())
         .and_then(|body| validate_embeddings(&body, &state.limits, &state.embeddings))
         .inspect_err(|err| record.fail(err))?;
+    record.set_adapter(valid.lora.as_deref());
     let ids =
         crate::reply_id::ReplyId::of(&request, "embd", None).inspect_err(|err| record.fail(err))?;
     let admitted = state

@@ -68,6 +68,7 @@ pub async fn create_response(
         .await
         .inspect_err(|err| record.fail(err))?;
     let mut valid = validate_responses(&body, &state.limits).inspect_err(|err| record.fail(err))?;
+    record.set_adapter(valid.request.lora.as_deref());
     if valid.background && !state.responses.enabled() {
         let err = ApiError::unsupported(
             "this api-server stores no responses (--response-store-mib 0), and a background \
