@@ -2030,17 +2030,22 @@ fn logits_with_adapter<B: Backend>(
     all
 }
 
-/// A random rank-8 adapter of every projection of the `tiny` model.
-fn tiny_adapter() -> tandem_protocol::config::LoraModule {
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-lora-adapter");
+/// A random adapter of the `tiny` model: rank `rank` over `targets`.
+fn tiny_adapter(
+    name: &str,
+    rank: usize,
+    targets: &[tandem_model::lora::Target],
+    seed: u64,
+) -> tandem_protocol::config::LoraModule {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cuda-lora-{name}"));
     model_prep::lora::random_adapter(
         &model_dir(),
         &path,
         &model_prep::lora::RandomAdapterOptions {
-            rank: 8,
-            alpha: 16.0,
-            targets: tandem_model::lora::Target::ALL.to_vec(),
-            seed: 3,
+            rank,
+            alpha: 2.0 * rank as f64,
+            targets: targets.to_vec(),
+            seed,
             dtype: tandem_model::WeightDType::Bf16,
             strength: 0.25,
         },
@@ -2048,31 +2053,41 @@ fn tiny_adapter() -> tandem_protocol::config::LoraModule {
     )
     .unwrap();
     tandem_protocol::config::LoraModule {
-        name: "a".into(),
+        name: name.into(),
         path,
     }
 }
 
-/// LoRA adapters on the GPU (bf16 products, added to f32 and bf16 projection outputs) against
-/// the CPU's f32 ones: teacher-forced logits of prompts of 7, 40 and 150 tokens and 8 decode
-/// steps each, alone and beside a sequence of the base model in one batch; an engine with
-/// graphs and overlapped steps gives an adapter's requests the tokens it gives them without
-/// graphs (their steps are never captured) and the base model's requests beside them the
-/// tokens they have alone.
+/// Two adapters of the `tiny` model: `a` of rank 8 over every projection, `b` of rank 4 over
+/// q, v and down only (so its stacked pairs are padded, and zero for o and gate/up).
+fn tiny_adapters() -> Vec<tandem_protocol::config::LoraModule> {
+    use tandem_model::lora::Target;
+    vec![
+        tiny_adapter("a", 8, &Target::ALL, 3),
+        tiny_adapter("b", 4, &[Target::Q, Target::V, Target::Down], 5),
+    ]
+}
+
+/// LoRA adapters on the GPU (bf16 factors, products added to f32 and bf16 projection outputs)
+/// against the CPU's f32 ones: teacher-forced logits of prompts of 7, 40, 150 and 600 tokens
+/// (the last over 512 rows: each adapter's rows through GEMMs; the others through the stacked
+/// pass) and 8 decode steps each, for two adapters; a batch mixing both adapters and the base
+/// model against each alone; decode steps with adapter rows replayed from a CUDA graph; and an
+/// engine with graphs and overlapped steps giving every request the tokens it gets without
+/// them, the base model's requests those they get alone.
 #[test]
 fn lora_adapters_on_the_gpu_match_the_cpu() {
     if no_gpu() {
         return;
     }
-    let module = tiny_adapter();
+    let modules = tiny_adapters();
     let mut cpu = Model::load(
         &model_dir(),
         CpuBackend::new(&CpuOptions::default()).unwrap(),
         &bf16_kv(),
     )
     .unwrap();
-    cpu.load_adapters(std::slice::from_ref(&module), "fp")
-        .unwrap();
+    cpu.load_adapters(&modules, "fp").unwrap();
     let options = CudaOptions {
         cuda_graphs: true,
         ..CudaOptions::from_env(0)
@@ -2083,9 +2098,8 @@ fn lora_adapters_on_the_gpu_match_the_cpu() {
         &bf16_kv(),
     )
     .unwrap();
-    gpu.load_adapters(std::slice::from_ref(&module), "fp")
-        .unwrap();
-    let prompts: Vec<Vec<u32>> = [7usize, 40, 150]
+    gpu.load_adapters(&modules, "fp").unwrap();
+    let prompts: Vec<Vec<u32>> = [7usize, 40, 150, 600]
         .iter()
         .enumerate()
         .map(|(k, &len)| {
@@ -2094,47 +2108,99 @@ fn lora_adapters_on_the_gpu_match_the_cpu() {
                 .collect()
         })
         .collect();
-    let (mut worst, mut agree, mut total) = (0f64, 0, 0);
-    for prompt in &prompts {
-        let forced: Vec<u32> = (0..8).map(|i| (i * 29 + 3) % 200).collect();
-        let want = logits_with_adapter(&cpu, prompt, &forced, Some(0));
-        let got = logits_with_adapter(&gpu, prompt, &forced, Some(0));
-        let base = logits_with_adapter(&gpu, prompt, &forced, None);
-        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-            let d = rel_l2(g, w);
-            worst = worst.max(d);
-            agree += usize::from(argmax(g) == argmax(w));
-            total += 1;
-            assert!(
-                d < 5e-2,
-                "prompt of {}: step {step} relative L2 {d}",
-                prompt.len()
-            );
-            let moved = rel_l2(&base[step], g);
-            assert!(
-                moved > 0.05,
-                "prompt of {}: the adapter moved the GPU's logits by {moved}",
-                prompt.len()
-            );
+    for adapter in [0u32, 1] {
+        let (mut worst, mut agree, mut total) = (0f64, 0, 0);
+        for prompt in &prompts {
+            let forced: Vec<u32> = (0..8).map(|i| (i * 29 + 3) % 200).collect();
+            let want = logits_with_adapter(&cpu, prompt, &forced, Some(adapter));
+            let got = logits_with_adapter(&gpu, prompt, &forced, Some(adapter));
+            let base = logits_with_adapter(&gpu, prompt, &forced, None);
+            for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+                let d = rel_l2(g, w);
+                worst = worst.max(d);
+                agree += usize::from(argmax(g) == argmax(w));
+                total += 1;
+                assert!(
+                    d < 5e-2,
+                    "adapter {adapter}, prompt of {}: step {step} relative L2 {d}",
+                    prompt.len()
+                );
+                let moved = rel_l2(&base[step], g);
+                assert!(
+                    moved > 0.02,
+                    "adapter {adapter}, prompt of {}: the adapter moved the GPU's logits by {moved}",
+                    prompt.len()
+                );
+            }
         }
+        eprintln!(
+            "LoRA adapter {adapter} on the GPU against the CPU: worst relative L2 {worst:.2e}, top-1 {agree}/{total}"
+        );
+        assert!(
+            agree * 10 >= total * 9,
+            "adapter {adapter}: top-1 {agree}/{total}"
+        );
     }
-    eprintln!(
-        "LoRA on the GPU against the CPU: worst relative L2 {worst:.2e}, top-1 {agree}/{total}"
-    );
-    assert!(agree * 10 >= total * 9, "top-1 {agree}/{total}");
 
-    // One batch: the adapter's sequence and the base model's, each against itself alone.
-    let mut kv = gpu.alloc_kv_cache(16, 64).unwrap();
+    // One batch: both adapters' sequences and the base model's, each against itself alone.
+    let mut kv = gpu.alloc_kv_cache(16, 96).unwrap();
     let mut batch = ForwardBatch::default();
     batch.push(&prompts[1], 0, (0..32).collect(), true);
     batch.set_adapter_from(0, Some(0));
     batch.push(&prompts[2], 0, (32..64).collect(), true);
+    batch.push(&prompts[0], 0, (64..96).collect(), true);
+    batch.set_adapter_from(2, Some(1));
     let rows = gpu.forward(&batch, &mut kv).unwrap();
-    let alone_a = logits_with_adapter(&gpu, &prompts[1], &[], Some(0)).remove(0);
-    let alone_b = logits_with_adapter(&gpu, &prompts[2], &[], None).remove(0);
-    let (da, db) = (rel_l2(&rows[0], &alone_a), rel_l2(&rows[1], &alone_b));
-    eprintln!("batched against alone: adapter {da:.2e}, base {db:.2e}");
-    assert!(da < 1e-2 && db < 1e-2, "adapter {da}, base {db}");
+    let alone = [
+        logits_with_adapter(&gpu, &prompts[1], &[], Some(0)).remove(0),
+        logits_with_adapter(&gpu, &prompts[2], &[], None).remove(0),
+        logits_with_adapter(&gpu, &prompts[0], &[], Some(1)).remove(0),
+    ];
+    for (i, (row, alone)) in rows.iter().zip(&alone).enumerate() {
+        let d = rel_l2(row, alone);
+        eprintln!("batched against alone, sequence {i}: {d:.2e}");
+        assert!(d < 1e-2, "sequence {i}: {d}");
+    }
+
+    // Decode steps of a sequence with an adapter: the first of a graph shape runs eagerly,
+    // the second captures, later ones replay (launching nothing one by one).
+    let mut kv = gpu.alloc_kv_cache(16, 64).unwrap();
+    let table: Vec<u32> = (0..64).collect();
+    let mut batch = ForwardBatch::default();
+    batch.push(&prompts[1], 0, table.clone(), true);
+    batch.set_adapter_from(0, Some(1));
+    gpu.forward(&batch, &mut kv).unwrap();
+    let mut shrinks = Vec::new();
+    for step in 0..4 {
+        let mut batch = ForwardBatch::default();
+        batch.push(
+            &[(step * 31 + 7) % 200],
+            prompts[1].len() + step as usize,
+            table.clone(),
+            true,
+        );
+        batch.set_adapter_from(0, Some(1));
+        gpu.backend().count_launches(true);
+        gpu.forward(&batch, &mut kv).unwrap();
+        shrinks.push(
+            gpu.backend()
+                .launch_counts()
+                .get("lora_shrink")
+                .copied()
+                .unwrap_or(0),
+        );
+        gpu.backend().count_launches(false);
+    }
+    eprintln!("lora_shrink launches by decode step: {shrinks:?}");
+    assert!(
+        shrinks[0] > 0,
+        "the eager step runs the adapter's products: {shrinks:?}"
+    );
+    assert_eq!(
+        shrinks[2..],
+        [0, 0],
+        "later steps replay the graph: {shrinks:?}"
+    );
 
     // Through the engine: graphs and overlapped steps on, then off.
     let engine_tokens = |graphs: bool| -> Vec<Vec<u32>> {
@@ -2152,13 +2218,15 @@ fn lora_adapters_on_the_gpu_match_the_cpu() {
             &bf16_kv(),
         )
         .unwrap();
-        model
-            .load_adapters(std::slice::from_ref(&module), "fp")
-            .unwrap();
-        let fingerprint = model.adapters()[0].fingerprint.clone();
+        model.load_adapters(&modules, "fp").unwrap();
+        let fingerprints: Vec<String> = model
+            .adapters()
+            .iter()
+            .map(|a| a.fingerprint.clone())
+            .collect();
         let config = EngineConfig {
             block_size: 16,
-            num_blocks: 256,
+            num_blocks: 512,
             max_num_batched_tokens: 8192,
             max_num_seqs: 16,
             max_model_len: None,
@@ -2168,10 +2236,14 @@ fn lora_adapters_on_the_gpu_match_the_cpu() {
         let mut engine = Engine::new(runner, config, None).unwrap();
         engine.set_overlap(graphs);
         let mut ids = Vec::new();
-        for (i, prompt) in prompts.iter().chain(&prompts).enumerate() {
-            let adapter = (i < prompts.len()).then(|| AdapterRef {
-                index: 0,
-                fingerprint: fingerprint.clone(),
+        // Each prompt with adapter a, with adapter b, then with the base model.
+        for (i, prompt) in prompts.iter().cycle().take(3 * prompts.len()).enumerate() {
+            let adapter = (i < 2 * prompts.len()).then(|| {
+                let index = (i / prompts.len()) as u32;
+                AdapterRef {
+                    index,
+                    fingerprint: fingerprints[index as usize].clone(),
+                }
             });
             let request = GenerationRequest {
                 ignore_eos: true,
@@ -2204,13 +2276,18 @@ fn lora_adapters_on_the_gpu_match_the_cpu() {
     let n = prompts.len();
     assert_ne!(
         with_graphs[..n],
-        with_graphs[n..],
-        "the adapter changes the answers"
+        with_graphs[2 * n..],
+        "adapter a changes the answers"
+    );
+    assert_ne!(
+        with_graphs[n..2 * n],
+        with_graphs[2 * n..],
+        "adapter b changes the answers"
     );
     let alone = cuda_engine_greedy(&prompts, 16, 12);
     assert_eq!(
-        with_graphs[n..],
+        with_graphs[2 * n..],
         alone[..],
-        "base requests beside the adapter's"
+        "base requests beside the adapters'"
     );
 }

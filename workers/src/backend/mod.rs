@@ -19,12 +19,14 @@ pub mod cpu;
 pub mod cuda;
 pub mod fp8;
 mod kv_io;
+mod lora_stack;
 mod plan;
 
 pub use kv_io::{
     DeviceRange, EXPORT_SLOT_BYTES, HostRange, KvBlockIo, KvBuffer, KvBytes, KvBytesMut,
     KvCacheMemory, KvMemory,
 };
+pub use lora_stack::{LORA_RANK_MULTIPLE, LoraStack, stack_host as stack_lora_host, stacked_rank};
 pub use plan::{BatchPlan, PlanSequence};
 
 pub use tandem_model::{GgufQuant, WeightDType};
@@ -413,6 +415,30 @@ pub trait Backend: Send + Sync {
         let t = self.linear(&xa, a, None)?;
         let delta = self.linear(&t, b, None)?;
         self.add_rows(y, rows, &delta)
+    }
+
+    /// The most rows [`Self::add_lora_stacked`] takes in one batch; 0 where the backend has
+    /// no such pass (the model then adds each adapter's rows with [`Self::add_lora`]).
+    fn lora_stacked_rows(&self) -> usize {
+        0
+    }
+
+    /// `y[t] += B_k (A_k x[t])` for every row `t` of `batch` whose sequence computes with
+    /// adapter `k` ([`BatchPlan::row_adapters`]), from every adapter's pair of one projection
+    /// stacked ([`LoraStack`]); rows of the base model are left as they are. One pass for any
+    /// mix of adapters, whose arguments do not change with the mix.
+    fn add_lora_stacked(
+        &self,
+        y: &mut Self::Tensor,
+        x: &Self::Tensor,
+        batch: &Self::Batch,
+        stack: &LoraStack<Self::Weight>,
+    ) -> Result<(), BackendError> {
+        let _ = (y, x, batch, stack);
+        Err(BackendError::Device {
+            op: "add_lora_stacked",
+            detail: format!("stacked LoRA products are not run by {}", self.describe()),
+        })
     }
 
     /// Why a model whose projections are `weights` cannot serve LoRA adapters here, if it

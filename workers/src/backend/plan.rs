@@ -41,9 +41,13 @@ pub struct BatchPlan {
     /// goes, so it is never captured into a graph.
     pub row_logprobs: bool,
     /// Some sequence computes with a LoRA adapter ([`crate::model::SequenceSlice::adapter`]):
-    /// the pass runs the adapters' products over those rows, so it is never captured into a
-    /// graph (whose ops are fixed for a batch size).
+    /// the pass runs the adapters' products over those rows. A graph captured for such a step
+    /// runs them for every row ([`super::Backend::add_lora_stacked`]), so it is kept apart
+    /// from the base model's graphs of the same size, which do not.
     pub lora: bool,
+    /// Per token, the adapter its sequence computes with: its index in the model's adapters
+    /// plus one, 0 for the base model.
+    pub row_adapters: Vec<u32>,
     /// `cos(position * inv_freq[i])`, `[tokens, rope_half]`.
     pub rope_cos: Vec<f32>,
     /// `sin(position * inv_freq[i])`, `[tokens, rope_half]`.
@@ -65,7 +69,10 @@ impl BatchPlan {
         let mut sequences = Vec::with_capacity(batch.sequences.len());
         let mut block_tables = Vec::new();
         let mut logits_rows = Vec::new();
+        let mut row_adapters = Vec::with_capacity(tokens.len());
         for seq in &batch.sequences {
+            let adapter = seq.adapter.map_or(0, |k| k + 1);
+            row_adapters.extend(std::iter::repeat_n(adapter, seq.token_count));
             for pos in seq.cached_len..seq.context_len() {
                 let block = seq.block_table[pos / block_size] as u64;
                 slot_mapping.push(block * block_size as u64 + (pos % block_size) as u64);
@@ -103,6 +110,7 @@ impl BatchPlan {
             logits_rows,
             row_logprobs: batch.has_row_outputs(),
             lora: batch.sequences.iter().any(|s| s.adapter.is_some()),
+            row_adapters,
             rope_cos,
             rope_sin,
             rope_half,
@@ -138,6 +146,21 @@ mod tests {
         assert_eq!(plan.rope_cos.len(), 8);
         assert_eq!(plan.rope_cos[2], (3.0f32 * 1.0).cos());
         assert_eq!(plan.rope_sin[3], (3.0f32 * 0.5).sin());
+        assert_eq!(plan.row_adapters, vec![0; 4]);
+        assert!(!plan.lora);
+    }
+
+    #[test]
+    fn every_token_names_its_sequences_adapter() {
+        let mut batch = ForwardBatch::default();
+        batch.push(&[5, 6], 0, vec![1], true);
+        batch.push(&[7], 3, vec![2], true);
+        batch.set_adapter_from(1, Some(2));
+        batch.push(&[8, 9, 1], 0, vec![3], true);
+        batch.set_adapter_from(2, Some(0));
+        let plan = BatchPlan::new(&batch, 4, &[1.0]);
+        assert_eq!(plan.row_adapters, vec![0, 0, 3, 1, 1, 1]);
+        assert!(plan.lora);
     }
 
     #[test]

@@ -13,7 +13,10 @@
 //! its two products, and are added to the projection's output rows before anything reads
 //! them ([`crate::backend::Backend::add_rows`]); other rows are computed exactly as without
 //! adapters. The base weights are never changed, so one worker serves the base model and
-//! every adapter in the same batch.
+//! every adapter in the same batch. A backend with a pass over every adapter at once
+//! ([`crate::backend::Backend::add_lora_stacked`], the CUDA backend's for batches of up to
+//! 512 rows) gets each projection's pairs of all adapters stacked ([`stack`]) and reads each
+//! row's adapter from the step's data, so decode steps with adapter rows are CUDA graphs too.
 //!
 //! What differs from a merged model (`W + scale * B A` in one matrix) is the summation order
 //! only; the K/V an adapter's request computes differ from the base model's, so each adapter
@@ -30,7 +33,7 @@ use tandem_model::lora::{
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterConfig, Factor, Target, parse_tensor_name,
 };
 
-use crate::backend::{Backend, HostTensor, WeightDType};
+use crate::backend::{Backend, HostTensor, LoraStack, WeightDType, stack_lora_host};
 
 pub use tandem_protocol::config::LoraModule;
 
@@ -56,12 +59,68 @@ pub struct LoraPair<W> {
     pub b: W,
 }
 
-/// An adapter's pairs in one layer, by the base model's fused projections.
-pub struct LayerLora<W> {
-    pub qkv: Option<LoraPair<W>>,
-    pub o_proj: Option<LoraPair<W>>,
-    pub gate_up: Option<LoraPair<W>>,
-    pub down: Option<LoraPair<W>>,
+/// The base model's fused projections of one layer, as adapters change them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+impl Projection {
+    pub const ALL: [Projection; 4] = [
+        Projection::Qkv,
+        Projection::O,
+        Projection::GateUp,
+        Projection::Down,
+    ];
+
+    /// The modules fused into it, in the order of its output rows.
+    pub fn targets(self) -> &'static [Target] {
+        match self {
+            Projection::Qkv => &[Target::Q, Target::K, Target::V],
+            Projection::O => &[Target::O],
+            Projection::GateUp => &[Target::Gate, Target::Up],
+            Projection::Down => &[Target::Down],
+        }
+    }
+
+    /// `(outputs, inputs)` of the fused projection in a model of `config`.
+    pub fn shape(self, config: &ModelConfig) -> (usize, usize) {
+        let targets = self.targets();
+        let outputs = targets.iter().map(|t| t.shape(config).0).sum();
+        (outputs, targets[0].shape(config).1)
+    }
+}
+
+/// Something per fused projection of one layer (an adapter's pairs, or every adapter's stacked):
+/// `None` where no adapter changes it.
+pub struct LayerLora<P> {
+    pub qkv: Option<P>,
+    pub o_proj: Option<P>,
+    pub gate_up: Option<P>,
+    pub down: Option<P>,
+}
+
+impl<P> LayerLora<P> {
+    pub fn get(&self, projection: Projection) -> Option<&P> {
+        match projection {
+            Projection::Qkv => self.qkv.as_ref(),
+            Projection::O => self.o_proj.as_ref(),
+            Projection::GateUp => self.gate_up.as_ref(),
+            Projection::Down => self.down.as_ref(),
+        }
+    }
+
+    fn from_fn<E>(mut f: impl FnMut(Projection) -> Result<Option<P>, E>) -> Result<Self, E> {
+        Ok(LayerLora {
+            qkv: f(Projection::Qkv)?,
+            o_proj: f(Projection::O)?,
+            gate_up: f(Projection::GateUp)?,
+            down: f(Projection::Down)?,
+        })
+    }
 }
 
 /// A loaded adapter.
@@ -75,7 +134,7 @@ pub struct Adapter<B: Backend> {
     pub rank: usize,
     /// Projections it changes, of the layers' seven.
     pub modules: usize,
-    pub layers: Vec<LayerLora<B::Weight>>,
+    pub layers: Vec<LayerLora<LoraPair<B::Weight>>>,
 }
 
 impl<B: Backend> std::fmt::Debug for Adapter<B> {
@@ -89,14 +148,21 @@ impl<B: Backend> std::fmt::Debug for Adapter<B> {
     }
 }
 
+/// An adapter's fused factors on the host, per layer: what [`stack`] stacks.
+pub struct HostAdapter {
+    layers: Vec<LayerLora<Fused>>,
+}
+
 /// Loads `module`'s adapter for a model of `config` whose fingerprint is `base_fingerprint`,
-/// and uploads its fused factors to `backend`.
+/// and uploads its fused factors to `backend`; with `keep_host`, also returns them as they
+/// are on the host (for [`stack`]).
 pub fn load<B: Backend>(
     module: &LoraModule,
     config: &ModelConfig,
     base_fingerprint: &str,
     backend: &B,
-) -> Result<Adapter<B>, LoraError> {
+    keep_host: bool,
+) -> Result<(Adapter<B>, Option<HostAdapter>), LoraError> {
     let fail = |reason: String| LoraError {
         adapter: module.name.clone(),
         path: module.path.clone(),
@@ -141,37 +207,83 @@ pub fn load<B: Backend>(
             .map_err(|e| fail(format!("uploading: {e}")))
     };
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
+    let mut host = Vec::new();
     for layer in 0..config.num_hidden_layers {
-        let fuse = |targets: &[Target]| -> Result<Option<LoraPair<B::Weight>>, LoraError> {
-            let parts: Vec<(usize, usize, Option<&HostFactors>)> = targets
+        let fused = LayerLora::from_fn(|projection| {
+            let parts: Vec<(usize, usize, Option<&HostFactors>)> = projection
+                .targets()
                 .iter()
                 .map(|&t| {
                     let (out, inp) = t.shape(config);
                     (out, inp, modules.get(&(layer, t)))
                 })
                 .collect();
-            let Some(fused) = fuse_parts(&parts) else {
+            Ok::<_, LoraError>(fuse_parts(&parts))
+        })?;
+        layers.push(LayerLora::from_fn(|projection| {
+            let Some(fused) = fused.get(projection) else {
                 return Ok(None);
             };
             Ok(Some(LoraPair {
                 a: upload(fused.r, fused.cols, &fused.a)?,
                 b: upload(fused.out, fused.r, &fused.b)?,
             }))
-        };
-        layers.push(LayerLora {
-            qkv: fuse(&[Target::Q, Target::K, Target::V])?,
-            o_proj: fuse(&[Target::O])?,
-            gate_up: fuse(&[Target::Gate, Target::Up])?,
-            down: fuse(&[Target::Down])?,
-        });
+        })?);
+        if keep_host {
+            host.push(fused);
+        }
     }
-    Ok(Adapter {
+    let adapter = Adapter {
         name: module.name.clone(),
         fingerprint,
         rank,
         modules: count,
         layers,
-    })
+    };
+    Ok((adapter, keep_host.then_some(HostAdapter { layers: host })))
+}
+
+/// Every adapter's pairs stacked per layer and projection ([`LoraStack`]), in the order of
+/// `adapters` (adapter `k` of a batch's rows is `adapters[k]`), uploaded to `backend`.
+pub fn stack<B: Backend>(
+    adapters: &[HostAdapter],
+    config: &ModelConfig,
+    backend: &B,
+) -> Result<Vec<LayerLora<LoraStack<B::Weight>>>, crate::backend::BackendError> {
+    let upload = |rows: usize, cols: usize, data: &[f32]| {
+        let shape = [rows, cols];
+        backend.upload_weight(&[HostTensor::new(
+            WeightDType::F32,
+            &shape,
+            bytemuck_f32(data),
+        )])
+    };
+    (0..config.num_hidden_layers)
+        .map(|layer| {
+            LayerLora::from_fn(|projection| {
+                let (outputs, inputs) = projection.shape(config);
+                let parts: Vec<_> = adapters
+                    .iter()
+                    .map(|h| {
+                        h.layers[layer]
+                            .get(projection)
+                            .map(|f| (f.r, f.a.as_slice(), f.b.as_slice()))
+                    })
+                    .collect();
+                let Some((rank, a, b)) = stack_lora_host(&parts, inputs, outputs) else {
+                    return Ok(None);
+                };
+                Ok(Some(LoraStack {
+                    a: upload(adapters.len() * rank, inputs, &a)?,
+                    b: upload(adapters.len() * outputs, rank, &b)?,
+                    adapters: adapters.len(),
+                    rank,
+                    inputs,
+                    outputs,
+                }))
+            })
+        })
+        .collect()
 }
 
 /// The f32 values' bytes (little-endian, as the backends read host tensors).

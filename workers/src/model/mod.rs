@@ -25,6 +25,7 @@ use std::path::Path;
 use tandem_model::{ConfigError, ModelConfig, tensor_names};
 
 pub use batch::{ChainedToken, ForwardBatch, RowLogprobs, RowOutputs, SequenceSlice, TokenLogprob};
+use lora::Projection;
 use weights::Piece;
 pub use weights::WeightsError;
 
@@ -107,6 +108,18 @@ pub struct Model<B: Backend> {
     tensor_parallel: TensorParallel,
     /// LoRA adapters a sequence may compute with ([`SequenceSlice::adapter`] indexes them).
     adapters: Vec<lora::Adapter<B>>,
+    /// Per layer, every adapter's pairs stacked, where the backend adds a batch's products in
+    /// one pass ([`Backend::add_lora_stacked`]); empty otherwise.
+    lora_stacks: Vec<lora::LayerLora<crate::backend::LoraStack<B::Weight>>>,
+}
+
+/// The rows of one forward's sequences that compute with adapters, and how their products are
+/// added ([`Model::add_lora`]).
+struct LoraRows<'a> {
+    /// Each adapter's rows ([`ForwardBatch::adapter_rows`]); empty: the base model only.
+    groups: &'a [(u32, Vec<u32>)],
+    /// Every adapter's rows in one pass over the stacked pairs ([`Backend::add_lora_stacked`]).
+    stacked: bool,
 }
 
 /// How a tensor is split over tensor-parallel ranks ([`shard`]).
@@ -301,6 +314,7 @@ impl<B: Backend> Model<B> {
             kv_dtype,
             tensor_parallel: tp,
             adapters: Vec::new(),
+            lora_stacks: Vec::new(),
         })
     }
 
@@ -332,11 +346,20 @@ impl<B: Backend> Model<B> {
         if let Some(why) = self.backend.lora_refusal(self.weight_dtype) {
             return Err(refuse(&modules[0], why).into());
         }
+        let stacked = self.backend.lora_stacked_rows() > 0;
+        let mut hosts = Vec::new();
         for (i, module) in modules.iter().enumerate() {
             if modules[..i].iter().any(|m| m.name == module.name) {
                 return Err(refuse(module, "the name is given twice".into()).into());
             }
-            let adapter = lora::load(module, &self.config, base_fingerprint, &self.backend)?;
+            let (adapter, host) = lora::load(
+                module,
+                &self.config,
+                base_fingerprint,
+                &self.backend,
+                stacked,
+            )?;
+            hosts.extend(host);
             tracing::info!(
                 adapter = adapter.name,
                 path = %module.path.display(),
@@ -346,6 +369,10 @@ impl<B: Backend> Model<B> {
                 "LoRA adapter loaded"
             );
             self.adapters.push(adapter);
+        }
+        if stacked {
+            // Every adapter of this model at once: a later call would restack them all.
+            self.lora_stacks = lora::stack(&hosts, &self.config, &self.backend)?;
         }
         Ok(())
     }
@@ -518,6 +545,10 @@ impl<B: Backend> Model<B> {
                 b.linear_to_residual(x, weight, bias)
             }
         };
+        let lora = LoraRows {
+            groups: lora,
+            stacked: !self.lora_stacks.is_empty() && b.lora_stacked_rows() >= plan.num_tokens(),
+        };
         let mut residual = b.embedding(&self.embed, meta)?;
         let mut mlp_out: Option<B::Tensor> = None;
         // Each projection's weight is announced before the ops that compute its input
@@ -529,7 +560,7 @@ impl<B: Backend> Model<B> {
                 Some(m) => b.add_rms_norm(&mut residual, m, &layer.input_norm, self.eps)?,
             };
             let mut qkv = b.linear_qkv(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
-            self.add_lora(&mut qkv, &h, lora, i, |l| l.qkv.as_ref())?;
+            self.add_lora(&mut qkv, &h, meta, &lora, i, Projection::Qkv)?;
             if let Some((q_norm, k_norm)) = &layer.qk_norm {
                 b.head_rms_norm(&mut qkv, q_norm, k_norm, &self.shape, self.eps)?;
             }
@@ -537,18 +568,18 @@ impl<B: Backend> Model<B> {
             b.prefetch_weight(&layer.o_proj);
             let attn = b.paged_attention(&qkv, meta, &self.shape, kv, i)?;
             let mut o = to_residual(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
-            self.add_lora(&mut o, &attn, lora, i, |l| l.o_proj.as_ref())?;
+            self.add_lora(&mut o, &attn, meta, &lora, i, Projection::O)?;
             b.prefetch_weight(&layer.gate_up);
             let h = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, self.eps)?;
-            let act = if lora.is_empty() {
+            let act = if lora.groups.is_empty() {
                 b.linear_silu_mul(&h, &layer.gate_up, &layer.down)?
             } else {
                 let mut gate_up = b.linear(&h, &layer.gate_up, None)?;
-                self.add_lora(&mut gate_up, &h, lora, i, |l| l.gate_up.as_ref())?;
+                self.add_lora(&mut gate_up, &h, meta, &lora, i, Projection::GateUp)?;
                 b.silu_mul(&gate_up)?
             };
             let mut down = to_residual(&act, &layer.down, None)?;
-            self.add_lora(&mut down, &act, lora, i, |l| l.down.as_ref())?;
+            self.add_lora(&mut down, &act, meta, &lora, i, Projection::Down)?;
             mlp_out = Some(down);
         }
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -574,20 +605,31 @@ impl<B: Backend> Model<B> {
         Ok(Some(logits))
     }
 
-    /// Adds to `y` (a projection's output over input `x`) each adapter's `B (A x)` at the
-    /// rows of its sequences, for the pair `pick` takes from layer `layer` (none where the
-    /// adapter leaves that projection alone).
+    /// Adds to `y` (the output of layer `layer`'s `projection` over input `x`) each adapter's
+    /// `B (A x)` at the rows of its sequences (none where the adapter leaves that projection
+    /// alone): in one pass over the stacked pairs where the backend has one and the batch fits
+    /// it, else adapter by adapter.
     fn add_lora(
         &self,
         y: &mut B::Tensor,
         x: &B::Tensor,
-        lora: &[(u32, Vec<u32>)],
+        meta: &B::Batch,
+        lora: &LoraRows<'_>,
         layer: usize,
-        pick: impl Fn(&lora::LayerLora<B::Weight>) -> Option<&lora::LoraPair<B::Weight>>,
+        projection: Projection,
     ) -> Result<(), BackendError> {
+        if lora.groups.is_empty() {
+            return Ok(());
+        }
         let b = &self.backend;
-        for (adapter, rows) in lora {
-            let Some(pair) = pick(&self.adapters[*adapter as usize].layers[layer]) else {
+        if lora.stacked {
+            return match self.lora_stacks[layer].get(projection) {
+                Some(stack) => b.add_lora_stacked(y, x, meta, stack),
+                None => Ok(()),
+            };
+        }
+        for (adapter, rows) in lora.groups {
+            let Some(pair) = self.adapters[*adapter as usize].layers[layer].get(projection) else {
                 continue;
             };
             b.add_lora(y, x, rows, &pair.a, &pair.b)?;

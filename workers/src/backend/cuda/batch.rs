@@ -44,7 +44,7 @@ struct Packed {
 }
 
 /// Integer arrays a batch packs (see `pack`).
-const INT_ARRAYS: usize = 13;
+const INT_ARRAYS: usize = 14;
 
 /// The cache blocks the prefill sequences (those after `decode_rows`) read, each once, in
 /// order of first use, and the batch's block tables with those sequences' entries replaced by
@@ -145,6 +145,7 @@ fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendE
     } else {
         (Vec::new(), Vec::new())
     };
+    let mut row_adapters = plan.row_adapters.clone();
     let mut cos = plan.rope_cos.clone();
     let mut sin = plan.rope_sin.clone();
     let mut max_context = plan
@@ -179,6 +180,7 @@ fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendE
             seq_token_count.push(1);
             tile_seq.push(s as u32);
             tile_row.push(0);
+            row_adapters.push(0);
             cos.extend(std::iter::repeat_n(1.0, half));
             sin.extend(std::iter::repeat_n(0.0, half));
         }
@@ -199,6 +201,7 @@ fn pack(plan: &BatchPlan, shape: Option<&GraphShape>) -> Result<Packed, BackendE
         &tile_row,
         &prefill_blocks,
         &prefill_tables,
+        &row_adapters,
     ];
     let mut ints = Vec::with_capacity(arrays.iter().map(|a| a.len()).sum::<usize>() + 1);
     let mut offsets = [0usize; INT_ARRAYS];
@@ -458,6 +461,11 @@ impl CudaBatch {
     pub(super) fn prefill_tables(&self) -> &u64 {
         &self.addr[12]
     }
+    /// Per token, its sequence's LoRA adapter plus one (0: the base model), dummies 0
+    /// ([`BatchPlan::row_adapters`]).
+    pub(super) fn row_adapters(&self) -> &u64 {
+        &self.addr[13]
+    }
     pub(super) fn rope_cos(&self) -> &u64 {
         &self.addr[INT_ARRAYS]
     }
@@ -526,8 +534,28 @@ mod tests {
             [0, 0, 0, 1, 2, 0, 3],
             "the decode's entries are not read"
         );
+        assert_eq!(at(13, 1 + 40 + 20), [0; 61]);
         let decode_only = pack(&plan(&[(1, 30), (1, 5)]), None).unwrap();
         assert_eq!(decode_only.num_prefill_blocks, 0);
+    }
+
+    #[test]
+    fn a_graph_shape_pads_the_rows_adapters_with_the_base_model() {
+        let mut batch = ForwardBatch::default();
+        batch.push(&[1], 30, vec![0, 1], true);
+        batch.push(&[1], 5, vec![2], true);
+        batch.set_adapter_from(1, Some(1));
+        let shape = GraphShape {
+            batch: 4,
+            blocks_per_seq: 2,
+            context: 32,
+            scratch_block: 7,
+        };
+        let packed = pack(&BatchPlan::new(&batch, 16, &[1.0, 0.5]), Some(&shape)).unwrap();
+        assert_eq!(
+            &packed.ints[packed.offsets[13]..packed.offsets[13] + 4],
+            [0, 2, 0, 0]
+        );
     }
 
     #[test]

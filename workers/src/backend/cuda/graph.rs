@@ -23,7 +23,7 @@ use crate::backend::{BackendError, BatchPlan, ForwardLayers};
 
 /// Batch sizes graphs are captured for (a step is padded to the next one: past 128, by at most
 /// a quarter of its sequences); a decode step of more sequences than the last runs eagerly.
-const GRAPH_BATCHES: &[usize] = &[
+pub(super) const GRAPH_BATCHES: &[usize] = &[
     1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512,
 ];
 /// Graphs kept at most: 19 batch sizes times the context buckets a workload reaches. Each
@@ -39,6 +39,8 @@ pub(super) struct GraphKey {
     shape: GraphShape,
     /// The cache the graph reads and writes (its address is baked into the kernels).
     kv_address: u64,
+    /// Captured with the LoRA adapters' stacked products ([`BatchPlan::lora`]).
+    lora: bool,
 }
 
 struct GraphSlot {
@@ -91,7 +93,6 @@ impl DecodeGraphs {
         let seqs = &plan.sequences;
         if seqs.is_empty()
             || plan.row_logprobs
-            || plan.lora
             || plan.logits_rows.len() != seqs.len()
             || seqs.iter().any(|s| s.token_count != 1)
         {
@@ -112,6 +113,7 @@ impl DecodeGraphs {
                 scratch_block: kv.scratch_block(),
             },
             kv_address: kv.block_address(backend.stream(), 0),
+            lora: plan.lora,
         })
     }
 }

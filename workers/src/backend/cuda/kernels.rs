@@ -43,6 +43,8 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/flash_wgmma.cu"),
     ),
     ("skinny.cu", include_str!("../../../kernels/skinny.cu")),
+    // After gemv.cu: it uses that file's bf16x8_to_f32.
+    ("lora.cu", include_str!("../../../kernels/lora.cu")),
     // Before sample.cu: its truncated draw and the ranking's keys.
     (
         "sample_rank.cu",
@@ -420,6 +422,9 @@ pub struct Kernels {
     pub add_rows: CudaFunction,
     pub add_rows_bf16: CudaFunction,
     pub cast_bf16: CudaFunction,
+    pub lora_shrink: CudaFunction,
+    pub lora_expand: CudaFunction,
+    pub lora_expand_bf16: CudaFunction,
     pub gather_masked_rows: CudaFunction,
     /// K/V blocks between the cache and a transfer's device memory, in one launch.
     pub copy_kv_blocks: CudaFunction,
@@ -622,6 +627,9 @@ impl Kernels {
             add_rows: f("add_rows")?,
             add_rows_bf16: f("add_rows_bf16")?,
             cast_bf16: f("cast_bf16")?,
+            lora_shrink: f("lora_shrink")?,
+            lora_expand: f("lora_expand")?,
+            lora_expand_bf16: f("lora_expand_bf16")?,
             gather_masked_rows: f("gather_masked_rows")?,
             copy_kv_blocks: f("copy_kv_blocks")?,
             argmax_rows: f("argmax_rows")?,

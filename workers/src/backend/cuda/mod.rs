@@ -78,6 +78,7 @@ pub mod kernels;
 mod kv_cache;
 mod launch;
 mod launch_count;
+mod lora;
 mod nccl;
 mod ops;
 mod options;

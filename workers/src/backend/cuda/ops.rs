@@ -794,6 +794,20 @@ impl Backend for CudaBackend {
         self.add_rows_at(y, &address, rows.len(), &delta)
     }
 
+    fn lora_stacked_rows(&self) -> usize {
+        super::lora::STACKED_ROWS
+    }
+
+    fn add_lora_stacked(
+        &self,
+        y: &mut CudaTensor,
+        x: &CudaTensor,
+        batch: &CudaBatch,
+        stack: &crate::backend::LoraStack<CudaWeight>,
+    ) -> Result<(), BackendError> {
+        self.lora_stacked(y, x, batch, stack)
+    }
+
     /// A 16-bit model's projections read bf16 rows, which the adapters' products read too; an
     /// FP8 model's norms write only the FP8 codes its projections read.
     fn lora_refusal(&self, weights: crate::backend::WeightDType) -> Option<String> {
