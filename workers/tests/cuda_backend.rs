@@ -2070,9 +2070,9 @@ fn tiny_adapters() -> Vec<tandem_protocol::config::LoraModule> {
 
 /// LoRA adapters on the GPU (bf16 factors, products added to f32 and bf16 projection outputs)
 /// against the CPU's f32 ones: teacher-forced logits of prompts of 7, 40, 150 and 600 tokens
-/// (the last over 512 rows: each adapter's rows through GEMMs; the others through the stacked
-/// pass) and 8 decode steps each, for two adapters; a batch mixing both adapters and the base
-/// model against each alone; decode steps with adapter rows replayed from a CUDA graph; and an
+/// (each adapter's rows through GEMMs) and 8 decode steps each (the stacked pass), for two
+/// adapters; a prompt step and a decode step mixing both adapters and the base model against
+/// each alone; decode steps with adapter rows replayed from a CUDA graph; and an
 /// engine with graphs and overlapped steps giving every request the tokens it gets without
 /// them, the base model's requests those they get alone.
 #[test]
@@ -2160,6 +2160,33 @@ fn lora_adapters_on_the_gpu_match_the_cpu() {
         let d = rel_l2(row, alone);
         eprintln!("batched against alone, sequence {i}: {d:.2e}");
         assert!(d < 1e-2, "sequence {i}: {d}");
+    }
+    // Their next token in one decode step: the stacked pass over rows of adapter a, the base
+    // model and adapter b.
+    let next = [11u32, 12, 13];
+    let mut step = ForwardBatch::default();
+    for (i, (prompt, adapter)) in [
+        (&prompts[1], Some(0)),
+        (&prompts[2], None),
+        (&prompts[0], Some(1)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let table = (32 * i as u32..32 * (i as u32 + 1)).collect();
+        step.push(&next[i..=i], prompt.len(), table, true);
+        step.set_adapter_from(i, adapter);
+    }
+    let rows = gpu.forward(&step, &mut kv).unwrap();
+    let alone = [
+        logits_with_adapter(&gpu, &prompts[1], &next[0..1], Some(0)).remove(1),
+        logits_with_adapter(&gpu, &prompts[2], &next[1..2], None).remove(1),
+        logits_with_adapter(&gpu, &prompts[0], &next[2..3], Some(1)).remove(1),
+    ];
+    for (i, (row, alone)) in rows.iter().zip(&alone).enumerate() {
+        let d = rel_l2(row, alone);
+        eprintln!("decode step batched against alone, sequence {i}: {d:.2e}");
+        assert!(d < 1e-2, "decode step, sequence {i}: {d}");
     }
 
     // Decode steps of a sequence with an adapter: the first of a graph shape runs eagerly,

@@ -14,7 +14,8 @@ use super::{CudaBackend, CudaBatch, CudaTensor, CudaWeight, shape_err};
 use crate::backend::{BackendError, LoraStack};
 
 /// The most rows the stacked pass takes: the largest batch a decode graph is captured for.
-/// Larger batches (prefill chunks) gather each adapter's rows into GEMMs instead.
+/// Larger decode batches (and every step with a prompt's rows) gather each adapter's rows
+/// into GEMMs instead.
 pub(super) const STACKED_ROWS: usize = GRAPH_BATCHES[GRAPH_BATCHES.len() - 1];
 
 /// Must match `LORA_CHUNK`, `LORA_SHRINK_WARPS`, `LORA_IN_FLIGHT` and `LORA_EXPAND_ROWS` in
