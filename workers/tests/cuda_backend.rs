@@ -2190,7 +2190,15 @@ fn lora_adapters_on_the_gpu_match_the_cpu() {
     }
 
     // Decode steps of a sequence with an adapter: the first of a graph shape runs eagerly,
-    // the second captures, later ones replay (launching nothing one by one).
+    // the second captures, later ones replay (launching nothing one by one). The graphs the
+    // steps above captured are dropped first (switching graphs off and on again), since this
+    // step's shape may be one of theirs.
+    let no_graphs = CudaOptions {
+        cuda_graphs: false,
+        ..options.clone()
+    };
+    gpu.backend().set_options(&no_graphs).unwrap();
+    gpu.backend().set_options(&options).unwrap();
     let mut kv = gpu.alloc_kv_cache(16, 64).unwrap();
     let table: Vec<u32> = (0..64).collect();
     let mut batch = ForwardBatch::default();
