@@ -27,20 +27,36 @@ pub fn stacked_rank(rank: usize) -> usize {
     rank.div_ceil(LORA_RANK_MULTIPLE) * LORA_RANK_MULTIPLE
 }
 
-/// `(a, b)` of [`LoraStack`] as host values: `parts[k]` is adapter `k`'s `(r, a, b)` for
-/// this projection (`a` `[r, inputs]`, `b` `[outputs, r]`), `None` where it leaves it alone.
-/// `None` when no adapter changes it.
+/// One adapter's pair of one projection on the host, as [`stack_host`] stacks it.
+#[derive(Clone, Copy)]
+pub struct HostPair<'a> {
+    pub rank: usize,
+    /// `[rank, inputs]`.
+    pub a: &'a [f32],
+    /// `[outputs, rank]`, scaled.
+    pub b: &'a [f32],
+}
+
+/// `(rank, a, b)` of [`LoraStack`] as host values: `parts[k]` is adapter `k`'s pair for this
+/// projection, `None` where it leaves it alone. `None` when no adapter changes it.
 pub fn stack_host(
-    parts: &[Option<(usize, &[f32], &[f32])>],
+    parts: &[Option<HostPair<'_>>],
     inputs: usize,
     outputs: usize,
 ) -> Option<(usize, Vec<f32>, Vec<f32>)> {
-    let widest = parts.iter().flatten().map(|p| p.0).max()?;
+    let widest = parts.iter().flatten().map(|p| p.rank).max()?;
     let rank = stacked_rank(widest);
     let mut a = vec![0f32; parts.len() * rank * inputs];
     let mut b = vec![0f32; parts.len() * outputs * rank];
     for (k, part) in parts.iter().enumerate() {
-        let Some((r, pa, pb)) = *part else { continue };
+        let Some(HostPair {
+            rank: r,
+            a: pa,
+            b: pb,
+        }) = *part
+        else {
+            continue;
+        };
         let a_at = k * rank * inputs;
         a[a_at..a_at + r * inputs].copy_from_slice(&pa[..r * inputs]);
         for o in 0..outputs {
@@ -58,22 +74,22 @@ mod tests {
     #[test]
     fn adapters_are_stacked_in_order_and_padded_to_the_rank_multiple() {
         // Two inputs, one output. Adapter 0: r 1; adapter 1 leaves it alone; adapter 2: r 2.
-        let a0 = [1., 2.];
-        let b0 = [3.];
-        let a2 = [4., 5., 6., 7.];
-        let b2 = [8., 9.];
-        let (rank, a, b) =
-            stack_host(&[Some((1, &a0, &b0)), None, Some((2, &a2, &b2))], 2, 1).unwrap();
+        const A0: [f32; 2] = [1., 2.];
+        const B0: [f32; 1] = [3.];
+        const A2: [f32; 4] = [4., 5., 6., 7.];
+        const B2: [f32; 2] = [8., 9.];
+        let pair = |rank, a: &'static [f32], b: &'static [f32]| Some(HostPair { rank, a, b });
+        let (rank, a, b) = stack_host(&[pair(1, &A0, &B0), None, pair(2, &A2, &B2)], 2, 1).unwrap();
         assert_eq!(rank, 8);
         assert_eq!(a.len(), 3 * 8 * 2);
-        assert_eq!(&a[..2], &a0);
+        assert_eq!(&a[..2], &A0);
         assert!(a[2..16].iter().all(|&v| v == 0.0), "padding and adapter 1");
         assert!(a[16..32].iter().all(|&v| v == 0.0));
-        assert_eq!(&a[32..36], &a2);
+        assert_eq!(&a[32..36], &A2);
         assert_eq!(b.len(), 3 * 8);
         assert_eq!(b[0], 3.0);
         assert!(b[1..16].iter().all(|&v| v == 0.0));
-        assert_eq!(&b[16..18], &b2);
+        assert_eq!(&b[16..18], &B2);
         assert!(stack_host(&[None, None], 2, 1).is_none());
         assert_eq!(stacked_rank(16), 16);
         assert_eq!(stacked_rank(17), 24);

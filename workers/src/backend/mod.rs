@@ -26,7 +26,10 @@ pub use kv_io::{
     DeviceRange, EXPORT_SLOT_BYTES, HostRange, KvBlockIo, KvBuffer, KvBytes, KvBytesMut,
     KvCacheMemory, KvMemory,
 };
-pub use lora_stack::{LORA_RANK_MULTIPLE, LoraStack, stack_host as stack_lora_host, stacked_rank};
+pub use lora_stack::{
+    HostPair as LoraHostPair, LORA_RANK_MULTIPLE, LoraStack, stack_host as stack_lora_host,
+    stacked_rank,
+};
 pub use plan::{BatchPlan, PlanSequence};
 
 pub use tandem_model::{GgufQuant, WeightDType};

@@ -33,7 +33,7 @@ use tandem_model::lora::{
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterConfig, Factor, Target, parse_tensor_name,
 };
 
-use crate::backend::{Backend, HostTensor, LoraStack, WeightDType, stack_lora_host};
+use crate::backend::{Backend, HostTensor, LoraHostPair, LoraStack, WeightDType, stack_lora_host};
 
 pub use tandem_protocol::config::LoraModule;
 
@@ -265,9 +265,11 @@ pub fn stack<B: Backend>(
                 let parts: Vec<_> = adapters
                     .iter()
                     .map(|h| {
-                        h.layers[layer]
-                            .get(projection)
-                            .map(|f| (f.r, f.a.as_slice(), f.b.as_slice()))
+                        h.layers[layer].get(projection).map(|f| LoraHostPair {
+                            rank: f.r,
+                            a: &f.a,
+                            b: &f.b,
+                        })
                     })
                     .collect();
                 let Some((rank, a, b)) = stack_lora_host(&parts, inputs, outputs) else {

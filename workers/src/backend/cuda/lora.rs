@@ -113,7 +113,7 @@ impl CudaBackend {
         let block_rows = shrink_block_rows(rows, chunks * rank_groups, self.multiprocessors);
         let (rows_i, in_i, r_i) = (rows as i32, stack.inputs as i32, r as i32);
         let block_rows_i = block_rows as i32;
-        let vec = i32::from(stack.inputs % 8 == 0);
+        let vec = i32::from(stack.inputs.is_multiple_of(8));
         let mut args = self.kernel_args(&self.kernels.lora_shrink);
         args.arg(xs)
             .arg(adapters)
