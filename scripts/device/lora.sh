@@ -11,6 +11,10 @@
 #           (16) on every projection (`model-prep lora random`): `tandem bench` of the base
 #           model, then of the adapter, at concurrency 1 and 32 (ISL 512, OSL 128): what the
 #           adapter's products cost a request
+#   mixed   the same server with four adapters (seeds 1-4): `tandem bench` of the base model at
+#           concurrency 32, then four benches at once, one an adapter, 8 each (every decode
+#           step mixes four adapters), then the base model and three adapters at once, 8 each:
+#           what a mix costs against one model's batch
 #
 # Output goes to stdout and $OUT; a failed test or check fails the script after the other
 # stages have run.
@@ -57,6 +61,52 @@ YAML
           --num-prompts 64 --input-len 512 --output-len 128 \
           --output-json "$out/bench-$name-$(date +%s).json" 2>&1 | tail -8 || status=1
       done
+      kill "$served_pid"
+      wait "$served_pid" 2>/dev/null
+      ;;
+    mixed)
+      preset=${PRESET:-llama-3.1-8b}
+      model=$(random_model "$preset" bf16 generated)
+      modules=""
+      for k in 1 2 3 4; do
+        adapter=$models/$preset-lora-r${RANK:-16}-s$k
+        [ -f "$adapter/adapter_config.json" ] ||
+          model-prep lora random --model "$model" -o "$adapter" --rank "${RANK:-16}" \
+            --dtype bf16 --seed "$k" >/dev/null
+        modules="$modules${modules:+, }{name: a$k, path: \"$adapter\"}"
+      done
+      config=$out/lora-mixed.yaml
+      cat >"$config" <<YAML
+served_model_name: base
+lora_modules: [$modules]
+context_servers: { num_instances: 0 }
+generation_servers: { num_instances: 1, device: "cuda:0", max_batch_size: 64 }
+YAML
+      port=8352
+      serve_and_wait "$config" "$model" $port "$out/serve-mixed.log" ||
+        { tail -40 "$out/serve-mixed.log"; status=1; continue; }
+      grep -c "LoRA adapter loaded" "$out/serve-mixed.log"
+      bench_mix() { # label model...: one bench a model at once, 8 each (32 alone)
+        local label=$1 c=8 n=32 pids=() seed=0
+        shift
+        [ $# -eq 1 ] && { c=32; n=64; }
+        for name in "$@"; do
+          seed=$((seed + 1))
+          tandem bench --url "http://127.0.0.1:$port/v1" --model "$name" --concurrency $c \
+            --num-prompts $n --input-len 512 --output-len 128 --seed "$seed" \
+            --output-json "$out/mixed-$label-$name.json" >"$out/mixed-$label-$name.txt" 2>&1 &
+          pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+        echo "== $label"
+        for name in "$@"; do
+          grep -E "^\s+c=" "$out/mixed-$label-$name.txt" | sed "s/^/$name /"
+        done
+      }
+      echo "model level ok failed req/s out-tok/s goodput TTFT-p50 TTFT-p99 ITL-p50 ITL-p99 TPOT-p50 E2E-p50 E2E-p99 cached"
+      bench_mix base-alone base
+      bench_mix four-adapters a1 a2 a3 a4
+      bench_mix base-and-three base a1 a2 a3
       kill "$served_pid"
       wait "$served_pid" 2>/dev/null
       ;;
