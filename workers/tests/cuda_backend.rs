@@ -2071,8 +2071,8 @@ fn tiny_adapters() -> Vec<tandem_protocol::config::LoraModule> {
 /// LoRA adapters on the GPU (bf16 factors, products added to f32 and bf16 projection outputs)
 /// against the CPU's f32 ones: teacher-forced logits of prompts of 7, 40, 150 and 600 tokens
 /// (each adapter's rows through GEMMs) and 8 decode steps each (the stacked pass), for two
-/// adapters; a prompt step and a decode step mixing both adapters and the base model against
-/// each alone; decode steps with adapter rows replayed from a CUDA graph; and an
+/// adapters; a prompt step and a decode step mixing both adapters and the base model, and a
+/// step of a decode row and a prompt of two adapters, against each alone; decode steps with adapter rows replayed from a CUDA graph; and an
 /// engine with graphs and overlapped steps giving every request the tokens it gets without
 /// them, the base model's requests those they get alone.
 #[test]
@@ -2187,6 +2187,24 @@ fn lora_adapters_on_the_gpu_match_the_cpu() {
         let d = rel_l2(row, alone);
         eprintln!("decode step batched against alone, sequence {i}: {d:.2e}");
         assert!(d < 1e-2, "decode step, sequence {i}: {d}");
+    }
+    // A step with a prompt: the first sequence's next token (the stacked pass, over the
+    // rows before the prompt's) beside a prompt for adapter b (its GEMMs), each against
+    // itself alone.
+    let mut step = ForwardBatch::default();
+    step.push(&[21], prompts[1].len() + 1, (0..32).collect(), true);
+    step.set_adapter_from(0, Some(0));
+    step.push(&prompts[2], 0, (32..64).collect(), true);
+    step.set_adapter_from(1, Some(1));
+    let rows = gpu.forward(&step, &mut kv).unwrap();
+    let alone = [
+        logits_with_adapter(&gpu, &prompts[1], &[next[0], 21], Some(0)).remove(2),
+        logits_with_adapter(&gpu, &prompts[2], &[], Some(1)).remove(0),
+    ];
+    for (i, (row, alone)) in rows.iter().zip(&alone).enumerate() {
+        let d = rel_l2(row, alone);
+        eprintln!("decode and prompt step against alone, sequence {i}: {d:.2e}");
+        assert!(d < 1e-2, "decode and prompt step, sequence {i}: {d}");
     }
 
     // Decode steps of a sequence with an adapter: the first of a graph shape runs eagerly,

@@ -420,24 +420,27 @@ pub trait Backend: Send + Sync {
         self.add_rows(y, rows, &delta)
     }
 
-    /// The most rows [`Self::add_lora_stacked`] takes in one batch; 0 where the backend has
-    /// no such pass (the model then adds each adapter's rows with [`Self::add_lora`]).
+    /// The most rows [`Self::add_lora_stacked`] goes through in one batch; 0 where the backend
+    /// has no such pass (the model then adds each adapter's rows with [`Self::add_lora`]).
     fn lora_stacked_rows(&self) -> usize {
         0
     }
 
-    /// `y[t] += B_k (A_k x[t])` for every row `t` of `batch` whose sequence computes with
-    /// adapter `k` ([`BatchPlan::row_adapters`]), from every adapter's pair of one projection
-    /// stacked ([`LoraStack`]); rows of the base model are left as they are. One pass for any
-    /// mix of adapters, whose arguments do not change with the mix.
+    /// `y[t] += B_k (A_k x[t])` for every row `t` of `batch` the plan gives adapter `k`
+    /// ([`BatchPlan::row_adapters`]), from every adapter's pair of one projection stacked
+    /// ([`LoraStack`]); other rows are left as they are. One pass for any mix of adapters,
+    /// whose arguments do not change with the mix. `first_rows`: `None` goes through every
+    /// row (a decode step: its graph replays the pass whichever rows ask for adapters);
+    /// `Some(n)` through the first `n` only, past which no row has an adapter here.
     fn add_lora_stacked(
         &self,
         y: &mut Self::Tensor,
         x: &Self::Tensor,
         batch: &Self::Batch,
         stack: &LoraStack<Self::Weight>,
+        first_rows: Option<usize>,
     ) -> Result<(), BackendError> {
-        let _ = (y, x, batch, stack);
+        let _ = (y, x, batch, stack, first_rows);
         Err(BackendError::Device {
             op: "add_lora_stacked",
             detail: format!("stacked LoRA products are not run by {}", self.describe()),

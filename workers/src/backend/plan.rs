@@ -45,8 +45,10 @@ pub struct BatchPlan {
     /// runs them for every row ([`super::Backend::add_lora_stacked`]), so it is kept apart
     /// from the base model's graphs of the same size, which do not.
     pub lora: bool,
-    /// Per token, the adapter its sequence computes with: its index in the model's adapters
-    /// plus one, 0 for the base model.
+    /// Per token, the adapter the stacked pass adds the products of
+    /// ([`super::Backend::add_lora_stacked`]): where its sequence computes one token this step,
+    /// that sequence's adapter's index in the model's adapters plus one; 0 for the base model
+    /// and for the rows of longer chunks (prompts), whose products each adapter's GEMMs add.
     pub row_adapters: Vec<u32>,
     /// `cos(position * inv_freq[i])`, `[tokens, rope_half]`.
     pub rope_cos: Vec<f32>,
@@ -71,7 +73,10 @@ impl BatchPlan {
         let mut logits_rows = Vec::new();
         let mut row_adapters = Vec::with_capacity(tokens.len());
         for seq in &batch.sequences {
-            let adapter = seq.adapter.map_or(0, |k| k + 1);
+            let adapter = match seq.adapter {
+                Some(k) if seq.token_count == 1 => k + 1,
+                _ => 0,
+            };
             row_adapters.extend(std::iter::repeat_n(adapter, seq.token_count));
             for pos in seq.cached_len..seq.context_len() {
                 let block = seq.block_table[pos / block_size] as u64;
@@ -151,15 +156,17 @@ mod tests {
     }
 
     #[test]
-    fn every_token_names_its_sequences_adapter() {
+    fn decode_rows_name_their_sequences_adapter_and_prompt_rows_none() {
         let mut batch = ForwardBatch::default();
         batch.push(&[5, 6], 0, vec![1], true);
         batch.push(&[7], 3, vec![2], true);
         batch.set_adapter_from(1, Some(2));
         batch.push(&[8, 9, 1], 0, vec![3], true);
         batch.set_adapter_from(2, Some(0));
+        batch.push(&[4], 5, vec![4, 5], true);
+        batch.set_adapter_from(3, Some(0));
         let plan = BatchPlan::new(&batch, 4, &[1.0]);
-        assert_eq!(plan.row_adapters, vec![0, 0, 3, 1, 1, 1]);
+        assert_eq!(plan.row_adapters, vec![0, 0, 3, 0, 0, 0, 1]);
         assert!(plan.lora);
     }
 

@@ -174,10 +174,11 @@ impl ForwardBatch {
         }
     }
 
-    /// The rows (token indices) of each adapter's sequences, by adapter index, ascending.
-    pub fn adapter_rows(&self) -> Vec<(u32, Vec<u32>)> {
+    /// The rows (token indices) of each adapter's sequences that `keep` keeps, by adapter
+    /// index, ascending.
+    pub fn adapter_rows(&self, keep: impl Fn(&SequenceSlice) -> bool) -> Vec<(u32, Vec<u32>)> {
         let mut groups: Vec<(u32, Vec<u32>)> = Vec::new();
-        for seq in &self.sequences {
+        for seq in self.sequences.iter().filter(|s| keep(s)) {
             let Some(adapter) = seq.adapter else { continue };
             let rows = (seq.token_start..seq.token_start + seq.token_count).map(|r| r as u32);
             match groups.iter_mut().find(|(a, _)| *a == adapter) {

@@ -14,9 +14,10 @@
 //! them ([`crate::backend::Backend::add_rows`]); other rows are computed exactly as without
 //! adapters. The base weights are never changed, so one worker serves the base model and
 //! every adapter in the same batch. A backend with a pass over every adapter at once
-//! ([`crate::backend::Backend::add_lora_stacked`], the CUDA backend's for decode steps of up
-//! to 512 sequences) gets each projection's pairs of all adapters stacked ([`stack`]) and reads each
-//! row's adapter from the step's data, so decode steps with adapter rows are CUDA graphs too.
+//! ([`crate::backend::Backend::add_lora_stacked`], the CUDA backend's for up to 512 rows of
+//! sequences that compute one token) gets each projection's pairs of all adapters stacked
+//! ([`stack`]) and reads each row's adapter from the step's data, so decode steps with adapter
+//! rows are CUDA graphs too; prompts' rows still go through each adapter's pair.
 //!
 //! What differs from a merged model (`W + scale * B A` in one matrix) is the summation order
 //! only; the K/V an adapter's request computes differ from the base model's, so each adapter

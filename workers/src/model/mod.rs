@@ -115,11 +115,54 @@ pub struct Model<B: Backend> {
 
 /// The rows of one forward's sequences that compute with adapters, and how their products are
 /// added ([`Model::add_lora`]).
-struct LoraRows<'a> {
-    /// Each adapter's rows ([`ForwardBatch::adapter_rows`]); empty: the base model only.
-    groups: &'a [(u32, Vec<u32>)],
-    /// Every adapter's rows in one pass over the stacked pairs ([`Backend::add_lora_stacked`]).
-    stacked: bool,
+struct LoraRows {
+    /// Rows of each adapter whose products its own pairs add ([`Backend::add_lora`],
+    /// [`ForwardBatch::adapter_rows`]): every adapter row, or with the stacked pass those of
+    /// prompt chunks only.
+    groups: Vec<(u32, Vec<u32>)>,
+    /// The rows of sequences that compute one token, every adapter's in one pass over the
+    /// stacked pairs ([`Backend::add_lora_stacked`], [`BatchPlan::row_adapters`]).
+    stacked: StackedPass,
+}
+
+/// Whether and over which rows a forward runs the stacked LoRA pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StackedPass {
+    Off,
+    /// Every row: a decode step, whose graph replays the pass for any mix of adapters.
+    AllRows,
+    /// The first rows, past which no row is one the pass adds for (a step with prompts,
+    /// never a graph).
+    FirstRows(usize),
+}
+
+impl LoraRows {
+    /// How a forward over `batch` (planned as `plan`) adds adapters' products: the stacked pass
+    /// for the rows of sequences that compute one token where the model has stacks and the
+    /// backend takes that many rows; each adapter's GEMMs for the others (prompts' rows,
+    /// whose inputs the GEMMs read once where the stacked pass reads them once per rank index:
+    /// at a 512-token prompt on an H200 the stacked pass took twice their time).
+    fn new(batch: &ForwardBatch, plan: &BatchPlan, stacks: bool, stacked_rows: usize) -> Self {
+        let end = plan
+            .row_adapters
+            .iter()
+            .rposition(|&a| a != 0)
+            .map_or(0, |last| last + 1);
+        let stacked = if !stacks || end == 0 || end > stacked_rows {
+            StackedPass::Off
+        } else if plan.sequences.iter().all(|s| s.token_count == 1) {
+            StackedPass::AllRows
+        } else {
+            StackedPass::FirstRows(end)
+        };
+        let groups = batch.adapter_rows(|seq| stacked == StackedPass::Off || seq.token_count != 1);
+        LoraRows { groups, stacked }
+    }
+
+    /// Whether any row computes with an adapter.
+    fn any(&self) -> bool {
+        self.stacked != StackedPass::Off || !self.groups.is_empty()
+    }
 }
 
 /// How a tensor is split over tensor-parallel ranks ([`shard`]).
@@ -502,7 +545,12 @@ impl<B: Backend> Model<B> {
             "planned a forward"
         );
         let mut rows = batch.has_row_outputs().then_some((batch, outputs));
-        let lora = batch.adapter_rows();
+        let lora = LoraRows::new(
+            batch,
+            &plan,
+            !self.lora_stacks.is_empty(),
+            b.lora_stacked_rows(),
+        );
         let logits = b.run_forward(&plan, kv, &mut |meta, kv| {
             self.layers(
                 &plan,
@@ -522,15 +570,15 @@ impl<B: Backend> Model<B> {
     /// With `row_outputs` (a batch whose sequences ask for them), the asked rows' log-probs
     /// and hidden states are computed from the last hidden states too, before the logits.
     ///
-    /// `lora` lists the rows of each adapter's sequences ([`ForwardBatch::adapter_rows`]):
-    /// their adapter's products are added to each projection's output.
+    /// `lora` says which rows compute with which adapter and how: their adapter's products are
+    /// added to each projection's output.
     fn layers(
         &self,
         plan: &BatchPlan,
         meta: &B::Batch,
         kv: &mut B::KvCache,
         row_outputs: Option<(&ForwardBatch, &mut RowOutputs)>,
-        lora: &[(u32, Vec<u32>)],
+        lora: &LoraRows,
     ) -> Result<Option<B::Tensor>, BackendError> {
         let b = &self.backend;
         // o_proj and down, whose outputs only the residual adds read. Each rank's give part of
@@ -545,17 +593,6 @@ impl<B: Backend> Model<B> {
                 b.linear_to_residual(x, weight, bias)
             }
         };
-        // The stacked pass for decode steps (a token a sequence: the steps a graph covers);
-        // prompts' rows go through each adapter's GEMMs, which read each input row once where
-        // the stacked pass reads it once per rank index (at a 512-token prompt on an H200 it
-        // took twice their time).
-        let decode_step = plan.sequences.iter().all(|s| s.token_count == 1);
-        let lora = LoraRows {
-            groups: lora,
-            stacked: !self.lora_stacks.is_empty()
-                && decode_step
-                && b.lora_stacked_rows() >= plan.num_tokens(),
-        };
         let mut residual = b.embedding(&self.embed, meta)?;
         let mut mlp_out: Option<B::Tensor> = None;
         // Each projection's weight is announced before the ops that compute its input
@@ -567,7 +604,7 @@ impl<B: Backend> Model<B> {
                 Some(m) => b.add_rms_norm(&mut residual, m, &layer.input_norm, self.eps)?,
             };
             let mut qkv = b.linear_qkv(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
-            self.add_lora(&mut qkv, &h, meta, &lora, i, Projection::Qkv)?;
+            self.add_lora(&mut qkv, &h, meta, lora, i, Projection::Qkv)?;
             if let Some((q_norm, k_norm)) = &layer.qk_norm {
                 b.head_rms_norm(&mut qkv, q_norm, k_norm, &self.shape, self.eps)?;
             }
@@ -575,18 +612,18 @@ impl<B: Backend> Model<B> {
             b.prefetch_weight(&layer.o_proj);
             let attn = b.paged_attention(&qkv, meta, &self.shape, kv, i)?;
             let mut o = to_residual(&attn, &layer.o_proj, layer.o_bias.as_ref())?;
-            self.add_lora(&mut o, &attn, meta, &lora, i, Projection::O)?;
+            self.add_lora(&mut o, &attn, meta, lora, i, Projection::O)?;
             b.prefetch_weight(&layer.gate_up);
             let h = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, self.eps)?;
-            let act = if lora.groups.is_empty() {
+            let act = if !lora.any() {
                 b.linear_silu_mul(&h, &layer.gate_up, &layer.down)?
             } else {
                 let mut gate_up = b.linear(&h, &layer.gate_up, None)?;
-                self.add_lora(&mut gate_up, &h, meta, &lora, i, Projection::GateUp)?;
+                self.add_lora(&mut gate_up, &h, meta, lora, i, Projection::GateUp)?;
                 b.silu_mul(&gate_up)?
             };
             let mut down = to_residual(&act, &layer.down, None)?;
-            self.add_lora(&mut down, &act, meta, &lora, i, Projection::Down)?;
+            self.add_lora(&mut down, &act, meta, lora, i, Projection::Down)?;
             mlp_out = Some(down);
         }
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -614,28 +651,27 @@ impl<B: Backend> Model<B> {
 
     /// Adds to `y` (the output of layer `layer`'s `projection` over input `x`) each adapter's
     /// `B (A x)` at the rows of its sequences (none where the adapter leaves that projection
-    /// alone): in one pass over the stacked pairs where the backend has one and the batch fits
-    /// it, else adapter by adapter.
+    /// alone): the rows [`LoraRows`] gives the stacked pass in one pass over every adapter's
+    /// pairs, the others adapter by adapter.
     fn add_lora(
         &self,
         y: &mut B::Tensor,
         x: &B::Tensor,
         meta: &B::Batch,
-        lora: &LoraRows<'_>,
+        lora: &LoraRows,
         layer: usize,
         projection: Projection,
     ) -> Result<(), BackendError> {
-        if lora.groups.is_empty() {
-            return Ok(());
-        }
         let b = &self.backend;
-        if lora.stacked {
-            return match self.lora_stacks[layer].get(projection) {
-                Some(stack) => b.add_lora_stacked(y, x, meta, stack),
-                None => Ok(()),
+        let stack = self.lora_stacks.get(layer).and_then(|l| l.get(projection));
+        if let (Some(stack), true) = (stack, lora.stacked != StackedPass::Off) {
+            let first_rows = match lora.stacked {
+                StackedPass::FirstRows(n) => Some(n),
+                _ => None,
             };
+            b.add_lora_stacked(y, x, meta, stack, first_rows)?;
         }
-        for (adapter, rows) in lora.groups {
+        for (adapter, rows) in &lora.groups {
             let Some(pair) = self.adapters[*adapter as usize].layers[layer].get(projection) else {
                 continue;
             };

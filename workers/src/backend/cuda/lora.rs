@@ -64,7 +64,8 @@ fn stacked_matrix<'w>(
 }
 
 impl CudaBackend {
-    /// [`crate::backend::Backend::add_lora_stacked`]: `A_k x` per row in partial sums over
+    /// [`crate::backend::Backend::add_lora_stacked`]: `A_k x` per row (of the first
+    /// `first_rows`, or all) in partial sums over
     /// chunks of the inputs (f32, `[chunks, rows, rank]`: every chunk of every row in flight
     /// at once, where one warp a row would wait for memory once a chunk), then `y += B_k t`
     /// with `t` their sum.
@@ -74,17 +75,20 @@ impl CudaBackend {
         x: &CudaTensor,
         batch: &CudaBatch,
         stack: &LoraStack<CudaWeight>,
+        first_rows: Option<usize>,
     ) -> Result<(), BackendError> {
-        let rows = x.rows;
-        if y.rows != rows || rows != batch.num_tokens {
+        if y.rows != x.rows || x.rows != batch.num_tokens {
             return Err(shape_err(
                 "add_lora_stacked",
                 format!(
                     "{} input rows and {} output rows in a batch of {} tokens",
-                    rows, y.rows, batch.num_tokens
+                    x.rows, y.rows, batch.num_tokens
                 ),
             ));
         }
+        // The kernels go through rows 0..rows (their strides are the rows' widths, so the
+        // rows past are never touched).
+        let rows = first_rows.map_or(x.rows, |n| n.min(x.rows));
         if x.cols != stack.inputs || y.cols != stack.outputs {
             return Err(shape_err(
                 "add_lora_stacked",

@@ -804,8 +804,9 @@ impl Backend for CudaBackend {
         x: &CudaTensor,
         batch: &CudaBatch,
         stack: &crate::backend::LoraStack<CudaWeight>,
+        first_rows: Option<usize>,
     ) -> Result<(), BackendError> {
-        self.lora_stacked(y, x, batch, stack)
+        self.lora_stacked(y, x, batch, stack, first_rows)
     }
 
     /// A 16-bit model's projections read bf16 rows, which the adapters' products read too; an
