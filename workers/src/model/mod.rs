@@ -142,21 +142,41 @@ impl LoraRows {
     /// backend takes that many rows; each adapter's GEMMs for the others (prompts' rows,
     /// whose inputs the GEMMs read once where the stacked pass reads them once per rank index:
     /// at a 512-token prompt on an H200 the stacked pass took twice their time).
+    ///
+    /// A step with prompts is never a graph, so its launches are queued one by one: there the
+    /// stacked pass (two a projection) runs only where it saves some, that is where some
+    /// adapter has decode rows and no prompt rows (each adapter's GEMMs are four launches).
     fn new(batch: &ForwardBatch, plan: &BatchPlan, stacks: bool, stacked_rows: usize) -> Self {
         let end = plan
             .row_adapters
             .iter()
             .rposition(|&a| a != 0)
             .map_or(0, |last| last + 1);
-        let stacked = if !stacks || end == 0 || end > stacked_rows {
-            StackedPass::Off
-        } else if plan.sequences.iter().all(|s| s.token_count == 1) {
-            StackedPass::AllRows
+        let all = batch.adapter_rows(|_| true);
+        if !stacks || end == 0 || end > stacked_rows {
+            return LoraRows {
+                groups: all,
+                stacked: StackedPass::Off,
+            };
+        }
+        if plan.sequences.iter().all(|s| s.token_count == 1) {
+            return LoraRows {
+                groups: Vec::new(),
+                stacked: StackedPass::AllRows,
+            };
+        }
+        let prompts = batch.adapter_rows(|seq| seq.token_count != 1);
+        if prompts.len() < all.len() {
+            LoraRows {
+                groups: prompts,
+                stacked: StackedPass::FirstRows(end),
+            }
         } else {
-            StackedPass::FirstRows(end)
-        };
-        let groups = batch.adapter_rows(|seq| stacked == StackedPass::Off || seq.token_count != 1);
-        LoraRows { groups, stacked }
+            LoraRows {
+                groups: all,
+                stacked: StackedPass::Off,
+            }
+        }
     }
 
     /// Whether any row computes with an adapter.
@@ -844,5 +864,55 @@ impl<B: Backend> Model<B> {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step of `(tokens, adapter)` sequences, each from position 0 but the one-token ones
+    /// (decode rows, at position 4), with its plan.
+    fn step(sequences: &[(usize, Option<u32>)]) -> (ForwardBatch, BatchPlan) {
+        let mut batch = ForwardBatch::default();
+        for (i, &(tokens, adapter)) in sequences.iter().enumerate() {
+            let start = if tokens == 1 { 4 } else { 0 };
+            batch.push(&vec![1; tokens], start, vec![i as u32, 9], true);
+            batch.set_adapter_from(i, adapter);
+        }
+        let plan = BatchPlan::new(&batch, 8, &[1.0]);
+        (batch, plan)
+    }
+
+    #[test]
+    fn the_stacked_pass_takes_decode_rows_where_it_saves_launches() {
+        // A decode step: every row through the stacked pass, which a graph replays.
+        let (batch, plan) = step(&[(1, Some(0)), (1, None), (1, Some(1))]);
+        let rows = LoraRows::new(&batch, &plan, true, 512);
+        assert_eq!(rows.stacked, StackedPass::AllRows);
+        assert!(rows.groups.is_empty() && rows.any());
+        // Without stacks (the CPU), or past the rows the backend takes: each adapter's GEMMs.
+        let rows = LoraRows::new(&batch, &plan, false, 512);
+        assert_eq!(rows.stacked, StackedPass::Off);
+        assert_eq!(rows.groups, vec![(0, vec![0]), (1, vec![2])]);
+        assert_eq!(
+            LoraRows::new(&batch, &plan, true, 2).stacked,
+            StackedPass::Off
+        );
+        // Decode rows of adapters 0 and 1 before a prompt of adapter 1: the pass goes through
+        // the first two rows, the GEMMs take the prompt's.
+        let (batch, plan) = step(&[(1, Some(0)), (1, Some(1)), (3, Some(1)), (1, None)]);
+        let rows = LoraRows::new(&batch, &plan, true, 512);
+        assert_eq!(rows.stacked, StackedPass::FirstRows(2));
+        assert_eq!(rows.groups, vec![(1, vec![2, 3, 4])]);
+        // Every decode row's adapter has prompt rows too: its GEMMs take them all, fewer
+        // launches than the pass and the GEMMs.
+        let (batch, plan) = step(&[(1, Some(1)), (3, Some(1))]);
+        let rows = LoraRows::new(&batch, &plan, true, 512);
+        assert_eq!(rows.stacked, StackedPass::Off);
+        assert_eq!(rows.groups, vec![(1, vec![0, 1, 2, 3])]);
+        // The base model only.
+        let (batch, plan) = step(&[(1, None), (3, None)]);
+        assert!(!LoraRows::new(&batch, &plan, true, 512).any());
     }
 }
