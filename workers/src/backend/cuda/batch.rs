@@ -461,8 +461,8 @@ impl CudaBatch {
     pub(super) fn prefill_tables(&self) -> &u64 {
         &self.addr[12]
     }
-    /// Per token, its sequence's LoRA adapter plus one (0: the base model), dummies 0
-    /// ([`BatchPlan::row_adapters`]).
+    /// Per token, the LoRA adapter plus one whose products the stacked pass adds (0: none,
+    /// as for the base model, prompt rows and dummies; [`BatchPlan::row_adapters`]).
     pub(super) fn row_adapters(&self) -> &u64 {
         &self.addr[13]
     }
