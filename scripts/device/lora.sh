@@ -6,8 +6,11 @@
 #   tests   the whole GPU test suite (workers/tests/cuda_backend.rs, carried as
 #           .kit/bin/cuda_backend_test), then its LoRA test again with its output (the GPU's
 #           logits with an adapter against the CPU's)
+#   fp8     the FP8 GPU tests (workers/tests/cuda_fp8.rs, carried as .kit/bin/cuda_fp8_test)
+#           on the tiny model, among them adapters over FP8 weights against the CPU's
 #   serve   `tandem serve` on one GPU, one aggregated worker (PRESET's shapes, llama-3.1-8b
-#           unless set, random bf16 weights generated at load) with a random adapter of RANK
+#           unless set, random WEIGHTS (bf16 or fp8; bf16 unless set) generated at load) with a
+#           random adapter of RANK
 #           (16) on every projection (`model-prep lora random`): `tandem bench` of the base
 #           model, then of the adapter, at concurrency 1 and 32 (ISL 512, OSL 128): what the
 #           adapter's products cost a request
@@ -35,9 +38,16 @@ for stage in "${stages[@]}"; do
         lora_adapters_on_the_gpu >"$out/tests-lora.log" 2>&1 || status=1
       grep -E "relative L2|batched against|test result|panicked" "$out/tests-lora.log"
       ;;
+    fp8)
+      random_model tiny >/dev/null
+      run_tests cuda_fp8 "$out/tests-fp8.log" \
+        env TANDEM_TEST_MODELS="$models" cuda_fp8_test --test-threads 1 --nocapture || status=1
+      grep -E "FP8 GPU against CPU|FP8 KV cache|LoRA adapter . over FP8|test result|panicked" \
+        "$out/tests-fp8.log"
+      ;;
     serve)
       preset=${PRESET:-llama-3.1-8b}
-      model=$(random_model "$preset" bf16 generated)
+      model=$(random_model "$preset" "${WEIGHTS:-bf16}" generated)
       adapter=$models/$preset-lora-r${RANK:-16}
       [ -f "$adapter/adapter_config.json" ] ||
         model-prep lora random --model "$model" -o "$adapter" --rank "${RANK:-16}" --dtype bf16
@@ -66,7 +76,7 @@ YAML
       ;;
     mixed)
       preset=${PRESET:-llama-3.1-8b}
-      model=$(random_model "$preset" bf16 generated)
+      model=$(random_model "$preset" "${WEIGHTS:-bf16}" generated)
       modules=""
       for k in 1 2 3 4; do
         adapter=$models/$preset-lora-r${RANK:-16}-s$k

@@ -389,7 +389,7 @@ pub trait Backend: Send + Sync {
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
 
     /// `y[rows[i]] += delta[i]` for every `i` (rows distinct): what [`Self::add_lora`] adds.
-    /// A backend that does not serve adapters refuses ([`Self::lora_refusal`] says so at load).
+    /// A backend that does not serve adapters refuses ([`Self::enable_lora`] says so at load).
     fn add_rows(
         &self,
         y: &mut Self::Tensor,
@@ -447,11 +447,13 @@ pub trait Backend: Send + Sync {
         })
     }
 
-    /// Why a model whose projections are `weights` cannot serve LoRA adapters here, if it
-    /// cannot ([`crate::model::Model::load_adapters`] refuses with it).
-    fn lora_refusal(&self, weights: WeightDType) -> Option<String> {
+    /// Readies this backend for LoRA adapters' products over a model whose projections are
+    /// `weights` (whatever the forward must keep for them, such as the projections' inputs
+    /// as values), or says why it cannot serve them ([`crate::model::Model::load_adapters`]
+    /// refuses with it). Called once, before the adapters are loaded.
+    fn enable_lora(&self, weights: WeightDType) -> Result<(), String> {
         let _ = weights;
-        Some(format!(
+        Err(format!(
             "LoRA adapters are not served by {}",
             self.describe()
         ))

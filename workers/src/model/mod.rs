@@ -406,7 +406,7 @@ impl<B: Backend> Model<B> {
             )
             .into());
         }
-        if let Some(why) = self.backend.lora_refusal(self.weight_dtype) {
+        if let Err(why) = self.backend.enable_lora(self.weight_dtype) {
             return Err(refuse(&modules[0], why).into());
         }
         let stacked = self.backend.lora_stacked_rows() > 0;

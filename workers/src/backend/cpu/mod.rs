@@ -672,8 +672,8 @@ impl Backend for CpuBackend {
 
     /// Every model the CPU loads computes from f32 activations, FP8 and GGUF blocks
     /// included.
-    fn lora_refusal(&self, _weights: crate::backend::WeightDType) -> Option<String> {
-        None
+    fn enable_lora(&self, _weights: crate::backend::WeightDType) -> Result<(), String> {
+        Ok(())
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<Vec<f32>>, BackendError> {

@@ -144,6 +144,9 @@ pub struct CudaBackend {
     /// Some FP8 weight quantizes its input per token: the norms and silu_mul write their rows'
     /// FP8 form for it ([`CudaOptions::fp8_fused_quant`]). Set at upload.
     fp8_per_token_inputs: std::sync::atomic::AtomicBool,
+    /// LoRA adapters read the projections' inputs, so those are never written as FP8 codes
+    /// alone. Set when adapters are loaded.
+    lora_reads_inputs: std::sync::atomic::AtomicBool,
     /// Sampling summaries queued for the host, and the picks chained tokens read.
     summaries: sample::SummaryQueue,
     /// Pinned memory the batches' metadata is uploaded from.
@@ -328,6 +331,7 @@ impl CudaBackend {
             skinny_counters,
             skinny_weight_maps: skinny::WeightMaps::default(),
             fp8_per_token_inputs: std::sync::atomic::AtomicBool::new(false),
+            lora_reads_inputs: std::sync::atomic::AtomicBool::new(false),
             group: None,
             widened: widened_kv::WidenedKvSlot::default(),
             launch_count: launch_count::LaunchCount::default(),

@@ -124,8 +124,12 @@ impl CudaBackend {
         cols: usize,
         fp8: Option<Fp8Rows>,
     ) -> Result<RowsOut, BackendError> {
-        let codes_only =
-            fp8.is_some() && self.options.fp8_codes_only && self.prefetch.next_reads_codes(cols);
+        let codes_only = fp8.is_some()
+            && self.options.fp8_codes_only
+            && !self
+                .lora_reads_inputs
+                .load(std::sync::atomic::Ordering::Relaxed)
+            && self.prefetch.next_reads_codes(cols);
         let values = if codes_only {
             None
         } else {
@@ -809,17 +813,15 @@ impl Backend for CudaBackend {
         self.lora_stacked(y, x, batch, stack, first_rows)
     }
 
-    /// A 16-bit model's projections read bf16 rows, which the adapters' products read too; an
-    /// FP8 model's norms write only the FP8 codes its projections read.
-    fn lora_refusal(&self, weights: crate::backend::WeightDType) -> Option<String> {
-        (weights == crate::backend::WeightDType::F8E4M3).then(|| {
-            format!(
-                "LoRA adapters are not served with FP8 weights on {}: serve the model's \
-                 16-bit original (or the adapter merged into it, `model-prep lora merge`, \
-                 then quantized)",
-                self.describe()
-            )
-        })
+    /// The adapters' products read the projections' inputs as bf16 values: an FP8 model's
+    /// norms and silu_mul then write them beside the FP8 codes its projections read, where
+    /// they would otherwise write the codes alone ([`CudaOptions::fp8_codes_only`]).
+    ///
+    /// [`CudaOptions::fp8_codes_only`]: super::CudaOptions::fp8_codes_only
+    fn enable_lora(&self, _weights: crate::backend::WeightDType) -> Result<(), String> {
+        self.lora_reads_inputs
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[u32]) -> Result<CudaTensor, BackendError> {
