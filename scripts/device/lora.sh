@@ -14,6 +14,10 @@
 #           (16) on every projection (`model-prep lora random`): `tandem bench` of the base
 #           model, then of the adapter, at concurrency 1 and 32 (ISL 512, OSL 128): what the
 #           adapter's products cost a request
+#   steps   `gpu_bench bench` of the same model (WEIGHTS), decode at batch 1 and 32 (context 1024)
+#           and prefills of 512 and 2048 tokens, without and with the adapter (twice each,
+#           alternating); then `ncu` times every kernel of one 512-token prefill with the adapter,
+#           summed by kernel and grid (where ncu is installed)
 #   mixed   the same server with four adapters (seeds 1-4): `tandem bench` of the base model at
 #           concurrency 32, then four benches at once, one an adapter, 8 each (every decode
 #           step mixes four adapters), then the base model and three adapters at once, 8 each:
@@ -73,6 +77,29 @@ YAML
       done
       kill "$served_pid"
       wait "$served_pid" 2>/dev/null
+      ;;
+    steps)
+      preset=${PRESET:-llama-3.1-8b}
+      model=$(random_model "$preset" "${WEIGHTS:-bf16}" generated)
+      adapter=$models/$preset-lora-r${RANK:-16}
+      [ -f "$adapter/adapter_config.json" ] ||
+        model-prep lora random --model "$model" -o "$adapter" --rank "${RANK:-16}" --dtype bf16
+      for run in base adapter base adapter; do
+        lora=()
+        [ "$run" = adapter ] && lora=(--lora "$adapter")
+        echo "== $run"
+        gpu_bench bench --model "$model" --batches 1,32 --prefill 512,2048 --iters 20 \
+          "${lora[@]}" 2>&1 | tee -a "$out/steps-$run.txt" | grep -E "^\|? ?(decode|prefill)" || status=1
+      done
+      if command -v ncu >/dev/null; then
+        csv=$out/prefill-512-adapter-ncu.csv
+        ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+          gpu_bench bench --model "$model" --batches 1 --prefill 512 --iters 4 --lora "$adapter" \
+          --profile >"$csv" 2>"$csv.err" || status=1
+        python3 "$root/scripts/device/ncu_summary.py" "$csv" prefill-512-adapter |
+          tee "$out/prefill-512-adapter-ncu.txt" | head -30
+        gzip -f "$csv"
+      fi
       ;;
     mixed)
       preset=${PRESET:-llama-3.1-8b}

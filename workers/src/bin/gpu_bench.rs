@@ -99,6 +99,14 @@ enum Command {
         /// Element type of the KV cache (bf16 or fp8), on both backends.
         #[arg(long, default_value = "bf16", value_parser = parse_kv_dtype)]
         kv_cache_dtype: KvDType,
+        /// A LoRA adapter (PEFT directory) every timed sequence computes with: what its
+        /// products cost the steps (the context is filled without it).
+        #[arg(long)]
+        lora: Option<PathBuf>,
+        /// Bracket one more run of each prefill, after the timed ones, with
+        /// cuProfilerStart/Stop (for `ncu --profile-from-start off`).
+        #[arg(long)]
+        profile: bool,
     },
     /// Time one step that mixes decodes with prompt chunks, as a loaded server runs them
     /// (chunked prefill beside the running batch), against its decode and prefill parts run
@@ -247,15 +255,18 @@ fn main() -> Result<()> {
             iters,
             json,
             kv_cache_dtype,
+            lora,
+            profile,
         } => bench(
             &model,
             ordinal,
             &batches,
             context,
-            &prefill,
+            (&prefill, profile),
             iters,
             json,
             kv_cache_dtype,
+            lora.as_deref(),
         ),
         Command::Mixed {
             model,
@@ -1440,10 +1451,11 @@ fn bench(
     ordinal: usize,
     batches: &[usize],
     context: usize,
-    prefill: &[usize],
+    (prefill, profile): (&[usize], bool),
     iters: usize,
     json: Option<PathBuf>,
     kv_dtype: KvDType,
+    lora: Option<&std::path::Path>,
 ) -> Result<()> {
     let config = ModelConfig::load(dir)?;
     let backend = CudaBackend::new(&CudaOptions::from_env(ordinal))?;
@@ -1476,7 +1488,23 @@ fn bench(
         kv_dtype: Some(kv_dtype),
         ..ModelOptions::default()
     };
-    let model = Model::load(dir, backend, &options).context("loading the model")?;
+    let mut model = Model::load(dir, backend, &options).context("loading the model")?;
+    // The timed sequences' adapter (index 0 of the model's), where one is given.
+    let adapter = match lora {
+        Some(path) => {
+            let module = tandem_protocol::config::LoraModule {
+                name: "bench".into(),
+                path: path.to_path_buf(),
+            };
+            model
+                .load_adapters(&[module], "gpu_bench")
+                .with_context(|| format!("loading the adapter {}", path.display()))?;
+            println!("LoRA adapter {}: every timed sequence", path.display());
+            Some(0)
+        }
+        None => None,
+    };
+    let model = model;
     let layout = model.kv_layout(*BLOCK_SIZE);
     let (layer_params, lm_head) = matrix_params(&config);
     let weight_bytes = layer_bytes * layer_params as f64 + 2.0 * lm_head as f64;
@@ -1540,6 +1568,7 @@ fn bench(
             let mut b = ForwardBatch::default();
             for (s, t) in tables.iter().enumerate() {
                 b.push(&tokens[s..s + 1], context, t.clone(), true);
+                b.set_adapter_from(s, adapter);
             }
             let started = Instant::now();
             let mut queued = 0.0;
@@ -1612,6 +1641,7 @@ fn bench(
         let run = |kv: &mut _| -> Result<(f64, f64)> {
             let mut b = ForwardBatch::default();
             b.push(&prompt, 0, table.clone(), true);
+            b.set_adapter_from(0, adapter);
             let started = Instant::now();
             let logits = model.forward_logits(&b, kv)?.context("no logits")?;
             let queued = started.elapsed().as_secs_f64();
@@ -1621,6 +1651,13 @@ fn bench(
         run(&mut kv)?;
         let n = (iters / 4).max(3);
         let runs: Vec<(f64, f64)> = (0..n).map(|_| run(&mut kv)).collect::<Result<_>>()?;
+        if profile {
+            // SAFETY: no arguments; the context is current on this thread (the backend's).
+            unsafe { cudarc::driver::sys::cuProfilerStart() }.result()?;
+            run(&mut kv)?;
+            // SAFETY: as for cuProfilerStart.
+            unsafe { cudarc::driver::sys::cuProfilerStop() }.result()?;
+        }
         let t = median(runs.iter().map(|r| r.0).collect());
         let enqueue = median(runs.iter().map(|r| r.1).collect());
         let attn_flops =
