@@ -105,34 +105,47 @@ impl Blas {
         k: usize,
         n: usize,
     ) -> Result<(), BackendError> {
-        if y.len() < rows * n {
-            return Err(too_small(rows, k, n));
-        }
-        let (yp, _sy) = y.device_ptr_mut(&self.stream);
-        self.gemm(x, w, yp, T::DATA_TYPE, rows, k, n)
+        self.linear_rows((x, 0), w, (y, 0), (rows, k, n), false)
     }
 
-    /// `y = x · wᵀ` into `y` of type `y_type` (checked by the callers to hold `rows x n`).
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
+    /// [`Self::linear`] over `rows` rows of `x` and of `y` from the row each is given with (a
+    /// contiguous run of a batch's rows, read and written in place), adding the product to what
+    /// `y` holds there where `accumulate` (`y += x · wᵀ`, one rounding of the f32 sum for a bf16
+    /// `y`).
+    pub fn linear_rows<T: GemmOutput>(
         &self,
-        x: &CudaSlice<u16>,
+        (x, x_first): (&CudaSlice<u16>, usize),
         w: &CudaSlice<u16>,
-        yp: u64,
-        y_type: sys::cudaDataType,
-        rows: usize,
-        k: usize,
-        n: usize,
+        (y, y_first): (&mut CudaSlice<T>, usize),
+        (rows, k, n): (usize, usize, usize),
+        accumulate: bool,
     ) -> Result<(), BackendError> {
-        if x.len() < rows * k || w.len() < n * k {
+        if x.len() < (x_first + rows) * k || y.len() < (y_first + rows) * n || w.len() < n * k {
             return Err(too_small(rows, k, n));
         }
+        let (xp, _sx) = x.device_ptr(&self.stream);
+        let (yp, _sy) = y.device_ptr_mut(&self.stream);
+        let xp = xp + (x_first * k * std::mem::size_of::<u16>()) as u64;
+        let yp = yp + (y_first * n * std::mem::size_of::<T>()) as u64;
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        self.gemm(xp, w, (yp, T::DATA_TYPE), (rows, k, n), beta)
+    }
+
+    /// `y = x · wᵀ + beta y` with `x` at `xp` and `y` at `yp` of type `y_type` (checked by the
+    /// callers to hold `rows x k` and `rows x n`).
+    fn gemm(
+        &self,
+        xp: u64,
+        w: &CudaSlice<u16>,
+        (yp, y_type): (u64, sys::cudaDataType),
+        (rows, k, n): (usize, usize, usize),
+        beta: f32,
+    ) -> Result<(), BackendError> {
         let mut guard = self
             .handle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let (xp, _sx) = x.device_ptr(&self.stream);
+        let alpha = 1.0f32;
         let (wp, _sw) = w.device_ptr(&self.stream);
         if let Some(cluster_free) = guard.cluster_free.as_mut() {
             let (workspace, _sws) = self.workspace.device_ptr(&self.stream);
@@ -145,11 +158,13 @@ impl Blas {
             };
             // SAFETY: the pointers are live device buffers of the sizes checked above and by
             // the callers, and the workspace holds WORKSPACE_BYTES, all on the stream.
-            return unsafe { cluster_free.matmul(shape, operands, self.stream.cu_stream().cast()) }
-                .map_err(|e| BackendError::Device {
-                    op: "linear (cublasLtMatmul, no clusters)",
-                    detail: format!("[{rows}x{k}]·[{n}x{k}]ᵀ: {e}"),
-                });
+            return unsafe {
+                cluster_free.matmul(shape, operands, beta, self.stream.cu_stream().cast())
+            }
+            .map_err(|e| BackendError::Device {
+                op: "linear (cublasLtMatmul, no clusters)",
+                detail: format!("[{rows}x{k}]·[{n}x{k}]ᵀ: {e}"),
+            });
         }
         // Column-major view: yᵀ[n, rows] = W[n, k] · xᵀ[k, rows], where the row-major W is a
         // column-major [k, n] matrix (transposed by op A) and the row-major x a column-major
@@ -242,6 +257,7 @@ impl ClusterFree {
         &mut self,
         shape: Shape,
         ops: Operands,
+        beta: f32,
         stream: lt_sys::cudaStream_t,
     ) -> Result<(), String> {
         if !self.plans.contains_key(&shape) {
@@ -251,7 +267,7 @@ impl ClusterFree {
             self.plans.insert(shape, Plan { descs, algo });
         }
         let Plan { descs, algo } = &self.plans[&shape];
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let alpha = 1.0f32;
         // SAFETY: the caller's promise for the pointers; descriptors and algorithm are live
         // and describe them.
         unsafe {

@@ -63,7 +63,97 @@ fn stacked_matrix<'w>(
     }
 }
 
+/// The most contiguous runs of rows [`CudaBackend::add_lora_in_place`] takes an adapter's rows
+/// in (two GEMMs a run); more go through a gather, two GEMMs and a scatter.
+pub(super) const IN_PLACE_RUNS: usize = 4;
+
+/// The contiguous runs of `rows` (ascending) as (first row, rows), or `None` where there are
+/// more than `max` or the rows are not ascending.
+pub(super) fn contiguous_runs(rows: &[u32], max: usize) -> Option<Vec<(usize, usize)>> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &row in rows {
+        let row = row as usize;
+        let end = runs.last().map(|&(first, count)| first + count);
+        match end {
+            Some(end) if end == row => runs.last_mut().expect("a run").1 += 1,
+            Some(end) if row < end => return None,
+            _ if runs.len() == max => return None,
+            _ => runs.push((row, 1)),
+        }
+    }
+    Some(runs)
+}
+
+/// A bf16 matrix's elements and shape, or why not.
+fn bf16_matrix<'w>(
+    weight: &'w CudaWeight,
+    what: &str,
+) -> Result<(&'w cudarc::driver::CudaSlice<u16>, usize, usize), BackendError> {
+    match weight {
+        CudaWeight::Matrix {
+            data: MatrixData::Bf16(data),
+            rows,
+            cols,
+        } => Ok((data, *rows, *cols)),
+        other => Err(shape_err(
+            "add_lora",
+            format!(
+                "the adapter's {what} is {}, a bf16 matrix expected",
+                other.describe()
+            ),
+        )),
+    }
+}
+
 impl CudaBackend {
+    /// [`crate::backend::Backend::add_lora`] over the rows `first..first + count` read and
+    /// written in place: `t = x Aᵀ` in bf16, then `y += t Bᵀ` in the product's epilogue (one
+    /// rounding for a bf16 `y`), where a gather, an f32 product and a scatter would move the
+    /// rows' f32 deltas through memory twice more (a 512-token prompt's gate/up deltas are
+    /// 58 MB).
+    pub(super) fn add_lora_in_place(
+        &self,
+        y: &mut CudaTensor,
+        x: &CudaTensor,
+        (first, count): (usize, usize),
+        a: &CudaWeight,
+        b: &CudaWeight,
+    ) -> Result<(), BackendError> {
+        let (a, rank, inputs) = bf16_matrix(a, "A")?;
+        let (b, outputs, b_rank) = bf16_matrix(b, "B")?;
+        if inputs != x.cols || outputs != y.cols || b_rank != rank || first + count > x.rows {
+            return Err(shape_err(
+                "add_lora",
+                format!(
+                    "A {rank}x{inputs} and B {outputs}x{b_rank} over rows {first}..{} of {}x{} \
+                     into {} columns",
+                    first + count,
+                    x.rows,
+                    x.cols,
+                    y.cols
+                ),
+            ));
+        }
+        let xs = x.bf16_rows("add_lora")?.ok_or_else(|| {
+            shape_err(
+                "add_lora",
+                "the input rows are held only as FP8 codes".into(),
+            )
+        })?;
+        let mut t = self.alloc_bf16(count * rank)?;
+        self.blas
+            .linear_rows((xs, first), a, (&mut t, 0), (count, inputs, rank), false)?;
+        let shape = (count, rank, outputs);
+        match &mut y.data {
+            DeviceData::F32(ys) => self.blas.linear_rows((&t, 0), b, (ys, first), shape, true),
+            DeviceData::Bf16(ys) => self.blas.linear_rows((&t, 0), b, (ys, first), shape, true),
+            DeviceData::Fp8CodesOnly => Err(shape_err(
+                "add_lora",
+                "the output rows are held only as FP8 codes".into(),
+            )),
+        }
+    }
+
     /// [`crate::backend::Backend::add_lora_stacked`]: `A_k x` per row (of the first
     /// `first_rows`, or all) in partial sums over
     /// chunks of the inputs (f32, `[chunks, rows, rank]`: every chunk of every row in flight
@@ -179,6 +269,19 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_split_into_contiguous_runs_up_to_a_count() {
+        assert_eq!(contiguous_runs(&[], 4), Some(vec![]));
+        assert_eq!(contiguous_runs(&[0, 1, 2, 3], 4), Some(vec![(0, 4)]));
+        assert_eq!(
+            contiguous_runs(&[2, 3, 7, 9, 10], 4),
+            Some(vec![(2, 2), (7, 1), (9, 2)])
+        );
+        assert_eq!(contiguous_runs(&[0, 2, 4, 6, 8], 4), None);
+        assert_eq!(contiguous_runs(&[3, 1], 4), None);
+        assert_eq!(contiguous_runs(&[1, 1], 4), None);
+    }
 
     #[test]
     fn shrink_blocks_fill_the_gpu_down_to_one_group_of_loads() {

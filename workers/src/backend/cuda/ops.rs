@@ -767,6 +767,13 @@ impl Backend for CudaBackend {
         if rows.is_empty() {
             return Ok(());
         }
+        // A prompt's rows are one run, so an adapter's prompts in a step are a few.
+        if let Some(runs) = super::lora::contiguous_runs(rows, super::lora::IN_PLACE_RUNS) {
+            for run in runs {
+                self.add_lora_in_place(y, x, run, a, b)?;
+            }
+            return Ok(());
+        }
         let mut cache = self.lora_rows.lock().unwrap_or_else(|p| p.into_inner());
         let at = match cache.iter().position(|(r, _)| r == rows) {
             Some(at) => at,
