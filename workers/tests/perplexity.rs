@@ -105,6 +105,45 @@ fn chunked_prefill_scores_as_one_forward_does() {
     );
 }
 
+/// `--prompt-ends` scores each position as a prompt's last row over the prefill's K/V: with the
+/// prefill's activations as the rows' own, the same figures as scoring every row of the
+/// prefill (a row's logits do not depend on the rows computed beside it); with 8-bit ones in
+/// the prefill, other figures (the rows read that prefill's K/V, not their own pass's).
+#[test]
+fn prompt_ends_score_as_the_prefill_rows_do_unless_the_prefill_computes_otherwise() {
+    let q4_1 = model_dir("smollm2-q4_1");
+    let q4_1 = q4_1.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let base = [
+            "--model",
+            q4_1,
+            "--min-tokens",
+            "200",
+            "--max-tokens",
+            "200",
+            "--chunk",
+            "64",
+        ];
+        json(&[&base[..], extra].concat())
+    };
+    let rows = run(&[]);
+    let ends = run(&["--prompt-ends"]);
+    let ends_same_fill = run(&["--prompt-ends", "--fill-activation-bits", "16"]);
+    let ends_8bit_fill = run(&["--prompt-ends", "--fill-activation-bits", "8"]);
+    assert_eq!(rows["tokens"], 199);
+    assert_eq!(ends["tokens"], 199);
+    let nll = |v: &Value| number(v, "mean_nll");
+    assert_eq!(nll(&ends), nll(&rows), "{ends}\n{rows}");
+    assert_eq!(nll(&ends_same_fill), nll(&rows));
+    assert_ne!(nll(&ends_8bit_fill), nll(&rows), "{ends_8bit_fill}");
+    assert!(
+        (nll(&ends_8bit_fill) - nll(&rows)).abs() < 0.05 * nll(&rows),
+        "{ends_8bit_fill}\n{rows}"
+    );
+    let stderr = refusal(&["--model", q4_1, "--fill-activation-bits", "8"]);
+    assert!(stderr.contains("--prompt-ends"), "{stderr}");
+}
+
 #[test]
 fn a_text_under_the_minimum_is_refused_with_its_token_count() {
     let tiny = model_dir("tiny");
@@ -163,6 +202,8 @@ fn help_explains_every_option() {
         "--threads",
         "--kv-dtype",
         "--reference-kv-dtype",
+        "--prompt-ends",
+        "--fill-activation-bits",
         "--json",
     ] {
         assert!(help.contains(option), "--help lacks {option}:\n{help}");

@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p tandem-workers --bin perplexity -- --model DIR [--reference DIR]
 //!     [--text FILE] [--max-tokens 4096] [--chunk 512] [--threads 2] [--kv-dtype bf16]
-//!     [--reference-kv-dtype f32] [--json]
+//!     [--reference-kv-dtype f32] [--prompt-ends [--fill-activation-bits 8]] [--json]
 //! ```
 //!
 //! The text (by default the GPL-3 that Debian's base-files package puts on every Debian and
@@ -26,8 +26,16 @@
 //! same GGUF gave perplexity 17.805 against 17.796 (+0.05%) and top-1 agreement 99.2% over the
 //! first 4096 tokens of the GPL-3.
 //!
+//! `--prompt-ends` scores what a server samples instead: each position as the last row of a
+//! prompt that ends there, reading K/V that a prefill without logits wrote (the whole text
+//! prefilled first, then each position run alone, from the end back). Its figures equal the
+//! default's where the two passes compute alike; `--fill-activation-bits` lets the prefill
+//! compute otherwise (8-bit activations where nobody reads the rows' logits), to measure what
+//! such a split would cost the tokens sampled.
+//!
 //! Both models must tokenize the text identically, or their perplexities would be over
-//! different token sequences. Two models are loaded one after the other, never both at once.
+//! different token sequences. Two models are loaded one after the other, never both at once
+//! (with `--fill-activation-bits`, the model is loaded twice, once for each codes).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -43,6 +51,7 @@ use tandem_workers::backend::cpu::{CpuBackend, CpuOptions};
 use tandem_workers::kv_cache::KvDType;
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions, RowLogprobs};
 use tandem_workers::model_dir::{ModelText, check_model_dir};
+use tandem_workers::sampler::TokenLogprob;
 
 /// An English text shipped in a package: Debian's base-files installs it everywhere.
 const DEFAULT_TEXT: &str = "/usr/share/common-licenses/GPL-3";
@@ -86,6 +95,17 @@ struct Args {
     /// 16 (two 8-bit codes, the workers' default) or 8 (one, llama.cpp's rounding).
     #[arg(long, value_name = "BITS", default_value_t = ActivationCodes::default())]
     quant_activation_bits: ActivationCodes,
+    /// Score each position of --model as the first token sampled after a prompt that ends
+    /// there: the text is prefilled first without logits (its rows with
+    /// --fill-activation-bits), then each position runs again alone as that prompt's last row
+    /// (with --quant-activation-bits), from the end back, so each reads the K/V the prefill
+    /// wrote before it. The reference is scored as usual.
+    #[arg(long)]
+    prompt_ends: bool,
+    /// With --prompt-ends: bits of the activations of the prefill's rows (whose logits nobody
+    /// reads); by default --quant-activation-bits.
+    #[arg(long, value_name = "BITS", requires = "prompt_ends")]
+    fill_activation_bits: Option<ActivationCodes>,
     /// KV cache element type of --model (f32, bf16, f16, fp8); by default the model's own (f32 for
     /// f32 weights, bf16 for bf16, f16 for f16).
     #[arg(long, value_name = "DTYPE", value_parser = parse_kv_dtype)]
@@ -209,11 +229,11 @@ fn main() -> Result<()> {
     );
     let tokens = &ids[..tokens_run];
 
-    let model = score(&args.model, args.kv_dtype, tokens, &args)?;
+    let model = score(&args.model, args.kv_dtype, tokens, &args, args.prompt_ends)?;
     let reference = args
         .reference
         .as_deref()
-        .map(|dir| score(dir, args.reference_kv_dtype, tokens, &args).map(|s| (dir, s)))
+        .map(|dir| score(dir, args.reference_kv_dtype, tokens, &args, false).map(|s| (dir, s)))
         .transpose()?;
 
     let model_report = ModelReport::new(&args.model, &model, tokens_run);
@@ -305,22 +325,43 @@ fn max_positions(dir: &Path) -> Result<usize> {
         .max_context())
 }
 
-/// Runs `tokens` through the model in `dir` as one sequence, `--chunk` tokens per forward, and
-/// collects every position's log-probability of the next token and best token.
-fn score(dir: &Path, kv_dtype: Option<KvDType>, tokens: &[u32], args: &Args) -> Result<Scores> {
+fn load(
+    dir: &Path,
+    kv_dtype: Option<KvDType>,
+    codes: ActivationCodes,
+    args: &Args,
+) -> Result<Model<CpuBackend>> {
     let backend = CpuBackend::new(&CpuOptions {
         threads: args.threads,
-        quant_activations: args.quant_activation_bits,
+        quant_activations: codes,
         ..Default::default()
     })
     .context("starting the CPU backend")?;
-    let started = Instant::now();
     let options = ModelOptions {
         kv_dtype,
         ..ModelOptions::default()
     };
-    let model = Model::load(dir, backend, &options)
-        .with_context(|| format!("loading {}", dir.display()))?;
+    Model::load(dir, backend, &options).with_context(|| format!("loading {}", dir.display()))
+}
+
+/// Runs `tokens` through the model in `dir` as one sequence, `--chunk` tokens per forward, and
+/// collects every position's log-probability of the next token and best token; with
+/// `prompt_ends`, each position scored as its own prompt's last row (`--prompt-ends`).
+fn score(
+    dir: &Path,
+    kv_dtype: Option<KvDType>,
+    tokens: &[u32],
+    args: &Args,
+    prompt_ends: bool,
+) -> Result<Scores> {
+    let started = Instant::now();
+    let model = load(dir, kv_dtype, args.quant_activation_bits, args)?;
+    let fill = match args.fill_activation_bits {
+        Some(codes) if prompt_ends && codes != args.quant_activation_bits => {
+            Some(load(dir, kv_dtype, codes, args)?)
+        }
+        _ => None,
+    };
     let load_s = started.elapsed().as_secs_f64();
     let kv_dtype = model.kv_layout(BLOCK_SIZE).dtype;
     let weights = match model.gguf_quant() {
@@ -328,12 +369,21 @@ fn score(dir: &Path, kv_dtype: Option<KvDType>, tokens: &[u32], args: &Args) -> 
         None => model.weight_dtype().to_string(),
     };
     eprintln!(
-        "scoring {} ({weights} weights, {} KV, {}): {} tokens in chunks of {}",
+        "scoring {} ({weights} weights, {} KV, {}): {} tokens in chunks of {}{}",
         dir.display(),
         kv_dtype_name(kv_dtype),
         model.backend().describe(),
         tokens.len(),
-        args.chunk
+        args.chunk,
+        if prompt_ends {
+            format!(
+                ", each position as a prompt's last row over a prefill with {}-bit activations",
+                args.fill_activation_bits
+                    .unwrap_or(args.quant_activation_bits)
+            )
+        } else {
+            String::new()
+        }
     );
 
     let blocks = tokens.len().div_ceil(BLOCK_SIZE);
@@ -346,6 +396,22 @@ fn score(dir: &Path, kv_dtype: Option<KvDType>, tokens: &[u32], args: &Args) -> 
     let mut top1 = Vec::with_capacity(scored);
     let mut outputs = tandem_workers::model::RowOutputs::default();
     let started = Instant::now();
+    let mut record = |rows: &[TokenLogprob], start: usize| -> Result<()> {
+        for (i, row) in rows.iter().enumerate() {
+            let position = start + i;
+            // A NaN logprob and no best token: the row's logits were not finite.
+            let Some(&(best, _)) = row.top_logprobs.first().filter(|_| !row.logprob.is_nan())
+            else {
+                bail!(
+                    "{}: the logits at position {position} are not finite",
+                    dir.display()
+                );
+            };
+            logprobs.push(row.logprob);
+            top1.push(best);
+        }
+        Ok(())
+    };
     for start in (0..tokens.len()).step_by(args.chunk) {
         let end = (start + args.chunk).min(tokens.len());
         // Row i scores the token after it; the chunk's last row scores the next chunk's first.
@@ -358,6 +424,15 @@ fn score(dir: &Path, kv_dtype: Option<KvDType>, tokens: &[u32], args: &Args) -> 
             table[..end.div_ceil(BLOCK_SIZE)].to_vec(),
             false,
         );
+        if prompt_ends {
+            fill.as_ref()
+                .unwrap_or(&model)
+                .forward(&batch, &mut kv)
+                .with_context(|| {
+                    format!("prefill of tokens {start}..{end} of {}", dir.display())
+                })?;
+            continue;
+        }
         batch.want_row_logprobs(RowLogprobs {
             first: 0,
             targets,
@@ -377,19 +452,34 @@ fn score(dir: &Path, kv_dtype: Option<KvDType>, tokens: &[u32], args: &Args) -> 
             "the forward scored {} rows of tokens {start}..{end}, not {asked}",
             rows.len()
         );
-        for (i, row) in rows.iter().enumerate() {
-            let position = start + i;
-            // A NaN logprob and no best token: the row's logits were not finite.
-            let Some(&(best, _)) = row.top_logprobs.first().filter(|_| !row.logprob.is_nan())
-            else {
-                bail!(
-                    "{}: the logits at position {position} are not finite",
-                    dir.display()
-                );
+        record(rows, start)?;
+    }
+    if prompt_ends {
+        // From the last position back: position i writes slot i, which no earlier position
+        // reads, so every position reads the prefill's K/V before it.
+        for position in (0..scored).rev() {
+            let mut batch = ForwardBatch::default();
+            batch.push(
+                &tokens[position..position + 1],
+                position,
+                table[..(position + 1).div_ceil(BLOCK_SIZE)].to_vec(),
+                false,
+            );
+            batch.want_row_logprobs(RowLogprobs {
+                first: 0,
+                targets: vec![tokens[position + 1]],
+                top_k: 1,
+            });
+            model
+                .forward_with_row_outputs(&batch, &mut kv, &mut outputs)
+                .with_context(|| format!("position {position} of {}", dir.display()))?;
+            let [rows] = outputs.logprobs.as_slice() else {
+                bail!("no row log-probs for position {position}");
             };
-            logprobs.push(row.logprob);
-            top1.push(best);
+            record(rows, position)?;
         }
+        logprobs.reverse();
+        top1.reverse();
     }
     Ok(Scores {
         logprobs,
