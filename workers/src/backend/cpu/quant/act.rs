@@ -89,34 +89,7 @@ const ROWS_PER_TASK: usize = 16;
 impl QuantRows {
     /// Quantizes `x` (`[rows, k]`) on the current rayon pool.
     pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
-        assert!(
-            k.is_multiple_of(BLOCK),
-            "quantize: k={k} is not whole blocks"
-        );
-        assert_eq!(x.len(), rows * k, "quantize: x is not [rows, k]");
-        let nb = k / BLOCK;
-        let mut q = QuantRows {
-            rows,
-            k,
-            codes: vec![0; rows * k],
-            offset_codes: Vec::new(),
-            scales: vec![0.0; rows * nb],
-            sums: vec![0.0; rows * nb],
-        };
-        if rows == 0 || k == 0 {
-            return q;
-        }
-        if rows <= ROWS_PER_TASK {
-            quantize_rows(x, k, &mut q.codes, &mut q.scales, &mut q.sums);
-        } else {
-            x.par_chunks(ROWS_PER_TASK * k)
-                .zip(q.codes.par_chunks_mut(ROWS_PER_TASK * k))
-                .zip(q.scales.par_chunks_mut(ROWS_PER_TASK * nb))
-                .zip(q.sums.par_chunks_mut(ROWS_PER_TASK * nb))
-                .for_each(|(((x, codes), scales), sums)| quantize_rows(x, k, codes, scales, sums));
-        }
-        q.offset_codes = q.codes.iter().map(|&c| (c as u8) ^ 0x80).collect();
-        q
+        Self::build(x, rows, k, 1)
     }
 
     /// `x` (`[rows, k]`) as `2 * rows` rows: row `2r` quantizes row `r` of `x`, row `2r + 1`
@@ -124,45 +97,60 @@ impl QuantRows {
     /// A product against both rows, summed, carries about 15 bits of each activation instead
     /// of 8, for twice the integer work on the same weight bytes ([`ActivationCodes`]).
     pub fn quantize_with_residual(x: &[f32], rows: usize, k: usize) -> Self {
-        let high = Self::quantize(x, rows, k);
+        Self::build(x, rows, k, 2)
+    }
+
+    /// `codes_per_row` (1 or 2) rows of codes for each row of `x`, every array written in one
+    /// pass over the rows, in tasks of [`ROWS_PER_TASK`] rows.
+    fn build(x: &[f32], rows: usize, k: usize, codes_per_row: usize) -> Self {
+        assert!(
+            k.is_multiple_of(BLOCK),
+            "quantize: k={k} is not whole blocks"
+        );
+        assert_eq!(x.len(), rows * k, "quantize: x is not [rows, k]");
         let nb = k / BLOCK;
-        let mut residual = vec![0f32; rows * k];
-        let residual_rows = |(r, out): (usize, &mut [f32])| {
-            let (x, codes, scales) = (&x[r * k..], high.row_codes(r), high.row_scales(r));
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = x[i] - codes[i] as f32 * scales[i / BLOCK];
-            }
+        let out_rows = rows * codes_per_row;
+        let mut q = QuantRows {
+            rows: out_rows,
+            k,
+            codes: vec![0; out_rows * k],
+            offset_codes: vec![0; out_rows * k],
+            scales: vec![0.0; out_rows * nb],
+            sums: vec![0.0; out_rows * nb],
+        };
+        if rows == 0 || k == 0 {
+            return q;
+        }
+        let task = |x: &[f32],
+                    codes: &mut [i8],
+                    offset: &mut [u8],
+                    scales: &mut [f32],
+                    sums: &mut [f32]| {
+            quantize_task(x, k, codes_per_row, codes, offset, scales, sums)
         };
         if rows <= ROWS_PER_TASK {
-            residual
-                .chunks_mut(k.max(1))
-                .enumerate()
-                .for_each(residual_rows);
+            task(
+                x,
+                &mut q.codes,
+                &mut q.offset_codes,
+                &mut q.scales,
+                &mut q.sums,
+            );
         } else {
-            residual
-                .par_chunks_mut(k.max(1))
-                .enumerate()
-                .for_each(residual_rows);
+            let (codes_chunk, blocks_chunk) = (
+                ROWS_PER_TASK * codes_per_row * k,
+                ROWS_PER_TASK * codes_per_row * nb,
+            );
+            x.par_chunks(ROWS_PER_TASK * k)
+                .zip(q.codes.par_chunks_mut(codes_chunk))
+                .zip(q.offset_codes.par_chunks_mut(codes_chunk))
+                .zip(q.scales.par_chunks_mut(blocks_chunk))
+                .zip(q.sums.par_chunks_mut(blocks_chunk))
+                .for_each(|((((x, codes), offset), scales), sums)| {
+                    task(x, codes, offset, scales, sums)
+                });
         }
-        let low = Self::quantize(&residual, rows, k);
-        let mut both = QuantRows {
-            rows: 2 * rows,
-            k,
-            codes: Vec::with_capacity(2 * rows * k),
-            offset_codes: Vec::with_capacity(2 * rows * k),
-            scales: Vec::with_capacity(2 * rows * nb),
-            sums: Vec::with_capacity(2 * rows * nb),
-        };
-        for r in 0..rows {
-            for part in [&high, &low] {
-                both.codes.extend_from_slice(part.row_codes(r));
-                both.offset_codes
-                    .extend_from_slice(part.row_offset_codes(r));
-                both.scales.extend_from_slice(part.row_scales(r));
-                both.sums.extend_from_slice(part.row_sums(r));
-            }
-        }
-        both
+        q
     }
 
     pub fn blocks_per_row(&self) -> usize {
@@ -188,16 +176,39 @@ impl QuantRows {
     }
 }
 
-/// Whole rows of `k` values.
-fn quantize_rows(x: &[f32], k: usize, codes: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
+/// Rows of `x` (each `k` values) into `codes_per_row` rows of codes each: the row's own codes,
+/// then (with 2) those of what their rounding left, `x - code * scale` per value; and every
+/// code's offset form.
+fn quantize_task(
+    x: &[f32],
+    k: usize,
+    codes_per_row: usize,
+    codes: &mut [i8],
+    offset: &mut [u8],
+    scales: &mut [f32],
+    sums: &mut [f32],
+) {
     let nb = k / BLOCK;
+    let mut residual = vec![0f32; if codes_per_row == 2 { k } else { 0 }];
     for (((x, codes), scales), sums) in x
         .chunks_exact(k)
-        .zip(codes.chunks_exact_mut(k))
-        .zip(scales.chunks_exact_mut(nb))
-        .zip(sums.chunks_exact_mut(nb))
+        .zip(codes.chunks_exact_mut(codes_per_row * k))
+        .zip(scales.chunks_exact_mut(codes_per_row * nb))
+        .zip(sums.chunks_exact_mut(codes_per_row * nb))
     {
-        quantize_row(x, codes, scales, sums);
+        let (high, low) = codes.split_at_mut(k);
+        let (high_scales, low_scales) = scales.split_at_mut(nb);
+        let (high_sums, low_sums) = sums.split_at_mut(nb);
+        quantize_row(x, high, high_scales, high_sums);
+        if codes_per_row == 2 {
+            for (i, r) in residual.iter_mut().enumerate() {
+                *r = x[i] - high[i] as f32 * high_scales[i / BLOCK];
+            }
+            quantize_row(&residual, low, low_scales, low_sums);
+        }
+    }
+    for (u, &c) in offset.iter_mut().zip(codes.iter()) {
+        *u = (c as u8) ^ 0x80;
     }
 }
 

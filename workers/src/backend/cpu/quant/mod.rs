@@ -283,40 +283,23 @@ fn linear_parts(
     if rows == 0 || n == 0 {
         return;
     }
-    let multiply_parts = |xq: &QuantRows, bias: Option<&[f32]>, out: &mut [f32]| {
-        let out = Output {
-            ptr: OutPtr(out.as_mut_ptr()),
-            stride: n,
-        };
-        let mut col0 = 0;
-        for part in parts {
-            let bias = bias.map(|b| &b[col0..col0 + part.n]);
-            multiply(isa, xq, part, bias, out, col0);
-            col0 += part.n;
-        }
+    // With two codes a value, rows 2r and 2r + 1 of the product are row r's codes' and its
+    // residual's: the tiles' stores add each pair into row r of `out`, then its bias, in that
+    // order whatever the batch.
+    let (xq, pairs) = match codes {
+        ActivationCodes::Single => (QuantRows::quantize(x, rows, k), false),
+        ActivationCodes::WithResidual => (QuantRows::quantize_with_residual(x, rows, k), true),
     };
-    match codes {
-        ActivationCodes::Single => multiply_parts(&QuantRows::quantize(x, rows, k), bias, out),
-        ActivationCodes::WithResidual => {
-            // Rows 2r and 2r + 1 of the product are row r's codes' and its residual's; a row's
-            // sum, then its bias, in that order whatever the batch.
-            let mut halves = vec![0f32; 2 * rows * n];
-            multiply_parts(
-                &QuantRows::quantize_with_residual(x, rows, k),
-                None,
-                &mut halves,
-            );
-            for (out, halves) in out.chunks_exact_mut(n).zip(halves.chunks_exact(2 * n)) {
-                let (high, low) = halves.split_at(n);
-                for (c, o) in out.iter_mut().enumerate() {
-                    let v = high[c] + low[c];
-                    *o = match bias {
-                        Some(b) => v + b[c],
-                        None => v,
-                    };
-                }
-            }
-        }
+    let out = Output {
+        ptr: OutPtr(out.as_mut_ptr()),
+        stride: n,
+        pairs,
+    };
+    let mut col0 = 0;
+    for part in parts {
+        let bias = bias.map(|b| &b[col0..col0 + part.n]);
+        multiply(isa, &xq, part, bias, out, col0);
+        col0 += part.n;
     }
 }
 
@@ -325,6 +308,9 @@ fn linear_parts(
 struct Output {
     ptr: OutPtr,
     stride: usize,
+    /// The quantized rows come in pairs (a row's codes, then its residual's) whose products
+    /// are summed into one output row.
+    pairs: bool,
 }
 
 /// Columns `col0..col0 + w.n` of `out` = the quantized rows times `w`, plus `bias`.
@@ -407,24 +393,35 @@ struct Target<'a> {
 }
 
 impl Target<'_> {
-    /// Writes rows `i..i + mr` of a computed tile (the part's columns from `c0`) with bias.
+    /// Writes rows `i..i + mr` of a computed tile (the part's columns from `c0`) with bias;
+    /// with [`Output::pairs`], quantized rows `i..i + mr` (`i` and `mr` even) as output rows
+    /// `i / 2..(i + mr) / 2`, each the sum of its pair.
     fn store<const W: usize>(&self, tile: &[[f32; W]; MAX_ROWS], i: usize, mr: usize, c0: usize) {
         let c1 = (c0 + W).min(self.n);
-        for (r, row) in tile.iter().enumerate().take(mr) {
-            for (c, &v) in (c0..c1).zip(row.iter()) {
-                let v = match self.bias {
-                    Some(b) => v + b[c],
-                    None => v,
-                };
-                // SAFETY: (i + r, col0 + c) is inside the output, in the calling task's rows
-                // and groups (tasks write disjoint elements).
-                unsafe {
-                    *self
-                        .out
-                        .ptr
-                        .0
-                        .add((i + r) * self.out.stride + self.col0 + c) = v
-                };
+        let write = |row: usize, c: usize, v: f32| {
+            let v = match self.bias {
+                Some(b) => v + b[c],
+                None => v,
+            };
+            // SAFETY: (row, col0 + c) is inside the output, in the calling task's rows and
+            // groups (tasks write disjoint elements).
+            unsafe { *self.out.ptr.0.add(row * self.out.stride + self.col0 + c) = v };
+        };
+        if self.out.pairs {
+            debug_assert!(
+                i.is_multiple_of(2) && mr.is_multiple_of(2),
+                "pairs split over tiles: {i}, {mr}"
+            );
+            for (r, pair) in tile[..mr].chunks_exact(2).enumerate() {
+                for (c, (&high, &low)) in (c0..c1).zip(pair[0].iter().zip(pair[1].iter())) {
+                    write(i / 2 + r, c, high + low);
+                }
+            }
+        } else {
+            for (r, row) in tile.iter().enumerate().take(mr) {
+                for (c, &v) in (c0..c1).zip(row.iter()) {
+                    write(i + r, c, v);
+                }
             }
         }
     }

@@ -358,6 +358,62 @@ fn residual_codes_hold_what_the_first_rounding_left() {
     );
 }
 
+/// Two codes a value: each output row is its pair of quantized rows' products summed, then
+/// its bias, as the tiles store them; the same bits as multiplying all `2 * rows` rows and
+/// adding the pairs afterwards, at row counts whose tiles end on either side of a pair.
+#[test]
+fn residual_pairs_are_summed_as_their_rows_products() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let (n, k) = (37, 256);
+    let w = QuantMatrix::from_gguf(
+        GgufQuant::Q8_0,
+        &[(&random_blocks(&mut rng, GgufQuant::Q8_0, n, k), n)],
+        k,
+    )
+    .unwrap();
+    let bias = random_x(&mut rng, n);
+    for isa in Isa::available() {
+        for rows in [1, 2, 3, 5, 64, 65, 130] {
+            let x = random_x(&mut rng, rows * k);
+            let mut got = vec![0f32; rows * n];
+            pool().install(|| {
+                linear_with(
+                    isa,
+                    ActivationCodes::WithResidual,
+                    &x,
+                    rows,
+                    &w,
+                    Some(&bias),
+                    &mut got,
+                )
+            });
+            let both = QuantRows::quantize_with_residual(&x, rows, k);
+            let mut halves = vec![0f32; 2 * rows * n];
+            let out = Output {
+                ptr: OutPtr(halves.as_mut_ptr()),
+                stride: n,
+                pairs: false,
+            };
+            pool().install(|| multiply(isa, &both, &w, None, out, 0));
+            let bias = &bias;
+            let want: Vec<f32> = halves
+                .chunks_exact(2 * n)
+                .flat_map(|pair| {
+                    let (high, low) = pair.split_at(n);
+                    (0..n).map(move |c| (high[c] + low[c]) + bias[c])
+                })
+                .collect();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{} at {rows} rows",
+                isa.name()
+            );
+        }
+    }
+}
+
 #[test]
 fn every_isa_gives_the_same_bits() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
