@@ -173,7 +173,7 @@ fn kept_quantized_against_the_reference(codes: ActivationCodes, max_rel_l2: f64,
 /// bound 3e-2; with two (16 bits): 1.6e-5 to 5.9e-5, bound 3e-4.
 #[test]
 fn smollm2_kept_quantized_projections_per_layer_type() {
-    use tandem_workers::backend::cpu::quant::{Isa, QuantMatrix, linear_with};
+    use tandem_workers::backend::cpu::quant::{Isa, KernelChoice, QuantMatrix, linear_with};
 
     let dir = test_model_dir("smollm2-q4_1");
     let config = tandem_model::ModelConfig::load(&dir).unwrap();
@@ -237,7 +237,15 @@ fn smollm2_kept_quantized_projections_per_layer_type() {
             (ActivationCodes::WithResidual, 3e-4),
         ] {
             let mut out = vec![0f32; rows * w.n];
-            linear_with(Isa::detect(), codes, x, rows, w, None, &mut out);
+            linear_with(
+                KernelChoice::untimed(Isa::detect()),
+                codes,
+                x,
+                rows,
+                w,
+                None,
+                &mut out,
+            );
             let err = rel_l2(&out, &exact);
             eprintln!("{label} ({}, {codes}-bit): relative L2 {err:e}", w.quant);
             assert!(err < bound, "{label}, {codes}-bit: relative L2 {err:e}");

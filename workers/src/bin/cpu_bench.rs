@@ -68,6 +68,10 @@ enum Command {
         /// default: the best this CPU has). Every choice computes the same bits.
         #[arg(long, value_parser = parse_isa)]
         quant_kernels: Option<Isa>,
+        /// From how many quantized rows the kernels multiply two column groups at once
+        /// (where the instruction set can); timed at load when not given.
+        #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u16).range(1..))]
+        quant_pair_from_rows: Option<u16>,
         /// Bits each activation keeps in the quantized kernels: 16 (two 8-bit codes, the
         /// workers' default) or 8 (one, llama.cpp's rounding).
         #[arg(long, default_value_t = ActivationCodes::default())]
@@ -114,6 +118,7 @@ fn main() -> Result<()> {
             prefill_runs,
             widen_weights,
             quant_kernels,
+            quant_pair_from_rows,
             quant_activation_bits,
             json,
         } => bench_model(
@@ -122,6 +127,7 @@ fn main() -> Result<()> {
                 threads,
                 widen_weights,
                 quant_isa: quant_kernels,
+                quant_pair_from_rows: quant_pair_from_rows.map(usize::from),
                 quant_activations: quant_activation_bits,
             },
             prompt_tokens,

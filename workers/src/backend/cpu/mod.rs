@@ -43,6 +43,11 @@ pub struct CpuOptions {
     /// has. Every choice computes the same bits; kept for measuring (`cpu_bench
     /// --quant-kernels`).
     pub quant_isa: Option<quant::Isa>,
+    /// From how many quantized rows the kernels multiply two column groups at once where
+    /// the instruction set can; `None` times it at the first quantized weight's load
+    /// ([`quant::calibrate`]). Every choice computes the same bits; kept for measuring
+    /// (`cpu_bench --quant-pair-from-rows`).
+    pub quant_pair_from_rows: Option<usize>,
     /// The 8-bit codes each activation gets in the quantized (GGUF) products: two by default
     /// (about 15 bits: the f32 model's answers), one for llama.cpp's rounding and more
     /// prefill speed ([`quant::ActivationCodes`]).
@@ -121,6 +126,8 @@ pub struct CpuBackend {
     threads: usize,
     widen_weights: bool,
     quant_isa: quant::Isa,
+    /// Set by the options, or timed at the first quantized weight's load.
+    quant_pair_from_rows: std::sync::OnceLock<usize>,
     quant_activations: quant::ActivationCodes,
     /// The tensor-parallel group this backend is a rank of, and its rank.
     group: Option<(std::sync::Arc<group::CpuGroup>, usize)>,
@@ -152,9 +159,25 @@ impl CpuBackend {
             threads,
             widen_weights: options.widen_weights,
             quant_isa: options.quant_isa.unwrap_or_else(quant::Isa::detect),
+            quant_pair_from_rows: options
+                .quant_pair_from_rows
+                .map(std::sync::OnceLock::from)
+                .unwrap_or_default(),
             quant_activations: options.quant_activations,
             group: None,
         })
+    }
+
+    /// The quantized kernels' instruction set, and from how many rows they pair groups
+    /// (the untimed default until a quantized weight is loaded).
+    fn quant_kernels(&self) -> quant::KernelChoice {
+        match self.quant_pair_from_rows.get() {
+            Some(&pair_from_rows) => quant::KernelChoice {
+                isa: self.quant_isa,
+                pair_from_rows,
+            },
+            None => quant::KernelChoice::untimed(self.quant_isa),
+        }
     }
 
     /// [`Self::new`] as rank `rank` of `group` (ranks in threads of one process).
@@ -235,7 +258,7 @@ impl Backend for CpuBackend {
             } else {
                 "portable kernels"
             },
-            self.quant_isa.name(),
+            self.quant_kernels().describe(),
             self.quant_activations.bits(),
             if self.widen_weights {
                 ", weights widened to f32"
@@ -350,6 +373,11 @@ impl Backend for CpuBackend {
                 format!("parts of {} and {} columns", first.cols, p.cols),
             ));
         }
+        self.quant_pair_from_rows.get_or_init(|| {
+            self.pool
+                .install(|| quant::calibrate::calibrated(self.quant_isa, first.quant))
+                .pair_from_rows
+        });
         let pieces: Vec<_> = parts.iter().map(|p| (p.quant, p.bytes, p.rows)).collect();
         let weight = self
             .pool
@@ -506,7 +534,7 @@ impl Backend for CpuBackend {
             }
             WeightData::Gguf(w) => {
                 quant::linear_stacked(
-                    self.quant_isa,
+                    self.quant_kernels(),
                     self.quant_activations,
                     &x.data,
                     rows,

@@ -6,7 +6,9 @@
 
 use rayon::prelude::*;
 
-use super::simd::dot;
+#[cfg(target_arch = "x86_64")]
+use super::simd::exp_shifted_avx;
+use super::simd::{dot, exp_shifted};
 
 /// Rows from which row-wise ops run in parallel.
 const PARALLEL_MIN_ROWS: usize = 16;
@@ -112,10 +114,14 @@ pub fn add_rms_norm(residual: &mut [f32], x: &[f32], weight: &[f32], eps: f32, o
     }
 }
 
-/// `silu(x) = x / (1 + exp(-x))`, as PyTorch computes it.
-#[inline]
+/// `silu(x) = x / (1 + exp(-x))`, PyTorch's formula, with the exponential of `-|x|` only
+/// ([`exp_shifted`], whose vector twin gives the same bits): `x / (1 + e)` for `x >= 0`, and
+/// `x e / (1 + e)` (the same quotient, multiplied through by `e = exp(x)`) below zero.
+#[inline(always)]
 fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    let e = exp_shifted(-x.abs());
+    let numerator = if x < 0.0 { x * e } else { x };
+    numerator / (1.0 + e)
 }
 
 /// `out[r] = silu(gate_up[r][..f]) * gate_up[r][f..]` with `f = out cols`.
@@ -125,13 +131,50 @@ pub fn silu_mul(gate_up: &[f32], f: usize, out: &mut [f32]) {
         2 * out.len(),
         "silu_mul: gate_up is not [rows, 2f]"
     );
+    let avx = super::simd::has_avx2();
     for_rows(out, f, |r, row| {
         let gu = &gate_up[r * 2 * f..(r + 1) * 2 * f];
         let (gate, up) = gu.split_at(f);
-        for ((o, &g), &u) in row.iter_mut().zip(gate).zip(up) {
-            *o = silu(g) * u;
+        #[cfg(target_arch = "x86_64")]
+        if avx {
+            // SAFETY: AVX2 and FMA checked.
+            unsafe { silu_mul_row_avx2(gate, up, row) };
+            return;
         }
+        let _ = avx;
+        silu_mul_row(gate, up, row);
     });
+}
+
+fn silu_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
+    }
+}
+
+/// [`silu_mul_row`] eight at a time, with the same bits (the tail by the scalar path).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_row_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = out.len();
+    assert!(gate.len() == n && up.len() == n);
+    let n8 = n / 8 * 8;
+    // SAFETY: c + 8 <= n8 <= the length of all three slices.
+    unsafe {
+        let (zero, one) = (_mm256_setzero_ps(), _mm256_set1_ps(1.0));
+        let sign = _mm256_set1_ps(-0.0);
+        for c in (0..n8).step_by(8) {
+            let x = _mm256_loadu_ps(gate.as_ptr().add(c));
+            let e = exp_shifted_avx(_mm256_or_ps(x, sign));
+            let below_zero = _mm256_cmp_ps::<_CMP_LT_OQ>(x, zero);
+            let numerator = _mm256_blendv_ps(x, _mm256_mul_ps(x, e), below_zero);
+            let s = _mm256_div_ps(numerator, _mm256_add_ps(one, e));
+            let o = _mm256_mul_ps(s, _mm256_loadu_ps(up.as_ptr().add(c)));
+            _mm256_storeu_ps(out.as_mut_ptr().add(c), o);
+        }
+    }
+    silu_mul_row(&gate[n8..], &up[n8..], &mut out[n8..]);
 }
 
 /// The slow twin of [`rms_norm`]: f64 throughout.
@@ -236,9 +279,42 @@ mod tests {
     #[test]
     fn silu_mul_matches_slow_twin() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let gu = random(&mut rng, 5 * 2 * 24);
-        let mut out = vec![0f32; 5 * 24];
-        silu_mul(&gu, 24, &mut out);
-        close(&out, &silu_mul_slow(&gu, 24), 1e-6);
+        for (rows, f) in [(5, 24), (20, 29), (1, 3)] {
+            let mut gu = random(&mut rng, rows * 2 * f);
+            // Gates far out on both sides, where e^-|x| underflows, and both zeros.
+            gu[0] = -120.0;
+            gu[1] = 95.0;
+            gu[2] = -0.0;
+            gu[f - 1] = 0.0;
+            let mut out = vec![0f32; rows * f];
+            silu_mul(&gu, f, &mut out);
+            close(&out, &silu_mul_slow(&gu, f), 1e-6);
+        }
+    }
+
+    /// Every gate through the vector path and the scalar one: the same bits, across the
+    /// range a gate projection gives and beyond it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn silu_mul_vector_and_scalar_rows_compute_the_same_bits() {
+        if !super::super::simd::has_avx2() {
+            eprintln!("SKIPPED: silu_mul_vector_and_scalar_rows_compute_the_same_bits: no AVX2");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for scale in [1.0f32, 10.0, 100.0] {
+            let gate: Vec<f32> = (0..4099)
+                .map(|_| scale * rng.random_range(-1.0f32..1.0))
+                .collect();
+            let up = random(&mut rng, gate.len());
+            let (mut vector, mut scalar) = (vec![0f32; gate.len()], vec![0f32; gate.len()]);
+            // SAFETY: AVX2 checked above (FMA comes with every AVX2 CPU this runs on, and
+            // `has_avx2` checks it).
+            unsafe { silu_mul_row_avx2(&gate, &up, &mut vector) };
+            silu_mul_row(&gate, &up, &mut scalar);
+            for ((v, s), g) in vector.iter().zip(&scalar).zip(&gate) {
+                assert_eq!(v.to_bits(), s.to_bits(), "gate {g}");
+            }
+        }
     }
 }

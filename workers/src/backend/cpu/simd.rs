@@ -143,6 +143,66 @@ pub(crate) unsafe fn hsum_avx(v: __m256) -> f32 {
     }
 }
 
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 in two parts, the first exact in f32 with trailing zeros, so that `x - n ln 2` loses
+/// nothing for the `n` a softmax meets.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// e^x is below f32's smallest normal number for x under this; softmax takes such terms as
+/// the smallest normal (a part in 1e38 of the maximum's term).
+const EXP_MIN_ARG: f32 = -87.33;
+/// 1/k! for k = 7 down to 2: Taylor's series of e^r on |r| <= ln 2 / 2 to within 6e-9.
+const EXP_TAYLOR: [f32; 6] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+];
+
+/// e^x for a softmax's shifted score (x <= 0), within about 2 ulp of the exact value: x split
+/// into n ln 2 + r, e^r by its Taylor polynomial (fused multiply-adds), times 2^n. The
+/// vector twin [`exp_shifted_avx`] computes the same bits, which libm's scalar `expf` leaves
+/// no way to do in a vector.
+#[inline(always)]
+pub(crate) fn exp_shifted(x: f32) -> f32 {
+    let x = x.max(EXP_MIN_ARG);
+    let n = (x * LOG2_E).round_ties_even();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let mut p = EXP_TAYLOR[0];
+    for c in &EXP_TAYLOR[1..] {
+        p = p.mul_add(r, *c);
+    }
+    let p = p.mul_add(r, 1.0).mul_add(r, 1.0);
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn exp_shifted_avx(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    unsafe {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN_ARG));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(LOG2_E)),
+        );
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_TAYLOR[0]);
+        for c in &EXP_TAYLOR[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
+        let one = _mm256_set1_ps(1.0);
+        let p = _mm256_fmadd_ps(_mm256_fmadd_ps(p, r, one), r, one);
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+    }
+}
+
 /// Portable dot product with the module's fixed arithmetic.
 pub fn dot_portable<E: Elem>(x: &[f32], w: &[E]) -> f32 {
     assert_eq!(x.len(), w.len(), "dot of unequal lengths");
@@ -354,5 +414,50 @@ mod tests {
         axpy(&mut a, 0.3, &v);
         axpy_portable(&mut b, 0.3, &v);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn exp_shifted_is_within_two_ulp_of_exp() {
+        let mut worst = 0f64;
+        for i in 0..200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let exact = (x as f64).exp();
+            let got = exp_shifted(x) as f64;
+            worst = worst.max(((got - exact) / exact).abs());
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        assert_eq!(exp_shifted(0.0), 1.0);
+        assert!(exp_shifted(-1000.0) > 0.0 && exp_shifted(-1000.0) < 1.2e-38);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_shifted_vector_twin_computes_the_same_bits() {
+        if !has_avx2() {
+            eprintln!("SKIPPED: exp_shifted_vector_twin_computes_the_same_bits: no AVX2");
+            return;
+        }
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn eight(x: &[f32; 8]) -> [f32; 8] {
+            let mut out = [0f32; 8];
+            // SAFETY: features enabled; 8 values each way.
+            unsafe {
+                _mm256_storeu_ps(
+                    out.as_mut_ptr(),
+                    exp_shifted_avx(_mm256_loadu_ps(x.as_ptr())),
+                )
+            };
+            out
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..20_000 {
+            let x: [f32; 8] = std::array::from_fn(|_| -rng.random_range(0.0f32..100.0));
+            // SAFETY: AVX2 checked above.
+            let vector = unsafe { eight(&x) };
+            for (v, x) in vector.iter().zip(&x) {
+                assert_eq!(v.to_bits(), exp_shifted(*x).to_bits(), "x = {x}");
+            }
+        }
     }
 }

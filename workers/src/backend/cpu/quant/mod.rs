@@ -19,6 +19,7 @@
 //! What ggml defines is the block formats, which [`layout`] reads.
 
 pub mod act;
+pub mod calibrate;
 pub mod kernels;
 pub mod layout;
 
@@ -32,8 +33,44 @@ use layout::{GROUP, Layout, SubBlock};
 
 /// Rows per task when a batch is split along rows as well as column groups.
 const ROW_BLOCK: usize = 128;
-/// Rows from which a task runs two groups at once where the ISA can ([`Isa::pairs_groups`]).
-const PAIR_MIN_ROWS: usize = 4;
+
+/// The kernels a product runs: an instruction set, and from how many quantized rows a task
+/// multiplies two groups at once where the set can ([`Isa::pairs_groups`]; [`calibrate`]
+/// says why that is timed). Every choice computes the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelChoice {
+    pub isa: Isa,
+    pub pair_from_rows: usize,
+}
+
+impl KernelChoice {
+    /// `isa`, pairing groups from [`calibrate::PAIR_FROM_ROWS_UNTIMED`] rows.
+    pub fn untimed(isa: Isa) -> Self {
+        KernelChoice {
+            isa,
+            pair_from_rows: calibrate::PAIR_FROM_ROWS_UNTIMED,
+        }
+    }
+
+    /// Whether a task of `rows` quantized rows runs two groups at once.
+    fn pairs(self, rows: usize) -> bool {
+        self.isa.pairs_groups() && rows >= self.pair_from_rows
+    }
+
+    /// For logs: the set, and where it pairs groups.
+    pub fn describe(self) -> String {
+        if self.isa.pairs_groups() {
+            format!(
+                "{} (two groups a pass from {} row{})",
+                self.isa.name(),
+                self.pair_from_rows,
+                if self.pair_from_rows == 1 { "" } else { "s" }
+            )
+        } else {
+            self.isa.name().to_string()
+        }
+    }
+}
 
 /// A GGUF-quantized weight matrix `[n, k]`, repacked into groups of 8 columns.
 #[derive(Debug, Clone)]
@@ -225,7 +262,7 @@ impl QuantWeight {
 /// pool.
 pub fn linear(x: &[f32], rows: usize, w: &QuantMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
     linear_with(
-        Isa::detect(),
+        KernelChoice::untimed(Isa::detect()),
         ActivationCodes::default(),
         x,
         rows,
@@ -235,10 +272,10 @@ pub fn linear(x: &[f32], rows: usize, w: &QuantMatrix, bias: Option<&[f32]>, out
     );
 }
 
-/// [`linear`] with the kernels of `isa` (which the CPU must have: [`Isa::available`]) and
-/// `codes` per activation.
+/// [`linear`] with `choice` (whose set the CPU must have: [`Isa::available`]) and `codes`
+/// per activation.
 pub fn linear_with(
-    isa: Isa,
+    choice: KernelChoice,
     codes: ActivationCodes,
     x: &[f32],
     rows: usize,
@@ -247,12 +284,12 @@ pub fn linear_with(
     out: &mut [f32],
 ) {
     let stacked = std::slice::from_ref(w);
-    linear_parts(isa, codes, x, rows, stacked, bias, out);
+    linear_parts(choice, codes, x, rows, stacked, bias, out);
 }
 
 /// [`linear_with`] of a stacked weight: each part's outputs are their columns of `out`.
 pub fn linear_stacked(
-    isa: Isa,
+    choice: KernelChoice,
     codes: ActivationCodes,
     x: &[f32],
     rows: usize,
@@ -260,11 +297,11 @@ pub fn linear_stacked(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    linear_parts(isa, codes, x, rows, &w.parts, bias, out);
+    linear_parts(choice, codes, x, rows, &w.parts, bias, out);
 }
 
 fn linear_parts(
-    isa: Isa,
+    choice: KernelChoice,
     codes: ActivationCodes,
     x: &[f32],
     rows: usize,
@@ -298,7 +335,7 @@ fn linear_parts(
     let mut col0 = 0;
     for part in parts {
         let bias = bias.map(|b| &b[col0..col0 + part.n]);
-        multiply(isa, &xq, part, bias, out, col0);
+        multiply(choice, &xq, part, bias, out, col0);
         col0 += part.n;
     }
 }
@@ -315,7 +352,7 @@ struct Output {
 
 /// Columns `col0..col0 + w.n` of `out` = the quantized rows times `w`, plus `bias`.
 fn multiply(
-    isa: Isa,
+    choice: KernelChoice,
     xq: &QuantRows,
     w: &QuantMatrix,
     bias: Option<&[f32]>,
@@ -330,7 +367,7 @@ fn multiply(
     let want = rayon::current_num_threads() * 4;
     let tasks_per_rb = groups.min(want.div_ceil(row_blocks).max(1));
     let mut per_task = groups.div_ceil(tasks_per_rb);
-    if isa.pairs_groups() && rows >= PAIR_MIN_ROWS && per_task > 1 {
+    if choice.pairs(rows) && per_task > 1 {
         // Whole pairs per task, so no task is left a lone group it could have paired.
         per_task = per_task.next_multiple_of(2);
     }
@@ -353,16 +390,15 @@ fn multiply(
             let mut pair: PairTile = [[0f32; 2 * GROUP]; MAX_ROWS];
             let mut g = g0;
             while g < g1 {
-                // Pairs for batches only: at one row (decode) the 256-bit kernel measured
-                // 15-35% faster (`cpu_bench`'s notes). Every kernel computes the same bits, so
-                // the choice leaves results as they are.
-                let paired = isa.pairs_groups() && g + 1 < g1 && r1 - r0 >= PAIR_MIN_ROWS;
+                // Pairs from the rows `choice` says ([`calibrate`]). Every kernel computes the
+                // same bits, so the choice leaves results as they are.
+                let paired = g + 1 < g1 && choice.pairs(r1 - r0);
                 let mut i = r0;
                 while i < r1 {
                     let mr = MAX_ROWS.min(r1 - i);
                     if paired {
                         kernels::group_pair_dot(
-                            isa,
+                            choice.isa,
                             w.layout,
                             [w.group(g), w.group(g + 1)],
                             xq,
@@ -372,7 +408,7 @@ fn multiply(
                         );
                         target.store(&pair, i, mr, g * GROUP);
                     } else {
-                        kernels::group_dot(isa, w.layout, w.group(g), xq, i, mr, &mut tile);
+                        kernels::group_dot(choice.isa, w.layout, w.group(g), xq, i, mr, &mut tile);
                         target.store(&tile, i, mr, g * GROUP);
                     }
                     i += mr;

@@ -296,7 +296,17 @@ fn products_match_dequantized_f32_arithmetic() {
             let exact = matmul_f64(&x, rows, k, &wf, n);
             let product = |codes| {
                 let mut out = vec![0f32; rows * n];
-                pool.install(|| linear_with(Isa::detect(), codes, &x, rows, &w, None, &mut out));
+                pool.install(|| {
+                    linear_with(
+                        KernelChoice::untimed(Isa::detect()),
+                        codes,
+                        &x,
+                        rows,
+                        &w,
+                        None,
+                        &mut out,
+                    )
+                });
                 out
             };
             let single = product(ActivationCodes::Single);
@@ -378,7 +388,7 @@ fn residual_pairs_are_summed_as_their_rows_products() {
             let mut got = vec![0f32; rows * n];
             pool().install(|| {
                 linear_with(
-                    isa,
+                    KernelChoice::untimed(isa),
                     ActivationCodes::WithResidual,
                     &x,
                     rows,
@@ -394,7 +404,7 @@ fn residual_pairs_are_summed_as_their_rows_products() {
                 stride: n,
                 pairs: false,
             };
-            pool().install(|| multiply(isa, &both, &w, None, out, 0));
+            pool().install(|| multiply(KernelChoice::untimed(isa), &both, &w, None, out, 0));
             let bias = &bias;
             let want: Vec<f32> = halves
                 .chunks_exact(2 * n)
@@ -414,31 +424,46 @@ fn residual_pairs_are_summed_as_their_rows_products() {
     }
 }
 
+/// Every instruction set, pairing groups from any row count (19 groups: tasks of several
+/// groups, so pairs run), gives the portable kernels' bits.
 #[test]
-fn every_isa_gives_the_same_bits() {
+fn every_isa_and_pairing_gives_the_same_bits() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let isas = Isa::available();
     for quant in GgufQuant::ALL {
-        let (rows, n, k) = (9, 21, 512);
+        let (n, k) = (149, 512);
         let w = QuantMatrix::from_gguf(quant, &[(&random_blocks(&mut rng, quant, n, k), n)], k)
             .unwrap();
-        let x = random_x(&mut rng, rows * k);
         let bias = random_x(&mut rng, n);
-        for codes in BOTH_CODES {
-            let mut reference = vec![0f32; rows * n];
-            linear_with(
-                Isa::Portable,
-                codes,
-                &x,
-                rows,
-                &w,
-                Some(&bias),
-                &mut reference,
-            );
-            for &isa in &isas {
-                let mut out = vec![0f32; rows * n];
-                linear_with(isa, codes, &x, rows, &w, Some(&bias), &mut out);
-                assert_eq!(out, reference, "{quant} with {}, {codes:?}", isa.name());
+        for rows in [1, 2, 3, 9] {
+            let x = random_x(&mut rng, rows * k);
+            for codes in BOTH_CODES {
+                let mut reference = vec![0f32; rows * n];
+                linear_with(
+                    KernelChoice::untimed(Isa::Portable),
+                    codes,
+                    &x,
+                    rows,
+                    &w,
+                    Some(&bias),
+                    &mut reference,
+                );
+                for &isa in &isas {
+                    for pair_from_rows in 1..=4 {
+                        let choice = KernelChoice {
+                            isa,
+                            pair_from_rows,
+                        };
+                        let mut out = vec![0f32; rows * n];
+                        pool().install(|| {
+                            linear_with(choice, codes, &x, rows, &w, Some(&bias), &mut out)
+                        });
+                        assert_eq!(
+                            out, reference,
+                            "{quant}, {rows} rows, {choice:?}, {codes:?}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -458,7 +483,7 @@ fn rows_are_batch_invariant() {
             let mut alone = vec![0f32; total * n];
             for r in 0..total {
                 linear_with(
-                    isa,
+                    KernelChoice::untimed(isa),
                     codes,
                     &x[r * k..(r + 1) * k],
                     1,
@@ -469,7 +494,17 @@ fn rows_are_batch_invariant() {
             }
             for rows in [2, 3, 5, 8, 17, 130, 300] {
                 let mut out = vec![0f32; rows * n];
-                pool.install(|| linear_with(isa, codes, &x[..rows * k], rows, &w, None, &mut out));
+                pool.install(|| {
+                    linear_with(
+                        KernelChoice::untimed(isa),
+                        codes,
+                        &x[..rows * k],
+                        rows,
+                        &w,
+                        None,
+                        &mut out,
+                    )
+                });
                 assert_eq!(
                     out,
                     alone[..rows * n],
@@ -518,12 +553,28 @@ fn stacked_parts_of_mixed_types_compute_each_part_s_columns() {
         .flat_map(|isa| BOTH_CODES.map(|codes| (isa, codes)))
     {
         let mut out = vec![0f32; rows * n];
-        linear_stacked(isa, codes, &x, rows, &stacked, Some(&bias), &mut out);
+        linear_stacked(
+            KernelChoice::untimed(isa),
+            codes,
+            &x,
+            rows,
+            &stacked,
+            Some(&bias),
+            &mut out,
+        );
         let mut col0 = 0;
         for part in &stacked.parts {
             let mut alone = vec![0f32; rows * part.n];
             let b = &bias[col0..col0 + part.n];
-            linear_with(isa, codes, &x, rows, part, Some(b), &mut alone);
+            linear_with(
+                KernelChoice::untimed(isa),
+                codes,
+                &x,
+                rows,
+                part,
+                Some(b),
+                &mut alone,
+            );
             for r in 0..rows {
                 assert_eq!(
                     out[r * n + col0..r * n + col0 + part.n],
