@@ -27,7 +27,11 @@
 //!   avx2-vnni 1159-1180 / 1000-1019, avx512-vnni (two groups per pass) 1508-1510 /
 //!   1452-1459 tok/s. Decode at one row with the paired AVX-512 kernel against the AVX-VNNI
 //!   one, three alternating rounds, 256 tokens after a 64-token prompt: Q4_1 201-276 against
-//!   289-343 tok/s, Q8_0 122-217 against 186-276, so rows below 4 keep 256-bit registers.
+//!   289-343 tok/s, Q8_0 122-217 against 186-276, so rows below 4 kept 256-bit registers.
+//!   On an Intel Xeon VM with AVX-512 VNNI (2026-12-02) pairing from one row decoded Q4_1
+//!   15-20% faster instead (108-122 against 95-106 tok/s with 16-bit activations), so the
+//!   threshold below 4 rows is now timed at load (`backend::cpu::quant::calibrate`;
+//!   `--quant-pair-from-rows` fixes it).
 
 use std::path::PathBuf;
 use std::time::Instant;

@@ -65,10 +65,11 @@ pub fn calibrated(isa: Isa, quant: GgufQuant) -> &'static PairCalibration {
                     )
                 })
                 .collect();
+            let from = calibration.pair_from_rows;
             tracing::info!(
-                "quantized kernels: {} pair column groups from {} rows (timed on {MATRICES} {quant} products of {N}x{K}: {})",
+                "quantized kernels: {} pair column groups from {from} row{} (timed on {MATRICES} {quant} products of {N}x{K}: {})",
                 isa.name(),
-                calibration.pair_from_rows,
+                if from == 1 { "" } else { "s" },
                 timings.join("; ")
             );
         }
