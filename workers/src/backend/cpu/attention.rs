@@ -123,6 +123,7 @@ fn attention_typed<E: Elem>(
     let width = shape.qkv_width();
     let tokens = plan.num_tokens();
     let avx = super::simd::has_avx2();
+    let avx512 = super::simd::has_avx512f();
     let mut out = vec![0f32; tokens * shape.num_heads * d];
     // One task per (token, kv head) covers the kv head's query heads, which then read each key
     // and value once; a batch too small for that to keep every thread busy (a decode step of a
@@ -156,13 +157,19 @@ fn attention_typed<E: Elem>(
                 v_offset: layout.offset(layer, 1, 0) + g * d,
             };
             #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: features checked.
+                unsafe { attend_avx512(&task, cache, out) };
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
             if avx {
                 // SAFETY: features checked.
                 unsafe { attend_avx2(&task, cache, out) };
                 return;
             }
-            let _ = avx;
-            attend::<E, false>(&task, cache, out);
+            let _ = (avx, avx512);
+            attend::<E, false, false>(&task, cache, out);
         });
     out
 }
@@ -186,7 +193,17 @@ struct Task<'a> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2<E: Elem>(task: &Task<'_>, cache: &[E], out: &mut [f32]) {
-    attend::<E, true>(task, cache, out)
+    attend::<E, true, false>(task, cache, out)
+}
+
+/// [`attend_avx2`] with the values' weighted sums in 512-bit registers: 16 dimensions an
+/// instruction and 32 registers, so a group's whole head dimension accumulates in one pass
+/// over the positions. Each output dimension is its own lane in either width, so the bits
+/// are [`attend_avx2`]'s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn attend_avx512<E: Elem>(task: &Task<'_>, cache: &[E], out: &mut [f32]) {
+    attend::<E, true, true>(task, cache, out)
 }
 
 /// Scores of every query head of the group against each key, block by block; softmax as
@@ -195,7 +212,11 @@ unsafe fn attend_avx2<E: Elem>(task: &Task<'_>, cache: &[E], out: &mut [f32]) {
 /// read each key and value once for all the group's heads, or the portable twins of identical
 /// arithmetic, one head at a time.
 #[inline(always)]
-fn attend<E: Elem, const AVX: bool>(task: &Task<'_>, cache: &[E], out: &mut [f32]) {
+fn attend<E: Elem, const AVX: bool, const AVX512: bool>(
+    task: &Task<'_>,
+    cache: &[E],
+    out: &mut [f32],
+) {
     let (d, group, context) = (task.head_dim, task.group, task.context);
     let layout = &task.layout;
     let stride = layout.token_stride();
@@ -238,8 +259,14 @@ fn attend<E: Elem, const AVX: bool>(task: &Task<'_>, cache: &[E], out: &mut [f32
         softmax_k::<AVX>(&mut scores[hh * context..(hh + 1) * context], task.scale);
     }
     #[cfg(target_arch = "x86_64")]
+    if AVX512 && d.is_multiple_of(16) && group <= 4 {
+        // SAFETY: only instantiated with AVX512 inside `attend_avx512`.
+        unsafe { weighted_sums_group_avx512(task, cache, &scores, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if AVX && d.is_multiple_of(8) {
-        // SAFETY: only instantiated with AVX inside `attend_avx2`.
+        // SAFETY: only instantiated with AVX inside `attend_avx2` or `attend_avx512`.
         unsafe { weighted_sums_group_avx(task, cache, &scores, out) };
         return;
     }
@@ -440,6 +467,85 @@ unsafe fn weighted_sums_group_avx<E: Elem>(
                 }
             }
         }
+    }
+}
+
+/// [`weighted_sums_group_avx`] in 512-bit registers, for groups of up to 4 heads and head
+/// dimensions a multiple of 16: 64 dimensions of every head a pass (at most 16 accumulators).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weighted_sums_group_avx512<E: Elem>(
+    task: &Task<'_>,
+    cache: &[E],
+    scores: &[f32],
+    out: &mut [f32],
+) {
+    // SAFETY (all arms): AVX-512F present (the caller's contract).
+    unsafe {
+        match task.group {
+            1 => weighted_sums_tile512::<E, 1, 4>(task, cache, scores, out),
+            2 => weighted_sums_tile512::<E, 2, 4>(task, cache, scores, out),
+            3 => weighted_sums_tile512::<E, 3, 4>(task, cache, scores, out),
+            4 => weighted_sums_tile512::<E, 4, 4>(task, cache, scores, out),
+            g => unreachable!("weighted_sums_group_avx512: a group of {g} heads"),
+        }
+    }
+}
+
+/// [`weighted_sums_tile`] with `W16 * 16` dimensions at a time in 512-bit accumulators: per
+/// lane the same fused multiply-adds in position order.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `acc[head][i]`: the register tile reads clearest indexed
+unsafe fn weighted_sums_tile512<E: Elem, const G: usize, const W16: usize>(
+    task: &Task<'_>,
+    cache: &[E],
+    scores: &[f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (d, context) = (task.head_dim, task.context);
+    let layout = &task.layout;
+    let stride = layout.token_stride();
+    assert!(scores.len() >= G * context && out.len() >= G * d && d.is_multiple_of(16));
+    let mut c0 = 0;
+    while c0 < d {
+        let w16 = W16.min((d - c0) / 16);
+        // SAFETY: the value of position j + tok spans cache[base + tok * stride..][..d - c0]
+        // (checked by the slice below); heads' probabilities and outputs are inside the
+        // slices checked above.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); W16]; G];
+            let mut j = 0;
+            for &block in task.table {
+                if j >= context {
+                    break;
+                }
+                let n_in = layout.block_size.min(context - j);
+                let base = block as usize * layout.block_elems() + task.v_offset + c0;
+                let values = &cache[base..base + (n_in - 1) * stride + w16 * 16];
+                for tok in 0..n_in {
+                    let v = values.as_ptr().add(tok * stride);
+                    let mut p = [_mm512_setzero_ps(); G];
+                    for (hh, p) in p.iter_mut().enumerate() {
+                        *p = _mm512_set1_ps(*scores.get_unchecked(hh * context + j + tok));
+                    }
+                    for i in 0..w16 {
+                        let value = E::load16(v.add(i * 16));
+                        for hh in 0..G {
+                            acc[hh][i] = _mm512_fmadd_ps(p[hh], value, acc[hh][i]);
+                        }
+                    }
+                }
+                j += n_in;
+            }
+            for (hh, acc) in acc.iter().enumerate() {
+                for (i, acc) in acc.iter().enumerate().take(w16) {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(hh * d + c0 + i * 16), *acc);
+                }
+            }
+        }
+        c0 += w16 * 16;
     }
 }
 
@@ -751,14 +857,14 @@ mod tests {
                 .collect();
             let mut portable = vec![0f32; group * d];
             for (hh, out) in portable.chunks_mut(d).enumerate() {
-                attend::<bf16, false>(
+                attend::<bf16, false, false>(
                     &task_of(&q[hh * d..(hh + 1) * d], 1, context, &table, layout),
                     &cache,
                     out,
                 );
             }
             let mut grouped_portable = vec![0f32; group * d];
-            attend::<bf16, false>(
+            attend::<bf16, false, false>(
                 &task_of(&q, group, context, &table, layout),
                 &cache,
                 &mut grouped_portable,
@@ -789,6 +895,69 @@ mod tests {
                 }
                 assert_eq!(per_head, portable, "group {group} d {d} context {context}");
             }
+            #[cfg(target_arch = "x86_64")]
+            if super::super::simd::has_avx512f() {
+                let mut wide = vec![0f32; group * d];
+                // SAFETY: AVX-512F checked.
+                unsafe {
+                    attend_avx512(
+                        &task_of(&q, group, context, &table, layout),
+                        &cache,
+                        &mut wide,
+                    )
+                };
+                assert_eq!(
+                    wide, portable,
+                    "512-bit, group {group} d {d} context {context}"
+                );
+            }
         }
+    }
+
+    /// The 512-bit weighted sums over every cache element type: the bits of the 256-bit ones.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn wide_and_narrow_attention_compute_the_same_bits_for_every_cache_type() {
+        if !super::super::simd::has_avx512f() {
+            eprintln!(
+                "SKIPPED: wide_and_narrow_attention_compute_the_same_bits_for_every_cache_type: no AVX-512F"
+            );
+            return;
+        }
+        fn check<E: Elem>(name: &str, rng: &mut ChaCha8Rng) {
+            for (group, d, context) in [(3usize, 64usize, 70usize), (4, 128, 33), (1, 32, 17)] {
+                let layout = KvLayout {
+                    num_layers: 2,
+                    num_kv_heads: 2,
+                    head_dim: d,
+                    block_size: 16,
+                    dtype: KvDType::Bf16,
+                };
+                let blocks = context.div_ceil(layout.block_size);
+                let table: Vec<u32> = (0..blocks as u32).rev().map(|b| 2 * b + 1).collect();
+                let cache: Vec<E> = (0..(2 * blocks + 1) * layout.block_elems())
+                    .map(|_| E::from_f32(rng.random_range(-1.0f32..1.0)))
+                    .collect();
+                let q: Vec<f32> = (0..group * d)
+                    .map(|_| rng.random_range(-2.0f32..2.0))
+                    .collect();
+                let task = task_of(&q, group, context, &table, layout);
+                let (mut narrow, mut wide) = (vec![0f32; group * d], vec![0f32; group * d]);
+                // SAFETY: AVX-512F (and so AVX2) checked by the caller.
+                unsafe {
+                    attend_avx2(&task, &cache, &mut narrow);
+                    attend_avx512(&task, &cache, &mut wide);
+                }
+                assert_eq!(
+                    wide, narrow,
+                    "{name}: group {group} d {d} context {context}"
+                );
+            }
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        check::<f32>("f32", &mut rng);
+        check::<bf16>("bf16", &mut rng);
+        check::<half::f16>("f16", &mut rng);
+        check::<float8::F8E4M3>("fp8", &mut rng);
     }
 }

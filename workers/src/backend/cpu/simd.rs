@@ -38,6 +38,34 @@ pub trait Elem: Copy + Send + Sync + 'static {
     /// `p` must be valid for 8 reads and the CPU must have AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> __m256;
+    /// Loads 16 consecutive elements as f32: two [`Self::load8`]s unless a type widens 16 at
+    /// once.
+    ///
+    /// # Safety
+    /// `p` must be valid for 16 reads and the CPU must have AVX-512F besides
+    /// [`Self::load8`]'s features.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        unsafe {
+            let low = _mm512_castps256_ps512(Self::load8(p));
+            let high = _mm256_castps_pd(Self::load8(p.add(8)));
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(low), high))
+        }
+    }
+}
+
+/// Whether the 512-bit forms of the inner loops can run here (AVX-512F besides
+/// [`has_avx2`]'s features).
+pub fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2() && is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 impl Elem for f32 {
@@ -53,6 +81,11 @@ impl Elem for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         unsafe { _mm256_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        unsafe { _mm512_loadu_ps(p) }
     }
 }
 
@@ -74,6 +107,14 @@ impl Elem for bf16 {
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        unsafe {
+            let h = _mm256_loadu_si256(p.cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
 }
 
 impl Elem for f16 {
@@ -89,6 +130,11 @@ impl Elem for f16 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
     }
 }
 
