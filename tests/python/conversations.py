@@ -78,7 +78,10 @@ async def agents_sdk():
     set_default_openai_api("responses")
     set_tracing_disabled(True)
     model = (await client.models.list()).data[0].id
-    agent = Agent(name="Assistant", instructions="You are a helpful assistant. Answer briefly.",
+    # The SDK raises on a response that stops at its token limit (`incomplete`), so each
+    # greedy answer must end by itself: one short sentence does on the default model.
+    agent = Agent(name="Assistant",
+                  instructions="You are a helpful assistant. Answer in one short sentence.",
                   model=model, model_settings=ModelSettings(temperature=0, max_tokens=400))
 
     # A session kept in a conversation: each run's items are added, and the next run sees them.
