@@ -16,8 +16,10 @@ pub mod group;
 pub mod kv;
 pub mod matmul;
 pub mod norm;
-pub mod quant;
 pub mod simd;
+
+/// The quantized products live in a crate of their own (`cpu-quant/`).
+pub use tandem_cpu_quant as quant;
 
 use half::{bf16, f16};
 

@@ -14,19 +14,9 @@ use half::{bf16, f16};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Whether the AVX2+FMA(+F16C) kernels can run here (checked at run time, cached by std).
-pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+/// Whether the AVX2+FMA(+F16C) kernels can run here: one test for the dense kernels here and
+/// the quantized ones, so that a machine runs both families or neither.
+pub use tandem_cpu_quant::has_avx2;
 
 /// An element type weights or the KV cache may be stored in; computed in f32.
 pub trait Elem: Copy + Send + Sync + 'static {

@@ -68,7 +68,7 @@ impl Isa {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if super::super::simd::has_avx2() {
+            if crate::has_avx2() {
                 if has_avx512_vnni() {
                     return Isa::Avx512Vnni;
                 }
@@ -94,7 +94,7 @@ impl Isa {
         let mut all = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if super::super::simd::has_avx2() {
+            if crate::has_avx2() {
                 all.push(Isa::Avx2);
                 if is_x86_feature_detected!("avxvnni") {
                     all.push(Isa::Avx2Vnni);
@@ -417,8 +417,8 @@ mod neon {
     use std::arch::aarch64::*;
 
     use super::{HALVES, INDICES, Tile, layout_of, nibbles, scale_only, unsigned_with_min};
-    use crate::backend::cpu::quant::act::{BLOCK, QuantRows};
-    use crate::backend::cpu::quant::layout::IQ4_VALUES;
+    use crate::act::{BLOCK, QuantRows};
+    use crate::layout::IQ4_VALUES;
 
     macro_rules! kernel {
         ($name:ident, $features:literal, $dot:ident) => {
@@ -570,8 +570,8 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{HALVES, INDICES, Tile, layout_of, nibbles, scale_only, unsigned_with_min};
-    use crate::backend::cpu::quant::act::{BLOCK, QuantRows};
-    use crate::backend::cpu::quant::layout::IQ4_VALUES;
+    use crate::act::{BLOCK, QuantRows};
+    use crate::layout::IQ4_VALUES;
 
     macro_rules! kernel {
         ($name:ident, $features:literal, $dot:ident) => {
@@ -737,8 +737,8 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{HALVES, INDICES, PairTile, layout_of, nibbles, scale_only, unsigned_with_min};
-    use crate::backend::cpu::quant::act::{BLOCK, QuantRows};
-    use crate::backend::cpu::quant::layout::IQ4_VALUES;
+    use crate::act::{BLOCK, QuantRows};
+    use crate::layout::IQ4_VALUES;
 
     /// 32 bytes of each group side by side.
     #[inline]

@@ -430,6 +430,10 @@ fn residual_pairs_are_summed_as_their_rows_products() {
 fn every_isa_and_pairing_gives_the_same_bits() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let isas = Isa::available();
+    // Every Arm64 CPU has NEON: a list without it would leave the Arm kernels untested.
+    #[cfg(target_arch = "aarch64")]
+    assert!(isas.contains(&Isa::Neon), "{isas:?}");
+    eprintln!("kernel families compared: {isas:?}");
     for quant in GgufQuant::ALL {
         let (n, k) = (149, 512);
         let w = QuantMatrix::from_gguf(quant, &[(&random_blocks(&mut rng, quant, n, k), n)], k)

@@ -31,6 +31,21 @@ pub use kernels::Isa;
 use kernels::{MAX_ROWS, PairTile, Tile};
 use layout::{GROUP, Layout, SubBlock};
 
+/// Whether the AVX2+FMA(+F16C) kernels can run here (checked at run time, cached by std). The
+/// CPU backend's dense kernels use this same test (they re-export it).
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Rows per task when a batch is split along rows as well as column groups.
 const ROW_BLOCK: usize = 128;
 

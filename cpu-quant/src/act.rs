@@ -215,7 +215,7 @@ fn quantize_task(
 /// One row: `codes` `[k]`, `scales` and `sums` `[k / 32]`.
 fn quantize_row(x: &[f32], codes: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::super::simd::has_avx2() {
+    if crate::has_avx2() {
         for (((x, codes), d), s) in x
             .chunks_exact(BLOCK)
             .zip(codes.chunks_exact_mut(BLOCK))
