@@ -411,6 +411,9 @@ fn multiply(
                 let mut i = r0;
                 while i < r1 {
                     let mr = MAX_ROWS.min(r1 - i);
+                    // The first pass over a group's blocks brings them from memory; the
+                    // row tiles after it find them in cache.
+                    let read_ahead = i == r0;
                     if paired {
                         kernels::group_pair_dot(
                             choice.isa,
@@ -420,10 +423,20 @@ fn multiply(
                             i,
                             mr,
                             &mut pair,
+                            read_ahead,
                         );
                         target.store(&pair, i, mr, g * GROUP);
                     } else {
-                        kernels::group_dot(choice.isa, w.layout, w.group(g), xq, i, mr, &mut tile);
+                        kernels::group_dot(
+                            choice.isa,
+                            w.layout,
+                            w.group(g),
+                            xq,
+                            i,
+                            mr,
+                            &mut tile,
+                            read_ahead,
+                        );
                         target.store(&tile, i, mr, g * GROUP);
                     }
                     i += mr;
