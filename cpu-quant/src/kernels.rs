@@ -179,11 +179,11 @@ pub fn group_pair_dot(
     layout: Layout,
     [first, second]: [&[u8]; 2],
     x: &QuantRows,
-    r0: usize,
-    rows: usize,
+    rows: std::ops::Range<usize>,
     tile: &mut PairTile,
     read_ahead: bool,
 ) {
+    let (r0, rows) = (rows.start, rows.len());
     let nb = x.blocks_per_row();
     assert!(
         isa.pairs_groups(),
@@ -240,18 +240,20 @@ pub fn group_pair_dot(
     let _ = (first, second, r0, tile, read_ahead);
 }
 
-/// `tile[r][j] = dot(row r0 + r of x, column j of the group)` for `rows` rows (1..=4);
-/// `group` is the group's blocks (`k / 32` of `layout.block_stride()` bytes).
+/// `tile[r][j] = dot(row rows.start + r of x, column j of the group)` for 1 to 4 `rows`;
+/// `group` is the group's blocks (`k / 32` of `layout.block_stride()` bytes). With
+/// `read_ahead` (a group's first pass over the rows, when its weights come from memory) the
+/// x86 kernels ask for the blocks six ahead of the ones they multiply.
 pub fn group_dot(
     isa: Isa,
     layout: Layout,
     group: &[u8],
     x: &QuantRows,
-    r0: usize,
-    rows: usize,
+    rows: std::ops::Range<usize>,
     tile: &mut Tile,
     read_ahead: bool,
 ) {
+    let (r0, rows) = (rows.start, rows.len());
     let nb = x.blocks_per_row();
     assert!(
         (1..=MAX_ROWS).contains(&rows) && r0 + rows <= x.rows,

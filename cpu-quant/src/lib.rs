@@ -420,8 +420,7 @@ fn multiply(
                             w.layout,
                             [w.group(g), w.group(g + 1)],
                             xq,
-                            i,
-                            mr,
+                            i..i + mr,
                             &mut pair,
                             read_ahead,
                         );
@@ -432,8 +431,7 @@ fn multiply(
                             w.layout,
                             w.group(g),
                             xq,
-                            i,
-                            mr,
+                            i..i + mr,
                             &mut tile,
                             read_ahead,
                         );
