@@ -19,6 +19,7 @@
 //! What ggml defines is the block formats, which [`layout`] reads.
 
 pub mod act;
+pub mod bench;
 pub mod calibrate;
 pub mod kernels;
 pub mod layout;

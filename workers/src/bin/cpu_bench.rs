@@ -8,6 +8,8 @@
 //! cargo run --release -p tandem-workers --bin cpu_bench -- matmul [--threads 2] [--rows 512]
 //! cargo run --release -p tandem-workers --bin cpu_bench -- grammar --model DIR [--threads 2]
 //!     [--batch 1 --batch 32] [--steps 32] [--json]
+//! cargo run --release -p tandem-workers --bin cpu_bench -- kernels [--quant q8_0] [--k 1536]
+//!     [--quant-kernels avx512-vnni] [--streamed-mib 512] [--json]
 //! ```
 //!
 //! What the measurements decided (SmolLM2-135M, 2 shared cores of an AMD EPYC with AVX2; the
@@ -34,12 +36,13 @@
 //!   `--quant-pair-from-rows` fixes it).
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use tandem_model::GgufQuant;
 use tandem_workers::backend::Backend;
-use tandem_workers::backend::cpu::quant::{ActivationCodes, Isa};
+use tandem_workers::backend::cpu::quant::{self, ActivationCodes, Isa};
 use tandem_workers::backend::cpu::{CpuBackend, CpuOptions, matmul};
 use tandem_workers::model::{ForwardBatch, Model, ModelOptions};
 
@@ -101,6 +104,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// One thread's rates of the quantized kernels on synthetic weights, resident in cache
+    /// and streamed from memory (`backend::cpu::quant::bench`).
+    Kernels {
+        /// The GGUF block type (q8_0, q4_1, q4_k, ...).
+        #[arg(long, default_value = "q8_0", value_parser = parse_quant)]
+        quant: GgufQuant,
+        /// Inputs per column (SmolLM2's down projection has 1536).
+        #[arg(long, default_value_t = 1536)]
+        k: usize,
+        /// The instruction set (default: the best this CPU has).
+        #[arg(long, value_parser = parse_isa)]
+        quant_kernels: Option<Isa>,
+        /// Size of the streamed matrix; choose it well beyond the last-level cache.
+        #[arg(long, default_value_t = 512)]
+        streamed_mib: usize,
+        /// Time spent on each measurement, in milliseconds (its best pass is kept).
+        #[arg(long, default_value_t = 1000)]
+        millis: u64,
+        /// Print one JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// `linear` against the `gemm` crate on SmolLM2's projection shapes, f32.
     Matmul {
         #[arg(long, default_value_t = 2)]
@@ -140,6 +165,21 @@ fn main() -> Result<()> {
             json,
         ),
         Command::Matmul { threads, rows } => bench_matmul(threads, rows),
+        Command::Kernels {
+            quant,
+            k,
+            quant_kernels,
+            streamed_mib,
+            millis,
+            json,
+        } => bench_kernels(
+            quant,
+            k,
+            quant_kernels.unwrap_or_else(Isa::detect),
+            streamed_mib << 20,
+            Duration::from_millis(millis),
+            json,
+        ),
         Command::Grammar {
             model,
             threads,
@@ -237,6 +277,69 @@ fn bench_model(
 }
 
 /// `--quant-kernels`: an instruction set this CPU has.
+fn parse_quant(name: &str) -> std::result::Result<GgufQuant, String> {
+    GgufQuant::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = GgufQuant::ALL.iter().map(|q| q.name()).collect();
+        format!("{name:?}: not one of {}", names.join(", "))
+    })
+}
+
+fn bench_kernels(
+    quant: GgufQuant,
+    k: usize,
+    isa: Isa,
+    streamed_bytes: usize,
+    min_time: Duration,
+    json: bool,
+) -> Result<()> {
+    let rates = quant::bench::kernel_rates(isa, quant, k, streamed_bytes, min_time)?;
+    if json {
+        let rows: Vec<serde_json::Value> = rates
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "placement": format!("{:?}", r.placement).to_lowercase(),
+                    "paired": r.paired,
+                    "read_ahead": r.read_ahead,
+                    "rows": r.rows,
+                    "ns_per_group_block": r.ns_per_group_block,
+                    "weight_gb_per_s": r.weight_gb_per_s,
+                    "products_per_ns": r.products_per_ns,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!(
+        "{} kernels, {} weights, k {k}, one thread, {} MiB streamed; a group block is 8 columns \
+         by 32 inputs",
+        isa.name(),
+        quant.name(),
+        streamed_bytes >> 20
+    );
+    println!(
+        "| weights | groups a call | read ahead | rows | ns a group block | weight GB/s | byte products a ns |"
+    );
+    println!("|---|---:|---|---:|---:|---:|---:|");
+    for r in &rates {
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {:.1} | {:.0} |",
+            match r.placement {
+                quant::bench::Placement::Resident => "resident",
+                quant::bench::Placement::Streamed => "streamed",
+            },
+            if r.paired { 2 } else { 1 },
+            if r.read_ahead { "yes" } else { "no" },
+            r.rows,
+            r.ns_per_group_block,
+            r.weight_gb_per_s,
+            r.products_per_ns
+        );
+    }
+    Ok(())
+}
+
 fn parse_isa(name: &str) -> std::result::Result<Isa, String> {
     let available = Isa::available();
     available
