@@ -1,14 +1,15 @@
 //! One thread's rates of the kernels on synthetic weights (`cpu_bench kernels`), to see what
 //! bounds them apart from the model around them: weights resident in cache (the kernels'
 //! arithmetic) or streamed once from memory (a decode step), with and without reading ahead,
-//! one group a call or two, at 1 to 4 rows.
+//! one group a call or two, at 1 to 4 rows; resident pairs of signed codes also with the sign
+//! corrections a prefill's later row tiles reuse.
 
 use std::time::{Duration, Instant};
 
 use tandem_model::GgufQuant;
 
 use crate::act::QuantRows;
-use crate::kernels::{self, Isa, MAX_ROWS, PairTile, Tile};
+use crate::kernels::{self, Corrections, Isa, MAX_ROWS, PairPass, PairTile, SignCorrection, Tile};
 use crate::layout::GROUP;
 use crate::{QuantMatrix, QuantShapeError};
 
@@ -28,6 +29,9 @@ pub struct KernelRate {
     /// Two groups a call (the AVX-512 paired kernel) or one.
     pub paired: bool,
     pub read_ahead: bool,
+    /// The paired kernel read its sign corrections as kept by an earlier call over the
+    /// same groups (a prefill's later row tiles) rather than computing them.
+    pub reused_corrections: bool,
     pub rows: usize,
     /// Nanoseconds per block of one group (8 columns by 32 inputs) at `rows` rows.
     pub ns_per_group_block: f64,
@@ -82,23 +86,49 @@ pub fn kernel_rates(
             Placement::Resident => &[false],
             Placement::Streamed => &[false, true],
         };
+        let mut kept = vec![SignCorrection::default(); xq.blocks_per_row()];
         for &paired in pairings {
+            let reuses: &[bool] =
+                if paired && placement == Placement::Resident && w.layout.signed_codes() {
+                    // The resident matrix is one pair: keep its corrections once.
+                    let mut tile: PairTile = [[0f32; 2 * GROUP]; MAX_ROWS];
+                    let mut pass = PairPass {
+                        read_ahead: false,
+                        corrections: Corrections::Keep(&mut kept),
+                    };
+                    kernels::group_pair_dot(
+                        isa,
+                        w.layout,
+                        [w.group(0), w.group(1)],
+                        &xq,
+                        0..1,
+                        &mut tile,
+                        &mut pass,
+                    );
+                    &[false, true]
+                } else {
+                    &[false]
+                };
             for &read_ahead in read_aheads {
-                for rows in 1..=MAX_ROWS {
-                    let pass = || multiply_all(isa, w, &xq, rows, paired, read_ahead);
-                    let group_blocks = w.groups() * xq.blocks_per_row();
-                    let best = best_pass(pass, placement, min_time);
-                    let ns = best.as_secs_f64() * 1e9 / group_blocks as f64;
-                    let block_bytes = w.layout.block_stride() as f64;
-                    rates.push(KernelRate {
-                        placement,
-                        paired,
-                        read_ahead,
-                        rows,
-                        ns_per_group_block: ns,
-                        weight_gb_per_s: block_bytes / ns,
-                        products_per_ns: (rows * GROUP * crate::act::BLOCK) as f64 / ns,
-                    });
+                for &reuse in reuses {
+                    for rows in 1..=MAX_ROWS {
+                        let kept = reuse.then_some(&kept[..]);
+                        let pass = || multiply_all(isa, w, &xq, rows, paired, read_ahead, kept);
+                        let group_blocks = w.groups() * xq.blocks_per_row();
+                        let best = best_pass(pass, placement, min_time);
+                        let ns = best.as_secs_f64() * 1e9 / group_blocks as f64;
+                        let block_bytes = w.layout.block_stride() as f64;
+                        rates.push(KernelRate {
+                            placement,
+                            paired,
+                            read_ahead,
+                            reused_corrections: reuse,
+                            rows,
+                            ns_per_group_block: ns,
+                            weight_gb_per_s: block_bytes / ns,
+                            products_per_ns: (rows * GROUP * crate::act::BLOCK) as f64 / ns,
+                        });
+                    }
                 }
             }
         }
@@ -131,7 +161,8 @@ fn best_pass(mut pass: impl FnMut(), placement: Placement, min_time: Duration) -
     best
 }
 
-/// Every group of `w` times the first `rows` rows, one or two groups a call.
+/// Every group of `w` times the first `rows` rows, one or two groups a call (with `kept`
+/// corrections, which are the first pair's).
 fn multiply_all(
     isa: Isa,
     w: &QuantMatrix,
@@ -139,6 +170,7 @@ fn multiply_all(
     rows: usize,
     paired: bool,
     read_ahead: bool,
+    kept: Option<&[SignCorrection]>,
 ) {
     let mut tile: Tile = [[0f32; GROUP]; MAX_ROWS];
     let mut pair: PairTile = [[0f32; 2 * GROUP]; MAX_ROWS];
@@ -152,7 +184,13 @@ fn multiply_all(
                 xq,
                 0..rows,
                 &mut pair,
-                read_ahead,
+                &mut PairPass {
+                    read_ahead,
+                    corrections: match kept {
+                        Some(kept) => Corrections::Reuse(kept),
+                        None => Corrections::Inline,
+                    },
+                },
             );
             g += 2;
         } else {

@@ -172,6 +172,32 @@ fn x86_read_ahead(at: *const u8, len: usize) {
 /// Outputs of one paired kernel call: `[row][column of the two groups]`.
 pub type PairTile = [[f32; 2 * GROUP]; MAX_ROWS];
 
+/// One block's sign corrections in the paired kernel (`128 * sum(codes)` of each of the 16
+/// columns' two halves, as i32 lanes: `[half][column]`), which depend on the weights alone.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+pub struct SignCorrection(pub [[i32; 2 * GROUP]; 2]);
+
+/// Where a paired call's sign corrections come from (signed codes only: layouts with
+/// unsigned codes have none). Computing them takes a quarter of the byte products of a
+/// four-row call, so calls after the first over the same two groups (the row tiles of a
+/// prefill) read what the first kept.
+pub enum Corrections<'a> {
+    /// Computed and used (the one call over these groups, as at decode).
+    Inline,
+    /// Computed, used, and stored by block for the calls after.
+    Keep(&'a mut [SignCorrection]),
+    /// Read as a first call over the same groups kept them.
+    Reuse(&'a [SignCorrection]),
+}
+
+/// What a paired call knows of the other calls over the same two groups.
+pub struct PairPass<'a> {
+    /// Ask for the weights ahead of the loads ([`group_dot`]'s `read_ahead`).
+    pub read_ahead: bool,
+    pub corrections: Corrections<'a>,
+}
+
 /// [`group_dot`] of two groups at once (16 columns: the first group's, then the second's),
 /// for an `isa` that [`Isa::pairs_groups`].
 pub fn group_pair_dot(
@@ -181,10 +207,18 @@ pub fn group_pair_dot(
     x: &QuantRows,
     rows: std::ops::Range<usize>,
     tile: &mut PairTile,
-    read_ahead: bool,
+    pass: &mut PairPass,
 ) {
     let (r0, rows) = (rows.start, rows.len());
     let nb = x.blocks_per_row();
+    assert!(
+        match &pass.corrections {
+            Corrections::Inline => true,
+            Corrections::Keep(kept) => kept.len() == nb,
+            Corrections::Reuse(kept) => kept.len() == nb,
+        },
+        "group_pair_dot: kept corrections are not one a block"
+    );
     assert!(
         isa.pairs_groups(),
         "group_pair_dot: {} has no paired kernel",
@@ -212,7 +246,7 @@ pub fn group_pair_dot(
                         x,
                         r0,
                         tile,
-                        read_ahead,
+                        pass,
                     )
                 }
             };
@@ -237,7 +271,7 @@ pub fn group_pair_dot(
     }
     // No paired kernel elsewhere: the assertion above has refused every ISA.
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (first, second, r0, tile, read_ahead);
+    let _ = (first, second, r0, tile, pass);
 }
 
 /// `tile[r][j] = dot(row rows.start + r of x, column j of the group)` for 1 to 4 `rows`;
@@ -386,7 +420,7 @@ const fn scale_only(l: u8) -> bool {
 /// is) and its blocks have a minimum (`fma(w_min, x_scale * sum(x_codes), acc)`).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const fn unsigned_with_min(l: u8) -> bool {
-    l == NIBBLES || l == BYTES_MIN
+    !layout_of(l).signed_codes()
 }
 
 /// Rows `r0..r0 + R` of `x`: their codes, block scales and block sums. A loop the kernel
@@ -800,8 +834,8 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{
-        HALVES, INDICES, PairTile, READ_AHEAD_BLOCKS, layout_of, nibbles, scale_only,
-        unsigned_with_min,
+        Corrections, HALVES, INDICES, PairPass, PairTile, READ_AHEAD_BLOCKS, layout_of, nibbles,
+        scale_only, unsigned_with_min,
     };
     use crate::act::{BLOCK, QuantRows};
     use crate::layout::IQ4_VALUES;
@@ -829,8 +863,15 @@ mod avx512 {
         x: &QuantRows,
         r0: usize,
         tile: &mut PairTile,
-        read_ahead: bool,
+        pass: &mut PairPass,
     ) {
+        let read_ahead = pass.read_ahead;
+        // Raw pointers read once, not the enum at every block.
+        let (keep, reuse) = match &mut pass.corrections {
+            Corrections::Inline => (std::ptr::null_mut(), std::ptr::null()),
+            Corrections::Keep(kept) => (kept.as_mut_ptr(), std::ptr::null()),
+            Corrections::Reuse(kept) => (std::ptr::null_mut(), kept.as_ptr()),
+        };
         let layout = layout_of(L);
         let stride = layout.block_stride();
         let codes_bytes = layout.codes_bytes();
@@ -880,15 +921,32 @@ mod avx512 {
             // `128 * sum(codes)` of each column's two halves (signed codes only).
             let (mut fix_lo, mut fix_hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
             if !unsigned_with_min(L) {
-                for (i, run) in runs.iter().enumerate() {
-                    if i < 4 {
-                        fix_lo = _mm512_dpbusd_epi32(fix_lo, ones, *run);
-                    } else {
-                        fix_hi = _mm512_dpbusd_epi32(fix_hi, ones, *run);
+                if !reuse.is_null() {
+                    // SAFETY: one correction a block (checked by the caller), 64-byte aligned.
+                    unsafe {
+                        let at = reuse.add(b).cast::<__m512i>();
+                        fix_lo = _mm512_load_si512(at);
+                        fix_hi = _mm512_load_si512(at.add(1));
+                    }
+                } else {
+                    for (i, run) in runs.iter().enumerate() {
+                        if i < 4 {
+                            fix_lo = _mm512_dpbusd_epi32(fix_lo, ones, *run);
+                        } else {
+                            fix_hi = _mm512_dpbusd_epi32(fix_hi, ones, *run);
+                        }
+                    }
+                    fix_lo = _mm512_slli_epi32::<7>(fix_lo);
+                    fix_hi = _mm512_slli_epi32::<7>(fix_hi);
+                    if !keep.is_null() {
+                        // SAFETY: as above.
+                        unsafe {
+                            let at = keep.add(b).cast::<__m512i>();
+                            _mm512_store_si512(at, fix_lo);
+                            _mm512_store_si512(at.add(1), fix_hi);
+                        }
                     }
                 }
-                fix_lo = _mm512_slli_epi32::<7>(fix_lo);
-                fix_hi = _mm512_slli_epi32::<7>(fix_hi);
             }
             // SAFETY: the scales (and the second run of them) follow the codes.
             let (s, second) = unsafe {

@@ -62,6 +62,12 @@ impl Layout {
         }
     }
 
+    /// Whether the codes are signed bytes (values as they are) rather than unsigned ones that
+    /// a per-block minimum offsets.
+    pub const fn signed_codes(self) -> bool {
+        matches!(self, Layout::Bytes | Layout::BytesHalves | Layout::Indices)
+    }
+
     /// Bytes of the group's codes in one block.
     pub const fn codes_bytes(self) -> usize {
         match self {

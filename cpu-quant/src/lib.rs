@@ -29,7 +29,7 @@ use tandem_model::GgufQuant;
 
 pub use act::{ActivationCodes, QuantRows};
 pub use kernels::Isa;
-use kernels::{MAX_ROWS, PairTile, Tile};
+use kernels::{Corrections, MAX_ROWS, PairPass, PairTile, SignCorrection, Tile};
 use layout::{GROUP, Layout, SubBlock};
 
 /// Whether the AVX2+FMA(+F16C) kernels can run here (checked at run time, cached by std). The
@@ -404,6 +404,12 @@ fn multiply(
             let g1 = (g0 + per_task).min(groups);
             let mut tile: Tile = [[0f32; GROUP]; MAX_ROWS];
             let mut pair: PairTile = [[0f32; 2 * GROUP]; MAX_ROWS];
+            // A paired kernel's sign corrections, kept by the first row tile of a group pair
+            // for the tiles after it (prefill; a decode step has one tile).
+            let mut kept = Vec::new();
+            if r1 - r0 > MAX_ROWS && choice.pairs(r1 - r0) && w.layout.signed_codes() {
+                kept.resize(xq.blocks_per_row(), SignCorrection::default());
+            }
             let mut g = g0;
             while g < g1 {
                 // Pairs from the rows `choice` says ([`calibrate`]). Every kernel computes the
@@ -416,6 +422,11 @@ fn multiply(
                     // row tiles after it find them in cache.
                     let read_ahead = i == r0;
                     if paired {
+                        let corrections = match (kept.is_empty(), read_ahead) {
+                            (true, _) => Corrections::Inline,
+                            (false, true) => Corrections::Keep(&mut kept),
+                            (false, false) => Corrections::Reuse(&kept),
+                        };
                         kernels::group_pair_dot(
                             choice.isa,
                             w.layout,
@@ -423,7 +434,10 @@ fn multiply(
                             xq,
                             i..i + mr,
                             &mut pair,
-                            read_ahead,
+                            &mut PairPass {
+                                read_ahead,
+                                corrections,
+                            },
                         );
                         target.store(&pair, i, mr, g * GROUP);
                     } else {

@@ -301,6 +301,7 @@ fn bench_kernels(
                     "placement": format!("{:?}", r.placement).to_lowercase(),
                     "paired": r.paired,
                     "read_ahead": r.read_ahead,
+                    "reused_corrections": r.reused_corrections,
                     "rows": r.rows,
                     "ns_per_group_block": r.ns_per_group_block,
                     "weight_gb_per_s": r.weight_gb_per_s,
@@ -319,18 +320,24 @@ fn bench_kernels(
         streamed_bytes >> 20
     );
     println!(
-        "| weights | groups a call | read ahead | rows | ns a group block | weight GB/s | byte products a ns |"
+        "| weights | groups a call | read ahead | sign corrections | rows | ns a group block | \
+         weight GB/s | byte products a ns |"
     );
-    println!("|---|---:|---|---:|---:|---:|---:|");
+    println!("|---|---:|---|---|---:|---:|---:|---:|");
     for r in &rates {
         println!(
-            "| {} | {} | {} | {} | {:.2} | {:.1} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.0} |",
             match r.placement {
                 quant::bench::Placement::Resident => "resident",
                 quant::bench::Placement::Streamed => "streamed",
             },
             if r.paired { 2 } else { 1 },
             if r.read_ahead { "yes" } else { "no" },
+            if r.reused_corrections {
+                "kept"
+            } else {
+                "computed"
+            },
             r.rows,
             r.ns_per_group_block,
             r.weight_gb_per_s,
