@@ -7,6 +7,11 @@
 //! accumulated in position order. Nothing depends on the other tokens of the batch, so a
 //! sequence's result is the same alone or batched, and the same whether its prompt was
 //! prefilled in one chunk or several.
+//!
+//! A sequence with many tokens in a forward (a prompt) has its keys copied once per layer
+//! into f32, dimension-major in tiles of 16 ([`stage_keys`]), so that each of its tokens
+//! scores 16 keys a 512-bit register without widening them again; the scores' arithmetic is
+//! the same as from the cache ([`dots_staged_avx512`]), so the bits do not depend on it.
 
 use rayon::prelude::*;
 
@@ -14,7 +19,7 @@ use super::kv::{CpuKvCache, KvData};
 #[cfg(target_arch = "x86_64")]
 use super::simd::exp_shifted_avx;
 use super::simd::{Elem, exp_shifted};
-use crate::backend::{AttentionShape, BatchPlan};
+use crate::backend::{AttentionShape, BatchPlan, PlanSequence};
 use crate::kv_cache::{KvDType, KvLayout, key_rotation};
 
 /// Rotates one head in place: Hugging Face's `x * cos + rotate_half(x) * sin`, where
@@ -135,6 +140,11 @@ fn attention_typed<E: Elem>(
         1
     };
     let tasks_per_token = shape.num_heads / heads_per_task;
+    let stages = if avx512 && d.is_multiple_of(8) {
+        stage_sequences(plan, shape, layout, cache, layer)
+    } else {
+        Vec::new()
+    };
     out.par_chunks_mut(heads_per_task * d)
         .enumerate()
         .with_min_len(4usize.div_ceil(heads_per_task))
@@ -144,7 +154,8 @@ fn attention_typed<E: Elem>(
                 item % tasks_per_token * heads_per_task,
             );
             let g = h / group;
-            let seq = &plan.sequences[seq_of_token[t] as usize];
+            let seq_index = seq_of_token[t] as usize;
+            let seq = &plan.sequences[seq_index];
             let task = Task {
                 q: &qkv[t * width + h * d..][..heads_per_task * d],
                 group: heads_per_task,
@@ -155,6 +166,10 @@ fn attention_typed<E: Elem>(
                 layout,
                 k_offset: layout.offset(layer, 0, 0) + g * d,
                 v_offset: layout.offset(layer, 1, 0) + g * d,
+                staged_keys: stages
+                    .get(seq_index)
+                    .and_then(Option::as_ref)
+                    .map(|heads| heads[g].as_slice()),
             };
             #[cfg(target_arch = "x86_64")]
             if avx512 {
@@ -188,6 +203,91 @@ struct Task<'a> {
     /// Offset inside a block of this layer's K (and V) of token 0, kv head g.
     k_offset: usize,
     v_offset: usize,
+    /// The sequence's keys of this kv head as [`stage_keys`] copies them, where it has them:
+    /// read by the 512-bit path in place of the cache's.
+    staged_keys: Option<&'a [f32]>,
+}
+
+/// Sequences with at least this many tokens in a forward have their keys staged
+/// ([`stage_keys`]); fewer (a decode step) read them from the cache, where each key is read
+/// once a step either way.
+const STAGE_MIN_TOKENS: usize = 16;
+/// Keys a staged tile holds: one 512-bit register of scores.
+const STAGE_TILE: usize = 16;
+
+/// Per sequence of the plan, its staged keys of each kv head of `layer` ([`stage_keys`]), or
+/// `None` for a sequence of fewer than [`STAGE_MIN_TOKENS`] tokens.
+fn stage_sequences<E: Elem>(
+    plan: &BatchPlan,
+    shape: &AttentionShape,
+    layout: KvLayout,
+    cache: &[E],
+    layer: usize,
+) -> Vec<Option<Vec<Vec<f32>>>> {
+    let kv_heads = shape.num_kv_heads;
+    let d = shape.head_dim;
+    let staged = |seq: &PlanSequence| seq.token_count >= STAGE_MIN_TOKENS;
+    if !plan.sequences.iter().any(staged) {
+        return Vec::new();
+    }
+    let items: Vec<(usize, usize)> = plan
+        .sequences
+        .iter()
+        .enumerate()
+        .filter(|(_, seq)| staged(seq))
+        .flat_map(|(i, _)| (0..kv_heads).map(move |g| (i, g)))
+        .collect();
+    let mut copies: Vec<Vec<f32>> = items
+        .par_iter()
+        .map(|&(i, g)| {
+            let seq = &plan.sequences[i];
+            stage_keys(
+                cache,
+                &layout,
+                plan.block_table(seq),
+                layout.offset(layer, 0, 0) + g * d,
+                seq.context_len(),
+                d,
+            )
+        })
+        .collect();
+    let mut stages: Vec<Option<Vec<Vec<f32>>>> = vec![None; plan.sequences.len()];
+    for (&(i, _), keys) in items.iter().zip(copies.drain(..)) {
+        stages[i].get_or_insert_with(Vec::new).push(keys);
+    }
+    stages
+}
+
+/// The first `context` keys of one kv head (at `k_offset` in each block of `table`) in f32,
+/// [`STAGE_TILE`] keys at a time dimension-major: element `c * 16 + lane` of tile `t` is
+/// dimension `c` of key `16 t + lane`, zero past the context. Widening is exact, so scores
+/// from the copy are those from the cache.
+fn stage_keys<E: Elem>(
+    cache: &[E],
+    layout: &KvLayout,
+    table: &[u32],
+    k_offset: usize,
+    context: usize,
+    d: usize,
+) -> Vec<f32> {
+    let tile_len = d * STAGE_TILE;
+    let mut keys = vec![0f32; context.div_ceil(STAGE_TILE) * tile_len];
+    let stride = layout.token_stride();
+    for (j, &block) in (0..context).zip(
+        table
+            .iter()
+            .flat_map(|b| std::iter::repeat_n(b, layout.block_size)),
+    ) {
+        let base =
+            block as usize * layout.block_elems() + k_offset + (j % layout.block_size) * stride;
+        let key = &cache[base..base + d];
+        let tile = &mut keys[j / STAGE_TILE * tile_len..][..tile_len];
+        let lane = j % STAGE_TILE;
+        for (c, v) in key.iter().enumerate() {
+            tile[c * STAGE_TILE + lane] = v.to_f32();
+        }
+    }
+    keys
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -221,7 +321,16 @@ fn attend<E: Elem, const AVX: bool, const AVX512: bool>(
     let layout = &task.layout;
     let stride = layout.token_stride();
     let mut scores = vec![0f32; group * context];
-    let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Some(keys)) = (AVX512, task.staged_keys) {
+        // SAFETY: only instantiated with AVX512 inside `attend_avx512`.
+        unsafe { dots_staged_avx512(task.q, group, d, keys, context, &mut scores) };
+    }
+    let mut j = if AVX512 && task.staged_keys.is_some() {
+        context
+    } else {
+        0
+    };
     for &block in task.table {
         if j >= context {
             break;
@@ -351,6 +460,87 @@ fn softmax_k<const AVX: bool>(row: &mut [f32], scale: f32) {
     for v in row.iter_mut() {
         *v /= sum;
     }
+}
+
+/// The scores of the group's `group` query heads (`q`, `[group][d]`) against the first
+/// `context` staged keys ([`stage_keys`]) into `scores[hh * context..][..context]`, 16 keys a
+/// register and up to three heads a pass. Each score has [`dots_tile`]'s arithmetic: eight
+/// partial sums (dimensions `l`, `l + 8`, ... fused in order, `l` in 0..8), then
+/// [`super::simd::hsum_avx`]'s tree over them, here as sums of whole registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dots_staged_avx512(
+    q: &[f32],
+    group: usize,
+    d: usize,
+    keys: &[f32],
+    context: usize,
+    scores: &mut [f32],
+) {
+    let mut h = 0;
+    while h < group {
+        let (q, scores) = (&q[h * d..], &mut scores[h * context..]);
+        // SAFETY (all arms): AVX-512F present (the caller's contract).
+        h += unsafe {
+            match group - h {
+                1 => dots_staged_tile::<1>(q, d, keys, context, scores),
+                2 => dots_staged_tile::<2>(q, d, keys, context, scores),
+                _ => dots_staged_tile::<3>(q, d, keys, context, scores),
+            }
+        };
+    }
+}
+
+/// [`dots_staged_avx512`] for `G` heads (`8 G` accumulators); returns `G`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `acc[head][lane]`: the register tile reads clearest indexed
+unsafe fn dots_staged_tile<const G: usize>(
+    q: &[f32],
+    d: usize,
+    keys: &[f32],
+    context: usize,
+    scores: &mut [f32],
+) -> usize {
+    use std::arch::x86_64::*;
+    let tiles = context.div_ceil(STAGE_TILE);
+    assert!(
+        d.is_multiple_of(8)
+            && q.len() >= G * d
+            && keys.len() >= tiles * d * STAGE_TILE
+            && scores.len() >= (G - 1) * context + context
+    );
+    // SAFETY: tile t spans keys[t * d * 16..][..d * 16] and head hh's query q[hh * d..][..d]
+    // and scores scores[hh * context..][..context] (checked above); the last tile's store is
+    // masked to the context.
+    unsafe {
+        for t in 0..tiles {
+            let tile = keys.as_ptr().add(t * d * STAGE_TILE);
+            let mut acc = [[_mm512_setzero_ps(); 8]; G];
+            let mut c0 = 0;
+            while c0 < d {
+                for l in 0..8 {
+                    let k = _mm512_loadu_ps(tile.add((c0 + l) * STAGE_TILE));
+                    for hh in 0..G {
+                        let qv = _mm512_set1_ps(*q.get_unchecked(hh * d + c0 + l));
+                        acc[hh][l] = _mm512_fmadd_ps(qv, k, acc[hh][l]);
+                    }
+                }
+                c0 += 8;
+            }
+            let n = STAGE_TILE.min(context - t * STAGE_TILE);
+            for hh in 0..G {
+                let a = &acc[hh];
+                let sum = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                    _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+                );
+                let dst = scores.as_mut_ptr().add(hh * context + t * STAGE_TILE);
+                _mm512_mask_storeu_ps(dst, ((1u32 << n) - 1) as u16, sum);
+            }
+        }
+    }
+    G
 }
 
 /// The scores of the group's `group` query heads (`q`, `[group][d]`) against the block's `n`
@@ -822,6 +1012,7 @@ mod tests {
             layout,
             k_offset: layout.offset(1, 0, 0) + d,
             v_offset: layout.offset(1, 1, 0) + d,
+            staged_keys: None,
         }
     }
 
@@ -955,6 +1146,82 @@ mod tests {
             }
         }
         let mut rng = ChaCha8Rng::seed_from_u64(11);
+        check::<f32>("f32", &mut rng);
+        check::<bf16>("bf16", &mut rng);
+        check::<half::f16>("f16", &mut rng);
+        check::<float8::F8E4M3>("fp8", &mut rng);
+    }
+
+    /// Scores from keys staged in f32 tiles: the bits of scores from the cache, for every cache
+    /// element type, group sizes the tile passes split (5 = 3 + 2), head dimensions a
+    /// multiple of 8 but not 16, and contexts that end inside a tile or on its edge.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn staged_keys_give_the_cache_s_bits() {
+        if !super::super::simd::has_avx512f() {
+            eprintln!("SKIPPED: staged_keys_give_the_cache_s_bits: no AVX-512F");
+            return;
+        }
+        fn check<E: Elem>(name: &str, rng: &mut ChaCha8Rng) {
+            for (group, d, context) in [
+                (3usize, 64usize, 70usize),
+                (3, 64, 1),
+                (3, 64, 32),
+                (4, 128, 33),
+                (1, 32, 17),
+                (2, 16, 16),
+                (5, 24, 19),
+            ] {
+                let layout = KvLayout {
+                    num_layers: 2,
+                    num_kv_heads: 2,
+                    head_dim: d,
+                    block_size: 16,
+                    dtype: KvDType::Bf16,
+                };
+                let blocks = context.div_ceil(layout.block_size);
+                let table: Vec<u32> = (0..blocks as u32).rev().map(|b| 2 * b + 1).collect();
+                let cache: Vec<E> = (0..(2 * blocks + 1) * layout.block_elems())
+                    .map(|_| E::from_f32(rng.random_range(-1.0f32..1.0)))
+                    .collect();
+                let q: Vec<f32> = (0..group * d)
+                    .map(|_| rng.random_range(-2.0f32..2.0))
+                    .collect();
+                let task = task_of(&q, group, context, &table, layout);
+                // More keys staged than this token attends to, as for a prompt's earlier tokens.
+                let staged = stage_keys(&cache, &layout, &table, task.k_offset, context, d);
+                let staged_task = Task {
+                    staged_keys: Some(&staged),
+                    ..task_of(&q, group, context.min(context / 2 + 1), &table, layout)
+                };
+                let short = task_of(&q, group, staged_task.context, &table, layout);
+                let (mut from_cache, mut from_stage) =
+                    (vec![0f32; group * d], vec![0f32; group * d]);
+                let (mut short_cache, mut short_stage) =
+                    (vec![0f32; group * d], vec![0f32; group * d]);
+                let full_stage = Task {
+                    staged_keys: Some(&staged),
+                    ..task_of(&q, group, context, &table, layout)
+                };
+                // SAFETY: AVX-512F checked.
+                unsafe {
+                    attend_avx512(&task, &cache, &mut from_cache);
+                    attend_avx512(&full_stage, &cache, &mut from_stage);
+                    attend_avx512(&short, &cache, &mut short_cache);
+                    attend_avx512(&staged_task, &cache, &mut short_stage);
+                }
+                assert_eq!(
+                    from_stage, from_cache,
+                    "{name}: group {group} d {d} context {context}"
+                );
+                assert_eq!(
+                    short_stage, short_cache,
+                    "{name}: group {group} d {d} context {} of {context}",
+                    staged_task.context
+                );
+            }
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
         check::<f32>("f32", &mut rng);
         check::<bf16>("bf16", &mut rng);
         check::<half::f16>("f16", &mut rng);
