@@ -14,7 +14,7 @@
 //! by up to 16%), where the kernels differ by less at these sizes, so a plain "faster wins"
 //! chose differently from one start to the next and decode speed with it. The choice
 //! therefore starts from what the CPU's kind measured ([`prior_pair_from_rows`]) and the
-//! timing moves it only where the other kernel was faster by more than [`MARGIN`].
+//! timing moves it only where the other kernel was faster by more than 20% (`MARGIN`).
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -75,8 +75,8 @@ fn is_amd_zen4() -> bool {
 
 /// The fewest rows from which the paired kernel runs, given `prior` and the timings (one
 /// per row count, ascending): counts the prior pairs stay paired unless one group a pass
-/// timed more than [`MARGIN`] faster, counts it does not stay so unless pairing did; and
-/// pairing at a count implies pairing at every larger one.
+/// timed more than 20% faster (`MARGIN`), counts it does not stay so unless pairing did;
+/// and pairing at a count implies pairing at every larger one.
 pub fn choose_pair_from_rows(prior: usize, timings: &[PairTiming]) -> usize {
     let clearly_faster =
         |a: Duration, b: Duration| a.as_secs_f64() < b.as_secs_f64() * (1.0 - MARGIN);

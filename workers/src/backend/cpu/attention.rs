@@ -9,9 +9,9 @@
 //! prefilled in one chunk or several.
 //!
 //! A sequence with many tokens in a forward (a prompt) has its keys copied once per layer
-//! into f32, dimension-major in tiles of 16 ([`stage_keys`]), so that each of its tokens
+//! into f32, dimension-major in tiles of 16 (`stage_keys`), so that each of its tokens
 //! scores 16 keys a 512-bit register without widening them again; the scores' arithmetic is
-//! the same as from the cache ([`dots_staged_avx512`]), so the bits do not depend on it.
+//! the same as from the cache (`dots_staged_avx512`), so the bits do not depend on it.
 
 use rayon::prelude::*;
 
