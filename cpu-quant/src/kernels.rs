@@ -44,6 +44,10 @@ pub enum Isa {
     /// of AVX-VNNI, on AVX-512 VNNI's encoding of its instruction.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// [`Isa::Avx512Vnni`], with AMX tiles for every 16 rows of a product
+    /// ([`crate::amx`]).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Amx,
     /// NEON (every aarch64 CPU): widening byte products, summed in pairs.
     #[cfg(target_arch = "aarch64")]
     Neon,
@@ -70,6 +74,9 @@ impl Isa {
         {
             if crate::has_avx2() {
                 if has_avx512_vnni() {
+                    if crate::amx::available() {
+                        return Isa::Avx512Amx;
+                    }
                     return Isa::Avx512Vnni;
                 }
                 if is_x86_feature_detected!("avxvnni") {
@@ -101,6 +108,9 @@ impl Isa {
                 }
                 if has_avx512_vnni() {
                     all.push(Isa::Avx512Vnni);
+                    if crate::amx::available() {
+                        all.push(Isa::Avx512Amx);
+                    }
                 }
             }
         }
@@ -123,6 +133,8 @@ impl Isa {
             Isa::Avx2Vnni => "avx2-vnni",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => "avx512-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Amx => "avx512-amx",
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => "neon",
             #[cfg(target_arch = "aarch64")]
@@ -135,7 +147,7 @@ impl Isa {
     pub fn pairs_groups(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            self == Isa::Avx512Vnni
+            matches!(self, Isa::Avx512Vnni | Isa::Avx512Amx)
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -305,7 +317,7 @@ pub fn group_dot(
     match isa {
         Isa::Portable => portable(layout, group, x, r0, rows, tile),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512Vnni => {
+        Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512Vnni | Isa::Avx512Amx => {
             macro_rules! go {
                 ($l:expr, $r:literal) => {
                     // SAFETY: the ISA was detected; `group` holds nb blocks and x rows r0..r0+R.
@@ -319,7 +331,7 @@ pub fn group_dot(
                                 tile,
                                 read_ahead,
                             ),
-                            Isa::Avx512Vnni => avx2::group_vnni_evex::<$l, $r>(
+                            Isa::Avx512Vnni | Isa::Avx512Amx => avx2::group_vnni_evex::<$l, $r>(
                                 group.as_ptr(),
                                 nb,
                                 x,

@@ -19,6 +19,7 @@
 //! What ggml defines is the block formats, which [`layout`] reads.
 
 pub mod act;
+pub mod amx;
 pub mod bench;
 pub mod calibrate;
 pub mod kernels;
@@ -410,17 +411,23 @@ fn multiply(
             if r1 - r0 > MAX_ROWS && choice.pairs(r1 - r0) && w.layout.signed_codes() {
                 kept.resize(xq.blocks_per_row(), SignCorrection::default());
             }
+            let mut tiles = TileTask::start(choice, w.layout, r1 - r0);
             let mut g = g0;
             while g < g1 {
                 // Pairs from the rows `choice` says ([`calibrate`]). Every kernel computes the
                 // same bits, so the choice leaves results as they are.
                 let paired = g + 1 < g1 && choice.pairs(r1 - r0);
                 let mut i = r0;
+                if let Some(tiles) = tiles.as_mut() {
+                    i = tiles.run(w, xq, g, paired, r0..r1, &target);
+                }
+                // The vector kernels take the rows the tiles left (all of them without tiles).
+                let first = i;
                 while i < r1 {
                     let mr = MAX_ROWS.min(r1 - i);
                     // The first pass over a group's blocks brings them from memory; the
                     // row tiles after it find them in cache.
-                    let read_ahead = i == r0;
+                    let read_ahead = i == first;
                     if paired {
                         let corrections = match (kept.is_empty(), read_ahead) {
                             (true, _) => Corrections::Inline,
@@ -457,6 +464,92 @@ fn multiply(
                 g += if paired { 2 } else { 1 };
             }
         });
+}
+
+/// A task's tile products ([`amx`]), where its kernel choice has them, the layout is one they
+/// take and the task has at least a tile of rows.
+struct TileTask {
+    #[cfg(target_arch = "x86_64")]
+    tiles: amx::Tiles,
+    /// The two groups being multiplied, as the tiles read them.
+    #[cfg(target_arch = "x86_64")]
+    operand: amx::PairOperand,
+}
+
+impl TileTask {
+    fn start(choice: KernelChoice, layout: Layout, rows: usize) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if choice.isa == Isa::Avx512Amx
+            && amx::supports(layout)
+            && rows >= amx::TILE_ROWS
+            && amx::available()
+        {
+            // SAFETY: `amx::available` said so.
+            let tiles = unsafe { amx::Tiles::configure() };
+            return Some(TileTask {
+                tiles,
+                operand: Default::default(),
+            });
+        }
+        let _ = (choice, layout, rows);
+        None
+    }
+
+    /// Group `g` (and `g + 1` where `paired`) times the task's rows from `rows.start`, in
+    /// tiles of 16 rows while 16 are left, stored through `target`; returns the first row
+    /// left to the vector kernels.
+    #[cfg(target_arch = "x86_64")]
+    fn run(
+        &mut self,
+        w: &QuantMatrix,
+        xq: &QuantRows,
+        g: usize,
+        paired: bool,
+        rows: std::ops::Range<usize>,
+        target: &Target,
+    ) -> usize {
+        use amx::TILE_ROWS;
+        // A lone group is multiplied twice and its second copy's columns dropped.
+        let groups = [w.group(g), w.group(if paired { g + 1 } else { g })];
+        self.operand.stage(w.layout, groups);
+        let with_min = !w.layout.signed_codes();
+        let mut out = [[0f32; 2 * GROUP]; TILE_ROWS];
+        let mut i = rows.start;
+        while rows.end - i >= TILE_ROWS {
+            if with_min {
+                self.tiles
+                    .products::<true>(&self.operand, groups, xq, i, &mut out);
+            } else {
+                self.tiles
+                    .products::<false>(&self.operand, groups, xq, i, &mut out);
+            }
+            for (q, four) in out.chunks_exact(MAX_ROWS).enumerate() {
+                let at = i + q * MAX_ROWS;
+                if paired {
+                    let tile: PairTile = std::array::from_fn(|r| four[r]);
+                    target.store(&tile, at, MAX_ROWS, g * GROUP);
+                } else {
+                    let tile: Tile = std::array::from_fn(|r| std::array::from_fn(|c| four[r][c]));
+                    target.store(&tile, at, MAX_ROWS, g * GROUP);
+                }
+            }
+            i += TILE_ROWS;
+        }
+        i
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn run(
+        &mut self,
+        _: &QuantMatrix,
+        _: &QuantRows,
+        _: usize,
+        _: bool,
+        rows: std::ops::Range<usize>,
+        _: &Target,
+    ) -> usize {
+        rows.start
+    }
 }
 
 /// One part's place in the output.

@@ -596,3 +596,50 @@ fn stacked_parts_of_mixed_types_compute_each_part_s_columns() {
         assert_eq!(row, expected);
     }
 }
+
+/// The tile kernels ([`amx`]) give the portable kernels' bits for every layout they take, at
+/// row counts where tiles take some rows and the vector kernels the rest, with tasks of one
+/// group (matrices of 2 and 3 groups over several row blocks) and a lone group at a
+/// matrix's end (19 groups).
+#[test]
+fn tiles_give_the_portable_bits() {
+    if !amx::available() {
+        eprintln!("SKIPPED: tiles_give_the_portable_bits: this CPU (or OS) has no AMX tiles");
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let k = 512;
+    for quant in GgufQuant::ALL {
+        for n in [16, 24, 149] {
+            let w = QuantMatrix::from_gguf(quant, &[(&random_blocks(&mut rng, quant, n, k), n)], k)
+                .unwrap();
+            let bias = random_x(&mut rng, n);
+            for rows in [8, 16, 17, 40, 300] {
+                let x = random_x(&mut rng, rows * k);
+                for codes in BOTH_CODES {
+                    let product = |choice| {
+                        let mut out = vec![0f32; rows * n];
+                        pool().install(|| {
+                            linear_with(choice, codes, &x, rows, &w, Some(&bias), &mut out)
+                        });
+                        out
+                    };
+                    let reference = product(KernelChoice::untimed(Isa::Portable));
+                    for pair_from_rows in [1, 4] {
+                        let choice = KernelChoice {
+                            isa: Isa::Avx512Amx,
+                            pair_from_rows,
+                        };
+                        let got = product(choice);
+                        assert!(
+                            got.iter()
+                                .zip(&reference)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{quant}, n {n}, {rows} rows, {codes:?}, {choice:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
