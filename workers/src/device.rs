@@ -186,14 +186,34 @@ pub fn load_model(
     }
 }
 
-/// A worker's CPU settings from its flags.
-pub fn cpu_options(args: &WorkerArgs) -> CpuOptions {
-    CpuOptions {
+/// A worker's CPU settings from its flags; `--quant-kernels` must name a set this CPU runs.
+pub fn cpu_options(args: &WorkerArgs) -> Result<CpuOptions, UnknownQuantKernels> {
+    let quant_isa = match &args.quant_kernels {
+        None => None,
+        Some(name) => {
+            let available = tandem_cpu_quant::Isa::available();
+            let isa = available.iter().copied().find(|isa| isa.name() == name);
+            Some(isa.ok_or_else(|| UnknownQuantKernels {
+                name: name.clone(),
+                available: available.iter().map(|isa| isa.name()).collect(),
+            })?)
+        }
+    };
+    Ok(CpuOptions {
         threads: args.threads,
+        quant_isa,
         quant_activations: ActivationCodes::from_bits(u32::from(args.quant_activation_bits))
             .expect("clap takes 8 or 16 bits"),
         ..CpuOptions::default()
-    }
+    })
+}
+
+/// `--quant-kernels` named an instruction set this CPU does not run.
+#[derive(Debug, thiserror::Error)]
+#[error("--quant-kernels {name}: this CPU runs {}", available.join(", "))]
+pub struct UnknownQuantKernels {
+    pub name: String,
+    pub available: Vec<&'static str>,
 }
 
 /// The settings of `cuda:{ordinal}`: a GPU flag that is given wins over its environment

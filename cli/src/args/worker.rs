@@ -88,6 +88,14 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = DEFAULT_QUANT_ACTIVATION_BITS, value_name = "BITS",
           value_parser = quant_activation_bits_parser())]
     pub quant_activation_bits: u8,
+    /// CPU workers, models with GGUF blocks kept quantized: the instruction set of the integer
+    /// products, by name (portable, avx2, avx2-vnni, avx512-vnni, avx512-amx; neon,
+    /// neon-dotprod on Arm); default the best this CPU runs (avx512-amx: AVX-512 VNNI with AMX
+    /// tiles for prompts and batches of 16 rows or more, where the CPU and kernel have them).
+    /// Every set computes the same bits; a set this CPU lacks is refused at start, naming the
+    /// ones it has.
+    #[arg(long, env = "TANDEM_QUANT_KERNELS", value_name = "SET")]
+    pub quant_kernels: Option<String>,
     /// Split the model over N tensor-parallel ranks (its heads and MLP channels, summed after
     /// each layer's attention and MLP). On the CPU the ranks are threads sharing --threads; on
     /// --device cuda:K they take cuda:K to cuda:K+N-1, one GPU each, and sum over NCCL
@@ -328,6 +336,7 @@ impl Default for WorkerArgs {
             threads: DEFAULT_THREADS,
             nice: 0,
             quant_activation_bits: DEFAULT_QUANT_ACTIVATION_BITS,
+            quant_kernels: None,
             tensor_parallel: 1,
             kv_cache_tokens: None,
             gpu_memory_fraction: DEFAULT_GPU_MEMORY_FRACTION,
@@ -392,6 +401,7 @@ impl WorkerArgs {
         argv.push_display("--threads", self.threads);
         argv.push_display("--nice", self.nice);
         argv.push_display("--quant-activation-bits", self.quant_activation_bits);
+        argv.push_some("--quant-kernels", self.quant_kernels.as_ref());
         argv.push_display("--tensor-parallel", self.tensor_parallel);
         argv.push_some("--kv-cache-tokens", self.kv_cache_tokens);
         argv.push_display("--gpu-memory-fraction", self.gpu_memory_fraction);
@@ -511,6 +521,7 @@ mod tests {
             threads: 3,
             nice: 5,
             quant_activation_bits: 8,
+            quant_kernels: Some("avx2".into()),
             tensor_parallel: 2,
             kv_cache_tokens: Some(4096),
             gpu_memory_fraction: 0.55,

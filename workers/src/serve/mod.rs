@@ -133,6 +133,8 @@ pub enum ServeError {
     Nice { nice: u8, source: std::io::Error },
     #[error("n-gram speculation: {0}")]
     Speculation(String),
+    #[error(transparent)]
+    QuantKernels(#[from] crate::device::UnknownQuantKernels),
 }
 
 /// Lowers the CPU scheduling priority of this thread by `nice` (to at most 19), before any other thread starts:
@@ -198,7 +200,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), ServeError> {
     let mut model = load_model(
         &model_dir,
         device,
-        &crate::device::cpu_options(args),
+        &crate::device::cpu_options(args)?,
         &args.gpu,
         args.tensor_parallel,
         args.kv_cache_dtype,
