@@ -1,7 +1,8 @@
 //! GGUF block-quantized weights on the CPU (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K), multiplied as they
 //! are: `linear` quantizes each activation row to 8-bit blocks of 32 ([`act`]) and runs integer
 //! dot products against the weights' codes ([`kernels`]), as llama.cpp does, over weights
-//! repacked at load into groups of 8 output columns ([`layout`]).
+//! repacked at load into groups of 8 output columns ([`layout`]); where the CPU has AMX, tiles
+//! take every 16 rows of a product ([`amx`]).
 //!
 //! Guarantees: a row's outputs depend on that row alone (activation blocks are per row, and
 //! every kernel shape computes each output with the same operations in the same order), so the
