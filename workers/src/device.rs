@@ -1092,4 +1092,24 @@ mod tests {
             CudaOptions::from_env(1)
         );
     }
+
+    #[test]
+    fn quant_kernels_are_taken_by_name_and_a_set_this_cpu_lacks_is_refused_naming_its_own() {
+        let with = |name: Option<&str>| {
+            cpu_options(&WorkerArgs {
+                quant_kernels: name.map(str::to_string),
+                ..WorkerArgs::default()
+            })
+        };
+        assert_eq!(with(None).unwrap().quant_isa, None);
+        assert_eq!(
+            with(Some("portable")).unwrap().quant_isa,
+            Some(tandem_cpu_quant::Isa::Portable)
+        );
+        let err = with(Some("sse9")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--quant-kernels sse9: this CPU runs portable"),
+            "{err}"
+        );
+    }
 }
