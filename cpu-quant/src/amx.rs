@@ -21,6 +21,7 @@
 //! Tiles need a tile configuration per thread ([`Tiles`]) and, on Linux, the process's
 //! permission for the tile data state (`arch_prctl`), which [`available`] asks for once.
 
+use crate::act::QuantRows;
 use crate::layout::Layout;
 
 /// Activation rows of one tile product.
@@ -49,6 +50,41 @@ pub fn supports(layout: Layout) -> bool {
     layout != Layout::BytesHalves
 }
 
+/// The activation rows' per-block scales and sums as the tile kernel reads them: for each
+/// whole tile of 16 rows and each block, the 16 rows' scales, then their 16 sums (64-byte
+/// runs). In the rows' own layout a block's 16 scales are a row of blocks apart, and the kernel
+/// spent more of its scaling on finding them than on the arithmetic.
+pub struct TileRowScales {
+    values: Vec<[f32; 2 * TILE_ROWS]>,
+    blocks: usize,
+}
+
+impl TileRowScales {
+    /// Gathers the scales of `x`'s whole tiles (rows beyond the last are the vectors').
+    pub fn gather(x: &QuantRows) -> Self {
+        let nb = x.blocks_per_row();
+        let tiles = x.rows / TILE_ROWS;
+        let mut values = vec![[0f32; 2 * TILE_ROWS]; tiles * nb];
+        for (t, tile) in values.chunks_exact_mut(nb.max(1)).enumerate().take(tiles) {
+            for r in 0..TILE_ROWS {
+                let row = (t * TILE_ROWS + r) * nb;
+                let (scales, sums) = (&x.scales[row..row + nb], &x.sums[row..row + nb]);
+                for ((block, &scale), &sum) in tile.iter_mut().zip(scales).zip(sums) {
+                    block[r] = scale;
+                    block[TILE_ROWS + r] = sum;
+                }
+            }
+        }
+        TileRowScales { values, blocks: nb }
+    }
+
+    /// Tile `t`'s blocks (rows `16 t..16 t + 16`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn tile(&self, t: usize) -> &[[f32; 2 * TILE_ROWS]] {
+        &self.values[t * self.blocks..(t + 1) * self.blocks]
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub use imp::{PairOperand, Tiles};
 
@@ -57,7 +93,7 @@ mod imp {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
-    use super::{TILE_COLUMNS, TILE_ROWS};
+    use super::{TILE_COLUMNS, TILE_ROWS, TileRowScales};
     use crate::act::{BLOCK, QuantRows};
     use crate::layout::{GROUP, IQ4_VALUES, Layout};
 
@@ -173,7 +209,7 @@ mod imp {
                     && groups[1].len() == groups[0].len(),
                 "PairOperand::stage: not two groups of {layout:?} blocks"
             );
-            self.lines.clear();
+            // Every line is written below: only a new length is filled first.
             self.lines.resize(nb * BLOCK / 4, Line([0; 64]));
             self.tails_at = layout.codes_bytes();
             self.tails_stride = stride;
@@ -252,29 +288,38 @@ mod imp {
         }
 
         /// `out[r][c]` = row `r0 + r` of `x` times column `c` of the two groups `operand`
-        /// staged (`c < 8`: the first's), for 16 rows: per block, the exact integer sums, then
-        /// in f32 `acc = fma(w_scale * x_scale, sum, acc)` and with `MIN` (unsigned codes
-        /// with a minimum) `acc = fma(w_min, x_sum, acc)`, in increasing block order: the
-        /// portable kernel's steps. `groups` are the ones staged (their scales are read).
+        /// staged (`c < 8`: the first's), for 16 rows from a multiple of 16: per block, the
+        /// exact integer sums, then in f32 `acc = fma(w_scale * x_scale, sum, acc)` and with
+        /// `MIN` (unsigned codes with a minimum) `acc = fma(w_min, x_sum, acc)`, in increasing
+        /// block order: the portable kernel's steps. `groups` are the ones staged (their
+        /// scales are read); `row_scales` were gathered from `x`.
         pub fn products<const MIN: bool>(
             &mut self,
             operand: &PairOperand,
             groups: [&[u8]; 2],
             x: &QuantRows,
+            row_scales: &TileRowScales,
             r0: usize,
             out: &mut [[f32; TILE_COLUMNS]; TILE_ROWS],
         ) {
             let nb = x.blocks_per_row();
-            assert!(r0 + TILE_ROWS <= x.rows, "tile rows {r0}+16 of {}", x.rows);
             assert!(
-                operand.blocks == nb && groups.iter().all(|g| g.len() == nb * operand.tails_stride),
-                "products: the operand is not these groups' k / 32 blocks"
+                r0.is_multiple_of(TILE_ROWS) && r0 + TILE_ROWS <= x.rows,
+                "tile rows {r0}+16 of {}",
+                x.rows
+            );
+            assert!(
+                operand.blocks == nb
+                    && row_scales.blocks == nb
+                    && groups.iter().all(|g| g.len() == nb * operand.tails_stride),
+                "products: the operand or row scales are not these groups' k / 32 blocks"
             );
             let tails = groups.map(|g| g[operand.tails_at..].as_ptr());
+            let rows = row_scales.tile(r0 / TILE_ROWS);
             // SAFETY: `self` exists only after `configure` (AMX, AVX-512 and the tile
-            // configuration on this thread); rows r0..r0 + 16 exist; the operand and the
-            // groups' tails hold nb blocks.
-            unsafe { products::<MIN>(operand, tails, x, r0, out) }
+            // configuration on this thread); rows r0..r0 + 16 exist; the operand, the
+            // groups' tails and the row scales hold nb blocks.
+            unsafe { products::<MIN>(operand, tails, x, rows, r0, out) }
         }
     }
 
@@ -365,6 +410,7 @@ mod imp {
         operand: &PairOperand,
         tails: [*const u8; 2],
         x: &QuantRows,
+        row_scales: &[[f32; 2 * TILE_ROWS]],
         r0: usize,
         out: &mut [[f32; TILE_COLUMNS]; TILE_ROWS],
     ) {
@@ -376,8 +422,7 @@ mod imp {
         let sums = sums.as_mut_ptr().cast::<Line>();
         let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
         let a = x.codes[r0 * k..(r0 + TILE_ROWS) * k].as_ptr();
-        let scales = x.scales[r0 * nb..(r0 + TILE_ROWS) * nb].as_ptr();
-        let x_sums = x.sums[r0 * nb..(r0 + TILE_ROWS) * nb].as_ptr();
+        let row_scales = row_scales.as_ptr();
         let lines = operand.lines.as_ptr();
         // Block b's sums (in `at`, 16 lines) scaled into the accumulators.
         macro_rules! scale_block {
@@ -396,12 +441,14 @@ mod imp {
                 } else {
                     _mm512_setzero_ps()
                 };
+                // One base address for the block's row scales and sums.
+                let rows = &*row_scales.add(b);
                 rows16!(r => {
-                    let s = _mm512_mul_ps(w_scale, _mm512_set1_ps(*scales.add(r * nb + b)));
+                    let s = _mm512_mul_ps(w_scale, _mm512_set1_ps(rows[r]));
                     let sum = _mm512_cvtepi32_ps(_mm512_load_si512((*at.add(r)).0.as_ptr().cast()));
                     acc[r] = _mm512_fmadd_ps(s, sum, acc[r]);
                     if MIN {
-                        acc[r] = _mm512_fmadd_ps(w_min, _mm512_set1_ps(*x_sums.add(r * nb + b)), acc[r]);
+                        acc[r] = _mm512_fmadd_ps(w_min, _mm512_set1_ps(rows[TILE_ROWS + r]), acc[r]);
                     }
                 });
             }};

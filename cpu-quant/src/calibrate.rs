@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tandem_model::GgufQuant;
 
-use super::{Isa, KernelChoice, OutPtr, Output, QuantMatrix, QuantRows, multiply};
+use super::{Isa, KernelChoice, OutPtr, Output, QuantMatrix, QuantRows, Rows, multiply};
 
 /// Rows from which the paired kernel runs without timing: faster on every CPU measured.
 pub const PAIR_FROM_ROWS_UNTIMED: usize = 4;
@@ -190,8 +190,13 @@ pub fn calibrate(isa: Isa, quant: GgufQuant) -> PairCalibration {
                     pairs: false,
                 };
                 let start = Instant::now();
+                // Fewer rows than a tile: the vector kernels only.
+                let rows = Rows {
+                    codes: xq,
+                    row_scales: None,
+                };
                 for w in &matrices {
-                    multiply(choice, xq, w, None, target, 0);
+                    multiply(choice, rows, w, None, target, 0);
                 }
                 let took = start.elapsed();
                 if round > 0 {

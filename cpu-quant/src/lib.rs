@@ -350,10 +350,15 @@ fn linear_parts(
         stride: n,
         pairs,
     };
+    let row_scales = TileTask::row_scales(choice, &xq);
+    let rows = Rows {
+        codes: &xq,
+        row_scales: row_scales.as_ref(),
+    };
     let mut col0 = 0;
     for part in parts {
         let bias = bias.map(|b| &b[col0..col0 + part.n]);
-        multiply(choice, &xq, part, bias, out, col0);
+        multiply(choice, rows, part, bias, out, col0);
         col0 += part.n;
     }
 }
@@ -368,15 +373,23 @@ struct Output {
     pairs: bool,
 }
 
+/// The quantized rows of a product, and their scales gathered for the tiles where tiles run.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    codes: &'a QuantRows,
+    row_scales: Option<&'a amx::TileRowScales>,
+}
+
 /// Columns `col0..col0 + w.n` of `out` = the quantized rows times `w`, plus `bias`.
 fn multiply(
     choice: KernelChoice,
-    xq: &QuantRows,
+    x: Rows,
     w: &QuantMatrix,
     bias: Option<&[f32]>,
     out: Output,
     col0: usize,
 ) {
+    let xq = x.codes;
     let rows = xq.rows;
     let groups = w.groups();
     let row_blocks = rows.div_ceil(ROW_BLOCK);
@@ -412,7 +425,9 @@ fn multiply(
             if r1 - r0 > MAX_ROWS && choice.pairs(r1 - r0) && w.layout.signed_codes() {
                 kept.resize(xq.blocks_per_row(), SignCorrection::default());
             }
-            let mut tiles = TileTask::start(choice, w.layout, r1 - r0);
+            let mut tiles = x
+                .row_scales
+                .and_then(|scales| TileTask::start(choice, w.layout, r1 - r0, scales));
             let mut g = g0;
             while g < g1 {
                 // Pairs from the rows `choice` says ([`calibrate`]). Every kernel computes the
@@ -447,7 +462,7 @@ fn multiply(
                                 corrections,
                             },
                         );
-                        target.store(&pair, i, mr, g * GROUP);
+                        target.store(&pair[..mr], i, g * GROUP, 2 * GROUP);
                     } else {
                         kernels::group_dot(
                             choice.isa,
@@ -458,7 +473,7 @@ fn multiply(
                             &mut tile,
                             read_ahead,
                         );
-                        target.store(&tile, i, mr, g * GROUP);
+                        target.store(&tile[..mr], i, g * GROUP, GROUP);
                     }
                     i += mr;
                 }
@@ -469,16 +484,30 @@ fn multiply(
 
 /// A task's tile products ([`amx`]), where its kernel choice has them, the layout is one they
 /// take and the task has at least a tile of rows.
-struct TileTask {
+struct TileTask<'a> {
     #[cfg(target_arch = "x86_64")]
     tiles: amx::Tiles,
     /// The two groups being multiplied, as the tiles read them.
     #[cfg(target_arch = "x86_64")]
     operand: amx::PairOperand,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    row_scales: &'a amx::TileRowScales,
 }
 
-impl TileTask {
-    fn start(choice: KernelChoice, layout: Layout, rows: usize) -> Option<Self> {
+impl<'a> TileTask<'a> {
+    /// The rows' scales as tiles read them, gathered once a product where `choice` runs
+    /// tiles and `x` has a tile of rows.
+    fn row_scales(choice: KernelChoice, x: &QuantRows) -> Option<amx::TileRowScales> {
+        (choice.isa == Isa::Avx512Amx && x.rows >= amx::TILE_ROWS && amx::available())
+            .then(|| amx::TileRowScales::gather(x))
+    }
+
+    fn start(
+        choice: KernelChoice,
+        layout: Layout,
+        rows: usize,
+        row_scales: &'a amx::TileRowScales,
+    ) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         if choice.isa == Isa::Avx512Amx
             && amx::supports(layout)
@@ -490,9 +519,10 @@ impl TileTask {
             return Some(TileTask {
                 tiles,
                 operand: Default::default(),
+                row_scales,
             });
         }
-        let _ = (choice, layout, rows);
+        let _ = (choice, layout, rows, row_scales);
         None
     }
 
@@ -518,22 +548,27 @@ impl TileTask {
         let mut i = rows.start;
         while rows.end - i >= TILE_ROWS {
             if with_min {
-                self.tiles
-                    .products::<true>(&self.operand, groups, xq, i, &mut out);
+                self.tiles.products::<true>(
+                    &self.operand,
+                    groups,
+                    xq,
+                    self.row_scales,
+                    i,
+                    &mut out,
+                );
             } else {
-                self.tiles
-                    .products::<false>(&self.operand, groups, xq, i, &mut out);
+                self.tiles.products::<false>(
+                    &self.operand,
+                    groups,
+                    xq,
+                    self.row_scales,
+                    i,
+                    &mut out,
+                );
             }
-            for (q, four) in out.chunks_exact(MAX_ROWS).enumerate() {
-                let at = i + q * MAX_ROWS;
-                if paired {
-                    let tile: PairTile = std::array::from_fn(|r| four[r]);
-                    target.store(&tile, at, MAX_ROWS, g * GROUP);
-                } else {
-                    let tile: Tile = std::array::from_fn(|r| std::array::from_fn(|c| four[r][c]));
-                    target.store(&tile, at, MAX_ROWS, g * GROUP);
-                }
-            }
+            // A lone group's columns are the first half of each row.
+            let width = if paired { 2 * GROUP } else { GROUP };
+            target.store(&out, i, g * GROUP, width);
             i += TILE_ROWS;
         }
         i
@@ -564,11 +599,12 @@ struct Target<'a> {
 }
 
 impl Target<'_> {
-    /// Writes rows `i..i + mr` of a computed tile (the part's columns from `c0`) with bias;
-    /// with [`Output::pairs`], quantized rows `i..i + mr` (`i` and `mr` even) as output rows
-    /// `i / 2..(i + mr) / 2`, each the sum of its pair.
-    fn store<const W: usize>(&self, tile: &[[f32; W]; MAX_ROWS], i: usize, mr: usize, c0: usize) {
-        let c1 = (c0 + W).min(self.n);
+    /// Writes the first `width` columns of computed rows `tile` as quantized rows `i..` (the
+    /// part's columns from `c0`) with bias; with [`Output::pairs`], quantized rows `i..i + mr`
+    /// (`i` and `mr` even) as output rows `i / 2..(i + mr) / 2`, each the sum of its pair.
+    fn store<const W: usize>(&self, tile: &[[f32; W]], i: usize, c0: usize, width: usize) {
+        let mr = tile.len();
+        let c1 = (c0 + width.min(W)).min(self.n);
         let write = |row: usize, c: usize, v: f32| {
             let v = match self.bias {
                 Some(b) => v + b[c],

@@ -404,7 +404,13 @@ fn residual_pairs_are_summed_as_their_rows_products() {
                 stride: n,
                 pairs: false,
             };
-            pool().install(|| multiply(KernelChoice::untimed(isa), &both, &w, None, out, 0));
+            let choice = KernelChoice::untimed(isa);
+            let row_scales = TileTask::row_scales(choice, &both);
+            let both_rows = Rows {
+                codes: &both,
+                row_scales: row_scales.as_ref(),
+            };
+            pool().install(|| multiply(choice, both_rows, &w, None, out, 0));
             let bias = &bias;
             let want: Vec<f32> = halves
                 .chunks_exact(2 * n)
