@@ -8,10 +8,14 @@
 //! Why: the VNNI kernels spend most of a prefill in byte products (`vpdpbusd`, 64 products an
 //! instruction, plus the sign handling signed weight codes need), where one tile product is
 //! 8,192 (16 rows, 16 columns, 32 inputs) in about 16 cycles. What is left is moving the sums
-//! out (a tile store, 16 lines) and the per-block scaling every kernel does: on an Intel Xeon
-//! VM with AMX, 25-35 ns a block of 16 rows and 16 columns, one thread, against ~50 for the
-//! paired VNNI kernel (the tile products alone 11 ns, the scaling alone 13-16 ns: the two
-//! overlap little however the stores are placed).
+//! out (a tile store, 16 lines) and the per-block scaling every kernel does, with each block's
+//! 16 row scales read from one run ([`TileRowScales`]): on an Intel Xeon VM with AMX about 22
+//! ns a block of 16 rows and 16 columns, one thread, against ~50 for the paired VNNI kernel.
+//! The tile instructions alone take ~12 ns and the scaling alone ~7, and they do not overlap:
+//! on that CPU an AMX instruction and 512-bit vector work run one after the other (32
+//! independent 512-bit FMAs take 4.3 ns, 9.4 with one `tdpbssd` beside them and 8.6 with one
+//! `tilezero`, itself free alone), while 256-bit FMAs do overlap them; scaling in 256-bit
+//! vectors takes twice the instructions and came out slower still.
 //!
 //! The B operand (8 rows of 64 bytes: four inputs of each of 16 columns a row) is staged per
 //! pair of groups, once for all the row tiles of a task ([`PairOperand::stage`]): a run of each

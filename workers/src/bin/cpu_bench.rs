@@ -71,8 +71,9 @@ enum Command {
         /// Widen bf16/f16 weights to f32 at load.
         #[arg(long)]
         widen_weights: bool,
-        /// The quantized kernels' instruction set (portable, avx2, avx2-vnni, avx512-vnni;
-        /// default: the best this CPU has). Every choice computes the same bits.
+        /// The quantized kernels' instruction set (portable, avx2, avx2-vnni, avx512-vnni,
+        /// avx512-amx; neon, neon-dotprod on Arm; default: the best this CPU has). Every
+        /// choice computes the same bits.
         #[arg(long, value_parser = parse_isa)]
         quant_kernels: Option<Isa>,
         /// From how many quantized rows the kernels multiply two column groups at once
