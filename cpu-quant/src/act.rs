@@ -23,7 +23,8 @@ pub struct QuantRows {
     /// `[rows][k]` codes.
     pub codes: Vec<i8>,
     /// `[rows][k]` codes plus 128 (as unsigned bytes): the unsigned operand of products with
-    /// signed weight codes where the instruction set has no byte sign (AVX-512).
+    /// signed weight codes where the instruction set has no byte sign (AVX-512). Empty where
+    /// the rows were quantized for unsigned weight codes only ([`QuantRows::quantize_as`]).
     pub offset_codes: Vec<u8>,
     /// `[rows][k / 32]` block scales.
     pub scales: Vec<f32>,
@@ -91,7 +92,7 @@ const ROWS_PER_TASK: usize = 16;
 impl QuantRows {
     /// Quantizes `x` (`[rows, k]`) on the current rayon pool.
     pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
-        Self::build(x, rows, k, 1)
+        Self::build(x, rows, k, 1, true)
     }
 
     /// `x` (`[rows, k]`) as `2 * rows` rows: row `2r` quantizes row `r` of `x`, row `2r + 1`
@@ -99,12 +100,29 @@ impl QuantRows {
     /// A product against both rows, summed, carries about 15 bits of each activation instead
     /// of 8, for twice the integer work on the same weight bytes ([`ActivationCodes`]).
     pub fn quantize_with_residual(x: &[f32], rows: usize, k: usize) -> Self {
-        Self::build(x, rows, k, 2)
+        Self::build(x, rows, k, 2, true)
+    }
+
+    /// [`Self::quantize`] (`codes` single) or [`Self::quantize_with_residual`], with
+    /// [`Self::offset_codes`] only where `offset_codes`: products with unsigned weight codes
+    /// never read them.
+    pub fn quantize_as(
+        codes: ActivationCodes,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        offset_codes: bool,
+    ) -> Self {
+        let codes_per_row = match codes {
+            ActivationCodes::Single => 1,
+            ActivationCodes::WithResidual => 2,
+        };
+        Self::build(x, rows, k, codes_per_row, offset_codes)
     }
 
     /// `codes_per_row` (1 or 2) rows of codes for each row of `x`, every array written in one
     /// pass over the rows, in tasks of [`ROWS_PER_TASK`] rows.
-    fn build(x: &[f32], rows: usize, k: usize, codes_per_row: usize) -> Self {
+    fn build(x: &[f32], rows: usize, k: usize, codes_per_row: usize, offset_codes: bool) -> Self {
         assert!(
             k.is_multiple_of(BLOCK),
             "quantize: k={k} is not whole blocks"
@@ -116,7 +134,11 @@ impl QuantRows {
             rows: out_rows,
             k,
             codes: vec![0; out_rows * k],
-            offset_codes: vec![0; out_rows * k],
+            offset_codes: if offset_codes {
+                vec![0; out_rows * k]
+            } else {
+                Vec::new()
+            },
             scales: vec![0.0; out_rows * nb],
             sums: vec![0.0; out_rows * nb],
         };
@@ -143,14 +165,23 @@ impl QuantRows {
                 ROWS_PER_TASK * codes_per_row * k,
                 ROWS_PER_TASK * codes_per_row * nb,
             );
-            x.par_chunks(ROWS_PER_TASK * k)
-                .zip(q.codes.par_chunks_mut(codes_chunk))
-                .zip(q.offset_codes.par_chunks_mut(codes_chunk))
-                .zip(q.scales.par_chunks_mut(blocks_chunk))
-                .zip(q.sums.par_chunks_mut(blocks_chunk))
-                .for_each(|((((x, codes), offset), scales), sums)| {
-                    task(x, codes, offset, scales, sums)
-                });
+            let rows = x
+                .par_chunks(ROWS_PER_TASK * k)
+                .zip(q.codes.par_chunks_mut(codes_chunk));
+            let blocks = q
+                .scales
+                .par_chunks_mut(blocks_chunk)
+                .zip(q.sums.par_chunks_mut(blocks_chunk));
+            if offset_codes {
+                rows.zip(q.offset_codes.par_chunks_mut(codes_chunk))
+                    .zip(blocks)
+                    .for_each(|(((x, codes), offset), (scales, sums))| {
+                        task(x, codes, offset, scales, sums)
+                    });
+            } else {
+                rows.zip(blocks)
+                    .for_each(|((x, codes), (scales, sums))| task(x, codes, &mut [], scales, sums));
+            }
         }
         q
     }
@@ -252,11 +283,21 @@ unsafe fn quantize_task_avx512(
     let rows = x.len() / k;
     assert!(
         codes.len() == rows * codes_per_row * k
-            && offset.len() == codes.len()
+            && (offset.len() == codes.len() || offset.is_empty())
             && scales.len() == rows * codes_per_row * nb
             && sums.len() == scales.len(),
         "quantize: arrays do not hold {rows} rows of {codes_per_row} codes"
     );
+    // Null where the offset codes are not wanted.
+    let offset_base = offset.as_mut_ptr();
+    let offset_at = |at: usize| {
+        if offset.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            // SAFETY: `at` is inside the codes, which the offset codes match in length.
+            unsafe { offset_base.add(at) }
+        }
+    };
     for r in 0..rows {
         let row_codes = r * codes_per_row * k;
         let row_blocks = r * codes_per_row * nb;
@@ -267,11 +308,7 @@ unsafe fn quantize_task_avx512(
                 let p = x.as_ptr().add(r * k + b * BLOCK);
                 let v = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
                 let at = row_codes + b * BLOCK;
-                let high = quantize_block_avx512(
-                    v,
-                    codes.as_mut_ptr().add(at),
-                    offset.as_mut_ptr().add(at),
-                );
+                let high = quantize_block_avx512(v, codes.as_mut_ptr().add(at), offset_at(at));
                 scales[row_blocks + b] = high.scale;
                 sums[row_blocks + b] = high.sum;
                 if codes_per_row == 2 {
@@ -283,7 +320,7 @@ unsafe fn quantize_task_avx512(
                     let low = quantize_block_avx512(
                         residual,
                         codes.as_mut_ptr().add(at + k),
-                        offset.as_mut_ptr().add(at + k),
+                        offset_at(at + k),
                     );
                     scales[row_blocks + nb + b] = low.scale;
                     sums[row_blocks + nb + b] = low.sum;
@@ -304,10 +341,10 @@ struct Block512 {
 }
 
 /// [`quantize_block_portable`] of the 32 values in `v`, its codes stored at `codes` and their
-/// offset forms at `offset`.
+/// offset forms at `offset` unless it is null.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `codes` and `offset` are valid for 32 bytes of writes.
+/// The CPU has AVX-512F; `codes` and a non-null `offset` are valid for 32 bytes of writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -337,7 +374,9 @@ unsafe fn quantize_block_avx512(
         // SAFETY: 32 bytes at `codes` and `offset` (the caller's contract).
         unsafe {
             _mm_storeu_si128(codes.add(16 * half).cast(), bytes);
-            _mm_storeu_si128(offset.add(16 * half).cast(), _mm_xor_si128(bytes, flip));
+            if !offset.is_null() {
+                _mm_storeu_si128(offset.add(16 * half).cast(), _mm_xor_si128(bytes, flip));
+            }
         }
     }
     Block512 {
@@ -507,13 +546,47 @@ mod tests {
             for (i, v) in x[2 * BLOCK..3 * BLOCK].iter_mut().enumerate() {
                 *v = if i == 0 { 127.0 } else { i as f32 - 15.5 };
             }
-            for (codes_per_row, q) in [
-                (1, QuantRows::quantize(&x, rows, k)),
-                (2, QuantRows::quantize_with_residual(&x, rows, k)),
+            let few = ROWS_PER_TASK - 3;
+            let single = ActivationCodes::Single;
+            let both = ActivationCodes::WithResidual;
+            for (rows, codes_per_row, with_offsets, q) in [
+                (rows, 1, true, QuantRows::quantize(&x, rows, k)),
+                (
+                    rows,
+                    2,
+                    true,
+                    QuantRows::quantize_with_residual(&x, rows, k),
+                ),
+                (
+                    rows,
+                    1,
+                    false,
+                    QuantRows::quantize_as(single, &x, rows, k, false),
+                ),
+                (
+                    rows,
+                    2,
+                    false,
+                    QuantRows::quantize_as(both, &x, rows, k, false),
+                ),
+                // Fewer rows than a task: the serial path.
+                (
+                    few,
+                    2,
+                    false,
+                    QuantRows::quantize_as(both, &x[..few * k], few, k, false),
+                ),
             ] {
-                let want = portable_rows(&x, rows, k, codes_per_row);
+                let want = portable_rows(&x[..rows * k], rows, k, codes_per_row);
                 assert_eq!(q.codes, want.codes, "scale {scale}, {codes_per_row} codes");
-                assert_eq!(q.offset_codes, want.offset_codes, "scale {scale}");
+                if with_offsets {
+                    assert_eq!(q.offset_codes, want.offset_codes, "scale {scale}");
+                } else {
+                    assert!(
+                        q.offset_codes.is_empty(),
+                        "scale {scale}: offsets not asked for"
+                    );
+                }
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&q.scales), bits(&want.scales), "scale {scale}");
                 assert_eq!(bits(&q.sums), bits(&want.sums), "scale {scale}");

@@ -896,8 +896,10 @@ mod avx512 {
         let mut acc_hi = [_mm512_setzero_ps(); R];
         let (xc, xs, xsum) = super::rows_of::<R>(x, r0);
         let mut xu = [std::ptr::null::<u8>(); R];
-        for (r, u) in xu.iter_mut().enumerate() {
-            *u = x.row_offset_codes(r0 + r).as_ptr();
+        if !unsigned_with_min(L) {
+            for (r, u) in xu.iter_mut().enumerate() {
+                *u = x.row_offset_codes(r0 + r).as_ptr();
+            }
         }
         let ahead = if read_ahead {
             READ_AHEAD_BLOCKS * stride

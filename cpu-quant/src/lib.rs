@@ -341,10 +341,10 @@ fn linear_parts(
     // With two codes a value, rows 2r and 2r + 1 of the product are row r's codes' and its
     // residual's: the tiles' stores add each pair into row r of `out`, then its bias, in that
     // order whatever the batch.
-    let (xq, pairs) = match codes {
-        ActivationCodes::Single => (QuantRows::quantize(x, rows, k), false),
-        ActivationCodes::WithResidual => (QuantRows::quantize_with_residual(x, rows, k), true),
-    };
+    let pairs = codes == ActivationCodes::WithResidual;
+    // Only products with signed weight codes read the codes' offset forms.
+    let offset_codes = parts.iter().any(|p| p.layout.signed_codes());
+    let xq = QuantRows::quantize_as(codes, x, rows, k, offset_codes);
     let out = Output {
         ptr: OutPtr(out.as_mut_ptr()),
         stride: n,
